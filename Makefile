@@ -1,0 +1,55 @@
+# genserve: `make serve` serves the bundled default models; `make test` runs every check.
+# Both create .venv and install what they need (pinned by requirements/constraints.txt).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PIP := $(VENV)/bin/pip install -q -c requirements/constraints.txt
+BIN := $(VENV)/bin
+PORT ?= 50051
+METRICS_PORT ?= 9090
+
+.PHONY: help serve test setup-serve setup-dev protos lint typecheck pytest bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The serving environment: API stubs, server and client. No torch.
+$(VENV)/.serve-stamp: $(VENV)/bin/python requirements/constraints.txt api/pyproject.toml server/pyproject.toml clients/pyproject.toml
+	$(PIP) -e api -e server -e clients
+	touch $@
+
+# Everything the tests need on top: the exporter (torch 2.13.0 CPU), tools, and a real Prometheus.
+$(VENV)/.dev-stamp: $(VENV)/.serve-stamp export/pyproject.toml requirements/dev.txt
+	$(PIP) -e export -r requirements/dev.txt
+	touch $@
+
+setup-serve: $(VENV)/.serve-stamp  ## create .venv with the server and client
+
+setup-dev: $(VENV)/.dev-stamp  ## create .venv with everything the tests need
+	bash scripts/install_prometheus.sh
+
+serve: setup-serve  ## serve models/ on 127.0.0.1:$(PORT), metrics on 127.0.0.1:$(METRICS_PORT)
+	$(BIN)/genserve-server serve --models models --host 127.0.0.1 --port $(PORT) --metrics-port $(METRICS_PORT)
+
+protos: $(VENV)/.dev-stamp  ## regenerate the gRPC stubs in api/ from protos/
+	$(BIN)/python scripts/gen_protos.py
+
+lint: $(VENV)/.dev-stamp  ## ruff
+	$(BIN)/ruff check .
+
+typecheck: $(VENV)/.dev-stamp  ## mypy (strict on server/ and clients/)
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev-stamp
+	$(BIN)/pytest
+
+test: setup-dev lint typecheck pytest  ## every check: ruff, mypy, the whole pytest suite
+
+bench: setup-dev  ## the performance benchmark (bench/README.md)
+	$(BIN)/python -m bench.run
+
+clean:  ## remove the virtual environment
+	rm -rf $(VENV)
