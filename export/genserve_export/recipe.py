@@ -47,3 +47,19 @@ class Recipe(Protocol):
     def evaluate(self, name: str, card: Mapping[str, Any], run: OnnxRun) -> dict[str, float]:
         """Recompute the card's quality figures by running the exported graph."""
         ...
+
+
+# Optional recipe members, looked up with getattr (so recipes without them still satisfy Recipe):
+#
+# default_steps: int
+#     The full schedule's optimiser steps; ``build-defaults --steps-scale F`` trains round(F * it).
+# evaluate_with_siblings(name, card, run, sibling) -> dict[str, float]
+#     Like ``evaluate``, for figures that need another entry of the same repository (the VAE's
+#     reconstruction needs encoder and decoder). ``sibling(entry_name)`` returns an ``OnnxRun``
+#     for that entry's latest version, or None if the repository lacks it. When present, verify
+#     calls it instead of ``evaluate``.
+# grid_pairs(name, card) -> tuple[np.ndarray, np.ndarray | None]
+#     super_resolution / image_to_image: (inputs [N, C, h, w] in input_range, targets
+#     [N, C', H, W] in output_range or None) for ``verify --grids`` strips input | output | target.
+#     Without it, verify uses two bundled scikit-image photos (targets only for super-resolution).
+SiblingRuns = Callable[[str], OnnxRun | None]

@@ -1,0 +1,1 @@
+"""genserve's benchmark (a benchmark, not a test): `python -m bench.run`, see bench/README.md."""

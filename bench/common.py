@@ -1,0 +1,148 @@
+"""What every part of the benchmark shares: the models it finds, their inputs, the machine, output."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from genserve_server.config import Card, ModelConfig, cpu_count, load_card, load_model_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = REPO_ROOT / "models"
+SCRATCH = REPO_ROOT / "build" / "bench"
+
+# Fixed input sizes of the image-input kinds, so raw ORT and both servers see the same tensors:
+# super-resolution 64x64 -> 256x256 at x4 (128x128 at x2), translation at 256x256 (pix2pix).
+IMAGE_INPUT_HW: Mapping[str, tuple[int, int]] = {"super_resolution": (64, 64), "image_to_image": (256, 256)}
+# The gRPC method each kind is driven through.
+METHOD_BY_KIND: Mapping[str, str] = {
+    "generator": "Sample",
+    "conditional_generator": "Sample",
+    "vae_decoder": "Sample",
+    "super_resolution": "SuperResolve",
+    "image_to_image": "Translate",
+    "vae_encoder": "Encode",
+}
+
+
+def write_line(text: str = "") -> None:
+    """The benchmark's one way to print (it is a report, not a library)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class BenchModel:
+    """One served model version as the benchmark sees it."""
+
+    name: str
+    kind: str
+    version_dir: Path
+    card: Card
+    config: ModelConfig
+
+    @property
+    def model_path(self) -> Path:
+        return self.version_dir / "model.onnx"
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.config.batching.max_batch_size)
+
+    @property
+    def method(self) -> str:
+        method: str = METHOD_BY_KIND[self.kind]
+        return method
+
+    def image_input_hw(self) -> tuple[int, int]:
+        """Input H, W for image-input kinds: the fixed bench size, rounded up to the size multiple."""
+        if self.card.image_size is not None and self.kind == "vae_encoder":
+            return (int(self.card.image_size[0]), int(self.card.image_size[1]))
+        h, w = IMAGE_INPUT_HW.get(self.kind, (64, 64))
+        m = max(1, self.card.size_multiple)
+        return (-(-h // m) * m, -(-w // m) * m)
+
+
+def find_models(root: Path, names: list[str] | None = None) -> list[BenchModel]:
+    """Every model directory of `root` (or only `names`) with its highest version."""
+    found: list[BenchModel] = []
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if names is not None and model_dir.name not in names:
+            continue
+        config_path = model_dir / "config.json"
+        versions = [v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()]
+        if not config_path.is_file() or not versions:
+            continue
+        version_dir = max(versions, key=lambda v: int(v.name))
+        if not (version_dir / "model.onnx").is_file():
+            continue
+        card = load_card(version_dir / "card.json")
+        config = load_model_config(config_path)
+        found.append(BenchModel(model_dir.name, card.kind, version_dir, card, config))
+    return found
+
+
+def make_feeds(model: BenchModel, batch: int, seed: int = 0) -> dict[str, NDArray[Any]]:
+    """Inputs of `batch` rows for the graph, as the server would build them."""
+    rng = np.random.default_rng(seed)
+    card = model.card
+    feeds: dict[str, NDArray[Any]] = {}
+    for spec in card.inputs:
+        if spec.name == "z":
+            feeds["z"] = rng.standard_normal((batch, card.latent_dim or spec.shape[1])).astype(np.float32)
+        elif spec.name == "label":
+            feeds["label"] = (np.arange(batch) % max(1, len(card.class_names))).astype(np.int64)
+        else:
+            channels = card.input_channels or (spec.shape[1] if spec.shape[1] > 0 else 3)
+            h, w = model.image_input_hw()
+            lo, hi = card.input_range or (0.0, 1.0)
+            feeds[spec.name] = rng.uniform(lo, hi, (batch, channels, h, w)).astype(np.float32)
+    return feeds
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model_name = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model_name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        import onnxruntime as ort
+
+        ort_version = ort.__version__
+    except ImportError:
+        ort_version = "absent"
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return {
+        "cpu_model": model_name,
+        "cores": cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "onnxruntime": ort_version,
+        "platform": platform.platform(),
+        "gpu": "none",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

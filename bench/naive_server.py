@@ -1,0 +1,222 @@
+"""The naive baseline: a plain grpc.aio genserve.v1 server, one ONNX Runtime call per request.
+
+What a user would write first: no batcher, no queue, no encode pool. Each request derives its
+latents (the same Philox streams as genserve), runs the session once on the default thread pool
+(`workers` threads, one per core, so ORT's GIL-free compute overlaps the event loop) and encodes
+its images inline with the same codec settings (OpenCV PNG at the request's level, default 1; raw
+uint8 HWC). The session is built with the same settings as the server's (bench.raw_limit), so
+genserve / naive isolates what batching and the serving path add or save.
+
+    python -m bench.naive_server --models models --port 0 --ready-file /tmp/naive.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from bench.common import BenchModel, find_models
+from bench.raw_limit import server_session
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
+from genserve_server.codecs import DEFAULT_PNG_COMPRESSION, decode_image, encode_image, from_uint8, to_uint8
+from genserve_server.config import cpu_count
+from genserve_server.latents import RNG_ALGORITHM, latents_for_seeds
+
+logger = logging.getLogger("bench.naive_server")
+
+_KIND_RPCS = {
+    "Sample": ("generator", "conditional_generator", "vae_decoder"),
+    "SuperResolve": ("super_resolution",),
+    "Translate": ("image_to_image",),
+}
+
+
+class NaiveModel:
+    def __init__(self, model: BenchModel, cores: int) -> None:
+        self.model = model
+        self.card = model.card
+        self.session, _ = server_session(model, cores)
+        self.provider = self.session.get_providers()[0]
+        self.output_name = self.session.get_outputs()[0].name
+        self.info = genserve_pb2.ModelInfo(
+            name=model.name,
+            kind=model.kind,
+            description=self.card.description,
+            versions=[
+                genserve_pb2.ModelVersionInfo(
+                    version=model.version_dir.name,
+                    state=genserve_pb2.MODEL_STATE_READY,
+                    precision="fp32",
+                    execution_provider=self.provider,
+                    card_json=self.card.raw_json,
+                )
+            ],
+            latent_dim=self.card.latent_dim or 0,
+            class_names=list(self.card.class_names),
+            output_shape=[self.card.channels, *self.card.image_size] if self.card.image_size else [],
+            max_batch_size=model.max_batch_size,
+            scale_factor=self.card.scale_factor,
+            size_multiple=self.card.size_multiple,
+        )
+
+    def provenance(self, batch: int) -> types_pb2.Provenance:
+        return types_pb2.Provenance(
+            model=self.model.name,
+            version=self.model.version_dir.name,
+            onnxruntime_version=ort.__version__,
+            execution_provider=self.provider,
+            precision="fp32",
+            executed_batch_sizes=[batch],
+            rng_algorithm=RNG_ALGORITHM,
+            server_version="naive",
+        )
+
+
+def encode(pixels: NDArray[np.uint8], options: types_pb2.OutputOptions) -> types_pb2.Image:
+    """One response image with the server's own codec (OpenCV PNG at the request's level, default 1)."""
+    level = options.png_compression if options.HasField("png_compression") else DEFAULT_PNG_COMPRESSION
+    fmt = options.format or types_pb2.IMAGE_FORMAT_PNG
+    data, shape = encode_image(pixels, fmt, quality=options.quality or 90, png_compression=level)
+    return types_pb2.Image(format=fmt, data=data, shape=shape)
+
+
+class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):  # type: ignore[misc]
+    def __init__(self, models: dict[str, NaiveModel], executor: ThreadPoolExecutor) -> None:
+        self.models = models
+        self.executor = executor
+
+    async def _get(self, name: str, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> NaiveModel:
+        model = self.models.get(name)
+        if model is None or model.model.kind not in _KIND_RPCS[rpc]:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} not served for {rpc}")
+            raise AssertionError("abort returned")  # context.abort always raises
+        return model
+
+    async def _run(self, model: NaiveModel, feeds: dict[str, NDArray[Any]]) -> NDArray[np.float32]:
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self.executor, model.session.run, [model.output_name], feeds)
+        result: NDArray[np.float32] = outputs[0]
+        return result
+
+    async def Sample(  # noqa: N802 - gRPC method name
+        self, request: genserve_pb2.SampleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.SampleResponse:
+        model = await self._get(request.model, "Sample", context)
+        card = model.card
+        count = len(request.seeds) or request.count
+        base = request.base_seed if request.HasField("base_seed") else 0
+        seeds = list(request.seeds) or [base + i for i in range(count)]
+        psi = request.truncation_psi if request.HasField("truncation_psi") else None
+        feeds: dict[str, NDArray[Any]] = {"z": latents_for_seeds(seeds, card.latent_dim or 1, psi)}
+        labels: list[int] = []
+        if model.model.kind == "conditional_generator":
+            given = list(request.labels) or [0]
+            labels = [given[i % len(given)] for i in range(count)]
+            feeds["label"] = np.asarray(labels, dtype=np.int64)
+        pixels = to_uint8(await self._run(model, feeds), card.output_range)
+        response = genserve_pb2.SampleResponse(provenance=model.provenance(count))
+        for i in range(count):
+            item = response.images.add(image=encode(pixels[i], request.output), seed=seeds[i], index=i)
+            if labels:
+                item.label = labels[i]
+        return response
+
+    async def _image_to_image(
+        self, request: genserve_pb2.ImageRequest, context: grpc.aio.ServicerContext[Any, Any], rpc: str
+    ) -> genserve_pb2.ImageResponse:
+        model = await self._get(request.model, rpc, context)
+        card = model.card
+        input_range = card.input_range or (0.0, 1.0)
+        channels = card.input_channels or 3
+        response = genserve_pb2.ImageResponse(provenance=model.provenance(len(request.images)))
+        for i, message in enumerate(request.images):
+            pixels = decode_image(
+                message.data, message.format, message.shape, max_pixels=1 << 24, field=f"images[{i}]"
+            )
+            chw = from_uint8(np.asarray(pixels, dtype=np.uint8), input_range, channels)
+            output = await self._run(model, {"image": chw[np.newaxis]})
+            response.images.append(encode(to_uint8(output, card.output_range)[0], request.output))
+            response.tiles.append(1)
+        return response
+
+    async def SuperResolve(  # noqa: N802
+        self, request: genserve_pb2.ImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.ImageResponse:
+        return await self._image_to_image(request, context, "SuperResolve")
+
+    async def Translate(  # noqa: N802
+        self, request: genserve_pb2.ImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.ImageResponse:
+        return await self._image_to_image(request, context, "Translate")
+
+    async def ListModels(  # noqa: N802
+        self, request: genserve_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.ListModelsResponse:
+        return genserve_pb2.ListModelsResponse(models=[m.info for m in self.models.values()])
+
+    async def GetModel(  # noqa: N802
+        self, request: genserve_pb2.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.ModelInfo:
+        model = self.models.get(request.name)
+        if model is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name!r}")
+            raise AssertionError("abort returned")
+        return model.info
+
+
+async def serve(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> None:
+    cores = cpu_count()
+    models = {
+        m.name: NaiveModel(m, cores)
+        for m in find_models(models_dir)
+        if m.kind in sum(_KIND_RPCS.values(), ())
+    }
+    executor = ThreadPoolExecutor(max_workers=workers or cores, thread_name_prefix="naive-ort")
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    )
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(NaiveServicer(models, executor), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": bound, "metrics_port": 0, "pid": os.getpid()}))
+        os.replace(tmp, ready_file)
+    logger.info("naive server on %s:%d serving %s", host, bound, sorted(models))
+    try:
+        await server.wait_for_termination()
+    finally:
+        executor.shutdown(wait=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ready-file", type=Path, default=None)
+    parser.add_argument("--workers", type=int, default=0, help="session.run threads (default: cores)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ort.set_default_logger_severity(3)
+    try:
+        asyncio.run(serve(args.models, args.host, args.port, args.ready_file, args.workers))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The limit: ONNX Runtime in-process, no gRPC, at batch 1, 4, 16 and 64 for each model.
+
+The session is built exactly as the server builds it (genserve_server.runner.Runner when its
+constructor matches, else genserve_server.ort_session.create_session with the same settings), so the
+ratio "genserve / limit" measures serving overhead, not a different session configuration.
+
+    python -m bench.raw_limit --models models [--duration-s 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from bench.common import DEFAULT_MODELS, BenchModel, find_models, make_feeds, write_line
+from genserve_server.config import cpu_count
+
+BATCH_SIZES = (1, 4, 16, 64)
+
+
+def server_session(model: BenchModel, cores: int) -> tuple[Any, str]:
+    """(session, how it was built): the server's own Runner if possible."""
+    providers = list(model.config.execution_providers)
+    try:
+        from genserve_server.runner import Runner, select_providers
+
+        runner = Runner(
+            model.model_path,
+            label=f"bench-{model.name}",
+            providers=select_providers(providers),
+            instances=model.config.instances,
+            intra_op_threads=max(1, cores // model.config.instances),
+        )
+        session = runner.session
+        runner.close()
+        return session, "genserve_server.runner.Runner"
+    except (ImportError, TypeError):
+        from genserve_server.ort_session import RuntimeConfig, create_session
+
+        info = create_session(
+            model.model_path, providers, RuntimeConfig(), cores=cores, instances=model.config.instances
+        )
+        return info.session, "genserve_server.ort_session.create_session"
+
+
+def measure(
+    session: Any, model: BenchModel, batch: int, duration_s: float, min_calls: int = 5
+) -> dict[str, float]:
+    """Time `session.run` at one batch size: images/s and per-call latency (ms)."""
+    feeds = make_feeds(model, batch)
+    for _ in range(2):
+        session.run(None, feeds)
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while len(latencies) < min_calls or time.perf_counter() - started < duration_s:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        latencies.append(time.perf_counter() - t0)
+    total = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "batch": batch,
+        "calls": len(latencies),
+        "images_per_s": batch * len(latencies) / total,
+        "latency_p50_ms": 1e3 * statistics.median(latencies),
+        "latency_min_ms": 1e3 * latencies[0],
+        "ms_per_image": 1e3 * total / (batch * len(latencies)),
+    }
+
+
+def measure_model(
+    model: BenchModel, *, batches: Sequence[int] = BATCH_SIZES, duration_s: float = 2.0
+) -> dict[str, Any]:
+    cores = cpu_count()
+    session, built_by = server_session(model, cores)
+    points = [measure(session, model, b, duration_s) for b in batches]
+    input_shapes = {k: list(v.shape[1:]) for k, v in make_feeds(model, 1).items()}
+    return {
+        "model": model.name,
+        "kind": model.kind,
+        "provider": session.get_providers()[0],
+        "session_built_by": built_by,
+        "input_shapes": input_shapes,
+        "max_batch_size": model.max_batch_size,
+        "points": points,
+    }
+
+
+def best_within(result: dict[str, Any], max_batch: int) -> dict[str, Any]:
+    """The fastest point at a batch size the server may form (<= its max_batch_size)."""
+    eligible = [p for p in result["points"] if p["batch"] <= max_batch] or result["points"][:1]
+    return max(eligible, key=lambda p: p["images_per_s"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    parser.add_argument("--only", nargs="*", default=None, help="model names (default: all)")
+    parser.add_argument("--duration-s", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    ort.set_default_logger_severity(3)
+    results = [measure_model(m, duration_s=args.duration_s) for m in find_models(args.models, args.only)]
+    write_line(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

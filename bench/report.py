@@ -1,0 +1,243 @@
+"""Ratios, targets and the Markdown tables of a benchmark run (bench/README.md, between markers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import BenchModel
+from bench.raw_limit import best_within
+
+BEGIN = "<!-- bench:results:begin -->"
+END = "<!-- bench:results:end -->"
+
+# Model classes of issue 8, by raw ms per image at the best batch size.
+TINY_MS = 0.5
+MID_MS = 2.0
+
+
+def model_class(model: BenchModel, ms_per_image: float) -> str:
+    if model.kind == "super_resolution" or ms_per_image > MID_MS:
+        return "compute-bound"
+    return "tiny" if ms_per_image < TINY_MS else "mid-size"
+
+
+def _levels(
+    serving: Sequence[dict[str, Any]], server: str, model: str, fmt: str
+) -> dict[int, dict[str, Any]]:
+    for entry in serving:
+        if entry["server"] == server and entry["model"] == model and entry["format"] == fmt:
+            return {lvl["concurrency"]: lvl for lvl in entry["levels"] if "images_per_s" in lvl}
+    return {}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _get(level: dict[str, Any] | None, key: str) -> float | None:
+    if level is None or level.get(key) is None:
+        return None
+    return float(level[key])
+
+
+def summarise(results: dict[str, Any], models: Sequence[BenchModel]) -> dict[str, Any]:
+    """Per model and format: the three ratios of the issue, plus the targets and whether each is met."""
+    raw = {r["model"]: r for r in results["raw"]}
+    by_name = {m.name: m for m in models}
+    rows: list[dict[str, Any]] = []
+    targets: list[dict[str, Any]] = []
+    pairs = sorted({(e["model"], e["format"]) for e in results["serving"]})
+    for name, fmt in pairs:
+        model = by_name[name]
+        limit = best_within(raw[name], model.max_batch_size)
+        b1 = next(p for p in raw[name]["points"] if p["batch"] == 1)
+        gen = _levels(results["serving"], "genserve", name, fmt)
+        naive = _levels(results["serving"], "naive", name, fmt)
+        top = max(gen) if gen else None
+        g_top, n_top = gen.get(top) if top else None, naive.get(top) if top else None
+        g1, n1 = gen.get(1), naive.get(1)
+        cls = model_class(model, float(limit["ms_per_image"]))
+        row = {
+            "model": name,
+            "format": fmt,
+            "class": cls,
+            "raw_best_images_per_s": limit["images_per_s"],
+            "raw_best_batch": limit["batch"],
+            "raw_b1_p50_ms": b1["latency_p50_ms"],
+            "concurrency_top": top,
+            "genserve_images_per_s": _get(g_top, "images_per_s"),
+            "naive_images_per_s": _get(n_top, "images_per_s"),
+            "genserve_over_limit": _ratio(_get(g_top, "images_per_s"), limit["images_per_s"]),
+            "naive_over_limit": _ratio(_get(n_top, "images_per_s"), limit["images_per_s"]),
+            "genserve_over_naive": _ratio(_get(g_top, "images_per_s"), _get(n_top, "images_per_s")),
+            "genserve_p50_c1_ms": _get(g1, "p50_ms"),
+            "naive_p50_c1_ms": _get(n1, "p50_ms"),
+            "genserve_p50_c1_minus_raw_b1_ms": None
+            if g1 is None
+            else float(g1["p50_ms"]) - b1["latency_p50_ms"],
+            "naive_p50_c1_minus_raw_b1_ms": None
+            if n1 is None
+            else float(n1["p50_ms"]) - b1["latency_p50_ms"],
+            "genserve_cpu_ms_per_request": _get(g_top, "server_cpu_ms_per_request"),
+            "naive_cpu_ms_per_request": _get(n_top, "server_cpu_ms_per_request"),
+            "cpu_per_request_ratio": _ratio(
+                _get(g_top, "server_cpu_ms_per_request"), _get(n_top, "server_cpu_ms_per_request")
+            ),
+        }
+        rows.append(row)
+        targets.extend(_targets(row))
+    prio = results.get("priority")
+    if prio:
+        targets.append(
+            {
+                "model": prio["model"],
+                "format": "raw",
+                "target": "interactive p99 under bulk <= 1.2 x idle p99",
+                "value": round(prio["p99_ratio"], 3),
+                "goal": 1.2,
+                "met": prio["target_ratio_1_2_met"],
+            }
+        )
+        targets.append(
+            {
+                "model": prio["model"],
+                "format": "raw",
+                "target": "interactive p99 under bulk <= idle p99 + one bulk batch (ms over idle)",
+                "value": round(prio["p99_excess_ms"], 2),
+                "goal": prio["bulk_batch_compute_ms"],
+                "met": prio["target_one_batch_met"],
+            }
+        )
+    return {"rows": rows, "targets": targets}
+
+
+def _targets(row: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, value: float | None, goal: float, higher_is_better: bool) -> None:
+        met = None if value is None else (value >= goal if higher_is_better else value <= goal)
+        out.append(
+            {
+                "model": row["model"],
+                "format": row["format"],
+                "target": target,
+                "value": None if value is None else round(value, 3),
+                "goal": round(goal, 3),
+                "met": met,
+            }
+        )
+
+    cls, speedup = row["class"], row["genserve_over_naive"]
+    if cls == "mid-size":
+        add("images/s at top concurrency >= 1.3 x naive", speedup, 1.3, True)
+    elif cls == "compute-bound":
+        add("images/s at top concurrency >= 1.0 x naive", speedup, 1.0, True)
+    else:
+        add("images/s at c=64 >= 1.5 x naive", speedup, 1.5, True)
+        add("server CPU s per request <= 0.6 x naive", row["cpu_per_request_ratio"], 0.6, False)
+    if row["naive_p50_c1_ms"] is not None:
+        add(
+            "p50 at c=1 <= naive p50 + 0.3 ms", row["genserve_p50_c1_ms"], row["naive_p50_c1_ms"] + 0.3, False
+        )
+    return out
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; "
+        f"Python {m['python']}, ONNX Runtime {m['onnxruntime']}. Load average {m['load_avg_1m_at_start']} "
+        f"at the start, {s['load_avg_1m_at_end']} at the end; {s['duration_s_per_level']:g} s per level"
+        f"{' (--quick)' if s['quick'] else ''}; wall {s['wall_s']:.0f} s. Client, servers and the limit "
+        "share the same cores.",
+        "",
+        "**The limit: raw ONNX Runtime in-process** (images/s, p50 ms per call)",
+        "",
+        "| model | kind | input | batch 1 | batch 4 | batch 16 | batch 64 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["raw"]:
+        cells = [f"{p['images_per_s']:.0f} ({p['latency_p50_ms']:.2f})" for p in r["points"]]
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["input_shapes"].items())
+        lines.append(f"| {r['model']} | {r['kind']} | {shapes} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "**Serving, closed loop, one image per request** (images/s; p50/p99 ms; server CPU ms per request)",
+        "",
+        "| model | format | server | c=1 img/s | c=1 p50 | c=8 | c=32 | c=64 img/s | c=64 p99 "
+        "| CPU ms/req @64 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in results["serving"]:
+        lv = {lvl["concurrency"]: lvl for lvl in e["levels"] if "images_per_s" in lvl}
+
+        def ips(c: int, lv: dict[int, dict[str, Any]] = lv) -> str:
+            return _f(lv[c]["images_per_s"], 0) if c in lv else "–"
+
+        top = lv.get(64) or (lv[max(lv)] if lv else None)
+        lines.append(
+            f"| {e['model']} | {e['format']} | {e['server']} | {ips(1)} | "
+            f"{_f(_get(lv.get(1), 'p50_ms'), 2)} | "
+            f"{ips(8)} | {ips(32)} | {ips(64)} | {_f(_get(top, 'p99_ms'), 1)} | "
+            f"{_f(_get(top, 'server_cpu_ms_per_request'), 3)} |"
+        )
+    lines += [
+        "",
+        "**Ratios** (top concurrency; limit = best raw batch <= the model's max_batch_size)",
+        "",
+        "| model | format | class | genserve ÷ limit | naive ÷ limit | genserve ÷ naive | p50 c=1 − raw b1 "
+        "(genserve / naive) ms | CPU/req genserve ÷ naive |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["summary"]["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['class']} | {_f(r['genserve_over_limit'], 2)} | "
+            f"{_f(r['naive_over_limit'], 2)} | {_f(r['genserve_over_naive'], 2)} | "
+            f"{_f(r['genserve_p50_c1_minus_raw_b1_ms'], 2)} / {_f(r['naive_p50_c1_minus_raw_b1_ms'], 2)} | "
+            f"{_f(r['cpu_per_request_ratio'], 2)} |"
+        )
+    lines += [
+        "",
+        "**Targets of issue 8**",
+        "",
+        "| model | format | target | value | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in results["summary"]["targets"]:
+        met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(
+            f"| {t['model']} | {t['format']} | {t['target']} | {_f(t['value'], 2)} | "
+            f"{_f(t['goal'], 2)} | {met} |"
+        )
+    prio = results.get("priority")
+    if prio:
+        lines += [
+            "",
+            f"**Priority** ({prio['model']}): interactive c=1 p99 idle {prio['idle']['p99_ms']:.2f} ms, "
+            "under a "
+            f"saturating SampleStream ({prio['bulk'].get('images_per_s', 0):.0f} img/s streamed, server CPU "
+            f"{prio['server_cpu_utilisation_loaded']:.2f} cores) {prio['loaded']['p99_ms']:.2f} ms: "
+            f"{prio['p99_ratio']:.2f}x idle, +{prio['p99_excess_ms']:.2f} ms; one bulk batch of "
+            f"{prio['bulk_batch_size']} computes in {prio['bulk_batch_compute_ms']:.2f} ms.",
+        ]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, table: str) -> None:
+    """Replace what lies between the result markers of bench/README.md (append them if absent)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# genserve benchmark\n"
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Latest results\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")

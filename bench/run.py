@@ -1,0 +1,180 @@
+"""genserve's benchmark: the limit, genserve and a naive server, side by side in one run.
+
+    python -m bench.run [--quick] [--models NAME ...] [--duration-s 5] [--out bench/results/latest.json]
+
+1. The limit: raw ONNX Runtime in-process at batch 1, 4, 16, 64 (bench.raw_limit).
+2. genserve (`genserve-server serve`) and the naive server (bench.naive_server) on the same model
+   files, each driven by `genserve-client bench --json`, closed loop at concurrency 1, 8, 32, 64, one
+   image per request, RAW_UINT8 and PNG outputs; the server's CPU seconds per request from /proc.
+3. Priority (bench.priority): interactive p99 idle vs while a bulk SampleStream saturates the server.
+4. The ratios and the targets of issue 8, printed and written to the JSON file and bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from bench import priority, raw_limit
+from bench.common import DEFAULT_MODELS, SCRATCH, BenchModel, find_models, machine, write_json, write_line
+from bench.report import render_markdown, summarise, update_readme
+from bench.servers import BenchError, ServerProcess, client_bench, measured_level
+
+CONCURRENCY = (1, 8, 32, 64)
+FORMATS = ("raw", "png")
+# The kinds driven through the servers (the encoder is measured in the raw limit only).
+SERVED_KINDS = ("generator", "conditional_generator", "vae_decoder", "super_resolution", "image_to_image")
+PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "dcgan-photos-256", "dcgan-digits")
+
+
+def assemble_repository(source: Path, names: list[str] | None, with_dcgan64: bool) -> Path:
+    """A scratch repository: links to `source`'s models plus the bench-only DCGAN 64x64."""
+    repo = SCRATCH / "models"
+    repo.mkdir(parents=True, exist_ok=True)
+    for entry in repo.iterdir():
+        if entry.is_symlink():
+            entry.unlink()
+    if source.is_dir():
+        for model_dir in source.iterdir():
+            if (
+                model_dir.is_dir()
+                and not model_dir.name.startswith(".")
+                and (names is None or model_dir.name in names)
+            ):
+                (repo / model_dir.name).symlink_to(model_dir.resolve(), target_is_directory=True)
+    if with_dcgan64:
+        from bench.models import ensure_bench_dcgan_64
+
+        try:
+            ensure_bench_dcgan_64(SCRATCH / "generated")
+            (repo / "bench-dcgan-64").symlink_to((SCRATCH / "generated" / "bench-dcgan-64").resolve())
+        except ImportError as exc:  # genserve-export (torch) not installed: the bench runs without it
+            write_line(f"bench-dcgan-64 skipped: {exc}")
+    return repo
+
+
+def _labels(model: BenchModel) -> list[int]:
+    return list(range(len(model.card.class_names))) if model.kind == "conditional_generator" else []
+
+
+def serve_levels(
+    server: ServerProcess, model: BenchModel, fmt: str, concurrency: Sequence[int], duration_s: float
+) -> list[dict[str, Any]]:
+    levels = []
+    image_size = model.image_input_hw() if model.kind in ("super_resolution", "image_to_image") else None
+    options: dict[str, Any] = {"labels": _labels(model), "method": model.method, "image_size": image_size}
+    # Warm the model and the connection path, unmeasured (levels then run with --warmup 0).
+    client_bench(server.target, model.name, max(concurrency), 1.0, fmt, **options)
+    for c in concurrency:
+        try:
+            level = measured_level(server, model.name, c, duration_s, fmt, **options)
+        except BenchError as exc:
+            level = {"concurrency": c, "error": str(exc)[-500:]}
+        levels.append(level)
+        write_line(
+            f"  {server.name:8s} {model.name:22s} {fmt:4s} c={c:<3d} "
+            + (
+                f"{level['images_per_s']:8.1f} img/s  p50 {level['p50_ms']:7.2f} ms  "
+                f"p99 {level['p99_ms']:7.2f} ms"
+                f"  cpu {level['server_cpu_ms_per_request']:.3f} ms/req"
+                if "images_per_s" in level
+                else f"FAILED {level['error'][:200]}"
+            )
+        )
+    return levels
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 s levels, c=1 and 64, raw output only")
+    parser.add_argument("--models", nargs="*", default=None, help="model names (default: all served kinds)")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
+    parser.add_argument("--duration-s", type=float, default=None, help="seconds per level (default 5)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
+    parser.add_argument("--no-dcgan64", action="store_true", help="skip the bench-only DCGAN 64x64")
+    parser.add_argument("--no-priority", action="store_true")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md's table")
+    args = parser.parse_args(argv)
+    ort.set_default_logger_severity(3)
+
+    duration_s = args.duration_s or (2.0 if args.quick else 5.0)
+    concurrency = (1, 64) if args.quick else CONCURRENCY
+    formats = ("raw",) if args.quick else FORMATS
+    started = time.monotonic()
+    info = machine()
+    write_line(f"machine: {info['cpu_model']}, {info['cores']} cores, load {info['load_avg_1m_at_start']}")
+
+    repo = assemble_repository(args.models_dir, args.models, not args.no_dcgan64)
+    models = find_models(repo)
+    if not models:
+        raise SystemExit(f"no models found in {args.models_dir}")
+
+    write_line("== raw ONNX Runtime (in-process) ==")
+    raw: dict[str, dict[str, Any]] = {}
+    for model in models:
+        raw[model.name] = raw_limit.measure_model(model, duration_s=1.0 if args.quick else 2.0)
+        points = "  ".join(
+            f"b{p['batch']}: {p['images_per_s']:.0f} img/s {p['latency_p50_ms']:.2f} ms"
+            for p in raw[model.name]["points"]
+        )
+        write_line(f"  {model.name:22s} {points}")
+
+    served = [m for m in models if m.kind in SERVED_KINDS]
+    serving: list[dict[str, Any]] = []
+    write_line("== servers under genserve-client bench (closed loop, 1 image per request) ==")
+    with ServerProcess.genserve(repo) as genserve, ServerProcess.naive(repo) as naive:
+        write_line(
+            f"  genserve pid {genserve.pid} port {genserve.port}; naive pid {naive.pid} port {naive.port}"
+        )
+        for model in served:
+            for fmt in formats:
+                for server in (genserve, naive):
+                    levels = serve_levels(server, model, fmt, concurrency, duration_s)
+                    serving.append(
+                        {"server": server.name, "model": model.name, "format": fmt, "levels": levels}
+                    )
+
+    priority_result: dict[str, Any] | None = None
+    if not args.no_priority:
+        names = {m.name: m for m in served}
+        chosen = next((names[n] for n in PRIORITY_MODEL_PREFERENCE if n in names), None)
+        if chosen is not None:
+            write_line(f"== priority: interactive p99 idle vs under a bulk SampleStream ({chosen.name}) ==")
+            priority_result = priority.run_priority(
+                repo, chosen, duration_s=max(duration_s, 5.0), raw=raw[chosen.name]
+            )
+            write_line(f"  {priority.describe(priority_result)}")
+
+    results: dict[str, Any] = {
+        "machine": info,
+        "settings": {
+            "duration_s_per_level": duration_s,
+            "concurrency": list(concurrency),
+            "formats": list(formats),
+            "quick": args.quick,
+            "models_dir": str(args.models_dir),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "wall_s": round(time.monotonic() - started, 1),
+        },
+        "raw": list(raw.values()),
+        "serving": serving,
+        "priority": priority_result,
+    }
+    results["summary"] = summarise(results, models)
+    write_json(args.out, results)
+    table = render_markdown(results)
+    write_line(table)
+    if not args.no_readme:
+        update_readme(Path(__file__).parent / "README.md", table)
+    write_line(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

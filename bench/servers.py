@@ -1,0 +1,225 @@
+"""Start genserve or the naive server as a subprocess, drive it with the client's load generator.
+
+Both servers are started the same way (127.0.0.1, an OS-chosen port, a ready file with
+{"port", "metrics_port", "pid"}) and driven by the same command, `genserve-client bench --json`,
+one concurrency level per invocation so that the server's CPU time (utime + stime of all its
+threads, from /proc/<pid>/stat) can be read around each level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from bench.common import REPO_ROOT
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+VENV_BIN = Path(sys.executable).parent
+
+
+class BenchError(RuntimeError):
+    """A server did not start, or the load generator failed."""
+
+
+def _tool(name: str) -> str:
+    local = VENV_BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise BenchError(f"{name} not found (run `make setup-dev` first)")
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of every thread of `pid` so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # Fields after the command: state is fields[0], so utime (14th overall) is fields[11].
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+@dataclass
+class ServerProcess:
+    """A running server subprocess: `with ServerProcess.genserve(models) as s: s.port`."""
+
+    name: str
+    command: list[str]
+    startup_timeout_s: float = 180.0
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    pid: int = 0
+    log_path: Path | None = None
+
+    @classmethod
+    def genserve(cls, models: Path, extra: Sequence[str] = ()) -> ServerProcess:
+        command = [
+            _tool("genserve-server"),
+            "serve",
+            "--models",
+            str(models),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *extra,
+        ]
+        return cls("genserve", command)
+
+    @classmethod
+    def naive(cls, models: Path, extra: Sequence[str] = ()) -> ServerProcess:
+        command = [sys.executable, "-m", "bench.naive_server", "--models", str(models), *extra]
+        return cls("naive", command)
+
+    def __enter__(self) -> ServerProcess:
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+        ready = workdir / "ready.json"
+        self.log_path = workdir / "server.log"
+        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            [*self.command, "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+        )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not ready.exists():
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} server exited with {self.process.returncode}: {self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(
+                    f"{self.name} server not ready in {self.startup_timeout_s:.0f} s: {self.log_tail()}"
+                )
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        self.port = int(info["port"])
+        self.pid = int(info.get("pid") or self.process.pid)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 2000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise BenchError(f"{self.name} server died: {self.log_tail()}")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def client_bench(
+    target: str,
+    model: str,
+    concurrency: int,
+    duration_s: float,
+    fmt: str,
+    *,
+    labels: Sequence[int] = (),
+    method: str = "Sample",
+    image_size: tuple[int, int] | None = None,
+    warmup_s: float = 0.0,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """One closed-loop level through the client's load generator; returns its JSON result object.
+
+    Sample goes through `genserve-client bench --json`; SuperResolve and Translate through
+    bench.image_load, the same LoadGenerator with an image payload (the CLI drives Sample only).
+    """
+    common = [
+        "--model",
+        model,
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        f"{duration_s:g}",
+        "--warmup",
+        f"{warmup_s:g}",
+        "--format",
+        fmt,
+        "--json",
+    ]
+    if method == "Sample":
+        command = [_tool("genserve-client"), "--target", target, "bench", *common]
+        if labels:
+            command += ["--labels", ",".join(str(label) for label in labels)]
+    else:
+        size = image_size or (64, 64)
+        command = [
+            sys.executable,
+            "-m",
+            "bench.image_load",
+            "--target",
+            target,
+            "--method",
+            method,
+            "--image-size",
+            f"{size[0]}x{size[1]}",
+            *common,
+        ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout_s + duration_s, check=False, cwd=REPO_ROOT
+    )
+    if done.returncode != 0:
+        raise BenchError(f"load failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-2000:]}")
+    parsed = json.loads(done.stdout)
+    results = parsed if isinstance(parsed, list) else [parsed]
+    result: dict[str, Any] = results[0]
+    return result
+
+
+def measured_level(
+    server: ServerProcess,
+    model: str,
+    concurrency: int,
+    duration_s: float,
+    fmt: str,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """A client level plus the server's CPU seconds per request during it."""
+    server.check_alive()
+    cpu_before = cpu_seconds(server.pid)
+    wall_before = time.monotonic()
+    result = client_bench(server.target, model, concurrency, duration_s, fmt, **kwargs)
+    cpu_used = cpu_seconds(server.pid) - cpu_before
+    wall = time.monotonic() - wall_before
+    requests = result.get("requests") or result.get("ok") or result.get("images")
+    if not requests:
+        requests = result["images_per_s"] * float(result.get("duration_s", duration_s))
+    result = dict(result)
+    result["server_cpu_s"] = round(cpu_used, 3)
+    # The client's start-up is in the window too; the server is idle then (a few ms of CPU).
+    result["server_cpu_ms_per_request"] = 1e3 * cpu_used / max(1.0, float(requests))
+    result["server_cpu_utilisation"] = cpu_used / wall if wall > 0 else 0.0
+    return result

@@ -1,0 +1,210 @@
+"""Load generator: closed loop (C workers back to back) and open loop (arrivals at a fixed rate).
+
+Its own CPU cost is kept low because it shares a 2-core machine with the server: one asyncio
+loop, requests pre-serialized (a constant prefix plus a hand-encoded seed field, so no message is
+built per call) and responses left as bytes (never parsed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from genserve.v1 import genserve_pb2
+from genserve_client.channel import ChannelConfig, new_request_id
+from genserve_client.requests import output_options
+
+SAMPLE_METHOD = "/genserve.v1.GenerationService/Sample"
+CLIENT_BACKLOG = "CLIENT_BACKLOG"  # open loop: an arrival found max_outstanding calls in flight
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class PayloadFactory:
+    """Serialized single-image SampleRequests with fresh seeds (so a server-side cache never hits).
+
+    Protobuf parsing merges concatenated messages, so prefix + the encoding of field 4
+    (`seeds`, packed: tag 0x22, length, varint) is a valid SampleRequest with that one seed.
+    """
+
+    def __init__(
+        self, model: str, *, labels: Sequence[int] = (), fmt: str = "raw", base_seed: int | None = None
+    ):
+        out = output_options({"format": fmt})
+        self._prefixes: list[bytes] = [
+            genserve_pb2.SampleRequest(model=model, labels=[label], output=out).SerializeToString()
+            for label in labels
+        ] or [genserve_pb2.SampleRequest(model=model, output=out).SerializeToString()]
+        self._seed = random.randrange(2**40) if base_seed is None else base_seed
+        self._i = 0
+
+    def __call__(self) -> bytes:
+        prefix = self._prefixes[self._i % len(self._prefixes)]
+        self._i += 1
+        self._seed += 1
+        seed = varint(self._seed)
+        return prefix + b"\x22" + varint(len(seed)) + seed
+
+
+@dataclass
+class BenchResult:
+    mode: str  # "closed" or "open"
+    concurrency: int  # closed: workers; open: the bound on outstanding calls
+    rate: float | None  # open loop: arrivals per second
+    duration_s: float
+    requests: int = 0
+    images: int = 0
+    images_per_s: float = 0.0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.latencies_s: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.last_done = 0.0
+
+    def result(self, base: BenchResult, started: float) -> BenchResult:
+        elapsed = max(self.last_done - started, 1e-9)
+        base.requests = len(self.latencies_s) + sum(self.errors.values()) - self.errors[CLIENT_BACKLOG]
+        base.images = len(self.latencies_s)
+        base.images_per_s = round(base.images / elapsed, 2) if base.images else 0.0
+        base.duration_s = round(elapsed, 3)
+        if self.latencies_s:
+            p50, p95, p99 = np.percentile(np.asarray(self.latencies_s) * 1e3, [50, 95, 99])
+            base.p50_ms, base.p95_ms, base.p99_ms = round(p50, 2), round(p95, 2), round(p99, 2)
+        base.errors = dict(self.errors)
+        return base
+
+
+class LoadGenerator:
+    def __init__(
+        self,
+        config: ChannelConfig,
+        payloads: PayloadFactory,
+        *,
+        channels: int = 1,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.payloads = payloads
+        self.timeout_s = timeout_s
+        self._channels = [config.aio_channel() for _ in range(max(1, channels))]
+        # No (de)serializers: requests go out as the pre-built bytes, responses stay bytes.
+        self._calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
+            ch.unary_unary(SAMPLE_METHOD) for ch in self._channels
+        ]
+        self._metadata = config.metadata(new_request_id())
+        self._next = 0
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+
+    async def _one(self, rec: _Recorder, started_at: float) -> None:
+        call = self._calls[self._next % len(self._calls)]
+        self._next += 1
+        try:
+            await call(self.payloads(), timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            rec.errors[exc.code().name] += 1
+        else:
+            # Open loop measures from the scheduled arrival, so a slow server cannot hide its
+            # queueing by slowing the arrivals down (coordinated omission).
+            rec.latencies_s.append(time.perf_counter() - started_at)
+        rec.last_done = time.perf_counter()
+
+    async def closed_loop(self, concurrency: int, duration_s: float) -> BenchResult:
+        rec = _Recorder()
+        started = time.perf_counter()
+        end = started + duration_s
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                await self._one(rec, time.perf_counter())
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return rec.result(BenchResult("closed", concurrency, None, duration_s), started)
+
+    async def open_loop(
+        self,
+        rate: float,
+        duration_s: float,
+        *,
+        max_outstanding: int = 256,
+        poisson: bool = True,
+        seed: int = 0,
+    ) -> BenchResult:
+        rec = _Recorder()
+        rng = random.Random(seed)
+        started = time.perf_counter()
+        end = started + duration_s
+        in_flight: set[asyncio.Task[None]] = set()
+        arrival = started
+        while True:
+            arrival += rng.expovariate(rate) if poisson else 1.0 / rate
+            if arrival >= end:
+                break
+            delay = arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(in_flight) >= max_outstanding:
+                rec.errors[CLIENT_BACKLOG] += 1
+                continue
+            task = asyncio.create_task(self._one(rec, arrival))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.gather(*in_flight)
+        return rec.result(BenchResult("open", max_outstanding, rate, duration_s), started)
+
+
+def format_table(results: Sequence[BenchResult]) -> str:
+    header = ["mode", "conc", "rate", "requests", "img/s", "p50 ms", "p95 ms", "p99 ms", "errors"]
+    rows = [header]
+    for r in results:
+        errors = ", ".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "-"
+
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1f}"
+
+        rate = "-" if r.rate is None else f"{r.rate:g}"
+        rows.append(
+            [
+                r.mode,
+                str(r.concurrency),
+                rate,
+                str(r.requests),
+                f"{r.images_per_s:.1f}",
+                ms(r.p50_ms),
+                ms(r.p95_ms),
+                ms(r.p99_ms),
+                errors,
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)

@@ -1,0 +1,549 @@
+"""`genserve-client`: talk to a genserve server from the shell and write pictures.
+
+Exit codes: 0 success; 1 a failed call or I/O error; 2 a rejected request (INVALID_ARGUMENT, the
+server's message is printed), bad arguments or a bulk job started with other parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from genserve.v1 import genserve_pb2
+from genserve_client.bench import LoadGenerator, PayloadFactory, format_table
+from genserve_client.bulk import BulkError, BulkJob, BulkParams
+from genserve_client.channel import ChannelConfig, TlsOptions
+from genserve_client.client import GenserveClient
+from genserve_client.convert import FILE_SUFFIX, array_to_pil
+from genserve_client.errors import GenserveClientError
+from genserve_client.grid import GridRow, make_grid
+from genserve_client.results import SampleResult
+from genserve_client.retry import RetryPolicy
+
+MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
+CONDITIONAL = "conditional_generator"
+# Bulk jobs run for hours: ride out a server restart (UNAVAILABLE for tens of seconds).
+BULK_RETRY = RetryPolicy(max_attempts=12, initial_backoff_s=0.2, max_backoff_s=10.0)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+class UsageError(Exception):
+    """Bad arguments found after parsing (exit code 2)."""
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# --- model helpers ----------------------------------------------------------------------------
+
+
+def state_name(state: genserve_pb2.ModelState.ValueType) -> str:
+    name: str = genserve_pb2.ModelState.Name(state)
+    return name.removeprefix("MODEL_STATE_")
+
+
+def highest_ready_version(info: genserve_pb2.ModelInfo) -> str:
+    ready = [v.version for v in info.versions if v.state == genserve_pb2.MODEL_STATE_READY]
+    if not ready:
+        raise UsageError(f"model {info.name!r} has no READY version")
+    best: str = max(ready, key=lambda v: (len(v), v))
+    return best  # numeric directory names: longer is larger
+
+
+def card(info: genserve_pb2.ModelInfo) -> dict[str, Any]:
+    for v in info.versions:
+        if v.card_json:
+            loaded: dict[str, Any] = json.loads(v.card_json)
+            return loaded
+    return {}
+
+
+def class_label(info: genserve_pb2.ModelInfo, label: int) -> str:
+    return info.class_names[label] if 0 <= label < len(info.class_names) else str(label)
+
+
+def resolve_labels(info: genserve_pb2.ModelInfo, labels: str | None) -> list[int]:
+    """`all` -> every class of a conditional model; `0,3` -> [0, 3]; None -> all classes for a
+    conditional model, none otherwise."""
+    if labels is None or labels == "all":
+        return list(range(len(info.class_names))) if info.kind == CONDITIONAL else []
+    return parse_ints(labels)
+
+
+def save_image_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def save_picture(picture: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    _out(f"wrote {path} ({picture.width}x{picture.height})")
+
+
+def write_items(result: SampleResult, out_dir: Path, stem: str) -> None:
+    """Each image as the server encoded it (no re-encoding); raw pixels are written as PNG here."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for position, item in enumerate(result.items):
+        name = f"{stem}_{position:04d}" + (f"_seed{item.seed}" if item.seed is not None else "")
+        name += f"_label{item.label}" if item.label is not None else ""
+        suffix = FILE_SUFFIX.get(item.message.format)
+        if suffix is None:
+            array_to_pil(item.array).save(out_dir / f"{name}.png")
+        else:
+            (out_dir / f"{name}{suffix}").write_bytes(item.raw)
+    _out(f"wrote {len(result.items)} images to {out_dir}")
+
+
+def sample_in_batches(
+    client: GenserveClient, model: str, seeds: list[int], labels: list[int], **opts: Any
+) -> SampleResult:
+    """Sample one image per (seed, label) pair, in calls of at most MAX_IMAGES_PER_CALL."""
+    items, provenance = [], None
+    for start in range(0, len(seeds), MAX_IMAGES_PER_CALL):
+        part = slice(start, start + MAX_IMAGES_PER_CALL)
+        res = client.sample(model, seeds=seeds[part], labels=labels[part], **opts)
+        items.extend(res.items)
+        provenance = res.provenance
+    if provenance is None:
+        raise UsageError("nothing to sample: --n must be >= 1")
+    return SampleResult(items, provenance)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:
+    rows = [["name", "kind", "versions", "state", "latent", "output", "classes"]]
+    for m in client.list_models():
+        rows.append(
+            [
+                m.name,
+                m.kind,
+                ",".join(v.version for v in m.versions) or "-",
+                ",".join(state_name(v.state) + (f" ({v.reason})" if v.reason else "") for v in m.versions)
+                or "-",
+                str(m.latent_dim or "-"),
+                "x".join(map(str, m.output_shape)) or "-",
+                str(len(m.class_names) or "-"),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        _out("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _sample_opts(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"format": args.format, "version": args.version}
+    if args.psi is not None:
+        opts["psi"] = args.psi
+    return opts
+
+
+def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
+    if not args.out and not args.grid:
+        raise UsageError("sample needs --out DIR and/or --grid FILE.png")
+    info = client.get_model(args.model)
+    labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
+    base = args.seed if args.seed is not None else random.randrange(2**31)
+    # The same seeds in every class row: a conditional model's rows then differ only by class.
+    row_seeds = [base + j for j in range(args.n)]
+    seeds = row_seeds * max(1, len(labels))
+    flat_labels = [label for label in labels for _ in row_seeds]
+    result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
+    if args.out:
+        write_items(result, Path(args.out), args.model)
+    if args.grid:
+        pictures = result.pil()
+        if labels:
+            grid_rows = [
+                GridRow(pictures[i * args.n : (i + 1) * args.n], class_label(info, lab))
+                for i, lab in enumerate(labels)
+            ]
+        else:
+            cols = args.cols or math.ceil(math.sqrt(len(pictures)))
+            grid_rows = [GridRow(pictures[i : i + cols]) for i in range(0, len(pictures), cols)]
+        save_picture(make_grid(grid_rows), Path(args.grid))
+    return 0
+
+
+def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
+    opts = _sample_opts(args)
+    if args.label:
+        opts["labels"] = args.label
+    result = client.interpolate(args.model, args.from_seed, args.to_seed, args.steps, mode=args.mode, **opts)
+    if args.out:
+        write_items(result, Path(args.out), f"{args.model}-interp")
+    if args.grid:
+        ts = np.linspace(0.0, 1.0, len(result.items))
+        row = GridRow(result.pil(), f"{args.mode} {args.from_seed}->{args.to_seed}")
+        save_picture(make_grid([row], captions=[f"t={t:.2f}" for t in ts]), Path(args.grid))
+    return 0
+
+
+def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
+    sets = {"A": args.a, "B": args.b, "C": args.c}
+    info = client.get_model(args.model)
+    labels = [args.label] if args.label is not None else []
+    if info.kind == CONDITIONAL and not labels:
+        raise UsageError(f"{args.model} is conditional: give --label")
+    opts = _sample_opts(args)
+    members = client.sample(
+        args.model, seeds=[s for v in sets.values() for s in v], labels=labels, return_latents=True, **opts
+    )
+    latents = members.latents
+    if latents is None:
+        raise UsageError(f"{args.model} returned no latents; arithmetic needs a latent-space model")
+    bounds = np.cumsum([0] + [len(v) for v in sets.values()])
+    means = [latents[bounds[i] : bounds[i + 1]].mean(axis=0) for i in range(3)]
+    combined = means[0] - means[1] + means[2]
+    opts.pop("psi", None)  # explicit latents exclude truncation (they were truncated when drawn)
+    decoded = client.sample(args.model, latents=np.stack([*means, combined]), labels=labels, **opts).pil()
+    member_pics = members.pil()
+    width = max(len(v) for v in sets.values())
+    grid_rows = []
+    for i, (name, seeds) in enumerate(sets.items()):
+        row: list[Image.Image | None] = list(member_pics[bounds[i] : bounds[i + 1]])
+        row += [None] * (width - len(row)) + [decoded[i]]
+        grid_rows.append(GridRow(row, f"{name}: {','.join(map(str, seeds))}"))
+    grid_rows.append(GridRow([None] * width + [decoded[3]], "A - B + C"))
+    captions = [f"seed {j + 1}" for j in range(width)] + ["mean"]
+    save_picture(make_grid(grid_rows, captions=captions), Path(args.grid))
+    return 0
+
+
+VAE_SUFFIXES = (("-encoder", "-decoder"), ("-enc", "-dec"))
+
+
+def vae_names(model: str, served: Sequence[str]) -> tuple[str, str]:
+    """`vae-digits`, `vae-digits-encoder` or `vae-digits-decoder` -> (encoder, decoder)."""
+    for enc, dec in VAE_SUFFIXES:
+        if model.endswith(enc):
+            return model, model.removesuffix(enc) + dec
+        if model.endswith(dec):
+            return model.removesuffix(dec) + enc, model
+    for enc, dec in VAE_SUFFIXES:
+        if model + enc in served and model + dec in served:
+            return model + enc, model + dec
+    raise UsageError(f"no VAE pair for {model!r}: expected {model}-encoder and {model}-decoder")
+
+
+def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo) -> npt.NDArray[np.uint8]:
+    c = card(info)
+    picture: Image.Image = Image.open(path)
+    picture = picture.convert("L" if c.get("input_channels", 1) == 1 else "RGB")
+    size = c.get("image_size")
+    if size and (picture.height, picture.width) != tuple(size):
+        # The server never resizes (EncodeRequest): fit the picture to the encoder here.
+        _err(f"note: resizing {path} from {picture.width}x{picture.height} to {size[1]}x{size[0]}")
+        picture = picture.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return np.asarray(picture)
+
+
+def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
+    encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
+    picture = load_for_encoder(Path(args.image), client.get_model(encoder))
+    mu = client.encode(encoder, [picture], version=args.version).mu[0]
+    if not 0 <= args.dim < mu.shape[0] and not (args.sweep and args.all_dims):
+        raise UsageError(f"--dim must be in [0, {mu.shape[0]}), got {args.dim}")
+    if not args.sweep:
+        z = mu.copy()
+        z[args.dim] += args.delta
+        edited = client.decode(decoder, np.stack([mu, z]), version=args.version).pil()
+        save_picture(edited[1], Path(args.out))
+        _out(f"z[{args.dim}]: {mu[args.dim]:.3f} -> {z[args.dim]:.3f}")
+        return 0
+    # Latent traversal: each row moves one dimension over the prior's range, the others stay at
+    # the image's posterior mean; column 0 repeats the input for reference.
+    values = np.linspace(args.sweep_from, args.sweep_to, args.sweep_steps)
+    dims = range(mu.shape[0]) if args.all_dims else [args.dim]
+    latents = np.repeat(mu[None, :], len(dims) * len(values), axis=0)
+    for r, d in enumerate(dims):
+        latents[r * len(values) : (r + 1) * len(values), d] = values
+    pics = []
+    for start in range(0, len(latents), MAX_IMAGES_PER_CALL):
+        pics += client.decode(
+            decoder, latents[start : start + MAX_IMAGES_PER_CALL], version=args.version
+        ).pil()
+    source = Image.fromarray(picture)
+    rows = [
+        GridRow([source, *pics[r * len(values) : (r + 1) * len(values)]], f"z[{d}]")
+        for r, d in enumerate(dims)
+    ]
+    save_picture(make_grid(rows, captions=["input", *(f"{v:+.2f}" for v in values)]), Path(args.out))
+    return 0
+
+
+def _image_command(method: Callable[..., Any], args: argparse.Namespace, **opts: Any) -> int:
+    out = Path(args.output)
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+    result = method(args.model, [Path(args.input)], format=fmt, version=args.version, **opts)
+    save_image_bytes(out, result.raw[0])
+    with Image.open(io.BytesIO(result.raw[0])) as picture:
+        size = f"{picture.width}x{picture.height}"
+    tiles = f", {result.tiles[0]} tiles" if result.tiles else ""
+    _out(f"wrote {out} ({size}{tiles})")
+    return 0
+
+
+def cmd_upscale(client: GenserveClient, args: argparse.Namespace) -> int:
+    opts: dict[str, Any] = {"tile_size": args.tile_size}
+    if args.tile_overlap is not None:
+        opts["tile_overlap"] = args.tile_overlap
+    return _image_command(client.super_resolve, args, **opts)
+
+
+def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
+    return _image_command(client.translate, args)
+
+
+def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
+    info = client.get_model(args.model)
+    labels = resolve_labels(info, args.labels) if info.kind == CONDITIONAL or args.labels else []
+    params = BulkParams(
+        model=args.model,
+        n=args.n,
+        base_seed=args.seed,
+        labels=tuple(labels),
+        format=args.format,
+        psi=args.psi,
+        version=args.version,
+    )
+    job = BulkJob(
+        client,
+        params,
+        Path(args.out),
+        concurrency=args.concurrency,
+        chunk_size=args.chunk_size,
+        verify=args.verify,
+    )
+    job.run(lambda name: highest_ready_version(client.get_model(name)))
+    _out(f"{args.out}: {args.n} images, manifest {Path(args.out) / 'manifest.jsonl'}")
+    return 0
+
+
+async def _bench(config: ChannelConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
+    payloads = PayloadFactory(args.model, labels=args.labels or (), fmt=args.format)
+    gen = LoadGenerator(config, payloads, channels=args.channels, timeout_s=args.timeout)
+    try:
+        if args.warmup > 0:
+            await gen.closed_loop(max(args.concurrency), args.warmup)
+        results = []
+        if not args.rate or args.closed_too:
+            for c in args.concurrency:
+                results.append(await gen.closed_loop(c, args.duration))
+        for rate in args.rate or ():
+            results.append(
+                await gen.open_loop(
+                    rate,
+                    args.duration,
+                    max_outstanding=args.max_outstanding,
+                    poisson=args.arrivals == "poisson",
+                )
+            )
+    finally:
+        await gen.close()
+    if not args.json:
+        _out(format_table(results))
+    return [r.to_json() for r in results]
+
+
+def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
+    if not args.labels:
+        with GenserveClient(config, timeout_s=args.timeout) as client:
+            args.labels = resolve_labels(client.get_model(args.model), None)  # all classes if conditional
+    results = asyncio.run(_bench(config, args))
+    if args.json:
+        _out(json.dumps(results, indent=2))
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def _add_model(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="model name as in `models`")
+    p.add_argument("--version", default="", help="model version (default: the highest ready)")
+
+
+def _add_format(p: argparse.ArgumentParser, choices: Sequence[str] = ("png", "jpeg", "webp", "raw")) -> None:
+    p.add_argument("--format", default="png", choices=choices, help="image format on the wire (default png)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genserve-client", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds")
+    parser.add_argument("--token", help="bearer token (sent as `authorization: Bearer <token>`)")
+    parser.add_argument("--token-file", help="file holding the bearer token")
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    parser.add_argument("--tls-ca", help="PEM root certificates (implies --tls)")
+    parser.add_argument("--tls-cert", help="PEM client certificate for mTLS")
+    parser.add_argument("--tls-key", help="PEM client key for mTLS")
+    parser.add_argument("--tls-server-name", help="expected server name in its certificate")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="table of models, kinds, versions and readiness")
+
+    p = sub.add_parser("sample", help="draw images; --grid shows one labelled row per class")
+    _add_model(p)
+    p.add_argument("--label", type=int, help="one class for all images")
+    p.add_argument("--labels", help="classes, e.g. 0,1,2 or `all` (default for conditional models: all)")
+    p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
+    p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random")
+    p.add_argument("--psi", type=float, help="truncation threshold")
+    p.add_argument("--cols", type=int, help="grid columns for unconditional models")
+    _add_format(p)
+    p.add_argument("--out", help="directory for the images")
+    p.add_argument("--grid", help="PNG file for an image grid")
+
+    p = sub.add_parser("interpolate", help="a latent path between two seeds, as a strip")
+    _add_model(p)
+    p.add_argument("--from-seed", type=int, required=True)
+    p.add_argument("--to-seed", type=int, required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--mode", choices=("slerp", "lerp"), default="slerp")
+    p.add_argument("--label", type=parse_ints, help="class of the path, or two classes (start,end)")
+    p.add_argument("--psi", type=float)
+    _add_format(p)
+    p.add_argument("--out", help="directory for the images")
+    p.add_argument("--grid", help="PNG file for the strip")
+
+    p = sub.add_parser("arithmetic", help="mean(A) - mean(B) + mean(C) in latent space")
+    _add_model(p)
+    for name in ("a", "b", "c"):
+        p.add_argument(f"--{name}", type=parse_ints, required=True, help=f"seeds of set {name.upper()}")
+    p.add_argument("--label", type=int, help="class for conditional models")
+    p.add_argument("--psi", type=float)
+    _add_format(p)
+    p.add_argument("--grid", required=True, help="PNG file")
+
+    p = sub.add_parser("edit", help="VAE: encode an image, move one latent dimension, decode")
+    p.add_argument("image")
+    p.add_argument("--model", required=True, help="VAE base name (X for X-encoder/X-decoder) or either part")
+    p.add_argument("--version", default="")
+    p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
+    p.add_argument("--delta", type=float, default=2.0, help="added to z[dim]")
+    p.add_argument("--sweep", action="store_true", help="grid of z[dim] set to each value of the sweep")
+    p.add_argument("--all-dims", action="store_true", help="with --sweep: one row per latent dimension")
+    p.add_argument("--sweep-from", type=float, default=-3.0)
+    p.add_argument("--sweep-to", type=float, default=3.0)
+    p.add_argument("--sweep-steps", type=int, default=9)
+    p.add_argument("--out", required=True, help="PNG file (the edited image, or the sweep grid)")
+
+    for name, help_text in (("upscale", "super-resolution"), ("translate", "image-to-image translation")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("input")
+        p.add_argument("output", help="PNG/JPEG/WEBP by suffix")
+        _add_model(p)
+        if name == "upscale":
+            p.add_argument("--tile-size", type=int, default=0, help="input tile size (default: the card's)")
+            p.add_argument("--tile-overlap", type=int, help="tile overlap in input pixels")
+
+    p = sub.add_parser("bulk", help="resumable production batch over SampleStream")
+    _add_model(p)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--out", required=True, help="job directory (job.json, manifest.jsonl, images/)")
+    p.add_argument("--labels", help="`all` or 0,1,...: image i gets labels[i % len]")
+    p.add_argument("--concurrency", type=int, default=1, help="parallel streams")
+    p.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
+    p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")
+    p.add_argument("--psi", type=float)
+    p.add_argument("--verify", action="store_true", help="re-hash every listed file on start")
+    _add_format(p, ("png", "jpeg", "webp"))
+
+    p = sub.add_parser("bench", help="load generator: closed loop per concurrency, open loop per rate")
+    _add_model(p)
+    p.add_argument("--concurrency", type=parse_ints, default=[1, 8, 32, 64])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before the first run")
+    p.add_argument("--rate", type=parse_floats, help="open loop at these rates (requests/s)")
+    p.add_argument("--closed-too", action="store_true", help="with --rate: also run the closed loops")
+    p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument("--max-outstanding", type=int, default=256, help="open loop: bound on calls in flight")
+    p.add_argument("--labels", type=parse_ints, help="classes to cycle through (conditional models)")
+    p.add_argument("--channels", type=int, default=1, help="gRPC channels (HTTP/2 connections)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    _add_format(p, ("raw", "png", "jpeg", "webp"))
+    return parser
+
+
+def channel_config(args: argparse.Namespace) -> ChannelConfig:
+    token = args.token
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        tls = TlsOptions.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return ChannelConfig(args.target, tls=tls, token=token)
+
+
+COMMANDS: dict[str, Callable[[GenserveClient, argparse.Namespace], int]] = {
+    "models": cmd_models,
+    "sample": cmd_sample,
+    "interpolate": cmd_interpolate,
+    "arithmetic": cmd_arithmetic,
+    "edit": cmd_edit,
+    "upscale": cmd_upscale,
+    "translate": cmd_translate,
+    "bulk": cmd_bulk,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = channel_config(args)
+        if args.command == "bench":
+            return cmd_bench(config, args)
+        retry = BULK_RETRY if args.command == "bulk" else RetryPolicy()
+        with GenserveClient(config, timeout_s=args.timeout, retry=retry) as client:
+            return COMMANDS[args.command](client, args)
+    except GenserveClientError as exc:
+        _err(f"genserve-client: {exc}")
+        return 2 if exc.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+    except (UsageError, BulkError, ValueError) as exc:
+        _err(f"genserve-client: {exc}")
+        return 2
+    except OSError as exc:
+        _err(f"genserve-client: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _err("genserve-client: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""numpy / PIL <-> genserve.v1 messages. Reading is zero-copy: arrays view the bytes fields."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image as PILImage
+
+from genserve.v1 import types_pb2
+
+ImageInput: TypeAlias = "np.ndarray | PILImage.Image | bytes | str | os.PathLike[str]"
+
+FORMATS: dict[str, types_pb2.ImageFormat.ValueType] = {
+    "png": types_pb2.IMAGE_FORMAT_PNG,
+    "jpeg": types_pb2.IMAGE_FORMAT_JPEG,
+    "jpg": types_pb2.IMAGE_FORMAT_JPEG,
+    "webp": types_pb2.IMAGE_FORMAT_WEBP,
+    "raw": types_pb2.IMAGE_FORMAT_RAW_UINT8,
+    "tensor": types_pb2.IMAGE_FORMAT_TENSOR_F32,
+}
+FILE_SUFFIX: dict[types_pb2.ImageFormat.ValueType, str] = {
+    types_pb2.IMAGE_FORMAT_UNSPECIFIED: ".png",
+    types_pb2.IMAGE_FORMAT_PNG: ".png",
+    types_pb2.IMAGE_FORMAT_JPEG: ".jpg",
+    types_pb2.IMAGE_FORMAT_WEBP: ".webp",
+}
+
+_LE_F32 = np.dtype("<f4")
+
+
+def image_format(name: str | types_pb2.ImageFormat.ValueType) -> types_pb2.ImageFormat.ValueType:
+    if isinstance(name, str):
+        try:
+            return FORMATS[name.lower()]
+        except KeyError:
+            raise ValueError(f"unknown image format {name!r}; one of {sorted(FORMATS)}") from None
+    return name
+
+
+def tensor_to_array(tensor: types_pb2.Tensor) -> npt.NDArray[np.generic]:
+    """A read-only view of the tensor's bytes (no copy)."""
+    dtype = np.dtype(np.uint8) if tensor.dtype == types_pb2.DTYPE_UINT8 else _LE_F32
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+
+
+def array_to_tensor(array: npt.ArrayLike) -> types_pb2.Tensor:
+    """float32 little-endian C-order tensor (the only dtype latents accept)."""
+    arr = np.ascontiguousarray(array, dtype=_LE_F32)
+    return types_pb2.Tensor(shape=arr.shape, dtype=types_pb2.DTYPE_FLOAT32, data=arr.tobytes())
+
+
+def image_to_array(image: types_pb2.Image) -> npt.NDArray[np.generic]:
+    """RAW -> uint8 HWC view; TENSOR_F32 -> float32 CHW view; PNG/JPEG/WEBP -> decoded uint8 HWC."""
+    if image.format == types_pb2.IMAGE_FORMAT_RAW_UINT8:
+        return np.frombuffer(image.data, dtype=np.uint8).reshape(tuple(image.shape))
+    if image.format == types_pb2.IMAGE_FORMAT_TENSOR_F32:
+        return np.frombuffer(image.data, dtype=_LE_F32).reshape(tuple(image.shape))
+    with PILImage.open(io.BytesIO(image.data)) as pil:
+        arr = np.asarray(pil)
+    # Gray decodes to HW; keep the HWC contract so callers never branch on ndim.
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def array_to_pil(
+    array: npt.NDArray[np.generic], value_range: tuple[float, float] | None = None
+) -> PILImage.Image:
+    """uint8 HWC (C = 1 or 3) -> PIL; float32 CHW needs the model's output range to map to 0..255."""
+    if array.dtype != np.uint8:
+        if value_range is None:
+            raise ValueError("a float32 [C, H, W] tensor needs value_range=(lo, hi) to become a picture")
+        lo, hi = value_range
+        scaled = (np.asarray(array, np.float32) - lo) * (255.0 / (hi - lo))
+        array = np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return PILImage.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
+
+
+def to_image_message(image: ImageInput) -> types_pb2.Image:
+    """Build a request Image. Encoded bytes and files travel as they are (the server detects
+    PNG/JPEG/WEBP, so nothing is decoded here); arrays and PIL images travel as raw uint8 HWC."""
+    if isinstance(image, bytes):
+        return types_pb2.Image(format=types_pb2.IMAGE_FORMAT_UNSPECIFIED, data=image)
+    if isinstance(image, str | os.PathLike):
+        return types_pb2.Image(format=types_pb2.IMAGE_FORMAT_UNSPECIFIED, data=Path(image).read_bytes())
+    if isinstance(image, PILImage.Image):
+        image = np.asarray(image.convert("L" if image.mode in ("L", "1", "I", "F") else "RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 HWC or HW, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise ValueError(f"image arrays must be HW or HWC with C in (1, 3), got shape {arr.shape}")
+    return types_pb2.Image(format=types_pb2.IMAGE_FORMAT_RAW_UINT8, data=arr.tobytes(), shape=arr.shape)

@@ -1,0 +1,188 @@
+"""Request builders shared by the sync and asyncio clients (so the two cannot drift apart).
+
+Each RPC's keyword options are declared once, as a TypedDict; the clients' typed methods take
+`**opts: Unpack[...]` of the same TypedDict and hand them here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeAlias, TypedDict, Unpack
+
+import numpy as np
+import numpy.typing as npt
+
+from genserve.v1 import genserve_pb2, types_pb2
+from genserve_client.convert import ImageInput, array_to_tensor, image_format, to_image_message
+
+Format: TypeAlias = "str | types_pb2.ImageFormat.ValueType"
+Latent: TypeAlias = "int | npt.ArrayLike"  # a seed, or an explicit float32 [Z] latent
+
+_MODES = {
+    "slerp": genserve_pb2.INTERPOLATION_MODE_SLERP,
+    "lerp": genserve_pb2.INTERPOLATION_MODE_LERP,
+}
+
+
+class OutputOptions(TypedDict, total=False):
+    """How images come back (types.proto OutputOptions). Default PNG."""
+
+    format: Format
+    quality: int
+    png_compression: int
+    return_latents: bool
+
+
+class SampleOptions(OutputOptions, total=False):
+    seeds: Sequence[int]
+    base_seed: int
+    latents: npt.ArrayLike
+    labels: Sequence[int]
+    psi: float
+    version: str
+    priority: types_pb2.Priority.ValueType
+
+
+class StreamOptions(OutputOptions, total=False):
+    base_seed: int
+    labels: Sequence[int]
+    psi: float
+    version: str
+    start_index: int
+    chunk_size: int
+
+
+class InterpolateOptions(OutputOptions, total=False):
+    mode: str  # "slerp" (default) or "lerp"
+    labels: Sequence[int]
+    psi: float
+    version: str
+
+
+class EncodeOptions(TypedDict, total=False):
+    sample: bool
+    seed: int
+    version: str
+
+
+class DecodeOptions(OutputOptions, total=False):
+    version: str
+
+
+class ImageOptions(OutputOptions, total=False):
+    tile_size: int
+    tile_overlap: int
+    version: str
+
+
+def output_options(opts: OutputOptions) -> types_pb2.OutputOptions:
+    out = types_pb2.OutputOptions(
+        format=image_format(opts.get("format", "png")),
+        quality=opts.get("quality", 0),
+        return_latents=opts.get("return_latents", False),
+    )
+    if "png_compression" in opts:
+        out.png_compression = opts["png_compression"]
+    return out
+
+
+def sample_request(model: str, n: int = 0, **opts: Unpack[SampleOptions]) -> genserve_pb2.SampleRequest:
+    req = genserve_pb2.SampleRequest(
+        model=model,
+        version=opts.get("version", ""),
+        count=n,
+        seeds=opts.get("seeds", ()),
+        labels=opts.get("labels", ()),
+        priority=opts.get("priority", types_pb2.PRIORITY_UNSPECIFIED),
+        output=output_options(opts),
+    )
+    if "base_seed" in opts:
+        req.base_seed = opts["base_seed"]
+    if "latents" in opts:
+        req.latents.CopyFrom(array_to_tensor(opts["latents"]))
+    if "psi" in opts:
+        req.truncation_psi = opts["psi"]
+    return req
+
+
+def sample_stream_request(
+    model: str, count: int, **opts: Unpack[StreamOptions]
+) -> genserve_pb2.SampleStreamRequest:
+    sample = genserve_pb2.SampleRequest(
+        model=model,
+        version=opts.get("version", ""),
+        count=count,
+        labels=opts.get("labels", ()),
+        base_seed=opts.get("base_seed", 0),
+        output=output_options(opts),
+    )
+    if "psi" in opts:
+        sample.truncation_psi = opts["psi"]
+    return genserve_pb2.SampleStreamRequest(
+        sample=sample, start_index=opts.get("start_index", 0), chunk_size=opts.get("chunk_size", 0)
+    )
+
+
+def latent_point(point: Latent) -> genserve_pb2.LatentPoint:
+    if isinstance(point, int | np.integer):
+        return genserve_pb2.LatentPoint(seed=int(point))
+    return genserve_pb2.LatentPoint(latent=array_to_tensor(point))
+
+
+def interpolate_request(
+    model: str, start: Latent, end: Latent, steps: int, **opts: Unpack[InterpolateOptions]
+) -> genserve_pb2.InterpolateRequest:
+    mode = opts.get("mode", "slerp")
+    if mode not in _MODES:
+        raise ValueError(f"interpolation mode must be one of {sorted(_MODES)}, got {mode!r}")
+    req = genserve_pb2.InterpolateRequest(
+        model=model,
+        version=opts.get("version", ""),
+        start=latent_point(start),
+        end=latent_point(end),
+        steps=steps,
+        mode=_MODES[mode],
+        labels=opts.get("labels", ()),
+        output=output_options(opts),
+    )
+    if "psi" in opts:
+        req.truncation_psi = opts["psi"]
+    return req
+
+
+def encode_request(
+    model: str, images: Sequence[ImageInput], **opts: Unpack[EncodeOptions]
+) -> genserve_pb2.EncodeRequest:
+    return genserve_pb2.EncodeRequest(
+        model=model,
+        version=opts.get("version", ""),
+        images=[to_image_message(i) for i in images],
+        sample=opts.get("sample", False),
+        seed=opts.get("seed", 0),
+    )
+
+
+def decode_request(
+    model: str, latents: npt.ArrayLike, **opts: Unpack[DecodeOptions]
+) -> genserve_pb2.DecodeRequest:
+    return genserve_pb2.DecodeRequest(
+        model=model,
+        version=opts.get("version", ""),
+        latents=array_to_tensor(latents),
+        output=output_options(opts),
+    )
+
+
+def image_request(
+    model: str, images: Sequence[ImageInput], **opts: Unpack[ImageOptions]
+) -> genserve_pb2.ImageRequest:
+    req = genserve_pb2.ImageRequest(
+        model=model,
+        version=opts.get("version", ""),
+        images=[to_image_message(i) for i in images],
+        output=output_options(opts),
+        tile_size=opts.get("tile_size", 0),
+    )
+    if "tile_overlap" in opts:
+        req.tile_overlap = opts["tile_overlap"]
+    return req

@@ -1,0 +1,179 @@
+"""Typed results: numpy arrays (zero-copy views where the format allows), PIL on request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image as PILImage
+
+from genserve.v1 import genserve_pb2, types_pb2
+from genserve_client.convert import array_to_pil, image_to_array, tensor_to_array
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where images came from (see types.proto Provenance)."""
+
+    model: str
+    version: str
+    model_sha256: str
+    onnxruntime_version: str
+    execution_provider: str
+    precision: str
+    executed_batch_sizes: tuple[int, ...]
+    rng_algorithm: str
+    server_version: str
+
+    @classmethod
+    def from_proto(cls, p: types_pb2.Provenance) -> Provenance:
+        return cls(
+            p.model,
+            p.version,
+            p.model_sha256,
+            p.onnxruntime_version,
+            p.execution_provider,
+            p.precision,
+            tuple(p.executed_batch_sizes),
+            p.rng_algorithm,
+            p.server_version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedItem:
+    """One generated image and what made it."""
+
+    index: int
+    seed: int | None
+    label: int | None
+    message: types_pb2.Image
+    latent: npt.NDArray[np.float32] | None
+
+    @property
+    def raw(self) -> bytes:
+        """The bytes as the server sent them (PNG/JPEG/WEBP file, or raw pixels)."""
+        data: bytes = self.message.data
+        return data
+
+    @property
+    def array(self) -> npt.NDArray[np.generic]:
+        return image_to_array(self.message)
+
+    @classmethod
+    def from_proto(cls, g: types_pb2.GeneratedImage) -> GeneratedItem:
+        return cls(
+            index=g.index,
+            seed=g.seed if g.HasField("seed") else None,
+            label=g.label if g.HasField("label") else None,
+            message=g.image,
+            latent=tensor_to_array(g.latent).astype(np.float32, copy=False) if g.HasField("latent") else None,
+        )
+
+
+class _Images:
+    """Shared image accessors for results that carry a list of Image messages."""
+
+    __slots__ = ()
+
+    def _messages(self) -> Sequence[types_pb2.Image]:
+        raise NotImplementedError
+
+    @property
+    def raw(self) -> list[bytes]:
+        return [m.data for m in self._messages()]
+
+    @cached_property
+    def images(self) -> list[npt.NDArray[np.generic]]:
+        """uint8 HWC for PNG/JPEG/WEBP/RAW, float32 CHW for TENSOR_F32 (RAW/TENSOR: no copy)."""
+        return [image_to_array(m) for m in self._messages()]
+
+    def pil(self, value_range: tuple[float, float] | None = None) -> list[PILImage.Image]:
+        return [array_to_pil(a, value_range) for a in self.images]
+
+
+@dataclass(frozen=True)
+class SampleResult(_Images):
+    """Sample / Interpolate / Decode responses and each SampleStream chunk."""
+
+    items: list[GeneratedItem]
+    provenance: Provenance
+    request_id: str | None = None
+
+    def _messages(self) -> Sequence[types_pb2.Image]:
+        return [item.message for item in self.items]
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [item.seed for item in self.items]
+
+    @property
+    def labels(self) -> list[int | None]:
+        return [item.label for item in self.items]
+
+    @property
+    def indices(self) -> list[int]:
+        return [item.index for item in self.items]
+
+    @property
+    def latents(self) -> npt.NDArray[np.float32] | None:
+        """float32 [N, Z] when the request asked for return_latents, else None."""
+        lat = [item.latent for item in self.items]
+        if not lat or any(z is None for z in lat):
+            return None
+        return np.stack([z for z in lat if z is not None])
+
+    @classmethod
+    def from_proto(
+        cls, resp: genserve_pb2.SampleResponse | genserve_pb2.SampleStreamChunk, request_id: str | None
+    ) -> SampleResult:
+        return cls(
+            [GeneratedItem.from_proto(g) for g in resp.images],
+            Provenance.from_proto(resp.provenance),
+            request_id,
+        )
+
+
+@dataclass(frozen=True)
+class ImageResult(_Images):
+    """SuperResolve / Translate responses."""
+
+    messages: list[types_pb2.Image]
+    provenance: Provenance
+    tiles: list[int]
+    request_id: str | None = None
+
+    def _messages(self) -> Sequence[types_pb2.Image]:
+        return self.messages
+
+    @classmethod
+    def from_proto(cls, resp: genserve_pb2.ImageResponse, request_id: str | None) -> ImageResult:
+        return cls(list(resp.images), Provenance.from_proto(resp.provenance), list(resp.tiles), request_id)
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """VAE encoder output: mu and logvar [N, Z] and, when asked, a sample z [N, Z]."""
+
+    mu: npt.NDArray[np.float32]
+    logvar: npt.NDArray[np.float32]
+    z: npt.NDArray[np.float32] | None
+    provenance: Provenance
+    request_id: str | None = None
+
+    @classmethod
+    def from_proto(cls, resp: genserve_pb2.EncodeResponse, request_id: str | None) -> EncodeResult:
+        def stack(name: str) -> npt.NDArray[np.float32]:
+            return np.stack([tensor_to_array(getattr(d, name)) for d in resp.latents]).astype(np.float32)
+
+        has_z = bool(resp.latents) and all(d.HasField("z") for d in resp.latents)
+        return cls(
+            stack("mu"),
+            stack("logvar"),
+            stack("z") if has_z else None,
+            Provenance.from_proto(resp.provenance),
+            request_id,
+        )

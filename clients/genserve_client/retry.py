@@ -1,0 +1,72 @@
+"""Retry policy: exponential backoff with full jitter, on transient status codes only."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import grpc
+
+_NEVER_RETRY = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how long to wait before trying a call again.
+
+    Attempt k (1-based) that failed with a retryable code waits a uniform random time in
+    [0, min(max_backoff_s, initial_backoff_s * multiplier**(k-1))] ("full jitter", so many clients
+    that failed together do not retry together). The caller's deadline bounds the total.
+    """
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+    # RESOURCE_EXHAUSTED: the server refused at admission (queue full), nothing was computed.
+    # UNAVAILABLE: the model is loading, the server is draining, or the connection broke.
+    retryable_codes: frozenset[grpc.StatusCode] = field(
+        default=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(
+                "RetryPolicy needs 0 <= initial_backoff_s <= max_backoff_s, got "
+                f"{self.initial_backoff_s} and {self.max_backoff_s}"
+            )
+        if self.multiplier < 1:
+            raise ValueError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier}")
+        bad = self.retryable_codes & _NEVER_RETRY
+        if bad:
+            # A rejected request is rejected again: retrying it only hides the message.
+            raise ValueError(f"RetryPolicy.retryable_codes must not contain {sorted(c.name for c in bad)}")
+
+    def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Jittered wait after failed attempt number `attempt` (1-based)."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return (rng or random).uniform(0.0, cap)
+
+    def delay_s(
+        self,
+        code: grpc.StatusCode,
+        attempt: int,
+        remaining_s: float | None,
+        rng: random.Random | None = None,
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None when the error is final.
+
+        Final when the code is not retryable, the attempts are spent, or the wait would outlast
+        the call's deadline (`remaining_s`, None = no deadline).
+        """
+        if code not in self.retryable_codes or attempt >= self.max_attempts:
+            return None
+        delay = self.backoff_s(attempt, rng)
+        if remaining_s is not None and delay >= remaining_s:
+            return None
+        return delay
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)

@@ -1,0 +1,38 @@
+"""genserve-export: train, export to ONNX and verify genserve's model repository.
+
+Public API: :func:`export_model` (one module → one repository entry) and
+:func:`verify_repository` (check every entry of a repository). Never imported by the server or
+the clients.
+"""
+
+from genserve_export.errors import (
+    CardFieldError,
+    ConfigFieldError,
+    ExportError,
+    ExportFailedError,
+    ExportParityError,
+    FrozenBatchAxisError,
+    InvalidArgumentError,
+    KindMismatchError,
+    NonFiniteOutputError,
+    RepositoryExistsError,
+)
+from genserve_export.export import export_model
+from genserve_export.verify import ModelReport, VerifyReport, verify_repository
+
+__all__ = [
+    "CardFieldError",
+    "ConfigFieldError",
+    "ExportError",
+    "ExportFailedError",
+    "ExportParityError",
+    "FrozenBatchAxisError",
+    "InvalidArgumentError",
+    "KindMismatchError",
+    "ModelReport",
+    "NonFiniteOutputError",
+    "RepositoryExistsError",
+    "VerifyReport",
+    "export_model",
+    "verify_repository",
+]

@@ -1,0 +1,141 @@
+"""``genserve-export``: train, build-defaults, verify."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from genserve_export.build import DEFAULT_SEED, train_and_export
+from genserve_export.recipes import RECIPES
+
+logger = logging.getLogger("genserve_export")
+
+
+def _say(text: str, flush: bool = False) -> None:
+    """The CLI's report to the user on stdout (logging goes to stderr)."""
+    sys.stdout.write(text + "\n")
+    if flush:
+        sys.stdout.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genserve-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one default recipe and export it")
+    train.add_argument("name", choices=sorted(RECIPES), help="recipe name")
+    train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    train.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    train.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
+    train.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
+    train.add_argument("--no-fp16", action="store_true", help="do not write model.fp16.onnx")
+
+    build = sub.add_parser("build-defaults", help="train and export every default recipe")
+    build.add_argument("--out", type=Path, default=Path("models"))
+    build.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's default steps")
+    build.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    build.add_argument("--only", nargs="*", default=None, help="restrict to these recipes")
+    build.add_argument("--threads", type=int, default=1)
+    build.add_argument("--no-verify", action="store_true", help="skip verify after building")
+
+    verify = sub.add_parser("verify", help="check every model of a repository")
+    verify.add_argument("path", type=Path)
+    verify.add_argument("--grids", type=Path, default=None, help="write a PNG sample grid per model here")
+    verify.add_argument(
+        "--no-thresholds",
+        action="store_true",
+        help="report quality but do not fail on the card's thresholds (undertrained models)",
+    )
+    verify.add_argument("--no-quality", action="store_true", help="skip recomputing quality")
+    return parser
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return shlex.join(["genserve-export", *argv])
+
+
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    result = train_and_export(
+        args.name,
+        args.out,
+        seed=args.seed,
+        steps=args.steps,
+        command=_command_line(argv),
+        device=args.device,
+        threads=args.threads,
+        fp16=not args.no_fp16,
+    )
+    for path in result.paths:
+        _say(f"wrote {path}")
+    _say(f"{args.name}: train {result.train_s:.1f} s, export {result.export_s:.1f} s")
+    return 0
+
+
+def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    names = args.only or list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        sys.stderr.write(f"unknown recipe(s): {', '.join(unknown)}; known: {', '.join(RECIPES)}\n")
+        return 2
+    started = time.perf_counter()
+    rows = []
+    for name in names:
+        default = getattr(RECIPES[name], "default_steps", None)
+        steps = None
+        if args.steps_scale != 1.0:
+            if default is None:
+                logger.warning("%s has no default_steps; --steps-scale ignored for it", name)
+            else:
+                steps = max(1, round(default * args.steps_scale))
+        t0 = time.perf_counter()
+        result = train_and_export(
+            name, args.out, seed=args.seed, steps=steps, command=_command_line(argv), threads=args.threads
+        )
+        rows.append((name, result.steps, result.train_s, result.export_s, time.perf_counter() - t0))
+        _say(
+            f"{name}: steps {result.steps}, train {result.train_s:.1f} s, export {result.export_s:.1f} s",
+            flush=True,
+        )
+    total = time.perf_counter() - started
+    _say("\nbuild-defaults wall time per model")
+    for name, steps, train_s, export_s, wall in rows:
+        _say(
+            f"  {name:<22} steps {steps!s:>6}  train {train_s:7.1f} s  export {export_s:5.1f} s  "
+            f"total {wall:7.1f} s"
+        )
+    _say(f"  {'TOTAL':<22} {total:.1f} s ({total / 60:.1f} min)")
+    if args.no_verify:
+        return 0
+    return _verify_and__say(args.out, grids=None, thresholds=True, quality=True)
+
+
+def _verify_and__say(path: Path, *, grids: Path | None, thresholds: bool, quality: bool) -> int:
+    from genserve_export.verify import verify_repository
+
+    report = verify_repository(path, grids_dir=grids, check_thresholds=thresholds, recompute_quality=quality)
+    _say(report.format())
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``genserve-export`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        return _train(args, argv)
+    if args.command == "build-defaults":
+        return _build_defaults(args, argv)
+    return _verify_and__say(
+        args.path, grids=args.grids, thresholds=not args.no_thresholds, quality=not args.no_quality
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

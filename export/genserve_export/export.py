@@ -1,0 +1,607 @@
+"""``export_model``: one PyTorch module → one validated, atomically written repository entry."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from genserve_export.card import (
+    CARD_FIELDS,
+    CARD_FORMAT_VERSION,
+    FP16_ATOL,
+    FP32_ATOL,
+    NAME_PATTERN,
+    TRAINING_FIELDS,
+    USER_CARD_FIELDS,
+    VERSION_PATTERN,
+    merge_config,
+    validate_card,
+    validate_config,
+)
+from genserve_export.errors import (
+    CardFieldError,
+    ConfigFieldError,
+    ExportError,
+    ExportFailedError,
+    ExportParityError,
+    FrozenBatchAxisError,
+    InvalidArgumentError,
+    KindMismatchError,
+    NonFiniteOutputError,
+    RepositoryExistsError,
+)
+from genserve_export.kinds import KINDS, KindSpec, image_output_name
+from genserve_export.onnx_utils import (
+    NamedOutputs,
+    adapt,
+    dynamic_shapes_for,
+    graph_signature,
+    opset_of,
+    optimize_offline,
+    run_session,
+    session,
+    sha256_file,
+    torch_export,
+)
+from genserve_export.provenance import source_commit
+
+logger = logging.getLogger(__name__)
+
+PARITY_BATCH_SIZES = (1, 7)
+_RANGE_SLACK = 1e-3  # outputs may exceed output_range by float rounding only
+
+
+def export_model(
+    module: nn.Module,
+    *,
+    kind: str,
+    name: str,
+    version: str = "1",
+    out_dir: str | os.PathLike[str],
+    example_inputs: Mapping[str, np.ndarray | torch.Tensor],
+    card: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    quality: Mapping[str, Any] | None = None,
+    holdout: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    fp16: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``module`` as ``out_dir/name/version`` and return that directory.
+
+    ``example_inputs`` are keyed by the kind's input names (``z``, ``label``, ``image``), which are
+    also the ONNX input names; the module is called with them positionally in the kind's order and
+    may return a tensor, a tuple in the kind's output order, or a dict keyed by output name.
+    ``card`` carries what the graph cannot tell (``description``, ``output_range``, and by kind
+    ``input_range``, ``class_names``; optionally ``scale_factor``, ``size_multiple``, ``min_size``,
+    ``tile_size``, ``tile_overlap``, ``recipe`` and any extra field). Everything is checked before
+    anything is written; a failure raises an :class:`ExportError` subclass naming the problem.
+    """
+    out_root = Path(out_dir)
+    spec = _check_arguments(kind, name, version, card)
+    target = out_root / name / version
+    if target.exists() and not overwrite:
+        raise RepositoryExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+    example = _example_tensors(spec, kind, example_inputs)
+    card_in = dict(card)
+    size_multiple = int(card_in.get("size_multiple", 1))
+    module = module.eval()
+    adapter = adapt(module, [t.name for t in spec.inputs], [t.name for t in spec.outputs])
+
+    reference = _torch_outputs(adapter, example)
+    derived = _derive_card_fields(spec, kind, example, reference, card_in)
+    cases = _parity_cases(spec, example, derived)
+
+    with tempfile.TemporaryDirectory(prefix="genserve-export-") as tmp:
+        workdir = Path(tmp)
+        dynamic = dynamic_shapes_for([t.name for t in spec.inputs], spec.fully_convolutional, size_multiple)
+        fp32_path = workdir / "model.onnx"
+        opset = _export_and_optimize(adapter, example, dynamic, spec, fp32_path)
+        sess = session(fp32_path)
+        inputs_sig, outputs_sig = graph_signature(sess)
+        _check_dynamic_axes(spec, inputs_sig, outputs_sig)
+        fp32_diff = _parity(sess, adapter, cases, spec, derived, atol=FP32_ATOL, label="fp32")
+
+        fp16_diff: float | None = None
+        fp16_note: str | None = None
+        if fp16:
+            fp16_diff, fp16_note = _export_fp16(
+                module, example, dynamic, spec, derived, cases, adapter, workdir
+            )
+
+        files = ["model.onnx"] + (["model.fp16.onnx"] if (workdir / "model.fp16.onnx").exists() else [])
+        parity: dict[str, Any] = {
+            "fp32_max_abs_diff": fp32_diff,
+            "fp32_atol": FP32_ATOL,
+            "fp16_max_abs_diff": fp16_diff,
+            "fp16_atol": FP16_ATOL,
+            "fp16_written": "model.fp16.onnx" in files,
+            "cases": [_case_label(c) for c in cases],
+        }
+        if fp16_note:
+            parity["fp16_note"] = fp16_note
+        full_card = _assemble_card(
+            card_in,
+            derived,
+            kind=kind,
+            name=name,
+            version=version,
+            inputs=inputs_sig,
+            outputs=outputs_sig,
+            quality=quality,
+            holdout=holdout,
+            training=training,
+            parity=parity,
+            opset=opset,
+            sha256={f: sha256_file(workdir / f) for f in files},
+        )
+        problems = validate_card(full_card, where=f"{name}/{version}/card.json")
+        if problems:
+            raise CardFieldError("; ".join(problems))
+        full_config = merge_config(kind, config)
+        problems = validate_config(full_config, where=f"{name}/config.json")
+        if problems:
+            raise ConfigFieldError("; ".join(problems))
+        return _write_atomically(out_root, name, version, workdir, files, full_card, full_config, overwrite)
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+
+def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]) -> KindSpec:
+    if kind not in KINDS:
+        raise InvalidArgumentError(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidArgumentError(f"name {name!r} must match {NAME_PATTERN.pattern}")
+    if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+        raise InvalidArgumentError(f"version {version!r} must be a positive integer string such as '1'")
+    missing = [f for f in USER_CARD_FIELDS[kind] if card.get(f) is None]
+    if missing:
+        raise CardFieldError(f"card for {name} (kind {kind}) is missing field(s): {', '.join(missing)}")
+    return KINDS[kind]
+
+
+def _example_tensors(
+    spec: KindSpec, kind: str, example_inputs: Mapping[str, np.ndarray | torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    expected = [t.name for t in spec.inputs]
+    if sorted(example_inputs) != sorted(expected):
+        raise KindMismatchError(
+            f"example_inputs are named {sorted(example_inputs)}, kind {kind} takes exactly {expected}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for decl in spec.inputs:
+        value = example_inputs[decl.name]
+        tensor = (
+            value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+        )
+        want = torch.float32 if decl.dtype == "float32" else torch.int64
+        if tensor.dtype != want:
+            raise KindMismatchError(
+                f"example input {decl.name!r} is {tensor.dtype}, kind {kind} needs {decl.dtype}"
+            )
+        if tensor.dim() != decl.rank:
+            raise KindMismatchError(
+                f"example input {decl.name!r} has rank {tensor.dim()} (shape {list(tensor.shape)}), "
+                f"kind {kind} needs rank {decl.rank}"
+            )
+        tensors[decl.name] = tensor
+    batches = {t.shape[0] for t in tensors.values()}
+    if len(batches) != 1 or 0 in batches:
+        raise KindMismatchError(
+            f"example inputs disagree on (or have an empty) batch axis: {sorted(batches)}"
+        )
+    # torch.export specialises an axis whose example size is 1: export at batch >= 2.
+    if batches == {1}:
+        tensors = {k: torch.cat([v, v]) for k, v in tensors.items()}
+    return tensors
+
+
+# --- torch reference and card derivation -----------------------------------------------------
+
+
+def _torch_outputs(adapter: NamedOutputs, feeds: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    names = adapter.output_names
+    try:
+        with torch.no_grad():
+            result: tuple[torch.Tensor, ...] = adapter(*feeds.values())
+    except (KeyError, TypeError) as exc:
+        raise KindMismatchError(f"module outputs do not fit the kind's outputs {list(names)}: {exc}") from exc
+    if len(result) != len(names):
+        raise KindMismatchError(
+            f"module returned {len(result)} output(s), the kind needs {len(names)}: {list(names)}"
+        )
+    outputs: dict[str, np.ndarray] = {}
+    for name, value in zip(names, result, strict=True):
+        if not isinstance(value, torch.Tensor):
+            raise KindMismatchError(f"output {name!r} is a {type(value).__name__}, not a tensor")
+        if value.dtype != torch.float32:
+            raise KindMismatchError(f"output {name!r} is {value.dtype}, every output must be float32")
+        array = value.detach().cpu().numpy()
+        if not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise NonFiniteOutputError(f"output {name!r} has {bad} NaN/inf value(s) of {array.size}")
+        outputs[name] = array
+    return outputs
+
+
+def _derive_card_fields(
+    spec: KindSpec,
+    kind: str,
+    example: Mapping[str, torch.Tensor],
+    reference: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Fields the graph determines, checked against any value the caller put in the card."""
+    batch = next(iter(example.values())).shape[0]
+    problems: list[str] = []
+    for decl in spec.outputs:
+        shape = reference[decl.name].shape
+        if len(shape) != decl.rank:
+            problems.append(
+                f"output {decl.name!r} has shape {list(shape)}, kind {kind} needs rank {decl.rank}"
+            )
+        elif shape[0] != batch:
+            problems.append(f"output {decl.name!r} has batch {shape[0]} for an input batch of {batch}")
+    if problems:
+        raise KindMismatchError("; ".join(problems))
+
+    derived: dict[str, Any] = {
+        "latent_dim": None,
+        "class_names": None,
+        "input_channels": None,
+        "image_size": None,
+        "input_range": None,
+        "scale_factor": None,
+        "size_multiple": None,
+        "tile_size": None,
+        "tile_overlap": None,
+        "min_size": None,
+    }
+    if spec.latent_input:
+        derived["latent_dim"] = int(example["z"].shape[1])
+    if spec.conditional:
+        names = list(card["class_names"])
+        derived["class_names"] = names
+        labels = example["label"]
+        if labels.min() < 0 or labels.max() >= len(names):
+            problems.append(f"example labels must lie in [0, {len(names)}) for {len(names)} class_names")
+    if kind == "vae_encoder":
+        mu, logvar = reference["mu"].shape, reference["logvar"].shape
+        if mu != logvar:
+            problems.append(f"mu {list(mu)} and logvar {list(logvar)} must have the same shape")
+        derived["latent_dim"] = int(mu[1])
+    if spec.image_input:
+        image_in = example["image"]
+        derived["input_channels"] = int(image_in.shape[1])
+        derived["input_range"] = [float(v) for v in card["input_range"]]
+    problems += _derive_image_fields(kind, spec, example, reference, card, derived)
+    for key, value in derived.items():
+        given = card.get(key)
+        if given is not None and value is not None and _normalise(given) != _normalise(value):
+            problems.append(f"card field {key!r} says {given!r} but the module gives {value!r}")
+    if problems:
+        error = CardFieldError if all("card" in p for p in problems) else KindMismatchError
+        raise error("; ".join(problems))
+    return derived
+
+
+def _derive_image_fields(
+    kind: str,
+    spec: KindSpec,
+    example: Mapping[str, torch.Tensor],
+    reference: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+    derived: dict[str, Any],
+) -> list[str]:
+    """Fill channels, image_size and the fully convolutional fields; return problems found."""
+    problems: list[str] = []
+    out_name = image_output_name(kind)
+    if out_name is not None:
+        out = reference[out_name].shape
+        derived["channels"] = int(out[1])
+        lo, hi = (float(v) for v in card["output_range"])
+        values = reference[out_name]
+        slack = _RANGE_SLACK * (hi - lo)
+        if values.min() < lo - slack or values.max() > hi + slack:
+            problems.append(
+                f"output {out_name!r} spans [{values.min():.4g}, {values.max():.4g}], outside the card's "
+                f"output_range [{lo}, {hi}]"
+            )
+    else:
+        derived["channels"] = int(example["image"].shape[1])
+    if derived["channels"] not in (1, 3):
+        problems.append(f"image channels must be 1 (gray) or 3 (RGB), got {derived['channels']}")
+    if not spec.fully_convolutional:
+        source = reference[out_name] if out_name is not None else example["image"].numpy()
+        derived["image_size"] = [int(source.shape[2]), int(source.shape[3])]
+    else:
+        h_in, w_in = int(example["image"].shape[2]), int(example["image"].shape[3])
+        h_out, w_out = int(reference["output_image"].shape[2]), int(reference["output_image"].shape[3])
+        multiple = int(card.get("size_multiple", 1))
+        derived["size_multiple"] = multiple
+        derived["min_size"] = int(card.get("min_size", max(multiple, 8)))
+        if h_in % multiple or w_in % multiple:
+            problems.append(f"example image {h_in}x{w_in} is not a multiple of size_multiple {multiple}")
+        if kind == "super_resolution":
+            scale = h_out // h_in
+            if h_out != scale * h_in or w_out != scale * w_in or scale < 1:
+                problems.append(
+                    f"super_resolution output {h_out}x{w_out} is not an integer multiple of {h_in}x{w_in}"
+                )
+            derived["scale_factor"] = scale
+            derived["tile_size"] = int(card.get("tile_size", 128))
+            derived["tile_overlap"] = int(card.get("tile_overlap", 8))
+        elif (h_out, w_out) != (h_in, w_in):
+            problems.append(f"image_to_image output {h_out}x{w_out} differs from its input {h_in}x{w_in}")
+    return problems
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_normalise(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# --- parity ----------------------------------------------------------------------------------
+
+
+def _parity_cases(
+    spec: KindSpec, example: Mapping[str, torch.Tensor], derived: Mapping[str, Any]
+) -> list[dict[str, np.ndarray]]:
+    """Seeded inputs at batch 1 and 7, and for fully convolutional kinds at two (non-square) sizes."""
+    rng = np.random.default_rng(12345)
+    sizes: list[tuple[int, int] | None] = [None]
+    if spec.fully_convolutional:
+        h, w = int(example["image"].shape[2]), int(example["image"].shape[3])
+        step = int(derived["size_multiple"]) * max(1, math.ceil(8 / int(derived["size_multiple"])))
+        sizes = [(h, w), (h + step, w + 2 * step)]
+    cases = []
+    for size in sizes:
+        for batch in PARITY_BATCH_SIZES:
+            feeds: dict[str, np.ndarray] = {}
+            for decl in spec.inputs:
+                if decl.name == "z":
+                    feeds["z"] = rng.standard_normal((batch, derived["latent_dim"])).astype(np.float32)
+                elif decl.name == "label":
+                    feeds["label"] = rng.integers(0, len(derived["class_names"]), batch).astype(np.int64)
+                else:
+                    lo, hi = derived["input_range"]
+                    c = derived["input_channels"]
+                    hw = size if size is not None else tuple(example["image"].shape[2:])
+                    feeds["image"] = rng.uniform(lo, hi, (batch, c, *hw)).astype(np.float32)
+            cases.append(feeds)
+    return cases
+
+
+def _case_label(feeds: Mapping[str, np.ndarray]) -> str:
+    return ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+
+
+def _parity(
+    sess: ort.InferenceSession,
+    adapter: NamedOutputs,
+    cases: list[dict[str, np.ndarray]],
+    spec: KindSpec,
+    derived: Mapping[str, Any],
+    *,
+    atol: float,
+    label: str,
+) -> float:
+    """Max abs diff ONNX vs torch over all cases; raises listing every failing (output, case)."""
+    worst = 0.0
+    failures: list[str] = []
+    for feeds in cases:
+        try:
+            got = run_session(sess, feeds)
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument types; report which case
+            raise FrozenBatchAxisError(
+                f"{label} graph fails for inputs {_case_label(feeds)} "
+                f"(a batch or image axis is fixed?): {exc}"
+            ) from exc
+        want = _torch_outputs(adapter, {k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, expected in want.items():
+            actual = got[name]
+            if actual.shape != expected.shape:
+                failures.append(
+                    f"{name} at {_case_label(feeds)}: shape {list(actual.shape)} "
+                    f"vs torch {list(expected.shape)}"
+                )
+                continue
+            if not np.isfinite(actual).all():
+                raise NonFiniteOutputError(
+                    f"{label} graph output {name!r} is not finite at {_case_label(feeds)}"
+                )
+            diff = float(np.abs(actual.astype(np.float64) - expected).max())
+            worst = max(worst, diff)
+            if diff > atol:
+                failures.append(f"{name} at {_case_label(feeds)}: max abs diff {diff:.3g} > atol {atol}")
+    if failures:
+        raise ExportParityError(f"{label} ONNX graph differs from PyTorch: " + "; ".join(failures))
+    return worst
+
+
+# --- export steps ----------------------------------------------------------------------------
+
+
+def _export_and_optimize(
+    adapter: NamedOutputs,
+    example: Mapping[str, torch.Tensor],
+    dynamic: Mapping[str, Any],
+    spec: KindSpec,
+    out_path: Path,
+) -> int:
+    try:
+        raw = torch_export(adapter, example, dynamic, [t.name for t in spec.outputs])
+    except Exception as exc:  # torch.export raises many unrelated types; classify by message
+        text = str(exc)
+        if "batch" in text and any(
+            k in text for k in ("Constraints violated", "specializ", "Not all values")
+        ):
+            raise FrozenBatchAxisError(
+                f"the module fixes the batch axis (torch.export could not keep it dynamic): {text[:800]}"
+            ) from exc
+        raise ExportFailedError(f"torch.onnx.export failed: {type(exc).__name__}: {text[:800]}") from exc
+    try:
+        optimized = optimize_offline(raw, out_path)
+    except Exception as exc:  # onnxruntime / onnx.checker failures
+        raise ExportFailedError(f"graph optimisation failed: {exc}") from exc
+    opset = opset_of(optimized)
+    if opset < 17:
+        raise ExportFailedError(f"exported opset {opset} < 17")
+    return opset
+
+
+def _check_dynamic_axes(spec: KindSpec, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+    problems = []
+    for entry in inputs + outputs:
+        if entry["shape"][0] != -1:
+            problems.append(f"{entry['name']} has a fixed batch axis ({entry['shape'][0]})")
+    if problems:
+        raise FrozenBatchAxisError("exported graph: " + "; ".join(problems))
+    if spec.fully_convolutional:
+        fixed = [
+            e["name"]
+            for e in inputs + outputs
+            if e["name"] in ("image", "output_image") and -1 not in e["shape"][2:]
+        ]
+        if fixed:
+            raise KindMismatchError(f"fully convolutional kind but H/W are fixed in the graph for {fixed}")
+
+
+def _export_fp16(
+    module: nn.Module,
+    example: Mapping[str, torch.Tensor],
+    dynamic: Mapping[str, Any],
+    spec: KindSpec,
+    derived: Mapping[str, Any],
+    cases: list[dict[str, np.ndarray]],
+    reference: NamedOutputs,
+    workdir: Path,
+) -> tuple[float | None, str | None]:
+    """Write model.fp16.onnx (fp16 weights and compute, fp32 inputs/outputs) if it is close enough."""
+    half = adapt(
+        copy.deepcopy(module).half(), [t.name for t in spec.inputs], [t.name for t in spec.outputs], half=True
+    )
+    path = workdir / "model.fp16.onnx"
+    try:
+        _export_and_optimize(half, example, dynamic, spec, path)
+        diff = _parity(session(path), reference, cases, spec, derived, atol=math.inf, label="fp16")
+    except ExportError as exc:
+        path.unlink(missing_ok=True)
+        logger.warning("fp16 variant not written: %s", exc)
+        return None, f"fp16 export failed: {str(exc)[:300]}"
+    if diff > FP16_ATOL:
+        path.unlink()
+        return diff, f"fp16 max abs diff {diff:.3g} > {FP16_ATOL}: not written"
+    return diff, None
+
+
+# --- card and files --------------------------------------------------------------------------
+
+
+def _assemble_card(
+    card_in: Mapping[str, Any],
+    derived: Mapping[str, Any],
+    *,
+    kind: str,
+    name: str,
+    version: str,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    quality: Mapping[str, Any] | None,
+    holdout: Mapping[str, Any] | None,
+    training: Mapping[str, Any] | None,
+    parity: Mapping[str, Any],
+    opset: int,
+    sha256: Mapping[str, str],
+) -> dict[str, Any]:
+    train: dict[str, Any] = {key: None for key in TRAINING_FIELDS}
+    train["source_commit"] = source_commit()
+    train.update(training or {})
+    quality_out = dict(quality or {})
+    quality_out.setdefault("thresholds", {})
+    values: dict[str, Any] = {
+        "format_version": CARD_FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "kind": kind,
+        "description": card_in["description"],
+        "recipe": card_in.get("recipe"),
+        "inputs": inputs,
+        "outputs": outputs,
+        **derived,
+        "output_range": [float(v) for v in card_in["output_range"]],
+        "training": train,
+        "quality": quality_out,
+        "holdout": dict(holdout or {}),
+        "parity": dict(parity),
+        "opset": opset,
+        "sha256": dict(sha256),
+        "onnxruntime_version": ort.__version__,
+        "torch_version": torch.__version__,
+    }
+    full = {key: values.get(key) for key in CARD_FIELDS}
+    for key, value in card_in.items():  # extra, caller-defined fields are kept after the standard ones
+        if key not in full:
+            full[key] = value
+    return full
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+
+
+def _write_atomically(
+    out_root: Path,
+    name: str,
+    version: str,
+    workdir: Path,
+    files: list[str],
+    card: Mapping[str, Any],
+    config: Mapping[str, Any],
+    overwrite: bool,
+) -> Path:
+    entry = out_root / name
+    entry.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    staging = entry / f".tmp-{version}-{token}"
+    staging.mkdir()
+    try:
+        for file in files:
+            shutil.copyfile(workdir / file, staging / file)
+        _write_json(staging / "card.json", card)
+        target = entry / version
+        retired: Path | None = None
+        if target.exists():
+            if not overwrite:
+                raise RepositoryExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+            retired = entry / f".old-{version}-{token}"
+            os.rename(target, retired)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+    config_tmp = entry / f".config.json.tmp-{token}"
+    _write_json(config_tmp, config)
+    os.replace(config_tmp, entry / "config.json")
+    logger.info("wrote %s (files: %s)", target, ", ".join(files))
+    return target

@@ -1,0 +1,96 @@
+"""Training helpers shared by the default recipes: seeding, batches, progress, BN standing stats."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from genserve_export.recipe import OnnxRun
+
+EVAL_SEED = 2024  # latents and labels used for quality figures, identical at train and verify time
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def batches(n_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless reshuffled index batches (the last partial batch of an epoch is dropped)."""
+    while True:
+        order = torch.randperm(n_items, generator=generator)
+        for start in range(0, n_items - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def progress_bar(steps: int, desc: str, enabled: bool) -> tqdm:
+    """A tqdm bar over ``steps`` optimiser steps."""
+    interactive = sys.stderr.isatty()  # a log file gets a line every 10 s, a terminal a live bar
+    return tqdm(
+        range(steps),
+        desc=desc,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.2 if interactive else 10.0,
+    )
+
+
+@torch.no_grad()
+def standing_batch_stats(
+    generator: nn.Module, sample_inputs: Callable[[], tuple[torch.Tensor, ...]], rounds: int = 20
+) -> None:
+    """Recompute BatchNorm running statistics as a plain average over fresh generator batches.
+
+    GAN training leaves running statistics that lag the weights; eval-mode BN then drifts from
+    what the discriminator saw ("standing statistics", BigGAN).
+    """
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    generator.train()
+    for _ in range(rounds):
+        generator(*sample_inputs())
+    generator.eval()
+
+
+def torch_run(module: nn.Module, output_names: tuple[str, ...]) -> OnnxRun:
+    """An ``OnnxRun`` backed by the PyTorch module (for train-time quality figures)."""
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            result = module(*(torch.from_numpy(np.asarray(v)) for v in feeds.values()))
+        values = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        return {n: v.cpu().numpy() for n, v in zip(output_names, values, strict=True)}
+
+    return run
+
+
+def run_batched(
+    run: OnnxRun, feeds: Mapping[str, np.ndarray], output: str, batch_size: int = 250
+) -> np.ndarray:
+    """Run ``run`` over ``feeds`` in chunks and concatenate ``output``."""
+    n = len(next(iter(feeds.values())))
+    parts = [
+        run({k: v[i : i + batch_size] for k, v in feeds.items()})[output] for i in range(0, n, batch_size)
+    ]
+    return np.concatenate(parts)
+
+
+def pick_device(device: str | None) -> str:
+    """``device`` or CUDA when present, else CPU."""
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,427 @@
+"""``verify_repository``: check every entry of a model repository against its card.
+
+Per version: the card is complete and consistent; sha256 of each file matches; the graphs load
+in ONNX Runtime; their inputs/outputs are the card's; batch 1 and 7 run (two image sizes for fully
+convolutional kinds); outputs are finite, shaped as the card says and inside ``output_range``;
+fp16 stays within ``fp16_atol`` of fp32; quality is recomputed from ``model.onnx`` by the recipe
+and checked against the card's thresholds. Every problem is collected, not only the first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from genserve_export.card import VERSION_PATTERN, check_thresholds, validate_card, validate_config
+from genserve_export.grids import write_grid
+from genserve_export.kinds import KINDS, image_output_name
+from genserve_export.onnx_utils import graph_signature, run_session, session, sha256_file
+from genserve_export.recipe import OnnxRun
+
+_RANGE_SLACK = 1e-3
+_SIZE_CASES = ((1,), (7,))
+
+
+@dataclass(slots=True)
+class ModelReport:
+    """The outcome for one ``<name>/<version>``."""
+
+    name: str
+    version: str
+    path: Path
+    kind: str | None = None
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    parity: dict[str, Any] = field(default_factory=dict)
+    quality_card: dict[str, Any] = field(default_factory=dict)
+    quality_recomputed: dict[str, float] = field(default_factory=dict)
+    grid: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        lines = [f"[{'OK' if self.ok else 'FAIL'}] {self.name}/{self.version} ({self.kind})"]
+        if self.parity:
+            fp16 = self.parity.get("fp16_max_abs_diff")
+            lines.append(
+                f"    parity: fp32 max abs diff {self.parity.get('fp32_max_abs_diff'):.3g} "
+                f"(atol {self.parity.get('fp32_atol')}), fp16 "
+                + (f"{fp16:.3g} (atol {self.parity.get('fp16_atol')})" if fp16 is not None else "none")
+                + (" written" if self.parity.get("fp16_written") else " not written")
+            )
+        thresholds = self.quality_card.get("thresholds", {})
+        metrics = sorted(
+            k
+            for k in {*self.quality_recomputed, *self.quality_card}
+            if isinstance(self.quality_recomputed.get(k, self.quality_card.get(k)), int | float)
+        )
+        for metric in metrics:
+            now = self.quality_recomputed.get(metric)
+            then = self.quality_card.get(metric)
+            text = f"{now:.4g}" if now is not None else "-"
+            bound = thresholds.get(metric)
+            lines.append(
+                f"    quality {metric}: {text}"
+                + (f" (card {then:.4g})" if isinstance(then, int | float) else "")
+                + (f" threshold {dict(bound)}" if bound else "")
+            )
+        lines += [f"    note: {n}" for n in self.notes]
+        lines += [f"    ERROR: {e}" for e in self.errors]
+        if self.grid is not None:
+            lines.append(f"    grid: {self.grid}")
+        return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """The outcome for a whole repository."""
+
+    root: Path
+    models: list[ModelReport] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # repository-level (layout, config.json)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(m.ok for m in self.models)
+
+    def format(self) -> str:
+        lines = [m.format() for m in self.models]
+        lines += [f"ERROR: {e}" for e in self.errors]
+        failed = sum(not m.ok for m in self.models)
+        lines.append(
+            f"{len(self.models)} model version(s) checked in {self.root}: "
+            + ("all OK" if self.ok else f"{failed} failed, {len(self.errors)} repository error(s)")
+        )
+        return "\n".join(lines)
+
+
+def verify_repository(
+    path: str | Path,
+    grids_dir: str | Path | None = None,
+    *,
+    check_thresholds: bool = True,
+    recompute_quality: bool = True,
+) -> VerifyReport:
+    """Check every ``<name>/<version>`` under ``path``; see the module docstring.
+
+    ``check_thresholds=False`` still recomputes and reports quality but does not fail on the
+    card's thresholds (for deliberately undertrained models, e.g. in tests).
+    """
+    root = Path(path)
+    report = VerifyReport(root)
+    if not root.is_dir():
+        report.errors.append(f"{root} is not a directory")
+        return report
+    entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not entries:
+        report.errors.append(f"{root} holds no model directories")
+    sessions = _SessionCache(root)
+    for entry in entries:
+        config = _check_config(entry, report)
+        versions = sorted(
+            (p for p in entry.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
+        )
+        bad = [p.name for p in versions if not VERSION_PATTERN.match(p.name)]
+        if bad:
+            report.errors.append(f"{entry.name}: version directories must be positive integers, found {bad}")
+        versions = [p for p in versions if VERSION_PATTERN.match(p.name)]
+        if not versions:
+            report.errors.append(f"{entry.name}: no version directory")
+        for version_dir in versions:
+            model = _verify_version(version_dir, config, sessions, check_thresholds, recompute_quality)
+            if grids_dir is not None and model.ok and model.kind is not None:
+                _grid(model, version_dir, Path(grids_dir), sessions)
+            report.models.append(model)
+    return report
+
+
+class _SessionCache:
+    """fp32 sessions by path, so siblings (VAE encoder/decoder) are loaded once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._sessions: dict[Path, ort.InferenceSession] = {}
+
+    def get(self, path: Path) -> ort.InferenceSession:
+        if path not in self._sessions:
+            self._sessions[path] = session(path)
+        return self._sessions[path]
+
+    def latest_run(self, entry_name: str) -> OnnxRun | None:
+        entry = self.root / entry_name
+        if not entry.is_dir():
+            return None
+        versions = [
+            p for p in entry.iterdir() if VERSION_PATTERN.match(p.name) and (p / "model.onnx").exists()
+        ]
+        if not versions:
+            return None
+        sess = self.get(max(versions, key=lambda p: int(p.name)) / "model.onnx")
+        return lambda feeds: run_session(sess, feeds)
+
+
+def _check_config(entry: Path, report: VerifyReport) -> dict[str, Any] | None:
+    path = entry / "config.json"
+    if not path.exists():
+        report.errors.append(f"{entry.name}: config.json is missing")
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        report.errors.append(f"{entry.name}/config.json is not valid JSON: {exc}")
+        return None
+    problems = validate_config(config, where=f"{entry.name}/config.json")
+    report.errors.extend(problems)
+    return None if problems else config
+
+
+def _verify_version(
+    version_dir: Path,
+    config: Mapping[str, Any] | None,
+    sessions: _SessionCache,
+    thresholds: bool,
+    recompute: bool,
+) -> ModelReport:
+    name, version = version_dir.parent.name, version_dir.name
+    model = ModelReport(name, version, version_dir)
+    where = f"{name}/{version}/card.json"
+    try:
+        card = json.loads((version_dir / "card.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        model.errors.append(f"{where} cannot be read: {exc}")
+        return model
+    model.errors += validate_card(card, where=where)
+    if model.errors:
+        return model
+    model.kind = card["kind"]
+    model.parity = dict(card["parity"])
+    model.quality_card = dict(card["quality"])
+    if card["name"] != name or card["version"] != version:
+        model.errors.append(
+            f"{where}: name/version {card['name']}/{card['version']} differ from the directory"
+        )
+    if config is not None and config.get("kind") != card["kind"]:
+        model.errors.append(
+            f"{name}/config.json kind {config.get('kind')!r} differs from the card's {card['kind']!r}"
+        )
+    _check_files(version_dir, card, model)
+    if model.errors:
+        return model  # never run a graph whose bytes are not the ones the card describes
+
+    graphs: dict[str, ort.InferenceSession] = {}
+    for file in card["sha256"]:
+        try:
+            graphs[file] = (
+                sessions.get(version_dir / file) if file == "model.onnx" else session(version_dir / file)
+            )
+        except Exception as exc:  # ORT raises its own exception types for invalid graphs
+            model.errors.append(f"{file} does not load in ONNX Runtime: {exc}")
+    if model.errors:
+        return model
+    for file, sess in graphs.items():
+        model.errors += _signature_problems(file, sess, card)
+    if model.errors:
+        return model
+    _check_runs(card, graphs, model)
+    if recompute and not model.errors:
+        _check_quality(card, sessions.get(version_dir / "model.onnx"), sessions, model, thresholds)
+    return model
+
+
+def _signature_problems(file: str, sess: ort.InferenceSession, card: Mapping[str, Any]) -> list[str]:
+    """Differences between a graph's inputs/outputs and the card's (names, dtypes, shapes)."""
+    problems: list[str] = []
+    inputs, outputs = graph_signature(sess)
+    for label, graph_side, card_side in (
+        ("inputs", inputs, card["inputs"]),
+        ("outputs", outputs, card["outputs"]),
+    ):
+        by_name = {t["name"]: t for t in card_side}
+        if {t["name"] for t in graph_side} != set(by_name):
+            problems.append(
+                f"{file} {label} {[t['name'] for t in graph_side]} differ from the card's {list(by_name)}"
+            )
+            continue
+        for tensor in graph_side:
+            declared = by_name[tensor["name"]]
+            if tensor != declared:
+                problems.append(
+                    f"{file} {label[:-1]} {tensor['name']!r} is {tensor['dtype']} "
+                    f"{tensor['shape']}, the card says {declared['dtype']} {declared['shape']}"
+                )
+    return problems
+
+
+def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport) -> None:
+    listed = dict(card["sha256"])
+    for file, digest in listed.items():
+        path = version_dir / file
+        if not path.exists():
+            model.errors.append(f"{file} is listed in the card but missing")
+        elif sha256_file(path) != digest:
+            model.errors.append(
+                f"{file}: sha256 {sha256_file(path)[:12]}… differs from the card's {digest[:12]}…"
+            )
+    unlisted = sorted(p.name for p in version_dir.glob("*.onnx") if p.name not in listed)
+    if unlisted:
+        model.errors.append(f"files not listed in the card's sha256: {unlisted}")
+    if "model.fp16.onnx" in listed and card["parity"].get("fp16_max_abs_diff") is None:
+        model.errors.append("model.fp16.onnx is present but parity.fp16_max_abs_diff is null")
+
+
+def _image_sizes(card: Mapping[str, Any]) -> list[tuple[int, int] | None]:
+    if not KINDS[card["kind"]].fully_convolutional:
+        return [None]
+    multiple = int(card["size_multiple"])
+    base = max(int(card["min_size"]), 16)
+    base += (-base) % multiple
+    step = multiple * max(1, math.ceil(8 / multiple))
+    return [(base, base + 2 * step), (base + step, base)]
+
+
+def _feeds(
+    card: Mapping[str, Any], batch: int, size: tuple[int, int] | None, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in card["inputs"]:
+        if tensor["name"] == "z":
+            feeds["z"] = rng.standard_normal((batch, card["latent_dim"])).astype(np.float32)
+        elif tensor["name"] == "label":
+            feeds["label"] = rng.integers(0, len(card["class_names"]), batch).astype(np.int64)
+        elif tensor["name"] == "image":
+            hw = size if size is not None else tuple(card["image_size"])
+            lo, hi = card["input_range"]
+            feeds["image"] = rng.uniform(lo, hi, (batch, card["input_channels"], *hw)).astype(np.float32)
+    return feeds
+
+
+def _expected_shape(
+    card: Mapping[str, Any], output: Mapping[str, Any], feeds: Mapping[str, np.ndarray]
+) -> list[int]:
+    batch = len(next(iter(feeds.values())))
+    shape = [batch] + [d for d in output["shape"][1:]]
+    if card["kind"] in ("super_resolution", "image_to_image") and output["name"] == "output_image":
+        scale = int(card["scale_factor"] or 1)
+        shape[2], shape[3] = feeds["image"].shape[2] * scale, feeds["image"].shape[3] * scale
+    return shape
+
+
+def _check_runs(
+    card: Mapping[str, Any], graphs: Mapping[str, ort.InferenceSession], model: ModelReport
+) -> None:
+    rng = np.random.default_rng(7)
+    image_name = image_output_name(card["kind"])
+    lo, hi = card["output_range"]
+    slack = _RANGE_SLACK * (hi - lo)
+    fp16_worst = 0.0
+    for size in _image_sizes(card):
+        for (batch,) in _SIZE_CASES:
+            feeds = _feeds(card, batch, size, rng)
+            case = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+            results: dict[str, dict[str, np.ndarray]] = {}
+            for file, sess in graphs.items():
+                try:
+                    results[file] = run_session(sess, feeds)
+                except Exception as exc:  # ORT's own exception types
+                    model.errors.append(f"{file} fails at {case}: {exc}")
+                    continue
+                for output in card["outputs"]:
+                    value = results[file][output["name"]]
+                    want = _expected_shape(card, output, feeds)
+                    if list(value.shape) != want:
+                        model.errors.append(
+                            f"{file} {output['name']} at {case}: shape {list(value.shape)}, expected {want}"
+                        )
+                    if not np.isfinite(value).all():
+                        model.errors.append(f"{file} {output['name']} at {case}: non-finite values")
+                    elif output["name"] == image_name and (
+                        value.min() < lo - slack or value.max() > hi + slack
+                    ):
+                        model.errors.append(
+                            f"{file} {output['name']} at {case}: values span "
+                            f"[{value.min():.4g}, {value.max():.4g}] outside output_range [{lo}, {hi}]"
+                        )
+            if "model.onnx" in results and "model.fp16.onnx" in results:
+                for output in card["outputs"]:
+                    a, b = results["model.onnx"][output["name"]], results["model.fp16.onnx"][output["name"]]
+                    if a.shape == b.shape:
+                        fp16_worst = max(fp16_worst, float(np.abs(a.astype(np.float64) - b).max()))
+    if "model.fp16.onnx" in graphs:
+        model.notes.append(f"fp16 vs fp32 ONNX max abs diff now {fp16_worst:.3g}")
+        if fp16_worst > card["parity"]["fp16_atol"]:
+            model.errors.append(
+                f"model.fp16.onnx differs from model.onnx by {fp16_worst:.3g} > "
+                f"fp16_atol {card['parity']['fp16_atol']}"
+            )
+
+
+def _check_quality(
+    card: Mapping[str, Any],
+    sess: ort.InferenceSession,
+    sessions: _SessionCache,
+    model: ModelReport,
+    thresholds: bool,
+) -> None:
+    from genserve_export.recipes import RECIPES, recipe_for_entry
+
+    found = (
+        (card["recipe"], RECIPES[card["recipe"]])
+        if card.get("recipe") in RECIPES
+        else recipe_for_entry(card["name"])
+    )
+    threshold_spec = card["quality"].get("thresholds", {})
+    if found is None:
+        model.notes.append("no recipe for this model: quality not recomputed, card figures shown")
+        return
+    recipe = found[1]
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_session(sess, feeds)
+
+    try:
+        with_siblings: Callable[..., dict[str, float]] | None = getattr(
+            recipe, "evaluate_with_siblings", None
+        )
+        if with_siblings is not None:
+            figures = with_siblings(card["name"], card, run, sessions.latest_run)
+        else:
+            figures = recipe.evaluate(card["name"], card, run)
+    except Exception as exc:  # a recipe's evaluation is third-party code; report, do not crash verify
+        model.errors.append(f"quality evaluation by recipe {found[0]!r} failed: {type(exc).__name__}: {exc}")
+        return
+    model.quality_recomputed = {k: float(v) for k, v in figures.items()}
+    failures = check_thresholds(model.quality_recomputed, threshold_spec)
+    if thresholds:
+        model.errors += failures
+    elif failures:
+        model.notes += [f"(thresholds off) {f}" for f in failures]
+
+
+def _grid(model: ModelReport, version_dir: Path, grids_dir: Path, sessions: _SessionCache) -> None:
+    from genserve_export.recipes import RECIPES, recipe_for_entry
+
+    card = json.loads((version_dir / "card.json").read_text())
+    found = (
+        (card["recipe"], RECIPES[card["recipe"]])
+        if card.get("recipe") in RECIPES
+        else recipe_for_entry(card["name"])
+    )
+    sess = sessions.get(version_dir / "model.onnx")
+    try:
+        model.grid = write_grid(
+            card,
+            lambda feeds: run_session(sess, feeds),
+            grids_dir / f"{model.name}-v{model.version}.png",
+            found[1] if found else None,
+        )
+    except Exception as exc:  # a picture must not hide the checks' outcome; report it
+        model.errors.append(f"grid failed: {type(exc).__name__}: {exc}")

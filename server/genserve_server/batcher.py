@@ -1,0 +1,431 @@
+"""Dynamic batching for one model version (modelled on Ray Serve's batching.py).
+
+The batcher knows rows and futures, not ONNX or protobuf. A request is a typed record holding
+`n_rows` rows of input tensors (images to generate, or SR tiles), its lane, deadline and future.
+Rows of many requests are concatenated into batches of at most `max_batch_size`; a request may be
+split across batches and is reassembled in row order before its future resolves.
+
+Scheduling:
+- one sub-queue per (lane, compatibility key): only rows with the same key share a batch (e.g.
+  the input shape for image kinds; seeds, labels and psi mix freely);
+- the INTERACTIVE lane always forms batches before the BULK lane;
+- block on an Event for the first row, then wait out the window (started at the oldest row's
+  arrival) on the same Event -- never poll. Adaptive: when the runner is idle and no other request
+  is queued or on its way (`callers`, kept by the service) the batch goes at once, so batching costs
+  nothing at concurrency 1;
+- the queue is bounded in rows: a request that does not fit is refused at once (ResourceExhausted);
+- rows of a request whose deadline passed or whose caller went away are dropped before compute.
+
+Every future is resolved exactly once on every path: a failing batch fails only its own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from genserve_server.errors import DeadlineExceeded, GenserveError, Internal, ResourceExhausted, Unavailable
+
+logger = logging.getLogger(__name__)
+
+Tensors = Mapping[str, np.ndarray]
+# run_batch(key, inputs) -> outputs; every output's axis 0 must equal the inputs' row count.
+RunBatch = Callable[[Hashable, Tensors], Awaitable[Tensors]]
+
+
+class Lane(enum.IntEnum):
+    INTERACTIVE = 0
+    BULK = 1
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (metrics.ModelMetrics adapts this to Prometheus)."""
+
+    def on_queue_depth(self, rows: int) -> None: ...
+    def on_rejected(self, reason: str) -> None: ...
+    def on_dropped(self, reason: str) -> None: ...
+    def on_queue_wait(self, wait_s: float) -> None: ...
+    def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None: ...
+
+
+class NullObserver:
+    def on_queue_depth(self, rows: int) -> None:
+        return None
+
+    def on_rejected(self, reason: str) -> None:
+        return None
+
+    def on_dropped(self, reason: str) -> None:
+        return None
+
+    def on_queue_wait(self, wait_s: float) -> None:
+        return None
+
+    def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """A request's outputs (rows in request order) and how they were computed."""
+
+    outputs: dict[str, np.ndarray]
+    # Row count of every model call that computed some of this request's rows.
+    executed_batch_sizes: list[int]
+    # From enqueue to the dispatch of the request's last batch.
+    queue_s: float
+
+
+@dataclass(slots=True, eq=False)
+class PendingRequest:
+    key: Hashable
+    inputs: Tensors
+    n_rows: int
+    lane: Lane
+    deadline: float | None  # time.monotonic() seconds; None = no deadline
+    enqueued_at: float
+    future: asyncio.Future[BatchResult]
+    next_row: int = 0  # rows [0, next_row) have been taken into batches
+    rows_done: int = 0
+    chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    last_dispatch_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Part:
+    """Rows [start, start + rows) of one request inside a batch."""
+
+    request: PendingRequest
+    start: int
+    rows: int
+
+
+def _set_exception_if_not_done(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class Batcher:
+    """One per model version. `submit()` from request handlers; `start()`/`close()` by the lifecycle."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        name: str,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        concurrency: int = 1,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self.name = name  # "model version N", for messages
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._run_batch = run_batch
+        self._observer: BatchObserver = observer or NullObserver()
+        # (lane) -> key -> FIFO of requests with rows still to take. Dicts keep insertion order.
+        self._lanes: tuple[dict[Hashable, deque[PendingRequest]], ...] = ({}, {})
+        self._rows_by_key: dict[tuple[Lane, Hashable], int] = {}
+        self._queued_rows = 0
+        self._queued_requests = 0
+        self._available = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._batches_in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        # RPCs of this model version now in the server, kept by the service (0 = not tracked).
+        # More callers than queued requests means more rows are about to arrive: worth the window.
+        self.callers = 0
+        # Moving average of the callers seen at each arrival: ~1 when clients come one at a time
+        # (concurrency 1: never wait), higher when requests overlap (then the window pays off even
+        # while the runner is idle, because the next arrival is likely within it).
+        self._overlap_avg = 1.0
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=self.name)
+
+    async def submit(
+        self,
+        key: Hashable,
+        inputs: Tensors,
+        n_rows: int,
+        *,
+        lane: Lane = Lane.INTERACTIVE,
+        deadline: float | None = None,
+    ) -> BatchResult:
+        """Queue `n_rows` rows (axis 0 of every input) and wait for their outputs."""
+        if self._closing:
+            self._observer.on_rejected("not_ready")
+            raise Unavailable(f"{self.name} is draining; retry on another replica")
+        if n_rows < 1:
+            raise ValueError(f"n_rows must be >= 1, got {n_rows}")
+        if self._queued_rows + n_rows > self.max_queue_size:
+            self._observer.on_rejected("queue_full")
+            raise ResourceExhausted(
+                f"{self.name}: queue full ({self._queued_rows} of max_queue_size={self.max_queue_size} items "
+                f"waiting, request needs {n_rows}); retry with backoff"
+            )
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            self._observer.on_dropped("deadline")
+            raise DeadlineExceeded(
+                f"{self.name}: deadline passed before the request was queued; not computed"
+            )
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        request = PendingRequest(key, inputs, n_rows, lane, deadline, now, future)
+        queue = self._lanes[lane].get(key)
+        if queue is None:
+            queue = self._lanes[lane][key] = deque()
+        queue.append(request)
+        lk = (lane, key)
+        self._rows_by_key[lk] = self._rows_by_key.get(lk, 0) + n_rows
+        self._queued_rows += n_rows
+        self._queued_requests += 1
+        if self.callers:
+            self._overlap_avg += 0.05 * (max(self.callers, self._queued_requests) - self._overlap_avg)
+        self._observer.on_queue_depth(self._queued_rows)
+        self._available.set()
+        # If the caller is cancelled here, asyncio cancels `future`; the dispatcher then drops its rows.
+        return await future
+
+    async def close(self, timeout_s: float) -> None:
+        """Refuse new work, finish what was accepted (up to timeout_s), then fail the rest."""
+        self._closing = True
+        self._available.set()  # wake an idle dispatcher so it can exit
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loop_task), timeout_s)
+            except TimeoutError:
+                logger.warning("%s: drain timed out after %.1f s; failing what is left", self.name, timeout_s)
+                self._loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._loop_task
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for lane in self._lanes:
+            for queue in lane.values():
+                for request in queue:
+                    _set_exception_if_not_done(request.future, Unavailable(f"{self.name} shut down"))
+            lane.clear()
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            while self._queued_rows == 0:
+                if self._closing and not self._tasks:
+                    return
+                if self._closing:
+                    await asyncio.wait(set(self._tasks))
+                    continue
+                self._available.clear()
+                await self._available.wait()
+            # Rows keep arriving while all runner instances are busy: that is where batches grow.
+            await self._slots.acquire()
+            try:
+                parts = await self._form_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not parts:
+                self._slots.release()
+                continue
+            self._batches_in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._execute(parts))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _pick(self) -> tuple[Lane, Hashable] | None:
+        """The sub-queue to serve next: INTERACTIVE first, then the key whose head waited longest."""
+        for lane in Lane:
+            queues = self._lanes[lane]
+            if queues:
+                key = min(queues, key=lambda k: queues[k][0].enqueued_at)
+                return lane, key
+        return None
+
+    async def _form_batch(self) -> list[_Part]:
+        picked = self._pick()
+        if picked is None:
+            return []
+        lane, key = picked
+        rows = self._rows_by_key.get((lane, key), 0)
+        if self.callers:
+            more_expected = self.callers > self._queued_requests or self._overlap_avg >= 1.5
+        else:
+            more_expected = self._queued_requests > 1
+        idle_and_alone = self._batches_in_flight == 0 and not more_expected
+        if rows < self.max_batch_size and self.max_queue_delay_s > 0 and not idle_and_alone:
+            # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
+            window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
+            while self._rows_by_key.get((lane, key), 0) < self.max_batch_size and not self._closing:
+                remaining_s = window_end - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                self._available.clear()
+                try:
+                    async with asyncio.timeout(remaining_s):
+                        await self._available.wait()
+                except TimeoutError:
+                    break
+            # An interactive request may have arrived while a bulk batch was filling.
+            picked = self._pick()
+            if picked is None:
+                return []
+            lane, key = picked
+        return self._take(lane, key)
+
+    def _remove_rows(self, lane: Lane, key: Hashable, rows: int, *, request_gone: bool) -> None:
+        lk = (lane, key)
+        self._rows_by_key[lk] -= rows
+        if self._rows_by_key[lk] == 0:
+            del self._rows_by_key[lk]
+        self._queued_rows -= rows
+        if request_gone:
+            self._queued_requests -= 1
+
+    def _take(self, lane: Lane, key: Hashable) -> list[_Part]:
+        """Take up to max_batch_size live rows of one sub-queue, dropping dead requests first."""
+        queue = self._lanes[lane][key]
+        parts: list[_Part] = []
+        rows = 0
+        now = time.monotonic()
+        while queue and rows < self.max_batch_size:
+            request = queue[0]
+            remaining = request.n_rows - request.next_row
+            expired = request.deadline is not None and now >= request.deadline
+            if request.future.done() or expired:
+                queue.popleft()
+                self._remove_rows(lane, key, remaining, request_gone=True)
+                if request.future.cancelled():
+                    self._observer.on_dropped("deadline" if expired else "cancelled")
+                elif not request.future.done():
+                    self._observer.on_dropped("deadline")
+                    request.future.set_exception(
+                        DeadlineExceeded(f"{self.name}: deadline passed while queued; not computed")
+                    )
+                # else: already failed by an earlier batch of its rows; nothing to count.
+                continue
+            take = min(remaining, self.max_batch_size - rows)
+            parts.append(_Part(request, request.next_row, take))
+            request.next_row += take
+            request.last_dispatch_at = now
+            rows += take
+            finished = request.next_row == request.n_rows
+            if finished:
+                queue.popleft()
+            self._remove_rows(lane, key, take, request_gone=finished)
+        if not queue:
+            del self._lanes[lane][key]
+        self._observer.on_queue_depth(self._queued_rows)
+        return parts
+
+    async def _execute(self, parts: list[_Part]) -> None:
+        rows = sum(p.rows for p in parts)
+        key = parts[0].request.key
+        started = time.monotonic()
+        queue_s = 0.0
+        for p in parts:
+            wait_s = started - p.request.enqueued_at
+            queue_s = max(queue_s, wait_s)
+            self._observer.on_queue_wait(wait_s)
+        ok = False
+        try:
+            inputs = self._concat(parts)
+            outputs = await self._run_batch(key, inputs)
+            for name, value in outputs.items():
+                if value.shape[:1] != (rows,):
+                    raise Internal(
+                        f"{self.name}: output {name!r} has {value.shape[0] if value.ndim else 0} rows for a "
+                        f"batch of {rows}"
+                    )
+            ok = True
+        except Exception as exc:  # one batch's failure fails only its own requests
+            logger.error(
+                "%s: batch of %d rows from %d requests failed: %r",
+                self.name,
+                rows,
+                len(parts),
+                exc,
+                exc_info=not isinstance(exc, GenserveError),
+            )
+            message = str(exc) if isinstance(exc, GenserveError) else f"{self.name}: model call failed"
+            for part in parts:
+                _set_exception_if_not_done(part.request.future, Internal(message))
+        finally:
+            compute_s = time.monotonic() - started
+            self._batches_in_flight -= 1
+            self._slots.release()
+            self._observer.on_batch(rows, len(parts), compute_s, ok)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "batch model=%s rows=%d requests=%d queue_ms=%.3f compute_ms=%.3f ok=%s",
+                    self.name,
+                    rows,
+                    len(parts),
+                    queue_s * 1e3,
+                    compute_s * 1e3,
+                    ok,
+                )
+        if ok:
+            self._fan_out(parts, outputs, rows)
+
+    @staticmethod
+    def _concat(parts: list[_Part]) -> dict[str, np.ndarray]:
+        first = parts[0]
+        if len(parts) == 1 and first.start == 0 and first.rows == first.request.n_rows:
+            return dict(first.request.inputs)  # whole request in one batch: no copy
+        names = first.request.inputs.keys()
+        return {
+            name: np.concatenate([p.request.inputs[name][p.start : p.start + p.rows] for p in parts])
+            for name in names
+        }
+
+    @staticmethod
+    def _fan_out(parts: list[_Part], outputs: Tensors, rows: int) -> None:
+        offset = 0
+        for part in parts:
+            request = part.request
+            stop = offset + part.rows
+            if not request.future.done():  # cancelled callers are skipped, not failed
+                request.chunks.append((part.start, {k: v[offset:stop] for k, v in outputs.items()}))
+                request.batch_sizes.append(rows)
+                request.rows_done += part.rows
+                if request.rows_done == request.n_rows:
+                    if len(request.chunks) == 1:
+                        assembled = request.chunks[0][1]
+                    else:
+                        request.chunks.sort(key=lambda c: c[0])
+                        assembled = {
+                            k: np.concatenate([c[1][k] for c in request.chunks]) for k in request.chunks[0][1]
+                        }
+                    request.future.set_result(
+                        BatchResult(
+                            assembled, request.batch_sizes, request.last_dispatch_at - request.enqueued_at
+                        )
+                    )
+            offset = stop

@@ -1,0 +1,280 @@
+"""Latent vectors from seeds: the reproducibility contract of genserve.
+
+An image depends only on (model version, seed, label, psi, options), never on its batch, its
+server or its platform. That needs a counter-based generator whose output is defined bit for bit
+by the seed alone: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+SC'11), the generator of cuRAND, JAX, TensorFlow and PyTorch's CUDA path. It is specified in the
+comment above `SampleRequest` in protos/genserve/v1/genserve.proto; this module implements exactly
+that algorithm ("philox4x32-10/box-muller/v1"):
+
+1. Philox4x32-10 keyed by the seed: key = (seed mod 2^32, floor(seed / 2^32)); block b uses the
+   counter (b mod 2^32, floor(b / 2^32), 0, 0) and gives four uint32 words x0..x3.
+2. u = (x + 0.5) / 2^32 in (0, 1), in float64 (never 0, so the log below is finite).
+3. Box-Muller on (x0, x1) and (x2, x3): r = sqrt(-2 ln u_a), t = 2 pi u_b; normals r cos t, r sin t.
+4. z = (n_0 .. n_{Z-1}) cast to float32.
+5. Truncation psi (BigGAN): each |z_j| > psi, scanning j in order, is replaced by the next unused
+   normal of the same stream (n_Z, n_{Z+1}, ...) with |n| <= psi.
+
+Everything is vectorised with numpy uint32/uint64 arithmetic across seeds *and* blocks, because
+latents are computed on the request path (64 seeds x 128 dims costs about 0.1 ms).
+The Philox core is checked against the Random123 known-answer vectors in tests/server/test_latents.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import invalid
+
+RNG_ALGORITHM: Final = "philox4x32-10/box-muller/v1"
+
+# Philox4x32 constants (Random123 philox.h): round multipliers and the Weyl key increments.
+PHILOX_M0: Final = 0xD2511F53
+PHILOX_M1: Final = 0xCD9E8D57
+PHILOX_W0: Final = 0x9E3779B9
+PHILOX_W1: Final = 0xBB67AE85
+PHILOX_ROUNDS: Final = 10
+
+SEED_LIMIT: Final = 2**63  # seeds are proto int64 and must be >= 0
+MAX_PSI: Final = 10.0
+# Truncation with a tiny psi accepts a normal with probability ~0.8 psi, so a seed could need
+# millions of redraws. A psi whose *expected* redraws per seed exceed this is refused up front
+# (a few hundred ms of CPU for 256 seeds at the limit); the actual draws are capped at 16x the expectation.
+MAX_EXPECTED_REDRAWS_PER_SEED: Final = 1 << 14
+# Normals drawn per pass for all pending rows together, bounding the temporary arrays (~16 MB each).
+_MAX_PASS_NORMALS: Final = 1 << 21
+
+_U32_SCALE: Final = 1.0 / 2**32
+_TWO_PI: Final = 2.0 * math.pi
+_MULTIPLIERS: Final = np.array([PHILOX_M0, PHILOX_M1], dtype=np.uint64)
+_WEYL: Final = np.array([PHILOX_W0, PHILOX_W1], dtype=np.uint64)
+_MASK32: Final = np.uint64(0xFFFFFFFF)
+
+U32Array = NDArray[np.uint32]
+F32Array = NDArray[np.float32]
+F64Array = NDArray[np.float64]
+
+
+class InterpolationMode(enum.IntEnum):
+    """Mirror of genserve.v1.InterpolationMode (same numbers), so this module needs no protobuf."""
+
+    UNSPECIFIED = 0  # means SLERP
+    LERP = 1
+    SLERP = 2
+
+
+def philox4x32_10(counter: U32Array, key: U32Array) -> U32Array:
+    """Philox4x32 with 10 rounds on arrays: counter [..., 4] and key [..., 2] uint32 -> [..., 4].
+
+    Leading dimensions broadcast against each other, so one call evaluates many (seed, block)
+    pairs. The state is held as two uint64 planes, (c0, c2) and (c1, c3), holding 32-bit values:
+    one multiply gives both products of a round, whose high and low halves are the mulhilo of
+    Random123; the key schedule k_r = k + r * W (mod 2^32) is computed up front.
+    """
+    counter = np.asarray(counter, dtype=np.uint32)
+    key = np.asarray(key, dtype=np.uint32)
+    shape = np.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
+    even = np.empty((2, *shape), dtype=np.uint64)  # (c0, c2): the words that get multiplied
+    odd = np.empty((2, *shape), dtype=np.uint64)  # (c1, c3)
+    even[0], even[1] = counter[..., 0], counter[..., 2]
+    odd[0], odd[1] = counter[..., 1], counter[..., 3]
+    base_key = np.stack([key[..., 0], key[..., 1]]).astype(np.uint64)  # [2, *key_shape]
+    base_key = base_key.reshape((2,) + (1,) * (len(shape) - key.ndim + 1) + key.shape[:-1])
+    multipliers = _MULTIPLIERS.reshape((2,) + (1,) * len(shape))
+    weyl = _WEYL.reshape((2,) + (1,) * len(shape))
+    products = np.empty_like(even)
+    high = np.empty_like(even)
+    for round_index in range(PHILOX_ROUNDS):
+        round_key = (base_key + np.uint64(round_index) * weyl) & _MASK32
+        np.multiply(even, multipliers, out=products)
+        np.right_shift(products, np.uint64(32), out=high)
+        # New (c0, c2) = (hi(M1 c2) ^ c1 ^ k0, hi(M0 c0) ^ c3 ^ k1); new (c1, c3) = (lo(M1 c2), lo(M0 c0)).
+        np.bitwise_xor(high[::-1], odd, out=even)
+        np.bitwise_xor(even, round_key, out=even)
+        np.bitwise_and(products[::-1], _MASK32, out=odd)
+    out = np.empty((*shape, 4), dtype=np.uint32)
+    out[..., 0], out[..., 1], out[..., 2], out[..., 3] = even[0], odd[0], even[1], odd[1]
+    return out
+
+
+def _seed_keys(seeds: Sequence[int], field: str) -> U32Array:
+    """Validate seeds (0 <= seed < 2^63) and split each into the Philox key (low word, high word)."""
+    keys = np.empty((len(seeds), 2), dtype=np.uint32)
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise invalid(f"{field}[{i}]", f"must be an integer, got {type(seed).__name__}")
+        value = int(seed)
+        if not 0 <= value < SEED_LIMIT:
+            raise invalid(f"{field}[{i}]", f"must be in [0, 2^63), got {value}")
+        keys[i, 0] = value & 0xFFFFFFFF
+        keys[i, 1] = value >> 32
+    return keys
+
+
+def _normals(keys: U32Array, start: int, count: int) -> F64Array:
+    """Normals n_start .. n_{start+count-1} of each key's stream: float64 [len(keys), count]."""
+    if count <= 0 or len(keys) == 0:
+        return np.empty((len(keys), max(count, 0)), dtype=np.float64)
+    first_block = start // 4
+    last_block = (start + count - 1) // 4
+    blocks = np.arange(first_block, last_block + 1, dtype=np.uint64)
+    counter = np.zeros((len(blocks), 4), dtype=np.uint32)
+    counter[:, 0] = (blocks & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    counter[:, 1] = (blocks >> np.uint64(32)).astype(np.uint32)
+    words = philox4x32_10(counter[np.newaxis, :, :], keys[:, np.newaxis, :])  # [N, B, 4]
+    u = (words.astype(np.float64) + 0.5) * _U32_SCALE
+    radius = np.sqrt(-2.0 * np.log(u[..., 0::2]))  # [N, B, 2]: pairs (x0, x1) and (x2, x3)
+    angle = _TWO_PI * u[..., 1::2]
+    normals = np.empty(words.shape, dtype=np.float64)
+    normals[..., 0::2] = radius * np.cos(angle)
+    normals[..., 1::2] = radius * np.sin(angle)
+    offset = start - 4 * first_block
+    window: F64Array = normals.reshape(len(keys), -1)[:, offset : offset + count]
+    return window
+
+
+def normals_for_seed(seed: int, n: int, *, start: int = 0, field: str = "seed") -> F64Array:
+    """The float64 normals n_start .. n_{start+n-1} of one seed's stream (before the float32 cast)."""
+    normals: F64Array = _normals(_seed_keys([seed], field), start, n)[0]
+    return normals
+
+
+def _expected_redraws(dim: int, psi: float) -> float:
+    """Expected stream normals a seed consumes beyond its first `dim` for truncation at psi."""
+    accept = math.erf(psi / math.sqrt(2.0))  # P(|n| <= psi)
+    return dim * (1.0 - accept) / accept if accept > 0.0 else math.inf
+
+
+def min_truncation_psi(dim: int) -> float:
+    """The smallest psi accepted for latent size `dim` (expected redraws within the limit)."""
+    lo, hi = 0.0, MAX_PSI
+    for _ in range(60):  # bisection on the monotone expectation
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _expected_redraws(dim, mid) > MAX_EXPECTED_REDRAWS_PER_SEED else (lo, mid)
+    return hi
+
+
+def _check_psi(psi: float, dim: int) -> None:
+    if not (math.isfinite(psi) and 0.0 < psi <= MAX_PSI):
+        raise invalid("truncation_psi", f"must be in (0, {MAX_PSI:g}], got {psi!r}")
+    if _expected_redraws(dim, psi) > MAX_EXPECTED_REDRAWS_PER_SEED:
+        raise invalid(
+            "truncation_psi",
+            f"psi={psi:g} is too small for latent size {dim}: it needs about "
+            f"{_expected_redraws(dim, psi):.3g} redraws per seed (limit {MAX_EXPECTED_REDRAWS_PER_SEED}); "
+            f"use psi >= {min_truncation_psi(dim):.3g}",
+        )
+
+
+def _truncate(z: F32Array, keys: U32Array, psi: float) -> None:
+    """BigGAN truncation in place: replace each |z_j| > psi by the next stream normal with |n| <= psi.
+
+    The comparison is on the float32 value that will be returned, against psi as given (a proto
+    float is exact in float64), so every result satisfies |z| <= psi exactly. Rows are processed
+    together: every pass draws the same stream indices for all rows still needing values and hands
+    each row's accepted normals, in stream order, to its pending positions, in index order.
+    """
+    dim = z.shape[1]
+    pending = np.abs(z.astype(np.float64)) > psi  # [N, Z]
+    rows = np.flatnonzero(pending.any(axis=1))
+    if rows.size == 0:
+        return
+    accept_probability = math.erf(psi / math.sqrt(2.0))
+    expected = _expected_redraws(dim, psi)
+    draw_limit = 16 * max(expected, 1024.0)
+    position = dim  # the next unused stream index, the same for every row
+    while rows.size:
+        need = int(pending[rows].sum(axis=1).max())
+        # Enough for the neediest row with a margin, so one pass usually finishes.
+        chunk = min(
+            math.ceil(1.25 * need / accept_probability) + 16, max(256, _MAX_PASS_NORMALS // rows.size)
+        )
+        if position - dim + chunk > draw_limit:  # ~impossible for an accepted psi; guarantees termination
+            raise invalid("truncation_psi", f"psi={psi:g} needed over {draw_limit:.0f} redraws for one seed")
+        candidates = _normals(keys[rows], position, chunk).astype(np.float32)
+        position += chunk
+        accepted = np.abs(candidates.astype(np.float64)) <= psi  # [R, chunk]
+        row_pending = pending[rows]
+        n_accepted = accepted.sum(axis=1)
+        n_pending = row_pending.sum(axis=1)
+        n_fill = np.minimum(n_accepted, n_pending)
+        # The k-th accepted normal of a row goes to the row's k-th pending position (k < n_fill).
+        use_candidate = accepted & (np.cumsum(accepted, axis=1) <= n_fill[:, np.newaxis])
+        fill_target = row_pending & (np.cumsum(row_pending, axis=1) <= n_fill[:, np.newaxis])
+        cand_r, cand_c = np.nonzero(use_candidate)
+        targ_r, targ_c = np.nonzero(fill_target)  # row-major: grouped by row, in index order
+        z[rows[targ_r], targ_c] = candidates[cand_r, cand_c]
+        pending[rows[targ_r], targ_c] = False
+        rows = rows[n_fill < n_pending]
+
+
+def latents_for_seeds(
+    seeds: Sequence[int], dim: int, psi: float | None = None, *, field: str = "seeds"
+) -> F32Array:
+    """Latents z for each seed: float32 [len(seeds), dim], optionally truncated at psi.
+
+    Row i depends only on (seeds[i], dim, psi): computing a seed alone or within any batch gives
+    identical bits. `field` names the request field in errors (e.g. "seeds[3]: must be in ...").
+    """
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    keys = _seed_keys(seeds, field)
+    z = _normals(keys, 0, dim).astype(np.float32)
+    if psi is not None:
+        _check_psi(psi, dim)
+        _truncate(z, keys, psi)
+    return z
+
+
+def eps_for_seeds(seeds: Sequence[int], dim: int, *, field: str = "seed") -> F32Array:
+    """VAE reparameterisation noise: the same streams as latents, untruncated, float32 [N, dim]."""
+    return latents_for_seeds(seeds, dim, None, field=field)
+
+
+def eps_for_seed(seed: int, dim: int, *, field: str = "seed") -> F32Array:
+    """VAE noise for one seed: float32 [dim] (EncodeRequest: image i uses seed + i)."""
+    eps: F32Array = eps_for_seeds([seed], dim, field=field)[0]
+    return eps
+
+
+def interpolate(
+    start: NDArray[np.floating], end: NDArray[np.floating], steps: int, mode: int = InterpolationMode.SLERP
+) -> F32Array:
+    """Latents on the path from `start` to `end`, both ends included: float32 [steps, Z].
+
+    LERP is the straight line. SLERP is the great-circle formula used for GAN latents since DCGAN
+    (Shoemake 1985; White, "Sampling Generative Networks", 2016):
+    ``sin((1-t) w)/sin(w) * a + sin(t w)/sin(w) * b`` with w the angle between a and b. For
+    Gaussian latents (norms concentrate near sqrt(Z)) it keeps intermediate points at a typical
+    norm, where the straight line would pass through the low-density region near the origin.
+    When sin(w) is tiny (a and b nearly parallel or anti-parallel, or either is ~0) the formula is
+    ill-conditioned and the path undefined, so SLERP falls back to LERP. The ends are exactly
+    `start` and `end`.
+    """
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    a = np.asarray(start, dtype=np.float64).reshape(-1)
+    b = np.asarray(end, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"start and end differ in size: {a.size} vs {b.size}")
+    t = np.linspace(0.0, 1.0, steps)[:, np.newaxis]
+    path = (1.0 - t) * a + t * b
+    if InterpolationMode(mode) != InterpolationMode.LERP:
+        norm_a = float(np.linalg.norm(a))
+        norm_b = float(np.linalg.norm(b))
+        if norm_a > 0.0 and norm_b > 0.0:
+            cos_omega = float(np.clip(np.dot(a, b) / (norm_a * norm_b), -1.0, 1.0))
+            omega = math.acos(cos_omega)
+            sin_omega = math.sin(omega)
+            if sin_omega > 1e-6:
+                path = (np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / sin_omega
+    out = path.astype(np.float32)
+    out[0] = a
+    out[-1] = b
+    return out

@@ -1,0 +1,248 @@
+"""`genserve-server`: the CLI and the server lifecycle.
+
+    genserve-server serve --models DIR [--port 50051] [--metrics-port 9090] [--host 127.0.0.1]
+                          [--config FILE] [--ready-file PATH] [--no-metrics] [--log-json]
+    genserve-server health [--port 50051] [--service NAME]
+
+Lifecycle (grpc's graceful-shutdown example): bind, start, load models (health NOT_SERVING until
+then), announce; on SIGTERM/SIGINT: health NOT_SERVING, `server.stop(grace)` (no new RPCs,
+in-flight ones finish), batchers drain, pools shut down, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc
+from genserve_server import kserve, probe
+from genserve_server.config import ServerConfig, cpu_count, load_server_config
+from genserve_server.errors import GenserveError
+from genserve_server.health import SERVER_KEY, HealthState
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+from genserve_server.runner import quiet_onnxruntime
+from genserve_server.service import GenerationService
+
+logger = logging.getLogger("genserve_server")
+
+SERVICE_NAMES = (
+    genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    kserve.service_name(),
+    reflection.SERVICE_NAME,
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (`--log-json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class App:
+    """One server process: repository, servicers, gRPC server, metrics endpoint."""
+
+    def __init__(
+        self,
+        models_dir: Path,
+        config: ServerConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = 9090,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.requested_port = port
+        self.metrics_host = metrics_host
+        self.requested_metrics_port = metrics_port
+        self.metrics = Metrics(enabled=metrics_port is not None)
+        self.repository = Repository(models_dir, config, self.metrics)
+        self.health = HealthState()
+        self.codec_pool = ThreadPoolExecutor(
+            max_workers=config.codec_threads or cpu_count(), thread_name_prefix="codec"
+        )
+        limits = config.limits
+        self.server = grpc.aio.server(
+            interceptors=list(interceptors),
+            options=[
+                ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
+                ("grpc.max_send_message_length", limits.max_send_message_bytes),
+                ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
+        self.service = GenerationService(self.repository, config, self.metrics, self.codec_pool)
+        genserve_pb2_grpc.add_GenerationServiceServicer_to_server(self.service, self.server)
+        # KServe v2 / Triton protocol on the same port, repository, batchers and metrics.
+        self.kserve = kserve.InferenceService(self.repository, self.service, self.metrics.registry)
+        kserve.add_to_server(self.kserve, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        reflection.enable_server_reflection(SERVICE_NAMES, self.server)
+        self.port = 0
+        self.metrics_port = 0
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        self.repository.scan()
+        self.port = self.server.add_insecure_port(_address(self.host, self.requested_port))
+        if self.port == 0:
+            raise GenserveError(f"could not bind {_address(self.host, self.requested_port)}")
+        if self.requested_metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.metrics_host, self.requested_metrics_port)
+        await self.health.set(SERVER_KEY, False)
+        for model in self.repository:
+            await self.health.set(model.name, False)
+        self.repository.add_listener(self.health.set_soon)
+        await self.server.start()
+        await self.repository.load_all()
+        await self.health.flush()
+        await self.health.set(SERVER_KEY, True)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING -> stop accepting, let in-flight RPCs finish -> drain -> close."""
+        grace_s = self.config.drain_grace_s
+        logger.info("shutting down: draining for up to %.1f s", grace_s)
+        started = time.monotonic()
+        await self.health.shutdown()
+        await self.server.stop(grace_s)
+        await self.repository.close(max(0.1, grace_s - (time.monotonic() - started)))
+        self.codec_pool.shutdown(wait=True)
+        self.metrics.close()
+        logger.info("stopped in %.2f s", time.monotonic() - started)
+
+
+def write_ready_file(path: Path, port: int, metrics_port: int) -> None:
+    """Atomically, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    config = load_server_config(args.config)
+    if args.log_level:
+        config = _replace(config, log_level=args.log_level)
+    if args.log_json:
+        config = _replace(config, log_json=True)
+    if args.drain_grace_s is not None:
+        config = _replace(config, drain_grace_s=args.drain_grace_s)
+    setup_logging(config.log_level, config.log_json)
+    quiet_onnxruntime()
+    app = App(
+        args.models,
+        config,
+        host=args.host,
+        port=args.port,
+        metrics_host=args.metrics_host,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.request_stop)
+    await app.start()
+    metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
+    sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
+    sys.stdout.flush()
+    if args.ready_file:
+        write_ready_file(args.ready_file, app.port, app.metrics_port)
+    await app.wait_for_stop()
+    await app.stop()
+    return 0
+
+
+def _replace(config: ServerConfig, **changes: Any) -> ServerConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genserve-server", description="Serve ONNX image generators over gRPC."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model repository")
+    s.add_argument("--models", type=Path, required=True, help="model repository directory")
+    s.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    s.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address (default 127.0.0.1)")
+    s.add_argument("--metrics-port", type=int, default=9090, help="/metrics port; 0 picks a free one")
+    s.add_argument("--no-metrics", action="store_true", help="record and serve no metrics")
+    s.add_argument("--config", type=Path, default=None, help="server config JSON (limits, threads, logging)")
+    s.add_argument(
+        "--ready-file", type=Path, default=None, help="write {port, metrics_port, pid} JSON when ready"
+    )
+    s.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
+    s.add_argument("--log-json", action="store_true", help="JSON-lines logs")
+    s.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds to finish accepted work (overrides the config's drain_grace_s)",
+    )
+    h = sub.add_parser("health", help="probe a server's grpc.health.v1 status")
+    probe.add_arguments(h)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "health":
+        return probe.run(args)
+    try:
+        return asyncio.run(serve(args))
+    except GenserveError as exc:
+        sys.stderr.write(f"genserve-server: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

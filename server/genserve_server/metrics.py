@@ -1,0 +1,344 @@
+"""Every Prometheus metric of genserve, declared once (docs/metrics-contract.md).
+
+Label children are bound once per model version at load (`ModelMetrics`), so the hot path does
+no label lookups. `Metrics(enabled=False)` keeps the same interface and records nothing
+(`--no-metrics`, benchmarks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.metrics import MetricWrapperBase
+
+from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
+
+# 0.5 ms .. 30 s in 1-2.5-5 steps.
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+GRPC_CODES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+METHODS = (
+    "Sample",
+    "SampleStream",
+    "Interpolate",
+    "Encode",
+    "Decode",
+    "SuperResolve",
+    "Translate",
+    "ListModels",
+    "GetModel",
+    "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
+)
+REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready")
+DROP_REASONS = ("deadline", "cancelled")
+FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to (and including) max_batch_size: (1, 2, 4, ..., max).
+
+    >>> batch_size_buckets(64)
+    (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+    >>> batch_size_buckets(12)
+    (1.0, 2.0, 4.0, 8.0, 12.0)
+    """
+    buckets: list[float] = []
+    size = 1
+    while size < max_batch_size:
+        buckets.append(float(size))
+        size *= 2
+    buckets.append(float(max_batch_size))
+    return tuple(buckets)
+
+
+class _Null:
+    """Stands in for a label child when metrics are off: every call is a no-op."""
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+    def dec(self, amount: float = 1) -> None:
+        return None
+
+    def set(self, value: float) -> None:
+        return None
+
+    def observe(self, amount: float) -> None:
+        return None
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Null:
+        return self
+
+
+_NULL = _Null()
+
+
+class ModelMetrics:
+    """Label children of one model version, bound once at load."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str, *, model_level: bool = True) -> None:
+        self.model = model
+        self.version = version
+        m = metrics
+        on = m.enabled
+        # model_level=False (RPCs that resolved no model): only request-level series, so no phantom
+        # genserve_model_ready{model=""} 0 that would fire GenserveModelNotReady.
+        mon = on and model_level
+        mv = (model, version)
+        self.queue_duration = m.queue_duration.labels(*mv) if mon else _NULL
+        self.compute_duration = m.compute_duration.labels(*mv) if mon else _NULL
+        self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
+        self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
+        self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
+        self.images = m.images.labels(*mv) if mon else _NULL
+        self.batch_failures = m.batch_failures.labels(*mv) if mon else _NULL
+        self.load_duration = m.model_load_duration.labels(*mv) if mon else _NULL
+        self.ready = m.model_ready.labels(*mv) if mon else _NULL
+        self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
+        self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
+        self.encode_duration = {f: (m.encode_duration.labels(*mv, f) if mon else _NULL) for f in FORMATS}
+        self.request_duration = {x: (m.request_duration.labels(*mv, x) if on else _NULL) for x in METHODS}
+        self._requests = m.requests if on else None
+        self._requests_children: dict[tuple[str, str], Any] = {}
+        self.batch_size: Any = _NULL
+        self._metrics = m
+
+    def bind_batch_size(self, max_batch_size: int) -> None:
+        """The batch-size histogram's buckets depend on max_batch_size, so it is per model."""
+        self.batch_size = self._metrics.batch_size_child(self.model, self.version, max_batch_size)
+
+    def request_done(self, method: str, code: str, duration_s: float) -> None:
+        if self._requests is None:
+            return
+        key = (method, code)
+        child = self._requests_children.get(key)
+        if child is None:  # bounded: 9 methods x 17 codes
+            child = self._requests_children[key] = self._requests.labels(
+                self.model, self.version, method, code
+            )
+        child.inc()
+        self.request_duration[method].observe(duration_s)
+
+
+class Metrics:
+    """The registry and every metric family; `serve()` exposes it over HTTP."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        # process_* and python_* as on the default registry.
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        GCCollector(registry=reg)
+        # genserve_gpu_* from NVML where a GPU is present (nvidia-ml-py extra); absent otherwise.
+        self.gpu: NvmlCollector | None = register_gpu_collector(reg) if enabled else None
+        mv = ("model", "version")
+        lat = LATENCY_BUCKETS_S
+        self.requests = Counter(
+            "genserve_requests_total",
+            "Finished RPCs by method and gRPC status code.",
+            (*mv, "method", "code"),
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "genserve_request_duration_seconds",
+            "End-to-end RPC latency.",
+            (*mv, "method"),
+            buckets=lat,
+            registry=reg,
+        )
+        self.queue_duration = Histogram(
+            "genserve_queue_duration_seconds",
+            "Time an item waited in the batcher.",
+            mv,
+            buckets=lat,
+            registry=reg,
+        )
+        self.compute_duration = Histogram(
+            "genserve_compute_duration_seconds", "One ONNX Runtime batch call.", mv, buckets=lat, registry=reg
+        )
+        self.encode_duration = Histogram(
+            "genserve_encode_duration_seconds",
+            "Encoding one response's images.",
+            (*mv, "format"),
+            buckets=lat,
+            registry=reg,
+        )
+        self.decode_duration = Histogram(
+            "genserve_decode_duration_seconds",
+            "Decoding one request's input images.",
+            mv,
+            buckets=lat,
+            registry=reg,
+        )
+        # Batch-size buckets depend on each model's max_batch_size; the family uses the widest
+        # (4096) power-of-two ladder so every model's sizes fall on a bucket edge.
+        self.batch_size = Histogram(
+            "genserve_batch_size",
+            "Items (images or tiles) per executed batch.",
+            mv,
+            buckets=batch_size_buckets(4096),
+            registry=reg,
+        )
+        self.batch_requests = Histogram(
+            "genserve_batch_requests",
+            "Distinct requests sharing one executed batch.",
+            mv,
+            buckets=batch_size_buckets(4096),
+            registry=reg,
+        )
+        self.queue_depth = Gauge("genserve_queue_depth", "Items waiting in the batcher.", mv, registry=reg)
+        self.in_flight = Gauge(
+            "genserve_requests_in_flight", "RPCs being handled.", ("method",), registry=reg
+        )
+        self.images = Counter("genserve_images_total", "Images (or tiles) computed.", mv, registry=reg)
+        self.requests_rejected = Counter(
+            "genserve_requests_rejected_total",
+            "Requests refused at admission.",
+            (*mv, "reason"),
+            registry=reg,
+        )
+        self.requests_dropped = Counter(
+            "genserve_requests_dropped_total",
+            "Requests removed from the queue before compute.",
+            (*mv, "reason"),
+            registry=reg,
+        )
+        self.batch_failures = Counter(
+            "genserve_batch_failures_total", "Batches whose model call raised.", mv, registry=reg
+        )
+        self.model_load_duration = Gauge(
+            "genserve_model_load_duration_seconds", "Model load + warm-up time.", mv, registry=reg
+        )
+        self.model_ready = Gauge(
+            "genserve_model_ready", "1 when the model version is ready, else 0.", mv, registry=reg
+        )
+        self.in_flight_children = {x: (self.in_flight.labels(x) if enabled else _NULL) for x in METHODS}
+        self._lock = threading.Lock()
+        self._http_server: Any = None
+        self._http_thread: threading.Thread | None = None
+
+    def batch_size_child(self, model: str, version: str, max_batch_size: int) -> Any:
+        del max_batch_size  # buckets are shared; see __init__
+        return self.batch_size.labels(model, version) if self.enabled else _NULL
+
+    def for_model(self, model: str, version: str, max_batch_size: int) -> ModelMetrics:
+        mm = ModelMetrics(self, model, version)
+        mm.bind_batch_size(max_batch_size)
+        return mm
+
+    def unresolved(self) -> ModelMetrics:
+        """Children for RPCs that never resolved a model (unknown name, ListModels)."""
+        return ModelMetrics(self, "", "", model_level=False)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server on a daemon thread; returns the bound port."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http_server, self._http_thread = server, thread
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+            self._http_server = None
+        if self.gpu is not None:  # after the last scrape could start
+            self.gpu.close()
+            self.gpu = None
+
+    def families(self) -> Iterable[MetricWrapperBase]:
+        return (
+            self.requests,
+            self.request_duration,
+            self.queue_duration,
+            self.compute_duration,
+            self.encode_duration,
+            self.decode_duration,
+            self.batch_size,
+            self.batch_requests,
+            self.queue_depth,
+            self.in_flight,
+            self.images,
+            self.requests_rejected,
+            self.requests_dropped,
+            self.batch_failures,
+            self.model_load_duration,
+            self.model_ready,
+        )
+
+
+class BatchMetrics:
+    """Adapts one model version's `ModelMetrics` to the batcher's BatchObserver protocol."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, model_metrics: ModelMetrics) -> None:
+        self._m = model_metrics
+
+    def on_queue_depth(self, rows: int) -> None:
+        self._m.queue_depth.set(rows)
+
+    def on_rejected(self, reason: str) -> None:
+        self._m.rejected[reason].inc()
+
+    def on_dropped(self, reason: str) -> None:
+        self._m.dropped[reason].inc()
+
+    def on_queue_wait(self, wait_s: float) -> None:
+        self._m.queue_duration.observe(wait_s)
+
+    def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
+        m = self._m
+        m.compute_duration.observe(compute_s)
+        m.batch_size.observe(rows)
+        m.batch_requests.observe(n_requests)
+        if ok:
+            m.images.inc(rows)
+        else:
+            m.batch_failures.inc()

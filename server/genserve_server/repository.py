@@ -1,0 +1,361 @@
+"""The model repository loader (docs/model-repository.md).
+
+Each model directory gives a `Model` with one `ModelVersion` per version its policy serves. A
+version owns its runner (ORT session + pool) and batcher. A corrupt or missing model marks only
+that model (or version) UNAVAILABLE, with the reason GetModel shows; the others serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from genserve_server.batcher import Batcher
+from genserve_server.config import (
+    Card,
+    ConfigError,
+    ModelConfig,
+    ServerConfig,
+    cpu_count,
+    load_card,
+    load_model_config,
+)
+from genserve_server.errors import GenserveError, NotFound, Unavailable
+from genserve_server.metrics import BatchMetrics, Metrics, ModelMetrics
+from genserve_server.ort_session import ProfileShapes, choose_model_file
+from genserve_server.runner import Runner, select_providers
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+VERSION_PATTERN = re.compile(r"^[1-9][0-9]*$")
+# Tensor names per kind: the contract between export and server (DESIGN.md).
+KIND_INPUTS = {
+    "generator": ("z",),
+    "conditional_generator": ("z", "label"),
+    "vae_decoder": ("z",),
+    "vae_encoder": ("image",),
+    "super_resolution": ("image",),
+    "image_to_image": ("image",),
+}
+KIND_OUTPUTS = {
+    "generator": ("image",),
+    "conditional_generator": ("image",),
+    "vae_decoder": ("image",),
+    "vae_encoder": ("mu", "logvar"),
+    # ONNX forbids an input and an output of the same name: image-in kinds output `output_image`.
+    "super_resolution": ("output_image",),
+    "image_to_image": ("output_image",),
+}
+
+
+class ModelState(enum.IntEnum):
+    """Same numbers as genserve.v1.ModelState."""
+
+    LOADING = 1
+    READY = 2
+    UNAVAILABLE = 3
+    DRAINING = 4
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    name: str
+    version: str
+    path: Path
+    config: ModelConfig
+    metrics: ModelMetrics
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    card: Card | None = None
+    sha256: str = ""
+    precision: str = "fp32"
+    provider: str = ""
+    runner: Runner | None = None
+    batcher: Batcher | None = None
+    load_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"model {self.name} version {self.version}"
+
+
+@dataclass(eq=False)
+class Model:
+    name: str
+    path: Path
+    config: ModelConfig | None
+    # Set when config.json itself is broken: the whole model is UNAVAILABLE.
+    reason: str = ""
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind if self.config else ""
+
+    def ready_versions(self) -> list[ModelVersion]:
+        return [v for v in self.versions.values() if v.state == ModelState.READY]
+
+    def card(self) -> Card | None:
+        """The card of the highest version that has one (for ListModels)."""
+        for version in sorted(self.versions, key=int, reverse=True):
+            if self.versions[version].card is not None:
+                return self.versions[version].card
+        return None
+
+    def resolve(self, version: str) -> ModelVersion:
+        """The version to serve: `version`, or the highest READY one when empty."""
+        if version:
+            found = self.versions.get(version)
+            if found is None:
+                raise NotFound(
+                    f"model {self.name} has no version {version!r}; "
+                    f"versions: {', '.join(self.versions) or 'none'}",
+                    field="version",
+                )
+            if found.state != ModelState.READY:
+                raise Unavailable(f"{found.label} is {found.state.name}: {found.reason or 'not ready'}")
+            return found
+        ready = self.ready_versions()
+        if not ready:
+            reasons = self.reason or "; ".join(
+                f"v{v.version}: {v.state.name} {v.reason}" for v in self.versions.values()
+            )
+            raise Unavailable(f"model {self.name} has no ready version ({reasons or 'no versions'})")
+        return max(ready, key=lambda v: int(v.version))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+StateListener = Callable[[str, bool], None]
+
+
+class Repository:
+    """All models under one directory; loads them and owns their runners and batchers."""
+
+    def __init__(self, root: Path, server_config: ServerConfig, metrics: Metrics) -> None:
+        self.root = root
+        self.server_config = server_config
+        self.metrics = metrics
+        self.models: dict[str, Model] = {}
+        self._listeners: list[StateListener] = []
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Called with (model name, serving) whenever a model's readiness may have changed."""
+        self._listeners.append(listener)
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(self.models.values())
+
+    def get(self, name: str) -> Model:
+        model = self.models.get(name)
+        if model is None:
+            names = ", ".join(sorted(self.models)) or "none"
+            raise NotFound(f"model {name!r} not found; models: {names}", field="model")
+        return model
+
+    # ------------------------------------------------------------------ discovery
+
+    def scan(self) -> None:
+        """Read every config.json and pick versions; nothing heavy (sessions load in `load_all`)."""
+        if not self.root.is_dir():
+            raise ConfigError(f"{self.root}: model repository directory not found")
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            name = model_dir.name
+            if not NAME_PATTERN.match(name):
+                logger.warning("skipping %s: model names must match %s", model_dir, NAME_PATTERN.pattern)
+                continue
+            try:
+                config = load_model_config(
+                    model_dir / "config.json",
+                    default_max_queue_size=self.server_config.limits.default_max_queue_size,
+                )
+            except ConfigError as exc:
+                logger.error("model %s unavailable: %s", name, exc)
+                self.models[name] = Model(name, model_dir, None, reason=str(exc))
+                continue
+            model = Model(name, model_dir, config)
+            available = [p.name for p in model_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+            if not available:
+                model.reason = f"{model_dir}: no version directories"
+            for version in config.version_policy.select(available):
+                mm = self.metrics.for_model(name, version, config.batching.max_batch_size)
+                mm.ready.set(0)
+                model.versions[version] = ModelVersion(name, version, model_dir / version, config, mm)
+            self.models[name] = model
+
+    # ------------------------------------------------------------------ loading
+
+    async def load_all(self) -> None:
+        """Load versions one at a time (each load is CPU-bound; 2 cores must also serve health)."""
+        for model in self.models.values():
+            for mv in model.versions.values():
+                started = time.monotonic()
+                try:
+                    await asyncio.to_thread(self._load_version, mv)
+                except GenserveError as exc:
+                    self._fail(mv, str(exc))
+                except Exception as exc:  # ORT raises its own types for corrupt graphs
+                    logger.exception("%s failed to load", mv.label)
+                    self._fail(mv, f"{type(exc).__name__}: {exc}")
+                else:
+                    mv.load_s = time.monotonic() - started
+                    assert mv.runner is not None
+                    mv.batcher = Batcher(
+                        mv.runner.run,
+                        name=mv.label,
+                        max_batch_size=mv.config.batching.max_batch_size,
+                        max_queue_delay_s=mv.config.batching.max_queue_delay_ms / 1e3,
+                        max_queue_size=mv.config.batching.max_queue_size,
+                        concurrency=mv.config.instances,
+                        observer=BatchMetrics(mv.metrics),
+                    )
+                    mv.batcher.start()
+                    mv.state = ModelState.READY
+                    mv.metrics.ready.set(1)
+                    mv.metrics.load_duration.set(mv.load_s)
+                    logger.info(
+                        "%s ready in %.2f s (%s, %s, sha256 %s)",
+                        mv.label,
+                        mv.load_s,
+                        mv.provider,
+                        mv.precision,
+                        mv.sha256[:12],
+                    )
+            self._notify(model)
+
+    def _fail(self, mv: ModelVersion, reason: str) -> None:
+        mv.state = ModelState.UNAVAILABLE
+        mv.reason = reason
+        mv.metrics.ready.set(0)
+        logger.error("%s unavailable: %s", mv.label, reason)
+
+    def _notify(self, model: Model) -> None:
+        serving = bool(model.ready_versions())
+        for listener in self._listeners:
+            listener(model.name, serving)
+
+    def _load_version(self, mv: ModelVersion) -> None:
+        """Card, file, sha256, session, warm-up. Runs on a worker thread."""
+        card = load_card(mv.path / "card.json")
+        mv.card = card
+        if card.kind != mv.config.kind:
+            raise ConfigError(
+                f"{mv.path / 'card.json'}: kind {card.kind!r} differs from config.json's {mv.config.kind!r}"
+            )
+        choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
+        if choice.reason:
+            logger.warning("%s: serving fp32: %s", mv.label, choice.reason)
+        model_path = choice.path
+        filename = model_path.name
+        if not model_path.is_file():
+            raise ConfigError(f"{model_path}: file not found")
+        expected = card.sha256.get(filename)
+        if not expected:
+            raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
+        actual = sha256_file(model_path)
+        if actual != expected:
+            raise ConfigError(
+                f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."
+            )
+        mv.sha256 = actual
+        mv.precision = choice.precision
+        cores = cpu_count()
+        sc = self.server_config
+        intra = (
+            mv.config.runtime.intra_op_threads or sc.intra_op_threads or max(1, cores // mv.config.instances)
+        )
+        providers = select_providers(sc.execution_providers or mv.config.execution_providers)
+        runner = Runner(
+            model_path,
+            label=f"{mv.name}-{mv.version}",
+            providers=providers,
+            instances=mv.config.instances,
+            intra_op_threads=intra,
+            runtime=mv.config.runtime,
+            fp16=choice.precision == "fp16",
+            profile=profile_shapes(card, mv.config.batching.max_batch_size),
+        )
+        try:
+            self._check_graph(mv, card, runner)
+            if sc.warmup:
+                for batch in sorted({1, mv.config.batching.max_batch_size}):
+                    runner.run_sync(warmup_inputs(card, batch))
+        except BaseException:
+            runner.close()
+            raise
+        mv.runner = runner
+        mv.provider = runner.provider
+
+    @staticmethod
+    def _check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
+        want_in = KIND_INPUTS[card.kind]
+        have_in = tuple(i.name for i in runner.inputs)
+        if sorted(want_in) != sorted(have_in):
+            raise ConfigError(
+                f"{mv.label}: graph inputs {list(have_in)} differ from kind {card.kind}'s {list(want_in)}"
+            )
+        missing = [o for o in KIND_OUTPUTS[card.kind] if o not in runner.outputs]
+        if missing:
+            raise ConfigError(
+                f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})"
+            )
+
+    async def close(self, timeout_s: float) -> None:
+        """Drain every batcher (accepted work finishes), then stop the runners."""
+        versions = [mv for m in self.models.values() for mv in m.versions.values()]
+        for mv in versions:
+            if mv.state == ModelState.READY:
+                mv.state = ModelState.DRAINING
+        await asyncio.gather(*(mv.batcher.close(timeout_s) for mv in versions if mv.batcher is not None))
+        for mv in versions:
+            if mv.runner is not None:
+                mv.runner.close()
+            mv.metrics.ready.set(0)
+
+
+def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
+    """Dummy inputs of the right shape for `batch` rows (warm-up and tests)."""
+    if card.kind in ("generator", "conditional_generator", "vae_decoder"):
+        assert card.latent_dim is not None
+        feeds = {"z": np.zeros((batch, card.latent_dim), np.float32)}
+        if card.kind == "conditional_generator":
+            feeds["label"] = np.zeros((batch,), np.int64)
+        return feeds
+    channels = card.input_channels or 3
+    if card.image_size is not None:
+        h, w = card.image_size
+    else:
+        side = card.tile_size or max(card.min_size, 32)
+        side = -(-side // card.size_multiple) * card.size_multiple
+        h = w = side
+    return {"image": np.zeros((batch, channels, h, w), np.float32)}
+
+
+def profile_shapes(card: Card, max_batch_size: int) -> ProfileShapes | None:
+    """TensorRT min/opt/max shapes for fixed-size kinds (batch 1 .. max); None for size-free kinds."""
+    one = warmup_inputs(card, 1)
+    if card.image_size is None and "image" in one:
+        return None  # fully convolutional: TensorRT builds per shape
+    opt = max(1, max_batch_size // 2)
+
+    def shapes(batch: int) -> dict[str, list[int]]:
+        return {name: [batch, *value.shape[1:]] for name, value in one.items()}
+
+    return ProfileShapes(shapes(1), shapes(opt), shapes(max_batch_size))

@@ -1,0 +1,169 @@
+"""ONNX Runtime execution for one model version: the session(s) and the thread pool that runs them.
+
+The runner knows tensors (numpy arrays by input/output name), not protos. Sessions are built by
+ort_session.create_session (provider chain with TensorRT/CUDA options and clean fallback to CPU,
+threads sized to the cores); batches run through ort_session.SessionRunner (plain run, IO binding
+or CUDA graphs). ONNX Runtime releases the GIL inside `run`, so batches run on the pool while the
+event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from genserve_server.config import cpu_count
+from genserve_server.ort_session import (
+    GPU_PROVIDERS,
+    ProfileShapes,
+    RuntimeConfig,
+    SessionInfo,
+    SessionRunner,
+    create_session,
+)
+
+logger = logging.getLogger(__name__)
+
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+}
+
+_cpu_fallback_warned = False
+_cpu_fallback_lock = threading.Lock()
+
+
+def quiet_onnxruntime() -> None:
+    """Silence ORT's per-session CUDA/cuDNN load errors on GPU-less hosts (we warn once ourselves)."""
+    ort.set_default_logger_severity(3)
+
+
+def select_providers(requested: Sequence[str]) -> list[str]:
+    """The requested providers, in order, that this ORT build offers; CPU always last.
+
+    `get_available_providers()` lists CUDA even without a GPU, so this is only a first filter: what
+    a session really runs on is `session.get_providers()` (Runner.provider).
+    """
+    available = set(ort.get_available_providers())
+    chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@dataclass(frozen=True, slots=True)
+class IoSpec:
+    name: str
+    dtype: Any  # a numpy scalar type
+    shape: tuple[int | str | None, ...]
+
+
+class Runner:
+    """The session(s) of one model version, run by `instances` threads.
+
+    With plain `run` one session is shared by the threads (ORT sessions are thread-safe); with IO
+    binding or CUDA graphs (not thread-safe) each instance gets its own session and binding.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        label: str,
+        providers: Sequence[str],
+        instances: int,
+        intra_op_threads: int,
+        runtime: RuntimeConfig | None = None,
+        fp16: bool = False,
+        profile: ProfileShapes | None = None,
+    ) -> None:
+        self.label = label
+        self.requested_providers = tuple(providers)
+        config = runtime or RuntimeConfig()
+        if intra_op_threads and not config.intra_op_threads:
+            config = _with_threads(config, intra_op_threads)
+        n_sessions = instances if config.uses_io_binding else 1
+        infos: list[SessionInfo] = [
+            create_session(
+                model_path,
+                list(providers),
+                config,
+                cores=cpu_count(),
+                instances=instances,
+                fp16=fp16,
+                profile=profile,
+            )
+            for _ in range(n_sessions)
+        ]
+        self.info = infos[0]
+        self.session = self.info.session
+        self.providers = tuple(self.info.providers)
+        self.provider = self.info.provider
+        self.fallbacks = tuple(self.info.fallbacks)
+        self._runners: queue.SimpleQueue[SessionRunner] = queue.SimpleQueue()
+        for info in infos:
+            self._runners.put(SessionRunner(info, config))
+        self.mode = SessionRunner(self.info, config).mode
+        self.inputs = tuple(
+            IoSpec(i.name, _ORT_DTYPES.get(i.type, np.float32), tuple(i.shape))
+            for i in self.session.get_inputs()
+        )
+        self.outputs = tuple(o.name for o in self.session.get_outputs())
+        self._input_dtypes = {i.name: i.dtype for i in self.inputs}
+        self._shared = n_sessions == 1 and not config.uses_io_binding
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{label}")
+        self._warn_if_cpu_fallback()
+
+    def _warn_if_cpu_fallback(self) -> None:
+        global _cpu_fallback_warned
+        wanted_gpu = [p for p in self.requested_providers if p in GPU_PROVIDERS]
+        if wanted_gpu and self.provider == "CPUExecutionProvider":
+            with _cpu_fallback_lock:
+                if not _cpu_fallback_warned:
+                    _cpu_fallback_warned = True
+                    logger.warning(
+                        "GPU execution providers %s were requested but sessions run on CPUExecutionProvider "
+                        "(no usable GPU/CUDA libraries); this warning is logged once per server",
+                        wanted_gpu,
+                    )
+
+    def run_sync(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One model call on the calling thread (warm-up, tests; the pool calls this too)."""
+        feeds = {
+            name: np.ascontiguousarray(value, dtype=self._input_dtypes[name])
+            for name, value in inputs.items()
+        }
+        if self._shared:
+            values = self.session.run(None, feeds)
+        else:
+            runner = self._runners.get()  # one per instance thread: never blocks
+            try:
+                values = runner.run(feeds)
+            finally:
+                self._runners.put(runner)
+        return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}
+
+    async def run(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """The batcher's run-batch callable: one model call on the pool, off the event loop."""
+        del key  # the batch's compatibility key; the graph needs only the tensors
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.run_sync, inputs)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+
+def _with_threads(config: RuntimeConfig, intra_op_threads: int) -> RuntimeConfig:
+    from dataclasses import replace
+
+    return replace(config, intra_op_threads=intra_op_threads)

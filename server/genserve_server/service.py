@@ -1,0 +1,942 @@
+"""The genserve.v1 GenerationService: validate -> domain tensors -> batcher -> encode -> proto.
+
+Reading guide (for whoever extends this file):
+- every RPC method is a thin line calling `self._unary(...)` / `self._stream(...)`: that is the ONE
+  boundary which assigns the request id, counts in-flight/finished RPCs, and turns a
+  GenserveError into its status (unknown exceptions become INTERNAL "internal error (request id
+  X)", the traceback goes only to the log);
+- `_do_<rpc>` methods validate every field BEFORE anything is queued (errors name the field and
+  the limit), call the batcher with numpy tensors, then build the response;
+- image encode/decode runs on `codec_pool`, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server import codecs, latents, tiling
+from genserve_server.batcher import Batcher, BatchResult, Lane
+from genserve_server.config import Card, ServerConfig
+from genserve_server.errors import GenserveError, InvalidArgument, NotFound, ResourceExhausted, invalid
+from genserve_server.metrics import Metrics, ModelMetrics
+from genserve_server.repository import Model, ModelState, ModelVersion, Repository
+
+logger = logging.getLogger(__name__)
+
+SERVER_VERSION = "0.1.0"
+REQUEST_ID_KEY = "x-request-id"
+SEED_LIMIT = 2**63
+MAX_ABS_LATENT = 1e4
+MAX_PSI = 10.0
+DEFAULT_CHUNK = 64
+MAX_TILE = 1024
+SEND_OVERHEAD_BYTES = 64 * 1024
+STREAM_CHUNKS_AHEAD = 2  # chunks computed ahead of the one being sent (HTTP/2 flow control bounds the rest)
+
+SAMPLE_KINDS = ("generator", "conditional_generator", "vae_decoder")
+DECODE_KINDS = ("generator", "vae_decoder")
+FORMAT_NAMES: dict[int, str] = {
+    tpb.IMAGE_FORMAT_UNSPECIFIED: "png",
+    tpb.IMAGE_FORMAT_PNG: "png",
+    tpb.IMAGE_FORMAT_JPEG: "jpeg",
+    tpb.IMAGE_FORMAT_WEBP: "webp",
+    tpb.IMAGE_FORMAT_RAW_UINT8: "raw_uint8",
+    tpb.IMAGE_FORMAT_TENSOR_F32: "tensor_f32",
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Call:
+    """Per-RPC bookkeeping the boundary reads in `finally`."""
+
+    method: str
+    request_id: str
+    started: float
+    metrics: ModelMetrics
+    deadline: float | None = None
+    batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    format: tpb.ImageFormat.ValueType
+    quality: int
+    png_compression: int
+    return_latents: bool
+
+    @property
+    def format_name(self) -> str:
+        return FORMAT_NAMES[self.format]
+
+
+@dataclass(slots=True)
+class Rendered:
+    """Model outputs of one response turned into proto images."""
+
+    images: list[tpb.Image]
+    executed_batch_sizes: list[int]
+
+
+async def _gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """asyncio.gather that cancels the siblings when one fails (their rows leave the queue)."""
+    if len(aws) == 1:
+        return [await aws[0]]
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+class GenerationService(pb_grpc.GenerationServiceServicer):
+    def __init__(
+        self, repository: Repository, config: ServerConfig, metrics: Metrics, codec_pool: ThreadPoolExecutor
+    ) -> None:
+        self.repo = repository
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics
+        self.codec_pool = codec_pool
+        self._unresolved = metrics.unresolved()
+
+    # ================================================================== the boundary
+
+    def _begin(self, method: str, context: Context) -> Call:
+        request_id = ""
+        for key, value in context.invocation_metadata() or ():
+            if (
+                key == REQUEST_ID_KEY
+                and isinstance(value, str)
+                and 0 < len(value) <= 128
+                and value.isprintable()
+            ):
+                request_id = value
+                break
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        remaining_s = context.time_remaining()
+        now = time.monotonic()
+        call = Call(method, request_id, now, self._unresolved)
+        if remaining_s is not None:
+            call.deadline = now + remaining_s
+        self.metrics.in_flight_children[method].inc()
+        return call
+
+    async def _fail(self, call: Call, exc: BaseException, context: Context) -> str:
+        """Log and translate an exception; returns the status code name (abort raises)."""
+        trailing = ((REQUEST_ID_KEY, call.request_id),)
+        if isinstance(exc, GenserveError):
+            if isinstance(exc, InvalidArgument):
+                call.metrics.rejected["invalid"].inc()
+            elif exc.code == grpc.StatusCode.UNAVAILABLE:
+                call.metrics.rejected["not_ready"].inc()
+            logger.info(
+                "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
+            )
+            await context.abort(exc.code, exc.message, trailing_metadata=trailing)
+        logger.error(
+            "request_id=%s method=%s failed with an unexpected error",
+            call.request_id,
+            call.method,
+            exc_info=exc,
+        )
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error (request id {call.request_id})",
+            trailing_metadata=trailing,
+        )
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    def _end(self, call: Call, code: str) -> None:
+        duration_s = time.monotonic() - call.started
+        self.metrics.in_flight_children[call.method].dec()
+        if call.batcher is not None:
+            call.batcher.callers -= 1
+        call.metrics.request_done(call.method, code, duration_s)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "request request_id=%s method=%s model=%s version=%s code=%s duration_ms=%.3f",
+                call.request_id,
+                call.method,
+                call.metrics.model,
+                call.metrics.version,
+                code,
+                duration_s * 1e3,
+            )
+
+    async def _unary(
+        self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], Awaitable[Resp]]
+    ) -> Resp:
+        call = self._begin(method, context)
+        code = "OK"
+        try:
+            response = await handler(request, call)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+            return response
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self._fail(call, exc, context)
+            raise  # pragma: no cover
+        finally:
+            self._end(call, code)
+
+    async def _stream(
+        self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], AsyncIterator[Resp]]
+    ) -> AsyncIterator[Resp]:
+        call = self._begin(method, context)
+        code = "OK"
+        try:
+            async for item in handler(request, call):
+                yield item
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self._fail(call, exc, context)
+        finally:
+            self._end(call, code)
+
+    # ================================================================== RPCs
+
+    async def Sample(self, request: pb.SampleRequest, context: Context) -> pb.SampleResponse:
+        return await self._unary("Sample", request, context, self._do_sample)
+
+    async def SampleStream(  # an async generator, as grpc.aio expects for server streaming
+        self, request: pb.SampleStreamRequest, context: Context
+    ) -> AsyncIterator[pb.SampleStreamChunk]:
+        async for chunk in self._stream("SampleStream", request, context, self._do_sample_stream):
+            yield chunk
+
+    async def Interpolate(self, request: pb.InterpolateRequest, context: Context) -> pb.SampleResponse:
+        return await self._unary("Interpolate", request, context, self._do_interpolate)
+
+    async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
+        return await self._unary("Encode", request, context, self._do_encode)
+
+    async def Decode(self, request: pb.DecodeRequest, context: Context) -> pb.SampleResponse:
+        return await self._unary("Decode", request, context, self._do_decode)
+
+    async def SuperResolve(self, request: pb.ImageRequest, context: Context) -> pb.ImageResponse:
+        return await self._unary("SuperResolve", request, context, self._do_super_resolve)
+
+    async def Translate(self, request: pb.ImageRequest, context: Context) -> pb.ImageResponse:
+        return await self._unary("Translate", request, context, self._do_translate)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        return await self._unary("ListModels", request, context, self._do_list_models)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
+        return await self._unary("GetModel", request, context, self._do_get_model)
+
+    # ================================================================== shared validation
+
+    def _resolve(
+        self, call: Call, name: str, version: str, kinds: Sequence[str], method: str
+    ) -> ModelVersion:
+        if not name:
+            raise invalid("model", "required (see ListModels)")
+        model = self.repo.get(name)
+        if model.kind and model.kind not in kinds:
+            raise invalid("model", f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}")
+        mv = model.resolve(version)
+        call.metrics = mv.metrics
+        if mv.batcher is not None and call.batcher is None:
+            call.batcher = mv.batcher
+            mv.batcher.callers += 1
+        return mv
+
+    def _output_spec(self, options: tpb.OutputOptions, field_prefix: str = "output") -> OutputSpec:
+        if options.format not in FORMAT_NAMES:
+            raise invalid(f"{field_prefix}.format", f"unknown image format {options.format}")
+        if options.quality > 100:
+            raise invalid(
+                f"{field_prefix}.quality", f"must be in 1..100 (0 = default 90), got {options.quality}"
+            )
+        compression = options.png_compression if options.HasField("png_compression") else 1
+        if compression > 9:
+            raise invalid(f"{field_prefix}.png_compression", f"must be in 0..9, got {compression}")
+        fmt = options.format or tpb.IMAGE_FORMAT_PNG
+        return OutputSpec(fmt, options.quality or 90, compression, options.return_latents)
+
+    def _count(self, n: int, field_name: str, limit: int | None = None) -> int:
+        limit = limit or self.limits.max_images_per_request
+        if not 1 <= n <= limit:
+            raise invalid(field_name, f"must be in 1..{limit} (max_images_per_request), got {n}")
+        return n
+
+    @staticmethod
+    def _psi(request: pb.SampleRequest | pb.InterpolateRequest) -> float | None:
+        if not request.HasField("truncation_psi"):
+            return None
+        psi = request.truncation_psi
+        if not (0.0 < psi <= MAX_PSI) or not math.isfinite(psi):
+            raise invalid("truncation_psi", f"must be in (0, {MAX_PSI:g}], got {psi:g}")
+        return float(psi)
+
+    @staticmethod
+    def _latent_tensor(tensor: tpb.Tensor, dim: int, field_name: str, *, vector: bool = False) -> np.ndarray:
+        """float32 [N, dim] (or [dim] when `vector`) from a Tensor, zero-copy, finite and bounded."""
+        if tensor.dtype not in (tpb.DTYPE_UNSPECIFIED, tpb.DTYPE_FLOAT32):
+            raise invalid(f"{field_name}.dtype", "must be DTYPE_FLOAT32")
+        shape = tuple(tensor.shape)
+        if vector:
+            if shape not in ((dim,), (1, dim)):
+                raise invalid(f"{field_name}.shape", f"must be [{dim}] (the latent size), got {list(shape)}")
+        elif len(shape) != 2 or shape[1] != dim:
+            raise invalid(
+                f"{field_name}.shape", f"must be [N, {dim}] (the latent size is {dim}), got {list(shape)}"
+            )
+        n_values = math.prod(shape)
+        if len(tensor.data) != 4 * n_values:
+            raise invalid(
+                f"{field_name}.data",
+                f"must hold {n_values} float32 values ({4 * n_values} bytes), got {len(tensor.data)} bytes",
+            )
+        values = np.frombuffer(tensor.data, dtype="<f4").reshape(shape)
+        if not np.isfinite(values).all():
+            raise invalid(field_name, "values must be finite")
+        peak = float(np.abs(values).max()) if values.size else 0.0
+        if peak > MAX_ABS_LATENT:
+            raise invalid(field_name, f"values must satisfy |z| <= {MAX_ABS_LATENT:g}, got {peak:g}")
+        return values.reshape(dim) if vector else values
+
+    @staticmethod
+    def _labels(labels: Sequence[int], card: Card, n: int, field_name: str = "labels") -> np.ndarray | None:
+        """int64 [n] for conditional models (one label for all or one per image); None otherwise."""
+        if card.kind != "conditional_generator":
+            if labels:
+                raise invalid(
+                    field_name, f"only conditional models take labels; {card.name} is a {card.kind}"
+                )
+            return None
+        if not labels:
+            raise invalid(
+                field_name,
+                f"required for conditional model {card.name} (classes 0..{len(card.class_names) - 1})",
+            )
+        if len(labels) not in (1, n):
+            raise invalid(field_name, f"must have 1 or {n} values (one per image), got {len(labels)}")
+        values = np.asarray(labels, dtype=np.int64)
+        n_classes = len(card.class_names)
+        bad = np.flatnonzero((values < 0) | (values >= n_classes))
+        if bad.size:
+            i = int(bad[0])
+            raise invalid(f"{field_name}[{i}]", f"must be in [0, {n_classes}), got {labels[i]}")
+        return np.broadcast_to(values, (n,)) if len(labels) == 1 else values
+
+    @staticmethod
+    def _lane(priority: int, default: Lane) -> Lane:
+        if priority == tpb.PRIORITY_INTERACTIVE:
+            return Lane.INTERACTIVE
+        if priority == tpb.PRIORITY_BULK:
+            return Lane.BULK
+        if priority != tpb.PRIORITY_UNSPECIFIED:
+            raise invalid("priority", f"unknown priority {priority}")
+        return default
+
+    def _check_send_size(self, n_bytes: int, what: str) -> None:
+        limit = self.limits.max_send_message_bytes
+        # Protobuf framing (shapes, seeds, latents, provenance) rides on top of the pixel bytes.
+        if n_bytes + SEND_OVERHEAD_BYTES > limit:
+            raise ResourceExhausted(
+                f"{what} would be {n_bytes} bytes, above max_send_message_bytes={limit}; "
+                "request fewer or smaller "
+                "images or an encoded format (PNG/JPEG/WEBP)",
+                field="output",
+            )
+
+    def _predict_raw_size(self, out: OutputSpec, n: int, c: int, h: int, w: int) -> None:
+        if out.format == tpb.IMAGE_FORMAT_TENSOR_F32:
+            self._check_send_size(n * c * h * w * 4, "the response")
+        elif out.format == tpb.IMAGE_FORMAT_RAW_UINT8:
+            self._check_send_size(n * c * h * w, "the response")
+
+    def _provenance(self, mv: ModelVersion, batch_sizes: Sequence[int]) -> tpb.Provenance:
+        return tpb.Provenance(
+            model=mv.name,
+            version=mv.version,
+            model_sha256=mv.sha256,
+            onnxruntime_version=ort.__version__,
+            execution_provider=mv.provider,
+            precision=mv.precision,
+            executed_batch_sizes=batch_sizes,
+            rng_algorithm=latents.RNG_ALGORITHM,
+            server_version=SERVER_VERSION,
+        )
+
+    async def _run(
+        self, mv: ModelVersion, call: Call, key: Hashable, inputs: dict[str, np.ndarray], n: int, lane: Lane
+    ) -> BatchResult:
+        assert mv.batcher is not None
+        return await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+
+    # ================================================================== encode / decode (codec pool)
+
+    def _encode_sync(
+        self, images: np.ndarray, out: OutputSpec, output_range: tuple[float, float]
+    ) -> list[tpb.Image]:
+        """float32 [N, C, H, W] model output -> proto images. Runs on the codec pool."""
+        if out.format == tpb.IMAGE_FORMAT_TENSOR_F32:
+            chw = images.astype("<f4", copy=False)
+            return [
+                tpb.Image(format=out.format, data=chw[i].tobytes(), shape=chw.shape[1:])
+                for i in range(len(chw))
+            ]
+        nhwc = codecs.to_uint8(images, output_range)
+        if out.format == tpb.IMAGE_FORMAT_RAW_UINT8:
+            return [
+                tpb.Image(format=out.format, data=nhwc[i].tobytes(), shape=nhwc.shape[1:])
+                for i in range(len(nhwc))
+            ]
+        encoded = []
+        for i in range(len(nhwc)):
+            data, shape = codecs.encode_image(
+                nhwc[i], out.format, quality=out.quality, png_compression=out.png_compression
+            )
+            encoded.append(tpb.Image(format=out.format, data=data, shape=shape))
+        return encoded
+
+    async def _encode(
+        self, mv: ModelVersion, images: np.ndarray, out: OutputSpec, output_range: tuple[float, float]
+    ) -> list[tpb.Image]:
+        started = time.monotonic()
+        if images.dtype != np.float32:  # fp16 graphs
+            images = images.astype(np.float32)
+        if out.format in (tpb.IMAGE_FORMAT_TENSOR_F32, tpb.IMAGE_FORMAT_RAW_UINT8) and images.size <= 1 << 16:
+            # A memcpy of a few KiB costs less than a hop to the pool.
+            result = self._encode_sync(images, out, output_range)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.codec_pool, self._encode_sync, images, out, output_range)
+        mv.metrics.encode_duration[out.format_name].observe(time.monotonic() - started)
+        self._check_send_size(sum(len(im.data) for im in result), "the response")
+        return result
+
+    def _decode_sync(
+        self, images: Sequence[tpb.Image], card: Card, max_pixels: int, field_prefix: str
+    ) -> list[np.ndarray]:
+        """Proto images -> float32 [C, H, W] in the card's input_range with the model's channels."""
+        assert card.input_range is not None and card.input_channels is not None
+        arrays = []
+        for i, image in enumerate(images):
+            name = f"{field_prefix}[{i}]"
+            decoded = codecs.decode_image(
+                image.data, image.format, list(image.shape), max_pixels=max_pixels, field=name
+            )
+            if image.format == tpb.IMAGE_FORMAT_TENSOR_F32:
+                chw = codecs.convert_channels(decoded.astype(np.float32, copy=False), card.input_channels)
+            else:
+                chw = codecs.from_uint8(
+                    decoded.astype(np.uint8, copy=False), card.input_range, card.input_channels
+                )
+            arrays.append(chw)
+        return arrays
+
+    async def _decode(
+        self,
+        mv: ModelVersion,
+        images: Sequence[tpb.Image],
+        card: Card,
+        max_pixels: int,
+        field_prefix: str = "images",
+    ) -> list[np.ndarray]:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        arrays = await loop.run_in_executor(
+            self.codec_pool, self._decode_sync, images, card, max_pixels, field_prefix
+        )
+        mv.metrics.decode_duration.observe(time.monotonic() - started)
+        return arrays
+
+    # ================================================================== Sample / SampleStream / Decode
+
+    async def _generate(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        z: np.ndarray,
+        labels: np.ndarray | None,
+        out: OutputSpec,
+        lane: Lane,
+    ) -> tuple[list[tpb.Image], list[int]]:
+        card = mv.card
+        assert card is not None and card.image_size is not None
+        n = len(z)
+        self._predict_raw_size(out, n, card.channels, *card.image_size)
+        inputs = {"z": z}
+        if labels is not None:
+            inputs["label"] = labels
+        # Generators batch freely: seeds, labels and psi only change the row's inputs.
+        result = await self._run(mv, call, (), inputs, n, lane)
+        images = await self._encode(mv, result.outputs["image"], out, card.output_range)
+        return images, result.executed_batch_sizes
+
+    @staticmethod
+    def _latent_proto(z: np.ndarray) -> tpb.Tensor:
+        return tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.astype("<f4", copy=False).tobytes())
+
+    def _generated(
+        self,
+        images: Sequence[tpb.Image],
+        z: np.ndarray,
+        seeds: Sequence[int] | None,
+        labels: np.ndarray | None,
+        out: OutputSpec,
+        first_index: int = 0,
+    ) -> list[tpb.GeneratedImage]:
+        result = []
+        for i, image in enumerate(images):
+            g = tpb.GeneratedImage(image=image, index=first_index + i)
+            if seeds is not None:
+                g.seed = seeds[i]
+            if labels is not None:
+                g.label = int(labels[i])
+            if out.return_latents:
+                g.latent.CopyFrom(self._latent_proto(z[i]))
+            result.append(g)
+        return result
+
+    async def _do_sample(self, request: pb.SampleRequest, call: Call) -> pb.SampleResponse:
+        mv = self._resolve(call, request.model, request.version, SAMPLE_KINDS, "Sample")
+        card = mv.card
+        assert card is not None and card.latent_dim is not None
+        out = self._output_spec(request.output)
+        lane = self._lane(request.priority, Lane.INTERACTIVE)
+        psi = self._psi(request)
+        seeds: list[int] | None
+        if request.HasField("latents"):
+            for name, given in (
+                ("seeds", bool(request.seeds)),
+                ("base_seed", request.HasField("base_seed")),
+                ("truncation_psi", psi is not None),
+            ):
+                if given:
+                    raise invalid(name, "cannot be combined with explicit latents")
+            z = self._latent_tensor(request.latents, card.latent_dim, "latents")
+            n = self._count(len(z), "latents.shape[0]")
+            if request.count not in (0, n):
+                raise invalid("count", f"must be 0 or {n} (the number of latents), got {request.count}")
+            seeds = None
+        else:
+            if request.seeds:
+                n = self._count(len(request.seeds), "seeds")
+                if request.count not in (0, n):
+                    raise invalid("count", f"must be 0 or {n} (the number of seeds), got {request.count}")
+                if request.HasField("base_seed"):
+                    raise invalid("base_seed", "cannot be combined with seeds")
+                seeds = list(request.seeds)
+            else:
+                n = self._count(request.count, "count")
+                if request.HasField("base_seed"):
+                    base = request.base_seed
+                    if not 0 <= base <= SEED_LIMIT - n:
+                        raise invalid("base_seed", f"must be in [0, 2^63 - count], got {base}")
+                else:
+                    base = secrets.randbelow(SEED_LIMIT - n)
+                seeds = list(range(base, base + n))
+            z = latents.latents_for_seeds(seeds, card.latent_dim, psi, field="seeds")
+        labels = self._labels(request.labels, card, n)
+        images, batch_sizes = await self._generate(mv, call, z, labels, out, lane)
+        return pb.SampleResponse(
+            images=self._generated(images, z, seeds, labels, out),
+            provenance=self._provenance(mv, batch_sizes),
+        )
+
+    async def _do_decode(self, request: pb.DecodeRequest, call: Call) -> pb.SampleResponse:
+        mv = self._resolve(call, request.model, request.version, DECODE_KINDS, "Decode")
+        card = mv.card
+        assert card is not None and card.latent_dim is not None
+        out = self._output_spec(request.output)
+        if not request.HasField("latents"):
+            raise invalid("latents", f"required: float32 [N, {card.latent_dim}]")
+        z = self._latent_tensor(request.latents, card.latent_dim, "latents")
+        self._count(len(z), "latents.shape[0]")
+        images, batch_sizes = await self._generate(mv, call, z, None, out, Lane.INTERACTIVE)
+        return pb.SampleResponse(
+            images=self._generated(images, z, None, None, out), provenance=self._provenance(mv, batch_sizes)
+        )
+
+    async def _do_sample_stream(
+        self, request: pb.SampleStreamRequest, call: Call
+    ) -> AsyncIterator[pb.SampleStreamChunk]:
+        sample = request.sample
+        mv = self._resolve(call, sample.model, sample.version, SAMPLE_KINDS, "SampleStream")
+        card = mv.card
+        assert card is not None and card.latent_dim is not None
+        dim = card.latent_dim
+        if sample.seeds:
+            raise invalid("sample.seeds", "not accepted by SampleStream: image i uses base_seed + i")
+        if sample.HasField("latents"):
+            raise invalid("sample.latents", "not accepted by SampleStream: image i uses base_seed + i")
+        count = sample.count
+        limit = self.limits.max_stream_images
+        if not 1 <= count <= limit:
+            raise invalid("sample.count", f"must be in 1..{limit}, got {count}")
+        base = sample.base_seed if sample.HasField("base_seed") else 0
+        if not 0 <= base <= SEED_LIMIT - count:
+            raise invalid("sample.base_seed", f"must be in [0, 2^63 - count], got {base}")
+        if request.start_index > count:
+            raise invalid("start_index", f"must be in 0..count ({count}), got {request.start_index}")
+        chunk_size = request.chunk_size or DEFAULT_CHUNK
+        if chunk_size > self.limits.max_images_per_request:
+            raise invalid(
+                "chunk_size", f"must be in 1..{self.limits.max_images_per_request}, got {chunk_size}"
+            )
+        out = self._output_spec(sample.output, "sample.output")
+        psi = self._psi(sample)
+        lane = self._lane(sample.priority, Lane.BULK)
+        label_cycle = np.asarray(sample.labels, dtype=np.int64)
+        self._labels(sample.labels, card, len(sample.labels) or 1, "sample.labels")  # validates values only
+
+        async def chunk(start: int, n: int) -> pb.SampleStreamChunk:
+            seeds = list(range(base + start, base + start + n))
+            z = latents.latents_for_seeds(seeds, dim, psi, field="sample.base_seed")
+            labels = label_cycle[np.arange(start, start + n) % len(label_cycle)] if len(label_cycle) else None
+            images, batch_sizes = await self._generate(mv, call, z, labels, out, lane)
+            return pb.SampleStreamChunk(
+                images=self._generated(images, z, seeds, labels, out, first_index=start),
+                provenance=self._provenance(mv, batch_sizes),
+            )
+
+        pending: deque[asyncio.Task[pb.SampleStreamChunk]] = deque()
+        next_index = request.start_index
+        try:
+            while next_index < count or pending:
+                while len(pending) <= STREAM_CHUNKS_AHEAD and next_index < count:
+                    n = min(chunk_size, count - next_index)
+                    pending.append(asyncio.ensure_future(chunk(next_index, n)))
+                    next_index += n
+                yield await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+
+    # ================================================================== Interpolate
+
+    def _point(
+        self, point: pb.LatentPoint, dim: int, psi: float | None, field_name: str
+    ) -> tuple[np.ndarray, int | None]:
+        which = point.WhichOneof("point")
+        if which == "seed":
+            return latents.latents_for_seeds([point.seed], dim, psi, field=f"{field_name}.seed")[
+                0
+            ], point.seed
+        if which == "latent":
+            return self._latent_tensor(point.latent, dim, f"{field_name}.latent", vector=True), None
+        raise invalid(field_name, "required: a seed or a latent")
+
+    async def _do_interpolate(self, request: pb.InterpolateRequest, call: Call) -> pb.SampleResponse:
+        mv = self._resolve(call, request.model, request.version, SAMPLE_KINDS, "Interpolate")
+        card = mv.card
+        assert card is not None and card.latent_dim is not None
+        out = self._output_spec(request.output)
+        steps = request.steps
+        limit = self.limits.max_images_per_request
+        if not 2 <= steps <= limit:
+            raise invalid("steps", f"must be in 2..{limit}, got {steps}")
+        if request.mode not in (
+            pb.INTERPOLATION_MODE_UNSPECIFIED,
+            pb.INTERPOLATION_MODE_LERP,
+            pb.INTERPOLATION_MODE_SLERP,
+        ):
+            raise invalid("mode", f"unknown interpolation mode {request.mode}")
+        psi = self._psi(request)
+        start, start_seed = self._point(request.start, card.latent_dim, psi, "start")
+        end, end_seed = self._point(request.end, card.latent_dim, psi, "end")
+        z = latents.interpolate(start, end, steps, int(request.mode))
+        labels: np.ndarray | None = None
+        if card.kind == "conditional_generator":
+            if len(request.labels) == 2:
+                # The class embedding is not interpolated: the first half uses the first label.
+                self._labels(request.labels, card, 2)
+                labels = np.where(
+                    np.arange(steps) < (steps + 1) // 2, request.labels[0], request.labels[1]
+                ).astype(np.int64)
+            else:
+                labels = self._labels(request.labels, card, 1)
+                assert labels is not None
+                labels = np.broadcast_to(labels[:1], (steps,))
+        elif request.labels:
+            self._labels(request.labels, card, steps)  # raises: labels on an unconditional model
+        images, batch_sizes = await self._generate(mv, call, z, labels, out, Lane.INTERACTIVE)
+        generated = self._generated(images, z, None, labels, out)
+        if start_seed is not None:
+            generated[0].seed = start_seed
+        if end_seed is not None:
+            generated[-1].seed = end_seed
+        return pb.SampleResponse(images=generated, provenance=self._provenance(mv, batch_sizes))
+
+    # ================================================================== Encode (VAE)
+
+    async def _do_encode(self, request: pb.EncodeRequest, call: Call) -> pb.EncodeResponse:
+        mv = self._resolve(call, request.model, request.version, ("vae_encoder",), "Encode")
+        card = mv.card
+        assert card is not None and card.image_size is not None
+        n = self._count(len(request.images), "images")
+        if request.sample and not 0 <= request.seed <= SEED_LIMIT - n:
+            raise invalid("seed", f"must be in [0, 2^63 - len(images)], got {request.seed}")
+        arrays = await self._decode(mv, request.images, card, self.limits.max_input_pixels)
+        h, w = card.image_size
+        for i, chw in enumerate(arrays):
+            if chw.shape[1:] != (h, w):
+                raise invalid(
+                    f"images[{i}]",
+                    f"must be {h}x{w} (the encoder's input size; never resized), "
+                    f"got {chw.shape[1]}x{chw.shape[2]}",
+                )
+        result = await self._run(mv, call, (), {"image": np.stack(arrays)}, n, Lane.INTERACTIVE)
+        mu = result.outputs["mu"].astype(np.float32, copy=False).reshape(n, -1)
+        logvar = result.outputs["logvar"].astype(np.float32, copy=False).reshape(n, -1)
+        z = None
+        if request.sample:
+            eps = latents.eps_for_seeds(
+                list(range(request.seed, request.seed + n)), mu.shape[1], field="seed"
+            )
+            z = (mu + np.exp(logvar / 2) * eps).astype(np.float32)
+        dists = []
+        for i in range(n):
+            d = pb.LatentDistribution(mu=self._latent_proto(mu[i]), logvar=self._latent_proto(logvar[i]))
+            if z is not None:
+                d.z.CopyFrom(self._latent_proto(z[i]))
+            dists.append(d)
+        return pb.EncodeResponse(latents=dists, provenance=self._provenance(mv, result.executed_batch_sizes))
+
+    # ================================================================== SuperResolve / Translate
+
+    def _image_count(self, images: Sequence[tpb.Image]) -> int:
+        limit = self.limits.max_images_per_image_request
+        if not 1 <= len(images) <= limit:
+            raise invalid("images", f"must have 1..{limit} images, got {len(images)}")
+        return len(images)
+
+    @staticmethod
+    def _check_min_size(arrays: Sequence[np.ndarray], card: Card) -> None:
+        for i, chw in enumerate(arrays):
+            if min(chw.shape[1:]) < card.min_size:
+                raise invalid(
+                    f"images[{i}]",
+                    f"must be at least {card.min_size} pixels on each side, "
+                    f"got {chw.shape[2]}x{chw.shape[1]}",
+                )
+
+    async def _do_super_resolve(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
+        mv = self._resolve(call, request.model, request.version, ("super_resolution",), "SuperResolve")
+        card = mv.card
+        assert card is not None
+        self._image_count(request.images)
+        out = self._output_spec(request.output)
+        tile = request.tile_size or card.tile_size or 128
+        overlap = request.tile_overlap if request.HasField("tile_overlap") else (card.tile_overlap or 0)
+        if not 2 * overlap + 8 <= tile <= MAX_TILE:
+            raise invalid(
+                "tile_size", f"must be in {2 * overlap + 8}..{MAX_TILE} (>= 2 * tile_overlap + 8), got {tile}"
+            )
+        if overlap > tile // 4:
+            raise invalid("tile_overlap", f"must be in 0..{tile // 4} (tile_size / 4), got {overlap}")
+        arrays = await self._decode(mv, request.images, card, self.limits.max_sr_input_pixels)
+        self._check_min_size(arrays, card)
+        scale = card.scale_factor
+        self._predict_raw_size(
+            out,
+            1,
+            card.channels,
+            sum(a.shape[1] * scale for a in arrays),
+            max(a.shape[2] for a in arrays) * scale,
+        )
+        # Pad each image to the size multiple (reflect), cut equal-sized tiles; tiles of one shape
+        # from this and other requests share batches; blend, then crop the padding back off.
+        padded = [_pad_to_multiple(a, card.size_multiple) for a in arrays]
+        plans = [tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, card.size_multiple) for p in padded]
+        groups: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}
+        for img_i, (chw, tiles) in enumerate(zip(padded, plans, strict=True)):
+            for tile_i, t in enumerate(tiles):
+                patch = tiling.extract(chw, t)
+                groups.setdefault(patch.shape, []).append((img_i, tile_i, patch))
+        keys = list(groups)
+        results = await _gather_or_cancel(
+            [
+                self._run(
+                    mv,
+                    call,
+                    ("tile", k),
+                    {"image": np.stack([g[2] for g in groups[k]])},
+                    len(groups[k]),
+                    Lane.INTERACTIVE,
+                )
+                for k in keys
+            ]
+        )
+        tile_out: list[list[np.ndarray]] = [[np.empty(0)] * len(p) for p in plans]
+        batch_sizes: list[int] = []
+        for k, result in zip(keys, results, strict=True):
+            batch_sizes.extend(result.executed_batch_sizes)
+            for row, (img_i, tile_i, _) in enumerate(groups[k]):
+                tile_out[img_i][tile_i] = result.outputs["output_image"][row]
+
+        def blend_all() -> list[np.ndarray]:  # CPU-heavy numpy: on the codec pool, not the event loop
+            return [
+                tiling.blend(outs, plan, p.shape[1], p.shape[2], scale)[
+                    :, : a.shape[1] * scale, : a.shape[2] * scale
+                ]
+                for outs, plan, p, a in zip(tile_out, plans, padded, arrays, strict=True)
+            ]
+
+        upscaled = await asyncio.get_running_loop().run_in_executor(self.codec_pool, blend_all)
+        images: list[tpb.Image] = []
+        for up in upscaled:
+            images.extend(
+                await self._encode(mv, up[np.newaxis].astype(np.float32, copy=False), out, card.output_range)
+            )
+        self._check_send_size(sum(len(im.data) for im in images), "the response")
+        return pb.ImageResponse(
+            images=images, provenance=self._provenance(mv, batch_sizes), tiles=[len(p) for p in plans]
+        )
+
+    async def _do_translate(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
+        mv = self._resolve(call, request.model, request.version, ("image_to_image",), "Translate")
+        card = mv.card
+        assert card is not None
+        self._image_count(request.images)
+        if request.tile_size or request.HasField("tile_overlap"):
+            raise invalid("tile_size", "only SuperResolve takes tile_size/tile_overlap")
+        out = self._output_spec(request.output)
+        arrays = await self._decode(mv, request.images, card, self.limits.max_input_pixels)
+        self._check_min_size(arrays, card)
+        self._predict_raw_size(
+            out, 1, card.channels, sum(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
+        )
+        # Bucket by padded shape: same-shape images (of any request) share a batch.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        padded = [_pad_to_multiple(a, card.size_multiple) for a in arrays]
+        for i, p in enumerate(padded):
+            groups.setdefault(p.shape, []).append(i)
+        keys = list(groups)
+        results = await _gather_or_cancel(
+            [
+                self._run(
+                    mv,
+                    call,
+                    ("image", k),
+                    {"image": np.stack([padded[i] for i in groups[k]])},
+                    len(groups[k]),
+                    Lane.INTERACTIVE,
+                )
+                for k in keys
+            ]
+        )
+        outputs: list[np.ndarray | None] = [None] * len(arrays)
+        batch_sizes: list[int] = []
+        for k, result in zip(keys, results, strict=True):
+            batch_sizes.extend(result.executed_batch_sizes)
+            for row, i in enumerate(groups[k]):
+                h, w = arrays[i].shape[1:]
+                outputs[i] = result.outputs["output_image"][row, :, :h, :w]  # crop the padding back off
+        images: list[tpb.Image] = []
+        for o in outputs:
+            assert o is not None
+            images.extend(await self._encode(mv, o[np.newaxis], out, card.output_range))
+        self._check_send_size(sum(len(im.data) for im in images), "the response")
+        return pb.ImageResponse(images=images, provenance=self._provenance(mv, batch_sizes))
+
+    # ================================================================== ListModels / GetModel
+
+    @staticmethod
+    def _model_info(model: Model, version: str = "") -> pb.ModelInfo:
+        card = model.card()
+        info = pb.ModelInfo(name=model.name, kind=model.kind)
+        if model.config is not None:
+            info.max_batch_size = model.config.batching.max_batch_size
+        if model.reason and not model.versions:
+            info.versions.append(pb.ModelVersionInfo(state=pb.MODEL_STATE_UNAVAILABLE, reason=model.reason))
+        for mv in sorted(model.versions.values(), key=lambda v: int(v.version)):
+            if version and mv.version != version:
+                continue
+            info.versions.append(
+                pb.ModelVersionInfo(
+                    version=mv.version,
+                    state=_STATE[mv.state],
+                    reason=mv.reason,
+                    model_sha256=mv.sha256,
+                    precision=mv.precision,
+                    execution_provider=mv.provider,
+                    card_json=mv.card.raw_json if mv.card else "",
+                )
+            )
+        if card is not None:
+            info.description = card.description
+            info.latent_dim = card.latent_dim or 0
+            info.class_names.extend(card.class_names)
+            if card.kind in SAMPLE_KINDS and card.image_size is not None:
+                info.output_shape.extend([card.channels, *card.image_size])
+            info.scale_factor = card.scale_factor if card.kind == "super_resolution" else 1
+            info.size_multiple = card.size_multiple
+        return info
+
+    async def _do_list_models(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._model_info(m) for m in self.repo])
+
+    async def _do_get_model(self, request: pb.GetModelRequest, call: Call) -> pb.ModelInfo:
+        if not request.name:
+            raise invalid("name", "required (see ListModels)")
+        model = self.repo.get(request.name)
+        if request.version and request.version not in model.versions:
+            raise NotFound(
+                f"model {model.name} has no version {request.version!r}; versions: "
+                f"{', '.join(model.versions) or 'none'}",
+                field="version",
+            )
+        return self._model_info(model, request.version)
+
+
+_STATE = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE,
+    ModelState.DRAINING: pb.MODEL_STATE_DRAINING,
+}
+
+
+def _pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:
+    """Pad H and W up to a multiple (bottom/right, reflect) so the graph accepts them; crop after."""
+    h, w = chw.shape[1:]
+    pad_h = -h % multiple
+    pad_w = -w % multiple
+    if not pad_h and not pad_w:
+        return chw
+    mode: Literal["reflect", "symmetric"] = "reflect" if pad_h < h and pad_w < w else "symmetric"
+    padded: np.ndarray = np.pad(chw, ((0, 0), (0, int(pad_h)), (0, int(pad_w))), mode=mode)
+    return padded

@@ -1,0 +1,150 @@
+"""Test helpers for the client: an in-process fake GenerationService (fast, no models) and a CLI
+runner. (A uniquely named module: `conftest` is ambiguous between test folders.)"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
+
+FAKE_LATENT = 4
+FAKE_CLASSES = [str(i) for i in range(10)]
+
+
+def fake_pixels(seed: int, label: int | None) -> np.ndarray:
+    """A 4x4 gray image that depends only on (seed, label), like a real generator."""
+    return np.random.default_rng([seed, (label or 0) + 1]).integers(0, 256, (4, 4, 1), dtype=np.uint8)
+
+
+def fake_latent(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(FAKE_LATENT).astype(np.float32)
+
+
+def encode_fake(pixels: np.ndarray, fmt: int) -> types_pb2.Image:
+    if fmt == types_pb2.IMAGE_FORMAT_RAW_UINT8:
+        return types_pb2.Image(format=fmt, data=pixels.tobytes(), shape=pixels.shape)
+    buf = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0]).save(buf, format="PNG")
+    return types_pb2.Image(format=types_pb2.IMAGE_FORMAT_PNG, data=buf.getvalue(), shape=pixels.shape)
+
+
+@dataclass
+class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
+    """Deterministic images from (seed, label); failures injected per method, in order."""
+
+    fail: dict[str, list[grpc.StatusCode]] = field(default_factory=lambda: defaultdict(list))
+    calls: Counter[str] = field(default_factory=Counter)
+    metadata: list[dict[str, str]] = field(default_factory=list)
+    # SampleStream: fail with UNAVAILABLE after this many chunks, as often as listed.
+    stream_breaks_after_chunks: list[int] = field(default_factory=list)
+
+    def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+        self.calls[method] += 1
+        md = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        self.metadata.append(md)
+        context.set_trailing_metadata((("x-request-id", "srv-" + md.get("x-request-id", "none")),))
+        if self.fail[method]:
+            code = self.fail[method].pop(0)
+            context.abort(code, f"injected {code.name} for {method}")
+
+    def _item(
+        self, index: int, seed: int, label: int | None, out: types_pb2.OutputOptions
+    ) -> types_pb2.GeneratedImage:
+        g = types_pb2.GeneratedImage(
+            image=encode_fake(fake_pixels(seed, label), out.format), seed=seed, index=index
+        )
+        if label is not None:
+            g.label = label
+        if out.return_latents:
+            z = fake_latent(seed)
+            g.latent.CopyFrom(
+                types_pb2.Tensor(shape=z.shape, dtype=types_pb2.DTYPE_FLOAT32, data=z.tobytes())
+            )
+        return g
+
+    def Sample(
+        self, request: genserve_pb2.SampleRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.SampleResponse:
+        self._enter("Sample", context)
+        n = len(request.seeds) or request.count
+        if not 1 <= n <= 256:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count: must be in 1..256, got {n}")
+        seeds = list(request.seeds) or [request.base_seed + i for i in range(n)]
+        labels = list(request.labels)
+        items = [
+            self._item(i, s, labels[i % len(labels)] if labels else None, request.output)
+            for i, s in enumerate(seeds)
+        ]
+        return genserve_pb2.SampleResponse(
+            images=items, provenance=types_pb2.Provenance(model=request.model, version="1")
+        )
+
+    def SampleStream(
+        self, request: genserve_pb2.SampleStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[genserve_pb2.SampleStreamChunk]:
+        self._enter("SampleStream", context)
+        s = request.sample
+        if s.model == "bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: 'bad' is rejected by the fake")
+        size = request.chunk_size or 64
+        labels = list(s.labels)
+        break_after = self.stream_breaks_after_chunks.pop(0) if self.stream_breaks_after_chunks else None
+        for n_chunk, start in enumerate(range(request.start_index, s.count, size)):
+            if n_chunk == break_after:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "injected stream break")
+            items = [
+                self._item(i, s.base_seed + i, labels[i % len(labels)] if labels else None, s.output)
+                for i in range(start, min(start + size, s.count))
+            ]
+            yield genserve_pb2.SampleStreamChunk(
+                images=items, provenance=types_pb2.Provenance(model=s.model, version="1")
+            )
+
+    def GetModel(
+        self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.ModelInfo:
+        self._enter("GetModel", context)
+        return self._info(request.name)
+
+    def ListModels(
+        self, request: genserve_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.ListModelsResponse:
+        self._enter("ListModels", context)
+        return genserve_pb2.ListModelsResponse(models=[self._info("fake-gen"), self._info("fake-cond")])
+
+    @staticmethod
+    def _info(name: str) -> genserve_pb2.ModelInfo:
+        cond = name.endswith("cond")
+        return genserve_pb2.ModelInfo(
+            name=name,
+            kind="conditional_generator" if cond else "generator",
+            latent_dim=FAKE_LATENT,
+            class_names=FAKE_CLASSES if cond else [],
+            output_shape=[1, 4, 4],
+            versions=[genserve_pb2.ModelVersionInfo(version="1", state=genserve_pb2.MODEL_STATE_READY)],
+        )
+
+
+@dataclass
+class FakeServer:
+    service: FakeService
+    target: str
+
+
+def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `genserve-client` as a subprocess (as a user would), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "genserve_client.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )

@@ -1,0 +1,130 @@
+"""Bulk job: manifest recovery, range sharding, parameter pinning, and runs against the fake server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from client_fakes import FakeServer, fake_pixels, run_cli
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
+from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, read_manifest, split_ranges
+
+FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.001, max_backoff_s=0.01)
+
+
+def entry(index: int, data: bytes = b"x") -> dict[str, object]:
+    return {"file": f"images/{index:06d}.png", "index": index, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_lines(path: Path, entries: list[dict[str, object]], tail: bytes = b"") -> None:
+    path.write_bytes(b"".join(json.dumps(e).encode() + b"\n" for e in entries) + tail)
+
+
+def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.jsonl"
+    write_lines(path, [entry(0), entry(1)], tail=b'{"file": "images/000002.p')
+    entries, intact = read_manifest(path)
+    assert [e["index"] for e in entries] == [0, 1]
+    assert intact == path.read_bytes().rfind(b"\n") + 1
+
+
+def test_corrupt_complete_line_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(json.dumps(entry(0)).encode() + b"\nnot json\n" + json.dumps(entry(2)).encode() + b"\n")
+    with pytest.raises(BulkError, match=":2: corrupt"):
+        read_manifest(path)
+
+
+def test_recover_truncates_torn_tail_and_removes_orphans(tmp_path: Path) -> None:
+    job = BulkJob(GenserveClient("127.0.0.1:1"), BulkParams("m", n=10), tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (0, 1, 2, 3):  # 3 is an orphan: its manifest line was torn
+        (images / f"{i:06d}.png").write_bytes(b"x")
+    (images / ".tmp-000004.png").write_bytes(b"half")
+    write_lines(tmp_path / "manifest.jsonl", [entry(0), entry(1), entry(2)], tail=b'{"index": 3, "fi')
+    done = job.recover()
+    assert sorted(done) == [0, 1, 2]
+    assert sorted(p.name for p in images.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert (tmp_path / "manifest.jsonl").read_bytes().endswith(b"\n")
+    # A listed file that vanished is forgotten (and so regenerated), the manifest rewritten without it.
+    (images / "000001.png").unlink()
+    assert sorted(job.recover()) == [0, 2]
+    assert [e["index"] for e in read_manifest(tmp_path / "manifest.jsonl")[0]] == [0, 2]
+
+
+@given(
+    done=st.sets(st.integers(0, 199), max_size=150),
+    n=st.integers(1, 200),
+    parts=st.integers(1, 9),
+)
+def test_missing_ranges_split_into_balanced_disjoint_shards(done: set[int], n: int, parts: int) -> None:
+    done = {i for i in done if i < n}
+    shards = split_ranges(missing_ranges(done, n), parts)
+    covered = [i for shard in shards for a, b in shard for i in range(a, b)]
+    assert covered == sorted(set(range(n)) - done)  # no gap, no duplicate, in order
+    assert len(shards) <= parts
+    sizes = [sum(b - a for a, b in shard) for shard in shards]
+    assert not sizes or max(sizes) - min(sizes[:-1] or sizes) <= 0  # all full but the last
+
+
+def bulk(target: str, out: Path, params: BulkParams, **kwargs: int) -> None:
+    with GenserveClient(target, retry=FAST_RETRY) as client:
+        BulkJob(client, params, out, **kwargs).run(lambda name: client.get_model(name).versions[0].version)
+
+
+def manifest_by_index(out: Path) -> dict[int, dict[str, object]]:
+    entries, _ = read_manifest(out / "manifest.jsonl")
+    by_index = {e["index"]: e for e in entries}
+    assert len(by_index) == len(entries), "an index is listed twice"
+    return by_index
+
+
+def test_bulk_survives_stream_breaks_and_matches_the_seeds(fake_server: FakeServer, tmp_path: Path) -> None:
+    fake_server.service.stream_breaks_after_chunks = [1, 0, 2, 1]
+    params = BulkParams("fake-cond", n=90, base_seed=1000, labels=(3, 7))
+    bulk(fake_server.target, tmp_path, params, concurrency=3, chunk_size=4)
+    by_index = manifest_by_index(tmp_path)
+    assert sorted(by_index) == list(range(90))
+    for i, e in by_index.items():
+        data = (tmp_path / str(e["file"])).read_bytes()
+        assert e["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (e["seed"], e["label"], e["version"]) == (1000 + i, (3, 7)[i % 2], "1")
+        with Image.open(tmp_path / str(e["file"])) as picture:
+            np.testing.assert_array_equal(
+                np.asarray(picture)[:, :, None], fake_pixels(1000 + i, (3, 7)[i % 2])
+            )
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(
+        Path(str(e["file"])).name for e in by_index.values()
+    )
+    # Running again finds nothing to do and changes nothing.
+    before = (tmp_path / "manifest.jsonl").read_bytes()
+    bulk(fake_server.target, tmp_path, params, concurrency=2)
+    assert (tmp_path / "manifest.jsonl").read_bytes() == before
+
+
+def test_bulk_refuses_to_resume_with_other_parameters(fake_server: FakeServer, tmp_path: Path) -> None:
+    bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=5, base_seed=1))
+    with pytest.raises(BulkError, match="base_seed: 1 -> 2"):
+        bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=5, base_seed=2))
+    assert json.loads((tmp_path / "job.json").read_text())["pinned_version"] == "1"
+
+
+def test_bulk_stops_on_invalid_argument(fake_server: FakeServer, tmp_path: Path) -> None:
+    with pytest.raises(GenserveClientError) as info:
+        bulk(fake_server.target, tmp_path, BulkParams("bad", n=50, version="1"), concurrency=2)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # The CLI reports the server's message and exits 2.
+    proc = run_cli(
+        "--target", fake_server.target, "bulk", "--model", "bad", "--n", "5", "--out", str(tmp_path / "b")
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "INVALID_ARGUMENT: model: 'bad' is rejected by the fake" in proc.stderr

@@ -1,0 +1,268 @@
+"""Every `genserve-client` command, run as a subprocess against the real tiny-model server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from client_fakes import run_cli
+from PIL import Image
+
+
+def cli(server: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = run_cli("--target", server.target, *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_models_table(tiny_server: Any) -> None:
+    out = cli(tiny_server, "models").stdout
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "conditional_generator" in lines["tiny-cond"] and "READY" in lines["tiny-cond"]
+    assert "UNAVAILABLE" in lines["tiny-broken"]  # readiness and its reason are shown
+
+
+def test_sample_writes_files_and_a_row_per_class(tiny_server: Any, tmp_path: Path) -> None:
+    cli(
+        tiny_server,
+        "sample",
+        "--model",
+        "tiny-cond",
+        "--n",
+        "4",
+        "--seed",
+        "10",
+        "--out",
+        str(tmp_path / "d"),
+        "--grid",
+        str(tmp_path / "g.png"),
+    )
+    files = sorted((tmp_path / "d").iterdir())
+    assert len(files) == 40 and all(f.suffix == ".png" for f in files)
+    with Image.open(tmp_path / "g.png") as grid:
+        one_class = cli(
+            tiny_server,
+            "sample",
+            "--model",
+            "tiny-cond",
+            "--label",
+            "3",
+            "--n",
+            "4",
+            "--seed",
+            "10",
+            "--grid",
+            str(tmp_path / "g3.png"),
+        )
+        with Image.open(tmp_path / "g3.png") as row:
+            assert grid.width == row.width and grid.height > 9 * (row.height - 8)  # ten rows of one
+    assert "wrote" in one_class.stdout
+
+
+def test_interpolate_and_arithmetic_grids(tiny_server: Any, tmp_path: Path) -> None:
+    cli(
+        tiny_server,
+        "interpolate",
+        "--model",
+        "tiny-gen",
+        "--from-seed",
+        "1",
+        "--to-seed",
+        "2",
+        "--steps",
+        "6",
+        "--mode",
+        "lerp",
+        "--grid",
+        str(tmp_path / "i.png"),
+    )
+    cli(
+        tiny_server,
+        "arithmetic",
+        "--model",
+        "tiny-cond",
+        "--label",
+        "4",
+        "--a",
+        "1,2,3",
+        "--b",
+        "4,5",
+        "--c",
+        "6",
+        "--grid",
+        str(tmp_path / "a.png"),
+    )
+    with Image.open(tmp_path / "i.png") as strip, Image.open(tmp_path / "a.png") as arith:
+        assert strip.width > 6 * 64 and strip.height < 2 * 64 + 40
+        assert arith.width > 4 * 64 and arith.height > 4 * 64  # 3 sets + the result row
+
+
+def test_edit_and_sweep_with_the_vae(tiny_server: Any, tmp_path: Path) -> None:
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(digit)
+    proc = cli(
+        tiny_server,
+        "edit",
+        str(digit),
+        "--model",
+        "tiny-vae-enc",
+        "--dim",
+        "2",
+        "--delta",
+        "1.5",
+        "--out",
+        str(tmp_path / "e.png"),
+    )
+    assert "resizing" in proc.stderr and "z[2]" in proc.stdout
+    with Image.open(tmp_path / "e.png") as edited:
+        assert edited.size == (8, 8)
+    cli(
+        tiny_server,
+        "edit",
+        str(digit),
+        "--model",
+        "tiny-vae-dec",
+        "--sweep",
+        "--all-dims",
+        "--out",
+        str(tmp_path / "s.png"),
+    )
+    with Image.open(tmp_path / "s.png") as sweep:
+        assert sweep.width > 10 * 64 and sweep.height > 8 * 64  # input + 9 values, 8 latent dims
+
+
+def test_upscale_and_translate(tiny_server: Any, tmp_path: Path) -> None:
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(src)
+    cli(tiny_server, "upscale", str(src), str(tmp_path / "up.png"), "--model", "tiny-sr")
+    cli(tiny_server, "translate", str(src), str(tmp_path / "tr.webp"), "--model", "tiny-i2i")
+    with Image.open(tmp_path / "up.png") as up, Image.open(tmp_path / "tr.webp") as tr:
+        assert up.size == (40, 24) and tr.size == (20, 12) and tr.format == "WEBP"
+
+
+def test_invalid_argument_exits_2_with_the_servers_message(tiny_server: Any, tmp_path: Path) -> None:
+    proc = run_cli(
+        "--target", tiny_server.target, "sample", "--model", "tiny-gen", "--psi", "-1", "--out", str(tmp_path)
+    )
+    assert (
+        proc.returncode == 2
+        and "INVALID_ARGUMENT: truncation_psi" in proc.stderr
+        and "request id" in proc.stderr
+    )
+
+
+def test_bench_json(tiny_server: Any) -> None:
+    proc = cli(
+        tiny_server,
+        "bench",
+        "--model",
+        "tiny-cond",
+        "--labels",
+        "0,1,2",
+        "--concurrency",
+        "1,4",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--rate",
+        "50",
+        "--closed-too",
+        "--json",
+    )
+    runs = json.loads(proc.stdout)
+    assert [(r["mode"], r["concurrency"], r["rate"]) for r in runs] == [
+        ("closed", 1, None),
+        ("closed", 4, None),
+        ("open", 256, 50.0),
+    ]
+    for r in runs:
+        assert r["errors"] == {} and r["images"] == r["requests"] > 0
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
+    assert 25 <= runs[2]["requests"] <= 100  # about 50 arrivals in one second
+
+
+# --- bulk: SIGKILL at any moment, resume, compare with a clean run ------------------------------
+
+
+def manifest_lines(out: Path) -> int:
+    try:
+        return (out / "manifest.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def bulk_args(server: Any, out: Path, concurrency: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "genserve_client.cli",
+        "--target",
+        server.target,
+        "bulk",
+        "--model",
+        "tiny-cond",
+        "--labels",
+        "all",
+        "--n",
+        "4000",
+        "--seed",
+        "500",
+        "--chunk-size",
+        "16",
+        "--concurrency",
+        concurrency,
+        "--out",
+        str(out),
+    ]
+
+
+def kill_when(server: Any, out: Path, at_lines: int, concurrency: str) -> None:
+    proc = subprocess.Popen(
+        bulk_args(server, out, concurrency), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while manifest_lines(out) < at_lines and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+
+
+def read_manifest(out: Path) -> dict[int, dict[str, Any]]:
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    by_index = {e["index"]: e for e in entries}
+    assert len(by_index) == len(entries), "duplicate manifest lines"
+    return by_index
+
+
+def test_bulk_resumes_after_sigkill_byte_identical_to_a_clean_run(tiny_server: Any, tmp_path: Path) -> None:
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    kill_when(tiny_server, killed, 300, "3")
+    first = manifest_lines(killed)
+    kill_when(tiny_server, killed, first + 1200, "2")  # resumed with other concurrency, killed again
+    assert first < manifest_lines(killed) < 4000
+    for out in (killed, clean):
+        proc = subprocess.run(bulk_args(tiny_server, out, "3"), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    resumed, reference = read_manifest(killed), read_manifest(clean)
+    assert sorted(resumed) == list(range(4000))
+    assert sorted(p.name for p in (killed / "images").iterdir()) == sorted(
+        Path(e["file"]).name for e in resumed.values()
+    )  # no orphan, no temp file, nothing missing
+    for i, entry in resumed.items():
+        assert entry == reference[i]
+        assert (killed / entry["file"]).read_bytes() == (clean / entry["file"]).read_bytes()
+    assert resumed[7]["seed"] == 507 and resumed[7]["label"] == 7
+    # The same directory with other parameters is refused.
+    args = bulk_args(tiny_server, killed, "1")
+    args[args.index("500")] = "501"
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "base_seed: 500 -> 501" in proc.stderr

@@ -1,0 +1,141 @@
+"""The client library against an in-process fake servicer: retries, errors, metadata, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import numpy as np
+import pytest
+from client_fakes import FakeServer, fake_latent, fake_pixels
+
+from genserve_client import (
+    AsyncGenserveClient,
+    ChannelConfig,
+    GenserveClient,
+    GenserveClientError,
+    RetryPolicy,
+)
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
+
+
+def test_unavailable_twice_then_success_is_retried(fake_server: FakeServer) -> None:
+    fake_server.service.fail["Sample"] = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        result = client.sample("fake-gen", 2, base_seed=7)
+    assert fake_server.service.calls["Sample"] == 3
+    assert result.seeds == [7, 8]
+    # All attempts of one call carry the same request id; the server's echo is what we report.
+    ids = {md["x-request-id"] for md in fake_server.service.metadata}
+    assert len(ids) == 1 and result.request_id == "srv-" + ids.pop()
+
+
+def test_invalid_argument_is_never_retried_and_keeps_the_servers_message(fake_server: FakeServer) -> None:
+    fake_server.service.fail["Sample"] = [grpc.StatusCode.INVALID_ARGUMENT]
+    with (
+        GenserveClient(fake_server.target, retry=FAST_RETRY) as client,
+        pytest.raises(GenserveClientError) as info,
+    ):
+        client.sample("fake-gen", 1)
+    assert fake_server.service.calls["Sample"] == 1
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details == "injected INVALID_ARGUMENT for Sample"
+    assert info.value.request_id and info.value.request_id.startswith("srv-")
+
+
+def test_retries_stop_after_max_attempts(fake_server: FakeServer) -> None:
+    fake_server.service.fail["GetModel"] = [grpc.StatusCode.UNAVAILABLE] * 10
+    with (
+        GenserveClient(fake_server.target, retry=FAST_RETRY) as client,
+        pytest.raises(GenserveClientError) as info,
+    ):
+        client.get_model("fake-gen")
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert fake_server.service.calls["GetModel"] == FAST_RETRY.max_attempts
+
+
+def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:
+    with pytest.raises(ValueError, match="INVALID_ARGUMENT"):
+        RetryPolicy(retryable_codes=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
+    rng = random.Random(0)
+    for attempt, cap in [(1, 0.1), (2, 0.2), (4, 0.8), (5, 1.0), (9, 1.0)]:
+        waits = [policy.backoff_s(attempt, rng) for _ in range(200)]
+        assert 0 <= min(waits) and max(waits) <= cap
+        assert max(waits) > 0.7 * cap  # full jitter spreads over the whole interval
+    assert policy.delay_s(grpc.StatusCode.INVALID_ARGUMENT, 1, None) is None
+    assert policy.delay_s(grpc.StatusCode.UNAVAILABLE, 10, None) is None  # attempts spent
+    assert policy.delay_s(grpc.StatusCode.UNAVAILABLE, 5, remaining_s=0.0) is None  # deadline first
+
+
+def test_token_and_request_id_travel_as_metadata(fake_server: FakeServer) -> None:
+    with GenserveClient(ChannelConfig(fake_server.target, token="s3cret")) as client:
+        client.list_models()
+    md = fake_server.service.metadata[-1]
+    assert md["authorization"] == "Bearer s3cret"
+    assert len(md["x-request-id"]) == 32
+
+
+def test_deadline_exceeded_surfaces_as_the_one_error_type(fake_server: FakeServer) -> None:
+    with GenserveClient("127.0.0.1:1", retry=FAST_RETRY, timeout_s=0.3) as client:  # nothing listens there
+        with pytest.raises(GenserveClientError) as info:
+            client.list_models()
+    assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_results_are_typed_and_zero_copy(fake_server: FakeServer) -> None:
+    with GenserveClient(fake_server.target) as client:
+        raw = client.sample("fake-cond", seeds=[3, 4], labels=[5], format="raw", return_latents=True)
+        png = client.sample("fake-cond", seeds=[3, 4], labels=[5], format="png")
+    assert raw.labels == [5, 5] and raw.seeds == [3, 4]
+    np.testing.assert_array_equal(raw.images[0], fake_pixels(3, 5))
+    assert not raw.images[0].flags.writeable  # a view of the protobuf bytes, not a copy
+    assert raw.latents is not None and raw.latents.shape == (2, 4)
+    np.testing.assert_array_equal(raw.latents[1], fake_latent(4))
+    # PNG decodes to the same pixels, in the same HWC layout.
+    np.testing.assert_array_equal(png.images[1], raw.images[1])
+    assert png.raw[0].startswith(b"\x89PNG") and png.pil()[0].size == (4, 4)
+    assert png.latents is None
+
+
+def test_stream_resumes_after_breaks_without_duplicates_or_gaps(fake_server: FakeServer) -> None:
+    fake_server.service.stream_breaks_after_chunks = [2, 0, 1]
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        chunks = list(client.sample_stream("fake-cond", 50, labels=[1, 2, 3], chunk_size=7, start_index=5))
+    indices = [i for c in chunks for i in c.indices]
+    assert indices == list(range(5, 50))
+    assert [item.label for c in chunks for item in c.items] == [[1, 2, 3][i % 3] for i in range(5, 50)]
+    assert fake_server.service.calls["SampleStream"] == 4
+
+
+def test_stream_stops_on_invalid_argument(fake_server: FakeServer) -> None:
+    with (
+        GenserveClient(fake_server.target, retry=FAST_RETRY) as client,
+        pytest.raises(GenserveClientError) as info,
+    ):
+        list(client.sample_stream("bad", 10))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fake_server.service.calls["SampleStream"] == 1
+
+
+def test_async_client_retries_streams_and_errors(fake_server: FakeServer) -> None:
+    fake_server.service.fail["Sample"] = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    fake_server.service.stream_breaks_after_chunks = [1]
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+            result = await client.sample("fake-gen", seeds=[11], format="raw")
+            np.testing.assert_array_equal(result.images[0], fake_pixels(11, None))
+            indices = [i async for c in client.sample_stream("fake-gen", 20, chunk_size=6) for i in c.indices]
+            assert indices == list(range(20))
+            fake_server.service.fail["GetModel"] = [grpc.StatusCode.INVALID_ARGUMENT]
+            with pytest.raises(GenserveClientError) as info:
+                await client.get_model("fake-gen")
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.request_id and info.value.request_id.startswith("srv-")
+
+    asyncio.run(scenario())
+    assert fake_server.service.calls["Sample"] == 3
+    assert fake_server.service.calls["GetModel"] == 1

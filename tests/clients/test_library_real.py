@@ -1,0 +1,115 @@
+"""Every RPC of both clients against a real server (the shared tiny-model server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from genserve_client import AsyncGenserveClient, GenserveClient, GenserveClientError
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server: Any) -> Any:
+    with GenserveClient(tiny_server.target) as c:
+        yield c
+
+
+def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_models_and_cards(client: GenserveClient) -> None:
+    kinds = {m.name: m.kind for m in client.list_models()}
+    assert kinds["tiny-cond"] == "conditional_generator" and kinds["tiny-sr"] == "super_resolution"
+    info = client.get_model("tiny-cond")
+    assert list(info.class_names) == [str(i) for i in range(10)] and info.latent_dim == 16
+
+
+def test_sample_formats_agree_and_seeds_are_pure(client: GenserveClient) -> None:
+    raw = client.sample("tiny-cond", seeds=[5, 6, 7], labels=[1, 2, 3], format="raw", return_latents=True)
+    png = client.sample("tiny-cond", seeds=[6], labels=[2], format="png")
+    tensor = client.sample("tiny-cond", seeds=[6], labels=[2], format="tensor")
+    assert raw.seeds == [5, 6, 7] and raw.labels == [1, 2, 3]
+    assert raw.images[0].shape == (8, 8, 1) and raw.images[0].dtype == np.uint8
+    np.testing.assert_array_equal(png.images[0], raw.images[1])  # alone or in a batch: same image
+    assert tensor.images[0].shape == (1, 8, 8) and tensor.images[0].dtype == np.float32
+    assert raw.latents is not None and raw.latents.shape == (3, 16)
+    # Explicit latents reproduce the seeded images.
+    again = client.sample("tiny-cond", latents=raw.latents, labels=[1, 2, 3], format="raw")
+    for a, b in zip(again.images, raw.images, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert raw.provenance.model == "tiny-cond" and raw.provenance.rng_algorithm
+    assert raw.request_id
+
+
+def test_stream_interpolate_encode_decode(client: GenserveClient) -> None:
+    chunks = list(
+        client.sample_stream("tiny-gen", 12, base_seed=40, chunk_size=5, start_index=2, format="raw")
+    )
+    assert [i for c in chunks for i in c.indices] == list(range(2, 12))
+    single = client.sample("tiny-gen", seeds=[45], format="raw")
+    np.testing.assert_array_equal(chunks[0].images[3], single.images[0])  # index 5 = seed 45
+
+    path = client.interpolate("tiny-gen", 1, 2, 5, mode="lerp", format="raw", return_latents=True)
+    ends = client.sample("tiny-gen", seeds=[1, 2], format="raw")
+    assert len(path.items) == 5
+    np.testing.assert_array_equal(path.images[0], ends.images[0])
+    np.testing.assert_array_equal(path.images[-1], ends.images[1])
+
+    digit = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    enc = client.encode("tiny-vae-enc", [digit, Image.fromarray(digit)], sample=True, seed=3)
+    assert enc.mu.shape == (2, 8) and enc.logvar.shape == (2, 8) and enc.z is not None
+    np.testing.assert_allclose(enc.mu[0], enc.mu[1])  # ndarray and PIL inputs are the same image
+    dec = client.decode("tiny-vae-dec", enc.mu, format="raw")
+    assert [im.shape for im in dec.images] == [(8, 8, 1)] * 2
+
+
+def test_super_resolve_and_translate(client: GenserveClient) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(rgb(12, 16)).save(buf, format="PNG")
+    sr = client.super_resolve("tiny-sr", [rgb(10, 14), buf.getvalue()], format="raw")
+    assert [im.shape for im in sr.images] == [(20, 28, 3), (24, 32, 3)]
+    assert len(sr.tiles) == 2 and all(t >= 1 for t in sr.tiles)
+    tr = client.translate("tiny-i2i", [rgb(12, 20)])
+    assert tr.images[0].shape == (12, 20, 3) and tr.pil()[0].size == (20, 12)
+
+
+def test_errors_carry_code_message_and_request_id(client: GenserveClient) -> None:
+    with pytest.raises(GenserveClientError) as info:
+        client.sample("tiny-gen", 1000)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "count" in info.value.details and info.value.request_id
+    with pytest.raises(GenserveClientError) as info:
+        client.get_model("no-such-model")
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_async_client_calls_every_rpc(tiny_server: Any) -> None:
+    async def scenario() -> None:
+        async with AsyncGenserveClient(tiny_server.target) as client:
+            many = await asyncio.gather(
+                *(client.sample("tiny-gen", seeds=[s], format="raw") for s in range(8))
+            )
+            batch = await client.sample("tiny-gen", seeds=list(range(8)), format="raw")
+            for one, image in zip(many, batch.images, strict=True):
+                np.testing.assert_array_equal(one.images[0], image)
+            streamed = [i async for c in client.sample_stream("tiny-gen", 9, chunk_size=4) for i in c.indices]
+            assert streamed == list(range(9))
+            assert len((await client.interpolate("tiny-gen", 3, 4, 3)).items) == 3
+            enc = await client.encode("tiny-vae-enc", [np.zeros((8, 8), np.uint8)])
+            assert (await client.decode("tiny-vae-dec", enc.mu)).images[0].shape == (8, 8, 1)
+            assert (await client.super_resolve("tiny-sr", [rgb(8, 8)])).images[0].shape == (16, 16, 3)
+            assert (await client.translate("tiny-i2i", [rgb(8, 8)])).images[0].shape == (8, 8, 3)
+            assert {m.name for m in await client.list_models()} >= {"tiny-gen", "tiny-cond"}
+            assert (await client.get_model("tiny-gen")).kind == "generator"
+            with pytest.raises(GenserveClientError) as info:
+                await client.sample("tiny-gen", 0)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(scenario())

@@ -1,0 +1,130 @@
+"""TLS and mTLS options against a fake server with certificates made by the openssl CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from client_fakes import FakeService, run_cli
+
+from genserve.v1 import genserve_pb2_grpc
+from genserve_client import ChannelConfig, GenserveClient, GenserveClientError, RetryPolicy, TlsOptions
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+SERVER_NAME = "genserve.test"  # not the target's host: the client must override the name
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=genserve test CA",
+        cwd=d,
+    )
+    for name, ext in (
+        ("server", f"subjectAltName=DNS:{SERVER_NAME}"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
+    return d
+
+
+@pytest.fixture
+def mtls_target(pki: Path) -> Iterator[str]:
+    creds = grpc.ssl_server_credentials(
+        [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
+        root_certificates=(pki / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(FakeService(), server)
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def test_mtls_with_server_name_override(pki: Path, mtls_target: str) -> None:
+    tls = TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.key", SERVER_NAME)
+    with GenserveClient(ChannelConfig(mtls_target, tls=tls, token="t")) as client:
+        assert [m.name for m in client.list_models()] == ["fake-gen", "fake-cond"]
+    proc = run_cli(
+        "--target",
+        mtls_target,
+        "--tls-ca",
+        str(pki / "ca.pem"),
+        "--tls-cert",
+        str(pki / "client.pem"),
+        "--tls-key",
+        str(pki / "client.key"),
+        "--tls-server-name",
+        SERVER_NAME,
+        "models",
+    )
+    assert proc.returncode == 0 and "fake-cond" in proc.stdout, proc.stderr
+
+
+def test_without_a_client_certificate_the_handshake_fails(pki: Path, mtls_target: str) -> None:
+    tls = TlsOptions.from_files(pki / "ca.pem", server_name_override=SERVER_NAME)
+    no_retry = RetryPolicy(max_attempts=1)
+    with GenserveClient(ChannelConfig(mtls_target, tls=tls), retry=no_retry, timeout_s=5) as client:
+        with pytest.raises(GenserveClientError) as info:
+            client.list_models()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_needs_both_cert_and_key(pki: Path) -> None:
+    with pytest.raises(ValueError, match="both"):
+        TlsOptions.from_files(pki / "ca.pem", cert=pki / "client.pem")

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny model repository and a real genserve server subprocess on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "server"))
+
+from server_support import ServerProcess, build_tiny_repo, start_server  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = REPO_ROOT / "models"
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with one tiny ONNX graph of every kind (+ slow and broken models)."""
+    return build_tiny_repo(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server over the tiny repository, shared by the integration tests."""
+    server = start_server(tiny_repo, tmp_path_factory.mktemp("tiny-server"))
+    yield server
+    server.stop()

@@ -1,0 +1,249 @@
+"""deploy/k8s/: every manifest validates offline against Kubernetes' schemas, and the objects agree.
+
+Built-in kinds are validated strictly (unknown fields are errors, as with `kubectl apply`'s strict
+field validation) by kubernetes-validate against the newest schemas it ships; the PodMonitor, a
+custom resource kubernetes-validate cannot check, against tests/ecosystem/schemas/. Then the
+cross-references a schema cannot see: selectors match the pod labels, probe and target ports
+exist, the HPA scales this Deployment on the metric the adapter rule serves, and the grace period
+outlasts the server's drain.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from ecosystem_helpers import K8S_DIR, ROOT, SCHEMA_DIR
+
+Manifest = dict[str, Any]
+NOT_OBJECTS = {"kustomization.yaml", "prometheus-adapter-rules.yaml"}  # config files, not API objects
+GRPC_PORT = 50051
+METRICS_PORT = 9090
+DRAIN_GRACE_S = 20  # the server's SIGTERM drain, `--drain-grace-s` in deployment.yaml
+
+
+def _load(path: Path) -> list[Manifest]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(p for p in K8S_DIR.glob("*.yaml") if p.name not in NOT_OBJECTS)
+
+
+@pytest.fixture(scope="module")
+def objects() -> dict[tuple[str, str], Manifest]:
+    found: dict[tuple[str, str], Manifest] = {}
+    for path in _manifest_files():
+        for doc in _load(path):
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in found, f"{path.name}: duplicate {key}"
+            found[key] = doc
+    return found
+
+
+def _validate_builtin(doc: Manifest) -> None:
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def _podmonitor_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(
+        (SCHEMA_DIR / "monitoring.coreos.com_v1_podmonitor.schema.json").read_text()
+    )
+    return schema
+
+
+def _validate(doc: Manifest) -> None:
+    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        assert doc["kind"] == "PodMonitor", f"no schema for {doc['kind']}; add one to {SCHEMA_DIR}"
+        jsonschema.validate(doc, _podmonitor_schema())
+    else:
+        _validate_builtin(doc)
+
+
+@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: p.name)
+def test_manifest_validates_against_its_schema(path: Path) -> None:
+    docs = _load(path)
+    assert docs, f"{path.name} is empty"
+    for doc in docs:
+        _validate(doc)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = _load(K8S_DIR / "kustomization.yaml")[0]
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in _manifest_files())
+
+
+@pytest.mark.parametrize(
+    ("kind", "mutate", "message"),
+    [
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"].update(
+                prot=50051
+            ),
+            "prot",
+        ),
+        ("Deployment", lambda d: d["spec"].update(replicas="two"), "two"),
+        (
+            "HorizontalPodAutoscaler",
+            lambda d: d["spec"]["metrics"][0]["pods"].update(metricName="x"),
+            "metricName",
+        ),
+        ("PodMonitor", lambda d: d["spec"]["podMetricsEndpoints"][0].update(intervall="15s"), "intervall"),
+        (
+            "PodMonitor",
+            lambda d: d["spec"]["podMetricsEndpoints"][0].update(interval="15 seconds"),
+            "15 seconds",
+        ),
+        ("PodMonitor", lambda d: d["spec"].pop("selector"), "selector"),
+    ],
+)
+def test_validation_catches_mistakes(
+    objects: dict[tuple[str, str], Manifest], kind: str, mutate: Any, message: str
+) -> None:
+    """The validators are not vacuous: a typo, a wrong type, a bad enum or duration is refused."""
+    doc = copy.deepcopy(next(d for (k, _), d in objects.items() if k == kind))
+    mutate(doc)
+    with pytest.raises((kubernetes_validate.ValidationError, jsonschema.ValidationError)) as err:
+        _validate(doc)
+    assert message in str(err.value)
+
+
+def _deployment(objects: dict[tuple[str, str], Manifest]) -> Manifest:
+    return objects[("Deployment", "genserve")]
+
+
+def _container(objects: dict[tuple[str, str], Manifest]) -> Manifest:
+    containers = _deployment(objects)["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: Manifest = containers[0]
+    return container
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_selectors_match_the_pods(objects: dict[tuple[str, str], Manifest]) -> None:
+    deployment = _deployment(objects)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    services = [d for (k, _), d in objects.items() if k == "Service"]
+    assert services
+    for service in services:
+        assert _matches(service["spec"]["selector"], pod_labels), service["metadata"]["name"]
+    assert _matches(
+        objects[("PodDisruptionBudget", "genserve")]["spec"]["selector"]["matchLabels"], pod_labels
+    )
+    assert _matches(objects[("PodMonitor", "genserve")]["spec"]["selector"]["matchLabels"], pod_labels)
+
+
+def test_ports_and_probes_exist(objects: dict[tuple[str, str], Manifest]) -> None:
+    container = _container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    args = container["args"]
+    assert args[0] == "serve"
+    assert int(args[args.index("--port") + 1]) == ports["grpc"]
+    assert int(args[args.index("--metrics-port") + 1]) == ports["metrics"]
+    for service in (d for (k, _), d in objects.items() if k == "Service"):
+        for port in service["spec"]["ports"]:
+            target = port["targetPort"]
+            assert target in ports or target in ports.values(), f"{service['metadata']['name']}: {target}"
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[name]
+        assert set(probe) & {"grpc", "httpGet", "exec", "tcpSocket"} == {"grpc"}, (
+            f"{name} must be a gRPC probe"
+        )
+        assert probe["grpc"]["port"] == ports["grpc"], name
+    # Readiness asks about the whole server: "" is grpc.health.v1's overall status.
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
+    endpoint = objects[("PodMonitor", "genserve")]["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] in ports and ports[endpoint["port"]] == METRICS_PORT
+    assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+def test_requests_one_gpu_and_runs_as_the_images_user(objects: dict[tuple[str, str], Manifest]) -> None:
+    container = _container(objects)
+    resources = container["resources"]
+    assert str(resources["limits"]["nvidia.com/gpu"]) == "1"
+    # Extended resources cannot be overcommitted: a request, if given, equals the limit.
+    assert str(resources["requests"].get("nvidia.com/gpu", 1)) == "1"
+    pod_security = _deployment(objects)["spec"]["template"]["spec"]["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    assert f"USER {pod_security['runAsUser']}:" in (ROOT / "Dockerfile").read_text()
+
+
+def test_grace_period_outlasts_the_drain(objects: dict[tuple[str, str], Manifest]) -> None:
+    """The kubelet's SIGKILL comes terminationGracePeriodSeconds after termination starts (preStop
+    included); the server needs the preStop pause plus its drain grace, with margin, before it."""
+    spec = _deployment(objects)["spec"]["template"]["spec"]
+    container = _container(objects)
+    args = container["args"]
+    drain_s = float(args[args.index("--drain-grace-s") + 1])
+    assert drain_s == DRAIN_GRACE_S
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    pre_stop_s = 0.0
+    if "exec" in pre_stop:
+        command = pre_stop["exec"]["command"]
+        assert command[0] == "sleep"
+        pre_stop_s = float(command[1])
+    elif "sleep" in pre_stop:
+        pre_stop_s = float(pre_stop["sleep"]["seconds"])
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop_s + drain_s + 10
+
+
+def test_hpa_scales_the_deployment_on_the_adapter_metric(objects: dict[tuple[str, str], Manifest]) -> None:
+    hpa = objects[("HorizontalPodAutoscaler", "genserve")]
+    target = hpa["spec"]["scaleTargetRef"]
+    deployment = _deployment(objects)
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        deployment["apiVersion"],
+        deployment["kind"],
+        deployment["metadata"]["name"],
+    )
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    # The adapter serves that name, from a series the server exports (docs/metrics-contract.md).
+    rule = _adapter_rule(name)
+    assert rule["name"]["as"] == name
+    series = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", rule["seriesQuery"])
+    assert series is not None
+    assert f"`{series.group(1)}` | gauge" in (ROOT / "docs" / "metrics-contract.md").read_text()
+    assert rule["resources"]["overrides"]["pod"]["resource"] == "pod"
+    assert rule["resources"]["overrides"]["namespace"]["resource"] == "namespace"
+    # The PDB never blocks a drain forever: with minReplicas pods, one can always be evicted.
+    pdb = objects[("PodDisruptionBudget", "genserve")]["spec"]
+    if "minAvailable" in pdb:
+        assert pdb["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+def _adapter_rule(metric: str) -> dict[str, Any]:
+    config = _load(K8S_DIR / "prometheus-adapter-rules.yaml")[0]
+    rules = [r for r in config["rules"] if r.get("name", {}).get("as") == metric]
+    assert len(rules) == 1, f"one adapter rule must serve {metric}"
+    return dict(rules[0])
+
+
+def render_adapter_query(metric: str, namespace: str, pods: list[str]) -> str:
+    """metricsQuery as the Prometheus Adapter renders it for an HPA's Pods metric in `namespace`."""
+    rule = _adapter_rule(metric)
+    series = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", rule["seriesQuery"])
+    assert series is not None
+    matchers = f'namespace="{namespace}",pod=~"{"|".join(pods)}"'
+    query: str = rule["metricsQuery"]
+    return (
+        query.replace("<<.Series>>", series.group(1))
+        .replace("<<.LabelMatchers>>", matchers)
+        .replace("<<.GroupBy>>", "pod")
+    )

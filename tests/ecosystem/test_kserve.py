@@ -1,0 +1,320 @@
+"""The KServe v2 / Triton endpoint against the real clients: tritonclient and perf_analyzer.
+
+tritonclient 2.73 needs protobuf < 7 and genserve's stack protobuf 7, so tritonclient runs in its
+own venv (kept under .cache/ecosystem/, git-ignored) and this test drives a small client script
+there as a subprocess, against a real genserve server on 127.0.0.1 (the shared `tiny_server`).
+Outputs are checked against ONNX Runtime run directly on the same graphs and inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from ecosystem_helpers import CACHE_DIR, ROOT, run
+
+from genserve_server import latents
+
+SCRIPTS = Path(__file__).resolve().parent / "kserve_scripts"
+TRITONCLIENT = "2.73.0"  # newest on PyPI; pins protobuf<7, hence its own venv
+# The newest tritonclient wheel whose bundled perf_analyzer runs on Debian 12 (glibc 2.36): 2.51+
+# need glibc 2.38. It links libb64.so.0d (Debian package libb64-0d) and libcudart.so.12 (PyPI
+# nvidia-cuda-runtime-cu12), fetched beside it. PyPI's `perf-analyzer` 0.1.0 is an empty placeholder.
+PERF_ANALYZER_FROM = "2.50.0"
+GEN, COND, SR = "tiny-gen", "tiny-cond", "tiny-sr"
+
+
+def _skip(reason: str) -> None:
+    print(f"SKIP: {reason}")  # noqa: T201 - the issue asks for the reason to be printed
+    pytest.skip(reason)
+
+
+def _tool_venv(name: str, requirements: list[str]) -> Path:
+    """A venv under .cache/ecosystem/<name> with `requirements`, created once and then reused."""
+    venv = CACHE_DIR / name
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    if stamp.exists() and stamp.read_text() == " ".join(requirements) and python.exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "venv", str(venv)], timeout_s=120)
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", *requirements],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(venv, ignore_errors=True)
+        _skip(f"cannot install {requirements} from the package registry: {proc.stderr.strip()[-500:]}")
+    stamp.write_text(" ".join(requirements))
+    return python
+
+
+@pytest.fixture(scope="session")
+def triton_python() -> Path:
+    return _tool_venv(f"tritonvenv-{TRITONCLIENT}", [f"tritonclient[grpc]=={TRITONCLIENT}"])
+
+
+# ---------------------------------------------------------------------------- wire compatibility
+
+
+def _describe(python: Path, modules: list[str]) -> dict[str, Any]:
+    proc = run([str(python), "-W", "ignore", str(SCRIPTS / "describe_protos.py"), *modules], timeout_s=60)
+    described: dict[str, Any] = json.loads(proc.stdout)
+    return described
+
+
+def test_protos_are_wire_compatible_with_tritonclient(triton_python: Path) -> None:
+    """Every message, field (name, number, type, label, oneof), enum value and RPC of
+    protos/inference/*.proto is identical in tritonclient's own compiled descriptors."""
+    ours = _describe(Path(sys.executable), ["inference.grpc_service_pb2", "inference.model_config_pb2"])
+    theirs = _describe(triton_python, ["tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2"])
+    problems = []
+    for kind in ("messages", "enums", "services"):
+        for name, body in ours[kind].items():
+            if name not in theirs[kind]:
+                problems.append(f"{kind} {name}: not in tritonclient")
+                continue
+            for member, spec in body.items():
+                if theirs[kind][name].get(member) != spec:
+                    problems.append(
+                        f"{name}.{member}: ours {spec}, tritonclient {theirs[kind][name].get(member)}"
+                    )
+    assert not problems, "\n".join(problems)
+    # What perf_analyzer and tritonclient call on a plain run is all there.
+    assert set(ours["services"]["inference.GRPCInferenceService"]) >= {
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "ModelConfig", "ModelStatistics",
+    }  # fmt: skip
+    assert len(ours["messages"]) >= 30  # the comparison really covered the messages
+
+
+# ---------------------------------------------------------------------------- tritonclient
+
+
+def _ort(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def _card(repo: Path, model: str) -> dict[str, Any]:
+    card: dict[str, Any] = json.loads((repo / model / "1" / "card.json").read_text())
+    return card
+
+
+@pytest.fixture(scope="module")
+def client_run(
+    triton_python: Path, tiny_server: Any, tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    work = tmp_path_factory.mktemp("tritonclient")
+    rng = np.random.default_rng(0)
+    gen_dim = _card(tiny_repo, GEN)["latent_dim"]
+    cond_dim = _card(tiny_repo, COND)["latent_dim"]
+    given = {
+        "gen_z": rng.standard_normal((4, gen_dim), dtype=np.float32),
+        "cond_z": rng.standard_normal((3, cond_dim), dtype=np.float32),
+        "cond_label": np.array([0, 9, 4], np.int64),
+        "sr_image": rng.random((2, 3, 12, 20), dtype=np.float32),
+    }
+    np.savez(work / "in.npz", **given)
+    run(
+        [
+            str(triton_python), str(SCRIPTS / "triton_client_check.py"), "--url", tiny_server.target,
+            "--inputs", str(work / "in.npz"), "--out", str(work / "out.npz"),
+            "--report", str(work / "report.json"),
+            "--generator", GEN, "--conditional", COND, "--sr", SR,
+        ],
+        timeout_s=120,
+    )  # fmt: skip
+    report = json.loads((work / "report.json").read_text())
+    with np.load(work / "out.npz") as got:
+        return report, given, dict(got)
+
+
+def test_tritonclient_health_and_metadata(
+    client_run: tuple[dict[str, Any], Any, Any], tiny_repo: Path
+) -> None:
+    report = client_run[0]
+    assert report["live"] and report["ready"] and all(report["models_ready"].values())
+    assert report["server"]["name"] == "genserve"
+    assert {"model_configuration", "statistics"} <= set(report["server"]["extensions"])
+    meta = report["metadata"][GEN]
+    card = _card(tiny_repo, GEN)
+    assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [
+        ("z", "FP32", [-1, card["latent_dim"]])
+    ]
+    assert [t["name"] for t in report["metadata"][SR]["inputs"]] == ["image"]
+    config = report["config"][COND]["config"]
+    model_config = json.loads((tiny_repo / COND / "config.json").read_text())
+    assert config["max_batch_size"] == model_config["batching"]["max_batch_size"]
+    assert {i["name"]: i["data_type"] for i in config["input"]} == {"z": "TYPE_FP32", "label": "TYPE_INT64"}
+    assert "dynamic_batching" in config
+
+
+def test_tritonclient_generator_matches_onnxruntime(
+    client_run: tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]], tiny_repo: Path
+) -> None:
+    report, given, got = client_run
+    expected = _ort(tiny_repo / GEN / "1" / "model.onnx", {"z": given["gen_z"]})["image"]
+    np.testing.assert_allclose(got["gen_z_image"], expected, rtol=1e-5, atol=1e-6)
+    assert report["gen_z_id"] == "gen-z"
+    # seed + count parameters: image i uses seed + i, the latents genserve.v1 derives for base_seed.
+    assert int(report["gen_seed_params"]["seed"]["int64_param"]) == 1234
+    z = latents.latents_for_seeds([1234, 1235, 1236], _card(tiny_repo, GEN)["latent_dim"])
+    expected = _ort(tiny_repo / GEN / "1" / "model.onnx", {"z": z})["image"]
+    np.testing.assert_allclose(got["gen_seed_image"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tritonclient_conditional_generator_matches_onnxruntime(
+    client_run: tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]], tiny_repo: Path
+) -> None:
+    _, given, got = client_run
+    model = tiny_repo / COND / "1" / "model.onnx"
+    expected = _ort(model, {"z": given["cond_z"], "label": given["cond_label"]})["image"]
+    np.testing.assert_allclose(got["cond_image"], expected, rtol=1e-5, atol=1e-6)
+    z = latents.latents_for_seeds([7, 8], _card(tiny_repo, COND)["latent_dim"])
+    expected = _ort(model, {"z": z, "label": np.array([3, 3], np.int64)})["image"]
+    np.testing.assert_allclose(got["cond_seed_image"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tritonclient_super_resolution_matches_onnxruntime(
+    client_run: tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]], tiny_repo: Path
+) -> None:
+    _, given, got = client_run
+    card = _card(tiny_repo, SR)
+    [expected] = _ort(tiny_repo / SR / "1" / "model.onnx", {"image": given["sr_image"]}).values()
+    assert got["sr_image"].shape == (2, 3, 12 * card["scale_factor"], 20 * card["scale_factor"])
+    np.testing.assert_allclose(got["sr_image"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tritonclient_errors_and_statistics(
+    client_run: tuple[dict[str, Any], Any, Any], tiny_server: Any
+) -> None:
+    report = client_run[0]
+    errors = report["errors"]
+    assert errors["label_out_of_range"].startswith("StatusCode.INVALID_ARGUMENT"), errors
+    assert "parameters[label]" in errors["label_out_of_range"]
+    assert errors["unknown_model"].startswith("StatusCode.NOT_FOUND"), errors
+    assert (
+        errors["wrong_z_width"].startswith("StatusCode.INVALID_ARGUMENT")
+        and "inputs[z]" in errors["wrong_z_width"]
+    )
+    [stats] = report["statistics"]["model_stats"]
+    assert int(stats["inference_count"]) >= 4 + 3  # rows computed: z batch of 4 + 3 seeded images
+    assert int(stats["execution_count"]) >= 1
+    assert int(stats["inference_stats"]["success"]["count"]) >= 2
+    # The same calls are in genserve's Prometheus metrics, under method="ModelInfer".
+    assert tiny_server.metric("genserve_requests_total", model=GEN, method="ModelInfer", code="OK") >= 2
+
+
+# ---------------------------------------------------------------------------- perf_analyzer
+
+
+def _perf_analyzer() -> tuple[Path, dict[str, str]]:
+    """perf_analyzer from tritonclient's manylinux wheel plus the two libraries it links."""
+    home = CACHE_DIR / f"perf_analyzer-{PERF_ANALYZER_FROM}"
+    binary = home / "perf_analyzer"
+    libs = home / "lib"
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    if binary.exists() and (libs / "libb64.so.0d").exists() and (libs / "libcudart.so.12").exists():
+        return binary, env
+    shutil.rmtree(home, ignore_errors=True)
+    downloads = home / "downloads"
+    downloads.mkdir(parents=True)
+    libs.mkdir()
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "-d",
+        str(downloads),
+        "--only-binary=:all:",
+    ]
+    steps: list[tuple[str, list[str]]] = [
+        (
+            "tritonclient wheel",
+            [*pip, "--platform", "manylinux1_x86_64", f"tritonclient=={PERF_ANALYZER_FROM}"],
+        ),
+        (
+            "libcudart.so.12",
+            [*pip, "--platform", "manylinux2014_x86_64", "nvidia-cuda-runtime-cu12==12.9.79"],
+        ),
+    ]
+    for what, cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            _skip(f"perf_analyzer: cannot download the {what}: {proc.stderr.strip()[-300:]}")
+    apt = shutil.which("apt-get")
+    if apt is None or shutil.which("dpkg-deb") is None:
+        _skip("perf_analyzer needs libb64.so.0d: no apt-get/dpkg-deb to fetch Debian's libb64-0d here")
+    proc = subprocess.run(
+        [apt, "download", "libb64-0d"],
+        cwd=downloads,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        _skip(
+            "perf_analyzer needs libb64.so.0d: `apt-get download libb64-0d` failed: "
+            f"{proc.stderr.strip()[-300:]}"
+        )
+    [deb] = downloads.glob("libb64-0d_*.deb")
+    run(["dpkg-deb", "-x", str(deb), str(home / "deb")], timeout_s=60)
+    shutil.copy2(next((home / "deb").rglob("libb64.so.0d*")), libs / "libb64.so.0d")
+    for wheel in downloads.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                if member.endswith("/bin/perf_analyzer"):
+                    binary.write_bytes(archive.read(member))
+                elif member.endswith("/libcudart.so.12"):
+                    (libs / "libcudart.so.12").write_bytes(archive.read(member))
+    binary.chmod(0o755)
+    shutil.rmtree(downloads)
+    return binary, env
+
+
+@pytest.mark.slow
+def test_perf_analyzer_runs_against_genserve(tiny_server: Any) -> None:
+    """Triton's own load generator: model config, statistics and ModelInfer all work for it."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        _skip("perf_analyzer wheels are x86_64 Linux only")
+    binary, env = _perf_analyzer()
+    before = tiny_server.metric("genserve_requests_total", model=GEN, method="ModelInfer", code="OK")
+    cmd = [
+        str(binary), "-m", GEN, "-i", "grpc", "-u", tiny_server.target,
+        "--concurrency-range", "1:4:3", "--measurement-interval", "1000",
+        # Random FP32 bytes are not latents (|z| <= 1e4 is enforced): send zeros.
+        "--input-data", "zero",
+        # A noisy 2-core machine rarely meets the default 10% stability; this is a smoke run.
+        "--stability-percentage", "100", "--max-trials", "5",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
+    output = proc.stdout + proc.stderr
+    assert "Request concurrency: 1" in output, output
+    assert "Server:" in output and "Successful request count" in output, output
+    throughput = [float(x) for x in re.findall(r"Throughput: ([0-9.]+) infer/sec", output)]
+    assert throughput and min(throughput) > 0, output
+    assert proc.returncode == 0, output
+    after = tiny_server.metric("genserve_requests_total", model=GEN, method="ModelInfer", code="OK")
+    assert after - before >= 100  # its requests went through genserve's batcher and metrics
+    ROOT.joinpath(".cache", "ecosystem", "perf_analyzer-last.txt").write_text(output)

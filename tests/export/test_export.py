@@ -1,0 +1,252 @@
+"""export_model, verify_repository and every default recipe, end to end but quickly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from genserve_export import (
+    CardFieldError,
+    FrozenBatchAxisError,
+    KindMismatchError,
+    NonFiniteOutputError,
+    export_model,
+    verify_repository,
+)
+from genserve_export.build import train_and_export
+from genserve_export.cli import main as cli_main
+from genserve_export.recipes import RECIPES
+
+QUICK_STEPS = 3
+
+
+# --- small user modules ----------------------------------------------------------------------
+
+
+class TinyGenerator(nn.Module):
+    """A user's own generator: z [N, 8] → image [N, 3, 8, 8] in [-1, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 16 * 4 * 4)
+        self.up = nn.ConvTranspose2d(16, 3, 4, 2, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.up(torch.relu(self.fc(z)).reshape(-1, 16, 4, 4)))
+
+
+class TinyTranslator(nn.Module):
+    """A user's own fully convolutional image-to-image net (RGB → gray)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(image))
+
+
+def _z(batch: int = 2) -> dict[str, np.ndarray]:
+    return {"z": np.random.default_rng(0).standard_normal((batch, 8)).astype(np.float32)}
+
+
+CARD = {"description": "a user's tiny generator", "output_range": [-1.0, 1.0]}
+
+
+# --- the default recipes ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every registered recipe, trained for a few steps and exported."""
+    out = tmp_path_factory.mktemp("models")
+    for name in RECIPES:
+        result = train_and_export(name, out, steps=QUICK_STEPS, progress=False, command="pytest")
+        assert result.paths, name
+    return out
+
+
+def test_every_recipe_exports_and_verifies(quick_repository: Path, tmp_path: Path) -> None:
+    report = verify_repository(quick_repository, grids_dir=tmp_path / "grids", check_thresholds=False)
+    assert report.ok, report.format()
+    names = {m.name for m in report.models}
+    assert names == {entry for recipe in RECIPES.values() for entry in recipe.names}
+    for model in report.models:
+        assert model.quality_recomputed, f"{model.name}: quality not recomputed"
+        card = json.loads((model.path / "card.json").read_text())
+        assert card["training"]["steps"] == QUICK_STEPS
+        assert card["training"]["seed"] == 0
+        assert card["training"]["source_commit"]
+        assert card["parity"]["fp32_max_abs_diff"] <= 1e-4
+        if card["kind"] in (
+            "generator",
+            "conditional_generator",
+            "vae_decoder",
+            "super_resolution",
+            "image_to_image",
+        ):
+            assert model.grid is not None and model.grid.exists()
+    # undertrained models miss their thresholds: verify with thresholds on must say so
+    strict = verify_repository(quick_repository, recompute_quality=True)
+    assert not strict.ok
+    assert any("quality" in e for m in strict.models for e in m.errors)
+
+
+def test_verify_cli_exit_codes(quick_repository: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["verify", str(quick_repository), "--no-thresholds"]) == 0
+    assert "parity" in capsys.readouterr().out
+    assert cli_main(["verify", str(quick_repository)]) == 1
+
+
+def test_verify_rejects_tampered_model(quick_repository: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(quick_repository / "dcgan-digits", repo / "dcgan-digits")
+    model = repo / "dcgan-digits" / "1" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0xFF
+    model.write_bytes(bytes(data))
+    report = verify_repository(repo, recompute_quality=False)
+    assert not report.ok
+    assert any("sha256" in e for e in report.models[0].errors), report.format()
+
+
+def test_verify_rejects_card_that_lies_about_shapes(quick_repository: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(quick_repository / "cgan-digits", repo / "cgan-digits")
+    card_path = repo / "cgan-digits" / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["outputs"][0]["shape"] = [-1, 3, 28, 28]  # the graph gives 1 channel
+    card_path.write_text(json.dumps(card))
+    report = verify_repository(repo, recompute_quality=False)
+    assert not report.ok
+    assert any("the card says" in e for e in report.models[0].errors), report.format()
+
+
+# --- the public API with a user's module -----------------------------------------------------
+
+
+def test_user_module_exports_and_serves(tmp_path: Path) -> None:
+    module = TinyGenerator().eval()
+    path = export_model(
+        module, kind="generator", name="my-gan", version="3", out_dir=tmp_path, example_inputs=_z(), card=CARD
+    )
+    assert path == tmp_path / "my-gan" / "3"
+    card = json.loads((path / "card.json").read_text())
+    assert card["inputs"] == [{"name": "z", "dtype": "float32", "shape": [-1, 8]}]
+    assert card["outputs"] == [{"name": "image", "dtype": "float32", "shape": [-1, 3, 8, 8]}]
+    assert card["image_size"] == [8, 8] and card["channels"] == 3 and card["latent_dim"] == 8
+    config = json.loads((path.parent / "config.json").read_text())
+    assert config["kind"] == "generator"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+    sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    z = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    (image,) = sess.run(["image"], {"z": z})
+    with torch.no_grad():
+        expected = module(torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(image, expected, atol=1e-4)
+    assert verify_repository(tmp_path).ok
+
+
+def test_user_fully_convolutional_module_has_dynamic_size(tmp_path: Path) -> None:
+    path = export_model(
+        TinyTranslator(),
+        kind="image_to_image",
+        name="my-gray",
+        out_dir=tmp_path,
+        fp16=False,
+        example_inputs={"image": np.random.default_rng(0).random((2, 3, 16, 24), dtype=np.float32)},
+        card={"description": "rgb to gray", "output_range": [0, 1], "input_range": [0, 1]},
+    )
+    card = json.loads((path / "card.json").read_text())
+    assert card["outputs"][0] == {"name": "output_image", "dtype": "float32", "shape": [-1, 1, -1, -1]}
+    assert card["input_channels"] == 3 and card["channels"] == 1 and card["image_size"] is None
+    assert not (path / "model.fp16.onnx").exists()
+    assert verify_repository(tmp_path).ok
+
+
+# --- bad input: one clear exception, nothing written -----------------------------------------
+
+
+class WrongOutputs(nn.Module):
+    def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"picture": z.reshape(len(z), 1, 2, 4)}
+
+
+class WrongRank(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * 0.5
+
+
+class TwoChannels(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z.reshape(len(z), 2, 2, 2))
+
+
+class FrozenBatch(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z.reshape(2, 1, 2, 4))  # batch written in as a constant
+
+
+class ProducesNaN(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(z - 10.0).reshape(len(z), 1, 2, 4)
+
+
+@pytest.mark.parametrize(
+    ("module", "card", "error", "message"),
+    [
+        (WrongOutputs(), CARD, KindMismatchError, "image"),
+        (WrongRank(), CARD, KindMismatchError, "rank"),
+        (TwoChannels(), CARD, KindMismatchError, "channels"),
+        (FrozenBatch(), CARD, FrozenBatchAxisError, "batch"),
+        (ProducesNaN(), CARD, NonFiniteOutputError, "NaN"),
+        (TinyGenerator(), {"output_range": [-1, 1]}, CardFieldError, "description"),
+        (TinyGenerator(), {**CARD, "channels": 1}, CardFieldError, "channels"),
+        (TinyGenerator(), {**CARD, "output_range": [0, 1]}, CardFieldError, "output_range"),
+    ],
+    ids=[
+        "output-names",
+        "output-rank",
+        "channels",
+        "frozen-batch",
+        "nan",
+        "missing-field",
+        "lying-channels",
+        "range",
+    ],
+)
+def test_bad_input_raises_and_writes_nothing(
+    module: nn.Module, card: dict[str, object], error: type[Exception], message: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "models"
+    z = (
+        _z()
+        if not isinstance(module, FrozenBatch | WrongOutputs | WrongRank | TwoChannels | ProducesNaN)
+        else {"z": np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)}
+    )
+    with pytest.raises(error, match=message):
+        export_model(module, kind="generator", name="bad", out_dir=out, example_inputs=z, card=card)
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_wrong_example_input_names_raise(tmp_path: Path) -> None:
+    with pytest.raises(KindMismatchError, match="label"):
+        export_model(
+            TinyGenerator(),
+            kind="conditional_generator",
+            name="bad",
+            out_dir=tmp_path,
+            example_inputs=_z(),
+            card={**CARD, "class_names": ["a"]},
+        )
+    assert not any(tmp_path.rglob("*"))

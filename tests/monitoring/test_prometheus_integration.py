@@ -1,0 +1,234 @@
+"""A real Prometheus scrapes a live genserve during traffic; the dashboard's and the rules' PromQL
+runs against it, and promtool checks and unit-tests the rules.
+
+Needs `prometheus` and `promtool` on PATH (scripts/install_prometheus.sh). Without them the tests
+skip with the reason printed, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from monitoring_support import (
+    RULES,
+    RULES_TEST,
+    ServerProcess,
+    TrafficStats,
+    dashboard_exprs,
+    drive_sample_traffic,
+    free_port,
+    grafana_to_promql,
+    rule_exprs,
+    skip_or_fail_without_prometheus,
+)
+
+pytestmark = pytest.mark.prometheus
+
+P99_QUERY = "histogram_quantile(0.99, sum by (le) (rate(genserve_request_duration_seconds_bucket[30s])))"
+
+
+class Prometheus:
+    def __init__(self, binary: str, workdir: Path, metrics_port: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [
+                {"job_name": "genserve", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+            ],
+        }
+        config_path = workdir / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "prometheus.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config_path}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"prometheus exited ({self.proc.returncode}):\n{self.log_path.read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"prometheus not ready in {timeout_s} s:\n{self.log_path.read_text()}")
+
+    def api(self, path: str, **params: str) -> dict[str, Any]:
+        url = f"{self.url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as err:  # 400/422 carry the PromQL error as JSON
+            body = json.loads(err.read())
+        return body
+
+    def query(self, promql: str) -> dict[str, Any]:
+        return self.api("query", query=promql)
+
+    def wait_for_result(self, promql: str, timeout_s: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            last = self.query(promql)
+            assert last["status"] == "success", last
+            if last["data"]["result"]:
+                return list(last["data"]["result"])
+            time.sleep(0.5)
+        raise AssertionError(f"no result for {promql!r} in {timeout_s} s; last answer {last}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # by PID: Popen.terminate sends SIGTERM to this child only
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return skip_or_fail_without_prometheus()[1]
+
+
+@pytest.fixture(scope="module")
+def prometheus_with_traffic(
+    monitored_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Prometheus, TrafficStats]]:
+    """Prometheus scraping the server every second while Sample traffic runs for a few seconds."""
+    binary, _ = skip_or_fail_without_prometheus()
+    assert monitored_server.metrics_port is not None
+    prometheus = Prometheus(binary, tmp_path_factory.mktemp("prometheus"), monitored_server.metrics_port)
+    try:
+        prometheus.wait_ready()
+        prometheus.wait_for_result('up{job="genserve"} == 1', timeout_s=10)
+        stats: list[TrafficStats] = []
+        traffic = threading.Thread(
+            target=lambda: stats.append(
+                drive_sample_traffic(
+                    monitored_server.target, [1, 3, 8, 2, 5], concurrency=4, stop_at=time.monotonic() + 6
+                )
+            )
+        )
+        traffic.start()
+        # Two scrapes that both saw traffic give rate() something to work with.
+        prometheus.wait_for_result(P99_QUERY + " > 0", timeout_s=15)
+        traffic.join()
+        time.sleep(1.5)  # one more scrape after the last request
+        yield prometheus, stats[0]
+    finally:
+        prometheus.stop()
+
+
+def test_p99_latency_from_prometheus_is_non_empty(
+    prometheus_with_traffic: tuple[Prometheus, TrafficStats],
+) -> None:
+    prometheus, stats = prometheus_with_traffic
+    assert stats.ok_requests > 0 and set(stats.codes) == {"OK"}, stats.codes
+    answer = prometheus.query(P99_QUERY)
+    assert answer["status"] == "success", answer
+    result = answer["data"]["result"]
+    assert result, answer
+    p99 = float(result[0]["value"][1])
+    assert 0 < p99 <= 30, p99
+    # Counters through Prometheus agree with the traffic too.
+    requests = prometheus.query('sum(genserve_requests_total{method="Sample", code="OK"})')["data"]["result"]
+    assert float(requests[0]["value"][1]) >= stats.ok_requests
+
+
+def test_every_dashboard_and_rule_expression_runs(
+    prometheus_with_traffic: tuple[Prometheus, TrafficStats],
+) -> None:
+    prometheus, _ = prometheus_with_traffic
+    errors = {}
+    empty = []
+    for expr in dashboard_exprs() + rule_exprs():
+        promql = grafana_to_promql(expr.promql, rate_interval="30s")
+        answer = prometheus.query(promql)
+        if answer.get("status") != "success":
+            errors[expr.where] = f"{answer.get('errorType')}: {answer.get('error')} in {promql!r}"
+        elif not answer["data"]["result"]:
+            empty.append(expr.where)
+    assert not errors, errors
+    # Panels fed by the traffic just sent must show data.
+    for where in (
+        "panel 'Throughput per model' target A",
+        "panel 'End-to-end latency p50 / p95 / p99' target C",
+        "panel 'Batch size distribution' target A",
+        "panel 'Where the time goes: mean per stage' target B",
+    ):
+        assert where not in empty, f"{where} returned no data after traffic"
+
+
+def test_rules_load_and_evaluate_in_prometheus(
+    prometheus_with_traffic: tuple[Prometheus, TrafficStats],
+) -> None:
+    prometheus, _ = prometheus_with_traffic
+    deadline = time.monotonic() + 10
+    while True:
+        groups = prometheus.api("rules")["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        if rules and all(rule.get("lastEvaluation", "").startswith("20") for rule in rules):
+            break
+        assert time.monotonic() < deadline, f"rules not evaluated: {rules}"
+        time.sleep(0.5)
+    assert {r["name"] for r in rules} >= {
+        "GenserveP99LatencyHigh",
+        "GenserveModelNotReady",
+        "GenserveNoTraffic",
+    }
+    bad = {r["name"]: r.get("lastError") for r in rules if r.get("health") != "ok"}
+    assert not bad, bad
+    # The tiny model is ready and serving: the readiness alert stays quiet.
+    firing = {a["labels"]["alertname"] for a in prometheus.api("alerts")["data"]["alerts"]}
+    assert "GenserveModelNotReady" not in firing
+
+
+def test_promtool_check_rules(promtool: str) -> None:
+    result = subprocess.run(
+        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_test_rules_latency_and_readiness_fire(promtool: str) -> None:
+    result = subprocess.run(
+        [promtool, "test", "rules", RULES_TEST.name],
+        cwd=RULES_TEST.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout

@@ -1,0 +1,485 @@
+"""Test support for the server: tiny ONNX models of every kind, a repository writer, a server
+subprocess handle and a few client helpers. Small graphs built with the `onnx` helper API, so the
+integration tests are fast and independent of training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array, name)
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _z(dim: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", dim])
+
+
+def _image(name: str, c: int, h: int | str, w: int | str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", c, h, w])
+
+
+def generator_graph(latent_dim: int, c: int, h: int, w: int, seed: int = 0) -> onnx.ModelProto:
+    """z [N, Z] -> MatMul -> Tanh -> Reshape [N, C, H, W]."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0, 0.5, (latent_dim, c * h * w)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["z", "W"], ["hidden"]),
+        helper.make_node("Tanh", ["hidden"], ["act"]),
+        helper.make_node("Reshape", ["act", "shape"], ["image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "generator",
+        [_z(latent_dim)],
+        [_image("image", c, h, w)],
+        [_init("W", weights), _init("shape", np.array([-1, c, h, w], np.int64))],
+    )
+    return _model(graph)
+
+
+def conditional_graph(latent_dim: int, n_classes: int, c: int, h: int, w: int) -> onnx.ModelProto:
+    """z + Gather(embedding, label) -> MatMul -> Tanh -> Reshape."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Gather", ["E", "label"], ["emb"], axis=0),
+        helper.make_node("Add", ["z", "emb"], ["zc"]),
+        helper.make_node("MatMul", ["zc", "W"], ["hidden"]),
+        helper.make_node("Tanh", ["hidden"], ["act"]),
+        helper.make_node("Reshape", ["act", "shape"], ["image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conditional",
+        [_z(latent_dim), helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])],
+        [_image("image", c, h, w)],
+        [
+            _init("E", (rng.normal(0, 3, (n_classes, latent_dim))).astype(np.float32)),
+            _init("W", rng.normal(0, 0.5, (latent_dim, c * h * w)).astype(np.float32)),
+            _init("shape", np.array([-1, c, h, w], np.int64)),
+        ],
+    )
+    return _model(graph)
+
+
+def vae_decoder_graph(latent_dim: int, h: int, w: int) -> onnx.ModelProto:
+    """z -> MatMul -> Sigmoid -> Reshape [N, 1, H, W] in [0, 1]."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("MatMul", ["z", "W"], ["hidden"]),
+        helper.make_node("Sigmoid", ["hidden"], ["act"]),
+        helper.make_node("Reshape", ["act", "shape"], ["image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "vae_decoder",
+        [_z(latent_dim)],
+        [_image("image", 1, h, w)],
+        [
+            _init("W", rng.normal(0, 0.5, (latent_dim, h * w)).astype(np.float32)),
+            _init("shape", np.array([-1, 1, h, w], np.int64)),
+        ],
+    )
+    return _model(graph)
+
+
+def vae_encoder_graph(latent_dim: int, h: int, w: int) -> onnx.ModelProto:
+    """image [N, 1, H, W] -> Flatten -> MatMul -> mu, logvar."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "Wmu"], ["mu"]),
+        helper.make_node("MatMul", ["flat", "Wlv"], ["lv_raw"]),
+        helper.make_node("Tanh", ["lv_raw"], ["logvar"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "vae_encoder",
+        [_image("image", 1, h, w)],
+        [
+            helper.make_tensor_value_info("mu", TensorProto.FLOAT, ["batch", latent_dim]),
+            helper.make_tensor_value_info("logvar", TensorProto.FLOAT, ["batch", latent_dim]),
+        ],
+        [
+            _init("Wmu", rng.normal(0, 0.1, (h * w, latent_dim)).astype(np.float32)),
+            _init("Wlv", rng.normal(0, 0.1, (h * w, latent_dim)).astype(np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
+def super_resolution_graph(scale: int) -> onnx.ModelProto:
+    """Fully convolutional: Conv 3x3 (pad 1) -> Resize nearest x scale -> Tanh. Receptive field 1 px."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["image", "K"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["conv", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Tanh", ["up"], ["output_image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sr",
+        [_image("image", 3, "h", "w")],
+        [_image("output_image", 3, "H", "W")],
+        [
+            _init("K", rng.normal(0, 0.3, (3, 3, 3, 3)).astype(np.float32)),
+            _init("scales", np.array([1, 1, scale, scale], np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
+def image_to_image_graph(multiple: int) -> onnx.ModelProto:
+    """Conv 3x3 (pad 1) -> Tanh; H and W must be multiples of `multiple` (checked by the server)."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["image", "K"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Tanh", ["conv"], ["output_image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "i2i",
+        [_image("image", 3, "h", "w")],
+        [_image("output_image", 3, "h", "w")],
+        [_init("K", rng.normal(0, 0.3, (3, 3, 3, 3)).astype(np.float32))],
+    )
+    del multiple
+    return _model(graph)
+
+
+def slow_generator_graph(latent_dim: int, iterations: int) -> onnx.ModelProto:
+    """A generator that takes tens of ms per batch (a Loop of MatMuls): for queue/deadline/drain tests."""
+    rng = np.random.default_rng(6)
+    width = 256
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["y_in", "Wloop"], ["y_mm"]),
+            helper.make_node("Tanh", ["y_mm"], ["y_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_in", TensorProto.FLOAT, ["batch", width]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_out", TensorProto.FLOAT, ["batch", width]),
+        ],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["z", "Win"], ["y0"]),
+        helper.make_node("Loop", ["trip", "cond", "y0"], ["y_final"], body=body),
+        helper.make_node("MatMul", ["y_final", "Wout"], ["hidden"]),
+        helper.make_node("Tanh", ["hidden"], ["act"]),
+        helper.make_node("Reshape", ["act", "shape"], ["image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [_z(latent_dim)],
+        [_image("image", 1, 8, 8)],
+        [
+            _init("Win", rng.normal(0, 0.2, (latent_dim, width)).astype(np.float32)),
+            _init("Wloop", (rng.normal(0, 1, (width, width)) / np.sqrt(width)).astype(np.float32)),
+            _init("Wout", rng.normal(0, 0.2, (width, 64)).astype(np.float32)),
+            _init("trip", np.array(iterations, np.int64)),
+            _init("cond", np.array(True)),
+            _init("shape", np.array([-1, 1, 8, 8], np.int64)),
+        ],
+    )
+    return _model(graph)
+
+
+# ---------------------------------------------------------------------------- repository writer
+
+TINY_LATENT = 16
+DIGITS = [str(i) for i in range(10)]
+
+
+def write_model(
+    root: Path,
+    name: str,
+    kind: str,
+    model: onnx.ModelProto,
+    card: Mapping[str, Any],
+    *,
+    config: Mapping[str, Any] | None = None,
+    version: str = "1",
+) -> Path:
+    """Write <root>/<name>/config.json and <version>/{model.onnx, card.json} as export/ does."""
+    version_dir = root / name / version
+    version_dir.mkdir(parents=True, exist_ok=True)
+    data = model.SerializeToString()
+    (version_dir / "model.onnx").write_bytes(data)
+    full_card: dict[str, Any] = {
+        "format_version": 1,
+        "name": name,
+        "version": version,
+        "kind": kind,
+        "description": f"tiny {kind}",
+        "latent_dim": None,
+        "class_names": None,
+        "channels": 3,
+        "input_channels": None,
+        "image_size": None,
+        "output_range": [-1.0, 1.0],
+        "input_range": None,
+        "scale_factor": None,
+        "size_multiple": None,
+        "tile_size": None,
+        "tile_overlap": None,
+        "min_size": None,
+        "opset": OPSET,
+        "sha256": {"model.onnx": hashlib.sha256(data).hexdigest()},
+    }
+    full_card.update(card)
+    full_card["inputs"] = [
+        {
+            "name": i.name,
+            "dtype": "int64" if i.type.tensor_type.elem_type == TensorProto.INT64 else "float32",
+            "shape": [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim],
+        }
+        for i in model.graph.input
+    ]
+    full_card["outputs"] = [
+        {
+            "name": o.name,
+            "dtype": "float32",
+            "shape": [d.dim_value if d.HasField("dim_value") else -1 for d in o.type.tensor_type.shape.dim],
+        }
+        for o in model.graph.output
+    ]
+    (version_dir / "card.json").write_text(json.dumps(full_card, indent=2))
+    cfg: dict[str, Any] = {"kind": kind, "execution_providers": ["CPUExecutionProvider"]}
+    cfg.update(config or {})
+    (root / name / "config.json").write_text(json.dumps(cfg, indent=2))
+    return version_dir
+
+
+def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = True) -> Path:
+    """One tiny model of every kind (+ a slow generator and a corrupt model for failure tests)."""
+    root.mkdir(parents=True, exist_ok=True)
+    batching = {"max_batch_size": 64, "max_queue_delay_ms": 5.0, "max_queue_size": 1024}
+    write_model(
+        root,
+        "tiny-gen",
+        "generator",
+        generator_graph(TINY_LATENT, 3, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]},
+        config={"batching": batching},
+    )
+    write_model(
+        root,
+        "tiny-cond",
+        "conditional_generator",
+        conditional_graph(TINY_LATENT, 10, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8], "class_names": DIGITS},
+        config={"batching": batching},
+    )
+    write_model(
+        root,
+        "tiny-vae-dec",
+        "vae_decoder",
+        vae_decoder_graph(8, 8, 8),
+        {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [0.0, 1.0]},
+    )
+    write_model(
+        root,
+        "tiny-vae-enc",
+        "vae_encoder",
+        vae_encoder_graph(8, 8, 8),
+        {
+            "latent_dim": 8,
+            "channels": None,
+            "input_channels": 1,
+            "image_size": [8, 8],
+            "output_range": None,
+            "input_range": [0.0, 1.0],
+        },
+    )
+    write_model(
+        root,
+        "tiny-sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": 2,
+            "size_multiple": 1,
+            "tile_size": 96,
+            "tile_overlap": 8,
+            "min_size": 4,
+        },
+        config={"batching": {"max_batch_size": 16, "max_queue_delay_ms": 20.0, "max_queue_size": 256}},
+    )
+    write_model(
+        root,
+        "tiny-i2i",
+        "image_to_image",
+        image_to_image_graph(4),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [-1.0, 1.0],
+            "scale_factor": 1,
+            "size_multiple": 4,
+            "min_size": 4,
+        },
+        config={"batching": {"max_batch_size": 8, "max_queue_delay_ms": 5.0, "max_queue_size": 64}},
+    )
+    if with_slow:
+        write_model(
+            root,
+            "tiny-slow",
+            "generator",
+            slow_generator_graph(TINY_LATENT, 3000),
+            {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+            config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 8}},
+        )
+    if with_broken:
+        broken = write_model(
+            root,
+            "tiny-broken",
+            "generator",
+            generator_graph(TINY_LATENT, 1, 8, 8),
+            {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        )
+        (broken / "model.onnx").write_bytes(b"not an onnx graph")  # sha256 no longer matches
+    return root
+
+
+# ---------------------------------------------------------------------------- server subprocess
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            body: bytes = response.read()
+        return body.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
+        total = 0.0
+        for line in self.metrics_text().splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric_name, _, label_text = head.partition("{")
+            if metric_name != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+
+def start_server(
+    models: Path,
+    work: Path,
+    *,
+    config: Mapping[str, Any] | None = None,
+    extra_args: tuple[str, ...] = (),
+    timeout_s: float = 60.0,
+) -> ServerProcess:
+    """Start `genserve-server serve` on 127.0.0.1:0 and wait for its ready-file; fail fast if it dies."""
+    work.mkdir(parents=True, exist_ok=True)
+    ready = work / "ready.json"
+    ready.unlink(missing_ok=True)
+    log_path = work / "server.log"
+    args = [
+        sys.executable,
+        "-m",
+        "genserve_server.main",
+        "serve",
+        "--models",
+        str(models),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--ready-file",
+        str(ready),
+        *extra_args,
+    ]
+    if config is not None:
+        config_path = work / "server-config.json"
+        config_path.write_text(json.dumps(config))
+        args += ["--config", str(config_path)]
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited unexpectedly ({proc.returncode}):\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server not ready within {timeout_s} s:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    return ServerProcess(proc, int(info["port"]), int(info["metrics_port"]), log_path)
+
+
+@contextlib.contextmanager
+def running_server(models: Path, work: Path, **kwargs: Any) -> Iterator[ServerProcess]:
+    server = start_server(models, work, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()

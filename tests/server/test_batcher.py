@@ -1,0 +1,346 @@
+"""Unit tests of the batcher with a plain fake async run-batch function (no mocks, no ONNX)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine, Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from genserve_server.batcher import Batcher, Lane
+from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 10))
+
+
+class FakeModel:
+    """out = 10 * x; records every batch; can be held on a gate or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[Hashable, np.ndarray]] = []
+        self.gate: asyncio.Event | None = None
+        self.started = asyncio.Event()
+        self.fail_if_contains: float | None = None
+        self.drop_a_row = False
+
+    async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        x = np.asarray(inputs["x"])
+        self.batches.append((key, x.copy()))
+        self.started.set()
+        if self.gate is not None:
+            gate, self.gate = self.gate, None  # only the first batch waits
+            await gate.wait()
+        await asyncio.sleep(0)
+        if self.fail_if_contains is not None and np.any(x == self.fail_if_contains):
+            raise RuntimeError("boom")
+        out = 10 * x
+        return {"y": out[:-1] if self.drop_a_row else out}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.dropped: list[str] = []
+        self.rejected: list[str] = []
+        self.batches: list[tuple[int, int, bool]] = []
+        self.depth = 0
+
+    def on_queue_depth(self, rows: int) -> None:
+        self.depth = rows
+
+    def on_rejected(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    def on_dropped(self, reason: str) -> None:
+        self.dropped.append(reason)
+
+    def on_queue_wait(self, wait_s: float) -> None:
+        assert wait_s >= 0
+
+    def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
+        self.batches.append((rows, n_requests, ok))
+
+
+def rows(*values: float) -> dict[str, np.ndarray]:
+    return {"x": np.asarray(values, dtype=np.float32)}
+
+
+def make(model: FakeModel, **kwargs: Any) -> tuple[Batcher, Recorder]:
+    recorder = Recorder()
+    options: dict[str, Any] = {"max_batch_size": 4, "max_queue_delay_s": 0.0, "max_queue_size": 64}
+    options.update(kwargs)
+    batcher = Batcher(model, name="model m version 1", observer=recorder, **options)
+    batcher.start()
+    return batcher, recorder
+
+
+async def hold_runner(batcher: Batcher, model: FakeModel) -> tuple[asyncio.Event, asyncio.Task[Any]]:
+    """Occupy the (single) runner with a one-row blocker so that later submits queue up."""
+    gate = asyncio.Event()
+    model.gate = gate
+    blocker = asyncio.ensure_future(batcher.submit("k", rows(-1), 1))
+    await model.started.wait()
+    return gate, blocker
+
+
+def test_rows_of_2_3_1_are_split_across_batches_and_reassembled() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model)
+        gate, blocker = await hold_runner(batcher, model)
+        a = asyncio.ensure_future(batcher.submit("k", rows(1, 2), 2))
+        b = asyncio.ensure_future(batcher.submit("k", rows(3, 4, 5), 3))
+        c = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
+        await asyncio.sleep(0.01)
+        gate.set()
+        ra, rb, rc, _ = await asyncio.gather(a, b, c, blocker)
+        assert [list(x) for _, x in model.batches] == [[-1], [1, 2, 3, 4], [5, 6]]
+        np.testing.assert_array_equal(ra.outputs["y"], [10, 20])
+        np.testing.assert_array_equal(rb.outputs["y"], [30, 40, 50])  # straddled two batches
+        np.testing.assert_array_equal(rc.outputs["y"], [60])
+        assert ra.executed_batch_sizes == [4]
+        assert rb.executed_batch_sizes == [4, 2]
+        assert rc.executed_batch_sizes == [2]
+        assert recorder.batches == [(1, 1, True), (4, 2, True), (2, 2, True)]
+        assert recorder.depth == 0
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_single_request_on_idle_runner_does_not_wait_for_the_window() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_queue_delay_s=1.0)
+        started = time.monotonic()
+        result = await batcher.submit("k", rows(7), 1)
+        assert time.monotonic() - started < 0.5  # far below the 1 s window
+        np.testing.assert_array_equal(result.outputs["y"], [70])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_window_collects_rows_that_arrive_within_it() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=0.3)
+        # Two requests queued together: the dispatcher waits the window for more.
+        first = [asyncio.ensure_future(batcher.submit("k", rows(i), 1)) for i in (1, 2)]
+        await asyncio.sleep(0.1)
+        late = asyncio.ensure_future(batcher.submit("k", rows(3), 1))
+        started = time.monotonic()
+        await asyncio.gather(*first, late)
+        assert [list(x) for _, x in model.batches] == [[1, 2, 3]]
+        assert time.monotonic() - started < 0.3 + 0.2
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_full_batch_goes_without_waiting_the_window() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=2, max_queue_delay_s=5.0)
+        started = time.monotonic()
+        await asyncio.gather(batcher.submit("k", rows(1), 1), batcher.submit("k", rows(2), 1))
+        assert time.monotonic() - started < 2.0
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_interactive_lane_goes_before_bulk() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=1)
+        gate, blocker = await hold_runner(batcher, model)
+        bulk = asyncio.ensure_future(batcher.submit("k", rows(100), 1, lane=Lane.BULK))
+        await asyncio.sleep(0.01)
+        interactive = asyncio.ensure_future(batcher.submit("k", rows(1), 1, lane=Lane.INTERACTIVE))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(bulk, interactive, blocker)
+        assert [float(x[0]) for _, x in model.batches] == [-1, 1, 100]
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_compatibility_keys_never_share_a_batch() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        reqs = [
+            asyncio.ensure_future(batcher.submit(k, rows(v), 1)) for k, v in (("a", 1), ("b", 2), ("a", 3))
+        ]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(*reqs, blocker)
+        assert [(k, list(x)) for k, x in model.batches] == [("k", [-1]), ("a", [1, 3]), ("b", [2])]
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_expired_deadline_is_dropped_before_compute_and_counted() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model)
+        gate, blocker = await hold_runner(batcher, model)
+        doomed = asyncio.ensure_future(batcher.submit("k", rows(5), 1, deadline=time.monotonic() + 0.05))
+        alive = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
+        await asyncio.sleep(0.1)
+        gate.set()
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            await doomed
+        await asyncio.gather(alive, blocker)
+        assert all(5 not in x for _, x in model.batches)
+        assert recorder.dropped == ["deadline"]
+        # A deadline already passed at admission is refused at once.
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit("k", rows(7), 1, deadline=time.monotonic() - 1)
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_cancelled_caller_is_dropped_before_compute_and_counted() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model)
+        gate, blocker = await hold_runner(batcher, model)
+        gone = asyncio.ensure_future(batcher.submit("k", rows(5), 1))
+        alive = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        gate.set()
+        result = await alive
+        await blocker
+        np.testing.assert_array_equal(result.outputs["y"], [60])
+        assert all(5 not in x for _, x in model.batches)
+        assert recorder.dropped == ["cancelled"]
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_caller_cancelled_mid_batch_does_not_disturb_the_others() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model)
+        gate = asyncio.Event()
+        model.gate = gate
+        a = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
+        await model.started.wait()
+        b = asyncio.ensure_future(batcher.submit("k", rows(2), 1))
+        c = asyncio.ensure_future(batcher.submit("k", rows(3), 1))
+        await asyncio.sleep(0.01)
+        a.cancel()  # while its batch computes
+        gate.set()
+        rb, rc = await asyncio.gather(b, c)
+        assert a.cancelled()
+        np.testing.assert_array_equal(rb.outputs["y"], [20])
+        np.testing.assert_array_equal(rc.outputs["y"], [30])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_failing_batch_fails_only_its_own_requests() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        model.fail_if_contains = 13
+        batcher, recorder = make(model, max_batch_size=2)
+        gate, blocker = await hold_runner(batcher, model)
+        reqs = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (13, 1, 2, 3)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*reqs, return_exceptions=True)
+        await blocker
+        assert isinstance(results[0], Internal) and isinstance(results[1], Internal)
+        assert "model call failed" in str(results[0])
+        assert [np.asarray(r.outputs["y"]).tolist() for r in results[2:]] == [[20], [30]]  # type: ignore[union-attr]
+        assert recorder.batches[1] == (2, 2, False)
+        # The batcher keeps serving after a failure.
+        ok = await batcher.submit("k", rows(4), 1)
+        np.testing.assert_array_equal(ok.outputs["y"], [40])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_request_split_across_a_failing_batch_fails_once() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        model.fail_if_contains = 13
+        batcher, _ = make(model, max_batch_size=2)
+        gate, blocker = await hold_runner(batcher, model)
+        straddler = asyncio.ensure_future(batcher.submit("k", rows(1, 13, 2), 3))
+        other = asyncio.ensure_future(batcher.submit("k", rows(3), 1))
+        await asyncio.sleep(0.01)
+        gate.set()
+        with pytest.raises(Internal):
+            await straddler
+        result = await other
+        await blocker
+        np.testing.assert_array_equal(result.outputs["y"], [30])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_wrong_output_count_is_a_typed_error() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        model.drop_a_row = True
+        batcher, _ = make(model)
+        with pytest.raises(Internal, match="has 1 rows for a batch of 2"):
+            await batcher.submit("k", rows(1, 2), 2)
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_queue_full_is_refused_at_once_naming_model_and_limit() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=4)
+        gate, blocker = await hold_runner(batcher, model)
+        accepted = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3), 3))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ResourceExhausted, match=r"model m version 1: queue full .*max_queue_size=4"):
+            await batcher.submit("k", rows(4, 5), 2)
+        assert recorder.rejected == ["queue_full"]
+        gate.set()
+        result = await accepted
+        await blocker
+        np.testing.assert_array_equal(result.outputs["y"], [10, 20, 30])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_close_drains_accepted_work_then_refuses() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=2)
+        gate, blocker = await hold_runner(batcher, model)
+        reqs = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(batcher.close(5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable):
+            await batcher.submit("k", rows(9), 1)
+        gate.set()
+        results = await asyncio.gather(*reqs, blocker)
+        await closing
+        assert [float(r.outputs["y"][0]) for r in results] == [10, 20, 30, -10]
+
+    run(body())

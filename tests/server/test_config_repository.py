@@ -1,0 +1,201 @@
+"""Unit tests of config.json/card.json/server-config validation and the repository loader."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model
+
+from genserve_server.config import (
+    ConfigError,
+    ServerConfig,
+    VersionPolicy,
+    load_model_config,
+    load_server_config,
+)
+from genserve_server.errors import NotFound, Unavailable
+from genserve_server.metrics import Metrics, batch_size_buckets
+from genserve_server.repository import ModelState, Repository
+
+
+def write_config(tmp_path: Path, data: object) -> Path:
+    model_dir = tmp_path / "models" / "dcgan"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"kind": "generator", "batching": {"max_batch_size": 0}},
+            "batching.max_batch_size must be >= 1, got 0",
+        ),
+        (
+            {"kind": "generator", "batching": {"max_queue_delay_ms": -1}},
+            "batching.max_queue_delay_ms must be >= 0",
+        ),
+        (
+            {"kind": "generator", "batching": {"max_batch_size": 64, "max_queue_size": 8}},
+            "batching.max_queue_size must be >= batching.max_batch_size (64), got 8",
+        ),
+        ({"kind": "generator", "batching": {"max_batch": 4}}, "batching.max_batch is not a known field"),
+        ({"kind": "generator", "colour": "red"}, "colour is not a known field"),
+        ({"kind": "gan"}, "kind must be one of generator"),
+        ({}, "kind is required"),
+        ({"kind": "generator", "instances": 0}, "instances must be >= 1, got 0"),
+        ({"kind": "generator", "precision": "int8"}, "precision must be one of fp32, fp16"),
+        ({"kind": "generator", "execution_providers": ["TPU"]}, "execution_providers entries must be among"),
+        (
+            {"kind": "generator", "version_policy": {"latest": 0}},
+            "version_policy.latest must be an integer >= 1",
+        ),
+        ({"kind": "generator", "runtime": {"io_bindings": True}}, "runtime.io_bindings is not a known field"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_model_config_errors_name_file_field_and_value(tmp_path: Path, data: object, message: str) -> None:
+    path = write_config(tmp_path, data)
+    with pytest.raises(ConfigError) as excinfo:
+        load_model_config(path)
+    assert str(path) in str(excinfo.value)
+    assert message in str(excinfo.value)
+
+
+def test_model_config_error_reads_like_the_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(tmp_path, {"kind": "generator", "batching": {"max_batch_size": 0}})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"^models/dcgan/config.json: batching.max_batch_size must be >= 1, got 0$"
+    ):
+        load_model_config(Path("models/dcgan/config.json"))
+
+
+def test_model_config_defaults_and_policies(tmp_path: Path) -> None:
+    config = load_model_config(write_config(tmp_path, {"kind": "generator"}))
+    assert config.batching.max_batch_size == 64 and config.instances == 1 and config.precision == "fp32"
+    assert config.version_policy.select(["1", "3", "2"]) == ["3"]
+    assert VersionPolicy(latest=2).select(["1", "10", "2"]) == ["2", "10"]
+    assert VersionPolicy(latest=None, specific=("1", "3")).select(["1", "2", "3"]) == ["1", "3"]
+    specific = load_model_config(
+        write_config(tmp_path, {"kind": "generator", "version_policy": {"specific": [1]}})
+    )
+    assert specific.version_policy.specific == ("1",)
+
+
+def test_server_config_defaults_and_errors(tmp_path: Path) -> None:
+    assert load_server_config(None) == ServerConfig()
+    assert ServerConfig().limits.max_send_message_bytes >= 2048 * 2048 * 3 * 4  # a 2048^2 RGB float output
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": {"max_images_per_request": 0}}))
+    with pytest.raises(ConfigError, match=r"server.json: limits.max_images_per_request must be >= 1, got 0"):
+        load_server_config(path)
+    path.write_text(json.dumps({"log_level": "LOUD"}))
+    with pytest.raises(ConfigError, match="log_level must be one of"):
+        load_server_config(path)
+    path.write_text(
+        json.dumps({"limits": {"max_images_per_request": 8}, "execution_providers": ["CPUExecutionProvider"]})
+    )
+    config = load_server_config(path)
+    assert config.limits.max_images_per_request == 8 and config.execution_providers == (
+        "CPUExecutionProvider",
+    )
+
+
+def test_batch_size_buckets_are_powers_of_two_up_to_the_max() -> None:
+    assert batch_size_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_size_buckets(1) == (1,)
+    assert batch_size_buckets(12) == (1, 2, 4, 8, 12)
+
+
+def with_repo(root: Path, check: Callable[[Repository], None]) -> None:
+    """Load `root`, run `check`, close -- all on one event loop (batchers belong to it)."""
+
+    async def body() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            check(repo)
+        finally:
+            await repo.close(1)
+
+    asyncio.run(body())
+
+
+def test_corrupt_models_are_unavailable_with_reasons_while_others_load(tmp_path: Path) -> None:
+    root = build_tiny_repo(tmp_path / "models", with_slow=False)
+    # A config error, a missing model file, a kind/graph mismatch and a version policy pick.
+    (root / "bad-config").mkdir()
+    (root / "bad-config" / "config.json").write_text(
+        json.dumps({"kind": "generator", "batching": {"max_batch_size": 0}})
+    )
+    missing = write_model(
+        root,
+        "no-file",
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+    )
+    (missing / "model.onnx").unlink()
+    write_model(
+        root,
+        "wrong-graph",
+        "vae_encoder",
+        generator_graph(TINY_LATENT, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "input_channels": 1, "image_size": [8, 8], "input_range": [0, 1]},
+    )
+    for version in ("1", "2"):
+        write_model(
+            root,
+            "two-versions",
+            "generator",
+            generator_graph(TINY_LATENT, 1, 8, 8, seed=int(version)),
+            {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+            version=version,
+        )
+    (root / ".tmp-3-abc").mkdir()  # half-written version dirs and dot names are ignored
+
+    def check(repo: Repository) -> None:
+        assert repo.get("tiny-gen").resolve("").state == ModelState.READY
+        assert "max_batch_size must be >= 1" in repo.get("bad-config").reason
+        assert "file not found" in repo.get("no-file").versions["1"].reason
+        assert (
+            "graph inputs ['z'] differ from kind vae_encoder" in repo.get("wrong-graph").versions["1"].reason
+        )
+        assert "sha256 mismatch" in repo.get("tiny-broken").versions["1"].reason
+        assert list(repo.get("two-versions").versions) == ["2"]  # latest: 1
+        with pytest.raises(Unavailable, match="no ready version"):
+            repo.get("no-file").resolve("")
+        with pytest.raises(NotFound, match="models: bad-config, no-file"):
+            repo.get("nope")
+        with pytest.raises(NotFound, match="has no version '1'"):
+            repo.get("two-versions").resolve("1")
+        tiny = repo.get("tiny-gen").resolve("")
+        assert tiny.provider == "CPUExecutionProvider" and tiny.precision == "fp32" and len(tiny.sha256) == 64
+
+    with_repo(root, check)
+
+
+def test_fp16_requested_without_an_fp16_file_serves_fp32(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_model(
+        root,
+        "gen",
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"precision": "fp16"},
+    )
+
+    def check(repo: Repository) -> None:
+        mv = repo.get("gen").resolve("")
+        assert mv.state == ModelState.READY and mv.precision == "fp32"
+
+    with_repo(root, check)

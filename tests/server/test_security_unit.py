@@ -1,0 +1,42 @@
+"""Token handling: loading from file/env and the constant-time comparison's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from genserve_server.security import _bearer, load_tokens, token_matches
+
+
+def test_load_tokens_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# ops team\nalpha\n\n  beta  \n")
+    monkeypatch.setenv("GENSERVE_TOKENS", "gamma, delta")
+    assert load_tokens(token_file, "GENSERVE_TOKENS") == (b"alpha", b"beta", b"gamma", b"delta")
+
+
+def test_empty_token_sources_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "tokens"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ValueError, match="no token"):
+        load_tokens(empty)
+    monkeypatch.delenv("GENSERVE_TOKENS", raising=False)
+    with pytest.raises(ValueError, match="GENSERVE_TOKENS"):
+        load_tokens(None, "GENSERVE_TOKENS")
+
+
+def test_token_matches_any_configured_token_only() -> None:
+    tokens = (b"alpha", b"beta")
+    assert token_matches(b"beta", tokens)
+    assert not token_matches(b"bet", tokens)
+    assert not token_matches(b"", tokens)
+    assert not token_matches(b"alphabeta", tokens)
+
+
+def test_bearer_parsing() -> None:
+    assert _bearer([("authorization", "Bearer s3cret")]) == b"s3cret"
+    assert _bearer([("authorization", "bearer s3cret ")]) == b"s3cret"
+    assert _bearer([("authorization", "Basic abc")]) is None
+    assert _bearer([("x-other", "Bearer s3cret")]) is None
+    assert _bearer(None) is None

@@ -1,0 +1,717 @@
+"""Integration tests: a real genserve server subprocess on 127.0.0.1 over the tiny repository."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
+from server_support import (
+    TINY_LATENT,
+    ServerProcess,
+    build_tiny_repo,
+    running_server,
+    slow_generator_graph,
+    write_model,
+)
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server.latents import RNG_ALGORITHM, interpolate, latents_for_seeds
+
+FORMATS = [
+    tpb.IMAGE_FORMAT_PNG,
+    tpb.IMAGE_FORMAT_JPEG,
+    tpb.IMAGE_FORMAT_WEBP,
+    tpb.IMAGE_FORMAT_RAW_UINT8,
+    tpb.IMAGE_FORMAT_TENSOR_F32,
+]
+F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+
+
+@pytest.fixture(scope="module")
+def channel(tiny_server: ServerProcess) -> Iterator[grpc.Channel]:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(tiny_server.target, options=options) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
+    return pb_grpc.GenerationServiceStub(channel)
+
+
+def local_session(repo: Path, name: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def tensor_of(image: tpb.Image) -> np.ndarray:
+    assert image.format == tpb.IMAGE_FORMAT_TENSOR_F32
+    return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
+
+
+def pixels_of(image: tpb.Image) -> np.ndarray:
+    """Decode any uint8 response image to [H, W, C]."""
+    if image.format == tpb.IMAGE_FORMAT_RAW_UINT8:
+        return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
+    with Image.open(io.BytesIO(image.data)) as im:
+        arr = np.asarray(im)
+    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
+
+
+def latent_tensor(z: np.ndarray) -> tpb.Tensor:
+    return tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.astype("<f4").tobytes())
+
+
+def code_of(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    return err.code()
+
+
+def details_of(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> str:
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    return str(err.details())
+
+
+# ----------------------------------------------------------------------------- Sample
+
+
+@pytest.mark.parametrize("model", ["tiny-gen", "tiny-cond", "tiny-vae-dec"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sample_every_generator_kind_and_format(
+    stub: pb_grpc.GenerationServiceStub, model: str, fmt: int
+) -> None:
+    labels = [3] if model == "tiny-cond" else []
+    response = stub.Sample(
+        pb.SampleRequest(model=model, seeds=[11, 12], labels=labels, output=tpb.OutputOptions(format=fmt))
+    )
+    assert len(response.images) == 2
+    channels = 3 if model == "tiny-gen" else 1
+    for i, generated in enumerate(response.images):
+        assert generated.seed == 11 + i and generated.index == i
+        assert generated.image.format == fmt
+        if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+            assert tensor_of(generated.image).shape == (channels, 8, 8)
+        else:
+            assert pixels_of(generated.image).shape[:2] == (8, 8)
+            assert list(generated.image.shape)[:2] == [8, 8]
+    p = response.provenance
+    assert (p.model, p.version, p.precision) == (model, "1", "fp32")
+    assert p.execution_provider == "CPUExecutionProvider" and len(p.model_sha256) == 64
+    assert p.rng_algorithm == RNG_ALGORITHM and p.onnxruntime_version == ort.__version__
+    assert sum(p.executed_batch_sizes) >= 2
+
+
+def test_sample_matches_local_onnxruntime_on_host_latents(
+    stub: pb_grpc.GenerationServiceStub, tiny_repo: Path
+) -> None:
+    response = stub.Sample(
+        pb.SampleRequest(model="tiny-cond", seeds=[5, 6, 7], labels=[1, 2, 3], truncation_psi=0.7, output=F32)
+    )
+    z = latents_for_seeds([5, 6, 7], TINY_LATENT, 0.7)
+    (expected,) = local_session(tiny_repo, "tiny-cond").run(None, {"z": z, "label": np.array([1, 2, 3])})
+    got = np.stack([tensor_of(g.image) for g in response.images])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert [g.label for g in response.images] == [1, 2, 3]
+
+
+def test_sample_returns_latents_and_explicit_latents_reproduce(stub: pb_grpc.GenerationServiceStub) -> None:
+    options = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32, return_latents=True)
+    by_seed = stub.Sample(pb.SampleRequest(model="tiny-gen", count=3, base_seed=40, output=options))
+    assert [g.seed for g in by_seed.images] == [40, 41, 42]
+    z = np.stack([np.frombuffer(g.latent.data, "<f4") for g in by_seed.images])
+    np.testing.assert_array_equal(z, latents_for_seeds([40, 41, 42], TINY_LATENT, None))
+    by_latent = stub.Sample(pb.SampleRequest(model="tiny-gen", latents=latent_tensor(z), output=F32))
+    for a, b in zip(by_seed.images, by_latent.images, strict=True):
+        assert a.image.data == b.image.data
+        assert not b.HasField("seed")
+
+
+def test_sample_without_seed_picks_and_returns_seeds(stub: pb_grpc.GenerationServiceStub) -> None:
+    response = stub.Sample(pb.SampleRequest(model="tiny-gen", count=2))
+    seeds = [g.seed for g in response.images]
+    assert seeds[1] == seeds[0] + 1 and 0 <= seeds[0] < 2**63
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.SampleRequest(model="tiny-gen", count=0), "count"),
+        (pb.SampleRequest(model="tiny-gen", count=257), "count: must be in 1..256"),
+        (pb.SampleRequest(model="tiny-cond", count=1, labels=[12]), "labels[0]: must be in [0, 10), got 12"),
+        (pb.SampleRequest(model="tiny-cond", count=1, labels=[-1]), "labels[0]"),
+        (pb.SampleRequest(model="tiny-cond", count=1), "labels: required"),
+        (pb.SampleRequest(model="tiny-cond", count=3, labels=[1, 2]), "labels: must have 1 or 3"),
+        (pb.SampleRequest(model="tiny-gen", count=1, labels=[1]), "labels: only conditional"),
+        (pb.SampleRequest(model="tiny-gen", count=1, truncation_psi=0), "truncation_psi"),
+        (pb.SampleRequest(model="tiny-gen", count=1, truncation_psi=11), "truncation_psi"),
+        (pb.SampleRequest(model="tiny-gen", seeds=[-1]), "seeds"),
+        (pb.SampleRequest(model="tiny-gen", seeds=[1, 2], count=3), "count: must be 0 or 2"),
+        (pb.SampleRequest(model="tiny-gen", count=2, base_seed=2**63 - 1), "base_seed"),
+        (
+            pb.SampleRequest(model="tiny-gen", latents=latent_tensor(np.zeros((1, 5), np.float32))),
+            "latents.shape: must be [N, 16]",
+        ),
+        (
+            pb.SampleRequest(model="tiny-gen", latents=latent_tensor(np.full((1, 16), np.inf, np.float32))),
+            "latents: values must be finite",
+        ),
+        (
+            pb.SampleRequest(model="tiny-gen", latents=latent_tensor(np.full((1, 16), 2e4, np.float32))),
+            "|z| <= 10000",
+        ),
+        (
+            pb.SampleRequest(
+                model="tiny-gen", seeds=[1], latents=latent_tensor(np.zeros((1, 16), np.float32))
+            ),
+            "seeds: cannot be combined",
+        ),
+        (
+            pb.SampleRequest(model="tiny-gen", count=1, output=tpb.OutputOptions(quality=101)),
+            "output.quality",
+        ),
+        (
+            pb.SampleRequest(model="tiny-gen", count=1, output=tpb.OutputOptions(png_compression=10)),
+            "output.png_compression",
+        ),
+        (pb.SampleRequest(model="tiny-sr", count=1), "model: tiny-sr is a super_resolution model"),
+        (pb.SampleRequest(count=1), "model: required"),
+    ],
+)
+def test_sample_invalid_arguments_name_the_field(
+    stub: pb_grpc.GenerationServiceStub, request_: pb.SampleRequest, field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(request_)
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in details_of(excinfo)
+
+
+def test_unknown_model_lists_the_models(stub: pb_grpc.GenerationServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="nope", count=1))
+    assert code_of(excinfo) == grpc.StatusCode.NOT_FOUND
+    assert "tiny-gen" in details_of(excinfo) and "tiny-cond" in details_of(excinfo)
+
+
+def test_broken_model_is_unavailable_while_others_serve(stub: pb_grpc.GenerationServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="tiny-broken", count=1))
+    assert code_of(excinfo) == grpc.StatusCode.UNAVAILABLE
+    assert "sha256 mismatch" in details_of(excinfo)
+    assert stub.Sample(pb.SampleRequest(model="tiny-gen", count=1)).images
+
+
+def test_request_id_round_trips_in_trailing_metadata(stub: pb_grpc.GenerationServiceStub) -> None:
+    _, call = stub.Sample.with_call(
+        pb.SampleRequest(model="tiny-gen", count=1), metadata=(("x-request-id", "abc-123"),)
+    )
+    assert ("x-request-id", "abc-123") in [(m.key, m.value) for m in call.trailing_metadata()]
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="tiny-gen", count=0), metadata=(("x-request-id", "bad-1"),))
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert ("x-request-id", "bad-1") in [(m.key, m.value) for m in err.trailing_metadata()]
+    _, call = stub.Sample.with_call(pb.SampleRequest(model="tiny-gen", count=1))
+    assert len(dict((m.key, m.value) for m in call.trailing_metadata())["x-request-id"]) >= 16
+
+
+# ----------------------------------------------------------------------------- SampleStream
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sample_stream_in_order_resumable_labels_cycled(
+    stub: pb_grpc.GenerationServiceStub, fmt: int
+) -> None:
+    sample = pb.SampleRequest(
+        model="tiny-cond", count=10, base_seed=100, labels=[1, 2, 3], output=tpb.OutputOptions(format=fmt)
+    )
+    chunks = list(stub.SampleStream(pb.SampleStreamRequest(sample=sample, chunk_size=4)))
+    assert [len(c.images) for c in chunks] == [4, 4, 2]
+    images = [g for c in chunks for g in c.images]
+    assert [g.index for g in images] == list(range(10))
+    assert [g.seed for g in images] == list(range(100, 110))
+    assert [g.label for g in images] == [[1, 2, 3][i % 3] for i in range(10)]
+    resumed = [
+        g
+        for c in stub.SampleStream(pb.SampleStreamRequest(sample=sample, start_index=7, chunk_size=4))
+        for g in c.images
+    ]
+    assert [g.index for g in resumed] == [7, 8, 9]
+    if fmt in (tpb.IMAGE_FORMAT_TENSOR_F32, tpb.IMAGE_FORMAT_RAW_UINT8, tpb.IMAGE_FORMAT_PNG):
+        assert [g.image.data for g in resumed] == [g.image.data for g in images[7:]]
+
+
+def test_sample_stream_equals_sample(stub: pb_grpc.GenerationServiceStub) -> None:
+    sample = pb.SampleRequest(model="tiny-gen", count=5, base_seed=9, output=F32)
+    streamed = [
+        g.image.data for c in stub.SampleStream(pb.SampleStreamRequest(sample=sample)) for g in c.images
+    ]
+    direct = [g.image.data for g in stub.Sample(sample).images]
+    assert streamed == direct
+
+
+def test_sample_stream_rejects_seeds_and_bad_start(stub: pb_grpc.GenerationServiceStub) -> None:
+    bad = [
+        (pb.SampleStreamRequest(sample=pb.SampleRequest(model="tiny-gen", seeds=[1])), "sample.seeds"),
+        (
+            pb.SampleStreamRequest(sample=pb.SampleRequest(model="tiny-gen", count=3), start_index=4),
+            "start_index",
+        ),
+        (
+            pb.SampleStreamRequest(sample=pb.SampleRequest(model="tiny-gen", count=3), chunk_size=300),
+            "chunk_size",
+        ),
+    ]
+    for request, field in bad:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            list(stub.SampleStream(request))
+        assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in details_of(excinfo)
+
+
+# ----------------------------------------------------------------------------- Interpolate / Decode / Encode
+
+
+@pytest.mark.parametrize("model", ["tiny-gen", "tiny-cond", "tiny-vae-dec"])
+@pytest.mark.parametrize("mode", [pb.INTERPOLATION_MODE_LERP, pb.INTERPOLATION_MODE_SLERP])
+def test_interpolate_between_seeds_ends_match_sample(
+    stub: pb_grpc.GenerationServiceStub, model: str, mode: int
+) -> None:
+    labels = [2] if model == "tiny-cond" else []
+    options = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32, return_latents=True)
+    path = stub.Interpolate(
+        pb.InterpolateRequest(
+            model=model,
+            start=pb.LatentPoint(seed=1),
+            end=pb.LatentPoint(seed=2),
+            steps=5,
+            mode=mode,
+            labels=labels,
+            output=options,
+        )
+    )
+    assert len(path.images) == 5
+    dim = 8 if model == "tiny-vae-dec" else TINY_LATENT
+    a, b = latents_for_seeds([1, 2], dim, None)
+    expected = interpolate(a, b, 5, mode)
+    got = np.stack([np.frombuffer(g.latent.data, "<f4") for g in path.images])
+    np.testing.assert_array_equal(got, expected)
+    ends = stub.Sample(pb.SampleRequest(model=model, seeds=[1, 2], labels=labels, output=F32))
+    assert path.images[0].image.data == ends.images[0].image.data
+    assert path.images[-1].image.data == ends.images[1].image.data
+
+
+def test_interpolate_between_latents_and_two_labels(stub: pb_grpc.GenerationServiceStub) -> None:
+    a = np.zeros(TINY_LATENT, np.float32)
+    b = np.ones(TINY_LATENT, np.float32)
+    path = stub.Interpolate(
+        pb.InterpolateRequest(
+            model="tiny-cond",
+            start=pb.LatentPoint(latent=latent_tensor(a)),
+            end=pb.LatentPoint(latent=latent_tensor(b)),
+            steps=4,
+            labels=[1, 7],
+            output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG),
+        )
+    )
+    assert [g.label for g in path.images] == [1, 1, 7, 7]
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Interpolate(pb.InterpolateRequest(model="tiny-gen", start=pb.LatentPoint(seed=1), steps=1))
+    assert "steps" in details_of(excinfo)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_latents(stub: pb_grpc.GenerationServiceStub, tiny_repo: Path, fmt: int) -> None:
+    z = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    response = stub.Decode(
+        pb.DecodeRequest(model="tiny-vae-dec", latents=latent_tensor(z), output=tpb.OutputOptions(format=fmt))
+    )
+    assert len(response.images) == 3
+    if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+        (expected,) = local_session(tiny_repo, "tiny-vae-dec").run(None, {"z": z})
+        np.testing.assert_allclose(
+            np.stack([tensor_of(g.image) for g in response.images]), expected, atol=1e-6
+        )
+    else:
+        assert pixels_of(response.images[0].image).shape[:2] == (8, 8)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encode_images_to_latent_distributions(
+    stub: pb_grpc.GenerationServiceStub, tiny_repo: Path, fmt: int
+) -> None:
+    gray = (np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 4).astype(np.uint8)
+    if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+        chw = gray.transpose(2, 0, 1).astype(np.float32) / 255
+        image = tpb.Image(format=fmt, data=chw.tobytes(), shape=[1, 8, 8])
+    elif fmt == tpb.IMAGE_FORMAT_RAW_UINT8:
+        image = tpb.Image(format=fmt, data=gray.tobytes(), shape=[8, 8, 1])
+    else:
+        buf = io.BytesIO()
+        name = {tpb.IMAGE_FORMAT_PNG: "PNG", tpb.IMAGE_FORMAT_JPEG: "JPEG", tpb.IMAGE_FORMAT_WEBP: "WEBP"}[
+            fmt
+        ]
+        Image.fromarray(gray[:, :, 0]).save(
+            buf, format=name, **({"lossless": True} if name == "WEBP" else {})
+        )
+        image = tpb.Image(format=fmt, data=buf.getvalue())
+    response = stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[image, image], sample=True, seed=3))
+    assert len(response.latents) == 2
+    mu = np.frombuffer(response.latents[0].mu.data, "<f4")
+    logvar = np.frombuffer(response.latents[0].logvar.data, "<f4")
+    z = np.frombuffer(response.latents[1].z.data, "<f4")
+    assert mu.shape == logvar.shape == z.shape == (8,)
+    if fmt in (tpb.IMAGE_FORMAT_TENSOR_F32, tpb.IMAGE_FORMAT_RAW_UINT8, tpb.IMAGE_FORMAT_PNG):
+        x = (gray.transpose(2, 0, 1).astype(np.float32) / 255)[np.newaxis]
+        exp_mu, exp_logvar = local_session(tiny_repo, "tiny-vae-enc").run(None, {"image": x})
+        np.testing.assert_allclose(mu, exp_mu[0], atol=1e-6)
+        eps = latents_for_seeds([4], 8, None)[0]  # image 1 uses seed + 1
+        np.testing.assert_allclose(z, exp_mu[0] + np.exp(exp_logvar[0] / 2) * eps, atol=1e-5)
+
+
+def test_encode_rejects_wrong_size_naming_the_image(stub: pb_grpc.GenerationServiceStub) -> None:
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(9 * 8), shape=[9, 8, 1])
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[image]))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[0]: must be 8x8" in details_of(excinfo)
+
+
+# ----------------------------------------------------------------------------- SuperResolve / Translate
+
+
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def raw(image: np.ndarray) -> tpb.Image:
+    return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=image.tobytes(), shape=image.shape)
+
+
+def test_super_resolve_tiled_equals_untiled(stub: pb_grpc.GenerationServiceStub, tiny_repo: Path) -> None:
+    img = photo(200, 300)  # H=200, W=300
+    response = stub.SuperResolve(
+        pb.ImageRequest(model="tiny-sr", images=[raw(img)], output=F32, tile_size=96, tile_overlap=8)
+    )
+    assert response.tiles[0] >= 4
+    got = tensor_of(response.images[0])
+    x = (img.transpose(2, 0, 1).astype(np.float32) / 255)[np.newaxis]
+    (untiled,) = local_session(tiny_repo, "tiny-sr").run(None, {"image": x})
+    assert got.shape == (3, 400, 600)
+    np.testing.assert_allclose(got, untiled[0], atol=1e-5)
+
+
+def test_super_resolve_tiles_of_concurrent_requests_share_a_batch(
+    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
+) -> None:
+    def shared_batches() -> float:
+        total = tiny_server.metric("genserve_batch_requests_count", model="tiny-sr")
+        alone = tiny_server.metric("genserve_batch_requests_bucket", model="tiny-sr", le="1.0")
+        return total - alone
+
+    before = shared_batches()
+    # Four concurrent requests of 12 tiles each (max_batch_size 16): while the first computes, the
+    # others queue, and their tiles fill batches together.
+    images = [photo(200, 300, seed) for seed in (1, 2, 3, 4)]
+    futures = [
+        stub.SuperResolve.future(
+            pb.ImageRequest(model="tiny-sr", images=[raw(im)], output=F32, tile_size=96, tile_overlap=8)
+        )
+        for im in images
+    ]
+    results = [f.result() for f in futures]
+    assert all(r.tiles[0] >= 4 for r in results)
+    assert shared_batches() > before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_super_resolve_every_format(stub: pb_grpc.GenerationServiceStub, fmt: int) -> None:
+    response = stub.SuperResolve(
+        pb.ImageRequest(model="tiny-sr", images=[raw(photo(20, 30))], output=tpb.OutputOptions(format=fmt))
+    )
+    image = response.images[0]
+    if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+        assert tensor_of(image).shape == (3, 40, 60)
+    else:
+        assert pixels_of(image).shape == (40, 60, 3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_translate_pads_to_multiple_and_crops_back(
+    stub: pb_grpc.GenerationServiceStub, tiny_repo: Path, fmt: int
+) -> None:
+    images = [photo(22, 30, 1), photo(22, 30, 2), photo(16, 16, 3)]
+    response = stub.Translate(
+        pb.ImageRequest(
+            model="tiny-i2i", images=[raw(i) for i in images], output=tpb.OutputOptions(format=fmt)
+        )
+    )
+    assert len(response.images) == 3
+    if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+        x = images[0].transpose(2, 0, 1).astype(np.float32) / 255 * 2 - 1
+        padded = np.pad(x, ((0, 0), (0, 2), (0, 2)), mode="reflect")[np.newaxis]
+        (expected,) = local_session(tiny_repo, "tiny-i2i").run(None, {"image": padded})
+        got = tensor_of(response.images[0])
+        np.testing.assert_allclose(got, expected[0, :, :22, :30], atol=1e-6)
+        assert tensor_of(response.images[2]).shape == (3, 16, 16)
+    else:
+        assert pixels_of(response.images[0]).shape == (22, 30, 3)
+        assert pixels_of(response.images[2]).shape == (16, 16, 3)
+
+
+def test_image_requests_validate_fields(stub: pb_grpc.GenerationServiceStub) -> None:
+    cases = [
+        (stub.SuperResolve, pb.ImageRequest(model="tiny-sr"), "images: must have 1..16"),
+        (stub.SuperResolve, pb.ImageRequest(model="tiny-sr", images=[raw(photo(2, 2))]), "at least 4 pixels"),
+        (
+            stub.SuperResolve,
+            pb.ImageRequest(model="tiny-sr", images=[raw(photo(8, 8))], tile_size=10, tile_overlap=8),
+            "tile_size",
+        ),
+        (
+            stub.SuperResolve,
+            pb.ImageRequest(model="tiny-sr", images=[raw(photo(8, 8))], tile_size=64, tile_overlap=20),
+            "tile_overlap",
+        ),
+        (stub.SuperResolve, pb.ImageRequest(model="tiny-sr", images=[tpb.Image(data=b"junk")]), "images[0]"),
+        (stub.SuperResolve, pb.ImageRequest(model="tiny-sr", images=[raw(photo(1025, 1025))]), "images[0]"),
+        (stub.Translate, pb.ImageRequest(model="tiny-sr", images=[raw(photo(8, 8))]), "super_resolution"),
+        (
+            stub.Translate,
+            pb.ImageRequest(model="tiny-i2i", images=[raw(photo(8, 8))], tile_size=64),
+            "tile_size",
+        ),
+    ]
+    for method, request, field in cases:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            method(request)
+        assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in details_of(excinfo)
+
+
+# ----------------------------------------------------------------------------- ListModels / GetModel / health
+
+
+def test_list_and_get_models(stub: pb_grpc.GenerationServiceStub) -> None:
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert {"tiny-gen", "tiny-cond", "tiny-vae-dec", "tiny-vae-enc", "tiny-sr", "tiny-i2i"} <= set(models)
+    assert models["tiny-cond"].class_names == [str(i) for i in range(10)]
+    assert list(models["tiny-gen"].output_shape) == [3, 8, 8]
+    assert models["tiny-sr"].scale_factor == 2 and models["tiny-i2i"].size_multiple == 4
+    assert models["tiny-gen"].versions[0].state == pb.MODEL_STATE_READY
+    broken = stub.GetModel(pb.GetModelRequest(name="tiny-broken"))
+    assert broken.versions[0].state == pb.MODEL_STATE_UNAVAILABLE
+    assert "sha256 mismatch for model.onnx" in broken.versions[0].reason
+    gen = stub.GetModel(pb.GetModelRequest(name="tiny-gen", version="1"))
+    assert '"kind": "generator"' in gen.versions[0].card_json
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.GetModel(pb.GetModelRequest(name="tiny-gen", version="7"))
+    assert code_of(excinfo) == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_per_server_and_model(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == serving
+    assert health.Check(health_pb2.HealthCheckRequest(service="tiny-gen")).status == serving
+    broken = health.Check(health_pb2.HealthCheckRequest(service="tiny-broken")).status
+    assert broken == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert "genserve.v1.GenerationService" in services
+    assert "grpc.health.v1.Health" in services
+
+
+def test_metrics_endpoint_exports_the_contract_names(tiny_server: ServerProcess) -> None:
+    text = tiny_server.metrics_text()
+    for name in (
+        "genserve_requests_total",
+        "genserve_request_duration_seconds",
+        "genserve_queue_duration_seconds",
+        "genserve_compute_duration_seconds",
+        "genserve_encode_duration_seconds",
+        "genserve_decode_duration_seconds",
+        "genserve_batch_size",
+        "genserve_batch_requests",
+        "genserve_queue_depth",
+        "genserve_requests_in_flight",
+        "genserve_images_total",
+        "genserve_requests_rejected_total",
+        "genserve_requests_dropped_total",
+        "genserve_batch_failures_total",
+        "genserve_model_load_duration_seconds",
+        "genserve_model_ready",
+        "process_cpu_seconds_total",
+        "python_info",
+    ):
+        assert f"# TYPE {name} " in text, name
+    assert tiny_server.metric("genserve_model_ready", model="tiny-broken") == 0
+    assert tiny_server.metric("genserve_model_ready", model="tiny-gen") == 1
+    assert tiny_server.metric("genserve_requests_total", model="tiny-gen", method="Sample", code="OK") > 0
+
+
+# ----------------------------------------------------------------------------- batching, deadlines, overload
+
+
+async def _concurrent_samples(target: str, seeds: list[int], clients: int, model: str) -> list[bytes]:
+    results: dict[int, bytes] = {}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for seed in seeds:
+        queue.put_nowait(seed)
+
+    async def client() -> None:
+        async with grpc.aio.insecure_channel(target) as ch:
+            s = pb_grpc.GenerationServiceStub(ch)
+            while not queue.empty():
+                seed = queue.get_nowait()
+                r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], output=F32))
+                results[seed] = r.images[0].image.data
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return [results[s] for s in seeds]
+
+
+def test_concurrent_single_image_requests_are_batched_and_batch_invariant(
+    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
+) -> None:
+    model = "tiny-gen"
+    count_before = tiny_server.metric("genserve_batch_size_count", model=model)
+    sum_before = tiny_server.metric("genserve_batch_size_sum", model=model)
+    seeds = list(range(1000, 1256))
+    together = asyncio.run(_concurrent_samples(tiny_server.target, seeds, 64, model))
+    batches = tiny_server.metric("genserve_batch_size_count", model=model) - count_before
+    images = tiny_server.metric("genserve_batch_size_sum", model=model) - sum_before
+    assert images == 256
+    assert images / batches > 4, f"mean batch size {images / batches:.2f}"
+    alone = [
+        stub.Sample(pb.SampleRequest(model=model, seeds=[s], output=F32)).images[0].image.data for s in seeds
+    ]
+    assert together == alone
+
+
+def test_expired_deadline_is_never_computed(
+    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
+) -> None:
+    model = "tiny-slow"
+    dropped_before = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
+    images_before = tiny_server.metric("genserve_images_total", model=model)
+    # Occupy the runner (a batch takes tens of ms), then queue a request with a short deadline.
+    busy = [stub.Sample.future(pb.SampleRequest(model=model, count=4, base_seed=i)) for i in range(2)]
+    time.sleep(0.005)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model=model, count=1), timeout=0.02)
+    assert code_of(excinfo) == grpc.StatusCode.DEADLINE_EXCEEDED
+    for f in busy:
+        f.result()
+    deadline_s = time.monotonic() + 5
+    while time.monotonic() < deadline_s:
+        dropped = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
+        if dropped > dropped_before:
+            break
+        time.sleep(0.05)
+    stub.Sample(
+        pb.SampleRequest(model=model, count=1)
+    )  # a later batch sweeps the expired row if still queued
+    assert (
+        tiny_server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
+        == dropped_before + 1
+    )
+    assert tiny_server.metric("genserve_images_total", model=model) == images_before + 8 + 1
+
+
+def test_flood_beyond_the_queue_bound_is_refused_while_accepted_requests_succeed(
+    tiny_server: ServerProcess,
+) -> None:
+    async def flood() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(tiny_server.target) as ch:
+            s = pb_grpc.GenerationServiceStub(ch)
+
+            async def one(i: int) -> grpc.StatusCode:
+                try:
+                    r = await s.Sample(pb.SampleRequest(model="tiny-slow", count=2, base_seed=i))
+                    assert len(r.images) == 2
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as err:
+                    assert "max_queue_size=8" in str(err.details())
+                    return err.code()
+
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+    rejected_before = tiny_server.metric(
+        "genserve_requests_rejected_total", model="tiny-slow", reason="queue_full"
+    )
+    codes = asyncio.run(flood())
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    n_rejected = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    after = tiny_server.metric("genserve_requests_rejected_total", model="tiny-slow", reason="queue_full")
+    assert after - rejected_before == n_rejected
+
+
+# ----------------------------------------------------------------------------- lifecycle (own server)
+
+
+def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
+    repo = build_tiny_repo(tmp_path / "models", with_slow=False, with_broken=False)
+    # Slower than the shared tiny-slow (~0.3 s a batch) so that work is surely queued at SIGTERM.
+    write_model(
+        repo,
+        "tiny-slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 20000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 16}},
+    )
+    config = {"limits": {"max_send_message_bytes": 1 << 20}, "drain_grace_s": 20, "warmup": False}
+    with running_server(repo, tmp_path / "server", config=config) as server:
+        # An output above max_send_message_bytes is a clear error naming the limit.
+        with grpc.insecure_channel(server.target) as ch:
+            s = pb_grpc.GenerationServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as excinfo:
+                s.SuperResolve(pb.ImageRequest(model="tiny-sr", images=[raw(photo(300, 300))], output=F32))
+            assert code_of(excinfo) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_send_message_bytes=1048576" in details_of(excinfo)
+
+        results: list[object] = []
+
+        def load() -> None:
+            with grpc.insecure_channel(server.target) as ch:
+                s = pb_grpc.GenerationServiceStub(ch)
+                futures = [
+                    s.Sample.future(pb.SampleRequest(model="tiny-slow", count=1, base_seed=i))
+                    for i in range(12)
+                ]
+                for f in futures:
+                    try:
+                        results.append(f.result(timeout=30))
+                    except grpc.RpcError as err:
+                        results.append(err)
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        deadline_s = time.monotonic() + 10
+        while server.metric("genserve_queue_depth", model="tiny-slow") < 1 and time.monotonic() < deadline_s:
+            time.sleep(0.01)
+        assert server.metric("genserve_queue_depth", model="tiny-slow") >= 1  # work is queued
+        rc = server.stop(timeout_s=30)
+        thread.join(30)
+        assert rc == 0
+        failures = [r for r in results if isinstance(r, grpc.RpcError)]
+        assert not failures, failures
+        assert len(results) == 12
