@@ -17,8 +17,8 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The serving environment: API stubs, server and client. No torch.
-$(VENV)/.serve-stamp: $(VENV)/bin/python requirements/constraints.txt api/pyproject.toml server/pyproject.toml clients/pyproject.toml
-	$(PIP) -e api -e server -e clients
+$(VENV)/.serve-stamp: $(VENV)/bin/python requirements/constraints.txt requirements/server.txt api/pyproject.toml server/pyproject.toml clients/pyproject.toml
+	$(PIP) -r requirements/server.txt -e api -e server -e clients
 	touch $@
 
 # Everything the tests need on top: the exporter (torch 2.13.0 CPU), tools, and a real Prometheus.

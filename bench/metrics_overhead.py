@@ -32,11 +32,50 @@ sys.path.insert(0, str(REPO / "tests" / "monitoring"))
 
 from monitoring_support import (  # noqa: E402
     TINY_MODEL,
-    ServerProcess,
+    MonitoredServer,
     drive_sample_traffic,
     start_server,
     write_tiny_repository,
 )
+
+
+def recording_cost_s(iterations: int = 50_000) -> tuple[float, float]:
+    """In-process cost of what the server records for one single-image request (batch of one, the
+    worst case), metrics on minus off, in CPU seconds; and the CPU seconds of one /metrics render.
+    Insensitive to the machine's load, unlike the subprocess rounds."""
+    from prometheus_client import generate_latest
+
+    from genserve_server.metrics import Metrics
+
+    per_mode: dict[bool, float] = {}
+    scrape_s = 0.0
+    for enabled in (True, False):
+        metrics = Metrics(enabled=enabled)
+        model = metrics.for_model(TINY_MODEL, "1", 8)
+        in_flight = metrics.in_flight_children["Sample"]
+        encode = model.encode_duration["raw_uint8"]
+        started = time.process_time()
+        for _ in range(iterations):
+            in_flight.inc()
+            model.queue_depth.set(1)
+            model.queue_depth.set(0)
+            model.queue_duration.observe(0.0004)
+            model.batch_size.observe(1)
+            model.batch_requests.observe(1)
+            model.compute_duration.observe(0.0002)
+            model.images.inc(1)
+            encode.observe(0.00001)
+            in_flight.dec()
+            model.request_done("Sample", "OK", 0.001)
+        per_mode[enabled] = (time.process_time() - started) / iterations
+        if enabled:
+            metrics.unresolved()
+            started = time.process_time()
+            for _ in range(50):
+                generate_latest(metrics.registry)
+            scrape_s = (time.process_time() - started) / 50
+        metrics.close()
+    return per_mode[True] - per_mode[False], scrape_s
 
 
 @dataclass
@@ -51,7 +90,7 @@ class Round:
         return self.cpu_s / self.requests
 
 
-def run_round(server: ServerProcess, mode: str, args: argparse.Namespace) -> Round:
+def run_round(server: MonitoredServer, mode: str, args: argparse.Namespace) -> Round:
     counts = [args.images] * args.requests
     cpu_before = server.cpu_seconds()
     started = time.monotonic()
@@ -148,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         f"metrics overhead: {overhead:+.1%} server CPU-seconds per request (median of {args.rounds} paired"
         f" on/off rounds, quartiles {quartiles[0]:+.1%} .. {quartiles[2]:+.1%};"
         f" {overhead_total:+.1%} over all rounds)\n"
+    )
+    record_s, scrape_s = recording_cost_s()
+    out.write(
+        f"in-process: the recording calls of one request cost {record_s * 1e6:.1f} us CPU"
+        f" ({record_s / per_request['off']:.1%} of the server's CPU per request without metrics);"
+        f" one /metrics render {scrape_s * 1e3:.1f} ms CPU\n"
     )
     if args.max_overhead is not None and overhead > args.max_overhead:
         out.write(f"FAIL: overhead {overhead:.1%} > {args.max_overhead:.1%}\n")

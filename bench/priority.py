@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import onnxruntime as ort
 
 from bench.common import DEFAULT_MODELS, BenchModel, find_models, write_line
 from bench.raw_limit import measure, server_session
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    ort.set_default_logger_severity(3)
     if args.bulk_worker:
         labels = [int(v) for v in args.labels.split(",") if v]
         bulk_worker(args.target, args.model, labels, args.duration_s, args.out)

@@ -79,7 +79,7 @@ def train_and_export(
                 quality=spec.quality,
                 holdout=spec.holdout,
                 training=training,
-                fp16=fp16,
+                fp16=fp16 and getattr(spec, "fp16", True),
                 overwrite=True,
             )
         )

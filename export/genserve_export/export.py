@@ -118,7 +118,9 @@ def export_model(
 
         fp16_diff: float | None = None
         fp16_note: str | None = None
-        if fp16:
+        if not fp16:
+            fp16_note = "fp16 variant not requested"
+        else:
             fp16_diff, fp16_note = _export_fp16(
                 module, example, dynamic, spec, derived, cases, adapter, workdir
             )

@@ -167,8 +167,33 @@ class Limits:
     # gRPC maximum_concurrent_rpcs: beyond it the transport answers RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1024
     max_concurrent_streams: int = 256
+    # SampleStream calls running at once (bulk jobs); beyond it RESOURCE_EXHAUSTED (limits.py).
+    max_concurrent_sample_streams: int = 64
     # Used when a model's config.json does not say.
     default_max_queue_size: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """TLS, mutual TLS and bearer tokens (security.py, docs/operations.md); all off by default."""
+
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Set: mutual TLS; clients must present a certificate this CA signed.
+    tls_client_ca_file: Path | None = None
+    # Bearer tokens: one per line in the file, and/or comma-separated in this environment variable.
+    token_file: Path | None = None
+    token_env: str | None = None
+    # grpc.health.v1 answers without a token, so probes (Kubernetes, load balancers) need none.
+    open_health: bool = True
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def auth(self) -> bool:
+        return self.token_file is not None or self.token_env is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +209,10 @@ class ServerConfig:
     log_json: bool = False
     drain_grace_s: float = 10.0
     warmup: bool = True
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    # Rescan the model repository when it changes, checked every this many seconds (reload.py);
+    # None = only on SIGHUP.
+    watch_interval_s: float | None = None
 
 
 def load_server_config(path: Path | None) -> ServerConfig:
@@ -206,9 +235,16 @@ def load_server_config(path: Path | None) -> ServerConfig:
         max_stream_images=lr.integer("max_stream_images", d.max_stream_images, min_value=1),
         max_concurrent_rpcs=lr.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, min_value=1),
         max_concurrent_streams=lr.integer("max_concurrent_streams", d.max_concurrent_streams, min_value=1),
+        max_concurrent_sample_streams=lr.integer(
+            "max_concurrent_sample_streams", d.max_concurrent_sample_streams, min_value=1
+        ),
         default_max_queue_size=lr.integer("default_max_queue_size", d.default_max_queue_size, min_value=1),
     )
     lr.finish()
+    security = _security_config(r, path.parent)
+    watch = r.raw("watch_interval_s")
+    if watch is not None and (isinstance(watch, bool) or not isinstance(watch, int | float) or watch <= 0):
+        raise r.error("watch_interval_s", f"must be a number of seconds > 0 (or absent), got {watch!r}")
     s = ServerConfig()
     config = ServerConfig(
         limits=limits,
@@ -219,8 +255,46 @@ def load_server_config(path: Path | None) -> ServerConfig:
         log_json=r.boolean("log_json", s.log_json),
         drain_grace_s=r.number("drain_grace_s", s.drain_grace_s, min_value=0.0),
         warmup=r.boolean("warmup", s.warmup),
+        security=security,
+        watch_interval_s=None if watch is None else float(watch),
     )
     r.finish()
+    return config
+
+
+def _security_config(r: _Reader, base: Path) -> SecurityConfig:
+    """`tls: {cert_file, key_file, client_ca_file}` and `auth: {token_file, token_env, open_health}`;
+    relative paths are relative to the config file's directory."""
+
+    def path_or_none(reader: _Reader, key: str) -> Path | None:
+        value = reader.raw(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise reader.error(key, f"must be a file path, got {value!r}")
+        return base / value
+
+    tr, ar = r.sub("tls"), r.sub("auth")
+    cert, key, ca = (path_or_none(tr, k) for k in ("cert_file", "key_file", "client_ca_file"))
+    tr.finish()
+    if (cert is None) != (key is None):
+        raise r.error("tls", "needs both cert_file and key_file")
+    if ca is not None and cert is None:
+        raise r.error(
+            "tls.client_ca_file", "needs cert_file and key_file (mutual TLS is TLS plus a client CA)"
+        )
+    token_env = ar.raw("token_env")
+    if token_env is not None and (not isinstance(token_env, str) or not token_env):
+        raise ar.error("token_env", f"must be an environment variable name, got {token_env!r}")
+    config = SecurityConfig(
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_client_ca_file=ca,
+        token_file=path_or_none(ar, "token_file"),
+        token_env=token_env,
+        open_health=ar.boolean("open_health", True),
+    )
+    ar.finish()
     return config
 
 

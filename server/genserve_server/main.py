@@ -2,11 +2,14 @@
 
     genserve-server serve --models DIR [--port 50051] [--metrics-port 9090] [--host 127.0.0.1]
                           [--config FILE] [--ready-file PATH] [--no-metrics] [--log-json]
+                          [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+                          [--token-file FILE] [--token-env VAR] [--watch-interval-s S]
     genserve-server health [--port 50051] [--service NAME]
 
 Lifecycle (grpc's graceful-shutdown example): bind, start, load models (health NOT_SERVING until
 then), announce; on SIGTERM/SIGINT: health NOT_SERVING, `server.stop(grace)` (no new RPCs,
-in-flight ones finish), batchers drain, pools shut down, exit 0.
+in-flight ones finish), batchers drain, pools shut down, exit 0. SIGHUP rescans the model
+repository (reload.py): new versions load in the background, retired ones drain.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
-from genserve_server import kserve, probe
+from genserve_server import kserve, probe, security
 from genserve_server.config import ServerConfig, cpu_count, load_server_config
 from genserve_server.errors import GenserveError
 from genserve_server.health import SERVER_KEY, HealthState
+from genserve_server.limits import StreamLimitInterceptor
 from genserve_server.metrics import Metrics
+from genserve_server.reload import Reloader
 from genserve_server.repository import Repository
 from genserve_server.runner import quiet_onnxruntime
 from genserve_server.service import GenerationService
@@ -103,8 +108,17 @@ class App:
             max_workers=config.codec_threads or cpu_count(), thread_name_prefix="codec"
         )
         limits = config.limits
+        # Authentication first: an unauthenticated call takes no stream slot.
+        unresolved = self.metrics.unresolved()
+        auth = security.auth_interceptor(
+            config.security, on_reject=lambda method: unresolved.rejected["unauthenticated"].inc()
+        )
         self.server = grpc.aio.server(
-            interceptors=list(interceptors),
+            interceptors=[
+                *([auth] if auth is not None else []),
+                StreamLimitInterceptor(limits.max_concurrent_sample_streams),
+                *interceptors,
+            ],
             options=[
                 ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
                 ("grpc.max_send_message_length", limits.max_send_message_bytes),
@@ -120,13 +134,19 @@ class App:
         kserve.add_to_server(self.kserve, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
+        self.reloader = Reloader(
+            self.repository,
+            drain_grace_s=config.drain_grace_s,
+            watch_interval_s=config.watch_interval_s,
+            on_removed=self.health.set_soon,
+        )
         self.port = 0
         self.metrics_port = 0
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         self.repository.scan()
-        self.port = self.server.add_insecure_port(_address(self.host, self.requested_port))
+        self.port = security.bind(self.server, _address(self.host, self.requested_port), self.config.security)
         if self.port == 0:
             raise GenserveError(f"could not bind {_address(self.host, self.requested_port)}")
         if self.requested_metrics_port is not None:
@@ -139,6 +159,7 @@ class App:
         await self.repository.load_all()
         await self.health.flush()
         await self.health.set(SERVER_KEY, True)
+        self.reloader.start()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -153,6 +174,7 @@ class App:
         started = time.monotonic()
         await self.health.shutdown()
         await self.server.stop(grace_s)
+        await self.reloader.close(max(0.1, grace_s - (time.monotonic() - started)))
         await self.repository.close(max(0.1, grace_s - (time.monotonic() - started)))
         self.codec_pool.shutdown(wait=True)
         self.metrics.close()
@@ -174,6 +196,7 @@ async def serve(args: argparse.Namespace) -> int:
         config = _replace(config, log_json=True)
     if args.drain_grace_s is not None:
         config = _replace(config, drain_grace_s=args.drain_grace_s)
+    config = _apply_security_flags(config, args)
     setup_logging(config.log_level, config.log_json)
     quiet_onnxruntime()
     app = App(
@@ -188,6 +211,7 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
     await app.start()
+    loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
     metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
     sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
     sys.stdout.flush()
@@ -202,6 +226,61 @@ def _replace(config: ServerConfig, **changes: Any) -> ServerConfig:
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def _apply_security_flags(config: ServerConfig, args: argparse.Namespace) -> ServerConfig:
+    """--tls-*, --token-*, --watch-interval-s override the config file's tls/auth/watch fields."""
+    import dataclasses
+
+    sec = config.security
+    changes: dict[str, Any] = {}
+    for flag, name in (
+        ("tls_cert", "tls_cert_file"),
+        ("tls_key", "tls_key_file"),
+        ("tls_client_ca", "tls_client_ca_file"),
+        ("token_file", "token_file"),
+        ("token_env", "token_env"),
+    ):
+        if getattr(args, flag) is not None:
+            changes[name] = getattr(args, flag)
+    if args.closed_health:
+        changes["open_health"] = False
+    sec = dataclasses.replace(sec, **changes)
+    if (sec.tls_cert_file is None) != (sec.tls_key_file is None):
+        raise GenserveError("--tls-cert and --tls-key go together")
+    if sec.tls_client_ca_file is not None and sec.tls_cert_file is None:
+        raise GenserveError(
+            "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS plus a client CA)"
+        )
+    config = _replace(config, security=sec)
+    if args.watch_interval_s is not None:
+        if args.watch_interval_s <= 0:
+            raise GenserveError(f"--watch-interval-s must be > 0, got {args.watch_interval_s}")
+        config = _replace(config, watch_interval_s=args.watch_interval_s)
+    return config
+
+
+def _add_security_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM); turns TLS on")
+    s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    s.add_argument(
+        "--tls-client-ca", type=Path, default=None, help="CA (PEM) for client certificates: mutual TLS"
+    )
+    s.add_argument("--token-file", type=Path, default=None, help="bearer tokens, one per line: token auth")
+    s.add_argument(
+        "--token-env", default=None, help="environment variable with comma-separated bearer tokens"
+    )
+    s.add_argument(
+        "--closed-health",
+        action="store_true",
+        help="grpc.health.v1 needs a token too (default: open for probes)",
+    )
+    s.add_argument(
+        "--watch-interval-s",
+        type=float,
+        default=None,
+        help="rescan the model repository when it changes, checked this often (default: only on SIGHUP)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="on SIGTERM, seconds to finish accepted work (overrides the config's drain_grace_s)",
     )
+    _add_security_arguments(s)
     h = sub.add_parser("health", help="probe a server's grpc.health.v1 status")
     probe.add_arguments(h)
     return parser

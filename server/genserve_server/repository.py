@@ -176,29 +176,52 @@ class Repository:
         """Read every config.json and pick versions; nothing heavy (sessions load in `load_all`)."""
         if not self.root.is_dir():
             raise ConfigError(f"{self.root}: model repository directory not found")
+        for model_dir in self.model_dirs():
+            model = self.read_model(model_dir)
+            if model.config is not None:
+                for version in model.config.version_policy.select(self.available_versions(model)):
+                    self.add_version(model, version)
+            self.models[model.name] = model
+
+    def model_dirs(self) -> list[Path]:
+        """Model directories with valid names (others are logged and skipped)."""
+        dirs = []
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            name = model_dir.name
-            if not NAME_PATTERN.match(name):
+            if not NAME_PATTERN.match(model_dir.name):
                 logger.warning("skipping %s: model names must match %s", model_dir, NAME_PATTERN.pattern)
                 continue
-            try:
-                config = load_model_config(
-                    model_dir / "config.json",
-                    default_max_queue_size=self.server_config.limits.default_max_queue_size,
-                )
-            except ConfigError as exc:
-                logger.error("model %s unavailable: %s", name, exc)
-                self.models[name] = Model(name, model_dir, None, reason=str(exc))
-                continue
-            model = Model(name, model_dir, config)
-            available = [p.name for p in model_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
-            if not available:
-                model.reason = f"{model_dir}: no version directories"
-            for version in config.version_policy.select(available):
-                mm = self.metrics.for_model(name, version, config.batching.max_batch_size)
-                mm.ready.set(0)
-                model.versions[version] = ModelVersion(name, version, model_dir / version, config, mm)
-            self.models[name] = model
+            dirs.append(model_dir)
+        return dirs
+
+    def read_model(self, model_dir: Path) -> Model:
+        """A Model with its config.json and no versions (a broken config gives config None + reason)."""
+        name = model_dir.name
+        try:
+            config = load_model_config(
+                model_dir / "config.json",
+                default_max_queue_size=self.server_config.limits.default_max_queue_size,
+            )
+        except ConfigError as exc:
+            logger.error("model %s unavailable: %s", name, exc)
+            return Model(name, model_dir, None, reason=str(exc))
+        return Model(name, model_dir, config)
+
+    @staticmethod
+    def available_versions(model: Model) -> list[str]:
+        """Version directories on disk (sets `model.reason` when there is none)."""
+        available = [p.name for p in model.path.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        model.reason = "" if available else f"{model.path}: no version directories"
+        return available
+
+    def add_version(self, model: Model, version: str, config: ModelConfig | None = None) -> ModelVersion:
+        """A LOADING ModelVersion registered on `model` (reload.py passes the config of a newer scan)."""
+        config = config or model.config
+        assert config is not None
+        mm = self.metrics.for_model(model.name, version, config.batching.max_batch_size)
+        mm.ready.set(0)
+        mv = ModelVersion(model.name, version, model.path / version, config, mm)
+        model.versions[version] = mv
+        return mv
 
     # ------------------------------------------------------------------ loading
 
@@ -206,39 +229,43 @@ class Repository:
         """Load versions one at a time (each load is CPU-bound; 2 cores must also serve health)."""
         for model in self.models.values():
             for mv in model.versions.values():
-                started = time.monotonic()
-                try:
-                    await asyncio.to_thread(self._load_version, mv)
-                except GenserveError as exc:
-                    self._fail(mv, str(exc))
-                except Exception as exc:  # ORT raises its own types for corrupt graphs
-                    logger.exception("%s failed to load", mv.label)
-                    self._fail(mv, f"{type(exc).__name__}: {exc}")
-                else:
-                    mv.load_s = time.monotonic() - started
-                    assert mv.runner is not None
-                    mv.batcher = Batcher(
-                        mv.runner.run,
-                        name=mv.label,
-                        max_batch_size=mv.config.batching.max_batch_size,
-                        max_queue_delay_s=mv.config.batching.max_queue_delay_ms / 1e3,
-                        max_queue_size=mv.config.batching.max_queue_size,
-                        concurrency=mv.config.instances,
-                        observer=BatchMetrics(mv.metrics),
-                    )
-                    mv.batcher.start()
-                    mv.state = ModelState.READY
-                    mv.metrics.ready.set(1)
-                    mv.metrics.load_duration.set(mv.load_s)
-                    logger.info(
-                        "%s ready in %.2f s (%s, %s, sha256 %s)",
-                        mv.label,
-                        mv.load_s,
-                        mv.provider,
-                        mv.precision,
-                        mv.sha256[:12],
-                    )
-            self._notify(model)
+                await self.load_version(mv)
+            self.notify(model)
+
+    async def load_version(self, mv: ModelVersion) -> None:
+        """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason."""
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self._load_version, mv)
+        except GenserveError as exc:
+            self._fail(mv, str(exc))
+        except Exception as exc:  # ORT raises its own types for corrupt graphs
+            logger.exception("%s failed to load", mv.label)
+            self._fail(mv, f"{type(exc).__name__}: {exc}")
+        else:
+            mv.load_s = time.monotonic() - started
+            assert mv.runner is not None
+            mv.batcher = Batcher(
+                mv.runner.run,
+                name=mv.label,
+                max_batch_size=mv.config.batching.max_batch_size,
+                max_queue_delay_s=mv.config.batching.max_queue_delay_ms / 1e3,
+                max_queue_size=mv.config.batching.max_queue_size,
+                concurrency=mv.config.instances,
+                observer=BatchMetrics(mv.metrics),
+            )
+            mv.batcher.start()
+            mv.state = ModelState.READY
+            mv.metrics.ready.set(1)
+            mv.metrics.load_duration.set(mv.load_s)
+            logger.info(
+                "%s ready in %.2f s (%s, %s, sha256 %s)",
+                mv.label,
+                mv.load_s,
+                mv.provider,
+                mv.precision,
+                mv.sha256[:12],
+            )
 
     def _fail(self, mv: ModelVersion, reason: str) -> None:
         mv.state = ModelState.UNAVAILABLE
@@ -246,7 +273,7 @@ class Repository:
         mv.metrics.ready.set(0)
         logger.error("%s unavailable: %s", mv.label, reason)
 
-    def _notify(self, model: Model) -> None:
+    def notify(self, model: Model) -> None:
         serving = bool(model.ready_versions())
         for listener in self._listeners:
             listener(model.name, serving)

@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 
+from genserve_server.config import ConfigError, SecurityConfig
+
 logger = logging.getLogger(__name__)
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
@@ -135,3 +137,36 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if self._on_reject is not None:
             self._on_reject(method)
         return _deny(await continuation(handler_call_details))
+
+
+def auth_interceptor(
+    config: SecurityConfig, on_reject: Callable[[str], None] | None = None
+) -> TokenAuthInterceptor | None:
+    """The token interceptor the config asks for (None when auth is off); tokens are read once, here."""
+    if not config.auth:
+        return None
+    try:
+        tokens = load_tokens(config.token_file, config.token_env)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"auth: {exc}") from exc
+    logger.info(
+        "token auth on: %d token(s); health %s",
+        len(tokens),
+        "open" if config.open_health else "needs a token",
+    )
+    return TokenAuthInterceptor(tokens, open_health=config.open_health, on_reject=on_reject)
+
+
+def bind(server: grpc.aio.Server, address: str, config: SecurityConfig) -> int:
+    """Add the listening port, TLS (or mTLS) when configured; returns the bound port (0 = failed)."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return server.add_insecure_port(address)
+    tls = TlsConfig(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    try:
+        credentials = server_credentials(tls)
+    except OSError as exc:
+        raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
+    logger.info(
+        "TLS on (%s)", "mutual: client certificates required" if tls.client_ca_file else "server only"
+    )
+    return server.add_secure_port(address, credentials)

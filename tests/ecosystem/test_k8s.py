@@ -170,6 +170,20 @@ def test_ports_and_probes_exist(objects: dict[tuple[str, str], Manifest]) -> Non
     assert endpoint.get("path", "/metrics") == "/metrics"
 
 
+def test_args_parse_with_the_server_cli(objects: dict[tuple[str, str], Manifest]) -> None:
+    """The container args are accepted by the real `genserve-server` parser and listen outside the pod."""
+    from genserve_server.main import build_parser
+
+    args = build_parser().parse_args(_container(objects)["args"])
+    assert (args.host, args.port, args.metrics_host, args.metrics_port) == (
+        "0.0.0.0",
+        GRPC_PORT,
+        "0.0.0.0",
+        METRICS_PORT,
+    )
+    assert args.drain_grace_s == DRAIN_GRACE_S
+
+
 def test_requests_one_gpu_and_runs_as_the_images_user(objects: dict[tuple[str, str], Manifest]) -> None:
     container = _container(objects)
     resources = container["resources"]

@@ -7,9 +7,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -22,6 +20,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO / "tests" / "server") not in sys.path:  # server_support: tiny models, server subprocess
+    sys.path.insert(0, str(REPO / "tests" / "server"))
 DASHBOARD = REPO / "deploy" / "grafana" / "genserve-dashboard.json"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "genserve-alerts.yml"
@@ -149,7 +149,7 @@ def contract_name_for(sample_name: str, contract: Mapping[str, ContractMetric]) 
     return None
 
 
-# --- a tiny model repository -----------------------------------------------------------------
+# --- a tiny model repository and a server subprocess (tests/server/server_support.py) ----------
 
 TINY_MODEL = "tiny"
 TINY_LATENT_DIM = 8
@@ -161,115 +161,62 @@ def write_tiny_repository(
     root: Path, *, max_batch_size: int = TINY_MAX_BATCH, queue_delay_ms: float = 20.0
 ) -> Path:
     """A one-model repository: generator z[N, 8] -> tanh(z @ W) as image[N, 3, 4, 4]."""
-    import hashlib
-
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from server_support import generator_graph, write_model
 
     height, width = TINY_IMAGE
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((TINY_LATENT_DIM, 3 * height * width)).astype(np.float32) * 0.5
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["z", "W"], ["h"]),
-            helper.make_node("Tanh", ["h"], ["t"]),
-            helper.make_node("Reshape", ["t", "shape"], ["image"]),
-        ],
-        "tiny_generator",
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", TINY_LATENT_DIM])],
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, height, width])],
-        initializer=[
-            numpy_helper.from_array(weight, "W"),
-            numpy_helper.from_array(np.array([-1, 3, height, width], dtype=np.int64), "shape"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-
-    model_dir = root / TINY_MODEL
-    version_dir = model_dir / "1"
-    version_dir.mkdir(parents=True)
-    onnx_path = version_dir / "model.onnx"
-    onnx.save(model, onnx_path)
-    card = {
-        "format_version": 1,
-        "name": TINY_MODEL,
-        "version": "1",
-        "kind": "generator",
-        "description": "monitoring-test generator: tanh of a random linear map",
-        "inputs": [{"name": "z", "dtype": "float32", "shape": [-1, TINY_LATENT_DIM]}],
-        "outputs": [{"name": "image", "dtype": "float32", "shape": [-1, 3, height, width]}],
-        "latent_dim": TINY_LATENT_DIM,
-        "class_names": [],
-        "channels": 3,
-        "image_size": [height, width],
-        "output_range": [-1.0, 1.0],
-        "opset": 17,
-        "sha256": {"model.onnx": hashlib.sha256(onnx_path.read_bytes()).hexdigest()},
-    }
-    (version_dir / "card.json").write_text(json.dumps(card, indent=2))
-    config = {
-        "kind": "generator",
-        "batching": {
-            "max_batch_size": max_batch_size,
-            "max_queue_delay_ms": queue_delay_ms,
-            "preferred_batch_sizes": [max_batch_size],
-            "max_queue_size": 1024,
+    write_model(
+        root,
+        TINY_MODEL,
+        "generator",
+        generator_graph(TINY_LATENT_DIM, 3, height, width),
+        {"latent_dim": TINY_LATENT_DIM, "channels": 3, "image_size": [height, width]},
+        config={
+            "batching": {
+                "max_batch_size": max_batch_size,
+                "max_queue_delay_ms": queue_delay_ms,
+                "preferred_batch_sizes": [max_batch_size],
+                "max_queue_size": 1024,
+            }
         },
-        "instances": 1,
-        "execution_providers": ["CPUExecutionProvider"],
-        "precision": "fp32",
-        "version_policy": {"latest": 1},
-    }
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    )
     return root
 
 
-# --- a genserve-server subprocess ------------------------------------------------------------
-
-
-def server_command() -> list[str]:
-    exe = Path(sys.executable).with_name("genserve-server")
-    if exe.exists():
-        return [str(exe)]
-    return [sys.executable, "-m", "genserve_server.main"]
-
-
 @dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int | None
-    pid: int
-    log_path: Path
-    _stopped: bool = field(default=False)
+class MonitoredServer:
+    """A genserve-server subprocess (server_support.ServerProcess) plus what monitoring needs."""
+
+    process: Any  # server_support.ServerProcess
+    metrics_enabled: bool
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return str(self.process.target)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return int(self.process.metrics_port) if self.metrics_enabled else None
+
+    @property
+    def pid(self) -> int:
+        # server_support starts `python -m genserve_server.main` directly: the child is the server.
+        return int(self.process.proc.pid)
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.process.log_path)
 
     def metrics_url(self) -> str:
-        if self.metrics_port is None:
+        if not self.metrics_enabled:
             raise RuntimeError("server runs with --no-metrics")
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://127.0.0.1:{self.process.metrics_port}/metrics"
 
     def cpu_seconds(self) -> float:
         """utime + stime of the server process from /proc/<pid>/stat."""
         return process_cpu_seconds(self.pid)
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    def stop(self) -> None:
+        self.process.stop()
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -287,40 +234,14 @@ def start_server(
     metrics: bool = True,
     extra_args: tuple[str, ...] = (),
     timeout_s: float = 60.0,
-) -> ServerProcess:
-    """Start genserve-server on 127.0.0.1 with OS-chosen ports; wait for its ready file."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    ready = workdir / "ready.json"
-    ready.unlink(missing_ok=True)
-    log_path = workdir / "server.log"
-    args = [*server_command(), "serve", "--models", str(models), "--host", "127.0.0.1", "--port", "0"]
-    args += ["--metrics-port", "0"] if metrics else ["--no-metrics"]
-    args += ["--ready-file", str(ready), *extra_args]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"genserve-server exited ({proc.returncode}) before ready:\n{log_path.read_text()}"
-            )
-        if ready.exists():
-            try:
-                info = json.loads(ready.read_text())
-            except json.JSONDecodeError:  # written but not yet complete
-                info = None
-            if info is not None:
-                metrics_port = info.get("metrics_port")
-                return ServerProcess(
-                    proc,
-                    int(info["port"]),
-                    int(metrics_port) if metrics_port else None,
-                    int(info["pid"]),
-                    log_path,
-                )
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"genserve-server not ready in {timeout_s} s:\n{log_path.read_text()}")
+) -> MonitoredServer:
+    """Start genserve-server on 127.0.0.1 with OS-chosen ports (the shared server_support helper)."""
+    from server_support import start_server as start_shared_server
+
+    args = extra_args if metrics else ("--no-metrics", *extra_args)
+    return MonitoredServer(
+        start_shared_server(models, workdir, extra_args=args, timeout_s=timeout_s), metrics
+    )
 
 
 # --- scraping --------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from monitoring_support import (
     PROMETHEUS_SYNTHETIC,
     TINY_MAX_BATCH,
     TINY_MODEL,
+    MonitoredServer,
     Scrape,
-    ServerProcess,
     contract_metrics,
     dashboard_exprs,
     drive_sample_traffic,
@@ -43,7 +43,7 @@ def gpu_present() -> bool:
     return True
 
 
-def test_counters_and_histograms_agree_with_the_traffic_sent(monitored_server: ServerProcess) -> None:
+def test_counters_and_histograms_agree_with_the_traffic_sent(monitored_server: MonitoredServer) -> None:
     url = monitored_server.metrics_url()
     before = scrape(url)
     counts = [1, 2, 3, 4, 5, 6, 7, 8] * 6  # 48 requests, 216 images, each fits one batch
@@ -97,7 +97,7 @@ def test_counters_and_histograms_agree_with_the_traffic_sent(monitored_server: S
     assert delta(after, before, "genserve_requests_dropped_total", **TINY) == 0
 
 
-def test_families_have_contract_types_and_labels(monitored_server: ServerProcess) -> None:
+def test_families_have_contract_types_and_labels(monitored_server: MonitoredServer) -> None:
     drive_sample_traffic(monitored_server.target, [1])
     current = scrape(monitored_server.metrics_url())
     exposition_type = {"counter": "counter", "gauge": "gauge", "histogram": "histogram"}
@@ -114,7 +114,7 @@ def test_families_have_contract_types_and_labels(monitored_server: ServerProcess
             assert set(labels) == set(metric.labels), f"{name}: labels {sorted(labels)} != {metric.labels}"
 
 
-def test_every_metric_name_of_dashboard_and_rules_is_exported(monitored_server: ServerProcess) -> None:
+def test_every_metric_name_of_dashboard_and_rules_is_exported(monitored_server: MonitoredServer) -> None:
     drive_sample_traffic(monitored_server.target, [1, 2])
     exported = scrape(monitored_server.metrics_url()).names()
     used = {name for expr in dashboard_exprs() + rule_exprs() for name in metric_names(expr.promql)}
@@ -132,7 +132,7 @@ def test_every_metric_name_of_dashboard_and_rules_is_exported(monitored_server: 
         )
 
 
-def test_request_id_comes_back_in_trailing_metadata(monitored_server: ServerProcess) -> None:
+def test_request_id_comes_back_in_trailing_metadata(monitored_server: MonitoredServer) -> None:
     with grpc.insecure_channel(monitored_server.target) as channel:
         stub = genserve_pb2_grpc.GenerationServiceStub(channel)
         request = genserve_pb2.SampleRequest(model=TINY_MODEL, count=1, base_seed=1)
@@ -176,7 +176,7 @@ def test_json_logs_have_a_line_per_request_and_per_batch(monitoring_models: Path
     assert any("batch" in t.lower() and TINY_MODEL in t for t in text), "one line per batch"
 
 
-def test_model_level_series_exist_only_for_loaded_models(monitored_server: ServerProcess) -> None:
+def test_model_level_series_exist_only_for_loaded_models(monitored_server: MonitoredServer) -> None:
     # RPCs that never resolved a model are counted under model="" (genserve_requests_total,
     # genserve_request_duration_seconds), but a phantom model="" must not report readiness, a
     # queue or a load time: genserve_model_ready{model=""} == 0 would fire GenserveModelNotReady.

@@ -23,7 +23,7 @@ import yaml
 from monitoring_support import (
     RULES,
     RULES_TEST,
-    ServerProcess,
+    MonitoredServer,
     TrafficStats,
     dashboard_exprs,
     drive_sample_traffic,
@@ -117,18 +117,27 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def promtool() -> str:
-    return skip_or_fail_without_prometheus()[1]
+def prometheus_paths() -> tuple[str, str]:
+    """(prometheus, promtool): skipped, or failed under CI=true, before any server starts."""
+    return skip_or_fail_without_prometheus()
+
+
+@pytest.fixture(scope="module")
+def promtool(prometheus_paths: tuple[str, str]) -> str:
+    return prometheus_paths[1]
 
 
 @pytest.fixture(scope="module")
 def prometheus_with_traffic(
-    monitored_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+    prometheus_paths: tuple[str, str],
+    monitored_server: MonitoredServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Prometheus, TrafficStats]]:
     """Prometheus scraping the server every second while Sample traffic runs for a few seconds."""
-    binary, _ = skip_or_fail_without_prometheus()
     assert monitored_server.metrics_port is not None
-    prometheus = Prometheus(binary, tmp_path_factory.mktemp("prometheus"), monitored_server.metrics_port)
+    prometheus = Prometheus(
+        prometheus_paths[0], tmp_path_factory.mktemp("prometheus"), monitored_server.metrics_port
+    )
     try:
         prometheus.wait_ready()
         prometheus.wait_for_result('up{job="genserve"} == 1', timeout_s=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -636,6 +637,27 @@ def test_expired_deadline_is_never_computed(
     assert tiny_server.metric("genserve_images_total", model=model) == images_before + 8 + 1
 
 
+def test_cancelled_call_is_dropped_before_compute(
+    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
+) -> None:
+    model = "tiny-slow"
+    dropped_before = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
+    busy = [stub.Sample.future(pb.SampleRequest(model=model, count=4, base_seed=i)) for i in range(2)]
+    time.sleep(0.005)
+    doomed = stub.Sample.future(pb.SampleRequest(model=model, count=1, base_seed=99))
+    time.sleep(0.005)
+    assert doomed.cancel()
+    for f in busy:
+        f.result()
+    stub.Sample(
+        pb.SampleRequest(model=model, count=1)
+    )  # a later batch sweeps the cancelled row if still queued
+    assert (
+        tiny_server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
+        == dropped_before + 1
+    )
+
+
 def test_flood_beyond_the_queue_bound_is_refused_while_accepted_requests_succeed(
     tiny_server: ServerProcess,
 ) -> None:
@@ -715,3 +737,20 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
         failures = [r for r in results if isinstance(r, grpc.RpcError)]
         assert not failures, failures
         assert len(results) == 12
+
+
+def test_no_metrics_and_json_logs(tiny_repo: Path, tmp_path: Path) -> None:
+    with running_server(
+        tiny_repo, tmp_path, extra_args=("--no-metrics", "--log-json", "--log-level", "DEBUG")
+    ) as server:
+        assert server.metrics_port == 0
+        with grpc.insecure_channel(server.target) as ch:
+            pb_grpc.GenerationServiceStub(ch).Sample(
+                pb.SampleRequest(model="tiny-gen", count=2), metadata=(("x-request-id", "json-1"),)
+            )
+        assert server.stop() == 0
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    messages = [entry["msg"] for entry in lines]
+    assert any(m.startswith("batch model=model tiny-gen version 1 rows=2") for m in messages)
+    assert any("request_id=json-1 method=Sample model=tiny-gen" in m and "code=OK" in m for m in messages)
+    assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in lines)

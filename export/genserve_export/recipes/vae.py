@@ -159,6 +159,7 @@ class VaeDigitsRecipe:
                 },
                 holdout=holdout,
                 training=dict(training),
+                fp16=False,  # a 0.65M-parameter MLP: fp16 halves 1.3 MB and gains nothing
             ),
             ExportSpec(
                 name=ENCODER,
@@ -173,6 +174,7 @@ class VaeDigitsRecipe:
                 quality={**pair, "thresholds": PAIR_THRESHOLDS},
                 holdout=holdout,
                 training=dict(training),
+                fp16=False,  # a 0.65M-parameter MLP: fp16 halves 1.3 MB and gains nothing
             ),
         ]
 

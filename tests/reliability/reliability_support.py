@@ -1,0 +1,224 @@
+"""Support for the reliability tests: a small model repository (fast, slow and faulty generators),
+test certificates made with the openssl CLI, raw gRPC calls and process probes (/proc)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
+from server_support import (
+    OPSET,
+    TINY_LATENT,
+    ServerProcess,
+    generator_graph,
+    slow_generator_graph,
+    write_model,
+)
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+SERVER_NAME = "genserve.test"
+GEN_CARD = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+FAIL_AT_BATCH = 3
+
+
+def failing_generator_graph(latent_dim: int, fail_at: int) -> onnx.ModelProto:
+    """A generator whose Reshape fails inside ONNX Runtime when the batch has exactly `fail_at` rows.
+
+    The Reshape's target is [N + (N == fail_at), Z]: the element count matches for every other N.
+    """
+    rng = np.random.default_rng(7)
+    c, h, w = 1, 8, 8
+    nodes = [
+        helper.make_node("Shape", ["z"], ["z_shape"]),
+        helper.make_node("Gather", ["z_shape", "zero"], ["n"], axis=0),
+        helper.make_node("Equal", ["n", "fail_at"], ["is_bad"]),
+        helper.make_node("Cast", ["is_bad"], ["bump"], to=TensorProto.INT64),
+        helper.make_node("Add", ["n", "bump"], ["n2"]),
+        helper.make_node("Unsqueeze", ["n2", "axes0"], ["n2_1d"]),
+        helper.make_node("Concat", ["n2_1d", "zdim"], ["target"], axis=0),
+        helper.make_node("Reshape", ["z", "target"], ["z2"]),
+        helper.make_node("MatMul", ["z2", "W"], ["hidden"]),
+        helper.make_node("Tanh", ["hidden"], ["act"]),
+        helper.make_node("Reshape", ["act", "shape"], ["image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "flaky",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", latent_dim])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", c, h, w])],
+        [
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+            numpy_helper.from_array(np.array(fail_at, np.int64), "fail_at"),
+            numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+            numpy_helper.from_array(np.array([latent_dim], np.int64), "zdim"),
+            numpy_helper.from_array(rng.normal(0, 0.5, (latent_dim, c * h * w)).astype(np.float32), "W"),
+            numpy_helper.from_array(np.array([-1, c, h, w], np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_gen(root: Path, name: str = "gen", *, version: str = "1", seed: int = 0, **config: object) -> Path:
+    batching = {"max_batch_size": 16, "max_queue_delay_ms": 2.0, "max_queue_size": 256}
+    return write_model(
+        root,
+        name,
+        "generator",
+        generator_graph(TINY_LATENT, 3, 8, 8, seed=seed),
+        GEN_CARD,
+        config={"batching": batching, **config},
+        version=version,
+    )
+
+
+def write_slow(root: Path, name: str = "slow", *, iterations: int = 400, queue: int = 8, batch: int = 4) -> Path:
+    return write_model(
+        root,
+        name,
+        "generator",
+        slow_generator_graph(TINY_LATENT, iterations),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": batch, "max_queue_delay_ms": 1.0, "max_queue_size": queue}},
+    )
+
+
+def write_flaky(root: Path, name: str = "flaky") -> Path:
+    return write_model(
+        root,
+        name,
+        "generator",
+        failing_generator_graph(TINY_LATENT, FAIL_AT_BATCH),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 64}},
+    )
+
+
+def copy_version_atomically(model_dir: Path, src_version: str, new_version: str, new_model_dir: Path) -> None:
+    """Write aside, then rename into place: the server never sees a half-written version."""
+    aside = model_dir / f".tmp-{new_version}"
+    shutil.copytree(new_model_dir / src_version, aside)
+    aside.rename(model_dir / new_version)
+
+
+# ------------------------------------------------------------------------------ certificates
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path) -> Path:
+    """A CA, a server certificate for SERVER_NAME and 127.0.0.1, and a client certificate (EC P-256)."""
+    d.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=genserve reliability CA", cwd=d)  # fmt: skip
+    for name, ext in (
+        ("server", f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+        ("rogue", "extendedKeyUsage=clientAuth"),
+    ):
+        ca = "rogue-ca" if name == "rogue" else "ca"
+        if name == "rogue":
+            _openssl("req", "-x509", *ec, "-keyout", "rogue-ca.key", "-out", "rogue-ca.pem", "-days", "2",
+                     "-subj", "/CN=somebody else", cwd=d)  # fmt: skip
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+                 cwd=d)  # fmt: skip
+    return d
+
+
+def secure_channel(target: str, pki: Path, *, client: str | None = None) -> grpc.Channel:
+    key = (pki / f"{client}.key").read_bytes() if client else None
+    cert = (pki / f"{client}.pem").read_bytes() if client else None
+    creds = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes(), key, cert)
+    return grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+
+
+# ------------------------------------------------------------------------------ calls and probes
+
+
+def health_status(channel: grpc.Channel, service: str = "", *, metadata: tuple[tuple[str, str], ...] = ()) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10, metadata=metadata)
+    return int(response.status)
+
+
+def sample_ok(
+    channel: grpc.Channel, model: str = "gen", *, metadata: tuple[tuple[str, str], ...] = (), timeout_s: float = 10
+) -> pb.SampleResponse:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    response: pb.SampleResponse = stub.Sample(
+        pb.SampleRequest(model=model, count=1, base_seed=1), timeout=timeout_s, metadata=metadata
+    )
+    return response
+
+
+def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        return code
+    return grpc.StatusCode.OK
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+class MetricSampler:
+    """Scrapes one gauge from /metrics every `interval_s` on a thread; keeps the maximum seen."""
+
+    def __init__(self, server: ServerProcess, name: str, interval_s: float = 0.1, **labels: str) -> None:
+        self.server, self.name, self.labels, self.interval_s = server, name, labels, interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(self.server.metric(self.name, **self.labels))
+            except OSError:
+                pass  # a scrape that timed out under load: the next one counts
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> MetricSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)

@@ -1,0 +1,282 @@
+"""Integration tests over the real default model repository (models/), one real server.
+
+Skipped until export/ has written models/. Every RPC with every model kind present and every
+output format; the batching bar on dcgan-digits; tiled SuperResolve equal to untiled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
+from server_support import ServerProcess, start_server
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+MODELS_DIR = Path(os.environ.get("GENSERVE_TEST_MODELS", Path(__file__).resolve().parents[2] / "models"))
+FORMATS = [
+    tpb.IMAGE_FORMAT_PNG,
+    tpb.IMAGE_FORMAT_JPEG,
+    tpb.IMAGE_FORMAT_WEBP,
+    tpb.IMAGE_FORMAT_RAW_UINT8,
+    tpb.IMAGE_FORMAT_TENSOR_F32,
+]
+F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+
+
+def _models_by_kind() -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {}
+    if not MODELS_DIR.is_dir():
+        return kinds
+    for config in sorted(MODELS_DIR.glob("*/config.json")):
+        kind = json.loads(config.read_text()).get("kind", "")
+        kinds.setdefault(kind, []).append(config.parent.name)
+    return kinds
+
+
+KINDS = _models_by_kind()
+pytestmark = pytest.mark.skipif(not KINDS, reason="models/ not written yet (export/ trains the defaults)")
+
+
+def models_of(*kinds: str) -> list[str]:
+    names = [name for kind in kinds for name in KINDS.get(kind, [])]
+    return names or [pytest.param("none", marks=pytest.mark.skip(reason=f"no {'/'.join(kinds)} model"))]  # type: ignore[list-item]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(MODELS_DIR, tmp_path_factory.mktemp("default-server"), timeout_s=180)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
+    return pb_grpc.GenerationServiceStub(channel)
+
+
+def info(stub: pb_grpc.GenerationServiceStub, name: str) -> pb.ModelInfo:
+    return stub.GetModel(pb.GetModelRequest(name=name))
+
+
+def card(stub: pb_grpc.GenerationServiceStub, name: str) -> dict[str, object]:
+    data: dict[str, object] = json.loads(info(stub, name).versions[-1].card_json)
+    return data
+
+
+def tensor_of(image: tpb.Image) -> np.ndarray:
+    return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
+
+
+def pixels_of(image: tpb.Image) -> np.ndarray:
+    if image.format == tpb.IMAGE_FORMAT_RAW_UINT8:
+        return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
+    with Image.open(io.BytesIO(image.data)) as im:
+        arr = np.asarray(im)
+    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
+
+
+def check_image(image: tpb.Image, fmt: int, c: int, h: int, w: int) -> None:
+    assert image.format == fmt
+    if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+        assert tensor_of(image).shape == (c, h, w)
+    else:
+        assert pixels_of(image).shape[:2] == (h, w)
+
+
+def labels_for(m: pb.ModelInfo) -> list[int]:
+    return [1] if m.class_names else []
+
+
+def raw(image: np.ndarray) -> tpb.Image:
+    return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=image.tobytes(), shape=image.shape)
+
+
+def test_every_default_model_is_ready(stub: pb_grpc.GenerationServiceStub, channel: grpc.Channel) -> None:
+    models = stub.ListModels(pb.ListModelsRequest()).models
+    assert models
+    for m in models:
+        assert m.versions and all(v.state == pb.MODEL_STATE_READY for v in m.versions), (m.name, m.versions)
+    assert "genserve.v1.GenerationService" in ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+@pytest.mark.parametrize("model", models_of("generator", "conditional_generator", "vae_decoder"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sample_stream_interpolate(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) -> None:
+    m = info(stub, model)
+    c, h, w = m.output_shape
+    output = tpb.OutputOptions(format=fmt)
+    labels = labels_for(m)
+    sample = stub.Sample(pb.SampleRequest(model=model, seeds=[1, 2, 3], labels=labels, output=output))
+    for g in sample.images:
+        check_image(g.image, fmt, c, h, w)
+    chunks = list(
+        stub.SampleStream(
+            pb.SampleStreamRequest(
+                sample=pb.SampleRequest(model=model, count=5, base_seed=1, labels=labels, output=output),
+                chunk_size=2,
+            )
+        )
+    )
+    streamed = [g for ch in chunks for g in ch.images]
+    assert [g.index for g in streamed] == list(range(5))
+    if fmt != tpb.IMAGE_FORMAT_JPEG and fmt != tpb.IMAGE_FORMAT_WEBP:
+        assert [g.image.data for g in streamed[:3]] == [g.image.data for g in sample.images]
+    path = stub.Interpolate(
+        pb.InterpolateRequest(
+            model=model,
+            start=pb.LatentPoint(seed=1),
+            end=pb.LatentPoint(seed=3),
+            steps=4,
+            labels=labels,
+            output=output,
+        )
+    )
+    assert len(path.images) == 4
+    check_image(path.images[-1].image, fmt, c, h, w)
+
+
+@pytest.mark.parametrize("model", models_of("generator", "vae_decoder"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) -> None:
+    m = info(stub, model)
+    z = np.random.default_rng(0).normal(size=(2, m.latent_dim)).astype("<f4")
+    response = stub.Decode(
+        pb.DecodeRequest(
+            model=model,
+            latents=tpb.Tensor(shape=z.shape, data=z.tobytes()),
+            output=tpb.OutputOptions(format=fmt),
+        )
+    )
+    check_image(response.images[1].image, fmt, *m.output_shape)
+
+
+@pytest.mark.parametrize("model", models_of("vae_encoder"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encode(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) -> None:
+    c = card(stub, model)
+    h, w = c["image_size"]  # type: ignore[misc]
+    channels = int(c["input_channels"])  # type: ignore[call-overload]
+    pixels = np.random.default_rng(1).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+        lo, hi = c["input_range"]  # type: ignore[misc]
+        chw = (pixels.transpose(2, 0, 1) / 255 * (hi - lo) + lo).astype("<f4")
+        image = tpb.Image(format=fmt, data=chw.tobytes(), shape=chw.shape)
+    elif fmt == tpb.IMAGE_FORMAT_RAW_UINT8:
+        image = raw(pixels)
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(
+            buf,
+            format={
+                tpb.IMAGE_FORMAT_PNG: "PNG",
+                tpb.IMAGE_FORMAT_JPEG: "JPEG",
+                tpb.IMAGE_FORMAT_WEBP: "WEBP",
+            }[fmt],
+        )
+        image = tpb.Image(format=fmt, data=buf.getvalue())
+    response = stub.Encode(pb.EncodeRequest(model=model, images=[image], sample=True, seed=7))
+    d = response.latents[0]
+    assert np.frombuffer(d.mu.data, "<f4").shape == np.frombuffer(d.z.data, "<f4").shape
+    assert np.isfinite(np.frombuffer(d.logvar.data, "<f4")).all()
+
+
+@pytest.mark.parametrize("model", models_of("super_resolution"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_super_resolve_formats(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) -> None:
+    m = info(stub, model)
+    img = np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    response = stub.SuperResolve(
+        pb.ImageRequest(model=model, images=[raw(img)], output=tpb.OutputOptions(format=fmt))
+    )
+    check_image(response.images[0], fmt, 3, 40 * m.scale_factor, 48 * m.scale_factor)
+
+
+@pytest.mark.parametrize("model", models_of("super_resolution"))
+def test_super_resolve_300x200_tiled_equals_untiled(stub: pb_grpc.GenerationServiceStub, model: str) -> None:
+    c = card(stub, model)
+    m = info(stub, model)
+    img = np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    overlap = int(c["tile_overlap"] or 16)  # type: ignore[call-overload]
+    tile = max(2 * overlap + 8, min(int(c["tile_size"] or 128), 128))  # type: ignore[call-overload]
+    response = stub.SuperResolve(
+        pb.ImageRequest(model=model, images=[raw(img)], output=F32, tile_size=tile, tile_overlap=overlap)
+    )
+    assert response.tiles[0] >= 4
+    lo, hi = c["input_range"]  # type: ignore[misc]
+    x = (img.transpose(2, 0, 1).astype(np.float32) / 255 * (hi - lo) + lo)[np.newaxis]
+    multiple = m.size_multiple or 1
+    pad_h, pad_w = -200 % multiple, -300 % multiple
+    x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="reflect")
+    session = ort.InferenceSession(
+        str(MODELS_DIR / model / m.versions[-1].version / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (untiled,) = session.run(None, {"image": x})
+    s = m.scale_factor
+    np.testing.assert_allclose(tensor_of(response.images[0]), untiled[0, :, : 200 * s, : 300 * s], atol=1e-5)
+
+
+@pytest.mark.parametrize("model", models_of("image_to_image"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_translate(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) -> None:
+    c = card(stub, model)
+    channels = int(c["input_channels"] or 3)  # type: ignore[call-overload]
+    img = np.random.default_rng(4).integers(0, 256, (50, 70, channels), dtype=np.uint8)
+    response = stub.Translate(
+        pb.ImageRequest(model=model, images=[raw(img)], output=tpb.OutputOptions(format=fmt))
+    )
+    check_image(response.images[0], fmt, int(c["channels"] or 3), 50, 70)  # type: ignore[call-overload]
+
+
+async def _concurrent(
+    target: str, model: str, seeds: list[int], clients: int, labels: list[int]
+) -> dict[int, bytes]:
+    results: dict[int, bytes] = {}
+    pending = list(seeds)
+
+    async def client() -> None:
+        async with grpc.aio.insecure_channel(target) as ch:
+            s = pb_grpc.GenerationServiceStub(ch)
+            while pending:
+                seed = pending.pop()
+                r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], labels=labels, output=F32))
+                results[seed] = r.images[0].image.data
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return results
+
+
+@pytest.mark.skipif("dcgan-digits" not in KINDS.get("generator", []), reason="no dcgan-digits")
+def test_dcgan_digits_64_clients_batch_and_stay_bit_identical(
+    stub: pb_grpc.GenerationServiceStub, server: ServerProcess
+) -> None:
+    model = "dcgan-digits"
+    count0 = server.metric("genserve_batch_size_count", model=model)
+    sum0 = server.metric("genserve_batch_size_sum", model=model)
+    seeds = list(range(5000, 5256))
+    together = asyncio.run(_concurrent(server.target, model, seeds, 64, []))
+    batches = server.metric("genserve_batch_size_count", model=model) - count0
+    images = server.metric("genserve_batch_size_sum", model=model) - sum0
+    assert images == 256
+    assert images / batches > 4, f"mean batch size {images / batches:.2f}"
+    for seed in seeds:
+        alone = stub.Sample(pb.SampleRequest(model=model, seeds=[seed], output=F32)).images[0].image.data
+        assert together[seed] == alone, seed
