@@ -62,7 +62,7 @@ class ModelReport:
         metrics = sorted(
             k
             for k in {*self.quality_recomputed, *self.quality_card}
-            if isinstance(self.quality_recomputed.get(k, self.quality_card.get(k)), int | float)
+            if k in self.quality_recomputed or isinstance(self.quality_card.get(k), float)
         )
         for metric in metrics:
             now = self.quality_recomputed.get(metric)

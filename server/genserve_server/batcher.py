@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -128,6 +129,8 @@ class Batcher:
         max_queue_size: int,
         concurrency: int = 1,
         observer: BatchObserver | None = None,
+        bulk_budget_s: float | None = 0.005,
+        interactive_quiet_s: float = 1.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -157,6 +160,14 @@ class Batcher:
         # (concurrency 1: never wait), higher when requests overlap (then the window pays off even
         # while the runner is idle, because the next arrival is likely within it).
         self._overlap_avg = 1.0
+        # Priority: while interactive requests arrive (one seen within interactive_quiet_s), a BULK
+        # batch is cut to what computes in about bulk_budget_s (from the measured cost of a row), so
+        # an interactive request waits at most that long for the runner. On a CPU a running batch
+        # cannot be preempted: its size is the only lever. Idle interactive lane: full batches.
+        self.bulk_budget_s = bulk_budget_s
+        self.interactive_quiet_s = interactive_quiet_s
+        self._last_interactive_at = -math.inf
+        self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
 
     # ------------------------------------------------------------------ public
 
@@ -195,6 +206,8 @@ class Batcher:
             raise DeadlineExceeded(
                 f"{self.name}: deadline passed before the request was queued; not computed"
             )
+        if lane == Lane.INTERACTIVE:
+            self._last_interactive_at = now
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         request = PendingRequest(key, inputs, n_rows, lane, deadline, now, future)
         queue = self._lanes[lane].get(key)
@@ -268,6 +281,17 @@ class Batcher:
                 return lane, key
         return None
 
+    def _batch_limit(self, lane: Lane) -> int:
+        """Rows a batch of `lane` may take now (see bulk_budget_s)."""
+        if (
+            lane == Lane.BULK
+            and self.bulk_budget_s is not None
+            and self._row_cost_s > 0.0
+            and time.monotonic() - self._last_interactive_at < self.interactive_quiet_s
+        ):
+            return max(1, min(self.max_batch_size, int(self.bulk_budget_s / self._row_cost_s)))
+        return self.max_batch_size
+
     async def _form_batch(self) -> list[_Part]:
         picked = self._pick()
         if picked is None:
@@ -279,10 +303,11 @@ class Batcher:
         else:
             more_expected = self._queued_requests > 1
         idle_and_alone = self._batches_in_flight == 0 and not more_expected
-        if rows < self.max_batch_size and self.max_queue_delay_s > 0 and not idle_and_alone:
+        limit = self._batch_limit(lane)
+        if rows < limit and self.max_queue_delay_s > 0 and not idle_and_alone:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
-            while self._rows_by_key.get((lane, key), 0) < self.max_batch_size and not self._closing:
+            while self._rows_by_key.get((lane, key), 0) < limit and not self._closing:
                 remaining_s = window_end - time.monotonic()
                 if remaining_s <= 0:
                     break
@@ -309,12 +334,13 @@ class Batcher:
             self._queued_requests -= 1
 
     def _take(self, lane: Lane, key: Hashable) -> list[_Part]:
+        limit = self._batch_limit(lane)
         """Take up to max_batch_size live rows of one sub-queue, dropping dead requests first."""
         queue = self._lanes[lane][key]
         parts: list[_Part] = []
         rows = 0
         now = time.monotonic()
-        while queue and rows < self.max_batch_size:
+        while queue and rows < limit:
             request = queue[0]
             remaining = request.n_rows - request.next_row
             expired = request.deadline is not None and now >= request.deadline
@@ -330,7 +356,7 @@ class Batcher:
                     )
                 # else: already failed by an earlier batch of its rows; nothing to count.
                 continue
-            take = min(remaining, self.max_batch_size - rows)
+            take = min(remaining, limit - rows)
             parts.append(_Part(request, request.next_row, take))
             request.next_row += take
             request.last_dispatch_at = now
@@ -378,6 +404,10 @@ class Batcher:
                 _set_exception_if_not_done(part.request.future, Internal(message))
         finally:
             compute_s = time.monotonic() - started
+            if ok:
+                per_row = compute_s / rows
+                old = self._row_cost_s
+                self._row_cost_s = per_row if old == 0.0 else 0.8 * old + 0.2 * per_row
             self._batches_in_flight -= 1
             self._slots.release()
             self._observer.on_batch(rows, len(parts), compute_s, ok)

@@ -209,6 +209,9 @@ class ServerConfig:
     log_json: bool = False
     drain_grace_s: float = 10.0
     warmup: bool = True
+    # A batch whose measured compute is at most this many microseconds runs on the event loop
+    # thread instead of hopping to the runner pool (the hop costs more); 0 = always the pool.
+    inline_compute_max_us: int = 50
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Rescan the model repository when it changes, checked every this many seconds (reload.py);
     # None = only on SIGHUP.
@@ -255,6 +258,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         log_json=r.boolean("log_json", s.log_json),
         drain_grace_s=r.number("drain_grace_s", s.drain_grace_s, min_value=0.0),
         warmup=r.boolean("warmup", s.warmup),
+        inline_compute_max_us=r.integer("inline_compute_max_us", s.inline_compute_max_us, min_value=0),
         security=security,
         watch_interval_s=None if watch is None else float(watch),
     )

@@ -6,12 +6,18 @@ any decoder runs), queue depth in each model's batcher, `maximum_concurrent_rpcs
 This module holds the one that needs its own state: at most `max_concurrent_sample_streams`
 SampleStream calls at once, so bulk jobs cannot take every RPC slot from interactive traffic.
 Beyond the limit a new stream is answered RESOURCE_EXHAUSTED at once.
+
+It also holds the guard against bytes that are not a protobuf of the method's request type:
+grpc answers those INTERNAL ("Exception deserializing request!"), which blames the server for
+the client's bytes; `MalformedRequestInterceptor` answers INVALID_ARGUMENT instead.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -67,3 +73,92 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_stream_rpc_method_handler(
             limited, handler.request_deserializer, handler.response_serializer
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """Stands in for a request whose bytes did not parse; the wrapped handler answers INVALID_ARGUMENT."""
+
+    method: str
+    problem: str
+
+    def message(self) -> str:
+        return f"the request is not a valid protobuf message for {self.method}: {self.problem}"
+
+
+def _lenient(method: str, deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError (or its C++/upb variants): the client's bytes
+            return Malformed(method, f"{type(exc).__name__}: {exc}"[:200])
+
+    return parse
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT (not grpc's INTERNAL) for request bytes that do not parse.
+
+    Wraps unary-request handlers (unary-unary and unary-stream); streaming-request handlers
+    (reflection) are left as they are. Wrapped handlers are built once per method.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
+            return handler
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        deserialize = _lenient(method, handler.request_deserializer)
+        serialize = handler.response_serializer
+        Context = grpc.aio.ServicerContext[Any, Any]
+
+        async def reject(request: Malformed, context: Context) -> None:
+            logger.info("refused %s: %s", method, request.problem)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+
+        if handler.unary_unary is not None:
+            unary = cast(Callable[[Any, Any], Any], handler.unary_unary)
+
+            async def guarded_unary(request: Any, context: Context) -> Any:
+                if isinstance(request, Malformed):
+                    await reject(request, context)
+                result = unary(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+            return grpc.unary_unary_rpc_method_handler(guarded_unary, deserialize, serialize)
+        stream = cast(Callable[[Any, Any], Any], handler.unary_stream)
+        if inspect.isasyncgenfunction(stream):
+
+            async def guarded_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                if isinstance(request, Malformed):
+                    await reject(request, context)
+                async for item in stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(guarded_stream, deserialize, serialize)
+
+        async def guarded_writer(request: Any, context: Context) -> None:  # handlers that context.write()
+            if isinstance(request, Malformed):
+                await reject(request, context)
+            await stream(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(guarded_writer, deserialize, serialize)

@@ -36,7 +36,7 @@ from genserve_server import kserve, probe, security
 from genserve_server.config import ServerConfig, cpu_count, load_server_config
 from genserve_server.errors import GenserveError
 from genserve_server.health import SERVER_KEY, HealthState
-from genserve_server.limits import StreamLimitInterceptor
+from genserve_server.limits import MalformedRequestInterceptor, StreamLimitInterceptor
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader
 from genserve_server.repository import Repository
@@ -117,6 +117,7 @@ class App:
             interceptors=[
                 *([auth] if auth is not None else []),
                 StreamLimitInterceptor(limits.max_concurrent_sample_streams),
+                MalformedRequestInterceptor(),
                 *interceptors,
             ],
             options=[
@@ -210,8 +211,9 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.request_stop)
-    await app.start()
+    # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
     loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
+    await app.start()
     metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
     sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
     sys.stdout.flush()

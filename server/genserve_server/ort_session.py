@@ -23,6 +23,8 @@ raw-limit measurement (bench/raw_limit.py) and the tests all run the same config
 from __future__ import annotations
 
 import bisect
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -271,10 +273,14 @@ def create_session(
     run_config = config
     while True:
         options = session_options(run_config, cores=cores, instances=instances)
+        printed = io.StringIO()
         try:
-            session = ort.InferenceSession(
-                source, options, providers=[p for p, _ in chain], provider_options=[o for _, o in chain]
-            )
+            # ORT's Python layer *prints* "EP Error ... Falling back" to stdout when a provider fails
+            # to load (e.g. TensorRT without its libraries): keep stdout clean, log it instead.
+            with contextlib.redirect_stdout(printed):
+                session = ort.InferenceSession(
+                    source, options, providers=[p for p, _ in chain], provider_options=[o for _, o in chain]
+                )
         except Exception as exc:  # ORT raises its own untyped errors (Fail, RuntimeException, ...)
             if len(chain) == 1:
                 raise
@@ -290,6 +296,8 @@ def create_session(
             fallbacks.append(reason)
             continue
         break
+    if printed.getvalue().strip():
+        logger.info("%s: onnxruntime said: %s", path, " ".join(printed.getvalue().split())[:500])
     used = list(session.get_providers())
     requested_first = chain[0][0]
     if used[0] != requested_first:

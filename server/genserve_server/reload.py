@@ -216,7 +216,7 @@ class Reloader:
         elif stale:
             report.kept.extend(mv.label for mv in stale)
             logger.warning(
-                "%s: no newly picked version is ready; %s keep serving",
+                "%s: no newly picked version is ready; still serving %s",
                 current.name,
                 ", ".join(mv.label for mv in stale),
             )

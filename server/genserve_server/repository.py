@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from genserve_server import tiling
 from genserve_server.batcher import Batcher
 from genserve_server.config import (
     Card,
@@ -84,6 +85,9 @@ class ModelVersion:
     runner: Runner | None = None
     batcher: Batcher | None = None
     load_s: float = 0.0
+    # super_resolution: receptive-field radius in input pixels, measured at load (None: not local
+    # at the probe size, or not measured); SuperResolve sizes tile margins and overlap from it.
+    tile_radius: int | None = None
 
     @property
     def label(self) -> str:
@@ -318,12 +322,18 @@ class Repository:
             runtime=mv.config.runtime,
             fp16=choice.precision == "fp16",
             profile=profile_shapes(card, mv.config.batching.max_batch_size),
+            inline_max_s=sc.inline_compute_max_us / 1e6,
+            latent_dim=card.latent_dim
+            if card.kind in ("generator", "conditional_generator", "vae_decoder")
+            else None,
         )
         try:
             self._check_graph(mv, card, runner)
             if sc.warmup:
                 for batch in sorted({1, mv.config.batching.max_batch_size}):
-                    runner.run_sync(warmup_inputs(card, batch))
+                    runner.warm(warmup_inputs(card, batch))
+            if card.kind == "super_resolution":
+                mv.tile_radius = measure_tile_radius(card, runner)
         except BaseException:
             runner.close()
             raise
@@ -386,3 +396,17 @@ def profile_shapes(card: Card, max_batch_size: int) -> ProfileShapes | None:
         return {name: [batch, *value.shape[1:]] for name, value in one.items()}
 
     return ProfileShapes(shapes(1), shapes(opt), shapes(max_batch_size))
+
+
+def measure_tile_radius(card: Card, runner: Runner) -> int | None:
+    """How far (input pixels) a tile edge disturbs the output: tiles must discard that margin."""
+    multiple = card.size_multiple
+    probe = max(64, -(-64 // multiple) * multiple)
+    radius = tiling.receptive_field_radius(
+        lambda x: runner.run_sync({"image": x})["output_image"],
+        card.input_channels or 3,
+        probe,
+        input_range=card.input_range or (0.0, 1.0),
+    )
+    logger.info("%s/%s: tile receptive-field radius %s px", card.name, card.version, radius)
+    return radius

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from genserve_server import latents
 from genserve_server.config import cpu_count
 from genserve_server.ort_session import (
     GPU_PROVIDERS,
@@ -39,6 +41,10 @@ _ORT_DTYPES: dict[str, Any] = {
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
 }
+
+# Latent models may be fed seed rows instead of `z` (see Runner.run).
+SEED_INPUT = "seed"
+PSI_INPUT = "psi"
 
 _cpu_fallback_warned = False
 _cpu_fallback_lock = threading.Lock()
@@ -86,8 +92,17 @@ class Runner:
         runtime: RuntimeConfig | None = None,
         fp16: bool = False,
         profile: ProfileShapes | None = None,
+        inline_max_s: float = 0.0,
+        latent_dim: int | None = None,
     ) -> None:
         self.label = label
+        # Batches whose measured compute is below this run on the calling thread: a hop to the pool
+        # and back costs ~50-100 us on 2 cores, more than a tiny model's whole batch.
+        self.inline_max_s = inline_max_s
+        self.latent_dim = latent_dim
+        # Moving average of compute seconds per batch signature (power-of-two rows, other dims).
+        self._cost_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
+        self._last_s = 0.0
         self.requested_providers = tuple(providers)
         config = runtime or RuntimeConfig()
         if intra_op_threads and not config.intra_op_threads:
@@ -153,11 +168,71 @@ class Runner:
                 self._runners.put(runner)
         return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}
 
+    def _signature(self, inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str | int, ...], ...]:
+        """What a batch's compute cost depends on: rows (rounded up to a power of two) and shapes."""
+        rows = int(next(iter(inputs.values())).shape[0])
+        bucket = 1 << max(0, rows - 1).bit_length()
+        parts: list[tuple[str | int, ...]] = []
+        for name, value in inputs.items():
+            if name == SEED_INPUT:
+                parts.append(("z", bucket, self.latent_dim or 0))
+            elif name != PSI_INPUT:
+                parts.append((name, bucket, *value.shape[1:]))
+        return tuple(sorted(parts, key=str))
+
+    def _prepare(
+        self, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
+        """Seed rows -> latents for the whole batch in one vectorised call (batch-invariant per row)."""
+        seeds = inputs.get(SEED_INPUT)
+        if seeds is None:
+            return inputs, None
+        if self.latent_dim is None:
+            raise ValueError(f"{self.label}: seed inputs need a latent size")
+        psi_rows = inputs[PSI_INPUT]
+        psi = None if np.isnan(psi_rows[0]) else float(psi_rows[0])  # one psi per batch (its key)
+        z = latents.latents_for_seeds(seeds.tolist(), self.latent_dim, psi)
+        feeds = {name: value for name, value in inputs.items() if name not in (SEED_INPUT, PSI_INPUT)}
+        feeds["z"] = z
+        return feeds, z
+
+    def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3) -> None:
+        """Run a batch a few times at load: allocations settle and its compute cost is known."""
+        signature = self._signature(inputs)
+        self._cost_s.pop(signature, None)
+        for _ in range(times):
+            self._call(signature, inputs)
+        self._cost_s[signature] = min(self._cost_s[signature], self._last_s)
+
+    def _call(
+        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        feeds, z = self._prepare(inputs)
+        started = time.perf_counter()
+        outputs = self.run_sync(feeds)
+        elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
+        self._last_s = elapsed_s
+        previous = self._cost_s.get(signature)
+        # Plain float stores are atomic under the GIL; a lost update only delays the average.
+        self._cost_s[signature] = elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
+        if z is not None:
+            outputs["z"] = z
+        return outputs
+
     async def run(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        """The batcher's run-batch callable: one model call on the pool, off the event loop."""
+        """The batcher's run-batch callable: one model call, on the pool unless it is tiny.
+
+        `inputs` are the graph's tensors, except that latent models may get `seed` (int64 [N]) and
+        `psi` (float64 [N], NaN = no truncation, equal on every row) instead of `z`: the latents of
+        the whole batch are then drawn here and returned as output `z`.
+        """
         del key  # the batch's compatibility key; the graph needs only the tensors
+        signature = self._signature(inputs)
+        cost_s = self._cost_s.get(signature)
+        if cost_s is not None and cost_s <= self.inline_max_s:
+            return self._call(signature, inputs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.run_sync, inputs)
+        return await loop.run_in_executor(self._executor, self._call, signature, inputs)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)

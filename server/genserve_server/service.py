@@ -21,8 +21,8 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -37,6 +37,7 @@ from genserve_server.config import Card, ServerConfig
 from genserve_server.errors import GenserveError, InvalidArgument, NotFound, ResourceExhausted, invalid
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
+from genserve_server.runner import PSI_INPUT, SEED_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ MAX_PSI = 10.0
 DEFAULT_CHUNK = 64
 MAX_TILE = 1024
 SEND_OVERHEAD_BYTES = 64 * 1024
+# Truncation below this psi may redraw for long: those latents are drawn per request, not per batch.
+BATCH_LATENTS_MIN_PSI = 0.01
 STREAM_CHUNKS_AHEAD = 2  # chunks computed ahead of the one being sent (HTTP/2 flow control bounds the rest)
 
 SAMPLE_KINDS = ("generator", "conditional_generator", "vae_decoder")
@@ -77,7 +80,6 @@ class Call:
     metrics: ModelMetrics
     deadline: float | None = None
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +149,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.metrics.in_flight_children[method].inc()
         return call
 
-    async def _fail(self, call: Call, exc: BaseException, context: Context) -> str:
-        """Log and translate an exception; returns the status code name (abort raises)."""
+    async def _fail(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
+        """Log and translate an exception into the call's status (context.abort raises)."""
         trailing = ((REQUEST_ID_KEY, call.request_id),)
         if isinstance(exc, GenserveError):
             if isinstance(exc, InvalidArgument):
@@ -206,7 +208,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             await self._fail(call, exc, context)
-            raise  # pragma: no cover
         finally:
             self._end(call, code)
 
@@ -272,9 +273,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         model = self.repo.get(name)
         if model.kind and model.kind not in kinds:
             raise invalid("model", f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}")
-        mv = model.resolve(version)
+        try:
+            mv = model.resolve(version)
+        except GenserveError:
+            if model.versions:  # count the refusal against the model, not the unresolved series
+                call.metrics = model.versions[max(model.versions, key=int)].metrics
+            raise
         call.metrics = mv.metrics
-        if mv.batcher is not None and call.batcher is None:
+        # A stream keeps its own chunks queued ahead; it is not a caller about to send a row.
+        if mv.batcher is not None and call.batcher is None and call.method != "SampleStream":
             call.batcher = mv.batcher
             mv.batcher.callers += 1
         return mv
@@ -488,22 +495,46 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self,
         mv: ModelVersion,
         call: Call,
-        z: np.ndarray,
         labels: np.ndarray | None,
         out: OutputSpec,
         lane: Lane,
-    ) -> tuple[list[tpb.Image], list[int]]:
+        *,
+        seeds: Sequence[int] | None = None,
+        psi: float | None = None,
+        z: np.ndarray | None = None,
+        seed_field: str = "seeds",
+    ) -> tuple[list[tpb.Image], list[int], np.ndarray]:
+        """Images for explicit latents `z`, or for `seeds` (+ psi); returns them with the latents used."""
         card = mv.card
-        assert card is not None and card.image_size is not None
-        n = len(z)
+        assert card is not None and card.image_size is not None and card.latent_dim is not None
+        inputs: dict[str, np.ndarray]
+        key: Hashable
+        if z is None and seeds is not None and (psi is None or psi >= BATCH_LATENTS_MIN_PSI):
+            # The runner draws the latents of a whole batch in one vectorised call; row i depends
+            # only on (seed_i, psi), so an image never depends on its batch. psi is part of the
+            # key: one psi per batch. Labels and seeds mix freely.
+            n = len(seeds)
+            key = ("seeds", psi)
+            inputs = {
+                SEED_INPUT: np.asarray(seeds, dtype=np.int64),
+                PSI_INPUT: np.full(n, np.nan if psi is None else psi, dtype=np.float64),
+            }
+        else:
+            if z is None:
+                assert seeds is not None  # a tiny psi may redraw for long: per request, not per batch
+                z = latents.latents_for_seeds(seeds, card.latent_dim, psi, field=seed_field)
+            n = len(z)
+            key = ("z",)
+            inputs = {"z": z}
         self._predict_raw_size(out, n, card.channels, *card.image_size)
-        inputs = {"z": z}
+        if out.return_latents:
+            self._check_send_size(n * card.latent_dim * 4, "the returned latents")
         if labels is not None:
             inputs["label"] = labels
-        # Generators batch freely: seeds, labels and psi only change the row's inputs.
-        result = await self._run(mv, call, (), inputs, n, lane)
+        result = await self._run(mv, call, key, inputs, n, lane)
         images = await self._encode(mv, result.outputs["image"], out, card.output_range)
-        return images, result.executed_batch_sizes
+        used = z if z is not None else result.outputs["z"]
+        return images, result.executed_batch_sizes, used
 
     @staticmethod
     def _latent_proto(z: np.ndarray) -> tpb.Tensor:
@@ -559,6 +590,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 if request.HasField("base_seed"):
                     raise invalid("base_seed", "cannot be combined with seeds")
                 seeds = list(request.seeds)
+                for i, seed in enumerate(seeds):
+                    if not 0 <= seed < SEED_LIMIT:
+                        raise invalid(f"seeds[{i}]", f"must be in [0, 2^63), got {seed}")
             else:
                 n = self._count(request.count, "count")
                 if request.HasField("base_seed"):
@@ -568,9 +602,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 else:
                     base = secrets.randbelow(SEED_LIMIT - n)
                 seeds = list(range(base, base + n))
-            z = latents.latents_for_seeds(seeds, card.latent_dim, psi, field="seeds")
+            z = None
         labels = self._labels(request.labels, card, n)
-        images, batch_sizes = await self._generate(mv, call, z, labels, out, lane)
+        images, batch_sizes, z = await self._generate(mv, call, labels, out, lane, seeds=seeds, psi=psi, z=z)
         return pb.SampleResponse(
             images=self._generated(images, z, seeds, labels, out),
             provenance=self._provenance(mv, batch_sizes),
@@ -585,7 +619,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             raise invalid("latents", f"required: float32 [N, {card.latent_dim}]")
         z = self._latent_tensor(request.latents, card.latent_dim, "latents")
         self._count(len(z), "latents.shape[0]")
-        images, batch_sizes = await self._generate(mv, call, z, None, out, Lane.INTERACTIVE)
+        images, batch_sizes, z = await self._generate(mv, call, None, out, Lane.INTERACTIVE, z=z)
         return pb.SampleResponse(
             images=self._generated(images, z, None, None, out), provenance=self._provenance(mv, batch_sizes)
         )
@@ -597,7 +631,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         mv = self._resolve(call, sample.model, sample.version, SAMPLE_KINDS, "SampleStream")
         card = mv.card
         assert card is not None and card.latent_dim is not None
-        dim = card.latent_dim
         if sample.seeds:
             raise invalid("sample.seeds", "not accepted by SampleStream: image i uses base_seed + i")
         if sample.HasField("latents"):
@@ -611,7 +644,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             raise invalid("sample.base_seed", f"must be in [0, 2^63 - count], got {base}")
         if request.start_index > count:
             raise invalid("start_index", f"must be in 0..count ({count}), got {request.start_index}")
-        chunk_size = request.chunk_size or DEFAULT_CHUNK
+        chunk_size = request.chunk_size or min(DEFAULT_CHUNK, self.limits.max_images_per_request)
         if chunk_size > self.limits.max_images_per_request:
             raise invalid(
                 "chunk_size", f"must be in 1..{self.limits.max_images_per_request}, got {chunk_size}"
@@ -624,9 +657,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
         async def chunk(start: int, n: int) -> pb.SampleStreamChunk:
             seeds = list(range(base + start, base + start + n))
-            z = latents.latents_for_seeds(seeds, dim, psi, field="sample.base_seed")
             labels = label_cycle[np.arange(start, start + n) % len(label_cycle)] if len(label_cycle) else None
-            images, batch_sizes = await self._generate(mv, call, z, labels, out, lane)
+            images, batch_sizes, z = await self._generate(
+                mv, call, labels, out, lane, seeds=seeds, psi=psi, seed_field="sample.base_seed"
+            )
             return pb.SampleStreamChunk(
                 images=self._generated(images, z, seeds, labels, out, first_index=start),
                 provenance=self._provenance(mv, batch_sizes),
@@ -687,12 +721,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     np.arange(steps) < (steps + 1) // 2, request.labels[0], request.labels[1]
                 ).astype(np.int64)
             else:
+                if len(request.labels) > 2:
+                    raise invalid(
+                        "labels",
+                        f"must have 1 value (every image) or 2 (start, end), got {len(request.labels)}",
+                    )
                 labels = self._labels(request.labels, card, 1)
                 assert labels is not None
                 labels = np.broadcast_to(labels[:1], (steps,))
         elif request.labels:
             self._labels(request.labels, card, steps)  # raises: labels on an unconditional model
-        images, batch_sizes = await self._generate(mv, call, z, labels, out, Lane.INTERACTIVE)
+        images, batch_sizes, z = await self._generate(mv, call, labels, out, Lane.INTERACTIVE, z=z)
         generated = self._generated(images, z, None, labels, out)
         if start_seed is not None:
             generated[0].seed = start_seed
@@ -759,8 +798,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         assert card is not None
         self._image_count(request.images)
         out = self._output_spec(request.output)
-        tile = request.tile_size or card.tile_size or 128
-        overlap = request.tile_overlap if request.HasField("tile_overlap") else (card.tile_overlap or 0)
+        # Defaults make tiling exact: overlap >= 2 * the receptive-field radius measured at load,
+        # each tile discarding `radius` pixels at its inner edges (tiling.py explains the rule).
+        radius = mv.tile_radius
+        default_overlap = max(card.tile_overlap or 0, 2 * radius if radius is not None else 0)
+        overlap = request.tile_overlap if request.HasField("tile_overlap") else default_overlap
+        tile = request.tile_size or min(MAX_TILE, max(card.tile_size or 128, 4 * overlap))
         if not 2 * overlap + 8 <= tile <= MAX_TILE:
             raise invalid(
                 "tile_size", f"must be in {2 * overlap + 8}..{MAX_TILE} (>= 2 * tile_overlap + 8), got {tile}"
@@ -780,7 +823,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         # Pad each image to the size multiple (reflect), cut equal-sized tiles; tiles of one shape
         # from this and other requests share batches; blend, then crop the padding back off.
         padded = [_pad_to_multiple(a, card.size_multiple) for a in arrays]
-        plans = [tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, card.size_multiple) for p in padded]
+        margin = min(radius, overlap // 2) if radius is not None else None
+        plans = [
+            tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, card.size_multiple, margin=margin)
+            for p in padded
+        ]
         groups: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}
         for img_i, (chw, tiles) in enumerate(zip(padded, plans, strict=True)):
             for tile_i, t in enumerate(tiles):

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from reliability_support import make_pki, write_flaky, write_gen, write_slow
-from server_support import ServerProcess, start_server
+from server_support import ServerProcess, image_to_image_graph, start_server, write_model
 
 # Small limits, so each can be hit cheaply; every one of them is a server config field.
 SHARED_LIMITS = {
@@ -34,16 +34,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def faulty_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """gen (fast), slow (tens of ms per batch, queue 8), flaky (ORT fails at batch 3), a model whose
-    file is missing and one whose file is corrupt (with a matching sha256, so ORT itself refuses it)."""
+    """gen (fast), slow (hundreds of ms per batch), over (tens of ms, queue 8), i2i, flaky (ORT fails
+    at batch 3), a model whose file is missing and one whose file is corrupt (with a matching sha256,
+    so ONNX Runtime itself refuses it)."""
     import hashlib
     import json
 
     root = tmp_path_factory.mktemp("faulty-models")
     write_gen(root)
-    write_slow(root, "slow", iterations=3000, queue=8, batch=4)
-    write_slow(root, "over", iterations=1000, queue=8, batch=4)
+    write_slow(root, "slow", iterations=20000, queue=64, batch=4)
+    write_slow(root, "over", iterations=6000, queue=8, batch=4)
     write_flaky(root)
+    write_model(
+        root,
+        "i2i",
+        "image_to_image",
+        image_to_image_graph(4),
+        {"channels": 3, "input_channels": 3, "input_range": [-1.0, 1.0], "size_multiple": 4, "min_size": 4},
+    )
     missing = write_gen(root, "missing-file")
     (missing / "model.onnx").unlink()
     corrupt = write_gen(root, "corrupt-file")

@@ -4,9 +4,11 @@ test certificates made with the openssl CLI, raw gRPC calls and process probes (
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,20 +35,29 @@ FAIL_AT_BATCH = 3
 
 
 def failing_generator_graph(latent_dim: int, fail_at: int) -> onnx.ModelProto:
-    """A generator whose Reshape fails inside ONNX Runtime when the batch has exactly `fail_at` rows.
+    """A generator whose graph fails inside ONNX Runtime when the batch has exactly `fail_at` rows.
 
-    The Reshape's target is [N + (N == fail_at), Z]: the element count matches for every other N.
+    z2 = Reshape(z, [N + (N == fail_at), Z]): the identity for every other N, and a Reshape whose element
+    count does not match (a real ORT kernel error, not an injected one) for N == fail_at.
     """
     rng = np.random.default_rng(7)
     c, h, w = 1, 8, 8
     nodes = [
-        helper.make_node("Shape", ["z"], ["z_shape"]),
-        helper.make_node("Gather", ["z_shape", "zero"], ["n"], axis=0),
-        helper.make_node("Equal", ["n", "fail_at"], ["is_bad"]),
-        helper.make_node("Cast", ["is_bad"], ["bump"], to=TensorProto.INT64),
-        helper.make_node("Add", ["n", "bump"], ["n2"]),
+        # N from the data, not from Shape(z), so no graph optimizer can rewrite the shape arithmetic.
+        helper.make_node("Mul", ["z", "f_zero"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "f_one"], ["ones"]),
+        helper.make_node("ReduceSum", ["ones"], ["n_times_z"], keepdims=0),
+        helper.make_node("Div", ["n_times_z", "f_zdim"], ["n_f"]),
+        helper.make_node("Equal", ["n_f", "f_fail_at"], ["is_bad"]),
+        helper.make_node("Cast", ["is_bad"], ["bump"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["n_f", "bump"], ["n2_f"]),
+        helper.make_node("Cast", ["n2_f"], ["n2"], to=TensorProto.INT64),
+        # Z computed too: with one computed dim, ORT's ReshapeFusion would turn it into -1.
+        helper.make_node("Div", ["n_times_z", "n_f"], ["z_f"]),
+        helper.make_node("Cast", ["z_f"], ["z_i"], to=TensorProto.INT64),
         helper.make_node("Unsqueeze", ["n2", "axes0"], ["n2_1d"]),
-        helper.make_node("Concat", ["n2_1d", "zdim"], ["target"], axis=0),
+        helper.make_node("Unsqueeze", ["z_i", "axes0"], ["z_1d"]),
+        helper.make_node("Concat", ["n2_1d", "z_1d"], ["target"], axis=0),
         helper.make_node("Reshape", ["z", "target"], ["z2"]),
         helper.make_node("MatMul", ["z2", "W"], ["hidden"]),
         helper.make_node("Tanh", ["hidden"], ["act"]),
@@ -58,10 +69,11 @@ def failing_generator_graph(latent_dim: int, fail_at: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", latent_dim])],
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", c, h, w])],
         [
-            numpy_helper.from_array(np.array(0, np.int64), "zero"),
-            numpy_helper.from_array(np.array(fail_at, np.int64), "fail_at"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "f_zero"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "f_one"),
+            numpy_helper.from_array(np.array(float(latent_dim), np.float32), "f_zdim"),
+            numpy_helper.from_array(np.array(float(fail_at), np.float32), "f_fail_at"),
             numpy_helper.from_array(np.array([0], np.int64), "axes0"),
-            numpy_helper.from_array(np.array([latent_dim], np.int64), "zdim"),
             numpy_helper.from_array(rng.normal(0, 0.5, (latent_dim, c * h * w)).astype(np.float32), "W"),
             numpy_helper.from_array(np.array([-1, c, h, w], np.int64), "shape"),
         ],
@@ -85,7 +97,9 @@ def write_gen(root: Path, name: str = "gen", *, version: str = "1", seed: int = 
     )
 
 
-def write_slow(root: Path, name: str = "slow", *, iterations: int = 400, queue: int = 8, batch: int = 4) -> Path:
+def write_slow(
+    root: Path, name: str = "slow", *, iterations: int = 400, queue: int = 8, batch: int = 4
+) -> Path:
     return write_model(
         root,
         name,
@@ -154,14 +168,20 @@ def secure_channel(target: str, pki: Path, *, client: str | None = None) -> grpc
 # ------------------------------------------------------------------------------ calls and probes
 
 
-def health_status(channel: grpc.Channel, service: str = "", *, metadata: tuple[tuple[str, str], ...] = ()) -> int:
+def health_status(
+    channel: grpc.Channel, service: str = "", *, metadata: tuple[tuple[str, str], ...] = ()
+) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10, metadata=metadata)
     return int(response.status)
 
 
 def sample_ok(
-    channel: grpc.Channel, model: str = "gen", *, metadata: tuple[tuple[str, str], ...] = (), timeout_s: float = 10
+    channel: grpc.Channel,
+    model: str = "gen",
+    *,
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout_s: float = 10,
 ) -> pb.SampleResponse:
     stub = pb_grpc.GenerationServiceStub(channel)
     response: pb.SampleResponse = stub.Sample(
@@ -222,3 +242,39 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, inter
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+# ------------------------------------------------------------------------------ hostile images
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
+
+
+def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A ~100-byte, well-formed PNG whose header declares width x height RGB pixels (7.5 GB at 50k^2)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)  # the first rows only; a decoder would allocate the canvas first
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
+
+
+def png_bytes(height: int, width: int, channels: int = 3, seed: int = 0) -> bytes:
+    import cv2
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", pixels)
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def jpeg_bytes(height: int, width: int, seed: int = 0) -> bytes:
+    import cv2
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", pixels)
+    assert ok
+    return bytes(buf.tobytes())

@@ -156,6 +156,30 @@ def super_resolution_graph(scale: int) -> onnx.ModelProto:
     return _model(graph)
 
 
+def wide_super_resolution_graph(scale: int) -> onnx.ModelProto:
+    """Two 5x5 convs (radius 4) -> Resize: needs wider tile margins than a small card overlap gives."""
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Conv", ["image", "K1"], ["c1"], pads=[2, 2, 2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "K2"], ["c2"], pads=[2, 2, 2, 2]),
+        helper.make_node("Resize", ["c2", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Tanh", ["up"], ["output_image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sr_wide",
+        [_image("image", 3, "h", "w")],
+        [_image("output_image", 3, "H", "W")],
+        [
+            _init("K1", rng.normal(0, 0.2, (4, 3, 5, 5)).astype(np.float32)),
+            _init("K2", rng.normal(0, 0.2, (3, 4, 5, 5)).astype(np.float32)),
+            _init("scales", np.array([1, 1, scale, scale], np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
 def image_to_image_graph(multiple: int) -> onnx.ModelProto:
     """Conv 3x3 (pad 1) -> Tanh; H and W must be multiples of `multiple` (checked by the server)."""
     rng = np.random.default_rng(5)
@@ -343,6 +367,24 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
         },
         config={"batching": {"max_batch_size": 16, "max_queue_delay_ms": 20.0, "max_queue_size": 256}},
     )
+    # Card overlap 2 is too small for radius 4: the server widens it from the radius it measures.
+    write_model(
+        root,
+        "tiny-sr-wide",
+        "super_resolution",
+        wide_super_resolution_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": 2,
+            "size_multiple": 1,
+            "tile_size": 32,
+            "tile_overlap": 2,
+            "min_size": 4,
+        },
+        config={"batching": {"max_batch_size": 16, "max_queue_delay_ms": 5.0, "max_queue_size": 256}},
+    )
     write_model(
         root,
         "tiny-i2i",
@@ -363,7 +405,7 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
             root,
             "tiny-slow",
             "generator",
-            slow_generator_graph(TINY_LATENT, 3000),
+            slow_generator_graph(TINY_LATENT, 10000),
             {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
             config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 8}},
         )

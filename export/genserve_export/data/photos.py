@@ -94,7 +94,7 @@ def _package_path(source: PhotoSource) -> Path:
     return Path(skimage.data.__file__).parent / source.filename
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(source: PhotoSource) -> Photo | None:
     path = _package_path(source)
     if not path.is_file():
@@ -168,6 +168,26 @@ def random_crops(
             crop = np.rot90(crop, k=int(rng.integers(4)), axes=(1, 2))
         out[i] = crop
     return out
+
+
+# Fixed crops of the held-out photos (top, left of a region with faces or fine detail) for sample
+# grids: the same pixels every time, so grids of two builds can be compared by eye.
+_GRID_CROP_ORIGINS: dict[str, tuple[int, int]] = {
+    "astronaut": (30, 150),
+    "coffee": (60, 170),
+    "grace_hopper": (90, 160),
+}
+
+
+def holdout_grid_crops(size: int) -> np.ndarray:
+    """One ``size``×``size`` crop of each held-out photo, [N, 3, size, size] float32 in [0, 1]."""
+    crops = []
+    for photo in holdout_photos():
+        y, x = _GRID_CROP_ORIGINS.get(photo.name, (0, 0))
+        h, w = photo.pixels.shape[:2]
+        y, x = min(y, h - size), min(x, w - size)
+        crops.append(photo.pixels[y : y + size, x : x + size].transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(crops))
 
 
 def center_crop(pixels: np.ndarray, multiple: int, max_size: int | None = None) -> np.ndarray:

@@ -22,8 +22,11 @@ from genserve_export.quality.digits_classifier import CLASSIFIER_DESCRIPTION
 from genserve_export.quality.digits_metrics import classifier_figures, diversity_figures, memorisation_figures
 from genserve_export.recipe import ExportSpec, OnnxRun
 from genserve_export.recipes._common import (
+    CHECKPOINT_EVERY,
     EVAL_SEED,
+    EmaGenerator,
     batches,
+    log_checkpoint,
     pick_device,
     progress_bar,
     run_batched,
@@ -100,6 +103,10 @@ class Discriminator(nn.Module):
         return logits.squeeze(1) + (projection * h).sum(dim=1)
 
 
+def _standing_inputs() -> tuple[torch.Tensor, ...]:
+    return torch.randn(250, LATENT_DIM), torch.arange(N_CLASSES).repeat_interleave(25)
+
+
 def _eval_inputs() -> dict[str, np.ndarray]:
     labels = np.repeat(np.arange(N_CLASSES, dtype=np.int64), EVAL_PER_CLASS)
     z = np.random.default_rng(EVAL_SEED).standard_normal((len(labels), LATENT_DIM)).astype(np.float32)
@@ -123,9 +130,10 @@ class CganDigitsRecipe:
         opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
         order = batches(len(real_all), 64, order_gen)
+        ema = EmaGenerator(gen)
         started = time.perf_counter()
         bar = progress_bar(steps, NAME, progress)
-        for _ in bar:
+        for step in bar:
             index = next(order).to(device)
             real, real_labels = real_all[index], labels_all[index]
             fake_labels = torch.randint(0, N_CLASSES, (len(real),), device=device)
@@ -141,11 +149,12 @@ class CganDigitsRecipe:
             opt_g.zero_grad(set_to_none=True)
             torch.autograd.backward(loss_g)
             opt_g.step()
+            ema.update(gen, step)
+            if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
+                log_checkpoint(NAME, step + 1, ema, _standing_inputs, self._figures)
             bar.set_postfix(d=f"{loss_d.item():.2f}", g=f"{loss_g.item():.2f}", refresh=False)
-        gen = gen.cpu()
-        standing_batch_stats(
-            gen, lambda: (torch.randn(250, LATENT_DIM), torch.arange(N_CLASSES).repeat_interleave(25))
-        )
+        gen = ema.average.cpu()
+        standing_batch_stats(gen, _standing_inputs)
         duration = time.perf_counter() - started
         quality = self._figures(torch_run(gen, ("image",)))
         rng = np.random.default_rng(seed)
@@ -179,7 +188,8 @@ class CganDigitsRecipe:
                     "duration_s": round(duration, 2),
                     "notes": "hinge loss; spectral-norm projection discriminator; "
                     "Adam 2e-4 betas (0.5, 0.999); batch 64; "
-                    "BN standing statistics recomputed after training",
+                    "BN standing statistics recomputed after training; "
+                    "exported weights: EMA (decay 0.999) of the generator",
                 },
             )
         ]

@@ -16,8 +16,11 @@ from genserve_export.quality.digits_classifier import CLASSIFIER_DESCRIPTION
 from genserve_export.quality.digits_metrics import classifier_figures, memorisation_figures
 from genserve_export.recipe import ExportSpec, OnnxRun
 from genserve_export.recipes._common import (
+    CHECKPOINT_EVERY,
     EVAL_SEED,
+    EmaGenerator,
     batches,
+    log_checkpoint,
     pick_device,
     progress_bar,
     run_batched,
@@ -78,6 +81,10 @@ class Discriminator(nn.Module):
         return logits.squeeze(1)
 
 
+def _standing_inputs() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(256, LATENT_DIM),)
+
+
 def _samples(run: OnnxRun) -> np.ndarray:
     """1,000 seeded samples mapped from [-1, 1] to [0, 1]."""
     z = np.random.default_rng(EVAL_SEED).standard_normal((EVAL_SAMPLES, LATENT_DIM)).astype(np.float32)
@@ -100,9 +107,10 @@ class DcganDigitsRecipe:
         opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
         order = batches(len(real_all), 64, order_gen)
+        ema = EmaGenerator(gen)
         started = time.perf_counter()
         bar = progress_bar(steps, NAME, progress)
-        for _ in bar:
+        for step in bar:
             real = real_all[next(order).to(device)]
             fake = gen(torch.randn(len(real), LATENT_DIM, device=device))
             loss_d = F.softplus(-disc(real)).mean() + F.softplus(disc(fake.detach())).mean()
@@ -113,9 +121,12 @@ class DcganDigitsRecipe:
             opt_g.zero_grad(set_to_none=True)
             torch.autograd.backward(loss_g)
             opt_g.step()
+            ema.update(gen, step)
+            if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
+                log_checkpoint(NAME, step + 1, ema, _standing_inputs, self._figures)
             bar.set_postfix(d=f"{loss_d.item():.2f}", g=f"{loss_g.item():.2f}", refresh=False)
-        gen = gen.cpu()
-        standing_batch_stats(gen, lambda: (torch.randn(256, LATENT_DIM),))
+        gen = ema.average.cpu()
+        standing_batch_stats(gen, _standing_inputs)
         duration = time.perf_counter() - started
         quality = self._figures(torch_run(gen, ("image",)))
         return [
@@ -144,7 +155,8 @@ class DcganDigitsRecipe:
                     "seed": seed,
                     "duration_s": round(duration, 2),
                     "notes": "non-saturating GAN loss; Adam 2e-4 betas (0.5, 0.999); batch 64; "
-                    "BN standing statistics recomputed after training",
+                    "BN standing statistics recomputed after training; "
+                    "exported weights: EMA (decay 0.999) of the generator",
                 },
             )
         ]

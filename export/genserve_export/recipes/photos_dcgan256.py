@@ -171,8 +171,8 @@ class PhotoDcgan256Recipe:
                 },
                 card={
                     "recipe": NAME,
-                    "description": "large DCGAN generator, 256x256 RGB, z ~ N(0, I) of 128; briefly trained on "
-                    "photo crops: colour and coarse texture only, not realistic images",
+                    "description": "large DCGAN generator, 256x256 RGB, z ~ N(0, I) of 128; briefly trained "
+                    "on photo crops: colour and coarse texture only, not realistic images",
                     "output_range": [-1.0, 1.0],
                     "parameters": params,
                 },

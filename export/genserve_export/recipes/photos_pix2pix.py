@@ -5,9 +5,12 @@ denoising gets a training signal from every pixel of every patch. The paired dat
 fly: clean patch of a train photo → the same patch plus seeded Gaussian noise, rounded to 8 bits
 as a real noisy PNG would be.
 
-Loss is pix2pix's: L1 plus a conditional PatchGAN term at pix2pix's ratio (λ_L1 = 100, i.e. the
-adversarial term weighs 1/100 of the L1 term). The U-Net predicts a residual (output = input +
-correction), which converges much faster than predicting the image from scratch.
+Loss: pix2pix's is L1 plus a conditional PatchGAN term at λ_L1 = 100. In this time budget the
+adversarial term only cost steps and raised held-out L1 (0.0250 vs 0.0233 with L1 alone at
+similar CPU time), so the default build trains with L1 alone (``adv_weight=0``); the PatchGAN
+path stays available (``PhotoDenoiseRecipe(adv_weight=0.01)`` is pix2pix's ratio) and the card
+records which was used. The U-Net predicts a residual (output = input + correction), which
+converges much faster than predicting the image from scratch.
 Quality is held-out L1 against the trivial baselines (identity, 3×3 median, best Gaussian blur).
 """
 
@@ -33,7 +36,6 @@ SIZE_MULTIPLE = 8  # three stride-2 levels
 WIDTH = 32
 PATCH = 64
 BATCH = 8
-ADV_WEIGHT = 0.01  # pix2pix: GAN + 100·L1
 EVAL_SEED = 2024
 GAUSSIAN_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5)
 THRESHOLDS = {"l1_vs_best_baseline": {"max": 0.8}}
@@ -148,7 +150,11 @@ class PhotoDenoiseRecipe:
     """Adam 1e-3 (β1 0.5) cosine-decayed for G, 2e-4 for D; batch 8 of 64×64 noisy/clean patches."""
 
     names = (NAME,)
-    default_steps = 1000
+    default_steps = 900
+
+    def __init__(self, adv_weight: float = 0.0) -> None:
+        # 0: L1 only. pix2pix proper is 0.01 (GAN + 100·L1), which costs ~35% more per step.
+        self.adv_weight = adv_weight
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
@@ -156,9 +162,10 @@ class PhotoDenoiseRecipe:
         seed_everything(seed)
         rng = np.random.default_rng(seed)
         train_set = photos.train_photos()
-        gen, disc = UNet().to(device), PatchDiscriminator().to(device)
+        gen = UNet().to(device)
+        disc = PatchDiscriminator().to(device) if self.adv_weight > 0 else None
         opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
-        opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999)) if disc is not None else None
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, T_max=max(steps, 1), eta_min=1e-5)
         started = time.perf_counter()
         bar = progress_bar(steps, NAME, progress)
@@ -167,18 +174,26 @@ class PhotoDenoiseRecipe:
             source = torch.from_numpy(add_noise(clean_np, rng) * 2.0 - 1.0).to(device)
             target = torch.from_numpy(clean_np * 2.0 - 1.0).to(device)
             fake = gen(source)
-            loss_d = F.softplus(-disc(source, target)).mean() + F.softplus(disc(source, fake.detach())).mean()
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
             l1 = F.l1_loss(fake, target)
-            loss_g = l1 + ADV_WEIGHT * F.softplus(-disc(source, fake)).mean()
+            loss_g = l1
+            if disc is not None and opt_d is not None:
+                loss_d = F.softplus(-disc(source, target)).mean()
+                loss_d = loss_d + F.softplus(disc(source, fake.detach())).mean()
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                loss_g = l1 + self.adv_weight * F.softplus(-disc(source, fake)).mean()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
             sched.step()
-            bar.set_postfix(l1=f"{l1.item():.4f}", d=f"{loss_d.item():.2f}", refresh=False)
+            bar.set_postfix(l1=f"{l1.item():.4f}", refresh=False)
         duration = time.perf_counter() - started
+        loss_text = (
+            f"L1 + {self.adv_weight} x non-saturating conditional PatchGAN loss (pix2pix)"
+            if self.adv_weight > 0
+            else "L1 only (no adversarial term: it raised held-out L1 within this budget)"
+        )
         gen = gen.cpu().eval()
         quality = quality_figures(torch_run(gen, ("output_image",)))
         example = photos.random_crops(train_set, 32, 2, np.random.default_rng(seed), flip=False) * 2.0 - 1.0
@@ -190,7 +205,8 @@ class PhotoDenoiseRecipe:
                 example_inputs={"image": example.astype(np.float32)},
                 card={
                     "recipe": NAME,
-                    "description": "pix2pix-style U-Net photo denoiser (Gaussian noise sigma 25/255), RGB in [-1, 1]",
+                    "description": "pix2pix-style U-Net photo denoiser (Gaussian noise sigma 25/255), "
+                    "RGB in [-1, 1]",
                     "input_range": [-1.0, 1.0],
                     "output_range": [-1.0, 1.0],
                     "size_multiple": SIZE_MULTIPLE,
@@ -200,23 +216,30 @@ class PhotoDenoiseRecipe:
                 quality={
                     **quality,
                     "metric": "mean absolute error in [0, 1] pixel units over the held-out photos, noise "
-                    f"sigma {NOISE_SIGMA:.4f} seeded ({EVAL_SEED}) and rounded to 8 bits; baselines: identity, "
-                    "3x3 median, Gaussian blur with the best sigma of " + ", ".join(map(str, GAUSSIAN_SIGMAS)),
+                    f"sigma {NOISE_SIGMA:.4f} seeded ({EVAL_SEED}) and rounded to 8 bits; baselines: "
+                    "identity, 3x3 median, Gaussian blur with the best sigma of "
+                    + ", ".join(map(str, GAUSSIAN_SIGMAS)),
                     "thresholds": THRESHOLDS,
                 },
                 holdout=photos.holdout_card(train_set, photos.holdout_photos()),
                 training={
-                    "data": photos.DATA_DESCRIPTION + f"; train photos only, random {PATCH}x{PATCH} patches with "
-                    "flips/rotations; input = patch + Gaussian noise (sigma 25/255), 8-bit rounded",
+                    "data": photos.DATA_DESCRIPTION + f"; train photos only, random {PATCH}x{PATCH} patches "
+                    "with flips/rotations; input = patch + Gaussian noise (sigma 25/255), 8-bit rounded",
                     "steps": steps,
                     "seed": seed,
                     "duration_s": round(duration, 2),
-                    "notes": f"pix2pix loss: L1 + {ADV_WEIGHT} x non-saturating conditional PatchGAN loss "
-                    f"(lambda_L1 = 100); residual U-Net width {WIDTH}, 3 levels, no normalisation; "
-                    f"Adam G 1e-3 cosine to 1e-5, D 2e-4, betas (0.5, 0.999); batch {BATCH}",
+                    "notes": f"loss: {loss_text}; residual U-Net width {WIDTH}, 3 levels, no normalisation; "
+                    f"Adam G 1e-3 cosine to 1e-5 (D 2e-4), betas (0.5, 0.999); batch {BATCH}",
+                    "adversarial_weight": self.adv_weight,
                 },
             )
         ]
 
     def evaluate(self, name: str, card: Mapping[str, Any], run: OnnxRun) -> dict[str, float]:
         return quality_figures(run)
+
+    def grid_pairs(self, name: str, card: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out 128×128 crops: seeded noisy inputs and the clean originals, both in [-1, 1]."""
+        clean = photos.holdout_grid_crops(128)
+        noisy = add_noise(clean, np.random.default_rng(EVAL_SEED))
+        return noisy * 2.0 - 1.0, clean * 2.0 - 1.0

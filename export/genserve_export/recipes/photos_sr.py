@@ -174,3 +174,9 @@ class PhotoSuperResolutionRecipe:
 
     def evaluate(self, name: str, card: Mapping[str, Any], run: OnnxRun) -> dict[str, float]:
         return quality_figures(run, int(card.get("scale_factor") or SCALE))
+
+    def grid_pairs(self, name: str, card: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out crops: 48×48 low-resolution inputs and their 192×192 originals."""
+        scale = int(card.get("scale_factor") or SCALE)
+        hr = photos.holdout_grid_crops(48 * scale)
+        return downscale(torch.from_numpy(hr), scale).numpy(), hr

@@ -1,0 +1,93 @@
+"""Faults: broken models at startup, an ONNX Runtime error inside one batch, a cancelled client."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2
+from reliability_support import FAIL_AT_BATCH, code_of, health_status, sample_ok, wait_until
+from server_support import ServerProcess
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_missing_and_corrupt_model_files_mark_only_those_models_not_serving(channel: grpc.Channel) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    assert health_status(channel) == SERVING
+    assert health_status(channel, "gen") == SERVING
+    for name, reason in (("missing-file", "file not found"), ("corrupt-file", "")):
+        assert health_status(channel, name) == NOT_SERVING, name
+        info = stub.GetModel(pb.GetModelRequest(name=name), timeout=10)
+        (version,) = info.versions
+        assert version.state == pb.MODEL_STATE_UNAVAILABLE
+        assert version.reason and reason in version.reason, version.reason
+        with_version = stub.GetModel(pb.GetModelRequest(name=name, version="1"), timeout=10)
+        assert with_version.versions[0].reason == version.reason
+        assert code_of(lambda n=name: sample_ok(channel, n)) == grpc.StatusCode.UNAVAILABLE
+    assert (
+        "INVALID_PROTOBUF"
+        in stub.GetModel(pb.GetModelRequest(name="corrupt-file"), timeout=10).versions[0].reason
+    )
+    assert len(sample_ok(channel, "gen").images) == 1
+
+
+def test_onnx_runtime_error_fails_only_that_batch_with_internal(
+    channel: grpc.Channel, faulty_server: ServerProcess
+) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    failures_before = faulty_server.metric("genserve_batch_failures_total", model="flaky")
+    with_bad_batch = pb.SampleRequest(model="flaky", count=FAIL_AT_BATCH, base_seed=5)
+    others = [
+        stub.Sample.future(pb.SampleRequest(model="gen", count=2, base_seed=i), timeout=30) for i in range(4)
+    ]
+    try:
+        stub.Sample(with_bad_batch, timeout=30)
+        raise AssertionError("a batch of 3 rows must fail inside ONNX Runtime")
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INTERNAL
+        details = exc.details() or ""
+        assert "model call failed" in details and "Traceback" not in details and "Reshape" not in details
+    assert all(len(f.result().images) == 2 for f in others)  # other models' requests were untouched
+    for count in (1, 2, FAIL_AT_BATCH + 1):  # the same model serves every other batch size
+        assert (
+            len(stub.Sample(pb.SampleRequest(model="flaky", count=count, base_seed=1), timeout=30).images)
+            == count
+        )
+    assert health_status(channel, "flaky") == SERVING
+    assert faulty_server.metric("genserve_batch_failures_total", model="flaky") == failures_before + 1
+    log = faulty_server.log()
+    assert "model flaky version 1: batch of 3 rows from 1 requests failed" in log
+    assert "Reshape" in log  # ONNX Runtime's own reason, in the log only
+
+
+def test_cancelled_client_frees_its_queue_slot_and_is_not_computed(
+    channel: grpc.Channel, faulty_server: ServerProcess
+) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    dropped_before = faulty_server.metric("genserve_requests_dropped_total", model="slow", reason="cancelled")
+    images_before = faulty_server.metric("genserve_images_total", model="slow")
+    # slow: batches of 4 take a few hundred ms; A1 runs, A2 waits, then B (2 rows) waits behind A2.
+    a1 = stub.Sample.future(pb.SampleRequest(model="slow", count=4, base_seed=1), timeout=60)
+    time.sleep(0.05)
+    a2 = stub.Sample.future(pb.SampleRequest(model="slow", count=4, base_seed=2), timeout=60)
+    b = stub.Sample.future(pb.SampleRequest(model="slow", count=2, base_seed=3), timeout=60)
+    wait_until(lambda: faulty_server.metric("genserve_queue_depth", model="slow") >= 6, 10, "B to be queued")
+    b.cancel()
+    assert len(a1.result().images) == 4 and len(a2.result().images) == 4
+    assert b.cancelled()
+    wait_until(lambda: faulty_server.metric("genserve_queue_depth", model="slow") == 0, 10, "an empty queue")
+    wait_until(
+        lambda: (
+            faulty_server.metric("genserve_requests_dropped_total", model="slow", reason="cancelled")
+            == dropped_before + 1
+        ),
+        10,
+        "the cancelled request to be counted as dropped",
+    )
+    assert faulty_server.metric("genserve_images_total", model="slow") == images_before + 8  # B never ran
+    assert len(sample_ok(channel, "slow", timeout_s=30).images) == 1

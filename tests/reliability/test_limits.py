@@ -1,0 +1,127 @@
+"""Every admission limit exists, is read from the server config, and answers with a proper status.
+
+The shared server runs with the small limits of conftest.SHARED_LIMITS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from conftest import SHARED_LIMITS
+from reliability_support import code_of, png_bomb, png_bytes, sample_ok
+from server_support import ServerProcess
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server.config import Limits, load_server_config
+
+
+def _details(fn: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        fn()  # type: ignore[operator]
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def test_every_limit_has_a_safe_default_and_is_read_from_the_config(tmp_path: Path) -> None:
+    d = Limits()
+    assert d.max_receive_message_bytes == 64 * 1024 * 1024 and d.max_images_per_request == 256
+    assert d.max_input_pixels == 2048 * 2048 and d.max_concurrent_rpcs == 1024
+    assert d.max_concurrent_sample_streams == 64 and d.default_max_queue_size == 1024
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": SHARED_LIMITS}))
+    limits = load_server_config(path).limits
+    for name, value in SHARED_LIMITS.items():
+        assert getattr(limits, name) == value, name
+
+
+def test_message_size_limit(channel: grpc.Channel) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    n = 2 * 1024 * 1024 // (16 * 4)  # 2 MiB of latents > max_receive_message_bytes (1 MiB)
+    latents = tpb.Tensor(shape=[n, 16], dtype=tpb.DTYPE_FLOAT32, data=np.zeros((n, 16), "<f4").tobytes())
+    code, _ = _details(lambda: stub.Sample(pb.SampleRequest(model="gen", latents=latents), timeout=10))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_images_per_request_limit(channel: grpc.Channel) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    code, details = _details(lambda: stub.Sample(pb.SampleRequest(model="gen", count=33), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_images_per_request" in details
+    assert len(stub.Sample(pb.SampleRequest(model="gen", count=32), timeout=10).images) == 32
+
+
+def test_pixels_per_image_are_checked_from_the_header_before_decoding(channel: grpc.Channel) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+
+    def translate(data: bytes) -> pb.ImageResponse:
+        image = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=data)
+        response: pb.ImageResponse = stub.Translate(pb.ImageRequest(model="i2i", images=[image]), timeout=10)
+        return response
+
+    started = time.monotonic()
+    code, details = _details(lambda: translate(png_bomb()))
+    assert (
+        code == grpc.StatusCode.INVALID_ARGUMENT
+        and "50000x50000" in details
+        and "max_input_pixels" in details
+    )
+    assert time.monotonic() - started < 5  # refused from the header: no 7.5 GB canvas was allocated
+    code, details = _details(lambda: translate(png_bytes(68, 64)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_input_pixels 4096" in details
+    assert len(translate(png_bytes(64, 64)).images) == 1
+
+
+def test_concurrent_sample_streams_limit(faulty_server: ServerProcess, channel: grpc.Channel) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    endless = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6), chunk_size=16)
+    running = [stub.SampleStream(endless, timeout=60) for _ in range(2)]
+    for stream in running:
+        next(stream)  # both are running (and then held back by HTTP/2 flow control)
+    code, details = _details(lambda: list(stub.SampleStream(endless, timeout=10)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_sample_streams=2" in details
+    for stream in running:
+        stream.cancel()
+    time.sleep(0.3)
+    chunks = list(
+        stub.SampleStream(pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=4)), timeout=10)
+    )
+    assert sum(len(c.images) for c in chunks) == 4
+
+
+def test_concurrent_rpcs_limit(channel: grpc.Channel) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)
+    held = [
+        stub.Sample.future(pb.SampleRequest(model="slow", count=1, base_seed=i), timeout=60)
+        for i in range(60)
+    ]
+    codes: dict[grpc.StatusCode, int] = {}
+    details: set[str] = set()
+    time.sleep(0.5)
+    for future in held:
+        if future.done() and future.exception() is not None:
+            codes[future.code()] = codes.get(future.code(), 0) + 1
+            details.add(future.details() or "")
+        future.cancel()
+    assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) >= 60 - SHARED_LIMITS["max_concurrent_rpcs"] - 4
+    assert any("Concurrent RPC limit exceeded" in d for d in details), details
+    time.sleep(0.5)
+    assert len(sample_ok(channel, "gen").images) == 1
+
+
+def test_queue_depth_limit_per_model(channel: grpc.Channel) -> None:
+    stub = pb_grpc.GenerationServiceStub(channel)  # "over": max_queue_size 8
+    futures = [
+        stub.Sample.future(pb.SampleRequest(model="over", count=2, base_seed=i), timeout=60)
+        for i in range(12)
+    ]
+    outcomes = [code_of(f.result) for f in futures]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes and grpc.StatusCode.OK in outcomes
+    assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    refused = next(f for f in futures if f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "max_queue_size=8" in (refused.details() or "")

@@ -1,0 +1,218 @@
+"""Hot reload under traffic: a new version switches in, the old one drains out, nothing fails.
+
+The tests of this module share one server and run in order (v2 added, a broken v3 refused then
+fixed, a model removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from reliability_support import copy_version_atomically, health_status, wait_until, write_gen, write_slow
+from server_support import ServerProcess, start_server
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.config import ServerConfig
+from genserve_server.metrics import Metrics
+from genserve_server.reload import Reloader
+from genserve_server.repository import ModelState, Repository
+
+
+@dataclass
+class Outcome:
+    started: float
+    code: grpc.StatusCode
+    version: str = ""
+
+
+@dataclass
+class Traffic:
+    """Closed-loop Sample calls from a few threads; every outcome is recorded with its start time."""
+
+    target: str
+    model: str
+    threads: int = 3
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def _run(self, seed: int) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = stub.Sample(
+                        pb.SampleRequest(model=self.model, count=2, base_seed=seed), timeout=20
+                    )
+                    self.outcomes.append(Outcome(started, grpc.StatusCode.OK, response.provenance.version))
+                except grpc.RpcError as exc:
+                    self.outcomes.append(Outcome(started, exc.code()))
+
+    def __enter__(self) -> Traffic:
+        self._workers = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)
+        ]
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(30)
+
+    def codes(self) -> set[grpc.StatusCode]:
+        return {o.code for o in self.outcomes}
+
+
+@pytest.fixture(scope="module")
+def reload_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reload-models")
+    write_gen(root, "gen", version="1", seed=0)
+    write_slow(root, "other", iterations=4000, queue=64, batch=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reload_server(reload_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(
+        reload_repo, tmp_path_factory.mktemp("reload-server"), config={"drain_grace_s": 10.0}
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(reload_server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(reload_server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def _states(stub: pb_grpc.GenerationServiceStub, model: str) -> dict[str, int]:
+    info = stub.GetModel(pb.GetModelRequest(name=model), timeout=10)
+    return {v.version: v.state for v in info.versions}
+
+
+def _staged_version(tmp_path: Path, version: str, seed: int) -> Path:
+    write_gen(tmp_path / "staging", "gen", version=version, seed=seed)
+    return tmp_path / "staging" / "gen"
+
+
+def test_new_version_switches_atomically_under_load_with_zero_errors(
+    reload_server: ServerProcess, reload_repo: Path, stub: pb_grpc.GenerationServiceStub, tmp_path: Path
+) -> None:
+    staged = _staged_version(tmp_path, "2", seed=1)
+    with Traffic(reload_server.target, "gen") as traffic:
+        time.sleep(0.5)
+        copy_version_atomically(reload_repo / "gen", "2", "2", staged)
+        reload_server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: _states(stub, "gen").get("2") == pb.MODEL_STATE_READY, 60, "v2 READY")
+        v2_ready_at = time.monotonic()
+        wait_until(lambda: "1" not in _states(stub, "gen"), 30, "v1 to drain and unload")
+        time.sleep(0.3)
+    assert traffic.codes() == {grpc.StatusCode.OK}, [
+        o for o in traffic.outcomes if o.code != grpc.StatusCode.OK
+    ][:5]
+    versions = [o.version for o in traffic.outcomes]
+    assert "1" in versions and "2" in versions, set(versions)
+    # Atomic switch: no request that started after v2 was READY was served by v1.
+    assert {o.version for o in traffic.outcomes if o.started > v2_ready_at} == {"2"}
+    assert stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=10).provenance.version == "2"
+    assert reload_server.metric("genserve_model_ready", model="gen", version="2") == 1
+    assert 'version="1"' not in "\n".join(
+        line
+        for line in reload_server.metrics_text().splitlines()
+        if line.startswith('genserve_model_ready{model="gen"')
+    )
+
+
+def test_a_broken_new_version_leaves_the_old_serving_and_a_fixed_one_loads(
+    reload_server: ServerProcess, reload_repo: Path, stub: pb_grpc.GenerationServiceStub, tmp_path: Path
+) -> None:
+    staged = _staged_version(tmp_path, "3", seed=2)
+    good = (staged / "3" / "model.onnx").read_bytes()
+    (staged / "3" / "model.onnx").write_bytes(good[:100])  # truncated: sha256 mismatch
+    copy_version_atomically(reload_repo / "gen", "3", "3", staged)
+    reload_server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: _states(stub, "gen").get("3") == pb.MODEL_STATE_UNAVAILABLE, 60, "v3 UNAVAILABLE")
+    info = stub.GetModel(pb.GetModelRequest(name="gen", version="3"), timeout=10)
+    assert "sha256 mismatch" in info.versions[0].reason
+    assert _states(stub, "gen")["2"] == pb.MODEL_STATE_READY
+    assert stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=10).provenance.version == "2"
+    # Fix it (aside + rename again) and reload: v3 serves, v2 drains away.
+    shutil.rmtree(reload_repo / "gen" / "3")
+    (staged / "3" / "model.onnx").write_bytes(good)
+    copy_version_atomically(reload_repo / "gen", "3", "3", staged)
+    reload_server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: _states(stub, "gen") == {"3": pb.MODEL_STATE_READY}, 60, "v3 alone READY")
+    assert stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=10).provenance.version == "3"
+
+
+def test_removed_model_drains_in_flight_work_then_answers_not_found(
+    reload_server: ServerProcess, reload_repo: Path, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    with grpc.insecure_channel(reload_server.target) as channel:
+        assert health_status(channel, "other") == health_pb2.HealthCheckResponse.SERVING
+        with Traffic(reload_server.target, "other", threads=4) as traffic:
+            time.sleep(0.8)
+            shutil.rmtree(reload_repo / "other")
+            sighup_at = time.monotonic()
+            reload_server.proc.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: (
+                    "other"
+                    not in [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
+                ),
+                30,
+                "the model to leave ListModels",
+            )
+            time.sleep(0.5)
+        assert health_status(channel, "other") == health_pb2.HealthCheckResponse.NOT_SERVING
+    before = [o for o in traffic.outcomes if o.started < sighup_at]
+    assert before and all(o.code == grpc.StatusCode.OK for o in before), {o.code for o in before}
+    after = [o for o in traffic.outcomes if o.started >= sighup_at]
+    assert {o.code for o in after} <= {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND}
+    assert after[-1].code == grpc.StatusCode.NOT_FOUND
+    assert "gen" in [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
+    assert reload_server.proc.poll() is None
+
+
+def test_watch_interval_picks_up_a_new_version_without_a_signal(tmp_path: Path) -> None:
+    """In process: the poll-based watch (`watch_interval_s`) triggers the same rescan as SIGHUP."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=2.0, watch_interval_s=0.1)
+        reloader.start()
+        try:
+            await asyncio.sleep(0.2)
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            for _ in range(200):
+                versions = repo.models["gen"].versions
+                if list(versions) == ["2"] and versions["2"].state == ModelState.READY:
+                    break
+                await asyncio.sleep(0.05)
+            assert list(repo.models["gen"].versions) == ["2"]
+            assert repo.get("gen").resolve("").version == "2"
+        finally:
+            await reloader.close(2.0)
+            await repo.close(2.0)
+
+    asyncio.run(scenario())

@@ -1,0 +1,179 @@
+"""TLS, mutual TLS and bearer tokens on a real server, with certificates made by the openssl CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from reliability_support import SERVER_NAME, code_of, health_status, sample_ok, secure_channel, write_gen
+from server_support import ServerProcess, start_server
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_client import ChannelConfig, GenserveClient, TlsOptions
+from genserve_server.config import ConfigError, load_server_config
+from genserve_server.main import build_parser
+from inference import grpc_service_pb2 as kpb
+from inference import grpc_service_pb2_grpc as kpb_grpc
+
+TOKEN = "s3cret-token"
+GOOD = (("authorization", f"Bearer {TOKEN}"),)
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("secure-models")
+    write_gen(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    small_repo: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """TLS and a token file, from command-line flags; health open (the default)."""
+    work = tmp_path_factory.mktemp("tls-server")
+    (work / "tokens").write_text(f"# ops\n{TOKEN}\nsecond-token\n")
+    server = start_server(
+        small_repo,
+        work,
+        extra_args=(
+            "--tls-cert",
+            str(pki / "server.pem"),
+            "--tls-key",
+            str(pki / "server.key"),
+            "--token-file",
+            str(work / "tokens"),
+        ),  # fmt: skip
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_server(
+    small_repo: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Mutual TLS and a token from the environment, from the config file; health needs a token too."""
+    work = tmp_path_factory.mktemp("mtls-server")
+    config = {
+        "tls": {"cert_file": str(pki / "server.pem"), "key_file": str(pki / "server.key"),
+                "client_ca_file": str(pki / "ca.pem")},
+        "auth": {"token_env": "GENSERVE_TEST_TOKENS", "open_health": False},
+    }  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENSERVE_TEST_TOKENS", f"other-token,{TOKEN}")
+        server = start_server(small_repo, work, config=config)
+    yield server
+    server.stop()
+
+
+def test_tls_refuses_plaintext_and_serves_tls_with_a_token(tls_server: ServerProcess, pki: Path) -> None:
+    with grpc.insecure_channel(tls_server.target) as plain:
+        assert code_of(lambda: sample_ok(plain, timeout_s=5)) == grpc.StatusCode.UNAVAILABLE
+    with secure_channel(tls_server.target, pki) as channel:
+        assert len(sample_ok(channel, metadata=GOOD).images) == 1
+        assert len(sample_ok(channel, metadata=(("authorization", "Bearer second-token"),)).images) == 1
+
+
+def test_every_rpc_needs_a_valid_token_and_rejections_are_counted(
+    tls_server: ServerProcess, pki: Path
+) -> None:
+    before = tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated")
+    with secure_channel(tls_server.target, pki) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        bad_metadata: list[tuple[tuple[str, str], ...]] = [
+            (),
+            (("authorization", "Bearer wrong"),),
+            (("authorization", f"Bearer {TOKEN}x"),),
+            (("authorization", f"Basic {TOKEN}"),),
+            (("authorization", TOKEN),),
+            (("x-api-key", TOKEN),),
+        ]
+        for md in bad_metadata:
+            assert code_of(lambda md=md: sample_ok(channel, metadata=md)) == UNAUTHENTICATED, md
+        calls = [
+            lambda: stub.ListModels(pb.ListModelsRequest(), timeout=10),
+            lambda: stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10),
+            lambda: list(
+                stub.SampleStream(
+                    pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=2)), timeout=10
+                )
+            ),
+            lambda: kstub.ModelInfer(kpb.ModelInferRequest(model_name="gen"), timeout=10),
+            lambda: kstub.ServerReady(kpb.ServerReadyRequest(), timeout=10),
+        ]
+        for call in calls:
+            assert code_of(call) == UNAUTHENTICATED
+        # Health stays open for probes (auth.open_health defaults to true).
+        assert health_status(channel) == SERVING
+        assert health_status(channel, "gen") == SERVING
+    expected = before + len(bad_metadata) + len(calls)
+    assert tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated") == expected
+
+
+def test_client_library_with_tls_and_token(tls_server: ServerProcess, pki: Path) -> None:
+    tls = TlsOptions.from_files(pki / "ca.pem", server_name_override=SERVER_NAME)
+    with GenserveClient(ChannelConfig(tls_server.target, tls=tls, token=TOKEN)) as client:
+        assert [m.name for m in client.list_models()] == ["gen"]
+
+
+def test_metrics_bind_to_localhost_by_default(tls_server: ServerProcess) -> None:
+    assert build_parser().parse_args(["serve", "--models", "m"]).metrics_host == "127.0.0.1"
+    assert f"metrics on 127.0.0.1:{tls_server.metrics_port}" in tls_server.log()
+    assert "genserve_requests_total" in tls_server.metrics_text()
+
+
+def test_mtls_needs_a_client_certificate_from_the_ca(mtls_server: ServerProcess, pki: Path) -> None:
+    with secure_channel(mtls_server.target, pki) as no_cert:
+        assert code_of(lambda: sample_ok(no_cert, metadata=GOOD, timeout_s=5)) == grpc.StatusCode.UNAVAILABLE
+    with secure_channel(mtls_server.target, pki, client="rogue") as rogue:
+        assert code_of(lambda: sample_ok(rogue, metadata=GOOD, timeout_s=5)) == grpc.StatusCode.UNAVAILABLE
+    with secure_channel(mtls_server.target, pki, client="client") as channel:
+        assert len(sample_ok(channel, metadata=GOOD).images) == 1
+        assert code_of(lambda: sample_ok(channel)) == UNAUTHENTICATED  # a certificate is not a token
+
+
+def test_closed_health_needs_a_token(mtls_server: ServerProcess, pki: Path) -> None:
+    with secure_channel(mtls_server.target, pki, client="client") as channel:
+        assert code_of(lambda: health_status(channel)) == UNAUTHENTICATED
+        assert health_status(channel, metadata=GOOD) == SERVING
+
+
+def test_security_config_is_validated(tmp_path: Path) -> None:
+    def load(data: object) -> None:
+        path = tmp_path / "server.json"
+        path.write_text(json.dumps(data))
+        load_server_config(path)
+
+    for data, message in (
+        ({"tls": {"cert_file": "a.pem"}}, "tls needs both cert_file and key_file"),
+        ({"tls": {"client_ca_file": "ca.pem"}}, "tls.client_ca_file needs cert_file"),
+        ({"tls": {"cert_file": 3, "key_file": "k"}}, "tls.cert_file must be a file path"),
+        ({"auth": {"token_env": ""}}, "auth.token_env must be an environment variable name"),
+        ({"auth": {"open_health": "yes"}}, "auth.open_health must be true or false"),
+        ({"auth": {"tokens": ["inline"]}}, "auth.tokens is not a known field"),
+        ({"watch_interval_s": 0}, "watch_interval_s must be a number of seconds > 0"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load(data)
+    path = tmp_path / "ok.json"
+    path.write_text(
+        json.dumps({"tls": {"cert_file": "c.pem", "key_file": "k.pem"}, "auth": {"token_file": "t"}})
+    )
+    security = load_server_config(path).security
+    assert security.tls_cert_file == tmp_path / "c.pem" and security.token_file == tmp_path / "t"
+    assert security.open_health and security.tls and security.auth
+
+
+def test_a_token_source_without_tokens_stops_startup(small_repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("# nobody yet\n")
+    with pytest.raises(RuntimeError, match="no token in the file"):
+        start_server(small_repo, tmp_path, extra_args=("--token-file", str(tmp_path / "empty")), timeout_s=30)

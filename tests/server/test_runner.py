@@ -1,0 +1,76 @@
+"""Unit tests of the runner: seed rows drawn per batch, inline vs pool execution, CPU fallback."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import onnx
+from server_support import TINY_LATENT, conditional_graph
+
+from genserve_server.latents import latents_for_seeds
+from genserve_server.runner import PSI_INPUT, SEED_INPUT, Runner, select_providers
+
+
+def make_runner(tmp_path: Path, inline_max_s: float) -> Runner:
+    path = tmp_path / "model.onnx"
+    onnx.save(conditional_graph(TINY_LATENT, 10, 1, 8, 8), str(path))
+    return Runner(
+        path,
+        label="t",
+        providers=select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        instances=1,
+        intra_op_threads=1,
+        inline_max_s=inline_max_s,
+        latent_dim=TINY_LATENT,
+    )
+
+
+def test_seed_rows_become_batch_latents_identical_to_per_seed_latents(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, inline_max_s=0.0)
+    seeds = np.array([3, 1, 2], np.int64)
+    labels = np.array([0, 5, 9], np.int64)
+
+    async def body() -> None:
+        for psi in (None, 0.5):
+            psi_rows = np.full(3, np.nan if psi is None else psi)
+            out = await runner.run(("seeds", psi), {SEED_INPUT: seeds, PSI_INPUT: psi_rows, "label": labels})
+            z = latents_for_seeds([3, 1, 2], TINY_LATENT, psi)
+            np.testing.assert_array_equal(out["z"], z)
+            direct = runner.run_sync({"z": z, "label": labels})["image"]
+            np.testing.assert_array_equal(out["image"], direct)
+            alone = await runner.run(
+                ("seeds", psi), {SEED_INPUT: seeds[1:2], PSI_INPUT: psi_rows[:1], "label": labels[1:2]}
+            )
+            np.testing.assert_array_equal(alone["image"][0], out["image"][1])  # batch-invariant
+
+    asyncio.run(body())
+    assert runner.provider == "CPUExecutionProvider"
+    runner.close()
+
+
+def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, inline_max_s=1.0)  # everything counts as tiny
+    z = np.zeros((2, TINY_LATENT), np.float32)
+    labels = np.zeros(2, np.int64)
+    runner.warm({"z": z, "label": labels})
+    threads: list[str] = []
+
+    async def body() -> None:
+        import threading
+
+        original = runner.run_sync
+
+        def spy(inputs):  # type: ignore[no-untyped-def]
+            threads.append(threading.current_thread().name)
+            return original(inputs)
+
+        runner.run_sync = spy  # type: ignore[method-assign]
+        await runner.run((), {"z": z, "label": labels})  # measured at warm-up: inline
+        await runner.run((), {"z": np.zeros((40, TINY_LATENT), np.float32), "label": np.zeros(40, np.int64)})
+
+    asyncio.run(body())
+    assert threads[0] == "MainThread"
+    assert threads[1].startswith("ort-t")  # an unmeasured signature goes to the pool first
+    runner.close()

@@ -1,0 +1,107 @@
+"""Unit tests of the servicer boundary (error translation, request ids) with a hand-written context."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from genserve_server.config import ServerConfig
+from genserve_server.errors import ResourceExhausted, invalid
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+from genserve_server.service import Call, GenerationService
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """The parts of grpc.aio.ServicerContext the boundary uses."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.metadata = metadata
+        self.trailing: tuple[tuple[str, str], ...] = ()
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing = metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any = ()) -> None:
+        self.aborted = (code, details)
+        self.trailing = trailing_metadata
+        raise Aborted(details)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> GenerationService:
+    metrics = Metrics(enabled=True)
+    repo = Repository(tmp_path, ServerConfig(), metrics)
+    return GenerationService(repo, ServerConfig(), metrics, ThreadPoolExecutor(1))
+
+
+def call_unary(service: GenerationService, handler: Any, context: FakeContext) -> Any:
+    return asyncio.run(service._unary("Sample", object(), context, handler))  # type: ignore[arg-type]
+
+
+def test_unknown_exception_becomes_internal_with_request_id_and_no_details(
+    service: GenerationService, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(request: object, call: Call) -> None:
+        raise ZeroDivisionError("secret internals")
+
+    context = FakeContext((("x-request-id", "req-42"),))
+    with pytest.raises(Aborted):
+        call_unary(service, handler, context)
+    assert context.aborted == (grpc.StatusCode.INTERNAL, "internal error (request id req-42)")
+    assert ("x-request-id", "req-42") in context.trailing
+    assert "secret internals" in caplog.text  # the stack trace goes to the log only
+    assert service.metrics.requests.labels("", "", "Sample", "INTERNAL")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (invalid("labels[3]", "must be in [0, 10), got 12"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ResourceExhausted("model m version 1: queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ],
+)
+def test_genserve_errors_keep_their_code_and_message(
+    service: GenerationService, error: Exception, code: grpc.StatusCode
+) -> None:
+    async def handler(request: object, call: Call) -> None:
+        raise error
+
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        call_unary(service, handler, context)
+    assert context.aborted == (code, str(error))
+    request_id = dict(context.trailing)["x-request-id"]
+    assert len(request_id) == 32  # made by the server when the client sent none
+
+
+def test_success_sets_the_request_id_and_counts_ok(service: GenerationService) -> None:
+    async def handler(request: object, call: Call) -> str:
+        return "response"
+
+    context = FakeContext((("x-request-id", "ok-1"),))
+    assert call_unary(service, handler, context) == "response"
+    assert context.trailing == (("x-request-id", "ok-1"),)
+    assert service.metrics.in_flight.labels("Sample")._value.get() == 0
+
+
+def test_invalid_argument_message_names_field_and_limit() -> None:
+    err = invalid("labels[3]", "must be in [0, 10), got 12")
+    assert str(err) == "labels[3]: must be in [0, 10), got 12"
+    assert err.field == "labels[3]" and err.code == grpc.StatusCode.INVALID_ARGUMENT
