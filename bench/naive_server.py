@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="session.run threads (default: cores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
     try:
         asyncio.run(serve(args.models, args.host, args.port, args.ready_file, args.workers))
     except KeyboardInterrupt:

@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
     if args.bulk_worker:
         labels = [int(v) for v in args.labels.split(",") if v]
         bulk_worker(args.target, args.model, labels, args.duration_s, args.out)

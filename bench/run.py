@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-priority", action="store_true")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md's table")
     args = parser.parse_args(argv)
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
 
     duration_s = args.duration_s or (2.0 if args.quick else 5.0)
     concurrency = (1, 64) if args.quick else CONCURRENCY

@@ -43,6 +43,10 @@ Tensors = Mapping[str, np.ndarray]
 RunBatch = Callable[[Hashable, Tensors], Awaitable[Tensors]]
 
 
+# Wait out the window on an idle runner once this fraction of recent arrivals overlapped others.
+OVERLAP_FRAC_TO_WAIT = 0.02
+
+
 class Lane(enum.IntEnum):
     INTERACTIVE = 0
     BULK = 1
@@ -130,6 +134,7 @@ class Batcher:
         concurrency: int = 1,
         observer: BatchObserver | None = None,
         bulk_budget_s: float | None = 0.005,
+        bulk_idle_budget_s: float | None = 0.05,
         interactive_quiet_s: float = 1.0,
     ) -> None:
         if max_batch_size < 1:
@@ -156,15 +161,19 @@ class Batcher:
         # RPCs of this model version now in the server, kept by the service (0 = not tracked).
         # More callers than queued requests means more rows are about to arrive: worth the window.
         self.callers = 0
-        # Moving average of the callers seen at each arrival: ~1 when clients come one at a time
-        # (concurrency 1: never wait), higher when requests overlap (then the window pays off even
-        # while the runner is idle, because the next arrival is likely within it).
-        self._overlap_avg = 1.0
+        # Moving fraction of arrivals that found another caller of this model in the server. At
+        # concurrency 1 it is exactly 0 (a client sends its next request only after the answer),
+        # so the batch goes at once; once requests overlap at all, the window pays off even while
+        # the runner is idle, because the next arrival is likely within it.
+        self._overlap_frac = 0.0
         # Priority: while interactive requests arrive (one seen within interactive_quiet_s), a BULK
         # batch is cut to what computes in about bulk_budget_s (from the measured cost of a row), so
         # an interactive request waits at most that long for the runner. On a CPU a running batch
-        # cannot be preempted: its size is the only lever. Idle interactive lane: full batches.
+        # cannot be preempted: its size is the only lever. With no interactive traffic a bulk batch
+        # still stays within bulk_idle_budget_s, which bounds the wait of the first interactive
+        # request to arrive (None: full batches).
         self.bulk_budget_s = bulk_budget_s
+        self.bulk_idle_budget_s = bulk_idle_budget_s
         self.interactive_quiet_s = interactive_quiet_s
         self._last_interactive_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
@@ -219,7 +228,8 @@ class Batcher:
         self._queued_rows += n_rows
         self._queued_requests += 1
         if self.callers:
-            self._overlap_avg += 0.05 * (max(self.callers, self._queued_requests) - self._overlap_avg)
+            overlapped = 1.0 if max(self.callers, self._queued_requests) > 1 else 0.0
+            self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
         self._observer.on_queue_depth(self._queued_rows)
         self._available.set()
         # If the caller is cancelled here, asyncio cancels `future`; the dispatcher then drops its rows.
@@ -282,15 +292,14 @@ class Batcher:
         return None
 
     def _batch_limit(self, lane: Lane) -> int:
-        """Rows a batch of `lane` may take now (see bulk_budget_s)."""
-        if (
-            lane == Lane.BULK
-            and self.bulk_budget_s is not None
-            and self._row_cost_s > 0.0
-            and time.monotonic() - self._last_interactive_at < self.interactive_quiet_s
-        ):
-            return max(1, min(self.max_batch_size, int(self.bulk_budget_s / self._row_cost_s)))
-        return self.max_batch_size
+        """Rows a batch of `lane` may take now (see bulk_budget_s and bulk_idle_budget_s)."""
+        if lane != Lane.BULK or self._row_cost_s <= 0.0:
+            return self.max_batch_size
+        interactive = time.monotonic() - self._last_interactive_at < self.interactive_quiet_s
+        budget_s = self.bulk_budget_s if interactive else self.bulk_idle_budget_s
+        if budget_s is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, int(budget_s / self._row_cost_s)))
 
     async def _form_batch(self) -> list[_Part]:
         picked = self._pick()
@@ -299,7 +308,7 @@ class Batcher:
         lane, key = picked
         rows = self._rows_by_key.get((lane, key), 0)
         if self.callers:
-            more_expected = self.callers > self._queued_requests or self._overlap_avg >= 1.5
+            more_expected = self.callers > self._queued_requests or self._overlap_frac >= OVERLAP_FRAC_TO_WAIT
         else:
             more_expected = self._queued_requests > 1
         idle_and_alone = self._batches_in_flight == 0 and not more_expected

@@ -302,7 +302,8 @@ def create_session(
     requested_first = chain[0][0]
     if used[0] != requested_first:
         reason = f"{requested_first} requested, session runs on {used[0]}"
-        logger.warning("%s: %s", path, reason)
+        # INFO: the server logs ONE warning for a whole CPU-only host (runner.py), not one per model.
+        logger.info("%s: %s", path, reason)
         fallbacks.append(reason)
     if config.cuda_graph and used[0] != CUDA:
         fallbacks.append(f"CUDA graphs need the CUDA provider; running on {used[0]} without them")

@@ -34,7 +34,10 @@ def _rows(n: int, start: int = 0) -> dict[str, np.ndarray]:
     return {"x": np.arange(start, start + n, dtype=np.float32)[:, None]}
 
 
-async def _scenario() -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
+Batches = list[tuple[str, int]]
+
+
+async def _scenario(idle_budget_s: float | None = None) -> tuple[Batches, Batches, Batches]:
     runner = SlowRows()
     batcher = Batcher(
         runner,
@@ -43,6 +46,7 @@ async def _scenario() -> tuple[list[tuple[str, int]], list[tuple[str, int]], lis
         max_queue_delay_s=0.0,
         max_queue_size=1024,
         bulk_budget_s=0.05,  # about 5 rows of 10 ms
+        bulk_idle_budget_s=idle_budget_s,
         interactive_quiet_s=0.3,
     )
     batcher.start()
@@ -64,7 +68,8 @@ async def _scenario() -> tuple[list[tuple[str, int]], list[tuple[str, int]], lis
         contended = list(runner.batches)
         runner.batches.clear()
 
-        # 3. Quiet again for longer than interactive_quiet_s: full bulk batches are back.
+        # 3. Quiet again for longer than interactive_quiet_s: back to full batches (or to the idle
+        #    budget, which bounds what the next interactive request to arrive may wait for).
         await asyncio.sleep(0.4)
         await batcher.submit("bulk", _rows(64), 64, lane=Lane.BULK)
         quiet = list(runner.batches)
@@ -86,3 +91,10 @@ def test_bulk_batches_shrink_only_while_interactive_traffic_arrives() -> None:
     assert all(1 <= rows <= 5 for rows in during[1:]), contended
     assert [rows for key, rows in contended if key == "interactive"] == [1] * 6
     assert quiet == [("bulk", 64)]
+
+
+def test_idle_budget_bounds_bulk_batches_once_their_cost_is_known() -> None:
+    alone, _, quiet = asyncio.run(_scenario(idle_budget_s=0.2))  # about 20 rows of 10 ms
+    assert alone == [("bulk", 64)]  # the first batch: no cost measured yet
+    sizes = [rows for _, rows in quiet]
+    assert sum(sizes) == 64 and max(sizes) <= 20 and len(sizes) >= 4, sizes

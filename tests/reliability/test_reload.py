@@ -180,11 +180,12 @@ def test_removed_model_drains_in_flight_work_then_answers_not_found(
             )
             time.sleep(0.5)
         assert health_status(channel, "other") == health_pb2.HealthCheckResponse.NOT_SERVING
-    before = [o for o in traffic.outcomes if o.started < sighup_at]
-    assert before and all(o.code == grpc.StatusCode.OK for o in before), {o.code for o in before}
-    after = [o for o in traffic.outcomes if o.started >= sighup_at]
-    assert {o.code for o in after} <= {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND}
-    assert after[-1].code == grpc.StatusCode.NOT_FOUND
+    # Accepted requests all finish; a request that arrives after the removal is NOT_FOUND (it was
+    # never accepted). Requests started well before the signal had certainly been accepted.
+    assert {o.code for o in traffic.outcomes} <= {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND}
+    early = [o for o in traffic.outcomes if o.started < sighup_at - 0.3]
+    assert early and all(o.code == grpc.StatusCode.OK for o in early)
+    assert traffic.outcomes[-1].code == grpc.StatusCode.NOT_FOUND
     assert "gen" in [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
     assert reload_server.proc.poll() is None
 

@@ -249,18 +249,25 @@ def test_translate(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) ->
 async def _concurrent(
     target: str, model: str, seeds: list[int], clients: int, labels: list[int]
 ) -> dict[int, bytes]:
+    """`clients` concurrent closed-loop clients (over 8 HTTP/2 connections) share the seeds."""
     results: dict[int, bytes] = {}
     pending = list(seeds)
+    channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
+    for ch in channels:
+        await ch.channel_ready()
 
-    async def client() -> None:
-        async with grpc.aio.insecure_channel(target) as ch:
-            s = pb_grpc.GenerationServiceStub(ch)
-            while pending:
-                seed = pending.pop()
-                r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], labels=labels, output=F32))
-                results[seed] = r.images[0].image.data
+    async def client(i: int) -> None:
+        s = pb_grpc.GenerationServiceStub(channels[i % len(channels)])
+        while pending:
+            seed = pending.pop()
+            r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], labels=labels, output=F32))
+            results[seed] = r.images[0].image.data
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    try:
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    finally:
+        for ch in channels:
+            await ch.close()
     return results
 
 
@@ -280,3 +287,19 @@ def test_dcgan_digits_64_clients_batch_and_stay_bit_identical(
     for seed in seeds:
         alone = stub.Sample(pb.SampleRequest(model=model, seeds=[seed], output=F32)).images[0].image.data
         assert together[seed] == alone, seed
+
+
+def test_cpu_fallback_is_one_warning_for_the_whole_server(
+    stub: pb_grpc.GenerationServiceStub, server: ServerProcess
+) -> None:
+    providers = {
+        v.execution_provider for m in stub.ListModels(pb.ListModelsRequest()).models for v in m.versions
+    }
+    if providers != {"CPUExecutionProvider"}:
+        pytest.skip(f"models run on {providers}")
+    warnings = [line for line in server.log().splitlines() if " WARNING " in line]
+    fallback = [
+        line for line in warnings if "were requested but sessions run on CPUExecutionProvider" in line
+    ]
+    assert len(fallback) == 1, warnings
+    assert not [line for line in warnings if "session runs on" in line], warnings

@@ -583,20 +583,26 @@ def test_metrics_endpoint_exports_the_contract_names(tiny_server: ServerProcess)
 
 
 async def _concurrent_samples(target: str, seeds: list[int], clients: int, model: str) -> list[bytes]:
+    """`clients` concurrent closed-loop clients (over 8 HTTP/2 connections) share the seeds."""
     results: dict[int, bytes] = {}
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for seed in seeds:
-        queue.put_nowait(seed)
+    pending = list(reversed(seeds))
+    channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
+    stubs = [pb_grpc.GenerationServiceStub(ch) for ch in channels]
+    for ch in channels:
+        await ch.channel_ready()
 
-    async def client() -> None:
-        async with grpc.aio.insecure_channel(target) as ch:
-            s = pb_grpc.GenerationServiceStub(ch)
-            while not queue.empty():
-                seed = queue.get_nowait()
-                r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], output=F32))
-                results[seed] = r.images[0].image.data
+    async def client(i: int) -> None:
+        s = stubs[i % len(stubs)]
+        while pending:
+            seed = pending.pop()
+            r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], output=F32))
+            results[seed] = r.images[0].image.data
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    try:
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    finally:
+        for ch in channels:
+            await ch.close()
     return [results[s] for s in seeds]
 
 

@@ -11,12 +11,18 @@ from __future__ import annotations
 from genserve_export.recipe import Recipe
 from genserve_export.recipes.cgan import CganDigitsRecipe
 from genserve_export.recipes.dcgan import DcganDigitsRecipe
+from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
+from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
+from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
 from genserve_export.recipes.vae import VaeDigitsRecipe
 
 RECIPES: dict[str, Recipe] = {}
 RECIPES["vae-digits"] = VaeDigitsRecipe()
 RECIPES["dcgan-digits"] = DcganDigitsRecipe()
 RECIPES["cgan-digits"] = CganDigitsRecipe()
+RECIPES["sr-photos-x4"] = PhotoSuperResolutionRecipe()
+RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
+RECIPES["dcgan-photos-256"] = PhotoDcgan256Recipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:

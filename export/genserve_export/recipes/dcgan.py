@@ -125,15 +125,15 @@ class DcganDigitsRecipe:
             if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
                 log_checkpoint(NAME, step + 1, ema, _standing_inputs, self._figures)
             bar.set_postfix(d=f"{loss_d.item():.2f}", g=f"{loss_g.item():.2f}", refresh=False)
-        gen = ema.average.cpu()
-        standing_batch_stats(gen, _standing_inputs)
+        exported = ema.average.cpu()
+        standing_batch_stats(exported, _standing_inputs)
         duration = time.perf_counter() - started
-        quality = self._figures(torch_run(gen, ("image",)))
+        quality = self._figures(torch_run(exported, ("image",)))
         return [
             ExportSpec(
                 name=NAME,
                 kind="generator",
-                module=gen,
+                module=exported,
                 example_inputs={
                     "z": np.random.default_rng(seed).standard_normal((4, LATENT_DIM)).astype(np.float32)
                 },

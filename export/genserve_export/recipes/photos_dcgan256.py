@@ -177,6 +177,7 @@ class PhotoDcgan256Recipe:
                     "parameters": params,
                 },
                 config={"batching": {"max_batch_size": 16, "preferred_batch_sizes": [1, 4, 16]}},
+                fp16=False,  # keeps the committed repository small; fp32 alone is ~9.5 MB
                 quality={
                     **quality,
                     **{f"untrained_{k}": v for k, v in initial.items()},

@@ -1,0 +1,153 @@
+"""The photo data loader and the three photo recipes (SR, pix2pix denoiser, 256×256 DCGAN), quickly.
+
+Each recipe: two training steps, export through ``export_model``, ONNX Runtime at two sizes (two
+batch sizes for the fixed-size generator), and ``evaluate`` on the exported graph.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from genserve_export import export_model
+from genserve_export.data import photos
+from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
+from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
+from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
+
+BUNDLING_PACKAGES = ("sklearn", "matplotlib", "skimage")
+
+
+# --- data loader -----------------------------------------------------------------------------
+
+
+def test_photos_load_offline_from_installed_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("photo loading tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    photos._load.cache_clear()
+    loaded = photos.load_photos()
+    assert len(loaded) >= 12
+    for source in photos.available_sources():
+        path = photos._package_path(source)
+        assert any(part in BUNDLING_PACKAGES for part in path.parts), path
+        assert "site-packages" in path.parts or "dist-packages" in path.parts, path
+    for photo in loaded:
+        assert photo.pixels.dtype == np.float32 and photo.pixels.ndim == 3 and photo.pixels.shape[2] == 3
+        assert 0.0 <= photo.pixels.min() and photo.pixels.max() <= 1.0
+        assert min(photo.pixels.shape[:2]) >= 256
+
+
+def test_holdout_is_fixed_and_disjoint_from_train() -> None:
+    train = {p.name for p in photos.train_photos()}
+    held = {p.name for p in photos.holdout_photos()}
+    assert held == set(photos.HOLDOUT_NAMES)
+    assert not train & held
+    assert len(train) >= 8
+    assert {p.name for p in photos.train_photos(color_only=True)} <= train
+    card = photos.holdout_card(photos.train_photos(), photos.holdout_photos())
+    assert set(card["names"]) == held and not set(card["train_names"]) & held
+
+
+def test_random_crops_are_seeded() -> None:
+    train = photos.train_photos()
+    a = photos.random_crops(train, 32, 4, np.random.default_rng(7))
+    b = photos.random_crops(train, 32, 4, np.random.default_rng(7))
+    assert a.shape == (4, 3, 32, 32) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_photo_name_is_an_error() -> None:
+    with pytest.raises(KeyError, match="unknown photo"):
+        photos.load_photos(["no-such-photo"])
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+def _export_one(recipe: Any, tmp_path: Path) -> tuple[dict[str, Any], ort.InferenceSession]:
+    (spec,) = recipe.train(seed=0, steps=2, device="cpu", progress=False)
+    version_dir = export_model(
+        spec.module,
+        kind=spec.kind,
+        name=spec.name,
+        version=spec.version,
+        out_dir=tmp_path,
+        example_inputs=spec.example_inputs,
+        card=spec.card,
+        config=spec.config,
+        quality=spec.quality,
+        holdout=spec.holdout,
+        training=spec.training,
+        fp16=False,
+    )
+    card = json.loads((version_dir / "card.json").read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return card, sess
+
+
+def _evaluate(recipe: Any, card: dict[str, Any], sess: ort.InferenceSession) -> dict[str, float]:
+    def run(feeds: Any) -> dict[str, np.ndarray]:
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+
+    figures = recipe.evaluate(card["name"], card, run)
+    assert figures and all(np.isfinite(v) for v in figures.values())
+    return figures
+
+
+def test_sr_recipe_exports_with_dynamic_size(tmp_path: Path) -> None:
+    recipe = PhotoSuperResolutionRecipe()
+    card, sess = _export_one(recipe, tmp_path)
+    assert card["kind"] == "super_resolution" and card["scale_factor"] == 4 and card["size_multiple"] == 1
+    assert (
+        card["tile_size"] and card["tile_overlap"] and card["holdout"]["names"] == list(photos.HOLDOUT_NAMES)
+    )
+    for h, w in ((16, 16), (21, 35)):  # odd, non-square: the bicubic skip must follow the input
+        image = np.random.default_rng(0).uniform(0, 1, (2, 3, h, w)).astype(np.float32)
+        (out,) = sess.run(None, {"image": image})
+        assert out.shape == (2, 3, 4 * h, 4 * w)
+        assert 0.0 <= out.min() and out.max() <= 1.0
+    figures = _evaluate(recipe, card, sess)
+    assert figures["psnr_gain_db"] == pytest.approx(figures["psnr_db"] - figures["bicubic_psnr_db"], abs=1e-3)
+    inputs, targets = recipe.grid_pairs(card["name"], card)
+    assert targets.shape[2] == 4 * inputs.shape[2]
+
+
+def test_pix2pix_recipe_exports_with_size_multiple(tmp_path: Path) -> None:
+    recipe = PhotoDenoiseRecipe()
+    card, sess = _export_one(recipe, tmp_path)
+    assert card["kind"] == "image_to_image" and card["size_multiple"] == 8
+    assert card["input_range"] == [-1.0, 1.0] and card["output_range"] == [-1.0, 1.0]
+    for h, w in ((32, 32), (48, 80)):
+        image = np.random.default_rng(0).uniform(-1, 1, (3, 3, h, w)).astype(np.float32)
+        (out,) = sess.run(None, {"image": image})
+        assert out.shape == (3, 3, h, w)
+    figures = _evaluate(recipe, card, sess)
+    # the baselines do not depend on the model: identity is the noise itself (~0.8 sigma)
+    assert figures["best_baseline_l1"] < figures["identity_l1"] < 0.1
+    assert "L1" in card["training"]["notes"]
+
+
+def test_dcgan256_recipe_exports_large_generator(tmp_path: Path) -> None:
+    recipe = PhotoDcgan256Recipe()
+    card, sess = _export_one(recipe, tmp_path)
+    assert card["kind"] == "generator" and card["image_size"] == [256, 256] and card["latent_dim"] == 128
+    assert card["parameters"] > 1_000_000
+    onnx_bytes = (tmp_path / card["name"] / "1" / "model.onnx").stat().st_size
+    assert onnx_bytes <= 12 * 1024 * 1024
+    for batch in (1, 3):
+        z = np.random.default_rng(0).standard_normal((batch, 128)).astype(np.float32)
+        (out,) = sess.run(None, {"z": z})
+        assert out.shape == (batch, 3, 256, 256)
+        assert -1.0 <= out.min() and out.max() <= 1.0
+    _evaluate(recipe, card, sess)
