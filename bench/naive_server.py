@@ -17,10 +17,10 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -92,7 +92,7 @@ def encode(pixels: NDArray[np.uint8], options: types_pb2.OutputOptions) -> types
     return types_pb2.Image(format=fmt, data=data, shape=shape)
 
 
-class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):  # type: ignore[misc]
+class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     def __init__(self, models: dict[str, NaiveModel], executor: ThreadPoolExecutor) -> None:
         self.models = models
         self.executor = executor
@@ -160,6 +160,31 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):  # type: ignor
         self, request: genserve_pb2.ImageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> genserve_pb2.ImageResponse:
         return await self._image_to_image(request, context, "Translate")
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"the naive baseline does not serve {rpc}")
+        raise AssertionError("abort returned")
+
+    async def SampleStream(  # noqa: N802
+        self, request: genserve_pb2.SampleStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[genserve_pb2.SampleStreamChunk]:
+        await self._unimplemented(context, "SampleStream")
+        yield genserve_pb2.SampleStreamChunk()  # unreachable: makes this an async generator
+
+    async def Interpolate(  # noqa: N802
+        self, request: genserve_pb2.InterpolateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.SampleResponse:
+        await self._unimplemented(context, "Interpolate")
+
+    async def Encode(  # noqa: N802
+        self, request: genserve_pb2.EncodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.EncodeResponse:
+        await self._unimplemented(context, "Encode")
+
+    async def Decode(  # noqa: N802
+        self, request: genserve_pb2.DecodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.SampleResponse:
+        await self._unimplemented(context, "Decode")
 
     async def ListModels(  # noqa: N802
         self, request: genserve_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -133,11 +133,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerReadyResponse(ready=self._server_ready())
 
     def _server_ready(self) -> bool:
-        """Loading finished, not draining, and at least one model serves (like grpc.health's "")."""
-        versions = [mv for model in self.repo for mv in model.versions.values()]
-        if any(mv.state in (ModelState.LOADING, ModelState.DRAINING) for mv in versions):
-            return False
-        return any(mv.state == ModelState.READY for mv in versions)
+        """At least one model version serves. A hot reload loading or draining another version
+        leaves the server ready; at shutdown every version drains, so it turns not-ready."""
+        return any(mv.state == ModelState.READY for model in self.repo for mv in model.versions.values())
 
     async def ModelReady(self, request: kpb.ModelReadyRequest, context: Context) -> kpb.ModelReadyResponse:
         async def handle() -> kpb.ModelReadyResponse:

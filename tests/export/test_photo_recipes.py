@@ -100,7 +100,7 @@ def _evaluate(recipe: Any, card: dict[str, Any], sess: ort.InferenceSession) -> 
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
 
-    figures = recipe.evaluate(card["name"], card, run)
+    figures: dict[str, float] = recipe.evaluate(card["name"], card, run)
     assert figures and all(np.isfinite(v) for v in figures.values())
     return figures
 

@@ -525,3 +525,66 @@ def running_server(models: Path, work: Path, **kwargs: Any) -> Iterator[ServerPr
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------- load from several processes
+
+
+def _sample_worker(args: tuple[str, str, list[int], int, list[int]]) -> dict[int, bytes]:
+    """One client process: `clients` closed-loop aio clients over 2 connections share `seeds`."""
+    import asyncio
+
+    import grpc
+
+    from genserve.v1 import genserve_pb2 as pb
+    from genserve.v1 import genserve_pb2_grpc as pb_grpc
+    from genserve.v1 import types_pb2 as tpb
+
+    target, model, seeds, clients, labels = args
+    output = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+
+    async def run() -> dict[int, bytes]:
+        results: dict[int, bytes] = {}
+        pending = list(reversed(seeds))
+        channels = [grpc.aio.insecure_channel(target) for _ in range(2)]
+        for ch in channels:
+            await ch.channel_ready()
+
+        async def client(i: int) -> None:
+            stub = pb_grpc.GenerationServiceStub(channels[i % len(channels)])
+            while pending:
+                seed = pending.pop()
+                response = await stub.Sample(
+                    pb.SampleRequest(model=model, seeds=[seed], labels=labels, output=output)
+                )
+                results[seed] = response.images[0].image.data
+
+        try:
+            await asyncio.gather(*(client(i) for i in range(clients)))
+        finally:
+            for ch in channels:
+                await ch.close()
+        return results
+
+    return asyncio.run(run())
+
+
+def concurrent_samples(
+    target: str,
+    model: str,
+    seeds: list[int],
+    clients: int,
+    *,
+    processes: int = 4,
+    labels: tuple[int, ...] = (),
+) -> dict[int, bytes]:
+    """Sample one image per seed from `clients` concurrent closed-loop clients in `processes`
+    processes (TENSOR_F32 bytes by seed). Several processes keep a busy machine's client side from
+    being the bottleneck, so the server sees the concurrency the test asks for."""
+    import multiprocessing
+
+    shares = [seeds[i::processes] for i in range(processes)]
+    jobs = [(target, model, share, clients // processes, list(labels)) for share in shares]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        parts = pool.map(_sample_worker, jobs)
+    return {seed: data for part in parts for seed, data in part.items()}

@@ -6,7 +6,6 @@ output format; the batching bar on dcgan-digits; tiled SuperResolve equal to unt
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -19,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
-from server_support import ServerProcess, start_server
+from server_support import ServerProcess, concurrent_samples, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -246,31 +245,6 @@ def test_translate(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) ->
     check_image(response.images[0], fmt, int(c["channels"] or 3), 50, 70)  # type: ignore[call-overload]
 
 
-async def _concurrent(
-    target: str, model: str, seeds: list[int], clients: int, labels: list[int]
-) -> dict[int, bytes]:
-    """`clients` concurrent closed-loop clients (over 8 HTTP/2 connections) share the seeds."""
-    results: dict[int, bytes] = {}
-    pending = list(seeds)
-    channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
-    for ch in channels:
-        await ch.channel_ready()
-
-    async def client(i: int) -> None:
-        s = pb_grpc.GenerationServiceStub(channels[i % len(channels)])
-        while pending:
-            seed = pending.pop()
-            r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], labels=labels, output=F32))
-            results[seed] = r.images[0].image.data
-
-    try:
-        await asyncio.gather(*(client(i) for i in range(clients)))
-    finally:
-        for ch in channels:
-            await ch.close()
-    return results
-
-
 @pytest.mark.skipif("dcgan-digits" not in KINDS.get("generator", []), reason="no dcgan-digits")
 def test_dcgan_digits_64_clients_batch_and_stay_bit_identical(
     stub: pb_grpc.GenerationServiceStub, server: ServerProcess
@@ -279,7 +253,7 @@ def test_dcgan_digits_64_clients_batch_and_stay_bit_identical(
     count0 = server.metric("genserve_batch_size_count", model=model)
     sum0 = server.metric("genserve_batch_size_sum", model=model)
     seeds = list(range(5000, 5256))
-    together = asyncio.run(_concurrent(server.target, model, seeds, 64, []))
+    together = concurrent_samples(server.target, model, seeds, 64)
     batches = server.metric("genserve_batch_size_count", model=model) - count0
     images = server.metric("genserve_batch_size_sum", model=model) - sum0
     assert images == 256

@@ -21,6 +21,7 @@ from server_support import (
     TINY_LATENT,
     ServerProcess,
     build_tiny_repo,
+    concurrent_samples,
     running_server,
     slow_generator_graph,
     write_model,
@@ -582,30 +583,6 @@ def test_metrics_endpoint_exports_the_contract_names(tiny_server: ServerProcess)
 # ----------------------------------------------------------------------------- batching, deadlines, overload
 
 
-async def _concurrent_samples(target: str, seeds: list[int], clients: int, model: str) -> list[bytes]:
-    """`clients` concurrent closed-loop clients (over 8 HTTP/2 connections) share the seeds."""
-    results: dict[int, bytes] = {}
-    pending = list(reversed(seeds))
-    channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
-    stubs = [pb_grpc.GenerationServiceStub(ch) for ch in channels]
-    for ch in channels:
-        await ch.channel_ready()
-
-    async def client(i: int) -> None:
-        s = stubs[i % len(stubs)]
-        while pending:
-            seed = pending.pop()
-            r = await s.Sample(pb.SampleRequest(model=model, seeds=[seed], output=F32))
-            results[seed] = r.images[0].image.data
-
-    try:
-        await asyncio.gather(*(client(i) for i in range(clients)))
-    finally:
-        for ch in channels:
-            await ch.close()
-    return [results[s] for s in seeds]
-
-
 def test_concurrent_single_image_requests_are_batched_and_batch_invariant(
     stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
 ) -> None:
@@ -613,7 +590,8 @@ def test_concurrent_single_image_requests_are_batched_and_batch_invariant(
     count_before = tiny_server.metric("genserve_batch_size_count", model=model)
     sum_before = tiny_server.metric("genserve_batch_size_sum", model=model)
     seeds = list(range(1000, 1256))
-    together = asyncio.run(_concurrent_samples(tiny_server.target, seeds, 64, model))
+    by_seed = concurrent_samples(tiny_server.target, model, seeds, 64)
+    together = [by_seed[s] for s in seeds]
     batches = tiny_server.metric("genserve_batch_size_count", model=model) - count_before
     images = tiny_server.metric("genserve_batch_size_sum", model=model) - sum_before
     assert images == 256

@@ -122,7 +122,7 @@ class EmaGenerator:
             avg.lerp_(live, 1.0 - decay)
 
 
-CHECKPOINT_EVERY = 1000
+CHECKPOINT_EVERY = 500
 
 
 def log_checkpoint(

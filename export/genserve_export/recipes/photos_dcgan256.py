@@ -56,7 +56,8 @@ class Generator256(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # unflatten, not view(-1, ...): keeps the batch axis symbolic for the exporter (FACTS).
-        return self.net(self.project(z).unflatten(1, (self.first, 4, 4)))
+        image: torch.Tensor = self.net(self.project(z).unflatten(1, (self.first, 4, 4)))
+        return image
 
 
 class Discriminator256(nn.Module):
@@ -76,7 +77,8 @@ class Discriminator256(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image).squeeze(1)
+        logits: torch.Tensor = self.net(image).squeeze(1)
+        return logits
 
 
 def real_batch(train_set: Sequence[photos.Photo], count: int, rng: np.random.Generator) -> np.ndarray:
@@ -129,7 +131,7 @@ def quality_figures(run: OnnxRun) -> dict[str, float]:
 class PhotoDcgan256Recipe:
     """Non-saturating GAN loss, Adam 2e-4 (β1 0.5), batch 8 of 256×256 photo views."""
 
-    names = (NAME,)
+    names: tuple[str, ...] = (NAME,)
     default_steps = 300
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
@@ -149,11 +151,11 @@ class PhotoDcgan256Recipe:
             fake = gen(torch.randn(BATCH, LATENT_DIM, device=device))
             loss_d = F.softplus(-disc(real)).mean() + F.softplus(disc(fake.detach())).mean()
             opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            torch.autograd.backward(loss_d)
             opt_d.step()
             loss_g = F.softplus(-disc(fake)).mean()
             opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            torch.autograd.backward(loss_g)
             opt_g.step()
             bar.set_postfix(d=f"{loss_d.item():.2f}", g=f"{loss_g.item():.2f}", refresh=False)
         duration = time.perf_counter() - started

@@ -76,7 +76,8 @@ class UNet(nn.Module):
         x = self.dec3(torch.cat([self.up3(e3), e2], 1))
         x = self.dec2(torch.cat([self.up2(x), e1], 1))
         x = self.dec1(torch.cat([self.up1(x), e0], 1))
-        return (image + self.out(x)).clamp(-1.0, 1.0)
+        out: torch.Tensor = (image + self.out(x)).clamp(-1.0, 1.0)
+        return out
 
 
 class PatchDiscriminator(nn.Module):
@@ -95,13 +96,15 @@ class PatchDiscriminator(nn.Module):
         )
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([source, target], 1))
+        logits: torch.Tensor = self.net(torch.cat([source, target], 1))
+        return logits
 
 
 def add_noise(clean: np.ndarray, rng: np.random.Generator, sigma: float = NOISE_SIGMA) -> np.ndarray:
     """Clean [0, 1] pixels → noisy pixels, clipped and rounded to 8 bits like a decoded PNG."""
     noisy = clean + rng.normal(0.0, sigma, clean.shape).astype(np.float32)
-    return (np.round(np.clip(noisy, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+    rounded: np.ndarray = (np.round(np.clip(noisy, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+    return rounded
 
 
 def _holdout_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -149,7 +152,7 @@ def quality_figures(run: OnnxRun) -> dict[str, float]:
 class PhotoDenoiseRecipe:
     """Adam 1e-3 cosine-decayed for G (2e-4, β1 0.5 for D); batch 8 of 64×64 noisy/clean patches."""
 
-    names = (NAME,)
+    names: tuple[str, ...] = (NAME,)
     default_steps = 900
 
     def __init__(self, adv_weight: float = 0.0) -> None:
@@ -181,11 +184,11 @@ class PhotoDenoiseRecipe:
                 loss_d = F.softplus(-disc(source, target)).mean()
                 loss_d = loss_d + F.softplus(disc(source, fake.detach())).mean()
                 opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
+                torch.autograd.backward(loss_d)
                 opt_d.step()
                 loss_g = l1 + self.adv_weight * F.softplus(-disc(source, fake)).mean()
             opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+            torch.autograd.backward(loss_g)
             opt_g.step()
             sched.step()
             bar.set_postfix(l1=f"{l1.item():.4f}", refresh=False)

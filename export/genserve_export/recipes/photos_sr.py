@@ -41,7 +41,8 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
+        out: torch.Tensor = x + self.conv2(F.relu(self.conv1(x)))
+        return out
 
 
 class SRResNetLite(nn.Module):
@@ -68,7 +69,8 @@ class SRResNetLite(nn.Module):
         features = features + self.body_out(self.body(features))
         # scale_factor (not a size) keeps H/W symbolic in the exported graph.
         base = F.interpolate(image, scale_factor=float(self.scale), mode="bicubic", align_corners=False)
-        return (base + self.upsample(features)).clamp(0.0, 1.0)
+        out: torch.Tensor = (base + self.upsample(features)).clamp(0.0, 1.0)
+        return out
 
 
 def downscale(hr: torch.Tensor, scale: int = SCALE) -> torch.Tensor:
@@ -110,7 +112,7 @@ def quality_figures(run: OnnxRun, scale: int = SCALE) -> dict[str, float]:
 class PhotoSuperResolutionRecipe:
     """Adam 1e-3 with cosine decay, L1 loss, batch 16 of 96×96 patches of the train photos."""
 
-    names = (NAME,)
+    names: tuple[str, ...] = (NAME,)
     default_steps = 1600
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
@@ -128,7 +130,7 @@ class PhotoSuperResolutionRecipe:
             hr = torch.from_numpy(photos.random_crops(train_set, PATCH, BATCH, rng)).to(device)
             loss = F.l1_loss(net(downscale(hr)), hr)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
             sched.step()
             bar.set_postfix(l1=f"{loss.item():.4f}", refresh=False)
