@@ -44,7 +44,7 @@ class ImagePayload:
         return self.payload
 
 
-class ImageLoadGenerator(LoadGenerator):  # type: ignore[misc]
+class ImageLoadGenerator(LoadGenerator):
     """The client's LoadGenerator pointed at another unary method."""
 
     def __init__(self, config: ChannelConfig, payloads: ImagePayload, method: str, **kwargs: Any) -> None:

@@ -12,14 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _tree(folder: Path) -> set[str]:
     return {
-        str(p.relative_to(folder))
-        for p in folder.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
     }
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True
+    )
     for package in ("genserve", "inference"):
         fresh, committed = tmp_path / package, ROOT / "api" / package
         if not fresh.exists():

@@ -11,7 +11,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ class LoadGenerator:
     def __init__(
         self,
         config: ChannelConfig,
-        payloads: PayloadFactory,
+        payloads: Callable[[], bytes],  # e.g. PayloadFactory: one serialized request per call
         *,
         channels: int = 1,
         timeout_s: float = 30.0,

@@ -57,6 +57,7 @@ class ModelReport:
                 f"(atol {self.parity.get('fp32_atol')}), fp16 "
                 + (f"{fp16:.3g} (atol {self.parity.get('fp16_atol')})" if fp16 is not None else "none")
                 + (" written" if self.parity.get("fp16_written") else " not written")
+                + (f" ({self.parity['fp16_note']})" if self.parity.get("fp16_note") else "")
             )
         thresholds = self.quality_card.get("thresholds", {})
         metrics = sorted(

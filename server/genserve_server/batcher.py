@@ -219,6 +219,9 @@ class Batcher:
             self._last_interactive_at = now
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         request = PendingRequest(key, inputs, n_rows, lane, deadline, now, future)
+        if self.callers:
+            overlapped = 1.0 if self.callers > 1 or self._queued_requests else 0.0
+            self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
         queue = self._lanes[lane].get(key)
         if queue is None:
             queue = self._lanes[lane][key] = deque()
@@ -227,9 +230,6 @@ class Batcher:
         self._rows_by_key[lk] = self._rows_by_key.get(lk, 0) + n_rows
         self._queued_rows += n_rows
         self._queued_requests += 1
-        if self.callers:
-            overlapped = 1.0 if max(self.callers, self._queued_requests) > 1 else 0.0
-            self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
         self._observer.on_queue_depth(self._queued_rows)
         self._available.set()
         # If the caller is cancelled here, asyncio cancels `future`; the dispatcher then drops its rows.

@@ -70,7 +70,8 @@ def quick_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every registered recipe, trained for a few steps and exported."""
     out = tmp_path_factory.mktemp("models")
     for name in RECIPES:
-        result = train_and_export(name, out, steps=QUICK_STEPS, progress=False, command="pytest")
+        # fp16 export is covered by the user-module test; skipping it here halves the export time
+        result = train_and_export(name, out, steps=QUICK_STEPS, progress=False, command="pytest", fp16=False)
         assert result.paths, name
     return out
 
@@ -95,16 +96,25 @@ def test_every_recipe_exports_and_verifies(quick_repository: Path, tmp_path: Pat
             "image_to_image",
         ):
             assert model.grid is not None and model.grid.exists()
-    # undertrained models miss their thresholds: verify with thresholds on must say so
-    strict = verify_repository(quick_repository, recompute_quality=True)
-    assert not strict.ok
-    assert any("quality" in e for m in strict.models for e in m.errors)
+    # undertrained models miss their thresholds: reported as notes here, errors with thresholds on
+    assert any("(thresholds off)" in note for m in report.models for note in m.notes)
 
 
-def test_verify_cli_exit_codes(quick_repository: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["verify", str(quick_repository), "--no-thresholds"]) == 0
+def test_verify_cli_exit_codes(
+    quick_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["verify", str(quick_repository), "--no-quality"]) == 0
     assert "parity" in capsys.readouterr().out
-    assert cli_main(["verify", str(quick_repository)]) == 1
+    assert cli_main(["verify", str(tmp_path / "missing")]) == 1
+    assert "not a directory" in capsys.readouterr().out
+
+
+def test_thresholds_fail_undertrained_model(quick_repository: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(quick_repository / "dcgan-digits", repo / "dcgan-digits")
+    report = verify_repository(repo)
+    assert not report.ok
+    assert any("quality" in e for e in report.models[0].errors), report.format()
 
 
 def test_verify_rejects_tampered_model(quick_repository: Path, tmp_path: Path) -> None:

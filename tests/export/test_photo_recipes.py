@@ -72,6 +72,22 @@ def test_unknown_photo_name_is_an_error() -> None:
 # --- recipes ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _small_holdout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipe tests evaluate on 192×192 center crops of the held-out photos, to stay fast."""
+    if "recipe" not in request.node.name:
+        return
+    full = photos.holdout_photos
+
+    def cropped() -> list[photos.Photo]:
+        return [
+            photos.Photo(p.name, photos.center_crop(p.pixels, 8, max_size=192), p.color, p.package)
+            for p in full()
+        ]
+
+    monkeypatch.setattr(photos, "holdout_photos", cropped)
+
+
 def _export_one(recipe: Any, tmp_path: Path) -> tuple[dict[str, Any], ort.InferenceSession]:
     (spec,) = recipe.train(seed=0, steps=2, device="cpu", progress=False)
     version_dir = export_model(

@@ -12,17 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from reliability_support import make_pki, write_flaky, write_gen, write_slow
+from reliability_support import SHARED_LIMITS, make_pki, write_flaky, write_gen, write_slow
 from server_support import ServerProcess, image_to_image_graph, start_server, write_model
-
-# Small limits, so each can be hit cheaply; every one of them is a server config field.
-SHARED_LIMITS = {
-    "max_receive_message_bytes": 1024 * 1024,
-    "max_images_per_request": 32,
-    "max_input_pixels": 64 * 64,
-    "max_concurrent_sample_streams": 2,
-    "max_concurrent_rpcs": 48,
-}
 
 
 @pytest.fixture(scope="session")

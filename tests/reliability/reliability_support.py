@@ -29,6 +29,16 @@ from server_support import (
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 
+# Small limits, so each can be hit cheaply; every one of them is a server config field.
+SHARED_LIMITS = {
+    "max_receive_message_bytes": 1024 * 1024,
+    "max_images_per_request": 32,
+    "max_input_pixels": 64 * 64,
+    "max_concurrent_sample_streams": 2,
+    "max_concurrent_rpcs": 48,
+}
+
+
 SERVER_NAME = "genserve.test"
 GEN_CARD = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
 FAIL_AT_BATCH = 3

@@ -1,6 +1,6 @@
 """Every admission limit exists, is read from the server config, and answers with a proper status.
 
-The shared server runs with the small limits of conftest.SHARED_LIMITS.
+The shared server runs with the small limits of reliability_support.SHARED_LIMITS.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from conftest import SHARED_LIMITS
-from reliability_support import code_of, png_bomb, png_bytes, sample_ok
+from reliability_support import SHARED_LIMITS, code_of, png_bomb, png_bytes, sample_ok
 from server_support import ServerProcess
 
 from genserve.v1 import genserve_pb2 as pb

@@ -2,9 +2,13 @@
 
 Generator: conditional batch norm (per-class gamma/beta embeddings, BigGAN-style).
 Discriminator: spectral norm everywhere, strided convs then flatten (FACTS: global pooling did
-not work here), projection head (Miyato & Koyama 2018) plus an auxiliary classifier head
-(AC-GAN, Odena et al. 2017) whose cross-entropy on real digits (D) and on samples of the requested
-class (G) makes the label take hold within ~1k steps instead of ~3k. Hinge loss.
+not work here), projection head (Miyato & Koyama 2018). Hinge loss.
+
+With conditional BN alone the label took hold slowly (class accuracy 0.85 after 4k steps, as in
+FACTS); the generator therefore also sees a learned label embedding concatenated to ``z``
+(Mirza & Osindero 2014), which makes the class take hold within the first thousand steps. An
+auxiliary-classifier loss (AC-GAN) was tried too: faster, but it collapsed some classes'
+diversity (ratio 0.17), so it is not used.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ NAME = "cgan-digits"
 LATENT_DIM = 64
 N_CLASSES = 10
 WIDTH = 32  # 8x8 digits upsampled to 28x28 are smooth: narrow nets suffice and train ~4x faster
-AUX_WEIGHT = 1.0
+LABEL_EMBEDDING_DIM = 16
 EVAL_PER_CLASS = 100
 THRESHOLDS = {"class_accuracy": {"min": 0.9}, "min_diversity_ratio": {"min": 0.5}}
 
@@ -70,7 +74,8 @@ class Generator(nn.Module):
     def __init__(self, latent_dim: int = LATENT_DIM, width: int = WIDTH, n_classes: int = N_CLASSES) -> None:
         super().__init__()
         self.width = width
-        self.project = nn.Linear(latent_dim, width * 7 * 7, bias=False)
+        self.label_embedding = nn.Embedding(n_classes, LABEL_EMBEDDING_DIM)
+        self.project = nn.Linear(latent_dim + LABEL_EMBEDDING_DIM, width * 7 * 7, bias=False)
         self.bn0 = ConditionalBatchNorm2d(width, n_classes)
         self.up1 = nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False)  # 14×14
         self.bn1 = ConditionalBatchNorm2d(width // 2, n_classes)
@@ -78,17 +83,15 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         # unflatten, not view(-1, C, 7, 7): the exporter needs it after conditional BN (FACTS)
-        x = self.project(z).unflatten(1, (self.width, 7, 7))
+        embedded: torch.Tensor = self.label_embedding(label)
+        x = self.project(torch.cat([z, embedded], dim=1)).unflatten(1, (self.width, 7, 7))
         x = F.relu(self.bn0(x, label))
         x = F.relu(self.bn1(self.up1(x), label))
         return torch.tanh(self.up2(x))
 
 
 class Discriminator(nn.Module):
-    """Projection discriminator: logit = w·h + embed(label)·h on flattened features h.
-
-    ``classify`` is the auxiliary classifier head on the same features.
-    """
+    """Projection discriminator: logit = w·h + embed(label)·h on flattened features h."""
 
     def __init__(self, width: int = WIDTH, n_classes: int = N_CLASSES) -> None:
         super().__init__()
@@ -102,15 +105,12 @@ class Discriminator(nn.Module):
         features = 2 * width * 7 * 7
         self.linear = spectral_norm(nn.Linear(features, 1))
         self.embed = spectral_norm(nn.Embedding(n_classes, features))
-        self.classifier = spectral_norm(nn.Linear(features, n_classes))
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real/fake logit [N], class logits [N, classes])."""
+    def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         h: torch.Tensor = self.features(image)
         logits: torch.Tensor = self.linear(h)
         projection: torch.Tensor = self.embed(label)
-        class_logits: torch.Tensor = self.classifier(h)
-        return logits.squeeze(1) + (projection * h).sum(dim=1), class_logits
+        return logits.squeeze(1) + (projection * h).sum(dim=1)
 
 
 def _standing_inputs() -> tuple[torch.Tensor, ...]:
@@ -148,18 +148,14 @@ class CganDigitsRecipe:
             real, real_labels = real_all[index], labels_all[index]
             fake_labels = torch.randint(0, N_CLASSES, (len(real),), device=device)
             fake = gen(torch.randn(len(real), LATENT_DIM, device=device), fake_labels)
-            real_logit, real_class = disc(real, real_labels)
-            fake_logit, _ = disc(fake.detach(), fake_labels)
             loss_d = (
-                F.relu(1.0 - real_logit).mean()
-                + F.relu(1.0 + fake_logit).mean()
-                + AUX_WEIGHT * F.cross_entropy(real_class, real_labels)
+                F.relu(1.0 - disc(real, real_labels)).mean()
+                + F.relu(1.0 + disc(fake.detach(), fake_labels)).mean()
             )
             opt_d.zero_grad(set_to_none=True)
             torch.autograd.backward(loss_d)
             opt_d.step()
-            gen_logit, gen_class = disc(fake, fake_labels)
-            loss_g = -gen_logit.mean() + AUX_WEIGHT * F.cross_entropy(gen_class, fake_labels)
+            loss_g = -disc(fake, fake_labels).mean()
             opt_g.zero_grad(set_to_none=True)
             torch.autograd.backward(loss_g)
             opt_g.step()
@@ -200,7 +196,7 @@ class CganDigitsRecipe:
                     "steps": steps,
                     "seed": seed,
                     "duration_s": round(duration, 2),
-                    "notes": "hinge loss + auxiliary-classifier cross-entropy (weight 1); "
+                    "notes": "hinge loss; label: conditional BN + embedding concatenated to z; "
                     "spectral-norm projection discriminator; "
                     "Adam 2e-4 betas (0.5, 0.999); batch 64; "
                     "BN standing statistics recomputed after training; "

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from genserve_export.data import digits
 from genserve_export.quality.digits_classifier import CLASSIFIER_DESCRIPTION
@@ -31,6 +32,7 @@ from genserve_export.recipes._common import (
 
 NAME = "dcgan-digits"
 LATENT_DIM = 64
+WIDTH = 32  # 8x8 digits upsampled to 28x28 are smooth: narrow nets suffice and train ~4x faster
 EVAL_SAMPLES = 1000
 THRESHOLDS = {
     "min_class_fraction": {"min": 0.05},
@@ -40,9 +42,9 @@ THRESHOLDS = {
 
 
 class Generator(nn.Module):
-    """z [N, 64] → image [N, 1, 28, 28] in [-1, 1]: Linear → 64×7×7 → ConvT ×2 (BN, ReLU) → Tanh."""
+    """z [N, 64] → image [N, 1, 28, 28] in [-1, 1]: Linear → 32×7×7 → ConvT ×2 (BN, ReLU) → Tanh."""
 
-    def __init__(self, latent_dim: int = LATENT_DIM, width: int = 64) -> None:
+    def __init__(self, latent_dim: int = LATENT_DIM, width: int = WIDTH) -> None:
         super().__init__()
         self.width = width
         self.project = nn.Linear(latent_dim, width * 7 * 7, bias=False)
@@ -62,18 +64,21 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image → one logit; strided convs, then flatten (FACTS: flattening worked, pooling did not)."""
+    """image → one logit; strided convs, then flatten (FACTS: flattening worked, pooling did not).
 
-    def __init__(self, width: int = 64) -> None:
+    Spectral norm instead of BatchNorm: with BN the discriminator won too easily (loss ~0.05) and
+    the generator's class mix drifted (two digits under 4% of samples at 3k steps).
+    """
+
+    def __init__(self, width: int = WIDTH) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 4, 2, 1),  # 14×14
+            spectral_norm(nn.Conv2d(1, width, 4, 2, 1)),  # 14×14
             nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=False),  # 7×7
-            nn.BatchNorm2d(2 * width),
+            spectral_norm(nn.Conv2d(width, 2 * width, 4, 2, 1)),  # 7×7
             nn.LeakyReLU(0.2),
             nn.Flatten(),
-            nn.Linear(2 * width * 7 * 7, 1),
+            spectral_norm(nn.Linear(2 * width * 7 * 7, 1)),
         )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

