@@ -313,6 +313,7 @@ class Repository:
             mv.config.runtime.intra_op_threads or sc.intra_op_threads or max(1, cores // mv.config.instances)
         )
         providers = select_providers(sc.execution_providers or mv.config.execution_providers)
+        sampler = card.kind in ("generator", "conditional_generator", "vae_decoder")
         runner = Runner(
             model_path,
             label=f"{mv.name}-{mv.version}",
@@ -323,9 +324,8 @@ class Repository:
             fp16=choice.precision == "fp16",
             profile=profile_shapes(card, mv.config.batching.max_batch_size),
             inline_max_s=sc.inline_compute_max_us / 1e6,
-            latent_dim=card.latent_dim
-            if card.kind in ("generator", "conditional_generator", "vae_decoder")
-            else None,
+            latent_dim=card.latent_dim if sampler else None,
+            pixels_range=card.output_range if sampler else None,
         )
         try:
             self._check_graph(mv, card, runner)

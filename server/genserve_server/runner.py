@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from genserve_server import latents
+from genserve_server import codecs, latents
 from genserve_server.config import cpu_count
 from genserve_server.ort_session import (
     GPU_PROVIDERS,
@@ -45,6 +45,8 @@ _ORT_DTYPES: dict[str, Any] = {
 # Latent models may be fed seed rows instead of `z` (see Runner.run).
 SEED_INPUT = "seed"
 PSI_INPUT = "psi"
+# Generators' "image" output as uint8 [N, H, W, C] pixels, converted once per batch (see Runner.run).
+PIXELS_OUTPUT = "image_u8"
 
 _cpu_fallback_warned = False
 _cpu_fallback_lock = threading.Lock()
@@ -94,8 +96,13 @@ class Runner:
         profile: ProfileShapes | None = None,
         inline_max_s: float = 0.0,
         latent_dim: int | None = None,
+        pixels_range: tuple[float, float] | None = None,
     ) -> None:
         self.label = label
+        # When set, the "image" output is also returned as uint8 pixels (PIXELS_OUTPUT) mapped from
+        # this range: one vectorised to_uint8 per batch (~2 us an image at 28x28) instead of one per
+        # request (~24 us), off the event loop when the batch runs on the pool.
+        self.pixels_range = pixels_range
         # Batches whose measured compute is below this run on the calling thread: a hop to the pool
         # and back costs ~50-100 us on 2 cores, more than a tiny model's whole batch.
         self.inline_max_s = inline_max_s
@@ -217,6 +224,8 @@ class Runner:
         self._cost_s[signature] = elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
         if z is not None:
             outputs["z"] = z
+        if self.pixels_range is not None and "image" in outputs:
+            outputs[PIXELS_OUTPUT] = codecs.to_uint8(outputs["image"], self.pixels_range)
         return outputs
 
     async def run(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
@@ -224,7 +233,8 @@ class Runner:
 
         `inputs` are the graph's tensors, except that latent models may get `seed` (int64 [N]) and
         `psi` (float64 [N], NaN = no truncation, equal on every row) instead of `z`: the latents of
-        the whole batch are then drawn here and returned as output `z`.
+        the whole batch are then drawn here and returned as output `z`. With `pixels_range` the
+        outputs also hold PIXELS_OUTPUT, the "image" output as uint8 [N, H, W, C].
         """
         del key  # the batch's compatibility key; the graph needs only the tensors
         signature = self._signature(inputs)

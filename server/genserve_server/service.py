@@ -13,6 +13,7 @@ Reading guide (for whoever extends this file):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -33,11 +34,11 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import codecs, latents, tiling
 from genserve_server.batcher import Batcher, BatchResult, Lane
-from genserve_server.config import Card, ServerConfig
+from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.errors import GenserveError, InvalidArgument, NotFound, ResourceExhausted, invalid
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
-from genserve_server.runner import PSI_INPUT, SEED_INPUT
+from genserve_server.runner import PIXELS_OUTPUT, PSI_INPUT, SEED_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ SEND_OVERHEAD_BYTES = 64 * 1024
 # Truncation below this psi may redraw for long: those latents are drawn per request, not per batch.
 BATCH_LATENTS_MIN_PSI = 0.01
 STREAM_CHUNKS_AHEAD = 2  # chunks computed ahead of the one being sent (HTTP/2 flow control bounds the rest)
+# Encodes cheaper than a hop to the codec pool run on the event loop (values = H * W * C).
+INLINE_COPY_MAX_VALUES = 1 << 16  # RAW_UINT8 / TENSOR_F32: one memcpy
+INLINE_PNG_MAX_VALUES = 4096  # per image: 64x64 gray, 28x28 RGB; not 64x64 RGB (~0.4 ms)
+INLINE_PNG_MAX_TOTAL_VALUES = 4 * 4096  # a request of many small images still goes to the pool
 
 SAMPLE_KINDS = ("generator", "conditional_generator", "vae_decoder")
 DECODE_KINDS = ("generator", "vae_decoder")
@@ -115,6 +120,71 @@ async def _gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
+class EncodeQueue:
+    """Codec-pool encodes of one event-loop turn, sent to the pool together.
+
+    When a batch of 64 completes, its 64 requests resume in the same turn of the loop and each asks
+    for an encode; one pool task per request would cost 64 hops there and back (~90 us each on 2
+    cores). Instead the first request of a turn schedules a flush at the end of the turn, which
+    splits everything queued into at most `threads` pool tasks; each task resolves its futures with
+    one call back into the loop.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
+        self._pool = pool
+        self._threads = max(1, threads)
+        self._jobs: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+
+    def submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._jobs:
+            loop.call_soon(self._flush, loop)
+        self._jobs.append((job, future))
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs, self._jobs = self._jobs, []
+        jobs = [(job, future) for job, future in jobs if not future.done()]  # callers gone
+        n_tasks = min(self._threads, len(jobs))
+        for i in range(n_tasks):
+            chunk = jobs[i::n_tasks]
+            try:
+                self._pool.submit(self._run_chunk, loop, chunk)
+            except RuntimeError as exc:  # the pool is shut down (server stopping)
+                for _, future in chunk:
+                    _set_future(future, None, exc)
+
+    @staticmethod
+    def _run_chunk(
+        loop: asyncio.AbstractEventLoop, chunk: list[tuple[Callable[[], Any], asyncio.Future[Any]]]
+    ) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for job, future in chunk:
+            try:
+                results.append((future, job(), None))
+            except BaseException as exc:  # delivered to the request that asked for it
+                results.append((future, None, exc))
+        try:
+            loop.call_soon_threadsafe(_resolve_all, results)
+        except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+            pass
+
+
+def _set_future(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
+
+
+def _resolve_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, exc in results:
+        _set_future(future, value, exc)
+
+
 class GenerationService(pb_grpc.GenerationServiceServicer):
     def __init__(
         self, repository: Repository, config: ServerConfig, metrics: Metrics, codec_pool: ThreadPoolExecutor
@@ -124,6 +194,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.limits = config.limits
         self.metrics = metrics
         self.codec_pool = codec_pool
+        self._encode_queue = EncodeQueue(codec_pool, config.codec_threads or cpu_count())
         self._unresolved = metrics.unresolved()
 
     # ================================================================== the boundary
@@ -414,16 +485,21 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     # ================================================================== encode / decode (codec pool)
 
     def _encode_sync(
-        self, images: np.ndarray, out: OutputSpec, output_range: tuple[float, float]
+        self,
+        images: np.ndarray,
+        out: OutputSpec,
+        output_range: tuple[float, float],
+        pixels: np.ndarray | None = None,
     ) -> list[tpb.Image]:
-        """float32 [N, C, H, W] model output -> proto images. Runs on the codec pool."""
+        """float32 [N, C, H, W] model output (or its uint8 [N, H, W, C] `pixels`, converted once per
+        executed batch by the runner) -> proto images. On the loop when small, else on the codec pool."""
         if out.format == tpb.IMAGE_FORMAT_TENSOR_F32:
             chw = images.astype("<f4", copy=False)
             return [
                 tpb.Image(format=out.format, data=chw[i].tobytes(), shape=chw.shape[1:])
                 for i in range(len(chw))
             ]
-        nhwc = codecs.to_uint8(images, output_range)
+        nhwc = pixels if pixels is not None else codecs.to_uint8(images, output_range)
         if out.format == tpb.IMAGE_FORMAT_RAW_UINT8:
             return [
                 tpb.Image(format=out.format, data=nhwc[i].tobytes(), shape=nhwc.shape[1:])
@@ -437,18 +513,33 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             encoded.append(tpb.Image(format=out.format, data=data, shape=shape))
         return encoded
 
+    def _encodes_inline(self, images: np.ndarray, out: OutputSpec) -> bool:
+        """Whether encoding costs less than the hop to the codec pool and back (~90 us on 2 cores)."""
+        if out.format in (tpb.IMAGE_FORMAT_TENSOR_F32, tpb.IMAGE_FORMAT_RAW_UINT8):
+            return bool(images.size <= INLINE_COPY_MAX_VALUES)  # a memcpy of a few KiB
+        if out.format == tpb.IMAGE_FORMAT_PNG:
+            # A 28x28 gray PNG at zlib level 1 encodes in ~47 us; JPEG/WebP always go to the pool.
+            per_image = images.size // max(1, len(images))
+            return per_image <= INLINE_PNG_MAX_VALUES and images.size <= INLINE_PNG_MAX_TOTAL_VALUES
+        return False
+
     async def _encode(
-        self, mv: ModelVersion, images: np.ndarray, out: OutputSpec, output_range: tuple[float, float]
+        self,
+        mv: ModelVersion,
+        images: np.ndarray,
+        out: OutputSpec,
+        output_range: tuple[float, float],
+        pixels: np.ndarray | None = None,
     ) -> list[tpb.Image]:
         started = time.monotonic()
-        if images.dtype != np.float32:  # fp16 graphs
-            images = images.astype(np.float32)
-        if out.format in (tpb.IMAGE_FORMAT_TENSOR_F32, tpb.IMAGE_FORMAT_RAW_UINT8) and images.size <= 1 << 16:
-            # A memcpy of a few KiB costs less than a hop to the pool.
-            result = self._encode_sync(images, out, output_range)
+        if images.dtype != np.float32 and (pixels is None or out.format == tpb.IMAGE_FORMAT_TENSOR_F32):
+            images = images.astype(np.float32)  # fp16 graphs
+        if self._encodes_inline(images, out):
+            result = self._encode_sync(images, out, output_range, pixels)
         else:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.codec_pool, self._encode_sync, images, out, output_range)
+            result = await self._encode_queue.submit(
+                functools.partial(self._encode_sync, images, out, output_range, pixels)
+            )
         mv.metrics.encode_duration[out.format_name].observe(time.monotonic() - started)
         self._check_send_size(sum(len(im.data) for im in result), "the response")
         return result
@@ -532,7 +623,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if labels is not None:
             inputs["label"] = labels
         result = await self._run(mv, call, key, inputs, n, lane)
-        images = await self._encode(mv, result.outputs["image"], out, card.output_range)
+        images = await self._encode(
+            mv, result.outputs["image"], out, card.output_range, result.outputs.get(PIXELS_OUTPUT)
+        )
         used = z if z is not None else result.outputs["z"]
         return images, result.executed_batch_sizes, used
 

@@ -152,8 +152,11 @@ class PhotoSuperResolutionRecipe:
                     "scale_factor": SCALE,
                     "size_multiple": 1,
                     "min_size": 8,
-                    "tile_size": 64,
-                    "tile_overlap": 8,
+                    # The net's receptive-field radius is 12 input px (4 residual blocks + head/tail
+                    # convs + the bicubic skip): tiles must overlap by >= 2 * 12 for tiled output
+                    # to equal untiled output (server/genserve_server/tiling.py).
+                    "tile_size": 128,
+                    "tile_overlap": 32,
                 },
                 quality={
                     **quality,
