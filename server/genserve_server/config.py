@@ -7,6 +7,7 @@ Every validation error names the file, the field, the rule and the value, e.g.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -210,8 +211,9 @@ class ServerConfig:
     drain_grace_s: float = 10.0
     warmup: bool = True
     # A batch whose measured compute is at most this many microseconds runs on the event loop
-    # thread instead of hopping to the runner pool (the hop costs more); 0 = always the pool.
-    inline_compute_max_us: int = 50
+    # thread instead of hopping to the runner pool (the hop costs more); 0 = always the pool. 250
+    # covers a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs.
+    inline_compute_max_us: int = 250
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Rescan the model repository when it changes, checked every this many seconds (reload.py);
     # None = only on SIGHUP.
@@ -320,6 +322,13 @@ class BatchingConfig:
     preferred_batch_sizes: tuple[int, ...] = (1, 8, 64)
     # Items (images or tiles) waiting in the batcher; beyond it RESOURCE_EXHAUSTED.
     max_queue_size: int = 1024
+    # Priority (batcher.Batcher): while interactive requests arrive (one within interactive_quiet_s),
+    # a BULK batch is cut to what computes in about bulk_budget_ms; otherwise to bulk_idle_budget_ms,
+    # which bounds the wait of the first interactive request after a quiet spell. None (JSON null)
+    # = full batches.
+    bulk_budget_ms: float | None = 5.0
+    bulk_idle_budget_ms: float | None = 50.0
+    interactive_quiet_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +355,19 @@ class ModelConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+def _budget_ms(r: _Reader, key: str, default: float | None) -> float | None:
+    """A bulk batch budget in ms: a number > 0, null (full batches), or absent (the default)."""
+    if key not in r.data:
+        r.seen.add(key)
+        return default
+    value = r.raw(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise r.error(key, f"must be a number of milliseconds > 0 or null (full batches), got {value!r}")
+    return float(value)
+
+
 def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> ModelConfig:
     r = _Reader(str(path), _read_json(path))
     kind = r.string("kind", "", choices=KINDS)
@@ -359,8 +381,21 @@ def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> Mode
         max_queue_delay_ms=br.number("max_queue_delay_ms", d.max_queue_delay_ms, min_value=0.0),
         preferred_batch_sizes=br.int_list("preferred_batch_sizes", d.preferred_batch_sizes),
         max_queue_size=br.integer("max_queue_size", default_max_queue_size, min_value=1),
+        bulk_budget_ms=_budget_ms(br, "bulk_budget_ms", d.bulk_budget_ms),
+        bulk_idle_budget_ms=_budget_ms(br, "bulk_idle_budget_ms", d.bulk_idle_budget_ms),
+        interactive_quiet_s=br.number("interactive_quiet_s", d.interactive_quiet_s, min_value=0.0),
     )
     br.finish()
+    if (
+        batching.bulk_budget_ms is not None
+        and batching.bulk_idle_budget_ms is not None
+        and batching.bulk_budget_ms > batching.bulk_idle_budget_ms
+    ):
+        raise r.error(
+            "batching.bulk_budget_ms",
+            f"must be <= batching.bulk_idle_budget_ms ({batching.bulk_idle_budget_ms:g}) (the budget while "
+            f"interactive requests arrive is the tighter one), got {batching.bulk_budget_ms:g}",
+        )
     if batching.max_queue_size < batching.max_batch_size:
         raise r.error(
             "batching.max_queue_size",

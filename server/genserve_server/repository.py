@@ -257,6 +257,9 @@ class Repository:
                 max_queue_size=mv.config.batching.max_queue_size,
                 concurrency=mv.config.instances,
                 observer=BatchMetrics(mv.metrics),
+                bulk_budget_s=_ms_to_s(mv.config.batching.bulk_budget_ms),
+                bulk_idle_budget_s=_ms_to_s(mv.config.batching.bulk_idle_budget_ms),
+                interactive_quiet_s=mv.config.batching.interactive_quiet_s,
             )
             mv.batcher.start()
             mv.state = ModelState.READY
@@ -410,3 +413,7 @@ def measure_tile_radius(card: Card, runner: Runner) -> int | None:
     )
     logger.info("%s/%s: tile receptive-field radius %s px", card.name, card.version, radius)
     return radius
+
+
+def _ms_to_s(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3

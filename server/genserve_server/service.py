@@ -7,7 +7,8 @@ Reading guide (for whoever extends this file):
   X)", the traceback goes only to the log);
 - `_do_<rpc>` methods validate every field BEFORE anything is queued (errors name the field and
   the limit), call the batcher with numpy tensors, then build the response;
-- image encode/decode runs on `codec_pool`, never on the event loop.
+- image decode and large encodes run on `codec_pool`; encodes cheaper than the hop (small PNGs, raw
+  copies) run on the event loop (`_encodes_inline`).
 """
 
 from __future__ import annotations

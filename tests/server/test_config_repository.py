@@ -46,6 +46,22 @@ def write_config(tmp_path: Path, data: object) -> Path:
             "batching.max_queue_size must be >= batching.max_batch_size (64), got 8",
         ),
         ({"kind": "generator", "batching": {"max_batch": 4}}, "batching.max_batch is not a known field"),
+        (
+            {"kind": "generator", "batching": {"bulk_budget_ms": 0}},
+            "batching.bulk_budget_ms must be a number of milliseconds > 0 or null (full batches), got 0",
+        ),
+        (
+            {"kind": "generator", "batching": {"bulk_idle_budget_ms": "50"}},
+            "batching.bulk_idle_budget_ms must be a number of milliseconds > 0 or null",
+        ),
+        (
+            {"kind": "generator", "batching": {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}},
+            "batching.bulk_budget_ms must be <= batching.bulk_idle_budget_ms (50)",
+        ),
+        (
+            {"kind": "generator", "batching": {"interactive_quiet_s": -1}},
+            "batching.interactive_quiet_s must be >= 0.0, got -1",
+        ),
         ({"kind": "generator", "colour": "red"}, "colour is not a known field"),
         ({"kind": "gan"}, "kind must be one of generator"),
         ({}, "kind is required"),
@@ -87,6 +103,34 @@ def test_model_config_defaults_and_policies(tmp_path: Path) -> None:
         write_config(tmp_path, {"kind": "generator", "version_policy": {"specific": [1]}})
     )
     assert specific.version_policy.specific == ("1",)
+
+
+def test_bulk_budgets_default_null_and_reach_the_batcher(tmp_path: Path) -> None:
+    default = load_model_config(write_config(tmp_path, {"kind": "generator"})).batching
+    assert (default.bulk_budget_ms, default.bulk_idle_budget_ms, default.interactive_quiet_s) == (
+        5.0,
+        50.0,
+        1.0,
+    )
+    batching = {"bulk_budget_ms": 2, "bulk_idle_budget_ms": None, "interactive_quiet_s": 0.5}
+    config = load_model_config(write_config(tmp_path, {"kind": "generator", "batching": batching})).batching
+    assert (config.bulk_budget_ms, config.bulk_idle_budget_ms, config.interactive_quiet_s) == (2.0, None, 0.5)
+    root = build_tiny_repo(tmp_path / "repo", with_slow=False, with_broken=False)
+    config_path = root / "tiny-gen" / "config.json"
+    data = json.loads(config_path.read_text())
+    data.setdefault("batching", {}).update(batching)
+    config_path.write_text(json.dumps(data))
+
+    def check(repo: Repository) -> None:
+        batcher = repo.get("tiny-gen").resolve("").batcher
+        assert batcher is not None
+        assert (batcher.bulk_budget_s, batcher.bulk_idle_budget_s, batcher.interactive_quiet_s) == (
+            0.002,
+            None,
+            0.5,
+        )
+
+    with_repo(root, check)
 
 
 def test_server_config_defaults_and_errors(tmp_path: Path) -> None:
