@@ -104,13 +104,18 @@ _DEFAULT_BATCHING: dict[str, dict[str, Any]] = {
 }
 
 
+_DEFAULT_INSTANCES = {"super_resolution": 2, "image_to_image": 2}
+
+
 def default_config(kind: str) -> dict[str, Any]:
     """The config.json written for ``kind`` when the caller overrides nothing."""
     kind_spec(kind)
     return {
         "kind": kind,
         "batching": dict(_DEFAULT_BATCHING[kind]),
-        "instances": 1,
+        # Convolutional image kinds are compute-bound: on a CPU, batching gains nothing and two
+        # single-threaded sessions side by side beat one two-threaded one (bench/README.md).
+        "instances": _DEFAULT_INSTANCES.get(kind, 1),
         "execution_providers": list(DEFAULT_EXECUTION_PROVIDERS),
         "precision": "fp32",
         "version_policy": {"latest": 1},
