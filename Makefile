@@ -37,8 +37,9 @@ serve: setup-serve  ## serve models/ on 127.0.0.1:$(PORT), metrics on 127.0.0.1:
 protos: $(VENV)/.dev-stamp  ## regenerate the gRPC stubs in api/ from protos/
 	$(BIN)/python scripts/gen_protos.py
 
-lint: $(VENV)/.dev-stamp  ## ruff
+lint: $(VENV)/.dev-stamp  ## ruff (lint and format)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.dev-stamp  ## mypy (strict on server/ and clients/)
 	$(BIN)/mypy
