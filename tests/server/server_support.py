@@ -530,7 +530,7 @@ def running_server(models: Path, work: Path, **kwargs: Any) -> Iterator[ServerPr
 # ---------------------------------------------------------------------------- load from several processes
 
 
-def _sample_worker(args: tuple[str, str, list[int], int, list[int]]) -> dict[int, bytes]:
+def _sample_worker(args: tuple[str, str, list[int], int, list[int], Any]) -> dict[int, bytes]:
     """One client process: `clients` closed-loop aio clients over 2 connections share `seeds`."""
     import asyncio
 
@@ -540,7 +540,7 @@ def _sample_worker(args: tuple[str, str, list[int], int, list[int]]) -> dict[int
     from genserve.v1 import genserve_pb2_grpc as pb_grpc
     from genserve.v1 import types_pb2 as tpb
 
-    target, model, seeds, clients, labels = args
+    target, model, seeds, clients, labels, start_barrier = args
     output = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
 
     async def run() -> dict[int, bytes]:
@@ -549,6 +549,9 @@ def _sample_worker(args: tuple[str, str, list[int], int, list[int]]) -> dict[int
         channels = [grpc.aio.insecure_channel(target) for _ in range(2)]
         for ch in channels:
             await ch.channel_ready()
+        # All processes start sending together: spawned processes come up seconds apart on a busy
+        # machine, and a staggered start is not the concurrency the caller asked for.
+        await asyncio.to_thread(start_barrier.wait, 120)
 
         async def client(i: int) -> None:
             stub = pb_grpc.GenerationServiceStub(channels[i % len(channels)])
@@ -584,7 +587,9 @@ def concurrent_samples(
     import multiprocessing
 
     shares = [seeds[i::processes] for i in range(processes)]
-    jobs = [(target, model, share, clients // processes, list(labels)) for share in shares]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(processes) as pool:
+        barrier = manager.Barrier(processes)
+        jobs = [(target, model, share, clients // processes, list(labels), barrier) for share in shares]
         parts = pool.map(_sample_worker, jobs)
     return {seed: data for part in parts for seed, data in part.items()}
