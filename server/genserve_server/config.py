@@ -25,6 +25,8 @@ KINDS = (
     "super_resolution",
     "image_to_image",
 )
+# Kinds whose input is a latent z (drawn from seeds or given): they answer Sample.
+LATENT_KINDS = ("generator", "conditional_generator", "vae_decoder")
 KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 MIB = 1024 * 1024
 
@@ -556,7 +558,7 @@ def load_card(path: Path) -> Card:
         sha256={str(k): str(v) for k, v in sha.items()},
         raw_json=json.dumps(data, indent=2, sort_keys=False),
     )
-    if kind in ("generator", "conditional_generator", "vae_decoder") and card.latent_dim is None:
+    if kind in LATENT_KINDS and card.latent_dim is None:
         raise r.error("latent_dim", f"is required for kind {kind}")
     if kind == "conditional_generator" and not card.class_names:
         raise r.error("class_names", "is required for kind conditional_generator")

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import latents
 from genserve_server.batcher import Lane
-from genserve_server.config import Card, TensorSpec
+from genserve_server.config import KINDS, LATENT_KINDS, Card, TensorSpec
 from genserve_server.errors import GenserveError, NotFound, invalid
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.service import SEED_LIMIT, SERVER_VERSION, Call, Context, GenerationService
@@ -50,15 +50,6 @@ logger = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 EXTENSIONS = ("model_configuration", "statistics")
-ALL_KINDS = (
-    "generator",
-    "conditional_generator",
-    "vae_decoder",
-    "vae_encoder",
-    "super_resolution",
-    "image_to_image",
-)
-LATENT_KINDS = ("generator", "conditional_generator", "vae_decoder")
 # card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
 DTYPES: dict[str, tuple[str, int, str]] = {
     "float32": ("FP32", mc.TYPE_FP32, "<f4"),
@@ -339,7 +330,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return await self.gen._unary("ModelInfer", request, context, self._do_infer)
 
     async def _do_infer(self, request: kpb.ModelInferRequest, call: Call) -> kpb.ModelInferResponse:
-        mv = self.gen._resolve(call, request.model_name, request.model_version, ALL_KINDS, "ModelInfer")
+        mv = self.gen._resolve(call, request.model_name, request.model_version, KINDS, "ModelInfer")
         card = mv.card
         assert card is not None
         tensors = self._read_inputs(request, card)

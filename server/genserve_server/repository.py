@@ -23,6 +23,7 @@ import numpy as np
 from genserve_server import tiling
 from genserve_server.batcher import Batcher
 from genserve_server.config import (
+    LATENT_KINDS,
     Card,
     ConfigError,
     ModelConfig,
@@ -316,7 +317,7 @@ class Repository:
             mv.config.runtime.intra_op_threads or sc.intra_op_threads or max(1, cores // mv.config.instances)
         )
         providers = select_providers(sc.execution_providers or mv.config.execution_providers)
-        sampler = card.kind in ("generator", "conditional_generator", "vae_decoder")
+        sampler = card.kind in LATENT_KINDS
         runner = Runner(
             model_path,
             label=f"{mv.name}-{mv.version}",
@@ -372,7 +373,7 @@ class Repository:
 
 def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
     """Dummy inputs of the right shape for `batch` rows (warm-up and tests)."""
-    if card.kind in ("generator", "conditional_generator", "vae_decoder"):
+    if card.kind in LATENT_KINDS:
         assert card.latent_dim is not None
         feeds = {"z": np.zeros((batch, card.latent_dim), np.float32)}
         if card.kind == "conditional_generator":

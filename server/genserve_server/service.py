@@ -35,7 +35,7 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import codecs, latents, tiling
 from genserve_server.batcher import Batcher, BatchResult, Lane
-from genserve_server.config import Card, ServerConfig, cpu_count
+from genserve_server.config import LATENT_KINDS, Card, ServerConfig, cpu_count
 from genserve_server.errors import GenserveError, InvalidArgument, NotFound, ResourceExhausted, invalid
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
@@ -59,7 +59,6 @@ INLINE_COPY_MAX_VALUES = 1 << 16  # RAW_UINT8 / TENSOR_F32: one memcpy
 INLINE_PNG_MAX_VALUES = 4096  # per image: 64x64 gray, 28x28 RGB; not 64x64 RGB (~0.4 ms)
 INLINE_PNG_MAX_TOTAL_VALUES = 4 * 4096  # a request of many small images still goes to the pool
 
-SAMPLE_KINDS = ("generator", "conditional_generator", "vae_decoder")
 DECODE_KINDS = ("generator", "vae_decoder")
 FORMAT_NAMES: dict[int, str] = {
     tpb.IMAGE_FORMAT_UNSPECIFIED: "png",
@@ -656,7 +655,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return result
 
     async def _do_sample(self, request: pb.SampleRequest, call: Call) -> pb.SampleResponse:
-        mv = self._resolve(call, request.model, request.version, SAMPLE_KINDS, "Sample")
+        mv = self._resolve(call, request.model, request.version, LATENT_KINDS, "Sample")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         out = self._output_spec(request.output)
@@ -722,7 +721,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.SampleStreamRequest, call: Call
     ) -> AsyncIterator[pb.SampleStreamChunk]:
         sample = request.sample
-        mv = self._resolve(call, sample.model, sample.version, SAMPLE_KINDS, "SampleStream")
+        mv = self._resolve(call, sample.model, sample.version, LATENT_KINDS, "SampleStream")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         if sample.seeds:
@@ -788,7 +787,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         raise invalid(field_name, "required: a seed or a latent")
 
     async def _do_interpolate(self, request: pb.InterpolateRequest, call: Call) -> pb.SampleResponse:
-        mv = self._resolve(call, request.model, request.version, SAMPLE_KINDS, "Interpolate")
+        mv = self._resolve(call, request.model, request.version, LATENT_KINDS, "Interpolate")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         out = self._output_spec(request.output)
@@ -1041,7 +1040,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             info.description = card.description
             info.latent_dim = card.latent_dim or 0
             info.class_names.extend(card.class_names)
-            if card.kind in SAMPLE_KINDS and card.image_size is not None:
+            if card.kind in LATENT_KINDS and card.image_size is not None:
                 info.output_shape.extend([card.channels, *card.image_size])
             info.scale_factor = card.scale_factor if card.kind == "super_resolution" else 1
             info.size_multiple = card.size_multiple
