@@ -158,13 +158,20 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{' (--quick)' if s['quick'] else ''}; wall {s['wall_s']:.0f} s. Client, servers and the limit "
         "share the same cores.",
         "",
-        "**The limit: raw ONNX Runtime in-process** (images/s, p50 ms per call)",
+        "**The limit: raw ONNX Runtime in-process** (images/s with one caller and intra-op threads = "
+        "cores (its p50 ms per call) / images/s with one caller per core, one intra-op thread each; "
+        "the limit is the better of the two)",
         "",
         "| model | kind | input | batch 1 | batch 4 | batch 16 | batch 64 |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["raw"]:
-        cells = [f"{p['images_per_s']:.0f} ({p['latency_p50_ms']:.2f})" for p in r["points"]]
+        concurrent = {p["batch"]: p for p in r.get("concurrent_points", [])}
+        cells = [
+            f"{p['images_per_s']:.0f} ({p['latency_p50_ms']:.2f})"
+            + (f" / {concurrent[p['batch']]['images_per_s']:.0f}" if p["batch"] in concurrent else "")
+            for p in r["points"]
+        ]
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["input_shapes"].items())
         lines.append(f"| {r['model']} | {r['kind']} | {shapes} | " + " | ".join(cells) + " |")
     lines += [

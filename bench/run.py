@@ -119,8 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw: dict[str, dict[str, Any]] = {}
     for model in models:
         raw[model.name] = raw_limit.measure_model(model, duration_s=1.0 if args.quick else 2.0)
+        concurrent = {p["batch"]: p["images_per_s"] for p in raw[model.name]["concurrent_points"]}
         points = "  ".join(
-            f"b{p['batch']}: {p['images_per_s']:.0f} img/s {p['latency_p50_ms']:.2f} ms"
+            f"b{p['batch']}: {p['images_per_s']:.0f}"
+            + (f"/{concurrent[p['batch']]:.0f}" if p["batch"] in concurrent else "")
+            + f" img/s {p['latency_p50_ms']:.2f} ms"
             for p in raw[model.name]["points"]
         )
         write_line(f"  {model.name:22s} {points}")

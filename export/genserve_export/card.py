@@ -104,7 +104,7 @@ _DEFAULT_BATCHING: dict[str, dict[str, Any]] = {
 }
 
 
-_DEFAULT_INSTANCES = {"super_resolution": 2, "image_to_image": 2}
+DEFAULT_INSTANCES = 2
 
 
 def default_config(kind: str) -> dict[str, Any]:
@@ -113,9 +113,10 @@ def default_config(kind: str) -> dict[str, Any]:
     return {
         "kind": kind,
         "batching": dict(_DEFAULT_BATCHING[kind]),
-        # Convolutional image kinds are compute-bound: on a CPU, batching gains nothing and two
-        # single-threaded sessions side by side beat one two-threaded one (bench/README.md).
-        "instances": _DEFAULT_INSTANCES.get(kind, 1),
+        # On a CPU, small convolutions parallelise badly inside one call: two single-threaded calls
+        # side by side beat one two-threaded call (1.5-2x; bench/README.md), and the server runs a
+        # batch that is alone on an all-cores session (runtime.solo_session).
+        "instances": DEFAULT_INSTANCES,
         "execution_providers": list(DEFAULT_EXECUTION_PROVIDERS),
         "precision": "fp32",
         "version_policy": {"latest": 1},

@@ -12,7 +12,8 @@ Scheduling:
 - block on an Event for the first row, then wait out the window (started at the oldest row's
   arrival) on the same Event -- never poll. Adaptive: when the runner is idle and no other request
   is queued or on its way (`callers`, kept by the service) the batch goes at once, so batching costs
-  nothing at concurrency 1;
+  nothing at concurrency 1; an idle runner waits the window only while arrivals overlapped recently
+  (a moving fraction of arrivals, and the last overlap within OVERLAP_MEMORY_S);
 - the queue is bounded in rows: a request that does not fit is refused at once (ResourceExhausted);
 - rows of a request whose deadline passed or whose caller went away are dropped before compute.
 
@@ -43,8 +44,11 @@ Tensors = Mapping[str, np.ndarray]
 RunBatch = Callable[[Hashable, Tensors], Awaitable[Tensors]]
 
 
-# Wait out the window on an idle runner once this fraction of recent arrivals overlapped others.
+# Wait out the window on an idle runner once this fraction of recent arrivals overlapped others...
 OVERLAP_FRAC_TO_WAIT = 0.02
+# ...and the last overlap is this recent. The fraction decays per arrival, so after a burst it would
+# keep a slow caller (c=1, a large model: ~30 arrivals/s) paying the whole window for seconds.
+OVERLAP_MEMORY_S = 0.1
 
 
 class Lane(enum.IntEnum):
@@ -166,6 +170,7 @@ class Batcher:
         # so the batch goes at once; once requests overlap at all, the window pays off even while
         # the runner is idle, because the next arrival is likely within it.
         self._overlap_frac = 0.0
+        self._last_overlap_at = -math.inf
         # Priority: while interactive requests arrive (one seen within interactive_quiet_s), a BULK
         # batch is cut to what computes in about bulk_budget_s (from the measured cost of a row), so
         # an interactive request waits at most that long for the runner. On a CPU a running batch
@@ -222,6 +227,8 @@ class Batcher:
         if self.callers:
             overlapped = 1.0 if self.callers > 1 or self._queued_requests else 0.0
             self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
+            if overlapped:
+                self._last_overlap_at = now
         queue = self._lanes[lane].get(key)
         if queue is None:
             queue = self._lanes[lane][key] = deque()
@@ -308,7 +315,10 @@ class Batcher:
         lane, key = picked
         rows = self._rows_by_key.get((lane, key), 0)
         if self.callers:
-            more_expected = self.callers > self._queued_requests or self._overlap_frac >= OVERLAP_FRAC_TO_WAIT
+            more_expected = self.callers > self._queued_requests or (
+                self._overlap_frac >= OVERLAP_FRAC_TO_WAIT
+                and time.monotonic() - self._last_overlap_at <= OVERLAP_MEMORY_S
+            )
         else:
             more_expected = self._queued_requests > 1
         idle_and_alone = self._batches_in_flight == 0 and not more_expected

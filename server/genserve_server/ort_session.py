@@ -84,6 +84,12 @@ class RuntimeConfig:
     cpu_mem_arena: bool = True
     # Plan buffer reuse from the first run of each shape.
     mem_pattern: bool = True
+    # With several instances on the CPU provider (and threads not pinned), a batch that runs while
+    # no other is running goes to a second session with intra-op threads = cores: one call on all
+    # cores when alone (latency at low load), one single-threaded call per core when busy (throughput:
+    # small convolutions parallelise badly inside one call, ~1.5-2x on 2 cores). Costs a second
+    # session's memory.
+    solo_session: bool = True
     # Run through IO binding: preallocated outputs (CPU and GPU), device-resident tensors (GPU).
     io_binding: bool = False
     # CUDA graphs (CUDA provider only, needs fixed shapes): capture one graph per batch size in

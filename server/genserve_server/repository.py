@@ -313,9 +313,10 @@ class Repository:
         mv.precision = choice.precision
         cores = cpu_count()
         sc = self.server_config
-        intra = (
-            mv.config.runtime.intra_op_threads or sc.intra_op_threads or max(1, cores // mv.config.instances)
-        )
+        pinned = mv.config.runtime.intra_op_threads or sc.intra_op_threads
+        intra = pinned or max(1, cores // mv.config.instances)
+        # Auto threads and several instances: a batch running alone may use every core (RuntimeConfig).
+        solo_intra = cores if not pinned and mv.config.runtime.solo_session and intra < cores else 0
         providers = select_providers(sc.execution_providers or mv.config.execution_providers)
         sampler = card.kind in LATENT_KINDS
         runner = Runner(
@@ -324,6 +325,7 @@ class Repository:
             providers=providers,
             instances=mv.config.instances,
             intra_op_threads=intra,
+            solo_intra_op_threads=solo_intra,
             runtime=mv.config.runtime,
             fp16=choice.precision == "fp16",
             profile=profile_shapes(card, mv.config.batching.max_batch_size),

@@ -81,6 +81,10 @@ class Runner:
 
     With plain `run` one session is shared by the threads (ORT sessions are thread-safe); with IO
     binding or CUDA graphs (not thread-safe) each instance gets its own session and binding.
+
+    With `solo_intra_op_threads` (plain run on the CPU provider only) a second session with that many
+    intra-op threads runs the batches that start while no other batch is running: all cores for one
+    call when the model is alone, one core per call when batches overlap.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class Runner:
         providers: Sequence[str],
         instances: int,
         intra_op_threads: int,
+        solo_intra_op_threads: int = 0,
         runtime: RuntimeConfig | None = None,
         fp16: bool = False,
         profile: ProfileShapes | None = None,
@@ -143,6 +148,24 @@ class Runner:
         self.outputs = tuple(o.name for o in self.session.get_outputs())
         self._input_dtypes = {i.name: i.dtype for i in self.inputs}
         self._shared = n_sessions == 1 and not config.uses_io_binding
+        # Batches running on the pool threads now.
+        self._running = 0
+        self._running_lock = threading.Lock()
+        self.solo_session: ort.InferenceSession | None = None
+        if (
+            instances > 1
+            and self._shared
+            and self.provider == "CPUExecutionProvider"
+            and solo_intra_op_threads > config.intra_op_threads
+        ):
+            solo = create_session(
+                model_path,
+                ["CPUExecutionProvider"],
+                _with_threads(config, solo_intra_op_threads),
+                cores=cpu_count(),
+                fp16=fp16,
+            )
+            self.solo_session = solo.session
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{label}")
         self._warn_if_cpu_fallback()
 
@@ -159,13 +182,18 @@ class Runner:
                         wanted_gpu,
                     )
 
-    def run_sync(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One model call on the calling thread (warm-up, tests; the pool calls this too)."""
+    def run_sync(self, inputs: Mapping[str, np.ndarray], solo: bool = False) -> dict[str, np.ndarray]:
+        """One model call on the calling thread (warm-up, tests; the pool calls this too).
+
+        `solo`: on the all-cores session when there is one (see the class docstring).
+        """
         feeds = {
             name: np.ascontiguousarray(value, dtype=self._input_dtypes[name])
             for name, value in inputs.items()
         }
-        if self._shared:
+        if solo and self.solo_session is not None:
+            values = self.solo_session.run(None, feeds)
+        elif self._shared:
             values = self.session.run(None, feeds)
         else:
             runner = self._runners.get()  # one per instance thread: never blocks
@@ -210,18 +238,29 @@ class Runner:
         for _ in range(times):
             self._call(signature, inputs)
         self._cost_s[signature] = min(self._cost_s[signature], self._last_s)
+        if self.solo_session is not None:
+            cost_s = self._cost_s[signature]
+            self._call(signature, inputs, solo=True)
+            self._cost_s[signature] = cost_s  # the inline decision is about the one-thread session
 
     def _call(
-        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+        self,
+        signature: tuple[tuple[str | int, ...], ...],
+        inputs: Mapping[str, np.ndarray],
+        solo: bool = False,
     ) -> dict[str, np.ndarray]:
         feeds, z = self._prepare(inputs)
         started = time.perf_counter()
-        outputs = self.run_sync(feeds)
+        outputs = self.run_sync(feeds, solo=solo)
         elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
         self._last_s = elapsed_s
         previous = self._cost_s.get(signature)
-        # Plain float stores are atomic under the GIL; a lost update only delays the average.
-        self._cost_s[signature] = elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
+        if previous is None or not (solo and self.solo_session is not None):
+            # Plain float stores are atomic under the GIL; a lost update only delays the average.
+            # Solo calls are left out: inline runs and bulk budgets use the one-thread session.
+            self._cost_s[signature] = (
+                elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
+            )
         if z is not None:
             outputs["z"] = z
         if self.pixels_range is not None and "image" in outputs:
@@ -242,7 +281,20 @@ class Runner:
         if cost_s is not None and cost_s <= self.inline_max_s:
             return self._call(signature, inputs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, signature, inputs)
+        return await loop.run_in_executor(self._executor, self._call_pooled, signature, inputs)
+
+    def _call_pooled(
+        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """A pool thread's batch: on the solo session when no other batch is running right now."""
+        with self._running_lock:
+            solo = self._running == 0 and self.solo_session is not None
+            self._running += 1
+        try:
+            return self._call(signature, inputs, solo)
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from genserve_server.batcher import Batcher, Lane
+from genserve_server.batcher import OVERLAP_MEMORY_S, Batcher, Lane
 from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 
 
@@ -120,6 +120,33 @@ def test_single_request_on_idle_runner_does_not_wait_for_the_window() -> None:
         result = await batcher.submit("k", rows(7), 1)
         assert time.monotonic() - started < 0.5  # far below the 1 s window
         np.testing.assert_array_equal(result.outputs["y"], [70])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_recent() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        window_s = 0.3
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=window_s)
+
+        async def call(value: float) -> float:
+            batcher.callers += 1  # what the service does around each RPC
+            try:
+                started = time.monotonic()
+                await batcher.submit("k", rows(value), 1)
+                return time.monotonic() - started
+            finally:
+                batcher.callers -= 1
+
+        await asyncio.gather(*(call(i) for i in range(40)))  # a burst: every arrival overlapped
+        # Right after the burst the next arrival is likely within the window: wait it out.
+        assert await call(100) >= window_s * 0.9
+        # Once no overlap was seen for longer than OVERLAP_MEMORY_S, a lone caller goes at once,
+        # however high the per-arrival moving fraction still is.
+        await asyncio.sleep(OVERLAP_MEMORY_S * 1.5)
+        assert await call(101) < window_s / 3
         await batcher.close(1)
 
     run(body())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,16 @@ from genserve_server.latents import latents_for_seeds
 from genserve_server.runner import PSI_INPUT, SEED_INPUT, Runner, select_providers
 
 
-def make_runner(tmp_path: Path, inline_max_s: float) -> Runner:
+def make_runner(tmp_path: Path, inline_max_s: float, instances: int = 1, solo_threads: int = 0) -> Runner:
     path = tmp_path / "model.onnx"
     onnx.save(conditional_graph(TINY_LATENT, 10, 1, 8, 8), str(path))
     return Runner(
         path,
         label="t",
         providers=select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]),
-        instances=1,
+        instances=instances,
         intra_op_threads=1,
+        solo_intra_op_threads=solo_threads,
         inline_max_s=inline_max_s,
         latent_dim=TINY_LATENT,
     )
@@ -62,9 +64,9 @@ def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
 
         original = runner.run_sync
 
-        def spy(inputs):  # type: ignore[no-untyped-def]
+        def spy(inputs, **kwargs):  # type: ignore[no-untyped-def]
             threads.append(threading.current_thread().name)
-            return original(inputs)
+            return original(inputs, **kwargs)
 
         runner.run_sync = spy  # type: ignore[method-assign]
         await runner.run((), {"z": z, "label": labels})  # measured at warm-up: inline
@@ -74,3 +76,52 @@ def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     assert threads[0] == "MainThread"
     assert threads[1].startswith("ort-t")  # an unmeasured signature goes to the pool first
     runner.close()
+
+
+def test_a_batch_alone_runs_on_the_all_cores_session_and_overlapping_ones_do_not(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=2)
+    assert runner.solo_session is not None
+    assert runner.solo_session.get_session_options().intra_op_num_threads == 2
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+    calls: list[tuple[int, bool]] = []
+    first_started = threading.Event()
+    second_started = threading.Event()
+    original = runner.run_sync
+
+    def spy(inputs, solo=False):  # type: ignore[no-untyped-def]
+        rows = len(next(iter(inputs.values())))
+        calls.append((rows, solo))
+        if rows == 2:  # the first batch holds its instance until the second one runs beside it
+            first_started.set()
+            assert second_started.wait(5)
+        if rows == 3:
+            second_started.set()
+        return original(inputs, solo=solo)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+
+    def batch(n: int) -> dict[str, np.ndarray]:
+        return {"z": np.ones((n, TINY_LATENT), np.float32), "label": np.arange(n, dtype=np.int64)}
+
+    async def body() -> dict[int, np.ndarray]:
+        first = asyncio.ensure_future(runner.run((), batch(2)))
+        assert await asyncio.to_thread(first_started.wait, 5)  # the first batch is running
+        second = await runner.run((), batch(3))
+        first_out = await first
+        alone = await runner.run((), batch(4))  # nothing else running: solo again
+        return {2: first_out["image"], 3: second["image"], 4: alone["image"]}
+
+    images = asyncio.run(body())
+    assert sorted(calls) == [(2, True), (3, False), (4, True)]
+    for n, image in images.items():  # both sessions compute the same thing
+        np.testing.assert_allclose(image, original(batch(n))["image"], atol=1e-6)
+    runner.close()
+
+
+def test_no_solo_session_with_one_instance_or_pinned_threads(tmp_path: Path) -> None:
+    one = make_runner(tmp_path, inline_max_s=0.0, instances=1, solo_threads=2)
+    assert one.solo_session is None
+    one.close()
+    pinned = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=0)
+    assert pinned.solo_session is None
+    pinned.close()

@@ -418,6 +418,22 @@ def test_super_resolve_tiled_equals_untiled(stub: pb_grpc.GenerationServiceStub,
     np.testing.assert_allclose(got, untiled[0], atol=1e-5)
 
 
+def test_super_resolve_of_an_image_within_one_tile_equals_untiled(
+    stub: pb_grpc.GenerationServiceStub, tiny_repo: Path
+) -> None:
+    img = photo(30, 45, 2)  # smaller than the default tile: one tile, no blending
+    response = stub.SuperResolve(
+        pb.ImageRequest(model="tiny-sr", images=[raw(img), raw(img[:20])], output=F32)
+    )
+    assert list(response.tiles) == [1, 1]
+    x = (img.transpose(2, 0, 1).astype(np.float32) / 255)[np.newaxis]
+    (untiled,) = local_session(tiny_repo, "tiny-sr").run(None, {"image": x})
+    assert tensor_of(response.images[0]).shape == (3, 60, 90)
+    np.testing.assert_allclose(tensor_of(response.images[0]), untiled[0], atol=1e-5)
+    (untiled_top,) = local_session(tiny_repo, "tiny-sr").run(None, {"image": x[:, :, :20]})
+    np.testing.assert_allclose(tensor_of(response.images[1]), untiled_top[0], atol=1e-5)
+
+
 def test_super_resolve_defaults_are_exact_for_a_wide_receptive_field(
     stub: pb_grpc.GenerationServiceStub, tiny_repo: Path
 ) -> None:
