@@ -67,25 +67,25 @@ DEFAULT_EXECUTION_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvid
 _DEFAULT_BATCHING: dict[str, dict[str, Any]] = {
     "generator": {
         "max_batch_size": 64,
-        "max_queue_delay_ms": 2.0,
+        "max_queue_delay_ms": 4.0,
         "preferred_batch_sizes": [1, 8, 64],
         "max_queue_size": 1024,
     },
     "conditional_generator": {
         "max_batch_size": 64,
-        "max_queue_delay_ms": 2.0,
+        "max_queue_delay_ms": 4.0,
         "preferred_batch_sizes": [1, 8, 64],
         "max_queue_size": 1024,
     },
     "vae_decoder": {
         "max_batch_size": 64,
-        "max_queue_delay_ms": 2.0,
+        "max_queue_delay_ms": 4.0,
         "preferred_batch_sizes": [1, 8, 64],
         "max_queue_size": 1024,
     },
     "vae_encoder": {
         "max_batch_size": 64,
-        "max_queue_delay_ms": 2.0,
+        "max_queue_delay_ms": 4.0,
         "preferred_batch_sizes": [1, 8, 64],
         "max_queue_size": 1024,
     },

@@ -49,6 +49,9 @@ OVERLAP_FRAC_TO_WAIT = 0.02
 # ...and the last overlap is this recent. The fraction decays per arrival, so after a burst it would
 # keep a slow caller (c=1, a large model: ~30 arrivals/s) paying the whole window for seconds.
 OVERLAP_MEMORY_S = 0.1
+# Once as many requests are queued as the most callers seen in the server within this time, no
+# more are coming (closed-loop clients all wait on us): the batch goes without the rest of the window.
+CALLERS_PEAK_MEMORY_S = 1.0
 
 
 class Lane(enum.IntEnum):
@@ -171,6 +174,9 @@ class Batcher:
         # the runner is idle, because the next arrival is likely within it.
         self._overlap_frac = 0.0
         self._last_overlap_at = -math.inf
+        self._callers_peak = 0
+        self._callers_peak_at = -math.inf  # last time callers reached the peak (its decay)
+        self._callers_peak_rose_at = -math.inf  # last time callers went above it
         # Priority: while interactive requests arrive (one seen within interactive_quiet_s), a BULK
         # batch is cut to what computes in about bulk_budget_s (from the measured cost of a row), so
         # an interactive request waits at most that long for the runner. On a CPU a running batch
@@ -229,6 +235,11 @@ class Batcher:
             self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
             if overlapped:
                 self._last_overlap_at = now
+            if self.callers > self._callers_peak:
+                self._callers_peak_rose_at = now
+            if self.callers >= self._callers_peak or now - self._callers_peak_at > CALLERS_PEAK_MEMORY_S:
+                self._callers_peak = self.callers
+                self._callers_peak_at = now
         queue = self._lanes[lane].get(key)
         if queue is None:
             queue = self._lanes[lane][key] = deque()
@@ -308,25 +319,38 @@ class Batcher:
             return self.max_batch_size
         return max(1, min(self.max_batch_size, int(budget_s / self._row_cost_s)))
 
+    def _more_expected(self) -> bool:
+        """Whether more rows are likely to arrive within the window."""
+        if not self.callers:
+            return self._queued_requests > 1
+        if self.callers > self._queued_requests:
+            return True  # RPCs in the server that have not reached the queue yet
+        # Overlapping arrivals lately: RPCs the event loop has not parsed yet are likely (open loop,
+        # or the loop is the bottleneck)...
+        now = time.monotonic()
+        if self._overlap_frac < OVERLAP_FRAC_TO_WAIT or now - self._last_overlap_at > OVERLAP_MEMORY_S:
+            return False
+        # ...unless as many are queued as the most callers seen lately, and that peak has held for a
+        # window (while a burst ramps up, the peak is still rising and says nothing).
+        peak_settled = now - self._callers_peak_rose_at > self.max_queue_delay_s
+        return not (peak_settled and self._queued_requests >= self._callers_peak)
+
     async def _form_batch(self) -> list[_Part]:
         picked = self._pick()
         if picked is None:
             return []
         lane, key = picked
         rows = self._rows_by_key.get((lane, key), 0)
-        if self.callers:
-            more_expected = self.callers > self._queued_requests or (
-                self._overlap_frac >= OVERLAP_FRAC_TO_WAIT
-                and time.monotonic() - self._last_overlap_at <= OVERLAP_MEMORY_S
-            )
-        else:
-            more_expected = self._queued_requests > 1
-        idle_and_alone = self._batches_in_flight == 0 and not more_expected
+        more_expected = self._more_expected()
+        # Untracked callers (streams, KServe): a busy runner is the only sign that waiting pays.
+        worth_waiting = more_expected or (not self.callers and self._batches_in_flight > 0)
         limit = self._batch_limit(lane)
-        if rows < limit and self.max_queue_delay_s > 0 and not idle_and_alone:
+        if rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
             while self._rows_by_key.get((lane, key), 0) < limit and not self._closing:
+                if self.callers and not self._more_expected():
+                    break  # every caller in the server is queued: nobody else is about to send
                 remaining_s = window_end - time.monotonic()
                 if remaining_s <= 0:
                     break

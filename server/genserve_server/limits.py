@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import grpc
 
@@ -27,7 +27,11 @@ logger = logging.getLogger(__name__)
 SAMPLE_STREAM_METHOD = "/genserve.v1.GenerationService/SampleStream"
 
 
-class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
+# A string: grpc's classes are generic only in its type stubs.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class StreamLimit:
     """Caps the server-streaming calls of `methods` running at once (one counter for all of them)."""
 
     def __init__(self, limit: int, *, methods: Collection[str] = (SAMPLE_STREAM_METHOD,)) -> None:
@@ -37,21 +41,12 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
         self.active = 0  # touched only on the event loop thread
         self._methods = frozenset(methods)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_stream is None
-            or handler_call_details.method not in self._methods
-        ):
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """`handler` counted against the limit if it is one of `methods`, else unchanged."""
+        if handler.unary_stream is None or method not in self._methods:
             return handler
         # grpc.aio runs async-generator handlers; the stubs type them as the sync API's iterators.
         inner = cast(Callable[[Any, Any], AsyncIterator[Any]], handler.unary_stream)
-        method = handler_call_details.method
 
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             if self.active >= self.limit:
@@ -99,66 +94,99 @@ def _lenient(method: str, deserialize: Callable[[bytes], Any] | None) -> Callabl
     return parse
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+def guard_malformed(method: str, handler: Handler) -> Handler:
     """Answers INVALID_ARGUMENT (not grpc's INTERNAL) for request bytes that do not parse.
 
     Wraps unary-request handlers (unary-unary and unary-stream); streaming-request handlers
-    (reflection) are left as they are. Wrapped handlers are built once per method.
+    (reflection) are returned as they are.
     """
+    if handler.unary_unary is None and handler.unary_stream is None:
+        return handler
+    deserialize = _lenient(method, handler.request_deserializer)
+    serialize = handler.response_serializer
+    Context = grpc.aio.ServicerContext[Any, Any]
 
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+    async def reject(request: Malformed, context: Context) -> None:
+        logger.info("refused %s: %s", method, request.problem)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
-            return handler
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+    if handler.unary_unary is not None:
+        unary = cast(Callable[[Any, Any], Any], handler.unary_unary)
 
-    @staticmethod
-    def _wrap(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        deserialize = _lenient(method, handler.request_deserializer)
-        serialize = handler.response_serializer
-        Context = grpc.aio.ServicerContext[Any, Any]
-
-        async def reject(request: Malformed, context: Context) -> None:
-            logger.info("refused %s: %s", method, request.problem)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-
-        if handler.unary_unary is not None:
-            unary = cast(Callable[[Any, Any], Any], handler.unary_unary)
+        if inspect.iscoroutinefunction(unary):
 
             async def guarded_unary(request: Any, context: Context) -> Any:
-                if isinstance(request, Malformed):
+                if type(request) is Malformed:
+                    await reject(request, context)
+                return await unary(request, context)
+
+        else:
+
+            async def guarded_unary(request: Any, context: Context) -> Any:
+                if type(request) is Malformed:
                     await reject(request, context)
                 result = unary(request, context)
                 return await result if inspect.isawaitable(result) else result
 
-            return grpc.unary_unary_rpc_method_handler(guarded_unary, deserialize, serialize)
-        stream = cast(Callable[[Any, Any], Any], handler.unary_stream)
-        if inspect.isasyncgenfunction(stream):
+        return grpc.unary_unary_rpc_method_handler(guarded_unary, deserialize, serialize)
+    stream = cast(Callable[[Any, Any], Any], handler.unary_stream)
+    if inspect.isasyncgenfunction(stream):
 
-            async def guarded_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                if isinstance(request, Malformed):
-                    await reject(request, context)
-                async for item in stream(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(guarded_stream, deserialize, serialize)
-
-        async def guarded_writer(request: Any, context: Context) -> None:  # handlers that context.write()
+        async def guarded_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             if isinstance(request, Malformed):
                 await reject(request, context)
-            await stream(request, context)
+            async for item in stream(request, context):
+                yield item
 
-        return grpc.unary_stream_rpc_method_handler(guarded_writer, deserialize, serialize)
+        return grpc.unary_stream_rpc_method_handler(guarded_stream, deserialize, serialize)
+
+    async def guarded_writer(request: Any, context: Context) -> None:  # handlers that context.write()
+        if isinstance(request, Malformed):
+            await reject(request, context)
+        await stream(request, context)
+
+    return grpc.unary_stream_rpc_method_handler(guarded_writer, deserialize, serialize)
+
+
+class GuardedRegistrar:
+    """Stands in for the server in generated `add_*Servicer_to_server()`: wraps every method handler
+    once, at registration, with `wrap(full_method_name, handler)`.
+
+    The same guards as grpc.aio interceptors, without their per-call cost: an interceptor chain runs
+    coroutines for every RPC (measured: ~0.09 ms of server CPU per tiny Sample request, 14 %).
+    """
+
+    def __init__(self, server: grpc.aio.Server, wrap: Callable[[str, Handler], Handler]) -> None:
+        self._server = server
+        self._wrap = wrap
+
+    def as_server(self) -> grpc.aio.Server:
+        """This registrar typed as the server the generated functions expect (they call only the
+        two methods below)."""
+        return cast(grpc.aio.Server, self)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Handler]) -> None:
+        wrapped = {name: self._wrap(f"/{service_name}/{name}", h) for name, h in method_handlers.items()}
+        self._server.add_registered_method_handlers(service_name, wrapped)
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_WrappedGeneric(h, self._wrap) for h in generic_rpc_handlers])
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped once per method (then cached)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Callable[[str, Handler], Handler]) -> None:
+        self._inner = inner
+        self._wrap = wrap
+        self._cache: dict[str, tuple[Handler, Handler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._cache[method] = (handler, self._wrap(method, handler))
+        return cached[1]

@@ -36,7 +36,7 @@ from genserve_server import kserve, probe, security
 from genserve_server.config import ServerConfig, cpu_count, load_server_config
 from genserve_server.errors import GenserveError
 from genserve_server.health import SERVER_KEY, HealthState
-from genserve_server.limits import MalformedRequestInterceptor, StreamLimitInterceptor
+from genserve_server.limits import GuardedRegistrar, StreamLimit, guard_malformed
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader
 from genserve_server.repository import Repository
@@ -114,12 +114,7 @@ class App:
             config.security, on_reject=lambda method: unresolved.rejected["unauthenticated"].inc()
         )
         self.server = grpc.aio.server(
-            interceptors=[
-                *([auth] if auth is not None else []),
-                StreamLimitInterceptor(limits.max_concurrent_sample_streams),
-                MalformedRequestInterceptor(),
-                *interceptors,
-            ],
+            interceptors=[*([auth] if auth is not None else []), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
                 ("grpc.max_send_message_length", limits.max_send_message_bytes),
@@ -128,12 +123,19 @@ class App:
             ],
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
+        # The stream limit and the malformed-bytes guard wrap each method handler once, here, instead
+        # of running as interceptors on every call (limits.GuardedRegistrar).
+        self.stream_limit = StreamLimit(limits.max_concurrent_sample_streams)
+        stream_limit = self.stream_limit
+        registrar = GuardedRegistrar(
+            self.server, lambda method, handler: guard_malformed(method, stream_limit.wrap(method, handler))
+        ).as_server()
         self.service = GenerationService(self.repository, config, self.metrics, self.codec_pool)
-        genserve_pb2_grpc.add_GenerationServiceServicer_to_server(self.service, self.server)
+        genserve_pb2_grpc.add_GenerationServiceServicer_to_server(self.service, registrar)
         # KServe v2 / Triton protocol on the same port, repository, batchers and metrics.
         self.kserve = kserve.InferenceService(self.repository, self.service, self.metrics.registry)
-        kserve.add_to_server(self.kserve, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        kserve.add_to_server(self.kserve, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         self.reloader = Reloader(
             self.repository,

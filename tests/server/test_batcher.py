@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from genserve_server.batcher import OVERLAP_MEMORY_S, Batcher, Lane
+from genserve_server.batcher import CALLERS_PEAK_MEMORY_S, OVERLAP_MEMORY_S, Batcher, Lane
 from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 
 
@@ -147,6 +147,36 @@ def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_re
         # however high the per-arrival moving fraction still is.
         await asyncio.sleep(OVERLAP_MEMORY_S * 1.5)
         assert await call(101) < window_s / 3
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_closed_loop_callers_all_queued_do_not_wait_the_window() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        window_s = 0.3
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=window_s)
+
+        async def client(value: float, rounds: int) -> None:
+            for _ in range(rounds):  # closed loop: the next request only after the answer
+                batcher.callers += 1
+                try:
+                    await batcher.submit("k", rows(value), 1)
+                finally:
+                    batcher.callers -= 1
+
+        # The first round may wait out the window: the callers' peak is still rising.
+        await asyncio.gather(*(client(i, 1) for i in range(4)))
+        # The peak of 4 has held for a window, and is recent (CALLERS_PEAK_MEMORY_S).
+        await asyncio.sleep(window_s * 4 / 3)
+        assert window_s * 7 / 3 < CALLERS_PEAK_MEMORY_S
+        started = time.monotonic()
+        await asyncio.gather(*(client(i, 3) for i in range(4)))
+        # Every round, the 4 callers in the server are all queued: nobody else can send, so each
+        # batch of 4 goes at once instead of waiting out the window for rows that cannot come.
+        assert time.monotonic() - started < window_s
+        assert [len(x) for _, x in model.batches] == [4, 4, 4, 4]
         await batcher.close(1)
 
     run(body())

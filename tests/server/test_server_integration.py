@@ -599,19 +599,27 @@ def test_metrics_endpoint_exports_the_contract_names(tiny_server: ServerProcess)
 # ----------------------------------------------------------------------------- batching, deadlines, overload
 
 
+LES = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0")
+
+
 def test_concurrent_single_image_requests_are_batched_and_batch_invariant(
     stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
 ) -> None:
     model = "tiny-gen"
     count_before = tiny_server.metric("genserve_batch_size_count", model=model)
     sum_before = tiny_server.metric("genserve_batch_size_sum", model=model)
+    buckets_before = {le: tiny_server.metric("genserve_batch_size_bucket", model=model, le=le) for le in LES}
     seeds = list(range(1000, 1256))
     by_seed = concurrent_samples(tiny_server.target, model, seeds, 64)
     together = [by_seed[s] for s in seeds]
     batches = tiny_server.metric("genserve_batch_size_count", model=model) - count_before
     images = tiny_server.metric("genserve_batch_size_sum", model=model) - sum_before
+    buckets = {
+        le: tiny_server.metric("genserve_batch_size_bucket", model=model, le=le) - buckets_before[le]
+        for le in LES
+    }
     assert images == 256
-    assert images / batches > 4, f"mean batch size {images / batches:.2f}"
+    assert images / batches > 4, f"mean batch size {images / batches:.2f}; batches <= size: {buckets}"
     alone = [
         stub.Sample(pb.SampleRequest(model=model, seeds=[s], output=F32)).images[0].image.data for s in seeds
     ]
