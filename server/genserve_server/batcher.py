@@ -161,6 +161,8 @@ class Batcher:
         self._queued_requests = 0
         self._available = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._bulk_in_flight = 0
         self._batches_in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -287,6 +289,10 @@ class Batcher:
                 await self._available.wait()
             # Rows keep arriving while all runner instances are busy: that is where batches grow.
             await self._slots.acquire()
+            if self._bulk_must_wait():
+                self._slots.release()
+                await self._wait_for_interactive_or_a_batch()
+                continue
             try:
                 parts = await self._form_batch()
             except BaseException:
@@ -296,9 +302,28 @@ class Batcher:
                 self._slots.release()
                 continue
             self._batches_in_flight += 1
+            if parts[0].request.lane == Lane.BULK:
+                self._bulk_in_flight += 1
             task = asyncio.get_running_loop().create_task(self._execute(parts))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _bulk_must_wait(self) -> bool:
+        """With several instances and interactive requests about, one instance is kept free of bulk
+        work: an interactive batch then never waits for a bulk batch to finish."""
+        if self._concurrency < 2 or self._lanes[Lane.INTERACTIVE] or not self._lanes[Lane.BULK]:
+            return False
+        if time.monotonic() - self._last_interactive_at >= self.interactive_quiet_s:
+            return False
+        return self._bulk_in_flight >= self._concurrency - 1
+
+    async def _wait_for_interactive_or_a_batch(self) -> None:
+        """Until a request arrives, a batch ends, or interactive traffic has been quiet long enough."""
+        quiet_in_s = self.interactive_quiet_s - (time.monotonic() - self._last_interactive_at)
+        self._available.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(quiet_in_s, 0.0) + 1e-3):
+                await self._available.wait()
 
     def _pick(self) -> tuple[Lane, Hashable] | None:
         """The sub-queue to serve next: INTERACTIVE first, then the key whose head waited longest."""
@@ -452,6 +477,9 @@ class Batcher:
                 old = self._row_cost_s
                 self._row_cost_s = per_row if old == 0.0 else 0.8 * old + 0.2 * per_row
             self._batches_in_flight -= 1
+            if parts[0].request.lane == Lane.BULK:
+                self._bulk_in_flight -= 1
+                self._available.set()  # a dispatcher holding bulk back may go on
             self._slots.release()
             self._observer.on_batch(rows, len(parts), compute_s, ok)
             if logger.isEnabledFor(logging.DEBUG):

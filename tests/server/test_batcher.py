@@ -401,3 +401,28 @@ def test_close_drains_accepted_work_then_refuses() -> None:
         assert [float(r.outputs["y"][0]) for r in results] == [10, 20, 30, -10]
 
     run(body())
+
+
+def test_with_two_instances_bulk_leaves_one_free_while_interactive_requests_arrive() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=1, concurrency=2, interactive_quiet_s=5.0)
+        await batcher.submit("k", rows(1), 1, lane=Lane.INTERACTIVE)  # interactive traffic is about
+        gate = asyncio.Event()
+        model.gate = gate  # the next batch (bulk 2) holds its instance
+        model.started.clear()
+        bulk_a = asyncio.ensure_future(batcher.submit("k", rows(2), 1, lane=Lane.BULK))
+        await model.started.wait()
+        bulk_b = asyncio.ensure_future(batcher.submit("k", rows(3), 1, lane=Lane.BULK))
+        await asyncio.sleep(0.05)
+        assert [list(x) for _, x in model.batches] == [[1], [2]]  # bulk 3 may not take the last one
+        # An interactive request runs on the free instance while bulk 2 is still running.
+        interactive = await asyncio.wait_for(batcher.submit("k", rows(4), 1, lane=Lane.INTERACTIVE), 1)
+        np.testing.assert_array_equal(interactive.outputs["y"], [40])
+        assert not bulk_a.done()
+        gate.set()
+        await asyncio.gather(bulk_a, bulk_b)
+        assert [list(x) for _, x in model.batches] == [[1], [2], [4], [3]]
+        await batcher.close(1)
+
+    run(body())
