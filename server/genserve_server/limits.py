@@ -116,14 +116,14 @@ def guard_malformed(method: str, handler: Handler) -> Handler:
         if inspect.iscoroutinefunction(unary):
 
             async def guarded_unary(request: Any, context: Context) -> Any:
-                if type(request) is Malformed:
+                if isinstance(request, Malformed):
                     await reject(request, context)
                 return await unary(request, context)
 
         else:
 
             async def guarded_unary(request: Any, context: Context) -> Any:
-                if type(request) is Malformed:
+                if isinstance(request, Malformed):
                     await reject(request, context)
                 result = unary(request, context)
                 return await result if inspect.isawaitable(result) else result

@@ -125,8 +125,7 @@ class App:
         )
         # The stream limit and the malformed-bytes guard wrap each method handler once, here, instead
         # of running as interceptors on every call (limits.GuardedRegistrar).
-        self.stream_limit = StreamLimit(limits.max_concurrent_sample_streams)
-        stream_limit = self.stream_limit
+        stream_limit = StreamLimit(limits.max_concurrent_sample_streams)
         registrar = GuardedRegistrar(
             self.server, lambda method, handler: guard_malformed(method, stream_limit.wrap(method, handler))
         ).as_server()

@@ -239,9 +239,7 @@ class Runner:
             self._call(signature, inputs)
         self._cost_s[signature] = min(self._cost_s[signature], self._last_s)
         if self.solo_session is not None:
-            cost_s = self._cost_s[signature]
-            self._call(signature, inputs, solo=True)
-            self._cost_s[signature] = cost_s  # the inline decision is about the one-thread session
+            self._call(signature, inputs, solo=True)  # settle the solo session too (cost not recorded)
 
     def _call(
         self,
@@ -255,7 +253,7 @@ class Runner:
         elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
         self._last_s = elapsed_s
         previous = self._cost_s.get(signature)
-        if previous is None or not (solo and self.solo_session is not None):
+        if previous is None or not solo:
             # Plain float stores are atomic under the GIL; a lost update only delays the average.
             # Solo calls are left out: inline runs and bulk budgets use the one-thread session.
             self._cost_s[signature] = (

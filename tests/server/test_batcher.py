@@ -78,6 +78,18 @@ def make(model: FakeModel, **kwargs: Any) -> tuple[Batcher, Recorder]:
     return batcher, recorder
 
 
+async def tracked_submit(batcher: Batcher, value: float) -> float:
+    """One row submitted as the service does it, counted in `callers` while in the server; its
+    wall time in seconds."""
+    batcher.callers += 1
+    try:
+        started = time.monotonic()
+        await batcher.submit("k", rows(value), 1)
+        return time.monotonic() - started
+    finally:
+        batcher.callers -= 1
+
+
 async def hold_runner(batcher: Batcher, model: FakeModel) -> tuple[asyncio.Event, asyncio.Task[Any]]:
     """Occupy the (single) runner with a one-row blocker so that later submits queue up."""
     gate = asyncio.Event()
@@ -131,22 +143,14 @@ def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_re
         window_s = 0.3
         batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=window_s)
 
-        async def call(value: float) -> float:
-            batcher.callers += 1  # what the service does around each RPC
-            try:
-                started = time.monotonic()
-                await batcher.submit("k", rows(value), 1)
-                return time.monotonic() - started
-            finally:
-                batcher.callers -= 1
-
-        await asyncio.gather(*(call(i) for i in range(40)))  # a burst: every arrival overlapped
+        # A burst: every arrival overlapped.
+        await asyncio.gather(*(tracked_submit(batcher, i) for i in range(40)))
         # Right after the burst the next arrival is likely within the window: wait it out.
-        assert await call(100) >= window_s * 0.9
+        assert await tracked_submit(batcher, 100) >= window_s * 0.9
         # Once no overlap was seen for longer than OVERLAP_MEMORY_S, a lone caller goes at once,
         # however high the per-arrival moving fraction still is.
         await asyncio.sleep(OVERLAP_MEMORY_S * 1.5)
-        assert await call(101) < window_s / 3
+        assert await tracked_submit(batcher, 101) < window_s / 3
         await batcher.close(1)
 
     run(body())
@@ -160,11 +164,7 @@ def test_closed_loop_callers_all_queued_do_not_wait_the_window() -> None:
 
         async def client(value: float, rounds: int) -> None:
             for _ in range(rounds):  # closed loop: the next request only after the answer
-                batcher.callers += 1
-                try:
-                    await batcher.submit("k", rows(value), 1)
-                finally:
-                    batcher.callers -= 1
+                await tracked_submit(batcher, value)
 
         # The first round may wait out the window: the callers' peak is still rising.
         await asyncio.gather(*(client(i, 1) for i in range(4)))
