@@ -44,11 +44,13 @@ def ensure_bench_dcgan_64(repo: Path, *, ngf: int = 64) -> Path:
     """Export the random-weight DCGAN 64x64 into ``repo`` unless it is already there; return its dir."""
     target = repo / BENCH_DCGAN_64
     if (target / "1" / "model.onnx").is_file():
+        # Exported by an older bench or exporter: serve it with today's config, not the old one.
+        from genserve_export.card import merge_config
+
         config_path = target / "config.json"
-        config = json.loads(config_path.read_text())
-        if config.get("instances") != BENCH_DCGAN_64_INSTANCES:  # exported by an older bench
-            config["instances"] = BENCH_DCGAN_64_INSTANCES
-            config_path.write_text(json.dumps(config, indent=2) + "\n")
+        wanted = merge_config("generator", {"instances": BENCH_DCGAN_64_INSTANCES})
+        if json.loads(config_path.read_text()) != wanted:
+            config_path.write_text(json.dumps(wanted, indent=2) + "\n")
         return target
     import numpy as np
     import torch

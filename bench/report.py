@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,44 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+# What each round keeps in the JSON next to the medians.
+ROUND_KEYS = ("images_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request")
+
+
+def merge_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One level from several turns at it: the median of every number, and the turns themselves.
+
+    Failed turns are left out (and counted); if every turn failed, the first failure is the level.
+    """
+    ok = [r for r in rounds if "images_per_s" in r]
+    if len(rounds) == 1 or not ok:
+        return dict(rounds[0])
+    merged = dict(ok[0])
+    for key, value in ok[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values = [r[key] for r in ok if isinstance(r.get(key), int | float)]
+            merged[key] = statistics.median(values)
+    merged["rounds"] = [{k: r.get(k) for k in ROUND_KEYS} for r in ok]
+    merged["failed_rounds"] = len(rounds) - len(ok)
+    return merged
+
+
+def paired_ratio(
+    a: dict[str, Any] | None, b: dict[str, Any] | None, key: str
+) -> tuple[float | None, tuple[float, float] | None]:
+    """a ÷ b for `key`: the median of the per-round ratios (with their range) when both levels ran the
+    same number of rounds side by side, else the ratio of the two values."""
+    if a is None or b is None:
+        return None, None
+    ra, rb = a.get("rounds"), b.get("rounds")
+    if ra and rb and len(ra) == len(rb):
+        pairs = zip(ra, rb, strict=True)
+        ratios = [x[key] / y[key] for x, y in pairs if x.get(key) is not None and y.get(key)]
+        if ratios:
+            return statistics.median(ratios), (min(ratios), max(ratios))
+    return _ratio(_get(a, key), _get(b, key)), None
+
+
 def _get(level: dict[str, Any] | None, key: str) -> float | None:
     if level is None or level.get(key) is None:
         return None
@@ -59,6 +98,8 @@ def summarise(results: dict[str, Any], models: Sequence[BenchModel]) -> dict[str
         g_top, n_top = gen.get(top) if top else None, naive.get(top) if top else None
         g1, n1 = gen.get(1), naive.get(1)
         cls = model_class(model, float(limit["ms_per_image"]))
+        speedup, speedup_range = paired_ratio(g_top, n_top, "images_per_s")
+        cpu_ratio, cpu_ratio_range = paired_ratio(g_top, n_top, "server_cpu_ms_per_request")
         row = {
             "model": name,
             "format": fmt,
@@ -71,7 +112,8 @@ def summarise(results: dict[str, Any], models: Sequence[BenchModel]) -> dict[str
             "naive_images_per_s": _get(n_top, "images_per_s"),
             "genserve_over_limit": _ratio(_get(g_top, "images_per_s"), limit["images_per_s"]),
             "naive_over_limit": _ratio(_get(n_top, "images_per_s"), limit["images_per_s"]),
-            "genserve_over_naive": _ratio(_get(g_top, "images_per_s"), _get(n_top, "images_per_s")),
+            "genserve_over_naive": speedup,
+            "genserve_over_naive_range": speedup_range,
             "genserve_p50_c1_ms": _get(g1, "p50_ms"),
             "naive_p50_c1_ms": _get(n1, "p50_ms"),
             "genserve_p50_c1_minus_raw_b1_ms": None
@@ -82,9 +124,8 @@ def summarise(results: dict[str, Any], models: Sequence[BenchModel]) -> dict[str
             else float(n1["p50_ms"]) - b1["latency_p50_ms"],
             "genserve_cpu_ms_per_request": _get(g_top, "server_cpu_ms_per_request"),
             "naive_cpu_ms_per_request": _get(n_top, "server_cpu_ms_per_request"),
-            "cpu_per_request_ratio": _ratio(
-                _get(g_top, "server_cpu_ms_per_request"), _get(n_top, "server_cpu_ms_per_request")
-            ),
+            "cpu_per_request_ratio": cpu_ratio,
+            "cpu_per_request_ratio_range": cpu_ratio_range,
         }
         rows.append(row)
         targets.extend(_targets(row))
@@ -148,6 +189,13 @@ def _f(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _f_range(value: float | None, spread: Sequence[float] | None) -> str:
+    """A paired ratio with the range of its rounds: 1.52 (1.40–1.61)."""
+    if value is None or not spread:
+        return _f(value, 2)
+    return f"{value:.2f} ({spread[0]:.2f}–{spread[1]:.2f})"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     s = results["settings"]
@@ -155,8 +203,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Measured {m['date']} on {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; "
         f"Python {m['python']}, ONNX Runtime {m['onnxruntime']}. Load average {m['load_avg_1m_at_start']} "
         f"at the start, {s['load_avg_1m_at_end']} at the end; {s['duration_s_per_level']:g} s per level"
-        f"{' (--quick)' if s['quick'] else ''}; wall {s['wall_s']:.0f} s. Client, servers and the limit "
-        "share the same cores.",
+        f"{' (--quick)' if s['quick'] else ''}; c=1 and the top level {s.get('rounds', 1)} times per server, "
+        f"the servers taking turns (medians; ratios are medians of the paired rounds, their range in "
+        f"brackets); wall {s['wall_s']:.0f} s. Client, servers and the limit share the same cores.",
         "",
         "**The limit: raw ONNX Runtime in-process** (images/s with one caller and intra-op threads = "
         "cores (its p50 ms per call) / images/s with one caller per core, one intra-op thread each; "
@@ -206,9 +255,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     for r in results["summary"]["rows"]:
         lines.append(
             f"| {r['model']} | {r['format']} | {r['class']} | {_f(r['genserve_over_limit'], 2)} | "
-            f"{_f(r['naive_over_limit'], 2)} | {_f(r['genserve_over_naive'], 2)} | "
+            f"{_f(r['naive_over_limit'], 2)} | "
+            f"{_f_range(r['genserve_over_naive'], r.get('genserve_over_naive_range'))} | "
             f"{_f(r['genserve_p50_c1_minus_raw_b1_ms'], 2)} / {_f(r['naive_p50_c1_minus_raw_b1_ms'], 2)} | "
-            f"{_f(r['cpu_per_request_ratio'], 2)} |"
+            f"{_f_range(r['cpu_per_request_ratio'], r.get('cpu_per_request_ratio_range'))} |"
         )
     lines += [
         "",

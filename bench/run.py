@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from bench import priority, raw_limit
 from bench.common import DEFAULT_MODELS, SCRATCH, BenchModel, find_models, machine, write_json, write_line
-from bench.report import render_markdown, summarise, update_readme
+from bench.report import merge_rounds, render_markdown, summarise, update_readme
 from bench.servers import BenchError, ServerProcess, client_bench, measured_level
 
 CONCURRENCY = (1, 8, 32, 64)
@@ -63,31 +63,56 @@ def _labels(model: BenchModel) -> list[int]:
     return list(range(len(model.card.class_names))) if model.kind == "conditional_generator" else []
 
 
-def serve_levels(
-    server: ServerProcess, model: BenchModel, fmt: str, concurrency: Sequence[int], duration_s: float
-) -> list[dict[str, Any]]:
-    levels = []
+def _options(model: BenchModel) -> dict[str, Any]:
     image_size = model.image_input_hw() if model.kind in ("super_resolution", "image_to_image") else None
-    options: dict[str, Any] = {"labels": _labels(model), "method": model.method, "image_size": image_size}
-    # Warm the model and the connection path, unmeasured (levels then run with --warmup 0).
-    client_bench(server.target, model.name, max(concurrency), 1.0, fmt, **options)
+    return {"labels": _labels(model), "method": model.method, "image_size": image_size}
+
+
+def _measure(server: ServerProcess, model: BenchModel, fmt: str, c: int, duration_s: float) -> dict[str, Any]:
+    try:
+        return measured_level(server, model.name, c, duration_s, fmt, **_options(model))
+    except BenchError as exc:
+        return {"concurrency": c, "error": str(exc)[-500:]}
+
+
+def serve_pair(
+    servers: Sequence[ServerProcess],
+    model: BenchModel,
+    fmt: str,
+    concurrency: Sequence[int],
+    duration_s: float,
+    rounds: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every level for every server, interleaved; the ratio levels (c=1 and the top) `rounds` times.
+
+    One server is loaded at a time. At c=1 and at the top concurrency, which the ratios use, the
+    servers take turns `rounds` times (the first server alternates between rounds), so a change in
+    the machine's load lands on both and the median of the paired ratios cancels it
+    (report.merge_rounds).
+    """
+    for server in servers:  # warm the model and the connection path, unmeasured
+        client_bench(server.target, model.name, max(concurrency), 1.0, fmt, **_options(model))
+    per_server: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for c in concurrency:
-        try:
-            level = measured_level(server, model.name, c, duration_s, fmt, **options)
-        except BenchError as exc:
-            level = {"concurrency": c, "error": str(exc)[-500:]}
-        levels.append(level)
-        write_line(
-            f"  {server.name:8s} {model.name:22s} {fmt:4s} c={c:<3d} "
-            + (
-                f"{level['images_per_s']:8.1f} img/s  p50 {level['p50_ms']:7.2f} ms  "
-                f"p99 {level['p99_ms']:7.2f} ms"
-                f"  cpu {level['server_cpu_ms_per_request']:.3f} ms/req"
-                if "images_per_s" in level
-                else f"FAILED {level['error'][:200]}"
-            )
-        )
-    return levels
+        repeats = rounds if c in (1, max(concurrency)) else 1
+        measured: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+        for r in range(repeats):
+            for server in servers if r % 2 == 0 else list(reversed(servers)):
+                level = _measure(server, model, fmt, c, duration_s)
+                measured[server.name].append(level)
+                write_line(f"  {server.name:8s} {model.name:22s} {fmt:4s} c={c:<3d} " + _describe(level))
+        for server in servers:
+            per_server[server.name].append(merge_rounds(measured[server.name]))
+    return per_server
+
+
+def _describe(level: dict[str, Any]) -> str:
+    if "images_per_s" not in level:
+        return f"FAILED {level['error'][:200]}"
+    return (
+        f"{level['images_per_s']:8.1f} img/s  p50 {level['p50_ms']:7.2f} ms  p99 {level['p99_ms']:7.2f} ms"
+        f"  cpu {level['server_cpu_ms_per_request']:.3f} ms/req"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None, help="model names (default: all served kinds)")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--duration-s", type=float, default=None, help="seconds per level (default 5)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="turns per server at c=1 and the top level (default 3)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     parser.add_argument("--no-dcgan64", action="store_true", help="skip the bench-only DCGAN 64x64")
     parser.add_argument("--no-priority", action="store_true")
@@ -106,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     duration_s = args.duration_s or (2.0 if args.quick else 5.0)
     concurrency = (1, 64) if args.quick else CONCURRENCY
     formats = ("raw",) if args.quick else FORMATS
+    rounds = max(1, args.rounds or (1 if args.quick else 3))
     started = time.monotonic()
     info = machine()
     write_line(f"machine: {info['cpu_model']}, {info['cores']} cores, load {info['load_avg_1m_at_start']}")
@@ -137,11 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for model in served:
             for fmt in formats:
-                for server in (genserve, naive):
-                    levels = serve_levels(server, model, fmt, concurrency, duration_s)
-                    serving.append(
-                        {"server": server.name, "model": model.name, "format": fmt, "levels": levels}
-                    )
+                levels = serve_pair((genserve, naive), model, fmt, concurrency, duration_s, rounds)
+                for name, lv in levels.items():
+                    serving.append({"server": name, "model": model.name, "format": fmt, "levels": lv})
 
     priority_result: dict[str, Any] | None = None
     if not args.no_priority:
@@ -158,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": info,
         "settings": {
             "duration_s_per_level": duration_s,
+            "rounds": rounds,
             "concurrency": list(concurrency),
             "formats": list(formats),
             "quick": args.quick,

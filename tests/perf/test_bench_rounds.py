@@ -1,0 +1,63 @@
+"""The bench's paired rounds: medians per level, and ratios as the median of per-round ratios."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.report import merge_rounds, paired_ratio  # noqa: E402
+
+
+def level(images_per_s: float, cpu_ms: float, p50_ms: float = 1.0) -> dict[str, Any]:
+    return {
+        "concurrency": 64,
+        "images_per_s": images_per_s,
+        "p50_ms": p50_ms,
+        "p99_ms": 3 * p50_ms,
+        "server_cpu_ms_per_request": cpu_ms,
+    }
+
+
+def test_a_single_round_is_the_level_itself() -> None:
+    only = level(100.0, 0.5)
+    assert merge_rounds([only]) == only
+
+
+def test_rounds_merge_to_medians_and_keep_every_turn() -> None:
+    merged = merge_rounds([level(100.0, 0.5, 1.0), level(300.0, 0.7, 2.0), level(200.0, 0.9, 9.0)])
+    assert merged["images_per_s"] == 200.0
+    assert merged["server_cpu_ms_per_request"] == 0.7
+    assert merged["p50_ms"] == 2.0
+    assert merged["concurrency"] == 64
+    assert [r["images_per_s"] for r in merged["rounds"]] == [100.0, 300.0, 200.0]
+    assert merged["failed_rounds"] == 0
+
+
+def test_failed_rounds_are_left_out_and_counted() -> None:
+    failed = {"concurrency": 64, "error": "load failed"}
+    merged = merge_rounds([failed, level(100.0, 0.5), level(300.0, 0.5)])
+    assert merged["images_per_s"] == 200.0
+    assert merged["failed_rounds"] == 1
+    assert merge_rounds([failed, failed]) == failed
+
+
+def test_paired_ratio_cancels_a_load_change_that_hits_both_servers() -> None:
+    # Round 2 ran while the machine was busy: both servers halved. The ratio of the medians would
+    # mix rounds (200/150 = 1.33); the paired ratios are 2.0, 2.0 and 1.0 -> median 2.0.
+    genserve = merge_rounds([level(400.0, 0.4), level(200.0, 0.4), level(100.0, 0.4)])
+    naive = merge_rounds([level(200.0, 0.8), level(100.0, 0.8), level(100.0, 0.8)])
+    ratio, spread = paired_ratio(genserve, naive, "images_per_s")
+    assert ratio == 2.0
+    assert spread == (1.0, 2.0)
+    cpu, _ = paired_ratio(genserve, naive, "server_cpu_ms_per_request")
+    assert cpu == 0.5
+
+
+def test_unpaired_levels_fall_back_to_the_ratio_of_their_values() -> None:
+    ratio, spread = paired_ratio(level(300.0, 0.5), level(200.0, 0.5), "images_per_s")
+    assert ratio == 1.5
+    assert spread is None
+    assert paired_ratio(None, level(200.0, 0.5), "images_per_s") == (None, None)
