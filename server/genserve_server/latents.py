@@ -145,7 +145,7 @@ def normals_for_seed(seed: int, n: int, *, start: int = 0, field: str = "seed") 
     return normals
 
 
-def _expected_redraws(dim: int, psi: float) -> float:
+def expected_redraws(dim: int, psi: float) -> float:
     """Expected stream normals a seed consumes beyond its first `dim` for truncation at psi."""
     accept = math.erf(psi / math.sqrt(2.0))  # P(|n| <= psi)
     return dim * (1.0 - accept) / accept if accept > 0.0 else math.inf
@@ -156,18 +156,19 @@ def min_truncation_psi(dim: int) -> float:
     lo, hi = 0.0, MAX_PSI
     for _ in range(60):  # bisection on the monotone expectation
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _expected_redraws(dim, mid) > MAX_EXPECTED_REDRAWS_PER_SEED else (lo, mid)
+        lo, hi = (mid, hi) if expected_redraws(dim, mid) > MAX_EXPECTED_REDRAWS_PER_SEED else (lo, mid)
     return hi
 
 
-def _check_psi(psi: float, dim: int) -> None:
+def check_truncation_psi(psi: float, dim: int) -> None:
+    """InvalidArgument naming `truncation_psi` unless psi is in range and cheap enough for `dim`."""
     if not (math.isfinite(psi) and 0.0 < psi <= MAX_PSI):
         raise invalid("truncation_psi", f"must be in (0, {MAX_PSI:g}], got {psi!r}")
-    if _expected_redraws(dim, psi) > MAX_EXPECTED_REDRAWS_PER_SEED:
+    if expected_redraws(dim, psi) > MAX_EXPECTED_REDRAWS_PER_SEED:
         raise invalid(
             "truncation_psi",
             f"psi={psi:g} is too small for latent size {dim}: it needs about "
-            f"{_expected_redraws(dim, psi):.3g} redraws per seed (limit {MAX_EXPECTED_REDRAWS_PER_SEED}); "
+            f"{expected_redraws(dim, psi):.3g} redraws per seed (limit {MAX_EXPECTED_REDRAWS_PER_SEED}); "
             f"use psi >= {min_truncation_psi(dim):.3g}",
         )
 
@@ -186,7 +187,7 @@ def _truncate(z: F32Array, keys: U32Array, psi: float) -> None:
     if rows.size == 0:
         return
     accept_probability = math.erf(psi / math.sqrt(2.0))
-    expected = _expected_redraws(dim, psi)
+    expected = expected_redraws(dim, psi)
     draw_limit = 16 * max(expected, 1024.0)
     position = dim  # the next unused stream index, the same for every row
     while rows.size:
@@ -227,7 +228,7 @@ def latents_for_seeds(
     keys = _seed_keys(seeds, field)
     z = _normals(keys, 0, dim).astype(np.float32)
     if psi is not None:
-        _check_psi(psi, dim)
+        check_truncation_psi(psi, dim)
         _truncate(z, keys, psi)
     return z
 

@@ -276,10 +276,21 @@ class Runner:
         del key  # the batch's compatibility key; the graph needs only the tensors
         signature = self._signature(inputs)
         cost_s = self._cost_s.get(signature)
-        if cost_s is not None and cost_s <= self.inline_max_s:
+        if cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(inputs):
             return self._call(signature, inputs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call_pooled, signature, inputs)
+
+    def _slow_latents(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether drawing this batch's latents may cost more than the model call it was timed by.
+
+        The measured cost covers the model call only; a strong truncation (small psi) redraws each
+        seed's normals many times over, which must not happen on the event loop.
+        """
+        psi_rows = inputs.get(PSI_INPUT)
+        if psi_rows is None or np.isnan(psi_rows[0]) or self.latent_dim is None:
+            return False
+        return latents.expected_redraws(self.latent_dim, float(psi_rows[0])) > self.latent_dim
 
     def _call_pooled(
         self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]

@@ -609,6 +609,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         inputs: dict[str, np.ndarray]
         key: Hashable
+        if psi is not None:  # here, not in the runner, so that a bad psi fails only its own request
+            latents.check_truncation_psi(psi, card.latent_dim)
         if z is None and seeds is not None and (psi is None or psi >= BATCH_LATENTS_MIN_PSI):
             # The runner draws the latents of a whole batch in one vectorised call; row i depends
             # only on (seed_i, psi), so an image never depends on its batch. psi is part of the
@@ -621,8 +623,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             }
         else:
             if z is None:
-                assert seeds is not None  # a tiny psi may redraw for long: per request, not per batch
-                z = latents.latents_for_seeds(seeds, card.latent_dim, psi, field=seed_field)
+                # A tiny psi may redraw for long (~1 ms a seed): per request, not per batch, and on
+                # the codec pool so that the event loop keeps serving everyone else meanwhile.
+                assert seeds is not None
+                draw = functools.partial(latents.latents_for_seeds, field=seed_field)
+                z = await asyncio.get_running_loop().run_in_executor(
+                    self.codec_pool, draw, seeds, card.latent_dim, psi
+                )
             n = len(z)
             key = ("z",)
             inputs = {"z": z}

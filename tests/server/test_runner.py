@@ -78,6 +78,34 @@ def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     runner.close()
 
 
+def test_a_strongly_truncated_batch_leaves_the_event_loop_even_when_its_model_call_is_tiny(
+    tmp_path: Path,
+) -> None:
+    # The measured cost is the model call's; at a small psi each seed redraws its normals many
+    # times over, work that must not run on the event loop.
+    runner = make_runner(tmp_path, inline_max_s=1.0)  # every measured batch counts as tiny
+    seeds = np.array([1, 2], np.int64)
+    labels = np.zeros(2, np.int64)
+    runner.warm({SEED_INPUT: seeds, PSI_INPUT: np.full(2, np.nan), "label": labels})
+    threads: list[str] = []
+    original = runner.run_sync
+
+    def spy(inputs, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return original(inputs, **kwargs)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+
+    async def body() -> None:
+        for psi in (np.nan, 1.5, 0.05):
+            await runner.run(("seeds", psi), {SEED_INPUT: seeds, PSI_INPUT: np.full(2, psi), "label": labels})
+
+    asyncio.run(body())
+    assert threads[:2] == ["MainThread", "MainThread"]  # no truncation, mild truncation: inline
+    assert threads[2].startswith("ort-t")  # psi 0.05: ~100x the normals, on the pool
+    runner.close()
+
+
 def test_a_batch_alone_runs_on_the_all_cores_session_and_overlapping_ones_do_not(tmp_path: Path) -> None:
     runner = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=2)
     assert runner.solo_session is not None

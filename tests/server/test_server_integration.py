@@ -30,7 +30,7 @@ from server_support import (
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server.latents import RNG_ALGORITHM, interpolate, latents_for_seeds
+from genserve_server.latents import RNG_ALGORITHM, interpolate, latents_for_seeds, min_truncation_psi
 
 FORMATS = [
     tpb.IMAGE_FORMAT_PNG,
@@ -140,6 +140,23 @@ def test_sample_returns_latents_and_explicit_latents_reproduce(stub: pb_grpc.Gen
     for a, b in zip(by_seed.images, by_latent.images, strict=True):
         assert a.image.data == b.image.data
         assert not b.HasField("seed")
+
+
+def test_strong_truncation_latents_are_drawn_off_the_loop_and_match_the_reference(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # psi below 0.01 is drawn per request on the codec pool (not batched); same latents either way.
+    psi = 1.01 * min_truncation_psi(TINY_LATENT)
+    options = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32, return_latents=True)
+    request = pb.SampleRequest(model="tiny-gen", seeds=[7, 8], truncation_psi=psi, output=options)
+    response = stub.Sample(request)
+    z = np.stack([np.frombuffer(g.latent.data, "<f4") for g in response.images])
+    np.testing.assert_array_equal(z, latents_for_seeds([7, 8], TINY_LATENT, psi))
+    assert np.abs(z).max() <= psi
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="tiny-gen", count=1, truncation_psi=psi / 2))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "truncation_psi" in details_of(excinfo) and "use psi >=" in details_of(excinfo)
 
 
 def test_sample_without_seed_picks_and_returns_seeds(stub: pb_grpc.GenerationServiceStub) -> None:
