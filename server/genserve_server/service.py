@@ -627,9 +627,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 # the codec pool so that the event loop keeps serving everyone else meanwhile.
                 assert seeds is not None
                 draw = functools.partial(latents.latents_for_seeds, field=seed_field)
-                z = await asyncio.get_running_loop().run_in_executor(
+                drawn: np.ndarray = await asyncio.get_running_loop().run_in_executor(
                     self.codec_pool, draw, seeds, card.latent_dim, psi
                 )
+                z = drawn
             n = len(z)
             key = ("z",)
             inputs = {"z": z}
