@@ -35,7 +35,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from genserve_server.errors import DeadlineExceeded, GenserveError, Internal, ResourceExhausted, Unavailable
+from genserve_server.errors import (
+    DeadlineExceeded,
+    GenserveError,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +166,12 @@ class Batcher:
         self._rows_by_key: dict[tuple[Lane, Hashable], int] = {}
         self._queued_rows = 0
         self._queued_requests = 0
+        # Bulk rows may fill at most half the queue, and a bulk submit that finds no room waits for
+        # it (backpressure on a stream) instead of failing: interactive requests, which fail fast
+        # when the queue is full, always find the other half.
+        self._bulk_rows = 0
+        self._bulk_waiters = 0
+        self._room = asyncio.Event()
         self._available = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
@@ -211,12 +224,20 @@ class Batcher:
         deadline: float | None = None,
     ) -> BatchResult:
         """Queue `n_rows` rows (axis 0 of every input) and wait for their outputs."""
+        # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
+        # path; only queue_full (ResourceExhausted) is counted here.
         if self._closing:
-            self._observer.on_rejected("not_ready")
             raise Unavailable(f"{self.name} is draining; retry on another replica")
         if n_rows < 1:
             raise ValueError(f"n_rows must be >= 1, got {n_rows}")
-        if self._queued_rows + n_rows > self.max_queue_size:
+        if n_rows > self.max_queue_size:
+            raise InvalidArgument(
+                f"{self.name}: the request needs {n_rows} items, more than the whole queue holds "
+                f"(max_queue_size={self.max_queue_size}); split it into smaller requests"
+            )
+        if lane == Lane.BULK:
+            await self._wait_for_bulk_room(n_rows, deadline)
+        elif self._queued_rows + n_rows > self.max_queue_size:
             self._observer.on_rejected("queue_full")
             raise ResourceExhausted(
                 f"{self.name}: queue full ({self._queued_rows} of max_queue_size={self.max_queue_size} items "
@@ -250,15 +271,41 @@ class Batcher:
         self._rows_by_key[lk] = self._rows_by_key.get(lk, 0) + n_rows
         self._queued_rows += n_rows
         self._queued_requests += 1
+        if lane == Lane.BULK:
+            self._bulk_rows += n_rows
         self._observer.on_queue_depth(self._queued_rows)
         self._available.set()
         # If the caller is cancelled here, asyncio cancels `future`; the dispatcher then drops its rows.
         return await future
 
+    def _bulk_fits(self, n_rows: int) -> bool:
+        if self._queued_rows + n_rows > self.max_queue_size:
+            return False
+        # One bulk request always fits an empty bulk share, even one larger than half the queue.
+        return self._bulk_rows == 0 or self._bulk_rows + n_rows <= self.max_queue_size // 2
+
+    async def _wait_for_bulk_room(self, n_rows: int, deadline: float | None) -> None:
+        while not self._bulk_fits(n_rows):
+            if self._closing:
+                raise Unavailable(f"{self.name} is draining; retry on another replica")
+            timeout_s = None if deadline is None else deadline - time.monotonic()
+            if timeout_s is not None and timeout_s <= 0:
+                return  # submit() reports the deadline
+            self._room.clear()
+            self._bulk_waiters += 1
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._room.wait()
+            except TimeoutError:
+                return
+            finally:
+                self._bulk_waiters -= 1
+
     async def close(self, timeout_s: float) -> None:
         """Refuse new work, finish what was accepted (up to timeout_s), then fail the rest."""
         self._closing = True
         self._available.set()  # wake an idle dispatcher so it can exit
+        self._room.set()  # and bulk submits waiting for room, so that they fail
         if self._loop_task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._loop_task), timeout_s)
@@ -400,6 +447,10 @@ class Batcher:
         self._queued_rows -= rows
         if request_gone:
             self._queued_requests -= 1
+        if lane == Lane.BULK:
+            self._bulk_rows -= rows
+        if self._bulk_waiters:
+            self._room.set()
 
     def _take(self, lane: Lane, key: Hashable) -> list[_Part]:
         limit = self._batch_limit(lane)

@@ -938,6 +938,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, card.size_multiple, margin=margin)
             for p in padded
         ]
+        n_tiles = sum(len(plan) for plan in plans)
+        assert mv.batcher is not None
+        if n_tiles > mv.batcher.max_queue_size:  # could never be queued: not worth a retry
+            raise invalid(
+                "tile_size",
+                f"{len(plans)} image(s) cut into {n_tiles} tiles of {tile}x{tile}, more than this model's "
+                f"queue holds (max_queue_size={mv.batcher.max_queue_size}); use a larger tile_size or "
+                "send fewer or smaller images",
+            )
         groups: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}
         for img_i, (chw, tiles) in enumerate(zip(padded, plans, strict=True)):
             for tile_i, t in enumerate(tiles):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from genserve_server.batcher import CALLERS_PEAK_MEMORY_S, OVERLAP_MEMORY_S, Batcher, Lane
-from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
@@ -349,6 +349,66 @@ def test_request_split_across_a_failing_batch_fails_once() -> None:
         await blocker
         np.testing.assert_array_equal(result.outputs["y"], [30])
         await batcher.close(1)
+
+    run(body())
+
+
+def test_a_request_larger_than_the_whole_queue_is_invalid_not_retryable() -> None:
+    async def body() -> None:
+        batcher, recorder = make(FakeModel(), max_queue_size=4)
+        with pytest.raises(InvalidArgument, match=r"needs 5 items, more than.*max_queue_size=4"):
+            await batcher.submit("k", rows(1, 2, 3, 4, 5), 5)
+        assert recorder.rejected == []  # counted once, by the service, as "invalid"
+        result = await batcher.submit("k", rows(1, 2, 3, 4), 4)  # exactly the queue: accepted
+        np.testing.assert_array_equal(result.outputs["y"], [10, 20, 30, 40])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_bulk_fills_half_the_queue_then_waits_for_room_while_interactive_is_still_accepted() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=8, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        first = asyncio.ensure_future(batcher.submit("b", rows(1, 2, 3), 3, lane=Lane.BULK))
+        second = asyncio.ensure_future(batcher.submit("b", rows(4, 5), 2, lane=Lane.BULK))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 3  # 3 + 2 > 8 // 2: the second bulk request waits, unqueued
+        assert not second.done()
+        # Interactive requests find the other half and are queued at once.
+        interactive = asyncio.ensure_future(batcher.submit("i", rows(7, 8, 9, 10, 11), 5))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 8
+        with pytest.raises(ResourceExhausted, match="queue full"):  # interactive never waits
+            await batcher.submit("i", rows(12), 1)
+        gate.set()  # the queue drains: the waiting bulk request gets in and completes
+        np.testing.assert_array_equal((await second).outputs["y"], [40, 50])
+        np.testing.assert_array_equal((await first).outputs["y"], [10, 20, 30])
+        np.testing.assert_array_equal((await interactive).outputs["y"], [70, 80, 90, 100, 110])
+        await blocker
+        assert recorder.rejected == ["queue_full"]
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_bulk_request_waiting_for_room_fails_when_the_batcher_closes() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_queue_size=4)
+        gate, blocker = await hold_runner(batcher, model)
+        queued = asyncio.ensure_future(batcher.submit("b", rows(1, 2), 2, lane=Lane.BULK))
+        waiting = asyncio.ensure_future(batcher.submit("b", rows(3), 1, lane=Lane.BULK))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        closing = asyncio.ensure_future(batcher.close(5))
+        with pytest.raises(Unavailable, match="draining"):
+            await waiting
+        gate.set()
+        await closing
+        np.testing.assert_array_equal((await queued).outputs["y"], [10, 20])  # accepted work finishes
+        await blocker
 
     run(body())
 

@@ -435,6 +435,18 @@ def test_super_resolve_tiled_equals_untiled(stub: pb_grpc.GenerationServiceStub,
     np.testing.assert_allclose(got, untiled[0], atol=1e-5)
 
 
+def test_super_resolve_with_more_tiles_than_the_queue_holds_is_invalid_naming_tile_size(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # 200x300 in 8x8 tiles is 950 tiles; tiny-sr's queue holds 256. No retry could ever succeed.
+    request = pb.ImageRequest(model="tiny-sr", images=[raw(photo(200, 300))], tile_size=8, tile_overlap=0)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.SuperResolve(request)
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("tile_size: 1 image(s) cut into 950 tiles of 8x8")
+    assert "max_queue_size=256" in details_of(excinfo)
+
+
 def test_super_resolve_of_an_image_within_one_tile_equals_untiled(
     stub: pb_grpc.GenerationServiceStub, tiny_repo: Path
 ) -> None:
