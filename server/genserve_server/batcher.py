@@ -183,6 +183,8 @@ class Batcher:
         # RPCs of this model version now in the server, kept by the service (0 = not tracked).
         # More callers than queued requests means more rows are about to arrive: worth the window.
         self.callers = 0
+        # SampleStreams now reading from this version (kept by the service; a reload drains them).
+        self.streams = 0
         # Moving fraction of arrivals that found another caller of this model in the server. At
         # concurrency 1 it is exactly 0 (a client sends its next request only after the answer),
         # so the batch goes at once; once requests overlap at all, the window pays off even while

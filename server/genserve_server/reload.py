@@ -16,8 +16,9 @@ One rescan, serialised by a lock (a trigger during a rescan queues exactly one m
    becomes READY in one assignment on the event loop once its batcher runs.
 4. Versions the policy no longer picks drain, but only once the model has a READY version among the
    picked ones, so a new version that fails to load leaves the old one serving. Draining: state
-   DRAINING (no new request resolves to it), wait until no RPC holds it (`batcher.callers`, bounded
-   by `drain_grace_s`), finish the accepted batches (`Batcher.close`), close the runner, remove it.
+   DRAINING (no new request resolves to it), wait until no RPC holds it (`batcher.callers` and
+   `batcher.streams`, bounded by `drain_grace_s`), finish the accepted batches (`Batcher.close`),
+   close the runner, remove it.
 
 Write a new version aside and rename it into place (`.tmp-3` -> `3`): names that are not version
 numbers are ignored, so a half-copied directory is never loaded.
@@ -241,13 +242,21 @@ class Reloader:
         deadline = time.monotonic() + self.drain_grace_s
         batcher = mv.batcher
         try:
-            # RPCs that resolved this version may not have queued yet (an image still decoding).
-            while batcher is not None and batcher.callers > 0 and time.monotonic() < deadline:
+            # RPCs that resolved this version may not have queued yet (an image still decoding),
+            # and a SampleStream queues its chunks one after another: wait for both, up to the grace.
+            while (
+                batcher is not None and batcher.callers + batcher.streams > 0 and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(DRAIN_CHECK_S)
             if batcher is not None:
-                if batcher.callers > 0:
+                if batcher.callers + batcher.streams > 0:
                     logger.warning(
-                        "%s: %d RPCs still running after the drain grace", mv.label, batcher.callers
+                        "%s: %d RPCs and %d SampleStreams still running after the drain grace (%.0f s); "
+                        "they fail with UNAVAILABLE",
+                        mv.label,
+                        batcher.callers,
+                        batcher.streams,
+                        self.drain_grace_s,
                     )
                 await batcher.close(max(0.1, deadline - time.monotonic()))
             if mv.runner is not None:

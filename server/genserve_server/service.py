@@ -87,6 +87,7 @@ class Call:
     metrics: ModelMetrics
     deadline: float | None = None
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
+    stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +253,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.metrics.in_flight_children[call.method].dec()
         if call.batcher is not None:
             call.batcher.callers -= 1
+        if call.stream_batcher is not None:
+            call.stream_batcher.streams -= 1
         call.metrics.request_done(call.method, code, duration_s)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
@@ -353,10 +356,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 call.metrics = model.versions[max(model.versions, key=int)].metrics
             raise
         call.metrics = mv.metrics
-        # A stream keeps its own chunks queued ahead; it is not a caller about to send a row.
-        if mv.batcher is not None and call.batcher is None and call.method != "SampleStream":
-            call.batcher = mv.batcher
-            mv.batcher.callers += 1
+        # A stream keeps its own chunks queued ahead; it is not a caller about to send a row, but
+        # a reload's drain waits for it all the same.
+        if mv.batcher is not None and call.batcher is None and call.stream_batcher is None:
+            if call.method == "SampleStream":
+                call.stream_batcher = mv.batcher
+                mv.batcher.streams += 1
+            else:
+                call.batcher = mv.batcher
+                mv.batcher.callers += 1
         return mv
 
     def _output_spec(self, options: tpb.OutputOptions, field_prefix: str = "output") -> OutputSpec:

@@ -23,6 +23,7 @@ from server_support import ServerProcess, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
 from genserve_server.config import ServerConfig
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader
@@ -158,6 +159,33 @@ def test_a_broken_new_version_leaves_the_old_serving_and_a_fixed_one_loads(
     reload_server.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: _states(stub, "gen") == {"3": pb.MODEL_STATE_READY}, 60, "v3 alone READY")
     assert stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=10).provenance.version == "3"
+
+
+def test_a_sample_stream_open_across_a_reload_finishes_on_its_version(
+    reload_server: ServerProcess, reload_repo: Path, stub: pb_grpc.GenerationServiceStub, tmp_path: Path
+) -> None:
+    # The stream resolves the current version once; version 4 replaces it while the client is still
+    # reading (it reads one chunk, then stops: flow control holds the server back). The drain waits
+    # for the stream (within drain_grace_s): every image arrives, all from the version the stream
+    # started on, and only then does that version unload.
+    current = max(_states(stub, "gen"), key=int)
+    staged = _staged_version(tmp_path, "4", seed=3)
+    f32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)  # large chunks: the window fills sooner
+    sample = pb.SampleRequest(model="gen", count=20000, output=f32)
+    request = pb.SampleStreamRequest(sample=sample, chunk_size=256)
+    chunks = stub.SampleStream(request, timeout=60)
+    first = next(chunks)
+    copy_version_atomically(reload_repo / "gen", "4", "4", staged)
+    reload_server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: _states(stub, "gen").get("4") == pb.MODEL_STATE_READY, 60, "v4 READY")
+    time.sleep(0.5)  # well past the moment the old version began to drain
+    assert _states(stub, "gen").get(current) == pb.MODEL_STATE_DRAINING  # held by the open stream
+    rest = list(chunks)
+    images = [g.index for c in [first, *rest] for g in c.images]
+    assert images == list(range(20000))
+    assert {c.provenance.version for c in [first, *rest]} == {current}
+    wait_until(lambda: current not in _states(stub, "gen"), 30, f"v{current} to unload after the stream")
+    assert stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=10).provenance.version == "4"
 
 
 def test_removed_model_drains_in_flight_work_then_answers_not_found(
