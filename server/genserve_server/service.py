@@ -922,12 +922,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         default_overlap = max(card.tile_overlap or 0, 2 * radius if radius is not None else 0)
         overlap = request.tile_overlap if request.HasField("tile_overlap") else default_overlap
         tile = request.tile_size or min(MAX_TILE, max(card.tile_size or 128, 4 * overlap))
-        if not 2 * overlap + 8 <= tile <= MAX_TILE:
-            raise invalid(
-                "tile_size", f"must be in {2 * overlap + 8}..{MAX_TILE} (>= 2 * tile_overlap + 8), got {tile}"
-            )
-        if overlap > tile // 4:
-            raise invalid("tile_overlap", f"must be in 0..{tile // 4} (tile_size / 4), got {overlap}")
+        check_tiling(tile, overlap, card.size_multiple)
         arrays = await self._decode(mv, request.images, card, self.limits.max_sr_input_pixels)
         self._check_min_size(arrays, card)
         scale = card.scale_factor
@@ -1110,6 +1105,25 @@ _STATE = {
     ModelState.UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE,
     ModelState.DRAINING: pb.MODEL_STATE_DRAINING,
 }
+
+
+def check_tiling(tile: int, overlap: int, size_multiple: int) -> None:
+    """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned."""
+    if not 2 * overlap + 8 <= tile <= MAX_TILE:
+        raise invalid(
+            "tile_size", f"must be in {2 * overlap + 8}..{MAX_TILE} (>= 2 * tile_overlap + 8), got {tile}"
+        )
+    if overlap > tile // 4:
+        raise invalid("tile_overlap", f"must be in 0..{tile // 4} (tile_size / 4), got {overlap}")
+    # Tiles start and step in whole multiples of the model's size multiple (tiling.plan_tiles).
+    overlap_units = -(-overlap // size_multiple)
+    if tile // size_multiple <= overlap_units:
+        smallest = size_multiple * (overlap_units + 1)
+        raise invalid(
+            "tile_size",
+            f"must be at least {smallest} for this model (size multiple {size_multiple}, "
+            f"tile_overlap {overlap}), got {tile}",
+        )
 
 
 def _pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:

@@ -11,10 +11,11 @@ import grpc
 import pytest
 
 from genserve_server.config import ServerConfig
-from genserve_server.errors import ResourceExhausted, invalid
+from genserve_server.errors import InvalidArgument, ResourceExhausted, invalid
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
-from genserve_server.service import Call, GenerationService
+from genserve_server.service import Call, GenerationService, check_tiling
+from genserve_server.tiling import plan_tiles
 
 
 class Aborted(Exception):
@@ -105,3 +106,27 @@ def test_invalid_argument_message_names_field_and_limit() -> None:
     err = invalid("labels[3]", "must be in [0, 10), got 12")
     assert str(err) == "labels[3]: must be in [0, 10), got 12"
     assert err.field == "labels[3]" and err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "multiple", "message"),
+    [
+        (8, 0, 16, "tile_size: must be at least 16 for this model (size multiple 16, tile_overlap 0), got 8"),
+        (40, 8, 32, "tile_size: must be at least 64"),  # the overlap takes one whole unit of 32
+        (48, 10, 32, "tile_size: must be at least 64 for this model (size multiple 32, tile_overlap 10)"),
+        (20, 8, 1, "tile_size: must be in 24..1024 (>= 2 * tile_overlap + 8), got 20"),
+        (40, 11, 1, "tile_overlap: must be in 0..10 (tile_size / 4), got 11"),
+    ],
+)
+def test_tile_settings_that_cannot_be_planned_name_the_field(
+    tile: int, overlap: int, multiple: int, message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as excinfo:
+        check_tiling(tile, overlap, multiple)
+    assert str(excinfo.value).startswith(message)
+
+
+@pytest.mark.parametrize(("tile", "overlap", "multiple"), [(48, 8, 16), (16, 0, 16), (128, 32, 1), (8, 0, 1)])
+def test_tile_settings_that_can_be_planned_pass_and_plan(tile: int, overlap: int, multiple: int) -> None:
+    check_tiling(tile, overlap, multiple)
+    assert plan_tiles(4 * tile, 3 * tile, tile, overlap, multiple)  # the planner agrees
