@@ -425,6 +425,8 @@ class Batcher:
             while self._rows_by_key.get((lane, key), 0) < limit and not self._closing:
                 if self.callers and not self._more_expected():
                     break  # every caller in the server is queued: nobody else is about to send
+                if lane == Lane.BULK and self._lanes[Lane.INTERACTIVE]:
+                    break  # an interactive request does not wait out a bulk batch's window
                 remaining_s = window_end - time.monotonic()
                 if remaining_s <= 0:
                     break
@@ -434,7 +436,7 @@ class Batcher:
                         await self._available.wait()
                 except TimeoutError:
                     break
-            # An interactive request may have arrived while a bulk batch was filling.
+            # An interactive request may have arrived while a bulk batch was filling: it goes first.
             picked = self._pick()
             if picked is None:
                 return []

@@ -228,6 +228,28 @@ def test_interactive_lane_goes_before_bulk() -> None:
     run(body())
 
 
+def test_an_interactive_arrival_ends_a_bulk_batch_window_at_once() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        # A long window, and a batch in flight: a bulk row alone waits for more (untracked callers).
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=0.5, concurrency=2)
+        gate, blocker = await hold_runner(batcher, model)
+        bulk = asyncio.ensure_future(batcher.submit("b", rows(100), 1, lane=Lane.BULK))
+        await asyncio.sleep(0.02)  # the bulk window is open
+        assert not bulk.done()
+        interactive = asyncio.ensure_future(batcher.submit("i", rows(1), 1))
+        # Without the early end it would wait out the bulk window (~0.48 s more) before running.
+        result = await asyncio.wait_for(interactive, 0.2)
+        np.testing.assert_array_equal(result.outputs["y"], [10])
+        assert not bulk.done()
+        gate.set()
+        await asyncio.gather(bulk, blocker)
+        assert [float(x[0]) for _, x in model.batches] == [-1, 1, 100]
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_compatibility_keys_never_share_a_batch() -> None:
     async def body() -> None:
         model = FakeModel()
