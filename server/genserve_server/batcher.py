@@ -150,13 +150,16 @@ class Batcher:
         bulk_budget_s: float | None = 0.005,
         bulk_idle_budget_s: float | None = 0.05,
         interactive_quiet_s: float = 1.0,
+        efficient_batch_size: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
         self.name = name  # "model version N", for messages
-        self.max_batch_size = max_batch_size
+        # Rows a batch takes at most: max_batch_size, or less where the warm-up measured that larger
+        # batches compute no item faster (repository.efficient_batch_size).
+        self.max_batch_size = min(max_batch_size, efficient_batch_size or max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._run_batch = run_batch

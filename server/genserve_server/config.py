@@ -331,6 +331,11 @@ class BatchingConfig:
     bulk_budget_ms: float | None = 5.0
     bulk_idle_budget_ms: float | None = 50.0
     interactive_quiet_s: float = 1.0
+    # Batches are capped at the smallest warmed size whose compute per item is within this fraction
+    # of the best warmed size's (repository.efficient_batch_size): where batching gains nothing (large
+    # convolutions on a CPU) requests run one by one instead of waiting in each other's batches; on
+    # a GPU the cap stays at max_batch_size. None (JSON null) = always up to max_batch_size.
+    efficient_batch_tolerance: float | None = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +375,19 @@ def _budget_ms(r: _Reader, key: str, default: float | None) -> float | None:
     return float(value)
 
 
+def _tolerance(r: _Reader, key: str, default: float | None) -> float | None:
+    """A fraction >= 0, null (off), or absent (the default)."""
+    if key not in r.data:
+        r.seen.add(key)
+        return default
+    value = r.raw(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise r.error(key, f"must be a fraction >= 0 (0.05 = within 5 %) or null (off), got {value!r}")
+    return float(value)
+
+
 def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> ModelConfig:
     r = _Reader(str(path), _read_json(path))
     kind = r.string("kind", "", choices=KINDS)
@@ -386,6 +404,7 @@ def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> Mode
         bulk_budget_ms=_budget_ms(br, "bulk_budget_ms", d.bulk_budget_ms),
         bulk_idle_budget_ms=_budget_ms(br, "bulk_idle_budget_ms", d.bulk_idle_budget_ms),
         interactive_quiet_s=br.number("interactive_quiet_s", d.interactive_quiet_s, min_value=0.0),
+        efficient_batch_tolerance=_tolerance(br, "efficient_batch_tolerance", d.efficient_batch_tolerance),
     )
     br.finish()
     if (

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +89,8 @@ class ModelVersion:
     # super_resolution: receptive-field radius in input pixels, measured at load (None: not local
     # at the probe size, or not measured); SuperResolve sizes tile margins and overlap from it.
     tile_radius: int | None = None
+    # The batch cap measured at warm-up (efficient_batch_size); None: up to max_batch_size.
+    efficient_batch_size: int | None = None
 
     @property
     def label(self) -> str:
@@ -261,7 +263,10 @@ class Repository:
                 bulk_budget_s=_ms_to_s(mv.config.batching.bulk_budget_ms),
                 bulk_idle_budget_s=_ms_to_s(mv.config.batching.bulk_idle_budget_ms),
                 interactive_quiet_s=mv.config.batching.interactive_quiet_s,
+                efficient_batch_size=mv.efficient_batch_size,
             )
+            batcher = mv.batcher
+            mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
             mv.batcher.start()
             mv.state = ModelState.READY
             mv.metrics.ready.set(1)
@@ -336,8 +341,28 @@ class Repository:
         try:
             self._check_graph(mv, card, runner)
             if sc.warmup:
-                for batch in sorted({1, mv.config.batching.max_batch_size}):
-                    runner.warm(warmup_inputs(card, batch))
+                costs: dict[int, float] = {}
+                largest = mv.config.batching.max_batch_size
+                tolerance = mv.config.batching.efficient_batch_tolerance
+                sizes = warmup_batch_sizes(largest) if tolerance is not None else sorted({1, largest})
+                # The largest first: the arena then holds every smaller batch. Each size's cost is
+                # its fastest of three runs, so that a busy moment does not shrink the cap.
+                for batch in sorted(sizes, key=lambda b: (b != largest, b)):
+                    inputs = warmup_inputs(card, batch)
+                    runner.warm(inputs)
+                    cost_s = runner.measured_cost_s(inputs)
+                    if cost_s is not None:
+                        costs[batch] = cost_s
+                if tolerance is not None and costs:
+                    mv.efficient_batch_size = efficient_batch_size(costs, tolerance)
+                    if mv.efficient_batch_size < mv.config.batching.max_batch_size:
+                        logger.info(
+                            "%s: batches capped at %d: per-item compute %s (larger batches gain < %.0f %%)",
+                            mv.label,
+                            mv.efficient_batch_size,
+                            ", ".join(f"b{b} {1e3 * c / b:.3g} ms" for b, c in sorted(costs.items())),
+                            100 * tolerance,
+                        )
             if card.kind == "super_resolution":
                 mv.tile_radius = measure_tile_radius(card, runner)
         except BaseException:
@@ -371,6 +396,37 @@ class Repository:
             if mv.runner is not None:
                 mv.runner.close()
             mv.metrics.ready.set(0)
+
+
+def warmup_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to max_batch_size, and max_batch_size itself: the sizes warmed and timed."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+# What serving one batch costs besides the model call (batcher bookkeeping, a thread hop, futures):
+# it favours larger batches where the model call itself is tiny.
+BATCH_OVERHEAD_S = 100e-6
+
+
+def efficient_batch_size(costs_s: Mapping[int, float], tolerance: float) -> int:
+    """The smallest batch size whose cost per item is within `tolerance` of the best size's.
+
+    Cost = the measured model call + BATCH_OVERHEAD_S. Larger batches only pay when they compute
+    each item faster: on a CPU, large convolutions often do not (per item, SR tiles cost the same at
+    batch 1 and 16), and a closed loop of clients then waits in each other's batches for nothing.
+    """
+    per_item = {
+        size: (cost + BATCH_OVERHEAD_S) / size for size, cost in costs_s.items() if size > 0 and cost > 0
+    }
+    if not per_item:
+        return max(costs_s, default=1)
+    best = min(per_item.values())
+    return min(size for size, cost in per_item.items() if cost <= best * (1.0 + tolerance))
 
 
 def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:

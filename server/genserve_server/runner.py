@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,11 @@ class Runner:
         self._shared = n_sessions == 1 and not config.uses_io_binding
         # Batches running on the pool threads now.
         self._running = 0
+        # Set by the owner (repository: the batcher's queue is not empty). A batch goes to the solo
+        # session only while nothing else runs and nothing waits: otherwise the next batch would
+        # start beside it on the other instance, and a multi-threaded call would share the cores
+        # with it for its whole (possibly long) duration.
+        self.more_work_queued: Callable[[], bool] = lambda: False
         self._running_lock = threading.Lock()
         self.solo_session: ort.InferenceSession | None = None
         if (
@@ -231,13 +237,19 @@ class Runner:
         feeds["z"] = z
         return feeds, z
 
+    def measured_cost_s(self, inputs: Mapping[str, np.ndarray]) -> float | None:
+        """The compute seconds a batch shaped like `inputs` took (warm-up minimum, then averaged)."""
+        return self._cost_s.get(self._signature(inputs))
+
     def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3) -> None:
         """Run a batch a few times at load: allocations settle and its compute cost is known."""
         signature = self._signature(inputs)
         self._cost_s.pop(signature, None)
+        fastest_s = math.inf
         for _ in range(times):
             self._call(signature, inputs)
-        self._cost_s[signature] = min(self._cost_s[signature], self._last_s)
+            fastest_s = min(fastest_s, self._last_s)
+        self._cost_s[signature] = fastest_s  # a busy moment during load does not stick
         if self.solo_session is not None:
             self._call(signature, inputs, solo=True)  # settle the solo session too (cost not recorded)
 
@@ -295,9 +307,9 @@ class Runner:
     def _call_pooled(
         self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """A pool thread's batch: on the solo session when no other batch is running right now."""
+        """A pool thread's batch: on the solo session when no other batch runs or waits right now."""
         with self._running_lock:
-            solo = self._running == 0 and self.solo_session is not None
+            solo = self._running == 0 and self.solo_session is not None and not self.more_work_queued()
             self._running += 1
         try:
             return self._call(signature, inputs, solo)

@@ -19,7 +19,12 @@ from genserve_server.config import (
 )
 from genserve_server.errors import NotFound, Unavailable
 from genserve_server.metrics import Metrics, batch_size_buckets
-from genserve_server.repository import ModelState, Repository
+from genserve_server.repository import (
+    ModelState,
+    Repository,
+    efficient_batch_size,
+    warmup_batch_sizes,
+)
 
 
 def write_config(tmp_path: Path, data: object) -> Path:
@@ -53,6 +58,10 @@ def write_config(tmp_path: Path, data: object) -> Path:
         (
             {"kind": "generator", "batching": {"bulk_idle_budget_ms": "50"}},
             "batching.bulk_idle_budget_ms must be a number of milliseconds > 0 or null",
+        ),
+        (
+            {"kind": "generator", "batching": {"efficient_batch_tolerance": -0.1}},
+            "batching.efficient_batch_tolerance must be a fraction >= 0 (0.05 = within 5 %) or null",
         ),
         (
             {"kind": "generator", "batching": {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}},
@@ -131,6 +140,52 @@ def test_bulk_budgets_default_null_and_reach_the_batcher(tmp_path: Path) -> None
         )
 
     with_repo(root, check)
+
+
+def test_warmup_times_every_power_of_two_up_to_the_max() -> None:
+    assert warmup_batch_sizes(1) == [1]
+    assert warmup_batch_sizes(16) == [1, 2, 4, 8, 16]
+    assert warmup_batch_sizes(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize(
+    ("costs_ms", "tolerance", "expected"),
+    [
+        # SR tiles on a CPU: batch 16 computes no tile faster than batch 1 -> one by one.
+        ({1: 96.0, 2: 197.0, 4: 412.0, 16: 1650.0}, 0.05, 1),
+        # A tiny model: the per-batch overhead makes every doubling pay, up to the largest batch.
+        ({1: 0.03, 2: 0.04, 4: 0.045, 8: 0.06, 16: 0.1, 32: 0.19, 64: 0.38}, 0.05, 64),
+        # Mid-size: gains stop at 4 (3.27 ms an item; 8 and 16 gain < 5 %).
+        ({1: 3.74, 2: 6.88, 4: 13.08, 8: 25.84, 16: 52.0}, 0.05, 4),
+        ({1: 3.74, 2: 6.88, 4: 13.08, 8: 25.84, 16: 52.0}, 0.0, 8),  # the single cheapest size
+        ({1: 3.74, 2: 6.88, 4: 13.08, 8: 25.84, 16: 52.0}, 0.2, 1),
+    ],
+)
+def test_efficient_batch_size_is_the_smallest_within_tolerance_of_the_best(
+    costs_ms: dict[int, float], tolerance: float, expected: int
+) -> None:
+    assert efficient_batch_size({b: c / 1e3 for b, c in costs_ms.items()}, tolerance) == expected
+
+
+def test_the_measured_batch_cap_reaches_the_batcher_and_null_turns_it_off(tmp_path: Path) -> None:
+    root = build_tiny_repo(tmp_path / "repo", with_slow=False, with_broken=False)
+    config_path = root / "tiny-gen" / "config.json"
+    data = json.loads(config_path.read_text())
+
+    def cap(repo: Repository) -> tuple[int | None, int]:
+        mv = repo.get("tiny-gen").resolve("")
+        assert mv.batcher is not None
+        return mv.efficient_batch_size, mv.batcher.max_batch_size
+
+    seen: list[tuple[int | None, int]] = []
+    # tolerance 100: every size is "within" -> the cap is the smallest size, 1.
+    data.setdefault("batching", {})["efficient_batch_tolerance"] = 100
+    config_path.write_text(json.dumps(data))
+    with_repo(root, lambda repo: seen.append(cap(repo)))
+    data["batching"]["efficient_batch_tolerance"] = None
+    config_path.write_text(json.dumps(data))
+    with_repo(root, lambda repo: seen.append(cap(repo)))
+    assert seen == [(1, 1), (None, data["batching"]["max_batch_size"])]
 
 
 def test_server_config_defaults_and_errors(tmp_path: Path) -> None:

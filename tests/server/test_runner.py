@@ -146,6 +146,31 @@ def test_a_batch_alone_runs_on_the_all_cores_session_and_overlapping_ones_do_not
     runner.close()
 
 
+def test_a_batch_alone_skips_the_all_cores_session_while_more_work_waits(tmp_path: Path) -> None:
+    # The next batch would start beside it on the other instance: the solo call would then share
+    # the cores for its whole duration.
+    runner = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=2)
+    calls: list[bool] = []
+    original = runner.run_sync
+
+    def spy(inputs, solo=False):  # type: ignore[no-untyped-def]
+        calls.append(solo)
+        return original(inputs, solo=solo)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+    z = {"z": np.ones((2, TINY_LATENT), np.float32), "label": np.arange(2, dtype=np.int64)}
+    queued = [True, False]
+
+    async def body() -> None:
+        for waiting in queued:
+            runner.more_work_queued = lambda waiting=waiting: waiting  # type: ignore[misc]
+            await runner.run((), z)
+
+    asyncio.run(body())
+    assert calls == [False, True]
+    runner.close()
+
+
 def test_no_solo_session_with_one_instance_or_pinned_threads(tmp_path: Path) -> None:
     one = make_runner(tmp_path, inline_max_s=0.0, instances=1, solo_threads=2)
     assert one.solo_session is None
