@@ -59,7 +59,13 @@ USER_CARD_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 CONFIG_FIELDS = ("kind", "batching", "instances", "execution_providers", "precision", "version_policy")
-BATCHING_FIELDS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size")
+BATCHING_FIELDS = (
+    "max_batch_size",
+    "max_queue_delay_ms",
+    "preferred_batch_sizes",
+    "max_queue_size",
+    "efficient_batch_tolerance",
+)
 DEFAULT_EXECUTION_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 # Generators are cheap per item and served to many small requests: batch widely with a short
@@ -174,6 +180,11 @@ def _validate_batching(batching: Any, where: str) -> list[str]:
     queue = batching.get("max_queue_size", 1)
     if not _is_int(queue) or queue < 1:
         problems.append(f"{where}: 'batching.max_queue_size' must be a positive int, got {queue!r}")
+    tolerance = batching.get("efficient_batch_tolerance")
+    if tolerance is not None and (not _is_number(tolerance) or tolerance < 0):
+        problems.append(
+            f"{where}: 'batching.efficient_batch_tolerance' must be a number >= 0 or null, got {tolerance!r}"
+        )
     return problems
 
 
