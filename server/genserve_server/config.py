@@ -363,30 +363,38 @@ class ModelConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-def _budget_ms(r: _Reader, key: str, default: float | None) -> float | None:
-    """A bulk batch budget in ms: a number > 0, null (full batches), or absent (the default)."""
+def _nullable_number(
+    r: _Reader, key: str, default: float | None, *, zero_allowed: bool, expected: str
+) -> float | None:
+    """A finite number (> 0, or >= 0 when `zero_allowed`), null, or absent (the default)."""
     if key not in r.data:
         r.seen.add(key)
         return default
     value = r.raw(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise r.error(key, f"must be a number of milliseconds > 0 or null (full batches), got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value < math.inf
+        or not (value >= 0 if zero_allowed else value > 0)
+    ):
+        raise r.error(key, f"must be {expected}, got {value!r}")
     return float(value)
+
+
+def _budget_ms(r: _Reader, key: str, default: float | None) -> float | None:
+    """A bulk batch budget in ms: a number > 0, null (full batches), or absent (the default)."""
+    return _nullable_number(
+        r, key, default, zero_allowed=False, expected="a number of milliseconds > 0 or null (full batches)"
+    )
 
 
 def _tolerance(r: _Reader, key: str, default: float | None) -> float | None:
     """A fraction >= 0, null (off), or absent (the default)."""
-    if key not in r.data:
-        r.seen.add(key)
-        return default
-    value = r.raw(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise r.error(key, f"must be a fraction >= 0 (0.05 = within 5 %) or null (off), got {value!r}")
-    return float(value)
+    return _nullable_number(
+        r, key, default, zero_allowed=True, expected="a fraction >= 0 (0.05 = within 5 %) or null (off)"
+    )
 
 
 def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> ModelConfig:
