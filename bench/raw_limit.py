@@ -76,13 +76,17 @@ def measure(
         latencies.append(time.perf_counter() - t0)
     total = time.perf_counter() - started
     latencies.sort()
+    p50 = statistics.median(latencies)
     return {
         "batch": batch,
         "calls": len(latencies),
-        "images_per_s": batch * len(latencies) / total,
-        "latency_p50_ms": 1e3 * statistics.median(latencies),
+        # From the median call: a few calls stalled by other work on a shared machine (the 23:58
+        # run once measured SR at 18 img/s with a 21 ms p50) must not lower a limit.
+        "images_per_s": batch / p50,
+        "images_per_s_mean": batch * len(latencies) / total,
+        "latency_p50_ms": 1e3 * p50,
         "latency_min_ms": 1e3 * latencies[0],
-        "ms_per_image": 1e3 * total / (batch * len(latencies)),
+        "ms_per_image": 1e3 * p50 / batch,
     }
 
 
@@ -114,13 +118,15 @@ def measure_concurrent(
         t.join()
     total = time.perf_counter() - started
     calls = sorted(x for per_caller in latencies for x in per_caller)
+    p50 = statistics.median(calls)
     return {
         "batch": batch,
         "callers": callers,
         "calls": len(calls),
-        "images_per_s": batch * len(calls) / total,
-        "latency_p50_ms": 1e3 * statistics.median(calls),
-        "ms_per_image": 1e3 * total / (batch * len(calls)),
+        "images_per_s": callers * batch / p50,  # median call, as in `measure`
+        "images_per_s_mean": batch * len(calls) / total,
+        "latency_p50_ms": 1e3 * p50,
+        "ms_per_image": 1e3 * p50 / (callers * batch),
     }
 
 

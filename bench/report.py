@@ -209,7 +209,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "**The limit: raw ONNX Runtime in-process** (images/s with one caller and intra-op threads = "
         "cores (its p50 ms per call) / images/s with one caller per core, one intra-op thread each; "
-        "the limit is the better of the two)",
+        "the limit is the better of the two; images/s from the median call)",
         "",
         "| model | kind | input | batch 1 | batch 4 | batch 16 | batch 64 |",
         "|---|---|---|---|---|---|---|",
