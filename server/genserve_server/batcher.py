@@ -15,7 +15,8 @@ Scheduling:
   nothing at concurrency 1; an idle runner waits the window only while arrivals overlapped recently
   (a moving fraction of arrivals, and the last overlap within OVERLAP_MEMORY_S);
 - the queue is bounded in rows: a request that does not fit is refused at once (ResourceExhausted);
-- rows of a request whose deadline passed or whose caller went away are dropped before compute.
+- rows of a request whose deadline passed are dropped before compute; a cancelled caller's rows
+  leave the queue at once.
 
 Every future is resolved exactly once on every path: a failing batch fails only its own requests.
 """
@@ -280,8 +281,25 @@ class Batcher:
             self._bulk_rows += n_rows
         self._observer.on_queue_depth(self._queued_rows)
         self._available.set()
-        # If the caller is cancelled here, asyncio cancels `future`; the dispatcher then drops its rows.
+        # If the caller is cancelled here, asyncio cancels `future`: its rows leave the queue at once,
+        # so that a client that gave up never holds room a live request is refused for.
+        future.add_done_callback(lambda f: self._forget_cancelled(request) if f.cancelled() else None)
         return await future
+
+    def _forget_cancelled(self, request: PendingRequest) -> None:
+        """Take a cancelled request's untaken rows out of the queue (rows already in a batch compute
+        and are discarded by _fan_out)."""
+        queue = self._lanes[request.lane].get(request.key)
+        if queue is None or request not in queue:
+            return  # all its rows were taken, or _take dropped it first
+        queue.remove(request)
+        if not queue:
+            del self._lanes[request.lane][request.key]
+        self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
+        # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
+        expired = request.deadline is not None and time.monotonic() >= request.deadline
+        self._observer.on_dropped("deadline" if expired else "cancelled")
+        self._observer.on_queue_depth(self._queued_rows)
 
     def _bulk_fits(self, n_rows: int) -> bool:
         if self._queued_rows + n_rows > self.max_queue_size:
@@ -460,8 +478,8 @@ class Batcher:
             self._room.set()
 
     def _take(self, lane: Lane, key: Hashable) -> list[_Part]:
+        """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first."""
         limit = self._batch_limit(lane)
-        """Take up to max_batch_size live rows of one sub-queue, dropping dead requests first."""
         queue = self._lanes[lane][key]
         parts: list[_Part] = []
         rows = 0

@@ -310,6 +310,59 @@ def test_cancelled_caller_is_dropped_before_compute_and_counted() -> None:
     run(body())
 
 
+def test_a_cancelled_callers_rows_leave_a_full_queue_at_once() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=4)
+        gate, blocker = await hold_runner(batcher, model)
+        gone = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3), 3))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 3
+        gone.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert batcher.queued_rows == 0 and recorder.depth == 0
+        # Room the client that gave up held: a live request fits while the runner is still busy.
+        accepted = asyncio.ensure_future(batcher.submit("k", rows(4, 5, 6), 3))
+        await asyncio.sleep(0.01)
+        gate.set()
+        result = await accepted
+        await blocker
+        np.testing.assert_array_equal(result.outputs["y"], [40, 50, 60])
+        assert all(1 not in x for _, x in model.batches)
+        assert recorder.dropped == ["cancelled"]
+        assert recorder.rejected == []
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_request_cancelled_between_its_batches_frees_only_its_untaken_rows() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_batch_size=2, max_queue_size=8)
+        gate = asyncio.Event()
+        model.gate = gate
+        split = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3, 4, 5), 5))
+        await model.started.wait()  # rows 1, 2 are computing; 3, 4, 5 wait
+        other = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 4
+        split.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert batcher.queued_rows == 1
+        gate.set()
+        result = await other
+        np.testing.assert_array_equal(result.outputs["y"], [60])
+        computed = sorted(float(v) for _, x in model.batches for v in x)
+        assert computed == [1.0, 2.0, 6.0]
+        assert recorder.dropped == ["cancelled"]
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_caller_cancelled_mid_batch_does_not_disturb_the_others() -> None:
     async def body() -> None:
         model = FakeModel()
