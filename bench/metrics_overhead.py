@@ -59,7 +59,7 @@ def recording_cost_s(iterations: int = 50_000) -> tuple[float, float]:
             in_flight.inc()
             model.queue_depth.set(1)
             model.queue_depth.set(0)
-            model.queue_duration.observe(0.0004)
+            model.queue_duration[0].observe(0.0004)  # the interactive lane
             model.batch_size.observe(1)
             model.batch_requests.observe(1)
             model.compute_duration.observe(0.0002)

@@ -73,7 +73,7 @@ class BatchObserver(Protocol):
     def on_queue_depth(self, rows: int) -> None: ...
     def on_rejected(self, reason: str) -> None: ...
     def on_dropped(self, reason: str) -> None: ...
-    def on_queue_wait(self, wait_s: float) -> None: ...
+    def on_queue_wait(self, wait_s: float, lane: Lane) -> None: ...
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None: ...
 
 
@@ -87,7 +87,7 @@ class NullObserver:
     def on_dropped(self, reason: str) -> None:
         return None
 
-    def on_queue_wait(self, wait_s: float) -> None:
+    def on_queue_wait(self, wait_s: float, lane: Lane) -> None:
         return None
 
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
@@ -522,7 +522,7 @@ class Batcher:
         for p in parts:
             wait_s = started - p.request.enqueued_at
             queue_s = max(queue_s, wait_s)
-            self._observer.on_queue_wait(wait_s)
+            self._observer.on_queue_wait(wait_s, p.request.lane)
         ok = False
         try:
             inputs = self._concat(parts)

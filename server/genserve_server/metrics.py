@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+from genserve_server.batcher import Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
 
 # 0.5 ms .. 30 s in 1-2.5-5 steps.
@@ -130,7 +131,10 @@ class ModelMetrics:
         # genserve_model_ready{model=""} 0 that would fire GenserveModelNotReady.
         mon = on and model_level
         mv = (model, version)
-        self.queue_duration = m.queue_duration.labels(*mv) if mon else _NULL
+        # Indexed by batcher.Lane: bulk waits (a starved SampleStream) show apart from interactive ones.
+        self.queue_duration = tuple(
+            m.queue_duration.labels(*mv, lane.name.lower()) if mon else _NULL for lane in Lane
+        )
         self.compute_duration = m.compute_duration.labels(*mv) if mon else _NULL
         self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
         self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
@@ -195,8 +199,8 @@ class Metrics:
         )
         self.queue_duration = Histogram(
             "genserve_queue_duration_seconds",
-            "Time an item waited in the batcher.",
-            mv,
+            "Time an item waited in the batcher, by lane (interactive, bulk).",
+            (*mv, "lane"),
             buckets=lat,
             registry=reg,
         )
@@ -330,8 +334,8 @@ class BatchMetrics:
     def on_dropped(self, reason: str) -> None:
         self._m.dropped[reason].inc()
 
-    def on_queue_wait(self, wait_s: float) -> None:
-        self._m.queue_duration.observe(wait_s)
+    def on_queue_wait(self, wait_s: float, lane: Lane) -> None:
+        self._m.queue_duration[lane].observe(wait_s)
 
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
         m = self._m

@@ -47,6 +47,7 @@ class Recorder:
         self.dropped: list[str] = []
         self.rejected: list[str] = []
         self.batches: list[tuple[int, int, bool]] = []
+        self.waits: list[Lane] = []
         self.depth = 0
 
     def on_queue_depth(self, rows: int) -> None:
@@ -58,8 +59,9 @@ class Recorder:
     def on_dropped(self, reason: str) -> None:
         self.dropped.append(reason)
 
-    def on_queue_wait(self, wait_s: float) -> None:
+    def on_queue_wait(self, wait_s: float, lane: Lane) -> None:
         assert wait_s >= 0
+        self.waits.append(lane)
 
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
         self.batches.append((rows, n_requests, ok))
@@ -214,7 +216,7 @@ def test_full_batch_goes_without_waiting_the_window() -> None:
 def test_interactive_lane_goes_before_bulk() -> None:
     async def body() -> None:
         model = FakeModel()
-        batcher, _ = make(model, max_batch_size=1)
+        batcher, recorder = make(model, max_batch_size=1)
         gate, blocker = await hold_runner(batcher, model)
         bulk = asyncio.ensure_future(batcher.submit("k", rows(100), 1, lane=Lane.BULK))
         await asyncio.sleep(0.01)
@@ -223,6 +225,8 @@ def test_interactive_lane_goes_before_bulk() -> None:
         gate.set()
         await asyncio.gather(bulk, interactive, blocker)
         assert [float(x[0]) for _, x in model.batches] == [-1, 1, 100]
+        # Each wait is reported with its lane (genserve_queue_duration_seconds{lane=...}).
+        assert recorder.waits == [Lane.INTERACTIVE, Lane.INTERACTIVE, Lane.BULK]
         await batcher.close(1)
 
     run(body())

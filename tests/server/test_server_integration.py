@@ -274,13 +274,20 @@ def test_sample_stream_in_order_resumable_labels_cycled(
         assert [g.image.data for g in resumed] == [g.image.data for g in images[7:]]
 
 
-def test_sample_stream_equals_sample(stub: pb_grpc.GenerationServiceStub) -> None:
+def test_sample_stream_equals_sample(stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess) -> None:
+    def waits(lane: str) -> float:
+        return tiny_server.metric("genserve_queue_duration_seconds_count", model="tiny-gen", lane=lane)
+
+    before = {lane: waits(lane) for lane in ("bulk", "interactive")}
     sample = pb.SampleRequest(model="tiny-gen", count=5, base_seed=9, output=F32)
     streamed = [
         g.image.data for c in stub.SampleStream(pb.SampleStreamRequest(sample=sample)) for g in c.images
     ]
+    assert waits("bulk") > before["bulk"]  # a stream's rows wait in the bulk lane
+    assert waits("interactive") == before["interactive"]
     direct = [g.image.data for g in stub.Sample(sample).images]
     assert streamed == direct
+    assert waits("interactive") > before["interactive"]
 
 
 def test_sample_stream_rejects_seeds_and_bad_start(stub: pb_grpc.GenerationServiceStub) -> None:
