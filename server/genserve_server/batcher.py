@@ -60,6 +60,9 @@ OVERLAP_MEMORY_S = 0.1
 # Once as many requests are queued as the most callers seen in the server within this time, no
 # more are coming (closed-loop clients all wait on us): the batch goes without the rest of the window.
 CALLERS_PEAK_MEMORY_S = 1.0
+# gRPC cancels a handler at its deadline ~1-2 ms before the deadline the server computes from
+# time_remaining() at arrival: a cancellation this close to the deadline counts as the deadline.
+DEADLINE_SLACK_S = 0.01
 
 
 class Lane(enum.IntEnum):
@@ -297,7 +300,7 @@ class Batcher:
             del self._lanes[request.lane][request.key]
         self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
         # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
-        expired = request.deadline is not None and time.monotonic() >= request.deadline
+        expired = request.deadline is not None and time.monotonic() >= request.deadline - DEADLINE_SLACK_S
         self._observer.on_dropped("deadline" if expired else "cancelled")
         self._observer.on_queue_depth(self._queued_rows)
 

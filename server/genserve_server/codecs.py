@@ -83,6 +83,9 @@ class ImageFormat(enum.IntEnum):
 
 
 _ENCODED: Final = (ImageFormat.PNG, ImageFormat.JPEG, ImageFormat.WEBP)
+# The largest side each lossy format can hold (libjpeg's JPEG_MAX_DIMENSION, WebP's 14-bit size
+# fields); PNG's limit (2^31 - 1) is far above any allowed output.
+MAX_SIDE: Final[dict[int, int]] = {ImageFormat.JPEG: 65500, ImageFormat.WEBP: 16383}
 _PIL_NAME: Final = {ImageFormat.PNG: "PNG", ImageFormat.JPEG: "JPEG", ImageFormat.WEBP: "WEBP"}
 
 
@@ -172,6 +175,18 @@ def encoded_size(data: bytes) -> tuple[ImageFormat, int, int] | None:
         return None
     size = _SIZE_READERS[fmt](data)
     return None if size is None else (fmt, size[0], size[1])
+
+
+def declared_size(data: bytes, fmt: int, shape: Sequence[int]) -> tuple[int, int] | None:
+    """(height, width) a request image declares (header or `shape`), without decoding; None if unknown."""
+    if fmt == ImageFormat.RAW_UINT8 and len(shape) == 3:
+        return int(shape[0]), int(shape[1])
+    if fmt == ImageFormat.TENSOR_F32 and len(shape) == 3:
+        return int(shape[1]), int(shape[2])
+    if fmt in (ImageFormat.UNSPECIFIED, *_ENCODED):
+        found = encoded_size(data)
+        return None if found is None else (found[2], found[1])
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class Limits:
     max_stream_images: int = 10**9
     # gRPC maximum_concurrent_rpcs: beyond it the transport answers RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 1024
-    max_concurrent_streams: int = 256
+    max_concurrent_streams: int = 1024
     # SampleStream calls running at once (bulk jobs); beyond it RESOURCE_EXHAUSTED (limits.py).
     max_concurrent_sample_streams: int = 64
     # Used when a model's config.json does not say.

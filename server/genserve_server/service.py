@@ -34,9 +34,9 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import codecs, latents, tiling
-from genserve_server.batcher import Batcher, BatchResult, Lane
+from genserve_server.batcher import DEADLINE_SLACK_S, Batcher, BatchResult, Lane
 from genserve_server.config import LATENT_KINDS, Card, ServerConfig, cpu_count
-from genserve_server.errors import GenserveError, InvalidArgument, NotFound, ResourceExhausted, invalid
+from genserve_server.errors import GenserveError, InvalidArgument, NotFound, invalid
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.runner import PIXELS_OUTPUT, PSI_INPUT, SEED_INPUT
@@ -277,7 +277,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             return response
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            code = _cancelled_code(call)
             raise
         except Exception as exc:
             code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
@@ -297,7 +297,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 yield item
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            code = _cancelled_code(call)
             raise
         except Exception as exc:
             code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
@@ -342,13 +342,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     # ================================================================== shared validation
 
     def _resolve(
-        self, call: Call, name: str, version: str, kinds: Sequence[str], method: str
+        self, call: Call, name: str, version: str, kinds: Sequence[str], method: str, field_prefix: str = ""
     ) -> ModelVersion:
+        """`field_prefix` ("sample." for SampleStream) makes messages name the field as the client set it."""
         if not name:
-            raise invalid("model", "required (see ListModels)")
+            raise invalid(f"{field_prefix}model", "required (see ListModels)")
         model = self.repo.get(name)
         if model.kind and model.kind not in kinds:
-            raise invalid("model", f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}")
+            raise invalid(
+                f"{field_prefix}model", f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}"
+            )
         try:
             mv = model.resolve(version)
         except GenserveError:
@@ -387,12 +390,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return n
 
     @staticmethod
-    def _psi(request: pb.SampleRequest | pb.InterpolateRequest) -> float | None:
+    def _psi(request: pb.SampleRequest | pb.InterpolateRequest, field_prefix: str = "") -> float | None:
         if not request.HasField("truncation_psi"):
             return None
         psi = request.truncation_psi
         if not (0.0 < psi <= MAX_PSI) or not math.isfinite(psi):
-            raise invalid("truncation_psi", f"must be in (0, {MAX_PSI:g}], got {psi:g}")
+            raise invalid(f"{field_prefix}truncation_psi", f"must be in (0, {MAX_PSI:g}], got {psi:g}")
         return float(psi)
 
     @staticmethod
@@ -401,6 +404,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if tensor.dtype not in (tpb.DTYPE_UNSPECIFIED, tpb.DTYPE_FLOAT32):
             raise invalid(f"{field_name}.dtype", "must be DTYPE_FLOAT32")
         shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise invalid(f"{field_name}.shape", f"dimensions must be >= 0, got {list(shape)}")
         if vector:
             if shape not in ((dim,), (1, dim)):
                 raise invalid(f"{field_name}.shape", f"must be [{dim}] (the latent size), got {list(shape)}")
@@ -452,31 +457,60 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return values
 
     @staticmethod
-    def _lane(priority: int, default: Lane) -> Lane:
+    def _lane(priority: int, default: Lane, field_prefix: str = "") -> Lane:
         if priority == tpb.PRIORITY_INTERACTIVE:
             return Lane.INTERACTIVE
         if priority == tpb.PRIORITY_BULK:
             return Lane.BULK
         if priority != tpb.PRIORITY_UNSPECIFIED:
-            raise invalid("priority", f"unknown priority {priority}")
+            raise invalid(f"{field_prefix}priority", f"unknown priority {priority}")
         return default
 
-    def _check_send_size(self, n_bytes: int, what: str) -> None:
+    def _check_send_size(self, n_bytes: int, what: str, fmt: int | None = None) -> None:
+        """InvalidArgument when a response would exceed max_send_message_bytes.
+
+        Not RESOURCE_EXHAUSTED: that code means "refused at admission, retry" to clients (and the
+        project's RetryPolicy), while the same request would be refused again every time.
+        """
         limit = self.limits.max_send_message_bytes
         # Protobuf framing (shapes, seeds, latents, provenance) rides on top of the pixel bytes.
         if n_bytes + SEND_OVERHEAD_BYTES > limit:
-            raise ResourceExhausted(
-                f"{what} would be {n_bytes} bytes, above max_send_message_bytes={limit}; "
-                "request fewer or smaller "
-                "images or an encoded format (PNG/JPEG/WEBP)",
-                field="output",
+            if fmt in (tpb.IMAGE_FORMAT_PNG, tpb.IMAGE_FORMAT_UNSPECIFIED):
+                hint = (
+                    "fewer or smaller images, a higher output.png_compression or a lossy format (JPEG/WEBP)"
+                )
+            elif fmt in (tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_WEBP):
+                hint = "fewer or smaller images or a lower output.quality"
+            else:
+                hint = "fewer or smaller images or an encoded format (PNG/JPEG/WEBP)"
+            raise invalid(
+                "output",
+                f"{what} would be {n_bytes} bytes, above max_send_message_bytes={limit}; request {hint}",
             )
 
     def _predict_raw_size(self, out: OutputSpec, n: int, c: int, h: int, w: int) -> None:
+        """Refuse before compute what is sure to exceed the send limit (sizes known in advance)."""
         if out.format == tpb.IMAGE_FORMAT_TENSOR_F32:
-            self._check_send_size(n * c * h * w * 4, "the response")
+            self._check_send_size(n * c * h * w * 4, "the response", out.format)
         elif out.format == tpb.IMAGE_FORMAT_RAW_UINT8:
-            self._check_send_size(n * c * h * w, "the response")
+            self._check_send_size(n * c * h * w, "the response", out.format)
+        elif out.format == tpb.IMAGE_FORMAT_PNG and out.png_compression == 0:
+            # Stored deflate blocks: at least the pixels plus one filter byte per row.
+            self._check_send_size(n * (c * h * w + h), "the response", out.format)
+
+    @staticmethod
+    def _check_encodable(out: OutputSpec, sizes: Sequence[tuple[int, int]]) -> None:
+        """Before compute: every output image (height, width) fits the chosen format's side limit."""
+        limit = codecs.MAX_SIDE.get(out.format)
+        if limit is None:
+            return
+        for i, (h, w) in enumerate(sizes):
+            if max(h, w) > limit:
+                raise invalid(
+                    "output.format",
+                    f"{out.format_name.upper()} holds at most {limit} pixels a side; output image {i} "
+                    f"would be {h}x{w} (use PNG, or smaller inputs)",
+                )
 
     def _provenance(self, mv: ModelVersion, batch_sizes: Sequence[int]) -> tpb.Provenance:
         return tpb.Provenance(
@@ -558,7 +592,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 functools.partial(self._encode_sync, images, out, output_range, pixels)
             )
         mv.metrics.encode_duration[out.format_name].observe(time.monotonic() - started)
-        self._check_send_size(sum(len(im.data) for im in result), "the response")
+        self._check_send_size(sum(len(im.data) for im in result), "the response", out.format)
         return result
 
     def _decode_sync(
@@ -573,6 +607,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 image.data, image.format, list(image.shape), max_pixels=max_pixels, field=name
             )
             if image.format == tpb.IMAGE_FORMAT_TENSOR_F32:
+                check_input_range(decoded, card.input_range, name)
                 chw = codecs.convert_channels(decoded.astype(np.float32, copy=False), card.input_channels)
             else:
                 chw = codecs.from_uint8(
@@ -746,7 +781,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.SampleStreamRequest, call: Call
     ) -> AsyncIterator[pb.SampleStreamChunk]:
         sample = request.sample
-        mv = self._resolve(call, sample.model, sample.version, LATENT_KINDS, "SampleStream")
+        mv = self._resolve(call, sample.model, sample.version, LATENT_KINDS, "SampleStream", "sample.")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         if sample.seeds:
@@ -768,8 +803,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 "chunk_size", f"must be in 1..{self.limits.max_images_per_request}, got {chunk_size}"
             )
         out = self._output_spec(sample.output, "sample.output")
-        psi = self._psi(sample)
-        lane = self._lane(sample.priority, Lane.BULK)
+        psi = self._psi(sample, "sample.")
+        lane = self._lane(sample.priority, Lane.BULK, "sample.")
         label_cycle = np.asarray(sample.labels, dtype=np.int64)
         self._labels(sample.labels, card, len(sample.labels) or 1, "sample.labels")  # validates values only
 
@@ -804,6 +839,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> tuple[np.ndarray, int | None]:
         which = point.WhichOneof("point")
         if which == "seed":
+            if not 0 <= point.seed < SEED_LIMIT:  # checked here: latents_for_seeds would name "seed[0]"
+                raise invalid(f"{field_name}.seed", f"must be in [0, 2^63), got {point.seed}")
             return latents.latents_for_seeds([point.seed], dim, psi, field=f"{field_name}.seed")[
                 0
             ], point.seed
@@ -866,8 +903,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         n = self._count(len(request.images), "images")
         if request.sample and not 0 <= request.seed <= SEED_LIMIT - n:
             raise invalid("seed", f"must be in [0, 2^63 - len(images)], got {request.seed}")
-        arrays = await self._decode(mv, request.images, card, self.limits.max_input_pixels)
         h, w = card.image_size
+        for i, image in enumerate(request.images):
+            # From the header or shape, before decoding: a large image is refused without its cost.
+            declared = codecs.declared_size(image.data, image.format, image.shape)
+            if declared is not None and declared != (h, w):
+                raise invalid(
+                    f"images[{i}]",
+                    f"must be {h}x{w} (the encoder's input size; never resized), "
+                    f"got {declared[0]}x{declared[1]}",
+                )
+        arrays = await self._decode(mv, request.images, card, max(h * w, 1))
         for i, chw in enumerate(arrays):
             if chw.shape[1:] != (h, w):
                 raise invalid(
@@ -926,6 +972,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         arrays = await self._decode(mv, request.images, card, self.limits.max_sr_input_pixels)
         self._check_min_size(arrays, card)
         scale = card.scale_factor
+        self._check_encodable(out, [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays])
         self._predict_raw_size(
             out,
             1,
@@ -998,7 +1045,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             images.extend(
                 await self._encode(mv, up[np.newaxis].astype(np.float32, copy=False), out, card.output_range)
             )
-        self._check_send_size(sum(len(im.data) for im in images), "the response")
+        self._check_send_size(sum(len(im.data) for im in images), "the response", out.format)
         return pb.ImageResponse(
             images=images, provenance=self._provenance(mv, batch_sizes), tiles=[len(p) for p in plans]
         )
@@ -1013,6 +1060,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         out = self._output_spec(request.output)
         arrays = await self._decode(mv, request.images, card, self.limits.max_input_pixels)
         self._check_min_size(arrays, card)
+        self._check_encodable(out, [(a.shape[1], a.shape[2]) for a in arrays])
         self._predict_raw_size(
             out, 1, card.channels, sum(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
         )
@@ -1046,7 +1094,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         for o in outputs:
             assert o is not None
             images.extend(await self._encode(mv, o[np.newaxis], out, card.output_range))
-        self._check_send_size(sum(len(im.data) for im in images), "the response")
+        self._check_send_size(sum(len(im.data) for im in images), "the response", out.format)
         return pb.ImageResponse(images=images, provenance=self._provenance(mv, batch_sizes))
 
     # ================================================================== ListModels / GetModel
@@ -1107,8 +1155,33 @@ _STATE = {
 }
 
 
+def _cancelled_code(call: Call) -> str:
+    """The status a cancelled handler is counted under: gRPC cancels it at the client's deadline too."""
+    if call.deadline is not None and time.monotonic() >= call.deadline - DEADLINE_SLACK_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
+
+def check_input_range(values: np.ndarray, input_range: tuple[float, float], field: str) -> None:
+    """TENSOR_F32 inputs must lie in the card's input_range (1 % slack for rounding): a model fed far
+    outside it returns garbage or NaN with OK (a VAE encoder at 3e38 gave NaN latents)."""
+    lo, hi = input_range
+    slack = 0.01 * (hi - lo)
+    low, high = float(values.min()), float(values.max())
+    if low < lo - slack or high > hi + slack:
+        raise invalid(
+            field,
+            f"TENSOR_F32 values must be in the model's input_range [{lo:g}, {hi:g}], got {low:g}..{high:g}",
+        )
+
+
 def check_tiling(tile: int, overlap: int, size_multiple: int) -> None:
     """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned."""
+    if overlap > MAX_TILE // 4:  # no tile_size could hold it: name the overlap, not a derived tile
+        raise invalid(
+            "tile_overlap",
+            f"must be in 0..{MAX_TILE // 4} (tile_size / 4, tile_size <= {MAX_TILE}), got {overlap}",
+        )
     if not 2 * overlap + 8 <= tile <= MAX_TILE:
         raise invalid(
             "tile_size", f"must be in {2 * overlap + 8}..{MAX_TILE} (>= 2 * tile_overlap + 8), got {tile}"

@@ -185,6 +185,10 @@ def test_sample_without_seed_picks_and_returns_seeds(stub: pb_grpc.GenerationSer
             "latents.shape: must be [N, 16]",
         ),
         (
+            pb.SampleRequest(model="tiny-gen", latents=tpb.Tensor(shape=[-2, 16], dtype=tpb.DTYPE_FLOAT32)),
+            "latents.shape: dimensions must be >= 0, got [-2, 16]",
+        ),
+        (
             pb.SampleRequest(model="tiny-gen", latents=latent_tensor(np.full((1, 16), np.inf, np.float32))),
             "latents: values must be finite",
         ),
@@ -341,6 +345,16 @@ def test_interpolate_between_seeds_ends_match_sample(
     assert path.images[-1].image.data == ends.images[1].image.data
 
 
+def test_interpolate_seed_out_of_range_names_the_field(stub: pb_grpc.GenerationServiceStub) -> None:
+    request = pb.InterpolateRequest(
+        model="tiny-gen", start=pb.LatentPoint(seed=-1), end=pb.LatentPoint(seed=2), steps=3
+    )
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Interpolate(request)
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("start.seed: must be in [0, 2^63)"), details_of(excinfo)
+
+
 def test_interpolate_between_latents_and_two_labels(stub: pb_grpc.GenerationServiceStub) -> None:
     a = np.zeros(TINY_LATENT, np.float32)
     b = np.ones(TINY_LATENT, np.float32)
@@ -417,6 +431,37 @@ def test_encode_rejects_wrong_size_naming_the_image(stub: pb_grpc.GenerationServ
     assert "images[0]: must be 8x8" in details_of(excinfo)
 
 
+def test_encode_refuses_a_large_png_from_its_header_without_decoding_it(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4000, 4000), np.uint8)).save(buf, format="PNG")  # 16 MP, a few KiB
+    big = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=buf.getvalue())
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[big] * 32))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[0]: must be 8x8 (the encoder's input size; never resized), got 4000x4000" in details_of(
+        excinfo
+    )
+    assert time.monotonic() - started < 2.0  # decoding 32 of them took seconds and ~0.5 GB
+
+
+def test_tensor_f32_input_outside_the_input_range_is_invalid(stub: pb_grpc.GenerationServiceStub) -> None:
+    chw = np.full((1, 8, 8), 3e38, np.float32)  # the encoder's input_range is [0, 1]
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_TENSOR_F32, data=chw.tobytes(), shape=[1, 8, 8])
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[image], sample=True))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[0]: TENSOR_F32 values must be in the model's input_range [0, 1]" in details_of(excinfo)
+    inside = tpb.Image(
+        format=tpb.IMAGE_FORMAT_TENSOR_F32,
+        data=np.full((1, 8, 8), 1.005, np.float32).tobytes(),
+        shape=[1, 8, 8],
+    )
+    assert len(stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[inside])).latents) == 1  # 1 % slack
+
+
 # ----------------------------------------------------------------------------- SuperResolve / Translate
 
 
@@ -452,6 +497,49 @@ def test_super_resolve_with_more_tiles_than_the_queue_holds_is_invalid_naming_ti
     assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
     assert details_of(excinfo).startswith("tile_size: 1 image(s) cut into 950 tiles of 8x8")
     assert "max_queue_size=256" in details_of(excinfo)
+
+
+def test_an_output_wider_than_the_format_holds_is_invalid_before_compute(
+    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
+) -> None:
+    images_before = tiny_server.metric("genserve_images_total", model="tiny-sr")
+    wide = raw(photo(4, 8200))  # x2: 8x16400, above WebP's 16383
+    for fmt, name in ((tpb.IMAGE_FORMAT_WEBP, "WEBP holds at most 16383"),):
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SuperResolve(
+                pb.ImageRequest(model="tiny-sr", images=[wide], output=tpb.OutputOptions(format=fmt))
+            )
+        assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+        assert details_of(excinfo).startswith(
+            f"output.format: {name} pixels a side; output image 0 would be 8x16400"
+        )
+    assert tiny_server.metric("genserve_images_total", model="tiny-sr") == images_before
+
+
+def test_a_tile_overlap_no_tile_can_hold_names_tile_overlap(stub: pb_grpc.GenerationServiceStub) -> None:
+    for overlap in (1000, 2**32 - 1):
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SuperResolve(
+                pb.ImageRequest(model="tiny-sr", images=[raw(photo(16, 16))], tile_overlap=overlap)
+            )
+        assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            details_of(excinfo)
+            == f"tile_overlap: must be in 0..256 (tile_size / 4, tile_size <= 1024), got {overlap}"
+        )
+
+
+def test_sample_stream_errors_name_the_nested_fields(stub: pb_grpc.GenerationServiceStub) -> None:
+    cases = [
+        (pb.SampleRequest(count=2), "sample.model: required"),
+        (pb.SampleRequest(model="tiny-gen", count=2, truncation_psi=-1), "sample.truncation_psi: must be in"),
+        (pb.SampleRequest(model="tiny-gen", count=2, priority=7), "sample.priority: unknown priority 7"),  # type: ignore[arg-type]
+    ]
+    for sample, prefix in cases:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            list(stub.SampleStream(pb.SampleStreamRequest(sample=sample)))
+        assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+        assert details_of(excinfo).startswith(prefix), details_of(excinfo)
 
 
 def test_super_resolve_of_an_image_within_one_tile_equals_untiled(
@@ -662,12 +750,38 @@ def test_concurrent_single_image_requests_are_batched_and_batch_invariant(
     assert together == alone
 
 
+def test_one_channel_may_carry_more_than_256_calls_at_once(tiny_server: ServerProcess) -> None:
+    # With grpcio 1.85 the server refuses streams above max_concurrent_streams (UNAVAILABLE, REFUSED_STREAM)
+    # instead of the client queueing them; the default now matches max_concurrent_rpcs.
+    async def burst() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(tiny_server.target) as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+
+            async def one(i: int) -> grpc.StatusCode:
+                try:
+                    await stub.Sample(pb.SampleRequest(model="tiny-gen", count=1, base_seed=i), timeout=30)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+
+            return await asyncio.gather(*(one(i) for i in range(400)))
+
+    codes = asyncio.run(burst())
+    assert set(codes) == {grpc.StatusCode.OK}, {c: codes.count(c) for c in set(codes)}
+
+
 def test_expired_deadline_is_never_computed(
     stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
 ) -> None:
     model = "tiny-slow"
     dropped_before = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
     images_before = tiny_server.metric("genserve_images_total", model=model)
+
+    def finished(code: str) -> float:
+        return tiny_server.metric("genserve_requests_total", model=model, method="Sample", code=code)
+
+    expired_before, cancelled_before = finished("DEADLINE_EXCEEDED"), finished("CANCELLED")
     # Occupy the runner (a batch takes tens of ms), then queue a request with a short deadline.
     busy = [stub.Sample.future(pb.SampleRequest(model=model, count=4, base_seed=i)) for i in range(2)]
     time.sleep(0.005)
@@ -690,6 +804,9 @@ def test_expired_deadline_is_never_computed(
         == dropped_before + 1
     )
     assert tiny_server.metric("genserve_images_total", model=model) == images_before + 8 + 1
+    # gRPC cancels the handler at the deadline: counted as the deadline, not as a client's cancel.
+    assert finished("DEADLINE_EXCEEDED") == expired_before + 1
+    assert finished("CANCELLED") == cancelled_before
 
 
 def test_cancelled_call_is_dropped_before_compute(
@@ -762,8 +879,18 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
             s = pb_grpc.GenerationServiceStub(ch)
             with pytest.raises(grpc.RpcError) as excinfo:
                 s.SuperResolve(pb.ImageRequest(model="tiny-sr", images=[raw(photo(300, 300))], output=F32))
-            assert code_of(excinfo) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Not RESOURCE_EXHAUSTED: clients retry that, and the same request would fail every time.
+            assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
             assert "max_send_message_bytes=1048576" in details_of(excinfo)
+            # PNG without compression is at least the raw pixels: refused before compute as well,
+            # and the hint does not suggest the encoded format the request already asked for.
+            images_before = server.metric("genserve_images_total", model="tiny-sr")
+            png0 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG, png_compression=0)
+            with pytest.raises(grpc.RpcError) as excinfo:
+                s.SuperResolve(pb.ImageRequest(model="tiny-sr", images=[raw(photo(300, 300))], output=png0))
+            assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "higher output.png_compression" in details_of(excinfo)
+            assert server.metric("genserve_images_total", model="tiny-sr") == images_before
 
         results: list[object] = []
 
