@@ -13,7 +13,8 @@ tensor mapping:
   parameters `seed` (int64, image i uses seed + i, the same latents as genserve.v1's base_seed),
   `count` (int64, default 1) and `truncation_psi` (double); without `z` and `seed` the server picks
   a random seed and returns it as the response parameter `seed`. Conditional models take `label`
-  INT64 [N] (or [N, 1]) as an input, or one `label` parameter (int64) for every image;
+  INT64 [N, 1] (metadata [-1, 1], config dims [1]; [N] works too) as an input, or one `label`
+  parameter (int64) for every image;
 - super_resolution / image_to_image / vae_encoder: input `image` FP32 [N, C, H, W] in the model's
   input range (card.json `input_range`): raw tensors, no tiling, padding or resizing, so H and W
   must already be multiples of the card's `size_multiple` (and the fixed size for an encoder);
@@ -67,6 +68,13 @@ def _datatype(spec: TensorSpec) -> str:
     return DTYPES.get(spec.dtype, ("FP32", mc.TYPE_FP32, "<f4"))[0]
 
 
+def _shape(spec: TensorSpec) -> list[int]:
+    """The protocol shape of a card tensor, batch axis first. A batch-only tensor (card shape [-1],
+    e.g. `label`) is [-1, 1]: Triton's config needs non-empty dims after the batch axis, and
+    perf_analyzer cannot set a shape from empty dims."""
+    return list(spec.shape) if len(spec.shape) > 1 else [*spec.shape[:1], 1]
+
+
 def _param_int(params: Any, name: str) -> int | None:
     """An integer request parameter (int64_param or uint64_param), or None when absent."""
     if name not in params:
@@ -104,6 +112,17 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         self.registry = registry
         # (model, version) -> ms since the epoch of the last successful ModelInfer.
         self._last_inference_ms: dict[tuple[str, str], int] = {}
+        # Startup loading is finished once the repository has announced every model, which
+        # `load_all` does after loading each one's versions; main.py sets grpc.health "" SERVING
+        # right after that. Latched, so that a hot reload loading a version does not undo it.
+        self._announced: set[str] = set()
+        self._loaded = False
+        repository.add_listener(self._on_model_state)
+
+    def _on_model_state(self, name: str, serving: bool) -> None:
+        if not self._loaded:
+            self._announced.add(name)
+            self._loaded = self._announced >= set(self.repo.models)
 
     # ================================================================== boundary (non-inference RPCs)
 
@@ -124,15 +143,21 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerReadyResponse(ready=self._server_ready())
 
     def _server_ready(self) -> bool:
-        """At least one model version serves. A hot reload loading or draining another version
-        leaves the server ready; at shutdown every version drains, so it turns not-ready."""
-        return any(mv.state == ModelState.READY for model in self.repo for mv in model.versions.values())
+        """Startup loading finished (like grpc.health "") and at least one model version serves. A
+        hot reload loading or draining another version leaves the server ready; at shutdown every
+        version drains, so it turns not-ready."""
+        return self._loaded and any(
+            mv.state == ModelState.READY for model in self.repo for mv in model.versions.values()
+        )
 
     async def ModelReady(self, request: kpb.ModelReadyRequest, context: Context) -> kpb.ModelReadyResponse:
         async def handle() -> kpb.ModelReadyResponse:
-            model = self._model(request.name)
+            if not request.name:
+                raise invalid("name", "required (the model name)")
             try:
-                model.resolve(request.version)
+                # An unknown model or version is not ready, with status OK, as Triton answers
+                # (tritonclient's is_model_ready raises on an error status).
+                self.repo.get(request.name).resolve(request.version)
             except GenserveError:
                 return kpb.ModelReadyResponse(ready=False)
             return kpb.ModelReadyResponse(ready=True)
@@ -167,7 +192,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             def tensors(specs: Iterable[TensorSpec]) -> list[kpb.ModelMetadataResponse.TensorMetadata]:
                 return [
                     kpb.ModelMetadataResponse.TensorMetadata(
-                        name=s.name, datatype=_datatype(s), shape=s.shape
+                        name=s.name, datatype=_datatype(s), shape=_shape(s)
                     )
                     for s in specs
                 ]
@@ -225,13 +250,13 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         else:
             config.version_policy.latest.num_versions = policy.latest or 1
         for spec in card.inputs:
-            entry = config.input.add(name=spec.name, data_type=DTYPES[spec.dtype][1], dims=spec.shape[1:])
+            entry = config.input.add(name=spec.name, data_type=DTYPES[spec.dtype][1], dims=_shape(spec)[1:])
             if spec.name in ("z", "label") and card.kind in LATENT_KINDS:
                 entry.optional = True  # may come as request parameters instead (module docstring)
             if len(spec.shape) == 4:
                 entry.format = mc.ModelInput.FORMAT_NCHW
         for spec in card.outputs:
-            config.output.add(name=spec.name, data_type=DTYPES[spec.dtype][1], dims=spec.shape[1:])
+            config.output.add(name=spec.name, data_type=DTYPES[spec.dtype][1], dims=_shape(spec)[1:])
         return config
 
     # ================================================================== statistics
@@ -276,7 +301,10 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 model = sample.labels.get("model", "")
                 version = sample.labels.get("version", "")
                 if name == "genserve_requests_total":
-                    name += "_ok" if sample.labels.get("code") == "OK" else "_failed"
+                    code = sample.labels.get("code")
+                    # NOT_FOUND: a version that does not exist, counted against the model's highest
+                    # version (service._resolve); Triton counts no inference for it.
+                    name += "_ok" if code == "OK" else "_not_found" if code == "NOT_FOUND" else "_failed"
                 elif name not in wanted:
                     continue
                 key = (name, model, version)
@@ -292,10 +320,12 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
 
         ok = int(value("genserve_requests_total_ok"))
         failed = int(value("genserve_requests_total_failed"))
-        all_requests = ok + failed
-        # Durations are recorded per request, not per status code: split the total by count.
+        # Durations are recorded per request, not per status code: split the total by count (the
+        # count includes the NOT_FOUND requests, which get no share).
+        all_requests = value("genserve_request_duration_seconds_count")
         total_ns = value("genserve_request_duration_seconds_sum") * 1e9
         ok_ns = int(total_ns * ok / all_requests) if all_requests else 0
+        failed_ns = int(total_ns * failed / all_requests) if all_requests else 0
         # Triton counts compute per request (each request is charged its batch's time) and
         # perf_analyzer wants the three compute counts equal. genserve measures compute per batch:
         # charge each request the mean batch time, times the batches it took part in.
@@ -310,7 +340,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             execution_count=int(batches),
             inference_stats=kpb.InferStatistics(
                 success=kpb.StatisticDuration(count=ok, ns=ok_ns),
-                fail=kpb.StatisticDuration(count=failed, ns=max(0, int(total_ns) - ok_ns)),
+                fail=kpb.StatisticDuration(count=failed, ns=failed_ns),
                 queue=duration(
                     "genserve_queue_duration_seconds_count", "genserve_queue_duration_seconds_sum"
                 ),
@@ -348,6 +378,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             response.parameters[name].int64_param = value
         for spec in outputs:
             array = np.ascontiguousarray(result.outputs[spec.name], dtype=DTYPES[spec.dtype][2])
+            array = array.reshape(len(array), *_shape(spec)[1:]) if len(spec.shape) == 1 else array
             response.outputs.add(name=spec.name, datatype=_datatype(spec), shape=array.shape)
             response.raw_output_contents.append(array.tobytes())
         self._last_inference_ms[(mv.name, mv.version)] = int(time.time() * 1000)
@@ -375,6 +406,8 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 raise invalid(
                     f"outputs[{i}].name", f"{card.name} has outputs {sorted(by_name)}, got {output.name!r}"
                 )
+            if spec in chosen:
+                raise invalid(f"outputs[{i}].name", f"output {output.name!r} requested twice")
             chosen.append(spec)
         return chosen
 
@@ -402,12 +435,24 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                     f"{where}.datatype", f"{tensor.name} must be {datatype}, got {tensor.datatype!r}"
                 )
             shape = tuple(int(d) for d in tensor.shape)
-            if any(d < 0 for d in shape) or not shape:
-                raise invalid(f"{where}.shape", f"must be non-negative with a batch axis, got {list(shape)}")
+            # The model's rank (or the protocol's, [N, 1] for a batch-only tensor) before numpy sees
+            # the shape: numpy refuses over 64 dims, or zero-size shapes whose other dims overflow.
+            ranks = sorted({len(spec.shape), len(_shape(spec))})
+            if len(shape) not in ranks:
+                forms = " or ".join(f"{n} dims" for n in ranks)
+                raise invalid(
+                    f"{where}.shape", f"{tensor.name} must have {forms} ({_shape(spec)}), got {len(shape)}"
+                )
+            if any(d < 0 for d in shape):
+                raise invalid(f"{where}.shape", f"must be non-negative, got {list(shape)}")
+            itemsize = np.dtype(np_dtype).itemsize
+            if math.prod(d for d in shape if d) * itemsize > np.iinfo(np.intp).max:
+                raise invalid(f"{where}.shape", f"{list(shape)} is too large")
             n_values = math.prod(shape)
+            if raw and tensor.contents.ListFields():
+                raise invalid(f"{where}.contents", "must not be set when raw_input_contents is used")
             if raw:
                 data = raw[i]
-                itemsize = np.dtype(np_dtype).itemsize
                 if len(data) != n_values * itemsize:
                     raise invalid(
                         f"raw_input_contents[{i}]",

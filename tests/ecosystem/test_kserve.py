@@ -8,6 +8,7 @@ Outputs are checked against ONNX Runtime run directly on the same graphs and inp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -15,15 +16,25 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 from ecosystem_helpers import CACHE_DIR, ROOT, run
+from server_support import TINY_LATENT, generator_graph, write_model
 
-from genserve_server import latents
+from genserve_server import kserve, latents
+from genserve_server.config import ServerConfig
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+from genserve_server.service import GenerationService
+from inference import grpc_service_pb2 as kpb
+from inference import grpc_service_pb2_grpc as kpb_grpc
 
 SCRIPTS = Path(__file__).resolve().parent / "kserve_scripts"
 TRITONCLIENT = "2.73.0"  # newest on PyPI; pins protobuf<7, hence its own venv
@@ -150,6 +161,7 @@ def test_tritonclient_health_and_metadata(
 ) -> None:
     report = client_run[0]
     assert report["live"] and report["ready"] and all(report["models_ready"].values())
+    assert report["unknown_model_ready"] is False  # not an error status: is_model_ready returns
     assert report["server"]["name"] == "genserve"
     assert {"model_configuration", "statistics"} <= set(report["server"]["extensions"])
     meta = report["metadata"][GEN]
@@ -220,6 +232,155 @@ def test_tritonclient_errors_and_statistics(
     assert int(stats["inference_stats"]["success"]["count"]) >= 2
     # The same calls are in genserve's Prometheus metrics, under method="ModelInfer".
     assert tiny_server.metric("genserve_requests_total", model=GEN, method="ModelInfer", code="OK") >= 2
+
+
+# ---------------------------------------------------------------------------- protocol edge cases
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_server: Any) -> Iterator[kpb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        yield kpb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _invalid(stub: kpb_grpc.GRPCInferenceServiceStub, request: kpb.ModelInferRequest) -> str:
+    """The details of the INVALID_ARGUMENT that `request` must get."""
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=30)
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    details: str = error.details()
+    return details
+
+
+def _z_request(model: str, shape: list[int], data: bytes) -> kpb.ModelInferRequest:
+    return kpb.ModelInferRequest(
+        model_name=model,
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="z", datatype="FP32", shape=shape)],
+        raw_input_contents=[data],
+    )
+
+
+def test_batch_only_label_has_dims_1_in_config_metadata_and_infer(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """Triton (and perf_analyzer) need non-empty dims after the batch axis: `label` (card [-1]) is
+    [-1, 1]; ModelInfer takes it as [N, 1], and still as [N]."""
+    config = stub.ModelConfig(kpb.ModelConfigRequest(name=COND), timeout=10).config
+    dims = {t.name: list(t.dims) for t in [*config.input, *config.output]}
+    assert dims == {"z": [TINY_LATENT], "label": [1], "image": [1, 8, 8]}
+    meta = stub.ModelMetadata(kpb.ModelMetadataRequest(name=COND), timeout=10)
+    assert {t.name: list(t.shape) for t in meta.inputs} == {"z": [-1, TINY_LATENT], "label": [-1, 1]}
+    z = np.zeros((2, TINY_LATENT), np.float32)
+    labels = np.array([3, 7], np.int64)
+    images = []
+    for label_shape in ([2, 1], [2]):
+        request = _z_request(COND, [2, TINY_LATENT], z.tobytes())
+        request.inputs.add(name="label", datatype="INT64", shape=label_shape)
+        request.raw_input_contents.append(labels.tobytes())
+        response = stub.ModelInfer(request, timeout=30)
+        images.append(np.frombuffer(response.raw_output_contents[0], np.float32))
+    np.testing.assert_array_equal(images[0], images[1])
+    request = _z_request(COND, [2, TINY_LATENT], z.tobytes())
+    request.inputs.add(name="label", datatype="INT64", shape=[2, 1, 1])
+    request.raw_input_contents.append(labels.tobytes())
+    assert "inputs[1].shape" in _invalid(stub, request)
+
+
+@pytest.mark.parametrize(
+    ("shape", "data"),
+    [
+        ([2**62, 2**62, 0], b""),  # more dims than z has; numpy cannot build it either
+        ([1] * 65, b"\0" * 4),  # numpy allows at most 64 dims
+        ([2**62, 0], b""),  # z's rank, but numpy's size overflows
+        ([1, -TINY_LATENT], b""),
+    ],
+    ids=["3-dims-overflow", "65-dims", "2-dims-overflow", "negative"],
+)
+def test_impossible_shapes_are_invalid_argument(
+    stub: kpb_grpc.GRPCInferenceServiceStub, shape: list[int], data: bytes
+) -> None:
+    assert "inputs[0].shape" in _invalid(stub, _z_request(GEN, shape, data))
+    typed = _z_request(GEN, shape, b"")
+    del typed.raw_input_contents[:]
+    assert "inputs[0].shape" in _invalid(stub, typed)
+
+
+def test_typed_contents_with_raw_contents_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+    """The protocol: `contents` must not be set when raw_input_contents is used."""
+    request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+    request.inputs[0].contents.fp32_contents.extend([5.0] * TINY_LATENT)
+    assert "inputs[0].contents" in _invalid(stub, request)
+
+
+def test_duplicate_requested_output_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+    request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+    request.outputs.add(name="image")
+    request.outputs.add(name="image")
+    details = _invalid(stub, request)
+    assert "outputs[1].name" in details and "image" in details
+
+
+def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    assert stub.ModelReady(kpb.ModelReadyRequest(name="no-such-model"), timeout=10).ready is False
+    assert stub.ModelReady(kpb.ModelReadyRequest(name=GEN, version="99"), timeout=10).ready is False
+    assert stub.ModelReady(kpb.ModelReadyRequest(name=GEN), timeout=10).ready is True
+
+
+def test_statistics_do_not_count_requests_for_missing_versions(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    model = "tiny-vae-dec"  # no other test infers on it
+
+    def failed() -> int:
+        [stats] = stub.ModelStatistics(kpb.ModelStatisticsRequest(name=model), timeout=10).model_stats
+        return int(stats.inference_stats.fail.count)
+
+    before = failed()
+    bogus = _z_request(model, [1, 8], bytes(32))
+    bogus.model_version = "99"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(bogus, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert failed() == before  # Triton has no such version to charge
+    _invalid(stub, _z_request(model, [1, 3], bytes(12)))  # a real version's failure still counts
+    assert failed() == before + 1
+
+
+def test_server_ready_waits_for_startup_loading_like_grpc_health(tmp_path: Path) -> None:
+    """grpc.health "" turns SERVING once the repository's startup load has finished; ServerReady
+    must not say ready while other models still load, nor stop at a later hot reload."""
+    for name in ("a-gen", "b-gen"):
+        card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+        write_model(tmp_path, name, "generator", generator_graph(TINY_LATENT, 1, 8, 8), card)
+
+    async def body() -> list[bool]:
+        metrics = Metrics(enabled=False)
+        repo = Repository(tmp_path, ServerConfig(), metrics)
+        with ThreadPoolExecutor(1) as pool:
+            generation = GenerationService(repo, ServerConfig(), metrics, pool)
+            service = kserve.InferenceService(repo, generation, metrics.registry)
+            seen: list[bool] = []
+
+            async def ready() -> bool:
+                response = await service.ServerReady(kpb.ServerReadyRequest(), None)  # type: ignore[arg-type]
+                return bool(response.ready)
+
+            # After each model's load (main.py's health listener runs at this same point).
+            repo.add_listener(lambda name, serving: seen.append(service._server_ready()))
+            repo.scan()
+            await repo.load_all()
+            seen.append(await ready())
+            repo.add_version(repo.get("a-gen"), "2")  # a hot reload starts loading a new version
+            seen.append(await ready())
+            await repo.close(1)
+            seen.append(await ready())
+            return seen
+
+    # a-gen loaded, b-gen still loading: not ready; then ready; still ready; drained at shutdown.
+    assert asyncio.run(body()) == [False, True, True, True, False]
 
 
 # ---------------------------------------------------------------------------- perf_analyzer
@@ -318,3 +479,20 @@ def test_perf_analyzer_runs_against_genserve(tiny_server: Any) -> None:
     after = tiny_server.metric("genserve_requests_total", model=GEN, method="ModelInfer", code="OK")
     assert after - before >= 100  # its requests went through genserve's batcher and metrics
     ROOT.joinpath(".cache", "ecosystem", "perf_analyzer-last.txt").write_text(output)
+
+
+@pytest.mark.slow
+def test_perf_analyzer_drives_a_conditional_generator(tiny_server: Any) -> None:
+    """perf_analyzer sets every input's shape from ModelConfig dims: the batch-only `label` works."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        _skip("perf_analyzer wheels are x86_64 Linux only")
+    binary, env = _perf_analyzer()
+    cmd = [
+        str(binary), "-m", COND, "-i", "grpc", "-u", tiny_server.target,
+        "--concurrency-range", "1", "--measurement-interval", "500", "--input-data", "zero",
+        "--stability-percentage", "100", "--max-trials", "3",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert re.search(r"Throughput: [0-9.]*[1-9]", output), output

@@ -38,6 +38,8 @@ def main() -> int:
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),
         "models_ready": {m: client.is_model_ready(m) for m in (args.generator, args.conditional, args.sr)},
+        # Triton answers ready=false with status OK: is_model_ready raises on an error status.
+        "unknown_model_ready": client.is_model_ready("no-such-model"),
         "server": client.get_server_metadata(as_json=True),
         "metadata": {
             m: client.get_model_metadata(m, as_json=True) for m in (args.generator, args.conditional, args.sr)
