@@ -65,6 +65,7 @@ BATCHING_FIELDS = (
     "preferred_batch_sizes",
     "max_queue_size",
     "efficient_batch_tolerance",
+    "max_batch_pixels",
 )
 DEFAULT_EXECUTION_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

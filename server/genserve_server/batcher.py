@@ -155,6 +155,7 @@ class Batcher:
         bulk_idle_budget_s: float | None = 0.05,
         interactive_quiet_s: float = 1.0,
         efficient_batch_size: int | None = None,
+        rows_limit: Callable[[Hashable], int] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -164,6 +165,9 @@ class Batcher:
         # Rows a batch takes at most: max_batch_size, or less where the warm-up measured that larger
         # batches compute no item faster (repository.efficient_batch_size).
         self.max_batch_size = min(max_batch_size, efficient_batch_size or max_batch_size)
+        # Rows a batch of one compatibility key may take at most (e.g. fewer rows of larger images:
+        # repository.rows_within_pixels); None = max_batch_size for every key.
+        self._rows_limit = rows_limit
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._run_batch = run_batch
@@ -407,15 +411,18 @@ class Batcher:
                 return lane, key
         return None
 
-    def _batch_limit(self, lane: Lane) -> int:
-        """Rows a batch of `lane` may take now (see bulk_budget_s and bulk_idle_budget_s)."""
+    def _batch_limit(self, lane: Lane, key: Hashable) -> int:
+        """Rows a batch of `lane` and `key` may take now (see bulk_budget_s and bulk_idle_budget_s)."""
+        largest = self.max_batch_size
+        if self._rows_limit is not None:
+            largest = max(1, min(largest, self._rows_limit(key)))
         if lane != Lane.BULK or self._row_cost_s <= 0.0:
-            return self.max_batch_size
+            return largest
         interactive = time.monotonic() - self._last_interactive_at < self.interactive_quiet_s
         budget_s = self.bulk_budget_s if interactive else self.bulk_idle_budget_s
         if budget_s is None:
-            return self.max_batch_size
-        return max(1, min(self.max_batch_size, int(budget_s / self._row_cost_s)))
+            return largest
+        return max(1, min(largest, int(budget_s / self._row_cost_s)))
 
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window."""
@@ -442,7 +449,7 @@ class Batcher:
         more_expected = self._more_expected()
         # Untracked callers (streams, KServe): a busy runner is the only sign that waiting pays.
         worth_waiting = more_expected or (not self.callers and self._batches_in_flight > 0)
-        limit = self._batch_limit(lane)
+        limit = self._batch_limit(lane, key)
         if rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
@@ -482,7 +489,7 @@ class Batcher:
 
     def _take(self, lane: Lane, key: Hashable) -> list[_Part]:
         """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first."""
-        limit = self._batch_limit(lane)
+        limit = self._batch_limit(lane, key)
         queue = self._lanes[lane][key]
         parts: list[_Part] = []
         rows = 0

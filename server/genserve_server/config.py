@@ -337,6 +337,9 @@ class BatchingConfig:
     # a GPU the cap stays at max_batch_size. None (JSON null, the default) = always up to max_batch_size:
     # on mid-size generators the cap lost 21 % at c=64 (bench/profile.md item 21).
     efficient_batch_tolerance: float | None = None
+    # Image-input kinds: a batch holds at most this many input pixels (H x W per row; at least one
+    # row). pix2pix at 2048x2048 takes ~2.3 GB for one image, so a full batch of 16 would need ~36 GB.
+    max_batch_pixels: int = 2048 * 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +417,7 @@ def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> Mode
         bulk_idle_budget_ms=_budget_ms(br, "bulk_idle_budget_ms", d.bulk_idle_budget_ms),
         interactive_quiet_s=br.number("interactive_quiet_s", d.interactive_quiet_s, min_value=0.0),
         efficient_batch_tolerance=_tolerance(br, "efficient_batch_tolerance", d.efficient_batch_tolerance),
+        max_batch_pixels=br.integer("max_batch_pixels", d.max_batch_pixels, min_value=1),
     )
     br.finish()
     if (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -264,6 +265,11 @@ class Repository:
                 bulk_idle_budget_s=_ms_to_s(mv.config.batching.bulk_idle_budget_ms),
                 interactive_quiet_s=mv.config.batching.interactive_quiet_s,
                 efficient_batch_size=mv.efficient_batch_size,
+                rows_limit=(
+                    functools.partial(rows_within_pixels, max_pixels=mv.config.batching.max_batch_pixels)
+                    if mv.card is not None and mv.card.kind in IMAGE_INPUT_KINDS
+                    else None
+                ),
             )
             batcher = mv.batcher
             mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
@@ -476,3 +482,15 @@ def measure_tile_radius(card: Card, runner: Runner) -> int | None:
 
 def _ms_to_s(ms: float | None) -> float | None:
     return None if ms is None else ms / 1e3
+
+
+IMAGE_INPUT_KINDS = ("super_resolution", "image_to_image", "vae_encoder")
+
+
+def rows_within_pixels(key: object, max_pixels: int) -> int:
+    """Rows of a batch keyed (prefix, (C, H, W)) (image kinds: service and kserve) that keep it within
+    `max_pixels` input pixels, at least 1; keys without a shape (fixed-size models) are not limited."""
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], tuple) and len(key[1]) == 3:
+        _, height, width = key[1]
+        return max(1, max_pixels // max(1, int(height) * int(width)))
+    return 1 << 30

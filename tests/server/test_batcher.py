@@ -565,3 +565,24 @@ def test_with_two_instances_bulk_leaves_one_free_while_interactive_requests_arri
         await batcher.close(1)
 
     run(body())
+
+
+def test_rows_limit_caps_a_keys_batches_and_leaves_other_keys_alone() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        # Key "big" (large images) may take 2 rows a batch; "small" the full max_batch_size of 4.
+        batcher, _ = make(model, rows_limit=lambda key: 2 if key == "big" else 1 << 30)
+        gate, blocker = await hold_runner(batcher, model)
+        big = asyncio.ensure_future(batcher.submit("big", rows(1, 2, 3, 4, 5), 5))
+        small = asyncio.ensure_future(batcher.submit("small", rows(6, 7, 8, 9), 4))
+        await asyncio.sleep(0.01)
+        gate.set()
+        rb, rs = await asyncio.gather(big, small)
+        await blocker
+        np.testing.assert_array_equal(rb.outputs["y"], [10, 20, 30, 40, 50])
+        np.testing.assert_array_equal(rs.outputs["y"], [60, 70, 80, 90])
+        assert rb.executed_batch_sizes == [2, 2, 1]
+        assert rs.executed_batch_sizes == [4]
+        await batcher.close(1)
+
+    run(body())

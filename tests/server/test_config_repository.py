@@ -23,6 +23,7 @@ from genserve_server.repository import (
     ModelState,
     Repository,
     efficient_batch_size,
+    rows_within_pixels,
     warmup_batch_sizes,
 )
 
@@ -62,6 +63,10 @@ def write_config(tmp_path: Path, data: object) -> Path:
         (
             {"kind": "generator", "batching": {"efficient_batch_tolerance": -0.1}},
             "batching.efficient_batch_tolerance must be a fraction >= 0 (0.05 = within 5 %) or null",
+        ),
+        (
+            {"kind": "image_to_image", "batching": {"max_batch_pixels": 0}},
+            "batching.max_batch_pixels must be",
         ),
         (
             {"kind": "generator", "batching": {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}},
@@ -298,3 +303,12 @@ def test_fp16_requested_without_an_fp16_file_serves_fp32(tmp_path: Path) -> None
         assert mv.state == ModelState.READY and mv.precision == "fp32"
 
     with_repo(root, check)
+
+
+def test_image_batches_hold_at_most_max_batch_pixels_input_pixels() -> None:
+    limit = 2048 * 2048
+    assert rows_within_pixels(("image", (3, 2048, 2048)), limit) == 1
+    assert rows_within_pixels(("tile", (3, 1024, 1024)), limit) == 4
+    assert rows_within_pixels(("image", (3, 256, 256)), limit) == 64
+    assert rows_within_pixels(("image", (3, 4096, 4096)), limit) == 1  # always at least one row
+    assert rows_within_pixels((), limit) >= 4096  # fixed-size models: max_batch_size decides
