@@ -49,6 +49,15 @@ PSI_INPUT = "psi"
 # Generators' "image" output as uint8 [N, H, W, C] pixels, converted once per batch (see Runner.run).
 PIXELS_OUTPUT = "image_u8"
 
+# A call whose rows are larger than this many times the warm-up's rows, and than SHRINK_MIN_ROW_VALUES
+# input values (~0.35 MP RGB), runs with ORT's arena shrinkage: the CPU arena keeps its peak for the
+# process's life, so one 1024x1024 Translate would hold ~1 GB for good; shrinking at the end of such
+# a call hands it back (pix2pix: 1.1 GB -> 0.1 GB). Full batches of usual rows keep their arena.
+SHRINK_ABOVE_WARMED = 2.0
+SHRINK_MIN_ROW_VALUES = 1 << 20
+_SHRINK_CPU = ort.RunOptions()
+_SHRINK_CPU.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
 _cpu_fallback_warned = False
 _cpu_fallback_lock = threading.Lock()
 
@@ -149,6 +158,9 @@ class Runner:
         self.outputs = tuple(o.name for o in self.session.get_outputs())
         self._input_dtypes = {i.name: i.dtype for i in self.inputs}
         self._shared = n_sessions == 1 and not config.uses_io_binding
+        # Input values of the largest warm-up row (0 = not warmed: never shrink); see shrinks_after.
+        self._warmed_row_values = 0
+        self._shrinkable = self._shared and self.provider == "CPUExecutionProvider" and config.cpu_mem_arena
         # Batches running on the pool threads now.
         self._running = 0
         # Set by the owner (repository: the batcher's queue is not empty). A batch goes to the solo
@@ -197,10 +209,11 @@ class Runner:
             name: np.ascontiguousarray(value, dtype=self._input_dtypes[name])
             for name, value in inputs.items()
         }
+        options = _SHRINK_CPU if self.shrinks_after(feeds) else None
         if solo and self.solo_session is not None:
-            values = self.solo_session.run(None, feeds)
+            values = self.solo_session.run(None, feeds, options)
         elif self._shared:
-            values = self.session.run(None, feeds)
+            values = self.session.run(None, feeds, options)
         else:
             runner = self._runners.get()  # one per instance thread: never blocks
             try:
@@ -208,6 +221,15 @@ class Runner:
             finally:
                 self._runners.put(runner)
         return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}
+
+    def shrinks_after(self, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Whether this call hands the arena's unused memory back when it ends: its inputs are far
+        larger than anything warmed (a rare large image), so what it grows the arena by would
+        otherwise stay allocated for the life of the process."""
+        if not self._shrinkable or not self._warmed_row_values:
+            return False
+        row_values = sum(int(v.size) // max(1, len(v)) for v in feeds.values() if v.ndim)
+        return row_values > max(SHRINK_MIN_ROW_VALUES, SHRINK_ABOVE_WARMED * self._warmed_row_values)
 
     def _signature(self, inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str | int, ...], ...]:
         """What a batch's compute cost depends on: rows (rounded up to a power of two) and shapes."""
@@ -246,6 +268,9 @@ class Runner:
         signature = self._signature(inputs)
         self._cost_s.pop(signature, None)
         fastest_s = math.inf
+        warmed = self._prepare(inputs)[0]
+        row_values = sum(int(np.size(v)) // max(1, len(v)) for v in warmed.values() if np.ndim(v))
+        self._warmed_row_values = max(self._warmed_row_values, row_values)
         for _ in range(times):
             self._call(signature, inputs)
             fastest_s = min(fastest_s, self._last_s)

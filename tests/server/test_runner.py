@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from server_support import TINY_LATENT, conditional_graph
+import pytest
+from server_support import TINY_LATENT, conditional_graph, image_to_image_graph
 
+from genserve_server import runner as runner_module
 from genserve_server.latents import latents_for_seeds
 from genserve_server.runner import PSI_INPUT, SEED_INPUT, Runner, select_providers
 
@@ -178,3 +180,37 @@ def test_no_solo_session_with_one_instance_or_pinned_threads(tmp_path: Path) -> 
     pinned = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=0)
     assert pinned.solo_session is None
     pinned.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_call_far_larger_than_the_warm_up_hands_its_arena_growth_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "i2i.onnx"
+    onnx.save(image_to_image_graph(1), str(path))
+
+    def grown_mb() -> float:
+        runner = Runner(
+            path, label="i2i", providers=["CPUExecutionProvider"], instances=1, intra_op_threads=1
+        )
+        runner.warm({"image": np.zeros((2, 3, 32, 32), np.float32)})
+        assert not runner.shrinks_after({"image": np.zeros((16, 3, 256, 256), np.float32)})  # usual rows
+        big = {"image": np.zeros((1, 3, 1500, 1500), np.float32)}  # im2col alone is ~240 MB
+        before = _rss_mb()
+        runner.run_sync(big)  # the output is dropped at once
+        grown = _rss_mb() - before
+        runner.close()
+        return grown
+
+    shrunk_mb = grown_mb()
+    monkeypatch.setattr(runner_module, "SHRINK_MIN_ROW_VALUES", 1 << 40)  # never shrink
+    kept_mb = grown_mb()
+    assert kept_mb > 150, f"the arena kept only {kept_mb:.0f} MB: the test no longer shows growth"
+    assert shrunk_mb < kept_mb / 3, f"{shrunk_mb:.0f} MB kept with shrinkage vs {kept_mb:.0f} MB without"
