@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--out", required=True, help="job directory (job.json, manifest.jsonl, images/)")
-    p.add_argument("--labels", help="`all` or 0,1,...: image i gets labels[i % len]")
+    p.add_argument("--labels", help="`all` or 0,1,...: image i gets labels[i %% len]")
     p.add_argument("--concurrency", type=int, default=1, help="parallel streams")
     p.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
     p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")

@@ -58,7 +58,17 @@ USER_CARD_FIELDS: dict[str, tuple[str, ...]] = {
     for kind, spec in KINDS.items()
 }
 
-CONFIG_FIELDS = ("kind", "batching", "instances", "execution_providers", "precision", "version_policy")
+# Every field the server's config.json reader accepts (server/genserve_server/config.py); the server
+# itself checks the values of those the exporter never writes (bulk budgets, runtime).
+CONFIG_FIELDS = (
+    "kind",
+    "batching",
+    "instances",
+    "execution_providers",
+    "precision",
+    "version_policy",
+    "runtime",
+)
 BATCHING_FIELDS = (
     "max_batch_size",
     "max_queue_delay_ms",
@@ -66,6 +76,9 @@ BATCHING_FIELDS = (
     "max_queue_size",
     "efficient_batch_tolerance",
     "max_batch_pixels",
+    "bulk_budget_ms",
+    "bulk_idle_budget_ms",
+    "interactive_quiet_s",
 )
 DEFAULT_EXECUTION_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

@@ -41,7 +41,14 @@ from genserve_server.batcher import Lane
 from genserve_server.config import KINDS, LATENT_KINDS, Card, TensorSpec
 from genserve_server.errors import GenserveError, NotFound, invalid
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
-from genserve_server.service import SEED_LIMIT, SERVER_VERSION, Call, Context, GenerationService
+from genserve_server.service import (
+    SEED_LIMIT,
+    SERVER_VERSION,
+    Call,
+    Context,
+    GenerationService,
+    check_input_range,
+)
 from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc as kpb_grpc
 from inference import model_config_pb2 as mc
@@ -585,6 +592,8 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid("inputs[image].shape", f"H and W must be multiples of {multiple}, got {h}x{w}")
         if not np.isfinite(image).all():
             raise invalid("inputs[image]", "values must be finite")
+        if card.input_range is not None and image.size:
+            check_input_range(image, card.input_range, "inputs[image]")  # as genserve.v1's TENSOR_F32
         # The same shape buckets as genserve.v1 (SR tiles, translated images): same-shape rows of
         # both protocols share batches.
         prefix = "tile" if card.kind == "super_resolution" else "image"

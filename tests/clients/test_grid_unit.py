@@ -46,3 +46,15 @@ def test_pil_and_gray_inputs_mix() -> None:
         [GridRow([Image.new("L", (28, 28), 0), solid(255, size=28, channels=3)])], scale=1, pad=0
     )
     assert grid.mode == "RGB" and grid.size == (56, 28)
+
+
+def test_every_cli_subcommand_prints_its_help() -> None:
+    import argparse
+
+    from genserve_client.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "bulk" in subparsers.choices
+    for name, sub in subparsers.choices.items():
+        assert sub.format_help().startswith("usage: genserve-client"), name  # a stray % used to raise here

@@ -306,6 +306,22 @@ def test_impossible_shapes_are_invalid_argument(
     assert "inputs[0].shape" in _invalid(stub, typed)
 
 
+def test_image_values_outside_the_input_range_are_invalid_as_in_genserve_v1(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    image = np.full((1, 3, 16, 16), 50.0, np.float32)  # tiny-sr's input_range is [0, 1]
+    request = kpb.ModelInferRequest(
+        model_name="tiny-sr",
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 3, 16, 16])],
+        raw_input_contents=[image.tobytes()],
+    )
+    assert "inputs[image]: TENSOR_F32 values must be in the model's input_range [0, 1]" in _invalid(
+        stub, request
+    )
+    request.raw_input_contents[0] = np.full((1, 3, 16, 16), 0.5, np.float32).tobytes()
+    assert len(stub.ModelInfer(request, timeout=30).raw_output_contents) == 1
+
+
 def test_typed_contents_with_raw_contents_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     """The protocol: `contents` must not be set when raw_input_contents is used."""
     request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))

@@ -260,3 +260,34 @@ def test_wrong_example_input_names_raise(tmp_path: Path) -> None:
             card={**CARD, "class_names": ["a"]},
         )
     assert not any(tmp_path.rglob("*"))
+
+
+def test_the_exporters_config_check_accepts_every_field_the_server_reads(tmp_path: Path) -> None:
+    # docs/model-repository.md's example plus `runtime`: all read by the server's config.py.
+    from genserve_export.card import validate_config
+    from genserve_server.config import load_model_config
+
+    config = {
+        "kind": "generator",
+        "batching": {
+            "max_batch_size": 64,
+            "max_queue_delay_ms": 4.0,
+            "preferred_batch_sizes": [1, 8, 64],
+            "max_queue_size": 1024,
+            "bulk_budget_ms": 5.0,
+            "bulk_idle_budget_ms": 50.0,
+            "interactive_quiet_s": 1.0,
+            "efficient_batch_tolerance": None,
+            "max_batch_pixels": 4194304,
+        },
+        "instances": 2,
+        "execution_providers": ["CPUExecutionProvider"],
+        "precision": "fp32",
+        "version_policy": {"latest": 1},
+        "runtime": {"solo_session": True},
+    }
+    assert validate_config(config) == []
+    assert validate_config({**config, "batchin": {}}) == ["config.json: unknown field 'batchin'"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert load_model_config(path).batching.max_batch_pixels == 4194304  # and the server reads it

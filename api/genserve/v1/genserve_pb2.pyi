@@ -4,7 +4,8 @@ isort:skip_file
 genserve.v1: image generation as a service.
 
 Errors: INVALID_ARGUMENT names the field and its limit; NOT_FOUND lists the models there are;
-RESOURCE_EXHAUSTED means a queue or limit is full (retry with backoff); UNAVAILABLE means the
+RESOURCE_EXHAUSTED means a queue or a concurrency limit is full (retry with backoff); a response
+that would exceed the send limit is INVALID_ARGUMENT naming `output`; UNAVAILABLE means the
 model is loading or the server is draining; DEADLINE_EXCEEDED means the request's deadline
 passed before compute (it was not computed); UNAUTHENTICATED when a token is required.
 Every response's trailing metadata carries `x-request-id` (taken from the request's metadata or
@@ -469,9 +470,14 @@ class ImageRequest(_message.Message):
     """A super_resolution model (SuperResolve) or image_to_image model (Translate)."""
     version: _builtins.str
     tile_size: _builtins.int
-    """SuperResolve only: input tile size (>= 2 * tile_overlap + 8, <= 1024); 0 = the card's."""
+    """SuperResolve only: input tile size (>= 2 * tile_overlap + 8, <= 1024); 0 = the card's
+    tile_size (128 if none), enlarged to at least 4 * tile_overlap.
+    """
     tile_overlap: _builtins.int
-    """SuperResolve only: overlap between tiles in input pixels, 0..tile_size/4; absent = card's."""
+    """SuperResolve only: overlap between tiles in input pixels, 0..tile_size/4 (at most 256); absent
+    = the larger of the card's tile_overlap and 2 * the receptive-field radius measured at load
+    (which makes tiling exact).
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]:
         """1..16 images. Each at most max_input_pixels (default 2048x2048 for Translate; SuperResolve

@@ -4,7 +4,8 @@ isort:skip_file
 genserve.v1: image generation as a service.
 
 Errors: INVALID_ARGUMENT names the field and its limit; NOT_FOUND lists the models there are;
-RESOURCE_EXHAUSTED means a queue or limit is full (retry with backoff); UNAVAILABLE means the
+RESOURCE_EXHAUSTED means a queue or a concurrency limit is full (retry with backoff); a response
+that would exceed the send limit is INVALID_ARGUMENT naming `output`; UNAVAILABLE means the
 model is loading or the server is draining; DEADLINE_EXCEEDED means the request's deadline
 passed before compute (it was not computed); UNAUTHENTICATED when a token is required.
 Every response's trailing metadata carries `x-request-id` (taken from the request's metadata or
