@@ -73,7 +73,9 @@ class AsyncGenserveClient:
                 trailing = await call.trailing_metadata()
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc, request_id)
-                delay = self.retry.delay_s(error.code, attempt, remaining_s(deadline), self._rng)
+                delay = self.retry.delay_s(
+                    error.code, attempt, remaining_s(deadline), self._rng, details=error.details
+                )
                 if delay is None:
                     raise error from None
                 await asyncio.sleep(delay)
@@ -178,7 +180,7 @@ class AsyncGenserveClient:
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc, request_id)
                 attempt += 1
-                delay = self.retry.delay_s(error.code, attempt, None, self._rng)
+                delay = self.retry.delay_s(error.code, attempt, None, self._rng, details=error.details)
                 if delay is None:
                     raise error from None
                 await asyncio.sleep(delay)

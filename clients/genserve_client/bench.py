@@ -8,6 +8,7 @@ built per call) and responses left as bytes (never parsed).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import Counter
@@ -159,6 +160,9 @@ class LoadGenerator:
         poisson: bool = True,
         seed: int = 0,
     ) -> BenchResult:
+        if not (math.isfinite(rate) and rate > 0):
+            # 0 divides by zero; a negative or NaN rate never reaches `end` and spins forever.
+            raise ValueError(f"open loop rate must be finite and > 0, got {rate}")
         rec = _Recorder()
         rng = random.Random(seed)
         started = time.perf_counter()

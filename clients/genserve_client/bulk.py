@@ -5,9 +5,11 @@ On-disk protocol (what makes SIGKILL at any instant safe):
   2. after a chunk's files are renamed (and the directory fsynced) its manifest lines are appended
      to `manifest.jsonl` in one write, flushed and fsynced, under one lock (one manifest for all
      shards);
-so a manifest line always names a complete file. On start the job drops a torn last manifest
-line, deletes temp files and files the manifest does not name (killed between 1 and 2), and
-streams only the missing index ranges, split over `concurrency` streams. Since image i is a pure
+so a manifest line always names a complete file. `job.json` (parameters, pinned version) is
+written before the first chunk's files, once the server has sent that chunk: a job the server
+rejects leaves no job.json behind. On start the job drops a torn last manifest line, deletes temp
+files and files the manifest does not name (killed between 1 and 2), and streams only the
+missing index ranges, split over `concurrency` streams. Since image i is a pure
 function of (model version, base_seed + i, labels[i % len]), a resumed job writes the same bytes
 a clean run would have.
 """
@@ -53,6 +55,10 @@ class BulkParams:
     format: str = "png"
     psi: float | None = None
     version: str = ""  # as asked; the served version is pinned in job.json at the first start
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"a bulk job needs n >= 1 images, got {self.n}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -193,7 +199,8 @@ class BulkJob:
         self.failure: GenserveClientError | BulkError | OSError | None = None
         self._stop = threading.Event()
         self._streams: list[SampleStream] = []
-        self._lock = threading.Lock()  # guards _streams, failure and the progress bar
+        self._lock = threading.Lock()  # guards _streams, failure, _new_job and the progress bar
+        self._new_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
 
     # --- start / resume ------------------------------------------------------------------------
 
@@ -215,9 +222,22 @@ class BulkJob:
         # Pin the served version so a job resumed after a model update does not mix versions.
         self.pinned_version = self.params.version or resolve_version(self.params.model)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        job = {"format_version": 1, "params": self.params.to_json(), "pinned_version": self.pinned_version}
-        write_file_durably(job_path, json.dumps(job, indent=2).encode())
-        fsync_dir(self.out_dir)
+        # job.json is written once the server has accepted the job (its first chunk), so a job it
+        # rejects leaves nothing that would refuse the corrected command.
+        self._new_job = {
+            "format_version": 1,
+            "params": self.params.to_json(),
+            "pinned_version": self.pinned_version,
+        }
+
+    def _commit_job(self) -> None:
+        """Write a new job's job.json (durably, before any manifest line can name an image)."""
+        with self._lock:
+            if self._new_job is None:
+                return
+            write_file_durably(self.out_dir / JOB_FILE, json.dumps(self._new_job, indent=2).encode())
+            fsync_dir(self.out_dir)
+            self._new_job = None
 
     def recover(self) -> dict[int, dict[str, Any]]:
         """Bring the directory to a state where every manifest line names a complete file and every
@@ -333,6 +353,7 @@ class BulkJob:
                 return
             if chunk.indices != list(range(expected, expected + len(chunk.items))):
                 raise BulkError(f"the stream sent indices {chunk.indices[:3]}..., expected {expected}")
+            self._commit_job()
             self._write_chunk(chunk, sink)
             expected += len(chunk.items)
             with self._lock:

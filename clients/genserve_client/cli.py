@@ -1,7 +1,8 @@
 """`genserve-client`: talk to a genserve server from the shell and write pictures.
 
-Exit codes: 0 success; 1 a failed call or I/O error; 2 a rejected request (INVALID_ARGUMENT, the
-server's message is printed), bad arguments or a bulk job started with other parameters.
+Exit codes: 0 success; 1 a failed call or I/O error, or a bench run in which no request
+succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's message is printed), bad arguments
+or a bulk job started with other parameters.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def parse_labels(text: str) -> str:
+    """argparse type of --labels: `all` or comma-separated integers, checked before any call (the
+    value stays a string for resolve_labels)."""
+    if text != "all":
+        parse_ints(text)
+    return text
+
+
 def parse_floats(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -98,7 +107,11 @@ def resolve_labels(info: genserve_pb2.ModelInfo, labels: str | None) -> list[int
     conditional model, none otherwise."""
     if labels is None or labels == "all":
         return list(range(len(info.class_names))) if info.kind == CONDITIONAL else []
-    return parse_ints(labels)
+    try:
+        return parse_ints(labels)
+    except argparse.ArgumentTypeError as exc:
+        # Called after parsing: an argparse error here would escape main() as a traceback.
+        raise UsageError(f"--labels: {exc} (or `all`)") from None
 
 
 def save_image_bytes(path: Path, data: bytes) -> None:
@@ -200,6 +213,8 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
+    if not args.out and not args.grid:
+        raise UsageError("interpolate needs --out DIR and/or --grid FILE.png")
     opts = _sample_opts(args)
     if args.label:
         opts["labels"] = args.label
@@ -306,9 +321,18 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     return 0
 
 
+# The server encodes the output; the file's suffix picks the format (no re-encoding here).
+IMAGE_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
 def _image_command(method: Callable[..., Any], args: argparse.Namespace, **opts: Any) -> int:
     out = Path(args.output)
-    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+    fmt = IMAGE_SUFFIX_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        # Anything else would get PNG bytes under a misleading name (big.tiff).
+        raise UsageError(
+            f"{args.command}: output {str(out)!r} must end in one of {' '.join(IMAGE_SUFFIX_FORMATS)}"
+        )
     result = method(args.model, [Path(args.input)], format=fmt, version=args.version, **opts)
     save_image_bytes(out, result.raw[0])
     with Image.open(io.BytesIO(result.raw[0])) as picture:
@@ -330,6 +354,10 @@ def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise UsageError(f"bulk: --n must be >= 1, got {args.n}")
+    if args.concurrency < 1:
+        raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
     info = client.get_model(args.model)
     labels = resolve_labels(info, args.labels) if info.kind == CONDITIONAL or args.labels else []
     params = BulkParams(
@@ -380,14 +408,38 @@ async def _bench(config: ChannelConfig, args: argparse.Namespace) -> list[dict[s
     return [r.to_json() for r in results]
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Refuse settings the load generator cannot run: a rate of 0 divides by zero, a negative or
+    NaN rate never ends, a run without workers or time measures nothing."""
+    for rate in args.rate or ():
+        if not (math.isfinite(rate) and rate > 0):
+            raise UsageError(f"bench: --rate values must be finite and > 0, got {rate:g}")
+    if not args.concurrency or min(args.concurrency) < 1:
+        raise UsageError(f"bench: --concurrency values must be >= 1, got {args.concurrency}")
+    if not (math.isfinite(args.duration) and args.duration > 0):
+        raise UsageError(f"bench: --duration must be finite and > 0, got {args.duration:g}")
+    if not (math.isfinite(args.warmup) and args.warmup >= 0):
+        raise UsageError(f"bench: --warmup must be finite and >= 0, got {args.warmup:g}")
+    if args.max_outstanding < 1:
+        raise UsageError(f"bench: --max-outstanding must be >= 1, got {args.max_outstanding}")
+    if args.channels < 1:
+        raise UsageError(f"bench: --channels must be >= 1, got {args.channels}")
+
+
 def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
+    check_bench_args(args)
     if not args.labels:
         with GenserveClient(config, timeout_s=args.timeout) as client:
             args.labels = resolve_labels(client.get_model(args.model), None)  # all classes if conditional
     results = asyncio.run(_bench(config, args))
     if args.json:
         _out(json.dumps(results, indent=2))
-    return 0
+    # A run where nothing succeeded measured nothing: fail so scripts and CI notice.
+    failed = [r for r in results if r["images"] == 0]
+    for r in failed:
+        conc = f"rate {r['rate']:g}" if r["rate"] is not None else f"concurrency {r['concurrency']}"
+        _err(f"genserve-client: bench: no successful request at {r['mode']} {conc} (errors: {r['errors']})")
+    return 1 if failed else 0
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -420,7 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw images; --grid shows one labelled row per class")
     _add_model(p)
     p.add_argument("--label", type=int, help="one class for all images")
-    p.add_argument("--labels", help="classes, e.g. 0,1,2 or `all` (default for conditional models: all)")
+    p.add_argument(
+        "--labels",
+        type=parse_labels,
+        help="classes, e.g. 0,1,2 or `all` (default for conditional models: all)",
+    )
     p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
     p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random")
     p.add_argument("--psi", type=float, help="truncation threshold")
@@ -466,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("upscale", "super-resolution"), ("translate", "image-to-image translation")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("input")
-        p.add_argument("output", help="PNG/JPEG/WEBP by suffix")
+        p.add_argument("output", help="PNG/JPEG/WEBP by suffix: .png, .jpg, .jpeg or .webp")
         _add_model(p)
         if name == "upscale":
             p.add_argument("--tile-size", type=int, default=0, help="input tile size (default: the card's)")
@@ -476,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--out", required=True, help="job directory (job.json, manifest.jsonl, images/)")
-    p.add_argument("--labels", help="`all` or 0,1,...: image i gets labels[i %% len]")
+    p.add_argument("--labels", type=parse_labels, help="`all` or 0,1,...: image i gets labels[i %% len]")
     p.add_argument("--concurrency", type=int, default=1, help="parallel streams")
     p.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
     p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")

@@ -82,7 +82,9 @@ class GenserveClient:
                 response, call = rpc.with_call(request, timeout=remaining_s(deadline), metadata=metadata)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc, request_id)
-                delay = self.retry.delay_s(error.code, attempt, remaining_s(deadline), self._rng)
+                delay = self.retry.delay_s(
+                    error.code, attempt, remaining_s(deadline), self._rng, details=error.details
+                )
                 if delay is None:
                     raise error from None
                 time.sleep(delay)
@@ -217,27 +219,37 @@ class SampleStream:
     def __iter__(self) -> Iterator[SampleResult]:
         next_index = self._request.start_index
         attempt = 0
-        while next_index < self._request.sample.count:
-            stream = self._open(next_index)
-            if stream is None:
-                return
-            try:
-                for chunk in stream:
-                    result = SampleResult.from_proto(chunk, self.request_id)
-                    if result.items:
-                        next_index = result.items[-1].index + 1
-                        attempt = 0  # progress resets the retry budget
-                    yield result
-                return
-            except grpc.RpcError as exc:
-                if self._cancelled:
+        try:
+            while next_index < self._request.sample.count:
+                stream = self._open(next_index)
+                if stream is None:
                     return
-                error = from_rpc_error(exc, self.request_id)
-                attempt += 1
-                delay = self._client.retry.delay_s(error.code, attempt, None, self._client._rng)
-                if delay is None:
-                    raise error from None
-                time.sleep(delay)
+                try:
+                    for chunk in stream:
+                        result = SampleResult.from_proto(chunk, self.request_id)
+                        if result.items:
+                            next_index = result.items[-1].index + 1
+                            attempt = 0  # progress resets the retry budget
+                        yield result
+                    return
+                except grpc.RpcError as exc:
+                    if self._cancelled:
+                        return
+                    error = from_rpc_error(exc, self.request_id)
+                    attempt += 1
+                    delay = self._client.retry.delay_s(
+                        error.code, attempt, None, self._client._rng, details=error.details
+                    )
+                    if delay is None:
+                        raise error from None
+                    time.sleep(delay)
+        finally:
+            # A consumer that stops early (break, an exception, close()) must not leave the server
+            # computing the rest of the job until the call is garbage-collected; a no-op on a
+            # call that already ended.
+            with self._lock:
+                if self._call is not None:
+                    self._call.cancel()
 
 
 __all__ = ["GenserveClient", "GenserveClientError", "SampleStream"]

@@ -108,6 +108,12 @@ def sample_request(model: str, n: int = 0, **opts: Unpack[SampleOptions]) -> gen
 def sample_stream_request(
     model: str, count: int, **opts: Unpack[StreamOptions]
 ) -> genserve_pb2.SampleStreamRequest:
+    # An empty range would silently yield nothing (the clients never open a stream for it).
+    if count < 1:
+        raise ValueError(f"sample_stream: count must be >= 1, got {count}")
+    start_index = opts.get("start_index", 0)
+    if not 0 <= start_index < count:
+        raise ValueError(f"sample_stream: start_index must be in [0, count={count}), got {start_index}")
     sample = genserve_pb2.SampleRequest(
         model=model,
         version=opts.get("version", ""),
@@ -119,7 +125,7 @@ def sample_stream_request(
     if "psi" in opts:
         sample.truncation_psi = opts["psi"]
     return genserve_pb2.SampleStreamRequest(
-        sample=sample, start_index=opts.get("start_index", 0), chunk_size=opts.get("chunk_size", 0)
+        sample=sample, start_index=start_index, chunk_size=opts.get("chunk_size", 0)
     )
 
 

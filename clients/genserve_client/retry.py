@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 import grpc
 
 _NEVER_RETRY = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
+# gRPC itself answers RESOURCE_EXHAUSTED "Received message larger than max (N vs. M)" / "Sent
+# message larger than max ..." (C core; Go and Java say "grpc: received message larger than max")
+# when a message breaks a size limit on either side. The same message breaks it every time, so
+# unlike a full queue this RESOURCE_EXHAUSTED is final.
+_TOO_LARGE = "message larger than max"
+
+
+def is_permanent(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failure would repeat on every attempt whatever the policy says."""
+    return code in _NEVER_RETRY or (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details.lower()
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +35,8 @@ class RetryPolicy:
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
-    # RESOURCE_EXHAUSTED: the server refused at admission (queue full), nothing was computed.
+    # RESOURCE_EXHAUSTED: the server refused at admission (queue full), nothing was computed;
+    # never a message over gRPC's size limit (see is_permanent).
     # UNAVAILABLE: the model is loading, the server is draining, or the connection broke.
     retryable_codes: frozenset[grpc.StatusCode] = field(
         default=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -55,13 +68,16 @@ class RetryPolicy:
         attempt: int,
         remaining_s: float | None,
         rng: random.Random | None = None,
+        *,
+        details: str = "",
     ) -> float | None:
         """Seconds to wait before the next attempt, or None when the error is final.
 
-        Final when the code is not retryable, the attempts are spent, or the wait would outlast
-        the call's deadline (`remaining_s`, None = no deadline).
+        Final when the code is not retryable, the error is permanent whatever the code (a message
+        over gRPC's size limit, told by the status `details`), the attempts are spent, or the wait
+        would outlast the call's deadline (`remaining_s`, None = no deadline).
         """
-        if code not in self.retryable_codes or attempt >= self.max_attempts:
+        if code not in self.retryable_codes or is_permanent(code, details) or attempt >= self.max_attempts:
             return None
         delay = self.backoff_s(attempt, rng)
         if remaining_s is not None and delay >= remaining_s:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,13 +40,18 @@ def encode_fake(pixels: np.ndarray, fmt: int) -> types_pb2.Image:
 
 @dataclass
 class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
-    """Deterministic images from (seed, label); failures injected per method, in order."""
+    """Deterministic images from (seed, label); failures injected per method, in order (a code, or
+    a code and the status details to send with it). Model "bad" is rejected as INVALID_ARGUMENT."""
 
-    fail: dict[str, list[grpc.StatusCode]] = field(default_factory=lambda: defaultdict(list))
+    fail: dict[str, list[grpc.StatusCode | tuple[grpc.StatusCode, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     calls: Counter[str] = field(default_factory=Counter)
     metadata: list[dict[str, str]] = field(default_factory=list)
     # SampleStream: fail with UNAVAILABLE after this many chunks, as often as listed.
     stream_breaks_after_chunks: list[int] = field(default_factory=list)
+    # Set when a SampleStream call ends on the server (finished, failed or cancelled).
+    stream_ended: threading.Event = field(default_factory=threading.Event)
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
         self.calls[method] += 1
@@ -53,8 +59,9 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self.metadata.append(md)
         context.set_trailing_metadata((("x-request-id", "srv-" + md.get("x-request-id", "none")),))
         if self.fail[method]:
-            code = self.fail[method].pop(0)
-            context.abort(code, f"injected {code.name} for {method}")
+            failure = self.fail[method].pop(0)
+            code, details = failure if isinstance(failure, tuple) else (failure, "")
+            context.abort(code, details or f"injected {code.name} for {method}")
 
     def _item(
         self, index: int, seed: int, label: int | None, out: types_pb2.OutputOptions
@@ -75,6 +82,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.SampleRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.SampleResponse:
         self._enter("Sample", context)
+        if request.model == "bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: 'bad' is rejected by the fake")
         n = len(request.seeds) or request.count
         if not 1 <= n <= 256:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count: must be in 1..256, got {n}")
@@ -91,6 +100,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     def SampleStream(
         self, request: genserve_pb2.SampleStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[genserve_pb2.SampleStreamChunk]:
+        context.add_callback(self.stream_ended.set)
         self._enter("SampleStream", context)
         s = request.sample
         if s.model == "bad":

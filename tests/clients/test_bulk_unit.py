@@ -128,3 +128,34 @@ def test_bulk_stops_on_invalid_argument(fake_server: FakeServer, tmp_path: Path)
     )
     assert proc.returncode == 2, proc.stderr
     assert "INVALID_ARGUMENT: model: 'bad' is rejected by the fake" in proc.stderr
+
+
+def test_a_job_the_server_rejects_leaves_no_job_file(fake_server: FakeServer, tmp_path: Path) -> None:
+    with pytest.raises(GenserveClientError):
+        bulk(fake_server.target, tmp_path, BulkParams("bad", n=5, version="1"))
+    assert not (tmp_path / "job.json").exists()
+    # The corrected command then runs in the same directory (it was refused as "other parameters").
+    bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=5))
+    assert sorted(manifest_by_index(tmp_path)) == list(range(5))
+    assert json.loads((tmp_path / "job.json").read_text())["params"]["model"] == "fake-gen"
+
+
+def test_bulk_needs_at_least_one_image(fake_server: FakeServer, tmp_path: Path) -> None:
+    for n in (0, -3):
+        with pytest.raises(ValueError, match="n >= 1"):
+            BulkParams("fake-gen", n=n)
+        proc = run_cli(
+            "--target",
+            fake_server.target,
+            "bulk",
+            "--model",
+            "fake-gen",
+            "--n",
+            str(n),
+            "--out",
+            str(tmp_path),
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "--n must be >= 1" in proc.stderr
+    assert not (tmp_path / "job.json").exists()
+    assert fake_server.service.calls["SampleStream"] == 0

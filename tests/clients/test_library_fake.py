@@ -8,7 +8,7 @@ import random
 import grpc
 import numpy as np
 import pytest
-from client_fakes import FakeServer, fake_latent, fake_pixels
+from client_fakes import FAKE_LATENT, FakeServer, fake_latent, fake_pixels
 
 from genserve_client import (
     AsyncGenserveClient,
@@ -139,3 +139,105 @@ def test_async_client_retries_streams_and_errors(fake_server: FakeServer) -> Non
     asyncio.run(scenario())
     assert fake_server.service.calls["Sample"] == 3
     assert fake_server.service.calls["GetModel"] == 1
+
+
+class CountingRandom(random.Random):
+    """Counts the backoffs drawn: one per retry the policy grants."""
+
+    retries = 0
+
+    def uniform(self, a: float, b: float) -> float:
+        self.retries += 1
+        return 0.0
+
+
+TOO_LARGE = "Received message larger than max (300 vs. 200)"
+
+
+def test_message_larger_than_max_is_final_but_a_full_queue_is_retried() -> None:
+    policy = RetryPolicy()
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    for details in (
+        TOO_LARGE,
+        "Sent message larger than max (9 vs. 4)",
+        "grpc: received message larger than max",
+    ):
+        assert policy.delay_s(exhausted, 1, None, details=details) is None, details
+    for details in ("queue full: 1024 images queued", "Concurrent RPC limit exceeded!", ""):
+        assert policy.delay_s(exhausted, 1, None, details=details) is not None, details
+
+
+def test_oversized_messages_are_not_retried(fake_server: FakeServer) -> None:
+    # Client side: the response breaks the client's receive limit.
+    small = ChannelConfig(fake_server.target, max_message_bytes=200)
+    rng = CountingRandom()
+    with GenserveClient(small, retry=FAST_RETRY, rng=rng) as client:
+        with pytest.raises(GenserveClientError) as info:
+            client.sample("fake-gen", 50, format="raw")
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in info.value.details
+        assert fake_server.service.calls["Sample"] == 1
+        # The same for a stream (what bulk jobs use).
+        with pytest.raises(GenserveClientError) as info:
+            list(client.sample_stream("fake-gen", 50, chunk_size=50, format="raw"))
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert fake_server.service.calls["SampleStream"] == 1
+    # Server side: a request over the fake server's 4 MiB receive limit, refused before the handler.
+    with GenserveClient(fake_server.target, retry=FAST_RETRY, rng=rng) as client:
+        with pytest.raises(GenserveClientError) as info:
+            client.sample("fake-gen", latents=np.zeros((300_000, FAKE_LATENT), np.float32))
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rng.retries == 0
+    # A server's own "larger than max" answer is final too; a full queue is still retried.
+    fake_server.service.fail["Sample"] = [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, TOO_LARGE),
+    ]
+    with GenserveClient(fake_server.target, retry=FAST_RETRY, rng=rng) as client:
+        with pytest.raises(GenserveClientError, match="larger than max"):
+            client.sample("fake-gen", 1)
+    assert rng.retries == 1 and fake_server.service.calls["Sample"] == 3
+
+
+def test_async_client_does_not_retry_oversized_messages(fake_server: FakeServer) -> None:
+    rng = CountingRandom()
+
+    async def scenario() -> None:
+        small = ChannelConfig(fake_server.target, max_message_bytes=200)
+        async with AsyncGenserveClient(small, retry=FAST_RETRY, rng=rng) as client:
+            with pytest.raises(GenserveClientError) as info:
+                await client.sample("fake-gen", 50, format="raw")
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(GenserveClientError) as info:
+                [c async for c in client.sample_stream("fake-gen", 50, chunk_size=50, format="raw")]
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    asyncio.run(scenario())
+    assert rng.retries == 0
+    assert fake_server.service.calls["Sample"] == 1
+    assert fake_server.service.calls["SampleStream"] == 1
+
+
+def test_breaking_out_of_a_sync_stream_cancels_the_call(fake_server: FakeServer) -> None:
+    with GenserveClient(fake_server.target) as client:
+        stream = client.sample_stream("fake-gen", 10**9, chunk_size=1)
+        for _ in stream:
+            break
+        # The channel is still open and `stream` still referenced: only a cancel ends the call.
+        assert fake_server.service.stream_ended.wait(5), "the server is still generating"
+
+
+def test_empty_stream_ranges_are_refused_client_side(fake_server: FakeServer) -> None:
+    with GenserveClient(fake_server.target) as client:
+        with pytest.raises(ValueError, match="count"):
+            client.sample_stream("fake-gen", 0)
+        with pytest.raises(ValueError, match="start_index"):
+            client.sample_stream("fake-gen", 3, start_index=5)
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            with pytest.raises(ValueError, match="start_index"):
+                [c async for c in client.sample_stream("fake-gen", 3, start_index=3)]
+
+    asyncio.run(scenario())
+    assert fake_server.service.calls["SampleStream"] == 0

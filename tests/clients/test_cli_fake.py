@@ -1,0 +1,124 @@
+"""The CLI's argument checks and exit codes, in-process against the fake server (no models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from client_fakes import FakeServer, run_cli
+from PIL import Image
+
+from genserve.v1 import genserve_pb2
+from genserve_client.cli import UsageError, main, resolve_labels
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `genserve-client ARGS`, argparse's own exits included."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bad_labels_are_a_usage_error(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    for args in (
+        ("sample", "--model", "fake-cond", "--labels", "1,x", "--out", str(tmp_path)),
+        ("bulk", "--model", "fake-cond", "--labels", "odd", "--n", "4", "--out", str(tmp_path)),
+    ):
+        code, _, err = cli(capsys, *t, *args)
+        assert code == 2, err
+        assert "--labels" in err and "Traceback" not in err
+    assert not fake_server.service.calls  # refused before any call
+    # resolve_labels is called after parsing: it raises the CLI's usage error, not argparse's.
+    info = genserve_pb2.ModelInfo(name="m", kind="generator")
+    with pytest.raises(UsageError, match="--labels"):
+        resolve_labels(info, "1,x")
+    assert resolve_labels(info, "1,2") == [1, 2]
+    # Valid labels still work.
+    code, _, err = cli(
+        capsys, *t, "sample", "--model", "fake-cond", "--labels", "1,2", "--n", "2", "--out", str(tmp_path)
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("--rate", "0"),
+        ("--concurrency", "0"),
+        ("--duration", "0"),
+        ("--duration", "-1"),
+        ("--warmup", "-1"),
+        ("--max-outstanding", "0"),
+        ("--channels", "0"),
+    ],
+)
+def test_bench_refuses_settings_it_cannot_run(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str], bad: tuple[str, str]
+) -> None:
+    code, _, err = cli(capsys, "--target", fake_server.target, "bench", "--model", "fake-gen", *bad)
+    assert code == 2, err
+    assert bad[0] in err and "Traceback" not in err
+    assert not fake_server.service.calls
+
+
+@pytest.mark.parametrize("rate", ["-5", "nan", "10,inf"])
+def test_bench_refuses_rates_that_never_end(fake_server: FakeServer, rate: str) -> None:
+    # A subprocess with a timeout: these rates used to spin the event loop forever.
+    proc = run_cli(
+        "--target", fake_server.target, "bench", "--model", "fake-gen", "--rate", rate, timeout_s=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--rate values must be finite and > 0" in proc.stderr
+    assert not fake_server.service.calls
+
+
+def test_bench_fails_when_no_request_succeeds(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ("bench", "--labels", "0", "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
+    code, out, err = cli(capsys, "--target", fake_server.target, *run, "--model", "bad")
+    assert code == 1, err
+    assert "INVALID_ARGUMENT=" in out  # the errors are still printed in the table
+    assert "no successful request" in err
+    code, _, err = cli(capsys, "--target", fake_server.target, *run, "--model", "fake-gen", "--json")
+    assert code == 0, err
+
+
+def test_image_commands_refuse_unknown_output_suffixes(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in.png"
+    Image.new("RGB", (4, 4)).save(src)
+    for command in ("upscale", "translate"):
+        out = tmp_path / "big.tiff"
+        code, _, err = cli(
+            capsys, "--target", fake_server.target, command, str(src), str(out), "--model", "m"
+        )
+        assert code == 2, err
+        assert ".png .jpg .jpeg .webp" in err
+        assert not out.exists()
+    assert not fake_server.service.calls
+
+
+def test_interpolate_needs_an_output(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(
+        capsys,
+        "--target",
+        fake_server.target,
+        "interpolate",
+        "--model",
+        "fake-gen",
+        "--from-seed",
+        "1",
+        "--to-seed",
+        "2",
+    )
+    assert code == 2, err
+    assert "--out" in err and "--grid" in err
+    assert not fake_server.service.calls
