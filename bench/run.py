@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -128,8 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-dcgan64", action="store_true", help="skip the bench-only DCGAN 64x64")
     parser.add_argument("--no-priority", action="store_true")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md's table")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: recompute the ratios and tables of an earlier run's JSON (after a "
+        "change to bench/report.py), rewrite it to --out and the README's table",
+    )
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
+    if args.report_only is not None:
+        return report_only(args.report_only, args.out, args.models_dir, not args.no_dcgan64, args.no_readme)
 
     duration_s = args.duration_s or (2.0 if args.quick else 5.0)
     concurrency = (1, 64) if args.quick else CONCURRENCY
@@ -204,6 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_readme:
         update_readme(Path(__file__).parent / "README.md", table)
     write_line(f"results: {args.out}")
+    return 0
+
+
+def report_only(source: Path, out: Path, models_dir: Path, with_dcgan64: bool, no_readme: bool) -> int:
+    results: dict[str, Any] = json.loads(source.read_text())
+    models = find_models(assemble_repository(models_dir, None, with_dcgan64))
+    results["summary"] = summarise(results, models)
+    write_json(out, results)
+    table = render_markdown(results)
+    write_line(table)
+    if not no_readme:
+        update_readme(Path(__file__).parent / "README.md", table)
     return 0
 
 
