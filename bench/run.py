@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_line(f"machine: {info['cpu_model']}, {info['cores']} cores, load {info['load_avg_1m_at_start']}")
 
     repo = assemble_repository(args.models_dir, args.models, not args.no_dcgan64)
+    ort.set_default_logger_severity(4)  # again: importing genserve-export (bench-dcgan-64) sets 3
     models = find_models(repo)
     if not models:
         raise SystemExit(f"no models found in {args.models_dir}")
