@@ -415,6 +415,11 @@ class Batcher:
                 return lane, key
         return None
 
+    def batch_rows(self, key: Hashable, lane: Lane = Lane.INTERACTIVE) -> int:
+        """Rows a batch of `key` in `lane` may take now (max_batch_size, the per-key rows limit and,
+        for bulk, the time budgets)."""
+        return self._batch_limit(lane, key)
+
     def _batch_limit(self, lane: Lane, key: Hashable) -> int:
         """Rows a batch of `lane` and `key` may take now (see bulk_budget_s and bulk_idle_budget_s)."""
         largest = self.max_batch_size

@@ -193,6 +193,29 @@ def test_the_measured_batch_cap_reaches_the_batcher_and_null_turns_it_off(tmp_pa
     assert seen == [(1, 1), (None, data["batching"]["max_batch_size"])]
 
 
+def test_max_batch_pixels_reaches_the_batchers_of_image_kinds_only(tmp_path: Path) -> None:
+    root = build_tiny_repo(tmp_path / "repo", with_slow=False, with_broken=False)
+    config_path = root / "tiny-sr" / "config.json"
+    data = json.loads(config_path.read_text())
+    data.setdefault("batching", {})["max_batch_pixels"] = 4 * 64 * 64
+    config_path.write_text(json.dumps(data))
+    seen: dict[str, int] = {}
+
+    def rows(repo: Repository) -> None:
+        sr = repo.get("tiny-sr").resolve("").batcher
+        gen = repo.get("tiny-gen").resolve("").batcher
+        assert sr is not None and gen is not None
+        seen["sr 64x64"] = sr.batch_rows(("tile", (3, 64, 64)))
+        seen["sr 8x8"] = sr.batch_rows(("tile", (3, 8, 8)))
+        seen["gen"] = gen.batch_rows(())
+        seen["sr max"], seen["gen max"] = sr.max_batch_size, gen.max_batch_size
+
+    with_repo(root, rows)
+    assert seen["sr 64x64"] == 4
+    assert seen["sr 8x8"] == seen["sr max"]
+    assert seen["gen"] == seen["gen max"]
+
+
 def test_server_config_defaults_and_errors(tmp_path: Path) -> None:
     assert load_server_config(None) == ServerConfig()
     assert ServerConfig().limits.max_send_message_bytes >= 2048 * 2048 * 3 * 4  # a 2048^2 RGB float output
