@@ -65,6 +65,12 @@ CALLERS_PEAK_MEMORY_S = 1.0
 DEADLINE_SLACK_S = 0.01
 
 
+def cancelled_by_deadline(deadline: float | None) -> bool:
+    """Whether a cancellation now is gRPC ending the call at its deadline (`time.monotonic()`
+    seconds; None = no deadline), not the client going away."""
+    return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+
+
 class Lane(enum.IntEnum):
     INTERACTIVE = 0
     BULK = 1
@@ -308,8 +314,7 @@ class Batcher:
             del self._lanes[request.lane][request.key]
         self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
         # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
-        expired = request.deadline is not None and time.monotonic() >= request.deadline - DEADLINE_SLACK_S
-        self._observer.on_dropped("deadline" if expired else "cancelled")
+        self._observer.on_dropped("deadline" if cancelled_by_deadline(request.deadline) else "cancelled")
         self._observer.on_queue_depth(self._queued_rows)
 
     def _bulk_fits(self, n_rows: int) -> bool:

@@ -27,6 +27,8 @@ KINDS = (
 )
 # Kinds whose input is a latent z (drawn from seeds or given): they answer Sample.
 LATENT_KINDS = ("generator", "conditional_generator", "vae_decoder")
+# Kinds whose input is an image (card input_range, input_channels; batches bounded by pixels).
+IMAGE_INPUT_KINDS = ("vae_encoder", "super_resolution", "image_to_image")
 KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 MIB = 1024 * 1024
 
@@ -567,7 +569,7 @@ def load_card(path: Path) -> Card:
     latent_dim = r.raw("latent_dim")
     if latent_dim is not None and (not isinstance(latent_dim, int) or latent_dim < 1):
         raise r.error("latent_dim", f"must be an integer >= 1, got {latent_dim!r}")
-    image_input = kind in ("vae_encoder", "super_resolution", "image_to_image")
+    image_input = kind in IMAGE_INPUT_KINDS
     card = Card(
         name=r.string("name", ""),
         version=str(r.raw("version") or ""),

@@ -24,6 +24,7 @@ import numpy as np
 from genserve_server import tiling
 from genserve_server.batcher import Batcher
 from genserve_server.config import (
+    IMAGE_INPUT_KINDS,
     LATENT_KINDS,
     Card,
     ConfigError,
@@ -482,9 +483,6 @@ def measure_tile_radius(card: Card, runner: Runner) -> int | None:
 
 def _ms_to_s(ms: float | None) -> float | None:
     return None if ms is None else ms / 1e3
-
-
-IMAGE_INPUT_KINDS = ("super_resolution", "image_to_image", "vae_encoder")
 
 
 def rows_within_pixels(key: object, max_pixels: int) -> int:

@@ -34,7 +34,7 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import codecs, latents, tiling
-from genserve_server.batcher import DEADLINE_SLACK_S, Batcher, BatchResult, Lane
+from genserve_server.batcher import Batcher, BatchResult, Lane, cancelled_by_deadline
 from genserve_server.config import LATENT_KINDS, Card, ServerConfig, cpu_count
 from genserve_server.errors import GenserveError, InvalidArgument, NotFound, invalid
 from genserve_server.metrics import Metrics, ModelMetrics
@@ -1157,9 +1157,7 @@ _STATE = {
 
 def _cancelled_code(call: Call) -> str:
     """The status a cancelled handler is counted under: gRPC cancels it at the client's deadline too."""
-    if call.deadline is not None and time.monotonic() >= call.deadline - DEADLINE_SLACK_S:
-        return "DEADLINE_EXCEEDED"
-    return "CANCELLED"
+    return "DEADLINE_EXCEEDED" if cancelled_by_deadline(call.deadline) else "CANCELLED"
 
 
 def check_input_range(values: np.ndarray, input_range: tuple[float, float], field: str) -> None:
