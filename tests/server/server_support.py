@@ -533,7 +533,7 @@ def running_server(models: Path, work: Path, **kwargs: Any) -> Iterator[ServerPr
 # ---------------------------------------------------------------------------- load from several processes
 
 
-def _sample_worker(args: tuple[str, str, list[int], int, list[int], Any]) -> dict[int, bytes]:
+def _sample_worker(args: tuple[str, str, list[int], int, list[int], Any]) -> dict[int, tuple[bytes, int]]:
     """One client process: `clients` closed-loop aio clients over 2 connections share `seeds`."""
     import asyncio
 
@@ -546,8 +546,8 @@ def _sample_worker(args: tuple[str, str, list[int], int, list[int], Any]) -> dic
     target, model, seeds, clients, labels, start_barrier = args
     output = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
 
-    async def run() -> dict[int, bytes]:
-        results: dict[int, bytes] = {}
+    async def run() -> dict[int, tuple[bytes, int]]:
+        results: dict[int, tuple[bytes, int]] = {}
         pending = list(reversed(seeds))
         channels = [grpc.aio.insecure_channel(target) for _ in range(2)]
         for ch in channels:
@@ -563,7 +563,8 @@ def _sample_worker(args: tuple[str, str, list[int], int, list[int], Any]) -> dic
                 response = await stub.Sample(
                     pb.SampleRequest(model=model, seeds=[seed], labels=labels, output=output)
                 )
-                results[seed] = response.images[0].image.data
+                batch = max(response.provenance.executed_batch_sizes)
+                results[seed] = (response.images[0].image.data, batch)
 
         try:
             await asyncio.gather(*(client(i) for i in range(clients)))
@@ -583,10 +584,11 @@ def concurrent_samples(
     *,
     processes: int = 4,
     labels: tuple[int, ...] = (),
-) -> dict[int, bytes]:
+) -> dict[int, tuple[bytes, int]]:
     """Sample one image per seed from `clients` concurrent closed-loop clients in `processes`
-    processes (TENSOR_F32 bytes by seed). Several processes keep a busy machine's client side from
-    being the bottleneck, so the server sees the concurrency the test asks for."""
+    processes: TENSOR_F32 bytes and the size of the batch that computed it, by seed. Several
+    processes keep a busy machine's client side from being the bottleneck, so the server sees the
+    concurrency the test asks for."""
     import multiprocessing
 
     shares = [seeds[i::processes] for i in range(processes)]

@@ -247,17 +247,17 @@ def test_dcgan_digits_64_clients_batch_and_stay_bit_identical(
     stub: pb_grpc.GenerationServiceStub, server: ServerProcess
 ) -> None:
     model = "dcgan-digits"
-    count0 = server.metric("genserve_batch_size_count", model=model)
     sum0 = server.metric("genserve_batch_size_sum", model=model)
     seeds = list(range(5000, 5256))
     together = concurrent_samples(server.target, model, seeds, 64)
-    batches = server.metric("genserve_batch_size_count", model=model) - count0
-    images = server.metric("genserve_batch_size_sum", model=model) - sum0
-    assert images == 256
-    assert images / batches > 4, f"mean batch size {images / batches:.2f}"
+    assert server.metric("genserve_batch_size_sum", model=model) - sum0 == 256
+    # Per image, not per batch: the ramp-up and the tail of a short burst are singletons by design
+    # (nobody else is coming), and on a loaded machine they outnumber the batches that hold most images.
+    sizes = sorted(batch for _, batch in together.values())
+    assert sizes[len(sizes) // 2] >= 4, f"batch sizes that computed the images: {sizes}"
     for seed in seeds:
         alone = stub.Sample(pb.SampleRequest(model=model, seeds=[seed], output=F32)).images[0].image.data
-        assert together[seed] == alone, seed
+        assert together[seed][0] == alone, seed
 
 
 def test_cpu_fallback_is_one_warning_for_the_whole_server(

@@ -735,7 +735,7 @@ def test_concurrent_single_image_requests_are_batched_and_batch_invariant(
     buckets_before = {le: tiny_server.metric("genserve_batch_size_bucket", model=model, le=le) for le in LES}
     seeds = list(range(1000, 1256))
     by_seed = concurrent_samples(tiny_server.target, model, seeds, 64)
-    together = [by_seed[s] for s in seeds]
+    together = [by_seed[s][0] for s in seeds]
     batches = tiny_server.metric("genserve_batch_size_count", model=model) - count_before
     images = tiny_server.metric("genserve_batch_size_sum", model=model) - sum_before
     buckets = {
@@ -743,7 +743,12 @@ def test_concurrent_single_image_requests_are_batched_and_batch_invariant(
         for le in LES
     }
     assert images == 256
-    assert images / batches > 4, f"mean batch size {images / batches:.2f}; batches <= size: {buckets}"
+    # The metric and the responses' provenance agree on how many model calls there were...
+    sizes = [by_seed[s][1] for s in seeds]
+    assert sum(1 / size for size in sizes) == pytest.approx(batches), buckets
+    # ...and the median image shared its call with 3 others or more (per image, not per batch: the
+    # ramp-up and tail of a short burst are singletons by design, and outnumber the full batches).
+    assert sorted(sizes)[len(sizes) // 2] >= 4, f"batches <= size: {buckets}"
     alone = [
         stub.Sample(pb.SampleRequest(model=model, seeds=[s], output=F32)).images[0].image.data for s in seeds
     ]
