@@ -18,7 +18,8 @@ Scheduling:
 - rows of a request whose deadline passed are dropped before compute; a cancelled caller's rows
   leave the queue at once.
 
-Every future is resolved exactly once on every path: a failing batch fails only its own requests.
+Every future is resolved exactly once on every path: a failing batch fails only its own requests,
+and of those only the rows that fail again when the batch is retried in halves (see _isolate).
 """
 
 from __future__ import annotations
@@ -539,26 +540,35 @@ class Batcher:
         return parts
 
     async def _execute(self, parts: list[_Part]) -> None:
-        rows = sum(p.rows for p in parts)
-        key = parts[0].request.key
         started = time.monotonic()
-        queue_s = 0.0
         for p in parts:
-            wait_s = started - p.request.enqueued_at
-            queue_s = max(queue_s, wait_s)
-            self._observer.on_queue_wait(wait_s, p.request.lane)
-        ok = False
+            self._observer.on_queue_wait(started - p.request.enqueued_at, p.request.lane)
         try:
-            inputs = self._concat(parts)
-            outputs = await self._run_batch(key, inputs)
+            error = await self._call(parts)
+            if error is not None:
+                await self._isolate(parts, error)
+        finally:
+            self._batches_in_flight -= 1
+            if parts[0].request.lane == Lane.BULK:
+                self._bulk_in_flight -= 1
+                self._available.set()  # a dispatcher holding bulk back may go on
+            self._slots.release()
+
+    async def _call(self, parts: list[_Part]) -> Exception | None:
+        """One model call over `parts`; on success their outputs are fanned out. Returns the failure."""
+        rows = sum(p.rows for p in parts)
+        started = time.monotonic()
+        error: Exception | None = None
+        try:
+            outputs = await self._run_batch(parts[0].request.key, self._concat(parts))
             for name, value in outputs.items():
                 if value.shape[:1] != (rows,):
                     raise Internal(
                         f"{self.name}: output {name!r} has {value.shape[0] if value.ndim else 0} rows for a "
                         f"batch of {rows}"
                     )
-            ok = True
-        except Exception as exc:  # one batch's failure fails only its own requests
+        except Exception as exc:
+            error = exc
             logger.error(
                 "%s: batch of %d rows from %d requests failed: %r",
                 self.name,
@@ -567,33 +577,63 @@ class Batcher:
                 exc,
                 exc_info=not isinstance(exc, GenserveError),
             )
-            message = str(exc) if isinstance(exc, GenserveError) else f"{self.name}: model call failed"
-            for part in parts:
-                _set_exception_if_not_done(part.request.future, Internal(message))
-        finally:
-            compute_s = time.monotonic() - started
-            if ok:
-                per_row = compute_s / rows
-                old = self._row_cost_s
-                self._row_cost_s = per_row if old == 0.0 else 0.8 * old + 0.2 * per_row
-            self._batches_in_flight -= 1
-            if parts[0].request.lane == Lane.BULK:
-                self._bulk_in_flight -= 1
-                self._available.set()  # a dispatcher holding bulk back may go on
-            self._slots.release()
-            self._observer.on_batch(rows, len(parts), compute_s, ok)
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "batch model=%s rows=%d requests=%d queue_ms=%.3f compute_ms=%.3f ok=%s",
-                    self.name,
-                    rows,
-                    len(parts),
-                    queue_s * 1e3,
-                    compute_s * 1e3,
-                    ok,
-                )
-        if ok:
+        compute_s = time.monotonic() - started
+        if error is None:
+            per_row = compute_s / rows
+            old = self._row_cost_s
+            self._row_cost_s = per_row if old == 0.0 else 0.8 * old + 0.2 * per_row
+        self._observer.on_batch(rows, len(parts), compute_s, error is None)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "batch model=%s rows=%d requests=%d compute_ms=%.3f ok=%s",
+                self.name,
+                rows,
+                len(parts),
+                compute_s * 1e3,
+                error is None,
+            )
+        if error is None:
             self._fan_out(parts, outputs, rows)
+        return error
+
+    async def _isolate(self, parts: list[_Part], error: Exception) -> None:
+        """After a failed call, run its rows again in halves, so that rows which compute (a batch too
+        large for the device's memory, neighbours of a row the model cannot take) are not lost with
+        the rest. When both halves fail too the model is failing, not some rows: everything fails,
+        which bounds the retries of a broken session at 2 calls per halving, log2(rows) halvings."""
+        parts = [p for p in parts if not p.request.future.done()]  # cancelled, or failed already
+        rows = sum(p.rows for p in parts)
+        if rows <= 1:
+            self._fail(parts, error)
+            return
+        halves = self._split(parts, rows // 2)
+        logger.warning("%s: retrying the %d rows of a failed batch in halves", self.name, rows)
+        errors = [await self._call(half) for half in halves]
+        if errors[0] is not None and errors[1] is not None:
+            self._fail(parts, error)
+            return
+        for half, half_error in zip(halves, errors, strict=True):
+            if half_error is not None:
+                await self._isolate(half, half_error)
+
+    def _fail(self, parts: list[_Part], error: Exception) -> None:
+        message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
+        for part in parts:
+            _set_exception_if_not_done(part.request.future, Internal(message))
+
+    @staticmethod
+    def _split(parts: list[_Part], left_rows: int) -> tuple[list[_Part], list[_Part]]:
+        """`parts` as two lists of parts, the first holding `left_rows` rows (a request may straddle)."""
+        left: list[_Part] = []
+        right: list[_Part] = []
+        for part in parts:
+            take = min(part.rows, max(0, left_rows))
+            if take:
+                left.append(_Part(part.request, part.start, take))
+            if part.rows > take:
+                right.append(_Part(part.request, part.start + take, part.rows - take))
+            left_rows -= take
+        return left, right
 
     @staticmethod
     def _concat(parts: list[_Part]) -> dict[str, np.ndarray]:

@@ -255,7 +255,10 @@ class Metrics:
             registry=reg,
         )
         self.batch_failures = Counter(
-            "genserve_batch_failures_total", "Batches whose model call raised.", mv, registry=reg
+            "genserve_batch_failures_total",
+            "Model calls that raised (a failed batch's retries in halves count too).",
+            mv,
+            registry=reg,
         )
         self.model_load_duration = Gauge(
             "genserve_model_load_duration_seconds", "Model load + warm-up time.", mv, registry=reg

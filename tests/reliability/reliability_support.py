@@ -42,13 +42,16 @@ SHARED_LIMITS = {
 SERVER_NAME = "genserve.test"
 GEN_CARD = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
 FAIL_AT_BATCH = 3
+# A latent row holding a value above this fails the whole batch it is in (a poison row).
+POISON_LATENT = 100.0
 
 
 def failing_generator_graph(latent_dim: int, fail_at: int) -> onnx.ModelProto:
-    """A generator whose graph fails inside ONNX Runtime when the batch has exactly `fail_at` rows.
+    """A generator whose graph fails inside ONNX Runtime when the batch has exactly `fail_at` rows or
+    holds a latent value above POISON_LATENT.
 
-    z2 = Reshape(z, [N + (N == fail_at), Z]): the identity for every other N, and a Reshape whose element
-    count does not match (a real ORT kernel error, not an injected one) for N == fail_at.
+    z2 = Reshape(z, [N + bad, Z]): the identity for a good batch, and a Reshape whose element count
+    does not match (a real ORT kernel error, not an injected one) for a bad one.
     """
     rng = np.random.default_rng(7)
     c, h, w = 1, 8, 8
@@ -58,7 +61,10 @@ def failing_generator_graph(latent_dim: int, fail_at: int) -> onnx.ModelProto:
         helper.make_node("Add", ["zeros", "f_one"], ["ones"]),
         helper.make_node("ReduceSum", ["ones"], ["n_times_z"], keepdims=0),
         helper.make_node("Div", ["n_times_z", "f_zdim"], ["n_f"]),
-        helper.make_node("Equal", ["n_f", "f_fail_at"], ["is_bad"]),
+        helper.make_node("Equal", ["n_f", "f_fail_at"], ["wrong_size"]),
+        helper.make_node("ReduceMax", ["z"], ["z_max"], keepdims=0),
+        helper.make_node("Greater", ["z_max", "f_poison"], ["poisoned"]),
+        helper.make_node("Or", ["wrong_size", "poisoned"], ["is_bad"]),
         helper.make_node("Cast", ["is_bad"], ["bump"], to=TensorProto.FLOAT),
         helper.make_node("Add", ["n_f", "bump"], ["n2_f"]),
         helper.make_node("Cast", ["n2_f"], ["n2"], to=TensorProto.INT64),
@@ -83,6 +89,7 @@ def failing_generator_graph(latent_dim: int, fail_at: int) -> onnx.ModelProto:
             numpy_helper.from_array(np.array(1.0, np.float32), "f_one"),
             numpy_helper.from_array(np.array(float(latent_dim), np.float32), "f_zdim"),
             numpy_helper.from_array(np.array(float(fail_at), np.float32), "f_fail_at"),
+            numpy_helper.from_array(np.array(POISON_LATENT, np.float32), "f_poison"),
             numpy_helper.from_array(np.array([0], np.int64), "axes0"),
             numpy_helper.from_array(rng.normal(0, 0.5, (latent_dim, c * h * w)).astype(np.float32), "W"),
             numpy_helper.from_array(np.array([-1, c, h, w], np.int64), "shape"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Coroutine, Hashable, Mapping
 from typing import Any
@@ -26,6 +27,7 @@ class FakeModel:
         self.gate: asyncio.Event | None = None
         self.started = asyncio.Event()
         self.fail_if_contains: float | None = None
+        self.fail_above_rows: int | None = None  # e.g. the device's memory
         self.drop_a_row = False
 
     async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
@@ -38,6 +40,8 @@ class FakeModel:
         await asyncio.sleep(0)
         if self.fail_if_contains is not None and np.any(x == self.fail_if_contains):
             raise RuntimeError("boom")
+        if self.fail_above_rows is not None and len(x) > self.fail_above_rows:
+            raise RuntimeError("out of memory")
         out = 10 * x
         return {"y": out[:-1] if self.drop_a_row else out}
 
@@ -389,7 +393,7 @@ def test_caller_cancelled_mid_batch_does_not_disturb_the_others() -> None:
     run(body())
 
 
-def test_failing_batch_fails_only_its_own_requests() -> None:
+def test_failing_batch_fails_only_the_rows_that_fail_again_in_halves() -> None:
     async def body() -> None:
         model = FakeModel()
         model.fail_if_contains = 13
@@ -400,13 +404,73 @@ def test_failing_batch_fails_only_its_own_requests() -> None:
         gate.set()
         results = await asyncio.gather(*reqs, return_exceptions=True)
         await blocker
-        assert isinstance(results[0], Internal) and isinstance(results[1], Internal)
+        assert isinstance(results[0], Internal)
         assert "model call failed" in str(results[0])
-        assert [np.asarray(r.outputs["y"]).tolist() for r in results[2:]] == [[20], [30]]  # type: ignore[union-attr]
-        assert recorder.batches[1] == (2, 2, False)
+        # Its neighbour in the failed batch was computed again alone.
+        assert [np.asarray(r.outputs["y"]).tolist() for r in results[1:]] == [[10], [20], [30]]  # type: ignore[union-attr]
+        assert results[1].executed_batch_sizes == [1]  # type: ignore[union-attr]
+        assert recorder.batches[1:4] == [(2, 2, False), (1, 1, False), (1, 1, True)]
         # The batcher keeps serving after a failure.
         ok = await batcher.submit("k", rows(4), 1)
         np.testing.assert_array_equal(ok.outputs["y"], [40])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_batch_too_large_for_the_model_computes_in_halves() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        model.fail_above_rows = 2
+        batcher, recorder = make(model, max_batch_size=8)
+        result = await batcher.submit("k", rows(1, 2, 3, 4, 5), 5)
+        np.testing.assert_array_equal(result.outputs["y"], [10, 20, 30, 40, 50])
+        # 5 rows fail; 2 compute, 3 fail; of those 1 and 2 compute.
+        assert recorder.batches == [(5, 1, False), (2, 1, True), (3, 1, False), (1, 1, True), (2, 1, True)]
+        assert sorted(result.executed_batch_sizes) == [1, 2, 2]
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_model_failing_every_batch_is_retried_once_per_halving_not_row_by_row() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        model.fail_above_rows = 0
+        batcher, recorder = make(model, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        reqs = [asyncio.ensure_future(batcher.submit("k", rows(v, v), 2)) for v in range(1, 5)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*reqs, return_exceptions=True)
+        with contextlib.suppress(Internal):
+            await blocker
+        assert all(isinstance(r, Internal) for r in results)
+        # The batch, then its two halves: both fail, so the model is failing, not some rows.
+        assert recorder.batches[-3:] == [(8, 4, False), (4, 2, False), (4, 2, False)]
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_one_bad_row_among_eight_requests_costs_two_calls_per_halving() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        model.fail_if_contains = 6
+        batcher, recorder = make(model, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        reqs = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in range(1, 9)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*reqs, return_exceptions=True)
+        await blocker
+        assert [isinstance(r, Internal) for r in results] == [v == 6 for v in range(1, 9)]
+        assert [np.asarray(r.outputs["y"]).tolist() for r in results if not isinstance(r, BaseException)] == [
+            [10 * v] for v in (1, 2, 3, 4, 5, 7, 8)
+        ]
+        calls = recorder.batches[1:]
+        assert len(calls) == 1 + 2 * 3, calls  # 8 rows, then 4 + 4, 2 + 2, 1 + 1
+        assert [ok for _, _, ok in calls].count(False) == 4  # 8, 4, 2 and the bad row alone
         await batcher.close(1)
 
     run(body())
