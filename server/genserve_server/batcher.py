@@ -543,8 +543,9 @@ class Batcher:
         started = time.monotonic()
         for p in parts:
             self._observer.on_queue_wait(started - p.request.enqueued_at, p.request.lane)
+        outputs: Tensors | None = None
         try:
-            error = await self._call(parts)
+            outputs, error = await self._call(parts)
             if error is not None:
                 await self._isolate(parts, error)
         finally:
@@ -553,9 +554,13 @@ class Batcher:
                 self._bulk_in_flight -= 1
                 self._available.set()  # a dispatcher holding bulk back may go on
             self._slots.release()
+        # After the slot is free: the dispatcher, woken first, picks what waited (a bulk batch)
+        # before a closed-loop caller woken by its result can queue ahead of it again.
+        if outputs is not None:
+            self._fan_out(parts, outputs)
 
-    async def _call(self, parts: list[_Part]) -> Exception | None:
-        """One model call over `parts`; on success their outputs are fanned out. Returns the failure."""
+    async def _call(self, parts: list[_Part]) -> tuple[Tensors | None, Exception | None]:
+        """One model call over `parts`: (outputs, None), or (None, the failure)."""
         rows = sum(p.rows for p in parts)
         started = time.monotonic()
         error: Exception | None = None
@@ -592,9 +597,7 @@ class Batcher:
                 compute_s * 1e3,
                 error is None,
             )
-        if error is None:
-            self._fan_out(parts, outputs, rows)
-        return error
+        return (outputs, None) if error is None else (None, error)
 
     async def _isolate(self, parts: list[_Part], error: Exception) -> None:
         """After a failed call, run its rows again in halves, so that rows which compute (a batch too
@@ -608,7 +611,12 @@ class Batcher:
             return
         halves = self._split(parts, rows // 2)
         logger.warning("%s: retrying the %d rows of a failed batch in halves", self.name, rows)
-        errors = [await self._call(half) for half in halves]
+        errors = []
+        for half in halves:
+            outputs, half_error = await self._call(half)
+            if outputs is not None:
+                self._fan_out(half, outputs)
+            errors.append(half_error)
         if errors[0] is not None and errors[1] is not None:
             self._fail(parts, error)
             return
@@ -647,7 +655,8 @@ class Batcher:
         }
 
     @staticmethod
-    def _fan_out(parts: list[_Part], outputs: Tensors, rows: int) -> None:
+    def _fan_out(parts: list[_Part], outputs: Tensors) -> None:
+        rows = sum(p.rows for p in parts)
         offset = 0
         for part in parts:
             request = part.request
