@@ -52,6 +52,8 @@ class GeneratedItem:
     label: int | None
     message: types_pb2.Image
     latent: npt.NDArray[np.float32] | None
+    # Served from the server's image cache, not computed for this request.
+    from_cache: bool = False
 
     @property
     def raw(self) -> bytes:
@@ -71,6 +73,7 @@ class GeneratedItem:
             label=g.label if g.HasField("label") else None,
             message=g.image,
             latent=tensor_to_array(g.latent).astype(np.float32, copy=False) if g.HasField("latent") else None,
+            from_cache=g.from_cache,
         )
 
 

@@ -222,6 +222,8 @@ class ServerConfig:
     # Rescan the model repository when it changes, checked every this many seconds (reload.py);
     # None = only on SIGHUP.
     watch_interval_s: float | None = None
+    # Bytes of encoded images from seeds kept for repeated requests (image_cache.py); 0 = off.
+    image_cache_bytes: int = 0
 
 
 def load_server_config(path: Path | None) -> ServerConfig:
@@ -267,6 +269,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         inline_compute_max_us=r.integer("inline_compute_max_us", s.inline_compute_max_us, min_value=0),
         security=security,
         watch_interval_s=None if watch is None else float(watch),
+        image_cache_bytes=r.integer("image_cache_bytes", s.image_cache_bytes, min_value=0),
     )
     r.finish()
     return config

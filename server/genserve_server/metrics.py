@@ -141,6 +141,8 @@ class ModelMetrics:
         self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
         self.images = m.images.labels(*mv) if mon else _NULL
         self.batch_failures = m.batch_failures.labels(*mv) if mon else _NULL
+        self.cache_hits = m.image_cache_lookups.labels(*mv, "hit") if mon else _NULL
+        self.cache_misses = m.image_cache_lookups.labels(*mv, "miss") if mon else _NULL
         self.load_duration = m.model_load_duration.labels(*mv) if mon else _NULL
         self.ready = m.model_ready.labels(*mv) if mon else _NULL
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
@@ -260,6 +262,15 @@ class Metrics:
             mv,
             registry=reg,
         )
+        self.image_cache_lookups = Counter(
+            "genserve_image_cache_lookups_total",
+            "Images from seeds looked up in the image cache, by result (hit, miss).",
+            (*mv, "result"),
+            registry=reg,
+        )
+        self.image_cache_bytes = Gauge(
+            "genserve_image_cache_bytes", "Bytes held by the image cache (0 when it is off).", registry=reg
+        )
         self.model_load_duration = Gauge(
             "genserve_model_load_duration_seconds", "Model load + warm-up time.", mv, registry=reg
         )
@@ -315,6 +326,8 @@ class Metrics:
             self.requests_rejected,
             self.requests_dropped,
             self.batch_failures,
+            self.image_cache_lookups,
+            self.image_cache_bytes,
             self.model_load_duration,
             self.model_ready,
         )

@@ -37,6 +37,7 @@ from genserve_server import codecs, latents, tiling
 from genserve_server.batcher import Batcher, BatchResult, Lane, cancelled_by_deadline
 from genserve_server.config import LATENT_KINDS, Card, ServerConfig, cpu_count
 from genserve_server.errors import GenserveError, InvalidArgument, NotFound, invalid
+from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.runner import PIXELS_OUTPUT, PSI_INPUT, SEED_INPUT
@@ -199,6 +200,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.codec_pool = codec_pool
         self._encode_queue = EncodeQueue(codec_pool, config.codec_threads or cpu_count())
         self._unresolved = metrics.unresolved()
+        self.image_cache = ImageCache(config.image_cache_bytes) if config.image_cache_bytes else None
 
     # ================================================================== the boundary
 
@@ -757,11 +759,72 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 seeds = list(range(base, base + n))
             z = None
         labels = self._labels(request.labels, card, n)
+        if seeds is not None and self.image_cache is not None:
+            return await self._sample_through_cache(self.image_cache, mv, call, seeds, labels, psi, out, lane)
         images, batch_sizes, z = await self._generate(mv, call, labels, out, lane, seeds=seeds, psi=psi, z=z)
         return pb.SampleResponse(
             images=self._generated(images, z, seeds, labels, out),
             provenance=self._provenance(mv, batch_sizes),
         )
+
+    async def _sample_through_cache(
+        self,
+        cache: ImageCache,
+        mv: ModelVersion,
+        call: Call,
+        seeds: list[int],
+        labels: np.ndarray | None,
+        psi: float | None,
+        out: OutputSpec,
+        lane: Lane,
+    ) -> pb.SampleResponse:
+        """Sample where the image cache is on: only the seeds it does not hold are computed."""
+        assert mv.card is not None and mv.card.latent_dim is not None
+        keys = [
+            image_key(
+                mv.sha256,
+                mv.provider,
+                mv.precision,
+                seed,
+                None if labels is None else int(labels[i]),
+                psi,
+                out.format,
+                out.quality,
+                out.png_compression,
+            )
+            for i, seed in enumerate(seeds)
+        ]
+        found = [cache.get(key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        mv.metrics.cache_hits.inc(len(seeds) - len(missing))
+        mv.metrics.cache_misses.inc(len(missing))
+        images: list[tpb.Image] = [tpb.Image() if entry is None else entry.image for entry in found]
+        z = np.empty((len(seeds), mv.card.latent_dim), np.float32)
+        for i, entry in enumerate(found):
+            if entry is not None:
+                z[i] = entry.latent
+        batch_sizes: list[int] = []
+        if missing:
+            computed, batch_sizes, computed_z = await self._generate(
+                mv,
+                call,
+                None if labels is None else labels[missing],
+                out,
+                lane,
+                seeds=[seeds[i] for i in missing],
+                psi=psi,
+            )
+            for j, i in enumerate(missing):
+                images[i] = computed[j]
+                z[i] = computed_z[j]
+                cache.put(keys[i], computed[j], computed_z[j])
+            self.metrics.image_cache_bytes.set(cache.nbytes)
+        if len(missing) < len(seeds):  # what _encode checks for computed images, for the whole response
+            self._check_send_size(sum(len(image.data) for image in images), "the response", out.format)
+        generated = self._generated(images, z, seeds, labels, out)
+        for g, entry in zip(generated, found, strict=True):
+            g.from_cache = entry is not None
+        return pb.SampleResponse(images=generated, provenance=self._provenance(mv, batch_sizes))
 
     async def _do_decode(self, request: pb.DecodeRequest, call: Call) -> pb.SampleResponse:
         mv = self._resolve(call, request.model, request.version, DECODE_KINDS, "Decode")

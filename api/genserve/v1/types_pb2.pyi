@@ -270,12 +270,17 @@ class GeneratedImage(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     LATENT_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    FROM_CACHE_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """The seed whose stream gave the latent (absent when the request gave explicit latents)."""
     label: _builtins.int
     """The class index, for conditional models."""
     index: _builtins.int
     """Position of this image in the request (SampleStream: in the whole job, from 0)."""
+    from_cache: _builtins.bool
+    """Served from the server's image cache (an earlier request computed it; the bytes are the same):
+    no model call made it, so Provenance.executed_batch_sizes does not count it.
+    """
     @_builtins.property
     def image(self) -> Global___Image: ...
     @_builtins.property
@@ -290,10 +295,11 @@ class GeneratedImage(_message.Message):
         label: _builtins.int | None = ...,
         latent: Global___Tensor | None = ...,
         index: _builtins.int = ...,
+        from_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_seed", b"_seed", "image", b"image", "label", b"label", "latent", b"latent", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_seed", b"_seed", "image", b"image", "index", b"index", "label", b"label", "latent", b"latent", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_seed", b"_seed", "from_cache", b"from_cache", "image", b"image", "index", b"index", "label", b"label", "latent", b"latent", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__label: _TypeAlias = _typing.Literal["label"]  # noqa: Y015
     _WhichOneofArgType__label: _TypeAlias = _typing.Literal["_label", b"_label"]  # noqa: Y015

@@ -1,0 +1,107 @@
+"""A byte-bounded LRU of encoded images from seeds.
+
+A seeded image is a pure function of the model file, the execution provider, the precision, the
+seed, the label, the truncation psi and the output options (latents are drawn on the host per seed,
+so the batch never changes an image). A request for seeds already served -- a gallery page, a
+client retrying, a preview refreshed -- gets the stored encoded image without a model call or an
+encode. Keyed per image, not per request, so a request for seeds 0..9 after one for 0..4 computes
+only 5..9. Explicit latents are not cached: they rarely repeat.
+
+Used on the event loop only (no lock). Off unless `image_cache_bytes` > 0 in the server config.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from genserve.v1 import types_pb2 as tpb
+
+# What an entry costs beyond its image and latent bytes (key tuple, proto object, dict slot).
+ENTRY_OVERHEAD_BYTES = 400
+
+
+class ImageKey(NamedTuple):
+    model_sha256: str
+    execution_provider: str
+    precision: str
+    seed: int
+    label: int  # -1 for unconditional models
+    psi: float | None
+    format: int
+    quality: int  # 0 unless JPEG or WEBP
+    png_compression: int  # 0 unless PNG
+
+
+def image_key(
+    model_sha256: str,
+    execution_provider: str,
+    precision: str,
+    seed: int,
+    label: int | None,
+    psi: float | None,
+    fmt: int,
+    quality: int,
+    png_compression: int,
+) -> ImageKey:
+    """The key of one image; options that do not change the bytes of `fmt` are left out, so that a
+    RAW request with quality 80 and one with quality 90 share the entry."""
+    lossy = fmt in (tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_WEBP)
+    return ImageKey(
+        model_sha256,
+        execution_provider,
+        precision,
+        seed,
+        -1 if label is None else label,
+        psi,
+        fmt,
+        quality if lossy else 0,
+        png_compression if fmt == tpb.IMAGE_FORMAT_PNG else 0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CachedImage:
+    image: tpb.Image  # never mutated: responses copy it into their GeneratedImage
+    latent: np.ndarray  # float32 [Z], owned (not a view of a batch's array)
+    nbytes: int
+
+
+class ImageCache:
+    """`get` / `put` by ImageKey; the least recently used entries go once `max_bytes` is exceeded."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[ImageKey, CachedImage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: ImageKey) -> CachedImage | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: ImageKey, image: tpb.Image, latent: np.ndarray) -> None:
+        nbytes = len(image.data) + latent.nbytes + ENTRY_OVERHEAD_BYTES
+        if nbytes > self.max_bytes:
+            return  # one image larger than the whole cache: not worth evicting everything for
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self._entries[key] = CachedImage(image, np.array(latent, dtype=np.float32, copy=True), nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0

@@ -1,0 +1,171 @@
+"""The image cache: a byte-bounded LRU (unit) and Sample through it on a real server (integration)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from server_support import ServerProcess, start_server
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server.config import ConfigError, load_server_config
+from genserve_server.image_cache import ENTRY_OVERHEAD_BYTES, ImageCache, ImageKey, image_key
+
+PNG, JPEG, RAW = tpb.IMAGE_FORMAT_PNG, tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_RAW_UINT8
+
+
+def key(
+    seed: int, fmt: int = RAW, quality: int = 90, compression: int = 1, label: int | None = None
+) -> ImageKey:
+    return image_key("sha", "CPUExecutionProvider", "fp32", seed, label, None, fmt, quality, compression)
+
+
+def entry_bytes(data_len: int, z_dim: int = 4) -> int:
+    return data_len + 4 * z_dim + ENTRY_OVERHEAD_BYTES
+
+
+# ----------------------------------------------------------------------------- unit
+
+
+def test_least_recently_used_images_leave_once_the_byte_budget_is_exceeded() -> None:
+    cache = ImageCache(3 * entry_bytes(100))
+    for seed in range(3):
+        cache.put(key(seed), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
+    assert len(cache) == 3 and cache.nbytes == 3 * entry_bytes(100)
+    assert cache.get(key(0)) is not None  # 0 is now the most recently used
+    cache.put(key(3), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
+    assert [cache.get(key(s)) is not None for s in range(4)] == [True, False, True, True]
+    assert cache.nbytes == 3 * entry_bytes(100)
+    cache.put(key(4), tpb.Image(data=bytes(250)), np.zeros(4, np.float32))  # evicts two
+    assert cache.nbytes <= cache.max_bytes and cache.get(key(4)) is not None
+
+
+def test_an_image_larger_than_the_whole_cache_is_not_kept_and_evicts_nothing() -> None:
+    cache = ImageCache(entry_bytes(100))
+    cache.put(key(1), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
+    cache.put(key(2), tpb.Image(data=bytes(101)), np.zeros(4, np.float32))
+    assert cache.get(key(2)) is None and cache.get(key(1)) is not None
+
+
+def test_putting_a_key_again_replaces_it_without_counting_it_twice() -> None:
+    cache = ImageCache(10_000)
+    cache.put(key(1), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
+    cache.put(key(1), tpb.Image(data=bytes(200)), np.zeros(4, np.float32))
+    assert len(cache) == 1 and cache.nbytes == entry_bytes(200)
+
+
+def test_the_latent_is_copied_so_a_batch_array_is_not_pinned_or_changed_later() -> None:
+    batch = np.arange(8, dtype=np.float32).reshape(2, 4)
+    cache = ImageCache(10_000)
+    cache.put(key(1), tpb.Image(data=b"x"), batch[1])
+    batch[1] = -1
+    entry = cache.get(key(1))
+    assert entry is not None and entry.latent.tolist() == [4, 5, 6, 7] and entry.latent.base is None
+
+
+def test_keys_ignore_options_that_do_not_change_the_bytes_of_the_format() -> None:
+    assert key(1, RAW, quality=80, compression=9) == key(1, RAW, quality=90, compression=1)
+    assert key(1, PNG, quality=80) == key(1, PNG, quality=90)
+    assert key(1, PNG, compression=1) != key(1, PNG, compression=6)
+    assert key(1, JPEG, quality=80) != key(1, JPEG, quality=90)
+    assert key(1, label=3) != key(1, label=4) != key(1)
+    assert key(1) != image_key("sha", "CUDAExecutionProvider", "fp32", 1, None, None, RAW, 0, 0)
+    assert key(1) != image_key("sha", "CPUExecutionProvider", "fp32", 1, None, 0.7, RAW, 0, 0)
+
+
+def test_a_cache_of_no_bytes_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_bytes must be >= 1"):
+        ImageCache(0)
+
+
+# ----------------------------------------------------------------------------- a real server
+
+
+@pytest.fixture(scope="module")
+def cached_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(
+        tiny_repo, tmp_path_factory.mktemp("cache-server"), config={"image_cache_bytes": 1 << 20}
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(cached_server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(cached_server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def lookups(server: ServerProcess, model: str) -> tuple[float, float]:
+    return tuple(  # type: ignore[return-value]
+        server.metric("genserve_image_cache_lookups_total", model=model, result=r) for r in ("hit", "miss")
+    )
+
+
+def test_repeated_seeds_come_from_the_cache_and_only_new_seeds_are_computed(
+    stub: pb_grpc.GenerationServiceStub, cached_server: ServerProcess
+) -> None:
+    out = tpb.OutputOptions(format=PNG, return_latents=True)
+    hits0, misses0 = lookups(cached_server, "tiny-gen")
+    images0 = cached_server.metric("genserve_images_total", model="tiny-gen")
+    first = stub.Sample(pb.SampleRequest(model="tiny-gen", seeds=[11, 12, 13], output=out))
+    again = stub.Sample(pb.SampleRequest(model="tiny-gen", seeds=[12, 13, 14], output=out))
+    assert [g.from_cache for g in first.images] == [False, False, False]
+    assert [g.from_cache for g in again.images] == [True, True, False]
+    assert [g.seed for g in again.images] == [12, 13, 14] and [g.index for g in again.images] == [0, 1, 2]
+    assert list(again.provenance.executed_batch_sizes) == [1]  # seed 14 alone was computed
+    for cached, computed in ((again.images[0], first.images[1]), (again.images[1], first.images[2])):
+        assert cached.image == computed.image and cached.latent == computed.latent
+    assert lookups(cached_server, "tiny-gen") == (hits0 + 2, misses0 + 4)
+    assert cached_server.metric("genserve_images_total", model="tiny-gen") == images0 + 4
+    assert cached_server.metric("genserve_image_cache_bytes") > 0
+    # A cached image is the image the model computes for that seed, bit for bit.
+    fresh = stub.Sample(
+        pb.SampleRequest(
+            model="tiny-gen", seeds=[12], output=tpb.OutputOptions(format=PNG, png_compression=1)
+        )
+    )
+    assert fresh.images[0].from_cache and fresh.images[0].image == first.images[1].image
+
+
+def test_other_formats_labels_and_truncation_are_other_images(
+    stub: pb_grpc.GenerationServiceStub, cached_server: ServerProcess
+) -> None:
+    def sample(**kwargs: object) -> pb.SampleResponse:
+        return stub.Sample(pb.SampleRequest(seeds=[21], **kwargs))  # type: ignore[arg-type]
+
+    raw = tpb.OutputOptions(format=RAW)
+    assert not sample(model="tiny-gen", output=raw).images[0].from_cache
+    assert sample(model="tiny-gen", output=raw).images[0].from_cache
+    assert not sample(model="tiny-gen", output=tpb.OutputOptions(format=JPEG)).images[0].from_cache
+    assert not sample(model="tiny-gen", output=raw, truncation_psi=0.5).images[0].from_cache
+    assert not sample(model="tiny-cond", labels=[1], output=raw).images[0].from_cache
+    two = sample(model="tiny-cond", labels=[2], output=raw).images[0]
+    assert not two.from_cache and two.label == 2
+    assert sample(model="tiny-cond", labels=[1], output=raw).images[0].from_cache
+
+
+def test_explicit_latents_are_never_served_from_the_cache(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    z = np.zeros((1, 16), "<f4")
+    latents = tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.tobytes())
+    for _ in range(2):
+        response = stub.Sample(pb.SampleRequest(model="tiny-gen", latents=latents))
+        assert not response.images[0].from_cache and list(response.provenance.executed_batch_sizes) == [1]
+
+
+def test_image_cache_bytes_is_validated_and_off_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"image_cache_bytes": -1}))
+    with pytest.raises(ConfigError, match="image_cache_bytes must be >= 0, got -1"):
+        load_server_config(path)
+    assert load_server_config(None).image_cache_bytes == 0
+    path.write_text(json.dumps({"image_cache_bytes": 1 << 26}))
+    assert load_server_config(path).image_cache_bytes == 1 << 26
