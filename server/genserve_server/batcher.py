@@ -163,6 +163,7 @@ class Batcher:
         interactive_quiet_s: float = 1.0,
         efficient_batch_size: int | None = None,
         rows_limit: Callable[[Hashable], int] | None = None,
+        run_bulk_batch: RunBatch | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -178,6 +179,9 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._run_batch = run_batch
+        # BULK batches go here when set (Runner.run_bulk: threads the OS schedules after everyone
+        # else's, so a running bulk batch yields the cores to interactive work); else to run_batch.
+        self._run_bulk_batch = run_bulk_batch or run_batch
         self._observer: BatchObserver = observer or NullObserver()
         # (lane) -> key -> FIFO of requests with rows still to take. Dicts keep insertion order.
         self._lanes: tuple[dict[Hashable, deque[PendingRequest]], ...] = ({}, {})
@@ -229,6 +233,10 @@ class Batcher:
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def queued_interactive_rows(self) -> int:
+        return self._queued_rows - self._bulk_rows
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -565,7 +573,9 @@ class Batcher:
         started = time.monotonic()
         error: Exception | None = None
         try:
-            outputs = await self._run_batch(parts[0].request.key, self._concat(parts))
+            first = parts[0].request
+            run = self._run_bulk_batch if first.lane == Lane.BULK else self._run_batch
+            outputs = await run(first.key, self._concat(parts))
             for name, value in outputs.items():
                 if value.shape[:1] != (rows,):
                     raise Internal(

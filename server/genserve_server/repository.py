@@ -256,6 +256,7 @@ class Repository:
             assert mv.runner is not None
             mv.batcher = Batcher(
                 mv.runner.run,
+                run_bulk_batch=mv.runner.run_bulk,
                 name=mv.label,
                 max_batch_size=mv.config.batching.max_batch_size,
                 max_queue_delay_s=mv.config.batching.max_queue_delay_ms / 1e3,
@@ -273,7 +274,7 @@ class Repository:
                 ),
             )
             batcher = mv.batcher
-            mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
+            mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0
             mv.batcher.start()
             mv.state = ModelState.READY
             mv.metrics.ready.set(1)

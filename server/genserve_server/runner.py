@@ -10,8 +10,10 @@ event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -57,6 +59,12 @@ SHRINK_ABOVE_WARMED = 2.0
 SHRINK_MIN_ROW_VALUES = 1 << 20
 _SHRINK_CPU = ort.RunOptions()
 _SHRINK_CPU.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+# Niceness added to the threads that run BULK batches (Linux: per thread). A running batch cannot
+# be preempted, but the kernel can give its core to an interactive batch, the event loop or a
+# client whenever they want it; bulk work still gets every cycle nobody else wants. Raising a
+# thread's niceness needs no privilege (lowering it back would, hence threads of their own).
+BULK_THREAD_NICE = 19
 
 _cpu_fallback_warned = False
 _cpu_fallback_lock = threading.Lock()
@@ -161,10 +169,11 @@ class Runner:
         # Input values of the largest warm-up row (0 = not warmed: never shrink); see shrinks_after.
         self._warmed_row_values = 0
         self._shrinkable = self._shared and self.provider == "CPUExecutionProvider" and config.cpu_mem_arena
-        # Batches running on the pool threads now.
+        # Batches running on the normal-priority pool threads now (bulk batches are not counted:
+        # their niced threads yield the cores to a solo call, see run_bulk).
         self._running = 0
-        # Set by the owner (repository: the batcher's queue is not empty). A batch goes to the solo
-        # session only while nothing else runs and nothing waits: otherwise the next batch would
+        # Set by the owner (repository: interactive rows wait in the batcher). A batch goes to the
+        # solo session only while nothing else runs and nothing waits: otherwise the next batch would
         # start beside it on the other instance, and a multi-threaded call would share the cores
         # with it for its whole (possibly long) duration.
         self.more_work_queued: Callable[[], bool] = lambda: False
@@ -185,6 +194,9 @@ class Runner:
             )
             self.solo_session = solo.session
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{label}")
+        self._bulk_executor = ThreadPoolExecutor(
+            max_workers=instances, thread_name_prefix=f"ort-bulk-{label}", initializer=_lower_thread_priority
+        )
         self._warn_if_cpu_fallback()
 
     def _warn_if_cpu_fallback(self) -> None:
@@ -318,6 +330,18 @@ class Runner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call_pooled, signature, inputs)
 
+    async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """`run` for BULK batches: always on the low-priority pool (BULK_THREAD_NICE) and never on the
+        solo session (its intra-op threads are ORT's, at normal priority). An interactive batch that
+        starts while only bulk batches run may take the solo session: the kernel gives it the cores
+        the bulk threads hold, so it computes about as fast as on an idle server."""
+        del key
+        signature = self._signature(inputs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._bulk_executor, functools.partial(self._call_pooled, signature, inputs, allow_solo=False)
+        )
+
     def _slow_latents(self, inputs: Mapping[str, np.ndarray]) -> bool:
         """Whether drawing this batch's latents may cost more than the model call it was timed by.
 
@@ -330,9 +354,14 @@ class Runner:
         return latents.expected_redraws(self.latent_dim, float(psi_rows[0])) > self.latent_dim
 
     def _call_pooled(
-        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+        self,
+        signature: tuple[tuple[str | int, ...], ...],
+        inputs: Mapping[str, np.ndarray],
+        allow_solo: bool = True,
     ) -> dict[str, np.ndarray]:
         """A pool thread's batch: on the solo session when no other batch runs or waits right now."""
+        if not allow_solo:
+            return self._call(signature, inputs)
         with self._running_lock:
             solo = self._running == 0 and self.solo_session is not None and not self.more_work_queued()
             self._running += 1
@@ -344,6 +373,16 @@ class Runner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
+        self._bulk_executor.shutdown(wait=True, cancel_futures=False)
+
+
+def _lower_thread_priority() -> None:
+    """Add BULK_THREAD_NICE to the calling thread's niceness (Linux: niceness is per thread)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BULK_THREAD_NICE))
+    except (AttributeError, OSError) as exc:  # no per-thread priorities here: bulk runs at normal priority
+        logger.debug("cannot lower the bulk thread's priority: %r", exc)
 
 
 def _values_per_row(arrays: Mapping[str, np.ndarray]) -> int:

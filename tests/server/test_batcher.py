@@ -496,6 +496,31 @@ def test_request_split_across_a_failing_batch_fails_once() -> None:
     run(body())
 
 
+def test_bulk_batches_go_to_the_bulk_runner_and_interactive_ones_to_the_other() -> None:
+    async def body() -> None:
+        interactive_model, bulk_model = FakeModel(), FakeModel()
+        recorder = Recorder()
+        batcher = Batcher(
+            interactive_model,
+            name="model m version 1",
+            observer=recorder,
+            max_batch_size=4,
+            max_queue_delay_s=0.0,
+            max_queue_size=64,
+            run_bulk_batch=bulk_model,
+        )
+        batcher.start()
+        bulk = await batcher.submit("k", rows(1, 2), 2, lane=Lane.BULK)
+        interactive = await batcher.submit("k", rows(3), 1)
+        np.testing.assert_array_equal(bulk.outputs["y"], [10, 20])
+        np.testing.assert_array_equal(interactive.outputs["y"], [30])
+        assert [x.tolist() for _, x in bulk_model.batches] == [[1, 2]]
+        assert [x.tolist() for _, x in interactive_model.batches] == [[3]]
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_request_larger_than_the_whole_queue_is_invalid_not_retryable() -> None:
     async def body() -> None:
         batcher, recorder = make(FakeModel(), max_queue_size=4)

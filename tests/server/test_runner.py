@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 
@@ -170,6 +171,44 @@ def test_a_batch_alone_skips_the_all_cores_session_while_more_work_waits(tmp_pat
 
     asyncio.run(body())
     assert calls == [False, True]
+    runner.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="needs per-thread priorities (Linux)")
+def test_bulk_batches_run_on_niced_threads_never_solo_and_leave_the_solo_session_to_interactive_ones(
+    tmp_path: Path,
+) -> None:
+    runner = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=2)
+    calls: list[tuple[int, bool, int]] = []
+    bulk_started = threading.Event()
+    interactive_done = threading.Event()
+    original = runner.run_sync
+
+    def spy(inputs, solo=False):  # type: ignore[no-untyped-def]
+        rows = len(next(iter(inputs.values())))
+        calls.append((rows, solo, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        if rows == 5:  # the bulk batch holds its thread until the interactive one has run
+            bulk_started.set()
+            assert interactive_done.wait(5)
+        return original(inputs, solo=solo)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+
+    def batch(n: int) -> dict[str, np.ndarray]:
+        return {"z": np.ones((n, TINY_LATENT), np.float32), "label": np.arange(n, dtype=np.int64)}
+
+    async def body() -> tuple[np.ndarray, np.ndarray]:
+        bulk = asyncio.ensure_future(runner.run_bulk((), batch(5)))
+        assert await asyncio.to_thread(bulk_started.wait, 5)
+        interactive = await runner.run((), batch(2))  # only a bulk batch runs: solo all the same
+        interactive_done.set()
+        return (await bulk)["image"], interactive["image"]
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    bulk_image, interactive_image = asyncio.run(body())
+    assert calls == [(5, False, min(19, base + runner_module.BULK_THREAD_NICE)), (2, True, base)]
+    np.testing.assert_allclose(bulk_image, original(batch(5))["image"], atol=1e-6)
+    np.testing.assert_allclose(interactive_image, original(batch(2))["image"], atol=1e-6)
     runner.close()
 
 
