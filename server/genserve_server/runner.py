@@ -60,10 +60,13 @@ SHRINK_MIN_ROW_VALUES = 1 << 20
 _SHRINK_CPU = ort.RunOptions()
 _SHRINK_CPU.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-# Niceness added to the threads that run BULK batches (Linux: per thread). A running batch cannot
-# be preempted, but the kernel can give its core to an interactive batch, the event loop or a
-# client whenever they want it; bulk work still gets every cycle nobody else wants. Raising a
-# thread's niceness needs no privilege (lowering it back would, hence threads of their own).
+# Threads that run BULK batches are background threads for the kernel: SCHED_IDLE, so that the
+# wakeup of any normal thread (an interactive batch, the event loop, a co-located client) preempts
+# a running bulk batch at once, while bulk work still gets every cycle nobody else wants. Where
+# SCHED_IDLE is refused, niceness +19: a smaller share, but the same time slice, so a woken thread
+# may still wait up to a slice (bench/profile.md item 27: p99 under bulk 1.6-1.8x idle with
+# SCHED_IDLE, 1.9-2.2x with nice 19). Either needs no privilege; undoing it would, hence threads of
+# their own.
 BULK_THREAD_NICE = 19
 
 _cpu_fallback_warned = False
@@ -377,9 +380,15 @@ class Runner:
 
 
 def _lower_thread_priority() -> None:
-    """Add BULK_THREAD_NICE to the calling thread's niceness (Linux: niceness is per thread)."""
+    """Make the calling thread a background thread (Linux schedules threads, not processes):
+    SCHED_IDLE where the kernel allows it, else niceness +19 (BULK_THREAD_NICE)."""
+    tid = threading.get_native_id()
     try:
-        tid = threading.get_native_id()
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError) as exc:
+        logger.debug("no SCHED_IDLE for the bulk thread (%r); raising its niceness instead", exc)
+    try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BULK_THREAD_NICE))
     except (AttributeError, OSError) as exc:  # no per-thread priorities here: bulk runs at normal priority
         logger.debug("cannot lower the bulk thread's priority: %r", exc)
