@@ -140,6 +140,11 @@ class _Part:
     rows: int
 
 
+def _live(parts: list[_Part]) -> list[_Part]:
+    """The parts whose request still waits for its rows."""
+    return [p for p in parts if not p.request.future.done()]
+
+
 def _set_exception_if_not_done(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
@@ -612,17 +617,23 @@ class Batcher:
     async def _isolate(self, parts: list[_Part], error: Exception) -> None:
         """After a failed call, run its rows again in halves, so that rows which compute (a batch too
         large for the device's memory, neighbours of a row the model cannot take) are not lost with
-        the rest. When both halves fail too the model is failing, not some rows: everything fails,
-        which bounds the retries of a broken session at 2 calls per halving, log2(rows) halvings."""
-        parts = [p for p in parts if not p.request.future.done()]  # cancelled, or failed already
+        the rest. When both halves fail too, the model is taken to be failing, not some rows:
+        everything left fails, which bounds the retries of a broken session at 2 calls per halving,
+        log2(rows) halvings. The price of that bound: two bad rows that land in different halves,
+        or a batch more than twice too large, fail the whole batch."""
+        parts = _live(parts)  # cancelled, or failed already
         rows = sum(p.rows for p in parts)
-        if rows <= 1:
+        if rows <= 1 or self._closing:
             self._fail(parts, error)
             return
         halves = self._split(parts, rows // 2)
         logger.warning("%s: retrying the %d rows of a failed batch in halves", self.name, rows)
-        errors = []
+        errors: list[Exception | None] = []
         for half in halves:
+            half[:] = _live(half)  # a caller may have gone during the other half's call
+            if not half:
+                errors.append(None)
+                continue
             outputs, half_error = await self._call(half)
             if outputs is not None:
                 self._fan_out(half, outputs)
@@ -635,9 +646,17 @@ class Batcher:
                 await self._isolate(half, half_error)
 
     def _fail(self, parts: list[_Part], error: Exception) -> None:
-        message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
+        failure: GenserveError
+        if self._closing and not isinstance(error, GenserveError):
+            # The runner may be shut down under a retry (a drain that timed out): not a model fault.
+            failure = Unavailable(
+                f"{self.name} shut down while the batch was retried; retry on another replica"
+            )
+        else:
+            message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
+            failure = Internal(message)
         for part in parts:
-            _set_exception_if_not_done(part.request.future, Internal(message))
+            _set_exception_if_not_done(part.request.future, failure)
 
     @staticmethod
     def _split(parts: list[_Part], left_rows: int) -> tuple[list[_Part], list[_Part]]:

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,9 @@ class ModelVersion:
     tile_radius: int | None = None
     # The batch cap measured at warm-up (efficient_batch_size); None: up to max_batch_size.
     efficient_batch_size: int | None = None
+    # Unique per loaded version: what the image cache keys on. An image depends on the file and on
+    # config.json (output_range, runtime options), and a reload builds a new ModelVersion.
+    load_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def label(self) -> str:
@@ -256,7 +260,7 @@ class Repository:
             assert mv.runner is not None
             mv.batcher = Batcher(
                 mv.runner.run,
-                run_bulk_batch=mv.runner.run_bulk,
+                run_bulk_batch=mv.runner.run_bulk if mv.runner.background_bulk else None,
                 name=mv.label,
                 max_batch_size=mv.config.batching.max_batch_size,
                 max_queue_delay_s=mv.config.batching.max_queue_delay_ms / 1e3,
@@ -274,7 +278,11 @@ class Repository:
                 ),
             )
             batcher = mv.batcher
-            mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0
+            # Background bulk batches yield their cores to a solo call; other bulk rows would not.
+            if mv.runner.background_bulk:
+                mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0
+            else:
+                mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
             mv.batcher.start()
             mv.state = ModelState.READY
             mv.metrics.ready.set(1)

@@ -10,7 +10,6 @@ event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import os
@@ -197,9 +196,27 @@ class Runner:
             )
             self.solo_session = solo.session
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{label}")
-        self._bulk_executor = ThreadPoolExecutor(
-            max_workers=instances, thread_name_prefix=f"ort-bulk-{label}", initializer=_lower_thread_priority
+        # Background bulk (run_bulk) only where the calling thread does a call's whole compute (one
+        # intra-op thread: ORT's own workers would keep normal priority) and another instance is
+        # always there for interactive batches (with one, an interactive batch waits for the bulk
+        # batch, which a background thread would only make slower).
+        self.background_bulk = (
+            instances > 1
+            and self._shared
+            and self.provider == "CPUExecutionProvider"
+            and self.session.get_session_options().intra_op_num_threads == 1
         )
+        self._bulk_executor: ThreadPoolExecutor | None = None
+        self._bulk_prep: ThreadPoolExecutor | None = None
+        if self.background_bulk:
+            self._bulk_executor = ThreadPoolExecutor(
+                max_workers=instances,
+                thread_name_prefix=f"ort-bulk-{label}",
+                initializer=_lower_thread_priority,
+            )
+            # Latents, input conversion and pixels hold the GIL: at normal priority, so that a
+            # preempted background thread never holds the GIL the event loop waits for.
+            self._bulk_prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-bulk-prep-{label}")
         self._warn_if_cpu_fallback()
 
     def _warn_if_cpu_fallback(self) -> None:
@@ -220,10 +237,7 @@ class Runner:
 
         `solo`: on the all-cores session when there is one (see the class docstring).
         """
-        feeds = {
-            name: np.ascontiguousarray(value, dtype=self._input_dtypes[name])
-            for name, value in inputs.items()
-        }
+        feeds = self._feeds(inputs)
         options = _SHRINK_CPU if self.shrinks_after(feeds) else None
         if solo and self.solo_session is not None:
             values = self.solo_session.run(None, feeds, options)
@@ -236,6 +250,12 @@ class Runner:
             finally:
                 self._runners.put(runner)
         return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}
+
+    def _feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            name: np.ascontiguousarray(value, dtype=self._input_dtypes[name])
+            for name, value in inputs.items()
+        }
 
     def shrinks_after(self, feeds: Mapping[str, np.ndarray]) -> bool:
         """Whether this call hands the arena's unused memory back when it ends: its inputs are far
@@ -311,6 +331,10 @@ class Runner:
             self._cost_s[signature] = (
                 elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
             )
+        return self._finish(outputs, z)
+
+    def _finish(self, outputs: dict[str, np.ndarray], z: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The drawn latents and the uint8 pixels next to the model's outputs."""
         if z is not None:
             outputs["z"] = z
         if self.pixels_range is not None and "image" in outputs:
@@ -334,16 +358,37 @@ class Runner:
         return await loop.run_in_executor(self._executor, self._call_pooled, signature, inputs)
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        """`run` for BULK batches: always on the low-priority pool (BULK_THREAD_NICE) and never on the
-        solo session (its intra-op threads are ORT's, at normal priority). An interactive batch that
-        starts while only bulk batches run may take the solo session: the kernel gives it the cores
-        the bulk threads hold, so it computes about as fast as on an idle server."""
-        del key
+        """`run` for BULK batches (see background_bulk): the model call on a background thread of
+        the shared one-thread session, never the solo session. The kernel gives that thread's core to
+        any normal thread that wants it (an interactive batch, the event loop, a co-located client),
+        so an interactive batch that starts while only bulk batches run may take the solo session
+        and compute about as fast as on an idle server. Tiny batches still run inline, as in `run`.
+        Bulk calls are left out of the measured costs: a preempted call's wall time says nothing
+        about the model."""
+        if self._bulk_executor is None or self._bulk_prep is None:
+            return await self.run(key, inputs)
         signature = self._signature(inputs)
+        cost_s = self._cost_s.get(signature)
+        if cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(inputs):
+            return self._call(signature, inputs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._bulk_executor, functools.partial(self._call_pooled, signature, inputs, allow_solo=False)
-        )
+        feeds, z = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, inputs)
+        values = await loop.run_in_executor(self._bulk_executor, self._bulk_compute, feeds)
+        return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, z)
+
+    def _bulk_feeds(
+        self, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        prepared, z = self._prepare(inputs)
+        return self._feeds(prepared), z
+
+    def _bulk_compute(self, feeds: dict[str, np.ndarray]) -> list[Any]:
+        """On a background thread: the model call only (ORT releases the GIL inside)."""
+        values: list[Any] = self.session.run(None, feeds, _SHRINK_CPU if self.shrinks_after(feeds) else None)
+        return values
+
+    def _bulk_outputs(self, values: list[Any], z: np.ndarray | None) -> dict[str, np.ndarray]:
+        return self._finish({name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}, z)
 
     def _slow_latents(self, inputs: Mapping[str, np.ndarray]) -> bool:
         """Whether drawing this batch's latents may cost more than the model call it was timed by.
@@ -357,14 +402,9 @@ class Runner:
         return latents.expected_redraws(self.latent_dim, float(psi_rows[0])) > self.latent_dim
 
     def _call_pooled(
-        self,
-        signature: tuple[tuple[str | int, ...], ...],
-        inputs: Mapping[str, np.ndarray],
-        allow_solo: bool = True,
+        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """A pool thread's batch: on the solo session when no other batch runs or waits right now."""
-        if not allow_solo:
-            return self._call(signature, inputs)
         with self._running_lock:
             solo = self._running == 0 and self.solo_session is not None and not self.more_work_queued()
             self._running += 1
@@ -376,7 +416,9 @@ class Runner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
-        self._bulk_executor.shutdown(wait=True, cancel_futures=False)
+        for pool in (self._bulk_executor, self._bulk_prep):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=False)
 
 
 def _lower_thread_priority() -> None:

@@ -782,9 +782,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         assert mv.card is not None and mv.card.latent_dim is not None
         keys = [
             image_key(
-                mv.sha256,
-                mv.provider,
-                mv.precision,
+                mv.load_id,
                 seed,
                 None if labels is None else int(labels[i]),
                 psi,
@@ -798,11 +796,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         missing = [i for i, entry in enumerate(found) if entry is None]
         mv.metrics.cache_hits.inc(len(seeds) - len(missing))
         mv.metrics.cache_misses.inc(len(missing))
-        images: list[tpb.Image] = [tpb.Image() if entry is None else entry.image for entry in found]
+        images = [tpb.Image() if entry is None else entry.image(out.format) for entry in found]
         z = np.empty((len(seeds), mv.card.latent_dim), np.float32)
         for i, entry in enumerate(found):
             if entry is not None:
-                z[i] = entry.latent
+                z[i] = entry.latent()
         batch_sizes: list[int] = []
         if missing:
             computed, batch_sizes, computed_z = await self._generate(
@@ -819,8 +817,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 z[i] = computed_z[j]
                 cache.put(keys[i], computed[j], computed_z[j])
             self.metrics.image_cache_bytes.set(cache.nbytes)
-        if len(missing) < len(seeds):  # what _encode checks for computed images, for the whole response
+        if len(missing) < len(seeds):  # what _generate checks for computed images, for the whole response
             self._check_send_size(sum(len(image.data) for image in images), "the response", out.format)
+            if out.return_latents:
+                self._check_send_size(z.nbytes, "the returned latents")
         generated = self._generated(images, z, seeds, labels, out)
         for g, entry in zip(generated, found, strict=True):
             g.from_cache = entry is not None

@@ -476,6 +476,55 @@ def test_one_bad_row_among_eight_requests_costs_two_calls_per_halving() -> None:
     run(body())
 
 
+def test_a_retry_skips_callers_that_left_during_the_other_halfs_call() -> None:
+    tasks: list[asyncio.Task[Any]] = []
+
+    class CancelsDuringFirstHalf(FakeModel):
+        async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            if np.asarray(inputs["x"]).tolist() == [13, 1]:  # the first half of the failed batch
+                for task in tasks[2:]:
+                    task.cancel()
+            return await super().__call__(key, inputs)
+
+    async def body() -> None:
+        model = CancelsDuringFirstHalf()
+        model.fail_if_contains = 13
+        batcher, _ = make(model, max_batch_size=4)
+        gate, blocker = await hold_runner(batcher, model)
+        tasks.extend(asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (13, 1, 2, 3))
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await blocker
+        assert isinstance(results[0], Internal)
+        assert np.asarray(results[1].outputs["y"]).tolist() == [10]  # type: ignore[union-attr]
+        assert all(isinstance(r, asyncio.CancelledError) for r in results[2:])
+        calls = [x.tolist() for _, x in model.batches[1:]]
+        assert calls == [[13, 1, 2, 3], [13, 1], [13], [1]], calls  # [2, 3] was not computed again
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_batch_failing_while_the_batcher_closes_is_unavailable_not_retried() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        model.fail_above_rows = 0
+        batcher, recorder = make(model, max_batch_size=4)
+        gate = model.gate = asyncio.Event()
+        two_rows = asyncio.ensure_future(batcher.submit("k", rows(1, 2), 2))
+        await model.started.wait()
+        closing = asyncio.ensure_future(batcher.close(5))
+        await asyncio.sleep(0.01)
+        gate.set()
+        with pytest.raises(Unavailable, match="shut down while the batch was retried"):
+            await two_rows
+        await closing
+        assert recorder.batches == [(2, 1, False)]  # no halves: the runner may be gone
+
+    run(body())
+
+
 def test_request_split_across_a_failing_batch_fails_once() -> None:
     async def body() -> None:
         model = FakeModel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ PNG, JPEG, RAW = tpb.IMAGE_FORMAT_PNG, tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_R
 def key(
     seed: int, fmt: int = RAW, quality: int = 90, compression: int = 1, label: int | None = None
 ) -> ImageKey:
-    return image_key("sha", "CPUExecutionProvider", "fp32", seed, label, None, fmt, quality, compression)
+    return image_key("load-1", seed, label, None, fmt, quality, compression)
 
 
 def entry_bytes(data_len: int, z_dim: int = 4) -> int:
@@ -63,10 +64,29 @@ def test_putting_a_key_again_replaces_it_without_counting_it_twice() -> None:
 def test_the_latent_is_copied_so_a_batch_array_is_not_pinned_or_changed_later() -> None:
     batch = np.arange(8, dtype=np.float32).reshape(2, 4)
     cache = ImageCache(10_000)
-    cache.put(key(1), tpb.Image(data=b"x"), batch[1])
+    cache.put(key(1), tpb.Image(format=RAW, data=b"xyz", shape=[1, 3, 1]), batch[1])
     batch[1] = -1
     entry = cache.get(key(1))
-    assert entry is not None and entry.latent.tolist() == [4, 5, 6, 7] and entry.latent.base is None
+    assert entry is not None and entry.latent().tolist() == [4, 5, 6, 7]
+    assert entry.image(RAW) == tpb.Image(format=RAW, data=b"xyz", shape=[1, 3, 1])
+
+
+def test_the_byte_budget_counts_what_entries_really_hold_in_memory() -> None:
+    # A 28x28 digit PNG (~700 B) and its 100-value latent: the cache's own count within 25 % of
+    # what Python really allocates for the entries.
+    cache = ImageCache(1 << 30)
+    rng = np.random.default_rng(0)
+    images = [tpb.Image(format=PNG, data=rng.bytes(700), shape=[28, 28, 1]) for _ in range(2000)]
+    latents = rng.normal(size=(2000, 100)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            cache.put(key(i, PNG), images[i], latents[i])
+        real = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0.75 < cache.nbytes / real < 1.25, (cache.nbytes, real)
 
 
 def test_keys_ignore_options_that_do_not_change_the_bytes_of_the_format() -> None:
@@ -75,8 +95,8 @@ def test_keys_ignore_options_that_do_not_change_the_bytes_of_the_format() -> Non
     assert key(1, PNG, compression=1) != key(1, PNG, compression=6)
     assert key(1, JPEG, quality=80) != key(1, JPEG, quality=90)
     assert key(1, label=3) != key(1, label=4) != key(1)
-    assert key(1) != image_key("sha", "CUDAExecutionProvider", "fp32", 1, None, None, RAW, 0, 0)
-    assert key(1) != image_key("sha", "CPUExecutionProvider", "fp32", 1, None, 0.7, RAW, 0, 0)
+    assert key(1) != image_key("load-2", 1, None, None, RAW, 0, 0)  # another loaded version
+    assert key(1) != image_key("load-1", 1, None, 0.7, RAW, 0, 0)
 
 
 def test_a_cache_of_no_bytes_is_refused() -> None:

@@ -175,25 +175,32 @@ def test_a_batch_alone_skips_the_all_cores_session_while_more_work_waits(tmp_pat
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="needs per-thread priorities (Linux)")
-def test_bulk_batches_run_on_niced_threads_never_solo_and_leave_the_solo_session_to_interactive_ones(
+def test_bulk_model_calls_run_on_background_threads_and_leave_the_solo_session_to_interactive_ones(
     tmp_path: Path,
 ) -> None:
     runner = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=2)
-    calls: list[tuple[int, bool, int]] = []
+    assert runner.background_bulk
+    calls: list[tuple[str, int, bool | None, int, int]] = []
     bulk_started = threading.Event()
     interactive_done = threading.Event()
-    original = runner.run_sync
+    original_run, original_compute = runner.run_sync, runner._bulk_compute
 
-    def spy(inputs, solo=False):  # type: ignore[no-untyped-def]
-        rows = len(next(iter(inputs.values())))
+    def where() -> tuple[int, int]:
         tid = threading.get_native_id()
-        calls.append((rows, solo, os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)))
-        if rows == 5:  # the bulk batch holds its thread until the interactive one has run
-            bulk_started.set()
-            assert interactive_done.wait(5)
-        return original(inputs, solo=solo)
+        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
 
-    runner.run_sync = spy  # type: ignore[method-assign]
+    def spy_run(inputs, solo=False):  # type: ignore[no-untyped-def]
+        calls.append(("run", len(next(iter(inputs.values()))), solo, *where()))
+        return original_run(inputs, solo=solo)
+
+    def spy_compute(feeds):  # type: ignore[no-untyped-def]
+        calls.append(("bulk", len(feeds["z"]), None, *where()))
+        bulk_started.set()
+        assert interactive_done.wait(5)  # the bulk call holds its thread until the interactive one ran
+        return original_compute(feeds)
+
+    runner.run_sync = spy_run  # type: ignore[method-assign]
+    runner._bulk_compute = spy_compute  # type: ignore[method-assign]
 
     def batch(n: int) -> dict[str, np.ndarray]:
         return {"z": np.ones((n, TINY_LATENT), np.float32), "label": np.arange(n, dtype=np.int64)}
@@ -207,14 +214,36 @@ def test_bulk_batches_run_on_niced_threads_never_solo_and_leave_the_solo_session
 
     policy, nice = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     bulk_image, interactive_image = asyncio.run(body())
-    (_, bulk_solo, bulk_policy, bulk_nice), interactive_call = calls
-    assert interactive_call == (2, True, policy, nice)
-    assert not bulk_solo
+    (_, _, _, bulk_policy, bulk_nice), interactive_call = calls
+    assert interactive_call == ("run", 2, True, policy, nice)
     # SCHED_IDLE where the kernel allows it (no privilege needed), else the niceness raised.
     assert bulk_policy == os.SCHED_IDLE or bulk_nice == min(19, nice + runner_module.BULK_THREAD_NICE)
-    np.testing.assert_allclose(bulk_image, original(batch(5))["image"], atol=1e-6)
-    np.testing.assert_allclose(interactive_image, original(batch(2))["image"], atol=1e-6)
+    np.testing.assert_allclose(bulk_image, original_run(batch(5))["image"], atol=1e-6)
+    np.testing.assert_allclose(interactive_image, original_run(batch(2))["image"], atol=1e-6)
     runner.close()
+
+
+def test_bulk_runs_like_interactive_where_a_background_thread_would_not_hold_the_compute(
+    tmp_path: Path,
+) -> None:
+    # One instance: an interactive batch waits for the bulk batch anyway. Two threads a call: ORT's
+    # own worker threads would keep normal priority.
+    for instances, threads in ((1, 1), (2, 2)):
+        path = tmp_path / "model.onnx"
+        onnx.save(conditional_graph(TINY_LATENT, 10, 1, 8, 8), str(path))
+        runner = Runner(
+            path,
+            label="t",
+            providers=["CPUExecutionProvider"],
+            instances=instances,
+            intra_op_threads=threads,
+            latent_dim=TINY_LATENT,
+        )
+        assert not runner.background_bulk
+        z = {"z": np.ones((3, TINY_LATENT), np.float32), "label": np.arange(3, dtype=np.int64)}
+        out = asyncio.run(runner.run_bulk((), z))
+        np.testing.assert_allclose(out["image"], runner.run_sync(z)["image"], atol=1e-6)
+        runner.close()
 
 
 def test_no_solo_session_with_one_instance_or_pinned_threads(tmp_path: Path) -> None:

@@ -278,8 +278,9 @@ class GeneratedImage(_message.Message):
     index: _builtins.int
     """Position of this image in the request (SampleStream: in the whole job, from 0)."""
     from_cache: _builtins.bool
-    """Served from the server's image cache (an earlier request computed it; the bytes are the same):
-    no model call made it, so Provenance.executed_batch_sizes does not count it.
+    """Served from the server's image cache: an earlier request to the same loaded model version
+    computed it (server config image_cache_bytes). No model call made it for this request, so
+    Provenance.executed_batch_sizes does not count it.
     """
     @_builtins.property
     def image(self) -> Global___Image: ...
