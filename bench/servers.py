@@ -62,6 +62,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
     pid: int = 0
+    metrics_port: int = 0  # 0: the server has no /metrics (the naive one)
     log_path: Path | None = None
 
     @classmethod
@@ -108,6 +109,7 @@ class ServerProcess:
             time.sleep(0.1)
         info = json.loads(ready.read_text())
         self.port = int(info["port"])
+        self.metrics_port = int(info.get("metrics_port") or 0)
         self.pid = int(info.get("pid") or self.process.pid)
         return self
 

@@ -61,3 +61,15 @@ def test_unpaired_levels_fall_back_to_the_ratio_of_their_values() -> None:
     assert ratio == 1.5
     assert spread is None
     assert paired_ratio(None, level(200.0, 0.5), "images_per_s") == (None, None)
+
+
+def test_the_cache_bench_draws_every_seed_from_its_pool_and_repeats_them() -> None:
+    from bench.cache import GalleryPayloads
+    from genserve.v1 import genserve_pb2
+
+    payloads = GalleryPayloads("m", "png", pool=5)
+    requests = [genserve_pb2.SampleRequest.FromString(payloads()) for _ in range(200)]
+    seeds = [tuple(r.seeds) for r in requests]
+    assert all(len(s) == 1 and 0 <= s[0] < 5 for s in seeds)
+    assert len(set(seeds)) == 5  # every seed of the pool comes up, and so repeats
+    assert {r.model for r in requests} == {"m"}
