@@ -109,7 +109,3 @@ class ImageCache:
         while self.nbytes > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0

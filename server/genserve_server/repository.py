@@ -260,7 +260,7 @@ class Repository:
             assert mv.runner is not None
             mv.batcher = Batcher(
                 mv.runner.run,
-                run_bulk_batch=mv.runner.run_bulk if mv.runner.background_bulk else None,
+                run_bulk_batch=mv.runner.run_bulk,  # like run where bulk cannot be background work
                 name=mv.label,
                 max_batch_size=mv.config.batching.max_batch_size,
                 max_queue_delay_s=mv.config.batching.max_queue_delay_ms / 1e3,

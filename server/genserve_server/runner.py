@@ -171,8 +171,8 @@ class Runner:
         # Input values of the largest warm-up row (0 = not warmed: never shrink); see shrinks_after.
         self._warmed_row_values = 0
         self._shrinkable = self._shared and self.provider == "CPUExecutionProvider" and config.cpu_mem_arena
-        # Batches running on the normal-priority pool threads now (bulk batches are not counted:
-        # their niced threads yield the cores to a solo call, see run_bulk).
+        # Batches running on the normal-priority pool threads now (not background bulk calls: their
+        # SCHED_IDLE threads yield the cores to a solo call, see run_bulk).
         self._running = 0
         # Set by the owner (repository: interactive rows wait in the batcher). A batch goes to the
         # solo session only while nothing else runs and nothing waits: otherwise the next batch would
@@ -237,10 +237,13 @@ class Runner:
 
         `solo`: on the all-cores session when there is one (see the class docstring).
         """
-        feeds = self._feeds(inputs)
+        return self._named(self._run_feeds(self._feeds(inputs), solo))
+
+    def _run_feeds(self, feeds: dict[str, np.ndarray], solo: bool = False) -> list[Any]:
+        """The model call on converted feeds: the output values, in the graph's output order."""
         options = _SHRINK_CPU if self.shrinks_after(feeds) else None
         if solo and self.solo_session is not None:
-            values = self.solo_session.run(None, feeds, options)
+            values: list[Any] = self.solo_session.run(None, feeds, options)
         elif self._shared:
             values = self.session.run(None, feeds, options)
         else:
@@ -249,6 +252,9 @@ class Runner:
                 values = runner.run(feeds)
             finally:
                 self._runners.put(runner)
+        return values
+
+    def _named(self, values: Sequence[Any]) -> dict[str, np.ndarray]:
         return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}
 
     def _feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -351,11 +357,17 @@ class Runner:
         """
         del key  # the batch's compatibility key; the graph needs only the tensors
         signature = self._signature(inputs)
-        cost_s = self._cost_s.get(signature)
-        if cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(inputs):
+        if self._runs_inline(signature, inputs):
             return self._call(signature, inputs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call_pooled, signature, inputs)
+
+    def _runs_inline(
+        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+    ) -> bool:
+        """Whether the batch is cheaper to run on the calling thread than to hand to a pool."""
+        cost_s = self._cost_s.get(signature)
+        return cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(inputs)
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """`run` for BULK batches (see background_bulk): the model call on a background thread of
@@ -368,8 +380,7 @@ class Runner:
         if self._bulk_executor is None or self._bulk_prep is None:
             return await self.run(key, inputs)
         signature = self._signature(inputs)
-        cost_s = self._cost_s.get(signature)
-        if cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(inputs):
+        if self._runs_inline(signature, inputs):
             return self._call(signature, inputs)
         loop = asyncio.get_running_loop()
         feeds, z = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, inputs)
@@ -384,11 +395,10 @@ class Runner:
 
     def _bulk_compute(self, feeds: dict[str, np.ndarray]) -> list[Any]:
         """On a background thread: the model call only (ORT releases the GIL inside)."""
-        values: list[Any] = self.session.run(None, feeds, _SHRINK_CPU if self.shrinks_after(feeds) else None)
-        return values
+        return self._run_feeds(feeds)
 
     def _bulk_outputs(self, values: list[Any], z: np.ndarray | None) -> dict[str, np.ndarray]:
-        return self._finish({name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}, z)
+        return self._finish(self._named(values), z)
 
     def _slow_latents(self, inputs: Mapping[str, np.ndarray]) -> bool:
         """Whether drawing this batch's latents may cost more than the model call it was timed by.
