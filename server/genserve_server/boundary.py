@@ -103,9 +103,9 @@ class Boundary:
         duration_s = time.monotonic() - call.started
         self.metrics.in_flight_children[call.method].dec()
         if call.batcher is not None:
-            call.batcher.callers -= 1
+            call.batcher.release()
         if call.stream_batcher is not None:
-            call.stream_batcher.streams -= 1
+            call.stream_batcher.release(stream=True)
         call.metrics.request_done(call.method, code, duration_s)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(

@@ -155,10 +155,10 @@ class GenerationCore:
         if mv.batcher is not None and call.batcher is None and call.stream_batcher is None:
             if call.method == "SampleStream":
                 call.stream_batcher = mv.batcher
-                mv.batcher.streams += 1
+                mv.batcher.hold(stream=True)
             else:
                 call.batcher = mv.batcher
-                mv.batcher.callers += 1
+                mv.batcher.hold()
         return mv
 
     async def submit(
