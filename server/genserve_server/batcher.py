@@ -259,6 +259,8 @@ class Batcher:
 
     async def wait_released(self, timeout_s: float) -> bool:
         """Until no RPC holds this version, or `timeout_s`; whether it was released."""
+        if self._released.is_set():
+            return True
         try:
             await asyncio.wait_for(self._released.wait(), max(0.0, timeout_s))
         except TimeoutError:
