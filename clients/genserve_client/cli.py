@@ -58,8 +58,9 @@ MAX_GRID_IMAGES = 1024
 CONDITIONAL = "conditional_generator"
 TARGET_ENV = "GENSERVE_TARGET"
 DEFAULT_TARGET = "127.0.0.1:50051"
-# Each stream attempt rides out a short outage itself; bulk's --retry-window covers longer ones.
-BULK_RETRY = RetryPolicy(max_attempts=12, initial_backoff_s=0.2, max_backoff_s=10.0)
+# A stream rides out a blip itself (a few seconds); the job's --retry-window (BulkJob) reopens it
+# for longer outages, such as a server restart, and decides when to give up.
+BULK_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.2, max_backoff_s=2.0)
 
 
 def _out(text: str) -> None:
