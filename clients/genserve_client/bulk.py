@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -130,15 +130,54 @@ def read_job(out_dir: Path) -> dict[str, Any] | None:
     return job
 
 
-def load_params(out_dir: Path) -> BulkParams:
-    """The parameters of the job in `out_dir` (for `bulk --resume DIR`)."""
+def load_params(out_dir: Path) -> tuple[BulkParams, Shard | None]:
+    """The parameters and shard of the job in `out_dir` (for `bulk --resume DIR`)."""
     job = read_job(out_dir)
     if job is None:
         raise BulkError(f"{out_dir} holds no bulk job (no {JOB_FILE}); start one with --model, --n and --out")
     try:
-        return BulkParams.from_json(job["params"])
+        shard = Shard(*job["shard"]) if job.get("shard") else None
+        return BulkParams.from_json(job["params"]), shard
     except (KeyError, TypeError, ValueError) as exc:
         raise BulkError(f"{out_dir / JOB_FILE}: unreadable params ({exc!r})") from None
+
+
+SHARD_ENV = "JOB_COMPLETION_INDEX"  # set by a Kubernetes Indexed Job in each pod
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard `index` of `count`: a contiguous range of the job's indices (so of its seeds), run
+    as its own job in its own folder, resumable on its own."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"--shard: I must be in [0, N), got {self.index}/{self.count}")
+
+    def range(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of a job of n images; the shards' ranges tile [0, n) in order."""
+        return self.index * n // self.count, (self.index + 1) * n // self.count
+
+    def folder(self, out_dir: Path) -> Path:
+        return out_dir / f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    @classmethod
+    def parse(cls, text: str, env: Mapping[str, str] | None = None) -> Shard:
+        """`I/N`, or `N` with I from $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job)."""
+        index_text, _, count_text = text.rpartition("/")
+        if not index_text:
+            index_text = (os.environ if env is None else env).get(SHARD_ENV, "")
+            if not index_text:
+                raise ValueError(f"--shard {text}: give I/N, or N with I in ${SHARD_ENV}")
+        try:
+            return cls(int(index_text), int(count_text))
+        except ValueError as exc:
+            if "--shard" in str(exc):
+                raise
+            raise ValueError(f"--shard: expected I/N or N (integers), got {text!r}") from None
 
 
 def foreign_entries(out_dir: Path) -> list[str]:
@@ -165,6 +204,10 @@ def foreign_entries(out_dir: Path) -> list[str]:
         else:
             foreign.append(name + ("/" if path.is_dir() else ""))
     return foreign
+
+
+def describe_shard(shard: Shard | None) -> str:
+    return f"shard {shard.index}/{shard.count}" if shard else "a whole job (no --shard)"
 
 
 def describe_entries(entries: Sequence[str], shown: int = 5) -> str:
@@ -255,10 +298,9 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:
     return entries, intact
 
 
-def missing_ranges(done: Iterable[int], n: int) -> list[tuple[int, int]]:
-    """Half-open index ranges of [0, n) not in `done`."""
+def missing_ranges(done: Iterable[int], n: int, start: int = 0) -> list[tuple[int, int]]:
+    """Half-open index ranges of [start, n) not in `done` (which holds no index below start)."""
     ranges: list[tuple[int, int]] = []
-    start = 0
     for index in sorted(done):
         if index > start:
             ranges.append((start, index))
@@ -412,9 +454,12 @@ class BulkJob:
         verify: bool = False,
         progress_stream: TextIO | None = None,
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
+        shard: Shard | None = None,
     ) -> None:
         self.client = client
         self.params = params
+        self.shard = shard
+        self.lo, self.hi = shard.range(params.n) if shard else (0, params.n)
         self.out_dir = out_dir
         self.images_dir = out_dir / IMAGES_DIR
         self.concurrency = max(1, concurrency)
@@ -463,6 +508,7 @@ class BulkJob:
             "pinned_version": self.pinned_version,
             "model_sha256": self.model_sha256,
             "name_width": self.name_width,
+            "shard": [self.shard.index, self.shard.count] if self.shard else None,
         }
 
     def _load_or_create_job(self, resolve: Callable[[str, str], ServedModel]) -> None:
@@ -484,6 +530,14 @@ class BulkJob:
                 f"{k}: {old[k]!r} -> {ours[k]!r}" for k in ours if k != "n" and old[k] != ours[k]
             )
             raise BulkError(f"{job_path} was started with other parameters ({diff}); use a new --out")
+        their_shard = Shard(*job["shard"]) if job.get("shard") else None
+        if their_shard != self.shard:
+            raise BulkError(f"{job_path} is {describe_shard(their_shard)}, not {describe_shard(self.shard)}")
+        if self.shard and self.params.n != theirs.n:
+            raise BulkError(
+                f"{job_path} is {describe_shard(self.shard)} of a job of {theirs.n} images: a sharded job "
+                f"cannot grow (its seed ranges would move), got --n {self.params.n}"
+            )
         if self.params.n < theirs.n:
             raise BulkError(
                 f"{job_path} is a job of {theirs.n} images: --n can only grow it, got {self.params.n}"
@@ -536,7 +590,7 @@ class BulkJob:
         done: dict[int, dict[str, Any]] = {}
         for entry in entries:
             index = entry["index"]
-            if not 0 <= index < self.params.n or index in done:
+            if not self.lo <= index < self.hi or index in done:
                 raise BulkError(f"{manifest_path}: index {index} is out of range or listed twice")
             done[index] = entry
         lost = [i for i, e in done.items() if not self._entry_intact(e)]
@@ -582,8 +636,10 @@ class BulkJob:
 
     def _run_locked(self) -> None:
         done = self.recover()
-        shards = split_ranges(missing_ranges(done, self.params.n), self.concurrency)
-        progress = ProgressBar(self.params.n, initial=len(done), stream=self.progress_stream)
+        shards = split_ranges(missing_ranges(done, self.hi, self.lo), self.concurrency)
+        if not shards:
+            self._commit_job()  # a shard with no image (n < N) is still a finished shard
+        progress = ProgressBar(self.hi - self.lo, initial=len(done), stream=self.progress_stream)
         # fsync costs ~3-5 ms on a VM disk when issued one by one, ~0.3 ms each when issued from
         # several threads at once (the filesystem commits them together): a chunk's files are
         # written and fsynced in parallel.

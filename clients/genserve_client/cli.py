@@ -34,14 +34,17 @@ from genserve_client.bench import LoadGenerator, PayloadFactory, format_table
 from genserve_client.bulk import (
     DEFAULT_RETRY_WINDOW_S,
     JOB_FILE,
+    SHARD_ENV,
     BulkBusy,
     BulkError,
     BulkJob,
     BulkParams,
     BulkRetryExhausted,
+    Shard,
     load_params,
     state_label,
 )
+from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions
 from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, array_to_pil
@@ -417,28 +420,29 @@ def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
 BULK_JOB_FLAGS = {"model": "model", "seed": "base_seed", "labels": "labels", "format": "format", "psi": "psi"}
 
 
-def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkParams, Path]:
-    """The job's parameters and folder: from the flags, or from the manifest with --resume."""
+def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkParams, Path, Shard | None]:
+    """The job's parameters, folder and shard: from the flags, or from the manifest with --resume."""
     if args.resume:
         out = Path(args.resume)
         if args.out and Path(args.out) != out:
             raise UsageError(f"bulk: --resume {args.resume} and --out {args.out} name two folders")
-        given = [flag for flag in [*BULK_JOB_FLAGS, "version"] if getattr(args, flag) is not None]
+        given = [flag for flag in [*BULK_JOB_FLAGS, "version", "shard"] if getattr(args, flag) is not None]
         if given:
             flags = ", ".join(f"--{flag}" for flag in given)
             raise UsageError(
                 f"bulk: --resume takes the job's settings from {out / JOB_FILE}: drop {flags} "
                 "(only --n, to grow the job, and how it runs may be given)"
             )
-        params = load_params(out)
+        params, shard = load_params(out)
         if args.n is not None:
             params = dataclasses.replace(params, n=args.n)
-        return params, out
+        return params, out, shard
     missing = [f"--{flag}" for flag in ("model", "n", "out") if getattr(args, flag) is None]
     if missing:
         raise UsageError(f"bulk needs {', '.join(missing)} (or --resume DIR for an existing job)")
     if args.n < 1:
         raise UsageError(f"bulk: --n must be >= 1, got {args.n}")
+    shard = Shard.parse(args.shard) if args.shard else None  # before any call
     info = client.get_model(args.model)
     labels = resolve_labels(info, args.labels) if info.kind == CONDITIONAL or args.labels else []
     params = BulkParams(
@@ -450,7 +454,8 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         psi=args.psi,
         version=args.version or "",
     )
-    return params, Path(args.out)
+    out = Path(args.out)
+    return params, shard.folder(out) if shard else out, shard
 
 
 def resume_command(args: argparse.Namespace, out: Path) -> str:
@@ -481,7 +486,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
     if not (math.isfinite(args.retry_window) and args.retry_window >= 0):
         raise UsageError(f"bulk: --retry-window must be finite and >= 0 seconds, got {args.retry_window:g}")
-    params, out = bulk_params(client, args)
+    params, out, shard = bulk_params(client, args)
     job = BulkJob(
         client,
         params,
@@ -490,6 +495,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         verify=args.verify,
         retry_window_s=args.retry_window,
+        shard=shard,
     )
     try:
         job.run()
@@ -509,7 +515,26 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         if isinstance(exc, KeyboardInterrupt):
             return 130
         return 2 if rejected else 1
-    _out(f"{out}: {params.n} images, manifest {out / 'manifest.jsonl'}")
+    what = f"shard {shard.index}/{shard.count}, images [{job.lo}, {job.hi}) of {params.n}" if shard else ""
+    _out(f"{out}: {what or f'{params.n} images'}, manifest {out / 'manifest.jsonl'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the folder(s) hold exactly the job, 1 with the problems listed otherwise."""
+    root = Path(args.dir)
+    report, merged = verify_job(root, hashes=args.hashes)
+    for problem in report.problems:
+        _err(f"genserve-client: verify: {problem}")
+    if not report.ok:
+        _err(
+            f"genserve-client: verify: {root} is NOT the complete job ({report.images} of {report.n} images)"
+        )
+        return 1
+    if args.manifest_out:
+        write_merged_manifest(Path(args.manifest_out), merged)
+    checked = "files and sha256 checked" if args.hashes else "files checked"
+    _out(f"{root}: complete, {report.n} images in {len(report.folders)} folder(s), {checked}")
     return 0
 
 
@@ -733,6 +758,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep retrying transient errors (a server restart) this long without progress",
     )
     p.add_argument("--format", choices=("png", "jpeg", "webp"), help="image file format (default: png)")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help=f"run shard I of N (a contiguous seed range) in OUT/shard-I-of-N/; `N` alone takes I from "
+        f"${SHARD_ENV} (Kubernetes Indexed Job); check the union with `verify OUT`",
+    )
+
+    p = command("verify", "check a bulk job's folder (or its shard folders) holds exactly the job")
+    p.add_argument("dir", help="job folder, or the --out of a sharded job")
+    p.add_argument("--hashes", action="store_true", help="also re-hash every file against its manifest line")
+    p.add_argument("--manifest-out", metavar="FILE", help="when complete, write the merged manifest here")
 
     p = command("bench", "load generator: closed loop per concurrency, open loop per rate")
     _add_model(p)
@@ -778,6 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = channel_config(args)
         if args.command == "bench":
             return cmd_bench(config, args)
+        if args.command == "verify":
+            return cmd_verify(args)
         retry = BULK_RETRY if args.command == "bulk" else RetryPolicy()
         with GenserveClient(config, timeout_s=args.timeout, retry=retry) as client:
             return COMMANDS[args.command](client, args)

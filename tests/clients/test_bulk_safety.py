@@ -17,7 +17,7 @@ from client_fakes import FAKE_SHA256, FakeServer
 
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
-from genserve_client.bulk import BulkError, BulkJob, BulkParams, JobLock, ServedModel, read_manifest
+from genserve_client.bulk import BulkError, BulkJob, BulkParams, JobLock, ServedModel, Shard, read_manifest
 from genserve_client.cli import main
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.01)
@@ -276,3 +276,90 @@ def test_the_window_never_retries_a_rejected_request(fake_server: FakeServer, tm
     with pytest.raises(Exception, match="INVALID_ARGUMENT"):
         run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=3), retry_window_s=60.0)
     assert fake_server.service.calls["SampleStream"] == 1
+
+
+# --- shards: one job split by seed range, each resumable on its own, verified as a whole --------
+
+
+def test_shard_parsing() -> None:
+    assert Shard.parse("1/4", {}) == Shard(1, 4)
+    assert Shard.parse("4", {"JOB_COMPLETION_INDEX": "3"}) == Shard(3, 4)
+    for bad in ("4", "4/4", "-1/2", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            Shard.parse(bad, {})
+    ranges = [Shard(i, 3).range(10) for i in range(3)]
+    assert ranges == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_shards_tile_the_job_and_verify_checks_the_union(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t = ("--target", fake_server.target)
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    job = (
+        "bulk",
+        "--model",
+        "fake-cond",
+        "--labels",
+        "1,2,3",
+        "--seed",
+        "40",
+        "--n",
+        "11",
+        "--chunk-size",
+        "2",
+    )
+    assert cli(capsys, *t, *job, "--out", str(whole))[0] == 0
+    assert cli(capsys, *t, *job, "--out", str(sharded), "--shard", "0/3")[0] == 0
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # as in a pod of an Indexed Job
+    code, out, err = cli(capsys, *t, *job, "--out", str(sharded), "--shard", "3")
+    assert code == 0, err
+    assert "shard 1/3, images [3, 7) of 11" in out
+    code, _, err = cli(capsys, "verify", str(sharded))
+    assert code == 1
+    assert "shards missing of 3 (1): 2" in err and "indices missing (4): 7, 8, 9, 10" in err
+    # A shard's folder is a job of its own: it resumes (here: finishes) by itself.
+    fake_server.service.stream_breaks_after_chunks = [0] * 3  # a flaky start changes nothing
+    assert cli(capsys, *t, *job, "--out", str(sharded), "--shard", "2/3")[0] == 0
+    last = sharded / "shard-00002-of-00003"
+    (last / "images" / "000009.png").unlink()
+    assert cli(capsys, "verify", str(sharded))[0] == 1  # a file gone
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last))
+    assert code == 0, err
+    merged = tmp_path / "merged.jsonl"
+    code, out, err = cli(capsys, "verify", str(sharded), "--hashes", "--manifest-out", str(merged))
+    assert code == 0, err
+    assert "complete, 11 images in 3 folder(s)" in out
+    # The union is the one-folder job: same entries, same bytes.
+    reference = {e["index"]: e for e in read_manifest(whole / "manifest.jsonl")[0]}
+    for entry in (json.loads(line) for line in merged.read_text().splitlines()):
+        shard_folder, _, file = entry["file"].partition("/")
+        assert {**entry, "file": file} == reference[entry["index"]]
+        assert (sharded / entry["file"]).read_bytes() == (whole / file).read_bytes()
+    assert cli(capsys, "verify", str(whole))[0] == 0
+    # A sharded job cannot grow, and --resume takes the shard from the manifest.
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last), "--n", "20")
+    assert code == 2 and "cannot grow" in err
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last), "--shard", "1/3")
+    assert code == 2 and "drop --shard" in err
+    # A damaged file is found with --hashes.
+    (last / "images" / "000010.png").write_bytes(b"damaged")
+    code, _, err = cli(capsys, "verify", str(sharded), "--hashes")
+    assert code == 1 and "sha256 differs" in err and "000010.png" in err
+
+
+def test_a_shard_without_images_is_a_finished_shard(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    for i in range(3):
+        code, _, err = cli(
+            capsys, *t, "bulk", "--model", "fake-gen", "--n", "2", "--out", str(tmp_path), "--shard", f"{i}/3"
+        )
+        assert code == 0, err
+    code, out, err = cli(capsys, "verify", str(tmp_path))
+    assert code == 0, err
+    assert "complete, 2 images in 3 folder(s)" in out
