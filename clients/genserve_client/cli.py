@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a failed call or I/O error, or a bench run in which no request
 succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's message is printed), bad arguments
-or a bulk job started with other parameters; 3 the bulk job folder is in use by another run.
+or a bulk job started with other parameters; 3 the bulk job folder is in use by another run;
+130 interrupted. docs/client.md has the details.
 
 Connection flags (--target, --tls, ...) go before or after the command; GENSERVE_TARGET sets the
 default target.
@@ -654,7 +655,11 @@ def _add_format(p: argparse.ArgumentParser, choices: Sequence[str] = ("png", "jp
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="genserve-client", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+        prog="genserve-client",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 ok; 1 a failed call, I/O error or an incomplete verify; 2 a rejected request "
+        "or bad arguments; 3 the bulk job folder is in use; 130 interrupted (docs/client.md)",
+        formatter_class=HelpFormatter,
     )
     _add_connection(parser, after_command=False)
     sub = parser.add_subparsers(dest="command", required=True)
