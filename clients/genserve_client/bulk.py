@@ -42,6 +42,7 @@ from genserve.v1 import genserve_pb2
 from genserve_client.client import GenserveClient, SampleStream
 from genserve_client.convert import FILE_SUFFIX, image_format
 from genserve_client.errors import GenserveClientError
+from genserve_client.pngmeta import png_text, with_png_text
 from genserve_client.progress import ProgressBar
 from genserve_client.requests import StreamOptions
 from genserve_client.results import SampleResult
@@ -748,10 +749,18 @@ class BulkJob:
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:
         names = [self.file_name(item.index) for item in chunk.items]
+        # A PNG carries its own provenance (seed, label, model, version, sha256) in text chunks,
+        # spliced in without re-encoding, so a file copied out of the job still says what it is.
+        data = [
+            with_png_text(
+                item.raw, png_text(chunk.provenance, index=item.index, seed=item.seed, label=item.label)
+            )
+            for item in chunk.items
+        ]
         # list() re-raises the first write error here, before any manifest line is written.
-        list(sink.io_pool.map(write_file_durably, [self.images_dir / n for n in names], chunk.raw))
+        list(sink.io_pool.map(write_file_durably, [self.images_dir / n for n in names], data))
         entries = []
-        for item, name in zip(chunk.items, names, strict=True):
+        for item, name, written in zip(chunk.items, names, data, strict=True):
             entries.append(
                 {
                     "file": f"{IMAGES_DIR}/{name}",
@@ -760,7 +769,7 @@ class BulkJob:
                     "label": item.label,
                     "model": chunk.provenance.model or self.params.model,
                     "version": chunk.provenance.version or self.pinned_version,
-                    "sha256": hashlib.sha256(item.raw).hexdigest(),
+                    "sha256": hashlib.sha256(written).hexdigest(),
                 }
             )
         fsync_dir(self.images_dir)  # the renames are durable before the manifest names them

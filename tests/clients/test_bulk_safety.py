@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
-from client_fakes import FAKE_SHA256, FakeServer
+from client_fakes import FAKE_SHA256, FakeServer, fake_pixels
+from PIL import Image
 
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
@@ -207,6 +209,17 @@ def test_resume_takes_every_setting_from_the_manifest_and_a_larger_n_grows_the_j
     entries = {e["index"]: e for e in read_manifest(grown / "manifest.jsonl")[0]}
     assert [(entries[i]["seed"], entries[i]["label"]) for i in (0, 1, 10)] == [(100, 3), (101, 7), (110, 3)]
     assert json.loads((grown / "job.json").read_text())["params"]["n"] == 11
+    with Image.open(grown / entries[10]["file"]) as picture:  # each PNG says what it is
+        assert picture.text == {  # type: ignore[attr-defined]
+            "Software": "genserve-client",
+            "index": "10",
+            "seed": "110",
+            "label": "3",
+            "model": "fake-cond",
+            "version": "1",
+            "model_sha256": FAKE_SHA256,
+        }
+        np.testing.assert_array_equal(np.asarray(picture)[:, :, None], fake_pixels(110, 3))
     # A finished job resumes to nothing; settings that decide the output are refused, as is shrinking.
     assert cli(capsys, *t, "bulk", "--resume", str(grown))[0] == 0
     code, _, err = cli(capsys, *t, "bulk", "--resume", str(grown), "--seed", "5", "--format", "webp")
