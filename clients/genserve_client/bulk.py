@@ -190,7 +190,7 @@ def foreign_entries(out_dir: Path) -> list[str]:
     if not out_dir.exists():
         return []
     if not out_dir.is_dir():
-        return [f"{out_dir} itself (a file, not a folder)"]
+        return [out_dir.name]
     foreign = []
     for path in sorted(out_dir.iterdir()):
         name = path.name
@@ -494,6 +494,8 @@ class BulkJob:
         """Refuse a folder that holds files this job did not write (it would delete them)."""
         if (self.out_dir / JOB_FILE).exists():
             return
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise BulkError(f"--out {self.out_dir} is a file, not a folder")
         foreign = foreign_entries(self.out_dir)
         if foreign:
             raise BulkError(

@@ -52,6 +52,50 @@ def _identity(job: dict[str, Any]) -> dict[str, Any]:
     return {k: job.get(k) for k in ("params", "pinned_version", "model_sha256")}
 
 
+def _check_shards(report: VerifyReport, shards: dict[Path, Shard | None]) -> None:
+    """All folders one whole job, or shards 0..N-1 of one N."""
+    counts = {s.count if s else None for s in shards.values()}
+    if len(counts) > 1:
+        report.problems.append(f"the folders mix shard counts: {sorted(map(str, counts))}")
+        return
+    count = counts.pop()
+    if count is not None:
+        present = {s.index for s in shards.values() if s}
+        missing = [i for i in range(count) if i not in present]
+        if missing:
+            report.problems.append(_listed(f"shards missing of {count}", missing))
+
+
+@dataclass
+class _Entries:
+    """The manifests' entries, merged, and what is wrong with them."""
+
+    merged: list[dict[str, Any]] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    duplicates: list[int] = field(default_factory=list)
+    outside: list[int] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+
+    def add(self, root: Path, folder: Path, lo: int, hi: int, *, hashes: bool) -> None:
+        entries, _ = read_manifest(folder / MANIFEST_FILE)
+        prefix = folder.relative_to(root)
+        for entry in entries:
+            index = entry["index"]
+            if not lo <= index < hi:
+                self.outside.append(index)
+            if index in self.seen:
+                self.duplicates.append(index)
+                continue
+            self.seen.add(index)
+            path = folder / entry["file"]
+            if not path.is_file():
+                self.absent.append(str(path))
+            elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
+                self.damaged.append(str(path))
+            self.merged.append({**entry, "file": str(prefix / entry["file"])})
+
+
 def verify_job(root: Path, *, hashes: bool = False) -> tuple[VerifyReport, list[dict[str, Any]]]:
     """Check `root`; returns the report and the merged manifest entries (files relative to root)."""
     report = VerifyReport(root)
@@ -61,59 +105,31 @@ def verify_job(root: Path, *, hashes: bool = False) -> tuple[VerifyReport, list[
     report.folders = folders
     jobs = {folder: read_job(folder) or {} for folder in folders}
     first = jobs[folders[0]]
-    report.n = int(first["params"]["n"])
+    try:
+        report.n = int(first["params"]["n"])
+        shards = {folder: Shard(*job["shard"]) if job.get("shard") else None for folder, job in jobs.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BulkError(f"{root}: a {JOB_FILE} is unreadable ({exc!r})") from None
     for folder, job in jobs.items():
         if _identity(job) != _identity(first):
             report.problems.append(f"{folder} belongs to another job than {folders[0]} (parameters or model)")
-    shards = {folder: Shard(*job["shard"]) if job.get("shard") else None for folder, job in jobs.items()}
-    counts = {s.count if s else None for s in shards.values()}
-    if len(counts) > 1:
-        report.problems.append(f"the folders mix shard counts: {sorted(map(str, counts))}")
-    elif None not in counts:
-        count = counts.pop()
-        assert count is not None
-        present = {s.index for s in shards.values() if s}
-        missing = [i for i in range(count) if i not in present]
-        if missing:
-            report.problems.append(_listed(f"shards missing of {count}", missing))
-    merged: list[dict[str, Any]] = []
-    seen: dict[int, Path] = {}
-    duplicates: list[int] = []
-    absent: list[str] = []
-    damaged: list[str] = []
-    outside: list[int] = []
-    for folder in folders:
-        entries, _ = read_manifest(folder / MANIFEST_FILE)
-        shard = shards[folder]
+    _check_shards(report, shards)
+    found = _Entries()
+    for folder, shard in shards.items():
         lo, hi = shard.range(report.n) if shard else (0, report.n)
-        prefix = folder.relative_to(root)
-        for entry in entries:
-            index = entry["index"]
-            if not lo <= index < hi:
-                outside.append(index)
-            if index in seen:
-                duplicates.append(index)
-                continue
-            seen[index] = folder
-            path = folder / entry["file"]
-            if not path.is_file():
-                absent.append(str(path))
-            elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
-                damaged.append(str(path))
-            merged.append({**entry, "file": str(prefix / entry["file"])})
-    missing_indices = [i for i in range(report.n) if i not in seen]
+        found.add(root, folder, lo, hi, hashes=hashes)
     for kind, items in (
-        ("indices missing", missing_indices),
-        ("indices listed twice", sorted(duplicates)),
-        ("indices outside their shard's range", sorted(outside)),
-        ("files missing", absent),
-        ("files whose sha256 differs from the manifest", damaged),
+        ("indices missing", [i for i in range(report.n) if i not in found.seen]),
+        ("indices listed twice", sorted(found.duplicates)),
+        ("indices outside their shard's range", sorted(found.outside)),
+        ("files missing", found.absent),
+        ("files whose sha256 differs from the manifest", found.damaged),
     ):
         if items:
             report.problems.append(_listed(kind, items))
-    report.images = len(seen)
-    merged.sort(key=lambda e: int(e["index"]))
-    return report, merged
+    report.images = len(found.seen)
+    found.merged.sort(key=lambda e: int(e["index"]))
+    return report, found.merged
 
 
 def write_merged_manifest(path: Path, entries: list[dict[str, Any]]) -> None:

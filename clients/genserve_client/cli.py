@@ -47,7 +47,7 @@ from genserve_client.bulk import (
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions
-from genserve_client.client import GenserveClient
+from genserve_client.client import DEFAULT_TIMEOUT_S, GenserveClient
 from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
@@ -462,6 +462,8 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
 def resume_command(args: argparse.Namespace, out: Path) -> str:
     """The exact command that resumes the job in `out` (a token is never printed)."""
     words = ["genserve-client", "--target", args.target]
+    if args.timeout != DEFAULT_TIMEOUT_S:
+        words += ["--timeout", f"{args.timeout:g}"]
     if args.token_file:
         words += ["--token-file", args.token_file]
     elif args.token:
@@ -626,7 +628,10 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
         help=f"server host:port (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
     g.add_argument(
-        "--timeout", type=float, default=default(60.0), help="deadline of each call in seconds (default: 60)"
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
     )
     g.add_argument(
         "--token", default=default(None), help="bearer token (sent as `authorization: Bearer <token>`)"

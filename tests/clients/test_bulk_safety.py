@@ -68,6 +68,11 @@ def test_a_new_job_refuses_a_folder_with_files_it_did_not_write(
     assert snapshot(out) == before  # nothing deleted, nothing added (not even a lock file)
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "images"]
     assert fake_server.service.calls["SampleStream"] == 0
+    code, _, err = cli(
+        capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(out / "README.txt")
+    )
+    assert code == 2 and "is a file, not a folder" in err
+    assert (out / "README.txt").read_text() == "my notes"
     # An empty folder, and the leftovers of a job the server rejected, are fine.
     empty = tmp_path / "empty"
     empty.mkdir()
