@@ -8,15 +8,18 @@ import json
 import os
 import shlex
 import socket
+import threading
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from client_fakes import FAKE_SHA256, FakeServer, fake_pixels
+from client_fakes import FAKE_SHA256, FakeServer, FakeService, fake_pixels
 from PIL import Image
 
+from genserve.v1 import genserve_pb2_grpc
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
 from genserve_client.bulk import BulkError, BulkJob, BulkParams, JobLock, ServedModel, Shard, read_manifest
@@ -381,3 +384,24 @@ def test_a_shard_without_images_is_a_finished_shard(
     code, out, err = cli(capsys, "verify", str(tmp_path))
     assert code == 0, err
     assert "complete, 2 images in 3 folder(s)" in out
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_a_job_waits_for_a_server_that_is_not_up_yet(tmp_path: Path) -> None:
+    # Connection refused (UNAVAILABLE) at the start, as during a server restart; the server comes
+    # up on the same port 1.5 s later and the job finishes.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = FakeService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
+    starter = threading.Timer(1.5, lambda: (server.add_insecure_port(f"127.0.0.1:{port}"), server.start()))
+    starter.start()
+    try:
+        run_job(f"127.0.0.1:{port}", tmp_path, BulkParams("fake-gen", n=4), retry_window_s=30.0)
+    finally:
+        starter.cancel()
+        server.stop(grace=None)
+    assert indices(tmp_path) == [0, 1, 2, 3]
+    assert service.calls["GetModel"] >= 1
