@@ -21,6 +21,7 @@ import os
 import random
 import shlex
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from genserve_client.bulk import (
     BulkJob,
     BulkParams,
     BulkRetryExhausted,
+    RetryWindow,
     Shard,
     load_params,
     state_label,
@@ -418,16 +420,18 @@ def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 # Settings that decide a bulk job's output: `--resume DIR` takes them from DIR/job.json.
-BULK_JOB_FLAGS = {"model": "model", "seed": "base_seed", "labels": "labels", "format": "format", "psi": "psi"}
+BULK_JOB_FLAGS = ("model", "version", "seed", "labels", "format", "psi", "shard")
 
 
 def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkParams, Path, Shard | None]:
     """The job's parameters, folder and shard: from the flags, or from the manifest with --resume."""
+    if not (math.isfinite(args.retry_window) and args.retry_window >= 0):
+        raise UsageError(f"bulk: --retry-window must be finite and >= 0 seconds, got {args.retry_window:g}")
     if args.resume:
         out = Path(args.resume)
         if args.out and Path(args.out) != out:
             raise UsageError(f"bulk: --resume {args.resume} and --out {args.out} name two folders")
-        given = [flag for flag in [*BULK_JOB_FLAGS, "version", "shard"] if getattr(args, flag) is not None]
+        given = [flag for flag in BULK_JOB_FLAGS if getattr(args, flag) is not None]
         if given:
             flags = ", ".join(f"--{flag}" for flag in given)
             raise UsageError(
@@ -444,7 +448,9 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
     if args.n < 1:
         raise UsageError(f"bulk: --n must be >= 1, got {args.n}")
     shard = Shard.parse(args.shard) if args.shard else None  # before any call
-    info = client.get_model(args.model)
+    # A server that is restarting when the job starts is waited for like one that restarts later.
+    window = RetryWindow(args.retry_window, client.retry.retryable_codes, threading.Event())
+    info = window.call(lambda: client.get_model(args.model))
     labels = resolve_labels(info, args.labels) if info.kind == CONDITIONAL or args.labels else []
     params = BulkParams(
         model=args.model,
@@ -487,8 +493,6 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
 def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
-    if not (math.isfinite(args.retry_window) and args.retry_window >= 0):
-        raise UsageError(f"bulk: --retry-window must be finite and >= 0 seconds, got {args.retry_window:g}")
     params, out, shard = bulk_params(client, args)
     job = BulkJob(
         client,
@@ -832,6 +836,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GenserveClientError as exc:
         _err(f"genserve-client: {exc}")
         return 2 if exc.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+    except BulkRetryExhausted as exc:  # transient errors outlasted --retry-window
+        _err(f"genserve-client: {exc}")
+        return 1
     except (UsageError, BulkError, ValueError) as exc:
         _err(f"genserve-client: {exc}")
         return 2

@@ -387,7 +387,9 @@ def test_a_shard_without_images_is_a_finished_shard(
 
 
 @pytest.mark.usefixtures("quick_backoff")
-def test_a_job_waits_for_a_server_that_is_not_up_yet(tmp_path: Path) -> None:
+def test_a_job_waits_for_a_server_that_is_not_up_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Connection refused (UNAVAILABLE) at the start, as during a server restart; the server comes
     # up on the same port 1.5 s later and the job finishes.
     with socket.socket() as s:
@@ -399,7 +401,19 @@ def test_a_job_waits_for_a_server_that_is_not_up_yet(tmp_path: Path) -> None:
     starter = threading.Timer(1.5, lambda: (server.add_insecure_port(f"127.0.0.1:{port}"), server.start()))
     starter.start()
     try:
-        run_job(f"127.0.0.1:{port}", tmp_path, BulkParams("fake-gen", n=4), retry_window_s=30.0)
+        code, _, err = cli(
+            capsys,
+            "bulk",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--model",
+            "fake-cond",
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path),
+        )
+        assert code == 0, err
     finally:
         starter.cancel()
         server.stop(grace=None)
