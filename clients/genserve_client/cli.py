@@ -33,6 +33,7 @@ from PIL import Image
 
 from genserve.v1 import genserve_pb2
 from genserve_client.bench import LoadGenerator, PayloadFactory, format_table
+from genserve_client.binding import DEFAULT_TIMEOUT_S
 from genserve_client.bulk import (
     DEFAULT_RETRY_WINDOW_S,
     JOB_FILE,
@@ -49,7 +50,7 @@ from genserve_client.bulk import (
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions
-from genserve_client.client import DEFAULT_TIMEOUT_S, GenserveClient
+from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
