@@ -65,6 +65,7 @@ class ServerProcess:
     port: int = 0
     pid: int = 0
     metrics_port: int = 0  # 0: the server has no /metrics (the naive one)
+    env: dict[str, str] | None = None  # e.g. PYTHONPATH for another source tree (bench.ab)
 
     @classmethod
     def genserve(cls, models: Path, extra: Sequence[str] = ()) -> ServerProcess:
@@ -79,7 +80,12 @@ class ServerProcess:
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
         try:
             run = ServerSubprocess.start(
-                self.command, workdir, timeout_s=self.startup_timeout_s, poll_s=0.1, cwd=REPO_ROOT
+                self.command,
+                workdir,
+                timeout_s=self.startup_timeout_s,
+                poll_s=0.1,
+                cwd=REPO_ROOT,
+                env=self.env,
             )
         except ServerStartError as exc:
             raise BenchError(f"{self.name} {exc.reason}: {exc.log[-2000:]}") from None
