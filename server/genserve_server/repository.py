@@ -233,6 +233,7 @@ class Repository:
                 name=mv.label,
                 max_batch_size=mv.config.batching.max_batch_size,
                 max_queue_delay_s=mv.config.batching.max_queue_delay_s,
+                preferred_batch_sizes=mv.config.batching.preferred_batch_sizes,
                 max_queue_size=mv.config.batching.max_queue_size,
                 concurrency=mv.config.instances,
                 observer=BatchMetrics(mv.metrics),

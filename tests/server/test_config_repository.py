@@ -157,6 +157,7 @@ def test_bulk_budgets_default_null_and_reach_the_batcher(tmp_path: Path) -> None
             None,
             0.5,
         )
+        assert batcher.preferred_batch_sizes == (1, 8, 64)  # config.json's default reaches the batcher
 
     with_repo(root, check)
 
