@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from genserve_contract.kinds import Kind
 from genserve_server.config import Card, ModelConfig, cpu_count, load_card, load_model_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ class BenchModel:
     """One served model version as the benchmark sees it."""
 
     name: str
-    kind: str
+    kind: Kind
     version_dir: Path
     card: Card
     config: ModelConfig
@@ -67,7 +68,7 @@ class BenchModel:
 
     def image_input_hw(self) -> tuple[int, int]:
         """Input H, W for image-input kinds: the fixed bench size, rounded up to the size multiple."""
-        if self.card.image_size is not None and self.kind == "vae_encoder":
+        if self.card.image_size is not None and not self.kind.fully_convolutional:  # the encoder
             return (int(self.card.image_size[0]), int(self.card.image_size[1]))
         h, w = IMAGE_INPUT_HW.get(self.kind, (64, 64))
         m = max(1, self.card.size_multiple)

@@ -121,7 +121,7 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
         psi = request.truncation_psi if request.HasField("truncation_psi") else None
         feeds: dict[str, NDArray[Any]] = {"z": latents_for_seeds(seeds, card.latent_dim or 1, psi)}
         labels: list[int] = []
-        if model.model.kind == "conditional_generator":
+        if model.model.kind.conditional:
             given = list(request.labels) or [0]
             labels = [given[i % len(given)] for i in range(count)]
             feeds["label"] = np.asarray(labels, dtype=np.int64)
