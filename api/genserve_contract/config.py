@@ -25,6 +25,10 @@ MAX_INSTANCES: Final = 64
 # meant as milliseconds in a `*_s` field (4 for 4 ms) is refused instead of served.
 MAX_QUEUE_DELAY_LIMIT_S: Final = 1.0
 MAX_BULK_BUDGET_S: Final = 10.0
+# Instances export writes: on a CPU, small convolutions parallelise badly inside one call, so two
+# single-threaded calls side by side beat one two-threaded call (1.5-2x; bench/README.md), and the
+# server runs a batch that is alone on an all-cores session (runtime.solo_session).
+EXPORT_INSTANCES: Final = 2
 
 
 class ConfigError(ValueError):
@@ -359,7 +363,7 @@ def _version_policy(r: Reader) -> VersionPolicy:
             )
         return VersionPolicy(latest=None, specific=tuple(versions))
     if latest is None:
-        latest = 1
+        latest = VersionPolicy().latest
     if not is_int(latest) or latest < 1:
         raise r.error("version_policy.latest", f"must be an integer >= 1, got {latest!r}")
     return VersionPolicy(latest=latest)
@@ -389,12 +393,13 @@ def parse_model_config(
         runtime = parse_runtime_config(r.raw("runtime"), where)
     except RuntimeConfigError as exc:
         raise r.error_type(str(exc), field="runtime") from exc
+    d = ModelConfig(kind=Kind(kind_name))
     config = ModelConfig(
-        kind=Kind(kind_name),
+        kind=d.kind,
         batching=batching,
-        instances=r.integer("instances", 1, min_value=1, max_value=MAX_INSTANCES),
-        execution_providers=providers if providers else KNOWN_PROVIDERS,
-        precision=r.string("precision", "fp32", choices=PRECISIONS),
+        instances=r.integer("instances", d.instances, min_value=1, max_value=MAX_INSTANCES),
+        execution_providers=providers if providers else d.execution_providers,
+        precision=r.string("precision", d.precision, choices=PRECISIONS),
         version_policy=policy,
         runtime=runtime,
     )
@@ -402,19 +407,17 @@ def parse_model_config(
     return config
 
 
-def export_config(
-    kind: Kind, overrides: Mapping[str, Any] | None = None, *, instances: int = 2
-) -> dict[str, Any]:
+def export_config(kind: Kind, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The config.json export writes for `kind`: its batching profile, then `overrides` (`batching`
     merged key by key). Not validated here: parse_model_config does that."""
     batching = {k: list(v) if isinstance(v, tuple) else v for k, v in kind.spec.export_batching.items()}
     config: dict[str, Any] = {
         "kind": kind.value,
         "batching": batching,
-        "instances": instances,
+        "instances": EXPORT_INSTANCES,
         "execution_providers": list(KNOWN_PROVIDERS),
-        "precision": "fp32",
-        "version_policy": {"latest": 1},
+        "precision": ModelConfig(kind).precision,
+        "version_policy": {"latest": VersionPolicy().latest},
     }
     for key, value in (overrides or {}).items():
         if key == "batching" and isinstance(value, Mapping):

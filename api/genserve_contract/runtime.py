@@ -62,6 +62,8 @@ class RuntimeConfig:
 
 
 RUNTIME_FIELDS: Final = frozenset(RuntimeConfig.__dataclass_fields__)
+# The string fields with a fixed set of values (ort_session maps graph_optimization to ORT's levels).
+STRING_CHOICES: Final[dict[str, tuple[str, ...]]] = {"graph_optimization": GRAPH_OPTIMIZATION_LEVELS}
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -86,11 +88,10 @@ def _check_runtime_value(name: str, value: Any, default: Any, key: str) -> Any:
         if not isinstance(value, list) or not value or not all(_is_positive_int(v) for v in value):
             raise RuntimeConfigError(f"{key} must be a non-empty list of integers >= 1, got {value!r}")
         return tuple(sorted(set(value)))
-    if name == "graph_optimization":
-        if value not in GRAPH_OPTIMIZATION_LEVELS:
-            raise RuntimeConfigError(
-                f"{key} must be one of {', '.join(GRAPH_OPTIMIZATION_LEVELS)}; got {value!r}"
-            )
+    choices = STRING_CHOICES.get(name)
+    if choices is not None:
+        if value not in choices:
+            raise RuntimeConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
         return value
     # trt_engine_cache_dir
     if value is not None and (not isinstance(value, str) or not value):

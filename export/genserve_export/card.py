@@ -52,11 +52,6 @@ USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
     for kind in Kind
 }
 
-# On a CPU, small convolutions parallelise badly inside one call: two single-threaded calls side by
-# side beat one two-threaded call (1.5-2x; bench/README.md), and the server runs a batch that is
-# alone on an all-cores session (runtime.solo_session).
-DEFAULT_INSTANCES = 2
-
 
 def default_config(kind: str) -> dict[str, Any]:
     """The config.json written for ``kind`` when the caller overrides nothing."""
@@ -66,7 +61,7 @@ def default_config(kind: str) -> dict[str, Any]:
 def merge_config(kind: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """The kind's config.json profile (genserve_contract) updated by ``overrides`` (``batching``
     is merged key by key)."""
-    return export_config(Kind.parse(kind), overrides, instances=DEFAULT_INSTANCES)
+    return export_config(Kind.parse(kind), overrides)
 
 
 def _is_range(value: Any) -> bool:

@@ -211,7 +211,7 @@ def _security_config(r: _Reader, base: Path) -> SecurityConfig:
         tls_client_ca_file=ca,
         token_file=path_or_none(ar, "token_file"),
         token_env=token_env,
-        open_health=ar.boolean("open_health", True),
+        open_health=ar.boolean("open_health", SecurityConfig().open_health),
     )
     ar.finish()
     return config
