@@ -25,15 +25,18 @@ SCRATCH = REPO_ROOT / "build" / "bench"
 
 # Fixed input sizes of the image-input kinds, so raw ORT and both servers see the same tensors:
 # super-resolution 64x64 -> 256x256 at x4 (128x128 at x2), translation at 256x256 (pix2pix).
-IMAGE_INPUT_HW: Mapping[str, tuple[int, int]] = {"super_resolution": (64, 64), "image_to_image": (256, 256)}
+IMAGE_INPUT_HW: Mapping[Kind, tuple[int, int]] = {
+    Kind.SUPER_RESOLUTION: (64, 64),
+    Kind.IMAGE_TO_IMAGE: (256, 256),
+}
 # The gRPC method each kind is driven through.
-METHOD_BY_KIND: Mapping[str, str] = {
-    "generator": "Sample",
-    "conditional_generator": "Sample",
-    "vae_decoder": "Sample",
-    "super_resolution": "SuperResolve",
-    "image_to_image": "Translate",
-    "vae_encoder": "Encode",
+METHOD_BY_KIND: Mapping[Kind, str] = {
+    Kind.GENERATOR: "Sample",
+    Kind.CONDITIONAL_GENERATOR: "Sample",
+    Kind.VAE_DECODER: "Sample",
+    Kind.SUPER_RESOLUTION: "SuperResolve",
+    Kind.IMAGE_TO_IMAGE: "Translate",
+    Kind.VAE_ENCODER: "Encode",
 }
 
 
