@@ -394,6 +394,12 @@ def parse_model_config(
     except RuntimeConfigError as exc:
         raise r.error_type(str(exc), field="runtime") from exc
     d = ModelConfig(kind=Kind(kind_name))
+    if runtime.cuda_graph and d.kind.fully_convolutional:
+        raise r.error(
+            "runtime.cuda_graph",
+            f"is not supported for kind {d.kind}: its input height and width vary per request, and a CUDA "
+            "graph replays one captured shape (set it to false; io_binding still applies)",
+        )
     config = ModelConfig(
         kind=d.kind,
         batching=batching,

@@ -42,6 +42,8 @@ CONFIGS: list[dict[str, Any]] = [
     {"kind": "generator", "version_policy": {"specific": ["01"]}},
     {"kind": "generator", "version_policy": {"latest": 1, "specific": ["1"]}},
     {"kind": "generator", "runtime": {"graph_optimization": "most"}},
+    {"kind": "generator", "runtime": {"cuda_graph": True}},
+    {"kind": "super_resolution", "runtime": {"cuda_graph": True}},
     {"kind": "generator", "colour": "red"},
     {"kind": "gan"},
 ]

@@ -101,6 +101,10 @@ def write_config(tmp_path: Path, data: object) -> Path:
             "version_policy.latest must be an integer >= 1",
         ),
         ({"kind": "generator", "runtime": {"io_bindings": True}}, "runtime.io_bindings is not a known field"),
+        (
+            {"kind": "image_to_image", "runtime": {"cuda_graph": True}},
+            "runtime.cuda_graph is not supported for kind image_to_image: its input height and width vary",
+        ),
         ([1, 2], "must be a JSON object"),
     ],
 )
