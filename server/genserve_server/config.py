@@ -29,6 +29,9 @@ KINDS = (
 LATENT_KINDS = ("generator", "conditional_generator", "vae_decoder")
 # Kinds whose input is an image (card input_range, input_channels; batches bounded by pixels).
 IMAGE_INPUT_KINDS = ("vae_encoder", "super_resolution", "image_to_image")
+# Kinds whose input H and W vary per request: no fixed shapes, so no CUDA graphs (a graph replays
+# the buffers and kernels of one shape) and no TensorRT shape profile.
+SIZE_FREE_KINDS = ("super_resolution", "image_to_image")
 KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 MIB = 1024 * 1024
 
@@ -467,6 +470,12 @@ def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> Mode
         runtime = parse_runtime_config(r.raw("runtime"), str(path))
     except RuntimeConfigError as exc:
         raise ConfigError(str(exc), field="runtime") from exc
+    if runtime.cuda_graph and kind in SIZE_FREE_KINDS:
+        raise r.error(
+            "runtime.cuda_graph",
+            f"is not supported for kind {kind}: its input height and width vary per request, and a CUDA "
+            "graph replays one captured shape (set it to false; io_binding still applies)",
+        )
     config = ModelConfig(
         kind=kind,
         batching=batching,

@@ -13,7 +13,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -86,6 +88,9 @@ class ModelVersion:
     sha256: str = ""
     precision: str = "fp32"
     provider: str = ""
+    # What the sessions really run with (provider, precision, device, TF32, serving mode), from the
+    # effective provider options: e.g. "CUDAExecutionProvider, fp32, device 0, tf32 off, cuda_graph".
+    runtime: str = ""
     runner: Runner | None = None
     batcher: Batcher | None = None
     load_s: float = 0.0
@@ -168,6 +173,9 @@ class Repository:
         self.metrics = metrics
         self.models: dict[str, Model] = {}
         self._listeners: list[StateListener] = []
+        # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
+        # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
+        self.on_fatal: Callable[[str], None] = _terminate_process
 
     def add_listener(self, listener: StateListener) -> None:
         """Called with (model name, serving) whenever a model's readiness may have changed."""
@@ -284,17 +292,28 @@ class Repository:
             else:
                 mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
             mv.batcher.start()
+            loop = asyncio.get_running_loop()
+
+            def device_lost(reason: str, mv: ModelVersion = mv) -> None:  # from any thread
+                loop.call_soon_threadsafe(self.device_lost, mv, reason)
+
+            mv.runner.on_device_lost = device_lost
             mv.state = ModelState.READY
             mv.metrics.ready.set(1)
             mv.metrics.load_duration.set(mv.load_s)
-            logger.info(
-                "%s ready in %.2f s (%s, %s, sha256 %s)",
-                mv.label,
-                mv.load_s,
-                mv.provider,
-                mv.precision,
-                mv.sha256[:12],
-            )
+            logger.info("%s ready in %.2f s (%s, sha256 %s)", mv.label, mv.load_s, mv.runtime, mv.sha256[:12])
+
+    def device_lost(self, mv: ModelVersion, reason: str) -> None:
+        """A model call failed with a sticky CUDA error (gpu_errors): every later call on this process's
+        CUDA context fails too. The version goes UNAVAILABLE, its health key NOT_SERVING, and the
+        process stops (`on_fatal`) so that the orchestrator restarts it. On the event loop."""
+        if mv.state != ModelState.READY:
+            return
+        self._fail(mv, f"GPU failure, the server restarts: {reason}")
+        model = self.models.get(mv.name)
+        if model is not None:
+            self.notify(model)
+        self.on_fatal(f"{mv.label}: {reason}")
 
     def _fail(self, mv: ModelVersion, reason: str) -> None:
         mv.state = ModelState.UNAVAILABLE
@@ -386,6 +405,7 @@ class Repository:
             raise
         mv.runner = runner
         mv.provider = runner.provider
+        mv.runtime = runner.description
 
     @staticmethod
     def _check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
@@ -412,6 +432,11 @@ class Repository:
             if mv.runner is not None:
                 mv.runner.close()
             mv.metrics.ready.set(0)
+
+
+def _terminate_process(reason: str) -> None:
+    logger.critical("stopping the server for a restart: %s", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def warmup_batch_sizes(max_batch_size: int) -> list[int]:
