@@ -8,14 +8,21 @@ raw-limit measurement (bench/raw_limit.py) and the tests all run the same config
   spinning off by default: spinning workers burn a core while the event loop and the encode pool
   want it (2-core machines), for no gain once a batch is a few ms of work.
 * `provider_chain()`: the configured execution providers with their options: TensorRT with an
-  engine cache (and timing cache) under `trt_engine_cache_dir`, fp16 when the precision is fp16,
-  explicit min/opt/max profile shapes; CUDA with `enable_cuda_graph` when CUDA graphs are on.
-* `create_session()`: builds the session and falls back cleanly: a provider that cannot be created
-  is dropped and the next one tried, ending on the CPU provider. What the session really uses is
-  `session.get_providers()` (`get_available_providers()` lists CUDA on machines with no GPU).
+  engine cache (and timing cache) under `trt_engine_cache_dir`, keyed by the model's sha256,
+  precision, profile and GPU (`engine_cache_key`), fp16 when the precision is fp16, explicit
+  min/opt/max profile shapes; CUDA with the device, TF32 (off unless `use_tf32`), the memory cap and
+  arena strategy, the cuDNN workspace, and `enable_cuda_graph` when CUDA graphs are on.
+* `create_session()`: builds the session with ONNX Runtime's own fallback off and falls back
+  itself, with each provider's options: a provider that cannot be created is dropped and the next
+  one tried, ending on the CPU provider; TensorRT is skipped when its libraries do not load or
+  there is no shape profile. What the session really uses is `session.get_providers()` and
+  `get_provider_options()` (`get_available_providers()` lists CUDA on machines with no GPU): the
+  serving mode (CUDA graphs, TF32, device) is derived from those, not from the config.
 * `SessionRunner`: runs a batch, plainly or with IO binding (which works on the CPU provider too:
-  outputs land in preallocated numpy arrays, no copy); with CUDA graphs, one captured graph per
-  batch size, inputs padded up to the nearest captured size and outputs cropped back.
+  outputs land in preallocated numpy arrays, no copy); with CUDA graphs, on one dedicated thread
+  per session, one captured graph per full input shape (ids never reused), captured at load under
+  a process-wide gate (`CAPTURE_GATE`), inputs padded up to the nearest captured batch size and
+  outputs cropped back.
 * `choose_model_file()` and `check_fp16_parity()`: fp16 only where the card's export parity and a
   check on the provider really in use are within `fp16_atol` (1e-2); fp32 otherwise, with a reason.
 """

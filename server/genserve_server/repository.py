@@ -8,6 +8,7 @@ that model (or version) UNAVAILABLE, with the reason GetModel shows; the others 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -176,6 +177,7 @@ class Repository:
         # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
         # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
         self.on_fatal: Callable[[str], None] = _terminate_process
+        self.fatal_reason = ""
 
     def add_listener(self, listener: StateListener) -> None:
         """Called with (model name, serving) whenever a model's readiness may have changed."""
@@ -313,7 +315,8 @@ class Repository:
         model = self.models.get(mv.name)
         if model is not None:
             self.notify(model)
-        self.on_fatal(f"{mv.label}: {reason}")
+        self.fatal_reason = f"{mv.label}: {reason}"
+        self.on_fatal(self.fatal_reason)
 
     def _fail(self, mv: ModelVersion, reason: str) -> None:
         mv.state = ModelState.UNAVAILABLE
@@ -359,6 +362,9 @@ class Repository:
         solo_intra = cores if not pinned and mv.config.runtime.solo_session and intra < cores else 0
         providers = select_providers(sc.execution_providers or mv.config.execution_providers)
         sampler = card.kind in LATENT_KINDS
+        runtime = mv.config.runtime
+        if runtime.trt_engine_cache_dir is None and sc.trt_engine_cache_dir:
+            runtime = dataclasses.replace(runtime, trt_engine_cache_dir=sc.trt_engine_cache_dir)
         runner = Runner(
             model_path,
             label=f"{mv.name}-{mv.version}",
@@ -366,7 +372,7 @@ class Repository:
             instances=mv.config.instances,
             intra_op_threads=intra,
             solo_intra_op_threads=solo_intra,
-            runtime=mv.config.runtime,
+            runtime=runtime,
             fp16=choice.precision == "fp16",
             profile=profile_shapes(card, mv.config.batching.max_batch_size),
             inline_max_s=sc.inline_compute_max_us / 1e6,

@@ -420,3 +420,53 @@ def test_the_default_fatal_action_sends_sigterm_to_this_process(monkeypatch: pyt
     monkeypatch.setattr(repository.os, "kill", lambda pid, sig: sent.append((pid, sig)))
     repository._terminate_process("test")
     assert sent == [(os.getpid(), signal.SIGTERM)]
+
+
+# --------------------------------------------------------------------------- deployment, acceptance
+
+
+def test_server_wide_engine_cache_dir_from_config_and_cli(tmp_path: Path) -> None:
+    from genserve_server.config import load_server_config
+    from genserve_server.main import build_parser
+
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"trt_engine_cache_dir": "/var/cache/genserve/trt"}))
+    assert load_server_config(path).trt_engine_cache_dir == "/var/cache/genserve/trt"
+    path.write_text(json.dumps({"trt_engine_cache_dir": ""}))
+    with pytest.raises(ConfigError, match="trt_engine_cache_dir must be a directory path or null"):
+        load_server_config(path)
+    args = build_parser().parse_args(["serve", "--models", "m", "--trt-engine-cache-dir", "/c"])
+    assert args.trt_engine_cache_dir == "/c"
+
+
+def test_gpu_acceptance_dry_run_skips_every_gpu_check_cleanly(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_acceptance.sh"), "--dry"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "gpu_acceptance.json").read_text())
+    checks = report["checks"]
+    for name in (
+        "fallback_keeps_options",
+        "graph_replay_equals_plain",
+        "replay_really_happens",
+        "multi_instance_capture",
+        "shape_change_same_batch",
+        "oom_split_and_retry",
+        "bundled_models_through_repository",
+        "fp16_parity_on_device",
+        "tf32_off_by_default",
+    ):
+        assert checks[name]["status"] == "skipped", (name, checks[name])
+    assert report["environment"]["cuda_session"] is False and "finished" in report
