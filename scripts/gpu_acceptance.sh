@@ -17,6 +17,18 @@
 #   GPU_SITE      where the wheel is unpacked (default /tmp/ort-gpu-site)
 #   WHEEL_SHA256  the wheel's sha256 (default: the first line of .gpuwhl/SHA256 when present)
 # Exit status: 0 when every check passed or was skipped, 1 otherwise; the JSON says which.
+#
+# Staging the 244 MiB wheel (one device call carries at most 64 MiB of tree):
+#   here:   echo /.gpuwhl/ >> .git/info/exclude
+#           pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#             --platform manylinux_2_28_x86_64 -d /tmp/whl onnxruntime-gpu==1.31.1
+#           mkdir -p .gpuwhl && sha256sum /tmp/whl/*.whl > .gpuwhl/SHA256
+#           split -b 41M /tmp/whl/*.whl /tmp/whl/part. && i=1 && for f in /tmp/whl/part.*; do
+#             mkdir -p .gpuwhl/p$i && mv "$f" .gpuwhl/p$i/ && i=$((i+1)); done
+#   calls 1..N-1 (back to back, the machine stays warm ~30 s): carry [".gpuwhl/pK"],
+#           command: mkdir -p /tmp/gpuwhl-stage && cp -r .gpuwhl/pK /tmp/gpuwhl-stage/
+#   last call: carry [".gpuwhl/pN", ".gpuwhl/SHA256"], command: scripts/gpu_acceptance.sh
+#           (parts are joined as $GPU_STAGE/p*/* then .gpuwhl/p*/*: keep N <= 9 so p1..pN sort)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,8 +69,7 @@ install_wheel() {
     say "no wheel parts found (GPU_WHEEL_PARTS, $GPU_STAGE/p*/*, .gpuwhl/p*/*)"
     return 1
   fi
-  local wheel="/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
-  [[ -n "${GPU_WHEEL_NAME:-}" ]] && wheel="/tmp/$GPU_WHEEL_NAME"
+  local wheel=/tmp/gpu-acceptance-wheel.zip
   cat "${parts[@]}" >"$wheel"
   local want="${WHEEL_SHA256:-}"
   [[ -z "$want" && -f "$ROOT/.gpuwhl/SHA256" ]] && want="$(head -n1 "$ROOT/.gpuwhl/SHA256" | cut -d' ' -f1)"
@@ -70,6 +81,11 @@ install_wheel() {
     return 1
   fi
   rm -rf "$GPU_SITE" && mkdir -p "$GPU_SITE"
+  # pip wants the wheel's own file name: rebuilt from its dist-info (name, version, tags).
+  local named
+  named="$("$PYTHON" "$ROOT/scripts/wheel_name.py" "$wheel")" && mv "$wheel" "/tmp/$named" \
+    && wheel="/tmp/$named"
+  say "installing $(basename "$wheel") into $GPU_SITE"
   # pip when it is there; a wheel is a zip file, so unpacking it is the same install without pip.
   if ! "$PYTHON" -m pip install -q --no-index --no-deps --target "$GPU_SITE" "$wheel" >>"$LOG" 2>&1; then
     say "pip install failed; unpacking the wheel instead"

@@ -39,6 +39,7 @@ from genserve_server.config import (
     load_model_config,
 )
 from genserve_server.errors import GenserveError, NotFound, Unavailable
+from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.metrics import BatchMetrics, Metrics, ModelMetrics
 from genserve_server.ort_session import ProfileShapes, choose_model_file
 from genserve_server.runner import Runner, select_providers
@@ -265,6 +266,10 @@ class Repository:
         except Exception as exc:  # ORT raises its own types for corrupt graphs
             logger.exception("%s failed to load", mv.label)
             self._fail(mv, f"{type(exc).__name__}: {exc}")
+            sticky = sticky_cuda_error(exc)
+            if sticky:  # the CUDA context is unusable for every model, not only this one
+                self.fatal_reason = f"{mv.label}: {sticky} at load"
+                self.on_fatal(self.fatal_reason)
         else:
             mv.load_s = time.monotonic() - started
             assert mv.runner is not None

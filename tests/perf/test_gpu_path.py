@@ -334,6 +334,41 @@ def test_capture_gate_excludes_gpu_calls_during_a_capture() -> None:
     assert events == ["capture done", "call"]
 
 
+def test_a_waiting_capture_goes_before_new_gpu_calls() -> None:
+    gate = ort_session._CaptureGate()
+    order: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def first_call() -> None:
+        with gate.gpu_call():
+            holding.set()
+            release.wait()
+            order.append("first call")
+
+    def capture() -> None:
+        with gate.capture():
+            order.append("capture")
+
+    def later_call() -> None:
+        with gate.gpu_call():
+            order.append("later call")
+
+    threads = [threading.Thread(target=first_call)]
+    threads[0].start()
+    holding.wait()
+    threads.append(threading.Thread(target=capture))
+    threads[1].start()
+    while not gate._waiting:  # the capture waits for the running call
+        threading.Event().wait(0.001)
+    threads.append(threading.Thread(target=later_call))
+    threads[2].start()
+    threading.Event().wait(0.05)
+    release.set()
+    for t in threads:
+        t.join()
+    assert order == ["first call", "capture", "later call"]
+
+
 # --------------------------------------------------------------------------- sticky CUDA errors
 
 
@@ -470,3 +505,62 @@ def test_gpu_acceptance_dry_run_skips_every_gpu_check_cleanly(tmp_path: Path) ->
     ):
         assert checks[name]["status"] == "skipped", (name, checks[name])
     assert report["environment"]["cuda_session"] is False and "finished" in report
+
+
+def test_a_sticky_cuda_error_at_load_stops_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from genserve_server import repository
+
+    root = tmp_path / "models"
+    write_model(
+        root,
+        "gen",
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+    )
+
+    def broken_runner(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA failure 719: unspecified launch failure ; GPU=0")
+
+    monkeypatch.setattr(repository, "Runner", broken_runner)
+    fatal: list[str] = []
+
+    async def body() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.on_fatal = fatal.append
+        repo.scan()
+        await repo.load_all()
+        assert repo.get("gen").versions["1"].state == ModelState.UNAVAILABLE
+        await repo.close(1)
+
+    asyncio.run(body())
+    assert len(fatal) == 1 and "CUDA error 719" in fatal[0]
+
+
+def test_gpu_acceptance_names_a_staged_wheel_as_pip_wants(tmp_path: Path) -> None:
+    """The wheel is staged in parts under any name; pip installs only a correctly named file."""
+    import subprocess
+    import sys
+    import zipfile
+
+    staged = tmp_path / "wheel.zip"
+    with zipfile.ZipFile(staged, "w") as wheel:
+        wheel.writestr("onnxruntime/__init__.py", "")
+        wheel.writestr(
+            "onnxruntime_gpu-1.31.1.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp312-cp312-manylinux_2_27_x86_64\n"
+            "Tag: cp312-cp312-manylinux_2_28_x86_64\n",
+        )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "wheel_name.py"), str(staged)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == (
+        "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+    )
