@@ -102,7 +102,9 @@ class Runner:
     """The session(s) of one model version, run by `instances` threads.
 
     With plain `run` one session is shared by the threads (ORT sessions are thread-safe); with IO
-    binding or CUDA graphs (not thread-safe) each instance gets its own session and binding.
+    binding or CUDA graphs (not thread-safe) each instance gets its own session and binding. With
+    CUDA graphs each instance's calls run on that instance's own graph thread (ORT keeps graphs per
+    thread), its graphs captured at the first `warm`; until then batches never run inline.
 
     With `solo_intra_op_threads` (plain run on the CPU provider only) a second session with that many
     intra-op threads runs the batches that start while no other batch is running: all cores for one
