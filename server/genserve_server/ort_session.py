@@ -207,7 +207,25 @@ def session_options(config: RuntimeConfig, *, cores: int, instances: int = 1) ->
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if config.allow_spinning else "0")
     options.log_severity_level = 3
+    # Which provider runs each node (node_placement): ORT's own warning about nodes left on the CPU
+    # is below the log level above.
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     return options
+
+
+def node_placement(session: Any) -> dict[str, list[str]]:
+    """{provider: op types of the nodes it runs} ({} where ORT cannot tell)."""
+    get_info = getattr(session, "get_provider_graph_assignment_info", None)
+    if get_info is None:
+        return {}
+    try:
+        subgraphs = get_info()
+    except Exception:  # recording off, or an ORT without it
+        return {}
+    placement: dict[str, list[str]] = {}
+    for subgraph in subgraphs:
+        placement.setdefault(str(subgraph.ep_name), []).extend(str(n.op_type) for n in subgraph.get_nodes())
+    return placement
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +393,13 @@ class SessionInfo:
     # The options of each provider as the session reports them (get_provider_options()): what the
     # serving mode is derived from, not what the config asked for.
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    # {provider: op types of its nodes} (node_placement): on a GPU, CPU nodes cost copies each call.
+    placement: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def cpu_nodes(self) -> list[str]:
+        """Op types of the nodes that run on the CPU provider although the session is on a GPU."""
+        return list(self.placement.get(CPU, [])) if self.on_gpu else []
 
     @property
     def provider(self) -> str:
@@ -409,6 +434,8 @@ class SessionInfo:
             parts.append("tf32 on" if self.tf32 else "tf32 off")
         if self.cuda_graph:
             parts.append("cuda graphs")
+        if self.cpu_nodes:
+            parts.append(f"{len(self.cpu_nodes)} nodes on CPU")
         return ", ".join(parts)
 
 
@@ -448,15 +475,7 @@ def create_session(
     source = str(model) if isinstance(model, Path) else model
     path = model if isinstance(model, Path) else (model_path or Path("<bytes>"))
     fallbacks: list[str] = []
-    wanted = list(requested)
-    if TENSORRT in wanted:
-        why_not = tensorrt_loadable() or (
-            "" if profile is not None else "no shape profile (TensorRT would build engines while serving)"
-        )
-        if why_not:
-            wanted.remove(TENSORRT)
-            fallbacks.append(f"{TENSORRT} skipped: {why_not}")
-            logger.info("%s: %s skipped: %s", path, TENSORRT, why_not)
+    wanted = _without_unusable_tensorrt(requested, profile, path, fallbacks)
     if any(p in GPU_PROVIDERS for p in wanted):
         preload_cuda_libraries()
     if TENSORRT in wanted and config.trt_engine_cache_dir and model_sha256 is None:
@@ -512,14 +531,51 @@ def create_session(
         # INFO: the server logs ONE warning for a whole CPU-only host (runner.py), not one per model.
         logger.info("%s: %s", path, reason)
         fallbacks.append(reason)
-    info = SessionInfo(session, used, path, "fp16" if fp16 else "fp32", fallbacks, effective)
+    info = SessionInfo(
+        session, used, path, "fp16" if fp16 else "fp32", fallbacks, effective, node_placement(session)
+    )
     if config.cuda_graph and not info.cuda_graph:
         fallbacks.append(
             f"CUDA graphs need the CUDA provider with enable_cuda_graph; running on {used[0]} without them"
         )
-    if info.on_gpu:
-        logger.info("%s: %s; provider options %s", path, info.describe(), effective.get(info.provider, {}))
+    _log_gpu_session(info)
     return info
+
+
+def _without_unusable_tensorrt(
+    requested: Sequence[str], profile: ProfileShapes | None, path: Path, fallbacks: list[str]
+) -> list[str]:
+    """`requested` without TensorRT where its libraries do not load or there is no shape profile."""
+    wanted = list(requested)
+    if TENSORRT in wanted:
+        why_not = tensorrt_loadable() or (
+            "" if profile is not None else "no shape profile (TensorRT would build engines while serving)"
+        )
+        if why_not:
+            wanted.remove(TENSORRT)
+            fallbacks.append(f"{TENSORRT} skipped: {why_not}")
+            logger.info("%s: %s skipped: %s", path, TENSORRT, why_not)
+    return wanted
+
+
+def _log_gpu_session(info: SessionInfo) -> None:
+    """What a GPU session really runs with, and the nodes it leaves on the CPU."""
+    if not info.on_gpu:
+        return
+    if info.cpu_nodes:
+        logger.warning(
+            "%s: %d of %d nodes run on the CPU provider (%s): each costs device-host copies per call",
+            info.model_path,
+            len(info.cpu_nodes),
+            sum(len(ops) for ops in info.placement.values()),
+            ", ".join(sorted(set(info.cpu_nodes))),
+        )
+    logger.info(
+        "%s: %s; provider options %s",
+        info.model_path,
+        info.describe(),
+        info.provider_options.get(info.provider, {}),
+    )
 
 
 def _make_cache_dirs(chain: Sequence[tuple[str, dict[str, str]]], path: Path) -> None:

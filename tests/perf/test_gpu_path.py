@@ -68,6 +68,18 @@ class _FakeSession:
     def get_outputs(self) -> list[Any]:
         return [SimpleNamespace(name="image", type="tensor(float)")]
 
+    def get_provider_graph_assignment_info(self) -> list[Any]:
+        """Shape ops on the CPU beside the compute on the first provider, as ORT places them."""
+
+        def subgraph(ep: str, *ops: str) -> Any:
+            nodes = [SimpleNamespace(op_type=op, name=op.lower(), domain="") for op in ops]
+            return SimpleNamespace(ep_name=ep, get_nodes=lambda: nodes)
+
+        return [
+            subgraph(self.providers[0], "MatMul", "ConvTranspose", "Tanh"),
+            subgraph(CPU, "Shape", "Gather"),
+        ]
+
 
 class _FakeOrt:
     """InferenceSession stand-in: TensorRT fails to build, CUDA works and keeps its options (a GPU
@@ -118,6 +130,19 @@ def test_options_survive_a_failed_first_provider(tiny_version: Path, fake_ort: _
     assert (cuda["enable_cuda_graph"], cuda["device_id"], cuda["gpu_mem_limit"]) == ("1", "1", str(1 << 30))
     assert info.cuda_graph and info.device_id == 1 and not info.tf32
     assert "cuda graphs" in info.describe() and "tf32 off" in info.describe()
+
+
+def test_nodes_left_on_the_cpu_of_a_gpu_session_are_reported(
+    tiny_version: Path, fake_ort: _FakeOrt, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="genserve_server.ort_session"):
+        info = create_session(tiny_version / "model.onnx", [CUDA, CPU], RuntimeConfig(), cores=2)
+    assert info.placement == {CUDA: ["MatMul", "ConvTranspose", "Tanh"], CPU: ["Shape", "Gather"]}
+    assert info.cpu_nodes == ["Shape", "Gather"] and "2 nodes on CPU" in info.describe()
+    assert "2 of 5 nodes run on the CPU provider (Gather, Shape)" in caplog.text
+    # On this host's real CPU session every node is on the CPU provider, which is no warning.
+    real = create_session(tiny_version / "model.onnx", [CPU], RuntimeConfig(), cores=1)
+    assert list(real.placement) == [CPU] and len(real.placement[CPU]) >= 3 and real.cpu_nodes == []
 
 
 def test_serving_mode_follows_the_effective_options_not_the_config(
