@@ -19,7 +19,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,15 @@ from genserve_server.config import (
 from genserve_server.errors import GenserveError, NotFound, Unavailable
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.metrics import BatchMetrics, Metrics, ModelMetrics
-from genserve_server.ort_session import ProfileShapes, choose_model_file
+from genserve_server.ort_session import (
+    ModelChoice,
+    ProfileShapes,
+    RuntimeConfig,
+    SessionRunner,
+    check_fp16_parity,
+    choose_model_file,
+    create_session,
+)
 from genserve_server.runner import Runner, select_providers
 
 logger = logging.getLogger(__name__)
@@ -343,6 +351,9 @@ class Repository:
                 f"{mv.path / 'card.json'}: kind {card.kind!r} differs from config.json's {mv.config.kind!r}"
             )
         choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
+        providers = select_providers(self.server_config.execution_providers or mv.config.execution_providers)
+        if choice.precision == "fp16":
+            choice = fp16_on_provider(mv.path, card, providers, mv.config.runtime.fp16_atol, choice)
         if choice.reason:
             logger.warning("%s: serving fp32: %s", mv.label, choice.reason)
         model_path = choice.path
@@ -365,7 +376,6 @@ class Repository:
         intra = pinned or max(1, cores // mv.config.instances)
         # Auto threads and several instances: a batch running alone may use every core (RuntimeConfig).
         solo_intra = cores if not pinned and mv.config.runtime.solo_session and intra < cores else 0
-        providers = select_providers(sc.execution_providers or mv.config.execution_providers)
         sampler = card.kind in LATENT_KINDS
         runtime = mv.config.runtime
         if runtime.trt_engine_cache_dir is None and sc.trt_engine_cache_dir:
@@ -443,6 +453,42 @@ class Repository:
             if mv.runner is not None:
                 mv.runner.close()
             mv.metrics.ready.set(0)
+
+
+def fp16_on_provider(
+    version_dir: Path, card: Card, providers: Sequence[str], atol: float, choice: ModelChoice
+) -> ModelChoice:
+    """`choice` (the fp16 file) when fp16 and fp32 agree within `atol` on the provider the version
+    will run on, else fp32 with the reason: the card's parity was measured at export, on a CPU, and
+    fp16 kernels differ per provider and GPU."""
+    feeds = parity_inputs(card, 8)
+    fp32 = create_session(version_dir / "model.onnx", providers, RuntimeConfig(), cores=cpu_count())
+    fp16 = create_session(choice.path, providers, RuntimeConfig(), cores=cpu_count(), fp16=True)
+    ok, diff = check_fp16_parity(
+        SessionRunner(fp32, RuntimeConfig()), SessionRunner(fp16, RuntimeConfig()), feeds, atol
+    )
+    if ok:
+        return choice
+    return ModelChoice(
+        version_dir / "model.onnx",
+        "fp32",
+        f"fp16 differs from fp32 by {diff:.3g} > fp16_atol {atol:g} on {fp16.provider}",
+    )
+
+
+def parity_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
+    """Random inputs of the warm-up shapes (zeros would hide most differences), seeded."""
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for name, value in warmup_inputs(card, batch).items():
+        if value.dtype == np.int64:
+            feeds[name] = rng.integers(0, max(1, len(card.class_names)), value.shape).astype(np.int64)
+        elif card.input_range is not None and name == "image":
+            low, high = card.input_range
+            feeds[name] = rng.uniform(low, high, value.shape).astype(np.float32)
+        else:
+            feeds[name] = rng.standard_normal(value.shape).astype(np.float32)
+    return feeds
 
 
 def _terminate_process(reason: str) -> None:

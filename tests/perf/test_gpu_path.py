@@ -589,3 +589,39 @@ def test_gpu_acceptance_names_a_staged_wheel_as_pip_wants(tmp_path: Path) -> Non
     assert done.stdout.strip() == (
         "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
     )
+
+
+@pytest.mark.parametrize(("fp16_seed", "served"), [(0, "fp16"), (1, "fp32")])
+def test_fp16_is_served_only_within_parity_on_the_provider_in_use(
+    tmp_path: Path, fp16_seed: int, served: str
+) -> None:
+    """The card's fp16 parity was measured at export; the load checks it again where it will run.
+    A "fp16" file with other weights (seed 1) claims parity in its card and is refused."""
+    import hashlib
+
+    root = tmp_path / "models"
+    version = write_model(
+        root,
+        "gen",
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"precision": "fp16"},
+    )
+    data = generator_graph(TINY_LATENT, 1, 8, 8, seed=fp16_seed).SerializeToString()
+    (version / "model.fp16.onnx").write_bytes(data)
+    card = json.loads((version / "card.json").read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+    card["parity"] = {"fp16_max_abs_diff": 0.001, "fp16_atol": 0.01}
+    (version / "card.json").write_text(json.dumps(card))
+
+    async def body() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        mv = repo.get("gen").resolve("")
+        assert (mv.state, mv.precision) == (ModelState.READY, served)
+        assert mv.sha256 == card["sha256"]["model.fp16.onnx" if served == "fp16" else "model.onnx"]
+        await repo.close(1)
+
+    asyncio.run(body())
