@@ -352,23 +352,15 @@ class Repository:
             )
         choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
         providers = select_providers(self.server_config.execution_providers or mv.config.execution_providers)
+        mv.sha256 = _verified_sha256(mv, card, choice.path)
         if choice.precision == "fp16":
-            choice = fp16_on_provider(mv.path, card, providers, mv.config.runtime.fp16_atol, choice)
+            checked = fp16_on_provider(mv.path, card, providers, mv.config.runtime.fp16_atol, choice)
+            if checked is not choice:
+                mv.sha256 = _verified_sha256(mv, card, checked.path)
+                choice = checked
         if choice.reason:
             logger.warning("%s: serving fp32: %s", mv.label, choice.reason)
         model_path = choice.path
-        filename = model_path.name
-        if not model_path.is_file():
-            raise ConfigError(f"{model_path}: file not found")
-        expected = card.sha256.get(filename)
-        if not expected:
-            raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
-        actual = sha256_file(model_path)
-        if actual != expected:
-            raise ConfigError(
-                f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."
-            )
-        mv.sha256 = actual
         mv.precision = choice.precision
         cores = cpu_count()
         sc = self.server_config
@@ -455,12 +447,30 @@ class Repository:
             mv.metrics.ready.set(0)
 
 
+def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
+    """The file's sha256, checked against card.json's."""
+    filename = model_path.name
+    if not model_path.is_file():
+        raise ConfigError(f"{model_path}: file not found")
+    expected = card.sha256.get(filename)
+    if not expected:
+        raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
+    actual = sha256_file(model_path)
+    if actual != expected:
+        raise ConfigError(
+            f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."
+        )
+    return actual
+
+
 def fp16_on_provider(
     version_dir: Path, card: Card, providers: Sequence[str], atol: float, choice: ModelChoice
 ) -> ModelChoice:
     """`choice` (the fp16 file) when fp16 and fp32 agree within `atol` on the provider the version
     will run on, else fp32 with the reason: the card's parity was measured at export, on a CPU, and
     fp16 kernels differ per provider and GPU."""
+    if not (version_dir / "model.onnx").is_file():
+        return choice  # nothing to compare with: the card's parity stands
     feeds = parity_inputs(card, 8)
     fp32 = create_session(version_dir / "model.onnx", providers, RuntimeConfig(), cores=cpu_count())
     fp16 = create_session(choice.path, providers, RuntimeConfig(), cores=cpu_count(), fp16=True)
