@@ -490,9 +490,11 @@ def create_session(
         options = session_options(run_config, cores=cores, instances=instances)
         _make_cache_dirs(chain, path)
         printed = io.StringIO()
+        # Creating a GPU session allocates device memory: never during another session's capture.
+        gate = CAPTURE_GATE.gpu_call() if chain[0][0] in GPU_PROVIDERS else contextlib.nullcontext()
         try:
             # ORT's Python layer may still *print* provider errors to stdout: keep stdout clean.
-            with contextlib.redirect_stdout(printed):
+            with gate, contextlib.redirect_stdout(printed):
                 session = ort.InferenceSession(
                     source,
                     options,

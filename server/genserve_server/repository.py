@@ -99,7 +99,7 @@ class ModelVersion:
     precision: str = "fp32"
     provider: str = ""
     # What the sessions really run with (provider, precision, device, TF32, serving mode), from the
-    # effective provider options: e.g. "CUDAExecutionProvider, fp32, device 0, tf32 off, cuda_graph".
+    # effective provider options: e.g. "CUDAExecutionProvider, fp32, device 0, tf32 off, cuda graphs".
     runtime: str = ""
     runner: Runner | None = None
     batcher: Batcher | None = None

@@ -168,7 +168,9 @@ class Runner:
             self._runners.put(session_runner)
         # The serving mode the sessions really have (effective provider options), not the config's.
         self.mode = self.session_runners[0].mode
-        self.description = f"{self.info.describe()}, {self.mode}"
+        # e.g. "CUDAExecutionProvider, fp32, device 0, tf32 off, cuda graphs" or "..., io_binding".
+        described = self.info.describe()
+        self.description = described if self.mode == "cuda_graph" else f"{described}, {self.mode}"
         # Called (on the thread of the failed call) when a model call fails with a sticky CUDA error:
         # the context is unusable, so the owner marks the version broken and restarts the process.
         self.on_device_lost: Callable[[str], None] | None = None
