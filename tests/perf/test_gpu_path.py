@@ -340,6 +340,50 @@ def test_graphs_are_captured_at_load_on_one_thread_and_keyed_by_full_shape(
     runner.close()
 
 
+def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
+    tiny_version: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Runner's structure with CUDA graphs (faked on this CPU): one graph thread per instance,
+    every size captured by the first warm-up, nothing inline before that."""
+    from genserve_server import runner as runner_module
+
+    monkeypatch.setattr(ort_session, "_CapturedGraph", _FakeGraph)
+    _FakeGraph.captured = []
+
+    def on_fake_cuda(path: Path, providers: list[str], config: RuntimeConfig, **kwargs: Any) -> SessionInfo:
+        real = create_session(path, [CPU], RuntimeConfig(), cores=1)
+        return SessionInfo(real.session, [CUDA, CPU], path, "fp32", [], {CUDA: {"enable_cuda_graph": "1"}})
+
+    monkeypatch.setattr(runner_module, "create_session", on_fake_cuda)
+    config = replace(RuntimeConfig(), cuda_graph=True, cuda_graph_batch_sizes=(1, 8))
+    runner = runner_module.Runner(
+        tiny_version / "model.onnx",
+        label="g",
+        providers=[CUDA, CPU],
+        instances=2,
+        intra_op_threads=1,
+        runtime=config,
+        inline_max_s=1.0,  # any measured batch would run inline
+    )
+    try:
+        assert runner.mode == "cuda_graph" and runner.description.endswith("cuda graphs")
+        z8 = {"z": np.ones((8, 16), np.float32)}
+        signature = runner._signature(z8)
+        runner._cost_s[signature] = 1e-6
+        assert not runner._runs_inline(signature, z8)  # graphs not captured yet: never on the loop
+        runner.warm(z8)
+        assert all(r.sealed for r in runner.session_runners)
+        by_thread: dict[int, list[int]] = {}
+        for _, shape, thread in _FakeGraph.captured:
+            by_thread.setdefault(thread, []).append(shape[0])
+        assert sorted(sorted(sizes) for sizes in by_thread.values()) == [[1, 8], [1, 8]]  # 2 threads
+        assert runner._runs_inline(signature, z8)
+        assert (runner.run_sync(z8)["image"] == 2).all()
+        assert len(_FakeGraph.captured) == 4  # serving captured nothing more
+    finally:
+        runner.close()
+
+
 def test_capture_gate_excludes_gpu_calls_during_a_capture() -> None:
     gate = ort_session._CaptureGate()
     events: list[str] = []
