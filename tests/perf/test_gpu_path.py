@@ -370,14 +370,14 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
         z8 = {"z": np.ones((8, 16), np.float32)}
         signature = runner._signature(z8)
         runner._cost_s[signature] = 1e-6
-        assert not runner._runs_inline(signature, z8)  # graphs not captured yet: never on the loop
+        assert not runner._runs_inline(None, signature, z8)  # graphs not captured yet: never on the loop
         runner.warm(z8)
         assert all(r.sealed for r in runner.session_runners)
         by_thread: dict[int, list[int]] = {}
         for _, shape, thread in _FakeGraph.captured:
             by_thread.setdefault(thread, []).append(shape[0])
         assert sorted(sorted(sizes) for sizes in by_thread.values()) == [[1, 8], [1, 8]]  # 2 threads
-        assert runner._runs_inline(signature, z8)
+        assert runner._runs_inline(None, signature, z8)
         assert (runner.run_sync(z8)["image"] == 2).all()
         assert len(_FakeGraph.captured) == 4  # serving captured nothing more
     finally:
