@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
+# What a client's request id may hold: it is written into log lines as `request_id=ID`, so spaces,
+# `=` or quotes would let a client forge other `key=value` fields there.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+-]+")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -47,12 +51,13 @@ async def abort(
 
 
 def request_id(context: Context) -> str:
+    """The client's `x-request-id` when it is a safe token of at most 128 characters, else a new id."""
     for key, value in context.invocation_metadata() or ():
         if (
             key == REQUEST_ID_KEY
             and isinstance(value, str)
-            and 0 < len(value) <= MAX_REQUEST_ID_CHARS
-            and value.isprintable()
+            and len(value) <= MAX_REQUEST_ID_CHARS
+            and REQUEST_ID_PATTERN.fullmatch(value)
         ):
             return value
     return uuid.uuid4().hex
