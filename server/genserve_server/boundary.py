@@ -43,10 +43,13 @@ def status_code(code: Code) -> grpc.StatusCode:
 
 
 async def abort(
-    context: Context, error: GenserveError, trailing: tuple[tuple[str, str], ...] = ()
+    context: Context,
+    error: GenserveError,
+    trailing: tuple[tuple[str, str], ...] = (),
+    redact: Callable[[str], str] = str,
 ) -> NoReturn:
     """Answer the call with the error's status and message (context.abort raises)."""
-    await context.abort(status_code(error.code), error.message, trailing_metadata=trailing)
+    await context.abort(status_code(error.code), redact(error.message), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
@@ -66,8 +69,10 @@ def request_id(context: Context) -> str:
 class Boundary:
     """Wraps every handler of both servicers: `unary`, `stream`, and `plain` for metadata RPCs."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, redact: Callable[[str], str] = str) -> None:
+        """`redact`: what a message becomes for the client (Repository.redact hides the server's paths)."""
         self.metrics = metrics
+        self.redact = redact
         self._unresolved = metrics.unresolved()
 
     def begin(self, method: str, context: Context) -> Call:
@@ -90,7 +95,7 @@ class Boundary:
             logger.info(
                 "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
             )
-            await abort(context, exc, trailing)
+            await abort(context, exc, trailing, self.redact)
         logger.error(
             "request_id=%s method=%s failed with an unexpected error",
             call.request_id,
@@ -161,14 +166,13 @@ class Boundary:
         finally:
             self.end(call)
 
-    @staticmethod
-    async def plain(context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
+    async def plain(self, context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
         """Metadata RPCs (KServe's readiness, metadata, config, statistics): the same error
         translation, no per-RPC metrics."""
         try:
             return await handler()
         except GenserveError as exc:
-            await abort(context, exc)
+            await abort(context, exc, redact=self.redact)
 
 
 def _cancelled_code(call: Call) -> str:
