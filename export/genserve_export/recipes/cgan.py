@@ -127,7 +127,7 @@ class CganDigitsRecipe:
     """Hinge loss, Adam 2e-4 betas (0.5, 0.999), batch 64, one D step per G step."""
 
     names: tuple[str, ...] = (NAME,)
-    default_steps = 5000
+    default_steps = 4000
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
