@@ -44,12 +44,13 @@ PAIR_THRESHOLDS = {
     "recon_class_kept": {"min": 0.9},
     "edit_class_kept": {"min": 0.8},
 }
-# Confidence alone is a weak gate: an untrained decoder emits one blurry blob that the classifier
-# calls "1" with confidence ~0.97. Class balance catches that; VAE samples are blurrier than GAN
-# ones and their class mix is less even, so the floor is lower than the DCGAN's 0.05.
+# Confidence alone is a weak gate (an untrained decoder's one blurry blob can be read confidently
+# as a single digit): class balance catches that. VAE samples of real MNIST are blurrier than GAN
+# ones (the CNN's mean top probability ~0.74 vs ~0.9), and their class mix less even, so both floors
+# are lower than the DCGAN's.
 DECODER_THRESHOLDS = {
     **PAIR_THRESHOLDS,
-    "mean_top_probability": {"min": 0.8},
+    "mean_top_probability": {"min": 0.6},
     "min_class_fraction": {"min": 0.03},
 }
 
