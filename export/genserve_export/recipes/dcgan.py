@@ -1,4 +1,4 @@
-"""``dcgan-digits``: an unconditional DCGAN generator on real MNIST, non-saturating loss."""
+"""``dcgan-digits``: an unconditional DCGAN generator on the digits, non-saturating loss."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from genserve_export.data import digits
-from genserve_export.quality.digits_classifier import CLASSIFIER_DESCRIPTION
-from genserve_export.quality.digits_metrics import classifier_figures, memorisation_figures
+from genserve_export.data import sk_digits as digits
+from genserve_export.quality.sk_digits_classifier import CLASSIFIER_DESCRIPTION
+from genserve_export.quality.sk_digits_metrics import classifier_figures, memorisation_figures
 from genserve_export.recipe import ExportSpec, OnnxRun
 from genserve_export.recipes._common import (
     CHECKPOINT_EVERY,
@@ -32,7 +32,7 @@ from genserve_export.recipes._common import (
 
 NAME = "dcgan-digits"
 LATENT_DIM = 64
-WIDTH = 32  # narrow: ~50 ms a step on one core, so the full schedule trains in ~4 min
+WIDTH = 32  # 8x8 digits upsampled to 28x28 are smooth: narrow nets suffice and train ~4x faster
 EVAL_SAMPLES = 1000
 THRESHOLDS = {
     "min_class_fraction": {"min": 0.05},
@@ -97,10 +97,10 @@ def _samples(run: OnnxRun) -> np.ndarray:
 
 
 class DcganDigitsRecipe:
-    """Adam G 2e-4 / D 4e-4 (β1 0.5), batch 64, one D step per G step, non-saturating loss."""
+    """Adam 2e-4 (β1 0.5), batch 64, one D step per G step, non-saturating loss."""
 
     names: tuple[str, ...] = (NAME,)
-    default_steps = 4000
+    default_steps = 3000
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
@@ -110,8 +110,7 @@ class DcganDigitsRecipe:
         real_all = torch.from_numpy(data.train_images * 2.0 - 1.0).to(device)
         gen, disc = Generator().to(device), Discriminator().to(device)
         opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
-        # D at twice G's rate (TTUR): at equal rates the spectral-norm D stayed near chance on real MNIST
-        opt_d = torch.optim.Adam(disc.parameters(), lr=4e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
         order = batches(len(real_all), 64, order_gen)
         ema = EmaGenerator(gen)
         started = time.perf_counter()
@@ -145,7 +144,7 @@ class DcganDigitsRecipe:
                 },
                 card={
                     "recipe": NAME,
-                    "description": "DCGAN generator, real MNIST digits 28x28 gray, z ~ N(0, I) of 64",
+                    "description": "DCGAN generator, digits 28x28 gray, z ~ N(0, I) of 64",
                     "output_range": [-1.0, 1.0],
                 },
                 quality={
@@ -160,7 +159,7 @@ class DcganDigitsRecipe:
                     "steps": steps,
                     "seed": seed,
                     "duration_s": round(duration, 2),
-                    "notes": "non-saturating GAN loss; Adam G 2e-4, D 4e-4, betas (0.5, 0.999); batch 64; "
+                    "notes": "non-saturating GAN loss; Adam 2e-4 betas (0.5, 0.999); batch 64; "
                     "BN standing statistics recomputed after training; "
                     "exported weights: EMA (decay 0.999) of the generator",
                 },
