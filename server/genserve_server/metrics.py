@@ -19,12 +19,13 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.metrics import MetricWrapperBase
 
 from genserve_server.batcher import Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
+from genserve_server.metrics_http import HealthProbe
+from genserve_server.metrics_http import serve as serve_http
 
 # 0.5 ms .. 30 s in 1-2.5-5 steps.
 LATENCY_BUCKETS_S = (
@@ -295,9 +296,9 @@ class Metrics:
         """Children for RPCs that never resolved a model (unknown name, ListModels)."""
         return ModelMetrics(self, "", "", model_level=False)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server on a daemon thread; returns the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, health: HealthProbe | None = None) -> int:
+        """Start the /metrics (and /healthz) HTTP server on a daemon thread; returns the bound port."""
+        server, thread = serve_http(host, port, self.registry, health)
         self._http_server, self._http_thread = server, thread
         return int(server.server_port)
 

@@ -173,7 +173,7 @@ def session_options(config: RuntimeConfig, *, cores: int, instances: int = 1) ->
     options.enable_mem_pattern = config.mem_pattern
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if config.allow_spinning else "0")
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # ORT's lines bypass logging (providers.py); errors raise
     return options
 
 

@@ -309,6 +309,12 @@ def write_model(
     return version_dir
 
 
+def healthy_models(root: Path, broken: tuple[str, ...] = ("tiny-broken",)) -> tuple[str, ...]:
+    """`--require-models` naming every model of `root` but the ones broken on purpose."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in broken)
+    return ("--require-models", ",".join(names))
+
+
 def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = True) -> Path:
     """One tiny model of every kind (+ a slow generator and a corrupt model for failure tests)."""
     root.mkdir(parents=True, exist_ok=True)
