@@ -6,6 +6,10 @@ READY version: the models named by `--require-models`, or by default every model
 repository. An empty repository, or one whose models all failed, is NOT_SERVING: a pod that can
 answer nothing must not receive traffic. From the first moment of shutdown every key is
 NOT_SERVING. `/healthz` on the metrics port answers from the same state (`HealthState.serving`).
+
+`liveness` is SERVING once start-up loading has finished, whatever the models did, until shutdown:
+what Kubernetes' startup and liveness probes check, so that a model that failed to load takes the
+pod out of the Service (readiness, "") without a restart loop (liveness).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ SERVER_KEY = ""
 # the service's name gets the whole server's answer.
 SERVICE_ALIAS = "genserve.v1.GenerationService"
 OVERALL_KEYS = (SERVER_KEY, SERVICE_ALIAS)
+LIVE_KEY = "liveness"
 
 
 def overall_status(models: Mapping[str, bool], required: Sequence[str] | None) -> tuple[bool, str]:

@@ -39,7 +39,7 @@ from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server import kserve, probe, security
 from genserve_server.config import ServerConfig, cpu_count, load_server_config
 from genserve_server.errors import GenserveError
-from genserve_server.health import OVERALL_KEYS, HealthState, overall_status
+from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.limits import GuardedRegistrar, StreamLimit, guard_malformed
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
@@ -165,7 +165,7 @@ class App:
         self.port = self._bind_grpc()
         if self.requested_metrics_port is not None:
             self.metrics_port = self._bind_metrics(self.requested_metrics_port)
-        for key in OVERALL_KEYS:
+        for key in (*OVERALL_KEYS, LIVE_KEY):
             await self.health.set(key, False)
         for model in self.repository:
             await self.health.set(model.name, False)
@@ -175,6 +175,7 @@ class App:
         self._loaded = True
         self._refresh_overall()
         await self.health.flush()
+        await self.health.set(LIVE_KEY, True)
         self.reloader.start()
 
     def _bind_grpc(self) -> int:

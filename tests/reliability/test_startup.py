@@ -23,6 +23,7 @@ from reliability_support import health_status, write_gen
 from server_support import ServerProcess, start_server
 
 from genserve.v1 import genserve_pb2
+from genserve_server.health import LIVE_KEY
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -76,6 +77,7 @@ def test_a_failed_model_keeps_the_server_not_serving_unless_not_required(tmp_pat
     with grpc.insecure_channel(server.target) as channel:
         assert health_status(channel, "gen") == SERVING
         assert health_status(channel, "gone") == NOT_SERVING
+        assert health_status(channel, LIVE_KEY) == SERVING  # loading is over: no restart (k8s liveness)
     status, body = healthz(server)
     assert status == 503 and "gone" in body and len(body) < 600, (status, body)
 
