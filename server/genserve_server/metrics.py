@@ -7,6 +7,7 @@ no label lookups. `Metrics(enabled=False)` keeps the same interface and records 
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +20,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -76,6 +78,18 @@ METHODS = (
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
 )
+# The methods whose requests can use a model version's series, by kind (service.py's `_resolve`
+# refuses a wrong kind before it touches them): only these get a pre-bound latency histogram, so
+# no series exist for impossible pairs (SuperResolve x a generator). GetModel and ListModels count
+# under model="".
+KIND_METHODS: dict[str, tuple[str, ...]] = {
+    "generator": ("Sample", "SampleStream", "Interpolate", "Decode", "ModelInfer"),
+    "conditional_generator": ("Sample", "SampleStream", "Interpolate", "ModelInfer"),
+    "vae_decoder": ("Sample", "SampleStream", "Interpolate", "Decode", "ModelInfer"),
+    "vae_encoder": ("Encode", "ModelInfer"),
+    "super_resolution": ("SuperResolve", "ModelInfer"),
+    "image_to_image": ("Translate", "ModelInfer"),
+}
 REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready")
 DROP_REASONS = ("deadline", "cancelled")
 FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")
@@ -123,7 +137,15 @@ _NULL = _Null()
 class ModelMetrics:
     """Label children of one model version, bound once at load."""
 
-    def __init__(self, metrics: Metrics, model: str, version: str, *, model_level: bool = True) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        model: str,
+        version: str,
+        *,
+        model_level: bool = True,
+        methods: tuple[str, ...] = METHODS,
+    ) -> None:
         self.model = model
         self.version = version
         m = metrics
@@ -149,11 +171,27 @@ class ModelMetrics:
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
         self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
         self.encode_duration = {f: (m.encode_duration.labels(*mv, f) if mon else _NULL) for f in FORMATS}
-        self.request_duration = {x: (m.request_duration.labels(*mv, x) if on else _NULL) for x in METHODS}
+        self.request_duration = {x: (m.request_duration.labels(*mv, x) if on else _NULL) for x in methods}
         self._requests = m.requests if on else None
         self._requests_children: dict[tuple[str, str], Any] = {}
         self.batch_size: Any = _NULL
         self._metrics = m
+        self._runtime_labels: tuple[str, ...] | None = None
+
+    def set_runtime(self, provider: str, precision: str, gpu_requested: bool) -> None:
+        """genserve_model_runtime_info: what the loaded version really runs on (1), and whether its
+        config asked for a GPU provider; a GPU pod that fell back to CPU shows here."""
+        if not self._metrics.enabled:
+            return
+        labels = (self.model, self.version, provider, precision, "true" if gpu_requested else "false")
+        self.clear_runtime()
+        self._metrics.model_runtime_info.labels(*labels).set(1)
+        self._runtime_labels = labels
+
+    def clear_runtime(self) -> None:
+        if self._runtime_labels is not None:
+            self._metrics.model_runtime_info.remove(*self._runtime_labels)
+            self._runtime_labels = None
 
     def bind_batch_size(self, max_batch_size: int) -> None:
         """The batch-size histogram's buckets depend on max_batch_size, so it is per model."""
@@ -169,7 +207,12 @@ class ModelMetrics:
                 self.model, self.version, method, code
             )
         child.inc()
-        self.request_duration[method].observe(duration_s)
+        duration = self.request_duration.get(method)
+        if duration is None:  # a method the kind does not serve: bound on first use
+            duration = self.request_duration[method] = self._metrics.request_duration.labels(
+                self.model, self.version, method
+            )
+        duration.observe(duration_s)
 
 
 class Metrics:
@@ -177,6 +220,9 @@ class Metrics:
 
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
+        # No `*_created` series (one more per counter and histogram child; nothing here reads them).
+        # Process-wide in prometheus_client, as PROMETHEUS_DISABLE_CREATED_SERIES=true would be.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         # process_* and python_* as on the default registry.
@@ -278,6 +324,23 @@ class Metrics:
         self.model_ready = Gauge(
             "genserve_model_ready", "1 when the model version is ready, else 0.", mv, registry=reg
         )
+        self.model_runtime_info = Gauge(
+            "genserve_model_runtime_info",
+            "1 per loaded model version: the execution provider and precision it really runs on, and "
+            "whether its config requested a GPU provider.",
+            (*mv, "provider", "precision", "gpu_requested"),
+            registry=reg,
+        )
+        self.build_info = Gauge(
+            "genserve_build_info",
+            "Always 1: the genserve-server and ONNX Runtime versions of this process.",
+            ("version", "onnxruntime"),
+            registry=reg,
+        )
+        if enabled:
+            self.build_info.labels(_package_version("genserve-server"), _package_version("onnxruntime")).set(
+                1
+            )
         self.in_flight_children = {x: (self.in_flight.labels(x) if enabled else _NULL) for x in METHODS}
         self._lock = threading.Lock()
         self._http_server: Any = None
@@ -287,8 +350,9 @@ class Metrics:
         del max_batch_size  # buckets are shared; see __init__
         return self.batch_size.labels(model, version) if self.enabled else _NULL
 
-    def for_model(self, model: str, version: str, max_batch_size: int) -> ModelMetrics:
-        mm = ModelMetrics(self, model, version)
+    def for_model(self, model: str, version: str, max_batch_size: int, kind: str = "") -> ModelMetrics:
+        """A version's children; with `kind`, latency histograms only for the methods it serves."""
+        mm = ModelMetrics(self, model, version, methods=KIND_METHODS.get(kind, METHODS))
         mm.bind_batch_size(max_batch_size)
         return mm
 
@@ -331,7 +395,19 @@ class Metrics:
             self.image_cache_bytes,
             self.model_load_duration,
             self.model_ready,
+            self.model_runtime_info,
+            self.build_info,
         )
+
+
+def _package_version(name: str) -> str:
+    # onnxruntime-gpu installs the `onnxruntime` module under another distribution name.
+    for dist in (name, f"{name}-gpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 class BatchMetrics:

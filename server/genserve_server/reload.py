@@ -269,6 +269,7 @@ class Reloader:
         if model.versions.get(mv.version) is mv:
             del model.versions[mv.version]
         mv.metrics.ready.set(0)
+        mv.metrics.clear_runtime()
         metrics = self.repo.metrics
         if metrics.enabled:
             for family in (metrics.model_ready, metrics.queue_depth, metrics.model_load_duration):

@@ -38,6 +38,7 @@ from genserve_server.config import (
 from genserve_server.errors import GenserveError, NotFound, Unavailable
 from genserve_server.metrics import BatchMetrics, Metrics, ModelMetrics
 from genserve_server.ort_session import ProfileShapes, choose_model_file
+from genserve_server.providers import GPU_PROVIDERS
 from genserve_server.runner import Runner, select_providers
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class ModelVersion:
     sha256: str = ""
     precision: str = "fp32"
     provider: str = ""
+    # True when the config asked for TensorRT or CUDA (whether or not the session got one).
+    gpu_requested: bool = False
     runner: Runner | None = None
     batcher: Batcher | None = None
     load_s: float = 0.0
@@ -230,7 +233,7 @@ class Repository:
         """A LOADING ModelVersion registered on `model` (reload.py passes the config of a newer scan)."""
         config = config or model.config
         assert config is not None
-        mm = self.metrics.for_model(model.name, version, config.batching.max_batch_size)
+        mm = self.metrics.for_model(model.name, version, config.batching.max_batch_size, config.kind)
         mm.ready.set(0)
         mv = ModelVersion(model.name, version, model.path / version, config, mm)
         model.versions[version] = mv
@@ -287,6 +290,7 @@ class Repository:
             mv.state = ModelState.READY
             mv.metrics.ready.set(1)
             mv.metrics.load_duration.set(mv.load_s)
+            mv.metrics.set_runtime(mv.provider, mv.precision, mv.gpu_requested)
             logger.info(
                 "%s ready in %.2f s (%s, %s, sha256 %s)",
                 mv.label,
@@ -338,7 +342,9 @@ class Repository:
         intra = pinned or max(1, cores // mv.config.instances)
         # Auto threads and several instances: a batch running alone may use every core (RuntimeConfig).
         solo_intra = cores if not pinned and mv.config.runtime.solo_session and intra < cores else 0
-        providers = select_providers(sc.execution_providers or mv.config.execution_providers)
+        requested = sc.execution_providers or mv.config.execution_providers
+        mv.gpu_requested = any(p in GPU_PROVIDERS for p in requested)
+        providers = select_providers(requested)
         sampler = card.kind in LATENT_KINDS
         runner = Runner(
             model_path,
@@ -412,6 +418,7 @@ class Repository:
             if mv.runner is not None:
                 mv.runner.close()
             mv.metrics.ready.set(0)
+            mv.metrics.clear_runtime()
 
 
 def warmup_batch_sizes(max_batch_size: int) -> list[int]:

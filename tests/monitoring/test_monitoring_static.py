@@ -30,6 +30,8 @@ REQUIRED_ALERTS = {
     "GenserveErrorRateHigh",
     "GenserveModelNotReady",
     "GenserveNoTraffic",
+    "GenserveTargetDown",
+    "GenserveGpuRequestedCpuRunning",
 }
 
 
@@ -131,9 +133,11 @@ def test_alert_rules_have_for_severity_and_annotations() -> None:
     for name, rule in rules.items():
         assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), f"{name}: needs for:"
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}, name
-        for key in ("summary", "description", "runbook"):
+        # runbook_url: the annotation name Alertmanager, Grafana and PagerDuty integrations link.
+        for key in ("summary", "description", "runbook_url"):
             assert rule["annotations"].get(key), f"{name}: annotation {key} missing"
-        anchor = rule["annotations"]["runbook"].split("#", 1)[1]
+        assert "runbook" not in rule["annotations"], f"{name}: use runbook_url"
+        anchor = rule["annotations"]["runbook_url"].split("#", 1)[1]
         assert anchor in runbook_anchors(), f"{name}: runbook anchor #{anchor} not in docs/metrics.md"
 
 
