@@ -220,6 +220,13 @@ class App:
 
     def request_stop(self) -> None:
         self._stop.set()
+        if not self._loaded:  # SIGTERM during start-up: do not finish loading first
+            logger.info("stop requested during start-up: cancelling model loading")
+            self.repository.cancel_loading()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     async def wait_for_stop(self) -> None:
         await self._stop.wait()
@@ -300,11 +307,12 @@ async def serve(args: argparse.Namespace) -> int:
     # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
     loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
     await app.start()
-    metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
-    sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
-    sys.stdout.flush()
-    if args.ready_file:
-        write_ready_file(args.ready_file, app.port, app.metrics_port)
+    if not app.stop_requested:
+        metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
+        sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
+        sys.stdout.flush()
+        if args.ready_file:
+            write_ready_file(args.ready_file, app.port, app.metrics_port)
     await app.wait_for_stop()
     await app.stop()
     return 0

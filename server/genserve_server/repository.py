@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +43,10 @@ from genserve_server.providers import GPU_PROVIDERS
 from genserve_server.runner import Runner, select_providers
 
 logger = logging.getLogger(__name__)
+
+# Versions loaded at once at start-up (at most the cores): a large model's warm-up no longer keeps
+# the small ones in LOADING, and loads still leave the event loop a core on 2-core machines.
+MAX_CONCURRENT_LOADS = 2
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 VERSION_PATTERN = re.compile(r"^[1-9][0-9]*$")
@@ -162,6 +167,10 @@ def sha256_file(path: Path) -> str:
 StateListener = Callable[[str, bool], None]
 
 
+class LoadCancelled(GenserveError):
+    """Start-up loading stopped by shutdown (not a broken model)."""
+
+
 class Repository:
     """All models under one directory; loads them and owns their runners and batchers."""
 
@@ -171,6 +180,8 @@ class Repository:
         self.metrics = metrics
         self.models: dict[str, Model] = {}
         self._listeners: list[StateListener] = []
+        # Set from the event loop, read by loading threads between their steps.
+        self._stopping = threading.Event()
 
     def add_listener(self, listener: StateListener) -> None:
         """Called with (model name, serving) whenever a model's readiness may have changed."""
@@ -242,17 +253,65 @@ class Repository:
     # ------------------------------------------------------------------ loading
 
     async def load_all(self) -> None:
-        """Load versions one at a time (each load is CPU-bound; 2 cores must also serve health)."""
+        """Load every version, `MAX_CONCURRENT_LOADS` at a time, smallest model files first.
+
+        Each version serves as soon as it is READY (requests resolve READY versions); a model's
+        health key turns SERVING once all its versions have been tried. One log line per finished
+        version says how far loading is. `cancel_loading()` (SIGTERM during start-up) ends it soon.
+        """
+        versions = [mv for model in self.models.values() for mv in model.versions.values()]
         for model in self.models.values():
-            for mv in model.versions.values():
-                await self.load_version(mv)
-            self.notify(model)
+            if not model.versions:
+                self.notify(model)  # a broken config.json or no version directory: NOT_SERVING now
+        if not versions:
+            return
+        concurrency = max(1, min(MAX_CONCURRENT_LOADS, cpu_count()))
+        logger.info("loading %d model versions, %d at a time", len(versions), concurrency)
+        started = time.monotonic()
+        slots = asyncio.Semaphore(concurrency)
+        remaining = {model.name: len(model.versions) for model in self.models.values() if model.versions}
+        done = 0
+
+        async def load(mv: ModelVersion) -> None:
+            nonlocal done
+            async with slots:
+                if self._stopping.is_set():
+                    mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
+                else:
+                    await self.load_version(mv)
+            done += 1
+            ready = sum(v.state == ModelState.READY for v in versions)
+            logger.info(
+                "loaded %d/%d model versions (%d ready, %d unavailable) in %.1f s",
+                done,
+                len(versions),
+                ready,
+                done - ready,
+                time.monotonic() - started,
+            )
+            remaining[mv.name] -= 1
+            model = self.models.get(mv.name)
+            if remaining[mv.name] == 0 and model is not None:
+                self.notify(model)
+
+        await asyncio.gather(*(load(mv) for mv in sorted(versions, key=_model_file_size)))
+
+    def cancel_loading(self) -> None:
+        """Stop start-up loading soon: loads in progress end at their next step, others are skipped."""
+        self._stopping.set()
+
+    def _check_stopping(self, mv: ModelVersion) -> None:
+        if self._stopping.is_set():
+            raise LoadCancelled(f"{mv.label}: loading cancelled: the server is shutting down")
 
     async def load_version(self, mv: ModelVersion) -> None:
         """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason."""
         started = time.monotonic()
         try:
             await asyncio.to_thread(self._load_version, mv)
+        except LoadCancelled as exc:
+            mv.state, mv.reason = ModelState.UNAVAILABLE, str(exc)
+            logger.info("%s", exc)
         except GenserveError as exc:
             self._fail(mv, str(exc))
         except Exception as exc:  # ORT raises its own types for corrupt graphs
@@ -313,6 +372,7 @@ class Repository:
 
     def _load_version(self, mv: ModelVersion) -> None:
         """Card, file, sha256, session, warm-up. Runs on a worker thread."""
+        self._check_stopping(mv)
         card = load_card(mv.path / "card.json")
         mv.card = card
         if card.kind != mv.config.kind:
@@ -361,6 +421,7 @@ class Repository:
             pixels_range=card.output_range if sampler else None,
         )
         try:
+            self._check_stopping(mv)
             self._check_graph(mv, card, runner)
             if sc.warmup:
                 costs: dict[int, float] = {}
@@ -370,8 +431,10 @@ class Repository:
                 # The largest first: the arena then holds every smaller batch. Each size's cost is
                 # its fastest of three runs, so that a busy moment does not shrink the cap.
                 for batch in sorted(sizes, key=lambda b: (b != largest, b)):
+                    self._check_stopping(mv)
                     inputs = warmup_inputs(card, batch)
                     runner.warm(inputs)
+                    self._check_stopping(mv)
                     cost_s = runner.measured_cost_s(inputs)
                     if cost_s is not None:
                         costs[batch] = cost_s
@@ -419,6 +482,14 @@ class Repository:
                 mv.runner.close()
             mv.metrics.ready.set(0)
             mv.metrics.clear_runtime()
+
+
+def _model_file_size(mv: ModelVersion) -> int:
+    """For load order: small models are READY in a second instead of waiting behind a large one."""
+    try:
+        return (mv.path / "model.onnx").stat().st_size
+    except OSError:
+        return 0
 
 
 def warmup_batch_sizes(max_batch_size: int) -> list[int]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,9 +22,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from reliability_support import health_status, write_gen
-from server_support import ServerProcess, start_server
+from server_support import TINY_LATENT, ServerProcess, slow_generator_graph, start_server, write_model
 
-from genserve.v1 import genserve_pb2
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server.health import LIVE_KEY
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -140,8 +142,6 @@ def _serve_args(models: Path, work: Path, *extra: str) -> list[str]:
 
 def _run_until_ready(args: list[str], work: Path, timeout_s: float = 60.0) -> tuple[int, str]:
     """Start, wait for the ready-file (or exit), SIGTERM; (exit status, stderr)."""
-    import time
-
     stderr_path = work / "stderr.log"
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
@@ -240,3 +240,65 @@ def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2() -> Non
     }
     assert "grpc" in imported
     assert not imported & {"onnxruntime", "numpy", "cv2", "PIL", "prometheus_client"}, sorted(imported)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_small_models_serve_while_a_large_one_loads_and_sigterm_cancels_loading(tmp_path: Path) -> None:
+    """Model a-slow sorts first and takes long to warm up: gen is SERVING meanwhile (loads run side
+    by side, smallest first); SIGTERM then ends the start at the next warm-up step, not after it."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_model(
+        models,
+        "a-slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 4000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        # Warm-up times every power of two up to 256, three runs each: far longer than the test.
+        config={
+            "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "efficient_batch_tolerance": 0.1}
+        },
+    )
+    port = _free_port()
+    args = _serve_args(models, tmp_path)
+    args[args.index("--port") + 1] = str(port)
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, (
+                    "gen never SERVING while a-slow loads:\n" + log_path.read_text()
+                )
+                try:
+                    if health_status(channel, "gen") == SERVING:
+                        break
+                except grpc.RpcError:
+                    pass  # not listening yet, or "gen" not registered yet
+                time.sleep(0.1)
+            slow = genserve_pb2_grpc.GenerationServiceStub(channel).GetModel(
+                genserve_pb2.GetModelRequest(name="a-slow"), timeout=10
+            )
+            assert slow.versions[0].state == genserve_pb2.MODEL_STATE_LOADING, log_path.read_text()
+            assert health_status(channel) == NOT_SERVING  # "" waits for every model
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert "model a-slow version 1 ready" not in log_text, log_text
+    assert "loading cancelled" in log_text, log_text
+    assert not (tmp_path / "ready.json").exists()
