@@ -90,6 +90,9 @@ KIND_METHODS: dict[str, tuple[str, ...]] = {
     "super_resolution": ("SuperResolve", "ModelInfer"),
     "image_to_image": ("Translate", "ModelInfer"),
 }
+# Kinds that decode input images (decode histogram) and that encode output images (encode ones).
+DECODING_KINDS = frozenset({"vae_encoder", "super_resolution", "image_to_image"})
+ENCODING_KINDS = frozenset(KIND_METHODS) - {"vae_encoder"}
 REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready")
 DROP_REASONS = ("deadline", "cancelled")
 FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")
@@ -145,6 +148,8 @@ class ModelMetrics:
         *,
         model_level: bool = True,
         methods: tuple[str, ...] = METHODS,
+        decodes: bool = True,
+        encodes: bool = True,
     ) -> None:
         self.model = model
         self.version = version
@@ -159,7 +164,7 @@ class ModelMetrics:
             m.queue_duration.labels(*mv, lane.name.lower()) if mon else _NULL for lane in Lane
         )
         self.compute_duration = m.compute_duration.labels(*mv) if mon else _NULL
-        self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
+        self.decode_duration = m.decode_duration.labels(*mv) if mon and decodes else _NULL
         self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
         self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
         self.images = m.images.labels(*mv) if mon else _NULL
@@ -170,7 +175,9 @@ class ModelMetrics:
         self.ready = m.model_ready.labels(*mv) if mon else _NULL
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
         self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
-        self.encode_duration = {f: (m.encode_duration.labels(*mv, f) if mon else _NULL) for f in FORMATS}
+        self.encode_duration = {
+            f: (m.encode_duration.labels(*mv, f) if mon and encodes else _NULL) for f in FORMATS
+        }
         self.request_duration = {x: (m.request_duration.labels(*mv, x) if on else _NULL) for x in methods}
         self._requests = m.requests if on else None
         self._requests_children: dict[tuple[str, str], Any] = {}
@@ -351,8 +358,16 @@ class Metrics:
         return self.batch_size.labels(model, version) if self.enabled else _NULL
 
     def for_model(self, model: str, version: str, max_batch_size: int, kind: str = "") -> ModelMetrics:
-        """A version's children; with `kind`, latency histograms only for the methods it serves."""
-        mm = ModelMetrics(self, model, version, methods=KIND_METHODS.get(kind, METHODS))
+        """A version's children; with `kind`, histograms only for what that kind can do."""
+        known = kind in KIND_METHODS
+        mm = ModelMetrics(
+            self,
+            model,
+            version,
+            methods=KIND_METHODS.get(kind, METHODS),
+            decodes=not known or kind in DECODING_KINDS,
+            encodes=not known or kind in ENCODING_KINDS,
+        )
         mm.bind_batch_size(max_batch_size)
         return mm
 
