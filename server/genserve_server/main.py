@@ -86,6 +86,8 @@ def setup_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python warnings (a library's DeprecationWarning) as log records: no unformatted stderr lines.
+    logging.captureWarnings(True)
 
 
 def _address(host: str, port: int) -> str:

@@ -197,6 +197,7 @@ class Reloader:
             return
         config = fresh.config
         if config is None:
+            self.repo.notify(current)  # health: this name NOT_SERVING, and "" re-evaluated
             return  # a new model whose config.json is broken: UNAVAILABLE with the reason
         current.config = config
         selected = config.version_policy.select(self.repo.available_versions(current))

@@ -302,3 +302,28 @@ def test_small_models_serve_while_a_large_one_loads_and_sigterm_cancels_loading(
     assert "model a-slow version 1 ready" not in log_text, log_text
     assert "loading cancelled" in log_text, log_text
     assert not (tmp_path / "ready.json").exists()
+
+
+def test_overall_health_follows_a_hot_reload(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    """A model added with a broken config.json (sorting last: no other model announces after it) turns
+    "" NOT_SERVING; removing it restores SERVING."""
+    import shutil
+
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    server = server_of(models)
+    assert overall(server) == (SERVING, SERVING)
+    (models / "zz-bad").mkdir()
+    (models / "zz-bad" / "config.json").write_text("{not json")
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while overall(server) != (NOT_SERVING, NOT_SERVING):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert "zz-bad" in healthz(server)[1]
+    shutil.rmtree(models / "zz-bad")
+    server.proc.send_signal(signal.SIGHUP)
+    while overall(server) != (SERVING, SERVING):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert healthz(server) == (200, "ok\n")
