@@ -90,8 +90,9 @@ KIND_METHODS: dict[str, tuple[str, ...]] = {
     "super_resolution": ("SuperResolve", "ModelInfer"),
     "image_to_image": ("Translate", "ModelInfer"),
 }
-# Kinds that decode input images (decode histogram) and that encode output images (encode ones).
-DECODING_KINDS = frozenset({"vae_encoder", "super_resolution", "image_to_image"})
+# Kinds that encode output images (the encode histograms; Encode answers latents). The decode
+# histogram stays bound for every kind: a repository of generators alone still exports the family
+# the dashboard and KServe's statistics read.
 ENCODING_KINDS = frozenset(KIND_METHODS) - {"vae_encoder"}
 REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready")
 DROP_REASONS = ("deadline", "cancelled")
@@ -148,7 +149,6 @@ class ModelMetrics:
         *,
         model_level: bool = True,
         methods: tuple[str, ...] = METHODS,
-        decodes: bool = True,
         encodes: bool = True,
     ) -> None:
         self.model = model
@@ -164,7 +164,7 @@ class ModelMetrics:
             m.queue_duration.labels(*mv, lane.name.lower()) if mon else _NULL for lane in Lane
         )
         self.compute_duration = m.compute_duration.labels(*mv) if mon else _NULL
-        self.decode_duration = m.decode_duration.labels(*mv) if mon and decodes else _NULL
+        self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
         self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
         self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
         self.images = m.images.labels(*mv) if mon else _NULL
@@ -365,7 +365,6 @@ class Metrics:
             model,
             version,
             methods=KIND_METHODS.get(kind, METHODS),
-            decodes=not known or kind in DECODING_KINDS,
             encodes=not known or kind in ENCODING_KINDS,
         )
         mm.bind_batch_size(max_batch_size)
