@@ -12,7 +12,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from bench.common import REPO_ROOT
+from genserve_server.launcher import ServerStartError, ServerSubprocess, genserve_command
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 VENV_BIN = Path(sys.executable).parent
@@ -54,33 +54,22 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class ServerProcess:
-    """A running server subprocess: `with ServerProcess.genserve(models) as s: s.port`."""
+    """A running server subprocess: `with ServerProcess.genserve(models) as s: s.port`.
+
+    Started, awaited and stopped by genserve_server.launcher, as the tests start theirs."""
 
     name: str
     command: list[str]
     startup_timeout_s: float = 180.0
-    process: subprocess.Popen[bytes] | None = None
+    running: ServerSubprocess | None = None
     port: int = 0
     pid: int = 0
     metrics_port: int = 0  # 0: the server has no /metrics (the naive one)
-    log_path: Path | None = None
+    env: dict[str, str] | None = None  # e.g. PYTHONPATH for another source tree (bench.ab)
 
     @classmethod
     def genserve(cls, models: Path, extra: Sequence[str] = ()) -> ServerProcess:
-        command = [
-            _tool("genserve-server"),
-            "serve",
-            "--models",
-            str(models),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            *extra,
-        ]
-        return cls("genserve", command)
+        return cls("genserve", genserve_command(models, *extra))
 
     @classmethod
     def naive(cls, models: Path, extra: Sequence[str] = ()) -> ServerProcess:
@@ -89,28 +78,18 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
-        ready = workdir / "ready.json"
-        self.log_path = workdir / "server.log"
-        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            [*self.command, "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
-        )
-        deadline = time.monotonic() + self.startup_timeout_s
-        while not ready.exists():
-            if self.process.poll() is not None:
-                raise BenchError(
-                    f"{self.name} server exited with {self.process.returncode}: {self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(
-                    f"{self.name} server not ready in {self.startup_timeout_s:.0f} s: {self.log_tail()}"
-                )
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
-        self.port = int(info["port"])
-        self.metrics_port = int(info.get("metrics_port") or 0)
-        self.pid = int(info.get("pid") or self.process.pid)
+        try:
+            run = ServerSubprocess.start(
+                self.command,
+                workdir,
+                timeout_s=self.startup_timeout_s,
+                poll_s=0.1,
+                cwd=REPO_ROOT,
+                env=self.env,
+            )
+        except ServerStartError as exc:
+            raise BenchError(f"{self.name} {exc.reason}: {exc.log[-2000:]}") from None
+        self.running, self.port, self.pid, self.metrics_port = run, run.port, run.pid, run.metrics_port
         return self
 
     def __exit__(
@@ -118,28 +97,20 @@ class ServerProcess:
     ) -> None:
         self.stop()
 
-    def log_tail(self, chars: int = 2000) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
-
-    def check_alive(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            raise BenchError(f"{self.name} server died: {self.log_tail()}")
-
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return "" if self.running is None else self.running.log()[-chars:]
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.running.stop()
+
+    def check_alive(self) -> None:
+        if self.running is None or not self.running.alive():
+            raise BenchError(f"{self.name} server died: {self.log_tail()}")
 
 
 def client_bench(

@@ -5,48 +5,87 @@ On-disk protocol (what makes SIGKILL at any instant safe):
   2. after a chunk's files are renamed (and the directory fsynced) its manifest lines are appended
      to `manifest.jsonl` in one write, flushed and fsynced, under one lock (one manifest for all
      shards);
-so a manifest line always names a complete file. `job.json` (parameters, pinned version) is
-written before the first chunk's files, once the server has sent that chunk: a job the server
-rejects leaves no job.json behind. On start the job drops a torn last manifest line, deletes temp
-files and files the manifest does not name (killed between 1 and 2), and streams only the
-missing index ranges, split over `concurrency` streams. Since image i is a pure
-function of (model version, base_seed + i, labels[i % len]), a resumed job writes the same bytes
-a clean run would have.
+so a manifest line always names a complete file. `job.json` (parameters, pinned version and the
+model file's sha256) is written before the first chunk's files, once the server has sent that
+chunk: a job the server rejects leaves no job.json behind. On start the job takes an exclusive lock
+(`job.lock`, flock) for its whole life, drops a torn last manifest line, deletes its own temp files
+and its own image files the manifest does not name (killed between 1 and 2), and streams only the
+missing index ranges, split over `concurrency` streams. Since image i is a pure function of (model
+file, base_seed + i, labels[i % len]), a resumed job writes the same bytes a clean run would have.
+
+A job never deletes or overwrites a file it did not write: a new job refuses a folder that is not
+empty and holds no job.json (its own leftovers, such as an empty images/ of a job the server
+rejected, excepted), and recovery only touches names of the job's own pattern in images/.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import random
+import re
+import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
+import grpc
+
+from genserve.v1 import genserve_pb2
 from genserve_client.client import GenserveClient, SampleStream
 from genserve_client.convert import FILE_SUFFIX, image_format
 from genserve_client.errors import GenserveClientError
+from genserve_client.pngmeta import png_text, with_png_text
 from genserve_client.progress import ProgressBar
 from genserve_client.requests import StreamOptions
 from genserve_client.results import SampleResult
+from genserve_client.retry import is_permanent
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.jsonl"
 IMAGES_DIR = "images"
+LOCK_FILE = "job.lock"
 TMP_PREFIX = ".tmp-"
 IO_THREADS = 8
+FORMAT_VERSION = 2
+# How long a job keeps retrying transient errors (a server restart, a GPU pod start) without any
+# progress before it stops; each shard counts from its last chunk.
+DEFAULT_RETRY_WINDOW_S = 300.0
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 15.0
 
 
 class BulkError(Exception):
     """A job that cannot start or go on (changed parameters, a corrupt manifest)."""
 
 
+class BulkBusy(BulkError):
+    """Another process holds the job folder's lock."""
+
+
+class BulkRetryExhausted(BulkError):
+    """Transient errors lasted longer than the retry window; the job is resumable as it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A model version as the server serves it."""
+
+    version: str
+    sha256: str
+
+
 @dataclass(frozen=True, slots=True)
 class BulkParams:
-    """Everything that decides the job's output. A resume must repeat these exactly."""
+    """Everything that decides the job's output. A resume must repeat these exactly, except `n`,
+    which may grow (the job is extended)."""
 
     model: str
     n: int
@@ -64,6 +103,160 @@ class BulkParams:
         d = asdict(self)
         d["labels"] = list(self.labels)
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BulkParams:
+        return cls(
+            model=d["model"],
+            n=d["n"],
+            base_seed=d.get("base_seed", 0),
+            labels=tuple(d.get("labels", ())),
+            format=d.get("format", "png"),
+            psi=d.get("psi"),
+            version=d.get("version", ""),
+        )
+
+
+def read_job(out_dir: Path) -> dict[str, Any] | None:
+    """The job.json of `out_dir`, or None when there is none."""
+    path = out_dir / JOB_FILE
+    try:
+        job: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BulkError(f"{path}: not a bulk job file ({exc})") from None
+    if not isinstance(job, dict) or not isinstance(job.get("params"), dict):
+        raise BulkError(f"{path}: not a bulk job file (no params)")
+    return job
+
+
+def load_params(out_dir: Path) -> tuple[BulkParams, Shard | None]:
+    """The parameters and shard of the job in `out_dir` (for `bulk --resume DIR`)."""
+    job = read_job(out_dir)
+    if job is None:
+        raise BulkError(f"{out_dir} holds no bulk job (no {JOB_FILE}); start one with --model, --n and --out")
+    try:
+        shard = Shard(*job["shard"]) if job.get("shard") else None
+        return BulkParams.from_json(job["params"]), shard
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BulkError(f"{out_dir / JOB_FILE}: unreadable params ({exc!r})") from None
+
+
+SHARD_ENV = "JOB_COMPLETION_INDEX"  # set by a Kubernetes Indexed Job in each pod
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard `index` of `count`: a contiguous range of the job's indices (so of its seeds), run
+    as its own job in its own folder, resumable on its own."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"--shard: I must be in [0, N), got {self.index}/{self.count}")
+
+    def range(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of a job of n images; the shards' ranges tile [0, n) in order."""
+        return self.index * n // self.count, (self.index + 1) * n // self.count
+
+    def folder(self, out_dir: Path) -> Path:
+        return out_dir / f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    @classmethod
+    def parse(cls, text: str, env: Mapping[str, str] | None = None) -> Shard:
+        """`I/N`, or `N` with I from $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job)."""
+        index_text, _, count_text = text.rpartition("/")
+        if not index_text:
+            index_text = (os.environ if env is None else env).get(SHARD_ENV, "")
+            if not index_text:
+                raise ValueError(f"--shard {text}: give I/N, or N with I in ${SHARD_ENV}")
+        try:
+            return cls(int(index_text), int(count_text))
+        except ValueError as exc:
+            if "--shard" in str(exc):
+                raise
+            raise ValueError(f"--shard: expected I/N or N (integers), got {text!r}") from None
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """What a folder without job.json holds that no bulk job of ours would have left there.
+
+    A job writes job.json before its first image, so without job.json its only possible leftovers
+    are an empty images/, an empty manifest, the lock file and job.json's temp file.
+    """
+    if not out_dir.exists():
+        return []
+    if not out_dir.is_dir():
+        return [out_dir.name]
+    foreign = []
+    for path in sorted(out_dir.iterdir()):
+        name = path.name
+        if name == IMAGES_DIR and path.is_dir() and not path.is_symlink():
+            foreign += [
+                f"{IMAGES_DIR}/{p.name}" + ("/" if p.is_dir() else "") for p in sorted(path.iterdir())
+            ]
+        elif name == MANIFEST_FILE and path.is_file() and path.stat().st_size == 0:
+            continue
+        elif name in (LOCK_FILE, TMP_PREFIX + JOB_FILE) and path.is_file():
+            continue
+        else:
+            foreign.append(name + ("/" if path.is_dir() else ""))
+    return foreign
+
+
+def describe_shard(shard: Shard | None) -> str:
+    return f"shard {shard.index}/{shard.count}" if shard else "a whole job (no --shard)"
+
+
+def describe_entries(entries: Sequence[str], shown: int = 5) -> str:
+    more = f" and {len(entries) - shown} more" if len(entries) > shown else ""
+    return ", ".join(entries[:shown]) + more
+
+
+class JobLock:
+    """An exclusive flock on `job.lock` in the job folder, held for the job's life. The file names
+    the holder (pid, host, start time) so a second run can say who it is; the kernel releases the
+    lock when the holder dies, whatever the file says."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            raise BulkBusy(
+                f"{self.path.parent} is in use by another bulk run ({describe_holder(holder)}); "
+                "wait for it to end or stop it, then run again"
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "holder not yet recorded"
 
 
 def fsync_dir(path: Path) -> None:
@@ -106,10 +299,9 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:
     return entries, intact
 
 
-def missing_ranges(done: Iterable[int], n: int) -> list[tuple[int, int]]:
-    """Half-open index ranges of [0, n) not in `done`."""
+def missing_ranges(done: Iterable[int], n: int, start: int = 0) -> list[tuple[int, int]]:
+    """Half-open index ranges of [start, n) not in `done` (which holds no index below start)."""
     ranges: list[tuple[int, int]] = []
-    start = 0
     for index in sorted(done):
         if index > start:
             ranges.append((start, index))
@@ -139,6 +331,11 @@ def split_ranges(ranges: Sequence[tuple[int, int]], parts: int) -> list[list[tup
     return shards
 
 
+def name_width(n: int) -> int:
+    """Digits of image file names: at least 6, enough for index n - 1."""
+    return max(6, len(str(max(0, n - 1))))
+
+
 class Manifest:
     """Append-only manifest shared by all shards; one lock orders the appends."""
 
@@ -158,6 +355,83 @@ class Manifest:
         self._file.close()
 
 
+def served_model(client: GenserveClient, model: str, version: str) -> ServedModel:
+    """The version the server serves for `version` ("" = the highest READY one) and its sha256.
+
+    A version still LOADING (a server that is starting) is a transient UNAVAILABLE, so the job's
+    retry window waits for it; a version the server does not have is final.
+    """
+    info = client.get_model(model)
+    served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+    if version:
+        candidates = [v for v in info.versions if v.version == version]
+    else:
+        ready = [v for v in info.versions if v.state == genserve_pb2.MODEL_STATE_READY]
+        candidates = ready or list(info.versions)
+    if not candidates:
+        wanted = f"version {version!r}" if version else "version"
+        raise BulkError(f"model {model!r} has no {wanted} on the server (served: {served})")
+    v = max(candidates, key=lambda v: (len(v.version), v.version))  # numeric names: longer is larger
+    if v.state == genserve_pb2.MODEL_STATE_LOADING:
+        raise GenserveClientError(
+            grpc.StatusCode.UNAVAILABLE, f"model {model!r} version {v.version} is LOADING"
+        )
+    if v.state != genserve_pb2.MODEL_STATE_READY:
+        raise BulkError(f"model {model!r} version {v.version} is not READY (served: {served})")
+    return ServedModel(v.version, v.model_sha256)
+
+
+def state_label(state: genserve_pb2.ModelState.ValueType) -> str:
+    name: str = genserve_pb2.ModelState.Name(state)
+    return name.removeprefix("MODEL_STATE_")
+
+
+T = TypeVar("T")
+
+
+class RetryWindow:
+    """Keeps retrying transient errors (UNAVAILABLE, RESOURCE_EXHAUSTED) with capped exponential
+    backoff and jitter until `window_s` have passed without progress; then raises
+    BulkRetryExhausted. The client's own per-call retries run inside each attempt."""
+
+    def __init__(
+        self,
+        window_s: float,
+        retryable: frozenset[grpc.StatusCode],
+        stop: threading.Event,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.window_s = window_s
+        self.retryable = retryable
+        self.stop = stop
+        self._rng = rng or random.Random()
+
+    def pause(self, exc: GenserveClientError, since: float, failures: int) -> None:
+        """After failure number `failures` since the last progress at `since` (monotonic): wait
+        before the next try (returns early when the job is stopped), or raise when final."""
+        if exc.code not in self.retryable or is_permanent(exc.code, exc.details):
+            raise exc
+        left = self.window_s - (time.monotonic() - since)
+        if left <= 0:
+            raise BulkRetryExhausted(
+                f"gave up after retrying for {self.window_s:g} s without progress (--retry-window); "
+                f"last error: {exc}"
+            ) from exc
+        cap = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(failures - 1, 30))
+        self.stop.wait(min(left, self._rng.uniform(cap / 2, cap)))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        since, failures = time.monotonic(), 0
+        while True:
+            try:
+                return fn()
+            except GenserveClientError as exc:
+                failures += 1
+                self.pause(exc, since, failures)
+                if self.stop.is_set():
+                    raise
+
+
 @dataclass(frozen=True, slots=True)
 class _Sink:
     """Where the shards put what they receive (shared by all of them)."""
@@ -168,7 +442,7 @@ class _Sink:
 
 
 class BulkJob:
-    """One bulk job in `out_dir`; `run()` returns the process exit code."""
+    """One bulk job in `out_dir`; `run()` generates every missing image or raises."""
 
     def __init__(
         self,
@@ -180,9 +454,13 @@ class BulkJob:
         chunk_size: int = 0,
         verify: bool = False,
         progress_stream: TextIO | None = None,
+        retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
+        shard: Shard | None = None,
     ) -> None:
         self.client = client
         self.params = params
+        self.shard = shard
+        self.lo, self.hi = shard.range(params.n) if shard else (0, params.n)
         self.out_dir = out_dir
         self.images_dir = out_dir / IMAGES_DIR
         self.concurrency = max(1, concurrency)
@@ -190,58 +468,123 @@ class BulkJob:
         self.verify = verify
         self.progress_stream = progress_stream
         self.pinned_version = params.version
-        self.suffix = FILE_SUFFIX.get(image_format(params.format))
-        if self.suffix is None:
+        self.model_sha256 = ""
+        suffix = FILE_SUFFIX.get(image_format(params.format))
+        if suffix is None:
             raise BulkError(
                 f"bulk writes image files: --format must be png, jpeg or webp, got {params.format!r}"
             )
-        self.name_width = max(6, len(str(max(0, params.n - 1))))
+        self.suffix = suffix
+        # The job's own file names (see recover): images/NNNNNN.png and their temp names.
+        self._own_name = re.compile(rf"({re.escape(TMP_PREFIX)})?\d+{re.escape(suffix)}")
+        self.name_width = name_width(params.n)
         self.failure: GenserveClientError | BulkError | OSError | None = None
         self._stop = threading.Event()
+        self.window = RetryWindow(retry_window_s, client.retry.retryable_codes, self._stop)
         self._streams: list[SampleStream] = []
-        self._lock = threading.Lock()  # guards _streams, failure, _new_job and the progress bar
-        self._new_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
+        self._lock = threading.Lock()  # guards _streams, failure, _pending_job and the progress bar
+        self._pending_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
 
     # --- start / resume ------------------------------------------------------------------------
 
     def file_name(self, index: int) -> str:
         return f"{index:0{self.name_width}d}{self.suffix}"
 
-    def _load_or_create_job(self, resolve_version: Callable[[str], str]) -> None:
-        job_path = self.out_dir / JOB_FILE
-        if job_path.exists():
-            job = json.loads(job_path.read_text())
-            if job.get("params") != self.params.to_json():
-                theirs, ours = job.get("params", {}), self.params.to_json()
-                diff = ", ".join(
-                    f"{k}: {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
-                )
-                raise BulkError(f"{job_path} was started with other parameters ({diff}); use a new --out")
-            self.pinned_version = job["pinned_version"]
+    def check_folder(self) -> None:
+        """Refuse a folder that holds files this job did not write (it would delete them)."""
+        if (self.out_dir / JOB_FILE).exists():
             return
-        # Pin the served version so a job resumed after a model update does not mix versions.
-        self.pinned_version = self.params.version or resolve_version(self.params.model)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        # job.json is written once the server has accepted the job (its first chunk), so a job it
-        # rejects leaves nothing that would refuse the corrected command.
-        self._new_job = {
-            "format_version": 1,
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise BulkError(f"--out {self.out_dir} is a file, not a folder")
+        foreign = foreign_entries(self.out_dir)
+        if foreign:
+            raise BulkError(
+                f"{self.out_dir} is not empty and holds no bulk job ({JOB_FILE}): it contains "
+                f"{describe_entries(foreign)}; a bulk job never deletes or overwrites files it did "
+                "not write: use a new or empty --out"
+            )
+
+    def _job_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
             "params": self.params.to_json(),
             "pinned_version": self.pinned_version,
+            "model_sha256": self.model_sha256,
+            "name_width": self.name_width,
+            "shard": [self.shard.index, self.shard.count] if self.shard else None,
         }
 
+    def _load_or_create_job(self, resolve: Callable[[str, str], ServedModel]) -> None:
+        job_path = self.out_dir / JOB_FILE
+        job = read_job(self.out_dir)
+        if job is None:
+            # Pin the served version and its file's sha256, so a resume after a model update or
+            # a model replaced in place does not mix two models in one job.
+            served = self.window.call(lambda: resolve(self.params.model, self.params.version))
+            self.pinned_version, self.model_sha256 = served.version, served.sha256
+            # job.json is written once the server has accepted the job (its first chunk), so a job
+            # it rejects leaves nothing that would refuse the corrected command.
+            self._pending_job = self._job_json()
+            return
+        theirs = BulkParams.from_json(job["params"])
+        if replace(theirs, n=self.params.n) != self.params:
+            old, ours = theirs.to_json(), self.params.to_json()
+            diff = ", ".join(
+                f"{k}: {old[k]!r} -> {ours[k]!r}" for k in ours if k != "n" and old[k] != ours[k]
+            )
+            raise BulkError(f"{job_path} was started with other parameters ({diff}); use a new --out")
+        their_shard = Shard(*job["shard"]) if job.get("shard") else None
+        if their_shard != self.shard:
+            raise BulkError(f"{job_path} is {describe_shard(their_shard)}, not {describe_shard(self.shard)}")
+        if self.shard and self.params.n != theirs.n:
+            raise BulkError(
+                f"{job_path} is {describe_shard(self.shard)} of a job of {theirs.n} images: a sharded job "
+                f"cannot grow (its seed ranges would move), got --n {self.params.n}"
+            )
+        if self.params.n < theirs.n:
+            raise BulkError(
+                f"{job_path} is a job of {theirs.n} images: --n can only grow it, got {self.params.n}"
+            )
+        self.pinned_version = job["pinned_version"]
+        self.model_sha256 = job.get("model_sha256", "")
+        self.name_width = job.get("name_width", name_width(theirs.n))
+        served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
+        self._check_model(served.version, served.sha256, "the server now serves")
+        if self.params.n != theirs.n or job.get("format_version") != FORMAT_VERSION or not self.model_sha256:
+            # A grown job (or an older job.json) is rewritten before any image of the new range.
+            self.model_sha256 = self.model_sha256 or served.sha256
+            self._pending_job = self._job_json()
+            self._commit_job()
+
+    def _check_model(self, version: str, sha256: str, source: str) -> None:
+        """Refuse images of another version or model file than the job's (empty = not reported)."""
+        model = self.params.model
+        if version and version != self.pinned_version:
+            raise BulkError(
+                f"{self.out_dir} is a job of {model!r} version {self.pinned_version}, but {source} "
+                f"version {version}: resuming would mix two models in one job; use a new --out"
+            )
+        if sha256 and self.model_sha256 and sha256 != self.model_sha256:
+            raise BulkError(
+                f"{self.out_dir} is a job of {model!r} version {self.pinned_version} with model sha256 "
+                f"{self.model_sha256}, but {source} sha256 {sha256} for it (the model was replaced): "
+                "resuming would mix two models in one job; serve the original model again or use a new --out"
+            )
+
     def _commit_job(self) -> None:
-        """Write a new job's job.json (durably, before any manifest line can name an image)."""
+        """Write a pending job.json (durably, before any manifest line can name an image)."""
         with self._lock:
-            if self._new_job is None:
+            if self._pending_job is None:
                 return
-            write_file_durably(self.out_dir / JOB_FILE, json.dumps(self._new_job, indent=2).encode())
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_file_durably(self.out_dir / JOB_FILE, json.dumps(self._pending_job, indent=2).encode())
             fsync_dir(self.out_dir)
-            self._new_job = None
+            self._pending_job = None
 
     def recover(self) -> dict[int, dict[str, Any]]:
         """Bring the directory to a state where every manifest line names a complete file and every
-        file is named by the manifest; return the entries by index."""
+        file of the job's own naming is named by the manifest; return the entries by index.
+        Anything else in images/ (a user's file, a sub-folder) is left alone."""
         self.images_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.out_dir / MANIFEST_FILE
         entries, intact = read_manifest(manifest_path)
@@ -250,7 +593,7 @@ class BulkJob:
         done: dict[int, dict[str, Any]] = {}
         for entry in entries:
             index = entry["index"]
-            if not 0 <= index < self.params.n or index in done:
+            if not self.lo <= index < self.hi or index in done:
                 raise BulkError(f"{manifest_path}: index {index} is out of range or listed twice")
             done[index] = entry
         lost = [i for i, e in done.items() if not self._entry_intact(e)]
@@ -261,7 +604,9 @@ class BulkJob:
             write_file_durably(manifest_path, data)
         named = {e["file"] for e in done.values()}
         for path in self.images_dir.iterdir():
-            if f"{IMAGES_DIR}/{path.name}" not in named:
+            if f"{IMAGES_DIR}/{path.name}" in named or not self._own_name.fullmatch(path.name):
+                continue
+            if path.is_file() and not path.is_symlink():
                 path.unlink()  # temp files and files written after the last manifest append
         fsync_dir(self.images_dir)
         return done
@@ -274,13 +619,30 @@ class BulkJob:
 
     # --- run ---------------------------------------------------------------------------------
 
-    def run(self, resolve_version: Callable[[str], str]) -> None:
+    def run(self, resolve: Callable[[str, str], ServedModel] | None = None) -> None:
         """Generate every missing image; raises the first final error of any shard (after stopping
-        the others), so what is on disk stays consistent and a rerun resumes."""
-        self._load_or_create_job(resolve_version)
+        the others), so what is on disk stays consistent and a rerun resumes.
+
+        `resolve(model, version)` says what the server serves (default: served_model via GetModel).
+        """
+        resolver = resolve or (lambda model, version: served_model(self.client, model, version))
+        self.check_folder()  # before creating anything in a folder that is not ours
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = JobLock(self.out_dir)
+        lock.acquire()
+        try:
+            self.check_folder()  # again under the lock: another run may have changed the folder
+            self._load_or_create_job(resolver)
+            self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> None:
         done = self.recover()
-        shards = split_ranges(missing_ranges(done, self.params.n), self.concurrency)
-        progress = ProgressBar(self.params.n, initial=len(done), stream=self.progress_stream)
+        shards = split_ranges(missing_ranges(done, self.hi, self.lo), self.concurrency)
+        if not shards:
+            self._commit_job()  # a shard with no image (n < N) is still a finished shard
+        progress = ProgressBar(self.hi - self.lo, initial=len(done), stream=self.progress_stream)
         # fsync costs ~3-5 ms on a VM disk when issued one by one, ~0.3 ms each when issued from
         # several threads at once (the filesystem commits them together): a chunk's files are
         # written and fsynced in parallel.
@@ -318,8 +680,8 @@ class BulkJob:
             for start, stop in ranges:
                 self._run_range(start, stop, sink)
         except (GenserveClientError, BulkError, OSError) as exc:
-            # Transient RPC errors were retried inside the stream; this one is final. Keep the
-            # first and stop the other shards; run() re-raises it in the main thread.
+            # Transient RPC errors were retried (inside the stream, then for the retry window);
+            # this one is final. Keep the first and stop the other shards; run() re-raises it.
             with self._lock:
                 self.failure = self.failure or exc
             self._stop_all()
@@ -344,29 +706,63 @@ class BulkJob:
         return stream
 
     def _run_range(self, start: int, stop: int, sink: _Sink) -> None:
-        stream = self._open_stream(start, stop)
-        if stream is None:
-            return
+        """Stream [start, stop); after a transient failure the client's retries did not cure,
+        reopen it where it stopped until the retry window passes without progress."""
         expected = start
-        for chunk in stream:
-            if self._stop.is_set():
+        since, failures = time.monotonic(), 0
+        while expected < stop:
+            stream = self._open_stream(expected, stop)
+            if stream is None:
                 return
-            if chunk.indices != list(range(expected, expected + len(chunk.items))):
-                raise BulkError(f"the stream sent indices {chunk.indices[:3]}..., expected {expected}")
-            self._commit_job()
-            self._write_chunk(chunk, sink)
-            expected += len(chunk.items)
-            with self._lock:
-                sink.progress.update(len(chunk.items))
-        if expected != stop and not self._stop.is_set():
-            raise BulkError(f"the stream for [{start}, {stop}) ended early, at index {expected}")
+            try:
+                for chunk in stream:
+                    if self._stop.is_set():
+                        return
+                    if chunk.indices != list(range(expected, expected + len(chunk.items))):
+                        raise BulkError(
+                            f"the stream sent indices {chunk.indices[:3]}..., expected {expected}"
+                        )
+                    self._accept_provenance(chunk)
+                    self._commit_job()
+                    self._write_chunk(chunk, sink)
+                    expected += len(chunk.items)
+                    since, failures = time.monotonic(), 0
+                    with self._lock:
+                        sink.progress.update(len(chunk.items))
+            except GenserveClientError as exc:
+                if self._stop.is_set():
+                    return
+                failures += 1
+                self.window.pause(exc, since, failures)
+                continue
+            if expected != stop and not self._stop.is_set():
+                raise BulkError(f"the stream for [{start}, {stop}) ended early, at index {expected}")
+            return
+
+    def _accept_provenance(self, chunk: SampleResult) -> None:
+        """Every chunk must come from the job's model file; a new job learns the sha256 from its
+        first chunk when GetModel did not report one."""
+        prov = chunk.provenance
+        with self._lock:
+            if prov.model_sha256 and not self.model_sha256:
+                self.model_sha256 = prov.model_sha256
+                self._pending_job = self._job_json()
+        self._check_model(prov.version, prov.model_sha256, "the server sent images of")
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:
         names = [self.file_name(item.index) for item in chunk.items]
+        # A PNG carries its own provenance (seed, label, model, version, sha256) in text chunks,
+        # spliced in without re-encoding, so a file copied out of the job still says what it is.
+        data = [
+            with_png_text(
+                item.raw, png_text(chunk.provenance, index=item.index, seed=item.seed, label=item.label)
+            )
+            for item in chunk.items
+        ]
         # list() re-raises the first write error here, before any manifest line is written.
-        list(sink.io_pool.map(write_file_durably, [self.images_dir / n for n in names], chunk.raw))
+        list(sink.io_pool.map(write_file_durably, [self.images_dir / n for n in names], data))
         entries = []
-        for item, name in zip(chunk.items, names, strict=True):
+        for item, name, written in zip(chunk.items, names, data, strict=True):
             entries.append(
                 {
                     "file": f"{IMAGES_DIR}/{name}",
@@ -375,7 +771,7 @@ class BulkJob:
                     "label": item.label,
                     "model": chunk.provenance.model or self.params.model,
                     "version": chunk.provenance.version or self.pinned_version,
-                    "sha256": hashlib.sha256(item.raw).hexdigest(),
+                    "sha256": hashlib.sha256(written).hexdigest(),
                 }
             )
         fsync_dir(self.images_dir)  # the renames are durable before the manifest names them

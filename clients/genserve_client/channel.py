@@ -59,6 +59,9 @@ class ChannelConfig:
     # 60 s stays above gRPC servers' default minimum ping interval so they do not GOAWAY us.
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    # gRPC's default reconnect backoff grows to 120 s: a server back after a 2-minute restart would
+    # stay unreachable for up to 2 more minutes. 10 s bounds that delay (bulk jobs wait for restarts).
+    max_reconnect_backoff_s: float = 10.0
 
     def options(self) -> list[tuple[str, str | int]]:
         opts: list[tuple[str, str | int]] = [
@@ -66,6 +69,7 @@ class ChannelConfig:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
         ]
         if self.tls is not None and self.tls.server_name_override:
             opts.append(("grpc.ssl_target_name_override", self.tls.server_name_override))

@@ -2,18 +2,26 @@
 
 Exit codes: 0 success; 1 a failed call or I/O error, or a bench run in which no request
 succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's message is printed), bad arguments
-or a bulk job started with other parameters.
+or a bulk job started with other parameters; 3 the bulk job folder is in use by another run;
+130 interrupted. docs/client.md has the details.
+
+Connection flags (--target, --tls, ...) go before or after the command; GENSERVE_TARGET sets the
+default target.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import math
+import os
 import random
+import shlex
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,19 +33,41 @@ from PIL import Image
 
 from genserve.v1 import genserve_pb2
 from genserve_client.bench import LoadGenerator, PayloadFactory, format_table
-from genserve_client.bulk import BulkError, BulkJob, BulkParams
+from genserve_client.binding import DEFAULT_TIMEOUT_S
+from genserve_client.bulk import (
+    DEFAULT_RETRY_WINDOW_S,
+    JOB_FILE,
+    SHARD_ENV,
+    BulkBusy,
+    BulkError,
+    BulkJob,
+    BulkParams,
+    BulkRetryExhausted,
+    RetryWindow,
+    Shard,
+    load_params,
+    state_label,
+)
+from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions
 from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
-from genserve_client.results import SampleResult
+from genserve_client.pngmeta import png_text, pnginfo, with_png_text
+from genserve_client.results import Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
+# A grid picture holds at most this many images (32 x 32 cells, ~2,200 px square for 64-px cells):
+# `sample --n 100000 --grid` would otherwise write a 27,900 x 27,812 picture. `bulk` is for more.
+MAX_GRID_IMAGES = 1024
 CONDITIONAL = "conditional_generator"
-# Bulk jobs run for hours: ride out a server restart (UNAVAILABLE for tens of seconds).
-BULK_RETRY = RetryPolicy(max_attempts=12, initial_backoff_s=0.2, max_backoff_s=10.0)
+TARGET_ENV = "GENSERVE_TARGET"
+DEFAULT_TARGET = "127.0.0.1:50051"
+# A stream rides out a blip itself (a few seconds); the job's --retry-window (BulkJob) reopens it
+# for longer outages, such as a server restart, and decides when to give up.
+BULK_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.2, max_backoff_s=2.0)
 
 
 def _out(text: str) -> None:
@@ -77,19 +107,6 @@ def parse_floats(text: str) -> list[float]:
 # --- model helpers ----------------------------------------------------------------------------
 
 
-def state_name(state: genserve_pb2.ModelState.ValueType) -> str:
-    name: str = genserve_pb2.ModelState.Name(state)
-    return name.removeprefix("MODEL_STATE_")
-
-
-def highest_ready_version(info: genserve_pb2.ModelInfo) -> str:
-    ready = [v.version for v in info.versions if v.state == genserve_pb2.MODEL_STATE_READY]
-    if not ready:
-        raise UsageError(f"model {info.name!r} has no READY version")
-    best: str = max(ready, key=lambda v: (len(v), v))
-    return best  # numeric directory names: longer is larger
-
-
 def card(info: genserve_pb2.ModelInfo) -> dict[str, Any]:
     for v in info.versions:
         if v.card_json:
@@ -119,23 +136,29 @@ def save_image_bytes(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def save_picture(picture: Image.Image, path: Path) -> None:
+def save_picture(picture: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
+    """Save a picture; a PNG carries `text` (seeds, model, version, sha256) as tEXt chunks."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    if text and path.suffix.lower() == ".png":
+        picture.save(path, pnginfo=pnginfo(text))
+    else:
+        picture.save(path)
     _out(f"wrote {path} ({picture.width}x{picture.height})")
 
 
 def write_items(result: SampleResult, out_dir: Path, stem: str) -> None:
-    """Each image as the server encoded it (no re-encoding); raw pixels are written as PNG here."""
+    """Each image as the server encoded it (no re-encoding; PNGs get text chunks with the seed,
+    label, model, version and sha256); raw pixels are written as PNG here."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for position, item in enumerate(result.items):
         name = f"{stem}_{position:04d}" + (f"_seed{item.seed}" if item.seed is not None else "")
         name += f"_label{item.label}" if item.label is not None else ""
+        text = png_text(result.provenance, seed=item.seed, label=item.label)
         suffix = FILE_SUFFIX.get(item.message.format)
         if suffix is None:
-            array_to_pil(item.array).save(out_dir / f"{name}.png")
+            array_to_pil(item.array).save(out_dir / f"{name}.png", pnginfo=pnginfo(text))
         else:
-            (out_dir / f"{name}{suffix}").write_bytes(item.raw)
+            (out_dir / f"{name}{suffix}").write_bytes(with_png_text(item.raw, text))
     _out(f"wrote {len(result.items)} images to {out_dir}")
 
 
@@ -165,7 +188,7 @@ def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:
                 m.name,
                 m.kind,
                 ",".join(v.version for v in m.versions) or "-",
-                ",".join(state_name(v.state) + (f" ({v.reason})" if v.reason else "") for v in m.versions)
+                ",".join(state_label(v.state) + (f" ({v.reason})" if v.reason else "") for v in m.versions)
                 or "-",
                 str(m.latent_dim or "-"),
                 "x".join(map(str, m.output_shape)) or "-",
@@ -185,12 +208,28 @@ def _sample_opts(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def check_grid_size(command: str, images: int, what: str) -> None:
+    if images > MAX_GRID_IMAGES:
+        raise UsageError(
+            f"{command}: a --grid holds at most {MAX_GRID_IMAGES} images, {what} asks for {images}; "
+            "lower it, or write files with --out (or `bulk` for large jobs)"
+        )
+
+
 def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.out and not args.grid:
         raise UsageError("sample needs --out DIR and/or --grid FILE.png")
+    if args.n < 1:
+        raise UsageError(f"sample: --n must be >= 1, got {args.n}")
+    if args.grid:
+        check_grid_size("sample", args.n, f"--n {args.n}")  # before any call
     info = client.get_model(args.model)
     labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
+    if args.grid and len(labels) > 1:
+        check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
     base = args.seed if args.seed is not None else random.randrange(2**31)
+    if args.seed is None:
+        _out(f"seed {base} (repeat with --seed {base})")
     # The same seeds in every class row: a conditional model's rows then differ only by class.
     row_seeds = [base + j for j in range(args.n)]
     seeds = row_seeds * max(1, len(labels))
@@ -208,13 +247,21 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         else:
             cols = args.cols or math.ceil(math.sqrt(len(pictures)))
             grid_rows = [GridRow(pictures[i : i + cols]) for i in range(0, len(pictures), cols)]
-        save_picture(make_grid(grid_rows), Path(args.grid))
+        text = png_text(
+            result.provenance,
+            seeds=f"{base}..{base + args.n - 1}",
+            labels=",".join(map(str, labels)) if labels else None,
+            psi=args.psi,
+        )
+        save_picture(make_grid(grid_rows), Path(args.grid), text)
     return 0
 
 
 def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.out and not args.grid:
         raise UsageError("interpolate needs --out DIR and/or --grid FILE.png")
+    if args.grid:
+        check_grid_size("interpolate", args.steps, f"--steps {args.steps}")
     opts = _sample_opts(args)
     if args.label:
         opts["labels"] = args.label
@@ -224,7 +271,15 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.grid:
         ts = np.linspace(0.0, 1.0, len(result.items))
         row = GridRow(result.pil(), f"{args.mode} {args.from_seed}->{args.to_seed}")
-        save_picture(make_grid([row], captions=[f"t={t:.2f}" for t in ts]), Path(args.grid))
+        text = png_text(
+            result.provenance,
+            from_seed=args.from_seed,
+            to_seed=args.to_seed,
+            steps=args.steps,
+            mode=args.mode,
+            label=",".join(map(str, args.label)) if args.label else None,
+        )
+        save_picture(make_grid([row], captions=[f"t={t:.2f}" for t in ts]), Path(args.grid), text)
     return 0
 
 
@@ -255,7 +310,14 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
         grid_rows.append(GridRow(row, f"{name}: {','.join(map(str, seeds))}"))
     grid_rows.append(GridRow([None] * width + [decoded[3]], "A - B + C"))
     captions = [f"seed {j + 1}" for j in range(width)] + ["mean"]
-    save_picture(make_grid(grid_rows, captions=captions), Path(args.grid))
+    text = png_text(
+        members.provenance,
+        seeds_a=",".join(map(str, args.a)),
+        seeds_b=",".join(map(str, args.b)),
+        seeds_c=",".join(map(str, args.c)),
+        label=args.label,
+    )
+    save_picture(make_grid(grid_rows, captions=captions), Path(args.grid), text)
     return 0
 
 
@@ -296,8 +358,9 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.sweep:
         z = mu.copy()
         z[args.dim] += args.delta
-        edited = client.decode(decoder, np.stack([mu, z]), version=args.version).pil()
-        save_picture(edited[1], Path(args.out))
+        decoded = client.decode(decoder, np.stack([mu, z]), version=args.version)
+        text = png_text(decoded.provenance, source=args.image, dim=args.dim, delta=args.delta)
+        save_picture(decoded.pil()[1], Path(args.out), text)
         _out(f"z[{args.dim}]: {mu[args.dim]:.3f} -> {z[args.dim]:.3f}")
         return 0
     # Latent traversal: each row moves one dimension over the prior's range, the others stay at
@@ -307,17 +370,21 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     latents = np.repeat(mu[None, :], len(dims) * len(values), axis=0)
     for r, d in enumerate(dims):
         latents[r * len(values) : (r + 1) * len(values), d] = values
-    pics = []
+    pics: list[Image.Image] = []
+    provenance: Provenance | None = None
     for start in range(0, len(latents), MAX_IMAGES_PER_CALL):
-        pics += client.decode(
-            decoder, latents[start : start + MAX_IMAGES_PER_CALL], version=args.version
-        ).pil()
+        part = client.decode(decoder, latents[start : start + MAX_IMAGES_PER_CALL], version=args.version)
+        pics += part.pil()
+        provenance = part.provenance
     source = Image.fromarray(picture)
     rows = [
         GridRow([source, *pics[r * len(values) : (r + 1) * len(values)]], f"z[{d}]")
         for r, d in enumerate(dims)
     ]
-    save_picture(make_grid(rows, captions=["input", *(f"{v:+.2f}" for v in values)]), Path(args.out))
+    dims_text = "all" if args.all_dims else str(args.dim)
+    sweep = f"{args.sweep_from:g}..{args.sweep_to:g}"
+    text = png_text(provenance, source=args.image, dims=dims_text, sweep=sweep, steps=args.sweep_steps)
+    save_picture(make_grid(rows, captions=["input", *(f"{v:+.2f}" for v in values)]), Path(args.out), text)
     return 0
 
 
@@ -334,7 +401,7 @@ def _image_command(method: Callable[..., Any], args: argparse.Namespace, **opts:
             f"{args.command}: output {str(out)!r} must end in one of {' '.join(IMAGE_SUFFIX_FORMATS)}"
         )
     result = method(args.model, [Path(args.input)], format=fmt, version=args.version, **opts)
-    save_image_bytes(out, result.raw[0])
+    save_image_bytes(out, with_png_text(result.raw[0], png_text(result.provenance, source=args.input)))
     with Image.open(io.BytesIO(result.raw[0])) as picture:
         size = f"{picture.width}x{picture.height}"
     tiles = f", {result.tiles[0]} tiles" if result.tiles else ""
@@ -353,32 +420,129 @@ def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
     return _image_command(client.translate, args)
 
 
-def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
+# Settings that decide a bulk job's output: `--resume DIR` takes them from DIR/job.json.
+BULK_JOB_FLAGS = ("model", "version", "seed", "labels", "format", "psi", "shard")
+
+
+def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkParams, Path, Shard | None]:
+    """The job's parameters, folder and shard: from the flags, or from the manifest with --resume."""
+    if not (math.isfinite(args.retry_window) and args.retry_window >= 0):
+        raise UsageError(f"bulk: --retry-window must be finite and >= 0 seconds, got {args.retry_window:g}")
+    if args.resume:
+        out = Path(args.resume)
+        if args.out and Path(args.out) != out:
+            raise UsageError(f"bulk: --resume {args.resume} and --out {args.out} name two folders")
+        given = [flag for flag in BULK_JOB_FLAGS if getattr(args, flag) is not None]
+        if given:
+            flags = ", ".join(f"--{flag}" for flag in given)
+            raise UsageError(
+                f"bulk: --resume takes the job's settings from {out / JOB_FILE}: drop {flags} "
+                "(only --n, to grow the job, and how it runs may be given)"
+            )
+        params, shard = load_params(out)
+        if args.n is not None:
+            params = dataclasses.replace(params, n=args.n)
+        return params, out, shard
+    missing = [f"--{flag}" for flag in ("model", "n", "out") if getattr(args, flag) is None]
+    if missing:
+        raise UsageError(f"bulk needs {', '.join(missing)} (or --resume DIR for an existing job)")
     if args.n < 1:
         raise UsageError(f"bulk: --n must be >= 1, got {args.n}")
-    if args.concurrency < 1:
-        raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
-    info = client.get_model(args.model)
+    shard = Shard.parse(args.shard) if args.shard else None  # before any call
+    # A server that is restarting when the job starts is waited for like one that restarts later.
+    window = RetryWindow(args.retry_window, client.retry.retryable_codes, threading.Event())
+    info = window.call(lambda: client.get_model(args.model))
     labels = resolve_labels(info, args.labels) if info.kind == CONDITIONAL or args.labels else []
     params = BulkParams(
         model=args.model,
         n=args.n,
-        base_seed=args.seed,
+        base_seed=args.seed if args.seed is not None else 0,
         labels=tuple(labels),
-        format=args.format,
+        format=args.format or "png",
         psi=args.psi,
-        version=args.version,
+        version=args.version or "",
     )
+    out = Path(args.out)
+    return params, shard.folder(out) if shard else out, shard
+
+
+def resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The exact command that resumes the job in `out` (a token is never printed)."""
+    words = ["genserve-client", "--target", args.target]
+    if args.timeout != DEFAULT_TIMEOUT_S:
+        words += ["--timeout", f"{args.timeout:g}"]
+    if args.token_file:
+        words += ["--token-file", args.token_file]
+    elif args.token:
+        words += ["--token", "$GENSERVE_TOKEN"]
+    for flag in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
+        if getattr(args, flag):
+            words += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    if args.tls and not args.tls_ca:
+        words.append("--tls")
+    words += ["bulk", "--resume", str(out)]
+    if args.concurrency != 1:
+        words += ["--concurrency", str(args.concurrency)]
+    if args.chunk_size:
+        words += ["--chunk-size", str(args.chunk_size)]
+    if args.retry_window != DEFAULT_RETRY_WINDOW_S:
+        words += ["--retry-window", f"{args.retry_window:g}"]
+    command = shlex.join(words)
+    return command.replace("'$GENSERVE_TOKEN'", '"$GENSERVE_TOKEN"')
+
+
+def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
+    params, out, shard = bulk_params(client, args)
     job = BulkJob(
         client,
         params,
-        Path(args.out),
+        out,
         concurrency=args.concurrency,
         chunk_size=args.chunk_size,
         verify=args.verify,
+        retry_window_s=args.retry_window,
+        shard=shard,
     )
-    job.run(lambda name: highest_ready_version(client.get_model(name)))
-    _out(f"{args.out}: {args.n} images, manifest {Path(args.out) / 'manifest.jsonl'}")
+    try:
+        job.run()
+    except BulkBusy as exc:
+        _err(f"genserve-client: {exc}")
+        return 3
+    except (GenserveClientError, BulkRetryExhausted, OSError, KeyboardInterrupt) as exc:
+        # Final, but what is on disk is consistent: say how to go on.
+        _err(
+            "genserve-client: interrupted"
+            if isinstance(exc, KeyboardInterrupt)
+            else f"genserve-client: {exc}"
+        )
+        rejected = isinstance(exc, GenserveClientError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
+        if (out / JOB_FILE).exists() and not rejected:
+            _err(f"genserve-client: the job is resumable: {resume_command(args, out)}")
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        return 2 if rejected else 1
+    what = f"shard {shard.index}/{shard.count}, images [{job.lo}, {job.hi}) of {params.n}" if shard else ""
+    _out(f"{out}: {what or f'{params.n} images'}, manifest {out / 'manifest.jsonl'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the folder(s) hold exactly the job, 1 with the problems listed otherwise."""
+    root = Path(args.dir)
+    report, merged = verify_job(root, hashes=args.hashes)
+    for problem in report.problems:
+        _err(f"genserve-client: verify: {problem}")
+    if not report.ok:
+        _err(
+            f"genserve-client: verify: {root} is NOT the complete job ({report.images} of {report.n} images)"
+        )
+        return 1
+    if args.manifest_out:
+        write_merged_manifest(Path(args.manifest_out), merged)
+    checked = "files and sha256 checked" if args.hashes else "files checked"
+    _out(f"{root}: complete, {report.n} images in {len(report.folders)} folder(s), {checked}")
     return 0
 
 
@@ -445,31 +609,79 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
 # --- parser -----------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """Connection flags. After the command their defaults are SUPPRESS, so a flag given before the
+    command is not overwritten by the subcommand's default."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    g = p.add_argument_group("connection (before or after the command)")
+    g.add_argument(
+        "--target",
+        default=default(os.environ.get(TARGET_ENV) or DEFAULT_TARGET),
+        help=f"server host:port (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    g.add_argument(
+        "--token", default=default(None), help="bearer token (sent as `authorization: Bearer <token>`)"
+    )
+    g.add_argument("--token-file", default=default(None), help="file holding the bearer token")
+    g.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="use TLS with the system's root certificates",
+    )
+    g.add_argument("--tls-ca", default=default(None), help="PEM root certificates (implies --tls)")
+    g.add_argument("--tls-cert", default=default(None), help="PEM client certificate for mTLS")
+    g.add_argument("--tls-key", default=default(None), help="PEM client key for mTLS")
+    g.add_argument("--tls-server-name", default=default(None), help="expected server name in its certificate")
+
+
 def _add_model(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="model name as in `models`")
     p.add_argument("--version", default="", help="model version (default: the highest ready)")
 
 
 def _add_format(p: argparse.ArgumentParser, choices: Sequence[str] = ("png", "jpeg", "webp", "raw")) -> None:
-    p.add_argument("--format", default="png", choices=choices, help="image format on the wire (default png)")
+    p.add_argument("--format", default="png", choices=choices, help="image format on the wire")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genserve-client", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds")
-    parser.add_argument("--token", help="bearer token (sent as `authorization: Bearer <token>`)")
-    parser.add_argument("--token-file", help="file holding the bearer token")
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    parser.add_argument("--tls-ca", help="PEM root certificates (implies --tls)")
-    parser.add_argument("--tls-cert", help="PEM client certificate for mTLS")
-    parser.add_argument("--tls-key", help="PEM client key for mTLS")
-    parser.add_argument("--tls-server-name", help="expected server name in its certificate")
+    parser = argparse.ArgumentParser(
+        prog="genserve-client",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 ok; 1 a failed call, I/O error or an incomplete verify; 2 a rejected request "
+        "or bad arguments; 3 the bulk job folder is in use; 130 interrupted (docs/client.md)",
+        formatter_class=HelpFormatter,
+    )
+    _add_connection(parser, after_command=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("models", help="table of models, kinds, versions and readiness")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        _add_connection(p, after_command=True)
+        return p
 
-    p = sub.add_parser("sample", help="draw images; --grid shows one labelled row per class")
+    command("models", "table of models, kinds, versions and readiness")
+
+    p = command("sample", "draw images; --grid shows one labelled row per class")
     _add_model(p)
     p.add_argument("--label", type=int, help="one class for all images")
     p.add_argument(
@@ -478,76 +690,109 @@ def build_parser() -> argparse.ArgumentParser:
         help="classes, e.g. 0,1,2 or `all` (default for conditional models: all)",
     )
     p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
-    p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random")
-    p.add_argument("--psi", type=float, help="truncation threshold")
-    p.add_argument("--cols", type=int, help="grid columns for unconditional models")
+    p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random, and printed")
+    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
+    p.add_argument("--cols", type=int, help="grid columns for unconditional models (default: square)")
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
-    p.add_argument("--grid", help="PNG file for an image grid")
+    p.add_argument("--grid", help=f"PNG file for an image grid (at most {MAX_GRID_IMAGES} images)")
 
-    p = sub.add_parser("interpolate", help="a latent path between two seeds, as a strip")
+    p = command("interpolate", "a latent path between two seeds, as a strip")
     _add_model(p)
     p.add_argument("--from-seed", type=int, required=True)
     p.add_argument("--to-seed", type=int, required=True)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--mode", choices=("slerp", "lerp"), default="slerp")
+    p.add_argument("--steps", type=int, default=10, help="images on the path")
+    p.add_argument("--mode", choices=("slerp", "lerp"), default="slerp", help="path through latent space")
     p.add_argument("--label", type=parse_ints, help="class of the path, or two classes (start,end)")
-    p.add_argument("--psi", type=float)
+    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
     p.add_argument("--grid", help="PNG file for the strip")
 
-    p = sub.add_parser("arithmetic", help="mean(A) - mean(B) + mean(C) in latent space")
+    p = command("arithmetic", "mean(A) - mean(B) + mean(C) in latent space")
     _add_model(p)
     for name in ("a", "b", "c"):
         p.add_argument(f"--{name}", type=parse_ints, required=True, help=f"seeds of set {name.upper()}")
     p.add_argument("--label", type=int, help="class for conditional models")
-    p.add_argument("--psi", type=float)
+    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
     _add_format(p)
     p.add_argument("--grid", required=True, help="PNG file")
 
-    p = sub.add_parser("edit", help="VAE: encode an image, move one latent dimension, decode")
+    p = command("edit", "VAE: encode an image, move one latent dimension, decode")
     p.add_argument("image")
     p.add_argument("--model", required=True, help="VAE base name (X for X-encoder/X-decoder) or either part")
-    p.add_argument("--version", default="")
+    p.add_argument("--version", default="", help="model version (default: the highest ready)")
     p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
     p.add_argument("--delta", type=float, default=2.0, help="added to z[dim]")
     p.add_argument("--sweep", action="store_true", help="grid of z[dim] set to each value of the sweep")
     p.add_argument("--all-dims", action="store_true", help="with --sweep: one row per latent dimension")
-    p.add_argument("--sweep-from", type=float, default=-3.0)
-    p.add_argument("--sweep-to", type=float, default=3.0)
-    p.add_argument("--sweep-steps", type=int, default=9)
+    p.add_argument("--sweep-from", type=float, default=-3.0, help="first value of the sweep")
+    p.add_argument("--sweep-to", type=float, default=3.0, help="last value of the sweep")
+    p.add_argument("--sweep-steps", type=int, default=9, help="values in the sweep")
     p.add_argument("--out", required=True, help="PNG file (the edited image, or the sweep grid)")
 
     for name, help_text in (("upscale", "super-resolution"), ("translate", "image-to-image translation")):
-        p = sub.add_parser(name, help=help_text)
+        p = command(name, help_text)
         p.add_argument("input")
         p.add_argument("output", help="PNG/JPEG/WEBP by suffix: .png, .jpg, .jpeg or .webp")
         _add_model(p)
         if name == "upscale":
-            p.add_argument("--tile-size", type=int, default=0, help="input tile size (default: the card's)")
-            p.add_argument("--tile-overlap", type=int, help="tile overlap in input pixels")
+            p.add_argument("--tile-size", type=int, default=0, help="input tile size (0: the card's)")
+            p.add_argument(
+                "--tile-overlap", type=int, help="tile overlap in input pixels (default: the server's)"
+            )
 
-    p = sub.add_parser("bulk", help="resumable production batch over SampleStream")
-    _add_model(p)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--out", required=True, help="job directory (job.json, manifest.jsonl, images/)")
-    p.add_argument("--labels", type=parse_labels, help="`all` or 0,1,...: image i gets labels[i %% len]")
+    p = command("bulk", "resumable production batch over SampleStream")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="resume (or, with a larger --n, grow) the job in DIR with the settings in its job.json",
+    )
+    p.add_argument("--model", help="model name as in `models` (required without --resume)")
+    p.add_argument("--version", help="model version (default: the highest ready, pinned in job.json)")
+    p.add_argument("--n", type=int, help="images in the job (required without --resume; larger grows a job)")
+    p.add_argument(
+        "--out",
+        help="job directory (job.json, manifest.jsonl, images/): new, empty or one of its own jobs",
+    )
+    p.add_argument(
+        "--labels",
+        type=parse_labels,
+        help="`all` or 0,1,...: image i gets labels[i %% len] (default: all classes of a conditional model)",
+    )
     p.add_argument("--concurrency", type=int, default=1, help="parallel streams")
-    p.add_argument("--seed", type=int, default=0, help="base seed: image i uses seed + i")
+    p.add_argument("--seed", type=int, help="base seed: image i uses seed + i (default: 0)")
     p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")
-    p.add_argument("--psi", type=float)
+    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
     p.add_argument("--verify", action="store_true", help="re-hash every listed file on start")
-    _add_format(p, ("png", "jpeg", "webp"))
+    p.add_argument(
+        "--retry-window",
+        type=float,
+        default=DEFAULT_RETRY_WINDOW_S,
+        metavar="SECONDS",
+        help="keep retrying transient errors (a server restart) this long without progress",
+    )
+    p.add_argument("--format", choices=("png", "jpeg", "webp"), help="image file format (default: png)")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help=f"run shard I of N (a contiguous seed range) in OUT/shard-I-of-N/; `N` alone takes I from "
+        f"${SHARD_ENV} (Kubernetes Indexed Job); check the union with `verify OUT`",
+    )
 
-    p = sub.add_parser("bench", help="load generator: closed loop per concurrency, open loop per rate")
+    p = command("verify", "check a bulk job's folder (or its shard folders) holds exactly the job")
+    p.add_argument("dir", help="job folder, or the --out of a sharded job")
+    p.add_argument("--hashes", action="store_true", help="also re-hash every file against its manifest line")
+    p.add_argument("--manifest-out", metavar="FILE", help="when complete, write the merged manifest here")
+
+    p = command("bench", "load generator: closed loop per concurrency, open loop per rate")
     _add_model(p)
-    p.add_argument("--concurrency", type=parse_ints, default=[1, 8, 32, 64])
+    p.add_argument("--concurrency", type=parse_ints, default=[1, 8, 32, 64], help="closed-loop workers")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before the first run")
     p.add_argument("--rate", type=parse_floats, help="open loop at these rates (requests/s)")
     p.add_argument("--closed-too", action="store_true", help="with --rate: also run the closed loops")
-    p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="open-loop arrivals")
     p.add_argument("--max-outstanding", type=int, default=256, help="open loop: bound on calls in flight")
     p.add_argument("--labels", type=parse_ints, help="classes to cycle through (conditional models)")
     p.add_argument("--channels", type=int, default=1, help="gRPC channels (HTTP/2 connections)")
@@ -584,12 +829,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = channel_config(args)
         if args.command == "bench":
             return cmd_bench(config, args)
+        if args.command == "verify":
+            return cmd_verify(args)
         retry = BULK_RETRY if args.command == "bulk" else RetryPolicy()
         with GenserveClient(config, timeout_s=args.timeout, retry=retry) as client:
             return COMMANDS[args.command](client, args)
     except GenserveClientError as exc:
         _err(f"genserve-client: {exc}")
         return 2 if exc.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+    except BulkRetryExhausted as exc:  # transient errors outlasted --retry-window
+        _err(f"genserve-client: {exc}")
+        return 1
     except (UsageError, BulkError, ValueError) as exc:
         _err(f"genserve-client: {exc}")
         return 2

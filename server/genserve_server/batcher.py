@@ -207,11 +207,14 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
-        # RPCs of this model version now in the server, kept by the service (0 = not tracked).
+        # RPCs of this model version now in the server, kept through hold/release (0 = not tracked).
         # More callers than queued requests means more rows are about to arrive: worth the window.
         self.callers = 0
-        # SampleStreams now reading from this version (kept by the service; a reload drains them).
+        # SampleStreams now reading from this version (hold(stream=True); a reload drains them).
         self.streams = 0
+        # Set while no RPC holds this version: what a reload's drain awaits (wait_released).
+        self._released = asyncio.Event()
+        self._released.set()
         # Moving fraction of arrivals that found another caller of this model in the server. At
         # concurrency 1 it is exactly 0 (a client sends its next request only after the answer),
         # so the batch goes at once; once requests overlap at all, the window pays off even while
@@ -234,6 +237,35 @@ class Batcher:
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
 
     # ------------------------------------------------------------------ public
+
+    # ------------------------------------------------------------------ holds (a reload's drain)
+
+    def hold(self, *, stream: bool = False) -> None:
+        """An RPC resolved this version: it may still submit rows (a SampleStream, chunk after chunk)."""
+        if stream:
+            self.streams += 1
+        else:
+            self.callers += 1
+        self._released.clear()
+
+    def release(self, *, stream: bool = False) -> None:
+        """The RPC that held this version has ended."""
+        if stream:
+            self.streams -= 1
+        else:
+            self.callers -= 1
+        if self.callers + self.streams <= 0:
+            self._released.set()
+
+    async def wait_released(self, timeout_s: float) -> bool:
+        """Until no RPC holds this version, or `timeout_s`; whether it was released."""
+        if self._released.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._released.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def queued_rows(self) -> int:

@@ -1,18 +1,33 @@
-"""One exception hierarchy for genserve: each class carries its gRPC status code.
+"""One exception hierarchy for genserve: each class carries its status code.
 
-The servicer boundary (service.py) is the only place that turns a GenserveError into a gRPC
-status; everything below it raises these and never touches grpc.StatusCode directly.
+The codes are gRPC's status names, but this module (like the whole serving core) imports no grpc:
+the boundary (boundary.py) is the only place that turns a GenserveError into a gRPC status, for
+both servicers; everything below it raises these.
 """
 
 from __future__ import annotations
 
-import grpc
+import enum
+
+
+class Code(enum.Enum):
+    """The status a GenserveError is answered with; names are gRPC's (boundary.status_code)."""
+
+    CANCELLED = "CANCELLED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
 class GenserveError(Exception):
-    """Base error: `code` is the gRPC status the boundary sends, `field` the offending request field."""
+    """Base error: `code` is the status the boundary sends, `field` the offending request field."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Code = Code.INTERNAL
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -24,39 +39,39 @@ class GenserveError(Exception):
 
 
 class InvalidArgument(GenserveError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
 
 class NotFound(GenserveError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Code.NOT_FOUND
 
 
 class ResourceExhausted(GenserveError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class Unavailable(GenserveError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class DeadlineExceeded(GenserveError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = Code.DEADLINE_EXCEEDED
 
 
 class Cancelled(GenserveError):
-    code = grpc.StatusCode.CANCELLED
+    code = Code.CANCELLED
 
 
 class Internal(GenserveError):
-    code = grpc.StatusCode.INTERNAL
+    code = Code.INTERNAL
 
 
 class Unauthenticated(GenserveError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = Code.UNAUTHENTICATED
 
 
 class PermissionDenied(GenserveError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = Code.PERMISSION_DENIED
 
 
 def invalid(field: str, problem: str) -> InvalidArgument:

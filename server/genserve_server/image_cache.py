@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from genserve.v1 import types_pb2 as tpb
+from genserve_server.codecs import ImageFormat
+from genserve_server.encoding import EncodedImage
 
 # What an entry costs beyond its image and latent bytes: the key tuple, the entry, the bytes and
 # shape objects, the dict slot (measured with tracemalloc: ~430 B; test_image_cache checks it).
@@ -48,7 +49,7 @@ def image_key(
 ) -> ImageKey:
     """The key of one image; options that do not change the bytes of `fmt` are left out, so that a
     RAW request with quality 80 and one with quality 90 share the entry."""
-    lossy = fmt in (tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_WEBP)
+    lossy = fmt in (ImageFormat.JPEG, ImageFormat.WEBP)
     return ImageKey(
         loaded_version,
         seed,
@@ -56,21 +57,21 @@ def image_key(
         psi,
         fmt,
         quality if lossy else 0,
-        png_compression if fmt == tpb.IMAGE_FORMAT_PNG else 0,
+        png_compression if fmt == ImageFormat.PNG else 0,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class CachedImage:
-    """Plain bytes, not a proto message and a numpy array: those cost ~1.5 KB more an entry."""
+    """Plain bytes, not a message object and a numpy array: those cost ~1.5 KB more an entry."""
 
     data: bytes
     shape: tuple[int, ...]
     latent_bytes: bytes  # float32 [Z], little-endian
     nbytes: int
 
-    def image(self, fmt: tpb.ImageFormat.ValueType) -> tpb.Image:
-        return tpb.Image(format=fmt, data=self.data, shape=self.shape)
+    def image(self, fmt: ImageFormat) -> EncodedImage:
+        return EncodedImage(fmt, self.data, self.shape)
 
     def latent(self) -> np.ndarray:
         return np.frombuffer(self.latent_bytes, dtype="<f4")
@@ -95,7 +96,7 @@ class ImageCache:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: ImageKey, image: tpb.Image, latent: np.ndarray) -> None:
+    def put(self, key: ImageKey, image: EncodedImage, latent: np.ndarray) -> None:
         data = image.data
         latent_bytes = np.asarray(latent, dtype="<f4").tobytes()
         nbytes = len(data) + len(latent_bytes) + ENTRY_OVERHEAD_BYTES

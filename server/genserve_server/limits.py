@@ -22,6 +22,9 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from genserve_server.boundary import abort
+from genserve_server.errors import InvalidArgument, ResourceExhausted
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_STREAM_METHOD = "/genserve.v1.GenerationService/SampleStream"
@@ -53,10 +56,12 @@ class StreamLimit:
                 logger.info(
                     "refused %s: %d streams running (max_concurrent_sample_streams)", method, self.active
                 )
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{self.active} streams are running, max_concurrent_sample_streams={self.limit}; "
-                    "retry with backoff",
+                await abort(
+                    context,
+                    ResourceExhausted(
+                        f"{self.active} streams are running, max_concurrent_sample_streams={self.limit}; "
+                        "retry with backoff"
+                    ),
                 )
             self.active += 1
             try:
@@ -108,7 +113,7 @@ def guard_malformed(method: str, handler: Handler) -> Handler:
 
     async def reject(request: Malformed, context: Context) -> None:
         logger.info("refused %s: %s", method, request.problem)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+        await abort(context, InvalidArgument(request.message()))
 
     if handler.unary_unary is not None:
         unary = cast(Callable[[Any, Any], Any], handler.unary_unary)

@@ -37,7 +37,9 @@ from grpc_reflection.v1alpha import reflection
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server import kserve, probe, security
+from genserve_server.boundary import Boundary
 from genserve_server.config import ServerConfig, cpu_count, load_server_config
+from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.limits import GuardedRegistrar, StreamLimit, guard_malformed
@@ -145,10 +147,17 @@ class App:
         registrar = GuardedRegistrar(
             self.server, lambda method, handler: guard_malformed(method, stream_limit.wrap(method, handler))
         ).as_server()
-        self.service = GenerationService(self.repository, config, self.metrics, self.codec_pool)
+        # One core and one boundary under both servicers: rows of either protocol share batches.
+        self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
+        self.boundary = Boundary(self.metrics)
+        self.service = GenerationService(
+            self.repository, config, self.metrics, self.codec_pool, core=self.core, boundary=self.boundary
+        )
         genserve_pb2_grpc.add_GenerationServiceServicer_to_server(self.service, registrar)
         # KServe v2 / Triton protocol on the same port, repository, batchers and metrics.
-        self.kserve = kserve.InferenceService(self.repository, self.service, self.metrics.registry)
+        self.kserve = kserve.InferenceService(
+            self.repository, self.core, self.boundary, self.metrics.registry
+        )
         kserve.add_to_server(self.kserve, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)

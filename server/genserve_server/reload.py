@@ -16,9 +16,9 @@ One rescan, serialised by a lock (a trigger during a rescan queues exactly one m
    becomes READY in one assignment on the event loop once its batcher runs.
 4. Versions the policy no longer picks drain, but only once the model has a READY version among the
    picked ones, so a new version that fails to load leaves the old one serving. Draining: state
-   DRAINING (no new request resolves to it), wait until no RPC holds it (`batcher.callers` and
-   `batcher.streams`, bounded by `drain_grace_s`), finish the accepted batches (`Batcher.close`),
-   close the runner, remove it.
+   DRAINING (no new request resolves to it), wait until no RPC holds it (`Batcher.wait_released`:
+   RPCs and SampleStreams hold a version from resolve to their end; bounded by `drain_grace_s`),
+   finish the accepted batches (`Batcher.close`), close the runner, remove it.
 
 Write a new version aside and rename it into place (`.tmp-3` -> `3`): names that are not version
 numbers are ignored, so a half-copied directory is never loaded.
@@ -37,11 +37,6 @@ from pathlib import Path
 from genserve_server.repository import VERSION_PATTERN, Model, ModelState, ModelVersion, Repository
 
 logger = logging.getLogger(__name__)
-
-# How often a drain checks whether the RPCs holding a retired version have finished. Drains are
-# rare (a reload) and bounded by drain_grace_s, so a short sleep beats threading an event through
-# every RPC's hot path.
-DRAIN_CHECK_S = 0.05
 
 HealthSetter = Callable[[str, bool], None]
 
@@ -245,12 +240,8 @@ class Reloader:
         try:
             # RPCs that resolved this version may not have queued yet (an image still decoding),
             # and a SampleStream queues its chunks one after another: wait for both, up to the grace.
-            while (
-                batcher is not None and batcher.callers + batcher.streams > 0 and time.monotonic() < deadline
-            ):
-                await asyncio.sleep(DRAIN_CHECK_S)
             if batcher is not None:
-                if batcher.callers + batcher.streams > 0:
+                if not await batcher.wait_released(deadline - time.monotonic()):
                     logger.warning(
                         "%s: %d RPCs and %d SampleStreams still running after the drain grace (%.0f s); "
                         "they fail with UNAVAILABLE",

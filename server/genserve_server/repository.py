@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from genserve_server import tiling
+from genserve_server.batch_keys import input_shape
 from genserve_server.batcher import Batcher
 from genserve_server.config import (
     IMAGE_INPUT_KINDS,
@@ -573,9 +574,10 @@ def _ms_to_s(ms: float | None) -> float | None:
 
 
 def rows_within_pixels(key: object, max_pixels: int) -> int:
-    """Rows of a batch keyed (prefix, (C, H, W)) (image kinds: service and kserve) that keep it within
+    """Rows of a batch of image rows (batch_keys.TileRows / ImageRows with a shape) that keep it within
     `max_pixels` input pixels, at least 1; keys without a shape (fixed-size models) are not limited."""
-    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], tuple) and len(key[1]) == 3:
-        _, height, width = key[1]
+    shape = input_shape(key)
+    if shape is not None and len(shape) == 3:
+        _, height, width = shape
         return max(1, max_pixels // max(1, int(height) * int(width)))
     return 1 << 30

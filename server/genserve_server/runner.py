@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from genserve_server import codecs, latents
+from genserve_server.batch_keys import DRAWN_LATENTS_OUTPUT, PIXELS_OUTPUT, SEED_INPUT, SeedRows
 from genserve_server.config import cpu_count
 from genserve_server.ort_session import (
     GPU_PROVIDERS,
@@ -45,11 +46,6 @@ _ORT_DTYPES: dict[str, Any] = {
     "tensor(int64)": np.int64,
 }
 
-# Latent models may be fed seed rows instead of `z` (see Runner.run).
-SEED_INPUT = "seed"
-PSI_INPUT = "psi"
-# Generators' "image" output as uint8 [N, H, W, C] pixels, converted once per batch (see Runner.run).
-PIXELS_OUTPUT = "image_u8"
 
 # A call whose rows are larger than this many times the warm-up's rows, and than SHRINK_MIN_ROW_VALUES
 # input values (~0.35 MP RGB), runs with ORT's arena shrinkage: the CPU arena keeps its peak for the
@@ -273,23 +269,21 @@ class Runner:
         for name, value in inputs.items():
             if name == SEED_INPUT:
                 parts.append(("z", bucket, self.latent_dim or 0))
-            elif name != PSI_INPUT:
+            else:
                 parts.append((name, bucket, *value.shape[1:]))
         return tuple(sorted(parts, key=str))
 
     def _prepare(
-        self, inputs: Mapping[str, np.ndarray]
+        self, key: Hashable, inputs: Mapping[str, np.ndarray]
     ) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
-        """Seed rows -> latents for the whole batch in one vectorised call (batch-invariant per row)."""
-        seeds = inputs.get(SEED_INPUT)
-        if seeds is None:
+        """The key's hook: seed rows (batch_keys.SeedRows) -> latents for the whole batch in one
+        vectorised call (batch-invariant per row); other rows are the graph's tensors already."""
+        if not isinstance(key, SeedRows):
             return inputs, None
         if self.latent_dim is None:
-            raise ValueError(f"{self.label}: seed inputs need a latent size")
-        psi_rows = inputs[PSI_INPUT]
-        psi = None if np.isnan(psi_rows[0]) else float(psi_rows[0])  # one psi per batch (its key)
-        z = latents.latents_for_seeds(seeds.tolist(), self.latent_dim, psi)
-        feeds = {name: value for name, value in inputs.items() if name not in (SEED_INPUT, PSI_INPUT)}
+            raise ValueError(f"{self.label}: seed rows need a latent size")
+        z = latents.latents_for_seeds(inputs[SEED_INPUT].tolist(), self.latent_dim, key.psi)
+        feeds = {name: value for name, value in inputs.items() if name != SEED_INPUT}
         feeds["z"] = z
         return feeds, z
 
@@ -297,7 +291,7 @@ class Runner:
         """The compute seconds a batch shaped like `inputs` took (warm-up minimum, then averaged)."""
         return self._cost_s.get(self._signature(inputs))
 
-    def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3) -> None:
+    def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3, key: Hashable = None) -> None:
         """Run a batch a few times at load: allocations settle and its compute cost is known."""
         signature = self._signature(inputs)
         self._cost_s.pop(signature, None)
@@ -305,19 +299,20 @@ class Runner:
         # Seed rows count as one value each, not a latent: only image rows come near the threshold.
         self._warmed_row_values = max(self._warmed_row_values, _values_per_row(inputs))
         for _ in range(times):
-            self._call(signature, inputs)
+            self._call(key, signature, inputs)
             fastest_s = min(fastest_s, self._last_s)
         self._cost_s[signature] = fastest_s  # a busy moment during load does not stick
         if self.solo_session is not None:
-            self._call(signature, inputs, solo=True)  # settle the solo session too (cost not recorded)
+            self._call(key, signature, inputs, solo=True)  # settle the solo session too (cost not recorded)
 
     def _call(
         self,
+        key: Hashable,
         signature: tuple[tuple[str | int, ...], ...],
         inputs: Mapping[str, np.ndarray],
         solo: bool = False,
     ) -> dict[str, np.ndarray]:
-        feeds, z = self._prepare(inputs)
+        feeds, z = self._prepare(key, inputs)
         started = time.perf_counter()
         outputs = self.run_sync(feeds, solo=solo)
         elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
@@ -334,7 +329,7 @@ class Runner:
     def _finish(self, outputs: dict[str, np.ndarray], z: np.ndarray | None) -> dict[str, np.ndarray]:
         """The drawn latents and the uint8 pixels next to the model's outputs."""
         if z is not None:
-            outputs["z"] = z
+            outputs[DRAWN_LATENTS_OUTPUT] = z
         if self.pixels_range is not None and "image" in outputs:
             outputs[PIXELS_OUTPUT] = codecs.to_uint8(outputs["image"], self.pixels_range)
         return outputs
@@ -342,24 +337,23 @@ class Runner:
     async def run(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """The batcher's run-batch callable: one model call, on the pool unless it is tiny.
 
-        `inputs` are the graph's tensors, except that latent models may get `seed` (int64 [N]) and
-        `psi` (float64 [N], NaN = no truncation, equal on every row) instead of `z`: the latents of
-        the whole batch are then drawn here and returned as output `z`. With `pixels_range` the
-        outputs also hold PIXELS_OUTPUT, the "image" output as uint8 [N, H, W, C].
+        `inputs` are the graph's tensors, except for the rows of a `batch_keys.SeedRows` key: seeds
+        (SEED_INPUT, int64 [N]) instead of `z`, whose latents are drawn here with the key's psi and
+        returned as DRAWN_LATENTS_OUTPUT. With `pixels_range` the outputs also hold PIXELS_OUTPUT,
+        the "image" output as uint8 [N, H, W, C].
         """
-        del key  # the batch's compatibility key; the graph needs only the tensors
         signature = self._signature(inputs)
-        if self._runs_inline(signature, inputs):
-            return self._call(signature, inputs)
+        if self._runs_inline(key, signature, inputs):
+            return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call_pooled, signature, inputs)
+        return await loop.run_in_executor(self._executor, self._call_pooled, key, signature, inputs)
 
     def _runs_inline(
-        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+        self, key: Hashable, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
     ) -> bool:
         """Whether the batch is cheaper to run on the calling thread than to hand to a pool."""
         cost_s = self._cost_s.get(signature)
-        return cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(inputs)
+        return cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(key)
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """`run` for BULK batches (see background_bulk): the model call on a background thread of
@@ -372,17 +366,17 @@ class Runner:
         if self._bulk_executor is None or self._bulk_prep is None:
             return await self.run(key, inputs)
         signature = self._signature(inputs)
-        if self._runs_inline(signature, inputs):
-            return self._call(signature, inputs)
+        if self._runs_inline(key, signature, inputs):
+            return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
-        feeds, z = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, inputs)
+        feeds, z = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)
         values = await loop.run_in_executor(self._bulk_executor, self._bulk_compute, feeds)
         return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, z)
 
     def _bulk_feeds(
-        self, inputs: Mapping[str, np.ndarray]
+        self, key: Hashable, inputs: Mapping[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        prepared, z = self._prepare(inputs)
+        prepared, z = self._prepare(key, inputs)
         return self._feeds(prepared), z
 
     def _bulk_compute(self, feeds: dict[str, np.ndarray]) -> list[Any]:
@@ -392,26 +386,25 @@ class Runner:
     def _bulk_outputs(self, values: list[Any], z: np.ndarray | None) -> dict[str, np.ndarray]:
         return self._finish(self._named(values), z)
 
-    def _slow_latents(self, inputs: Mapping[str, np.ndarray]) -> bool:
+    def _slow_latents(self, key: Hashable) -> bool:
         """Whether drawing this batch's latents may cost more than the model call it was timed by.
 
         The measured cost covers the model call only; a strong truncation (small psi) redraws each
         seed's normals many times over, which must not happen on the event loop.
         """
-        psi_rows = inputs.get(PSI_INPUT)
-        if psi_rows is None or np.isnan(psi_rows[0]) or self.latent_dim is None:
+        if not isinstance(key, SeedRows) or key.psi is None or self.latent_dim is None:
             return False
-        return latents.expected_redraws(self.latent_dim, float(psi_rows[0])) > self.latent_dim
+        return latents.expected_redraws(self.latent_dim, key.psi) > self.latent_dim
 
     def _call_pooled(
-        self, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+        self, key: Hashable, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """A pool thread's batch: on the solo session when no other batch runs or waits right now."""
         with self._running_lock:
             solo = self._running == 0 and self.solo_session is not None and not self.more_work_queued()
             self._running += 1
         try:
-            return self._call(signature, inputs, solo)
+            return self._call(key, signature, inputs, solo)
         finally:
             with self._running_lock:
                 self._running -= 1

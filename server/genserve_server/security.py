@@ -17,7 +17,9 @@ from typing import Any
 
 import grpc
 
+from genserve_server.boundary import abort
 from genserve_server.config import ConfigError, SecurityConfig
+from genserve_server.errors import Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +92,10 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHand
     message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
 
     async def abort_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, Unauthenticated(message))
 
     async def abort_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, Unauthenticated(message))
         yield  # pragma: no cover - makes this an async generator for streaming responses
 
     deserialize, serialize = handler.request_deserializer, handler.response_serializer

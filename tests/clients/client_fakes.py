@@ -3,6 +3,7 @@ runner. (A uniquely named module: `conftest` is ambiguous between test folders.)
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 
 FAKE_LATENT = 4
 FAKE_CLASSES = [str(i) for i in range(10)]
+FAKE_SHA256 = hashlib.sha256(b"fake model").hexdigest()
 
 
 def fake_pixels(seed: int, label: int | None) -> np.ndarray:
@@ -52,6 +54,9 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     stream_breaks_after_chunks: list[int] = field(default_factory=list)
     # Set when a SampleStream call ends on the server (finished, failed or cancelled).
     stream_ended: threading.Event = field(default_factory=threading.Event)
+    # What every model serves (GetModel, provenance); tests change them to "replace" the model.
+    version: str = "1"
+    model_sha256: str = FAKE_SHA256
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
         self.calls[method] += 1
@@ -93,9 +98,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             self._item(i, s, labels[i % len(labels)] if labels else None, request.output)
             for i, s in enumerate(seeds)
         ]
-        return genserve_pb2.SampleResponse(
-            images=items, provenance=types_pb2.Provenance(model=request.model, version="1")
-        )
+        return genserve_pb2.SampleResponse(images=items, provenance=self._provenance(request.model))
 
     def SampleStream(
         self, request: genserve_pb2.SampleStreamRequest, context: grpc.ServicerContext
@@ -115,9 +118,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
                 self._item(i, s.base_seed + i, labels[i % len(labels)] if labels else None, s.output)
                 for i in range(start, min(start + size, s.count))
             ]
-            yield genserve_pb2.SampleStreamChunk(
-                images=items, provenance=types_pb2.Provenance(model=s.model, version="1")
-            )
+            yield genserve_pb2.SampleStreamChunk(images=items, provenance=self._provenance(s.model))
 
     def GetModel(
         self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
@@ -131,8 +132,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self._enter("ListModels", context)
         return genserve_pb2.ListModelsResponse(models=[self._info("fake-gen"), self._info("fake-cond")])
 
-    @staticmethod
-    def _info(name: str) -> genserve_pb2.ModelInfo:
+    def _provenance(self, model: str) -> types_pb2.Provenance:
+        return types_pb2.Provenance(model=model, version=self.version, model_sha256=self.model_sha256)
+
+    def _info(self, name: str) -> genserve_pb2.ModelInfo:
         cond = name.endswith("cond")
         return genserve_pb2.ModelInfo(
             name=name,
@@ -140,7 +143,11 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             latent_dim=FAKE_LATENT,
             class_names=FAKE_CLASSES if cond else [],
             output_shape=[1, 4, 4],
-            versions=[genserve_pb2.ModelVersionInfo(version="1", state=genserve_pb2.MODEL_STATE_READY)],
+            versions=[
+                genserve_pb2.ModelVersionInfo(
+                    version=self.version, state=genserve_pb2.MODEL_STATE_READY, model_sha256=self.model_sha256
+                )
+            ],
         )
 
 

@@ -78,7 +78,7 @@ def test_missing_ranges_split_into_balanced_disjoint_shards(done: set[int], n: i
 
 def bulk(target: str, out: Path, params: BulkParams, **kwargs: int) -> None:
     with GenserveClient(target, retry=FAST_RETRY) as client:
-        BulkJob(client, params, out, **kwargs).run(lambda name: client.get_model(name).versions[0].version)
+        BulkJob(client, params, out, **kwargs).run()
 
 
 def manifest_by_index(out: Path) -> dict[int, dict[str, object]]:

@@ -47,6 +47,8 @@ def test_sample_writes_files_and_a_row_per_class(tiny_server: Any, tmp_path: Pat
     files = sorted((tmp_path / "d").iterdir())
     assert len(files) == 40 and all(f.suffix == ".png" for f in files)
     with Image.open(tmp_path / "g.png") as grid:
+        text = grid.text  # type: ignore[attr-defined]
+        assert text["model"] == "tiny-cond" and text["seeds"] == "10..13" and len(text["model_sha256"]) == 64
         one_class = cli(
             tiny_server,
             "sample",
@@ -261,6 +263,9 @@ def test_bulk_resumes_after_sigkill_byte_identical_to_a_clean_run(tiny_server: A
         assert entry == reference[i]
         assert (killed / entry["file"]).read_bytes() == (clean / entry["file"]).read_bytes()
     assert resumed[7]["seed"] == 507 and resumed[7]["label"] == 7
+    # The job pinned the model file the real server reports (and every chunk came from it).
+    job = json.loads((killed / "job.json").read_text())
+    assert job["pinned_version"] == resumed[7]["version"] and len(job["model_sha256"]) == 64
     # The same directory with other parameters is refused.
     args = bulk_args(tiny_server, killed, "1")
     args[args.index("500")] = "501"

@@ -216,6 +216,14 @@ def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set so far (VmHWM): catches what was allocated and freed again."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

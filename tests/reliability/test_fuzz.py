@@ -37,7 +37,9 @@ from inference import grpc_service_pb2 as kpb
 
 FUZZ_CASES = int(os.environ.get("GENSERVE_FUZZ_CASES", "2000"))
 CALL_TIMEOUT_S = 10.0
-RSS_GROWTH_LIMIT = 100 * 1024 * 1024
+# A leak grows with the cases sent; the bound is relative to the server's own footprint in this run
+# (what the allocator keeps differs between machines).
+RSS_GROWTH_FRACTION = 0.25
 TOKEN = "fuzz-token"
 GOOD_AUTH = (("authorization", f"Bearer {TOKEN}"),)
 ACCEPTED = {
@@ -469,6 +471,6 @@ def test_fuzz_every_rpc_gets_a_proper_status(fuzz_server: ServerProcess, tmp_pat
     report_dir = os.environ.get("GENSERVE_REPORT_DIR")
     (Path(report_dir) if report_dir else tmp_path).joinpath("fuzz.json").write_text(json.dumps(report))
     assert stats.sent >= FUZZ_CASES, report
-    assert rss_after - rss_before < RSS_GROWTH_LIMIT, report
+    assert rss_after - rss_before < RSS_GROWTH_FRACTION * rss_before, report
     assert stats.codes["OK"] > 0 and stats.codes["INVALID_ARGUMENT"] > 0, report
     assert "failed with an unexpected error" not in fuzz_server.log()  # no INTERNAL behind a proper status

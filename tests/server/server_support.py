@@ -8,20 +8,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from genserve_server.launcher import ServerSubprocess, genserve_command
 
 OPSET = 17
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -433,16 +429,10 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
 # ---------------------------------------------------------------------------- server subprocess
 
 
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int
-    log_path: Path
+class ServerProcess(ServerSubprocess):
+    """A genserve-server subprocess (genserve_server.launcher, shared with bench/) plus /metrics reads."""
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    __slots__ = ()
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
@@ -463,19 +453,6 @@ class ServerProcess:
                 total += float(value)
         return total
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return int(self.proc.returncode)
-
 
 def start_server(
     models: Path,
@@ -486,45 +463,13 @@ def start_server(
     timeout_s: float = 60.0,
 ) -> ServerProcess:
     """Start `genserve-server serve` on 127.0.0.1:0 and wait for its ready-file; fail fast if it dies."""
-    work.mkdir(parents=True, exist_ok=True)
-    ready = work / "ready.json"
-    ready.unlink(missing_ok=True)
-    log_path = work / "server.log"
-    args = [
-        sys.executable,
-        "-m",
-        "genserve_server.main",
-        "serve",
-        "--models",
-        str(models),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--ready-file",
-        str(ready),
-        *extra_args,
-    ]
+    args = list(extra_args)
     if config is not None:
+        work.mkdir(parents=True, exist_ok=True)
         config_path = work / "server-config.json"
         config_path.write_text(json.dumps(config))
         args += ["--config", str(config_path)]
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited unexpectedly ({proc.returncode}):\n{log_path.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server not ready within {timeout_s} s:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
-    return ServerProcess(proc, int(info["port"]), int(info["metrics_port"]), log_path)
+    return ServerProcess.start(genserve_command(models, *args), work, timeout_s=timeout_s)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model
 
+from genserve_server.batch_keys import ImageRows, SeedRows, TileRows
 from genserve_server.config import (
     ConfigError,
     ServerConfig,
@@ -205,9 +206,9 @@ def test_max_batch_pixels_reaches_the_batchers_of_image_kinds_only(tmp_path: Pat
         sr = repo.get("tiny-sr").resolve("").batcher
         gen = repo.get("tiny-gen").resolve("").batcher
         assert sr is not None and gen is not None
-        seen["sr 64x64"] = sr.batch_rows(("tile", (3, 64, 64)))
-        seen["sr 8x8"] = sr.batch_rows(("tile", (3, 8, 8)))
-        seen["gen"] = gen.batch_rows(())
+        seen["sr 64x64"] = sr.batch_rows(TileRows((3, 64, 64)))
+        seen["sr 8x8"] = sr.batch_rows(TileRows((3, 8, 8)))
+        seen["gen"] = gen.batch_rows(SeedRows())
         seen["sr max"], seen["gen max"] = sr.max_batch_size, gen.max_batch_size
 
     with_repo(root, rows)
@@ -330,8 +331,9 @@ def test_fp16_requested_without_an_fp16_file_serves_fp32(tmp_path: Path) -> None
 
 def test_image_batches_hold_at_most_max_batch_pixels_input_pixels() -> None:
     limit = 2048 * 2048
-    assert rows_within_pixels(("image", (3, 2048, 2048)), limit) == 1
-    assert rows_within_pixels(("tile", (3, 1024, 1024)), limit) == 4
-    assert rows_within_pixels(("image", (3, 256, 256)), limit) == 64
-    assert rows_within_pixels(("image", (3, 4096, 4096)), limit) == 1  # always at least one row
-    assert rows_within_pixels((), limit) >= 4096  # fixed-size models: max_batch_size decides
+    assert rows_within_pixels(ImageRows((3, 2048, 2048)), limit) == 1
+    assert rows_within_pixels(TileRows((3, 1024, 1024)), limit) == 4
+    assert rows_within_pixels(ImageRows((3, 256, 256)), limit) == 64
+    assert rows_within_pixels(ImageRows((3, 4096, 4096)), limit) == 1  # always at least one row
+    assert rows_within_pixels(ImageRows(), limit) >= 4096  # fixed-size models: max_batch_size decides
+    assert rows_within_pixels(SeedRows(0.7), limit) >= 4096

@@ -15,10 +15,12 @@ from server_support import ServerProcess, start_server
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server.codecs import ImageFormat
 from genserve_server.config import ConfigError, load_server_config
+from genserve_server.encoding import EncodedImage
 from genserve_server.image_cache import ENTRY_OVERHEAD_BYTES, ImageCache, ImageKey, image_key
 
-PNG, JPEG, RAW = tpb.IMAGE_FORMAT_PNG, tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_RAW_UINT8
+PNG, JPEG, RAW = ImageFormat.PNG, ImageFormat.JPEG, ImageFormat.RAW_UINT8
 
 
 def key(
@@ -37,38 +39,50 @@ def entry_bytes(data_len: int, z_dim: int = 4) -> int:
 def test_least_recently_used_images_leave_once_the_byte_budget_is_exceeded() -> None:
     cache = ImageCache(3 * entry_bytes(100))
     for seed in range(3):
-        cache.put(key(seed), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
+        cache.put(key(seed), EncodedImage(PNG, bytes(100), ()), np.zeros(4, np.float32))
     assert len(cache) == 3 and cache.nbytes == 3 * entry_bytes(100)
     assert cache.get(key(0)) is not None  # 0 is now the most recently used
-    cache.put(key(3), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
+    cache.put(key(3), EncodedImage(PNG, bytes(100), ()), np.zeros(4, np.float32))
     assert [cache.get(key(s)) is not None for s in range(4)] == [True, False, True, True]
     assert cache.nbytes == 3 * entry_bytes(100)
-    cache.put(key(4), tpb.Image(data=bytes(250)), np.zeros(4, np.float32))  # evicts two
+    cache.put(key(4), EncodedImage(PNG, bytes(250), ()), np.zeros(4, np.float32))  # evicts two
     assert cache.nbytes <= cache.max_bytes and cache.get(key(4)) is not None
 
 
 def test_an_image_larger_than_the_whole_cache_is_not_kept_and_evicts_nothing() -> None:
     cache = ImageCache(entry_bytes(100))
-    cache.put(key(1), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
-    cache.put(key(2), tpb.Image(data=bytes(101)), np.zeros(4, np.float32))
+    cache.put(key(1), EncodedImage(PNG, bytes(100), ()), np.zeros(4, np.float32))
+    cache.put(key(2), EncodedImage(PNG, bytes(101), ()), np.zeros(4, np.float32))
     assert cache.get(key(2)) is None and cache.get(key(1)) is not None
 
 
 def test_putting_a_key_again_replaces_it_without_counting_it_twice() -> None:
     cache = ImageCache(10_000)
-    cache.put(key(1), tpb.Image(data=bytes(100)), np.zeros(4, np.float32))
-    cache.put(key(1), tpb.Image(data=bytes(200)), np.zeros(4, np.float32))
+    cache.put(key(1), EncodedImage(PNG, bytes(100), ()), np.zeros(4, np.float32))
+    cache.put(key(1), EncodedImage(PNG, bytes(200), ()), np.zeros(4, np.float32))
     assert len(cache) == 1 and cache.nbytes == entry_bytes(200)
 
 
 def test_the_latent_is_copied_so_a_batch_array_is_not_pinned_or_changed_later() -> None:
     batch = np.arange(8, dtype=np.float32).reshape(2, 4)
     cache = ImageCache(10_000)
-    cache.put(key(1), tpb.Image(format=RAW, data=b"xyz", shape=[1, 3, 1]), batch[1])
+    cache.put(
+        key(1),
+        EncodedImage(
+            RAW,
+            b"xyz",
+            (
+                1,
+                3,
+                1,
+            ),
+        ),
+        batch[1],
+    )
     batch[1] = -1
     entry = cache.get(key(1))
     assert entry is not None and entry.latent().tolist() == [4, 5, 6, 7]
-    assert entry.image(RAW) == tpb.Image(format=RAW, data=b"xyz", shape=[1, 3, 1])
+    assert entry.image(RAW) == EncodedImage(RAW, b"xyz", (1, 3, 1))
 
 
 def test_the_byte_budget_counts_what_entries_really_hold_in_memory() -> None:
@@ -76,13 +90,14 @@ def test_the_byte_budget_counts_what_entries_really_hold_in_memory() -> None:
     # what Python really allocates for the entries.
     cache = ImageCache(1 << 30)
     rng = np.random.default_rng(0)
-    images = [tpb.Image(format=PNG, data=rng.bytes(700), shape=[28, 28, 1]) for _ in range(2000)]
+    # Encoded bytes are made per response and then held by the cache alone: made inside the trace.
+    pixels = [bytearray(rng.bytes(700)) for _ in range(2000)]
     latents = rng.normal(size=(2000, 100)).astype(np.float32)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(2000):
-            cache.put(key(i, PNG), images[i], latents[i])
+            cache.put(key(i, PNG), EncodedImage(PNG, bytes(pixels[i]), (28, 28, 1)), latents[i])
         real = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

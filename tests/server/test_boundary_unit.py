@@ -1,21 +1,20 @@
-"""Unit tests of the servicer boundary (error translation, request ids) with a hand-written context."""
+"""Unit tests of the boundary both servicers share (error translation, request ids) and of the
+pure validators, with a hand-written context."""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from genserve_server.config import ServerConfig
-from genserve_server.errors import InvalidArgument, ResourceExhausted, invalid
+from genserve_server.boundary import Boundary, status_code
+from genserve_server.core import Call
+from genserve_server.errors import Code, InvalidArgument, ResourceExhausted, invalid
 from genserve_server.metrics import Metrics
-from genserve_server.repository import Repository
-from genserve_server.service import Call, GenerationService, check_tiling
 from genserve_server.tiling import plan_tiles
+from genserve_server.validate import tiling as check_tiling
 
 
 class Aborted(Exception):
@@ -46,18 +45,16 @@ class FakeContext:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> GenerationService:
-    metrics = Metrics(enabled=True)
-    repo = Repository(tmp_path, ServerConfig(), metrics)
-    return GenerationService(repo, ServerConfig(), metrics, ThreadPoolExecutor(1))
+def service() -> Boundary:
+    return Boundary(Metrics(enabled=True))
 
 
-def call_unary(service: GenerationService, handler: Any, context: FakeContext) -> Any:
-    return asyncio.run(service._unary("Sample", object(), context, handler))  # type: ignore[arg-type]
+def call_unary(service: Boundary, handler: Any, context: FakeContext) -> Any:
+    return asyncio.run(service.unary("Sample", object(), context, handler))  # type: ignore[arg-type]
 
 
 def test_unknown_exception_becomes_internal_with_request_id_and_no_details(
-    service: GenerationService, caplog: pytest.LogCaptureFixture
+    service: Boundary, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def handler(request: object, call: Call) -> None:
         raise ZeroDivisionError("secret internals")
@@ -79,7 +76,7 @@ def test_unknown_exception_becomes_internal_with_request_id_and_no_details(
     ],
 )
 def test_genserve_errors_keep_their_code_and_message(
-    service: GenerationService, error: Exception, code: grpc.StatusCode
+    service: Boundary, error: Exception, code: grpc.StatusCode
 ) -> None:
     async def handler(request: object, call: Call) -> None:
         raise error
@@ -92,7 +89,7 @@ def test_genserve_errors_keep_their_code_and_message(
     assert len(request_id) == 32  # made by the server when the client sent none
 
 
-def test_success_sets_the_request_id_and_counts_ok(service: GenerationService) -> None:
+def test_success_sets_the_request_id_and_counts_ok(service: Boundary) -> None:
     async def handler(request: object, call: Call) -> str:
         return "response"
 
@@ -105,7 +102,11 @@ def test_success_sets_the_request_id_and_counts_ok(service: GenerationService) -
 def test_invalid_argument_message_names_field_and_limit() -> None:
     err = invalid("labels[3]", "must be in [0, 10), got 12")
     assert str(err) == "labels[3]: must be in [0, 10), got 12"
-    assert err.field == "labels[3]" and err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.field == "labels[3]" and status_code(err.code) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_every_error_code_is_a_grpc_status() -> None:
+    assert {status_code(code).name for code in Code} == {code.name for code in Code}
 
 
 @pytest.mark.parametrize(

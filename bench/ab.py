@@ -1,0 +1,94 @@
+"""A/B of two versions of the server in one run: the interactive hot path before and after a change.
+
+`python -m bench.ab --base REV` checks REV out into a temporary git worktree and serves the same
+models from it and from this tree, in turns (A, B, A, B, ...), each a fresh server process under the
+same client (this tree's `genserve-client bench`). Per model and side: p50 at concurrency 1 and
+images/s at concurrency 64 (RAW_UINT8, one image per request), and the server's CPU ms per request.
+It prints the medians over the rounds and the ratios B / A. Same machine, same run, same files:
+only the server's code differs (its PYTHONPATH points at the other tree's `server/` and `api/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO_ROOT, write_line
+from bench.servers import ServerProcess, measured_level
+from genserve_server.launcher import genserve_command
+
+DEFAULT_MODELS = ("vae-digits-decoder", "cgan-digits", "dcgan-digits")
+LABELLED = {"cgan-digits": list(range(10))}
+
+
+def _serve(tree: Path, models: Path) -> ServerProcess:
+    env = {"PYTHONPATH": f"{tree / 'server'}:{tree / 'api'}"}
+    return ServerProcess("genserve", genserve_command(models), env=env)
+
+
+def _round(tree: Path, models: Path, names: list[str], duration_s: float) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    with _serve(tree, models) as server:
+        for name in names:
+            labels = LABELLED.get(name, [])
+            c1 = measured_level(server, name, 1, duration_s, "raw", labels=labels, warmup_s=0.5)
+            c64 = measured_level(server, name, 64, duration_s, "raw", labels=labels, warmup_s=0.5)
+            out[name] = {
+                "p50_c1_ms": float(c1["p50_ms"]),
+                "img_s_c64": float(c64["images_per_s"]),
+                "cpu_ms_c1": float(c1["server_cpu_ms_per_request"]),
+                "cpu_ms_c64": float(c64["server_cpu_ms_per_request"]),
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision of side A (side B: this tree)")
+    parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS))
+    parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration-s", type=float, default=4.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(base), args.base],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
+            for i in range(args.rounds):
+                for side, tree in (
+                    (("A", base), ("B", REPO_ROOT)) if i % 2 == 0 else (("B", REPO_ROOT), ("A", base))
+                ):
+                    sides[side].append(_round(tree, args.models_dir, args.models, args.duration_s))
+        finally:
+            subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
+            )
+    report: dict[str, Any] = {"base": args.base, "rounds": args.rounds, "models": {}}
+    write_line(
+        f"A = {args.base}, B = this tree; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request"
+    )
+    write_line(f"{'model':<22}{'figure':<13}{'A':>10}{'B':>10}{'B/A':>8}")
+    for name in args.models:
+        report["models"][name] = {}
+        for figure in ("p50_c1_ms", "img_s_c64", "cpu_ms_c1", "cpu_ms_c64"):
+            a = statistics.median(r[name][figure] for r in sides["A"])
+            b = statistics.median(r[name][figure] for r in sides["B"])
+            report["models"][name][figure] = {"A": a, "B": b, "B/A": b / a if a else None}
+            write_line(f"{name:<22}{figure:<13}{a:>10.3f}{b:>10.3f}{b / a if a else float('nan'):>8.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The decisions around a call's attempts, shared by the sync and asyncio clients (sans I/O).
+
+`Attempts` holds one call's request id, metadata and deadline, maps each failed attempt's
+RpcError to GenserveClientError and asks the RetryPolicy whether and how long to wait;
+`StreamResume` also tracks where a SampleStream job has got to. The clients only perform the
+calls and the waits, so the retry, deadline and error rules cannot drift apart between them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import grpc
+
+from genserve.v1 import genserve_pb2
+from genserve_client.calls import StreamCall, UnaryCall
+from genserve_client.channel import ChannelConfig, new_request_id
+from genserve_client.errors import from_rpc_error, request_id_from
+from genserve_client.results import SampleResult
+from genserve_client.retry import RetryPolicy
+
+Out = TypeVar("Out")
+
+Metadata = Iterable[tuple[str, str | bytes]] | None
+
+
+def remaining_s(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Attempts:
+    """One call's attempts: all carry the same request id; the deadline (None: none) bounds them all."""
+
+    def __init__(
+        self, config: ChannelConfig, retry: RetryPolicy, rng: random.Random, timeout_s: float | None
+    ) -> None:
+        self.request_id = new_request_id()
+        self.metadata = config.metadata(self.request_id)
+        self._retry = retry
+        self._rng = rng
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._failures = 0  # since the start, or since the last progress of a stream
+
+    def timeout_s(self) -> float | None:
+        """What is left of the deadline, for the next attempt."""
+        return remaining_s(self._deadline)
+
+    def wait_s(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt after `exc`; raises the GenserveClientError
+        (with the server's request id when it sent one) when the failure is final."""
+        self._failures += 1
+        error = from_rpc_error(exc, self.request_id)
+        delay = self._retry.delay_s(
+            error.code, self._failures, self.timeout_s(), self._rng, details=error.details
+        )
+        if delay is None:
+            raise error from None
+        return delay
+
+    def progressed(self) -> None:
+        """Progress resets the retry budget (a long stream may break more than max_attempts times)."""
+        self._failures = 0
+
+    def result(self, call: UnaryCall[Out], response: Any, trailing: Metadata) -> Out:
+        # The request id the server echoes wins over the one we sent.
+        return call.parse(response, request_id_from(trailing) or self.request_id)
+
+
+class StreamResume:
+    """Where a SampleStream job stands: each reopened stream starts at the index after the last
+    image handed out, so a consumer sees each index exactly once."""
+
+    def __init__(self, call: StreamCall, attempts: Attempts) -> None:
+        self.call = call
+        self.attempts = attempts
+        self.next_index = call.request.start_index
+
+    def next_request(self) -> genserve_pb2.SampleStreamRequest | None:
+        """The request for the next attempt, or None when every index has been handed out."""
+        if self.next_index >= self.call.request.sample.count:
+            return None
+        request = genserve_pb2.SampleStreamRequest()
+        request.CopyFrom(self.call.request)
+        request.start_index = self.next_index
+        return request
+
+    def chunk(self, chunk: genserve_pb2.SampleStreamChunk) -> SampleResult:
+        result = SampleResult.from_proto(chunk, self.attempts.request_id)
+        if result.items:
+            self.next_index = result.items[-1].index + 1
+            self.attempts.progressed()
+        return result

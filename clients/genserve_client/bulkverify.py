@@ -1,0 +1,136 @@
+"""Check that a bulk job's output is exactly the job: one folder, or the shard folders of a job run
+with `--shard I/N` (e.g. by a Kubernetes Indexed Job), and optionally merge their manifests.
+
+Exactly means: every shard 0..N-1 present and of the same job (parameters, pinned version, model
+sha256), the manifests together name each index in [0, n) once and only once, every named file
+exists (and, with `hashes`, has the sha256 its manifest line records).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genserve_client.bulk import JOB_FILE, MANIFEST_FILE, BulkError, Shard, read_job, read_manifest
+
+MAX_LISTED = 10  # problems of one kind listed before "and N more"
+
+
+@dataclass
+class VerifyReport:
+    """What verify_job found; `ok` when the folders hold exactly the job."""
+
+    root: Path
+    n: int = 0
+    folders: list[Path] = field(default_factory=list)
+    images: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _listed(kind: str, items: Sequence[object]) -> str:
+    shown = ", ".join(map(str, items[:MAX_LISTED]))
+    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"{kind} ({len(items)}): {shown}{more}"
+
+
+def job_folders(root: Path) -> list[Path]:
+    """`root` itself when it is a job, else its shard-* sub-folders that hold a job."""
+    if (root / JOB_FILE).exists():
+        return [root]
+    return sorted(p for p in root.glob("shard-*-of-*") if (p / JOB_FILE).exists())
+
+
+def _identity(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: job.get(k) for k in ("params", "pinned_version", "model_sha256")}
+
+
+def _check_shards(report: VerifyReport, shards: dict[Path, Shard | None]) -> None:
+    """All folders one whole job, or shards 0..N-1 of one N."""
+    counts = {s.count if s else None for s in shards.values()}
+    if len(counts) > 1:
+        report.problems.append(f"the folders mix shard counts: {sorted(map(str, counts))}")
+        return
+    count = counts.pop()
+    if count is not None:
+        present = {s.index for s in shards.values() if s}
+        missing = [i for i in range(count) if i not in present]
+        if missing:
+            report.problems.append(_listed(f"shards missing of {count}", missing))
+
+
+@dataclass
+class _Entries:
+    """The manifests' entries, merged, and what is wrong with them."""
+
+    merged: list[dict[str, Any]] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    duplicates: list[int] = field(default_factory=list)
+    outside: list[int] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+
+    def add(self, root: Path, folder: Path, lo: int, hi: int, *, hashes: bool) -> None:
+        entries, _ = read_manifest(folder / MANIFEST_FILE)
+        prefix = folder.relative_to(root)
+        for entry in entries:
+            index = entry["index"]
+            if not lo <= index < hi:
+                self.outside.append(index)
+            if index in self.seen:
+                self.duplicates.append(index)
+                continue
+            self.seen.add(index)
+            path = folder / entry["file"]
+            if not path.is_file():
+                self.absent.append(str(path))
+            elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
+                self.damaged.append(str(path))
+            self.merged.append({**entry, "file": str(prefix / entry["file"])})
+
+
+def verify_job(root: Path, *, hashes: bool = False) -> tuple[VerifyReport, list[dict[str, Any]]]:
+    """Check `root`; returns the report and the merged manifest entries (files relative to root)."""
+    report = VerifyReport(root)
+    folders = job_folders(root)
+    if not folders:
+        raise BulkError(f"{root} holds no bulk job ({JOB_FILE}) and no shard-*-of-* folder with one")
+    report.folders = folders
+    jobs = {folder: read_job(folder) or {} for folder in folders}
+    first = jobs[folders[0]]
+    try:
+        report.n = int(first["params"]["n"])
+        shards = {folder: Shard(*job["shard"]) if job.get("shard") else None for folder, job in jobs.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BulkError(f"{root}: a {JOB_FILE} is unreadable ({exc!r})") from None
+    for folder, job in jobs.items():
+        if _identity(job) != _identity(first):
+            report.problems.append(f"{folder} belongs to another job than {folders[0]} (parameters or model)")
+    _check_shards(report, shards)
+    found = _Entries()
+    for folder, shard in shards.items():
+        lo, hi = shard.range(report.n) if shard else (0, report.n)
+        found.add(root, folder, lo, hi, hashes=hashes)
+    for kind, items in (
+        ("indices missing", [i for i in range(report.n) if i not in found.seen]),
+        ("indices listed twice", sorted(found.duplicates)),
+        ("indices outside their shard's range", sorted(found.outside)),
+        ("files missing", found.absent),
+        ("files whose sha256 differs from the manifest", found.damaged),
+    ):
+        if items:
+            report.problems.append(_listed(kind, items))
+    report.images = len(found.seen)
+    found.merged.sort(key=lambda e: int(e["index"]))
+    return report, found.merged
+
+
+def write_merged_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
+    path.write_bytes(b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))

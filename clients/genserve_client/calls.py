@@ -1,0 +1,135 @@
+"""Call plans: what each genserve.v1 RPC sends and how its answer becomes a result, written once.
+
+A plan builder takes the public method's arguments (its signature *is* the method's: the sync and
+asyncio clients bind these builders, see binding.py), builds and checks the request, and says which
+RPC carries it and how to read the response. Nothing here touches a channel, so the two clients
+differ only in how they perform the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, Unpack
+
+import numpy.typing as npt
+
+from genserve.v1 import genserve_pb2
+from genserve_client import requests as rq
+from genserve_client.convert import ImageInput
+from genserve_client.results import EncodeResult, ImageResult, SampleResult
+
+Out = TypeVar("Out")
+
+
+@dataclass(frozen=True, slots=True)
+class UnaryCall(Generic[Out]):
+    """One unary RPC: the stub attribute (`rpc`), the request, and how the response (with the
+    request id the server echoed, or the one sent) becomes the result. `timeout_s` None: the
+    client's default deadline."""
+
+    rpc: str
+    request: Any
+    parse: Callable[[Any, str | None], Out]
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCall:
+    """A SampleStream job. `timeout_s` bounds each attempt; None means no deadline."""
+
+    request: genserve_pb2.SampleStreamRequest
+    timeout_s: float | None = None
+
+
+def _models(response: genserve_pb2.ListModelsResponse, _: str | None) -> list[genserve_pb2.ModelInfo]:
+    return list(response.models)
+
+
+def _model(response: genserve_pb2.ModelInfo, _: str | None) -> genserve_pb2.ModelInfo:
+    return response
+
+
+def sample(
+    model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.SampleOptions]
+) -> UnaryCall[SampleResult]:
+    """Draw `n` images (or one per seed / latent row). See genserve.proto SampleRequest."""
+    return UnaryCall("Sample", rq.sample_request(model, n, **opts), SampleResult.from_proto, timeout_s)
+
+
+def interpolate(
+    model: str,
+    start: rq.Latent,
+    end: rq.Latent,
+    steps: int,
+    *,
+    timeout_s: float | None = None,
+    **opts: Unpack[rq.InterpolateOptions],
+) -> UnaryCall[SampleResult]:
+    """A path of `steps` images between two seeds (ints) or two latents (float32 [Z])."""
+    request = rq.interpolate_request(model, start, end, steps, **opts)
+    return UnaryCall("Interpolate", request, SampleResult.from_proto, timeout_s)
+
+
+def encode(
+    model: str,
+    images: Sequence[ImageInput],
+    *,
+    timeout_s: float | None = None,
+    **opts: Unpack[rq.EncodeOptions],
+) -> UnaryCall[EncodeResult]:
+    """Encode images to latents (mu, logvar and, with `sample=True`, a drawn z)."""
+    return UnaryCall("Encode", rq.encode_request(model, images, **opts), EncodeResult.from_proto, timeout_s)
+
+
+def decode(
+    model: str, latents: npt.ArrayLike, *, timeout_s: float | None = None, **opts: Unpack[rq.DecodeOptions]
+) -> UnaryCall[SampleResult]:
+    """Decode float32 [N, Z] latents to images."""
+    return UnaryCall("Decode", rq.decode_request(model, latents, **opts), SampleResult.from_proto, timeout_s)
+
+
+def super_resolve(
+    model: str,
+    images: Sequence[ImageInput],
+    *,
+    timeout_s: float | None = None,
+    **opts: Unpack[rq.ImageOptions],
+) -> UnaryCall[ImageResult]:
+    """Upscale images (tiled on the server when large)."""
+    request = rq.image_request(model, images, **opts)
+    return UnaryCall("SuperResolve", request, ImageResult.from_proto, timeout_s)
+
+
+def translate(
+    model: str,
+    images: Sequence[ImageInput],
+    *,
+    timeout_s: float | None = None,
+    **opts: Unpack[rq.ImageOptions],
+) -> UnaryCall[ImageResult]:
+    """Image-to-image translation."""
+    request = rq.image_request(model, images, **opts)
+    return UnaryCall("Translate", request, ImageResult.from_proto, timeout_s)
+
+
+def list_models(*, timeout_s: float | None = None) -> UnaryCall[list[genserve_pb2.ModelInfo]]:
+    return UnaryCall("ListModels", genserve_pb2.ListModelsRequest(), _models, timeout_s)
+
+
+def get_model(
+    name: str, version: str = "", *, timeout_s: float | None = None
+) -> UnaryCall[genserve_pb2.ModelInfo]:
+    return UnaryCall("GetModel", genserve_pb2.GetModelRequest(name=name, version=version), _model, timeout_s)
+
+
+def sample_stream(
+    model: str, count: int, *, timeout_s: float | None = None, **opts: Unpack[rq.StreamOptions]
+) -> StreamCall:
+    """Images [start_index, count) of a bulk job, chunk by chunk, resumed after transient errors
+    at the index after the last image yielded (each index is yielded exactly once).
+
+    `timeout_s` bounds each attempt of the stream; None (the default here, unlike unary
+    calls) means no deadline, since a bulk job may run for hours.
+    """
+    return StreamCall(rq.sample_stream_request(model, count, **opts), timeout_s)

@@ -1,0 +1,56 @@
+"""Provenance in PNG files the CLI writes: tEXt chunks with seed(s), model, version and sha256.
+
+Read them back with Pillow (`Image.open(path).text`) or `exiftool`. Images the server encoded are
+not re-encoded: the chunks are spliced in after IHDR, so the pixel data stays byte for byte.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from PIL.PngImagePlugin import PngInfo
+
+from genserve_client.results import Provenance
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4  # length, type, 13 data bytes, CRC
+SOFTWARE = "genserve-client"
+
+
+def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
+    """Text chunks for one PNG: the given fields (None skipped) and the model's provenance."""
+    text = {"Software": SOFTWARE}
+    text.update({k: str(v) for k, v in fields.items() if v is not None})
+    if provenance is not None:
+        for key, value in (
+            ("model", provenance.model),
+            ("version", provenance.version),
+            ("model_sha256", provenance.model_sha256),
+        ):
+            if value:
+                text[key] = value
+    return text
+
+
+def pnginfo(text: dict[str, str]) -> PngInfo:
+    """The same chunks for a picture Pillow encodes (`picture.save(path, pnginfo=...)`)."""
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    return info
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def with_png_text(data: bytes, text: dict[str, str]) -> bytes:
+    """PNG bytes with tEXt chunks added after IHDR; anything that is not a PNG is returned as is."""
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return data
+    chunks = b"".join(
+        _chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1", "replace"))
+        for key, value in text.items()
+    )
+    return data[:_IHDR_END] + chunks + data[_IHDR_END:]

@@ -1,0 +1,173 @@
+"""The one boundary between gRPC and the serving core, for both servicers (genserve.v1, KServe v2).
+
+Per RPC: the request id (the client's `x-request-id` when printable and short, else a fresh one),
+the in-flight gauge, the finished counter and latency histogram, and the translation of errors:
+a GenserveError becomes its status with its message; any other exception becomes INTERNAL
+"internal error (request id X)", the traceback going only to the log. The admission interceptors
+(limits.py, security.py) answer through `abort` too, so a status is made in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from genserve_server.batcher import cancelled_by_deadline
+from genserve_server.core import Call
+from genserve_server.errors import Code, GenserveError, InvalidArgument
+from genserve_server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def status_code(code: Code) -> grpc.StatusCode:
+    """The gRPC status of an error code (the names are the same)."""
+    return grpc.StatusCode[code.name]
+
+
+async def abort(
+    context: Context, error: GenserveError, trailing: tuple[tuple[str, str], ...] = ()
+) -> NoReturn:
+    """Answer the call with the error's status and message (context.abort raises)."""
+    await context.abort(status_code(error.code), error.message, trailing_metadata=trailing)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+def request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if (
+            key == REQUEST_ID_KEY
+            and isinstance(value, str)
+            and 0 < len(value) <= MAX_REQUEST_ID_CHARS
+            and value.isprintable()
+        ):
+            return value
+    return uuid.uuid4().hex
+
+
+class Boundary:
+    """Wraps every handler of both servicers: `unary`, `stream`, and `plain` for metadata RPCs."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._unresolved = metrics.unresolved()
+
+    def begin(self, method: str, context: Context) -> Call:
+        remaining_s = context.time_remaining()
+        now = time.monotonic()
+        call = Call(method, request_id(context), now, self._unresolved)
+        if remaining_s is not None:
+            call.deadline = now + remaining_s
+        self.metrics.in_flight_children[method].inc()
+        return call
+
+    async def fail(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
+        """Log and translate an exception into the call's status (context.abort raises)."""
+        trailing = ((REQUEST_ID_KEY, call.request_id),)
+        if isinstance(exc, GenserveError):
+            if isinstance(exc, InvalidArgument):
+                call.metrics.rejected["invalid"].inc()
+            elif exc.code == Code.UNAVAILABLE:
+                call.metrics.rejected["not_ready"].inc()
+            logger.info(
+                "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
+            )
+            await abort(context, exc, trailing)
+        logger.error(
+            "request_id=%s method=%s failed with an unexpected error",
+            call.request_id,
+            call.method,
+            exc_info=exc,
+        )
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error (request id {call.request_id})",
+            trailing_metadata=trailing,
+        )
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    def end(self, call: Call, code: str) -> None:
+        duration_s = time.monotonic() - call.started
+        self.metrics.in_flight_children[call.method].dec()
+        if call.batcher is not None:
+            call.batcher.release()
+        if call.stream_batcher is not None:
+            call.stream_batcher.release(stream=True)
+        call.metrics.request_done(call.method, code, duration_s)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "request request_id=%s method=%s model=%s version=%s code=%s duration_ms=%.3f",
+                call.request_id,
+                call.method,
+                call.metrics.model,
+                call.metrics.version,
+                code,
+                duration_s * 1e3,
+            )
+
+    async def unary(
+        self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], Awaitable[Resp]]
+    ) -> Resp:
+        call = self.begin(method, context)
+        code = "OK"
+        try:
+            response = await handler(request, call)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+            return response
+        except asyncio.CancelledError:
+            code = _cancelled_code(call)
+            raise
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self.fail(call, exc, context)
+        finally:
+            self.end(call, code)
+
+    async def stream(
+        self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], AsyncIterator[Resp]]
+    ) -> AsyncIterator[Resp]:
+        call = self.begin(method, context)
+        code = "OK"
+        try:
+            async for item in handler(request, call):
+                yield item
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        except asyncio.CancelledError:
+            code = _cancelled_code(call)
+            raise
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self.fail(call, exc, context)
+        finally:
+            self.end(call, code)
+
+    @staticmethod
+    async def plain(context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
+        """Metadata RPCs (KServe's readiness, metadata, config, statistics): the same error
+        translation, no per-RPC metrics."""
+        try:
+            return await handler()
+        except GenserveError as exc:
+            await abort(context, exc)
+
+
+def _cancelled_code(call: Call) -> str:
+    """The status a cancelled handler is counted under: gRPC cancels it at the client's deadline too."""
+    return "DEADLINE_EXCEEDED" if cancelled_by_deadline(call.deadline) else "CANCELLED"

@@ -1,0 +1,558 @@
+"""The protocol-free generation core: what both servicers (genserve.v1 and KServe v2) call.
+
+decode -> plan -> submit (typed batch keys, batch_keys.py) -> unbatch -> encode. Inputs are plain
+values and numpy arrays, already parsed from the wire by a servicer; outputs are numpy arrays and
+`EncodedImage`s. No module of the core imports grpc, protobuf or the generated stubs
+(tests/server/test_layering.py checks it).
+
+- `generate`: seed rows (latents drawn per batch by the runner) or latent rows, plus labels;
+- `sample`: `generate` through the image cache when it is on;
+- `encode_vae`: images -> latent distributions;
+- `upscale`: pad -> plan tiles -> group by shape -> submit -> blend -> crop;
+- `translate`: bucket by padded shape -> submit -> crop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from genserve_server import codecs, latents, tiling, validate
+from genserve_server.batch_keys import (
+    DRAWN_LATENTS_OUTPUT,
+    PIXELS_OUTPUT,
+    SEED_INPUT,
+    BatchKey,
+    ImageRows,
+    LatentRows,
+    SeedRows,
+    TileRows,
+)
+from genserve_server.batcher import Batcher, BatchResult, Lane
+from genserve_server.config import Card, ServerConfig, cpu_count
+from genserve_server.encoding import Codec, EncodedImage, ImageInput
+from genserve_server.errors import GenserveError, invalid
+from genserve_server.image_cache import ImageCache, image_key
+from genserve_server.metrics import Metrics, ModelMetrics
+from genserve_server.repository import ModelVersion, Repository
+from genserve_server.validate import OutputSpec
+
+T = TypeVar("T")
+
+# Truncation below this psi may redraw for long: those latents are drawn per request, not per batch.
+BATCH_LATENTS_MIN_PSI = 0.01
+STREAM_CHUNKS_AHEAD = 2  # chunks computed ahead of the one being sent (HTTP/2 flow control bounds the rest)
+
+
+@dataclass(slots=True)
+class Call:
+    """Per-RPC bookkeeping: the boundary creates it and reads it in `finally`; the core fills in the
+    model version's metrics and the batcher the call counts against."""
+
+    method: str
+    request_id: str
+    started: float
+    metrics: ModelMetrics
+    deadline: float | None = None
+    batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
+    stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
+
+
+@dataclass(slots=True)
+class Generated:
+    """Images of one generate/sample call, with the latents used and the executed batch sizes."""
+
+    images: list[EncodedImage]
+    latents: np.ndarray
+    executed_batch_sizes: list[int]
+    from_cache: list[bool] | None = None
+
+
+@dataclass(slots=True)
+class Upscaled:
+    images: list[EncodedImage]
+    executed_batch_sizes: list[int]
+    tiles: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EncodedLatents:
+    mu: np.ndarray
+    logvar: np.ndarray
+    z: np.ndarray | None
+    executed_batch_sizes: list[int]
+
+
+async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """asyncio.gather that cancels the siblings when one fails (their rows leave the queue)."""
+    if len(aws) == 1:
+        return [await aws[0]]
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def image_batch_key(card: Card, shape: tuple[int, ...]) -> BatchKey:
+    """The key of whole-image rows of `shape` (C, H, W): tiles for super-resolution, images else;
+    fixed-size models batch every row together."""
+    if card.image_size is not None:
+        return ImageRows()
+    if card.kind == "super_resolution":
+        return TileRows(shape)
+    return ImageRows(shape)
+
+
+class GenerationCore:
+    """Validation beyond the wire format, planning, batching and encoding, for every protocol."""
+
+    def __init__(
+        self, repository: Repository, config: ServerConfig, metrics: Metrics, codec_pool: ThreadPoolExecutor
+    ) -> None:
+        self.repo = repository
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics
+        self.codec = Codec(
+            codec_pool, config.codec_threads or cpu_count(), config.limits.max_send_message_bytes
+        )
+        self.image_cache = ImageCache(config.image_cache_bytes) if config.image_cache_bytes else None
+
+    # ------------------------------------------------------------------ resolving and submitting
+
+    def resolve(
+        self, call: Call, name: str, version: str, kinds: Sequence[str], method: str, field_prefix: str = ""
+    ) -> ModelVersion:
+        """The serving version of `name` for a call of `method`; `field_prefix` ("sample." for
+        SampleStream) makes messages name the field as the client set it."""
+        if not name:
+            raise invalid(f"{field_prefix}model", "required (see ListModels)")
+        model = self.repo.get(name)
+        if model.kind and model.kind not in kinds:
+            raise invalid(
+                f"{field_prefix}model", f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}"
+            )
+        try:
+            mv = model.resolve(version)
+        except GenserveError:
+            if model.versions:  # count the refusal against the model, not the unresolved series
+                call.metrics = model.versions[max(model.versions, key=int)].metrics
+            raise
+        call.metrics = mv.metrics
+        # A stream keeps its own chunks queued ahead; it is not a caller about to send a row, but
+        # a reload's drain waits for it all the same.
+        if mv.batcher is not None and call.batcher is None and call.stream_batcher is None:
+            if call.method == "SampleStream":
+                call.stream_batcher = mv.batcher
+                mv.batcher.hold(stream=True)
+            else:
+                call.batcher = mv.batcher
+                mv.batcher.hold()
+        return mv
+
+    async def submit(
+        self, mv: ModelVersion, call: Call, key: BatchKey, inputs: dict[str, np.ndarray], n: int, lane: Lane
+    ) -> BatchResult:
+        assert mv.batcher is not None
+        return await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+
+    def check_send_size(self, n_bytes: int, what: str, fmt: int | None = None) -> None:
+        validate.send_size(
+            n_bytes,
+            self.limits.max_send_message_bytes,
+            what,
+            None if fmt is None else codecs.ImageFormat(fmt),
+        )
+
+    def random_base_seed(self, n: int) -> int:
+        return secrets.randbelow(validate.SEED_LIMIT - n)
+
+    # ------------------------------------------------------------------ generators and decoders
+
+    async def generate_batch(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        labels: np.ndarray | None,
+        lane: Lane,
+        *,
+        seeds: Sequence[int] | None = None,
+        psi: float | None = None,
+        z: np.ndarray | None = None,
+        seed_field: str = "seeds",
+    ) -> tuple[BatchResult, np.ndarray]:
+        """The model's outputs for explicit latents `z` or for `seeds` (+ psi), and the latents used.
+
+        Seed rows go to the batcher as seeds (SeedRows): the runner draws the latents of a whole
+        batch in one vectorised call, and row i depends only on (seed_i, psi), so an image never
+        depends on its batch. psi is part of the key (one psi per batch); labels and seeds mix freely.
+        """
+        card = mv.card
+        assert card is not None and card.latent_dim is not None
+        key: BatchKey
+        inputs: dict[str, np.ndarray]
+        if psi is not None:  # here, not in the runner, so that a bad psi fails only its own request
+            latents.check_truncation_psi(psi, card.latent_dim)
+        if z is None and seeds is not None and (psi is None or psi >= BATCH_LATENTS_MIN_PSI):
+            n = len(seeds)
+            key = SeedRows(psi)
+            inputs = {SEED_INPUT: np.asarray(seeds, dtype=np.int64)}
+        else:
+            if z is None:
+                # A tiny psi may redraw for long (~1 ms a seed): per request, not per batch, and on
+                # the codec pool so that the event loop keeps serving everyone else meanwhile.
+                assert seeds is not None
+                draw = functools.partial(
+                    latents.latents_for_seeds, seeds, card.latent_dim, psi, field=seed_field
+                )
+                drawn: np.ndarray = await self.codec.off_loop(draw)
+                z = drawn
+            n = len(z)
+            key = LatentRows()
+            inputs = {"z": z}
+        if labels is not None:
+            inputs["label"] = labels
+        result = await self.submit(mv, call, key, inputs, n, lane)
+        return result, z if z is not None else result.outputs[DRAWN_LATENTS_OUTPUT]
+
+    async def generate(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        labels: np.ndarray | None,
+        out: OutputSpec,
+        lane: Lane,
+        *,
+        seeds: Sequence[int] | None = None,
+        psi: float | None = None,
+        z: np.ndarray | None = None,
+        seed_field: str = "seeds",
+    ) -> Generated:
+        """`generate_batch`, encoded; refused before compute where the size is sure to be too large."""
+        card = mv.card
+        assert card is not None and card.image_size is not None and card.latent_dim is not None
+        n = len(seeds) if z is None and seeds is not None else len(z) if z is not None else 0
+        limit = self.limits.max_send_message_bytes
+        validate.predicted_send_size(out, n, card.channels, *card.image_size, limit)
+        if out.return_latents:
+            validate.send_size(n * card.latent_dim * 4, limit, "the returned latents")
+        result, used = await self.generate_batch(
+            mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field
+        )
+        images = await self.codec.encode(
+            mv.metrics, result.outputs["image"], out, card.output_range, result.outputs.get(PIXELS_OUTPUT)
+        )
+        return Generated(images, used, result.executed_batch_sizes)
+
+    async def sample(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        seeds: list[int],
+        labels: np.ndarray | None,
+        psi: float | None,
+        out: OutputSpec,
+        lane: Lane,
+    ) -> Generated:
+        """Images for seeds; where the image cache is on, only the seeds it does not hold are computed."""
+        cache = self.image_cache
+        if cache is None:
+            return await self.generate(mv, call, labels, out, lane, seeds=seeds, psi=psi)
+        assert mv.card is not None and mv.card.latent_dim is not None
+        keys = [
+            image_key(
+                mv.load_id,
+                seed,
+                None if labels is None else int(labels[i]),
+                psi,
+                out.format,
+                out.quality,
+                out.png_compression,
+            )
+            for i, seed in enumerate(seeds)
+        ]
+        found = [cache.get(key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        mv.metrics.cache_hits.inc(len(seeds) - len(missing))
+        mv.metrics.cache_misses.inc(len(missing))
+        images = [EncodedImage(out.format, b"", ()) if e is None else e.image(out.format) for e in found]
+        z = np.empty((len(seeds), mv.card.latent_dim), np.float32)
+        for i, entry in enumerate(found):
+            if entry is not None:
+                z[i] = entry.latent()
+        batch_sizes: list[int] = []
+        if missing:
+            computed = await self.generate(
+                mv,
+                call,
+                None if labels is None else labels[missing],
+                out,
+                lane,
+                seeds=[seeds[i] for i in missing],
+                psi=psi,
+            )
+            batch_sizes = computed.executed_batch_sizes
+            for j, i in enumerate(missing):
+                images[i] = computed.images[j]
+                z[i] = computed.latents[j]
+                cache.put(keys[i], computed.images[j], computed.latents[j])
+            self.metrics.image_cache_bytes.set(cache.nbytes)
+        if len(missing) < len(seeds):  # what generate checks for computed images, for the whole response
+            self.check_send_size(sum(len(image.data) for image in images), "the response", out.format)
+            if out.return_latents:
+                self.check_send_size(z.nbytes, "the returned latents")
+        return Generated(images, z, batch_sizes, [entry is not None for entry in found])
+
+    async def sample_range(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        base: int,
+        count: int,
+        start_index: int,
+        chunk_size: int,
+        label_cycle: np.ndarray,
+        psi: float | None,
+        out: OutputSpec,
+        lane: Lane,
+    ) -> AsyncIterator[tuple[int, list[int], np.ndarray | None, Generated]]:
+        """Images start_index .. count - 1 of a stream (image i: seed base + i, label i mod cycle), in
+        chunks, computed up to STREAM_CHUNKS_AHEAD chunks ahead of the one being sent."""
+
+        async def chunk(start: int, n: int) -> tuple[int, list[int], np.ndarray | None, Generated]:
+            seeds = list(range(base + start, base + start + n))
+            labels = label_cycle[np.arange(start, start + n) % len(label_cycle)] if len(label_cycle) else None
+            generated = await self.generate(
+                mv, call, labels, out, lane, seeds=seeds, psi=psi, seed_field="sample.base_seed"
+            )
+            return start, seeds, labels, generated
+
+        pending: deque[asyncio.Task[tuple[int, list[int], np.ndarray | None, Generated]]] = deque()
+        next_index = start_index
+        try:
+            while next_index < count or pending:
+                while len(pending) <= STREAM_CHUNKS_AHEAD and next_index < count:
+                    n = min(chunk_size, count - next_index)
+                    pending.append(asyncio.ensure_future(chunk(next_index, n)))
+                    next_index += n
+                yield await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+
+    # ------------------------------------------------------------------ VAE encoder
+
+    async def encode_vae(
+        self, mv: ModelVersion, call: Call, images: Sequence[ImageInput], sample_seed: int | None
+    ) -> EncodedLatents:
+        """Latent distributions of images of the encoder's size; with `sample_seed`, also z = mu +
+        sigma * eps with eps from seeds sample_seed + i."""
+        card = mv.card
+        assert card is not None and card.image_size is not None
+        n = len(images)
+        h, w = card.image_size
+        for i, image in enumerate(images):
+            # From the header or shape, before decoding: a large image is refused without its cost.
+            declared = codecs.declared_size(image.data, image.format, image.shape)
+            if declared is not None and declared != (h, w):
+                raise invalid(
+                    f"images[{i}]",
+                    f"must be {h}x{w} (the encoder's input size; never resized), "
+                    f"got {declared[0]}x{declared[1]}",
+                )
+        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1))
+        for i, chw in enumerate(arrays):
+            if chw.shape[1:] != (h, w):
+                raise invalid(
+                    f"images[{i}]",
+                    f"must be {h}x{w} (the encoder's input size; never resized), "
+                    f"got {chw.shape[1]}x{chw.shape[2]}",
+                )
+        result = await self.submit(mv, call, ImageRows(), {"image": np.stack(arrays)}, n, Lane.INTERACTIVE)
+        mu = result.outputs["mu"].astype(np.float32, copy=False).reshape(n, -1)
+        logvar = result.outputs["logvar"].astype(np.float32, copy=False).reshape(n, -1)
+        z = None
+        if sample_seed is not None:
+            eps = latents.eps_for_seeds(list(range(sample_seed, sample_seed + n)), mu.shape[1], field="seed")
+            z = (mu + np.exp(logvar / 2) * eps).astype(np.float32)
+        return EncodedLatents(mu, logvar, z, result.executed_batch_sizes)
+
+    # ------------------------------------------------------------------ super-resolution
+
+    async def upscale(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        images: Sequence[ImageInput],
+        tile_size: int,
+        tile_overlap: int | None,
+        out: OutputSpec,
+    ) -> Upscaled:
+        """`tile_size` 0 / `tile_overlap` None: the model's defaults, which make tiling exact: overlap
+        >= 2 * the receptive-field radius measured at load, each tile discarding `radius` pixels at
+        its inner edges (tiling.py explains the rule)."""
+        card = mv.card
+        assert card is not None
+        radius = mv.tile_radius
+        default_overlap = max(card.tile_overlap or 0, 2 * radius if radius is not None else 0)
+        overlap = default_overlap if tile_overlap is None else tile_overlap
+        tile = tile_size or min(validate.MAX_TILE, max(card.tile_size or 128, 4 * overlap))
+        validate.tiling(tile, overlap, card.size_multiple)
+        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_sr_input_pixels)
+        validate.min_size(arrays, card)
+        scale = card.scale_factor
+        validate.encodable(out, [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays])
+        validate.predicted_send_size(
+            out,
+            1,
+            card.channels,
+            sum(a.shape[1] * scale for a in arrays),
+            max(a.shape[2] for a in arrays) * scale,
+            self.limits.max_send_message_bytes,
+        )
+        # Pad each image to the size multiple (reflect), cut equal-sized tiles; tiles of one shape
+        # from this and other requests share batches; blend, then crop the padding back off.
+        padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]
+        margin = min(radius, overlap // 2) if radius is not None else None
+        plans = [
+            tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, card.size_multiple, margin=margin)
+            for p in padded
+        ]
+        n_tiles = sum(len(plan) for plan in plans)
+        assert mv.batcher is not None
+        if n_tiles > mv.batcher.max_queue_size:  # could never be queued: not worth a retry
+            raise invalid(
+                "tile_size",
+                f"{len(plans)} image(s) cut into {n_tiles} tiles of {tile}x{tile}, more than this model's "
+                f"queue holds (max_queue_size={mv.batcher.max_queue_size}); use a larger tile_size or "
+                "send fewer or smaller images",
+            )
+        groups: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}
+        for img_i, (chw, tiles) in enumerate(zip(padded, plans, strict=True)):
+            for tile_i, t in enumerate(tiles):
+                patch = tiling.extract(chw, t)
+                groups.setdefault(patch.shape, []).append((img_i, tile_i, patch))
+        shapes = list(groups)
+        results = await gather_or_cancel(
+            [
+                self.submit(
+                    mv,
+                    call,
+                    TileRows(shape),
+                    {"image": np.stack([g[2] for g in groups[shape]])},
+                    len(groups[shape]),
+                    Lane.INTERACTIVE,
+                )
+                for shape in shapes
+            ]
+        )
+        tile_out: list[list[np.ndarray]] = [[np.empty(0)] * len(p) for p in plans]
+        batch_sizes: list[int] = []
+        for shape, result in zip(shapes, results, strict=True):
+            batch_sizes.extend(result.executed_batch_sizes)
+            for row, (img_i, tile_i, _) in enumerate(groups[shape]):
+                tile_out[img_i][tile_i] = result.outputs["output_image"][row]
+
+        def blend_all() -> list[np.ndarray]:  # CPU-heavy numpy: on the codec pool, not the event loop
+            return [
+                tiling.blend(outs, plan, p.shape[1], p.shape[2], scale)[
+                    :, : a.shape[1] * scale, : a.shape[2] * scale
+                ]
+                for outs, plan, p, a in zip(tile_out, plans, padded, arrays, strict=True)
+            ]
+
+        if all(len(plan) == 1 for plan in plans):
+            # Each image fit one tile (the usual small input): its output is the result, no blend
+            # and no pool hop for one.
+            upscaled = [
+                outs[0][:, : a.shape[1] * scale, : a.shape[2] * scale]
+                for outs, a in zip(tile_out, arrays, strict=True)
+            ]
+        else:
+            upscaled = await self.codec.off_loop(blend_all)
+        encoded = await self._encode_each(mv, upscaled, out)
+        return Upscaled(encoded, batch_sizes, [len(p) for p in plans])
+
+    async def _encode_each(
+        self, mv: ModelVersion, outputs: Sequence[np.ndarray], out: OutputSpec
+    ) -> list[EncodedImage]:
+        """Images of different sizes, one encode each; the whole response checked against the limit."""
+        assert mv.card is not None
+        images: list[EncodedImage] = []
+        for o in outputs:
+            images.extend(
+                await self.codec.encode(
+                    mv.metrics, o[np.newaxis].astype(np.float32, copy=False), out, mv.card.output_range
+                )
+            )
+        self.check_send_size(sum(len(im.data) for im in images), "the response", out.format)
+        return images
+
+    # ------------------------------------------------------------------ image-to-image
+
+    async def translate(
+        self, mv: ModelVersion, call: Call, images: Sequence[ImageInput], out: OutputSpec
+    ) -> Upscaled:
+        card = mv.card
+        assert card is not None
+        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_input_pixels)
+        validate.min_size(arrays, card)
+        validate.encodable(out, [(a.shape[1], a.shape[2]) for a in arrays])
+        validate.predicted_send_size(
+            out,
+            1,
+            card.channels,
+            sum(a.shape[1] for a in arrays),
+            max(a.shape[2] for a in arrays),
+            self.limits.max_send_message_bytes,
+        )
+        # Bucket by padded shape: same-shape images (of any request) share a batch.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]
+        for i, p in enumerate(padded):
+            groups.setdefault(p.shape, []).append(i)
+        shapes = list(groups)
+        results = await gather_or_cancel(
+            [
+                self.submit(
+                    mv,
+                    call,
+                    image_batch_key(card, shape),
+                    {"image": np.stack([padded[i] for i in groups[shape]])},
+                    len(groups[shape]),
+                    Lane.INTERACTIVE,
+                )
+                for shape in shapes
+            ]
+        )
+        outputs: list[np.ndarray] = [np.empty(0)] * len(arrays)
+        batch_sizes: list[int] = []
+        for shape, result in zip(shapes, results, strict=True):
+            batch_sizes.extend(result.executed_batch_sizes)
+            for row, i in enumerate(groups[shape]):
+                h, w = arrays[i].shape[1:]
+                outputs[i] = result.outputs["output_image"][row, :, :h, :w]  # crop the padding back off
+        return Upscaled(await self._encode_each(mv, outputs, out), batch_sizes)
+
+
+def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:
+    """Pad H and W up to a multiple (bottom/right, reflect) so the graph accepts them; crop after."""
+    h, w = chw.shape[1:]
+    pad_h = -h % multiple
+    pad_w = -w % multiple
+    if not pad_h and not pad_w:
+        return chw
+    mode: Literal["reflect", "symmetric"] = "reflect" if pad_h < h and pad_w < w else "symmetric"
+    padded: np.ndarray = np.pad(chw, ((0, 0), (0, int(pad_h)), (0, int(pad_w))), mode=mode)
+    return padded

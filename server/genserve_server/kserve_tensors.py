@@ -1,0 +1,148 @@
+"""KServe v2 tensors <-> numpy: datatypes, protocol shapes, request parameters and inputs.
+
+The wire side of kserve.py's ModelInfer; values leave here as numpy arrays for the serving core.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from genserve_server.config import Card, TensorSpec
+from genserve_server.errors import invalid
+from inference import grpc_service_pb2 as kpb
+from inference import model_config_pb2 as mc
+
+# card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
+DTYPES: dict[str, tuple[str, int, str]] = {
+    "float32": ("FP32", mc.TYPE_FP32, "<f4"),
+    "float16": ("FP16", mc.TYPE_FP16, "<f2"),
+    "int64": ("INT64", mc.TYPE_INT64, "<i8"),
+}
+# InferTensorContents field per protocol datatype, for clients that send typed contents.
+CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents"}
+
+
+def protocol_datatype(spec: TensorSpec) -> str:
+    return DTYPES.get(spec.dtype, ("FP32", mc.TYPE_FP32, "<f4"))[0]
+
+
+def protocol_shape(spec: TensorSpec) -> list[int]:
+    """The protocol shape of a card tensor, batch axis first. A batch-only tensor (card shape [-1],
+    e.g. `label`) is [-1, 1]: Triton's config needs non-empty dims after the batch axis, and
+    perf_analyzer cannot set a shape from empty dims."""
+    return list(spec.shape) if len(spec.shape) > 1 else [*spec.shape[:1], 1]
+
+
+def param_int(params: Any, name: str) -> int | None:
+    """An integer request parameter (int64_param or uint64_param), or None when absent."""
+    if name not in params:
+        return None
+    param = params[name]
+    choice = param.WhichOneof("parameter_choice")
+    if choice == "int64_param":
+        return int(param.int64_param)
+    if choice == "uint64_param":
+        return int(param.uint64_param)
+    raise invalid(f"parameters[{name}]", f"must be an int64 parameter, got {choice or 'nothing'}")
+
+
+def param_float(params: Any, name: str) -> float | None:
+    if name not in params:
+        return None
+    param = params[name]
+    choice = param.WhichOneof("parameter_choice")
+    if choice == "double_param":
+        return float(param.double_param)
+    if choice in ("int64_param", "uint64_param"):
+        return float(getattr(param, choice))
+    raise invalid(f"parameters[{name}]", f"must be a double parameter, got {choice or 'nothing'}")
+
+
+def read_inputs(request: kpb.ModelInferRequest, card: Card) -> dict[str, np.ndarray]:
+    """Every input tensor as a numpy array of the card's dtype and the request's shape."""
+    specs = {s.name: s for s in card.inputs}
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise invalid(
+            "raw_input_contents",
+            f"must have one entry per input ({len(request.inputs)}), got {len(raw)}",
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        where = f"inputs[{i}]"
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise invalid(f"{where}.name", f"{card.name} has inputs {sorted(specs)}, got {tensor.name!r}")
+        if tensor.name in arrays:
+            raise invalid(f"{where}.name", f"input {tensor.name!r} given twice")
+        datatype, _, np_dtype = DTYPES[spec.dtype]
+        if tensor.datatype != datatype:
+            raise invalid(f"{where}.datatype", f"{tensor.name} must be {datatype}, got {tensor.datatype!r}")
+        shape = tuple(int(d) for d in tensor.shape)
+        # The model's rank (or the protocol's, [N, 1] for a batch-only tensor) before numpy sees
+        # the shape: numpy refuses over 64 dims, or zero-size shapes whose other dims overflow.
+        ranks = sorted({len(spec.shape), len(protocol_shape(spec))})
+        if len(shape) not in ranks:
+            forms = " or ".join(f"{n} dims" for n in ranks)
+            raise invalid(
+                f"{where}.shape",
+                f"{tensor.name} must have {forms} ({protocol_shape(spec)}), got {len(shape)}",
+            )
+        if any(d < 0 for d in shape):
+            raise invalid(f"{where}.shape", f"must be non-negative, got {list(shape)}")
+        itemsize = np.dtype(np_dtype).itemsize
+        if math.prod(d for d in shape if d) * itemsize > np.iinfo(np.intp).max:
+            raise invalid(f"{where}.shape", f"{list(shape)} is too large")
+        n_values = math.prod(shape)
+        if raw and tensor.contents.ListFields():
+            raise invalid(f"{where}.contents", "must not be set when raw_input_contents is used")
+        if raw:
+            data = raw[i]
+            if len(data) != n_values * itemsize:
+                raise invalid(
+                    f"raw_input_contents[{i}]",
+                    f"{tensor.name} of shape {list(shape)} needs {n_values * itemsize} bytes, "
+                    f"got {len(data)}",
+                )
+            array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+        else:
+            field = CONTENTS_FIELD.get(datatype)
+            values = getattr(tensor.contents, field) if field else ()
+            if len(values) != n_values:
+                raise invalid(
+                    f"{where}.contents",
+                    f"{tensor.name} of shape {list(shape)} needs {n_values} values, got {len(values)}",
+                )
+            array = np.asarray(values, dtype=np_dtype).reshape(shape)
+        arrays[tensor.name] = array
+    return arrays
+
+
+def requested_outputs(request: kpb.ModelInferRequest, card: Card) -> list[TensorSpec]:
+    if not request.outputs:
+        return list(card.outputs)
+    by_name = {s.name: s for s in card.outputs}
+    chosen = []
+    for i, output in enumerate(request.outputs):
+        spec = by_name.get(output.name)
+        if spec is None:
+            raise invalid(
+                f"outputs[{i}].name", f"{card.name} has outputs {sorted(by_name)}, got {output.name!r}"
+            )
+        if spec in chosen:
+            raise invalid(f"outputs[{i}].name", f"output {output.name!r} requested twice")
+        chosen.append(spec)
+    return chosen
+
+
+def output_bytes(spec: TensorSpec, card: Card, n: int, image_shape: tuple[int, ...] | None) -> int:
+    """Bytes of one output for n rows; dynamic H/W follow the input image (times the SR scale)."""
+    dims = list(spec.shape[1:])
+    if any(d < 0 for d in dims) and image_shape is not None and len(dims) == 3:
+        _, _, h, w = image_shape
+        scale = max(1, card.scale_factor)
+        dims = [dims[0] if dims[0] > 0 else card.channels, h * scale, w * scale]
+    return n * math.prod(max(d, 1) for d in dims) * np.dtype(DTYPES[spec.dtype][2]).itemsize

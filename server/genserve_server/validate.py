@@ -1,0 +1,263 @@
+"""Pure validators on plain values and arrays, shared by both servicers (genserve.v1 and KServe v2).
+
+Each raises InvalidArgument naming the field (as the client spelled it: `field` arguments) and the
+limit; none builds or reads a protocol message. The limits that are not server configuration are
+named constants here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from genserve_server import codecs
+from genserve_server.codecs import ImageFormat
+from genserve_server.config import Card
+from genserve_server.errors import invalid
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63)
+MAX_ABS_LATENT = 1e4  # explicit latents: |z| <= this
+MAX_PSI = 10.0  # truncation psi in (0, MAX_PSI]
+MAX_TILE = 1024  # SuperResolve tile_size
+# Protobuf framing (shapes, seeds, latents, provenance) rides on top of a response's pixel bytes.
+SEND_OVERHEAD_BYTES = 64 * 1024
+
+FORMAT_NAMES: dict[ImageFormat, str] = {
+    ImageFormat.UNSPECIFIED: "png",
+    ImageFormat.PNG: "png",
+    ImageFormat.JPEG: "jpeg",
+    ImageFormat.WEBP: "webp",
+    ImageFormat.RAW_UINT8: "raw_uint8",
+    ImageFormat.TENSOR_F32: "tensor_f32",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """How a response's images are encoded (validated)."""
+
+    format: ImageFormat
+    quality: int
+    png_compression: int
+    return_latents: bool
+
+    @property
+    def format_name(self) -> str:
+        return FORMAT_NAMES[self.format]
+
+
+def output_spec(
+    fmt: int, quality: int, png_compression: int | None, return_latents: bool, field_prefix: str = "output"
+) -> OutputSpec:
+    """`png_compression` None: not set by the client (default 1, fast)."""
+    try:
+        image_format = ImageFormat(fmt)
+    except ValueError:
+        raise invalid(f"{field_prefix}.format", f"unknown image format {fmt}") from None
+    if quality > 100:
+        raise invalid(f"{field_prefix}.quality", f"must be in 1..100 (0 = default 90), got {quality}")
+    compression = 1 if png_compression is None else png_compression
+    if compression > 9:
+        raise invalid(f"{field_prefix}.png_compression", f"must be in 0..9, got {compression}")
+    if image_format == ImageFormat.UNSPECIFIED:
+        image_format = ImageFormat.PNG
+    return OutputSpec(image_format, quality or 90, compression, return_latents)
+
+
+def count(n: int, field: str, limit: int, limit_name: str = "max_images_per_request") -> int:
+    if not 1 <= n <= limit:
+        raise invalid(field, f"must be in 1..{limit} ({limit_name}), got {n}")
+    return n
+
+
+def psi(value: float | None, field: str = "truncation_psi") -> float | None:
+    """None when not given; else a finite psi in (0, MAX_PSI]."""
+    if value is None:
+        return None
+    if not (0.0 < value <= MAX_PSI) or not math.isfinite(value):
+        raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {value:g}")
+    return float(value)
+
+
+def seeds(values: Sequence[int], field: str = "seeds") -> list[int]:
+    checked = list(values)
+    for i, seed in enumerate(checked):
+        if not 0 <= seed < SEED_LIMIT:
+            raise invalid(f"{field}[{i}]", f"must be in [0, 2^63), got {seed}")
+    return checked
+
+
+def seed(value: int, field: str) -> int:
+    if not 0 <= value < SEED_LIMIT:
+        raise invalid(field, f"must be in [0, 2^63), got {value}")
+    return value
+
+
+def base_seed(base: int, n: int, field: str = "base_seed", what: str = "count") -> int:
+    """The first of n consecutive seeds: base .. base + n - 1 all below 2^63."""
+    if not 0 <= base <= SEED_LIMIT - n:
+        raise invalid(field, f"must be in [0, 2^63 - {what}], got {base}")
+    return base
+
+
+def latent_rows(values: np.ndarray, dim: int, field: str) -> np.ndarray:
+    """float32 [N, dim] latents, finite and bounded (zero-copy when they already are float32)."""
+    if values.ndim != 2 or values.shape[1] != dim:
+        raise invalid(
+            f"{field}.shape", f"must be [N, {dim}] (the latent size is {dim}), got {list(values.shape)}"
+        )
+    return _finite_latents(values.astype(np.float32, copy=False), field)
+
+
+def latent_bytes(
+    data: bytes, shape: Sequence[int], dim: int, field: str, *, vector: bool = False
+) -> np.ndarray:
+    """float32 [N, dim] (or [dim] when `vector`) from little-endian bytes and a declared shape."""
+    dims = tuple(shape)
+    if any(d < 0 for d in dims):
+        raise invalid(f"{field}.shape", f"dimensions must be >= 0, got {list(dims)}")
+    if vector:
+        if dims not in ((dim,), (1, dim)):
+            raise invalid(f"{field}.shape", f"must be [{dim}] (the latent size), got {list(dims)}")
+    elif len(dims) != 2 or dims[1] != dim:
+        raise invalid(f"{field}.shape", f"must be [N, {dim}] (the latent size is {dim}), got {list(dims)}")
+    n_values = math.prod(dims)
+    if len(data) != 4 * n_values:
+        raise invalid(
+            f"{field}.data",
+            f"must hold {n_values} float32 values ({4 * n_values} bytes), got {len(data)} bytes",
+        )
+    values = _finite_latents(np.frombuffer(data, dtype="<f4").reshape(dims), field)
+    return values.reshape(dim) if vector else values
+
+
+def _finite_latents(values: np.ndarray, field: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise invalid(field, "values must be finite")
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    if peak > MAX_ABS_LATENT:
+        raise invalid(field, f"values must satisfy |z| <= {MAX_ABS_LATENT:g}, got {peak:g}")
+    return values
+
+
+def labels(values: Sequence[int], card: Card, n: int, field: str = "labels") -> np.ndarray | None:
+    """int64 [n] for conditional models (one label for all or one per image); None otherwise."""
+    if card.kind != "conditional_generator":
+        if len(values):
+            raise invalid(field, f"only conditional models take labels; {card.name} is a {card.kind}")
+        return None
+    n_classes = len(card.class_names)
+    if not len(values):
+        raise invalid(field, f"required for conditional model {card.name} (classes 0..{n_classes - 1})")
+    if len(values) not in (1, n):
+        raise invalid(field, f"must have 1 or {n} values (one per image), got {len(values)}")
+    if len(values) == 1:  # the usual request: plain Python, no numpy on a 1-element container
+        label = int(values[0])
+        if not 0 <= label < n_classes:
+            raise invalid(f"{field}[0]", f"must be in [0, {n_classes}), got {label}")
+        return np.full(n, label, dtype=np.int64)
+    array = np.asarray(values, dtype=np.int64)
+    bad = np.flatnonzero((array < 0) | (array >= n_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise invalid(f"{field}[{i}]", f"must be in [0, {n_classes}), got {values[i]}")
+    return array
+
+
+def send_size(n_bytes: int, limit: int, what: str, fmt: ImageFormat | None = None) -> None:
+    """InvalidArgument when a response would exceed max_send_message_bytes (`limit`).
+
+    Not RESOURCE_EXHAUSTED: that code means "refused at admission, retry" to clients (and the
+    project's RetryPolicy), while the same request would be refused again every time.
+    """
+    if n_bytes + SEND_OVERHEAD_BYTES <= limit:
+        return
+    if fmt in (ImageFormat.PNG, ImageFormat.UNSPECIFIED):
+        hint = "fewer or smaller images, a higher output.png_compression or a lossy format (JPEG/WEBP)"
+    elif fmt in (ImageFormat.JPEG, ImageFormat.WEBP):
+        hint = "fewer or smaller images or a lower output.quality"
+    else:
+        hint = "fewer or smaller images or an encoded format (PNG/JPEG/WEBP)"
+    raise invalid(
+        "output", f"{what} would be {n_bytes} bytes, above max_send_message_bytes={limit}; request {hint}"
+    )
+
+
+def predicted_send_size(out: OutputSpec, n: int, c: int, h: int, w: int, limit: int) -> None:
+    """Refuse before compute what is sure to exceed the send limit (sizes known in advance)."""
+    if out.format == ImageFormat.TENSOR_F32:
+        send_size(n * c * h * w * 4, limit, "the response", out.format)
+    elif out.format == ImageFormat.RAW_UINT8:
+        send_size(n * c * h * w, limit, "the response", out.format)
+    elif out.format == ImageFormat.PNG and out.png_compression == 0:
+        # Stored deflate blocks: at least the pixels plus one filter byte per row.
+        send_size(n * (c * h * w + h), limit, "the response", out.format)
+
+
+def encodable(out: OutputSpec, sizes: Sequence[tuple[int, int]]) -> None:
+    """Before compute: every output image (height, width) fits the chosen format's side limit."""
+    limit = codecs.MAX_SIDE.get(out.format)
+    if limit is None:
+        return
+    for i, (h, w) in enumerate(sizes):
+        if max(h, w) > limit:
+            raise invalid(
+                "output.format",
+                f"{out.format_name.upper()} holds at most {limit} pixels a side; output image {i} "
+                f"would be {h}x{w} (use PNG, or smaller inputs)",
+            )
+
+
+def image_count(n: int, limit: int, field: str = "images") -> int:
+    if not 1 <= n <= limit:
+        raise invalid(field, f"must have 1..{limit} images, got {n}")
+    return n
+
+
+def min_size(arrays: Sequence[np.ndarray], card: Card) -> None:
+    for i, chw in enumerate(arrays):
+        if min(chw.shape[1:]) < card.min_size:
+            raise invalid(
+                f"images[{i}]",
+                f"must be at least {card.min_size} pixels on each side, got {chw.shape[2]}x{chw.shape[1]}",
+            )
+
+
+def input_range(values: np.ndarray, value_range: tuple[float, float], field: str) -> None:
+    """TENSOR_F32 inputs must lie in the card's input_range (1 % slack for rounding): a model fed far
+    outside it returns garbage or NaN with OK (a VAE encoder at 3e38 gave NaN latents)."""
+    lo, hi = value_range
+    slack = 0.01 * (hi - lo)
+    low, high = float(values.min()), float(values.max())
+    if low < lo - slack or high > hi + slack:
+        raise invalid(
+            field,
+            f"TENSOR_F32 values must be in the model's input_range [{lo:g}, {hi:g}], got {low:g}..{high:g}",
+        )
+
+
+def tiling(tile: int, overlap: int, size_multiple: int) -> None:
+    """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned."""
+    if overlap > MAX_TILE // 4:  # no tile_size could hold it: name the overlap, not a derived tile
+        raise invalid(
+            "tile_overlap",
+            f"must be in 0..{MAX_TILE // 4} (tile_size / 4, tile_size <= {MAX_TILE}), got {overlap}",
+        )
+    if not 2 * overlap + 8 <= tile <= MAX_TILE:
+        raise invalid(
+            "tile_size", f"must be in {2 * overlap + 8}..{MAX_TILE} (>= 2 * tile_overlap + 8), got {tile}"
+        )
+    if overlap > tile // 4:
+        raise invalid("tile_overlap", f"must be in 0..{tile // 4} (tile_size / 4), got {overlap}")
+    # Tiles start and step in whole multiples of the model's size multiple (tiling.plan_tiles).
+    overlap_units = -(-overlap // size_multiple)
+    if tile // size_multiple <= overlap_units:
+        smallest = size_multiple * (overlap_units + 1)
+        raise invalid(
+            "tile_size",
+            f"must be at least {smallest} for this model (size multiple {size_multiple}, "
+            f"tile_overlap {overlap}), got {tile}",
+        )

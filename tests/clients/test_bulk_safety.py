@@ -1,0 +1,421 @@
+"""Bulk jobs never lose a user's files, never mix two runs or two models, resume from the manifest
+alone and ride out outages for a configurable window (all against the in-process fake server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import socket
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from client_fakes import FAKE_SHA256, FakeServer, FakeService, fake_pixels
+from PIL import Image
+
+from genserve.v1 import genserve_pb2_grpc
+from genserve_client import GenserveClient, RetryPolicy
+from genserve_client import bulk as bulk_module
+from genserve_client.bulk import BulkError, BulkJob, BulkParams, JobLock, ServedModel, Shard, read_manifest
+from genserve_client.cli import main
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.01)
+OTHER_SHA256 = hashlib.sha256(b"another model").hexdigest()
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_job(target: str, out: Path, params: BulkParams, **kwargs: Any) -> None:
+    with GenserveClient(target, retry=FAST_RETRY) as client:
+        BulkJob(client, params, out, **kwargs).run()
+
+
+def indices(out: Path) -> list[int]:
+    return sorted(e["index"] for e in read_manifest(out / "manifest.jsonl")[0])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- 1. a folder that is not one of the job's own ----------------------------------------------
+
+
+def test_a_new_job_refuses_a_folder_with_files_it_did_not_write(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "job"
+    (out / "images" / "trip").mkdir(parents=True)
+    (out / "images" / "my_holiday_photo.png").write_bytes(b"not generated")
+    (out / "images" / "trip" / "day1.png").write_bytes(b"mine too")
+    (out / "README.txt").write_text("my notes")
+    before = snapshot(out)
+    t = ("--target", fake_server.target)
+    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(out))
+    assert code == 2, err
+    assert str(out) in err and "images/my_holiday_photo.png" in err and "README.txt" in err
+    assert "Traceback" not in err
+    assert snapshot(out) == before  # nothing deleted, nothing added (not even a lock file)
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "images"]
+    assert fake_server.service.calls["SampleStream"] == 0
+    code, _, err = cli(
+        capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(out / "README.txt")
+    )
+    assert code == 2 and "is a file, not a folder" in err
+    assert (out / "README.txt").read_text() == "my notes"
+    # An empty folder, and the leftovers of a job the server rejected, are fine.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(empty))
+    assert code == 0, err
+    assert indices(empty) == [0, 1, 2]
+
+
+def test_recovery_leaves_foreign_files_and_sub_folders_in_images_alone(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=4))
+    images = tmp_path / "images"
+    (images / "keep").mkdir()
+    (images / "keep" / "x.png").write_bytes(b"x")
+    (images / "notes.txt").write_text("mine")
+    (images / ".tmp-000001.png").write_bytes(b"torn")  # the job's own temp file: removed
+    run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=9))  # grows the job
+    assert indices(tmp_path) == list(range(9))
+    assert (images / "notes.txt").read_text() == "mine" and (images / "keep" / "x.png").read_bytes() == b"x"
+    assert not (images / ".tmp-000001.png").exists()
+
+
+# --- 2. one run per folder -----------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_holder(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp_path.mkdir(exist_ok=True)
+    holder = JobLock(tmp_path)
+    holder.acquire()  # another open file description: conflicts like another process would
+    try:
+        code, _, err = cli(
+            capsys,
+            "--target",
+            fake_server.target,
+            "bulk",
+            "--model",
+            "fake-gen",
+            "--n",
+            "5",
+            "--out",
+            str(tmp_path),
+        )
+        assert code == 3, err
+        assert f"pid {os.getpid()} on host {socket.gethostname()}, started 20" in err
+        assert str(tmp_path) in err
+        assert fake_server.service.calls["SampleStream"] == 0
+        with pytest.raises(bulk_module.BulkBusy):
+            run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=5))
+    finally:
+        holder.release()
+    code, _, err = cli(
+        capsys,
+        "--target",
+        fake_server.target,
+        "bulk",
+        "--model",
+        "fake-gen",
+        "--n",
+        "5",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0, err  # released: the next run goes ahead
+
+
+def test_the_lock_is_held_while_the_job_runs(fake_server: FakeServer, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def resolve(model: str, version: str) -> ServedModel:
+        # Called inside run(), under the job's lock.
+        try:
+            JobLock(tmp_path).acquire()
+        except bulk_module.BulkBusy as exc:
+            seen.append(str(exc))
+        return ServedModel("1", FAKE_SHA256)
+
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        BulkJob(client, BulkParams("fake-gen", n=3), tmp_path).run(resolve)
+    assert len(seen) == 1 and f"pid {os.getpid()}" in seen[0]
+
+
+# --- 3. one model per job ------------------------------------------------------------------------
+
+
+def test_resume_refuses_a_replaced_model_naming_both(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
+    assert code == 0, err
+    job = json.loads((tmp_path / "job.json").read_text())
+    assert (job["params"]["model"], job["pinned_version"], job["model_sha256"]) == (
+        "fake-gen",
+        "1",
+        FAKE_SHA256,
+    )
+    manifest = (tmp_path / "manifest.jsonl").read_bytes()
+    fake_server.service.model_sha256 = OTHER_SHA256  # replaced in place, same version
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+    assert code == 2, err
+    assert FAKE_SHA256 in err and OTHER_SHA256 in err and "mix two models" in err
+    fake_server.service.model_sha256 = FAKE_SHA256
+    fake_server.service.version = "2"  # the old version is gone
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+    assert code == 2, err
+    assert "no version '1'" in err and "served: 2 (READY)" in err
+    assert (tmp_path / "manifest.jsonl").read_bytes() == manifest
+    assert fake_server.service.calls["SampleStream"] == 1
+
+
+def test_every_chunk_must_come_from_the_jobs_model_file(fake_server: FakeServer, tmp_path: Path) -> None:
+    # GetModel still reports the old file, the stream already sends the new one's images.
+    fake_server.service.model_sha256 = OTHER_SHA256
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        job = BulkJob(client, BulkParams("fake-gen", n=5), tmp_path)
+        with pytest.raises(BulkError, match=f"{FAKE_SHA256}.*{OTHER_SHA256}"):
+            job.run(lambda model, version: ServedModel("1", FAKE_SHA256))
+    assert not (tmp_path / "job.json").exists() and indices(tmp_path) == []
+
+
+# --- 4. --resume DIR -----------------------------------------------------------------------------
+
+
+def test_resume_takes_every_setting_from_the_manifest_and_a_larger_n_grows_the_job(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    grown, clean = tmp_path / "grown", tmp_path / "clean"
+    settings = ("--model", "fake-cond", "--labels", "3,7", "--seed", "100", "--chunk-size", "2")
+    assert cli(capsys, *t, "bulk", *settings, "--n", "5", "--out", str(grown))[0] == 0
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(grown), "--n", "11", "--concurrency", "2")
+    assert code == 0, err
+    assert cli(capsys, *t, "bulk", *settings, "--n", "11", "--out", str(clean))[0] == 0
+    assert indices(grown) == list(range(11))
+    assert snapshot(grown / "images") == snapshot(clean / "images")  # as if it had been one job
+    entries = {e["index"]: e for e in read_manifest(grown / "manifest.jsonl")[0]}
+    assert [(entries[i]["seed"], entries[i]["label"]) for i in (0, 1, 10)] == [(100, 3), (101, 7), (110, 3)]
+    assert json.loads((grown / "job.json").read_text())["params"]["n"] == 11
+    with Image.open(grown / entries[10]["file"]) as picture:  # each PNG says what it is
+        assert picture.text == {  # type: ignore[attr-defined]
+            "Software": "genserve-client",
+            "index": "10",
+            "seed": "110",
+            "label": "3",
+            "model": "fake-cond",
+            "version": "1",
+            "model_sha256": FAKE_SHA256,
+        }
+        np.testing.assert_array_equal(np.asarray(picture)[:, :, None], fake_pixels(110, 3))
+    # A finished job resumes to nothing; settings that decide the output are refused, as is shrinking.
+    assert cli(capsys, *t, "bulk", "--resume", str(grown))[0] == 0
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(grown), "--seed", "5", "--format", "webp")
+    assert code == 2 and "drop --seed, --format" in err
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(grown), "--n", "4")
+    assert code == 2 and "can only grow it" in err
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(tmp_path / "nothing"))
+    assert code == 2 and "holds no bulk job" in err
+    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--out", str(tmp_path / "x"))
+    assert code == 2 and "bulk needs --n" in err
+
+
+# --- 5. outages: a retry window, then the command that resumes ----------------------------------
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk_module, "BACKOFF_INITIAL_S", 0.01)
+    monkeypatch.setattr(bulk_module, "BACKOFF_MAX_S", 0.05)
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_the_job_outlasts_the_clients_own_retries(fake_server: FakeServer, tmp_path: Path) -> None:
+    # 20 failures in a row: the client gives up every 3 attempts, the job reopens the stream.
+    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 20
+    run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=6), retry_window_s=30.0)
+    assert indices(tmp_path) == list(range(6))
+    assert fake_server.service.calls["SampleStream"] == 21
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    assert cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(tmp_path))[0] == 0
+    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    code, _, err = cli(
+        capsys,
+        "bulk",
+        "--resume",
+        str(tmp_path),
+        "--n",
+        "7",
+        "--retry-window",
+        "0.3",
+        "--concurrency",
+        "2",
+        *t,
+    )
+    assert code == 1, err
+    assert "gave up after retrying for 0.3 s" in err and "UNAVAILABLE" in err
+    hint = err.split("the job is resumable: ")[1].strip()
+    assert hint == shlex.join(
+        ["genserve-client", "--target", fake_server.target, "bulk", "--resume", str(tmp_path)]
+        + ["--concurrency", "2", "--retry-window", "0.3"]
+    )
+    # The printed command, run as is, finishes the job.
+    fake_server.service.fail["SampleStream"].clear()
+    code, _, err = cli(capsys, *shlex.split(hint)[1:])
+    assert code == 0, err
+    assert indices(tmp_path) == list(range(7))
+
+
+def test_the_window_never_retries_a_rejected_request(fake_server: FakeServer, tmp_path: Path) -> None:
+    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.INVALID_ARGUMENT]
+    with pytest.raises(Exception, match="INVALID_ARGUMENT"):
+        run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=3), retry_window_s=60.0)
+    assert fake_server.service.calls["SampleStream"] == 1
+
+
+# --- shards: one job split by seed range, each resumable on its own, verified as a whole --------
+
+
+def test_shard_parsing() -> None:
+    assert Shard.parse("1/4", {}) == Shard(1, 4)
+    assert Shard.parse("4", {"JOB_COMPLETION_INDEX": "3"}) == Shard(3, 4)
+    for bad in ("4", "4/4", "-1/2", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            Shard.parse(bad, {})
+    ranges = [Shard(i, 3).range(10) for i in range(3)]
+    assert ranges == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_shards_tile_the_job_and_verify_checks_the_union(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t = ("--target", fake_server.target)
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    job = (
+        "bulk",
+        "--model",
+        "fake-cond",
+        "--labels",
+        "1,2,3",
+        "--seed",
+        "40",
+        "--n",
+        "11",
+        "--chunk-size",
+        "2",
+    )
+    assert cli(capsys, *t, *job, "--out", str(whole))[0] == 0
+    assert cli(capsys, *t, *job, "--out", str(sharded), "--shard", "0/3")[0] == 0
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # as in a pod of an Indexed Job
+    code, out, err = cli(capsys, *t, *job, "--out", str(sharded), "--shard", "3")
+    assert code == 0, err
+    assert "shard 1/3, images [3, 7) of 11" in out
+    code, _, err = cli(capsys, "verify", str(sharded))
+    assert code == 1
+    assert "shards missing of 3 (1): 2" in err and "indices missing (4): 7, 8, 9, 10" in err
+    # A shard's folder is a job of its own: it resumes (here: finishes) by itself.
+    fake_server.service.stream_breaks_after_chunks = [0] * 3  # a flaky start changes nothing
+    assert cli(capsys, *t, *job, "--out", str(sharded), "--shard", "2/3")[0] == 0
+    last = sharded / "shard-00002-of-00003"
+    (last / "images" / "000009.png").unlink()
+    assert cli(capsys, "verify", str(sharded))[0] == 1  # a file gone
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last))
+    assert code == 0, err
+    merged = tmp_path / "merged.jsonl"
+    code, out, err = cli(capsys, "verify", str(sharded), "--hashes", "--manifest-out", str(merged))
+    assert code == 0, err
+    assert "complete, 11 images in 3 folder(s)" in out
+    # The union is the one-folder job: same entries, same bytes.
+    reference = {e["index"]: e for e in read_manifest(whole / "manifest.jsonl")[0]}
+    for entry in (json.loads(line) for line in merged.read_text().splitlines()):
+        shard_folder, _, file = entry["file"].partition("/")
+        assert {**entry, "file": file} == reference[entry["index"]]
+        assert (sharded / entry["file"]).read_bytes() == (whole / file).read_bytes()
+    assert cli(capsys, "verify", str(whole))[0] == 0
+    # A sharded job cannot grow, and --resume takes the shard from the manifest.
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last), "--n", "20")
+    assert code == 2 and "cannot grow" in err
+    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last), "--shard", "1/3")
+    assert code == 2 and "drop --shard" in err
+    # A damaged file is found with --hashes.
+    (last / "images" / "000010.png").write_bytes(b"damaged")
+    code, _, err = cli(capsys, "verify", str(sharded), "--hashes")
+    assert code == 1 and "sha256 differs" in err and "000010.png" in err
+
+
+def test_a_shard_without_images_is_a_finished_shard(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    for i in range(3):
+        code, _, err = cli(
+            capsys, *t, "bulk", "--model", "fake-gen", "--n", "2", "--out", str(tmp_path), "--shard", f"{i}/3"
+        )
+        assert code == 0, err
+    code, out, err = cli(capsys, "verify", str(tmp_path))
+    assert code == 0, err
+    assert "complete, 2 images in 3 folder(s)" in out
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_a_job_waits_for_a_server_that_is_not_up_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Connection refused (UNAVAILABLE) at the start, as during a server restart; the server comes
+    # up on the same port 1.5 s later and the job finishes.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = FakeService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
+    starter = threading.Timer(1.5, lambda: (server.add_insecure_port(f"127.0.0.1:{port}"), server.start()))
+    starter.start()
+    try:
+        code, _, err = cli(
+            capsys,
+            "bulk",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--model",
+            "fake-cond",
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path),
+        )
+        assert code == 0, err
+    finally:
+        starter.cancel()
+        server.stop(grace=None)
+    assert indices(tmp_path) == [0, 1, 2, 3]
+    assert service.calls["GetModel"] >= 1

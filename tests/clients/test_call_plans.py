@@ -1,0 +1,114 @@
+"""The layer both clients share: call plans (calls.py), attempts and stream resumption (attempts.py),
+and the one table of RPC methods (binding.py). No server needed."""
+
+from __future__ import annotations
+
+import inspect
+import random
+
+import grpc
+import pytest
+
+from genserve.v1 import genserve_pb2, types_pb2
+from genserve_client import (
+    AsyncGenserveClient,
+    ChannelConfig,
+    GenserveClient,
+    GenserveClientError,
+    RetryPolicy,
+    calls,
+)
+from genserve_client.attempts import Attempts, StreamResume
+
+RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.002)
+
+
+def rpc_error(code: grpc.StatusCode, details: str = "", server_id: str | None = None) -> grpc.RpcError:
+    trailing = grpc.aio.Metadata(("x-request-id", server_id)) if server_id else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
+
+
+def public_methods(cls: type) -> dict[str, inspect.Signature]:
+    unconnected = cls.__new__(cls)  # binding a method needs no channel
+    return {
+        name: inspect.signature(getattr(unconnected, name)) for name in dir(cls) if not name.startswith("_")
+    }
+
+
+def test_both_clients_offer_the_same_rpc_methods_with_the_same_signatures() -> None:
+    sync, aio = public_methods(GenserveClient), public_methods(AsyncGenserveClient)
+    assert sorted(sync) == sorted(aio)
+    assert {"sample", "interpolate", "encode", "decode", "super_resolve", "translate"} <= set(sync)
+    assert {"list_models", "get_model", "sample_stream"} <= set(sync)
+    assert sync == aio
+    # The bound method shows the builder's parameters and docs, not the plan it returns.
+    assert (
+        "timeout_s" in sync["sample"].parameters
+        and sync["sample"].return_annotation is inspect.Signature.empty
+    )
+    assert GenserveClient.sample.__doc__ == calls.sample.__doc__
+
+
+def test_a_plan_names_its_rpc_and_checks_arguments_before_any_call() -> None:
+    plan = calls.sample("gen", 2, base_seed=5, psi=0.7, format="raw", timeout_s=3.0)
+    assert (plan.rpc, plan.timeout_s) == ("Sample", 3.0)
+    assert (plan.request.count, plan.request.base_seed, plan.request.output.format) == (
+        2,
+        5,
+        types_pb2.IMAGE_FORMAT_RAW_UINT8,
+    )
+    assert plan.request.truncation_psi == pytest.approx(0.7)
+    assert calls.get_model("gen", "2").request == genserve_pb2.GetModelRequest(name="gen", version="2")
+    with pytest.raises(ValueError, match="mode"):
+        calls.interpolate("gen", 1, 2, 5, mode="cubic")
+    with pytest.raises(ValueError, match="start_index"):
+        calls.sample_stream("gen", 4, start_index=4)
+
+
+def test_attempts_retry_transient_errors_and_map_final_ones_to_the_one_error_type() -> None:
+    attempts = Attempts(ChannelConfig(token="t"), RETRY, random.Random(0), timeout_s=None)
+    assert dict(attempts.metadata) == {"x-request-id": attempts.request_id, "authorization": "Bearer t"}
+    assert 0 <= attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE)) <= RETRY.max_backoff_s
+    assert attempts.wait_s(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")) >= 0
+    with pytest.raises(GenserveClientError) as info:  # the third failure spends max_attempts
+        attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE, "down", server_id="srv-9"))
+    assert (info.value.code, info.value.details, info.value.request_id) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "down",
+        "srv-9",
+    )
+    fresh = Attempts(ChannelConfig(), RETRY, random.Random(0), timeout_s=None)
+    with pytest.raises(GenserveClientError) as info:
+        fresh.wait_s(rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "count: must be >= 1"))
+    assert info.value.request_id == fresh.request_id  # the server echoed none: the one sent
+
+
+def test_an_expired_deadline_ends_the_retries() -> None:
+    attempts = Attempts(ChannelConfig(), RETRY, random.Random(0), timeout_s=0.0)
+    assert attempts.timeout_s() == 0.0
+    with pytest.raises(GenserveClientError):
+        attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+
+
+def chunk(*indices: int) -> genserve_pb2.SampleStreamChunk:
+    return genserve_pb2.SampleStreamChunk(images=[types_pb2.GeneratedImage(index=i) for i in indices])
+
+
+def test_stream_resumes_after_the_last_index_and_progress_renews_the_retry_budget() -> None:
+    attempts = Attempts(ChannelConfig(), RETRY, random.Random(0), timeout_s=None)
+    resume = StreamResume(calls.sample_stream("gen", 6, start_index=1, chunk_size=2), attempts)
+    first = resume.next_request()
+    assert first is not None and (first.start_index, first.sample.count, first.chunk_size) == (1, 6, 2)
+    attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+    attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+    assert resume.chunk(chunk(1, 2)).indices == [1, 2]
+    again = resume.next_request()
+    assert again is not None and again.start_index == 3
+    # Two failures before the progress no longer count: two more are still retried.
+    attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+    attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+    resume.chunk(chunk())  # an empty chunk is no progress
+    same = resume.next_request()
+    assert same is not None and same.start_index == 3
+    resume.chunk(chunk(3, 4, 5))
+    assert resume.next_request() is None

@@ -1,0 +1,138 @@
+"""The CLI as a tool people script: printed seeds, provenance in PNGs, bounded grids, defaults in
+help, GENSERVE_TARGET and connection flags on either side of the command (fake server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from client_fakes import FAKE_SHA256, FakeServer, fake_pixels
+from PIL import Image
+
+from genserve_client.cli import MAX_GRID_IMAGES, main
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_prints_the_seed_it_picked_and_the_pngs_carry_provenance(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    args = ("sample", "--model", "fake-cond", "--labels", "2,5", "--n", "3", "--format", "png")
+    code, out, err = cli(capsys, *t, *args, "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    seed = int(out.split("seed ")[1].split()[0])
+    assert f"--seed {seed}" in out
+    with Image.open(tmp_path / "g.png") as grid:
+        text = dict(grid.text)  # type: ignore[attr-defined]
+        pixels = np.asarray(grid)
+    assert text["seeds"] == f"{seed}..{seed + 2}" and text["labels"] == "2,5"
+    assert (text["model"], text["version"], text["model_sha256"]) == ("fake-cond", "1", FAKE_SHA256)
+    files = sorted((tmp_path / "d").iterdir())
+    assert len(files) == 6
+    for f in files:
+        with Image.open(f) as picture:
+            meta = dict(picture.text)  # type: ignore[attr-defined]
+            s, label = int(meta["seed"]), int(meta["label"])
+            assert f.name.endswith(f"_seed{s}_label{label}.png") and meta["model_sha256"] == FAKE_SHA256
+            # The server's PNG is not re-encoded: same pixels, only the text chunks added.
+            np.testing.assert_array_equal(np.asarray(picture)[:, :, None], fake_pixels(s, label))
+    # The printed seed reproduces the grid.
+    code, out, err = cli(capsys, *t, *args, "--seed", str(seed), "--grid", str(tmp_path / "g2.png"))
+    assert code == 0, err
+    assert "seed " not in out
+    with Image.open(tmp_path / "g2.png") as again:
+        np.testing.assert_array_equal(np.asarray(again), pixels)
+
+
+def test_raw_images_and_other_commands_carry_provenance_too(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    code, _, err = cli(
+        capsys,
+        *t,
+        "sample",
+        "--model",
+        "fake-gen",
+        "--n",
+        "2",
+        "--seed",
+        "9",
+        "--format",
+        "raw",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    seeds = []
+    for f in sorted(tmp_path.iterdir()):
+        with Image.open(f) as picture:
+            seeds.append(picture.text["seed"])  # type: ignore[attr-defined]
+            assert picture.text["model_sha256"] == FAKE_SHA256  # type: ignore[attr-defined]
+    assert seeds == ["9", "10"]
+
+
+def test_a_grid_too_large_is_refused_before_any_call(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    grid = tmp_path / "g.png"
+    code, _, err = cli(capsys, *t, "sample", "--model", "fake-gen", "--n", "100000", "--grid", str(grid))
+    assert code == 2 and f"at most {MAX_GRID_IMAGES} images" in err and "--n 100000" in err
+    assert not fake_server.service.calls and not grid.exists()
+    # Per class rows count too: 200 x 10 classes.
+    code, _, err = cli(capsys, *t, "sample", "--model", "fake-cond", "--n", "200", "--grid", str(grid))
+    assert code == 2 and "--n 200 x 10 classes asks for 2000" in err
+    assert fake_server.service.calls["Sample"] == 0 and not grid.exists()
+    code, _, err = cli(capsys, *t, "sample", "--model", "fake-gen", "--n", "0", "--grid", str(grid))
+    assert code == 2 and "--n must be >= 1" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ([], ["(default: 60"]),
+        (["sample"], ["(default: 8)", "(default: png)"]),
+        (["bulk"], ["(default: 300.0)", "(default: 1)", "(default: 0)", "(default: png)"]),
+        (["bench"], ["(default: 10.0)", "(default: 256)", "(default: poisson)"]),
+        (["edit"], ["(default: 2.0)", "(default: 9)"]),
+    ],
+)
+def test_help_shows_the_defaults(
+    capsys: pytest.CaptureFixture[str], command: list[str], shown: list[str]
+) -> None:
+    code, out, _ = cli(capsys, *command, "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    for text in shown:
+        assert text in flat, text
+    assert "default: None" not in flat and "==SUPPRESS==" not in flat
+
+
+def test_target_from_the_environment_and_flags_after_the_command(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GENSERVE_TARGET", fake_server.target)
+    code, out, err = cli(capsys, "models")
+    assert code == 0, err
+    assert "fake-cond" in out
+    monkeypatch.setenv("GENSERVE_TARGET", "127.0.0.1:1")  # nothing listens there
+    code, out, err = cli(capsys, "models", "--target", fake_server.target, "--timeout", "5")
+    assert code == 0, err
+    assert "fake-gen" in out
+    # A flag before the command is kept (the command's own default does not overwrite it).
+    code, out, err = cli(capsys, "--target", fake_server.target, "models")
+    assert code == 0, err
+    code, _, err = cli(
+        capsys, "--target", fake_server.target, "models", "--target", "127.0.0.1:1", "--timeout", "1"
+    )
+    assert code == 1 and "UNAVAILABLE" in err  # the later one wins

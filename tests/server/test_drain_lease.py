@@ -1,0 +1,36 @@
+"""A reload's drain waits on the RPCs that hold a version (Batcher.hold/release), not on a poll."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from genserve_server.batcher import Batcher
+
+
+async def _echo(key: Any, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    return inputs
+
+
+def test_wait_released_wakes_when_the_last_holder_leaves_and_times_out_while_held() -> None:
+    async def body() -> tuple[bool, bool, bool, int, int]:
+        batcher = Batcher(_echo, name="m", max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8)
+        free_at_once = await batcher.wait_released(0)
+        batcher.hold()
+        batcher.hold(stream=True)
+        held_counts = batcher.callers, batcher.streams
+        timed_out = not await batcher.wait_released(0.01)
+        waiter = asyncio.ensure_future(batcher.wait_released(5))
+        batcher.release()
+        await asyncio.sleep(0)
+        assert not waiter.done()  # the stream still holds it
+        batcher.release(stream=True)
+        woke = await asyncio.wait_for(waiter, 1)
+        return free_at_once, timed_out, woke, *held_counts
+
+    free_at_once, timed_out, woke, callers, streams = asyncio.run(body())
+    assert free_at_once and timed_out and woke
+    assert (callers, streams) == (1, 1)
