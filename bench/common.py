@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from genserve_contract.kinds import Kind
 from genserve_server.config import Card, ModelConfig, cpu_count, load_card, load_model_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,15 +25,18 @@ SCRATCH = REPO_ROOT / "build" / "bench"
 
 # Fixed input sizes of the image-input kinds, so raw ORT and both servers see the same tensors:
 # super-resolution 64x64 -> 256x256 at x4 (128x128 at x2), translation at 256x256 (pix2pix).
-IMAGE_INPUT_HW: Mapping[str, tuple[int, int]] = {"super_resolution": (64, 64), "image_to_image": (256, 256)}
+IMAGE_INPUT_HW: Mapping[Kind, tuple[int, int]] = {
+    Kind.SUPER_RESOLUTION: (64, 64),
+    Kind.IMAGE_TO_IMAGE: (256, 256),
+}
 # The gRPC method each kind is driven through.
-METHOD_BY_KIND: Mapping[str, str] = {
-    "generator": "Sample",
-    "conditional_generator": "Sample",
-    "vae_decoder": "Sample",
-    "super_resolution": "SuperResolve",
-    "image_to_image": "Translate",
-    "vae_encoder": "Encode",
+METHOD_BY_KIND: Mapping[Kind, str] = {
+    Kind.GENERATOR: "Sample",
+    Kind.CONDITIONAL_GENERATOR: "Sample",
+    Kind.VAE_DECODER: "Sample",
+    Kind.SUPER_RESOLUTION: "SuperResolve",
+    Kind.IMAGE_TO_IMAGE: "Translate",
+    Kind.VAE_ENCODER: "Encode",
 }
 
 
@@ -47,7 +51,7 @@ class BenchModel:
     """One served model version as the benchmark sees it."""
 
     name: str
-    kind: str
+    kind: Kind
     version_dir: Path
     card: Card
     config: ModelConfig
@@ -67,7 +71,7 @@ class BenchModel:
 
     def image_input_hw(self) -> tuple[int, int]:
         """Input H, W for image-input kinds: the fixed bench size, rounded up to the size multiple."""
-        if self.card.image_size is not None and self.kind == "vae_encoder":
+        if self.card.image_size is not None and not self.kind.fully_convolutional:  # the encoder
             return (int(self.card.image_size[0]), int(self.card.image_size[1]))
         h, w = IMAGE_INPUT_HW.get(self.kind, (64, 64))
         m = max(1, self.card.size_multiple)

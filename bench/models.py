@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from genserve_contract.kinds import Kind
+
 BENCH_DCGAN_64 = "bench-dcgan-64"
 # Served like the default models: one single-threaded instance per core (2 here), all cores when alone.
 BENCH_DCGAN_64_INSTANCES = 2
@@ -48,7 +50,7 @@ def ensure_bench_dcgan_64(repo: Path, *, ngf: int = 64) -> Path:
         from genserve_export.card import merge_config
 
         config_path = target / "config.json"
-        wanted = merge_config("generator", {"instances": BENCH_DCGAN_64_INSTANCES})
+        wanted = merge_config(Kind.GENERATOR, {"instances": BENCH_DCGAN_64_INSTANCES})
         if json.loads(config_path.read_text()) != wanted:
             config_path.write_text(json.dumps(wanted, indent=2) + "\n")
         return target
@@ -64,7 +66,7 @@ def ensure_bench_dcgan_64(repo: Path, *, ngf: int = 64) -> Path:
     os.environ.setdefault("GENSERVE_EXPORT_QUIET", "1")
     export_model(
         module,
-        kind="generator",
+        kind=Kind.GENERATOR,
         name=BENCH_DCGAN_64,
         out_dir=repo,
         example_inputs={"z": z},

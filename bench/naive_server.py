@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from bench.common import BenchModel, find_models
 from bench.raw_limit import server_session
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
+from genserve_contract.kinds import Kind
 from genserve_server.codecs import DEFAULT_PNG_COMPRESSION, decode_image, encode_image, from_uint8, to_uint8
 from genserve_server.config import cpu_count
 from genserve_server.latents import RNG_ALGORITHM, latents_for_seeds
@@ -37,9 +38,9 @@ from genserve_server.latents import RNG_ALGORITHM, latents_for_seeds
 logger = logging.getLogger("bench.naive_server")
 
 _KIND_RPCS = {
-    "Sample": ("generator", "conditional_generator", "vae_decoder"),
-    "SuperResolve": ("super_resolution",),
-    "Translate": ("image_to_image",),
+    "Sample": (Kind.GENERATOR, Kind.CONDITIONAL_GENERATOR, Kind.VAE_DECODER),
+    "SuperResolve": (Kind.SUPER_RESOLUTION,),
+    "Translate": (Kind.IMAGE_TO_IMAGE,),
 }
 
 
@@ -121,7 +122,7 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
         psi = request.truncation_psi if request.HasField("truncation_psi") else None
         feeds: dict[str, NDArray[Any]] = {"z": latents_for_seeds(seeds, card.latent_dim or 1, psi)}
         labels: list[int] = []
-        if model.model.kind == "conditional_generator":
+        if model.model.kind.conditional:
             given = list(request.labels) or [0]
             labels = [given[i % len(given)] for i in range(count)]
             feeds["label"] = np.asarray(labels, dtype=np.int64)

@@ -85,7 +85,7 @@ def bulk_worker(target: str, model: str, labels: Sequence[int], duration_s: floa
 def run_priority(
     repo: Path, model: BenchModel, *, duration_s: float = 8.0, raw: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    labels = list(range(len(model.card.class_names))) if model.kind == "conditional_generator" else []
+    labels = list(range(len(model.card.class_names))) if model.kind.conditional else []
     bulk_batch = model.max_batch_size
     point = next((p for p in (raw or {}).get("points", []) if p["batch"] == bulk_batch), None)
     if point is None:

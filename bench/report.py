@@ -18,11 +18,10 @@ END = "<!-- bench:results:end -->"
 # names "the 256x256 default" a mid-size generator, and a measured class would flip between runs
 # for a generator near 2 ms an image (dcgan-photos-256: 1.9-2.1 ms on these cores).
 TINY_MS = 0.5
-IMAGE_INPUT_KINDS = ("super_resolution", "image_to_image")
 
 
 def model_class(model: BenchModel, ms_per_image: float) -> str:
-    if model.kind in IMAGE_INPUT_KINDS:
+    if model.kind.fully_convolutional:  # super-resolution, translation
         return "compute-bound"
     return "tiny" if ms_per_image < TINY_MS else "mid-size"
 

@@ -26,11 +26,12 @@ from bench import priority, raw_limit
 from bench.common import DEFAULT_MODELS, SCRATCH, BenchModel, find_models, machine, write_json, write_line
 from bench.report import merge_rounds, render_markdown, summarise, update_readme
 from bench.servers import BenchError, ServerProcess, client_bench, measured_level
+from genserve_contract.kinds import Kind
 
 CONCURRENCY = (1, 8, 32, 64)
 FORMATS = ("raw", "png")
 # The kinds driven through the servers (the encoder is measured in the raw limit only).
-SERVED_KINDS = ("generator", "conditional_generator", "vae_decoder", "super_resolution", "image_to_image")
+SERVED_KINDS = tuple(k for k in Kind if not k.gives_latent)
 PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "dcgan-photos-256", "dcgan-digits")
 
 
@@ -61,11 +62,11 @@ def assemble_repository(source: Path, names: list[str] | None, with_dcgan64: boo
 
 
 def _labels(model: BenchModel) -> list[int]:
-    return list(range(len(model.card.class_names))) if model.kind == "conditional_generator" else []
+    return list(range(len(model.card.class_names))) if model.kind.conditional else []
 
 
 def _options(model: BenchModel) -> dict[str, Any]:
-    image_size = model.image_input_hw() if model.kind in ("super_resolution", "image_to_image") else None
+    image_size = model.image_input_hw() if model.kind.fully_convolutional else None
     return {"labels": _labels(model), "method": model.method, "image_size": image_size}
 
 

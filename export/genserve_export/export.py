@@ -19,15 +19,19 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from genserve_export.card import (
-    CARD_FIELDS,
+from genserve_contract.kinds import KIND_NAMES, Kind
+from genserve_contract.repository import (
     CARD_FORMAT_VERSION,
     FP16_ATOL,
     FP32_ATOL,
     NAME_PATTERN,
+    VERSION_PATTERN,
+    sha256_file,
+)
+from genserve_export.card import (
+    CARD_FIELDS,
     TRAINING_FIELDS,
     USER_CARD_FIELDS,
-    VERSION_PATTERN,
     merge_config,
     validate_card,
     validate_config,
@@ -44,7 +48,6 @@ from genserve_export.errors import (
     NonFiniteOutputError,
     RepositoryExistsError,
 )
-from genserve_export.kinds import KINDS, KindSpec, image_output_name
 from genserve_export.onnx_utils import (
     NamedOutputs,
     adapt,
@@ -54,7 +57,6 @@ from genserve_export.onnx_utils import (
     optimize_offline,
     run_session,
     session,
-    sha256_file,
     torch_export,
 )
 from genserve_export.provenance import source_commit
@@ -164,21 +166,21 @@ def export_model(
 # --- argument checks -------------------------------------------------------------------------
 
 
-def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]) -> KindSpec:
-    if kind not in KINDS:
-        raise InvalidArgumentError(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
+def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]) -> Kind:
+    if kind not in KIND_NAMES:
+        raise InvalidArgumentError(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KIND_NAMES))}")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidArgumentError(f"name {name!r} must match {NAME_PATTERN.pattern}")
     if not isinstance(version, str) or not VERSION_PATTERN.match(version):
         raise InvalidArgumentError(f"version {version!r} must be a positive integer string such as '1'")
-    missing = [f for f in USER_CARD_FIELDS[kind] if card.get(f) is None]
+    missing = [f for f in USER_CARD_FIELDS[Kind(kind)] if card.get(f) is None]
     if missing:
         raise CardFieldError(f"card for {name} (kind {kind}) is missing field(s): {', '.join(missing)}")
-    return KINDS[kind]
+    return Kind(kind)
 
 
 def _example_tensors(
-    spec: KindSpec, kind: str, example_inputs: Mapping[str, np.ndarray | torch.Tensor]
+    spec: Kind, kind: str, example_inputs: Mapping[str, np.ndarray | torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     expected = [t.name for t in spec.inputs]
     if sorted(example_inputs) != sorted(expected):
@@ -242,7 +244,7 @@ def _torch_outputs(adapter: NamedOutputs, feeds: Mapping[str, torch.Tensor]) -> 
 
 
 def _derive_card_fields(
-    spec: KindSpec,
+    spec: Kind,
     kind: str,
     example: Mapping[str, torch.Tensor],
     reference: Mapping[str, np.ndarray],
@@ -274,7 +276,7 @@ def _derive_card_fields(
         "tile_overlap": None,
         "min_size": None,
     }
-    if spec.latent_input:
+    if spec.takes_latent:
         derived["latent_dim"] = int(example["z"].shape[1])
     if spec.conditional:
         names = list(card["class_names"])
@@ -282,12 +284,12 @@ def _derive_card_fields(
         labels = example["label"]
         if labels.min() < 0 or labels.max() >= len(names):
             problems.append(f"example labels must lie in [0, {len(names)}) for {len(names)} class_names")
-    if kind == "vae_encoder":
+    if spec.gives_latent:
         mu, logvar = reference["mu"].shape, reference["logvar"].shape
         if mu != logvar:
             problems.append(f"mu {list(mu)} and logvar {list(logvar)} must have the same shape")
         derived["latent_dim"] = int(mu[1])
-    if spec.image_input:
+    if spec.takes_image:
         image_in = example["image"]
         derived["input_channels"] = int(image_in.shape[1])
         derived["input_range"] = [float(v) for v in card["input_range"]]
@@ -304,7 +306,7 @@ def _derive_card_fields(
 
 def _derive_image_fields(
     kind: str,
-    spec: KindSpec,
+    spec: Kind,
     example: Mapping[str, torch.Tensor],
     reference: Mapping[str, np.ndarray],
     card: Mapping[str, Any],
@@ -312,7 +314,7 @@ def _derive_image_fields(
 ) -> list[str]:
     """Fill channels, image_size and the fully convolutional fields; return problems found."""
     problems: list[str] = []
-    out_name = image_output_name(kind)
+    out_name = spec.image_output_name
     if out_name is not None:
         out = reference[out_name].shape
         derived["channels"] = int(out[1])
@@ -339,7 +341,7 @@ def _derive_image_fields(
         derived["min_size"] = int(card.get("min_size", max(multiple, 8)))
         if h_in % multiple or w_in % multiple:
             problems.append(f"example image {h_in}x{w_in} is not a multiple of size_multiple {multiple}")
-        if kind == "super_resolution":
+        if spec.tiled:
             scale = h_out // h_in
             if h_out != scale * h_in or w_out != scale * w_in or scale < 1:
                 problems.append(
@@ -365,7 +367,7 @@ def _normalise(value: Any) -> Any:
 
 
 def _parity_cases(
-    spec: KindSpec, example: Mapping[str, torch.Tensor], derived: Mapping[str, Any]
+    spec: Kind, example: Mapping[str, torch.Tensor], derived: Mapping[str, Any]
 ) -> list[dict[str, np.ndarray]]:
     """Seeded inputs at batch 1 and 7, and for fully convolutional kinds at two (non-square) sizes."""
     rng = np.random.default_rng(12345)
@@ -400,7 +402,7 @@ def _parity(
     sess: ort.InferenceSession,
     adapter: NamedOutputs,
     cases: list[dict[str, np.ndarray]],
-    spec: KindSpec,
+    spec: Kind,
     derived: Mapping[str, Any],
     *,
     atol: float,
@@ -446,7 +448,7 @@ def _export_and_optimize(
     adapter: NamedOutputs,
     example: Mapping[str, torch.Tensor],
     dynamic: Mapping[str, Any],
-    spec: KindSpec,
+    spec: Kind,
     out_path: Path,
 ) -> int:
     try:
@@ -470,7 +472,7 @@ def _export_and_optimize(
     return opset
 
 
-def _check_dynamic_axes(spec: KindSpec, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+def _check_dynamic_axes(spec: Kind, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
     problems = []
     for entry in inputs + outputs:
         if entry["shape"][0] != -1:
@@ -491,7 +493,7 @@ def _export_fp16(
     module: nn.Module,
     example: Mapping[str, torch.Tensor],
     dynamic: Mapping[str, Any],
-    spec: KindSpec,
+    spec: Kind,
     derived: Mapping[str, Any],
     cases: list[dict[str, np.ndarray]],
     reference: NamedOutputs,
@@ -543,7 +545,7 @@ def _assemble_card(
         "format_version": CARD_FORMAT_VERSION,
         "name": name,
         "version": version,
-        "kind": kind,
+        "kind": Kind(kind).value,
         "description": card_in["description"],
         "recipe": card_in.get("recipe"),
         "inputs": inputs,

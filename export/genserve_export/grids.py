@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from genserve_contract.kinds import Kind
 from genserve_export.recipe import OnnxRun
 
 GRID_SEED = 0
@@ -66,19 +67,19 @@ def _fallback_pairs(card: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | N
 
 def write_grid(card: Mapping[str, Any], run: OnnxRun, out_path: Path, recipe: Any = None) -> Path | None:
     """Write ``out_path`` for a generative or image-to-image model; None for kinds with no picture."""
-    kind = card["kind"]
+    kind = Kind(card["kind"])
     rng = np.random.default_rng(GRID_SEED)
-    if kind in ("generator", "vae_decoder"):
+    if kind.takes_latent and not kind.conditional:
         z = rng.standard_normal((64, card["latent_dim"])).astype(np.float32)
         images = to_uint8(run({"z": z})["image"], card["output_range"])
         grid = tile([list(images[r * 8 : r * 8 + 8]) for r in range(8)], scale=2)
-    elif kind == "conditional_generator":
+    elif kind.conditional:
         classes = min(len(card["class_names"]), 16)
         labels = np.repeat(np.arange(classes, dtype=np.int64), 8)
         z = rng.standard_normal((len(labels), card["latent_dim"])).astype(np.float32)
         images = to_uint8(run({"z": z, "label": labels})["image"], card["output_range"])
         grid = tile([list(images[r * 8 : r * 8 + 8]) for r in range(classes)], scale=2)
-    elif kind in ("super_resolution", "image_to_image"):
+    elif kind.takes_image and kind.image_output_name is not None:
         hook = getattr(recipe, "grid_pairs", None)
         inputs, targets = hook(card["name"], card) if hook is not None else _fallback_pairs(card)
         outputs = run({"image": inputs.astype(np.float32)})["output_image"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -171,15 +170,6 @@ def graph_signature(sess: ort.InferenceSession) -> tuple[list[dict[str, Any]], l
         return {"name": arg.name, "dtype": ORT_DTYPES.get(arg.type, arg.type), "shape": shape}
 
     return [entry(a) for a in sess.get_inputs()], [entry(a) for a in sess.get_outputs()]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def opset_of(model: onnx.ModelProto) -> int:

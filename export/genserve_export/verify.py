@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from genserve_export.card import VERSION_PATTERN, check_thresholds, validate_card, validate_config
+from genserve_contract.kinds import Kind
+from genserve_contract.repository import VERSION_PATTERN, sha256_file
+from genserve_export.card import check_thresholds, validate_card, validate_config
 from genserve_export.grids import write_grid
-from genserve_export.kinds import KINDS, image_output_name
-from genserve_export.onnx_utils import graph_signature, run_session, session, sha256_file
+from genserve_export.onnx_utils import graph_signature, run_session, session
 from genserve_export.recipe import OnnxRun
 
 _RANGE_SLACK = 1e-3
@@ -280,7 +281,7 @@ def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport)
 
 
 def _image_sizes(card: Mapping[str, Any]) -> list[tuple[int, int] | None]:
-    if not KINDS[card["kind"]].fully_convolutional:
+    if not Kind(card["kind"]).fully_convolutional:
         return [None]
     multiple = int(card["size_multiple"])
     base = max(int(card["min_size"]), 16)
@@ -310,7 +311,8 @@ def _expected_shape(
 ) -> list[int]:
     batch = len(next(iter(feeds.values())))
     shape = [batch] + [d for d in output["shape"][1:]]
-    if card["kind"] in ("super_resolution", "image_to_image") and output["name"] == "output_image":
+    kind = Kind(card["kind"])
+    if kind.fully_convolutional and output["name"] == kind.image_output_name:
         scale = int(card["scale_factor"] or 1)
         shape[2], shape[3] = feeds["image"].shape[2] * scale, feeds["image"].shape[3] * scale
     return shape
@@ -320,7 +322,7 @@ def _check_runs(
     card: Mapping[str, Any], graphs: Mapping[str, ort.InferenceSession], model: ModelReport
 ) -> None:
     rng = np.random.default_rng(7)
-    image_name = image_output_name(card["kind"])
+    image_name = Kind(card["kind"]).image_output_name
     lo, hi = card["output_range"]
     slack = _RANGE_SLACK * (hi - lo)
     fp16_worst = 0.0

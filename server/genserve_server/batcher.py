@@ -10,10 +10,13 @@ Scheduling:
   the input shape for image kinds; seeds, labels and psi mix freely);
 - the INTERACTIVE lane always forms batches before the BULK lane;
 - block on an Event for the first row, then wait out the window (started at the oldest row's
-  arrival) on the same Event -- never poll. Adaptive: when the runner is idle and no other request
-  is queued or on its way (`callers`, kept by the service) the batch goes at once, so batching costs
-  nothing at concurrency 1; an idle runner waits the window only while arrivals overlapped recently
-  (a moving fraction of arrivals, and the last overlap within OVERLAP_MEMORY_S);
+  arrival) on the same Event -- never poll. A batch that holds exactly a preferred size
+  (`preferred_batch_sizes`) goes before its window ends when no request is on its way and the recent
+  arrival rate would not bring the next preferred size within the window (closes_at_preferred).
+  Adaptive: when the runner is idle and no other request is queued or on its way (`callers`, kept
+  by the service) the batch goes at once, so batching costs nothing at concurrency 1; an idle
+  runner waits the window only while arrivals overlapped recently (a moving fraction of arrivals,
+  and the last overlap within OVERLAP_MEMORY_S);
 - the queue is bounded in rows: a request that does not fit is refused at once (ResourceExhausted);
 - rows of a request whose deadline passed are dropped before compute; a cancelled caller's rows
   leave the queue at once.
@@ -37,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from genserve_contract.config import BatchingConfig
 from genserve_server.errors import (
     DeadlineExceeded,
     GenserveError,
@@ -61,9 +65,25 @@ OVERLAP_MEMORY_S = 0.1
 # Once as many requests are queued as the most callers seen in the server within this time, no
 # more are coming (closed-loop clients all wait on us): the batch goes without the rest of the window.
 CALLERS_PEAK_MEMORY_S = 1.0
+# The arrival rate that judges whether the next preferred batch size is within reach is measured
+# over this many batch windows (at least RATE_HORIZON_MIN_S).
+RATE_HORIZON_WINDOWS = 4
+RATE_HORIZON_MIN_S = 0.01
+_DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the contract
 # gRPC cancels a handler at its deadline ~1-2 ms before the deadline the server computes from
 # time_remaining() at arrival: a cancellation this close to the deadline counts as the deadline.
 DEADLINE_SLACK_S = 0.01
+
+
+def closes_at_preferred(rows: int, preferred: tuple[int, ...], limit: int, expected_rows: float) -> bool:
+    """Whether a batch of `rows` should go now rather than wait for more: `rows` is a preferred size
+    and the rows expected before the window ends would not reach the next one (or `limit`, the most
+    the batch may take). `preferred` is sorted. Waiting is worth it only for a batch the model is
+    tuned for (e.g. CUDA graphs captured at 1, 8, 64 pad a batch of 9 up to 64)."""
+    if rows not in preferred or rows >= limit:
+        return False
+    following = next((p for p in preferred if p > rows), limit)
+    return rows + expected_rows < min(following, limit)
 
 
 def cancelled_by_deadline(deadline: float | None) -> bool:
@@ -163,12 +183,13 @@ class Batcher:
         max_queue_size: int,
         concurrency: int = 1,
         observer: BatchObserver | None = None,
-        bulk_budget_s: float | None = 0.005,
-        bulk_idle_budget_s: float | None = 0.05,
-        interactive_quiet_s: float = 1.0,
+        bulk_budget_s: float | None = _DEFAULTS.bulk_budget_s,
+        bulk_idle_budget_s: float | None = _DEFAULTS.bulk_idle_budget_s,
+        interactive_quiet_s: float = _DEFAULTS.interactive_quiet_s,
         efficient_batch_size: int | None = None,
         rows_limit: Callable[[Hashable], int] | None = None,
         run_bulk_batch: RunBatch | None = None,
+        preferred_batch_sizes: tuple[int, ...] = (),
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -183,6 +204,12 @@ class Batcher:
         self._rows_limit = rows_limit
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        # Sizes a batch may close at before its window ends (closes_at_preferred); () = none: the
+        # window and the callers alone decide, as without the setting.
+        self.preferred_batch_sizes = tuple(sorted(set(preferred_batch_sizes)))
+        # (arrival time, rows) of recent submits, for the arrival rate (_expected_rows).
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._arrival_rows = 0
         self._run_batch = run_batch
         # BULK batches go here when set (Runner.run_bulk: threads the OS schedules after everyone
         # else's, so a running bulk batch yields the cores to interactive work); else to run_batch.
@@ -316,6 +343,7 @@ class Batcher:
             )
         if lane == Lane.INTERACTIVE:
             self._last_interactive_at = now
+        self._note_arrival(now, n_rows)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         request = PendingRequest(key, inputs, n_rows, lane, deadline, now, future)
         if self.callers:
@@ -500,6 +528,28 @@ class Batcher:
         peak_settled = now - self._callers_peak_rose_at > self.max_queue_delay_s
         return not (peak_settled and self._queued_requests >= self._callers_peak)
 
+    def _rate_horizon_s(self) -> float:
+        return max(RATE_HORIZON_MIN_S, RATE_HORIZON_WINDOWS * self.max_queue_delay_s)
+
+    def _expected_rows(self, within_s: float) -> float:
+        """Rows likely to arrive within `within_s`: inf while a request in the server has not reached
+        the queue yet (tracked callers), else the rate of the last few windows times `within_s`."""
+        if self.callers > self._queued_requests:
+            return math.inf
+        self._forget_old_arrivals(time.monotonic())
+        return self._arrival_rows / self._rate_horizon_s() * within_s
+
+    def _note_arrival(self, now: float, n_rows: int) -> None:
+        if self.preferred_batch_sizes:  # the rate only serves closes_at_preferred
+            self._arrivals.append((now, n_rows))
+            self._arrival_rows += n_rows
+            self._forget_old_arrivals(now)
+
+    def _forget_old_arrivals(self, now: float) -> None:
+        horizon_s = self._rate_horizon_s()
+        while self._arrivals and now - self._arrivals[0][0] > horizon_s:
+            self._arrival_rows -= self._arrivals.popleft()[1]
+
     async def _form_batch(self) -> list[_Part]:
         picked = self._pick()
         if picked is None:
@@ -513,7 +563,7 @@ class Batcher:
         if rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
-            while self._rows_by_key.get((lane, key), 0) < limit and not self._closing:
+            while (queued := self._rows_by_key.get((lane, key), 0)) < limit and not self._closing:
                 if self.callers and not self._more_expected():
                     break  # every caller in the server is queued: nobody else is about to send
                 if lane == Lane.BULK and self._lanes[Lane.INTERACTIVE]:
@@ -521,6 +571,10 @@ class Batcher:
                 remaining_s = window_end - time.monotonic()
                 if remaining_s <= 0:
                     break
+                if self.preferred_batch_sizes and closes_at_preferred(
+                    queued, self.preferred_batch_sizes, limit, self._expected_rows(remaining_s)
+                ):
+                    break  # a preferred size now beats waiting for a next one that will not come
                 self._available.clear()
                 try:
                     async with asyncio.timeout(remaining_s):

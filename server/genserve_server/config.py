@@ -1,145 +1,45 @@
 """Typed, frozen configuration: the server's config file, each model's config.json and card.json.
 
-Every validation error names the file, the field, the rule and the value, e.g.
-`models/dcgan/config.json: batching.max_batch_size must be >= 1, got 0`.
+config.json's rules are the model-repository contract's (genserve_contract.config), shared with
+export/. Durations are seconds (`*_s`). Every validation error names the file, the field, the rule
+and the value, e.g. `models/dcgan/config.json: batching.max_batch_size must be >= 1, got 0`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genserve_contract import config as contract
+from genserve_contract.config import KNOWN_PROVIDERS as KNOWN_PROVIDERS
+from genserve_contract.config import BatchingConfig as BatchingConfig
+from genserve_contract.config import ModelConfig as ModelConfig
+from genserve_contract.config import VersionPolicy as VersionPolicy
+from genserve_contract.kinds import KIND_NAMES
+from genserve_contract.kinds import Kind as Kind
 from genserve_server.errors import GenserveError
-from genserve_server.ort_session import RuntimeConfig, RuntimeConfigError, parse_runtime_config
 
-KINDS = (
-    "generator",
-    "conditional_generator",
-    "vae_decoder",
-    "vae_encoder",
-    "super_resolution",
-    "image_to_image",
-)
+# Thin aliases of the contract (genserve_contract.kinds) for the modules that still compare names.
+KINDS = KIND_NAMES
 # Kinds whose input is a latent z (drawn from seeds or given): they answer Sample.
-LATENT_KINDS = ("generator", "conditional_generator", "vae_decoder")
+LATENT_KINDS: tuple[str, ...] = tuple(k.value for k in Kind if k.takes_latent)
 # Kinds whose input is an image (card input_range, input_channels; batches bounded by pixels).
-IMAGE_INPUT_KINDS = ("vae_encoder", "super_resolution", "image_to_image")
-KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+IMAGE_INPUT_KINDS: tuple[str, ...] = tuple(k.value for k in Kind if k.takes_image)
 MIB = 1024 * 1024
 
 
-class ConfigError(GenserveError):
+class ConfigError(GenserveError, contract.ConfigError):
     """A config/card file is invalid; the message names the file and field."""
 
 
-class _Reader:
-    """Reads one JSON object with typed accessors; `finish()` rejects unknown fields."""
+class _Reader(contract.Reader):
+    """The contract's JSON reader, raising the server's ConfigError."""
 
-    def __init__(self, where: str, data: Any, prefix: str = "", *, strict: bool = True) -> None:
-        self.where = where
-        self.prefix = prefix
-        self.strict = strict
-        if not isinstance(data, Mapping):
-            raise self.error(prefix.rstrip(".") or "top level", f"must be a JSON object, got {_kind(data)}")
-        self.data: Mapping[str, Any] = data
-        self.seen: set[str] = set()
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {self.prefix}{key} {problem}", field=self.prefix + key)
-
-    def _get(self, key: str) -> Any:
-        self.seen.add(key)
-        return self.data.get(key)
-
-    def integer(
-        self, key: str, default: int, *, min_value: int | None = None, max_value: int | None = None
-    ) -> int:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.error(key, f"must be an integer, got {value!r}")
-        if min_value is not None and value < min_value:
-            raise self.error(key, f"must be >= {min_value}, got {value}")
-        if max_value is not None and value > max_value:
-            raise self.error(key, f"must be <= {max_value}, got {value}")
-        return value
-
-    def number(self, key: str, default: float, *, min_value: float | None = None) -> float:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self.error(key, f"must be a number, got {value!r}")
-        if min_value is not None and value < min_value:
-            raise self.error(key, f"must be >= {min_value}, got {value}")
-        return float(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, got {value!r}")
-        return value
-
-    def string(self, key: str, default: str, *, choices: Sequence[str] | None = None) -> str:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self.error(key, f"must be a string, got {value!r}")
-        if choices is not None and value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    def optional_str_list(self, key: str, *, choices: Sequence[str] | None = None) -> tuple[str, ...] | None:
-        value = self._get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(key, f"must be a list of strings, got {value!r}")
-        if choices is not None:
-            for v in value:
-                if v not in choices:
-                    raise self.error(key, f"entries must be among {', '.join(choices)}; got {v!r}")
-        return tuple(value)
-
-    def int_list(self, key: str, default: Sequence[int], *, min_value: int = 1) -> tuple[int, ...]:
-        value = self._get(key)
-        if value is None:
-            return tuple(default)
-        if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise self.error(key, f"must be a list of integers, got {value!r}")
-        for v in value:
-            if v < min_value:
-                raise self.error(key, f"entries must be >= {min_value}, got {v}")
-        return tuple(value)
-
-    def sub(self, key: str) -> _Reader:
-        value = self._get(key)
-        return _Reader(self.where, {} if value is None else value, f"{self.prefix}{key}.", strict=self.strict)
-
-    def raw(self, key: str) -> Any:
-        return self._get(key)
-
-    def finish(self) -> None:
-        if not self.strict:
-            return
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise self.error(unknown[0], f"is not a known field (known: {', '.join(sorted(self.seen))})")
-
-
-def _kind(value: Any) -> str:
-    return type(value).__name__
+    error_type = ConfigError
 
 
 def _read_json(path: Path) -> Any:
@@ -175,7 +75,7 @@ class Limits:
     # SampleStream calls running at once (bulk jobs); beyond it RESOURCE_EXHAUSTED (limits.py).
     max_concurrent_sample_streams: int = 64
     # Used when a model's config.json does not say.
-    default_max_queue_size: int = 1024
+    default_max_queue_size: int = BatchingConfig().max_queue_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,10 +114,11 @@ class ServerConfig:
     log_json: bool = False
     drain_grace_s: float = 10.0
     warmup: bool = True
-    # A batch whose measured compute is at most this many microseconds runs on the event loop
-    # thread instead of hopping to the runner pool (the hop costs more); 0 = always the pool. 250
-    # covers a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs.
-    inline_compute_max_us: int = 250
+    # A batch whose measured compute is at most this many seconds runs on the event loop thread
+    # instead of hopping to the runner pool (the hop costs more); 0 = always the pool. 250 us covers
+    # a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs. The file
+    # may give it as `inline_compute_max_us` (earlier releases' name).
+    inline_compute_max_s: float = 250e-6
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Rescan the model repository when it changes, checked every this many seconds (reload.py);
     # None = only on SIGHUP.
@@ -266,13 +167,18 @@ def load_server_config(path: Path | None) -> ServerConfig:
         log_json=r.boolean("log_json", s.log_json),
         drain_grace_s=r.number("drain_grace_s", s.drain_grace_s, min_value=0.0),
         warmup=r.boolean("warmup", s.warmup),
-        inline_compute_max_us=r.integer("inline_compute_max_us", s.inline_compute_max_us, min_value=0),
+        inline_compute_max_s=_inline_compute_max_s(r, s.inline_compute_max_s),
         security=security,
         watch_interval_s=None if watch is None else float(watch),
         image_cache_bytes=r.integer("image_cache_bytes", s.image_cache_bytes, min_value=0),
     )
     r.finish()
     return config
+
+
+def _inline_compute_max_s(r: _Reader, default_s: float) -> float:
+    value = r.duration_s("inline_compute_max", default_s, max_s=1.0, legacy_unit="us")
+    return default_s if value is None else value
 
 
 def _security_config(r: _Reader, base: Path) -> SecurityConfig:
@@ -305,7 +211,7 @@ def _security_config(r: _Reader, base: Path) -> SecurityConfig:
         tls_client_ca_file=ca,
         token_file=path_or_none(ar, "token_file"),
         token_env=token_env,
-        open_health=ar.boolean("open_health", True),
+        open_health=ar.boolean("open_health", SecurityConfig().open_health),
     )
     ar.finish()
     return config
@@ -322,162 +228,11 @@ def cpu_count() -> int:
 # --------------------------------------------------------------------------- model config.json
 
 
-@dataclass(frozen=True, slots=True)
-class BatchingConfig:
-    max_batch_size: int = 64
-    max_queue_delay_ms: float = 2.0
-    preferred_batch_sizes: tuple[int, ...] = (1, 8, 64)
-    # Items (images or tiles) waiting in the batcher; beyond it RESOURCE_EXHAUSTED.
-    max_queue_size: int = 1024
-    # Priority (batcher.Batcher): while interactive requests arrive (one within interactive_quiet_s),
-    # a BULK batch is cut to what computes in about bulk_budget_ms; otherwise to bulk_idle_budget_ms,
-    # which bounds the wait of the first interactive request after a quiet spell. None (JSON null)
-    # = full batches.
-    bulk_budget_ms: float | None = 5.0
-    bulk_idle_budget_ms: float | None = 50.0
-    interactive_quiet_s: float = 1.0
-    # Batches are capped at the smallest warmed size whose compute per item is within this fraction
-    # of the best warmed size's (repository.efficient_batch_size): where batching gains nothing (large
-    # convolutions on a CPU) requests run one by one instead of waiting in each other's batches; on
-    # a GPU the cap stays at max_batch_size. None (JSON null, the default) = always up to max_batch_size:
-    # on mid-size generators the cap lost 21 % at c=64 (bench/profile.md item 21).
-    efficient_batch_tolerance: float | None = None
-    # Image-input kinds: a batch holds at most this many input pixels (H x W per row; at least one
-    # row). pix2pix at 2048x2048 takes ~2.3 GB for one image, so a full batch of 16 would need ~36 GB.
-    max_batch_pixels: int = 2048 * 2048
-
-
-@dataclass(frozen=True, slots=True)
-class VersionPolicy:
-    latest: int | None = 1
-    specific: tuple[str, ...] | None = None
-
-    def select(self, available: Sequence[str]) -> list[str]:
-        ordered = sorted(available, key=int)
-        if self.specific is not None:
-            return [v for v in ordered if v in self.specific]
-        return ordered[-(self.latest or 1) :]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    kind: str
-    batching: BatchingConfig
-    instances: int = 1
-    execution_providers: tuple[str, ...] = KNOWN_PROVIDERS
-    precision: str = "fp32"
-    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
-    # Session tuning (threads, IO binding, CUDA graphs, TensorRT cache): ort_session.RuntimeConfig.
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-
-def _nullable_number(
-    r: _Reader, key: str, default: float | None, *, zero_allowed: bool, expected: str
-) -> float | None:
-    """A finite number (> 0, or >= 0 when `zero_allowed`), null, or absent (the default)."""
-    if key not in r.data:
-        r.seen.add(key)
-        return default
-    value = r.raw(key)
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not value < math.inf
-        or not (value >= 0 if zero_allowed else value > 0)
-    ):
-        raise r.error(key, f"must be {expected}, got {value!r}")
-    return float(value)
-
-
-def _budget_ms(r: _Reader, key: str, default: float | None) -> float | None:
-    """A bulk batch budget in ms: a number > 0, null (full batches), or absent (the default)."""
-    return _nullable_number(
-        r, key, default, zero_allowed=False, expected="a number of milliseconds > 0 or null (full batches)"
+def load_model_config(path: Path, *, default_max_queue_size: int | None = None) -> ModelConfig:
+    """A model's config.json by the contract's rules (genserve_contract.config)."""
+    return contract.parse_model_config(
+        _read_json(path), str(path), default_max_queue_size=default_max_queue_size, reader=_Reader
     )
-
-
-def _tolerance(r: _Reader, key: str, default: float | None) -> float | None:
-    """A fraction >= 0, null (off), or absent (the default)."""
-    return _nullable_number(
-        r, key, default, zero_allowed=True, expected="a fraction >= 0 (0.05 = within 5 %) or null (off)"
-    )
-
-
-def load_model_config(path: Path, *, default_max_queue_size: int = 1024) -> ModelConfig:
-    r = _Reader(str(path), _read_json(path))
-    kind = r.string("kind", "", choices=KINDS)
-    if not kind:
-        raise r.error("kind", f"is required (one of {', '.join(KINDS)})")
-    br = r.sub("batching")
-    d = BatchingConfig()
-    max_batch_size = br.integer("max_batch_size", d.max_batch_size, min_value=1, max_value=4096)
-    batching = BatchingConfig(
-        max_batch_size=max_batch_size,
-        max_queue_delay_ms=br.number("max_queue_delay_ms", d.max_queue_delay_ms, min_value=0.0),
-        preferred_batch_sizes=br.int_list("preferred_batch_sizes", d.preferred_batch_sizes),
-        max_queue_size=br.integer("max_queue_size", default_max_queue_size, min_value=1),
-        bulk_budget_ms=_budget_ms(br, "bulk_budget_ms", d.bulk_budget_ms),
-        bulk_idle_budget_ms=_budget_ms(br, "bulk_idle_budget_ms", d.bulk_idle_budget_ms),
-        interactive_quiet_s=br.number("interactive_quiet_s", d.interactive_quiet_s, min_value=0.0),
-        efficient_batch_tolerance=_tolerance(br, "efficient_batch_tolerance", d.efficient_batch_tolerance),
-        max_batch_pixels=br.integer("max_batch_pixels", d.max_batch_pixels, min_value=1),
-    )
-    br.finish()
-    if (
-        batching.bulk_budget_ms is not None
-        and batching.bulk_idle_budget_ms is not None
-        and batching.bulk_budget_ms > batching.bulk_idle_budget_ms
-    ):
-        raise r.error(
-            "batching.bulk_budget_ms",
-            f"must be <= batching.bulk_idle_budget_ms ({batching.bulk_idle_budget_ms:g}) (the budget while "
-            f"interactive requests arrive is the tighter one), got {batching.bulk_budget_ms:g}",
-        )
-    if batching.max_queue_size < batching.max_batch_size:
-        raise r.error(
-            "batching.max_queue_size",
-            f"must be >= batching.max_batch_size ({max_batch_size}), got {batching.max_queue_size}",
-        )
-    vr = r.sub("version_policy")
-    latest = vr.raw("latest")
-    specific = vr.raw("specific")
-    vr.finish()
-    if latest is not None and specific is not None:
-        raise r.error("version_policy", "must have either latest or specific, not both")
-    if specific is not None:
-        if (
-            not isinstance(specific, list)
-            or not all(isinstance(v, str | int) for v in specific)
-            or not specific
-        ):
-            raise r.error(
-                "version_policy.specific", f"must be a non-empty list of versions, got {specific!r}"
-            )
-        policy = VersionPolicy(latest=None, specific=tuple(str(v) for v in specific))
-    else:
-        if latest is None:
-            latest = 1
-        if not isinstance(latest, int) or isinstance(latest, bool) or latest < 1:
-            raise r.error("version_policy.latest", f"must be an integer >= 1, got {latest!r}")
-        policy = VersionPolicy(latest=latest)
-    providers = r.optional_str_list("execution_providers", choices=KNOWN_PROVIDERS)
-    try:
-        runtime = parse_runtime_config(r.raw("runtime"), str(path))
-    except RuntimeConfigError as exc:
-        raise ConfigError(str(exc), field="runtime") from exc
-    config = ModelConfig(
-        kind=kind,
-        batching=batching,
-        instances=r.integer("instances", 1, min_value=1, max_value=64),
-        execution_providers=providers if providers else KNOWN_PROVIDERS,
-        precision=r.string("precision", "fp32", choices=("fp32", "fp16")),
-        version_policy=policy,
-        runtime=runtime,
-    )
-    r.finish()
-    return config
 
 
 # --------------------------------------------------------------------------- card.json
@@ -496,7 +251,7 @@ class Card:
 
     name: str
     version: str
-    kind: str
+    kind: Kind
     description: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -553,9 +308,10 @@ def load_card(path: Path) -> Card:
     data = _read_json(path)
     # Cards carry training/quality/parity records the server does not interpret: not strict.
     r = _Reader(str(path), data, strict=False)
-    kind = r.string("kind", "", choices=KINDS)
-    if not kind:
+    kind_name = r.string("kind", "", choices=KINDS)
+    if not kind_name:
         raise r.error("kind", "is required")
+    kind = Kind(kind_name)
     image_size = r.raw("image_size")
     if image_size is not None and (
         not isinstance(image_size, list)
@@ -572,7 +328,7 @@ def load_card(path: Path) -> Card:
     latent_dim = r.raw("latent_dim")
     if latent_dim is not None and (not isinstance(latent_dim, int) or latent_dim < 1):
         raise r.error("latent_dim", f"must be an integer >= 1, got {latent_dim!r}")
-    image_input = kind in IMAGE_INPUT_KINDS
+    image_input = kind.takes_image
     card = Card(
         name=r.string("name", ""),
         version=str(r.raw("version") or ""),
@@ -585,7 +341,7 @@ def load_card(path: Path) -> Card:
         channels=r.integer("channels", 3, min_value=1, max_value=4),
         input_channels=r.integer("input_channels", 3, min_value=1, max_value=4) if image_input else None,
         image_size=(int(image_size[0]), int(image_size[1])) if image_size else None,
-        output_range=_range(r, "output_range", kind != "vae_encoder") or (-1.0, 1.0),
+        output_range=_range(r, "output_range", kind.image_output_name is not None) or (-1.0, 1.0),
         input_range=_range(r, "input_range", image_input),
         scale_factor=r.integer("scale_factor", 1, min_value=1),
         size_multiple=r.integer("size_multiple", 1, min_value=1),
@@ -595,13 +351,10 @@ def load_card(path: Path) -> Card:
         sha256={str(k): str(v) for k, v in sha.items()},
         raw_json=json.dumps(data, indent=2, sort_keys=False),
     )
-    if kind in LATENT_KINDS and card.latent_dim is None:
+    if kind.takes_latent and card.latent_dim is None:
         raise r.error("latent_dim", f"is required for kind {kind}")
-    if kind == "conditional_generator" and not card.class_names:
-        raise r.error("class_names", "is required for kind conditional_generator")
-    if (
-        kind in ("generator", "conditional_generator", "vae_decoder", "vae_encoder")
-        and card.image_size is None
-    ):
+    if kind.conditional and not card.class_names:
+        raise r.error("class_names", f"is required for kind {kind}")
+    if not kind.fully_convolutional and card.image_size is None:
         raise r.error("image_size", f"is required for kind {kind}")
     return card

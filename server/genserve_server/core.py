@@ -109,7 +109,7 @@ def image_batch_key(card: Card, shape: tuple[int, ...]) -> BatchKey:
     fixed-size models batch every row together."""
     if card.image_size is not None:
         return ImageRows()
-    if card.kind == "super_resolution":
+    if card.kind.tiled:
         return TileRows(shape)
     return ImageRows(shape)
 

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from genserve_server import kserve_metadata, kserve_tensors, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
-from genserve_server.config import KINDS, LATENT_KINDS, Card, TensorSpec
+from genserve_server.config import KINDS, Card, TensorSpec
 from genserve_server.core import Call, GenerationCore, image_batch_key
 from genserve_server.errors import GenserveError, NotFound, invalid
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
@@ -211,7 +211,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         tensors = kserve_tensors.read_inputs(request, card)
         outputs = kserve_tensors.requested_outputs(request, card)
         response_params: dict[str, int] = {}
-        if card.kind in LATENT_KINDS:
+        if card.kind.takes_latent:
             plan = self._latent_plan(request, card, tensors)
             self._check_output_bytes(outputs, card, plan.n, None)
             result, _ = await self.core.generate_batch(
@@ -301,7 +301,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     @staticmethod
     def _label_rows(card: Card, n: int, tensor: np.ndarray | None, param: int | None) -> np.ndarray | None:
         """int64 [n] labels of a conditional model (validated like genserve.v1's `labels`)."""
-        if card.kind != "conditional_generator":
+        if not card.kind.conditional:
             if tensor is not None or param is not None:
                 raise invalid("label", f"only conditional models take labels; {card.name} is a {card.kind}")
             return None
@@ -338,11 +338,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid(
                 "inputs[image].shape", f"must be [N, {c}, {card.image_size[0]}, {card.image_size[1]}]"
             )
-        pixel_limit = (
-            self.limits.max_sr_input_pixels
-            if card.kind == "super_resolution"
-            else self.limits.max_input_pixels
-        )
+        pixel_limit = self.limits.max_sr_input_pixels if card.kind.tiled else self.limits.max_input_pixels
         if h * w > pixel_limit:
             raise invalid("inputs[image].shape", f"H*W must be <= {pixel_limit}, got {h}x{w}")
         if min(h, w) < card.min_size:

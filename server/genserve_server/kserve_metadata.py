@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from genserve_server.config import LATENT_KINDS
 from genserve_server.kserve_tensors import DTYPES, protocol_shape
 from genserve_server.repository import ModelVersion
 from inference import grpc_service_pb2 as kpb
@@ -52,7 +51,7 @@ def model_config(mv: ModelVersion) -> mc.ModelConfig:
         entry = config.input.add(
             name=spec.name, data_type=DTYPES[spec.dtype][1], dims=protocol_shape(spec)[1:]
         )
-        if spec.name in ("z", "label") and card.kind in LATENT_KINDS:
+        if spec.name in ("z", "label") and card.kind.takes_latent:
             entry.optional = True  # may come as request parameters instead (module docstring)
         if len(spec.shape) == 4:
             entry.format = mc.ModelInput.FORMAT_NCHW

@@ -36,13 +36,20 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+# config.json's `runtime` object is part of the model-repository contract (validated there, shared
+# with export/); re-exported here for the modules that build sessions from it.
+from genserve_contract.repository import FP16_ATOL as FP16_ATOL
+from genserve_contract.runtime import GRAPH_OPTIMIZATION_LEVELS
+from genserve_contract.runtime import RuntimeConfig as RuntimeConfig
+from genserve_contract.runtime import RuntimeConfigError as RuntimeConfigError
+from genserve_contract.runtime import parse_runtime_config as parse_runtime_config
+
 logger = logging.getLogger(__name__)
 
 CPU: Final = "CPUExecutionProvider"
 CUDA: Final = "CUDAExecutionProvider"
 TENSORRT: Final = "TensorrtExecutionProvider"
 GPU_PROVIDERS: Final = (TENSORRT, CUDA)
-FP16_ATOL: Final = 1e-2
 
 _OPT_LEVELS: Final = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -59,106 +66,7 @@ _NP_DTYPES: Final[dict[str, type[np.generic]]] = {
 }
 
 Array = NDArray[Any]
-
-
-class RuntimeConfigError(ValueError):
-    """A `runtime` setting is invalid; the message names the field and the value."""
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeConfig:
-    """How a model's sessions are built: config.json's optional `runtime` object (every field optional).
-
-    Times and sizes carry their unit in the name; `None` means "not set", never a magic number.
-    """
-
-    # ONNX Runtime intra-op threads per session; 0 = cores // instances (at least 1).
-    intra_op_threads: int = 0
-    # Inter-op threads (only used by the parallel executor, which genserve does not enable).
-    inter_op_threads: int = 1
-    # "disable", "basic", "extended" or "all" (ORT_ENABLE_ALL: layout and CPU kernel fusions).
-    graph_optimization: str = "all"
-    # Intra-op worker threads busy-wait for work; off by default (see the module docstring).
-    allow_spinning: bool = False
-    # ORT's CPU arena keeps freed buffers for the next batch (fewer page faults on big tensors).
-    cpu_mem_arena: bool = True
-    # Plan buffer reuse from the first run of each shape.
-    mem_pattern: bool = True
-    # With several instances on the CPU provider (and threads not pinned), a batch that runs while
-    # no other is running goes to a second session with intra-op threads = cores: one call on all
-    # cores when alone (latency at low load), one single-threaded call per core when busy (throughput:
-    # small convolutions parallelise badly inside one call, ~1.5-2x on 2 cores). Costs a second
-    # session's memory.
-    solo_session: bool = True
-    # Run through IO binding: preallocated outputs (CPU and GPU), device-resident tensors (GPU).
-    io_binding: bool = False
-    # CUDA graphs (CUDA provider only, needs fixed shapes): capture one graph per batch size in
-    # `cuda_graph_batch_sizes`, pad each batch up to the nearest one. Implies io_binding.
-    cuda_graph: bool = False
-    cuda_graph_batch_sizes: tuple[int, ...] = (1, 8, 64)
-    # TensorRT engine and timing cache directory; None = TensorRT builds engines in memory only.
-    trt_engine_cache_dir: str | None = None
-    # TensorRT max workspace, bytes.
-    trt_max_workspace_bytes: int = 2 * 1024**3
-    # Max |fp16 - fp32| accepted by the fp16 parity check before fp16 is refused.
-    fp16_atol: float = FP16_ATOL
-
-    @property
-    def uses_io_binding(self) -> bool:
-        return self.io_binding or self.cuda_graph
-
-
-_RUNTIME_FIELDS: Final = frozenset(RuntimeConfig.__dataclass_fields__)
-
-
-def _check_runtime_value(name: str, value: Any, default: Any, key: str) -> Any:
-    """The validated value of one `runtime` field (its type is that of the field's default)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise RuntimeConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise RuntimeConfigError(f"{key} must be an integer >= 0, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-            raise RuntimeConfigError(f"{key} must be a number > 0, got {value!r}")
-        return float(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not value or not all(_is_positive_int(v) for v in value):
-            raise RuntimeConfigError(f"{key} must be a non-empty list of integers >= 1, got {value!r}")
-        return tuple(sorted(set(value)))
-    if name == "graph_optimization":
-        if value not in _OPT_LEVELS:
-            raise RuntimeConfigError(f"{key} must be one of {', '.join(_OPT_LEVELS)}; got {value!r}")
-        return value
-    # trt_engine_cache_dir
-    if value is not None and (not isinstance(value, str) or not value):
-        raise RuntimeConfigError(f"{key} must be a directory path or null, got {value!r}")
-    return value
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def parse_runtime_config(data: Any, where: str = "config.json") -> RuntimeConfig:
-    """Read config.json's `runtime` object (None = all defaults); errors name file, field and value."""
-    if data is None:
-        return RuntimeConfig()
-    if not isinstance(data, Mapping):
-        raise RuntimeConfigError(f"{where}: runtime must be a JSON object, got {data!r}")
-    unknown = sorted(set(data) - _RUNTIME_FIELDS)
-    if unknown:
-        known = ", ".join(sorted(_RUNTIME_FIELDS))
-        raise RuntimeConfigError(f"{where}: runtime.{unknown[0]} is not a known field (known: {known})")
-    defaults = RuntimeConfig()
-    values = {
-        name: _check_runtime_value(name, value, getattr(defaults, name), f"{where}: runtime.{name}")
-        for name, value in data.items()
-    }
-    return replace(defaults, **values)
+assert set(_OPT_LEVELS) == set(GRAPH_OPTIMIZATION_LEVELS), "a graph_optimization level without its ORT level"
 
 
 def session_options(config: RuntimeConfig, *, cores: int, instances: int = 1) -> ort.SessionOptions:

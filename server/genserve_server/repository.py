@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import hashlib
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -23,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from genserve_contract.repository import NAME_PATTERN, sha256_file
+from genserve_contract.repository import VERSION_PATTERN as VERSION_PATTERN  # reload.py reads it here
 from genserve_server import tiling
 from genserve_server.batch_keys import input_shape
 from genserve_server.batcher import Batcher
 from genserve_server.config import (
-    IMAGE_INPUT_KINDS,
-    LATENT_KINDS,
     Card,
     ConfigError,
     ModelConfig,
@@ -48,27 +46,6 @@ logger = logging.getLogger(__name__)
 # Versions loaded at once at start-up (at most the cores): a large model's warm-up no longer keeps
 # the small ones in LOADING, and loads still leave the event loop a core on 2-core machines.
 MAX_CONCURRENT_LOADS = 2
-
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-VERSION_PATTERN = re.compile(r"^[1-9][0-9]*$")
-# Tensor names per kind: the contract between export and server (DESIGN.md).
-KIND_INPUTS = {
-    "generator": ("z",),
-    "conditional_generator": ("z", "label"),
-    "vae_decoder": ("z",),
-    "vae_encoder": ("image",),
-    "super_resolution": ("image",),
-    "image_to_image": ("image",),
-}
-KIND_OUTPUTS = {
-    "generator": ("image",),
-    "conditional_generator": ("image",),
-    "vae_decoder": ("image",),
-    "vae_encoder": ("mu", "logvar"),
-    # ONNX forbids an input and an output of the same name: image-in kinds output `output_image`.
-    "super_resolution": ("output_image",),
-    "image_to_image": ("output_image",),
-}
 
 
 class ModelState(enum.IntEnum):
@@ -123,7 +100,7 @@ class Model:
 
     @property
     def kind(self) -> str:
-        return self.config.kind if self.config else ""
+        return self.config.kind.value if self.config else ""
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for v in self.versions.values() if v.state == ModelState.READY]
@@ -155,14 +132,6 @@ class Model:
             )
             raise Unavailable(f"model {self.name} has no ready version ({reasons or 'no versions'})")
         return max(ready, key=lambda v: int(v.version))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 StateListener = Callable[[str, bool], None]
@@ -326,17 +295,18 @@ class Repository:
                 run_bulk_batch=mv.runner.run_bulk,  # like run where bulk cannot be background work
                 name=mv.label,
                 max_batch_size=mv.config.batching.max_batch_size,
-                max_queue_delay_s=mv.config.batching.max_queue_delay_ms / 1e3,
+                max_queue_delay_s=mv.config.batching.max_queue_delay_s,
+                preferred_batch_sizes=mv.config.batching.preferred_batch_sizes,
                 max_queue_size=mv.config.batching.max_queue_size,
                 concurrency=mv.config.instances,
                 observer=BatchMetrics(mv.metrics),
-                bulk_budget_s=_ms_to_s(mv.config.batching.bulk_budget_ms),
-                bulk_idle_budget_s=_ms_to_s(mv.config.batching.bulk_idle_budget_ms),
+                bulk_budget_s=mv.config.batching.bulk_budget_s,
+                bulk_idle_budget_s=mv.config.batching.bulk_idle_budget_s,
                 interactive_quiet_s=mv.config.batching.interactive_quiet_s,
                 efficient_batch_size=mv.efficient_batch_size,
                 rows_limit=(
                     functools.partial(rows_within_pixels, max_pixels=mv.config.batching.max_batch_pixels)
-                    if mv.card is not None and mv.card.kind in IMAGE_INPUT_KINDS
+                    if mv.card is not None and mv.card.kind.takes_image
                     else None
                 ),
             )
@@ -378,7 +348,8 @@ class Repository:
         mv.card = card
         if card.kind != mv.config.kind:
             raise ConfigError(
-                f"{mv.path / 'card.json'}: kind {card.kind!r} differs from config.json's {mv.config.kind!r}"
+                f"{mv.path / 'card.json'}: kind {card.kind.value!r} differs from config.json's "
+                f"{mv.config.kind.value!r}"
             )
         choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
         if choice.reason:
@@ -406,7 +377,7 @@ class Repository:
         requested = sc.execution_providers or mv.config.execution_providers
         mv.gpu_requested = any(p in GPU_PROVIDERS for p in requested)
         providers = select_providers(requested)
-        sampler = card.kind in LATENT_KINDS
+        sampler = card.kind.takes_latent
         runner = Runner(
             model_path,
             label=f"{mv.name}-{mv.version}",
@@ -417,7 +388,7 @@ class Repository:
             runtime=mv.config.runtime,
             fp16=choice.precision == "fp16",
             profile=profile_shapes(card, mv.config.batching.max_batch_size),
-            inline_max_s=sc.inline_compute_max_us / 1e6,
+            inline_max_s=sc.inline_compute_max_s,
             latent_dim=card.latent_dim if sampler else None,
             pixels_range=card.output_range if sampler else None,
         )
@@ -449,7 +420,7 @@ class Repository:
                             ", ".join(f"b{b} {1e3 * c / b:.3g} ms" for b, c in sorted(costs.items())),
                             100 * tolerance,
                         )
-            if card.kind == "super_resolution":
+            if card.kind.tiled:
                 mv.tile_radius = measure_tile_radius(card, runner)
         except BaseException:
             runner.close()
@@ -459,13 +430,13 @@ class Repository:
 
     @staticmethod
     def _check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
-        want_in = KIND_INPUTS[card.kind]
+        want_in = card.kind.input_names
         have_in = tuple(i.name for i in runner.inputs)
         if sorted(want_in) != sorted(have_in):
             raise ConfigError(
                 f"{mv.label}: graph inputs {list(have_in)} differ from kind {card.kind}'s {list(want_in)}"
             )
-        missing = [o for o in KIND_OUTPUTS[card.kind] if o not in runner.outputs]
+        missing = [o for o in card.kind.output_names if o not in runner.outputs]
         if missing:
             raise ConfigError(
                 f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})"
@@ -526,10 +497,10 @@ def efficient_batch_size(costs_s: Mapping[int, float], tolerance: float) -> int:
 
 def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
     """Dummy inputs of the right shape for `batch` rows (warm-up and tests)."""
-    if card.kind in LATENT_KINDS:
+    if card.kind.takes_latent:
         assert card.latent_dim is not None
         feeds = {"z": np.zeros((batch, card.latent_dim), np.float32)}
-        if card.kind == "conditional_generator":
+        if card.kind.conditional:
             feeds["label"] = np.zeros((batch,), np.int64)
         return feeds
     channels = card.input_channels or 3
@@ -567,10 +538,6 @@ def measure_tile_radius(card: Card, runner: Runner) -> int | None:
     )
     logger.info("%s/%s: tile receptive-field radius %s px", card.name, card.version, radius)
     return radius
-
-
-def _ms_to_s(ms: float | None) -> float | None:
-    return None if ms is None else ms / 1e3
 
 
 def rows_within_pixels(key: object, max_pixels: int) -> int:

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_contract.kinds import Kind
 from genserve_server import latents, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
@@ -31,7 +32,8 @@ from genserve_server.validate import OutputSpec
 from genserve_server.version import SERVER_VERSION
 
 DEFAULT_CHUNK = 64
-DECODE_KINDS = ("generator", "vae_decoder")
+# Decode: latents -> images with no label to give (a conditional generator needs one per row).
+DECODE_KINDS = tuple(k for k in Kind if k.takes_latent and not k.conditional)
 
 
 def output_spec(options: tpb.OutputOptions, field_prefix: str = "output") -> OutputSpec:
@@ -299,7 +301,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         end, end_seed = self._point(request.end, card.latent_dim, psi, "end")
         z = latents.interpolate(start, end, steps, int(request.mode))
         labels: np.ndarray | None = None
-        if card.kind == "conditional_generator":
+        if card.kind.conditional:
             if len(request.labels) == 2:
                 # The class embedding is not interpolated: the first half uses the first label.
                 validate.labels(request.labels, card, 2)
@@ -330,7 +332,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     # ================================================================== Encode (VAE)
 
     async def _do_encode(self, request: pb.EncodeRequest, call: Call) -> pb.EncodeResponse:
-        mv = self.core.resolve(call, request.model, request.version, ("vae_encoder",), "Encode")
+        mv = self.core.resolve(call, request.model, request.version, (Kind.VAE_ENCODER,), "Encode")
         n = validate.count(len(request.images), "images", self.limits.max_images_per_request)
         seed = validate.base_seed(request.seed, n, "seed", "len(images)") if request.sample else None
         encoded = await self.core.encode_vae(mv, call, request.images, seed)
@@ -345,7 +347,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     # ================================================================== SuperResolve / Translate
 
     async def _do_super_resolve(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
-        mv = self.core.resolve(call, request.model, request.version, ("super_resolution",), "SuperResolve")
+        mv = self.core.resolve(call, request.model, request.version, (Kind.SUPER_RESOLUTION,), "SuperResolve")
         validate.image_count(len(request.images), self.limits.max_images_per_image_request)
         out = output_spec(request.output)
         overlap = request.tile_overlap if request.HasField("tile_overlap") else None
@@ -357,7 +359,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         )
 
     async def _do_translate(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
-        mv = self.core.resolve(call, request.model, request.version, ("image_to_image",), "Translate")
+        mv = self.core.resolve(call, request.model, request.version, (Kind.IMAGE_TO_IMAGE,), "Translate")
         validate.image_count(len(request.images), self.limits.max_images_per_image_request)
         if request.tile_size or request.HasField("tile_overlap"):
             raise invalid("tile_size", "only SuperResolve takes tile_size/tile_overlap")
@@ -396,9 +398,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             info.description = card.description
             info.latent_dim = card.latent_dim or 0
             info.class_names.extend(card.class_names)
-            if card.kind in LATENT_KINDS and card.image_size is not None:
+            if card.kind.takes_latent and card.image_size is not None:
                 info.output_shape.extend([card.channels, *card.image_size])
-            info.scale_factor = card.scale_factor if card.kind == "super_resolution" else 1
+            info.scale_factor = card.scale_factor if card.kind.tiled else 1
             info.size_multiple = card.size_multiple
         return info
 

@@ -145,7 +145,7 @@ def _finite_latents(values: np.ndarray, field: str) -> np.ndarray:
 
 def labels(values: Sequence[int], card: Card, n: int, field: str = "labels") -> np.ndarray | None:
     """int64 [n] for conditional models (one label for all or one per image); None otherwise."""
-    if card.kind != "conditional_generator":
+    if not card.kind.conditional:
         if len(values):
             raise invalid(field, f"only conditional models take labels; {card.name} is a {card.kind}")
         return None

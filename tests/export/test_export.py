@@ -287,7 +287,10 @@ def test_the_exporters_config_check_accepts_every_field_the_server_reads(tmp_pat
         "runtime": {"solo_session": True},
     }
     assert validate_config(config) == []
-    assert validate_config({**config, "batchin": {}}) == ["config.json: unknown field 'batchin'"]
+    assert validate_config({**config, "batchin": {}}) == [
+        "config.json: batchin is not a known field (known: batching, execution_providers, instances, kind, "
+        "precision, runtime, version_policy)"
+    ]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     assert load_model_config(path).batching.max_batch_pixels == 4194304  # and the server reads it

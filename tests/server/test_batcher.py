@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Coroutine, Hashable, Mapping
 from typing import Any
@@ -11,7 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from genserve_server.batcher import CALLERS_PEAK_MEMORY_S, OVERLAP_MEMORY_S, Batcher, Lane
+from genserve_server.batcher import (
+    CALLERS_PEAK_MEMORY_S,
+    OVERLAP_MEMORY_S,
+    Batcher,
+    Lane,
+    closes_at_preferred,
+)
 from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 
@@ -721,6 +728,80 @@ def test_rows_limit_caps_a_keys_batches_and_leaves_other_keys_alone() -> None:
         np.testing.assert_array_equal(rs.outputs["y"], [60, 70, 80, 90])
         assert rb.executed_batch_sizes == [2, 2, 1]
         assert rs.executed_batch_sizes == [4]
+        await batcher.close(1)
+
+    run(body())
+
+
+# --- preferred batch sizes ----------------------------------------------------------------------
+
+
+async def let_the_dispatcher_run() -> None:
+    """Yield to the event loop until the dispatcher has acted on what is queued (no timed sleep)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("rows_queued", "limit", "expected_rows", "closes"),
+    [
+        (8, 64, 0.0, True),  # exactly a preferred size, nothing more coming: go
+        (8, 64, 55.0, True),  # 63 rows would not reach 64 either
+        (8, 64, 56.0, False),  # the next preferred size is within reach: wait
+        (5, 64, 0.0, False),  # not a preferred size: the window decides, as without the setting
+        (1, 64, 6.0, True),  # 7 rows would not reach 8
+        (1, 64, 7.0, False),
+        (8, 16, 7.0, True),  # the next size is capped by the batch limit (16, not 64)
+        (8, 16, 8.0, False),
+        (64, 64, 0.0, False),  # a full batch goes anyway; nothing to decide
+        (8, 64, math.inf, False),  # a request on its way: wait
+    ],
+)
+def test_closes_at_preferred_judges_from_the_rows_queued_and_expected(
+    rows_queued: int, limit: int, expected_rows: float, closes: bool
+) -> None:
+    assert closes_at_preferred(rows_queued, (1, 8, 64), limit, expected_rows) is closes
+
+
+def test_a_batch_holding_exactly_a_preferred_size_goes_before_its_window_ends() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        # A window far longer than the test's 10 s limit: only the early close can end it. One
+        # instance is held busy, so the other waits the window for more rows (untracked callers).
+        batcher, _ = make(
+            model, max_batch_size=64, max_queue_delay_s=60.0, concurrency=2, preferred_batch_sizes=(1, 8, 64)
+        )
+        gate, blocker = await hold_runner(batcher, model)
+        five = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3, 4, 5), 5))
+        await let_the_dispatcher_run()
+        assert len(model.batches) == 1  # 5 is no preferred size: the batch keeps waiting
+        three = asyncio.ensure_future(batcher.submit("k", rows(6, 7, 8), 3))
+        await asyncio.gather(five, three)  # 8 is: it goes without the rest of the window
+        assert [len(x) for _, x in model.batches] == [1, 8]
+        gate.set()
+        await blocker
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_request_on_its_way_keeps_a_preferred_batch_open_for_the_next_size() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(
+            model, max_batch_size=16, max_queue_delay_s=60.0, concurrency=2, preferred_batch_sizes=(1, 8, 16)
+        )
+        gate, blocker = await hold_runner(batcher, model)
+        batcher.callers = 2  # two RPCs in the server, one of them not queued yet
+        first = asyncio.ensure_future(batcher.submit("k", rows(*range(8)), 8))
+        await let_the_dispatcher_run()
+        assert len(model.batches) == 1  # a preferred size, but more rows are on their way
+        second = asyncio.ensure_future(batcher.submit("k", rows(*range(8, 16)), 8))
+        await asyncio.gather(first, second)
+        assert [len(x) for _, x in model.batches] == [1, 16]
+        batcher.callers = 0
+        gate.set()
+        await blocker
         await batcher.close(1)
 
     run(body())

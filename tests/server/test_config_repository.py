@@ -46,7 +46,20 @@ def write_config(tmp_path: Path, data: object) -> Path:
         ),
         (
             {"kind": "generator", "batching": {"max_queue_delay_ms": -1}},
-            "batching.max_queue_delay_ms must be >= 0",
+            "batching.max_queue_delay_ms must be a number of milliseconds >= 0 and <= 1000, got -1",
+        ),
+        (
+            # 4 meant as milliseconds in a seconds field: refused, not served as a 4 s window.
+            {"kind": "generator", "batching": {"max_queue_delay_s": 4}},
+            "batching.max_queue_delay_s must be a number of seconds >= 0 and <= 1, got 4",
+        ),
+        (
+            {"kind": "generator", "batching": {"max_queue_delay_s": 0.004, "max_queue_delay_ms": 4}},
+            "batching.max_queue_delay_ms and batching.max_queue_delay_s are one setting in two units",
+        ),
+        (
+            {"kind": "generator", "batching": {"max_batch_size": 16, "preferred_batch_sizes": [1, 32]}},
+            "batching.preferred_batch_sizes entries must be <= 16, got 32",
         ),
         (
             {"kind": "generator", "batching": {"max_batch_size": 64, "max_queue_size": 8}},
@@ -55,11 +68,12 @@ def write_config(tmp_path: Path, data: object) -> Path:
         ({"kind": "generator", "batching": {"max_batch": 4}}, "batching.max_batch is not a known field"),
         (
             {"kind": "generator", "batching": {"bulk_budget_ms": 0}},
-            "batching.bulk_budget_ms must be a number of milliseconds > 0 or null (full batches), got 0",
+            "batching.bulk_budget_ms must be a number of milliseconds > 0 and <= 10000 or null "
+            "(full batches), got 0",
         ),
         (
             {"kind": "generator", "batching": {"bulk_idle_budget_ms": "50"}},
-            "batching.bulk_idle_budget_ms must be a number of milliseconds > 0 or null",
+            "batching.bulk_idle_budget_ms must be a number of milliseconds > 0 and <= 10000 or null",
         ),
         (
             {"kind": "generator", "batching": {"efficient_batch_tolerance": -0.1}},
@@ -71,7 +85,7 @@ def write_config(tmp_path: Path, data: object) -> Path:
         ),
         (
             {"kind": "generator", "batching": {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}},
-            "batching.bulk_budget_ms must be <= batching.bulk_idle_budget_ms (50)",
+            "batching.bulk_budget_s must be <= batching.bulk_idle_budget_s (0.05)",
         ),
         (
             {"kind": "generator", "batching": {"interactive_quiet_s": -1}},
@@ -88,6 +102,10 @@ def write_config(tmp_path: Path, data: object) -> Path:
             "version_policy.latest must be an integer >= 1",
         ),
         ({"kind": "generator", "runtime": {"io_bindings": True}}, "runtime.io_bindings is not a known field"),
+        (
+            {"kind": "image_to_image", "runtime": {"cuda_graph": True}},
+            "runtime.cuda_graph is not supported for kind image_to_image: its input height and width vary",
+        ),
         ([1, 2], "must be a JSON object"),
     ],
 )
@@ -122,14 +140,14 @@ def test_model_config_defaults_and_policies(tmp_path: Path) -> None:
 
 def test_bulk_budgets_default_null_and_reach_the_batcher(tmp_path: Path) -> None:
     default = load_model_config(write_config(tmp_path, {"kind": "generator"})).batching
-    assert (default.bulk_budget_ms, default.bulk_idle_budget_ms, default.interactive_quiet_s) == (
-        5.0,
-        50.0,
+    assert (default.bulk_budget_s, default.bulk_idle_budget_s, default.interactive_quiet_s) == (
+        0.005,
+        0.05,
         1.0,
     )
-    batching = {"bulk_budget_ms": 2, "bulk_idle_budget_ms": None, "interactive_quiet_s": 0.5}
+    batching = {"bulk_budget_s": 0.002, "bulk_idle_budget_s": None, "interactive_quiet_s": 0.5}
     config = load_model_config(write_config(tmp_path, {"kind": "generator", "batching": batching})).batching
-    assert (config.bulk_budget_ms, config.bulk_idle_budget_ms, config.interactive_quiet_s) == (2.0, None, 0.5)
+    assert (config.bulk_budget_s, config.bulk_idle_budget_s, config.interactive_quiet_s) == (0.002, None, 0.5)
     root = build_tiny_repo(tmp_path / "repo", with_slow=False, with_broken=False)
     config_path = root / "tiny-gen" / "config.json"
     data = json.loads(config_path.read_text())
@@ -144,8 +162,35 @@ def test_bulk_budgets_default_null_and_reach_the_batcher(tmp_path: Path) -> None
             None,
             0.5,
         )
+        assert batcher.preferred_batch_sizes == (1, 8, 64)  # config.json's default reaches the batcher
 
     with_repo(root, check)
+
+
+def test_durations_are_seconds_and_the_millisecond_names_of_earlier_releases_still_read(
+    tmp_path: Path,
+) -> None:
+    seconds = {"max_queue_delay_s": 0.004, "bulk_budget_s": 0.002, "bulk_idle_budget_s": 0.02}
+    millis = {"max_queue_delay_ms": 4, "bulk_budget_ms": 2, "bulk_idle_budget_ms": 20}
+    a = load_model_config(write_config(tmp_path, {"kind": "generator", "batching": seconds})).batching
+    b = load_model_config(write_config(tmp_path, {"kind": "generator", "batching": millis})).batching
+    assert a == b
+    assert (a.max_queue_delay_s, a.max_queue_delay_ms) == (0.004, 4.0)  # KServe reports the window in us
+    path = tmp_path / "server.json"
+    for data in ({"inline_compute_max_s": 0.0005}, {"inline_compute_max_us": 500}):
+        path.write_text(json.dumps(data))
+        assert load_server_config(path).inline_compute_max_s == pytest.approx(0.0005)
+    assert ServerConfig().inline_compute_max_s == pytest.approx(250e-6)
+
+
+def test_preferred_batch_sizes_are_sorted_and_the_default_stays_within_max_batch_size(tmp_path: Path) -> None:
+    small = load_model_config(
+        write_config(tmp_path, {"kind": "generator", "batching": {"max_batch_size": 4}})
+    )
+    assert small.batching.preferred_batch_sizes == (1,)  # the default (1, 8, 64) cut to <= 4
+    given = {"max_batch_size": 16, "preferred_batch_sizes": [16, 4, 1, 4]}
+    config = load_model_config(write_config(tmp_path, {"kind": "generator", "batching": given}))
+    assert config.batching.preferred_batch_sizes == (1, 4, 16)
 
 
 def test_warmup_times_every_power_of_two_up_to_the_max() -> None:

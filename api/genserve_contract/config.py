@@ -1,0 +1,443 @@
+"""config.json: its fields, defaults and limits -- the one rule set export writes by and the server reads by.
+
+Durations are seconds, in fields named `*_s`. The millisecond names of earlier releases
+(`max_queue_delay_ms`, `bulk_budget_ms`, `bulk_idle_budget_ms`) are still read, converted, and
+refused together with their `*_s` twin. Every error names the file, the field, the rule and the
+value, e.g. `models/dcgan/config.json: batching.max_batch_size must be >= 1, got 0`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Self
+
+from genserve_contract.kinds import KIND_NAMES, Kind
+from genserve_contract.repository import VERSION_PATTERN
+from genserve_contract.runtime import RuntimeConfig, RuntimeConfigError, parse_runtime_config
+
+KNOWN_PROVIDERS: Final = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PRECISIONS: Final = ("fp32", "fp16")
+MAX_BATCH_SIZE_LIMIT: Final = 4096
+MAX_INSTANCES: Final = 64
+# Upper bounds on the batching durations: far above any sensible value, low enough that a value
+# meant as milliseconds in a `*_s` field (4 for 4 ms) is refused instead of served.
+MAX_QUEUE_DELAY_LIMIT_S: Final = 1.0
+MAX_BULK_BUDGET_S: Final = 10.0
+# Instances export writes: on a CPU, small convolutions parallelise badly inside one call, so two
+# single-threaded calls side by side beat one two-threaded call (1.5-2x; bench/README.md), and the
+# server runs a batch that is alone on an all-cores session (runtime.solo_session).
+EXPORT_INSTANCES: Final = 2
+
+
+class ConfigError(ValueError):
+    """A config.json (or card.json, server config) field is invalid; `field` names it."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Reader:
+    """Reads one JSON object with typed accessors; `finish()` rejects unknown fields.
+
+    `error_type` lets a user raise its own ConfigError subclass (the server's is a GenserveError).
+    """
+
+    error_type: type[ConfigError] = ConfigError
+
+    def __init__(self, where: str, data: Any, prefix: str = "", *, strict: bool = True) -> None:
+        self.where = where
+        self.prefix = prefix
+        self.strict = strict
+        if not isinstance(data, Mapping):
+            where_in = prefix.rstrip(".") or "top level"
+            raise self.error(where_in, f"must be a JSON object, got {_type_name(data)}", prefixed=False)
+        self.data: Mapping[str, Any] = data
+        self.seen: set[str] = set()
+
+    def error(self, key: str, problem: str, *, prefixed: bool = True) -> ConfigError:
+        name = self.prefix + key if prefixed else key
+        return self.error_type(f"{self.where}: {name} {problem}", field=name)
+
+    def _get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def integer(
+        self, key: str, default: int, *, min_value: int | None = None, max_value: int | None = None
+    ) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not is_int(value):
+            raise self.error(key, f"must be an integer, got {value!r}")
+        if min_value is not None and value < min_value:
+            raise self.error(key, f"must be >= {min_value}, got {value}")
+        if max_value is not None and value > max_value:
+            raise self.error(key, f"must be <= {max_value}, got {value}")
+        return int(value)
+
+    def number(self, key: str, default: float, *, min_value: float | None = None) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not is_number(value):
+            raise self.error(key, f"must be a number, got {value!r}")
+        if min_value is not None and value < min_value:
+            raise self.error(key, f"must be >= {min_value}, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
+        return value
+
+    def string(self, key: str, default: str, *, choices: Sequence[str] | None = None) -> str:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {value!r}")
+        if choices is not None and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def optional_str_list(self, key: str, *, choices: Sequence[str] | None = None) -> tuple[str, ...] | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"must be a list of strings, got {value!r}")
+        if choices is not None:
+            for v in value:
+                if v not in choices:
+                    raise self.error(key, f"entries must be among {', '.join(choices)}; got {v!r}")
+        return tuple(value)
+
+    def int_list(
+        self, key: str, default: Sequence[int], *, min_value: int = 1, max_value: int | None = None
+    ) -> tuple[int, ...]:
+        value = self._get(key)
+        if value is None:
+            return tuple(default)
+        if not isinstance(value, list) or not all(is_int(v) for v in value):
+            raise self.error(key, f"must be a list of integers, got {value!r}")
+        for v in value:
+            if v < min_value:
+                raise self.error(key, f"entries must be >= {min_value}, got {v}")
+            if max_value is not None and v > max_value:
+                raise self.error(key, f"entries must be <= {max_value}, got {v}")
+        return tuple(value)
+
+    def sub(self, key: str) -> Self:
+        value = self._get(key)
+        return type(self)(
+            self.where, {} if value is None else value, f"{self.prefix}{key}.", strict=self.strict
+        )
+
+    def raw(self, key: str) -> Any:
+        return self._get(key)
+
+    def finish(self) -> None:
+        if not self.strict:
+            return
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], f"is not a known field (known: {', '.join(sorted(self.seen))})")
+
+    def duration_s(
+        self,
+        name: str,
+        default_s: float | None,
+        *,
+        max_s: float,
+        nullable: bool = False,
+        zero_allowed: bool = True,
+        legacy_unit: str = "ms",
+    ) -> float | None:
+        """`<name>_s` in seconds or, from earlier releases, `<name>_<legacy_unit>` (ms or us); absent =
+        `default_s`. Giving both is an error: they are one setting."""
+        key_s, key_old = f"{name}_s", f"{name}_{legacy_unit}"
+        self.seen.update((key_s, key_old))
+        given = [k for k in (key_s, key_old) if k in self.data]
+        if len(given) == 2:
+            raise self.error(
+                key_old, f"and {self.prefix}{key_s} are one setting in two units: give only {key_s}"
+            )
+        if not given:
+            return default_s
+        key = given[0]
+        scale, unit = (1.0, "seconds") if key == key_s else _LEGACY_UNITS[legacy_unit]
+        value = self.data[key]
+        if value is None and nullable:
+            return None
+        if is_number(value) and (value >= 0 if zero_allowed else value > 0) and value * scale <= max_s:
+            return float(value) * scale
+        expected = f"a number of {unit} {'>=' if zero_allowed else '>'} 0 and <= {max_s / scale:g}"
+        if nullable:
+            expected += " or null (full batches)"
+        raise self.error(key, f"must be {expected}, got {value!r}")
+
+
+_LEGACY_UNITS: Final = {"ms": (1e-3, "milliseconds"), "us": (1e-6, "microseconds")}
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """config.json's `batching`; these defaults are the server's for absent fields (export writes
+    its kind's `Kind.spec.export_batching` on top)."""
+
+    max_batch_size: int = 64
+    # The batch window: how long the oldest queued row may wait for others.
+    max_queue_delay_s: float = 0.002
+    # Sizes a batch may close at before its window ends, when waiting would not reach the next one
+    # (batcher.Batcher); sorted, each <= max_batch_size.
+    preferred_batch_sizes: tuple[int, ...] = (1, 8, 64)
+    # Items (images or tiles) waiting in the batcher; beyond it RESOURCE_EXHAUSTED.
+    max_queue_size: int = 1024
+    # Priority (batcher.Batcher): while interactive requests arrive (one within interactive_quiet_s),
+    # a BULK batch is cut to what computes in about bulk_budget_s; otherwise to bulk_idle_budget_s,
+    # which bounds the wait of the first interactive request after a quiet spell. None (JSON null)
+    # = full batches.
+    bulk_budget_s: float | None = 0.005
+    bulk_idle_budget_s: float | None = 0.05
+    interactive_quiet_s: float = 1.0
+    # Batches are capped at the smallest warmed size whose compute per item is within this fraction
+    # of the best warmed size's (repository.efficient_batch_size): where batching gains nothing (large
+    # convolutions on a CPU) requests run one by one instead of waiting in each other's batches; on
+    # a GPU the cap stays at max_batch_size. None (JSON null, the default) = always up to max_batch_size:
+    # on mid-size generators the cap lost 21 % at c=64 (bench/profile.md item 21).
+    efficient_batch_tolerance: float | None = None
+    # Image-input kinds: a batch holds at most this many input pixels (H x W per row; at least one
+    # row). pix2pix at 2048x2048 takes ~2.3 GB for one image, so a full batch of 16 would need ~36 GB.
+    max_batch_pixels: int = 2048 * 2048
+
+    # Millisecond views for readers of earlier releases' names (KServe's config reports microseconds).
+    @property
+    def max_queue_delay_ms(self) -> float:
+        return self.max_queue_delay_s * 1e3
+
+    @property
+    def bulk_budget_ms(self) -> float | None:
+        return None if self.bulk_budget_s is None else self.bulk_budget_s * 1e3
+
+    @property
+    def bulk_idle_budget_ms(self) -> float | None:
+        return None if self.bulk_idle_budget_s is None else self.bulk_idle_budget_s * 1e3
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    latest: int | None = 1
+    specific: tuple[str, ...] | None = None
+
+    def select(self, available: Sequence[str]) -> list[str]:
+        ordered = sorted(available, key=int)
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    kind: Kind
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    instances: int = 1
+    execution_providers: tuple[str, ...] = KNOWN_PROVIDERS
+    precision: str = "fp32"
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    # Session tuning (threads, IO binding, CUDA graphs, TensorRT cache): runtime.RuntimeConfig.
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+CONFIG_FIELDS: Final = (
+    "kind",
+    "batching",
+    "instances",
+    "execution_providers",
+    "precision",
+    "version_policy",
+    "runtime",
+)
+
+
+def _nullable_fraction(r: Reader, key: str, default: float | None) -> float | None:
+    """A finite number >= 0, null (off), or absent (the default)."""
+    if key not in r.data:
+        r.seen.add(key)
+        return default
+    value = r.raw(key)
+    if value is None:
+        return None
+    if not is_number(value) or value < 0:
+        raise r.error(key, f"must be a fraction >= 0 (0.05 = within 5 %) or null (off), got {value!r}")
+    return float(value)
+
+
+def _batching(r: Reader, default_max_queue_size: int) -> BatchingConfig:
+    d = BatchingConfig()
+    max_batch_size = r.integer(
+        "max_batch_size", d.max_batch_size, min_value=1, max_value=MAX_BATCH_SIZE_LIMIT
+    )
+    delay = r.duration_s("max_queue_delay", d.max_queue_delay_s, max_s=MAX_QUEUE_DELAY_LIMIT_S)
+    preferred = r.int_list(
+        "preferred_batch_sizes",
+        [p for p in d.preferred_batch_sizes if p <= max_batch_size],
+        max_value=max_batch_size,
+    )
+    bulk = r.duration_s(
+        "bulk_budget", d.bulk_budget_s, max_s=MAX_BULK_BUDGET_S, nullable=True, zero_allowed=False
+    )
+    idle = r.duration_s(
+        "bulk_idle_budget", d.bulk_idle_budget_s, max_s=MAX_BULK_BUDGET_S, nullable=True, zero_allowed=False
+    )
+    batching = BatchingConfig(
+        max_batch_size=max_batch_size,
+        max_queue_delay_s=d.max_queue_delay_s if delay is None else delay,
+        preferred_batch_sizes=tuple(sorted(set(preferred))),
+        max_queue_size=r.integer("max_queue_size", default_max_queue_size, min_value=1),
+        bulk_budget_s=bulk,
+        bulk_idle_budget_s=idle,
+        interactive_quiet_s=r.number("interactive_quiet_s", d.interactive_quiet_s, min_value=0.0),
+        efficient_batch_tolerance=_nullable_fraction(
+            r, "efficient_batch_tolerance", d.efficient_batch_tolerance
+        ),
+        max_batch_pixels=r.integer("max_batch_pixels", d.max_batch_pixels, min_value=1),
+    )
+    r.finish()
+    if bulk is not None and idle is not None and bulk > idle:
+        raise r.error(
+            "bulk_budget_s",
+            f"must be <= {r.prefix}bulk_idle_budget_s ({idle:g}) (the budget while interactive requests "
+            f"arrive is the tighter one), got {bulk:g}",
+        )
+    if batching.max_queue_size < max_batch_size:
+        raise r.error(
+            "max_queue_size",
+            f"must be >= {r.prefix}max_batch_size ({max_batch_size}), got {batching.max_queue_size}",
+        )
+    return batching
+
+
+def _version_policy(r: Reader) -> VersionPolicy:
+    vr = r.sub("version_policy")
+    latest = vr.raw("latest")
+    specific = vr.raw("specific")
+    vr.finish()
+    if latest is not None and specific is not None:
+        raise r.error("version_policy", "must have either latest or specific, not both")
+    if specific is not None:
+        versions = [str(v) for v in specific] if isinstance(specific, list) else []
+        if (
+            not versions
+            or not all(isinstance(v, str) or is_int(v) for v in specific)
+            or not all(VERSION_PATTERN.match(v) for v in versions)
+        ):
+            raise r.error(
+                "version_policy.specific",
+                f"must be a non-empty list of versions (positive integers), got {specific!r}",
+            )
+        return VersionPolicy(latest=None, specific=tuple(versions))
+    if latest is None:
+        latest = VersionPolicy().latest
+    if not is_int(latest) or latest < 1:
+        raise r.error("version_policy.latest", f"must be an integer >= 1, got {latest!r}")
+    return VersionPolicy(latest=latest)
+
+
+def parse_model_config(
+    data: Any,
+    where: str = "config.json",
+    *,
+    default_max_queue_size: int | None = None,
+    reader: type[Reader] = Reader,
+) -> ModelConfig:
+    """Validate a parsed config.json; the first problem raises `reader.error_type` naming the field.
+
+    `default_max_queue_size`: the queue bound where config.json gives none (the server's config
+    may set it); BatchingConfig's default otherwise.
+    """
+    r = reader(where, data)
+    kind_name = r.string("kind", "", choices=KIND_NAMES)
+    if not kind_name:
+        raise r.error("kind", f"is required (one of {', '.join(KIND_NAMES)})")
+    queue = BatchingConfig().max_queue_size if default_max_queue_size is None else default_max_queue_size
+    batching = _batching(r.sub("batching"), queue)
+    policy = _version_policy(r)
+    providers = r.optional_str_list("execution_providers", choices=KNOWN_PROVIDERS)
+    try:
+        runtime = parse_runtime_config(r.raw("runtime"), where)
+    except RuntimeConfigError as exc:
+        raise r.error_type(str(exc), field="runtime") from exc
+    d = ModelConfig(kind=Kind(kind_name))
+    if runtime.cuda_graph and d.kind.fully_convolutional:
+        raise r.error(
+            "runtime.cuda_graph",
+            f"is not supported for kind {d.kind}: its input height and width vary per request, and a CUDA "
+            "graph replays one captured shape (set it to false; io_binding still applies)",
+        )
+    config = ModelConfig(
+        kind=d.kind,
+        batching=batching,
+        instances=r.integer("instances", d.instances, min_value=1, max_value=MAX_INSTANCES),
+        execution_providers=providers if providers else d.execution_providers,
+        precision=r.string("precision", d.precision, choices=PRECISIONS),
+        version_policy=policy,
+        runtime=runtime,
+    )
+    r.finish()
+    return config
+
+
+def export_config(kind: Kind, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json export writes for `kind`: its batching profile, then `overrides` (`batching`
+    merged key by key). Not validated here: parse_model_config does that."""
+    batching = {k: list(v) if isinstance(v, tuple) else v for k, v in kind.spec.export_batching.items()}
+    config: dict[str, Any] = {
+        "kind": kind.value,
+        "batching": batching,
+        "instances": EXPORT_INSTANCES,
+        "execution_providers": list(KNOWN_PROVIDERS),
+        "precision": ModelConfig(kind).precision,
+        "version_policy": {"latest": VersionPolicy().latest},
+    }
+    for key, value in (overrides or {}).items():
+        if key == "batching" and isinstance(value, Mapping):
+            for name, setting in value.items():
+                # An override in either unit replaces the profile's value in the other.
+                twin = (
+                    name[:-3] + "_s"
+                    if name.endswith("_ms")
+                    else name[:-2] + "_ms"
+                    if name.endswith("_s")
+                    else ""
+                )
+                batching.pop(twin, None)
+                batching[name] = setting
+        else:
+            config[key] = value
+    return config

@@ -1,0 +1,173 @@
+"""Model kinds: what each kind's graph takes and gives, and which card fields apply to it.
+
+Adding a kind is one `Kind` member plus one `_SPECS` entry here, and its pipeline in the server.
+Everything else (export's checks, the server's card rules and graph check, warm-up inputs) reads the
+properties below instead of comparing kind names.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDecl:
+    """One declared input or output: its name, element type and rank."""
+
+    name: str
+    dtype: str  # "float32" or "int64"
+    rank: int
+
+
+Z = TensorDecl("z", "float32", 2)
+LABEL = TensorDecl("label", "int64", 1)
+IMAGE = TensorDecl("image", "float32", 4)
+# ONNX forbids a graph input and a graph output with the same name, so the image-to-image kinds
+# name their output `output_image` (docs/model-repository.md).
+OUTPUT_IMAGE = TensorDecl("output_image", "float32", 4)
+MU = TensorDecl("mu", "float32", 2)
+LOGVAR = TensorDecl("logvar", "float32", 2)
+IMAGE_OUTPUT_NAMES = (IMAGE.name, OUTPUT_IMAGE.name)
+
+# The config.json batching export writes per kind family (the server's own defaults for absent
+# fields are config.BatchingConfig's). Generators are cheap per item and served to many small
+# requests: batch widely with a short window. Image-input kinds carry large tensors (tiles,
+# photos): smaller batches, a longer window.
+_LATENT_BATCHING: Mapping[str, Any] = MappingProxyType(
+    {
+        "max_batch_size": 64,
+        "max_queue_delay_s": 0.004,
+        "preferred_batch_sizes": (1, 8, 64),
+        "max_queue_size": 1024,
+    }
+)
+_IMAGE_BATCHING: Mapping[str, Any] = MappingProxyType(
+    {
+        "max_batch_size": 16,
+        "max_queue_delay_s": 0.005,
+        "preferred_batch_sizes": (1, 4, 16),
+        "max_queue_size": 256,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    """What a kind's graph must look like, and the batching export writes for it."""
+
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+    # Dynamic H/W on the image input and output (no image_size; size_multiple, min_size apply).
+    fully_convolutional: bool = False
+    # Output = scale_factor x input, served in tiles (scale_factor, tile_size, tile_overlap apply).
+    tiled: bool = False
+    export_batching: Mapping[str, Any] = field(default_factory=lambda: _LATENT_BATCHING)
+
+
+class Kind(enum.StrEnum):
+    """A model kind. A StrEnum: `Kind("generator")` parses, and a member equals its name string."""
+
+    GENERATOR = "generator"
+    CONDITIONAL_GENERATOR = "conditional_generator"
+    VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
+    SUPER_RESOLUTION = "super_resolution"
+    IMAGE_TO_IMAGE = "image_to_image"
+
+    @classmethod
+    def parse(cls, value: object) -> Kind:
+        """The kind named `value`; ValueError naming the known kinds otherwise."""
+        if isinstance(value, str) and value in KIND_NAMES:
+            return cls(value)
+        raise ValueError(f"unknown kind {value!r}; known kinds: {', '.join(KIND_NAMES)}")
+
+    @property
+    def spec(self) -> KindSpec:
+        return _SPECS[self]
+
+    @property
+    def inputs(self) -> tuple[TensorDecl, ...]:
+        return self.spec.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorDecl, ...]:
+        return self.spec.outputs
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.spec.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.spec.outputs)
+
+    @property
+    def takes_latent(self) -> bool:
+        """Input `z` (latent_dim applies): the kinds that answer Sample."""
+        return Z.name in self.input_names
+
+    @property
+    def conditional(self) -> bool:
+        """Input `label` (class_names applies)."""
+        return LABEL.name in self.input_names
+
+    @property
+    def takes_image(self) -> bool:
+        """Input `image` (input_range, input_channels apply; batches bounded by pixels)."""
+        return IMAGE.name in self.input_names
+
+    @property
+    def gives_latent(self) -> bool:
+        """Outputs `mu` and `logvar` (the encoder; latent_dim is mu's length)."""
+        return MU.name in self.output_names
+
+    @property
+    def fully_convolutional(self) -> bool:
+        return self.spec.fully_convolutional
+
+    @property
+    def tiled(self) -> bool:
+        return self.spec.tiled
+
+    @property
+    def image_output_name(self) -> str | None:
+        """`image` or `output_image`; None for a kind with no image output (the encoder)."""
+        return next((n for n in self.output_names if n in IMAGE_OUTPUT_NAMES), None)
+
+    @property
+    def has_latent_dim(self) -> bool:
+        """Whether card.json's latent_dim applies (a latent goes in or comes out)."""
+        return self.takes_latent or self.gives_latent
+
+
+_SPECS: Mapping[Kind, KindSpec] = MappingProxyType(
+    {
+        Kind.GENERATOR: KindSpec(inputs=(Z,), outputs=(IMAGE,)),
+        Kind.CONDITIONAL_GENERATOR: KindSpec(inputs=(Z, LABEL), outputs=(IMAGE,)),
+        Kind.VAE_DECODER: KindSpec(inputs=(Z,), outputs=(IMAGE,)),
+        Kind.VAE_ENCODER: KindSpec(inputs=(IMAGE,), outputs=(MU, LOGVAR)),
+        Kind.SUPER_RESOLUTION: KindSpec(
+            inputs=(IMAGE,),
+            outputs=(OUTPUT_IMAGE,),
+            fully_convolutional=True,
+            tiled=True,
+            export_batching=_IMAGE_BATCHING,
+        ),
+        Kind.IMAGE_TO_IMAGE: KindSpec(
+            inputs=(IMAGE,),
+            outputs=(OUTPUT_IMAGE,),
+            fully_convolutional=True,
+            export_batching=_IMAGE_BATCHING,
+        ),
+    }
+)
+if set(_SPECS) != set(Kind):  # a new member without its declaration fails at import, not at serve time
+    raise AssertionError(f"kinds without a KindSpec: {sorted(set(Kind) - set(_SPECS))}")
+
+KIND_NAMES: tuple[str, ...] = tuple(k.value for k in Kind)
+LATENT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_latent)
+IMAGE_INPUT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_image)

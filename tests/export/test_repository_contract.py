@@ -1,0 +1,118 @@
+"""export/ and server/ read the model repository by one contract (genserve_contract): same kinds,
+patterns, tolerances and config.json limits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import genserve_contract
+from genserve_contract import Kind
+from genserve_export import card as export_card
+from genserve_export import export as export_module
+from genserve_export import verify as export_verify
+from genserve_server import config as server_config
+from genserve_server import ort_session, repository
+
+# Each case sits on one side of a limit (or breaks one rule); export and server must agree on all.
+CONFIGS: list[dict[str, Any]] = [
+    {"kind": "generator"},
+    {"kind": "generator", "batching": {"max_batch_size": 4096, "max_queue_size": 4096}},
+    {"kind": "generator", "batching": {"max_batch_size": 4097, "max_queue_size": 8192}},
+    {"kind": "generator", "batching": {"max_batch_size": 8, "preferred_batch_sizes": [1, 8]}},
+    {"kind": "generator", "batching": {"max_batch_size": 8, "preferred_batch_sizes": [1, 16]}},
+    {"kind": "generator", "batching": {"max_batch_size": 64, "max_queue_size": 32}},
+    {"kind": "generator", "batching": {"max_queue_delay_s": 1.0}},
+    {"kind": "generator", "batching": {"max_queue_delay_s": 1.5}},
+    {"kind": "generator", "batching": {"max_queue_delay_ms": 4.0}},
+    {"kind": "generator", "batching": {"bulk_budget_s": 0}},
+    {"kind": "generator", "batching": {"bulk_budget_s": 0.1, "bulk_idle_budget_s": 0.05}},
+    {"kind": "generator", "batching": {"efficient_batch_tolerance": -1}},
+    {"kind": "generator", "instances": 64},
+    {"kind": "generator", "instances": 65},
+    {"kind": "generator", "execution_providers": ["CPUExecutionProvider"]},
+    {"kind": "generator", "execution_providers": ["MysteryExecutionProvider"]},
+    {"kind": "generator", "precision": "fp8"},
+    {"kind": "generator", "version_policy": {"specific": ["1", "3"]}},
+    {"kind": "generator", "version_policy": {"specific": ["01"]}},
+    {"kind": "generator", "version_policy": {"latest": 1, "specific": ["1"]}},
+    {"kind": "generator", "runtime": {"graph_optimization": "most"}},
+    {"kind": "generator", "runtime": {"cuda_graph": True}},
+    {"kind": "super_resolution", "runtime": {"cuda_graph": True}},
+    {"kind": "generator", "colour": "red"},
+    {"kind": "gan"},
+]
+
+
+def server_problem(tmp_path: Path, config: dict[str, Any]) -> str | None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    try:
+        server_config.load_model_config(path)
+    except server_config.ConfigError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    return None
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: json.dumps(c, separators=(",", ":")))
+def test_export_and_server_accept_and_refuse_the_same_config_json(
+    tmp_path: Path, config: dict[str, Any]
+) -> None:
+    exported = export_card.validate_config(config, where="config.json")
+    served = server_problem(tmp_path, config)
+    assert [p.removeprefix("config.json: ") for p in exported] == ([] if served is None else [served])
+
+
+def test_the_cases_cover_both_sides() -> None:
+    verdicts = {bool(export_card.validate_config(c)) for c in CONFIGS}
+    assert verdicts == {True, False}
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_what_export_writes_for_every_kind_the_server_reads_as_written(tmp_path: Path, kind: Kind) -> None:
+    written = export_card.default_config(kind.value)
+    assert server_problem(tmp_path, written) is None
+    read = server_config.load_model_config(tmp_path / "config.json")
+    assert read.kind is kind
+    profile = kind.spec.export_batching
+    assert read.batching.max_batch_size == profile["max_batch_size"]
+    assert read.batching.max_queue_delay_s == profile["max_queue_delay_s"]
+    assert read.batching.preferred_batch_sizes == tuple(profile["preferred_batch_sizes"])
+
+
+def test_both_sides_use_the_contracts_patterns_tolerances_and_digest() -> None:
+    assert export_card.NAME_PATTERN is repository.NAME_PATTERN is genserve_contract.NAME_PATTERN
+    assert export_card.VERSION_PATTERN is repository.VERSION_PATTERN is genserve_contract.VERSION_PATTERN
+    assert export_module.FP16_ATOL == ort_session.FP16_ATOL == ort_session.RuntimeConfig().fp16_atol
+    assert export_module.FP32_ATOL == genserve_contract.FP32_ATOL
+    assert export_verify.sha256_file is repository.sha256_file is genserve_contract.sha256_file
+    assert tuple(server_config.KINDS) == genserve_contract.KIND_NAMES
+    assert set(server_config.LATENT_KINDS) == {k for k in Kind if k.takes_latent}
+    assert set(server_config.IMAGE_INPUT_KINDS) == {k for k in Kind if k.takes_image}
+
+
+def test_every_kind_declares_its_tensors_and_properties_consistently() -> None:
+    for kind in Kind:
+        assert kind.inputs and kind.outputs
+        assert kind.takes_latent != kind.takes_image  # a kind's input is a latent or an image
+        assert not kind.conditional or kind.takes_latent
+        assert not kind.fully_convolutional or (kind.takes_image and kind.image_output_name == "output_image")
+        assert not kind.tiled or kind.fully_convolutional
+        assert Kind.parse(kind.value) is kind
+    with pytest.raises(ValueError, match="unknown kind 'gan'; known kinds: generator"):
+        Kind.parse("gan")
+
+
+def test_the_contract_imports_no_torch_onnxruntime_or_protobuf() -> None:
+    code = (
+        "import sys, genserve_contract\n"
+        "heavy = ('torch', 'onnxruntime', 'google.protobuf', 'grpc', 'numpy')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
