@@ -99,14 +99,14 @@ class Boundary:
         )
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
-    def end(self, call: Call, code: str) -> None:
+    def end(self, call: Call) -> None:
         duration_s = time.monotonic() - call.started
         self.metrics.in_flight_children[call.method].dec()
         if call.batcher is not None:
             call.batcher.release()
         if call.stream_batcher is not None:
             call.stream_batcher.release(stream=True)
-        call.metrics.request_done(call.method, code, duration_s)
+        call.metrics.request_done(call.method, call.code, duration_s)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "request request_id=%s method=%s model=%s version=%s code=%s duration_ms=%.3f",
@@ -114,49 +114,47 @@ class Boundary:
                 call.method,
                 call.metrics.model,
                 call.metrics.version,
-                code,
+                call.code,
                 duration_s * 1e3,
             )
+
+    async def raised(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
+        """Record the status of a handler that raised and answer the call with it (always raises)."""
+        if isinstance(exc, asyncio.CancelledError):
+            call.code = _cancelled_code(call)
+            raise exc
+        if not isinstance(exc, Exception):  # GeneratorExit and the like: not the call's failure
+            raise exc
+        call.code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        await self.fail(call, exc, context)
 
     async def unary(
         self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], Awaitable[Resp]]
     ) -> Resp:
         call = self.begin(method, context)
-        code = "OK"
         try:
             response = await handler(request, call)
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             return response
-        except asyncio.CancelledError:
-            code = _cancelled_code(call)
-            raise
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await self.fail(call, exc, context)
+        except BaseException as exc:
+            await self.raised(call, exc, context)
         finally:
-            self.end(call, code)
+            self.end(call)
 
     async def stream(
         self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], AsyncIterator[Resp]]
     ) -> AsyncIterator[Resp]:
         call = self.begin(method, context)
-        code = "OK"
         try:
             async for item in handler(request, call):
                 yield item
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-        except asyncio.CancelledError:
-            code = _cancelled_code(call)
-            raise
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await self.fail(call, exc, context)
+        except BaseException as exc:
+            await self.raised(call, exc, context)
         finally:
-            self.end(call, code)
+            self.end(call)
 
     @staticmethod
     async def plain(context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:

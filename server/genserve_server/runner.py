@@ -28,7 +28,9 @@ import onnxruntime as ort
 from genserve_server import codecs, latents
 from genserve_server.batch_keys import DRAWN_LATENTS_OUTPUT, PIXELS_OUTPUT, SEED_INPUT, SeedRows
 from genserve_server.config import cpu_count
+from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.ort_session import (
+    CAPTURE_GATE,
     GPU_PROVIDERS,
     ProfileShapes,
     RuntimeConfig,
@@ -88,7 +90,9 @@ class Runner:
     """The session(s) of one model version, run by `instances` threads.
 
     With plain `run` one session is shared by the threads (ORT sessions are thread-safe); with IO
-    binding or CUDA graphs (not thread-safe) each instance gets its own session and binding.
+    binding or CUDA graphs (not thread-safe) each instance gets its own session and binding. With
+    CUDA graphs each instance's calls run on that instance's own graph thread (ORT keeps graphs per
+    thread), its graphs captured at the first `warm`; until then batches never run inline.
 
     With `solo_intra_op_threads` (plain run on the CPU provider only) a second session with that many
     intra-op threads runs the batches that start while no other batch is running: all cores for one
@@ -146,9 +150,18 @@ class Runner:
         self.provider = self.info.provider
         self.fallbacks = tuple(self.info.fallbacks)
         self._runners: queue.SimpleQueue[SessionRunner] = queue.SimpleQueue()
-        for info in infos:
-            self._runners.put(SessionRunner(info, config))
-        self.mode = SessionRunner(self.info, config).mode
+        # Every instance's runner (CUDA graphs: each has its own graph thread, captured at warm-up).
+        self.session_runners = tuple(SessionRunner(info, config) for info in infos)
+        for session_runner in self.session_runners:
+            self._runners.put(session_runner)
+        # The serving mode the sessions really have (effective provider options), not the config's.
+        self.mode = self.session_runners[0].mode
+        # e.g. "CUDAExecutionProvider, fp32, device 0, tf32 off, cuda graphs" or "..., io_binding".
+        described = self.info.describe()
+        self.description = described if self.mode == "cuda_graph" else f"{described}, {self.mode}"
+        # Called (on the thread of the failed call) when a model call fails with a sticky CUDA error:
+        # the context is unusable, so the owner marks the version broken and restarts the process.
+        self.on_device_lost: Callable[[str], None] | None = None
         self.inputs = tuple(
             IoSpec(i.name, _ORT_DTYPES.get(i.type, np.float32), tuple(i.shape))
             for i in self.session.get_inputs()
@@ -229,9 +242,21 @@ class Runner:
 
     def _run_feeds(self, feeds: dict[str, np.ndarray], solo: bool = False) -> list[Any]:
         """The model call on converted feeds: the output values, in the graph's output order."""
+        try:
+            return self._model_call(feeds, solo)
+        except Exception as exc:
+            sticky = sticky_cuda_error(exc) if self.info.on_gpu else ""
+            if sticky and self.on_device_lost is not None:
+                self.on_device_lost(f"{sticky}: {str(exc)[:300]}")
+            raise
+
+    def _model_call(self, feeds: dict[str, np.ndarray], solo: bool) -> list[Any]:
         options = _SHRINK_CPU if self.shrinks_after(feeds) else None
         if solo and self.solo_session is not None:
             values: list[Any] = self.solo_session.run(None, feeds, options)
+        elif self._shared and self.info.on_gpu:
+            with CAPTURE_GATE.gpu_call():  # never beside a CUDA graph capture (see ort_session)
+                values = self.session.run(None, feeds, options)
         elif self._shared:
             values = self.session.run(None, feeds, options)
         else:
@@ -296,6 +321,9 @@ class Runner:
         signature = self._signature(inputs)
         self._cost_s.pop(signature, None)
         fastest_s = math.inf
+        for session_runner in self.session_runners:
+            if not session_runner.sealed:  # every graph size of every instance, captured at load
+                session_runner.capture_all(self._feeds(self._prepare(key, inputs)[0]))
         # Seed rows count as one value each, not a latent: only image rows come near the threshold.
         self._warmed_row_values = max(self._warmed_row_values, _values_per_row(inputs))
         for _ in range(times):
@@ -353,6 +381,8 @@ class Runner:
     ) -> bool:
         """Whether the batch is cheaper to run on the calling thread than to hand to a pool."""
         cost_s = self._cost_s.get(signature)
+        if self.mode == "cuda_graph" and not all(r.sealed for r in self.session_runners):
+            return False  # a graph may still be captured: never on the event loop
         return cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(key)
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
@@ -414,6 +444,8 @@ class Runner:
         for pool in (self._bulk_executor, self._bulk_prep):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=False)
+        for session_runner in self.session_runners:
+            session_runner.close()
 
 
 def _lower_thread_priority() -> None:
