@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
+# What a client's request id may hold: it is written into log lines as `request_id=ID`, so spaces,
+# `=` or quotes would let a client forge other `key=value` fields there.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+-]+")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -39,20 +43,24 @@ def status_code(code: Code) -> grpc.StatusCode:
 
 
 async def abort(
-    context: Context, error: GenserveError, trailing: tuple[tuple[str, str], ...] = ()
+    context: Context,
+    error: GenserveError,
+    trailing: tuple[tuple[str, str], ...] = (),
+    redact: Callable[[str], str] = str,
 ) -> NoReturn:
     """Answer the call with the error's status and message (context.abort raises)."""
-    await context.abort(status_code(error.code), error.message, trailing_metadata=trailing)
+    await context.abort(status_code(error.code), redact(error.message), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def request_id(context: Context) -> str:
+    """The client's `x-request-id` when it is a safe token of at most 128 characters, else a new id."""
     for key, value in context.invocation_metadata() or ():
         if (
             key == REQUEST_ID_KEY
             and isinstance(value, str)
-            and 0 < len(value) <= MAX_REQUEST_ID_CHARS
-            and value.isprintable()
+            and len(value) <= MAX_REQUEST_ID_CHARS
+            and REQUEST_ID_PATTERN.fullmatch(value)
         ):
             return value
     return uuid.uuid4().hex
@@ -61,8 +69,10 @@ def request_id(context: Context) -> str:
 class Boundary:
     """Wraps every handler of both servicers: `unary`, `stream`, and `plain` for metadata RPCs."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, redact: Callable[[str], str] = str) -> None:
+        """`redact`: what a message becomes for the client (Repository.redact hides the server's paths)."""
         self.metrics = metrics
+        self.redact = redact
         self._unresolved = metrics.unresolved()
 
     def begin(self, method: str, context: Context) -> Call:
@@ -85,7 +95,7 @@ class Boundary:
             logger.info(
                 "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
             )
-            await abort(context, exc, trailing)
+            await abort(context, exc, trailing, self.redact)
         logger.error(
             "request_id=%s method=%s failed with an unexpected error",
             call.request_id,
@@ -156,14 +166,13 @@ class Boundary:
         finally:
             self.end(call)
 
-    @staticmethod
-    async def plain(context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
+    async def plain(self, context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
         """Metadata RPCs (KServe's readiness, metadata, config, statistics): the same error
         translation, no per-RPC metrics."""
         try:
             return await handler()
         except GenserveError as exc:
-            await abort(context, exc)
+            await abort(context, exc, redact=self.redact)
 
 
 def _cancelled_code(call: Call) -> str:

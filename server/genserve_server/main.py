@@ -149,7 +149,7 @@ class App:
         ).as_server()
         # One core and one boundary under both servicers: rows of either protocol share batches.
         self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
-        self.boundary = Boundary(self.metrics)
+        self.boundary = Boundary(self.metrics, redact=self.repository.redact)
         self.service = GenerationService(
             self.repository, config, self.metrics, self.codec_pool, core=self.core, boundary=self.boundary
         )

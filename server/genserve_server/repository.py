@@ -161,6 +161,12 @@ class Repository:
 
     def __init__(self, root: Path, server_config: ServerConfig, metrics: Metrics) -> None:
         self.root = root
+        # Where the repository lies on this host, as messages may spell it (redact).
+        self._root_prefixes = sorted(
+            {f"{root.resolve()}{os.sep}", f"{root.absolute()}{os.sep}", f"{root}{os.sep}"},
+            key=len,
+            reverse=True,
+        )
         self.server_config = server_config
         self.metrics = metrics
         self.models: dict[str, Model] = {}
@@ -178,6 +184,13 @@ class Repository:
 
     def __iter__(self) -> Iterator[Model]:
         return iter(self.models.values())
+
+    def redact(self, text: str) -> str:
+        """`text` for a client: the repository's location on this host becomes `<models>/`, so that a
+        client learns which model file is at fault, never the server's file system."""
+        for prefix in self._root_prefixes:
+            text = text.replace(prefix, "<models>/")
+        return text
 
     def get(self, name: str) -> Model:
         model = self.models.get(name)
