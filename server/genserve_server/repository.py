@@ -8,6 +8,7 @@ that model (or version) UNAVAILABLE, with the reason GetModel shows; the others 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -55,8 +56,8 @@ from genserve_server.runner import Runner, select_providers
 
 logger = logging.getLogger(__name__)
 
-# Versions loaded at once at start-up (at most the cores): a large model's warm-up no longer keeps
-# the small ones in LOADING, and loads still leave the event loop a core on 2-core machines.
+# Versions loaded at once at start-up (at most the cores): file hashing, session creation and graph
+# checks overlap; the timed warm-ups take turns (Repository._timing_lock). Small models first.
 MAX_CONCURRENT_LOADS = 2
 
 
@@ -173,6 +174,13 @@ class Repository:
         self._listeners: list[StateListener] = []
         # Set from the event loop, read by loading threads between their steps.
         self._stopping = threading.Event()
+        # Timed warm-ups run one at a time, in load order (smallest first): costs measured beside
+        # another load's warm-up came out inflated, and they drive inline execution and batching (a
+        # test saw batches of 1). Start-up loads hold a ticket; the lowest pending one warms up next.
+        self._timing_lock = threading.Lock()
+        self._turns = threading.Condition()
+        self._pending_tickets: set[int] = set()
+        self._tickets: dict[int, int] = {}  # id(ModelVersion) -> ticket
         # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
         # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
         self.on_fatal: Callable[[str], None] = _terminate_process
@@ -274,13 +282,24 @@ class Repository:
         remaining = {model.name: len(model.versions) for model in self.models.values() if model.versions}
         done = 0
 
+        ordered = sorted(versions, key=_model_file_size)
+        with self._turns:
+            self._tickets = {id(mv): i for i, mv in enumerate(ordered)}
+            self._pending_tickets = set(range(len(ordered)))
+
         async def load(mv: ModelVersion) -> None:
             nonlocal done
             async with slots:
-                if self._stopping.is_set():
-                    mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
-                else:
-                    await self.load_version(mv)
+                try:
+                    if self._stopping.is_set():
+                        mv.state, mv.reason = (
+                            ModelState.UNAVAILABLE,
+                            "not loaded: the server is shutting down",
+                        )
+                    else:
+                        await self.load_version(mv)
+                finally:
+                    self._ticket_done(mv)
             done += 1
             ready = sum(v.state == ModelState.READY for v in versions)
             logger.info(
@@ -296,11 +315,32 @@ class Repository:
             if remaining[mv.name] == 0 and model is not None:
                 self.notify(model)
 
-        await asyncio.gather(*(load(mv) for mv in sorted(versions, key=_model_file_size)))
+        await asyncio.gather(*(load(mv) for mv in ordered))
+
+    def _ticket_done(self, mv: ModelVersion) -> None:
+        with self._turns:
+            ticket = self._tickets.pop(id(mv), None)
+            if ticket is not None:
+                self._pending_tickets.discard(ticket)
+            self._turns.notify_all()
+
+    @contextlib.contextmanager
+    def _warm_up_turn(self, mv: ModelVersion) -> Iterator[None]:
+        """Hold the timing lock for a timed warm-up; a start-up load first waits for its turn."""
+        with self._turns:
+            ticket = self._tickets.get(id(mv))
+            if ticket is not None:
+                self._turns.wait_for(
+                    lambda: self._stopping.is_set() or ticket == min(self._pending_tickets, default=ticket)
+                )
+        with self._timing_lock:
+            yield
 
     def cancel_loading(self) -> None:
         """Stop start-up loading soon: loads in progress end at their next step, others are skipped."""
         self._stopping.set()
+        with self._turns:
+            self._turns.notify_all()
 
     def _check_stopping(self, mv: ModelVersion) -> None:
         if self._stopping.is_set():
@@ -447,14 +487,15 @@ class Repository:
                 sizes = warmup_batch_sizes(largest) if tolerance is not None else sorted({1, largest})
                 # The largest first: the arena then holds every smaller batch. Each size's cost is
                 # its fastest of three runs, so that a busy moment does not shrink the cap.
-                for batch in sorted(sizes, key=lambda b: (b != largest, b)):
-                    self._check_stopping(mv)
-                    inputs = warmup_inputs(card, batch)
-                    runner.warm(inputs)
-                    self._check_stopping(mv)
-                    cost_s = runner.measured_cost_s(inputs)
-                    if cost_s is not None:
-                        costs[batch] = cost_s
+                with self._warm_up_turn(mv):
+                    for batch in sorted(sizes, key=lambda b: (b != largest, b)):
+                        self._check_stopping(mv)
+                        inputs = warmup_inputs(card, batch)
+                        runner.warm(inputs)
+                        self._check_stopping(mv)
+                        cost_s = runner.measured_cost_s(inputs)
+                        if cost_s is not None:
+                            costs[batch] = cost_s
                 if tolerance is not None and costs:
                     mv.efficient_batch_size = efficient_batch_size(costs, tolerance)
                     if mv.efficient_batch_size < mv.config.batching.max_batch_size:
