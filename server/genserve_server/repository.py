@@ -8,7 +8,6 @@ that model (or version) UNAVAILABLE, with the reason GetModel shows; the others 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import functools
@@ -55,10 +54,6 @@ from genserve_server.providers import GPU_PROVIDERS
 from genserve_server.runner import Runner, select_providers
 
 logger = logging.getLogger(__name__)
-
-# Versions loaded at once at start-up (at most the cores): file hashing, session creation and graph
-# checks overlap; the timed warm-ups take turns (Repository._timing_lock). Small models first.
-MAX_CONCURRENT_LOADS = 2
 
 
 class ModelState(enum.IntEnum):
@@ -174,13 +169,6 @@ class Repository:
         self._listeners: list[StateListener] = []
         # Set from the event loop, read by loading threads between their steps.
         self._stopping = threading.Event()
-        # Timed warm-ups run one at a time, in load order (smallest first): costs measured beside
-        # another load's warm-up came out inflated, and they drive inline execution and batching (a
-        # test saw batches of 1). Start-up loads hold a ticket; the lowest pending one warms up next.
-        self._timing_lock = threading.Lock()
-        self._turns = threading.Condition()
-        self._pending_tickets: set[int] = set()
-        self._tickets: dict[int, int] = {}  # id(ModelVersion) -> ticket
         # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
         # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
         self.on_fatal: Callable[[str], None] = _terminate_process
@@ -263,84 +251,42 @@ class Repository:
     # ------------------------------------------------------------------ loading
 
     async def load_all(self) -> None:
-        """Load every version, `MAX_CONCURRENT_LOADS` at a time, smallest model files first.
+        """Load every version, one at a time, in repository order; a model's health key turns
+        SERVING once its versions have been tried, and a READY version serves at once.
 
-        Each version serves as soon as it is READY (requests resolve READY versions); a model's
-        health key turns SERVING once all its versions have been tried. One log line per finished
-        version says how far loading is. `cancel_loading()` (SIGTERM during start-up) ends it soon.
+        One at a time: two at a time (smallest file first) was tried. Warm-up timings measured beside
+        another load come out inflated, and they decide inline execution and batch caps; and
+        the order cannot know which model warms up longest (file size does not: sr-photos-x4 is
+        0.5 MB and calibrates for 40 s). One log line per finished version says how far loading is;
+        `cancel_loading()` (SIGTERM during start-up) ends it at the next warm-up step.
         """
-        versions = [mv for model in self.models.values() for mv in model.versions.values()]
-        for model in self.models.values():
-            if not model.versions:
-                self.notify(model)  # a broken config.json or no version directory: NOT_SERVING now
-        if not versions:
-            return
-        concurrency = max(1, min(MAX_CONCURRENT_LOADS, cpu_count()))
-        logger.info("loading %d model versions, %d at a time", len(versions), concurrency)
+        total = sum(len(model.versions) for model in self.models.values())
+        if total:
+            logger.info("loading %d model versions", total)
         started = time.monotonic()
-        slots = asyncio.Semaphore(concurrency)
-        remaining = {model.name: len(model.versions) for model in self.models.values() if model.versions}
         done = 0
-
-        ordered = sorted(versions, key=_model_file_size)
-        with self._turns:
-            self._tickets = {id(mv): i for i, mv in enumerate(ordered)}
-            self._pending_tickets = set(range(len(ordered)))
-
-        async def load(mv: ModelVersion) -> None:
-            nonlocal done
-            async with slots:
-                try:
-                    if self._stopping.is_set():
-                        mv.state, mv.reason = (
-                            ModelState.UNAVAILABLE,
-                            "not loaded: the server is shutting down",
-                        )
-                    else:
-                        await self.load_version(mv)
-                finally:
-                    self._ticket_done(mv)
-            done += 1
-            ready = sum(v.state == ModelState.READY for v in versions)
-            logger.info(
-                "loaded %d/%d model versions (%d ready, %d unavailable) in %.1f s",
-                done,
-                len(versions),
-                ready,
-                done - ready,
-                time.monotonic() - started,
-            )
-            remaining[mv.name] -= 1
-            model = self.models.get(mv.name)
-            if remaining[mv.name] == 0 and model is not None:
-                self.notify(model)
-
-        await asyncio.gather(*(load(mv) for mv in ordered))
-
-    def _ticket_done(self, mv: ModelVersion) -> None:
-        with self._turns:
-            ticket = self._tickets.pop(id(mv), None)
-            if ticket is not None:
-                self._pending_tickets.discard(ticket)
-            self._turns.notify_all()
-
-    @contextlib.contextmanager
-    def _warm_up_turn(self, mv: ModelVersion) -> Iterator[None]:
-        """Hold the timing lock for a timed warm-up; a start-up load first waits for its turn."""
-        with self._turns:
-            ticket = self._tickets.get(id(mv))
-            if ticket is not None:
-                self._turns.wait_for(
-                    lambda: self._stopping.is_set() or ticket == min(self._pending_tickets, default=ticket)
+        for model in list(self.models.values()):
+            for mv in list(model.versions.values()):
+                if self._stopping.is_set():
+                    mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
+                else:
+                    await self.load_version(mv)
+                done += 1
+                ready = sum(
+                    v.state == ModelState.READY for m in self.models.values() for v in m.versions.values()
                 )
-        with self._timing_lock:
-            yield
+                logger.info(
+                    "loaded %d/%d model versions (%d ready) in %.1f s",
+                    done,
+                    total,
+                    ready,
+                    time.monotonic() - started,
+                )
+            self.notify(model)
 
     def cancel_loading(self) -> None:
-        """Stop start-up loading soon: loads in progress end at their next step, others are skipped."""
+        """Stop start-up loading soon: a load in progress ends at its next step, the rest are skipped."""
         self._stopping.set()
-        with self._turns:
-            self._turns.notify_all()
 
     def _check_stopping(self, mv: ModelVersion) -> None:
         if self._stopping.is_set():
@@ -487,15 +433,14 @@ class Repository:
                 sizes = warmup_batch_sizes(largest) if tolerance is not None else sorted({1, largest})
                 # The largest first: the arena then holds every smaller batch. Each size's cost is
                 # its fastest of three runs, so that a busy moment does not shrink the cap.
-                with self._warm_up_turn(mv):
-                    for batch in sorted(sizes, key=lambda b: (b != largest, b)):
-                        self._check_stopping(mv)
-                        inputs = warmup_inputs(card, batch)
-                        runner.warm(inputs)
-                        self._check_stopping(mv)
-                        cost_s = runner.measured_cost_s(inputs)
-                        if cost_s is not None:
-                            costs[batch] = cost_s
+                for batch in sorted(sizes, key=lambda b: (b != largest, b)):
+                    self._check_stopping(mv)
+                    inputs = warmup_inputs(card, batch)
+                    runner.warm(inputs)
+                    self._check_stopping(mv)
+                    cost_s = runner.measured_cost_s(inputs)
+                    if cost_s is not None:
+                        costs[batch] = cost_s
                 if tolerance is not None and costs:
                     mv.efficient_batch_size = efficient_batch_size(costs, tolerance)
                     if mv.efficient_batch_size < mv.config.batching.max_batch_size:
@@ -541,14 +486,6 @@ class Repository:
                 mv.runner.close()
             mv.metrics.ready.set(0)
             mv.metrics.clear_runtime()
-
-
-def _model_file_size(mv: ModelVersion) -> int:
-    """For load order: small models are READY in a second instead of waiting behind a large one."""
-    try:
-        return (mv.path / "model.onnx").stat().st_size
-    except OSError:
-        return 0
 
 
 def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:

@@ -251,14 +251,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_small_models_serve_while_a_large_one_loads_and_sigterm_cancels_loading(tmp_path: Path) -> None:
-    """Model a-slow sorts first and takes long to warm up: gen is SERVING meanwhile (loads run side
-    by side, smallest first); SIGTERM then ends the start at the next warm-up step, not after it."""
+def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_path: Path) -> None:
+    """gen loads first and serves (its health key SERVING) while z-slow, which takes long to warm
+    up, is still LOADING; SIGTERM then ends the start at the next warm-up step, not after it."""
     models = tmp_path / "models"
     write_gen(models, "gen")
     write_model(
         models,
-        "a-slow",
+        "z-slow",
         "generator",
         slow_generator_graph(TINY_LATENT, 4000),
         {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
@@ -279,7 +279,7 @@ def test_small_models_serve_while_a_large_one_loads_and_sigterm_cancels_loading(
             while True:
                 assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, (
-                    "gen never SERVING while a-slow loads:\n" + log_path.read_text()
+                    "gen never SERVING while z-slow loads:\n" + log_path.read_text()
                 )
                 try:
                     if health_status(channel, "gen") == SERVING:
@@ -288,7 +288,7 @@ def test_small_models_serve_while_a_large_one_loads_and_sigterm_cancels_loading(
                     pass  # not listening yet, or "gen" not registered yet
                 time.sleep(0.1)
             slow = genserve_pb2_grpc.GenerationServiceStub(channel).GetModel(
-                genserve_pb2.GetModelRequest(name="a-slow"), timeout=10
+                genserve_pb2.GetModelRequest(name="z-slow"), timeout=10
             )
             assert slow.versions[0].state == genserve_pb2.MODEL_STATE_LOADING, log_path.read_text()
             assert health_status(channel) == NOT_SERVING  # "" waits for every model
@@ -299,7 +299,7 @@ def test_small_models_serve_while_a_large_one_loads_and_sigterm_cancels_loading(
             proc.kill()
             proc.wait(10)
     log_text = log_path.read_text()
-    assert "model a-slow version 1 ready" not in log_text, log_text
+    assert "model z-slow version 1 ready" not in log_text, log_text
     assert "loading cancelled" in log_text, log_text
     assert not (tmp_path / "ready.json").exists()
 
