@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Self
 
 from genserve_contract.kinds import KIND_NAMES, Kind
-from genserve_contract.repository import VERSION_PATTERN
+from genserve_contract.repository import NAME_PATTERN, VERSION_PATTERN
 from genserve_contract.runtime import RuntimeConfig, RuntimeConfigError, parse_runtime_config
 
 KNOWN_PROVIDERS: Final = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -272,6 +272,10 @@ class ModelConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     # Session tuning (threads, IO binding, CUDA graphs, TensorRT cache): runtime.RuntimeConfig.
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # code_prior only: the code_decoder model (a name in the same repository) that turns the
+    # sampled grids into images (its highest ready version at request time). Empty: SampleCodes
+    # returns the grids only (a top prior, whose grids a bottom prior takes as top_codes).
+    decoder: str = ""
 
 
 CONFIG_FIELDS: Final = (
@@ -282,6 +286,7 @@ CONFIG_FIELDS: Final = (
     "precision",
     "version_policy",
     "runtime",
+    "decoder",
 )
 
 
@@ -400,8 +405,14 @@ def parse_model_config(
             f"is not supported for kind {d.kind}: its input height and width vary per request, and a CUDA "
             "graph replays one captured shape (set it to false; io_binding still applies)",
         )
+    decoder = r.string("decoder", "")
+    if decoder and not NAME_PATTERN.match(decoder):
+        raise r.error("decoder", f"must be a model name ({NAME_PATTERN.pattern}), got {decoder!r}")
+    if decoder and not d.kind.autoregressive:
+        raise r.error("decoder", f"applies to kind code_prior only, not {d.kind}")
     config = ModelConfig(
         kind=d.kind,
+        decoder=decoder,
         batching=batching,
         instances=r.integer("instances", d.instances, min_value=1, max_value=MAX_INSTANCES),
         execution_providers=providers if providers else d.execution_providers,

@@ -52,7 +52,19 @@ class ImageRows:
     shape: tuple[int, ...] | None = None
 
 
-BatchKey = SeedRows | LatentRows | TileRows | ImageRows
+@dataclass(frozen=True, slots=True)
+class CodeRows:
+    """Finished code grids (plus any top grids) for a code_decoder: rows of every prior request that
+    finished near the same step share its batches."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRows:
+    """One step of a code prior (step_sampler.py): every running row, whatever its position. Never
+    queued in a batcher: the step scheduler calls the runner with it directly."""
+
+
+BatchKey = SeedRows | LatentRows | TileRows | ImageRows | CodeRows
 
 
 def input_shape(key: object) -> tuple[int, ...] | None:

@@ -71,6 +71,7 @@ METHODS = (
     "Decode",
     "SuperResolve",
     "Translate",
+    "SampleCodes",
     "ListModels",
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
