@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from code_models import write_code_models
+from prometheus_client import CollectorRegistry
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -22,6 +23,7 @@ from genserve_server import validate
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, CodeSamples, GenerationCore
 from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from genserve_server.kserve import InferenceService
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 from genserve_server.service import GenerationService
@@ -32,6 +34,8 @@ from genserve_server.step_sampler import (
     sample_codes,
     uniforms,
 )
+from inference import grpc_service_pb2 as kpb
+from inference import grpc_service_pb2_grpc as kpb_grpc
 
 GRID = (6, 6)
 POSITIONS = GRID[0] * GRID[1]
@@ -282,12 +286,20 @@ def test_sample_codes_rpc(code_repo: tuple[Path, dict[str, str]]) -> None:
         server = grpc.aio.server()
         service = GenerationService(repo, config, metrics, pool)
         pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+        infer = InferenceService(repo, service.core, service.boundary, CollectorRegistry())
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(infer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.GenerationServiceStub(channel)
                 await check_rpc(stub, names)
+                with pytest.raises(grpc.aio.AioRpcError) as info:  # one model call cannot sample a grid
+                    await kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                        kpb.ModelInferRequest(model_name=names["prior"])
+                    )
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "is a code_prior model" in (info.value.details() or "")
         finally:
             await server.stop(None)
             await repo.close(1)
