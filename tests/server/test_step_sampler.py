@@ -49,6 +49,13 @@ def code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return root, write_code_models(root, grid=GRID, k=16, max_rows=MAX_ROWS)
 
 
+@pytest.fixture(scope="module")
+def deep_code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The same models with a MatMul layer in the prior: GEMM rows must not depend on the batch."""
+    root = tmp_path_factory.mktemp("deep-code-models")
+    return root, write_code_models(root, grid=GRID, k=16, max_rows=MAX_ROWS, iterations=1)
+
+
 Body = Callable[[Repository, GenerationCore], Awaitable[None]]
 
 
@@ -151,8 +158,11 @@ def test_options_and_grids_are_checked_naming_the_field() -> None:
 # ---------------------------------------------------------------------- the scheduler, through the core
 
 
-def test_image_alone_equals_image_joined_mid_flight(code_repo: tuple[Path, dict[str, str]]) -> None:
-    root, names = code_repo
+@pytest.mark.parametrize("repo_fixture", ["code_repo", "deep_code_repo"])
+def test_image_alone_equals_image_joined_mid_flight(
+    repo_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    root, names = request.getfixturevalue(repo_fixture)
 
     async def body(repo: Repository, core: GenerationCore) -> None:
         alone = await sample(core, names["prior"], [42], [1])
@@ -379,3 +389,45 @@ def test_config_and_card_rules_of_the_code_kinds(tmp_path: Path) -> None:
         )
     )
     assert load_card(card).graph_inputs == ("codes", "label")
+
+
+def test_sampling_matches_the_algorithm_written_in_the_proto() -> None:
+    """A plain-Python reading of the comment above SampleCodesRequest gives the same codes."""
+    import math
+
+    from genserve_server.latents import philox4x32_10
+
+    def reference(
+        row: np.ndarray, seed: int, position: int, stream: int, temperature: float, top_k: int
+    ) -> int:
+        words = philox4x32_10(
+            np.array([position, stream, 0, 0], np.uint32), np.array([seed % 2**32, seed // 2**32], np.uint32)
+        )
+        u = (float(words[0]) + 0.5) / 2**32
+        scaled = [float(v) / temperature for v in row]
+        order = sorted(range(len(scaled)), key=lambda j: (-scaled[j], j))
+        kept = set(order[: top_k or len(scaled)])
+        top = max(scaled[j] for j in kept)
+        weights = [math.exp(scaled[j] - top) if j in kept else 0.0 for j in range(len(scaled))]
+        total = sum(weights)
+        running = 0.0
+        for j, weight in enumerate(weights):
+            running += weight
+            if running > u * total:
+                return j
+        return len(weights) - 1
+
+    rng = np.random.default_rng(3)
+    n, k = 64, 12
+    logits = rng.normal(0, 2, (n, k)).astype(np.float32)
+    logits[:, 5] = logits[:, 4]  # ties
+    seeds = [int(s) for s in rng.integers(0, 2**63 - 1, n)]
+    positions = [int(p) for p in rng.integers(0, 4096, n)]
+    temperatures = rng.uniform(0.2, 3.0, n)
+    top_ks = rng.integers(0, k + 1, n)
+    codes = sample_codes(logits, uniforms(seeds, positions, 1), temperatures, top_ks)
+    expected = [
+        reference(logits[i], seeds[i], positions[i], 1, float(temperatures[i]), int(top_ks[i]))
+        for i in range(n)
+    ]
+    assert codes.tolist() == expected
