@@ -386,6 +386,7 @@ class GenerationCore:
                 stream=1 if card.top_grid is not None else 0,
                 takes_label=bool(card.class_names),
                 top_grid=card.top_grid,
+                metrics=mv.metrics,
             )
             # Forget schedulers of versions replaced or unloaded once their rows are done.
             self.steppers = {v: s for v, s in self.steppers.items() if s.rows or v.state == ModelState.READY}

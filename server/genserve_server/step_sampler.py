@@ -33,7 +33,9 @@ from typing import Final
 import numpy as np
 
 from genserve_server import latents
+from genserve_server.batcher import Lane
 from genserve_server.errors import DeadlineExceeded, ResourceExhausted, invalid
+from genserve_server.metrics import ModelMetrics
 
 CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
 MAX_TEMPERATURE: Final = 10.0
@@ -135,8 +137,13 @@ class StepScheduler:
         stream: int = 0,
         takes_label: bool = False,
         top_grid: tuple[int, int] | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         self._run = run
+        # The prior version's series (docs/metrics-contract.md): a step is a batch (compute
+        # duration, batch size = rows per step), the join wait is the interactive queue wait, a
+        # full budget is a `queue_full` rejection, and genserve_step_running_rows the running set.
+        self.metrics = metrics
         self.name = name
         self.grid = grid
         self.positions = grid[0] * grid[1]
@@ -172,6 +179,8 @@ class StepScheduler:
             raise invalid("seeds", f"{n} samples are more than {self.name}'s row budget ({self.max_rows})")
         if self.rows + n > self.max_rows:
             self.stats.refused += 1
+            if self.metrics is not None:
+                self.metrics.rejected["queue_full"].inc()
             raise ResourceExhausted(
                 f"{self.name}: row budget full ({self.rows} of {self.max_rows} rows running, {n} asked); "
                 "retry with backoff"
@@ -203,6 +212,8 @@ class StepScheduler:
     def _admit(self, now: float) -> None:
         for row in self._joining:
             self.stats.join_wait_s += now - row.submitted
+            if self.metrics is not None:
+                self.metrics.queue_duration[Lane.INTERACTIVE].observe(now - row.submitted)
         self.stats.joined += len(self._joining)
         self._running.extend(self._joining)
         self._joining = []
@@ -212,9 +223,9 @@ class StepScheduler:
         keep = []
         for row in self._running:
             if row.future.done():
-                self.stats.cancelled += 1
+                self._dropped("cancelled")
             elif row.deadline is not None and now >= row.deadline:
-                self.stats.expired += 1
+                self._dropped("deadline")
                 row.future.set_exception(
                     DeadlineExceeded(
                         f"{self.name}: deadline passed after {row.position} of {self.positions} positions"
@@ -223,6 +234,14 @@ class StepScheduler:
             else:
                 keep.append(row)
         self._running = keep
+
+    def _dropped(self, reason: str) -> None:
+        if reason == "deadline":
+            self.stats.expired += 1
+        else:
+            self.stats.cancelled += 1
+        if self.metrics is not None:
+            self.metrics.dropped[reason].inc()
 
     def _inputs(self, rows: Sequence[Row]) -> dict[str, np.ndarray]:
         inputs = {"codes": np.stack([row.codes for row in rows])}
@@ -243,10 +262,13 @@ class StepScheduler:
                 rows = self._running
                 if not rows:
                     continue
+                started = time.perf_counter()
                 try:
                     outputs = await self._run(self._inputs(rows))
                     codes = self._choose(rows, np.asarray(outputs["logits"]))
                 except Exception as exc:  # a failed call fails its rows; the scheduler goes on
+                    if self.metrics is not None:
+                        self.metrics.batch_failures.inc()
                     for row in rows:
                         if not row.future.done():
                             row.future.set_exception(exc)
@@ -254,21 +276,30 @@ class StepScheduler:
                     continue
                 self.stats.steps += 1
                 self.stats.rows_stepped += len(rows)
+                if self.metrics is not None:
+                    self.metrics.compute_duration.observe(time.perf_counter() - started)
+                    self.metrics.batch_size.observe(len(rows))
                 still = []
                 for row, code in zip(rows, codes, strict=True):
                     if row.future.done():  # cancelled during the call: leaves without advancing
-                        self.stats.cancelled += 1
+                        self._dropped("cancelled")
                         continue
                     row.codes.flat[row.position] = code
                     row.position += 1
                     if row.position == self.positions:
                         self.stats.finished += 1
+                        if self.metrics is not None:
+                            self.metrics.images.inc()
                         row.future.set_result(row.codes)  # leaves at once; the caller decodes it
                     else:
                         still.append(row)
                 self._running = still
+                if self.metrics is not None:
+                    self.metrics.step_running_rows.set(len(still))
         finally:
             self._task = None
+            if self.metrics is not None:
+                self.metrics.step_running_rows.set(len(self._running))
 
     def _choose(self, rows: Sequence[Row], logits: np.ndarray) -> np.ndarray:
         """Each row's code at its own position."""

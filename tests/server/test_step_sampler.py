@@ -59,10 +59,11 @@ def deep_code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 Body = Callable[[Repository, GenerationCore], Awaitable[None]]
 
 
-def run_with_core(root: Path, body: Body) -> None:
+def run_with_core(root: Path, body: Body, metrics: Metrics | None = None) -> None:
     async def main() -> None:
         config = ServerConfig()
-        metrics = Metrics(enabled=False)
+        nonlocal metrics
+        metrics = metrics or Metrics(enabled=False)
         repo = Repository(root, config, metrics)
         repo.scan()
         await repo.load_all()
@@ -278,6 +279,33 @@ def test_bottom_prior_takes_the_top_grid(code_repo: tuple[Path, dict[str, str]])
         assert not np.array_equal(other_top.codes, again.codes)
 
     run_with_core(root, body)
+
+
+def test_steps_are_the_priors_batches_in_the_metrics(code_repo: tuple[Path, dict[str, str]]) -> None:
+    root, names = code_repo
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        count_calls(scheduler, delay_s=0.002)
+        running = asyncio.ensure_future(sample(core, names["prior"], list(range(MAX_ROWS)), [0]))
+        await until(lambda: scheduler.stats.steps >= 2)
+        with pytest.raises(ResourceExhausted):
+            await sample(core, names["prior"], [99], [0])
+        await running
+
+    run_with_core(root, body, metrics)
+    labels = {"model": names["prior"], "version": "1"}
+
+    def value(name: str, **extra: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {**labels, **extra})
+
+    assert value("genserve_batch_size_count") == POSITIONS  # one batch per step, all rows in each
+    assert value("genserve_batch_size_sum") == POSITIONS * MAX_ROWS
+    assert value("genserve_images_total") == MAX_ROWS
+    assert value("genserve_requests_rejected_total", reason="queue_full") == 1
+    assert value("genserve_step_running_rows") == 0
+    assert value("genserve_queue_duration_seconds_count", lane="interactive") == MAX_ROWS
 
 
 # ---------------------------------------------------------------------- SampleCodes over gRPC
