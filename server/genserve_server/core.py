@@ -401,7 +401,8 @@ class GenerationCore:
         decoder = self.repo.get(name).resolve("")
         prior, card = mv.card, decoder.card
         assert prior is not None and card is not None
-        if card.kind != "code_decoder" or (card.grid, card.top_grid) != (prior.grid, prior.top_grid):
+        decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
+        if not decodes_codes or (card.grid, card.top_grid) != (prior.grid, prior.top_grid):
             raise Unavailable(
                 f"{mv.label}: its decoder {name} is a {card.kind} of grid {card.grid} and top grid "
                 f"{card.top_grid}; the prior needs a code_decoder of grid {prior.grid} and top grid "

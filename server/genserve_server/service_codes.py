@@ -5,6 +5,7 @@ A sibling of service.py's handlers, kept apart so that service.py stays a list o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -29,8 +30,11 @@ def codes_tensor(tensor: tpb.Tensor, field: str) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
     if len(shape) not in (2, 3) or any(d < 1 for d in shape):
         raise invalid(f"{field}.shape", f"must be [N, H, W] or [H, W], got {list(shape)}")
-    if int(np.prod(shape)) * 8 != len(tensor.data):
-        raise invalid(f"{field}.data", f"must hold {int(np.prod(shape)) * 8} bytes for shape {list(shape)}")
+    size = math.prod(shape)  # Python ints: a huge shape cannot wrap around to the data's size
+    if size * 8 != len(tensor.data):
+        raise invalid(
+            f"{field}.data", f"must hold {size * 8} bytes for shape {list(shape)}, got {len(tensor.data)}"
+        )
     return np.frombuffer(tensor.data, dtype="<i8").reshape(shape)
 
 

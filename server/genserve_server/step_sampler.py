@@ -318,12 +318,6 @@ class StepScheduler:
         top_ks = np.array([row.options.top_k for row in rows], np.int64)
         return sample_codes(at, u, temperatures, top_ks)
 
-    async def close(self) -> None:
-        """Wait for the running rows to finish (a drain)."""
-        task = self._task
-        if task is not None:
-            await asyncio.shield(task)
-
 
 def check_labels(values: Sequence[int], class_names: Sequence[str], n: int, name: str) -> list[int] | None:
     """One label per row (one value: every row) for a prior with classes; none for one without."""

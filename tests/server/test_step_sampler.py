@@ -13,8 +13,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from code_models import write_code_models
+from code_models import prior_graph, write_code_models
 from prometheus_client import CollectorRegistry
+from server_support import write_model
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -22,7 +23,7 @@ from genserve.v1 import types_pb2 as tpb
 from genserve_server import validate
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, CodeSamples, GenerationCore
-from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from genserve_server.kserve import InferenceService
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
@@ -46,7 +47,18 @@ PNG = validate.output_spec(1, 0, None, False)
 @pytest.fixture(scope="module")
 def code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("code-models")
-    return root, write_code_models(root, grid=GRID, k=16, max_rows=MAX_ROWS)
+    names = write_code_models(root, grid=GRID, k=16, max_rows=MAX_ROWS)
+    # A prior whose config names a decoder of another shape (the two-level one): refused by name.
+    names["misfit"] = "misfit-prior"
+    write_model(
+        root,
+        "misfit-prior",
+        "code_prior",
+        prior_graph(*GRID, 16),
+        {"grid": list(GRID), "codebook_size": 16, "output_range": None},
+        config={"decoder": names["decoder2"]},
+    )
+    return root, names
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +320,18 @@ def test_steps_are_the_priors_batches_in_the_metrics(code_repo: tuple[Path, dict
     assert value("genserve_queue_duration_seconds_count", lane="interactive") == MAX_ROWS
 
 
+def test_a_decoder_that_does_not_fit_the_prior_is_refused_by_name(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        with pytest.raises(Unavailable, match=f"its decoder {names['decoder2']} .* top grid \\(3, 3\\)"):
+            await sample(core, names["misfit"], [1])
+
+    run_with_core(root, body)
+
+
 # ---------------------------------------------------------------------- SampleCodes over gRPC
 
 
@@ -377,6 +401,33 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
         (pb.SampleCodesRequest(model=names["prior"], count=MAX_ROWS + 1, labels=[0]), "count"),
         (pb.SampleCodesRequest(model=names["bottom"], count=1), "top_codes"),
         (pb.SampleCodesRequest(model=names["decoder"], count=1), "model"),
+        (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], temperature=11), "temperature"),
+        (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[3]), "labels[0]"),
+        (
+            pb.SampleCodesRequest(
+                model=names["bottom"],
+                count=1,
+                top_codes=tpb.Tensor(shape=[2**40, 2**40, 2**40], dtype=tpb.DTYPE_INT64, data=b"12345678"),
+            ),
+            "top_codes.data",
+        ),
+        (
+            pb.SampleCodesRequest(
+                model=names["bottom"],
+                count=1,
+                top_codes=tpb.Tensor(shape=[3, 3], dtype=tpb.DTYPE_INT64, data=b"x" * 72),
+            ),
+            "top_codes: codes must be in",
+        ),
+        (
+            pb.SampleCodesRequest(
+                model=names["prior"],
+                count=1,
+                labels=[0],
+                top_codes=tpb.Tensor(shape=[3, 3], dtype=tpb.DTYPE_INT64),
+            ),
+            "top_codes",
+        ),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.SampleCodes(request)
