@@ -276,6 +276,9 @@ class ModelConfig:
     # sampled grids into images (its highest ready version at request time). Empty: SampleCodes
     # returns the grids only (a top prior, whose grids a bottom prior takes as top_codes).
     decoder: str = ""
+    # code_prior with a top grid only: the code_prior model that samples that top grid when the
+    # caller gives none (same seed, label and options). Empty: the caller must give top_codes.
+    top_prior: str = ""
 
 
 CONFIG_FIELDS: Final = (
@@ -287,6 +290,7 @@ CONFIG_FIELDS: Final = (
     "version_policy",
     "runtime",
     "decoder",
+    "top_prior",
 )
 
 
@@ -406,13 +410,16 @@ def parse_model_config(
             "graph replays one captured shape (set it to false; io_binding still applies)",
         )
     decoder = r.string("decoder", "")
-    if decoder and not NAME_PATTERN.match(decoder):
-        raise r.error("decoder", f"must be a model name ({NAME_PATTERN.pattern}), got {decoder!r}")
-    if decoder and not d.kind.autoregressive:
-        raise r.error("decoder", f"applies to kind code_prior only, not {d.kind}")
+    top_prior = r.string("top_prior", "")
+    for key, value in (("decoder", decoder), ("top_prior", top_prior)):
+        if value and not NAME_PATTERN.match(value):
+            raise r.error(key, f"must be a model name ({NAME_PATTERN.pattern}), got {value!r}")
+        if value and not d.kind.autoregressive:
+            raise r.error(key, f"applies to kind code_prior only, not {d.kind}")
     config = ModelConfig(
         kind=d.kind,
         decoder=decoder,
+        top_prior=top_prior,
         batching=batching,
         instances=r.integer("instances", d.instances, min_value=1, max_value=MAX_INSTANCES),
         execution_providers=providers if providers else d.execution_providers,

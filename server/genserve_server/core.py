@@ -94,6 +94,7 @@ class CodeSamples:
     codes: np.ndarray  # int64 [N, H, W]
     images: list[EncodedImage]  # empty without a decoder
     executed_batch_sizes: list[int]  # the decoder's batches
+    tops: np.ndarray | None = None  # int64 [N, Ht, Wt]: the top grids (given, or sampled by the top prior)
 
 
 @dataclass(slots=True)
@@ -410,6 +411,31 @@ class GenerationCore:
             )
         return decoder
 
+    def top_prior(self, mv: ModelVersion) -> ModelVersion | None:
+        """The serving version of a bottom prior's top prior (config.json `top_prior`), if any."""
+        name = mv.config.top_prior
+        prior = mv.card
+        assert prior is not None
+        if not name or prior.top_grid is None:
+            return None
+        top = self.repo.get(name).resolve("")
+        card = top.card
+        assert card is not None
+        fits = (
+            card.kind.autoregressive
+            and card.top_grid is None
+            and (card.grid, card.codebook_size) == (prior.top_grid, prior.top_codebook_size)
+            and (not card.class_names or bool(prior.class_names))
+        )
+        if not fits:
+            raise Unavailable(
+                f"{mv.label}: its top prior {name} is a {card.kind} of grid {card.grid}, codebook "
+                f"{card.codebook_size}, top grid {card.top_grid}, classes {len(card.class_names)}; the "
+                f"prior needs a code_prior of grid {prior.top_grid} and codebook {prior.top_codebook_size}, "
+                "without a top grid, class-conditional only where the prior is (config.json top_prior)"
+            )
+        return top
+
     async def sample_codes(
         self,
         mv: ModelVersion,
@@ -429,9 +455,15 @@ class GenerationCore:
             validate.predicted_send_size(
                 out, len(seeds), card.channels, *card.image_size, self.limits.max_send_message_bytes
             )
+        top = self.top_prior(mv) if tops is None else None
+        if top is not None:  # both levels in one call: the top grids first, same seeds and options
+            assert top.card is not None and top.card.codebook_size is not None
+            top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
+            top_labels = labels if top.card.class_names else None
+            tops = await self.stepper(top).sample(seeds, top_labels, None, top_options, call.deadline)
         codes = await self.stepper(mv).sample(seeds, labels, tops, options, call.deadline)
         if decoder is None:
-            return CodeSamples(codes, [], [])
+            return CodeSamples(codes, [], [], tops)
         assert decoder.card is not None and decoder.batcher is not None
         inputs = {"codes": codes}
         if tops is not None:
@@ -442,7 +474,7 @@ class GenerationCore:
         images = await self.codec.encode(
             decoder.metrics, result.outputs["image"], out, decoder.card.output_range
         )
-        return CodeSamples(codes, images, result.executed_batch_sizes)
+        return CodeSamples(codes, images, result.executed_batch_sizes, tops)
 
     # ------------------------------------------------------------------ VAE encoder
 

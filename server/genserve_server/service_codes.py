@@ -77,18 +77,14 @@ async def sample_codes(
     tops: np.ndarray | None = None
     if card.top_grid is not None:
         assert card.top_codebook_size is not None
-        if not request.HasField("top_codes"):
+        if not request.HasField("top_codes") and not mv.config.top_prior:
             raise invalid(
                 "top_codes",
                 f"required for bottom prior {mv.name}: int64 [N, {card.top_grid[0]}, {card.top_grid[1]}]",
             )
-        tops = check_grids(
-            codes_tensor(request.top_codes, "top_codes"),
-            n,
-            card.top_grid,
-            card.top_codebook_size,
-            "top_codes",
-        )
+        if request.HasField("top_codes"):  # else the top prior samples them (config.json top_prior)
+            given = codes_tensor(request.top_codes, "top_codes")
+            tops = check_grids(given, n, card.top_grid, card.top_codebook_size, "top_codes")
     elif request.HasField("top_codes"):
         raise invalid("top_codes", f"{mv.name} is not a bottom prior (no top_grid); send no top_codes")
     sampled = await core.sample_codes(mv, call, seeds, labels, tops, options, out)
@@ -103,4 +99,6 @@ async def sample_codes(
             g.label = labels[i]
     if request.return_codes or not sampled.images:
         response.codes.extend(codes_proto(grid) for grid in sampled.codes)
+        if sampled.tops is not None:
+            response.top_codes.extend(codes_proto(grid) for grid in sampled.tops)
     return response

@@ -168,13 +168,15 @@ def write_code_models(
 ) -> dict[str, str]:
     """A class-conditional prior + decoder, and a top prior + bottom prior + two-level decoder.
 
-    Returns the model names: prior, decoder, top, bottom, decoder2."""
+    Returns the model names: prior, decoder, top, bottom, decoder2, and chain (the bottom prior's
+    graph with config.json top_prior: both levels in one call)."""
     names = {
         "prior": f"{prefix}prior",
         "decoder": f"{prefix}codes-decoder",
         "top": f"{prefix}top-prior",
         "bottom": f"{prefix}bottom-prior",
         "decoder2": f"{prefix}codes-decoder2",
+        "chain": f"{prefix}chain-prior",
     }
     h, w = grid
     top = (max(1, h // 2), max(1, w // 2))
@@ -228,6 +230,20 @@ def write_code_models(
             "output_range": None,
         },
         config={"decoder": names["decoder2"], "batching": batching},
+    )
+    write_model(
+        root,
+        names["chain"],
+        "code_prior",
+        prior_graph(h, w, k, top=top, seed=2),
+        {
+            "grid": list(grid),
+            "codebook_size": k,
+            "top_grid": list(top),
+            "top_codebook_size": k,
+            "output_range": None,
+        },
+        config={"decoder": names["decoder2"], "top_prior": names["top"], "batching": batching},
     )
     write_model(
         root,

@@ -289,6 +289,11 @@ def test_bottom_prior_takes_the_top_grid(code_repo: tuple[Path, dict[str, str]])
         assert bottom.images[1].data == again.images[0].data
         other_top = await sample(core, names["bottom"], [6], tops=(top.codes[1:] + 1) % 16)
         assert not np.array_equal(other_top.codes, again.codes)
+        # A bottom prior with a top prior samples both levels in one call: the same grids and images.
+        chain = await sample(core, names["chain"], [5, 6])
+        assert chain.tops is not None and np.array_equal(chain.tops, top.codes)
+        assert np.array_equal(chain.codes, bottom.codes)
+        assert [im.data for im in chain.images] == [im.data for im in bottom.images]
 
     run_with_core(root, body)
 
@@ -395,6 +400,10 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
         pb.SampleCodesRequest(model=names["bottom"], seeds=[3], top_codes=top.codes[0], output=raw)
     )
     assert len(bottom.images) == 1
+    chain = await stub.SampleCodes(
+        pb.SampleCodesRequest(model=names["chain"], seeds=[3], output=raw, return_codes=True)
+    )
+    assert chain.top_codes[0] == top.codes[0] and chain.images[0].image.data == bottom.images[0].image.data
     for request, field in (
         (pb.SampleCodesRequest(model=names["prior"], count=1), "labels"),
         (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], top_k=99), "top_k"),
@@ -446,6 +455,9 @@ def test_config_and_card_rules_of_the_code_kinds(tmp_path: Path) -> None:
         load_model_config(config)
     config.write_text(json.dumps({"kind": "code_prior", "decoder": "Bad Name"}))
     with pytest.raises(ConfigError, match="decoder.*must be a model name"):
+        load_model_config(config)
+    config.write_text(json.dumps({"kind": "image_to_image", "top_prior": "top"}))
+    with pytest.raises(ConfigError, match="top_prior.*applies to kind code_prior only"):
         load_model_config(config)
     config.write_text(json.dumps({"kind": "code_prior"}))
     assert load_model_config(config).decoder == ""  # a top prior: grids only

@@ -599,8 +599,11 @@ class SampleCodesRequest(_message.Message):
 
     @_builtins.property
     def top_codes(self) -> _types_pb2.Tensor:
-        """Bottom priors (card top_grid) only, and required there: the top grid(s), DTYPE_INT64
-        [N, Ht, Wt] (one per sample) or [Ht, Wt] (for every sample), codes in [0, top_codebook_size).
+        """Bottom priors (card top_grid) only: the top grid(s), DTYPE_INT64 [N, Ht, Wt] (one per sample)
+        or [Ht, Wt] (for every sample), codes in [0, top_codebook_size); only the bottom is sampled.
+        Absent: the prior's top prior (config.json top_prior) samples them first, with the same seeds,
+        labels (where it takes them), temperature and top_k (capped at its codebook size); a bottom
+        prior without a top prior requires them.
         """
 
     @_builtins.property
@@ -643,6 +646,7 @@ class SampleCodesResponse(_message.Message):
 
     IMAGES_FIELD_NUMBER: _builtins.int
     CODES_FIELD_NUMBER: _builtins.int
+    TOP_CODES_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.GeneratedImage]:
@@ -651,6 +655,10 @@ class SampleCodesResponse(_message.Message):
     @_builtins.property
     def codes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]:
         """Sample i's grid, DTYPE_INT64 [H, W], when return_codes or when the prior has no decoder."""
+
+    @_builtins.property
+    def top_codes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]:
+        """With `codes`, for a bottom prior: sample i's top grid, DTYPE_INT64 [Ht, Wt] (given or sampled)."""
 
     @_builtins.property
     def provenance(self) -> _types_pb2.Provenance:
@@ -663,11 +671,12 @@ class SampleCodesResponse(_message.Message):
         *,
         images: _abc.Iterable[_types_pb2.GeneratedImage] | None = ...,
         codes: _abc.Iterable[_types_pb2.Tensor] | None = ...,
+        top_codes: _abc.Iterable[_types_pb2.Tensor] | None = ...,
         provenance: _types_pb2.Provenance | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "images", b"images", "provenance", b"provenance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "images", b"images", "provenance", b"provenance", "top_codes", b"top_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
