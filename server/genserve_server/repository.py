@@ -44,12 +44,14 @@ from genserve_server.ort_session import (
     ModelChoice,
     ProfileShapes,
     RuntimeConfig,
-    SessionRunner,
-    check_fp16_parity,
     choose_model_file,
     create_session,
 )
 from genserve_server.runner import Runner, select_providers
+from genserve_server.session_runner import (
+    SessionRunner,
+    check_fp16_parity,
+)
 
 logger = logging.getLogger(__name__)
 

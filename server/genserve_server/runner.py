@@ -29,14 +29,18 @@ from genserve_server import codecs, latents
 from genserve_server.batch_keys import DRAWN_LATENTS_OUTPUT, PIXELS_OUTPUT, SEED_INPUT, SeedRows
 from genserve_server.config import cpu_count
 from genserve_server.gpu_errors import sticky_cuda_error
-from genserve_server.ort_session import (
+from genserve_server.gpu_gate import (
     CAPTURE_GATE,
+)
+from genserve_server.ort_session import (
     GPU_PROVIDERS,
     ProfileShapes,
     RuntimeConfig,
     SessionInfo,
-    SessionRunner,
     create_session,
+)
+from genserve_server.session_runner import (
+    SessionRunner,
 )
 
 logger = logging.getLogger(__name__)
