@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Server launch, tiny model repository and traffic helpers are shared with tests/monitoring.
-sys.path.insert(0, str(REPO / "tests" / "monitoring"))
+sys.path[:0] = [str(REPO / "tests" / "monitoring"), str(REPO / "tests" / "server")]  # test support modules
 
 from monitoring_support import (  # noqa: E402
     TINY_MODEL,

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "server"))
-
-from server_support import ServerProcess, build_tiny_repo, start_server  # noqa: E402
+from server_support import ServerProcess, build_tiny_repo, start_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = REPO_ROOT / "models"

@@ -50,11 +50,24 @@ class RuntimeConfig:
     cuda_graph: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 8, 64)
     # TensorRT engine and timing cache directory; None = TensorRT builds engines in memory only.
+    # Engines go to a subdirectory per model sha256, precision, profile and GPU (engine_cache_key):
+    # ORT's own cache id hashes file and tensor names, not weights, so version 2 would load v1's engine.
     trt_engine_cache_dir: str | None = None
     # TensorRT max workspace, bytes.
     trt_max_workspace_bytes: int = 2 * 1024**3
     # Max |fp16 - fp32| accepted by the fp16 parity check before fp16 is refused.
     fp16_atol: float = FP16_ATOL
+    # The GPU the CUDA and TensorRT providers run on.
+    device_id: int = 0
+    # TF32 tensor-core math for fp32 MatMul/Conv on Ampere and newer (CUDA provider `use_tf32`, which
+    # ORT turns on by default): off, so that "fp32" means fp32; on trades ~1e-3 relative error for speed.
+    use_tf32: bool = False
+    # CUDA provider memory arena cap in bytes (`gpu_mem_limit`); 0 = no cap (ORT's default: all of it).
+    gpu_mem_limit_bytes: int = 0
+    # How the CUDA arena grows: "kNextPowerOfTwo" (ORT's default) or "kSameAsRequested" (tighter).
+    arena_extend_strategy: str = "kNextPowerOfTwo"
+    # cuDNN may use the largest workspace a convolution asks for (faster algorithms, more memory).
+    cudnn_conv_use_max_workspace: bool = True
 
     @property
     def uses_io_binding(self) -> bool:
@@ -63,7 +76,10 @@ class RuntimeConfig:
 
 RUNTIME_FIELDS: Final = frozenset(RuntimeConfig.__dataclass_fields__)
 # The string fields with a fixed set of values (ort_session maps graph_optimization to ORT's levels).
-STRING_CHOICES: Final[dict[str, tuple[str, ...]]] = {"graph_optimization": GRAPH_OPTIMIZATION_LEVELS}
+STRING_CHOICES: Final[dict[str, tuple[str, ...]]] = {
+    "graph_optimization": GRAPH_OPTIMIZATION_LEVELS,
+    "arena_extend_strategy": ("kNextPowerOfTwo", "kSameAsRequested"),
+}
 
 
 def _is_positive_int(value: Any) -> bool:

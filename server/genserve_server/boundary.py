@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
+# What a client's request id may hold: it is written into log lines as `request_id=ID`, so spaces,
+# `=` or quotes would let a client forge other `key=value` fields there.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+-]+")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -39,20 +43,24 @@ def status_code(code: Code) -> grpc.StatusCode:
 
 
 async def abort(
-    context: Context, error: GenserveError, trailing: tuple[tuple[str, str], ...] = ()
+    context: Context,
+    error: GenserveError,
+    trailing: tuple[tuple[str, str], ...] = (),
+    redact: Callable[[str], str] = str,
 ) -> NoReturn:
     """Answer the call with the error's status and message (context.abort raises)."""
-    await context.abort(status_code(error.code), error.message, trailing_metadata=trailing)
+    await context.abort(status_code(error.code), redact(error.message), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def request_id(context: Context) -> str:
+    """The client's `x-request-id` when it is a safe token of at most 128 characters, else a new id."""
     for key, value in context.invocation_metadata() or ():
         if (
             key == REQUEST_ID_KEY
             and isinstance(value, str)
-            and 0 < len(value) <= MAX_REQUEST_ID_CHARS
-            and value.isprintable()
+            and len(value) <= MAX_REQUEST_ID_CHARS
+            and REQUEST_ID_PATTERN.fullmatch(value)
         ):
             return value
     return uuid.uuid4().hex
@@ -61,8 +69,10 @@ def request_id(context: Context) -> str:
 class Boundary:
     """Wraps every handler of both servicers: `unary`, `stream`, and `plain` for metadata RPCs."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, redact: Callable[[str], str] = str) -> None:
+        """`redact`: what a message becomes for the client (Repository.redact hides the server's paths)."""
         self.metrics = metrics
+        self.redact = redact
         self._unresolved = metrics.unresolved()
 
     def begin(self, method: str, context: Context) -> Call:
@@ -85,7 +95,7 @@ class Boundary:
             logger.info(
                 "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
             )
-            await abort(context, exc, trailing)
+            await abort(context, exc, trailing, self.redact)
         logger.error(
             "request_id=%s method=%s failed with an unexpected error",
             call.request_id,
@@ -99,14 +109,14 @@ class Boundary:
         )
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
-    def end(self, call: Call, code: str) -> None:
+    def end(self, call: Call) -> None:
         duration_s = time.monotonic() - call.started
         self.metrics.in_flight_children[call.method].dec()
         if call.batcher is not None:
             call.batcher.release()
         if call.stream_batcher is not None:
             call.stream_batcher.release(stream=True)
-        call.metrics.request_done(call.method, code, duration_s)
+        call.metrics.request_done(call.method, call.code, duration_s)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "request request_id=%s method=%s model=%s version=%s code=%s duration_ms=%.3f",
@@ -114,58 +124,55 @@ class Boundary:
                 call.method,
                 call.metrics.model,
                 call.metrics.version,
-                code,
+                call.code,
                 duration_s * 1e3,
             )
+
+    async def raised(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
+        """Record the status of a handler that raised and answer the call with it (always raises)."""
+        if isinstance(exc, asyncio.CancelledError):
+            call.code = _cancelled_code(call)
+            raise exc
+        if not isinstance(exc, Exception):  # GeneratorExit and the like: not the call's failure
+            raise exc
+        call.code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        await self.fail(call, exc, context)
 
     async def unary(
         self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], Awaitable[Resp]]
     ) -> Resp:
         call = self.begin(method, context)
-        code = "OK"
         try:
             response = await handler(request, call)
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             return response
-        except asyncio.CancelledError:
-            code = _cancelled_code(call)
-            raise
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await self.fail(call, exc, context)
+        except BaseException as exc:
+            await self.raised(call, exc, context)
         finally:
-            self.end(call, code)
+            self.end(call)
 
     async def stream(
         self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], AsyncIterator[Resp]]
     ) -> AsyncIterator[Resp]:
         call = self.begin(method, context)
-        code = "OK"
         try:
             async for item in handler(request, call):
                 yield item
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-        except asyncio.CancelledError:
-            code = _cancelled_code(call)
-            raise
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await self.fail(call, exc, context)
+        except BaseException as exc:
+            await self.raised(call, exc, context)
         finally:
-            self.end(call, code)
+            self.end(call)
 
-    @staticmethod
-    async def plain(context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
+    async def plain(self, context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
         """Metadata RPCs (KServe's readiness, metadata, config, statistics): the same error
         translation, no per-RPC metrics."""
         try:
             return await handler()
         except GenserveError as exc:
-            await abort(context, exc)
+            await abort(context, exc, redact=self.redact)
 
 
 def _cancelled_code(call: Call) -> str:

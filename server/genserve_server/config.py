@@ -125,6 +125,9 @@ class ServerConfig:
     watch_interval_s: float | None = None
     # Bytes of encoded images from seeds kept for repeated requests (image_cache.py); 0 = off.
     image_cache_bytes: int = 0
+    # TensorRT engine cache for every model whose config.json sets no runtime.trt_engine_cache_dir
+    # (a volume that outlives the container: docs/deploy.md); None = engines built in memory only.
+    trt_engine_cache_dir: str | None = None
 
 
 def load_server_config(path: Path | None) -> ServerConfig:
@@ -171,9 +174,17 @@ def load_server_config(path: Path | None) -> ServerConfig:
         security=security,
         watch_interval_s=None if watch is None else float(watch),
         image_cache_bytes=r.integer("image_cache_bytes", s.image_cache_bytes, min_value=0),
+        trt_engine_cache_dir=_optional_dir(r, "trt_engine_cache_dir"),
     )
     r.finish()
     return config
+
+
+def _optional_dir(r: _Reader, key: str) -> str | None:
+    value = r.raw(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise r.error(key, f"must be a directory path or null, got {value!r}")
+    return value
 
 
 def _inline_compute_max_s(r: _Reader, default_s: float) -> float:

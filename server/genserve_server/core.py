@@ -68,6 +68,7 @@ class Call:
     deadline: float | None = None
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
     stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
+    code: str = "OK"  # the status the call ends with (the boundary counts it)
 
 
 @dataclass(slots=True)

@@ -36,29 +36,27 @@ def protocol_shape(spec: TensorSpec) -> list[int]:
     return list(spec.shape) if len(spec.shape) > 1 else [*spec.shape[:1], 1]
 
 
-def param_int(params: Any, name: str) -> int | None:
-    """An integer request parameter (int64_param or uint64_param), or None when absent."""
+def _param(params: Any, name: str, accepted: tuple[str, ...], what: str) -> Any:
+    """The value of request parameter `name` when it is one of the `accepted` choices; None when absent."""
     if name not in params:
         return None
     param = params[name]
     choice = param.WhichOneof("parameter_choice")
-    if choice == "int64_param":
-        return int(param.int64_param)
-    if choice == "uint64_param":
-        return int(param.uint64_param)
-    raise invalid(f"parameters[{name}]", f"must be an int64 parameter, got {choice or 'nothing'}")
+    if choice not in accepted:
+        raise invalid(f"parameters[{name}]", f"must be {what} parameter, got {choice or 'nothing'}")
+    return getattr(param, choice)
+
+
+def param_int(params: Any, name: str) -> int | None:
+    """An integer request parameter (int64_param or uint64_param), or None when absent."""
+    value = _param(params, name, ("int64_param", "uint64_param"), "an int64")
+    return None if value is None else int(value)
 
 
 def param_float(params: Any, name: str) -> float | None:
-    if name not in params:
-        return None
-    param = params[name]
-    choice = param.WhichOneof("parameter_choice")
-    if choice == "double_param":
-        return float(param.double_param)
-    if choice in ("int64_param", "uint64_param"):
-        return float(getattr(param, choice))
-    raise invalid(f"parameters[{name}]", f"must be a double parameter, got {choice or 'nothing'}")
+    """A floating-point request parameter (double_param, or an integer one), or None when absent."""
+    value = _param(params, name, ("double_param", "int64_param", "uint64_param"), "a double")
+    return None if value is None else float(value)
 
 
 def read_inputs(request: kpb.ModelInferRequest, card: Card) -> dict[str, np.ndarray]:

@@ -133,7 +133,7 @@ class App:
         ).as_server()
         # One core and one boundary under both servicers: rows of either protocol share batches.
         self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
-        self.boundary = Boundary(self.metrics)
+        self.boundary = Boundary(self.metrics, redact=self.repository.redact)
         self.service = GenerationService(
             self.repository, config, self.metrics, self.codec_pool, core=self.core, boundary=self.boundary
         )
@@ -207,6 +207,8 @@ async def serve(args: argparse.Namespace) -> int:
         config = _replace(config, log_json=True)
     if args.drain_grace_s is not None:
         config = _replace(config, drain_grace_s=args.drain_grace_s)
+    if args.trt_engine_cache_dir is not None:
+        config = _replace(config, trt_engine_cache_dir=args.trt_engine_cache_dir)
     config = _apply_security_flags(config, args)
     setup_logging(config.log_level, config.log_json)
     quiet_onnxruntime()
@@ -231,7 +233,8 @@ async def serve(args: argparse.Namespace) -> int:
         write_ready_file(args.ready_file, app.port, app.metrics_port)
     await app.wait_for_stop()
     await app.stop()
-    return 0
+    # A sticky GPU failure stopped the server (repository.device_lost): exit non-zero for a restart.
+    return 3 if app.repository.fatal_reason else 0
 
 
 def _replace(config: ServerConfig, **changes: Any) -> ServerConfig:
@@ -318,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="on SIGTERM, seconds to finish accepted work (overrides the config's drain_grace_s)",
+    )
+    s.add_argument(
+        "--trt-engine-cache-dir",
+        default=None,
+        help="TensorRT engine cache for models that set none (a volume that outlives the container)",
     )
     _add_security_arguments(s)
     h = sub.add_parser("health", help="probe a server's grpc.health.v1 status")

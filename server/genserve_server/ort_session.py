@@ -8,25 +8,38 @@ raw-limit measurement (bench/raw_limit.py) and the tests all run the same config
   spinning off by default: spinning workers burn a core while the event loop and the encode pool
   want it (2-core machines), for no gain once a batch is a few ms of work.
 * `provider_chain()`: the configured execution providers with their options: TensorRT with an
-  engine cache (and timing cache) under `trt_engine_cache_dir`, fp16 when the precision is fp16,
-  explicit min/opt/max profile shapes; CUDA with `enable_cuda_graph` when CUDA graphs are on.
-* `create_session()`: builds the session and falls back cleanly: a provider that cannot be created
-  is dropped and the next one tried, ending on the CPU provider. What the session really uses is
-  `session.get_providers()` (`get_available_providers()` lists CUDA on machines with no GPU).
-* `SessionRunner`: runs a batch, plainly or with IO binding (which works on the CPU provider too:
-  outputs land in preallocated numpy arrays, no copy); with CUDA graphs, one captured graph per
-  batch size, inputs padded up to the nearest captured size and outputs cropped back.
-* `choose_model_file()` and `check_fp16_parity()`: fp16 only where the card's export parity and a
-  check on the provider really in use are within `fp16_atol` (1e-2); fp32 otherwise, with a reason.
+  engine cache (and timing cache) under `trt_engine_cache_dir`, keyed by the model's sha256,
+  precision, profile and GPU (`engine_cache_key`), fp16 when the precision is fp16, explicit
+  min/opt/max profile shapes; CUDA with the device, TF32 (off unless `use_tf32`), the memory cap and
+  arena strategy, the cuDNN workspace, and `enable_cuda_graph` when CUDA graphs are on.
+* `create_session()`: builds the session with ONNX Runtime's own fallback off and falls back
+  itself, with each provider's options: a provider that cannot be created is dropped and the next
+  one tried, ending on the CPU provider; TensorRT is skipped when its libraries do not load or
+  there is no shape profile. What the session really uses is `session.get_providers()` and
+  `get_provider_options()` (`get_available_providers()` lists CUDA on machines with no GPU): the
+  serving mode (CUDA graphs, TF32, device) is derived from those, not from the config.
+* `SessionRunner` (session_runner.py; the capture gate is gpu_gate.py): runs a batch, plainly or
+  with IO binding (which works on the CPU provider too:
+  outputs land in preallocated numpy arrays, no copy); with CUDA graphs, on one dedicated thread
+  per session, one captured graph per full input shape (ids never reused), captured at load under
+  a process-wide gate (`CAPTURE_GATE`), inputs padded up to the nearest captured batch size and
+  outputs cropped back.
+* `choose_model_file()` (and session_runner's `check_fp16_parity()`): fp16 only where the card's
+  export parity and a check on the provider really in use are within `fp16_atol` (1e-2); fp32
+  otherwise, with a reason.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
+import ctypes
+import functools
+import hashlib
+import importlib.util
 import io
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +56,7 @@ from genserve_contract.runtime import GRAPH_OPTIMIZATION_LEVELS
 from genserve_contract.runtime import RuntimeConfig as RuntimeConfig
 from genserve_contract.runtime import RuntimeConfigError as RuntimeConfigError
 from genserve_contract.runtime import parse_runtime_config as parse_runtime_config
+from genserve_server.gpu_gate import CAPTURE_GATE
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +96,25 @@ def session_options(config: RuntimeConfig, *, cores: int, instances: int = 1) ->
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if config.allow_spinning else "0")
     options.log_severity_level = 3
+    # Which provider runs each node (node_placement): ORT's own warning about nodes left on the CPU
+    # is below the log level above.
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     return options
+
+
+def node_placement(session: Any) -> dict[str, list[str]]:
+    """{provider: op types of the nodes it runs} ({} where ORT cannot tell)."""
+    get_info = getattr(session, "get_provider_graph_assignment_info", None)
+    if get_info is None:
+        return {}
+    try:
+        subgraphs = get_info()
+    except Exception:  # recording off, or an ORT without it
+        return {}
+    placement: dict[str, list[str]] = {}
+    for subgraph in subgraphs:
+        placement.setdefault(str(subgraph.ep_name), []).extend(str(n.op_type) for n in subgraph.get_nodes())
+    return placement
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,30 +130,111 @@ def _shape_string(shapes: Mapping[str, Sequence[int]]) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
 
 
+def engine_cache_key(model_sha256: str, precision: str, profile: ProfileShapes | None, gpu: str) -> str:
+    """The TensorRT engine cache subdirectory of one model file, precision, profile and GPU.
+
+    An engine holds the weights it was built from, for one GPU model and one set of profile shapes:
+    any of these changing must miss the cache, never load a stale engine.
+    """
+    profile_text = (
+        "none"
+        if profile is None
+        else "|".join(_shape_string(s) for s in (profile.min_shapes, profile.opt_shapes, profile.max_shapes))
+    )
+    digest = hashlib.sha256(
+        f"{model_sha256}\n{precision}\n{profile_text}\n{gpu}\nort-{ort.__version__}".encode()
+    ).hexdigest()
+    return f"{model_sha256[:16]}-{precision}-{digest[:16]}"
+
+
+@functools.cache
+def gpu_identity(device_id: int) -> str:
+    """The GPU's model and compute capability, e.g. "NVIDIA-H200-sm90", via NVML when installed
+    (the gpu-metrics extra); "cuda<id>" otherwise (ORT's engine file names add the compute capability)."""
+    try:
+        import pynvml  # type: ignore[import-not-found,unused-ignore]
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device_id)
+            name = pynvml.nvmlDeviceGetName(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML, no driver, no such device: the device id is all we know
+        return f"cuda{device_id}"
+    text = name.decode() if isinstance(name, bytes) else str(name)
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', text).strip('-')}-sm{major}{minor}"
+
+
+# Library ORT 1.31's TensorRT provider links against (TensorRT 10).
+TENSORRT_LIBRARIES: Final = ("libnvinfer.so.10",)
+
+
+@functools.cache
+def tensorrt_loadable() -> str:
+    """ "" when TensorRT's libraries load in this process, else why not (probed once per process).
+
+    Asking ORT for TensorRT without them costs a failed session per model and, with ORT's own
+    fallback, loses every CUDA option: genserve skips TensorRT instead.
+    """
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+        except OSError as exc:
+            return f"TensorRT libraries not loadable ({exc})"
+    return ""
+
+
+@functools.cache
+def preload_cuda_libraries() -> bool:
+    """Let ORT load CUDA/cuDNN from pip's `nvidia-*` packages (onnxruntime.preload_dlls), once per
+    process, when they are installed; a no-op elsewhere (CPU hosts, system CUDA). Never raises."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or importlib.util.find_spec("nvidia") is None:
+        return False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints warnings instead of raising
+            preload()
+    except Exception as exc:  # a missing or mismatched library: the CUDA provider reports it later
+        logger.info("onnxruntime.preload_dlls() failed: %s", exc)
+        return False
+    return True
+
+
 def provider_chain(
     requested: Sequence[str],
     config: RuntimeConfig,
     *,
     fp16: bool = False,
     profile: ProfileShapes | None = None,
-    device_id: int = 0,
+    device_id: int | None = None,
+    model_sha256: str | None = None,
 ) -> list[tuple[str, dict[str, str]]]:
-    """(provider, options) pairs in preference order, always ending with the CPU provider."""
+    """(provider, options) pairs in preference order, always ending with the CPU provider.
+
+    `model_sha256` keys the TensorRT engine cache (engine_cache_key); without it the cache is off.
+    """
+    device = config.device_id if device_id is None else device_id
+    precision = "fp16" if fp16 else "fp32"
     chain: list[tuple[str, dict[str, str]]] = []
     for name in requested:
         if name == TENSORRT:
             trt: dict[str, str] = {
-                "device_id": str(device_id),
+                "device_id": str(device),
                 "trt_max_workspace_size": str(config.trt_max_workspace_bytes),
                 "trt_fp16_enable": "True" if fp16 else "False",
             }
-            if config.trt_engine_cache_dir:
-                cache = str(Path(config.trt_engine_cache_dir))
+            if config.trt_engine_cache_dir and model_sha256:
+                base = Path(config.trt_engine_cache_dir)
+                key = engine_cache_key(model_sha256, precision, profile, gpu_identity(device))
                 trt |= {
                     "trt_engine_cache_enable": "True",
-                    "trt_engine_cache_path": cache,
+                    "trt_engine_cache_path": str(base / key),
+                    "trt_engine_cache_prefix": key,
+                    # Timing results depend on the GPU only: one cache shared by every model.
                     "trt_timing_cache_enable": "True",
-                    "trt_timing_cache_path": cache,
+                    "trt_timing_cache_path": str(base),
                 }
             if profile is not None:
                 trt |= {
@@ -131,7 +244,15 @@ def provider_chain(
                 }
             chain.append((TENSORRT, trt))
         elif name == CUDA:
-            cuda = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC"}
+            cuda = {
+                "device_id": str(device),
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "use_tf32": "1" if config.use_tf32 else "0",
+                "arena_extend_strategy": config.arena_extend_strategy,
+                "cudnn_conv_use_max_workspace": "1" if config.cudnn_conv_use_max_workspace else "0",
+            }
+            if config.gpu_mem_limit_bytes:
+                cuda["gpu_mem_limit"] = str(config.gpu_mem_limit_bytes)
             if config.cuda_graph:
                 cuda["enable_cuda_graph"] = "1"
             chain.append((CUDA, cuda))
@@ -144,6 +265,10 @@ def provider_chain(
     return chain
 
 
+def _is_on(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true")
+
+
 @dataclass(slots=True)
 class SessionInfo:
     """A created session and what it really runs on."""
@@ -154,6 +279,16 @@ class SessionInfo:
     precision: str
     # Why a requested provider or feature is not in use (empty when everything requested is).
     fallbacks: list[str] = field(default_factory=list)
+    # The options of each provider as the session reports them (get_provider_options()): what the
+    # serving mode is derived from, not what the config asked for.
+    provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    # {provider: op types of its nodes} (node_placement): on a GPU, CPU nodes cost copies each call.
+    placement: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def cpu_nodes(self) -> list[str]:
+        """Op types of the nodes that run on the CPU provider although the session is on a GPU."""
+        return list(self.placement.get(CPU, [])) if self.on_gpu else []
 
     @property
     def provider(self) -> str:
@@ -162,6 +297,46 @@ class SessionInfo:
     @property
     def on_gpu(self) -> bool:
         return self.provider in GPU_PROVIDERS
+
+    @property
+    def cuda_graph(self) -> bool:
+        """CUDA graphs really on: the session runs on CUDA with `enable_cuda_graph` in effect."""
+        return self.provider == CUDA and _is_on(self.provider_options.get(CUDA, {}).get("enable_cuda_graph"))
+
+    @property
+    def tf32(self) -> bool:
+        """TF32 math really allowed for fp32 on the provider in use (ORT's default is on)."""
+        if self.provider == CUDA:
+            return _is_on(self.provider_options.get(CUDA, {}).get("use_tf32", "1"))
+        return self.provider == TENSORRT  # TensorRT builds with TF32 allowed; ORT has no option for it
+
+    @property
+    def device_id(self) -> int:
+        value = self.provider_options.get(self.provider, {}).get("device_id", "0")
+        return int(value) if value.isdigit() else 0
+
+    def describe(self) -> str:
+        """One line for logs and model info: provider, precision and the math/graph modes in effect."""
+        parts = [self.provider, self.precision]
+        if self.on_gpu:
+            parts.append(f"device {self.device_id}")
+            parts.append("tf32 on" if self.tf32 else "tf32 off")
+        if self.cuda_graph:
+            parts.append("cuda graphs")
+        if self.cpu_nodes:
+            parts.append(f"{len(self.cpu_nodes)} nodes on CPU")
+        return ", ".join(parts)
+
+
+def _model_sha256(model: Path | bytes) -> str:
+    digest = hashlib.sha256()
+    if isinstance(model, bytes):
+        digest.update(model)
+        return digest.hexdigest()
+    with model.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def create_session(
@@ -174,26 +349,47 @@ def create_session(
     fp16: bool = False,
     profile: ProfileShapes | None = None,
     model_path: Path | None = None,
+    model_sha256: str | None = None,
 ) -> SessionInfo:
     """Create a session on the first provider of `requested` that works, falling back down the chain.
 
-    A GPU provider that raises at creation (no driver, an op TensorRT cannot build, CUDA graphs with
-    a node on the CPU) is dropped and the session built again; the CPU provider is always last.
+    ONNX Runtime's own fallback is off (enable_fallback=0, at creation and at run time): it would
+    rebuild the session on CUDA with *no* provider options (no CUDA graphs, exhaustive cuDNN search,
+    device 0) and switch providers silently at run time. Instead a GPU provider that raises at creation
+    (no driver, an op TensorRT cannot build, CUDA graphs with a node on the CPU) is dropped here and
+    the session built again with the next provider's own options; the CPU provider is always last.
+    TensorRT is skipped without an attempt when its libraries cannot load, or without a shape profile
+    (it would build engines per input shape while serving).
     """
     source = str(model) if isinstance(model, Path) else model
     path = model if isinstance(model, Path) else (model_path or Path("<bytes>"))
-    chain = provider_chain(requested, config, fp16=fp16, profile=profile)
     fallbacks: list[str] = []
+    wanted = _without_unusable_tensorrt(requested, profile, path, fallbacks)
+    if any(p in GPU_PROVIDERS for p in wanted):
+        preload_cuda_libraries()
+    if TENSORRT in wanted and config.trt_engine_cache_dir and model_sha256 is None:
+        model_sha256 = _model_sha256(model)
+
+    def chain_for(providers: Sequence[str], run_config: RuntimeConfig) -> list[tuple[str, dict[str, str]]]:
+        return provider_chain(providers, run_config, fp16=fp16, profile=profile, model_sha256=model_sha256)
+
+    chain = chain_for(wanted, config)
     run_config = config
     while True:
         options = session_options(run_config, cores=cores, instances=instances)
+        _make_cache_dirs(chain, path)
         printed = io.StringIO()
+        # Creating a GPU session allocates device memory: never during another session's capture.
+        gate = CAPTURE_GATE.gpu_call() if chain[0][0] in GPU_PROVIDERS else contextlib.nullcontext()
         try:
-            # ORT's Python layer *prints* "EP Error ... Falling back" to stdout when a provider fails
-            # to load (e.g. TensorRT without its libraries): keep stdout clean, log it instead.
-            with contextlib.redirect_stdout(printed):
+            # ORT's Python layer may still *print* provider errors to stdout: keep stdout clean.
+            with gate, contextlib.redirect_stdout(printed):
                 session = ort.InferenceSession(
-                    source, options, providers=[p for p, _ in chain], provider_options=[o for _, o in chain]
+                    source,
+                    options,
+                    providers=[p for p, _ in chain],
+                    provider_options=[o for _, o in chain],
+                    enable_fallback=0,
                 )
         except Exception as exc:  # ORT raises its own untyped errors (Fail, RuntimeException, ...)
             if len(chain) == 1:
@@ -202,7 +398,7 @@ def create_session(
                 # CUDA graphs need every node on CUDA: retry CUDA without them before giving CUDA up.
                 reason = f"CUDA graphs disabled: {str(exc)[:200]}"
                 run_config = replace(run_config, cuda_graph=False)
-                chain = provider_chain([p for p, _ in chain], run_config, fp16=fp16, profile=profile)
+                chain = chain_for([p for p, _ in chain], run_config)
             else:
                 reason = f"{chain[0][0]} unavailable: {str(exc)[:200]}"
                 chain = chain[1:]
@@ -210,142 +406,82 @@ def create_session(
             fallbacks.append(reason)
             continue
         break
+    # Run-time fallback too: an EP failure must surface as an error, not a silent provider switch.
+    disable = getattr(session, "disable_fallback", None)
+    if disable is not None:
+        disable()
     if printed.getvalue().strip():
         logger.info("%s: onnxruntime said: %s", path, " ".join(printed.getvalue().split())[:500])
     used = list(session.get_providers())
+    effective = {
+        str(k): {str(a): str(b) for a, b in v.items()} for k, v in session.get_provider_options().items()
+    }
     requested_first = chain[0][0]
     if used[0] != requested_first:
         reason = f"{requested_first} requested, session runs on {used[0]}"
         # INFO: the server logs ONE warning for a whole CPU-only host (runner.py), not one per model.
         logger.info("%s: %s", path, reason)
         fallbacks.append(reason)
-    if config.cuda_graph and used[0] != CUDA:
-        fallbacks.append(f"CUDA graphs need the CUDA provider; running on {used[0]} without them")
-    return SessionInfo(session, used, path, "fp16" if fp16 else "fp32", fallbacks)
+    info = SessionInfo(
+        session, used, path, "fp16" if fp16 else "fp32", fallbacks, effective, node_placement(session)
+    )
+    if config.cuda_graph and not info.cuda_graph:
+        fallbacks.append(
+            f"CUDA graphs need the CUDA provider with enable_cuda_graph; running on {used[0]} without them"
+        )
+    _log_gpu_session(info)
+    return info
 
 
-# --------------------------------------------------------------------------- running
+def _without_unusable_tensorrt(
+    requested: Sequence[str], profile: ProfileShapes | None, path: Path, fallbacks: list[str]
+) -> list[str]:
+    """`requested` without TensorRT where its libraries do not load or there is no shape profile."""
+    wanted = list(requested)
+    if TENSORRT in wanted:
+        why_not = tensorrt_loadable() or (
+            "" if profile is not None else "no shape profile (TensorRT would build engines while serving)"
+        )
+        if why_not:
+            wanted.remove(TENSORRT)
+            fallbacks.append(f"{TENSORRT} skipped: {why_not}")
+            logger.info("%s: %s skipped: %s", path, TENSORRT, why_not)
+    return wanted
 
 
-class SessionRunner:
-    """Runs batches on one session: plain `run`, IO binding, or CUDA graphs (per batch size).
-
-    Not thread-safe for IO binding / CUDA graphs (one binding and one set of buffers per runner):
-    use one runner per executor thread, as the server does with one session per instance.
-    """
-
-    def __init__(self, info: SessionInfo, config: RuntimeConfig) -> None:
-        self.info = info
-        self.session = info.session
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.output_dtypes = [_NP_DTYPES.get(o.type, np.float32) for o in self.session.get_outputs()]
-        self.use_cuda_graph = config.cuda_graph and info.provider == CUDA
-        self.use_io_binding = config.uses_io_binding
-        self.graph_sizes = sorted(config.cuda_graph_batch_sizes)
-        self.device = "cuda" if info.on_gpu else "cpu"
-        # Output shapes seen for each input shape signature, so outputs can be preallocated.
-        self._output_shapes: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = {}
-        self._graphs: dict[int, _CapturedGraph] = {}
-
-    @property
-    def mode(self) -> str:
-        if self.use_cuda_graph:
-            return "cuda_graph"
-        return "io_binding" if self.use_io_binding else "run"
-
-    def run(self, feeds: Mapping[str, Array]) -> list[Array]:
-        """Outputs in graph order, each with the batch size of the inputs."""
-        if self.use_cuda_graph:
-            return self._run_cuda_graph(feeds)
-        if self.use_io_binding:
-            return self._run_io_binding(feeds)
-        return list(self.session.run(self.output_names, dict(feeds)))
-
-    def _run_io_binding(self, feeds: Mapping[str, Array]) -> list[Array]:
-        binding = self.session.io_binding()
-        key = tuple(tuple(feeds[name].shape) for name in self.input_names)
-        for name in self.input_names:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-        shapes = self._output_shapes.get(key)
-        if self.device == "cpu" and shapes is not None:
-            # Bind preallocated numpy outputs: ORT writes into them, nothing is copied afterwards.
-            outputs = [np.empty(s, dtype=d) for s, d in zip(shapes, self.output_dtypes, strict=True)]
-            for name, array in zip(self.output_names, outputs, strict=True):
-                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-            self.session.run_with_iobinding(binding)
-            return outputs
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        result: list[Array] = binding.copy_outputs_to_cpu()
-        self._output_shapes[key] = [tuple(r.shape) for r in result]
-        return result
-
-    def _run_cuda_graph(self, feeds: Mapping[str, Array]) -> list[Array]:
-        n = int(feeds[self.input_names[0]].shape[0])
-        index = bisect.bisect_left(self.graph_sizes, n)
-        if index == len(self.graph_sizes):
-            # Larger than every captured size: run in captured-size chunks.
-            step = self.graph_sizes[-1]
-            parts = [
-                self._run_cuda_graph({k: v[i : i + step] for k, v in feeds.items()})
-                for i in range(0, n, step)
-            ]
-            return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
-        size = self.graph_sizes[index]
-        padded = {name: _pad_batch(np.ascontiguousarray(feeds[name]), size) for name in self.input_names}
-        graph = self._graphs.get(size)
-        if graph is None or not graph.fits(padded):
-            graph = _CapturedGraph(self.session, self.input_names, self.output_names, padded, graph_id=size)
-            self._graphs[size] = graph
-        return [out[:n] for out in graph.run(padded)]
+def _log_gpu_session(info: SessionInfo) -> None:
+    """What a GPU session really runs with, and the nodes it leaves on the CPU."""
+    if not info.on_gpu:
+        return
+    if info.cpu_nodes:
+        logger.warning(
+            "%s: %d of %d nodes run on the CPU provider (%s): each costs device-host copies per call",
+            info.model_path,
+            len(info.cpu_nodes),
+            sum(len(ops) for ops in info.placement.values()),
+            ", ".join(sorted(set(info.cpu_nodes))),
+        )
+    logger.info(
+        "%s: %s; provider options %s",
+        info.model_path,
+        info.describe(),
+        info.provider_options.get(info.provider, {}),
+    )
 
 
-def _pad_batch(array: Array, size: int) -> Array:
-    """Pad the batch axis up to `size` by repeating the last row (valid inputs, results cropped off)."""
-    n = array.shape[0]
-    if n == size:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], size - n, axis=0)])
-
-
-class _CapturedGraph:
-    """Device buffers with fixed addresses for one input shape, replayed as a CUDA graph."""
-
-    def __init__(
-        self,
-        session: ort.InferenceSession,
-        input_names: list[str],
-        output_names: list[str],
-        feeds: Mapping[str, Array],
-        graph_id: int,
-    ) -> None:
-        self.session = session
-        self.shapes = {name: tuple(feeds[name].shape) for name in input_names}
-        self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(feeds[name], "cuda", 0) for name in input_names}
-        self.binding = session.io_binding()
-        for name, value in self.inputs.items():
-            self.binding.bind_ortvalue_input(name, value)
-        for name in output_names:
-            self.binding.bind_output(name, "cuda")
-        self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        # The first run captures the graph; later runs replay it on the same buffers.
-        session.run_with_iobinding(self.binding, self.run_options)
-
-    def fits(self, feeds: Mapping[str, Array]) -> bool:
-        return all(tuple(feeds[name].shape) == shape for name, shape in self.shapes.items())
-
-    def run(self, feeds: Mapping[str, Array]) -> list[Array]:
-        for name, value in self.inputs.items():
-            value.update_inplace(feeds[name])
-        self.session.run_with_iobinding(self.binding, self.run_options)
-        result: list[Array] = self.binding.copy_outputs_to_cpu()
-        return result
-
-
-# --------------------------------------------------------------------------- fp16
+def _make_cache_dirs(chain: Sequence[tuple[str, dict[str, str]]], path: Path) -> None:
+    """Create TensorRT's cache directories; an unwritable one turns the cache off, not the model."""
+    for name, options in chain:
+        if name != TENSORRT or "trt_engine_cache_path" not in options:
+            continue
+        try:
+            Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            logger.warning(
+                "%s: TensorRT engine cache unusable (%s): engines are built at every start", path, exc
+            )
+            for key in [k for k in options if k.startswith(("trt_engine_cache", "trt_timing_cache"))]:
+                del options[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,11 +525,3 @@ def max_abs_diff(reference: Sequence[Array], candidate: Sequence[Array]) -> floa
                 return float("inf")
             worst = max(worst, value)
     return worst
-
-
-def check_fp16_parity(
-    fp32: SessionRunner, fp16: SessionRunner, feeds: Mapping[str, Array], atol: float = FP16_ATOL
-) -> tuple[bool, float]:
-    """Run both on `feeds` (on the provider really in use); (within atol?, max abs diff)."""
-    diff = max_abs_diff(fp32.run(feeds), fp16.run(feeds))
-    return diff <= atol, diff

@@ -8,13 +8,16 @@ that model (or version) UNAVAILABLE, with the reason GetModel shows; the others 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import json
 import logging
+import os
+import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +38,20 @@ from genserve_server.config import (
     load_model_config,
 )
 from genserve_server.errors import GenserveError, NotFound, Unavailable
+from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.metrics import BatchMetrics, Metrics, ModelMetrics
-from genserve_server.ort_session import ProfileShapes, choose_model_file
+from genserve_server.ort_session import (
+    ModelChoice,
+    ProfileShapes,
+    RuntimeConfig,
+    choose_model_file,
+    create_session,
+)
 from genserve_server.runner import Runner, select_providers
+from genserve_server.session_runner import (
+    SessionRunner,
+    check_fp16_parity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +78,9 @@ class ModelVersion:
     sha256: str = ""
     precision: str = "fp32"
     provider: str = ""
+    # What the sessions really run with (provider, precision, device, TF32, serving mode), from the
+    # effective provider options: e.g. "CUDAExecutionProvider, fp32, device 0, tf32 off, cuda graphs".
+    runtime: str = ""
     runner: Runner | None = None
     batcher: Batcher | None = None
     load_s: float = 0.0
@@ -134,10 +151,20 @@ class Repository:
 
     def __init__(self, root: Path, server_config: ServerConfig, metrics: Metrics) -> None:
         self.root = root
+        # Where the repository lies on this host, as messages may spell it (redact).
+        self._root_prefixes = sorted(
+            {f"{root.resolve()}{os.sep}", f"{root.absolute()}{os.sep}", f"{root}{os.sep}"},
+            key=len,
+            reverse=True,
+        )
         self.server_config = server_config
         self.metrics = metrics
         self.models: dict[str, Model] = {}
         self._listeners: list[StateListener] = []
+        # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
+        # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
+        self.on_fatal: Callable[[str], None] = _terminate_process
+        self.fatal_reason = ""
 
     def add_listener(self, listener: StateListener) -> None:
         """Called with (model name, serving) whenever a model's readiness may have changed."""
@@ -145,6 +172,13 @@ class Repository:
 
     def __iter__(self) -> Iterator[Model]:
         return iter(self.models.values())
+
+    def redact(self, text: str) -> str:
+        """`text` for a client: the repository's location on this host becomes `<models>/`, so that a
+        client learns which model file is at fault, never the server's file system."""
+        for prefix in self._root_prefixes:
+            text = text.replace(prefix, "<models>/")
+        return text
 
     def get(self, name: str) -> Model:
         model = self.models.get(name)
@@ -225,6 +259,10 @@ class Repository:
         except Exception as exc:  # ORT raises its own types for corrupt graphs
             logger.exception("%s failed to load", mv.label)
             self._fail(mv, f"{type(exc).__name__}: {exc}")
+            sticky = sticky_cuda_error(exc)
+            if sticky:  # the CUDA context is unusable for every model, not only this one
+                self.fatal_reason = f"{mv.label}: {sticky} at load"
+                self.on_fatal(self.fatal_reason)
         else:
             mv.load_s = time.monotonic() - started
             assert mv.runner is not None
@@ -255,17 +293,29 @@ class Repository:
             else:
                 mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
             mv.batcher.start()
+            loop = asyncio.get_running_loop()
+
+            def device_lost(reason: str, mv: ModelVersion = mv) -> None:  # from any thread
+                loop.call_soon_threadsafe(self.device_lost, mv, reason)
+
+            mv.runner.on_device_lost = device_lost
             mv.state = ModelState.READY
             mv.metrics.ready.set(1)
             mv.metrics.load_duration.set(mv.load_s)
-            logger.info(
-                "%s ready in %.2f s (%s, %s, sha256 %s)",
-                mv.label,
-                mv.load_s,
-                mv.provider,
-                mv.precision,
-                mv.sha256[:12],
-            )
+            logger.info("%s ready in %.2f s (%s, sha256 %s)", mv.label, mv.load_s, mv.runtime, mv.sha256[:12])
+
+    def device_lost(self, mv: ModelVersion, reason: str) -> None:
+        """A model call failed with a sticky CUDA error (gpu_errors): every later call on this process's
+        CUDA context fails too. The version goes UNAVAILABLE, its health key NOT_SERVING, and the
+        process stops (`on_fatal`) so that the orchestrator restarts it. On the event loop."""
+        if mv.state != ModelState.READY:
+            return
+        self._fail(mv, f"GPU failure, the server restarts: {reason}")
+        model = self.models.get(mv.name)
+        if model is not None:
+            self.notify(model)
+        self.fatal_reason = f"{mv.label}: {reason}"
+        self.on_fatal(self.fatal_reason)
 
     def _fail(self, mv: ModelVersion, reason: str) -> None:
         mv.state = ModelState.UNAVAILABLE
@@ -288,21 +338,16 @@ class Repository:
                 f"{mv.config.kind.value!r}"
             )
         choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
+        providers = select_providers(self.server_config.execution_providers or mv.config.execution_providers)
+        mv.sha256 = _verified_sha256(mv, card, choice.path)
+        if choice.precision == "fp16":
+            checked = fp16_on_provider(mv.path, card, providers, mv.config.runtime.fp16_atol, choice)
+            if checked is not choice:
+                mv.sha256 = _verified_sha256(mv, card, checked.path)
+                choice = checked
         if choice.reason:
             logger.warning("%s: serving fp32: %s", mv.label, choice.reason)
         model_path = choice.path
-        filename = model_path.name
-        if not model_path.is_file():
-            raise ConfigError(f"{model_path}: file not found")
-        expected = card.sha256.get(filename)
-        if not expected:
-            raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
-        actual = sha256_file(model_path)
-        if actual != expected:
-            raise ConfigError(
-                f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."
-            )
-        mv.sha256 = actual
         mv.precision = choice.precision
         cores = cpu_count()
         sc = self.server_config
@@ -310,8 +355,10 @@ class Repository:
         intra = pinned or max(1, cores // mv.config.instances)
         # Auto threads and several instances: a batch running alone may use every core (RuntimeConfig).
         solo_intra = cores if not pinned and mv.config.runtime.solo_session and intra < cores else 0
-        providers = select_providers(sc.execution_providers or mv.config.execution_providers)
         sampler = card.kind.takes_latent
+        runtime = mv.config.runtime
+        if runtime.trt_engine_cache_dir is None and sc.trt_engine_cache_dir:
+            runtime = dataclasses.replace(runtime, trt_engine_cache_dir=sc.trt_engine_cache_dir)
         runner = Runner(
             model_path,
             label=f"{mv.name}-{mv.version}",
@@ -319,7 +366,7 @@ class Repository:
             instances=mv.config.instances,
             intra_op_threads=intra,
             solo_intra_op_threads=solo_intra,
-            runtime=mv.config.runtime,
+            runtime=runtime,
             fp16=choice.precision == "fp16",
             profile=profile_shapes(card, mv.config.batching.max_batch_size),
             inline_max_s=sc.inline_compute_max_s,
@@ -358,6 +405,7 @@ class Repository:
             raise
         mv.runner = runner
         mv.provider = runner.provider
+        mv.runtime = runner.description
 
     @staticmethod
     def _check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
@@ -384,6 +432,65 @@ class Repository:
             if mv.runner is not None:
                 mv.runner.close()
             mv.metrics.ready.set(0)
+
+
+def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
+    """The file's sha256, checked against card.json's."""
+    filename = model_path.name
+    if not model_path.is_file():
+        raise ConfigError(f"{model_path}: file not found")
+    expected = card.sha256.get(filename)
+    if not expected:
+        raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
+    actual = sha256_file(model_path)
+    if actual != expected:
+        raise ConfigError(
+            f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."
+        )
+    return actual
+
+
+def fp16_on_provider(
+    version_dir: Path, card: Card, providers: Sequence[str], atol: float, choice: ModelChoice
+) -> ModelChoice:
+    """`choice` (the fp16 file) when fp16 and fp32 agree within `atol` on the provider the version
+    will run on, else fp32 with the reason: the card's parity was measured at export, on a CPU, and
+    fp16 kernels differ per provider and GPU."""
+    if not (version_dir / "model.onnx").is_file():
+        return choice  # nothing to compare with: the card's parity stands
+    feeds = parity_inputs(card, 8)
+    fp32 = create_session(version_dir / "model.onnx", providers, RuntimeConfig(), cores=cpu_count())
+    fp16 = create_session(choice.path, providers, RuntimeConfig(), cores=cpu_count(), fp16=True)
+    ok, diff = check_fp16_parity(
+        SessionRunner(fp32, RuntimeConfig()), SessionRunner(fp16, RuntimeConfig()), feeds, atol
+    )
+    if ok:
+        return choice
+    return ModelChoice(
+        version_dir / "model.onnx",
+        "fp32",
+        f"fp16 differs from fp32 by {diff:.3g} > fp16_atol {atol:g} on {fp16.provider}",
+    )
+
+
+def parity_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
+    """Random inputs of the warm-up shapes (zeros would hide most differences), seeded."""
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for name, value in warmup_inputs(card, batch).items():
+        if value.dtype == np.int64:
+            feeds[name] = rng.integers(0, max(1, len(card.class_names)), value.shape).astype(np.int64)
+        elif card.input_range is not None and name == "image":
+            low, high = card.input_range
+            feeds[name] = rng.uniform(low, high, value.shape).astype(np.float32)
+        else:
+            feeds[name] = rng.standard_normal(value.shape).astype(np.float32)
+    return feeds
+
+
+def _terminate_process(reason: str) -> None:
+    logger.critical("stopping the server for a restart: %s", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def warmup_batch_sizes(max_batch_size: int) -> list[int]:

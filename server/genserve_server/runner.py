@@ -25,16 +25,22 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from genserve_server import codecs, latents
-from genserve_server.batch_keys import DRAWN_LATENTS_OUTPUT, PIXELS_OUTPUT, SEED_INPUT, SeedRows
+from genserve_server import codecs
+from genserve_server.batch_keys import PIXELS_OUTPUT, RowsKey
 from genserve_server.config import cpu_count
+from genserve_server.gpu_errors import sticky_cuda_error
+from genserve_server.gpu_gate import (
+    CAPTURE_GATE,
+)
 from genserve_server.ort_session import (
     GPU_PROVIDERS,
     ProfileShapes,
     RuntimeConfig,
     SessionInfo,
-    SessionRunner,
     create_session,
+)
+from genserve_server.session_runner import (
+    SessionRunner,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,7 +102,9 @@ class Runner:
     """The session(s) of one model version, run by `instances` threads.
 
     With plain `run` one session is shared by the threads (ORT sessions are thread-safe); with IO
-    binding or CUDA graphs (not thread-safe) each instance gets its own session and binding.
+    binding or CUDA graphs (not thread-safe) each instance gets its own session and binding. With
+    CUDA graphs each instance's calls run on that instance's own graph thread (ORT keeps graphs per
+    thread), its graphs captured at the first `warm`; until then batches never run inline.
 
     With `solo_intra_op_threads` (plain run on the CPU provider only) a second session with that many
     intra-op threads runs the batches that start while no other batch is running: all cores for one
@@ -154,9 +162,18 @@ class Runner:
         self.provider = self.info.provider
         self.fallbacks = tuple(self.info.fallbacks)
         self._runners: queue.SimpleQueue[SessionRunner] = queue.SimpleQueue()
-        for info in infos:
-            self._runners.put(SessionRunner(info, config))
-        self.mode = SessionRunner(self.info, config).mode
+        # Every instance's runner (CUDA graphs: each has its own graph thread, captured at warm-up).
+        self.session_runners = tuple(SessionRunner(info, config) for info in infos)
+        for session_runner in self.session_runners:
+            self._runners.put(session_runner)
+        # The serving mode the sessions really have (effective provider options), not the config's.
+        self.mode = self.session_runners[0].mode
+        # e.g. "CUDAExecutionProvider, fp32, device 0, tf32 off, cuda graphs" or "..., io_binding".
+        described = self.info.describe()
+        self.description = described if self.mode == "cuda_graph" else f"{described}, {self.mode}"
+        # Called (on the thread of the failed call) when a model call fails with a sticky CUDA error:
+        # the context is unusable, so the owner marks the version broken and restarts the process.
+        self.on_device_lost: Callable[[str], None] | None = None
         self.inputs = tuple(
             IoSpec(i.name, _ORT_DTYPES.get(i.type, np.float32), tuple(i.shape))
             for i in self.session.get_inputs()
@@ -237,9 +254,21 @@ class Runner:
 
     def _run_feeds(self, feeds: dict[str, np.ndarray], solo: bool = False) -> list[Any]:
         """The model call on converted feeds: the output values, in the graph's output order."""
+        try:
+            return self._model_call(feeds, solo)
+        except Exception as exc:
+            sticky = sticky_cuda_error(exc) if self.info.on_gpu else ""
+            if sticky and self.on_device_lost is not None:
+                self.on_device_lost(f"{sticky}: {str(exc)[:300]}")
+            raise
+
+    def _model_call(self, feeds: dict[str, np.ndarray], solo: bool) -> list[Any]:
         options = _SHRINK_CPU if self.shrinks_after(feeds) else None
         if solo and self.solo_session is not None:
             values: list[Any] = self.solo_session.run(None, feeds, options)
+        elif self._shared and self.info.on_gpu:
+            with CAPTURE_GATE.gpu_call():  # never beside a CUDA graph capture (see ort_session)
+                values = self.session.run(None, feeds, options)
         elif self._shared:
             values = self.session.run(None, feeds, options)
         else:
@@ -269,41 +298,38 @@ class Runner:
             SHRINK_MIN_ROW_VALUES, SHRINK_ABOVE_WARMED * self._warmed_row_values
         )
 
-    def _signature(self, inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str | int, ...], ...]:
+    def _signature(
+        self, key: Hashable, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[tuple[str | int, ...], ...]:
         """What a batch's compute cost depends on: rows (rounded up to a power of two) and shapes."""
         rows = int(next(iter(inputs.values())).shape[0])
         bucket = 1 << max(0, rows - 1).bit_length()
-        parts: list[tuple[str | int, ...]] = []
+        rows_key = key if isinstance(key, RowsKey) else _PLAIN_ROWS
+        parts = []
         for name, value in inputs.items():
-            if name == SEED_INPUT:
-                parts.append(("z", bucket, self.latent_dim or 0))
-            else:
-                parts.append((name, bucket, *value.shape[1:]))
+            name_part, *dims = rows_key.cost_part(name, value, self.latent_dim)
+            parts.append((name_part, bucket, *dims))
         return tuple(sorted(parts, key=str))
 
     def _prepare(
         self, key: Hashable, inputs: Mapping[str, np.ndarray]
-    ) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
-        """The key's hook: seed rows (batch_keys.SeedRows) -> latents for the whole batch in one
-        vectorised call (batch-invariant per row); other rows are the graph's tensors already."""
-        if not isinstance(key, SeedRows):
-            return inputs, None
-        if self.latent_dim is None:
-            raise ValueError(f"{self.label}: seed rows need a latent size")
-        z = latents.latents_for_seeds(inputs[SEED_INPUT].tolist(), self.latent_dim, key.psi)
-        feeds = {name: value for name, value in inputs.items() if name != SEED_INPUT}
-        feeds["z"] = z
-        return feeds, z
+    ) -> tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]:
+        """The key's hook (batch_keys.RowsKey.prepare): the graph's feeds and outputs to add."""
+        rows_key = key if isinstance(key, RowsKey) else _PLAIN_ROWS
+        return rows_key.prepare(inputs, self.latent_dim)
 
-    def measured_cost_s(self, inputs: Mapping[str, np.ndarray]) -> float | None:
+    def measured_cost_s(self, inputs: Mapping[str, np.ndarray], key: Hashable = None) -> float | None:
         """The compute seconds a batch shaped like `inputs` took (warm-up minimum, then averaged)."""
-        return self._cost_s.get(self._signature(inputs))
+        return self._cost_s.get(self._signature(key, inputs))
 
     def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3, key: Hashable = None) -> None:
         """Run a batch a few times at load: allocations settle and its compute cost is known."""
-        signature = self._signature(inputs)
+        signature = self._signature(key, inputs)
         self._cost_s.pop(signature, None)
         fastest_s = math.inf
+        for session_runner in self.session_runners:
+            if not session_runner.sealed:  # every graph size of every instance, captured at load
+                session_runner.capture_all(self._feeds(self._prepare(key, inputs)[0]))
         # Seed rows count as one value each, not a latent: only image rows come near the threshold.
         self._warmed_row_values = max(self._warmed_row_values, _values_per_row(inputs))
         for _ in range(times):
@@ -320,7 +346,7 @@ class Runner:
         inputs: Mapping[str, np.ndarray],
         solo: bool = False,
     ) -> dict[str, np.ndarray]:
-        feeds, z = self._prepare(key, inputs)
+        feeds, added = self._prepare(key, inputs)
         started = time.perf_counter()
         outputs = self.run_sync(feeds, solo=solo)
         elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
@@ -332,12 +358,13 @@ class Runner:
             self._cost_s[signature] = (
                 elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
             )
-        return self._finish(outputs, z)
+        return self._finish(outputs, added)
 
-    def _finish(self, outputs: dict[str, np.ndarray], z: np.ndarray | None) -> dict[str, np.ndarray]:
-        """The drawn latents and the uint8 pixels next to the model's outputs."""
-        if z is not None:
-            outputs[DRAWN_LATENTS_OUTPUT] = z
+    def _finish(
+        self, outputs: dict[str, np.ndarray], added: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """What the key's hook added (drawn latents) and the uint8 pixels next to the model's outputs."""
+        outputs.update(added)
         if self.pixels_range is not None and "image" in outputs:
             outputs[PIXELS_OUTPUT] = codecs.to_uint8(outputs["image"], self.pixels_range)
         return outputs
@@ -345,12 +372,11 @@ class Runner:
     async def run(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """The batcher's run-batch callable: one model call, on the pool unless it is tiny.
 
-        `inputs` are the graph's tensors, except for the rows of a `batch_keys.SeedRows` key: seeds
-        (SEED_INPUT, int64 [N]) instead of `z`, whose latents are drawn here with the key's psi and
-        returned as DRAWN_LATENTS_OUTPUT. With `pixels_range` the outputs also hold PIXELS_OUTPUT,
-        the "image" output as uint8 [N, H, W, C].
+        `inputs` are the rows of `key`, which the key's hook (batch_keys.RowsKey.prepare) turns into
+        the graph's feeds (seed rows -> latents, added to the outputs as DRAWN_LATENTS_OUTPUT). With
+        `pixels_range` the outputs also hold PIXELS_OUTPUT, the "image" output as uint8 [N, H, W, C].
         """
-        signature = self._signature(inputs)
+        signature = self._signature(key, inputs)
         if self._runs_inline(key, signature, inputs):
             return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
@@ -361,7 +387,10 @@ class Runner:
     ) -> bool:
         """Whether the batch is cheaper to run on the calling thread than to hand to a pool."""
         cost_s = self._cost_s.get(signature)
-        return cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(key)
+        if self.mode == "cuda_graph" and not all(r.sealed for r in self.session_runners):
+            return False  # a graph may still be captured: never on the event loop
+        slow = isinstance(key, RowsKey) and key.slow_to_prepare(self.latent_dim)  # never on the loop
+        return cost_s is not None and cost_s <= self.inline_max_s and not slow
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """`run` for BULK batches (see background_bulk): the model call on a background thread of
@@ -373,36 +402,26 @@ class Runner:
         about the model."""
         if self._bulk_executor is None or self._bulk_prep is None:
             return await self.run(key, inputs)
-        signature = self._signature(inputs)
+        signature = self._signature(key, inputs)
         if self._runs_inline(key, signature, inputs):
             return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
-        feeds, z = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)
+        feeds, added = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)
         values = await loop.run_in_executor(self._bulk_executor, self._bulk_compute, feeds)
-        return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, z)
+        return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, added)
 
     def _bulk_feeds(
         self, key: Hashable, inputs: Mapping[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        prepared, z = self._prepare(key, inputs)
-        return self._feeds(prepared), z
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        prepared, added = self._prepare(key, inputs)
+        return self._feeds(prepared), added
 
     def _bulk_compute(self, feeds: dict[str, np.ndarray]) -> list[Any]:
         """On a background thread: the model call only (ORT releases the GIL inside)."""
         return self._run_feeds(feeds)
 
-    def _bulk_outputs(self, values: list[Any], z: np.ndarray | None) -> dict[str, np.ndarray]:
-        return self._finish(self._named(values), z)
-
-    def _slow_latents(self, key: Hashable) -> bool:
-        """Whether drawing this batch's latents may cost more than the model call it was timed by.
-
-        The measured cost covers the model call only; a strong truncation (small psi) redraws each
-        seed's normals many times over, which must not happen on the event loop.
-        """
-        if not isinstance(key, SeedRows) or key.psi is None or self.latent_dim is None:
-            return False
-        return latents.expected_redraws(self.latent_dim, key.psi) > self.latent_dim
+    def _bulk_outputs(self, values: list[Any], added: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._finish(self._named(values), added)
 
     def _call_pooled(
         self, key: Hashable, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
@@ -422,6 +441,11 @@ class Runner:
         for pool in (self._bulk_executor, self._bulk_prep):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=False)
+        for session_runner in self.session_runners:
+            session_runner.close()
+
+
+_PLAIN_ROWS = RowsKey()  # rows under a key that is not a batch_keys key (tests, warm-up): plain tensors
 
 
 def _lower_thread_priority() -> None:

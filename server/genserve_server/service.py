@@ -84,7 +84,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.repo = repository
         self.limits = config.limits
         self.core = core or GenerationCore(repository, config, metrics, codec_pool)
-        self.boundary = boundary or Boundary(metrics)
+        self.boundary = boundary or Boundary(metrics, redact=repository.redact)
 
     # ================================================================== RPCs
 
@@ -379,14 +379,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     # ================================================================== ListModels / GetModel
 
-    @staticmethod
-    def _model_info(model: Model, version: str = "") -> pb.ModelInfo:
+    def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card()
         info = pb.ModelInfo(name=model.name, kind=model.kind)
         if model.config is not None:
             info.max_batch_size = model.config.batching.max_batch_size
         if model.reason and not model.versions:
-            info.versions.append(pb.ModelVersionInfo(state=pb.MODEL_STATE_UNAVAILABLE, reason=model.reason))
+            reason = self.repo.redact(model.reason)
+            info.versions.append(pb.ModelVersionInfo(state=pb.MODEL_STATE_UNAVAILABLE, reason=reason))
         for mv in sorted(model.versions.values(), key=lambda v: int(v.version)):
             if version and mv.version != version:
                 continue
@@ -394,7 +394,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 pb.ModelVersionInfo(
                     version=mv.version,
                     state=_STATE[mv.state],
-                    reason=mv.reason,
+                    reason=self.repo.redact(mv.reason),
                     model_sha256=mv.sha256,
                     precision=mv.precision,
                     execution_provider=mv.provider,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+import pytest
 from PIL import Image
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
@@ -165,3 +166,15 @@ def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[s
         text=True,
         timeout=timeout_s,
     )
+
+
+def cli_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `genserve-client ARGS`, argparse's own exits included."""
+    from genserve_client.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -16,26 +16,16 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from client_fakes import FAKE_SHA256, FakeServer, FakeService, fake_pixels
+from client_fakes import FAKE_SHA256, FakeServer, FakeService, cli_main, fake_pixels
 from PIL import Image
 
 from genserve.v1 import genserve_pb2_grpc
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
 from genserve_client.bulk import BulkError, BulkJob, BulkParams, JobLock, ServedModel, Shard, read_manifest
-from genserve_client.cli import main
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.01)
 OTHER_SHA256 = hashlib.sha256(b"another model").hexdigest()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_job(target: str, out: Path, params: BulkParams, **kwargs: Any) -> None:
@@ -64,14 +54,14 @@ def test_a_new_job_refuses_a_folder_with_files_it_did_not_write(
     (out / "README.txt").write_text("my notes")
     before = snapshot(out)
     t = ("--target", fake_server.target)
-    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(out))
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(out))
     assert code == 2, err
     assert str(out) in err and "images/my_holiday_photo.png" in err and "README.txt" in err
     assert "Traceback" not in err
     assert snapshot(out) == before  # nothing deleted, nothing added (not even a lock file)
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "images"]
     assert fake_server.service.calls["SampleStream"] == 0
-    code, _, err = cli(
+    code, _, err = cli_main(
         capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(out / "README.txt")
     )
     assert code == 2 and "is a file, not a folder" in err
@@ -79,7 +69,7 @@ def test_a_new_job_refuses_a_folder_with_files_it_did_not_write(
     # An empty folder, and the leftovers of a job the server rejected, are fine.
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(empty))
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(empty))
     assert code == 0, err
     assert indices(empty) == [0, 1, 2]
 
@@ -109,7 +99,7 @@ def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_holder(
     holder = JobLock(tmp_path)
     holder.acquire()  # another open file description: conflicts like another process would
     try:
-        code, _, err = cli(
+        code, _, err = cli_main(
             capsys,
             "--target",
             fake_server.target,
@@ -129,7 +119,7 @@ def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_holder(
             run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=5))
     finally:
         holder.release()
-    code, _, err = cli(
+    code, _, err = cli_main(
         capsys,
         "--target",
         fake_server.target,
@@ -167,7 +157,7 @@ def test_resume_refuses_a_replaced_model_naming_both(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     t = ("--target", fake_server.target)
-    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
     assert code == 0, err
     job = json.loads((tmp_path / "job.json").read_text())
     assert (job["params"]["model"], job["pinned_version"], job["model_sha256"]) == (
@@ -177,12 +167,12 @@ def test_resume_refuses_a_replaced_model_naming_both(
     )
     manifest = (tmp_path / "manifest.jsonl").read_bytes()
     fake_server.service.model_sha256 = OTHER_SHA256  # replaced in place, same version
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
     assert code == 2, err
     assert FAKE_SHA256 in err and OTHER_SHA256 in err and "mix two models" in err
     fake_server.service.model_sha256 = FAKE_SHA256
     fake_server.service.version = "2"  # the old version is gone
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
     assert code == 2, err
     assert "no version '1'" in err and "served: 2 (READY)" in err
     assert (tmp_path / "manifest.jsonl").read_bytes() == manifest
@@ -208,10 +198,10 @@ def test_resume_takes_every_setting_from_the_manifest_and_a_larger_n_grows_the_j
     t = ("--target", fake_server.target)
     grown, clean = tmp_path / "grown", tmp_path / "clean"
     settings = ("--model", "fake-cond", "--labels", "3,7", "--seed", "100", "--chunk-size", "2")
-    assert cli(capsys, *t, "bulk", *settings, "--n", "5", "--out", str(grown))[0] == 0
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(grown), "--n", "11", "--concurrency", "2")
+    assert cli_main(capsys, *t, "bulk", *settings, "--n", "5", "--out", str(grown))[0] == 0
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(grown), "--n", "11", "--concurrency", "2")
     assert code == 0, err
-    assert cli(capsys, *t, "bulk", *settings, "--n", "11", "--out", str(clean))[0] == 0
+    assert cli_main(capsys, *t, "bulk", *settings, "--n", "11", "--out", str(clean))[0] == 0
     assert indices(grown) == list(range(11))
     assert snapshot(grown / "images") == snapshot(clean / "images")  # as if it had been one job
     entries = {e["index"]: e for e in read_manifest(grown / "manifest.jsonl")[0]}
@@ -229,14 +219,14 @@ def test_resume_takes_every_setting_from_the_manifest_and_a_larger_n_grows_the_j
         }
         np.testing.assert_array_equal(np.asarray(picture)[:, :, None], fake_pixels(110, 3))
     # A finished job resumes to nothing; settings that decide the output are refused, as is shrinking.
-    assert cli(capsys, *t, "bulk", "--resume", str(grown))[0] == 0
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(grown), "--seed", "5", "--format", "webp")
+    assert cli_main(capsys, *t, "bulk", "--resume", str(grown))[0] == 0
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(grown), "--seed", "5", "--format", "webp")
     assert code == 2 and "drop --seed, --format" in err
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(grown), "--n", "4")
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(grown), "--n", "4")
     assert code == 2 and "can only grow it" in err
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(tmp_path / "nothing"))
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path / "nothing"))
     assert code == 2 and "holds no bulk job" in err
-    code, _, err = cli(capsys, *t, "bulk", "--model", "fake-gen", "--out", str(tmp_path / "x"))
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--out", str(tmp_path / "x"))
     assert code == 2 and "bulk needs --n" in err
 
 
@@ -263,9 +253,9 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     t = ("--target", fake_server.target)
-    assert cli(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(tmp_path))[0] == 0
+    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(tmp_path))[0] == 0
     fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
-    code, _, err = cli(
+    code, _, err = cli_main(
         capsys,
         "bulk",
         "--resume",
@@ -287,7 +277,7 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
     )
     # The printed command, run as is, finishes the job.
     fake_server.service.fail["SampleStream"].clear()
-    code, _, err = cli(capsys, *shlex.split(hint)[1:])
+    code, _, err = cli_main(capsys, *shlex.split(hint)[1:])
     assert code == 0, err
     assert indices(tmp_path) == list(range(7))
 
@@ -333,25 +323,25 @@ def test_shards_tile_the_job_and_verify_checks_the_union(
         "--chunk-size",
         "2",
     )
-    assert cli(capsys, *t, *job, "--out", str(whole))[0] == 0
-    assert cli(capsys, *t, *job, "--out", str(sharded), "--shard", "0/3")[0] == 0
+    assert cli_main(capsys, *t, *job, "--out", str(whole))[0] == 0
+    assert cli_main(capsys, *t, *job, "--out", str(sharded), "--shard", "0/3")[0] == 0
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # as in a pod of an Indexed Job
-    code, out, err = cli(capsys, *t, *job, "--out", str(sharded), "--shard", "3")
+    code, out, err = cli_main(capsys, *t, *job, "--out", str(sharded), "--shard", "3")
     assert code == 0, err
     assert "shard 1/3, images [3, 7) of 11" in out
-    code, _, err = cli(capsys, "verify", str(sharded))
+    code, _, err = cli_main(capsys, "verify", str(sharded))
     assert code == 1
     assert "shards missing of 3 (1): 2" in err and "indices missing (4): 7, 8, 9, 10" in err
     # A shard's folder is a job of its own: it resumes (here: finishes) by itself.
     fake_server.service.stream_breaks_after_chunks = [0] * 3  # a flaky start changes nothing
-    assert cli(capsys, *t, *job, "--out", str(sharded), "--shard", "2/3")[0] == 0
+    assert cli_main(capsys, *t, *job, "--out", str(sharded), "--shard", "2/3")[0] == 0
     last = sharded / "shard-00002-of-00003"
     (last / "images" / "000009.png").unlink()
-    assert cli(capsys, "verify", str(sharded))[0] == 1  # a file gone
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last))
+    assert cli_main(capsys, "verify", str(sharded))[0] == 1  # a file gone
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(last))
     assert code == 0, err
     merged = tmp_path / "merged.jsonl"
-    code, out, err = cli(capsys, "verify", str(sharded), "--hashes", "--manifest-out", str(merged))
+    code, out, err = cli_main(capsys, "verify", str(sharded), "--hashes", "--manifest-out", str(merged))
     assert code == 0, err
     assert "complete, 11 images in 3 folder(s)" in out
     # The union is the one-folder job: same entries, same bytes.
@@ -360,15 +350,15 @@ def test_shards_tile_the_job_and_verify_checks_the_union(
         shard_folder, _, file = entry["file"].partition("/")
         assert {**entry, "file": file} == reference[entry["index"]]
         assert (sharded / entry["file"]).read_bytes() == (whole / file).read_bytes()
-    assert cli(capsys, "verify", str(whole))[0] == 0
+    assert cli_main(capsys, "verify", str(whole))[0] == 0
     # A sharded job cannot grow, and --resume takes the shard from the manifest.
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last), "--n", "20")
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(last), "--n", "20")
     assert code == 2 and "cannot grow" in err
-    code, _, err = cli(capsys, *t, "bulk", "--resume", str(last), "--shard", "1/3")
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(last), "--shard", "1/3")
     assert code == 2 and "drop --shard" in err
     # A damaged file is found with --hashes.
     (last / "images" / "000010.png").write_bytes(b"damaged")
-    code, _, err = cli(capsys, "verify", str(sharded), "--hashes")
+    code, _, err = cli_main(capsys, "verify", str(sharded), "--hashes")
     assert code == 1 and "sha256 differs" in err and "000010.png" in err
 
 
@@ -377,11 +367,11 @@ def test_a_shard_without_images_is_a_finished_shard(
 ) -> None:
     t = ("--target", fake_server.target)
     for i in range(3):
-        code, _, err = cli(
+        code, _, err = cli_main(
             capsys, *t, "bulk", "--model", "fake-gen", "--n", "2", "--out", str(tmp_path), "--shard", f"{i}/3"
         )
         assert code == 0, err
-    code, out, err = cli(capsys, "verify", str(tmp_path))
+    code, out, err = cli_main(capsys, "verify", str(tmp_path))
     assert code == 0, err
     assert "complete, 2 images in 3 folder(s)" in out
 
@@ -401,7 +391,7 @@ def test_a_job_waits_for_a_server_that_is_not_up_yet(
     starter = threading.Timer(1.5, lambda: (server.add_insecure_port(f"127.0.0.1:{port}"), server.start()))
     starter.start()
     try:
-        code, _, err = cli(
+        code, _, err = cli_main(
             capsys,
             "bulk",
             "--target",

@@ -5,21 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from client_fakes import FakeServer, run_cli
+from client_fakes import FakeServer, cli_main, run_cli
 from PIL import Image
 
 from genserve.v1 import genserve_pb2
-from genserve_client.cli import UsageError, main, resolve_labels
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `genserve-client ARGS`, argparse's own exits included."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from genserve_client.cli import UsageError, resolve_labels
 
 
 def test_bad_labels_are_a_usage_error(
@@ -30,7 +20,7 @@ def test_bad_labels_are_a_usage_error(
         ("sample", "--model", "fake-cond", "--labels", "1,x", "--out", str(tmp_path)),
         ("bulk", "--model", "fake-cond", "--labels", "odd", "--n", "4", "--out", str(tmp_path)),
     ):
-        code, _, err = cli(capsys, *t, *args)
+        code, _, err = cli_main(capsys, *t, *args)
         assert code == 2, err
         assert "--labels" in err and "Traceback" not in err
     assert not fake_server.service.calls  # refused before any call
@@ -40,7 +30,7 @@ def test_bad_labels_are_a_usage_error(
         resolve_labels(info, "1,x")
     assert resolve_labels(info, "1,2") == [1, 2]
     # Valid labels still work.
-    code, _, err = cli(
+    code, _, err = cli_main(
         capsys, *t, "sample", "--model", "fake-cond", "--labels", "1,2", "--n", "2", "--out", str(tmp_path)
     )
     assert code == 0, err
@@ -61,7 +51,7 @@ def test_bad_labels_are_a_usage_error(
 def test_bench_refuses_settings_it_cannot_run(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str], bad: tuple[str, str]
 ) -> None:
-    code, _, err = cli(capsys, "--target", fake_server.target, "bench", "--model", "fake-gen", *bad)
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "bench", "--model", "fake-gen", *bad)
     assert code == 2, err
     assert bad[0] in err and "Traceback" not in err
     assert not fake_server.service.calls
@@ -82,11 +72,11 @@ def test_bench_fails_when_no_request_succeeds(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = ("bench", "--labels", "0", "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
-    code, out, err = cli(capsys, "--target", fake_server.target, *run, "--model", "bad")
+    code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--model", "bad")
     assert code == 1, err
     assert "INVALID_ARGUMENT=" in out  # the errors are still printed in the table
     assert "no successful request" in err
-    code, _, err = cli(capsys, "--target", fake_server.target, *run, "--model", "fake-gen", "--json")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--model", "fake-gen", "--json")
     assert code == 0, err
 
 
@@ -97,7 +87,7 @@ def test_image_commands_refuse_unknown_output_suffixes(
     Image.new("RGB", (4, 4)).save(src)
     for command in ("upscale", "translate"):
         out = tmp_path / "big.tiff"
-        code, _, err = cli(
+        code, _, err = cli_main(
             capsys, "--target", fake_server.target, command, str(src), str(out), "--model", "m"
         )
         assert code == 2, err
@@ -107,7 +97,7 @@ def test_image_commands_refuse_unknown_output_suffixes(
 
 
 def test_interpolate_needs_an_output(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = cli(
+    code, _, err = cli_main(
         capsys,
         "--target",
         fake_server.target,

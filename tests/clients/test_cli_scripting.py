@@ -7,19 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from client_fakes import FAKE_SHA256, FakeServer, fake_pixels
+from client_fakes import FAKE_SHA256, FakeServer, cli_main, fake_pixels
 from PIL import Image
 
-from genserve_client.cli import MAX_GRID_IMAGES, main
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from genserve_client.cli import MAX_GRID_IMAGES
 
 
 def test_sample_prints_the_seed_it_picked_and_the_pngs_carry_provenance(
@@ -27,7 +18,9 @@ def test_sample_prints_the_seed_it_picked_and_the_pngs_carry_provenance(
 ) -> None:
     t = ("--target", fake_server.target)
     args = ("sample", "--model", "fake-cond", "--labels", "2,5", "--n", "3", "--format", "png")
-    code, out, err = cli(capsys, *t, *args, "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "d"))
+    code, out, err = cli_main(
+        capsys, *t, *args, "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "d")
+    )
     assert code == 0, err
     seed = int(out.split("seed ")[1].split()[0])
     assert f"--seed {seed}" in out
@@ -46,7 +39,7 @@ def test_sample_prints_the_seed_it_picked_and_the_pngs_carry_provenance(
             # The server's PNG is not re-encoded: same pixels, only the text chunks added.
             np.testing.assert_array_equal(np.asarray(picture)[:, :, None], fake_pixels(s, label))
     # The printed seed reproduces the grid.
-    code, out, err = cli(capsys, *t, *args, "--seed", str(seed), "--grid", str(tmp_path / "g2.png"))
+    code, out, err = cli_main(capsys, *t, *args, "--seed", str(seed), "--grid", str(tmp_path / "g2.png"))
     assert code == 0, err
     assert "seed " not in out
     with Image.open(tmp_path / "g2.png") as again:
@@ -57,7 +50,7 @@ def test_raw_images_and_other_commands_carry_provenance_too(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     t = ("--target", fake_server.target)
-    code, _, err = cli(
+    code, _, err = cli_main(
         capsys,
         *t,
         "sample",
@@ -86,14 +79,14 @@ def test_a_grid_too_large_is_refused_before_any_call(
 ) -> None:
     t = ("--target", fake_server.target)
     grid = tmp_path / "g.png"
-    code, _, err = cli(capsys, *t, "sample", "--model", "fake-gen", "--n", "100000", "--grid", str(grid))
+    code, _, err = cli_main(capsys, *t, "sample", "--model", "fake-gen", "--n", "100000", "--grid", str(grid))
     assert code == 2 and f"at most {MAX_GRID_IMAGES} images" in err and "--n 100000" in err
     assert not fake_server.service.calls and not grid.exists()
     # Per class rows count too: 200 x 10 classes.
-    code, _, err = cli(capsys, *t, "sample", "--model", "fake-cond", "--n", "200", "--grid", str(grid))
+    code, _, err = cli_main(capsys, *t, "sample", "--model", "fake-cond", "--n", "200", "--grid", str(grid))
     assert code == 2 and "--n 200 x 10 classes asks for 2000" in err
     assert fake_server.service.calls["Sample"] == 0 and not grid.exists()
-    code, _, err = cli(capsys, *t, "sample", "--model", "fake-gen", "--n", "0", "--grid", str(grid))
+    code, _, err = cli_main(capsys, *t, "sample", "--model", "fake-gen", "--n", "0", "--grid", str(grid))
     assert code == 2 and "--n must be >= 1" in err
 
 
@@ -110,7 +103,7 @@ def test_a_grid_too_large_is_refused_before_any_call(
 def test_help_shows_the_defaults(
     capsys: pytest.CaptureFixture[str], command: list[str], shown: list[str]
 ) -> None:
-    code, out, _ = cli(capsys, *command, "--help")
+    code, out, _ = cli_main(capsys, *command, "--help")
     assert code == 0
     flat = " ".join(out.split())
     for text in shown:
@@ -122,17 +115,17 @@ def test_target_from_the_environment_and_flags_after_the_command(
     fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("GENSERVE_TARGET", fake_server.target)
-    code, out, err = cli(capsys, "models")
+    code, out, err = cli_main(capsys, "models")
     assert code == 0, err
     assert "fake-cond" in out
     monkeypatch.setenv("GENSERVE_TARGET", "127.0.0.1:1")  # nothing listens there
-    code, out, err = cli(capsys, "models", "--target", fake_server.target, "--timeout", "5")
+    code, out, err = cli_main(capsys, "models", "--target", fake_server.target, "--timeout", "5")
     assert code == 0, err
     assert "fake-gen" in out
     # A flag before the command is kept (the command's own default does not overwrite it).
-    code, out, err = cli(capsys, "--target", fake_server.target, "models")
+    code, out, err = cli_main(capsys, "--target", fake_server.target, "models")
     assert code == 0, err
-    code, _, err = cli(
+    code, _, err = cli_main(
         capsys, "--target", fake_server.target, "models", "--target", "127.0.0.1:1", "--timeout", "1"
     )
     assert code == 1 and "UNAVAILABLE" in err  # the later one wins

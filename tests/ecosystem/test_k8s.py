@@ -184,6 +184,30 @@ def test_args_parse_with_the_server_cli(objects: dict[tuple[str, str], Manifest]
     assert args.drain_grace_s == DRAIN_GRACE_S
 
 
+def test_engine_cache_is_a_volume_and_the_startup_budget_fits_engine_builds(
+    objects: dict[tuple[str, str], Manifest],
+) -> None:
+    """TensorRT engines go to a volume of their own (not the read-only root, not the small /tmp), and
+    a cold start that builds engines is not killed by the startup probe."""
+    container = _container(objects)
+    args = container["args"]
+    cache_dir = args[args.index("--trt-engine-cache-dir") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = next(
+        (
+            name
+            for path, name in mounts.items()
+            if cache_dir == path or cache_dir.startswith(path.rstrip("/") + "/")
+        ),
+        None,
+    )
+    assert volume is not None and volume != mounts.get("/tmp"), f"{cache_dir} is on no volume of its own"
+    volumes = {v["name"]: v for v in _deployment(objects)["spec"]["template"]["spec"]["volumes"]}
+    assert volume in volumes
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # engine builds: minutes per model
+
+
 def test_requests_one_gpu_and_runs_as_the_images_user(objects: dict[tuple[str, str], Manifest]) -> None:
     container = _container(objects)
     resources = container["resources"]

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -20,8 +19,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "tests" / "server") not in sys.path:  # server_support: tiny models, server subprocess
-    sys.path.insert(0, str(REPO / "tests" / "server"))
 DASHBOARD = REPO / "deploy" / "grafana" / "genserve-dashboard.json"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "genserve-alerts.yml"

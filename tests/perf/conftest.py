@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from perf_support import write_tiny_version  # noqa: E402
+from perf_support import write_tiny_version
 
 ort.set_default_logger_severity(3)
 

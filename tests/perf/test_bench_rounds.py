@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.report import merge_rounds, paired_ratio  # noqa: E402
+from bench.report import merge_rounds, paired_ratio
 
 
 def level(images_per_s: float, cpu_ms: float, p50_ms: float = 1.0) -> dict[str, Any]:

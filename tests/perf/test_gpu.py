@@ -17,10 +17,14 @@ from genserve_server.ort_session import (
     CPU,
     CUDA,
     TENSORRT,
+    ProfileShapes,
     RuntimeConfig,
+    create_session,
+)
+from genserve_server.runner import Runner
+from genserve_server.session_runner import (
     SessionRunner,
     check_fp16_parity,
-    create_session,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu")]
@@ -70,6 +74,42 @@ def test_cuda_graph_parity_and_padding(tiny_version: Path) -> None:
     cpu = _runner(path, RuntimeConfig(), [CPU])
     for batch in (1, 5, 8, 64, 70):  # 5 pads to 8; 70 runs as 64 + 6 (padded to 8)
         np.testing.assert_allclose(graph.run(_z(batch))[0], cpu.run(_z(batch))[0], atol=GPU_ATOL)
+
+
+def test_cuda_options_survive_the_tensorrt_fallback(tiny_version: Path) -> None:
+    config = replace(RuntimeConfig(), cuda_graph=True)
+    profile = ProfileShapes({"z": [1, 16]}, {"z": [8, 16]}, {"z": [64, 16]})
+    info = create_session(
+        tiny_version / "model.onnx", [TENSORRT, CUDA, CPU], config, cores=2, profile=profile
+    )
+    if info.provider == TENSORRT:
+        pytest.skip("TensorRT is installed here: no fallback to check")
+    effective = info.provider_options[CUDA]
+    assert (effective["enable_cuda_graph"], effective["use_tf32"]) == ("1", "0")
+    assert info.cuda_graph and not info.tf32
+
+
+def test_graphs_of_every_instance_are_captured_at_warm_up_and_replayed(tiny_version: Path) -> None:
+    config = replace(RuntimeConfig(), cuda_graph=True, cuda_graph_batch_sizes=(1, 8))
+    runner = Runner(
+        tiny_version / "model.onnx",
+        label="g",
+        providers=[CUDA, CPU],
+        instances=2,
+        intra_op_threads=1,
+        runtime=config,
+    )
+    try:
+        assert runner.mode == "cuda_graph"
+        runner.warm(_z(8))
+        assert all(r.sealed and len(r.captured_shapes) == 2 for r in runner.session_runners)
+        cpu = _runner(tiny_version / "model.onnx", RuntimeConfig(), [CPU])
+        for batch in (1, 3, 8, 11):
+            got = runner.run_sync(_z(batch, first_seed=batch))["image"]
+            np.testing.assert_allclose(got, cpu.run(_z(batch, first_seed=batch))[0], atol=GPU_ATOL)
+        assert all(len(r.captured_shapes) == 2 for r in runner.session_runners)  # no capture while serving
+    finally:
+        runner.close()
 
 
 def test_fp16_parity_on_cuda(tiny_version: Path) -> None:

@@ -20,15 +20,17 @@ from genserve_server.ort_session import (
     ProfileShapes,
     RuntimeConfig,
     RuntimeConfigError,
-    SessionRunner,
-    _pad_batch,
-    check_fp16_parity,
     choose_model_file,
     create_session,
     max_abs_diff,
     parse_runtime_config,
     provider_chain,
     session_options,
+)
+from genserve_server.session_runner import (
+    SessionRunner,
+    _pad_batch,
+    check_fp16_parity,
 )
 
 CPU_ONLY = [CPU]
@@ -140,11 +142,12 @@ def test_gpu_providers_fall_back_cleanly_to_cpu(tiny_version: Path, cuda_really_
 def test_provider_chain_options() -> None:
     config = replace(RuntimeConfig(), cuda_graph=True, trt_engine_cache_dir="/var/cache/genserve/trt")
     profile = ProfileShapes({"z": [1, 16]}, {"z": [8, 16]}, {"z": [64, 16]})
-    chain = dict(provider_chain([TENSORRT, CUDA], config, fp16=True, profile=profile))
+    chain = dict(provider_chain([TENSORRT, CUDA], config, fp16=True, profile=profile, model_sha256="ab" * 32))
     assert list(chain) == [TENSORRT, CUDA, CPU]  # CPU is always the last resort
     trt = chain[TENSORRT]
     assert trt["trt_engine_cache_enable"] == "True"
-    assert trt["trt_engine_cache_path"] == "/var/cache/genserve/trt"
+    # One engine directory per model file, precision, profile and GPU (test_gpu_path.py).
+    assert trt["trt_engine_cache_path"].startswith("/var/cache/genserve/trt/abababababababab-fp16-")
     assert trt["trt_timing_cache_enable"] == "True"
     assert trt["trt_fp16_enable"] == "True"
     assert trt["trt_profile_min_shapes"] == "z:1x16"

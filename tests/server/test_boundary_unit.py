@@ -131,3 +131,24 @@ def test_tile_settings_that_cannot_be_planned_name_the_field(
 def test_tile_settings_that_can_be_planned_pass_and_plan(tile: int, overlap: int, multiple: int) -> None:
     check_tiling(tile, overlap, multiple)
     assert plan_tiles(4 * tile, 3 * tile, tile, overlap, multiple)  # the planner agrees
+
+
+@pytest.mark.parametrize("sent", ["a b", "id method=Evil", 'x"y', "tab\there", "x" * 129, "", "caf\u00e9"])
+def test_a_request_id_that_could_forge_log_fields_is_replaced(service: Boundary, sent: str) -> None:
+    async def handler(request: object, call: Call) -> str:
+        return "response"
+
+    context = FakeContext((("x-request-id", sent),))
+    assert call_unary(service, handler, context) == "response"
+    request_id = dict(context.trailing)["x-request-id"]
+    assert request_id != sent and len(request_id) == 32
+
+
+def test_a_safe_request_id_is_kept(service: Boundary) -> None:
+    async def handler(request: object, call: Call) -> str:
+        return "response"
+
+    sent = "trace-1.2:abc/DEF+x_9"
+    context = FakeContext((("x-request-id", sent),))
+    call_unary(service, handler, context)
+    assert dict(context.trailing)["x-request-id"] == sent

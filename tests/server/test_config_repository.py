@@ -382,3 +382,29 @@ def test_image_batches_hold_at_most_max_batch_pixels_input_pixels() -> None:
     assert rows_within_pixels(ImageRows((3, 4096, 4096)), limit) == 1  # always at least one row
     assert rows_within_pixels(ImageRows(), limit) >= 4096  # fixed-size models: max_batch_size decides
     assert rows_within_pixels(SeedRows(0.7), limit) >= 4096
+
+
+def test_client_visible_reasons_name_the_model_file_but_not_the_servers_paths(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genserve_server.service import GenerationService
+
+    root = tmp_path / "srv" / "models"
+    (root / "bad").mkdir(parents=True)
+    (root / "bad" / "config.json").write_text("{not json")
+    (root / "empty").mkdir()
+    (root / "empty" / "config.json").write_text(json.dumps({"kind": "generator"}))
+    metrics = Metrics(enabled=False)
+    repo = Repository(root, ServerConfig(), metrics)
+    repo.scan()
+    assert str(root) in repo.get("bad").reason  # the log keeps the full path for the operator
+    with ThreadPoolExecutor(1) as pool:
+        service = GenerationService(repo, ServerConfig(), metrics, pool)
+        reasons = [
+            v.reason for name in ("bad", "empty") for v in service._model_info(repo.get(name)).versions
+        ]
+    assert any(r.startswith("<models>/bad/config.json") for r in reasons), reasons
+    assert any(r.startswith("<models>/empty") for r in reasons), reasons
+    assert not any(str(tmp_path) in r for r in reasons), reasons
+    assert repo.redact(f"{root.resolve()}/x/1/model.onnx: broken") == "<models>/x/1/model.onnx: broken"
+    assert repo.redact("models: a, b") == "models: a, b"  # only the location, not the word
