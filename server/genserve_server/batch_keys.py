@@ -102,13 +102,13 @@ class ImageRows(RowsKey):
 
 
 @dataclass(frozen=True, slots=True)
-class CodeRows:
+class CodeRows(RowsKey):
     """Finished code grids (plus any top grids) for a code_decoder: rows of every prior request that
     finished near the same step share its batches."""
 
 
 @dataclass(frozen=True, slots=True)
-class StepRows:
+class StepRows(RowsKey):
     """One step of a code prior (step_sampler.py): every running row, whatever its position. Never
     queued in a batcher: the step scheduler calls the runner with it directly."""
 
