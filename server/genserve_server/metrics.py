@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+from genserve_contract.kinds import Kind
 from genserve_server.batcher import Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
 from genserve_server.metrics_http import HealthProbe
@@ -79,22 +80,36 @@ METHODS = (
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
 )
-# The methods whose requests can use a model version's series, by kind (service.py's `_resolve`
-# refuses a wrong kind before it touches them): only these get a pre-bound latency histogram, so
-# no series exist for impossible pairs (SuperResolve x a generator). GetModel and ListModels count
-# under model="".
-KIND_METHODS: dict[str, tuple[str, ...]] = {
-    "generator": ("Sample", "SampleStream", "Interpolate", "Decode", "ModelInfer"),
-    "conditional_generator": ("Sample", "SampleStream", "Interpolate", "ModelInfer"),
-    "vae_decoder": ("Sample", "SampleStream", "Interpolate", "Decode", "ModelInfer"),
-    "vae_encoder": ("Encode", "ModelInfer"),
-    "super_resolution": ("SuperResolve", "ModelInfer"),
-    "image_to_image": ("Translate", "ModelInfer"),
+# The methods whose requests can use a model version's series, by kind (the core's `resolve`
+# refuses a wrong kind before it touches them; the same kind properties as service.py's and
+# kserve.py's kind lists): only these get a pre-bound latency histogram, so no series exist for
+# impossible pairs (SuperResolve x a generator). GetModel and ListModels count under model="".
+_ONE_METHOD_KINDS = {
+    Kind.VAE_ENCODER: "Encode",
+    Kind.SUPER_RESOLUTION: "SuperResolve",
+    Kind.IMAGE_TO_IMAGE: "Translate",
+    Kind.CODE_PRIOR: "SampleCodes",
 }
-# Kinds that encode output images (the encode histograms; Encode answers latents). The decode
-# histogram stays bound for every kind: a repository of generators alone still exports the family
-# the dashboard and KServe's statistics read.
-ENCODING_KINDS = frozenset(KIND_METHODS) - {"vae_encoder"}
+
+
+def _kind_methods(kind: Kind) -> tuple[str, ...]:
+    methods: list[str] = []
+    if kind.takes_latent:
+        methods += ["Sample", "SampleStream", "Interpolate"]
+        if not kind.conditional:
+            methods.append("Decode")
+    if kind in _ONE_METHOD_KINDS:
+        methods.append(_ONE_METHOD_KINDS[kind])
+    if not kind.takes_codes:
+        methods.append("ModelInfer")
+    return tuple(methods)
+
+
+KIND_METHODS: dict[str, tuple[str, ...]] = {kind.value: _kind_methods(kind) for kind in Kind}
+# Kinds whose responses carry encoded images (the encode histograms): not the VAE encoder, whose
+# Encode answers latents. The decode histogram stays bound for every kind: a repository of
+# generators alone still exports the family the dashboard and KServe's statistics read.
+ENCODING_KINDS = frozenset(KIND_METHODS) - {Kind.VAE_ENCODER.value}
 REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready")
 DROP_REASONS = ("deadline", "cancelled")
 FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from genserve_server import service
+from genserve_server import kserve, service
 from genserve_server.config import KINDS, LATENT_KINDS
 from genserve_server.metrics import KIND_METHODS, METHODS, Metrics
 
@@ -69,9 +69,10 @@ def test_kind_methods_cover_every_kind_and_follow_the_service() -> None:
     assert set(KIND_METHODS) == set(KINDS)
     for kind, methods in KIND_METHODS.items():
         assert set(methods) <= set(METHODS), kind
-        assert "ModelInfer" in methods, kind  # the KServe endpoint serves every kind
+        # The kind lists the servicers resolve with (a wrong kind is refused under model="").
         assert ("Sample" in methods) == (kind in LATENT_KINDS), kind
         assert ("Decode" in methods) == (kind in service.DECODE_KINDS), kind
+        assert ("ModelInfer" in methods) == (kind in kserve.INFER_KINDS), kind
 
 
 def test_runtime_info_says_what_a_version_runs_on_and_goes_with_it() -> None:
