@@ -156,7 +156,11 @@ class App:
         genserve_pb2_grpc.add_GenerationServiceServicer_to_server(self.service, registrar)
         # KServe v2 / Triton protocol on the same port, repository, batchers and metrics.
         self.kserve = kserve.InferenceService(
-            self.repository, self.core, self.boundary, self.metrics.registry
+            self.repository,
+            self.core,
+            self.boundary,
+            self.metrics.registry,
+            ready=lambda: self.health.serving,  # ServerReady says what grpc.health "" says
         )
         kserve.add_to_server(self.kserve, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
