@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from server_support import TINY_LATENT, generator_graph, write_model
 
-from genserve_server import gpu_gate, ort_session, session_runner
+from genserve_server import gpu_gate, loader, ort_session, session_runner
 from genserve_server.config import ConfigError, ServerConfig, load_model_config
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.gpu_gate import (
@@ -372,7 +372,7 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
     try:
         assert runner.mode == "cuda_graph" and runner.description.endswith("cuda graphs")
         z8 = {"z": np.ones((8, 16), np.float32)}
-        signature = runner._signature(z8)
+        signature = runner._signature(None, z8)
         runner._cost_s[signature] = 1e-6
         assert not runner._runs_inline(None, signature, z8)  # graphs not captured yet: never on the loop
         runner.warm(z8)
@@ -583,7 +583,6 @@ def test_gpu_acceptance_dry_run_skips_every_gpu_check_cleanly(tmp_path: Path) ->
 def test_a_sticky_cuda_error_at_load_stops_the_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from genserve_server import repository
 
     root = tmp_path / "models"
     write_model(
@@ -597,7 +596,7 @@ def test_a_sticky_cuda_error_at_load_stops_the_server(
     def broken_runner(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA failure 719: unspecified launch failure ; GPU=0")
 
-    monkeypatch.setattr(repository, "Runner", broken_runner)
+    monkeypatch.setattr(loader, "Runner", broken_runner)
     fatal: list[str] = []
 
     async def body() -> None:

@@ -19,14 +19,9 @@ from genserve_server.config import (
     load_server_config,
 )
 from genserve_server.errors import NotFound, Unavailable
+from genserve_server.loader import efficient_batch_size, rows_within_pixels, warmup_batch_sizes
 from genserve_server.metrics import Metrics, batch_size_buckets
-from genserve_server.repository import (
-    ModelState,
-    Repository,
-    efficient_batch_size,
-    rows_within_pixels,
-    warmup_batch_sizes,
-)
+from genserve_server.repository import ModelState, Repository
 
 
 def write_config(tmp_path: Path, data: object) -> Path:
