@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_support import TINY_LATENT, generator_graph, write_model
+from server_support import TINY_LATENT, generator_graph, write_tiny_generator
 
 from genserve_server import gpu_gate, loader, ort_session, session_runner
 from genserve_server.config import ConfigError, ServerConfig, load_model_config
@@ -467,13 +467,7 @@ def test_sticky_cuda_error_classification(message: str, sticky: bool) -> None:
 
 def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-    )
+    write_tiny_generator(root)
     health: list[tuple[str, bool]] = []
     fatal: list[str] = []
 
@@ -585,13 +579,7 @@ def test_a_sticky_cuda_error_at_load_stops_the_server(
 ) -> None:
 
     root = tmp_path / "models"
-    write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-    )
+    write_tiny_generator(root)
 
     def broken_runner(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA failure 719: unspecified launch failure ; GPU=0")
@@ -647,14 +635,7 @@ def test_fp16_is_served_only_within_parity_on_the_provider_in_use(
     import hashlib
 
     root = tmp_path / "models"
-    version = write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-        config={"precision": "fp16"},
-    )
+    version = write_tiny_generator(root, config={"precision": "fp16"})
     data = generator_graph(TINY_LATENT, 1, 8, 8, seed=fp16_seed).SerializeToString()
     (version / "model.fp16.onnx").write_bytes(data)
     card = json.loads((version / "card.json").read_text())
