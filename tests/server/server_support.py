@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -546,3 +547,20 @@ def concurrent_samples(
         jobs = [(target, model, share, clients // processes, list(labels), barrier) for share in shares]
         parts = pool.map(_sample_worker, jobs)
     return {seed: data for part in parts for seed, data in part.items()}
+
+
+def tensor_of(image: Any) -> np.ndarray:
+    """A TENSOR_F32 response image as float32 [C, H, W]."""
+    assert image.format == 5, image.format  # IMAGE_FORMAT_TENSOR_F32
+    return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
+
+
+def pixels_of(image: Any) -> np.ndarray:
+    """Any uint8 response image (RAW_UINT8 or an encoded format) as [H, W, C]."""
+    if image.format == 4:  # IMAGE_FORMAT_RAW_UINT8
+        return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image.data)) as im:
+        arr = np.asarray(im)
+    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr

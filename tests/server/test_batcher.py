@@ -805,3 +805,28 @@ def test_a_request_on_its_way_keeps_a_preferred_batch_open_for_the_next_size() -
         await batcher.close(1)
 
     run(body())
+
+
+def test_a_preferred_batch_of_one_waits_for_requests_already_in_the_server() -> None:
+    """Preferred sizes [1, 8, 64] (CUDA-graph sizes) must not turn a loaded server's batches into
+    singletons: while tracked callers are about to queue, a lone row keeps waiting for them."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(
+            model, max_batch_size=64, max_queue_delay_s=0.3, concurrency=2, preferred_batch_sizes=(1, 8, 64)
+        )
+        gate, blocker = await hold_runner(batcher, model)
+        batcher.callers = 3  # three RPCs in the server, two of them not queued yet
+        first = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
+        await let_the_dispatcher_run()
+        assert len(model.batches) == 1  # 1 is a preferred size, but two rows are on their way
+        others = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (2, 3)]
+        await asyncio.gather(first, *others)
+        assert [len(x) for _, x in model.batches] == [1, 3], model.batches
+        batcher.callers = 0
+        gate.set()
+        await blocker
+        await batcher.close(1)
+
+    run(body())

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
-from server_support import ServerProcess, concurrent_samples, start_server
+from server_support import ServerProcess, concurrent_samples, pixels_of, start_server, tensor_of
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -79,18 +79,6 @@ def info(stub: pb_grpc.GenerationServiceStub, name: str) -> pb.ModelInfo:
 def card(stub: pb_grpc.GenerationServiceStub, name: str) -> dict[str, object]:
     data: dict[str, object] = json.loads(info(stub, name).versions[-1].card_json)
     return data
-
-
-def tensor_of(image: tpb.Image) -> np.ndarray:
-    return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
-
-
-def pixels_of(image: tpb.Image) -> np.ndarray:
-    if image.format == tpb.IMAGE_FORMAT_RAW_UINT8:
-        return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
-    with Image.open(io.BytesIO(image.data)) as im:
-        arr = np.asarray(im)
-    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
 
 
 def check_image(image: tpb.Image, fmt: int, c: int, h: int, w: int) -> None:

@@ -22,8 +22,10 @@ from server_support import (
     ServerProcess,
     build_tiny_repo,
     concurrent_samples,
+    pixels_of,
     running_server,
     slow_generator_graph,
+    tensor_of,
     write_model,
 )
 
@@ -56,20 +58,6 @@ def stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
 
 def local_session(repo: Path, name: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-
-
-def tensor_of(image: tpb.Image) -> np.ndarray:
-    assert image.format == tpb.IMAGE_FORMAT_TENSOR_F32
-    return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
-
-
-def pixels_of(image: tpb.Image) -> np.ndarray:
-    """Decode any uint8 response image to [H, W, C]."""
-    if image.format == tpb.IMAGE_FORMAT_RAW_UINT8:
-        return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
-    with Image.open(io.BytesIO(image.data)) as im:
-        arr = np.asarray(im)
-    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
 
 
 def latent_tensor(z: np.ndarray) -> tpb.Tensor:
