@@ -14,9 +14,8 @@ from reliability_support import (
     code_of,
     health_status,
     sample_ok,
-    wait_until,
 )
-from server_support import TINY_LATENT, ServerProcess
+from server_support import TINY_LATENT, ServerProcess, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from reliability_support import copy_version_atomically, health_status, wait_until, write_gen, write_slow
-from server_support import ServerProcess, start_server
+from reliability_support import copy_version_atomically, health_status, write_gen, write_slow
+from server_support import ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -420,7 +421,36 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
     return root
 
 
+# ---------------------------------------------------------------------------- gates
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Poll `predicate` until it holds: a gate on an observable state (a metric, a queue depth, a log
+    line) instead of a sleep that a loaded machine can outlast. Fails naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
 # ---------------------------------------------------------------------------- server subprocess
+
+
+def metric_in(metrics_text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in one /metrics scrape (0 when
+    absent); several reads of one scrape see one moment of the server."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name, _, label_text = head.partition("{")
+        if metric_name != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 class ServerProcess(ServerSubprocess):
@@ -435,17 +465,7 @@ class ServerProcess(ServerSubprocess):
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
-        total = 0.0
-        for line in self.metrics_text().splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric_name, _, label_text = head.partition("{")
-            if metric_name != name:
-                continue
-            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-                total += float(value)
-        return total
+        return metric_in(self.metrics_text(), name, **labels)
 
 
 def start_server(
