@@ -468,6 +468,16 @@ class ServerProcess(ServerSubprocess):
         return metric_in(self.metrics_text(), name, **labels)
 
 
+def sample_calls(server: ServerProcess, model: str) -> float:
+    """Sample calls for `model` that have entered the server: in flight now, or finished. A seeded
+    Sample reaches its model's batcher without an await in between, so in flight means queued or
+    computing. One scrape: a call is never counted twice; one leaving in flight may briefly count in
+    neither. (The in-flight gauge has no model label: only one model's Samples may run meanwhile.)"""
+    text = server.metrics_text()
+    finished = metric_in(text, "genserve_requests_total", model=model, method="Sample")
+    return metric_in(text, "genserve_requests_in_flight", method="Sample") + finished
+
+
 def start_server(
     models: Path,
     work: Path,

@@ -22,8 +22,8 @@ from server_support import (
     ServerProcess,
     build_tiny_repo,
     concurrent_samples,
-    metric_in,
     running_server,
+    sample_calls,
     slow_generator_graph,
     wait_until,
     write_model,
@@ -779,20 +779,6 @@ def test_one_channel_may_carry_more_than_256_calls_at_once(tiny_server: ServerPr
     assert set(codes) == {grpc.StatusCode.OK}, {c: codes.count(c) for c in set(codes)}
 
 
-def wait_for_sample_calls(server: ServerProcess, model: str, before: float, n: int, what: str) -> None:
-    """Until `n` Sample calls for `model` entered the server since its finished count was `before`
-    (in flight now, or finished). A seeded Sample reaches the batcher without an await in between:
-    in flight means queued or computing."""
-
-    def reached() -> bool:
-        # One scrape: a call is never in both; one leaving in flight may briefly be in neither.
-        text = server.metrics_text()
-        finished = metric_in(text, "genserve_requests_total", model=model, method="Sample")
-        return metric_in(text, "genserve_requests_in_flight", method="Sample") + finished - before >= n
-
-    wait_until(reached, 10, what, interval_s=0.01)
-
-
 def test_expired_deadline_is_never_computed(
     stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
 ) -> None:
@@ -804,10 +790,10 @@ def test_expired_deadline_is_never_computed(
         return tiny_server.metric("genserve_requests_total", model=model, method="Sample", code=code)
 
     expired_before, cancelled_before = finished("DEADLINE_EXCEEDED"), finished("CANCELLED")
-    calls_before = tiny_server.metric("genserve_requests_total", model=model, method="Sample")
+    calls_before = sample_calls(tiny_server, model)
     # Occupy the runner (a batch takes tens of ms), then queue a request with a short deadline.
     busy = [stub.Sample.future(pb.SampleRequest(model=model, count=4, base_seed=i)) for i in range(2)]
-    wait_for_sample_calls(tiny_server, model, calls_before, 2, "the busy requests")
+    wait_until(lambda: sample_calls(tiny_server, model) - calls_before >= 2, 10, "the busy requests", 0.01)
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.Sample(pb.SampleRequest(model=model, count=1), timeout=0.1)
     assert code_of(excinfo) == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -837,12 +823,12 @@ def test_cancelled_call_is_dropped_before_compute(
 ) -> None:
     model = "tiny-slow"
     dropped_before = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
-    calls_before = tiny_server.metric("genserve_requests_total", model=model, method="Sample")
+    calls_before = sample_calls(tiny_server, model)
     busy = [stub.Sample.future(pb.SampleRequest(model=model, count=4, base_seed=i)) for i in range(2)]
-    wait_for_sample_calls(tiny_server, model, calls_before, 2, "the busy requests")
+    wait_until(lambda: sample_calls(tiny_server, model) - calls_before >= 2, 10, "the busy requests", 0.01)
     doomed = stub.Sample.future(pb.SampleRequest(model=model, count=1, base_seed=99))
     # Cancelled once the server holds it (queued behind the busy rows), not before it was sent.
-    wait_for_sample_calls(tiny_server, model, calls_before, 3, "the doomed request")
+    wait_until(lambda: sample_calls(tiny_server, model) - calls_before >= 3, 10, "the doomed request", 0.01)
     assert doomed.cancel()
     for f in busy:
         f.result()
