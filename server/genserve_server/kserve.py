@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from genserve_server import kserve_metadata, kserve_tensors, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
-from genserve_server.config import KINDS, Card, TensorSpec
+from genserve_server.config import KINDS, Card, Kind, TensorSpec
 from genserve_server.core import Call, GenerationCore, image_batch_key
 from genserve_server.errors import GenserveError, NotFound, invalid
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
@@ -47,6 +47,8 @@ from inference import grpc_service_pb2_grpc as kpb_grpc
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
+# Code kinds are sampled step by step (genserve.v1 SampleCodes), not in one model call.
+INFER_KINDS = tuple(k for k in KINDS if not Kind(k).takes_codes)
 # card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
 
 
@@ -205,7 +207,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return await self.boundary.unary("ModelInfer", request, context, self._do_infer)
 
     async def _do_infer(self, request: kpb.ModelInferRequest, call: Call) -> kpb.ModelInferResponse:
-        mv = self.core.resolve(call, request.model_name, request.model_version, KINDS, "ModelInfer")
+        mv = self.core.resolve(call, request.model_name, request.model_version, INFER_KINDS, "ModelInfer")
         card = mv.card
         assert card is not None
         tensors = kserve_tensors.read_inputs(request, card)

@@ -71,6 +71,7 @@ METHODS = (
     "Decode",
     "SuperResolve",
     "Translate",
+    "SampleCodes",
     "ListModels",
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
@@ -139,6 +140,7 @@ class ModelMetrics:
         self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
         self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
         self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
+        self.step_running_rows = m.step_running_rows.labels(*mv) if mon else _NULL
         self.images = m.images.labels(*mv) if mon else _NULL
         self.batch_failures = m.batch_failures.labels(*mv) if mon else _NULL
         self.cache_hits = m.image_cache_lookups.labels(*mv, "hit") if mon else _NULL
@@ -240,6 +242,12 @@ class Metrics:
             registry=reg,
         )
         self.queue_depth = Gauge("genserve_queue_depth", "Items waiting in the batcher.", mv, registry=reg)
+        self.step_running_rows = Gauge(
+            "genserve_step_running_rows",
+            "Rows in a code prior's running set (step-level batching).",
+            mv,
+            registry=reg,
+        )
         self.in_flight = Gauge(
             "genserve_requests_in_flight", "RPCs being handled.", ("method",), registry=reg
         )

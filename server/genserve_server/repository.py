@@ -44,12 +44,14 @@ from genserve_server.ort_session import (
     ModelChoice,
     ProfileShapes,
     RuntimeConfig,
-    SessionRunner,
-    check_fp16_parity,
     choose_model_file,
     create_session,
 )
 from genserve_server.runner import Runner, select_providers
+from genserve_server.session_runner import (
+    SessionRunner,
+    check_fp16_parity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +409,7 @@ class Repository:
 
     @staticmethod
     def _check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
-        want_in = card.kind.input_names
+        want_in = card.graph_inputs
         have_in = tuple(i.name for i in runner.inputs)
         if sorted(want_in) != sorted(have_in):
             raise ConfigError(
@@ -524,6 +526,14 @@ def efficient_batch_size(costs_s: Mapping[int, float], tolerance: float) -> int:
 
 def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
     """Dummy inputs of the right shape for `batch` rows (warm-up and tests)."""
+    if card.kind.takes_codes:
+        assert card.grid is not None
+        codes = {"codes": np.zeros((batch, *card.grid), np.int64)}
+        if card.top_grid is not None:
+            codes["top_codes"] = np.zeros((batch, *card.top_grid), np.int64)
+        if card.class_names:
+            codes["label"] = np.zeros((batch,), np.int64)
+        return codes
     if card.kind.takes_latent:
         assert card.latent_dim is not None
         feeds = {"z": np.zeros((batch, card.latent_dim), np.float32)}

@@ -19,7 +19,7 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import Kind
-from genserve_server import latents, validate
+from genserve_server import latents, service_codes, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import LATENT_KINDS, ServerConfig
@@ -111,6 +111,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def Translate(self, request: pb.ImageRequest, context: Context) -> pb.ImageResponse:
         return await self.boundary.unary("Translate", request, context, self._do_translate)
+
+    async def SampleCodes(self, request: pb.SampleCodesRequest, context: Context) -> pb.SampleCodesResponse:
+        return await self.boundary.unary("SampleCodes", request, context, self._do_sample_codes)
+
+    async def _do_sample_codes(self, request: pb.SampleCodesRequest, call: Call) -> pb.SampleCodesResponse:
+        out = output_spec(request.output)
+        return await service_codes.sample_codes(self.core, request, call, out, self._provenance)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return await self.boundary.unary("ListModels", request, context, self._do_list_models)

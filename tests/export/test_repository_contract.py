@@ -99,7 +99,10 @@ def test_both_sides_use_the_contracts_patterns_tolerances_and_digest() -> None:
 def test_every_kind_declares_its_tensors_and_properties_consistently() -> None:
     for kind in Kind:
         assert kind.inputs and kind.outputs
-        assert kind.takes_latent != kind.takes_image  # a kind's input is a latent or an image
+        # A kind's input is a latent, an image or a code grid.
+        assert [kind.takes_latent, kind.takes_image, kind.takes_codes].count(True) == 1
+        assert not set(kind.input_names) & {t.name for t in kind.optional_inputs}
+        assert not kind.autoregressive or kind.takes_codes
         assert not kind.conditional or kind.takes_latent
         assert not kind.fully_convolutional or (kind.takes_image and kind.image_output_name == "output_image")
         assert not kind.tiled or kind.fully_convolutional

@@ -19,27 +19,31 @@ import numpy as np
 import pytest
 from server_support import TINY_LATENT, generator_graph, write_model
 
-from genserve_server import ort_session
+from genserve_server import gpu_gate, ort_session, session_runner
 from genserve_server.config import ConfigError, ServerConfig, load_model_config
 from genserve_server.gpu_errors import sticky_cuda_error
+from genserve_server.gpu_gate import (
+    CAPTURE_GATE,
+)
 from genserve_server.metrics import Metrics
 from genserve_server.ort_session import (
-    CAPTURE_GATE,
     CPU,
     CUDA,
-    NO_GRAPH,
     TENSORRT,
     ProfileShapes,
     RuntimeConfig,
     RuntimeConfigError,
     SessionInfo,
-    SessionRunner,
     create_session,
     engine_cache_key,
     parse_runtime_config,
     provider_chain,
 )
 from genserve_server.repository import ModelState, Repository
+from genserve_server.session_runner import (
+    NO_GRAPH,
+    SessionRunner,
+)
 
 PROFILE = ProfileShapes({"z": [1, 16]}, {"z": [8, 16]}, {"z": [64, 16]})
 SHA_V1 = "1" * 64
@@ -270,7 +274,7 @@ def test_cuda_graph_is_refused_for_size_free_kinds_at_config_load(tmp_path: Path
 
 
 class _FakeGraph:
-    """Stands in for ort_session._CapturedGraph (CUDA buffers) and records where it was captured."""
+    """Stands in for session_runner._CapturedGraph (CUDA buffers) and records where it was captured."""
 
     captured: list[tuple[int, tuple[int, ...], int]] = []
 
@@ -292,7 +296,7 @@ class _FakeGraph:
 
 
 def _graph_runner(tiny_version: Path, monkeypatch: pytest.MonkeyPatch) -> SessionRunner:
-    monkeypatch.setattr(ort_session, "_CapturedGraph", _FakeGraph)
+    monkeypatch.setattr(session_runner, "_CapturedGraph", _FakeGraph)
     _FakeGraph.captured = []
     real = create_session(tiny_version / "model.onnx", [CPU], RuntimeConfig(), cores=1)
     info = SessionInfo(
@@ -348,7 +352,7 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
     every size captured by the first warm-up, nothing inline before that."""
     from genserve_server import runner as runner_module
 
-    monkeypatch.setattr(ort_session, "_CapturedGraph", _FakeGraph)
+    monkeypatch.setattr(session_runner, "_CapturedGraph", _FakeGraph)
     _FakeGraph.captured = []
 
     def on_fake_cuda(path: Path, providers: list[str], config: RuntimeConfig, **kwargs: Any) -> SessionInfo:
@@ -386,7 +390,7 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
 
 
 def test_capture_gate_excludes_gpu_calls_during_a_capture() -> None:
-    gate = ort_session._CaptureGate()
+    gate = gpu_gate._CaptureGate()
     events: list[str] = []
     started = threading.Event()
 
@@ -405,7 +409,7 @@ def test_capture_gate_excludes_gpu_calls_during_a_capture() -> None:
 
 
 def test_a_waiting_capture_goes_before_new_gpu_calls() -> None:
-    gate = ort_session._CaptureGate()
+    gate = gpu_gate._CaptureGate()
     order: list[str] = []
     holding, release = threading.Event(), threading.Event()
 

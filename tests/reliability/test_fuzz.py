@@ -62,6 +62,7 @@ METHODS: dict[str, tuple[type[Message], bool]] = {
     G + "Decode": (pb.DecodeRequest, False),
     G + "SuperResolve": (pb.ImageRequest, False),
     G + "Translate": (pb.ImageRequest, False),
+    G + "SampleCodes": (pb.SampleCodesRequest, False),
     G + "ListModels": (pb.ListModelsRequest, False),
     G + "GetModel": (pb.GetModelRequest, False),
     K + "ServerLive": (kpb.ServerLiveRequest, False),
