@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip install -q -c requirements/constraints.txt
 BIN := $(VENV)/bin
 PORT ?= 50051
-METRICS_PORT ?= 9090
+METRICS_PORT ?= 50052
 
 .PHONY: help serve test setup-serve setup-dev protos lint typecheck pytest bench clean
 

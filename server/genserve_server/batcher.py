@@ -157,10 +157,10 @@ class Batcher:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
         self.name = name  # "model version N", for messages
         # Rows a batch takes at most: max_batch_size, or less where the warm-up measured that larger
-        # batches compute no item faster (repository.efficient_batch_size).
+        # batches compute no item faster (loader.efficient_batch_size).
         self.max_batch_size = min(max_batch_size, efficient_batch_size or max_batch_size)
         # Rows a batch of one compatibility key may take at most (e.g. fewer rows of larger images:
-        # repository.rows_within_pixels); None = max_batch_size for every key.
+        # loader.rows_within_pixels); None = max_batch_size for every key.
         self._rows_limit = rows_limit
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -67,9 +67,18 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on genserve's repository and batchers."""
 
     def __init__(
-        self, repository: Repository, core: GenerationCore, boundary: Boundary, registry: CollectorRegistry
+        self,
+        repository: Repository,
+        core: GenerationCore,
+        boundary: Boundary,
+        registry: CollectorRegistry,
+        *,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
+        """`ready`: the server's readiness (main.py passes grpc.health ""'s: loading over and every
+        required model READY), so that ServerReady and the health check never disagree."""
         self.repo = repository
+        self._ready = ready
         self.core = core
         self.boundary = boundary
         self.limits = core.limits
@@ -97,9 +106,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerReadyResponse(ready=self._server_ready())
 
     def _server_ready(self) -> bool:
-        """Startup loading finished (like grpc.health "") and at least one model version serves. A
-        hot reload loading or draining another version leaves the server ready; at shutdown every
-        version drains, so it turns not-ready."""
+        """grpc.health ""'s answer when the server gave one; else (a servicer on its own) startup
+        loading finished and at least one model version serves. A hot reload loading or draining
+        another version leaves the server ready; at shutdown every version drains."""
+        if self._ready is not None:
+            return self._ready()
         return self._loaded and any(
             mv.state == ModelState.READY for model in self.repo for mv in model.versions.values()
         )

@@ -95,7 +95,8 @@ def session_options(config: RuntimeConfig, *, cores: int, instances: int = 1) ->
     options.enable_mem_pattern = config.mem_pattern
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if config.allow_spinning else "0")
-    options.log_severity_level = 3
+    # 4 = FATAL only: ORT's log lines bypass logging (providers.py); its errors raise.
+    options.log_severity_level = 4
     # Which provider runs each node (node_placement): ORT's own warning about nodes left on the CPU
     # is below the log level above.
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")

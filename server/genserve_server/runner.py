@@ -39,6 +39,7 @@ from genserve_server.ort_session import (
     SessionInfo,
     create_session,
 )
+from genserve_server.providers import usable_providers
 from genserve_server.session_runner import (
     SessionRunner,
 )
@@ -74,21 +75,12 @@ _cpu_fallback_warned = False
 _cpu_fallback_lock = threading.Lock()
 
 
-def quiet_onnxruntime() -> None:
-    """Silence ORT's per-session CUDA/cuDNN load errors on GPU-less hosts (we warn once ourselves)."""
-    ort.set_default_logger_severity(3)
-
-
 def select_providers(requested: Sequence[str]) -> list[str]:
-    """The requested providers, in order, that this ORT build offers; CPU always last.
-
-    `get_available_providers()` lists CUDA even without a GPU, so this is only a first filter: what
-    a session really runs on is `session.get_providers()` (Runner.provider).
+    """The requested providers, in order, that this ORT build offers and that work in this process
+    (GPU providers are probed once: providers.py); CPU always last. What a session really runs on
+    is still `session.get_providers()` (Runner.provider).
     """
-    available = set(ort.get_available_providers())
-    chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
-    chosen.append("CPUExecutionProvider")
-    return chosen
+    return usable_providers(requested)
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,20 +197,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             generated = await self.core.generate(mv, call, labels, out, priority, z=z)
             seeds = None
         else:
-            if request.seeds:
-                n = validate.count(len(request.seeds), "seeds", limit)
-                if request.count not in (0, n):
-                    raise invalid("count", f"must be 0 or {n} (the number of seeds), got {request.count}")
-                if request.HasField("base_seed"):
-                    raise invalid("base_seed", "cannot be combined with seeds")
-                seeds = validate.seeds(request.seeds)
-            else:
-                n = validate.count(request.count, "count", limit)
-                if request.HasField("base_seed"):
-                    base = validate.base_seed(request.base_seed, n)
-                else:
-                    base = self.core.random_base_seed(n)
-                seeds = list(range(base, base + n))
+            base = request.base_seed if request.HasField("base_seed") else None
+            seeds = validate.request_seeds(
+                request.seeds, request.count, base, limit, self.core.random_base_seed
+            )
+            n = len(seeds)
             labels = validate.labels(request.labels, card, n)
             generated = await self.core.sample(mv, call, seeds, labels, psi, out, priority)
         return pb.SampleResponse(

@@ -55,21 +55,15 @@ async def sample_codes(
     if out.return_latents:
         raise invalid("output.return_latents", "not accepted by SampleCodes (use return_codes)")
     limit = min(core.limits.max_images_per_request, mv.config.batching.max_batch_size)
-    if request.seeds:
-        n = validate.count(len(request.seeds), "seeds", limit, "max_images_per_request and the row budget")
-        if request.count not in (0, n):
-            raise invalid("count", f"must be 0 or {n} (the number of seeds), got {request.count}")
-        if request.HasField("base_seed"):
-            raise invalid("base_seed", "cannot be combined with seeds")
-        seeds = validate.seeds(request.seeds)
-    else:
-        n = validate.count(request.count, "count", limit, "max_images_per_request and the row budget")
-        base = (
-            validate.base_seed(request.base_seed, n)
-            if request.HasField("base_seed")
-            else core.random_base_seed(n)
-        )
-        seeds = list(range(base, base + n))
+    seeds = validate.request_seeds(
+        request.seeds,
+        request.count,
+        request.base_seed if request.HasField("base_seed") else None,
+        limit,
+        core.random_base_seed,
+        "max_images_per_request and the row budget",
+    )
+    n = len(seeds)
     labels = check_labels(request.labels, card.class_names, n, mv.name)
     options = SamplingOptions.checked(
         request.temperature if request.HasField("temperature") else None, request.top_k, card.codebook_size

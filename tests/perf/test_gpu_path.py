@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_support import TINY_LATENT, generator_graph, write_model
+from server_support import TINY_LATENT, generator_graph, write_tiny_generator
 
-from genserve_server import gpu_gate, ort_session, session_runner
+from genserve_server import gpu_gate, loader, ort_session, session_runner
 from genserve_server.config import ConfigError, ServerConfig, load_model_config
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.gpu_gate import (
@@ -373,7 +373,7 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
     try:
         assert runner.mode == "cuda_graph" and runner.description.endswith("cuda graphs")
         z8 = {"z": np.ones((8, 16), np.float32)}
-        signature = runner._signature(z8)
+        signature = runner._signature(None, z8)
         runner._cost_s[signature] = 1e-6
         assert not runner._runs_inline(None, signature, z8)  # graphs not captured yet: never on the loop
         runner.warm(z8)
@@ -473,13 +473,7 @@ async def loop_turns(n: int = 50) -> None:
 
 def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-    )
+    write_tiny_generator(root)
     health: list[tuple[str, bool]] = []
     fatal: list[str] = []
 
@@ -592,21 +586,14 @@ def test_gpu_acceptance_dry_run_skips_every_gpu_check_cleanly(tmp_path: Path) ->
 def test_a_sticky_cuda_error_at_load_stops_the_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from genserve_server import repository
 
     root = tmp_path / "models"
-    write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-    )
+    write_tiny_generator(root)
 
     def broken_runner(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA failure 719: unspecified launch failure ; GPU=0")
 
-    monkeypatch.setattr(repository, "Runner", broken_runner)
+    monkeypatch.setattr(loader, "Runner", broken_runner)
     fatal: list[str] = []
 
     async def body() -> None:
@@ -657,14 +644,7 @@ def test_fp16_is_served_only_within_parity_on_the_provider_in_use(
     import hashlib
 
     root = tmp_path / "models"
-    version = write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-        config={"precision": "fp16"},
-    )
+    version = write_tiny_generator(root, config={"precision": "fp16"})
     data = generator_graph(TINY_LATENT, 1, 8, 8, seed=fp16_seed).SerializeToString()
     (version / "model.fp16.onnx").write_bytes(data)
     card = json.loads((version / "card.json").read_text())

@@ -306,6 +306,22 @@ def write_model(
     return version_dir
 
 
+def write_tiny_generator(
+    root: Path, name: str = "gen", *, channels: int = 1, config: Mapping[str, Any] | None = None
+) -> Path:
+    """A tiny 8x8 generator model (version 1) under `root`, as many tests need one."""
+    card = {"latent_dim": TINY_LATENT, "channels": channels, "image_size": [8, 8]}
+    return write_model(
+        root, name, "generator", generator_graph(TINY_LATENT, channels, 8, 8), card, config=config
+    )
+
+
+def healthy_models(root: Path, broken: tuple[str, ...] = ("tiny-broken",)) -> tuple[str, ...]:
+    """`--require-models` naming every model of `root` but the ones broken on purpose."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in broken)
+    return ("--require-models", ",".join(names))
+
+
 def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = True) -> Path:
     """One tiny model of every kind (+ a slow generator and a corrupt model for failure tests)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -313,14 +329,7 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
     # processes share 2 cores with the server, and a loaded CI machine halves their rate, so the
     # window leaves the batching bar (mean > 4) a margin. Idle requests never wait it.
     batching = {"max_batch_size": 64, "max_queue_delay_ms": 10.0, "max_queue_size": 1024}
-    write_model(
-        root,
-        "tiny-gen",
-        "generator",
-        generator_graph(TINY_LATENT, 3, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]},
-        config={"batching": batching},
-    )
+    write_tiny_generator(root, "tiny-gen", channels=3, config={"batching": batching})
     write_model(
         root,
         "tiny-cond",
@@ -410,13 +419,7 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
             config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 8}},
         )
     if with_broken:
-        broken = write_model(
-            root,
-            "tiny-broken",
-            "generator",
-            generator_graph(TINY_LATENT, 1, 8, 8),
-            {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-        )
+        broken = write_tiny_generator(root, "tiny-broken")
         (broken / "model.onnx").write_bytes(b"not an onnx graph")  # sha256 no longer matches
     return root
 
