@@ -156,7 +156,9 @@ def prometheus_with_traffic(
         # Two scrapes that both saw traffic give rate() something to work with.
         prometheus.wait_for_result(P99_QUERY + " > 0", timeout_s=15)
         traffic.join()
-        time.sleep(1.5)  # one more scrape after the last request
+        ended = time.time()
+        # One more scrape after the last request: Prometheus stamps a sample with its scrape's start.
+        prometheus.wait_for_result(f'timestamp(up{{job="genserve"}}) > {ended:.3f}', timeout_s=15)
         yield prometheus, stats[0]
     finally:
         prometheus.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -465,6 +466,11 @@ def test_sticky_cuda_error_classification(message: str, sticky: bool) -> None:
     assert bool(sticky_cuda_error(RuntimeError(message))) is sticky
 
 
+async def loop_turns(n: int = 50) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_tiny_generator(root)
@@ -489,7 +495,9 @@ def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_p
         runner._model_call = ordinary  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="out of memory"):
             await runner.run("k", z)
-        await asyncio.sleep(0.01)
+        # A device loss is handed to the loop (call_soon_threadsafe) before the error returns: a few
+        # turns of the loop are enough for it to act, were it going to.
+        await loop_turns()
         assert mv.state == ModelState.READY and not fatal  # not sticky: keeps serving
 
         def broken(feeds: Any, solo: bool) -> list[Any]:
@@ -498,14 +506,15 @@ def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_p
         runner._model_call = broken  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="illegal memory access"):
             await runner.run("k", z)
-        for _ in range(10):
-            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while mv.state != ModelState.UNAVAILABLE and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
         assert mv.state == ModelState.UNAVAILABLE and "CUDA error 700" in mv.reason
         assert health[-1] == ("gen", False)
         assert len(fatal) == 1 and "model gen version 1" in fatal[0]
         with pytest.raises(RuntimeError):  # a second failure does not stop it twice
             await runner.run("k", z)
-        await asyncio.sleep(0.01)
+        await loop_turns()
         assert len(fatal) == 1
         await repo.close(1)
 

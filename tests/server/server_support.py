@@ -9,8 +9,9 @@ import contextlib
 import hashlib
 import io
 import json
+import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -424,7 +425,36 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
     return root
 
 
+# ---------------------------------------------------------------------------- gates
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Poll `predicate` until it holds: a gate on an observable state (a metric, a queue depth, a log
+    line) instead of a sleep that a loaded machine can outlast. Fails naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
 # ---------------------------------------------------------------------------- server subprocess
+
+
+def metric_in(metrics_text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in one /metrics scrape (0 when
+    absent); several reads of one scrape see one moment of the server."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name, _, label_text = head.partition("{")
+        if metric_name != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 class ServerProcess(ServerSubprocess):
@@ -439,17 +469,17 @@ class ServerProcess(ServerSubprocess):
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
-        total = 0.0
-        for line in self.metrics_text().splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric_name, _, label_text = head.partition("{")
-            if metric_name != name:
-                continue
-            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-                total += float(value)
-        return total
+        return metric_in(self.metrics_text(), name, **labels)
+
+
+def sample_calls(server: ServerProcess, model: str) -> float:
+    """Sample calls for `model` that have entered the server: in flight now, or finished. A seeded
+    Sample reaches its model's batcher without an await in between, so in flight means queued or
+    computing. One scrape: a call is never counted twice; one leaving in flight may briefly count in
+    neither. (The in-flight gauge has no model label: only one model's Samples may run meanwhile.)"""
+    text = server.metrics_text()
+    finished = metric_in(text, "genserve_requests_total", model=model, method="Sample")
+    return metric_in(text, "genserve_requests_in_flight", method="Sample") + finished
 
 
 def start_server(
