@@ -217,34 +217,19 @@ def write_code_models(
         {"grid": list(top), "codebook_size": k, "output_range": None},
         config={"batching": batching},
     )
-    write_model(
-        root,
-        names["bottom"],
-        "code_prior",
-        prior_graph(h, w, k, top=top, seed=2),
-        {
-            "grid": list(grid),
-            "codebook_size": k,
-            "top_grid": list(top),
-            "top_codebook_size": k,
-            "output_range": None,
-        },
-        config={"decoder": names["decoder2"], "batching": batching},
-    )
-    write_model(
-        root,
-        names["chain"],
-        "code_prior",
-        prior_graph(h, w, k, top=top, seed=2),
-        {
-            "grid": list(grid),
-            "codebook_size": k,
-            "top_grid": list(top),
-            "top_codebook_size": k,
-            "output_range": None,
-        },
-        config={"decoder": names["decoder2"], "top_prior": names["top"], "batching": batching},
-    )
+    bottom_card = {
+        "grid": list(grid),
+        "codebook_size": k,
+        "top_grid": list(top),
+        "top_codebook_size": k,
+        "output_range": None,
+    }
+    # The bottom prior alone (the top grid given by the caller), and chained to its top prior.
+    for name, chained in ((names["bottom"], {}), (names["chain"], {"top_prior": names["top"]})):
+        config = {"decoder": names["decoder2"], **chained, "batching": batching}
+        write_model(
+            root, name, "code_prior", prior_graph(h, w, k, top=top, seed=2), bottom_card, config=config
+        )
     write_model(
         root,
         names["decoder2"],

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from genserve.v1 import types_pb2 as tpb
 from genserve_server.launcher import ServerSubprocess, genserve_command
 
 OPSET = 17
@@ -581,16 +582,27 @@ def concurrent_samples(
 
 def tensor_of(image: Any) -> np.ndarray:
     """A TENSOR_F32 response image as float32 [C, H, W]."""
-    assert image.format == 5, image.format  # IMAGE_FORMAT_TENSOR_F32
+    assert image.format == tpb.IMAGE_FORMAT_TENSOR_F32, image.format
     return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
 
 
 def pixels_of(image: Any) -> np.ndarray:
     """Any uint8 response image (RAW_UINT8 or an encoded format) as [H, W, C]."""
-    if image.format == 4:  # IMAGE_FORMAT_RAW_UINT8
+    if image.format == tpb.IMAGE_FORMAT_RAW_UINT8:
         return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
     from PIL import Image
 
     with Image.open(io.BytesIO(image.data)) as im:
         arr = np.asarray(im)
     return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
+
+
+# Every response image format, and the one that returns the model's floats as they are.
+FORMATS = [
+    tpb.IMAGE_FORMAT_PNG,
+    tpb.IMAGE_FORMAT_JPEG,
+    tpb.IMAGE_FORMAT_WEBP,
+    tpb.IMAGE_FORMAT_RAW_UINT8,
+    tpb.IMAGE_FORMAT_TENSOR_F32,
+]
+F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)

@@ -18,21 +18,13 @@ import onnxruntime as ort
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
-from server_support import ServerProcess, concurrent_samples, pixels_of, start_server, tensor_of
+from server_support import F32, FORMATS, ServerProcess, concurrent_samples, pixels_of, start_server, tensor_of
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 
 MODELS_DIR = Path(os.environ.get("GENSERVE_TEST_MODELS", Path(__file__).resolve().parents[2] / "models"))
-FORMATS = [
-    tpb.IMAGE_FORMAT_PNG,
-    tpb.IMAGE_FORMAT_JPEG,
-    tpb.IMAGE_FORMAT_WEBP,
-    tpb.IMAGE_FORMAT_RAW_UINT8,
-    tpb.IMAGE_FORMAT_TENSOR_F32,
-]
-F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
 
 
 def _models_by_kind() -> dict[str, list[str]]:

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 from server_support import (
+    F32,
+    FORMATS,
     TINY_LATENT,
     ServerProcess,
     build_tiny_repo,
@@ -36,15 +38,6 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server.latents import RNG_ALGORITHM, interpolate, latents_for_seeds, min_truncation_psi
-
-FORMATS = [
-    tpb.IMAGE_FORMAT_PNG,
-    tpb.IMAGE_FORMAT_JPEG,
-    tpb.IMAGE_FORMAT_WEBP,
-    tpb.IMAGE_FORMAT_RAW_UINT8,
-    tpb.IMAGE_FORMAT_TENSOR_F32,
-]
-F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
 
 
 @pytest.fixture(scope="module")
