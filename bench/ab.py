@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
+        # Only the models measured: a server starts in seconds, whatever else the repository holds.
+        models = Path(tmp) / "models"
+        models.mkdir()
+        for name in args.models:
+            (models / name).symlink_to((args.models_dir / name).resolve(), target_is_directory=True)
         base = Path(tmp) / "base"
         subprocess.run(
             ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(base), args.base],
@@ -69,7 +74,7 @@ def main() -> None:
                 for side, tree in (
                     (("A", base), ("B", REPO_ROOT)) if i % 2 == 0 else (("B", REPO_ROOT), ("A", base))
                 ):
-                    sides[side].append(_round(tree, args.models_dir, args.models, args.duration_s))
+                    sides[side].append(_round(tree, models, args.models, args.duration_s))
         finally:
             subprocess.run(
                 ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
