@@ -6,9 +6,9 @@ VENV := .venv
 PIP := $(VENV)/bin/pip install -q -c requirements/constraints.txt
 BIN := $(VENV)/bin
 PORT ?= 50051
-METRICS_PORT ?= 9090
+METRICS_PORT ?= 50052
 
-.PHONY: help serve test setup-serve setup-dev mnist-data protos lint typecheck pytest bench clean
+.PHONY: help serve test setup-serve setup-dev mnist-data protos lint typecheck pytest bench clean pretrained import-esrgan
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,12 @@ test: setup-dev lint typecheck pytest  ## every check: ruff, mypy, the whole pyt
 
 bench: setup-dev  ## the performance benchmark (bench/README.md)
 	$(BIN)/python -m bench.run
+
+pretrained:  ## fetch the pretrained models' npm packages into .cache/pretrained (build time only)
+	bash scripts/fetch_pretrained.sh
+
+import-esrgan: setup-dev pretrained  ## rebuild models/esrgan-x4 from @upscalerjs/esrgan-thick (fp32 only: small clone)
+	$(BIN)/genserve-export import-rrdn .cache/pretrained/upscalerjs-esrgan-thick-1.0.0.tgz --out models --name esrgan-x4 --no-fp16
 
 clean:  ## remove the virtual environment
 	rm -rf $(VENV)

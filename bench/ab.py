@@ -31,6 +31,14 @@ def _serve(tree: Path, models: Path) -> ServerProcess:
     return ServerProcess("genserve", genserve_command(models), env=env)
 
 
+def _subset(models_dir: Path, names: list[str], into: Path) -> Path:
+    """A model repository of links to `names` in `models_dir`."""
+    into.mkdir()
+    for name in names:
+        (into / name).symlink_to((models_dir / name).resolve(), target_is_directory=True)
+    return into
+
+
 def _round(tree: Path, models: Path, names: list[str], duration_s: float) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     with _serve(tree, models) as server:
@@ -64,12 +72,16 @@ def main() -> None:
             capture_output=True,
         )
         try:
+            # Each side serves its own tree's files (config.json fields change between versions),
+            # and only the models measured: a server starts in seconds, whatever else is there.
+            repos = {"A": _subset(base / "models", args.models, Path(tmp) / "A")}
+            repos["B"] = _subset(args.models_dir, args.models, Path(tmp) / "B")
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 for side, tree in (
                     (("A", base), ("B", REPO_ROOT)) if i % 2 == 0 else (("B", REPO_ROOT), ("A", base))
                 ):
-                    sides[side].append(_round(tree, args.models_dir, args.models, args.duration_s))
+                    sides[side].append(_round(tree, repos[side], args.models, args.duration_s))
         finally:
             subprocess.run(
                 ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False

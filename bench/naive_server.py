@@ -187,6 +187,11 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     ) -> genserve_pb2.SampleResponse:
         await self._unimplemented(context, "Decode")
 
+    async def SampleCodes(  # noqa: N802
+        self, request: genserve_pb2.SampleCodesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.SampleCodesResponse:
+        await self._unimplemented(context, "SampleCodes")
+
     async def ListModels(  # noqa: N802
         self, request: genserve_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> genserve_pb2.ListModelsResponse:

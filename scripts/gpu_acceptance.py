@@ -41,6 +41,7 @@ sys.path[:0] = [str(ROOT / p) for p in ("api", "server", "clients", "export", "t
 
 from genserve_server import ort_session  # noqa: E402
 from genserve_server.config import LATENT_KINDS, ServerConfig  # noqa: E402
+from genserve_server.loader import warmup_inputs  # noqa: E402
 from genserve_server.metrics import Metrics  # noqa: E402
 from genserve_server.ort_session import (  # noqa: E402
     CPU,
@@ -48,13 +49,12 @@ from genserve_server.ort_session import (  # noqa: E402
     TENSORRT,
     ProfileShapes,
     RuntimeConfig,
-    SessionRunner,
-    check_fp16_parity,
     create_session,
     max_abs_diff,
 )
-from genserve_server.repository import ModelState, Repository, warmup_inputs  # noqa: E402
+from genserve_server.repository import ModelState, Repository  # noqa: E402
 from genserve_server.runner import Runner  # noqa: E402
+from genserve_server.session_runner import SessionRunner, check_fp16_parity  # noqa: E402
 
 ort.set_default_logger_severity(3)
 # Same device, same session options: a replayed graph computes what a plain run does (cuDNN may

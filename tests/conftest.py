@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_support import ServerProcess, build_tiny_repo, start_server
+from server_support import ServerProcess, build_tiny_repo, healthy_models, start_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = REPO_ROOT / "models"
@@ -21,6 +21,9 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One real server over the tiny repository, shared by the integration tests."""
-    server = start_server(tiny_repo, tmp_path_factory.mktemp("tiny-server"))
+    # tiny-broken fails on purpose: the server is SERVING for every other model (health.py).
+    server = start_server(
+        tiny_repo, tmp_path_factory.mktemp("tiny-server"), extra_args=healthy_models(tiny_repo)
+    )
     yield server
     server.stop()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Self
 
 from genserve_contract.kinds import KIND_NAMES, Kind
-from genserve_contract.repository import VERSION_PATTERN
+from genserve_contract.repository import NAME_PATTERN, VERSION_PATTERN
 from genserve_contract.runtime import RuntimeConfig, RuntimeConfigError, parse_runtime_config
 
 KNOWN_PROVIDERS: Final = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -272,6 +272,13 @@ class ModelConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     # Session tuning (threads, IO binding, CUDA graphs, TensorRT cache): runtime.RuntimeConfig.
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # code_prior only: the code_decoder model (a name in the same repository) that turns the
+    # sampled grids into images (its highest ready version at request time). Empty: SampleCodes
+    # returns the grids only (a top prior, whose grids a bottom prior takes as top_codes).
+    decoder: str = ""
+    # code_prior with a top grid only: the code_prior model that samples that top grid when the
+    # caller gives none (same seed, label and options). Empty: the caller must give top_codes.
+    top_prior: str = ""
 
 
 CONFIG_FIELDS: Final = (
@@ -282,6 +289,8 @@ CONFIG_FIELDS: Final = (
     "precision",
     "version_policy",
     "runtime",
+    "decoder",
+    "top_prior",
 )
 
 
@@ -400,8 +409,17 @@ def parse_model_config(
             f"is not supported for kind {d.kind}: its input height and width vary per request, and a CUDA "
             "graph replays one captured shape (set it to false; io_binding still applies)",
         )
+    decoder = r.string("decoder", "")
+    top_prior = r.string("top_prior", "")
+    for key, value in (("decoder", decoder), ("top_prior", top_prior)):
+        if value and not NAME_PATTERN.match(value):
+            raise r.error(key, f"must be a model name ({NAME_PATTERN.pattern}), got {value!r}")
+        if value and not d.kind.autoregressive:
+            raise r.error(key, f"applies to kind code_prior only, not {d.kind}")
     config = ModelConfig(
         kind=d.kind,
+        decoder=decoder,
+        top_prior=top_prior,
         batching=batching,
         instances=r.integer("instances", d.instances, min_value=1, max_value=MAX_INSTANCES),
         execution_providers=providers if providers else d.execution_providers,

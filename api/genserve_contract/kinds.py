@@ -32,6 +32,13 @@ OUTPUT_IMAGE = TensorDecl("output_image", "float32", 4)
 MU = TensorDecl("mu", "float32", 2)
 LOGVAR = TensorDecl("logvar", "float32", 2)
 IMAGE_OUTPUT_NAMES = (IMAGE.name, OUTPUT_IMAGE.name)
+# Discrete codes (VQ-VAE): int64 [N, H, W] grids of codebook indices. A prior's unfilled positions
+# hold 0 (a valid index: its masked convolutions never read them, and an embedding lookup never
+# goes out of range). TOP_CODES: the coarse grid a bottom prior and a two-level decoder take.
+CODES = TensorDecl("codes", "int64", 3)
+TOP_CODES = TensorDecl("top_codes", "int64", 3)
+# A prior's logits for every position: float32 [N, K, H, W] (K = codebook_size).
+LOGITS = TensorDecl("logits", "float32", 4)
 
 # The config.json batching export writes per kind family (the server's own defaults for absent
 # fields are config.BatchingConfig's). Generators are cheap per item and served to many small
@@ -66,6 +73,9 @@ class KindSpec:
     # Output = scale_factor x input, served in tiles (scale_factor, tile_size, tile_overlap apply).
     tiled: bool = False
     export_batching: Mapping[str, Any] = field(default_factory=lambda: _LATENT_BATCHING)
+    # Inputs a graph of this kind may take besides `inputs`; the card says which it has (code kinds:
+    # `label` where class_names is set, `top_codes` where top_grid is set).
+    optional_inputs: tuple[TensorDecl, ...] = ()
 
 
 class Kind(enum.StrEnum):
@@ -77,6 +87,8 @@ class Kind(enum.StrEnum):
     VAE_ENCODER = "vae_encoder"
     SUPER_RESOLUTION = "super_resolution"
     IMAGE_TO_IMAGE = "image_to_image"
+    CODE_PRIOR = "code_prior"
+    CODE_DECODER = "code_decoder"
 
     @classmethod
     def parse(cls, value: object) -> Kind:
@@ -104,6 +116,20 @@ class Kind(enum.StrEnum):
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.spec.outputs)
+
+    @property
+    def optional_inputs(self) -> tuple[TensorDecl, ...]:
+        return self.spec.optional_inputs
+
+    @property
+    def takes_codes(self) -> bool:
+        """Input `codes` (grid, codebook_size apply): the VQ kinds."""
+        return CODES.name in self.input_names
+
+    @property
+    def autoregressive(self) -> bool:
+        """Output `logits`: a prior served by the step scheduler (SampleCodes), not by batches."""
+        return LOGITS.name in self.output_names
 
     @property
     def takes_latent(self) -> bool:
@@ -163,6 +189,9 @@ _SPECS: Mapping[Kind, KindSpec] = MappingProxyType(
             fully_convolutional=True,
             export_batching=_IMAGE_BATCHING,
         ),
+        # batching.max_batch_size of a prior is its row budget: the rows of one step's call.
+        Kind.CODE_PRIOR: KindSpec(inputs=(CODES,), outputs=(LOGITS,), optional_inputs=(LABEL, TOP_CODES)),
+        Kind.CODE_DECODER: KindSpec(inputs=(CODES,), outputs=(IMAGE,), optional_inputs=(TOP_CODES,)),
     }
 )
 if set(_SPECS) != set(Kind):  # a new member without its declaration fails at import, not at serve time

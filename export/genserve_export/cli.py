@@ -1,4 +1,4 @@
-"""``genserve-export``: train, build-defaults, verify."""
+"""``genserve-export``: train, build-defaults, import-rrdn, verify."""
 
 from __future__ import annotations
 
@@ -44,6 +44,35 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--threads", type=int, default=1)
     build.add_argument("--no-verify", action="store_true", help="skip verify after building")
 
+    imp = sub.add_parser(
+        "import-rrdn",
+        help="import a pretrained upscalerjs ESRGAN/RRDN super-resolution model (an npm package fetched "
+        "by `make pretrained`) and export it",
+    )
+    imp.add_argument("package", type=Path, help="the npm package: its .tgz or the unpacked directory")
+    imp.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
+    imp.add_argument("--name", default="esrgan-x4", help="repository entry name")
+    imp.add_argument("--version", default="1", help="version directory")
+    imp.add_argument("--scale", type=int, default=4, help="which of the package's models/x<scale> to import")
+    imp.add_argument(
+        "--pixel-max",
+        choices=("auto", "1", "255"),
+        default="auto",
+        help="input range the TF.js model expects, [0, 1] or [0, 255] (auto: the one that reproduces the "
+        "package's own sample output)",
+    )
+    imp.add_argument("--tile-size", type=int, default=128, help="card tile_size (input px)")
+    imp.add_argument("--tile-overlap", type=int, default=16, help="card tile_overlap (input px)")
+    imp.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=2,
+        help="config.json batching.max_batch_size (small: the server warms batches of 1 and this at load)",
+    )
+    imp.add_argument("--min-gain-db", type=float, default=0.5, help="card threshold on psnr_gain_db")
+    imp.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
+    imp.add_argument("--no-fp16", action="store_true", help="do not write model.fp16.onnx")
+
     verify = sub.add_parser("verify", help="check every model of a repository")
     verify.add_argument("path", type=Path)
     verify.add_argument("--grids", type=Path, default=None, help="write a PNG sample grid per model here")
@@ -74,6 +103,45 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for path in result.paths:
         _say(f"wrote {path}")
     _say(f"{args.name}: train {result.train_s:.1f} s, export {result.export_s:.1f} s")
+    return 0
+
+
+def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import torch
+
+    from genserve_export.import_sr import import_tfjs_sr
+
+    torch.set_num_threads(args.threads)
+    batch = args.max_batch_size
+    tile = args.tile_size
+    config = {
+        # One large model: one instance using every core, small batches of tiles bounded by pixels
+        # (warm-up times batches of 1 and max_batch_size at the tile size).
+        "instances": 1,
+        "batching": {
+            "max_batch_size": batch,
+            "preferred_batch_sizes": sorted({1, batch}),
+            "max_queue_size": 256,
+            "max_batch_pixels": batch * tile * tile,
+            "efficient_batch_tolerance": None,
+        },
+    }
+    target = import_tfjs_sr(
+        args.package,
+        out_dir=args.out,
+        name=args.name,
+        scale=args.scale,
+        version=args.version,
+        pixel_max=args.pixel_max,
+        fp16=not args.no_fp16,
+        config=config,
+        tile_size=tile,
+        tile_overlap=args.tile_overlap,
+        min_quality_gain_db=args.min_gain_db,
+        command=_command_line(argv),
+        progress=_say,
+    )
+    _say(f"wrote {target}")
     return 0
 
 
@@ -132,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(args, argv)
     if args.command == "build-defaults":
         return _build_defaults(args, argv)
+    if args.command == "import-rrdn":
+        return _import_rrdn(args, argv)
     return _verify_and__say(
         args.path, grids=args.grids, thresholds=not args.no_thresholds, quality=not args.no_quality
     )

@@ -82,6 +82,7 @@ def export_model(
     training: Mapping[str, Any] | None = None,
     fp16: bool = True,
     overwrite: bool = False,
+    extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Export ``module`` as ``out_dir/name/version`` and return that directory.
 
@@ -92,6 +93,8 @@ def export_model(
     ``input_range``, ``class_names``; optionally ``scale_factor``, ``size_multiple``, ``min_size``,
     ``tile_size``, ``tile_overlap``, ``recipe`` and any extra field). Everything is checked before
     anything is written; a failure raises an :class:`ExportError` subclass naming the problem.
+    ``extra_files`` (file name in the version directory -> source path) travel with the graph,
+    written in the same atomic step: e.g. an imported model's licence and reference images.
     """
     out_root = Path(out_dir)
     spec = _check_arguments(kind, name, version, card)
@@ -160,6 +163,16 @@ def export_model(
         problems = validate_config(full_config, where=f"{name}/config.json")
         if problems:
             raise ConfigFieldError("; ".join(problems))
+        for file_name, source in (extra_files or {}).items():
+            if (
+                file_name in files
+                or file_name == "card.json"
+                or "/" in file_name
+                or file_name.startswith(".")
+            ):
+                raise InvalidArgumentError(f"extra file name {file_name!r} is reserved or not a plain name")
+            shutil.copyfile(source, workdir / file_name)
+            files.append(file_name)
         return _write_atomically(out_root, name, version, workdir, files, full_card, full_config, overwrite)
 
 

@@ -382,13 +382,25 @@ def _check_quality(
         else recipe_for_entry(card["name"])
     )
     threshold_spec = card["quality"].get("thresholds", {})
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_session(sess, feeds)
+
+    source = card.get("source")
+    if found is None and isinstance(source, Mapping) and source.get("importer") == "tfjs-layers-sr":
+        from genserve_export.import_sr import evaluate_imported
+
+        try:
+            figures = evaluate_imported(card, model.path, run)
+        except Exception as exc:  # report, do not crash verify
+            model.errors.append(f"quality evaluation of imported model failed: {type(exc).__name__}: {exc}")
+            return
+        _apply_thresholds(model, figures, threshold_spec, thresholds)
+        return
     if found is None:
         model.notes.append("no recipe for this model: quality not recomputed, card figures shown")
         return
     recipe = found[1]
-
-    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_session(sess, feeds)
 
     try:
         with_siblings: Callable[..., dict[str, float]] | None = getattr(
@@ -401,6 +413,12 @@ def _check_quality(
     except Exception as exc:  # a recipe's evaluation is third-party code; report, do not crash verify
         model.errors.append(f"quality evaluation by recipe {found[0]!r} failed: {type(exc).__name__}: {exc}")
         return
+    _apply_thresholds(model, figures, threshold_spec, thresholds)
+
+
+def _apply_thresholds(
+    model: ModelReport, figures: Mapping[str, float], threshold_spec: Mapping[str, Any], thresholds: bool
+) -> None:
     model.quality_recomputed = {k: float(v) for k, v in figures.items()}
     failures = check_thresholds(model.quality_recomputed, threshold_spec)
     if thresholds:

@@ -29,18 +29,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import numpy as np
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Protocol
 
 from genserve_contract.config import BatchingConfig
+from genserve_server.batch_parts import (
+    BatchResult as BatchResult,
+)
+from genserve_server.batch_parts import (
+    Lane as Lane,
+)
+from genserve_server.batch_parts import (
+    Part,
+    PendingRequest,
+    Tensors,
+    concat,
+    fan_out,
+    live,
+    set_exception_if_not_done,
+    split,
+)
 from genserve_server.errors import (
     DeadlineExceeded,
     GenserveError,
@@ -52,7 +64,6 @@ from genserve_server.errors import (
 
 logger = logging.getLogger(__name__)
 
-Tensors = Mapping[str, np.ndarray]
 # run_batch(key, inputs) -> outputs; every output's axis 0 must equal the inputs' row count.
 RunBatch = Callable[[Hashable, Tensors], Awaitable[Tensors]]
 
@@ -92,11 +103,6 @@ def cancelled_by_deadline(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
 
 
-class Lane(enum.IntEnum):
-    INTERACTIVE = 0
-    BULK = 1
-
-
 class BatchObserver(Protocol):
     """What the batcher reports (metrics.ModelMetrics adapts this to Prometheus)."""
 
@@ -122,52 +128,6 @@ class NullObserver:
 
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
         return None
-
-
-@dataclass(slots=True)
-class BatchResult:
-    """A request's outputs (rows in request order) and how they were computed."""
-
-    outputs: dict[str, np.ndarray]
-    # Row count of every model call that computed some of this request's rows.
-    executed_batch_sizes: list[int]
-    # From enqueue to the dispatch of the request's last batch.
-    queue_s: float
-
-
-@dataclass(slots=True, eq=False)
-class PendingRequest:
-    key: Hashable
-    inputs: Tensors
-    n_rows: int
-    lane: Lane
-    deadline: float | None  # time.monotonic() seconds; None = no deadline
-    enqueued_at: float
-    future: asyncio.Future[BatchResult]
-    next_row: int = 0  # rows [0, next_row) have been taken into batches
-    rows_done: int = 0
-    chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)
-    last_dispatch_at: float = 0.0
-
-
-@dataclass(slots=True)
-class _Part:
-    """Rows [start, start + rows) of one request inside a batch."""
-
-    request: PendingRequest
-    start: int
-    rows: int
-
-
-def _live(parts: list[_Part]) -> list[_Part]:
-    """The parts whose request still waits for its rows."""
-    return [p for p in parts if not p.request.future.done()]
-
-
-def _set_exception_if_not_done(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 class Batcher:
@@ -197,10 +157,10 @@ class Batcher:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
         self.name = name  # "model version N", for messages
         # Rows a batch takes at most: max_batch_size, or less where the warm-up measured that larger
-        # batches compute no item faster (repository.efficient_batch_size).
+        # batches compute no item faster (loader.efficient_batch_size).
         self.max_batch_size = min(max_batch_size, efficient_batch_size or max_batch_size)
         # Rows a batch of one compatibility key may take at most (e.g. fewer rows of larger images:
-        # repository.rows_within_pixels); None = max_batch_size for every key.
+        # loader.rows_within_pixels); None = max_batch_size for every key.
         self._rows_limit = rows_limit
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -432,7 +392,7 @@ class Batcher:
         for lane in self._lanes:
             for queue in lane.values():
                 for request in queue:
-                    _set_exception_if_not_done(request.future, Unavailable(f"{self.name} shut down"))
+                    set_exception_if_not_done(request.future, Unavailable(f"{self.name} shut down"))
             lane.clear()
 
     # ------------------------------------------------------------------ dispatch
@@ -550,7 +510,7 @@ class Batcher:
         while self._arrivals and now - self._arrivals[0][0] > horizon_s:
             self._arrival_rows -= self._arrivals.popleft()[1]
 
-    async def _form_batch(self) -> list[_Part]:
+    async def _form_batch(self) -> list[Part]:
         picked = self._pick()
         if picked is None:
             return []
@@ -601,11 +561,11 @@ class Batcher:
         if self._bulk_waiters:
             self._room.set()
 
-    def _take(self, lane: Lane, key: Hashable) -> list[_Part]:
+    def _take(self, lane: Lane, key: Hashable) -> list[Part]:
         """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first."""
         limit = self._batch_limit(lane, key)
         queue = self._lanes[lane][key]
-        parts: list[_Part] = []
+        parts: list[Part] = []
         rows = 0
         now = time.monotonic()
         while queue and rows < limit:
@@ -625,7 +585,7 @@ class Batcher:
                 # else: already failed by an earlier batch of its rows; nothing to count.
                 continue
             take = min(remaining, limit - rows)
-            parts.append(_Part(request, request.next_row, take))
+            parts.append(Part(request, request.next_row, take))
             request.next_row += take
             request.last_dispatch_at = now
             rows += take
@@ -638,7 +598,7 @@ class Batcher:
         self._observer.on_queue_depth(self._queued_rows)
         return parts
 
-    async def _execute(self, parts: list[_Part]) -> None:
+    async def _execute(self, parts: list[Part]) -> None:
         started = time.monotonic()
         for p in parts:
             self._observer.on_queue_wait(started - p.request.enqueued_at, p.request.lane)
@@ -656,9 +616,9 @@ class Batcher:
         # After the slot is free: the dispatcher, woken first, picks what waited (a bulk batch)
         # before a closed-loop caller woken by its result can queue ahead of it again.
         if outputs is not None:
-            self._fan_out(parts, outputs)
+            fan_out(parts, outputs)
 
-    async def _call(self, parts: list[_Part]) -> tuple[Tensors | None, Exception | None]:
+    async def _call(self, parts: list[Part]) -> tuple[Tensors | None, Exception | None]:
         """One model call over `parts`: (outputs, None), or (None, the failure)."""
         rows = sum(p.rows for p in parts)
         started = time.monotonic()
@@ -666,7 +626,7 @@ class Batcher:
         try:
             first = parts[0].request
             run = self._run_bulk_batch if first.lane == Lane.BULK else self._run_batch
-            outputs = await run(first.key, self._concat(parts))
+            outputs = await run(first.key, concat(parts))
             for name, value in outputs.items():
                 if value.shape[:1] != (rows,):
                     raise Internal(
@@ -700,29 +660,29 @@ class Batcher:
             )
         return (outputs, None) if error is None else (None, error)
 
-    async def _isolate(self, parts: list[_Part], error: Exception) -> None:
+    async def _isolate(self, parts: list[Part], error: Exception) -> None:
         """After a failed call, run its rows again in halves, so that rows which compute (a batch too
         large for the device's memory, neighbours of a row the model cannot take) are not lost with
         the rest. When both halves fail too, the model is taken to be failing, not some rows:
         everything left fails, which bounds the retries of a broken session at 2 calls per halving,
         log2(rows) halvings. The price of that bound: two bad rows that land in different halves,
         or a batch more than twice too large, fail the whole batch."""
-        parts = _live(parts)  # cancelled, or failed already
+        parts = live(parts)  # cancelled, or failed already
         rows = sum(p.rows for p in parts)
         if rows <= 1 or self._closing:
             self._fail(parts, error)
             return
-        halves = self._split(parts, rows // 2)
+        halves = split(parts, rows // 2)
         logger.warning("%s: retrying the %d rows of a failed batch in halves", self.name, rows)
         errors: list[Exception | None] = []
         for half in halves:
-            half[:] = _live(half)  # a caller may have gone during the other half's call
+            half[:] = live(half)  # a caller may have gone during the other half's call
             if not half:
                 errors.append(None)
                 continue
             outputs, half_error = await self._call(half)
             if outputs is not None:
-                self._fan_out(half, outputs)
+                fan_out(half, outputs)
             errors.append(half_error)
         if errors[0] is not None and errors[1] is not None:
             self._fail(parts, error)
@@ -731,7 +691,7 @@ class Batcher:
             if half_error is not None:
                 await self._isolate(half, half_error)
 
-    def _fail(self, parts: list[_Part], error: Exception) -> None:
+    def _fail(self, parts: list[Part], error: Exception) -> None:
         failure: GenserveError
         if self._closing and not isinstance(error, GenserveError):
             # The runner may be shut down under a retry (a drain that timed out): not a model fault.
@@ -742,55 +702,4 @@ class Batcher:
             message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
             failure = Internal(message)
         for part in parts:
-            _set_exception_if_not_done(part.request.future, failure)
-
-    @staticmethod
-    def _split(parts: list[_Part], left_rows: int) -> tuple[list[_Part], list[_Part]]:
-        """`parts` as two lists of parts, the first holding `left_rows` rows (a request may straddle)."""
-        left: list[_Part] = []
-        right: list[_Part] = []
-        for part in parts:
-            take = min(part.rows, max(0, left_rows))
-            if take:
-                left.append(_Part(part.request, part.start, take))
-            if part.rows > take:
-                right.append(_Part(part.request, part.start + take, part.rows - take))
-            left_rows -= take
-        return left, right
-
-    @staticmethod
-    def _concat(parts: list[_Part]) -> dict[str, np.ndarray]:
-        first = parts[0]
-        if len(parts) == 1 and first.start == 0 and first.rows == first.request.n_rows:
-            return dict(first.request.inputs)  # whole request in one batch: no copy
-        names = first.request.inputs.keys()
-        return {
-            name: np.concatenate([p.request.inputs[name][p.start : p.start + p.rows] for p in parts])
-            for name in names
-        }
-
-    @staticmethod
-    def _fan_out(parts: list[_Part], outputs: Tensors) -> None:
-        rows = sum(p.rows for p in parts)
-        offset = 0
-        for part in parts:
-            request = part.request
-            stop = offset + part.rows
-            if not request.future.done():  # cancelled callers are skipped, not failed
-                request.chunks.append((part.start, {k: v[offset:stop] for k, v in outputs.items()}))
-                request.batch_sizes.append(rows)
-                request.rows_done += part.rows
-                if request.rows_done == request.n_rows:
-                    if len(request.chunks) == 1:
-                        assembled = request.chunks[0][1]
-                    else:
-                        request.chunks.sort(key=lambda c: c[0])
-                        assembled = {
-                            k: np.concatenate([c[1][k] for c in request.chunks]) for k in request.chunks[0][1]
-                        }
-                    request.future.set_result(
-                        BatchResult(
-                            assembled, request.batch_sizes, request.last_dispatch_at - request.enqueued_at
-                        )
-                    )
-            offset = stop
+            set_exception_if_not_done(part.request.future, failure)

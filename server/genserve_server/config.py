@@ -280,9 +280,37 @@ class Card:
     min_size: int
     sha256: Mapping[str, str]
     raw_json: str
+    # Code kinds (code_prior, code_decoder): the code grid [H, W] and its codebook size K; with
+    # top_grid (and top_codebook_size) the graph also takes `top_codes` [N, Ht, Wt].
+    grid: tuple[int, int] | None = None
+    codebook_size: int | None = None
+    top_grid: tuple[int, int] | None = None
+    top_codebook_size: int | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
+
+    @property
+    def graph_inputs(self) -> tuple[str, ...]:
+        """The inputs the graph must have: the kind's, plus the optional ones this card declares
+        (code kinds: `label` with class_names, `top_codes` with top_grid)."""
+        declared = {"label": bool(self.class_names), "top_codes": self.top_grid is not None}
+        return self.kind.input_names + tuple(
+            t.name for t in self.kind.optional_inputs if declared.get(t.name, False)
+        )
+
+
+def _grid(r: _Reader, key: str) -> tuple[int, int] | None:
+    value = r.raw(key)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        raise r.error(key, f"must be [H, W] of integers >= 1, got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def _range(r: _Reader, key: str, required: bool) -> tuple[float, float] | None:
@@ -361,11 +389,22 @@ def load_card(path: Path) -> Card:
         min_size=r.integer("min_size", 1, min_value=1),
         sha256={str(k): str(v) for k, v in sha.items()},
         raw_json=json.dumps(data, indent=2, sort_keys=False),
+        grid=_grid(r, "grid"),
+        codebook_size=r.integer("codebook_size", 0, min_value=1) or None,
+        top_grid=_grid(r, "top_grid"),
+        top_codebook_size=r.integer("top_codebook_size", 0, min_value=1) or None,
     )
     if kind.takes_latent and card.latent_dim is None:
         raise r.error("latent_dim", f"is required for kind {kind}")
     if kind.conditional and not card.class_names:
         raise r.error("class_names", f"is required for kind {kind}")
-    if not kind.fully_convolutional and card.image_size is None:
+    needs_size = kind.image_output_name is not None or kind.takes_image or kind.takes_latent
+    if not kind.fully_convolutional and needs_size and card.image_size is None:
         raise r.error("image_size", f"is required for kind {kind}")
+    if kind.takes_codes:
+        for key, value in (("grid", card.grid), ("codebook_size", card.codebook_size)):
+            if value is None:
+                raise r.error(key, f"is required for kind {kind}")
+        if (card.top_grid is None) != (card.top_codebook_size is None):
+            raise r.error("top_codebook_size", "and top_grid are given together or not at all")
     return card

@@ -10,6 +10,7 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 - `encode_vae`: images -> latent distributions;
 - `upscale`: pad -> plan tiles -> group by shape -> submit -> blend -> crop;
 - `translate`: bucket by padded shape -> submit -> crop.
+- `sample_codes`: a code prior's step scheduler (step_sampler.py) -> its code_decoder's batcher.
 """
 
 from __future__ import annotations
@@ -31,18 +32,21 @@ from genserve_server.batch_keys import (
     PIXELS_OUTPUT,
     SEED_INPUT,
     BatchKey,
+    CodeRows,
     ImageRows,
     LatentRows,
     SeedRows,
+    StepRows,
     TileRows,
 )
 from genserve_server.batcher import Batcher, BatchResult, Lane
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
-from genserve_server.errors import GenserveError, invalid
+from genserve_server.errors import GenserveError, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.metrics import Metrics, ModelMetrics
-from genserve_server.repository import ModelVersion, Repository
+from genserve_server.repository import ModelState, ModelVersion, Repository
+from genserve_server.step_sampler import SamplingOptions, StepScheduler
 from genserve_server.validate import OutputSpec
 
 T = TypeVar("T")
@@ -82,6 +86,16 @@ class Upscaled:
     images: list[EncodedImage]
     executed_batch_sizes: list[int]
     tiles: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CodeSamples:
+    """Grids sampled by a code prior and, where it names a decoder, their images."""
+
+    codes: np.ndarray  # int64 [N, H, W]
+    images: list[EncodedImage]  # empty without a decoder
+    executed_batch_sizes: list[int]  # the decoder's batches
+    tops: np.ndarray | None = None  # int64 [N, Ht, Wt]: the top grids (given, or sampled by the top prior)
 
 
 @dataclass(slots=True)
@@ -129,6 +143,9 @@ class GenerationCore:
             codec_pool, config.codec_threads or cpu_count(), config.limits.max_send_message_bytes
         )
         self.image_cache = ImageCache(config.image_cache_bytes) if config.image_cache_bytes else None
+        # One step scheduler per loaded prior version (ModelVersion hashes by identity: a reload's
+        # new version gets its own, while the old one finishes its running rows).
+        self.steppers: dict[ModelVersion, StepScheduler] = {}
 
     # ------------------------------------------------------------------ resolving and submitting
 
@@ -351,6 +368,114 @@ class GenerationCore:
         finally:
             for task in pending:
                 task.cancel()
+
+    # ------------------------------------------------------------------ code priors (step batching)
+
+    def stepper(self, mv: ModelVersion) -> StepScheduler:
+        """The step scheduler of a code_prior version (made on first use)."""
+        found = self.steppers.get(mv)
+        if found is None:
+            card = mv.card
+            runner = mv.runner
+            assert card is not None and card.grid is not None and card.codebook_size is not None
+            assert runner is not None
+            found = StepScheduler(
+                functools.partial(runner.run, StepRows()),
+                name=mv.label,
+                grid=card.grid,
+                codebook_size=card.codebook_size,
+                max_rows=mv.config.batching.max_batch_size,
+                stream=1 if card.top_grid is not None else 0,
+                takes_label=bool(card.class_names),
+                top_grid=card.top_grid,
+                metrics=mv.metrics,
+            )
+            # Forget schedulers of versions replaced or unloaded once their rows are done.
+            self.steppers = {v: s for v, s in self.steppers.items() if s.rows or v.state == ModelState.READY}
+            self.steppers[mv] = found
+        return found
+
+    def code_decoder(self, mv: ModelVersion) -> ModelVersion | None:
+        """The serving version of the prior's decoder (config.json `decoder`); None when it names none."""
+        name = mv.config.decoder
+        if not name:
+            return None
+        decoder = self.repo.get(name).resolve("")
+        prior, card = mv.card, decoder.card
+        assert prior is not None and card is not None
+        decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
+        if not decodes_codes or (card.grid, card.top_grid) != (prior.grid, prior.top_grid):
+            raise Unavailable(
+                f"{mv.label}: its decoder {name} is a {card.kind} of grid {card.grid} and top grid "
+                f"{card.top_grid}; the prior needs a code_decoder of grid {prior.grid} and top grid "
+                f"{prior.top_grid} (config.json decoder)"
+            )
+        return decoder
+
+    def top_prior(self, mv: ModelVersion) -> ModelVersion | None:
+        """The serving version of a bottom prior's top prior (config.json `top_prior`), if any."""
+        name = mv.config.top_prior
+        prior = mv.card
+        assert prior is not None
+        if not name or prior.top_grid is None:
+            return None
+        top = self.repo.get(name).resolve("")
+        card = top.card
+        assert card is not None
+        fits = (
+            card.kind.autoregressive
+            and card.top_grid is None
+            and (card.grid, card.codebook_size) == (prior.top_grid, prior.top_codebook_size)
+            and (not card.class_names or bool(prior.class_names))
+        )
+        if not fits:
+            raise Unavailable(
+                f"{mv.label}: its top prior {name} is a {card.kind} of grid {card.grid}, codebook "
+                f"{card.codebook_size}, top grid {card.top_grid}, classes {len(card.class_names)}; the "
+                f"prior needs a code_prior of grid {prior.top_grid} and codebook {prior.top_codebook_size}, "
+                "without a top grid, class-conditional only where the prior is (config.json top_prior)"
+            )
+        return top
+
+    async def sample_codes(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None,
+        tops: np.ndarray | None,
+        options: SamplingOptions,
+        out: OutputSpec,
+    ) -> CodeSamples:
+        """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
+        finish near the same step, of any request, share the decoder's batches)."""
+        decoder = self.code_decoder(mv)
+        if decoder is not None:
+            card = decoder.card
+            assert card is not None and card.image_size is not None
+            validate.predicted_send_size(
+                out, len(seeds), card.channels, *card.image_size, self.limits.max_send_message_bytes
+            )
+        top = self.top_prior(mv) if tops is None else None
+        if top is not None:  # both levels in one call: the top grids first, same seeds and options
+            assert top.card is not None and top.card.codebook_size is not None
+            top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
+            top_labels = labels if top.card.class_names else None
+            tops = await self.stepper(top).sample(seeds, top_labels, None, top_options, call.deadline)
+        codes = await self.stepper(mv).sample(seeds, labels, tops, options, call.deadline)
+        if decoder is None:
+            return CodeSamples(codes, [], [], tops)
+        assert decoder.card is not None and decoder.batcher is not None
+        inputs = {"codes": codes}
+        if tops is not None:
+            inputs["top_codes"] = tops
+        result = await decoder.batcher.submit(
+            CodeRows(), inputs, len(seeds), lane=Lane.INTERACTIVE, deadline=call.deadline
+        )
+        images = await self.codec.encode(
+            decoder.metrics, result.outputs["image"], out, decoder.card.output_range
+        )
+        return CodeSamples(codes, images, result.executed_batch_sizes, tops)
 
     # ------------------------------------------------------------------ VAE encoder
 

@@ -1,22 +1,65 @@
-"""grpc.health.v1 (asyncio) wiring: "" for the whole server and one key per model name.
+"""grpc.health.v1 (asyncio) wiring: "" for the whole server, one key per model name.
 
-The server key is SERVING once the repository has loaded (even if some models are not: those
-have their own NOT_SERVING key), and NOT_SERVING from the first moment of shutdown.
+The whole server ("" and its alias `genserve.v1.GenerationService`, the name probes that check a
+service try) is SERVING only once start-up loading has finished and every *required* model has a
+READY version: the models named by `--require-models`, or by default every model in the
+repository. An empty repository, or one whose models all failed, is NOT_SERVING: a pod that can
+answer nothing must not receive traffic. From the first moment of shutdown every key is
+NOT_SERVING. `/healthz` on the metrics port answers from the same state (`HealthState.serving`).
+
+`liveness` is SERVING once start-up loading has finished, whatever the models did, until shutdown:
+what Kubernetes' startup and liveness probes check, so that a model that failed to load takes the
+pod out of the Service (readiness, "") without a restart loop (liveness).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping, Sequence
 
 from grpc_health.v1 import health, health_pb2
 
+logger = logging.getLogger(__name__)
+
 SERVER_KEY = ""
+# The genserve.v1 service's full name (main.py checks it against the proto): a probe configured with
+# the service's name gets the whole server's answer.
+SERVICE_ALIAS = "genserve.v1.GenerationService"
+OVERALL_KEYS = (SERVER_KEY, SERVICE_ALIAS)
+LIVE_KEY = "liveness"
+
+
+def overall_status(models: Mapping[str, bool], required: Sequence[str] | None) -> tuple[bool, str]:
+    """(serving?, why not) for the whole server, from each model's "has a READY version".
+
+    >>> overall_status({"a": True, "b": False}, None)
+    (False, 'required models not ready: b')
+    >>> overall_status({"a": True, "b": False}, ["a"])
+    (True, '')
+    >>> overall_status({}, None)
+    (False, 'no models in the repository')
+    """
+    names = list(models) if required is None else list(required)
+    if not names:
+        return False, "no models in the repository"
+    missing = [n for n in names if n not in models]
+    if missing:
+        return False, f"required models not in the repository: {', '.join(missing)}"
+    not_ready = [n for n in names if not models[n]]
+    if not_ready:
+        return False, f"required models not ready: {', '.join(not_ready)}"
+    return True, ""
 
 
 class HealthState:
     def __init__(self) -> None:
         self.servicer = health.aio.HealthServicer()
         self._tasks: set[asyncio.Task[None]] = set()
+        # The whole server's state, read by /healthz (another thread: a bool and a str, set whole).
+        self.serving = False
+        self.reason = "starting"
+        self._closed = False
 
     async def set(self, service: str, serving: bool) -> None:
         status = (
@@ -30,11 +73,26 @@ class HealthState:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def set_overall_soon(self, serving: bool, reason: str = "") -> None:
+        """The whole server's answer ("" and its alias); logs each change once."""
+        if self._closed:
+            return
+        if (serving, reason) != (self.serving, self.reason):
+            if serving:
+                logger.info("server SERVING")
+            else:
+                logger.warning("server NOT_SERVING: %s", reason)
+        self.serving, self.reason = serving, reason
+        for key in OVERALL_KEYS:
+            self.set_soon(key, serving)
+
     async def flush(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks)
 
     async def shutdown(self) -> None:
         """Every key NOT_SERVING; later `set` calls are ignored (grpc's graceful-shutdown flag)."""
+        self._closed = True
+        self.serving, self.reason = False, "shutting down"
         await self.flush()
         await self.servicer.enter_graceful_shutdown()

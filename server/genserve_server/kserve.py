@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from genserve_server import kserve_metadata, kserve_tensors, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
-from genserve_server.config import KINDS, Card, TensorSpec
+from genserve_server.config import KINDS, Card, Kind, TensorSpec
 from genserve_server.core import Call, GenerationCore, image_batch_key
 from genserve_server.errors import GenserveError, NotFound, invalid
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
@@ -47,6 +47,8 @@ from inference import grpc_service_pb2_grpc as kpb_grpc
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
+# Code kinds are sampled step by step (genserve.v1 SampleCodes), not in one model call.
+INFER_KINDS = tuple(k for k in KINDS if not Kind(k).takes_codes)
 # card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
 
 
@@ -65,9 +67,18 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on genserve's repository and batchers."""
 
     def __init__(
-        self, repository: Repository, core: GenerationCore, boundary: Boundary, registry: CollectorRegistry
+        self,
+        repository: Repository,
+        core: GenerationCore,
+        boundary: Boundary,
+        registry: CollectorRegistry,
+        *,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
+        """`ready`: the server's readiness (main.py passes grpc.health ""'s: loading over and every
+        required model READY), so that ServerReady and the health check never disagree."""
         self.repo = repository
+        self._ready = ready
         self.core = core
         self.boundary = boundary
         self.limits = core.limits
@@ -95,9 +106,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerReadyResponse(ready=self._server_ready())
 
     def _server_ready(self) -> bool:
-        """Startup loading finished (like grpc.health "") and at least one model version serves. A
-        hot reload loading or draining another version leaves the server ready; at shutdown every
-        version drains, so it turns not-ready."""
+        """grpc.health ""'s answer when the server gave one; else (a servicer on its own) startup
+        loading finished and at least one model version serves. A hot reload loading or draining
+        another version leaves the server ready; at shutdown every version drains."""
+        if self._ready is not None:
+            return self._ready()
         return self._loaded and any(
             mv.state == ModelState.READY for model in self.repo for mv in model.versions.values()
         )
@@ -205,7 +218,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return await self.boundary.unary("ModelInfer", request, context, self._do_infer)
 
     async def _do_infer(self, request: kpb.ModelInferRequest, call: Call) -> kpb.ModelInferResponse:
-        mv = self.core.resolve(call, request.model_name, request.model_version, KINDS, "ModelInfer")
+        mv = self.core.resolve(call, request.model_name, request.model_version, INFER_KINDS, "ModelInfer")
         card = mv.card
         assert card is not None
         tensors = kserve_tensors.read_inputs(request, card)

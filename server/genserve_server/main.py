@@ -1,25 +1,29 @@
 """`genserve-server`: the CLI and the server lifecycle.
 
-    genserve-server serve --models DIR [--port 50051] [--metrics-port 9090] [--host 127.0.0.1]
+    genserve-server serve --models DIR [--port 50051] [--metrics-port 50052] [--host 127.0.0.1]
                           [--config FILE] [--ready-file PATH] [--no-metrics] [--log-json]
+                          [--require-models NAME,NAME]
                           [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
                           [--token-file FILE] [--token-env VAR] [--watch-interval-s S]
     genserve-server health [--port 50051] [--service NAME]
 
 Lifecycle (grpc's graceful-shutdown example): bind, start, load models (health NOT_SERVING until
-then), announce; on SIGTERM/SIGINT: health NOT_SERVING, `server.stop(grace)` (no new RPCs,
-in-flight ones finish), batchers drain, pools shut down, exit 0. SIGHUP rescans the model
-repository (reload.py): new versions load in the background, retired ones drain.
+then, and after unless every required model is READY: health.py), announce; on SIGTERM/SIGINT:
+health NOT_SERVING, `server.stop(grace)` (no new RPCs, in-flight ones finish), batchers drain,
+pools shut down, exit 0. SIGHUP rescans the model repository (reload.py): new versions load in the
+background, retired ones drain.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -37,15 +41,21 @@ from genserve_server.boundary import Boundary
 from genserve_server.config import ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
-from genserve_server.health import SERVER_KEY, HealthState
+from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.limits import GuardedRegistrar, StreamLimit, guard_malformed
 from genserve_server.metrics import Metrics
+from genserve_server.providers import quiet_onnxruntime
 from genserve_server.reload import Reloader
 from genserve_server.repository import Repository
-from genserve_server.runner import quiet_onnxruntime
 from genserve_server.service import GenerationService
 
 logger = logging.getLogger("genserve_server")
+
+# The metrics port's default: the gRPC port + 1, as Triton pairs 8001 (gRPC) with 8002 (metrics).
+# Not 9090 (Prometheus itself) and nothing in 9100-9999, the range Prometheus allocates to exporters
+# (fully allocated: any port there is some exporter's, e.g. 9100 node_exporter, 9400 DCGM, 9464
+# OpenTelemetry), so genserve can run on a node beside them (docs/metrics.md).
+DEFAULT_METRICS_PORT = 50052
 
 SERVICE_NAMES = (
     genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
@@ -78,6 +88,8 @@ def setup_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python warnings (a library's DeprecationWarning) as log records: no unformatted stderr lines.
+    logging.captureWarnings(True)
 
 
 def _address(host: str, port: int) -> str:
@@ -95,8 +107,9 @@ class App:
         host: str = "127.0.0.1",
         port: int = 50051,
         metrics_host: str = "127.0.0.1",
-        metrics_port: int | None = 9090,
+        metrics_port: int | None = DEFAULT_METRICS_PORT,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        required_models: Sequence[str] | None = None,
     ) -> None:
         self.config = config
         self.host = host
@@ -106,6 +119,9 @@ class App:
         self.metrics = Metrics(enabled=metrics_port is not None)
         self.repository = Repository(models_dir, config, self.metrics)
         self.health = HealthState()
+        # None: every model in the repository is required for the whole server to be SERVING.
+        self.required_models = list(required_models) if required_models is not None else None
+        self._loaded = False
         self.codec_pool = ThreadPoolExecutor(
             max_workers=config.codec_threads or cpu_count(), thread_name_prefix="codec"
         )
@@ -140,7 +156,11 @@ class App:
         genserve_pb2_grpc.add_GenerationServiceServicer_to_server(self.service, registrar)
         # KServe v2 / Triton protocol on the same port, repository, batchers and metrics.
         self.kserve = kserve.InferenceService(
-            self.repository, self.core, self.boundary, self.metrics.registry
+            self.repository,
+            self.core,
+            self.boundary,
+            self.metrics.registry,
+            ready=lambda: self.health.serving,  # ServerReady says what grpc.health "" says
         )
         kserve.add_to_server(self.kserve, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
@@ -149,7 +169,7 @@ class App:
             self.repository,
             drain_grace_s=config.drain_grace_s,
             watch_interval_s=config.watch_interval_s,
-            on_removed=self.health.set_soon,
+            on_removed=self._on_model_state,
         )
         self.port = 0
         self.metrics_port = 0
@@ -157,23 +177,71 @@ class App:
 
     async def start(self) -> None:
         self.repository.scan()
-        self.port = security.bind(self.server, _address(self.host, self.requested_port), self.config.security)
-        if self.port == 0:
-            raise GenserveError(f"could not bind {_address(self.host, self.requested_port)}")
+        self.port = self._bind_grpc()
         if self.requested_metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.metrics_host, self.requested_metrics_port)
-        await self.health.set(SERVER_KEY, False)
+            self.metrics_port = self._bind_metrics(self.requested_metrics_port)
+        for key in (*OVERALL_KEYS, LIVE_KEY):
+            await self.health.set(key, False)
         for model in self.repository:
             await self.health.set(model.name, False)
-        self.repository.add_listener(self.health.set_soon)
+        self.repository.add_listener(self._on_model_state)
         await self.server.start()
         await self.repository.load_all()
+        self._loaded = True
+        self._refresh_overall()
         await self.health.flush()
-        await self.health.set(SERVER_KEY, True)
+        await self.health.set(LIVE_KEY, True)
         self.reloader.start()
+
+    def _bind_grpc(self) -> int:
+        address = _address(self.host, self.requested_port)
+        _check_port_free(self.host, self.requested_port, "--port")
+        try:
+            port = security.bind(self.server, address, self.config.security)
+        except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
+            raise GenserveError(f"cannot listen on {address} (--host/--port): {exc}") from None
+        if port == 0:
+            raise GenserveError(f"cannot listen on {address} (--host/--port)")
+        return port
+
+    def _bind_metrics(self, port: int) -> int:
+        try:
+            return self.metrics.serve(self.metrics_host, port, self._health_answer)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise GenserveError(
+                    f"metrics port {port} on {self.metrics_host} is already in use: "
+                    "choose another with --metrics-port (or --no-metrics)"
+                ) from None
+            raise GenserveError(
+                f"cannot serve metrics on {_address(self.metrics_host, port)} "
+                f"(--metrics-host/--metrics-port): {exc.strerror or exc}"
+            ) from None
+
+    def _health_answer(self) -> tuple[bool, str]:
+        """/healthz: the whole server's state (read on the metrics thread)."""
+        return self.health.serving, self.health.reason
+
+    def _on_model_state(self, name: str, serving: bool) -> None:
+        """A model's readiness may have changed (load, failure, reload, removal)."""
+        self.health.set_soon(name, serving)
+        self._refresh_overall()
+
+    def _refresh_overall(self) -> None:
+        if not self._loaded:
+            return
+        models = {m.name: bool(m.ready_versions()) for m in self.repository}
+        self.health.set_overall_soon(*overall_status(models, self.required_models))
 
     def request_stop(self) -> None:
         self._stop.set()
+        if not self._loaded:  # SIGTERM during start-up: do not finish loading first
+            logger.info("stop requested during start-up: cancelling model loading")
+            self.repository.cancel_loading()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     async def wait_for_stop(self) -> None:
         await self._stop.wait()
@@ -190,6 +258,31 @@ class App:
         self.codec_pool.shutdown(wait=True)
         self.metrics.close()
         logger.info("stopped in %.2f s", time.monotonic() - started)
+
+
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    """A port in use is one line naming it and the flag (gRPC's own bind failure is a traceback with
+    C-core log lines). A check, not a reservation: the real bind still reports a race."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe_socket:
+        probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and http.server bind
+        try:
+            probe_socket.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise GenserveError(
+                    f"port {port} on {host} is already in use: free it or choose another with {flag}"
+                ) from None
+
+
+def parse_model_list(text: str) -> list[str]:
+    """`--require-models a,b`: model names, comma-separated, none empty."""
+    names = [n.strip() for n in text.split(",")]
+    if not names or any(not n for n in names):
+        raise GenserveError(f"--require-models: expected model names separated by commas, got {text!r}")
+    return names
 
 
 def write_ready_file(path: Path, port: int, metrics_port: int) -> None:
@@ -211,6 +304,10 @@ async def serve(args: argparse.Namespace) -> int:
         config = _replace(config, trt_engine_cache_dir=args.trt_engine_cache_dir)
     config = _apply_security_flags(config, args)
     setup_logging(config.log_level, config.log_json)
+    # Before anything is loaded or logged: a port in use is one line, at once.
+    _check_port_free(args.host, args.port, "--port")
+    if not args.no_metrics:
+        _check_port_free(args.metrics_host, args.metrics_port, "--metrics-port")
     quiet_onnxruntime()
     app = App(
         args.models,
@@ -219,6 +316,7 @@ async def serve(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=None if args.no_metrics else args.metrics_port,
+        required_models=parse_model_list(args.require_models) if args.require_models is not None else None,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -226,11 +324,12 @@ async def serve(args: argparse.Namespace) -> int:
     # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
     loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
     await app.start()
-    metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
-    sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
-    sys.stdout.flush()
-    if args.ready_file:
-        write_ready_file(args.ready_file, app.port, app.metrics_port)
+    if not app.stop_requested:
+        metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
+        sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
+        sys.stdout.flush()
+        if args.ready_file:
+            write_ready_file(args.ready_file, app.port, app.metrics_port)
     await app.wait_for_stop()
     await app.stop()
     # A sticky GPU failure stopped the server (repository.device_lost): exit non-zero for a restart.
@@ -308,8 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
     s.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address (default 127.0.0.1)")
-    s.add_argument("--metrics-port", type=int, default=9090, help="/metrics port; 0 picks a free one")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"/metrics and /healthz port; 0 picks a free one (default {DEFAULT_METRICS_PORT})",
+    )
     s.add_argument("--no-metrics", action="store_true", help="record and serve no metrics")
+    s.add_argument(
+        "--require-models",
+        default=None,
+        metavar="NAME,NAME",
+        help='health "" is SERVING only when these models are ready (default: every model in the repository)',
+    )
     s.add_argument("--config", type=Path, default=None, help="server config JSON (limits, threads, logging)")
     s.add_argument(
         "--ready-file", type=Path, default=None, help="write {port, metrics_port, pid} JSON when ready"

@@ -7,6 +7,7 @@ no label lookups. `Metrics(enabled=False)` keeps the same interface and records 
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -19,12 +20,15 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    disable_created_metrics,
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+from genserve_contract.kinds import Kind
 from genserve_server.batcher import Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
+from genserve_server.metrics_http import HealthProbe
+from genserve_server.metrics_http import serve as serve_http
 
 # 0.5 ms .. 30 s in 1-2.5-5 steps.
 LATENCY_BUCKETS_S = (
@@ -71,10 +75,41 @@ METHODS = (
     "Decode",
     "SuperResolve",
     "Translate",
+    "SampleCodes",
     "ListModels",
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
 )
+# The methods whose requests can use a model version's series, by kind (the core's `resolve`
+# refuses a wrong kind before it touches them; the same kind properties as service.py's and
+# kserve.py's kind lists): only these get a pre-bound latency histogram, so no series exist for
+# impossible pairs (SuperResolve x a generator). GetModel and ListModels count under model="".
+_ONE_METHOD_KINDS = {
+    Kind.VAE_ENCODER: "Encode",
+    Kind.SUPER_RESOLUTION: "SuperResolve",
+    Kind.IMAGE_TO_IMAGE: "Translate",
+    Kind.CODE_PRIOR: "SampleCodes",
+}
+
+
+def _kind_methods(kind: Kind) -> tuple[str, ...]:
+    methods: list[str] = []
+    if kind.takes_latent:
+        methods += ["Sample", "SampleStream", "Interpolate"]
+        if not kind.conditional:
+            methods.append("Decode")
+    if kind in _ONE_METHOD_KINDS:
+        methods.append(_ONE_METHOD_KINDS[kind])
+    if not kind.takes_codes:
+        methods.append("ModelInfer")
+    return tuple(methods)
+
+
+KIND_METHODS: dict[str, tuple[str, ...]] = {kind.value: _kind_methods(kind) for kind in Kind}
+# Kinds whose responses carry encoded images (the encode histograms): not the VAE encoder, whose
+# Encode answers latents. The decode histogram stays bound for every kind: a repository of
+# generators alone still exports the family the dashboard and KServe's statistics read.
+ENCODING_KINDS = frozenset(KIND_METHODS) - {Kind.VAE_ENCODER.value}
 REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready")
 DROP_REASONS = ("deadline", "cancelled")
 FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")
@@ -122,7 +157,16 @@ _NULL = _Null()
 class ModelMetrics:
     """Label children of one model version, bound once at load."""
 
-    def __init__(self, metrics: Metrics, model: str, version: str, *, model_level: bool = True) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        model: str,
+        version: str,
+        *,
+        model_level: bool = True,
+        methods: tuple[str, ...] = METHODS,
+        encodes: bool = True,
+    ) -> None:
         self.model = model
         self.version = version
         m = metrics
@@ -139,6 +183,7 @@ class ModelMetrics:
         self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
         self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
         self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
+        self.step_running_rows = m.step_running_rows.labels(*mv) if mon else _NULL
         self.images = m.images.labels(*mv) if mon else _NULL
         self.batch_failures = m.batch_failures.labels(*mv) if mon else _NULL
         self.cache_hits = m.image_cache_lookups.labels(*mv, "hit") if mon else _NULL
@@ -147,12 +192,30 @@ class ModelMetrics:
         self.ready = m.model_ready.labels(*mv) if mon else _NULL
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
         self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
-        self.encode_duration = {f: (m.encode_duration.labels(*mv, f) if mon else _NULL) for f in FORMATS}
-        self.request_duration = {x: (m.request_duration.labels(*mv, x) if on else _NULL) for x in METHODS}
+        self.encode_duration = {
+            f: (m.encode_duration.labels(*mv, f) if mon and encodes else _NULL) for f in FORMATS
+        }
+        self.request_duration = {x: (m.request_duration.labels(*mv, x) if on else _NULL) for x in methods}
         self._requests = m.requests if on else None
         self._requests_children: dict[tuple[str, str], Any] = {}
         self.batch_size: Any = _NULL
         self._metrics = m
+        self._runtime_labels: tuple[str, ...] | None = None
+
+    def set_runtime(self, provider: str, precision: str, gpu_requested: bool) -> None:
+        """genserve_model_runtime_info: what the loaded version really runs on (1), and whether its
+        config asked for a GPU provider; a GPU pod that fell back to CPU shows here."""
+        if not self._metrics.enabled:
+            return
+        labels = (self.model, self.version, provider, precision, "true" if gpu_requested else "false")
+        self.clear_runtime()
+        self._metrics.model_runtime_info.labels(*labels).set(1)
+        self._runtime_labels = labels
+
+    def clear_runtime(self) -> None:
+        if self._runtime_labels is not None:
+            self._metrics.model_runtime_info.remove(*self._runtime_labels)
+            self._runtime_labels = None
 
     def bind_batch_size(self, max_batch_size: int) -> None:
         """The batch-size histogram's buckets depend on max_batch_size, so it is per model."""
@@ -168,7 +231,12 @@ class ModelMetrics:
                 self.model, self.version, method, code
             )
         child.inc()
-        self.request_duration[method].observe(duration_s)
+        duration = self.request_duration.get(method)
+        if duration is None:  # a method the kind does not serve: bound on first use
+            duration = self.request_duration[method] = self._metrics.request_duration.labels(
+                self.model, self.version, method
+            )
+        duration.observe(duration_s)
 
 
 class Metrics:
@@ -176,6 +244,9 @@ class Metrics:
 
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
+        # No `*_created` series (one more per counter and histogram child; nothing here reads them).
+        # Process-wide in prometheus_client, as PROMETHEUS_DISABLE_CREATED_SERIES=true would be.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         # process_* and python_* as on the default registry.
@@ -240,6 +311,12 @@ class Metrics:
             registry=reg,
         )
         self.queue_depth = Gauge("genserve_queue_depth", "Items waiting in the batcher.", mv, registry=reg)
+        self.step_running_rows = Gauge(
+            "genserve_step_running_rows",
+            "Rows in a code prior's running set (step-level batching).",
+            mv,
+            registry=reg,
+        )
         self.in_flight = Gauge(
             "genserve_requests_in_flight", "RPCs being handled.", ("method",), registry=reg
         )
@@ -277,6 +354,23 @@ class Metrics:
         self.model_ready = Gauge(
             "genserve_model_ready", "1 when the model version is ready, else 0.", mv, registry=reg
         )
+        self.model_runtime_info = Gauge(
+            "genserve_model_runtime_info",
+            "1 per loaded model version: the execution provider and precision it really runs on, and "
+            "whether its config requested a GPU provider.",
+            (*mv, "provider", "precision", "gpu_requested"),
+            registry=reg,
+        )
+        self.build_info = Gauge(
+            "genserve_build_info",
+            "Always 1: the genserve-server and ONNX Runtime versions of this process.",
+            ("version", "onnxruntime"),
+            registry=reg,
+        )
+        if enabled:
+            self.build_info.labels(_package_version("genserve-server"), _package_version("onnxruntime")).set(
+                1
+            )
         self.in_flight_children = {x: (self.in_flight.labels(x) if enabled else _NULL) for x in METHODS}
         self._lock = threading.Lock()
         self._http_server: Any = None
@@ -286,8 +380,16 @@ class Metrics:
         del max_batch_size  # buckets are shared; see __init__
         return self.batch_size.labels(model, version) if self.enabled else _NULL
 
-    def for_model(self, model: str, version: str, max_batch_size: int) -> ModelMetrics:
-        mm = ModelMetrics(self, model, version)
+    def for_model(self, model: str, version: str, max_batch_size: int, kind: str = "") -> ModelMetrics:
+        """A version's children; with `kind`, histograms only for what that kind can do."""
+        known = kind in KIND_METHODS
+        mm = ModelMetrics(
+            self,
+            model,
+            version,
+            methods=KIND_METHODS.get(kind, METHODS),
+            encodes=not known or kind in ENCODING_KINDS,
+        )
         mm.bind_batch_size(max_batch_size)
         return mm
 
@@ -295,9 +397,9 @@ class Metrics:
         """Children for RPCs that never resolved a model (unknown name, ListModels)."""
         return ModelMetrics(self, "", "", model_level=False)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server on a daemon thread; returns the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, health: HealthProbe | None = None) -> int:
+        """Start the /metrics (and /healthz) HTTP server on a daemon thread; returns the bound port."""
+        server, thread = serve_http(host, port, self.registry, health)
         self._http_server, self._http_thread = server, thread
         return int(server.server_port)
 
@@ -330,7 +432,19 @@ class Metrics:
             self.image_cache_bytes,
             self.model_load_duration,
             self.model_ready,
+            self.model_runtime_info,
+            self.build_info,
         )
+
+
+def _package_version(name: str) -> str:
+    # onnxruntime-gpu installs the `onnxruntime` module under another distribution name.
+    for dist in (name, f"{name}-gpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 class BatchMetrics:

@@ -18,34 +18,32 @@ raw-limit measurement (bench/raw_limit.py) and the tests all run the same config
   there is no shape profile. What the session really uses is `session.get_providers()` and
   `get_provider_options()` (`get_available_providers()` lists CUDA on machines with no GPU): the
   serving mode (CUDA graphs, TF32, device) is derived from those, not from the config.
-* `SessionRunner`: runs a batch, plainly or with IO binding (which works on the CPU provider too:
+* `SessionRunner` (session_runner.py; the capture gate is gpu_gate.py): runs a batch, plainly or
+  with IO binding (which works on the CPU provider too:
   outputs land in preallocated numpy arrays, no copy); with CUDA graphs, on one dedicated thread
   per session, one captured graph per full input shape (ids never reused), captured at load under
   a process-wide gate (`CAPTURE_GATE`), inputs padded up to the nearest captured batch size and
   outputs cropped back.
-* `choose_model_file()` and `check_fp16_parity()`: fp16 only where the card's export parity and a
-  check on the provider really in use are within `fp16_atol` (1e-2); fp32 otherwise, with a reason.
+* `choose_model_file()` (and session_runner's `check_fp16_parity()`): fp16 only where the card's
+  export parity and a check on the provider really in use are within `fp16_atol` (1e-2); fp32
+  otherwise, with a reason.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import functools
 import hashlib
 import importlib.util
 import io
-import itertools
 import json
 import logging
 import re
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import numpy as np
 import onnxruntime as ort
@@ -58,6 +56,7 @@ from genserve_contract.runtime import GRAPH_OPTIMIZATION_LEVELS
 from genserve_contract.runtime import RuntimeConfig as RuntimeConfig
 from genserve_contract.runtime import RuntimeConfigError as RuntimeConfigError
 from genserve_contract.runtime import parse_runtime_config as parse_runtime_config
+from genserve_server.gpu_gate import CAPTURE_GATE
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,8 @@ def session_options(config: RuntimeConfig, *, cores: int, instances: int = 1) ->
     options.enable_mem_pattern = config.mem_pattern
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if config.allow_spinning else "0")
-    options.log_severity_level = 3
+    # 4 = FATAL only: ORT's log lines bypass logging (providers.py); its errors raise.
+    options.log_severity_level = 4
     # Which provider runs each node (node_placement): ORT's own warning about nodes left on the CPU
     # is below the log level above.
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
@@ -485,287 +485,6 @@ def _make_cache_dirs(chain: Sequence[tuple[str, dict[str, str]]], path: Path) ->
                 del options[key]
 
 
-# --------------------------------------------------------------------------- CUDA graph threads
-
-
-class _CaptureGate:
-    """Process-wide: CUDA graph captures run alone; other GPU calls may run together.
-
-    ORT captures in global mode, so a capture while any other thread makes a GPU call fails with
-    CUDA error 900 (and may abort the process at teardown). GPU model calls hold the gate shared,
-    captures hold it exclusively (a readers-writer lock; captures happen at load, so rarely wait). A
-    waiting capture goes first: new GPU calls wait behind it, so that serving cannot starve a load.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._running = 0
-        self._capturing = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def gpu_call(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._capturing and not self._waiting)
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._capturing and self._running == 0)
-            self._waiting -= 1
-            self._capturing = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._capturing = False
-                self._cond.notify_all()
-
-    @property
-    def capturing(self) -> bool:
-        return self._capturing
-
-
-CAPTURE_GATE: Final = _CaptureGate()
-# CUDA graph ids are never reused in a process: an id names one captured shape of one session.
-_GRAPH_IDS: Final = itertools.count(1)
-# ORT's run option for "do not capture or replay a graph on this run".
-NO_GRAPH: Final = "-1"
-
-
-# --------------------------------------------------------------------------- running
-
-
-class SessionRunner:
-    """Runs batches on one session: plain `run`, IO binding, or CUDA graphs (per input shape).
-
-    Not thread-safe for IO binding / CUDA graphs (one binding and one set of buffers per runner):
-    use one runner per executor thread, as the server does with one session per instance.
-
-    With CUDA graphs, ORT keeps a session's captured graphs per *thread*: every call of this runner
-    goes to one dedicated thread (whoever calls `run`), so graphs captured at load by `capture_all`
-    are the ones replayed. Graphs are keyed by the full padded input shape; once `capture_all` has
-    run, a shape with no graph runs on CUDA without one (never a capture while serving).
-    """
-
-    def __init__(self, info: SessionInfo, config: RuntimeConfig) -> None:
-        self.info = info
-        self.session = info.session
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.output_dtypes = [_NP_DTYPES.get(o.type, np.float32) for o in self.session.get_outputs()]
-        # From what the session really has (effective provider options), not from the config.
-        self.use_cuda_graph = info.cuda_graph
-        self.use_io_binding = config.uses_io_binding or self.use_cuda_graph
-        self.graph_sizes = sorted(config.cuda_graph_batch_sizes)
-        self.device = "cuda" if info.on_gpu else "cpu"
-        self.device_id = info.device_id
-        # Output shapes seen for each input shape signature, so outputs can be preallocated.
-        self._output_shapes: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = {}
-        self._graphs: dict[tuple[tuple[int, ...], ...], _CapturedGraph] = {}
-        self.sealed = False  # capture_all ran: no more captures
-        self._thread: ThreadPoolExecutor | None = None
-        self._thread_id: int | None = None
-        if self.use_cuda_graph:
-            self._thread = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="cuda-graph", initializer=self._remember_thread
-            )
-
-    def _remember_thread(self) -> None:
-        self._thread_id = threading.get_ident()
-
-    @property
-    def mode(self) -> str:
-        if self.use_cuda_graph:
-            return "cuda_graph"
-        return "io_binding" if self.use_io_binding else "run"
-
-    @property
-    def captured_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
-        return list(self._graphs)
-
-    def run(self, feeds: Mapping[str, Array]) -> list[Array]:
-        """Outputs in graph order, each with the batch size of the inputs."""
-        if self.use_cuda_graph:
-            return self._on_graph_thread(self._run_cuda_graph, feeds)
-        if self.info.on_gpu:
-            with CAPTURE_GATE.gpu_call():
-                return self._run_plain(feeds)
-        return self._run_plain(feeds)
-
-    def _run_plain(self, feeds: Mapping[str, Array]) -> list[Array]:
-        if self.use_io_binding:
-            return self._run_io_binding(feeds)
-        return list(self.session.run(self.output_names, dict(feeds)))
-
-    def capture_all(self, sample: Mapping[str, Array]) -> None:
-        """Capture a graph for every size in `cuda_graph_batch_sizes` (at load, on the graph thread),
-        from the shapes of `sample`'s rows; later shapes without a graph run without one."""
-        if not self.use_cuda_graph:
-            return
-
-        def capture() -> None:
-            for size in self.graph_sizes:
-                rows = {name: np.ascontiguousarray(sample[name][:1]) for name in self.input_names}
-                self._graph_for({name: _pad_batch(value, size) for name, value in rows.items()})
-            self.sealed = True
-
-        self._on_graph_thread(capture)
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
-
-    def _on_graph_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        assert self._thread is not None
-        if threading.get_ident() == self._thread_id:
-            return fn(*args)
-        return self._thread.submit(fn, *args).result()
-
-    def _run_io_binding(
-        self, feeds: Mapping[str, Array], run_options: ort.RunOptions | None = None
-    ) -> list[Array]:
-        binding = self.session.io_binding()
-        key = tuple(tuple(feeds[name].shape) for name in self.input_names)
-        for name in self.input_names:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-        shapes = self._output_shapes.get(key)
-        if self.device == "cpu" and shapes is not None:
-            # Bind preallocated numpy outputs: ORT writes into them, nothing is copied afterwards.
-            outputs = [np.empty(s, dtype=d) for s, d in zip(shapes, self.output_dtypes, strict=True)]
-            for name, array in zip(self.output_names, outputs, strict=True):
-                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-            self.session.run_with_iobinding(binding, run_options)
-            return outputs
-        for name in self.output_names:
-            binding.bind_output(name, self.device, self.device_id)
-        self.session.run_with_iobinding(binding, run_options)
-        result: list[Array] = binding.copy_outputs_to_cpu()
-        self._output_shapes[key] = [tuple(r.shape) for r in result]
-        return result
-
-    def _run_cuda_graph(self, feeds: Mapping[str, Array]) -> list[Array]:
-        n = int(feeds[self.input_names[0]].shape[0])
-        index = bisect.bisect_left(self.graph_sizes, n)
-        if index == len(self.graph_sizes):
-            # Larger than every captured size: run in captured-size chunks.
-            step = self.graph_sizes[-1]
-            parts = [
-                self._run_cuda_graph({k: v[i : i + step] for k, v in feeds.items()})
-                for i in range(0, n, step)
-            ]
-            return [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
-        size = self.graph_sizes[index]
-        padded = {name: _pad_batch(np.ascontiguousarray(feeds[name]), size) for name in self.input_names}
-        graph = self._graph_for(padded)
-        if graph is None:
-            with CAPTURE_GATE.gpu_call():
-                return [out[:n] for out in self._run_io_binding(padded, _no_graph_options())]
-        with CAPTURE_GATE.gpu_call():
-            return [out[:n] for out in graph.run(padded)]
-
-    def _graph_for(self, padded: Mapping[str, Array]) -> _CapturedGraph | None:
-        """The graph of this exact input shape, captured now unless sealed (None then)."""
-        key = tuple(tuple(padded[name].shape) for name in self.input_names)
-        graph = self._graphs.get(key)
-        if graph is None and not self.sealed:
-            with CAPTURE_GATE.capture():
-                graph = _CapturedGraph(
-                    self.session,
-                    self.input_names,
-                    self.output_names,
-                    padded,
-                    next(_GRAPH_IDS),
-                    self.device_id,
-                )
-            self._graphs[key] = graph
-        return graph
-
-
-_T = TypeVar("_T")
-
-
-def _no_graph_options() -> ort.RunOptions:
-    options = ort.RunOptions()
-    options.add_run_config_entry("gpu_graph_id", NO_GRAPH)
-    return options
-
-
-def _pad_batch(array: Array, size: int) -> Array:
-    """Pad the batch axis up to `size` by repeating the last row (valid inputs, results cropped off)."""
-    n = array.shape[0]
-    if n == size:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], size - n, axis=0)])
-
-
-# ORT runs a graph id this many times before it captures it (its warm-up runs), then replays it.
-CAPTURE_RUNS: Final = 3
-
-
-class _CapturedGraph:
-    """Device buffers with fixed addresses for one input shape, replayed as a CUDA graph."""
-
-    def __init__(
-        self,
-        session: ort.InferenceSession,
-        input_names: list[str],
-        output_names: list[str],
-        feeds: Mapping[str, Array],
-        graph_id: int,
-        device_id: int = 0,
-    ) -> None:
-        self.session = session
-        self.graph_id = graph_id
-        self.shapes = {name: tuple(feeds[name].shape) for name in input_names}
-        self.inputs = {
-            name: ort.OrtValue.ortvalue_from_numpy(feeds[name], "cuda", device_id) for name in input_names
-        }
-        self.binding = session.io_binding()
-        for name, value in self.inputs.items():
-            self.binding.bind_ortvalue_input(name, value)
-        # Outputs at fixed addresses too: learn their shapes from one run without a graph.
-        probe = session.io_binding()
-        for name, value in self.inputs.items():
-            probe.bind_ortvalue_input(name, value)
-        for name in output_names:
-            probe.bind_output(name, "cuda", device_id)
-        session.run_with_iobinding(probe, _no_graph_options())
-        self.outputs = [
-            ort.OrtValue.ortvalue_from_shape_and_type(
-                v.shape(), _NP_DTYPES.get(v.data_type(), np.float32), "cuda", device_id
-            )
-            for v in probe.get_outputs()
-        ]
-        for name, value in zip(output_names, self.outputs, strict=True):
-            self.binding.bind_ortvalue_output(name, value)
-        self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        # ORT's warm-up runs, then the capture; later runs replay it on the same buffers.
-        for _ in range(CAPTURE_RUNS):
-            session.run_with_iobinding(self.binding, self.run_options)
-
-    def fits(self, feeds: Mapping[str, Array]) -> bool:
-        return all(tuple(feeds[name].shape) == shape for name, shape in self.shapes.items())
-
-    def run(self, feeds: Mapping[str, Array]) -> list[Array]:
-        for name, value in self.inputs.items():
-            value.update_inplace(feeds[name])
-        self.session.run_with_iobinding(self.binding, self.run_options)
-        return [value.numpy() for value in self.outputs]
-
-
-# --------------------------------------------------------------------------- fp16
-
-
 @dataclass(frozen=True, slots=True)
 class ModelChoice:
     path: Path
@@ -807,11 +526,3 @@ def max_abs_diff(reference: Sequence[Array], candidate: Sequence[Array]) -> floa
                 return float("inf")
             worst = max(worst, value)
     return worst
-
-
-def check_fp16_parity(
-    fp32: SessionRunner, fp16: SessionRunner, feeds: Mapping[str, Array], atol: float = FP16_ATOL
-) -> tuple[bool, float]:
-    """Run both on `feeds` (on the provider really in use); (within atol?, max abs diff)."""
-    diff = max_abs_diff(fp32.run(feeds), fp16.run(feeds))
-    return diff <= atol, diff

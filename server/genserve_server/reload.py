@@ -192,6 +192,7 @@ class Reloader:
             return
         config = fresh.config
         if config is None:
+            self.repo.notify(current)  # health: this name NOT_SERVING, and "" re-evaluated
             return  # a new model whose config.json is broken: UNAVAILABLE with the reason
         current.config = config
         selected = config.version_policy.select(self.repo.available_versions(current))
@@ -260,6 +261,7 @@ class Reloader:
         if model.versions.get(mv.version) is mv:
             del model.versions[mv.version]
         mv.metrics.ready.set(0)
+        mv.metrics.clear_runtime()
         metrics = self.repo.metrics
         if metrics.enabled:
             for family in (metrics.model_ready, metrics.queue_depth, metrics.model_load_duration):

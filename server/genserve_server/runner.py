@@ -25,18 +25,23 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from genserve_server import codecs, latents
-from genserve_server.batch_keys import DRAWN_LATENTS_OUTPUT, PIXELS_OUTPUT, SEED_INPUT, SeedRows
+from genserve_server import codecs
+from genserve_server.batch_keys import PIXELS_OUTPUT, RowsKey
 from genserve_server.config import cpu_count
 from genserve_server.gpu_errors import sticky_cuda_error
-from genserve_server.ort_session import (
+from genserve_server.gpu_gate import (
     CAPTURE_GATE,
+)
+from genserve_server.ort_session import (
     GPU_PROVIDERS,
     ProfileShapes,
     RuntimeConfig,
     SessionInfo,
-    SessionRunner,
     create_session,
+)
+from genserve_server.providers import usable_providers
+from genserve_server.session_runner import (
+    SessionRunner,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,21 +75,12 @@ _cpu_fallback_warned = False
 _cpu_fallback_lock = threading.Lock()
 
 
-def quiet_onnxruntime() -> None:
-    """Silence ORT's per-session CUDA/cuDNN load errors on GPU-less hosts (we warn once ourselves)."""
-    ort.set_default_logger_severity(3)
-
-
 def select_providers(requested: Sequence[str]) -> list[str]:
-    """The requested providers, in order, that this ORT build offers; CPU always last.
-
-    `get_available_providers()` lists CUDA even without a GPU, so this is only a first filter: what
-    a session really runs on is `session.get_providers()` (Runner.provider).
+    """The requested providers, in order, that this ORT build offers and that work in this process
+    (GPU providers are probed once: providers.py); CPU always last. What a session really runs on
+    is still `session.get_providers()` (Runner.provider).
     """
-    available = set(ort.get_available_providers())
-    chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
-    chosen.append("CPUExecutionProvider")
-    return chosen
+    return usable_providers(requested)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,39 +290,33 @@ class Runner:
             SHRINK_MIN_ROW_VALUES, SHRINK_ABOVE_WARMED * self._warmed_row_values
         )
 
-    def _signature(self, inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str | int, ...], ...]:
+    def _signature(
+        self, key: Hashable, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[tuple[str | int, ...], ...]:
         """What a batch's compute cost depends on: rows (rounded up to a power of two) and shapes."""
         rows = int(next(iter(inputs.values())).shape[0])
         bucket = 1 << max(0, rows - 1).bit_length()
-        parts: list[tuple[str | int, ...]] = []
+        rows_key = key if isinstance(key, RowsKey) else _PLAIN_ROWS
+        parts = []
         for name, value in inputs.items():
-            if name == SEED_INPUT:
-                parts.append(("z", bucket, self.latent_dim or 0))
-            else:
-                parts.append((name, bucket, *value.shape[1:]))
+            name_part, *dims = rows_key.cost_part(name, value, self.latent_dim)
+            parts.append((name_part, bucket, *dims))
         return tuple(sorted(parts, key=str))
 
     def _prepare(
         self, key: Hashable, inputs: Mapping[str, np.ndarray]
-    ) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
-        """The key's hook: seed rows (batch_keys.SeedRows) -> latents for the whole batch in one
-        vectorised call (batch-invariant per row); other rows are the graph's tensors already."""
-        if not isinstance(key, SeedRows):
-            return inputs, None
-        if self.latent_dim is None:
-            raise ValueError(f"{self.label}: seed rows need a latent size")
-        z = latents.latents_for_seeds(inputs[SEED_INPUT].tolist(), self.latent_dim, key.psi)
-        feeds = {name: value for name, value in inputs.items() if name != SEED_INPUT}
-        feeds["z"] = z
-        return feeds, z
+    ) -> tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]:
+        """The key's hook (batch_keys.RowsKey.prepare): the graph's feeds and outputs to add."""
+        rows_key = key if isinstance(key, RowsKey) else _PLAIN_ROWS
+        return rows_key.prepare(inputs, self.latent_dim)
 
-    def measured_cost_s(self, inputs: Mapping[str, np.ndarray]) -> float | None:
+    def measured_cost_s(self, inputs: Mapping[str, np.ndarray], key: Hashable = None) -> float | None:
         """The compute seconds a batch shaped like `inputs` took (warm-up minimum, then averaged)."""
-        return self._cost_s.get(self._signature(inputs))
+        return self._cost_s.get(self._signature(key, inputs))
 
     def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3, key: Hashable = None) -> None:
         """Run a batch a few times at load: allocations settle and its compute cost is known."""
-        signature = self._signature(inputs)
+        signature = self._signature(key, inputs)
         self._cost_s.pop(signature, None)
         fastest_s = math.inf
         for session_runner in self.session_runners:
@@ -348,7 +338,7 @@ class Runner:
         inputs: Mapping[str, np.ndarray],
         solo: bool = False,
     ) -> dict[str, np.ndarray]:
-        feeds, z = self._prepare(key, inputs)
+        feeds, added = self._prepare(key, inputs)
         started = time.perf_counter()
         outputs = self.run_sync(feeds, solo=solo)
         elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
@@ -360,12 +350,13 @@ class Runner:
             self._cost_s[signature] = (
                 elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
             )
-        return self._finish(outputs, z)
+        return self._finish(outputs, added)
 
-    def _finish(self, outputs: dict[str, np.ndarray], z: np.ndarray | None) -> dict[str, np.ndarray]:
-        """The drawn latents and the uint8 pixels next to the model's outputs."""
-        if z is not None:
-            outputs[DRAWN_LATENTS_OUTPUT] = z
+    def _finish(
+        self, outputs: dict[str, np.ndarray], added: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """What the key's hook added (drawn latents) and the uint8 pixels next to the model's outputs."""
+        outputs.update(added)
         if self.pixels_range is not None and "image" in outputs:
             outputs[PIXELS_OUTPUT] = codecs.to_uint8(outputs["image"], self.pixels_range)
         return outputs
@@ -373,12 +364,11 @@ class Runner:
     async def run(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """The batcher's run-batch callable: one model call, on the pool unless it is tiny.
 
-        `inputs` are the graph's tensors, except for the rows of a `batch_keys.SeedRows` key: seeds
-        (SEED_INPUT, int64 [N]) instead of `z`, whose latents are drawn here with the key's psi and
-        returned as DRAWN_LATENTS_OUTPUT. With `pixels_range` the outputs also hold PIXELS_OUTPUT,
-        the "image" output as uint8 [N, H, W, C].
+        `inputs` are the rows of `key`, which the key's hook (batch_keys.RowsKey.prepare) turns into
+        the graph's feeds (seed rows -> latents, added to the outputs as DRAWN_LATENTS_OUTPUT). With
+        `pixels_range` the outputs also hold PIXELS_OUTPUT, the "image" output as uint8 [N, H, W, C].
         """
-        signature = self._signature(inputs)
+        signature = self._signature(key, inputs)
         if self._runs_inline(key, signature, inputs):
             return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
@@ -391,7 +381,8 @@ class Runner:
         cost_s = self._cost_s.get(signature)
         if self.mode == "cuda_graph" and not all(r.sealed for r in self.session_runners):
             return False  # a graph may still be captured: never on the event loop
-        return cost_s is not None and cost_s <= self.inline_max_s and not self._slow_latents(key)
+        slow = isinstance(key, RowsKey) and key.slow_to_prepare(self.latent_dim)  # never on the loop
+        return cost_s is not None and cost_s <= self.inline_max_s and not slow
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """`run` for BULK batches (see background_bulk): the model call on a background thread of
@@ -403,36 +394,26 @@ class Runner:
         about the model."""
         if self._bulk_executor is None or self._bulk_prep is None:
             return await self.run(key, inputs)
-        signature = self._signature(inputs)
+        signature = self._signature(key, inputs)
         if self._runs_inline(key, signature, inputs):
             return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
-        feeds, z = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)
+        feeds, added = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)
         values = await loop.run_in_executor(self._bulk_executor, self._bulk_compute, feeds)
-        return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, z)
+        return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, added)
 
     def _bulk_feeds(
         self, key: Hashable, inputs: Mapping[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        prepared, z = self._prepare(key, inputs)
-        return self._feeds(prepared), z
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        prepared, added = self._prepare(key, inputs)
+        return self._feeds(prepared), added
 
     def _bulk_compute(self, feeds: dict[str, np.ndarray]) -> list[Any]:
         """On a background thread: the model call only (ORT releases the GIL inside)."""
         return self._run_feeds(feeds)
 
-    def _bulk_outputs(self, values: list[Any], z: np.ndarray | None) -> dict[str, np.ndarray]:
-        return self._finish(self._named(values), z)
-
-    def _slow_latents(self, key: Hashable) -> bool:
-        """Whether drawing this batch's latents may cost more than the model call it was timed by.
-
-        The measured cost covers the model call only; a strong truncation (small psi) redraws each
-        seed's normals many times over, which must not happen on the event loop.
-        """
-        if not isinstance(key, SeedRows) or key.psi is None or self.latent_dim is None:
-            return False
-        return latents.expected_redraws(self.latent_dim, key.psi) > self.latent_dim
+    def _bulk_outputs(self, values: list[Any], added: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._finish(self._named(values), added)
 
     def _call_pooled(
         self, key: Hashable, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
@@ -454,6 +435,9 @@ class Runner:
                 pool.shutdown(wait=True, cancel_futures=False)
         for session_runner in self.session_runners:
             session_runner.close()
+
+
+_PLAIN_ROWS = RowsKey()  # rows under a key that is not a batch_keys key (tests, warm-up): plain tensors
 
 
 def _lower_thread_priority() -> None:

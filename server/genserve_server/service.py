@@ -19,7 +19,7 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import Kind
-from genserve_server import latents, validate
+from genserve_server import latents, service_codes, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import LATENT_KINDS, ServerConfig
@@ -112,6 +112,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Translate(self, request: pb.ImageRequest, context: Context) -> pb.ImageResponse:
         return await self.boundary.unary("Translate", request, context, self._do_translate)
 
+    async def SampleCodes(self, request: pb.SampleCodesRequest, context: Context) -> pb.SampleCodesResponse:
+        return await self.boundary.unary("SampleCodes", request, context, self._do_sample_codes)
+
+    async def _do_sample_codes(self, request: pb.SampleCodesRequest, call: Call) -> pb.SampleCodesResponse:
+        out = output_spec(request.output)
+        return await service_codes.sample_codes(self.core, request, call, out, self._provenance)
+
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return await self.boundary.unary("ListModels", request, context, self._do_list_models)
 
@@ -190,20 +197,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             generated = await self.core.generate(mv, call, labels, out, priority, z=z)
             seeds = None
         else:
-            if request.seeds:
-                n = validate.count(len(request.seeds), "seeds", limit)
-                if request.count not in (0, n):
-                    raise invalid("count", f"must be 0 or {n} (the number of seeds), got {request.count}")
-                if request.HasField("base_seed"):
-                    raise invalid("base_seed", "cannot be combined with seeds")
-                seeds = validate.seeds(request.seeds)
-            else:
-                n = validate.count(request.count, "count", limit)
-                if request.HasField("base_seed"):
-                    base = validate.base_seed(request.base_seed, n)
-                else:
-                    base = self.core.random_base_seed(n)
-                seeds = list(range(base, base + n))
+            base = request.base_seed if request.HasField("base_seed") else None
+            seeds = validate.request_seeds(
+                request.seeds, request.count, base, limit, self.core.random_base_seed
+            )
+            n = len(seeds)
             labels = validate.labels(request.labels, card, n)
             generated = await self.core.sample(mv, call, seeds, labels, psi, out, priority)
         return pb.SampleResponse(

@@ -8,7 +8,7 @@ named constants here, once.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +101,28 @@ def base_seed(base: int, n: int, field: str = "base_seed", what: str = "count") 
     if not 0 <= base <= SEED_LIMIT - n:
         raise invalid(field, f"must be in [0, 2^63 - {what}], got {base}")
     return base
+
+
+def request_seeds(
+    seeds_given: Sequence[int],
+    count_given: int,
+    base_given: int | None,
+    limit: int,
+    random_base: Callable[[int], int],
+    limit_name: str = "max_images_per_request",
+) -> list[int]:
+    """The seeds of a request that gives `seeds`, or `count` images from `base_seed` (base_given;
+    None: a random base from `random_base(n)`), each field checked where the client set it."""
+    if seeds_given:
+        n = count(len(seeds_given), "seeds", limit, limit_name)
+        if count_given not in (0, n):
+            raise invalid("count", f"must be 0 or {n} (the number of seeds), got {count_given}")
+        if base_given is not None:
+            raise invalid("base_seed", "cannot be combined with seeds")
+        return seeds(seeds_given)
+    n = count(count_given, "count", limit, limit_name)
+    base = random_base(n) if base_given is None else base_seed(base_given, n)
+    return list(range(base, base + n))
 
 
 def latent_rows(values: np.ndarray, dim: int, field: str) -> np.ndarray:

@@ -96,21 +96,11 @@ def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_holder(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tmp_path.mkdir(exist_ok=True)
+    job = ("--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "5", "--out", str(tmp_path))
     holder = JobLock(tmp_path)
     holder.acquire()  # another open file description: conflicts like another process would
     try:
-        code, _, err = cli_main(
-            capsys,
-            "--target",
-            fake_server.target,
-            "bulk",
-            "--model",
-            "fake-gen",
-            "--n",
-            "5",
-            "--out",
-            str(tmp_path),
-        )
+        code, _, err = cli_main(capsys, *job)
         assert code == 3, err
         assert f"pid {os.getpid()} on host {socket.gethostname()}, started 20" in err
         assert str(tmp_path) in err
@@ -119,18 +109,7 @@ def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_holder(
             run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=5))
     finally:
         holder.release()
-    code, _, err = cli_main(
-        capsys,
-        "--target",
-        fake_server.target,
-        "bulk",
-        "--model",
-        "fake-gen",
-        "--n",
-        "5",
-        "--out",
-        str(tmp_path),
-    )
+    code, _, err = cli_main(capsys, *job)
     assert code == 0, err  # released: the next run goes ahead
 
 

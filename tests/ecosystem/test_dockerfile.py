@@ -25,7 +25,7 @@ from genserve_server import probe
 
 DOCKERFILE = ROOT / "Dockerfile"
 GRPC_PORT = 50051
-METRICS_PORT = 9090
+METRICS_PORT = 50052
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,9 @@ def test_cmd_parses_with_the_server_cli(runtime: Stage) -> None:
     assert cmd is not None and health is not None
     parsed = parser.parse_args(cmd.args)
     assert parsed is not None
-    parsed_health = parser.parse_args(health.args[2:])  # drop "CMD" and "genserve-server"
+    probe_parser = argparse.ArgumentParser()
+    probe.add_arguments(probe_parser)
+    parsed_health = probe_parser.parse_args(health.args[4:])  # drop CMD python -m genserve_server.probe
     assert parsed_health.port == GRPC_PORT
 
 
@@ -159,13 +161,38 @@ def test_exposes_ports_and_checks_health_over_grpc(runtime: Stage) -> None:
     assert exposed == {GRPC_PORT, METRICS_PORT}
     health = runtime.last("HEALTHCHECK")
     assert health is not None and health.exec_form, "HEALTHCHECK must use the exec form"
-    assert health.args[:3] == ["CMD", "genserve-server", "health"]
+    # The probe module alone: `genserve-server health` would import the whole server every 15 s.
+    assert health.args[:4] == ["CMD", "python", "-m", "genserve_server.probe"]
     # The probe's own parser accepts the arguments and targets the gRPC port on loopback.
     parser = argparse.ArgumentParser()
     probe.add_arguments(parser)
-    args = parser.parse_args(health.args[3:])
+    args = parser.parse_args(health.args[4:])
     assert (args.host, args.port, args.service) == ("127.0.0.1", GRPC_PORT, "")
     assert args.timeout_s < _seconds(health.flags["timeout"])
+
+
+def test_healthcheck_command_imports_only_grpc(runtime: Stage) -> None:
+    """The HEALTHCHECK's own command, run here against a port nothing listens on: it answers
+    "unreachable" (exit 2) without importing onnxruntime, numpy, cv2 or Pillow."""
+    import os
+    import socket
+
+    health = runtime.last("HEALTHCHECK")
+    assert health is not None and health.args[1] == "python"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-X", "importtime", *health.args[2:]]
+    argv[argv.index("--port") + 1] = str(port)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert proc.returncode == probe.EXIT_UNREACHABLE, proc.stdout + proc.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "grpc" in imported
+    assert not imported & {"onnxruntime", "numpy", "cv2", "PIL"}, sorted(imported)
 
 
 def _seconds(duration: str) -> float:

@@ -25,7 +25,7 @@ from ecosystem_helpers import K8S_DIR, ROOT, SCHEMA_DIR
 Manifest = dict[str, Any]
 NOT_OBJECTS = {"kustomization.yaml", "prometheus-adapter-rules.yaml"}  # config files, not API objects
 GRPC_PORT = 50051
-METRICS_PORT = 9090
+METRICS_PORT = 50052
 DRAIN_GRACE_S = 20  # the server's SIGTERM drain, `--drain-grace-s` in deployment.yaml
 
 
@@ -163,8 +163,14 @@ def test_ports_and_probes_exist(objects: dict[tuple[str, str], Manifest]) -> Non
             f"{name} must be a gRPC probe"
         )
         assert probe["grpc"]["port"] == ports["grpc"], name
-    # Readiness asks about the whole server: "" is grpc.health.v1's overall status.
+    # Readiness asks about the whole server: "" is SERVING only when every required model is READY.
     assert container["readinessProbe"]["grpc"].get("service", "") == ""
+    # Startup and liveness ask whether the process is up and done loading, not whether every model
+    # loaded: a model that failed must take the pod out of the Service, not restart it forever.
+    from genserve_server.health import LIVE_KEY
+
+    assert container["startupProbe"]["grpc"].get("service") == LIVE_KEY
+    assert container["livenessProbe"]["grpc"].get("service") == LIVE_KEY
     endpoint = objects[("PodMonitor", "genserve")]["spec"]["podMetricsEndpoints"][0]
     assert endpoint["port"] in ports and ports[endpoint["port"]] == METRICS_PORT
     assert endpoint.get("path", "/metrics") == "/metrics"

@@ -563,3 +563,31 @@ def test_a_sample_row_and_a_model_infer_row_share_one_batch_and_match_their_rows
     assert together.images[0].image.data == alone_sample.images[0].image.data
     assert infer_result.raw_output_contents[0] == alone_infer.raw_output_contents[0]
     assert infer_result.parameters["seed"].int64_param == 12
+
+
+def test_server_ready_answers_what_the_health_check_answers(tmp_path: Path) -> None:
+    """With the server's readiness given (main.py: grpc.health ""), ServerReady never disagrees with
+    it: a required model that failed keeps both not ready although another model serves."""
+    card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+    write_model(tmp_path, "a-gen", "generator", generator_graph(TINY_LATENT, 1, 8, 8), card)
+
+    async def body() -> list[bool]:
+        metrics = Metrics(enabled=False)
+        repo = Repository(tmp_path, ServerConfig(), metrics)
+        health = {"serving": False}
+        with ThreadPoolExecutor(1) as pool:
+            core = GenerationCore(repo, ServerConfig(), metrics, pool)
+            service = kserve.InferenceService(
+                repo, core, Boundary(metrics), metrics.registry, ready=lambda: health["serving"]
+            )
+            repo.scan()
+            await repo.load_all()
+            answers = []
+            for serving in (False, True):
+                health["serving"] = serving
+                response = await service.ServerReady(kpb.ServerReadyRequest(), None)  # type: ignore[arg-type]
+                answers.append(bool(response.ready))
+            await repo.close(1)
+            return answers
+
+    assert asyncio.run(body()) == [False, True]  # a-gen is READY both times: health decides

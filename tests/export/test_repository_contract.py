@@ -17,7 +17,7 @@ from genserve_export import card as export_card
 from genserve_export import export as export_module
 from genserve_export import verify as export_verify
 from genserve_server import config as server_config
-from genserve_server import ort_session, repository
+from genserve_server import loader, ort_session, repository
 
 # Each case sits on one side of a limit (or breaks one rule); export and server must agree on all.
 CONFIGS: list[dict[str, Any]] = [
@@ -90,7 +90,7 @@ def test_both_sides_use_the_contracts_patterns_tolerances_and_digest() -> None:
     assert export_card.VERSION_PATTERN is repository.VERSION_PATTERN is genserve_contract.VERSION_PATTERN
     assert export_module.FP16_ATOL == ort_session.FP16_ATOL == ort_session.RuntimeConfig().fp16_atol
     assert export_module.FP32_ATOL == genserve_contract.FP32_ATOL
-    assert export_verify.sha256_file is repository.sha256_file is genserve_contract.sha256_file
+    assert export_verify.sha256_file is loader.sha256_file is genserve_contract.sha256_file
     assert tuple(server_config.KINDS) == genserve_contract.KIND_NAMES
     assert set(server_config.LATENT_KINDS) == {k for k in Kind if k.takes_latent}
     assert set(server_config.IMAGE_INPUT_KINDS) == {k for k in Kind if k.takes_image}
@@ -99,7 +99,10 @@ def test_both_sides_use_the_contracts_patterns_tolerances_and_digest() -> None:
 def test_every_kind_declares_its_tensors_and_properties_consistently() -> None:
     for kind in Kind:
         assert kind.inputs and kind.outputs
-        assert kind.takes_latent != kind.takes_image  # a kind's input is a latent or an image
+        # A kind's input is a latent, an image or a code grid.
+        assert [kind.takes_latent, kind.takes_image, kind.takes_codes].count(True) == 1
+        assert not set(kind.input_names) & {t.name for t in kind.optional_inputs}
+        assert not kind.autoregressive or kind.takes_codes
         assert not kind.conditional or kind.takes_latent
         assert not kind.fully_convolutional or (kind.takes_image and kind.image_output_name == "output_image")
         assert not kind.tiled or kind.fully_convolutional

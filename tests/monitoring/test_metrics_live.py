@@ -187,3 +187,14 @@ def test_model_level_series_exist_only_for_loaded_models(monitored_server: Monit
     for name in ("genserve_model_ready", "genserve_model_load_duration_seconds", "genserve_queue_depth"):
         models = {dict(items).get("model") for n, items in current.samples if n == name}
         assert models == {TINY_MODEL}, f"{name} has series for models {models}"
+
+
+def test_no_created_series_and_the_runtime_info_of_the_loaded_model(
+    monitored_server: MonitoredServer,
+) -> None:
+    current = scrape(monitored_server.metrics_url())
+    assert not [n for n, _ in current.samples if n.endswith("_created")]
+    runtime = [dict(items) for n, items in current.samples if n == "genserve_model_runtime_info"]
+    assert [(r["model"], r["provider"]) for r in runtime] == [(TINY_MODEL, "CPUExecutionProvider")]
+    assert runtime[0]["gpu_requested"] in {"true", "false"} and runtime[0]["precision"] == "fp32"
+    assert "genserve_build_info" in current.names()

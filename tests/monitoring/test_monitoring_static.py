@@ -30,6 +30,8 @@ REQUIRED_ALERTS = {
     "GenserveErrorRateHigh",
     "GenserveModelNotReady",
     "GenserveNoTraffic",
+    "GenserveTargetDown",
+    "GenserveGpuRequestedCpuRunning",
 }
 
 
@@ -131,9 +133,11 @@ def test_alert_rules_have_for_severity_and_annotations() -> None:
     for name, rule in rules.items():
         assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), f"{name}: needs for:"
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}, name
-        for key in ("summary", "description", "runbook"):
+        # runbook_url: the annotation name Alertmanager, Grafana and PagerDuty integrations link.
+        for key in ("summary", "description", "runbook_url"):
             assert rule["annotations"].get(key), f"{name}: annotation {key} missing"
-        anchor = rule["annotations"]["runbook"].split("#", 1)[1]
+        assert "runbook" not in rule["annotations"], f"{name}: use runbook_url"
+        anchor = rule["annotations"]["runbook_url"].split("#", 1)[1]
         assert anchor in runbook_anchors(), f"{name}: runbook anchor #{anchor} not in docs/metrics.md"
 
 
@@ -180,3 +184,43 @@ def test_dashboard_json_is_canonical() -> None:
     # Two-space JSON with a final newline, so diffs of UI exports stay readable.
     text = DASHBOARD.read_text()
     assert text == json.dumps(json.loads(text), indent=2) + "\n"
+
+
+def _panel_exprs() -> list[Expr]:
+    return [e for e in dashboard_exprs() if not e.where.startswith("variable")]
+
+
+def test_dashboard_has_a_per_pod_variable_every_panel_selects_by() -> None:
+    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
+    assert "instance" in variables and variables["instance"]["includeAll"]
+    for expr in _panel_exprs():
+        assert 'instance=~"$instance"' in expr.promql, f"{expr.where} ignores the pod variable"
+
+
+def test_dashboard_latency_leaves_out_sample_stream_like_the_alert() -> None:
+    """A bulk SampleStream is one RPC of minutes: mixed into unary latency it hides everything."""
+    latency = [e for e in _panel_exprs() if "genserve_request_duration_seconds" in e.promql]
+    assert latency
+    for expr in latency:
+        assert re.search(r'method!~"[^"]*SampleStream', expr.promql), expr.where
+
+
+def test_dashboard_error_ratio_counts_the_server_side_codes_of_the_alert() -> None:
+    data = yaml.safe_load(RULES.read_text())
+    (alert,) = [r for g in data["groups"] for r in g["rules"] if r.get("alert") == "GenserveErrorRateHigh"]
+    codes = re.search(r'code=~"([^"]+)"', alert["expr"])
+    assert codes is not None
+    (ratio,) = [p for p in load_dashboard()["panels"] if "error ratio" in p["title"].lower()]
+    (target,) = ratio["targets"]
+    assert f'code=~"{codes[1]}"' in target["expr"]
+    assert 'code!="OK"' not in target["expr"]
+
+
+def test_dashboard_shows_the_image_cache_and_the_runtime() -> None:
+    exprs = " ".join(e.promql for e in _panel_exprs())
+    for name in (
+        "genserve_image_cache_lookups_total",
+        "genserve_image_cache_bytes",
+        "genserve_model_runtime_info",
+    ):
+        assert name in exprs, name

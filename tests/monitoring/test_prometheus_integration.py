@@ -8,6 +8,7 @@ skip with the reason printed, except under CI=true, where they fail.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -21,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 from monitoring_support import (
+    PROMETHEUS_DIR,
+    REPO,
     RULES,
     RULES_TEST,
     MonitoredServer,
@@ -153,7 +156,9 @@ def prometheus_with_traffic(
         # Two scrapes that both saw traffic give rate() something to work with.
         prometheus.wait_for_result(P99_QUERY + " > 0", timeout_s=15)
         traffic.join()
-        time.sleep(1.5)  # one more scrape after the last request
+        ended = time.time()
+        # One more scrape after the last request: Prometheus stamps a sample with its scrape's start.
+        prometheus.wait_for_result(f'timestamp(up{{job="genserve"}}) > {ended:.3f}', timeout_s=15)
         yield prometheus, stats[0]
     finally:
         prometheus.stop()
@@ -241,3 +246,66 @@ def test_promtool_test_rules_latency_and_readiness_fire(promtool: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def shipped_scrape_jobs() -> dict[str, str]:
+    """The `job` label each shipped scrape config gives genserve's targets.
+
+    prometheus-operator names a PodMonitor's job "<namespace>/<PodMonitor name>" (no jobLabel set):
+    the namespace is wherever it is applied, so two usual ones are tried.
+    """
+    podmonitor = yaml.safe_load((REPO / "deploy" / "k8s" / "podmonitor.yaml").read_text())
+    assert "jobLabel" not in podmonitor["spec"], "a jobLabel changes the job label: update this test"
+    jobs = {f"PodMonitor in {ns}": f"{ns}/{podmonitor['metadata']['name']}" for ns in ("default", "serving")}
+    for config in ("prometheus.yml", "kubernetes-scrape.yml"):
+        data = yaml.safe_load((PROMETHEUS_DIR / config).read_text())
+        for job in data["scrape_configs"]:
+            jobs[config] = job["job_name"]
+    return jobs
+
+
+def test_target_down_fires_for_the_job_label_of_every_shipped_scrape_config(
+    promtool: str, tmp_path: Path
+) -> None:
+    """GenserveTargetDown matched job=~"genserve.*" and so never fired under the PodMonitor."""
+    jobs = shipped_scrape_jobs()
+    rules = yaml.safe_load(RULES.read_text())
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "GenserveTargetDown"]
+    cases = []
+    for job in jobs.values():
+        labels = {"job": job, "instance": "10.0.0.7:50052", "namespace": "serving", "pod": "genserve-0"}
+        selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        cases.append(
+            {
+                "interval": "1m",
+                "input_series": [{"series": f"up{{{selector}}}", "values": "1 1 0 0 0 0 0"}],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "6m",
+                        "alertname": "GenserveTargetDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {**labels, "severity": "critical"},
+                                "exp_annotations": {
+                                    key: re.sub(
+                                        r"\{\{ \$labels\.(\w+) \}\}",
+                                        lambda m, labels=labels: labels[m[1]],
+                                        text,
+                                    )
+                                    for key, text in rule["annotations"].items()
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    (tmp_path / RULES.name).write_text(RULES.read_text())
+    test_file = tmp_path / "target-down.test.yml"
+    test_file.write_text(
+        yaml.safe_dump({"rule_files": [RULES.name], "evaluation_interval": "1m", "tests": cases})
+    )
+    result = subprocess.run(
+        [promtool, "test", "rules", test_file.name], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"jobs {jobs}:\n{result.stdout}{result.stderr}"

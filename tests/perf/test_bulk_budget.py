@@ -39,6 +39,7 @@ Batches = list[tuple[str, int]]
 
 async def _scenario(idle_budget_s: float | None = None) -> tuple[Batches, Batches, Batches]:
     runner = SlowRows()
+    quiet_s = 0.3
     batcher = Batcher(
         runner,
         name="budget",
@@ -47,7 +48,7 @@ async def _scenario(idle_budget_s: float | None = None) -> tuple[Batches, Batche
         max_queue_size=1024,
         bulk_budget_s=0.05,  # about 5 rows of 10 ms
         bulk_idle_budget_s=idle_budget_s,
-        interactive_quiet_s=0.3,
+        interactive_quiet_s=quiet_s,
     )
     batcher.start()
     try:
@@ -70,7 +71,7 @@ async def _scenario(idle_budget_s: float | None = None) -> tuple[Batches, Batche
 
         # 3. Quiet again for longer than interactive_quiet_s: back to full batches (or to the idle
         #    budget, which bounds what the next interactive request to arrive may wait for).
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(quiet_s * 4 / 3)
         await batcher.submit("bulk", _rows(64), 64, lane=Lane.BULK)
         quiet = list(runner.batches)
     finally:

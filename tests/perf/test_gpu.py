@@ -19,11 +19,13 @@ from genserve_server.ort_session import (
     TENSORRT,
     ProfileShapes,
     RuntimeConfig,
-    SessionRunner,
-    check_fp16_parity,
     create_session,
 )
 from genserve_server.runner import Runner
+from genserve_server.session_runner import (
+    SessionRunner,
+    check_fp16_parity,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu")]
 # cuDNN may pick different algorithms per batch size: compare within a tolerance on a GPU.

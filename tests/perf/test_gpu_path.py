@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -16,29 +17,33 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_support import TINY_LATENT, generator_graph, write_model
+from server_support import TINY_LATENT, generator_graph, write_tiny_generator
 
-from genserve_server import ort_session
+from genserve_server import gpu_gate, loader, ort_session, session_runner
 from genserve_server.config import ConfigError, ServerConfig, load_model_config
 from genserve_server.gpu_errors import sticky_cuda_error
+from genserve_server.gpu_gate import (
+    CAPTURE_GATE,
+)
 from genserve_server.metrics import Metrics
 from genserve_server.ort_session import (
-    CAPTURE_GATE,
     CPU,
     CUDA,
-    NO_GRAPH,
     TENSORRT,
     ProfileShapes,
     RuntimeConfig,
     RuntimeConfigError,
     SessionInfo,
-    SessionRunner,
     create_session,
     engine_cache_key,
     parse_runtime_config,
     provider_chain,
 )
 from genserve_server.repository import ModelState, Repository
+from genserve_server.session_runner import (
+    NO_GRAPH,
+    SessionRunner,
+)
 
 PROFILE = ProfileShapes({"z": [1, 16]}, {"z": [8, 16]}, {"z": [64, 16]})
 SHA_V1 = "1" * 64
@@ -269,7 +274,7 @@ def test_cuda_graph_is_refused_for_size_free_kinds_at_config_load(tmp_path: Path
 
 
 class _FakeGraph:
-    """Stands in for ort_session._CapturedGraph (CUDA buffers) and records where it was captured."""
+    """Stands in for session_runner._CapturedGraph (CUDA buffers) and records where it was captured."""
 
     captured: list[tuple[int, tuple[int, ...], int]] = []
 
@@ -291,7 +296,7 @@ class _FakeGraph:
 
 
 def _graph_runner(tiny_version: Path, monkeypatch: pytest.MonkeyPatch) -> SessionRunner:
-    monkeypatch.setattr(ort_session, "_CapturedGraph", _FakeGraph)
+    monkeypatch.setattr(session_runner, "_CapturedGraph", _FakeGraph)
     _FakeGraph.captured = []
     real = create_session(tiny_version / "model.onnx", [CPU], RuntimeConfig(), cores=1)
     info = SessionInfo(
@@ -347,7 +352,7 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
     every size captured by the first warm-up, nothing inline before that."""
     from genserve_server import runner as runner_module
 
-    monkeypatch.setattr(ort_session, "_CapturedGraph", _FakeGraph)
+    monkeypatch.setattr(session_runner, "_CapturedGraph", _FakeGraph)
     _FakeGraph.captured = []
 
     def on_fake_cuda(path: Path, providers: list[str], config: RuntimeConfig, **kwargs: Any) -> SessionInfo:
@@ -368,7 +373,7 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
     try:
         assert runner.mode == "cuda_graph" and runner.description.endswith("cuda graphs")
         z8 = {"z": np.ones((8, 16), np.float32)}
-        signature = runner._signature(z8)
+        signature = runner._signature(None, z8)
         runner._cost_s[signature] = 1e-6
         assert not runner._runs_inline(None, signature, z8)  # graphs not captured yet: never on the loop
         runner.warm(z8)
@@ -385,7 +390,7 @@ def test_every_instance_captures_its_graphs_at_warm_up_on_its_own_thread(
 
 
 def test_capture_gate_excludes_gpu_calls_during_a_capture() -> None:
-    gate = ort_session._CaptureGate()
+    gate = gpu_gate._CaptureGate()
     events: list[str] = []
     started = threading.Event()
 
@@ -404,7 +409,7 @@ def test_capture_gate_excludes_gpu_calls_during_a_capture() -> None:
 
 
 def test_a_waiting_capture_goes_before_new_gpu_calls() -> None:
-    gate = ort_session._CaptureGate()
+    gate = gpu_gate._CaptureGate()
     order: list[str] = []
     holding, release = threading.Event(), threading.Event()
 
@@ -461,15 +466,14 @@ def test_sticky_cuda_error_classification(message: str, sticky: bool) -> None:
     assert bool(sticky_cuda_error(RuntimeError(message))) is sticky
 
 
+async def loop_turns(n: int = 50) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-    )
+    write_tiny_generator(root)
     health: list[tuple[str, bool]] = []
     fatal: list[str] = []
 
@@ -491,7 +495,9 @@ def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_p
         runner._model_call = ordinary  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="out of memory"):
             await runner.run("k", z)
-        await asyncio.sleep(0.01)
+        # A device loss is handed to the loop (call_soon_threadsafe) before the error returns: a few
+        # turns of the loop are enough for it to act, were it going to.
+        await loop_turns()
         assert mv.state == ModelState.READY and not fatal  # not sticky: keeps serving
 
         def broken(feeds: Any, solo: bool) -> list[Any]:
@@ -500,14 +506,15 @@ def test_a_sticky_cuda_error_marks_the_version_broken_and_stops_the_server(tmp_p
         runner._model_call = broken  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="illegal memory access"):
             await runner.run("k", z)
-        for _ in range(10):
-            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while mv.state != ModelState.UNAVAILABLE and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
         assert mv.state == ModelState.UNAVAILABLE and "CUDA error 700" in mv.reason
         assert health[-1] == ("gen", False)
         assert len(fatal) == 1 and "model gen version 1" in fatal[0]
         with pytest.raises(RuntimeError):  # a second failure does not stop it twice
             await runner.run("k", z)
-        await asyncio.sleep(0.01)
+        await loop_turns()
         assert len(fatal) == 1
         await repo.close(1)
 
@@ -579,21 +586,14 @@ def test_gpu_acceptance_dry_run_skips_every_gpu_check_cleanly(tmp_path: Path) ->
 def test_a_sticky_cuda_error_at_load_stops_the_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from genserve_server import repository
 
     root = tmp_path / "models"
-    write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-    )
+    write_tiny_generator(root)
 
     def broken_runner(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA failure 719: unspecified launch failure ; GPU=0")
 
-    monkeypatch.setattr(repository, "Runner", broken_runner)
+    monkeypatch.setattr(loader, "Runner", broken_runner)
     fatal: list[str] = []
 
     async def body() -> None:
@@ -644,14 +644,7 @@ def test_fp16_is_served_only_within_parity_on_the_provider_in_use(
     import hashlib
 
     root = tmp_path / "models"
-    version = write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-        config={"precision": "fp16"},
-    )
+    version = write_tiny_generator(root, config={"precision": "fp16"})
     data = generator_graph(TINY_LATENT, 1, 8, 8, seed=fp16_seed).SerializeToString()
     (version / "model.fp16.onnx").write_bytes(data)
     card = json.loads((version / "card.json").read_text())

@@ -20,15 +20,17 @@ from genserve_server.ort_session import (
     ProfileShapes,
     RuntimeConfig,
     RuntimeConfigError,
-    SessionRunner,
-    _pad_batch,
-    check_fp16_parity,
     choose_model_file,
     create_session,
     max_abs_diff,
     parse_runtime_config,
     provider_chain,
     session_options,
+)
+from genserve_server.session_runner import (
+    SessionRunner,
+    _pad_batch,
+    check_fp16_parity,
 )
 
 CPU_ONLY = [CPU]

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from reliability_support import SHARED_LIMITS, make_pki, write_flaky, write_gen, write_slow
-from server_support import ServerProcess, image_to_image_graph, start_server, write_model
+from server_support import ServerProcess, healthy_models, image_to_image_graph, start_server, write_model
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +60,8 @@ def faulty_server(faulty_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
         faulty_repo,
         tmp_path_factory.mktemp("faulty-server"),
         config={"limits": SHARED_LIMITS, "drain_grace_s": 5.0},
+        # missing-file and corrupt-file fail on purpose: SERVING means every other model is ready.
+        extra_args=healthy_models(faulty_repo, broken=("missing-file", "corrupt-file")),
     )
     yield server
     server.stop()

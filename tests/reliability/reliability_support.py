@@ -7,7 +7,6 @@ import shutil
 import struct
 import subprocess
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -259,14 +258,6 @@ class MetricSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # ------------------------------------------------------------------------------ hostile images

@@ -3,8 +3,6 @@ client."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
@@ -14,9 +12,8 @@ from reliability_support import (
     code_of,
     health_status,
     sample_ok,
-    wait_until,
 )
-from server_support import TINY_LATENT, ServerProcess
+from server_support import TINY_LATENT, ServerProcess, sample_calls, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -113,8 +110,9 @@ def test_cancelled_client_frees_its_queue_slot_and_is_not_computed(
     dropped_before = faulty_server.metric("genserve_requests_dropped_total", model="slow", reason="cancelled")
     images_before = faulty_server.metric("genserve_images_total", model="slow")
     # slow: batches of 4 take a few hundred ms; A1 runs, A2 waits, then B (2 rows) waits behind A2.
+    calls_before = sample_calls(faulty_server, "slow")
     a1 = stub.Sample.future(pb.SampleRequest(model="slow", count=4, base_seed=1), timeout=60)
-    time.sleep(0.05)
+    wait_until(lambda: sample_calls(faulty_server, "slow") - calls_before >= 1, 10, "A1 in the server", 0.01)
     a2 = stub.Sample.future(pb.SampleRequest(model="slow", count=4, base_seed=2), timeout=60)
     b = stub.Sample.future(pb.SampleRequest(model="slow", count=2, base_seed=3), timeout=60)
     wait_until(lambda: faulty_server.metric("genserve_queue_depth", model="slow") >= 6, 10, "B to be queued")

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from reliability_support import health_status, jpeg_bytes, png_bomb, png_bytes, rss_bytes
-from server_support import ServerProcess, start_server
+from server_support import ServerProcess, healthy_models, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import types_pb2 as tpb
@@ -62,6 +62,7 @@ METHODS: dict[str, tuple[type[Message], bool]] = {
     G + "Decode": (pb.DecodeRequest, False),
     G + "SuperResolve": (pb.ImageRequest, False),
     G + "Translate": (pb.ImageRequest, False),
+    G + "SampleCodes": (pb.SampleCodesRequest, False),
     G + "ListModels": (pb.ListModelsRequest, False),
     G + "GetModel": (pb.GetModelRequest, False),
     K + "ServerLive": (kpb.ServerLiveRequest, False),
@@ -382,7 +383,9 @@ class FuzzStats:
 def fuzz_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     work = tmp_path_factory.mktemp("fuzz-server")
     (work / "tokens").write_text(TOKEN + "\n")
-    server = start_server(tiny_repo, work, extra_args=("--token-file", str(work / "tokens")))
+    server = start_server(
+        tiny_repo, work, extra_args=("--token-file", str(work / "tokens"), *healthy_models(tiny_repo))
+    )
     yield server
     server.stop()
 

@@ -6,13 +6,12 @@ The shared server runs with the small limits of reliability_support.SHARED_LIMIT
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 from reliability_support import SHARED_LIMITS, code_of, peak_rss_bytes, png_bomb, png_bytes, sample_ok
-from server_support import ServerProcess
+from server_support import ServerProcess, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -89,14 +88,20 @@ def test_concurrent_sample_streams_limit(faulty_server: ServerProcess, channel: 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_sample_streams=2" in details
     for stream in running:
         stream.cancel()
-    time.sleep(0.3)
+    # Their slots are free once the server has ended both (the in-flight gauge and the stream count
+    # drop in the same step of the handler).
+    wait_until(
+        lambda: faulty_server.metric("genserve_requests_in_flight", method="SampleStream") == 0,
+        10,
+        "the cancelled streams to end in the server",
+    )
     chunks = list(
         stub.SampleStream(pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=4)), timeout=10)
     )
     assert sum(len(c.images) for c in chunks) == 4
 
 
-def test_concurrent_rpcs_limit(channel: grpc.Channel) -> None:
+def test_concurrent_rpcs_limit(faulty_server: ServerProcess, channel: grpc.Channel) -> None:
     stub = pb_grpc.GenerationServiceStub(channel)
     held = [
         stub.Sample.future(pb.SampleRequest(model="slow", count=1, base_seed=i), timeout=60)
@@ -104,15 +109,25 @@ def test_concurrent_rpcs_limit(channel: grpc.Channel) -> None:
     ]
     codes: dict[grpc.StatusCode, int] = {}
     details: set[str] = set()
-    time.sleep(0.5)
+    over = 60 - SHARED_LIMITS["max_concurrent_rpcs"] - 4  # a few may finish before the last arrive
+
+    def refused() -> int:
+        return sum(f.done() and f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for f in held)
+
+    wait_until(lambda: refused() >= over, 10, f"{over} RPCs refused by the concurrency limit")
     for future in held:
         if future.done() and future.exception() is not None:
             codes[future.code()] = codes.get(future.code(), 0) + 1
             details.add(future.details() or "")
         future.cancel()
-    assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) >= 60 - SHARED_LIMITS["max_concurrent_rpcs"] - 4
+    assert codes.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0) >= over
     assert any("Concurrent RPC limit exceeded" in d for d in details), details
-    time.sleep(0.5)
+    # The cancelled RPCs have left the server: a new one is under the limit again.
+    wait_until(
+        lambda: faulty_server.metric("genserve_requests_in_flight", method="Sample") == 0,
+        10,
+        "the cancelled RPCs to end in the server",
+    )
     assert len(sample_ok(channel, "gen").images) == 1
 
 

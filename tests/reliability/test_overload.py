@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from reliability_support import MetricSampler, sample_ok
-from server_support import ServerProcess
+from server_support import ServerProcess, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -41,7 +41,8 @@ def measure_capacity(stub: pb_grpc.GenerationServiceStub, duration_s: float = 1.
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # warm
+    # Warm: every client has had an answer, so each is in its closed loop before the count starts.
+    wait_until(lambda: all(done), 30, "every client's first answer", interval_s=0.01)
     before, started = sum(done), time.monotonic()
     time.sleep(duration_s)
     rate = (sum(done) - before) / (time.monotonic() - started)
@@ -91,8 +92,8 @@ def test_four_times_capacity_is_refused_at_once_and_the_rest_meets_its_deadline(
         for future in pending:
             future.exception(timeout=DEADLINE_S + 10)
     offered = len(pending)
-    while len(outcomes) < offered:  # callbacks run on grpc's thread just after completion
-        time.sleep(0.01)
+    # Callbacks run on grpc's thread just after completion.
+    wait_until(lambda: len(outcomes) >= offered, 10, "every done-callback", interval_s=0.01)
     ok = [s for c, s in outcomes if c == grpc.StatusCode.OK]
     refused = [s for c, s in outcomes if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
     others = [c for c, _ in outcomes if c not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)]

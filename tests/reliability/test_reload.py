@@ -18,15 +18,16 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from reliability_support import copy_version_atomically, health_status, wait_until, write_gen, write_slow
-from server_support import ServerProcess, start_server
+from reliability_support import copy_version_atomically, health_status, write_gen, write_slow
+from server_support import ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server import reload as reload_module
 from genserve_server.config import ServerConfig
 from genserve_server.metrics import Metrics
-from genserve_server.reload import Reloader
+from genserve_server.reload import Reloader, repository_fingerprint
 from genserve_server.repository import ModelState, Repository
 
 
@@ -35,6 +36,7 @@ class Outcome:
     started: float
     code: grpc.StatusCode
     version: str = ""
+    worker: int = 0
 
 
 @dataclass
@@ -57,9 +59,10 @@ class Traffic:
                     response = stub.Sample(
                         pb.SampleRequest(model=self.model, count=2, base_seed=seed), timeout=20
                     )
-                    self.outcomes.append(Outcome(started, grpc.StatusCode.OK, response.provenance.version))
+                    version = response.provenance.version
+                    self.outcomes.append(Outcome(started, grpc.StatusCode.OK, version, seed))
                 except grpc.RpcError as exc:
-                    self.outcomes.append(Outcome(started, exc.code()))
+                    self.outcomes.append(Outcome(started, exc.code(), worker=seed))
 
     def __enter__(self) -> Traffic:
         self._workers = [
@@ -76,6 +79,17 @@ class Traffic:
 
     def codes(self) -> set[grpc.StatusCode]:
         return {o.code for o in self.outcomes}
+
+    def wait_for_each(self, what: str, *, started_after: float = 0.0, older_than_s: float = 0.0) -> None:
+        """Until every worker has the outcome of a call that started after `started_after` and at least
+        `older_than_s` ago. A worker calls one at a time: all its later outcomes start later too."""
+
+        def every_worker() -> bool:
+            latest = time.monotonic() - older_than_s
+            workers = {o.worker for o in list(self.outcomes) if started_after < o.started < latest}
+            return len(workers) == self.threads
+
+        wait_until(every_worker, 30, what, interval_s=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +130,14 @@ def test_new_version_switches_atomically_under_load_with_zero_errors(
 ) -> None:
     staged = _staged_version(tmp_path, "2", seed=1)
     with Traffic(reload_server.target, "gen") as traffic:
-        time.sleep(0.5)
+        traffic.wait_for_each("a call of every worker served by v1")
         copy_version_atomically(reload_repo / "gen", "2", "2", staged)
         reload_server.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: _states(stub, "gen").get("2") == pb.MODEL_STATE_READY, 60, "v2 READY")
         v2_ready_at = time.monotonic()
         wait_until(lambda: "1" not in _states(stub, "gen"), 30, "v1 to drain and unload")
-        time.sleep(0.3)
+        v1_gone_at = time.monotonic()
+        traffic.wait_for_each("a call of every worker after v1 left", started_after=v1_gone_at)
     assert traffic.codes() == {grpc.StatusCode.OK}, [
         o for o in traffic.outcomes if o.code != grpc.StatusCode.OK
     ][:5]
@@ -194,7 +209,8 @@ def test_removed_model_drains_in_flight_work_then_answers_not_found(
     with grpc.insecure_channel(reload_server.target) as channel:
         assert health_status(channel, "other") == health_pb2.HealthCheckResponse.SERVING
         with Traffic(reload_server.target, "other", threads=4) as traffic:
-            time.sleep(0.8)
+            # Calls that started well (0.3 s) before the removal and have finished: surely accepted.
+            traffic.wait_for_each("a call of every worker 0.3 s old", older_than_s=0.3)
             shutil.rmtree(reload_repo / "other")
             sighup_at = time.monotonic()
             reload_server.proc.send_signal(signal.SIGHUP)
@@ -206,7 +222,9 @@ def test_removed_model_drains_in_flight_work_then_answers_not_found(
                 30,
                 "the model to leave ListModels",
             )
-            time.sleep(0.5)
+            left_at = time.monotonic()
+            # Every worker's calls from here on started after the removal: the last outcome is one.
+            traffic.wait_for_each("a call of every worker after the model left", started_after=left_at)
         assert health_status(channel, "other") == health_pb2.HealthCheckResponse.NOT_SERVING
     # Accepted requests all finish; a request that arrives after the removal is NOT_FOUND (it was
     # never accepted). Requests started well before the signal had certainly been accepted.
@@ -218,11 +236,23 @@ def test_removed_model_drains_in_flight_work_then_answers_not_found(
     assert reload_server.proc.poll() is None
 
 
-def test_watch_interval_picks_up_a_new_version_without_a_signal(tmp_path: Path) -> None:
+def test_watch_interval_picks_up_a_new_version_without_a_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In process: the poll-based watch (`watch_interval_s`) triggers the same rescan as SIGHUP."""
     root = tmp_path / "models"
     write_gen(root, "gen", version="1", seed=0)
     staged = _staged_version(tmp_path, "2", seed=1)
+    # A gate on the watch's first listing (its baseline): the new version must come after it.
+    listed = threading.Event()
+
+    def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+        try:
+            return repository_fingerprint(path)
+        finally:
+            listed.set()
+
+    monkeypatch.setattr(reload_module, "repository_fingerprint", fingerprint)
 
     async def scenario() -> None:
         repo = Repository(root, ServerConfig(), Metrics(enabled=False))
@@ -231,7 +261,7 @@ def test_watch_interval_picks_up_a_new_version_without_a_signal(tmp_path: Path) 
         reloader = Reloader(repo, drain_grace_s=2.0, watch_interval_s=0.1)
         reloader.start()
         try:
-            await asyncio.sleep(0.2)
+            assert await asyncio.to_thread(listed.wait, 10), "the watch never listed the repository"
             copy_version_atomically(root / "gen", "2", "2", staged)
             for _ in range(200):
                 versions = repo.models["gen"].versions

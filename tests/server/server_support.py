@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from genserve.v1 import types_pb2 as tpb
 from genserve_server.launcher import ServerSubprocess, genserve_command
 
 OPSET = 17
@@ -305,6 +308,22 @@ def write_model(
     return version_dir
 
 
+def write_tiny_generator(
+    root: Path, name: str = "gen", *, channels: int = 1, config: Mapping[str, Any] | None = None
+) -> Path:
+    """A tiny 8x8 generator model (version 1) under `root`, as many tests need one."""
+    card = {"latent_dim": TINY_LATENT, "channels": channels, "image_size": [8, 8]}
+    return write_model(
+        root, name, "generator", generator_graph(TINY_LATENT, channels, 8, 8), card, config=config
+    )
+
+
+def healthy_models(root: Path, broken: tuple[str, ...] = ("tiny-broken",)) -> tuple[str, ...]:
+    """`--require-models` naming every model of `root` but the ones broken on purpose."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in broken)
+    return ("--require-models", ",".join(names))
+
+
 def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = True) -> Path:
     """One tiny model of every kind (+ a slow generator and a corrupt model for failure tests)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -312,14 +331,7 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
     # processes share 2 cores with the server, and a loaded CI machine halves their rate, so the
     # window leaves the batching bar (mean > 4) a margin. Idle requests never wait it.
     batching = {"max_batch_size": 64, "max_queue_delay_ms": 10.0, "max_queue_size": 1024}
-    write_model(
-        root,
-        "tiny-gen",
-        "generator",
-        generator_graph(TINY_LATENT, 3, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]},
-        config={"batching": batching},
-    )
+    write_tiny_generator(root, "tiny-gen", channels=3, config={"batching": batching})
     write_model(
         root,
         "tiny-cond",
@@ -409,18 +421,41 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
             config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 8}},
         )
     if with_broken:
-        broken = write_model(
-            root,
-            "tiny-broken",
-            "generator",
-            generator_graph(TINY_LATENT, 1, 8, 8),
-            {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-        )
+        broken = write_tiny_generator(root, "tiny-broken")
         (broken / "model.onnx").write_bytes(b"not an onnx graph")  # sha256 no longer matches
     return root
 
 
+# ---------------------------------------------------------------------------- gates
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Poll `predicate` until it holds: a gate on an observable state (a metric, a queue depth, a log
+    line) instead of a sleep that a loaded machine can outlast. Fails naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
 # ---------------------------------------------------------------------------- server subprocess
+
+
+def metric_in(metrics_text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in one /metrics scrape (0 when
+    absent); several reads of one scrape see one moment of the server."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name, _, label_text = head.partition("{")
+        if metric_name != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 class ServerProcess(ServerSubprocess):
@@ -435,17 +470,17 @@ class ServerProcess(ServerSubprocess):
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
-        total = 0.0
-        for line in self.metrics_text().splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric_name, _, label_text = head.partition("{")
-            if metric_name != name:
-                continue
-            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-                total += float(value)
-        return total
+        return metric_in(self.metrics_text(), name, **labels)
+
+
+def sample_calls(server: ServerProcess, model: str) -> float:
+    """Sample calls for `model` that have entered the server: in flight now, or finished. A seeded
+    Sample reaches its model's batcher without an await in between, so in flight means queued or
+    computing. One scrape: a call is never counted twice; one leaving in flight may briefly count in
+    neither. (The in-flight gauge has no model label: only one model's Samples may run meanwhile.)"""
+    text = server.metrics_text()
+    finished = metric_in(text, "genserve_requests_total", model=model, method="Sample")
+    return metric_in(text, "genserve_requests_in_flight", method="Sample") + finished
 
 
 def start_server(
@@ -543,3 +578,31 @@ def concurrent_samples(
         jobs = [(target, model, share, clients // processes, list(labels), barrier) for share in shares]
         parts = pool.map(_sample_worker, jobs)
     return {seed: data for part in parts for seed, data in part.items()}
+
+
+def tensor_of(image: Any) -> np.ndarray:
+    """A TENSOR_F32 response image as float32 [C, H, W]."""
+    assert image.format == tpb.IMAGE_FORMAT_TENSOR_F32, image.format
+    return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
+
+
+def pixels_of(image: Any) -> np.ndarray:
+    """Any uint8 response image (RAW_UINT8 or an encoded format) as [H, W, C]."""
+    if image.format == tpb.IMAGE_FORMAT_RAW_UINT8:
+        return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image.data)) as im:
+        arr = np.asarray(im)
+    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
+
+
+# Every response image format, and the one that returns the model's floats as they are.
+FORMATS = [
+    tpb.IMAGE_FORMAT_PNG,
+    tpb.IMAGE_FORMAT_JPEG,
+    tpb.IMAGE_FORMAT_WEBP,
+    tpb.IMAGE_FORMAT_RAW_UINT8,
+    tpb.IMAGE_FORMAT_TENSOR_F32,
+]
+F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Coroutine, Hashable, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,36 @@ async def tracked_submit(batcher: Batcher, value: float) -> float:
         batcher.callers -= 1
 
 
+async def until(predicate: Callable[[], bool], what: str, *, turns: int = 10_000) -> None:
+    """Yield to the event loop until `predicate()` holds: a gate on the state a step waits for, not a
+    timed sleep that a loaded machine can outlast. Fails the test, naming `what`, if it never holds."""
+    for _ in range(turns):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"still waiting for {what} after {turns} event-loop turns")
+
+
+async def let_the_dispatcher_run() -> None:
+    """Yield to the event loop until the dispatcher has acted on what is queued (no timed sleep)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def past(moment: float) -> None:
+    """Sleep until time.monotonic() has passed `moment` (a deadline under test)."""
+    while (left_s := moment - time.monotonic()) >= 0:
+        await asyncio.sleep(left_s + 1e-3)
+
+
+async def close_begun(batcher: Batcher) -> asyncio.Task[None]:
+    """Start batcher.close(5) and return once it has begun refusing work."""
+    closing = asyncio.ensure_future(batcher.close(5))
+    # No public observable for "closing" yet: close() sets _closing before its first await.
+    await until(lambda: batcher._closing, "close() to begin")
+    return closing
+
+
 async def hold_runner(batcher: Batcher, model: FakeModel) -> tuple[asyncio.Event, asyncio.Task[Any]]:
     """Occupy the (single) runner with a one-row blocker so that later submits queue up."""
     gate = asyncio.Event()
@@ -120,7 +150,7 @@ def test_rows_of_2_3_1_are_split_across_batches_and_reassembled() -> None:
         a = asyncio.ensure_future(batcher.submit("k", rows(1, 2), 2))
         b = asyncio.ensure_future(batcher.submit("k", rows(3, 4, 5), 3))
         c = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 6, "the three requests queued")
         gate.set()
         ra, rb, rc, _ = await asyncio.gather(a, b, c, blocker)
         assert [list(x) for _, x in model.batches] == [[-1], [1, 2, 3, 4], [5, 6]]
@@ -198,15 +228,20 @@ def test_closed_loop_callers_all_queued_do_not_wait_the_window() -> None:
 def test_window_collects_rows_that_arrive_within_it() -> None:
     async def body() -> None:
         model = FakeModel()
-        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=0.3)
+        window_s = 0.3
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=window_s)
         # Two requests queued together: the dispatcher waits the window for more.
         first = [asyncio.ensure_future(batcher.submit("k", rows(i), 1)) for i in (1, 2)]
-        await asyncio.sleep(0.1)
+        opened = time.monotonic()
+        await until(lambda: batcher.queued_rows == 2, "the first two requests queued")
+        await let_the_dispatcher_run()
+        # The dispatcher has seen both and holds them: the window is open when the third arrives.
+        assert batcher.queued_rows == 2 and not model.batches
         late = asyncio.ensure_future(batcher.submit("k", rows(3), 1))
-        started = time.monotonic()
         await asyncio.gather(*first, late)
         assert [list(x) for _, x in model.batches] == [[1, 2, 3]]
-        assert time.monotonic() - started < 0.3 + 0.2
+        # It went when the window that opened with the first rows ended, not much later.
+        assert time.monotonic() - opened < window_s * 5 / 3
         await batcher.close(1)
 
     run(body())
@@ -230,9 +265,9 @@ def test_interactive_lane_goes_before_bulk() -> None:
         batcher, recorder = make(model, max_batch_size=1)
         gate, blocker = await hold_runner(batcher, model)
         bulk = asyncio.ensure_future(batcher.submit("k", rows(100), 1, lane=Lane.BULK))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 1, "the bulk request queued")
         interactive = asyncio.ensure_future(batcher.submit("k", rows(1), 1, lane=Lane.INTERACTIVE))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 2, "the interactive request queued")
         gate.set()
         await asyncio.gather(bulk, interactive, blocker)
         assert [float(x[0]) for _, x in model.batches] == [-1, 1, 100]
@@ -247,14 +282,17 @@ def test_an_interactive_arrival_ends_a_bulk_batch_window_at_once() -> None:
     async def body() -> None:
         model = FakeModel()
         # A long window, and a batch in flight: a bulk row alone waits for more (untracked callers).
-        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=0.5, concurrency=2)
+        window_s = 0.5
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=window_s, concurrency=2)
         gate, blocker = await hold_runner(batcher, model)
         bulk = asyncio.ensure_future(batcher.submit("b", rows(100), 1, lane=Lane.BULK))
-        await asyncio.sleep(0.02)  # the bulk window is open
-        assert not bulk.done()
+        await until(lambda: batcher.queued_rows == 1, "the bulk request queued")
+        await let_the_dispatcher_run()
+        # A runner instance is free and the bulk row is still queued: the bulk window is open.
+        assert batcher.queued_rows == 1 and not bulk.done()
         interactive = asyncio.ensure_future(batcher.submit("i", rows(1), 1))
-        # Without the early end it would wait out the bulk window (~0.48 s more) before running.
-        result = await asyncio.wait_for(interactive, 0.2)
+        # Without the early end it would wait out the rest of the bulk window before running.
+        result = await asyncio.wait_for(interactive, window_s / 2)
         np.testing.assert_array_equal(result.outputs["y"], [10])
         assert not bulk.done()
         gate.set()
@@ -273,7 +311,7 @@ def test_compatibility_keys_never_share_a_batch() -> None:
         reqs = [
             asyncio.ensure_future(batcher.submit(k, rows(v), 1)) for k, v in (("a", 1), ("b", 2), ("a", 3))
         ]
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 3, "the three requests queued")
         gate.set()
         await asyncio.gather(*reqs, blocker)
         assert [(k, list(x)) for k, x in model.batches] == [("k", [-1]), ("a", [1, 3]), ("b", [2])]
@@ -287,9 +325,10 @@ def test_expired_deadline_is_dropped_before_compute_and_counted() -> None:
         model = FakeModel()
         batcher, recorder = make(model)
         gate, blocker = await hold_runner(batcher, model)
-        doomed = asyncio.ensure_future(batcher.submit("k", rows(5), 1, deadline=time.monotonic() + 0.05))
+        deadline = time.monotonic() + 0.05
+        doomed = asyncio.ensure_future(batcher.submit("k", rows(5), 1, deadline=deadline))
         alive = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
-        await asyncio.sleep(0.1)
+        await past(deadline)  # the deadline passes while the row waits behind the held runner
         gate.set()
         with pytest.raises(DeadlineExceeded, match="not computed"):
             await doomed
@@ -311,9 +350,9 @@ def test_cancelled_caller_is_dropped_before_compute_and_counted() -> None:
         gate, blocker = await hold_runner(batcher, model)
         gone = asyncio.ensure_future(batcher.submit("k", rows(5), 1))
         alive = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 2, "both requests queued")
         gone.cancel()
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 1, "the cancelled rows out of the queue")
         gate.set()
         result = await alive
         await blocker
@@ -331,15 +370,14 @@ def test_a_cancelled_callers_rows_leave_a_full_queue_at_once() -> None:
         batcher, recorder = make(model, max_queue_size=4)
         gate, blocker = await hold_runner(batcher, model)
         gone = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3), 3))
-        await asyncio.sleep(0.01)
-        assert batcher.queued_rows == 3
+        await until(lambda: batcher.queued_rows == 3, "the request queued")
         gone.cancel()
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert batcher.queued_rows == 0 and recorder.depth == 0
         # Room the client that gave up held: a live request fits while the runner is still busy.
         accepted = asyncio.ensure_future(batcher.submit("k", rows(4, 5, 6), 3))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 3, "the live request queued")
         gate.set()
         result = await accepted
         await blocker
@@ -361,8 +399,7 @@ def test_a_request_cancelled_between_its_batches_frees_only_its_untaken_rows() -
         split = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3, 4, 5), 5))
         await model.started.wait()  # rows 1, 2 are computing; 3, 4, 5 wait
         other = asyncio.ensure_future(batcher.submit("k", rows(6), 1))
-        await asyncio.sleep(0.01)
-        assert batcher.queued_rows == 4
+        await until(lambda: batcher.queued_rows == 4, "the untaken rows 3, 4, 5 and 6 queued")
         split.cancel()
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -388,7 +425,7 @@ def test_caller_cancelled_mid_batch_does_not_disturb_the_others() -> None:
         await model.started.wait()
         b = asyncio.ensure_future(batcher.submit("k", rows(2), 1))
         c = asyncio.ensure_future(batcher.submit("k", rows(3), 1))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 2, "b and c queued")
         a.cancel()  # while its batch computes
         gate.set()
         rb, rc = await asyncio.gather(b, c)
@@ -407,7 +444,7 @@ def test_failing_batch_fails_only_the_rows_that_fail_again_in_halves() -> None:
         batcher, recorder = make(model, max_batch_size=2)
         gate, blocker = await hold_runner(batcher, model)
         reqs = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (13, 1, 2, 3)]
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 4, "the four requests queued")
         gate.set()
         results = await asyncio.gather(*reqs, return_exceptions=True)
         await blocker
@@ -447,7 +484,7 @@ def test_a_model_failing_every_batch_is_retried_once_per_halving_not_row_by_row(
         batcher, recorder = make(model, max_batch_size=8)
         gate, blocker = await hold_runner(batcher, model)
         reqs = [asyncio.ensure_future(batcher.submit("k", rows(v, v), 2)) for v in range(1, 5)]
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 8, "the four requests queued")
         gate.set()
         results = await asyncio.gather(*reqs, return_exceptions=True)
         with contextlib.suppress(Internal):
@@ -467,7 +504,7 @@ def test_one_bad_row_among_eight_requests_costs_two_calls_per_halving() -> None:
         batcher, recorder = make(model, max_batch_size=8)
         gate, blocker = await hold_runner(batcher, model)
         reqs = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in range(1, 9)]
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 8, "the eight requests queued")
         gate.set()
         results = await asyncio.gather(*reqs, return_exceptions=True)
         await blocker
@@ -499,7 +536,7 @@ def test_a_retry_skips_callers_that_left_during_the_other_halfs_call() -> None:
         batcher, _ = make(model, max_batch_size=4)
         gate, blocker = await hold_runner(batcher, model)
         tasks.extend(asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (13, 1, 2, 3))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 4, "the four requests queued")
         gate.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await blocker
@@ -521,8 +558,7 @@ def test_a_batch_failing_while_the_batcher_closes_is_unavailable_not_retried() -
         gate = model.gate = asyncio.Event()
         two_rows = asyncio.ensure_future(batcher.submit("k", rows(1, 2), 2))
         await model.started.wait()
-        closing = asyncio.ensure_future(batcher.close(5))
-        await asyncio.sleep(0.01)
+        closing = await close_begun(batcher)
         gate.set()
         with pytest.raises(Unavailable, match="shut down while the batch was retried"):
             await two_rows
@@ -540,7 +576,7 @@ def test_request_split_across_a_failing_batch_fails_once() -> None:
         gate, blocker = await hold_runner(batcher, model)
         straddler = asyncio.ensure_future(batcher.submit("k", rows(1, 13, 2), 3))
         other = asyncio.ensure_future(batcher.submit("k", rows(3), 1))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 4, "both requests queued")
         gate.set()
         with pytest.raises(Internal):
             await straddler
@@ -597,12 +633,13 @@ def test_bulk_fills_half_the_queue_then_waits_for_room_while_interactive_is_stil
         gate, blocker = await hold_runner(batcher, model)
         first = asyncio.ensure_future(batcher.submit("b", rows(1, 2, 3), 3, lane=Lane.BULK))
         second = asyncio.ensure_future(batcher.submit("b", rows(4, 5), 2, lane=Lane.BULK))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 3, "the first bulk request queued")
+        await let_the_dispatcher_run()
         assert batcher.queued_rows == 3  # 3 + 2 > 8 // 2: the second bulk request waits, unqueued
         assert not second.done()
         # Interactive requests find the other half and are queued at once.
         interactive = asyncio.ensure_future(batcher.submit("i", rows(7, 8, 9, 10, 11), 5))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 8, "the interactive request queued")
         assert batcher.queued_rows == 8
         with pytest.raises(ResourceExhausted, match="queue full"):  # interactive never waits
             await batcher.submit("i", rows(12), 1)
@@ -624,8 +661,9 @@ def test_a_bulk_request_waiting_for_room_fails_when_the_batcher_closes() -> None
         gate, blocker = await hold_runner(batcher, model)
         queued = asyncio.ensure_future(batcher.submit("b", rows(1, 2), 2, lane=Lane.BULK))
         waiting = asyncio.ensure_future(batcher.submit("b", rows(3), 1, lane=Lane.BULK))
-        await asyncio.sleep(0.01)
-        assert not waiting.done()
+        await until(lambda: batcher.queued_rows == 2, "the first bulk request queued")
+        await let_the_dispatcher_run()
+        assert batcher.queued_rows == 2 and not waiting.done()  # the bulk half (2) is full: it waits
         closing = asyncio.ensure_future(batcher.close(5))
         with pytest.raises(Unavailable, match="draining"):
             await waiting
@@ -655,7 +693,7 @@ def test_queue_full_is_refused_at_once_naming_model_and_limit() -> None:
         batcher, recorder = make(model, max_queue_size=4)
         gate, blocker = await hold_runner(batcher, model)
         accepted = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3), 3))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 3, "the accepted request queued")
         with pytest.raises(ResourceExhausted, match=r"model m version 1: queue full .*max_queue_size=4"):
             await batcher.submit("k", rows(4, 5), 2)
         assert recorder.rejected == ["queue_full"]
@@ -674,9 +712,8 @@ def test_close_drains_accepted_work_then_refuses() -> None:
         batcher, _ = make(model, max_batch_size=2)
         gate, blocker = await hold_runner(batcher, model)
         reqs = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (1, 2, 3)]
-        await asyncio.sleep(0.01)
-        closing = asyncio.ensure_future(batcher.close(5))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 3, "the three requests queued")
+        closing = await close_begun(batcher)
         with pytest.raises(Unavailable):
             await batcher.submit("k", rows(9), 1)
         gate.set()
@@ -698,7 +735,8 @@ def test_with_two_instances_bulk_leaves_one_free_while_interactive_requests_arri
         bulk_a = asyncio.ensure_future(batcher.submit("k", rows(2), 1, lane=Lane.BULK))
         await model.started.wait()
         bulk_b = asyncio.ensure_future(batcher.submit("k", rows(3), 1, lane=Lane.BULK))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued_rows == 1, "bulk 3 queued")
+        await let_the_dispatcher_run()  # time for the dispatcher to (wrongly) start bulk 3
         assert [list(x) for _, x in model.batches] == [[1], [2]]  # bulk 3 may not take the last one
         # An interactive request runs on the free instance while bulk 2 is still running.
         interactive = await asyncio.wait_for(batcher.submit("k", rows(4), 1, lane=Lane.INTERACTIVE), 1)
@@ -720,7 +758,7 @@ def test_rows_limit_caps_a_keys_batches_and_leaves_other_keys_alone() -> None:
         gate, blocker = await hold_runner(batcher, model)
         big = asyncio.ensure_future(batcher.submit("big", rows(1, 2, 3, 4, 5), 5))
         small = asyncio.ensure_future(batcher.submit("small", rows(6, 7, 8, 9), 4))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows == 9, "both requests queued")
         gate.set()
         rb, rs = await asyncio.gather(big, small)
         await blocker
@@ -734,12 +772,6 @@ def test_rows_limit_caps_a_keys_batches_and_leaves_other_keys_alone() -> None:
 
 
 # --- preferred batch sizes ----------------------------------------------------------------------
-
-
-async def let_the_dispatcher_run() -> None:
-    """Yield to the event loop until the dispatcher has acted on what is queued (no timed sleep)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
 
 
 @pytest.mark.parametrize(
@@ -799,6 +831,31 @@ def test_a_request_on_its_way_keeps_a_preferred_batch_open_for_the_next_size() -
         second = asyncio.ensure_future(batcher.submit("k", rows(*range(8, 16)), 8))
         await asyncio.gather(first, second)
         assert [len(x) for _, x in model.batches] == [1, 16]
+        batcher.callers = 0
+        gate.set()
+        await blocker
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_preferred_batch_of_one_waits_for_requests_already_in_the_server() -> None:
+    """Preferred sizes [1, 8, 64] (CUDA-graph sizes) must not turn a loaded server's batches into
+    singletons: while tracked callers are about to queue, a lone row keeps waiting for them."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(
+            model, max_batch_size=64, max_queue_delay_s=0.3, concurrency=2, preferred_batch_sizes=(1, 8, 64)
+        )
+        gate, blocker = await hold_runner(batcher, model)
+        batcher.callers = 3  # three RPCs in the server, two of them not queued yet
+        first = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
+        await let_the_dispatcher_run()
+        assert len(model.batches) == 1  # 1 is a preferred size, but two rows are on their way
+        others = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in (2, 3)]
+        await asyncio.gather(first, *others)
+        assert [len(x) for _, x in model.batches] == [1, 3], model.batches
         batcher.callers = 0
         gate.set()
         await blocker

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model
+from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model, write_tiny_generator
 
 from genserve_server.batch_keys import ImageRows, SeedRows, TileRows
 from genserve_server.config import (
@@ -19,14 +19,9 @@ from genserve_server.config import (
     load_server_config,
 )
 from genserve_server.errors import NotFound, Unavailable
+from genserve_server.loader import efficient_batch_size, rows_within_pixels, warmup_batch_sizes
 from genserve_server.metrics import Metrics, batch_size_buckets
-from genserve_server.repository import (
-    ModelState,
-    Repository,
-    efficient_batch_size,
-    rows_within_pixels,
-    warmup_batch_sizes,
-)
+from genserve_server.repository import ModelState, Repository
 
 
 def write_config(tmp_path: Path, data: object) -> Path:
@@ -309,13 +304,7 @@ def test_corrupt_models_are_unavailable_with_reasons_while_others_load(tmp_path:
     (root / "bad-config" / "config.json").write_text(
         json.dumps({"kind": "generator", "batching": {"max_batch_size": 0}})
     )
-    missing = write_model(
-        root,
-        "no-file",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-    )
+    missing = write_tiny_generator(root, "no-file")
     (missing / "model.onnx").unlink()
     write_model(
         root,
@@ -358,14 +347,7 @@ def test_corrupt_models_are_unavailable_with_reasons_while_others_load(tmp_path:
 
 def test_fp16_requested_without_an_fp16_file_serves_fp32(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    write_model(
-        root,
-        "gen",
-        "generator",
-        generator_graph(TINY_LATENT, 1, 8, 8),
-        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-        config={"precision": "fp16"},
-    )
+    write_tiny_generator(root, config={"precision": "fp16"})
 
     def check(repo: Repository) -> None:
         mv = repo.get("gen").resolve("")

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,12 +19,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 from server_support import (
+    F32,
+    FORMATS,
     TINY_LATENT,
     ServerProcess,
     build_tiny_repo,
     concurrent_samples,
+    pixels_of,
     running_server,
+    sample_calls,
     slow_generator_graph,
+    tensor_of,
+    wait_until,
     write_model,
 )
 
@@ -31,15 +38,6 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server.latents import RNG_ALGORITHM, interpolate, latents_for_seeds, min_truncation_psi
-
-FORMATS = [
-    tpb.IMAGE_FORMAT_PNG,
-    tpb.IMAGE_FORMAT_JPEG,
-    tpb.IMAGE_FORMAT_WEBP,
-    tpb.IMAGE_FORMAT_RAW_UINT8,
-    tpb.IMAGE_FORMAT_TENSOR_F32,
-]
-F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +54,6 @@ def stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
 
 def local_session(repo: Path, name: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-
-
-def tensor_of(image: tpb.Image) -> np.ndarray:
-    assert image.format == tpb.IMAGE_FORMAT_TENSOR_F32
-    return np.frombuffer(image.data, "<f4").reshape(tuple(image.shape))
-
-
-def pixels_of(image: tpb.Image) -> np.ndarray:
-    """Decode any uint8 response image to [H, W, C]."""
-    if image.format == tpb.IMAGE_FORMAT_RAW_UINT8:
-        return np.frombuffer(image.data, np.uint8).reshape(tuple(image.shape))
-    with Image.open(io.BytesIO(image.data)) as im:
-        arr = np.asarray(im)
-    return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
 
 
 def latent_tensor(z: np.ndarray) -> tpb.Tensor:
@@ -777,28 +761,72 @@ def test_one_channel_may_carry_more_than_256_calls_at_once(tiny_server: ServerPr
     assert set(codes) == {grpc.StatusCode.OK}, {c: codes.count(c) for c in set(codes)}
 
 
-def test_expired_deadline_is_never_computed(
-    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
-) -> None:
-    model = "tiny-slow"
-    dropped_before = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
-    images_before = tiny_server.metric("genserve_images_total", model=model)
+@dataclass
+class Held:
+    """A server whose one model ("held", one instance, batches of 4, a queue of 8) takes a while a batch,
+    and that batch's duration measured on this machine in this run."""
+
+    server: ServerProcess
+    stub: pb_grpc.GenerationServiceStub
+    batch_s: float
+    model: str = "held"
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Held]:
+    # Slower than the shared tiny-slow: rows stay queued behind a running batch for longer than a
+    # /metrics scrape takes on a loaded machine, so a test can see them there before they run.
+    repo = tmp_path_factory.mktemp("held-models")
+    write_model(
+        repo,
+        "held",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 40000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 8}},
+    )
+    work = tmp_path_factory.mktemp("held-server")
+    with running_server(repo, work, config={"warmup": False}) as server:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            stub.Sample(pb.SampleRequest(model="held", count=4), timeout=60)  # loads the session's kernels
+            started = time.monotonic()
+            stub.Sample(pb.SampleRequest(model="held", count=4), timeout=60)
+            yield Held(server, stub, time.monotonic() - started)
+
+
+def occupy(held: Held) -> list[grpc.Future]:
+    """Two 4-row requests: one batch runs, the next waits, both surely in the server on return."""
+    calls_before = sample_calls(held.server, held.model)
+    busy = [
+        held.stub.Sample.future(pb.SampleRequest(model=held.model, count=4, base_seed=i)) for i in range(2)
+    ]
+    wait_until(
+        lambda: sample_calls(held.server, held.model) - calls_before >= 2, 10, "the busy requests", 0.01
+    )
+    return busy
+
+
+def test_expired_deadline_is_never_computed(held: Held) -> None:
+    server, stub, model = held.server, held.stub, held.model
+    dropped_before = server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
+    images_before = server.metric("genserve_images_total", model=model)
 
     def finished(code: str) -> float:
-        return tiny_server.metric("genserve_requests_total", model=model, method="Sample", code=code)
+        return server.metric("genserve_requests_total", model=model, method="Sample", code=code)
 
     expired_before, cancelled_before = finished("DEADLINE_EXCEEDED"), finished("CANCELLED")
-    # Occupy the runner (a batch takes tens of ms), then queue a request with a short deadline.
-    busy = [stub.Sample.future(pb.SampleRequest(model=model, count=4, base_seed=i)) for i in range(2)]
-    time.sleep(0.005)
+    # Occupy the runner, then queue a request whose deadline is half a batch: the rows ahead of it
+    # (the rest of the running batch and a whole queued one) take longer than that.
+    busy = occupy(held)
     with pytest.raises(grpc.RpcError) as excinfo:
-        stub.Sample(pb.SampleRequest(model=model, count=1), timeout=0.1)
+        stub.Sample(pb.SampleRequest(model=model, count=1), timeout=held.batch_s / 2)
     assert code_of(excinfo) == grpc.StatusCode.DEADLINE_EXCEEDED
     for f in busy:
         f.result()
     deadline_s = time.monotonic() + 5
     while time.monotonic() < deadline_s:
-        dropped = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
+        dropped = server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
         if dropped > dropped_before:
             break
         time.sleep(0.05)
@@ -806,24 +834,22 @@ def test_expired_deadline_is_never_computed(
         pb.SampleRequest(model=model, count=1)
     )  # a later batch sweeps the expired row if still queued
     assert (
-        tiny_server.metric("genserve_requests_dropped_total", model=model, reason="deadline")
-        == dropped_before + 1
+        server.metric("genserve_requests_dropped_total", model=model, reason="deadline") == dropped_before + 1
     )
-    assert tiny_server.metric("genserve_images_total", model=model) == images_before + 8 + 1
+    assert server.metric("genserve_images_total", model=model) == images_before + 8 + 1
     # gRPC cancels the handler at the deadline: counted as the deadline, not as a client's cancel.
     assert finished("DEADLINE_EXCEEDED") == expired_before + 1
     assert finished("CANCELLED") == cancelled_before
 
 
-def test_cancelled_call_is_dropped_before_compute(
-    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
-) -> None:
-    model = "tiny-slow"
-    dropped_before = tiny_server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
-    busy = [stub.Sample.future(pb.SampleRequest(model=model, count=4, base_seed=i)) for i in range(2)]
-    time.sleep(0.005)
+def test_cancelled_call_is_dropped_before_compute(held: Held) -> None:
+    server, stub, model = held.server, held.stub, held.model
+    dropped_before = server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
+    calls_before = sample_calls(server, model)
+    busy = occupy(held)
     doomed = stub.Sample.future(pb.SampleRequest(model=model, count=1, base_seed=99))
-    time.sleep(0.05)
+    # Cancelled once the server holds it (queued behind the busy rows), not before it was sent.
+    wait_until(lambda: sample_calls(server, model) - calls_before >= 3, 10, "the doomed request", 0.01)
     assert doomed.cancel()
     for f in busy:
         f.result()
@@ -831,7 +857,7 @@ def test_cancelled_call_is_dropped_before_compute(
         pb.SampleRequest(model=model, count=1)
     )  # a later batch sweeps the cancelled row if still queued
     assert (
-        tiny_server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
+        server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
         == dropped_before + 1
     )
 

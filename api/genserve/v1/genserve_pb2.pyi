@@ -538,6 +538,151 @@ class ImageResponse(_message.Message):
 Global___ImageResponse: _TypeAlias = ImageResponse  # noqa: Y015
 
 @_typing.final
+class SampleCodesRequest(_message.Message):
+    """Code sampling: how sample i of a SampleCodes request gets its grid (algorithm
+    "philox4x32-10/code-sampling/v1"). The prior fills an H x W grid in raster order, position
+    p = r * W + c from 0 to H*W - 1; unfilled positions hold code 0 (the prior never reads them).
+      1. Philox4x32-10 (as for latents) keyed by the seed: key = (seed mod 2^32, floor(seed / 2^32));
+         position p uses counter (p, s, 0, 0), s = 0 for a prior without top_codes (single-level or
+         top prior) and 1 for a bottom prior; u = (x0 + 0.5) / 2^32 in (0, 1), in float64.
+      2. l_j = float64(logits[j, r, c]) / temperature for each code j of the prior's call on the grid
+         so far; with top_k > 0 only the top_k largest l_j stay (ties: the lower j first).
+      3. w_j = exp(l_j - max l); the code is the smallest j whose running sum w_0 + ... + w_j
+         (kept codes only, in order of j) exceeds u * sum(w).
+    The prior's logits for a row depend only on that row's grid, label and top grid, so a grid (and
+    its image) depends only on (model versions, seed, label, top grid, temperature, top_k), never on
+    the other rows that shared the prior's steps.
+    The server keeps one running set of rows per prior version: every step is ONE prior call for all
+    running rows, whatever position each is at; new requests join at the next step. The row budget is
+    the prior's batching.max_batch_size: a request whose samples do not fit beside the running rows
+    is answered RESOURCE_EXHAUSTED at once (retry with backoff), never queued. Rows whose deadline
+    passes leave at the next step (DEADLINE_EXCEEDED); a cancelled call's rows leave at the next step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
+    BASE_SEED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    TOP_CODES_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    RETURN_CODES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A code_prior model. Required."""
+    version: _builtins.str
+    count: _builtins.int
+    """Number of samples, 1..max_images_per_request and at most the prior's row budget. May be 0
+    when seeds gives it.
+    """
+    base_seed: _builtins.int
+    """First seed when `seeds` is empty. Absent: the server picks one and returns the seeds it used."""
+    temperature: _builtins.float
+    """Softmax temperature, 0 < temperature <= 10. Absent: 1."""
+    top_k: _builtins.int
+    """Sample among the top_k most likely codes only, 0..codebook_size; 0: all codes."""
+    return_codes: _builtins.bool
+    """Also return each sample's grid in `codes` (always returned when the prior has no decoder)."""
+    @_builtins.property
+    def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Explicit seeds, each 0 <= seed < 2^63; one grid per seed. Else base_seed + i."""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Class-conditional priors (card class_names): one label for all samples or one per sample.
+        Rejected for priors without classes.
+        """
+
+    @_builtins.property
+    def top_codes(self) -> _types_pb2.Tensor:
+        """Bottom priors (card top_grid) only: the top grid(s), DTYPE_INT64 [N, Ht, Wt] (one per sample)
+        or [Ht, Wt] (for every sample), codes in [0, top_codebook_size); only the bottom is sampled.
+        Absent: the prior's top prior (config.json top_prior) samples them first, with the same seeds,
+        labels (where it takes them), temperature and top_k (capped at its codebook size); a bottom
+        prior without a top prior requires them.
+        """
+
+    @_builtins.property
+    def output(self) -> _types_pb2.OutputOptions:
+        """The images' encoding (the decoder's output). return_latents is not accepted."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        count: _builtins.int = ...,
+        seeds: _abc.Iterable[_builtins.int] | None = ...,
+        base_seed: _builtins.int | None = ...,
+        labels: _abc.Iterable[_builtins.int] | None = ...,
+        temperature: _builtins.float | None = ...,
+        top_k: _builtins.int = ...,
+        top_codes: _types_pb2.Tensor | None = ...,
+        output: _types_pb2.OutputOptions | None = ...,
+        return_codes: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "base_seed", b"base_seed", "output", b"output", "temperature", b"temperature", "top_codes", b"top_codes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "base_seed", b"base_seed", "count", b"count", "labels", b"labels", "model", b"model", "output", b"output", "return_codes", b"return_codes", "seeds", b"seeds", "temperature", b"temperature", "top_codes", b"top_codes", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__base_seed: _TypeAlias = _typing.Literal["base_seed"]  # noqa: Y015
+    _WhichOneofArgType__base_seed: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_seed) -> _WhichOneofReturnType__base_seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___SampleCodesRequest: _TypeAlias = SampleCodesRequest  # noqa: Y015
+
+@_typing.final
+class SampleCodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    CODES_FIELD_NUMBER: _builtins.int
+    TOP_CODES_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.GeneratedImage]:
+        """One image per sample, with its seed and label; empty when the prior names no decoder."""
+
+    @_builtins.property
+    def codes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]:
+        """Sample i's grid, DTYPE_INT64 [H, W], when return_codes or when the prior has no decoder."""
+
+    @_builtins.property
+    def top_codes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Tensor]:
+        """With `codes`, for a bottom prior: sample i's top grid, DTYPE_INT64 [Ht, Wt] (given or sampled)."""
+
+    @_builtins.property
+    def provenance(self) -> _types_pb2.Provenance:
+        """The prior's model and version; executed_batch_sizes are the decoder's batches;
+        rng_algorithm "philox4x32-10/code-sampling/v1".
+        """
+
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[_types_pb2.GeneratedImage] | None = ...,
+        codes: _abc.Iterable[_types_pb2.Tensor] | None = ...,
+        top_codes: _abc.Iterable[_types_pb2.Tensor] | None = ...,
+        provenance: _types_pb2.Provenance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "images", b"images", "provenance", b"provenance", "top_codes", b"top_codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampleCodesResponse: _TypeAlias = SampleCodesResponse  # noqa: Y015
+
+@_typing.final
 class ListModelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -650,7 +795,9 @@ class ModelInfo(_message.Message):
     SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
-    """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image"""
+    """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image,
+    code_prior, code_decoder
+    """
     description: _builtins.str
     latent_dim: _builtins.int
     """Generators: the latent size Z."""

@@ -69,6 +69,11 @@ class GenerationServiceStub:
                 request_serializer=genserve_dot_v1_dot_genserve__pb2.ImageRequest.SerializeToString,
                 response_deserializer=genserve_dot_v1_dot_genserve__pb2.ImageResponse.FromString,
                 _registered_method=True)
+        self.SampleCodes = channel.unary_unary(
+                '/genserve.v1.GenerationService/SampleCodes',
+                request_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
+                response_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/genserve.v1.GenerationService/ListModels',
                 request_serializer=genserve_dot_v1_dot_genserve__pb2.ListModelsRequest.SerializeToString,
@@ -134,6 +139,14 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SampleCodes(self, request, context):
+        """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
+        and their images from the prior's code_decoder (config.json `decoder`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """What is loaded.
         """
@@ -185,6 +198,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Translate,
                     request_deserializer=genserve_dot_v1_dot_genserve__pb2.ImageRequest.FromString,
                     response_serializer=genserve_dot_v1_dot_genserve__pb2.ImageResponse.SerializeToString,
+            ),
+            'SampleCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SampleCodes,
+                    request_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.FromString,
+                    response_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -386,6 +404,33 @@ class GenerationService:
             '/genserve.v1.GenerationService/Translate',
             genserve_dot_v1_dot_genserve__pb2.ImageRequest.SerializeToString,
             genserve_dot_v1_dot_genserve__pb2.ImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genserve.v1.GenerationService/SampleCodes',
+            genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
+            genserve_dot_v1_dot_genserve__pb2.SampleCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

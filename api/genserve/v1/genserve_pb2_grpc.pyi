@@ -56,6 +56,10 @@ class GenerationServiceStub:
     """Super-resolution of any image up to the size limit, tiled with overlap and blended seams."""
     Translate: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ImageRequest, _genserve_pb2.ImageResponse]
     """Image-to-image translation (pix2pix-style), padded to the model's size multiple and cropped."""
+    SampleCodes: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesResponse]
+    """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
+    and their images from the prior's code_decoder (config.json `decoder`).
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]
     """What is loaded."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.GetModelRequest, _genserve_pb2.ModelInfo]
@@ -80,6 +84,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     """Super-resolution of any image up to the size limit, tiled with overlap and blended seams."""
     Translate: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ImageRequest, _genserve_pb2.ImageResponse]  # type: ignore[assignment]
     """Image-to-image translation (pix2pix-style), padded to the model's size multiple and cropped."""
+    SampleCodes: _aio.UnaryUnaryMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesResponse]  # type: ignore[assignment]
+    """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
+    and their images from the prior's code_decoder (config.json `decoder`).
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]  # type: ignore[assignment]
     """What is loaded."""
     GetModel: _aio.UnaryUnaryMultiCallable[_genserve_pb2.GetModelRequest, _genserve_pb2.ModelInfo]  # type: ignore[assignment]
@@ -143,6 +151,16 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_genserve_pb2.ImageResponse, _abc.Awaitable[_genserve_pb2.ImageResponse]]:
         """Image-to-image translation (pix2pix-style), padded to the model's size multiple and cropped."""
+
+    @_abc_1.abstractmethod
+    def SampleCodes(
+        self,
+        request: _genserve_pb2.SampleCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_genserve_pb2.SampleCodesResponse, _abc.Awaitable[_genserve_pb2.SampleCodesResponse]]:
+        """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
+        and their images from the prior's code_decoder (config.json `decoder`).
+        """
 
     @_abc_1.abstractmethod
     def ListModels(

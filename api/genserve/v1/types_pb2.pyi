@@ -33,6 +33,8 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     """read as DTYPE_FLOAT32"""
     DTYPE_FLOAT32: _DType.ValueType  # 1
     DTYPE_UINT8: _DType.ValueType  # 2
+    DTYPE_INT64: _DType.ValueType  # 3
+    """code grids (SampleCodes)"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """Element types of a Tensor."""
@@ -41,6 +43,8 @@ DTYPE_UNSPECIFIED: DType.ValueType  # 0
 """read as DTYPE_FLOAT32"""
 DTYPE_FLOAT32: DType.ValueType  # 1
 DTYPE_UINT8: DType.ValueType  # 2
+DTYPE_INT64: DType.ValueType  # 3
+"""code grids (SampleCodes)"""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _ImageFormat:

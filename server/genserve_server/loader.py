@@ -1,0 +1,318 @@
+"""Loading one model version: its card, the file it serves (sha256, fp16 or fp32), its sessions,
+the graph check, the warm-up that times batch sizes, the tile radius, and its batcher's wiring.
+
+repository.py keeps discovery, the registry and the lifecycle (states, listeners, reloads,
+closing); it calls `load_files` on a worker thread and `make_batcher` on the event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from genserve_contract.repository import sha256_file
+from genserve_server import tiling
+from genserve_server.batch_keys import input_shape
+from genserve_server.batcher import Batcher
+from genserve_server.config import Card, ConfigError, ServerConfig, cpu_count, load_card
+from genserve_server.metrics import BatchMetrics
+from genserve_server.ort_session import (
+    ModelChoice,
+    ProfileShapes,
+    RuntimeConfig,
+    choose_model_file,
+    create_session,
+)
+from genserve_server.providers import GPU_PROVIDERS
+from genserve_server.runner import Runner, select_providers
+from genserve_server.session_runner import SessionRunner, check_fp16_parity
+
+if TYPE_CHECKING:  # repository.py imports this module: its types only, no import cycle at run time
+    from genserve_server.repository import ModelVersion
+
+logger = logging.getLogger(__name__)
+
+
+def load_files(mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None]) -> None:
+    """Load one version on a worker thread: card, file choice, sha256, sessions, graph check,
+    warm-up (batch-size timing), tile radius. Fills `mv` in; raises on any failure, closing what it
+    built. `check_stopping` raises LoadCancelled once the server is stopping."""
+    check_stopping()
+    card = load_card(mv.path / "card.json")
+    mv.card = card
+    if card.kind != mv.config.kind:
+        raise ConfigError(
+            f"{mv.path / 'card.json'}: kind {card.kind.value!r} differs from config.json's "
+            f"{mv.config.kind.value!r}"
+        )
+    choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
+    requested = sc.execution_providers or mv.config.execution_providers
+    mv.gpu_requested = any(p in GPU_PROVIDERS for p in requested)
+    providers = select_providers(requested)
+    mv.sha256 = _verified_sha256(mv, card, choice.path)
+    if choice.precision == "fp16":
+        checked = fp16_on_provider(mv.path, card, providers, mv.config.runtime.fp16_atol, choice)
+        if checked is not choice:
+            mv.sha256 = _verified_sha256(mv, card, checked.path)
+            choice = checked
+    if choice.reason:
+        logger.warning("%s: serving fp32: %s", mv.label, choice.reason)
+    model_path = choice.path
+    mv.precision = choice.precision
+    cores = cpu_count()
+    pinned = mv.config.runtime.intra_op_threads or sc.intra_op_threads
+    intra = pinned or max(1, cores // mv.config.instances)
+    # Auto threads and several instances: a batch running alone may use every core (RuntimeConfig).
+    solo_intra = cores if not pinned and mv.config.runtime.solo_session and intra < cores else 0
+    sampler = card.kind.takes_latent
+    runtime = mv.config.runtime
+    if runtime.trt_engine_cache_dir is None and sc.trt_engine_cache_dir:
+        runtime = dataclasses.replace(runtime, trt_engine_cache_dir=sc.trt_engine_cache_dir)
+    runner = Runner(
+        model_path,
+        label=f"{mv.name}-{mv.version}",
+        providers=providers,
+        instances=mv.config.instances,
+        intra_op_threads=intra,
+        solo_intra_op_threads=solo_intra,
+        runtime=runtime,
+        fp16=choice.precision == "fp16",
+        profile=profile_shapes(card, mv.config.batching.max_batch_size),
+        inline_max_s=sc.inline_compute_max_s,
+        latent_dim=card.latent_dim if sampler else None,
+        pixels_range=card.output_range if sampler else None,
+    )
+    try:
+        check_stopping()
+        check_graph(mv, card, runner)
+        if sc.warmup:
+            costs: dict[int, float] = {}
+            largest = mv.config.batching.max_batch_size
+            tolerance = mv.config.batching.efficient_batch_tolerance
+            sizes = warmup_batch_sizes(largest) if tolerance is not None else sorted({1, largest})
+            # The largest first: the arena then holds every smaller batch. Each size's cost is
+            # its fastest of three runs, so that a busy moment does not shrink the cap.
+            for batch in sorted(sizes, key=lambda b: (b != largest, b)):
+                check_stopping()
+                inputs = warmup_inputs(card, batch)
+                runner.warm(inputs)
+                check_stopping()
+                cost_s = runner.measured_cost_s(inputs)
+                if cost_s is not None:
+                    costs[batch] = cost_s
+            if tolerance is not None and costs:
+                mv.efficient_batch_size = efficient_batch_size(costs, tolerance)
+                if mv.efficient_batch_size < mv.config.batching.max_batch_size:
+                    logger.info(
+                        "%s: batches capped at %d: per-item compute %s (larger batches gain < %.0f %%)",
+                        mv.label,
+                        mv.efficient_batch_size,
+                        ", ".join(f"b{b} {1e3 * c / b:.3g} ms" for b, c in sorted(costs.items())),
+                        100 * tolerance,
+                    )
+        if card.kind.tiled:
+            mv.tile_radius = measure_tile_radius(card, runner)
+    except BaseException:
+        runner.close()
+        raise
+    mv.runner = runner
+    mv.provider = runner.provider
+    mv.runtime = runner.description
+
+
+def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
+    want_in = card.graph_inputs
+    have_in = tuple(i.name for i in runner.inputs)
+    if sorted(want_in) != sorted(have_in):
+        raise ConfigError(
+            f"{mv.label}: graph inputs {list(have_in)} differ from kind {card.kind}'s {list(want_in)}"
+        )
+    missing = [o for o in card.kind.output_names if o not in runner.outputs]
+    if missing:
+        raise ConfigError(f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})")
+
+
+def make_batcher(mv: ModelVersion) -> Batcher:
+    """The batcher of a loaded version, wired to its runner (not started)."""
+    assert mv.runner is not None
+    batcher = Batcher(
+        mv.runner.run,
+        run_bulk_batch=mv.runner.run_bulk,  # like run where bulk cannot be background work
+        name=mv.label,
+        max_batch_size=mv.config.batching.max_batch_size,
+        max_queue_delay_s=mv.config.batching.max_queue_delay_s,
+        preferred_batch_sizes=mv.config.batching.preferred_batch_sizes,
+        max_queue_size=mv.config.batching.max_queue_size,
+        concurrency=mv.config.instances,
+        observer=BatchMetrics(mv.metrics),
+        bulk_budget_s=mv.config.batching.bulk_budget_s,
+        bulk_idle_budget_s=mv.config.batching.bulk_idle_budget_s,
+        interactive_quiet_s=mv.config.batching.interactive_quiet_s,
+        efficient_batch_size=mv.efficient_batch_size,
+        rows_limit=(
+            functools.partial(rows_within_pixels, max_pixels=mv.config.batching.max_batch_pixels)
+            if mv.card is not None and mv.card.kind.takes_image
+            else None
+        ),
+    )
+    # Background bulk batches yield their cores to a solo call; other bulk rows would not.
+    if mv.runner.background_bulk:
+        mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0
+    else:
+        mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
+    return batcher
+
+
+def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
+    """The file's sha256, checked against card.json's."""
+    filename = model_path.name
+    if not model_path.is_file():
+        raise ConfigError(f"{model_path}: file not found")
+    expected = card.sha256.get(filename)
+    if not expected:
+        raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
+    actual = sha256_file(model_path)
+    if actual != expected:
+        raise ConfigError(
+            f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."
+        )
+    return actual
+
+
+def fp16_on_provider(
+    version_dir: Path, card: Card, providers: Sequence[str], atol: float, choice: ModelChoice
+) -> ModelChoice:
+    """`choice` (the fp16 file) when fp16 and fp32 agree within `atol` on the provider the version
+    will run on, else fp32 with the reason: the card's parity was measured at export, on a CPU, and
+    fp16 kernels differ per provider and GPU."""
+    if not (version_dir / "model.onnx").is_file():
+        return choice  # nothing to compare with: the card's parity stands
+    feeds = parity_inputs(card, 8)
+    fp32 = create_session(version_dir / "model.onnx", providers, RuntimeConfig(), cores=cpu_count())
+    fp16 = create_session(choice.path, providers, RuntimeConfig(), cores=cpu_count(), fp16=True)
+    ok, diff = check_fp16_parity(
+        SessionRunner(fp32, RuntimeConfig()), SessionRunner(fp16, RuntimeConfig()), feeds, atol
+    )
+    if ok:
+        return choice
+    return ModelChoice(
+        version_dir / "model.onnx",
+        "fp32",
+        f"fp16 differs from fp32 by {diff:.3g} > fp16_atol {atol:g} on {fp16.provider}",
+    )
+
+
+def parity_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
+    """Random inputs of the warm-up shapes (zeros would hide most differences), seeded."""
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for name, value in warmup_inputs(card, batch).items():
+        if value.dtype == np.int64:
+            feeds[name] = rng.integers(0, max(1, len(card.class_names)), value.shape).astype(np.int64)
+        elif card.input_range is not None and name == "image":
+            low, high = card.input_range
+            feeds[name] = rng.uniform(low, high, value.shape).astype(np.float32)
+        else:
+            feeds[name] = rng.standard_normal(value.shape).astype(np.float32)
+    return feeds
+
+
+def warmup_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to max_batch_size, and max_batch_size itself: the sizes warmed and timed."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+# What serving one batch costs besides the model call (batcher bookkeeping, a thread hop, futures):
+# it favours larger batches where the model call itself is tiny.
+BATCH_OVERHEAD_S = 100e-6
+
+
+def efficient_batch_size(costs_s: Mapping[int, float], tolerance: float) -> int:
+    """The smallest batch size whose cost per item is within `tolerance` of the best size's.
+
+    Cost = the measured model call + BATCH_OVERHEAD_S. Larger batches only pay when they compute
+    each item faster: on a CPU, large convolutions often do not (per item, SR tiles cost the same at
+    batch 1 and 16), and a closed loop of clients then waits in each other's batches for nothing.
+    """
+    per_item = {
+        size: (cost + BATCH_OVERHEAD_S) / size for size, cost in costs_s.items() if size > 0 and cost > 0
+    }
+    if not per_item:
+        return max(costs_s, default=1)
+    best = min(per_item.values())
+    return min(size for size, cost in per_item.items() if cost <= best * (1.0 + tolerance))
+
+
+def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
+    """Dummy inputs of the right shape for `batch` rows (warm-up and tests)."""
+    if card.kind.takes_codes:
+        assert card.grid is not None
+        codes = {"codes": np.zeros((batch, *card.grid), np.int64)}
+        if card.top_grid is not None:
+            codes["top_codes"] = np.zeros((batch, *card.top_grid), np.int64)
+        if card.class_names:
+            codes["label"] = np.zeros((batch,), np.int64)
+        return codes
+    if card.kind.takes_latent:
+        assert card.latent_dim is not None
+        feeds = {"z": np.zeros((batch, card.latent_dim), np.float32)}
+        if card.kind.conditional:
+            feeds["label"] = np.zeros((batch,), np.int64)
+        return feeds
+    channels = card.input_channels or 3
+    if card.image_size is not None:
+        h, w = card.image_size
+    else:
+        side = card.tile_size or max(card.min_size, 32)
+        side = -(-side // card.size_multiple) * card.size_multiple
+        h = w = side
+    return {"image": np.zeros((batch, channels, h, w), np.float32)}
+
+
+def profile_shapes(card: Card, max_batch_size: int) -> ProfileShapes | None:
+    """TensorRT min/opt/max shapes for fixed-size kinds (batch 1 .. max); None for size-free kinds."""
+    one = warmup_inputs(card, 1)
+    if card.image_size is None and "image" in one:
+        return None  # fully convolutional: TensorRT builds per shape
+    opt = max(1, max_batch_size // 2)
+
+    def shapes(batch: int) -> dict[str, list[int]]:
+        return {name: [batch, *value.shape[1:]] for name, value in one.items()}
+
+    return ProfileShapes(shapes(1), shapes(opt), shapes(max_batch_size))
+
+
+def measure_tile_radius(card: Card, runner: Runner) -> int | None:
+    """How far (input pixels) a tile edge disturbs the output: tiles must discard that margin."""
+    multiple = card.size_multiple
+    probe = max(64, -(-64 // multiple) * multiple)
+    radius = tiling.receptive_field_radius(
+        lambda x: runner.run_sync({"image": x})["output_image"],
+        card.input_channels or 3,
+        probe,
+        input_range=card.input_range or (0.0, 1.0),
+    )
+    logger.info("%s/%s: tile receptive-field radius %s px", card.name, card.version, radius)
+    return radius
+
+
+def rows_within_pixels(key: object, max_pixels: int) -> int:
+    """Rows of a batch of image rows (batch_keys.TileRows / ImageRows with a shape) that keep it within
+    `max_pixels` input pixels, at least 1; keys without a shape (fixed-size models) are not limited."""
+    shape = input_shape(key)
+    if shape is not None and len(shape) == 3:
+        _, height, width = shape
+        return max(1, max_pixels // max(1, int(height) * int(width)))
+    return 1 << 30

@@ -1,0 +1,98 @@
+"""genserve.v1 SampleCodes: the request's proto <-> the core's values (core.sample_codes).
+
+A sibling of service.py's handlers, kept apart so that service.py stays a list of thin handlers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import types_pb2 as tpb
+from genserve_contract.kinds import Kind
+from genserve_server import validate
+from genserve_server.core import Call, GenerationCore
+from genserve_server.errors import invalid
+from genserve_server.repository import ModelVersion
+from genserve_server.step_sampler import CODE_RNG_ALGORITHM, SamplingOptions, check_grids, check_labels
+from genserve_server.validate import OutputSpec
+
+Provenance = Callable[[ModelVersion, Sequence[int]], tpb.Provenance]
+
+
+def codes_tensor(tensor: tpb.Tensor, field: str) -> np.ndarray:
+    """int64 codes from a Tensor of DTYPE_INT64, shape checked against its bytes."""
+    if tensor.dtype != tpb.DTYPE_INT64:
+        raise invalid(f"{field}.dtype", "must be DTYPE_INT64")
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) not in (2, 3) or any(d < 1 for d in shape):
+        raise invalid(f"{field}.shape", f"must be [N, H, W] or [H, W], got {list(shape)}")
+    size = math.prod(shape)  # Python ints: a huge shape cannot wrap around to the data's size
+    if size * 8 != len(tensor.data):
+        raise invalid(
+            f"{field}.data", f"must hold {size * 8} bytes for shape {list(shape)}, got {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype="<i8").reshape(shape)
+
+
+def codes_proto(grid: np.ndarray) -> tpb.Tensor:
+    return tpb.Tensor(shape=grid.shape, dtype=tpb.DTYPE_INT64, data=grid.astype("<i8", copy=False).tobytes())
+
+
+async def sample_codes(
+    core: GenerationCore,
+    request: pb.SampleCodesRequest,
+    call: Call,
+    out: OutputSpec,
+    provenance: Provenance,
+) -> pb.SampleCodesResponse:
+    mv = core.resolve(call, request.model, request.version, (Kind.CODE_PRIOR,), "SampleCodes")
+    card = mv.card
+    assert card is not None and card.codebook_size is not None
+    if out.return_latents:
+        raise invalid("output.return_latents", "not accepted by SampleCodes (use return_codes)")
+    limit = min(core.limits.max_images_per_request, mv.config.batching.max_batch_size)
+    seeds = validate.request_seeds(
+        request.seeds,
+        request.count,
+        request.base_seed if request.HasField("base_seed") else None,
+        limit,
+        core.random_base_seed,
+        "max_images_per_request and the row budget",
+    )
+    n = len(seeds)
+    labels = check_labels(request.labels, card.class_names, n, mv.name)
+    options = SamplingOptions.checked(
+        request.temperature if request.HasField("temperature") else None, request.top_k, card.codebook_size
+    )
+    tops: np.ndarray | None = None
+    if card.top_grid is not None:
+        assert card.top_codebook_size is not None
+        if not request.HasField("top_codes") and not mv.config.top_prior:
+            raise invalid(
+                "top_codes",
+                f"required for bottom prior {mv.name}: int64 [N, {card.top_grid[0]}, {card.top_grid[1]}]",
+            )
+        if request.HasField("top_codes"):  # else the top prior samples them (config.json top_prior)
+            given = codes_tensor(request.top_codes, "top_codes")
+            tops = check_grids(given, n, card.top_grid, card.top_codebook_size, "top_codes")
+    elif request.HasField("top_codes"):
+        raise invalid("top_codes", f"{mv.name} is not a bottom prior (no top_grid); send no top_codes")
+    sampled = await core.sample_codes(mv, call, seeds, labels, tops, options, out)
+    response = pb.SampleCodesResponse(provenance=provenance(mv, sampled.executed_batch_sizes))
+    response.provenance.rng_algorithm = CODE_RNG_ALGORITHM
+    for i, image in enumerate(sampled.images):
+        g = response.images.add(index=i, seed=seeds[i])
+        g.image.CopyFrom(
+            tpb.Image(format=tpb.ImageFormat.ValueType(image.format), data=image.data, shape=image.shape)
+        )
+        if labels is not None:
+            g.label = labels[i]
+    if request.return_codes or not sampled.images:
+        response.codes.extend(codes_proto(grid) for grid in sampled.codes)
+        if sampled.tops is not None:
+            response.top_codes.extend(codes_proto(grid) for grid in sampled.tops)
+    return response

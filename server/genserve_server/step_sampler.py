@@ -1,0 +1,355 @@
+"""Step-level (continuous) batching of an autoregressive code prior (kind code_prior).
+
+One image is H*W dependent prior calls. Request-level batching would make a newcomer wait for the
+whole batch in front of it; here a `StepScheduler` per prior version keeps a running set of rows
+and, every step, makes ONE prior call for all of them, whatever position each row is at (the
+graph gives logits for every position of partially filled grids). Each row then samples its next
+code at its own position and advances. New rows join at the next step, up to the row budget
+(batching.max_batch_size; a request that does not fit is refused at once with RESOURCE_EXHAUSTED);
+finished rows leave at once; rows whose caller cancelled or whose deadline passed leave at the
+next step.
+
+Sampling is a pure function of (logits of the row, seed, position, options), and the logits of a
+row depend only on its own grid, so a grid never depends on which rows shared its steps. The random
+stream (CODE_RNG_ALGORITHM, documented above SampleCodesRequest in protos/genserve/v1/genserve.proto):
+
+1. Philox4x32-10 (latents.philox4x32_10) keyed by the seed: key = (seed mod 2^32, floor(seed / 2^32));
+   the code at raster position p = r * W + c uses counter (p, stream, 0, 0), stream 0 for a prior
+   without top_codes (single-level or top) and 1 for a bottom prior; u = (x0 + 0.5) / 2^32 (float64).
+2. l = float64(logits[:, r, c]) / temperature; with top_k > 0 only the top_k largest l stay (ties:
+   the lower code first), the rest are dropped.
+3. w_j = exp(l_j - max l); the code is the smallest j whose running sum w_0 + .. + w_j > u * sum(w).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+from genserve_server import latents
+from genserve_server.batcher import Lane
+from genserve_server.errors import DeadlineExceeded, ResourceExhausted, invalid
+from genserve_server.metrics import ModelMetrics
+
+CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
+MAX_TEMPERATURE: Final = 10.0
+# Unfilled positions of a grid hold this code (kinds.CODES): the prior's masks never read them.
+UNFILLED: Final = 0
+
+RunStep = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: every code
+
+    @staticmethod
+    def checked(temperature: float | None, top_k: int, codebook_size: int) -> SamplingOptions:
+        """Options within range, else InvalidArgument naming the field and its limit."""
+        t = 1.0 if temperature is None else float(temperature)
+        if not (math.isfinite(t) and 0.0 < t <= MAX_TEMPERATURE):
+            raise invalid("temperature", f"must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+        if not 0 <= top_k <= codebook_size:
+            raise invalid("top_k", f"must be in 0..{codebook_size} (0: every code), got {top_k}")
+        return SamplingOptions(t, int(top_k))
+
+
+def uniforms(seeds: Sequence[int], positions: Sequence[int], stream: int) -> np.ndarray:
+    """u in (0, 1), float64 [N]: row i's draw at `positions[i]` of its stream (step 1 above)."""
+    n = len(seeds)
+    key = np.empty((n, 2), np.uint32)
+    counter = np.zeros((n, 4), np.uint32)
+    for i, (seed, position) in enumerate(zip(seeds, positions, strict=True)):
+        key[i] = (seed & 0xFFFFFFFF, seed >> 32)
+        counter[i, 0] = position
+        counter[i, 1] = stream
+    words = latents.philox4x32_10(counter, key)
+    return (words[:, 0].astype(np.float64) + 0.5) / 2.0**32
+
+
+def sample_codes(
+    logits: np.ndarray, u: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray
+) -> np.ndarray:
+    """Codes int64 [N] from logits float [N, K] and uniforms u [N] (steps 2-3 above), row by row
+    independent: the same row gives the same code in any batch."""
+    n, k = logits.shape
+    scaled = np.ascontiguousarray(logits, dtype=np.float64) / temperatures[:, None]
+    order = np.argsort(-scaled, axis=1, kind="stable")  # ties: the lower code first
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(k)[None, :].repeat(n, axis=0), axis=1)
+    limit = np.where(top_ks > 0, top_ks, k)
+    kept = ranks < limit[:, None]
+    top = np.max(np.where(kept, scaled, -np.inf), axis=1, keepdims=True)
+    weights = np.where(kept, np.exp(np.where(kept, scaled - top, 0.0)), 0.0)
+    cumulative = np.cumsum(weights, axis=1)
+    threshold = u * cumulative[:, -1]
+    codes: np.ndarray = np.argmax(cumulative > threshold[:, None], axis=1).astype(np.int64)
+    return codes
+
+
+@dataclass(eq=False, slots=True)
+class Row:
+    """One grid being sampled: its codes so far, next position, stream inputs and its future."""
+
+    seed: int
+    label: int | None
+    top: np.ndarray | None
+    options: SamplingOptions
+    deadline: float | None
+    future: asyncio.Future[np.ndarray]
+    codes: np.ndarray
+    position: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What the scheduler did (metrics, tests, the bench)."""
+
+    steps: int = 0
+    rows_stepped: int = 0  # sum over steps of the rows in the call
+    joined: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    refused: int = 0
+    join_wait_s: float = 0.0  # summed over joined rows: submitted -> first step
+
+
+class StepScheduler:
+    """The running set of one prior version; `sample` is what the core awaits."""
+
+    def __init__(
+        self,
+        run: RunStep,
+        *,
+        name: str,
+        grid: tuple[int, int],
+        codebook_size: int,
+        max_rows: int,
+        stream: int = 0,
+        takes_label: bool = False,
+        top_grid: tuple[int, int] | None = None,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
+        self._run = run
+        # The prior version's series (docs/metrics-contract.md): a step is a batch (compute
+        # duration, batch size = rows per step), the join wait is the interactive queue wait, a
+        # full budget is a `queue_full` rejection, and genserve_step_running_rows the running set.
+        self.metrics = metrics
+        self.name = name
+        self.grid = grid
+        self.positions = grid[0] * grid[1]
+        self.codebook_size = codebook_size
+        self.max_rows = max_rows
+        self.stream = stream
+        self.takes_label = takes_label
+        self.top_grid = top_grid
+        self.stats = StepStats()
+        self._running: list[Row] = []
+        self._joining: list[Row] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows running or about to join (what the budget counts)."""
+        return len(self._running) + len(self._joining)
+
+    async def sample(
+        self,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None,
+        tops: np.ndarray | None,
+        options: SamplingOptions,
+        deadline: float | None,
+    ) -> np.ndarray:
+        """Grids int64 [N, H, W] for `seeds`; all of the request's rows join the next step together.
+
+        RESOURCE_EXHAUSTED at once where they do not fit the row budget beside the running rows;
+        cancelling the caller makes its rows leave at the next step."""
+        n = len(seeds)
+        if n > self.max_rows:
+            raise invalid("seeds", f"{n} samples are more than {self.name}'s row budget ({self.max_rows})")
+        if self.rows + n > self.max_rows:
+            self.stats.refused += 1
+            if self.metrics is not None:
+                self.metrics.rejected["queue_full"].inc()
+            raise ResourceExhausted(
+                f"{self.name}: row budget full ({self.rows} of {self.max_rows} rows running, {n} asked); "
+                "retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        rows = [
+            Row(
+                seed=int(seed),
+                label=None if labels is None else int(labels[i]),
+                top=None if tops is None else tops[i],
+                options=options,
+                deadline=deadline,
+                future=loop.create_future(),
+                codes=np.full(self.grid, UNFILLED, np.int64),
+            )
+            for i, seed in enumerate(seeds)
+        ]
+        self._joining.extend(rows)
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop())
+        try:
+            grids = await asyncio.gather(*(row.future for row in rows))
+        finally:
+            for row in rows:  # one row failed or the caller left: the others leave at the next step
+                if not row.future.done():
+                    row.future.cancel()
+        return np.stack(grids)
+
+    def _admit(self, now: float) -> None:
+        for row in self._joining:
+            self.stats.join_wait_s += now - row.submitted
+            if self.metrics is not None:
+                self.metrics.queue_duration[Lane.INTERACTIVE].observe(now - row.submitted)
+        self.stats.joined += len(self._joining)
+        self._running.extend(self._joining)
+        self._joining = []
+
+    def _drop_gone(self, now: float) -> None:
+        """Rows whose caller cancelled or whose deadline passed leave now, before the call."""
+        keep = []
+        for row in self._running:
+            if row.future.done():
+                self._dropped("cancelled")
+            elif row.deadline is not None and now >= row.deadline:
+                self._dropped("deadline")
+                row.future.set_exception(
+                    DeadlineExceeded(
+                        f"{self.name}: deadline passed after {row.position} of {self.positions} positions"
+                    )
+                )
+            else:
+                keep.append(row)
+        self._running = keep
+
+    def _dropped(self, reason: str) -> None:
+        if reason == "deadline":
+            self.stats.expired += 1
+        else:
+            self.stats.cancelled += 1
+        if self.metrics is not None:
+            self.metrics.dropped[reason].inc()
+
+    def _inputs(self, rows: Sequence[Row]) -> dict[str, np.ndarray]:
+        inputs = {"codes": np.stack([row.codes for row in rows])}
+        if self.takes_label:
+            inputs["label"] = np.array([row.label or 0 for row in rows], np.int64)
+        if self.top_grid is not None:
+            inputs["top_codes"] = np.stack([row.top for row in rows if row.top is not None])
+        return inputs
+
+    async def _loop(self) -> None:
+        try:
+            while self._running or self._joining:
+                # Joiners and cancellations get in between steps even when a tiny call runs inline.
+                await asyncio.sleep(0)
+                now = time.monotonic()
+                self._admit(now)
+                self._drop_gone(now)
+                rows = self._running
+                if not rows:
+                    continue
+                started = time.perf_counter()
+                try:
+                    outputs = await self._run(self._inputs(rows))
+                    codes = self._choose(rows, np.asarray(outputs["logits"]))
+                except Exception as exc:  # a failed call fails its rows; the scheduler goes on
+                    if self.metrics is not None:
+                        self.metrics.batch_failures.inc()
+                    for row in rows:
+                        if not row.future.done():
+                            row.future.set_exception(exc)
+                    self._running = [r for r in self._running if r not in rows]
+                    continue
+                self.stats.steps += 1
+                self.stats.rows_stepped += len(rows)
+                if self.metrics is not None:
+                    self.metrics.compute_duration.observe(time.perf_counter() - started)
+                    self.metrics.batch_size.observe(len(rows))
+                still = []
+                for row, code in zip(rows, codes, strict=True):
+                    if row.future.done():  # cancelled during the call: leaves without advancing
+                        self._dropped("cancelled")
+                        continue
+                    row.codes.flat[row.position] = code
+                    row.position += 1
+                    if row.position == self.positions:
+                        self.stats.finished += 1
+                        if self.metrics is not None:
+                            self.metrics.images.inc()
+                        row.future.set_result(row.codes)  # leaves at once; the caller decodes it
+                    else:
+                        still.append(row)
+                self._running = still
+                if self.metrics is not None:
+                    self.metrics.step_running_rows.set(len(still))
+        finally:
+            self._task = None
+            if self.metrics is not None:
+                self.metrics.step_running_rows.set(len(self._running))
+
+    def _choose(self, rows: Sequence[Row], logits: np.ndarray) -> np.ndarray:
+        """Each row's code at its own position."""
+        n = len(rows)
+        if logits.shape != (n, self.codebook_size, *self.grid):
+            raise ValueError(
+                f"{self.name}: logits of shape {logits.shape}, expected {(n, self.codebook_size, *self.grid)}"
+            )
+        width = self.grid[1]
+        positions = [row.position for row in rows]
+        r = np.array([p // width for p in positions])
+        c = np.array([p % width for p in positions])
+        at = logits[np.arange(n), :, r, c]  # [N, K]
+        u = uniforms([row.seed for row in rows], positions, self.stream)
+        temperatures = np.array([row.options.temperature for row in rows], np.float64)
+        top_ks = np.array([row.options.top_k for row in rows], np.int64)
+        return sample_codes(at, u, temperatures, top_ks)
+
+
+def check_labels(values: Sequence[int], class_names: Sequence[str], n: int, name: str) -> list[int] | None:
+    """One label per row (one value: every row) for a prior with classes; none for one without."""
+    if not class_names:
+        if len(values):
+            raise invalid("labels", f"{name} is not class-conditional (no class_names); send no labels")
+        return None
+    if len(values) not in (1, n):
+        raise invalid(
+            "labels", f"required for {name}: 1 or {n} values in [0, {len(class_names)}), got {len(values)}"
+        )
+    labels = [int(v) for v in values] * (n if len(values) == 1 else 1)
+    for i, label in enumerate(labels):
+        if not 0 <= label < len(class_names):
+            raise invalid(
+                f"labels[{i if len(values) > 1 else 0}]", f"must be in [0, {len(class_names)}), got {label}"
+            )
+    return labels
+
+
+def check_grids(
+    grids: np.ndarray, n: int, grid: tuple[int, int], codebook_size: int, field: str
+) -> np.ndarray:
+    """int64 [n, H, W] codes in [0, K) from [n, H, W] or [H, W] (one grid for every row)."""
+    if grids.ndim == 2:
+        grids = np.broadcast_to(grids, (n, *grids.shape))
+    if grids.shape != (n, *grid):
+        raise invalid(
+            f"{field}.shape",
+            f"must be [{n}, {grid[0]}, {grid[1]}] or [{grid[0]}, {grid[1]}], got {list(grids.shape)}",
+        )
+    bad = np.flatnonzero((grids < 0) | (grids >= codebook_size))
+    if bad.size:
+        raise invalid(field, f"codes must be in [0, {codebook_size}), got {int(grids.flat[bad[0]])}")
+    return np.ascontiguousarray(grids, dtype=np.int64)

@@ -1,0 +1,87 @@
+"""Which series the server binds (issue 16: ~3.2k series per pod for 7 models): no `_created`
+series, latency histograms only for the methods a model's kind serves, and the runtime info gauge."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from genserve_server import kserve, service
+from genserve_server.config import KINDS, LATENT_KINDS
+from genserve_server.metrics import KIND_METHODS, METHODS, Metrics
+
+
+def exposition(metrics: Metrics) -> list[str]:
+    return [line for line in generate_latest(metrics.registry).decode().splitlines() if line[:1] != "#"]
+
+
+def duration_methods(lines: list[str], model: str) -> set[str]:
+    prefix = "genserve_request_duration_seconds_count{"
+    found = set()
+    for line in lines:
+        if line.startswith(prefix) and f'model="{model}"' in line:
+            found.add(line.split('method="', 1)[1].split('"', 1)[0])
+    return found
+
+
+def test_no_created_series() -> None:
+    metrics = Metrics()
+    mm = metrics.for_model("gen", "1", 8, "generator")
+    mm.request_done("Sample", "OK", 0.01)
+    lines = exposition(metrics)
+    assert any(line.startswith("genserve_requests_total{") for line in lines)
+    assert not [line for line in lines if "_created" in line.split("{", 1)[0]]
+
+
+def test_latency_histograms_only_for_the_methods_a_kind_serves() -> None:
+    metrics = Metrics()
+    metrics.for_model("sr", "1", 16, "super_resolution")
+    metrics.for_model("gen", "1", 16, "generator")
+    lines = exposition(metrics)
+    assert duration_methods(lines, "sr") == {"SuperResolve", "ModelInfer"}
+    assert duration_methods(lines, "gen") == {"Sample", "SampleStream", "Interpolate", "Decode", "ModelInfer"}
+    # RPCs that resolved no model keep every method (ListModels, GetModel, refused calls).
+    metrics.unresolved()
+    assert duration_methods(exposition(metrics), "") == set(METHODS)
+
+
+def test_encode_histograms_only_for_kinds_that_encode_images() -> None:
+    metrics = Metrics()
+    for name, kind in (("enc", "vae_encoder"), ("gen", "generator"), ("sr", "super_resolution")):
+        metrics.for_model(name, "1", 8, kind)
+    lines = exposition(metrics)
+
+    def has(family: str, model: str) -> bool:
+        return any(line.startswith(family + "{") and f'model="{model}"' in line for line in lines)
+
+    assert not has("genserve_encode_duration_seconds_count", "enc")  # Encode answers latents
+    assert has("genserve_encode_duration_seconds_count", "gen")
+    assert has("genserve_encode_duration_seconds_count", "sr")
+
+
+def test_a_method_outside_the_kind_is_still_recorded_when_it_happens() -> None:
+    metrics = Metrics()
+    mm = metrics.for_model("sr", "1", 16, "super_resolution")
+    mm.request_done("Sample", "INVALID_ARGUMENT", 0.002)
+    assert "Sample" in duration_methods(exposition(metrics), "sr")
+
+
+def test_kind_methods_cover_every_kind_and_follow_the_service() -> None:
+    assert set(KIND_METHODS) == set(KINDS)
+    for kind, methods in KIND_METHODS.items():
+        assert set(methods) <= set(METHODS), kind
+        # The kind lists the servicers resolve with (a wrong kind is refused under model="").
+        assert ("Sample" in methods) == (kind in LATENT_KINDS), kind
+        assert ("Decode" in methods) == (kind in service.DECODE_KINDS), kind
+        assert ("ModelInfer" in methods) == (kind in kserve.INFER_KINDS), kind
+
+
+def test_runtime_info_says_what_a_version_runs_on_and_goes_with_it() -> None:
+    metrics = Metrics()
+    mm = metrics.for_model("gen", "1", 8, "generator")
+    mm.set_runtime("CPUExecutionProvider", "fp32", gpu_requested=True)
+    line = 'genserve_model_runtime_info{gpu_requested="true",model="gen",precision="fp32",'
+    line += 'provider="CPUExecutionProvider",version="1"} 1.0'
+    assert line in exposition(metrics)
+    mm.clear_runtime()
+    assert not [x for x in exposition(metrics) if x.startswith("genserve_model_runtime_info")]
+    assert [x for x in exposition(metrics) if x.startswith("genserve_build_info{")]

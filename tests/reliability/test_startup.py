@@ -1,0 +1,329 @@
+"""What an operator sees first (issue 16): readiness that does not lie, /healthz on the metrics port,
+a quiet start on a CPU machine, one clear line for a port in use, and a probe that imports only grpc.
+
+Every test starts real `genserve-server` processes on 127.0.0.1 (free ports only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from reliability_support import health_status, write_gen
+from server_support import TINY_LATENT, ServerProcess, slow_generator_graph, start_server, write_model
+
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc
+from genserve_server.health import LIVE_KEY
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE = genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+GPU_CHAIN = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def healthz(server: ServerProcess) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{server.metrics_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read().decode()
+
+
+def overall(server: ServerProcess) -> tuple[int, int]:
+    """("" status, genserve.v1.GenerationService status)."""
+    with grpc.insecure_channel(server.target) as channel:
+        return health_status(channel), health_status(channel, SERVICE)
+
+
+@pytest.fixture
+def server_of(tmp_path: Path) -> Iterator[object]:
+    started: list[ServerProcess] = []
+
+    def start(models: Path, *extra_args: str) -> ServerProcess:
+        server = start_server(models, tmp_path / f"server-{len(started)}", extra_args=extra_args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def broken_model(root: Path, name: str) -> None:
+    version = write_gen(root, name)
+    (version / "model.onnx").unlink()
+
+
+# ------------------------------------------------------------------------------------------ readiness
+
+
+def test_a_failed_model_keeps_the_server_not_serving_unless_not_required(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    broken_model(models, "gone")
+    server = server_of(models)
+    assert overall(server) == (NOT_SERVING, NOT_SERVING)
+    with grpc.insecure_channel(server.target) as channel:
+        assert health_status(channel, "gen") == SERVING
+        assert health_status(channel, "gone") == NOT_SERVING
+        assert health_status(channel, LIVE_KEY) == SERVING  # loading is over: no restart (k8s liveness)
+    status, body = healthz(server)
+    assert status == 503 and "gone" in body and len(body) < 600, (status, body)
+
+    required = server_of(models, "--require-models", "gen")
+    assert overall(required) == (SERVING, SERVING)
+    assert healthz(required) == (200, "ok\n")
+
+
+def test_an_empty_repository_and_one_where_every_model_failed_are_not_serving(
+    tmp_path: Path,
+    server_of,  # type: ignore[no-untyped-def]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = tmp_path / "failed"
+    broken_model(failed, "a")
+    broken_model(failed, "b")
+    for models in (empty, failed):
+        server = server_of(models)
+        assert overall(server) == (NOT_SERVING, NOT_SERVING), models.name
+        assert healthz(server)[0] == 503, models.name
+
+
+def test_a_required_model_missing_from_the_repository_is_not_serving(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    server = server_of(models, "--require-models", "gen,nosuch")
+    assert overall(server) == (NOT_SERVING, NOT_SERVING)
+    assert "nosuch" in healthz(server)[1]
+
+
+def test_healthz_answers_ok_and_the_metrics_port_still_serves_the_metrics(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    server = server_of(models)
+    assert healthz(server) == (200, "ok\n")
+    assert "genserve_model_ready" in server.metrics_text()
+
+
+# ------------------------------------------------------------------------------------------ quiet start
+
+
+def _serve_args(models: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "genserve_server.main",
+        "serve",
+        "--models",
+        str(models),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--ready-file",
+        str(work / "ready.json"),
+        *extra,
+    ]
+
+
+def _run_until_ready(args: list[str], work: Path, timeout_s: float = 60.0) -> tuple[int, str]:
+    """Start, wait for the ready-file (or exit), SIGTERM; (exit status, stderr)."""
+    stderr_path = work / "stderr.log"
+    with stderr_path.open("wb") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not (work / "ready.json").exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, stderr_path.read_text()
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(20)
+    return int(proc.returncode), stderr_path.read_text(errors="replace")
+
+
+def test_start_with_gpu_providers_requested_is_quiet_and_json_clean(tmp_path: Path) -> None:
+    """Models that ask for TensorRT and CUDA on a machine without them: no ONNX Runtime line on
+    stderr, every line JSON with --log-json, and at most one line about the providers."""
+    models = tmp_path / "models"
+    for name in ("gen-a", "gen-b", "gen-c"):
+        write_gen(models, name, execution_providers=GPU_CHAIN)
+    rc, stderr = _run_until_ready(
+        _serve_args(models, tmp_path, "--log-json", "--log-level", "INFO"), tmp_path
+    )
+    assert rc == 0, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "expected JSON log lines"
+    assert not [line for line in lines if "onnxruntime:" in line or line.startswith("[")], stderr
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line: {line!r}")
+    about_providers = [r for r in records if "execution providers" in r["msg"]]
+    assert len(about_providers) <= 1, about_providers
+    assert sum("ready in" in r["msg"] for r in records) == 3
+
+
+# ------------------------------------------------------------------------------------------ ports
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_one_line_naming_the_port_and_the_flag(tmp_path: Path, flag: str) -> None:
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    with _listening_socket() as busy:
+        port = busy.getsockname()[1]
+        args = _serve_args(models, tmp_path)
+        args[args.index(flag) + 1] = str(port)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert str(port) in lines[0] and flag in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ probe
+
+
+def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2() -> None:
+    """`python -m genserve_server.probe` (the Docker HEALTHCHECK): grpc and its health stubs only."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens: the probe answers "unreachable"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "genserve_server.probe",
+            "--port",
+            str(port),
+            "--timeout-s",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "grpc" in imported
+    assert not imported & {"onnxruntime", "numpy", "cv2", "PIL", "prometheus_client"}, sorted(imported)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_path: Path) -> None:
+    """gen loads first and serves (its health key SERVING) while z-slow, which takes long to warm
+    up, is still LOADING; SIGTERM then ends the start at the next warm-up step, not after it."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_model(
+        models,
+        "z-slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 4000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        # Warm-up times every power of two up to 256, three runs each: far longer than the test.
+        config={
+            "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "efficient_batch_tolerance": 0.1}
+        },
+    )
+    port = _free_port()
+    args = _serve_args(models, tmp_path)
+    args[args.index("--port") + 1] = str(port)
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, (
+                    "gen never SERVING while z-slow loads:\n" + log_path.read_text()
+                )
+                try:
+                    if health_status(channel, "gen") == SERVING:
+                        break
+                except grpc.RpcError:
+                    pass  # not listening yet, or "gen" not registered yet
+                time.sleep(0.1)
+            slow = genserve_pb2_grpc.GenerationServiceStub(channel).GetModel(
+                genserve_pb2.GetModelRequest(name="z-slow"), timeout=10
+            )
+            assert slow.versions[0].state == genserve_pb2.MODEL_STATE_LOADING, log_path.read_text()
+            assert health_status(channel) == NOT_SERVING  # "" waits for every model
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert "model z-slow version 1 ready" not in log_text, log_text
+    assert "loading cancelled" in log_text, log_text
+    assert not (tmp_path / "ready.json").exists()
+
+
+def test_overall_health_follows_a_hot_reload(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    """A model added with a broken config.json (sorting last: no other model announces after it) turns
+    "" NOT_SERVING; removing it restores SERVING."""
+    import shutil
+
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    server = server_of(models)
+    assert overall(server) == (SERVING, SERVING)
+    (models / "zz-bad").mkdir()
+    (models / "zz-bad" / "config.json").write_text("{not json")
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while overall(server) != (NOT_SERVING, NOT_SERVING):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert "zz-bad" in healthz(server)[1]
+    shutil.rmtree(models / "zz-bad")
+    server.proc.send_signal(signal.SIGHUP)
+    while overall(server) != (SERVING, SERVING):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert healthz(server) == (200, "ok\n")

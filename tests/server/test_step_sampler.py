@@ -1,0 +1,524 @@
+"""Step-level (continuous) batching of code priors: step_sampler.py through the core, and SampleCodes
+through an in-process gRPC server. Tiny synthetic priors (code_models.py), nothing trained."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from code_models import prior_graph, write_code_models
+from prometheus_client import CollectorRegistry
+from server_support import write_model
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server import validate
+from genserve_server.config import ServerConfig
+from genserve_server.core import Call, CodeSamples, GenerationCore
+from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from genserve_server.kserve import InferenceService
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+from genserve_server.service import GenerationService
+from genserve_server.step_sampler import (
+    SamplingOptions,
+    StepScheduler,
+    check_grids,
+    sample_codes,
+    uniforms,
+)
+from inference import grpc_service_pb2 as kpb
+from inference import grpc_service_pb2_grpc as kpb_grpc
+
+GRID = (6, 6)
+POSITIONS = GRID[0] * GRID[1]
+MAX_ROWS = 8
+PNG = validate.output_spec(1, 0, None, False)
+
+
+@pytest.fixture(scope="module")
+def code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("code-models")
+    names = write_code_models(root, grid=GRID, k=16, max_rows=MAX_ROWS)
+    # A prior whose config names a decoder of another shape (the two-level one): refused by name.
+    names["misfit"] = "misfit-prior"
+    write_model(
+        root,
+        "misfit-prior",
+        "code_prior",
+        prior_graph(*GRID, 16),
+        {"grid": list(GRID), "codebook_size": 16, "output_range": None},
+        config={"decoder": names["decoder2"]},
+    )
+    return root, names
+
+
+@pytest.fixture(scope="module")
+def deep_code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The same models with a MatMul layer in the prior: GEMM rows must not depend on the batch."""
+    root = tmp_path_factory.mktemp("deep-code-models")
+    return root, write_code_models(root, grid=GRID, k=16, max_rows=MAX_ROWS, iterations=1)
+
+
+Body = Callable[[Repository, GenerationCore], Awaitable[None]]
+
+
+def run_with_core(root: Path, body: Body, metrics: Metrics | None = None) -> None:
+    async def main() -> None:
+        config = ServerConfig()
+        nonlocal metrics
+        metrics = metrics or Metrics(enabled=False)
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        try:
+            await asyncio.wait_for(body(repo, GenerationCore(repo, config, metrics, pool)), 30)
+        finally:
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+async def sample(
+    core: GenerationCore,
+    name: str,
+    seeds: list[int],
+    labels: list[int] | None = None,
+    *,
+    tops: np.ndarray | None = None,
+    options: SamplingOptions | None = None,
+    deadline: float | None = None,
+) -> CodeSamples:
+    call = Call("SampleCodes", "test", time.monotonic(), core.metrics.unresolved(), deadline=deadline)
+    mv = core.resolve(call, name, "", ("code_prior",), "SampleCodes")
+    if labels is not None and len(labels) == 1:
+        labels = labels * len(seeds)
+    try:
+        return await core.sample_codes(mv, call, seeds, labels, tops, options or SamplingOptions(), PNG)
+    finally:
+        if call.batcher is not None:
+            call.batcher.release()
+
+
+def count_calls(scheduler: StepScheduler, delay_s: float = 0.0) -> list[np.ndarray]:
+    """Record each step's `codes` input (and optionally slow each call down)."""
+    calls: list[np.ndarray] = []
+    run = scheduler._run
+
+    async def counted(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        calls.append(inputs["codes"].copy())
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        return await run(inputs)
+
+    scheduler._run = counted
+    return calls
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------------- sampling is a pure function
+
+
+def test_uniforms_depend_on_seed_position_and_stream_only() -> None:
+    alone = uniforms([7], [5], 0)
+    batched = uniforms([3, 7, 9], [0, 5, 11], 0)
+    assert alone[0] == batched[1]
+    assert uniforms([7], [6], 0)[0] != alone[0]
+    assert uniforms([7], [5], 1)[0] != alone[0]
+    assert np.all((batched > 0) & (batched < 1))
+
+
+def test_sample_codes_follows_temperature_and_top_k() -> None:
+    logits = np.array([[0.0, 5.0, 1.0, 4.9]], np.float32)
+    u = np.array([0.999])
+    # top_k=1 keeps only the argmax whatever u is; a tiny temperature does the same.
+    assert sample_codes(logits, u, np.array([1.0]), np.array([1]))[0] == 1
+    assert sample_codes(logits, u, np.array([1e-3]), np.array([0]))[0] == 1
+    # u near 1 with all codes kept picks the last code with weight.
+    assert sample_codes(logits, u, np.array([1.0]), np.array([0]))[0] == 3
+    rows = np.repeat(logits, 3, axis=0)
+    us = np.array([0.1, 0.5, 0.999])
+    together = sample_codes(rows, us, np.ones(3), np.zeros(3, np.int64))
+    alone = [sample_codes(logits, us[i : i + 1], np.ones(1), np.zeros(1, np.int64))[0] for i in range(3)]
+    assert together.tolist() == alone
+
+
+def test_options_and_grids_are_checked_naming_the_field() -> None:
+    with pytest.raises(InvalidArgument, match="temperature"):
+        SamplingOptions.checked(0.0, 0, 16)
+    with pytest.raises(InvalidArgument, match=r"top_k: must be in 0\.\.16"):
+        SamplingOptions.checked(None, 17, 16)
+    with pytest.raises(InvalidArgument, match=r"top_codes\.shape"):
+        check_grids(np.zeros((2, 3), np.int64), 1, (3, 3), 16, "top_codes")
+    with pytest.raises(InvalidArgument, match=r"top_codes: codes must be in \[0, 16\)"):
+        check_grids(np.full((3, 3), 16, np.int64), 1, (3, 3), 16, "top_codes")
+
+
+# ---------------------------------------------------------------------- the scheduler, through the core
+
+
+@pytest.mark.parametrize("repo_fixture", ["code_repo", "deep_code_repo"])
+def test_image_alone_equals_image_joined_mid_flight(
+    repo_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    root, names = request.getfixturevalue(repo_fixture)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        alone = await sample(core, names["prior"], [42], [1])
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        calls = count_calls(scheduler)
+        busy = asyncio.ensure_future(sample(core, names["prior"], [1, 2, 3, 4, 5], [0, 1, 2, 0, 1]))
+        await until(lambda: scheduler.stats.steps >= 7)  # the busy rows are at position 7 or beyond
+        joined = await sample(core, names["prior"], [42], [1])
+        await busy
+        assert joined.images[0].data == alone.images[0].data
+        assert np.array_equal(joined.codes, alone.codes)
+        # The joiner shared the busy rows' calls at a different position: one call per step for all.
+        assert any(len(c) == 6 for c in calls)
+        assert len(calls) < 5 + POSITIONS + 7  # fewer calls than a call per request per position
+
+    run_with_core(root, body)
+
+
+def test_rows_at_different_positions_share_one_prior_call(code_repo: tuple[Path, dict[str, str]]) -> None:
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        calls = count_calls(scheduler)
+        first = asyncio.ensure_future(sample(core, names["prior"], [10], [0]))
+        await until(lambda: scheduler.stats.steps >= 3)
+        second = asyncio.ensure_future(sample(core, names["prior"], [11], [2]))
+        await asyncio.gather(first, second)
+        # j steps alone (j >= 3: the second joined after them), then both rows share every call
+        # until the first finishes, then the second finishes its last j positions alone:
+        # POSITIONS + j calls for 2 * POSITIONS row-steps.
+        sizes = [len(c) for c in calls]
+        alone = sizes.index(2)
+        assert alone >= 3
+        assert sizes == [1] * alone + [2] * (POSITIONS - alone) + [1] * alone
+        assert scheduler.stats.rows_stepped == 2 * POSITIONS
+        # The shared calls held the two rows at different positions: the first row's grid had
+        # `alone` more codes filled (unfilled positions hold 0; a sampled 0 cannot add any).
+        first_filled = np.count_nonzero(calls[alone][0])
+        assert first_filled <= alone and np.count_nonzero(calls[alone][1]) == 0
+
+    run_with_core(root, body)
+
+
+def test_a_cancelled_row_leaves_at_the_next_step(code_repo: tuple[Path, dict[str, str]]) -> None:
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        calls = count_calls(scheduler, delay_s=0.002)
+        stays = asyncio.ensure_future(sample(core, names["prior"], [1], [0]))
+        leaves = asyncio.ensure_future(sample(core, names["prior"], [2], [0]))
+        await until(lambda: scheduler.stats.steps >= 4)
+        steps_at_cancel = len(calls)
+        leaves.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaves
+        await stays
+        # The call in flight when it was cancelled may still hold it; the one after it does not.
+        assert all(len(c) == 2 for c in calls[:steps_at_cancel])
+        assert all(len(c) == 1 for c in calls[steps_at_cancel + 1 :])
+        assert scheduler.stats.cancelled == 1 and scheduler.rows == 0
+
+    run_with_core(root, body)
+
+
+def test_a_row_past_its_deadline_leaves_with_deadline_exceeded(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        count_calls(scheduler, delay_s=0.002)
+        other = asyncio.ensure_future(sample(core, names["prior"], [3], [0]))
+        with pytest.raises(DeadlineExceeded, match="deadline passed after"):
+            await sample(core, names["prior"], [4], [0], deadline=time.monotonic() + 0.02)
+        assert scheduler.stats.expired == 1
+        assert (await other).images  # the others go on
+
+    run_with_core(root, body)
+
+
+def test_a_full_row_budget_is_refused_at_once(code_repo: tuple[Path, dict[str, str]]) -> None:
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        count_calls(scheduler, delay_s=0.002)
+        full = asyncio.ensure_future(sample(core, names["prior"], list(range(MAX_ROWS - 1)), [0]))
+        await until(lambda: scheduler.stats.steps >= 1)
+        steps = scheduler.stats.steps
+        with pytest.raises(ResourceExhausted, match=f"row budget full \\({MAX_ROWS - 1} of {MAX_ROWS}"):
+            await sample(core, names["prior"], [100, 101], [0])
+        assert scheduler.stats.steps == steps  # answered without waiting for a step
+        one_more = await sample(core, names["prior"], [100], [0])  # what fits still joins
+        assert one_more.images
+        await full
+
+    run_with_core(root, body)
+
+
+def test_bottom_prior_takes_the_top_grid(code_repo: tuple[Path, dict[str, str]]) -> None:
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        top = await sample(core, names["top"], [5, 6])
+        assert top.images == [] and top.codes.shape == (2, 3, 3)  # no decoder: grids only
+        bottom = await sample(core, names["bottom"], [5, 6], tops=top.codes)
+        again = await sample(core, names["bottom"], [6], tops=top.codes[1:])
+        assert bottom.images[1].data == again.images[0].data
+        other_top = await sample(core, names["bottom"], [6], tops=(top.codes[1:] + 1) % 16)
+        assert not np.array_equal(other_top.codes, again.codes)
+        # A bottom prior with a top prior samples both levels in one call: the same grids and images.
+        chain = await sample(core, names["chain"], [5, 6])
+        assert chain.tops is not None and np.array_equal(chain.tops, top.codes)
+        assert np.array_equal(chain.codes, bottom.codes)
+        assert [im.data for im in chain.images] == [im.data for im in bottom.images]
+
+    run_with_core(root, body)
+
+
+def test_steps_are_the_priors_batches_in_the_metrics(code_repo: tuple[Path, dict[str, str]]) -> None:
+    root, names = code_repo
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        count_calls(scheduler, delay_s=0.002)
+        running = asyncio.ensure_future(sample(core, names["prior"], list(range(MAX_ROWS)), [0]))
+        await until(lambda: scheduler.stats.steps >= 2)
+        with pytest.raises(ResourceExhausted):
+            await sample(core, names["prior"], [99], [0])
+        await running
+
+    run_with_core(root, body, metrics)
+    labels = {"model": names["prior"], "version": "1"}
+
+    def value(name: str, **extra: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {**labels, **extra})
+
+    assert value("genserve_batch_size_count") == POSITIONS  # one batch per step, all rows in each
+    assert value("genserve_batch_size_sum") == POSITIONS * MAX_ROWS
+    assert value("genserve_images_total") == MAX_ROWS
+    assert value("genserve_requests_rejected_total", reason="queue_full") == 1
+    assert value("genserve_step_running_rows") == 0
+    assert value("genserve_queue_duration_seconds_count", lane="interactive") == MAX_ROWS
+
+
+def test_a_decoder_that_does_not_fit_the_prior_is_refused_by_name(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        with pytest.raises(Unavailable, match=f"its decoder {names['decoder2']} .* top grid \\(3, 3\\)"):
+            await sample(core, names["misfit"], [1])
+
+    run_with_core(root, body)
+
+
+# ---------------------------------------------------------------------- SampleCodes over gRPC
+
+
+def test_sample_codes_rpc(code_repo: tuple[Path, dict[str, str]]) -> None:
+    root, names = code_repo
+
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        server = grpc.aio.server()
+        service = GenerationService(repo, config, metrics, pool)
+        pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+        infer = InferenceService(repo, service.core, service.boundary, CollectorRegistry())
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(infer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                await check_rpc(stub, names)
+                with pytest.raises(grpc.aio.AioRpcError) as info:  # one model call cannot sample a grid
+                    await kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                        kpb.ModelInferRequest(model_name=names["prior"])
+                    )
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "is a code_prior model" in (info.value.details() or "")
+        finally:
+            await server.stop(None)
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+async def check_rpc(stub: Any, names: dict[str, str]) -> None:
+    raw = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+    reply = await stub.SampleCodes(
+        pb.SampleCodesRequest(
+            model=names["prior"],
+            seeds=[8, 9],
+            labels=[2],
+            top_k=4,
+            temperature=0.7,
+            output=raw,
+            return_codes=True,
+        )
+    )
+    assert [g.seed for g in reply.images] == [8, 9] and [g.label for g in reply.images] == [2, 2]
+    assert reply.provenance.rng_algorithm == "philox4x32-10/code-sampling/v1"
+    assert list(reply.codes[0].shape) == list(GRID) and reply.codes[0].dtype == tpb.DTYPE_INT64
+    grid = np.frombuffer(reply.codes[0].data, "<i8").reshape(GRID)
+    pixels = np.frombuffer(reply.images[0].image.data, np.uint8).reshape(*GRID, 1)[..., 0]
+    assert np.array_equal(pixels, np.round(grid / 16 * 255).astype(np.uint8))  # the decoder's image
+    top = await stub.SampleCodes(pb.SampleCodesRequest(model=names["top"], count=1, base_seed=3))
+    assert not top.images and len(top.codes) == 1  # no decoder: the grid
+    bottom = await stub.SampleCodes(
+        pb.SampleCodesRequest(model=names["bottom"], seeds=[3], top_codes=top.codes[0], output=raw)
+    )
+    assert len(bottom.images) == 1
+    chain = await stub.SampleCodes(
+        pb.SampleCodesRequest(model=names["chain"], seeds=[3], output=raw, return_codes=True)
+    )
+    assert chain.top_codes[0] == top.codes[0] and chain.images[0].image.data == bottom.images[0].image.data
+    for request, field in (
+        (pb.SampleCodesRequest(model=names["prior"], count=1), "labels"),
+        (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], top_k=99), "top_k"),
+        (pb.SampleCodesRequest(model=names["prior"], count=MAX_ROWS + 1, labels=[0]), "count"),
+        (pb.SampleCodesRequest(model=names["bottom"], count=1), "top_codes"),
+        (pb.SampleCodesRequest(model=names["decoder"], count=1), "model"),
+        (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], temperature=11), "temperature"),
+        (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[3]), "labels[0]"),
+        (
+            pb.SampleCodesRequest(
+                model=names["bottom"],
+                count=1,
+                top_codes=tpb.Tensor(shape=[2**40, 2**40, 2**40], dtype=tpb.DTYPE_INT64, data=b"12345678"),
+            ),
+            "top_codes.data",
+        ),
+        (
+            pb.SampleCodesRequest(
+                model=names["bottom"],
+                count=1,
+                top_codes=tpb.Tensor(shape=[3, 3], dtype=tpb.DTYPE_INT64, data=b"x" * 72),
+            ),
+            "top_codes: codes must be in",
+        ),
+        (
+            pb.SampleCodesRequest(
+                model=names["prior"],
+                count=1,
+                labels=[0],
+                top_codes=tpb.Tensor(shape=[3, 3], dtype=tpb.DTYPE_INT64),
+            ),
+            "top_codes",
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SampleCodes(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (info.value.details() or "").startswith(field), info.value.details()
+
+
+def test_config_and_card_rules_of_the_code_kinds(tmp_path: Path) -> None:
+    import json
+
+    from genserve_server.config import ConfigError, load_card, load_model_config
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"kind": "generator", "decoder": "dec"}))
+    with pytest.raises(ConfigError, match="decoder.*applies to kind code_prior only"):
+        load_model_config(config)
+    config.write_text(json.dumps({"kind": "code_prior", "decoder": "Bad Name"}))
+    with pytest.raises(ConfigError, match="decoder.*must be a model name"):
+        load_model_config(config)
+    config.write_text(json.dumps({"kind": "image_to_image", "top_prior": "top"}))
+    with pytest.raises(ConfigError, match="top_prior.*applies to kind code_prior only"):
+        load_model_config(config)
+    config.write_text(json.dumps({"kind": "code_prior"}))
+    assert load_model_config(config).decoder == ""  # a top prior: grids only
+    card = tmp_path / "card.json"
+    tensors = {
+        "inputs": [{"name": "codes", "shape": [-1, 2, 2]}],
+        "outputs": [{"name": "logits", "shape": [-1]}],
+    }
+    card.write_text(json.dumps({"kind": "code_prior", "codebook_size": 4, **tensors}))
+    with pytest.raises(ConfigError, match="grid.*is required for kind code_prior"):
+        load_card(card)
+    card.write_text(
+        json.dumps({"kind": "code_prior", "codebook_size": 4, "grid": [2, 2], "top_grid": [1, 1], **tensors})
+    )
+    with pytest.raises(ConfigError, match="top_codebook_size"):
+        load_card(card)
+    card.write_text(
+        json.dumps(
+            {"kind": "code_prior", "codebook_size": 4, "grid": [2, 2], "class_names": ["a"], **tensors}
+        )
+    )
+    assert load_card(card).graph_inputs == ("codes", "label")
+
+
+def test_sampling_matches_the_algorithm_written_in_the_proto() -> None:
+    """A plain-Python reading of the comment above SampleCodesRequest gives the same codes."""
+    import math
+
+    from genserve_server.latents import philox4x32_10
+
+    def reference(
+        row: np.ndarray, seed: int, position: int, stream: int, temperature: float, top_k: int
+    ) -> int:
+        words = philox4x32_10(
+            np.array([position, stream, 0, 0], np.uint32), np.array([seed % 2**32, seed // 2**32], np.uint32)
+        )
+        u = (float(words[0]) + 0.5) / 2**32
+        scaled = [float(v) / temperature for v in row]
+        order = sorted(range(len(scaled)), key=lambda j: (-scaled[j], j))
+        kept = set(order[: top_k or len(scaled)])
+        top = max(scaled[j] for j in kept)
+        weights = [math.exp(scaled[j] - top) if j in kept else 0.0 for j in range(len(scaled))]
+        total = sum(weights)
+        running = 0.0
+        for j, weight in enumerate(weights):
+            running += weight
+            if running > u * total:
+                return j
+        return len(weights) - 1
+
+    rng = np.random.default_rng(3)
+    n, k = 64, 12
+    logits = rng.normal(0, 2, (n, k)).astype(np.float32)
+    logits[:, 5] = logits[:, 4]  # ties
+    seeds = [int(s) for s in rng.integers(0, 2**63 - 1, n)]
+    positions = [int(p) for p in rng.integers(0, 4096, n)]
+    temperatures = rng.uniform(0.2, 3.0, n)
+    top_ks = rng.integers(0, k + 1, n)
+    codes = sample_codes(logits, uniforms(seeds, positions, 1), temperatures, top_ks)
+    expected = [
+        reference(logits[i], seeds[i], positions[i], 1, float(temperatures[i]), int(top_ks[i]))
+        for i in range(n)
+    ]
+    assert codes.tolist() == expected
