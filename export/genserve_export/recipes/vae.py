@@ -126,7 +126,7 @@ class VaeDigitsRecipe:
     """Train the VAE on the digits training split (BCE + KL, Adam 1e-3, batch 128)."""
 
     names: tuple[str, ...] = (DECODER, ENCODER)
-    default_steps = 5000  # 80 epochs of 62 batches (8,000 training digits); ~1 min on one core
+    default_steps = 5000  # 80 epochs of 62 batches (8,000 training digits); 472 s at nice 19, loaded
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
