@@ -153,9 +153,7 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         # Only where the runner pads a batch up to a captured size (CUDA graphs): there a batch of 9
         # costs what 64 do, and closing at 8 pays. Elsewhere a batch costs what its rows cost, and
         # closing early only shrinks batches (bench.ab on CPU: 15-20 % fewer img/s at c=64).
-        preferred_batch_sizes=mv.config.batching.preferred_batch_sizes
-        if mv.runner.mode == "cuda_graph"
-        else (),
+        preferred_batch_sizes=preferred,
         max_queue_size=mv.config.batching.max_queue_size,
         concurrency=mv.config.instances,
         observer=BatchMetrics(mv.metrics),
