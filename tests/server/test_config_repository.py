@@ -157,7 +157,9 @@ def test_bulk_budgets_default_null_and_reach_the_batcher(tmp_path: Path) -> None
             None,
             0.5,
         )
-        assert batcher.preferred_batch_sizes == (1, 8, 64)  # config.json's default reaches the batcher
+        # config.json's default preferred sizes ([1, 8, 64]) reach the batcher only where the runner
+        # pads batches (CUDA graphs); on the CPU provider they would only shrink batches.
+        assert batcher.preferred_batch_sizes == ()
 
     with_repo(root, check)
 
@@ -390,3 +392,28 @@ def test_client_visible_reasons_name_the_model_file_but_not_the_servers_paths(tm
     assert not any(str(tmp_path) in r for r in reasons), reasons
     assert repo.redact(f"{root.resolve()}/x/1/model.onnx: broken") == "<models>/x/1/model.onnx: broken"
     assert repo.redact("models: a, b") == "models: a, b"  # only the location, not the word
+
+
+def test_preferred_sizes_reach_the_batcher_only_where_the_runner_pads_batches(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from genserve_server.loader import make_batcher
+
+    write_tiny_generator(tmp_path)
+    config = load_model_config(tmp_path / "gen" / "config.json")
+    assert config.batching.preferred_batch_sizes  # the default lists sizes
+    for mode, expected in (
+        ("plain", ()),
+        ("io_binding", ()),
+        ("cuda_graph", config.batching.preferred_batch_sizes),
+    ):
+        runner = SimpleNamespace(mode=mode, run=None, run_bulk=None, background_bulk=False)
+        mv = SimpleNamespace(
+            runner=runner,
+            config=config,
+            label="m",
+            metrics=Metrics(enabled=False).unresolved(),
+            card=None,
+            efficient_batch_size=None,
+        )
+        assert make_batcher(mv).preferred_batch_sizes == tuple(expected), mode  # type: ignore[arg-type]
