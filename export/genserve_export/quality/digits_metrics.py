@@ -10,12 +10,25 @@ reference would be unsound: an ideal generator would put half of its samples bel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from genserve_export.data import digits
 from genserve_export.quality.digits_classifier import classifier
 
 MEMORISATION_REFERENCE_PERCENTILE = 1.0
+
+
+class DigitSet(NamedTuple):
+    """Where the figures come from: the data set's loader (train/held-out split) and its classifier."""
+
+    load: Callable[[], Any]
+    classifier: Callable[[], Any]
+
+
+MNIST = DigitSet(digits.load, classifier)
 
 
 def _flat(images: np.ndarray) -> np.ndarray:
@@ -30,9 +43,11 @@ def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray
     return distances
 
 
-def classifier_figures(images: np.ndarray, requested: np.ndarray | None = None) -> dict[str, float]:
+def classifier_figures(
+    images: np.ndarray, requested: np.ndarray | None = None, digit_set: DigitSet = MNIST
+) -> dict[str, float]:
     """Class balance and confidence of the classifier's answers (and accuracy vs ``requested``)."""
-    clf = classifier()
+    clf = digit_set.classifier()
     probs = clf.probabilities(images)
     answers = probs.argmax(axis=1)
     counts = np.bincount(answers, minlength=10) / len(answers)
@@ -46,9 +61,9 @@ def classifier_figures(images: np.ndarray, requested: np.ndarray | None = None) 
     return figures
 
 
-def memorisation_figures(images: np.ndarray) -> dict[str, float]:
+def memorisation_figures(images: np.ndarray, digit_set: DigitSet = MNIST) -> dict[str, float]:
     """``memorised_fraction`` (see module doc), with the reference distance it used."""
-    data = digits.load()
+    data = digit_set.load()
     reference = float(
         np.percentile(
             nearest_distances(data.holdout_images, data.train_images), MEMORISATION_REFERENCE_PERCENTILE
@@ -70,12 +85,14 @@ def _mean_pairwise_distance(images: np.ndarray) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-def diversity_figures(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def diversity_figures(
+    images: np.ndarray, labels: np.ndarray, digit_set: DigitSet = MNIST
+) -> dict[str, float]:
     """Per class, mean pairwise L2 distance of samples over that of the real digits of the class.
 
     Returns the minimum and mean ratio over classes (``min_diversity_ratio`` is the gate).
     """
-    data = digits.load()
+    data = digit_set.load()
     ratios = []
     for c in range(10):
         fake = images[labels == c]

@@ -1,86 +1,24 @@
-"""Quality figures for generated digits (all images [N, 1, 28, 28] in [0, 1]).
-
-Memorisation is measured against how far *real unseen* digits lie from the training set: let
-``d_ref`` be the 1st percentile of held-out→train nearest-neighbour L2 distances. A sample closer
-to a training image than ``d_ref`` is closer than 99% of real held-out digits ever get, i.e. a
-near-copy. ``memorised_fraction`` is the share of samples below ``d_ref``; a perfect generator
-(another draw from the data distribution) scores about 0.01, a copying one about 1. (A median
-reference would be unsound: an ideal generator would put half of its samples below it.)
-"""
+"""The quality figures of digits_metrics on scikit-learn's digits, for the recipes that still train
+there (dcgan-digits, cgan-digits): the same functions, bound to that data set and its classifier."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from genserve_export.data import sk_digits as digits
+from genserve_export.data import sk_digits
+from genserve_export.quality import digits_metrics
 from genserve_export.quality.sk_digits_classifier import classifier
 
-MEMORISATION_REFERENCE_PERCENTILE = 1.0
-
-
-def _flat(images: np.ndarray) -> np.ndarray:
-    return np.asarray(images, dtype=np.float64).reshape(len(images), -1)
-
-
-def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """L2 distance from each query image to its nearest reference image."""
-    q, r = _flat(queries), _flat(references)
-    squared = (q * q).sum(1)[:, None] - 2.0 * q @ r.T + (r * r).sum(1)[None, :]
-    distances: np.ndarray = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
-    return distances
+SK_DIGITS = digits_metrics.DigitSet(sk_digits.load, classifier)
 
 
 def classifier_figures(images: np.ndarray, requested: np.ndarray | None = None) -> dict[str, float]:
-    """Class balance and confidence of the classifier's answers (and accuracy vs ``requested``)."""
-    clf = classifier()
-    probs = clf.probabilities(images)
-    answers = probs.argmax(axis=1)
-    counts = np.bincount(answers, minlength=10) / len(answers)
-    figures = {
-        "classifier_holdout_accuracy": clf.holdout_accuracy,
-        "min_class_fraction": float(counts.min()),
-        "mean_top_probability": float(probs.max(axis=1).mean()),
-    }
-    if requested is not None:
-        figures["class_accuracy"] = float((answers == requested).mean())
-    return figures
+    return digits_metrics.classifier_figures(images, requested, SK_DIGITS)
 
 
 def memorisation_figures(images: np.ndarray) -> dict[str, float]:
-    """``memorised_fraction`` (see module doc), with the reference distance it used."""
-    data = digits.load()
-    reference = float(
-        np.percentile(
-            nearest_distances(data.holdout_images, data.train_images), MEMORISATION_REFERENCE_PERCENTILE
-        )
-    )
-    sample_nn = nearest_distances(images, data.train_images)
-    return {
-        "memorised_fraction": float((sample_nn < reference).mean()),
-        "memorisation_reference_distance": reference,
-        "median_sample_nn_distance": float(np.median(sample_nn)),
-    }
-
-
-def _mean_pairwise_distance(images: np.ndarray) -> float:
-    x = _flat(images)
-    squared = (x * x).sum(1)[:, None] - 2.0 * x @ x.T + (x * x).sum(1)[None, :]
-    d = np.sqrt(np.maximum(squared, 0.0))
-    n = len(x)
-    return float(d.sum() / (n * (n - 1)))
+    return digits_metrics.memorisation_figures(images, SK_DIGITS)
 
 
 def diversity_figures(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Per class, mean pairwise L2 distance of samples over that of the real digits of the class.
-
-    Returns the minimum and mean ratio over classes (``min_diversity_ratio`` is the gate).
-    """
-    data = digits.load()
-    ratios = []
-    for c in range(10):
-        fake = images[labels == c]
-        if len(fake) < 2:
-            ratios.append(0.0)
-            continue
-        ratios.append(_mean_pairwise_distance(fake) / _mean_pairwise_distance(data.images[data.labels == c]))
-    return {"min_diversity_ratio": float(min(ratios)), "mean_diversity_ratio": float(np.mean(ratios))}
+    return digits_metrics.diversity_figures(images, labels, SK_DIGITS)
