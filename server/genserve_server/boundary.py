@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -144,13 +144,30 @@ class Boundary:
         self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], Awaitable[Resp]]
     ) -> Resp:
         call = self.begin(method, context)
+        call.unary = True
         try:
             response = await handler(request, call)
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+            reservation = call.response
+            if reservation is not None:
+                # Held until gRPC has sent the response or ended the RPC (an unread response stays
+                # in gRPC's buffers after this handler returns: response_budget.py).
+                size = getattr(response, "ByteSize", None)
+                if size is not None:
+                    reservation.settle(size())
+
+                def on_done(ctx: Context) -> None:
+                    reservation.release()
+
+                # grpc-stubs declare the callback a (type-check-only) class, not a callable.
+                context.add_done_callback(cast(Any, on_done))
+                call.response = None
             return response
         except BaseException as exc:
             await self.raised(call, exc, context)
         finally:
+            if call.response is not None:  # refused, failed or cancelled: nothing will be sent
+                call.response.release()
             self.end(call)
 
     async def stream(

@@ -76,6 +76,13 @@ class Limits:
     max_concurrent_sample_streams: int = 64
     # Used when a model's config.json does not say.
     default_max_queue_size: int = BatchingConfig().max_queue_size
+    # Memory budgets (response_budget.py): bytes of unary responses computed but not yet sent (8
+    # full-size responses), and SuperResolve's working set (two 1024x1024 x4 requests at a
+    # time). A request waits for its budget at most budget_max_wait_s (and its deadline), then
+    # RESOURCE_EXHAUSTED.
+    response_budget_bytes: int = 512 * MIB
+    sr_working_set_bytes: int = 2048 * MIB
+    budget_max_wait_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
             "max_concurrent_sample_streams", d.max_concurrent_sample_streams, min_value=1
         ),
         default_max_queue_size=lr.integer("default_max_queue_size", d.default_max_queue_size, min_value=1),
+        response_budget_bytes=lr.integer("response_budget_bytes", d.response_budget_bytes, min_value=MIB),
+        sr_working_set_bytes=lr.integer("sr_working_set_bytes", d.sr_working_set_bytes, min_value=MIB),
+        budget_max_wait_s=lr.number("budget_max_wait_s", d.budget_max_wait_s, min_value=0.0),
     )
     lr.finish()
     security = _security_config(r, path.parent)

@@ -46,6 +46,7 @@ from genserve_server.errors import GenserveError, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import ModelState, ModelVersion, Repository
+from genserve_server.response_budget import ByteBudget, Reservation
 from genserve_server.step_sampler import SamplingOptions, StepScheduler
 from genserve_server.validate import OutputSpec
 
@@ -69,6 +70,8 @@ class Call:
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
     stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
     code: str = "OK"  # the status the call ends with (the boundary counts it)
+    unary: bool = False  # a unary RPC: its response is held against the response budget
+    response: Reservation | None = None  # its bytes held there (response_budget.py)
 
 
 @dataclass(slots=True)
@@ -146,6 +149,19 @@ class GenerationCore:
         # One step scheduler per loaded prior version (ModelVersion hashes by identity: a reload's
         # new version gets its own, while the old one finishes its running rows).
         self.steppers: dict[ModelVersion, StepScheduler] = {}
+        limits = config.limits
+        self.responses = ByteBudget(
+            "response budget (response_budget_bytes)",
+            limits.response_budget_bytes,
+            limits.budget_max_wait_s,
+            metrics.response_bytes_pending if metrics.enabled else None,
+        )
+        self.sr_working_set = ByteBudget(
+            "SuperResolve working-set budget (sr_working_set_bytes)",
+            limits.sr_working_set_bytes,
+            limits.budget_max_wait_s,
+            metrics.sr_working_set_bytes if metrics.enabled else None,
+        )
 
     # ------------------------------------------------------------------ resolving and submitting
 
@@ -192,6 +208,15 @@ class GenerationCore:
             what,
             None if fmt is None else codecs.ImageFormat(fmt),
         )
+
+    async def reserve_response(self, call: Call, n_bytes: int) -> None:
+        """Before compute: hold a unary response's predicted size against the response budget
+        (waits while it is spent); the boundary settles and releases it."""
+        if not call.unary:  # a stream's chunks are bounded by HTTP/2 flow control and chunks ahead
+            return
+        if call.response is None:
+            call.response = Reservation(self.responses)
+        await call.response.reserve(n_bytes + validate.SEND_OVERHEAD_BYTES, call.deadline, call.method)
 
     def random_base_seed(self, n: int) -> int:
         return secrets.randbelow(validate.SEED_LIMIT - n)
@@ -262,9 +287,11 @@ class GenerationCore:
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         n = len(seeds) if z is None and seeds is not None else len(z) if z is not None else 0
         limit = self.limits.max_send_message_bytes
-        validate.predicted_send_size(out, n, card.channels, *card.image_size, limit)
+        expected = validate.predicted_send_size(out, n, card.channels, *card.image_size, limit)
         if out.return_latents:
             validate.send_size(n * card.latent_dim * 4, limit, "the returned latents")
+            expected += n * card.latent_dim * 4
+        await self.reserve_response(call, expected)
         result, used = await self.generate_batch(
             mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field
         )
@@ -453,9 +480,10 @@ class GenerationCore:
         if decoder is not None:
             card = decoder.card
             assert card is not None and card.image_size is not None
-            validate.predicted_send_size(
+            expected = validate.predicted_send_size(
                 out, len(seeds), card.channels, *card.image_size, self.limits.max_send_message_bytes
             )
+            await self.reserve_response(call, expected)
         top = self.top_prior(mv) if tops is None else None
         if top is not None:  # both levels in one call: the top grids first, same seeds and options
             assert top.card is not None and top.card.codebook_size is not None
@@ -538,14 +566,10 @@ class GenerationCore:
         arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_sr_input_pixels)
         validate.min_size(arrays, card)
         scale = card.scale_factor
-        validate.encodable(out, [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays])
-        validate.predicted_send_size(
-            out,
-            1,
-            card.channels,
-            sum(a.shape[1] * scale for a in arrays),
-            max(a.shape[2] for a in arrays) * scale,
-            self.limits.max_send_message_bytes,
+        out_sizes = [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays]
+        validate.encodable(out, out_sizes)
+        expected = validate.predicted_images_send_size(
+            out, card.channels, out_sizes, self.limits.max_send_message_bytes
         )
         # Pad each image to the size multiple (reflect), cut equal-sized tiles; tiles of one shape
         # from this and other requests share batches; blend, then crop the padding back off.
@@ -564,6 +588,34 @@ class GenerationCore:
                 f"queue holds (max_queue_size={mv.batcher.max_queue_size}); use a larger tile_size or "
                 "send fewer or smaller images",
             )
+        await self.reserve_response(call, expected)
+        working_set = tiling.working_set_bytes(
+            plans,
+            [p.shape[1:] for p in padded],
+            card.input_channels or card.channels,
+            card.channels,
+            scale,
+            mv.config.batching.max_batch_size,
+        )
+        held = await self.sr_working_set.acquire(working_set, call.deadline, "SuperResolve")
+        try:
+            return await self._upscale_tiles(mv, call, arrays, padded, plans, out)
+        finally:
+            self.sr_working_set.release(held)
+
+    async def _upscale_tiles(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        arrays: Sequence[np.ndarray],
+        padded: Sequence[np.ndarray],
+        plans: Sequence[Sequence[tiling.Tile]],
+        out: OutputSpec,
+    ) -> Upscaled:
+        """Cut, submit, blend and encode (within the request's working-set budget)."""
+        card = mv.card
+        assert card is not None
+        scale = card.scale_factor
         groups: dict[tuple[int, ...], list[tuple[int, int, np.ndarray]]] = {}
         for img_i, (chw, tiles) in enumerate(zip(padded, plans, strict=True)):
             for tile_i, t in enumerate(tiles):
@@ -634,15 +686,12 @@ class GenerationCore:
         assert card is not None
         arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_input_pixels)
         validate.min_size(arrays, card)
-        validate.encodable(out, [(a.shape[1], a.shape[2]) for a in arrays])
-        validate.predicted_send_size(
-            out,
-            1,
-            card.channels,
-            sum(a.shape[1] for a in arrays),
-            max(a.shape[2] for a in arrays),
-            self.limits.max_send_message_bytes,
+        out_sizes = [(a.shape[1], a.shape[2]) for a in arrays]
+        validate.encodable(out, out_sizes)
+        expected = validate.predicted_images_send_size(
+            out, card.channels, out_sizes, self.limits.max_send_message_bytes
         )
+        await self.reserve_response(call, expected)
         # Bucket by padded shape: same-shape images (of any request) share a batch.
         groups: dict[tuple[int, ...], list[int]] = {}
         padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]

@@ -226,7 +226,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         response_params: dict[str, int] = {}
         if card.kind.takes_latent:
             plan = self._latent_plan(request, card, tensors)
-            self._check_output_bytes(outputs, card, plan.n, None)
+            await self.core.reserve_response(call, self._check_output_bytes(outputs, card, plan.n, None))
             result, _ = await self.core.generate_batch(
                 mv,
                 call,
@@ -242,7 +242,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         else:
             image = self._image_input(card, tensors)
             n = int(image.shape[0])
-            self._check_output_bytes(outputs, card, n, image.shape)
+            await self.core.reserve_response(call, self._check_output_bytes(outputs, card, n, image.shape))
             key = image_batch_key(card, tuple(int(d) for d in image.shape[1:]))
             result = await self.core.submit(mv, call, key, {"image": image}, n, Lane.INTERACTIVE)
         response = kpb.ModelInferResponse(model_name=mv.name, model_version=mv.version, id=request.id)
@@ -266,10 +266,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
 
     def _check_output_bytes(
         self, outputs: Sequence[TensorSpec], card: Card, n: int, image_shape: tuple[int, ...] | None
-    ) -> None:
-        """Before compute: the response's tensors must fit the send limit."""
+    ) -> int:
+        """Before compute: the response's tensors must fit the send limit; returns their bytes."""
         out_bytes = sum(kserve_tensors.output_bytes(spec, card, n, image_shape) for spec in outputs)
         self.core.check_send_size(out_bytes, "the response")
+        return out_bytes
 
     def _latent_plan(
         self, request: kpb.ModelInferRequest, card: Card, tensors: dict[str, np.ndarray]

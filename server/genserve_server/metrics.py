@@ -348,6 +348,16 @@ class Metrics:
         self.image_cache_bytes = Gauge(
             "genserve_image_cache_bytes", "Bytes held by the image cache (0 when it is off).", registry=reg
         )
+        self.response_bytes_pending = Gauge(
+            "genserve_response_bytes_pending",
+            "Bytes of unary responses reserved or computed and not yet sent (response_budget_bytes).",
+            registry=reg,
+        )
+        self.sr_working_set_bytes = Gauge(
+            "genserve_sr_working_set_bytes",
+            "Estimated bytes of SuperResolve requests being computed (sr_working_set_bytes).",
+            registry=reg,
+        )
         self.model_load_duration = Gauge(
             "genserve_model_load_duration_seconds", "Model load + warm-up time.", mv, registry=reg
         )
@@ -430,6 +440,8 @@ class Metrics:
             self.batch_failures,
             self.image_cache_lookups,
             self.image_cache_bytes,
+            self.response_bytes_pending,
+            self.sr_working_set_bytes,
             self.model_load_duration,
             self.model_ready,
             self.model_runtime_info,

@@ -171,6 +171,37 @@ def _axis_weights(
     return weights
 
 
+# A batch's model call holds, besides each tile's float32 output, about as many bytes again per
+# intermediate tensor at output resolution (upsampling stages, the skip path, the sum): counted as
+# this many output-sized copies per tile being computed. An estimate for the working-set budget.
+TILE_OUTPUT_COPIES = 4
+
+
+def working_set_bytes(
+    plans: Sequence[Sequence[Tile]],
+    sizes: Sequence[tuple[int, ...]],
+    in_channels: int,
+    out_channels: int,
+    scale: int,
+    batch_tiles: int,
+) -> int:
+    """Estimated peak bytes of upscaling images of `sizes` (h, w) cut by `plans`: every tile's float32
+    input and output (all are held until the last is computed), the model's intermediates for the
+    largest `batch_tiles` tiles computed at once, and each tiled image's blend canvas (float32 result
+    and weights; none for an image of one tile)."""
+    total = 0
+    outputs: list[int] = []
+    for plan, (h, w) in zip(plans, sizes, strict=True):
+        for tile in plan:
+            out_bytes = 4 * out_channels * tile.h * tile.w * scale * scale
+            outputs.append(out_bytes)
+            total += 4 * in_channels * tile.h * tile.w + out_bytes
+        if len(plan) > 1:
+            total += 4 * (out_channels + 1) * h * w * scale * scale
+    largest = sorted(outputs, reverse=True)[: max(batch_tiles, 1)]
+    return total + (TILE_OUTPUT_COPIES - 1) * sum(largest)
+
+
 def blend(
     outputs: Sequence[FloatArray], tiles: Sequence[Tile], h: int, w: int, scale: int
 ) -> NDArray[np.float32]:

@@ -189,34 +189,73 @@ def labels(values: Sequence[int], card: Card, n: int, field: str = "labels") -> 
     return array
 
 
-def send_size(n_bytes: int, limit: int, what: str, fmt: ImageFormat | None = None) -> None:
-    """InvalidArgument when a response would exceed max_send_message_bytes (`limit`).
+def send_size(
+    n_bytes: int, limit: int, what: str, fmt: ImageFormat | None = None, *, worst_case: bool = False
+) -> None:
+    """InvalidArgument when a response would exceed max_send_message_bytes (`limit`); `worst_case`:
+    `n_bytes` is an upper bound (PNG before compute), so the message says "could be up to".
 
     Not RESOURCE_EXHAUSTED: that code means "refused at admission, retry" to clients (and the
     project's RetryPolicy), while the same request would be refused again every time.
     """
     if n_bytes + SEND_OVERHEAD_BYTES <= limit:
         return
-    if fmt in (ImageFormat.PNG, ImageFormat.UNSPECIFIED):
+    if worst_case:
+        hint = "fewer or smaller images or a lossy format (JPEG/WEBP); PNG is admitted by its worst case"
+    elif fmt in (ImageFormat.PNG, ImageFormat.UNSPECIFIED):
         hint = "fewer or smaller images, a higher output.png_compression or a lossy format (JPEG/WEBP)"
     elif fmt in (ImageFormat.JPEG, ImageFormat.WEBP):
         hint = "fewer or smaller images or a lower output.quality"
     else:
         hint = "fewer or smaller images or an encoded format (PNG/JPEG/WEBP)"
-    raise invalid(
-        "output", f"{what} would be {n_bytes} bytes, above max_send_message_bytes={limit}; request {hint}"
-    )
+    size = f"could be up to {n_bytes} bytes (its worst case)" if worst_case else f"would be {n_bytes} bytes"
+    raise invalid("output", f"{what} {size}, above max_send_message_bytes={limit}; request {hint}")
 
 
-def predicted_send_size(out: OutputSpec, n: int, c: int, h: int, w: int, limit: int) -> None:
-    """Refuse before compute what is sure to exceed the send limit (sizes known in advance)."""
+def png_bound(n: int, c: int, h: int, w: int) -> int:
+    """An upper bound of n 8-bit PNGs of c x h x w: the filtered rows (one filter byte a row) plus
+    zlib's worst case over them (deflateBound: ~0.03 %), IDAT chunk framing (12 bytes per 8 KiB
+    chunk: 0.15 %) and the header chunks; 1/256 + 4 KiB covers all of it."""
+    filtered = h * (w * c + 1)
+    return n * (filtered + (filtered >> 8) + 4096)
+
+
+def response_bound(out: OutputSpec, n: int, c: int, h: int, w: int) -> int | None:
+    """Bytes of n encoded images of c x h x w: exact for raw and tensor outputs, an upper bound for
+    PNG; None for JPEG and WebP, whose worst case (above the raw pixels at quality 100) would refuse
+    what always fits in practice."""
+    pixels = n * c * h * w
     if out.format == ImageFormat.TENSOR_F32:
-        send_size(n * c * h * w * 4, limit, "the response", out.format)
-    elif out.format == ImageFormat.RAW_UINT8:
-        send_size(n * c * h * w, limit, "the response", out.format)
-    elif out.format == ImageFormat.PNG and out.png_compression == 0:
-        # Stored deflate blocks: at least the pixels plus one filter byte per row.
-        send_size(n * (c * h * w + h), limit, "the response", out.format)
+        return 4 * pixels
+    if out.format == ImageFormat.RAW_UINT8:
+        return pixels
+    if out.format in (ImageFormat.PNG, ImageFormat.UNSPECIFIED):
+        return png_bound(n, c, h, w)
+    return None
+
+
+def predicted_send_size(out: OutputSpec, n: int, c: int, h: int, w: int, limit: int) -> int:
+    """Refuse before compute what could exceed the send limit: raw and tensor outputs exactly, PNG
+    by its worst case (JPEG and WebP are checked after encoding). Returns the bytes to hold against
+    the response budget: that size, or the raw pixels for JPEG and WebP (smaller in practice)."""
+    bound = response_bound(out, n, c, h, w)
+    return n * c * h * w if bound is None else _admitted(bound, out, limit)
+
+
+def predicted_images_send_size(out: OutputSpec, c: int, sizes: Sequence[tuple[int, int]], limit: int) -> int:
+    """`predicted_send_size` for images of different sizes (height, width), one PNG header each."""
+    bounds = [response_bound(out, 1, c, h, w) for h, w in sizes]
+    known = [b for b in bounds if b is not None]
+    if len(known) < len(bounds):
+        return sum(c * h * w for h, w in sizes)
+    return _admitted(sum(known), out, limit)
+
+
+def _admitted(bound: int, out: OutputSpec, limit: int) -> int:
+    # PNG: whatever the compression level, only the worst case is known before the pixels are.
+    worst_case = out.format in (ImageFormat.PNG, ImageFormat.UNSPECIFIED)
+    send_size(bound, limit, "the response", out.format, worst_case=worst_case)
+    return bound
 
 
 def encodable(out: OutputSpec, sizes: Sequence[tuple[int, int]]) -> None:

@@ -1,0 +1,144 @@
+"""Server-wide byte budgets that bound memory by construction (docs/operations.md, "Memory budgets").
+
+- Responses: bytes of unary responses computed but not yet sent. A unary response that its client
+  never reads stays in gRPC's buffers after the handler returned (HTTP/2 flow control holds it), and
+  the in-flight gauge no longer counts it: 24 unread Sample(count=256) took 4 GB that way. Each
+  generation call reserves its predicted response size *before* compute; the reservation is set to
+  the real size when the handler returns and released when gRPC ends the RPC (sent, cancelled or
+  timed out: the context's done callback).
+- SuperResolve working set: tiles in flight x tile memory, so that a few large requests run one
+  after another instead of all at once.
+
+A request waits (first come, first served) while its budget is spent, at most until its deadline
+or `budget_max_wait_s`, then is answered RESOURCE_EXHAUSTED naming the budget. A single request
+larger than the whole budget is clamped to it: it runs alone rather than never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from genserve_server.errors import ResourceExhausted
+
+
+class ByteBudget:
+    """Bytes held against a limit; `acquire` waits in FIFO order. Event-loop thread only."""
+
+    def __init__(self, name: str, limit_bytes: int, max_wait_s: float, gauge: Any = None) -> None:
+        if limit_bytes < 1:
+            raise ValueError(f"{name} must be >= 1, got {limit_bytes}")
+        self.name = name
+        self.limit = limit_bytes
+        self.max_wait_s = max_wait_s
+        self.held = 0
+        self._gauge = gauge
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def clamp(self, n_bytes: int) -> int:
+        return min(max(n_bytes, 0), self.limit)
+
+    async def acquire(self, n_bytes: int, deadline: float | None, what: str) -> int:
+        """Hold `n_bytes` (clamped to the limit); returns the bytes held. `deadline`: time.monotonic()."""
+        n = self.clamp(n_bytes)
+        if not self._waiters and self.held + n <= self.limit:
+            self._add(n)
+            return n
+        timeout_s = self.max_wait_s
+        if deadline is not None:
+            timeout_s = min(timeout_s, deadline - time.monotonic())
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, future)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), max(timeout_s, 0.0))
+        except TimeoutError:
+            if future.done() and not future.cancelled():  # granted just as the wait ran out: keep it
+                return n
+            self._drop(entry)
+            raise ResourceExhausted(
+                f"{what} needs {n} bytes of the {self.name} ({self.limit} bytes), of which {self.held} "
+                f"are held by other requests; waited {max(timeout_s, 0.0):.1f} s; retry with backoff"
+            ) from None
+        except BaseException:  # cancelled while waiting: give back what may have been granted
+            if future.done() and not future.cancelled():
+                self.release(n)
+            else:
+                self._drop(entry)
+            raise
+        return n
+
+    def force(self, n_bytes: int) -> None:
+        """Hold more without waiting (a response found larger than predicted: it exists already)."""
+        self._add(max(n_bytes, 0))
+
+    def release(self, n_bytes: int) -> None:
+        if n_bytes <= 0:
+            return
+        self.held = max(self.held - n_bytes, 0)
+        self._set_gauge()
+        self._grant()
+
+    def _add(self, n: int) -> None:
+        self.held += n
+        self._set_gauge()
+
+    def _drop(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        try:
+            self._waiters.remove(entry)
+        except ValueError:
+            pass
+        entry[1].cancel()
+        self._grant()  # a large waiter leaving may let smaller ones behind it in
+
+    def _grant(self) -> None:
+        while self._waiters:
+            n, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            if self.held + n > self.limit:
+                return
+            self._waiters.popleft()
+            self._add(n)
+            future.set_result(None)
+
+    def _set_gauge(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(self.held)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """One RPC's bytes held against a budget (Call.response): reserved before compute, set to the
+    real size when the response exists, released once (the RPC's end)."""
+
+    budget: ByteBudget
+    held: int = 0
+    released: bool = field(default=False)
+
+    async def reserve(self, n_bytes: int, deadline: float | None, what: str) -> None:
+        if self.released:
+            return
+        self.held += await self.budget.acquire(n_bytes, deadline, what)
+
+    def settle(self, actual_bytes: int) -> None:
+        """The response is built: hold its real size (its prediction was an upper bound, mostly)."""
+        if self.released:
+            return
+        actual = self.budget.clamp(actual_bytes)
+        if actual < self.held:
+            self.budget.release(self.held - actual)
+        else:
+            self.budget.force(actual - self.held)
+        self.held = actual
+
+    def release(self) -> None:
+        """Idempotent: the boundary and gRPC's done callback may both call it."""
+        if not self.released:
+            self.released = True
+            self.budget.release(self.held)
+            self.held = 0

@@ -1,0 +1,163 @@
+"""Memory bounded by construction (issue 22): the response budget holds unread unary responses to
+`response_budget_bytes`, a response that could exceed the send limit is refused before compute, and
+SuperResolve requests share a working-set budget.
+
+One server with small budgets: max_send_message_bytes 1 MiB, response_budget_bytes 2 MiB (two
+responses of 786 KiB fit, a third does not), a 1 s wait for budget.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from reliability_support import png_bytes
+from server_support import (
+    TINY_LATENT,
+    ServerProcess,
+    generator_graph,
+    start_server,
+    super_resolution_graph,
+    wait_until,
+    write_model,
+)
+from unread_client import UnreadClient
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+MIB = 1024 * 1024
+BUDGET = 2 * MIB
+SIDE = 64  # the generator's images: 64x64 RGB
+COUNT = 64  # a response of 64 raw images: 786,432 bytes of pixels
+RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+SR_CARD = {
+    "channels": 3,
+    "input_channels": 3,
+    "input_range": [0.0, 1.0],
+    "scale_factor": 2,
+    "size_multiple": 1,
+    "tile_size": 96,
+    "tile_overlap": 8,
+    "min_size": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("budget-models")
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [SIDE, SIDE]}
+    write_model(root, "big", "generator", generator_graph(TINY_LATENT, 3, SIDE, SIDE), card)
+    write_model(root, "sr", "super_resolution", super_resolution_graph(2), SR_CARD)
+    config = {
+        "warmup": False,
+        "limits": {
+            "max_send_message_bytes": MIB,
+            "response_budget_bytes": BUDGET,
+            "sr_working_set_bytes": MIB,
+            "budget_max_wait_s": 1.0,
+        },
+    }
+    server = start_server(root, tmp_path_factory.mktemp("budget-server"), config=config)
+    yield server
+    server.stop()
+
+
+def _sample(seed: int) -> bytes:
+    request = pb.SampleRequest(model="big", count=COUNT, base_seed=seed, output=RAW)
+    return request.SerializeToString()
+
+
+def test_unread_unary_responses_are_held_to_the_response_budget(budget_server: ServerProcess) -> None:
+    server = budget_server
+    sample_path = "/genserve.v1.GenerationService/Sample"
+    refused_before = server.metric("genserve_requests_total", method="Sample", code="RESOURCE_EXHAUSTED")
+    images_before = server.metric("genserve_images_total", model="big")
+    unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+    try:
+        for i in range(6):
+            unread.call(server.target, sample_path, _sample(i))
+        # Two responses fit the budget and stay unsent; the other four wait 1 s, then are refused.
+        wait_until(
+            lambda: (
+                server.metric("genserve_requests_total", method="Sample", code="RESOURCE_EXHAUSTED")
+                - refused_before
+                >= 4
+            ),
+            30,
+            "the requests beyond the response budget to be refused",
+        )
+        pending = server.metric("genserve_response_bytes_pending")
+        assert 2 * COUNT * SIDE * SIDE * 3 <= pending <= BUDGET
+        # Refused before compute: only the two admitted responses were computed.
+        assert server.metric("genserve_images_total", model="big") - images_before == 2 * COUNT
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            # A small response still fits in what is left ...
+            small = stub.Sample(pb.SampleRequest(model="big", count=1, output=RAW), timeout=10)
+            assert len(small.images) == 1
+            # ... a large one is refused, naming the budget.
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.Sample(pb.SampleRequest(model="big", count=COUNT, output=RAW), timeout=10)
+            assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "response_budget_bytes" in (excinfo.value.details() or "")
+    finally:
+        unread.close()
+    # The client went away: gRPC ends the RPCs and their bytes are released.
+    wait_until(
+        lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
+    )
+
+
+def test_oversized_super_resolve_is_refused_before_compute(budget_server: ServerProcess) -> None:
+    server = budget_server
+    # 2x of 800x800 noise: 1600x1600 RGB, 7.7 MB of pixels, a PNG of several MB (on a server that
+    # checks after encoding, it is computed and then refused); its worst case is above 1 MiB.
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=png_bytes(800, 800))
+    batches_before = server.metric("genserve_batch_size_count", model="sr")
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SuperResolve(pb.ImageRequest(model="sr", images=[image]), timeout=30)
+        assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert server.metric("genserve_batch_size_count", model="sr") == batches_before  # never computed
+        details = excinfo.value.details() or ""
+        assert "max_send_message_bytes=1048576" in details and "worst case" in details
+        # One that fits is computed as before.
+        small = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=png_bytes(64, 64))
+        assert len(stub.SuperResolve(pb.ImageRequest(model="sr", images=[small]), timeout=30).images) == 1
+
+
+def test_super_resolve_requests_share_the_working_set_budget(budget_server: ServerProcess) -> None:
+    """Each request's working set (a 96x96 tile: ~1.3 MB) is above half the 1 MiB budget: they run
+    one at a time (a request larger than the budget runs alone), and all of them complete."""
+    server = budget_server
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=png_bytes(96, 96))
+    jpeg = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG)
+    results: list[object] = []
+    peak = [0.0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], server.metric("genserve_sr_working_set_bytes"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            futures = [
+                stub.SuperResolve.future(pb.ImageRequest(model="sr", images=[image], output=jpeg), timeout=30)
+                for _ in range(6)
+            ]
+            results = [len(f.result().images) for f in futures]
+    finally:
+        done.set()
+        watcher.join()
+    assert results == [1] * 6
+    assert 0 < peak[0] <= MIB
+    assert server.metric("genserve_sr_working_set_bytes") == 0

@@ -1,0 +1,152 @@
+"""ByteBudget and Reservation (response_budget.py): first come first served, bounded waits, release
+exactly once, and the size predictions the budgets are fed with (validate.py, tiling.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from genserve_server import codecs, tiling, validate
+from genserve_server.codecs import ImageFormat
+from genserve_server.errors import InvalidArgument, ResourceExhausted
+from genserve_server.response_budget import ByteBudget, Reservation
+
+
+class Gauge:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+def test_acquire_waits_in_order_and_release_lets_the_next_in() -> None:
+    async def run() -> list[str]:
+        gauge = Gauge()
+        budget = ByteBudget("test budget", 100, max_wait_s=5.0, gauge=gauge)
+        order: list[str] = []
+        assert await budget.acquire(60, None, "a") == 60
+        assert gauge.value == 60
+
+        async def take(name: str, n: int) -> None:
+            await budget.acquire(n, None, name)
+            order.append(name)
+
+        big = asyncio.create_task(take("big", 80))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(take("small", 10))  # would fit, but waits behind "big"
+        await asyncio.sleep(0.05)
+        assert order == [] and budget.held == 60
+        budget.release(60)
+        await asyncio.gather(big, small)
+        assert budget.held == 90 and gauge.value == 90
+        return order
+
+    assert asyncio.run(run()) == ["big", "small"]
+
+
+def test_a_wait_past_max_wait_or_the_deadline_is_refused_naming_the_budget() -> None:
+    async def run() -> None:
+        budget = ByteBudget("response budget (response_budget_bytes)", 100, max_wait_s=0.1)
+        await budget.acquire(100, None, "first")
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted, match="response_budget_bytes"):
+            await budget.acquire(1, None, "Sample")
+        assert time.monotonic() - started < 2
+        with pytest.raises(ResourceExhausted):  # the deadline comes first
+            await budget.acquire(1, time.monotonic() + 0.01, "Sample")
+        assert budget.held == 100 and not budget._waiters
+        budget.release(100)
+        assert budget.held == 0
+
+    asyncio.run(run())
+
+
+def test_a_cancelled_waiter_leaves_the_queue_and_frees_the_way() -> None:
+    async def run() -> None:
+        budget = ByteBudget("b", 100, max_wait_s=5.0)
+        await budget.acquire(50, None, "held")
+        blocked = asyncio.create_task(budget.acquire(80, None, "big"))
+        await asyncio.sleep(0.01)
+        behind = asyncio.create_task(budget.acquire(40, None, "small"))
+        await asyncio.sleep(0.01)
+        blocked.cancel()
+        assert await behind == 40  # granted once the big waiter left
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+        assert budget.held == 90
+
+    asyncio.run(run())
+
+
+def test_a_request_larger_than_the_budget_is_clamped_and_runs_alone() -> None:
+    async def run() -> None:
+        budget = ByteBudget("b", 100, max_wait_s=5.0)
+        assert await budget.acquire(10_000, None, "huge") == 100
+        budget.release(100)
+        assert budget.held == 0
+
+    asyncio.run(run())
+
+
+def test_a_reservation_settles_to_the_real_size_and_releases_once() -> None:
+    async def run() -> None:
+        budget = ByteBudget("b", 1000, max_wait_s=1.0)
+        reservation = Reservation(budget)
+        await reservation.reserve(600, None, "Sample")
+        reservation.settle(250)  # the response was smaller than predicted
+        assert budget.held == 250
+        reservation.settle(300)  # or larger: held without waiting, it exists already
+        assert budget.held == 300
+        reservation.release()
+        reservation.release()  # gRPC's done callback after the boundary's release: no effect
+        assert budget.held == 0
+        await reservation.reserve(100, None, "late")  # after the end: nothing held
+        assert budget.held == 0
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("level", [0, 1, 9])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_png_bound_holds_for_noise_at_every_level(level: int, channels: int) -> None:
+    rng = np.random.default_rng(level)
+    h, w = 97, 131
+    pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    data, _ = codecs.encode_image(pixels, ImageFormat.PNG, png_compression=level)  # the server's encoder
+    assert len(data) <= validate.png_bound(1, channels, h, w)
+    assert validate.png_bound(1, channels, h, w) < 1.01 * h * w * channels + 8192
+
+
+def test_predicted_send_size_refuses_before_compute_and_returns_what_to_hold() -> None:
+    limit = 1024 * 1024
+    png = validate.output_spec(ImageFormat.PNG, 0, None, False)
+    raw = validate.output_spec(ImageFormat.RAW_UINT8, 0, None, False)
+    jpeg = validate.output_spec(ImageFormat.JPEG, 0, None, False)
+    assert validate.predicted_send_size(raw, 2, 3, 64, 64, limit) == 2 * 3 * 64 * 64
+    with pytest.raises(InvalidArgument, match="could be up to .* worst case"):
+        validate.predicted_images_send_size(png, 3, [(800, 800)], limit)
+    with pytest.raises(InvalidArgument, match="would be 1920000 bytes"):
+        validate.predicted_images_send_size(raw, 3, [(800, 800)], limit)
+    # JPEG has no useful bound: not refused here (checked after encoding); held at its raw size.
+    assert validate.predicted_images_send_size(jpeg, 3, [(800, 800), (10, 10)], limit) == 3 * (640000 + 100)
+
+
+def test_working_set_counts_every_tile_the_batch_intermediates_and_the_blend_canvas() -> None:
+    one = tiling.plan_tiles(64, 64, 96, 8)
+    many = tiling.plan_tiles(400, 400, 96, 8)
+    assert len(one) == 1 and len(many) > 4
+    copies = tiling.TILE_OUTPUT_COPIES
+    single = tiling.working_set_bytes([one], [(64, 64)], 3, 3, 2, 16)
+    assert single == 4 * (3 * 64 * 64 + copies * 3 * 64 * 64 * 4)
+    out_tile = 4 * 3 * 96 * 96 * 4
+    tiles = len(many) * (4 * 3 * 96 * 96 + out_tile)
+    canvas = 4 * 4 * 800 * 800
+    # Intermediates only for the tiles of one batch (4 here), not for every tile of the request.
+    assert (
+        tiling.working_set_bytes([many], [(400, 400)], 3, 3, 2, 4)
+        == tiles + canvas + (copies - 1) * 4 * out_tile
+    )
