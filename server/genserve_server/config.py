@@ -121,6 +121,9 @@ class ServerConfig:
     log_json: bool = False
     drain_grace_s: float = 10.0
     warmup: bool = True
+    # After warm-up, hand back what its largest batches grew ONNX Runtime's CPU arenas by
+    # (bench/README.md, "Footprint"); the first large batch regrows it.
+    shrink_arena_after_warmup: bool = False
     # A batch whose measured compute is at most this many seconds runs on the event loop thread
     # instead of hopping to the runner pool (the hop costs more); 0 = always the pool. 250 us covers
     # a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs. The file
@@ -180,6 +183,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         log_json=r.boolean("log_json", s.log_json),
         drain_grace_s=r.number("drain_grace_s", s.drain_grace_s, min_value=0.0),
         warmup=r.boolean("warmup", s.warmup),
+        shrink_arena_after_warmup=r.boolean("shrink_arena_after_warmup", s.shrink_arena_after_warmup),
         inline_compute_max_s=_inline_compute_max_s(r, s.inline_compute_max_s),
         security=security,
         watch_interval_s=None if watch is None else float(watch),

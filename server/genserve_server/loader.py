@@ -119,6 +119,8 @@ def load_files(mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], 
                     )
         if card.kind.tiled:
             mv.tile_radius = measure_tile_radius(card, runner)
+        if sc.warmup and sc.shrink_arena_after_warmup:
+            runner.shrink_arena(warmup_inputs(card, 1))
     except BaseException:
         runner.close()
         raise

@@ -290,6 +290,16 @@ class Runner:
             SHRINK_MIN_ROW_VALUES, SHRINK_ABOVE_WARMED * self._warmed_row_values
         )
 
+    def shrink_arena(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """One call of `inputs` (a small batch) on each CPU session with arena shrinkage: hands back
+        what warm-up's largest batches grew the arenas by (the first large batch regrows it)."""
+        if not self._shrinkable:
+            return
+        feeds = self._feeds(self._prepare(None, inputs)[0])
+        for session in (self.session, self.solo_session):
+            if session is not None:
+                session.run(None, feeds, _SHRINK_CPU)
+
     def _signature(
         self, key: Hashable, inputs: Mapping[str, np.ndarray]
     ) -> tuple[tuple[str | int, ...], ...]:

@@ -316,3 +316,22 @@ def test_a_call_far_larger_than_the_warm_up_hands_its_arena_growth_back(
     # The baseline must show growth well beyond the call's own input, or the comparison says nothing.
     assert kept_mb > 2 * input_mb, f"without shrinkage the arena kept {kept_mb:.0f} MB: no growth to judge"
     assert shrunk_mb < kept_mb / 2, f"{shrunk_mb:.0f} MB kept with shrinkage vs {kept_mb:.0f} MB without"
+
+
+def test_shrink_arena_after_warm_up_runs_each_cpu_session_with_arena_shrinkage(tmp_path: Path) -> None:
+    path = tmp_path / "i2i.onnx"
+    onnx.save(image_to_image_graph(1), str(path))
+    runner = Runner(path, label="i2i", providers=["CPUExecutionProvider"], instances=1, intra_op_threads=1)
+    seen: list[object] = []
+    real_run = runner.session.run
+
+    class SpySession:
+        def run(self, names: object, feeds: object, options: object = None) -> object:
+            seen.append(options)
+            return real_run(names, feeds, options)  # type: ignore[arg-type]
+
+    runner.warm({"image": np.zeros((8, 3, 64, 64), np.float32)})
+    runner.session = SpySession()  # type: ignore[assignment]
+    runner.shrink_arena({"image": np.zeros((1, 3, 8, 8), np.float32)})
+    runner.close()
+    assert seen == [runner_module._SHRINK_CPU]
