@@ -161,6 +161,8 @@ class Boundary:
 
                 # grpc-stubs declare the callback a (type-check-only) class, not a callable.
                 context.add_done_callback(cast(Any, on_done))
+                if context.done():  # ended already (cancelled as the handler returned): no callback
+                    reservation.release()
                 call.response = None
             return response
         except BaseException as exc:

@@ -281,8 +281,10 @@ class GenerationCore:
         psi: float | None = None,
         z: np.ndarray | None = None,
         seed_field: str = "seeds",
+        reserve: bool = True,
     ) -> Generated:
-        """`generate_batch`, encoded; refused before compute where the size is sure to be too large."""
+        """`generate_batch`, encoded; refused before compute where the size could be too large, and
+        its size held against the response budget (`reserve` False: the caller holds it)."""
         card = mv.card
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         n = len(seeds) if z is None and seeds is not None else len(z) if z is not None else 0
@@ -291,7 +293,8 @@ class GenerationCore:
         if out.return_latents:
             validate.send_size(n * card.latent_dim * 4, limit, "the returned latents")
             expected += n * card.latent_dim * 4
-        await self.reserve_response(call, expected)
+        if reserve:
+            await self.reserve_response(call, expected)
         result, used = await self.generate_batch(
             mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field
         )
@@ -314,7 +317,14 @@ class GenerationCore:
         cache = self.image_cache
         if cache is None:
             return await self.generate(mv, call, labels, out, lane, seeds=seeds, psi=psi)
-        assert mv.card is not None and mv.card.latent_dim is not None
+        card = mv.card
+        assert card is not None and card.image_size is not None and card.latent_dim is not None
+        # The whole response is held, cached images too: an unread one holds their copies.
+        limit = self.limits.max_send_message_bytes
+        expected = validate.predicted_send_size(out, len(seeds), card.channels, *card.image_size, limit)
+        await self.reserve_response(
+            call, expected + (len(seeds) * card.latent_dim * 4 if out.return_latents else 0)
+        )
         keys = [
             image_key(
                 mv.load_id,
@@ -332,7 +342,7 @@ class GenerationCore:
         mv.metrics.cache_hits.inc(len(seeds) - len(missing))
         mv.metrics.cache_misses.inc(len(missing))
         images = [EncodedImage(out.format, b"", ()) if e is None else e.image(out.format) for e in found]
-        z = np.empty((len(seeds), mv.card.latent_dim), np.float32)
+        z = np.empty((len(seeds), card.latent_dim), np.float32)
         for i, entry in enumerate(found):
             if entry is not None:
                 z[i] = entry.latent()
@@ -346,6 +356,7 @@ class GenerationCore:
                 lane,
                 seeds=[seeds[i] for i in missing],
                 psi=psi,
+                reserve=False,
             )
             batch_sizes = computed.executed_batch_sizes
             for j, i in enumerate(missing):
