@@ -121,9 +121,10 @@ class ServerConfig:
     log_json: bool = False
     drain_grace_s: float = 10.0
     warmup: bool = True
-    # After warm-up, hand back what its largest batches grew ONNX Runtime's CPU arenas by
-    # (bench/README.md, "Footprint"); the first large batch regrows it.
-    shrink_arena_after_warmup: bool = False
+    # After warm-up, hand back what its largest batches grew ONNX Runtime's CPU arenas by: the
+    # default repository idles at 0.3 GB instead of 1.7 (bench/README.md, "Footprint"); the first
+    # large batch regrows what it needs.
+    shrink_arena_after_warmup: bool = True
     # A batch whose measured compute is at most this many seconds runs on the event loop thread
     # instead of hopping to the runner pool (the hop costs more); 0 = always the pool. 250 us covers
     # a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs. The file
