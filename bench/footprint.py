@@ -13,7 +13,10 @@ A/B: every model's config.json `runtime` overridden in a copy of the repository)
 setting's effect is compared on one machine at one time:
 
     .venv/bin/python -m bench.footprint                       # shipped settings
-    .venv/bin/python -m bench.footprint --per-model --variants shipped mem_pattern_off solo_off arena_off
+    .venv/bin/python -m bench.footprint --per-model --variants shipped no_shrink solo_off mem_pattern_off
+
+Variants: shipped, no_shrink, mem_pattern_off, solo_off, arena_off, shrink_after_warmup,
+malloc_tuned, shrink_and_malloc (VARIANTS).
 
 Not part of `make bench` (each server start warms every model: tens of seconds on 2 cores).
 """
@@ -49,6 +52,7 @@ MALLOC_TUNED = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:glibc.mal
 # Settings compared by --variants: (config.json `runtime` of every model, server config, environment).
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, str]]] = {
     "shipped": ({}, {}, {}),
+    "no_shrink": ({}, {"shrink_arena_after_warmup": False}, {}),  # the arena as warm-up left it
     "mem_pattern_off": ({"mem_pattern": False}, {}, {}),
     "solo_off": ({"solo_session": False}, {}, {}),
     "arena_off": ({"cpu_mem_arena": False}, {}, {}),
