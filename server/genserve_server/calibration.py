@@ -17,6 +17,7 @@ becomes the version's batch cap, so serving never builds the batch that warm-up 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -31,6 +32,8 @@ from genserve_server.runner import Runner
 
 Inputs = Mapping[str, np.ndarray]
 MemoryMeter = Callable[[], int | None]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,9 +113,20 @@ def probe(runner: Runner, inputs: Inputs, scale: float = 1.0) -> tuple[float, fl
     return seconds * scale, io_bytes * scale / rows
 
 
-def warm_calls(runner: Runner) -> int:
-    """Model calls one `Runner.warm` makes (three timed, and one on the solo session if any)."""
-    return 3 + (1 if runner.solo_session is not None else 0)
+# Timed runs per size: the fastest of three, so that a busy moment does not stick; a call this long
+# or longer is timed twice (the first pays the size's allocations): a moment's noise is a small
+# part of it, and a third run of a large SR batch costs seconds of start-up.
+TIMED_RUNS = 3
+LONG_CALL_S = 0.05
+
+
+def timed_runs(call_s: float) -> int:
+    return TIMED_RUNS if call_s < LONG_CALL_S else 2
+
+
+def warm_calls(runner: Runner, call_s: float) -> int:
+    """Model calls one `Runner.warm` of a call of `call_s` makes (timed, and one on the solo session)."""
+    return timed_runs(call_s) + (1 if runner.solo_session is not None else 0)
 
 
 def run_warmup(
@@ -132,7 +146,6 @@ def run_warmup(
     """Warm and time `sizes` (ascending) within both budgets (see the module); each size is one
     exclusive step of `gate`, queued at its predicted seconds."""
     result = Calibration(row_bytes=max(1.0, min_row_bytes))
-    calls = warm_calls(runner)
     base: int | None = None
     pending = sorted(set(sizes))
     while pending:
@@ -146,20 +159,23 @@ def run_warmup(
                 batch, pending = fit, []  # the largest size that fits, and nothing after it
             last = result.warmed[-1]
             per_row_s = result.costs_s.get(last, 0.0) / last
-            predicted_s = per_row_s * batch * calls
+            call_s = per_row_s * batch
+            predicted_s = call_s * warm_calls(runner, call_s)
             if result.spent_s + predicted_s > time_budget_s:
                 result.stopped = "time budget"
                 break
         else:
-            predicted_s = first_call_s * batch * calls
+            call_s = first_call_s * batch
+            predicted_s = call_s * warm_calls(runner, call_s)
         inputs = inputs_for(batch)
         with gate.step(predicted_s, exclusive=True, check_stopping=check_stopping):
             check_stopping()
+            logger.debug("%s: warming batch %d (predicted %.3g s)", runner.label, batch, predicted_s)
             before = memory_meter()
             if base is None:
                 base = before
             started = clock()
-            runner.warm(inputs)
+            runner.warm(inputs, times=timed_runs(call_s))
             result.spent_s += clock() - started
             after = memory_meter()
         cost_s = runner.measured_cost_s(inputs)

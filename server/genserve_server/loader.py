@@ -55,6 +55,7 @@ def load_files(
             check_stopping()
             check_graph(mv, card, runner)
             probe_s, row_bytes = _probe(card, runner)
+            logger.debug("%s: probe %.3g ms a row at the warm-up shape", mv.label, 1e3 * probe_s)
         except BaseException:
             runner.close()
             raise

@@ -125,13 +125,14 @@ class FakeRunner:
     take 10 MB (by a fake RSS meter)."""
 
     solo_session = None
+    label = "fake"
 
     def __init__(self) -> None:
         self.rss = 100 << 20
         self.now = 0.0
         self.warmed: list[int] = []
 
-    def warm(self, inputs: Mapping[str, np.ndarray]) -> None:
+    def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3) -> None:
         rows = int(inputs["x"].shape[0])
         self.warmed.append(rows)
         self.now += 3 * 1e-3 * rows
