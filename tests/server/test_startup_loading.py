@@ -23,7 +23,7 @@ from server_support import (
 
 from genserve_server import calibration
 from genserve_server.batch_keys import TileRows
-from genserve_server.config import ServerConfig
+from genserve_server.config import ConfigError, ServerConfig, load_server_config
 from genserve_server.load_gate import LoadGate
 from genserve_server.metrics import Metrics
 from genserve_server.repository import ModelState, ModelVersion, Repository
@@ -290,3 +290,22 @@ def test_a_tiny_model_is_ready_before_a_slow_model_that_comes_first_in_the_repos
 
     asyncio.run(body())
     assert order == ["b-tiny", "a-slow"]
+
+
+def test_the_start_up_settings_read_from_the_server_config_and_errors_name_them(tmp_path: Path) -> None:
+    path = tmp_path / "server.json"
+    path.write_text('{"calibration_budget_s": 2.5, "warmup_memory_bytes": 1000000, "load_concurrency": 3}')
+    config = load_server_config(path)
+    assert (config.calibration_budget_s, config.warmup_memory_bytes, config.load_concurrency) == (
+        2.5,
+        10**6,
+        3,
+    )
+    for field, value in (
+        ("calibration_budget_s", -1),
+        ("warmup_memory_bytes", -1),
+        ("load_concurrency", 1.5),
+    ):
+        path.write_text(f'{{"{field}": {value}}}')
+        with pytest.raises(ConfigError, match=rf"server.json: {field} must be"):
+            load_server_config(path)
