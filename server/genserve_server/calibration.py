@@ -143,11 +143,48 @@ def run_warmup(
     memory_meter: MemoryMeter = rss_bytes,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Calibration:
-    """Warm and time `sizes` (ascending) within both budgets (see the module); each size is one
-    exclusive step of `gate`, queued at its predicted seconds."""
+    """Warm and time `sizes` (ascending) within both budgets (see the module), as one exclusive
+    step of `gate` queued at the first size's predicted seconds: versions calibrate one at a time,
+    cheapest first. (Not a step per size: between two steps of one version, another version's
+    waiting step would take the gate, and a large model's calibration would run before a small
+    model's remaining sizes.)"""
     result = Calibration(row_bytes=max(1.0, min_row_bytes))
+    first = min(sizes, default=1)
+    priority_s = first_call_s * first * warm_calls(runner, first_call_s * first)
+    with gate.step(priority_s, exclusive=True, check_stopping=check_stopping):
+        _warm_sizes(
+            runner,
+            inputs_for,
+            sorted(set(sizes)),
+            result,
+            time_budget_s,
+            memory_budget_bytes,
+            first_call_s,
+            check_stopping,
+            memory_meter,
+            clock,
+        )
+    # Sizes left out for time are bounded too: serving must not build a batch the budget forbids.
+    fit = max(1, int(memory_budget_bytes // result.row_bytes))
+    if sizes and fit < max(sizes):
+        result.memory_rows = min(fit, result.memory_rows or fit)
+    return result
+
+
+def _warm_sizes(
+    runner: Runner,
+    inputs_for: Callable[[int], Inputs],
+    pending: list[int],
+    result: Calibration,
+    time_budget_s: float,
+    memory_budget_bytes: int,
+    first_call_s: float,
+    check_stopping: Callable[[], None],
+    memory_meter: MemoryMeter,
+    clock: Callable[[], float],
+) -> None:
+    """run_warmup's loop, holding the gate: fills `result` in."""
     base: int | None = None
-    pending = sorted(set(sizes))
     while pending:
         batch = pending.pop(0)
         if result.warmed:
@@ -158,8 +195,7 @@ def run_warmup(
                     break
                 batch, pending = fit, []  # the largest size that fits, and nothing after it
             last = result.warmed[-1]
-            per_row_s = result.costs_s.get(last, 0.0) / last
-            call_s = per_row_s * batch
+            call_s = result.costs_s.get(last, 0.0) / last * batch
             predicted_s = call_s * warm_calls(runner, call_s)
             if result.spent_s + predicted_s > time_budget_s:
                 result.stopped = "time budget"
@@ -167,25 +203,19 @@ def run_warmup(
         else:
             call_s = first_call_s * batch
             predicted_s = call_s * warm_calls(runner, call_s)
+        check_stopping()
+        logger.debug("%s: warming batch %d (predicted %.3g s)", runner.label, batch, predicted_s)
         inputs = inputs_for(batch)
-        with gate.step(predicted_s, exclusive=True, check_stopping=check_stopping):
-            check_stopping()
-            logger.debug("%s: warming batch %d (predicted %.3g s)", runner.label, batch, predicted_s)
-            before = memory_meter()
-            if base is None:
-                base = before
-            started = clock()
-            runner.warm(inputs, times=timed_runs(call_s))
-            result.spent_s += clock() - started
-            after = memory_meter()
+        before = memory_meter()
+        if base is None:
+            base = before
+        started = clock()
+        runner.warm(inputs, times=timed_runs(call_s))
+        result.spent_s += clock() - started
+        after = memory_meter()
         cost_s = runner.measured_cost_s(inputs)
         if cost_s is not None and math.isfinite(cost_s):
             result.costs_s[batch] = cost_s
         result.warmed.append(batch)
         if base is not None and after is not None and after > base:
             result.row_bytes = max(result.row_bytes, (after - base) / batch)
-    # Sizes left out for time are bounded too: serving must not build a batch the budget forbids.
-    fit = max(1, int(memory_budget_bytes // result.row_bytes))
-    if sizes and fit < max(sizes):
-        result.memory_rows = min(fit, result.memory_rows or fit)
-    return result
