@@ -250,11 +250,12 @@ class Repository:
 
     async def load_all(self) -> None:
         """Load every version at once through the load gate (load_gate.py): the non-timing steps
-        of `load_concurrency` versions run side by side, smallest file first; the warm-up steps that
-        time batch sizes run alone, cheapest first, within the calibration budget (calibration.py).
-        A READY version serves at once; a model's health key turns SERVING once its versions have
-        been tried. One log line per finished version says how far loading is; `cancel_loading()`
-        (SIGTERM during start-up) ends it at the next step.
+        of `load_concurrency` versions run side by side, smallest file first; the warm-ups that time
+        batch sizes run alone, one version at a time, cheapest first, within the calibration budget
+        (calibration.py). A READY version serves at once, and its model's health key turns SERVING
+        with it (NOT_SERVING once all its versions have been tried and none is READY). One log line
+        per finished version says how far loading is; `cancel_loading()` (SIGTERM during start-up)
+        ends it at the next step.
         """
         versions = sorted(
             (mv for model in self.models.values() for mv in model.versions.values()),
@@ -287,7 +288,7 @@ class Repository:
                 time.monotonic() - started,
             )
             left[mv.name] -= 1
-            if not left[mv.name]:
+            if not left[mv.name] or mv.state == ModelState.READY:  # serving: say so before the rest
                 self.notify(self.models[mv.name])
 
         await asyncio.gather(*(one(mv) for mv in versions))
