@@ -80,6 +80,7 @@ def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
         versions: dict[str, dict[str, Any]] = {}
         warmed: dict[str, dict[str, Any]] = {}
         serving_s = None
+        loading_s = None  # imports, the provider probe, the scan and the bind come first
         for line in log_path.read_text().splitlines():
             try:
                 record = json.loads(line)
@@ -99,9 +100,16 @@ def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
                 }
             elif msg == "server SERVING" and serving_s is None:
                 serving_s = round(record["ts"] - spawned, 3)
+            elif msg.startswith("loading ") and loading_s is None:
+                loading_s = round(record["ts"] - spawned, 3)
         for name, info in warmed.items():
             versions.setdefault(name, {}).update(info)
-        return {"versions": versions, "serving_s": serving_s, "all_tried_s": round(all_tried_s, 3)}
+        return {
+            "versions": versions,
+            "loading_s": loading_s,
+            "serving_s": serving_s,
+            "all_tried_s": round(all_tried_s, 3),
+        }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm = [v["warm_s"] for v in runs if "warm_s" in v]
         warm_text = f"{statistics.median(warm):10.2f}" if warm else f"{'-':>10}"
         write_line(f"{name:28} {ready:22.2f} {load:19.2f} {warm_text}  {runs[-1].get('warmed_sizes', '-')}")
+    loading = [r["loading_s"] for r in rounds if r["loading_s"] is not None]
+    if loading:
+        write_line(
+            f"loading started after {statistics.median(loading):.2f} s (imports, provider probe, bind)"
+        )
     serving = [r["serving_s"] for r in rounds if r["serving_s"] is not None]
     write_line(
         f"whole server SERVING after {statistics.median(serving):.2f} s" if serving else "never SERVING"
