@@ -85,6 +85,11 @@ class LoadGate:
         return self._shared == 0 if waiter.exclusive else self._shared < self.width
 
     @property
+    def held_exclusively(self) -> bool:
+        with self._cond:
+            return self._exclusive
+
+    @property
     def waiting(self) -> int:
         with self._cond:
             return len(self._waiting)

@@ -227,7 +227,7 @@ def test_exclusive_steps_run_alone_and_waiting_steps_go_cheapest_first() -> None
 
     threads = [threading.Thread(target=holder)]
     threads[0].start()
-    while not gate._exclusive:  # the holder has it
+    while not gate.held_exclusively:  # the holder has it
         time.sleep(0.001)
     queued = [
         ("slow-time", 5.0, True),
