@@ -81,6 +81,37 @@ def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     runner.close()
 
 
+def test_preempted_calls_do_not_push_a_tiny_model_off_the_event_loop(tmp_path: Path) -> None:
+    # On a busy machine some calls are preempted: their wall time inflates the moving average,
+    # which budgets batches, but the inline decision takes the fastest call seen (the compute).
+    runner = make_runner(tmp_path, inline_max_s=0.01)
+    z = np.zeros((2, TINY_LATENT), np.float32)
+    inputs = {"z": z, "label": np.zeros(2, np.int64)}
+    runner.warm(inputs)
+    threads: list[str] = []
+    original = runner.run_sync
+    preempted = {"left": 12}
+
+    def spy(feeds, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        if preempted["left"]:
+            preempted["left"] -= 1
+            threading.Event().wait(0.05)  # a call that lost its core for 50 ms
+        return original(feeds, **kwargs)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+
+    async def body() -> None:
+        for _ in range(13):
+            await runner.run(LatentRows(), inputs)
+
+    asyncio.run(body())
+    average_s = runner.measured_cost_s(inputs)
+    assert average_s is not None and average_s > runner.inline_max_s  # the average says "slow"...
+    assert threads == ["MainThread"] * 13  # ...yet every batch ran inline
+    runner.close()
+
+
 def test_a_strongly_truncated_batch_leaves_the_event_loop_even_when_its_model_call_is_tiny(
     tmp_path: Path,
 ) -> None:
