@@ -187,3 +187,46 @@ def test_the_file_check_runs_without_a_watch_or_a_signal(tmp_path: Path) -> None
             await repo.close(1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path: Path) -> None:
+    """In process: a new file whose sha256 card.json now names is still reported (it is not what
+    serves), and the reason says a restart would load it rather than refuse it."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(tmp_path / "other", "gen", version="1", seed=5)  # a different valid model and card
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            for name in ("model.onnx", "card.json"):
+                shutil.copyfile(tmp_path / "other" / "gen" / "1" / name, root / "gen" / "1" / name)
+            await reloader.rescan()
+            mv = repo.models["gen"].versions["1"]
+            assert "model.onnx changed on disk" in mv.file_changed
+            assert "a restart loads the new file" in mv.file_changed
+            assert mv.state == ModelState.READY
+            labels = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_config_error_at_start_up_shows_in_the_metric_and_the_reason(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "bad", version="1", seed=0)
+    (root / "bad" / "config.json").write_text('{"kind": "generator", "version_policy": {"lastest": 2}}')
+    metrics = Metrics()
+    repo = Repository(root, ServerConfig(), metrics)
+    repo.scan()
+    assert "version_policy" in repo.models["bad"].reason
+    assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "bad"}) == 1
+    assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "gen"}) == 0
