@@ -343,7 +343,9 @@ class Reloader:
                 f"{path.name} changed on disk since this version loaded (sha256 now {actual[:16]}..., "
                 f"loaded {mv.sha256[:16]}...)"
             )
-        if actual and actual == _card_sha256(mv, path.name):
+        if not actual:
+            restart = "a restart would find no file and this version would be UNAVAILABLE: restore it"
+        elif actual == _card_sha256(mv, path.name):
             restart = "a restart loads the new file"
         else:
             restart = (

@@ -181,6 +181,7 @@ def test_the_file_check_runs_without_a_watch_or_a_signal(tmp_path: Path) -> None
                     break
                 await asyncio.sleep(0.05)
             assert "model.onnx is gone from disk" in mv.file_changed
+            assert "a restart would find no file" in mv.file_changed
             assert mv.state == ModelState.READY and repo.get("gen").resolve("") is mv
         finally:
             await reloader.close(1.0)
