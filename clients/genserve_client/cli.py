@@ -182,7 +182,8 @@ def sample_in_batches(
 
 def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:
     rows = [["name", "kind", "versions", "state", "latent", "output", "classes"]]
-    for m in client.list_models():
+    models = client.list_models()
+    for m in models:
         rows.append(
             [
                 m.name,
@@ -198,6 +199,10 @@ def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         _out("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    # Why a model's files on disk are not what it serves (a reload that kept the loaded versions).
+    for m in models:
+        if m.reason:
+            _out(f"{m.name}: {m.reason}")
     return 0
 
 

@@ -318,8 +318,16 @@ class Runner:
         """The compute seconds a batch shaped like `inputs` took (warm-up minimum, then averaged)."""
         return self._cost_s.get(self._signature(key, inputs))
 
-    def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3, key: Hashable = None) -> None:
-        """Run a batch a few times at load: allocations settle and its compute cost is known."""
+    def warm(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        times: int = 3,
+        key: Hashable = None,
+        check_stopping: Callable[[], None] | None = None,
+    ) -> None:
+        """Run a batch a few times at load: allocations settle and its compute cost is known.
+        `check_stopping` runs between the calls (it raises to end a load that SIGTERM cancelled: a
+        large batch of a slow model takes seconds per call)."""
         signature = self._signature(key, inputs)
         self._cost_s.pop(signature, None)
         fastest_s = math.inf
@@ -329,10 +337,14 @@ class Runner:
         # Seed rows count as one value each, not a latent: only image rows come near the threshold.
         self._warmed_row_values = max(self._warmed_row_values, _values_per_row(inputs))
         for _ in range(times):
+            if check_stopping is not None:
+                check_stopping()
             self._call(key, signature, inputs)
             fastest_s = min(fastest_s, self._last_s)
         self._cost_s[signature] = fastest_s  # a busy moment during load does not stick
         if self.solo_session is not None:
+            if check_stopping is not None:
+                check_stopping()
             self._call(key, signature, inputs, solo=True)  # settle the solo session too (cost not recorded)
 
     def _call(
