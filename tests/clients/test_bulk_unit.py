@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
-from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, read_manifest, split_ranges
+from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, plan_streams, read_manifest
 
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.001, max_backoff_s=0.01)
 
@@ -65,15 +65,21 @@ def test_recover_truncates_torn_tail_and_removes_orphans(tmp_path: Path) -> None
     done=st.sets(st.integers(0, 199), max_size=150),
     n=st.integers(1, 200),
     parts=st.integers(1, 9),
+    max_images=st.integers(0, 40),
 )
-def test_missing_ranges_split_into_balanced_disjoint_shards(done: set[int], n: int, parts: int) -> None:
+def test_missing_ranges_cut_into_bounded_streams_that_keep_every_worker_busy(
+    done: set[int], n: int, parts: int, max_images: int
+) -> None:
     done = {i for i in done if i < n}
-    shards = split_ranges(missing_ranges(done, n), parts)
-    covered = [i for shard in shards for a, b in shard for i in range(a, b)]
+    missing = missing_ranges(done, n)
+    streams = plan_streams(missing, parts, max_images)
+    covered = [i for a, b in streams for i in range(a, b)]
     assert covered == sorted(set(range(n)) - done)  # no gap, no duplicate, in order
-    assert len(shards) <= parts
-    sizes = [sum(b - a for a, b in shard) for shard in shards]
-    assert not sizes or max(sizes) - min(sizes[:-1] or sizes) <= 0  # all full but the last
+    assert all(b - a <= max_images for a, b in streams) or not max_images
+    # Enough streams for every worker whenever there are enough images, never needlessly small.
+    assert len(streams) >= min(parts, len(covered))
+    if len(missing) == 1 and not max_images:
+        assert len(streams) <= parts
 
 
 def bulk(target: str, out: Path, params: BulkParams, **kwargs: int) -> None:
