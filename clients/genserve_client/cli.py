@@ -535,20 +535,21 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Exit 0 when the folder(s) hold exactly the job, 1 with the problems listed otherwise."""
-    root = Path(args.dir)
-    report, merged = verify_job(root, hashes=args.hashes)
+    """Exit 0 when the folders hold exactly the job, 1 with the problems listed otherwise."""
+    roots = [Path(d) for d in args.dirs]
+    report, merged = verify_job(roots, hashes=args.hashes)
+    where = " + ".join(map(str, roots))
     for problem in report.problems:
         _err(f"genserve-client: verify: {problem}")
     if not report.ok:
         _err(
-            f"genserve-client: verify: {root} is NOT the complete job ({report.images} of {report.n} images)"
+            f"genserve-client: verify: {where} is NOT the complete job ({report.images} of {report.n} images)"
         )
         return 1
     if args.manifest_out:
         write_merged_manifest(Path(args.manifest_out), merged)
     checked = "files and sha256 checked" if args.hashes else "files checked"
-    _out(f"{root}: complete, {report.n} images in {len(report.folders)} folder(s), {checked}")
+    _out(f"{where}: complete, {report.n} images in {len(report.folders)} folder(s), {checked}")
     return 0
 
 
@@ -800,10 +801,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"${SHARD_ENV} (Kubernetes Indexed Job); check the union with `verify OUT`",
     )
 
-    p = command("verify", "check a bulk job's folder (or its shard folders) holds exactly the job")
-    p.add_argument("dir", help="job folder, or the --out of a sharded job")
+    p = command("verify", "check a bulk job's folder(s) hold exactly the job, each image once")
+    p.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="job folder, the --out of a sharded job, or shard folders (several: their union is checked)",
+    )
     p.add_argument("--hashes", action="store_true", help="also re-hash every file against its manifest line")
-    p.add_argument("--manifest-out", metavar="FILE", help="when complete, write the merged manifest here")
+    p.add_argument(
+        "--manifest-out",
+        metavar="FILE",
+        help="when complete, write the merged manifest here (files relative to the DIRs' common parent)",
+    )
 
     p = command("bench", "load generator: closed loop per concurrency, open loop per rate")
     _add_model(p)
