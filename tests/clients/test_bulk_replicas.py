@@ -164,3 +164,16 @@ def test_a_bad_address_list_is_a_usage_error(tmp_path: Path, capsys: pytest.Capt
     assert code == 2
     assert "--target" in err and "'nowhere'" in err and "Traceback" not in err
     assert not (tmp_path / "j").exists()
+
+
+def test_a_dns_target_works_like_an_address(
+    replicas: list[ServerProcess], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dns:///name:port` (a headless Service in Kubernetes) goes through gRPC's DNS resolver; here the
+    name is localhost, which may also resolve to ::1 where no server listens: round_robin skips it."""
+    alive = next(s for s in replicas if s.proc.poll() is None)
+    out = tmp_path / "job"
+    run = (*JOB, "--n", "12", "--seed", "7000", "--stream-images", "4", "--retry-window", "30")
+    code, _, err = cli_main(capsys, "--target", f"dns:///localhost:{alive.port}", *run, "--out", str(out))
+    assert code == 0, err
+    assert [e["index"] for e in manifest(out)] == list(range(12))
