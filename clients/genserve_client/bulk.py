@@ -13,7 +13,8 @@ and its own image files the manifest does not name (killed between 1 and 2), and
 missing index ranges, cut into streams of at most `stream_images` images that `concurrency` workers
 open one after another. Each stream is one RPC, which the channel's round_robin policy sends to the
 next READY replica (channel.py): a job spreads over every replica, a stream whose replica went away
-is reopened where it stopped on another one, and a replica that comes back gets the next streams.
+is reopened where it stopped on another one, and a replica that comes back gets the next streams
+(so does one added behind a DNS name: streams open on channels at most a minute old, channelpool.py).
 Since image i is a pure function of (model
 file, base_seed + i, labels[i % len]), a resumed job writes the same bytes a clean run would have.
 
@@ -44,6 +45,7 @@ from typing import Any, TextIO, TypeVar
 import grpc
 
 from genserve.v1 import genserve_pb2
+from genserve_client.channelpool import DEFAULT_PERIOD_S, FreshChannels
 from genserve_client.client import GenserveClient, SampleStream
 from genserve_client.convert import FILE_SUFFIX, image_format
 from genserve_client.errors import GenserveClientError
@@ -479,6 +481,7 @@ class BulkJob:
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
         shard: Shard | None = None,
         stream_images: int = DEFAULT_STREAM_IMAGES,
+        channel_period_s: float = DEFAULT_PERIOD_S,
     ) -> None:
         if stream_images < 1:
             raise ValueError(f"--stream-images must be >= 1, got {stream_images}")
@@ -507,7 +510,9 @@ class BulkJob:
         self.failure: GenserveClientError | BulkError | OSError | None = None
         self._stop = threading.Event()
         self.window = RetryWindow(retry_window_s, client.retry.retryable_codes, self._stop)
-        self._streams: list[SampleStream] = []
+        # Open streams and the client each was opened on (see channelpool.py).
+        self._streams: dict[SampleStream, GenserveClient] = {}
+        self._channels = FreshChannels(client, channel_period_s)
         self._lock = threading.Lock()  # guards _streams, failure, _pending_job and the progress bar
         self._pending_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
 
@@ -695,6 +700,7 @@ class BulkJob:
         finally:
             sink.io_pool.shutdown()
             sink.manifest.close()
+            self._channels.close()
             progress.close()
         if self.failure is not None:
             raise self.failure
@@ -731,9 +737,20 @@ class BulkJob:
         with self._lock:  # registered before the stop check ends, so _stop_all() cannot miss it
             if self._stop.is_set():
                 return None
-            stream = self.client.sample_stream(p.model, stop, **opts)
-            self._streams.append(stream)
+            client = self._channels.acquire()
+            try:
+                stream = client.sample_stream(p.model, stop, **opts)
+            except BaseException:
+                self._channels.release(client)
+                raise
+            self._streams[stream] = client
         return stream
+
+    def _close_stream(self, stream: SampleStream) -> None:
+        with self._lock:
+            client = self._streams.pop(stream, None)
+        if client is not None:
+            self._channels.release(client)
 
     def _run_range(self, start: int, stop: int, sink: _Sink) -> None:
         """Stream [start, stop); after a transient failure the client's retries did not cure,
@@ -765,6 +782,8 @@ class BulkJob:
                 failures += 1
                 self.window.pause(exc, since, failures)
                 continue
+            finally:
+                self._close_stream(stream)
             if expected != stop and not self._stop.is_set():
                 raise BulkError(f"the stream for [{start}, {stop}) ended early, at index {expected}")
             return

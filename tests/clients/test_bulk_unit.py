@@ -16,6 +16,7 @@ from PIL import Image
 
 from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
 from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, plan_streams, read_manifest
+from genserve_client.channelpool import FreshChannels
 
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.001, max_backoff_s=0.01)
 
@@ -165,3 +166,48 @@ def test_bulk_needs_at_least_one_image(fake_server: FakeServer, tmp_path: Path) 
         assert "--n must be >= 1" in proc.stderr
     assert not (tmp_path / "job.json").exists()
     assert fake_server.service.calls["SampleStream"] == 0
+
+
+def test_streams_open_on_channels_no_older_than_the_period(fake_server: FakeServer) -> None:
+    """A long job resolves its target again every period (replicas added meanwhile get streams); a
+    replaced channel closes once its last stream ended; the caller's own client is never closed."""
+    now = [0.0]
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as own:
+        channels = FreshChannels(own, period_s=60.0, clock=lambda: now[0])
+        first = channels.acquire()
+        assert first is own and channels.acquire() is own
+        now[0] = 61.0
+        second = channels.acquire()
+        assert second is not own and channels.opened == 1
+        now[0] = 122.0
+        third = channels.acquire()
+        assert third is not second
+        assert second.list_models()  # still in use by its stream: open
+        channels.release(second)
+        with pytest.raises(ValueError, match="closed channel"):
+            second.list_models()
+        channels.release(third)
+        assert third.list_models()  # the current channel stays open for the next stream
+        channels.close()
+        with pytest.raises(ValueError, match="closed channel"):
+            third.list_models()
+        channels.release(own)
+        channels.release(own)
+        assert own.list_models()  # never closed here
+
+
+def test_a_job_whose_every_stream_opens_a_new_channel_is_the_same_job(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    params = BulkParams("fake-cond", n=40, base_seed=3, labels=(1, 2))
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        job = BulkJob(
+            client, params, tmp_path / "fresh", concurrency=2, stream_images=5, channel_period_s=1e-9
+        )
+        job.run()
+        assert job._channels.opened >= 8  # one per stream at least
+        assert client.list_models()  # the caller's client is still open
+    bulk(fake_server.target, tmp_path / "one", params)
+    for name in ("fresh", "one"):
+        assert sorted(manifest_by_index(tmp_path / name)) == list(range(40))
+    assert manifest_by_index(tmp_path / "fresh") == manifest_by_index(tmp_path / "one")
