@@ -174,3 +174,19 @@ def test_verify_checks_the_folder_the_shards_write(bulk: dict[tuple[str, str], M
     [claim] = set(claims.values())
     pvc = bulk[("PersistentVolumeClaim", claim)]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # the shards' pods write from many nodes
+
+
+def test_the_shards_present_a_token_when_the_servers_require_one(
+    bulk: dict[tuple[str, str], Manifest], server: dict[tuple[str, str], Manifest]
+) -> None:
+    [server_container] = server[("Deployment", "genserve")]["spec"]["template"]["spec"]["containers"]
+    if "--token-file" not in server_container["args"]:
+        pytest.skip("the shipped Deployment requires no token")
+    job = bulk[("Job", "genserve-bulk")]
+    token_file = Path(_client_args(job).token_file)
+    mounts = {m["name"]: m["mountPath"] for m in _container(job)["volumeMounts"]}
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    [(name, mount_path)] = [(n, p) for n, p in mounts.items() if token_file.parent == Path(p)]
+    secret = volumes[name]["secret"]
+    assert secret["secretName"] == "genserve-auth"
+    assert token_file.name in [item["path"] for item in secret["items"]]
