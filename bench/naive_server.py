@@ -194,6 +194,9 @@ class SyncNaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     def SampleCodes(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._unimplemented(context, "SampleCodes")
 
+    def SampleCodesStream(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "SampleCodesStream")
+
 
 class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     def __init__(self, models: dict[str, NaiveModel], executor: ThreadPoolExecutor) -> None:
@@ -277,6 +280,12 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.SampleCodesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> genserve_pb2.SampleCodesResponse:
         await self._unimplemented(context, "SampleCodes")
+
+    async def SampleCodesStream(  # noqa: N802
+        self, request: genserve_pb2.SampleCodesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[genserve_pb2.SampleCodesChunk]:
+        await self._unimplemented(context, "SampleCodesStream")
+        yield genserve_pb2.SampleCodesChunk()  # unreachable: makes this an async generator
 
     async def ListModels(  # noqa: N802
         self, request: genserve_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -10,7 +10,7 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 - `encode_vae`: images -> latent distributions;
 - `upscale`: pad -> plan tiles -> group by shape -> submit -> blend -> crop;
 - `translate`: bucket by padded shape -> submit -> crop.
-- `sample_codes`: a code prior's step scheduler (step_sampler.py) -> its code_decoder's batcher.
+- code priors: code_sampling.py (a prior's step scheduler -> its code_decoder's batcher).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from genserve_server.batch_keys import (
     PIXELS_OUTPUT,
     SEED_INPUT,
     BatchKey,
-    CodeRows,
     ImageRows,
     LatentRows,
     SeedRows,
@@ -46,7 +45,7 @@ from genserve_server.errors import GenserveError, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import ModelState, ModelVersion, Repository
-from genserve_server.step_sampler import SamplingOptions, StepScheduler
+from genserve_server.step_sampler import StepScheduler
 from genserve_server.validate import OutputSpec
 
 T = TypeVar("T")
@@ -86,16 +85,6 @@ class Upscaled:
     images: list[EncodedImage]
     executed_batch_sizes: list[int]
     tiles: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class CodeSamples:
-    """Grids sampled by a code prior and, where it names a decoder, their images."""
-
-    codes: np.ndarray  # int64 [N, H, W]
-    images: list[EncodedImage]  # empty without a decoder
-    executed_batch_sizes: list[int]  # the decoder's batches
-    tops: np.ndarray | None = None  # int64 [N, Ht, Wt]: the top grids (given, or sampled by the top prior)
 
 
 @dataclass(slots=True)
@@ -436,46 +425,6 @@ class GenerationCore:
                 "without a top grid, class-conditional only where the prior is (config.json top_prior)"
             )
         return top
-
-    async def sample_codes(
-        self,
-        mv: ModelVersion,
-        call: Call,
-        seeds: Sequence[int],
-        labels: Sequence[int] | None,
-        tops: np.ndarray | None,
-        options: SamplingOptions,
-        out: OutputSpec,
-    ) -> CodeSamples:
-        """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
-        finish near the same step, of any request, share the decoder's batches)."""
-        decoder = self.code_decoder(mv)
-        if decoder is not None:
-            card = decoder.card
-            assert card is not None and card.image_size is not None
-            validate.predicted_send_size(
-                out, len(seeds), card.channels, *card.image_size, self.limits.max_send_message_bytes
-            )
-        top = self.top_prior(mv) if tops is None else None
-        if top is not None:  # both levels in one call: the top grids first, same seeds and options
-            assert top.card is not None and top.card.codebook_size is not None
-            top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
-            top_labels = labels if top.card.class_names else None
-            tops = await self.stepper(top).sample(seeds, top_labels, None, top_options, call.deadline)
-        codes = await self.stepper(mv).sample(seeds, labels, tops, options, call.deadline)
-        if decoder is None:
-            return CodeSamples(codes, [], [], tops)
-        assert decoder.card is not None and decoder.batcher is not None
-        inputs = {"codes": codes}
-        if tops is not None:
-            inputs["top_codes"] = tops
-        result = await decoder.batcher.submit(
-            CodeRows(), inputs, len(seeds), lane=Lane.INTERACTIVE, deadline=call.deadline
-        )
-        images = await self.codec.encode(
-            decoder.metrics, result.outputs["image"], out, decoder.card.output_range
-        )
-        return CodeSamples(codes, images, result.executed_batch_sizes, tops)
 
     # ------------------------------------------------------------------ VAE encoder
 

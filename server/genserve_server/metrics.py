@@ -77,6 +77,7 @@ METHODS = (
     "SuperResolve",
     "Translate",
     "SampleCodes",
+    "SampleCodesStream",
     "ListModels",
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
@@ -101,6 +102,8 @@ def _kind_methods(kind: Kind) -> tuple[str, ...]:
             methods.append("Decode")
     if kind in _ONE_METHOD_KINDS:
         methods.append(_ONE_METHOD_KINDS[kind])
+    if kind == Kind.CODE_PRIOR:
+        methods.append("SampleCodesStream")
     if not kind.takes_codes:
         methods.append("ModelInfer")
     return tuple(methods)

@@ -119,6 +119,19 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         out = output_spec(request.output)
         return await service_codes.sample_codes(self.core, request, call, out, self._provenance)
 
+    async def SampleCodesStream(  # noqa: N802
+        self, request: pb.SampleCodesRequest, context: Context
+    ) -> AsyncIterator[pb.SampleCodesChunk]:
+        stream = self.boundary.stream("SampleCodesStream", request, context, self._do_sample_codes_stream)
+        async for chunk in stream:
+            yield chunk
+
+    def _do_sample_codes_stream(
+        self, request: pb.SampleCodesRequest, call: Call
+    ) -> AsyncIterator[pb.SampleCodesChunk]:
+        out = output_spec(request.output)
+        return service_codes.sample_codes_stream(self.core, request, call, out, self._provenance)
+
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return await self.boundary.unary("ListModels", request, context, self._do_list_models)
 
