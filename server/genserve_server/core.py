@@ -146,6 +146,13 @@ class GenerationCore:
         # One step scheduler per loaded prior version (ModelVersion hashes by identity: a reload's
         # new version gets its own, while the old one finishes its running rows).
         self.steppers: dict[ModelVersion, StepScheduler] = {}
+        # Set at SIGTERM (begin_shutdown): SampleStreams end at their next chunk boundary.
+        self.shutting_down = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """A drain: unary calls finish, each SampleStream ends after the chunk it is sending with
+        UNAVAILABLE naming the start_index to resume from (a bulk job's stream can last hours)."""
+        self.shutting_down.set()
 
     # ------------------------------------------------------------------ resolving and submitting
 
@@ -357,15 +364,37 @@ class GenerationCore:
             return start, seeds, labels, generated
 
         pending: deque[asyncio.Task[tuple[int, list[int], np.ndarray | None, Generated]]] = deque()
-        next_index = start_index
+        next_index = sent = start_index
+        stopping = asyncio.ensure_future(self.shutting_down.wait())
         try:
-            while next_index < count or pending:
-                while len(pending) <= STREAM_CHUNKS_AHEAD and next_index < count:
+            while sent < count:
+                if self.shutting_down.is_set():
+                    # Shutting down: the chunk in flight is sent, the ones computed ahead are dropped,
+                    # and the stream ends at that chunk boundary with a status clients resume from.
+                    while len(pending) > 1:
+                        pending.pop().cancel()
+                    if not pending:
+                        raise Unavailable(
+                            f"server is shutting down: the stream ended before image {sent}; "
+                            f"resume with start_index={sent} (another replica, or this one restarted)"
+                        )
+                while (
+                    not self.shutting_down.is_set()
+                    and len(pending) <= STREAM_CHUNKS_AHEAD
+                    and next_index < count
+                ):
                     n = min(chunk_size, count - next_index)
                     pending.append(asyncio.ensure_future(chunk(next_index, n)))
                     next_index += n
-                yield await pending.popleft()
+                if not self.shutting_down.is_set():
+                    await asyncio.wait((pending[0], stopping), return_when=asyncio.FIRST_COMPLETED)
+                    if not pending[0].done():
+                        continue  # shutting down while this chunk computes: drop the ones ahead first
+                item = await pending.popleft()
+                sent = item[0] + len(item[1])
+                yield item
         finally:
+            stopping.cancel()
             for task in pending:
                 task.cancel()
 
