@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import GenserveError, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
+from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import ModelState, ModelVersion, Repository
 from genserve_server.step_sampler import SamplingOptions, StepScheduler
@@ -69,6 +71,7 @@ class Call:
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
     stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
     code: str = "OK"  # the status the call ends with (the boundary counts it)
+    timing: CallTiming = field(default_factory=CallTiming)  # its batches' queue and compute (KServe stats)
 
 
 @dataclass(slots=True)
@@ -190,7 +193,10 @@ class GenerationCore:
         self, mv: ModelVersion, call: Call, key: BatchKey, inputs: dict[str, np.ndarray], n: int, lane: Lane
     ) -> BatchResult:
         assert mv.batcher is not None
-        return await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+        entered = time.monotonic()
+        result = await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+        call.timing.submitted(entered, result.dispatched_at, time.monotonic())
+        return result
 
     def check_send_size(self, n_bytes: int, what: str, fmt: int | None = None) -> None:
         validate.send_size(

@@ -160,7 +160,6 @@ class App:
             self.repository,
             self.core,
             self.boundary,
-            self.metrics.registry,
             ready=lambda: self.health.serving,  # ServerReady says what grpc.health "" says
         )
         kserve.add_to_server(self.kserve, registrar)

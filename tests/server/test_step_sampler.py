@@ -14,7 +14,6 @@ import grpc
 import numpy as np
 import pytest
 from code_models import prior_graph, write_code_models
-from prometheus_client import CollectorRegistry
 from server_support import write_model
 
 from genserve.v1 import genserve_pb2 as pb
@@ -353,7 +352,7 @@ def test_sample_codes_rpc(code_repo: tuple[Path, dict[str, str]]) -> None:
         server = grpc.aio.server()
         service = GenerationService(repo, config, metrics, pool)
         pb_grpc.add_GenerationServiceServicer_to_server(service, server)
-        infer = InferenceService(repo, service.core, service.boundary, CollectorRegistry())
+        infer = InferenceService(repo, service.core, service.boundary)
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(infer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

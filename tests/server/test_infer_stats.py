@@ -1,0 +1,45 @@
+"""KServe statistics as Triton defines them: per request, the phases are disjoint parts of its time."""
+
+from __future__ import annotations
+
+import pytest
+
+from genserve_server.infer_stats import CallTiming, InferStats
+
+
+def test_one_submission_splits_the_call_into_input_queue_infer_output() -> None:
+    timing = CallTiming()
+    timing.submitted(entered=1.0, dispatched=1.5, done=3.0)
+    assert timing.phases(started=0.5, ended=3.25) == (0.5, 0.5, 1.5, 0.25)
+
+
+def test_overlapping_submissions_share_their_wall_time_and_never_exceed_the_call() -> None:
+    # Three chunks of a stream: each queued while the one before computed.
+    timing = CallTiming()
+    for k in range(3):
+        timing.submitted(entered=1.0 + k, dispatched=2.0 + k, done=3.0 + k)
+    compute_input, queue, infer, output = timing.phases(started=0.0, ended=6.0)
+    assert (compute_input, output) == (1.0, 1.0)
+    assert queue + infer == pytest.approx(4.0)  # the window from the first entry to the last result
+    assert queue == pytest.approx(infer)  # 3 s each before scaling: shared in proportion
+
+
+def test_stats_count_requests_and_executions_apart() -> None:
+    stats = InferStats()
+    timing = CallTiming()
+    timing.submitted(1.0, 1.25, 2.0)
+    stats.request_done(True, 0.0, 2.5, timing)
+    stats.request_done(False, 0.0, 1.0, CallTiming())
+    stats.batch_done(4, 0.5)
+    stats.batch_done(4, 0.25)
+    stats.batch_done(1, 0.125)
+    assert (stats.success.count, stats.fail.count) == (1, 1)
+    parts = (stats.queue, stats.compute_input, stats.compute_infer, stats.compute_output)
+    assert [p.count for p in parts] == [1, 1, 1, 1]
+    assert sum(p.ns for p in parts) == stats.success.ns == 2_500_000_000
+    assert (stats.execution_count, stats.inference_count) == (3, 9)
+    assert {size: (d.count, d.ns) for size, d in stats.batches.items()} == {
+        4: (2, 750_000_000),
+        1: (1, 125_000_000),
+    }
+    assert stats.last_inference_ms > 0
