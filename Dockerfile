@@ -41,7 +41,7 @@ COPY server/ server/
 # Non-editable installs of our two packages; every dependency is already there (pip check).
 RUN pip install -c requirements/constraints.txt ./api ./server \
     && pip check \
-    && python -c "import genserve_server, genserve.v1.genserve_pb2, inference.grpc_service_pb2" \
+    && python -c "import genserve_server, genserve.v1.genserve_pb2, genserve.kserve.grpc_service_pb2" \
     && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the image" >&2; exit 1; fi
 
 # ---- runtime: CUDA 13 + cuDNN 9 libraries, the venv, the default models, a non-root user.

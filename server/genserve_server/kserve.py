@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve_server import kserve_metadata, kserve_tensors, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
@@ -39,8 +41,6 @@ from genserve_server.core import Call, GenerationCore, image_batch_key
 from genserve_server.errors import GenserveError, NotFound, invalid
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.version import SERVER_VERSION
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import model_config_pb2 as mc
 from genserve_server.infer_stats import Duration
 from genserve_server.kserve_tensors import DTYPES, protocol_shape
 from genserve_server.repository import ModelVersion
-from inference import grpc_service_pb2 as kpb
-from inference import model_config_pb2 as mc
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"

@@ -29,6 +29,8 @@ import pytest
 from ecosystem_helpers import CACHE_DIR, ROOT, run
 from server_support import TINY_LATENT, generator_graph, write_model
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -38,8 +40,6 @@ from genserve_server.config import ServerConfig
 from genserve_server.core import GenerationCore
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 SCRIPTS = Path(__file__).resolve().parent / "kserve_scripts"
 TRITONCLIENT = "2.73.0"  # newest on PyPI; pins protobuf<7, hence its own venv
@@ -95,8 +95,10 @@ def _describe(python: Path, modules: list[str]) -> dict[str, Any]:
 
 def test_protos_are_wire_compatible_with_tritonclient(triton_python: Path) -> None:
     """Every message, field (name, number, type, label, oneof), enum value and RPC of
-    protos/inference/*.proto is identical in tritonclient's own compiled descriptors."""
-    ours = _describe(Path(sys.executable), ["inference.grpc_service_pb2", "inference.model_config_pb2"])
+    protos/genserve/kserve/*.proto is identical in tritonclient's own compiled descriptors."""
+    ours = _describe(
+        Path(sys.executable), ["genserve.kserve.grpc_service_pb2", "genserve.kserve.model_config_pb2"]
+    )
     theirs = _describe(triton_python, ["tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2"])
     problems = []
     for kind in ("messages", "enums", "services"):

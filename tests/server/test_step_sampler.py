@@ -16,6 +16,8 @@ import pytest
 from code_models import prior_graph, write_code_models
 from server_support import write_model
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -34,8 +36,6 @@ from genserve_server.step_sampler import (
     sample_codes,
     uniforms,
 )
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 GRID = (6, 6)
 POSITIONS = GRID[0] * GRID[1]
