@@ -7,6 +7,7 @@ no label lookups. `Metrics(enabled=False)` keeps the same interface and records 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import threading
 from collections.abc import Iterable
@@ -191,6 +192,7 @@ class ModelMetrics:
         self.cache_misses = m.image_cache_lookups.labels(*mv, "miss") if mon else _NULL
         self.load_duration = m.model_load_duration.labels(*mv) if mon else _NULL
         self.ready = m.model_ready.labels(*mv) if mon else _NULL
+        self.file_changed = m.model_file_changed.labels(*mv) if mon else _NULL
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
         self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
         self.encode_duration = {
@@ -357,6 +359,20 @@ class Metrics:
         self.model_ready = Gauge(
             "genserve_model_ready", "1 when the model version is ready, else 0.", mv, registry=reg
         )
+        self.model_config_error = Gauge(
+            "genserve_model_config_error",
+            "1 while the model's config.json or version directories on disk cannot be applied (the "
+            "versions already loaded keep serving; GetModel says why), else 0.",
+            ("model",),
+            registry=reg,
+        )
+        self.model_file_changed = Gauge(
+            "genserve_model_file_changed",
+            "1 while a loaded version's model file on disk differs from the one it loaded (it serves "
+            "the copy in memory), else 0.",
+            mv,
+            registry=reg,
+        )
         self.model_runtime_info = Gauge(
             "genserve_model_runtime_info",
             "1 per loaded model version: the execution provider and precision it really runs on, and "
@@ -395,6 +411,16 @@ class Metrics:
         )
         mm.bind_batch_size(max_batch_size)
         return mm
+
+    def set_config_error(self, model: str, failing: bool) -> None:
+        """genserve_model_config_error{model}: 1 while the model's files on disk cannot be applied."""
+        if self.enabled:
+            self.model_config_error.labels(model).set(1 if failing else 0)
+
+    def forget_model(self, model: str) -> None:
+        """A model left the repository: its model-level series go too."""
+        with contextlib.suppress(KeyError):
+            self.model_config_error.remove(model)
 
     def unresolved(self) -> ModelMetrics:
         """Children for RPCs that never resolved a model (unknown name, ListModels)."""
@@ -435,6 +461,8 @@ class Metrics:
             self.image_cache_bytes,
             self.model_load_duration,
             self.model_ready,
+            self.model_config_error,
+            self.model_file_changed,
             self.model_runtime_info,
             self.build_info,
         )

@@ -372,7 +372,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card()
-        info = pb.ModelInfo(name=model.name, kind=model.kind)
+        info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
         if model.config is not None:
             info.max_batch_size = model.config.batching.max_batch_size
         if model.reason and not model.versions:
@@ -385,7 +385,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 pb.ModelVersionInfo(
                     version=mv.version,
                     state=_STATE[mv.state],
-                    reason=self.repo.redact(mv.reason),
+                    reason=self.repo.redact(mv.reason or mv.file_changed),
                     model_sha256=mv.sha256,
                     precision=mv.precision,
                     execution_provider=mv.provider,

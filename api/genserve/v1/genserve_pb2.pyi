@@ -754,7 +754,9 @@ class ModelVersionInfo(_message.Message):
     version: _builtins.str
     state: Global___ModelState.ValueType
     reason: _builtins.str
-    """Why the version is not READY (e.g. "sha256 mismatch for model.onnx")."""
+    """Why the version is not READY (e.g. "sha256 mismatch for model.onnx"). On a READY version: a
+    warning, e.g. its model file changed on disk since it loaded (it serves the copy in memory).
+    """
     model_sha256: _builtins.str
     precision: _builtins.str
     execution_provider: _builtins.str
@@ -793,6 +795,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     SCALE_FACTOR_FIELD_NUMBER: _builtins.int
     SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image,
@@ -806,6 +809,11 @@ class ModelInfo(_message.Message):
     """super_resolution: the scale factor; image_to_image: 1."""
     size_multiple: _builtins.int
     """Fully convolutional kinds: H and W are padded to a multiple of this."""
+    reason: _builtins.str
+    """Why the model's files on disk are not what it serves, empty when they are: e.g. config.json is
+    invalid, or its version_policy picks no version directory, and the versions listed keep serving
+    as loaded (docs/operations.md, "Hot reload"). Also set when no version could load at all.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionInfo]: ...
     @_builtins.property
@@ -829,10 +837,11 @@ class ModelInfo(_message.Message):
         max_batch_size: _builtins.int = ...,
         scale_factor: _builtins.int = ...,
         size_multiple: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "name", b"name", "output_shape", b"output_shape", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "name", b"name", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
