@@ -44,10 +44,11 @@ class CallTiming:
 
     def submitted(self, entered: float, dispatched: float, done: float) -> None:
         """One submission: entered the batcher, its last batch dispatched, its result back."""
+        dispatched = min(max(dispatched, entered), done)  # unknown (0.0) or skewed: within the call
         if self.first_submit is None or entered < self.first_submit:
             self.first_submit = entered
         self.last_done = max(self.last_done, done)
-        self.queue_s += max(0.0, dispatched - entered)
+        self.queue_s += dispatched - entered
         self.infer_s += max(0.0, done - dispatched)
 
     def phases(self, started: float, ended: float) -> tuple[float, float, float, float]:

@@ -43,3 +43,10 @@ def test_stats_count_requests_and_executions_apart() -> None:
         1: (1, 125_000_000),
     }
     assert stats.last_inference_ms > 0
+
+
+def test_an_unknown_dispatch_time_never_makes_a_phase_longer_than_the_call() -> None:
+    timing = CallTiming()
+    timing.submitted(entered=1.0, dispatched=0.0, done=2.0)  # a BatchResult without dispatched_at
+    phases = timing.phases(started=0.5, ended=2.5)
+    assert all(p >= 0 for p in phases) and sum(phases) == 2.0
