@@ -282,7 +282,12 @@ class GenerationCore:
             mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field
         )
         images = await self.codec.encode(
-            mv.metrics, result.outputs["image"], out, card.output_range, result.outputs.get(PIXELS_OUTPUT)
+            mv.metrics,
+            result.outputs["image"],
+            out,
+            card.output_range,
+            result.outputs.get(PIXELS_OUTPUT),
+            timing=call.timing,
         )
         return Generated(images, used, result.executed_batch_sizes)
 
@@ -508,7 +513,7 @@ class GenerationCore:
             CodeRows(), inputs, len(seeds), lane=Lane.INTERACTIVE, deadline=call.deadline
         )
         images = await self.codec.encode(
-            decoder.metrics, result.outputs["image"], out, decoder.card.output_range
+            decoder.metrics, result.outputs["image"], out, decoder.card.output_range, timing=call.timing
         )
         return CodeSamples(codes, images, result.executed_batch_sizes, tops)
 
@@ -532,7 +537,7 @@ class GenerationCore:
                     f"must be {h}x{w} (the encoder's input size; never resized), "
                     f"got {declared[0]}x{declared[1]}",
                 )
-        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1))
+        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1), timing=call.timing)
         for i, chw in enumerate(arrays):
             if chw.shape[1:] != (h, w):
                 raise invalid(
@@ -570,7 +575,9 @@ class GenerationCore:
         overlap = default_overlap if tile_overlap is None else tile_overlap
         tile = tile_size or min(validate.MAX_TILE, max(card.tile_size or 128, 4 * overlap))
         validate.tiling(tile, overlap, card.size_multiple)
-        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_sr_input_pixels)
+        arrays = await self.codec.decode(
+            mv.metrics, images, card, self.limits.max_sr_input_pixels, timing=call.timing
+        )
         validate.min_size(arrays, card)
         scale = card.scale_factor
         validate.encodable(out, [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays])
@@ -642,11 +649,11 @@ class GenerationCore:
             ]
         else:
             upscaled = await self.codec.off_loop(blend_all)
-        encoded = await self._encode_each(mv, upscaled, out)
+        encoded = await self._encode_each(mv, call, upscaled, out)
         return Upscaled(encoded, batch_sizes, [len(p) for p in plans])
 
     async def _encode_each(
-        self, mv: ModelVersion, outputs: Sequence[np.ndarray], out: OutputSpec
+        self, mv: ModelVersion, call: Call, outputs: Sequence[np.ndarray], out: OutputSpec
     ) -> list[EncodedImage]:
         """Images of different sizes, one encode each; the whole response checked against the limit."""
         assert mv.card is not None
@@ -654,7 +661,11 @@ class GenerationCore:
         for o in outputs:
             images.extend(
                 await self.codec.encode(
-                    mv.metrics, o[np.newaxis].astype(np.float32, copy=False), out, mv.card.output_range
+                    mv.metrics,
+                    o[np.newaxis].astype(np.float32, copy=False),
+                    out,
+                    mv.card.output_range,
+                    timing=call.timing,
                 )
             )
         self.check_send_size(sum(len(im.data) for im in images), "the response", out.format)
@@ -667,7 +678,9 @@ class GenerationCore:
     ) -> Upscaled:
         card = mv.card
         assert card is not None
-        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_input_pixels)
+        arrays = await self.codec.decode(
+            mv.metrics, images, card, self.limits.max_input_pixels, timing=call.timing
+        )
         validate.min_size(arrays, card)
         validate.encodable(out, [(a.shape[1], a.shape[2]) for a in arrays])
         validate.predicted_send_size(
@@ -704,7 +717,7 @@ class GenerationCore:
             for row, i in enumerate(groups[shape]):
                 h, w = arrays[i].shape[1:]
                 outputs[i] = result.outputs["output_image"][row, :, :h, :w]  # crop the padding back off
-        return Upscaled(await self._encode_each(mv, outputs, out), batch_sizes)
+        return Upscaled(await self._encode_each(mv, call, outputs, out), batch_sizes)
 
 
 def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:

@@ -10,10 +10,13 @@ queue + compute_input + compute_infer + compute_output <= success must hold. Her
 disjoint parts of the call's own wall time (CallTiming.phases), never sums over rows or batches:
 
     started ... first submit | queue, compute of its batches | last batch done ... ended
-    compute_input            | queue / compute_infer         | compute_output
+    compute_input <= this    | queue / compute_infer         | compute_output <= this
 
-(compute_input: reading, validating and decoding the request; compute_output: encoding and
-building the response). Everything runs on the event loop: no locks.
+compute_input is the time spent decoding the request's inputs (images, tensors) and
+compute_output encoding its outputs, each bounded by its window; the rest of the call (parsing,
+validation, resolving the model, gaps) is what perf_analyzer shows as server overhead, as in
+Triton, where the frontend's request handling is overhead too. Everything runs on the event loop:
+no locks.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class CallTiming:
     last_done: float = 0.0
     queue_s: float = 0.0
     infer_s: float = 0.0
+    input_s: float = 0.0  # decoding the request's inputs (encoding.Codec.decode, KServe tensors)
+    output_s: float = 0.0  # encoding its outputs (encoding.Codec.encode, KServe tensors)
 
     def submitted(self, entered: float, dispatched: float, done: float) -> None:
         """One submission: entered the batcher, its last batch dispatched, its result back."""
@@ -54,8 +59,10 @@ class CallTiming:
     def phases(self, started: float, ended: float) -> tuple[float, float, float, float]:
         """(compute_input, queue, compute_infer, compute_output) seconds of a call that ran from
         `started` to `ended`: disjoint, so their sum is at most ended - started."""
+        whole = max(0.0, ended - started)
         if self.first_submit is None:  # nothing computed (every image from the cache)
-            return 0.0, 0.0, 0.0, 0.0
+            compute_input = min(self.input_s, whole)
+            return compute_input, 0.0, 0.0, min(self.output_s, whole - compute_input)
         window = max(0.0, self.last_done - self.first_submit)
         queue, infer = self.queue_s, self.infer_s
         if queue + infer > window:
@@ -63,12 +70,9 @@ class CallTiming:
             # share the wall time they overlap in, in proportion.
             scale = window / (queue + infer)
             queue, infer = queue * scale, infer * scale
-        return (
-            max(0.0, self.first_submit - started),
-            queue,
-            infer,
-            max(0.0, ended - max(self.last_done, self.first_submit)),
-        )
+        before = max(0.0, self.first_submit - started)
+        after = max(0.0, ended - max(self.last_done, self.first_submit))
+        return min(self.input_s, before), queue, infer, min(self.output_s, after)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ batches. What this module adds is only the tensor mapping:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -205,7 +206,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         mv = self.core.resolve(call, request.model_name, request.model_version, INFER_KINDS, "ModelInfer")
         card = mv.card
         assert card is not None
+        decoding = time.monotonic()
         tensors = kserve_tensors.read_inputs(request, card)
+        call.timing.input_s += time.monotonic() - decoding
         outputs = kserve_tensors.requested_outputs(request, card)
         response_params: dict[str, int] = {}
         if card.kind.takes_latent:
@@ -229,6 +232,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             self._check_output_bytes(outputs, card, n, image.shape)
             key = image_batch_key(card, tuple(int(d) for d in image.shape[1:]))
             result = await self.core.submit(mv, call, key, {"image": image}, n, Lane.INTERACTIVE)
+        encoding = time.monotonic()
         response = kpb.ModelInferResponse(model_name=mv.name, model_version=mv.version, id=request.id)
         for name, value in response_params.items():
             response.parameters[name].int64_param = value
@@ -245,6 +249,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 name=spec.name, datatype=kserve_tensors.protocol_datatype(spec), shape=array.shape
             )
             response.raw_output_contents.append(array.tobytes())
+        call.timing.output_s += time.monotonic() - encoding
         return response
 
     def _check_output_bytes(
