@@ -45,7 +45,7 @@ COPY clients/ clients/
 # Non-editable installs of our three packages; every dependency is already there (pip check).
 RUN pip install -c requirements/constraints.txt ./api ./server ./clients \
     && pip check \
-    && python -c "import genserve_server, genserve.v1.genserve_pb2, inference.grpc_service_pb2" \
+    && python -c "import genserve_server, genserve.v1.genserve_pb2, genserve.kserve.grpc_service_pb2" \
     && genserve-client --help >/dev/null \
     && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the image" >&2; exit 1; fi
 

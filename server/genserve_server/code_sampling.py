@@ -135,7 +135,9 @@ async def _decode(
     result = await decoder.batcher.submit(
         CodeRows(), inputs, len(codes), lane=Lane.INTERACTIVE, deadline=call.deadline
     )
-    images = await core.codec.encode(decoder.metrics, result.outputs["image"], out, decoder.card.output_range)
+    images = await core.codec.encode(
+        decoder.metrics, result.outputs["image"], out, decoder.card.output_range, timing=call.timing
+    )
     return images, result.executed_batch_sizes
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import GenserveError, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
+from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import ModelState, ModelVersion, Repository
 from genserve_server.step_sampler import StepScheduler
@@ -68,6 +70,7 @@ class Call:
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
     stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
     code: str = "OK"  # the status the call ends with (the boundary counts it)
+    timing: CallTiming = field(default_factory=CallTiming)  # its batches' queue and compute (KServe stats)
 
 
 @dataclass(slots=True)
@@ -135,6 +138,13 @@ class GenerationCore:
         # One step scheduler per loaded prior version (ModelVersion hashes by identity: a reload's
         # new version gets its own, while the old one finishes its running rows).
         self.steppers: dict[ModelVersion, StepScheduler] = {}
+        # Set at SIGTERM (begin_shutdown): SampleStreams end at their next chunk boundary.
+        self.shutting_down = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """A drain: unary calls finish, each SampleStream ends after the chunk it is sending with
+        UNAVAILABLE naming the start_index to resume from (a bulk job's stream can last hours)."""
+        self.shutting_down.set()
 
     # ------------------------------------------------------------------ resolving and submitting
 
@@ -172,7 +182,10 @@ class GenerationCore:
         self, mv: ModelVersion, call: Call, key: BatchKey, inputs: dict[str, np.ndarray], n: int, lane: Lane
     ) -> BatchResult:
         assert mv.batcher is not None
-        return await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+        entered = time.monotonic()
+        result = await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+        call.timing.submitted(entered, result.dispatched_at, time.monotonic())
+        return result
 
     def check_send_size(self, n_bytes: int, what: str, fmt: int | None = None) -> None:
         validate.send_size(
@@ -258,7 +271,12 @@ class GenerationCore:
             mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field
         )
         images = await self.codec.encode(
-            mv.metrics, result.outputs["image"], out, card.output_range, result.outputs.get(PIXELS_OUTPUT)
+            mv.metrics,
+            result.outputs["image"],
+            out,
+            card.output_range,
+            result.outputs.get(PIXELS_OUTPUT),
+            timing=call.timing,
         )
         return Generated(images, used, result.executed_batch_sizes)
 
@@ -346,15 +364,37 @@ class GenerationCore:
             return start, seeds, labels, generated
 
         pending: deque[asyncio.Task[tuple[int, list[int], np.ndarray | None, Generated]]] = deque()
-        next_index = start_index
+        next_index = sent = start_index
+        stopping = asyncio.ensure_future(self.shutting_down.wait())
         try:
-            while next_index < count or pending:
-                while len(pending) <= STREAM_CHUNKS_AHEAD and next_index < count:
+            while sent < count:
+                if self.shutting_down.is_set():
+                    # Shutting down: the chunk in flight is sent, the ones computed ahead are dropped,
+                    # and the stream ends at that chunk boundary with a status clients resume from.
+                    while len(pending) > 1:
+                        pending.pop().cancel()
+                    if not pending:
+                        raise Unavailable(
+                            f"server is shutting down: the stream ended before image {sent}; "
+                            f"resume with start_index={sent} (another replica, or this one restarted)"
+                        )
+                while (
+                    not self.shutting_down.is_set()
+                    and len(pending) <= STREAM_CHUNKS_AHEAD
+                    and next_index < count
+                ):
                     n = min(chunk_size, count - next_index)
                     pending.append(asyncio.ensure_future(chunk(next_index, n)))
                     next_index += n
-                yield await pending.popleft()
+                if not self.shutting_down.is_set():
+                    await asyncio.wait((pending[0], stopping), return_when=asyncio.FIRST_COMPLETED)
+                    if not pending[0].done():
+                        continue  # shutting down while this chunk computes: drop the ones ahead first
+                item = await pending.popleft()
+                sent = item[0] + len(item[1])
+                yield item
         finally:
+            stopping.cancel()
             for task in pending:
                 task.cancel()
 
@@ -446,7 +486,7 @@ class GenerationCore:
                     f"must be {h}x{w} (the encoder's input size; never resized), "
                     f"got {declared[0]}x{declared[1]}",
                 )
-        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1))
+        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1), timing=call.timing)
         for i, chw in enumerate(arrays):
             if chw.shape[1:] != (h, w):
                 raise invalid(
@@ -484,7 +524,9 @@ class GenerationCore:
         overlap = default_overlap if tile_overlap is None else tile_overlap
         tile = tile_size or min(validate.MAX_TILE, max(card.tile_size or 128, 4 * overlap))
         validate.tiling(tile, overlap, card.size_multiple)
-        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_sr_input_pixels)
+        arrays = await self.codec.decode(
+            mv.metrics, images, card, self.limits.max_sr_input_pixels, timing=call.timing
+        )
         validate.min_size(arrays, card)
         scale = card.scale_factor
         validate.encodable(out, [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays])
@@ -556,11 +598,11 @@ class GenerationCore:
             ]
         else:
             upscaled = await self.codec.off_loop(blend_all)
-        encoded = await self._encode_each(mv, upscaled, out)
+        encoded = await self._encode_each(mv, call, upscaled, out)
         return Upscaled(encoded, batch_sizes, [len(p) for p in plans])
 
     async def _encode_each(
-        self, mv: ModelVersion, outputs: Sequence[np.ndarray], out: OutputSpec
+        self, mv: ModelVersion, call: Call, outputs: Sequence[np.ndarray], out: OutputSpec
     ) -> list[EncodedImage]:
         """Images of different sizes, one encode each; the whole response checked against the limit."""
         assert mv.card is not None
@@ -568,7 +610,11 @@ class GenerationCore:
         for o in outputs:
             images.extend(
                 await self.codec.encode(
-                    mv.metrics, o[np.newaxis].astype(np.float32, copy=False), out, mv.card.output_range
+                    mv.metrics,
+                    o[np.newaxis].astype(np.float32, copy=False),
+                    out,
+                    mv.card.output_range,
+                    timing=call.timing,
                 )
             )
         self.check_send_size(sum(len(im.data) for im in images), "the response", out.format)
@@ -581,7 +627,9 @@ class GenerationCore:
     ) -> Upscaled:
         card = mv.card
         assert card is not None
-        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_input_pixels)
+        arrays = await self.codec.decode(
+            mv.metrics, images, card, self.limits.max_input_pixels, timing=call.timing
+        )
         validate.min_size(arrays, card)
         validate.encodable(out, [(a.shape[1], a.shape[2]) for a in arrays])
         validate.predicted_send_size(
@@ -618,7 +666,7 @@ class GenerationCore:
             for row, i in enumerate(groups[shape]):
                 h, w = arrays[i].shape[1:]
                 outputs[i] = result.outputs["output_image"][row, :, :h, :w]  # crop the padding back off
-        return Upscaled(await self._encode_each(mv, outputs, out), batch_sizes)
+        return Upscaled(await self._encode_each(mv, call, outputs, out), batch_sizes)
 
 
 def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from genserve_contract.kinds import Kind
 from genserve_server.batcher import Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
+from genserve_server.infer_stats import InferStats
 from genserve_server.metrics_http import HealthProbe
 from genserve_server.metrics_http import serve as serve_http
 
@@ -206,6 +207,8 @@ class ModelMetrics:
         self.batch_size: Any = _NULL
         self._metrics = m
         self._runtime_labels: tuple[str, ...] | None = None
+        # KServe ModelStatistics (per request, as Triton counts), kept with or without Prometheus.
+        self.infer_stats = InferStats()
 
     def set_runtime(self, provider: str, precision: str, gpu_requested: bool) -> None:
         """genserve_model_runtime_info: what the loaded version really runs on (1), and whether its
@@ -505,5 +508,6 @@ class BatchMetrics:
         m.batch_requests.observe(n_requests)
         if ok:
             m.images.inc(rows)
+            m.infer_stats.batch_done(rows, compute_s)
         else:
             m.batch_failures.inc()

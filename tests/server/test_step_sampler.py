@@ -14,9 +14,10 @@ import grpc
 import numpy as np
 import pytest
 from code_models import prior_graph, write_code_models
-from prometheus_client import CollectorRegistry
 from server_support import write_model
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -36,8 +37,6 @@ from genserve_server.step_sampler import (
     sample_codes,
     uniforms,
 )
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 GRID = (6, 6)
 POSITIONS = GRID[0] * GRID[1]
@@ -356,7 +355,7 @@ def test_sample_codes_rpc(code_repo: tuple[Path, dict[str, str]]) -> None:
         server = grpc.aio.server()
         service = GenerationService(repo, config, metrics, pool)
         pb_grpc.add_GenerationServiceServicer_to_server(service, server)
-        infer = InferenceService(repo, service.core, service.boundary, CollectorRegistry())
+        infer = InferenceService(repo, service.core, service.boundary)
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(infer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
