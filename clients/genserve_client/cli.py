@@ -56,7 +56,7 @@ from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
 from genserve_client.pngmeta import png_text, pnginfo, with_png_text
-from genserve_client.results import Provenance, SampleResult
+from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
@@ -178,6 +178,53 @@ def sample_in_batches(
     return SampleResult(items, provenance)
 
 
+def _codes_opts(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"format": args.format, "version": args.version, "top_k": args.top_k or 0}
+    if args.temperature is not None:
+        opts["temperature"] = args.temperature
+    return opts
+
+
+def sample_codes_in_batches(
+    client: GenserveClient,
+    args: argparse.Namespace,
+    info: genserve_pb2.ModelInfo,
+    seeds: list[int],
+    labels: list[int],
+) -> SampleResult:
+    """A code prior's grids, decoded, in calls within its row budget (ModelInfo.max_batch_size);
+    with --progress, one streamed call whose previews fill a strip (the first sample's), saved to
+    that file after every preview, so that an image viewer shows it filling in."""
+    budget = max(1, min(MAX_IMAGES_PER_CALL, info.max_batch_size or MAX_IMAGES_PER_CALL))
+    if args.progress:
+        if len(seeds) > budget:
+            raise UsageError(
+                f"sample --progress: at most {budget} images (the prior's row budget), asked {len(seeds)}"
+            )
+        strip: list[Image.Image] = []
+        result: SampleResult | None = None
+        for item in client.sample_codes_progress(args.model, seeds=seeds, labels=labels, **_codes_opts(args)):
+            if isinstance(item, CodesProgress):
+                _out(f"{item.level} {item.filled}/{item.positions}")
+                if item.previews:
+                    strip.append(item.pil()[0])
+            else:
+                result = item
+                strip.extend(item.pil()[:1])
+            if strip:
+                save_picture(make_grid([GridRow(strip)]), Path(args.progress))
+        assert result is not None  # the stream's last chunk is the answer
+        return result
+    items, provenance = [], None
+    for start in range(0, len(seeds), budget):
+        part = slice(start, start + budget)
+        res = client.sample_codes(args.model, seeds=seeds[part], labels=labels[part], **_codes_opts(args))
+        items.extend(res.items)
+        provenance = res.provenance
+    assert provenance is not None  # --n >= 1 was checked
+    return SampleResult(items, provenance)
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 
@@ -233,6 +280,10 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
+    if info.kind != "code_prior" and (args.progress or args.temperature is not None or args.top_k):
+        raise UsageError(
+            f"sample: --progress, --temperature and --top-k are for code priors; {args.model} is {info.kind}"
+        )
     base = args.seed if args.seed is not None else random.randrange(2**31)
     if args.seed is None:
         _out(f"seed {base} (repeat with --seed {base})")
@@ -240,7 +291,10 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     row_seeds = [base + j for j in range(args.n)]
     seeds = row_seeds * max(1, len(labels))
     flat_labels = [label for label in labels for _ in row_seeds]
-    result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
+    if info.kind == "code_prior":
+        result: SampleResult = sample_codes_in_batches(client, args, info, seeds, flat_labels)
+    else:
+        result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
     if args.out:
         write_items(result, Path(args.out), args.model)
     if args.grid:
@@ -706,6 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
     p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random, and printed")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
+    p.add_argument("--temperature", type=float, help="code priors: softmax temperature (default 1)")
+    p.add_argument(
+        "--top-k", type=int, default=0, help="code priors: sample among the k likeliest codes (0: all)"
+    )
+    p.add_argument(
+        "--progress",
+        metavar="FILE.png",
+        help="code priors: stream previews into this strip as the prior fills the grids (one call)",
+    )
     p.add_argument("--cols", type=int, help="grid columns for unconditional models (default: square)")
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
