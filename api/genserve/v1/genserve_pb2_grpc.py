@@ -5,7 +5,7 @@ import warnings
 
 from genserve.v1 import genserve_pb2 as genserve_dot_v1_dot_genserve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
