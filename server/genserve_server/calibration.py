@@ -210,7 +210,7 @@ def _warm_sizes(
         if base is None:
             base = before
         started = clock()
-        runner.warm(inputs, times=timed_runs(call_s))
+        runner.warm(inputs, times=timed_runs(call_s), check_stopping=check_stopping)
         result.spent_s += clock() - started
         after = memory_meter()
         cost_s = runner.measured_cost_s(inputs)

@@ -132,7 +132,12 @@ class FakeRunner:
         self.now = 0.0
         self.warmed: list[int] = []
 
-    def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3) -> None:
+    def warm(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        times: int = 3,
+        check_stopping: Callable[[], None] | None = None,
+    ) -> None:
         rows = int(inputs["x"].shape[0])
         self.warmed.append(rows)
         self.now += 3 * 1e-3 * rows
