@@ -125,6 +125,14 @@ class ServerConfig:
     # default repository idles at 0.3 GB instead of 1.7 (bench/README.md, "Footprint"); the first
     # large batch regrows what it needs.
     shrink_arena_after_warmup: bool = True
+    # Seconds each version may spend timing batch sizes at warm-up (calibration.py): larger sizes
+    # whose step would end past it are not timed, and the batch cap is chosen among those measured.
+    # 5 s: every default model READY within ~15 s of start on 2 cores (bench/README.md, start-up).
+    calibration_budget_s: float = 5.0
+    # Bytes one warm-up batch may take; 0 = the memory available at warm-up / (2 x instances).
+    warmup_memory_bytes: int = 0
+    # Versions whose load steps other than the timing ones run at once (load_gate.py); 0 = cores.
+    load_concurrency: int = 0
     # A batch whose measured compute is at most this many seconds runs on the event loop thread
     # instead of hopping to the runner pool (the hop costs more); 0 = always the pool. 250 us covers
     # a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs. The file
@@ -185,6 +193,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
         drain_grace_s=r.number("drain_grace_s", s.drain_grace_s, min_value=0.0),
         warmup=r.boolean("warmup", s.warmup),
         shrink_arena_after_warmup=r.boolean("shrink_arena_after_warmup", s.shrink_arena_after_warmup),
+        calibration_budget_s=r.number("calibration_budget_s", s.calibration_budget_s, min_value=0.0),
+        warmup_memory_bytes=r.integer("warmup_memory_bytes", s.warmup_memory_bytes, min_value=0),
+        load_concurrency=r.integer("load_concurrency", s.load_concurrency, min_value=0),
         inline_compute_max_s=_inline_compute_max_s(r, s.inline_compute_max_s),
         security=security,
         watch_interval_s=None if watch is None else float(watch),
