@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--per-model", action="store_true", help="also each model alone (idle only)")
+    parser.add_argument("--per-model-variant", default="shipped", choices=sorted(VARIANTS))
     parser.add_argument("--variants", nargs="*", default=["shipped"], choices=sorted(VARIANTS))
     parser.add_argument("--settle-s", type=float, default=3.0)
     parser.add_argument("--json", type=Path, default=None)
@@ -181,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if args.per_model:
             for name in names:
-                r = measure(args.models, [name], "shipped", work / f"one-{name}", False, args.settle_s)
+                r = measure(
+                    args.models, [name], args.per_model_variant, work / f"one-{name}", False, args.settle_s
+                )
                 report["per_model"][name] = r
                 write_line(f"{name:22s} idle RSS {r['idle_rss_mb']:6d} MB")
         for variant in args.variants:

@@ -122,7 +122,7 @@ class ServerConfig:
     drain_grace_s: float = 10.0
     warmup: bool = True
     # After warm-up, hand back what its largest batches grew ONNX Runtime's CPU arenas by: the
-    # default repository idles at 0.3 GB instead of 1.7 (bench/README.md, "Footprint"); the first
+    # default repository idles at 335 MB instead of 410 (bench/README.md, "Footprint"); the first
     # large batch regrows what it needs.
     shrink_arena_after_warmup: bool = True
     # Seconds each version may spend timing batch sizes at warm-up (calibration.py): larger sizes
