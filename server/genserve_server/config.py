@@ -100,11 +100,11 @@ class Limits:
     # gzip/deflate request messages; off: refused (UNIMPLEMENTED) before anything is inflated. On:
     # the inflated size is still bounded by max_receive_message_bytes (grpc checks after inflating).
     accept_compressed_requests: bool = False
-    # The metrics port (metrics_http.py): worker threads, the time a client has to send its request,
-    # and how long one rendered /metrics answer is reused.
+    # The metrics port (metrics_http.py): worker threads, the time a client has to send its whole
+    # request, and the most of the time spent rendering /metrics however many scrape.
     metrics_threads: int = 4
     metrics_read_timeout_s: float = 5.0
-    metrics_cache_s: float = 1.0
+    metrics_render_share: float = 0.2
     # Used when a model's config.json does not say.
     default_max_queue_size: int = BatchingConfig().max_queue_size
 
@@ -206,7 +206,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         accept_compressed_requests=lr.boolean("accept_compressed_requests", d.accept_compressed_requests),
         metrics_threads=lr.integer("metrics_threads", d.metrics_threads, min_value=1),
         metrics_read_timeout_s=lr.number("metrics_read_timeout_s", d.metrics_read_timeout_s, min_value=0.01),
-        metrics_cache_s=lr.number("metrics_cache_s", d.metrics_cache_s, min_value=0.0),
+        metrics_render_share=_render_share(lr, d.metrics_render_share),
     )
     lr.finish()
     security = _security_config(r, path.parent)
@@ -231,6 +231,13 @@ def load_server_config(path: Path | None) -> ServerConfig:
     )
     r.finish()
     return config
+
+
+def _render_share(r: _Reader, default: float) -> float:
+    value = r.number("metrics_render_share", default, min_value=0.01)
+    if value > 1:
+        raise r.error("metrics_render_share", f"must be <= 1 (a share of the time), got {value}")
+    return value
 
 
 def _optional_dir(r: _Reader, key: str) -> str | None:

@@ -246,7 +246,15 @@ class App:
 
     def _bind_metrics(self, port: int) -> int:
         try:
-            return self.metrics.serve(self.metrics_host, port, self._health_answer)
+            limits = self.config.limits
+            return self.metrics.serve(
+                self.metrics_host,
+                port,
+                self._health_answer,
+                threads=limits.metrics_threads,
+                read_timeout_s=limits.metrics_read_timeout_s,
+                render_share=limits.metrics_render_share,
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise GenserveError(
