@@ -131,7 +131,8 @@ class Exposition:
             raise ValueError(f"render_share must be in (0, 1], got {render_share}")
         self._registry = registry
         self._gap_factor = 1 / render_share - 1
-        self._lock = threading.Lock()
+        self._done = threading.Condition()
+        self._rendering = False
         self._next_start = 0.0
         # key -> (render start, headers, body); one entry per answer format
         self._cache: dict[tuple[str, bool, tuple[str, ...]], tuple[float, list[tuple[str, str]], bytes]] = {}
@@ -144,13 +145,20 @@ class Exposition:
         encoder, content_type = choose_encoder(accept or "")
         compress = gzip_accepted(accept_encoding or "")
         key = (content_type, compress, tuple(sorted(names)))
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] >= arrived:  # rendered after this scrape arrived
-                return cached[1], cached[2]
+        with self._done:
+            while True:
+                cached = self._cache.get(key)
+                if cached is not None and cached[0] >= arrived:  # rendered after this scrape arrived
+                    return cached[1], cached[2]
+                if not self._rendering:
+                    break
+                self._done.wait()  # a render is under way: the next one may serve this scrape too
+            self._rendering = True
             wait = self._next_start - time.monotonic()
+        rendered: tuple[float, list[tuple[str, str]], bytes] | None = None
+        try:
             if wait > 0:
-                time.sleep(wait)
+                time.sleep(wait)  # scrapes arriving meanwhile share this render
             started = time.monotonic()
             registry = self._registry.restricted_registry(names) if names else self._registry
             body = encoder(registry)
@@ -158,13 +166,19 @@ class Exposition:
             if compress:
                 body = gzip.compress(body)
                 headers.append(("Content-Encoding", "gzip"))
-            ended = time.monotonic()
-            self._next_start = ended + (ended - started) * self._gap_factor
-            if len(self._cache) >= 8:  # keys come from request headers: keep the cache small
-                self._cache.clear()
-            self._cache[key] = (started, headers, body)
-            self.renders += 1
-            return headers, body
+            rendered = (started, headers, body)
+        finally:
+            with self._done:
+                if rendered is not None:
+                    ended = time.monotonic()
+                    self._next_start = ended + (ended - rendered[0]) * self._gap_factor
+                    if len(self._cache) >= 8:  # keys come from request headers: keep the cache small
+                        self._cache.clear()
+                    self._cache[key] = rendered
+                    self.renders += 1
+                self._rendering = False
+                self._done.notify_all()
+        return rendered[1], rendered[2]
 
 
 def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:

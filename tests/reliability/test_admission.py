@@ -171,7 +171,9 @@ def test_generation_limit_leaves_health_and_control_calls_alone(server: ServerPr
 
 
 def test_idle_connections_are_closed_after_the_idle_timeout(server: ServerProcess) -> None:
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+    preface = (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    )  # + empty SETTINGS
     sockets = []
     for with_preface in (True, False, True):  # an idle HTTP/2 connection and an idle TCP one
         s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
