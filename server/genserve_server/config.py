@@ -104,7 +104,7 @@ class Limits:
     # request, and the most of the time spent rendering /metrics however many scrape.
     metrics_threads: int = 4
     metrics_read_timeout_s: float = 5.0
-    metrics_render_share: float = 0.2
+    metrics_render_share: float = 0.5
     # Used when a model's config.json does not say.
     default_max_queue_size: int = BatchingConfig().max_queue_size
 

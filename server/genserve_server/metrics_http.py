@@ -126,7 +126,7 @@ class Exposition:
     """The registry rendered for /metrics: never stale, one render at a time, at most `render_share`
     of the time spent rendering."""
 
-    def __init__(self, registry: CollectorRegistry, render_share: float = 0.2) -> None:
+    def __init__(self, registry: CollectorRegistry, render_share: float = 0.5) -> None:
         if not 0 < render_share <= 1:
             raise ValueError(f"render_share must be in (0, 1], got {render_share}")
         self._registry = registry
@@ -219,7 +219,7 @@ def serve(
     *,
     threads: int = 4,
     read_timeout_s: float = 5.0,
-    render_share: float = 0.2,
+    render_share: float = 0.5,
 ) -> tuple[WSGIServer, threading.Thread]:
     """Bind host:port (OSError when it cannot) and serve on a daemon thread."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
