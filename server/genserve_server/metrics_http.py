@@ -13,9 +13,10 @@ client's p50 by 50 (each render holds the GIL). Here instead (docs/metrics.md, "
 - A connection has `read_timeout_s` in all to send its request (not per byte: one byte a second
   does not keep it), else it is closed; a worker is never held longer by a client.
 - A scrape is answered by a render that started after it arrived (never stale), one render at a
-  time; scrapes that arrive during a render share the next one, and renders take at most
-  `render_share` of the time (after a render of d seconds the next starts no sooner than
-  d × (1/render_share − 1) later). A flood of scrapes costs one thread's share, not a thread each.
+  time; scrapes that arrive during a render share the next one, and while scrapes overlap, renders
+  take at most `render_share` of the time (after a render of d seconds the next starts no sooner
+  than d × (1/render_share − 1) later). A flood of scrapes costs one thread's share, not a thread
+  each; a single scraper is answered as fast as the registry renders.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ class BoundedWSGIServer(WSGIServer):
 
 
 class Exposition:
-    """The registry rendered for /metrics: never stale, one render at a time, at most `render_share`
-    of the time spent rendering."""
+    """The registry rendered for /metrics: never stale, one render at a time, and while scrapes
+    overlap at most `render_share` of the time spent rendering."""
 
     def __init__(self, registry: CollectorRegistry, render_share: float = 0.5) -> None:
         if not 0 < render_share <= 1:
@@ -133,6 +134,7 @@ class Exposition:
         self._gap_factor = 1 / render_share - 1
         self._done = threading.Condition()
         self._rendering = False
+        self._contended = False  # a scrape waited for a render since the last one started
         self._next_start = 0.0
         # key -> (render start, headers, body); one entry per answer format
         self._cache: dict[tuple[str, bool, tuple[str, ...]], tuple[float, list[tuple[str, str]], bytes]] = {}
@@ -152,9 +154,12 @@ class Exposition:
                     return cached[1], cached[2]
                 if not self._rendering:
                     break
+                self._contended = True
                 self._done.wait()  # a render is under way: the next one may serve this scrape too
             self._rendering = True
-            wait = self._next_start - time.monotonic()
+            # Scrapes that overlap (a flood) are held to the render share; one scraper alone is not.
+            wait = self._next_start - time.monotonic() if self._contended else 0.0
+            self._contended = False
         rendered: tuple[float, list[tuple[str, str]], bytes] | None = None
         try:
             if wait > 0:
