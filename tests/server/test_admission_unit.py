@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -167,3 +168,35 @@ def test_renders_are_per_format() -> None:
     assert dict(plain_headers)["Content-Type"].startswith("text/plain")
     assert dict(om_headers)["Content-Type"].startswith("application/openmetrics-text")
     assert dict(om_headers)["Content-Encoding"] == "gzip"
+
+
+def test_connections_beyond_max_connections_are_closed_at_accept() -> None:
+    async def run() -> list[bool]:
+        server = grpc.aio.server(options=grpc_server_options(Limits(max_connections=2)))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        loop = asyncio.get_running_loop()
+
+        def closed_within(s: socket.socket, seconds: float) -> bool:
+            s.settimeout(seconds)
+            try:
+                while s.recv(4096):
+                    pass
+                return True
+            except (TimeoutError, ConnectionResetError) as exc:
+                return isinstance(exc, ConnectionResetError)
+
+        sockets = []
+        try:
+            for _ in range(4):
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                sockets.append(s)
+                await asyncio.sleep(0.1)  # accepted in order
+            return await asyncio.gather(*(loop.run_in_executor(None, closed_within, s, 1.0) for s in sockets))
+        finally:
+            for s in sockets:
+                s.close()
+            await server.stop(0)
+
+    assert asyncio.run(run()) == [False, False, True, True]
