@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
@@ -191,8 +191,7 @@ class Admission:
                 result = inner(request, context)
                 del request
                 if generator:
-                    async for item in cast(AsyncIterator[Any], result):
-                        await context.write(item)
+                    await _write_all(cast(AsyncGenerator[Any, None], result), context)
                 else:  # a handler that writes with context.write() itself
                     await result
             except grpc.aio.AbortError as exc:
@@ -219,8 +218,7 @@ class Admission:
             try:
                 result = inner(requests(context), context)
                 if generator:
-                    async for item in cast(AsyncIterator[Any], result):
-                        await context.write(item)
+                    await _write_all(cast(AsyncGenerator[Any, None], result), context)
                 else:
                     await result
             except grpc.aio.AbortError as exc:
@@ -231,6 +229,16 @@ class Admission:
         return grpc.stream_stream_rpc_method_handler(
             admitted, handler.request_deserializer, handler.response_serializer
         )
+
+
+async def _write_all(responses: AsyncGenerator[Any, None], context: Context) -> None:
+    """Each response written; the generator closed at once, also when the client cancels (its
+    `finally` releases what it holds now, not when the garbage collector finalizes it)."""
+    try:
+        async for item in responses:
+            await context.write(item)
+    finally:
+        await responses.aclose()
 
 
 def _released(exc: grpc.aio.AbortError) -> grpc.aio.AbortError:

@@ -270,9 +270,9 @@ def test_a_compressed_request_is_refused_before_it_is_inflated(server: ServerPro
 
 
 def test_a_refused_request_is_freed_when_its_call_ends(server: ServerProcess) -> None:
-    """A 7 MiB request of seeds parses to several times that; refused (too many seeds), its memory
-    was kept in a reference cycle until the garbage collector ran. Now it is freed at once: a
-    second, third and fourth refusal reuse the memory of the first."""
+    """A 7 MiB request of seeds parses to many times that; refused (too many seeds), its memory was
+    kept in a reference cycle until the garbage collector ran. Now it is freed when its call ends:
+    a second, third and fourth refusal reuse the memory of the first."""
     bomb = _seed_bomb(7 * MIB)
     with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 16 * MIB)]) as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
@@ -289,4 +289,6 @@ def test_a_refused_request_is_freed_when_its_call_ends(server: ServerProcess) ->
         for _ in range(3):
             refuse()
         after_four = rss_bytes(server.pid) - baseline
-    assert after_four < after_one + bomb.ByteSize(), (after_one, after_four)
+    # Freed: later refusals reuse the first one's memory (allocator slack aside). Kept until the
+    # garbage collector ran, four of them grew RSS about four times as much as one (main: 139 -> 528 MB).
+    assert after_four < 1.5 * after_one, (after_one, after_four)
