@@ -15,6 +15,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+# `inference`: where the KServe stubs were generated before they moved under genserve/kserve/;
+# removed so that a regeneration never leaves the old top-level package behind.
 GENERATED_PACKAGES = ("genserve", "inference")
 
 

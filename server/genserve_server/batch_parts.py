@@ -29,6 +29,7 @@ class BatchResult:
     executed_batch_sizes: list[int]
     # From enqueue to the dispatch of the request's last batch.
     queue_s: float
+    dispatched_at: float = 0.0  # time.monotonic() of that dispatch
 
 
 @dataclass(slots=True, eq=False)
@@ -111,7 +112,10 @@ def fan_out(parts: list[Part], outputs: Tensors) -> None:
                     }
                 request.future.set_result(
                     BatchResult(
-                        assembled, request.batch_sizes, request.last_dispatch_at - request.enqueued_at
+                        assembled,
+                        request.batch_sizes,
+                        request.last_dispatch_at - request.enqueued_at,
+                        request.last_dispatch_at,
                     )
                 )
         offset = stop

@@ -102,7 +102,7 @@ def load_files(mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], 
             for batch in sorted(sizes, key=lambda b: (b != largest, b)):
                 check_stopping()
                 inputs = warmup_inputs(card, batch)
-                runner.warm(inputs)
+                runner.warm(inputs, check_stopping=check_stopping)
                 check_stopping()
                 cost_s = runner.measured_cost_s(inputs)
                 if cost_s is not None:

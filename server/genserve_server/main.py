@@ -9,9 +9,10 @@
 
 Lifecycle (grpc's graceful-shutdown example): bind, start, load models (health NOT_SERVING until
 then, and after unless every required model is READY: health.py), announce; on SIGTERM/SIGINT:
-health NOT_SERVING, `server.stop(grace)` (no new RPCs, in-flight ones finish), batchers drain,
-pools shut down, exit 0. SIGHUP rescans the model repository (reload.py): new versions load in the
-background, retired ones drain.
+SampleStreams end after the chunk they are sending (UNAVAILABLE naming the start_index to resume
+from), health NOT_SERVING, `server.stop(grace)` (the port is released, no new RPCs, in-flight unary
+calls finish), batchers drain, pools shut down, exit 0. SIGHUP rescans the model repository
+(reload.py): new versions load in the background, retired ones drain.
 """
 
 from __future__ import annotations
@@ -196,7 +197,6 @@ class App:
             self.repository,
             self.core,
             self.boundary,
-            self.metrics.registry,
             ready=lambda: self.health.serving,  # ServerReady says what grpc.health "" says
         )
         kserve.add_to_server(self.kserve, registrar)
@@ -295,10 +295,15 @@ class App:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        """Health NOT_SERVING -> stop accepting, let in-flight RPCs finish -> drain -> close."""
+        """SampleStreams end at a chunk boundary, health NOT_SERVING -> stop accepting (gRPC closes the
+        listening socket here: a new server may bind the port at once) -> in-flight RPCs finish
+        within the grace -> drain -> close."""
         grace_s = self.config.drain_grace_s
         logger.info("shutting down: draining for up to %.1f s", grace_s)
         started = time.monotonic()
+        # A bulk stream would otherwise run for the whole grace (thousands of images) only to be cut
+        # at its end: it ends after the chunk it is sending, with UNAVAILABLE and where to resume.
+        self.core.begin_shutdown()
         await self.health.shutdown()
         await self.server.stop(grace_s)
         await self.reloader.close(max(0.1, grace_s - (time.monotonic() - started)))

@@ -78,6 +78,9 @@ class ModelVersion:
     # Unique per loaded version: what the image cache keys on. An image depends on the file and on
     # config.json (output_range, runtime options), and a reload builds a new ModelVersion.
     load_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Set while the model file on disk differs from the one this version loaded (reload.py checks it);
+    # the version keeps serving the copy in memory. GetModel shows it as the READY version's reason.
+    file_changed: str = ""
 
     @property
     def label(self) -> str:
@@ -89,7 +92,8 @@ class Model:
     name: str
     path: Path
     config: ModelConfig | None
-    # Set when config.json itself is broken: the whole model is UNAVAILABLE.
+    # Why the files on disk are not what serves: a broken config.json (with no version loaded, the
+    # whole model is UNAVAILABLE), no version directory, or a reload that kept the loaded versions.
     reason: str = ""
     versions: dict[str, ModelVersion] = field(default_factory=dict)
 
@@ -191,6 +195,7 @@ class Repository:
                 for version in model.config.version_policy.select(self.available_versions(model)):
                     self.add_version(model, version)
             self.models[model.name] = model
+            self.metrics.set_config_error(model.name, bool(model.reason))
 
     def model_dirs(self) -> list[Path]:
         """Model directories with valid names (others are logged and skipped)."""
