@@ -10,8 +10,8 @@ slot, and the health check itself answered RESOURCE_EXHAUSTED. Here instead:
   reads the one request itself; on the wire the two are the same.)
 - A call counts against its class's limit only once its request has arrived, so streams without a
   request block no client. The classes, each with its own limit, none shared:
-  generation (Sample, Decode, ..., KServe ModelInfer: `max_concurrent_rpcs`), SampleStream
-  (`max_concurrent_sample_streams`), control (ListModels, GetModel, KServe metadata, reflection:
+  generation (Sample, Decode, ..., KServe ModelInfer: `max_concurrent_rpcs`), bulk streams
+  (SampleStream, SampleCodesStream: `max_concurrent_sample_streams`), control (ListModels, GetModel, KServe metadata, reflection:
   `max_concurrent_control_rpcs`) and health Watch (`max_health_watchers`). Health Check counts in
   no class: it always answers. Beyond a limit a call is answered RESOURCE_EXHAUSTED at once,
   naming the limit.
@@ -43,7 +43,11 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
-SAMPLE_STREAM = "/genserve.v1.GenerationService/SampleStream"
+# Bulk server streams: they share max_concurrent_sample_streams.
+BULK_STREAMS = (
+    "/genserve.v1.GenerationService/SampleStream",
+    "/genserve.v1.GenerationService/SampleCodesStream",
+)
 GENERATION_CONTROL = ("/genserve.v1.GenerationService/ListModels", "/genserve.v1.GenerationService/GetModel")
 
 
@@ -102,7 +106,7 @@ class Admission:
             raise ValueError(f"request_timeout_s must be > 0, got {limits.request_timeout_s}")
         self.request_timeout_s = limits.request_timeout_s
         self.generation = RpcClass("generation", "max_concurrent_rpcs", limits.generation)
-        self.streams = RpcClass("SampleStream", "max_concurrent_sample_streams", limits.sample_streams)
+        self.streams = RpcClass("bulk stream", "max_concurrent_sample_streams", limits.sample_streams)
         self.control = RpcClass("control", "max_concurrent_control_rpcs", limits.control)
         self.watchers = RpcClass("health Watch", "max_health_watchers", limits.health_watchers)
         self.health = RpcClass("health Check", "", None)
@@ -117,7 +121,7 @@ class Admission:
             return self.health
         if method == HEALTH_WATCH:
             return self.watchers
-        if method == SAMPLE_STREAM:
+        if method in BULK_STREAMS:
             return self.streams
         if method in self._generation_methods:
             return self.generation

@@ -38,6 +38,7 @@ def _admission() -> Admission:
         ("/genserve.v1.GenerationService/SuperResolve", "max_concurrent_rpcs"),
         ("/inference.GRPCInferenceService/ModelInfer", "max_concurrent_rpcs"),
         ("/genserve.v1.GenerationService/SampleStream", "max_concurrent_sample_streams"),
+        ("/genserve.v1.GenerationService/SampleCodesStream", "max_concurrent_sample_streams"),
         ("/genserve.v1.GenerationService/ListModels", "max_concurrent_control_rpcs"),
         ("/inference.GRPCInferenceService/ServerReady", "max_concurrent_control_rpcs"),
         ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "max_concurrent_control_rpcs"),
