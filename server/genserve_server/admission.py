@@ -11,9 +11,9 @@ slot, and the health check itself answered RESOURCE_EXHAUSTED. Here instead:
 - A call counts against its class's limit only once its request has arrived, so streams without a
   request block no client. The classes, each with its own limit, none shared:
   generation (Sample, Decode, ..., KServe ModelInfer: `max_concurrent_rpcs`), bulk streams
-  (SampleStream, SampleCodesStream: `max_concurrent_sample_streams`), control (ListModels, GetModel, KServe metadata, reflection:
-  `max_concurrent_control_rpcs`) and health Watch (`max_health_watchers`). Health Check counts in
-  no class: it always answers. Beyond a limit a call is answered RESOURCE_EXHAUSTED at once,
+  (SampleStream, SampleCodesStream: `max_concurrent_sample_streams`), control (ListModels,
+  GetModel, KServe metadata, reflection: `max_concurrent_control_rpcs`) and health Watch
+  (`max_health_watchers`). Health Check counts in no class: it always answers. Beyond a limit a call is answered RESOURCE_EXHAUSTED at once,
   naming the limit.
 - A call that aborts keeps its exception in grpc's call state, whose traceback holds the handler
   frames and so the request: a reference cycle that only the garbage collector frees (a 63 MiB

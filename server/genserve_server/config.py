@@ -74,7 +74,7 @@ class Limits:
     max_concurrent_rpcs: int = 1024
     # HTTP/2 streams per connection (grpc.max_concurrent_streams).
     max_concurrent_streams: int = 1024
-    # SampleStream + SampleCodesStream calls running at once (bulk jobs); beyond it RESOURCE_EXHAUSTED (admission.py).
+    # SampleStream + SampleCodesStream calls at once (bulk jobs); beyond it RESOURCE_EXHAUSTED.
     max_concurrent_sample_streams: int = 64
     # --- admission.py and the gRPC server's connection options (docs/operations.md, "Admission")
     # ListModels, GetModel, KServe metadata/readiness and reflection calls at once.
