@@ -13,8 +13,8 @@ slot, and the health check itself answered RESOURCE_EXHAUSTED. Here instead:
   generation (Sample, Decode, ..., KServe ModelInfer: `max_concurrent_rpcs`), bulk streams
   (SampleStream, SampleCodesStream: `max_concurrent_sample_streams`), control (ListModels,
   GetModel, KServe metadata, reflection: `max_concurrent_control_rpcs`) and health Watch
-  (`max_health_watchers`). Health Check counts in no class: it always answers. Beyond a limit a call is answered RESOURCE_EXHAUSTED at once,
-  naming the limit.
+  (`max_health_watchers`). Health Check counts in no class: it always answers. Beyond a limit a
+  call is answered RESOURCE_EXHAUSTED at once, naming the limit.
 - A call that aborts keeps its exception in grpc's call state, whose traceback holds the handler
   frames and so the request: a reference cycle that only the garbage collector frees (a 63 MiB
   request cost ~1 GB until then). The abort's traceback and context are dropped on the way out,
