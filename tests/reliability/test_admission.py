@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from reliability_support import health_status, rss_bytes, sample_ok, write_gen, write_slow
+from reliability_support import health_status, peak_rss_bytes, rss_bytes, sample_ok, write_gen, write_slow
 from server_support import ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
@@ -272,7 +272,7 @@ def test_a_compressed_request_is_refused_before_it_is_inflated(server: ServerPro
 def test_a_refused_request_is_freed_when_its_call_ends(server: ServerProcess) -> None:
     """A 7 MiB request of seeds parses to many times that; refused (too many seeds), its memory was
     kept in a reference cycle until the garbage collector ran. Now it is freed when its call ends:
-    a second, third and fourth refusal reuse the memory of the first."""
+    six more refusals reuse the memory of the first."""
     bomb = _seed_bomb(7 * MIB)
     with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 16 * MIB)]) as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
@@ -285,10 +285,11 @@ def test_a_refused_request_is_freed_when_its_call_ends(server: ServerProcess) ->
 
         baseline = rss_bytes(server.pid)
         refuse()
-        after_one = rss_bytes(server.pid) - baseline
-        for _ in range(3):
+        one = peak_rss_bytes(server.pid) - baseline  # what parsing and refusing one costs at its peak
+        for _ in range(6):
             refuse()
-        after_four = rss_bytes(server.pid) - baseline
-    # Freed: later refusals reuse the first one's memory (allocator slack aside). Kept until the
-    # garbage collector ran, four of them grew RSS about four times as much as one (main: 139 -> 528 MB).
-    assert after_four < 1.5 * after_one, (after_one, after_four)
+        seven = peak_rss_bytes(server.pid) - baseline
+    # Freed: later refusals reuse the first one's memory, and the peak hardly moves (measured: 1.2x).
+    # Kept until the garbage collector ran, each added its whole cost until then (measured on main:
+    # 129 MB after one, 503 after four, 630 after six).
+    assert one > 0 and seven < 1.6 * one, (one, seven)
