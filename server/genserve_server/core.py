@@ -55,9 +55,6 @@ T = TypeVar("T")
 
 # Truncation below this psi may redraw for long: those latents are drawn per request, not per batch.
 BATCH_LATENTS_MIN_PSI = 0.01
-# Responses predicted below this are not held against the response budget (the bookkeeping costs
-# ~10 us a call): an unsent response keeps its RPC open, so max_concurrent_rpcs bounds them.
-SMALL_RESPONSE_BYTES = 64 * 1024
 STREAM_CHUNKS_AHEAD = 2  # chunks computed ahead of the one being sent (HTTP/2 flow control bounds the rest)
 
 
@@ -218,8 +215,6 @@ class GenerationCore:
         """Before compute: hold a unary response's predicted size against the response budget
         (waits while it is spent); the boundary settles and releases it."""
         if not call.unary:  # a stream's chunks are bounded by HTTP/2 flow control and chunks ahead
-            return
-        if n_bytes < SMALL_RESPONSE_BYTES and call.response is None:
             return
         if call.response is None:
             call.response = Reservation(self.responses)

@@ -439,9 +439,10 @@ class Metrics:
         """Children for RPCs that never resolved a model (unknown name, ListModels)."""
         return ModelMetrics(self, "", "", model_level=False)
 
-    def serve(self, host: str, port: int, health: HealthProbe | None = None) -> int:
-        """Start the /metrics (and /healthz) HTTP server on a daemon thread; returns the bound port."""
-        server, thread = serve_http(host, port, self.registry, health)
+    def serve(self, host: str, port: int, health: HealthProbe | None = None, **options: Any) -> int:
+        """Start the /metrics (and /healthz) HTTP server on a daemon thread; returns the bound port.
+        `options`: metrics_http.serve's threads, read_timeout_s, render_share."""
+        server, thread = serve_http(host, port, self.registry, health, **options)
         self._http_server, self._http_thread = server, thread
         return int(server.server_port)
 
