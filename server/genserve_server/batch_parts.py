@@ -45,6 +45,11 @@ class PendingRequest:
     chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     last_dispatch_at: float = 0.0
+    # How long it has waited: the batch (by the batcher's count) that last took rows of it, or,
+    # before any has, the last batch formed before it came minus a half (it waited through that
+    # one); ties in admission order (`seq`).
+    turn: float = 0.0
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -54,6 +59,33 @@ class Part:
     request: PendingRequest
     start: int
     rows: int
+
+
+def fair_shares(remaining: list[int], limit: int) -> list[int]:
+    """Rows each waiting request gives one batch of at most `limit` rows: max-min fair (water-filling).
+
+    `remaining` are the rows still to take of requests in the order they go first (each >= 1).
+    Every request gets min(its rows, level), the level being as high as the batch allows; rows left
+    over go one each to the first requests that still have some. So a small request never waits
+    behind the later slices of big ones (8 requests of 256 rows and one of 1 in a batch of 64: 1 row
+    for the small one, 7-8 for each big one); with more requests than rows the first `limit` get one
+    row each.
+    """
+    shares = list(remaining)
+    left = limit
+    by_size = sorted(range(len(remaining)), key=remaining.__getitem__)
+    for k, i in enumerate(by_size):
+        others = len(by_size) - k  # requests not yet given their share, this one included
+        if remaining[i] * others <= left:
+            left -= remaining[i]  # this one and every smaller one fit whole
+            continue
+        level = left // others  # the rest get the same, the earliest of them one row more
+        rest = sorted(by_size[k:])
+        extra = left - level * others
+        for rank, j in enumerate(rest):
+            shares[j] = level + (1 if rank < extra else 0)
+        break
+    return shares
 
 
 def live(parts: list[Part]) -> list[Part]:

@@ -48,6 +48,7 @@ from genserve_server.batch_parts import (
     PendingRequest,
     Tensors,
     concat,
+    fair_shares,
     fan_out,
     live,
     set_exception_if_not_done,
@@ -222,6 +223,9 @@ class Batcher:
         self.interactive_quiet_s = interactive_quiet_s
         self._last_interactive_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
+        # Batches formed and requests admitted so far: the round-robin turns (PendingRequest.turn).
+        self._batches_formed = 0
+        self._admitted = 0
 
     # ------------------------------------------------------------------ public
 
@@ -305,7 +309,18 @@ class Batcher:
             self._last_interactive_at = now
         self._note_arrival(now, n_rows)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        request = PendingRequest(key, inputs, n_rows, lane, deadline, now, future)
+        self._admitted += 1
+        request = PendingRequest(
+            key,
+            inputs,
+            n_rows,
+            lane,
+            deadline,
+            now,
+            future,
+            turn=self._batches_formed - 0.5,
+            seq=self._admitted,
+        )
         if self.callers:
             overlapped = 1.0 if self.callers > 1 or self._queued_requests else 0.0
             self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
@@ -562,19 +577,26 @@ class Batcher:
             self._room.set()
 
     def _take(self, lane: Lane, key: Hashable) -> list[Part]:
-        """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first."""
+        """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first.
+
+        Fair shares: when more requests wait than a batch has rows, those with the fewest rows left
+        go first (ties: the one that waited longest, then admission order), and one place is kept for
+        the request that has waited longest, so none starves; the batch's rows are shared max-min
+        fairly among those chosen (batch_parts.fair_shares). A big request thus gives each batch a
+        slice, a small one admitted behind any number of big ones goes in the next batch, and
+        requests of one row go in admission order."""
         limit = self._batch_limit(lane, key)
         queue = self._lanes[lane][key]
-        parts: list[Part] = []
-        rows = 0
         now = time.monotonic()
-        while queue and rows < limit:
-            request = queue[0]
-            remaining = request.n_rows - request.next_row
+        # The queue holds the started requests first, then the untouched ones in admission order:
+        # past `limit` untouched one-row requests, no later one can be chosen.
+        waiting: list[PendingRequest] = []
+        untouched_singles = 0
+        while queue and untouched_singles < limit:
+            request = queue.popleft()
             expired = request.deadline is not None and now >= request.deadline
             if request.future.done() or expired:
-                queue.popleft()
-                self._remove_rows(lane, key, remaining, request_gone=True)
+                self._remove_rows(lane, key, request.n_rows - request.next_row, request_gone=True)
                 if request.future.cancelled():
                     self._observer.on_dropped("deadline" if expired else "cancelled")
                 elif not request.future.done():
@@ -584,15 +606,27 @@ class Batcher:
                     )
                 # else: already failed by an earlier batch of its rows; nothing to count.
                 continue
-            take = min(remaining, limit - rows)
+            waiting.append(request)
+            untouched_singles += request.next_row == 0 and request.n_rows == 1
+        chosen = waiting
+        if len(waiting) > limit:
+            by_rows_left = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
+            chosen = by_rows_left[: limit - 1]
+            chosen.append(min(by_rows_left[limit - 1 :], key=lambda r: (r.turn, r.seq)))
+        else:
+            chosen = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
+        shares = fair_shares([r.n_rows - r.next_row for r in chosen], limit)
+        self._batches_formed += 1
+        parts: list[Part] = []
+        for request, take in sorted(zip(chosen, shares, strict=True), key=lambda c: c[0].seq):
             parts.append(Part(request, request.next_row, take))
             request.next_row += take
             request.last_dispatch_at = now
-            rows += take
-            finished = request.next_row == request.n_rows
-            if finished:
-                queue.popleft()
-            self._remove_rows(lane, key, take, request_gone=finished)
+            request.turn = self._batches_formed
+            self._remove_rows(lane, key, take, request_gone=request.next_row == request.n_rows)
+        # Back to the head: the started ones, then the untouched ones in admission order.
+        started = [r for r in waiting if 0 < r.next_row < r.n_rows]
+        queue.extendleft(reversed(started + [r for r in waiting if r.next_row == 0]))
         if not queue:
             del self._lanes[lane][key]
         self._observer.on_queue_depth(self._queued_rows)
