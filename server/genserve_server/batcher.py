@@ -98,6 +98,10 @@ def closes_at_preferred(rows: int, preferred: tuple[int, ...], limit: int, expec
     return rows + expected_rows < min(following, limit)
 
 
+def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
+    return chosen[0].seq
+
+
 def cancelled_by_deadline(deadline: float | None) -> bool:
     """Whether a cancellation now is gRPC ending the call at its deadline (`time.monotonic()`
     seconds; None = no deadline), not the client going away."""
@@ -608,17 +612,19 @@ class Batcher:
                 continue
             waiting.append(request)
             untouched_singles += request.next_row == 0 and request.n_rows == 1
-        chosen = waiting
-        if len(waiting) > limit:
-            by_rows_left = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
-            chosen = by_rows_left[: limit - 1]
-            chosen.append(min(by_rows_left[limit - 1 :], key=lambda r: (r.turn, r.seq)))
+        if untouched_singles == len(waiting):  # one-row requests only (c=1, closed loops): in order
+            chosen = waiting[:limit]
+            shares = [1] * len(chosen)
         else:
-            chosen = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
-        shares = fair_shares([r.n_rows - r.next_row for r in chosen], limit)
+            by_rows_left = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
+            chosen = by_rows_left
+            if len(waiting) > limit:
+                chosen = by_rows_left[: limit - 1]
+                chosen.append(min(by_rows_left[limit - 1 :], key=lambda r: (r.turn, r.seq)))
+            shares = fair_shares([r.n_rows - r.next_row for r in chosen], limit)
         self._batches_formed += 1
         parts: list[Part] = []
-        for request, take in sorted(zip(chosen, shares, strict=True), key=lambda c: c[0].seq):
+        for request, take in sorted(zip(chosen, shares, strict=True), key=_by_admission):
             parts.append(Part(request, request.next_row, take))
             request.next_row += take
             request.last_dispatch_at = now
