@@ -256,6 +256,7 @@ def test_a_big_request_is_not_starved_by_a_flood_of_one_row_requests() -> None:
         # the big one gets the row the flood leaves, 10 rows in about 10 batches.
         assert model.batch_of(10_009) <= 12
         assert not all(f.done() for f in flood)  # while the flood still went on
+        model.on_batch = None  # no more: every request submitted is awaited below
         await asyncio.gather(blocker, *flood)
         await batcher.close(1)
 
