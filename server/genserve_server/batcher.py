@@ -612,17 +612,22 @@ class Batcher:
                 continue
             waiting.append(request)
             untouched_singles += request.next_row == 0 and request.n_rows == 1
-        if untouched_singles == len(waiting):  # one-row requests only (c=1, closed loops): in order
-            chosen = waiting[:limit]
-            shares = [1] * len(chosen)
-        else:
-            by_rows_left = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
-            chosen = by_rows_left
-            if len(waiting) > limit:
-                chosen = by_rows_left[: limit - 1]
-                chosen.append(min(by_rows_left[limit - 1 :], key=lambda r: (r.turn, r.seq)))
-            shares = fair_shares([r.n_rows - r.next_row for r in chosen], limit)
         self._batches_formed += 1
+        if untouched_singles == len(waiting):  # one-row requests only (c=1, closed loops): in order
+            for request in waiting:
+                request.next_row = 1
+                request.last_dispatch_at = now
+                self._remove_rows(lane, key, 1, request_gone=True)
+            if not queue:
+                del self._lanes[lane][key]
+            self._observer.on_queue_depth(self._queued_rows)
+            return [Part(request, 0, 1) for request in waiting]
+        by_rows_left = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
+        chosen = by_rows_left
+        if len(waiting) > limit:
+            chosen = by_rows_left[: limit - 1]
+            chosen.append(min(by_rows_left[limit - 1 :], key=lambda r: (r.turn, r.seq)))
+        shares = fair_shares([r.n_rows - r.next_row for r in chosen], limit)
         parts: list[Part] = []
         for request, take in sorted(zip(chosen, shares, strict=True), key=_by_admission):
             parts.append(Part(request, request.next_row, take))
