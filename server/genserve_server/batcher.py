@@ -9,6 +9,9 @@ Scheduling:
 - one sub-queue per (lane, compatibility key): only rows with the same key share a batch (e.g.
   the input shape for image kinds; seeds, labels and psi mix freely);
 - the INTERACTIVE lane always forms batches before the BULK lane;
+- fair shares within a sub-queue (_take): a batch's rows are shared max-min among the waiting
+  requests, the fewest rows left first, one place kept for the longest-waiting one; a big request
+  gives each batch a slice, a one-row request goes in the next batch, one-row requests in order;
 - block on an Event for the first row, then wait out the window (started at the oldest row's
   arrival) on the same Event -- never poll. A batch that holds exactly a preferred size
   (`preferred_batch_sizes`) goes before its window ends when no request is on its way and the recent
