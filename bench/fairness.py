@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,11 +39,15 @@ from bench.common import REPO_ROOT, write_line
 from bench.servers import ServerProcess, client_bench
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 
+# What the heavy clients' process may take to start and queue its first request on a busy machine.
+HEAVY_START_S = 15.0
 RAW = types_pb2.OutputOptions(format=types_pb2.IMAGE_FORMAT_RAW_UINT8)
 
 
 def heavy_worker(target: str, model: str, clients: int, count: int, duration_s: float, out: Path) -> None:
-    """`clients` threads, each looping on Sample(count) for `duration_s`; images/s to `out`."""
+    """`clients` threads, each looping on Sample(count) for `duration_s` or until a file named like
+    `out` with a .stop suffix appears; images/s to `out`."""
+    stop = out.with_suffix(".stop")
     images = [0] * clients
     errors: list[str] = []
     deadline = time.monotonic() + duration_s
@@ -52,7 +57,7 @@ def heavy_worker(target: str, model: str, clients: int, count: int, duration_s: 
         with grpc.insecure_channel(target, options=options) as channel:
             stub = genserve_pb2_grpc.GenerationServiceStub(channel)
             seed = 10**9 * (i + 1)
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not stop.exists():
                 request = genserve_pb2.SampleRequest(model=model, count=count, base_seed=seed, output=RAW)
                 try:
                     images[i] += len(stub.Sample(request, timeout=300).images)
@@ -95,12 +100,33 @@ def heavy_load(
         result: dict[str, Any] = {}
         try:
             yield result
+            out.with_suffix(".stop").touch()  # the clients stop once their requests in flight end
             worker.wait(timeout=duration_s + 600)
             result.update(json.loads(out.read_text()) if out.exists() else {"error": worker.returncode})
         finally:
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
+
+
+def queued_rows(server: ServerProcess, model: str) -> float:
+    """The model's queue depth in rows, from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    prefix = "genserve_queue_depth{"
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith(prefix) and f'model="{model}"' in line
+    )
+
+
+def until_heavy_queued(server: ServerProcess, model: str, rows: int, timeout_s: float = 60.0) -> float:
+    """Seconds until at least `rows` of the heavy model are queued (its clients are running)."""
+    started = time.monotonic()
+    while queued_rows(server, model) < rows and time.monotonic() - started < timeout_s:
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def _level(server: ServerProcess, model: str, concurrency: int, duration_s: float) -> dict[str, float]:
@@ -121,17 +147,18 @@ def one_round(tree: Path, models: Path, args: argparse.Namespace) -> dict[str, A
         for which, name in small.items():
             figures[f"small {which} idle"] = _level(server, name, 1, args.duration_s)
         for which, name in small.items():
-            # Long enough for the heavy clients' first requests to be running before the small one.
-            settle_s = 3.0
+            # The heavy clients run for as long as it takes them to start and queue a request, and
+            # the small client's level, plus a margin.
             with heavy_load(
                 server.target,
                 args.heavy_model,
                 args.heavy_clients,
                 args.heavy_count,
-                args.duration_s + settle_s + 1.0,
+                args.duration_s + HEAVY_START_S,
             ) as heavy:
-                time.sleep(settle_s)
+                waited_s = until_heavy_queued(server, args.heavy_model, args.heavy_count)
                 figures[f"small {which} loaded"] = _level(server, name, 1, args.duration_s)
+                heavy["started_after_s"] = waited_s
             figures[f"heavy during {which}"] = heavy
     return figures
 
