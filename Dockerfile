@@ -38,10 +38,15 @@ COPY requirements/constraints.txt requirements/server.txt requirements/
 RUN pip install -c requirements/constraints.txt -r requirements/server.txt
 COPY api/ api/
 COPY server/ server/
-# Non-editable installs of our two packages; every dependency is already there (pip check).
-RUN pip install -c requirements/constraints.txt ./api ./server \
+# genserve-client too, so that the same image runs the server and batch jobs against it (the Indexed
+# Job of deploy/k8s/bulk/): pure Python, and every dependency of it (grpcio, protobuf, numpy,
+# pillow) is one of the server's already (tests/ecosystem/test_dockerfile.py checks it).
+COPY clients/ clients/
+# Non-editable installs of our three packages; every dependency is already there (pip check).
+RUN pip install -c requirements/constraints.txt ./api ./server ./clients \
     && pip check \
-    && python -c "import genserve_server, genserve.v1.genserve_pb2, inference.grpc_service_pb2" \
+    && python -c "import genserve_server, genserve.v1.genserve_pb2, genserve.kserve.grpc_service_pb2" \
+    && genserve-client --help >/dev/null \
     && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the image" >&2; exit 1; fi
 
 # ---- runtime: CUDA 13 + cuDNN 9 libraries, the venv, the default models, a non-root user.

@@ -1,8 +1,9 @@
 """A/B of two versions of the server in one run: the interactive hot path before and after a change.
 
 `python -m bench.ab --base REV` checks REV out into a temporary git worktree and serves the same
-models from it and from this tree, in turns (A, B, A, B, ...), each a fresh server process under the
-same client (this tree's `genserve-client bench`). Per model and side: p50 at concurrency 1 and
+models from it and from this tree, two server processes running side by side for the whole run and
+measured in turns, level by level (A, B, B, A, ...), under the same client (this tree's
+`genserve-client bench`). Per model and side: p50 at concurrency 1 and
 images/s at concurrency 64 (RAW_UINT8, one image per request), and the server's CPU ms per request.
 It prints the medians over the rounds and the ratios B / A. Same machine, same run, same files:
 only the server's code differs (its PYTHONPATH points at the other tree's `server/` and `api/`).
@@ -39,20 +40,16 @@ def _subset(models_dir: Path, names: list[str], into: Path) -> Path:
     return into
 
 
-def _round(tree: Path, models: Path, names: list[str], duration_s: float) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    with _serve(tree, models) as server:
-        for name in names:
-            labels = LABELLED.get(name, [])
-            c1 = measured_level(server, name, 1, duration_s, "raw", labels=labels, warmup_s=0.5)
-            c64 = measured_level(server, name, 64, duration_s, "raw", labels=labels, warmup_s=0.5)
-            out[name] = {
-                "p50_c1_ms": float(c1["p50_ms"]),
-                "img_s_c64": float(c64["images_per_s"]),
-                "cpu_ms_c1": float(c1["server_cpu_ms_per_request"]),
-                "cpu_ms_c64": float(c64["server_cpu_ms_per_request"]),
-            }
-    return out
+def _measure(server: ServerProcess, name: str, duration_s: float) -> dict[str, float]:
+    labels = LABELLED.get(name, [])
+    c1 = measured_level(server, name, 1, duration_s, "raw", labels=labels, warmup_s=0.3)
+    c64 = measured_level(server, name, 64, duration_s, "raw", labels=labels, warmup_s=0.3)
+    return {
+        "p50_c1_ms": float(c1["p50_ms"]),
+        "img_s_c64": float(c64["images_per_s"]),
+        "cpu_ms_c1": float(c1["server_cpu_ms_per_request"]),
+        "cpu_ms_c64": float(c64["server_cpu_ms_per_request"]),
+    }
 
 
 def main() -> None:
@@ -60,8 +57,8 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="git revision of side A (side B: this tree)")
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS))
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration-s", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--duration-s", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
@@ -77,11 +74,16 @@ def main() -> None:
             repos = {"A": _subset(base / "models", args.models, Path(tmp) / "A")}
             repos["B"] = _subset(args.models_dir, args.models, Path(tmp) / "B")
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
-            for i in range(args.rounds):
-                for side, tree in (
-                    (("A", base), ("B", REPO_ROOT)) if i % 2 == 0 else (("B", REPO_ROOT), ("A", base))
-                ):
-                    sides[side].append(_round(tree, repos[side], args.models, args.duration_s))
+            # Both servers run for the whole comparison and take turns level by level, the first
+            # side alternating: a change in the machine's load lands on both sides within seconds.
+            # (Fresh servers per round, one after the other, let minutes of drift decide the ratio.)
+            with _serve(base, repos["A"]) as a_server, _serve(REPO_ROOT, repos["B"]) as b_server:
+                servers = {"A": a_server, "B": b_server}
+                for i in range(args.rounds):
+                    for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                        sides[side].append(
+                            {name: _measure(servers[side], name, args.duration_s) for name in args.models}
+                        )
         finally:
             subprocess.run(
                 ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False

@@ -1,4 +1,4 @@
-"""The naive baseline: a plain grpc.aio genserve.v1 server, one ONNX Runtime call per request.
+"""The naive baselines: plain genserve.v1 servers, one ONNX Runtime call per request.
 
 What a user would write first: no batcher, no queue, no encode pool. Each request derives its
 latents (the same Philox streams as genserve), runs the session once on the default thread pool
@@ -8,6 +8,10 @@ uint8 HWC). The session is built with the same settings as the server's (bench.r
 genserve / naive isolates what batching and the serving path add or save.
 
     python -m bench.naive_server --models models --port 0 --ready-file /tmp/naive.json
+
+`--sync`: the same on the synchronous `grpc.server` with a pool of 10 handler threads, each request
+computed start to end on its thread (latents, `session.run`, encode) — what most tutorials write,
+and on tiny models the faster of the two (no event-loop hand-offs).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +98,106 @@ def encode(pixels: NDArray[np.uint8], options: types_pb2.OutputOptions) -> types
     return types_pb2.Image(format=fmt, data=data, shape=shape)
 
 
+def sample_feeds(
+    model: NaiveModel, request: genserve_pb2.SampleRequest
+) -> tuple[list[int], list[int], dict[str, NDArray[Any]]]:
+    """A Sample request's seeds, labels and session feeds (the same Philox latents as genserve)."""
+    count = len(request.seeds) or request.count
+    base = request.base_seed if request.HasField("base_seed") else 0
+    seeds = list(request.seeds) or [base + i for i in range(count)]
+    psi = request.truncation_psi if request.HasField("truncation_psi") else None
+    feeds: dict[str, NDArray[Any]] = {"z": latents_for_seeds(seeds, model.card.latent_dim or 1, psi)}
+    labels: list[int] = []
+    if model.model.kind.conditional:
+        given = list(request.labels) or [0]
+        labels = [given[i % len(given)] for i in range(count)]
+        feeds["label"] = np.asarray(labels, dtype=np.int64)
+    return seeds, labels, feeds
+
+
+def sample_response(
+    model: NaiveModel,
+    request: genserve_pb2.SampleRequest,
+    seeds: list[int],
+    labels: list[int],
+    output: NDArray[np.float32],
+) -> genserve_pb2.SampleResponse:
+    """The response for the model's output: pixels encoded inline, one image per seed."""
+    pixels = to_uint8(output, model.card.output_range)
+    response = genserve_pb2.SampleResponse(provenance=model.provenance(len(seeds)))
+    for i, seed in enumerate(seeds):
+        item = response.images.add(image=encode(pixels[i], request.output), seed=seed, index=i)
+        if labels:
+            item.label = labels[i]
+    return response
+
+
+class SyncNaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
+    """The plain synchronous server (issue 20's second baseline): `grpc.server` with a thread pool,
+    each request handled start to end on one pool thread, `session.run` called inline. Serves
+    Sample (and ListModels/GetModel, which the load generator asks first)."""
+
+    def __init__(self, models: dict[str, NaiveModel]) -> None:
+        self.models = models
+
+    def _get(self, name: str, context: grpc.ServicerContext) -> NaiveModel:
+        model = self.models.get(name)
+        if model is None or model.model.kind not in _KIND_RPCS["Sample"]:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} not served for Sample")
+        assert model is not None  # context.abort raised otherwise
+        return model
+
+    def Sample(  # noqa: N802 - gRPC method name
+        self, request: genserve_pb2.SampleRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.SampleResponse:
+        model = self._get(request.model, context)
+        seeds, labels, feeds = sample_feeds(model, request)
+        output: NDArray[np.float32] = model.session.run([model.output_name], feeds)[0]
+        return sample_response(model, request, seeds, labels, output)
+
+    def ListModels(  # noqa: N802
+        self, request: genserve_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.ListModelsResponse:
+        return genserve_pb2.ListModelsResponse(models=[m.info for m in self.models.values()])
+
+    def GetModel(  # noqa: N802
+        self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.ModelInfo:
+        model = self.models.get(request.name)
+        if model is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name!r}")
+        assert model is not None
+        return model.info
+
+    def _unimplemented(self, context: grpc.ServicerContext, rpc: str) -> NoReturn:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"the sync baseline serves Sample only, not {rpc}")
+        raise AssertionError("abort returned")
+
+    def SampleStream(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "SampleStream")
+
+    def Interpolate(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "Interpolate")
+
+    def Encode(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "Encode")
+
+    def Decode(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "Decode")
+
+    def SuperResolve(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "SuperResolve")
+
+    def Translate(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "Translate")
+
+    def SampleCodes(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "SampleCodes")
+
+    def SampleCodesStream(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "SampleCodesStream")
+
+
 class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     def __init__(self, models: dict[str, NaiveModel], executor: ThreadPoolExecutor) -> None:
         self.models = models
@@ -115,24 +220,8 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.SampleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> genserve_pb2.SampleResponse:
         model = await self._get(request.model, "Sample", context)
-        card = model.card
-        count = len(request.seeds) or request.count
-        base = request.base_seed if request.HasField("base_seed") else 0
-        seeds = list(request.seeds) or [base + i for i in range(count)]
-        psi = request.truncation_psi if request.HasField("truncation_psi") else None
-        feeds: dict[str, NDArray[Any]] = {"z": latents_for_seeds(seeds, card.latent_dim or 1, psi)}
-        labels: list[int] = []
-        if model.model.kind.conditional:
-            given = list(request.labels) or [0]
-            labels = [given[i % len(given)] for i in range(count)]
-            feeds["label"] = np.asarray(labels, dtype=np.int64)
-        pixels = to_uint8(await self._run(model, feeds), card.output_range)
-        response = genserve_pb2.SampleResponse(provenance=model.provenance(count))
-        for i in range(count):
-            item = response.images.add(image=encode(pixels[i], request.output), seed=seeds[i], index=i)
-            if labels:
-                item.label = labels[i]
-        return response
+        seeds, labels, feeds = sample_feeds(model, request)
+        return sample_response(model, request, seeds, labels, await self._run(model, feeds))
 
     async def _image_to_image(
         self, request: genserve_pb2.ImageRequest, context: grpc.aio.ServicerContext[Any, Any], rpc: str
@@ -192,6 +281,12 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     ) -> genserve_pb2.SampleCodesResponse:
         await self._unimplemented(context, "SampleCodes")
 
+    async def SampleCodesStream(  # noqa: N802
+        self, request: genserve_pb2.SampleCodesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[genserve_pb2.SampleCodesChunk]:
+        await self._unimplemented(context, "SampleCodesStream")
+        yield genserve_pb2.SampleCodesChunk()  # unreachable: makes this an async generator
+
     async def ListModels(  # noqa: N802
         self, request: genserve_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> genserve_pb2.ListModelsResponse:
@@ -207,29 +302,51 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
         return model.info
 
 
-async def serve(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> None:
+def _load_models(models_dir: Path) -> dict[str, NaiveModel]:
     cores = cpu_count()
-    models = {
+    return {
         m.name: NaiveModel(m, cores)
         for m in find_models(models_dir)
         if m.kind in sum(_KIND_RPCS.values(), ())
     }
-    executor = ThreadPoolExecutor(max_workers=workers or cores, thread_name_prefix="naive-ort")
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    )
+
+
+_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def _write_ready(ready_file: Path | None, port: int) -> None:
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": port, "metrics_port": 0, "pid": os.getpid()}))
+        os.replace(tmp, ready_file)
+
+
+async def serve(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> None:
+    models = _load_models(models_dir)
+    executor = ThreadPoolExecutor(max_workers=workers or cpu_count(), thread_name_prefix="naive-ort")
+    server = grpc.aio.server(options=_OPTIONS)
     genserve_pb2_grpc.add_GenerationServiceServicer_to_server(NaiveServicer(models, executor), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": bound, "metrics_port": 0, "pid": os.getpid()}))
-        os.replace(tmp, ready_file)
+    _write_ready(ready_file, bound)
     logger.info("naive server on %s:%d serving %s", host, bound, sorted(models))
     try:
         await server.wait_for_termination()
     finally:
         executor.shutdown(wait=False)
+
+
+def serve_sync(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> None:
+    """The synchronous baseline: `grpc.server(ThreadPoolExecutor(max_workers=10))` by default."""
+    models = _load_models(models_dir)
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers or 10), options=_OPTIONS)
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(SyncNaiveServicer(models), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    _write_ready(ready_file, bound)
+    logger.info("naive sync server on %s:%d serving %s", host, bound, sorted(models))
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    server.wait_for_termination()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,12 +355,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", type=Path, default=None)
-    parser.add_argument("--workers", type=int, default=0, help="session.run threads (default: cores)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="session.run threads (default: cores; --sync: 10 handlers)"
+    )
+    parser.add_argument("--sync", action="store_true", help="the synchronous grpc.server baseline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
     try:
-        asyncio.run(serve(args.models, args.host, args.port, args.ready_file, args.workers))
+        if args.sync:
+            serve_sync(args.models, args.host, args.port, args.ready_file, args.workers)
+        else:
+            asyncio.run(serve(args.models, args.host, args.port, args.ready_file, args.workers))
     except KeyboardInterrupt:
         pass
     return 0

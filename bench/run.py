@@ -1,10 +1,11 @@
-"""genserve's benchmark: the limit, genserve and a naive server, side by side in one run.
+"""genserve's benchmark: the limit, genserve and the naive servers, side by side in one run.
 
     python -m bench.run [--quick] [--models NAME ...] [--duration-s 5] [--out bench/results/latest.json]
 
 1. The limit: raw ONNX Runtime in-process at batch 1, 4, 16, 64 (bench.raw_limit).
-2. genserve (`genserve-server serve`) and the naive server (bench.naive_server) on the same model
-   files, each driven by `genserve-client bench --json`, closed loop at concurrency 1, 8, 32, 64, one
+2. genserve (`genserve-server serve`) and the two naive servers (bench.naive_server: asyncio, and
+   `--sync`, a synchronous grpc.server with a thread pool, Sample only) on the same model files,
+   each driven by `genserve-client bench --json`, closed loop at concurrency 1, 8, 32, 64, one
    image per request, RAW_UINT8 and PNG outputs; the server's CPU seconds per request from /proc.
 3. Priority (bench.priority): interactive p99 idle vs while a bulk SampleStream saturates the server.
 4. The ratios and the targets of issue 8, printed and written to the JSON file and bench/README.md.
@@ -173,13 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = [m for m in models if m.kind in SERVED_KINDS]
     serving: list[dict[str, Any]] = []
     write_line("== servers under genserve-client bench (closed loop, 1 image per request) ==")
-    with ServerProcess.genserve(repo) as genserve, ServerProcess.naive(repo) as naive:
+    with (
+        ServerProcess.genserve(repo) as genserve,
+        ServerProcess.naive(repo) as naive,
+        ServerProcess.naive_sync(repo) as naive_sync,
+    ):
         write_line(
-            f"  genserve pid {genserve.pid} port {genserve.port}; naive pid {naive.pid} port {naive.port}"
+            f"  genserve pid {genserve.pid} port {genserve.port}; naive pid {naive.pid} port {naive.port}; "
+            f"naive-sync pid {naive_sync.pid} port {naive_sync.port}"
         )
         for model in served:
+            # The synchronous baseline serves Sample only (bench.naive_server.SyncNaiveServicer).
+            servers = (genserve, naive, naive_sync) if model.method == "Sample" else (genserve, naive)
             for fmt in formats:
-                levels = serve_pair((genserve, naive), model, fmt, concurrency, duration_s, rounds)
+                levels = serve_pair(servers, model, fmt, concurrency, duration_s, rounds)
                 for name, lv in levels.items():
                     serving.append({"server": name, "model": model.name, "format": fmt, "levels": lv})
 

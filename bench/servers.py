@@ -76,6 +76,11 @@ class ServerProcess:
         command = [sys.executable, "-m", "bench.naive_server", "--models", str(models), *extra]
         return cls("naive", command)
 
+    @classmethod
+    def naive_sync(cls, models: Path, extra: Sequence[str] = ()) -> ServerProcess:
+        command = [sys.executable, "-m", "bench.naive_server", "--sync", "--models", str(models), *extra]
+        return cls("naive-sync", command)
+
     def __enter__(self) -> ServerProcess:
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
         try:

@@ -30,11 +30,11 @@ import numpy as np
 
 from bench.common import REPO_ROOT, SCRATCH, write_line
 from bench.servers import ServerProcess
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 TARGET_GROWTH = 0.05
 FORMATS = (tpb.IMAGE_FORMAT_PNG, tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_RAW_UINT8, tpb.IMAGE_FORMAT_WEBP)

@@ -2,19 +2,22 @@
 
 Starts the server on a model repository (`models/` by default) with `--log-json`, once per round,
 and reads its own log: the wall time from the process start to each version's "ready in" line (the
-moment it serves), its load time (load + warm-up, from that line), and the time until the whole
-server is SERVING (every model tried and required ones READY) and until `--ready-file` appears.
+moment it serves), its load time (load + warm-up, from that line, waits for the load gate
+included), the seconds its warm-up spent timing batch sizes and which sizes it timed (the
+"warmed batch sizes" line), the time until the whole server is SERVING (every model tried and
+required ones READY) and until `--ready-file` appears, and the machine's load average around each
+round (start-up is CPU-bound: on a shared machine the figures follow the other work).
 
     .venv/bin/python -m bench.startup [--models models] [--rounds 1] [--json out.json]
 
-Not part of `make bench`: it measures start-up, not serving, and one round on 2 cores takes as long
-as the slowest model's warm-up (sr-photos-x4 calibrates batch sizes).
+Not part of `make bench`: it measures start-up, not serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -28,6 +31,18 @@ from typing import Any
 from bench.common import DEFAULT_MODELS, write_line
 
 READY = re.compile(r"^model (?P<model>\S+) version (?P<version>\S+) ready in (?P<load_s>[0-9.]+) s")
+WARMED = re.compile(
+    r"^model (?P<model>\S+) version (?P<version>\S+): warmed batch sizes (?P<sizes>\[[0-9, ]*\]) "
+    r"in (?P<warm_s>[0-9.]+) s"
+)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: the machine may be shared, and start-up times follow it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
@@ -62,22 +77,39 @@ def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
         finally:
             proc.terminate()
             proc.wait(60)
-        versions: dict[str, dict[str, float]] = {}
+        versions: dict[str, dict[str, Any]] = {}
+        warmed: dict[str, dict[str, Any]] = {}
         serving_s = None
+        loading_s = None  # imports, the provider probe, the scan and the bind come first
         for line in log_path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            match = READY.match(record.get("msg", ""))
+            msg = record.get("msg", "")
+            match = READY.match(msg)
             if match:
                 versions[f"{match['model']}:{match['version']}"] = {
                     "ready_after_start_s": round(record["ts"] - spawned, 3),
                     "load_s": float(match["load_s"]),
                 }
-            elif record.get("msg") == "server SERVING" and serving_s is None:
+            elif (warm := WARMED.match(msg)) is not None:
+                warmed[f"{warm['model']}:{warm['version']}"] = {
+                    "warmed_sizes": json.loads(warm["sizes"]),
+                    "warm_s": float(warm["warm_s"]),
+                }
+            elif msg == "server SERVING" and serving_s is None:
                 serving_s = round(record["ts"] - spawned, 3)
-        return {"versions": versions, "serving_s": serving_s, "all_tried_s": round(all_tried_s, 3)}
+            elif msg.startswith("loading ") and loading_s is None:
+                loading_s = round(record["ts"] - spawned, 3)
+        for name, info in warmed.items():
+            versions.setdefault(name, {}).update(info)
+        return {
+            "versions": versions,
+            "loading_s": loading_s,
+            "serving_s": serving_s,
+            "all_tried_s": round(all_tried_s, 3),
+        }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,18 +121,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per start (default 600)")
     parser.add_argument("--json", type=Path, default=None, help="write the rounds here")
     args = parser.parse_args(argv)
-    rounds = [one_round(args.models, args.timeout_s) for _ in range(args.rounds)]
-    names = sorted({name for r in rounds for name in r["versions"]})
-    write_line(f"{'model:version':28} {'ready after start (s)':>22} {'load + warm-up (s)':>19}")
+    rounds = []
+    for _ in range(args.rounds):
+        before = load_average()
+        result = one_round(args.models, args.timeout_s)
+        result["load_average"] = {"before": before, "after": load_average()}
+        rounds.append(result)
+    names = sorted(
+        {name for r in rounds for name in r["versions"] if "ready_after_start_s" in r["versions"][name]}
+    )
+    write_line(
+        f"{'model:version':28} {'ready after start (s)':>22} {'load + warm-up (s)':>19} "
+        f"{'timing (s)':>10}  timed batch sizes (last round)"
+    )
     for name in sorted(
         names,
         key=lambda n: statistics.median(
             r["versions"][n]["ready_after_start_s"] for r in rounds if n in r["versions"]
         ),
     ):
-        ready = [r["versions"][name]["ready_after_start_s"] for r in rounds if name in r["versions"]]
-        load = [r["versions"][name]["load_s"] for r in rounds if name in r["versions"]]
-        write_line(f"{name:28} {statistics.median(ready):22.2f} {statistics.median(load):19.2f}")
+        runs = [r["versions"][name] for r in rounds if "ready_after_start_s" in r["versions"].get(name, {})]
+        ready = statistics.median(v["ready_after_start_s"] for v in runs)
+        load = statistics.median(v["load_s"] for v in runs)
+        warm = [v["warm_s"] for v in runs if "warm_s" in v]
+        warm_text = f"{statistics.median(warm):10.2f}" if warm else f"{'-':>10}"
+        write_line(f"{name:28} {ready:22.2f} {load:19.2f} {warm_text}  {runs[-1].get('warmed_sizes', '-')}")
+    loading = [r["loading_s"] for r in rounds if r["loading_s"] is not None]
+    if loading:
+        write_line(
+            f"loading started after {statistics.median(loading):.2f} s (imports, provider probe, bind)"
+        )
     serving = [r["serving_s"] for r in rounds if r["serving_s"] is not None]
     write_line(
         f"whole server SERVING after {statistics.median(serving):.2f} s" if serving else "never SERVING"
@@ -108,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_line(
         f"every model tried (ready file) after {statistics.median(r['all_tried_s'] for r in rounds):.2f} s"
     )
+    loads = ", ".join(f"{r['load_average']['before']} -> {r['load_average']['after']}" for r in rounds)
+    write_line(f"1-minute load average before -> after each round (a shared machine slows start-up): {loads}")
     if args.json is not None:
         args.json.write_text(json.dumps({"models": str(args.models), "rounds": rounds}, indent=2) + "\n")
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import filecmp
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +31,39 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
         assert fresh_files == committed_files, "stub files differ: run `make protos`"
         stale = [f for f in sorted(fresh_files) if not filecmp.cmp(fresh / f, committed / f, shallow=False)]
         assert not stale, f"stale stubs {stale}: run `make protos`"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def _floors(pyproject: Path) -> dict[str, tuple[int, ...]]:
+    """name -> the `>=` floor of each dependency that declares one."""
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    found = (
+        re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", d.split(";")[0].strip()) for d in dependencies
+    )
+    return {m.group(1): _version(m.group(2)) for m in found if m}
+
+
+def test_declared_floors_are_what_the_stubs_check_at_import() -> None:
+    """A protobuf older than the stubs' gencode (or a grpcio older than the grpc stubs) installs but
+    fails at import with VersionError: every package that ships or imports stubs declares at least
+    those versions."""
+    api = ROOT / "api"
+    gencode = max(
+        _version(".".join(m))
+        for p in api.rglob("*_pb2.py")
+        for m in re.findall(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", p.read_text())
+    )
+    grpc_generated = max(
+        _version(v)
+        for p in api.rglob("*_pb2_grpc.py")
+        for v in re.findall(r"GRPC_GENERATED_VERSION = '([0-9.]+)'", p.read_text())
+    )
+    for package in ("api", "clients", "server"):
+        floors = _floors(ROOT / package / "pyproject.toml")
+        assert floors.get("protobuf", ()) >= gencode, f"{package}/pyproject.toml: protobuf>={gencode}"
+        assert floors.get("grpcio", ()) >= grpc_generated, (
+            f"{package}/pyproject.toml: grpcio>={grpc_generated}"
+        )

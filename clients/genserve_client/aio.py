@@ -16,7 +16,8 @@ from genserve.v1 import genserve_pb2_grpc
 from genserve_client import calls
 from genserve_client.attempts import StreamResume
 from genserve_client.binding import ClientBase
-from genserve_client.results import SampleResult
+from genserve_client.errors import from_rpc_error
+from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
 Out = TypeVar("Out")
 
@@ -50,6 +51,22 @@ class AsyncGenserveClient(ClientBase):
                 await asyncio.sleep(attempts.wait_s(exc))
                 continue
             return attempts.result(call, response, trailing)
+
+    async def _progress(
+        self, plan: Callable[[], calls.ProgressCall]
+    ) -> AsyncIterator[CodesProgress | CodesResult]:
+        call = plan()
+        attempts = self._attempts(call.timeout_s)
+        stream = self._stub.SampleCodesStream(
+            call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata
+        )
+        try:
+            async for chunk in stream:
+                yield calls.progress_item(chunk, attempts.request_id)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, attempts.request_id) from None
+        finally:
+            stream.cancel()
 
     async def _stream(self, plan: Callable[[], calls.StreamCall]) -> AsyncIterator[SampleResult]:
         resume = StreamResume(plan(), self._stream_attempts())

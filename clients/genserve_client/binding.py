@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import inspect
 import random
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
 
 from genserve_client import calls
 from genserve_client.attempts import Attempts
 from genserve_client.channel import ChannelConfig
-from genserve_client.results import SampleResult
+from genserve_client.results import CodesProgress, CodesResult, SampleResult
 from genserve_client.retry import RetryPolicy
 
 if TYPE_CHECKING:  # the two transports, for the bound methods' types only
@@ -96,6 +96,29 @@ class stream(_Bound[P]):
         return self._method(client, client._stream)
 
 
+class progress(_Bound[P]):
+    """The SampleCodesStream method: an iterator (GenserveClient) or async iterator
+    (AsyncGenserveClient) of progress chunks, the answer last; built when first iterated."""
+
+    def __init__(self, build: Callable[P, calls.ProgressCall]) -> None:
+        super().__init__(build)
+
+    @overload
+    def __get__(self, client: None, owner: type | None = None) -> Self: ...
+    @overload
+    def __get__(
+        self, client: GenserveClient, owner: type | None = None
+    ) -> Callable[P, Iterator[CodesProgress | CodesResult]]: ...
+    @overload
+    def __get__(
+        self, client: AsyncGenserveClient, owner: type | None = None
+    ) -> Callable[P, AsyncIterator[CodesProgress | CodesResult]]: ...
+    def __get__(self, client: ClientBase | None, owner: type | None = None) -> Any:
+        if client is None:
+            return self
+        return self._method(client, client._progress)
+
+
 class ClientBase:
     """Settings and methods common to both clients. `timeout_s` (per call, default the client's)
     is the whole call's deadline, retries included; failures raise GenserveClientError once
@@ -129,6 +152,10 @@ class ClientBase:
         """Open a SampleStream job: an iterable (or async iterable) of its chunks."""
         raise NotImplementedError
 
+    def _progress(self, plan: Callable[[], calls.ProgressCall]) -> object:
+        """Open a SampleCodesStream: an iterable (or async iterable) of its chunks."""
+        raise NotImplementedError
+
     def _attempts(self, timeout_s: float | None) -> Attempts:
         """A unary call's attempts; `timeout_s` None: the client's default."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
@@ -141,6 +168,8 @@ class ClientBase:
     # --- the RPCs (calls.py says what each sends and returns) ---------------------------------
 
     sample = unary(calls.sample)
+    sample_codes = unary(calls.sample_codes)
+    sample_codes_progress = progress(calls.sample_codes_progress)
     interpolate = unary(calls.interpolate)
     encode = unary(calls.encode)
     decode = unary(calls.decode)

@@ -4,13 +4,18 @@ On-disk protocol (what makes SIGKILL at any instant safe):
   1. each image goes to `images/.tmp-<name>`, is fsynced, then renamed to `images/<name>`;
   2. after a chunk's files are renamed (and the directory fsynced) its manifest lines are appended
      to `manifest.jsonl` in one write, flushed and fsynced, under one lock (one manifest for all
-     shards);
+     streams);
 so a manifest line always names a complete file. `job.json` (parameters, pinned version and the
 model file's sha256) is written before the first chunk's files, once the server has sent that
 chunk: a job the server rejects leaves no job.json behind. On start the job takes an exclusive lock
 (`job.lock`, flock) for its whole life, drops a torn last manifest line, deletes its own temp files
 and its own image files the manifest does not name (killed between 1 and 2), and streams only the
-missing index ranges, split over `concurrency` streams. Since image i is a pure function of (model
+missing index ranges, cut into streams of at most `stream_images` images that `concurrency` workers
+open one after another. Each stream is one RPC, which the channel's round_robin policy sends to the
+next READY replica (channel.py): a job spreads over every replica, a stream whose replica went away
+is reopened where it stopped on another one, and a replica that comes back gets the next streams
+(so does one added behind a DNS name: streams open on channels at most a minute old, channelpool.py).
+Since image i is a pure function of (model
 file, base_seed + i, labels[i % len]), a resumed job writes the same bytes a clean run would have.
 
 A job never deletes or overwrites a file it did not write: a new job refuses a folder that is not
@@ -20,6 +25,7 @@ rejected, excepted), and recovery only touches names of the job's own pattern in
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import hashlib
 import json
@@ -39,6 +45,7 @@ from typing import Any, TextIO, TypeVar
 import grpc
 
 from genserve.v1 import genserve_pb2
+from genserve_client.channelpool import DEFAULT_PERIOD_S, FreshChannels
 from genserve_client.client import GenserveClient, SampleStream
 from genserve_client.convert import FILE_SUFFIX, image_format
 from genserve_client.errors import GenserveClientError
@@ -55,8 +62,11 @@ LOCK_FILE = "job.lock"
 TMP_PREFIX = ".tmp-"
 IO_THREADS = 8
 FORMAT_VERSION = 2
+# Images per stream: a stream is reopened (on the next replica) at least this often. Reopening
+# costs one RPC start; 1024 images of even the smallest model take seconds.
+DEFAULT_STREAM_IMAGES = 1024
 # How long a job keeps retrying transient errors (a server restart, a GPU pod start) without any
-# progress before it stops; each shard counts from its last chunk.
+# progress before it stops; each stream counts from its last chunk.
 DEFAULT_RETRY_WINDOW_S = 300.0
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 15.0
@@ -311,24 +321,38 @@ def missing_ranges(done: Iterable[int], n: int, start: int = 0) -> list[tuple[in
     return ranges
 
 
-def split_ranges(ranges: Sequence[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
-    """Cut ranges into at most `parts` shards of nearly equal image counts, keeping order."""
+def plan_streams(ranges: Sequence[tuple[int, int]], parts: int, max_images: int = 0) -> list[tuple[int, int]]:
+    """Cut ranges, in order, into the streams of a run: near-equal pieces, at least `parts` of them
+    (so that `parts` workers are busy) and of at most `max_images` images each (0: no bound)."""
     total = sum(b - a for a, b in ranges)
     if total == 0:
         return []
-    per_shard = -(-total // max(1, parts))
-    shards: list[list[tuple[int, int]]] = [[]]
-    room = per_shard
-    for a, b in ranges:
-        while a < b:
-            if room == 0:
-                shards.append([])
-                room = per_shard
-            take = min(room, b - a)
-            shards[-1].append((a, a + take))
-            a += take
-            room -= take
-    return shards
+    pieces = max(1, parts, -(-total // max_images) if max_images > 0 else 0)
+    pieces = min(pieces, total)
+    cuts = [k * total // pieces for k in range(1, pieces)]  # offsets into the missing images
+    streams: list[tuple[int, int]] = []
+    offset = 0
+    for lo, hi in ranges:
+        start = lo
+        for cut in cuts[bisect.bisect_right(cuts, offset) : bisect.bisect_left(cuts, offset + hi - lo)]:
+            streams.append((start, lo + cut - offset))
+            start = lo + cut - offset
+        streams.append((start, hi))
+        offset += hi - lo
+    return streams
+
+
+class StreamQueue:
+    """The streams still to open, taken in index order by whichever worker is free: a replica that
+    answers faster takes more of them, and each new stream goes to the next replica."""
+
+    def __init__(self, streams: Sequence[tuple[int, int]]) -> None:
+        self._streams = list(reversed(streams))
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[int, int] | None:
+        with self._lock:
+            return self._streams.pop() if self._streams else None
 
 
 def name_width(n: int) -> int:
@@ -337,7 +361,7 @@ def name_width(n: int) -> int:
 
 
 class Manifest:
-    """Append-only manifest shared by all shards; one lock orders the appends."""
+    """Append-only manifest shared by all streams; one lock orders the appends."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -434,7 +458,7 @@ class RetryWindow:
 
 @dataclass(frozen=True, slots=True)
 class _Sink:
-    """Where the shards put what they receive (shared by all of them)."""
+    """Where the streams put what they receive (shared by all of them)."""
 
     manifest: Manifest
     progress: ProgressBar
@@ -456,8 +480,13 @@ class BulkJob:
         progress_stream: TextIO | None = None,
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
         shard: Shard | None = None,
+        stream_images: int = DEFAULT_STREAM_IMAGES,
+        channel_period_s: float = DEFAULT_PERIOD_S,
     ) -> None:
+        if stream_images < 1:
+            raise ValueError(f"--stream-images must be >= 1, got {stream_images}")
         self.client = client
+        self.stream_images = stream_images
         self.params = params
         self.shard = shard
         self.lo, self.hi = shard.range(params.n) if shard else (0, params.n)
@@ -481,7 +510,9 @@ class BulkJob:
         self.failure: GenserveClientError | BulkError | OSError | None = None
         self._stop = threading.Event()
         self.window = RetryWindow(retry_window_s, client.retry.retryable_codes, self._stop)
-        self._streams: list[SampleStream] = []
+        # Open streams and the client each was opened on (see channelpool.py).
+        self._streams: dict[SampleStream, GenserveClient] = {}
+        self._channels = FreshChannels(client, channel_period_s)
         self._lock = threading.Lock()  # guards _streams, failure, _pending_job and the progress bar
         self._pending_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
 
@@ -620,7 +651,7 @@ class BulkJob:
     # --- run ---------------------------------------------------------------------------------
 
     def run(self, resolve: Callable[[str, str], ServedModel] | None = None) -> None:
-        """Generate every missing image; raises the first final error of any shard (after stopping
+        """Generate every missing image; raises the first final error of any stream (after stopping
         the others), so what is on disk stays consistent and a rerun resumes.
 
         `resolve(model, version)` says what the server serves (default: served_model via GetModel).
@@ -639,8 +670,8 @@ class BulkJob:
 
     def _run_locked(self) -> None:
         done = self.recover()
-        shards = split_ranges(missing_ranges(done, self.hi, self.lo), self.concurrency)
-        if not shards:
+        streams = plan_streams(missing_ranges(done, self.hi, self.lo), self.concurrency, self.stream_images)
+        if not streams:
             self._commit_job()  # a shard with no image (n < N) is still a finished shard
         progress = ProgressBar(self.hi - self.lo, initial=len(done), stream=self.progress_stream)
         # fsync costs ~3-5 ms on a VM disk when issued one by one, ~0.3 ms each when issued from
@@ -651,7 +682,11 @@ class BulkJob:
             progress,
             ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="bulk-io"),
         )
-        threads = [threading.Thread(target=self._run_shard, args=(s, sink), daemon=True) for s in shards]
+        queue = StreamQueue(streams)
+        workers = min(self.concurrency, len(streams))
+        threads = [
+            threading.Thread(target=self._run_worker, args=(queue, sink), daemon=True) for _ in range(workers)
+        ]
         try:
             for t in threads:
                 t.start()
@@ -665,6 +700,7 @@ class BulkJob:
         finally:
             sink.io_pool.shutdown()
             sink.manifest.close()
+            self._channels.close()
             progress.close()
         if self.failure is not None:
             raise self.failure
@@ -675,13 +711,13 @@ class BulkJob:
             for stream in self._streams:
                 stream.cancel()
 
-    def _run_shard(self, ranges: list[tuple[int, int]], sink: _Sink) -> None:
+    def _run_worker(self, queue: StreamQueue, sink: _Sink) -> None:
         try:
-            for start, stop in ranges:
-                self._run_range(start, stop, sink)
+            while not self._stop.is_set() and (stream := queue.take()) is not None:
+                self._run_range(*stream, sink)
         except (GenserveClientError, BulkError, OSError) as exc:
             # Transient RPC errors were retried (inside the stream, then for the retry window);
-            # this one is final. Keep the first and stop the other shards; run() re-raises it.
+            # this one is final. Keep the first and stop the other workers; run() re-raises it.
             with self._lock:
                 self.failure = self.failure or exc
             self._stop_all()
@@ -701,9 +737,20 @@ class BulkJob:
         with self._lock:  # registered before the stop check ends, so _stop_all() cannot miss it
             if self._stop.is_set():
                 return None
-            stream = self.client.sample_stream(p.model, stop, **opts)
-            self._streams.append(stream)
+            client = self._channels.acquire()
+            try:
+                stream = client.sample_stream(p.model, stop, **opts)
+            except BaseException:
+                self._channels.release(client)
+                raise
+            self._streams[stream] = client
         return stream
+
+    def _close_stream(self, stream: SampleStream) -> None:
+        with self._lock:
+            client = self._streams.pop(stream, None)
+        if client is not None:
+            self._channels.release(client)
 
     def _run_range(self, start: int, stop: int, sink: _Sink) -> None:
         """Stream [start, stop); after a transient failure the client's retries did not cure,
@@ -735,6 +782,8 @@ class BulkJob:
                 failures += 1
                 self.window.pause(exc, since, failures)
                 continue
+            finally:
+                self._close_stream(stream)
             if expected != stop and not self._stop.is_set():
                 raise BulkError(f"the stream for [{start}, {stop}) ended early, at index {expected}")
             return

@@ -1,15 +1,18 @@
 """Check that a bulk job's output is exactly the job: one folder, or the shard folders of a job run
-with `--shard I/N` (e.g. by a Kubernetes Indexed Job), and optionally merge their manifests.
+with `--shard I/N` (e.g. by a Kubernetes Indexed Job), found under one or several roots (shards
+written to several volumes or copied from several machines), and optionally merge their manifests.
 
-Exactly means: every shard 0..N-1 present and of the same job (parameters, pinned version, model
-sha256), the manifests together name each index in [0, n) once and only once, every named file
-exists (and, with `hashes`, has the sha256 its manifest line records).
+Exactly means: every shard 0..N-1 present once and of the same job (parameters, pinned version,
+model sha256), the manifests together name each index in [0, n) once and only once, each with the
+job's seed (base_seed + index), label and model version, every named file exists (and, with
+`hashes`, has the sha256 its manifest line records).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ MAX_LISTED = 10  # problems of one kind listed before "and N more"
 class VerifyReport:
     """What verify_job found; `ok` when the folders hold exactly the job."""
 
-    root: Path
+    roots: list[Path]
     n: int = 0
     folders: list[Path] = field(default_factory=list)
     images: int = 0
@@ -53,17 +56,26 @@ def _identity(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_shards(report: VerifyReport, shards: dict[Path, Shard | None]) -> None:
-    """All folders one whole job, or shards 0..N-1 of one N."""
+    """All folders one whole job, or shards 0..N-1 of one N, each once."""
     counts = {s.count if s else None for s in shards.values()}
     if len(counts) > 1:
         report.problems.append(f"the folders mix shard counts: {sorted(map(str, counts))}")
         return
     count = counts.pop()
-    if count is not None:
-        present = {s.index for s in shards.values() if s}
-        missing = [i for i in range(count) if i not in present]
-        if missing:
-            report.problems.append(_listed(f"shards missing of {count}", missing))
+    if count is None:
+        if len(shards) > 1:
+            report.problems.append(_listed("folders holding the whole job, more than one", list(shards)))
+        return
+    where: dict[int, list[Path]] = {}
+    for folder, shard in shards.items():
+        if shard is not None:
+            where.setdefault(shard.index, []).append(folder)
+    missing = [i for i in range(count) if i not in where]
+    if missing:
+        report.problems.append(_listed(f"shards missing of {count}", missing))
+    twice = [f"{i} ({', '.join(map(str, where[i]))})" for i in sorted(where) if len(where[i]) > 1]
+    if twice:
+        report.problems.append(_listed("shards found in more than one folder", twice))
 
 
 @dataclass
@@ -76,12 +88,23 @@ class _Entries:
     outside: list[int] = field(default_factory=list)
     absent: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
+    foreign: list[int] = field(default_factory=list)  # another seed, label or version than the job's
 
-    def add(self, root: Path, folder: Path, lo: int, hi: int, *, hashes: bool) -> None:
+    def add(self, base: Path, folder: Path, lo: int, hi: int, job: dict[str, Any], *, hashes: bool) -> None:
         entries, _ = read_manifest(folder / MANIFEST_FILE)
-        prefix = folder.relative_to(root)
+        prefix = folder.relative_to(base)
+        params = job["params"]
+        base_seed, labels = int(params.get("base_seed", 0)), list(params.get("labels") or [])
+        version = job.get("pinned_version")
         for entry in entries:
             index = entry["index"]
+            label = labels[index % len(labels)] if labels else entry.get("label")
+            if (
+                entry.get("seed") != base_seed + index
+                or entry.get("label") != label
+                or entry.get("version") not in (None, "", version)
+            ):
+                self.foreign.append(index)
             if not lo <= index < hi:
                 self.outside.append(index)
             if index in self.seen:
@@ -96,32 +119,48 @@ class _Entries:
             self.merged.append({**entry, "file": str(prefix / entry["file"])})
 
 
-def verify_job(root: Path, *, hashes: bool = False) -> tuple[VerifyReport, list[dict[str, Any]]]:
-    """Check `root`; returns the report and the merged manifest entries (files relative to root)."""
-    report = VerifyReport(root)
-    folders = job_folders(root)
-    if not folders:
-        raise BulkError(f"{root} holds no bulk job ({JOB_FILE}) and no shard-*-of-* folder with one")
+def verify_job(
+    roots: Path | Sequence[Path], *, hashes: bool = False
+) -> tuple[VerifyReport, list[dict[str, Any]]]:
+    """Check the job in `roots` (each a job folder or a folder of shard folders; together, the
+    whole job). Returns the report and the merged manifest entries, their files relative to the
+    roots' common parent (the root itself when there is one)."""
+    given = [roots] if isinstance(roots, Path) else list(roots)
+    if not given:
+        raise BulkError("verify needs at least one folder")
+    report = VerifyReport(given)
+    folders: list[Path] = []
+    for root in given:
+        found_here = job_folders(root)
+        if not found_here:
+            raise BulkError(f"{root} holds no bulk job ({JOB_FILE}) and no shard-*-of-* folder with one")
+        # The same folder named twice (or through a link) is one folder, not two copies of a shard.
+        known = {f.resolve() for f in folders}
+        folders += [f for f in found_here if f.resolve() not in known]
     report.folders = folders
+    base = Path(os.path.commonpath([r.resolve() for r in given]))
     jobs = {folder: read_job(folder) or {} for folder in folders}
     first = jobs[folders[0]]
     try:
         report.n = int(first["params"]["n"])
         shards = {folder: Shard(*job["shard"]) if job.get("shard") else None for folder, job in jobs.items()}
     except (KeyError, TypeError, ValueError) as exc:
-        raise BulkError(f"{root}: a {JOB_FILE} is unreadable ({exc!r})") from None
+        raise BulkError(f"a {JOB_FILE} under {', '.join(map(str, given))} is unreadable ({exc!r})") from None
     for folder, job in jobs.items():
         if _identity(job) != _identity(first):
-            report.problems.append(f"{folder} belongs to another job than {folders[0]} (parameters or model)")
+            report.problems.append(
+                f"{folder} belongs to another job than {folders[0]} ({_difference(first, job)})"
+            )
     _check_shards(report, shards)
     found = _Entries()
     for folder, shard in shards.items():
         lo, hi = shard.range(report.n) if shard else (0, report.n)
-        found.add(root, folder, lo, hi, hashes=hashes)
+        found.add(base, folder.resolve(), lo, hi, jobs[folder], hashes=hashes)
     for kind, items in (
         ("indices missing", [i for i in range(report.n) if i not in found.seen]),
         ("indices listed twice", sorted(found.duplicates)),
         ("indices outside their shard's range", sorted(found.outside)),
+        ("indices whose seed, label or version is not the job's", sorted(found.foreign)),
         ("files missing", found.absent),
         ("files whose sha256 differs from the manifest", found.damaged),
     ):
@@ -130,6 +169,22 @@ def verify_job(root: Path, *, hashes: bool = False) -> tuple[VerifyReport, list[
     report.images = len(found.seen)
     found.merged.sort(key=lambda e: int(e["index"]))
     return report, found.merged
+
+
+def _difference(first: dict[str, Any], other: dict[str, Any]) -> str:
+    """What makes `other` another job: the fields that differ, with both values."""
+    a, b = _identity(first), _identity(other)
+    diffs = []
+    for key in a:
+        if key == "params" and isinstance(a[key], dict) and isinstance(b[key], dict):
+            diffs += [
+                f"{k}: {a[key].get(k)!r} vs {b[key].get(k)!r}"
+                for k in sorted(set(a[key]) | set(b[key]))
+                if a[key].get(k) != b[key].get(k)
+            ]
+        elif a[key] != b[key]:
+            diffs.append(f"{key}: {a[key]!r} vs {b[key]!r}")
+    return ", ".join(diffs)
 
 
 def write_merged_manifest(path: Path, entries: list[dict[str, Any]]) -> None:

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from genserve.v1 import genserve_pb2
 from genserve_client import requests as rq
 from genserve_client.convert import ImageInput
-from genserve_client.results import EncodeResult, ImageResult, SampleResult
+from genserve_client.results import CodesProgress, CodesResult, EncodeResult, ImageResult, SampleResult
 
 Out = TypeVar("Out")
 
@@ -42,6 +42,23 @@ class StreamCall:
     timeout_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ProgressCall:
+    """A SampleCodesStream call. Not retried: a new attempt would start the sampling over."""
+
+    request: genserve_pb2.SampleCodesRequest
+    timeout_s: float | None = None
+
+
+def progress_item(
+    chunk: genserve_pb2.SampleCodesChunk, request_id: str | None
+) -> CodesProgress | CodesResult:
+    """A progress chunk, or (the last chunk) the whole answer."""
+    if chunk.HasField("result"):
+        return CodesResult.from_codes_proto(chunk.result, request_id)
+    return CodesProgress.from_proto(chunk)
+
+
 def _models(response: genserve_pb2.ListModelsResponse, _: str | None) -> list[genserve_pb2.ModelInfo]:
     return list(response.models)
 
@@ -55,6 +72,24 @@ def sample(
 ) -> UnaryCall[SampleResult]:
     """Draw `n` images (or one per seed / latent row). See genserve.proto SampleRequest."""
     return UnaryCall("Sample", rq.sample_request(model, n, **opts), SampleResult.from_proto, timeout_s)
+
+
+def sample_codes(
+    model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.CodesOptions]
+) -> UnaryCall[CodesResult]:
+    """Sample `n` code grids (or one per seed) from a code prior and decode them with its decoder.
+    See genserve.proto SampleCodesRequest."""
+    request = rq.sample_codes_request(model, n, **opts)
+    return UnaryCall("SampleCodes", request, CodesResult.from_codes_proto, timeout_s)
+
+
+def sample_codes_progress(
+    model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.CodesOptions]
+) -> ProgressCall:
+    """`sample_codes` with progress (SampleCodesStream): a CodesProgress every `preview_every` prior
+    steps, with previews of the grids so far, then the CodesResult. Not retried (a new attempt would
+    start over): a failure raises GenserveClientError; leaving the loop early cancels the call."""
+    return ProgressCall(rq.sample_codes_request(model, n, **opts), timeout_s)
 
 
 def interpolate(

@@ -1,8 +1,20 @@
-"""Connection settings shared by the sync and asyncio clients: TLS, auth and channel options."""
+"""Connection settings shared by the sync and asyncio clients: TLS, auth and channel options.
+
+A target names one server or several replicas, and every channel spreads its calls over all the
+addresses the target resolves to (gRPC's `round_robin` policy; a call picks the next READY address,
+so one whose server went away is skipped until it is back):
+  - `host:port`, or any gRPC target such as `dns:///genserve-headless:50051` (a Kubernetes headless
+    Service: one address per ready pod, re-resolved when a connection breaks);
+  - an address list `host:port,host:port,...`, for replicas with no DNS name in common. IP literals
+    are used as they are; host names are resolved once, when the channel opens.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +26,61 @@ from genserve_client.errors import REQUEST_ID_KEY
 # 48 MiB. gRPC's default 4 MiB receive limit breaks such payloads, so both directions get 64 MiB
 # (the server's documented default input limit).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC's default policy, pick_first, sends every call of a channel to one address: a target that
+# resolves to many replicas would use one of them.
+DEFAULT_LB_POLICY = "round_robin"
+LB_POLICIES = ("round_robin", "pick_first")
+
+
+def _split_host_port(entry: str, target: str) -> tuple[str, int]:
+    host, sep, port_text = entry.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"--target: each address of a list must be host:port, got {entry!r} in {target!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port_text)
+
+
+def _resolve_host(host: str, port: int) -> list[str]:
+    """IP addresses of `host`, IPv4 first (the family gRPC's ipv4: targets take)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"--target: cannot resolve {host!r} ({exc.strerror})") from None
+    return sorted({str(info[4][0]) for info in infos}, key=lambda a: (":" in a, a))
+
+
+def is_address_list(target: str) -> bool:
+    """`host:port,host:port,...` without a scheme (gRPC's own ipv4:a,b targets pass unchanged)."""
+    return "," in target and ":/" not in target and not target.startswith(("ipv4:", "ipv6:", "unix:"))
+
+
+def address_list_target(target: str, resolve: Callable[[str, int], list[str]] = _resolve_host) -> str:
+    """The gRPC target of an address list `host:port,host:port,...` (unchanged when `target` is
+    one address or has a scheme). gRPC's `ipv4:`/`ipv6:` targets take several addresses but only IP
+    literals of one family, so host names are resolved here, once; a host resolving to both
+    families contributes its addresses of the family every entry has."""
+    if not is_address_list(target):
+        return target
+    entries = [e.strip() for e in target.split(",") if e.strip()]
+    per_entry: list[list[tuple[int, str]]] = []
+    for entry in entries:
+        host, port = _split_host_port(entry, target)
+        try:
+            addresses = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            addresses = resolve(host, port)
+        per_entry.append([(ipaddress.ip_address(a).version, _join(a, port)) for a in addresses])
+    for version in (4, 6):
+        if all(any(v == version for v, _ in found) for found in per_entry):
+            chosen = [a for found in per_entry for v, a in found if v == version]
+            return f"ipv{version}:" + ",".join(dict.fromkeys(chosen))
+    raise ValueError(
+        f"--target: the addresses of {target!r} mix IPv4 and IPv6; gRPC balances over one family: "
+        "list addresses of one family, or use a dns:/// name"
+    )
+
+
+def _join(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +129,16 @@ class ChannelConfig:
     # gRPC's default reconnect backoff grows to 120 s: a server back after a 2-minute restart would
     # stay unreachable for up to 2 more minutes. 10 s bounds that delay (bulk jobs wait for restarts).
     max_reconnect_backoff_s: float = 10.0
+    # How a channel spreads its calls over the addresses of its target (see the module docs).
+    lb_policy: str = DEFAULT_LB_POLICY
+
+    def __post_init__(self) -> None:
+        if self.lb_policy not in LB_POLICIES:
+            raise ValueError(f"ChannelConfig.lb_policy must be one of {LB_POLICIES}, got {self.lb_policy!r}")
+
+    def grpc_target(self) -> str:
+        """The target as gRPC takes it (an address list becomes an ipv4:/ipv6: target)."""
+        return address_list_target(self.target)
 
     def options(self) -> list[tuple[str, str | int]]:
         opts: list[tuple[str, str | int]] = [
@@ -70,20 +147,26 @@ class ChannelConfig:
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
+            ("grpc.lb_policy_name", self.lb_policy),
         ]
+        if is_address_list(self.target):
+            # An address list's authority (the :authority header, the name TLS checks) is its
+            # first address as written, not gRPC's default for an ipv4: target.
+            first = self.target.split(",")[0].strip()
+            opts.append(("grpc.default_authority", first))
         if self.tls is not None and self.tls.server_name_override:
             opts.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
         return opts
 
     def sync_channel(self) -> grpc.Channel:
         if self.tls is None:
-            return grpc.insecure_channel(self.target, options=self.options())
-        return grpc.secure_channel(self.target, self.tls.credentials(), options=self.options())
+            return grpc.insecure_channel(self.grpc_target(), options=self.options())
+        return grpc.secure_channel(self.grpc_target(), self.tls.credentials(), options=self.options())
 
     def aio_channel(self) -> grpc.aio.Channel:
         if self.tls is None:
-            return grpc.aio.insecure_channel(self.target, options=self.options())
-        return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.options())
+            return grpc.aio.insecure_channel(self.grpc_target(), options=self.options())
+        return grpc.aio.secure_channel(self.grpc_target(), self.tls.credentials(), options=self.options())
 
     def metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
         # Plain metadata rather than call credentials: gRPC refuses call credentials on a

@@ -36,6 +36,7 @@ from genserve_client.bench import LoadGenerator, PayloadFactory, format_table
 from genserve_client.binding import DEFAULT_TIMEOUT_S
 from genserve_client.bulk import (
     DEFAULT_RETRY_WINDOW_S,
+    DEFAULT_STREAM_IMAGES,
     JOB_FILE,
     SHARD_ENV,
     BulkBusy,
@@ -55,7 +56,7 @@ from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
 from genserve_client.pngmeta import png_text, pnginfo, with_png_text
-from genserve_client.results import Provenance, SampleResult
+from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
@@ -177,12 +178,60 @@ def sample_in_batches(
     return SampleResult(items, provenance)
 
 
+def _codes_opts(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"format": args.format, "version": args.version, "top_k": args.top_k or 0}
+    if args.temperature is not None:
+        opts["temperature"] = args.temperature
+    return opts
+
+
+def sample_codes_in_batches(
+    client: GenserveClient,
+    args: argparse.Namespace,
+    info: genserve_pb2.ModelInfo,
+    seeds: list[int],
+    labels: list[int],
+) -> SampleResult:
+    """A code prior's grids, decoded, in calls within its row budget (ModelInfo.max_batch_size);
+    with --progress, one streamed call whose previews fill a strip (the first sample's), saved to
+    that file after every preview, so that an image viewer shows it filling in."""
+    budget = max(1, min(MAX_IMAGES_PER_CALL, info.max_batch_size or MAX_IMAGES_PER_CALL))
+    if args.progress:
+        if len(seeds) > budget:
+            raise UsageError(
+                f"sample --progress: at most {budget} images (the prior's row budget), asked {len(seeds)}"
+            )
+        strip: list[Image.Image] = []
+        result: SampleResult | None = None
+        for item in client.sample_codes_progress(args.model, seeds=seeds, labels=labels, **_codes_opts(args)):
+            if isinstance(item, CodesProgress):
+                _out(f"{item.level} {item.filled}/{item.positions}")
+                if item.previews:
+                    strip.append(item.pil()[0])
+            else:
+                result = item
+                strip.extend(item.pil()[:1])
+            if strip:
+                save_picture(make_grid([GridRow(strip)]), Path(args.progress))
+        assert result is not None  # the stream's last chunk is the answer
+        return result
+    items, provenance = [], None
+    for start in range(0, len(seeds), budget):
+        part = slice(start, start + budget)
+        res = client.sample_codes(args.model, seeds=seeds[part], labels=labels[part], **_codes_opts(args))
+        items.extend(res.items)
+        provenance = res.provenance
+    assert provenance is not None  # --n >= 1 was checked
+    return SampleResult(items, provenance)
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 
 def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:
     rows = [["name", "kind", "versions", "state", "latent", "output", "classes"]]
-    for m in client.list_models():
+    models = client.list_models()
+    for m in models:
         rows.append(
             [
                 m.name,
@@ -198,6 +247,10 @@ def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         _out("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    # Why a model's files on disk are not what it serves (a reload that kept the loaded versions).
+    for m in models:
+        if m.reason:
+            _out(f"{m.name}: {m.reason}")
     return 0
 
 
@@ -227,6 +280,10 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
+    if info.kind != "code_prior" and (args.progress or args.temperature is not None or args.top_k):
+        raise UsageError(
+            f"sample: --progress, --temperature and --top-k are for code priors; {args.model} is {info.kind}"
+        )
     base = args.seed if args.seed is not None else random.randrange(2**31)
     if args.seed is None:
         _out(f"seed {base} (repeat with --seed {base})")
@@ -234,7 +291,10 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     row_seeds = [base + j for j in range(args.n)]
     seeds = row_seeds * max(1, len(labels))
     flat_labels = [label for label in labels for _ in row_seeds]
-    result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
+    if info.kind == "code_prior":
+        result: SampleResult = sample_codes_in_batches(client, args, info, seeds, flat_labels)
+    else:
+        result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
     if args.out:
         write_items(result, Path(args.out), args.model)
     if args.grid:
@@ -485,6 +545,8 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
         words += ["--concurrency", str(args.concurrency)]
     if args.chunk_size:
         words += ["--chunk-size", str(args.chunk_size)]
+    if args.stream_images != DEFAULT_STREAM_IMAGES:
+        words += ["--stream-images", str(args.stream_images)]
     if args.retry_window != DEFAULT_RETRY_WINDOW_S:
         words += ["--retry-window", f"{args.retry_window:g}"]
     command = shlex.join(words)
@@ -494,6 +556,8 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
 def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
+    if args.stream_images < 1:
+        raise UsageError(f"bulk: --stream-images must be >= 1, got {args.stream_images}")
     params, out, shard = bulk_params(client, args)
     job = BulkJob(
         client,
@@ -504,6 +568,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         verify=args.verify,
         retry_window_s=args.retry_window,
         shard=shard,
+        stream_images=args.stream_images,
     )
     try:
         job.run()
@@ -529,20 +594,21 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Exit 0 when the folder(s) hold exactly the job, 1 with the problems listed otherwise."""
-    root = Path(args.dir)
-    report, merged = verify_job(root, hashes=args.hashes)
+    """Exit 0 when the folders hold exactly the job, 1 with the problems listed otherwise."""
+    roots = [Path(d) for d in args.dirs]
+    report, merged = verify_job(roots, hashes=args.hashes)
+    where = " + ".join(map(str, roots))
     for problem in report.problems:
         _err(f"genserve-client: verify: {problem}")
     if not report.ok:
         _err(
-            f"genserve-client: verify: {root} is NOT the complete job ({report.images} of {report.n} images)"
+            f"genserve-client: verify: {where} is NOT the complete job ({report.images} of {report.n} images)"
         )
         return 1
     if args.manifest_out:
         write_merged_manifest(Path(args.manifest_out), merged)
     checked = "files and sha256 checked" if args.hashes else "files checked"
-    _out(f"{root}: complete, {report.n} images in {len(report.folders)} folder(s), {checked}")
+    _out(f"{where}: complete, {report.n} images in {len(report.folders)} folder(s), {checked}")
     return 0
 
 
@@ -630,7 +696,9 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
     g.add_argument(
         "--target",
         default=default(os.environ.get(TARGET_ENV) or DEFAULT_TARGET),
-        help=f"server host:port (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
+        help="server host:port; replicas as a list host:port,host:port,... or a DNS name with one address "
+        "per replica (dns:///genserve-headless:50051): calls are spread over all of them (round_robin) "
+        f"(default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
     g.add_argument(
         "--timeout",
@@ -692,6 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
     p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random, and printed")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
+    p.add_argument("--temperature", type=float, help="code priors: softmax temperature (default 1)")
+    p.add_argument(
+        "--top-k", type=int, default=0, help="code priors: sample among the k likeliest codes (0: all)"
+    )
+    p.add_argument(
+        "--progress",
+        metavar="FILE.png",
+        help="code priors: stream previews into this strip as the prior fills the grids (one call)",
+    )
     p.add_argument("--cols", type=int, help="grid columns for unconditional models (default: square)")
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
@@ -760,7 +837,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_labels,
         help="`all` or 0,1,...: image i gets labels[i %% len] (default: all classes of a conditional model)",
     )
-    p.add_argument("--concurrency", type=int, default=1, help="parallel streams")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="parallel streams (with replicas: at least one per replica, so that each gets work)",
+    )
+    p.add_argument(
+        "--stream-images",
+        type=int,
+        default=DEFAULT_STREAM_IMAGES,
+        metavar="N",
+        help="images per stream; each new stream goes to the next replica of --target",
+    )
     p.add_argument("--seed", type=int, help="base seed: image i uses seed + i (default: 0)")
     p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
@@ -780,10 +869,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"${SHARD_ENV} (Kubernetes Indexed Job); check the union with `verify OUT`",
     )
 
-    p = command("verify", "check a bulk job's folder (or its shard folders) holds exactly the job")
-    p.add_argument("dir", help="job folder, or the --out of a sharded job")
+    p = command("verify", "check a bulk job's folder(s) hold exactly the job, each image once")
+    p.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="job folder, the --out of a sharded job, or shard folders (several: their union is checked)",
+    )
     p.add_argument("--hashes", action="store_true", help="also re-hash every file against its manifest line")
-    p.add_argument("--manifest-out", metavar="FILE", help="when complete, write the merged manifest here")
+    p.add_argument(
+        "--manifest-out",
+        metavar="FILE",
+        help="when complete, write the merged manifest here (files relative to the DIRs' common parent)",
+    )
 
     p = command("bench", "load generator: closed loop per concurrency, open loop per rate")
     _add_model(p)

@@ -17,8 +17,8 @@ from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_client import calls
 from genserve_client.attempts import StreamResume
 from genserve_client.binding import ClientBase
-from genserve_client.errors import GenserveClientError
-from genserve_client.results import SampleResult
+from genserve_client.errors import GenserveClientError, from_rpc_error
+from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
 Out = TypeVar("Out")
 
@@ -55,6 +55,20 @@ class GenserveClient(ClientBase):
                 time.sleep(attempts.wait_s(exc))
                 continue
             return attempts.result(call, response, done.trailing_metadata())
+
+    def _progress(self, plan: Callable[[], calls.ProgressCall]) -> Iterator[CodesProgress | CodesResult]:
+        call = plan()
+        attempts = self._attempts(call.timeout_s)
+        stream = self._stub.SampleCodesStream(
+            call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata
+        )
+        try:
+            for chunk in stream:
+                yield calls.progress_item(chunk, attempts.request_id)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, attempts.request_id) from None
+        finally:
+            stream.cancel()  # the iterator is also the call
 
     def _stream(self, plan: Callable[[], calls.StreamCall]) -> SampleStream:
         call = plan()  # checked now: a bad range fails at the call, not at the first iteration

@@ -42,10 +42,24 @@ def image_format(name: str | types_pb2.ImageFormat.ValueType) -> types_pb2.Image
     return name
 
 
+_LE_I64 = np.dtype("<i8")
+_TENSOR_DTYPES: dict[int, np.dtype[np.generic]] = {
+    types_pb2.DTYPE_UINT8: np.dtype(np.uint8),
+    types_pb2.DTYPE_INT64: _LE_I64,
+}
+
+
 def tensor_to_array(tensor: types_pb2.Tensor) -> npt.NDArray[np.generic]:
-    """A read-only view of the tensor's bytes (no copy)."""
-    dtype = np.dtype(np.uint8) if tensor.dtype == types_pb2.DTYPE_UINT8 else _LE_F32
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+    """A read-only view of the tensor's bytes (no copy): uint8, int64 (code grids) or float32."""
+    dtype: np.dtype[np.generic] = _TENSOR_DTYPES.get(tensor.dtype, _LE_F32)
+    array: npt.NDArray[np.generic] = np.frombuffer(tensor.data, dtype=dtype)
+    return array.reshape(tuple(tensor.shape))
+
+
+def codes_to_tensor(array: npt.ArrayLike) -> types_pb2.Tensor:
+    """An int64 little-endian C-order tensor (code grids: SampleCodesRequest.top_codes)."""
+    arr = np.ascontiguousarray(array, dtype=_LE_I64)
+    return types_pb2.Tensor(shape=arr.shape, dtype=types_pb2.DTYPE_INT64, data=arr.tobytes())
 
 
 def array_to_tensor(array: npt.ArrayLike) -> types_pb2.Tensor:

@@ -13,7 +13,13 @@ import numpy as np
 import numpy.typing as npt
 
 from genserve.v1 import genserve_pb2, types_pb2
-from genserve_client.convert import ImageInput, array_to_tensor, image_format, to_image_message
+from genserve_client.convert import (
+    ImageInput,
+    array_to_tensor,
+    codes_to_tensor,
+    image_format,
+    to_image_message,
+)
 
 Format: TypeAlias = "str | types_pb2.ImageFormat.ValueType"
 Latent: TypeAlias = "int | npt.ArrayLike"  # a seed, or an explicit float32 [Z] latent
@@ -50,6 +56,20 @@ class StreamOptions(OutputOptions, total=False):
     version: str
     start_index: int
     chunk_size: int
+
+
+class CodesOptions(OutputOptions, total=False):
+    """SampleCodes / SampleCodesStream (genserve.proto SampleCodesRequest)."""
+
+    seeds: Sequence[int]
+    base_seed: int
+    labels: Sequence[int]
+    temperature: float
+    top_k: int
+    top_codes: npt.ArrayLike  # int64 [N, Ht, Wt] or [Ht, Wt]: a bottom prior's given top grids
+    return_codes: bool
+    preview_every: int  # SampleCodesStream: steps between progress chunks (0: about 8 per level)
+    version: str
 
 
 class InterpolateOptions(OutputOptions, total=False):
@@ -102,6 +122,29 @@ def sample_request(model: str, n: int = 0, **opts: Unpack[SampleOptions]) -> gen
         req.latents.CopyFrom(array_to_tensor(opts["latents"]))
     if "psi" in opts:
         req.truncation_psi = opts["psi"]
+    return req
+
+
+def sample_codes_request(
+    model: str, n: int = 0, **opts: Unpack[CodesOptions]
+) -> genserve_pb2.SampleCodesRequest:
+    req = genserve_pb2.SampleCodesRequest(
+        model=model,
+        version=opts.get("version", ""),
+        count=n,
+        seeds=opts.get("seeds", ()),
+        labels=opts.get("labels", ()),
+        top_k=opts.get("top_k", 0),
+        return_codes=opts.get("return_codes", False),
+        preview_every=opts.get("preview_every", 0),
+        output=output_options(opts),
+    )
+    if "base_seed" in opts:
+        req.base_seed = opts["base_seed"]
+    if "temperature" in opts:
+        req.temperature = opts["temperature"]
+    if "top_codes" in opts:
+        req.top_codes.CopyFrom(codes_to_tensor(opts["top_codes"]))
     return req
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -137,6 +137,48 @@ class SampleResult(_Images):
             [GeneratedItem.from_proto(g) for g in resp.images],
             Provenance.from_proto(resp.provenance),
             request_id,
+        )
+
+
+@dataclass(frozen=True)
+class CodesResult(SampleResult):
+    """SampleCodes responses: the images (empty for a prior without a decoder) and, when asked or
+    when there are no images, each sample's code grid int64 [H, W] (and its top grid)."""
+
+    codes: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    top_codes: list[npt.NDArray[np.int64]] = field(default_factory=list)
+
+    @classmethod
+    def from_codes_proto(cls, resp: genserve_pb2.SampleCodesResponse, request_id: str | None) -> CodesResult:
+        def grids(tensors: Sequence[types_pb2.Tensor]) -> list[npt.NDArray[np.int64]]:
+            return [tensor_to_array(t).astype(np.int64, copy=False) for t in tensors]
+
+        return cls(
+            [GeneratedItem.from_proto(g) for g in resp.images],
+            Provenance.from_proto(resp.provenance),
+            request_id,
+            grids(resp.codes),
+            grids(resp.top_codes),
+        )
+
+
+@dataclass(frozen=True)
+class CodesProgress(_Images):
+    """A SampleCodesStream progress chunk: `filled` of `positions` at `level` ("top" or "codes"),
+    with previews (the grids so far, decoded) at the "codes" level of a prior with a decoder."""
+
+    level: str
+    filled: int
+    positions: int
+    previews: list[GeneratedItem]
+
+    def _messages(self) -> Sequence[types_pb2.Image]:
+        return [item.message for item in self.previews]
+
+    @classmethod
+    def from_proto(cls, chunk: genserve_pb2.SampleCodesChunk) -> CodesProgress:
+        return cls(
+            chunk.level, chunk.filled, chunk.positions, [GeneratedItem.from_proto(g) for g in chunk.previews]
         )
 
 

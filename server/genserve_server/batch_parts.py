@@ -29,6 +29,7 @@ class BatchResult:
     executed_batch_sizes: list[int]
     # From enqueue to the dispatch of the request's last batch.
     queue_s: float
+    dispatched_at: float = 0.0  # time.monotonic() of that dispatch
 
 
 @dataclass(slots=True, eq=False)
@@ -152,7 +153,10 @@ def fan_out(parts: list[Part], outputs: Tensors) -> None:
             if request.rows_done == request.n_rows:
                 request.future.set_result(
                     BatchResult(
-                        assembled, request.batch_sizes, request.last_dispatch_at - request.enqueued_at
+                        assembled,
+                        request.batch_sizes,
+                        request.last_dispatch_at - request.enqueued_at,
+                        request.last_dispatch_at,
                     )
                 )
         offset = stop

@@ -205,6 +205,7 @@ class Batcher:
         # RPCs of this model version now in the server, kept through hold/release (0 = not tracked).
         # More callers than queued requests means more rows are about to arrive: worth the window.
         self.callers = 0
+        self._dispatcher_idle = False  # asleep until a request is queued (see _runs_alone_now)
         # SampleStreams now reading from this version (hold(stream=True); a reload drains them).
         self.streams = 0
         # Set while no RPC holds this version: what a reload's drain awaits (wait_released).
@@ -329,15 +330,7 @@ class Batcher:
             seq=self._admitted,
         )
         if self.callers:
-            overlapped = 1.0 if self.callers > 1 or self._queued_requests else 0.0
-            self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
-            if overlapped:
-                self._last_overlap_at = now
-            if self.callers > self._callers_peak:
-                self._callers_peak_rose_at = now
-            if self.callers >= self._callers_peak or now - self._callers_peak_at > CALLERS_PEAK_MEMORY_S:
-                self._callers_peak = self.callers
-                self._callers_peak_at = now
+            self._note_callers(now)
         queue = self._lanes[lane].get(key)
         if queue is None:
             queue = self._lanes[lane][key] = deque()
@@ -349,8 +342,15 @@ class Batcher:
         if lane == Lane.BULK:
             self._bulk_rows += n_rows
         self._observer.on_queue_depth(self._queued_rows)
-        self._available.set()
         try:
+            if self._runs_alone_now(request):
+                # One loop turn first: RPCs that arrived with this one (their handlers are ready to
+                # run) queue now, and then it is not alone: a burst still forms one batch.
+                await asyncio.sleep(0)
+            if self._runs_alone_now(request):
+                await self._run_alone(lane, key)
+            else:
+                self._available.set()
             return await future
         except asyncio.CancelledError:
             # The caller was cancelled (asyncio cancels `future` too): its rows leave the queue at
@@ -358,6 +358,44 @@ class Batcher:
             # Here rather than a done-callback on every future: no extra loop turn per request.
             self._forget_cancelled(request)
             raise
+
+    def _note_callers(self, now: float) -> None:
+        """Overlapping arrivals and the peak of callers lately (see _more_expected)."""
+        overlapped = 1.0 if self.callers > 1 or self._queued_requests else 0.0
+        self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
+        if overlapped:
+            self._last_overlap_at = now
+        if self.callers > self._callers_peak:
+            self._callers_peak_rose_at = now
+        if self.callers >= self._callers_peak or now - self._callers_peak_at > CALLERS_PEAK_MEMORY_S:
+            self._callers_peak = self.callers
+            self._callers_peak_at = now
+
+    def _runs_alone_now(self, request: PendingRequest) -> bool:
+        """Whether a just-queued interactive request is the only work in sight: the dispatcher is
+        asleep, nothing else is queued or running, and no other request is expected
+        (_more_expected: no other caller in the server, no recent overlapping arrivals). The batch
+        window could not grow its batch, so it runs from the caller's own task, without the two
+        loop turns of waking the dispatcher and starting a batch task."""
+        return (
+            request.lane == Lane.INTERACTIVE
+            and self._dispatcher_idle
+            and self._queued_requests == 1
+            and self._batches_in_flight == 0
+            and not self._slots.locked()
+            and not self._closing
+            and request.n_rows <= self._batch_limit(request.lane, request.key)
+            and not self._more_expected()
+        )
+
+    async def _run_alone(self, lane: Lane, key: Hashable) -> None:
+        await self._slots.acquire()  # free (checked above): returns without a loop turn
+        parts = self._take(lane, key)
+        if not parts:
+            self._slots.release()
+            return
+        self._batches_in_flight += 1
+        await self._execute(parts)
 
     def _forget_cancelled(self, request: PendingRequest) -> None:
         """Take a cancelled request's untaken rows out of the queue (rows already in a batch compute
@@ -428,7 +466,11 @@ class Batcher:
                     await asyncio.wait(set(self._tasks))
                     continue
                 self._available.clear()
-                await self._available.wait()
+                self._dispatcher_idle = True
+                try:
+                    await self._available.wait()
+                finally:
+                    self._dispatcher_idle = False
             # Rows keep arriving while all runner instances are busy: that is where batches grow.
             await self._slots.acquire()
             if self._bulk_must_wait():

@@ -110,13 +110,16 @@ class Boundary:
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     def end(self, call: Call) -> None:
-        duration_s = time.monotonic() - call.started
+        ended = time.monotonic()
+        duration_s = ended - call.started
         self.metrics.in_flight_children[call.method].dec()
         if call.batcher is not None:
             call.batcher.release()
         if call.stream_batcher is not None:
             call.stream_batcher.release(stream=True)
         call.metrics.request_done(call.method, call.code, duration_s)
+        if call.code != "NOT_FOUND":  # a version that does not exist: Triton has nothing to charge
+            call.metrics.infer_stats.request_done(call.code == "OK", call.started, ended, call.timing)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "request request_id=%s method=%s model=%s version=%s code=%s duration_ms=%.3f",

@@ -69,11 +69,42 @@ class Limits:
     max_sr_input_pixels: int = 1024 * 1024
     max_images_per_image_request: int = 16
     max_stream_images: int = 10**9
-    # gRPC maximum_concurrent_rpcs: beyond it the transport answers RESOURCE_EXHAUSTED.
+    # Generation RPCs (Sample, Decode, ..., KServe ModelInfer) running at once, counted once their
+    # request has arrived; beyond it RESOURCE_EXHAUSTED (admission.py: genserve's, not grpc's).
     max_concurrent_rpcs: int = 1024
+    # HTTP/2 streams per connection (grpc.max_concurrent_streams).
     max_concurrent_streams: int = 1024
-    # SampleStream calls running at once (bulk jobs); beyond it RESOURCE_EXHAUSTED (limits.py).
+    # SampleStream + SampleCodesStream calls at once (bulk jobs); beyond it RESOURCE_EXHAUSTED.
     max_concurrent_sample_streams: int = 64
+    # --- admission.py and the gRPC server's connection options (docs/operations.md, "Admission")
+    # ListModels, GetModel, KServe metadata/readiness and reflection calls at once.
+    max_concurrent_control_rpcs: int = 256
+    # grpc.health.v1 Watch streams at once (health Check is never limited).
+    max_health_watchers: int = 64
+    # A call whose request message has not arrived this long after its headers ends DEADLINE_EXCEEDED.
+    request_timeout_s: float = 10.0
+    # Connections at once (grpc.max_allowed_incoming_connections): more are closed at accept.
+    max_connections: int = 1024
+    # A connection with no call for this long is closed (GOAWAY): grpc.max_connection_idle_ms.
+    connection_idle_timeout_s: float = 120.0
+    # A connection must finish its HTTP/2 (and TLS) handshake within this (grpc.server_handshake_timeout_ms).
+    handshake_timeout_s: float = 10.0
+    # Connections older than this are closed after connection_age_grace_s for their calls; 0 = never.
+    max_connection_age_s: float = 0.0
+    connection_age_grace_s: float = 30.0
+    # Keepalive pings more often than this (grpc.http2.min_ping_interval_without_data_ms) are
+    # strikes; two strikes close the connection (ENHANCE_YOUR_CALM, too_many_pings).
+    keepalive_min_ping_interval_s: float = 30.0
+    # Pings on a connection with no call are allowed (within the interval above).
+    keepalive_permit_without_calls: bool = True
+    # gzip/deflate request messages; off: refused (UNIMPLEMENTED) before anything is inflated. On:
+    # the inflated size is still bounded by max_receive_message_bytes (grpc checks after inflating).
+    accept_compressed_requests: bool = False
+    # The metrics port (metrics_http.py): worker threads, the time a client has to send its whole
+    # request, and the most of the time spent rendering /metrics however many scrape.
+    metrics_threads: int = 4
+    metrics_read_timeout_s: float = 5.0
+    metrics_render_share: float = 0.5
     # Used when a model's config.json does not say.
     default_max_queue_size: int = BatchingConfig().max_queue_size
 
@@ -114,6 +145,14 @@ class ServerConfig:
     log_json: bool = False
     drain_grace_s: float = 10.0
     warmup: bool = True
+    # Seconds each version may spend timing batch sizes at warm-up (calibration.py): larger sizes
+    # whose step would end past it are not timed, and the batch cap is chosen among those measured.
+    # 5 s: every default model READY within ~15 s of start on 2 cores (bench/README.md, start-up).
+    calibration_budget_s: float = 5.0
+    # Bytes one warm-up batch may take; 0 = the memory available at warm-up / (2 x instances).
+    warmup_memory_bytes: int = 0
+    # Versions whose load steps other than the timing ones run at once (load_gate.py); 0 = cores.
+    load_concurrency: int = 0
     # A batch whose measured compute is at most this many seconds runs on the event loop thread
     # instead of hopping to the runner pool (the hop costs more); 0 = always the pool. 250 us covers
     # a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs. The file
@@ -154,6 +193,28 @@ def load_server_config(path: Path | None) -> ServerConfig:
             "max_concurrent_sample_streams", d.max_concurrent_sample_streams, min_value=1
         ),
         default_max_queue_size=lr.integer("default_max_queue_size", d.default_max_queue_size, min_value=1),
+        max_concurrent_control_rpcs=lr.integer(
+            "max_concurrent_control_rpcs", d.max_concurrent_control_rpcs, min_value=1
+        ),
+        max_health_watchers=lr.integer("max_health_watchers", d.max_health_watchers, min_value=1),
+        request_timeout_s=lr.number("request_timeout_s", d.request_timeout_s, min_value=0.01),
+        max_connections=lr.integer("max_connections", d.max_connections, min_value=1),
+        connection_idle_timeout_s=lr.number(
+            "connection_idle_timeout_s", d.connection_idle_timeout_s, min_value=0.01
+        ),
+        handshake_timeout_s=lr.number("handshake_timeout_s", d.handshake_timeout_s, min_value=0.01),
+        max_connection_age_s=lr.number("max_connection_age_s", d.max_connection_age_s, min_value=0.0),
+        connection_age_grace_s=lr.number("connection_age_grace_s", d.connection_age_grace_s, min_value=0.0),
+        keepalive_min_ping_interval_s=lr.number(
+            "keepalive_min_ping_interval_s", d.keepalive_min_ping_interval_s, min_value=0.0
+        ),
+        keepalive_permit_without_calls=lr.boolean(
+            "keepalive_permit_without_calls", d.keepalive_permit_without_calls
+        ),
+        accept_compressed_requests=lr.boolean("accept_compressed_requests", d.accept_compressed_requests),
+        metrics_threads=lr.integer("metrics_threads", d.metrics_threads, min_value=1),
+        metrics_read_timeout_s=lr.number("metrics_read_timeout_s", d.metrics_read_timeout_s, min_value=0.01),
+        metrics_render_share=_render_share(lr, d.metrics_render_share),
     )
     lr.finish()
     security = _security_config(r, path.parent)
@@ -170,6 +231,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
         log_json=r.boolean("log_json", s.log_json),
         drain_grace_s=r.number("drain_grace_s", s.drain_grace_s, min_value=0.0),
         warmup=r.boolean("warmup", s.warmup),
+        calibration_budget_s=r.number("calibration_budget_s", s.calibration_budget_s, min_value=0.0),
+        warmup_memory_bytes=r.integer("warmup_memory_bytes", s.warmup_memory_bytes, min_value=0),
+        load_concurrency=r.integer("load_concurrency", s.load_concurrency, min_value=0),
         inline_compute_max_s=_inline_compute_max_s(r, s.inline_compute_max_s),
         security=security,
         watch_interval_s=None if watch is None else float(watch),
@@ -178,6 +242,13 @@ def load_server_config(path: Path | None) -> ServerConfig:
     )
     r.finish()
     return config
+
+
+def _render_share(r: _Reader, default: float) -> float:
+    value = r.number("metrics_render_share", default, min_value=0.01)
+    if value > 1:
+        raise r.error("metrics_render_share", f"must be <= 1 (a share of the time), got {value}")
+    return value
 
 
 def _optional_dir(r: _Reader, key: str) -> str | None:

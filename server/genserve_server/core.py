@@ -10,7 +10,7 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 - `encode_vae`: images -> latent distributions;
 - `upscale`: pad -> plan tiles -> group by shape -> submit -> blend -> crop;
 - `translate`: bucket by padded shape -> submit -> crop.
-- `sample_codes`: a code prior's step scheduler (step_sampler.py) -> its code_decoder's batcher.
+- code priors: code_sampling.py (a prior's step scheduler -> its code_decoder's batcher).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,6 @@ from genserve_server.batch_keys import (
     PIXELS_OUTPUT,
     SEED_INPUT,
     BatchKey,
-    CodeRows,
     ImageRows,
     LatentRows,
     SeedRows,
@@ -44,9 +44,10 @@ from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import GenserveError, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
+from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import ModelState, ModelVersion, Repository
-from genserve_server.step_sampler import SamplingOptions, StepScheduler
+from genserve_server.step_sampler import StepScheduler
 from genserve_server.validate import OutputSpec
 
 T = TypeVar("T")
@@ -69,6 +70,7 @@ class Call:
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
     stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
     code: str = "OK"  # the status the call ends with (the boundary counts it)
+    timing: CallTiming = field(default_factory=CallTiming)  # its batches' queue and compute (KServe stats)
 
 
 @dataclass(slots=True)
@@ -86,16 +88,6 @@ class Upscaled:
     images: list[EncodedImage]
     executed_batch_sizes: list[int]
     tiles: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class CodeSamples:
-    """Grids sampled by a code prior and, where it names a decoder, their images."""
-
-    codes: np.ndarray  # int64 [N, H, W]
-    images: list[EncodedImage]  # empty without a decoder
-    executed_batch_sizes: list[int]  # the decoder's batches
-    tops: np.ndarray | None = None  # int64 [N, Ht, Wt]: the top grids (given, or sampled by the top prior)
 
 
 @dataclass(slots=True)
@@ -146,6 +138,13 @@ class GenerationCore:
         # One step scheduler per loaded prior version (ModelVersion hashes by identity: a reload's
         # new version gets its own, while the old one finishes its running rows).
         self.steppers: dict[ModelVersion, StepScheduler] = {}
+        # Set at SIGTERM (begin_shutdown): SampleStreams end at their next chunk boundary.
+        self.shutting_down = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """A drain: unary calls finish, each SampleStream ends after the chunk it is sending with
+        UNAVAILABLE naming the start_index to resume from (a bulk job's stream can last hours)."""
+        self.shutting_down.set()
 
     # ------------------------------------------------------------------ resolving and submitting
 
@@ -183,7 +182,10 @@ class GenerationCore:
         self, mv: ModelVersion, call: Call, key: BatchKey, inputs: dict[str, np.ndarray], n: int, lane: Lane
     ) -> BatchResult:
         assert mv.batcher is not None
-        return await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+        entered = time.monotonic()
+        result = await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+        call.timing.submitted(entered, result.dispatched_at, time.monotonic())
+        return result
 
     def check_send_size(self, n_bytes: int, what: str, fmt: int | None = None) -> None:
         validate.send_size(
@@ -269,7 +271,12 @@ class GenerationCore:
             mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field
         )
         images = await self.codec.encode(
-            mv.metrics, result.outputs["image"], out, card.output_range, result.outputs.get(PIXELS_OUTPUT)
+            mv.metrics,
+            result.outputs["image"],
+            out,
+            card.output_range,
+            result.outputs.get(PIXELS_OUTPUT),
+            timing=call.timing,
         )
         return Generated(images, used, result.executed_batch_sizes)
 
@@ -357,15 +364,37 @@ class GenerationCore:
             return start, seeds, labels, generated
 
         pending: deque[asyncio.Task[tuple[int, list[int], np.ndarray | None, Generated]]] = deque()
-        next_index = start_index
+        next_index = sent = start_index
+        stopping = asyncio.ensure_future(self.shutting_down.wait())
         try:
-            while next_index < count or pending:
-                while len(pending) <= STREAM_CHUNKS_AHEAD and next_index < count:
+            while sent < count:
+                if self.shutting_down.is_set():
+                    # Shutting down: the chunk in flight is sent, the ones computed ahead are dropped,
+                    # and the stream ends at that chunk boundary with a status clients resume from.
+                    while len(pending) > 1:
+                        pending.pop().cancel()
+                    if not pending:
+                        raise Unavailable(
+                            f"server is shutting down: the stream ended before image {sent}; "
+                            f"resume with start_index={sent} (another replica, or this one restarted)"
+                        )
+                while (
+                    not self.shutting_down.is_set()
+                    and len(pending) <= STREAM_CHUNKS_AHEAD
+                    and next_index < count
+                ):
                     n = min(chunk_size, count - next_index)
                     pending.append(asyncio.ensure_future(chunk(next_index, n)))
                     next_index += n
-                yield await pending.popleft()
+                if not self.shutting_down.is_set():
+                    await asyncio.wait((pending[0], stopping), return_when=asyncio.FIRST_COMPLETED)
+                    if not pending[0].done():
+                        continue  # shutting down while this chunk computes: drop the ones ahead first
+                item = await pending.popleft()
+                sent = item[0] + len(item[1])
+                yield item
         finally:
+            stopping.cancel()
             for task in pending:
                 task.cancel()
 
@@ -437,46 +466,6 @@ class GenerationCore:
             )
         return top
 
-    async def sample_codes(
-        self,
-        mv: ModelVersion,
-        call: Call,
-        seeds: Sequence[int],
-        labels: Sequence[int] | None,
-        tops: np.ndarray | None,
-        options: SamplingOptions,
-        out: OutputSpec,
-    ) -> CodeSamples:
-        """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
-        finish near the same step, of any request, share the decoder's batches)."""
-        decoder = self.code_decoder(mv)
-        if decoder is not None:
-            card = decoder.card
-            assert card is not None and card.image_size is not None
-            validate.predicted_send_size(
-                out, len(seeds), card.channels, *card.image_size, self.limits.max_send_message_bytes
-            )
-        top = self.top_prior(mv) if tops is None else None
-        if top is not None:  # both levels in one call: the top grids first, same seeds and options
-            assert top.card is not None and top.card.codebook_size is not None
-            top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
-            top_labels = labels if top.card.class_names else None
-            tops = await self.stepper(top).sample(seeds, top_labels, None, top_options, call.deadline)
-        codes = await self.stepper(mv).sample(seeds, labels, tops, options, call.deadline)
-        if decoder is None:
-            return CodeSamples(codes, [], [], tops)
-        assert decoder.card is not None and decoder.batcher is not None
-        inputs = {"codes": codes}
-        if tops is not None:
-            inputs["top_codes"] = tops
-        result = await decoder.batcher.submit(
-            CodeRows(), inputs, len(seeds), lane=Lane.INTERACTIVE, deadline=call.deadline
-        )
-        images = await self.codec.encode(
-            decoder.metrics, result.outputs["image"], out, decoder.card.output_range
-        )
-        return CodeSamples(codes, images, result.executed_batch_sizes, tops)
-
     # ------------------------------------------------------------------ VAE encoder
 
     async def encode_vae(
@@ -497,7 +486,7 @@ class GenerationCore:
                     f"must be {h}x{w} (the encoder's input size; never resized), "
                     f"got {declared[0]}x{declared[1]}",
                 )
-        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1))
+        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1), timing=call.timing)
         for i, chw in enumerate(arrays):
             if chw.shape[1:] != (h, w):
                 raise invalid(
@@ -535,7 +524,9 @@ class GenerationCore:
         overlap = default_overlap if tile_overlap is None else tile_overlap
         tile = tile_size or min(validate.MAX_TILE, max(card.tile_size or 128, 4 * overlap))
         validate.tiling(tile, overlap, card.size_multiple)
-        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_sr_input_pixels)
+        arrays = await self.codec.decode(
+            mv.metrics, images, card, self.limits.max_sr_input_pixels, timing=call.timing
+        )
         validate.min_size(arrays, card)
         scale = card.scale_factor
         validate.encodable(out, [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays])
@@ -607,11 +598,11 @@ class GenerationCore:
             ]
         else:
             upscaled = await self.codec.off_loop(blend_all)
-        encoded = await self._encode_each(mv, upscaled, out)
+        encoded = await self._encode_each(mv, call, upscaled, out)
         return Upscaled(encoded, batch_sizes, [len(p) for p in plans])
 
     async def _encode_each(
-        self, mv: ModelVersion, outputs: Sequence[np.ndarray], out: OutputSpec
+        self, mv: ModelVersion, call: Call, outputs: Sequence[np.ndarray], out: OutputSpec
     ) -> list[EncodedImage]:
         """Images of different sizes, one encode each; the whole response checked against the limit."""
         assert mv.card is not None
@@ -619,7 +610,11 @@ class GenerationCore:
         for o in outputs:
             images.extend(
                 await self.codec.encode(
-                    mv.metrics, o[np.newaxis].astype(np.float32, copy=False), out, mv.card.output_range
+                    mv.metrics,
+                    o[np.newaxis].astype(np.float32, copy=False),
+                    out,
+                    mv.card.output_range,
+                    timing=call.timing,
                 )
             )
         self.check_send_size(sum(len(im.data) for im in images), "the response", out.format)
@@ -632,7 +627,9 @@ class GenerationCore:
     ) -> Upscaled:
         card = mv.card
         assert card is not None
-        arrays = await self.codec.decode(mv.metrics, images, card, self.limits.max_input_pixels)
+        arrays = await self.codec.decode(
+            mv.metrics, images, card, self.limits.max_input_pixels, timing=call.timing
+        )
         validate.min_size(arrays, card)
         validate.encodable(out, [(a.shape[1], a.shape[2]) for a in arrays])
         validate.predicted_send_size(
@@ -669,7 +666,7 @@ class GenerationCore:
             for row, i in enumerate(groups[shape]):
                 h, w = arrays[i].shape[1:]
                 outputs[i] = result.outputs["output_image"][row, :, :h, :w]  # crop the padding back off
-        return Upscaled(await self._encode_each(mv, outputs, out), batch_sizes)
+        return Upscaled(await self._encode_each(mv, call, outputs, out), batch_sizes)
 
 
 def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:

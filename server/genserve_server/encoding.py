@@ -21,6 +21,7 @@ import numpy as np
 from genserve_server import codecs, validate
 from genserve_server.codecs import ImageFormat
 from genserve_server.config import Card
+from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import ModelMetrics
 from genserve_server.validate import OutputSpec
 
@@ -190,8 +191,10 @@ class Codec:
         out: OutputSpec,
         output_range: tuple[float, float],
         pixels: np.ndarray | None = None,
+        timing: CallTiming | None = None,
     ) -> list[EncodedImage]:
-        """Encoded images, refused (InvalidArgument) when they would not fit the send limit."""
+        """Encoded images, refused (InvalidArgument) when they would not fit the send limit;
+        `timing`: the call's, which counts this as its compute_output (KServe statistics)."""
         started = time.monotonic()
         if images.dtype != np.float32 and (pixels is None or out.format == ImageFormat.TENSOR_F32):
             images = images.astype(np.float32)  # fp16 graphs
@@ -201,7 +204,10 @@ class Codec:
             result = await self._queue.submit(
                 functools.partial(encode_sync, images, out, output_range, pixels)
             )
-        metrics.encode_duration[out.format_name].observe(time.monotonic() - started)
+        elapsed_s = time.monotonic() - started
+        metrics.encode_duration[out.format_name].observe(elapsed_s)
+        if timing is not None:
+            timing.output_s += elapsed_s
         validate.send_size(
             sum(len(im.data) for im in result), self.max_send_bytes, "the response", out.format
         )
@@ -214,11 +220,16 @@ class Codec:
         card: Card,
         max_pixels: int,
         field_prefix: str = "images",
+        timing: CallTiming | None = None,
     ) -> list[np.ndarray]:
+        """`timing`: the call's, which counts this as its compute_input (KServe statistics)."""
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         arrays = await loop.run_in_executor(self.pool, decode_sync, images, card, max_pixels, field_prefix)
-        metrics.decode_duration.observe(time.monotonic() - started)
+        elapsed_s = time.monotonic() - started
+        metrics.decode_duration.observe(elapsed_s)
+        if timing is not None:
+            timing.input_s += elapsed_s
         return arrays
 
     async def off_loop(self, job: Callable[[], T]) -> T:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve_server import kserve_metadata, kserve_tensors, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
@@ -41,8 +42,6 @@ from genserve_server.core import Call, GenerationCore, image_batch_key
 from genserve_server.errors import GenserveError, NotFound, invalid
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.version import SERVER_VERSION
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,6 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         repository: Repository,
         core: GenerationCore,
         boundary: Boundary,
-        registry: CollectorRegistry,
         *,
         ready: Callable[[], bool] | None = None,
     ) -> None:
@@ -82,9 +80,6 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         self.core = core
         self.boundary = boundary
         self.limits = core.limits
-        self.registry = registry
-        # (model, version) -> ms since the epoch of the last successful ModelInfer.
-        self._last_inference_ms: dict[tuple[str, str], int] = {}
         # Startup loading is finished once the repository has announced every model, which
         # `load_all` does after loading each one's versions; main.py sets grpc.health "" SERVING
         # right after that. Latched, so that a hot reload loading a version does not undo it.
@@ -176,9 +171,8 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest, context: Context) -> kpb.ModelConfigResponse:
         async def handle() -> kpb.ModelConfigResponse:
-            return kpb.ModelConfigResponse(
-                config=kserve_metadata.model_config(self._version(request.name, request.version))
-            )
+            mv = self._version(request.name, request.version)
+            return kpb.ModelConfigResponse(config=kserve_metadata.model_config(mv, self._max_rows(mv)[0]))
 
         return await self.boundary.plain(context, handle)
 
@@ -197,20 +191,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                     versions = list(model.versions.values())
             else:
                 versions = [mv for m in self.repo for mv in m.versions.values()]
-            totals = kserve_metadata.metric_totals(self.registry)
             return kpb.ModelStatisticsResponse(
-                model_stats=[
-                    kserve_metadata.statistics(
-                        mv, totals, self._last_inference_ms.get((mv.name, mv.version), 0)
-                    )
-                    for mv in versions
-                ]
+                model_stats=[kserve_metadata.statistics(mv) for mv in versions]
             )
 
         return await self.boundary.plain(context, handle)
-
-    def _last_ms(self, mv: ModelVersion) -> int:
-        return self._last_inference_ms.get((mv.name, mv.version), 0)
 
     # ================================================================== ModelInfer
 
@@ -221,11 +206,13 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         mv = self.core.resolve(call, request.model_name, request.model_version, INFER_KINDS, "ModelInfer")
         card = mv.card
         assert card is not None
+        decoding = time.monotonic()
         tensors = kserve_tensors.read_inputs(request, card)
+        call.timing.input_s += time.monotonic() - decoding
         outputs = kserve_tensors.requested_outputs(request, card)
         response_params: dict[str, int] = {}
         if card.kind.takes_latent:
-            plan = self._latent_plan(request, card, tensors)
+            plan = self._latent_plan(request, card, tensors, self._max_rows(mv))
             self._check_output_bytes(outputs, card, plan.n, None)
             result, _ = await self.core.generate_batch(
                 mv,
@@ -240,11 +227,12 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             if plan.seeds is not None:
                 response_params["seed"] = plan.seeds[0]
         else:
-            image = self._image_input(card, tensors)
+            image = self._image_input(card, tensors, self._max_rows(mv))
             n = int(image.shape[0])
             self._check_output_bytes(outputs, card, n, image.shape)
             key = image_batch_key(card, tuple(int(d) for d in image.shape[1:]))
             result = await self.core.submit(mv, call, key, {"image": image}, n, Lane.INTERACTIVE)
+        encoding = time.monotonic()
         response = kpb.ModelInferResponse(model_name=mv.name, model_version=mv.version, id=request.id)
         for name, value in response_params.items():
             response.parameters[name].int64_param = value
@@ -261,7 +249,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 name=spec.name, datatype=kserve_tensors.protocol_datatype(spec), shape=array.shape
             )
             response.raw_output_contents.append(array.tobytes())
-        self._last_inference_ms[(mv.name, mv.version)] = int(time.time() * 1000)
+        call.timing.output_s += time.monotonic() - encoding
         return response
 
     def _check_output_bytes(
@@ -271,8 +259,25 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         out_bytes = sum(kserve_tensors.output_bytes(spec, card, n, image_shape) for spec in outputs)
         self.core.check_send_size(out_bytes, "the response")
 
+    def _max_rows(self, mv: ModelVersion) -> tuple[int, str]:
+        """The most rows one ModelInfer may carry, and the name of that limit. As in Triton, a
+        request's batch may not exceed ModelConfig.max_batch_size (the model's, unless the server's
+        per-request limit is lower), so the config advertises exactly what is accepted."""
+        card = mv.card
+        assert card is not None
+        if card.kind.takes_latent:
+            server = self.limits.max_images_per_request, "max_images_per_request"
+        else:
+            server = self.limits.max_images_per_image_request, "max_images_per_image_request"
+        model = mv.config.batching.max_batch_size, "max_batch_size in ModelConfig"
+        return model if model[0] <= server[0] else server
+
     def _latent_plan(
-        self, request: kpb.ModelInferRequest, card: Card, tensors: dict[str, np.ndarray]
+        self,
+        request: kpb.ModelInferRequest,
+        card: Card,
+        tensors: dict[str, np.ndarray],
+        max_rows: tuple[int, str],
     ) -> LatentPlan:
         assert card.latent_dim is not None
         params = request.parameters
@@ -288,18 +293,18 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 label_tensor = label_tensor[:, 0]
             if label_tensor.ndim != 1:
                 raise invalid("inputs[label].shape", f"must be [N] or [N, 1], got {list(label_tensor.shape)}")
-        limit = self.limits.max_images_per_request
+        limit, limit_name = max_rows
         z_tensor = tensors.get("z")
         if z_tensor is not None:
             for name, given in (("seed", seed), ("count", count), ("truncation_psi", psi)):
                 if given is not None:
                     raise invalid(f"parameters[{name}]", "cannot be combined with the z input")
             z = validate.latent_rows(z_tensor, card.latent_dim, "inputs[z]")
-            n = validate.count(len(z), "inputs[z].shape[0]", limit)
+            n = validate.count(len(z), "inputs[z].shape[0]", limit, limit_name)
             return LatentPlan(n, self._label_rows(card, n, label_tensor, label_param), z=z)
         psi = validate.psi(psi, "parameters[truncation_psi]")
         default_n = len(label_tensor) if label_tensor is not None else 1
-        n = validate.count(default_n if count is None else count, "parameters[count]", limit)
+        n = validate.count(default_n if count is None else count, "parameters[count]", limit, limit_name)
         if label_tensor is not None and len(label_tensor) != n:
             raise invalid(
                 "inputs[label].shape", f"must be [{n}] (parameters[count]), got {len(label_tensor)}"
@@ -333,18 +338,18 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         assert labels is not None
         return np.ascontiguousarray(labels, dtype=np.int64)
 
-    def _image_input(self, card: Card, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    def _image_input(
+        self, card: Card, tensors: dict[str, np.ndarray], max_rows: tuple[int, str]
+    ) -> np.ndarray:
         image = tensors.get("image")
         if image is None:
             raise invalid("inputs", f"{card.name} needs the input 'image' (FP32 [N, C, H, W])")
         if image.ndim != 4:
             raise invalid("inputs[image].shape", f"must be [N, C, H, W], got {list(image.shape)}")
         n, c, h, w = image.shape
-        limit = self.limits.max_images_per_image_request
+        limit, limit_name = max_rows
         if not 1 <= n <= limit:
-            raise invalid(
-                "inputs[image].shape[0]", f"must be in 1..{limit} (max_images_per_image_request), got {n}"
-            )
+            raise invalid("inputs[image].shape[0]", f"must be in 1..{limit} ({limit_name}), got {n}")
         if card.input_channels is not None and c != card.input_channels:
             raise invalid("inputs[image].shape[1]", f"must be {card.input_channels} channels, got {c}")
         if card.image_size is not None and (h, w) != tuple(card.image_size):

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
-
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import model_config_pb2 as mc
+from genserve_server.infer_stats import Duration
 from genserve_server.kserve_tensors import DTYPES, protocol_shape
 from genserve_server.repository import ModelVersion
-from inference import grpc_service_pb2 as kpb
-from inference import model_config_pb2 as mc
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
-def model_config(mv: ModelVersion) -> mc.ModelConfig:
-    """Triton's ModelConfig of a version, from its config.json and card.json."""
+def model_config(mv: ModelVersion, max_rows: int) -> mc.ModelConfig:
+    """Triton's ModelConfig of a version, from its config.json and card.json; `max_rows`: the most
+    rows a ModelInfer may carry (max_batch_size, or the server's per-request limit when lower)."""
     card = mv.card
     assert card is not None
     cfg = mv.config
@@ -24,7 +24,7 @@ def model_config(mv: ModelVersion) -> mc.ModelConfig:
         name=mv.name,
         platform=PLATFORM,
         backend=BACKEND,
-        max_batch_size=batching.max_batch_size,
+        max_batch_size=max_rows,
         default_model_filename="model.fp16.onnx" if mv.precision == "fp16" else "model.onnx",
         dynamic_batching=mc.ModelDynamicBatching(
             preferred_batch_size=list(batching.preferred_batch_sizes),
@@ -60,78 +60,38 @@ def model_config(mv: ModelVersion) -> mc.ModelConfig:
     return config
 
 
-def metric_totals(registry: CollectorRegistry) -> dict[tuple[str, str, str], float]:
-    """One pass over the registry: (sample name, model, version) -> value, summed over the other
-    labels; `genserve_requests_total` split into `..._ok` and `..._failed` by code."""
-    totals: dict[tuple[str, str, str], float] = {}
-    wanted = {
-        "genserve_images_total",
-        "genserve_batch_size_count",
-        "genserve_queue_duration_seconds_count",
-        "genserve_queue_duration_seconds_sum",
-        "genserve_compute_duration_seconds_count",
-        "genserve_compute_duration_seconds_sum",
-        "genserve_request_duration_seconds_count",
-        "genserve_request_duration_seconds_sum",
-        "genserve_decode_duration_seconds_sum",
-        "genserve_batch_requests_sum",
-    }
-    for family in registry.collect():
-        for sample in family.samples:
-            name = sample.name
-            model = sample.labels.get("model", "")
-            version = sample.labels.get("version", "")
-            if name == "genserve_requests_total":
-                code = sample.labels.get("code")
-                # NOT_FOUND: a version that does not exist, counted against the model's highest
-                # version (core.resolve); Triton counts no inference for it.
-                name += "_ok" if code == "OK" else "_not_found" if code == "NOT_FOUND" else "_failed"
-            elif name not in wanted:
-                continue
-            key = (name, model, version)
-            totals[key] = totals.get(key, 0.0) + float(sample.value)
-    return totals
+def _duration(d: Duration) -> kpb.StatisticDuration:
+    return kpb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def statistics(
-    mv: ModelVersion, totals: dict[tuple[str, str, str], float], last_inference_ms: int
-) -> kpb.ModelStatistics:
-    def value(name: str) -> float:
-        return totals.get((name, mv.name, mv.version), 0.0)
-
-    def duration(count: str, seconds: str) -> kpb.StatisticDuration:
-        return kpb.StatisticDuration(count=int(value(count)), ns=int(value(seconds) * 1e9))
-
-    ok = int(value("genserve_requests_total_ok"))
-    failed = int(value("genserve_requests_total_failed"))
-    # Durations are recorded per request, not per status code: split the total by count (the
-    # count includes the NOT_FOUND requests, which get no share).
-    all_requests = value("genserve_request_duration_seconds_count")
-    total_ns = value("genserve_request_duration_seconds_sum") * 1e9
-    ok_ns = int(total_ns * ok / all_requests) if all_requests else 0
-    failed_ns = int(total_ns * failed / all_requests) if all_requests else 0
-    # Triton counts compute per request (each request is charged its batch's time) and
-    # perf_analyzer wants the three compute counts equal. genserve measures compute per batch:
-    # charge each request the mean batch time, times the batches it took part in.
-    batches = value("genserve_compute_duration_seconds_count")
-    mean_batch_s = value("genserve_compute_duration_seconds_sum") / batches if batches else 0.0
-    memberships = value("genserve_batch_requests_sum")
+def statistics(mv: ModelVersion) -> kpb.ModelStatistics:
+    """Triton's statistics of a version, as counted per request and per execution (infer_stats.py):
+    queue and compute per request sum to at most its duration; batch_stats count executions."""
+    stats = mv.metrics.infer_stats
     return kpb.ModelStatistics(
         name=mv.name,
         version=mv.version,
-        last_inference=last_inference_ms,
-        inference_count=int(value("genserve_images_total")),
-        execution_count=int(batches),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
         inference_stats=kpb.InferStatistics(
-            success=kpb.StatisticDuration(count=ok, ns=ok_ns),
-            fail=kpb.StatisticDuration(count=failed, ns=failed_ns),
-            queue=duration("genserve_queue_duration_seconds_count", "genserve_queue_duration_seconds_sum"),
-            compute_input=kpb.StatisticDuration(
-                count=ok, ns=int(value("genserve_decode_duration_seconds_sum") * 1e9)
-            ),
-            compute_infer=kpb.StatisticDuration(count=ok, ns=int(mean_batch_s * memberships * 1e9)),
-            compute_output=kpb.StatisticDuration(count=ok),
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute_input),
+            compute_infer=_duration(stats.compute_infer),
+            compute_output=_duration(stats.compute_output),
             cache_hit=kpb.StatisticDuration(),
             cache_miss=kpb.StatisticDuration(),
         ),
+        batch_stats=[
+            # genserve measures a batch's model call as one span: all of it is compute_infer.
+            kpb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=kpb.StatisticDuration(count=d.count),
+                compute_infer=_duration(d),
+                compute_output=kpb.StatisticDuration(count=d.count),
+            )
+            for size, d in sorted(stats.batches.items())
+        ],
     )

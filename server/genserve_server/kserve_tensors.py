@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import model_config_pb2 as mc
 from genserve_server.config import Card, TensorSpec
 from genserve_server.errors import invalid
-from inference import grpc_service_pb2 as kpb
-from inference import model_config_pb2 as mc
 
 # card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
 DTYPES: dict[str, tuple[str, int, str]] = {

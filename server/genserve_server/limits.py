@@ -1,13 +1,12 @@
-"""Admission limits enforced in front of the servicers (docs/operations.md, "Limits").
+"""Guards applied to every method handler at registration (docs/operations.md, "Limits").
 
 Most limits live where the data is: message sizes in grpc's channel options, images per request
 and pixels per image in service.py/codecs.py (the pixel count is read from the image header before
-any decoder runs), queue depth in each model's batcher, `maximum_concurrent_rpcs` in grpc itself.
-This module holds the one that needs its own state: at most `max_concurrent_sample_streams`
-SampleStream calls at once, so bulk jobs cannot take every RPC slot from interactive traffic.
-Beyond the limit a new stream is answered RESOURCE_EXHAUSTED at once.
+any decoder runs), queue depth in each model's batcher, concurrent calls per class of RPC and the
+request timeout in admission.py. `GuardedRegistrar` applies admission.py's wrapper and this
+module's guard to each method handler once.
 
-It also holds the guard against bytes that are not a protobuf of the method's request type:
+This module holds the guard against bytes that are not a protobuf of the method's request type:
 grpc answers those INTERNAL ("Exception deserializing request!"), which blames the server for
 the client's bytes; `MalformedRequestInterceptor` answers INVALID_ARGUMENT instead.
 """
@@ -16,63 +15,19 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import grpc
 
 from genserve_server.boundary import abort
-from genserve_server.errors import InvalidArgument, ResourceExhausted
+from genserve_server.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_STREAM_METHOD = "/genserve.v1.GenerationService/SampleStream"
-
-
 # A string: grpc's classes are generic only in its type stubs.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-
-class StreamLimit:
-    """Caps the server-streaming calls of `methods` running at once (one counter for all of them)."""
-
-    def __init__(self, limit: int, *, methods: Collection[str] = (SAMPLE_STREAM_METHOD,)) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        self.limit = limit
-        self.active = 0  # touched only on the event loop thread
-        self._methods = frozenset(methods)
-
-    def wrap(self, method: str, handler: Handler) -> Handler:
-        """`handler` counted against the limit if it is one of `methods`, else unchanged."""
-        if handler.unary_stream is None or method not in self._methods:
-            return handler
-        # grpc.aio runs async-generator handlers; the stubs type them as the sync API's iterators.
-        inner = cast(Callable[[Any, Any], AsyncIterator[Any]], handler.unary_stream)
-
-        async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            if self.active >= self.limit:
-                logger.info(
-                    "refused %s: %d streams running (max_concurrent_sample_streams)", method, self.active
-                )
-                await abort(
-                    context,
-                    ResourceExhausted(
-                        f"{self.active} streams are running, max_concurrent_sample_streams={self.limit}; "
-                        "retry with backoff"
-                    ),
-                )
-            self.active += 1
-            try:
-                async for item in inner(request, context):
-                    yield item
-            finally:
-                self.active -= 1
-
-        return grpc.unary_stream_rpc_method_handler(
-            limited, handler.request_deserializer, handler.response_serializer
-        )
 
 
 @dataclass(frozen=True, slots=True)

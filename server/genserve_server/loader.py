@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from genserve_contract.repository import sha256_file
-from genserve_server import tiling
-from genserve_server.batch_keys import input_shape
+from genserve_server import calibration, tiling
+from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
 from genserve_server.config import Card, ConfigError, ServerConfig, cpu_count, load_card
+from genserve_server.load_gate import LoadGate
 from genserve_server.metrics import BatchMetrics
 from genserve_server.ort_session import (
     ModelChoice,
@@ -40,11 +41,43 @@ if TYPE_CHECKING:  # repository.py imports this module: its types only, no impor
 logger = logging.getLogger(__name__)
 
 
-def load_files(mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None]) -> None:
-    """Load one version on a worker thread: card, file choice, sha256, sessions, graph check,
-    warm-up (batch-size timing), tile radius. Fills `mv` in; raises on any failure, closing what it
-    built. `check_stopping` raises LoadCancelled once the server is stopping."""
-    check_stopping()
+def load_files(
+    mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: LoadGate
+) -> None:
+    """Load one version on a worker thread: card, file choice, sha256, sessions, graph check (a
+    shared step of `gate`), warm-up (batch-size timing, exclusive steps: calibration.py), tile radius.
+    Fills `mv` in; raises on any failure, closing what it built. `check_stopping` raises
+    LoadCancelled once the server is stopping."""
+    with gate.step(0.0, check_stopping=check_stopping):
+        check_stopping()
+        card, runner = _open(mv, sc)
+        try:
+            check_stopping()
+            check_graph(mv, card, runner)
+            probe_s, row_bytes = _probe(card, runner)
+            logger.debug("%s: probe %.3g ms a row at the warm-up shape", mv.label, 1e3 * probe_s)
+        except BaseException:
+            runner.close()
+            raise
+    try:
+        if sc.warmup:
+            warm_up(mv, card, runner, sc, gate, check_stopping, probe_s, row_bytes)
+        if card.kind.tiled:
+            # 10 probe rows of 64x64 (tiling.receptive_field_radius), from the cost of one tile-sized row.
+            height, width = warmup_inputs(card, 1)["image"].shape[2:]
+            radius_s = probe_s * 10 * 64 * 64 / max(1, height * width)
+            with gate.step(radius_s, check_stopping=check_stopping):
+                mv.tile_radius = measure_tile_radius(card, runner)
+    except BaseException:
+        runner.close()
+        raise
+    mv.runner = runner
+    mv.provider = runner.provider
+    mv.runtime = runner.description
+
+
+def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
+    """The card, the file to serve (sha256 checked, fp16 parity on the provider) and its runner."""
     card = load_card(mv.path / "card.json")
     mv.card = card
     if card.kind != mv.config.kind:
@@ -89,42 +122,104 @@ def load_files(mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], 
         latent_dim=card.latent_dim if sampler else None,
         pixels_range=card.output_range if sampler else None,
     )
-    try:
-        check_stopping()
-        check_graph(mv, card, runner)
-        if sc.warmup:
-            costs: dict[int, float] = {}
-            largest = mv.config.batching.max_batch_size
-            tolerance = mv.config.batching.efficient_batch_tolerance
-            sizes = warmup_batch_sizes(largest) if tolerance is not None else sorted({1, largest})
-            # The largest first: the arena then holds every smaller batch. Each size's cost is
-            # its fastest of three runs, so that a busy moment does not shrink the cap.
-            for batch in sorted(sizes, key=lambda b: (b != largest, b)):
-                check_stopping()
-                inputs = warmup_inputs(card, batch)
-                runner.warm(inputs)
-                check_stopping()
-                cost_s = runner.measured_cost_s(inputs)
-                if cost_s is not None:
-                    costs[batch] = cost_s
-            if tolerance is not None and costs:
-                mv.efficient_batch_size = efficient_batch_size(costs, tolerance)
-                if mv.efficient_batch_size < mv.config.batching.max_batch_size:
-                    logger.info(
-                        "%s: batches capped at %d: per-item compute %s (larger batches gain < %.0f %%)",
-                        mv.label,
-                        mv.efficient_batch_size,
-                        ", ".join(f"b{b} {1e3 * c / b:.3g} ms" for b, c in sorted(costs.items())),
-                        100 * tolerance,
-                    )
-        if card.kind.tiled:
-            mv.tile_radius = measure_tile_radius(card, runner)
-    except BaseException:
-        runner.close()
-        raise
-    mv.runner = runner
-    mv.provider = runner.provider
-    mv.runtime = runner.description
+    return card, runner
+
+
+# Side of the probe image of fully convolutional kinds: their cost scales with pixels, so a small
+# probe predicts a tile's cost without paying for a tile.
+PROBE_SIDE = 32
+
+
+def _probe(card: Card, runner: Runner) -> tuple[float, float]:
+    """One row's predicted call seconds and bytes of inputs + outputs (calibration.probe), at the
+    warm-up's shape; (0, 0) in CUDA-graph mode, where a call before warm-up would capture a graph."""
+    if runner.mode == "cuda_graph":
+        return 0.0, 0.0
+    inputs = warmup_inputs(card, 1)
+    scale = 1.0
+    image = inputs.get("image")
+    if image is not None and card.image_size is None:
+        side = max(PROBE_SIDE, card.min_size)
+        side = -(-side // card.size_multiple) * card.size_multiple
+        height, width = image.shape[2:]
+        if side * side < height * width:
+            inputs = {"image": np.zeros((1, image.shape[1], side, side), np.float32)}
+            scale = height * width / (side * side)
+    return calibration.probe(runner, inputs, scale)
+
+
+def warmup_limit(card: Card, max_batch_size: int, max_batch_pixels: int) -> int:
+    """The largest warm-up batch: max_batch_size, and for image kinds no more rows of the warm-up's
+    shape than `max_batch_pixels` allows (serving never batches more: rows_within_pixels)."""
+    image = warmup_inputs(card, 1).get("image") if card.kind.takes_image else None
+    if image is None:
+        return max_batch_size
+    return min(max_batch_size, rows_within_pixels(TileRows(tuple(image.shape[1:])), max_batch_pixels))
+
+
+def warm_up(
+    mv: ModelVersion,
+    card: Card,
+    runner: Runner,
+    sc: ServerConfig,
+    gate: LoadGate,
+    check_stopping: Callable[[], None],
+    probe_s: float,
+    row_bytes: float,
+) -> calibration.Calibration:
+    """Warm and time the batch sizes within the time and memory budgets (calibration.py); sets the
+    version's batch cap (efficient_batch_size) and, where memory bounds it, its batch pixels."""
+    batching = mv.config.batching
+    tolerance = batching.efficient_batch_tolerance
+    largest = warmup_limit(card, batching.max_batch_size, batching.max_batch_pixels)
+    sizes = warmup_batch_sizes(largest) if tolerance is not None else sorted({1, largest})
+    memory_budget = calibration.warmup_memory_budget(sc.warmup_memory_bytes, mv.config.instances)
+    result = calibration.run_warmup(
+        runner,
+        functools.partial(warmup_inputs, card),
+        sizes,
+        time_budget_s=sc.calibration_budget_s,
+        memory_budget_bytes=memory_budget,
+        min_row_bytes=row_bytes,
+        first_call_s=probe_s,
+        gate=gate,
+        check_stopping=check_stopping,
+    )
+    mv.calibration = result
+    if tolerance is not None and result.costs_s:
+        mv.efficient_batch_size = efficient_batch_size(result.costs_s, tolerance)
+    if result.memory_rows is not None:
+        image = warmup_inputs(card, 1).get("image") if card.kind.takes_image else None
+        if image is not None:  # memory scales with pixels: smaller images may take more rows
+            mv.max_batch_pixels = result.memory_rows * int(image.shape[2]) * int(image.shape[3])
+        else:
+            mv.efficient_batch_size = min(mv.efficient_batch_size or largest, result.memory_rows)
+    skipped = [b for b in sizes if b not in result.warmed]
+    logger.info(
+        "%s: warmed batch sizes %s in %.2f s%s",
+        mv.label,
+        result.warmed,
+        result.spent_s,
+        f" ({result.stopped}: {skipped} left out)" if skipped else "",
+    )
+    if result.memory_rows is not None:
+        logger.info(
+            "%s: a batch holds at most %d rows of the warm-up's shape: ~%.0f MB a row, warm-up memory "
+            "budget %.0f MB",
+            mv.label,
+            result.memory_rows,
+            result.row_bytes / 1e6,
+            memory_budget / 1e6,
+        )
+    if mv.efficient_batch_size is not None and mv.efficient_batch_size < batching.max_batch_size:
+        logger.info(
+            "%s: batches capped at %d: per-item compute %s%s",
+            mv.label,
+            mv.efficient_batch_size,
+            ", ".join(f"b{b} {1e3 * c / b:.3g} ms" for b, c in sorted(result.costs_s.items())),
+            f" (larger batches gain < {100 * tolerance:.0f} %)" if tolerance is not None else "",
+        )
+    return result
 
 
 def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
@@ -144,6 +239,10 @@ def make_batcher(mv: ModelVersion) -> Batcher:
     assert mv.runner is not None
     pads = mv.runner.mode == "cuda_graph"
     preferred = mv.config.batching.preferred_batch_sizes if pads else ()
+    rows_limit = None
+    if mv.card is not None and mv.card.kind.takes_image:
+        pixels = mv.max_batch_pixels or mv.config.batching.max_batch_pixels
+        rows_limit = functools.partial(rows_within_pixels, max_pixels=pixels)
     batcher = Batcher(
         mv.runner.run,
         run_bulk_batch=mv.runner.run_bulk,  # like run where bulk cannot be background work
@@ -161,11 +260,7 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         bulk_idle_budget_s=mv.config.batching.bulk_idle_budget_s,
         interactive_quiet_s=mv.config.batching.interactive_quiet_s,
         efficient_batch_size=mv.efficient_batch_size,
-        rows_limit=(
-            functools.partial(rows_within_pixels, max_pixels=mv.config.batching.max_batch_pixels)
-            if mv.card is not None and mv.card.kind.takes_image
-            else None
-        ),
+        rows_limit=rows_limit,
     )
     # Background bulk batches yield their cores to a solo call; other bulk rows would not.
     if mv.runner.background_bulk:

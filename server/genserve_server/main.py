@@ -9,9 +9,10 @@
 
 Lifecycle (grpc's graceful-shutdown example): bind, start, load models (health NOT_SERVING until
 then, and after unless every required model is READY: health.py), announce; on SIGTERM/SIGINT:
-health NOT_SERVING, `server.stop(grace)` (no new RPCs, in-flight ones finish), batchers drain,
-pools shut down, exit 0. SIGHUP rescans the model repository (reload.py): new versions load in the
-background, retired ones drain.
+SampleStreams end after the chunk they are sending (UNAVAILABLE naming the start_index to resume
+from), health NOT_SERVING, `server.stop(grace)` (the port is released, no new RPCs, in-flight unary
+calls finish), batchers drain, pools shut down, exit 0. SIGHUP rescans the model repository
+(reload.py): new versions load in the background, retired ones drain.
 """
 
 from __future__ import annotations
@@ -33,16 +34,17 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server import kserve, probe, security
+from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary
-from genserve_server.config import ServerConfig, cpu_count, load_server_config
+from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
-from genserve_server.limits import GuardedRegistrar, StreamLimit, guard_malformed
+from genserve_server.limits import GuardedRegistrar, guard_malformed
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
 from genserve_server.reload import Reloader
@@ -96,6 +98,35 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
+    """The gRPC server's channel options from the config's limits (docs/operations.md, "Admission")."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = [
+        ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
+        ("grpc.max_send_message_length", limits.max_send_message_bytes),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_connection_idle_ms", ms(limits.connection_idle_timeout_s)),
+        ("grpc.server_handshake_timeout_ms", ms(limits.handshake_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(limits.keepalive_min_ping_interval_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(limits.keepalive_permit_without_calls)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.so_reuseport", 0),
+    ]
+    if limits.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", ms(limits.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", round(limits.connection_age_grace_s * 1000)),
+        ]
+    if not limits.accept_compressed_requests:
+        # Identity only: a gzip/deflate request is refused before it is inflated.
+        options.append(("grpc.compression_enabled_algorithms_bitset", 1))
+    return options
+
+
 class App:
     """One server process: repository, servicers, gRPC server, metrics endpoint."""
 
@@ -131,21 +162,28 @@ class App:
         auth = security.auth_interceptor(
             config.security, on_reject=lambda method: unresolved.rejected["unauthenticated"].inc()
         )
+        # No grpc maximum_concurrent_rpcs: it counted every call from its headers on, health included;
+        # admission.py limits each class of RPC apart, once its request has arrived.
         self.server = grpc.aio.server(
             interceptors=[*([auth] if auth is not None else []), *interceptors],
-            options=[
-                ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
-                ("grpc.max_send_message_length", limits.max_send_message_bytes),
-                ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            options=grpc_server_options(limits),
         )
-        # The stream limit and the malformed-bytes guard wrap each method handler once, here, instead
-        # of running as interceptors on every call (limits.GuardedRegistrar).
-        stream_limit = StreamLimit(limits.max_concurrent_sample_streams)
+        # Admission and the malformed-bytes guard wrap each method handler once, here, instead of
+        # running as interceptors on every call (limits.GuardedRegistrar).
+        admission = Admission(
+            AdmissionLimits(
+                generation=limits.max_concurrent_rpcs,
+                sample_streams=limits.max_concurrent_sample_streams,
+                control=limits.max_concurrent_control_rpcs,
+                health_watchers=limits.max_health_watchers,
+                request_timeout_s=limits.request_timeout_s,
+            ),
+            control_services=(kserve.service_name(), reflection.SERVICE_NAME),
+            control_methods=GENERATION_CONTROL,
+            generation_methods=(f"/{kserve.service_name()}/ModelInfer",),
+        )
         registrar = GuardedRegistrar(
-            self.server, lambda method, handler: guard_malformed(method, stream_limit.wrap(method, handler))
+            self.server, lambda method, handler: admission.wrap(method, guard_malformed(method, handler))
         ).as_server()
         # One core and one boundary under both servicers: rows of either protocol share batches.
         self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
@@ -159,12 +197,14 @@ class App:
             self.repository,
             self.core,
             self.boundary,
-            self.metrics.registry,
             ready=lambda: self.health.serving,  # ServerReady says what grpc.health "" says
         )
         kserve.add_to_server(self.kserve, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
-        reflection.enable_server_reflection(SERVICE_NAMES, self.server)
+        # Through the registrar (enable_server_reflection needs the server itself): admitted as control.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(SERVICE_NAMES), registrar
+        )
         self.reloader = Reloader(
             self.repository,
             drain_grace_s=config.drain_grace_s,
@@ -206,7 +246,15 @@ class App:
 
     def _bind_metrics(self, port: int) -> int:
         try:
-            return self.metrics.serve(self.metrics_host, port, self._health_answer)
+            limits = self.config.limits
+            return self.metrics.serve(
+                self.metrics_host,
+                port,
+                self._health_answer,
+                threads=limits.metrics_threads,
+                read_timeout_s=limits.metrics_read_timeout_s,
+                render_share=limits.metrics_render_share,
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise GenserveError(
@@ -247,10 +295,15 @@ class App:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        """Health NOT_SERVING -> stop accepting, let in-flight RPCs finish -> drain -> close."""
+        """SampleStreams end at a chunk boundary, health NOT_SERVING -> stop accepting (gRPC closes the
+        listening socket here: a new server may bind the port at once) -> in-flight RPCs finish
+        within the grace -> drain -> close."""
         grace_s = self.config.drain_grace_s
         logger.info("shutting down: draining for up to %.1f s", grace_s)
         started = time.monotonic()
+        # A bulk stream would otherwise run for the whole grace (thousands of images) only to be cut
+        # at its end: it ends after the chunk it is sending, with UNAVAILABLE and where to resume.
+        self.core.begin_shutdown()
         await self.health.shutdown()
         await self.server.stop(grace_s)
         await self.reloader.close(max(0.1, grace_s - (time.monotonic() - started)))

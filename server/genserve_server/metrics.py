@@ -7,6 +7,7 @@ no label lookups. `Metrics(enabled=False)` keeps the same interface and records 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import threading
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from genserve_contract.kinds import Kind
 from genserve_server.batcher import Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
+from genserve_server.infer_stats import InferStats
 from genserve_server.metrics_http import HealthProbe
 from genserve_server.metrics_http import serve as serve_http
 
@@ -76,6 +78,7 @@ METHODS = (
     "SuperResolve",
     "Translate",
     "SampleCodes",
+    "SampleCodesStream",
     "ListModels",
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
@@ -100,6 +103,8 @@ def _kind_methods(kind: Kind) -> tuple[str, ...]:
             methods.append("Decode")
     if kind in _ONE_METHOD_KINDS:
         methods.append(_ONE_METHOD_KINDS[kind])
+    if kind == Kind.CODE_PRIOR:
+        methods.append("SampleCodesStream")
     if not kind.takes_codes:
         methods.append("ModelInfer")
     return tuple(methods)
@@ -190,6 +195,7 @@ class ModelMetrics:
         self.cache_misses = m.image_cache_lookups.labels(*mv, "miss") if mon else _NULL
         self.load_duration = m.model_load_duration.labels(*mv) if mon else _NULL
         self.ready = m.model_ready.labels(*mv) if mon else _NULL
+        self.file_changed = m.model_file_changed.labels(*mv) if mon else _NULL
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
         self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
         self.encode_duration = {
@@ -201,6 +207,8 @@ class ModelMetrics:
         self.batch_size: Any = _NULL
         self._metrics = m
         self._runtime_labels: tuple[str, ...] | None = None
+        # KServe ModelStatistics (per request, as Triton counts), kept with or without Prometheus.
+        self.infer_stats = InferStats()
 
     def set_runtime(self, provider: str, precision: str, gpu_requested: bool) -> None:
         """genserve_model_runtime_info: what the loaded version really runs on (1), and whether its
@@ -354,6 +362,20 @@ class Metrics:
         self.model_ready = Gauge(
             "genserve_model_ready", "1 when the model version is ready, else 0.", mv, registry=reg
         )
+        self.model_config_error = Gauge(
+            "genserve_model_config_error",
+            "1 while the model's config.json or version directories on disk cannot be applied (the "
+            "versions already loaded keep serving; GetModel says why), else 0.",
+            ("model",),
+            registry=reg,
+        )
+        self.model_file_changed = Gauge(
+            "genserve_model_file_changed",
+            "1 while a loaded version's model file on disk differs from the one it loaded (it serves "
+            "the copy in memory), else 0.",
+            mv,
+            registry=reg,
+        )
         self.model_runtime_info = Gauge(
             "genserve_model_runtime_info",
             "1 per loaded model version: the execution provider and precision it really runs on, and "
@@ -393,13 +415,24 @@ class Metrics:
         mm.bind_batch_size(max_batch_size)
         return mm
 
+    def set_config_error(self, model: str, failing: bool) -> None:
+        """genserve_model_config_error{model}: 1 while the model's files on disk cannot be applied."""
+        if self.enabled:
+            self.model_config_error.labels(model).set(1 if failing else 0)
+
+    def forget_model(self, model: str) -> None:
+        """A model left the repository: its model-level series go too."""
+        with contextlib.suppress(KeyError):
+            self.model_config_error.remove(model)
+
     def unresolved(self) -> ModelMetrics:
         """Children for RPCs that never resolved a model (unknown name, ListModels)."""
         return ModelMetrics(self, "", "", model_level=False)
 
-    def serve(self, host: str, port: int, health: HealthProbe | None = None) -> int:
-        """Start the /metrics (and /healthz) HTTP server on a daemon thread; returns the bound port."""
-        server, thread = serve_http(host, port, self.registry, health)
+    def serve(self, host: str, port: int, health: HealthProbe | None = None, **options: Any) -> int:
+        """Start the /metrics (and /healthz) HTTP server on a daemon thread; returns the bound port.
+        `options`: metrics_http.serve's threads, read_timeout_s, render_share."""
+        server, thread = serve_http(host, port, self.registry, health, **options)
         self._http_server, self._http_thread = server, thread
         return int(server.server_port)
 
@@ -432,6 +465,8 @@ class Metrics:
             self.image_cache_bytes,
             self.model_load_duration,
             self.model_ready,
+            self.model_config_error,
+            self.model_file_changed,
             self.model_runtime_info,
             self.build_info,
         )
@@ -474,5 +509,6 @@ class BatchMetrics:
         m.batch_requests.observe(n_requests)
         if ok:
             m.images.inc(rows)
+            m.infer_stats.batch_done(rows, compute_s)
         else:
             m.batch_failures.inc()

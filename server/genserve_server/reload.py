@@ -22,23 +22,45 @@ One rescan, serialised by a lock (a trigger during a rescan queues exactly one m
 
 Write a new version aside and rename it into place (`.tmp-3` -> `3`): names that are not version
 numbers are ignored, so a half-copied directory is never loaded.
+
+What a rescan cannot apply never takes a serving model down: a config.json that is broken or
+invalid, a version_policy that picks no version directory on disk (a typo in `specific`, or the only
+version directory deleted mid-replace), or a newly picked version that fails to load. The loaded
+versions keep serving as they are, and the model says why: `Model.reason` (GetModel/ListModels
+`reason`), genserve_model_config_error{model} 1, an ERROR log line. Removing the model's directory
+is how a model is taken out of service.
+
+A loaded version's model file is checked too (`_check_files`, after every rescan, and every
+`file_check_interval_s` when no watch is set): size and mtime against the last check, the sha256
+against the loaded one when they moved. A file changed or deleted under a READY version is reported
+(the version's reason, genserve_model_file_changed 1, an ERROR log line) while the version keeps
+serving the copy its sessions hold in memory; it is never reloaded in place (a write in progress
+cannot be told from a finished one). A restart loads the file on disk, and refuses it when it no
+longer matches card.json's sha256, which the reason says beforehand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genserve_contract.repository import sha256_file
 from genserve_server.repository import VERSION_PATTERN, Model, ModelState, ModelVersion, Repository
 
 logger = logging.getLogger(__name__)
 
 HealthSetter = Callable[[str, bool], None]
+
+# Loaded model files are checked this often when no watch is set (a stat per version; a sha256 only
+# when the size or mtime moved). With a watch, every change in a version directory triggers a rescan,
+# which checks them.
+FILE_CHECK_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -50,9 +72,10 @@ class RescanReport:
     retired: list[str] = field(default_factory=list)
     removed_models: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # old versions kept because the new one failed
+    config_errors: list[str] = field(default_factory=list)  # models whose files on disk cannot apply
 
     def changed(self) -> bool:
-        return bool(self.loaded or self.failed or self.retired or self.removed_models)
+        return bool(self.loaded or self.failed or self.retired or self.removed_models or self.config_errors)
 
 
 def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
@@ -91,11 +114,15 @@ class Reloader:
         drain_grace_s: float,
         watch_interval_s: float | None = None,
         on_removed: HealthSetter | None = None,
+        file_check_interval_s: float | None = FILE_CHECK_INTERVAL_S,
     ) -> None:
         self.repo = repository
         self.drain_grace_s = drain_grace_s
         self.watch_interval_s = watch_interval_s
+        self.file_check_interval_s = file_check_interval_s
         self._on_removed = on_removed
+        # load_id -> (size, mtime_ns) of its model file at the last check (None: the file was gone).
+        self._file_stats: dict[str, tuple[int, int] | None] = {}
         self._lock = asyncio.Lock()
         self._requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -110,6 +137,10 @@ class Reloader:
         self._loop_task = loop.create_task(self._serve_requests(), name="reload")
         if self.watch_interval_s is not None:
             self._watch_task = loop.create_task(self._watch(self.watch_interval_s), name="reload-watch")
+        elif self.file_check_interval_s is not None:
+            self._watch_task = loop.create_task(
+                self._watch_files(self.file_check_interval_s), name="reload-file-check"
+            )
 
     def request(self) -> None:
         """Ask for a rescan (SIGHUP handler, watch); requests during a rescan coalesce into one more."""
@@ -144,6 +175,15 @@ class Reloader:
                 last = now
                 self.request()
 
+    async def _watch_files(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                async with self._lock:
+                    await self._check_files()
+            except Exception:  # a failed check must not end checking; the models keep serving
+                logger.exception("checking the loaded model files failed")
+
     # ------------------------------------------------------------------ rescan
 
     async def rescan(self) -> RescanReport:
@@ -158,15 +198,18 @@ class Reloader:
                 self._remove_model(name, report)
             for model_dir in on_disk.values():
                 await self._rescan_model(model_dir, report)
+            await self._check_files()
             self.rescans += 1
             if report.changed():
                 logger.info(
-                    "rescan in %.2f s: loaded %s, failed %s, retiring %s, removed models %s",
+                    "rescan in %.2f s: loaded %s, failed %s, retiring %s, removed models %s, "
+                    "not applied (old versions serve) %s",
                     time.monotonic() - started,
                     report.loaded or "none",
                     report.failed or "none",
                     report.retired or "none",
                     report.removed_models or "none",
+                    report.config_errors or "none",
                 )
             return report
 
@@ -176,6 +219,7 @@ class Reloader:
         logger.info("model %s left the repository: draining its versions", name)
         if self._on_removed is not None:
             self._on_removed(name, False)
+        self.repo.metrics.forget_model(name)
         for mv in list(model.versions.values()):
             self._retire(model, mv, report)
 
@@ -186,16 +230,26 @@ class Reloader:
             self.repo.models[fresh.name] = current = fresh  # new model, or a broken config fixed/changed
         elif fresh.config is None:
             # A broken config.json edit never takes down a serving model.
-            logger.error(
-                "%s: config.json is invalid, keeping the loaded versions: %s", fresh.name, fresh.reason
-            )
+            self._keep_serving(current, fresh.reason, report)
             return
         config = fresh.config
         if config is None:
+            self._set_reason(current, current.reason)
             self.repo.notify(current)  # health: this name NOT_SERVING, and "" re-evaluated
             return  # a new model whose config.json is broken: UNAVAILABLE with the reason
+        available = self.repo.available_versions(current)
+        selected = config.version_policy.select(available)
+        problem = ""
+        if not selected:
+            problem = current.reason or (
+                f"{current.path / 'config.json'}: version_policy picks none of the version directories "
+                f"on disk ({', '.join(sorted(available, key=int))})"
+            )
+            if current.ready_versions():
+                # A typo in `specific`, or the only version directory deleted mid-replace: keep serving.
+                self._keep_serving(current, problem, report)
+                return
         current.config = config
-        selected = config.version_policy.select(self.repo.available_versions(current))
         for version in selected:
             known = current.versions.get(version)
             if known is not None and known.state != ModelState.UNAVAILABLE:
@@ -207,17 +261,98 @@ class Reloader:
         picked_ready = any(
             current.versions[v].state == ModelState.READY for v in selected if v in current.versions
         )
+        kept = ""
         if stale and (picked_ready or not selected):
             for mv in stale:
                 self._retire(current, mv, report)
         elif stale:
+            kept = ", ".join(mv.label for mv in stale)
             report.kept.extend(mv.label for mv in stale)
-            logger.warning(
-                "%s: no newly picked version is ready; still serving %s",
-                current.name,
-                ", ".join(mv.label for mv in stale),
-            )
+            logger.warning("%s: no newly picked version is ready; still serving %s", current.name, kept)
+        failed = [
+            current.versions[v]
+            for v in selected
+            if v in current.versions and current.versions[v].state == ModelState.UNAVAILABLE
+        ]
+        if failed and not problem:
+            problem = "; ".join(f"version {mv.version} failed to load: {mv.reason}" for mv in failed)
+            if kept:
+                problem += f"; still serving {kept}"
+        self._set_reason(current, problem)
+        if problem:
+            report.config_errors.append(current.name)
         self.repo.notify(current)
+
+    def _keep_serving(self, model: Model, problem: str, report: RescanReport) -> None:
+        """The files on disk cannot be applied: the loaded versions keep serving, and the model says why."""
+        serving = ", ".join(f"version {v}" for v in sorted(model.versions, key=int)) or "nothing"
+        reason = f"{problem}; not applied: still serving {serving} as loaded"
+        if reason != model.reason:
+            logger.error("model %s: %s", model.name, reason)
+        self._set_reason(model, reason)
+        report.config_errors.append(model.name)
+        report.kept.extend(mv.label for mv in model.versions.values())
+
+    def _set_reason(self, model: Model, reason: str) -> None:
+        model.reason = reason
+        self.repo.metrics.set_config_error(model.name, bool(reason))
+
+    # ------------------------------------------------------------------ loaded files
+
+    async def _check_files(self) -> None:
+        """Compare every READY version's model file on disk with the one it loaded (under the lock)."""
+        for model in list(self.repo.models.values()):
+            for mv in list(model.versions.values()):
+                if mv.state != ModelState.READY:
+                    continue
+                status = await asyncio.to_thread(self._file_status, mv)
+                if status is not None and status != mv.file_changed:
+                    mv.file_changed = status
+                    mv.metrics.file_changed.set(1 if status else 0)
+                    if status:
+                        logger.error("%s: %s", mv.label, status)
+                    else:
+                        logger.info("%s: its model file on disk matches the loaded one again", mv.label)
+
+    def _file_status(self, mv: ModelVersion) -> str | None:
+        """None: unchanged since the last check; "": the file matches the loaded sha256; else what
+        changed and what a restart would do. On a worker thread; a sha256 only when size or mtime moved
+        (or at the first check of a version: the file may have changed since it loaded)."""
+        path = _served_file(mv)
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+            stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stat = None
+        if mv.load_id in self._file_stats and self._file_stats[mv.load_id] == stat:
+            return None
+        self._file_stats[mv.load_id] = stat
+        if stat is None:
+            what, actual = f"{path.name} is gone from disk since this version loaded", ""
+        else:
+            try:
+                actual = sha256_file(path)
+            except OSError as exc:
+                self._file_stats.pop(mv.load_id, None)  # try again next time
+                return f"{path.name} cannot be read on disk ({exc.strerror or exc})"
+            if actual == mv.sha256:
+                return ""
+            what = (
+                f"{path.name} changed on disk since this version loaded (sha256 now {actual[:16]}..., "
+                f"loaded {mv.sha256[:16]}...)"
+            )
+        if not actual:
+            restart = "a restart would find no file and this version would be UNAVAILABLE: restore it"
+        elif actual == _card_sha256(mv, path.name):
+            restart = "a restart loads the new file"
+        else:
+            restart = (
+                "a restart would refuse it (card.json's sha256 differs) and this version would be "
+                "UNAVAILABLE: restore the file, or publish the new one as a new version"
+            )
+        return f"{what}; serving the copy loaded in memory; {restart}"
 
     # ------------------------------------------------------------------ drain
 
@@ -263,9 +398,34 @@ class Reloader:
         mv.metrics.ready.set(0)
         mv.metrics.clear_runtime()
         metrics = self.repo.metrics
+        self._file_stats.pop(mv.load_id, None)
         if metrics.enabled:
-            for family in (metrics.model_ready, metrics.queue_depth, metrics.model_load_duration):
+            for family in (
+                metrics.model_ready,
+                metrics.queue_depth,
+                metrics.model_load_duration,
+                metrics.model_file_changed,
+            ):
                 with contextlib.suppress(KeyError):
                     family.remove(mv.name, mv.version)
         if self.repo.models.get(model.name) is model:
             self.repo.notify(model)
+
+
+def _served_file(mv: ModelVersion) -> Path | None:
+    """The file the version's sessions loaded: card.json's entry whose sha256 is the loaded one."""
+    if mv.card is None or not mv.sha256:
+        return None
+    for name, digest in mv.card.sha256.items():
+        if digest == mv.sha256 and Path(name).name == name:
+            return mv.path / name
+    return None
+
+
+def _card_sha256(mv: ModelVersion, filename: str) -> str:
+    """card.json's sha256 of `filename` as on disk now ("" when unreadable)."""
+    try:
+        data = json.loads((mv.path / "card.json").read_text(encoding="utf-8"))
+        return str(data["sha256"][filename])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

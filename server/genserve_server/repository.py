@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +26,18 @@ from genserve_contract.repository import NAME_PATTERN
 from genserve_contract.repository import VERSION_PATTERN as VERSION_PATTERN  # reload.py reads it here
 from genserve_server import loader
 from genserve_server.batcher import Batcher
+from genserve_server.calibration import Calibration
 from genserve_server.config import (
     Card,
     ConfigError,
     ModelConfig,
     ServerConfig,
+    cpu_count,
     load_model_config,
 )
 from genserve_server.errors import GenserveError, NotFound, Unavailable
 from genserve_server.gpu_errors import sticky_cuda_error
+from genserve_server.load_gate import LoadGate
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.runner import Runner
 
@@ -73,11 +77,20 @@ class ModelVersion:
     # super_resolution: receptive-field radius in input pixels, measured at load (None: not local
     # at the probe size, or not measured); SuperResolve sizes tile margins and overlap from it.
     tile_radius: int | None = None
-    # The batch cap measured at warm-up (efficient_batch_size); None: up to max_batch_size.
+    # The batch cap measured at warm-up (efficient_batch_size, or the warm-up memory budget's);
+    # None: up to max_batch_size.
     efficient_batch_size: int | None = None
+    # Image kinds: the pixels a batch may hold where the warm-up memory budget bounds it below
+    # config.json's max_batch_pixels; None: max_batch_pixels.
+    max_batch_pixels: int | None = None
+    # What the warm-up did (sizes, costs, budgets), for logs and tests; None: no warm-up.
+    calibration: Calibration | None = None
     # Unique per loaded version: what the image cache keys on. An image depends on the file and on
     # config.json (output_range, runtime options), and a reload builds a new ModelVersion.
     load_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Set while the model file on disk differs from the one this version loaded (reload.py checks it);
+    # the version keeps serving the copy in memory. GetModel shows it as the READY version's reason.
+    file_changed: str = ""
 
     @property
     def label(self) -> str:
@@ -89,7 +102,8 @@ class Model:
     name: str
     path: Path
     config: ModelConfig | None
-    # Set when config.json itself is broken: the whole model is UNAVAILABLE.
+    # Why the files on disk are not what serves: a broken config.json (with no version loaded, the
+    # whole model is UNAVAILABLE), no version directory, or a reload that kept the loaded versions.
     reason: str = ""
     versions: dict[str, ModelVersion] = field(default_factory=dict)
 
@@ -157,6 +171,10 @@ class Repository:
         # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
         self.on_fatal: Callable[[str], None] = _terminate_process
         self.fatal_reason = ""
+        # Every load (start-up and reloads) passes this gate; its threads mostly wait in it, so the
+        # pool is wide and the gate bounds the work.
+        self.gate = LoadGate(server_config.load_concurrency or cpu_count())
+        self._load_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="load")
 
     def add_listener(self, listener: StateListener) -> None:
         """Called with (model name, serving) whenever a model's readiness may have changed."""
@@ -191,6 +209,7 @@ class Repository:
                 for version in model.config.version_policy.select(self.available_versions(model)):
                     self.add_version(model, version)
             self.models[model.name] = model
+            self.metrics.set_config_error(model.name, bool(model.reason))
 
     def model_dirs(self) -> list[Path]:
         """Model directories with valid names (others are logged and skipped)."""
@@ -235,38 +254,52 @@ class Repository:
     # ------------------------------------------------------------------ loading
 
     async def load_all(self) -> None:
-        """Load every version, one at a time, in repository order; a model's health key turns
-        SERVING once its versions have been tried, and a READY version serves at once.
-
-        One at a time: two at a time (smallest file first) was tried. Warm-up timings measured beside
-        another load come out inflated, and they decide inline execution and batch caps; and
-        the order cannot know which model warms up longest (file size does not: sr-photos-x4 is
-        0.5 MB and calibrates for 40 s). One log line per finished version says how far loading is;
-        `cancel_loading()` (SIGTERM during start-up) ends it at the next warm-up step.
+        """Load every version at once through the load gate (load_gate.py): the non-timing steps
+        of `load_concurrency` versions run side by side, smallest file first; the warm-ups that time
+        batch sizes run alone, one version at a time, cheapest first, within the calibration budget
+        (calibration.py). A READY version serves at once, and its model's health key turns SERVING
+        with it (NOT_SERVING once all its versions have been tried and none is READY). One log line
+        per finished version says how far loading is; `cancel_loading()` (SIGTERM during start-up)
+        ends it at the next step.
         """
-        total = sum(len(model.versions) for model in self.models.values())
-        if total:
-            logger.info("loading %d model versions", total)
+        versions = sorted(
+            (mv for model in self.models.values() for mv in model.versions.values()),
+            key=_file_size,
+        )
+        if not versions:
+            return
+        logger.info(
+            "loading %d model versions (%d at a time, batch sizes timed one version at a time)",
+            len(versions),
+            self.gate.width,
+        )
         started = time.monotonic()
+        left = {name: len(model.versions) for name, model in self.models.items()}
         done = 0
-        for model in list(self.models.values()):
-            for mv in list(model.versions.values()):
-                if self._stopping.is_set():
-                    mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
-                else:
-                    await self.load_version(mv)
-                done += 1
-                ready = sum(
-                    v.state == ModelState.READY for m in self.models.values() for v in m.versions.values()
-                )
-                logger.info(
-                    "loaded %d/%d model versions (%d ready) in %.1f s",
-                    done,
-                    total,
-                    ready,
-                    time.monotonic() - started,
-                )
-            self.notify(model)
+
+        async def one(mv: ModelVersion) -> None:
+            nonlocal done
+            if self._stopping.is_set():
+                mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
+            else:
+                await self.load_version(mv)
+            done += 1
+            ready = sum(v.state == ModelState.READY for v in versions)
+            logger.info(
+                "loaded %d/%d model versions (%d ready) in %.1f s",
+                done,
+                len(versions),
+                ready,
+                time.monotonic() - started,
+            )
+            left[mv.name] -= 1
+            if not left[mv.name] or mv.state == ModelState.READY:  # serving: say so before the rest
+                self.notify(self.models[mv.name])
+
+        await asyncio.gather(*(one(mv) for mv in versions))
+        for model in self.models.values():
+            if not model.versions:
+                self.notify(model)
 
     def cancel_loading(self) -> None:
         """Stop start-up loading soon: a load in progress ends at its next step, the rest are skipped."""
@@ -280,7 +313,7 @@ class Repository:
         """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason."""
         started = time.monotonic()
         try:
-            await asyncio.to_thread(self._load_version, mv)
+            await asyncio.get_running_loop().run_in_executor(self._load_pool, self._load_version, mv)
         except LoadCancelled as exc:
             mv.state, mv.reason = ModelState.UNAVAILABLE, str(exc)
             logger.info("%s", exc)
@@ -336,7 +369,7 @@ class Repository:
 
     def _load_version(self, mv: ModelVersion) -> None:
         """Card, file, sha256, session, warm-up (loader.py). Runs on a worker thread."""
-        loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv))
+        loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), self.gate)
 
     async def close(self, timeout_s: float) -> None:
         """Drain every batcher (accepted work finishes), then stop the runners."""
@@ -350,6 +383,15 @@ class Repository:
                 mv.runner.close()
             mv.metrics.ready.set(0)
             mv.metrics.clear_runtime()
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _file_size(mv: ModelVersion) -> int:
+    """Bytes of the version's model files: the order loads start in (smaller ones are ready sooner)."""
+    try:
+        return sum(p.stat().st_size for p in mv.path.glob("*.onnx"))
+    except OSError:
+        return 0
 
 
 def _terminate_process(reason: str) -> None:

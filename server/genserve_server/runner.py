@@ -130,6 +130,10 @@ class Runner:
         self.latent_dim = latent_dim
         # Moving average of compute seconds per batch signature (power-of-two rows, other dims).
         self._cost_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
+        # The fastest compute seen per signature: what the call costs when it is not preempted. The
+        # inline decision uses it, so that a busy machine (whose preemptions inflate the average)
+        # does not send a tiny model's every batch through two thread hand-offs.
+        self._fastest_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
         self._last_s = 0.0
         self.requested_providers = tuple(providers)
         config = runtime or RuntimeConfig()
@@ -314,8 +318,16 @@ class Runner:
         """The compute seconds a batch shaped like `inputs` took (warm-up minimum, then averaged)."""
         return self._cost_s.get(self._signature(key, inputs))
 
-    def warm(self, inputs: Mapping[str, np.ndarray], times: int = 3, key: Hashable = None) -> None:
-        """Run a batch a few times at load: allocations settle and its compute cost is known."""
+    def warm(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        times: int = 3,
+        key: Hashable = None,
+        check_stopping: Callable[[], None] | None = None,
+    ) -> None:
+        """Run a batch a few times at load: allocations settle and its compute cost is known.
+        `check_stopping` runs between the calls (it raises to end a load that SIGTERM cancelled: a
+        large batch of a slow model takes seconds per call)."""
         signature = self._signature(key, inputs)
         self._cost_s.pop(signature, None)
         fastest_s = math.inf
@@ -325,10 +337,14 @@ class Runner:
         # Seed rows count as one value each, not a latent: only image rows come near the threshold.
         self._warmed_row_values = max(self._warmed_row_values, _values_per_row(inputs))
         for _ in range(times):
+            if check_stopping is not None:
+                check_stopping()
             self._call(key, signature, inputs)
             fastest_s = min(fastest_s, self._last_s)
         self._cost_s[signature] = fastest_s  # a busy moment during load does not stick
         if self.solo_session is not None:
+            if check_stopping is not None:
+                check_stopping()
             self._call(key, signature, inputs, solo=True)  # settle the solo session too (cost not recorded)
 
     def _call(
@@ -344,6 +360,8 @@ class Runner:
         elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
         self._last_s = elapsed_s
         previous = self._cost_s.get(signature)
+        if not solo and elapsed_s < self._fastest_s.get(signature, math.inf):
+            self._fastest_s[signature] = elapsed_s
         if previous is None or not solo:
             # Plain float stores are atomic under the GIL; a lost update only delays the average.
             # Solo calls are left out: inline runs and bulk budgets use the one-thread session.
@@ -378,7 +396,7 @@ class Runner:
         self, key: Hashable, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
     ) -> bool:
         """Whether the batch is cheaper to run on the calling thread than to hand to a pool."""
-        cost_s = self._cost_s.get(signature)
+        cost_s = self._fastest_s.get(signature)
         if self.mode == "cuda_graph" and not all(r.sealed for r in self.session_runners):
             return False  # a graph may still be captured: never on the event loop
         slow = isinstance(key, RowsKey) and key.slow_to_prepare(self.latent_dim)  # never on the loop

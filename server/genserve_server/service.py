@@ -119,6 +119,19 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         out = output_spec(request.output)
         return await service_codes.sample_codes(self.core, request, call, out, self._provenance)
 
+    async def SampleCodesStream(  # noqa: N802
+        self, request: pb.SampleCodesRequest, context: Context
+    ) -> AsyncIterator[pb.SampleCodesChunk]:
+        stream = self.boundary.stream("SampleCodesStream", request, context, self._do_sample_codes_stream)
+        async for chunk in stream:
+            yield chunk
+
+    def _do_sample_codes_stream(
+        self, request: pb.SampleCodesRequest, call: Call
+    ) -> AsyncIterator[pb.SampleCodesChunk]:
+        out = output_spec(request.output)
+        return service_codes.sample_codes_stream(self.core, request, call, out, self._provenance)
+
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return await self.boundary.unary("ListModels", request, context, self._do_list_models)
 
@@ -372,7 +385,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card()
-        info = pb.ModelInfo(name=model.name, kind=model.kind)
+        info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
         if model.config is not None:
             info.max_batch_size = model.config.batching.max_batch_size
         if model.reason and not model.versions:
@@ -385,7 +398,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 pb.ModelVersionInfo(
                     version=mv.version,
                     state=_STATE[mv.state],
-                    reason=self.repo.redact(mv.reason),
+                    reason=self.repo.redact(mv.reason or mv.file_changed),
                     model_sha256=mv.sha256,
                     precision=mv.precision,
                     execution_provider=mv.provider,

@@ -1,4 +1,5 @@
-"""genserve.v1 SampleCodes: the request's proto <-> the core's values (core.sample_codes).
+"""genserve.v1 SampleCodes and SampleCodesStream: the request's proto <-> the core's values
+(code_sampling.py).
 
 A sibling of service.py's handlers, kept apart so that service.py stays a list of thin handlers.
 """
@@ -6,15 +7,19 @@ A sibling of service.py's handlers, kept apart so that service.py stays a list o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import Kind
-from genserve_server import validate
+from genserve_server import code_sampling, validate
+from genserve_server.code_sampling import CodeProgress, CodeSamples
 from genserve_server.core import Call, GenerationCore
+from genserve_server.encoding import EncodedImage
 from genserve_server.errors import invalid
 from genserve_server.repository import ModelVersion
 from genserve_server.step_sampler import CODE_RNG_ALGORITHM, SamplingOptions, check_grids, check_labels
@@ -42,18 +47,23 @@ def codes_proto(grid: np.ndarray) -> tpb.Tensor:
     return tpb.Tensor(shape=grid.shape, dtype=tpb.DTYPE_INT64, data=grid.astype("<i8", copy=False).tobytes())
 
 
-async def sample_codes(
-    core: GenerationCore,
-    request: pb.SampleCodesRequest,
-    call: Call,
-    out: OutputSpec,
-    provenance: Provenance,
-) -> pb.SampleCodesResponse:
-    mv = core.resolve(call, request.model, request.version, (Kind.CODE_PRIOR,), "SampleCodes")
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    mv: ModelVersion
+    seeds: list[int]
+    labels: list[int] | None
+    tops: np.ndarray | None
+    options: SamplingOptions
+
+
+def _parse(
+    core: GenerationCore, request: pb.SampleCodesRequest, call: Call, out: OutputSpec, rpc: str
+) -> _Parsed:
+    mv = core.resolve(call, request.model, request.version, (Kind.CODE_PRIOR,), rpc)
     card = mv.card
-    assert card is not None and card.codebook_size is not None
+    assert card is not None and card.codebook_size is not None and card.grid is not None
     if out.return_latents:
-        raise invalid("output.return_latents", "not accepted by SampleCodes (use return_codes)")
+        raise invalid("output.return_latents", f"not accepted by {rpc} (use return_codes)")
     limit = min(core.limits.max_images_per_request, mv.config.batching.max_batch_size)
     seeds = validate.request_seeds(
         request.seeds,
@@ -68,6 +78,11 @@ async def sample_codes(
     options = SamplingOptions.checked(
         request.temperature if request.HasField("temperature") else None, request.top_k, card.codebook_size
     )
+    positions = card.grid[0] * card.grid[1]
+    if request.preview_every > positions:
+        raise invalid(
+            "preview_every", f"must be in 0..{positions} (the grid's positions), got {request.preview_every}"
+        )
     tops: np.ndarray | None = None
     if card.top_grid is not None:
         assert card.top_codebook_size is not None
@@ -81,18 +96,65 @@ async def sample_codes(
             tops = check_grids(given, n, card.top_grid, card.top_codebook_size, "top_codes")
     elif request.HasField("top_codes"):
         raise invalid("top_codes", f"{mv.name} is not a bottom prior (no top_grid); send no top_codes")
-    sampled = await core.sample_codes(mv, call, seeds, labels, tops, options, out)
-    response = pb.SampleCodesResponse(provenance=provenance(mv, sampled.executed_batch_sizes))
-    response.provenance.rng_algorithm = CODE_RNG_ALGORITHM
-    for i, image in enumerate(sampled.images):
-        g = response.images.add(index=i, seed=seeds[i])
+    return _Parsed(mv, list(seeds), labels, tops, options)
+
+
+def _images(
+    into: Any, images: Sequence[EncodedImage], seeds: Sequence[int], labels: Sequence[int] | None
+) -> None:
+    for i, image in enumerate(images):
+        g = into.add(index=i, seed=seeds[i])
         g.image.CopyFrom(
             tpb.Image(format=tpb.ImageFormat.ValueType(image.format), data=image.data, shape=image.shape)
         )
         if labels is not None:
             g.label = labels[i]
+
+
+def _response(
+    p: _Parsed, sampled: CodeSamples, request: pb.SampleCodesRequest, provenance: Provenance
+) -> pb.SampleCodesResponse:
+    response = pb.SampleCodesResponse(provenance=provenance(p.mv, sampled.executed_batch_sizes))
+    response.provenance.rng_algorithm = CODE_RNG_ALGORITHM
+    _images(response.images, sampled.images, p.seeds, p.labels)
     if request.return_codes or not sampled.images:
         response.codes.extend(codes_proto(grid) for grid in sampled.codes)
         if sampled.tops is not None:
             response.top_codes.extend(codes_proto(grid) for grid in sampled.tops)
     return response
+
+
+async def sample_codes(
+    core: GenerationCore,
+    request: pb.SampleCodesRequest,
+    call: Call,
+    out: OutputSpec,
+    provenance: Provenance,
+) -> pb.SampleCodesResponse:
+    p = _parse(core, request, call, out, "SampleCodes")
+    sampled = await code_sampling.sample_codes(core, p.mv, call, p.seeds, p.labels, p.tops, p.options, out)
+    return _response(p, sampled, request, provenance)
+
+
+async def sample_codes_stream(
+    core: GenerationCore,
+    request: pb.SampleCodesRequest,
+    call: Call,
+    out: OutputSpec,
+    provenance: Provenance,
+) -> AsyncIterator[pb.SampleCodesChunk]:
+    p = _parse(core, request, call, out, "SampleCodesStream")
+    stream = code_sampling.sample_codes_stream(
+        core, p.mv, call, p.seeds, p.labels, p.tops, p.options, out, request.preview_every
+    )
+    async for item in stream:
+        if isinstance(item, CodeProgress):
+            chunk = pb.SampleCodesChunk(level=item.level, filled=item.filled, positions=item.positions)
+            _images(chunk.previews, item.previews, p.seeds, p.labels)
+            yield chunk
+        else:
+            positions = int(item.codes.shape[1] * item.codes.shape[2])
+            result = _response(p, item, request, provenance)
+            yield pb.SampleCodesChunk(
+                level=code_sampling.CODES_LEVEL, filled=positions, positions=positions, result=result
+            )

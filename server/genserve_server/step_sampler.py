@@ -43,6 +43,8 @@ MAX_TEMPERATURE: Final = 10.0
 UNFILLED: Final = 0
 
 RunStep = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+# A request's progress: (positions filled, its grids so far int64 [N, H, W], a copy).
+Progress = Callable[[int, np.ndarray], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,16 @@ class Row:
     submitted: float = field(default_factory=time.monotonic)
 
 
+@dataclass(eq=False, slots=True)
+class _Watch:
+    """A request that asked for progress: its rows (which advance together: they joined the same
+    step) and how often to report."""
+
+    rows: list[Row]
+    every: int
+    report: Progress
+
+
 @dataclass(slots=True)
 class StepStats:
     """What the scheduler did (metrics, tests, the bench)."""
@@ -155,6 +167,7 @@ class StepScheduler:
         self.stats = StepStats()
         self._running: list[Row] = []
         self._joining: list[Row] = []
+        self._watches: list[_Watch] = []
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -169,11 +182,14 @@ class StepScheduler:
         tops: np.ndarray | None,
         options: SamplingOptions,
         deadline: float | None,
+        progress: Progress | None = None,
+        every: int = 0,
     ) -> np.ndarray:
         """Grids int64 [N, H, W] for `seeds`; all of the request's rows join the next step together.
 
         RESOURCE_EXHAUSTED at once where they do not fit the row budget beside the running rows;
-        cancelling the caller makes its rows leave at the next step."""
+        cancelling the caller makes its rows leave at the next step. With `progress`, it is called
+        after every `every`-th step of the request (not after the last) with the grids so far."""
         n = len(seeds)
         if n > self.max_rows:
             raise invalid("seeds", f"{n} samples are more than {self.name}'s row budget ({self.max_rows})")
@@ -198,16 +214,28 @@ class StepScheduler:
             )
             for i, seed in enumerate(seeds)
         ]
+        watch = _Watch(rows, max(1, every), progress) if progress is not None else None
+        if watch is not None:
+            self._watches.append(watch)
         self._joining.extend(rows)
         if self._task is None:
             self._task = asyncio.ensure_future(self._loop())
         try:
             grids = await asyncio.gather(*(row.future for row in rows))
         finally:
+            if watch is not None:
+                self._watches.remove(watch)
             for row in rows:  # one row failed or the caller left: the others leave at the next step
                 if not row.future.done():
                     row.future.cancel()
         return np.stack(grids)
+
+    def _report(self) -> None:
+        """Progress of the watching requests whose rows reached a multiple of their `every`."""
+        for watch in self._watches:
+            position = watch.rows[0].position
+            if 0 < position < self.positions and position % watch.every == 0:
+                watch.report(position, np.stack([row.codes for row in watch.rows]))
 
     def _admit(self, now: float) -> None:
         for row in self._joining:
@@ -294,6 +322,7 @@ class StepScheduler:
                     else:
                         still.append(row)
                 self._running = still
+                self._report()
                 if self.metrics is not None:
                     self.metrics.step_running_rows.set(len(still))
         finally:

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
-from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, read_manifest, split_ranges
+from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, plan_streams, read_manifest
+from genserve_client.channelpool import FreshChannels
 
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.001, max_backoff_s=0.01)
 
@@ -65,15 +66,21 @@ def test_recover_truncates_torn_tail_and_removes_orphans(tmp_path: Path) -> None
     done=st.sets(st.integers(0, 199), max_size=150),
     n=st.integers(1, 200),
     parts=st.integers(1, 9),
+    max_images=st.integers(0, 40),
 )
-def test_missing_ranges_split_into_balanced_disjoint_shards(done: set[int], n: int, parts: int) -> None:
+def test_missing_ranges_cut_into_bounded_streams_that_keep_every_worker_busy(
+    done: set[int], n: int, parts: int, max_images: int
+) -> None:
     done = {i for i in done if i < n}
-    shards = split_ranges(missing_ranges(done, n), parts)
-    covered = [i for shard in shards for a, b in shard for i in range(a, b)]
+    missing = missing_ranges(done, n)
+    streams = plan_streams(missing, parts, max_images)
+    covered = [i for a, b in streams for i in range(a, b)]
     assert covered == sorted(set(range(n)) - done)  # no gap, no duplicate, in order
-    assert len(shards) <= parts
-    sizes = [sum(b - a for a, b in shard) for shard in shards]
-    assert not sizes or max(sizes) - min(sizes[:-1] or sizes) <= 0  # all full but the last
+    assert all(b - a <= max_images for a, b in streams) or not max_images
+    # Enough streams for every worker whenever there are enough images, never needlessly small.
+    assert len(streams) >= min(parts, len(covered))
+    if len(missing) == 1 and not max_images:
+        assert len(streams) <= parts
 
 
 def bulk(target: str, out: Path, params: BulkParams, **kwargs: int) -> None:
@@ -159,3 +166,48 @@ def test_bulk_needs_at_least_one_image(fake_server: FakeServer, tmp_path: Path) 
         assert "--n must be >= 1" in proc.stderr
     assert not (tmp_path / "job.json").exists()
     assert fake_server.service.calls["SampleStream"] == 0
+
+
+def test_streams_open_on_channels_no_older_than_the_period(fake_server: FakeServer) -> None:
+    """A long job resolves its target again every period (replicas added meanwhile get streams); a
+    replaced channel closes once its last stream ended; the caller's own client is never closed."""
+    now = [0.0]
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as own:
+        channels = FreshChannels(own, period_s=60.0, clock=lambda: now[0])
+        first = channels.acquire()
+        assert first is own and channels.acquire() is own
+        now[0] = 61.0
+        second = channels.acquire()
+        assert second is not own and channels.opened == 1
+        now[0] = 122.0
+        third = channels.acquire()
+        assert third is not second
+        assert second.list_models()  # still in use by its stream: open
+        channels.release(second)
+        with pytest.raises(ValueError, match="closed channel"):
+            second.list_models()
+        channels.release(third)
+        assert third.list_models()  # the current channel stays open for the next stream
+        channels.close()
+        with pytest.raises(ValueError, match="closed channel"):
+            third.list_models()
+        channels.release(own)
+        channels.release(own)
+        assert own.list_models()  # never closed here
+
+
+def test_a_job_whose_every_stream_opens_a_new_channel_is_the_same_job(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    params = BulkParams("fake-cond", n=40, base_seed=3, labels=(1, 2))
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        job = BulkJob(
+            client, params, tmp_path / "fresh", concurrency=2, stream_images=5, channel_period_s=1e-9
+        )
+        job.run()
+        assert job._channels.opened >= 8  # one per stream at least
+        assert client.list_models()  # the caller's client is still open
+    bulk(fake_server.target, tmp_path / "one", params)
+    for name in ("fresh", "one"):
+        assert sorted(manifest_by_index(tmp_path / name)) == list(range(40))
+    assert manifest_by_index(tmp_path / "fresh") == manifest_by_index(tmp_path / "one")

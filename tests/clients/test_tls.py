@@ -128,3 +128,48 @@ def test_without_a_client_certificate_the_handshake_fails(pki: Path, mtls_target
 def test_mtls_needs_both_cert_and_key(pki: Path) -> None:
     with pytest.raises(ValueError, match="both"):
         TlsOptions.from_files(pki / "ca.pem", cert=pki / "client.pem")
+
+
+def test_an_address_list_of_host_names_checks_each_server_against_that_name(
+    pki: Path, tmp_path: Path
+) -> None:
+    """Replicas listed by host name: each connection goes to a resolved address, and TLS still checks
+    the certificate against the name as written (no --tls-server-name needed); listed by IP, a
+    certificate without that IP is refused."""
+    for step in (
+        ("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "lh.key", "-out", "lh.csr", "-subj", "/CN=lh"),
+        ("x509", "-req", "-in", "lh.csr", "-CA", str(pki / "ca.pem"), "-CAkey", str(pki / "ca.key")),
+    ):
+        if step[0] == "x509":
+            (tmp_path / "lh.ext").write_text("subjectAltName=DNS:localhost\n")
+            step += ("-CAcreateserial", "-out", "lh.pem", "-days", "2", "-extfile", "lh.ext")
+        openssl(*step, cwd=tmp_path)
+    key_pair = [((tmp_path / "lh.key").read_bytes(), (tmp_path / "lh.pem").read_bytes())]
+    services, servers, ports = [], [], []
+    for _ in range(2):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        services.append(FakeService())
+        genserve_pb2_grpc.add_GenerationServiceServicer_to_server(services[-1], server)
+        ports.append(server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(key_pair)))
+        server.start()
+        servers.append(server)
+    try:
+        tls = TlsOptions.from_files(pki / "ca.pem")
+        by_name = ",".join(f"localhost:{p}" for p in ports)
+        with GenserveClient(ChannelConfig(by_name, tls=tls), timeout_s=10) as client:
+            # round_robin uses a replica once its handshake is done: both answer within a few calls.
+            for _ in range(500):
+                assert client.list_models()
+                if all(s.calls["ListModels"] > 0 for s in services):
+                    break
+        assert all(s.calls["ListModels"] > 0 for s in services)  # both replicas answered
+        by_ip = ",".join(f"127.0.0.1:{p}" for p in ports)
+        with GenserveClient(
+            ChannelConfig(by_ip, tls=tls), retry=RetryPolicy(max_attempts=1), timeout_s=5
+        ) as c:
+            with pytest.raises(GenserveClientError) as info:
+                c.list_models()
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for server in servers:
+            server.stop(grace=None)

@@ -109,7 +109,7 @@ def test_every_copy_source_exists_and_is_in_the_build_context(stages: list[Stage
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    for heavy in (".venv", ".git", ".cache", "export", "tests", "clients"):
+    for heavy in (".venv", ".git", ".cache", "export", "tests", "bench"):
         assert not _dockerignore_allows(heavy), f".dockerignore lets {heavy}/ into the build context"
 
 
@@ -244,3 +244,20 @@ def test_server_requirements_are_the_servers_dependencies() -> None:
     assert listed <= constraints, f"not pinned in constraints.txt: {listed - constraints}"
     dockerfile = DOCKERFILE.read_text()
     assert "-c requirements/constraints.txt -r requirements/server.txt" in dockerfile
+
+
+def test_the_image_has_the_client_with_no_dependency_of_its_own(stages: list[Stage]) -> None:
+    """Batch jobs (deploy/k8s/bulk/) run `genserve-client` from the server's image: the build stage
+    installs clients/, whose dependencies are all the server's (pinned, installed before it)."""
+    import tomllib
+
+    build = stages[0]
+    assert any(c.args[0].rstrip("/") == "clients" for c in build.all("COPY")), "clients/ is not copied"
+    installs = [" ".join(r.args) for r in build.all("RUN") if "pip install" in " ".join(r.args)]
+    assert any("./clients" in cmd and "-c requirements/constraints.txt" in cmd for cmd in installs), installs
+    assert any("genserve-client --help" in " ".join(r.args) for r in build.all("RUN"))
+    project = tomllib.loads((ROOT / "clients" / "pyproject.toml").read_text())["project"]
+    needed = {re.split(r"[\s;<>=!~\[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    server = _requirement_names(ROOT / "requirements" / "server.txt") | {"genserve-api"}
+    assert needed <= server, f"the client needs {needed - server}, which the image does not install"
+    assert project["scripts"]["genserve-client"] == "genserve_client.cli:main"

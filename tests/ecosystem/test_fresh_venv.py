@@ -1,6 +1,7 @@
 """The Docker image's install, without Docker: requirements/server.txt into a FRESH venv, then the
-api and server packages (non-editable, as the image's build stage does), and the server started
-from that venv answers grpc.health.v1 SERVING through its own `genserve-server health` probe.
+api, server and client packages (non-editable, as the image's build stage does), and the server
+started from that venv answers grpc.health.v1 SERVING through its own `genserve-server health` probe
+and the venv's `genserve-client` (which bulk Jobs run from the same image).
 
 Proves the runtime requirements are complete (nothing leaks in from the dev venv), pinned by the
 one constraints file, and free of torch. pip uses its local cache: a warm run takes about a
@@ -35,15 +36,16 @@ def test_server_from_a_fresh_venv_reports_serving(tmp_path: Path, tiny_repo: Pat
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     run([*pip, "-c", str(CONSTRAINTS), "-r", str(SERVER_REQUIREMENTS)], timeout_s=600)
     # Build from copies so setuptools' build/ and egg-info never land in the working tree.
-    for package in ("api", "server"):
+    for package in ("api", "server", "clients"):  # the image holds the client too (bulk Jobs run it)
         shutil.copytree(ROOT / package, tmp_path / package, ignore=COPY_IGNORE)
-    run([*pip, "-c", str(CONSTRAINTS), str(tmp_path / "api"), str(tmp_path / "server")], timeout_s=300)
+    packages = [str(tmp_path / p) for p in ("api", "server", "clients")]
+    run([*pip, "-c", str(CONSTRAINTS), *packages], timeout_s=300)
     install_s = time.monotonic() - started
     run([str(venv / "bin" / "python"), "-m", "pip", "check"], timeout_s=60)
     listed = run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], timeout_s=60).stdout
     installed = {p["name"].lower() for p in json.loads(listed)}
     assert not installed & {"torch", "onnx", "onnxscript", "genserve-export", "pytest"}, installed
-    assert {"genserve-server", "genserve-api"} <= installed
+    assert {"genserve-server", "genserve-api", "genserve-client"} <= installed
 
     ready = tmp_path / "ready.json"
     log = (tmp_path / "server.log").open("wb")
@@ -73,6 +75,13 @@ def test_server_from_a_fresh_venv_reports_serving(tmp_path: Path, tiny_repo: Pat
         )
         assert probe.returncode == 0, probe.stdout + probe.stderr
         assert probe.stdout.strip() == '"" SERVING'
+        # The image's client, from the same venv, talks to the server (what a bulk Job pod does).
+        models = run(
+            [str(venv / "bin" / "genserve-client"), "--target", f"127.0.0.1:{port}", "models"],
+            timeout_s=60,
+            cwd=tmp_path,
+        ).stdout
+        assert "tiny-gen" in models, models
         # The server really runs from the fresh venv, not from the repository's.
         module = run(
             [str(venv / "bin" / "python"), "-c", "import genserve_server; print(genserve_server.__file__)"],

@@ -103,6 +103,7 @@ def test_kustomization_lists_every_manifest() -> None:
             "15 seconds",
         ),
         ("PodMonitor", lambda d: d["spec"].pop("selector"), "selector"),
+        ("NetworkPolicy", lambda d: d["spec"]["ingress"][0].update(form=[]), "form"),
     ],
 )
 def test_validation_catches_mistakes(
@@ -188,6 +189,65 @@ def test_args_parse_with_the_server_cli(objects: dict[tuple[str, str], Manifest]
         METRICS_PORT,
     )
     assert args.drain_grace_s == DRAIN_GRACE_S
+
+
+def test_grpc_needs_a_token_from_a_secret_and_health_stays_open_for_the_probes(
+    objects: dict[tuple[str, str], Manifest],
+) -> None:
+    """The shipped default authenticates: a token file from a Secret (no token in the manifests), and
+    grpc.health.v1 open, because the kubelet's gRPC probes send no token."""
+    from genserve_server.config import ServerConfig
+    from genserve_server.main import _apply_security_flags, build_parser
+
+    container = _container(objects)
+    args = build_parser().parse_args(container["args"])
+    security = _apply_security_flags(ServerConfig(), args).security
+    assert security.auth or security.tls, "the manifest must name a token or TLS"
+    assert security.auth and security.token_file is not None and security.open_health
+    assert not container.get("env"), "tokens come from the Secret's file, not the manifest"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    token_dir = str(security.token_file.parent)
+    assert token_dir in mounts and mounts[token_dir].get("readOnly") is True
+    volumes = {v["name"]: v for v in _deployment(objects)["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mounts[token_dir]["name"]]["secret"]
+    assert secret["secretName"] == "genserve-auth"
+    assert not secret.get("optional", False), "a missing Secret must stop the pod, not open it"
+    assert {i["key"]: i["path"] for i in secret["items"]} == {"tokens": security.token_file.name}
+    assert ("Secret", "genserve-auth") not in objects, "the token is the operator's, never shipped"
+    assert "create secret generic genserve-auth" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+def test_metrics_stay_off_the_services_and_only_the_monitoring_namespace_reaches_them(
+    objects: dict[tuple[str, str], Manifest],
+) -> None:
+    container = _container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for (kind, name), service in objects.items():
+        if kind != "Service":
+            continue
+        targets = {p["targetPort"] for p in service["spec"]["ports"]}
+        assert targets <= {"grpc", ports["grpc"]}, f"Service {name} exposes {targets}"
+        assert all(p["port"] != METRICS_PORT for p in service["spec"]["ports"]), name
+    policy = objects[("NetworkPolicy", "genserve")]["spec"]
+    pod_labels = _deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert _matches(policy["podSelector"]["matchLabels"], pod_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port: dict[str | int, list[Manifest]] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            by_port.setdefault(port["port"], []).append(rule)
+    assert set(by_port) == {"grpc", "metrics"}
+    # gRPC from anywhere (clients); metrics only from a namespace selected by name, never all.
+    assert any("from" not in rule for rule in by_port["grpc"])
+    for rule in by_port["metrics"]:
+        sources = rule.get("from")
+        assert sources, "the metrics port must not be open to every peer"
+        for source in sources:
+            assert set(source) == {"namespaceSelector"}, source
+            assert source["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
+    # The PodMonitor still scrapes the pod's metrics port, bound outside the pod's loopback.
+    endpoint = objects[("PodMonitor", "genserve")]["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "metrics"
 
 
 def test_engine_cache_is_a_volume_and_the_startup_budget_fits_engine_builds(

@@ -29,6 +29,8 @@ import pytest
 from ecosystem_helpers import CACHE_DIR, ROOT, run
 from server_support import TINY_LATENT, generator_graph, write_model
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -38,8 +40,6 @@ from genserve_server.config import ServerConfig
 from genserve_server.core import GenerationCore
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 SCRIPTS = Path(__file__).resolve().parent / "kserve_scripts"
 TRITONCLIENT = "2.73.0"  # newest on PyPI; pins protobuf<7, hence its own venv
@@ -95,8 +95,10 @@ def _describe(python: Path, modules: list[str]) -> dict[str, Any]:
 
 def test_protos_are_wire_compatible_with_tritonclient(triton_python: Path) -> None:
     """Every message, field (name, number, type, label, oneof), enum value and RPC of
-    protos/inference/*.proto is identical in tritonclient's own compiled descriptors."""
-    ours = _describe(Path(sys.executable), ["inference.grpc_service_pb2", "inference.model_config_pb2"])
+    protos/genserve/kserve/*.proto is identical in tritonclient's own compiled descriptors."""
+    ours = _describe(
+        Path(sys.executable), ["genserve.kserve.grpc_service_pb2", "genserve.kserve.model_config_pb2"]
+    )
     theirs = _describe(triton_python, ["tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2"])
     problems = []
     for kind in ("messages", "enums", "services"):
@@ -370,6 +372,69 @@ def test_statistics_do_not_count_requests_for_missing_versions(
     assert failed() == before + 1
 
 
+def test_statistics_are_per_request_and_add_up_as_in_triton(
+    tiny_server: Any, stub: kpb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """For every request queue + compute <= its duration (perf_analyzer's overhead is never negative),
+    the compute counts are the request count, and batch_stats add up to the executions; a
+    SampleStream of several chunks is one request like a ModelInfer, not one per chunk."""
+
+    def stats() -> Any:
+        [found] = stub.ModelStatistics(kpb.ModelStatisticsRequest(name=GEN), timeout=10).model_stats
+        return found
+
+    def delta(name: str) -> tuple[int, int]:
+        a, b = getattr(before.inference_stats, name), getattr(after.inference_stats, name)
+        return b.count - a.count, b.ns - a.ns
+
+    def batches(s: Any) -> dict[int, int]:
+        return {b.batch_size: b.compute_infer.count for b in s.batch_stats}
+
+    n_infer, rows, stream_n, chunk = 12, 3, 40, 8
+    before = stats()
+    z = np.zeros((rows, TINY_LATENT), np.float32).tobytes()
+    with grpc.insecure_channel(tiny_server.target) as ch, ThreadPoolExecutor(4) as pool:
+        request = pb.SampleStreamRequest(sample=pb.SampleRequest(model=GEN, count=stream_n), chunk_size=chunk)
+        streamed = pool.submit(
+            lambda: list(pb_grpc.GenerationServiceStub(ch).SampleStream(request, timeout=30))
+        )
+        infers = [
+            pool.submit(stub.ModelInfer, _z_request(GEN, [rows, TINY_LATENT], z), timeout=30)
+            for _ in range(n_infer)
+        ]
+        assert all(len(f.result().raw_output_contents) == 1 for f in infers)
+        assert sum(len(c.images) for c in streamed.result()) == stream_n
+    after = stats()
+
+    requests, success_ns = delta("success")
+    assert requests == n_infer + 1 and delta("fail") == (0, 0)
+    parts = [delta(name) for name in ("queue", "compute_input", "compute_infer", "compute_output")]
+    assert [count for count, _ in parts] == [requests] * 4
+    assert sum(ns for _, ns in parts) <= success_ns
+    executed = {size: n - batches(before).get(size, 0) for size, n in batches(after).items()}
+    assert after.execution_count - before.execution_count == sum(executed.values())
+    assert after.inference_count - before.inference_count == sum(s * n for s, n in executed.items())
+    assert after.inference_count - before.inference_count == n_infer * rows + stream_n
+    assert after.last_inference >= before.last_inference > 0
+
+
+def test_max_batch_size_in_model_config_is_what_model_infer_accepts(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """As in Triton: a request may carry at most max_batch_size rows; more is INVALID_ARGUMENT naming
+    the field and the limit (genserve.v1's Sample splits larger requests instead)."""
+    limit = stub.ModelConfig(kpb.ModelConfigRequest(name=GEN), timeout=10).config.max_batch_size
+    assert limit > 1
+    ok = stub.ModelInfer(_z_request(GEN, [limit, TINY_LATENT], bytes(4 * limit * TINY_LATENT)), timeout=30)
+    assert ok.outputs[0].shape[0] == limit
+    details = _invalid(stub, _z_request(GEN, [limit + 1, TINY_LATENT], bytes(4 * (limit + 1) * TINY_LATENT)))
+    assert "inputs[z].shape[0]" in details and f"1..{limit} (max_batch_size" in details
+    seeded = kpb.ModelInferRequest(model_name=GEN)
+    seeded.parameters["count"].int64_param = limit + 1
+    details = _invalid(stub, seeded)
+    assert "parameters[count]" in details and f"1..{limit} (max_batch_size" in details
+
+
 def test_server_ready_waits_for_startup_loading_like_grpc_health(tmp_path: Path) -> None:
     """grpc.health "" turns SERVING once the repository's startup load has finished; ServerReady
     must not say ready while other models still load, nor stop at a later hot reload."""
@@ -382,7 +447,7 @@ def test_server_ready_waits_for_startup_loading_like_grpc_health(tmp_path: Path)
         repo = Repository(tmp_path, ServerConfig(), metrics)
         with ThreadPoolExecutor(1) as pool:
             core = GenerationCore(repo, ServerConfig(), metrics, pool)
-            service = kserve.InferenceService(repo, core, Boundary(metrics), metrics.registry)
+            service = kserve.InferenceService(repo, core, Boundary(metrics))
             seen: list[bool] = []
 
             async def ready() -> bool:
@@ -577,9 +642,7 @@ def test_server_ready_answers_what_the_health_check_answers(tmp_path: Path) -> N
         health = {"serving": False}
         with ThreadPoolExecutor(1) as pool:
             core = GenerationCore(repo, ServerConfig(), metrics, pool)
-            service = kserve.InferenceService(
-                repo, core, Boundary(metrics), metrics.registry, ready=lambda: health["serving"]
-            )
+            service = kserve.InferenceService(repo, core, Boundary(metrics), ready=lambda: health["serving"])
             repo.scan()
             await repo.load_all()
             answers = []

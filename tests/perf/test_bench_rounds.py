@@ -69,3 +69,20 @@ def test_the_cache_bench_draws_every_seed_from_its_pool_and_repeats_them() -> No
     assert all(len(s) == 1 and 0 <= s[0] < 5 for s in seeds)
     assert len(set(seeds)) == 5  # every seed of the pool comes up, and so repeats
     assert {r.model for r in requests} == {"m"}
+
+
+def test_genserve_is_judged_against_the_better_naive_server_per_level() -> None:
+    from bench.report import better_naive
+
+    def entry(server: str, c1: float, c64: float) -> dict[str, Any]:
+        levels = [{**level(c1, 0.5), "concurrency": 1}, {**level(c64, 0.5), "concurrency": 64}]
+        return {"server": server, "model": "m", "format": "raw", "levels": levels}
+
+    serving = [
+        entry("genserve", 900.0, 1500.0),
+        entry("naive", 500.0, 1000.0),
+        entry("naive-sync", 700.0, 800.0),
+    ]
+    best = better_naive(serving, "m", "raw")
+    assert (best[1]["server"], best[1]["images_per_s"]) == ("naive-sync", 700.0)
+    assert (best[64]["server"], best[64]["images_per_s"]) == ("naive", 1000.0)

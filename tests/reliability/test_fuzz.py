@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from reliability_support import health_status, jpeg_bytes, png_bomb, png_bytes, rss_bytes
 from server_support import ServerProcess, healthy_models, start_server
 
+from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import types_pb2 as tpb
-from inference import grpc_service_pb2 as kpb
 
 FUZZ_CASES = int(os.environ.get("GENSERVE_FUZZ_CASES", "2000"))
 CALL_TIMEOUT_S = 10.0

@@ -12,13 +12,13 @@ from grpc_health.v1 import health_pb2
 from reliability_support import SERVER_NAME, code_of, health_status, sample_ok, secure_channel, write_gen
 from server_support import ServerProcess, start_server
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve_client import ChannelConfig, GenserveClient, TlsOptions
 from genserve_server.config import ConfigError, load_server_config
 from genserve_server.main import build_parser
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 TOKEN = "s3cret-token"
 GOOD = (("authorization", f"Bearer {TOKEN}"),)

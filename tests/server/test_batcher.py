@@ -863,3 +863,33 @@ def test_a_preferred_batch_of_one_waits_for_requests_already_in_the_server() -> 
         await batcher.close(1)
 
     run(body())
+
+
+def test_a_lone_request_on_an_idle_batcher_runs_in_its_own_task_and_a_burst_still_batches() -> None:
+    """The lone-request path skips the dispatcher's two loop turns, but only when nothing else is
+    queued, running or expected: requests that arrive together still form one batch."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=0.3)
+        tasks: list[asyncio.Task[Any] | None] = []
+
+        async def recording(key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            tasks.append(asyncio.current_task())  # the task each batch's model call runs in
+            return await model(key, inputs)
+
+        batcher._run_batch = recording
+
+        async def lone() -> asyncio.Task[Any] | None:
+            await tracked_submit(batcher, 1.0)
+            return asyncio.current_task()
+
+        caller = asyncio.ensure_future(lone())
+        assert await caller is caller  # the model ran in the caller's own task...
+        assert tasks == [caller]
+        # ...and eight callers arriving together still share one batch.
+        await asyncio.gather(*(tracked_submit(batcher, i) for i in range(8)))
+        assert [len(x) for _, x in model.batches] == [1, 8]
+        await batcher.close(1)
+
+    run(body())

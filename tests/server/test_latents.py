@@ -151,6 +151,33 @@ def test_vectorised_philox_matches_scalar_reference(
     ]
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    seeds=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=4),
+    first_block=st.one_of(st.integers(0, 64), st.integers(2**32 - 8, 2**32 - 1)),
+    n_blocks=st.integers(1, 6),
+)
+def test_small_requests_python_philox_words_equal_numpys(
+    seeds: list[int], first_block: int, n_blocks: int
+) -> None:
+    """A lone request's few blocks take the pure-Python path; its words are numpy's, bit for bit."""
+    keys = latents._seed_keys(seeds, "seeds")
+    blocks = range(first_block, min(first_block + n_blocks, 2**32))
+    counters = np.zeros((len(blocks), 4), dtype=np.uint32)
+    counters[:, 0] = np.array(blocks, dtype=np.uint64).astype(np.uint32)
+    expected = philox4x32_10(counters[np.newaxis, :, :], keys[:, np.newaxis, :])
+    np.testing.assert_array_equal(latents._philox_words_scalar(keys, blocks), expected)
+
+
+@pytest.mark.parametrize("dim", [1, 20, 64, 100, 101, 128])
+def test_a_seed_alone_and_in_a_large_batch_take_both_paths_to_the_same_bits(dim: int) -> None:
+    # One seed of <= _SCALAR_PHILOX_MAX_BLOCKS blocks is drawn in Python, 64 seeds with numpy.
+    seeds = [3, 2**33 + 1, *range(100, 162)]
+    batch = latents_for_seeds(seeds, dim, 0.9)
+    for i in (0, 1, 63):
+        np.testing.assert_array_equal(latents_for_seeds([seeds[i]], dim, 0.9)[0], batch[i])
+
+
 def test_first_normal_of_seed_zero_comes_from_the_zero_kat_vector() -> None:
     # Seed 0, block 0 is counter 0 and key 0: the first KAT line, through Box-Muller by hand.
     x0, x1, x2, x3 = PHILOX4X32_10_KAT[0][2]

@@ -53,6 +53,36 @@ def test_seed_rows_become_batch_latents_identical_to_per_seed_latents(tmp_path: 
     runner.close()
 
 
+def test_warm_up_stops_between_its_calls_once_loading_is_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during start-up (repository.cancel_loading): a warm-up of three calls ends after the
+    call in progress, not after all three (a slow model's large batch takes seconds per call)."""
+    runner = make_runner(tmp_path, inline_max_s=0.0)
+    calls: list[int] = []
+    real_call = runner._call
+
+    def counting_call(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real_call(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "_call", counting_call)
+    checks: list[int] = []
+
+    def check_stopping() -> None:
+        checks.append(1)
+        if len(checks) > 1:
+            raise RuntimeError("loading cancelled")
+
+    inputs = {"z": np.zeros((2, TINY_LATENT), np.float32), "label": np.zeros(2, np.int64)}
+    with pytest.raises(RuntimeError, match="loading cancelled"):
+        runner.warm(inputs, check_stopping=check_stopping)
+    assert len(calls) == 1
+    runner.warm(inputs, check_stopping=lambda: None)  # not cancelled: every call runs
+    assert len(calls) == 4
+    runner.close()
+
+
 def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     runner = make_runner(tmp_path, inline_max_s=1.0)  # everything counts as tiny
     z = np.zeros((2, TINY_LATENT), np.float32)
@@ -78,6 +108,37 @@ def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     asyncio.run(body())
     assert threads[0] == "MainThread"
     assert threads[1].startswith("ort-t")  # an unmeasured signature goes to the pool first
+    runner.close()
+
+
+def test_preempted_calls_do_not_push_a_tiny_model_off_the_event_loop(tmp_path: Path) -> None:
+    # On a busy machine some calls are preempted: their wall time inflates the moving average,
+    # which budgets batches, but the inline decision takes the fastest call seen (the compute).
+    runner = make_runner(tmp_path, inline_max_s=0.01)
+    z = np.zeros((2, TINY_LATENT), np.float32)
+    inputs = {"z": z, "label": np.zeros(2, np.int64)}
+    runner.warm(inputs)
+    threads: list[str] = []
+    original = runner.run_sync
+    preempted = {"left": 12}
+
+    def spy(feeds, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        if preempted["left"]:
+            preempted["left"] -= 1
+            threading.Event().wait(0.05)  # a call that lost its core for 50 ms
+        return original(feeds, **kwargs)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+
+    async def body() -> None:
+        for _ in range(13):
+            await runner.run(LatentRows(), inputs)
+
+    asyncio.run(body())
+    average_s = runner.measured_cost_s(inputs)
+    assert average_s is not None and average_s > runner.inline_max_s  # the average says "slow"...
+    assert threads == ["MainThread"] * 13  # ...yet every batch ran inline
     runner.close()
 
 

@@ -14,15 +14,17 @@ import grpc
 import numpy as np
 import pytest
 from code_models import prior_graph, write_code_models
-from prometheus_client import CollectorRegistry
 from server_support import write_model
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import validate
+from genserve_server import code_sampling, validate
+from genserve_server.code_sampling import CodeSamples
 from genserve_server.config import ServerConfig
-from genserve_server.core import Call, CodeSamples, GenerationCore
+from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from genserve_server.kserve import InferenceService
 from genserve_server.metrics import Metrics
@@ -35,8 +37,6 @@ from genserve_server.step_sampler import (
     sample_codes,
     uniforms,
 )
-from inference import grpc_service_pb2 as kpb
-from inference import grpc_service_pb2_grpc as kpb_grpc
 
 GRID = (6, 6)
 POSITIONS = GRID[0] * GRID[1]
@@ -104,7 +104,9 @@ async def sample(
     if labels is not None and len(labels) == 1:
         labels = labels * len(seeds)
     try:
-        return await core.sample_codes(mv, call, seeds, labels, tops, options or SamplingOptions(), PNG)
+        return await code_sampling.sample_codes(
+            core, mv, call, seeds, labels, tops, options or SamplingOptions(), PNG
+        )
     finally:
         if call.batcher is not None:
             call.batcher.release()
@@ -353,7 +355,7 @@ def test_sample_codes_rpc(code_repo: tuple[Path, dict[str, str]]) -> None:
         server = grpc.aio.server()
         service = GenerationService(repo, config, metrics, pool)
         pb_grpc.add_GenerationServiceServicer_to_server(service, server)
-        infer = InferenceService(repo, service.core, service.boundary, CollectorRegistry())
+        infer = InferenceService(repo, service.core, service.boundary)
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(infer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -404,6 +406,7 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
         pb.SampleCodesRequest(model=names["chain"], seeds=[3], output=raw, return_codes=True)
     )
     assert chain.top_codes[0] == top.codes[0] and chain.images[0].image.data == bottom.images[0].image.data
+    await check_progress_stream(stub, names, reply, chain)
     for request, field in (
         (pb.SampleCodesRequest(model=names["prior"], count=1), "labels"),
         (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], top_k=99), "top_k"),
@@ -412,6 +415,10 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
         (pb.SampleCodesRequest(model=names["decoder"], count=1), "model"),
         (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], temperature=11), "temperature"),
         (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[3]), "labels[0]"),
+        (
+            pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], preview_every=POSITIONS + 1),
+            "preview_every",
+        ),
         (
             pb.SampleCodesRequest(
                 model=names["bottom"],
@@ -442,6 +449,45 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
             await stub.SampleCodes(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (info.value.details() or "").startswith(field), info.value.details()
+
+
+async def check_progress_stream(
+    stub: Any, names: dict[str, str], reply: pb.SampleCodesResponse, chain: pb.SampleCodesResponse
+) -> None:
+    """SampleCodesStream: progress chunks whose previews are the grids so far, decoded, then the
+    same answer as SampleCodes; a two-level call reports its top level first, without previews."""
+    raw = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+    request = pb.SampleCodesRequest(
+        model=names["prior"],
+        seeds=[8, 9],
+        labels=[2],
+        top_k=4,
+        temperature=0.7,
+        output=raw,
+        return_codes=True,
+        preview_every=9,
+    )
+    chunks = [chunk async for chunk in stub.SampleCodesStream(request)]
+    *progress, last = chunks
+    assert [g.image.data for g in last.result.images] == [g.image.data for g in reply.images]
+    assert list(last.result.codes) == list(reply.codes) and last.filled == last.positions == POSITIONS
+    assert progress, "no progress chunk"
+    filled = [c.filled for c in progress]
+    assert filled == sorted(set(filled)) and all(f % 9 == 0 and 0 < f < POSITIONS for f in filled)
+    for chunk in progress:
+        assert chunk.level == "codes" and chunk.positions == POSITIONS
+        assert [g.seed for g in chunk.previews] == [8, 9] and [g.label for g in chunk.previews] == [2, 2]
+        for g, final in zip(chunk.previews, reply.codes, strict=True):
+            so_far = np.frombuffer(final.data, "<i8").copy()
+            so_far[chunk.filled :] = 0  # raster order: the first `filled` positions are the final codes
+            pixels = np.frombuffer(g.image.data, np.uint8).reshape(GRID)
+            assert np.array_equal(pixels, np.round(so_far.reshape(GRID) / 16 * 255).astype(np.uint8))
+    two_level = pb.SampleCodesRequest(model=names["chain"], seeds=[3], output=raw, preview_every=2)
+    chunks = [chunk async for chunk in stub.SampleCodesStream(two_level)]
+    levels = [c.level for c in chunks[:-1]]
+    assert levels and levels == sorted(levels, key=lambda level: level != "top")  # top first
+    assert all(not c.previews for c in chunks[:-1] if c.level == "top")
+    assert chunks[-1].result.images[0].image.data == chain.images[0].image.data
 
 
 def test_config_and_card_rules_of_the_code_kinds(tmp_path: Path) -> None:

@@ -572,6 +572,7 @@ class SampleCodesRequest(_message.Message):
     TOP_CODES_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     RETURN_CODES_FIELD_NUMBER: _builtins.int
+    PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A code_prior model. Required."""
     version: _builtins.str
@@ -587,6 +588,8 @@ class SampleCodesRequest(_message.Message):
     """Sample among the top_k most likely codes only, 0..codebook_size; 0: all codes."""
     return_codes: _builtins.bool
     """Also return each sample's grid in `codes` (always returned when the prior has no decoder)."""
+    preview_every: _builtins.int
+    """SampleCodesStream only: steps between progress chunks, 0..positions; 0: about 8 per level."""
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Explicit seeds, each 0 <= seed < 2^63; one grid per seed. Else base_seed + i."""
@@ -624,10 +627,11 @@ class SampleCodesRequest(_message.Message):
         top_codes: _types_pb2.Tensor | None = ...,
         output: _types_pb2.OutputOptions | None = ...,
         return_codes: _builtins.bool = ...,
+        preview_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "base_seed", b"base_seed", "output", b"output", "temperature", b"temperature", "top_codes", b"top_codes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "base_seed", b"base_seed", "count", b"count", "labels", b"labels", "model", b"model", "output", b"output", "return_codes", b"return_codes", "seeds", b"seeds", "temperature", b"temperature", "top_codes", b"top_codes", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "base_seed", b"base_seed", "count", b"count", "labels", b"labels", "model", b"model", "output", b"output", "preview_every", b"preview_every", "return_codes", b"return_codes", "seeds", b"seeds", "temperature", b"temperature", "top_codes", b"top_codes", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__base_seed: _TypeAlias = _typing.Literal["base_seed"]  # noqa: Y015
     _WhichOneofArgType__base_seed: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed"]  # noqa: Y015
@@ -639,6 +643,54 @@ class SampleCodesRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___SampleCodesRequest: _TypeAlias = SampleCodesRequest  # noqa: Y015
+
+@_typing.final
+class SampleCodesChunk(_message.Message):
+    """Progress of a SampleCodesStream call. All of a call's samples advance together, one position a
+    step, so one count describes them all.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    FILLED_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    PREVIEWS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    level: _builtins.str
+    """The level being sampled: "top" while a two-level call samples its top grids first, "codes"
+    for the grids the decoder takes (a single-level prior's, or the bottom grids).
+    """
+    filled: _builtins.int
+    """Positions filled so far at that level, of `positions` (H * W), raster order."""
+    positions: _builtins.int
+    @_builtins.property
+    def previews(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.GeneratedImage]:
+        """Sample i's image decoded from its grid so far (unfilled positions hold code 0), in the
+        request's output format; only at the "codes" level of a prior with a decoder. Previews that
+        the client reads slower than the prior steps are skipped, never queued.
+        """
+
+    @_builtins.property
+    def result(self) -> Global___SampleCodesResponse:
+        """The last chunk only: the answer SampleCodes gives."""
+
+    def __init__(
+        self,
+        *,
+        level: _builtins.str = ...,
+        filled: _builtins.int = ...,
+        positions: _builtins.int = ...,
+        previews: _abc.Iterable[_types_pb2.GeneratedImage] | None = ...,
+        result: Global___SampleCodesResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filled", b"filled", "level", b"level", "positions", b"positions", "previews", b"previews", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampleCodesChunk: _TypeAlias = SampleCodesChunk  # noqa: Y015
 
 @_typing.final
 class SampleCodesResponse(_message.Message):
@@ -754,7 +806,9 @@ class ModelVersionInfo(_message.Message):
     version: _builtins.str
     state: Global___ModelState.ValueType
     reason: _builtins.str
-    """Why the version is not READY (e.g. "sha256 mismatch for model.onnx")."""
+    """Why the version is not READY (e.g. "sha256 mismatch for model.onnx"). On a READY version: a
+    warning, e.g. its model file changed on disk since it loaded (it serves the copy in memory).
+    """
     model_sha256: _builtins.str
     precision: _builtins.str
     execution_provider: _builtins.str
@@ -793,6 +847,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     SCALE_FACTOR_FIELD_NUMBER: _builtins.int
     SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image,
@@ -806,6 +861,11 @@ class ModelInfo(_message.Message):
     """super_resolution: the scale factor; image_to_image: 1."""
     size_multiple: _builtins.int
     """Fully convolutional kinds: H and W are padded to a multiple of this."""
+    reason: _builtins.str
+    """Why the model's files on disk are not what it serves, empty when they are: e.g. config.json is
+    invalid, or its version_policy picks no version directory, and the versions listed keep serving
+    as loaded (docs/operations.md, "Hot reload"). Also set when no version could load at all.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionInfo]: ...
     @_builtins.property
@@ -829,10 +889,11 @@ class ModelInfo(_message.Message):
         max_batch_size: _builtins.int = ...,
         scale_factor: _builtins.int = ...,
         size_multiple: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "name", b"name", "output_shape", b"output_shape", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "name", b"name", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,7 +5,7 @@ import warnings
 
 from genserve.v1 import genserve_pb2 as genserve_dot_v1_dot_genserve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -73,6 +73,11 @@ class GenerationServiceStub:
                 '/genserve.v1.GenerationService/SampleCodes',
                 request_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
                 response_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesResponse.FromString,
+                _registered_method=True)
+        self.SampleCodesStream = channel.unary_stream(
+                '/genserve.v1.GenerationService/SampleCodesStream',
+                request_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
+                response_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesChunk.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/genserve.v1.GenerationService/ListModels',
@@ -147,6 +152,14 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SampleCodesStream(self, request, context):
+        """SampleCodes with progress: a chunk every `preview_every` steps with the grids so far (decoded to
+        preview images where the decoder can take them), then a last chunk holding the whole answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """What is loaded.
         """
@@ -203,6 +216,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.SampleCodes,
                     request_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.FromString,
                     response_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesResponse.SerializeToString,
+            ),
+            'SampleCodesStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.SampleCodesStream,
+                    request_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.FromString,
+                    response_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesChunk.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -431,6 +449,33 @@ class GenerationService:
             '/genserve.v1.GenerationService/SampleCodes',
             genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
             genserve_dot_v1_dot_genserve__pb2.SampleCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleCodesStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/genserve.v1.GenerationService/SampleCodesStream',
+            genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
+            genserve_dot_v1_dot_genserve__pb2.SampleCodesChunk.FromString,
             options,
             channel_credentials,
             insecure,

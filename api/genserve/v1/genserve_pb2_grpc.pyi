@@ -60,6 +60,10 @@ class GenerationServiceStub:
     """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
     and their images from the prior's code_decoder (config.json `decoder`).
     """
+    SampleCodesStream: _grpc.UnaryStreamMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesChunk]
+    """SampleCodes with progress: a chunk every `preview_every` steps with the grids so far (decoded to
+    preview images where the decoder can take them), then a last chunk holding the whole answer.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]
     """What is loaded."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.GetModelRequest, _genserve_pb2.ModelInfo]
@@ -87,6 +91,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     SampleCodes: _aio.UnaryUnaryMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesResponse]  # type: ignore[assignment]
     """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
     and their images from the prior's code_decoder (config.json `decoder`).
+    """
+    SampleCodesStream: _aio.UnaryStreamMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesChunk]  # type: ignore[assignment]
+    """SampleCodes with progress: a chunk every `preview_every` steps with the grids so far (decoded to
+    preview images where the decoder can take them), then a last chunk holding the whole answer.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]  # type: ignore[assignment]
     """What is loaded."""
@@ -160,6 +168,16 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_genserve_pb2.SampleCodesResponse, _abc.Awaitable[_genserve_pb2.SampleCodesResponse]]:
         """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
         and their images from the prior's code_decoder (config.json `decoder`).
+        """
+
+    @_abc_1.abstractmethod
+    def SampleCodesStream(
+        self,
+        request: _genserve_pb2.SampleCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_genserve_pb2.SampleCodesChunk], _abc.AsyncIterator[_genserve_pb2.SampleCodesChunk]]:
+        """SampleCodes with progress: a chunk every `preview_every` steps with the grids so far (decoded to
+        preview images where the decoder can take them), then a last chunk holding the whole answer.
         """
 
     @_abc_1.abstractmethod

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from inference import grpc_service_pb2 as inference_dot_grpc__service__pb2
+from genserve.kserve import grpc_service_pb2 as genserve_dot_kserve_dot_grpc__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in inference/grpc_service_pb2_grpc.py depends on'
+        + ' but the generated code in genserve/kserve/grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,43 +38,43 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
 
 
@@ -144,43 +144,43 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=inference_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=inference_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=inference_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=inference_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=inference_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=inference_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=genserve_dot_kserve_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -210,8 +210,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +264,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -291,8 +291,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -318,8 +318,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -345,8 +345,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -372,8 +372,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -399,8 +399,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-            inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            genserve_dot_kserve_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,15 +13,17 @@ with tritonclient's own descriptors). It declares only the RPCs genserve impleme
 calling any other Triton RPC gets UNIMPLEMENTED.
 
 The package is unversioned on purpose: the protocol defines it (STYLE.md lesson 10's one
-exception). Datatypes are the protocol's strings: "BOOL", "UINT8".."UINT64", "INT8".."INT64",
+exception). The file lives under genserve/kserve/ so that its Python stubs are the module
+`genserve.kserve`, not a top-level `inference` package, which another well-known distribution
+owns; the wire names (package `inference`) do not depend on the file's path. Datatypes are the protocol's strings: "BOOL", "UINT8".."UINT64", "INT8".."INT64",
 "FP16", "FP32", "FP64", "BYTES", "BF16". Shapes are int64 lists, batch axis first.
 """
 
 from collections import abc as _abc
+from genserve.kserve import model_config_pb2 as _model_config_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from inference import model_config_pb2 as _model_config_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

@@ -1,0 +1,256 @@
+"""Admission per class of RPC, in front of every servicer (docs/operations.md, "Admission").
+
+grpc's own `maximum_concurrent_rpcs` counts every call from its headers on, whatever the method:
+1,030 streams that sent headers and never a request (or 1,030 health `Watch` streams) took every
+slot, and the health check itself answered RESOURCE_EXHAUSTED. Here instead:
+
+- A call's request must arrive within `request_timeout_s` of its headers, or the call ends with
+  DEADLINE_EXCEEDED: a stream that never sends its request holds nothing for long. (Each
+  unary-request handler is registered as a stream-request one, so this code runs at the headers and
+  reads the one request itself; on the wire the two are the same.)
+- A call counts against its class's limit only once its request has arrived, so streams without a
+  request block no client. The classes, each with its own limit, none shared:
+  generation (Sample, Decode, ..., KServe ModelInfer: `max_concurrent_rpcs`), bulk streams
+  (SampleStream, SampleCodesStream: `max_concurrent_sample_streams`), control (ListModels,
+  GetModel, KServe metadata, reflection: `max_concurrent_control_rpcs`) and health Watch
+  (`max_health_watchers`). Health Check counts in no class: it always answers. Beyond a limit a
+  call is answered RESOURCE_EXHAUSTED at once, naming the limit.
+- A call that aborts keeps its exception in grpc's call state, whose traceback holds the handler
+  frames and so the request: a reference cycle that only the garbage collector frees (a 63 MiB
+  request cost ~1 GB until then). The abort's traceback and context are dropped on the way out,
+  so the request is freed when the call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from dataclasses import dataclass
+from typing import Any, TypeAlias, cast
+
+import grpc
+
+from genserve_server.boundary import abort
+from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+# A string: grpc's classes are generic only in its type stubs.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+# Bulk server streams: they share max_concurrent_sample_streams.
+BULK_STREAMS = (
+    "/genserve.v1.GenerationService/SampleStream",
+    "/genserve.v1.GenerationService/SampleCodesStream",
+)
+GENERATION_CONTROL = ("/genserve.v1.GenerationService/ListModels", "/genserve.v1.GenerationService/GetModel")
+
+
+@dataclass(slots=True)
+class RpcClass:
+    """Calls of one class running at once (their request received); `limit` None: not counted."""
+
+    name: str
+    limit_name: str
+    limit: int | None
+    active: int = 0  # touched only on the event loop thread
+
+    def admit(self) -> bool:
+        if self.limit is not None and self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def refusal(self, method: str) -> ResourceExhausted:
+        logger.info("refused %s: %d %s calls running (%s)", method, self.active, self.name, self.limit_name)
+        return ResourceExhausted(
+            f"{self.active} {self.name} calls are running, {self.limit_name}={self.limit}; retry with backoff"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    generation: int
+    sample_streams: int
+    control: int
+    health_watchers: int
+    request_timeout_s: float
+
+
+class Admission:
+    """Wraps each method handler once, at registration (limits.GuardedRegistrar): request timeout,
+    per-class admission, prompt release of an aborted call's request."""
+
+    def __init__(
+        self,
+        limits: AdmissionLimits,
+        *,
+        control_services: Collection[str] = (),
+        control_methods: Collection[str] = GENERATION_CONTROL,
+        generation_methods: Collection[str] = (),
+    ) -> None:
+        for name, value in (
+            ("generation", limits.generation),
+            ("sample_streams", limits.sample_streams),
+            ("control", limits.control),
+            ("health_watchers", limits.health_watchers),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} limit must be >= 1, got {value}")
+        if limits.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {limits.request_timeout_s}")
+        self.request_timeout_s = limits.request_timeout_s
+        self.generation = RpcClass("generation", "max_concurrent_rpcs", limits.generation)
+        self.streams = RpcClass("bulk stream", "max_concurrent_sample_streams", limits.sample_streams)
+        self.control = RpcClass("control", "max_concurrent_control_rpcs", limits.control)
+        self.watchers = RpcClass("health Watch", "max_health_watchers", limits.health_watchers)
+        self.health = RpcClass("health Check", "", None)
+        self._control_services = frozenset(control_services)
+        self._control_methods = frozenset(control_methods)
+        self._generation_methods = frozenset(generation_methods)
+
+    def classify(self, method: str) -> RpcClass:
+        """The class of a full method name (`/package.Service/Method`): `generation_methods`, then
+        `control_methods` and every method of `control_services`; any other: generation."""
+        if method == HEALTH_CHECK:
+            return self.health
+        if method == HEALTH_WATCH:
+            return self.watchers
+        if method in BULK_STREAMS:
+            return self.streams
+        if method in self._generation_methods:
+            return self.generation
+        service = method[1:].partition("/")[0]
+        if method in self._control_methods or service in self._control_services:
+            return self.control
+        return self.generation
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        rpc_class = self.classify(method)
+        if handler.unary_unary is not None:
+            return self._unary_unary(method, rpc_class, handler)
+        if handler.unary_stream is not None:
+            return self._unary_stream(method, rpc_class, handler)
+        if handler.stream_stream is not None:
+            return self._stream_stream(method, rpc_class, handler)
+        return handler  # stream-unary: genserve registers none
+
+    async def _read(self, method: str, context: Context) -> Any:
+        """The call's next request message (or grpc.aio.EOF), within request_timeout_s."""
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                return await context.read()
+        except TimeoutError:
+            logger.info("cancelled %s: no request within request_timeout_s", method)
+            await abort(
+                context,
+                DeadlineExceeded(
+                    f"no request message arrived within request_timeout_s={self.request_timeout_s:g} s"
+                ),
+            )
+
+    async def _read_request(self, method: str, context: Context) -> Any:
+        """The call's one request message."""
+        request = await self._read(method, context)
+        if request is grpc.aio.EOF:
+            await abort(context, InvalidArgument(f"{method} needs one request message; the call sent none"))
+        return request
+
+    def _unary_unary(self, method: str, rpc_class: RpcClass, handler: Handler) -> Handler:
+        inner = cast(Callable[[Any, Any], Any], handler.unary_unary)
+
+        async def admitted(request_iterator: Any, context: Context) -> Any:
+            request = await self._read_request(method, context)
+            if not rpc_class.admit():
+                del request  # not held by the refusal's traceback
+                await abort(context, rpc_class.refusal(method))
+            try:
+                result = inner(request, context)
+                del request  # the handler's frames hold it while they need it, no longer
+                return await result if inspect.isawaitable(result) else result
+            except grpc.aio.AbortError as exc:
+                raise _released(exc) from None
+            finally:
+                rpc_class.active -= 1
+
+        return grpc.stream_unary_rpc_method_handler(
+            admitted, handler.request_deserializer, handler.response_serializer
+        )
+
+    def _unary_stream(self, method: str, rpc_class: RpcClass, handler: Handler) -> Handler:
+        inner = cast(Callable[[Any, Any], Any], handler.unary_stream)
+        generator = inspect.isasyncgenfunction(inner)
+
+        async def admitted(request_iterator: Any, context: Context) -> None:
+            request = await self._read_request(method, context)
+            if not rpc_class.admit():
+                del request  # not held by the refusal's traceback
+                await abort(context, rpc_class.refusal(method))
+            try:
+                result = inner(request, context)
+                del request
+                if generator:
+                    await _write_all(cast(AsyncGenerator[Any, None], result), context)
+                else:  # a handler that writes with context.write() itself
+                    await result
+            except grpc.aio.AbortError as exc:
+                raise _released(exc) from None
+            finally:
+                rpc_class.active -= 1
+
+        return grpc.stream_stream_rpc_method_handler(
+            admitted, handler.request_deserializer, handler.response_serializer
+        )
+
+    def _stream_stream(self, method: str, rpc_class: RpcClass, handler: Handler) -> Handler:
+        """Reflection: every request message within request_timeout_s of the one before."""
+        inner = cast(Callable[[Any, Any], Any], handler.stream_stream)
+        generator = inspect.isasyncgenfunction(inner)
+
+        async def requests(context: Context) -> AsyncIterator[Any]:
+            while (request := await self._read(method, context)) is not grpc.aio.EOF:
+                yield request
+
+        async def admitted(request_iterator: Any, context: Context) -> None:
+            if not rpc_class.admit():
+                await abort(context, rpc_class.refusal(method))
+            try:
+                result = inner(requests(context), context)
+                if generator:
+                    await _write_all(cast(AsyncGenerator[Any, None], result), context)
+                else:
+                    await result
+            except grpc.aio.AbortError as exc:
+                raise _released(exc) from None
+            finally:
+                rpc_class.active -= 1
+
+        return grpc.stream_stream_rpc_method_handler(
+            admitted, handler.request_deserializer, handler.response_serializer
+        )
+
+
+async def _write_all(responses: AsyncGenerator[Any, None], context: Context) -> None:
+    """Each response written; the generator closed at once, also when the client cancels (its
+    `finally` releases what it holds now, not when the garbage collector finalizes it)."""
+    try:
+        async for item in responses:
+            await context.write(item)
+    finally:
+        await responses.aclose()
+
+
+def _released(exc: grpc.aio.AbortError) -> grpc.aio.AbortError:
+    """`exc` without the traceback and context that hold the aborted call's frames (and request).
+
+    grpc keeps the AbortError in the call's state (`abort_exception`, which `_handle_exceptions`
+    checks by identity), so the same object goes on; only its links to finished frames are cut.
+    """
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc.with_traceback(None)

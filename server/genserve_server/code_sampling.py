@@ -1,0 +1,187 @@
+"""Code priors in the core: a prior's step scheduler (step_sampler.py), then its code_decoder's batcher.
+
+`sample_codes` is SampleCodes: the grids (both levels in one call where the prior names a top prior),
+then their images in decoder batches shared with every request whose rows finished near the same
+step. `sample_codes_stream` is the same with progress: it yields a `CodeProgress` every few steps
+(the grids so far, decoded to previews where the decoder takes them) and the `CodeSamples` last.
+Previews never hold the prior back: a preview the consumer has not taken when the next one is
+ready is replaced by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from genserve_server import validate
+from genserve_server.batch_keys import CodeRows
+from genserve_server.batcher import Lane
+from genserve_server.core import Call, GenerationCore
+from genserve_server.encoding import EncodedImage
+from genserve_server.repository import ModelVersion
+from genserve_server.step_sampler import SamplingOptions
+from genserve_server.validate import OutputSpec
+
+# Progress chunks per level when the request does not say (SampleCodesRequest.preview_every = 0).
+DEFAULT_PREVIEWS_PER_LEVEL = 8
+TOP_LEVEL = "top"
+CODES_LEVEL = "codes"
+
+# (level, positions filled, positions, grids so far int64 [N, H, W], the top grids for a bottom level)
+LevelProgress = Callable[[str, int, int, np.ndarray, np.ndarray | None], None]
+
+
+@dataclass(slots=True)
+class CodeSamples:
+    """Grids sampled by a code prior and, where it names a decoder, their images."""
+
+    codes: np.ndarray  # int64 [N, H, W]
+    images: list[EncodedImage]  # empty without a decoder
+    executed_batch_sizes: list[int]  # the decoder's batches
+    tops: np.ndarray | None = None  # int64 [N, Ht, Wt]: the top grids (given, or sampled by the top prior)
+
+
+@dataclass(slots=True)
+class CodeProgress:
+    """Where a streaming call stands: `filled` of `positions` at `level`, and previews (the grids so
+    far decoded; empty at the top level or without a decoder)."""
+
+    level: str
+    filled: int
+    positions: int
+    previews: list[EncodedImage]
+
+
+def steps_between(every: int, positions: int) -> int:
+    """Steps between progress reports: `every`, or about DEFAULT_PREVIEWS_PER_LEVEL per level."""
+    return every if every > 0 else max(1, positions // DEFAULT_PREVIEWS_PER_LEVEL)
+
+
+async def sample_codes(
+    core: GenerationCore,
+    mv: ModelVersion,
+    call: Call,
+    seeds: Sequence[int],
+    labels: Sequence[int] | None,
+    tops: np.ndarray | None,
+    options: SamplingOptions,
+    out: OutputSpec,
+    progress: LevelProgress | None = None,
+    every: int = 0,
+) -> CodeSamples:
+    """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
+    finish near the same step, of any request, share the decoder's batches)."""
+    decoder = core.code_decoder(mv)
+    if decoder is not None:
+        card = decoder.card
+        assert card is not None and card.image_size is not None
+        validate.predicted_send_size(
+            out, len(seeds), card.channels, *card.image_size, core.limits.max_send_message_bytes
+        )
+    top = core.top_prior(mv) if tops is None else None
+    if top is not None:  # both levels in one call: the top grids first, same seeds and options
+        assert top.card is not None and top.card.codebook_size is not None and top.card.grid is not None
+        top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
+        top_labels = labels if top.card.class_names else None
+        top_positions = top.card.grid[0] * top.card.grid[1]
+        top_report = None
+        if progress is not None:
+            top_report = functools.partial(_at_level, progress, TOP_LEVEL, top_positions, None)
+        top_every = steps_between(every, top_positions)
+        tops = await core.stepper(top).sample(
+            seeds, top_labels, None, top_options, call.deadline, top_report, top_every
+        )
+    stepper = core.stepper(mv)
+    report = None
+    if progress is not None:
+        report = functools.partial(_at_level, progress, CODES_LEVEL, stepper.positions, tops)
+    codes = await stepper.sample(
+        seeds, labels, tops, options, call.deadline, report, steps_between(every, stepper.positions)
+    )
+    if decoder is None:
+        return CodeSamples(codes, [], [], tops)
+    images, batch_sizes = await _decode(core, decoder, call, codes, tops, out)
+    return CodeSamples(codes, images, batch_sizes, tops)
+
+
+def _at_level(
+    progress: LevelProgress,
+    level: str,
+    positions: int,
+    tops: np.ndarray | None,
+    filled: int,
+    grids: np.ndarray,
+) -> None:
+    progress(level, filled, positions, grids, tops)
+
+
+async def _decode(
+    core: GenerationCore,
+    decoder: ModelVersion,
+    call: Call,
+    codes: np.ndarray,
+    tops: np.ndarray | None,
+    out: OutputSpec,
+) -> tuple[list[EncodedImage], list[int]]:
+    assert decoder.card is not None and decoder.batcher is not None
+    inputs = {"codes": codes}
+    if tops is not None:
+        inputs["top_codes"] = tops
+    result = await decoder.batcher.submit(
+        CodeRows(), inputs, len(codes), lane=Lane.INTERACTIVE, deadline=call.deadline
+    )
+    images = await core.codec.encode(
+        decoder.metrics, result.outputs["image"], out, decoder.card.output_range, timing=call.timing
+    )
+    return images, result.executed_batch_sizes
+
+
+async def sample_codes_stream(
+    core: GenerationCore,
+    mv: ModelVersion,
+    call: Call,
+    seeds: Sequence[int],
+    labels: Sequence[int] | None,
+    tops: np.ndarray | None,
+    options: SamplingOptions,
+    out: OutputSpec,
+    every: int = 0,
+) -> AsyncIterator[CodeProgress | CodeSamples]:
+    """`sample_codes` with progress: CodeProgress items while the prior steps, the CodeSamples last."""
+    latest: list[tuple[str, int, int, np.ndarray, np.ndarray | None]] = []
+    ready = asyncio.Event()
+
+    def report(level: str, filled: int, positions: int, grids: np.ndarray, given: np.ndarray | None) -> None:
+        latest[:] = [(level, filled, positions, grids, given)]  # a newer report replaces an untaken one
+        ready.set()
+
+    decoder = core.code_decoder(mv)
+    sampling = asyncio.ensure_future(
+        sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every)
+    )
+    try:
+        while not sampling.done():
+            waiter = asyncio.ensure_future(ready.wait())
+            try:
+                await asyncio.wait({waiter, sampling}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not latest or sampling.done():
+                continue
+            ready.clear()
+            level, filled, positions, grids, given = latest.pop()
+            previews: list[EncodedImage] = []
+            if level == CODES_LEVEL and decoder is not None:
+                previews, _ = await _decode(core, decoder, call, grids, given, out)
+            yield CodeProgress(level, filled, positions, previews)
+        yield sampling.result()
+    finally:
+        if not sampling.done():  # the caller left: its rows leave the running set at the next step
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling

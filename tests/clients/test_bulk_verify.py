@@ -1,0 +1,109 @@
+"""`genserve-client verify DIR...`: the union of shard folders spread over several roots (volumes,
+machines) is exactly the job: every shard once, every index and seed once, one model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from client_fakes import FakeServer, cli_main
+
+from genserve_client.bulk import read_manifest
+
+JOB = ("bulk", "--model", "fake-cond", "--labels", "1,2,3", "--seed", "40", "--n", "11", "--chunk-size", "2")
+
+
+def shard_folder(root: Path, index: int) -> Path:
+    return root / f"shard-{index:05d}-of-00003"
+
+
+@pytest.fixture
+def spread(fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path]:
+    """Shard 0 of 3 written on volume a/, shards 1 and 2 on volume b/ (as pods with their own volumes)."""
+    a, b = tmp_path / "a" / "job", tmp_path / "b" / "job"
+    for out, shard in ((a, "0/3"), (b, "1/3"), (b, "2/3")):
+        code, _, err = cli_main(
+            capsys, "--target", fake_server.target, *JOB, "--out", str(out), "--shard", shard
+        )
+        assert code == 0, err
+    return a, b
+
+
+def test_the_union_of_several_folders_is_the_job(
+    spread: tuple[Path, Path], fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = spread
+    code, _, err = cli_main(capsys, "verify", str(a))
+    assert code == 1 and "shards missing of 3 (2): 1, 2" in err and "indices missing (8)" in err
+    merged = tmp_path / "merged.jsonl"
+    # Whole roots, single shard folders, and a folder named twice all count once.
+    for dirs in ((a, b), (a, shard_folder(b, 1), shard_folder(b, 2)), (a, b, b)):
+        code, out, err = cli_main(
+            capsys, "verify", *map(str, dirs), "--hashes", "--manifest-out", str(merged)
+        )
+        assert code == 0, err
+        assert "complete, 11 images in 3 folder(s)" in out
+    # The merged manifest names every image once, relative to the folders' common parent.
+    entries = [json.loads(line) for line in merged.read_text().splitlines()]
+    assert [e["index"] for e in entries] == list(range(11))
+    assert [e["seed"] for e in entries] == [40 + i for i in range(11)]
+    assert entries[0]["file"] == "a/job/shard-00000-of-00003/images/000000.png"
+    for entry in entries:
+        assert (tmp_path / entry["file"]).is_file()
+    # The same job in one folder has the same entries, file for file.
+    whole = tmp_path / "whole"
+    assert cli_main(capsys, "--target", fake_server.target, *JOB, "--out", str(whole))[0] == 0
+    reference = sorted(read_manifest(whole / "manifest.jsonl")[0], key=lambda e: e["index"])
+    assert [{**e, "file": e["file"].split("/", 3)[-1]} for e in entries] == reference
+
+
+def test_a_shard_in_two_folders_is_a_duplicate(
+    spread: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = spread
+    copy = tmp_path / "c" / "job"
+    shutil.copytree(shard_folder(b, 1), shard_folder(copy, 1))  # a shard run twice, on two volumes
+    code, _, err = cli_main(capsys, "verify", str(a), str(b), str(copy))
+    assert code == 1
+    assert "shards found in more than one folder (1): 1 (" in err
+    assert "indices listed twice (4): 3, 4, 5, 6" in err
+    assert "NOT the complete job" in err
+
+
+def test_a_shard_of_another_job_or_model_is_refused(
+    spread: tuple[Path, Path], fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = spread
+    # Shard 2 of the same job but other seeds (a mistyped --seed in one pod).
+    other = tmp_path / "other"
+    job = [*JOB]
+    job[job.index("--seed") + 1] = "41"
+    code, _, err = cli_main(
+        capsys, "--target", fake_server.target, *job, "--out", str(other), "--shard", "2/3"
+    )
+    assert code == 0, err
+    code, _, err = cli_main(capsys, "verify", str(a), str(shard_folder(b, 1)), str(other))
+    assert code == 1 and "belongs to another job" in err and "base_seed: 40 vs 41" in err
+    # Shard 2 with the job's parameters but from a replaced model file.
+    job_file = shard_folder(b, 2) / "job.json"
+    job_json = json.loads(job_file.read_text())
+    job_file.write_text(json.dumps({**job_json, "model_sha256": "0" * 64}))
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1 and f"model_sha256: '{job_json['model_sha256']}' vs '{'0' * 64}'" in err
+    job_file.write_text(json.dumps(job_json))
+    # A manifest line whose seed is not base_seed + index (an image of another seed).
+    manifest = shard_folder(b, 1) / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    entry = json.loads(lines[0])
+    lines[0] = json.dumps({**entry, "seed": entry["seed"] + 100})
+    manifest.write_text("\n".join(lines) + "\n")
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1 and f"indices whose seed, label or version is not the job's (1): {entry['index']}" in err
+
+
+def test_verify_names_a_folder_without_a_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli_main(capsys, "verify", str(tmp_path / "empty"))
+    assert code == 2 and "holds no bulk job" in err and "Traceback" not in err

@@ -1,0 +1,89 @@
+"""`genserve-client sample` on a code prior (SampleCodes), and `--progress` (SampleCodesStream), as a
+subprocess against a real server holding tiny synthetic code models (tests/server/code_models.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from client_fakes import run_cli
+from code_models import write_code_models
+from PIL import Image
+from server_support import ServerProcess, running_server
+
+from genserve_client import GenserveClient
+from genserve_client.results import CodesProgress, CodesResult
+
+GRID = (6, 6)
+
+
+@pytest.fixture(scope="module")
+def code_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
+    root = tmp_path_factory.mktemp("code-models")
+    names = write_code_models(root, grid=GRID, k=16, max_rows=8)
+    with running_server(root, tmp_path_factory.mktemp("code-server")) as server:
+        yield server, names
+
+
+def test_the_library_samples_codes_and_streams_progress(
+    code_server: tuple[ServerProcess, dict[str, str]],
+) -> None:
+    server, names = code_server
+    with GenserveClient(server.target) as client:
+        unary = client.sample_codes(names["prior"], seeds=[5, 6], labels=[1], format="raw", return_codes=True)
+        assert unary.seeds == [5, 6] and unary.labels == [1, 1] and len(unary.codes) == 2
+        assert unary.codes[0].shape == GRID and unary.codes[0].dtype == np.int64
+        items = list(
+            client.sample_codes_progress(
+                names["prior"], seeds=[5, 6], labels=[1], format="raw", preview_every=6
+            )
+        )
+    *progress, last = items
+    assert all(isinstance(p, CodesProgress) for p in progress) and isinstance(last, CodesResult)
+    assert [p.filled for p in progress] == sorted({p.filled for p in progress}) and progress
+    assert all(len(p.previews) == 2 for p in progress)
+    assert last.raw == unary.raw  # the same pixels as the unary call: a pure function of the seeds
+
+
+def test_cli_sample_on_a_code_prior_with_progress(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    server, names = code_server
+    grid, strip = tmp_path / "grid.png", tmp_path / "progress.png"
+    args = ("--target", server.target, "sample", "--model", names["prior"], "--labels", "0,2", "--n", "2")
+    proc = run_cli(*args, "--seed", "4", "--grid", str(grid), "--top-k", "5", "--progress", str(strip))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("codes ")]
+    assert lines and all(line.endswith(f"/{GRID[0] * GRID[1]}") for line in lines)
+    with Image.open(strip) as picture, Image.open(grid) as whole:
+        assert picture.width > picture.height  # previews side by side, then the final image
+        assert whole.text["model"] == names["prior"]  # type: ignore[attr-defined]
+    plain = run_cli(*args, "--seed", "4", "--grid", str(tmp_path / "plain.png"), "--top-k", "5")
+    assert plain.returncode == 0, plain.stderr
+    with Image.open(grid) as streamed, Image.open(tmp_path / "plain.png") as unary:
+        assert np.array_equal(np.asarray(streamed), np.asarray(unary))  # streaming changes no pixel
+    refused = run_cli("--target", server.target, "sample", "--model", names["decoder"], "--n", "1", "--grid",
+                      str(tmp_path / "x.png"), "--progress", str(tmp_path / "y.png"))  # fmt: skip
+    assert refused.returncode == 2 and "code priors" in refused.stderr
+
+
+def test_the_asyncio_client_streams_the_same_progress(
+    code_server: tuple[ServerProcess, dict[str, str]],
+) -> None:
+    import asyncio
+
+    from genserve_client import AsyncGenserveClient
+
+    server, names = code_server
+
+    async def main() -> list[CodesProgress | CodesResult]:
+        async with AsyncGenserveClient(server.target) as client:
+            stream = client.sample_codes_progress(names["chain"], seeds=[3], format="raw", preview_every=3)
+            return [item async for item in stream]
+
+    items = asyncio.run(main())
+    assert isinstance(items[-1], CodesResult) and len(items[-1].items) == 1
+    levels = [item.level for item in items[:-1] if isinstance(item, CodesProgress)]
+    assert levels[0] == "top" and levels[-1] == "codes"  # both levels of a two-level prior, top first

@@ -1,0 +1,233 @@
+"""A reload that cannot apply the repository's files keeps the loaded versions serving and says why;
+a model file changed under a loaded version is reported while the copy in memory keeps serving.
+
+The server tests of this module share one server and run in order (a broken config.json, a
+version_policy that picks nothing, the only version directory deleted mid-replace, a model file
+corrupted in place). Each waits for the rescan's outcome: the metric, or the model going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from reliability_support import copy_version_atomically, write_gen
+from server_support import ServerProcess, start_server, wait_until
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.config import ServerConfig
+from genserve_server.metrics import Metrics
+from genserve_server.reload import Reloader
+from genserve_server.repository import ModelState, Repository
+
+WAIT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("keep-models")
+    write_gen(root, "gen", version="1", seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(repo, tmp_path_factory.mktemp("keep-server"), config={"drain_grace_s": 2.0})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def _info(stub: pb_grpc.GenerationServiceStub) -> pb.ModelInfo:
+    return stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+
+
+def _states(stub: pb_grpc.GenerationServiceStub) -> dict[str, int]:
+    return {v.version: v.state for v in _info(stub).versions}
+
+
+def _config_error(server: ServerProcess) -> float:
+    return server.metric("genserve_model_config_error", model="gen")
+
+
+def _served_version(stub: pb_grpc.GenerationServiceStub) -> str:
+    return str(stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=10).provenance.version)
+
+
+def _reload_until(server: ServerProcess, stub: pb_grpc.GenerationServiceStub, done: object) -> None:
+    """SIGHUP, then wait until the rescan's outcome shows: `done()`, or no READY version left (what
+    a reload that unloads the model does)."""
+    server.proc.send_signal(signal.SIGHUP)
+
+    def settled() -> bool:
+        assert callable(done)
+        return bool(done()) or pb.MODEL_STATE_READY not in _states(stub).values()
+
+    wait_until(settled, WAIT_S, "the rescan's outcome")
+
+
+def _good_config(repo: Path) -> str:
+    return (repo / "gen" / "config.json").read_text()
+
+
+def test_a_broken_config_json_keeps_the_version_serving_and_says_so(
+    server: ServerProcess, repo: Path, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    assert _config_error(server) == 0
+    good = _good_config(repo)
+    (repo / "gen" / "config.json").write_text(good[: len(good) // 2])  # cut mid-write: invalid JSON
+    _reload_until(server, stub, lambda: _config_error(server) == 1)
+    assert _states(stub) == {"1": pb.MODEL_STATE_READY}
+    assert _served_version(stub) == "1"
+    assert _config_error(server) == 1
+    info = _info(stub)
+    assert "config.json: invalid JSON" in info.reason and "still serving version 1" in info.reason
+    assert str(repo) not in info.reason  # redacted: the client sees <models>/gen/config.json
+    listed = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+    assert listed["gen"].reason == info.reason
+    # Fixed: the reason and the metric clear.
+    (repo / "gen" / "config.json").write_text(good)
+    _reload_until(server, stub, lambda: _config_error(server) == 0)
+    assert _info(stub).reason == ""
+    assert _served_version(stub) == "1"
+
+
+def test_a_version_policy_that_picks_no_version_on_disk_keeps_the_version_serving(
+    server: ServerProcess, repo: Path, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    good = _good_config(repo)
+    typo = {**json.loads(good), "version_policy": {"specific": ["11"]}}  # meant "1": valid JSON
+    (repo / "gen" / "config.json").write_text(json.dumps(typo))
+    _reload_until(server, stub, lambda: _config_error(server) == 1)
+    assert _states(stub) == {"1": pb.MODEL_STATE_READY}
+    assert _served_version(stub) == "1"
+    assert "version_policy picks none of the version directories on disk (1)" in _info(stub).reason
+    (repo / "gen" / "config.json").write_text(good)
+    _reload_until(server, stub, lambda: _config_error(server) == 0)
+    assert _served_version(stub) == "1"
+
+
+def test_deleting_the_only_version_directory_mid_replace_keeps_it_serving(
+    server: ServerProcess, repo: Path, stub: pb_grpc.GenerationServiceStub, tmp_path: Path
+) -> None:
+    write_gen(tmp_path / "staging", "gen", version="2", seed=1)
+    shutil.rmtree(repo / "gen" / "1")  # the replace deletes the old version first
+    _reload_until(server, stub, lambda: _config_error(server) == 1)
+    assert _states(stub) == {"1": pb.MODEL_STATE_READY}
+    assert _served_version(stub) == "1"
+    assert "no version directories" in _info(stub).reason
+    # The replace completes: version 2 loads, version 1 drains away, and the error clears.
+    copy_version_atomically(repo / "gen", "2", "2", tmp_path / "staging" / "gen")
+    _reload_until(server, stub, lambda: _states(stub) == {"2": pb.MODEL_STATE_READY})
+    assert _states(stub) == {"2": pb.MODEL_STATE_READY}
+    assert _config_error(server) == 0 and _info(stub).reason == ""
+    assert _served_version(stub) == "2"
+
+
+def test_a_model_file_corrupted_under_a_loaded_version_is_reported_while_it_keeps_serving(
+    server: ServerProcess, repo: Path, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    version = max(_states(stub), key=int)
+    model_file = repo / "gen" / version / "model.onnx"
+    good = model_file.read_bytes()
+
+    def changed() -> float:
+        return server.metric("genserve_model_file_changed", model="gen", version=version)
+
+    assert changed() == 0
+    model_file.write_bytes(good[: len(good) // 2])  # corrupted in place
+    _reload_until(server, stub, lambda: changed() == 1)
+    [info] = _info(stub).versions
+    assert info.state == pb.MODEL_STATE_READY  # the sessions hold the file as it loaded
+    assert "model.onnx changed on disk" in info.reason and "a restart would refuse it" in info.reason
+    assert _served_version(stub) == version
+    assert changed() == 1
+    # Restored: the report clears.
+    model_file.write_bytes(good)
+    _reload_until(server, stub, lambda: changed() == 0)
+    assert _info(stub).versions[0].reason == ""
+    assert server.proc.poll() is None
+
+
+def test_the_file_check_runs_without_a_watch_or_a_signal(tmp_path: Path) -> None:
+    """In process: with no watch and no SIGHUP, the periodic check finds a deleted model file, and
+    the version keeps serving."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=0.05)
+        reloader.start()
+        try:
+            mv = repo.models["gen"].versions["1"]
+            (root / "gen" / "1" / "model.onnx").unlink()
+            for _ in range(200):
+                if mv.file_changed:
+                    break
+                await asyncio.sleep(0.05)
+            assert "model.onnx is gone from disk" in mv.file_changed
+            assert "a restart would find no file" in mv.file_changed
+            assert mv.state == ModelState.READY and repo.get("gen").resolve("") is mv
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path: Path) -> None:
+    """In process: a new file whose sha256 card.json now names is still reported (it is not what
+    serves), and the reason says a restart would load it rather than refuse it."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(tmp_path / "other", "gen", version="1", seed=5)  # a different valid model and card
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            for name in ("model.onnx", "card.json"):
+                shutil.copyfile(tmp_path / "other" / "gen" / "1" / name, root / "gen" / "1" / name)
+            await reloader.rescan()
+            mv = repo.models["gen"].versions["1"]
+            assert "model.onnx changed on disk" in mv.file_changed
+            assert "a restart loads the new file" in mv.file_changed
+            assert mv.state == ModelState.READY
+            labels = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_config_error_at_start_up_shows_in_the_metric_and_the_reason(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "bad", version="1", seed=0)
+    (root / "bad" / "config.json").write_text('{"kind": "generator", "version_policy": {"lastest": 2}}')
+    metrics = Metrics()
+    repo = Repository(root, ServerConfig(), metrics)
+    repo.scan()
+    assert "version_policy" in repo.models["bad"].reason
+    assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "bad"}) == 1
+    assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "gen"}) == 0

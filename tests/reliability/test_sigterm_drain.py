@@ -1,0 +1,156 @@
+"""SIGTERM drains: unary calls in flight finish, SampleStreams end at a chunk boundary with a status
+the client resumes from, the port is free for the next server, and the old process exits soon."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from reliability_support import write_slow
+from server_support import ServerProcess, start_server, wait_until
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_client import GenserveClient, RetryPolicy
+from genserve_client import bulk as bulk_module
+from genserve_client.bulk import BulkJob, BulkParams, read_manifest
+from genserve_server.core import STREAM_CHUNKS_AHEAD
+
+GRACE_S = 120.0  # far longer than the drain may take: streams must not run until it ends
+CHUNK = 4
+JOB_N = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+class RawStream(threading.Thread):
+    """A long SampleStream read as fast as it comes: chunk sizes, arrival times, the final status."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.chunks: list[tuple[float, list[int]]] = []
+        self.error: grpc.RpcError | None = None
+
+    def run(self) -> None:
+        request = pb.SampleStreamRequest(
+            sample=pb.SampleRequest(model="slow", count=1_000_000, base_seed=0), chunk_size=CHUNK
+        )
+        with grpc.insecure_channel(self.target) as ch:
+            try:
+                for chunk in pb_grpc.GenerationServiceStub(ch).SampleStream(request, timeout=GRACE_S * 2):
+                    self.chunks.append((time.monotonic(), [g.index for g in chunk.images]))
+            except grpc.RpcError as exc:
+                self.error = exc
+
+
+def _start(repo: Path, work: Path, port: int) -> ServerProcess:
+    config = {"drain_grace_s": GRACE_S, "warmup": False}
+    return start_server(repo, work, config=config, extra_args=("--port", str(port)))
+
+
+def test_sigterm_finishes_unary_calls_ends_streams_at_a_chunk_boundary_and_frees_the_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulk_module, "BACKOFF_INITIAL_S", 0.05)
+    monkeypatch.setattr(bulk_module, "BACKOFF_MAX_S", 0.5)
+    repo = tmp_path / "models"
+    write_slow(repo, "slow", iterations=10000, queue=64, batch=CHUNK)  # a chunk takes ~0.1-0.3 s
+    port = _free_port()
+    old = _start(repo, tmp_path / "old", port)
+    target = old.target
+    job_dir = tmp_path / "job"
+    job_errors: list[BaseException] = []
+
+    def run_job() -> None:
+        retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2)
+        try:
+            with GenserveClient(target, retry=retry) as client:
+                BulkJob(
+                    client, BulkParams("slow", n=JOB_N), job_dir, chunk_size=CHUNK, retry_window_s=120
+                ).run()
+        except BaseException as exc:  # reported by the assertion below
+            job_errors.append(exc)
+
+    new: ServerProcess | None = None
+    try:
+        raw = RawStream(target)
+        raw.start()
+        job = threading.Thread(target=run_job, daemon=True)
+        job.start()
+        wait_until(lambda: len(raw.chunks) >= 2, 60, "the raw stream's first chunks")
+        wait_until(lambda: (job_dir / "manifest.jsonl").exists(), 60, "the bulk job's first chunk")
+
+        # An interactive call in flight at SIGTERM: two batches' worth, so it is surely still running.
+        with grpc.insecure_channel(target) as ch:
+            unary = pb_grpc.GenerationServiceStub(ch).Sample.future(
+                pb.SampleRequest(
+                    model="slow", count=2 * CHUNK, base_seed=7, priority=tpb.PRIORITY_INTERACTIVE
+                ),
+                timeout=GRACE_S,
+            )
+            wait_until(
+                lambda: old.metric("genserve_requests_in_flight", method="Sample") >= 1, 30, "the Sample"
+            )
+            signalled = time.monotonic()
+            old.proc.send_signal(signal.SIGTERM)
+            response = unary.result(timeout=GRACE_S)
+        assert len(response.images) == 2 * CHUNK
+        old.proc.wait(GRACE_S)
+        exited_after_s = time.monotonic() - signalled
+        assert old.proc.returncode == 0, old.log()
+        # Not the grace: only the chunks in flight and the unary call were waited for.
+        assert exited_after_s < GRACE_S / 4, (exited_after_s, old.log())
+
+        raw.join(10)
+        assert raw.error is not None and raw.error.code() == grpc.StatusCode.UNAVAILABLE
+        received = [i for _, indices in raw.chunks for i in indices]
+        assert received == list(range(len(received)))  # in order, nothing lost or repeated
+        assert all(len(indices) == CHUNK for _, indices in raw.chunks)  # whole chunks only
+        assert f"start_index={len(received)}" in (raw.error.details() or "")
+        after_signal = [t for t, _ in raw.chunks if t > signalled]
+        assert len(after_signal) <= STREAM_CHUNKS_AHEAD + 1
+
+        # The same port at once, for the restarted server; the bulk job resumes there.
+        new = _start(repo, tmp_path / "new", port)
+        assert new.port == port
+        job.join(120)
+        assert not job.is_alive() and not job_errors, job_errors
+        entries = read_manifest(job_dir / "manifest.jsonl")[0]
+        assert sorted(e["index"] for e in entries) == list(range(JOB_N))
+        with grpc.insecure_channel(new.target) as ch:
+            reference = pb_grpc.GenerationServiceStub(ch).Sample(
+                pb.SampleRequest(
+                    model="slow",
+                    count=JOB_N,
+                    base_seed=0,
+                    output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG),
+                ),
+                timeout=GRACE_S,
+            )
+        for entry in entries:
+            written = _pixels((job_dir / entry["file"]).read_bytes())
+            expected = _pixels(reference.images[entry["index"]].image.data)
+            assert np.array_equal(written, expected), entry
+    finally:
+        old.stop()
+        if new is not None:
+            assert new.stop() == 0

@@ -1,0 +1,316 @@
+"""Start-up loading: the load gate (load_gate.py), and the warm-up's time and memory budgets
+(calibration.py, loader.warm_up). Structural assertions only: which sizes were warmed, which caps the
+batcher got, in which order steps ran; never a duration or a memory figure of this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from server_support import (
+    TINY_LATENT,
+    slow_generator_graph,
+    super_resolution_graph,
+    write_model,
+    write_tiny_generator,
+)
+
+from genserve_server import calibration
+from genserve_server.batch_keys import TileRows
+from genserve_server.config import ConfigError, ServerConfig, load_server_config
+from genserve_server.load_gate import LoadGate
+from genserve_server.metrics import Metrics
+from genserve_server.repository import ModelState, ModelVersion, Repository
+from genserve_server.runner import Runner
+
+TILE = 96  # the tiny SR model's tile: warm-up batches are rows of 3 x 96 x 96
+SR_SIZES = [1, 2, 4, 8, 16]
+
+
+def write_tiny_sr(root: Path, *, batching: Mapping[str, Any] | None = None) -> None:
+    """A tiny fully convolutional x2 SR model timing every power of two up to 16 at warm-up."""
+    write_model(
+        root,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": 2,
+            "size_multiple": 1,
+            "tile_size": TILE,
+            "tile_overlap": 8,
+            "min_size": 4,
+        },
+        config={"batching": {"max_batch_size": 16, "efficient_batch_tolerance": 0.05, **(batching or {})}},
+    )
+
+
+def load(root: Path, config: ServerConfig, check: Callable[[Repository], None]) -> None:
+    async def body() -> None:
+        repo = Repository(root, config, Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            check(repo)
+        finally:
+            await repo.close(1)
+
+    asyncio.run(body())
+
+
+def ready_version(repo: Repository, name: str) -> ModelVersion:
+    mv = repo.get(name).resolve("")
+    assert mv.state == ModelState.READY and mv.batcher is not None and mv.calibration is not None
+    return mv
+
+
+# ------------------------------------------------------------------------------------ memory budget
+
+
+def test_warm_up_batches_are_capped_by_the_memory_budget_never_the_whole_largest_batch(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "models"
+    write_tiny_sr(root, batching={"efficient_batch_tolerance": None})  # sizes 1 and 16
+    # A row holds at least its input (3 x 96 x 96) and output (3 x 192 x 192) floats: a budget of
+    # four such rows cannot hold the largest warm-up batch (16 rows), whatever RSS adds on top.
+    io_row_bytes = 4 * 3 * (TILE * TILE + 4 * TILE * TILE)
+    budget = 4 * io_row_bytes
+    seen: dict[str, Any] = {}
+
+    def check(repo: Repository) -> None:
+        mv = ready_version(repo, "sr")
+        assert mv.batcher is not None and mv.calibration is not None
+        seen["calibration"] = mv.calibration
+        seen["tile rows"] = mv.batcher.batch_rows(TileRows((3, TILE, TILE)))
+        seen["small rows"] = mv.batcher.batch_rows(TileRows((3, TILE // 2, TILE // 2)))
+
+    load(root, ServerConfig(warmup_memory_bytes=budget, calibration_budget_s=600.0), check)
+    result: calibration.Calibration = seen["calibration"]
+    assert result.stopped == "memory budget"
+    assert result.row_bytes >= io_row_bytes
+    assert result.memory_rows == max(1, int(budget // result.row_bytes)) <= 4
+    assert result.warmed[0] == 1 and max(result.warmed) <= 4  # the most that fits, never 16 rows
+    # Serving keeps to it: a batch of warm-up tiles takes at most the rows that fit; rows of a quarter
+    # of the pixels may take up to four times as many (memory goes with pixels).
+    assert seen["tile rows"] == result.memory_rows
+    assert seen["small rows"] == min(16, 4 * result.memory_rows)
+
+
+def test_warm_up_rows_of_image_kinds_stay_within_max_batch_pixels(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_tiny_sr(root, batching={"max_batch_pixels": 2 * TILE * TILE})
+
+    def check(repo: Repository) -> None:
+        mv = ready_version(repo, "sr")
+        assert mv.calibration is not None
+        # Serving never batches more than two tiles: warming 4, 8 or 16 would only spend memory.
+        assert mv.calibration.warmed == [1, 2]
+        assert mv.calibration.stopped == ""
+
+    load(root, ServerConfig(calibration_budget_s=600.0), check)
+
+
+class FakeRunner:
+    """A runner whose calls cost 1 ms a row (by a fake clock; a warm-up makes 3) and whose rows
+    take 10 MB (by a fake RSS meter)."""
+
+    solo_session = None
+    label = "fake"
+
+    def __init__(self) -> None:
+        self.rss = 100 << 20
+        self.now = 0.0
+        self.warmed: list[int] = []
+
+    def warm(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        times: int = 3,
+        check_stopping: Callable[[], None] | None = None,
+    ) -> None:
+        rows = int(inputs["x"].shape[0])
+        self.warmed.append(rows)
+        self.now += 3 * 1e-3 * rows
+        self.rss = max(self.rss, (100 << 20) + rows * 10_000_000)
+
+    def measured_cost_s(self, inputs: Mapping[str, np.ndarray]) -> float:
+        return 1e-3 * int(inputs["x"].shape[0])
+
+
+def fake_warmup(
+    runner: FakeRunner, *, time_budget_s: float, memory_budget_bytes: int
+) -> calibration.Calibration:
+    return calibration.run_warmup(
+        cast(Runner, runner),
+        lambda rows: {"x": np.zeros((rows, 1), np.float32)},
+        SR_SIZES,
+        time_budget_s=time_budget_s,
+        memory_budget_bytes=memory_budget_bytes,
+        min_row_bytes=1.0,
+        first_call_s=1e-3,
+        gate=LoadGate(1),
+        check_stopping=lambda: None,
+        memory_meter=lambda: runner.rss,
+        clock=lambda: runner.now,
+    )
+
+
+def test_a_size_past_the_memory_budget_is_replaced_by_the_largest_that_fits() -> None:
+    runner = FakeRunner()
+    result = fake_warmup(runner, time_budget_s=600.0, memory_budget_bytes=35_000_000)
+    # 10 MB a row, measured at batch 1: 1, 2 fit; 4 does not, so 3 (the most that fits) and no more.
+    assert runner.warmed == [1, 2, 3]
+    assert result.warmed == [1, 2, 3] and result.memory_rows == 3 and result.stopped == "memory budget"
+
+
+def test_sizes_whose_step_would_pass_the_time_budget_are_not_timed() -> None:
+    # 1 ms a row, 3 calls a step: 1 -> 3 ms, 2 -> 6 ms (9 ms spent), 4 would end at 21 ms > 15 ms.
+    runner = FakeRunner()
+    result = fake_warmup(runner, time_budget_s=0.015, memory_budget_bytes=1 << 40)
+    assert runner.warmed == [1, 2] and result.stopped == "time budget"
+    assert set(result.costs_s) == {1, 2} and result.memory_rows is None
+
+
+def test_a_zero_calibration_budget_times_only_the_smallest_batch(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_tiny_sr(root)
+
+    def check(repo: Repository) -> None:
+        mv = ready_version(repo, "sr")
+        assert mv.calibration is not None
+        assert mv.calibration.warmed == [1] and mv.calibration.stopped == "time budget"
+        assert mv.efficient_batch_size == 1  # the cap is chosen among the sizes measured
+
+    load(root, ServerConfig(calibration_budget_s=0.0), check)
+
+
+def test_the_default_memory_budget_comes_from_the_machine() -> None:
+    available = calibration.available_memory_bytes()
+    if available is None:
+        pytest.skip("no /proc/meminfo here")
+    budget = calibration.warmup_memory_budget(0, instances=2)
+    assert 0 < budget <= available // 4 + 1
+    assert calibration.warmup_memory_budget(12345, instances=2) == 12345
+
+
+# ------------------------------------------------------------------------------------------ the gate
+
+
+def test_exclusive_steps_run_alone_and_waiting_steps_go_cheapest_first() -> None:
+    gate = LoadGate(2)
+    order: list[str] = []
+    running: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+    lock = threading.Lock()
+
+    def step(name: str, priority: float, exclusive: bool) -> None:
+        with gate.step(priority, exclusive=exclusive):
+            with lock:
+                order.append(name)
+                running.append(name)
+                overlaps.append(tuple(running))
+            time.sleep(0.02)
+            with lock:
+                running.remove(name)
+
+    # Hold the gate exclusively while the others queue up, then let them go.
+    release = threading.Event()
+
+    def holder() -> None:
+        with gate.step(0.0, exclusive=True):
+            release.wait(10)
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    while not gate.held_exclusively:  # the holder has it
+        time.sleep(0.001)
+    queued = [
+        ("slow-time", 5.0, True),
+        ("tiny-time", 0.001, True),
+        ("prep-a", 0.0, False),
+        ("prep-b", 0.0, False),
+    ]
+    for name, priority, exclusive in queued:
+        thread = threading.Thread(target=step, args=(name, priority, exclusive))
+        thread.start()
+        threads.append(thread)
+    while gate.waiting < len(queued):
+        time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    # The two load steps (priority 0) first, side by side; then the timing steps, cheapest first, alone.
+    assert set(order[:2]) == {"prep-a", "prep-b"} and order[2:] == ["tiny-time", "slow-time"]
+    for names in overlaps:
+        assert len(names) == 1 or not any(n.endswith("-time") for n in names), overlaps
+
+
+def test_a_waiting_step_is_cancelled_by_check_stopping() -> None:
+    gate = LoadGate(1)
+
+    class Stop(Exception):
+        pass
+
+    def stop() -> None:
+        raise Stop
+
+    with gate.step(0.0, exclusive=True):
+        with pytest.raises(Stop):
+            with gate.step(1.0, exclusive=True, check_stopping=stop):
+                pass  # never reached
+    assert gate.waiting == 0
+    with gate.step(0.0, exclusive=True):  # the gate is free again
+        pass
+
+
+def test_a_tiny_model_is_ready_before_a_slow_model_that_comes_first_in_the_repository(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_model(
+        root,
+        "a-slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 400),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 16, "efficient_batch_tolerance": 0.1}},
+    )
+    write_tiny_generator(root, "b-tiny")
+    order: list[str] = []
+
+    async def body() -> None:
+        repo = Repository(root, ServerConfig(calibration_budget_s=600.0), Metrics(enabled=False))
+        repo.scan()
+        repo.add_listener(lambda name, serving: order.append(name) if serving else None)
+        await repo.load_all()
+        await repo.close(1)
+
+    asyncio.run(body())
+    assert order == ["b-tiny", "a-slow"]
+
+
+def test_the_start_up_settings_read_from_the_server_config_and_errors_name_them(tmp_path: Path) -> None:
+    path = tmp_path / "server.json"
+    path.write_text('{"calibration_budget_s": 2.5, "warmup_memory_bytes": 1000000, "load_concurrency": 3}')
+    config = load_server_config(path)
+    assert (config.calibration_budget_s, config.warmup_memory_bytes, config.load_concurrency) == (
+        2.5,
+        10**6,
+        3,
+    )
+    for field, value in (
+        ("calibration_budget_s", -1),
+        ("warmup_memory_bytes", -1),
+        ("load_concurrency", 1.5),
+    ):
+        path.write_text(f'{{"{field}": {value}}}')
+        with pytest.raises(ConfigError, match=rf"server.json: {field} must be"):
+            load_server_config(path)
