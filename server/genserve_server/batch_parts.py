@@ -43,9 +43,15 @@ class PendingRequest:
     future: asyncio.Future[BatchResult]
     next_row: int = 0  # rows [0, next_row) have been taken into batches
     rows_done: int = 0
-    chunks: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
+    # Its outputs, written batch by batch when it straddles batches (fan_out); None until then.
+    assembled: dict[str, np.ndarray] | None = None
     batch_sizes: list[int] = field(default_factory=list)
     last_dispatch_at: float = 0.0
+    # How long it has waited: the batch (by the batcher's count) that last took rows of it, or,
+    # before any has, the last batch formed before it came minus a half (it waited through that
+    # one); ties in admission order (`seq`).
+    turn: float = 0.0
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -55,6 +61,33 @@ class Part:
     request: PendingRequest
     start: int
     rows: int
+
+
+def fair_shares(remaining: list[int], limit: int) -> list[int]:
+    """Rows each waiting request gives one batch of at most `limit` rows: max-min fair (water-filling).
+
+    `remaining` are the rows still to take of requests in the order they go first (each >= 1).
+    Every request gets min(its rows, level), the level being as high as the batch allows; rows left
+    over go one each to the first requests that still have some. So a small request never waits
+    behind the later slices of big ones (8 requests of 256 rows and one of 1 in a batch of 64: 1 row
+    for the small one, 7-8 for each big one); with more requests than rows the first `limit` get one
+    row each.
+    """
+    shares = list(remaining)
+    left = limit
+    by_size = sorted(range(len(remaining)), key=remaining.__getitem__)
+    for k, i in enumerate(by_size):
+        others = len(by_size) - k  # requests not yet given their share, this one included
+        if remaining[i] * others <= left:
+            left -= remaining[i]  # this one and every smaller one fit whole
+            continue
+        level = left // others  # the rest get the same, the earliest of them one row more
+        rest = sorted(by_size[k:])
+        extra = left - level * others
+        for rank, j in enumerate(rest):
+            shares[j] = level + (1 if rank < extra else 0)
+        break
+    return shares
 
 
 def live(parts: list[Part]) -> list[Part]:
@@ -93,23 +126,31 @@ def concat(parts: list[Part]) -> dict[str, np.ndarray]:
 
 
 def fan_out(parts: list[Part], outputs: Tensors) -> None:
+    """Each part's rows of `outputs` to its request; a request whose last rows these are resolves.
+
+    A request that straddles batches gets its outputs written in place, batch by batch, into arrays
+    allocated at its first part: no concatenation of every chunk when its last part lands (for
+    Sample(count=256) of a 256x256 model that was ~250 MB copied at once on the event loop, and
+    twice the memory while it ran)."""
     rows = sum(p.rows for p in parts)
     offset = 0
     for part in parts:
         request = part.request
         stop = offset + part.rows
         if not request.future.done():  # cancelled callers are skipped, not failed
-            request.chunks.append((part.start, {k: v[offset:stop] for k, v in outputs.items()}))
+            if part.rows == request.n_rows:  # the whole request in this batch: views, no copy
+                assembled = {k: v[offset:stop] for k, v in outputs.items()}
+            else:
+                if request.assembled is None:
+                    request.assembled = {
+                        k: np.empty((request.n_rows, *v.shape[1:]), v.dtype) for k, v in outputs.items()
+                    }
+                for k, v in outputs.items():
+                    request.assembled[k][part.start : part.start + part.rows] = v[offset:stop]
+                assembled = request.assembled
             request.batch_sizes.append(rows)
             request.rows_done += part.rows
             if request.rows_done == request.n_rows:
-                if len(request.chunks) == 1:
-                    assembled = request.chunks[0][1]
-                else:
-                    request.chunks.sort(key=lambda c: c[0])
-                    assembled = {
-                        k: np.concatenate([c[1][k] for c in request.chunks]) for k in request.chunks[0][1]
-                    }
                 request.future.set_result(
                     BatchResult(
                         assembled,

@@ -9,6 +9,9 @@ Scheduling:
 - one sub-queue per (lane, compatibility key): only rows with the same key share a batch (e.g.
   the input shape for image kinds; seeds, labels and psi mix freely);
 - the INTERACTIVE lane always forms batches before the BULK lane;
+- fair shares within a sub-queue (_take): a batch's rows are shared max-min among the waiting
+  requests, the fewest rows left first, one place kept for the longest-waiting one; a big request
+  gives each batch a slice, a one-row request goes in the next batch, one-row requests in order;
 - block on an Event for the first row, then wait out the window (started at the oldest row's
   arrival) on the same Event -- never poll. A batch that holds exactly a preferred size
   (`preferred_batch_sizes`) goes before its window ends when no request is on its way and the recent
@@ -48,6 +51,7 @@ from genserve_server.batch_parts import (
     PendingRequest,
     Tensors,
     concat,
+    fair_shares,
     fan_out,
     live,
     set_exception_if_not_done,
@@ -95,6 +99,10 @@ def closes_at_preferred(rows: int, preferred: tuple[int, ...], limit: int, expec
         return False
     following = next((p for p in preferred if p > rows), limit)
     return rows + expected_rows < min(following, limit)
+
+
+def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
+    return chosen[0].seq
 
 
 def cancelled_by_deadline(deadline: float | None) -> bool:
@@ -222,6 +230,9 @@ class Batcher:
         self.interactive_quiet_s = interactive_quiet_s
         self._last_interactive_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
+        # Batches formed and requests admitted so far: the round-robin turns (PendingRequest.turn).
+        self._batches_formed = 0
+        self._admitted = 0
 
     # ------------------------------------------------------------------ public
 
@@ -305,7 +316,18 @@ class Batcher:
             self._last_interactive_at = now
         self._note_arrival(now, n_rows)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        request = PendingRequest(key, inputs, n_rows, lane, deadline, now, future)
+        self._admitted += 1
+        request = PendingRequest(
+            key,
+            inputs,
+            n_rows,
+            lane,
+            deadline,
+            now,
+            future,
+            turn=self._batches_formed - 0.5,
+            seq=self._admitted,
+        )
         if self.callers:
             overlapped = 1.0 if self.callers > 1 or self._queued_requests else 0.0
             self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
@@ -562,19 +584,26 @@ class Batcher:
             self._room.set()
 
     def _take(self, lane: Lane, key: Hashable) -> list[Part]:
-        """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first."""
+        """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first.
+
+        Fair shares: when more requests wait than a batch has rows, those with the fewest rows left
+        go first (ties: the one that waited longest, then admission order), and one place is kept for
+        the request that has waited longest, so none starves; the batch's rows are shared max-min
+        fairly among those chosen (batch_parts.fair_shares). A big request thus gives each batch a
+        slice, a small one admitted behind any number of big ones goes in the next batch, and
+        requests of one row go in admission order."""
         limit = self._batch_limit(lane, key)
         queue = self._lanes[lane][key]
-        parts: list[Part] = []
-        rows = 0
         now = time.monotonic()
-        while queue and rows < limit:
-            request = queue[0]
-            remaining = request.n_rows - request.next_row
+        # The queue holds the started requests first, then the untouched ones in admission order:
+        # past `limit` untouched one-row requests, no later one can be chosen.
+        waiting: list[PendingRequest] = []
+        untouched_singles = 0
+        while queue and untouched_singles < limit:
+            request = queue.popleft()
             expired = request.deadline is not None and now >= request.deadline
             if request.future.done() or expired:
-                queue.popleft()
-                self._remove_rows(lane, key, remaining, request_gone=True)
+                self._remove_rows(lane, key, request.n_rows - request.next_row, request_gone=True)
                 if request.future.cancelled():
                     self._observer.on_dropped("deadline" if expired else "cancelled")
                 elif not request.future.done():
@@ -584,15 +613,34 @@ class Batcher:
                     )
                 # else: already failed by an earlier batch of its rows; nothing to count.
                 continue
-            take = min(remaining, limit - rows)
+            waiting.append(request)
+            untouched_singles += request.next_row == 0 and request.n_rows == 1
+        self._batches_formed += 1
+        if untouched_singles == len(waiting):  # one-row requests only (c=1, closed loops): in order
+            for request in waiting:
+                request.next_row = 1
+                request.last_dispatch_at = now
+                self._remove_rows(lane, key, 1, request_gone=True)
+            if not queue:
+                del self._lanes[lane][key]
+            self._observer.on_queue_depth(self._queued_rows)
+            return [Part(request, 0, 1) for request in waiting]
+        by_rows_left = sorted(waiting, key=lambda r: (r.n_rows - r.next_row, r.turn, r.seq))
+        chosen = by_rows_left
+        if len(waiting) > limit:
+            chosen = by_rows_left[: limit - 1]
+            chosen.append(min(by_rows_left[limit - 1 :], key=lambda r: (r.turn, r.seq)))
+        shares = fair_shares([r.n_rows - r.next_row for r in chosen], limit)
+        parts: list[Part] = []
+        for request, take in sorted(zip(chosen, shares, strict=True), key=_by_admission):
             parts.append(Part(request, request.next_row, take))
             request.next_row += take
             request.last_dispatch_at = now
-            rows += take
-            finished = request.next_row == request.n_rows
-            if finished:
-                queue.popleft()
-            self._remove_rows(lane, key, take, request_gone=finished)
+            request.turn = self._batches_formed
+            self._remove_rows(lane, key, take, request_gone=request.next_row == request.n_rows)
+        # Back to the head: the started ones, then the untouched ones in admission order.
+        started = [r for r in waiting if 0 < r.next_row < r.n_rows]
+        queue.extendleft(reversed(started + [r for r in waiting if r.next_row == 0]))
         if not queue:
             del self._lanes[lane][key]
         self._observer.on_queue_depth(self._queued_rows)

@@ -142,7 +142,7 @@ async def hold_runner(batcher: Batcher, model: FakeModel) -> tuple[asyncio.Event
     return gate, blocker
 
 
-def test_rows_of_2_3_1_are_split_across_batches_and_reassembled() -> None:
+def test_rows_of_2_3_1_are_shared_fairly_across_batches_and_reassembled() -> None:
     async def body() -> None:
         model = FakeModel()
         batcher, recorder = make(model)
@@ -153,14 +153,15 @@ def test_rows_of_2_3_1_are_split_across_batches_and_reassembled() -> None:
         await until(lambda: batcher.queued_rows == 6, "the three requests queued")
         gate.set()
         ra, rb, rc, _ = await asyncio.gather(a, b, c, blocker)
-        assert [list(x) for _, x in model.batches] == [[-1], [1, 2, 3, 4], [5, 6]]
+        # Max-min fair: one row each, the spare row to the earliest request; b's rest goes next.
+        assert [list(x) for _, x in model.batches] == [[-1], [1, 2, 3, 6], [4, 5]]
         np.testing.assert_array_equal(ra.outputs["y"], [10, 20])
         np.testing.assert_array_equal(rb.outputs["y"], [30, 40, 50])  # straddled two batches
         np.testing.assert_array_equal(rc.outputs["y"], [60])
         assert ra.executed_batch_sizes == [4]
         assert rb.executed_batch_sizes == [4, 2]
-        assert rc.executed_batch_sizes == [2]
-        assert recorder.batches == [(1, 1, True), (4, 2, True), (2, 2, True)]
+        assert rc.executed_batch_sizes == [4]
+        assert recorder.batches == [(1, 1, True), (4, 3, True), (2, 1, True)]
         assert recorder.depth == 0
         await batcher.close(1)
 
