@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Protocol
 
 from genserve_contract.config import BatchingConfig
+from genserve_server.arrivals import Arrivals, closes_at_preferred
 from genserve_server.batch_parts import (
     BatchResult as BatchResult,
 )
@@ -72,33 +73,10 @@ logger = logging.getLogger(__name__)
 RunBatch = Callable[[Hashable, Tensors], Awaitable[Tensors]]
 
 
-# Wait out the window on an idle runner once this fraction of recent arrivals overlapped others...
-OVERLAP_FRAC_TO_WAIT = 0.02
-# ...and the last overlap is this recent. The fraction decays per arrival, so after a burst it would
-# keep a slow caller (c=1, a large model: ~30 arrivals/s) paying the whole window for seconds.
-OVERLAP_MEMORY_S = 0.1
-# Once as many requests are queued as the most callers seen in the server within this time, no
-# more are coming (closed-loop clients all wait on us): the batch goes without the rest of the window.
-CALLERS_PEAK_MEMORY_S = 1.0
-# The arrival rate that judges whether the next preferred batch size is within reach is measured
-# over this many batch windows (at least RATE_HORIZON_MIN_S).
-RATE_HORIZON_WINDOWS = 4
-RATE_HORIZON_MIN_S = 0.01
 _DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the contract
 # gRPC cancels a handler at its deadline ~1-2 ms before the deadline the server computes from
 # time_remaining() at arrival: a cancellation this close to the deadline counts as the deadline.
 DEADLINE_SLACK_S = 0.01
-
-
-def closes_at_preferred(rows: int, preferred: tuple[int, ...], limit: int, expected_rows: float) -> bool:
-    """Whether a batch of `rows` should go now rather than wait for more: `rows` is a preferred size
-    and the rows expected before the window ends would not reach the next one (or `limit`, the most
-    the batch may take). `preferred` is sorted. Waiting is worth it only for a batch the model is
-    tuned for (e.g. CUDA graphs captured at 1, 8, 64 pad a batch of 9 up to 64)."""
-    if rows not in preferred or rows >= limit:
-        return False
-    following = next((p for p in preferred if p > rows), limit)
-    return rows + expected_rows < min(following, limit)
 
 
 def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
@@ -175,9 +153,8 @@ class Batcher:
         # Sizes a batch may close at before its window ends (closes_at_preferred); () = none: the
         # window and the callers alone decide, as without the setting.
         self.preferred_batch_sizes = tuple(sorted(set(preferred_batch_sizes)))
-        # (arrival time, rows) of recent submits, for the arrival rate (_expected_rows).
-        self._arrivals: deque[tuple[float, int]] = deque()
-        self._arrival_rows = 0
+        # The signals of rows on their way (callers, overlaps, rate): whether the window pays off.
+        self._arrivals = Arrivals(max_queue_delay_s, track_rate=bool(self.preferred_batch_sizes))
         self._run_batch = run_batch
         # BULK batches go here when set (Runner.run_bulk: threads the OS schedules after everyone
         # else's, so a running bulk batch yields the cores to interactive work); else to run_batch.
@@ -210,15 +187,6 @@ class Batcher:
         # Set while no RPC holds this version: what a reload's drain awaits (wait_released).
         self._released = asyncio.Event()
         self._released.set()
-        # Moving fraction of arrivals that found another caller of this model in the server. At
-        # concurrency 1 it is exactly 0 (a client sends its next request only after the answer),
-        # so the batch goes at once; once requests overlap at all, the window pays off even while
-        # the runner is idle, because the next arrival is likely within it.
-        self._overlap_frac = 0.0
-        self._last_overlap_at = -math.inf
-        self._callers_peak = 0
-        self._callers_peak_at = -math.inf  # last time callers reached the peak (its decay)
-        self._callers_peak_rose_at = -math.inf  # last time callers went above it
         # Priority: while interactive requests arrive (one seen within interactive_quiet_s), a BULK
         # batch is cut to what computes in about bulk_budget_s (from the measured cost of a row), so
         # an interactive request waits at most that long for the runner. On a CPU a running batch
@@ -314,7 +282,7 @@ class Batcher:
             )
         if lane == Lane.INTERACTIVE:
             self._last_interactive_at = now
-        self._note_arrival(now, n_rows)
+        self._arrivals.arrived(now, n_rows, self.callers, self._queued_requests)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._admitted += 1
         request = PendingRequest(
@@ -328,16 +296,6 @@ class Batcher:
             turn=self._batches_formed - 0.5,
             seq=self._admitted,
         )
-        if self.callers:
-            overlapped = 1.0 if self.callers > 1 or self._queued_requests else 0.0
-            self._overlap_frac += 0.05 * (overlapped - self._overlap_frac)
-            if overlapped:
-                self._last_overlap_at = now
-            if self.callers > self._callers_peak:
-                self._callers_peak_rose_at = now
-            if self.callers >= self._callers_peak or now - self._callers_peak_at > CALLERS_PEAK_MEMORY_S:
-                self._callers_peak = self.callers
-                self._callers_peak_at = now
         queue = self._lanes[lane].get(key)
         if queue is None:
             queue = self._lanes[lane][key] = deque()
@@ -495,42 +453,11 @@ class Batcher:
         return max(1, min(largest, int(budget_s / self._row_cost_s)))
 
     def _more_expected(self) -> bool:
-        """Whether more rows are likely to arrive within the window."""
-        if not self.callers:
-            return self._queued_requests > 1
-        if self.callers > self._queued_requests:
-            return True  # RPCs in the server that have not reached the queue yet
-        # Overlapping arrivals lately: RPCs the event loop has not parsed yet are likely (open loop,
-        # or the loop is the bottleneck)...
-        now = time.monotonic()
-        if self._overlap_frac < OVERLAP_FRAC_TO_WAIT or now - self._last_overlap_at > OVERLAP_MEMORY_S:
-            return False
-        # ...unless as many are queued as the most callers seen lately, and that peak has held for a
-        # window (while a burst ramps up, the peak is still rising and says nothing).
-        peak_settled = now - self._callers_peak_rose_at > self.max_queue_delay_s
-        return not (peak_settled and self._queued_requests >= self._callers_peak)
-
-    def _rate_horizon_s(self) -> float:
-        return max(RATE_HORIZON_MIN_S, RATE_HORIZON_WINDOWS * self.max_queue_delay_s)
+        """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
+        return self._arrivals.more_expected(time.monotonic(), self.callers, self._queued_requests)
 
     def _expected_rows(self, within_s: float) -> float:
-        """Rows likely to arrive within `within_s`: inf while a request in the server has not reached
-        the queue yet (tracked callers), else the rate of the last few windows times `within_s`."""
-        if self.callers > self._queued_requests:
-            return math.inf
-        self._forget_old_arrivals(time.monotonic())
-        return self._arrival_rows / self._rate_horizon_s() * within_s
-
-    def _note_arrival(self, now: float, n_rows: int) -> None:
-        if self.preferred_batch_sizes:  # the rate only serves closes_at_preferred
-            self._arrivals.append((now, n_rows))
-            self._arrival_rows += n_rows
-            self._forget_old_arrivals(now)
-
-    def _forget_old_arrivals(self, now: float) -> None:
-        horizon_s = self._rate_horizon_s()
-        while self._arrivals and now - self._arrivals[0][0] > horizon_s:
-            self._arrival_rows -= self._arrivals.popleft()[1]
+        return self._arrivals.expected_rows(time.monotonic(), within_s, self.callers, self._queued_requests)
 
     async def _form_batch(self) -> list[Part]:
         picked = self._pick()

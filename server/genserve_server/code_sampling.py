@@ -23,7 +23,8 @@ from genserve_server.batch_keys import CodeRows
 from genserve_server.batcher import Lane
 from genserve_server.core import Call, GenerationCore
 from genserve_server.encoding import EncodedImage
-from genserve_server.repository import ModelVersion
+from genserve_server.errors import Unavailable
+from genserve_server.repository import ModelVersion, Repository
 from genserve_server.step_sampler import SamplingOptions
 from genserve_server.validate import OutputSpec
 
@@ -57,6 +58,50 @@ class CodeProgress:
     previews: list[EncodedImage]
 
 
+def code_decoder(repo: Repository, mv: ModelVersion) -> ModelVersion | None:
+    """The serving version of the prior's decoder (config.json `decoder`); None when it names none."""
+    name = mv.config.decoder
+    if not name:
+        return None
+    decoder = repo.get(name).resolve("")
+    prior, card = mv.card, decoder.card
+    assert prior is not None and card is not None
+    decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
+    if not decodes_codes or (card.grid, card.top_grid) != (prior.grid, prior.top_grid):
+        raise Unavailable(
+            f"{mv.label}: its decoder {name} is a {card.kind} of grid {card.grid} and top grid "
+            f"{card.top_grid}; the prior needs a code_decoder of grid {prior.grid} and top grid "
+            f"{prior.top_grid} (config.json decoder)"
+        )
+    return decoder
+
+
+def top_prior(repo: Repository, mv: ModelVersion) -> ModelVersion | None:
+    """The serving version of a bottom prior's top prior (config.json `top_prior`), if any."""
+    name = mv.config.top_prior
+    prior = mv.card
+    assert prior is not None
+    if not name or prior.top_grid is None:
+        return None
+    top = repo.get(name).resolve("")
+    card = top.card
+    assert card is not None
+    fits = (
+        card.kind.autoregressive
+        and card.top_grid is None
+        and (card.grid, card.codebook_size) == (prior.top_grid, prior.top_codebook_size)
+        and (not card.class_names or bool(prior.class_names))
+    )
+    if not fits:
+        raise Unavailable(
+            f"{mv.label}: its top prior {name} is a {card.kind} of grid {card.grid}, codebook "
+            f"{card.codebook_size}, top grid {card.top_grid}, classes {len(card.class_names)}; the "
+            f"prior needs a code_prior of grid {prior.top_grid} and codebook {prior.top_codebook_size}, "
+            "without a top grid, class-conditional only where the prior is (config.json top_prior)"
+        )
+    return top
+
+
 def steps_between(every: int, positions: int) -> int:
     """Steps between progress reports: `every`, or about DEFAULT_PREVIEWS_PER_LEVEL per level."""
     return every if every > 0 else max(1, positions // DEFAULT_PREVIEWS_PER_LEVEL)
@@ -76,7 +121,7 @@ async def sample_codes(
 ) -> CodeSamples:
     """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
     finish near the same step, of any request, share the decoder's batches)."""
-    decoder = core.code_decoder(mv)
+    decoder = code_decoder(core.repo, mv)
     if decoder is not None:
         card = decoder.card
         assert card is not None and card.image_size is not None
@@ -84,7 +129,7 @@ async def sample_codes(
             out, len(seeds), card.channels, *card.image_size, core.limits.max_send_message_bytes
         )
         await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
-    top = core.top_prior(mv) if tops is None else None
+    top = top_prior(core.repo, mv) if tops is None else None
     if top is not None:  # both levels in one call: the top grids first, same seeds and options
         assert top.card is not None and top.card.codebook_size is not None and top.card.grid is not None
         top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
@@ -161,7 +206,7 @@ async def sample_codes_stream(
         latest[:] = [(level, filled, positions, grids, given)]  # a newer report replaces an untaken one
         ready.set()
 
-    decoder = core.code_decoder(mv)
+    decoder = code_decoder(core.repo, mv)
     sampling = asyncio.ensure_future(
         sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every)
     )

@@ -462,48 +462,6 @@ class GenerationCore:
             self.steppers[mv] = found
         return found
 
-    def code_decoder(self, mv: ModelVersion) -> ModelVersion | None:
-        """The serving version of the prior's decoder (config.json `decoder`); None when it names none."""
-        name = mv.config.decoder
-        if not name:
-            return None
-        decoder = self.repo.get(name).resolve("")
-        prior, card = mv.card, decoder.card
-        assert prior is not None and card is not None
-        decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
-        if not decodes_codes or (card.grid, card.top_grid) != (prior.grid, prior.top_grid):
-            raise Unavailable(
-                f"{mv.label}: its decoder {name} is a {card.kind} of grid {card.grid} and top grid "
-                f"{card.top_grid}; the prior needs a code_decoder of grid {prior.grid} and top grid "
-                f"{prior.top_grid} (config.json decoder)"
-            )
-        return decoder
-
-    def top_prior(self, mv: ModelVersion) -> ModelVersion | None:
-        """The serving version of a bottom prior's top prior (config.json `top_prior`), if any."""
-        name = mv.config.top_prior
-        prior = mv.card
-        assert prior is not None
-        if not name or prior.top_grid is None:
-            return None
-        top = self.repo.get(name).resolve("")
-        card = top.card
-        assert card is not None
-        fits = (
-            card.kind.autoregressive
-            and card.top_grid is None
-            and (card.grid, card.codebook_size) == (prior.top_grid, prior.top_codebook_size)
-            and (not card.class_names or bool(prior.class_names))
-        )
-        if not fits:
-            raise Unavailable(
-                f"{mv.label}: its top prior {name} is a {card.kind} of grid {card.grid}, codebook "
-                f"{card.codebook_size}, top grid {card.top_grid}, classes {len(card.class_names)}; the "
-                f"prior needs a code_prior of grid {prior.top_grid} and codebook {prior.top_codebook_size}, "
-                "without a top grid, class-conditional only where the prior is (config.json top_prior)"
-            )
-        return top
-
     # ------------------------------------------------------------------ VAE encoder
 
     async def encode_vae(

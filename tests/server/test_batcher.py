@@ -12,13 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from genserve_server.batcher import (
-    CALLERS_PEAK_MEMORY_S,
-    OVERLAP_MEMORY_S,
-    Batcher,
-    Lane,
-    closes_at_preferred,
-)
+from genserve_server.arrivals import CALLERS_PEAK_MEMORY_S, OVERLAP_MEMORY_S, closes_at_preferred
+from genserve_server.batcher import Batcher, Lane
 from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 

@@ -1,0 +1,109 @@
+"""What a batcher knows of the requests on their way: is waiting out the batch window worth it?
+
+A batch window pays only if more rows arrive within it. `Arrivals` keeps the signals the batcher
+judges by (batcher.Batcher._form_batch): the callers of a model version now in the server (tracked
+RPCs that have not reached the queue yet are certain arrivals), the fraction of recent arrivals that
+overlapped another caller (open-loop traffic, or an event loop that has not parsed the next RPC yet),
+the peak of callers lately (closed-loop clients all queued: nobody else can send), and the arrival
+rate that judges whether a preferred batch size is within reach (closes_at_preferred).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+# Wait out the window on an idle runner once this fraction of recent arrivals overlapped others...
+OVERLAP_FRAC_TO_WAIT = 0.02
+# ...and the last overlap is this recent. The fraction decays per arrival, so after a burst it would
+# keep a slow caller (c=1, a large model: ~30 arrivals/s) paying the whole window for seconds.
+OVERLAP_MEMORY_S = 0.1
+# Once as many requests are queued as the most callers seen in the server within this time, no
+# more are coming (closed-loop clients all wait on us): the batch goes without the rest of the window.
+CALLERS_PEAK_MEMORY_S = 1.0
+# The arrival rate that judges whether the next preferred batch size is within reach is measured
+# over this many batch windows (at least RATE_HORIZON_MIN_S).
+RATE_HORIZON_WINDOWS = 4
+RATE_HORIZON_MIN_S = 0.01
+
+
+def closes_at_preferred(rows: int, preferred: tuple[int, ...], limit: int, expected_rows: float) -> bool:
+    """Whether a batch of `rows` should go now rather than wait for more: `rows` is a preferred size
+    and the rows expected before the window ends would not reach the next one (or `limit`, the most
+    the batch may take). `preferred` is sorted. Waiting is worth it only for a batch the model is
+    tuned for (e.g. CUDA graphs captured at 1, 8, 64 pad a batch of 9 up to 64)."""
+    if rows not in preferred or rows >= limit:
+        return False
+    following = next((p for p in preferred if p > rows), limit)
+    return rows + expected_rows < min(following, limit)
+
+
+@dataclass(slots=True)
+class Arrivals:
+    """The arrival signals of one batcher; `window_s` is its max_queue_delay_s."""
+
+    window_s: float
+    track_rate: bool = False  # the rate only serves closes_at_preferred (preferred sizes set)
+    # Moving fraction of arrivals that found another caller of this model in the server. At
+    # concurrency 1 it is exactly 0 (a client sends its next request only after the answer), so the
+    # batch goes at once; once requests overlap at all, the window pays off even while the runner is
+    # idle, because the next arrival is likely within it.
+    overlap_frac: float = 0.0
+    last_overlap_at: float = -math.inf
+    callers_peak: int = 0
+    callers_peak_at: float = -math.inf  # last time callers reached the peak (its decay)
+    callers_peak_rose_at: float = -math.inf  # last time callers went above it
+    # (arrival time, rows) of recent submits, for the arrival rate (expected_rows).
+    _recent: deque[tuple[float, int]] = field(default_factory=deque)
+    _recent_rows: int = 0
+
+    def arrived(self, now: float, n_rows: int, callers: int, queued_requests: int) -> None:
+        """A request of `n_rows` reached the queue, `callers` tracked RPCs in the server (0: not
+        tracked), `queued_requests` queued before it."""
+        if self.track_rate:
+            self._recent.append((now, n_rows))
+            self._recent_rows += n_rows
+            self._forget_old(now)
+        if not callers:
+            return
+        overlapped = 1.0 if callers > 1 or queued_requests else 0.0
+        self.overlap_frac += 0.05 * (overlapped - self.overlap_frac)
+        if overlapped:
+            self.last_overlap_at = now
+        if callers > self.callers_peak:
+            self.callers_peak_rose_at = now
+        if callers >= self.callers_peak or now - self.callers_peak_at > CALLERS_PEAK_MEMORY_S:
+            self.callers_peak = callers
+            self.callers_peak_at = now
+
+    def more_expected(self, now: float, callers: int, queued_requests: int) -> bool:
+        """Whether more rows are likely to arrive within the window."""
+        if not callers:
+            return queued_requests > 1
+        if callers > queued_requests:
+            return True  # RPCs in the server that have not reached the queue yet
+        # Overlapping arrivals lately: RPCs the event loop has not parsed yet are likely (open loop,
+        # or the loop is the bottleneck)...
+        if self.overlap_frac < OVERLAP_FRAC_TO_WAIT or now - self.last_overlap_at > OVERLAP_MEMORY_S:
+            return False
+        # ...unless as many are queued as the most callers seen lately, and that peak has held for a
+        # window (while a burst ramps up, the peak is still rising and says nothing).
+        peak_settled = now - self.callers_peak_rose_at > self.window_s
+        return not (peak_settled and queued_requests >= self.callers_peak)
+
+    def expected_rows(self, now: float, within_s: float, callers: int, queued_requests: int) -> float:
+        """Rows likely to arrive within `within_s`: inf while a request in the server has not reached
+        the queue yet (tracked callers), else the rate of the last few windows times `within_s`."""
+        if callers > queued_requests:
+            return math.inf
+        self._forget_old(now)
+        return self._recent_rows / self._horizon_s() * within_s
+
+    def _horizon_s(self) -> float:
+        return max(RATE_HORIZON_MIN_S, RATE_HORIZON_WINDOWS * self.window_s)
+
+    def _forget_old(self, now: float) -> None:
+        horizon_s = self._horizon_s()
+        while self._recent and now - self._recent[0][0] > horizon_s:
+            self._recent_rows -= self._recent.popleft()[1]
