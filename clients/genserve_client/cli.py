@@ -164,13 +164,22 @@ def write_items(result: SampleResult, out_dir: Path, stem: str) -> None:
 
 
 def sample_in_batches(
-    client: GenserveClient, model: str, seeds: list[int], labels: list[int], **opts: Any
+    client: GenserveClient,
+    model: str,
+    seeds: list[int],
+    labels: list[int],
+    *,
+    call: Callable[..., SampleResult] | None = None,
+    per_call: int = MAX_IMAGES_PER_CALL,
+    **opts: Any,
 ) -> SampleResult:
-    """Sample one image per (seed, label) pair, in calls of at most MAX_IMAGES_PER_CALL."""
+    """One image per (seed, label) pair, in calls of at most `per_call` images; `call` is the
+    client method (default `client.sample`; `client.sample_codes` for a code prior)."""
+    call = call or client.sample
     items, provenance = [], None
-    for start in range(0, len(seeds), MAX_IMAGES_PER_CALL):
-        part = slice(start, start + MAX_IMAGES_PER_CALL)
-        res = client.sample(model, seeds=seeds[part], labels=labels[part], **opts)
+    for start in range(0, len(seeds), per_call):
+        part = slice(start, start + per_call)
+        res = call(model, seeds=seeds[part], labels=labels[part], **opts)
         items.extend(res.items)
         provenance = res.provenance
     if provenance is None:
@@ -215,14 +224,9 @@ def sample_codes_in_batches(
                 save_picture(make_grid([GridRow(strip)]), Path(args.progress))
         assert result is not None  # the stream's last chunk is the answer
         return result
-    items, provenance = [], None
-    for start in range(0, len(seeds), budget):
-        part = slice(start, start + budget)
-        res = client.sample_codes(args.model, seeds=seeds[part], labels=labels[part], **_codes_opts(args))
-        items.extend(res.items)
-        provenance = res.provenance
-    assert provenance is not None  # --n >= 1 was checked
-    return SampleResult(items, provenance)
+    return sample_in_batches(
+        client, args.model, seeds, labels, call=client.sample_codes, per_call=budget, **_codes_opts(args)
+    )
 
 
 # --- commands ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 # Folders the tests keep between runs (git-ignored `.cache/`): tool venvs, downloaded binaries.
 CACHE_DIR = ROOT / ".cache" / "ecosystem"
+# Copies of the packages for a non-editable install: no build leftovers of the working tree.
+COPY_IGNORE = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "*.pyc")
 
 
 @dataclass

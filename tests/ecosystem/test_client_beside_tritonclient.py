@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ecosystem_helpers import ROOT, run
+from ecosystem_helpers import COPY_IGNORE, ROOT, run
 
 from genserve_client import GenserveClient
 
 TRITONCLIENT = "2.73.0"
-COPY_IGNORE = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "*.pyc")
 SCRIPT = """
 import json, sys
 import google.protobuf

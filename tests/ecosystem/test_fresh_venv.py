@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
-from ecosystem_helpers import ROOT, run
+from ecosystem_helpers import COPY_IGNORE, ROOT, run
 from server_support import healthy_models
 
 pytestmark = pytest.mark.slow
 
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 SERVER_REQUIREMENTS = ROOT / "requirements" / "server.txt"
-COPY_IGNORE = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "*.pyc")
 
 
 def test_server_from_a_fresh_venv_reports_serving(tmp_path: Path, tiny_repo: Path) -> None:
