@@ -610,19 +610,27 @@ def test_a_sample_row_and_a_model_infer_row_share_one_batch_and_match_their_rows
         alone_infer = model_infer(infer(12), timeout=30)
         assert list(alone_sample.provenance.executed_batch_sizes) == [1]
 
-        started = tiny_server.metric("genserve_queue_duration_seconds_count", model=model)
-        busy = sample.future(pb.SampleRequest(model=model, count=4, base_seed=100), timeout=30)
-        deadline_s = time.monotonic() + 10
-        # An item's queue wait is recorded when its batch starts: then the busy batch is running.
-        while (
-            tiny_server.metric("genserve_queue_duration_seconds_count", model=model) == started
-            and time.monotonic() < deadline_s
-        ):
-            time.sleep(0.002)
-        shared_sample = sample.future(pb.SampleRequest(model=model, seeds=[11], output=raw), timeout=30)
-        shared_infer = model_infer.future(infer(12), timeout=30)
-        busy.result()
-        together, infer_result = shared_sample.result(), shared_infer.result()
+        def queued_behind_a_running_batch() -> tuple[pb.SampleResponse, kpb.ModelInferResponse]:
+            started = tiny_server.metric("genserve_queue_duration_seconds_count", model=model)
+            busy = sample.future(pb.SampleRequest(model=model, count=4, base_seed=100), timeout=30)
+            deadline_s = time.monotonic() + 10
+            # An item's queue wait is recorded when its batch starts: then the busy batch is running.
+            while (
+                tiny_server.metric("genserve_queue_duration_seconds_count", model=model) == started
+                and time.monotonic() < deadline_s
+            ):
+                time.sleep(0.002)
+            shared_sample = sample.future(pb.SampleRequest(model=model, seeds=[11], output=raw), timeout=30)
+            shared_infer = model_infer.future(infer(12), timeout=30)
+            busy.result()
+            return shared_sample.result(), shared_infer.result()
+
+        # Both rows must reach the queue while the busy batch runs (~0.3 s); on a loaded machine the
+        # client may miss that window, so up to three tries. Different batch keys never share.
+        for _ in range(3):
+            together, infer_result = queued_behind_a_running_batch()
+            if list(together.provenance.executed_batch_sizes) == [2]:
+                break
 
     assert list(together.provenance.executed_batch_sizes) == [2]  # the Sample row and the KServe row
     assert together.images[0].image.data == alone_sample.images[0].image.data
