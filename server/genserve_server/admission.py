@@ -80,6 +80,7 @@ class AdmissionLimits:
     control: int
     health_watchers: int
     request_timeout_s: float
+    stream_write_timeout_s: float = 60.0
 
 
 class Admission:
@@ -105,6 +106,7 @@ class Admission:
         if limits.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {limits.request_timeout_s}")
         self.request_timeout_s = limits.request_timeout_s
+        self.stream_write_timeout_s = limits.stream_write_timeout_s
         self.generation = RpcClass("generation", "max_concurrent_rpcs", limits.generation)
         self.streams = RpcClass("bulk stream", "max_concurrent_sample_streams", limits.sample_streams)
         self.control = RpcClass("control", "max_concurrent_control_rpcs", limits.control)
@@ -139,6 +141,9 @@ class Admission:
         if handler.stream_stream is not None:
             return self._stream_stream(method, rpc_class, handler)
         return handler  # stream-unary: genserve registers none
+
+    async def _write_all(self, responses: AsyncGenerator[Any, None], context: Context) -> None:
+        await _write_all(responses, context, self.stream_write_timeout_s)
 
     async def _read(self, method: str, context: Context) -> Any:
         """The call's next request message (or grpc.aio.EOF), within request_timeout_s."""
@@ -195,7 +200,7 @@ class Admission:
                 result = inner(request, context)
                 del request
                 if generator:
-                    await _write_all(cast(AsyncGenerator[Any, None], result), context)
+                    await self._write_all(cast(AsyncGenerator[Any, None], result), context)
                 else:  # a handler that writes with context.write() itself
                     await result
             except grpc.aio.AbortError as exc:
@@ -222,7 +227,7 @@ class Admission:
             try:
                 result = inner(requests(context), context)
                 if generator:
-                    await _write_all(cast(AsyncGenerator[Any, None], result), context)
+                    await self._write_all(cast(AsyncGenerator[Any, None], result), context)
                 else:
                     await result
             except grpc.aio.AbortError as exc:
@@ -235,12 +240,27 @@ class Admission:
         )
 
 
-async def _write_all(responses: AsyncGenerator[Any, None], context: Context) -> None:
+async def _write_all(responses: AsyncGenerator[Any, None], context: Context, write_timeout_s: float) -> None:
     """Each response written; the generator closed at once, also when the client cancels (its
-    `finally` releases what it holds now, not when the garbage collector finalizes it)."""
+    `finally` releases what it holds now, not when the garbage collector finalizes it). A message
+    the client has not taken within `write_timeout_s` (it stopped reading: its flow-control window
+    stays full) ends the stream, so that an unread stream cannot keep its slot."""
     try:
         async for item in responses:
-            await context.write(item)
+            try:
+                async with asyncio.timeout(write_timeout_s):
+                    await context.write(item)
+            except TimeoutError:
+                # Not context.abort(): its status would queue behind the stalled message and the
+                # handler (holding its slot) would wait as long as the client. The handler returns
+                # now, its slot is freed, and gRPC sends this status if the client ever reads on.
+                logger.info("ended a stream whose client read nothing for %.3g s", write_timeout_s)
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_details(
+                    f"the client took no message for stream_write_timeout_s={write_timeout_s:g} s; "
+                    "the stream ended to free its slot (resume it from the last index received)"
+                )
+                return
     finally:
         await responses.aclose()
 

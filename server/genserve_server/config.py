@@ -83,6 +83,9 @@ class Limits:
     max_health_watchers: int = 64
     # A call whose request message has not arrived this long after its headers ends DEADLINE_EXCEEDED.
     request_timeout_s: float = 10.0
+    # A streamed response message the client has not taken this long (its flow-control window stays
+    # full: it stopped reading) ends the stream with RESOURCE_EXHAUSTED and frees its slot.
+    stream_write_timeout_s: float = 60.0
     # Connections at once (grpc.max_allowed_incoming_connections): more are closed at accept.
     max_connections: int = 1024
     # A connection with no call for this long is closed (GOAWAY): grpc.max_connection_idle_ms.
@@ -212,6 +215,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         ),
         max_health_watchers=lr.integer("max_health_watchers", d.max_health_watchers, min_value=1),
         request_timeout_s=lr.number("request_timeout_s", d.request_timeout_s, min_value=0.01),
+        stream_write_timeout_s=lr.number("stream_write_timeout_s", d.stream_write_timeout_s, min_value=0.01),
         max_connections=lr.integer("max_connections", d.max_connections, min_value=1),
         connection_idle_timeout_s=lr.number(
             "connection_idle_timeout_s", d.connection_idle_timeout_s, min_value=0.01

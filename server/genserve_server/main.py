@@ -177,6 +177,7 @@ class App:
                 control=limits.max_concurrent_control_rpcs,
                 health_watchers=limits.max_health_watchers,
                 request_timeout_s=limits.request_timeout_s,
+                stream_write_timeout_s=limits.stream_write_timeout_s,
             ),
             control_services=(kserve.service_name(), reflection.SERVICE_NAME),
             control_methods=GENERATION_CONTROL,
