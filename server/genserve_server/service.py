@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +31,9 @@ from genserve_server.metrics import Metrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.validate import OutputSpec
 from genserve_server.version import SERVER_VERSION
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 DEFAULT_CHUNK = 64
 # Decode: latents -> images with no label to give (a conditional generator needs one per row).
@@ -156,6 +160,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     @staticmethod
     def _generated(
+        into: RepeatedCompositeFieldContainer[tpb.GeneratedImage],
         images: Sequence[EncodedImage],
         z: np.ndarray,
         seeds: Sequence[int] | None,
@@ -163,15 +168,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         out: OutputSpec,
         first_index: int = 0,
         from_cache: Sequence[bool] | None = None,
-    ) -> list[tpb.GeneratedImage]:
-        result = []
+    ) -> None:
+        """Each image added to `into` (a response's repeated `images`), built in place: a message
+        built apart and then put in the response is copied again, ~50 ms of event loop a 50 MB one."""
         for i, image in enumerate(images):
-            g = tpb.GeneratedImage(
-                image=tpb.Image(
-                    format=tpb.ImageFormat.ValueType(image.format), data=image.data, shape=image.shape
-                ),
-                index=first_index + i,
-            )
+            g = into.add(index=first_index + i)
+            g.image.format = tpb.ImageFormat.ValueType(image.format)
+            g.image.data = image.data
+            g.image.shape.extend(image.shape)
             if seeds is not None:
                 g.seed = seeds[i]
             if labels is not None:
@@ -180,8 +184,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 g.latent.CopyFrom(latent_proto(z[i]))
             if from_cache is not None:
                 g.from_cache = from_cache[i]
-            result.append(g)
-        return result
 
     # ================================================================== Sample / SampleStream / Decode
 
@@ -217,12 +219,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             n = len(seeds)
             labels = validate.labels(request.labels, card, n)
             generated = await self.core.sample(mv, call, seeds, labels, psi, out, priority)
-        return pb.SampleResponse(
-            images=self._generated(
-                generated.images, generated.latents, seeds, labels, out, from_cache=generated.from_cache
-            ),
-            provenance=self._provenance(mv, generated.executed_batch_sizes),
+        response = pb.SampleResponse(provenance=self._provenance(mv, generated.executed_batch_sizes))
+        self._generated(
+            response.images,
+            generated.images,
+            generated.latents,
+            seeds,
+            labels,
+            out,
+            from_cache=generated.from_cache,
         )
+        return response
 
     async def _do_decode(self, request: pb.DecodeRequest, call: Call) -> pb.SampleResponse:
         mv = self.core.resolve(call, request.model, request.version, DECODE_KINDS, "Decode")
@@ -234,10 +241,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         z = latent_tensor(request.latents, card.latent_dim, "latents")
         validate.count(len(z), "latents.shape[0]", self.limits.max_images_per_request)
         generated = await self.core.generate(mv, call, None, out, Lane.INTERACTIVE, z=z)
-        return pb.SampleResponse(
-            images=self._generated(generated.images, z, None, None, out),
-            provenance=self._provenance(mv, generated.executed_batch_sizes),
-        )
+        response = pb.SampleResponse(provenance=self._provenance(mv, generated.executed_batch_sizes))
+        self._generated(response.images, generated.images, z, None, None, out)
+        return response
 
     async def _do_sample_stream(
         self, request: pb.SampleStreamRequest, call: Call
@@ -273,10 +279,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             mv, call, base, count, request.start_index, chunk_size, label_cycle, psi, out, priority
         )
         async for start, seeds, labels, generated in chunks:
-            yield pb.SampleStreamChunk(
-                images=self._generated(generated.images, generated.latents, seeds, labels, out, start),
-                provenance=self._provenance(mv, generated.executed_batch_sizes),
-            )
+            chunk = pb.SampleStreamChunk(provenance=self._provenance(mv, generated.executed_batch_sizes))
+            self._generated(chunk.images, generated.images, generated.latents, seeds, labels, out, start)
+            yield chunk
 
     # ================================================================== Interpolate
 
@@ -331,14 +336,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         elif request.labels:
             validate.labels(request.labels, card, steps)  # raises: labels on an unconditional model
         generated = await self.core.generate(mv, call, labels, out, Lane.INTERACTIVE, z=z)
-        images = self._generated(generated.images, z, None, labels, out)
+        response = pb.SampleResponse(provenance=self._provenance(mv, generated.executed_batch_sizes))
+        self._generated(response.images, generated.images, z, None, labels, out)
         if start_seed is not None:
-            images[0].seed = start_seed
+            response.images[0].seed = start_seed
         if end_seed is not None:
-            images[-1].seed = end_seed
-        return pb.SampleResponse(
-            images=images, provenance=self._provenance(mv, generated.executed_batch_sizes)
-        )
+            response.images[-1].seed = end_seed
+        return response
 
     # ================================================================== Encode (VAE)
 
