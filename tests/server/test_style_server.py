@@ -103,6 +103,22 @@ def test_sample_maps_seeds_to_w_and_truncates_in_w_space(
     want = synth(broadcast(truncated(w_of(seeds), 0.5)))
     np.testing.assert_allclose(np.stack([tensor_of(g.image) for g in half.images]), want, atol=1e-5)
     assert not np.allclose(want, synth(broadcast(w_of(seeds))), atol=1e-3)  # truncation changed them
+    # The same images from a SampleStream (the bulk lane) and from the seeds' latents given explicitly.
+    stream = pb.SampleStreamRequest(
+        sample=pb.SampleRequest(model=gen, count=3, base_seed=3, truncation_psi=0.5, output=F32)
+    )
+    streamed = [g.image.data for chunk in stub.SampleStream(stream) for g in chunk.images]
+    assert streamed[:2] == [g.image.data for g in half.images[:2]]
+    z = latents.latents_for_seeds(seeds, STYLE_LATENT, None)
+    given = stub.Sample(
+        pb.SampleRequest(
+            model=gen,
+            latents=tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.tobytes()),
+            output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32, return_latents=True),
+        )
+    )
+    assert [g.image.data for g in given.images] == [g.image.data for g in plain.images]
+    assert given.images[1].latent.data == z[1].tobytes()
 
 
 def test_psi_zero_gives_the_image_of_w_avg_for_every_seed(
