@@ -45,12 +45,18 @@ TRAINING_FIELDS = ("data", "command", "seed", "source_commit", "steps", "duratio
 PARITY_FIELDS = ("fp32_max_abs_diff", "fp32_atol", "fp16_max_abs_diff", "fp16_atol")
 
 # Fields a caller of export_model must supply in `card=`, because no graph can tell them.
+# A style_mapping has no image (no output_range); a style_generator cannot tell its mapping's z size
+# nor the mean w its truncation pulls toward.
 USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
-    kind: ("description", "output_range")
+    kind: ("description",)
+    + (() if kind.maps_latent else ("output_range",))
     + (("input_range",) if kind.takes_image else ())
     + (("class_names",) if kind.conditional else ())
+    + (("latent_dim", "w_avg") if kind.styled else ())
     for kind in Kind
 }
+# Fields of the style kinds only (written for them, absent from other kinds' cards).
+STYLE_CARD_FIELDS: tuple[str, ...] = ("w_dim", "num_layers", "w_avg")
 
 
 def default_config(kind: str) -> dict[str, Any]:
@@ -107,10 +113,27 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
 
     def need(field: str, ok: bool, what: str) -> None:
         if not ok:
-            problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {card[field]!r}")
+            got = card.get(field)
+            problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {got!r}")
 
-    need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
-    need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
+    if kind.maps_latent:  # w, no image: the image fields are null
+        for field in ("channels", "output_range", "image_size"):
+            need(field, card[field] is None, "null")
+    else:
+        need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
+        need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
+    if kind.maps_latent or kind.styled:
+        w_dim: Any = card.get("w_dim")
+        need("w_dim", is_int(w_dim) and w_dim > 0, "a positive int")
+    if kind.styled:
+        layers: Any = card.get("num_layers")
+        w_avg: Any = card.get("w_avg")
+        need("num_layers", is_int(layers) and layers >= 2, "an int >= 2")
+        need(
+            "w_avg",
+            isinstance(w_avg, list) and len(w_avg) == card.get("w_dim") and all(is_number(v) for v in w_avg),
+            "a list of w_dim finite numbers",
+        )
     need("opset", is_int(card["opset"]) and card["opset"] >= 17, "an int >= 17")
     if kind.has_latent_dim:
         need("latent_dim", is_int(card["latent_dim"]) and card["latent_dim"] > 0, "a positive int")
@@ -126,7 +149,9 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         need(
             "input_channels", is_int(card["input_channels"]) and card["input_channels"] > 0, "a positive int"
         )
-    if kind.fully_convolutional:
+    if kind.maps_latent:
+        pass
+    elif kind.fully_convolutional:
         need("image_size", card["image_size"] is None, "null")
         need("size_multiple", is_int(card["size_multiple"]) and card["size_multiple"] >= 1, "a positive int")
         need("min_size", is_int(card["min_size"]) and card["min_size"] >= 1, "a positive int")

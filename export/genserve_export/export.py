@@ -30,6 +30,7 @@ from genserve_contract.repository import (
 )
 from genserve_export.card import (
     CARD_FIELDS,
+    STYLE_CARD_FIELDS,
     TRAINING_FIELDS,
     USER_CARD_FIELDS,
     merge_config,
@@ -297,6 +298,7 @@ def _derive_card_fields(
         labels = example["label"]
         if labels.min() < 0 or labels.max() >= len(names):
             problems.append(f"example labels must lie in [0, {len(names)}) for {len(names)} class_names")
+    problems += _derive_style_fields(spec, example, reference, card, derived)
     if spec.gives_latent:
         mu, logvar = reference["mu"].shape, reference["logvar"].shape
         if mu != logvar:
@@ -317,6 +319,28 @@ def _derive_card_fields(
     return derived
 
 
+def _derive_style_fields(
+    spec: Kind,
+    example: Mapping[str, torch.Tensor],
+    reference: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+    derived: dict[str, Any],
+) -> list[str]:
+    """The style kinds' fields (w_dim; num_layers and w_avg of a style_generator); problems found."""
+    problems: list[str] = []
+    if spec.maps_latent:
+        derived["w_dim"] = int(reference["w"].shape[1])
+    if spec.styled:
+        layers, w_dim = (int(d) for d in example["ws"].shape[1:])
+        w_avg = [float(v) for v in card["w_avg"]]
+        derived.update(latent_dim=int(card["latent_dim"]), w_dim=w_dim, num_layers=layers, w_avg=w_avg)
+        if len(w_avg) != w_dim or not np.isfinite(w_avg).all():
+            problems.append(f"card field 'w_avg' must be {w_dim} finite numbers (w_dim), got {len(w_avg)}")
+        if layers < 2:
+            problems.append(f"example input 'ws' has {layers} layer(s); a style generator needs >= 2")
+    return problems
+
+
 def _derive_image_fields(
     kind: str,
     spec: Kind,
@@ -328,6 +352,9 @@ def _derive_image_fields(
     """Fill channels, image_size and the fully convolutional fields; return problems found."""
     problems: list[str] = []
     out_name = spec.image_output_name
+    if spec.maps_latent:  # z -> w: no image
+        derived["channels"] = None
+        return problems
     if out_name is not None:
         out = reference[out_name].shape
         derived["channels"] = int(out[1])
@@ -398,6 +425,9 @@ def _parity_cases(
                     feeds["z"] = rng.standard_normal((batch, derived["latent_dim"])).astype(np.float32)
                 elif decl.name == "label":
                     feeds["label"] = rng.integers(0, len(derived["class_names"]), batch).astype(np.int64)
+                elif decl.name == "ws":
+                    shape = (batch, derived["num_layers"], derived["w_dim"])
+                    feeds["ws"] = rng.standard_normal(shape).astype(np.float32)
                 else:
                     lo, hi = derived["input_range"]
                     c = derived["input_channels"]
@@ -564,7 +594,9 @@ def _assemble_card(
         "inputs": inputs,
         "outputs": outputs,
         **derived,
-        "output_range": [float(v) for v in card_in["output_range"]],
+        "output_range": (
+            None if card_in.get("output_range") is None else [float(v) for v in card_in["output_range"]]
+        ),
         "training": train,
         "quality": quality_out,
         "holdout": dict(holdout or {}),
@@ -575,6 +607,9 @@ def _assemble_card(
         "torch_version": torch.__version__,
     }
     full = {key: values.get(key) for key in CARD_FIELDS}
+    for key in STYLE_CARD_FIELDS:  # the style kinds' own fields, after the standard ones
+        if key in derived:
+            full[key] = derived[key]
     for key, value in card_in.items():  # extra, caller-defined fields are kept after the standard ones
         if key not in full:
             full[key] = value

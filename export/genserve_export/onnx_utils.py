@@ -69,10 +69,18 @@ class _ImageInput(NamedOutputs):
         return self.run(image)
 
 
+class _WsInput(NamedOutputs):
+    """A style generator's synthesis network: per-layer styles [N, num_layers, w_dim]."""
+
+    def forward(self, ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(ws)
+
+
 _ADAPTERS: dict[tuple[str, ...], type[NamedOutputs]] = {
     ("z",): _ZInput,
     ("z", "label"): _ZLabelInput,
     ("image",): _ImageInput,
+    ("ws",): _WsInput,
 }
 
 

@@ -299,6 +299,8 @@ def _feeds(
             feeds["z"] = rng.standard_normal((batch, card["latent_dim"])).astype(np.float32)
         elif tensor["name"] == "label":
             feeds["label"] = rng.integers(0, len(card["class_names"]), batch).astype(np.int64)
+        elif tensor["name"] == "ws":
+            feeds["ws"] = rng.standard_normal((batch, card["num_layers"], card["w_dim"])).astype(np.float32)
         elif tensor["name"] == "image":
             hw = size if size is not None else tuple(card["image_size"])
             lo, hi = card["input_range"]
@@ -323,7 +325,7 @@ def _check_runs(
 ) -> None:
     rng = np.random.default_rng(7)
     image_name = Kind(card["kind"]).image_output_name
-    lo, hi = card["output_range"]
+    lo, hi = card["output_range"] or (-math.inf, math.inf)  # a style_mapping gives no image
     slack = _RANGE_SLACK * (hi - lo)
     fp16_worst = 0.0
     for size in _image_sizes(card):

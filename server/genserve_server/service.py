@@ -20,10 +20,10 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import Kind
-from genserve_server import latents, service_codes, validate
+from genserve_server import latents, service_codes, style_sampling, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
-from genserve_server.config import LATENT_KINDS, ServerConfig
+from genserve_server.config import SAMPLE_KINDS, ServerConfig
 from genserve_server.core import Call, GenerationCore
 from genserve_server.encoding import EncodedImage
 from genserve_server.errors import NotFound, invalid
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK = 64
 # Decode: latents -> images with no label to give (a conditional generator needs one per row).
-DECODE_KINDS = tuple(k for k in Kind if k.takes_latent and not k.conditional)
+DECODE_KINDS = tuple(k for k in Kind if k.takes_latent and k.answers_sample and not k.conditional)
 
 
 def output_spec(options: tpb.OutputOptions, field_prefix: str = "output") -> OutputSpec:
@@ -104,6 +104,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Interpolate(self, request: pb.InterpolateRequest, context: Context) -> pb.SampleResponse:
         return await self.boundary.unary("Interpolate", request, context, self._do_interpolate)
 
+    async def MixStyles(self, request: pb.MixStylesRequest, context: Context) -> pb.SampleResponse:
+        return await self.boundary.unary("MixStyles", request, context, self._do_mix_styles)
+
     async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
         return await self.boundary.unary("Encode", request, context, self._do_encode)
 
@@ -123,7 +126,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         out = output_spec(request.output)
         return await service_codes.sample_codes(self.core, request, call, out, self._provenance)
 
-    async def SampleCodesStream(  # noqa: N802
+    async def SampleCodesStream(
         self, request: pb.SampleCodesRequest, context: Context
     ) -> AsyncIterator[pb.SampleCodesChunk]:
         stream = self.boundary.stream("SampleCodesStream", request, context, self._do_sample_codes_stream)
@@ -188,12 +191,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     # ================================================================== Sample / SampleStream / Decode
 
     async def _do_sample(self, request: pb.SampleRequest, call: Call) -> pb.SampleResponse:
-        mv = self.core.resolve(call, request.model, request.version, LATENT_KINDS, "Sample")
+        mv = self.core.resolve(call, request.model, request.version, SAMPLE_KINDS, "Sample")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         out = output_spec(request.output)
         priority = lane(request.priority, Lane.INTERACTIVE)
-        psi = validate.psi(request.truncation_psi if request.HasField("truncation_psi") else None)
+        psi = validate.psi(
+            request.truncation_psi if request.HasField("truncation_psi") else None, w_space=card.kind.styled
+        )
         limit = self.limits.max_images_per_request
         seeds: list[int] | None
         if request.HasField("latents"):
@@ -249,7 +254,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.SampleStreamRequest, call: Call
     ) -> AsyncIterator[pb.SampleStreamChunk]:
         sample = request.sample
-        mv = self.core.resolve(call, sample.model, sample.version, LATENT_KINDS, "SampleStream", "sample.")
+        mv = self.core.resolve(call, sample.model, sample.version, SAMPLE_KINDS, "SampleStream", "sample.")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         if sample.seeds:
@@ -270,7 +275,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             raise invalid("chunk_size", f"must be in 1..{per_request}, got {chunk_size}")
         out = output_spec(sample.output, "sample.output")
         psi = validate.psi(
-            sample.truncation_psi if sample.HasField("truncation_psi") else None, "sample.truncation_psi"
+            sample.truncation_psi if sample.HasField("truncation_psi") else None,
+            "sample.truncation_psi",
+            w_space=card.kind.styled,
         )
         priority = lane(sample.priority, Lane.BULK, "sample.")
         label_cycle = np.asarray(sample.labels, dtype=np.int64)
@@ -298,7 +305,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         raise invalid(field, "required: a seed or a latent")
 
     async def _do_interpolate(self, request: pb.InterpolateRequest, call: Call) -> pb.SampleResponse:
-        mv = self.core.resolve(call, request.model, request.version, LATENT_KINDS, "Interpolate")
+        mv = self.core.resolve(call, request.model, request.version, SAMPLE_KINDS, "Interpolate")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         out = output_spec(request.output)
@@ -312,7 +319,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             pb.INTERPOLATION_MODE_SLERP,
         ):
             raise invalid("mode", f"unknown interpolation mode {request.mode}")
-        psi = validate.psi(request.truncation_psi if request.HasField("truncation_psi") else None)
+        psi = validate.psi(
+            request.truncation_psi if request.HasField("truncation_psi") else None, w_space=card.kind.styled
+        )
+        if card.kind.styled:
+            return await self._interpolate_styles(request, call, mv, psi, out)
         start, start_seed = self._point(request.start, card.latent_dim, psi, "start")
         end, end_seed = self._point(request.end, card.latent_dim, psi, "end")
         z = latents.interpolate(start, end, steps, int(request.mode))
@@ -342,6 +353,80 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             response.images[0].seed = start_seed
         if end_seed is not None:
             response.images[-1].seed = end_seed
+        return response
+
+    async def _interpolate_styles(
+        self, request: pb.InterpolateRequest, call: Call, mv: ModelVersion, psi: float | None, out: OutputSpec
+    ) -> pb.SampleResponse:
+        """Interpolate on a style generator: a straight line in w space (style_sampling.interpolate)."""
+        card = mv.card
+        assert card is not None and card.latent_dim is not None
+        if request.mode == pb.INTERPOLATION_MODE_SLERP:
+            raise invalid(
+                "mode",
+                "a style generator interpolates in w space along a straight line: LERP or unspecified "
+                "(SLERP is for Gaussian latents, and w is not Gaussian)",
+            )
+        if request.labels:
+            validate.labels(request.labels, card, request.steps)  # raises: a style generator takes none
+        # The ends' z untruncated: truncation is in w space.
+        start, start_seed = self._point(request.start, card.latent_dim, None, "start")
+        end, end_seed = self._point(request.end, card.latent_dim, None, "end")
+        images, path, batch_sizes = await style_sampling.interpolate(
+            self.core, mv, call, start, end, request.steps, psi, out
+        )
+        response = pb.SampleResponse(provenance=self._provenance(mv, batch_sizes))
+        self._generated(response.images, images, path, None, None, out)
+        if start_seed is not None:
+            response.images[0].seed = start_seed
+        if end_seed is not None:
+            response.images[-1].seed = end_seed
+        return response
+
+    # ================================================================== MixStyles
+
+    async def _do_mix_styles(self, request: pb.MixStylesRequest, call: Call) -> pb.SampleResponse:
+        mv = self.core.resolve(call, request.model, request.version, (Kind.STYLE_GENERATOR,), "MixStyles")
+        card = mv.card
+        assert card is not None and card.num_layers is not None
+        out = output_spec(request.output)
+        if out.return_latents:
+            raise invalid("output.return_latents", "not supported by MixStyles (a mixed image has two w)")
+        priority = lane(request.priority, Lane.INTERACTIVE)
+        validate.count(len(request.mixes), "mixes", self.limits.max_images_per_request)
+        default_psi = validate.psi(
+            request.truncation_psi if request.HasField("truncation_psi") else None, w_space=True
+        )
+        layers = card.num_layers
+        default_crossover = request.crossover
+        if default_crossover:
+            style_sampling.check_crossover(default_crossover, layers, "crossover")
+        coarse: list[int] = []
+        fine: list[int] = []
+        crossovers: list[int] = []
+        psis: list[float | None] = []
+        for i, mix in enumerate(request.mixes):
+            coarse.append(validate.seed(mix.coarse_seed, f"mixes[{i}].coarse_seed"))
+            fine.append(validate.seed(mix.fine_seed, f"mixes[{i}].fine_seed"))
+            if mix.crossover:
+                crossovers.append(
+                    style_sampling.check_crossover(mix.crossover, layers, f"mixes[{i}].crossover")
+                )
+            elif default_crossover:
+                crossovers.append(default_crossover)
+            else:
+                raise invalid(
+                    f"mixes[{i}].crossover",
+                    f"required here or in crossover: 0 < crossover < num_layers = {layers}",
+                )
+            given = mix.truncation_psi if mix.HasField("truncation_psi") else None
+            psi = validate.psi(given, f"mixes[{i}].truncation_psi", w_space=True)
+            psis.append(default_psi if psi is None else psi)
+        images, batch_sizes = await style_sampling.mix(
+            self.core, mv, call, coarse, fine, crossovers, psis, out, priority
+        )
+        response = pb.SampleResponse(provenance=self._provenance(mv, batch_sizes))
+        self._generated(response.images, images, np.empty(0), coarse, None, out)
         return response
 
     # ================================================================== Encode (VAE)
@@ -413,10 +498,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             info.description = card.description
             info.latent_dim = card.latent_dim or 0
             info.class_names.extend(card.class_names)
-            if card.kind.takes_latent and card.image_size is not None:
+            if card.kind.answers_sample and card.image_size is not None:
                 info.output_shape.extend([card.channels, *card.image_size])
             info.scale_factor = card.scale_factor if card.kind.tiled else 1
             info.size_multiple = card.size_multiple
+            info.w_dim = card.w_dim or 0
+            info.num_layers = card.num_layers or 0
         return info
 
     async def _do_list_models(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
