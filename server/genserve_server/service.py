@@ -9,69 +9,36 @@ KServe v2 servicer (kserve.py), which is a sibling of this module, not a user of
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
-from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import Kind
-from genserve_server import latents, service_codes, style_sampling, validate
+from genserve_server import latents, service_codes, service_styles, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import SAMPLE_KINDS, ServerConfig
 from genserve_server.core import Call, GenerationCore
-from genserve_server.encoding import EncodedImage
 from genserve_server.errors import NotFound, invalid
 from genserve_server.metrics import Metrics
-from genserve_server.repository import Model, ModelState, ModelVersion, Repository
-from genserve_server.validate import OutputSpec
-from genserve_server.version import SERVER_VERSION
-
-if TYPE_CHECKING:
-    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from genserve_server.repository import Model, ModelState, Repository
+from genserve_server.service_parts import (
+    add_generated,
+    image_protos,
+    lane,
+    latent_point,
+    latent_proto,
+    latent_tensor,
+    output_spec,
+    provenance,
+)
 
 DEFAULT_CHUNK = 64
 # Decode: latents -> images with no label to give (a conditional generator needs one per row).
 DECODE_KINDS = tuple(k for k in Kind if k.takes_latent and k.answers_sample and not k.conditional)
-
-
-def output_spec(options: tpb.OutputOptions, field_prefix: str = "output") -> OutputSpec:
-    compression = options.png_compression if options.HasField("png_compression") else None
-    return validate.output_spec(
-        options.format, options.quality, compression, options.return_latents, field_prefix
-    )
-
-
-def lane(priority: int, default: Lane, field_prefix: str = "") -> Lane:
-    if priority == tpb.PRIORITY_INTERACTIVE:
-        return Lane.INTERACTIVE
-    if priority == tpb.PRIORITY_BULK:
-        return Lane.BULK
-    if priority != tpb.PRIORITY_UNSPECIFIED:
-        raise invalid(f"{field_prefix}priority", f"unknown priority {priority}")
-    return default
-
-
-def latent_tensor(tensor: tpb.Tensor, dim: int, field: str, *, vector: bool = False) -> np.ndarray:
-    """float32 [N, dim] (or [dim] when `vector`) from a Tensor, zero-copy, finite and bounded."""
-    if tensor.dtype not in (tpb.DTYPE_UNSPECIFIED, tpb.DTYPE_FLOAT32):
-        raise invalid(f"{field}.dtype", "must be DTYPE_FLOAT32")
-    return validate.latent_bytes(tensor.data, tensor.shape, dim, field, vector=vector)
-
-
-def latent_proto(z: np.ndarray) -> tpb.Tensor:
-    return tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.astype("<f4", copy=False).tobytes())
-
-
-def image_protos(images: Sequence[EncodedImage]) -> list[tpb.Image]:
-    return [
-        tpb.Image(format=tpb.ImageFormat.ValueType(im.format), data=im.data, shape=im.shape) for im in images
-    ]
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
@@ -105,7 +72,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return await self.boundary.unary("Interpolate", request, context, self._do_interpolate)
 
     async def MixStyles(self, request: pb.MixStylesRequest, context: Context) -> pb.SampleResponse:
-        return await self.boundary.unary("MixStyles", request, context, self._do_mix_styles)
+        return await self.boundary.unary("MixStyles", request, context, self._mix_styles)
+
+    async def _mix_styles(self, request: pb.MixStylesRequest, call: Call) -> pb.SampleResponse:
+        return await service_styles.mix_styles(self.core, self.limits, request, call)
 
     async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
         return await self.boundary.unary("Encode", request, context, self._do_encode)
@@ -124,7 +94,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _do_sample_codes(self, request: pb.SampleCodesRequest, call: Call) -> pb.SampleCodesResponse:
         out = output_spec(request.output)
-        return await service_codes.sample_codes(self.core, request, call, out, self._provenance)
+        return await service_codes.sample_codes(self.core, request, call, out, provenance)
 
     async def SampleCodesStream(
         self, request: pb.SampleCodesRequest, context: Context
@@ -137,56 +107,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.SampleCodesRequest, call: Call
     ) -> AsyncIterator[pb.SampleCodesChunk]:
         out = output_spec(request.output)
-        return service_codes.sample_codes_stream(self.core, request, call, out, self._provenance)
+        return service_codes.sample_codes_stream(self.core, request, call, out, provenance)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return await self.boundary.unary("ListModels", request, context, self._do_list_models)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
         return await self.boundary.unary("GetModel", request, context, self._do_get_model)
-
-    # ================================================================== response parts
-
-    @staticmethod
-    def _provenance(mv: ModelVersion, batch_sizes: Sequence[int]) -> tpb.Provenance:
-        return tpb.Provenance(
-            model=mv.name,
-            version=mv.version,
-            model_sha256=mv.sha256,
-            onnxruntime_version=ort.__version__,
-            execution_provider=mv.provider,
-            precision=mv.precision,
-            executed_batch_sizes=batch_sizes,
-            rng_algorithm=latents.RNG_ALGORITHM,
-            server_version=SERVER_VERSION,
-        )
-
-    @staticmethod
-    def _generated(
-        into: RepeatedCompositeFieldContainer[tpb.GeneratedImage],
-        images: Sequence[EncodedImage],
-        z: np.ndarray,
-        seeds: Sequence[int] | None,
-        labels: np.ndarray | None,
-        out: OutputSpec,
-        first_index: int = 0,
-        from_cache: Sequence[bool] | None = None,
-    ) -> None:
-        """Each image added to `into` (a response's repeated `images`), built in place: a message
-        built apart and then put in the response is copied again, ~50 ms of event loop a 50 MB one."""
-        for i, image in enumerate(images):
-            g = into.add(index=first_index + i)
-            g.image.format = tpb.ImageFormat.ValueType(image.format)
-            g.image.data = image.data
-            g.image.shape.extend(image.shape)
-            if seeds is not None:
-                g.seed = seeds[i]
-            if labels is not None:
-                g.label = int(labels[i])
-            if out.return_latents:
-                g.latent.CopyFrom(latent_proto(z[i]))
-            if from_cache is not None:
-                g.from_cache = from_cache[i]
 
     # ================================================================== Sample / SampleStream / Decode
 
@@ -224,8 +151,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             n = len(seeds)
             labels = validate.labels(request.labels, card, n)
             generated = await self.core.sample(mv, call, seeds, labels, psi, out, priority)
-        response = pb.SampleResponse(provenance=self._provenance(mv, generated.executed_batch_sizes))
-        self._generated(
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        add_generated(
             response.images,
             generated.images,
             generated.latents,
@@ -246,8 +173,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         z = latent_tensor(request.latents, card.latent_dim, "latents")
         validate.count(len(z), "latents.shape[0]", self.limits.max_images_per_request)
         generated = await self.core.generate(mv, call, None, out, Lane.INTERACTIVE, z=z)
-        response = pb.SampleResponse(provenance=self._provenance(mv, generated.executed_batch_sizes))
-        self._generated(response.images, generated.images, z, None, None, out)
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        add_generated(response.images, generated.images, z, None, None, out)
         return response
 
     async def _do_sample_stream(
@@ -286,23 +213,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             mv, call, base, count, request.start_index, chunk_size, label_cycle, psi, out, priority
         )
         async for start, seeds, labels, generated in chunks:
-            chunk = pb.SampleStreamChunk(provenance=self._provenance(mv, generated.executed_batch_sizes))
-            self._generated(chunk.images, generated.images, generated.latents, seeds, labels, out, start)
+            chunk = pb.SampleStreamChunk(provenance=provenance(mv, generated.executed_batch_sizes))
+            add_generated(chunk.images, generated.images, generated.latents, seeds, labels, out, start)
             yield chunk
 
     # ================================================================== Interpolate
-
-    @staticmethod
-    def _point(
-        point: pb.LatentPoint, dim: int, psi: float | None, field: str
-    ) -> tuple[np.ndarray, int | None]:
-        which = point.WhichOneof("point")
-        if which == "seed":
-            seed = validate.seed(point.seed, f"{field}.seed")  # here: latents_for_seeds would say "seed[0]"
-            return latents.latents_for_seeds([seed], dim, psi, field=f"{field}.seed")[0], seed
-        if which == "latent":
-            return latent_tensor(point.latent, dim, f"{field}.latent", vector=True), None
-        raise invalid(field, "required: a seed or a latent")
 
     async def _do_interpolate(self, request: pb.InterpolateRequest, call: Call) -> pb.SampleResponse:
         mv = self.core.resolve(call, request.model, request.version, SAMPLE_KINDS, "Interpolate")
@@ -323,9 +238,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             request.truncation_psi if request.HasField("truncation_psi") else None, w_space=card.kind.styled
         )
         if card.kind.styled:
-            return await self._interpolate_styles(request, call, mv, psi, out)
-        start, start_seed = self._point(request.start, card.latent_dim, psi, "start")
-        end, end_seed = self._point(request.end, card.latent_dim, psi, "end")
+            return await service_styles.interpolate_styles(self.core, request, call, mv, psi, out)
+        start, start_seed = latent_point(request.start, card.latent_dim, psi, "start")
+        end, end_seed = latent_point(request.end, card.latent_dim, psi, "end")
         z = latents.interpolate(start, end, steps, int(request.mode))
         labels: np.ndarray | None = None
         if card.kind.conditional:
@@ -347,86 +262,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         elif request.labels:
             validate.labels(request.labels, card, steps)  # raises: labels on an unconditional model
         generated = await self.core.generate(mv, call, labels, out, Lane.INTERACTIVE, z=z)
-        response = pb.SampleResponse(provenance=self._provenance(mv, generated.executed_batch_sizes))
-        self._generated(response.images, generated.images, z, None, labels, out)
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        add_generated(response.images, generated.images, z, None, labels, out)
         if start_seed is not None:
             response.images[0].seed = start_seed
         if end_seed is not None:
             response.images[-1].seed = end_seed
-        return response
-
-    async def _interpolate_styles(
-        self, request: pb.InterpolateRequest, call: Call, mv: ModelVersion, psi: float | None, out: OutputSpec
-    ) -> pb.SampleResponse:
-        """Interpolate on a style generator: a straight line in w space (style_sampling.interpolate)."""
-        card = mv.card
-        assert card is not None and card.latent_dim is not None
-        if request.mode == pb.INTERPOLATION_MODE_SLERP:
-            raise invalid(
-                "mode",
-                "a style generator interpolates in w space along a straight line: LERP or unspecified "
-                "(SLERP is for Gaussian latents, and w is not Gaussian)",
-            )
-        if request.labels:
-            validate.labels(request.labels, card, request.steps)  # raises: a style generator takes none
-        # The ends' z untruncated: truncation is in w space.
-        start, start_seed = self._point(request.start, card.latent_dim, None, "start")
-        end, end_seed = self._point(request.end, card.latent_dim, None, "end")
-        images, path, batch_sizes = await style_sampling.interpolate(
-            self.core, mv, call, start, end, request.steps, psi, out
-        )
-        response = pb.SampleResponse(provenance=self._provenance(mv, batch_sizes))
-        self._generated(response.images, images, path, None, None, out)
-        if start_seed is not None:
-            response.images[0].seed = start_seed
-        if end_seed is not None:
-            response.images[-1].seed = end_seed
-        return response
-
-    # ================================================================== MixStyles
-
-    async def _do_mix_styles(self, request: pb.MixStylesRequest, call: Call) -> pb.SampleResponse:
-        mv = self.core.resolve(call, request.model, request.version, (Kind.STYLE_GENERATOR,), "MixStyles")
-        card = mv.card
-        assert card is not None and card.num_layers is not None
-        out = output_spec(request.output)
-        if out.return_latents:
-            raise invalid("output.return_latents", "not supported by MixStyles (a mixed image has two w)")
-        priority = lane(request.priority, Lane.INTERACTIVE)
-        validate.count(len(request.mixes), "mixes", self.limits.max_images_per_request)
-        default_psi = validate.psi(
-            request.truncation_psi if request.HasField("truncation_psi") else None, w_space=True
-        )
-        layers = card.num_layers
-        default_crossover = request.crossover
-        if default_crossover:
-            style_sampling.check_crossover(default_crossover, layers, "crossover")
-        coarse: list[int] = []
-        fine: list[int] = []
-        crossovers: list[int] = []
-        psis: list[float | None] = []
-        for i, mix in enumerate(request.mixes):
-            coarse.append(validate.seed(mix.coarse_seed, f"mixes[{i}].coarse_seed"))
-            fine.append(validate.seed(mix.fine_seed, f"mixes[{i}].fine_seed"))
-            if mix.crossover:
-                crossovers.append(
-                    style_sampling.check_crossover(mix.crossover, layers, f"mixes[{i}].crossover")
-                )
-            elif default_crossover:
-                crossovers.append(default_crossover)
-            else:
-                raise invalid(
-                    f"mixes[{i}].crossover",
-                    f"required here or in crossover: 0 < crossover < num_layers = {layers}",
-                )
-            given = mix.truncation_psi if mix.HasField("truncation_psi") else None
-            psi = validate.psi(given, f"mixes[{i}].truncation_psi", w_space=True)
-            psis.append(default_psi if psi is None else psi)
-        images, batch_sizes = await style_sampling.mix(
-            self.core, mv, call, coarse, fine, crossovers, psis, out, priority
-        )
-        response = pb.SampleResponse(provenance=self._provenance(mv, batch_sizes))
-        self._generated(response.images, images, np.empty(0), coarse, None, out)
         return response
 
     # ================================================================== Encode (VAE)
@@ -442,7 +283,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             if encoded.z is not None:
                 d.z.CopyFrom(latent_proto(encoded.z[i]))
             dists.append(d)
-        return pb.EncodeResponse(latents=dists, provenance=self._provenance(mv, encoded.executed_batch_sizes))
+        return pb.EncodeResponse(latents=dists, provenance=provenance(mv, encoded.executed_batch_sizes))
 
     # ================================================================== SuperResolve / Translate
 
@@ -454,7 +295,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         upscaled = await self.core.upscale(mv, call, request.images, request.tile_size, overlap, out)
         return pb.ImageResponse(
             images=image_protos(upscaled.images),
-            provenance=self._provenance(mv, upscaled.executed_batch_sizes),
+            provenance=provenance(mv, upscaled.executed_batch_sizes),
             tiles=upscaled.tiles,
         )
 
@@ -467,7 +308,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         translated = await self.core.translate(mv, call, request.images, out)
         return pb.ImageResponse(
             images=image_protos(translated.images),
-            provenance=self._provenance(mv, translated.executed_batch_sizes),
+            provenance=provenance(mv, translated.executed_batch_sizes),
         )
 
     # ================================================================== ListModels / GetModel
