@@ -153,8 +153,9 @@ def psnr_db(a: np.ndarray, b: np.ndarray, shave: int) -> float:
 def luma(chw: np.ndarray) -> np.ndarray:
     """BT.601 studio-range luma in [0, 1] of an RGB [3, H, W] image (MATLAB ``rgb2ycbcr``'s Y / 255),
     shape [1, H, W]: the channel SR papers report PSNR on."""
-    r, g, b = chw.astype(np.float64)
-    return ((16.0 + 65.481 * r + 128.553 * g + 24.966 * b) / 255.0)[None]
+    weights = np.array([65.481, 128.553, 24.966]).reshape(3, 1, 1)
+    y: np.ndarray = (16.0 + (chw.astype(np.float64) * weights).sum(axis=0, keepdims=True)) / 255.0
+    return y
 
 
 def quality_crops(scale: int, size: int = QUALITY_CROP) -> list[tuple[str, np.ndarray]]:
