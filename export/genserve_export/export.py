@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -58,6 +59,7 @@ from genserve_export.onnx_utils import (
     optimize_offline,
     run_session,
     session,
+    store_weights_fp16,
     torch_export,
 )
 from genserve_export.provenance import source_commit
@@ -84,6 +86,7 @@ def export_model(
     fp16: bool = True,
     overwrite: bool = False,
     extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    weights_fp16: bool = False,
 ) -> Path:
     """Export ``module`` as ``out_dir/name/version`` and return that directory.
 
@@ -96,6 +99,9 @@ def export_model(
     anything is written; a failure raises an :class:`ExportError` subclass naming the problem.
     ``extra_files`` (file name in the version directory -> source path) travel with the graph,
     written in the same atomic step: e.g. an imported model's licence and reference images.
+    ``weights_fp16`` stores model.onnx's large weights as float16 (computed in float32 after a Cast):
+    half the file size; the module's weights must already be float16 values
+    (``onnx_utils.round_weights_fp16``) for the fp32 parity check to pass.
     """
     out_root = Path(out_dir)
     spec = _check_arguments(kind, name, version, card)
@@ -117,6 +123,10 @@ def export_model(
         dynamic = dynamic_shapes_for([t.name for t in spec.inputs], spec.fully_convolutional, size_multiple)
         fp32_path = workdir / "model.onnx"
         opset = _export_and_optimize(adapter, example, dynamic, spec, fp32_path)
+        stored_fp16 = 0
+        if weights_fp16:
+            halved, stored_fp16 = store_weights_fp16(onnx.load(str(fp32_path)))
+            onnx.save(halved, str(fp32_path))
         sess = session(fp32_path)
         inputs_sig, outputs_sig = graph_signature(sess)
         _check_dynamic_axes(spec, inputs_sig, outputs_sig)
@@ -140,6 +150,8 @@ def export_model(
             "fp16_written": "model.fp16.onnx" in files,
             "cases": [_case_label(c) for c in cases],
         }
+        if weights_fp16:
+            parity["weights_stored_fp16"] = stored_fp16
         if fp16_note:
             parity["fp16_note"] = fp16_note
         full_card = _assemble_card(
