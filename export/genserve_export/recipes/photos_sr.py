@@ -38,6 +38,20 @@ METRIC = (
 )
 
 
+# How the server runs this network (and srgan-photos-x4, its fine-tune). The net's receptive-field
+# radius is 12 input px (4 residual blocks + head/tail convs + the bicubic skip): tiles must overlap
+# by >= 2 * 12 for tiled output to equal untiled output (server/genserve_server/tiling.py).
+SERVING_CARD = {
+    "input_range": [0.0, 1.0],
+    "output_range": [0.0, 1.0],
+    "scale_factor": SCALE,
+    "size_multiple": 1,
+    "min_size": 8,
+    "tile_size": 128,
+    "tile_overlap": 32,
+}
+
+
 class ResidualBlock(nn.Module):
     """conv → ReLU → conv plus identity (no BN: BN hurts SR, as EDSR found)."""
 
@@ -194,16 +208,7 @@ class PhotoSuperResolutionRecipe:
                     "description": "x4 photo super-resolution, PSNR-oriented: small SRResNet + bicubic skip "
                     "trained with L1 only (no adversarial term; srgan-photos-x4 is its GAN fine-tune), "
                     "RGB in [0, 1]",
-                    "input_range": [0.0, 1.0],
-                    "output_range": [0.0, 1.0],
-                    "scale_factor": SCALE,
-                    "size_multiple": 1,
-                    "min_size": 8,
-                    # The net's receptive-field radius is 12 input px (4 residual blocks + head/tail
-                    # convs + the bicubic skip): tiles must overlap by >= 2 * 12 for tiled output
-                    # to equal untiled output (server/genserve_server/tiling.py).
-                    "tile_size": 128,
-                    "tile_overlap": 32,
+                    **SERVING_CARD,
                 },
                 quality={
                     **quality,

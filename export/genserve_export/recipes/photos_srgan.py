@@ -202,13 +202,7 @@ class PhotoSrganRecipe:
                     "description": "x4 photo super-resolution, SRGAN: the PSNR-trained sr-photos-x4 "
                     "fine-tuned with an adversarial loss and a discriminator-feature content loss "
                     "(sharper textures, lower PSNR), RGB in [0, 1]",
-                    "input_range": [0.0, 1.0],
-                    "output_range": [0.0, 1.0],
-                    "scale_factor": photos_sr.SCALE,
-                    "size_multiple": 1,
-                    "min_size": 8,
-                    "tile_size": 128,
-                    "tile_overlap": 32,  # the same network as sr-photos-x4: receptive radius 12 px
+                    **photos_sr.SERVING_CARD,  # the same network as sr-photos-x4
                 },
                 quality={
                     **quality,
