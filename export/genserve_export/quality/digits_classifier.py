@@ -33,7 +33,8 @@ CLASSIFIER_DESCRIPTION = (
 )
 
 
-def _net() -> nn.Module:
+def cnn() -> nn.Module:
+    """The classifier's net, untrained."""
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
@@ -64,13 +65,18 @@ class DigitsClassifier:
 
 
 def _train(data: digits.Digits) -> nn.Module:
+    return fit_cnn(data.train_images, data.train_labels)
+
+
+def fit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int = EPOCHS) -> nn.Module:
+    """The CNN above fitted (seeded, deterministic on CPU) to images [N, 1, 28, 28] in [0, 1]."""
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(SEED)
-        net = _net()
-        x, y = torch.from_numpy(data.train_images), torch.from_numpy(data.train_labels)
+        net = cnn()
+        x, y = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         order = torch.Generator().manual_seed(SEED)
-        for _ in range(EPOCHS):
+        for _ in range(epochs):
             perm = torch.randperm(len(x), generator=order)
             for start in range(0, len(x), BATCH):
                 batch = perm[start : start + BATCH]
@@ -93,7 +99,7 @@ def _cache_path(data: digits.Digits) -> Path:
 def _classifier(source: str) -> DigitsClassifier:
     data = digits.load()
     path = _cache_path(data)
-    net = _net().eval()
+    net = cnn().eval()
     try:
         net.load_state_dict(torch.load(path, weights_only=True))
     except (OSError, RuntimeError):

@@ -35,11 +35,20 @@ def _flat(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, dtype=np.float64).reshape(len(images), -1)
 
 
-def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """L2 distance from each query image to its nearest reference image."""
+def nearest_distances(queries: np.ndarray, references: np.ndarray, chunk: int = 500) -> np.ndarray:
+    """L2 distance from each query image to its nearest reference image.
+
+    Queries go in chunks so that a large reference set (Fashion-MNIST's 60,000) needs no
+    queries × references matrix at once.
+    """
     q, r = _flat(queries), _flat(references)
-    squared = (q * q).sum(1)[:, None] - 2.0 * q @ r.T + (r * r).sum(1)[None, :]
-    distances: np.ndarray = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+    r_squared = (r * r).sum(1)[None, :]
+    parts = []
+    for start in range(0, len(q), chunk):
+        part = q[start : start + chunk]
+        squared = (part * part).sum(1)[:, None] - 2.0 * part @ r.T + r_squared
+        parts.append(np.sqrt(np.maximum(squared.min(axis=1), 0.0)))
+    distances: np.ndarray = np.concatenate(parts) if parts else np.zeros(0)
     return distances
 
 
@@ -77,7 +86,7 @@ def memorisation_figures(images: np.ndarray, digit_set: DigitSet = MNIST) -> dic
     }
 
 
-def _mean_pairwise_distance(images: np.ndarray) -> float:
+def mean_pairwise_distance(images: np.ndarray) -> float:
     x = _flat(images)
     squared = (x * x).sum(1)[:, None] - 2.0 * x @ x.T + (x * x).sum(1)[None, :]
     d = np.sqrt(np.maximum(squared, 0.0))
@@ -99,5 +108,5 @@ def diversity_figures(
         if len(fake) < 2:
             ratios.append(0.0)
             continue
-        ratios.append(_mean_pairwise_distance(fake) / _mean_pairwise_distance(data.images[data.labels == c]))
+        ratios.append(mean_pairwise_distance(fake) / mean_pairwise_distance(data.images[data.labels == c]))
     return {"min_diversity_ratio": float(min(ratios)), "mean_diversity_ratio": float(np.mean(ratios))}

@@ -1,5 +1,5 @@
-"""The quality figures of digits_metrics on scikit-learn's digits, for the recipes that still train
-there (dcgan-digits, cgan-digits): the same functions, bound to that data set and its classifier."""
+"""The quality figures of digits_metrics on scikit-learn's digits, for the recipe that still trains
+there (dcgan-digits): the same functions, bound to that data set and its classifier."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from genserve_export.recipe import Recipe
 from genserve_export.recipes.cgan import CganDigitsRecipe
+from genserve_export.recipes.cgan_fashion import CganFashionRecipe
 from genserve_export.recipes.dcgan import DcganDigitsRecipe
 from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
@@ -25,6 +26,7 @@ RECIPES["sr-photos-x4"] = PhotoSuperResolutionRecipe()
 RECIPES["srgan-photos-x4"] = PhotoSrganRecipe()
 RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
 RECIPES["dcgan-photos-256"] = PhotoDcgan256Recipe()
+RECIPES["cgan-fashion"] = CganFashionRecipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:
