@@ -32,6 +32,10 @@ CARD_FIELDS: tuple[str, ...] = (
     "tile_size",
     "tile_overlap",
     "min_size",
+    "grid",
+    "codebook_size",
+    "top_grid",
+    "top_codebook_size",
     "training",
     "quality",
     "holdout",
@@ -41,12 +45,16 @@ CARD_FIELDS: tuple[str, ...] = (
     "onnxruntime_version",
     "torch_version",
 )
+# Fields added with the code kinds: written in every card (null where they do not apply), but a card
+# written before them may lack them (absent = null).
+CODE_CARD_FIELDS = ("grid", "codebook_size", "top_grid", "top_codebook_size")
 TRAINING_FIELDS = ("data", "command", "seed", "source_commit", "steps", "duration_s")
 PARITY_FIELDS = ("fp32_max_abs_diff", "fp32_atol", "fp16_max_abs_diff", "fp16_atol")
 
 # Fields a caller of export_model must supply in `card=`, because no graph can tell them.
 USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
-    kind: ("description", "output_range")
+    kind: ("description",)
+    + (("output_range",) if kind.image_output_name is not None else ())
     + (("input_range",) if kind.takes_image else ())
     + (("class_names",) if kind.conditional else ())
     for kind in Kind
@@ -109,8 +117,11 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         if not ok:
             problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {card[field]!r}")
 
-    need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
-    need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
+    has_image = kind.image_output_name is not None or kind.takes_image
+    if has_image:
+        need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
+    if kind.image_output_name is not None:
+        need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
     need("opset", is_int(card["opset"]) and card["opset"] >= 17, "an int >= 17")
     if kind.has_latent_dim:
         need("latent_dim", is_int(card["latent_dim"]) and card["latent_dim"] > 0, "a positive int")
@@ -126,11 +137,14 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         need(
             "input_channels", is_int(card["input_channels"]) and card["input_channels"] > 0, "a positive int"
         )
-    if kind.fully_convolutional:
+    if kind.takes_codes:
+        problems += _code_field_problems(card, kind, where)
+    if kind.fully_convolutional or not has_image:
         need("image_size", card["image_size"] is None, "null")
+    if kind.fully_convolutional:
         need("size_multiple", is_int(card["size_multiple"]) and card["size_multiple"] >= 1, "a positive int")
         need("min_size", is_int(card["min_size"]) and card["min_size"] >= 1, "a positive int")
-    else:
+    elif has_image:
         size = card["image_size"]
         need(
             "image_size",
@@ -141,6 +155,37 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         need("scale_factor", is_int(card["scale_factor"]) and card["scale_factor"] >= 1, "a positive int")
         need("tile_size", is_int(card["tile_size"]) and card["tile_size"] >= 1, "a positive int")
         need("tile_overlap", is_int(card["tile_overlap"]) and card["tile_overlap"] >= 0, "an int >= 0")
+    return problems
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v > 0 for v in value)
+
+
+def _code_field_problems(card: Mapping[str, Any], kind: Kind, where: str) -> list[str]:
+    problems: list[str] = []
+    grid, k = card.get("grid"), card.get("codebook_size")
+    top_grid, top_k = card.get("top_grid"), card.get("top_codebook_size")
+    if not _is_grid(grid):
+        problems.append(
+            f"{where}: field 'grid' must be [H, W] of positive ints for kind {kind}, got {grid!r}"
+        )
+    if not (is_int(k) and k > 1):
+        problems.append(f"{where}: field 'codebook_size' must be an int >= 2 for kind {kind}, got {k!r}")
+    if (top_grid is None) != (top_k is None):
+        problems.append(
+            f"{where}: fields 'top_grid' and 'top_codebook_size' are given together or not at all"
+        )
+    elif top_grid is not None and (not _is_grid(top_grid) or not (is_int(top_k) and top_k > 1)):
+        problems.append(
+            f"{where}: 'top_grid' must be [H, W] and 'top_codebook_size' an int >= 2, "
+            f"got {top_grid!r}, {top_k!r}"
+        )
+    names = card.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    ):
+        problems.append(f"{where}: field 'class_names' must be null or a non-empty list of strings")
     return problems
 
 
@@ -172,7 +217,7 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
     """Every problem with a card's fields: presence, types, and agreement with its kind."""
     problems: list[str] = []
     for key in CARD_FIELDS:
-        if key not in card:
+        if key not in card and key not in CODE_CARD_FIELDS:
             problems.append(f"{where}: missing field {key!r}")
     if problems:
         return problems
@@ -192,8 +237,12 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
     if not problems:
         names_in = [t["name"] for t in card["inputs"]]
         names_out = [t["name"] for t in card["outputs"]]
-        if sorted(names_in) != sorted(kind.input_names):
-            problems.append(f"{where}: inputs {names_in} do not fit kind {kind} ({list(kind.input_names)})")
+        declared = {"label": bool(card.get("class_names")), "top_codes": card.get("top_grid") is not None}
+        wanted = list(kind.input_names) + [
+            t.name for t in kind.optional_inputs if declared.get(t.name, False)
+        ]
+        if sorted(names_in) != sorted(wanted):
+            problems.append(f"{where}: inputs {names_in} do not fit kind {kind} and its card ({wanted})")
         if sorted(names_out) != sorted(kind.output_names):
             problems.append(
                 f"{where}: outputs {names_out} do not fit kind {kind} ({list(kind.output_names)})"
