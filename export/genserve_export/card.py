@@ -162,6 +162,10 @@ def _is_grid(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v > 0 for v in value)
 
 
+def _is_codebook(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+
+
 def _code_field_problems(card: Mapping[str, Any], kind: Kind, where: str) -> list[str]:
     problems: list[str] = []
     grid, k = card.get("grid"), card.get("codebook_size")
@@ -170,13 +174,13 @@ def _code_field_problems(card: Mapping[str, Any], kind: Kind, where: str) -> lis
         problems.append(
             f"{where}: field 'grid' must be [H, W] of positive ints for kind {kind}, got {grid!r}"
         )
-    if not (is_int(k) and k > 1):
+    if not _is_codebook(k):
         problems.append(f"{where}: field 'codebook_size' must be an int >= 2 for kind {kind}, got {k!r}")
     if (top_grid is None) != (top_k is None):
         problems.append(
             f"{where}: fields 'top_grid' and 'top_codebook_size' are given together or not at all"
         )
-    elif top_grid is not None and (not _is_grid(top_grid) or not (is_int(top_k) and top_k > 1)):
+    elif top_grid is not None and (not _is_grid(top_grid) or not _is_codebook(top_k)):
         problems.append(
             f"{where}: 'top_grid' must be [H, W] and 'top_codebook_size' an int >= 2, "
             f"got {top_grid!r}, {top_k!r}"

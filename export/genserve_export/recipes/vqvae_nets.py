@@ -25,6 +25,11 @@ WIDTH = 32  # VQ-VAE channels
 class VectorQuantizer(nn.Module):
     """Nearest-codebook-vector quantisation with EMA codebook updates and dead-code restarts."""
 
+    embedding: torch.Tensor
+    cluster_size: torch.Tensor
+    embed_sum: torch.Tensor
+    initialised: torch.Tensor
+
     def __init__(self, k: int, dim: int = CODE_DIM, decay: float = 0.99) -> None:
         super().__init__()
         self.k, self.dim, self.decay = k, dim, decay
