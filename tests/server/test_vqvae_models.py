@@ -53,7 +53,9 @@ def test_sample_codes_gives_digits_of_the_requested_classes(stub: pb_grpc.Genera
     labels = list(range(10))
     seeds = [11, 12, 13]
     requests = [
-        pb.SampleCodesRequest(model=PRIOR, seeds=seeds, labels=[label], output=F32, return_codes=True)
+        pb.SampleCodesRequest(
+            model=PRIOR, seeds=seeds, labels=[label], temperature=0.7, output=F32, return_codes=True
+        )
         for label in labels
     ]
     responses = [stub.SampleCodes(r, timeout=120) for r in requests]
@@ -66,7 +68,7 @@ def test_sample_codes_gives_digits_of_the_requested_classes(stub: pb_grpc.Genera
     answers = classifier().probabilities(images.astype(np.float32)).argmax(axis=1)
     requested = np.repeat(labels, len(seeds))
     accuracy = float((answers == requested).mean())
-    # seeded: the same 30 digits every run; verify scores 200 of them against the 0.9 bar
+    # seeded: the same 30 digits every run; verify scores 100 against the 0.9 bar (card: temperature 0.7)
     assert accuracy >= 0.8, (accuracy, answers.tolist())
 
 
