@@ -197,6 +197,9 @@ class SyncNaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     def SampleCodesStream(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._unimplemented(context, "SampleCodesStream")
 
+    def MixStyles(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._unimplemented(context, "MixStyles")
+
 
 class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     def __init__(self, models: dict[str, NaiveModel], executor: ThreadPoolExecutor) -> None:
@@ -286,6 +289,11 @@ class NaiveServicer(genserve_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[genserve_pb2.SampleCodesChunk]:
         await self._unimplemented(context, "SampleCodesStream")
         yield genserve_pb2.SampleCodesChunk()  # unreachable: makes this an async generator
+
+    async def MixStyles(  # noqa: N802
+        self, request: genserve_pb2.MixStylesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> genserve_pb2.SampleResponse:
+        await self._unimplemented(context, "MixStyles")
 
     async def ListModels(  # noqa: N802
         self, request: genserve_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]

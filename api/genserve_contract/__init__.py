@@ -15,7 +15,15 @@ from genserve_contract.config import (
     export_config,
     parse_model_config,
 )
-from genserve_contract.kinds import IMAGE_INPUT_KINDS, KIND_NAMES, LATENT_KINDS, Kind, KindSpec, TensorDecl
+from genserve_contract.kinds import (
+    IMAGE_INPUT_KINDS,
+    KIND_NAMES,
+    LATENT_KINDS,
+    SAMPLE_KINDS,
+    Kind,
+    KindSpec,
+    TensorDecl,
+)
 from genserve_contract.repository import (
     CARD_FORMAT_VERSION,
     FP16_ATOL,
@@ -36,6 +44,7 @@ __all__ = [
     "KNOWN_PROVIDERS",
     "LATENT_KINDS",
     "NAME_PATTERN",
+    "SAMPLE_KINDS",
     "VERSION_PATTERN",
     "BatchingConfig",
     "ConfigError",

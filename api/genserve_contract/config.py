@@ -279,6 +279,10 @@ class ModelConfig:
     # code_prior with a top grid only: the code_prior model that samples that top grid when the
     # caller gives none (same seed, label and options). Empty: the caller must give top_codes.
     top_prior: str = ""
+    # style_generator only (required there; the server refuses to load one without it, export writes
+    # it once the mapping's name is known): the style_mapping model (a name in the same repository) that
+    # maps z to w (its highest ready version at request time).
+    mapping: str = ""
 
 
 CONFIG_FIELDS: Final = (
@@ -291,6 +295,7 @@ CONFIG_FIELDS: Final = (
     "runtime",
     "decoder",
     "top_prior",
+    "mapping",
 )
 
 
@@ -416,10 +421,16 @@ def parse_model_config(
             raise r.error(key, f"must be a model name ({NAME_PATTERN.pattern}), got {value!r}")
         if value and not d.kind.autoregressive:
             raise r.error(key, f"applies to kind code_prior only, not {d.kind}")
+    mapping = r.string("mapping", "")
+    if mapping and not NAME_PATTERN.match(mapping):
+        raise r.error("mapping", f"must be a model name ({NAME_PATTERN.pattern}), got {mapping!r}")
+    if mapping and not d.kind.styled:
+        raise r.error("mapping", f"applies to kind style_generator only, not {d.kind}")
     config = ModelConfig(
         kind=d.kind,
         decoder=decoder,
         top_prior=top_prior,
+        mapping=mapping,
         batching=batching,
         instances=r.integer("instances", d.instances, min_value=1, max_value=MAX_INSTANCES),
         execution_providers=providers if providers else d.execution_providers,

@@ -39,6 +39,12 @@ CODES = TensorDecl("codes", "int64", 3)
 TOP_CODES = TensorDecl("top_codes", "int64", 3)
 # A prior's logits for every position: float32 [N, K, H, W] (K = codebook_size).
 LOGITS = TensorDecl("logits", "float32", 4)
+# Style-based generators (StyleGAN) are two graphs: a style_mapping z [N, Z] -> w [N, w_dim], and a
+# style_generator (the synthesis network) ws [N, num_layers, w_dim] -> image, one w per layer, its
+# noise fixed inside the graph so that an image is a pure function of its ws. The server works in
+# w space between them: truncation toward the card's w_avg, style mixing, interpolation.
+W = TensorDecl("w", "float32", 2)
+WS = TensorDecl("ws", "float32", 3)
 
 # The config.json batching export writes per kind family (the server's own defaults for absent
 # fields are config.BatchingConfig's). Generators are cheap per item and served to many small
@@ -89,6 +95,8 @@ class Kind(enum.StrEnum):
     IMAGE_TO_IMAGE = "image_to_image"
     CODE_PRIOR = "code_prior"
     CODE_DECODER = "code_decoder"
+    STYLE_MAPPING = "style_mapping"
+    STYLE_GENERATOR = "style_generator"
 
     @classmethod
     def parse(cls, value: object) -> Kind:
@@ -165,9 +173,28 @@ class Kind(enum.StrEnum):
         return next((n for n in self.output_names if n in IMAGE_OUTPUT_NAMES), None)
 
     @property
+    def maps_latent(self) -> bool:
+        """Output `w` (style_mapping: z -> w; w_dim applies). Served only through the style_generator
+        that names it (config.json `mapping`), never on its own."""
+        return W.name in self.output_names
+
+    @property
+    def styled(self) -> bool:
+        """Input `ws` (style_generator: w_dim, num_layers, w_avg apply; config.json `mapping` names its
+        style_mapping)."""
+        return WS.name in self.input_names
+
+    @property
+    def answers_sample(self) -> bool:
+        """Images from seeds or latents (Sample, SampleStream, Interpolate): the kinds that take z and
+        give an image, and the style generator (z through its mapping)."""
+        return self.image_output_name is not None and (self.takes_latent or self.styled)
+
+    @property
     def has_latent_dim(self) -> bool:
-        """Whether card.json's latent_dim applies (a latent goes in or comes out)."""
-        return self.takes_latent or self.gives_latent
+        """Whether card.json's latent_dim applies (a latent goes in or comes out; a style generator's
+        is its mapping's z)."""
+        return self.takes_latent or self.gives_latent or self.styled
 
 
 _SPECS: Mapping[Kind, KindSpec] = MappingProxyType(
@@ -192,6 +219,8 @@ _SPECS: Mapping[Kind, KindSpec] = MappingProxyType(
         # batching.max_batch_size of a prior is its row budget: the rows of one step's call.
         Kind.CODE_PRIOR: KindSpec(inputs=(CODES,), outputs=(LOGITS,), optional_inputs=(LABEL, TOP_CODES)),
         Kind.CODE_DECODER: KindSpec(inputs=(CODES,), outputs=(IMAGE,), optional_inputs=(TOP_CODES,)),
+        Kind.STYLE_MAPPING: KindSpec(inputs=(Z,), outputs=(W,)),
+        Kind.STYLE_GENERATOR: KindSpec(inputs=(WS,), outputs=(IMAGE,)),
     }
 )
 if set(_SPECS) != set(Kind):  # a new member without its declaration fails at import, not at serve time
@@ -199,4 +228,6 @@ if set(_SPECS) != set(Kind):  # a new member without its declaration fails at im
 
 KIND_NAMES: tuple[str, ...] = tuple(k.value for k in Kind)
 LATENT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_latent)
+# The kinds that answer Sample (the latent kinds with an image output, and the style generator).
+SAMPLE_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.answers_sample)
 IMAGE_INPUT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_image)

@@ -171,6 +171,7 @@ class ClientBase:
     sample_codes = unary(calls.sample_codes)
     sample_codes_progress = progress(calls.sample_codes_progress)
     interpolate = unary(calls.interpolate)
+    mix_styles = unary(calls.mix_styles)
     encode = unary(calls.encode)
     decode = unary(calls.decode)
     super_resolve = unary(calls.super_resolve)

@@ -106,6 +106,20 @@ def interpolate(
     return UnaryCall("Interpolate", request, SampleResult.from_proto, timeout_s)
 
 
+def mix_styles(
+    model: str,
+    mixes: Sequence[rq.Mix],
+    *,
+    timeout_s: float | None = None,
+    **opts: Unpack[rq.MixOptions],
+) -> UnaryCall[SampleResult]:
+    """Style mixing on a style generator: image i takes layers [0, crossover) from the w of
+    mixes[i]'s coarse seed and the rest from its fine seed's; a mix is (coarse, fine) or (coarse,
+    fine, crossover), `crossover=` the default. Each result item's seed is its coarse seed."""
+    request = rq.mix_styles_request(model, mixes, **opts)
+    return UnaryCall("MixStyles", request, SampleResult.from_proto, timeout_s)
+
+
 def encode(
     model: str,
     images: Sequence[ImageInput],

@@ -334,7 +334,7 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
         write_items(result, Path(args.out), f"{args.model}-interp")
     if args.grid:
         ts = np.linspace(0.0, 1.0, len(result.items))
-        row = GridRow(result.pil(), f"{args.mode} {args.from_seed}->{args.to_seed}")
+        row = GridRow(result.pil(), f"{args.mode or 'path'} {args.from_seed}->{args.to_seed}")
         text = png_text(
             result.provenance,
             from_seed=args.from_seed,
@@ -344,6 +344,51 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
             label=",".join(map(str, args.label)) if args.label else None,
         )
         save_picture(make_grid([row], captions=[f"t={t:.2f}" for t in ts]), Path(args.grid), text)
+    return 0
+
+
+STYLE_GENERATOR = "style_generator"
+
+
+def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
+    """The classic style-mixing grid: the top row shows each column seed's own image, the left column
+    each row seed's; cell (r, c) takes its coarse layers [0, crossover) from row seed r and its fine
+    layers from column seed c."""
+    info = client.get_model(args.model, args.version)
+    if info.kind != STYLE_GENERATOR:
+        raise UsageError(
+            f"mix needs a {STYLE_GENERATOR} model; {args.model} is a {info.kind or 'unknown kind'}"
+        )
+    rows, cols = args.rows, args.cols
+    check_grid_size("mix", (len(rows) + 1) * (len(cols) + 1), f"--rows x --cols ({len(rows)}x{len(cols)})")
+    crossover = args.crossover if args.crossover is not None else max(1, info.num_layers // 2)
+    opts = _sample_opts(args)
+    own = sample_in_batches(client, args.model, [*rows, *cols], [], **opts)
+    pairs = [(r, c) for r in rows for c in cols]
+    mixed: list[Any] = []
+    provenance = own.provenance
+    for start in range(0, len(pairs), MAX_IMAGES_PER_CALL):
+        part = client.mix_styles(
+            args.model, pairs[start : start + MAX_IMAGES_PER_CALL], crossover=crossover, **opts
+        )
+        mixed.extend(part.pil())
+        provenance = part.provenance
+    own_pictures = own.pil()
+    row_pictures, col_pictures = own_pictures[: len(rows)], own_pictures[len(rows) :]
+    grid_rows = [GridRow([None, *col_pictures], "fine ->")]
+    for i, seed in enumerate(rows):
+        grid_rows.append(
+            GridRow([row_pictures[i], *mixed[i * len(cols) : (i + 1) * len(cols)]], f"coarse {seed}")
+        )
+    text = png_text(
+        provenance,
+        rows=",".join(map(str, rows)),
+        cols=",".join(map(str, cols)),
+        crossover=crossover,
+        psi=args.psi,
+    )
+    captions = ["", *(f"fine {seed}" for seed in cols)]
+    save_picture(make_grid(grid_rows, captions=captions), Path(args.grid), text)
     return 0
 
 
@@ -783,12 +828,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-seed", type=int, required=True)
     p.add_argument("--to-seed", type=int, required=True)
     p.add_argument("--steps", type=int, default=10, help="images on the path")
-    p.add_argument("--mode", choices=("slerp", "lerp"), default="slerp", help="path through latent space")
+    p.add_argument(
+        "--mode",
+        choices=("slerp", "lerp"),
+        help="path through latent space (default: slerp in z; a style generator's: a line in w space)",
+    )
     p.add_argument("--label", type=parse_ints, help="class of the path, or two classes (start,end)")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
     p.add_argument("--grid", help="PNG file for the strip")
+
+    p = command(
+        "mix",
+        "style-mixing grid of a style generator: coarse layers from each row's seed, fine from each column's",
+    )
+    _add_model(p)
+    p.add_argument("--rows", type=parse_ints, required=True, help="seeds of the coarse styles, one row each")
+    p.add_argument("--cols", type=parse_ints, required=True, help="seeds of the fine styles, one column each")
+    p.add_argument(
+        "--crossover",
+        type=int,
+        help="first fine layer, 0 < crossover < num_layers (default: num_layers // 2)",
+    )
+    p.add_argument("--psi", type=float, help="truncation in w space, 0..1 toward the mean w (default: none)")
+    _add_format(p)
+    p.add_argument("--grid", required=True, help="PNG file for the grid")
 
     p = command("arithmetic", "mean(A) - mean(B) + mean(C) in latent space")
     _add_model(p)
@@ -917,6 +982,7 @@ COMMANDS: dict[str, Callable[[GenserveClient, argparse.Namespace], int]] = {
     "models": cmd_models,
     "sample": cmd_sample,
     "interpolate": cmd_interpolate,
+    "mix": cmd_mix,
     "arithmetic": cmd_arithmetic,
     "edit": cmd_edit,
     "upscale": cmd_upscale,

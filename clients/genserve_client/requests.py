@@ -73,10 +73,25 @@ class CodesOptions(OutputOptions, total=False):
 
 
 class InterpolateOptions(OutputOptions, total=False):
-    mode: str  # "slerp" (default) or "lerp"
+    # "slerp" or "lerp"; absent: the server's choice (slerp in z, a straight line in a style
+    # generator's w space)
+    mode: str
     labels: Sequence[int]
     psi: float
     version: str
+
+
+class MixOptions(OutputOptions, total=False):
+    """MixStyles (genserve.proto MixStylesRequest)."""
+
+    crossover: int  # the first fine layer of every mix that gives none: 0 < crossover < num_layers
+    psi: float  # truncation in w space of every mix that gives none
+    version: str
+    priority: types_pb2.Priority.ValueType
+
+
+# One image of a style mix: (coarse_seed, fine_seed) or (coarse_seed, fine_seed, crossover).
+Mix: TypeAlias = "tuple[int, int] | tuple[int, int, int]"
 
 
 class EncodeOptions(TypedDict, total=False):
@@ -181,8 +196,8 @@ def latent_point(point: Latent) -> genserve_pb2.LatentPoint:
 def interpolate_request(
     model: str, start: Latent, end: Latent, steps: int, **opts: Unpack[InterpolateOptions]
 ) -> genserve_pb2.InterpolateRequest:
-    mode = opts.get("mode", "slerp")
-    if mode not in _MODES:
+    mode = opts.get("mode")
+    if mode is not None and mode not in _MODES:
         raise ValueError(f"interpolation mode must be one of {sorted(_MODES)}, got {mode!r}")
     req = genserve_pb2.InterpolateRequest(
         model=model,
@@ -190,10 +205,31 @@ def interpolate_request(
         start=latent_point(start),
         end=latent_point(end),
         steps=steps,
-        mode=_MODES[mode],
+        mode=genserve_pb2.INTERPOLATION_MODE_UNSPECIFIED if mode is None else _MODES[mode],
         labels=opts.get("labels", ()),
         output=output_options(opts),
     )
+    if "psi" in opts:
+        req.truncation_psi = opts["psi"]
+    return req
+
+
+def mix_styles_request(
+    model: str, mixes: Sequence[Mix], **opts: Unpack[MixOptions]
+) -> genserve_pb2.MixStylesRequest:
+    if opts.get("return_latents"):
+        raise ValueError("mix_styles: return_latents is not supported (a mixed image has two w)")
+    req = genserve_pb2.MixStylesRequest(
+        model=model,
+        version=opts.get("version", ""),
+        crossover=opts.get("crossover", 0),
+        output=output_options(opts),
+        priority=opts.get("priority", types_pb2.PRIORITY_UNSPECIFIED),
+    )
+    for i, mix in enumerate(mixes):
+        if len(mix) not in (2, 3):
+            raise ValueError(f"mixes[{i}] must be (coarse_seed, fine_seed[, crossover]), got {mix!r}")
+        req.mixes.add(coarse_seed=mix[0], fine_seed=mix[1], crossover=mix[2] if len(mix) == 3 else 0)
     if "psi" in opts:
         req.truncation_psi = opts["psi"]
     return req

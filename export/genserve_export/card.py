@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from genserve_contract.config import ConfigError, export_config, is_int, is_number, parse_model_config
@@ -52,13 +52,18 @@ TRAINING_FIELDS = ("data", "command", "seed", "source_commit", "steps", "duratio
 PARITY_FIELDS = ("fp32_max_abs_diff", "fp32_atol", "fp16_max_abs_diff", "fp16_atol")
 
 # Fields a caller of export_model must supply in `card=`, because no graph can tell them.
+# A style_mapping has no image (no output_range); a style_generator cannot tell its mapping's z size
+# nor the mean w its truncation pulls toward.
 USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
     kind: ("description",)
     + (("output_range",) if kind.image_output_name is not None else ())
     + (("input_range",) if kind.takes_image else ())
     + (("class_names",) if kind.conditional else ())
+    + (("latent_dim", "w_avg") if kind.styled else ())
     for kind in Kind
 }
+# Fields of the style kinds only (written for them, absent from other kinds' cards).
+STYLE_CARD_FIELDS: tuple[str, ...] = ("w_dim", "num_layers", "w_avg")
 
 
 def default_config(kind: str) -> dict[str, Any]:
@@ -109,19 +114,40 @@ def _validate_tensor_list(value: Any, field: str, where: str) -> list[str]:
     return problems
 
 
+def _check_style_fields(card: Mapping[str, Any], kind: Kind, need: Callable[[str, bool, str], None]) -> None:
+    """w_dim of the style kinds; num_layers and w_avg of a style_generator."""
+    if kind.maps_latent or kind.styled:
+        w_dim: Any = card.get("w_dim")
+        need("w_dim", is_int(w_dim) and w_dim > 0, "a positive int")
+    if kind.styled:
+        layers: Any = card.get("num_layers")
+        w_avg: Any = card.get("w_avg")
+        need("num_layers", is_int(layers) and layers >= 2, "an int >= 2")
+        need(
+            "w_avg",
+            isinstance(w_avg, list) and len(w_avg) == card.get("w_dim") and all(is_number(v) for v in w_avg),
+            "a list of w_dim finite numbers",
+        )
+
+
 def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
     problems: list[str] = []
     kind = Kind(card["kind"])
 
     def need(field: str, ok: bool, what: str) -> None:
         if not ok:
-            problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {card[field]!r}")
+            got = card.get(field)
+            problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {got!r}")
 
     has_image = kind.image_output_name is not None or kind.takes_image
-    if has_image:
+    if kind.maps_latent:  # w, no image: the image fields are null (image_size: below)
+        for field in ("channels", "output_range"):
+            need(field, card[field] is None, "null")
+    elif has_image:
         need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
     if kind.image_output_name is not None:
         need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
+    _check_style_fields(card, kind, need)
     need("opset", is_int(card["opset"]) and card["opset"] >= 17, "an int >= 17")
     if kind.has_latent_dim:
         need("latent_dim", is_int(card["latent_dim"]) and card["latent_dim"] > 0, "a positive int")

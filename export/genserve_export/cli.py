@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--min-gain-db", type=float, default=0.5, help="card threshold on psnr_gain_db")
     imp.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
     imp.add_argument("--no-fp16", action="store_true", help="do not write model.fp16.onnx")
+    imp.add_argument(
+        "--fp16-weights",
+        action="store_true",
+        help="round the weights to float16 and store them so in model.onnx (half the size; computed in "
+        "float32; the reference check and the figures are the rounded network's)",
+    )
 
     verify = sub.add_parser("verify", help="check every model of a repository")
     verify.add_argument("path", type=Path)
@@ -134,6 +140,7 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
         version=args.version,
         pixel_max=args.pixel_max,
         fp16=not args.no_fp16,
+        weights_fp16=args.fp16_weights,
         config=config,
         tile_size=tile,
         tile_overlap=args.tile_overlap,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from genserve_contract.repository import (
 )
 from genserve_export.card import (
     CARD_FIELDS,
+    STYLE_CARD_FIELDS,
     TRAINING_FIELDS,
     USER_CARD_FIELDS,
     merge_config,
@@ -57,6 +59,7 @@ from genserve_export.onnx_utils import (
     optimize_offline,
     run_session,
     session,
+    store_weights_fp16,
     torch_export,
 )
 from genserve_export.provenance import source_commit
@@ -83,6 +86,7 @@ def export_model(
     fp16: bool = True,
     overwrite: bool = False,
     extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    weights_fp16: bool = False,
 ) -> Path:
     """Export ``module`` as ``out_dir/name/version`` and return that directory.
 
@@ -95,6 +99,9 @@ def export_model(
     anything is written; a failure raises an :class:`ExportError` subclass naming the problem.
     ``extra_files`` (file name in the version directory -> source path) travel with the graph,
     written in the same atomic step: e.g. an imported model's licence and reference images.
+    ``weights_fp16`` stores model.onnx's large weights as float16 (computed in float32 after a Cast):
+    half the file size; the module's weights must already be float16 values
+    (``onnx_utils.round_weights_fp16``) for the fp32 parity check to pass.
     """
     out_root = Path(out_dir)
     spec = _check_arguments(kind, name, version, card)
@@ -117,6 +124,10 @@ def export_model(
         dynamic = dynamic_shapes_for(input_names, spec.fully_convolutional, size_multiple)
         fp32_path = workdir / "model.onnx"
         opset = _export_and_optimize(adapter, example, dynamic, spec, fp32_path)
+        stored_fp16 = 0
+        if weights_fp16:
+            halved, stored_fp16 = store_weights_fp16(onnx.load(str(fp32_path)))
+            onnx.save(halved, str(fp32_path))
         sess = session(fp32_path)
         inputs_sig, outputs_sig = graph_signature(sess)
         _check_dynamic_axes(spec, inputs_sig, outputs_sig)
@@ -140,6 +151,8 @@ def export_model(
             "fp16_written": "model.fp16.onnx" in files,
             "cases": [_case_label(c) for c in cases],
         }
+        if weights_fp16:
+            parity["weights_stored_fp16"] = stored_fp16
         if fp16_note:
             parity["fp16_note"] = fp16_note
         full_card = _assemble_card(
@@ -304,6 +317,7 @@ def _derive_card_fields(
         derived["latent_dim"] = int(example["z"].shape[1])
     if "label" in example:
         problems += _derive_class_names(example["label"], card, derived)
+    problems += _derive_style_fields(spec, example, reference, card, derived)
     if spec.gives_latent:
         mu, logvar = reference["mu"].shape, reference["logvar"].shape
         if mu != logvar:
@@ -373,6 +387,28 @@ def _derive_code_fields(
     return problems
 
 
+def _derive_style_fields(
+    spec: Kind,
+    example: Mapping[str, torch.Tensor],
+    reference: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+    derived: dict[str, Any],
+) -> list[str]:
+    """The style kinds' fields (w_dim; num_layers and w_avg of a style_generator); problems found."""
+    problems: list[str] = []
+    if spec.maps_latent:
+        derived["w_dim"] = int(reference["w"].shape[1])
+    if spec.styled:
+        layers, w_dim = (int(d) for d in example["ws"].shape[1:])
+        w_avg = [float(v) for v in card["w_avg"]]
+        derived.update(latent_dim=int(card["latent_dim"]), w_dim=w_dim, num_layers=layers, w_avg=w_avg)
+        if len(w_avg) != w_dim or not np.isfinite(w_avg).all():
+            problems.append(f"card field 'w_avg' must be {w_dim} finite numbers (w_dim), got {len(w_avg)}")
+        if layers < 2:
+            problems.append(f"example input 'ws' has {layers} layer(s); a style generator needs >= 2")
+    return problems
+
+
 def _derive_image_fields(
     kind: str,
     spec: Kind,
@@ -384,6 +420,9 @@ def _derive_image_fields(
     """Fill channels, image_size and the fully convolutional fields; return problems found."""
     problems: list[str] = []
     out_name = spec.image_output_name
+    if spec.maps_latent:  # z -> w: no image
+        derived["channels"] = None
+        return problems
     if out_name is not None:
         out = reference[out_name].shape
         derived["channels"] = int(out[1])
@@ -461,6 +500,9 @@ def _parity_cases(
                     feeds["z"] = rng.standard_normal((batch, derived["latent_dim"])).astype(np.float32)
                 elif decl.name == "label":
                     feeds["label"] = rng.integers(0, len(derived["class_names"]), batch).astype(np.int64)
+                elif decl.name == "ws":
+                    shape = (batch, derived["num_layers"], derived["w_dim"])
+                    feeds["ws"] = rng.standard_normal(shape).astype(np.float32)
                 else:
                     lo, hi = derived["input_range"]
                     c = derived["input_channels"]
@@ -638,6 +680,9 @@ def _assemble_card(
         "torch_version": torch.__version__,
     }
     full = {key: values.get(key) for key in CARD_FIELDS}
+    for key in STYLE_CARD_FIELDS:  # the style kinds' own fields, after the standard ones
+        if key in derived:
+            full[key] = derived[key]
     for key, value in card_in.items():  # extra, caller-defined fields are kept after the standard ones
         if key not in full:
             full[key] = value

@@ -42,6 +42,7 @@ from torch import nn
 from genserve_export.data import photos
 from genserve_export.errors import ExportError
 from genserve_export.export import export_model
+from genserve_export.onnx_utils import round_weights_fp16
 from genserve_export.provenance import source_commit
 from genserve_export.recipe import OnnxRun
 from genserve_export.tfjs_graph import TfjsGraph, read_layers_model
@@ -69,7 +70,8 @@ REFERENCE_TOLERANCE_255 = 1.0  # grey levels: the sample PNG is the TF.js float 
 QUALITY_METRIC = (
     "mean PSNR (RGB, [0, 1], border of <scale> px shaved) over one 256x256 centre crop of each held-out "
     "photo, quantised to 8 bits; low resolution = bicubic downscale (PIL, antialiased, a = -0.5, as "
-    "MATLAB imresize); baseline = PIL bicubic upscale of the same input"
+    "MATLAB imresize); baseline = PIL bicubic upscale of the same input; psnr_y_*: the same on the "
+    "BT.601 luma (MATLAB rgb2ycbcr), the SR papers' convention"
 )
 
 
@@ -148,6 +150,14 @@ def psnr_db(a: np.ndarray, b: np.ndarray, shave: int) -> float:
     return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def luma(chw: np.ndarray) -> np.ndarray:
+    """BT.601 studio-range luma in [0, 1] of an RGB [3, H, W] image (MATLAB ``rgb2ycbcr``'s Y / 255),
+    shape [1, H, W]: the channel SR papers report PSNR on."""
+    weights = np.array([65.481, 128.553, 24.966]).reshape(3, 1, 1)
+    y: np.ndarray = (16.0 + (chw.astype(np.float64) * weights).sum(axis=0, keepdims=True)) / 255.0
+    return y
+
+
 def quality_crops(scale: int, size: int = QUALITY_CROP) -> list[tuple[str, np.ndarray]]:
     """(photo name, 8-bit-quantised [3, size', size'] centre crop); size' is a multiple of scale."""
     crops = []
@@ -159,13 +169,16 @@ def quality_crops(scale: int, size: int = QUALITY_CROP) -> list[tuple[str, np.nd
 
 def quality_figures(run: OnnxRun, scale: int) -> dict[str, float]:
     """PSNR of the model and of bicubic on the held-out crops (see QUALITY_METRIC)."""
-    model_db, bicubic_db = [], []
+    model_db, bicubic_db, model_y, bicubic_y = [], [], [], []
     for _, hr in quality_crops(scale):
         h, w = hr.shape[1:]
         lr = bicubic_resize(hr, h // scale, w // scale)
         sr = run({"image": lr[None]})["output_image"][0]
+        up = bicubic_resize(lr, h, w)
         model_db.append(psnr_db(sr, hr, scale))
-        bicubic_db.append(psnr_db(bicubic_resize(lr, h, w), hr, scale))
+        bicubic_db.append(psnr_db(up, hr, scale))
+        model_y.append(psnr_db(luma(sr), luma(hr), scale))
+        bicubic_y.append(psnr_db(luma(up), luma(hr), scale))
     model, bicubic = float(np.mean(model_db)), float(np.mean(bicubic_db))
     return {
         "psnr_db": round(model, 4),
@@ -173,6 +186,8 @@ def quality_figures(run: OnnxRun, scale: int) -> dict[str, float]:
         "psnr_gain_db": round(model - bicubic, 4),
         "min_image_psnr_gain_db": round(float(np.min(np.subtract(model_db, bicubic_db))), 4),
         "max_image_psnr_gain_db": round(float(np.max(np.subtract(model_db, bicubic_db))), 4),
+        "psnr_y_db": round(float(np.mean(model_y)), 4),
+        "psnr_y_gain_db": round(float(np.mean(model_y) - np.mean(bicubic_y)), 4),
     }
 
 
@@ -246,6 +261,7 @@ def import_tfjs_sr(
     version: str = "1",
     pixel_max: str = "auto",
     fp16: bool = True,
+    weights_fp16: bool = False,
     config: Mapping[str, Any] | None = None,
     tile_size: int = 64,
     tile_overlap: int = 16,
@@ -254,7 +270,12 @@ def import_tfjs_sr(
     overwrite: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Import ``models/x<scale>`` of an upscalerjs npm package as ``out_dir/name/version``."""
+    """Import ``models/x<scale>`` of an upscalerjs npm package as ``out_dir/name/version``.
+
+    ``weights_fp16``: round the weights to float16 *before* the reference check, the quality figures
+    and the export, and store them so in model.onnx (computed in float32): half the file, and every
+    figure in the card is the served network's.
+    """
     say = progress or logger.info
     started = time.perf_counter()
     package = Package(Path(package_path))
@@ -263,9 +284,11 @@ def import_tfjs_sr(
     source, model_json = package.model_source(scale)
     model = read_layers_model(source, model_json)
     graph = TfjsGraph(model).eval()
+    numpy_diff = _check_against_numpy(graph, source, model_json)
+    if weights_fp16:
+        round_weights_fp16(graph)
     n_params = sum(p.numel() for p in graph.parameters())
     say(f"{meta['name']}@{meta['version']}: {len(model.layers)} layers, {n_params:,} parameters")
-    numpy_diff = _check_against_numpy(graph, source, model_json)
     fixture = package.image("assets/fixture.png")
     expected = package.image(f"assets/samples/{scale}x/result.png")
     chosen, reference_diff = _choose_pixel_max(graph, fixture, expected, pixel_max)
@@ -313,6 +336,9 @@ def import_tfjs_sr(
             "parameters": n_params,
             "input_pixel_max": chosen,
             "numpy_reference_max_abs_diff": numpy_diff,
+            "weights": "rounded to float16, stored so in model.onnx (computed in float32)"
+            if weights_fp16
+            else "float32 as published",
             "reference_files": [REFERENCE_INPUT, REFERENCE_OUTPUT],
             "reference_note": f"the package's assets/fixture.png and its x{scale} result made by the "
             "original model in TF.js; verify reruns model.onnx on the fixture and reports the max diff in "
@@ -371,6 +397,7 @@ def import_tfjs_sr(
             fp16=fp16,
             overwrite=overwrite,
             extra_files=extras,
+            weights_fp16=weights_fp16,
         )
     say(
         f"exported {target} in {time.perf_counter() - t0:.1f} s (total {time.perf_counter() - started:.1f} s)"

@@ -69,6 +69,13 @@ class _ImageInput(NamedOutputs):
         return self.run(image)
 
 
+class _WsInput(NamedOutputs):
+    """A style generator's synthesis network: per-layer styles [N, num_layers, w_dim]."""
+
+    def forward(self, ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(ws)
+
+
 class _CodesInput(NamedOutputs):
     def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.run(codes)
@@ -100,6 +107,7 @@ _ADAPTERS: dict[tuple[str, ...], type[NamedOutputs]] = {
     ("codes", "label"): _CodesLabelInput,
     ("codes", "top_codes"): _CodesTopInput,
     ("codes", "label", "top_codes"): _CodesLabelTopInput,
+    ("ws",): _WsInput,
 }
 
 
@@ -202,3 +210,48 @@ def graph_signature(sess: ort.InferenceSession) -> tuple[list[dict[str, Any]], l
 def opset_of(model: onnx.ModelProto) -> int:
     """The default-domain opset of ``model``."""
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def store_weights_fp16(model: onnx.ModelProto, min_elements: int = 16) -> tuple[onnx.ModelProto, int]:
+    """Store the large float32 initializers as float16, each read through a Cast back to float32.
+
+    The graph still computes in float32 (ONNX Runtime folds the Casts into float32 constants when
+    it loads the graph), but the file is about half the size. Lossless only for weights already
+    rounded to float16 (:func:`round_weights_fp16`); export's parity check against the module
+    catches anything else. Returns the rewritten model and how many initializers were stored so.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    casts: list[onnx.NodeProto] = []
+    kept: list[onnx.TensorProto] = []
+    converted = 0
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims, dtype=np.int64)) < min_elements:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "__fp16")
+        kept.append(half)
+        casts.append(
+            onnx.helper.make_node(
+                "Cast", [half.name], [init.name], name=init.name + "__to_fp32", to=onnx.TensorProto.FLOAT
+            )
+        )
+        converted += 1
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model, converted
+
+
+def round_weights_fp16(module: nn.Module) -> nn.Module:
+    """Round every floating parameter and buffer of ``module`` to the nearest float16 value, in place
+    (kept as float32): the module then equals a graph stored by :func:`store_weights_fp16`."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    return module

@@ -331,6 +331,8 @@ def _feeds(
             k = card["top_codebook_size" if top else "codebook_size"]
             grid = card["top_grid" if top else "grid"]
             feeds[tensor["name"]] = rng.integers(0, k, (batch, *grid)).astype(np.int64)
+        elif tensor["name"] == "ws":
+            feeds["ws"] = rng.standard_normal((batch, card["num_layers"], card["w_dim"])).astype(np.float32)
         elif tensor["name"] == "image":
             hw = size if size is not None else tuple(card["image_size"])
             lo, hi = card["input_range"]
@@ -355,7 +357,7 @@ def _check_runs(
 ) -> None:
     rng = np.random.default_rng(7)
     image_name = Kind(card["kind"]).image_output_name
-    lo, hi = card["output_range"] or (-math.inf, math.inf)
+    lo, hi = card["output_range"] or (-math.inf, math.inf)  # a code prior or style_mapping gives no image
     slack = _RANGE_SLACK * (hi - lo) if image_name is not None else 0.0
     fp16_worst = 0.0
     for size in _image_sizes(card):

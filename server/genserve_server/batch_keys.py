@@ -87,6 +87,13 @@ class LatentRows(RowsKey):
 
 
 @dataclass(frozen=True, slots=True)
+class StyleRows(RowsKey):
+    """Rows are per-layer styles `ws` [num_layers, w_dim] for a style generator's synthesis graph:
+    truncation and style mixing are done in w space before, so rows of every psi and crossover, from
+    any request, share its batches."""
+
+
+@dataclass(frozen=True, slots=True)
 class TileRows(RowsKey):
     """Super-resolution tiles of one (C, H, W) shape, from any request."""
 
@@ -113,7 +120,7 @@ class StepRows(RowsKey):
     queued in a batcher: the step scheduler calls the runner with it directly."""
 
 
-BatchKey = SeedRows | LatentRows | TileRows | ImageRows | CodeRows
+BatchKey = SeedRows | LatentRows | StyleRows | TileRows | ImageRows | CodeRows
 
 
 def input_shape(key: object) -> tuple[int, ...] | None:

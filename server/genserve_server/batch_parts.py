@@ -125,32 +125,62 @@ def concat(parts: list[Part]) -> dict[str, np.ndarray]:
     }
 
 
-def fan_out(parts: list[Part], outputs: Tensors) -> None:
-    """Each part's rows of `outputs` to its request; a request whose last rows these are resolves.
+# Above this many bytes of a batch's outputs to copy into straddling requests, the copy runs on a
+# worker thread (numpy releases the GIL for it): a Sample(count=256) of a 256x256 model copies
+# ~200 MB in all, ~70 ms of first-touch page faults and memcpy that stalled every other model's
+# requests on the event loop (issue 22, fair shares across models).
+OFF_LOOP_COPY_BYTES = 1 << 20
 
-    A request that straddles batches gets its outputs written in place, batch by batch, into arrays
-    allocated at its first part: no concatenation of every chunk when its last part lands (for
-    Sample(count=256) of a 256x256 model that was ~250 MB copied at once on the event loop, and
-    twice the memory while it ran)."""
+
+def _straddles(part: Part) -> bool:
+    return part.rows != part.request.n_rows and not part.request.future.done()
+
+
+def copy_bytes(parts: list[Part], outputs: Tensors) -> int:
+    """Bytes that `place` would copy for this batch (its straddling requests' rows)."""
+    rows = sum(p.rows for p in parts if _straddles(p))
+    return rows * sum(v[:1].nbytes for v in outputs.values()) if rows else 0
+
+
+def allocate(parts: list[Part], outputs: Tensors) -> None:
+    """Each straddling request's output arrays, allocated at its first part (on the event loop, so
+    that two batches of one request never both allocate)."""
+    for part in parts:
+        request = part.request
+        if _straddles(part) and request.assembled is None:
+            request.assembled = {
+                k: np.empty((request.n_rows, *v.shape[1:]), v.dtype) for k, v in outputs.items()
+            }
+
+
+def place(parts: list[Part], outputs: Tensors) -> None:
+    """Each straddling part's rows of `outputs` into its request's arrays (after `allocate`). Safe on
+    a worker thread: batches of one request write disjoint rows."""
+    offset = 0
+    for part in parts:
+        stop = offset + part.rows
+        assembled = part.request.assembled
+        if _straddles(part) and assembled is not None:
+            for k, v in outputs.items():
+                assembled[k][part.start : part.start + part.rows] = v[offset:stop]
+        offset = stop
+
+
+def resolve(parts: list[Part], outputs: Tensors) -> None:
+    """Count each part's rows as done (after `place`); a request whose last rows these are resolves.
+    A request whole in this batch gets views of `outputs`, no copy. On the event loop."""
     rows = sum(p.rows for p in parts)
     offset = 0
     for part in parts:
         request = part.request
         stop = offset + part.rows
         if not request.future.done():  # cancelled callers are skipped, not failed
-            if part.rows == request.n_rows:  # the whole request in this batch: views, no copy
-                assembled = {k: v[offset:stop] for k, v in outputs.items()}
-            else:
-                if request.assembled is None:
-                    request.assembled = {
-                        k: np.empty((request.n_rows, *v.shape[1:]), v.dtype) for k, v in outputs.items()
-                    }
-                for k, v in outputs.items():
-                    request.assembled[k][part.start : part.start + part.rows] = v[offset:stop]
-                assembled = request.assembled
+            whole = part.rows == request.n_rows
             request.batch_sizes.append(rows)
             request.rows_done += part.rows
             if request.rows_done == request.n_rows:
+                assembled = {k: v[offset:stop] for k, v in outputs.items()} if whole else request.assembled
+                assert assembled is not None
                 request.future.set_result(
                     BatchResult(
                         assembled,
@@ -160,3 +190,16 @@ def fan_out(parts: list[Part], outputs: Tensors) -> None:
                     )
                 )
         offset = stop
+
+
+def fan_out(parts: list[Part], outputs: Tensors) -> None:
+    """Each part's rows of `outputs` to its request; a request whose last rows these are resolves.
+
+    A request that straddles batches gets its outputs written in place, batch by batch, into arrays
+    allocated at its first part: no concatenation of every chunk when its last part lands (for
+    Sample(count=256) of a 256x256 model that was ~250 MB copied at once on the event loop, and
+    twice the memory while it ran). The batcher runs large copies on a worker thread instead
+    (`allocate`, `place` there, `resolve`)."""
+    allocate(parts, outputs)
+    place(parts, outputs)
+    resolve(parts, outputs)

@@ -42,21 +42,26 @@ from typing import Protocol
 from genserve_contract.config import BatchingConfig
 from genserve_server.arrivals import Arrivals, closes_at_preferred
 from genserve_server.batch_parts import (
+    OFF_LOOP_COPY_BYTES,
+    Part,
+    PendingRequest,
+    Tensors,
+    allocate,
+    concat,
+    copy_bytes,
+    fair_shares,
+    fan_out,
+    live,
+    place,
+    resolve,
+    set_exception_if_not_done,
+    split,
+)
+from genserve_server.batch_parts import (
     BatchResult as BatchResult,
 )
 from genserve_server.batch_parts import (
     Lane as Lane,
-)
-from genserve_server.batch_parts import (
-    Part,
-    PendingRequest,
-    Tensors,
-    concat,
-    fair_shares,
-    fan_out,
-    live,
-    set_exception_if_not_done,
-    split,
 )
 from genserve_server.errors import (
     DeadlineExceeded,
@@ -590,8 +595,14 @@ class Batcher:
             self._slots.release()
         # After the slot is free: the dispatcher, woken first, picks what waited (a bulk batch)
         # before a closed-loop caller woken by its result can queue ahead of it again.
-        if outputs is not None:
+        if outputs is None:
+            return
+        if copy_bytes(parts, outputs) < OFF_LOOP_COPY_BYTES:
             fan_out(parts, outputs)
+            return
+        allocate(parts, outputs)
+        await asyncio.get_running_loop().run_in_executor(None, place, parts, outputs)
+        resolve(parts, outputs)
 
     async def _call(self, parts: list[Part]) -> tuple[Tensors | None, Exception | None]:
         """One model call over `parts`: (outputs, None), or (None, the failure)."""

@@ -7,6 +7,7 @@ and the value, e.g. `models/dcgan/config.json: batching.max_batch_size must be >
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -25,8 +26,11 @@ from genserve_server.errors import GenserveError
 
 # Thin aliases of the contract (genserve_contract.kinds) for the modules that still compare names.
 KINDS = KIND_NAMES
-# Kinds whose input is a latent z (drawn from seeds or given): they answer Sample.
+# Kinds whose input is a latent z (drawn from seeds or given).
 LATENT_KINDS: tuple[str, ...] = tuple(k.value for k in Kind if k.takes_latent)
+# Kinds that answer Sample, SampleStream and Interpolate: the latent kinds with an image output, and
+# the style generator (z through its style_mapping).
+SAMPLE_KINDS: tuple[str, ...] = tuple(k.value for k in Kind if k.answers_sample)
 # Kinds whose input is an image (card input_range, input_channels; batches bounded by pixels).
 IMAGE_INPUT_KINDS: tuple[str, ...] = tuple(k.value for k in Kind if k.takes_image)
 MIB = 1024 * 1024
@@ -376,6 +380,11 @@ class Card:
     codebook_size: int | None = None
     top_grid: tuple[int, int] | None = None
     top_codebook_size: int | None = None
+    # Style kinds: w's length (style_mapping, style_generator); the style generator's layers (ws is
+    # [N, num_layers, w_dim]) and the mean w its truncation pulls toward (float32 [w_dim]).
+    w_dim: int | None = None
+    num_layers: int | None = None
+    w_avg: tuple[float, ...] | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -401,6 +410,17 @@ def _grid(r: _Reader, key: str) -> tuple[int, int] | None:
     ):
         raise r.error(key, f"must be [H, W] of integers >= 1, got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _w_avg(r: _Reader, w_dim: int | None) -> tuple[float, ...] | None:
+    value = r.raw("w_avg")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(contract.is_number(v) for v in value):
+        raise r.error("w_avg", f"must be a list of w_dim finite numbers, got {str(value)[:80]}")
+    if w_dim is not None and len(value) != w_dim:
+        raise r.error("w_avg", f"must have w_dim ({w_dim}) values, got {len(value)}")
+    return tuple(float(v) for v in value)
 
 
 def _range(r: _Reader, key: str, required: bool) -> tuple[float, float] | None:
@@ -483,12 +503,15 @@ def load_card(path: Path) -> Card:
         codebook_size=r.integer("codebook_size", 0, min_value=1) or None,
         top_grid=_grid(r, "top_grid"),
         top_codebook_size=r.integer("top_codebook_size", 0, min_value=1) or None,
+        w_dim=r.integer("w_dim", 0, min_value=1) or None,
+        num_layers=r.integer("num_layers", 0, min_value=2) or None,
     )
-    if kind.takes_latent and card.latent_dim is None:
+    card = dataclasses.replace(card, w_avg=_w_avg(r, card.w_dim))
+    if (kind.takes_latent or kind.styled) and card.latent_dim is None:
         raise r.error("latent_dim", f"is required for kind {kind}")
     if kind.conditional and not card.class_names:
         raise r.error("class_names", f"is required for kind {kind}")
-    needs_size = kind.image_output_name is not None or kind.takes_image or kind.takes_latent
+    needs_size = kind.image_output_name is not None or kind.takes_image
     if not kind.fully_convolutional and needs_size and card.image_size is None:
         raise r.error("image_size", f"is required for kind {kind}")
     if kind.takes_codes:
@@ -497,4 +520,12 @@ def load_card(path: Path) -> Card:
                 raise r.error(key, f"is required for kind {kind}")
         if (card.top_grid is None) != (card.top_codebook_size is None):
             raise r.error("top_codebook_size", "and top_grid are given together or not at all")
+    style_fields = (
+        ("w_dim", card.w_dim, kind.maps_latent or kind.styled),
+        ("num_layers", card.num_layers, kind.styled),
+        ("w_avg", card.w_avg, kind.styled),
+    )
+    for key, given, required in style_fields:
+        if required and given is None:
+            raise r.error(key, f"is required for kind {kind}")
     return card

@@ -11,6 +11,8 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 - `upscale`: pad -> plan tiles -> group by shape -> submit -> blend -> crop;
 - `translate`: bucket by padded shape -> submit -> crop.
 - code priors: code_sampling.py (a prior's step scheduler -> its code_decoder's batcher).
+- style generators: style_sampling.py (z -> w by the mapping's batcher, truncation and style
+  mixing in w space, ws -> image by the synthesis batcher); `generate` dispatches to it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from genserve_server import codecs, latents, tiling, validate
+from genserve_server import codecs, latents, style_sampling, tiling, validate
 from genserve_server.batch_keys import (
     DRAWN_LATENTS_OUTPUT,
     PIXELS_OUTPUT,
@@ -245,6 +247,8 @@ class GenerationCore:
         """
         card = mv.card
         assert card is not None and card.latent_dim is not None
+        if card.kind.styled:  # z -> w through its mapping, truncation in w space (style_sampling.py)
+            return await style_sampling.generate_batch(self, mv, call, lane, seeds=seeds, psi=psi, z=z)
         key: BatchKey
         inputs: dict[str, np.ndarray]
         if psi is not None:  # here, not in the runner, so that a bad psi fails only its own request
@@ -322,7 +326,9 @@ class GenerationCore:
     ) -> Generated:
         """Images for seeds; where the image cache is on, only the seeds it does not hold are computed."""
         cache = self.image_cache
-        if cache is None:
+        # A style generator's images also depend on its mapping's version, which the cache's key
+        # (this version's load) does not hold: computed every time.
+        if cache is None or (mv.card is not None and mv.card.kind.styled):
             return await self.generate(mv, call, labels, out, lane, seeds=seeds, psi=psi)
         card = mv.card
         assert card is not None and card.image_size is not None and card.latent_dim is not None

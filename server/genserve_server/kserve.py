@@ -46,8 +46,9 @@ from genserve_server.version import SERVER_VERSION
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
-# Code kinds are sampled step by step (genserve.v1 SampleCodes), not in one model call.
-INFER_KINDS = tuple(k for k in KINDS if not Kind(k).takes_codes)
+# Code kinds are sampled step by step (genserve.v1 SampleCodes), not in one model call; style kinds
+# are two graphs served together in w space (genserve.v1 Sample, MixStyles).
+INFER_KINDS = tuple(k for k in KINDS if not (Kind(k).takes_codes or Kind(k).styled or Kind(k).maps_latent))
 # card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
 
 

@@ -89,6 +89,12 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
             f"{mv.path / 'card.json'}: kind {card.kind.value!r} differs from config.json's "
             f"{mv.config.kind.value!r}"
         )
+    if card.kind.styled and not mv.config.mapping:
+        raise ConfigError(
+            f"{mv.path.parent / 'config.json'}: mapping is required for kind {card.kind} (the "
+            "style_mapping model that maps z to w)",
+            field="mapping",
+        )
     choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
     requested = sc.execution_providers or mv.config.execution_providers
     mv.gpu_requested = any(p in GPU_PROVIDERS for p in requested)
@@ -109,6 +115,7 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
     # Auto threads and several instances: a batch running alone may use every core (RuntimeConfig).
     solo_intra = cores if not pinned and mv.config.runtime.solo_session and intra < cores else 0
     sampler = card.kind.takes_latent
+    images = card.kind.answers_sample  # its "image" output also comes back as uint8 pixels
     runtime = mv.config.runtime
     if runtime.trt_engine_cache_dir is None and sc.trt_engine_cache_dir:
         runtime = dataclasses.replace(runtime, trt_engine_cache_dir=sc.trt_engine_cache_dir)
@@ -124,7 +131,7 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
         profile=profile_shapes(card, mv.config.batching.max_batch_size),
         inline_max_s=sc.inline_compute_max_s,
         latent_dim=card.latent_dim if sampler else None,
-        pixels_range=card.output_range if sampler else None,
+        pixels_range=card.output_range if images else None,
     )
     return card, runner
 
@@ -369,6 +376,9 @@ def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
         if card.class_names:
             codes["label"] = np.zeros((batch,), np.int64)
         return codes
+    if card.kind.styled:
+        assert card.num_layers is not None and card.w_dim is not None
+        return {"ws": np.zeros((batch, card.num_layers, card.w_dim), np.float32)}
     if card.kind.takes_latent:
         assert card.latent_dim is not None
         feeds = {"z": np.zeros((batch, card.latent_dim), np.float32)}

@@ -79,6 +79,7 @@ METHODS = (
     "Translate",
     "SampleCodes",
     "SampleCodesStream",
+    "MixStyles",
     "ListModels",
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
@@ -97,15 +98,17 @@ _ONE_METHOD_KINDS = {
 
 def _kind_methods(kind: Kind) -> tuple[str, ...]:
     methods: list[str] = []
-    if kind.takes_latent:
+    if kind.answers_sample:
         methods += ["Sample", "SampleStream", "Interpolate"]
-        if not kind.conditional:
+        if kind.takes_latent and not kind.conditional:
             methods.append("Decode")
+    if kind.styled:
+        methods.append("MixStyles")
     if kind in _ONE_METHOD_KINDS:
         methods.append(_ONE_METHOD_KINDS[kind])
     if kind == Kind.CODE_PRIOR:
         methods.append("SampleCodesStream")
-    if not kind.takes_codes:
+    if not kind.takes_codes and not kind.styled and not kind.maps_latent:
         methods.append("ModelInfer")
     return tuple(methods)
 

@@ -9,65 +9,36 @@ KServe v2 servicer (kserve.py), which is a sibling of this module, not a user of
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import onnxruntime as ort
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
-from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import Kind
-from genserve_server import latents, service_codes, validate
+from genserve_server import latents, service_codes, service_styles, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
-from genserve_server.config import LATENT_KINDS, ServerConfig
+from genserve_server.config import SAMPLE_KINDS, ServerConfig
 from genserve_server.core import Call, GenerationCore
-from genserve_server.encoding import EncodedImage
 from genserve_server.errors import NotFound, invalid
 from genserve_server.metrics import Metrics
-from genserve_server.repository import Model, ModelState, ModelVersion, Repository
-from genserve_server.validate import OutputSpec
-from genserve_server.version import SERVER_VERSION
+from genserve_server.repository import Model, ModelState, Repository
+from genserve_server.service_parts import (
+    add_generated,
+    image_protos,
+    lane,
+    latent_point,
+    latent_proto,
+    latent_tensor,
+    output_spec,
+    provenance,
+)
 
 DEFAULT_CHUNK = 64
 # Decode: latents -> images with no label to give (a conditional generator needs one per row).
-DECODE_KINDS = tuple(k for k in Kind if k.takes_latent and not k.conditional)
-
-
-def output_spec(options: tpb.OutputOptions, field_prefix: str = "output") -> OutputSpec:
-    compression = options.png_compression if options.HasField("png_compression") else None
-    return validate.output_spec(
-        options.format, options.quality, compression, options.return_latents, field_prefix
-    )
-
-
-def lane(priority: int, default: Lane, field_prefix: str = "") -> Lane:
-    if priority == tpb.PRIORITY_INTERACTIVE:
-        return Lane.INTERACTIVE
-    if priority == tpb.PRIORITY_BULK:
-        return Lane.BULK
-    if priority != tpb.PRIORITY_UNSPECIFIED:
-        raise invalid(f"{field_prefix}priority", f"unknown priority {priority}")
-    return default
-
-
-def latent_tensor(tensor: tpb.Tensor, dim: int, field: str, *, vector: bool = False) -> np.ndarray:
-    """float32 [N, dim] (or [dim] when `vector`) from a Tensor, zero-copy, finite and bounded."""
-    if tensor.dtype not in (tpb.DTYPE_UNSPECIFIED, tpb.DTYPE_FLOAT32):
-        raise invalid(f"{field}.dtype", "must be DTYPE_FLOAT32")
-    return validate.latent_bytes(tensor.data, tensor.shape, dim, field, vector=vector)
-
-
-def latent_proto(z: np.ndarray) -> tpb.Tensor:
-    return tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.astype("<f4", copy=False).tobytes())
-
-
-def image_protos(images: Sequence[EncodedImage]) -> list[tpb.Image]:
-    return [
-        tpb.Image(format=tpb.ImageFormat.ValueType(im.format), data=im.data, shape=im.shape) for im in images
-    ]
+DECODE_KINDS = tuple(k for k in Kind if k.takes_latent and k.answers_sample and not k.conditional)
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
@@ -100,6 +71,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Interpolate(self, request: pb.InterpolateRequest, context: Context) -> pb.SampleResponse:
         return await self.boundary.unary("Interpolate", request, context, self._do_interpolate)
 
+    async def MixStyles(self, request: pb.MixStylesRequest, context: Context) -> pb.SampleResponse:
+        return await self.boundary.unary("MixStyles", request, context, self._mix_styles)
+
+    async def _mix_styles(self, request: pb.MixStylesRequest, call: Call) -> pb.SampleResponse:
+        return await service_styles.mix_styles(self.core, self.limits, request, call)
+
     async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
         return await self.boundary.unary("Encode", request, context, self._do_encode)
 
@@ -117,9 +94,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _do_sample_codes(self, request: pb.SampleCodesRequest, call: Call) -> pb.SampleCodesResponse:
         out = output_spec(request.output)
-        return await service_codes.sample_codes(self.core, request, call, out, self._provenance)
+        return await service_codes.sample_codes(self.core, request, call, out, provenance)
 
-    async def SampleCodesStream(  # noqa: N802
+    async def SampleCodesStream(
         self, request: pb.SampleCodesRequest, context: Context
     ) -> AsyncIterator[pb.SampleCodesChunk]:
         stream = self.boundary.stream("SampleCodesStream", request, context, self._do_sample_codes_stream)
@@ -130,7 +107,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.SampleCodesRequest, call: Call
     ) -> AsyncIterator[pb.SampleCodesChunk]:
         out = output_spec(request.output)
-        return service_codes.sample_codes_stream(self.core, request, call, out, self._provenance)
+        return service_codes.sample_codes_stream(self.core, request, call, out, provenance)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return await self.boundary.unary("ListModels", request, context, self._do_list_models)
@@ -138,60 +115,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.ModelInfo:
         return await self.boundary.unary("GetModel", request, context, self._do_get_model)
 
-    # ================================================================== response parts
-
-    @staticmethod
-    def _provenance(mv: ModelVersion, batch_sizes: Sequence[int]) -> tpb.Provenance:
-        return tpb.Provenance(
-            model=mv.name,
-            version=mv.version,
-            model_sha256=mv.sha256,
-            onnxruntime_version=ort.__version__,
-            execution_provider=mv.provider,
-            precision=mv.precision,
-            executed_batch_sizes=batch_sizes,
-            rng_algorithm=latents.RNG_ALGORITHM,
-            server_version=SERVER_VERSION,
-        )
-
-    @staticmethod
-    def _generated(
-        images: Sequence[EncodedImage],
-        z: np.ndarray,
-        seeds: Sequence[int] | None,
-        labels: np.ndarray | None,
-        out: OutputSpec,
-        first_index: int = 0,
-        from_cache: Sequence[bool] | None = None,
-    ) -> list[tpb.GeneratedImage]:
-        result = []
-        for i, image in enumerate(images):
-            g = tpb.GeneratedImage(
-                image=tpb.Image(
-                    format=tpb.ImageFormat.ValueType(image.format), data=image.data, shape=image.shape
-                ),
-                index=first_index + i,
-            )
-            if seeds is not None:
-                g.seed = seeds[i]
-            if labels is not None:
-                g.label = int(labels[i])
-            if out.return_latents:
-                g.latent.CopyFrom(latent_proto(z[i]))
-            if from_cache is not None:
-                g.from_cache = from_cache[i]
-            result.append(g)
-        return result
-
     # ================================================================== Sample / SampleStream / Decode
 
     async def _do_sample(self, request: pb.SampleRequest, call: Call) -> pb.SampleResponse:
-        mv = self.core.resolve(call, request.model, request.version, LATENT_KINDS, "Sample")
+        mv = self.core.resolve(call, request.model, request.version, SAMPLE_KINDS, "Sample")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         out = output_spec(request.output)
         priority = lane(request.priority, Lane.INTERACTIVE)
-        psi = validate.psi(request.truncation_psi if request.HasField("truncation_psi") else None)
+        psi = validate.psi(
+            request.truncation_psi if request.HasField("truncation_psi") else None, w_space=card.kind.styled
+        )
         limit = self.limits.max_images_per_request
         seeds: list[int] | None
         if request.HasField("latents"):
@@ -217,12 +151,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             n = len(seeds)
             labels = validate.labels(request.labels, card, n)
             generated = await self.core.sample(mv, call, seeds, labels, psi, out, priority)
-        return pb.SampleResponse(
-            images=self._generated(
-                generated.images, generated.latents, seeds, labels, out, from_cache=generated.from_cache
-            ),
-            provenance=self._provenance(mv, generated.executed_batch_sizes),
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        add_generated(
+            response.images,
+            generated.images,
+            generated.latents,
+            seeds,
+            labels,
+            out,
+            from_cache=generated.from_cache,
         )
+        return response
 
     async def _do_decode(self, request: pb.DecodeRequest, call: Call) -> pb.SampleResponse:
         mv = self.core.resolve(call, request.model, request.version, DECODE_KINDS, "Decode")
@@ -234,16 +173,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         z = latent_tensor(request.latents, card.latent_dim, "latents")
         validate.count(len(z), "latents.shape[0]", self.limits.max_images_per_request)
         generated = await self.core.generate(mv, call, None, out, Lane.INTERACTIVE, z=z)
-        return pb.SampleResponse(
-            images=self._generated(generated.images, z, None, None, out),
-            provenance=self._provenance(mv, generated.executed_batch_sizes),
-        )
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        add_generated(response.images, generated.images, z, None, None, out)
+        return response
 
     async def _do_sample_stream(
         self, request: pb.SampleStreamRequest, call: Call
     ) -> AsyncIterator[pb.SampleStreamChunk]:
         sample = request.sample
-        mv = self.core.resolve(call, sample.model, sample.version, LATENT_KINDS, "SampleStream", "sample.")
+        mv = self.core.resolve(call, sample.model, sample.version, SAMPLE_KINDS, "SampleStream", "sample.")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         if sample.seeds:
@@ -264,7 +202,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             raise invalid("chunk_size", f"must be in 1..{per_request}, got {chunk_size}")
         out = output_spec(sample.output, "sample.output")
         psi = validate.psi(
-            sample.truncation_psi if sample.HasField("truncation_psi") else None, "sample.truncation_psi"
+            sample.truncation_psi if sample.HasField("truncation_psi") else None,
+            "sample.truncation_psi",
+            w_space=card.kind.styled,
         )
         priority = lane(sample.priority, Lane.BULK, "sample.")
         label_cycle = np.asarray(sample.labels, dtype=np.int64)
@@ -273,27 +213,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             mv, call, base, count, request.start_index, chunk_size, label_cycle, psi, out, priority
         )
         async for start, seeds, labels, generated in chunks:
-            yield pb.SampleStreamChunk(
-                images=self._generated(generated.images, generated.latents, seeds, labels, out, start),
-                provenance=self._provenance(mv, generated.executed_batch_sizes),
-            )
+            chunk = pb.SampleStreamChunk(provenance=provenance(mv, generated.executed_batch_sizes))
+            add_generated(chunk.images, generated.images, generated.latents, seeds, labels, out, start)
+            yield chunk
 
     # ================================================================== Interpolate
 
-    @staticmethod
-    def _point(
-        point: pb.LatentPoint, dim: int, psi: float | None, field: str
-    ) -> tuple[np.ndarray, int | None]:
-        which = point.WhichOneof("point")
-        if which == "seed":
-            seed = validate.seed(point.seed, f"{field}.seed")  # here: latents_for_seeds would say "seed[0]"
-            return latents.latents_for_seeds([seed], dim, psi, field=f"{field}.seed")[0], seed
-        if which == "latent":
-            return latent_tensor(point.latent, dim, f"{field}.latent", vector=True), None
-        raise invalid(field, "required: a seed or a latent")
-
     async def _do_interpolate(self, request: pb.InterpolateRequest, call: Call) -> pb.SampleResponse:
-        mv = self.core.resolve(call, request.model, request.version, LATENT_KINDS, "Interpolate")
+        mv = self.core.resolve(call, request.model, request.version, SAMPLE_KINDS, "Interpolate")
         card = mv.card
         assert card is not None and card.latent_dim is not None
         out = output_spec(request.output)
@@ -307,9 +234,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             pb.INTERPOLATION_MODE_SLERP,
         ):
             raise invalid("mode", f"unknown interpolation mode {request.mode}")
-        psi = validate.psi(request.truncation_psi if request.HasField("truncation_psi") else None)
-        start, start_seed = self._point(request.start, card.latent_dim, psi, "start")
-        end, end_seed = self._point(request.end, card.latent_dim, psi, "end")
+        psi = validate.psi(
+            request.truncation_psi if request.HasField("truncation_psi") else None, w_space=card.kind.styled
+        )
+        if card.kind.styled:
+            return await service_styles.interpolate_styles(self.core, request, call, mv, psi, out)
+        start, start_seed = latent_point(request.start, card.latent_dim, psi, "start")
+        end, end_seed = latent_point(request.end, card.latent_dim, psi, "end")
         z = latents.interpolate(start, end, steps, int(request.mode))
         labels: np.ndarray | None = None
         if card.kind.conditional:
@@ -331,14 +262,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         elif request.labels:
             validate.labels(request.labels, card, steps)  # raises: labels on an unconditional model
         generated = await self.core.generate(mv, call, labels, out, Lane.INTERACTIVE, z=z)
-        images = self._generated(generated.images, z, None, labels, out)
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        add_generated(response.images, generated.images, z, None, labels, out)
         if start_seed is not None:
-            images[0].seed = start_seed
+            response.images[0].seed = start_seed
         if end_seed is not None:
-            images[-1].seed = end_seed
-        return pb.SampleResponse(
-            images=images, provenance=self._provenance(mv, generated.executed_batch_sizes)
-        )
+            response.images[-1].seed = end_seed
+        return response
 
     # ================================================================== Encode (VAE)
 
@@ -353,7 +283,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             if encoded.z is not None:
                 d.z.CopyFrom(latent_proto(encoded.z[i]))
             dists.append(d)
-        return pb.EncodeResponse(latents=dists, provenance=self._provenance(mv, encoded.executed_batch_sizes))
+        return pb.EncodeResponse(latents=dists, provenance=provenance(mv, encoded.executed_batch_sizes))
 
     # ================================================================== SuperResolve / Translate
 
@@ -365,7 +295,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         upscaled = await self.core.upscale(mv, call, request.images, request.tile_size, overlap, out)
         return pb.ImageResponse(
             images=image_protos(upscaled.images),
-            provenance=self._provenance(mv, upscaled.executed_batch_sizes),
+            provenance=provenance(mv, upscaled.executed_batch_sizes),
             tiles=upscaled.tiles,
         )
 
@@ -378,7 +308,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         translated = await self.core.translate(mv, call, request.images, out)
         return pb.ImageResponse(
             images=image_protos(translated.images),
-            provenance=self._provenance(mv, translated.executed_batch_sizes),
+            provenance=provenance(mv, translated.executed_batch_sizes),
         )
 
     # ================================================================== ListModels / GetModel
@@ -409,10 +339,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             info.description = card.description
             info.latent_dim = card.latent_dim or 0
             info.class_names.extend(card.class_names)
-            if card.kind.takes_latent and card.image_size is not None:
+            if card.kind.answers_sample and card.image_size is not None:
                 info.output_shape.extend([card.channels, *card.image_size])
             info.scale_factor = card.scale_factor if card.kind.tiled else 1
             info.size_multiple = card.size_multiple
+            info.w_dim = card.w_dim or 0
+            info.num_layers = card.num_layers or 0
         return info
 
     async def _do_list_models(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:

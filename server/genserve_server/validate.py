@@ -73,10 +73,15 @@ def count(n: int, field: str, limit: int, limit_name: str = "max_images_per_requ
     return n
 
 
-def psi(value: float | None, field: str = "truncation_psi") -> float | None:
-    """None when not given; else a finite psi in (0, MAX_PSI]."""
+def psi(value: float | None, field: str = "truncation_psi", *, w_space: bool = False) -> float | None:
+    """None when not given; else a finite psi in (0, MAX_PSI], or [0, MAX_PSI] for truncation in w
+    space (a style generator: psi 0 is the mean w itself)."""
     if value is None:
         return None
+    if w_space:
+        if not (0.0 <= value <= MAX_PSI) or not math.isfinite(value):
+            raise invalid(field, f"must be in [0, {MAX_PSI:g}] (truncation in w space), got {value:g}")
+        return float(value)
     if not (0.0 < value <= MAX_PSI) or not math.isfinite(value):
         raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {value:g}")
     return float(value)

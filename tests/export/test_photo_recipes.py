@@ -6,6 +6,7 @@ batch sizes for the fixed-size generator), and ``evaluate`` on the exported grap
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from pathlib import Path
@@ -14,12 +15,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from genserve_export import export_model
 from genserve_export.data import photos
+from genserve_export.recipes import photos_sr, photos_srgan
 from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
+from genserve_export.recipes.photos_srgan import MissingInitError, PhotoSrganRecipe
 
 BUNDLING_PACKAGES = ("sklearn", "matplotlib", "skimage")
 
@@ -137,6 +141,54 @@ def test_sr_recipe_exports_with_dynamic_size(tmp_path: Path) -> None:
     assert figures["psnr_gain_db"] == pytest.approx(figures["psnr_db"] - figures["bicubic_psnr_db"], abs=1e-3)
     inputs, targets = recipe.grid_pairs(card["name"], card)
     assert targets.shape[2] == 4 * inputs.shape[2]
+
+
+def test_detail_measures_rank_blur_below_the_original() -> None:
+    hr = photos.center_crop(photos.holdout_photos()[0].pixels, 4, 128).transpose(2, 0, 1)[None]
+    blurred = photos_sr.bicubic_upscale(
+        photos_sr.downscale(torch.from_numpy(np.ascontiguousarray(hr)))
+    ).numpy()
+    assert photos_sr.gradient_energy(blurred, 4) < 0.6 * photos_sr.gradient_energy(hr, 4)
+    # bicubic cannot create detail above the low-resolution Nyquist frequency
+    assert photos_sr.high_band_energy(blurred, 4) < 0.2 * photos_sr.high_band_energy(hr, 4)
+
+
+def test_srgan_recipe_fine_tunes_the_psnr_model_and_compares_detail_with_it(tmp_path: Path) -> None:
+    recipe = PhotoSrganRecipe()
+    psnr_path = photos_srgan.psnr_model_path()  # the committed sr-photos-x4
+    card, sess = _export_one(recipe, tmp_path)
+    assert card["training"]["init"].endswith(hashlib.sha256(psnr_path.read_bytes()).hexdigest())
+    psnr_sess = ort.InferenceSession(str(psnr_path), providers=["CPUExecutionProvider"])
+
+    def psnr_run(feeds: Any) -> dict[str, np.ndarray]:
+        return {"output_image": psnr_sess.run(None, dict(feeds))[0]}
+
+    figures = recipe.evaluate_with_siblings(
+        card["name"], card, _run_of(sess), lambda name: psnr_run if name == photos_sr.NAME else None
+    )
+    assert figures["gradient_energy_ratio_over_psnr_model"] == pytest.approx(
+        figures["gradient_energy_ratio"] - figures["psnr_model_gradient_energy_ratio"], abs=1e-3
+    )
+    # two steps from the PSNR model's weights: still that model, give or take
+    assert abs(figures["psnr_gain_db"] - figures["psnr_model_psnr_gain_db"]) < 0.5
+    with pytest.raises(MissingInitError, match="no sr-photos-x4"):
+        recipe.evaluate_with_siblings(card["name"], card, _run_of(sess), lambda name: None)
+
+
+def test_srgan_recipe_without_the_psnr_model_names_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(photos_srgan.INIT_ENV, str(tmp_path / "absent.onnx"))
+    with pytest.raises(MissingInitError, match="absent.onnx not found.*sr-photos-x4"):
+        PhotoSrganRecipe().train(seed=0, steps=1, device="cpu", progress=False)
+
+
+def _run_of(sess: ort.InferenceSession) -> Any:
+    def run(feeds: Any) -> dict[str, np.ndarray]:
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+
+    return run
 
 
 def test_pix2pix_recipe_exports_with_size_multiple(tmp_path: Path) -> None:

@@ -94,13 +94,17 @@ def test_both_sides_use_the_contracts_patterns_tolerances_and_digest() -> None:
     assert tuple(server_config.KINDS) == genserve_contract.KIND_NAMES
     assert set(server_config.LATENT_KINDS) == {k for k in Kind if k.takes_latent}
     assert set(server_config.IMAGE_INPUT_KINDS) == {k for k in Kind if k.takes_image}
+    assert set(server_config.SAMPLE_KINDS) == set(genserve_contract.SAMPLE_KINDS)
 
 
 def test_every_kind_declares_its_tensors_and_properties_consistently() -> None:
     for kind in Kind:
         assert kind.inputs and kind.outputs
-        # A kind's input is a latent, an image or a code grid.
-        assert [kind.takes_latent, kind.takes_image, kind.takes_codes].count(True) == 1
+        # A kind's input is a latent, an image, a code grid or per-layer styles.
+        assert [kind.takes_latent, kind.takes_image, kind.takes_codes, kind.styled].count(True) == 1
+        # What answers Sample gives images; the style mapping only feeds its style generator.
+        assert not kind.answers_sample or kind.image_output_name == "image"
+        assert not kind.maps_latent or (kind.takes_latent and not kind.answers_sample)
         assert not set(kind.input_names) & {t.name for t in kind.optional_inputs}
         assert not kind.autoregressive or kind.takes_codes
         assert not kind.conditional or kind.takes_latent

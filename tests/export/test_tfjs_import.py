@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -272,3 +273,24 @@ def test_import_refuses_a_network_that_does_not_reproduce_the_sample(tmp_path: P
     with pytest.raises(ImportFailedError, match="sample output"):
         import_tfjs_sr(package, out_dir=tmp_path / "models", name="tiny-x2", scale=2, fp16=False)
     assert not (tmp_path / "models").exists()
+
+
+def test_fp16_weights_shrink_the_file_and_still_reproduce_the_sample(tmp_path: Path) -> None:
+    package = write_package(tmp_path)
+    common: dict[str, Any] = {
+        "name": "tiny-x2",
+        "scale": 2,
+        "fp16": False,
+        "tile_size": 32,
+        "tile_overlap": 8,
+    }
+    full = import_tfjs_sr(package, out_dir=tmp_path / "fp32", **common)
+    half = import_tfjs_sr(package, out_dir=tmp_path / "half", weights_fp16=True, **common)
+    card = json.loads((half / "card.json").read_text())
+    assert card["parity"]["weights_stored_fp16"] > 0 and card["parity"]["fp32_max_abs_diff"] <= 1e-4
+    stored = onnx.load(str(half / "model.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in stored.graph.initializer)
+    assert (half / "model.onnx").stat().st_size < (full / "model.onnx").stat().st_size
+    assert card["quality"]["reference_max_abs_diff_255"] <= 1.0
+    report = verify_repository(tmp_path / "half", check_thresholds=False)
+    assert report.ok, report.format()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from genserve_server import kserve, service
-from genserve_server.config import KINDS, LATENT_KINDS
+from genserve_server.config import KINDS, SAMPLE_KINDS
 from genserve_server.metrics import KIND_METHODS, METHODS, Metrics
 
 
@@ -70,7 +70,8 @@ def test_kind_methods_cover_every_kind_and_follow_the_service() -> None:
     for kind, methods in KIND_METHODS.items():
         assert set(methods) <= set(METHODS), kind
         # The kind lists the servicers resolve with (a wrong kind is refused under model="").
-        assert ("Sample" in methods) == (kind in LATENT_KINDS), kind
+        assert ("Sample" in methods) == (kind in SAMPLE_KINDS), kind
+        assert ("MixStyles" in methods) == (kind == "style_generator"), kind
         assert ("Decode" in methods) == (kind in service.DECODE_KINDS), kind
         assert ("ModelInfer" in methods) == (kind in kserve.INFER_KINDS), kind
 

@@ -30,7 +30,7 @@ RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("unread-models")
     write_gen(root)
-    limits = {"max_concurrent_sample_streams": SLOTS, "stream_write_timeout_s": 1.0}
+    limits = {"max_concurrent_sample_streams": SLOTS, "stream_write_timeout_s": 3.0}
     proc = start_server(root, tmp_path_factory.mktemp("unread-server"), config={"limits": limits})
     yield proc
     proc.stop()
@@ -42,6 +42,14 @@ def test_unread_streams_lose_their_slots_and_a_real_bulk_job_runs(server: Server
     try:
         for _ in range(SLOTS):
             unread.call(server.target, STREAM, job.SerializeToString())
+        # Both unread streams admitted (their handlers run) before the real job asks for a slot; they
+        # then hold it for stream_write_timeout_s after their window fills.
+        wait_until(
+            lambda: server.metric("genserve_requests_in_flight", method="SampleStream") >= SLOTS,
+            10,
+            "the unread streams to take every slot",
+            interval_s=0.01,
+        )
         request = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=100, output=RAW))
         refused: list[str] = []
 

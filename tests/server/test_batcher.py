@@ -858,3 +858,49 @@ def test_a_preferred_batch_of_one_waits_for_requests_already_in_the_server() -> 
         await batcher.close(1)
 
     run(body())
+
+
+class WideModel(FakeModel):
+    """out = rows of 2**17 float32 (512 KiB) each, every value 10 * x: batches of big images."""
+
+    async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        narrow = await super().__call__(key, inputs)
+        return {"y": np.repeat(narrow["y"][:, None], 1 << 17, axis=1)}
+
+
+def test_large_straddling_outputs_are_copied_off_the_event_loop_and_reassembled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request whose rows straddle batches has each batch's rows copied into its arrays; above
+    OFF_LOOP_COPY_BYTES that copy runs on a worker thread, so a big request's memcpy and page faults
+    never stall the event loop that serves every other model."""
+    import threading
+
+    import genserve_server.batcher as batcher_module
+
+    copy_threads: list[threading.Thread] = []
+    original_place = batcher_module.place
+
+    def recording_place(*args: Any) -> None:
+        copy_threads.append(threading.current_thread())
+        original_place(*args)
+
+    monkeypatch.setattr(batcher_module, "place", recording_place)
+
+    async def body() -> None:
+        model = WideModel()
+        batcher, _ = make(model)
+        gate, blocker = await hold_runner(batcher, model)
+        big = asyncio.ensure_future(batcher.submit("k", rows(*range(1, 11)), 10))
+        small = asyncio.ensure_future(batcher.submit("k", rows(99), 1))
+        await until(lambda: batcher.queued_rows == 11, "both requests queued")
+        gate.set()
+        result, lone, _ = await asyncio.gather(big, small, blocker)
+        np.testing.assert_array_equal(result.outputs["y"][:, 0], 10 * np.arange(1, 11))
+        np.testing.assert_array_equal(result.outputs["y"][:, -1], 10 * np.arange(1, 11))
+        assert len(result.executed_batch_sizes) >= 3  # 10 rows in batches of at most 4
+        assert lone.outputs["y"].shape == (1, 1 << 17)
+        await batcher.close(1)
+
+    run(body())
+    assert copy_threads and all(t is not threading.main_thread() for t in copy_threads)

@@ -244,6 +244,102 @@ class SampleStreamChunk(_message.Message):
 Global___SampleStreamChunk: _TypeAlias = SampleStreamChunk  # noqa: Y015
 
 @_typing.final
+class StyleMix(_message.Message):
+    """Style generators (kind style_generator): two graphs, a style_mapping z -> w [w_dim] (config.json
+    `mapping`) and the synthesis network ws [num_layers, w_dim] -> image. Sample draws z_i from the
+    seed as above (never truncated in z), maps it to w_i, truncates in w space toward the card's mean
+    w: w_i' = w_avg + psi (w_i - w_avg) (psi 0 gives the mean w's image for every seed; psi unset
+    leaves w_i as it is), and gives every layer w_i'. return_latents returns z_i.
+
+    One image of a MixStyles request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COARSE_SEED_FIELD_NUMBER: _builtins.int
+    FINE_SEED_FIELD_NUMBER: _builtins.int
+    CROSSOVER_FIELD_NUMBER: _builtins.int
+    TRUNCATION_PSI_FIELD_NUMBER: _builtins.int
+    coarse_seed: _builtins.int
+    """The seed whose w gives the coarse layers [0, crossover): pose, shape, class (0 <= seed < 2^63)."""
+    fine_seed: _builtins.int
+    """The seed whose w gives the fine layers [crossover, num_layers): stroke, texture, colour."""
+    crossover: _builtins.int
+    """The first fine layer, 0 < crossover < num_layers (ModelInfo.num_layers); 0 = the request's
+    `crossover`. INVALID_ARGUMENT names the field and the limit otherwise.
+    """
+    truncation_psi: _builtins.float
+    """Truncation in w space for this image, both seeds' w pulled toward w_avg (0 <= psi <= 10);
+    unset = the request's truncation_psi.
+    """
+    def __init__(
+        self,
+        *,
+        coarse_seed: _builtins.int = ...,
+        fine_seed: _builtins.int = ...,
+        crossover: _builtins.int = ...,
+        truncation_psi: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncation_psi", b"_truncation_psi", "truncation_psi", b"truncation_psi"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncation_psi", b"_truncation_psi", "coarse_seed", b"coarse_seed", "crossover", b"crossover", "fine_seed", b"fine_seed", "truncation_psi", b"truncation_psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__truncation_psi: _TypeAlias = _typing.Literal["truncation_psi"]  # noqa: Y015
+    _WhichOneofArgType__truncation_psi: _TypeAlias = _typing.Literal["_truncation_psi", b"_truncation_psi"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncation_psi) -> _WhichOneofReturnType__truncation_psi | None: ...
+
+Global___StyleMix: _TypeAlias = StyleMix  # noqa: Y015
+
+@_typing.final
+class MixStylesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MIXES_FIELD_NUMBER: _builtins.int
+    CROSSOVER_FIELD_NUMBER: _builtins.int
+    TRUNCATION_PSI_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    crossover: _builtins.int
+    """The crossover of every mix that gives none (0 < crossover < num_layers)."""
+    truncation_psi: _builtins.float
+    """Truncation in w space of every mix that gives none; unset: none."""
+    priority: _types_pb2.Priority.ValueType
+    @_builtins.property
+    def mixes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StyleMix]:
+        """The images, 1..256 (server limit max_images_per_request). For the classic mixing grid of rows
+        x columns of seeds, image (r, c) is {coarse_seed: rows[r], fine_seed: columns[c]}.
+        """
+
+    @_builtins.property
+    def output(self) -> _types_pb2.OutputOptions:
+        """return_latents is not supported (a mixed image has two w)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        mixes: _abc.Iterable[Global___StyleMix] | None = ...,
+        crossover: _builtins.int = ...,
+        truncation_psi: _builtins.float | None = ...,
+        output: _types_pb2.OutputOptions | None = ...,
+        priority: _types_pb2.Priority.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncation_psi", b"_truncation_psi", "output", b"output", "truncation_psi", b"truncation_psi"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncation_psi", b"_truncation_psi", "crossover", b"crossover", "mixes", b"mixes", "model", b"model", "output", b"output", "priority", b"priority", "truncation_psi", b"truncation_psi", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__truncation_psi: _TypeAlias = _typing.Literal["truncation_psi"]  # noqa: Y015
+    _WhichOneofArgType__truncation_psi: _TypeAlias = _typing.Literal["_truncation_psi", b"_truncation_psi"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncation_psi) -> _WhichOneofReturnType__truncation_psi | None: ...
+
+Global___MixStylesRequest: _TypeAlias = MixStylesRequest  # noqa: Y015
+
+@_typing.final
 class LatentPoint(_message.Message):
     """One end of an interpolation path."""
 
@@ -289,7 +385,11 @@ class InterpolateRequest(_message.Message):
     model: _builtins.str
     version: _builtins.str
     steps: _builtins.int
-    """Number of images on the path including both ends, 2..256."""
+    """Number of images on the path including both ends, 2..256.
+    Style generators: both ends are mapped to w (seeds drawn untruncated, truncation_psi applied
+    in w space) and the path is the straight line in w space (mode UNSPECIFIED or LERP; SLERP is
+    refused: w is not Gaussian). return_latents returns each image's w [w_dim].
+    """
     mode: Global___InterpolationMode.ValueType
     truncation_psi: _builtins.float
     @_builtins.property
@@ -848,10 +948,12 @@ class ModelInfo(_message.Message):
     SCALE_FACTOR_FIELD_NUMBER: _builtins.int
     SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    W_DIM_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image,
-    code_prior, code_decoder
+    code_prior, code_decoder, style_mapping, style_generator
     """
     description: _builtins.str
     latent_dim: _builtins.int
@@ -866,6 +968,11 @@ class ModelInfo(_message.Message):
     invalid, or its version_policy picks no version directory, and the versions listed keep serving
     as loaded (docs/operations.md, "Hot reload"). Also set when no version could load at all.
     """
+    w_dim: _builtins.int
+    """Style kinds: the length of w; style_generator: its layers (ws is [num_layers, w_dim]), the
+    limit of MixStyles' crossover.
+    """
+    num_layers: _builtins.int
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionInfo]: ...
     @_builtins.property
@@ -890,10 +997,12 @@ class ModelInfo(_message.Message):
         scale_factor: _builtins.int = ...,
         size_multiple: _builtins.int = ...,
         reason: _builtins.str = ...,
+        w_dim: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "name", b"name", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "name", b"name", "num_layers", b"num_layers", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions", "w_dim", b"w_dim"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,6 +79,11 @@ class GenerationServiceStub:
                 request_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
                 response_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesChunk.FromString,
                 _registered_method=True)
+        self.MixStyles = channel.unary_unary(
+                '/genserve.v1.GenerationService/MixStyles',
+                request_serializer=genserve_dot_v1_dot_genserve__pb2.MixStylesRequest.SerializeToString,
+                response_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/genserve.v1.GenerationService/ListModels',
                 request_serializer=genserve_dot_v1_dot_genserve__pb2.ListModelsRequest.SerializeToString,
@@ -160,6 +165,15 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MixStyles(self, request, context):
+        """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
+        layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
+        rows of any crossover and psi, so an image is the same alone or inside any batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """What is loaded.
         """
@@ -221,6 +235,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.SampleCodesStream,
                     request_deserializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.FromString,
                     response_serializer=genserve_dot_v1_dot_genserve__pb2.SampleCodesChunk.SerializeToString,
+            ),
+            'MixStyles': grpc.unary_unary_rpc_method_handler(
+                    servicer.MixStyles,
+                    request_deserializer=genserve_dot_v1_dot_genserve__pb2.MixStylesRequest.FromString,
+                    response_serializer=genserve_dot_v1_dot_genserve__pb2.SampleResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -476,6 +495,33 @@ class GenerationService:
             '/genserve.v1.GenerationService/SampleCodesStream',
             genserve_dot_v1_dot_genserve__pb2.SampleCodesRequest.SerializeToString,
             genserve_dot_v1_dot_genserve__pb2.SampleCodesChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MixStyles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genserve.v1.GenerationService/MixStyles',
+            genserve_dot_v1_dot_genserve__pb2.MixStylesRequest.SerializeToString,
+            genserve_dot_v1_dot_genserve__pb2.SampleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,11 @@ class GenerationServiceStub:
     """SampleCodes with progress: a chunk every `preview_every` steps with the grids so far (decoded to
     preview images where the decoder can take them), then a last chunk holding the whole answer.
     """
+    MixStyles: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.MixStylesRequest, _genserve_pb2.SampleResponse]
+    """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
+    layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
+    rows of any crossover and psi, so an image is the same alone or inside any batch.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]
     """What is loaded."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.GetModelRequest, _genserve_pb2.ModelInfo]
@@ -95,6 +100,11 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     SampleCodesStream: _aio.UnaryStreamMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesChunk]  # type: ignore[assignment]
     """SampleCodes with progress: a chunk every `preview_every` steps with the grids so far (decoded to
     preview images where the decoder can take them), then a last chunk holding the whole answer.
+    """
+    MixStyles: _aio.UnaryUnaryMultiCallable[_genserve_pb2.MixStylesRequest, _genserve_pb2.SampleResponse]  # type: ignore[assignment]
+    """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
+    layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
+    rows of any crossover and psi, so an image is the same alone or inside any batch.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]  # type: ignore[assignment]
     """What is loaded."""
@@ -178,6 +188,17 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_genserve_pb2.SampleCodesChunk], _abc.AsyncIterator[_genserve_pb2.SampleCodesChunk]]:
         """SampleCodes with progress: a chunk every `preview_every` steps with the grids so far (decoded to
         preview images where the decoder can take them), then a last chunk holding the whole answer.
+        """
+
+    @_abc_1.abstractmethod
+    def MixStyles(
+        self,
+        request: _genserve_pb2.MixStylesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_genserve_pb2.SampleResponse, _abc.Awaitable[_genserve_pb2.SampleResponse]]:
+        """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
+        layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
+        rows of any crossover and psi, so an image is the same alone or inside any batch.
         """
 
     @_abc_1.abstractmethod

@@ -14,6 +14,7 @@ from genserve_export.recipes.dcgan import DcganDigitsRecipe
 from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
+from genserve_export.recipes.photos_srgan import PhotoSrganRecipe
 from genserve_export.recipes.vae import VaeDigitsRecipe
 from genserve_export.recipes.vqvae import VqvaeDigitsRecipe
 
@@ -22,6 +23,7 @@ RECIPES["vae-digits"] = VaeDigitsRecipe()
 RECIPES["dcgan-digits"] = DcganDigitsRecipe()
 RECIPES["cgan-digits"] = CganDigitsRecipe()
 RECIPES["sr-photos-x4"] = PhotoSuperResolutionRecipe()
+RECIPES["srgan-photos-x4"] = PhotoSrganRecipe()
 RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
 RECIPES["dcgan-photos-256"] = PhotoDcgan256Recipe()
 RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()

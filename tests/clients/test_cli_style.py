@@ -1,0 +1,73 @@
+"""`genserve-client mix` (the style-mixing grid) and the library's mix_styles, against a real server
+holding tiny synthetic style models (tests/server/style_models.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from client_fakes import run_cli
+from PIL import Image
+from server_support import ServerProcess, running_server
+from style_models import NUM_LAYERS, write_style_models
+
+from genserve_client import GenserveClient
+
+
+@pytest.fixture(scope="module")
+def style_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
+    root = tmp_path_factory.mktemp("style-models")
+    names = write_style_models(root)
+    with running_server(root, tmp_path_factory.mktemp("style-server")) as server:
+        yield server, names
+
+
+def test_the_library_mixes_styles(style_server: tuple[ServerProcess, dict[str, str]]) -> None:
+    server, names = style_server
+    with GenserveClient(server.target) as client:
+        result = client.mix_styles(
+            names["generator"], [(1, 2), (3, 4, 1)], crossover=2, format="raw", psi=0.5
+        )
+        again = client.mix_styles(names["generator"], [(3, 4)], crossover=1, format="raw", psi=0.5)
+    assert result.seeds == [1, 3]
+    assert result.raw[1] == again.raw[0]  # the per-mix crossover, not the default
+    with pytest.raises(ValueError, match="return_latents"):
+        client.mix_styles(names["generator"], [(1, 2)], crossover=1, return_latents=True)
+
+
+def test_cli_mix_draws_the_grid_and_interpolates_in_w_space(
+    style_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    server, names = style_server
+    grid = tmp_path / "mix.png"
+    args = (
+        "--target",
+        server.target,
+        "mix",
+        "--model",
+        names["generator"],
+        "--rows",
+        "1,2,3",
+        "--cols",
+        "7,8",
+    )
+    proc = run_cli(*args, "--psi", "0.7", "--grid", str(grid))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(grid) as picture:
+        assert picture.text["crossover"] == str(NUM_LAYERS // 2)  # type: ignore[attr-defined]
+        assert picture.text["rows"] == "1,2,3" and picture.text["cols"] == "7,8"  # type: ignore[attr-defined]
+        assert picture.height > picture.width  # 4 rows (header + 3) of 3 cells
+        pixels = np.asarray(picture)
+    assert pixels.std() > 0
+    bad = run_cli(*args, "--crossover", str(NUM_LAYERS), "--grid", str(tmp_path / "bad.png"))
+    assert bad.returncode == 2 and "crossover" in bad.stderr and f"1..{NUM_LAYERS - 1}" in bad.stderr
+    target = ("--target", server.target)
+    wrong = run_cli(*target, "mix", "--model", names["mapping"], "--rows", "1", "--cols", "2",
+                    "--grid", str(tmp_path / "w.png"))  # fmt: skip
+    assert wrong.returncode == 2 and "style_generator" in wrong.stderr
+    strip = tmp_path / "path.png"
+    interp = run_cli(*target, "interpolate", "--model", names["generator"], "--from-seed", "1",
+                     "--to-seed", "2", "--steps", "4", "--grid", str(strip))  # fmt: skip
+    assert interp.returncode == 0, interp.stderr
