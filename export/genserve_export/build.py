@@ -81,6 +81,7 @@ def train_and_export(
                 training=training,
                 fp16=fp16 and getattr(spec, "fp16", True),
                 overwrite=True,
+                extra_files=spec.extra_files or None,
             )
         )
     export_s = time.perf_counter() - started - train_s

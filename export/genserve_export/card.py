@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from genserve_contract.config import ConfigError, export_config, is_int, is_number, parse_model_config
@@ -32,6 +32,10 @@ CARD_FIELDS: tuple[str, ...] = (
     "tile_size",
     "tile_overlap",
     "min_size",
+    "grid",
+    "codebook_size",
+    "top_grid",
+    "top_codebook_size",
     "training",
     "quality",
     "holdout",
@@ -41,6 +45,9 @@ CARD_FIELDS: tuple[str, ...] = (
     "onnxruntime_version",
     "torch_version",
 )
+# Fields added with the code kinds: written in every card (null where they do not apply), but a card
+# written before them may lack them (absent = null).
+CODE_CARD_FIELDS = ("grid", "codebook_size", "top_grid", "top_codebook_size")
 TRAINING_FIELDS = ("data", "command", "seed", "source_commit", "steps", "duration_s")
 PARITY_FIELDS = ("fp32_max_abs_diff", "fp32_atol", "fp16_max_abs_diff", "fp16_atol")
 
@@ -49,7 +56,7 @@ PARITY_FIELDS = ("fp32_max_abs_diff", "fp32_atol", "fp16_max_abs_diff", "fp16_at
 # nor the mean w its truncation pulls toward.
 USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
     kind: ("description",)
-    + (() if kind.maps_latent else ("output_range",))
+    + (("output_range",) if kind.image_output_name is not None else ())
     + (("input_range",) if kind.takes_image else ())
     + (("class_names",) if kind.conditional else ())
     + (("latent_dim", "w_avg") if kind.styled else ())
@@ -107,21 +114,8 @@ def _validate_tensor_list(value: Any, field: str, where: str) -> list[str]:
     return problems
 
 
-def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
-    problems: list[str] = []
-    kind = Kind(card["kind"])
-
-    def need(field: str, ok: bool, what: str) -> None:
-        if not ok:
-            got = card.get(field)
-            problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {got!r}")
-
-    if kind.maps_latent:  # w, no image: the image fields are null
-        for field in ("channels", "output_range", "image_size"):
-            need(field, card[field] is None, "null")
-    else:
-        need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
-        need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
+def _check_style_fields(card: Mapping[str, Any], kind: Kind, need: Callable[[str, bool, str], None]) -> None:
+    """w_dim of the style kinds; num_layers and w_avg of a style_generator."""
     if kind.maps_latent or kind.styled:
         w_dim: Any = card.get("w_dim")
         need("w_dim", is_int(w_dim) and w_dim > 0, "a positive int")
@@ -134,6 +128,26 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
             isinstance(w_avg, list) and len(w_avg) == card.get("w_dim") and all(is_number(v) for v in w_avg),
             "a list of w_dim finite numbers",
         )
+
+
+def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
+    problems: list[str] = []
+    kind = Kind(card["kind"])
+
+    def need(field: str, ok: bool, what: str) -> None:
+        if not ok:
+            got = card.get(field)
+            problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {got!r}")
+
+    has_image = kind.image_output_name is not None or kind.takes_image
+    if kind.maps_latent:  # w, no image: the image fields are null (image_size: below)
+        for field in ("channels", "output_range"):
+            need(field, card[field] is None, "null")
+    elif has_image:
+        need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
+    if kind.image_output_name is not None:
+        need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
+    _check_style_fields(card, kind, need)
     need("opset", is_int(card["opset"]) and card["opset"] >= 17, "an int >= 17")
     if kind.has_latent_dim:
         need("latent_dim", is_int(card["latent_dim"]) and card["latent_dim"] > 0, "a positive int")
@@ -149,13 +163,14 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         need(
             "input_channels", is_int(card["input_channels"]) and card["input_channels"] > 0, "a positive int"
         )
-    if kind.maps_latent:
-        pass
-    elif kind.fully_convolutional:
+    if kind.takes_codes:
+        problems += _code_field_problems(card, kind, where)
+    if kind.fully_convolutional or not has_image:
         need("image_size", card["image_size"] is None, "null")
+    if kind.fully_convolutional:
         need("size_multiple", is_int(card["size_multiple"]) and card["size_multiple"] >= 1, "a positive int")
         need("min_size", is_int(card["min_size"]) and card["min_size"] >= 1, "a positive int")
-    else:
+    elif has_image:
         size = card["image_size"]
         need(
             "image_size",
@@ -166,6 +181,41 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         need("scale_factor", is_int(card["scale_factor"]) and card["scale_factor"] >= 1, "a positive int")
         need("tile_size", is_int(card["tile_size"]) and card["tile_size"] >= 1, "a positive int")
         need("tile_overlap", is_int(card["tile_overlap"]) and card["tile_overlap"] >= 0, "an int >= 0")
+    return problems
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(is_int(v) and v > 0 for v in value)
+
+
+def _is_codebook(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+
+
+def _code_field_problems(card: Mapping[str, Any], kind: Kind, where: str) -> list[str]:
+    problems: list[str] = []
+    grid, k = card.get("grid"), card.get("codebook_size")
+    top_grid, top_k = card.get("top_grid"), card.get("top_codebook_size")
+    if not _is_grid(grid):
+        problems.append(
+            f"{where}: field 'grid' must be [H, W] of positive ints for kind {kind}, got {grid!r}"
+        )
+    if not _is_codebook(k):
+        problems.append(f"{where}: field 'codebook_size' must be an int >= 2 for kind {kind}, got {k!r}")
+    if (top_grid is None) != (top_k is None):
+        problems.append(
+            f"{where}: fields 'top_grid' and 'top_codebook_size' are given together or not at all"
+        )
+    elif top_grid is not None and (not _is_grid(top_grid) or not _is_codebook(top_k)):
+        problems.append(
+            f"{where}: 'top_grid' must be [H, W] and 'top_codebook_size' an int >= 2, "
+            f"got {top_grid!r}, {top_k!r}"
+        )
+    names = card.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+    ):
+        problems.append(f"{where}: field 'class_names' must be null or a non-empty list of strings")
     return problems
 
 
@@ -197,7 +247,7 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
     """Every problem with a card's fields: presence, types, and agreement with its kind."""
     problems: list[str] = []
     for key in CARD_FIELDS:
-        if key not in card:
+        if key not in card and key not in CODE_CARD_FIELDS:
             problems.append(f"{where}: missing field {key!r}")
     if problems:
         return problems
@@ -217,8 +267,12 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
     if not problems:
         names_in = [t["name"] for t in card["inputs"]]
         names_out = [t["name"] for t in card["outputs"]]
-        if sorted(names_in) != sorted(kind.input_names):
-            problems.append(f"{where}: inputs {names_in} do not fit kind {kind} ({list(kind.input_names)})")
+        declared = {"label": bool(card.get("class_names")), "top_codes": card.get("top_grid") is not None}
+        wanted = list(kind.input_names) + [
+            t.name for t in kind.optional_inputs if declared.get(t.name, False)
+        ]
+        if sorted(names_in) != sorted(wanted):
+            problems.append(f"{where}: inputs {names_in} do not fit kind {kind} and its card ({wanted})")
         if sorted(names_out) != sorted(kind.output_names):
             problems.append(
                 f"{where}: outputs {names_out} do not fit kind {kind} ({list(kind.output_names)})"

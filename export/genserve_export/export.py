@@ -109,10 +109,11 @@ def export_model(
     if target.exists() and not overwrite:
         raise RepositoryExistsError(f"{target} already exists (pass overwrite=True to replace it)")
     example = _example_tensors(spec, kind, example_inputs)
+    input_names = list(example)
     card_in = dict(card)
     size_multiple = int(card_in.get("size_multiple", 1))
     module = module.eval()
-    adapter = adapt(module, [t.name for t in spec.inputs], [t.name for t in spec.outputs])
+    adapter = adapt(module, input_names, [t.name for t in spec.outputs])
 
     reference = _torch_outputs(adapter, example)
     derived = _derive_card_fields(spec, kind, example, reference, card_in)
@@ -120,7 +121,7 @@ def export_model(
 
     with tempfile.TemporaryDirectory(prefix="genserve-export-") as tmp:
         workdir = Path(tmp)
-        dynamic = dynamic_shapes_for([t.name for t in spec.inputs], spec.fully_convolutional, size_multiple)
+        dynamic = dynamic_shapes_for(input_names, spec.fully_convolutional, size_multiple)
         fp32_path = workdir / "model.onnx"
         opset = _export_and_optimize(adapter, example, dynamic, spec, fp32_path)
         stored_fp16 = 0
@@ -208,13 +209,17 @@ def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]
 def _example_tensors(
     spec: Kind, kind: str, example_inputs: Mapping[str, np.ndarray | torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    expected = [t.name for t in spec.inputs]
+    # the kind's inputs, then the optional ones (code kinds: label, top_codes) the example gives
+    decls = list(spec.inputs) + [t for t in spec.optional_inputs if t.name in example_inputs]
+    expected = [t.name for t in decls]
     if sorted(example_inputs) != sorted(expected):
+        optional = [t.name for t in spec.optional_inputs]
         raise KindMismatchError(
-            f"example_inputs are named {sorted(example_inputs)}, kind {kind} takes exactly {expected}"
+            f"example_inputs are named {sorted(example_inputs)}, kind {kind} takes exactly "
+            f"{[t.name for t in spec.inputs]}" + (f" and optionally {optional}" if optional else "")
         )
     tensors: dict[str, torch.Tensor] = {}
-    for decl in spec.inputs:
+    for decl in decls:
         value = example_inputs[decl.name]
         tensor = (
             value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
@@ -301,15 +306,17 @@ def _derive_card_fields(
         "tile_size": None,
         "tile_overlap": None,
         "min_size": None,
+        "grid": None,
+        "codebook_size": None,
+        "top_grid": None,
+        "top_codebook_size": None,
     }
+    if spec.takes_codes:
+        problems += _derive_code_fields(spec, example, reference, card, derived)
     if spec.takes_latent:
         derived["latent_dim"] = int(example["z"].shape[1])
-    if spec.conditional:
-        names = list(card["class_names"])
-        derived["class_names"] = names
-        labels = example["label"]
-        if labels.min() < 0 or labels.max() >= len(names):
-            problems.append(f"example labels must lie in [0, {len(names)}) for {len(names)} class_names")
+    if "label" in example:
+        problems += _derive_class_names(example["label"], card, derived)
     problems += _derive_style_fields(spec, example, reference, card, derived)
     if spec.gives_latent:
         mu, logvar = reference["mu"].shape, reference["logvar"].shape
@@ -329,6 +336,55 @@ def _derive_card_fields(
         error = CardFieldError if all("card" in p for p in problems) else KindMismatchError
         raise error("; ".join(problems))
     return derived
+
+
+def _derive_class_names(labels: torch.Tensor, card: Mapping[str, Any], derived: dict[str, Any]) -> list[str]:
+    if not card.get("class_names"):
+        return ["card field class_names is required with a 'label' input"]
+    names = list(card["class_names"])
+    derived["class_names"] = names
+    if labels.min() < 0 or labels.max() >= len(names):
+        return [f"example labels must lie in [0, {len(names)}) for {len(names)} class_names"]
+    return []
+
+
+def _derive_code_fields(
+    spec: Kind,
+    example: Mapping[str, torch.Tensor],
+    reference: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+    derived: dict[str, Any],
+) -> list[str]:
+    """grid, codebook_size, top_grid, top_codebook_size of a code kind; return problems found."""
+    problems: list[str] = []
+    codes = example["codes"]
+    derived["grid"] = [int(codes.shape[1]), int(codes.shape[2])]
+    if spec.autoregressive:
+        logits = reference["logits"]
+        derived["codebook_size"] = int(logits.shape[1])
+        if list(logits.shape[2:]) != derived["grid"]:
+            problems.append(f"logits {list(logits.shape)} do not cover the code grid {derived['grid']}")
+    elif card.get("codebook_size") is None:
+        problems.append(f"card for kind {spec} is missing field codebook_size")
+    else:
+        derived["codebook_size"] = int(card["codebook_size"])
+    if card.get("class_names") and "label" not in example:
+        problems.append("card field class_names is set but the example gives no 'label' input")
+    if "top_codes" in example:
+        top = example["top_codes"]
+        derived["top_grid"] = [int(top.shape[1]), int(top.shape[2])]
+        if card.get("top_codebook_size") is None:
+            problems.append("card field top_codebook_size is required with a 'top_codes' input")
+        else:
+            derived["top_codebook_size"] = int(card["top_codebook_size"])
+            if int(top.max()) >= derived["top_codebook_size"] or int(top.min()) < 0:
+                problems.append(f"example top_codes must lie in [0, {derived['top_codebook_size']})")
+    elif card.get("top_grid") is not None or card.get("top_codebook_size") is not None:
+        problems.append("card fields top_grid / top_codebook_size need a 'top_codes' input")
+    k = derived["codebook_size"]
+    if k is not None and (int(codes.max()) >= k or int(codes.min()) < 0):
+        problems.append(f"example codes must lie in [0, {k})")
+    return problems
 
 
 def _derive_style_fields(
@@ -378,8 +434,11 @@ def _derive_image_fields(
                 f"output {out_name!r} spans [{values.min():.4g}, {values.max():.4g}], outside the card's "
                 f"output_range [{lo}, {hi}]"
             )
-    else:
+    elif "image" in example:
         derived["channels"] = int(example["image"].shape[1])
+    else:  # a code prior: no image in or out
+        derived["channels"] = None
+        return problems
     if derived["channels"] not in (1, 3):
         problems.append(f"image channels must be 1 (gray) or 3 (RGB), got {derived['channels']}")
     if not spec.fully_convolutional:
@@ -432,8 +491,12 @@ def _parity_cases(
     for size in sizes:
         for batch in PARITY_BATCH_SIZES:
             feeds: dict[str, np.ndarray] = {}
-            for decl in spec.inputs:
-                if decl.name == "z":
+            for decl in [*spec.inputs, *(t for t in spec.optional_inputs if t.name in example)]:
+                if decl.name in ("codes", "top_codes"):
+                    k = derived["codebook_size" if decl.name == "codes" else "top_codebook_size"]
+                    grid = derived["grid" if decl.name == "codes" else "top_grid"]
+                    feeds[decl.name] = rng.integers(0, k, (batch, *grid)).astype(np.int64)
+                elif decl.name == "z":
                     feeds["z"] = rng.standard_normal((batch, derived["latent_dim"])).astype(np.float32)
                 elif decl.name == "label":
                     feeds["label"] = rng.integers(0, len(derived["class_names"]), batch).astype(np.int64)
@@ -555,9 +618,7 @@ def _export_fp16(
     workdir: Path,
 ) -> tuple[float | None, str | None]:
     """Write model.fp16.onnx (fp16 weights and compute, fp32 inputs/outputs) if it is close enough."""
-    half = adapt(
-        copy.deepcopy(module).half(), [t.name for t in spec.inputs], [t.name for t in spec.outputs], half=True
-    )
+    half = adapt(copy.deepcopy(module).half(), list(example), [t.name for t in spec.outputs], half=True)
     path = workdir / "model.fp16.onnx"
     try:
         _export_and_optimize(half, example, dynamic, spec, path)

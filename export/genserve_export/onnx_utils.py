@@ -76,10 +76,37 @@ class _WsInput(NamedOutputs):
         return self.run(ws)
 
 
+class _CodesInput(NamedOutputs):
+    def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(codes)
+
+
+class _CodesLabelInput(NamedOutputs):
+    def forward(self, codes: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(codes, label)
+
+
+class _CodesTopInput(NamedOutputs):
+    def forward(self, codes: torch.Tensor, top_codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(codes, top_codes)
+
+
+class _CodesLabelTopInput(NamedOutputs):
+    def forward(
+        self, codes: torch.Tensor, label: torch.Tensor, top_codes: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        return self.run(codes, label, top_codes)
+
+
+# forward() argument names are the ONNX input names, so each input combination has its own adapter.
 _ADAPTERS: dict[tuple[str, ...], type[NamedOutputs]] = {
     ("z",): _ZInput,
     ("z", "label"): _ZLabelInput,
     ("image",): _ImageInput,
+    ("codes",): _CodesInput,
+    ("codes", "label"): _CodesLabelInput,
+    ("codes", "top_codes"): _CodesTopInput,
+    ("codes", "label", "top_codes"): _CodesLabelTopInput,
     ("ws",): _WsInput,
 }
 

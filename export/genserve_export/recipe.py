@@ -34,6 +34,9 @@ class ExportSpec:
     training: dict[str, Any] = field(default_factory=dict)
     version: str = "1"
     fp16: bool = True  # also write model.fp16.onnx (where it stays within 1e-2 of fp32)
+    # files that travel with the graph (file name in the version directory -> source path), e.g. an
+    # auxiliary graph listed in the card's ``aux_graphs``
+    extra_files: dict[str, Any] = field(default_factory=dict)
 
 
 class Recipe(Protocol):

@@ -17,6 +17,7 @@ from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
 from genserve_export.recipes.photos_srgan import PhotoSrganRecipe
 from genserve_export.recipes.vae import VaeDigitsRecipe
+from genserve_export.recipes.vqvae import VqvaeDigitsRecipe
 
 RECIPES: dict[str, Recipe] = {}
 RECIPES["vae-digits"] = VaeDigitsRecipe()
@@ -27,6 +28,7 @@ RECIPES["srgan-photos-x4"] = PhotoSrganRecipe()
 RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
 RECIPES["dcgan-photos-256"] = PhotoDcgan256Recipe()
 RECIPES["cgan-fashion"] = CganFashionRecipe()
+RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:

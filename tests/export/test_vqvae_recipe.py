@@ -1,0 +1,79 @@
+"""Recipe vqvae-digits: the priors' causal structure (what lets one call serve rows at different
+positions), and a smoke train of a few steps through export and verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from genserve_export import verify_repository
+from genserve_export.data import digits
+from genserve_export.export import export_model
+from genserve_export.recipes import vqvae
+from genserve_export.recipes.vqvae_nets import GatedPixelCNN
+
+
+@pytest.mark.parametrize("top_k", [0, 5], ids=["top-prior", "bottom-prior"])
+def test_a_positions_logits_depend_only_on_the_positions_before_it(top_k: int) -> None:
+    torch.manual_seed(0)
+    h, w, k = 6, 6, 7
+    prior = GatedPixelCNN(k, 8, 4, n_classes=3, top_k=top_k).eval()
+    codes = torch.randint(0, k, (1, h, w))
+    label = torch.tensor([1])
+    top = torch.randint(0, top_k, (1, h // 2, w // 2)) if top_k else None  # upsampled x2 in the prior
+    with torch.no_grad():
+        base = prior(codes, label, top)[0].flatten(1)  # [k, H*W], raster order
+        for p in range(h * w):
+            changed = codes.clone()
+            changed.view(-1)[p] = (changed.view(-1)[p] + 1) % k
+            after = prior(changed, label, top)[0].flatten(1)
+            moved = (after - base).abs().amax(dim=0) > 1e-6
+            assert not moved[: p + 1].any(), f"position {p} leaks into {moved[: p + 1].nonzero().tolist()}"
+            if p < h * w - 1:
+                assert moved[p + 1 :].any()  # later positions do see it (the test is not vacuous)
+
+
+@pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
+def test_a_few_training_steps_export_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vqvae, "SAMPLES_PER_CLASS", 1)
+    torch.set_num_threads(1)
+    trained = vqvae.train_models(seed=0, steps=12, device="cpu", progress=False)
+    specs = vqvae.specs_from(trained)
+    assert [s.name for s in specs] == list(vqvae.VqvaeDigitsRecipe.names)
+    for s in specs:
+        export_model(
+            s.module,
+            kind=s.kind,
+            name=s.name,
+            out_dir=tmp_path,
+            example_inputs=s.example_inputs,
+            card=s.card,
+            config=s.config,
+            quality=s.quality,
+            holdout=s.holdout,
+            training={**s.training, "command": "test", "source_commit": "test"},
+            fp16=s.fp16,
+            extra_files=s.extra_files,
+        )
+    report = verify_repository(tmp_path, check_thresholds=False)
+    assert report.ok, report.format()
+    by_name = {m.name: m for m in report.models}
+    decoder = by_name[vqvae.DECODER].quality_recomputed
+    assert {"recon_mse", "top_perplexity", "bottom_dead_codes", "class_accuracy"} <= set(decoder)
+    for name in (vqvae.DECODER, vqvae.TOP_PRIOR, vqvae.PRIOR):
+        card = json.loads((tmp_path / name / "1" / "card.json").read_text())
+        recomputed = by_name[name].quality_recomputed
+        for metric in ("recon_mse", "top_perplexity", "holdout_bits_per_dim"):
+            if metric in card["quality"]:  # ONNX figures = the PyTorch figures the card recorded
+                assert recomputed[metric] == pytest.approx(card["quality"][metric], rel=1e-3)
+    prior_card = json.loads((tmp_path / vqvae.PRIOR / "1" / "card.json").read_text())
+    assert prior_card["grid"] == [14, 14] and prior_card["top_grid"] == [7, 7]
+    assert [t["name"] for t in prior_card["inputs"]] == ["codes", "label", "top_codes"]
+    assert prior_card["output_range"] is None and prior_card["image_size"] is None
+    # a tampered auxiliary encoder is caught
+    (tmp_path / vqvae.DECODER / "1" / vqvae.ENCODER_FILE).write_bytes(b"not a graph")
+    tampered = verify_repository(tmp_path, check_thresholds=False)
+    assert any("auxiliary graph encoder.onnx" in e for m in tampered.models for e in m.errors)
