@@ -10,14 +10,7 @@ from genserve_export import verify_repository
 from genserve_export.data import digits
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-DIGITS_ENTRIES = {
-    "vae-digits-decoder",
-    "vae-digits-encoder",
-    "dcgan-digits",
-    "cgan-digits",
-    "stylegan-digits",
-    "stylegan-digits-mapping",
-}
+DIGITS_ENTRIES = {"vae-digits-decoder", "vae-digits-encoder", "dcgan-digits", "cgan-digits"}
 
 
 @pytest.mark.skipif(not MODELS.is_dir(), reason="models/ has not been built")

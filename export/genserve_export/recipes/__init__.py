@@ -14,7 +14,6 @@ from genserve_export.recipes.dcgan import DcganDigitsRecipe
 from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
-from genserve_export.recipes.stylegan_digits import StyleganDigitsRecipe
 from genserve_export.recipes.vae import VaeDigitsRecipe
 
 RECIPES: dict[str, Recipe] = {}
@@ -24,7 +23,6 @@ RECIPES["cgan-digits"] = CganDigitsRecipe()
 RECIPES["sr-photos-x4"] = PhotoSuperResolutionRecipe()
 RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
 RECIPES["dcgan-photos-256"] = PhotoDcgan256Recipe()
-RECIPES["stylegan-digits"] = StyleganDigitsRecipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:

@@ -22,8 +22,19 @@ server never feeds noise). Training uses the same fixed noise.
 
 Training: non-saturating loss, spectral-norm discriminator (as dcgan-digits), Adam 5e-4 (β 0, 0.99)
 with the mapping at 1/100 of it (StyleGAN), **style-mixing regularisation** (90 % of batches take
-layers [c, 5) from a second z, c uniform in 1..4), EMA of both networks. The committed models
-(models/stylegan-digits*) are one run of 3,000 steps; their cards carry the measured figures.
+layers [c, 5) from a second z, c uniform in 1..4), EMA of both networks.
+
+**Not good enough to register in ``RECIPES`` yet** (measured 2026-12-03, seed 0, 2 shared CPU cores,
+figures from the card and ``verify``):
+
+- lr 2e-3, no minibatch-stddev, 3,000 steps (11.7 min): D loss near 0 from step ~400; the exported
+  generator collapsed to one image (pixel std across 500 samples 0.003, every sample class 3):
+  ``min_class_fraction`` 0, mixing agreement coarse 1.0 = fine 1.0.
+- lr 5e-4 and minibatch-stddev in D (this code), 1,500 steps (5.4 min): varied samples (pixel std
+  0.18) but blobby; classes [130 14 40 104 26 0 0 27 55 104] of 500; ``min_class_fraction`` 0;
+  mixing agreement coarse 0.228 vs **fine 0.572** (the fine layers, not the coarse, set the class);
+  ONNX parity 7.2e-6 (mapping 3e-8), memorised 0.
+
 
 Quality (``evaluate_with_siblings``, ONNX both graphs): classifier balance and memorisation of
 1,000 seeded samples, and the **mixing figures**: for 500 seeded (coarse, fine) pairs mixed at
@@ -248,7 +259,7 @@ class StyleganDigitsRecipe:
     """Both graphs from one training run; ``evaluate_with_siblings`` needs the mapping's ONNX."""
 
     names: tuple[str, ...] = (MAPPING_NAME, NAME)
-    default_steps = 3000  # the committed run's; ~7 min on 2 shared cores
+    default_steps = 4000  # untuned (module docs: the measured runs)
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
