@@ -69,7 +69,7 @@ def write_grid(card: Mapping[str, Any], run: OnnxRun, out_path: Path, recipe: An
     """Write ``out_path`` for a generative or image-to-image model; None for kinds with no picture."""
     kind = Kind(card["kind"])
     rng = np.random.default_rng(GRID_SEED)
-    if kind.takes_latent and not kind.conditional:
+    if kind.takes_latent and not kind.conditional and kind.image_output_name is not None:  # not a mapping
         z = rng.standard_normal((64, card["latent_dim"])).astype(np.float32)
         images = to_uint8(run({"z": z})["image"], card["output_range"])
         grid = tile([list(images[r * 8 : r * 8 + 8]) for r in range(8)], scale=2)

@@ -107,3 +107,15 @@ def test_stylegan_recipe_exports_two_graphs_the_server_serves(tmp_path: Path) ->
         np.testing.assert_allclose(
             tensor_of(mixed.images[0].image), synthesis_run({"ws": ws})["image"][0], atol=1e-5
         )
+
+
+def test_verify_draws_no_grid_for_a_mapping(tmp_path: Path) -> None:
+    """A style_mapping has z in but no image out: no picture, rather than a KeyError on 'image'."""
+    from genserve_export.grids import write_grid
+
+    def run(feeds: Any) -> dict[str, np.ndarray]:
+        return {"w": np.zeros((len(feeds["z"]), style.W_DIM), dtype=np.float32)}
+
+    card = {"kind": "style_mapping", "name": style.MAPPING_NAME, "latent_dim": style.LATENT_DIM}
+    assert write_grid(card, run, tmp_path / "mapping.png") is None
+    assert not (tmp_path / "mapping.png").exists()

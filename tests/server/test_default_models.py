@@ -255,6 +255,30 @@ def test_translate(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) ->
     check_image(response.images[0], fmt, int(c["channels"] or 3), 50, 70)  # type: ignore[call-overload]
 
 
+@pytest.mark.parametrize("model", models_of("style_generator"))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_style_sample_and_mixing_grid(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) -> None:
+    m = info(stub, model)
+    c, h, w = m.output_shape
+    output = tpb.OutputOptions(format=fmt)
+    sample = stub.Sample(pb.SampleRequest(model=model, seeds=[1, 2, 3], truncation_psi=0.7, output=output))
+    for g in sample.images:
+        check_image(g.image, fmt, c, h, w)
+    seeds = [1, 2, 3]
+    grid = [pb.StyleMix(coarse_seed=r, fine_seed=col) for r in seeds for col in seeds]
+    request = pb.MixStylesRequest(model=model, mixes=grid, crossover=m.num_layers // 2, output=output)
+    mixed = stub.MixStyles(request)
+    assert len(mixed.images) == len(grid)
+    for g in mixed.images:
+        check_image(g.image, fmt, c, h, w)
+    if fmt == tpb.IMAGE_FORMAT_TENSOR_F32:
+        # A seed mixed with itself is that seed's plain sample; a mix of two seeds is neither.
+        plain = stub.Sample(pb.SampleRequest(model=model, seeds=seeds, output=output)).images
+        for i, own in enumerate(plain):
+            np.testing.assert_allclose(tensor_of(mixed.images[4 * i].image), tensor_of(own.image), atol=1e-6)
+        assert not np.allclose(tensor_of(mixed.images[1].image), tensor_of(plain[0].image), atol=1e-3)
+
+
 @pytest.mark.skipif("dcgan-digits" not in KINDS.get("generator", []), reason="no dcgan-digits")
 def test_dcgan_digits_64_clients_batch_and_stay_bit_identical(
     stub: pb_grpc.GenerationServiceStub, server: ServerProcess

@@ -20,10 +20,21 @@ d[n, o] = rsqrt(Σ_i s[n, i]² Σ_k W[o, i, k]² + ε).
 a constant, scaled by a learned per-channel strength, so an image is a pure function of its ws (the
 server never feeds noise). Training uses the same fixed noise.
 
-Training: non-saturating loss, spectral-norm discriminator (as dcgan-digits), Adam 2e-3 (β 0, 0.99)
+Training: non-saturating loss, spectral-norm discriminator (as dcgan-digits), Adam 5e-4 (β 0, 0.99)
 with the mapping at 1/100 of it (StyleGAN), **style-mixing regularisation** (90 % of batches take
-layers [c, 5) from a second z, c uniform in 1..4), EMA of both networks. Not registered in
-``RECIPES`` yet and never trained for the repository (issue 17): the schedule is untuned.
+layers [c, 5) from a second z, c uniform in 1..4), EMA of both networks.
+
+**Not good enough to register in ``RECIPES`` yet** (measured 2026-12-03, seed 0, 2 shared CPU cores,
+figures from the card and ``verify``):
+
+- lr 2e-3, no minibatch-stddev, 3,000 steps (11.7 min): D loss near 0 from step ~400; the exported
+  generator collapsed to one image (pixel std across 500 samples 0.003, every sample class 3):
+  ``min_class_fraction`` 0, mixing agreement coarse 1.0 = fine 1.0.
+- lr 5e-4 and minibatch-stddev in D (this code), 1,500 steps (5.4 min): varied samples (pixel std
+  0.18) but blobby; classes [130 14 40 104 26 0 0 27 55 104] of 500; ``min_class_fraction`` 0;
+  mixing agreement coarse 0.228 vs **fine 0.572** (the fine layers, not the coarse, set the class);
+  ONNX parity 7.2e-6 (mapping 3e-8), memorised 0.
+
 
 Quality (``evaluate_with_siblings``, ONNX both graphs): classifier balance and memorisation of
 1,000 seeded samples, and the **mixing figures**: for 500 seeded (coarse, fine) pairs mixed at
@@ -71,6 +82,8 @@ MIX_CROSSOVER = 2  # the quality figures' crossover: layers 0-1 (7x7 and the fir
 W_AVG_SAMPLES = 10_000
 EVAL_SAMPLES = 1000
 MIX_PAIRS = 500
+# 2e-3 (StyleGAN2's) drove the discriminator loss to 0 within 700 steps here (measured, 2026-12-03).
+LEARNING_RATE = 5e-4
 THRESHOLDS = {
     "min_class_fraction": {"min": 0.05},
     "memorised_fraction": {"max": 0.05},
@@ -171,21 +184,24 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image → one logit: spectral-norm strided convolutions (as dcgan-digits)."""
+    """image → one logit: spectral-norm strided convolutions (as dcgan-digits), plus StyleGAN's
+    minibatch standard deviation channel before the last layer (a 3,000-step run without it
+    collapsed to one image for every z, measured 2026-12-03)."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(
+        self.features = nn.Sequential(
             spectral_norm(nn.Conv2d(1, width, 4, 2, 1)),
             nn.LeakyReLU(0.2),
             spectral_norm(nn.Conv2d(width, 2 * width, 4, 2, 1)),
             nn.LeakyReLU(0.2),
-            nn.Flatten(),
-            spectral_norm(nn.Linear(2 * width * 7 * 7, 1)),
         )
+        self.head = spectral_norm(nn.Linear((2 * width + 1) * 7 * 7, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.net(image)
+        x = self.features(image)
+        spread = x.std(dim=0).mean().expand(x.shape[0], 1, *x.shape[2:])  # low when samples look alike
+        logits: torch.Tensor = self.head(torch.cat([x, spread], dim=1).flatten(1))
         return logits.squeeze(1)
 
 
@@ -243,7 +259,7 @@ class StyleganDigitsRecipe:
     """Both graphs from one training run; ``evaluate_with_siblings`` needs the mapping's ONNX."""
 
     names: tuple[str, ...] = (MAPPING_NAME, NAME)
-    default_steps = 4000
+    default_steps = 4000  # untuned (module docs: the measured runs)
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
@@ -252,7 +268,7 @@ class StyleganDigitsRecipe:
         data = digits.load()
         real_all = torch.from_numpy(data.train_images * 2.0 - 1.0).to(device)
         gen, disc = Generator().to(device), Discriminator().to(device)
-        lr = 2e-3
+        lr = LEARNING_RATE
         opt_g = torch.optim.Adam(
             [
                 {"params": gen.mapping.parameters(), "lr": lr * 0.01},
@@ -292,7 +308,8 @@ class StyleganDigitsRecipe:
             "steps": steps,
             "seed": seed,
             "duration_s": round(duration, 2),
-            "notes": "non-saturating GAN loss; Adam 2e-3 betas (0, 0.99), mapping at 1/100; batch 64; "
+            "notes": f"non-saturating GAN loss; Adam {LEARNING_RATE:g} betas (0, 0.99), mapping at 1/100; "
+            "batch 64; "
             f"style mixing regularisation p={MIXING_PROBABILITY}; fixed per-layer noise; exported "
             "weights: EMA (decay 0.999) of mapping and synthesis",
         }
