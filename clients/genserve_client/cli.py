@@ -121,9 +121,11 @@ def class_label(info: genserve_pb2.ModelInfo, label: int) -> str:
 
 
 def resolve_labels(info: genserve_pb2.ModelInfo, labels: str | None) -> list[int]:
-    """`all` -> every class of a conditional model; `0,3` -> [0, 3]; None -> all classes for a
-    conditional model, none otherwise."""
-    if labels is None or labels == "all":
+    """`all` -> every class of a model with class names (a conditional generator or code prior);
+    `0,3` -> [0, 3]; None -> all classes for a conditional generator, none otherwise."""
+    if labels == "all":
+        return list(range(len(info.class_names)))
+    if labels is None:
         return list(range(len(info.class_names))) if info.kind == CONDITIONAL else []
     try:
         return parse_ints(labels)

@@ -112,3 +112,10 @@ def test_interpolate_needs_an_output(fake_server: FakeServer, capsys: pytest.Cap
     assert code == 2, err
     assert "--out" in err and "--grid" in err
     assert not fake_server.service.calls
+
+
+def test_labels_all_expands_for_a_class_conditional_code_prior() -> None:
+    prior = genserve_pb2.ModelInfo(name="p", kind="code_prior", class_names=[str(d) for d in range(10)])
+    assert resolve_labels(prior, "all") == list(range(10))
+    assert resolve_labels(prior, None) == []  # unconditional sampling unless asked
+    assert resolve_labels(genserve_pb2.ModelInfo(name="g", kind="generator"), "all") == []
