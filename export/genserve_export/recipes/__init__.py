@@ -9,8 +9,8 @@ of the lines is the order of ``build-defaults``. A recipe may define ``default_s
 from __future__ import annotations
 
 from genserve_export.recipe import Recipe
-from genserve_export.recipes.cgan import CganDigitsRecipe
-from genserve_export.recipes.cgan_fashion import CganFashionRecipe
+from genserve_export.recipes.cgan import cgan_digits_recipe
+from genserve_export.recipes.cgan_fashion import cgan_fashion_recipe
 from genserve_export.recipes.dcgan import DcganDigitsRecipe
 from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
@@ -22,12 +22,12 @@ from genserve_export.recipes.vqvae import VqvaeDigitsRecipe
 RECIPES: dict[str, Recipe] = {}
 RECIPES["vae-digits"] = VaeDigitsRecipe()
 RECIPES["dcgan-digits"] = DcganDigitsRecipe()
-RECIPES["cgan-digits"] = CganDigitsRecipe()
+RECIPES["cgan-digits"] = cgan_digits_recipe()
 RECIPES["sr-photos-x4"] = PhotoSuperResolutionRecipe()
 RECIPES["srgan-photos-x4"] = PhotoSrganRecipe()
 RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
 RECIPES["dcgan-photos-256"] = PhotoDcgan256Recipe()
-RECIPES["cgan-fashion"] = CganFashionRecipe()
+RECIPES["cgan-fashion"] = cgan_fashion_recipe()
 RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()
 
 

@@ -199,18 +199,45 @@ TRAINING_NOTES = (
 )
 
 
-class CganDigitsRecipe:
-    """The conditional generator on the MNIST training split."""
+class FigureFunctions(NamedTuple):
+    """The quality figures of one data set's conditional samples (quality/*_metrics.py)."""
 
-    names: tuple[str, ...] = (NAME,)
+    classifier: Callable[..., dict[str, float]]
+    diversity: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    memorisation: Callable[[np.ndarray], dict[str, float]]
+
+
+class ConditionalGanRecipe:
+    """The conditional generator trained on one labelled 28x28 data set (MNIST, Fashion-MNIST)."""
+
     default_steps = 5000
+
+    def __init__(
+        self,
+        name: str,
+        load: Callable[[], Any],
+        *,
+        class_names: list[str],
+        description: str,
+        data_description: str,
+        classifier_description: str,
+        figures: FigureFunctions,
+    ) -> None:
+        self.names: tuple[str, ...] = (name,)
+        self.name = name
+        self.load = load
+        self.class_names = class_names
+        self.description = description
+        self.data_description = data_description
+        self.classifier_description = classifier_description
+        self.figure_functions = figures
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
         device = pick_device(device)
-        data = digits.load()
+        data = self.load()
         exported, took = train_conditional_gan(
-            NAME,
+            self.name,
             data.train_images,
             data.train_labels,
             steps=steps,
@@ -223,7 +250,7 @@ class CganDigitsRecipe:
         rng = np.random.default_rng(seed)
         return [
             ExportSpec(
-                name=NAME,
+                name=self.name,
                 kind="conditional_generator",
                 module=exported,
                 example_inputs={
@@ -231,21 +258,20 @@ class CganDigitsRecipe:
                     "label": np.array([0, 3, 7, 9], dtype=np.int64),
                 },
                 card={
-                    "recipe": NAME,
-                    "description": "Conditional GAN generator (conditional BN), real MNIST 28x28 gray, "
-                    "classes 0-9",
+                    "recipe": self.name,
+                    "description": self.description,
                     "output_range": [-1.0, 1.0],
-                    "class_names": list(digits.CLASS_NAMES),
+                    "class_names": list(self.class_names),
                 },
                 quality={
                     **quality,
-                    "classifier": CLASSIFIER_DESCRIPTION,
+                    "classifier": self.classifier_description,
                     "samples": EVAL_PER_CLASS * N_CLASSES,
                     "thresholds": THRESHOLDS,
                 },
                 holdout=data.holdout_record(),
                 training={
-                    "data": digits.DATA_DESCRIPTION + "; training split only, scaled to [-1, 1]",
+                    "data": self.data_description,
                     "steps": steps,
                     "seed": seed,
                     "duration_s": round(took.wall_s, 2),
@@ -255,15 +281,28 @@ class CganDigitsRecipe:
             )
         ]
 
-    @staticmethod
-    def _figures(run: OnnxRun) -> dict[str, float]:
+    def _figures(self, run: OnnxRun) -> dict[str, float]:
         feeds = eval_inputs()
         images = (run_batched(run, feeds, "image") + 1.0) / 2.0
+        f = self.figure_functions
         return {
-            **classifier_figures(images, requested=feeds["label"]),
-            **diversity_figures(images, feeds["label"]),
-            **memorisation_figures(images),
+            **f.classifier(images, requested=feeds["label"]),
+            **f.diversity(images, feeds["label"]),
+            **f.memorisation(images),
         }
 
     def evaluate(self, name: str, card: Mapping[str, Any], run: OnnxRun) -> dict[str, float]:
         return self._figures(run)
+
+
+def cgan_digits_recipe() -> ConditionalGanRecipe:
+    """``cgan-digits``: the conditional generator on the MNIST training split."""
+    return ConditionalGanRecipe(
+        NAME,
+        digits.load,
+        class_names=list(digits.CLASS_NAMES),
+        description="Conditional GAN generator (conditional BN), real MNIST 28x28 gray, classes 0-9",
+        data_description=digits.DATA_DESCRIPTION + "; training split only, scaled to [-1, 1]",
+        classifier_description=CLASSIFIER_DESCRIPTION,
+        figures=FigureFunctions(classifier_figures, diversity_figures, memorisation_figures),
+    )
