@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, write_line
+from bench.models import link_repository
 from bench.servers import ServerProcess, measured_level
 from genserve_server.launcher import genserve_command
 
@@ -33,11 +34,8 @@ def _serve(tree: Path, models: Path) -> ServerProcess:
 
 
 def _subset(models_dir: Path, names: list[str], into: Path) -> Path:
-    """A model repository of links to `names` in `models_dir`."""
-    into.mkdir()
-    for name in names:
-        (into / name).symlink_to((models_dir / name).resolve(), target_is_directory=True)
-    return into
+    """A model repository of links to `names` in `models_dir` (bench-only models exported if absent)."""
+    return link_repository(models_dir, names, into)
 
 
 def _measure(server: ServerProcess, name: str, duration_s: float) -> dict[str, float]:

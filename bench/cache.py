@@ -7,7 +7,7 @@ client's own LoadGenerator, closed loop. The cache-on server is fresh for each r
 round starts cold and the hit ratio it reports is what that round earned. Prints images/s and
 p50/p99 per round, the medians, and the speed-up.
 
-    .venv/bin/python -m bench.cache [--model dcgan-photos-256] [--pool 256] [--concurrency 8]
+    .venv/bin/python -m bench.cache [--model bench-dcgan-256] [--pool 256] [--concurrency 8]
 
 `make bench` does not run it: the issue's ratios use fresh seeds on purpose (the client's
 PayloadFactory never repeats one), so that no cache can flatter them.
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_MODELS, write_line
+from bench.models import BENCH_DCGAN_256, link_repository
 from bench.servers import ServerProcess
 from genserve.v1 import genserve_pb2
 from genserve_client.bench import LoadGenerator, varint
@@ -85,7 +86,7 @@ def one_round(models: Path, config: Path | None, args: argparse.Namespace) -> di
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
-    parser.add_argument("--model", default="dcgan-photos-256")
+    parser.add_argument("--model", default=BENCH_DCGAN_256)
     parser.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
     parser.add_argument("--pool", type=int, default=256, help="distinct seeds the requests draw from")
     parser.add_argument("--concurrency", type=int, default=8)
@@ -98,11 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         config = Path(tmp) / "server.json"
         config.write_text(json.dumps({"image_cache_bytes": args.cache_mib << 20}))
+        # The repository's models plus the measured one (a bench-only model is exported once).
+        names = {p.name for p in args.models_dir.iterdir() if (p / "config.json").is_file()} | {args.model}
+        models = link_repository(args.models_dir, sorted(names), Path(tmp) / "models")
         results: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         order = ["off", "on"]
         for r in range(args.rounds):
             for variant in order if r % 2 == 0 else order[::-1]:
-                m = one_round(args.models_dir, config if variant == "on" else None, args)
+                m = one_round(models, config if variant == "on" else None, args)
                 results[variant].append(m)
                 hits = "" if m["hit_ratio"] is None else f"  hits {m['hit_ratio']:.2f}"
                 write_line(

@@ -36,6 +36,7 @@ import grpc
 
 from bench.ab import LABELLED, _serve, _subset
 from bench.common import REPO_ROOT, write_line
+from bench.models import BENCH_DCGAN_256
 from bench.servers import ServerProcess, client_bench
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 
@@ -205,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="git revision of side A (side B: this tree); none: B alone")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
-    parser.add_argument("--saturate", nargs="*", default=["dcgan-photos-256", "cgan-digits"])
-    parser.add_argument("--heavy-model", default="dcgan-photos-256")
+    parser.add_argument("--saturate", nargs="*", default=[BENCH_DCGAN_256, "cgan-digits"])
+    parser.add_argument("--heavy-model", default=BENCH_DCGAN_256)
     parser.add_argument("--other-model", default="dcgan-digits")
     parser.add_argument("--heavy-clients", type=int, default=8)
     parser.add_argument("--heavy-count", type=int, default=256)

@@ -4,7 +4,7 @@ few heavy requests, and RSS once they are done (issue 22, "Footprint").
 For each model alone (a repository holding only it) and for the whole repository, it starts
 `genserve-server serve` (warm-up on, as shipped), waits until it is ready and then `--settle-s`
 seconds, and reads VmRSS from /proc. For the whole repository it then sends the heavy requests at
-once from threads (`HEAVY`: 4 x Sample(count=256) of dcgan-photos-256, PNG; 4 x SuperResolve of a
+once from threads (`HEAVY`: 4 x Sample(count=256) of bench-dcgan-256, PNG; 4 x SuperResolve of a
 512x512 photo with tile_size 512; 2 x Translate of a 1024x1024 photo), reads the peak (VmHWM) and,
 after they are done and `--settle-s`, the RSS again.
 
@@ -39,6 +39,7 @@ import grpc
 import numpy as np
 
 from bench.common import DEFAULT_MODELS, write_line
+from bench.models import BENCH_DCGAN_256, model_dir
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -81,8 +82,8 @@ def photo(side: int, seed: int) -> tpb.Image:
 def heavy_calls(stub: pb_grpc.GenerationServiceStub) -> list[tuple[str, Callable[[], Any]]]:
     calls: list[tuple[str, Callable[[], Any]]] = []
     for i in range(4):
-        request = pb.SampleRequest(model="dcgan-photos-256", count=256, base_seed=i * 1000)
-        calls.append(("Sample dcgan-photos-256 x256", functools.partial(stub.Sample, request, timeout=300)))
+        request = pb.SampleRequest(model=BENCH_DCGAN_256, count=256, base_seed=i * 1000)
+        calls.append((f"Sample {BENCH_DCGAN_256} x256", functools.partial(stub.Sample, request, timeout=300)))
     for i in range(4):
         sr = pb.ImageRequest(model="sr-photos-x4", images=[photo(512, i)], tile_size=512)
         calls.append(("SuperResolve 512x512 tile 512", functools.partial(stub.SuperResolve, sr, timeout=300)))
@@ -118,7 +119,7 @@ def repository_copy(models: Path, names: list[str], runtime: dict[str, Any], roo
     """`names` of `models` under `root` (version directories linked, config.json rewritten)."""
     root.mkdir(parents=True, exist_ok=True)
     for name in names:
-        source = models / name
+        source = model_dir(models, name)
         target = root / name
         target.mkdir()
         for entry in source.iterdir():
@@ -176,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle-s", type=float, default=3.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    names = sorted(p.name for p in args.models.iterdir() if (p / "config.json").exists())
+    # The repository's models plus the bench-only large generator the heavy requests sample.
+    names = sorted(
+        {p.name for p in args.models.iterdir() if (p / "config.json").exists()} | {BENCH_DCGAN_256}
+    )
     report: dict[str, Any] = {"per_model": {}, "repository": {}}
     with tempfile.TemporaryDirectory(prefix="genserve-footprint-") as tmp:
         work = Path(tmp)

@@ -1,23 +1,42 @@
 """Bench-only models, exported through genserve-export's public API into a scratch repository.
 
 The default models cover tiny (dcgan-digits, the VAE decoder) and compute-bound (SR) cases; the
-issue's mid-size class (0.5-2 ms an image on 2 cores) is represented by ``dcgan-photos-256`` when
-present and, always, by ``bench-dcgan-64``: the classic DCGAN 64x64 generator (Radford et al.,
-z 100 -> 3x64x64, ngf 64) with random weights. Timing does not depend on the weights, and a fixed
-torch seed makes the file (and so its sha256) the same on every run.
+issue's mid-size class (0.5-2 ms an image on 2 cores) is represented by two generators with random
+weights: ``bench-dcgan-64``, the classic DCGAN 64x64 generator (Radford et al., z 100 -> 3x64x64,
+ngf 64), and ``bench-dcgan-256``, a large 256x256 RGB generator (z 128, 2.36 M parameters, ~10^8
+multiply-adds and 196,608 floats an image) for large payloads and heavy load. The default
+repository has no generator of that size: the trained one it had (``dcgan-photos-256``) produced
+the same colour noise for every seed, so it left (issue 18). Timing does not depend on the
+weights, and a fixed torch seed makes each file (and so its sha256) the same on every run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+from bench.common import SCRATCH
 from genserve_contract.kinds import Kind
 
 BENCH_DCGAN_64 = "bench-dcgan-64"
 # Served like the default models: one single-threaded instance per core (2 here), all cores when alone.
 BENCH_DCGAN_64_INSTANCES = 2
+BENCH_DCGAN_256 = "bench-dcgan-256"
+DCGAN_256_LATENT = 128
+DCGAN_256_CHANNELS = (384, 192, 96, 48, 24, 12)  # 4x4 -> 128x128; a last ConvT makes 256x256x3
+# The serving config the trained 256x256 generator had, so earlier figures stay comparable.
+BENCH_DCGAN_256_CONFIG: dict[str, Any] = {
+    "instances": 2,
+    "batching": {
+        "max_batch_size": 16,
+        "max_queue_delay_s": 0.004,
+        "preferred_batch_sizes": [1, 4, 16],
+        "max_queue_size": 1024,
+    },
+}
 
 
 def _dcgan64_module(latent_dim: int = 100, ngf: int = 64):  # type: ignore[no-untyped-def]
@@ -42,15 +61,45 @@ def _dcgan64_module(latent_dim: int = 100, ngf: int = 64):  # type: ignore[no-un
     )
 
 
-def ensure_bench_dcgan_64(repo: Path, *, ngf: int = 64) -> Path:
-    """Export the random-weight DCGAN 64x64 into ``repo`` unless it is already there; return its dir."""
-    target = repo / BENCH_DCGAN_64
+def _dcgan256_module():  # type: ignore[no-untyped-def]
+    from torch import nn
+
+    first = DCGAN_256_CHANNELS[0]
+    layers: list[nn.Module] = [
+        nn.Linear(DCGAN_256_LATENT, first * 4 * 4, bias=False),
+        nn.Unflatten(1, (first, 4, 4)),
+        nn.BatchNorm2d(first),
+        nn.ReLU(),
+    ]
+    for c_in, c_out in zip(DCGAN_256_CHANNELS[:-1], DCGAN_256_CHANNELS[1:], strict=True):
+        layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    layers += [nn.ConvTranspose2d(DCGAN_256_CHANNELS[-1], 3, 4, 2, 1), nn.Tanh()]
+    # He-normal weights: PyTorch's default init shrinks the signal layer by layer to a flat image,
+    # which PNG would compress unrealistically well; these keep per-pixel variation like a photo's.
+    for layer in layers:
+        if isinstance(layer, nn.ConvTranspose2d):  # each output pixel sums in_channels x (4/2)^2 terms
+            nn.init.normal_(layer.weight, 0.0, (2.0 / (layer.in_channels * 4)) ** 0.5)
+        elif isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, (1.0 / layer.in_features) ** 0.5)
+    return nn.Sequential(*layers)
+
+
+def _ensure_random_generator(
+    repo: Path,
+    name: str,
+    build: Callable[[], Any],
+    latent_dim: int,
+    description: str,
+    config: dict[str, Any],
+) -> Path:
+    """Export a random-weight generator into ``repo`` unless it is already there; return its dir."""
+    target = repo / name
     if (target / "1" / "model.onnx").is_file():
         # Exported by an older bench or exporter: serve it with today's config, not the old one.
         from genserve_export.card import merge_config
 
         config_path = target / "config.json"
-        wanted = merge_config(Kind.GENERATOR, {"instances": BENCH_DCGAN_64_INSTANCES})
+        wanted = merge_config(Kind.GENERATOR, config)
         if json.loads(config_path.read_text()) != wanted:
             config_path.write_text(json.dumps(wanted, indent=2) + "\n")
         return target
@@ -60,22 +109,65 @@ def ensure_bench_dcgan_64(repo: Path, *, ngf: int = 64) -> Path:
     from genserve_export import export_model
 
     torch.manual_seed(0)
-    module = _dcgan64_module(ngf=ngf).eval()
-    z = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32)
+    module = build().eval()
+    z = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
     repo.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GENSERVE_EXPORT_QUIET", "1")
     export_model(
         module,
         kind=Kind.GENERATOR,
-        name=BENCH_DCGAN_64,
+        name=name,
         out_dir=repo,
         example_inputs={"z": z},
-        card={
-            "description": "bench only: DCGAN 64x64 generator with random weights (timing stand-in)",
-            "output_range": [-1.0, 1.0],
-        },
-        config={"instances": BENCH_DCGAN_64_INSTANCES},
+        card={"description": description, "output_range": [-1.0, 1.0]},
+        config=config,
         fp16=False,
         overwrite=True,
     )
     return target
+
+
+def ensure_bench_dcgan_64(repo: Path, *, ngf: int = 64) -> Path:
+    """Export the random-weight DCGAN 64x64 into ``repo`` unless it is already there; return its dir."""
+    return _ensure_random_generator(
+        repo,
+        BENCH_DCGAN_64,
+        lambda: _dcgan64_module(ngf=ngf),
+        100,
+        "bench only: DCGAN 64x64 generator with random weights (timing stand-in)",
+        {"instances": BENCH_DCGAN_64_INSTANCES},
+    )
+
+
+def ensure_bench_dcgan_256(repo: Path) -> Path:
+    """Export the random-weight 256x256 generator into ``repo`` unless it is already there."""
+    return _ensure_random_generator(
+        repo,
+        BENCH_DCGAN_256,
+        _dcgan256_module,
+        DCGAN_256_LATENT,
+        "bench only: large DCGAN generator, 256x256 RGB, with random weights (payload and load stand-in)",
+        BENCH_DCGAN_256_CONFIG,
+    )
+
+
+BENCH_ONLY: dict[str, Callable[[Path], Path]] = {
+    BENCH_DCGAN_64: ensure_bench_dcgan_64,
+    BENCH_DCGAN_256: ensure_bench_dcgan_256,
+}
+
+
+def model_dir(models_dir: Path, name: str) -> Path:
+    """Where model ``name`` lives: in ``models_dir``, or, for a bench-only model not there, exported
+    (once) into the bench's scratch folder."""
+    if (models_dir / name).is_dir() or name not in BENCH_ONLY:
+        return models_dir / name
+    return BENCH_ONLY[name](SCRATCH / "generated")
+
+
+def link_repository(models_dir: Path, names: Iterable[str], into: Path) -> Path:
+    """A model repository of links to ``names``, found by :func:`model_dir`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (into / name).symlink_to(model_dir(models_dir, name).resolve(), target_is_directory=True)
+    return into

@@ -16,7 +16,7 @@ END = "<!-- bench:results:end -->"
 # Model classes of issue 8: image-input kinds (super-resolution, translation) are compute-bound;
 # generators are tiny below TINY_MS raw ms per image at the best batch size, else mid-size. Issue 8
 # names "the 256x256 default" a mid-size generator, and a measured class would flip between runs
-# for a generator near 2 ms an image (dcgan-photos-256: 1.9-2.1 ms on these cores).
+# for a generator near 2 ms an image (bench-dcgan-256: 1.9-2.1 ms on these cores).
 TINY_MS = 0.5
 
 

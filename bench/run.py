@@ -33,11 +33,12 @@ CONCURRENCY = (1, 8, 32, 64)
 FORMATS = ("raw", "png")
 # The kinds driven through the servers (the encoder is measured in the raw limit only).
 SERVED_KINDS = tuple(k for k in Kind if not k.gives_latent)
-PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "dcgan-photos-256", "dcgan-digits")
+PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "bench-dcgan-256", "dcgan-digits")
 
 
-def assemble_repository(source: Path, names: list[str] | None, with_dcgan64: bool) -> Path:
-    """A scratch repository: links to `source`'s models plus the bench-only DCGAN 64x64."""
+def assemble_repository(source: Path, names: list[str] | None, with_bench_models: bool) -> Path:
+    """A scratch repository: links to `source`'s models plus the bench-only random-weight generators
+    (bench-dcgan-64 always, bench-dcgan-256 unless `names` leaves it out)."""
     repo = SCRATCH / "models"
     repo.mkdir(parents=True, exist_ok=True)
     for entry in repo.iterdir():
@@ -51,14 +52,16 @@ def assemble_repository(source: Path, names: list[str] | None, with_dcgan64: boo
                 and (names is None or model_dir.name in names)
             ):
                 (repo / model_dir.name).symlink_to(model_dir.resolve(), target_is_directory=True)
-    if with_dcgan64:
-        from bench.models import ensure_bench_dcgan_64
+    if with_bench_models:
+        from bench.models import BENCH_DCGAN_64, BENCH_ONLY
 
-        try:
-            ensure_bench_dcgan_64(SCRATCH / "generated")
-            (repo / "bench-dcgan-64").symlink_to((SCRATCH / "generated" / "bench-dcgan-64").resolve())
-        except ImportError as exc:  # genserve-export (torch) not installed: the bench runs without it
-            write_line(f"bench-dcgan-64 skipped: {exc}")
+        for name, ensure in BENCH_ONLY.items():
+            if (repo / name).exists() or (name != BENCH_DCGAN_64 and names is not None and name not in names):
+                continue
+            try:
+                (repo / name).symlink_to(ensure(SCRATCH / "generated").resolve(), target_is_directory=True)
+            except ImportError as exc:  # genserve-export (torch) not installed: the bench runs without it
+                write_line(f"{name} skipped: {exc}")
     return repo
 
 
@@ -128,7 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="turns per server at c=1 and the top level (default 3)"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
-    parser.add_argument("--no-dcgan64", action="store_true", help="skip the bench-only DCGAN 64x64")
+    parser.add_argument(
+        "--no-bench-models",
+        "--no-dcgan64",
+        dest="no_bench_models",
+        action="store_true",
+        help="skip the bench-only random-weight generators (bench-dcgan-64, bench-dcgan-256)",
+    )
     parser.add_argument("--no-priority", action="store_true")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md's table")
     parser.add_argument(
@@ -142,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
     if args.report_only is not None:
-        return report_only(args.report_only, args.out, args.models_dir, not args.no_dcgan64, args.no_readme)
+        return report_only(
+            args.report_only, args.out, args.models_dir, not args.no_bench_models, args.no_readme
+        )
 
     duration_s = args.duration_s or (2.0 if args.quick else 5.0)
     concurrency = (1, 64) if args.quick else CONCURRENCY
@@ -152,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     write_line(f"machine: {info['cpu_model']}, {info['cores']} cores, load {info['load_avg_1m_at_start']}")
 
-    repo = assemble_repository(args.models_dir, args.models, not args.no_dcgan64)
-    ort.set_default_logger_severity(4)  # again: importing genserve-export (bench-dcgan-64) sets 3
+    repo = assemble_repository(args.models_dir, args.models, not args.no_bench_models)
+    ort.set_default_logger_severity(4)  # again: importing genserve-export (bench models) sets 3
     models = find_models(repo)
     if not models:
         raise SystemExit(f"no models found in {args.models_dir}")
@@ -228,9 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report_only(source: Path, out: Path, models_dir: Path, with_dcgan64: bool, no_readme: bool) -> int:
+def report_only(source: Path, out: Path, models_dir: Path, with_bench_models: bool, no_readme: bool) -> int:
     results: dict[str, Any] = json.loads(source.read_text())
-    models = find_models(assemble_repository(models_dir, None, with_dcgan64))
+    models = find_models(assemble_repository(models_dir, None, with_bench_models))
     results["summary"] = summarise(results, models)
     write_json(out, results)
     table = render_markdown(results)

@@ -197,6 +197,44 @@ def image_to_image_graph(multiple: int) -> onnx.ModelProto:
     return _model(graph)
 
 
+LARGE_LATENT = 128
+LARGE_CHANNELS = (384, 192, 96, 48, 24, 12)
+
+
+def large_generator_graph(seed: int = 0) -> onnx.ModelProto:
+    """A DCGAN-sized generator with random weights: z [N, 128] -> MatMul -> [N, 384, 4, 4] -> six
+    ConvTranspose 4x4 stride 2 (ReLU between) -> Tanh -> [N, 3, 256, 256]; ~2.4 M parameters and
+    ~10^8 multiply-adds an image (the compute and payload of a real 256x256 generator)."""
+    rng = np.random.default_rng(seed)
+    first = LARGE_CHANNELS[0]
+    inits = [
+        _init("W0", rng.normal(0, 1 / np.sqrt(LARGE_LATENT), (LARGE_LATENT, first * 16)).astype(np.float32)),
+        _init("shape", np.array([-1, first, 4, 4], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["z", "W0"], ["h0"]),
+        helper.make_node("Reshape", ["h0", "shape"], ["x0"]),
+        helper.make_node("Relu", ["x0"], ["a0"]),
+    ]
+    chans = [*LARGE_CHANNELS, 3]
+    for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:], strict=True), start=1):
+        weight = rng.normal(0, np.sqrt(2 / (c_in * 4)), (c_in, c_out, 4, 4)).astype(np.float32)
+        inits.append(_init(f"K{i}", weight))
+        out = f"x{i}"
+        nodes.append(
+            helper.make_node(
+                "ConvTranspose", [f"a{i - 1}", f"K{i}"], [out], strides=[2, 2], pads=[1, 1, 1, 1]
+            )
+        )
+        nodes.append(
+            helper.make_node("Tanh" if c_out == 3 else "Relu", [out], ["image" if c_out == 3 else f"a{i}"])
+        )
+    graph = helper.make_graph(
+        nodes, "large_generator", [_z(LARGE_LATENT)], [_image("image", 3, 256, 256)], inits
+    )
+    return _model(graph)
+
+
 def slow_generator_graph(latent_dim: int, iterations: int) -> onnx.ModelProto:
     """A generator that takes tens of ms per batch (a Loop of MatMuls): for queue/deadline/drain tests."""
     rng = np.random.default_rng(6)
@@ -316,6 +354,15 @@ def write_tiny_generator(
     return write_model(
         root, name, "generator", generator_graph(TINY_LATENT, channels, 8, 8), card, config=config
     )
+
+
+def write_large_generator(
+    root: Path, name: str = "large-gen", *, config: Mapping[str, Any] | None = None
+) -> Path:
+    """The 256x256 random-weight generator (version 1) under `root`: tests and checks that need a
+    heavy model build it here instead of relying on a trained one in models/."""
+    card = {"latent_dim": LARGE_LATENT, "channels": 3, "image_size": [256, 256]}
+    return write_model(root, name, "generator", large_generator_graph(), card, config=config)
 
 
 def healthy_models(root: Path, broken: tuple[str, ...] = ("tiny-broken",)) -> tuple[str, ...]:

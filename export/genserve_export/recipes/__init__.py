@@ -12,7 +12,6 @@ from genserve_export.recipe import Recipe
 from genserve_export.recipes.cgan import cgan_digits_recipe
 from genserve_export.recipes.cgan_fashion import cgan_fashion_recipe
 from genserve_export.recipes.dcgan import DcganDigitsRecipe
-from genserve_export.recipes.photos_dcgan256 import PhotoDcgan256Recipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
 from genserve_export.recipes.photos_srgan import PhotoSrganRecipe
@@ -26,7 +25,6 @@ RECIPES["cgan-digits"] = cgan_digits_recipe()
 RECIPES["sr-photos-x4"] = PhotoSuperResolutionRecipe()
 RECIPES["srgan-photos-x4"] = PhotoSrganRecipe()
 RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
-RECIPES["dcgan-photos-256"] = PhotoDcgan256Recipe()
 RECIPES["cgan-fashion"] = cgan_fashion_recipe()
 RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()
 

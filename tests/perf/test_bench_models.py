@@ -1,0 +1,55 @@
+"""The bench's own random-weight generators: built when absent, found next to the default models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from bench import models as bench_models
+
+
+def test_bench_builds_its_own_large_generator(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    target = bench_models.ensure_bench_dcgan_256(tmp_path)
+    card = json.loads((target / "1" / "card.json").read_text())
+    assert card["kind"] == "generator" and card["image_size"] == [256, 256] and card["channels"] == 3
+    assert card["latent_dim"] == bench_models.DCGAN_256_LATENT and "random weights" in card["description"]
+    config = json.loads((target / "config.json").read_text())
+    assert config["batching"]["max_batch_size"] == 16 and config["instances"] == 2
+    sess = ort.InferenceSession(str(target / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    z = np.random.default_rng(1).standard_normal((3, bench_models.DCGAN_256_LATENT)).astype(np.float32)
+    (out,) = sess.run(None, {"z": z})
+    assert out.shape == (3, 3, 256, 256) and -1.0 <= out.min() and out.max() <= 1.0
+    assert np.abs(out[0] - out[1]).mean() > 1e-3  # the seed reaches the pixels
+    # A second call reuses the export.
+    stamp = (target / "1" / "model.onnx").stat().st_mtime_ns
+    assert bench_models.ensure_bench_dcgan_256(tmp_path) == target
+    assert (target / "1" / "model.onnx").stat().st_mtime_ns == stamp
+
+
+def test_bench_only_models_are_built_unless_the_models_dir_has_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[Path] = []
+
+    def fake_build(repo: Path) -> Path:
+        built.append(repo)
+        (repo / "bench-x").mkdir(parents=True, exist_ok=True)
+        return repo / "bench-x"
+
+    monkeypatch.setattr(bench_models, "BENCH_ONLY", {"bench-x": fake_build})
+    monkeypatch.setattr(bench_models, "SCRATCH", tmp_path / "scratch")
+    models = tmp_path / "models"
+    (models / "real").mkdir(parents=True)
+    repo = bench_models.link_repository(models, ["real", "bench-x"], tmp_path / "repo")
+    assert (repo / "real").resolve() == (models / "real").resolve()
+    assert (repo / "bench-x").resolve() == (tmp_path / "scratch" / "generated" / "bench-x").resolve()
+    assert built == [tmp_path / "scratch" / "generated"]
+    # A models dir that has the name serves its own copy; nothing is built.
+    (models / "bench-x").mkdir()
+    assert bench_models.model_dir(models, "bench-x") == models / "bench-x"
+    assert len(built) == 1
