@@ -17,9 +17,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from genserve_export import export_model
+from genserve_export import export_model, verify_repository
+from genserve_export.build import train_and_export
 from genserve_export.data import photos
-from genserve_export.recipes import photos_sr, photos_srgan
+from genserve_export.recipes import photos_colorize, photos_sr, photos_srgan
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
 from genserve_export.recipes.photos_srgan import MissingInitError, PhotoSrganRecipe
@@ -203,3 +204,31 @@ def test_pix2pix_recipe_exports_with_size_multiple(tmp_path: Path) -> None:
     # the baselines do not depend on the model: identity is the noise itself (~0.8 sigma)
     assert figures["best_baseline_l1"] < figures["identity_l1"] < 0.1
     assert "L1" in card["training"]["notes"]
+
+
+def test_colorize_recipe_keeps_the_luma_and_verify_compares_it_with_its_l1_only_twin(tmp_path: Path) -> None:
+    (version_dir,) = train_and_export(
+        "pix2pix-colorize", tmp_path, steps=2, progress=False, fp16=False, device="cpu"
+    ).paths
+    card = json.loads((version_dir / "card.json").read_text())
+    assert card["kind"] == "image_to_image" and card["size_multiple"] == 16
+    assert set(card["aux_graphs"]) == {photos_colorize.L1_ONLY_FILE}
+    assert card["training"]["cpu_s"] > 0 and card["training"]["l1_only"]["cpu_s"] > 0
+    sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    for h, w in ((32, 32), (48, 80)):
+        image = np.random.default_rng(0).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
+        (out,) = sess.run(None, {"image": image})
+        assert out.shape == (2, 3, h, w)
+        # Only colour is invented: where no channel clips, the output's luma is the input's.
+        in_y, out_y = (np.array(photos_colorize.LUMA) @ x.transpose(1, 0, 2, 3).reshape(3, -1) for x in (image, out))
+        unclipped = (np.abs(out) < 0.999).all(axis=1).reshape(-1)
+        assert unclipped.mean() > 0.5
+        assert np.abs(in_y - out_y)[unclipped].max() < 1e-4
+    report = verify_repository(tmp_path, check_thresholds=False)
+    assert report.ok, report.format()
+    (model,) = report.models
+    figures = model.quality_recomputed
+    for key in ("l1", "grey_l1", "mean_chroma_l1", "l1_only_l1", "colorfulness_gain_over_l1_only"):
+        assert np.isfinite(figures[key]), key
+    # the classical baselines do not depend on the model: colour photos are not grey
+    assert 0 < figures["mean_chroma_l1"] and 0 < figures["grey_l1"] < 0.3

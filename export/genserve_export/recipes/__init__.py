@@ -12,6 +12,7 @@ from genserve_export.recipe import Recipe
 from genserve_export.recipes.cgan import cgan_digits_recipe
 from genserve_export.recipes.cgan_fashion import cgan_fashion_recipe
 from genserve_export.recipes.dcgan import DcganDigitsRecipe
+from genserve_export.recipes.photos_colorize import PhotoColorizeRecipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
 from genserve_export.recipes.photos_srgan import PhotoSrganRecipe
@@ -27,6 +28,7 @@ RECIPES["srgan-photos-x4"] = PhotoSrganRecipe()
 RECIPES["pix2pix-denoise"] = PhotoDenoiseRecipe()
 RECIPES["cgan-fashion"] = cgan_fashion_recipe()
 RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()
+RECIPES["pix2pix-colorize"] = PhotoColorizeRecipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:
