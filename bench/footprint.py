@@ -88,7 +88,7 @@ def heavy_calls(stub: pb_grpc.GenerationServiceStub) -> list[tuple[str, Callable
         sr = pb.ImageRequest(model="sr-photos-x4", images=[photo(512, i)], tile_size=512)
         calls.append(("SuperResolve 512x512 tile 512", functools.partial(stub.SuperResolve, sr, timeout=300)))
     for i in range(2):
-        tr = pb.ImageRequest(model="pix2pix-denoise", images=[photo(1024, 10 + i)])
+        tr = pb.ImageRequest(model="unet-denoise", images=[photo(1024, 10 + i)])
         calls.append(("Translate 1024x1024", functools.partial(stub.Translate, tr, timeout=300)))
     return calls
 

@@ -1,4 +1,4 @@
-"""The photo data loader and the photo recipes (SR, SRGAN, pix2pix), quickly.
+"""The photo data loader and the photo recipes (SR, SRGAN, U-Net denoiser, pix2pix colourisation), quickly.
 
 Each recipe: two training steps, export through ``export_model``, ONNX Runtime at two sizes, and
 ``evaluate`` on the exported graph.
@@ -191,7 +191,7 @@ def _run_of(sess: ort.InferenceSession) -> Any:
     return run
 
 
-def test_pix2pix_recipe_exports_with_size_multiple(tmp_path: Path) -> None:
+def test_denoise_recipe_exports_with_size_multiple(tmp_path: Path) -> None:
     recipe = PhotoDenoiseRecipe()
     card, sess = _export_one(recipe, tmp_path)
     assert card["kind"] == "image_to_image" and card["size_multiple"] == 8
@@ -220,7 +220,9 @@ def test_colorize_recipe_keeps_the_luma_and_verify_compares_it_with_its_l1_only_
         (out,) = sess.run(None, {"image": image})
         assert out.shape == (2, 3, h, w)
         # Only colour is invented: where no channel clips, the output's luma is the input's.
-        in_y, out_y = (np.array(photos_colorize.LUMA) @ x.transpose(1, 0, 2, 3).reshape(3, -1) for x in (image, out))
+        in_y, out_y = (
+            np.array(photos_colorize.LUMA) @ x.transpose(1, 0, 2, 3).reshape(3, -1) for x in (image, out)
+        )
         unclipped = (np.abs(out) < 0.999).all(axis=1).reshape(-1)
         assert unclipped.mean() > 0.5
         assert np.abs(in_y - out_y)[unclipped].max() < 1e-4

@@ -1,4 +1,8 @@
-"""``pix2pix-denoise``: a pix2pix-style U-Net that removes Gaussian noise (σ = 25/255) from photos.
+"""``unet-denoise``: a pix2pix-style U-Net that removes Gaussian noise (σ = 25/255) from photos.
+
+Named for what it is: its default build trains with L1 alone, so it is a U-Net denoiser, not a
+conditional GAN (it was ``pix2pix-denoise`` until issue 18). The lecture's pix2pix, with its
+PatchGAN, is ``pix2pix-colorize`` (``photos_colorize.py``).
 
 Why denoising: with about a dozen bundled photos, gray→colour learns little (shared FACTS), while
 denoising gets a training signal from every pixel of every patch. The paired data is built on the
@@ -30,7 +34,7 @@ from genserve_export.data import photos
 from genserve_export.recipe import ExportSpec, OnnxRun
 from genserve_export.recipes._common import pick_device, progress_bar, seed_everything, torch_run
 
-NAME = "pix2pix-denoise"
+NAME = "unet-denoise"
 NOISE_SIGMA = 25.0 / 255.0  # in [0, 1] pixel units
 SIZE_MULTIPLE = 8  # three stride-2 levels
 WIDTH = 32
@@ -209,8 +213,8 @@ class PhotoDenoiseRecipe:
                 example_inputs={"image": example.astype(np.float32)},
                 card={
                     "recipe": NAME,
-                    "description": "pix2pix-style U-Net photo denoiser (Gaussian noise sigma 25/255), "
-                    "RGB in [-1, 1]",
+                    "description": "U-Net photo denoiser trained with L1 only (Gaussian noise sigma 25/255), "
+                    "RGB in [-1, 1]; named pix2pix-denoise before issue 18",
                     "input_range": [-1.0, 1.0],
                     "output_range": [-1.0, 1.0],
                     "size_multiple": SIZE_MULTIPLE,
