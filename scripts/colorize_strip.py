@@ -22,7 +22,7 @@ from genserve_export.data import photos
 from genserve_export.recipes import photos_colorize as pc
 
 ROOT = Path(__file__).resolve().parents[1]
-CROP = 160
+CROP = 112
 ORIGINS = {"astronaut": (0, 100), "coffee": (40, 150), "grace_hopper": (60, 140)}
 
 
@@ -33,7 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     version = args.models / pc.NAME / "1"
     graphs = {"L1 only": version / pc.L1_ONLY_FILE, "pix2pix (L1 + GAN)": version / "model.onnx"}
-    sessions = {t: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for t, p in graphs.items()}
+    sessions = {
+        t: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for t, p in graphs.items()
+    }
     mean_cbcr = np.array(pc.train_mean_chroma(), dtype=np.float32).reshape(1, 2, 1, 1)
     titles = ["grey input", "mean chroma", *sessions, "original"]
     rows = []
