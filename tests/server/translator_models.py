@@ -37,7 +37,9 @@ def _weights(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _generator_nodes(prefix: str, output: str) -> list[onnx.NodeProto]:
     return [
-        helper.make_node("Conv", ["image", f"{prefix}_K", f"{prefix}_B"], [f"{prefix}_conv"], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["image", f"{prefix}_K", f"{prefix}_B"], [f"{prefix}_conv"], pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Sigmoid", [f"{prefix}_conv"], [output]),
     ]
 
