@@ -4,6 +4,7 @@ on its own (translator_models.py), on the same inputs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 from server_support import (
     F32,
     ServerProcess,
@@ -182,3 +184,58 @@ def test_a_card_without_domains_is_refused(tmp_path: Path) -> None:
     version_dir = write_translator(tmp_path, domains=False)
     with pytest.raises(ConfigError, match="domains"):
         load_card(version_dir / "card.json")
+
+
+# ----------------------------------------------------------------------------- client library and CLI
+
+
+def test_client_library_translates_both_ways(server: ServerProcess) -> None:
+    from genserve_client import AsyncGenserveClient, GenserveClient
+
+    image = (digits(1, seed=42)[0, 0] * 255).round().astype(np.uint8)  # a gray [H, W] digit
+    as_input = image.astype(np.float32)[np.newaxis, np.newaxis] / 255
+    with GenserveClient(server.target) as client:
+        for name, direction in (("a_to_b", pb.DIRECTION_A_TO_B), ("b_to_a", pb.DIRECTION_B_TO_A)):
+            result = client.translate(MODEL, [image], direction=name, format="raw")
+            want = np.rint(np.clip(expected(as_input, direction)[0, 0], 0, 1) * 255)
+            assert np.abs(result.images[0][:, :, 0].astype(np.int64) - want).max() <= 1
+        with pytest.raises(ValueError, match="direction must be one of a_to_b, b_to_a"):
+            client.translate(MODEL, [image], direction="sideways")
+
+    async def both_clients_agree() -> None:
+        async with AsyncGenserveClient(server.target) as aclient:
+            got = await aclient.translate(MODEL, [image], direction="b_to_a", format="raw")
+        with GenserveClient(server.target) as client:
+            assert got.raw == client.translate(MODEL, [image], direction="b_to_a", format="raw").raw
+
+    asyncio.run(both_clients_agree())
+
+
+def test_cli_translate_direction(server: ServerProcess, tmp_path: Path) -> None:
+    from genserve_client.cli import main
+
+    src = tmp_path / "digit.png"
+    Image.fromarray((digits(1, seed=8)[0, 0] * 255).round().astype(np.uint8)).save(src)
+    outputs = {}
+    for direction in ("a_to_b", "b_to_a"):
+        out = tmp_path / f"{direction}.png"
+        argv = ["--target", server.target, "translate", str(src), str(out), "--model", MODEL]
+        assert main([*argv, "--direction", direction]) == 0
+        with Image.open(out) as picture:
+            outputs[direction] = np.asarray(picture)
+    assert outputs["a_to_b"].shape == outputs["b_to_a"].shape == (12, 12)
+    assert not np.array_equal(outputs["a_to_b"], outputs["b_to_a"])
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(
+            [
+                "--target",
+                server.target,
+                "translate",
+                str(src),
+                str(tmp_path / "x.png"),
+                "--model",
+                MODEL,
+                "--direction",
+                "up",
+            ]
+        )
