@@ -66,4 +66,7 @@ class Recipe(Protocol):
 #     super_resolution / image_to_image: (inputs [N, C, h, w] in input_range, targets
 #     [N, C', H, W] in output_range or None) for ``verify --grids`` strips input | output | target.
 #     Without it, verify uses two bundled scikit-image photos (targets only for super-resolution).
+# strip_inputs() -> tuple[np.ndarray, np.ndarray]
+#     two_way_translator: held-out images of domain A and of domain B (same count, in input_range)
+#     for ``verify --grids``' translation strip: A, A->B, A->B->A, B, B->A, B->A->B.
 SiblingRuns = Callable[[str], OnnxRun | None]

@@ -331,6 +331,8 @@ def _feeds(
             k = card["top_codebook_size" if top else "codebook_size"]
             grid = card["top_grid" if top else "grid"]
             feeds[tensor["name"]] = rng.integers(0, k, (batch, *grid)).astype(np.int64)
+        elif tensor["name"] == "direction":  # one per call (kinds.DIRECTION): A -> B
+            feeds["direction"] = np.zeros(batch, np.int64)
         elif tensor["name"] == "ws":
             feeds["ws"] = rng.standard_normal((batch, card["num_layers"], card["w_dim"])).astype(np.float32)
         elif tensor["name"] == "image":
