@@ -812,9 +812,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
     p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random, and printed")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
-    p.add_argument("--temperature", type=float, help="code priors: softmax temperature (default 1)")
     p.add_argument(
-        "--top-k", type=int, default=0, help="code priors: sample among the k likeliest codes (0: all)"
+        "--temperature",
+        type=float,
+        help="code priors: softmax temperature (default: the model's, config.json sampling)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="code priors: sample among the k likeliest codes (0: the model's default, normally all)",
     )
     p.add_argument(
         "--progress",

@@ -462,6 +462,7 @@ class GenerationCore:
                 takes_label=bool(card.class_names),
                 top_grid=card.top_grid,
                 metrics=mv.metrics,
+                defaults=mv.config.sampling,
             )
             # Forget schedulers of versions replaced or unloaded once their rows are done.
             self.steppers = {v: s for v, s in self.steppers.items() if s.rows or v.state == ModelState.READY}

@@ -95,6 +95,13 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
             "style_mapping model that maps z to w)",
             field="mapping",
         )
+    top_k = mv.config.sampling.top_k
+    if card.codebook_size is not None and top_k > card.codebook_size:
+        raise ConfigError(
+            f"{mv.path.parent / 'config.json'}: sampling.top_k must be <= the card's codebook_size "
+            f"({card.codebook_size}), got {top_k}",
+            field="sampling.top_k",
+        )
     choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
     requested = sc.execution_providers or mv.config.execution_providers
     mv.gpu_requested = any(p in GPU_PROVIDERS for p in requested)

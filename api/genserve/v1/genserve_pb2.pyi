@@ -714,9 +714,15 @@ class SampleCodesRequest(_message.Message):
     base_seed: _builtins.int
     """First seed when `seeds` is empty. Absent: the server picks one and returns the seeds it used."""
     temperature: _builtins.float
-    """Softmax temperature, 0 < temperature <= 10. Absent: 1."""
+    """Softmax temperature, 0 < temperature <= 10. Absent: the prior's default, config.json
+    sampling.temperature (1 where it gives none), rounded to float32 like this field, so a request
+    without it gets the same images as one that sends the default (the card's sample figures are
+    measured at it).
+    """
     top_k: _builtins.int
-    """Sample among the top_k most likely codes only, 0..codebook_size; 0: all codes."""
+    """Sample among the top_k most likely codes only, 0..codebook_size; codebook_size: all codes.
+    0: the prior's default, config.json sampling.top_k (0 there, and where it gives none: all codes).
+    """
     return_codes: _builtins.bool
     """Also return each sample's grid in `codes` (always returned when the prior has no decoder)."""
     preview_every: _builtins.int
@@ -736,8 +742,8 @@ class SampleCodesRequest(_message.Message):
         """Bottom priors (card top_grid) only: the top grid(s), DTYPE_INT64 [N, Ht, Wt] (one per sample)
         or [Ht, Wt] (for every sample), codes in [0, top_codebook_size); only the bottom is sampled.
         Absent: the prior's top prior (config.json top_prior) samples them first, with the same seeds,
-        labels (where it takes them), temperature and top_k (capped at its codebook size); a bottom
-        prior without a top prior requires them.
+        labels (where it takes them), temperature and top_k (capped at its codebook size; unset ones
+        take the top prior's own defaults); a bottom prior without a top prior requires them.
         """
 
     @_builtins.property
