@@ -4,7 +4,9 @@
 models from it and from this tree, two server processes running side by side for the whole run and
 measured in turns, level by level (A, B, B, A, ...), under the same client (this tree's
 `genserve-client bench`). Per model and side: p50 at concurrency 1 and
-images/s at concurrency 64 (RAW_UINT8, one image per request), and the server's CPU ms per request.
+images/s at concurrency 64 (RAW_UINT8, one image per request), the server's CPU ms per request, and
+the transport's floor (p50 of a trivial health Check at c=1, `servers.rpc_floor_ms`) with the c=1 p50
+over it.
 It prints the medians over the rounds and the ratios B / A. Same machine, same run, same files:
 only the server's code differs (its PYTHONPATH points at the other tree's `server/` and `api/`).
 """
@@ -21,11 +23,12 @@ from typing import Any
 
 from bench.common import REPO_ROOT, write_line
 from bench.models import link_repository
-from bench.servers import ServerProcess, measured_level
+from bench.servers import ServerProcess, measured_level, rpc_floor_ms
 from genserve_server.launcher import genserve_command
 
 DEFAULT_MODELS = ("vae-digits-decoder", "cgan-digits", "dcgan-digits")
 LABELLED = {"cgan-digits": list(range(10))}
+FIGURES = ("p50_c1_ms", "floor_c1_ms", "p50_c1_over_floor_ms", "img_s_c64", "cpu_ms_c1", "cpu_ms_c64")
 
 
 def _serve(tree: Path, models: Path) -> ServerProcess:
@@ -79,9 +82,13 @@ def main() -> None:
                 servers = {"A": a_server, "B": b_server}
                 for i in range(args.rounds):
                     for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                        sides[side].append(
-                            {name: _measure(servers[side], name, args.duration_s) for name in args.models}
-                        )
+                        server = servers[side]
+                        figures = {name: _measure(server, name, args.duration_s) for name in args.models}
+                        floor = rpc_floor_ms(server)
+                        for each in figures.values():
+                            each["floor_c1_ms"] = floor
+                            each["p50_c1_over_floor_ms"] = each["p50_c1_ms"] - floor
+                        sides[side].append(figures)
         finally:
             subprocess.run(
                 ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
@@ -93,7 +100,7 @@ def main() -> None:
     write_line(f"{'model':<22}{'figure':<13}{'A':>10}{'B':>10}{'B/A':>8}")
     for name in args.models:
         report["models"][name] = {}
-        for figure in ("p50_c1_ms", "img_s_c64", "cpu_ms_c1", "cpu_ms_c64"):
+        for figure in FIGURES:
             a = statistics.median(r[name][figure] for r in sides["A"])
             b = statistics.median(r[name][figure] for r in sides["B"])
             report["models"][name][figure] = {"A": a, "B": b, "B/A": b / a if a else None}

@@ -31,8 +31,9 @@ from genserve_contract.kinds import Kind
 
 CONCURRENCY = (1, 8, 32, 64)
 FORMATS = ("raw", "png")
-# The kinds driven through the servers (the encoder is measured in the raw limit only).
-SERVED_KINDS = tuple(k for k in Kind if not k.gives_latent)
+# The kinds driven through the servers (the encoder is measured in the raw limit only; a two-way
+# translator not at all: the naive server feeds no direction).
+SERVED_KINDS = tuple(k for k in Kind if not k.gives_latent and not k.two_way)
 PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "bench-dcgan-256", "dcgan-digits")
 
 

@@ -29,6 +29,9 @@ MAX_BULK_BUDGET_S: Final = 10.0
 # single-threaded calls side by side beat one two-threaded call (1.5-2x; bench/README.md), and the
 # server runs a batch that is alone on an all-cores session (runtime.solo_session).
 EXPORT_INSTANCES: Final = 2
+# code_prior sampling: the softmax temperature's upper bound (SampleCodesRequest.temperature and
+# config.json sampling.temperature; the lower bound is > 0).
+MAX_TEMPERATURE: Final = 10.0
 
 
 class ConfigError(ValueError):
@@ -263,6 +266,17 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    """config.json's `sampling` (code_prior only): SampleCodes' options where a request leaves them
+    unset, so a plain request gets the setting the model's card scores (e.g. its class accuracy)."""
+
+    # Softmax temperature, 0 < t <= MAX_TEMPERATURE (applied rounded to float32, as the request's).
+    temperature: float = 1.0
+    # Sample among the top_k most likely codes, 0 (every code) .. the card's codebook_size.
+    top_k: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     kind: Kind
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -283,6 +297,8 @@ class ModelConfig:
     # it once the mapping's name is known): the style_mapping model (a name in the same repository) that
     # maps z to w (its highest ready version at request time).
     mapping: str = ""
+    # code_prior only: the sampling options of a SampleCodes request that leaves them unset.
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 CONFIG_FIELDS: Final = (
@@ -296,6 +312,7 @@ CONFIG_FIELDS: Final = (
     "decoder",
     "top_prior",
     "mapping",
+    "sampling",
 )
 
 
@@ -355,6 +372,24 @@ def _batching(r: Reader, default_max_queue_size: int) -> BatchingConfig:
             f"must be >= {r.prefix}max_batch_size ({max_batch_size}), got {batching.max_queue_size}",
         )
     return batching
+
+
+def _sampling(r: Reader, kind: Kind) -> SamplingConfig:
+    """`sampling`: code_prior only; temperature in (0, MAX_TEMPERATURE], top_k >= 0 (the card's
+    codebook_size bounds it: the server checks that at load, where it reads the card)."""
+    given = r.raw("sampling") is not None
+    sr = r.sub("sampling")
+    d = SamplingConfig()
+    temperature = sr.raw("temperature")
+    if temperature is None:
+        temperature = d.temperature
+    elif not (is_number(temperature) and 0 < temperature <= MAX_TEMPERATURE):
+        raise sr.error("temperature", f"must be a number > 0 and <= {MAX_TEMPERATURE:g}, got {temperature!r}")
+    top_k = sr.integer("top_k", d.top_k, min_value=0)
+    sr.finish()
+    if given and not kind.autoregressive:
+        raise r.error("sampling", f"applies to kind code_prior only, not {kind}")
+    return SamplingConfig(temperature=float(temperature), top_k=top_k)
 
 
 def _version_policy(r: Reader) -> VersionPolicy:
@@ -437,6 +472,7 @@ def parse_model_config(
         precision=r.string("precision", d.precision, choices=PRECISIONS),
         version_policy=policy,
         runtime=runtime,
+        sampling=_sampling(r, d.kind),
     )
     r.finish()
     return config

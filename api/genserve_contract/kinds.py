@@ -45,6 +45,12 @@ LOGITS = TensorDecl("logits", "float32", 4)
 # w space between them: truncation toward the card's w_avg, style mixing, interpolation.
 W = TensorDecl("w", "float32", 2)
 WS = TensorDecl("ws", "float32", 3)
+# Two-way translators (CycleGAN): one graph holding both generators, `direction` int64 [N] picks
+# which runs (0 = A->B, 1 = B->A; the card's `domains` names A and B). Every row of one call has the
+# same direction (the graph reads row 0's, through an ONNX If, so only one generator runs): the
+# server batches rows by direction.
+DIRECTION = TensorDecl("direction", "int64", 1)
+DIRECTIONS: tuple[str, ...] = ("A_TO_B", "B_TO_A")  # direction values 0 and 1
 
 # The config.json batching export writes per kind family (the server's own defaults for absent
 # fields are config.BatchingConfig's). Generators are cheap per item and served to many small
@@ -97,6 +103,7 @@ class Kind(enum.StrEnum):
     CODE_DECODER = "code_decoder"
     STYLE_MAPPING = "style_mapping"
     STYLE_GENERATOR = "style_generator"
+    TWO_WAY_TRANSLATOR = "two_way_translator"
 
     @classmethod
     def parse(cls, value: object) -> Kind:
@@ -185,6 +192,17 @@ class Kind(enum.StrEnum):
         return WS.name in self.input_names
 
     @property
+    def two_way(self) -> bool:
+        """Input `direction` (two_way_translator: `domains` applies; Translate's direction picks the
+        generator)."""
+        return DIRECTION.name in self.input_names
+
+    @property
+    def translates(self) -> bool:
+        """Answers Translate: image in, same-size image out, untiled (image_to_image, two_way_translator)."""
+        return self.takes_image and self.image_output_name == OUTPUT_IMAGE.name and not self.tiled
+
+    @property
     def answers_sample(self) -> bool:
         """Images from seeds or latents (Sample, SampleStream, Interpolate): the kinds that take z and
         give an image, and the style generator (z through its mapping)."""
@@ -221,6 +239,12 @@ _SPECS: Mapping[Kind, KindSpec] = MappingProxyType(
         Kind.CODE_DECODER: KindSpec(inputs=(CODES,), outputs=(IMAGE,), optional_inputs=(TOP_CODES,)),
         Kind.STYLE_MAPPING: KindSpec(inputs=(Z,), outputs=(W,)),
         Kind.STYLE_GENERATOR: KindSpec(inputs=(WS,), outputs=(IMAGE,)),
+        Kind.TWO_WAY_TRANSLATOR: KindSpec(
+            inputs=(IMAGE, DIRECTION),
+            outputs=(OUTPUT_IMAGE,),
+            fully_convolutional=True,
+            export_batching=_IMAGE_BATCHING,
+        ),
     }
 )
 if set(_SPECS) != set(Kind):  # a new member without its declaration fails at import, not at serve time
@@ -231,3 +255,4 @@ LATENT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_latent)
 # The kinds that answer Sample (the latent kinds with an image output, and the style generator).
 SAMPLE_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.answers_sample)
 IMAGE_INPUT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_image)
+TRANSLATE_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.translates)

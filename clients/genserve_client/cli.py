@@ -56,6 +56,7 @@ from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
 from genserve_client.pngmeta import png_text, pnginfo, with_png_text
+from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
 
@@ -528,7 +529,7 @@ def cmd_upscale(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
-    return _image_command(client.translate, args)
+    return _image_command(client.translate, args, direction=args.direction)
 
 
 # Settings that decide a bulk job's output: `--resume DIR` takes them from DIR/job.json.
@@ -811,9 +812,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
     p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random, and printed")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
-    p.add_argument("--temperature", type=float, help="code priors: softmax temperature (default 1)")
     p.add_argument(
-        "--top-k", type=int, default=0, help="code priors: sample among the k likeliest codes (0: all)"
+        "--temperature",
+        type=float,
+        help="code priors: softmax temperature (default: the model's, config.json sampling)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="code priors: sample among the k likeliest codes (0: the model's default, normally all)",
     )
     p.add_argument(
         "--progress",
@@ -888,6 +896,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tile-size", type=int, default=0, help="input tile size (0: the card's)")
             p.add_argument(
                 "--tile-overlap", type=int, help="tile overlap in input pixels (default: the server's)"
+            )
+        else:
+            p.add_argument(
+                "--direction",
+                choices=tuple(DIRECTIONS),
+                default="a_to_b",
+                help="a two_way_translator's direction between its card's domains [A, B] (default "
+                "a_to_b; a one-way image_to_image model has a_to_b only)",
             )
 
     p = command("bulk", "resumable production batch over SampleStream")

@@ -24,6 +24,11 @@ from genserve_client.convert import (
 Format: TypeAlias = "str | types_pb2.ImageFormat.ValueType"
 Latent: TypeAlias = "int | npt.ArrayLike"  # a seed, or an explicit float32 [Z] latent
 
+# Translate's direction: a two_way_translator's A -> B (the default) or B -> A (its card's `domains`).
+DIRECTIONS = {
+    "a_to_b": genserve_pb2.DIRECTION_A_TO_B,
+    "b_to_a": genserve_pb2.DIRECTION_B_TO_A,
+}
 _MODES = {
     "slerp": genserve_pb2.INTERPOLATION_MODE_SLERP,
     "lerp": genserve_pb2.INTERPOLATION_MODE_LERP,
@@ -108,6 +113,7 @@ class ImageOptions(OutputOptions, total=False):
     tile_size: int
     tile_overlap: int
     version: str
+    direction: str  # Translate: "a_to_b" (the default) or "b_to_a" (a two_way_translator's reverse)
 
 
 def output_options(opts: OutputOptions) -> types_pb2.OutputOptions:
@@ -270,4 +276,9 @@ def image_request(
     )
     if "tile_overlap" in opts:
         req.tile_overlap = opts["tile_overlap"]
+    if "direction" in opts:
+        direction = opts["direction"]
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        req.direction = DIRECTIONS[direction]
     return req

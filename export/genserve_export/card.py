@@ -60,6 +60,7 @@ USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
     + (("input_range",) if kind.takes_image else ())
     + (("class_names",) if kind.conditional else ())
     + (("latent_dim", "w_avg") if kind.styled else ())
+    + (("domains",) if kind.two_way else ())
     for kind in Kind
 }
 # Fields of the style kinds only (written for them, absent from other kinds' cards).
@@ -280,6 +281,14 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
 
     problems += _validate_kind_fields(card, where)
     problems += _validate_objects(card, where)
+    domains = card.get("domains")
+    if kind.two_way and (
+        not isinstance(domains, list)
+        or len(domains) != 2
+        or not all(isinstance(d, str) and d for d in domains)
+        or domains[0] == domains[1]
+    ):
+        problems.append(f"{where}: field 'domains' must be two different names [A, B], got {domains!r}")
     return problems
 
 

@@ -500,6 +500,8 @@ def _parity_cases(
                     feeds["z"] = rng.standard_normal((batch, derived["latent_dim"])).astype(np.float32)
                 elif decl.name == "label":
                     feeds["label"] = rng.integers(0, len(derived["class_names"]), batch).astype(np.int64)
+                elif decl.name == "direction":
+                    feeds["direction"] = np.zeros(batch, np.int64)  # one direction per call; both below
                 elif decl.name == "ws":
                     shape = (batch, derived["num_layers"], derived["w_dim"])
                     feeds["ws"] = rng.standard_normal(shape).astype(np.float32)
@@ -509,6 +511,8 @@ def _parity_cases(
                     hw = size if size is not None else tuple(example["image"].shape[2:])
                     feeds["image"] = rng.uniform(lo, hi, (batch, c, *hw)).astype(np.float32)
             cases.append(feeds)
+            if "direction" in feeds:  # a two-way translator: every case in both directions
+                cases.append({**feeds, "direction": np.ones(batch, np.int64)})
     return cases
 
 

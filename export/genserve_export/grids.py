@@ -79,6 +79,11 @@ def write_grid(card: Mapping[str, Any], run: OnnxRun, out_path: Path, recipe: An
         z = rng.standard_normal((len(labels), card["latent_dim"])).astype(np.float32)
         images = to_uint8(run({"z": z, "label": labels})["image"], card["output_range"])
         grid = tile([list(images[r * 8 : r * 8 + 8]) for r in range(classes)], scale=2)
+    elif kind.two_way:
+        hook = getattr(recipe, "strip_inputs", None)
+        if hook is None:
+            return None
+        grid = translation_strip(card, run, *hook())
     elif kind.takes_image and kind.image_output_name is not None:
         hook = getattr(recipe, "grid_pairs", None)
         inputs, targets = hook(card["name"], card) if hook is not None else _fallback_pairs(card)
@@ -97,3 +102,20 @@ def write_grid(card: Mapping[str, Any], run: OnnxRun, out_path: Path, recipe: An
     out_path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out_path)
     return out_path
+
+
+def translation_strip(card: Mapping[str, Any], run: OnnxRun, a: np.ndarray, b: np.ndarray) -> Image.Image:
+    """A two-way translator's strip: rows A, A->B, A->B->A, then B, B->A, B->A->B (one digit a column)."""
+
+    def translate(images: np.ndarray, direction: int) -> np.ndarray:
+        feeds: dict[str, np.ndarray] = {
+            "image": images.astype(np.float32),
+            "direction": np.full(len(images), direction, np.int64),
+        }
+        return run(feeds)["output_image"]
+
+    a_b = translate(a, 0)
+    b_a = translate(b, 1)
+    rows = [a, a_b, translate(a_b, 1), b, b_a, translate(b_a, 0)]
+    lo, hi = card["input_range"]
+    return tile([list(to_uint8(row, (lo, hi))) for row in rows], scale=2)

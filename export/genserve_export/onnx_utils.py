@@ -69,6 +69,13 @@ class _ImageInput(NamedOutputs):
         return self.run(image)
 
 
+class _ImageDirectionInput(NamedOutputs):
+    """A two-way translator: images and their direction [N] (0 = A->B, 1 = B->A)."""
+
+    def forward(self, image: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.run(image, direction)
+
+
 class _WsInput(NamedOutputs):
     """A style generator's synthesis network: per-layer styles [N, num_layers, w_dim]."""
 
@@ -103,6 +110,7 @@ _ADAPTERS: dict[tuple[str, ...], type[NamedOutputs]] = {
     ("z",): _ZInput,
     ("z", "label"): _ZLabelInput,
     ("image",): _ImageInput,
+    ("image", "direction"): _ImageDirectionInput,
     ("codes",): _CodesInput,
     ("codes", "label"): _CodesLabelInput,
     ("codes", "top_codes"): _CodesTopInput,

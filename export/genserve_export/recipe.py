@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from genserve_contract.config import ModelConfig
+
 # Runs one exported graph: feeds by input name, returns outputs by output name.
 OnnxRun = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -61,9 +63,16 @@ class Recipe(Protocol):
 #     Like ``evaluate``, for figures that need another entry of the same repository (the VAE's
 #     reconstruction needs encoder and decoder). ``sibling(entry_name)`` returns an ``OnnxRun``
 #     for that entry's latest version, or None if the repository lacks it. When present, verify
-#     calls it instead of ``evaluate``.
+#     calls it instead of ``evaluate``. A recipe whose figures depend on how the server is
+#     configured to run an entry (a code prior's default sampling temperature) takes a fifth
+#     keyword parameter ``sibling_config``: ``sibling_config(entry_name)`` returns that entry's
+#     config.json as read by the contract (genserve_contract.config.ModelConfig), or None.
 # grid_pairs(name, card) -> tuple[np.ndarray, np.ndarray | None]
 #     super_resolution / image_to_image: (inputs [N, C, h, w] in input_range, targets
 #     [N, C', H, W] in output_range or None) for ``verify --grids`` strips input | output | target.
 #     Without it, verify uses two bundled scikit-image photos (targets only for super-resolution).
+# strip_inputs() -> tuple[np.ndarray, np.ndarray]
+#     two_way_translator: held-out images of domain A and of domain B (same count, in input_range)
+#     for ``verify --grids``' translation strip: A, A->B, A->B->A, B, B->A, B->A->B.
 SiblingRuns = Callable[[str], OnnxRun | None]
+SiblingConfigs = Callable[[str], ModelConfig | None]

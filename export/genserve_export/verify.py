@@ -9,6 +9,7 @@ and checked against the card's thresholds. Every problem is collected, not only 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from genserve_contract.config import ModelConfig, parse_model_config
 from genserve_contract.kinds import Kind
 from genserve_contract.repository import VERSION_PATTERN, sha256_file
 from genserve_export.card import check_thresholds, validate_card, validate_config
@@ -157,6 +159,13 @@ class _SessionCache:
         if path not in self._sessions:
             self._sessions[path] = session(path)
         return self._sessions[path]
+
+    def latest_config(self, entry_name: str) -> ModelConfig | None:
+        """``entry_name``'s config.json by the contract's rules, or None if missing or invalid."""
+        try:
+            return parse_model_config(json.loads((self.root / entry_name / "config.json").read_text()))
+        except (OSError, ValueError):
+            return None
 
     def latest_run(self, entry_name: str) -> OnnxRun | None:
         """The latest version of ``entry_name`` (``model.onnx``), or with ``entry/file`` an auxiliary
@@ -331,6 +340,8 @@ def _feeds(
             k = card["top_codebook_size" if top else "codebook_size"]
             grid = card["top_grid" if top else "grid"]
             feeds[tensor["name"]] = rng.integers(0, k, (batch, *grid)).astype(np.int64)
+        elif tensor["name"] == "direction":  # one per call (kinds.DIRECTION): A -> B
+            feeds["direction"] = np.zeros(batch, np.int64)
         elif tensor["name"] == "ws":
             feeds["ws"] = rng.standard_normal((batch, card["num_layers"], card["w_dim"])).astype(np.float32)
         elif tensor["name"] == "image":
@@ -441,7 +452,10 @@ def _check_quality(
             recipe, "evaluate_with_siblings", None
         )
         if with_siblings is not None:
-            figures = with_siblings(card["name"], card, run, sessions.latest_run)
+            configs = {}
+            if "sibling_config" in inspect.signature(with_siblings).parameters:
+                configs["sibling_config"] = sessions.latest_config
+            figures = with_siblings(card["name"], card, run, sessions.latest_run, **configs)
         else:
             figures = recipe.evaluate(card["name"], card, run)
     except Exception as exc:  # a recipe's evaluation is third-party code; report, do not crash verify

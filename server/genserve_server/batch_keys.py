@@ -28,6 +28,8 @@ SEED_INPUT = "seed"
 # [N, H, W, C] pixels (converted once per batch when the model version asks for it).
 DRAWN_LATENTS_OUTPUT = "z"
 PIXELS_OUTPUT = "image_u8"
+# A two-way translator's direction feed, added per batch from its key (ImageRows.direction).
+DIRECTION_INPUT = "direction"
 
 
 class RowsKey:
@@ -103,9 +105,20 @@ class TileRows(RowsKey):
 @dataclass(frozen=True, slots=True)
 class ImageRows(RowsKey):
     """Whole input images of one (C, H, W) shape (Translate), or of the model's fixed size (None:
-    the encoder)."""
+    the encoder). A two-way translator's rows also share one direction (0 = A->B, 1 = B->A), fed to
+    its graph as `direction` [N]: the graph runs the one generator row 0 asks for, so rows of the
+    other direction wait for a batch of their own."""
 
     shape: tuple[int, ...] | None = None
+    direction: int | None = None
+
+    def prepare(
+        self, inputs: Mapping[str, np.ndarray], latent_dim: int | None
+    ) -> tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]:
+        if self.direction is None:
+            return inputs, {}
+        rows = len(next(iter(inputs.values())))
+        return {**inputs, DIRECTION_INPUT: np.full(rows, self.direction, np.int64)}, {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -385,6 +385,8 @@ class Card:
     w_dim: int | None = None
     num_layers: int | None = None
     w_avg: tuple[float, ...] | None = None
+    # two_way_translator: the names of domains A and B (Translate's direction A_TO_B maps A to B).
+    domains: tuple[str, str] | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -421,6 +423,22 @@ def _w_avg(r: _Reader, w_dim: int | None) -> tuple[float, ...] | None:
     if w_dim is not None and len(value) != w_dim:
         raise r.error("w_avg", f"must have w_dim ({w_dim}) values, got {len(value)}")
     return tuple(float(v) for v in value)
+
+
+def _domains(r: _Reader, kind: Kind) -> tuple[str, str] | None:
+    value = r.raw("domains")
+    if value is None:
+        if kind.two_way:
+            raise r.error("domains", f"is required for kind {kind} (the names of domains A and B)")
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, str) and v for v in value)
+        or value[0] == value[1]
+    ):
+        raise r.error("domains", f"must be two different non-empty names [A, B], got {value!r}")
+    return str(value[0]), str(value[1])
 
 
 def _range(r: _Reader, key: str, required: bool) -> tuple[float, float] | None:
@@ -506,7 +524,7 @@ def load_card(path: Path) -> Card:
         w_dim=r.integer("w_dim", 0, min_value=1) or None,
         num_layers=r.integer("num_layers", 0, min_value=2) or None,
     )
-    card = dataclasses.replace(card, w_avg=_w_avg(r, card.w_dim))
+    card = dataclasses.replace(card, w_avg=_w_avg(r, card.w_dim), domains=_domains(r, kind))
     if (kind.takes_latent or kind.styled) and card.latent_dim is None:
         raise r.error("latent_dim", f"is required for kind {kind}")
     if kind.conditional and not card.class_names:

@@ -9,7 +9,7 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 - `sample`: `generate` through the image cache when it is on;
 - `encode_vae`: images -> latent distributions;
 - `upscale`: pad -> plan tiles -> group by shape -> submit -> blend -> crop;
-- `translate`: bucket by padded shape -> submit -> crop.
+- `translate`: bucket by padded shape (and a two-way translator's direction) -> submit -> crop.
 - code priors: code_sampling.py (a prior's step scheduler -> its code_decoder's batcher).
 - style generators: style_sampling.py (z -> w by the mapping's batcher, truncation and style
   mixing in w space, ws -> image by the synthesis batcher); `generate` dispatches to it.
@@ -116,14 +116,14 @@ async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
-def image_batch_key(card: Card, shape: tuple[int, ...]) -> BatchKey:
+def image_batch_key(card: Card, shape: tuple[int, ...], direction: int | None = None) -> BatchKey:
     """The key of whole-image rows of `shape` (C, H, W): tiles for super-resolution, images else;
-    fixed-size models batch every row together."""
+    fixed-size models batch every row together. A two-way translator's rows also by `direction`."""
     if card.image_size is not None:
-        return ImageRows()
+        return ImageRows(direction=direction)
     if card.kind.tiled:
         return TileRows(shape)
-    return ImageRows(shape)
+    return ImageRows(shape, direction)
 
 
 class GenerationCore:
@@ -462,6 +462,7 @@ class GenerationCore:
                 takes_label=bool(card.class_names),
                 top_grid=card.top_grid,
                 metrics=mv.metrics,
+                defaults=mv.config.sampling,
             )
             # Forget schedulers of versions replaced or unloaded once their rows are done.
             self.steppers = {v: s for v, s in self.steppers.items() if s.rows or v.state == ModelState.READY}
@@ -649,10 +650,19 @@ class GenerationCore:
     # ------------------------------------------------------------------ image-to-image
 
     async def translate(
-        self, mv: ModelVersion, call: Call, images: Sequence[ImageInput], out: OutputSpec
+        self,
+        mv: ModelVersion,
+        call: Call,
+        images: Sequence[ImageInput],
+        out: OutputSpec,
+        direction: int = validate.A_TO_B,
     ) -> Upscaled:
+        """`direction` (validate.A_TO_B or B_TO_A): a two-way translator's generator; a one-way
+        model has A_TO_B only."""
         card = mv.card
         assert card is not None
+        validate.direction(direction, card)
+        two_way = direction if card.kind.two_way else None
         arrays = await self.codec.decode(
             mv.metrics, images, card, self.limits.max_input_pixels, timing=call.timing
         )
@@ -674,7 +684,7 @@ class GenerationCore:
                 self.submit(
                     mv,
                     call,
-                    image_batch_key(card, shape),
+                    image_batch_key(card, shape, two_way),
                     {"image": np.stack([padded[i] for i in groups[shape]])},
                     len(groups[shape]),
                     Lane.INTERACTIVE,

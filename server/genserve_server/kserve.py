@@ -47,8 +47,11 @@ logger = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
 # Code kinds are sampled step by step (genserve.v1 SampleCodes), not in one model call; style kinds
-# are two graphs served together in w space (genserve.v1 Sample, MixStyles).
-INFER_KINDS = tuple(k for k in KINDS if not (Kind(k).takes_codes or Kind(k).styled or Kind(k).maps_latent))
+# are two graphs served together in w space (genserve.v1 Sample, MixStyles); a two-way translator's
+# rows of one call must share a direction, which genserve.v1 Translate's batching guarantees.
+INFER_KINDS = tuple(
+    k for k in KINDS if not (Kind(k).takes_codes or Kind(k).styled or Kind(k).maps_latent or Kind(k).two_way)
+)
 # card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
 
 

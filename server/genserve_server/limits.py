@@ -126,8 +126,10 @@ class GuardedRegistrar:
         return cast(grpc.aio.Server, self)
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Handler]) -> None:
-        wrapped = {name: self._wrap(f"/{service_name}/{name}", h) for name, h in method_handlers.items()}
-        self._server.add_registered_method_handlers(service_name, wrapped)
+        """Not registered: the generated code hands the same handlers to add_generic_rpc_handlers too,
+        and grpc.aio's server waits on one pending call per registered method on every new call
+        (an `asyncio.wait` over ~30 futures): with the generic handlers alone a trivial call cost
+        3-25 % less server CPU (bench/profile.md, item 31)."""
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers([_WrappedGeneric(h, self._wrap) for h in generic_rpc_handlers])

@@ -95,6 +95,13 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
             "style_mapping model that maps z to w)",
             field="mapping",
         )
+    top_k = mv.config.sampling.top_k
+    if card.codebook_size is not None and top_k > card.codebook_size:
+        raise ConfigError(
+            f"{mv.path.parent / 'config.json'}: sampling.top_k must be <= the card's codebook_size "
+            f"({card.codebook_size}), got {top_k}",
+            field="sampling.top_k",
+        )
     choice = choose_model_file(mv.path, mv.config.precision, json.loads(card.raw_json))
     requested = sc.execution_providers or mv.config.execution_providers
     mv.gpu_requested = any(p in GPU_PROVIDERS for p in requested)
@@ -154,7 +161,7 @@ def _probe(card: Card, runner: Runner) -> tuple[float, float]:
         side = -(-side // card.size_multiple) * card.size_multiple
         height, width = image.shape[2:]
         if side * side < height * width:
-            inputs = {"image": np.zeros((1, image.shape[1], side, side), np.float32)}
+            inputs = {**inputs, "image": np.zeros((1, image.shape[1], side, side), np.float32)}
             scale = height * width / (side * side)
     return calibration.probe(runner, inputs, scale)
 
@@ -392,7 +399,10 @@ def warmup_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:
         side = card.tile_size or max(card.min_size, 32)
         side = -(-side // card.size_multiple) * card.size_multiple
         h = w = side
-    return {"image": np.zeros((batch, channels, h, w), np.float32)}
+    feeds = {"image": np.zeros((batch, channels, h, w), np.float32)}
+    if card.kind.two_way:  # A -> B (batch_keys.ImageRows.direction)
+        feeds["direction"] = np.zeros((batch,), np.int64)
+    return feeds
 
 
 def profile_shapes(card: Card, max_batch_size: int) -> ProfileShapes | None:

@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
-from genserve_server import kserve, probe, security
+from genserve_server import event_loop, kserve, probe, security
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
@@ -378,6 +378,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
     loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
     await app.start()
+    logger.info("event loop: %s", event_loop.running_loop_name())
     if not app.stop_requested:
         metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
         sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
@@ -478,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--ready-file", type=Path, default=None, help="write {port, metrics_port, pid} JSON when ready"
     )
+    s.add_argument(
+        "--event-loop",
+        choices=event_loop.CHOICES,
+        default="auto",
+        help="asyncio loop: auto = uvloop where installed, else asyncio's own (default auto)",
+    )
     s.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
     s.add_argument("--log-json", action="store_true", help="JSON-lines logs")
     s.add_argument(
@@ -502,7 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":
         return probe.run(args)
     try:
-        return asyncio.run(serve(args))
+        loop = event_loop.resolve(args.event_loop)
+    except ValueError as exc:
+        sys.stderr.write(f"genserve-server: {exc}\n")
+        return 2
+    try:
+        return event_loop.run(serve(args), loop)
     except GenserveError as exc:
         sys.stderr.write(f"genserve-server: {exc}\n")
         return 2

@@ -92,6 +92,7 @@ _ONE_METHOD_KINDS = {
     Kind.VAE_ENCODER: "Encode",
     Kind.SUPER_RESOLUTION: "SuperResolve",
     Kind.IMAGE_TO_IMAGE: "Translate",
+    Kind.TWO_WAY_TRANSLATOR: "Translate",
     Kind.CODE_PRIOR: "SampleCodes",
 }
 
@@ -108,7 +109,7 @@ def _kind_methods(kind: Kind) -> tuple[str, ...]:
         methods.append(_ONE_METHOD_KINDS[kind])
     if kind == Kind.CODE_PRIOR:
         methods.append("SampleCodesStream")
-    if not kind.takes_codes and not kind.styled and not kind.maps_latent:
+    if not kind.takes_codes and not kind.styled and not kind.maps_latent and not kind.two_way:
         methods.append("ModelInfer")
     return tuple(methods)
 

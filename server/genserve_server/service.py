@@ -16,7 +16,7 @@ import numpy as np
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
-from genserve_contract.kinds import Kind
+from genserve_contract.kinds import TRANSLATE_KINDS, Kind
 from genserve_server import latents, service_codes, service_styles, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
@@ -39,6 +39,12 @@ from genserve_server.service_parts import (
 DEFAULT_CHUNK = 64
 # Decode: latents -> images with no label to give (a conditional generator needs one per row).
 DECODE_KINDS = tuple(k for k in Kind if k.takes_latent and k.answers_sample and not k.conditional)
+# Translate's direction -> the graph's (validate.A_TO_B / B_TO_A); unset is A -> B.
+_DIRECTIONS = {
+    pb.DIRECTION_UNSPECIFIED: validate.A_TO_B,
+    pb.DIRECTION_A_TO_B: validate.A_TO_B,
+    pb.DIRECTION_B_TO_A: validate.B_TO_A,
+}
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
@@ -288,6 +294,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     # ================================================================== SuperResolve / Translate
 
     async def _do_super_resolve(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
+        if request.direction:
+            raise invalid("direction", "only Translate takes a direction")
         mv = self.core.resolve(call, request.model, request.version, (Kind.SUPER_RESOLUTION,), "SuperResolve")
         validate.image_count(len(request.images), self.limits.max_images_per_image_request)
         out = output_spec(request.output)
@@ -300,12 +308,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         )
 
     async def _do_translate(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
-        mv = self.core.resolve(call, request.model, request.version, (Kind.IMAGE_TO_IMAGE,), "Translate")
+        mv = self.core.resolve(call, request.model, request.version, TRANSLATE_KINDS, "Translate")
         validate.image_count(len(request.images), self.limits.max_images_per_image_request)
         if request.tile_size or request.HasField("tile_overlap"):
             raise invalid("tile_size", "only SuperResolve takes tile_size/tile_overlap")
         out = output_spec(request.output)
-        translated = await self.core.translate(mv, call, request.images, out)
+        direction = _DIRECTIONS.get(request.direction)
+        if direction is None:
+            names = " or ".join(validate.DIRECTION_NAMES)
+            raise invalid("direction", f"must be {names}, got {request.direction}")
+        translated = await self.core.translate(mv, call, request.images, out, direction)
         return pb.ImageResponse(
             images=image_protos(translated.images),
             provenance=provenance(mv, translated.executed_batch_sizes),

@@ -17,7 +17,9 @@ stream (CODE_RNG_ALGORITHM, documented above SampleCodesRequest in protos/genser
    the code at raster position p = r * W + c uses counter (p, stream, 0, 0), stream 0 for a prior
    without top_codes (single-level or top) and 1 for a bottom prior; u = (x0 + 0.5) / 2^32 (float64).
 2. l = float64(logits[:, r, c]) / temperature; with top_k > 0 only the top_k largest l stay (ties:
-   the lower code first), the rest are dropped.
+   the lower code first), the rest are dropped. A request that leaves temperature unset (top_k 0)
+   gets the prior's config.json sampling.temperature rounded to float32 (sampling.top_k; 1 and 0
+   where absent): the same grid as a request that sends those values.
 3. w_j = exp(l_j - max l); the code is the smallest j whose running sum w_0 + .. + w_j > u * sum(w).
 """
 
@@ -32,13 +34,13 @@ from typing import Final
 
 import numpy as np
 
+from genserve_contract.config import MAX_TEMPERATURE, SamplingConfig
 from genserve_server import latents
 from genserve_server.batcher import Lane
 from genserve_server.errors import DeadlineExceeded, ResourceExhausted, invalid
 from genserve_server.metrics import ModelMetrics
 
 CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
-MAX_TEMPERATURE: Final = 10.0
 # Unfilled positions of a grid hold this code (kinds.CODES): the prior's masks never read them.
 UNFILLED: Final = 0
 
@@ -49,18 +51,33 @@ Progress = Callable[[int, np.ndarray], None]
 
 @dataclass(frozen=True, slots=True)
 class SamplingOptions:
-    temperature: float = 1.0
-    top_k: int = 0  # 0: every code
+    """A request's options; unset ones take the prior's config.json `sampling` (`resolved`)."""
+
+    temperature: float | None = None  # None: the prior's sampling.temperature
+    top_k: int = 0  # 0: the prior's sampling.top_k (0 there: every code)
 
     @staticmethod
     def checked(temperature: float | None, top_k: int, codebook_size: int) -> SamplingOptions:
         """Options within range, else InvalidArgument naming the field and its limit."""
-        t = 1.0 if temperature is None else float(temperature)
-        if not (math.isfinite(t) and 0.0 < t <= MAX_TEMPERATURE):
+        if temperature is not None and not (
+            math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE
+        ):
             raise invalid("temperature", f"must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
         if not 0 <= top_k <= codebook_size:
-            raise invalid("top_k", f"must be in 0..{codebook_size} (0: every code), got {top_k}")
-        return SamplingOptions(t, int(top_k))
+            raise invalid(
+                "top_k",
+                f"must be in 0..{codebook_size} (0: the model's default; {codebook_size}: every code), "
+                f"got {top_k}",
+            )
+        return SamplingOptions(None if temperature is None else float(temperature), int(top_k))
+
+    def resolved(self, defaults: SamplingConfig) -> tuple[float, int]:
+        """(temperature, top_k) to sample with. The default temperature is rounded to float32, as
+        the request's field is, so leaving it unset equals sending the default (byte-identical)."""
+        temperature = (
+            float(np.float32(defaults.temperature)) if self.temperature is None else self.temperature
+        )
+        return temperature, self.top_k or defaults.top_k
 
 
 def uniforms(seeds: Sequence[int], positions: Sequence[int], stream: int) -> np.ndarray:
@@ -103,7 +120,8 @@ class Row:
     seed: int
     label: int | None
     top: np.ndarray | None
-    options: SamplingOptions
+    temperature: float
+    top_k: int
     deadline: float | None
     future: asyncio.Future[np.ndarray]
     codes: np.ndarray
@@ -150,8 +168,11 @@ class StepScheduler:
         takes_label: bool = False,
         top_grid: tuple[int, int] | None = None,
         metrics: ModelMetrics | None = None,
+        defaults: SamplingConfig | None = None,
     ) -> None:
         self._run = run
+        # The prior's config.json `sampling`: options a request leaves unset.
+        self.defaults = defaults or SamplingConfig()
         # The prior version's series (docs/metrics-contract.md): a step is a batch (compute
         # duration, batch size = rows per step), the join wait is the interactive queue wait, a
         # full budget is a `queue_full` rejection, and genserve_step_running_rows the running set.
@@ -202,12 +223,14 @@ class StepScheduler:
                 "retry with backoff"
             )
         loop = asyncio.get_running_loop()
+        temperature, top_k = options.resolved(self.defaults)
         rows = [
             Row(
                 seed=int(seed),
                 label=None if labels is None else int(labels[i]),
                 top=None if tops is None else tops[i],
-                options=options,
+                temperature=temperature,
+                top_k=min(top_k, self.codebook_size),
                 deadline=deadline,
                 future=loop.create_future(),
                 codes=np.full(self.grid, UNFILLED, np.int64),
@@ -343,8 +366,8 @@ class StepScheduler:
         c = np.array([p % width for p in positions])
         at = logits[np.arange(n), :, r, c]  # [N, K]
         u = uniforms([row.seed for row in rows], positions, self.stream)
-        temperatures = np.array([row.options.temperature for row in rows], np.float64)
-        top_ks = np.array([row.options.top_k for row in rows], np.int64)
+        temperatures = np.array([row.temperature for row in rows], np.float64)
+        top_ks = np.array([row.top_k for row in rows], np.int64)
         return sample_codes(at, u, temperatures, top_ks)
 
 

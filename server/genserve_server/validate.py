@@ -24,6 +24,9 @@ MAX_PSI = 10.0  # truncation psi in (0, MAX_PSI]
 MAX_TILE = 1024  # SuperResolve tile_size
 # Protobuf framing (shapes, seeds, latents, provenance) rides on top of a response's pixel bytes.
 SEND_OVERHEAD_BYTES = 64 * 1024
+# A two-way translator's directions: the graph's `direction` values (genserve_contract.kinds).
+A_TO_B, B_TO_A = 0, 1
+DIRECTION_NAMES = ("DIRECTION_A_TO_B", "DIRECTION_B_TO_A")
 
 FORMAT_NAMES: dict[ImageFormat, str] = {
     ImageFormat.UNSPECIFIED: "png",
@@ -281,6 +284,19 @@ def image_count(n: int, limit: int, field: str = "images") -> int:
     if not 1 <= n <= limit:
         raise invalid(field, f"must have 1..{limit} images, got {n}")
     return n
+
+
+def direction(value: int, card: Card, field: str = "direction") -> int:
+    """A Translate direction the model has: both for a two-way translator, A_TO_B for a one-way one."""
+    if value not in (A_TO_B, B_TO_A):
+        raise invalid(field, f"must be {' or '.join(DIRECTION_NAMES)}, got {value}")
+    if value != A_TO_B and not card.kind.two_way:
+        raise invalid(
+            field,
+            f"{card.name} is a one-way {card.kind} model: it translates {DIRECTION_NAMES[A_TO_B]} only "
+            f"(the default), got {DIRECTION_NAMES[value]}",
+        )
+    return value
 
 
 def min_size(arrays: Sequence[np.ndarray], card: Card) -> None:

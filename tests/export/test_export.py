@@ -311,7 +311,7 @@ def test_the_exporters_config_check_accepts_every_field_the_server_reads(tmp_pat
     assert validate_config(config) == []
     assert validate_config({**config, "batchin": {}}) == [
         "config.json: batchin is not a known field (known: batching, decoder, execution_providers, "
-        "instances, kind, mapping, precision, runtime, top_prior, version_policy)"
+        "instances, kind, mapping, precision, runtime, sampling, top_prior, version_policy)"
     ]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))

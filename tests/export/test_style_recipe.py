@@ -72,7 +72,7 @@ def test_stylegan_recipe_exports_two_graphs_the_server_serves(tmp_path: Path) ->
         style.W_DIM,
         style.NUM_LAYERS,
     )
-    assert len(card["w_avg"]) == style.W_DIM and card["image_size"] == [28, 28]
+    assert len(card["w_avg"]) == style.W_DIM and card["image_size"] == [style.IMAGE_SIDE, style.IMAGE_SIDE]
     config = json.loads((models / style.NAME / "config.json").read_text())
     assert config["mapping"] == style.MAPPING_NAME and config["kind"] == "style_generator"
     broken = dict(card, w_avg=card["w_avg"][:-1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,6 +74,24 @@ def test_a_few_training_steps_export_and_verify(tmp_path: Path, monkeypatch: pyt
     assert prior_card["grid"] == [14, 14] and prior_card["top_grid"] == [7, 7]
     assert [t["name"] for t in prior_card["inputs"]] == ["codes", "label", "top_codes"]
     assert prior_card["output_range"] is None and prior_card["image_size"] is None
+    assert prior_card["training"]["cpu_s"] > 0
+    # The card's sample figures are at the priors' default sampling (config.json, which the server
+    # applies to a request without options); verify reads it from the repository.
+    for name in (vqvae.TOP_PRIOR, vqvae.PRIOR):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["sampling"] == {"temperature": vqvae.SAMPLING_TEMPERATURE}
+    at = float(np.float32(vqvae.SAMPLING_TEMPERATURE))
+    assert decoder["sampling_temperature"] == decoder["top_sampling_temperature"] == at
+    decoder_card = json.loads((tmp_path / vqvae.DECODER / "1" / "card.json").read_text())
+    assert decoder_card["quality"]["sampling_temperature"] == at
+    config_path = tmp_path / vqvae.PRIOR / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sampling"] = {"temperature": 0.5, "top_k": 8}
+    config_path.write_text(json.dumps(config))
+    moved = verify_repository(tmp_path, check_thresholds=False)
+    figures = {m.name: m for m in moved.models}[vqvae.DECODER].quality_recomputed
+    assert (figures["sampling_temperature"], figures["sampling_top_k"]) == (float(np.float32(0.5)), 8.0)
+    assert figures["top_sampling_temperature"] == at
     # a tampered auxiliary encoder is caught
     (tmp_path / vqvae.DECODER / "1" / vqvae.ENCODER_FILE).write_bytes(b"not a graph")
     tampered = verify_repository(tmp_path, check_thresholds=False)

@@ -243,16 +243,20 @@ def test_super_resolve_tiled_equals_untiled(
     np.testing.assert_allclose(tensor_of(response.images[0]), untiled[0, :, : h * s, : w * s], atol=1e-5)
 
 
-@pytest.mark.parametrize("model", models_of("image_to_image"))
+@pytest.mark.parametrize("model", models_of("image_to_image", "two_way_translator"))
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_translate(stub: pb_grpc.GenerationServiceStub, model: str, fmt: int) -> None:
     c = card(stub, model)
     channels = int(c["input_channels"] or 3)  # type: ignore[call-overload]
     img = np.random.default_rng(4).integers(0, 256, (50, 70, channels), dtype=np.uint8)
-    response = stub.Translate(
-        pb.ImageRequest(model=model, images=[raw(img)], output=tpb.OutputOptions(format=fmt))
-    )
-    check_image(response.images[0], fmt, int(c["channels"] or 3), 50, 70)  # type: ignore[call-overload]
+    directions = [pb.DIRECTION_A_TO_B] + ([pb.DIRECTION_B_TO_A] if c.get("domains") else [])
+    for direction in directions:
+        response = stub.Translate(
+            pb.ImageRequest(
+                model=model, images=[raw(img)], output=tpb.OutputOptions(format=fmt), direction=direction
+            )
+        )
+        check_image(response.images[0], fmt, int(c["channels"] or 3), 50, 70)  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("model", models_of("style_generator"))

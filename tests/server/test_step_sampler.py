@@ -21,6 +21,7 @@ from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_contract.config import SamplingConfig
 from genserve_server import code_sampling, validate
 from genserve_server.code_sampling import CodeSamples
 from genserve_server.config import ServerConfig
@@ -57,6 +58,35 @@ def code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         prior_graph(*GRID, 16),
         {"grid": list(GRID), "codebook_size": 16, "output_range": None},
         config={"decoder": names["decoder2"]},
+    )
+    # A top prior and a chained bottom prior with their own sampling defaults (config.json sampling).
+    names["tempered_top"], names["tempered"] = "tempered-top-prior", "tempered-prior"
+    top = (GRID[0] // 2, GRID[1] // 2)
+    write_model(
+        root,
+        names["tempered_top"],
+        "code_prior",
+        prior_graph(*top, 16, seed=1),
+        {"grid": list(top), "codebook_size": 16, "output_range": None},
+        config={"sampling": {"temperature": 0.3}},
+    )
+    write_model(
+        root,
+        names["tempered"],
+        "code_prior",
+        prior_graph(*GRID, 16, top=top, seed=2),
+        {
+            "grid": list(GRID),
+            "codebook_size": 16,
+            "top_grid": list(top),
+            "top_codebook_size": 16,
+            "output_range": None,
+        },
+        config={
+            "decoder": names["decoder2"],
+            "top_prior": names["tempered_top"],
+            "sampling": {"temperature": 0.7, "top_k": 5},
+        },
     )
     return root, names
 
@@ -488,6 +518,117 @@ async def check_progress_stream(
     assert levels and levels == sorted(levels, key=lambda level: level != "top")  # top first
     assert all(not c.previews for c in chunks[:-1] if c.level == "top")
     assert chunks[-1].result.images[0].image.data == chain.images[0].image.data
+
+
+def test_a_request_without_options_gets_each_priors_config_defaults(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """Unset temperature and top_k: the bottom prior's sampling defaults for the bottom grid, the top
+    prior's for the top grid, byte-identical to asking for them (0.7 goes through the proto's float)."""
+    root, names = code_repo
+
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        server = grpc.aio.server()
+        pb_grpc.add_GenerationServiceServicer_to_server(
+            GenerationService(repo, config, metrics, pool), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                seeds = [1, 2, 3, 4]
+                plain = await stub.SampleCodes(
+                    pb.SampleCodesRequest(model=names["tempered"], seeds=seeds, return_codes=True)
+                )
+                top = await stub.SampleCodes(
+                    pb.SampleCodesRequest(model=names["tempered_top"], seeds=seeds, temperature=0.3)
+                )
+                assert [t.data for t in plain.top_codes] == [t.data for t in top.codes]
+                for i, seed in enumerate(seeds):
+                    asked = await stub.SampleCodes(
+                        pb.SampleCodesRequest(
+                            model=names["tempered"],
+                            seeds=[seed],
+                            temperature=0.7,
+                            top_k=5,
+                            top_codes=top.codes[i],
+                            return_codes=True,
+                        )
+                    )
+                    assert asked.codes[0].data == plain.codes[i].data
+                    assert asked.images[0].image.data == plain.images[i].image.data
+                at_one = await stub.SampleCodes(
+                    pb.SampleCodesRequest(
+                        model=names["tempered"], seeds=seeds, temperature=1.0, top_k=16, return_codes=True
+                    )
+                )
+                # the defaults are not the protocol's 1 and every code: some grid differs
+                assert [t.data for t in at_one.top_codes] != [t.data for t in plain.top_codes]
+        finally:
+            await server.stop(None)
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_default_temperature_is_the_value_a_request_would_carry() -> None:
+    # The proto's temperature is a float32: 0.7 arrives as 0.699999988...; the default must too.
+    sent = pb.SampleCodesRequest(temperature=0.7).temperature
+    assert sent != 0.7
+    assert SamplingOptions().resolved(SamplingConfig(0.7, 3)) == (sent, 3)
+    assert SamplingOptions.checked(sent, 5, 16).resolved(SamplingConfig(0.3, 3)) == (sent, 5)
+
+
+def test_sampling_defaults_are_checked_naming_the_field(tmp_path: Path) -> None:
+    import json
+
+    from genserve_server.config import ConfigError, load_model_config
+
+    config = tmp_path / "config.json"
+    for sampling, match in (
+        ({"temperature": 0}, r"sampling\.temperature must be a number > 0 and <= 10, got 0"),
+        ({"temperature": 11}, r"sampling\.temperature must be a number > 0 and <= 10, got 11"),
+        ({"temperature": "0.7"}, r"sampling\.temperature must be a number"),
+        ({"top_k": -1}, r"sampling\.top_k must be >= 0, got -1"),
+        ({"top_k": 1.5}, r"sampling\.top_k must be an integer"),
+        ({"temp": 0.7}, r"sampling\.temp is not a known field"),
+    ):
+        config.write_text(json.dumps({"kind": "code_prior", "sampling": sampling}))
+        with pytest.raises(ConfigError, match=match) as info:
+            load_model_config(config)
+        assert info.value.field is not None and info.value.field.startswith("sampling")
+    config.write_text(json.dumps({"kind": "generator", "sampling": {"temperature": 0.7}}))
+    with pytest.raises(ConfigError, match="sampling applies to kind code_prior only"):
+        load_model_config(config)
+    config.write_text(json.dumps({"kind": "code_prior", "sampling": {"temperature": 0.7, "top_k": 3}}))
+    assert load_model_config(config).sampling == SamplingConfig(0.7, 3)
+    config.write_text(json.dumps({"kind": "code_prior"}))
+    assert load_model_config(config).sampling == SamplingConfig(1.0, 0)
+
+
+def test_a_default_top_k_beyond_the_codebook_fails_the_load_naming_the_field(tmp_path: Path) -> None:
+    write_model(
+        tmp_path,
+        "wide-prior",
+        "code_prior",
+        prior_graph(*GRID, 16),
+        {"grid": list(GRID), "codebook_size": 16, "output_range": None},
+        config={"sampling": {"top_k": 17}},
+    )
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        with pytest.raises(Unavailable, match=r"sampling\.top_k must be <= the card's codebook_size \(16\)"):
+            repo.get("wide-prior").resolve("")
+
+    run_with_core(tmp_path, body)
 
 
 def test_config_and_card_rules_of_the_code_kinds(tmp_path: Path) -> None:

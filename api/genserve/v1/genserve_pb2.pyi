@@ -48,6 +48,31 @@ INTERPOLATION_MODE_LERP: InterpolationMode.ValueType  # 1
 INTERPOLATION_MODE_SLERP: InterpolationMode.ValueType  # 2
 Global___InterpolationMode: _TypeAlias = InterpolationMode  # noqa: Y015
 
+class _Direction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Direction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DIRECTION_UNSPECIFIED: _Direction.ValueType  # 0
+    """DIRECTION_A_TO_B"""
+    DIRECTION_A_TO_B: _Direction.ValueType  # 1
+    DIRECTION_B_TO_A: _Direction.ValueType  # 2
+
+class Direction(_Direction, metaclass=_DirectionEnumTypeWrapper):
+    """Translate's direction. A two_way_translator model (CycleGAN: two generators between domains A
+    and B, named by its card's `domains`) has both; an image_to_image model translates A -> B only,
+    and DIRECTION_B_TO_A on it is INVALID_ARGUMENT naming `direction`. Images of one direction share
+    batches (of any request); the two directions never share one, since the model runs one generator
+    per call.
+    """
+
+DIRECTION_UNSPECIFIED: Direction.ValueType  # 0
+"""DIRECTION_A_TO_B"""
+DIRECTION_A_TO_B: Direction.ValueType  # 1
+DIRECTION_B_TO_A: Direction.ValueType  # 2
+Global___Direction: _TypeAlias = Direction  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -566,8 +591,11 @@ class ImageRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     TILE_SIZE_FIELD_NUMBER: _builtins.int
     TILE_OVERLAP_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """A super_resolution model (SuperResolve) or image_to_image model (Translate)."""
+    """A super_resolution model (SuperResolve), or an image_to_image or two_way_translator model
+    (Translate).
+    """
     version: _builtins.str
     tile_size: _builtins.int
     """SuperResolve only: input tile size (>= 2 * tile_overlap + 8, <= 1024); 0 = the card's
@@ -578,6 +606,8 @@ class ImageRequest(_message.Message):
     = the larger of the card's tile_overlap and 2 * the receptive-field radius measured at load
     (which makes tiling exact).
     """
+    direction: Global___Direction.ValueType
+    """Translate only: which way a two_way_translator translates (unset: A -> B)."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]:
         """1..16 images. Each at most max_input_pixels (default 2048x2048 for Translate; SuperResolve
@@ -596,10 +626,11 @@ class ImageRequest(_message.Message):
         output: _types_pb2.OutputOptions | None = ...,
         tile_size: _builtins.int = ...,
         tile_overlap: _builtins.int | None = ...,
+        direction: Global___Direction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_tile_overlap", b"_tile_overlap", "output", b"output", "tile_overlap", b"tile_overlap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tile_overlap", b"_tile_overlap", "images", b"images", "model", b"model", "output", b"output", "tile_overlap", b"tile_overlap", "tile_size", b"tile_size", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tile_overlap", b"_tile_overlap", "direction", b"direction", "images", b"images", "model", b"model", "output", b"output", "tile_overlap", b"tile_overlap", "tile_size", b"tile_size", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__tile_overlap: _TypeAlias = _typing.Literal["tile_overlap"]  # noqa: Y015
     _WhichOneofArgType__tile_overlap: _TypeAlias = _typing.Literal["_tile_overlap", b"_tile_overlap"]  # noqa: Y015
@@ -683,9 +714,15 @@ class SampleCodesRequest(_message.Message):
     base_seed: _builtins.int
     """First seed when `seeds` is empty. Absent: the server picks one and returns the seeds it used."""
     temperature: _builtins.float
-    """Softmax temperature, 0 < temperature <= 10. Absent: 1."""
+    """Softmax temperature, 0 < temperature <= 10. Absent: the prior's default, config.json
+    sampling.temperature (1 where it gives none), rounded to float32 like this field, so a request
+    without it gets the same images as one that sends the default (the card's sample figures are
+    measured at it).
+    """
     top_k: _builtins.int
-    """Sample among the top_k most likely codes only, 0..codebook_size; 0: all codes."""
+    """Sample among the top_k most likely codes only, 0..codebook_size; codebook_size: all codes.
+    0: the prior's default, config.json sampling.top_k (0 there, and where it gives none: all codes).
+    """
     return_codes: _builtins.bool
     """Also return each sample's grid in `codes` (always returned when the prior has no decoder)."""
     preview_every: _builtins.int
@@ -705,8 +742,8 @@ class SampleCodesRequest(_message.Message):
         """Bottom priors (card top_grid) only: the top grid(s), DTYPE_INT64 [N, Ht, Wt] (one per sample)
         or [Ht, Wt] (for every sample), codes in [0, top_codebook_size); only the bottom is sampled.
         Absent: the prior's top prior (config.json top_prior) samples them first, with the same seeds,
-        labels (where it takes them), temperature and top_k (capped at its codebook size); a bottom
-        prior without a top prior requires them.
+        labels (where it takes them), temperature and top_k (capped at its codebook size; unset ones
+        take the top prior's own defaults); a bottom prior without a top prior requires them.
         """
 
     @_builtins.property

@@ -143,7 +143,8 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Translate(self, request, context):
-        """Image-to-image translation (pix2pix-style), padded to the model's size multiple and cropped.
+        """Image-to-image translation (pix2pix-style, or a two-way CycleGAN translator in the request's
+        direction), padded to the model's size multiple and cropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,9 @@ class GenerationServiceStub:
     SuperResolve: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ImageRequest, _genserve_pb2.ImageResponse]
     """Super-resolution of any image up to the size limit, tiled with overlap and blended seams."""
     Translate: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ImageRequest, _genserve_pb2.ImageResponse]
-    """Image-to-image translation (pix2pix-style), padded to the model's size multiple and cropped."""
+    """Image-to-image translation (pix2pix-style, or a two-way CycleGAN translator in the request's
+    direction), padded to the model's size multiple and cropped.
+    """
     SampleCodes: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesResponse]
     """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
     and their images from the prior's code_decoder (config.json `decoder`).
@@ -92,7 +94,9 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     SuperResolve: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ImageRequest, _genserve_pb2.ImageResponse]  # type: ignore[assignment]
     """Super-resolution of any image up to the size limit, tiled with overlap and blended seams."""
     Translate: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ImageRequest, _genserve_pb2.ImageResponse]  # type: ignore[assignment]
-    """Image-to-image translation (pix2pix-style), padded to the model's size multiple and cropped."""
+    """Image-to-image translation (pix2pix-style, or a two-way CycleGAN translator in the request's
+    direction), padded to the model's size multiple and cropped.
+    """
     SampleCodes: _aio.UnaryUnaryMultiCallable[_genserve_pb2.SampleCodesRequest, _genserve_pb2.SampleCodesResponse]  # type: ignore[assignment]
     """Code grids from an autoregressive prior (kind code_prior), sampled with step-level batching,
     and their images from the prior's code_decoder (config.json `decoder`).
@@ -168,7 +172,9 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _genserve_pb2.ImageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_genserve_pb2.ImageResponse, _abc.Awaitable[_genserve_pb2.ImageResponse]]:
-        """Image-to-image translation (pix2pix-style), padded to the model's size multiple and cropped."""
+        """Image-to-image translation (pix2pix-style, or a two-way CycleGAN translator in the request's
+        direction), padded to the model's size multiple and cropped.
+        """
 
     @_abc_1.abstractmethod
     def SampleCodes(
