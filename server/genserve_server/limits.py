@@ -129,7 +129,7 @@ class GuardedRegistrar:
         """Not registered: the generated code hands the same handlers to add_generic_rpc_handlers too,
         and grpc.aio's server waits on one pending call per registered method on every new call
         (an `asyncio.wait` over ~30 futures): with the generic handlers alone a trivial call cost
-        3-25 % less server CPU (bench/profile.md, item 31)."""
+        2-27 % less server CPU (bench/profile.md, item 31)."""
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers([_WrappedGeneric(h, self._wrap) for h in generic_rpc_handlers])
