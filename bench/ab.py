@@ -58,6 +58,12 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="git revision of side A (side B: this tree)")
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS))
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument(
+        "--base-models-dir",
+        type=Path,
+        default=None,
+        help="side A's models (default: REV's models/), e.g. this tree's model files under REV's config.json",
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration-s", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -72,7 +78,8 @@ def main() -> None:
         try:
             # Each side serves its own tree's files (config.json fields change between versions),
             # and only the models measured: a server starts in seconds, whatever else is there.
-            repos = {"A": _subset(base / "models", args.models, Path(tmp) / "A")}
+            base_models = args.base_models_dir or base / "models"
+            repos = {"A": _subset(base_models, args.models, Path(tmp) / "A")}
             repos["B"] = _subset(args.models_dir, args.models, Path(tmp) / "B")
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
             # Both servers run for the whole comparison and take turns level by level, the first
