@@ -132,6 +132,13 @@ def machine() -> dict[str, Any]:
     except ImportError:
         ort_version = "absent"
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    gpu = "none"
+    try:  # what the servers' CUDA provider would run on (the GPU bench run, scripts/gpu_bench.sh)
+        query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+        names = subprocess.run(query, capture_output=True, text=True, check=False, timeout=10).stdout.strip()
+        gpu = names.splitlines()[0] if names else "none"
+    except OSError:
+        pass
     return {
         "cpu_model": model_name,
         "cores": cpu_count(),
@@ -139,7 +146,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": ort_version,
         "platform": platform.platform(),
-        "gpu": "none",
+        "gpu": gpu,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
     }

@@ -218,7 +218,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     s = results["settings"]
     lines = [
-        f"Measured {m['date']} on {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; "
+        f"Measured {m['date']} on {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, {_gpu(m)}; "
         f"Python {m['python']}, ONNX Runtime {m['onnxruntime']}. Load average {m['load_avg_1m_at_start']} "
         f"at the start, {s['load_avg_1m_at_end']} at the end; {s['duration_s_per_level']:g} s per level"
         f"{' (--quick)' if s['quick'] else ''}; c=1 and the top level {s.get('rounds', 1)} times per server, "
@@ -317,3 +317,8 @@ def update_readme(path: Path, table: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n## Latest results\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def _gpu(m: dict[str, Any]) -> str:
+    gpu = m.get("gpu", "none")
+    return "no GPU" if gpu in ("none", "", None) else f"GPU {gpu}"

@@ -43,6 +43,15 @@ def _tool(name: str) -> str:
     return found
 
 
+def _client_command() -> list[str]:
+    """genserve-client: the installed script, else this interpreter on the package (a machine where
+    the sources are only on PYTHONPATH, such as the lent GPU machine)."""
+    try:
+        return [_tool("genserve-client")]
+    except BenchError:
+        return [sys.executable, "-c", "import sys; from genserve_client.cli import main; sys.exit(main())"]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of every thread of `pid` so far."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
@@ -150,7 +159,7 @@ def client_bench(
         "--json",
     ]
     if method == "Sample":
-        command = [_tool("genserve-client"), "--target", target, "bench", *common]
+        command = [*_client_command(), "--target", target, "bench", *common]
         if labels:
             command += ["--labels", ",".join(str(label) for label in labels)]
     else:

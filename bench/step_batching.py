@@ -39,7 +39,7 @@ import numpy as np
 
 from bench.common import write_line as say
 from genserve_server.batch_keys import StepRows
-from genserve_server.runner import Runner
+from genserve_server.runner import Runner, select_providers
 from genserve_server.step_sampler import SamplingOptions, StepScheduler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +107,14 @@ class Setup:
     runners: list[Runner]
 
 
+# Set by --providers: the CPU by default; CUDA where the GPU premise of step-level batching is tried.
+PROVIDERS: list[str] = ["CPUExecutionProvider"]
+
+
 def _runner(path: Path, label: str) -> Runner:
-    return Runner(path, label=label, providers=["CPUExecutionProvider"], instances=1, intra_op_threads=1)
+    runner = Runner(path, label=label, providers=PROVIDERS, instances=1, intra_op_threads=1)
+    say(f"{label}: {runner.provider}")
+    return runner
 
 
 def _gated(scheduler: StepScheduler, gate: asyncio.Semaphore | None) -> Callable[..., Awaitable[np.ndarray]]:
@@ -192,7 +198,7 @@ def vqvae_setup(args: argparse.Namespace) -> Setup:
     sampling = configs[PRIOR].sampling
     description = (
         f"{TOP_PRIOR} (7x7, K=32) -> {PRIOR} (14x14, K=64) -> {DECODER}, default sampling "
-        f"(temperature {sampling.temperature:g}), ORT CPU 1 thread per graph"
+        f"(temperature {sampling.temperature:g}), ORT {PROVIDERS[0]}, 1 thread per graph"
     )
     return Setup(description, policies, list(runners.values()))
 
@@ -302,8 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--models", default="", help="a repository holding the vqvae-digits entries: bench that chain"
     )
+    parser.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="ONNX Runtime providers, comma-separated, in order (CUDAExecutionProvider on a GPU)",
+    )
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    PROVIDERS[:] = select_providers(args.providers.split(","))
     figures = asyncio.run(run(args))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **figures}, indent=2) + "\n")

@@ -6,6 +6,7 @@ sticky CUDA errors (with a fake failure)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -633,6 +634,42 @@ def test_gpu_acceptance_names_a_staged_wheel_as_pip_wants(tmp_path: Path) -> Non
     assert done.stdout.strip() == (
         "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
     )
+
+
+def test_gpu_payload_parts_rejoin_into_the_unpacked_wheel_and_protobuf(tmp_path: Path) -> None:
+    """scripts/gpu_payload.sh splits one xz tar into parts; joined in order (as gpu_acceptance.sh
+    joins them), they match the recorded sha256 and unpack to site/ (the wheel) and pb/."""
+    import hashlib
+    import lzma
+    import os
+    import subprocess
+    import tarfile
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    blob = os.urandom(3 * 1024 * 1024)  # incompressible: three 1 MiB parts at least
+    with zipfile.ZipFile(wheels / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl", "w") as w:
+        w.writestr("onnxruntime/capi/libfake.so", blob)
+    with zipfile.ZipFile(wheels / "protobuf-7.36.2-cp310-abi3-manylinux2014_x86_64.whl", "w") as w:
+        w.writestr("google/protobuf/__init__.py", "__version__ = '7.36.2'\n")
+    dest = tmp_path / "staged"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_payload.sh"), str(wheels), "1", str(dest)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    parts = sorted(dest.glob("p*/part"), key=lambda f: int(f.parent.name[1:]))
+    assert len(parts) >= 3
+    joined = b"".join(part.read_bytes() for part in parts)
+    assert hashlib.sha256(joined).hexdigest() == (dest / "SHA256").read_text().strip()
+    out = tmp_path / "site"
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(joined))) as tar:
+        tar.extractall(out, filter="data")
+    assert (out / "site/onnxruntime/capi/libfake.so").read_bytes() == blob
+    assert (out / "pb/google/protobuf/__init__.py").exists()
 
 
 @pytest.mark.parametrize(("fp16_seed", "served"), [(0, "fp16"), (1, "fp32")])

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# GPU figures owed by the benches, in the same device call right after scripts/gpu_acceptance.sh
+# (which unpacked onnxruntime-gpu into $GPU_SITE): step-level vs request-level batching of the
+# VQ-VAE-2 priors on CUDA (issue 19's premise: a step costs about the same for 1 or 8 rows there),
+# and bench.run --quick (genserve vs the naive servers, all on CUDA) for a few bundled models.
+# The device has grpcio but not grpcio-health-checking / -reflection: their pure-Python wheels
+# travel in .gpuwhl/extra (pip download ... grpcio-health-checking==<its grpcio> ...).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu-acceptance-out}"
+PYTHON="${PYTHON:-python3}"
+GPU_SITE="${GPU_SITE:-/tmp/ort-gpu-site}"
+EXTRA_SITE=/tmp/gpu-bench-site
+mkdir -p "$OUT"
+if compgen -G ".gpuwhl/extra/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --target "$EXTRA_SITE" .gpuwhl/extra/*.whl
+fi
+site="$GPU_SITE"
+[[ -d "$GPU_SITE/site" ]] && site="$GPU_SITE/site"
+export PYTHONPATH="$site:$EXTRA_SITE:$ROOT:$ROOT/api:$ROOT/server:$ROOT/clients:$ROOT/export:$ROOT/tests/server"
+NVLIBS="$("$PYTHON" -c 'import glob, os, nvidia; print(":".join(sorted({d for r in nvidia.__path__ for d in glob.glob(os.path.join(r, "*", "lib"))})))' 2>/dev/null)"
+[[ -n "$NVLIBS" ]] && export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONUNBUFFERED=1
+status=0
+# What one step of each prior costs on the device at 1, 8 and 64 rows (the step bench's premise).
+"$PYTHON" - <<'PY' 2>&1 | tee "$OUT/gpu_bench.log"
+import time, numpy as np, onnxruntime as ort
+for name in ("vqvae-digits-top-prior", "vqvae-digits-prior"):
+    s = ort.InferenceSession(f"models/{name}/1/model.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    line = [f"{name} on {s.get_providers()[0]}:"]
+    for b in (1, 8, 64):
+        feeds = {i.name: np.zeros([b, *i.shape[1:]], np.int64) for i in s.get_inputs()}
+        for _ in range(20):
+            s.run(None, feeds)
+        t = []
+        for _ in range(200):
+            t0 = time.perf_counter(); s.run(None, feeds); t.append(time.perf_counter() - t0)
+        line.append(f"b{b} {1e3 * float(np.median(t)):.3f} ms")
+    print(" ".join(line))
+PY
+if [[ "${STEP_BENCH:-1}" == 1 ]]; then
+  "$PYTHON" -m bench.step_batching --providers CUDAExecutionProvider,CPUExecutionProvider --models models \
+    --rows 8 --duration "${STEP_DURATION:-5}" --rounds 2 --rates 0.2,0.5,0.8,1.1 \
+    --json "$OUT/step-batching-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" || status=1
+fi
+"$PYTHON" -m bench.run --quick --models ${RUN_MODELS:-dcgan-digits cgan-digits vae-digits-decoder sr-photos-x4} \
+  --no-bench-models --no-priority --no-readme --out "$OUT/run-quick-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" \
+  || status=1
+exit $status
