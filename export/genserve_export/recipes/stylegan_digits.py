@@ -131,6 +131,7 @@ MAPPING_LR_MULTIPLIER = 0.01
 R1_GAMMA = 0.1
 R1_INTERVAL = 16  # lazy regularisation: the R1 penalty every 16th D step, weighted by 16
 EMA_DECAY = 0.998
+PACK = 2  # PacGAN: D judges PACK samples stacked as channels (better class coverage, and a cheaper D step)
 THRESHOLDS = {
     "min_class_fraction": {"min": 0.05},
     "memorised_fraction": {"max": 0.05},
@@ -274,21 +275,22 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image [N, 1, 32, 32] → one logit: equalised-lr convolutions with 2×2 average pooling
-    (32 → 16 → 8 → 4), StyleGAN's minibatch standard deviation channel at 4×4, two linear layers.
-    No spectral norm: lazy R1 on real images keeps it smooth."""
+    """image [N, 1, 32, 32] → one logit per PACK images (PacGAN: consecutive images stacked as
+    channels, so D can tell a batch's lack of variety): equalised-lr convolutions with 2×2 average
+    pooling (32 → 16 → 8 → 4), StyleGAN's minibatch standard deviation channel at 4×4, two linear
+    layers. No spectral norm: lazy R1 on real images keeps it smooth."""
 
     def __init__(self) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            [EqualConv(1, 16, 1), EqualConv(16, 32, 3), EqualConv(32, 64, 3), EqualConv(64, 64, 3)]
+            [EqualConv(PACK, 16, 1), EqualConv(16, 32, 3), EqualConv(32, 64, 3), EqualConv(64, 64, 3)]
         )
         self.last = EqualConv(65, 64, 3)
         self.fc = EqualLinear(64 * 16, 64)
         self.out = EqualLinear(64, 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image
+        x = image.reshape(-1, PACK, *image.shape[2:])
         for i, block in enumerate(self.blocks):
             x = F.leaky_relu(block(x), 0.2) * math.sqrt(2.0)
             if i > 0:
@@ -460,7 +462,8 @@ class StyleganDigitsRecipe:
             "notes": "non-saturating GAN loss, "
             f"lazy R1 on reals (gamma {R1_GAMMA:g} every {R1_INTERVAL} D steps); "
             f"equalised learning rate, Adam {LEARNING_RATE:g} betas (0, 0.99), mapping at "
-            f"{MAPPING_LR_MULTIPLIER:g}x; batch {BATCH}; minibatch-stddev D; style mixing regularisation "
+            f"{MAPPING_LR_MULTIPLIER:g}x; batch {BATCH}; PacGAN D (packs of {PACK}) with minibatch-stddev; "
+            f"style mixing regularisation "
             f"p={MIXING_PROBABILITY}; fixed per-layer noise; MNIST padded to {IMAGE_SIDE}x{IMAGE_SIDE} with "
             f"black; exported weights: EMA (decay {EMA_DECAY:g}) of mapping and synthesis",
         }
@@ -489,6 +492,7 @@ class StyleganDigitsRecipe:
                 "output_range": [-1.0, 1.0],
                 "latent_dim": LATENT_DIM,
                 "w_avg": [float(v) for v in w_avg],
+                "mix_crossover": MIX_CROSSOVER,  # genserve-client mix's default
             },
             config={"mapping": MAPPING_NAME},
             quality={
