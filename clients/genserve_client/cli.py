@@ -353,6 +353,15 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
 STYLE_GENERATOR = "style_generator"
 
 
+def default_crossover(info: genserve_pb2.ModelInfo) -> int:
+    """The crossover a style generator's card advertises (`mix_crossover`: where its mixing figures
+    were measured), or num_layers // 2 for a card without one (or with one out of range)."""
+    advertised = card(info).get("mix_crossover")
+    if isinstance(advertised, int) and 0 < advertised < info.num_layers:
+        return advertised
+    return max(1, info.num_layers // 2)
+
+
 def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
     """The classic style-mixing grid: the top row shows each column seed's own image, the left column
     each row seed's; cell (r, c) takes its coarse layers [0, crossover) from row seed r and its fine
@@ -364,7 +373,7 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
         )
     rows, cols = args.rows, args.cols
     check_grid_size("mix", (len(rows) + 1) * (len(cols) + 1), f"--rows x --cols ({len(rows)}x{len(cols)})")
-    crossover = args.crossover if args.crossover is not None else max(1, info.num_layers // 2)
+    crossover = args.crossover if args.crossover is not None else default_crossover(info)
     opts = _sample_opts(args)
     own = sample_in_batches(client, args.model, [*rows, *cols], [], **opts)
     pairs = [(r, c) for r in rows for c in cols]
@@ -859,7 +868,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crossover",
         type=int,
-        help="first fine layer, 0 < crossover < num_layers (default: num_layers // 2)",
+        help="first fine layer, 0 < crossover < num_layers (default: the card's mix_crossover, else "
+        "num_layers // 2)",
     )
     p.add_argument("--psi", type=float, help="truncation in w space, 0..1 toward the mean w (default: none)")
     _add_format(p)

@@ -11,9 +11,11 @@ import pytest
 from client_fakes import run_cli
 from PIL import Image
 from server_support import ServerProcess, running_server
-from style_models import NUM_LAYERS, write_style_models
+from style_models import MIX_CROSSOVER, NUM_LAYERS, write_style_models
 
+from genserve.v1 import genserve_pb2 as pb
 from genserve_client import GenserveClient
+from genserve_client.cli import default_crossover
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_cli_mix_draws_the_grid_and_interpolates_in_w_space(
     proc = run_cli(*args, "--psi", "0.7", "--grid", str(grid))
     assert proc.returncode == 0, proc.stderr
     with Image.open(grid) as picture:
-        assert picture.text["crossover"] == str(NUM_LAYERS // 2)  # type: ignore[attr-defined]
+        assert picture.text["crossover"] == str(MIX_CROSSOVER)  # type: ignore[attr-defined]
         assert picture.text["rows"] == "1,2,3" and picture.text["cols"] == "7,8"  # type: ignore[attr-defined]
         assert picture.height > picture.width  # 4 rows (header + 3) of 3 cells
         pixels = np.asarray(picture)
@@ -71,3 +73,13 @@ def test_cli_mix_draws_the_grid_and_interpolates_in_w_space(
     interp = run_cli(*target, "interpolate", "--model", names["generator"], "--from-seed", "1",
                      "--to-seed", "2", "--steps", "4", "--grid", str(strip))  # fmt: skip
     assert interp.returncode == 0, interp.stderr
+
+
+@pytest.mark.parametrize(
+    ("card_json", "expected"),
+    [('{"mix_crossover": 6}', 6), ("{}", 4), ('{"mix_crossover": 8}', 4), ('{"mix_crossover": 0}', 4)],
+)
+def test_mix_defaults_to_the_cards_crossover(card_json: str, expected: int) -> None:
+    info = pb.ModelInfo(name="m", kind="style_generator", num_layers=8)
+    info.versions.add(version="1", card_json=card_json)
+    assert default_crossover(info) == expected

@@ -21,6 +21,7 @@ W_DIM = 6
 NUM_LAYERS = 4
 SIDE = 8
 W_AVG = [0.25, -0.5, 0.125, 0.0, 1.0, -0.75]
+MIX_CROSSOVER = 3  # the card's advertised crossover (not num_layers // 2, so a client default shows which)
 
 
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
@@ -104,6 +105,7 @@ def write_style_models(root: Path, *, prefix: str = "", max_batch_size: int = 16
         "w_dim": W_DIM,
         "num_layers": NUM_LAYERS,
         "w_avg": W_AVG,
+        "mix_crossover": MIX_CROSSOVER,
         "channels": 1,
         "image_size": [SIDE, SIDE],
     }
