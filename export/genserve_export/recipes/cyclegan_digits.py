@@ -30,6 +30,7 @@ seed 0 that took no part in training) and the cycle error A→B→A and B→A→
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import resource
 import time
@@ -66,6 +67,7 @@ FRAME_INNER = 20  # domain A's digit is upsampled to 20×20 and centred in 28×2
 # digits), so B->A class preservation measured the classifier's brittleness more than the generator.
 CLASSIFIER_COPIES = 4
 CLASSIFIER_EPOCHS = 3
+CLASSIFIER_VERSION = "cnn-v1"  # bump when domain A's scoring classifier changes (drops cached weights)
 # CyCADA's semantic-consistency term: a translated digit must keep its label for a classifier of the
 # target domain. Those classifiers (``semantic_net``) differ from verify's in architecture, seed and
 # training and are never used to score the model.
@@ -138,11 +140,28 @@ def affine_copies(images: np.ndarray, copies: int, seed: int) -> np.ndarray:
 @functools.cache
 def domain_a_classifier() -> tuple[nn.Module, float]:
     """The project's digits CNN fitted to domain A's training split and its affine copies (seeded),
-    and its held-out accuracy."""
+    and its held-out accuracy. Its weights are kept in the data cache folder (keyed by the training
+    data, the recipe of the fit and torch's version), so that later runs skip the ~8 s of CPU."""
     train_x, train_y, hold_x, hold_y = domain_a()
-    images = affine_copies(train_x, CLASSIFIER_COPIES, seed=0)
-    labels = np.tile(train_y, CLASSIFIER_COPIES + 1)
-    net = digits_classifier.fit_cnn(images, labels, epochs=CLASSIFIER_EPOCHS)
+    key = hashlib.sha256(
+        f"{CLASSIFIER_VERSION}/{CLASSIFIER_COPIES}/{CLASSIFIER_EPOCHS}/{torch.__version__}".encode()
+    )
+    key.update(np.ascontiguousarray(train_x).tobytes())
+    key.update(np.ascontiguousarray(train_y).tobytes())
+    path = mnist.data_dir().parent / f"cyclegan-domain-a-classifier-{key.hexdigest()[:16]}.pt"
+    net = digits_classifier.cnn().eval()
+    try:
+        net.load_state_dict(torch.load(path, weights_only=True))
+    except (OSError, RuntimeError):
+        images = affine_copies(train_x, CLASSIFIER_COPIES, seed=0)
+        labels = np.tile(train_y, CLASSIFIER_COPIES + 1)
+        net = digits_classifier.fit_cnn(images, labels, epochs=CLASSIFIER_EPOCHS)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(net.state_dict(), path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        except OSError:
+            pass  # a read-only cache: refit next time
     accuracy = float((_predict(net, hold_x) == hold_y).mean())
     return net, accuracy
 
