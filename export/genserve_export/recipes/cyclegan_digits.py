@@ -312,7 +312,13 @@ class TwoWayTranslator(nn.Module):
 
     def forward(self, image: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         # torch.cond exports as an ONNX If: only the asked generator runs (the server batches rows
-        # of one direction together, so row 0's direction is every row's).
+        # of one direction together, so row 0's direction is every row's). Eagerly (quality figures,
+        # parity references) a plain branch gives the same result: torch.cond would compile each call
+        # with dynamo (~3 s of CPU a call).
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            chosen = self.b_to_a if int(direction[0]) == B_TO_A else self.a_to_b
+            eager: torch.Tensor = chosen(image)
+            return eager
         result: torch.Tensor = torch.cond(
             direction[0] == B_TO_A, lambda x: self.b_to_a(x), lambda x: self.a_to_b(x), (image,)
         )
