@@ -10,7 +10,13 @@ from genserve_export import verify_repository
 from genserve_export.data import digits, fashion
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-DIGITS_ENTRIES = {"vae-digits-decoder", "vae-digits-encoder", "dcgan-digits", "cgan-digits"}
+DIGITS_ENTRIES = {
+    "vae-digits-decoder",
+    "vae-digits-encoder",
+    "dcgan-digits",
+    "cgan-digits",
+    "cyclegan-digits",
+}
 FASHION_ENTRIES = {"cgan-fashion"}  # verify needs Fashion-MNIST too (make fashion-data)
 
 

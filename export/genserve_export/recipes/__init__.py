@@ -11,6 +11,7 @@ from __future__ import annotations
 from genserve_export.recipe import Recipe
 from genserve_export.recipes.cgan import cgan_digits_recipe
 from genserve_export.recipes.cgan_fashion import cgan_fashion_recipe
+from genserve_export.recipes.cyclegan_digits import CycleGanDigitsRecipe
 from genserve_export.recipes.dcgan import DcganDigitsRecipe
 from genserve_export.recipes.photos_colorize import PhotoColorizeRecipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
@@ -29,6 +30,7 @@ RECIPES["unet-denoise"] = PhotoDenoiseRecipe()
 RECIPES["cgan-fashion"] = cgan_fashion_recipe()
 RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()
 RECIPES["pix2pix-colorize"] = PhotoColorizeRecipe()
+RECIPES["cyclegan-digits"] = CycleGanDigitsRecipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:
