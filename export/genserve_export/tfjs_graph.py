@@ -33,8 +33,8 @@ from torch import nn
 
 from genserve_export.errors import ExportError
 
-_DTYPES = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4")}
-_QUANT_DTYPES = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2")}
+_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4")}
+_QUANT_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2")}
 _PIXEL_SHUFFLE = re.compile(r"^PixelShuffle(\d+)x$")
 # NHWC axis -> NCHW axis
 _AXIS = {-1: 1, 3: 1, 1: 2, 2: 3, 0: 0}
