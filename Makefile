@@ -67,8 +67,8 @@ bench: setup-dev  ## the performance benchmark (bench/README.md)
 pretrained:  ## fetch the pretrained models' npm packages into .cache/pretrained (build time only)
 	bash scripts/fetch_pretrained.sh
 
-import-esrgan: setup-dev pretrained  ## rebuild models/esrgan-x4 from @upscalerjs/esrgan-thick (fp16-stored weights, 15 MB)
-	$(BIN)/genserve-export import-rrdn .cache/pretrained/upscalerjs-esrgan-thick-1.0.0.tgz --out models --name esrgan-x4 --no-fp16 --fp16-weights
+import-esrgan: setup-dev pretrained  ## rebuild models/esrgan-x4 from @upscalerjs/esrgan-thick (fp16-stored weights, 15 MB; gate +1.3 dB luma)
+	$(BIN)/genserve-export import-rrdn .cache/pretrained/upscalerjs-esrgan-thick-1.0.0.tgz --out models --name esrgan-x4 --no-fp16 --fp16-weights --min-gain-db 1.3
 
 clean:  ## remove the virtual environment
 	rm -rf $(VENV)

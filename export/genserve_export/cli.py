@@ -69,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         default=2,
         help="config.json batching.max_batch_size (small: the server warms batches of 1 and this at load)",
     )
-    imp.add_argument("--min-gain-db", type=float, default=0.5, help="card threshold on psnr_gain_db")
+    imp.add_argument(
+        "--min-gain-db",
+        type=float,
+        default=0.5,
+        help="card threshold on psnr_y_gain_db (BT.601 luma, border shaved)",
+    )
     imp.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
     imp.add_argument("--no-fp16", action="store_true", help="do not write model.fp16.onnx")
     imp.add_argument(

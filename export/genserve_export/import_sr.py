@@ -54,24 +54,24 @@ IMPORTER = "tfjs-layers-sr"
 LICENSE_FILE = "LICENSE"
 REFERENCE_INPUT = "reference-input.png"
 REFERENCE_OUTPUT = "reference-output.png"
-# Every bundled colour photo: none is in DIV2K, the RRDN's training set, so all are held out.
-QUALITY_PHOTOS: tuple[str, ...] = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "grace_hopper",
-    "china",
-    "flower",
-    "motorcycle",
-)
-QUALITY_CROP = 256  # high-resolution centre crop per photo (64x64 input at x4): keeps verify fast
+# The held-out set and the protocol, fixed before any per-photo figure of this protocol was looked at
+# (issue 18: "held-out photos that no recipe trained on"):
+# - photos: the project's fixed held-out split (photos.HOLDOUT_NAMES: astronaut, coffee, grace_hopper),
+#   the only bundled photos that no recipe trains on and the set every photo recipe's card reports
+#   on. The other bundled colour photos (chelsea, rocket, china, flower, motorcycle) train the
+#   in-house photo recipes, so they are not "held out" in the issue's sense; the README reports
+#   them beside it, ungated.
+# - whole images, trimmed to a multiple of the scale (as sr-photos-x4's card): no crop to choose.
+# - gate on PSNR of the BT.601 luma with <scale> px shaved, the protocol of the SR papers (the
+#   figures the bar is quoted in); RGB PSNR with the same shave is reported beside it.
+QUALITY_PHOTOS: tuple[str, ...] = photos.HOLDOUT_NAMES
 REFERENCE_TOLERANCE_255 = 1.0  # grey levels: the sample PNG is the TF.js float output, rounded
+GATED_FIGURE = "psnr_y_gain_db"
 QUALITY_METRIC = (
-    "mean PSNR (RGB, [0, 1], border of <scale> px shaved) over one 256x256 centre crop of each held-out "
-    "photo, quantised to 8 bits; low resolution = bicubic downscale (PIL, antialiased, a = -0.5, as "
-    "MATLAB imresize); baseline = PIL bicubic upscale of the same input; psnr_y_*: the same on the "
-    "BT.601 luma (MATLAB rgb2ycbcr), the SR papers' convention"
+    "mean PSNR over the held-out photos (whole images trimmed to a multiple of <scale>, 8-bit), border "
+    "of <scale> px shaved; psnr_y_*: on BT.601 luma (MATLAB rgb2ycbcr's Y), the SR papers' protocol "
+    "and the gated figure; psnr_*: on RGB in [0, 1]; low resolution = bicubic downscale (PIL, "
+    "antialiased, a = -0.5, as MATLAB imresize); baseline = PIL bicubic upscale of the same input"
 )
 
 
@@ -158,36 +158,44 @@ def luma(chw: np.ndarray) -> np.ndarray:
     return y
 
 
-def quality_crops(scale: int, size: int = QUALITY_CROP) -> list[tuple[str, np.ndarray]]:
-    """(photo name, 8-bit-quantised [3, size', size'] centre crop); size' is a multiple of scale."""
-    crops = []
-    for photo in photos.load_photos(QUALITY_PHOTOS):
-        crop = photos.center_crop(photo.pixels, scale, size).transpose(2, 0, 1)
-        crops.append((photo.name, np.rint(crop * 255) / 255))
-    return crops
+def quality_images(
+    scale: int, names: tuple[str, ...] = QUALITY_PHOTOS, size: int | None = None
+) -> list[tuple[str, np.ndarray]]:
+    """(photo name, 8-bit-quantised [3, H, W] image): the whole photo trimmed to a multiple of scale
+    (``size``: a centre crop of at most that, for the README's wider comparison only)."""
+    images = []
+    for photo in photos.load_photos(names):
+        image = photos.center_crop(photo.pixels, scale, size).transpose(2, 0, 1)
+        images.append((photo.name, np.rint(image * 255) / 255))
+    return images
 
 
-def quality_figures(run: OnnxRun, scale: int) -> dict[str, float]:
-    """PSNR of the model and of bicubic on the held-out crops (see QUALITY_METRIC)."""
+def quality_figures(
+    run: OnnxRun, scale: int, names: tuple[str, ...] = QUALITY_PHOTOS, size: int | None = None
+) -> dict[str, float]:
+    """PSNR of the model and of bicubic on the held-out photos (see QUALITY_METRIC)."""
     model_db, bicubic_db, model_y, bicubic_y = [], [], [], []
-    for _, hr in quality_crops(scale):
+    for _, hr in quality_images(scale, names, size):
         h, w = hr.shape[1:]
         lr = bicubic_resize(hr, h // scale, w // scale)
-        sr = run({"image": lr[None]})["output_image"][0]
+        sr = run({"image": lr[None].astype(np.float32)})["output_image"][0]
         up = bicubic_resize(lr, h, w)
         model_db.append(psnr_db(sr, hr, scale))
         bicubic_db.append(psnr_db(up, hr, scale))
         model_y.append(psnr_db(luma(sr), luma(hr), scale))
         bicubic_y.append(psnr_db(luma(up), luma(hr), scale))
-    model, bicubic = float(np.mean(model_db)), float(np.mean(bicubic_db))
+    gain_y = np.subtract(model_y, bicubic_y)
     return {
-        "psnr_db": round(model, 4),
-        "bicubic_psnr_db": round(bicubic, 4),
-        "psnr_gain_db": round(model - bicubic, 4),
+        "psnr_y_db": round(float(np.mean(model_y)), 4),
+        "bicubic_psnr_y_db": round(float(np.mean(bicubic_y)), 4),
+        "psnr_y_gain_db": round(float(np.mean(gain_y)), 4),
+        "min_image_psnr_y_gain_db": round(float(np.min(gain_y)), 4),
+        "max_image_psnr_y_gain_db": round(float(np.max(gain_y)), 4),
+        "psnr_db": round(float(np.mean(model_db)), 4),
+        "bicubic_psnr_db": round(float(np.mean(bicubic_db)), 4),
+        "psnr_gain_db": round(float(np.mean(model_db) - np.mean(bicubic_db)), 4),
         "min_image_psnr_gain_db": round(float(np.min(np.subtract(model_db, bicubic_db))), 4),
         "max_image_psnr_gain_db": round(float(np.max(np.subtract(model_db, bicubic_db))), 4),
-        "psnr_y_db": round(float(np.mean(model_y)), 4),
-        "psnr_y_gain_db": round(float(np.mean(model_y) - np.mean(bicubic_y)), 4),
     }
 
 
@@ -299,7 +307,7 @@ def import_tfjs_sr(
     )
     t0 = time.perf_counter()
     quality = quality_figures(_torch_run(module), scale)
-    say(f"quality on {len(QUALITY_PHOTOS)} held-out crops: {quality} ({time.perf_counter() - t0:.1f} s)")
+    say(f"quality on {len(QUALITY_PHOTOS)} held-out photos: {quality} ({time.perf_counter() - t0:.1f} s)")
     quality["reference_max_abs_diff_255"] = reference_diff
     files = {
         f"models/x{scale}/model.json": hashlib.sha256(package.read(f"models/x{scale}/model.json")).hexdigest()
@@ -349,14 +357,15 @@ def import_tfjs_sr(
         **quality,
         "metric": QUALITY_METRIC.replace("<scale>", str(scale)),
         "thresholds": {
-            "psnr_gain_db": {"min": min_quality_gain_db},
+            GATED_FIGURE: {"min": min_quality_gain_db},
             "reference_max_abs_diff_255": {"max": REFERENCE_TOLERANCE_255},
         },
     }
     holdout = {
-        "data": photos.DATA_DESCRIPTION + f"; one {QUALITY_CROP}x{QUALITY_CROP} centre crop per photo",
+        "data": photos.DATA_DESCRIPTION + "; whole photos, trimmed to a multiple of the scale",
         "names": list(QUALITY_PHOTOS),
-        "note": "pretrained on DIV2K elsewhere: no bundled photo was used in training",
+        "note": "the project's fixed held-out split (no recipe trains on these photos); the model was "
+        "pretrained on DIV2K elsewhere, which holds none of them",
     }
     training = {
         "data": "DIV2K (pretrained by the package's authors; not retrained here)",

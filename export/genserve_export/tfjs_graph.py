@@ -33,7 +33,8 @@ from torch import nn
 
 from genserve_export.errors import ExportError
 
-_DTYPES = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4")}
+_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4")}
+_QUANT_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2")}
 _PIXEL_SHUFFLE = re.compile(r"^PixelShuffle(\d+)x$")
 # NHWC axis -> NCHW axis
 _AXIS = {-1: 1, 3: 1, 1: 2, 2: 3, 0: 0}
@@ -122,23 +123,25 @@ def _parse_weights(manifest: list[Mapping[str, Any]], files: _Files, base: str) 
         blob = b"".join(files.read(f"{base}{p}") for p in group["paths"])
         offset = 0
         for spec in group["weights"]:
-            if "quantization" in spec:
+            quant = spec.get("quantization")
+            stored = quant["dtype"] if quant else spec["dtype"]
+            dtype = (_QUANT_DTYPES if quant else _DTYPES).get(stored)
+            if dtype is None or (quant and spec["dtype"] != "float32"):
                 raise TfjsModelError(
-                    f"weight {spec['name']!r} is quantized; only float32 weights are supported"
+                    f"weight {spec['name']!r} has dtype {spec['dtype']!r} stored as {stored!r}; supported: "
+                    "float32, or float32 quantized to uint8/uint16 (affine: min + scale * q)"
                 )
-            dtype = _DTYPES.get(spec["dtype"])
-            if dtype is None:
-                raise TfjsModelError(f"weight {spec['name']!r} has dtype {spec['dtype']!r}, expected float32")
             shape = tuple(int(d) for d in spec["shape"])
             size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if offset + size > len(blob):
                 raise TfjsModelError(
                     f"weight {spec['name']!r} runs past the end of the shards ({len(blob)} B)"
                 )
-            weights[str(spec["name"])] = np.frombuffer(
-                blob, dtype, count=size // dtype.itemsize, offset=offset
-            )
-            weights[str(spec["name"])] = weights[str(spec["name"])].reshape(shape).astype(np.float32)
+            raw = np.frombuffer(blob, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
+            if quant:
+                # TF.js affine dequantisation, in float64 then rounded once to float32 as TF.js keeps it
+                raw = raw.astype(np.float64) * float(quant["scale"]) + float(quant["min"])
+            weights[str(spec["name"])] = raw.astype(np.float32)
             offset += size
         if offset != len(blob):
             raise TfjsModelError(f"the shards hold {len(blob)} B, the manifest describes {offset} B")

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from genserve_export import verify_repository
+from genserve_export.data import photos
 from genserve_export.import_sr import ImportFailedError, import_tfjs_sr
 from genserve_export.tfjs_graph import TfjsGraph, TfjsModelError, depth_to_space, read_layers_model
 from genserve_export.tfjs_reference import conv2d_nhwc, depth_to_space_nhwc, run_reference
@@ -210,6 +211,32 @@ def test_truncated_shards_are_refused(tmp_path: Path) -> None:
         read_layers_model(tmp_path)
 
 
+def test_uint8_quantized_weights_are_dequantized_as_tfjs_does(tmp_path: Path) -> None:
+    # TF.js' quantized manifests store uint8 q per value and decode min + scale * q (esrgan-legacy).
+    write_model(tmp_path, tiny_rrdn_layers())
+    document = json.loads((tmp_path / "model.json").read_text())
+    original = read_layers_model(tmp_path).weights
+    blobs, want = [], {}
+    for spec in document["weightsManifest"][0]["weights"]:
+        values = original[spec["name"]].astype(np.float64)
+        lo, scale = float(values.min()), float(np.ptp(values)) / 255 or 1.0
+        q = np.rint((values - lo) / scale).astype(np.uint8)
+        spec["quantization"] = {"dtype": "uint8", "min": lo, "scale": scale, "original_dtype": "float32"}
+        blobs.append(q.tobytes())
+        want[spec["name"]] = (q.astype(np.float64) * scale + lo).astype(np.float32)
+    (tmp_path / "group1-shard1of2.bin").write_bytes(b"".join(blobs))
+    (tmp_path / "group1-shard2of2.bin").write_bytes(b"")
+    (tmp_path / "model.json").write_text(json.dumps(document))
+    got = read_layers_model(tmp_path).weights
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value)
+        assert np.abs(got[name] - original[name]).max() > 0  # really went through 8 bits
+    spec["quantization"]["dtype"] = "int4"
+    (tmp_path / "model.json").write_text(json.dumps(document))
+    with pytest.raises(TfjsModelError, match="int4"):
+        read_layers_model(tmp_path)
+
+
 # --- the importer, end to end ------------------------------------------------------------------
 
 
@@ -259,13 +286,19 @@ def test_import_writes_a_verified_entry_with_licence_and_source(tmp_path: Path) 
     assert card["source"]["input_pixel_max"] == 1.0
     assert card["quality"]["reference_max_abs_diff_255"] <= 1.0
     assert card["parity"]["fp32_max_abs_diff"] <= 1e-4
-    assert {"psnr_db", "bicubic_psnr_db", "psnr_gain_db"} <= set(card["quality"])
+    assert {"psnr_db", "bicubic_psnr_db", "psnr_gain_db", "psnr_y_gain_db"} <= set(card["quality"])
+    # the protocol: the project's held-out photos, gated on the luma gain (the SR papers' figure)
+    assert card["holdout"]["names"] == list(photos.HOLDOUT_NAMES)
+    assert set(card["quality"]["thresholds"]) == {"psnr_y_gain_db", "reference_max_abs_diff_255"}
     # verify recomputes the figures from model.onnx (random weights: thresholds off)
     report = verify_repository(out, check_thresholds=False)
     assert report.ok, report.format()
     (model,) = report.models
     assert model.quality_recomputed["reference_max_abs_diff_255"] <= 1.0
     assert model.quality_recomputed["psnr_db"] == pytest.approx(card["quality"]["psnr_db"], abs=0.01)
+    assert model.quality_recomputed["psnr_y_gain_db"] == pytest.approx(
+        card["quality"]["psnr_y_gain_db"], abs=0.01
+    )
 
 
 def test_import_refuses_a_network_that_does_not_reproduce_the_sample(tmp_path: Path) -> None:
