@@ -18,17 +18,20 @@
 #   WHEEL_SHA256  the wheel's sha256 (default: the first line of .gpuwhl/SHA256 when present)
 # Exit status: 0 when every check passed or was skipped, 1 otherwise; the JSON says which.
 #
-# Staging the 244 MiB wheel (one device call carries at most 64 MiB of tree):
+# Staging (one device call carries at most 64 MiB of tree), as run on an H200 on 2026-12-04 in
+# ~80 s of device time, the machine's start included:
 #   here:   echo /.gpuwhl/ >> .git/info/exclude
 #           pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#             --platform manylinux_2_28_x86_64 -d /tmp/whl onnxruntime-gpu==1.31.1
-#           mkdir -p .gpuwhl && sha256sum /tmp/whl/*.whl > .gpuwhl/SHA256
-#           split -b 41M /tmp/whl/*.whl /tmp/whl/part. && i=1 && for f in /tmp/whl/part.*; do
-#             mkdir -p .gpuwhl/p$i && mv "$f" .gpuwhl/p$i/ && i=$((i+1)); done
+#             --platform manylinux_2_28_x86_64 -d /tmp/whl onnxruntime-gpu==1.31.1 protobuf==7.36.2
+#           scripts/gpu_payload.sh /tmp/whl 59      # 195 MiB xz payload -> .gpuwhl/p1..p4 + SHA256
+#           git rm -r -q --cached models && echo /models/ >> .git/info/exclude   # 3.7 MiB of tree
 #   calls 1..N-1 (back to back, the machine stays warm ~30 s): carry [".gpuwhl/pK"],
 #           command: mkdir -p /tmp/gpuwhl-stage && cp -r .gpuwhl/pK /tmp/gpuwhl-stage/
-#   last call: carry [".gpuwhl/pN", ".gpuwhl/SHA256"], command: scripts/gpu_acceptance.sh
-#           (parts are joined as $GPU_STAGE/p*/* then .gpuwhl/p*/*: keep N <= 9 so p1..pN sort)
+#   last call: carry ["models", ".gpuwhl/pN", ".gpuwhl/SHA256"], command: scripts/gpu_acceptance.sh
+#           (then scripts/gpu_bench.sh in the same call, if wanted)
+#   after:  git reset -q -- models && sed -i '/^\/models\/$/d' .git/info/exclude
+#   (parts are joined as $GPU_STAGE/p*/* then .gpuwhl/p*/*: keep N <= 9 so p1..pN sort). A plain
+#   wheel split into parts (41 MiB each with the whole tree: six calls) is installed the same way.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
