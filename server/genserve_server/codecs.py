@@ -409,7 +409,15 @@ def to_uint8(batch_nchw: NDArray[np.floating], output_range: tuple[float, float]
     np.fmax(y, np.float32(0.0), out=y)
     np.fmin(y, np.float32(255.0), out=y)
     nchw = y.astype(np.uint8)
-    out: U8Array = np.ascontiguousarray(nchw.transpose(0, 2, 3, 1))
+    n, c, h, w = nchw.shape
+    if c == 1:
+        gray: U8Array = nchw.reshape(n, h, w, 1)
+        return gray
+    # Interleave the planes with cv2.merge (SIMD): a strided numpy transpose of the uint8 result
+    # was a third of a GPU-served SuperResolve's CPU per request. Same bytes either way.
+    out: U8Array = np.empty((n, h, w, c), dtype=np.uint8)
+    for i in range(n):
+        out[i] = cv2.merge(list(nchw[i])).reshape(h, w, c)
     return out
 
 

@@ -31,6 +31,9 @@ T = TypeVar("T")
 INLINE_COPY_MAX_VALUES = 1 << 16  # RAW_UINT8 / TENSOR_F32: one memcpy
 # RAW_UINT8 from the runner's uint8 pixels is only a memcpy (~10 us for 256x256 RGB), well below a hop.
 INLINE_RAW_PIXELS_MAX_BYTES = 1 << 20
+# Raw (uncompressed) inputs of at most this many bytes in all decode on the loop: a 64x64 RGB
+# from_uint8 takes ~20 us, a fifth of the pool hop (which a GPU-served SuperResolve paid per request).
+INLINE_DECODE_MAX_BYTES = 1 << 16
 INLINE_PNG_MAX_VALUES = 4096  # per image: 64x64 gray, 28x28 RGB; not 64x64 RGB (~0.4 ms)
 INLINE_PNG_MAX_TOTAL_VALUES = 4 * 4096  # a request of many small images still goes to the pool
 
@@ -154,6 +157,16 @@ def encodes_inline(images: np.ndarray, out: OutputSpec, pixels: np.ndarray | Non
     return False
 
 
+def decodes_inline(images: Sequence[ImageInput]) -> bool:
+    """Whether decoding costs less than the hop to the codec pool: raw formats only, a few KiB in all."""
+    total = 0
+    for image in images:
+        if image.format not in (ImageFormat.RAW_UINT8, ImageFormat.TENSOR_F32):
+            return False
+        total += len(image.data)
+    return total <= INLINE_DECODE_MAX_BYTES
+
+
 def decode_sync(
     images: Sequence[ImageInput], card: Card, max_pixels: int, field_prefix: str
 ) -> list[np.ndarray]:
@@ -224,8 +237,13 @@ class Codec:
     ) -> list[np.ndarray]:
         """`timing`: the call's, which counts this as its compute_input (KServe statistics)."""
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        arrays = await loop.run_in_executor(self.pool, decode_sync, images, card, max_pixels, field_prefix)
+        if decodes_inline(images):
+            arrays = decode_sync(images, card, max_pixels, field_prefix)
+        else:
+            loop = asyncio.get_running_loop()
+            arrays = await loop.run_in_executor(
+                self.pool, decode_sync, images, card, max_pixels, field_prefix
+            )
         elapsed_s = time.monotonic() - started
         metrics.decode_duration.observe(elapsed_s)
         if timing is not None:

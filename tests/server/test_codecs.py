@@ -506,3 +506,53 @@ def test_proto_enum_numbers_match() -> None:
     pb2 = pytest.importorskip("genserve.v1.types_pb2")
     for member in ImageFormat:
         assert pb2.ImageFormat.Value(f"IMAGE_FORMAT_{member.name}") == member.value
+
+
+def test_to_uint8_of_a_cropped_fp16_view_equals_the_contiguous_float32_result() -> None:
+    # SuperResolve encodes a crop (a strided view) of a batch row; fp16 graphs hand over float16.
+    batch = np.random.default_rng(5).uniform(-0.2, 1.2, (2, 3, 9, 11)).astype(np.float16)
+    view = batch[1:, :, :7, 2:]
+    expected = to_uint8(np.ascontiguousarray(view, dtype=np.float32), (0.0, 1.0))
+    out = to_uint8(view, (0.0, 1.0))
+    assert out.shape == (1, 7, 9, 3) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+
+
+class _Observed:
+    def observe(self, value: float) -> None:
+        self.value = value
+
+
+def test_small_raw_inputs_decode_on_the_loop_and_large_or_compressed_on_the_pool() -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from genserve_server.config import load_card
+    from genserve_server.encoding import Codec, decode_sync, decodes_inline
+
+    card = load_card(Path(__file__).parents[2] / "models" / "sr-photos-x4" / "1" / "card.json")
+    pixels = photo(64, 64)
+    small = SimpleNamespace(format=ImageFormat.RAW_UINT8, data=pixels.tobytes(), shape=list(pixels.shape))
+    big_pixels = photo(256, 256)
+    big = SimpleNamespace(format=ImageFormat.RAW_UINT8, data=big_pixels.tobytes(), shape=[256, 256, 3])
+    png = SimpleNamespace(format=ImageFormat.PNG, data=encode_image(pixels, ImageFormat.PNG)[0], shape=[])
+    assert decodes_inline([small]) and not decodes_inline([big]) and not decodes_inline([png])
+    assert not decodes_inline([small] * 8)  # many small images together still go to the pool
+    metrics: Any = SimpleNamespace(decode_duration=_Observed())
+
+    async def decode(codec: Codec, images: list[Any]) -> list[np.ndarray]:
+        return await codec.decode(metrics, images, card, MAX_PIXELS)
+
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()  # a hop to this pool would raise: only an inline decode succeeds
+    closed = Codec(pool, 1, 1 << 30)
+    inline = asyncio.run(decode(closed, [small]))
+    np.testing.assert_array_equal(inline[0], decode_sync([small], card, MAX_PIXELS, "images")[0])
+    with pytest.raises(RuntimeError):
+        asyncio.run(decode(closed, [big]))
+    with ThreadPoolExecutor(1) as open_pool:
+        pooled = asyncio.run(decode(Codec(open_pool, 1, 1 << 30), [small, big]))
+    np.testing.assert_array_equal(pooled[0], inline[0])
+    assert pooled[1].shape == (3, 256, 256)
