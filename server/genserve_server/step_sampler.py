@@ -125,6 +125,7 @@ class Row:
     deadline: float | None
     future: asyncio.Future[np.ndarray]
     codes: np.ndarray
+    draws: np.ndarray  # float64 [H*W]: u at every position, drawn once at join (not one Philox call a step)
     position: int = 0
     submitted: float = field(default_factory=time.monotonic)
 
@@ -224,6 +225,11 @@ class StepScheduler:
             )
         loop = asyncio.get_running_loop()
         temperature, top_k = options.resolved(self.defaults)
+        draws = uniforms(
+            [int(seed) for seed in seeds for _ in range(self.positions)],
+            [p for _ in seeds for p in range(self.positions)],
+            self.stream,
+        ).reshape(len(seeds), self.positions)
         rows = [
             Row(
                 seed=int(seed),
@@ -234,6 +240,7 @@ class StepScheduler:
                 deadline=deadline,
                 future=loop.create_future(),
                 codes=np.full(self.grid, UNFILLED, np.int64),
+                draws=draws[i],
             )
             for i, seed in enumerate(seeds)
         ]
@@ -365,7 +372,7 @@ class StepScheduler:
         r = np.array([p // width for p in positions])
         c = np.array([p % width for p in positions])
         at = logits[np.arange(n), :, r, c]  # [N, K]
-        u = uniforms([row.seed for row in rows], positions, self.stream)
+        u = np.array([row.draws[p] for row, p in zip(rows, positions, strict=True)], np.float64)
         temperatures = np.array([row.temperature for row in rows], np.float64)
         top_ks = np.array([row.top_k for row in rows], np.int64)
         return sample_codes(at, u, temperatures, top_ks)
