@@ -82,13 +82,16 @@ class SamplingOptions:
 
 def uniforms(seeds: Sequence[int], positions: Sequence[int], stream: int) -> np.ndarray:
     """u in (0, 1), float64 [N]: row i's draw at `positions[i]` of its stream (step 1 above)."""
+    if len(seeds) != len(positions):
+        raise ValueError(f"uniforms: {len(seeds)} seeds but {len(positions)} positions")
     n = len(seeds)
+    seed_words = np.asarray(seeds, dtype=np.uint64)  # vectorised: a join draws rows x H*W at once
     key = np.empty((n, 2), np.uint32)
+    key[:, 0] = seed_words & np.uint64(0xFFFFFFFF)
+    key[:, 1] = seed_words >> np.uint64(32)
     counter = np.zeros((n, 4), np.uint32)
-    for i, (seed, position) in enumerate(zip(seeds, positions, strict=True)):
-        key[i] = (seed & 0xFFFFFFFF, seed >> 32)
-        counter[i, 0] = position
-        counter[i, 1] = stream
+    counter[:, 0] = np.asarray(positions, dtype=np.uint32)
+    counter[:, 1] = stream
     words = latents.philox4x32_10(counter, key)
     return (words[:, 0].astype(np.float64) + 0.5) / 2.0**32
 
