@@ -84,6 +84,26 @@ _DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the co
 DEADLINE_SLACK_S = 0.01
 
 
+# Why a batch closed (genserve_batches_closed_total{reason}): it reached its row limit; it went at
+# once (nothing suggested more rows were coming: an idle runner at concurrency 1, or no sign of
+# callers); every caller in the server was queued; its window ended; it held a preferred size
+# that waiting would not grow; a bulk batch gave way to an interactive request.
+CLOSED_FULL = "full"
+CLOSED_AT_ONCE = "at_once"
+CLOSED_ALL_QUEUED = "all_queued"
+CLOSED_WINDOW = "window"
+CLOSED_PREFERRED = "preferred"
+CLOSED_YIELDED = "yielded"
+BATCH_CLOSE_REASONS = (
+    CLOSED_FULL,
+    CLOSED_AT_ONCE,
+    CLOSED_ALL_QUEUED,
+    CLOSED_WINDOW,
+    CLOSED_PREFERRED,
+    CLOSED_YIELDED,
+)
+
+
 def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
     return chosen[0].seq
 
@@ -102,6 +122,7 @@ class BatchObserver(Protocol):
     def on_dropped(self, reason: str) -> None: ...
     def on_queue_wait(self, wait_s: float, lane: Lane) -> None: ...
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None: ...
+    def on_batch_closed(self, reason: str) -> None: ...
 
 
 class NullObserver:
@@ -118,6 +139,9 @@ class NullObserver:
         return None
 
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
+        return None
+
+    def on_batch_closed(self, reason: str) -> None:
         return None
 
 
@@ -474,33 +498,46 @@ class Batcher:
         # Untracked callers (streams, KServe): a busy runner is the only sign that waiting pays.
         worth_waiting = more_expected or (not self.callers and self._batches_in_flight > 0)
         limit = self._batch_limit(lane, key)
+        # Why the batch goes now (BATCH_CLOSE_REASONS): what an operator reads off small batches.
+        reason = CLOSED_FULL if rows >= limit else CLOSED_AT_ONCE
         if rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
+            reason = CLOSED_FULL
             while (queued := self._rows_by_key.get((lane, key), 0)) < limit and not self._closing:
                 if self.callers and not self._more_expected():
+                    reason = CLOSED_ALL_QUEUED
                     break  # every caller in the server is queued: nobody else is about to send
                 if lane == Lane.BULK and self._lanes[Lane.INTERACTIVE]:
+                    reason = CLOSED_YIELDED
                     break  # an interactive request does not wait out a bulk batch's window
                 remaining_s = window_end - time.monotonic()
                 if remaining_s <= 0:
+                    reason = CLOSED_WINDOW
                     break
                 if self.preferred_batch_sizes and closes_at_preferred(
                     queued, self.preferred_batch_sizes, limit, self._expected_rows(remaining_s)
                 ):
+                    reason = CLOSED_PREFERRED
                     break  # a preferred size now beats waiting for a next one that will not come
                 self._available.clear()
                 try:
                     async with asyncio.timeout(remaining_s):
                         await self._available.wait()
                 except TimeoutError:
+                    reason = CLOSED_WINDOW
                     break
+            if reason == CLOSED_FULL and self._rows_by_key.get((lane, key), 0) < limit:
+                reason = CLOSED_AT_ONCE  # the server is closing: what is queued goes now
             # An interactive request may have arrived while a bulk batch was filling: it goes first.
             picked = self._pick()
             if picked is None:
                 return []
             lane, key = picked
-        return self._take(lane, key)
+        parts = self._take(lane, key)
+        if parts:
+            self._observer.on_batch_closed(reason)
+        return parts
 
     def _remove_rows(self, lane: Lane, key: Hashable, rows: int, *, request_gone: bool) -> None:
         lk = (lane, key)

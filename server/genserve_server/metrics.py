@@ -26,7 +26,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from genserve_contract.kinds import Kind
-from genserve_server.batcher import Lane
+from genserve_server.batcher import BATCH_CLOSE_REASONS, Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
 from genserve_server.infer_stats import InferStats
 from genserve_server.metrics_http import HealthProbe
@@ -202,6 +202,7 @@ class ModelMetrics:
         self.file_changed = m.model_file_changed.labels(*mv) if mon else _NULL
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
         self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
+        self.closed = {r: (m.batches_closed.labels(*mv, r) if mon else _NULL) for r in BATCH_CLOSE_REASONS}
         self.encode_duration = {
             f: (m.encode_duration.labels(*mv, f) if mon and encodes else _NULL) for f in FORMATS
         }
@@ -345,6 +346,14 @@ class Metrics:
             (*mv, "reason"),
             registry=reg,
         )
+        self.batches_closed = Counter(
+            "genserve_batches_closed_total",
+            "Batches formed, by why each went when it did (full, at_once, all_queued, window, "
+            "preferred, yielded): small batches that close at_once or all_queued under load mean rows "
+            "reach the queue slower than the runner frees.",
+            (*mv, "reason"),
+            registry=reg,
+        )
         self.batch_failures = Counter(
             "genserve_batch_failures_total",
             "Model calls that raised (a failed batch's retries in halves count too).",
@@ -474,6 +483,7 @@ class Metrics:
             self.images,
             self.requests_rejected,
             self.requests_dropped,
+            self.batches_closed,
             self.batch_failures,
             self.image_cache_lookups,
             self.image_cache_bytes,
@@ -517,6 +527,9 @@ class BatchMetrics:
 
     def on_queue_wait(self, wait_s: float, lane: Lane) -> None:
         self._m.queue_duration[lane].observe(wait_s)
+
+    def on_batch_closed(self, reason: str) -> None:
+        self._m.closed[reason].inc()
 
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
         m = self._m

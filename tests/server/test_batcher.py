@@ -55,6 +55,7 @@ class Recorder:
         self.batches: list[tuple[int, int, bool]] = []
         self.waits: list[Lane] = []
         self.depth = 0
+        self.closed: list[str] = []
 
     def on_queue_depth(self, rows: int) -> None:
         self.depth = rows
@@ -71,6 +72,9 @@ class Recorder:
 
     def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
         self.batches.append((rows, n_requests, ok))
+
+    def on_batch_closed(self, reason: str) -> None:
+        self.closed.append(reason)
 
 
 def rows(*values: float) -> dict[str, np.ndarray]:
@@ -199,7 +203,7 @@ def test_closed_loop_callers_all_queued_do_not_wait_the_window() -> None:
     async def body() -> None:
         model = FakeModel()
         window_s = 0.3
-        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=window_s)
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s)
 
         async def client(value: float, rounds: int) -> None:
             for _ in range(rounds):  # closed loop: the next request only after the answer
@@ -216,6 +220,29 @@ def test_closed_loop_callers_all_queued_do_not_wait_the_window() -> None:
         # batch of 4 goes at once instead of waiting out the window for rows that cannot come.
         assert time.monotonic() - started < window_s
         assert [len(x) for _, x in model.batches] == [4, 4, 4, 4]
+        # Nothing suggested more rows when each batch formed: "at_once" (not "window", not "full").
+        assert recorder.closed[1:] == ["at_once"] * 3
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_each_batch_reports_why_it_closed() -> None:
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_batch_size=4, max_queue_delay_s=0.05)
+        # Six one-row requests queue behind a busy runner: four fill a batch; the other two wait out
+        # the window (two untracked requests queued: more may come) and go when it ends.
+        gate, blocker = await hold_runner(batcher, model)
+        waiting = [asyncio.ensure_future(batcher.submit("k", rows(i), 1)) for i in range(2, 8)]
+        await until(lambda: batcher.queued_rows == 6, "six rows queued")
+        gate.set()
+        await asyncio.gather(blocker, *waiting)
+        assert [len(x) for _, x in model.batches] == [1, 4, 2]
+        assert recorder.closed == ["at_once", "full", "window"]
+        # Idle runner, no other caller: a lone row goes at once.
+        await batcher.submit("k", rows(1), 1)
+        assert recorder.closed[-1] == "at_once"
         await batcher.close(1)
 
     run(body())
