@@ -37,10 +37,19 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Protocol
 
 from genserve_contract.config import BatchingConfig
 from genserve_server.arrivals import Arrivals, closes_at_preferred
+from genserve_server.batch_events import (
+    CLOSED_ALL_QUEUED,
+    CLOSED_AT_ONCE,
+    CLOSED_FULL,
+    CLOSED_PREFERRED,
+    CLOSED_WINDOW,
+    CLOSED_YIELDED,
+    BatchObserver,
+    NullObserver,
+)
 from genserve_server.batch_parts import (
     OFF_LOOP_COPY_BYTES,
     Part,
@@ -84,26 +93,6 @@ _DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the co
 DEADLINE_SLACK_S = 0.01
 
 
-# Why a batch closed (genserve_batches_closed_total{reason}): it reached its row limit; it went at
-# once (nothing suggested more rows were coming: an idle runner at concurrency 1, or no sign of
-# callers); every caller in the server was queued; its window ended; it held a preferred size
-# that waiting would not grow; a bulk batch gave way to an interactive request.
-CLOSED_FULL = "full"
-CLOSED_AT_ONCE = "at_once"
-CLOSED_ALL_QUEUED = "all_queued"
-CLOSED_WINDOW = "window"
-CLOSED_PREFERRED = "preferred"
-CLOSED_YIELDED = "yielded"
-BATCH_CLOSE_REASONS = (
-    CLOSED_FULL,
-    CLOSED_AT_ONCE,
-    CLOSED_ALL_QUEUED,
-    CLOSED_WINDOW,
-    CLOSED_PREFERRED,
-    CLOSED_YIELDED,
-)
-
-
 def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
     return chosen[0].seq
 
@@ -112,37 +101,6 @@ def cancelled_by_deadline(deadline: float | None) -> bool:
     """Whether a cancellation now is gRPC ending the call at its deadline (`time.monotonic()`
     seconds; None = no deadline), not the client going away."""
     return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
-
-
-class BatchObserver(Protocol):
-    """What the batcher reports (metrics.ModelMetrics adapts this to Prometheus)."""
-
-    def on_queue_depth(self, rows: int) -> None: ...
-    def on_rejected(self, reason: str) -> None: ...
-    def on_dropped(self, reason: str) -> None: ...
-    def on_queue_wait(self, wait_s: float, lane: Lane) -> None: ...
-    def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None: ...
-    def on_batch_closed(self, reason: str) -> None: ...
-
-
-class NullObserver:
-    def on_queue_depth(self, rows: int) -> None:
-        return None
-
-    def on_rejected(self, reason: str) -> None:
-        return None
-
-    def on_dropped(self, reason: str) -> None:
-        return None
-
-    def on_queue_wait(self, wait_s: float, lane: Lane) -> None:
-        return None
-
-    def on_batch(self, rows: int, n_requests: int, compute_s: float, ok: bool) -> None:
-        return None
-
-    def on_batch_closed(self, reason: str) -> None:
-        return None
 
 
 class Batcher:

@@ -26,7 +26,8 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from genserve_contract.kinds import Kind
-from genserve_server.batcher import BATCH_CLOSE_REASONS, Lane
+from genserve_server.batch_events import BATCH_CLOSE_REASONS
+from genserve_server.batcher import Lane
 from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
 from genserve_server.infer_stats import InferStats
 from genserve_server.metrics_http import HealthProbe
