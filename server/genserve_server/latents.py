@@ -103,30 +103,45 @@ def philox4x32_10(counter: U32Array, key: U32Array) -> U32Array:
     return out
 
 
-# Below this many (seed, block) pairs the Philox words are computed with Python integers: numpy's
-# per-call cost (~80 calls for 10 rounds) exceeds the arithmetic for a lone request's few blocks
-# (one seed x 20 dims: ~40 us in Python vs ~300 us in numpy). The words are exact integers either
+# Up to this many seeds the Philox words are computed on Python integers, one 64-bit lane per
+# (seed, block) (_philox_words_lanes): numpy's per-call cost (~80 calls for 10 rounds) exceeds the
+# arithmetic for a lone request's seed (one seed x 64 dims: ~17 us in lanes, ~48 us one block at a
+# time in Python, ~60 us in numpy; bench/profile.md, ninth round). The words are exact integers either
 # way, and the float part below is numpy in both cases, so the latents are bit-identical.
-_SCALAR_PHILOX_MAX_BLOCKS: Final = 25
+_LANES_PHILOX_MAX_SEEDS: Final = 4
+_LANE_ONE: Final = b"\x01" + b"\x00" * 7  # one 64-bit little-endian lane holding 1
 
 
-def _philox_words_scalar(keys: U32Array, blocks: range) -> U32Array:
-    """`philox4x32_10` for counters (b, 0, 0, 0), b in `blocks` (< 2^32), per key: uint32 [N, B, 4]."""
+def _philox_words_lanes(keys: U32Array, blocks: range) -> U32Array:
+    """`philox4x32_10` for counters (b mod 2^32, b >> 32, 0, 0), b in `blocks`, per key: uint32
+    [N, B, 4]. Each state word of all (seed, block) pairs is one Python integer of 64-bit lanes.
+    Every operation of a round stays within its lane: a 32-bit word times a 32-bit multiplier fits
+    64 bits (no carry into the next lane), the high half is a shift by 32 then a mask of each lane's
+    low 32 bits (which drops what the next lane shifted in), and XOR is bitwise. So one round is
+    a dozen integer operations whatever the number of blocks."""
     mask = 0xFFFFFFFF
-    out = np.empty((len(keys), len(blocks), 4), dtype=np.uint32)
-    for i, (key0, key1) in enumerate(keys.tolist()):
-        round_keys = [
-            ((key0 + r * PHILOX_W0) & mask, (key1 + r * PHILOX_W1) & mask) for r in range(PHILOX_ROUNDS)
-        ]
-        row = out[i]
-        for j, block in enumerate(blocks):
-            c0, c1, c2, c3 = block, 0, 0, 0
-            for k0, k1 in round_keys:
-                p0 = PHILOX_M0 * c0
-                p1 = PHILOX_M1 * c2
-                c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
-            row[j] = (c0, c1, c2, c3)
-    return out
+    n_keys, n_blocks = len(keys), len(blocks)
+    lanes = n_keys * n_blocks
+    per_key_ones = int.from_bytes(_LANE_ONE * n_blocks, "little")
+    low = mask * int.from_bytes(_LANE_ONE * lanes, "little")
+    counters = np.asarray(blocks, dtype="<u8")
+    c0 = int.from_bytes((counters & np.uint64(mask)).astype("<u8").tobytes() * n_keys, "little")
+    c1 = int.from_bytes((counters >> np.uint64(32)).astype("<u8").tobytes() * n_keys, "little")
+    c2 = c3 = 0
+    key_words = keys.tolist()
+    key_shift = 64 * n_blocks  # bits of one key's lanes
+    for r in range(PHILOX_ROUNDS):
+        k0 = k1 = 0
+        for i, (key0, key1) in enumerate(key_words):  # each key's round key, in each of its lanes
+            k0 |= (((key0 + r * PHILOX_W0) & mask) * per_key_ones) << (key_shift * i)
+            k1 |= (((key1 + r * PHILOX_W1) & mask) * per_key_ones) << (key_shift * i)
+        p0 = c0 * PHILOX_M0
+        p1 = c2 * PHILOX_M1
+        c0, c1, c2, c3 = ((p1 >> 32) & low) ^ c1 ^ k0, p1 & low, ((p0 >> 32) & low) ^ c3 ^ k1, p0 & low
+    out = np.empty((lanes, 4), dtype=np.uint32)
+    for j, word in enumerate((c0, c1, c2, c3)):
+        out[:, j] = np.frombuffer(word.to_bytes(8 * lanes, "little"), dtype="<u8")
+    return out.reshape(n_keys, n_blocks, 4)
 
 
 def _seed_keys(seeds: Sequence[int], field: str) -> U32Array:
@@ -150,8 +165,8 @@ def _normals(keys: U32Array, start: int, count: int) -> F64Array:
     first_block = start // 4
     last_block = (start + count - 1) // 4
     n_blocks = last_block - first_block + 1
-    if len(keys) * n_blocks <= _SCALAR_PHILOX_MAX_BLOCKS and last_block <= 0xFFFFFFFF:
-        words = _philox_words_scalar(keys, range(first_block, last_block + 1))
+    if len(keys) <= _LANES_PHILOX_MAX_SEEDS:
+        words = _philox_words_lanes(keys, range(first_block, last_block + 1))
     else:
         blocks = np.arange(first_block, last_block + 1, dtype=np.uint64)
         counter = np.zeros((n_blocks, 4), dtype=np.uint32)
