@@ -126,6 +126,7 @@ class StepTimes:
         self.rows: list[int] = []
         self.calls: list[float] = []
         self.gaps: list[float] = []
+        self.reshapes = 0  # calls with other rows than the previous call (a new input shape)
         self._last_end: float | None = None
 
     async def __call__(self, inputs: dict[str, np.ndarray]) -> Any:
@@ -135,13 +136,16 @@ class StepTimes:
         outputs = await self._run(inputs)
         self._last_end = time.perf_counter()
         self.calls.append(self._last_end - started)
-        self.rows.append(len(inputs["codes"]))
+        rows = len(inputs["codes"])
+        self.reshapes += bool(self.rows) and rows != self.rows[-1]
+        self.rows.append(rows)
         return outputs
 
     def summary(self) -> dict[str, float]:
         return {
             "steps": len(self.calls),
             "rows_per_step": float(np.mean(self.rows)) if self.rows else 0.0,
+            "reshapes": self.reshapes,
             "call_ms_p50": percentile(self.calls, 50) * 1e3,
             "call_ms_mean": float(np.mean(self.calls)) * 1e3 if self.calls else float("nan"),
             "gap_ms_p50": percentile(self.gaps, 50) * 1e3,
@@ -182,17 +186,29 @@ class FlatCost:
 
     step_s: float
     device: threading.Lock | None = None
+    row_s: float = 0.0  # --flat-row-ms: plus this much per row (a step that is not quite flat)
+    # --flat-reshape-ms: plus this much for a call whose rows differ from the runner's previous
+    # call, as ORT's CUDA Conv rebuilds its cuDNN frontend plans whenever its input shape changes.
+    reshape_s: float = 0.0
+    reshapes: int = 0
     calls: int = 0
     over: int = 0  # calls whose real graph alone took longer than the budget (not flat then)
 
     def wrap(self, runner: Runner) -> None:
         real = runner._model_call
+        last = [0]  # the rows of this runner's previous call
 
         def model_call(feeds: dict[str, np.ndarray], solo: bool) -> list[Any]:
+            rows = len(next(iter(feeds.values())))
+            extra = 0.0
+            if rows != last[0]:
+                extra = self.reshape_s if last[0] else 0.0  # the first call's shape was warmed
+                self.reshapes += last[0] > 0
+                last[0] = rows
             if self.device is None:
-                return self._flat(real, feeds, solo)
+                return self._flat(real, feeds, solo, extra)
             with self.device:
-                return self._flat(real, feeds, solo)
+                return self._flat(real, feeds, solo, extra)
 
         runner._model_call = model_call  # type: ignore[method-assign]
 
@@ -201,10 +217,12 @@ class FlatCost:
         real: Callable[[dict[str, np.ndarray], bool], list[Any]],
         feeds: dict[str, np.ndarray],
         solo: bool,
+        extra_s: float,
     ) -> list[Any]:
         started = time.perf_counter()
         values = real(feeds, solo)
-        left = self.step_s - (time.perf_counter() - started)
+        rows = len(next(iter(feeds.values())))
+        left = self.step_s + self.row_s * rows + extra_s - (time.perf_counter() - started)
         self.calls += 1  # plain int updates under the GIL: a lost one only skews the tally
         if left > 0:
             time.sleep(left)
@@ -407,6 +425,7 @@ async def measure_rate(setup: Setup, args: argparse.Namespace, index: int, rate:
         for level, steps in results[label]["steps"].items():
             say(
                 f"{'':8} {label:>8} {level}: {steps['steps']} steps, {steps['rows_per_step']:.2f} rows/step, "
+                f"{steps['reshapes']} new shapes, "
                 f"call {steps['call_ms_p50']:.2f} ms p50 ({steps['call_ms_mean']:.2f} mean), gap "
                 f"{steps['gap_ms_p50']:.3f} ms p50 ({steps['gap_ms_mean']:.3f} mean)"
             )
@@ -510,9 +529,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         runner.close()
     flat = {}
     for emulated in FLAT:
-        flat = {"step_ms": emulated.step_s * 1e3, "serial": emulated.device is not None}
+        flat = {"step_ms": emulated.step_s * 1e3, "row_ms": emulated.row_s * 1e3}
+        flat |= {"reshape_ms": emulated.reshape_s * 1e3, "reshapes": emulated.reshapes}
+        flat |= {"serial": emulated.device is not None}
         flat |= {"calls": emulated.calls, "over_budget": emulated.over}
-        say(f"flat step {flat['step_ms']:g} ms: {emulated.calls} prior calls, {emulated.over} over budget")
+        say(
+            f"flat step {flat['step_ms']:g} ms: {emulated.calls} prior calls, {emulated.over} over budget, "
+            f"{emulated.reshapes} with other rows than the runner's previous call"
+        )
     return {
         "flat": flat,
         "setup": setup.description,
@@ -561,6 +585,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(a GPU's flat step emulated on the CPU: the graph runs, its thread sleeps the rest)",
     )
     parser.add_argument(
+        "--flat-row-ms",
+        type=float,
+        default=0.0,
+        help="with --flat-step-ms: plus this many ms per row of the call (a step not quite flat)",
+    )
+    parser.add_argument(
+        "--flat-reshape-ms",
+        type=float,
+        default=0.0,
+        help="with --flat-step-ms: plus this many ms for a call whose rows differ from the previous "
+        "call's (ORT's CUDA Conv rebuilds its cuDNN plans on every input-shape change)",
+    )
+    parser.add_argument(
         "--flat-serial", action="store_true", help="with --flat-step-ms: the priors' calls take turns"
     )
     parser.add_argument(
@@ -573,7 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     PROVIDERS[:] = select_providers(args.providers.split(","))
     FLAT[:] = []
     if args.flat_step_ms > 0:
-        FLAT.append(FlatCost(args.flat_step_ms / 1e3, threading.Lock() if args.flat_serial else None))
+        device = threading.Lock() if args.flat_serial else None
+        FLAT.append(
+            FlatCost(args.flat_step_ms / 1e3, device, args.flat_row_ms / 1e3, args.flat_reshape_ms / 1e3)
+        )
     figures = asyncio.run(run(args))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **figures}, indent=2) + "\n")
