@@ -242,6 +242,12 @@ def _prior_runner(path: Path, label: str) -> Runner:
     return runner
 
 
+def stable_shapes(args: argparse.Namespace, runner: Runner) -> bool:
+    """--stable-shapes: pad the steps of both policies to stable row buckets (auto: on a GPU, as
+    the server does)."""
+    return bool(args.stable_shapes == "on" or (args.stable_shapes == "auto" and runner.info.on_gpu))
+
+
 def _gated(scheduler: StepScheduler, gate: asyncio.Semaphore | None) -> Callable[..., Awaitable[np.ndarray]]:
     """`scheduler.sample`, waiting for a free row where the row budget is full (step-level: the
     server would answer RESOURCE_EXHAUSTED and the client retry; here the wait counts as latency)."""
@@ -260,6 +266,7 @@ def synthetic_setup(args: argparse.Namespace, tmp: Path) -> Setup:
     runner = _prior_runner(build_prior(tmp, grid, args.codes, args.iterations), "bench-prior")
     timers = {label: {"prior": StepTimes(functools.partial(runner.run, StepRows()))} for label in POLICIES}
     common: dict[str, Any] = {"name": "bench-prior", "grid": grid, "codebook_size": args.codes}
+    common["stable_shapes"] = stable_shapes(args, runner)
     policies: dict[str, Submit] = {}
     step_run, request_run = timers["step"]["prior"], timers["request"]["prior"]
     for label, scheduler, gate in (
@@ -345,6 +352,7 @@ def vqvae_setup(args: argparse.Namespace, root: Path) -> Setup:
                 "takes_label": True,
                 "top_grid": card.top_grid,
                 "defaults": configs[name].sampling,
+                "stable_shapes": stable_shapes(args, runners[name]),
             }
             step_run = timers[label][name] = StepTimes(functools.partial(runners[name].run, StepRows()))
             if label == "step":
@@ -370,7 +378,8 @@ def vqvae_setup(args: argparse.Namespace, root: Path) -> Setup:
     description = (
         f"{'synthetic ' if args.synthetic_chain else ''}"
         f"{TOP_PRIOR} (7x7, K=32) -> {PRIOR} (14x14, K=64) -> {DECODER}, default sampling "
-        f"(temperature {sampling.temperature:g}), ORT {PROVIDERS[0]}, 1 thread per graph"
+        f"(temperature {sampling.temperature:g}), ORT {PROVIDERS[0]}, 1 thread per graph, "
+        f"stable shapes {'on' if stable_shapes(args, runners[PRIOR]) else 'off'}"
     )
     steps = {}
     for name in (TOP_PRIOR, PRIOR):
@@ -599,6 +608,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--flat-serial", action="store_true", help="with --flat-step-ms: the priors' calls take turns"
+    )
+    parser.add_argument(
+        "--stable-shapes",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="pad each step's call to a stable power-of-two number of rows (StepScheduler "
+        "stable_shapes), both policies; auto: where the prior runs on a GPU, as served",
     )
     parser.add_argument(
         "--providers",
