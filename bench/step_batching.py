@@ -493,6 +493,29 @@ def ideal_ratios(levels: Sequence[int], rows: int, fraction: float, n: int = 200
     }
 
 
+def shape_probe(runner: Runner, rows: int, calls: int = 40) -> dict[str, float]:
+    """Median ms of one prior call (zero codes) with 1 row, with `rows` rows every call, and with
+    rows - 1 and rows alternating: a new input shape every call, what step-level batching's joins
+    and leaves cause without stable shapes."""
+
+    def feeds(n: int) -> dict[str, np.ndarray]:
+        return {spec.name: np.zeros((n, *spec.shape[1:]), spec.dtype) for spec in runner.inputs}
+
+    def median_ms(sizes: Sequence[int]) -> float:
+        times = []
+        for n in sizes:
+            started = time.perf_counter()
+            runner.run_sync(feeds(n))
+            times.append(time.perf_counter() - started)
+        return float(np.median(times[2:])) * 1e3  # the first calls settle the shapes
+
+    return {
+        "one_row_ms": median_ms([1] * calls),
+        "rows_ms": median_ms([rows] * calls),
+        "alternating_ms": median_ms([rows - (i % 2) for i in range(calls)]),
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic_chain:
@@ -501,6 +524,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             setup = vqvae_setup(args, Path(args.models))
         else:
             setup = synthetic_setup(args, Path(tmp))
+    probe = {}
+    if args.shape_probe:
+        for runner in setup.runners:
+            if runner.label in setup.steps or runner.label == "bench-prior":
+                probe[runner.label] = got = shape_probe(runner, max(2, args.rows))
+                say(
+                    f"shape probe {runner.label}: 1 row {got['one_row_ms']:.2f} ms, {args.rows} rows "
+                    f"{got['rows_ms']:.2f} ms, {args.rows - 1} and {args.rows} rows alternating "
+                    f"{got['alternating_ms']:.2f} ms (median per call)"
+                )
     policies = setup.policies
     for submit in policies.values():
         await submit(0)  # warm
@@ -547,6 +580,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{emulated.reshapes} with other rows than the runner's previous call"
         )
     return {
+        "shape_probe": probe,
         "flat": flat,
         "setup": setup.description,
         "row_budget": args.rows,
@@ -608,6 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--flat-serial", action="store_true", help="with --flat-step-ms: the priors' calls take turns"
+    )
+    parser.add_argument(
+        "--shape-probe",
+        action="store_true",
+        help="first time each prior's calls at a fixed and at an alternating number of rows",
     )
     parser.add_argument(
         "--stable-shapes",
