@@ -499,7 +499,11 @@ def shape_probe(runner: Runner, rows: int, calls: int = 40) -> dict[str, float]:
     and leaves cause without stable shapes."""
 
     def feeds(n: int) -> dict[str, np.ndarray]:
-        return {spec.name: np.zeros((n, *spec.shape[1:]), spec.dtype) for spec in runner.inputs}
+        # The priors' inputs have fixed dims past the batch axis (codes [N, H, W], label [N]).
+        return {
+            spec.name: np.zeros((n, *(int(d) for d in spec.shape[1:] if isinstance(d, int))), spec.dtype)
+            for spec in runner.inputs
+        }
 
     def median_ms(sizes: Sequence[int]) -> float:
         times = []
