@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import json
 import os
@@ -283,6 +284,42 @@ def synthetic_setup(args: argparse.Namespace, tmp: Path) -> Setup:
     return Setup(description, policies, [runner], timers, {"prior": grid[0] * grid[1]})
 
 
+class ChainBatches:
+    """--request-scope chain: request-level batching of the whole chain. Up to `batch` waiting
+    requests enter together once the previous batch has left both priors and the decoder; each
+    level's RequestLevel scheduler then runs them as one batch. The default ("level") lets the
+    next batch into the top prior while the previous one is in the bottom prior (a pipeline)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._inside = 0
+
+    def around(self, submit: Submit) -> Submit:
+        async def chained(i: int) -> None:
+            loop = asyncio.get_running_loop()
+            entry = loop.create_future()
+            self._waiting.append(entry)
+            # At the next loop iteration, as a level's scheduler admits at its next step: requests
+            # arriving together (the capacity batch) enter together.
+            loop.call_soon(self._admit)
+            await entry
+            try:
+                await submit(i)
+            finally:
+                self._inside -= 1
+                self._admit()
+
+        return chained
+
+    def _admit(self) -> None:
+        if self._inside:
+            return
+        while self._waiting and self._inside < self.batch:
+            self._waiting.popleft().set_result(None)
+            self._inside += 1
+
+
 def build_chain(root: Path) -> Path:
     """A repository with the digits chain's names and shapes (7x7 K=32 top prior, 14x14 K=64 bottom
     prior given the top, both over 10 labels, and a decoder), near-free synthetic graphs."""
@@ -374,12 +411,15 @@ def vqvae_setup(args: argparse.Namespace, root: Path) -> Setup:
             await decode.run(StepRows(), {"codes": codes, "top_codes": tops})
 
         policies[label] = submit
+        if label == "request" and args.request_scope == "chain":
+            policies[label] = ChainBatches(args.rows).around(submit)
     sampling = configs[PRIOR].sampling
     description = (
         f"{'synthetic ' if args.synthetic_chain else ''}"
         f"{TOP_PRIOR} (7x7, K=32) -> {PRIOR} (14x14, K=64) -> {DECODER}, default sampling "
         f"(temperature {sampling.temperature:g}), ORT {PROVIDERS[0]}, 1 thread per graph, "
-        f"stable shapes {'on' if stable_shapes(args, runners[PRIOR]) else 'off'}"
+        f"stable shapes {'on' if stable_shapes(args, runners[PRIOR]) else 'off'}, "
+        f"request-level batches per {args.request_scope}"
     )
     steps = {}
     for name in (TOP_PRIOR, PRIOR):
@@ -481,12 +521,16 @@ def simulate(
     return latencies
 
 
-def ideal_ratios(levels: Sequence[int], rows: int, fraction: float, n: int = 2000) -> dict[str, float]:
+def ideal_ratios(
+    levels: Sequence[int], rows: int, fraction: float, n: int = 2000, chain: bool = False
+) -> dict[str, float]:
     """step ÷ request p50 and p99 of `simulate` at `fraction` of the capacity as the bench defines
     it (a full request-level batch through every level): the best ratio a scheduler with no
     overhead could reach against this baseline under a flat step cost."""
     rate = fraction * rows / sum(levels)
-    step, request = (simulate(policy, levels, rows, rate, n, seed=1) for policy in POLICIES)
+    step = simulate("step", levels, rows, rate, n, seed=1)
+    # `chain`: request-level batches run through every level before the next enters.
+    request = simulate("request", [sum(levels)] if chain else levels, rows, rate, n, seed=1)
     return {
         "p50_ratio": float(np.percentile(step, 50) / np.percentile(request, 50)),
         "p99_ratio": float(np.percentile(step, 99) / np.percentile(request, 99)),
@@ -568,7 +612,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rows_out = []
     for index, rate in enumerate(rates):
         got = await measure_rate(setup, args, index, rate)
-        ideal = ideal_ratios(levels, args.rows, rate / capacity)
+        ideal = ideal_ratios(levels, args.rows, rate / capacity, chain=args.request_scope == "chain")
         say(f"{'':8} {'ideal':>8} {'':5} {ideal['p50_ratio']:9.2f} {ideal['p99_ratio']:9.2f}")
         rows_out.append({**got, "ideal": ideal})
     for runner in setup.runners:
@@ -646,6 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--flat-serial", action="store_true", help="with --flat-step-ms: the priors' calls take turns"
+    )
+    parser.add_argument(
+        "--request-scope",
+        choices=("level", "chain"),
+        default="level",
+        help="request-level baseline of a two-prior chain: a batch per level (the next batch enters "
+        "the top prior while the previous one is in the bottom one) or per chain (it leaves the "
+        "decoder before the next enters)",
     )
     parser.add_argument(
         "--shape-probe",

@@ -53,8 +53,8 @@ CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
 # Unfilled positions of a grid hold this code (kinds.CODES): the prior's masks never read them.
 UNFILLED: Final = 0
 # stable_shapes: a bucket shrinks after this many grids' lifetimes (positions) of steps that would
-# all fit a smaller one. Longer keeps shapes steadier under a fluctuating load (a new shape costs
-# tens of steps on a GPU); shorter drops padding sooner (cheap on a GPU, where steps are flat).
+# all fit a smaller one. Longer keeps shapes steadier under a fluctuating load (a new shape may cost
+# many steps on a GPU); shorter drops padding sooner (cheap on a GPU, where steps are flat).
 SHRINK_AFTER_GRIDS: Final = 4
 
 RunStep = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
