@@ -40,9 +40,15 @@ for name in ("vqvae-digits-top-prior", "vqvae-digits-prior"):
     print(" ".join(line))
 PY
 if [[ "${STEP_BENCH:-1}" == 1 ]]; then
-  "$PYTHON" -m bench.step_batching --providers CUDAExecutionProvider,CPUExecutionProvider --models models \
-    --rows 8 --duration "${STEP_DURATION:-5}" --rounds 2 --rates 0.2,0.5,0.8,1.1 \
-    --json "$OUT/step-batching-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" || status=1
+  # Without and with stable shapes (StepScheduler pads each step to a bucket of rows: ORT's CUDA
+  # Conv rebuilds its cuDNN plans on every new input shape); --shape-probe times each prior at a
+  # fixed and at an alternating number of rows first, what a new shape costs on this device.
+  for shapes in ${STEP_SHAPES:-off on}; do
+    "$PYTHON" -m bench.step_batching --providers CUDAExecutionProvider,CPUExecutionProvider --models models \
+      --rows 8 --duration "${STEP_DURATION:-5}" --rounds 2 --rates 0.2,0.5,0.8,1.1 --shape-probe \
+      --stable-shapes "$shapes" --json "$OUT/step-batching-gpu-shapes-$shapes.json" 2>&1 \
+      | tee -a "$OUT/gpu_bench.log" || status=1
+  done
 fi
 "$PYTHON" -m bench.run --quick --models ${RUN_MODELS:-dcgan-digits cgan-digits vae-digits-decoder sr-photos-x4} \
   --no-bench-models --no-priority --no-readme --out "$OUT/run-quick-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" \

@@ -463,6 +463,8 @@ class GenerationCore:
                 top_grid=card.top_grid,
                 metrics=mv.metrics,
                 defaults=mv.config.sampling,
+                # On a GPU a step is flat in its rows but a new input shape rebuilds cuDNN plans.
+                stable_shapes=runner.info.on_gpu,
             )
             # Forget schedulers of versions replaced or unloaded once their rows are done.
             self.steppers = {v: s for v, s in self.steppers.items() if s.rows or v.state == ModelState.READY}

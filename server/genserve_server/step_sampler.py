@@ -9,6 +9,15 @@ code at its own position and advances. New rows join at the next step, up to the
 finished rows leave at once; rows whose caller cancelled or whose deadline passed leave at the
 next step.
 
+With `stable_shapes` (a prior on a GPU) a step's call is padded to a power-of-two number of rows
+(at most the row budget) that grows at once and shrinks only after a few grids' worth of steps
+that would all fit a smaller one, so rows joining and leaving rarely change the call's input
+shape. On a GPU a step costs about the same for 1 or 64 rows, but ONNX Runtime's CUDA Conv
+rebuilds its cuDNN frontend plans (graph, heuristics, plan build) whenever its input shape differs
+from its previous call's, every Conv of the prior; without padding every join and every leave is
+a new shape (bench/README.md: "Step-level batching with a flat step, emulated on the CPU").
+Padded rows repeat the first row; their logits are dropped.
+
 Sampling is a pure function of (logits of the row, seed, position, options), and the logits of a
 row depend only on its own grid, so a grid never depends on which rows shared its steps. The random
 stream (CODE_RNG_ALGORITHM, documented above SampleCodesRequest in protos/genserve/v1/genserve.proto):
@@ -43,6 +52,10 @@ from genserve_server.metrics import ModelMetrics
 CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
 # Unfilled positions of a grid hold this code (kinds.CODES): the prior's masks never read them.
 UNFILLED: Final = 0
+# stable_shapes: a bucket shrinks after this many grids' lifetimes (positions) of steps that would
+# all fit a smaller one. Longer keeps shapes steadier under a fluctuating load (a new shape may cost
+# many steps on a GPU); shorter drops padding sooner (cheap on a GPU, where steps are flat).
+SHRINK_AFTER_GRIDS: Final = 4
 
 RunStep = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 # A request's progress: (positions filled, its grids so far int64 [N, H, W], a copy).
@@ -155,6 +168,8 @@ class StepStats:
     expired: int = 0
     refused: int = 0
     join_wait_s: float = 0.0  # summed over joined rows: submitted -> first step
+    padded: int = 0  # sum over steps of the rows added to keep the call's shape (stable_shapes)
+    reshapes: int = 0  # steps whose call had other rows than the previous step's call
 
 
 class StepScheduler:
@@ -173,8 +188,13 @@ class StepScheduler:
         top_grid: tuple[int, int] | None = None,
         metrics: ModelMetrics | None = None,
         defaults: SamplingConfig | None = None,
+        stable_shapes: bool = False,
     ) -> None:
         self._run = run
+        # Pad each call to a bucket of rows that rarely changes (the module docstring: GPU priors).
+        self.stable_shapes = stable_shapes
+        self._bucket = 0  # rows of the previous call (padded)
+        self._fits_smaller = 0  # consecutive steps whose rows fit a smaller bucket
         # The prior's config.json `sampling`: options a request leaves unset.
         self.defaults = defaults or SamplingConfig()
         # The prior version's series (docs/metrics-contract.md): a step is a batch (compute
@@ -194,6 +214,7 @@ class StepScheduler:
         self._joining: list[Row] = []
         self._watches: list[_Watch] = []
         self._task: asyncio.Task[None] | None = None
+        self._previous_rows = 0
 
     @property
     def rows(self) -> int:
@@ -304,12 +325,34 @@ class StepScheduler:
         if self.metrics is not None:
             self.metrics.dropped[reason].inc()
 
-    def _inputs(self, rows: Sequence[Row]) -> dict[str, np.ndarray]:
-        inputs = {"codes": np.stack([row.codes for row in rows])}
+    def call_rows(self, n: int) -> int:
+        """Rows of this step's call for `n` running rows: `n`, or with `stable_shapes` the bucket,
+        a power of two (at most the row budget) that grows at once to fit and shrinks only after
+        SHRINK_AFTER_GRIDS * `positions` consecutive steps that would fit a smaller one."""
+        if not self.stable_shapes:
+            rows = n
+        else:
+            fit = min(1 << max(0, n - 1).bit_length(), max(n, self.max_rows))
+            if fit >= self._bucket:
+                self._bucket, self._fits_smaller = fit, 0
+            else:
+                self._fits_smaller += 1
+                if self._fits_smaller >= SHRINK_AFTER_GRIDS * self.positions:
+                    self._bucket, self._fits_smaller = fit, 0
+            rows = self._bucket
+        if self._previous_rows and rows != self._previous_rows:
+            self.stats.reshapes += 1
+        self._previous_rows = rows
+        return rows
+
+    def _inputs(self, rows: Sequence[Row], padded: int) -> dict[str, np.ndarray]:
+        """The call's inputs for `rows`, plus copies of the first row up to `padded` rows."""
+        order = list(rows) + [rows[0]] * (padded - len(rows))
+        inputs = {"codes": np.stack([row.codes for row in order])}
         if self.takes_label:
-            inputs["label"] = np.array([row.label or 0 for row in rows], np.int64)
+            inputs["label"] = np.array([row.label or 0 for row in order], np.int64)
         if self.top_grid is not None:
-            inputs["top_codes"] = np.stack([row.top for row in rows if row.top is not None])
+            inputs["top_codes"] = np.stack([row.top for row in order if row.top is not None])
         return inputs
 
     async def _loop(self) -> None:
@@ -324,9 +367,11 @@ class StepScheduler:
                 if not rows:
                     continue
                 started = time.perf_counter()
+                padded = self.call_rows(len(rows))
+                self.stats.padded += padded - len(rows)
                 try:
-                    outputs = await self._run(self._inputs(rows))
-                    codes = self._choose(rows, np.asarray(outputs["logits"]))
+                    outputs = await self._run(self._inputs(rows, padded))
+                    codes = self._choose(rows, np.asarray(outputs["logits"]), padded)
                 except Exception as exc:  # a failed call fails its rows; the scheduler goes on
                     if self.metrics is not None:
                         self.metrics.batch_failures.inc()
@@ -363,12 +408,13 @@ class StepScheduler:
             if self.metrics is not None:
                 self.metrics.step_running_rows.set(len(self._running))
 
-    def _choose(self, rows: Sequence[Row], logits: np.ndarray) -> np.ndarray:
-        """Each row's code at its own position."""
+    def _choose(self, rows: Sequence[Row], logits: np.ndarray, padded: int) -> np.ndarray:
+        """Each row's code at its own position (the padding rows' logits dropped)."""
         n = len(rows)
-        if logits.shape != (n, self.codebook_size, *self.grid):
+        if logits.shape != (padded, self.codebook_size, *self.grid):
             raise ValueError(
-                f"{self.name}: logits of shape {logits.shape}, expected {(n, self.codebook_size, *self.grid)}"
+                f"{self.name}: logits of shape {logits.shape}, "
+                f"expected {(padded, self.codebook_size, *self.grid)}"
             )
         width = self.grid[1]
         positions = [row.position for row in rows]

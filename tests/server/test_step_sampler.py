@@ -22,7 +22,7 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.config import SamplingConfig
-from genserve_server import code_sampling, validate
+from genserve_server import code_sampling, step_sampler, validate
 from genserve_server.code_sampling import CodeSamples
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
@@ -250,6 +250,62 @@ def test_rows_at_different_positions_share_one_prior_call(code_repo: tuple[Path,
         assert first_filled <= alone and np.count_nonzero(calls[alone][1]) == 0
 
     run_with_core(root, body)
+
+
+@pytest.mark.parametrize("repo_fixture", ["code_repo", "deep_code_repo"])
+def test_stable_shapes_pad_every_call_to_one_bucket_and_keep_the_codes(
+    repo_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """As on a GPU: rows joining and leaving do not change the call's shape; the padding rows'
+    logits are dropped, so the grids are those of a lone request without padding."""
+    root, names = request.getfixturevalue(repo_fixture)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        alone = await sample(core, names["prior"], [42], [1])
+        busy_alone = await sample(core, names["prior"], [1, 2, 3, 4, 5], [0, 1, 2, 0, 1])
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        assert not scheduler.stable_shapes  # a CPU prior: no padding
+        scheduler.stable_shapes = True
+        calls = count_calls(scheduler)
+        stats_before = (scheduler.stats.steps, scheduler.stats.reshapes, scheduler.stats.rows_stepped)
+        busy = asyncio.ensure_future(sample(core, names["prior"], [1, 2, 3, 4, 5], [0, 1, 2, 0, 1]))
+        await until(lambda: scheduler.stats.steps >= stats_before[0] + 7)
+        joined = await sample(core, names["prior"], [42], [1])
+        assert np.array_equal((await busy).codes, busy_alone.codes)
+        assert np.array_equal(joined.codes, alone.codes)
+        assert joined.images[0].data == alone.images[0].data
+        # 5 rows, then 6, then 5 again after the joiner left: every call padded to 8 rows.
+        assert {len(c) for c in calls} == {MAX_ROWS}
+        assert scheduler.stats.reshapes == stats_before[1] + 1  # 1 row (the lone request) -> 8
+        assert scheduler.stats.rows_stepped - stats_before[2] == 6 * POSITIONS
+        assert scheduler.stats.padded == len(calls) * MAX_ROWS - 6 * POSITIONS
+        # Padding rows repeat the first running row.
+        assert all(np.array_equal(c[-1], c[0]) for c in calls)
+
+    run_with_core(root, body)
+
+
+def test_the_stable_bucket_grows_at_once_and_shrinks_after_a_few_grids() -> None:
+    async def never(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        raise AssertionError("not called")
+
+    scheduler = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=8, stable_shapes=True)
+    assert [scheduler.call_rows(n) for n in (1, 3, 2, 1, 5, 8, 3)] == [1, 4, 4, 4, 8, 8, 8]
+    assert scheduler.stats.reshapes == 2  # 1 -> 4 -> 8
+    patience = step_sampler.SHRINK_AFTER_GRIDS * scheduler.positions
+    # 3 rows fit a bucket of 4: after `patience` consecutive such steps (the 3 above counts) it shrinks.
+    assert {scheduler.call_rows(3) for _ in range(patience - 2)} == {8}
+    assert scheduler.call_rows(3) == 4
+    # A step that needs the bucket again resets the count.
+    assert [scheduler.call_rows(n) for n in (1, 4, 1)] == [4, 4, 4]
+    assert {scheduler.call_rows(1) for _ in range(patience - 2)} == {4}
+    assert scheduler.call_rows(1) == 1
+    assert scheduler.stats.reshapes == 4
+    # A row budget that is not a power of two caps the bucket; without stable shapes, no padding.
+    capped = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=6, stable_shapes=True)
+    assert [capped.call_rows(n) for n in (5, 6, 3)] == [6, 6, 6]
+    plain = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=8)
+    assert [plain.call_rows(n) for n in (1, 3, 2)] == [1, 3, 2] and plain.stats.reshapes == 2
 
 
 def test_a_cancelled_row_leaves_at_the_next_step(code_repo: tuple[Path, dict[str, str]]) -> None:
