@@ -17,6 +17,7 @@ from genserve_export.recipes.photos_colorize import PhotoColorizeRecipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
 from genserve_export.recipes.photos_srgan import PhotoSrganRecipe
+from genserve_export.recipes.stylegan_digits import StyleganDigitsRecipe
 from genserve_export.recipes.vae import VaeDigitsRecipe
 from genserve_export.recipes.vqvae import VqvaeDigitsRecipe
 
@@ -31,6 +32,7 @@ RECIPES["cgan-fashion"] = cgan_fashion_recipe()
 RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()
 RECIPES["pix2pix-colorize"] = PhotoColorizeRecipe()
 RECIPES["cyclegan-digits"] = CycleGanDigitsRecipe()
+RECIPES["stylegan-digits"] = StyleganDigitsRecipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:
