@@ -412,6 +412,14 @@ def mean_w(run_mapping: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     return np.asarray(w.mean(axis=0), dtype=np.float32)
 
 
+def mapping_figures(mapping: OnnxRun) -> dict[str, float]:
+    """The mapping's own figures over W_AVG_SAMPLES seeded z (no gate; a collapsed mapping shows a
+    spread near 0): the mean per-dimension standard deviation of w and the norm of the mean w."""
+    z = np.random.default_rng(EVAL_SEED).standard_normal((W_AVG_SAMPLES, LATENT_DIM)).astype(np.float32)
+    w = run_batched(mapping, {"z": z}, "w")
+    return {"w_spread": float(w.std(axis=0).mean()), "w_mean_norm": float(np.linalg.norm(w.mean(axis=0)))}
+
+
 def _broadcast(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(w[:, None, :], NUM_LAYERS, axis=1), dtype=np.float32)
 
@@ -642,7 +650,7 @@ class StyleganDigitsRecipe:
         self, name: str, card: Mapping[str, Any], run: OnnxRun, sibling: Callable[[str], OnnxRun | None]
     ) -> dict[str, float]:
         if name == MAPPING_NAME:
-            return {}
+            return mapping_figures(run)
         mapping = sibling(MAPPING_NAME)
         if mapping is None:
             raise FileNotFoundError(f"{NAME}'s quality needs {MAPPING_NAME} in the same repository")
