@@ -16,6 +16,8 @@ DIGITS_ENTRIES = {
     "dcgan-digits",
     "cgan-digits",
     "cyclegan-digits",
+    "stylegan-digits-mapping",
+    "stylegan-digits",
 }
 FASHION_ENTRIES = {"cgan-fashion"}  # verify needs Fashion-MNIST too (make fashion-data)
 

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from server_support import F32, running_server, tensor_of
 
 from genserve.v1 import genserve_pb2 as pb
@@ -21,6 +22,7 @@ from genserve_export import export_model
 from genserve_export.card import validate_card
 from genserve_export.data import digits
 from genserve_export.recipes import stylegan_digits as style
+from genserve_export.recipes._clusters import ClusterFromZ, pixel_clusters, z_thresholds
 
 pytestmark = pytest.mark.skipif(not digits.available(), reason="MNIST not fetched (make mnist-data)")
 STEPS = 3  # smoke only: the recipe is never trained by the tests
@@ -119,3 +121,15 @@ def test_verify_draws_no_grid_for_a_mapping(tmp_path: Path) -> None:
     card = {"kind": "style_mapping", "name": style.MAPPING_NAME, "latent_dim": style.LATENT_DIM}
     assert write_grid(card, run, tmp_path / "mapping.png") is None
     assert not (tmp_path / "mapping.png").exists()
+
+
+def test_self_conditioning_draws_clusters_from_z_in_the_data_proportions() -> None:
+    rng = np.random.default_rng(0)
+    images = np.concatenate([rng.random((30, 1, 4, 4)) * 0.1, 0.9 + rng.random((10, 1, 4, 4)) * 0.1])
+    assignment, sizes = pixel_clusters(images, 2, seed=0)
+    assert sorted(sizes.tolist()) == [10, 30] and len(set(assignment[:30].tolist())) == 1
+    pick = ClusterFromZ(z_thresholds(np.array([1, 2, 7])))
+    z = torch.from_numpy(rng.standard_normal((100_000, 3)).astype(np.float32))
+    shares = np.bincount(pick(z).numpy(), minlength=3) / len(z)
+    np.testing.assert_allclose(shares, [0.1, 0.2, 0.7], atol=0.01)
+    assert torch.equal(pick(z[:5]), pick(z)[:5])  # a row's cluster depends on its own z only

@@ -1,9 +1,7 @@
 """scikit-learn's bundled digits (1,797 × 8×8), upsampled to 28×28, with a fixed held-out split.
 
-Still the data of ``dcgan-digits`` (with ``quality/sk_digits_*``): on real MNIST
-(``data/digits.py``) its generator drew too many ambiguous digits and too few of some classes
-to pass the quality gates (issue 17; export/README.md). Delete this module, the two ``sk_``
-quality modules and these imports when that recipe moves to MNIST.
+Domain A of ``cyclegan-digits`` (another writer population than MNIST). It was also the data of
+``dcgan-digits`` until that recipe moved to real MNIST (issue 17; export/README.md).
 """
 
 from __future__ import annotations

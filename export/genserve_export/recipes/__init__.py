@@ -12,17 +12,18 @@ from genserve_export.recipe import Recipe
 from genserve_export.recipes.cgan import cgan_digits_recipe
 from genserve_export.recipes.cgan_fashion import cgan_fashion_recipe
 from genserve_export.recipes.cyclegan_digits import CycleGanDigitsRecipe
-from genserve_export.recipes.dcgan import DcganDigitsRecipe
+from genserve_export.recipes.dcgan_mnist import DcganMnistRecipe
 from genserve_export.recipes.photos_colorize import PhotoColorizeRecipe
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
 from genserve_export.recipes.photos_srgan import PhotoSrganRecipe
+from genserve_export.recipes.stylegan_digits import StyleganDigitsRecipe
 from genserve_export.recipes.vae import VaeDigitsRecipe
 from genserve_export.recipes.vqvae import VqvaeDigitsRecipe
 
 RECIPES: dict[str, Recipe] = {}
 RECIPES["vae-digits"] = VaeDigitsRecipe()
-RECIPES["dcgan-digits"] = DcganDigitsRecipe()
+RECIPES["dcgan-digits"] = DcganMnistRecipe()
 RECIPES["cgan-digits"] = cgan_digits_recipe()
 RECIPES["sr-photos-x4"] = PhotoSuperResolutionRecipe()
 RECIPES["srgan-photos-x4"] = PhotoSrganRecipe()
@@ -31,6 +32,7 @@ RECIPES["cgan-fashion"] = cgan_fashion_recipe()
 RECIPES["vqvae-digits"] = VqvaeDigitsRecipe()
 RECIPES["pix2pix-colorize"] = PhotoColorizeRecipe()
 RECIPES["cyclegan-digits"] = CycleGanDigitsRecipe()
+RECIPES["stylegan-digits"] = StyleganDigitsRecipe()
 
 
 def recipe_for_entry(entry_name: str) -> tuple[str, Recipe] | None:
