@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from genserve_export.build import DEFAULT_SEED, train_and_export
 from genserve_export.recipes import RECIPES
@@ -42,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     build.add_argument("--only", nargs="*", default=None, help="restrict to these recipes")
     build.add_argument("--threads", type=int, default=1)
+    build.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="recipes trained at once, each in its own process (e.g. the machine's cores: every recipe "
+        "trains on --threads threads, so a 2-core machine builds twice as fast with --jobs 2)",
+    )
     build.add_argument("--no-verify", action="store_true", help="skip verify after building")
 
     imp = sub.add_parser(
@@ -157,39 +167,100 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _recipe_steps(name: str, scale: float) -> int | None:
+    """The recipe's default steps times `scale` (None: the recipe's own default)."""
+    default = getattr(RECIPES[name], "default_steps", None)
+    if scale == 1.0:
+        return None
+    if default is None:
+        logger.warning("%s has no default_steps; --steps-scale ignored for it", name)
+        return None
+    return max(1, round(int(default) * scale))
+
+
+def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str, float]]:
+    """Train `names` `args.jobs` at a time, each through `genserve-export train` in its own process
+    (a recipe holds torch's global state: threads, seeds). Returns (name, its last output line, wall
+    seconds) per recipe; raises if one fails."""
+    pending = list(names)
+    running: dict[str, tuple[subprocess.Popen[bytes], float, Any]] = {}
+    rows: list[tuple[str, str, float]] = []
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            command = [sys.executable, "-m", "genserve_export.cli", "train", name, "--out", str(args.out)]
+            command += ["--seed", str(args.seed), "--threads", str(args.threads)]
+            steps = _recipe_steps(name, args.steps_scale)
+            if steps is not None:
+                command += ["--steps", str(steps)]
+            _say(f"{name}: started ({shlex.join(command[3:])})", flush=True)
+            # Its report to a file (never a pipe that could fill); progress and logs to our stderr.
+            report = tempfile.TemporaryFile()
+            running[name] = (subprocess.Popen(command, stdout=report), time.perf_counter(), report)
+        time.sleep(0.5)
+        for name, (process, t0, report) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            report.seek(0)
+            lines = report.read().decode(errors="replace").strip().splitlines()
+            report.close()
+            if process.returncode != 0:
+                failed.append(name)
+                _say(f"{name}: FAILED (exit {process.returncode})", flush=True)
+                continue
+            rows.append((name, lines[-1] if lines else "", time.perf_counter() - t0))
+            _say(f"{rows[-1][1]} (wall {rows[-1][2]:.1f} s)", flush=True)
+    if failed:
+        raise RuntimeError(f"recipes failed: {', '.join(failed)}")
+    return rows
+
+
 def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
     names = args.only or list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         sys.stderr.write(f"unknown recipe(s): {', '.join(unknown)}; known: {', '.join(RECIPES)}\n")
         return 2
+    if args.jobs < 1:
+        sys.stderr.write(f"--jobs must be >= 1, got {args.jobs}\n")
+        return 2
     started = time.perf_counter()
-    rows = []
-    for name in names:
-        default = getattr(RECIPES[name], "default_steps", None)
-        steps = None
-        if args.steps_scale != 1.0:
-            if default is None:
-                logger.warning("%s has no default_steps; --steps-scale ignored for it", name)
-            else:
-                steps = max(1, round(default * args.steps_scale))
-        t0 = time.perf_counter()
-        result = train_and_export(
-            name, args.out, seed=args.seed, steps=steps, command=_command_line(argv), threads=args.threads
-        )
-        rows.append((name, result.steps, result.train_s, result.export_s, time.perf_counter() - t0))
-        _say(
-            f"{name}: steps {result.steps}, train {result.train_s:.1f} s, export {result.export_s:.1f} s",
-            flush=True,
-        )
+    if args.jobs > 1:
+        try:
+            done = _build_in_processes(args, names)
+        except RuntimeError as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 1
+        _say("\nbuild-defaults wall time per model")
+        for name, last, wall in done:
+            _say(f"  {name:<22} {wall:7.1f} s  ({last})")
+    else:
+        rows = []
+        for name in names:
+            t0 = time.perf_counter()
+            result = train_and_export(
+                name,
+                args.out,
+                seed=args.seed,
+                steps=_recipe_steps(name, args.steps_scale),
+                command=_command_line(argv),
+                threads=args.threads,
+            )
+            rows.append((name, result.steps, result.train_s, result.export_s, time.perf_counter() - t0))
+            _say(
+                f"{name}: steps {result.steps}, train {result.train_s:.1f} s, export {result.export_s:.1f} s",
+                flush=True,
+            )
+        _say("\nbuild-defaults wall time per model")
+        for name, steps, train_s, export_s, wall in rows:
+            _say(
+                f"  {name:<22} steps {steps!s:>6}  train {train_s:7.1f} s  export {export_s:5.1f} s  "
+                f"total {wall:7.1f} s"
+            )
     total = time.perf_counter() - started
-    _say("\nbuild-defaults wall time per model")
-    for name, steps, train_s, export_s, wall in rows:
-        _say(
-            f"  {name:<22} steps {steps!s:>6}  train {train_s:7.1f} s  export {export_s:5.1f} s  "
-            f"total {wall:7.1f} s"
-        )
-    _say(f"  {'TOTAL':<22} {total:.1f} s ({total / 60:.1f} min)")
+    _say(f"  {'TOTAL':<22} {total:.1f} s ({total / 60:.1f} min, {args.jobs} at a time)")
     if args.no_verify:
         return 0
     return _verify_and__say(args.out, grids=None, thresholds=True, quality=True)

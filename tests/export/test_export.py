@@ -319,3 +319,19 @@ def test_the_exporters_config_check_accepts_every_field_the_server_reads(tmp_pat
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     assert load_model_config(path).batching.max_batch_pixels == 4194304  # and the server reads it
+
+
+def test_build_defaults_trains_recipes_side_by_side_in_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`build-defaults --jobs 2` trains two recipes at once, each in its own process, and writes what
+    one at a time writes (smoke-sized steps); a bad --jobs is refused with the flag's name."""
+    out = tmp_path / "models"
+    argv = ["build-defaults", "--out", str(out), "--only", "vae-digits", "cyclegan-digits"]
+    assert cli_main([*argv, "--steps-scale", "0.005", "--jobs", "2", "--no-verify"]) == 0
+    assert {p.name for p in out.iterdir()} == {"vae-digits-decoder", "vae-digits-encoder", "cyclegan-digits"}
+    for entry in out.iterdir():
+        assert (entry / "1" / "model.onnx").is_file() and (entry / "1" / "card.json").is_file()
+    assert "2 at a time" in capsys.readouterr().out
+    assert cli_main([*argv, "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
