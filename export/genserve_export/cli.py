@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 
 from genserve_export.build import DEFAULT_SEED, train_and_export
 from genserve_export.recipes import RECIPES
+from genserve_export.recipes.photos_srgan import INIT_ENV
 
 logger = logging.getLogger("genserve_export")
 
@@ -186,9 +188,19 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
     running: dict[str, tuple[subprocess.Popen[bytes], float, Any]] = {}
     rows: list[tuple[str, str, float]] = []
     failed: list[str] = []
+    built: set[str] = set()
     while pending or running:
-        while pending and len(running) < args.jobs:
-            name = pending.pop(0)
+        # A recipe that starts from another's model (getattr(recipe, "after")) waits for it.
+        ready = [
+            n for n in pending if all(d in built or d not in names for d in getattr(RECIPES[n], "after", ()))
+        ]
+        while ready and len(running) < args.jobs:
+            name = ready.pop(0)
+            pending.remove(name)
+            env = dict(os.environ)
+            for dependency in getattr(RECIPES[name], "after", ()):
+                if dependency in built and (args.out / dependency / "1" / "model.onnx").is_file():
+                    env[INIT_ENV] = str(args.out / dependency / "1" / "model.onnx")
             command = [sys.executable, "-m", "genserve_export.cli", "train", name, "--out", str(args.out)]
             command += ["--seed", str(args.seed), "--threads", str(args.threads)]
             steps = _recipe_steps(name, args.steps_scale)
@@ -197,7 +209,7 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
             _say(f"{name}: started ({shlex.join(command[3:])})", flush=True)
             # Its report to a file (never a pipe that could fill); progress and logs to our stderr.
             report = tempfile.TemporaryFile()
-            running[name] = (subprocess.Popen(command, stdout=report), time.perf_counter(), report)
+            running[name] = (subprocess.Popen(command, stdout=report, env=env), time.perf_counter(), report)
         time.sleep(0.5)
         for name, (process, t0, report) in list(running.items()):
             if process.poll() is None:
@@ -210,6 +222,7 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
                 failed.append(name)
                 _say(f"{name}: FAILED (exit {process.returncode})", flush=True)
                 continue
+            built.add(name)
             rows.append((name, lines[-1] if lines else "", time.perf_counter() - t0))
             _say(f"{rows[-1][1]} (wall {rows[-1][2]:.1f} s)", flush=True)
     if failed:

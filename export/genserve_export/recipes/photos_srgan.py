@@ -142,6 +142,9 @@ class PhotoSrganRecipe:
 
     names: tuple[str, ...] = (NAME,)
     default_steps = 500
+    # build-defaults --jobs starts this recipe only once these have been built into --out, and
+    # points INIT_ENV at that sr-photos-x4 (cli._build_in_processes).
+    after = (PSNR_MODEL,)
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
