@@ -83,6 +83,37 @@ def test_warm_up_stops_between_its_calls_once_loading_is_cancelled(
     runner.close()
 
 
+def test_while_rows_wait_a_batch_up_to_the_busy_limit_runs_inline(tmp_path: Path) -> None:
+    """A measured batch above inline_max_s goes to the pool when nothing waits, but runs on the loop
+    while the batcher holds more rows (INLINE_BUSY_MAX_S); inline_max_s = 0 keeps the pool always."""
+    from genserve_server.runner import INLINE_BUSY_MAX_S
+
+    z = np.zeros((2, TINY_LATENT), np.float32)
+    inputs = {"z": z, "label": np.zeros(2, np.int64)}
+    for inline_max_s, queued, expected in ((1e-9, False, "pool"), (1e-9, True, "loop"), (0.0, True, "pool")):
+        runner = make_runner(tmp_path, inline_max_s=inline_max_s)
+        runner.warm(inputs)  # measures this signature: far below INLINE_BUSY_MAX_S, above 1 ns
+        runner.more_work_queued = lambda queued=queued: queued  # type: ignore[misc]
+        threads: list[str] = []
+
+        async def body(runner: Runner = runner, threads: list[str] = threads) -> None:
+            import threading
+
+            original = runner.run_sync
+
+            def spy(inputs, **kwargs):  # type: ignore[no-untyped-def]
+                threads.append(threading.current_thread().name)
+                return original(inputs, **kwargs)
+
+            runner.run_sync = spy  # type: ignore[method-assign]
+            await runner.run(LatentRows(), inputs)
+
+        asyncio.run(body())
+        assert (threads[0] == "MainThread") == (expected == "loop"), (inline_max_s, queued, threads)
+        runner.close()
+    assert INLINE_BUSY_MAX_S >= 1e-3
+
+
 def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     runner = make_runner(tmp_path, inline_max_s=1.0)  # everything counts as tiny
     z = np.zeros((2, TINY_LATENT), np.float32)
