@@ -70,8 +70,8 @@ _SHRINK_CPU.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0"
 # SCHED_IDLE, 1.9-2.2x with nice 19). Either needs no privilege; undoing it would, hence threads of
 # their own.
 BULK_THREAD_NICE = 19
-# While rows wait in the batcher, a batch whose measured compute is at most this runs on the event
-# loop (see Runner._runs_inline); inline_compute_max_s = 0 (always the pool) turns this off too.
+# A batch whose measured compute is at most this runs on the event loop unless the pool would give it
+# the solo session (Runner._runs_inline); inline_compute_max_s = 0 (always the pool) turns this off too.
 INLINE_BUSY_MAX_S = 2e-3
 
 _cpu_fallback_warned = False
@@ -413,14 +413,16 @@ class Runner:
         if self.mode == "cuda_graph" and not all(r.sealed for r in self.session_runners):
             return False  # a graph may still be captured: never on the event loop
         slow = isinstance(key, RowsKey) and key.slow_to_prepare(self.latent_dim)  # never on the loop
-        limit_s = self.inline_max_s
-        if limit_s > 0 and self.more_work_queued():
-            # Saturated (rows wait behind this batch): a pool thread would wait for the GIL that the
-            # busy event loop holds, up to Python's 5-ms switch interval at a time, so a batch of up to
-            # INLINE_BUSY_MAX_S is cheaper on the loop. Not at concurrency 1, where the pool's solo
-            # session computes a mid-size batch on every core (bench/profile.md, ninth round).
-            limit_s = max(limit_s, INLINE_BUSY_MAX_S)
-        return cost_s is not None and cost_s <= limit_s and not slow
+        if cost_s is None or slow:
+            return False
+        if cost_s <= self.inline_max_s:
+            return True
+        # Up to INLINE_BUSY_MAX_S a batch is cheaper on the loop than on a pool thread, which waits
+        # for the GIL the busy event loop holds (up to Python's 5-ms switch interval at a time) --
+        # unless the pool would run it on the solo session, on every core (nothing else running or
+        # waiting: concurrency 1), which computes a mid-size batch faster (bench/profile.md, ninth round).
+        solo_would_run = self.solo_session is not None and self._running == 0 and not self.more_work_queued()
+        return self.inline_max_s > 0 and cost_s <= INLINE_BUSY_MAX_S and not solo_would_run
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """`run` for BULK batches (see background_bulk): the model call on a background thread of

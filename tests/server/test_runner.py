@@ -83,15 +83,25 @@ def test_warm_up_stops_between_its_calls_once_loading_is_cancelled(
     runner.close()
 
 
-def test_while_rows_wait_a_batch_up_to_the_busy_limit_runs_inline(tmp_path: Path) -> None:
-    """A measured batch above inline_max_s goes to the pool when nothing waits, but runs on the loop
-    while the batcher holds more rows (INLINE_BUSY_MAX_S); inline_max_s = 0 keeps the pool always."""
+def test_a_batch_up_to_the_busy_limit_runs_inline_unless_the_solo_session_would_take_it(
+    tmp_path: Path,
+) -> None:
+    """A measured batch above inline_max_s but within INLINE_BUSY_MAX_S runs on the loop, except when
+    the pool would run it alone on the all-cores solo session (nothing running, nothing queued);
+    inline_max_s = 0 keeps every batch on the pool."""
     from genserve_server.runner import INLINE_BUSY_MAX_S
 
     z = np.zeros((2, TINY_LATENT), np.float32)
     inputs = {"z": z, "label": np.zeros(2, np.int64)}
-    for inline_max_s, queued, expected in ((1e-9, False, "pool"), (1e-9, True, "loop"), (0.0, True, "pool")):
-        runner = make_runner(tmp_path, inline_max_s=inline_max_s)
+    cases = (
+        # (inline_max_s, instances, solo threads, rows queued, expected)
+        (1e-9, 1, 0, False, "loop"),  # no solo session: the loop
+        (1e-9, 2, 2, False, "pool"),  # the solo session would take it: the pool
+        (1e-9, 2, 2, True, "loop"),  # rows wait: no solo session for it, the loop
+        (0.0, 1, 0, True, "pool"),  # always the pool
+    )
+    for inline_max_s, instances, solo, queued, expected in cases:
+        runner = make_runner(tmp_path, inline_max_s=inline_max_s, instances=instances, solo_threads=solo)
         runner.warm(inputs)  # measures this signature: far below INLINE_BUSY_MAX_S, above 1 ns
         runner.more_work_queued = lambda queued=queued: queued  # type: ignore[misc]
         threads: list[str] = []
@@ -109,7 +119,12 @@ def test_while_rows_wait_a_batch_up_to_the_busy_limit_runs_inline(tmp_path: Path
             await runner.run(LatentRows(), inputs)
 
         asyncio.run(body())
-        assert (threads[0] == "MainThread") == (expected == "loop"), (inline_max_s, queued, threads)
+        assert (threads[0] == "MainThread") == (expected == "loop"), (
+            inline_max_s,
+            instances,
+            queued,
+            threads,
+        )
         runner.close()
     assert INLINE_BUSY_MAX_S >= 1e-3
 
