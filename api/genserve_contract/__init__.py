@@ -31,6 +31,7 @@ from genserve_contract.repository import (
     FP32_ATOL,
     NAME_PATTERN,
     VERSION_PATTERN,
+    latest_version_dir,
     sha256_file,
 )
 from genserve_contract.runtime import RuntimeConfig, RuntimeConfigError, parse_runtime_config
@@ -61,5 +62,6 @@ __all__ = [
     "export_config",
     "parse_model_config",
     "parse_runtime_config",
+    "latest_version_dir",
     "sha256_file",
 ]

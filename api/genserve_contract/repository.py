@@ -18,6 +18,15 @@ FP32_ATOL: Final = 1e-4
 FP16_ATOL: Final = 1e-2
 
 
+def latest_version_dir(entry: Path) -> Path | None:
+    """The highest-numbered version directory of a repository entry that holds a ``model.onnx``
+    (None if there is none)."""
+    if not entry.is_dir():
+        return None
+    versions = [p for p in entry.iterdir() if VERSION_PATTERN.match(p.name) and (p / "model.onnx").is_file()]
+    return max(versions, key=lambda p: int(p.name)) if versions else None
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

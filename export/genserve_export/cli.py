@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from genserve_contract.repository import latest_version_dir
 from genserve_export.build import DEFAULT_SEED, train_and_export
 from genserve_export.recipes import RECIPES
-from genserve_export.recipes.photos_srgan import INIT_ENV
 
 logger = logging.getLogger("genserve_export")
 
@@ -180,6 +180,11 @@ def _recipe_steps(name: str, scale: float) -> int | None:
     return max(1, round(int(default) * scale))
 
 
+def _after(name: str) -> dict[str, str]:
+    """The entries recipe `name` starts from, each with the environment variable that names its model."""
+    return dict(getattr(RECIPES[name], "after", {}))
+
+
 def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str, float]]:
     """Train `names` `args.jobs` at a time, each through `genserve-export train` in its own process
     (a recipe holds torch's global state: threads, seeds). Returns (name, its last output line, wall
@@ -190,17 +195,17 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
     failed: list[str] = []
     built: set[str] = set()
     while pending or running:
-        # A recipe that starts from another's model (getattr(recipe, "after")) waits for it.
-        ready = [
-            n for n in pending if all(d in built or d not in names for d in getattr(RECIPES[n], "after", ()))
-        ]
+        # A recipe that starts from another's model (its `after`: {entry: environment variable
+        # naming that entry's model.onnx}) waits for it, then gets the one just built.
+        ready = [n for n in pending if all(d in built or d not in names for d in _after(n))]
         while ready and len(running) < args.jobs:
             name = ready.pop(0)
             pending.remove(name)
             env = dict(os.environ)
-            for dependency in getattr(RECIPES[name], "after", ()):
-                if dependency in built and (args.out / dependency / "1" / "model.onnx").is_file():
-                    env[INIT_ENV] = str(args.out / dependency / "1" / "model.onnx")
+            for dependency, variable in _after(name).items():
+                latest = latest_version_dir(args.out / dependency) if dependency in built else None
+                if latest is not None:
+                    env[variable] = str(latest / "model.onnx")
             command = [sys.executable, "-m", "genserve_export.cli", "train", name, "--out", str(args.out)]
             command += ["--seed", str(args.seed), "--threads", str(args.threads)]
             steps = _recipe_steps(name, args.steps_scale)

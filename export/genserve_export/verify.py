@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from genserve_contract.config import ModelConfig, parse_model_config
 from genserve_contract.kinds import Kind
-from genserve_contract.repository import VERSION_PATTERN, sha256_file
+from genserve_contract.repository import VERSION_PATTERN, latest_version_dir, sha256_file
 from genserve_export.card import check_thresholds, validate_card, validate_config
 from genserve_export.grids import write_grid
 from genserve_export.onnx_utils import graph_signature, run_session, session
@@ -171,15 +171,9 @@ class _SessionCache:
         """The latest version of ``entry_name`` (``model.onnx``), or with ``entry/file`` an auxiliary
         graph that version's card lists in ``aux_graphs`` (its digest checked here)."""
         entry_name, _, aux = entry_name.partition("/")
-        entry = self.root / entry_name
-        if not entry.is_dir():
+        latest = latest_version_dir(self.root / entry_name)
+        if latest is None:
             return None
-        versions = [
-            p for p in entry.iterdir() if VERSION_PATTERN.match(p.name) and (p / "model.onnx").exists()
-        ]
-        if not versions:
-            return None
-        latest = max(versions, key=lambda p: int(p.name))
         if aux:
             try:
                 listed = json.loads((latest / "card.json").read_text()).get("aux_graphs") or {}

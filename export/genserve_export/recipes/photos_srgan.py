@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from genserve_contract.repository import latest_version_dir
 from genserve_export.data import photos
 from genserve_export.errors import ExportError
 from genserve_export.recipe import ExportSpec, OnnxRun, SiblingRuns
@@ -64,11 +65,8 @@ def psnr_model_path() -> Path:
     if override:
         path = Path(override)
     else:
-        versions = sorted(
-            (p for p in (_DEFAULT_REPOSITORY / PSNR_MODEL).glob("*") if p.name.isdigit()),
-            key=lambda p: int(p.name),
-        )
-        path = versions[-1] / "model.onnx" if versions else _DEFAULT_REPOSITORY / PSNR_MODEL / "1/model.onnx"
+        latest = latest_version_dir(_DEFAULT_REPOSITORY / PSNR_MODEL)
+        path = (latest or _DEFAULT_REPOSITORY / PSNR_MODEL / "1") / "model.onnx"
     if not path.is_file():
         raise MissingInitError(
             f"{path} not found: SRGAN fine-tunes the trained {PSNR_MODEL} (train it first, or set {INIT_ENV})"
@@ -142,9 +140,9 @@ class PhotoSrganRecipe:
 
     names: tuple[str, ...] = (NAME,)
     default_steps = 500
-    # build-defaults --jobs starts this recipe only once these have been built into --out, and
-    # points INIT_ENV at that sr-photos-x4 (cli._build_in_processes).
-    after = (PSNR_MODEL,)
+    # build-defaults --jobs starts this recipe only once sr-photos-x4 has been built into --out, and
+    # points INIT_ENV at that model (cli._build_in_processes): {entry it starts from: its variable}.
+    after = {PSNR_MODEL: INIT_ENV}
 
     def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
