@@ -193,7 +193,6 @@ class StepScheduler:
         self._run = run
         # Pad each call to a bucket of rows that rarely changes (the module docstring: GPU priors).
         self.stable_shapes = stable_shapes
-        self._bucket = 0  # rows of the previous call (padded)
         self._fits_smaller = 0  # consecutive steps whose rows fit a smaller bucket
         # The prior's config.json `sampling`: options a request leaves unset.
         self.defaults = defaults or SamplingConfig()
@@ -214,7 +213,7 @@ class StepScheduler:
         self._joining: list[Row] = []
         self._watches: list[_Watch] = []
         self._task: asyncio.Task[None] | None = None
-        self._previous_rows = 0
+        self._previous_rows = 0  # rows of the previous call (with stable_shapes: its bucket)
 
     @property
     def rows(self) -> int:
@@ -333,13 +332,13 @@ class StepScheduler:
             rows = n
         else:
             fit = min(1 << max(0, n - 1).bit_length(), max(n, self.max_rows))
-            if fit >= self._bucket:
-                self._bucket, self._fits_smaller = fit, 0
+            rows = self._previous_rows  # the bucket: stays unless it must grow or may shrink
+            if fit >= rows:
+                rows, self._fits_smaller = fit, 0
             else:
                 self._fits_smaller += 1
                 if self._fits_smaller >= SHRINK_AFTER_GRIDS * self.positions:
-                    self._bucket, self._fits_smaller = fit, 0
-            rows = self._bucket
+                    rows, self._fits_smaller = fit, 0
         if self._previous_rows and rows != self._previous_rows:
             self.stats.reshapes += 1
         self._previous_rows = rows
