@@ -457,11 +457,11 @@ class Batcher:
         worth_waiting = more_expected or (not self.callers and self._batches_in_flight > 0)
         limit = self._batch_limit(lane, key)
         # Why the batch goes now (BATCH_CLOSE_REASONS): what an operator reads off small batches.
-        reason = CLOSED_FULL if rows >= limit else CLOSED_AT_ONCE
+        reason: str | None = None  # set where the window is cut short; else derived below
+        waited_for = (lane, key)  # the sub-queue the window was for (a re-pick may change lane, key)
         if rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
-            reason = CLOSED_FULL
             while (queued := self._rows_by_key.get((lane, key), 0)) < limit and not self._closing:
                 if self.callers and not self._more_expected():
                     reason = CLOSED_ALL_QUEUED
@@ -485,13 +485,13 @@ class Batcher:
                 except TimeoutError:
                     reason = CLOSED_WINDOW
                     break
-            if reason == CLOSED_FULL and self._rows_by_key.get((lane, key), 0) < limit:
-                reason = CLOSED_AT_ONCE  # the server is closing: what is queued goes now
             # An interactive request may have arrived while a bulk batch was filling: it goes first.
             picked = self._pick()
             if picked is None:
                 return []
             lane, key = picked
+        if reason is None:  # filled up, or went without waiting (nothing expected, or closing)
+            reason = CLOSED_FULL if self._rows_by_key.get(waited_for, 0) >= limit else CLOSED_AT_ONCE
         parts = self._take(lane, key)
         if parts:
             self._observer.on_batch_closed(reason)
