@@ -18,6 +18,19 @@ from genserve_server.latents import latents_for_seeds
 from genserve_server.runner import Runner, select_providers
 
 
+def record_threads(runner: Runner) -> list[str]:
+    """Wrap `runner.run_sync` so each model call appends the name of the thread it ran on."""
+    threads: list[str] = []
+    original = runner.run_sync
+
+    def spy(inputs, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return original(inputs, **kwargs)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+    return threads
+
+
 def make_runner(tmp_path: Path, inline_max_s: float, instances: int = 1, solo_threads: int = 0) -> Runner:
     path = tmp_path / "model.onnx"
     onnx.save(conditional_graph(TINY_LATENT, 10, 1, 8, 8), str(path))
@@ -104,21 +117,8 @@ def test_a_batch_up_to_the_busy_limit_runs_inline_unless_the_solo_session_would_
         runner = make_runner(tmp_path, inline_max_s=inline_max_s, instances=instances, solo_threads=solo)
         runner.warm(inputs)  # measures this signature: far below INLINE_BUSY_MAX_S, above 1 ns
         runner.more_work_queued = lambda queued=queued: queued  # type: ignore[misc]
-        threads: list[str] = []
-
-        async def body(runner: Runner = runner, threads: list[str] = threads) -> None:
-            import threading
-
-            original = runner.run_sync
-
-            def spy(inputs, **kwargs):  # type: ignore[no-untyped-def]
-                threads.append(threading.current_thread().name)
-                return original(inputs, **kwargs)
-
-            runner.run_sync = spy  # type: ignore[method-assign]
-            await runner.run(LatentRows(), inputs)
-
-        asyncio.run(body())
+        threads = record_threads(runner)
+        asyncio.run(runner.run(LatentRows(), inputs))
         assert (threads[0] == "MainThread") == (expected == "loop"), (
             inline_max_s,
             instances,
@@ -134,18 +134,9 @@ def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     z = np.zeros((2, TINY_LATENT), np.float32)
     labels = np.zeros(2, np.int64)
     runner.warm({"z": z, "label": labels})
-    threads: list[str] = []
+    threads = record_threads(runner)
 
     async def body() -> None:
-        import threading
-
-        original = runner.run_sync
-
-        def spy(inputs, **kwargs):  # type: ignore[no-untyped-def]
-            threads.append(threading.current_thread().name)
-            return original(inputs, **kwargs)
-
-        runner.run_sync = spy  # type: ignore[method-assign]
         await runner.run(LatentRows(), {"z": z, "label": labels})  # measured at warm-up: inline
         await runner.run(
             LatentRows(), {"z": np.zeros((40, TINY_LATENT), np.float32), "label": np.zeros(40, np.int64)}
@@ -197,14 +188,7 @@ def test_a_strongly_truncated_batch_leaves_the_event_loop_even_when_its_model_ca
     seeds = np.array([1, 2], np.int64)
     labels = np.zeros(2, np.int64)
     runner.warm({SEED_INPUT: seeds, "label": labels}, key=SeedRows())
-    threads: list[str] = []
-    original = runner.run_sync
-
-    def spy(inputs, **kwargs):  # type: ignore[no-untyped-def]
-        threads.append(threading.current_thread().name)
-        return original(inputs, **kwargs)
-
-    runner.run_sync = spy  # type: ignore[method-assign]
+    threads = record_threads(runner)
 
     async def body() -> None:
         for psi in (None, 1.5, 0.05):
