@@ -10,13 +10,14 @@ finished rows leave at once; rows whose caller cancelled or whose deadline passe
 next step.
 
 With `stable_shapes` (a prior on a GPU) a step's call is padded to a power-of-two number of rows
-(at most the row budget) that grows at once and shrinks only after a few grids' worth of steps
-that would all fit a smaller one, so rows joining and leaving rarely change the call's input
-shape. On a GPU a step costs about the same for 1 or 64 rows, but ONNX Runtime's CUDA Conv
-rebuilds its cuDNN frontend plans (graph, heuristics, plan build) whenever its input shape differs
-from its previous call's, every Conv of the prior; without padding every join and every leave is
-a new shape (bench/README.md: "Step-level batching with a flat step, emulated on the CPU").
-Padded rows repeat the first row; their logits are dropped.
+(at most the row budget) that grows at once and never shrinks, so rows joining and leaving do not
+change the call's input shape: a scheduler sees at most log2(row budget) + 1 shapes in its life.
+On a GPU a step costs about the same for 1 or 64 rows, but ONNX Runtime's CUDA Conv rebuilds its
+cuDNN frontend plans (graph, heuristics, plan build) whenever its input shape differs from its
+previous call's, every Conv of the prior. Measured on an H200 (bench/README.md, "Step-level
+batching on the H200"): a call at a new shape 52-83 ms, a step 0.8-1.3 ms at 1 or 8 rows, so no
+shrink pays back the new shape it costs (a bucket that shrank after 4 grids' worth of smaller
+steps still made 19-32 new shapes a run). Padded rows repeat the first row; their logits are dropped.
 
 Sampling is a pure function of (logits of the row, seed, position, options), and the logits of a
 row depend only on its own grid, so a grid never depends on which rows shared its steps. The random
@@ -52,10 +53,6 @@ from genserve_server.metrics import ModelMetrics
 CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
 # Unfilled positions of a grid hold this code (kinds.CODES): the prior's masks never read them.
 UNFILLED: Final = 0
-# stable_shapes: a bucket shrinks after this many grids' lifetimes (positions) of steps that would
-# all fit a smaller one. Longer keeps shapes steadier under a fluctuating load (a new shape may cost
-# many steps on a GPU); shorter drops padding sooner (cheap on a GPU, where steps are flat).
-SHRINK_AFTER_GRIDS: Final = 4
 
 RunStep = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 # A request's progress: (positions filled, its grids so far int64 [N, H, W], a copy).
@@ -191,9 +188,8 @@ class StepScheduler:
         stable_shapes: bool = False,
     ) -> None:
         self._run = run
-        # Pad each call to a bucket of rows that rarely changes (the module docstring: GPU priors).
+        # Pad each call to a bucket of rows that only grows (the module docstring: GPU priors).
         self.stable_shapes = stable_shapes
-        self._fits_smaller = 0  # consecutive steps whose rows fit a smaller bucket
         # The prior's config.json `sampling`: options a request leaves unset.
         self.defaults = defaults or SamplingConfig()
         # The prior version's series (docs/metrics-contract.md): a step is a batch (compute
@@ -326,19 +322,12 @@ class StepScheduler:
 
     def call_rows(self, n: int) -> int:
         """Rows of this step's call for `n` running rows: `n`, or with `stable_shapes` the bucket,
-        a power of two (at most the row budget) that grows at once to fit and shrinks only after
-        SHRINK_AFTER_GRIDS * `positions` consecutive steps that would fit a smaller one."""
+        a power of two (at most the row budget) that grows at once to fit and never shrinks."""
         if not self.stable_shapes:
             rows = n
         else:
             fit = min(1 << max(0, n - 1).bit_length(), max(n, self.max_rows))
-            rows = self._previous_rows  # the bucket: stays unless it must grow or may shrink
-            if fit >= rows:
-                rows, self._fits_smaller = fit, 0
-            else:
-                self._fits_smaller += 1
-                if self._fits_smaller >= SHRINK_AFTER_GRIDS * self.positions:
-                    rows, self._fits_smaller = fit, 0
+            rows = max(fit, self._previous_rows)
         if self._previous_rows and rows != self._previous_rows:
             self.stats.reshapes += 1
         self._previous_rows = rows

@@ -22,7 +22,7 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.config import SamplingConfig
-from genserve_server import code_sampling, step_sampler, validate
+from genserve_server import code_sampling, validate
 from genserve_server.code_sampling import CodeSamples
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
@@ -285,22 +285,16 @@ def test_stable_shapes_pad_every_call_to_one_bucket_and_keep_the_codes(
     run_with_core(root, body)
 
 
-def test_the_stable_bucket_grows_at_once_and_shrinks_after_a_few_grids() -> None:
+def test_the_stable_bucket_grows_at_once_and_never_shrinks() -> None:
     async def never(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         raise AssertionError("not called")
 
     scheduler = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=8, stable_shapes=True)
     assert [scheduler.call_rows(n) for n in (1, 3, 2, 1, 5, 8, 3)] == [1, 4, 4, 4, 8, 8, 8]
     assert scheduler.stats.reshapes == 2  # 1 -> 4 -> 8
-    patience = step_sampler.SHRINK_AFTER_GRIDS * scheduler.positions
-    # 3 rows fit a bucket of 4: after `patience` consecutive such steps (the 3 above counts) it shrinks.
-    assert {scheduler.call_rows(3) for _ in range(patience - 2)} == {8}
-    assert scheduler.call_rows(3) == 4
-    # A step that needs the bucket again resets the count.
-    assert [scheduler.call_rows(n) for n in (1, 4, 1)] == [4, 4, 4]
-    assert {scheduler.call_rows(1) for _ in range(patience - 2)} == {4}
-    assert scheduler.call_rows(1) == 1
-    assert scheduler.stats.reshapes == 4
+    # However long fewer rows run, the call keeps its shape (a new shape costs ~50 steps on a GPU).
+    assert {scheduler.call_rows(n) for n in [1, 3] * 10 * scheduler.positions} == {8}
+    assert scheduler.stats.reshapes == 2
     # A row budget that is not a power of two caps the bucket; without stable shapes, no padding.
     capped = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=6, stable_shapes=True)
     assert [capped.call_rows(n) for n in (5, 6, 3)] == [6, 6, 6]
