@@ -1,6 +1,7 @@
 """A/B of two versions of the server in one run: the interactive hot path before and after a change.
 
-`python -m bench.ab --base REV` checks REV out into a temporary git worktree and serves the same
+`python -m bench.ab --base REV` checks REV out into a temporary git worktree (or `--base-tree PATH`:
+a source tree as it is, e.g. a copy with one constant changed) and serves the same
 models from it and from this tree, two server processes running side by side for the whole run and
 measured in turns, level by level (A, B, B, A, ...), under the same client (this tree's
 `genserve-client bench`). Per model and side: p50 at concurrency 1 and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -32,7 +34,9 @@ FIGURES = ("p50_c1_ms", "floor_c1_ms", "p50_c1_over_floor_ms", "img_s_c64", "cpu
 
 
 def _serve(tree: Path, models: Path) -> ServerProcess:
-    env = {"PYTHONPATH": f"{tree / 'server'}:{tree / 'api'}"}
+    # In front of the caller's path, not instead of it: a device's onnxruntime-gpu is on that path.
+    inherited = os.environ.get("PYTHONPATH", "")
+    env = {"PYTHONPATH": f"{tree / 'server'}:{tree / 'api'}" + (f":{inherited}" if inherited else "")}
     return ServerProcess("genserve", genserve_command(models), env=env)
 
 
@@ -55,7 +59,14 @@ def _measure(server: ServerProcess, name: str, duration_s: float) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="git revision of side A (side B: this tree)")
+    parser.add_argument("--base", default="", help="git revision of side A (side B: this tree)")
+    parser.add_argument(
+        "--base-tree",
+        type=Path,
+        default=None,
+        help="side A's source tree (its server/ and api/) instead of --base's worktree, e.g. a copy "
+        "with one constant changed, or where there is no git history (a device machine)",
+    )
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS))
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
     parser.add_argument(
@@ -68,17 +79,22 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    if bool(args.base) == (args.base_tree is not None):
+        parser.error("give exactly one of --base REV and --base-tree PATH")
+    label = args.base or str(args.base_tree)
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(base), args.base],
-            check=True,
-            capture_output=True,
-        )
+        base = args.base_tree or Path(tmp) / "base"
+        if args.base_tree is None:
+            subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(base), args.base],
+                check=True,
+                capture_output=True,
+            )
         try:
             # Each side serves its own tree's files (config.json fields change between versions),
             # and only the models measured: a server starts in seconds, whatever else is there.
-            base_models = args.base_models_dir or base / "models"
+            # A --base-tree holds no models: both sides serve --models-dir then.
+            base_models = args.base_models_dir or (args.models_dir if args.base_tree else base / "models")
             repos = {"A": _subset(base_models, args.models, Path(tmp) / "A")}
             repos["B"] = _subset(args.models_dir, args.models, Path(tmp) / "B")
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
@@ -97,13 +113,12 @@ def main() -> None:
                             each["p50_c1_over_floor_ms"] = each["p50_c1_ms"] - floor
                         sides[side].append(figures)
         finally:
-            subprocess.run(
-                ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
-            )
-    report: dict[str, Any] = {"base": args.base, "rounds": args.rounds, "models": {}}
-    write_line(
-        f"A = {args.base}, B = this tree; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request"
-    )
+            if args.base_tree is None:
+                subprocess.run(
+                    ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
+                )
+    report: dict[str, Any] = {"base": label, "rounds": args.rounds, "models": {}}
+    write_line(f"A = {label}, B = this tree; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request")
     write_line(f"{'model':<22}{'figure':<13}{'A':>10}{'B':>10}{'B/A':>8}")
     for name in args.models:
         report["models"][name] = {}

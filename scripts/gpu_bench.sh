@@ -18,6 +18,10 @@ if compgen -G ".gpuwhl/extra/*.whl" >/dev/null; then
 fi
 site="$GPU_SITE"
 [[ -d "$GPU_SITE/site" ]] && site="$GPU_SITE/site"
+# The payload's protobuf only where the machine's own is older than the stubs' gencode (as gpu_acceptance.sh).
+if [[ -d "$GPU_SITE/pb" ]] && ! "$PYTHON" -c 'import sys, google.protobuf as p; sys.exit(tuple(map(int, p.__version__.split(".")[:2])) < (6, 33))' 2>/dev/null; then
+  site="$site:$GPU_SITE/pb"
+fi
 export PYTHONPATH="$site:$EXTRA_SITE:$ROOT:$ROOT/api:$ROOT/server:$ROOT/clients:$ROOT/export:$ROOT/tests/server"
 NVLIBS="$("$PYTHON" -c 'import glob, os, nvidia; print(":".join(sorted({d for r in nvidia.__path__ for d in glob.glob(os.path.join(r, "*", "lib"))})))' 2>/dev/null)"
 [[ -n "$NVLIBS" ]] && export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -43,14 +47,22 @@ if [[ "${STEP_BENCH:-1}" == 1 ]]; then
   # Without and with stable shapes (StepScheduler pads each step to a bucket of rows: ORT's CUDA
   # Conv rebuilds its cuDNN plans on every new input shape); --shape-probe times each prior at a
   # fixed and at an alternating number of rows first, what a new shape costs on this device.
-  for shapes in ${STEP_SHAPES:-off on}; do
+  for shapes in ${STEP_SHAPES:-on off}; do
     "$PYTHON" -m bench.step_batching --providers CUDAExecutionProvider,CPUExecutionProvider --models models \
-      --rows 8 --duration "${STEP_DURATION:-5}" --rounds 2 --rates 0.2,0.5,0.8,1.1 --shape-probe \
+      --rows 8 --duration "${STEP_DURATION:-5}" --rounds 2 --rates "${STEP_RATES:-0.2,0.5,0.8,1.1}" --shape-probe \
       --stable-shapes "$shapes" --json "$OUT/step-batching-gpu-shapes-$shapes.json" 2>&1 \
       | tee -a "$OUT/gpu_bench.log" || status=1
   done
 fi
-"$PYTHON" -m bench.run --quick --models ${RUN_MODELS:-dcgan-digits cgan-digits vae-digits-decoder sr-photos-x4} \
-  --no-bench-models --no-priority --no-readme --out "$OUT/run-quick-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" \
-  || status=1
+if [[ "${RUN_QUICK:-1}" == 1 ]]; then
+  "$PYTHON" -m bench.run --quick --models ${RUN_MODELS:-dcgan-digits cgan-digits vae-digits-decoder sr-photos-x4} \
+    --no-bench-models --no-priority --no-readme --out "$OUT/run-quick-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" \
+    || status=1
+fi
+# An A/B of this tree against another source tree on the device (AB_BASE_TREE: a carried copy of
+# server/ and api/ with one change undone; the device has no git history for --base).
+if [[ -n "${AB_BASE_TREE:-}" ]]; then
+  "$PYTHON" -m bench.ab --base-tree "$AB_BASE_TREE" --models ${AB_MODELS:-vae-digits-decoder cgan-digits dcgan-digits} \
+    --rounds "${AB_ROUNDS:-3}" --json "$OUT/ab-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" || status=1
+fi
 exit $status
