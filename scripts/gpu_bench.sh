@@ -3,8 +3,13 @@
 # (which unpacked onnxruntime-gpu into $GPU_SITE): step-level vs request-level batching of the
 # VQ-VAE-2 priors on CUDA (issue 19's premise: a step costs about the same for 1 or 8 rows there),
 # and bench.run --quick (genserve vs the naive servers, all on CUDA) for a few bundled models.
-# The device has grpcio but not grpcio-health-checking / -reflection: their pure-Python wheels
-# travel in .gpuwhl/extra (pip download ... grpcio-health-checking==<its grpcio> ...).
+# Knobs: STEP_BENCH=0 skips the step bench, STEP_SHAPES (default "on"), STEP_SCOPES (default "level
+# chain": the request-level baselines, bench.step_batching --request-scope), STEP_RATES, STEP_DURATION;
+# RUN_QUICK=0 skips bench.run, RUN_MODELS; AB_BASE_TREE (+ AB_MODELS, AB_ROUNDS): bench.ab against a
+# carried source tree, e.g. a079273's server/ and api/ for the cgan-digits drop (bench/README.md).
+# The device lacks grpcio-health-checking / -reflection and its grpcio may be older than the stubs'
+# floor: grpcio, grpcio-health-checking and grpcio-reflection 1.85.1 (cp312 manylinux) travel in
+# .gpuwhl/extra (pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .gpuwhl/extra).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -44,14 +49,19 @@ for name in ("vqvae-digits-top-prior", "vqvae-digits-prior"):
     print(" ".join(line))
 PY
 if [[ "${STEP_BENCH:-1}" == 1 ]]; then
-  # Without and with stable shapes (StepScheduler pads each step to a bucket of rows: ORT's CUDA
-  # Conv rebuilds its cuDNN plans on every new input shape); --shape-probe times each prior at a
-  # fixed and at an alternating number of rows first, what a new shape costs on this device.
-  for shapes in ${STEP_SHAPES:-on off}; do
-    "$PYTHON" -m bench.step_batching --providers CUDAExecutionProvider,CPUExecutionProvider --models models \
-      --rows 8 --duration "${STEP_DURATION:-5}" --rounds 2 --rates "${STEP_RATES:-0.2,0.5,0.8,1.1}" --shape-probe \
-      --stable-shapes "$shapes" --json "$OUT/step-batching-gpu-shapes-$shapes.json" 2>&1 \
-      | tee -a "$OUT/gpu_bench.log" || status=1
+  # With stable shapes (StepScheduler pads each step to a bucket of rows: ORT's CUDA Conv rebuilds
+  # its cuDNN plans on every new input shape, 52-84 ms a call on the H200; "off" loses 1.5-3.7x,
+  # measured twice), against both request-level baselines: per level (pipelined) and per chain (a
+  # batch leaves the decoder before the next enters: the issue's "wait for a batch, run it to the
+  # end"). --shape-probe times each prior at a fixed and at an alternating number of rows first.
+  for scope in ${STEP_SCOPES:-level chain}; do
+    for shapes in ${STEP_SHAPES:-on}; do
+      "$PYTHON" -m bench.step_batching --providers CUDAExecutionProvider,CPUExecutionProvider --models models \
+        --rows 8 --duration "${STEP_DURATION:-5}" --rounds 2 --rates "${STEP_RATES:-0.2,0.5,0.8,1.1}" \
+        --shape-probe --stable-shapes "$shapes" --request-scope "$scope" \
+        --json "$OUT/step-batching-gpu-shapes-$shapes-$scope.json" 2>&1 \
+        | tee -a "$OUT/gpu_bench.log" || status=1
+    done
   done
 fi
 if [[ "${RUN_QUICK:-1}" == 1 ]]; then
