@@ -23,13 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, write_line
+from bench.common import REPO_ROOT, BenchModel, find_models, write_line
 from bench.models import link_repository
 from bench.servers import ServerProcess, measured_level, rpc_floor_ms
 from genserve_server.launcher import genserve_command
 
 DEFAULT_MODELS = ("vae-digits-decoder", "cgan-digits", "dcgan-digits")
-LABELLED = {"cgan-digits": list(range(10))}
 FIGURES = ("p50_c1_ms", "floor_c1_ms", "p50_c1_over_floor_ms", "img_s_c64", "cpu_ms_c1", "cpu_ms_c64")
 
 
@@ -45,10 +44,10 @@ def _subset(models_dir: Path, names: list[str], into: Path) -> Path:
     return link_repository(models_dir, names, into)
 
 
-def _measure(server: ServerProcess, name: str, duration_s: float) -> dict[str, float]:
-    labels = LABELLED.get(name, [])
-    c1 = measured_level(server, name, 1, duration_s, "raw", labels=labels, warmup_s=0.3)
-    c64 = measured_level(server, name, 64, duration_s, "raw", labels=labels, warmup_s=0.3)
+def _measure(server: ServerProcess, model: BenchModel, duration_s: float) -> dict[str, float]:
+    options = model.client_options()  # labels, the RPC (SuperResolve, Translate) and an input size
+    c1 = measured_level(server, model.name, 1, duration_s, "raw", warmup_s=0.3, **options)
+    c64 = measured_level(server, model.name, 64, duration_s, "raw", warmup_s=0.3, **options)
     return {
         "p50_c1_ms": float(c1["p50_ms"]),
         "img_s_c64": float(c64["images_per_s"]),
@@ -97,6 +96,7 @@ def main() -> None:
             base_models = args.base_models_dir or (args.models_dir if args.base_tree else base / "models")
             repos = {"A": _subset(base_models, args.models, Path(tmp) / "A")}
             repos["B"] = _subset(args.models_dir, args.models, Path(tmp) / "B")
+            measured = find_models(repos["B"], args.models)  # how each is driven (kind, labels, input)
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
             # Both servers run for the whole comparison and take turns level by level, the first
             # side alternating: a change in the machine's load lands on both sides within seconds.
@@ -106,7 +106,7 @@ def main() -> None:
                 for i in range(args.rounds):
                     for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
                         server = servers[side]
-                        figures = {name: _measure(server, name, args.duration_s) for name in args.models}
+                        figures = {m.name: _measure(server, m, args.duration_s) for m in measured}
                         floor = rpc_floor_ms(server)
                         for each in figures.values():
                             each["floor_c1_ms"] = floor

@@ -69,6 +69,12 @@ class BenchModel:
         method: str = METHOD_BY_KIND[self.kind]
         return method
 
+    def client_options(self) -> dict[str, Any]:
+        """What the load generator needs besides the name: labels, the RPC, an input image's size."""
+        labels = list(range(len(self.card.class_names))) if self.kind.conditional else []
+        image_size = self.image_input_hw() if self.kind.fully_convolutional else None
+        return {"labels": labels, "method": self.method, "image_size": image_size}
+
     def image_input_hw(self) -> tuple[int, int]:
         """Input H, W for image-input kinds: the fixed bench size, rounded up to the size multiple."""
         if self.card.image_size is not None and not self.kind.fully_convolutional:  # the encoder

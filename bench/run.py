@@ -66,18 +66,9 @@ def assemble_repository(source: Path, names: list[str] | None, with_bench_models
     return repo
 
 
-def _labels(model: BenchModel) -> list[int]:
-    return list(range(len(model.card.class_names))) if model.kind.conditional else []
-
-
-def _options(model: BenchModel) -> dict[str, Any]:
-    image_size = model.image_input_hw() if model.kind.fully_convolutional else None
-    return {"labels": _labels(model), "method": model.method, "image_size": image_size}
-
-
 def _measure(server: ServerProcess, model: BenchModel, fmt: str, c: int, duration_s: float) -> dict[str, Any]:
     try:
-        return measured_level(server, model.name, c, duration_s, fmt, **_options(model))
+        return measured_level(server, model.name, c, duration_s, fmt, **model.client_options())
     except BenchError as exc:
         return {"concurrency": c, "error": str(exc)[-500:]}
 
@@ -98,7 +89,7 @@ def serve_pair(
     (report.merge_rounds).
     """
     for server in servers:  # warm the model and the connection path, unmeasured
-        client_bench(server.target, model.name, max(concurrency), 1.0, fmt, **_options(model))
+        client_bench(server.target, model.name, max(concurrency), 1.0, fmt, **model.client_options())
     per_server: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for c in concurrency:
         repeats = rounds if c in (1, max(concurrency)) else 1

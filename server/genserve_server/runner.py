@@ -137,6 +137,11 @@ class Runner:
         # inline decision uses it, so that a busy machine (whose preemptions inflate the average)
         # does not send a tiny model's every batch through two thread hand-offs.
         self._fastest_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
+        # The same with the outputs' conversion (the uint8 pixels) added: what the INLINE_BUSY_MAX_S
+        # rule weighs, so that a batch whose model call is short but whose outputs are large (SR on
+        # a GPU: ~1 ms of model call for 16 images, more of float -> uint8 for 16 x 256 x 256 x 3)
+        # stays off the loop.
+        self._fastest_with_outputs_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
         self._last_s = 0.0
         self.requested_providers = tuple(providers)
         config = runtime or RuntimeConfig()
@@ -381,7 +386,11 @@ class Runner:
             self._cost_s[signature] = (
                 elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
             )
-        return self._finish(outputs, added)
+        finished = self._finish(outputs, added)
+        with_outputs_s = time.perf_counter() - started  # the model call and the outputs' conversion
+        if not solo and with_outputs_s < self._fastest_with_outputs_s.get(signature, math.inf):
+            self._fastest_with_outputs_s[signature] = with_outputs_s
+        return finished
 
     def _finish(
         self, outputs: dict[str, np.ndarray], added: Mapping[str, np.ndarray]
@@ -421,8 +430,10 @@ class Runner:
         # for the GIL the busy event loop holds (up to Python's 5-ms switch interval at a time) --
         # unless the pool would run it on the solo session, on every core (nothing else running or
         # waiting: concurrency 1), which computes a mid-size batch faster (bench/profile.md, ninth round).
+        # The model call and the outputs' conversion both hold the loop here (SR's uint8 pixels).
+        busy_s = self._fastest_with_outputs_s.get(signature, cost_s)
         solo_would_run = self.solo_session is not None and self._running == 0 and not self.more_work_queued()
-        return self.inline_max_s > 0 and cost_s <= INLINE_BUSY_MAX_S and not solo_would_run
+        return self.inline_max_s > 0 and busy_s <= INLINE_BUSY_MAX_S and not solo_would_run
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """`run` for BULK batches (see background_bulk): the model call on a background thread of

@@ -129,6 +129,30 @@ def test_a_batch_up_to_the_busy_limit_runs_inline_unless_the_solo_session_would_
     assert INLINE_BUSY_MAX_S >= 1e-3
 
 
+def test_a_batch_whose_outputs_are_slow_to_finish_leaves_the_event_loop(tmp_path: Path) -> None:
+    """The 2-ms inline rule weighs the model call and the outputs' conversion, not the call alone:
+    SR on a GPU computes 16 images in ~1 ms but converts 16 x 256 x 256 x 3 floats to uint8 for
+    several more. Here the model call is tiny and the finish step takes 2 x INLINE_BUSY_MAX_S."""
+    from genserve_server.runner import INLINE_BUSY_MAX_S
+
+    inputs = {"z": np.zeros((2, TINY_LATENT), np.float32), "label": np.zeros(2, np.int64)}
+    for slow_finish, expected in ((False, "loop"), (True, "pool")):
+        runner = make_runner(tmp_path, inline_max_s=1e-9)  # the 2-ms rule decides; no solo session
+        if slow_finish:
+            finish = runner._finish
+
+            def slow(outputs, added, finish=finish):  # type: ignore[no-untyped-def]
+                threading.Event().wait(2 * INLINE_BUSY_MAX_S)
+                return finish(outputs, added)
+
+            runner._finish = slow  # type: ignore[method-assign]
+        runner.warm(inputs)
+        threads = record_threads(runner)
+        asyncio.run(runner.run(LatentRows(), inputs))
+        assert (threads[0] == "MainThread") == (expected == "loop"), (slow_finish, threads)
+        runner.close()
+
+
 def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     runner = make_runner(tmp_path, inline_max_s=1.0)  # everything counts as tiny
     z = np.zeros((2, TINY_LATENT), np.float32)
