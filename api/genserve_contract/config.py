@@ -225,8 +225,10 @@ class BatchingConfig:
     # Priority (batcher.Batcher): while interactive requests arrive (one within interactive_quiet_s),
     # a BULK batch is cut to what computes in about bulk_budget_s; otherwise to bulk_idle_budget_s,
     # which bounds the wait of the first interactive request after a quiet spell. None (JSON null)
-    # = full batches.
-    bulk_budget_s: float | None = 0.005
+    # = full batches. 2 ms: against 5 ms, interactive p99 under a bulk stream 2.44 vs 3.13 ms
+    # (medians of 5 and 7 runs of bench.priority, dcgan-digits) for 14 % less bulk throughput while
+    # interactive requests arrive (bench/profile.md, tenth round); 1 ms cut bulk 30 % for no more.
+    bulk_budget_s: float | None = 0.002
     bulk_idle_budget_s: float | None = 0.05
     interactive_quiet_s: float = 1.0
     # Batches are capped at the smallest warmed size whose compute per item is within this fraction

@@ -136,7 +136,7 @@ def test_model_config_defaults_and_policies(tmp_path: Path) -> None:
 def test_bulk_budgets_default_null_and_reach_the_batcher(tmp_path: Path) -> None:
     default = load_model_config(write_config(tmp_path, {"kind": "generator"})).batching
     assert (default.bulk_budget_s, default.bulk_idle_budget_s, default.interactive_quiet_s) == (
-        0.005,
+        0.002,
         0.05,
         1.0,
     )
