@@ -5,7 +5,8 @@ then their images in decoder batches shared with every request whose rows finish
 step. `sample_codes_stream` is the same with progress: it yields a `CodeProgress` every few steps
 (the grids so far, decoded to previews where the decoder takes them) and the `CodeSamples` last.
 Previews never hold the prior back: a preview the consumer has not taken when the next one is
-ready is replaced by it.
+ready is replaced by it; the last one untaken when the sampling ends is sent before the result, so
+every level that reported shows at least once.
 """
 
 from __future__ import annotations
@@ -211,14 +212,21 @@ async def sample_codes_stream(
         sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every)
     )
     try:
-        while not sampling.done():
-            waiter = asyncio.ensure_future(ready.wait())
-            try:
-                await asyncio.wait({waiter, sampling}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-            if not latest or sampling.done():
+        while True:
+            if sampling.done() and (sampling.cancelled() or sampling.exception() is not None):
+                break  # a failed call sends no more previews: its error follows
+            if not latest:
+                if sampling.done():
+                    break
+                waiter = asyncio.ensure_future(ready.wait())
+                try:
+                    await asyncio.wait({waiter, sampling}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
                 continue
+            # A report still untaken when the sampling ended goes out before the result: a level
+            # that ran while the consumer took the previous preview still shows (the bottom level of
+            # a small prior can run whole while the top level's last preview is being sent).
             ready.clear()
             level, filled, positions, grids, given = latest.pop()
             previews: list[EncodedImage] = []

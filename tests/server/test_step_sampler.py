@@ -570,6 +570,46 @@ async def check_progress_stream(
     assert chunks[-1].result.images[0].image.data == chain.images[0].image.data
 
 
+def test_a_slow_consumer_still_sees_each_level_of_a_two_level_call(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """Previews never hold the prior back, so a consumer that takes its first preview late misses
+    the ones in between; but the report still untaken when the sampling ends is sent before the
+    result: the bottom level, which ran whole meanwhile, shows (it did not, and a CLI test flaked)."""
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["chain"], "", ("code_prior",), "SampleCodesStream")
+        sampled = asyncio.Event()  # the sampling under the stream (both levels, decoded) has ended
+        sample_codes = code_sampling.sample_codes
+
+        async def watched(*args: Any, **kwargs: Any) -> CodeSamples:
+            try:
+                return await sample_codes(*args, **kwargs)
+            finally:
+                sampled.set()
+
+        code_sampling.sample_codes = watched  # type: ignore[assignment]
+        stream = code_sampling.sample_codes_stream(
+            core, mv, call, [3], None, None, SamplingOptions(), PNG, every=2
+        )
+        try:
+            first = await anext(stream)
+            assert isinstance(first, code_sampling.CodeProgress) and first.level == "top"
+            await sampled.wait()  # the consumer comes back only once everything has run
+            rest = [item async for item in stream]
+        finally:
+            code_sampling.sample_codes = sample_codes  # type: ignore[assignment]
+            if call.batcher is not None:
+                call.batcher.release()
+        assert isinstance(rest[-1], CodeSamples)
+        levels = [item.level for item in rest[:-1] if isinstance(item, code_sampling.CodeProgress)]
+        assert levels and levels[-1] == "codes", levels
+
+    run_with_core(root, body)
+
+
 def test_a_request_without_options_gets_each_priors_config_defaults(
     code_repo: tuple[Path, dict[str, str]],
 ) -> None:
