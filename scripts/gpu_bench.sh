@@ -6,7 +6,9 @@
 # Knobs: STEP_BENCH=0 skips the step bench, STEP_SHAPES (default "on"), STEP_SCOPES (default "level
 # chain": the request-level baselines, bench.step_batching --request-scope), STEP_RATES, STEP_DURATION;
 # RUN_QUICK=0 skips bench.run, RUN_MODELS; AB_BASE_TREE (+ AB_MODELS, AB_ROUNDS): bench.ab against a
-# carried source tree, e.g. a079273's server/ and api/ for the cgan-digits drop (bench/README.md).
+# carried source tree, e.g. a079273's server/ and api/ for the cgan-digits drop (bench/README.md):
+#   here: echo /.abbase/ >> .git/info/exclude; mkdir -p .abbase; git archive a079273 server api | tar -x -C .abbase
+#   the last call: carry [..., ".abbase"], command: ... AB_BASE_TREE=.abbase bash scripts/gpu_bench.sh
 # The device lacks grpcio-health-checking / -reflection and its grpcio may be older than the stubs'
 # floor: grpcio, grpcio-health-checking and grpcio-reflection 1.85.1 (cp312 manylinux) travel in
 # .gpuwhl/extra (pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .gpuwhl/extra).
