@@ -127,7 +127,6 @@ class StepTimes:
         self.rows: list[int] = []
         self.calls: list[float] = []
         self.gaps: list[float] = []
-        self.reshapes = 0  # calls with other rows than the previous call (a new input shape)
         self._last_end: float | None = None
 
     async def __call__(self, inputs: dict[str, np.ndarray]) -> Any:
@@ -137,10 +136,13 @@ class StepTimes:
         outputs = await self._run(inputs)
         self._last_end = time.perf_counter()
         self.calls.append(self._last_end - started)
-        rows = len(inputs["codes"])
-        self.reshapes += bool(self.rows) and rows != self.rows[-1]
-        self.rows.append(rows)
+        self.rows.append(len(inputs["codes"]))
         return outputs
+
+    @property
+    def reshapes(self) -> int:
+        """Calls with other rows than the previous call (a new input shape)."""
+        return sum(a != b for a, b in zip(self.rows, self.rows[1:], strict=False))
 
     def summary(self) -> dict[str, float]:
         return {

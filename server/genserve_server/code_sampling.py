@@ -213,11 +213,9 @@ async def sample_codes_stream(
     )
     try:
         while True:
-            if sampling.done() and (sampling.cancelled() or sampling.exception() is not None):
-                break  # a failed call sends no more previews: its error follows
+            if sampling.done() and (not latest or sampling.cancelled() or sampling.exception() is not None):
+                break  # the result (or a failed call's error) follows; no preview after a failure
             if not latest:
-                if sampling.done():
-                    break
                 waiter = asyncio.ensure_future(ready.wait())
                 try:
                     await asyncio.wait({waiter, sampling}, return_when=asyncio.FIRST_COMPLETED)

@@ -70,8 +70,9 @@ _SHRINK_CPU.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0"
 # SCHED_IDLE, 1.9-2.2x with nice 19). Either needs no privilege; undoing it would, hence threads of
 # their own.
 BULK_THREAD_NICE = 19
-# A batch whose measured compute is at most this runs on the event loop unless the pool would give it
-# the solo session (Runner._runs_inline); inline_compute_max_s = 0 (always the pool) turns this off too.
+# A batch whose measured model call plus output conversion (uint8 pixels) is at most this runs on the
+# event loop unless the pool would give it the solo session (Runner._runs_inline);
+# inline_compute_max_s = 0 (always the pool) turns this off too.
 INLINE_BUSY_MAX_S = 2e-3
 
 _cpu_fallback_warned = False
