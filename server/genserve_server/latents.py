@@ -23,6 +23,7 @@ The Philox core is checked against the Random123 known-answer vectors in tests/s
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Sequence
 from typing import Final
@@ -112,6 +113,19 @@ _LANES_PHILOX_MAX_SEEDS: Final = 4
 _LANE_ONE: Final = b"\x01" + b"\x00" * 7  # one 64-bit little-endian lane holding 1
 
 
+@functools.lru_cache(maxsize=64)
+def _lane_constants(first_block: int, n_blocks: int, n_keys: int) -> tuple[int, int, int, int]:
+    """(ones in each lane of one key, the low-32-bit mask of every lane, counter words c0, c1) for
+    `_philox_words_lanes`: the same few block ranges recur (a model's latent size), so built once."""
+    mask = 0xFFFFFFFF
+    per_key_ones = int.from_bytes(_LANE_ONE * n_blocks, "little")
+    low = mask * int.from_bytes(_LANE_ONE * (n_keys * n_blocks), "little")
+    counters = np.arange(first_block, first_block + n_blocks, dtype="<u8")
+    c0 = int.from_bytes((counters & np.uint64(mask)).astype("<u8").tobytes() * n_keys, "little")
+    c1 = int.from_bytes((counters >> np.uint64(32)).astype("<u8").tobytes() * n_keys, "little")
+    return per_key_ones, low, c0, c1
+
+
 def _philox_words_lanes(keys: U32Array, blocks: range) -> U32Array:
     """`philox4x32_10` for counters (b mod 2^32, b >> 32, 0, 0), b in `blocks`, per key: uint32
     [N, B, 4]. Each state word of all (seed, block) pairs is one Python integer of 64-bit lanes.
@@ -122,11 +136,7 @@ def _philox_words_lanes(keys: U32Array, blocks: range) -> U32Array:
     mask = 0xFFFFFFFF
     n_keys, n_blocks = len(keys), len(blocks)
     lanes = n_keys * n_blocks
-    per_key_ones = int.from_bytes(_LANE_ONE * n_blocks, "little")
-    low = mask * int.from_bytes(_LANE_ONE * lanes, "little")
-    counters = np.asarray(blocks, dtype="<u8")
-    c0 = int.from_bytes((counters & np.uint64(mask)).astype("<u8").tobytes() * n_keys, "little")
-    c1 = int.from_bytes((counters >> np.uint64(32)).astype("<u8").tobytes() * n_keys, "little")
+    per_key_ones, low, c0, c1 = _lane_constants(blocks.start, n_blocks, n_keys)
     c2 = c3 = 0
     key_words = keys.tolist()
     key_shift = 64 * n_blocks  # bits of one key's lanes
@@ -138,10 +148,11 @@ def _philox_words_lanes(keys: U32Array, blocks: range) -> U32Array:
         p0 = c0 * PHILOX_M0
         p1 = c2 * PHILOX_M1
         c0, c1, c2, c3 = ((p1 >> 32) & low) ^ c1 ^ k0, p1 & low, ((p0 >> 32) & low) ^ c3 ^ k1, p0 & low
-    out = np.empty((lanes, 4), dtype=np.uint32)
-    for j, word in enumerate((c0, c1, c2, c3)):
-        out[:, j] = np.frombuffer(word.to_bytes(8 * lanes, "little"), dtype="<u8")
-    return out.reshape(n_keys, n_blocks, 4)
+    # The four words' lanes side by side, read back in one go: [4, lanes] uint64 -> [lanes, 4] uint32.
+    n_bytes = 8 * lanes
+    raw = b"".join(word.to_bytes(n_bytes, "little") for word in (c0, c1, c2, c3))
+    words = np.frombuffer(raw, dtype="<u8").reshape(4, lanes).T.astype(np.uint32, order="C")
+    return words.reshape(n_keys, n_blocks, 4)
 
 
 def _seed_keys(seeds: Sequence[int], field: str) -> U32Array:
