@@ -104,47 +104,51 @@ def philox4x32_10(counter: U32Array, key: U32Array) -> U32Array:
     return out
 
 
-# Up to this many seeds the Philox words are computed on Python integers, one 64-bit lane per
-# (seed, block) (_philox_words_lanes): numpy's per-call cost (~80 calls for 10 rounds) exceeds the
-# arithmetic for a lone request's seed (one seed x 64 dims: ~17 us in lanes, ~48 us one block at a
-# time in Python, ~60 us in numpy; bench/profile.md, ninth round). The words are exact integers either
-# way, and the float part below is numpy in both cases, so the latents are bit-identical.
-_LANES_PHILOX_MAX_SEEDS: Final = 4
+# Up to this many (seed, block) pairs the Philox words are computed on Python integers, one 64-bit lane
+# per pair (_philox_words_lanes): numpy's per-call cost (~80 calls for 10 rounds) exceeds the
+# arithmetic of a few hundred lanes. In a loop (2026-12-04, Intel Xeon), lanes vs numpy: one seed x 20
+# dims (5 blocks) 10 vs 67 us, 16 seeds x 20 dims 31 vs 74, 8 seeds x 64 dims 48 vs 75, 16 x 64 74 vs
+# 85, 64 x 64 249 vs 117 (bench/profile.md, ninth and eleventh rounds). The words are exact integers
+# either way, and the float part below is numpy in both cases, so the latents are bit-identical.
+_LANES_PHILOX_MAX_LANES: Final = 192
 _LANE_ONE: Final = b"\x01" + b"\x00" * 7  # one 64-bit little-endian lane holding 1
 
 
 @functools.lru_cache(maxsize=64)
 def _lane_constants(first_block: int, n_blocks: int, n_keys: int) -> tuple[int, int, int, int]:
-    """(ones in each lane of one key, the low-32-bit mask of every lane, counter words c0, c1) for
+    """(1 in every lane, the low-32-bit mask of every lane, counter words c0, c1) for
     `_philox_words_lanes`: the same few block ranges recur (a model's latent size), so built once."""
     mask = 0xFFFFFFFF
-    per_key_ones = int.from_bytes(_LANE_ONE * n_blocks, "little")
-    low = mask * int.from_bytes(_LANE_ONE * (n_keys * n_blocks), "little")
+    ones = int.from_bytes(_LANE_ONE * (n_keys * n_blocks), "little")
     counters = np.arange(first_block, first_block + n_blocks, dtype="<u8")
     c0 = int.from_bytes((counters & np.uint64(mask)).astype("<u8").tobytes() * n_keys, "little")
     c1 = int.from_bytes((counters >> np.uint64(32)).astype("<u8").tobytes() * n_keys, "little")
-    return per_key_ones, low, c0, c1
+    return ones, mask * ones, c0, c1
 
 
 def _philox_words_lanes(keys: U32Array, blocks: range) -> U32Array:
     """`philox4x32_10` for counters (b mod 2^32, b >> 32, 0, 0), b in `blocks`, per key: uint32
-    [N, B, 4]. Each state word of all (seed, block) pairs is one Python integer of 64-bit lanes.
-    Every operation of a round stays within its lane: a 32-bit word times a 32-bit multiplier fits
-    64 bits (no carry into the next lane), the high half is a shift by 32 then a mask of each lane's
-    low 32 bits (which drops what the next lane shifted in), and XOR is bitwise. So one round is
-    a dozen integer operations whatever the number of blocks."""
-    mask = 0xFFFFFFFF
+    [N, B, 4]. Each state word of all (seed, block) pairs is one Python integer of 64-bit lanes, key
+    by key, block by block. Every operation of a round stays within its lane: a 32-bit word times a
+    32-bit multiplier fits 64 bits (no carry into the next lane), the high half is a shift by 32 then
+    a mask of each lane's low 32 bits (which drops what the next lane shifted in), XOR is bitwise, and
+    a round key k + r * W (< 2^36 before the mask) fits its lane too. So one round is a dozen integer
+    operations whatever the number of seeds and blocks."""
     n_keys, n_blocks = len(keys), len(blocks)
     lanes = n_keys * n_blocks
-    per_key_ones, low, c0, c1 = _lane_constants(blocks.start, n_blocks, n_keys)
+    ones, low, c0, c1 = _lane_constants(blocks.start, n_blocks, n_keys)
+    if n_keys == 1:
+        key0, key1 = (int(word) for word in keys[0])
+        k0_base, k1_base = key0 * ones, key1 * ones
+    else:  # each key's words in each of its blocks' lanes
+        per_lane = np.repeat(keys.astype("<u8"), n_blocks, axis=0)  # [lanes, 2]
+        k0_base = int.from_bytes(per_lane[:, 0].tobytes(), "little")
+        k1_base = int.from_bytes(per_lane[:, 1].tobytes(), "little")
+    w0, w1 = PHILOX_W0 * ones, PHILOX_W1 * ones
     c2 = c3 = 0
-    key_words = keys.tolist()
-    key_shift = 64 * n_blocks  # bits of one key's lanes
     for r in range(PHILOX_ROUNDS):
-        k0 = k1 = 0
-        for i, (key0, key1) in enumerate(key_words):  # each key's round key, in each of its lanes
-            k0 |= (((key0 + r * PHILOX_W0) & mask) * per_key_ones) << (key_shift * i)
-            k1 |= (((key1 + r * PHILOX_W1) & mask) * per_key_ones) << (key_shift * i)
+        k0 = (k0_base + r * w0) & low
+        k1 = (k1_base + r * w1) & low
         p0 = c0 * PHILOX_M0
         p1 = c2 * PHILOX_M1
         c0, c1, c2, c3 = ((p1 >> 32) & low) ^ c1 ^ k0, p1 & low, ((p0 >> 32) & low) ^ c3 ^ k1, p0 & low
@@ -176,7 +180,7 @@ def _normals(keys: U32Array, start: int, count: int) -> F64Array:
     first_block = start // 4
     last_block = (start + count - 1) // 4
     n_blocks = last_block - first_block + 1
-    if len(keys) <= _LANES_PHILOX_MAX_SEEDS:
+    if len(keys) * n_blocks <= _LANES_PHILOX_MAX_LANES:
         words = _philox_words_lanes(keys, range(first_block, last_block + 1))
     else:
         blocks = np.arange(first_block, last_block + 1, dtype=np.uint64)

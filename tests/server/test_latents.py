@@ -153,15 +153,15 @@ def test_vectorised_philox_matches_scalar_reference(
 
 @settings(max_examples=40, deadline=None)
 @given(
-    seeds=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=4),
+    seeds=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=24),
     first_block=st.one_of(st.integers(0, 64), st.integers(2**32 - 8, 2**32 - 1), st.integers(2**40, 2**41)),
     n_blocks=st.integers(1, 40),
 )
 def test_small_requests_python_philox_words_equal_numpys(
     seeds: list[int], first_block: int, n_blocks: int
 ) -> None:
-    """A lone request's blocks take the Python-integer path (64-bit lanes); its words are numpy's,
-    bit for bit, including counters whose high word is set (block >= 2^32)."""
+    """Small batches' blocks take the Python-integer path (64-bit lanes, seed by seed); its words are
+    numpy's, bit for bit, including counters whose high word is set (block >= 2^32)."""
     keys = latents._seed_keys(seeds, "seeds")
     blocks = range(first_block, first_block + n_blocks)
     block_numbers = np.array(blocks, dtype=np.uint64)
@@ -174,7 +174,8 @@ def test_small_requests_python_philox_words_equal_numpys(
 
 @pytest.mark.parametrize("dim", [1, 20, 64, 100, 101, 128])
 def test_a_seed_alone_and_in_a_large_batch_take_both_paths_to_the_same_bits(dim: int) -> None:
-    # One seed is drawn on Python integers (_philox_words_lanes), 64 seeds with numpy.
+    # One seed is drawn on Python integers (_philox_words_lanes), 64 seeds with numpy (above
+    # _LANES_PHILOX_MAX_LANES (seed, block) pairs: every dim here but 1).
     seeds = [3, 2**33 + 1, *range(100, 162)]
     batch = latents_for_seeds(seeds, dim, 0.9)
     for i in (0, 1, 63):
