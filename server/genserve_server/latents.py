@@ -15,8 +15,10 @@ that algorithm ("philox4x32-10/box-muller/v1"):
 5. Truncation psi (BigGAN): each |z_j| > psi, scanning j in order, is replaced by the next unused
    normal of the same stream (n_Z, n_{Z+1}, ...) with |n| <= psi.
 
-Everything is vectorised with numpy uint32/uint64 arithmetic across seeds *and* blocks, because
-latents are computed on the request path (64 seeds x 128 dims costs about 0.1 ms).
+Latents are computed on the request path, so the Philox words are computed in bulk: with numpy
+uint64 arithmetic across seeds and blocks for large batches (64 seeds x 128 dims: ~0.3 ms in all), and as
+Python integers of 64-bit lanes for small ones, where numpy's ~80 calls cost more than the
+arithmetic (`_philox_words_lanes`). The two give the same words; the float part is numpy in both.
 The Philox core is checked against the Random123 known-answer vectors in tests/server/test_latents.py.
 """
 
