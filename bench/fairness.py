@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from bench.ab import _serve, _subset
-from bench.common import REPO_ROOT, write_line
+from bench.common import REPO_ROOT, BenchModel, find_models, write_line
 from bench.models import BENCH_DCGAN_256
 from bench.servers import ServerProcess, client_bench
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
@@ -130,27 +130,29 @@ def until_heavy_queued(server: ServerProcess, model: str, rows: int, timeout_s: 
     return time.monotonic() - started
 
 
-# The conditional models this bench drives, and their classes (the others take no labels).
-LABELLED = {"cgan-digits": list(range(10))}
-
-
-def _level(server: ServerProcess, model: str, concurrency: int, duration_s: float) -> dict[str, float]:
+def _level(server: ServerProcess, model: BenchModel, concurrency: int, duration_s: float) -> dict[str, float]:
+    labels = model.client_options()["labels"]  # a conditional model's classes, from its card
     result = client_bench(
-        server.target, model, concurrency, duration_s, "raw", labels=LABELLED.get(model, []), warmup_s=0.5
+        server.target, model.name, concurrency, duration_s, "raw", labels=labels, warmup_s=0.5
     )
     p50, p99 = float(result["p50_ms"]), float(result["p99_ms"])
     return {"p50_ms": p50, "p99_ms": p99, "p99/p50": p99 / p50, "img_s": float(result["images_per_s"])}
 
 
+def _model_names(args: argparse.Namespace) -> list[str]:
+    return sorted({*args.saturate, args.heavy_model, args.other_model})
+
+
 def one_round(tree: Path, models: Path, args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {}
+    by_name = {m.name: m for m in find_models(models, _model_names(args))}  # how each is driven (labels)
     with _serve(tree, models) as server:
         for name in args.saturate:
             for c in (32, 64):
-                figures[f"{name} c={c}"] = _level(server, name, c, args.duration_s)
+                figures[f"{name} c={c}"] = _level(server, by_name[name], c, args.duration_s)
         small = {"same": args.heavy_model, "other": args.other_model}
         for which, name in small.items():
-            figures[f"small {which} idle"] = _level(server, name, 1, args.duration_s)
+            figures[f"small {which} idle"] = _level(server, by_name[name], 1, args.duration_s)
         for which, name in small.items():
             # The heavy clients run for as long as it takes them to start and queue a request, and
             # the small client's level, plus a margin.
@@ -162,7 +164,7 @@ def one_round(tree: Path, models: Path, args: argparse.Namespace) -> dict[str, A
                 args.duration_s + HEAVY_START_S,
             ) as heavy:
                 waited_s = until_heavy_queued(server, args.heavy_model, args.heavy_count)
-                figures[f"small {which} loaded"] = _level(server, name, 1, args.duration_s)
+                figures[f"small {which} loaded"] = _level(server, by_name[name], 1, args.duration_s)
                 heavy["started_after_s"] = waited_s
             figures[f"heavy during {which}"] = heavy
     return figures
@@ -227,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.target, args.heavy_model, args.heavy_clients, args.heavy_count, args.duration_s, args.out
         )
         return 0
-    names = sorted({*args.saturate, args.heavy_model, args.other_model})
+    names = _model_names(args)
     sides: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
         trees = {"B": (REPO_ROOT, _subset(args.models_dir, names, Path(tmp) / "B"))}

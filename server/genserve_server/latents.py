@@ -139,7 +139,7 @@ def _philox_words_lanes(keys: U32Array, blocks: range) -> U32Array:
     n_keys, n_blocks = len(keys), len(blocks)
     lanes = n_keys * n_blocks
     ones, low, c0, c1 = _lane_constants(blocks.start, n_blocks, n_keys)
-    if n_keys == 1:
+    if n_keys == 1:  # a lone request's seed: its key in every lane without numpy (~1 us of ~8)
         key0, key1 = (int(word) for word in keys[0])
         k0_base, k1_base = key0 * ones, key1 * ones
     else:  # each key's words in each of its blocks' lanes
