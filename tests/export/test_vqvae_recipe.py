@@ -14,7 +14,7 @@ from genserve_export import verify_repository
 from genserve_export.data import digits
 from genserve_export.export import export_model
 from genserve_export.recipes import vqvae
-from genserve_export.recipes.vqvae_nets import GatedPixelCNN
+from genserve_export.recipes.vqvae_nets import GatedPixelCNN, TopOnlyDecoder, VqVae2
 
 
 @pytest.mark.parametrize("top_k", [0, 5], ids=["top-prior", "bottom-prior"])
@@ -35,6 +35,21 @@ def test_a_positions_logits_depend_only_on_the_positions_before_it(top_k: int) -
             assert not moved[: p + 1].any(), f"position {p} leaks into {moved[: p + 1].nonzero().tolist()}"
             if p < h * w - 1:
                 assert moved[p + 1 :].any()  # later positions do see it (the test is not vacuous)
+
+
+def test_the_top_only_decoder_trains_the_top_encoder_to_hold_the_image() -> None:
+    """Its loss reaches the top encoder (through the straight-through top codes) and not the bottom
+    path: what makes the top grid carry the digit's shape (vqvae_nets.TopOnlyDecoder)."""
+    torch.manual_seed(0)
+    model, top_only = VqVae2(vqvae.K_TOP, vqvae.K_BOTTOM), TopOnlyDecoder()
+    images = torch.rand(4, 1, 28, 28)
+    q_top, *_ = model.encode(images)
+    logits = top_only(q_top)
+    assert logits.shape == images.shape
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, images).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encode_top.parameters())
+    assert all(p.grad is None for p in model.pre_bottom.parameters())
+    assert all(p.grad is None for p in model.decode.parameters())
 
 
 @pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")

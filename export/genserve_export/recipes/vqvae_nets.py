@@ -4,7 +4,9 @@ priors (van den Oord et al. 2016) over its code grids, small enough to train on 
 Encoder: image 28x28 -> bottom features 14x14 -> top features 7x7 -> top codes (K_TOP); the top codes,
 decoded back to 14x14, join the bottom features -> bottom codes (K_BOTTOM). Decoder: top codes
 (upsampled) + bottom codes -> image. Codebooks are updated by exponential moving averages of the
-vectors assigned to them (VQ-VAE appendix), dead codes restarted from encoder outputs.
+vectors assigned to them (VQ-VAE appendix), dead codes restarted from encoder outputs. In training a
+second decoder reconstructs the image from the top codes alone (``TopOnlyDecoder``, not exported), so
+that the top grid holds the digit's shape and the bottom grid its detail.
 
 Priors see a grid with unfilled positions (kinds.CODES: they hold 0) and give the logits of every
 position at once; the causal structure (a vertical stack that sees the rows above, shifted down one
@@ -144,6 +146,31 @@ class VqVae2(nn.Module):
         """codes [N, 14, 14], top_codes [N, 7, 7] -> image [N, 1, 28, 28] in [0, 1]."""
         q_top, q_bottom = self.quantise_top.lookup(top_codes), self.quantise_bottom.lookup(codes)
         return torch.sigmoid(self.decode_logits(q_top, q_bottom))
+
+
+class TopOnlyDecoder(nn.Module):
+    """Training only: top codes alone -> image logits [N, 1, 28, 28]. Its reconstruction loss makes
+    the top grid carry the digit's shape; without it the bottom codes (14x14 x 6 bits) can hold the
+    whole image, and in some trainings the top grid collapsed to one "background" code at 78 % of
+    positions, which left the global structure to the bottom prior's ~5-row view (export/README.md,
+    "Why the VQ-VAE-2's class accuracy moved between builds")."""
+
+    def __init__(self, width: int = WIDTH) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(CODE_DIM, width, 3, padding=1),
+            ResBlock(width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(width, width, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(width, width, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, 1, 3, padding=1),
+        )  # 7x7 -> 14x14 -> 28x28
+
+    def forward(self, q_top: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.body(q_top)
+        return logits
 
 
 class CodeDecoder(nn.Module):
