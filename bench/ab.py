@@ -4,8 +4,8 @@
 a source tree as it is, e.g. a copy with one constant changed) and serves the same
 models from it and from this tree, two server processes running side by side for the whole run and
 measured in turns, level by level (A, B, B, A, ...), under the same client (this tree's
-`genserve-client bench`). Per model and side: p50 at concurrency 1 and
-images/s at concurrency 64 (RAW_UINT8, one image per request), the server's CPU ms per request, and
+`genserve-client bench`). Per model and side: p50 at concurrency 1, images/s and
+p99/p50 at concurrency 64 (RAW_UINT8, one image per request), the server's CPU ms per request, and
 the transport's floor (p50 of a trivial health Check at c=1, `servers.rpc_floor_ms`) with the c=1 p50
 over it.
 It prints the medians over the rounds and the ratios B / A. Same machine, same run, same files:
@@ -29,7 +29,15 @@ from bench.servers import ServerProcess, measured_level, rpc_floor_ms
 from genserve_server.launcher import genserve_command
 
 DEFAULT_MODELS = ("vae-digits-decoder", "cgan-digits", "dcgan-digits")
-FIGURES = ("p50_c1_ms", "floor_c1_ms", "p50_c1_over_floor_ms", "img_s_c64", "cpu_ms_c1", "cpu_ms_c64")
+FIGURES = (
+    "p50_c1_ms",
+    "floor_c1_ms",
+    "p50_c1_over_floor_ms",
+    "img_s_c64",
+    "p99_over_p50_c64",
+    "cpu_ms_c1",
+    "cpu_ms_c64",
+)
 
 
 def _serve(tree: Path, models: Path) -> ServerProcess:
@@ -51,6 +59,7 @@ def _measure(server: ServerProcess, model: BenchModel, duration_s: float) -> dic
     return {
         "p50_c1_ms": float(c1["p50_ms"]),
         "img_s_c64": float(c64["images_per_s"]),
+        "p99_over_p50_c64": float(c64["p99_ms"]) / float(c64["p50_ms"]),  # issue 20's tail at saturation
         "cpu_ms_c1": float(c1["server_cpu_ms_per_request"]),
         "cpu_ms_c64": float(c64["server_cpu_ms_per_request"]),
     }
@@ -119,14 +128,14 @@ def main() -> None:
                 )
     report: dict[str, Any] = {"base": label, "rounds": args.rounds, "models": {}}
     write_line(f"A = {label}, B = this tree; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request")
-    write_line(f"{'model':<22}{'figure':<13}{'A':>10}{'B':>10}{'B/A':>8}")
+    write_line(f"{'model':<22}{'figure':<18}{'A':>10}{'B':>10}{'B/A':>8}")
     for name in args.models:
         report["models"][name] = {}
         for figure in FIGURES:
             a = statistics.median(r[name][figure] for r in sides["A"])
             b = statistics.median(r[name][figure] for r in sides["B"])
             report["models"][name][figure] = {"A": a, "B": b, "B/A": b / a if a else None}
-            write_line(f"{name:<22}{figure:<13}{a:>10.3f}{b:>10.3f}{b / a if a else float('nan'):>8.3f}")
+            write_line(f"{name:<22}{figure:<18}{a:>10.3f}{b:>10.3f}{b / a if a else float('nan'):>8.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
 

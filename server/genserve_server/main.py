@@ -44,6 +44,7 @@ from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
+from genserve_server.heap import freeze_startup_heap
 from genserve_server.limits import GuardedRegistrar, guard_malformed
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
@@ -378,6 +379,9 @@ async def serve(args: argparse.Namespace) -> int:
     # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
     loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
     await app.start()
+    # The process's own start-up heap (not App's: tests run many Apps in one process): full
+    # collections skip it from now on (heap.py).
+    freeze_startup_heap()
     logger.info("event loop: %s", event_loop.running_loop_name())
     if not app.stop_requested:
         metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"

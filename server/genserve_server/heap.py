@@ -1,0 +1,39 @@
+"""The garbage collector and a serving process: keep full collections off the request path.
+
+CPython's cyclic collector runs a full (generation 2) collection once enough objects have survived
+the younger ones, and a full collection walks every tracked object in the process. A loaded server
+holds a few hundred thousand of them from its start (modules, protobuf descriptors, the models'
+Python wrappers) that will never be garbage, and under load each full collection stopped the event
+loop for tens of milliseconds every few seconds: every request in flight at that moment waited for
+it, which is a saturated server's p99 (bench/profile.md, "Twelfth round"). Requests themselves
+leave a little cyclic garbage each (grpc.aio's method-handler closure and, with a done callback, its
+call state and context), so the collector must keep running; it only has to stop re-reading the
+start-up heap.
+
+`freeze_startup_heap` is called once the initial models are loaded: it collects what start-up left
+behind, then moves every surviving object to the permanent generation (`gc.freeze`), which later
+collections skip. Objects frozen there are still freed by reference counting; only a cycle among
+them would stay, and start-up objects are kept for the process's life anyway.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_startup_heap() -> int:
+    """Collect, then freeze what is left; returns how many objects are now frozen."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.debug(
+        "froze %d start-up objects out of the cyclic collector's reach in %.1f ms",
+        frozen,
+        (time.perf_counter() - started) * 1e3,
+    )
+    return frozen
