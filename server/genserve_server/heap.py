@@ -12,8 +12,11 @@ start-up heap.
 
 `freeze_startup_heap` is called once the initial models are loaded: it collects what start-up left
 behind, then moves every surviving object to the permanent generation (`gc.freeze`), which later
-collections skip. Objects frozen there are still freed by reference counting; only a cycle among
-them would stay, and start-up objects are kept for the process's life anyway.
+collections skip. Objects frozen there are still freed by reference counting, but a cycle among them
+never is, and a loaded model version is one (its runner, batcher and sessions refer to each other):
+a version unloaded by a reload would keep its ONNX Runtime sessions for the process's life. So the
+reloader calls `refreeze` once it has forgotten a version: the frozen objects go back to the
+collector for one full collection (tens of ms, once per reload) and what survives is frozen again.
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ import time
 
 logger = logging.getLogger(__name__)
 
+# Whether this process froze its heap (`serve` does; the many Apps of a test process do not).
+_frozen = False
+
 
 def freeze_startup_heap() -> int:
     """Collect, then freeze what is left; returns how many objects are now frozen."""
+    global _frozen
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
+    _frozen = True
     frozen = gc.get_freeze_count()
     logger.debug(
         "froze %d start-up objects out of the cyclic collector's reach in %.1f ms",
@@ -37,3 +45,23 @@ def freeze_startup_heap() -> int:
         (time.perf_counter() - started) * 1e3,
     )
     return frozen
+
+
+def refreeze() -> None:
+    """After model versions were unloaded: one full collection over the frozen objects too (frees
+    the versions' cycles), then freeze again. Nothing where the heap was never frozen."""
+    if not _frozen:
+        return
+    started = time.perf_counter()
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    elapsed_ms = (time.perf_counter() - started) * 1e3
+    logger.debug("refroze %d objects in %.1f ms", gc.get_freeze_count(), elapsed_ms)
+
+
+def unfreeze_for_tests() -> None:
+    """Give the whole heap back to the collector and forget that it was frozen."""
+    global _frozen
+    gc.unfreeze()
+    _frozen = False

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genserve_contract.repository import sha256_file
+from genserve_server import heap
 from genserve_server.repository import VERSION_PATTERN, Model, ModelState, ModelVersion, Repository
 
 logger = logging.getLogger(__name__)
@@ -395,6 +396,9 @@ class Reloader:
     def _forget(self, model: Model, mv: ModelVersion) -> None:
         if model.versions.get(mv.version) is mv:
             del model.versions[mv.version]
+        # On the next loop turn, when the caller's frame no longer holds `mv`: a version loaded
+        # before the start-up heap was frozen is a cycle the collector would otherwise never see.
+        asyncio.get_running_loop().call_soon(heap.refreeze)
         mv.metrics.ready.set(0)
         mv.metrics.clear_runtime()
         metrics = self.repo.metrics

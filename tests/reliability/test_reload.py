@@ -11,6 +11,7 @@ import shutil
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from server_support import ServerProcess, start_server, wait_until
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server import heap
 from genserve_server import reload as reload_module
 from genserve_server.config import ServerConfig
 from genserve_server.metrics import Metrics
@@ -271,6 +273,43 @@ def test_watch_interval_picks_up_a_new_version_without_a_signal(
             assert list(repo.models["gen"].versions) == ["2"]
             assert repo.get("gen").resolve("").version == "2"
         finally:
+            await reloader.close(2.0)
+            await repo.close(2.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_removed_version_is_freed_although_the_start_up_heap_was_frozen(tmp_path: Path) -> None:
+    """`serve` freezes the heap after the initial load (heap.py), and a loaded version is a cycle
+    (runner, batcher, sessions): without the reloader's refreeze its sessions would never be freed."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "other", version="1", seed=1)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=2.0)
+        heap.freeze_startup_heap()
+        try:
+            mv = repo.models["gen"].versions["1"]
+            assert mv.runner is not None
+            session = weakref.ref(mv.runner.session_runners[0].session)
+            version = weakref.ref(mv)
+            del mv
+            shutil.rmtree(root / "gen")
+            await reloader.rescan()
+            for _ in range(100):
+                if "gen" not in repo.models and version() is None:
+                    break
+                await asyncio.sleep(0.05)
+            assert "gen" not in repo.models
+            assert version() is None, "the removed version is still alive"
+            assert session() is None, "the removed version's ONNX Runtime session is still alive"
+            assert repo.get("other").resolve("").state == ModelState.READY
+        finally:
+            heap.unfreeze_for_tests()
             await reloader.close(2.0)
             await repo.close(2.0)
 

@@ -1,4 +1,5 @@
-"""heap.py: the start-up heap leaves the cyclic collector's reach; later garbage does not."""
+"""heap.py: the start-up heap leaves the cyclic collector's reach; later garbage does not. (That an
+unloaded version is still freed: tests/reliability/test_reload.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from genserve_server.heap import freeze_startup_heap
+from genserve_server.heap import freeze_startup_heap, unfreeze_for_tests
 
 
 class _Node:
@@ -19,7 +20,7 @@ class _Node:
 @pytest.fixture()
 def unfreeze() -> Iterator[None]:
     yield
-    gc.unfreeze()  # the test process's heap goes back to the collector
+    unfreeze_for_tests()  # the test process's heap goes back to the collector
 
 
 def test_freeze_moves_the_live_heap_out_of_full_collections(unfreeze: None) -> None:
