@@ -2,13 +2,13 @@
 
 CPython's cyclic collector runs a full (generation 2) collection once enough objects have survived
 the younger ones, and a full collection walks every tracked object in the process. A loaded server
-holds a few hundred thousand of them from its start (modules, protobuf descriptors, the models'
-Python wrappers) that will never be garbage, and under load each full collection stopped the event
-loop for tens of milliseconds every few seconds: every request in flight at that moment waited for
-it, which is a saturated server's p99 (bench/profile.md, "Twelfth round"). Requests themselves
-leave a little cyclic garbage each (grpc.aio's method-handler closure and, with a done callback, its
-call state and context), so the collector must keep running; it only has to stop re-reading the
-start-up heap.
+holds tens of thousands of them from its start (57,000 with the default models: modules, protobuf
+descriptors, the models' Python wrappers) that will never be garbage, and under load each full
+collection stopped the event loop for tens of milliseconds every few seconds: every request in flight
+at that moment waited for it, which is a saturated server's p99 (bench/profile.md, "Twelfth round").
+Requests themselves leave a little cyclic garbage each (grpc.aio's method-handler closure and, with a
+done callback, its call state and context), so the collector must keep running; it only has to stop
+re-reading the start-up heap.
 
 `freeze_startup_heap` is called once the initial models are loaded: it collects what start-up left
 behind, then moves every surviving object to the permanent generation (`gc.freeze`), which later
@@ -27,17 +27,12 @@ import time
 
 logger = logging.getLogger(__name__)
 
-# Whether this process froze its heap (`serve` does; the many Apps of a test process do not).
-_frozen = False
-
 
 def freeze_startup_heap() -> int:
     """Collect, then freeze what is left; returns how many objects are now frozen."""
-    global _frozen
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
-    _frozen = True
     frozen = gc.get_freeze_count()
     logger.debug(
         "froze %d start-up objects out of the cyclic collector's reach in %.1f ms",
@@ -49,8 +44,9 @@ def freeze_startup_heap() -> int:
 
 def refreeze() -> None:
     """After model versions were unloaded: one full collection over the frozen objects too (frees
-    the versions' cycles), then freeze again. Nothing where the heap was never frozen."""
-    if not _frozen:
+    the versions' cycles), then freeze again. Nothing where the heap is not frozen (the many Apps
+    of a test process)."""
+    if gc.get_freeze_count() == 0:
         return
     started = time.perf_counter()
     gc.unfreeze()
@@ -58,10 +54,3 @@ def refreeze() -> None:
     gc.freeze()
     elapsed_ms = (time.perf_counter() - started) * 1e3
     logger.debug("refroze %d objects in %.1f ms", gc.get_freeze_count(), elapsed_ms)
-
-
-def unfreeze_for_tests() -> None:
-    """Give the whole heap back to the collector and forget that it was frozen."""
-    global _frozen
-    gc.unfreeze()
-    _frozen = False

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from genserve_server.heap import freeze_startup_heap, unfreeze_for_tests
+from genserve_server.heap import freeze_startup_heap
 
 
 class _Node:
@@ -20,7 +20,7 @@ class _Node:
 @pytest.fixture()
 def unfreeze() -> Iterator[None]:
     yield
-    unfreeze_for_tests()  # the test process's heap goes back to the collector
+    gc.unfreeze()  # the test process's heap goes back to the collector
 
 
 def test_freeze_moves_the_live_heap_out_of_full_collections(unfreeze: None) -> None:
