@@ -439,6 +439,11 @@ class Batcher:
             return largest
         return max(1, min(largest, int(budget_s / self._row_cost_s)))
 
+    def traffic_overlaps(self) -> bool:
+        """Whether this model's tracked requests have lately overlapped one another: a batch that
+        starts now is likely to have another beside it soon (arrivals.Arrivals.overlapping)."""
+        return self._arrivals.overlapping(time.monotonic())
+
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
         return self._arrivals.more_expected(time.monotonic(), self.callers, self._queued_requests)

@@ -199,6 +199,24 @@ def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_re
     run(body())
 
 
+def test_traffic_overlaps_while_callers_overlap_and_not_after_a_quiet_spell() -> None:
+    """The runner's solo-session rule reads this (loader: more_work_queued): a lone caller never
+    overlaps, concurrent callers do, and the signal ends OVERLAP_MEMORY_S after the last overlap."""
+
+    async def body() -> None:
+        batcher, _ = make(FakeModel(), max_batch_size=8, max_queue_delay_s=0.01)
+        for i in range(5):  # closed loop at concurrency 1
+            await tracked_submit(batcher, i)
+        assert not batcher.traffic_overlaps()
+        await asyncio.gather(*(tracked_submit(batcher, i) for i in range(40)))
+        assert batcher.traffic_overlaps()
+        await asyncio.sleep(OVERLAP_MEMORY_S * 1.5)
+        assert not batcher.traffic_overlaps()
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_closed_loop_callers_all_queued_do_not_wait_the_window() -> None:
     async def body() -> None:
         model = FakeModel()

@@ -417,3 +417,28 @@ def test_preferred_sizes_reach_the_batcher_only_where_the_runner_pads_batches(tm
             efficient_batch_size=None,
         )
         assert make_batcher(mv).preferred_batch_sizes == tuple(expected), mode  # type: ignore[arg-type]
+
+
+def test_the_runner_sees_more_work_while_requests_wait_or_callers_overlap(tmp_path: Path) -> None:
+    """The solo-session rule's input (runner.more_work_queued): rows waiting, or concurrent callers
+    whose next batch will start beside this one; with background bulk, bulk rows do not count."""
+    from types import SimpleNamespace
+
+    from genserve_server.loader import make_batcher
+
+    write_tiny_generator(tmp_path)
+    config = load_model_config(tmp_path / "gen" / "config.json")
+    for background_bulk in (False, True):
+        runner = SimpleNamespace(mode="plain", run=None, run_bulk=None, background_bulk=background_bulk)
+        mv = SimpleNamespace(
+            runner=runner,
+            config=config,
+            label="m",
+            metrics=Metrics(enabled=False).unresolved(),
+            card=None,
+            efficient_batch_size=None,
+        )
+        batcher = make_batcher(mv)  # type: ignore[arg-type]
+        assert not runner.more_work_queued()
+        batcher.traffic_overlaps = lambda: True  # type: ignore[method-assign]
+        assert runner.more_work_queued()
