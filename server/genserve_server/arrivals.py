@@ -85,17 +85,12 @@ class Arrivals:
             return True  # RPCs in the server that have not reached the queue yet
         # Overlapping arrivals lately: RPCs the event loop has not parsed yet are likely (open loop,
         # or the loop is the bottleneck)...
-        if not self.overlapping(now):
+        if self.overlap_frac < OVERLAP_FRAC_TO_WAIT or now - self.last_overlap_at > OVERLAP_MEMORY_S:
             return False
         # ...unless as many are queued as the most callers seen lately, and that peak has held for a
         # window (while a burst ramps up, the peak is still rising and says nothing).
         peak_settled = now - self.callers_peak_rose_at > self.window_s
         return not (peak_settled and queued_requests >= self.callers_peak)
-
-    def overlapping(self, now: float) -> bool:
-        """Whether this model's requests have lately been overlapping one another (concurrent
-        callers): the next one is likely before long even when none is in the server now."""
-        return self.overlap_frac >= OVERLAP_FRAC_TO_WAIT and now - self.last_overlap_at <= OVERLAP_MEMORY_S
 
     def expected_rows(self, now: float, within_s: float, callers: int, queued_requests: int) -> float:
         """Rows likely to arrive within `within_s`: inf while a request in the server has not reached

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 
 from genserve_contract.config import BatchingConfig
-from genserve_server.arrivals import Arrivals, closes_at_preferred
+from genserve_server.arrivals import OVERLAP_MEMORY_S, Arrivals, closes_at_preferred
 from genserve_server.batch_events import (
     CLOSED_ALL_QUEUED,
     CLOSED_AT_ONCE,
@@ -184,6 +184,9 @@ class Batcher:
         self.bulk_idle_budget_s = bulk_idle_budget_s
         self.interactive_quiet_s = interactive_quiet_s
         self._last_interactive_at = -math.inf
+        # Last time an interactive request arrived while another tracked caller was in the server
+        # (concurrent callers; SampleStreams are not tracked callers): see callers_overlap.
+        self._callers_overlapped_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
         # Batches formed and requests admitted so far: the round-robin turns (PendingRequest.turn).
         self._batches_formed = 0
@@ -269,6 +272,8 @@ class Batcher:
             )
         if lane == Lane.INTERACTIVE:
             self._last_interactive_at = now
+            if self.callers > 1:
+                self._callers_overlapped_at = now
         self._arrivals.arrived(now, n_rows, self.callers, self._queued_requests)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._admitted += 1
@@ -439,10 +444,11 @@ class Batcher:
             return largest
         return max(1, min(largest, int(budget_s / self._row_cost_s)))
 
-    def traffic_overlaps(self) -> bool:
-        """Whether this model's tracked requests have lately overlapped one another: a batch that
-        starts now is likely to have another beside it soon (arrivals.Arrivals.overlapping)."""
-        return self._arrivals.overlapping(time.monotonic())
+    def callers_overlap(self) -> bool:
+        """Whether interactive requests have lately (OVERLAP_MEMORY_S) found other callers in the
+        server: concurrent callers, so a batch that starts now will soon have another beside it.
+        Never at concurrency 1, nor for a lone caller beside a bulk SampleStream."""
+        return time.monotonic() - self._callers_overlapped_at <= OVERLAP_MEMORY_S
 
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""

@@ -280,15 +280,15 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         efficient_batch_size=mv.efficient_batch_size,
         rows_limit=rows_limit,
     )
-    # Background bulk batches yield their cores to a solo call; other bulk rows would not. Overlapping
-    # requests (concurrent callers) mean the next batch will start beside this one before long: a
-    # solo call would then share the cores with it, and with the event loop that serves them, for
-    # its whole duration (under a closed loop of 32 that made most batches solo calls 2-6x slower
-    # than inline ones, finishing after batches formed later: bench/profile.md, thirteenth round).
+    # Background bulk batches yield their cores to a solo call; other bulk rows would not. Concurrent
+    # interactive callers mean the next batch will start beside this one before long: a solo call
+    # would then share the cores with it, and with the event loop that serves them, for its whole
+    # duration (under a closed loop of 32 that made most batches solo calls 2-6x slower than inline
+    # ones, finishing after batches formed later: bench/profile.md, thirteenth round).
     if mv.runner.background_bulk:
-        mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0 or batcher.traffic_overlaps()
+        mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0 or batcher.callers_overlap()
     else:
-        mv.runner.more_work_queued = lambda: batcher.queued_rows > 0 or batcher.traffic_overlaps()
+        mv.runner.more_work_queued = lambda: batcher.queued_rows > 0 or batcher.callers_overlap()
     return batcher
 
 

@@ -199,19 +199,22 @@ def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_re
     run(body())
 
 
-def test_traffic_overlaps_while_callers_overlap_and_not_after_a_quiet_spell() -> None:
+def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stream() -> None:
     """The runner's solo-session rule reads this (loader: more_work_queued): a lone caller never
-    overlaps, concurrent callers do, and the signal ends OVERLAP_MEMORY_S after the last overlap."""
+    overlaps, not even beside a bulk SampleStream's rows (untracked), concurrent callers do, and the
+    signal ends OVERLAP_MEMORY_S after the last overlap."""
 
     async def body() -> None:
         batcher, _ = make(FakeModel(), max_batch_size=8, max_queue_delay_s=0.01)
+        stream = [asyncio.ensure_future(batcher.submit("k", rows(i), 1, lane=Lane.BULK)) for i in range(20)]
         for i in range(5):  # closed loop at concurrency 1
             await tracked_submit(batcher, i)
-        assert not batcher.traffic_overlaps()
+        await asyncio.gather(*stream)
+        assert not batcher.callers_overlap()
         await asyncio.gather(*(tracked_submit(batcher, i) for i in range(40)))
-        assert batcher.traffic_overlaps()
+        assert batcher.callers_overlap()
         await asyncio.sleep(OVERLAP_MEMORY_S * 1.5)
-        assert not batcher.traffic_overlaps()
+        assert not batcher.callers_overlap()
         await batcher.close(1)
 
     run(body())

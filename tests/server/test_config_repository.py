@@ -440,5 +440,5 @@ def test_the_runner_sees_more_work_while_requests_wait_or_callers_overlap(tmp_pa
         )
         batcher = make_batcher(mv)  # type: ignore[arg-type]
         assert not runner.more_work_queued()
-        batcher.traffic_overlaps = lambda: True  # type: ignore[method-assign]
+        batcher.callers_overlap = lambda: True  # type: ignore[method-assign]
         assert runner.more_work_queued()
