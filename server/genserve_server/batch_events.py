@@ -7,11 +7,13 @@ from typing import Protocol
 
 from genserve_server.batch_parts import Lane
 
-# Why a batch closed (genserve_batches_closed_total{reason}): it reached its row limit; it went at
+# Why a batch closed (genserve_batches_closed_total{reason}): it reached its row limit; it reached
+# its share of the rows beside a running batch (batcher.Batcher._side_by_side_share); it went at
 # once (nothing suggested more rows were coming: an idle runner at concurrency 1, or no sign of
 # callers); every caller in the server was queued; its window ended; it held a preferred size
 # that waiting would not grow; a bulk batch gave way to an interactive request.
 CLOSED_FULL = "full"
+CLOSED_SHARED = "shared"
 CLOSED_AT_ONCE = "at_once"
 CLOSED_ALL_QUEUED = "all_queued"
 CLOSED_WINDOW = "window"
@@ -19,6 +21,7 @@ CLOSED_PREFERRED = "preferred"
 CLOSED_YIELDED = "yielded"
 BATCH_CLOSE_REASONS = (
     CLOSED_FULL,
+    CLOSED_SHARED,
     CLOSED_AT_ONCE,
     CLOSED_ALL_QUEUED,
     CLOSED_WINDOW,

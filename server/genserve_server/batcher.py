@@ -45,6 +45,7 @@ from genserve_server.batch_events import (
     CLOSED_AT_ONCE,
     CLOSED_FULL,
     CLOSED_PREFERRED,
+    CLOSED_SHARED,
     CLOSED_WINDOW,
     CLOSED_YIELDED,
     BatchObserver,
@@ -163,6 +164,7 @@ class Batcher:
         self._concurrency = concurrency
         self._bulk_in_flight = 0
         self._batches_in_flight = 0
+        self._interactive_rows_in_flight = 0  # rows of the INTERACTIVE batches running now
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -394,6 +396,8 @@ class Batcher:
                 self._slots.release()
                 continue
             self._batches_in_flight += 1
+            if parts[0].request.lane == Lane.INTERACTIVE:
+                self._interactive_rows_in_flight += sum(p.rows for p in parts)
             if parts[0].request.lane == Lane.BULK:
                 self._bulk_in_flight += 1
             task = asyncio.get_running_loop().create_task(self._execute(parts))
@@ -431,11 +435,15 @@ class Batcher:
         for bulk, the time budgets)."""
         return self._batch_limit(lane, key)
 
-    def _batch_limit(self, lane: Lane, key: Hashable) -> int:
-        """Rows a batch of `lane` and `key` may take now (see bulk_budget_s and bulk_idle_budget_s)."""
+    def _batch_limit(self, lane: Lane, key: Hashable, *, shared: bool = True) -> int:
+        """Rows a batch of `lane` and `key` may take now (see bulk_budget_s and bulk_idle_budget_s;
+        `shared`: and _side_by_side_share)."""
         largest = self.max_batch_size
         if self._rows_limit is not None:
             largest = max(1, min(largest, self._rows_limit(key)))
+        share = self._side_by_side_share(lane, key) if shared else None
+        if share is not None:
+            largest = min(largest, share)
         if lane != Lane.BULK or self._row_cost_s <= 0.0:
             return largest
         interactive = time.monotonic() - self._last_interactive_at < self.interactive_quiet_s
@@ -449,6 +457,26 @@ class Batcher:
         server: concurrent callers, so a batch that starts now will soon have another beside it.
         Never at concurrency 1, nor for a lone caller beside a bulk SampleStream."""
         return time.monotonic() - self._callers_overlapped_at <= OVERLAP_MEMORY_S
+
+    def _side_by_side_share(self, lane: Lane, key: Hashable) -> int | None:
+        """The most rows an interactive batch that starts beside running ones may take: its even
+        share of those rows and the queued ones, over the runner's instances (None: no cap).
+
+        Without it, a closed loop settles into batches of very different sizes side by side (one of
+        40 rows and one of 5 at c=64): the small one's callers come back and go again several times
+        while the large one runs, overtaking it, so the large one's callers see several times their
+        latency (bench-dcgan-64 at c=64: p99/p50 1.7-2.1; shared, 1.3). Rows left by the cap go in the
+        next batch, which the first instance to finish takes. Not where the runner pads a batch to a
+        captured size (preferred_batch_sizes): there two halves cost twice one full batch."""
+        if (
+            lane != Lane.INTERACTIVE
+            or self._concurrency < 2
+            or not self._interactive_rows_in_flight
+            or self.preferred_batch_sizes
+        ):
+            return None
+        queued = self._rows_by_key.get((lane, key), 0)
+        return max(1, -(-(queued + self._interactive_rows_in_flight) // self._concurrency))
 
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
@@ -502,7 +530,13 @@ class Batcher:
                 return []
             lane, key = picked
         if reason is None:  # filled up, or went without waiting (nothing expected, or closing)
-            reason = CLOSED_FULL if self._rows_by_key.get(waited_for, 0) >= limit else CLOSED_AT_ONCE
+            queued = self._rows_by_key.get(waited_for, 0)
+            if queued < limit:
+                reason = CLOSED_AT_ONCE
+            elif queued < self._batch_limit(*waited_for, shared=False):
+                reason = CLOSED_SHARED
+            else:
+                reason = CLOSED_FULL
         parts = self._take(lane, key)
         if parts:
             self._observer.on_batch_closed(reason)
@@ -595,6 +629,8 @@ class Batcher:
                 await self._isolate(parts, error)
         finally:
             self._batches_in_flight -= 1
+            if parts[0].request.lane == Lane.INTERACTIVE:
+                self._interactive_rows_in_flight -= sum(p.rows for p in parts)
             if parts[0].request.lane == Lane.BULK:
                 self._bulk_in_flight -= 1
                 self._available.set()  # a dispatcher holding bulk back may go on

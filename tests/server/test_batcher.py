@@ -269,6 +269,33 @@ def test_each_batch_reports_why_it_closed() -> None:
     run(body())
 
 
+def test_a_batch_beside_a_running_one_takes_its_even_share_of_the_rows() -> None:
+    """With two instances, a batch formed while another runs takes at most half of the rows running
+    and queued (closed 'shared'); the rest go in the next batch. One instance: no cap."""
+
+    async def body(concurrency: int) -> tuple[list[int], list[str]]:
+        model = FakeModel()
+        batcher, recorder = make(model, max_batch_size=16, concurrency=concurrency)
+        model.gate = gate = asyncio.Event()
+        blocker = asyncio.ensure_future(batcher.submit("k", rows(-1, -2, -3, -4), 4))
+        await model.started.wait()  # four rows run, held on the gate
+        big = asyncio.ensure_future(batcher.submit("k", rows(*range(10)), 10))
+        if concurrency > 1:  # the free instance runs its share while the four rows are held
+            await until(lambda: len(model.batches) == 3, "the ten rows computed beside the held batch")
+        gate.set()
+        await asyncio.gather(blocker, big)
+        np.testing.assert_array_equal(big.result().outputs["y"], 10 * np.arange(10))
+        await batcher.close(1)
+        return [len(x) for _, x in model.batches], recorder.closed
+
+    sizes, closed = asyncio.run(asyncio.wait_for(body(2), 10))
+    assert sizes == [4, 7, 3]  # ceil((10 + 4) / 2) = 7, then ceil((3 + 4) / 2) = 4 >= the 3 left
+    assert closed == ["at_once", "shared", "at_once"]
+    sizes, closed = asyncio.run(asyncio.wait_for(body(1), 10))
+    assert sizes == [4, 10]
+    assert "shared" not in closed
+
+
 def test_window_collects_rows_that_arrive_within_it() -> None:
     async def body() -> None:
         model = FakeModel()
