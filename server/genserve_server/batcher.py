@@ -124,6 +124,7 @@ class Batcher:
         rows_limit: Callable[[Hashable], int] | None = None,
         run_bulk_batch: RunBatch | None = None,
         preferred_batch_sizes: tuple[int, ...] = (),
+        share_side_by_side: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -136,6 +137,9 @@ class Batcher:
         # Rows a batch of one compatibility key may take at most (e.g. fewer rows of larger images:
         # loader.rows_within_pixels); None = max_batch_size for every key.
         self._rows_limit = rows_limit
+        # Whether a batch that starts beside running ones is capped to its even share of the rows
+        # (_side_by_side_share): where a batch's compute grows with its rows (the CPU).
+        self.share_side_by_side = share_side_by_side
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         # Sizes a batch may close at before its window ends (closes_at_preferred); () = none: the
@@ -466,13 +470,14 @@ class Batcher:
         40 rows and one of 5 at c=64): the small one's callers come back and go again several times
         while the large one runs, overtaking it, so the large one's callers see several times their
         latency (bench-dcgan-64 at c=64: p99/p50 1.7-2.1; shared, 1.3). Rows left by the cap go in the
-        next batch, which the first instance to finish takes. Not where the runner pads a batch to a
-        captured size (preferred_batch_sizes): there two halves cost twice one full batch."""
+        next batch, which the first instance to finish takes. Only with share_side_by_side (the
+        loader: CPU sessions without padding): on a GPU a batch's time hardly grows with its rows,
+        and where the runner pads to captured sizes, two halves cost two full batches."""
         if (
-            lane != Lane.INTERACTIVE
+            not self.share_side_by_side
+            or lane != Lane.INTERACTIVE
             or self._concurrency < 2
             or not self._interactive_rows_in_flight
-            or self.preferred_batch_sizes
         ):
             return None
         queued = self._rows_by_key.get((lane, key), 0)

@@ -279,6 +279,8 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         interactive_quiet_s=mv.config.batching.interactive_quiet_s,
         efficient_batch_size=mv.efficient_batch_size,
         rows_limit=rows_limit,
+        # A batch's compute grows with its rows on the CPU only (Batcher._side_by_side_share).
+        share_side_by_side=mv.runner.provider == "CPUExecutionProvider" and not pads,
     )
     # Background bulk batches yield their cores to a solo call; other bulk rows would not. Concurrent
     # interactive callers mean the next batch will start beside this one before long: a solo call

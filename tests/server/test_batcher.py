@@ -275,7 +275,7 @@ def test_a_batch_beside_a_running_one_takes_its_even_share_of_the_rows() -> None
 
     async def body(concurrency: int) -> tuple[list[int], list[str]]:
         model = FakeModel()
-        batcher, recorder = make(model, max_batch_size=16, concurrency=concurrency)
+        batcher, recorder = make(model, max_batch_size=16, concurrency=concurrency, share_side_by_side=True)
         model.gate = gate = asyncio.Event()
         blocker = asyncio.ensure_future(batcher.submit("k", rows(-1, -2, -3, -4), 4))
         await model.started.wait()  # four rows run, held on the gate

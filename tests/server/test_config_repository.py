@@ -407,7 +407,9 @@ def test_preferred_sizes_reach_the_batcher_only_where_the_runner_pads_batches(tm
         ("io_binding", ()),
         ("cuda_graph", config.batching.preferred_batch_sizes),
     ):
-        runner = SimpleNamespace(mode=mode, run=None, run_bulk=None, background_bulk=False)
+        runner = SimpleNamespace(
+            mode=mode, run=None, run_bulk=None, background_bulk=False, provider="CPUExecutionProvider"
+        )
         mv = SimpleNamespace(
             runner=runner,
             config=config,
@@ -417,6 +419,30 @@ def test_preferred_sizes_reach_the_batcher_only_where_the_runner_pads_batches(tm
             efficient_batch_size=None,
         )
         assert make_batcher(mv).preferred_batch_sizes == tuple(expected), mode  # type: ignore[arg-type]
+
+
+def test_batches_side_by_side_share_rows_only_on_cpu_sessions_without_padding(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from genserve_server.loader import make_batcher
+
+    write_tiny_generator(tmp_path)
+    config = load_model_config(tmp_path / "gen" / "config.json")
+    for provider, mode, expected in (
+        ("CPUExecutionProvider", "plain", True),
+        ("CUDAExecutionProvider", "plain", False),  # a GPU call costs about the same for 1 or 64 rows
+        ("CUDAExecutionProvider", "cuda_graph", False),
+    ):
+        runner = SimpleNamespace(mode=mode, run=None, run_bulk=None, background_bulk=False, provider=provider)
+        mv = SimpleNamespace(
+            runner=runner,
+            config=config,
+            label="m",
+            metrics=Metrics(enabled=False).unresolved(),
+            card=None,
+            efficient_batch_size=None,
+        )
+        assert make_batcher(mv).share_side_by_side == expected, (provider, mode)  # type: ignore[arg-type]
 
 
 def test_the_runner_sees_more_work_while_requests_wait_or_callers_overlap(tmp_path: Path) -> None:
@@ -429,7 +455,13 @@ def test_the_runner_sees_more_work_while_requests_wait_or_callers_overlap(tmp_pa
     write_tiny_generator(tmp_path)
     config = load_model_config(tmp_path / "gen" / "config.json")
     for background_bulk in (False, True):
-        runner = SimpleNamespace(mode="plain", run=None, run_bulk=None, background_bulk=background_bulk)
+        runner = SimpleNamespace(
+            mode="plain",
+            run=None,
+            run_bulk=None,
+            background_bulk=background_bulk,
+            provider="CPUExecutionProvider",
+        )
         mv = SimpleNamespace(
             runner=runner,
             config=config,
