@@ -278,7 +278,9 @@ class Batcher:
             )
         if lane == Lane.INTERACTIVE:
             self._last_interactive_at = now
-            if self.callers > 1:
+            # Another tracked caller with interactive rows in the server (a unary BULK caller beside
+            # a lone interactive one does not make it concurrent traffic).
+            if self.callers > 1 and (self.queued_interactive_rows or self._interactive_rows_in_flight):
                 self._callers_overlapped_at = now
         self._arrivals.arrived(now, n_rows, self.callers, self._queued_requests)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
@@ -481,7 +483,8 @@ class Batcher:
         ):
             return None
         queued = self._rows_by_key.get((lane, key), 0)
-        return max(1, -(-(queued + self._interactive_rows_in_flight) // self._concurrency))
+        instances = max(1, self._concurrency - self._bulk_in_flight)  # those bulk batches hold are not shared
+        return max(1, -(-(queued + self._interactive_rows_in_flight) // instances))
 
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
@@ -506,7 +509,10 @@ class Batcher:
         if rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
-            while (queued := self._rows_by_key.get((lane, key), 0)) < limit and not self._closing:
+            # The limit is read again each turn: a side-by-side share ends with the batch beside it.
+            while (queued := self._rows_by_key.get((lane, key), 0)) < (
+                limit := self._batch_limit(lane, key)
+            ) and not self._closing:
                 if self.callers and not self._more_expected():
                     reason = CLOSED_ALL_QUEUED
                     break  # every caller in the server is queued: nobody else is about to send
@@ -536,12 +542,13 @@ class Batcher:
             lane, key = picked
         if reason is None:  # filled up, or went without waiting (nothing expected, or closing)
             queued = self._rows_by_key.get(waited_for, 0)
-            if queued < limit:
-                reason = CLOSED_AT_ONCE
-            elif queued < self._batch_limit(*waited_for, shared=False):
+            share = self._side_by_side_share(*waited_for)
+            if queued >= self._batch_limit(*waited_for, shared=False):
+                reason = CLOSED_FULL
+            elif share is not None and queued >= share:
                 reason = CLOSED_SHARED
             else:
-                reason = CLOSED_FULL
+                reason = CLOSED_AT_ONCE
         parts = self._take(lane, key)
         if parts:
             self._observer.on_batch_closed(reason)

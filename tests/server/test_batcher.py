@@ -201,8 +201,8 @@ def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_re
 
 def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stream() -> None:
     """The runner's solo-session rule reads this (loader: more_work_queued): a lone caller never
-    overlaps, not even beside a bulk SampleStream's rows (untracked), concurrent callers do, and the
-    signal ends OVERLAP_MEMORY_S after the last overlap."""
+    overlaps, not even beside a bulk SampleStream (untracked) or a unary bulk caller; concurrent
+    callers do, and the signal ends OVERLAP_MEMORY_S after the last overlap."""
 
     async def body() -> None:
         batcher, _ = make(FakeModel(), max_batch_size=8, max_queue_delay_s=0.01)
@@ -210,6 +210,11 @@ def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stre
         for i in range(5):  # closed loop at concurrency 1
             await tracked_submit(batcher, i)
         await asyncio.gather(*stream)
+        assert not batcher.callers_overlap()
+        batcher.callers += 1  # a unary BULK caller in the server: no interactive rows of its own
+        for i in range(3):
+            await tracked_submit(batcher, i)
+        batcher.callers -= 1
         assert not batcher.callers_overlap()
         await asyncio.gather(*(tracked_submit(batcher, i) for i in range(40)))
         assert batcher.callers_overlap()
@@ -285,6 +290,7 @@ def test_a_batch_beside_a_running_one_takes_its_even_share_of_the_rows() -> None
         gate.set()
         await asyncio.gather(blocker, big)
         np.testing.assert_array_equal(big.result().outputs["y"], 10 * np.arange(10))
+        assert batcher._interactive_rows_in_flight == 0  # every batch's rows counted out again
         await batcher.close(1)
         return [len(x) for _, x in model.batches], recorder.closed
 
