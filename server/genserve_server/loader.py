@@ -282,15 +282,12 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         # A batch's compute grows with its rows on the CPU only (Batcher._side_by_side_share).
         share_side_by_side=mv.runner.provider == "CPUExecutionProvider" and not pads,
     )
-    # Background bulk batches yield their cores to a solo call; other bulk rows would not. Concurrent
-    # interactive callers mean the next batch will start beside this one before long: a solo call
-    # would then share the cores with it, and with the event loop that serves them, for its whole
-    # duration (under a closed loop of 32 that made most batches solo calls 2-6x slower than inline
-    # ones, finishing after batches formed later: bench/profile.md, thirteenth round).
+    # Background bulk batches yield their cores to a solo call; other bulk rows would not.
     if mv.runner.background_bulk:
-        mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0 or batcher.callers_overlap()
+        mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0
     else:
-        mv.runner.more_work_queued = lambda: batcher.queued_rows > 0 or batcher.callers_overlap()
+        mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
+    mv.runner.callers_overlap = batcher.callers_overlap
     return batcher
 
 

@@ -192,12 +192,14 @@ class Runner:
         # Batches running on the normal-priority pool threads now (not background bulk calls: their
         # SCHED_IDLE threads yield the cores to a solo call, see run_bulk).
         self._running = 0
-        # Set by the owner (loader.make_batcher: interactive rows wait in the batcher, or concurrent
-        # callers keep arriving). A batch goes to the solo session only while nothing else runs and
-        # no other work is on its way: otherwise the next batch would start beside it on the other
-        # instance, and a multi-threaded call would share the cores with it (and with the event
-        # loop) for its whole (possibly long) duration.
+        # Set by the owner (loader.make_batcher: interactive rows wait in the batcher). A batch goes
+        # to the solo session only while nothing else runs and nothing waits: otherwise the next
+        # batch would start beside it on the other instance, and a multi-threaded call would share
+        # the cores with it for its whole (possibly long) duration.
         self.more_work_queued: Callable[[], bool] = lambda: False
+        # Set by the owner too (Batcher.callers_overlap): concurrent interactive callers lately. See
+        # _runs_inline.
+        self.callers_overlap: Callable[[], bool] = lambda: False
         self._running_lock = threading.Lock()
         self.solo_session: ort.InferenceSession | None = None
         if (
@@ -432,9 +434,19 @@ class Runner:
         # for the GIL the busy event loop holds (up to Python's 5-ms switch interval at a time) --
         # unless the pool would run it on the solo session, on every core (nothing else running or
         # waiting: concurrency 1), which computes a mid-size batch faster (bench/profile.md, ninth round).
+        # Not while callers overlap: a batch that has just taken every queued row finds nothing
+        # waiting, but under a closed loop of 32 such solo calls shared the cores with the loop and
+        # the next batch and ran 2-6x slower than inline, finishing after batches formed later
+        # (bench/profile.md, thirteenth round). Larger batches keep the solo session whenever it is
+        # free (_call_pooled): at c=2 a mid-size model's pair of rows computes faster on all cores.
         # The model call and the outputs' conversion both hold the loop here (SR's uint8 pixels).
         busy_s = self._fastest_with_outputs_s.get(signature, cost_s)
-        solo_would_run = self.solo_session is not None and self._running == 0 and not self.more_work_queued()
+        solo_would_run = (
+            self.solo_session is not None
+            and self._running == 0
+            and not self.more_work_queued()
+            and not self.callers_overlap()
+        )
         return self.inline_max_s > 0 and busy_s <= INLINE_BUSY_MAX_S and not solo_would_run
 
     async def run_bulk(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:

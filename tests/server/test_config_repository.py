@@ -445,9 +445,9 @@ def test_batches_side_by_side_share_rows_only_on_cpu_sessions_without_padding(tm
         assert make_batcher(mv).share_side_by_side == expected, (provider, mode)  # type: ignore[arg-type]
 
 
-def test_the_runner_sees_more_work_while_requests_wait_or_callers_overlap(tmp_path: Path) -> None:
-    """The solo-session rule's input (runner.more_work_queued): rows waiting, or concurrent callers
-    whose next batch will start beside this one; with background bulk, bulk rows do not count."""
+def test_the_runner_reads_queued_rows_and_concurrent_callers_off_its_batcher(tmp_path: Path) -> None:
+    """The solo-session rule's inputs: runner.more_work_queued (rows waiting; with background bulk,
+    interactive rows only) and runner.callers_overlap (Batcher.callers_overlap)."""
     from types import SimpleNamespace
 
     from genserve_server.loader import make_batcher
@@ -472,5 +472,4 @@ def test_the_runner_sees_more_work_while_requests_wait_or_callers_overlap(tmp_pa
         )
         batcher = make_batcher(mv)  # type: ignore[arg-type]
         assert not runner.more_work_queued()
-        batcher.callers_overlap = lambda: True  # type: ignore[method-assign]
-        assert runner.more_work_queued()
+        assert runner.callers_overlap == batcher.callers_overlap

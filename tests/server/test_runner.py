@@ -100,23 +100,25 @@ def test_a_batch_up_to_the_busy_limit_runs_inline_unless_the_solo_session_would_
     tmp_path: Path,
 ) -> None:
     """A measured batch above inline_max_s but within INLINE_BUSY_MAX_S runs on the loop, except when
-    the pool would run it alone on the all-cores solo session (nothing running, nothing queued);
-    inline_max_s = 0 keeps every batch on the pool."""
+    the pool would run it alone on the all-cores solo session (nothing running, nothing queued, no
+    concurrent callers); inline_max_s = 0 keeps every batch on the pool."""
     from genserve_server.runner import INLINE_BUSY_MAX_S
 
     z = np.zeros((2, TINY_LATENT), np.float32)
     inputs = {"z": z, "label": np.zeros(2, np.int64)}
     cases = (
-        # (inline_max_s, instances, solo threads, rows queued, expected)
-        (1e-9, 1, 0, False, "loop"),  # no solo session: the loop
-        (1e-9, 2, 2, False, "pool"),  # the solo session would take it: the pool
-        (1e-9, 2, 2, True, "loop"),  # rows wait: no solo session for it, the loop
-        (0.0, 1, 0, True, "pool"),  # always the pool
+        # (inline_max_s, instances, solo threads, rows queued, callers overlap, expected)
+        (1e-9, 1, 0, False, False, "loop"),  # no solo session: the loop
+        (1e-9, 2, 2, False, False, "pool"),  # the solo session would take it: the pool
+        (1e-9, 2, 2, True, False, "loop"),  # rows wait: no solo session for it, the loop
+        (1e-9, 2, 2, False, True, "loop"),  # concurrent callers: the next batch is near, the loop
+        (0.0, 1, 0, True, False, "pool"),  # always the pool
     )
-    for inline_max_s, instances, solo, queued, expected in cases:
+    for inline_max_s, instances, solo, queued, overlap, expected in cases:
         runner = make_runner(tmp_path, inline_max_s=inline_max_s, instances=instances, solo_threads=solo)
         runner.warm(inputs)  # measures this signature: far below INLINE_BUSY_MAX_S, above 1 ns
         runner.more_work_queued = lambda queued=queued: queued  # type: ignore[misc]
+        runner.callers_overlap = lambda overlap=overlap: overlap  # type: ignore[misc]
         threads = record_threads(runner)
         asyncio.run(runner.run(LatentRows(), inputs))
         assert (threads[0] == "MainThread") == (expected == "loop"), (
