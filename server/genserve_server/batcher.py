@@ -190,8 +190,8 @@ class Batcher:
         self.bulk_idle_budget_s = bulk_idle_budget_s
         self.interactive_quiet_s = interactive_quiet_s
         self._last_interactive_at = -math.inf
-        # Last time an interactive request arrived while another tracked caller was in the server
-        # (concurrent callers; SampleStreams are not tracked callers): see callers_overlap.
+        # Last time an interactive request arrived while more tracked callers than runner instances
+        # were in the server (SampleStreams are not tracked callers): see callers_overlap.
         self._callers_overlapped_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
         # Batches formed and requests admitted so far: the round-robin turns (PendingRequest.turn).
@@ -278,9 +278,10 @@ class Batcher:
             )
         if lane == Lane.INTERACTIVE:
             self._last_interactive_at = now
-            # Another tracked caller with interactive rows in the server (a unary BULK caller beside
-            # a lone interactive one does not make it concurrent traffic).
-            if self.callers > 1 and (self.queued_interactive_rows or self._interactive_rows_in_flight):
+            # More callers than instances, other interactive rows among them (a unary BULK caller
+            # beside a lone interactive one does not make it concurrent traffic).
+            crowded = self.callers > max(1, self._concurrency)
+            if crowded and (self.queued_interactive_rows or self._interactive_rows_in_flight):
                 self._callers_overlapped_at = now
         self._arrivals.arrived(now, n_rows, self.callers, self._queued_requests)
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
@@ -459,9 +460,11 @@ class Batcher:
         return max(1, min(largest, int(budget_s / self._row_cost_s)))
 
     def callers_overlap(self) -> bool:
-        """Whether interactive requests have lately (OVERLAP_MEMORY_S) found other callers in the
-        server: concurrent callers, so a batch that starts now will soon have another beside it.
-        Never at concurrency 1, nor for a lone caller beside a bulk SampleStream."""
+        """Whether interactive requests have lately (OVERLAP_MEMORY_S) found more callers in the
+        server than the runner has instances: a batch that starts now will soon have another beside
+        it. Never for callers no more than the instances (c=2 on two instances: a closed-loop pair
+        shares one batch, which the solo session computes fastest), nor for a lone caller beside a
+        bulk SampleStream or a unary bulk caller."""
         return time.monotonic() - self._callers_overlapped_at <= OVERLAP_MEMORY_S
 
     def _side_by_side_share(self, lane: Lane, key: Hashable) -> int | None:

@@ -201,11 +201,12 @@ def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_re
 
 def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stream() -> None:
     """The runner's solo-session rule reads this (loader: more_work_queued): a lone caller never
-    overlaps, not even beside a bulk SampleStream (untracked) or a unary bulk caller; concurrent
-    callers do, and the signal ends OVERLAP_MEMORY_S after the last overlap."""
+    overlaps, not even beside a bulk SampleStream (untracked) or a unary bulk caller, nor do as many
+    callers as instances; more concurrent callers do, and the signal ends OVERLAP_MEMORY_S after the
+    last overlap."""
 
     async def body() -> None:
-        batcher, _ = make(FakeModel(), max_batch_size=8, max_queue_delay_s=0.01)
+        batcher, _ = make(FakeModel(), max_batch_size=8, max_queue_delay_s=0.01, concurrency=2)
         stream = [asyncio.ensure_future(batcher.submit("k", rows(i), 1, lane=Lane.BULK)) for i in range(20)]
         for i in range(5):  # closed loop at concurrency 1
             await tracked_submit(batcher, i)
@@ -215,6 +216,8 @@ def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stre
         for i in range(3):
             await tracked_submit(batcher, i)
         batcher.callers -= 1
+        assert not batcher.callers_overlap()
+        await asyncio.gather(*(tracked_submit(batcher, i) for i in range(2)))  # callers = instances
         assert not batcher.callers_overlap()
         await asyncio.gather(*(tracked_submit(batcher, i) for i in range(40)))
         assert batcher.callers_overlap()
