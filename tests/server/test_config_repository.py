@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model, write_tiny_generator
@@ -394,82 +395,59 @@ def test_client_visible_reasons_name_the_model_file_but_not_the_servers_paths(tm
     assert repo.redact("models: a, b") == "models: a, b"  # only the location, not the word
 
 
-def test_preferred_sizes_reach_the_batcher_only_where_the_runner_pads_batches(tmp_path: Path) -> None:
+def batcher_of_a_fake_version(tmp_path: Path, **runner_fields: Any) -> tuple[Any, Any]:
+    """(make_batcher's batcher, the fake runner) for the tiny generator's config.json and a runner
+    that has only what make_batcher reads; runner_fields override mode, provider, background_bulk."""
     from types import SimpleNamespace
 
     from genserve_server.loader import make_batcher
 
-    write_tiny_generator(tmp_path)
+    if not (tmp_path / "gen" / "config.json").exists():
+        write_tiny_generator(tmp_path)
     config = load_model_config(tmp_path / "gen" / "config.json")
-    assert config.batching.preferred_batch_sizes  # the default lists sizes
-    for mode, expected in (
-        ("plain", ()),
-        ("io_binding", ()),
-        ("cuda_graph", config.batching.preferred_batch_sizes),
-    ):
-        runner = SimpleNamespace(
-            mode=mode, run=None, run_bulk=None, background_bulk=False, provider="CPUExecutionProvider"
-        )
-        mv = SimpleNamespace(
-            runner=runner,
-            config=config,
-            label="m",
-            metrics=Metrics(enabled=False).unresolved(),
-            card=None,
-            efficient_batch_size=None,
-        )
-        assert make_batcher(mv).preferred_batch_sizes == tuple(expected), mode  # type: ignore[arg-type]
+    fields: dict[str, Any] = {
+        "mode": "plain",
+        "run": None,
+        "run_bulk": None,
+        "background_bulk": False,
+        "provider": "CPUExecutionProvider",
+    }
+    fields.update(runner_fields)
+    runner = SimpleNamespace(**fields)
+    mv = SimpleNamespace(
+        runner=runner,
+        config=config,
+        label="m",
+        metrics=Metrics(enabled=False).unresolved(),
+        card=None,
+        efficient_batch_size=None,
+    )
+    return make_batcher(mv), runner  # type: ignore[arg-type]
+
+
+def test_preferred_sizes_reach_the_batcher_only_where_the_runner_pads_batches(tmp_path: Path) -> None:
+    write_tiny_generator(tmp_path)
+    preferred = load_model_config(tmp_path / "gen" / "config.json").batching.preferred_batch_sizes
+    assert preferred  # the default lists sizes
+    for mode, expected in (("plain", ()), ("io_binding", ()), ("cuda_graph", preferred)):
+        batcher, _ = batcher_of_a_fake_version(tmp_path, mode=mode)
+        assert batcher.preferred_batch_sizes == tuple(expected), mode
 
 
 def test_batches_side_by_side_share_rows_only_on_cpu_sessions_without_padding(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from genserve_server.loader import make_batcher
-
-    write_tiny_generator(tmp_path)
-    config = load_model_config(tmp_path / "gen" / "config.json")
     for provider, mode, expected in (
         ("CPUExecutionProvider", "plain", True),
         ("CUDAExecutionProvider", "plain", False),  # a GPU call costs about the same for 1 or 64 rows
         ("CUDAExecutionProvider", "cuda_graph", False),
     ):
-        runner = SimpleNamespace(mode=mode, run=None, run_bulk=None, background_bulk=False, provider=provider)
-        mv = SimpleNamespace(
-            runner=runner,
-            config=config,
-            label="m",
-            metrics=Metrics(enabled=False).unresolved(),
-            card=None,
-            efficient_batch_size=None,
-        )
-        assert make_batcher(mv).share_side_by_side == expected, (provider, mode)  # type: ignore[arg-type]
+        batcher, _ = batcher_of_a_fake_version(tmp_path, mode=mode, provider=provider)
+        assert batcher.share_side_by_side == expected, (provider, mode)
 
 
 def test_the_runner_reads_queued_rows_and_concurrent_callers_off_its_batcher(tmp_path: Path) -> None:
     """The solo-session rule's inputs: runner.more_work_queued (rows waiting; with background bulk,
     interactive rows only) and runner.callers_overlap (Batcher.callers_overlap)."""
-    from types import SimpleNamespace
-
-    from genserve_server.loader import make_batcher
-
-    write_tiny_generator(tmp_path)
-    config = load_model_config(tmp_path / "gen" / "config.json")
     for background_bulk in (False, True):
-        runner = SimpleNamespace(
-            mode="plain",
-            run=None,
-            run_bulk=None,
-            background_bulk=background_bulk,
-            provider="CPUExecutionProvider",
-        )
-        mv = SimpleNamespace(
-            runner=runner,
-            config=config,
-            label="m",
-            metrics=Metrics(enabled=False).unresolved(),
-            card=None,
-            efficient_batch_size=None,
-        )
-        batcher = make_batcher(mv)  # type: ignore[arg-type]
+        batcher, runner = batcher_of_a_fake_version(tmp_path, background_bulk=background_bulk)
         assert not runner.more_work_queued()
         assert runner.callers_overlap == batcher.callers_overlap
