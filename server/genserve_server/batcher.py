@@ -403,10 +403,10 @@ class Batcher:
                 self._slots.release()
                 continue
             self._batches_in_flight += 1
-            if parts[0].request.lane == Lane.INTERACTIVE:
-                self._interactive_rows_in_flight += sum(p.rows for p in parts)
             if parts[0].request.lane == Lane.BULK:
                 self._bulk_in_flight += 1
+            else:
+                self._interactive_rows_in_flight += sum(p.rows for p in parts)
             task = asyncio.get_running_loop().create_task(self._execute(parts))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -644,11 +644,11 @@ class Batcher:
                 await self._isolate(parts, error)
         finally:
             self._batches_in_flight -= 1
-            if parts[0].request.lane == Lane.INTERACTIVE:
-                self._interactive_rows_in_flight -= sum(p.rows for p in parts)
             if parts[0].request.lane == Lane.BULK:
                 self._bulk_in_flight -= 1
                 self._available.set()  # a dispatcher holding bulk back may go on
+            else:
+                self._interactive_rows_in_flight -= sum(p.rows for p in parts)
             self._slots.release()
         # After the slot is free: the dispatcher, woken first, picks what waited (a bulk batch)
         # before a closed-loop caller woken by its result can queue ahead of it again.

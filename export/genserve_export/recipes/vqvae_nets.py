@@ -98,6 +98,17 @@ class ResBlock(nn.Module):
         return out
 
 
+def _top_codes_to_14x14(width: int) -> list[nn.Module]:
+    """Quantised top codes [N, CODE_DIM, 7, 7] -> features [N, width, 14, 14]: the VQ-VAE's path from
+    the top grid to the bottom one, and the first half of TopOnlyDecoder (separate weights)."""
+    return [
+        nn.Conv2d(CODE_DIM, width, 3, padding=1),
+        ResBlock(width),
+        nn.ReLU(),
+        nn.ConvTranspose2d(width, width, 4, 2, 1),
+    ]
+
+
 class VqVae2(nn.Module):
     """Two-level VQ-VAE for 28x28 gray digits: top codes 7x7 (k_top), bottom codes 14x14 (k_bottom)."""
 
@@ -109,12 +120,8 @@ class VqVae2(nn.Module):
         self.encode_top = nn.Sequential(
             nn.Conv2d(width, width, 4, 2, 1), ResBlock(width), nn.ReLU(), nn.Conv2d(width, CODE_DIM, 1)
         )  # 7x7
-        self.top_to_bottom = nn.Sequential(
-            nn.Conv2d(CODE_DIM, width, 3, padding=1),
-            ResBlock(width),
-            nn.ReLU(),
-            nn.ConvTranspose2d(width, width, 4, 2, 1),
-        )  # 14x14, joins the bottom features before bottom quantisation
+        # 14x14, joins the bottom features before bottom quantisation
+        self.top_to_bottom = nn.Sequential(*_top_codes_to_14x14(width))
         self.pre_bottom = nn.Conv2d(2 * width, CODE_DIM, 1)
         self.upsample_top = nn.ConvTranspose2d(CODE_DIM, CODE_DIM, 4, 2, 1)
         self.decode = nn.Sequential(
@@ -158,10 +165,7 @@ class TopOnlyDecoder(nn.Module):
     def __init__(self, width: int = WIDTH) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(CODE_DIM, width, 3, padding=1),
-            ResBlock(width),
-            nn.ReLU(),
-            nn.ConvTranspose2d(width, width, 4, 2, 1),
+            *_top_codes_to_14x14(width),
             nn.ReLU(),
             nn.ConvTranspose2d(width, width, 4, 2, 1),
             nn.ReLU(),
