@@ -78,6 +78,9 @@ class Limits:
     max_concurrent_rpcs: int = 1024
     # HTTP/2 streams per connection (grpc.max_concurrent_streams).
     max_concurrent_streams: int = 1024
+    # New calls of each generation method the server stands ready to accept in one event-loop turn
+    # (accept.py); 1: grpc.aio's own accept, one call per method per turn.
+    accept_depth: int = 32
     # SampleStream + SampleCodesStream calls at once (bulk jobs); beyond it RESOURCE_EXHAUSTED.
     max_concurrent_sample_streams: int = 64
     # --- admission.py and the gRPC server's connection options (docs/operations.md, "Admission")
@@ -207,6 +210,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         max_stream_images=lr.integer("max_stream_images", d.max_stream_images, min_value=1),
         max_concurrent_rpcs=lr.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, min_value=1),
         max_concurrent_streams=lr.integer("max_concurrent_streams", d.max_concurrent_streams, min_value=1),
+        accept_depth=lr.integer("accept_depth", d.accept_depth, min_value=1),
         max_concurrent_sample_streams=lr.integer(
             "max_concurrent_sample_streams", d.max_concurrent_sample_streams, min_value=1
         ),

@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
-from genserve_server import event_loop, kserve, probe, security
+from genserve_server import accept, event_loop, kserve, probe, security
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
@@ -45,7 +45,7 @@ from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.heap import freeze_startup_heap
-from genserve_server.limits import GuardedRegistrar, guard_malformed
+from genserve_server.limits import GuardedRegistrar, Handler, guard_malformed
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
 from genserve_server.reload import Reloader
@@ -60,6 +60,10 @@ logger = logging.getLogger("genserve_server")
 # OpenTelemetry), so genserve can run on a node beside them (docs/metrics.md).
 DEFAULT_METRICS_PORT = 50052
 
+GENERATION_SERVICES = (
+    genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    kserve.service_name(),
+)
 SERVICE_NAMES = (
     genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -165,10 +169,8 @@ class App:
         )
         # No grpc maximum_concurrent_rpcs: it counted every call from its headers on, health included;
         # admission.py limits each class of RPC apart, once its request has arrived.
-        self.server = grpc.aio.server(
-            interceptors=[*([auth] if auth is not None else []), *interceptors],
-            options=grpc_server_options(limits),
-        )
+        server_interceptors = [*([auth] if auth is not None else []), *interceptors]
+        self.server = grpc.aio.server(interceptors=server_interceptors, options=grpc_server_options(limits))
         # Admission and the malformed-bytes guard wrap each method handler once, here, instead of
         # running as interceptors on every call (limits.GuardedRegistrar).
         admission = Admission(
@@ -184,9 +186,23 @@ class App:
             control_methods=GENERATION_CONTROL,
             generation_methods=(f"/{kserve.service_name()}/ModelInfer",),
         )
-        registrar = GuardedRegistrar(
-            self.server, lambda method, handler: admission.wrap(method, guard_malformed(method, handler))
-        ).as_server()
+        # The generation methods' calls are accepted accept_depth at a time (accept.py).
+        unsupported = accept.unsupported_reason() if limits.accept_depth > 1 else None
+        if unsupported is not None:
+            logger.info("accepting one call per method per loop turn (accept_depth unused): %s", unsupported)
+
+        def hot(method: str, handler: Handler) -> bool:
+            """A unary generation method of genserve's or KServe's (ModelInfer)."""
+            service = method[1:].partition("/")[0]
+            generation = admission.classify(method) is admission.generation
+            return handler.unary_unary is not None and generation and service in GENERATION_SERVICES
+
+        guarded = GuardedRegistrar(
+            self.server,
+            lambda method, handler: admission.wrap(method, guard_malformed(method, handler)),
+            hot=hot if limits.accept_depth > 1 and unsupported is None else None,
+        )
+        registrar = guarded.as_server()
         # One core and one boundary under both servicers: rows of either protocol share batches.
         self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
         self.boundary = Boundary(self.metrics, redact=self.repository.redact)
@@ -213,6 +229,9 @@ class App:
             watch_interval_s=config.watch_interval_s,
             on_removed=self._on_model_state,
         )
+        self.acceptor = accept.Acceptor(
+            self.server, guarded.registered, server_interceptors, limits.accept_depth
+        )
         self.port = 0
         self.metrics_port = 0
         self._stop = asyncio.Event()
@@ -228,6 +247,7 @@ class App:
             await self.health.set(model.name, False)
         self.repository.add_listener(self._on_model_state)
         await self.server.start()
+        self.acceptor.start()
         await self.repository.load_all()
         self._loaded = True
         self._refresh_overall()
@@ -308,6 +328,7 @@ class App:
         self.core.begin_shutdown()
         await self.health.shutdown()
         await self.server.stop(grace_s)
+        await self.acceptor.close()
         await self.reloader.close(max(0.1, grace_s - (time.monotonic() - started)))
         await self.repository.close(max(0.1, grace_s - (time.monotonic() - started)))
         self.codec_pool.shutdown(wait=True)

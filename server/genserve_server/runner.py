@@ -74,6 +74,11 @@ BULK_THREAD_NICE = 19
 # event loop unless the pool would give it the solo session (Runner._runs_inline);
 # inline_compute_max_s = 0 (always the pool) turns this off too.
 INLINE_BUSY_MAX_S = 2e-3
+# The same bound on a CPU while callers overlap (Batcher.callers_overlap). With several calls accepted
+# per loop turn (accept.py) a tiny model's batches at c=64 grow to 30-40 rows, 2-5 ms: on a pool
+# thread beside the busy loop they computed 2.3x slower per row and finished after batches formed
+# later, so requests overtook each other by 30-45 places (bench/profile.md, fourteenth round).
+OVERLAP_INLINE_MAX_S = 5e-3
 
 _cpu_fallback_warned = False
 _cpu_fallback_lock = threading.Lock()
@@ -440,12 +445,16 @@ class Runner:
         # (bench/profile.md, thirteenth round). Larger batches keep the solo session whenever it is
         # free (_call_pooled): at c=2 a mid-size model's pair of rows computes faster on all cores.
         # The model call and the outputs' conversion both hold the loop here (SR's uint8 pixels).
+        # While callers overlap, up to OVERLAP_INLINE_MAX_S on a CPU: in admission order.
         busy_s = self._fastest_with_outputs_s.get(signature, cost_s)
+        overlap = self.callers_overlap()
+        if overlap and self.provider == "CPUExecutionProvider":
+            return self.inline_max_s > 0 and busy_s <= OVERLAP_INLINE_MAX_S
         solo_would_run = (
             self.solo_session is not None
             and self._running == 0
             and not self.more_work_queued()
-            and not self.callers_overlap()
+            and not overlap
         )
         return self.inline_max_s > 0 and busy_s <= INLINE_BUSY_MAX_S and not solo_would_run
 

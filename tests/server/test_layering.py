@@ -11,7 +11,7 @@ import genserve_server
 PACKAGE = Path(genserve_server.__file__).parent
 # The gRPC edge: the two servicers, the boundary they share, and the server's wiring and admission.
 EDGE = {"service", "kserve", "kserve_tensors", "kserve_metadata", "boundary", "main", "health", "probe"}
-EDGE |= {"limits", "admission", "security", "service_codes", "service_parts", "service_styles"}
+EDGE |= {"accept", "limits", "admission", "security", "service_codes", "service_parts", "service_styles"}
 PROTOCOL_PACKAGES = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "genserve")
 SERVICERS = ("service", "kserve")
 

@@ -155,6 +155,39 @@ def test_a_batch_whose_outputs_are_slow_to_finish_leaves_the_event_loop(tmp_path
         runner.close()
 
 
+def test_while_callers_overlap_a_cpu_batch_up_to_the_overlap_bound_stays_on_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """Between INLINE_BUSY_MAX_S and OVERLAP_INLINE_MAX_S a batch runs on the loop only while callers
+    overlap (on a pool thread beside the busy loop it would finish after batches formed later);
+    above the overlap bound it goes to the pool either way."""
+    from genserve_server.runner import INLINE_BUSY_MAX_S, OVERLAP_INLINE_MAX_S
+
+    assert OVERLAP_INLINE_MAX_S > 2 * INLINE_BUSY_MAX_S
+    inputs = {"z": np.zeros((2, TINY_LATENT), np.float32), "label": np.zeros(2, np.int64)}
+    cases = (
+        # (finish step's wait, callers overlap, expected)
+        (1.5 * INLINE_BUSY_MAX_S, False, "pool"),
+        (1.5 * INLINE_BUSY_MAX_S, True, "loop"),
+        (1.5 * OVERLAP_INLINE_MAX_S, True, "pool"),
+    )
+    for wait_s, overlap, expected in cases:
+        runner = make_runner(tmp_path, inline_max_s=1e-9)  # no solo session: the bounds decide
+        finish = runner._finish
+
+        def slow(outputs, added, finish=finish, wait_s=wait_s):  # type: ignore[no-untyped-def]
+            threading.Event().wait(wait_s)
+            return finish(outputs, added)
+
+        runner._finish = slow  # type: ignore[method-assign]
+        runner.warm(inputs)
+        runner.callers_overlap = lambda overlap=overlap: overlap  # type: ignore[misc]
+        threads = record_threads(runner)
+        asyncio.run(runner.run(LatentRows(), inputs))
+        assert (threads[0] == "MainThread") == (expected == "loop"), (wait_s, overlap, threads)
+        runner.close()
+
+
 def test_tiny_batches_run_inline_once_measured(tmp_path: Path) -> None:
     runner = make_runner(tmp_path, inline_max_s=1.0)  # everything counts as tiny
     z = np.zeros((2, TINY_LATENT), np.float32)
