@@ -99,7 +99,6 @@ class Acceptor:
         self.depth = depth
         self._tasks: list[asyncio.Task[None]] = []
         self._calls: set[asyncio.Task[None]] = set()
-        self._closing = False
         # Calls these tasks accepted (grpc's own accept counts none here).
         self.accepted = 0
 
@@ -114,12 +113,19 @@ class Acceptor:
         return sum(1 for task in self._tasks if not task.done())
 
     def start(self) -> None:
-        """After `server.start()`, on its event loop."""
+        """After `server.start()`, on its event loop. Where grpc's private objects are not what this
+        module expects, logs why and leaves the accepting to grpc."""
         if self.depth < 2 or not self._handlers:
             return
-        cygrpc = _cygrpc()
-        aio_server = self._server._server  # type: ignore[attr-defined]  # grpc.aio.Server's core server
-        resolver = cygrpc._MethodResolver([], self._handlers)
+        try:
+            cygrpc = _cygrpc()
+            aio_server = self._server._server  # type: ignore[attr-defined]  # grpc.aio.Server's core server
+            resolver = cygrpc._MethodResolver([], self._handlers)
+            if not aio_server.is_running():
+                raise RuntimeError("the server is not running")
+        except Exception as exc:
+            logger.info("accepting one call per method per loop turn: %s: %s", type(exc).__name__, exc)
+            return
         loop = asyncio.get_running_loop()
         for method in self._handlers:
             for _ in range(self.depth - 1):
@@ -128,26 +134,32 @@ class Acceptor:
 
     async def _accept(self, cygrpc: Any, aio_server: Any, resolver: Any, method: str, loop: Any) -> None:
         method_bytes = method.encode()
-        while True:
+        # Requests only while the server runs, as grpc's own loop: once its stop has begun, grpc
+        # fails every outstanding request, and a request made after the stop would never end.
+        while aio_server.is_running():
             try:
                 rpc_state = await aio_server._request_registered_call(method_bytes)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the server stopped (grpc fails every outstanding request)
-                if not self._closing and aio_server.is_running():
+            except Exception as exc:  # the stop failed this request; otherwise grpc's own accept goes on
+                if aio_server.is_running():
                     logger.warning("accepting %s stopped: %s: %s", method, type(exc).__name__, exc)
                 return
             self.accepted += 1
+            # concurrency_exceeded=False: genserve sets no grpc maximum_concurrent_rpcs (admission.py
+            # limits each class of RPC once its request has arrived).
             rpc = cygrpc._handle_rpc(method, resolver, self._interceptors, rpc_state, loop, False)
             call = loop.create_task(cygrpc._schedule_rpc_coro(rpc, rpc_state, loop, method))
             # The loop holds tasks weakly: keep each call's until it ends, as grpc's own accept does.
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 
-    async def close(self) -> None:
-        """After `server.stop()`: ends the accept tasks (their requests failed with the stop)."""
-        self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """After `server.stop()`: waits for the accept tasks, whose requests the stop failed. Never
+        while the server runs: grpc's core would still hold the requests of cancelled tasks."""
+        if self._tasks and self._server._server.is_running():  # type: ignore[attr-defined]
+            raise RuntimeError("Acceptor.close() before the server's stop")
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+            for task in pending:  # the core server is gone: nothing refers to their requests now
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()

@@ -43,6 +43,7 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+HEALTH_SERVICE = "/grpc.health.v1.Health/"
 # Bulk server streams: they share max_concurrent_sample_streams.
 BULK_STREAMS = (
     "/genserve.v1.GenerationService/SampleStream",
@@ -123,6 +124,8 @@ class Admission:
             return self.health
         if method == HEALTH_WATCH:
             return self.watchers
+        if method.startswith(HEALTH_SERVICE):  # List, and whatever grpc.health.v1 adds: control calls
+            return self.control
         if method in BULK_STREAMS:
             return self.streams
         if method in self._generation_methods:

@@ -210,7 +210,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         max_stream_images=lr.integer("max_stream_images", d.max_stream_images, min_value=1),
         max_concurrent_rpcs=lr.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, min_value=1),
         max_concurrent_streams=lr.integer("max_concurrent_streams", d.max_concurrent_streams, min_value=1),
-        accept_depth=lr.integer("accept_depth", d.accept_depth, min_value=1),
+        accept_depth=lr.integer("accept_depth", d.accept_depth, min_value=1, max_value=1024),
         max_concurrent_sample_streams=lr.integer(
             "max_concurrent_sample_streams", d.max_concurrent_sample_streams, min_value=1
         ),

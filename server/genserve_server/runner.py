@@ -74,10 +74,11 @@ BULK_THREAD_NICE = 19
 # event loop unless the pool would give it the solo session (Runner._runs_inline);
 # inline_compute_max_s = 0 (always the pool) turns this off too.
 INLINE_BUSY_MAX_S = 2e-3
-# The same bound on a CPU while callers overlap (Batcher.callers_overlap). With several calls accepted
-# per loop turn (accept.py) a tiny model's batches at c=64 grow to 30-40 rows, 2-5 ms: on a pool
-# thread beside the busy loop they computed 2.3x slower per row and finished after batches formed
-# later, so requests overtook each other by 30-45 places (bench/profile.md, fourteenth round).
+# The same bound for interactive batches while callers overlap (Batcher.callers_overlap), on a CPU
+# with no more cores than instances. With several calls accepted per loop turn (accept.py) a tiny
+# model's batches at c=64 grow to 30-40 rows, 2-5 ms: on a pool thread beside the busy loop (2
+# cores) they computed 2.3x slower per row and finished after batches formed later, so requests
+# overtook each other by 30-45 places (bench/profile.md, fourteenth round).
 OVERLAP_INLINE_MAX_S = 5e-3
 
 _cpu_fallback_warned = False
@@ -222,6 +223,10 @@ class Runner:
             )
             self.solo_session = solo.session
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{label}")
+        # OVERLAP_INLINE_MAX_S applies where every pool thread shares a core with the event loop
+        # (measured on 2 cores); a host with more cores than instances keeps the 2-ms bound.
+        on_cpu = self.provider == "CPUExecutionProvider"
+        self._pool_shares_the_loops_cores = on_cpu and cpu_count() <= instances
         # Background bulk (run_bulk) only where the calling thread does a call's whole compute (one
         # intra-op thread: ORT's own workers would keep normal priority) and another instance is
         # always there for interactive batches (with one, an interactive batch waits for the bulk
@@ -424,7 +429,12 @@ class Runner:
         return await loop.run_in_executor(self._executor, self._call_pooled, key, signature, inputs)
 
     def _runs_inline(
-        self, key: Hashable, signature: tuple[tuple[str | int, ...], ...], inputs: Mapping[str, np.ndarray]
+        self,
+        key: Hashable,
+        signature: tuple[tuple[str | int, ...], ...],
+        inputs: Mapping[str, np.ndarray],
+        *,
+        bulk: bool = False,
     ) -> bool:
         """Whether the batch is cheaper to run on the calling thread than to hand to a pool."""
         cost_s = self._fastest_s.get(signature)
@@ -445,11 +455,12 @@ class Runner:
         # (bench/profile.md, thirteenth round). Larger batches keep the solo session whenever it is
         # free (_call_pooled): at c=2 a mid-size model's pair of rows computes faster on all cores.
         # The model call and the outputs' conversion both hold the loop here (SR's uint8 pixels).
-        # While callers overlap, up to OVERLAP_INLINE_MAX_S on a CPU: in admission order.
+        # While callers overlap, interactive batches up to OVERLAP_INLINE_MAX_S where the pool would
+        # share the loop's cores: in admission order (a bulk batch keeps its background thread).
         busy_s = self._fastest_with_outputs_s.get(signature, cost_s)
         overlap = self.callers_overlap()
-        if overlap and self.provider == "CPUExecutionProvider":
-            return self.inline_max_s > 0 and busy_s <= OVERLAP_INLINE_MAX_S
+        if overlap and self._pool_shares_the_loops_cores and not bulk and busy_s <= OVERLAP_INLINE_MAX_S:
+            return self.inline_max_s > 0
         solo_would_run = (
             self.solo_session is not None
             and self._running == 0
@@ -469,7 +480,7 @@ class Runner:
         if self._bulk_executor is None or self._bulk_prep is None:
             return await self.run(key, inputs)
         signature = self._signature(key, inputs)
-        if self._runs_inline(key, signature, inputs):
+        if self._runs_inline(key, signature, inputs, bulk=True):
             return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
         feeds, added = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)

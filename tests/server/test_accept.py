@@ -37,9 +37,11 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
 class Handlers:
     def __init__(self) -> None:
         self.slow_cancelled = 0
+        self.echoing = 0
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        await asyncio.sleep(0.01)  # keeps calls in flight together
+        self.echoing += 1
+        await asyncio.sleep(0.05)  # keeps calls in flight together
         return request
 
     async def slow(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -188,13 +190,19 @@ def test_a_graceful_stop_finishes_calls_in_flight_then_ends_the_accept_tasks() -
         handlers = Handlers()
         async with serve(handlers, depth=8) as served:
             async with grpc.aio.insecure_channel(served.target) as channel:
+                await channel.channel_ready()
                 call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
                 calls = [asyncio.ensure_future(call(b"%d" % i, timeout=10)) for i in range(16)]
-                await asyncio.sleep(0.005)  # the calls are in the server, their handlers sleeping
+                for _ in range(200):  # until every handler is running
+                    if handlers.echoing == 16:
+                        break
+                    await asyncio.sleep(0.001)
+                assert handlers.echoing == 16
                 await served.server.stop(5)
                 answers = await asyncio.gather(*calls, return_exceptions=True)
             await served.acceptor.close()
             assert answers == [b"%d" % i for i in range(16)]
+            assert served.acceptor.accepted > 0
             assert served.acceptor.running == 0
 
     run(main())
@@ -204,17 +212,38 @@ def test_the_server_accepts_each_unary_generation_method_several_calls_at_a_time
     async def main() -> None:
         app = App(tiny_repo, ServerConfig(), port=0, metrics_port=None)
         assert app.acceptor.depth == Limits().accept_depth > 1
-        methods = set(app.acceptor.methods)
-        for method in ("Sample", "SuperResolve", "Translate", "Decode", "Interpolate"):
-            assert f"/genserve.v1.GenerationService/{method}" in methods
-        assert "/inference.GRPCInferenceService/ModelInfer" in methods
+        unary = ("Sample", "Interpolate", "Encode", "Decode", "SuperResolve", "Translate", "SampleCodes")
+        expected = {f"/genserve.v1.GenerationService/{m}" for m in (*unary, "MixStyles")}
+        expected.add("/inference.GRPCInferenceService/ModelInfer")
         # Control calls, health, reflection and the bulk streams keep grpc's own accept.
-        assert not [
-            m for m in methods if any(w in m for w in ("ListModels", "GetModel", "Health", "Stream", "Ready"))
-        ]
+        assert set(app.acceptor.methods) == expected
         app.codec_pool.shutdown()
         one = App(tiny_repo, ServerConfig(limits=Limits(accept_depth=1)), port=0, metrics_port=None)
         assert one.acceptor.methods == []
         one.codec_pool.shutdown()
+
+    run(main())
+
+
+def test_where_grpcs_private_path_differs_nothing_is_registered_and_grpc_accepts(
+    tiny_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accept, "unsupported_reason", lambda: "grpcio 9.9: changed")
+
+    async def main() -> None:
+        app = App(tiny_repo, ServerConfig(), port=0, metrics_port=None)
+        assert app.acceptor.methods == []
+        app.codec_pool.shutdown()
+
+    run(main())
+
+
+def test_close_refuses_while_the_server_runs() -> None:
+    async def main() -> None:
+        async with serve(Handlers(), depth=4) as served:
+            with pytest.raises(RuntimeError, match="before the server's stop"):
+                await served.acceptor.close()
+            assert served.acceptor.running == 6
+            assert await many(served.target, ECHO, 8) == [b"%d" % i for i in range(8)]
 
     run(main())

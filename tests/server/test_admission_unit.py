@@ -44,6 +44,7 @@ def _admission() -> Admission:
         ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "max_concurrent_control_rpcs"),
         ("/grpc.health.v1.Health/Watch", "max_health_watchers"),
         ("/grpc.health.v1.Health/Check", ""),
+        ("/grpc.health.v1.Health/List", "max_concurrent_control_rpcs"),
     ],
 )
 def test_every_method_has_a_class_and_only_health_check_is_unlimited(method: str, limit_name: str) -> None:

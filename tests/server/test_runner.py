@@ -31,13 +31,19 @@ def record_threads(runner: Runner) -> list[str]:
     return threads
 
 
-def make_runner(tmp_path: Path, inline_max_s: float, instances: int = 1, solo_threads: int = 0) -> Runner:
+def make_runner(
+    tmp_path: Path,
+    inline_max_s: float,
+    instances: int = 1,
+    solo_threads: int = 0,
+    providers: list[str] | None = None,
+) -> Runner:
     path = tmp_path / "model.onnx"
     onnx.save(conditional_graph(TINY_LATENT, 10, 1, 8, 8), str(path))
     return Runner(
         path,
         label="t",
-        providers=select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        providers=select_providers(providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]),
         instances=instances,
         intra_op_threads=1,
         solo_intra_op_threads=solo_threads,
@@ -156,23 +162,28 @@ def test_a_batch_whose_outputs_are_slow_to_finish_leaves_the_event_loop(tmp_path
 
 
 def test_while_callers_overlap_a_cpu_batch_up_to_the_overlap_bound_stays_on_the_event_loop(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Between INLINE_BUSY_MAX_S and OVERLAP_INLINE_MAX_S a batch runs on the loop only while callers
-    overlap (on a pool thread beside the busy loop it would finish after batches formed later);
-    above the overlap bound it goes to the pool either way."""
+    """Between INLINE_BUSY_MAX_S and OVERLAP_INLINE_MAX_S an interactive batch runs on the loop only
+    while callers overlap, on a CPU with no more cores than instances (on a pool thread beside the
+    busy loop it would finish after batches formed later); a bulk batch keeps its background thread,
+    and above the overlap bound every batch goes to the pool."""
+    from genserve_server import runner as runner_module
     from genserve_server.runner import INLINE_BUSY_MAX_S, OVERLAP_INLINE_MAX_S
 
     assert OVERLAP_INLINE_MAX_S > 2 * INLINE_BUSY_MAX_S
     inputs = {"z": np.zeros((2, TINY_LATENT), np.float32), "label": np.zeros(2, np.int64)}
     cases = (
-        # (finish step's wait, callers overlap, expected)
-        (1.5 * INLINE_BUSY_MAX_S, False, "pool"),
-        (1.5 * INLINE_BUSY_MAX_S, True, "loop"),
-        (1.5 * OVERLAP_INLINE_MAX_S, True, "pool"),
+        # (finish step's wait, callers overlap, cores, bulk, expected)
+        (1.5 * INLINE_BUSY_MAX_S, False, 2, False, "pool"),
+        (1.5 * INLINE_BUSY_MAX_S, True, 2, False, "loop"),
+        (1.5 * INLINE_BUSY_MAX_S, True, 2, True, "pool"),  # bulk: its background thread
+        (1.5 * INLINE_BUSY_MAX_S, True, 16, False, "pool"),  # cores to spare: the 2-ms bound
+        (1.5 * OVERLAP_INLINE_MAX_S, True, 2, False, "pool"),
     )
-    for wait_s, overlap, expected in cases:
-        runner = make_runner(tmp_path, inline_max_s=1e-9)  # no solo session: the bounds decide
+    for wait_s, overlap, cores, bulk, expected in cases:
+        monkeypatch.setattr(runner_module, "cpu_count", lambda cores=cores: cores)
+        runner = make_runner(tmp_path, inline_max_s=1e-9, instances=2, providers=["CPUExecutionProvider"])
         finish = runner._finish
 
         def slow(outputs, added, finish=finish, wait_s=wait_s):  # type: ignore[no-untyped-def]
@@ -182,9 +193,14 @@ def test_while_callers_overlap_a_cpu_batch_up_to_the_overlap_bound_stays_on_the_
         runner._finish = slow  # type: ignore[method-assign]
         runner.warm(inputs)
         runner.callers_overlap = lambda overlap=overlap: overlap  # type: ignore[misc]
-        threads = record_threads(runner)
-        asyncio.run(runner.run(LatentRows(), inputs))
-        assert (threads[0] == "MainThread") == (expected == "loop"), (wait_s, overlap, threads)
+        runner.more_work_queued = lambda: True  # type: ignore[misc]  # no solo session either way
+        signature = runner._signature(LatentRows(), inputs)
+        inline = runner._runs_inline(LatentRows(), signature, inputs, bulk=bulk)
+        assert inline == (expected == "loop"), (wait_s, overlap, cores, bulk)
+        if not bulk:  # and the call itself runs where the rule says
+            threads = record_threads(runner)
+            asyncio.run(runner.run(LatentRows(), inputs))
+            assert (threads[0] == "MainThread") == (expected == "loop"), (wait_s, overlap, cores, threads)
         runner.close()
 
 
