@@ -113,6 +113,10 @@ def make_feeds(model: BenchModel, batch: int, seed: int = 0) -> dict[str, NDArra
             feeds["z"] = rng.standard_normal((batch, card.latent_dim or spec.shape[1])).astype(np.float32)
         elif spec.name == "label":
             feeds["label"] = (np.arange(batch) % max(1, len(card.class_names))).astype(np.int64)
+        elif spec.dtype == "int64":  # a translator's direction, a prior's code grids: zeros
+            feeds[spec.name] = np.zeros((batch, *spec.shape[1:]), np.int64)
+        elif len(spec.shape) != 4:  # a style generator's ws [N, num_ws, w_dim]
+            feeds[spec.name] = rng.standard_normal((batch, *spec.shape[1:])).astype(np.float32)
         else:
             channels = card.input_channels or (spec.shape[1] if spec.shape[1] > 0 else 3)
             h, w = model.image_input_hw()
