@@ -53,3 +53,22 @@ def test_bench_only_models_are_built_unless_the_models_dir_has_them(
     (models / "bench-x").mkdir()
     assert bench_models.model_dir(models, "bench-x") == models / "bench-x"
     assert len(built) == 1
+
+
+def test_the_raw_limit_feeds_every_default_model_as_its_graph_expects() -> None:
+    """bench.run's raw ONNX Runtime limit builds inputs from each card (bench.common.make_feeds): they
+    must match the graph's inputs (names, dtypes, ranks) for every kind in the default repository."""
+    from bench.common import DEFAULT_MODELS, find_models, make_feeds
+
+    dtypes = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+    models = find_models(DEFAULT_MODELS)
+    assert len(models) >= 10
+    for model in models:
+        feeds = make_feeds(model, 2)
+        sess = ort.InferenceSession(str(model.model_path), providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in sess.get_inputs()}
+        assert set(feeds) == set(inputs), model.name
+        for name, value in feeds.items():
+            assert value.dtype == dtypes[inputs[name].type], (model.name, name, value.dtype)
+            rank = len(inputs[name].shape)
+            assert value.ndim == rank and value.shape[0] == 2, (model.name, name, value.shape)
