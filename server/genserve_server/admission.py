@@ -60,6 +60,8 @@ class RpcClass:
     limit_name: str
     limit: int | None
     active: int = 0  # touched only on the event loop thread
+    # Counts each refusal (genserve_requests_rejected_total{reason="concurrency"}).
+    on_refused: Callable[[str], None] | None = None
 
     def admit(self) -> bool:
         if self.limit is not None and self.active >= self.limit:
@@ -69,6 +71,8 @@ class RpcClass:
 
     def refusal(self, method: str) -> ResourceExhausted:
         logger.info("refused %s: %d %s calls running (%s)", method, self.active, self.name, self.limit_name)
+        if self.on_refused is not None:
+            self.on_refused(method)
         return ResourceExhausted(
             f"{self.active} {self.name} calls are running, {self.limit_name}={self.limit}; retry with backoff"
         )
@@ -95,6 +99,7 @@ class Admission:
         control_services: Collection[str] = (),
         control_methods: Collection[str] = GENERATION_CONTROL,
         generation_methods: Collection[str] = (),
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         for name, value in (
             ("generation", limits.generation),
@@ -113,6 +118,8 @@ class Admission:
         self.control = RpcClass("control", "max_concurrent_control_rpcs", limits.control)
         self.watchers = RpcClass("health Watch", "max_health_watchers", limits.health_watchers)
         self.health = RpcClass("health Check", "", None)
+        for rpc_class in (self.generation, self.streams, self.control, self.watchers):
+            rpc_class.on_refused = on_refused
         self._control_services = frozenset(control_services)
         self._control_methods = frozenset(control_methods)
         self._generation_methods = frozenset(generation_methods)

@@ -185,6 +185,7 @@ class App:
             control_services=(kserve.service_name(), reflection.SERVICE_NAME),
             control_methods=GENERATION_CONTROL,
             generation_methods=(f"/{kserve.service_name()}/ModelInfer",),
+            on_refused=lambda method: unresolved.rejected["concurrency"].inc(),
         )
         # The generation methods' calls are accepted accept_depth at a time (accept.py).
         unsupported = accept.unsupported_reason() if limits.accept_depth > 1 else None

@@ -120,7 +120,7 @@ KIND_METHODS: dict[str, tuple[str, ...]] = {kind.value: _kind_methods(kind) for 
 # Encode answers latents. The decode histogram stays bound for every kind: a repository of
 # generators alone still exports the family the dashboard and KServe's statistics read.
 ENCODING_KINDS = frozenset(KIND_METHODS) - {Kind.VAE_ENCODER.value}
-REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready")
+REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready", "concurrency")
 DROP_REASONS = ("deadline", "cancelled")
 FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")
 

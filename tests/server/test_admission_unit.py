@@ -53,6 +53,19 @@ def test_every_method_has_a_class_and_only_health_check_is_unlimited(method: str
     assert (rpc_class.limit is None) == (method == "/grpc.health.v1.Health/Check")
 
 
+def test_every_refusal_is_reported_with_its_method() -> None:
+    refused: list[str] = []
+    admission = Admission(
+        AdmissionLimits(generation=1, sample_streams=1, control=1, health_watchers=1, request_timeout_s=1.0),
+        on_refused=refused.append,
+    )
+    for method in ("/genserve.v1.GenerationService/Sample", "/genserve.v1.GenerationService/SampleStream"):
+        rpc_class = admission.classify(method)
+        assert rpc_class.admit() and not rpc_class.admit()
+        rpc_class.refusal(method)
+    assert refused == ["/genserve.v1.GenerationService/Sample", "/genserve.v1.GenerationService/SampleStream"]
+
+
 def test_a_class_admits_up_to_its_limit_and_names_it_beyond() -> None:
     watchers = _admission().watchers
     assert watchers.admit() and not watchers.admit()
