@@ -15,7 +15,7 @@ per-call path (`_handle_rpc` under `_schedule_rpc_coro`). Interceptors, deadline
 status and the server's graceful stop are grpc's, exactly as for the calls grpc accepts itself.
 
 That path is grpc's private Cython API (grpcio 1.85). `supported()` checks it by name and signature
-once; where it differs (a grpcio that changed it), the server logs one line and accepts as grpc
+at start; where it differs (a grpcio that changed it), the server logs one line and accepts as grpc
 does, one call per method per turn.
 """
 
@@ -74,7 +74,11 @@ def unsupported_reason() -> str | None:
 
 
 def supported() -> bool:
-    return unsupported_reason() is None
+    """Whether grpc's private accept path can be used here; logs why where it cannot."""
+    reason = unsupported_reason()
+    if reason is not None:
+        logger.info("accepting one call per method per loop turn (accept_depth unused): %s", reason)
+    return reason is None
 
 
 class Acceptor:

@@ -403,11 +403,12 @@ class Batcher:
                 self._slots.release()
                 continue
             self._batches_in_flight += 1
+            rows = sum(p.rows for p in parts)
             if parts[0].request.lane == Lane.BULK:
                 self._bulk_in_flight += 1
             else:
-                self._interactive_rows_in_flight += sum(p.rows for p in parts)
-            task = asyncio.get_running_loop().create_task(self._execute(parts))
+                self._interactive_rows_in_flight += rows
+            task = asyncio.get_running_loop().create_task(self._execute(parts, rows))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -633,7 +634,8 @@ class Batcher:
         self._observer.on_queue_depth(self._queued_rows)
         return parts
 
-    async def _execute(self, parts: list[Part]) -> None:
+    async def _execute(self, parts: list[Part], rows: int) -> None:
+        """Runs a batch the dispatcher counted in flight (`rows`: its rows), then uncounts it."""
         started = time.monotonic()
         for p in parts:
             self._observer.on_queue_wait(started - p.request.enqueued_at, p.request.lane)
@@ -648,7 +650,7 @@ class Batcher:
                 self._bulk_in_flight -= 1
                 self._available.set()  # a dispatcher holding bulk back may go on
             else:
-                self._interactive_rows_in_flight -= sum(p.rows for p in parts)
+                self._interactive_rows_in_flight -= rows
             self._slots.release()
         # After the slot is free: the dispatcher, woken first, picks what waited (a bulk batch)
         # before a closed-loop caller woken by its result can queue ahead of it again.

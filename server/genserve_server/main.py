@@ -60,12 +60,13 @@ logger = logging.getLogger("genserve_server")
 # OpenTelemetry), so genserve can run on a node beside them (docs/metrics.md).
 DEFAULT_METRICS_PORT = 50052
 
+# The services whose unary generation methods accept.py accepts several calls of per loop turn.
 GENERATION_SERVICES = (
     genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     kserve.service_name(),
 )
 SERVICE_NAMES = (
-    genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    GENERATION_SERVICES[0],
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     kserve.service_name(),
     reflection.SERVICE_NAME,
@@ -188,9 +189,7 @@ class App:
             on_refused=lambda method: unresolved.rejected["concurrency"].inc(),
         )
         # The generation methods' calls are accepted accept_depth at a time (accept.py).
-        unsupported = accept.unsupported_reason() if limits.accept_depth > 1 else None
-        if unsupported is not None:
-            logger.info("accepting one call per method per loop turn (accept_depth unused): %s", unsupported)
+        accept_many = limits.accept_depth > 1 and accept.supported()
 
         def hot(method: str, handler: Handler) -> bool:
             """A unary generation method of genserve's or KServe's (ModelInfer)."""
@@ -201,7 +200,7 @@ class App:
         guarded = GuardedRegistrar(
             self.server,
             lambda method, handler: admission.wrap(method, guard_malformed(method, handler)),
-            hot=hot if limits.accept_depth > 1 and unsupported is None else None,
+            hot=hot if accept_many else None,
         )
         registrar = guarded.as_server()
         # One core and one boundary under both servicers: rows of either protocol share batches.
