@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
+from genserve_server.accept import at_call_end
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
 from genserve_server.errors import Code, GenserveError, InvalidArgument
@@ -159,13 +160,15 @@ class Boundary:
                 if size is not None:
                     reservation.settle(size())
 
-                def on_done(ctx: Context) -> None:
-                    reservation.release()
+                if not at_call_end(reservation.release):  # grpc accepted the call: its done callback
 
-                # grpc-stubs declare the callback a (type-check-only) class, not a callable.
-                context.add_done_callback(cast(Any, on_done))
-                if context.done():  # ended already (cancelled as the handler returned): no callback
-                    reservation.release()
+                    def on_done(ctx: Context) -> None:
+                        reservation.release()
+
+                    # grpc-stubs declare the callback a (type-check-only) class, not a callable.
+                    context.add_done_callback(cast(Any, on_done))
+                    if context.done():  # ended already (cancelled as the handler returned): no callback
+                        reservation.release()
                 call.response = None
             return response
         except BaseException as exc:

@@ -5,7 +5,7 @@
   the in-flight gauge no longer counts it: 24 unread Sample(count=256) took 4 GB that way. Each
   generation call reserves its predicted response size *before* compute; the reservation is set to
   the real size when the handler returns and released when gRPC ends the RPC (sent, cancelled or
-  timed out: the context's done callback).
+  timed out: accept.at_call_end, or the context's done callback where grpc accepted the call).
 - SuperResolve working set: tiles in flight x tile memory, so that a few large requests run one
   after another instead of all at once.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server import accept
 from genserve_server.config import Limits, ServerConfig
 from genserve_server.limits import GuardedRegistrar
@@ -245,5 +247,60 @@ def test_close_refuses_while_the_server_runs() -> None:
                 await served.acceptor.close()
             assert served.acceptor.running == 6
             assert await many(served.target, ECHO, 8) == [b"%d" % i for i in range(8)]
+
+    run(main())
+
+
+def _rpc_states() -> int:
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == "RPCState")
+
+
+@pytest.mark.parametrize("depth", [1, 32])
+def test_a_generation_call_releases_its_response_bytes_at_its_end_and_leaves_no_cycle(
+    tiny_repo: Path, tmp_path: Path, depth: int
+) -> None:
+    """The response budget holds a unary response's bytes until grpc has sent it. A call an accept
+    task took releases them through at_call_end; grpc's done callback, which grpc accepted calls
+    still use, leaves its call state in a cycle (partial(callback, context) inside the state the
+    context refers to) that only a full garbage collection frees."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny-gen").symlink_to(tiny_repo / "tiny-gen")
+
+    async def main() -> None:
+        app = App(models, ServerConfig(limits=Limits(accept_depth=depth)), port=0, metrics_port=None)
+        await app.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+
+                async def sample(seed: int) -> genserve_pb2.SampleResponse:
+                    request = genserve_pb2.SampleRequest(model="tiny-gen", count=1, base_seed=seed)
+                    response: genserve_pb2.SampleResponse = await stub.Sample(request, timeout=10)
+                    return response
+
+                await asyncio.gather(*(sample(seed) for seed in range(8)))
+                gc.collect()
+                gc.disable()  # what is left below is what only the collector would free
+                try:
+                    states, accepted = _rpc_states(), app.acceptor.accepted
+                    answers = await asyncio.gather(*(sample(seed) for seed in range(48)))
+                    for _ in range(200):  # until every call's task has ended on the server
+                        if not app.acceptor.in_flight and not app.core.responses.held:
+                            break
+                        await asyncio.sleep(0.01)
+                    left = _rpc_states() - states
+                    by_accept_tasks = app.acceptor.accepted - accepted
+                finally:
+                    gc.enable()
+            assert [len(a.images) for a in answers] == [1] * 48
+            assert app.core.responses.held == 0
+            if depth > 1:
+                assert by_accept_tasks > 0
+                assert left <= 48 - by_accept_tasks  # only the calls grpc accepted itself
+            else:
+                assert by_accept_tasks == 0
+        finally:
+            await app.stop()
 
     run(main())
