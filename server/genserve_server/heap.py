@@ -6,9 +6,10 @@ holds tens of thousands of them from its start (57,000 with the default models: 
 descriptors, the models' Python wrappers) that will never be garbage, and under load each full
 collection stopped the event loop for tens of milliseconds every few seconds: every request in flight
 at that moment waited for it, which is a saturated server's p99 (bench/profile.md, "Twelfth round").
-Requests themselves leave a little cyclic garbage each (grpc.aio's method-handler closure and, with a
-done callback, its call state and context), so the collector must keep running; it only has to stop
-re-reading the start-up heap.
+Requests themselves leave a little cyclic garbage each (grpc.aio's method-handler closure, 5 objects;
+and, with a done callback, the call's state and context, which is why the calls accept.py takes
+release their response bytes through `accept.at_call_end` instead), so the collector must keep
+running; it only has to stop re-reading the start-up heap.
 
 `freeze_startup_heap` is called once the initial models are loaded: it collects what start-up left
 behind, then moves every surviving object to the permanent generation (`gc.freeze`), which later
