@@ -6,8 +6,8 @@ models from it and from this tree, two server processes running side by side for
 measured in turns, level by level (A, B, B, A, ...), under the same client (this tree's
 `genserve-client bench`). Per model and side: p50 at concurrency 1, images/s and
 p99/p50 at concurrency 64 (RAW_UINT8, one image per request), the server's CPU ms per request, and
-the transport's floor (p50 of a trivial health Check at c=1, `servers.rpc_floor_ms`) with the c=1 p50
-over it.
+the transport's floor (p50 of a trivial health Check at c=1 through the same load generator,
+`servers.rpc_floor_ms`) with the c=1 p50 over it.
 It prints the medians over the rounds and the ratios B / A. Same machine, same run, same files:
 only the server's code differs (its PYTHONPATH points at the other tree's `server/` and `api/`).
 """
@@ -54,10 +54,15 @@ def _subset(models_dir: Path, names: list[str], into: Path) -> Path:
 
 def _measure(server: ServerProcess, model: BenchModel, duration_s: float) -> dict[str, float]:
     options = model.client_options()  # labels, the RPC (SuperResolve, Translate) and an input size
+    # The floor right before the c=1 level it is subtracted from: the machine's drift between them
+    # is seconds, not a whole round.
+    floor = rpc_floor_ms(server)
     c1 = measured_level(server, model.name, 1, duration_s, "raw", warmup_s=0.3, **options)
     c64 = measured_level(server, model.name, 64, duration_s, "raw", warmup_s=0.3, **options)
     return {
         "p50_c1_ms": float(c1["p50_ms"]),
+        "floor_c1_ms": floor,
+        "p50_c1_over_floor_ms": float(c1["p50_ms"]) - floor,
         "img_s_c64": float(c64["images_per_s"]),
         "p99_over_p50_c64": float(c64["p99_ms"]) / float(c64["p50_ms"]),  # issue 20's tail at saturation
         "cpu_ms_c1": float(c1["server_cpu_ms_per_request"]),
@@ -116,10 +121,6 @@ def main() -> None:
                     for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
                         server = servers[side]
                         figures = {m.name: _measure(server, m, args.duration_s) for m in measured}
-                        floor = rpc_floor_ms(server)
-                        for each in figures.values():
-                            each["floor_c1_ms"] = floor
-                            each["p50_c1_over_floor_ms"] = each["p50_c1_ms"] - floor
                         sides[side].append(figures)
         finally:
             if args.base_tree is None:

@@ -48,9 +48,7 @@ class ImageLoadGenerator(LoadGenerator):
     """The client's LoadGenerator pointed at another unary method."""
 
     def __init__(self, config: ChannelConfig, payloads: ImagePayload, method: str, **kwargs: Any) -> None:
-        super().__init__(config, payloads, **kwargs)
-        path = f"/genserve.v1.GenerationService/{method}"
-        self._calls = [ch.unary_unary(path) for ch in self._channels]
+        super().__init__(config, payloads, method=f"/genserve.v1.GenerationService/{method}", **kwargs)
 
 
 async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:

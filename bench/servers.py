@@ -8,6 +8,7 @@ threads, from /proc/<pid>/stat) can be read around each level.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -223,22 +224,32 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def rpc_floor_ms(server: ServerProcess, calls: int = 400) -> float:
-    """p50 ms of a trivial RPC (grpc.health Check, answered without any model work) sent one at a
-    time on one channel: the transport's floor on this server, which a tiny model's c=1 p50 is
-    judged against (issue 20: c=1 p50 <= floor + 0.5 ms)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 
-    with grpc.insecure_channel(server.target) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check
-        request = health_pb2.HealthCheckRequest(service="")
-        for _ in range(50):  # connection and first-call costs out of the figure
-            check(request, timeout=10)
-        times = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            check(request, timeout=10)
-            times.append(time.perf_counter() - started)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+
+def rpc_floor_ms(server: ServerProcess, duration_s: float = 1.5) -> float:
+    """p50 ms of a trivial RPC (grpc.health Check, answered without any model work), one call at a
+    time through the client's own load generator, the one every level of the bench is measured
+    with: the transport's floor on this server, which a tiny model's c=1 p50 is judged against
+    (issue 20: c=1 p50 <= floor + 0.5 ms). The same client on both sides of that difference: a
+    blocking grpcio client's floor read 0.04-0.1 ms under the asyncio load generator's, which put
+    the two clients' difference into genserve's figure (bench/profile.md, fifteenth round)."""
+    return asyncio.run(_floor_ms(server.target, duration_s))
+
+
+async def _floor_ms(target: str, duration_s: float) -> float:
+    from grpc_health.v1 import health_pb2
+
+    from genserve_client.bench import LoadGenerator
+    from genserve_client.channel import ChannelConfig
+
+    request = health_pb2.HealthCheckRequest(service="").SerializeToString()
+    gen = LoadGenerator(ChannelConfig(target=target), lambda: request, method=HEALTH_CHECK_METHOD)
+    try:
+        await gen.closed_loop(1, 0.3)  # connection and first-call costs out of the figure
+        result = await gen.closed_loop(1, duration_s)
+    finally:
+        await gen.close()
+    if result.p50_ms is None:
+        raise BenchError(f"no health Check answered on {target}: {result.errors}")
+    return float(result.p50_ms)

@@ -110,6 +110,7 @@ class LoadGenerator:
         *,
         channels: int = 1,
         timeout_s: float = 30.0,
+        method: str = SAMPLE_METHOD,  # the full method path the payloads are requests of
     ) -> None:
         self.config = config
         self.payloads = payloads
@@ -117,7 +118,7 @@ class LoadGenerator:
         self._channels = [config.aio_channel() for _ in range(max(1, channels))]
         # No (de)serializers: requests go out as the pre-built bytes, responses stay bytes.
         self._calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
-            ch.unary_unary(SAMPLE_METHOD) for ch in self._channels
+            ch.unary_unary(method) for ch in self._channels
         ]
         self._metadata = config.metadata(new_request_id())
         self._next = 0
