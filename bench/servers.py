@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from bench.common import REPO_ROOT
+from genserve_server.admission import HEALTH_CHECK
 from genserve_server.launcher import ServerStartError, ServerSubprocess, genserve_command
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -224,9 +225,6 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
-
-
 def rpc_floor_ms(server: ServerProcess, duration_s: float = 1.5) -> float:
     """p50 ms of a trivial RPC (grpc.health Check, answered without any model work), one call at a
     time through the client's own load generator, the one every level of the bench is measured
@@ -244,7 +242,7 @@ async def _floor_ms(target: str, duration_s: float) -> float:
     from genserve_client.channel import ChannelConfig
 
     request = health_pb2.HealthCheckRequest(service="").SerializeToString()
-    gen = LoadGenerator(ChannelConfig(target=target), lambda: request, method=HEALTH_CHECK_METHOD)
+    gen = LoadGenerator(ChannelConfig(target=target), lambda: request, method=HEALTH_CHECK)
     try:
         await gen.closed_loop(1, 0.3)  # connection and first-call costs out of the figure
         result = await gen.closed_loop(1, duration_s)

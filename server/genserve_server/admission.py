@@ -41,9 +41,9 @@ logger = logging.getLogger(__name__)
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 HEALTH_SERVICE = "/grpc.health.v1.Health/"
+HEALTH_CHECK = HEALTH_SERVICE + "Check"
+HEALTH_WATCH = HEALTH_SERVICE + "Watch"
 # Bulk server streams: they share max_concurrent_sample_streams.
 BULK_STREAMS = (
     "/genserve.v1.GenerationService/SampleStream",
