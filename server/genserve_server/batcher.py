@@ -81,6 +81,7 @@ from genserve_server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from genserve_server.idle_spin import off_loop_work
 
 logger = logging.getLogger(__name__)
 
@@ -660,7 +661,8 @@ class Batcher:
             fan_out(parts, outputs)
             return
         allocate(parts, outputs)
-        await asyncio.get_running_loop().run_in_executor(None, place, parts, outputs)
+        with off_loop_work():
+            await asyncio.get_running_loop().run_in_executor(None, place, parts, outputs)
         resolve(parts, outputs)
 
     async def _call(self, parts: list[Part]) -> tuple[Tensors | None, Exception | None]:

@@ -23,6 +23,7 @@ from genserve_server.accept import at_call_end
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
 from genserve_server.errors import Code, GenserveError, InvalidArgument
+from genserve_server.idle_spin import IdleSpin
 from genserve_server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -70,10 +71,14 @@ def request_id(context: Context) -> str:
 class Boundary:
     """Wraps every handler of both servicers: `unary`, `stream`, and `plain` for metadata RPCs."""
 
-    def __init__(self, metrics: Metrics, redact: Callable[[str], str] = str) -> None:
-        """`redact`: what a message becomes for the client (Repository.redact hides the server's paths)."""
+    def __init__(
+        self, metrics: Metrics, redact: Callable[[str], str] = str, idle_spin: IdleSpin | None = None
+    ) -> None:
+        """`redact`: what a message becomes for the client (Repository.redact hides the server's paths);
+        `idle_spin`: poked at the end of every call (idle_spin.py)."""
         self.metrics = metrics
         self.redact = redact
+        self.idle_spin = idle_spin
         self._unresolved = metrics.unresolved()
 
     def begin(self, method: str, context: Context) -> Call:
@@ -83,6 +88,8 @@ class Boundary:
         if remaining_s is not None:
             call.deadline = now + remaining_s
         self.metrics.in_flight_children[method].inc()
+        if self.idle_spin is not None:
+            self.idle_spin.begin()
         return call
 
     async def fail(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
@@ -112,6 +119,8 @@ class Boundary:
 
     def end(self, call: Call) -> None:
         ended = time.monotonic()
+        if self.idle_spin is not None:
+            self.idle_spin.end()
         duration_s = ended - call.started
         self.metrics.in_flight_children[call.method].dec()
         if call.batcher is not None:

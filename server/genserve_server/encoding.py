@@ -21,6 +21,7 @@ import numpy as np
 from genserve_server import codecs, validate
 from genserve_server.codecs import ImageFormat
 from genserve_server.config import Card
+from genserve_server.idle_spin import off_loop_work
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import ModelMetrics
 from genserve_server.validate import OutputSpec
@@ -214,9 +215,10 @@ class Codec:
         if encodes_inline(images, out, pixels):
             result = encode_sync(images, out, output_range, pixels)
         else:
-            result = await self._queue.submit(
-                functools.partial(encode_sync, images, out, output_range, pixels)
-            )
+            with off_loop_work():
+                result = await self._queue.submit(
+                    functools.partial(encode_sync, images, out, output_range, pixels)
+                )
         elapsed_s = time.monotonic() - started
         metrics.encode_duration[out.format_name].observe(elapsed_s)
         if timing is not None:
@@ -241,9 +243,10 @@ class Codec:
             arrays = decode_sync(images, card, max_pixels, field_prefix)
         else:
             loop = asyncio.get_running_loop()
-            arrays = await loop.run_in_executor(
-                self.pool, decode_sync, images, card, max_pixels, field_prefix
-            )
+            with off_loop_work():
+                arrays = await loop.run_in_executor(
+                    self.pool, decode_sync, images, card, max_pixels, field_prefix
+                )
         elapsed_s = time.monotonic() - started
         metrics.decode_duration.observe(elapsed_s)
         if timing is not None:
@@ -252,4 +255,5 @@ class Codec:
 
     async def off_loop(self, job: Callable[[], T]) -> T:
         """CPU-heavy numpy work (blending tiles, drawing strongly truncated latents) on the pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+        with off_loop_work():
+            return await asyncio.get_running_loop().run_in_executor(self.pool, job)

@@ -45,6 +45,7 @@ from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.heap import freeze_startup_heap
+from genserve_server.idle_spin import IdleSpin
 from genserve_server.limits import GuardedRegistrar, Handler, guard_malformed
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
@@ -205,7 +206,9 @@ class App:
         registrar = guarded.as_server()
         # One core and one boundary under both servicers: rows of either protocol share batches.
         self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
-        self.boundary = Boundary(self.metrics, redact=self.repository.redact)
+        # Every call's end keeps the loop awake for config.idle_spin_s (idle_spin.py).
+        self.idle_spin = IdleSpin(config.idle_spin_s)
+        self.boundary = Boundary(self.metrics, redact=self.repository.redact, idle_spin=self.idle_spin)
         self.service = GenerationService(
             self.repository, config, self.metrics, self.codec_pool, core=self.core, boundary=self.boundary
         )

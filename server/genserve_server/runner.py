@@ -32,6 +32,7 @@ from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.gpu_gate import (
     CAPTURE_GATE,
 )
+from genserve_server.idle_spin import off_loop_work
 from genserve_server.ort_session import (
     GPU_PROVIDERS,
     ProfileShapes,
@@ -426,7 +427,8 @@ class Runner:
         if self._runs_inline(key, signature, inputs):
             return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call_pooled, key, signature, inputs)
+        with off_loop_work():
+            return await loop.run_in_executor(self._executor, self._call_pooled, key, signature, inputs)
 
     def _runs_inline(
         self,
@@ -483,9 +485,10 @@ class Runner:
         if self._runs_inline(key, signature, inputs, bulk=True):
             return self._call(key, signature, inputs)
         loop = asyncio.get_running_loop()
-        feeds, added = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)
-        values = await loop.run_in_executor(self._bulk_executor, self._bulk_compute, feeds)
-        return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, added)
+        with off_loop_work():
+            feeds, added = await loop.run_in_executor(self._bulk_prep, self._bulk_feeds, key, inputs)
+            values = await loop.run_in_executor(self._bulk_executor, self._bulk_compute, feeds)
+            return await loop.run_in_executor(self._bulk_prep, self._bulk_outputs, values, added)
 
     def _bulk_feeds(
         self, key: Hashable, inputs: Mapping[str, np.ndarray]

@@ -1,0 +1,131 @@
+"""Keep the event loop's CPU awake for a moment after a call ends (`idle_spin_s`).
+
+A tiny model's request is a few hundred microseconds of work on the event loop thread, cut into
+pieces by gRPC's hand-offs (the message, the send). Whenever the loop has nothing to do between
+them, or between one call's answer and the next call of a closed-loop client, its thread blocks in
+epoll and the kernel idles the CPU. On a virtual machine an idle vCPU halts (a VM exit), and the
+work after the wake-up runs on cold caches: on the 2-core VM of bench/README.md the same one-seed
+latents take 37-67 us after a 0.8-ms sleep against 23-30 us after a 0.8-ms busy wait, and a
+one-row ONNX Runtime call 43 against 33 us (bench/profile.md, sixteenth round).
+
+`IdleSpin.end` (Boundary.end, at the end of every call) keeps the loop turning, one cheap callback
+per turn (epoll with a zero timeout, then `sched_yield`), until `window_s` has passed since the last
+call ended. It spins only for a lone caller (not within OVERLAP_MEMORY_S of two calls in their
+handlers at once: several callers' work fills the gaps) and stops while work this loop awaits runs
+on another thread (`off_loop_work`: pooled and bulk model calls, off-loop encodes and decodes): a
+spinning loop would take a core from that work. At
+saturation the loop never idles, so the spin costs one callback per turn and no CPU of its own; an
+idle server does not spin at all. What it costs is CPU in the gaps of a light load: at most
+`window_s` per call. A closed-loop client at concurrency 1 answers and sends again within the
+window, so there the loop's thread stays busy (about half a core more for a tiny model's ~1,000
+calls/s), for 0.1 ms less per call (bench/profile.md, sixteenth round). Busy-waiting for latency is
+ONNX Runtime's own default for its intra-op threads (genserve turns that one off: those spin during
+batches, when the cores have work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+
+# Seconds of spinning after each call by default (ServerConfig.idle_spin_s): the window starts when
+# the handler returns, before gRPC sends the answer; 300 us gave half of 600's gain at c=1 (a client
+# on the same host sends its next request ~0.4-0.5 ms after the handler's end), 1 ms no more.
+DEFAULT_WINDOW_S = 600e-6
+MAX_WINDOW_S = 0.01
+# Spin only for a lone caller: not within this many seconds of two calls being in their handlers at
+# once. With several callers, other calls' work fills the loop's gaps, and a spinning loop takes the
+# cores from the threads that deliver the next requests (gRPC's, a client's on a shared host):
+# dcgan-digits at c=2-8 on 2 cores lost 5-25 % of its images/s when the loop spun whatever the
+# calls, and 0-28 % at c=8-16 when it spun whenever at most one call was in a handler (between two
+# batches' worth of calls). The memory is the batcher's (arrivals.OVERLAP_MEMORY_S).
+OVERLAP_MEMORY_S = 0.1
+# os.sched_yield each spun turn: a thread woken on the spinning core (gRPC's poller, an event-engine
+# thread) runs at once instead of waiting out the loop's time slice.
+_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
+
+
+class _OffLoop:
+    """Jobs this process's event loop has handed to other threads and not yet got back."""
+
+    running = 0
+
+
+_OFF_LOOP = _OffLoop()
+
+
+@contextlib.contextmanager
+def off_loop_work() -> Iterator[None]:
+    """Around an `await` of work on another thread (run_in_executor): no spinning meanwhile. Entered
+    and left on the loop's thread, so a plain counter is enough."""
+    _OFF_LOOP.running += 1
+    try:
+        yield
+    finally:
+        _OFF_LOOP.running -= 1
+
+
+def off_loop_jobs() -> int:
+    """Jobs handed to other threads and not back yet (tests, diagnostics)."""
+    return _OFF_LOOP.running
+
+
+class IdleSpin:
+    """Keeps its event loop turning for `window_s` after each `poke` or `end` (0: never), for a lone
+    caller (no two calls at once within OVERLAP_MEMORY_S) and while nothing runs off the loop."""
+
+    def __init__(
+        self, window_s: float = DEFAULT_WINDOW_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not 0.0 <= window_s <= MAX_WINDOW_S:
+            raise ValueError(f"idle_spin_s must be in [0, {MAX_WINDOW_S}], got {window_s}")
+        self.window_s = window_s
+        self._clock = clock
+        self._until = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.turns = 0  # loop turns spun (tests, diagnostics)
+        self.calls = 0  # calls between Boundary.begin and Boundary.end
+        self._overlapped_at = -math.inf  # when two calls were last in their handlers at once
+
+    def begin(self) -> None:
+        """A call's handler starts (Boundary.begin)."""
+        self.calls += 1
+        if self.calls > 1:
+            self._overlapped_at = self._clock()
+
+    def end(self) -> None:
+        """A call's handler has ended (Boundary.end): spin for `window_s` from now."""
+        self.calls -= 1
+        self.poke()
+
+    @property
+    def spinning(self) -> bool:
+        return self._loop is not None
+
+    def poke(self) -> None:
+        """A call has ended (on the loop's thread): spin until `window_s` from now."""
+        now = self._clock()
+        if self.window_s <= 0.0 or now - self._overlapped_at < OVERLAP_MEMORY_S:
+            return  # off, or several callers: not even one callback
+        self._until = now + self.window_s
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on a loop's thread (a test's direct call): nothing to keep awake
+                return
+            self._loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        loop = self._loop
+        now = self._clock()
+        lone = now - self._overlapped_at >= OVERLAP_MEMORY_S
+        if loop is None or _OFF_LOOP.running or not lone or now >= self._until:
+            self._loop = None
+            return
+        self.turns += 1
+        _yield()
+        loop.call_soon(self._turn)
