@@ -13,7 +13,7 @@ per turn (epoll with a zero timeout, then `sched_yield`), until `window_s` has p
 call ended. It spins only for a lone caller (not within OVERLAP_MEMORY_S of two calls in their
 handlers at once: several callers' work fills the gaps) and stops while work this loop awaits runs
 on another thread (`off_loop_work`: pooled and bulk model calls, off-loop encodes and decodes): a
-spinning loop would take a core from that work. At
+spinning loop would take a core from that work (model loads count too). At
 saturation the loop never idles, so the spin costs one callback per turn and no CPU of its own; an
 idle server does not spin at all. What it costs is CPU in the gaps of a light load: at most
 `window_s` per call. A closed-loop client at concurrency 1 answers and sends again within the
@@ -61,7 +61,9 @@ _OFF_LOOP = _OffLoop()
 @contextlib.contextmanager
 def off_loop_work() -> Iterator[None]:
     """Around an `await` of work on another thread (run_in_executor): no spinning meanwhile. Entered
-    and left on the loop's thread, so a plain counter is enough."""
+    and left on the loop's thread, so a plain counter is enough; one per process (a server process
+    runs one event loop). A call cancelled while it waits leaves at once, though its job may still
+    finish on the pool: the spin may then start up to one job early."""
     _OFF_LOOP.running += 1
     try:
         yield
@@ -98,7 +100,10 @@ class IdleSpin:
             self._overlapped_at = self._clock()
 
     def end(self) -> None:
-        """A call's handler has ended (Boundary.end): spin for `window_s` from now."""
+        """A call's handler has ended (Boundary.end): spin for `window_s` from now, unless another
+        call is still in its handler (then the two overlapped until now)."""
+        if self.calls > 1:
+            self._overlapped_at = self._clock()
         self.calls -= 1
         self.poke()
 
@@ -112,20 +117,23 @@ class IdleSpin:
         if self.window_s <= 0.0 or now - self._overlapped_at < OVERLAP_MEMORY_S:
             return  # off, or several callers: not even one callback
         self._until = now + self.window_s
-        if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on a loop's thread (a test's direct call): nothing to keep awake
-                return
-            self._loop.call_soon(self._turn)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop's thread (a test's direct call): nothing to keep awake
+            return
+        # A turn queued on a loop that stopped meanwhile never runs: start again on this one.
+        if self._loop is not running:
+            self._loop = running
+            running.call_soon(self._turn, running)
 
-    def _turn(self) -> None:
-        loop = self._loop
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:
+            return  # a stale turn of a loop this spin has left
         now = self._clock()
         lone = now - self._overlapped_at >= OVERLAP_MEMORY_S
-        if loop is None or _OFF_LOOP.running or not lone or now >= self._until:
+        if _OFF_LOOP.running or not lone or now >= self._until:
             self._loop = None
             return
         self.turns += 1
         _yield()
-        loop.call_soon(self._turn)
+        loop.call_soon(self._turn, loop)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_boundary_unit import FakeContext
+from test_boundary_unit import Aborted, FakeContext
 from test_runner import make_runner
 
+from genserve_server import encoding
 from genserve_server.batch_keys import SEED_INPUT, SeedRows
 from genserve_server.boundary import Boundary
+from genserve_server.codecs import ImageFormat
 from genserve_server.config import ConfigError, ServerConfig, load_server_config
 from genserve_server.core import Call
 from genserve_server.encoding import Codec
@@ -25,7 +29,8 @@ from genserve_server.idle_spin import (
     off_loop_jobs,
     off_loop_work,
 )
-from genserve_server.metrics import Metrics
+from genserve_server.metrics import Metrics, ModelMetrics
+from genserve_server.validate import OutputSpec
 
 
 class FakeClock:
@@ -43,18 +48,35 @@ async def turns(n: int = 5) -> None:
 
 
 def test_a_sleeping_loop_keeps_turning_after_a_poke_and_stops_by_itself() -> None:
-    spin = IdleSpin(0.005)  # real time: the loop really goes round while its coroutine sleeps
+    assert off_loop_jobs() == 0
+    spin = IdleSpin(0.01)  # real time: the loop really goes round while its coroutine sleeps
 
     async def body() -> tuple[int, bool]:
         spin.poke()
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.003)
         during = spin.turns
-        await asyncio.sleep(0.03)
+        await asyncio.sleep(0.05)
         return during, spin.spinning
 
     during, spinning_after = asyncio.run(body())
-    assert during > 1  # without the spin nothing turns the loop while it sleeps
+    assert during >= 1  # without the spin nothing turns the loop while it sleeps
     assert not spinning_after
+
+
+def test_a_spin_left_on_a_stopped_loop_starts_again_on_the_next_one() -> None:
+    spin = IdleSpin(0.01, clock=FakeClock())
+
+    async def poke_and_leave() -> None:
+        spin.poke()  # the loop ends with this spin's turn still queued
+
+    async def poke_and_turn() -> int:
+        before = spin.turns
+        spin.poke()
+        await turns()
+        return spin.turns - before
+
+    asyncio.run(poke_and_leave())
+    assert asyncio.run(poke_and_turn()) >= 3  # turns on the new loop, not a dead one's
 
 
 def test_the_window_runs_from_the_last_poke_and_a_zero_window_never_spins() -> None:
@@ -131,6 +153,27 @@ def test_the_spin_is_for_a_lone_caller_and_waits_out_overlapping_calls() -> None
     assert spin.calls == 0
 
 
+def test_calls_that_overlapped_until_one_ended_keep_the_spin_off() -> None:
+    clock = FakeClock()
+    spin = IdleSpin(0.01, clock=clock)
+
+    async def body() -> list[bool]:
+        seen = []
+        spin.begin()
+        spin.begin()  # two long calls overlap from the start...
+        clock.now += 1.0
+        spin.end()  # ...until now: one is still in its handler
+        await turns()
+        seen.append(spin.spinning)
+        clock.now += 0.05
+        spin.end()  # the other ends within OVERLAP_MEMORY_S of the overlap
+        await turns()
+        seen.append(spin.spinning)
+        return seen
+
+    assert asyncio.run(body()) == [False, False]
+
+
 def test_a_poke_outside_an_event_loop_does_nothing() -> None:
     spin = IdleSpin()
     spin.poke()
@@ -152,6 +195,26 @@ def test_every_call_end_pokes_the_spin() -> None:
 
     assert asyncio.run(body())
     assert seen_in_handler == [False]  # the window opens when the call ends
+    assert spin.calls == 0
+
+    async def failing(request: object, call: Call) -> str:
+        raise ZeroDivisionError("boom")
+
+    async def items(request: object, call: Call) -> AsyncIterator[str]:
+        yield "one"
+
+    async def other_paths() -> tuple[int, bool]:
+        with contextlib.suppress(Aborted):
+            await boundary.unary("Sample", object(), FakeContext(), failing)  # type: ignore[arg-type]
+        calls_after_failure = spin.calls
+        async for _ in streams.stream("SampleStream", object(), FakeContext(), items):  # type: ignore[arg-type]
+            pass
+        return calls_after_failure, stream_spin.spinning
+
+    stream_spin = IdleSpin(0.01, clock=FakeClock())
+    streams = Boundary(Metrics(), idle_spin=stream_spin)
+
+    assert asyncio.run(other_paths()) == (0, True)
 
 
 def test_work_handed_to_other_threads_counts_as_off_the_loop(tmp_path: Path) -> None:
@@ -178,6 +241,27 @@ def test_work_handed_to_other_threads_counts_as_off_the_loop(tmp_path: Path) -> 
         codec_pool.pool.shutdown()
         runner.close()
     assert seen == [1, 1]
+    assert off_loop_jobs() == 0
+
+
+def test_an_encode_on_the_codec_pool_counts_as_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    original = encoding.encode_sync
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(off_loop_jobs())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(encoding, "encode_sync", spy)
+    codec = Codec(ThreadPoolExecutor(1), threads=1, max_send_bytes=1 << 26)
+    images = np.random.default_rng(0).uniform(-1, 1, (1, 3, 256, 256)).astype(np.float32)
+    png = OutputSpec(ImageFormat.PNG, quality=90, png_compression=1, return_latents=False)
+    assert not encoding.encodes_inline(images, png)
+    try:
+        asyncio.run(codec.encode(ModelMetrics(Metrics(), "m", "1"), images, png, (-1.0, 1.0)))
+    finally:
+        codec.pool.shutdown()
+    assert seen == [1]
     assert off_loop_jobs() == 0
 
 
