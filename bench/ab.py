@@ -7,7 +7,8 @@ measured in turns, level by level (A, B, B, A, ...), under the same client (this
 `genserve-client bench`). Per model and side: p50 at concurrency 1, images/s and
 p99/p50 at concurrency 64 (RAW_UINT8, one image per request), the server's CPU ms per request, and
 the transport's floor (p50 of a trivial health Check at c=1 through the same load generator,
-`servers.rpc_floor_ms`) with the c=1 p50 over it.
+`servers.rpc_floor_ms`) with the c=1 p50 over it. `--base-config` / `--config` give either side a
+server config file: with `--base-tree .` that is an A/B of one setting of this tree.
 It prints the medians over the rounds and the ratios B / A. Same machine, same run, same files:
 only the server's code differs (its PYTHONPATH points at the other tree's `server/` and `api/`).
 """
@@ -40,11 +41,13 @@ FIGURES = (
 )
 
 
-def _serve(tree: Path, models: Path) -> ServerProcess:
+def _serve(tree: Path, models: Path, config: Path | None = None) -> ServerProcess:
+    """`tree`'s server on `models`, with the server config file `config` (None: the defaults)."""
     # In front of the caller's path, not instead of it: a device's onnxruntime-gpu is on that path.
     inherited = os.environ.get("PYTHONPATH", "")
     env = {"PYTHONPATH": f"{tree / 'server'}:{tree / 'api'}" + (f":{inherited}" if inherited else "")}
-    return ServerProcess("genserve", genserve_command(models), env=env)
+    extra = ("--config", str(config)) if config is not None else ()
+    return ServerProcess("genserve", genserve_command(models, *extra), env=env)
 
 
 def _subset(models_dir: Path, names: list[str], into: Path) -> Path:
@@ -88,13 +91,21 @@ def main() -> None:
         default=None,
         help="side A's models (default: REV's models/), e.g. this tree's model files under REV's config.json",
     )
+    parser.add_argument(
+        "--base-config",
+        type=Path,
+        default=None,
+        help="side A's server config file (default: none), e.g. with `--base-tree .` an A/B of one "
+        'setting: {"idle_spin_s": 0} against the default',
+    )
+    parser.add_argument("--config", type=Path, default=None, help="side B's server config file")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration-s", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     if bool(args.base) == (args.base_tree is not None):
         parser.error("give exactly one of --base REV and --base-tree PATH")
-    label = args.base or str(args.base_tree)
+    label = (args.base or str(args.base_tree)) + (f" with {args.base_config}" if args.base_config else "")
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         base = args.base_tree or Path(tmp) / "base"
         if args.base_tree is None:
@@ -115,7 +126,8 @@ def main() -> None:
             # Both servers run for the whole comparison and take turns level by level, the first
             # side alternating: a change in the machine's load lands on both sides within seconds.
             # (Fresh servers per round, one after the other, let minutes of drift decide the ratio.)
-            with _serve(base, repos["A"]) as a_server, _serve(REPO_ROOT, repos["B"]) as b_server:
+            a_side = _serve(base, repos["A"], args.base_config)
+            with a_side as a_server, _serve(REPO_ROOT, repos["B"], args.config) as b_server:
                 servers = {"A": a_server, "B": b_server}
                 for i in range(args.rounds):
                     for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
@@ -127,8 +139,9 @@ def main() -> None:
                 subprocess.run(
                     ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
                 )
-    report: dict[str, Any] = {"base": label, "rounds": args.rounds, "models": {}}
-    write_line(f"A = {label}, B = this tree; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request")
+    b_label = "this tree" + (f" with {args.config}" if args.config else "")
+    report: dict[str, Any] = {"base": label, "side_b": b_label, "rounds": args.rounds, "models": {}}
+    write_line(f"A = {label}, B = {b_label}; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request")
     write_line(f"{'model':<22}{'figure':<18}{'A':>10}{'B':>10}{'B/A':>8}")
     for name in args.models:
         report["models"][name] = {}

@@ -5,7 +5,7 @@
 # and bench.run --quick (genserve vs the naive servers, all on CUDA) for a few bundled models.
 # Knobs: STEP_BENCH=0 skips the step bench, STEP_SHAPES (default "on"), STEP_SCOPES (default "level
 # chain": the request-level baselines, bench.step_batching --request-scope), STEP_RATES, STEP_DURATION;
-# RUN_QUICK=0 skips bench.run, RUN_MODELS; AB_BASE_TREE (+ AB_MODELS, AB_ROUNDS): bench.ab against a
+# RUN_QUICK=0 skips bench.run, RUN_MODELS; IDLE_SPIN_AB=0 skips the idle_spin_s A/B; AB_BASE_TREE (+ AB_MODELS, AB_ROUNDS): bench.ab against a
 # carried source tree, e.g. a079273's server/ and api/ for the cgan-digits drop (bench/README.md):
 #   here: echo /.abbase/ >> .git/info/exclude; mkdir -p .abbase; git archive a079273 server api | tar -x -C .abbase
 #   the last call: carry [..., ".abbase"], command: ... AB_BASE_TREE=.abbase bash scripts/gpu_bench.sh
@@ -70,6 +70,14 @@ if [[ "${RUN_QUICK:-1}" == 1 ]]; then
   "$PYTHON" -m bench.run --quick --models ${RUN_MODELS:-dcgan-digits cgan-digits vae-digits-decoder sr-photos-x4} \
     --no-bench-models --no-priority --no-readme --out "$OUT/run-quick-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" \
     || status=1
+fi
+# idle_spin_s on the device (a host that idles into C-states rather than halting a vCPU): this
+# tree with the spin off (A) against the default (B), same run (bench/profile.md, sixteenth round).
+if [[ "${IDLE_SPIN_AB:-1}" == 1 ]]; then
+  echo '{"idle_spin_s": 0}' > "$OUT/idle-spin-off.json"
+  "$PYTHON" -m bench.ab --base-tree "$ROOT" --base-config "$OUT/idle-spin-off.json" \
+    --models ${AB_MODELS:-vae-digits-decoder cgan-digits dcgan-digits} --rounds "${AB_ROUNDS:-3}" \
+    --json "$OUT/ab-idle-spin-gpu.json" 2>&1 | tee -a "$OUT/gpu_bench.log" || status=1
 fi
 # An A/B of this tree against another source tree on the device (AB_BASE_TREE: a carried copy of
 # server/ and api/ with one change undone; the device has no git history for --base).
