@@ -181,10 +181,10 @@ class ServerConfig:
     # a tiny model's batch-1 call (80-110 us), so concurrency 1 pays no thread hand-offs. The file
     # may give it as `inline_compute_max_us` (earlier releases' name).
     inline_compute_max_s: float = 250e-6
-    # After each call the event loop keeps turning this many seconds instead of idling its CPU
-    # (idle_spin.py): a tiny model's next request then finds warm caches and an awake vCPU, ~0.1 ms
-    # less at concurrency 1 on a 2-core VM; it costs up to this much CPU per call at light load, none
-    # at saturation. 0 = off.
+    # After each call of a lone caller the event loop keeps turning this many seconds instead of
+    # idling its CPU (idle_spin.py): a tiny model's next request then finds warm caches and an awake
+    # vCPU, ~0.1 ms less at concurrency 1 on a 2-core VM; it costs up to this much CPU per call at
+    # light load, none with several callers or at saturation. 0 = off.
     idle_spin_s: float = IDLE_SPIN_DEFAULT_S
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # Rescan the model repository when it changes, checked every this many seconds (reload.py);

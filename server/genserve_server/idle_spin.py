@@ -32,18 +32,20 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from genserve_server.arrivals import OVERLAP_MEMORY_S
+
 # Seconds of spinning after each call by default (ServerConfig.idle_spin_s): the window starts when
 # the handler returns, before gRPC sends the answer; 300 us gave half of 600's gain at c=1 (a client
 # on the same host sends its next request ~0.4-0.5 ms after the handler's end), 1 ms no more.
 DEFAULT_WINDOW_S = 600e-6
 MAX_WINDOW_S = 0.01
-# Spin only for a lone caller: not within this many seconds of two calls being in their handlers at
-# once. With several callers, other calls' work fills the loop's gaps, and a spinning loop takes the
-# cores from the threads that deliver the next requests (gRPC's, a client's on a shared host):
-# dcgan-digits at c=2-8 on 2 cores lost 5-25 % of its images/s when the loop spun whatever the
-# calls, and 0-28 % at c=8-16 when it spun whenever at most one call was in a handler (between two
-# batches' worth of calls). The memory is the batcher's (arrivals.OVERLAP_MEMORY_S).
-OVERLAP_MEMORY_S = 0.1
+# Spin only for a lone caller: not within OVERLAP_MEMORY_S (the batcher's memory of overlapping
+# callers, imported above) of two calls being in their handlers at once. With several callers, other
+# calls' work fills the loop's gaps, and a spinning loop takes the cores from the threads that
+# deliver the next requests (gRPC's, a client's on a shared host): dcgan-digits at c=2-8 on 2 cores
+# lost 5-25 % of its images/s when the loop spun whatever the calls, and 0-28 % at c=8-16 when it
+# spun whenever at most one call was in a handler (between two batches' worth of calls).
+
 # os.sched_yield each spun turn: a thread woken on the spinning core (gRPC's poller, an event-engine
 # thread) runs at once instead of waiting out the loop's time slice.
 _yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)

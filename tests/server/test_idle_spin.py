@@ -16,19 +16,14 @@ from test_boundary_unit import Aborted, FakeContext
 from test_runner import make_runner
 
 from genserve_server import encoding
+from genserve_server.arrivals import OVERLAP_MEMORY_S
 from genserve_server.batch_keys import SEED_INPUT, SeedRows
 from genserve_server.boundary import Boundary
 from genserve_server.codecs import ImageFormat
 from genserve_server.config import ConfigError, ServerConfig, load_server_config
 from genserve_server.core import Call
 from genserve_server.encoding import Codec
-from genserve_server.idle_spin import (
-    DEFAULT_WINDOW_S,
-    OVERLAP_MEMORY_S,
-    IdleSpin,
-    off_loop_jobs,
-    off_loop_work,
-)
+from genserve_server.idle_spin import DEFAULT_WINDOW_S, IdleSpin, off_loop_jobs, off_loop_work
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.validate import OutputSpec
 
