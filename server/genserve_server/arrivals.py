@@ -4,8 +4,9 @@ A batch window pays only if more rows arrive within it. `Arrivals` keeps the sig
 judges by (batcher.Batcher._form_batch): the callers of a model version now in the server (tracked
 RPCs that have not reached the queue yet are certain arrivals), the fraction of recent arrivals that
 overlapped another caller (open-loop traffic, or an event loop that has not parsed the next RPC yet),
-the peak of callers lately (closed-loop clients all queued: nobody else can send), and the arrival
-rate that judges whether a preferred batch size is within reach (closes_at_preferred).
+the peak of callers lately (closed-loop clients all queued: nobody else can send), the arrival
+rate that judges whether a preferred batch size is within reach (closes_at_preferred), and the
+request rate that says when nothing more is likely within a window (sparse).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ CALLERS_PEAK_MEMORY_S = 1.0
 # over this many batch windows (at least RATE_HORIZON_MIN_S).
 RATE_HORIZON_WINDOWS = 4
 RATE_HORIZON_MIN_S = 0.01
+# The request rate that judges whether anything can arrive within a window (sparse) is
+# measured over this many windows (at least SPARSE_HORIZON_MIN_S): long enough to hold several
+# arrivals at the rates where it matters (~100-1,000 requests/s against a 4-ms window).
+SPARSE_HORIZON_WINDOWS = 12
+SPARSE_HORIZON_MIN_S = 0.05
+# ...and only while fewer than this fraction of recent arrivals overlapped another caller: closed-loop
+# callers of a slow model also arrive less than once a window, but each finds the others in the server
+# and the rest of its cohort is about to come back.
+SPARSE_OVERLAP_FRAC = 0.5
 
 
 def closes_at_preferred(rows: int, preferred: tuple[int, ...], limit: int, expected_rows: float) -> bool:
@@ -57,6 +67,8 @@ class Arrivals:
     # (arrival time, rows) of recent submits, for the arrival rate (expected_rows).
     _recent: deque[tuple[float, int]] = field(default_factory=deque)
     _recent_rows: int = 0
+    # Arrival times of recent requests, for the request rate (sparse).
+    _arrival_times: deque[float] = field(default_factory=deque)
 
     def arrived(self, now: float, n_rows: int, callers: int, queued_requests: int) -> None:
         """A request of `n_rows` reached the queue, `callers` tracked RPCs in the server (0: not
@@ -65,6 +77,8 @@ class Arrivals:
             self._recent.append((now, n_rows))
             self._recent_rows += n_rows
             self._forget_old(now)
+        self._arrival_times.append(now)
+        self._forget_old_arrivals(now)
         if not callers:
             return
         overlapped = 1.0 if callers > 1 or queued_requests else 0.0
@@ -99,6 +113,25 @@ class Arrivals:
             return math.inf
         self._forget_old(now)
         return self._recent_rows / self._horizon_s() * within_s
+
+    def sparse(self, now: float, callers: int, queued_requests: int) -> bool:
+        """Whether no more requests are likely within a window: no tracked caller in the server is on
+        its way to the queue, recent arrivals mostly found no other caller there (an open loop at a
+        low rate, not closed-loop callers coming back with their answers), and fewer than one request
+        a window arrived lately. At 100 requests/s a 4-ms window brings a second request one time in
+        three, and a lone request would pay the whole window for it."""
+        if callers > queued_requests or self.overlap_frac >= SPARSE_OVERLAP_FRAC:
+            return False
+        self._forget_old_arrivals(now)
+        return len(self._arrival_times) * self.window_s < self._sparse_horizon_s()
+
+    def _sparse_horizon_s(self) -> float:
+        return max(SPARSE_HORIZON_MIN_S, SPARSE_HORIZON_WINDOWS * self.window_s)
+
+    def _forget_old_arrivals(self, now: float) -> None:
+        horizon_s = self._sparse_horizon_s()
+        while self._arrival_times and now - self._arrival_times[0] > horizon_s:
+            self._arrival_times.popleft()
 
     def _horizon_s(self) -> float:
         return max(RATE_HORIZON_MIN_S, RATE_HORIZON_WINDOWS * self.window_s)

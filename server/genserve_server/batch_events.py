@@ -10,13 +10,15 @@ from genserve_server.batch_parts import Lane
 # Why a batch closed (genserve_batches_closed_total{reason}): it reached its row limit; it reached
 # its share of the rows beside a running batch (batcher.Batcher._side_by_side_share); it went at
 # once (nothing suggested more rows were coming: an idle runner at concurrency 1, or no sign of
-# callers); every caller in the server was queued; its window ended; it held a preferred size
+# callers); every caller in the server was queued; its window ended; arrivals were too sparse for
+# its window to bring more (arrivals.Arrivals.sparse: a light open loop); it held a preferred size
 # that waiting would not grow; a bulk batch gave way to an interactive request.
 CLOSED_FULL = "full"
 CLOSED_SHARED = "shared"
 CLOSED_AT_ONCE = "at_once"
 CLOSED_ALL_QUEUED = "all_queued"
 CLOSED_WINDOW = "window"
+CLOSED_SPARSE = "sparse"
 CLOSED_PREFERRED = "preferred"
 CLOSED_YIELDED = "yielded"
 BATCH_CLOSE_REASONS = (
@@ -25,6 +27,7 @@ BATCH_CLOSE_REASONS = (
     CLOSED_AT_ONCE,
     CLOSED_ALL_QUEUED,
     CLOSED_WINDOW,
+    CLOSED_SPARSE,
     CLOSED_PREFERRED,
     CLOSED_YIELDED,
 )

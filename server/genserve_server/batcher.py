@@ -16,6 +16,9 @@ Scheduling:
   arrival) on the same Event -- never poll. A batch that holds exactly a preferred size
   (`preferred_batch_sizes`) goes before its window ends when no request is on its way and the recent
   arrival rate would not bring the next preferred size within the window (closes_at_preferred).
+  A batch of tracked callers goes without its window when fewer than one request a window arrived
+  lately and those arrivals mostly found no other caller in the server (arrivals.Arrivals.sparse): a
+  light open loop does not hold a lone request for a second one that is unlikely to come in time.
   Adaptive: when the runner is idle and no other request is queued or on its way (`callers`, kept
   by the service) the batch goes at once, so batching costs nothing at concurrency 1; an idle
   runner waits the window only while arrivals overlapped recently (a moving fraction of arrivals,
@@ -46,6 +49,7 @@ from genserve_server.batch_events import (
     CLOSED_FULL,
     CLOSED_PREFERRED,
     CLOSED_SHARED,
+    CLOSED_SPARSE,
     CLOSED_WINDOW,
     CLOSED_YIELDED,
     BatchObserver,
@@ -495,6 +499,10 @@ class Batcher:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
         return self._arrivals.more_expected(time.monotonic(), self.callers, self._queued_requests)
 
+    def _sparse(self) -> bool:
+        """Whether arrivals are too sparse for the window to bring more (arrivals.Arrivals.sparse)."""
+        return self._arrivals.sparse(time.monotonic(), self.callers, self._queued_requests)
+
     def _expected_rows(self, within_s: float) -> float:
         return self._arrivals.expected_rows(time.monotonic(), within_s, self.callers, self._queued_requests)
 
@@ -521,6 +529,9 @@ class Batcher:
                 if self.callers and not self._more_expected():
                     reason = CLOSED_ALL_QUEUED
                     break  # every caller in the server is queued: nobody else is about to send
+                if self.callers and self._sparse():
+                    reason = CLOSED_SPARSE
+                    break  # a light open loop: a second request is unlikely within the window
                 if lane == Lane.BULK and self._lanes[Lane.INTERACTIVE]:
                     reason = CLOSED_YIELDED
                     break  # an interactive request does not wait out a bulk batch's window

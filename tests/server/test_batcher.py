@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from genserve_server.arrivals import CALLERS_PEAK_MEMORY_S, OVERLAP_MEMORY_S, closes_at_preferred
+from genserve_server.arrivals import (
+    CALLERS_PEAK_MEMORY_S,
+    OVERLAP_MEMORY_S,
+    SPARSE_HORIZON_MIN_S,
+    SPARSE_HORIZON_WINDOWS,
+    Arrivals,
+    closes_at_preferred,
+)
 from genserve_server.batcher import Batcher, Lane
 from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 
@@ -197,6 +204,50 @@ def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_re
         await batcher.close(1)
 
     run(body())
+
+
+def test_a_lone_caller_at_a_low_rate_goes_without_waiting_for_a_second_that_will_not_come() -> None:
+    """An open loop at a low rate: a recent overlap and the callers' peak say more may come, but fewer
+    than one request a window arrived lately and most found the server empty, so the lone queued row
+    goes at once ('sparse'). Closed-loop callers who find each other in the server still wait."""
+
+    async def body() -> None:
+        model = FakeModel()
+        window_s = 0.05
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s)
+        for i in range(3):  # lone arrivals: the overlap fraction stays low
+            await tracked_submit(batcher, i)
+        await asyncio.gather(*(tracked_submit(batcher, i) for i in range(2)))  # two callers overlapped
+        # 6 requests in the last 12 windows: without the rate, the lone caller right after the overlap
+        # would wait out the window for a second caller (the peak of 2).
+        assert await tracked_submit(batcher, 3) < window_s / 2
+        assert recorder.closed[-1] == "sparse"
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_sparse_needs_fewer_than_one_request_a_window_mostly_alone_and_nobody_on_the_way() -> None:
+    window_s = 0.005
+    horizon_s = max(SPARSE_HORIZON_MIN_S, SPARSE_HORIZON_WINDOWS * window_s)
+    per_horizon = round(horizon_s / window_s)  # one request a window
+    arrivals = Arrivals(window_s)
+    for i in range(per_horizon - 1):  # alone, just under one a window
+        arrivals.arrived(i * window_s, 1, callers=1, queued_requests=0)
+    now = (per_horizon - 1) * window_s
+    assert arrivals.sparse(now, callers=1, queued_requests=1)
+    # A tracked caller that has not reached the queue yet is certain to come: no.
+    assert not arrivals.sparse(now, callers=2, queued_requests=1)
+    for _ in range(2):  # over one a window: a second is likely within it
+        arrivals.arrived(now, 1, callers=1, queued_requests=0)
+    assert not arrivals.sparse(now, callers=1, queued_requests=1)
+    # Arrivals older than the horizon no longer count.
+    assert arrivals.sparse(now + horizon_s / 2, callers=1, queued_requests=1)
+    # Closed-loop callers who find each other in the server: no, however slow they come.
+    closed = Arrivals(window_s)
+    for i in range(60):
+        closed.arrived(i * 1.0, 1, callers=4, queued_requests=2)
+    assert not closed.sparse(60.0, callers=1, queued_requests=1)
 
 
 def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stream() -> None:
