@@ -32,10 +32,14 @@ RATE_HORIZON_MIN_S = 0.01
 # arrivals at the rates where it matters (~100-1,000 requests/s against a 4-ms window).
 SPARSE_HORIZON_WINDOWS = 12
 SPARSE_HORIZON_MIN_S = 0.05
-# ...and only while fewer than this fraction of recent arrivals overlapped another caller: closed-loop
-# callers of a slow model also arrive less than once a window, but each finds the others in the server
-# and the rest of its cohort is about to come back.
-SPARSE_OVERLAP_FRAC = 0.5
+# ...and only while fewer than this fraction of the last SPARSE_OVERLAP_ARRIVALS tracked arrivals
+# found another caller in the server: closed-loop callers of a slow model also arrive less than once
+# a window, but half of them or more find the others there (at c=2 the second of a pair finds the
+# first), and the rest of the cohort is about to come back with its answers. An open loop at 100
+# requests/s overlaps ~1 arrival in 10. Counted over arrivals, not time, so that a slow model's
+# closed loop is recognised from its third arrival on (0 of 1, 1 of 2, 1 of 3 overlapped).
+SPARSE_OVERLAP_ARRIVALS = 8
+SPARSE_OVERLAP_FRAC = 0.3
 
 
 def closes_at_preferred(rows: int, preferred: tuple[int, ...], limit: int, expected_rows: float) -> bool:
@@ -67,8 +71,16 @@ class Arrivals:
     # (arrival time, rows) of recent submits, for the arrival rate (expected_rows).
     _recent: deque[tuple[float, int]] = field(default_factory=deque)
     _recent_rows: int = 0
-    # Arrival times of recent requests, for the request rate (sparse).
+    # Arrival times of recent requests, for the request rate (sparse): only as many as it takes to
+    # tell one a window (maxlen set in __post_init__), so a long window keeps no long history.
     _arrival_times: deque[float] = field(default_factory=deque)
+    # Whether each of the last tracked arrivals overlapped another caller (sparse), and how many did.
+    _overlaps: deque[bool] = field(default_factory=lambda: deque(maxlen=SPARSE_OVERLAP_ARRIVALS))
+    _overlaps_count: int = 0
+
+    def __post_init__(self) -> None:
+        windows = self._sparse_horizon_s() / self.window_s if self.window_s > 0 else 0.0
+        self._arrival_times = deque(maxlen=max(1, math.ceil(windows)))
 
     def arrived(self, now: float, n_rows: int, callers: int, queued_requests: int) -> None:
         """A request of `n_rows` reached the queue, `callers` tracked RPCs in the server (0: not
@@ -82,6 +94,10 @@ class Arrivals:
         if not callers:
             return
         overlapped = 1.0 if callers > 1 or queued_requests else 0.0
+        if len(self._overlaps) == self._overlaps.maxlen:
+            self._overlaps_count -= self._overlaps[0]
+        self._overlaps.append(bool(overlapped))
+        self._overlaps_count += bool(overlapped)
         self.overlap_frac += 0.05 * (overlapped - self.overlap_frac)
         if overlapped:
             self.last_overlap_at = now
@@ -120,9 +136,13 @@ class Arrivals:
         low rate, not closed-loop callers coming back with their answers), and fewer than one request
         a window arrived lately. At 100 requests/s a 4-ms window brings a second request one time in
         three, and a lone request would pay the whole window for it."""
-        if callers > queued_requests or self.overlap_frac >= SPARSE_OVERLAP_FRAC:
+        if callers > queued_requests:
+            return False
+        if self._overlaps_count >= SPARSE_OVERLAP_FRAC * max(1, len(self._overlaps)):
             return False
         self._forget_old_arrivals(now)
+        if len(self._arrival_times) == self._arrival_times.maxlen:
+            return False  # as many as one a window (or more: the oldest were dropped)
         return len(self._arrival_times) * self.window_s < self._sparse_horizon_s()
 
     def _sparse_horizon_s(self) -> float:

@@ -529,12 +529,12 @@ class Batcher:
                 if self.callers and not self._more_expected():
                     reason = CLOSED_ALL_QUEUED
                     break  # every caller in the server is queued: nobody else is about to send
-                if self.callers and self._sparse():
-                    reason = CLOSED_SPARSE
-                    break  # a light open loop: a second request is unlikely within the window
                 if lane == Lane.BULK and self._lanes[Lane.INTERACTIVE]:
                     reason = CLOSED_YIELDED
                     break  # an interactive request does not wait out a bulk batch's window
+                if self.callers and self._sparse():
+                    reason = CLOSED_SPARSE
+                    break  # a light open loop: a second request is unlikely within the window
                 remaining_s = window_end - time.monotonic()
                 if remaining_s <= 0:
                     reason = CLOSED_WINDOW

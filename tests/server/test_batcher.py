@@ -55,6 +55,18 @@ class FakeModel:
         return {"y": out[:-1] if self.drop_a_row else out}
 
 
+class SlowModel(FakeModel):
+    """A FakeModel whose every batch takes `compute_s`."""
+
+    def __init__(self, compute_s: float) -> None:
+        super().__init__()
+        self.compute_s = compute_s
+
+    async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        await asyncio.sleep(self.compute_s)
+        return await super().__call__(key, inputs)
+
+
 class Recorder:
     def __init__(self) -> None:
         self.dropped: list[str] = []
@@ -227,6 +239,30 @@ def test_a_lone_caller_at_a_low_rate_goes_without_waiting_for_a_second_that_will
     run(body())
 
 
+def test_a_closed_loop_pair_of_a_slow_model_still_waits_for_its_partner() -> None:
+    """Two closed-loop callers of a slow model arrive less than once a window, like a light open
+    loop, but the second of each pair finds the first in the server: the first to come back waits
+    for its partner (a little behind it) instead of going alone ('sparse')."""
+
+    async def body() -> None:
+        window_s = 0.02
+        fake = SlowModel(2 * window_s)  # fewer than one request a window arrives
+        batcher, recorder = make(fake, max_batch_size=8, max_queue_delay_s=window_s)
+        rounds = 6
+
+        async def client(value: float, lag_s: float) -> None:
+            for _ in range(rounds):
+                await tracked_submit(batcher, value)
+                await asyncio.sleep(lag_s)  # the partner comes back a little later
+
+        await asyncio.gather(client(1, 0.0), client(2, window_s / 10))
+        assert "sparse" not in recorder.closed
+        assert [len(x) for _, x in fake.batches] == [2] * rounds
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_sparse_needs_fewer_than_one_request_a_window_mostly_alone_and_nobody_on_the_way() -> None:
     window_s = 0.005
     horizon_s = max(SPARSE_HORIZON_MIN_S, SPARSE_HORIZON_WINDOWS * window_s)
@@ -248,6 +284,12 @@ def test_sparse_needs_fewer_than_one_request_a_window_mostly_alone_and_nobody_on
     for i in range(60):
         closed.arrived(i * 1.0, 1, callers=4, queued_requests=2)
     assert not closed.sparse(60.0, callers=1, queued_requests=1)
+    # A long window keeps only as many arrival times as it takes to tell one a window.
+    long_window = Arrivals(1.0)
+    for i in range(10_000):
+        long_window.arrived(i * 1e-4, 1, callers=1, queued_requests=0)
+    assert len(long_window._arrival_times) <= SPARSE_HORIZON_WINDOWS
+    assert not long_window.sparse(1.0, callers=1, queued_requests=1)
 
 
 def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stream() -> None:
