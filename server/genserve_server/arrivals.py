@@ -37,7 +37,7 @@ SPARSE_HORIZON_MIN_S = 0.05
 # a window, but half of them or more find the others there (at c=2 the second of a pair finds the
 # first), and the rest of the cohort is about to come back with its answers. An open loop at 100
 # requests/s overlaps ~1 arrival in 10. Counted over arrivals, not time, so that a slow model's
-# closed loop is recognised from its third arrival on (0 of 1, 1 of 2, 1 of 3 overlapped).
+# closed loop is recognised from its second arrival on (0 of 1, then 1 of 2, 1 of 3 overlapped).
 SPARSE_OVERLAP_ARRIVALS = 8
 SPARSE_OVERLAP_FRAC = 0.3
 
