@@ -513,7 +513,8 @@ class Batcher:
         lane, key = picked
         rows = self._rows_by_key.get((lane, key), 0)
         more_expected = self._more_expected()
-        # Untracked callers (streams, KServe): a busy runner is the only sign that waiting pays.
+        # Untracked submitters (SampleStream chunks, a code decoder's batches): a busy runner is the
+        # only sign that waiting pays. Unary calls of every servicer (KServe's too) are tracked.
         worth_waiting = more_expected or (not self.callers and self._batches_in_flight > 0)
         limit = self._batch_limit(lane, key)
         # Why the batch goes now (BATCH_CLOSE_REASONS): what an operator reads off small batches.
