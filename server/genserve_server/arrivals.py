@@ -74,9 +74,8 @@ class Arrivals:
     # Arrival times of recent requests, for the request rate (sparse): only as many as it takes to
     # tell one a window (maxlen set in __post_init__), so a long window keeps no long history.
     _arrival_times: deque[float] = field(default_factory=deque)
-    # Whether each of the last tracked arrivals overlapped another caller (sparse), and how many did.
+    # Whether each of the last tracked arrivals overlapped another caller (sparse).
     _overlaps: deque[bool] = field(default_factory=lambda: deque(maxlen=SPARSE_OVERLAP_ARRIVALS))
-    _overlaps_count: int = 0
 
     def __post_init__(self) -> None:
         windows = self._sparse_horizon_s() / self.window_s if self.window_s > 0 else 0.0
@@ -93,11 +92,8 @@ class Arrivals:
         self._forget_old_arrivals(now)
         if not callers:
             return
-        overlapped = 1.0 if callers > 1 or queued_requests else 0.0
-        if len(self._overlaps) == self._overlaps.maxlen:
-            self._overlaps_count -= self._overlaps[0]
-        self._overlaps.append(bool(overlapped))
-        self._overlaps_count += bool(overlapped)
+        overlapped = callers > 1 or queued_requests > 0
+        self._overlaps.append(overlapped)
         self.overlap_frac += 0.05 * (overlapped - self.overlap_frac)
         if overlapped:
             self.last_overlap_at = now
@@ -138,11 +134,10 @@ class Arrivals:
         three, and a lone request would pay the whole window for it."""
         if callers > queued_requests:
             return False
-        if self._overlaps_count >= SPARSE_OVERLAP_FRAC * max(1, len(self._overlaps)):
+        if sum(self._overlaps) >= SPARSE_OVERLAP_FRAC * max(1, len(self._overlaps)):
             return False
         self._forget_old_arrivals(now)
-        if len(self._arrival_times) == self._arrival_times.maxlen:
-            return False  # as many as one a window (or more: the oldest were dropped)
+        # A full history (maxlen: one a window) fails this too, whatever older arrivals it dropped.
         return len(self._arrival_times) * self.window_s < self._sparse_horizon_s()
 
     def _sparse_horizon_s(self) -> float:
