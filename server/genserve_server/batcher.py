@@ -85,7 +85,7 @@ from genserve_server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from genserve_server.idle_spin import off_loop_work
+from genserve_server.idle_spin import run_off_loop
 
 logger = logging.getLogger(__name__)
 
@@ -673,8 +673,7 @@ class Batcher:
             fan_out(parts, outputs)
             return
         allocate(parts, outputs)
-        with off_loop_work():
-            await asyncio.get_running_loop().run_in_executor(None, place, parts, outputs)
+        await run_off_loop(None, place, parts, outputs)
         resolve(parts, outputs)
 
     async def _call(self, parts: list[Part]) -> tuple[Tensors | None, Exception | None]:

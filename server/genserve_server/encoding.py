@@ -21,7 +21,7 @@ import numpy as np
 from genserve_server import codecs, validate
 from genserve_server.codecs import ImageFormat
 from genserve_server.config import Card
-from genserve_server.idle_spin import off_loop_work
+from genserve_server.idle_spin import off_loop_work, run_off_loop
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import ModelMetrics
 from genserve_server.validate import OutputSpec
@@ -242,11 +242,7 @@ class Codec:
         if decodes_inline(images):
             arrays = decode_sync(images, card, max_pixels, field_prefix)
         else:
-            loop = asyncio.get_running_loop()
-            with off_loop_work():
-                arrays = await loop.run_in_executor(
-                    self.pool, decode_sync, images, card, max_pixels, field_prefix
-                )
+            arrays = await run_off_loop(self.pool, decode_sync, images, card, max_pixels, field_prefix)
         elapsed_s = time.monotonic() - started
         metrics.decode_duration.observe(elapsed_s)
         if timing is not None:
@@ -255,5 +251,4 @@ class Codec:
 
     async def off_loop(self, job: Callable[[], T]) -> T:
         """CPU-heavy numpy work (blending tiles, drawing strongly truncated latents) on the pool."""
-        with off_loop_work():
-            return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+        return await run_off_loop(self.pool, job)

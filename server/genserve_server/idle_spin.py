@@ -31,6 +31,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 from genserve_server.arrivals import OVERLAP_MEMORY_S
 
@@ -49,6 +51,8 @@ MAX_WINDOW_S = 0.01
 # os.sched_yield each spun turn: a thread woken on the spinning core (gRPC's poller, an event-engine
 # thread) runs at once instead of waiting out the loop's time slice.
 _yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
+
+T = TypeVar("T")
 
 
 class _OffLoop:
@@ -71,6 +75,12 @@ def off_loop_work() -> Iterator[None]:
         yield
     finally:
         _OFF_LOOP.running -= 1
+
+
+async def run_off_loop(executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on `executor` (None: the loop's default), awaited as off-loop work."""
+    with off_loop_work():
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 def off_loop_jobs() -> int:
@@ -116,7 +126,7 @@ class IdleSpin:
     def poke(self) -> None:
         """A call has ended (on the loop's thread): spin until `window_s` from now."""
         now = self._clock()
-        if self.window_s <= 0.0 or now - self._overlapped_at < OVERLAP_MEMORY_S:
+        if self.window_s <= 0.0 or not self._lone(now):
             return  # off, or several callers: not even one callback
         self._until = now + self.window_s
         try:
@@ -128,12 +138,15 @@ class IdleSpin:
             self._loop = running
             running.call_soon(self._turn, running)
 
+    def _lone(self, now: float) -> bool:
+        """No two calls were in their handlers at once within OVERLAP_MEMORY_S."""
+        return now - self._overlapped_at >= OVERLAP_MEMORY_S
+
     def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self._loop:
             return  # a stale turn of a loop this spin has left
         now = self._clock()
-        lone = now - self._overlapped_at >= OVERLAP_MEMORY_S
-        if _OFF_LOOP.running or not lone or now >= self._until:
+        if _OFF_LOOP.running or not self._lone(now) or now >= self._until:
             self._loop = None
             return
         self.turns += 1

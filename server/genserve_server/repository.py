@@ -37,7 +37,7 @@ from genserve_server.config import (
 )
 from genserve_server.errors import GenserveError, NotFound, Unavailable
 from genserve_server.gpu_errors import sticky_cuda_error
-from genserve_server.idle_spin import off_loop_work
+from genserve_server.idle_spin import run_off_loop
 from genserve_server.load_gate import LoadGate
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.runner import Runner
@@ -314,8 +314,8 @@ class Repository:
         """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason."""
         started = time.monotonic()
         try:
-            with off_loop_work():  # seconds of session building and warm-up: no spin beside them
-                await asyncio.get_running_loop().run_in_executor(self._load_pool, self._load_version, mv)
+            # Seconds of session building and warm-up: no spin beside them.
+            await run_off_loop(self._load_pool, self._load_version, mv)
         except LoadCancelled as exc:
             mv.state, mv.reason = ModelState.UNAVAILABLE, str(exc)
             logger.info("%s", exc)

@@ -32,7 +32,7 @@ from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.gpu_gate import (
     CAPTURE_GATE,
 )
-from genserve_server.idle_spin import off_loop_work
+from genserve_server.idle_spin import off_loop_work, run_off_loop
 from genserve_server.ort_session import (
     GPU_PROVIDERS,
     ProfileShapes,
@@ -426,9 +426,7 @@ class Runner:
         signature = self._signature(key, inputs)
         if self._runs_inline(key, signature, inputs):
             return self._call(key, signature, inputs)
-        loop = asyncio.get_running_loop()
-        with off_loop_work():
-            return await loop.run_in_executor(self._executor, self._call_pooled, key, signature, inputs)
+        return await run_off_loop(self._executor, self._call_pooled, key, signature, inputs)
 
     def _runs_inline(
         self,
