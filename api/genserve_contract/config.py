@@ -98,7 +98,9 @@ class Reader:
             raise self.error(key, f"must be <= {max_value}, got {value}")
         return int(value)
 
-    def number(self, key: str, default: float, *, min_value: float | None = None) -> float:
+    def number(
+        self, key: str, default: float, *, min_value: float | None = None, max_value: float | None = None
+    ) -> float:
         value = self._get(key)
         if value is None:
             return default
@@ -106,6 +108,8 @@ class Reader:
             raise self.error(key, f"must be a number, got {value!r}")
         if min_value is not None and value < min_value:
             raise self.error(key, f"must be >= {min_value}, got {value}")
+        if max_value is not None and value > max_value:
+            raise self.error(key, f"must be <= {max_value:g}, got {value}")
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
