@@ -39,7 +39,8 @@ PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "bench-dcgan-256", "dcgan-digits"
 
 def assemble_repository(source: Path, names: list[str] | None, with_bench_models: bool) -> Path:
     """A scratch repository: links to `source`'s models plus the bench-only random-weight generators
-    (bench-dcgan-64 always, bench-dcgan-256 unless `names` leaves it out)."""
+    (bench-dcgan-64 always, bench-dcgan-256 unless `names` leaves it out, bench-cgan-resnet-32 only
+    where `names` has it)."""
     repo = SCRATCH / "models"
     repo.mkdir(parents=True, exist_ok=True)
     for entry in repo.iterdir():
@@ -54,10 +55,13 @@ def assemble_repository(source: Path, names: list[str] | None, with_bench_models
             ):
                 (repo / model_dir.name).symlink_to(model_dir.resolve(), target_is_directory=True)
     if with_bench_models:
-        from bench.models import BENCH_DCGAN_64, BENCH_ONLY
+        from bench.models import BENCH_DCGAN_64, BENCH_ON_REQUEST, BENCH_ONLY
 
         for name, ensure in BENCH_ONLY.items():
-            if (repo / name).exists() or (name != BENCH_DCGAN_64 and names is not None and name not in names):
+            named = names is not None and name in names
+            if (repo / name).exists() or (name != BENCH_DCGAN_64 and names is not None and not named):
+                continue
+            if name in BENCH_ON_REQUEST and not named:
                 continue
             try:
                 (repo / name).symlink_to(ensure(SCRATCH / "generated").resolve(), target_is_directory=True)

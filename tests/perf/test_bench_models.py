@@ -72,3 +72,49 @@ def test_the_raw_limit_feeds_every_default_model_as_its_graph_expects() -> None:
             assert value.dtype == dtypes[inputs[name].type], (model.name, name, value.dtype)
             rank = len(inputs[name].shape)
             assert value.ndim == rank and value.shape[0] == 2, (model.name, name, value.shape)
+
+
+def test_bench_builds_the_slow_conditional_resnet_generator(tmp_path: Path) -> None:
+    """Issue 20's slow class-conditional model (ResNet, conditional BN), narrowed to keep the test fast:
+    a conditional card with ten classes, 32x32 RGB, and both the seed and the label reach the pixels."""
+    pytest.importorskip("torch")
+    target = bench_models.ensure_bench_cgan_resnet_32(tmp_path, channels=16)
+    card = json.loads((target / "1" / "card.json").read_text())
+    assert (
+        card["kind"] == "conditional_generator" and card["image_size"] == [32, 32] and card["channels"] == 3
+    )
+    assert card["latent_dim"] == bench_models.CGAN_RESNET_LATENT and len(card["class_names"]) == 10
+    sess = ort.InferenceSession(str(target / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    z = np.random.default_rng(1).standard_normal((1, bench_models.CGAN_RESNET_LATENT)).astype(np.float32)
+    zz = np.concatenate([z, z, np.random.default_rng(2).standard_normal(z.shape).astype(np.float32)])
+    (out,) = sess.run(None, {"z": zz, "label": np.array([3, 7, 3], dtype=np.int64)})
+    assert out.shape == (3, 3, 32, 32) and -1.0 <= out.min() and out.max() <= 1.0
+    assert np.abs(out[0] - out[1]).mean() > 1e-3  # the label reaches the pixels
+    assert np.abs(out[0] - out[2]).mean() > 1e-3  # and the seed
+
+
+def test_a_full_run_leaves_out_the_models_built_on_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench.run builds bench-cgan-resnet-32 (minutes a run at ~60 images/s) only when it is named."""
+    from bench import run as bench_run
+
+    built: list[str] = []
+
+    def fake(name: str):  # type: ignore[no-untyped-def]
+        def build(repo: Path) -> Path:
+            built.append(name)
+            (repo / name).mkdir(parents=True, exist_ok=True)
+            return repo / name
+
+        return build
+
+    only = {name: fake(name) for name in bench_models.BENCH_ONLY}
+    monkeypatch.setattr(bench_models, "BENCH_ONLY", only)
+    monkeypatch.setattr(bench_run, "SCRATCH", tmp_path / "scratch")
+    (tmp_path / "models").mkdir()
+    bench_run.assemble_repository(tmp_path / "models", None, True)
+    assert bench_models.BENCH_CGAN_RESNET_32 not in built and bench_models.BENCH_DCGAN_256 in built
+    built.clear()
+    bench_run.assemble_repository(tmp_path / "models", [bench_models.BENCH_CGAN_RESNET_32], True)
+    assert built == [bench_models.BENCH_DCGAN_64, bench_models.BENCH_CGAN_RESNET_32]
