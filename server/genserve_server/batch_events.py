@@ -8,8 +8,7 @@ from typing import Protocol
 from genserve_server.batch_parts import Lane
 
 # Why a batch closed (genserve_batches_closed_total{reason}): it reached its row limit; it reached
-# its share of the rows beside a running batch, or of the callers for a long batch that starts alone
-# (batcher.Batcher._side_by_side_share); it went at
+# its share of the rows beside a running batch (batcher.Batcher._side_by_side_share); it went at
 # once (nothing suggested more rows were coming: an idle runner at concurrency 1, or no sign of
 # callers); every caller in the server was queued; its window ended; arrivals were too sparse for
 # its window to bring more (arrivals.Arrivals.sparse: a light open loop); it held a preferred size

@@ -97,11 +97,6 @@ _DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the co
 # gRPC cancels a handler at its deadline ~1-2 ms before the deadline the server computes from
 # time_remaining() at arrival: a cancellation this close to the deadline counts as the deadline.
 DEADLINE_SLACK_S = 0.01
-# A batch that starts with nothing running takes its even share of the callers in the server once its
-# expected compute (rows x measured cost a row) reaches this (_side_by_side_share): closed-loop
-# callers that miss its window by a few ms would otherwise cycle beside it many times. The tiny
-# models' batches (well under a millisecond, run inline) stay whole.
-FIRST_SHARE_MIN_S = 0.03
 
 
 def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
@@ -480,8 +475,7 @@ class Batcher:
 
     def _side_by_side_share(self, lane: Lane, key: Hashable) -> int | None:
         """The most rows an interactive batch that starts beside running ones may take: its even
-        share of those rows and the queued ones, over the runner's instances; for a long batch that
-        starts alone, its even share of the callers in the server (None: no cap).
+        share of those rows and the queued ones, over the runner's instances (None: no cap).
 
         Without it, a closed loop settles into batches of very different sizes side by side (one of
         40 rows and one of 5 at c=64): the small one's callers come back and go again several times
@@ -490,21 +484,16 @@ class Batcher:
         next batch, which the first instance to finish takes. Only with share_side_by_side (the
         loader: CPU sessions without padding): on a GPU a batch's time hardly grows with its rows,
         and where the runner pads to captured sizes, two halves cost two full batches."""
-        if not self.share_side_by_side or lane != Lane.INTERACTIVE or self._concurrency < 2:
+        if (
+            not self.share_side_by_side
+            or lane != Lane.INTERACTIVE
+            or self._concurrency < 2
+            or not self._interactive_rows_in_flight
+        ):
             return None
         queued = self._rows_by_key.get((lane, key), 0)
         instances = max(1, self._concurrency - self._bulk_in_flight)  # those bulk batches hold are not shared
-        if self._interactive_rows_in_flight:
-            return max(1, -(-(queued + self._interactive_rows_in_flight) // instances))
-        # Nothing running: the first batch of a cohort takes its even share of the callers in the
-        # server too, once it would run for several windows. Else it takes every caller that made the
-        # window, and the few that come just after it form a small batch beside it, whose callers come
-        # back and go again many times while it runs: bench-cgan-resnet-32 at c=32 split 31 + 1, the
-        # 31 waited 1.04 s on one core against a p50 of 0.51 s (bench/profile.md, eighteenth round).
-        if self._row_cost_s * queued < FIRST_SHARE_MIN_S:
-            return None  # a short batch (or its cost not measured yet): splitting it only costs
-        callers = max(queued, self.callers, self._arrivals.callers_peak)  # the peak: those not back yet
-        return max(1, -(-callers // instances))
+        return max(1, -(-(queued + self._interactive_rows_in_flight) // instances))
 
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""

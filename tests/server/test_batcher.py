@@ -370,33 +370,6 @@ def test_each_batch_reports_why_it_closed() -> None:
     run(body())
 
 
-def test_a_long_batch_that_starts_alone_takes_its_even_share_of_the_callers() -> None:
-    """With nothing running, a batch that would compute for FIRST_SHARE_MIN_S or more takes its even
-    share of the callers in the server (two instances): the callers that miss its window then run
-    beside it as an equal batch, instead of a small one whose callers come back and go again many
-    times while it runs (bench-cgan-resnet-32 at c=32: 31 + 1). A short batch takes every row."""
-
-    async def body(compute_s: float, on_their_way: int = 0) -> tuple[list[int], list[str]]:
-        model = SlowModel(compute_s)
-        batcher, recorder = make(model, max_batch_size=16, concurrency=2, share_side_by_side=True)
-        await batcher.submit("k", rows(0), 1)  # measures what a row costs
-        for _ in range(4 + on_their_way):
-            batcher.hold()
-        await asyncio.gather(*(batcher.submit("k", rows(i), 1) for i in range(4)))
-        for _ in range(4 + on_their_way):
-            batcher.release()
-        await batcher.close(1)
-        return [len(x) for _, x in model.batches[1:]], recorder.closed[1:]
-
-    sizes, closed = asyncio.run(asyncio.wait_for(body(0.02), 10))  # 4 rows at 20 ms a row: 80 ms
-    assert sizes == [2, 2] and closed[0] == "shared"
-    # Two more callers in the server, not queued yet: the share is of the six.
-    sizes, closed = asyncio.run(asyncio.wait_for(body(0.02, on_their_way=2), 10))
-    assert sizes == [3, 1] and closed[0] == "shared"
-    sizes, closed = asyncio.run(asyncio.wait_for(body(0.002), 10))  # 8 ms: whole
-    assert sizes == [4] and "shared" not in closed
-
-
 def test_a_batch_beside_a_running_one_takes_its_even_share_of_the_rows() -> None:
     """With two instances, a batch formed while another runs takes at most half of the rows running
     and queued (closed 'shared'); the rest go in the next batch. One instance: no cap."""
