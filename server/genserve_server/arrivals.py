@@ -72,8 +72,9 @@ class Arrivals:
     _recent: deque[tuple[float, int]] = field(default_factory=deque)
     _recent_rows: int = 0
     # Arrival times of recent requests, for the request rate (sparse): only as many as it takes to
-    # tell one a window (maxlen set in __post_init__), so a long window keeps no long history.
-    _arrival_times: deque[float] = field(default_factory=deque)
+    # tell one a window (maxlen set in __post_init__), so a long window keeps no long history; the
+    # old ones are forgotten when sparse reads them.
+    _arrival_times: deque[float] = field(init=False, repr=False)
     # Whether each of the last tracked arrivals overlapped another caller (sparse).
     _overlaps: deque[bool] = field(default_factory=lambda: deque(maxlen=SPARSE_OVERLAP_ARRIVALS))
 
@@ -89,7 +90,6 @@ class Arrivals:
             self._recent_rows += n_rows
             self._forget_old(now)
         self._arrival_times.append(now)
-        self._forget_old_arrivals(now)
         if not callers:
             return
         overlapped = callers > 1 or queued_requests > 0
