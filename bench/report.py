@@ -163,9 +163,9 @@ def summarise(results: dict[str, Any], models: Sequence[BenchModel]) -> dict[str
             "naive_cpu_ms_per_request": _get(n_top, "server_cpu_ms_per_request"),
             "cpu_per_request_ratio": cpu_ratio,
             "cpu_per_request_ratio_range": cpu_ratio_range,
-            # The saturated tail (issue 20), beside the better naive server's at the same level: a
-            # batching server's p50 is lower, so its ratio reads higher for the same spread in ms.
-            # keyed by the level as a string, as the JSON keeps it
+            # The saturated tail (issue 20), beside the better naive server's at the same level (a
+            # batching server's p50 is lower, so its ratio reads higher for the same spread in ms);
+            # keyed by the level as a string, as the JSON keeps it.
             "genserve_p99_over_p50": {str(c): tail_ratio(gen.get(c)) for c in tail_levels},
             "naive_p99_over_p50": {str(c): tail_ratio(naive.get(c)) for c in tail_levels},
             "genserve_p99_over_naive_p50_top": _ratio(_get(g_top, "p99_ms"), _get(n_top, "p50_ms")),

@@ -59,9 +59,8 @@ def assemble_repository(source: Path, names: list[str] | None, with_bench_models
 
         for name, ensure in BENCH_ONLY.items():
             named = names is not None and name in names
-            if (repo / name).exists() or (name != BENCH_DCGAN_64 and names is not None and not named):
-                continue
-            if name in BENCH_ON_REQUEST and not named:
+            wanted = name == BENCH_DCGAN_64 or named or (names is None and name not in BENCH_ON_REQUEST)
+            if (repo / name).exists() or not wanted:
                 continue
             try:
                 (repo / name).symlink_to(ensure(SCRATCH / "generated").resolve(), target_is_directory=True)
