@@ -355,17 +355,22 @@ def warmup_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
-# What serving one batch costs besides the model call (batcher bookkeeping, a thread hop, futures):
-# it favours larger batches where the model call itself is tiny.
-BATCH_OVERHEAD_S = 100e-6
+# What serving one batch costs besides the model call, on a saturated server (where a cap decides
+# images/s): the hop to the pool thread and back, futures, fan-out, and the instance's idle gap
+# until the event loop hands it the next batch. Measured on 2 CPU cores at 32 clients, batch log
+# against the model calls: 1.3-2.1 ms a batch (bench/profile.md, nineteenth round). An idle server's
+# ~0.1 ms is not the cost that counts: at light load batches are small whatever the cap.
+BATCH_OVERHEAD_S = 2e-3
 
 
 def efficient_batch_size(costs_s: Mapping[int, float], tolerance: float) -> int:
     """The smallest batch size whose cost per item is within `tolerance` of the best size's.
 
     Cost = the measured model call + BATCH_OVERHEAD_S. Larger batches only pay when they compute
-    each item faster: on a CPU, large convolutions often do not (per item, SR tiles cost the same at
-    batch 1 and 16), and a closed loop of clients then waits in each other's batches for nothing.
+    each item faster or spread the batch's serving cost: on a CPU, large convolutions often do not
+    (per item, SR tiles cost the same at batch 1 and 16), and a closed loop of clients then waits
+    in each other's batches for nothing. A compute-bound model (a ResNet cGAN, ~31 ms an item at
+    every size) gets 2: batch 1 pays the serving cost on every item.
     """
     per_item = {
         size: (cost + BATCH_OVERHEAD_S) / size for size, cost in costs_s.items() if size > 0 and cost > 0
