@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self
 
 from genserve_contract.kinds import KIND_NAMES, Kind
 from genserve_contract.repository import NAME_PATTERN, VERSION_PATTERN
@@ -21,6 +21,10 @@ KNOWN_PROVIDERS: Final = ("TensorrtExecutionProvider", "CUDAExecutionProvider", 
 PRECISIONS: Final = ("fp32", "fp16")
 MAX_BATCH_SIZE_LIMIT: Final = 4096
 MAX_INSTANCES: Final = 64
+# batching.efficient_batch_tolerance's default: the server decides per model (see BatchingConfig).
+AUTO_TOLERANCE: Final = "auto"
+# batching.efficient_batch_tolerance: a fraction, "auto" or None (off).
+Tolerance = float | Literal["auto"] | None
 # Upper bounds on the batching durations: far above any sensible value, low enough that a value
 # meant as milliseconds in a `*_s` field (4 for 4 ms) is refused instead of served.
 MAX_QUEUE_DELAY_LIMIT_S: Final = 1.0
@@ -236,11 +240,14 @@ class BatchingConfig:
     bulk_idle_budget_s: float | None = 0.05
     interactive_quiet_s: float = 1.0
     # Batches are capped at the smallest warmed size whose compute per item is within this fraction
-    # of the best warmed size's (repository.efficient_batch_size): where batching gains nothing (large
-    # convolutions on a CPU) requests run one by one instead of waiting in each other's batches; on
-    # a GPU the cap stays at max_batch_size. None (JSON null, the default) = always up to max_batch_size:
-    # on mid-size generators the cap lost 21 % at c=64 (bench/profile.md item 21).
-    efficient_batch_tolerance: float | None = None
+    # of the best warmed size's (loader.efficient_batch_size): where batching gains nothing (large
+    # convolutions on a CPU) requests run one by one or in pairs instead of waiting in each other's
+    # batches; on a GPU the cap stays at max_batch_size. None (JSON null) = always up to
+    # max_batch_size. "auto" (the default) = a cap of 1-2 rows only for a compute-bound model, one
+    # whose one-row call takes 10 ms or more at load and computes no faster in a batch
+    # (loader.compute_bound_cap), and none otherwise: on mid-size generators a cap costs a saturated
+    # server 8-27 % (bench/profile.md, nineteenth round).
+    efficient_batch_tolerance: Tolerance = AUTO_TOLERANCE
     # Image-input kinds: a batch holds at most this many input pixels (H x W per row; at least one
     # row). pix2pix at 2048x2048 takes ~2.3 GB for one image, so a full batch of 16 would need ~36 GB.
     max_batch_pixels: int = 2048 * 2048
@@ -322,16 +329,20 @@ CONFIG_FIELDS: Final = (
 )
 
 
-def _nullable_fraction(r: Reader, key: str, default: float | None) -> float | None:
-    """A finite number >= 0, null (off), or absent (the default)."""
+def _tolerance(r: Reader, key: str, default: Tolerance) -> Tolerance:
+    """A finite number >= 0, "auto", null (off), or absent (the default)."""
     if key not in r.data:
         r.seen.add(key)
         return default
     value = r.raw(key)
     if value is None:
         return None
+    if value == AUTO_TOLERANCE:
+        return "auto"
     if not is_number(value) or value < 0:
-        raise r.error(key, f"must be a fraction >= 0 (0.05 = within 5 %) or null (off), got {value!r}")
+        raise r.error(
+            key, f'must be a fraction >= 0 (0.05 = within 5 %), "auto" or null (off), got {value!r}'
+        )
     return float(value)
 
 
@@ -360,9 +371,7 @@ def _batching(r: Reader, default_max_queue_size: int) -> BatchingConfig:
         bulk_budget_s=bulk,
         bulk_idle_budget_s=idle,
         interactive_quiet_s=r.number("interactive_quiet_s", d.interactive_quiet_s, min_value=0.0),
-        efficient_batch_tolerance=_nullable_fraction(
-            r, "efficient_batch_tolerance", d.efficient_batch_tolerance
-        ),
+        efficient_batch_tolerance=_tolerance(r, "efficient_batch_tolerance", d.efficient_batch_tolerance),
         max_batch_pixels=r.integer("max_batch_pixels", d.max_batch_pixels, min_value=1),
     )
     r.finish()

@@ -11,12 +11,14 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from genserve_contract.config import AUTO_TOLERANCE, Tolerance
 from genserve_contract.repository import sha256_file
 from genserve_server import calibration, tiling
 from genserve_server.batch_keys import TileRows, input_shape
@@ -190,7 +192,7 @@ def warm_up(
     batching = mv.config.batching
     tolerance = batching.efficient_batch_tolerance
     largest = warmup_limit(card, batching.max_batch_size, batching.max_batch_pixels)
-    sizes = warmup_batch_sizes(largest) if tolerance is not None else sorted({1, largest})
+    sizes = warmup_sizes(tolerance, largest, probe_s)
     memory_budget = calibration.warmup_memory_budget(sc.warmup_memory_bytes, mv.config.instances)
     result = calibration.run_warmup(
         runner,
@@ -204,7 +206,9 @@ def warm_up(
         check_stopping=check_stopping,
     )
     mv.calibration = result
-    if tolerance is not None and result.costs_s:
+    if tolerance == AUTO_TOLERANCE:
+        mv.efficient_batch_size = compute_bound_cap(result.costs_s)
+    elif tolerance is not None and result.costs_s:
         mv.efficient_batch_size = efficient_batch_size(result.costs_s, tolerance)
     if result.memory_rows is not None:
         image = warmup_inputs(card, 1).get("image") if card.kind.takes_image else None
@@ -235,7 +239,7 @@ def warm_up(
             mv.label,
             mv.efficient_batch_size,
             ", ".join(f"b{b} {1e3 * c / b:.3g} ms" for b, c in sorted(result.costs_s.items())),
-            f" (larger batches gain < {100 * tolerance:.0f} %)" if tolerance is not None else "",
+            _cap_reason(tolerance),
         )
     return result
 
@@ -361,6 +365,50 @@ def warmup_batch_sizes(max_batch_size: int) -> list[int]:
 # against the model calls: 1.3-2.1 ms a batch (bench/profile.md, nineteenth round). An idle server's
 # ~0.1 ms is not the cost that counts: at light load batches are small whatever the cap.
 BATCH_OVERHEAD_S = 2e-3
+
+
+def _cap_reason(tolerance: Tolerance) -> str:
+    if tolerance == AUTO_TOLERANCE:
+        return ' (compute-bound: no batch computes an item faster; efficient_batch_tolerance "auto")'
+    if tolerance is not None:
+        return f" (larger batches gain < {100 * tolerance:.0f} %)"
+    return ""
+
+
+# efficient_batch_tolerance "auto" (the default) caps only a compute-bound model: one whose one-row
+# call takes at least COMPUTE_BOUND_CALL_S at load and which no timed batch computes an item
+# AUTO_GAIN faster. Its closed loop of callers then keeps a fair tail at the same images/s
+# (bench-cgan-resnet-32, ~31 ms a row: p99/p50 1.02-1.06 at 32 and 64 clients capped at 2, up to
+# 2.06 uncapped). Below it a cap costs a saturated server images/s: bench-dcgan-256 (3.7 ms a row)
+# lost 8-27 % at 64 clients with caps of 8 to 2 (bench/profile.md, nineteenth round). On a GPU a row
+# takes far less: never capped.
+COMPUTE_BOUND_CALL_S = 10e-3
+AUTO_GAIN = 0.05
+
+
+def warmup_sizes(tolerance: Tolerance, largest: int, probe_s: float) -> list[int]:
+    """The batch sizes the warm-up times: every power of two up to `largest` for a tolerance, 1 and
+    the largest without one. "auto" adds 2 where the probe says the model may be compute-bound: at
+    half the threshold, since the probe is only an estimate (for image kinds, a smaller image's call
+    scaled by its pixels); the warm-up's own timing decides (compute_bound_cap)."""
+    if tolerance == AUTO_TOLERANCE:
+        maybe = 2.0 * probe_s >= COMPUTE_BOUND_CALL_S
+        return sorted({1, min(2, largest), largest} if maybe else {1, largest})
+    if tolerance is not None:
+        return warmup_batch_sizes(largest)
+    return sorted({1, largest})
+
+
+def compute_bound_cap(costs_s: Mapping[int, float]) -> int | None:
+    """ "auto"'s batch cap (None: no cap): for a compute-bound model, the smallest batch that spreads
+    the batch's serving cost (BATCH_OVERHEAD_S) to within AUTO_GAIN of a row's call: 2 for a 31-ms
+    row, 1 from 40 ms. Larger batches would only make callers wait in each other's batches."""
+    one = costs_s.get(1)
+    if one is None or one < COMPUTE_BOUND_CALL_S:
+        return None
+    if any(cost / size < (1.0 - AUTO_GAIN) * one for size, cost in costs_s.items() if size > 1):
+        return None  # a larger batch computes an item faster: batching pays
+    return max(1, math.ceil(BATCH_OVERHEAD_S / (AUTO_GAIN * one)))
 
 
 def efficient_batch_size(costs_s: Mapping[int, float], tolerance: float) -> int:

@@ -20,7 +20,13 @@ from genserve_server.config import (
     load_server_config,
 )
 from genserve_server.errors import NotFound, Unavailable
-from genserve_server.loader import efficient_batch_size, rows_within_pixels, warmup_batch_sizes
+from genserve_server.loader import (
+    compute_bound_cap,
+    efficient_batch_size,
+    rows_within_pixels,
+    warmup_batch_sizes,
+    warmup_sizes,
+)
 from genserve_server.metrics import Metrics, batch_size_buckets
 from genserve_server.repository import ModelState, Repository
 
@@ -73,7 +79,11 @@ def write_config(tmp_path: Path, data: object) -> Path:
         ),
         (
             {"kind": "generator", "batching": {"efficient_batch_tolerance": -0.1}},
-            "batching.efficient_batch_tolerance must be a fraction >= 0 (0.05 = within 5 %) or null",
+            'batching.efficient_batch_tolerance must be a fraction >= 0 (0.05 = within 5 %), "auto" or null',
+        ),
+        (
+            {"kind": "generator", "batching": {"efficient_batch_tolerance": "fast"}},
+            "batching.efficient_batch_tolerance must be a fraction",
         ),
         (
             {"kind": "image_to_image", "batching": {"max_batch_pixels": 0}},
@@ -219,6 +229,36 @@ def test_efficient_batch_size_is_the_smallest_within_tolerance_of_the_best(
     assert efficient_batch_size({b: c / 1e3 for b, c in costs_ms.items()}, tolerance) == expected
 
 
+@pytest.mark.parametrize(
+    ("costs_ms", "expected"),
+    [
+        # bench-cgan-resnet-32's load log: ~30.5 ms an item at 1 and 2 -> 2 spreads the 2-ms batch cost.
+        ({1: 30.63, 2: 60.33, 64: 1950.0}, 2),
+        ({1: 30.63, 2: 60.33}, 2),  # the largest left out for time: decided on what was timed
+        ({1: 94.4, 2: 197.5, 16: 1611.0}, 1),  # SR tiles: one row's call alone spreads it
+        ({1: 12.0, 2: 24.0}, 4),
+        # A batch of 2 computes an item > 5 % faster: batching pays, no cap.
+        ({1: 30.0, 2: 54.0, 64: 1200.0}, None),
+        ({1: 30.0, 2: 60.0, 64: 1500.0}, None),  # so does 64 (23 ms an item)
+        # Below 10 ms a row (bench-dcgan-256, 3.7 ms: caps cost it 8-27 % at c=64): no cap.
+        ({1: 3.66, 2: 6.14, 16: 49.5}, None),
+        ({1: 0.03, 64: 0.38}, None),
+        ({}, None),
+    ],
+)
+def test_auto_caps_only_a_compute_bound_model(costs_ms: dict[int, float], expected: int | None) -> None:
+    assert compute_bound_cap({b: c / 1e3 for b, c in costs_ms.items()}) == expected
+
+
+def test_auto_times_batch_2_only_where_the_probe_says_the_model_may_be_compute_bound() -> None:
+    assert warmup_sizes("auto", 64, probe_s=0.031) == [1, 2, 64]
+    assert warmup_sizes("auto", 64, probe_s=0.006) == [1, 2, 64]  # the probe is an estimate
+    assert warmup_sizes("auto", 64, probe_s=0.004) == [1, 64]
+    assert warmup_sizes("auto", 1, probe_s=0.031) == [1]
+    assert warmup_sizes(None, 16, probe_s=0.031) == [1, 16]
+    assert warmup_sizes(0.05, 16, probe_s=0.0) == [1, 2, 4, 8, 16]
+
+
 def test_the_measured_batch_cap_reaches_the_batcher_and_null_turns_it_off(tmp_path: Path) -> None:
     root = build_tiny_repo(tmp_path / "repo", with_slow=False, with_broken=False)
     config_path = root / "tiny-gen" / "config.json"
@@ -237,7 +277,12 @@ def test_the_measured_batch_cap_reaches_the_batcher_and_null_turns_it_off(tmp_pa
     data["batching"]["efficient_batch_tolerance"] = None
     config_path.write_text(json.dumps(data))
     with_repo(root, lambda repo: seen.append(cap(repo)))
-    assert seen == [(1, 1), (None, data["batching"]["max_batch_size"])]
+    # absent = "auto": a tiny model is far from compute-bound -> no cap.
+    del data["batching"]["efficient_batch_tolerance"]
+    config_path.write_text(json.dumps(data))
+    with_repo(root, lambda repo: seen.append(cap(repo)))
+    largest = data["batching"]["max_batch_size"]
+    assert seen == [(1, 1), (None, largest), (None, largest)]
 
 
 def test_max_batch_pixels_reaches_the_batchers_of_image_kinds_only(tmp_path: Path) -> None:
