@@ -138,15 +138,15 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
     batch = args.max_batch_size
     tile = args.tile_size
     config = {
-        # One large model: one instance using every core, small batches of tiles bounded by pixels
-        # (warm-up times batches of 1 and max_batch_size at the tile size).
+        # One large model: one instance using every core, small batches of tiles bounded by pixels.
+        # efficient_batch_tolerance is left to its default, "auto": on a CPU a tile's call is long and
+        # computes no faster in a batch, so tiles go one or two at a time (docs/model-repository.md).
         "instances": 1,
         "batching": {
             "max_batch_size": batch,
             "preferred_batch_sizes": sorted({1, batch}),
             "max_queue_size": 256,
             "max_batch_pixels": batch * tile * tile,
-            "efficient_batch_tolerance": None,
         },
     }
     target = import_tfjs_sr(

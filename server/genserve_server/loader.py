@@ -191,6 +191,9 @@ def warm_up(
     version's batch cap (efficient_batch_size) and, where memory bounds it, its batch pixels."""
     batching = mv.config.batching
     tolerance = batching.efficient_batch_tolerance
+    on_cpu = runner.provider == "CPUExecutionProvider" and runner.mode != "cuda_graph"
+    if tolerance == AUTO_TOLERANCE and not on_cpu:
+        tolerance = None  # a GPU computes a batch's rows side by side: "auto" caps CPU models only
     largest = warmup_limit(card, batching.max_batch_size, batching.max_batch_pixels)
     sizes = warmup_sizes(tolerance, largest, probe_s)
     memory_budget = calibration.warmup_memory_budget(sc.warmup_memory_bytes, mv.config.instances)
@@ -206,6 +209,7 @@ def warm_up(
         check_stopping=check_stopping,
     )
     mv.calibration = result
+    reason = _cap_reason(tolerance)
     if tolerance == AUTO_TOLERANCE:
         mv.efficient_batch_size = compute_bound_cap(result.costs_s)
     elif tolerance is not None and result.costs_s:
@@ -214,8 +218,9 @@ def warm_up(
         image = warmup_inputs(card, 1).get("image") if card.kind.takes_image else None
         if image is not None:  # memory scales with pixels: smaller images may take more rows
             mv.max_batch_pixels = result.memory_rows * int(image.shape[2]) * int(image.shape[3])
-        else:
-            mv.efficient_batch_size = min(mv.efficient_batch_size or largest, result.memory_rows)
+        elif result.memory_rows < (mv.efficient_batch_size or largest):
+            mv.efficient_batch_size = result.memory_rows
+            reason = " (the warm-up memory budget)"
     skipped = [b for b in sizes if b not in result.warmed]
     logger.info(
         "%s: warmed batch sizes %s in %.2f s%s",
@@ -239,7 +244,7 @@ def warm_up(
             mv.label,
             mv.efficient_batch_size,
             ", ".join(f"b{b} {1e3 * c / b:.3g} ms" for b, c in sorted(result.costs_s.items())),
-            _cap_reason(tolerance),
+            reason,
         )
     return result
 
@@ -375,14 +380,14 @@ def _cap_reason(tolerance: Tolerance) -> str:
     return ""
 
 
-# efficient_batch_tolerance "auto" (the default) caps only a compute-bound model: one whose one-row
-# call takes at least COMPUTE_BOUND_CALL_S at load and which no timed batch computes an item
-# AUTO_GAIN faster. Its closed loop of callers then keeps a fair tail at the same images/s
+# efficient_batch_tolerance "auto" (the default) caps only a compute-bound CPU model: one whose
+# one-row call takes at least COMPUTE_BOUND_CALL_S at load and which no timed larger batch computes
+# an item AUTO_GAIN faster. Its closed loop of callers then keeps a fair tail at the same images/s
 # (bench-cgan-resnet-32, ~31 ms a row: p99/p50 1.02-1.06 at 32 and 64 clients capped at 2, up to
 # 2.06 uncapped). Below it a cap costs a saturated server images/s: bench-dcgan-256 (3.7 ms a row)
-# lost 8-27 % at 64 clients with caps of 8 to 2 (bench/profile.md, nineteenth round). On a GPU a row
-# takes far less: never capped.
-COMPUTE_BOUND_CALL_S = 10e-3
+# lost 8-27 % at 64 clients with caps of 8 to 2 (bench/profile.md, nineteenth round). 20 ms keeps
+# the cap at 1 or 2 rows, sizes the warm-up times. Not on a GPU (warm_up): its batches are not flat.
+COMPUTE_BOUND_CALL_S = 20e-3
 AUTO_GAIN = 0.05
 
 
@@ -401,12 +406,14 @@ def warmup_sizes(tolerance: Tolerance, largest: int, probe_s: float) -> list[int
 
 def compute_bound_cap(costs_s: Mapping[int, float]) -> int | None:
     """ "auto"'s batch cap (None: no cap): for a compute-bound model, the smallest batch that spreads
-    the batch's serving cost (BATCH_OVERHEAD_S) to within AUTO_GAIN of a row's call: 2 for a 31-ms
-    row, 1 from 40 ms. Larger batches would only make callers wait in each other's batches."""
+    the batch's serving cost (BATCH_OVERHEAD_S) to within AUTO_GAIN of a row's call: 2 for a 20- to
+    40-ms row, 1 from 40 ms. Larger batches would only make callers wait in each other's batches.
+    Decided only with a larger size timed beside batch 1 (the budgets may leave them out)."""
     one = costs_s.get(1)
-    if one is None or one < COMPUTE_BOUND_CALL_S:
+    larger = {size: cost for size, cost in costs_s.items() if size > 1}
+    if one is None or one < COMPUTE_BOUND_CALL_S or not larger:
         return None
-    if any(cost / size < (1.0 - AUTO_GAIN) * one for size, cost in costs_s.items() if size > 1):
+    if any(cost / size < (1.0 - AUTO_GAIN) * one for size, cost in larger.items()):
         return None  # a larger batch computes an item faster: batching pays
     return max(1, math.ceil(BATCH_OVERHEAD_S / (AUTO_GAIN * one)))
 

@@ -302,7 +302,7 @@ def test_the_exporters_config_check_accepts_every_field_the_server_reads(tmp_pat
             "bulk_budget_ms": 5.0,
             "bulk_idle_budget_ms": 50.0,
             "interactive_quiet_s": 1.0,
-            "efficient_batch_tolerance": None,
+            "efficient_batch_tolerance": "auto",
             "max_batch_pixels": 4194304,
         },
         "instances": 2,

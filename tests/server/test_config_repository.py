@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model, write_tiny_generator
 
+from genserve_server import calibration
 from genserve_server.batch_keys import ImageRows, SeedRows, TileRows
 from genserve_server.config import (
     ConfigError,
@@ -236,7 +237,11 @@ def test_efficient_batch_size_is_the_smallest_within_tolerance_of_the_best(
         ({1: 30.63, 2: 60.33, 64: 1950.0}, 2),
         ({1: 30.63, 2: 60.33}, 2),  # the largest left out for time: decided on what was timed
         ({1: 94.4, 2: 197.5, 16: 1611.0}, 1),  # SR tiles: one row's call alone spreads it
-        ({1: 12.0, 2: 24.0}, 4),
+        ({1: 25.0, 2: 50.0}, 2),
+        ({1: 41.0, 2: 82.0}, 1),
+        # Below 20 ms a row, or nothing but batch 1 timed (the budgets left 2 out): no cap.
+        ({1: 12.0, 2: 24.0}, None),
+        ({1: 700.0}, None),
         # A batch of 2 computes an item > 5 % faster: batching pays, no cap.
         ({1: 30.0, 2: 54.0, 64: 1200.0}, None),
         ({1: 30.0, 2: 60.0, 64: 1500.0}, None),  # so does 64 (23 ms an item)
@@ -252,11 +257,56 @@ def test_auto_caps_only_a_compute_bound_model(costs_ms: dict[int, float], expect
 
 def test_auto_times_batch_2_only_where_the_probe_says_the_model_may_be_compute_bound() -> None:
     assert warmup_sizes("auto", 64, probe_s=0.031) == [1, 2, 64]
-    assert warmup_sizes("auto", 64, probe_s=0.006) == [1, 2, 64]  # the probe is an estimate
-    assert warmup_sizes("auto", 64, probe_s=0.004) == [1, 64]
+    assert warmup_sizes("auto", 64, probe_s=0.012) == [1, 2, 64]  # the probe is an estimate
+    assert warmup_sizes("auto", 64, probe_s=0.008) == [1, 64]
     assert warmup_sizes("auto", 1, probe_s=0.031) == [1]
     assert warmup_sizes(None, 16, probe_s=0.031) == [1, 16]
     assert warmup_sizes(0.05, 16, probe_s=0.0) == [1, 2, 4, 8, 16]
+
+
+def test_auto_is_the_default_and_reads_back_as_auto(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    for batching in ({}, {"efficient_batch_tolerance": "auto"}):
+        path.write_text(json.dumps({"kind": "generator", "batching": batching}))
+        assert load_model_config(path).batching.efficient_batch_tolerance == "auto"
+    path.write_text(json.dumps({"kind": "generator", "batching": {"efficient_batch_tolerance": None}}))
+    assert load_model_config(path).batching.efficient_batch_tolerance is None
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "memory_rows", "expected"),
+    [
+        ("auto", None, 2),  # ~30.5 ms a row at 1 and 2: compute-bound
+        (None, None, None),  # off: the same costs cap nothing
+        ("auto", 1, 1),  # the warm-up memory budget still bounds the cap
+    ],
+)
+def test_auto_caps_the_batcher_of_a_version_whose_warm_up_reads_compute_bound(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tolerance: str | None,
+    memory_rows: int | None,
+    expected: int | None,
+) -> None:
+    # The warm-up's timings stubbed (a tiny model computes in microseconds): what warm_up does with them.
+    def timed(*args: Any, **kwargs: Any) -> calibration.Calibration:
+        return calibration.Calibration(warmed=[1, 2], costs_s={1: 0.0306, 2: 0.0610}, memory_rows=memory_rows)
+
+    monkeypatch.setattr(calibration, "run_warmup", timed)
+    root = build_tiny_repo(tmp_path / "repo", with_slow=False, with_broken=False)
+    config_path = root / "tiny-gen" / "config.json"
+    data = json.loads(config_path.read_text())
+    data.setdefault("batching", {})["efficient_batch_tolerance"] = tolerance
+    config_path.write_text(json.dumps(data))
+    seen: list[tuple[int | None, int]] = []
+
+    def cap(repo: Repository) -> None:
+        mv = repo.get("tiny-gen").resolve("")
+        assert mv.batcher is not None
+        seen.append((mv.efficient_batch_size, mv.batcher.max_batch_size))
+
+    with_repo(root, cap)
+    assert seen == [(expected, expected or data["batching"]["max_batch_size"])]
 
 
 def test_the_measured_batch_cap_reaches_the_batcher_and_null_turns_it_off(tmp_path: Path) -> None:
