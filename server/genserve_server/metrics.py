@@ -216,19 +216,22 @@ class ModelMetrics:
         # KServe ModelStatistics (per request, as Triton counts), kept with or without Prometheus.
         self.infer_stats = InferStats()
 
-    def set_runtime(self, provider: str, precision: str, gpu_requested: bool) -> None:
+    def set_runtime(self, provider: str, precision: str, gpu_requested: bool, batch_max_rows: int) -> None:
         """genserve_model_runtime_info: what the loaded version really runs on (1), and whether its
-        config asked for a GPU provider; a GPU pod that fell back to CPU shows here."""
+        config asked for a GPU provider; a GPU pod that fell back to CPU shows here. And
+        genserve_batch_max_rows: its batcher's cap."""
         if not self._metrics.enabled:
             return
         labels = (self.model, self.version, provider, precision, "true" if gpu_requested else "false")
         self.clear_runtime()
         self._metrics.model_runtime_info.labels(*labels).set(1)
+        self._metrics.batch_max_rows.labels(self.model, self.version).set(batch_max_rows)
         self._runtime_labels = labels
 
     def clear_runtime(self) -> None:
         if self._runtime_labels is not None:
             self._metrics.model_runtime_info.remove(*self._runtime_labels)
+            self._metrics.batch_max_rows.remove(self.model, self.version)
             self._runtime_labels = None
 
     def bind_batch_size(self, max_batch_size: int) -> None:
@@ -407,6 +410,13 @@ class Metrics:
             (*mv, "provider", "precision", "gpu_requested"),
             registry=reg,
         )
+        self.batch_max_rows = Gauge(
+            "genserve_batch_max_rows",
+            "Rows one batch of a loaded version takes at most: max_batch_size, or less where its load "
+            "capped it (efficient_batch_tolerance; by default a compute-bound CPU model's 1-2).",
+            mv,
+            registry=reg,
+        )
         self.build_info = Gauge(
             "genserve_build_info",
             "Always 1: the genserve-server and ONNX Runtime versions of this process.",
@@ -495,6 +505,7 @@ class Metrics:
             self.model_config_error,
             self.model_file_changed,
             self.model_runtime_info,
+            self.batch_max_rows,
             self.build_info,
         )
 

@@ -342,7 +342,8 @@ class Repository:
             mv.state = ModelState.READY
             mv.metrics.ready.set(1)
             mv.metrics.load_duration.set(mv.load_s)
-            mv.metrics.set_runtime(mv.provider, mv.precision, mv.gpu_requested)
+            rows = mv.batcher.max_batch_size if mv.batcher is not None else mv.config.batching.max_batch_size
+            mv.metrics.set_runtime(mv.provider, mv.precision, mv.gpu_requested, rows)
             logger.info("%s ready in %.2f s (%s, sha256 %s)", mv.label, mv.load_s, mv.runtime, mv.sha256[:12])
 
     def device_lost(self, mv: ModelVersion, reason: str) -> None:

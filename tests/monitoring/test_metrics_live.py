@@ -202,4 +202,11 @@ def test_no_created_series_and_the_runtime_info_of_the_loaded_model(
     runtime = [dict(items) for n, items in current.samples if n == "genserve_model_runtime_info"]
     assert [(r["model"], r["provider"]) for r in runtime] == [(TINY_MODEL, "CPUExecutionProvider")]
     assert runtime[0]["gpu_requested"] in {"true", "false"} and runtime[0]["precision"] == "fp32"
+    # The tiny model computes in microseconds: "auto" leaves its batches at max_batch_size.
+    rows = [
+        (dict(items)["model"], v)
+        for (n, items), v in current.samples.items()
+        if n == "genserve_batch_max_rows"
+    ]
+    assert rows == [(TINY_MODEL, TINY_MAX_BATCH)]
     assert "genserve_build_info" in current.names()

@@ -79,10 +79,12 @@ def test_kind_methods_cover_every_kind_and_follow_the_service() -> None:
 def test_runtime_info_says_what_a_version_runs_on_and_goes_with_it() -> None:
     metrics = Metrics()
     mm = metrics.for_model("gen", "1", 8, "generator")
-    mm.set_runtime("CPUExecutionProvider", "fp32", gpu_requested=True)
+    mm.set_runtime("CPUExecutionProvider", "fp32", gpu_requested=True, batch_max_rows=2)
     line = 'genserve_model_runtime_info{gpu_requested="true",model="gen",precision="fp32",'
     line += 'provider="CPUExecutionProvider",version="1"} 1.0'
     assert line in exposition(metrics)
+    assert 'genserve_batch_max_rows{model="gen",version="1"} 2.0' in exposition(metrics)
     mm.clear_runtime()
     assert not [x for x in exposition(metrics) if x.startswith("genserve_model_runtime_info")]
+    assert not [x for x in exposition(metrics) if x.startswith("genserve_batch_max_rows{")]
     assert [x for x in exposition(metrics) if x.startswith("genserve_build_info{")]
