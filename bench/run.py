@@ -24,16 +24,26 @@ from typing import Any
 import onnxruntime as ort
 
 from bench import priority, raw_limit
-from bench.common import DEFAULT_MODELS, SCRATCH, BenchModel, find_models, machine, write_json, write_line
+from bench.common import (
+    DEFAULT_MODELS,
+    METHOD_BY_KIND,
+    SCRATCH,
+    BenchModel,
+    find_models,
+    machine,
+    write_json,
+    write_line,
+)
 from bench.report import merge_rounds, render_markdown, summarise, update_readme
 from bench.servers import BenchError, ServerProcess, client_bench, measured_level
-from genserve_contract.kinds import Kind
 
 CONCURRENCY = (1, 8, 32, 64)
 FORMATS = ("raw", "png")
 # The kinds driven through the servers (the encoder is measured in the raw limit only; a two-way
 # translator not at all: the naive server feeds no direction).
-SERVED_KINDS = tuple(k for k in Kind if not k.gives_latent and not k.two_way)
+# The kinds the load generator drives (bench.common.METHOD_BY_KIND; a style generator, a code prior
+# or decoder has no method there and is measured by raw_limit only), less the encoder and two-way ones.
+SERVED_KINDS = tuple(k for k in METHOD_BY_KIND if not k.gives_latent and not k.two_way)
 PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "bench-dcgan-256", "dcgan-digits")
 
 

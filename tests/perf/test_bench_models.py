@@ -74,6 +74,17 @@ def test_the_raw_limit_feeds_every_default_model_as_its_graph_expects() -> None:
             assert value.ndim == rank and value.shape[0] == 2, (model.name, name, value.shape)
 
 
+def test_the_servers_part_drives_every_default_model_it_picks_through_a_known_method() -> None:
+    """bench.run serves the models of SERVED_KINDS through the load generator: each needs a method
+    (a style generator has none, and a run once stopped at stylegan-digits with a KeyError)."""
+    from bench.common import DEFAULT_MODELS, find_models
+    from bench.run import SERVED_KINDS
+
+    served = [m for m in find_models(DEFAULT_MODELS) if m.kind in SERVED_KINDS]
+    assert {"dcgan-digits", "sr-photos-x4", "pix2pix-colorize"} <= {m.name for m in served}
+    assert all(m.method in {"Sample", "SuperResolve", "Translate"} for m in served)
+
+
 def test_bench_builds_the_slow_conditional_resnet_generator(tmp_path: Path) -> None:
     """Issue 20's slow class-conditional model (ResNet, conditional BN), narrowed to keep the test fast:
     a conditional card with ten classes, 32x32 RGB, and both the seed and the label reach the pixels."""
