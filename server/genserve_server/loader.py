@@ -213,7 +213,8 @@ def warm_up(
     if tolerance == AUTO_TOLERANCE:
         mv.efficient_batch_size = compute_bound_cap(result.costs_s)
     elif tolerance is not None and result.costs_s:
-        mv.efficient_batch_size = efficient_batch_size(result.costs_s, tolerance)
+        batch_cost_s = IMAGE_BATCH_OVERHEAD_S if card.kind.takes_image else BATCH_OVERHEAD_S
+        mv.efficient_batch_size = efficient_batch_size(result.costs_s, tolerance, batch_cost_s)
     if result.memory_rows is not None:
         image = warmup_inputs(card, 1).get("image") if card.kind.takes_image else None
         if image is not None:  # memory scales with pixels: smaller images may take more rows
@@ -370,6 +371,11 @@ def warmup_batch_sizes(max_batch_size: int) -> list[int]:
 # against the model calls: 1.3-2.1 ms a batch (bench/profile.md, nineteenth round). An idle server's
 # ~0.1 ms is not the cost that counts: at light load batches are small whatever the cap.
 BATCH_OVERHEAD_S = 2e-3
+# Image kinds warm up on a small image (unet-denoise: 64x64, 1.5 ms a row) and serve larger ones,
+# whose rows dwarf a batch's cost: there the 2 ms would push the cap up for nothing. unet-denoise
+# capped at 16 by it against 4 (2 rounds in turns, 256x256 at 64 clients): p99/p50 1.25-1.33
+# against 1.03-1.05 at the same images/s; at 64x64 the two caps served the same images/s.
+IMAGE_BATCH_OVERHEAD_S = 100e-6
 
 
 def _cap_reason(tolerance: Tolerance) -> str:
@@ -418,18 +424,18 @@ def compute_bound_cap(costs_s: Mapping[int, float]) -> int | None:
     return max(1, math.ceil(BATCH_OVERHEAD_S / (AUTO_GAIN * one)))
 
 
-def efficient_batch_size(costs_s: Mapping[int, float], tolerance: float) -> int:
+def efficient_batch_size(
+    costs_s: Mapping[int, float], tolerance: float, batch_cost_s: float = BATCH_OVERHEAD_S
+) -> int:
     """The smallest batch size whose cost per item is within `tolerance` of the best size's.
 
-    Cost = the measured model call + BATCH_OVERHEAD_S. Larger batches only pay when they compute
+    Cost = the measured model call + `batch_cost_s`. Larger batches only pay when they compute
     each item faster or spread the batch's serving cost: on a CPU, large convolutions often do not
     (per item, SR tiles cost the same at batch 1 and 16), and a closed loop of clients then waits
     in each other's batches for nothing. A compute-bound model (a ResNet cGAN, ~31 ms an item at
     every size) gets 2: batch 1 pays the serving cost on every item.
     """
-    per_item = {
-        size: (cost + BATCH_OVERHEAD_S) / size for size, cost in costs_s.items() if size > 0 and cost > 0
-    }
+    per_item = {size: (cost + batch_cost_s) / size for size, cost in costs_s.items() if size > 0 and cost > 0}
     if not per_item:
         return max(costs_s, default=1)
     best = min(per_item.values())
