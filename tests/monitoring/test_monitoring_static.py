@@ -222,5 +222,6 @@ def test_dashboard_shows_the_image_cache_and_the_runtime() -> None:
         "genserve_image_cache_lookups_total",
         "genserve_image_cache_bytes",
         "genserve_model_runtime_info",
+        "genserve_batch_max_rows",
     ):
         assert name in exprs, name
