@@ -39,10 +39,9 @@ from bench.servers import BenchError, ServerProcess, client_bench, measured_leve
 
 CONCURRENCY = (1, 8, 32, 64)
 FORMATS = ("raw", "png")
-# The kinds driven through the servers (the encoder is measured in the raw limit only; a two-way
-# translator not at all: the naive server feeds no direction).
-# The kinds the load generator drives (bench.common.METHOD_BY_KIND; a style generator, a code prior
-# or decoder has no method there and is measured by raw_limit only), less the encoder and two-way ones.
+# The kinds driven through the servers: those the load generator has a method for (METHOD_BY_KIND;
+# a style generator, a code prior or decoder is measured in the raw limit only), less the encoder
+# (raw limit only too) and a two-way translator (not at all: the naive server feeds no direction).
 SERVED_KINDS = tuple(k for k in METHOD_BY_KIND if not k.gives_latent and not k.two_way)
 PRIORITY_MODEL_PREFERENCE = ("bench-dcgan-64", "bench-dcgan-256", "dcgan-digits")
 

@@ -243,8 +243,8 @@ class BatchingConfig:
     # of the best warmed size's (loader.efficient_batch_size): where batching gains nothing (large
     # convolutions on a CPU) requests run one by one or in pairs instead of waiting in each other's
     # batches; on a GPU the cap stays at max_batch_size. None (JSON null) = always up to
-    # max_batch_size. "auto" (the default) = a cap of 1-2 rows only for a compute-bound model, one
-    # whose one-row call takes 10 ms or more at load and computes no faster in a batch
+    # max_batch_size. "auto" (the default) = a cap of 1-2 rows only for a compute-bound CPU model,
+    # one whose one-row call takes 20 ms or more at load and computes no faster in a batch
     # (loader.compute_bound_cap), and none otherwise: on mid-size generators a cap costs a saturated
     # server 8-27 % (bench/profile.md, nineteenth round).
     efficient_batch_tolerance: Tolerance = AUTO_TOLERANCE

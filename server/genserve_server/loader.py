@@ -33,7 +33,7 @@ from genserve_server.ort_session import (
     choose_model_file,
     create_session,
 )
-from genserve_server.providers import GPU_PROVIDERS
+from genserve_server.providers import CPU, GPU_PROVIDERS
 from genserve_server.runner import Runner, select_providers
 from genserve_server.session_runner import SessionRunner, check_fp16_parity
 
@@ -191,8 +191,7 @@ def warm_up(
     version's batch cap (efficient_batch_size) and, where memory bounds it, its batch pixels."""
     batching = mv.config.batching
     tolerance = batching.efficient_batch_tolerance
-    on_cpu = runner.provider == "CPUExecutionProvider" and runner.mode != "cuda_graph"
-    if tolerance == AUTO_TOLERANCE and not on_cpu:
+    if tolerance == AUTO_TOLERANCE and not batch_grows_with_rows(runner):
         tolerance = None  # a GPU computes a batch's rows side by side: "auto" caps CPU models only
     largest = warmup_limit(card, batching.max_batch_size, batching.max_batch_pixels)
     sizes = warmup_sizes(tolerance, largest, probe_s)
@@ -262,6 +261,13 @@ def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
         raise ConfigError(f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})")
 
 
+def batch_grows_with_rows(runner: Runner) -> bool:
+    """Whether a batch's compute grows with its rows: on a CPU session, which computes them one
+    after another; not on a GPU, which computes them side by side, nor where CUDA graphs pad a batch
+    to a captured size."""
+    return runner.provider == CPU and runner.mode != "cuda_graph"
+
+
 def make_batcher(mv: ModelVersion) -> Batcher:
     """The batcher of a loaded version, wired to its runner (not started)."""
     assert mv.runner is not None
@@ -290,7 +296,7 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         efficient_batch_size=mv.efficient_batch_size,
         rows_limit=rows_limit,
         # A batch's compute grows with its rows on the CPU only (Batcher._side_by_side_share).
-        share_side_by_side=mv.runner.provider == "CPUExecutionProvider" and not pads,
+        share_side_by_side=batch_grows_with_rows(mv.runner),
     )
     # Background bulk batches yield their cores to a solo call; other bulk rows would not.
     if mv.runner.background_bulk:
