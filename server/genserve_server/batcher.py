@@ -41,6 +41,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 
+import numpy as np
+
 from genserve_contract.config import BatchingConfig
 from genserve_server.arrivals import OVERLAP_MEMORY_S, Arrivals, closes_at_preferred
 from genserve_server.batch_events import (
@@ -130,6 +132,7 @@ class Batcher:
         run_bulk_batch: RunBatch | None = None,
         preferred_batch_sizes: tuple[int, ...] = (),
         share_side_by_side: bool = False,
+        runs_on_loop: Callable[[Hashable, Tensors], bool] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -145,6 +148,10 @@ class Batcher:
         # Whether a batch that starts beside running ones is capped to its even share of the rows
         # (_side_by_side_share): where a batch's compute grows with its rows (the CPU).
         self.share_side_by_side = share_side_by_side
+        # Whether the runner would run a batch shaped like the given inputs on the event loop
+        # (Runner.would_run_inline): a batch is split over free instances only where its parts run
+        # side by side on the pool (_split_over_free). None: not known, no split.
+        self._runs_on_loop = runs_on_loop
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         # Sizes a batch may close at before its window ends (closes_at_preferred); () = none: the
@@ -241,6 +248,15 @@ class Batcher:
     @property
     def queued_interactive_rows(self) -> int:
         return self._queued_rows - self._bulk_rows
+
+    def interactive_work_beside(self) -> bool:
+        """Whether interactive rows wait or another interactive batch has been formed beside the one
+        asking (the runner's solo-session rule: then a batch keeps to one thread)."""
+        return self.queued_interactive_rows > 0 or self._batches_in_flight - self._bulk_in_flight > 1
+
+    def work_beside(self) -> bool:
+        """interactive_work_beside, bulk rows and batches counted too."""
+        return self._queued_rows > 0 or self._batches_in_flight > 1
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -495,6 +511,32 @@ class Batcher:
         instances = max(1, self._concurrency - self._bulk_in_flight)  # those bulk batches hold are not shared
         return max(1, -(-(queued + self._interactive_rows_in_flight) // instances))
 
+    def _split_over_free(self, lane: Lane, key: Hashable) -> int | None:
+        """The rows an interactive batch takes when it starts with no interactive batch running and
+        its rows would fill more than one free instance: its even share over them (None: no split).
+        The rest goes in the next batch at once, on another instance.
+
+        Without it a closed loop whose callers come back together puts them all in one batch on one
+        instance, cohort after cohort, with the other instance idle: bench-dcgan-256 served 24-37 %
+        fewer images/s at 2-8 clients, sr-photos-x4 capped at 4 rows a third fewer at 4 clients
+        (bench/profile.md, twentieth round). Only where _side_by_side_share applies (a batch's
+        compute grows with its rows), and only where the runner would run each part on a pool
+        thread: parts it runs on the event loop run one after the other, slower than the whole."""
+        if (
+            not self.share_side_by_side
+            or self._runs_on_loop is None
+            or lane != Lane.INTERACTIVE
+            or self._interactive_rows_in_flight
+        ):
+            return None
+        free = self._concurrency - self._batches_in_flight
+        share = -(-self._rows_by_key.get((lane, key), 0) // max(1, free))
+        if free < 2 or share >= self._batch_limit(lane, key):
+            return None  # one instance free, or enough rows queued for full batches on every one
+        head = self._lanes[lane][key][0].inputs
+        like = {name: np.broadcast_to(v[:1], (share, *v.shape[1:])) for name, v in head.items()}
+        return None if self._runs_on_loop(key, like) else share
+
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
         return self._arrivals.more_expected(time.monotonic(), self.callers, self._queued_requests)
@@ -558,18 +600,25 @@ class Batcher:
                 return []
             lane, key = picked
         if reason is None:  # filled up, or went without waiting (nothing expected, or closing)
-            queued = self._rows_by_key.get(waited_for, 0)
-            share = self._side_by_side_share(*waited_for)
-            if queued >= self._batch_limit(*waited_for, shared=False):
-                reason = CLOSED_FULL
-            elif share is not None and queued >= share:
-                reason = CLOSED_SHARED
-            else:
-                reason = CLOSED_AT_ONCE
-        parts = self._take(lane, key)
+            reason = self._reason_without_window(*waited_for)
+        split = self._split_over_free(lane, key)
+        if split is not None:
+            reason = CLOSED_SHARED
+        parts = self._take(lane, key, split)
         if parts:
             self._observer.on_batch_closed(reason)
         return parts
+
+    def _reason_without_window(self, lane: Lane, key: Hashable) -> str:
+        """Why a batch that did not wait out its window goes now: full, its side-by-side share, or
+        at once (nothing more expected, or closing)."""
+        queued = self._rows_by_key.get((lane, key), 0)
+        share = self._side_by_side_share(lane, key)
+        if queued >= self._batch_limit(lane, key, shared=False):
+            return CLOSED_FULL
+        if share is not None and queued >= share:
+            return CLOSED_SHARED
+        return CLOSED_AT_ONCE
 
     def _remove_rows(self, lane: Lane, key: Hashable, rows: int, *, request_gone: bool) -> None:
         lk = (lane, key)
@@ -584,7 +633,7 @@ class Batcher:
         if self._bulk_waiters:
             self._room.set()
 
-    def _take(self, lane: Lane, key: Hashable) -> list[Part]:
+    def _take(self, lane: Lane, key: Hashable, split: int | None = None) -> list[Part]:
         """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first.
 
         Fair shares: when more requests wait than a batch has rows, those with the fewest rows left
@@ -592,8 +641,10 @@ class Batcher:
         the request that has waited longest, so none starves; the batch's rows are shared max-min
         fairly among those chosen (batch_parts.fair_shares). A big request thus gives each batch a
         slice, a small one admitted behind any number of big ones goes in the next batch, and
-        requests of one row go in admission order."""
+        requests of one row go in admission order. `split`: fewer rows (_split_over_free)."""
         limit = self._batch_limit(lane, key)
+        if split is not None:
+            limit = min(limit, split)
         queue = self._lanes[lane][key]
         now = time.monotonic()
         # The queue holds the started requests first, then the untouched ones in admission order:

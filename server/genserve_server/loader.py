@@ -297,12 +297,13 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         rows_limit=rows_limit,
         # A batch's compute grows with its rows on the CPU only (Batcher._side_by_side_share).
         share_side_by_side=batch_grows_with_rows(mv.runner),
+        runs_on_loop=mv.runner.would_run_inline,
     )
     # Background bulk batches yield their cores to a solo call; other bulk rows would not.
     if mv.runner.background_bulk:
-        mv.runner.more_work_queued = lambda: batcher.queued_interactive_rows > 0
+        mv.runner.more_work_queued = batcher.interactive_work_beside
     else:
-        mv.runner.more_work_queued = lambda: batcher.queued_rows > 0
+        mv.runner.more_work_queued = batcher.work_beside
     mv.runner.callers_overlap = batcher.callers_overlap
     return batcher
 

@@ -428,6 +428,12 @@ class Runner:
             return self._call(key, signature, inputs)
         return await run_off_loop(self._executor, self._call_pooled, key, signature, inputs)
 
+    def would_run_inline(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether `run` would run an interactive batch shaped like `inputs` (only their shapes are
+        read) on the event loop now: the batcher splits a batch only where its parts run on the pool,
+        side by side (Batcher._split_over_free)."""
+        return self._runs_inline(key, self._signature(key, inputs), inputs)
+
     def _runs_inline(
         self,
         key: Hashable,

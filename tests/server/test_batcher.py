@@ -398,6 +398,49 @@ def test_a_batch_beside_a_running_one_takes_its_even_share_of_the_rows() -> None
     assert "shared" not in closed
 
 
+def test_a_batch_that_starts_with_free_instances_takes_its_share_and_the_rest_runs_beside_it() -> None:
+    """With nothing running and two free instances, a batch takes half of the queued rows (closed
+    'shared') and the other half goes at once, side by side: not the whole cohort on one instance
+    with the other idle. Not where the runner would run the parts on the event loop (one after the
+    other), nor where the runner's choice is not known, nor with one instance, nor when the queue
+    holds full batches for both instances."""
+
+    async def body(
+        *, concurrency: int = 2, on_loop: bool | None = False, max_batch_size: int = 16, n: int = 4
+    ) -> tuple[list[int], list[str], list[int]]:
+        model = FakeModel()
+        asked: list[int] = []
+
+        def runs_on_loop(key: Hashable, inputs: Mapping[str, np.ndarray]) -> bool:
+            assert on_loop is not None
+            asked.append(int(inputs["x"].shape[0]))  # the part's shape, as the runner would get it
+            return on_loop
+
+        batcher, recorder = make(
+            model,
+            max_batch_size=max_batch_size,
+            concurrency=concurrency,
+            share_side_by_side=True,
+            runs_on_loop=None if on_loop is None else runs_on_loop,
+        )
+        result = await batcher.submit("k", rows(*range(n)), n)
+        np.testing.assert_array_equal(result.outputs["y"], 10 * np.arange(n))
+        await batcher.close(1)
+        return [len(x) for _, x in model.batches], recorder.closed, asked
+
+    def sizes(**kwargs: Any) -> tuple[list[int], list[str], list[int]]:
+        return asyncio.run(asyncio.wait_for(body(**kwargs), 10))
+
+    split, closed, asked = sizes()
+    assert split == [2, 2] and closed == ["shared", "shared"] and asked == [2]
+    assert sizes(n=5)[0] == [3, 2]
+    assert sizes(n=1)[0] == [1]  # one row: nothing to split
+    assert sizes(on_loop=True)[0:3:2] == ([4], [2])  # parts on the loop would run one after the other
+    assert sizes(on_loop=None)[0] == [4]
+    assert sizes(concurrency=1)[0] == [4]
+    assert sizes(max_batch_size=4, n=10)[0][0] == 4  # ceil(10 / 2) > 4: full batches on both
+
+
 def test_window_collects_rows_that_arrive_within_it() -> None:
     async def body() -> None:
         model = FakeModel()

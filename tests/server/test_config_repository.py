@@ -518,6 +518,7 @@ def batcher_of_a_fake_version(tmp_path: Path, **runner_fields: Any) -> tuple[Any
         "run_bulk": None,
         "background_bulk": False,
         "provider": "CPUExecutionProvider",
+        "would_run_inline": lambda key, inputs: False,
     }
     fields.update(runner_fields)
     runner = SimpleNamespace(**fields)
@@ -558,3 +559,7 @@ def test_the_runner_reads_queued_rows_and_concurrent_callers_off_its_batcher(tmp
         batcher, runner = batcher_of_a_fake_version(tmp_path, background_bulk=background_bulk)
         assert not runner.more_work_queued()
         assert runner.callers_overlap == batcher.callers_overlap
+        assert batcher._runs_on_loop == runner.would_run_inline  # the split asks the runner
+        batcher._batches_in_flight = 2  # a batch formed beside the asking one (a split's parts)
+        assert runner.more_work_queued()
+        batcher._batches_in_flight = 0

@@ -125,6 +125,8 @@ def test_a_batch_up_to_the_busy_limit_runs_inline_unless_the_solo_session_would_
         runner.warm(inputs)  # measures this signature: far below INLINE_BUSY_MAX_S, above 1 ns
         runner.more_work_queued = lambda queued=queued: queued  # type: ignore[misc]
         runner.callers_overlap = lambda overlap=overlap: overlap  # type: ignore[misc]
+        # What the batcher asks before it splits a batch (Batcher._split_over_free): the same choice.
+        assert runner.would_run_inline(LatentRows(), inputs) == (expected == "loop"), inline_max_s
         threads = record_threads(runner)
         asyncio.run(runner.run(LatentRows(), inputs))
         assert (threads[0] == "MainThread") == (expected == "loop"), (
