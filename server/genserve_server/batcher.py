@@ -533,8 +533,9 @@ class Batcher:
         share = -(-self._rows_by_key.get((lane, key), 0) // max(1, free))
         if free < 2 or share >= self._batch_limit(lane, key):
             return None  # one instance free, or enough rows queued for full batches on every one
+        # The runner reads only shapes: uninitialised arrays of the part's (cheaper than a view).
         head = self._lanes[lane][key][0].inputs
-        like = {name: np.broadcast_to(v[:1], (share, *v.shape[1:])) for name, v in head.items()}
+        like = {name: np.empty((share, *v.shape[1:]), v.dtype) for name, v in head.items()}
         return None if self._runs_on_loop(key, like) else share
 
     def _more_expected(self) -> bool:
