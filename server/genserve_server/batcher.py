@@ -206,6 +206,9 @@ class Batcher:
         # were in the server (SampleStreams are not tracked callers): see callers_overlap.
         self._callers_overlapped_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
+        # The sub-queue whose rows a split left for the next batches (_split_over_free): they go at
+        # once, without a window of their own (None: no split pending).
+        self._split_rest: tuple[Lane, Hashable] | None = None
         # Batches formed and requests admitted so far: the round-robin turns (PendingRequest.turn).
         self._batches_formed = 0
         self._admitted = 0
@@ -536,7 +539,12 @@ class Batcher:
         # The runner reads only shapes: uninitialised arrays of the part's (cheaper than a view).
         head = self._lanes[lane][key][0].inputs
         like = {name: np.empty((share, *v.shape[1:]), v.dtype) for name, v in head.items()}
-        return None if self._runs_on_loop(key, like) else share
+        try:
+            on_loop = self._runs_on_loop(key, like)
+        except Exception:  # a heuristic: whatever went wrong, the whole batch goes as it would have
+            logger.exception("%s: no split: where a part of %d rows would run is not known", self.name, share)
+            return None
+        return None if on_loop else share
 
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
@@ -563,7 +571,10 @@ class Batcher:
         # Why the batch goes now (BATCH_CLOSE_REASONS): what an operator reads off small batches.
         reason: str | None = None  # set where the window is cut short; else derived below
         waited_for = (lane, key)  # the sub-queue the window was for (a re-pick may change lane, key)
-        if rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
+        rest_of_split, self._split_rest = self._split_rest == (lane, key), None
+        if rest_of_split:
+            reason = CLOSED_SHARED  # its rows waited with the batch split from them: no window again
+        elif rows < limit and self.max_queue_delay_s > 0 and worth_waiting:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
             # The limit is read again each turn: a side-by-side share ends with the batch beside it.
@@ -602,13 +613,19 @@ class Batcher:
             lane, key = picked
         if reason is None:  # filled up, or went without waiting (nothing expected, or closing)
             reason = self._reason_without_window(*waited_for)
-        split = self._split_over_free(lane, key)
-        if split is not None:
-            reason = CLOSED_SHARED
-        parts = self._take(lane, key, split)
+        parts, split = self._take_split(lane, key, rest_of_split)
         if parts:
-            self._observer.on_batch_closed(reason)
+            self._observer.on_batch_closed(CLOSED_SHARED if split else reason)
         return parts
+
+    def _take_split(self, lane: Lane, key: Hashable, rest_of_split: bool) -> tuple[list[Part], bool]:
+        """_take, with the split over free instances where _split_over_free makes one: (the parts,
+        whether split). Rows a split (or the rest of one) leaves go in the next batch at once."""
+        split = self._split_over_free(lane, key)
+        parts = self._take(lane, key, split)
+        if (split is not None or rest_of_split) and (lane, key) in self._rows_by_key:
+            self._split_rest = (lane, key)
+        return parts, split is not None
 
     def _reason_without_window(self, lane: Lane, key: Hashable) -> str:
         """Why a batch that did not wait out its window goes now: full, its side-by-side share, or

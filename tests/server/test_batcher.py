@@ -404,11 +404,12 @@ def test_a_batch_that_starts_with_free_instances_takes_its_share_and_the_rest_ru
     with the other idle. Not where the runner would run the parts on the event loop (one after the
     other), nor where the runner's choice is not known, nor with one instance, nor when the queue
     holds full batches for both instances."""
+    window_s = 1.0
 
     async def body(
         *, concurrency: int = 2, on_loop: bool | None = False, max_batch_size: int = 16, n: int = 4
     ) -> tuple[list[int], list[str], list[int]]:
-        model = FakeModel()
+        model = SlowModel(0.01)  # the first part still runs when the rest is formed
         asked: list[int] = []
 
         def runs_on_loop(key: Hashable, inputs: Mapping[str, np.ndarray]) -> bool:
@@ -422,8 +423,13 @@ def test_a_batch_that_starts_with_free_instances_takes_its_share_and_the_rest_ru
             concurrency=concurrency,
             share_side_by_side=True,
             runs_on_loop=None if on_loop is None else runs_on_loop,
+            # A window that would show: the rest of a split goes at once, not after it (an untracked
+            # submitter beside a running batch waits the window otherwise).
+            max_queue_delay_s=window_s,
         )
+        started = time.monotonic()
         result = await batcher.submit("k", rows(*range(n)), n)
+        assert time.monotonic() - started < window_s / 2
         np.testing.assert_array_equal(result.outputs["y"], 10 * np.arange(n))
         await batcher.close(1)
         return [len(x) for _, x in model.batches], recorder.closed, asked
@@ -434,11 +440,34 @@ def test_a_batch_that_starts_with_free_instances_takes_its_share_and_the_rest_ru
     split, closed, asked = sizes()
     assert split == [2, 2] and closed == ["shared", "shared"] and asked == [2]
     assert sizes(n=5)[0] == [3, 2]
+    assert sizes(n=5, concurrency=3)[0] == [2, 2, 1]
     assert sizes(n=1)[0] == [1]  # one row: nothing to split
     assert sizes(on_loop=True)[0:3:2] == ([4], [2])  # parts on the loop would run one after the other
     assert sizes(on_loop=None)[0] == [4]
     assert sizes(concurrency=1)[0] == [4]
     assert sizes(max_batch_size=4, n=10)[0][0] == 4  # ceil(10 / 2) > 4: full batches on both
+
+
+def test_a_runner_that_cannot_tell_where_a_part_runs_gets_the_whole_batch() -> None:
+    """The split is a heuristic: a failing runner check leaves the batch whole and the dispatcher
+    running (before, a failure there would have stopped every later batch of the model)."""
+
+    async def body() -> None:
+        model = FakeModel()
+
+        def runs_on_loop(key: Hashable, inputs: Mapping[str, np.ndarray]) -> bool:
+            raise RuntimeError("no signature")
+
+        batcher, _ = make(
+            model, max_batch_size=16, concurrency=2, share_side_by_side=True, runs_on_loop=runs_on_loop
+        )
+        for n in (4, 3):
+            result = await batcher.submit("k", rows(*range(n)), n)
+            np.testing.assert_array_equal(result.outputs["y"], 10 * np.arange(n))
+        assert [len(x) for _, x in model.batches] == [4, 3]
+        await batcher.close(1)
+
+    run(body())
 
 
 def test_window_collects_rows_that_arrive_within_it() -> None:
