@@ -520,9 +520,9 @@ class Batcher:
         The rest goes in the next batch at once, on another instance.
 
         Without it a closed loop whose callers come back together puts them all in one batch on one
-        instance, cohort after cohort, with the other instance idle: bench-dcgan-256 served 24-37 %
-        fewer images/s at 2-8 clients, sr-photos-x4 capped at 4 rows a third fewer at 4 clients
-        (bench/profile.md, twentieth round). Only where _side_by_side_share applies (a batch's
+        instance, cohort after cohort, with the other instance idle. With the split, bench-dcgan-256
+        serves 5-39 % more images/s at 2-8 clients, and sr-photos-x4 capped at 4 rows 47-67 % more at
+        4 clients (bench/profile.md, twentieth round). Only where _side_by_side_share applies (a batch's
         compute grows with its rows), and only where the runner would run each part on a pool
         thread: parts it runs on the event loop run one after the other, slower than the whole."""
         if (
