@@ -199,10 +199,11 @@ class Runner:
         # Batches running on the normal-priority pool threads now (not background bulk calls: their
         # SCHED_IDLE threads yield the cores to a solo call, see run_bulk).
         self._running = 0
-        # Set by the owner (loader.make_batcher: interactive rows wait in the batcher). A batch goes
-        # to the solo session only while nothing else runs and nothing waits: otherwise the next
-        # batch would start beside it on the other instance, and a multi-threaded call would share
-        # the cores with it for its whole (possibly long) duration.
+        # Set by the owner (loader.make_batcher: rows wait in the batcher, or another batch has been
+        # formed, e.g. a split's other part). A batch goes to the solo session only while nothing
+        # else runs and nothing waits: otherwise the next batch would start beside it on the other
+        # instance, and a multi-threaded call would share the cores with it for its whole (possibly
+        # long) duration.
         self.more_work_queued: Callable[[], bool] = lambda: False
         # Set by the owner too (Batcher.callers_overlap): concurrent interactive callers lately. See
         # _runs_inline.
