@@ -533,9 +533,11 @@ class Batcher:
         ):
             return None
         free = self._concurrency - self._batches_in_flight
-        share = -(-self._rows_by_key.get((lane, key), 0) // max(1, free))
-        if free < 2 or share >= self._batch_limit(lane, key):
-            return None  # one instance free, or enough rows queued for full batches on every one
+        if free < 2:
+            return None
+        share = -(-self._rows_by_key.get((lane, key), 0) // free)
+        if share >= self._batch_limit(lane, key):
+            return None  # enough rows queued for full batches on every free instance
         # The runner reads only shapes: uninitialised arrays of the part's (cheaper than a view).
         head = self._lanes[lane][key][0].inputs
         like = {name: np.empty((share, *v.shape[1:]), v.dtype) for name, v in head.items()}
