@@ -391,12 +391,17 @@ def _range(value_range: tuple[float, float], name: str) -> tuple[float, float]:
     return lo, hi
 
 
+# From this many values up, np.clip + a NaN check beats np.fmax + np.fmin (each ~2.7x a clip on
+# 256x256 RGB: 68 + 68 us against 25 + 12); below it np.clip's Python wrapper costs more (784: 6 vs 2 us).
+_CLIP_MIN_VALUES = 8192
+
+
 def to_uint8(batch_nchw: NDArray[np.floating], output_range: tuple[float, float]) -> U8Array:
     """Model output float [N, C, H, W] -> uint8 [N, H, W, C]: lo -> 0, hi -> 255, clipped, round half up.
 
     Computed in float32 as floor((x - lo) * 255 / (hi - lo) + 0.5) with the offset folded into one
-    multiply-add; the clip happens before the truncating cast, so truncation is floor. NaN maps to 0
-    (fmax/fmin ignore NaN), so a misbehaving model gives black pixels rather than undefined ones.
+    multiply-add; the clip happens before the truncating cast, so truncation is floor. NaN maps to 0,
+    so a misbehaving model gives black pixels rather than undefined ones.
     """
     lo, hi = _range(output_range, "output_range")
     x = np.asarray(batch_nchw)
@@ -406,8 +411,14 @@ def to_uint8(batch_nchw: NDArray[np.floating], output_range: tuple[float, float]
     offset = np.float32(0.5 - lo * 255.0 / (hi - lo))
     y = np.multiply(x, scale, dtype=np.float32)
     np.add(y, offset, out=y)
-    np.fmax(y, np.float32(0.0), out=y)
-    np.fmin(y, np.float32(255.0), out=y)
+    if y.size < _CLIP_MIN_VALUES:
+        np.fmax(y, np.float32(0.0), out=y)  # fmax/fmin map NaN to the bound
+        np.fmin(y, np.float32(255.0), out=y)
+    else:
+        # np.clip is SIMD but keeps NaN: a min reduction finds the NaN the cast would leave undefined.
+        np.clip(y, np.float32(0.0), np.float32(255.0), out=y)
+        if np.isnan(np.min(y)):
+            np.fmax(y, np.float32(0.0), out=y)
     nchw = y.astype(np.uint8)
     n, c, h, w = nchw.shape
     if c == 1:

@@ -461,6 +461,26 @@ def test_to_uint8_layout_and_reference() -> None:
     np.testing.assert_array_equal(out, reference.transpose(0, 2, 3, 1))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 4, 4), (1, 3, 64, 64), (2, 3, 256, 256)])
+def test_to_uint8_same_bytes_whatever_the_size(shape: tuple[int, ...]) -> None:
+    # Small and large outputs clip by different numpy calls: NaN, infinities and every other value
+    # must come out as a one-row-at-a-time conversion (the small path) gives them.
+    x = np.random.default_rng(3).uniform(-1.5, 1.5, shape).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[:6] = [np.nan, np.inf, -np.inf, -1.0, 1.0, 0.0]
+    flat[-1] = np.nan
+    with np.errstate(invalid="raise"):  # a NaN left to the cast would be undefined (and raise here)
+        out = to_uint8(x, (-1.0, 1.0))
+    by_rows = np.concatenate([to_uint8(x[:, :, r : r + 1, :], (-1.0, 1.0)) for r in range(shape[2])], axis=1)
+    np.testing.assert_array_equal(out, by_rows)
+    first = out.reshape(-1, shape[1])[:6, 0] if shape[1] == 1 else out[0].transpose(2, 0, 1).reshape(-1)[:6]
+    assert first.tolist() == [0, 255, 0, 0, 255, 128]
+    assert out[-1, -1, -1, -1] == 0
+    wide = np.nan_to_num(x.astype(np.float64), nan=-1.0, posinf=2.0, neginf=-2.0)
+    reference = np.floor(np.clip((wide + 1.0) * 127.5 + 0.5, 0, 255)).transpose(0, 2, 3, 1)
+    assert np.abs(out.astype(np.float64) - reference).max() <= 1  # float32 arithmetic at the .5 edges
+
+
 def test_to_uint8_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="N, C, H, W"):
         to_uint8(np.zeros((3, 4, 4), dtype=np.float32), (0.0, 1.0))
