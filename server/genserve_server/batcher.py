@@ -105,6 +105,11 @@ def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
     return chosen[0].seq
 
 
+def _gone(request: PendingRequest, now: float) -> bool:
+    """Whether a queued request will not be computed: answered (failed, cancelled) or past its deadline."""
+    return request.future.done() or (request.deadline is not None and now >= request.deadline)
+
+
 def cancelled_by_deadline(deadline: float | None) -> bool:
     """Whether a cancellation now is gRPC ending the call at its deadline (`time.monotonic()`
     seconds; None = no deadline), not the client going away."""
@@ -535,7 +540,12 @@ class Batcher:
         free = self._concurrency - self._batches_in_flight
         if free < 2:
             return None
-        share = -(-self._rows_by_key.get((lane, key), 0) // free)
+        # Live rows only: requests that expired or were cancelled while queued leave at _take.
+        now = time.monotonic()
+        live = sum(r.n_rows - r.next_row for r in self._lanes[lane][key] if not _gone(r, now))
+        if live < 2:
+            return None  # one row (a lone caller): nothing to run beside it
+        share = -(-live // free)
         if share >= self._batch_limit(lane, key):
             return None  # enough rows queued for full batches on every free instance
         # The runner reads only shapes: uninitialised arrays of the part's (cheaper than a view).
@@ -673,8 +683,8 @@ class Batcher:
         untouched_singles = 0
         while queue and untouched_singles < limit:
             request = queue.popleft()
-            expired = request.deadline is not None and now >= request.deadline
-            if request.future.done() or expired:
+            if _gone(request, now):
+                expired = request.deadline is not None and now >= request.deadline
                 self._remove_rows(lane, key, request.n_rows - request.next_row, request_gone=True)
                 if request.future.cancelled():
                     self._observer.on_dropped("deadline" if expired else "cancelled")

@@ -441,11 +441,41 @@ def test_a_batch_that_starts_with_free_instances_takes_its_share_and_the_rest_ru
     assert split == [2, 2] and closed == ["shared", "shared"] and asked == [2]
     assert sizes(n=5)[0] == [3, 2]
     assert sizes(n=5, concurrency=3)[0] == [2, 2, 1]
-    assert sizes(n=1)[0] == [1]  # one row: nothing to split
+    assert sizes(n=1) == ([1], ["at_once"], [])  # a lone row: nothing to run beside it, no check
     assert sizes(on_loop=True)[0:3:2] == ([4], [2])  # parts on the loop would run one after the other
     assert sizes(on_loop=None)[0] == [4]
     assert sizes(concurrency=1)[0] == [4]
     assert sizes(max_batch_size=4, n=10)[0][0] == 4  # ceil(10 / 2) > 4: full batches on both
+
+
+def test_the_split_counts_only_the_rows_that_will_be_computed() -> None:
+    """Rows of requests cancelled while queued are not shared out: two live rows of four queued go
+    one to each free instance, not both to one (a share of ceil(4 / 2) would have taken them whole,
+    labelled 'shared' with nothing beside it)."""
+
+    async def body() -> tuple[list[int], list[str]]:
+        model = SlowModel(0.01)
+        batcher, recorder = make(
+            model,
+            max_batch_size=16,
+            concurrency=2,
+            share_side_by_side=True,
+            runs_on_loop=lambda key, inputs: False,
+        )
+        calls = [asyncio.ensure_future(batcher.submit("k", rows(v), 1)) for v in range(4)]
+        await asyncio.sleep(0)  # all four queued; the dispatcher runs on the next turn
+        assert batcher._queued_rows == 4 and not model.batches
+        for call in calls[:2]:
+            call.cancel()
+        results = await asyncio.gather(*calls[2:])
+        for v, result in zip((2, 3), results, strict=True):
+            np.testing.assert_array_equal(result.outputs["y"], [10 * v])
+        await batcher.close(1)
+        return [len(x) for _, x in model.batches], recorder.closed
+
+    sizes, closed = asyncio.run(asyncio.wait_for(body(), 10))
+    assert sizes == [1, 1]
+    assert closed == ["shared", "shared"]
 
 
 def test_a_runner_that_cannot_tell_where_a_part_runs_gets_the_whole_batch() -> None:
