@@ -110,6 +110,15 @@ def _gone(request: PendingRequest, now: float) -> bool:
     return request.future.done() or (request.deadline is not None and now >= request.deadline)
 
 
+def _filled(parts: list[Part], full: int, share: int | None) -> str:
+    """Why a batch that waited out no window goes now, from the rows it took: its row limit, its
+    side-by-side share, or at once (nothing more expected, or closing)."""
+    taken = sum(p.rows for p in parts)
+    if taken >= full:
+        return CLOSED_FULL
+    return CLOSED_SHARED if share is not None and taken >= share else CLOSED_AT_ONCE
+
+
 def cancelled_by_deadline(deadline: float | None) -> bool:
     """Whether a cancellation now is gRPC ending the call at its deadline (`time.monotonic()`
     seconds; None = no deadline), not the client going away."""
@@ -623,11 +632,19 @@ class Batcher:
             if picked is None:
                 return []
             lane, key = picked
-        if reason is None:  # filled up, or went without waiting (nothing expected, or closing)
-            reason = self._reason_without_window(*waited_for)
+            if (lane, key) != waited_for:
+                # The window's own rows left (cancelled) or an interactive request came: the batch
+                # formed now is another sub-queue's, which waited no window of its own.
+                reason = CLOSED_YIELDED if lane == Lane.INTERACTIVE and waited_for[0] == Lane.BULK else None
+                if lane == Lane.BULK and self._bulk_must_wait():
+                    return []  # the instance kept free for interactive work stays free (_dispatch_loop)
+        # Why a batch that did not wait out a window goes now, read off the rows it takes: rows of
+        # requests that expired while queued leave at _take and do not make a batch full.
+        full = self._batch_limit(lane, key, shared=False)
+        share = self._side_by_side_share(lane, key)
         parts, split = self._take_split(lane, key, rest_of_split)
         if parts:
-            self._observer.on_batch_closed(CLOSED_SHARED if split else reason)
+            self._observer.on_batch_closed(CLOSED_SHARED if split else reason or _filled(parts, full, share))
         return parts
 
     def _take_split(self, lane: Lane, key: Hashable, rest_of_split: bool) -> tuple[list[Part], bool]:
@@ -638,17 +655,6 @@ class Batcher:
         if (split is not None or rest_of_split) and (lane, key) in self._rows_by_key:
             self._split_rest = (lane, key)
         return parts, split is not None
-
-    def _reason_without_window(self, lane: Lane, key: Hashable) -> str:
-        """Why a batch that did not wait out its window goes now: full, its side-by-side share, or
-        at once (nothing more expected, or closing)."""
-        queued = self._rows_by_key.get((lane, key), 0)
-        share = self._side_by_side_share(lane, key)
-        if queued >= self._batch_limit(lane, key, shared=False):
-            return CLOSED_FULL
-        if share is not None and queued >= share:
-            return CLOSED_SHARED
-        return CLOSED_AT_ONCE
 
     def _remove_rows(self, lane: Lane, key: Hashable, rows: int, *, request_gone: bool) -> None:
         lk = (lane, key)

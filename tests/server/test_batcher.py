@@ -1183,3 +1183,109 @@ def test_large_straddling_outputs_are_copied_off_the_event_loop_and_reassembled(
 
     run(body())
     assert copy_threads and all(t is not threading.main_thread() for t in copy_threads)
+
+
+class GatedModel:
+    """out = 10 * x; a batch whose first value has a gate in `gates` waits on it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.gates: dict[float, asyncio.Event] = {}
+
+    async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        x = np.asarray(inputs["x"])
+        self.batches.append([float(v) for v in x])
+        gate = self.gates.get(float(x[0]))
+        if gate is not None:
+            await gate.wait()
+        await asyncio.sleep(0)
+        return {"y": 10 * x}
+
+
+def test_an_interactive_window_emptied_by_a_cancel_does_not_give_the_kept_instance_to_bulk() -> None:
+    """Two instances, interactive traffic about: one instance stays free of bulk work. An interactive
+    row waits out its window while a bulk batch runs, and its caller goes away during the window:
+    the bulk row queued beside it must not take the kept instance (the pick after a window was not
+    checked against the rule), so the next interactive request runs at once."""
+
+    async def body() -> None:
+        model = GatedModel()
+        window_s = 0.05
+        batcher, _ = make(
+            model, max_batch_size=4, max_queue_delay_s=window_s, concurrency=2, interactive_quiet_s=30.0
+        )
+        model.gates[100.0] = gate_b1 = asyncio.Event()
+        model.gates[200.0] = gate_b2 = asyncio.Event()
+        await batcher.submit("k", rows(1), 1)  # interactive traffic is about
+        bulk_1 = asyncio.ensure_future(batcher.submit("k", rows(100), 1, lane=Lane.BULK))
+        await until(lambda: model.batches[-1:] == [[100.0]], "bulk 1 running")
+        # An interactive row and a bulk row queue together: the interactive one is picked and, a
+        # batch being in flight (untracked callers), waits out its window.
+        gone = asyncio.ensure_future(batcher.submit("k", rows(2), 1))
+        bulk_2 = asyncio.ensure_future(batcher.submit("k", rows(200), 1, lane=Lane.BULK))
+        await let_the_dispatcher_run()
+        assert batcher.queued_rows == 2 and len(model.batches) == 2  # in the interactive window
+        opened = time.monotonic()
+        gone.cancel()
+        await past(opened + window_s)
+        await let_the_dispatcher_run()
+        assert [200.0] not in model.batches, f"bulk 2 took the instance kept free: {model.batches}"
+        result = await asyncio.wait_for(batcher.submit("k", rows(3), 1), 1.0)
+        np.testing.assert_array_equal(result.outputs["y"], [30])
+        gate_b1.set()
+        gate_b2.set()
+        await asyncio.gather(bulk_1, bulk_2)
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_an_interactive_batch_formed_as_a_bulk_window_fills_is_labelled_yielded() -> None:
+    """A bulk window is open; in one loop turn two more bulk rows fill it and an interactive row
+    arrives. The interactive row goes first, labelled as a bulk batch's yield (as when it arrives
+    earlier in the window), not 'full' from the bulk sub-queue's count."""
+
+    async def body() -> None:
+        model = GatedModel()
+        batcher, recorder = make(model, max_batch_size=4, max_queue_delay_s=5.0)
+        first = [asyncio.ensure_future(batcher.submit("b", rows(v), 1, lane=Lane.BULK)) for v in (100, 101)]
+        await let_the_dispatcher_run()
+        assert batcher.queued_rows == 2 and not model.batches  # the bulk window is open
+        more = [asyncio.ensure_future(batcher.submit("b", rows(v), 1, lane=Lane.BULK)) for v in (102, 103)]
+        interactive = asyncio.ensure_future(batcher.submit("i", rows(1), 1))
+        result = await asyncio.wait_for(interactive, 1.0)
+        np.testing.assert_array_equal(result.outputs["y"], [10])
+        await asyncio.wait_for(asyncio.gather(*first, *more), 1.0)
+        assert model.batches == [[1.0], [100.0, 101.0, 102.0, 103.0]]
+        assert recorder.closed == ["yielded", "full"]
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_batch_whose_queued_rows_expired_is_not_labelled_full() -> None:
+    """Four rows queued behind a busy runner, three of them past their deadline when it frees: the
+    batch computes one row and closes 'at_once', not 'full' (the expired rows leave at _take)."""
+
+    async def body() -> None:
+        model = GatedModel()
+        batcher, recorder = make(model, max_batch_size=4)
+        model.gates[-1.0] = gate = asyncio.Event()
+        blocker = asyncio.ensure_future(batcher.submit("k", rows(-1), 1))
+        await until(lambda: model.batches == [[-1.0]], "the blocker running")
+        deadline = time.monotonic() + 0.02
+        doomed = [
+            asyncio.ensure_future(batcher.submit("k", rows(v), 1, deadline=deadline)) for v in (1, 2, 3)
+        ]
+        live = asyncio.ensure_future(batcher.submit("k", rows(4), 1))
+        await until(lambda: batcher.queued_rows == 4, "four rows queued")
+        await past(deadline)
+        gate.set()
+        await asyncio.gather(blocker, live)
+        for d in doomed:
+            assert isinstance(d.exception(), DeadlineExceeded)
+        assert model.batches == [[-1.0], [4.0]]
+        assert recorder.closed[-1] == "at_once"
+        await batcher.close(1)
+
+    run(body())
