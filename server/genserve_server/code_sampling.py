@@ -237,3 +237,5 @@ async def sample_codes_stream(
             sampling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
+        elif not sampling.cancelled():
+            sampling.exception()  # it failed while the caller left: retrieved, not logged as lost

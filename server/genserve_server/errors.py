@@ -24,12 +24,31 @@ class Code(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
+# A status message travels as a percent-encoded header (grpc-message): past 8 KiB of metadata a
+# client refuses the whole answer (RESOURCE_EXHAUSTED) and never reads the error. A message that
+# echoes a long client string (a model or tensor name) keeps its head (the field) and its tail (the
+# limit or the advice) within this many UTF-8 bytes, 3 KiB at most once percent-encoded.
+MAX_MESSAGE_BYTES = 1024
+
+
+def clip_message(message: str) -> str:
+    """`message`, its middle left out where it is longer than MAX_MESSAGE_BYTES in UTF-8."""
+    if len(message) * 4 <= MAX_MESSAGE_BYTES or len(message.encode()) <= MAX_MESSAGE_BYTES:
+        return message
+    raw = message.encode()
+    head = raw[: MAX_MESSAGE_BYTES * 5 // 8].decode(errors="ignore")  # a cut character is dropped
+    tail = raw[-(MAX_MESSAGE_BYTES // 4) :].decode(errors="ignore")
+    left_out = len(message) - len(head) - len(tail)
+    return f"{head}...[{left_out} characters left out]...{tail}"
+
+
 class GenserveError(Exception):
     """Base error: `code` is the status the boundary sends, `field` the offending request field."""
 
     code: Code = Code.INTERNAL
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = clip_message(message)
         super().__init__(message)
         self.message = message
         self.field = field

@@ -11,7 +11,7 @@ import pytest
 
 from genserve_server.boundary import Boundary, status_code
 from genserve_server.core import Call
-from genserve_server.errors import Code, InvalidArgument, ResourceExhausted, invalid
+from genserve_server.errors import MAX_MESSAGE_BYTES, Code, InvalidArgument, ResourceExhausted, invalid
 from genserve_server.metrics import Metrics
 from genserve_server.tiling import plan_tiles
 from genserve_server.validate import tiling as check_tiling
@@ -152,3 +152,14 @@ def test_a_safe_request_id_is_kept(service: Boundary) -> None:
     context = FakeContext((("x-request-id", sent),))
     call_unary(service, handler, context)
     assert dict(context.trailing)["x-request-id"] == sent
+
+
+@pytest.mark.parametrize("echoed", ["a" * 5_000, "\u00e9" * 5_000, "\U0001f600" * 3_000])
+def test_a_long_message_keeps_its_field_and_its_limit(echoed: str) -> None:
+    error = invalid("images[0].name", f"unknown name {echoed!r}; must be at most 64 characters")
+    encoded = error.message.encode()
+    assert len(encoded) <= MAX_MESSAGE_BYTES + 64
+    assert error.message.startswith("images[0].name: unknown name")
+    assert error.message.endswith("must be at most 64 characters")
+    assert "characters left out" in error.message
+    assert invalid("count", "must be in 1..64, got 0").message == "count: must be in 1..64, got 0"

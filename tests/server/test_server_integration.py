@@ -662,6 +662,20 @@ def test_list_and_get_models(stub: pb_grpc.GenerationServiceStub) -> None:
     assert code_of(excinfo) == grpc.StatusCode.NOT_FOUND
 
 
+def test_an_error_that_echoes_a_long_client_string_still_reaches_the_client(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """A status message rides in a header: one that echoed a 20,000-character name whole went past
+    the client's metadata limit, which then answered RESOURCE_EXHAUSTED in place of the error."""
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.GetModel(pb.GetModelRequest(name="a" * 20_000))
+    assert code_of(excinfo) == grpc.StatusCode.NOT_FOUND
+    assert "characters left out" in details_of(excinfo) and len(details_of(excinfo)) < 2_000
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="tiny-gen", version="9" * 20_000, count=1))
+    assert code_of(excinfo) == grpc.StatusCode.NOT_FOUND
+
+
 def test_health_per_server_and_model(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     serving = health_pb2.HealthCheckResponse.SERVING

@@ -4,6 +4,7 @@ through an in-process gRPC server. Tiny synthetic priors (code_models.py), nothi
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -608,6 +609,52 @@ def test_a_slow_consumer_still_sees_each_level_of_a_two_level_call(
         assert levels and levels[-1] == "codes", levels
 
     run_with_core(root, body)
+
+
+def test_a_stream_left_after_its_sampling_failed_does_not_log_a_lost_exception(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """A SampleCodesStream whose client leaves (its deadline) just after the sampling under it failed:
+    the failure is the stream's to retrieve, not asyncio's "Task exception was never retrieved" with a
+    traceback in the server's log."""
+    root, names = code_repo
+    reported: list[dict[str, Any]] = []
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        call = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["chain"], "", ("code_prior",), "SampleCodesStream")
+        sample_codes = code_sampling.sample_codes
+
+        sent = asyncio.Event()  # the consumer holds the first preview
+
+        async def fails_after_a_report(*args: Any, **kwargs: Any) -> CodeSamples:
+            report = args[8]
+            report("top", 1, 49, np.zeros((1, 7, 7), np.int64), None)
+            await sent.wait()
+            raise DeadlineExceeded("deadline passed after 1 of 49 positions")
+
+        code_sampling.sample_codes = fails_after_a_report  # type: ignore[assignment]
+        stream = code_sampling.sample_codes_stream(
+            core, mv, call, [3], None, None, SamplingOptions(), PNG, every=1
+        )
+        try:
+            first = await anext(stream)
+            assert isinstance(first, code_sampling.CodeProgress)
+            sent.set()
+            for _ in range(5):
+                await asyncio.sleep(0)  # the sampling fails while the stream waits at its yield
+            await stream.aclose()  # the client left before reading the failure
+        finally:
+            code_sampling.sample_codes = sample_codes  # type: ignore[assignment]
+            if call.batcher is not None:
+                call.batcher.release()
+        del stream
+        gc.collect()
+        await asyncio.sleep(0)
+
+    run_with_core(root, body)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
 
 
 def test_a_request_without_options_gets_each_priors_config_defaults(
