@@ -46,6 +46,10 @@ from genserve_server.version import SERVER_VERSION
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "statistics")
+# ModelInferRequest.id is echoed in the response: a long one could take a response past
+# max_send_message_bytes after the images were computed (a transport error, not INVALID_ARGUMENT).
+# 4 KiB of UTF-8 at most stays well inside validate.SEND_OVERHEAD_BYTES.
+MAX_INFER_ID_CHARS = 1024
 # Code kinds are sampled step by step (genserve.v1 SampleCodes), not in one model call; style kinds
 # are two graphs served together in w space (genserve.v1 Sample, MixStyles); a two-way translator's
 # rows of one call must share a direction, which genserve.v1 Translate's batching guarantees.
@@ -207,6 +211,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return await self.boundary.unary("ModelInfer", request, context, self._do_infer)
 
     async def _do_infer(self, request: kpb.ModelInferRequest, call: Call) -> kpb.ModelInferResponse:
+        if len(request.id) > MAX_INFER_ID_CHARS:
+            # The id comes back in the response, past the send-size check made before compute.
+            raise invalid("id", f"must be at most {MAX_INFER_ID_CHARS} characters, got {len(request.id)}")
         mv = self.core.resolve(call, request.model_name, request.model_version, INFER_KINDS, "ModelInfer")
         card = mv.card
         assert card is not None

@@ -344,6 +344,19 @@ def test_duplicate_requested_output_is_invalid(stub: kpb_grpc.GRPCInferenceServi
     assert "outputs[1].name" in details and "image" in details
 
 
+def test_the_request_id_comes_back_and_a_long_one_is_refused_before_compute(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The id is echoed in the response, past the send-size check made before compute: a long one
+    took a full-size response over max_send_message_bytes (a transport error, after the compute)."""
+    request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+    request.id = "req-7"
+    assert stub.ModelInfer(request, timeout=30).id == "req-7"
+    request.id = "x" * 1025
+    details = _invalid(stub, request)
+    assert details.startswith("id: must be at most 1024 characters, got 1025")
+
+
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:
