@@ -528,7 +528,7 @@ class GenerationCore:
         default_overlap = max(card.tile_overlap or 0, 2 * radius if radius is not None else 0)
         overlap = default_overlap if tile_overlap is None else tile_overlap
         tile = tile_size or min(validate.MAX_TILE, max(card.tile_size or 128, 4 * overlap))
-        validate.tiling(tile, overlap, card.size_multiple)
+        validate.tiling(tile, overlap, card.size_multiple, overlap_given=tile_overlap is not None)
         arrays = await self.codec.decode(
             mv.metrics, images, card, self.limits.max_sr_input_pixels, timing=call.timing
         )

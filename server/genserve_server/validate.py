@@ -321,18 +321,31 @@ def input_range(values: np.ndarray, value_range: tuple[float, float], field: str
         )
 
 
-def tiling(tile: int, overlap: int, size_multiple: int) -> None:
-    """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned."""
+def tiling(tile: int, overlap: int, size_multiple: int, *, overlap_given: bool = True) -> None:
+    """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned.
+    `overlap_given`: the client set tile_overlap (else it is the model's default, which a refusal
+    must not blame: the tile_size it asked is then what is too small)."""
     if overlap > MAX_TILE // 4:  # no tile_size could hold it: name the overlap, not a derived tile
         raise invalid(
             "tile_overlap",
             f"must be in 0..{MAX_TILE // 4} (tile_size / 4, tile_size <= {MAX_TILE}), got {overlap}",
         )
     if not 2 * overlap + 8 <= tile <= MAX_TILE:
-        raise invalid(
-            "tile_size", f"must be in {2 * overlap + 8}..{MAX_TILE} (>= 2 * tile_overlap + 8), got {tile}"
-        )
+        if overlap_given:
+            rule = "(>= 2 * tile_overlap + 8)"
+        else:
+            rule = (
+                f"(>= 2 * tile_overlap + 8 and >= 4 * tile_overlap, with the model's tile_overlap {overlap})"
+            )
+        smallest = 2 * overlap + 8 if overlap_given else max(2 * overlap + 8, 4 * overlap)
+        raise invalid("tile_size", f"must be in {smallest}..{MAX_TILE} {rule}, got {tile}")
     if overlap > tile // 4:
+        if not overlap_given:
+            raise invalid(
+                "tile_size",
+                f"must be in {4 * overlap}..{MAX_TILE} (>= 4 * tile_overlap, with the model's "
+                f"tile_overlap {overlap}; or set a smaller tile_overlap), got {tile}",
+            )
         raise invalid("tile_overlap", f"must be in 0..{tile // 4} (tile_size / 4), got {overlap}")
     # Tiles start and step in whole multiples of the model's size multiple (tiling.plan_tiles).
     overlap_units = -(-overlap // size_multiple)

@@ -127,6 +127,25 @@ def test_tile_settings_that_cannot_be_planned_name_the_field(
     assert str(excinfo.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("tile", "message"),
+    [
+        (16, "tile_size: must be in 128..1024 (>= 2 * tile_overlap + 8 and >= 4 * tile_overlap, with the"),
+        (72, "tile_size: must be in 128..1024 (>= 4 * tile_overlap, with the model's tile_overlap 32"),
+        (127, "tile_size: must be in 128..1024"),
+    ],
+)
+def test_a_tile_size_too_small_for_the_models_default_overlap_names_the_tile_size_and_the_real_bound(
+    tile: int, message: str
+) -> None:
+    """The client set tile_size only: the bound it is told is the one that works (the overlap's
+    two rules together), and the refusal never blames the tile_overlap it did not send."""
+    with pytest.raises(InvalidArgument) as excinfo:
+        check_tiling(tile, 32, 1, overlap_given=False)
+    assert str(excinfo.value).startswith(message)
+    check_tiling(128, 32, 1, overlap_given=False)
+
+
 @pytest.mark.parametrize(("tile", "overlap", "multiple"), [(48, 8, 16), (16, 0, 16), (128, 32, 1), (8, 0, 1)])
 def test_tile_settings_that_can_be_planned_pass_and_plan(tile: int, overlap: int, multiple: int) -> None:
     check_tiling(tile, overlap, multiple)
