@@ -167,17 +167,24 @@ class GenerationCore:
     # ------------------------------------------------------------------ resolving and submitting
 
     def resolve(
-        self, call: Call, name: str, version: str, kinds: Sequence[str], method: str, field_prefix: str = ""
+        self,
+        call: Call,
+        name: str,
+        version: str,
+        kinds: Sequence[str],
+        method: str,
+        field_prefix: str = "",
+        model_field: str = "model",
     ) -> ModelVersion:
         """The serving version of `name` for a call of `method`; `field_prefix` ("sample." for
-        SampleStream) makes messages name the field as the client set it."""
+        SampleStream) and `model_field` (KServe's "model_name") make messages name the field as the
+        client set it."""
+        field = f"{field_prefix}{model_field}"
         if not name:
-            raise invalid(f"{field_prefix}model", "required (see ListModels)")
+            raise invalid(field, "required (see ListModels)")
         model = self.repo.get(name)
         if model.kind and model.kind not in kinds:
-            raise invalid(
-                f"{field_prefix}model", f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}"
-            )
+            raise invalid(field, f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}")
         try:
             mv = model.resolve(version)
         except GenserveError:
@@ -238,6 +245,7 @@ class GenerationCore:
         psi: float | None = None,
         z: np.ndarray | None = None,
         seed_field: str = "seeds",
+        psi_field: str = "truncation_psi",
     ) -> tuple[BatchResult, np.ndarray]:
         """The model's outputs for explicit latents `z` or for `seeds` (+ psi), and the latents used.
 
@@ -252,7 +260,7 @@ class GenerationCore:
         key: BatchKey
         inputs: dict[str, np.ndarray]
         if psi is not None:  # here, not in the runner, so that a bad psi fails only its own request
-            latents.check_truncation_psi(psi, card.latent_dim)
+            latents.check_truncation_psi(psi, card.latent_dim, field=psi_field)
         if z is None and seeds is not None and (psi is None or psi >= BATCH_LATENTS_MIN_PSI):
             n = len(seeds)
             key = SeedRows(psi)
@@ -287,6 +295,7 @@ class GenerationCore:
         psi: float | None = None,
         z: np.ndarray | None = None,
         seed_field: str = "seeds",
+        psi_field: str = "truncation_psi",
         reserve: bool = True,
     ) -> Generated:
         """`generate_batch`, encoded; refused before compute where the size could be too large, and
@@ -302,7 +311,7 @@ class GenerationCore:
         if reserve:
             await self.reserve_response(call, expected)
         result, used = await self.generate_batch(
-            mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field
+            mv, call, labels, lane, seeds=seeds, psi=psi, z=z, seed_field=seed_field, psi_field=psi_field
         )
         images = await self.codec.encode(
             mv.metrics,
@@ -403,7 +412,15 @@ class GenerationCore:
             seeds = list(range(base + start, base + start + n))
             labels = label_cycle[np.arange(start, start + n) % len(label_cycle)] if len(label_cycle) else None
             generated = await self.generate(
-                mv, call, labels, out, lane, seeds=seeds, psi=psi, seed_field="sample.base_seed"
+                mv,
+                call,
+                labels,
+                out,
+                lane,
+                seeds=seeds,
+                psi=psi,
+                seed_field="sample.base_seed",
+                psi_field="sample.truncation_psi",
             )
             return start, seeds, labels, generated
 

@@ -214,7 +214,14 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         if len(request.id) > MAX_INFER_ID_CHARS:
             # The id comes back in the response, past the send-size check made before compute.
             raise invalid("id", f"must be at most {MAX_INFER_ID_CHARS} characters, got {len(request.id)}")
-        mv = self.core.resolve(call, request.model_name, request.model_version, INFER_KINDS, "ModelInfer")
+        mv = self.core.resolve(
+            call,
+            request.model_name,
+            request.model_version,
+            INFER_KINDS,
+            "ModelInfer",
+            model_field="model_name",
+        )
         card = mv.card
         assert card is not None
         decoding = time.monotonic()
@@ -234,6 +241,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 psi=plan.psi,
                 z=plan.z,
                 seed_field="parameters[seed]",
+                psi_field="parameters[truncation_psi]",
             )
             if plan.seeds is not None:
                 response_params["seed"] = plan.seeds[0]
@@ -315,8 +323,10 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             n = validate.count(len(z), "inputs[z].shape[0]", limit, limit_name)
             return LatentPlan(n, self._label_rows(card, n, label_tensor, label_param), z=z)
         psi = validate.psi(psi, "parameters[truncation_psi]")
-        default_n = len(label_tensor) if label_tensor is not None else 1
-        n = validate.count(default_n if count is None else count, "parameters[count]", limit, limit_name)
+        if count is None and label_tensor is not None:  # one image per label: the count comes from the tensor
+            n = validate.count(len(label_tensor), "inputs[label].shape[0]", limit, limit_name)
+        else:
+            n = validate.count(1 if count is None else count, "parameters[count]", limit, limit_name)
         if label_tensor is not None and len(label_tensor) != n:
             raise invalid(
                 "inputs[label].shape", f"must be [{n}] (parameters[count]), got {len(label_tensor)}"
@@ -333,7 +343,8 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         """int64 [n] labels of a conditional model (validated like genserve.v1's `labels`)."""
         if not card.kind.conditional:
             if tensor is not None or param is not None:
-                raise invalid("label", f"only conditional models take labels; {card.name} is a {card.kind}")
+                field = "inputs[label]" if tensor is not None else "parameters[label]"
+                raise invalid(field, f"only conditional models take labels; {card.name} is a {card.kind}")
             return None
         values: Sequence[int]
         if tensor is not None:

@@ -222,13 +222,13 @@ def min_truncation_psi(dim: int) -> float:
     return hi
 
 
-def check_truncation_psi(psi: float, dim: int) -> None:
-    """InvalidArgument naming `truncation_psi` unless psi is in range and cheap enough for `dim`."""
+def check_truncation_psi(psi: float, dim: int, *, field: str = "truncation_psi") -> None:
+    """InvalidArgument naming `field` unless psi is in range and cheap enough for `dim`."""
     if not (math.isfinite(psi) and 0.0 < psi <= MAX_PSI):
-        raise invalid("truncation_psi", f"must be in (0, {MAX_PSI:g}], got {psi!r}")
+        raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {psi!r}")
     if expected_redraws(dim, psi) > MAX_EXPECTED_REDRAWS_PER_SEED:
         raise invalid(
-            "truncation_psi",
+            field,
             f"psi={psi:g} is too small for latent size {dim}: it needs about "
             f"{expected_redraws(dim, psi):.3g} redraws per seed (limit {MAX_EXPECTED_REDRAWS_PER_SEED}); "
             f"use psi >= {min_truncation_psi(dim):.3g}",

@@ -311,7 +311,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         mv = self.core.resolve(call, request.model, request.version, TRANSLATE_KINDS, "Translate")
         validate.image_count(len(request.images), self.limits.max_images_per_image_request)
         if request.tile_size or request.HasField("tile_overlap"):
-            raise invalid("tile_size", "only SuperResolve takes tile_size/tile_overlap")
+            field = "tile_size" if request.tile_size else "tile_overlap"
+            raise invalid(field, "only SuperResolve takes tile_size/tile_overlap")
         out = output_spec(request.output)
         direction = _DIRECTIONS.get(request.direction)
         if direction is None:

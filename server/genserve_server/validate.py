@@ -83,10 +83,10 @@ def psi(value: float | None, field: str = "truncation_psi", *, w_space: bool = F
         return None
     if w_space:
         if not (0.0 <= value <= MAX_PSI) or not math.isfinite(value):
-            raise invalid(field, f"must be in [0, {MAX_PSI:g}] (truncation in w space), got {value:g}")
+            raise invalid(field, f"must be in [0, {MAX_PSI:g}] (truncation in w space), got {value!r}")
         return float(value)
     if not (0.0 < value <= MAX_PSI) or not math.isfinite(value):
-        raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {value:g}")
+        raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {value!r}")
     return float(value)
 
 

@@ -357,6 +357,23 @@ def test_the_request_id_comes_back_and_a_long_one_is_refused_before_compute(
     assert details.startswith("id: must be at most 1024 characters, got 1025")
 
 
+def test_refusals_name_the_kserve_field_the_client_set(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+    """KServe's own field names, not genserve.v1's or a parameter the client never sent."""
+    assert _invalid(stub, kpb.ModelInferRequest(model_name="")).startswith("model_name: required")
+    tiny_psi = kpb.ModelInferRequest(model_name=GEN)
+    tiny_psi.parameters["truncation_psi"].double_param = 1e-4
+    assert _invalid(stub, tiny_psi).startswith("parameters[truncation_psi]: psi=0.0001 is too small")
+    label_param = kpb.ModelInferRequest(model_name=GEN)
+    label_param.parameters["label"].int64_param = 3
+    assert _invalid(stub, label_param).startswith("parameters[label]: only conditional models take labels")
+    no_labels = kpb.ModelInferRequest(
+        model_name=COND,
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="label", datatype="INT64", shape=[0, 1])],
+        raw_input_contents=[b""],
+    )
+    assert _invalid(stub, no_labels).startswith("inputs[label].shape[0]: must be in 1..")
+
+
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:

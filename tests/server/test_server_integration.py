@@ -589,6 +589,27 @@ def test_super_resolve_every_format(stub: pb_grpc.GenerationServiceStub, fmt: in
         assert pixels_of(image).shape == (40, 60, 3)
 
 
+def test_refusals_name_the_field_the_client_set(stub: pb_grpc.GenerationServiceStub) -> None:
+    """A stream's psi is `sample.truncation_psi`; a Translate with only tile_overlap set names it."""
+    too_small = pb.SampleStreamRequest(
+        sample=pb.SampleRequest(model="tiny-gen", count=2, truncation_psi=1e-4)
+    )
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(stub.SampleStream(too_small))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("sample.truncation_psi: psi=0.0001 is too small")
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Translate(pb.ImageRequest(model="tiny-i2i", images=[raw(photo(16, 16, 1))], tile_overlap=0))
+    assert details_of(excinfo).startswith("tile_overlap: only SuperResolve takes tile_size/tile_overlap")
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(
+            pb.SampleRequest(
+                model="tiny-gen", count=1, truncation_psi=float(np.nextafter(np.float32(10), np.float32(11)))
+            )
+        )
+    assert "got 10.000000953674316" in details_of(excinfo)  # not "got 10", which is in range
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_translate_pads_to_multiple_and_crops_back(
     stub: pb_grpc.GenerationServiceStub, tiny_repo: Path, fmt: int
