@@ -756,12 +756,23 @@ class Batcher:
         # before a closed-loop caller woken by its result can queue ahead of it again.
         if outputs is None:
             return
-        if copy_bytes(parts, outputs) < OFF_LOOP_COPY_BYTES:
-            fan_out(parts, outputs)
-            return
-        allocate(parts, outputs)
-        await run_off_loop(None, place, parts, outputs)
-        resolve(parts, outputs)
+        try:
+            if copy_bytes(parts, outputs) < OFF_LOOP_COPY_BYTES:
+                fan_out(parts, outputs)
+                return
+            allocate(parts, outputs)
+            await run_off_loop(None, place, parts, outputs)
+            resolve(parts, outputs)
+        except Exception as exc:
+            # Outputs that do not fit the arrays a request's earlier batch shaped (a model whose
+            # output shape changed between batches of one key): fail its requests, never leave them
+            # waiting for a result that cannot come.
+            logger.error("%s: a batch's outputs could not be handed to its requests: %r", self.name, exc)
+            failure = Internal(
+                f"{self.name}: the model's outputs did not fit the request (see the server log)"
+            )
+            for part in parts:
+                set_exception_if_not_done(part.request.future, failure)
 
     async def _call(self, parts: list[Part]) -> tuple[Tensors | None, Exception | None]:
         """One model call over `parts`: (outputs, None), or (None, the failure)."""

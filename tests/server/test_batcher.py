@@ -1289,3 +1289,29 @@ def test_a_batch_whose_queued_rows_expired_is_not_labelled_full() -> None:
         await batcher.close(1)
 
     run(body())
+
+
+def test_outputs_that_do_not_fit_a_straddling_request_fail_it_rather_than_leave_it_waiting() -> None:
+    """A request split over two batches whose outputs change shape between them (a model that
+    misbehaves): its rows cannot be assembled, so it fails with Internal at once, and the batcher
+    goes on serving; before, the exception ended the batch's task and the caller waited forever."""
+
+    async def body() -> None:
+        calls = 0
+
+        async def shifting_model(key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            nonlocal calls
+            calls += 1
+            x = np.asarray(inputs["x"])
+            width = 1 if calls == 1 else 2
+            return {"y": np.repeat(10 * x[:, None], width, axis=1)}
+
+        batcher, _ = make(shifting_model, max_batch_size=2)  # type: ignore[arg-type]
+        with pytest.raises(Internal, match="did not fit"):
+            await asyncio.wait_for(batcher.submit("k", rows(1, 2, 3), 3), 2.0)
+        calls = 0
+        result = await asyncio.wait_for(batcher.submit("k", rows(4), 1), 2.0)
+        np.testing.assert_array_equal(result.outputs["y"], [[40]])
+        await batcher.close(1)
+
+    run(body())
