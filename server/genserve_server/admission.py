@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
@@ -223,19 +223,35 @@ class Admission:
         )
 
     def _stream_stream(self, method: str, rpc_class: RpcClass, handler: Handler) -> Handler:
-        """Reflection: every request message within request_timeout_s of the one before."""
+        """Reflection: every request message within request_timeout_s of the one before. The call
+        holds a slot of its class only from a request's arrival until the handler asks for the next
+        one (it has answered), so a stream that sends headers only, or idles between requests,
+        blocks no ListModels or KServe metadata call."""
         inner = cast(Callable[[Any, Any], Any], handler.stream_stream)
         generator = inspect.isasyncgenfunction(inner)
 
-        async def requests(context: Context) -> AsyncIterator[Any]:
-            while (request := await self._read(method, context)) is not grpc.aio.EOF:
-                yield request
+        async def requests(context: Context) -> AsyncGenerator[Any, None]:
+            holding = False
+            try:
+                while True:
+                    if holding:
+                        rpc_class.active -= 1
+                        holding = False
+                    request = await self._read(method, context)
+                    if request is grpc.aio.EOF:
+                        return
+                    if not rpc_class.admit():
+                        await abort(context, rpc_class.refusal(method))
+                    holding = True
+                    yield request
+            finally:
+                if holding:
+                    rpc_class.active -= 1
 
         async def admitted(request_iterator: Any, context: Context) -> None:
-            if not rpc_class.admit():
-                await abort(context, rpc_class.refusal(method))
+            messages = requests(context)
             try:
-                result = inner(requests(context), context)
+                result = inner(messages, context)
                 if generator:
                     await self._write_all(cast(AsyncGenerator[Any, None], result), context)
                 else:
@@ -243,7 +259,7 @@ class Admission:
             except grpc.aio.AbortError as exc:
                 raise _released(exc) from None
             finally:
-                rpc_class.active -= 1
+                await messages.aclose()  # the slot of a request being answered when the call ended
 
         return grpc.stream_stream_rpc_method_handler(
             admitted, handler.request_deserializer, handler.response_serializer

@@ -101,6 +101,27 @@ def test_header_only_streams_block_neither_health_nor_a_normal_client(server: Se
     assert all("request_timeout_s=2" in details for _, details in outcomes), outcomes[:3]
 
 
+def test_reflection_streams_hold_a_control_slot_only_while_answering(server: ServerProcess) -> None:
+    """More reflection streams than max_concurrent_control_rpcs, open with headers only (or idle
+    between requests): ListModels still answers. Reflection is the one bidirectional stream, and it
+    took its slot when the call opened, before any request had arrived."""
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+    async def main() -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channel = grpc.aio.insecure_channel(server.target, options=options)
+        try:
+            calls = [channel.stream_stream(method)(_never(), timeout=60) for _ in range(HOSTILE)]
+            await asyncio.sleep(0.5)  # every stream is open in the server (its headers sent)
+            await asyncio.get_running_loop().run_in_executor(None, _a_normal_client, server)
+            for call in calls:
+                call.cancel()
+        finally:
+            await channel.close()
+
+    asyncio.run(main())
+
+
 def _a_normal_client(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.target) as ch:
         assert health_status(ch) == SERVING
