@@ -49,14 +49,25 @@ class _Reader(contract.Reader):
 
 
 def _read_json(path: Path) -> Any:
+    """The parsed JSON of `path`. Whatever keeps the file from being read or parsed is a ConfigError
+    naming the file and the problem (not UTF-8, a directory, no permission, nesting past Python's
+    recursion limit, a number past its digit limit), so that it marks one model, never the server."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     try:
         return json.loads(text)
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: invalid JSON: nested too deeply") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
+    except ValueError as exc:  # an integer past int's digit limit: its advice is for programmers
+        raise ConfigError(f"{path}: invalid JSON: {str(exc).partition(':')[0]}") from exc
 
 
 # --------------------------------------------------------------------------- server config

@@ -231,3 +231,53 @@ def test_a_config_error_at_start_up_shows_in_the_metric_and_the_reason(tmp_path:
     assert "version_policy" in repo.models["bad"].reason
     assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "bad"}) == 1
     assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "gen"}) == 0
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [("not UTF-8", "not UTF-8 text"), ("a directory", "cannot be read: Is a directory")],
+)
+def test_a_config_json_that_cannot_be_read_on_reload_keeps_serving_and_the_rescan_goes_on(
+    tmp_path: Path, problem: str, message: str
+) -> None:
+    """In process: config.json turned unreadable (not UTF-8, a directory) is reported like an invalid
+    one, and the rescan goes on to the other models (b's new version loads)."""
+    root = tmp_path / "models"
+    write_gen(root, "a", version="1", seed=0)
+    write_gen(root, "b", version="1", seed=0)
+    config = root / "a" / "config.json"
+    good = config.read_text()
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            config.unlink()
+            if problem == "a directory":
+                config.mkdir()
+            else:
+                config.write_bytes(b"\xff\xfe{}")
+            copy_version_atomically(root / "b", "1", "2", root / "b")
+            report = await reloader.rescan()
+            a = repo.get("a")
+            assert a.reason.startswith(f"{config}: {message}"), a.reason
+            assert a.reason.endswith("not applied: still serving version 1 as loaded"), a.reason
+            assert report.config_errors == ["a"]
+            assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "a"}) == 1
+            assert a.resolve("").version == "1"
+            assert repo.get("b").resolve("").version == "2"
+
+            if config.is_dir():
+                config.rmdir()
+            config.write_text(good)
+            await reloader.rescan()
+            assert a.reason == "" and a.resolve("").version == "1"
+            assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "a"}) == 0
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from genserve_server.config import (
     ConfigError,
     ServerConfig,
     VersionPolicy,
+    load_card,
     load_model_config,
     load_server_config,
 )
@@ -132,6 +134,34 @@ def test_model_config_error_reads_like_the_contract(tmp_path: Path, monkeypatch:
         ConfigError, match=r"^models/dcgan/config.json: batching.max_batch_size must be >= 1, got 0$"
     ):
         load_model_config(Path("models/dcgan/config.json"))
+
+
+# Files that cannot be read or parsed at all: each writer puts it at `path`, with the problem the
+# ConfigError names (beside the file).
+UNREADABLE: dict[str, tuple[Callable[[Path], object], str]] = {
+    "not UTF-8": (lambda path: path.write_bytes(b"\xff\xfe{}"), "not UTF-8 text"),
+    "a directory": (lambda path: path.mkdir(), "cannot be read: Is a directory"),
+    "nested too deeply": (lambda path: path.write_text("[" * 100_000), "invalid JSON: nested too deeply"),
+    "a number too long": (
+        lambda path: path.write_text('{"kind": ' + "9" * 5000 + "}"),
+        "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", UNREADABLE)
+@pytest.mark.parametrize("loader", [load_model_config, load_card], ids=["config.json", "card.json"])
+def test_a_file_that_cannot_be_read_or_parsed_is_a_config_error_naming_it(
+    tmp_path: Path, loader: Callable[[Path], object], problem: str
+) -> None:
+    write, message = UNREADABLE[problem]
+    path = tmp_path / "model" / "file.json"
+    path.parent.mkdir()
+    write(path)
+    with pytest.raises(ConfigError) as excinfo:
+        loader(path)
+    assert str(excinfo.value).startswith(f"{path}: ")
+    assert message in str(excinfo.value)
 
 
 def test_model_config_defaults_and_policies(tmp_path: Path) -> None:
@@ -453,6 +483,59 @@ def test_corrupt_models_are_unavailable_with_reasons_while_others_load(tmp_path:
         assert tiny.provider == "CPUExecutionProvider" and tiny.precision == "fp32" and len(tiny.sha256) == 64
 
     with_repo(root, check)
+
+
+def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "models"
+    write_tiny_generator(root, "good")
+    for problem, (write, _) in UNREADABLE.items():
+        name = problem.replace(" ", "-").replace("-UTF-8", "-utf8").lower()
+        write_tiny_generator(root, name)
+        (root / name / "config.json").unlink()
+        write(root / name / "config.json")
+    metrics = Metrics()
+
+    async def body() -> None:
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        try:
+            assert repo.get("good").resolve("").state == ModelState.READY
+            for problem, (_, message) in UNREADABLE.items():
+                name = problem.replace(" ", "-").replace("-UTF-8", "-utf8").lower()
+                model = repo.get(name)
+                assert model.config is None and not model.versions
+                assert model.reason.startswith(f"{root / name / 'config.json'}: "), model.reason
+                assert message in model.reason
+                assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": name}) == 1
+                with pytest.raises(Unavailable, match="no ready version"):
+                    model.resolve("")
+        finally:
+            await repo.close(1)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(body())
+    assert not [r for r in caplog.records if r.exc_info], "a model's bad file is no traceback"
+
+
+def test_a_card_json_that_cannot_be_read_marks_its_version_unavailable_naming_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "models"
+    write_tiny_generator(root, "good")
+    (write_tiny_generator(root, "bad") / "card.json").write_bytes(b"\xff\xfe{}")
+
+    def check(repo: Repository) -> None:
+        assert repo.get("good").resolve("").state == ModelState.READY
+        mv = repo.get("bad").versions["1"]
+        assert mv.state == ModelState.UNAVAILABLE
+        assert mv.reason.startswith(f"{root / 'bad' / '1' / 'card.json'}: not UTF-8 text"), mv.reason
+
+    with caplog.at_level(logging.INFO):
+        with_repo(root, check)
+    assert not [r for r in caplog.records if r.exc_info], "a version's bad card is no traceback"
 
 
 def test_fp16_requested_without_an_fp16_file_serves_fp32(tmp_path: Path) -> None:
