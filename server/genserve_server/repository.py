@@ -209,6 +209,8 @@ class Repository:
             if model.config is not None:
                 for version in model.config.version_policy.select(self.available_versions(model)):
                     self.add_version(model, version)
+                if model.reason:  # no version directory, or none that could be listed
+                    logger.error("model %s unavailable: %s", model.name, model.reason)
             self.models[model.name] = model
             self.metrics.set_config_error(model.name, bool(model.reason))
 
@@ -237,8 +239,14 @@ class Repository:
 
     @staticmethod
     def available_versions(model: Model) -> list[str]:
-        """Version directories on disk (sets `model.reason` when there is none)."""
-        available = [p.name for p in model.path.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        """Version directories on disk (sets `model.reason` when there is none, or they cannot be
+        listed: that model only, like a broken config.json)."""
+        try:
+            entries = list(model.path.iterdir())
+        except OSError as exc:  # no read permission, or the directory went away since the scan
+            model.reason = f"{model.path}: cannot list its version directories: {exc.strerror or exc}"
+            return []
+        available = [p.name for p in entries if p.is_dir() and VERSION_PATTERN.match(p.name)]
         model.reason = "" if available else f"{model.path}: no version directories"
         return available
 

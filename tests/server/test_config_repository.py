@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -518,6 +518,34 @@ def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_s
     with caplog.at_level(logging.INFO):
         asyncio.run(body())
     assert not [r for r in caplog.records if r.exc_info], "a model's bad file is no traceback"
+
+
+def test_a_model_directory_that_cannot_be_listed_marks_only_its_model_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its config.json reads (the directory is searchable), its version directories cannot be listed
+    (no read permission, which root, running the tests, would not feel: iterdir is made to refuse)."""
+    root = tmp_path / "models"
+    write_tiny_generator(root, "good")
+    locked = write_tiny_generator(root, "locked").parent
+    iterdir = Path.iterdir
+
+    def refusing(path: Path) -> Iterator[Path]:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", refusing)
+    metrics = Metrics()
+    repo = Repository(root, ServerConfig(), metrics)
+    with caplog.at_level(logging.INFO):
+        repo.scan()
+    assert list(repo.get("good").versions) == ["1"]
+    model = repo.get("locked")
+    assert model.config is not None and not model.versions
+    assert model.reason == f"{locked}: cannot list its version directories: Permission denied"
+    assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "locked"}) == 1
+    assert [r.getMessage() for r in caplog.records] == [f"model locked unavailable: {model.reason}"]
 
 
 def test_a_card_json_that_cannot_be_read_marks_its_version_unavailable_naming_the_file(
