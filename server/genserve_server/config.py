@@ -424,6 +424,11 @@ class Card:
         )
 
 
+def _optional_int(r: _Reader, key: str, *, min_value: int) -> int | None:
+    """An integer >= `min_value`, or None where the field is null or absent."""
+    return None if r.raw(key) is None else r.integer(key, 0, min_value=min_value)
+
+
 def _grid(r: _Reader, key: str) -> tuple[int, int] | None:
     value = r.raw(key)
     if value is None:
@@ -506,9 +511,9 @@ def load_card(path: Path) -> Card:
     if image_size is not None and (
         not isinstance(image_size, list)
         or len(image_size) != 2
-        or not all(isinstance(v, int) for v in image_size)
+        or not all(contract.is_int(v) and v >= 1 for v in image_size)
     ):
-        raise r.error("image_size", f"must be [H, W] or null, got {image_size!r}")
+        raise r.error("image_size", f"must be [H, W] of integers >= 1 or null, got {image_size!r}")
     class_names = r.raw("class_names") or []
     if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
         raise r.error("class_names", f"must be a list of strings, got {class_names!r}")
@@ -516,7 +521,7 @@ def load_card(path: Path) -> Card:
     if not isinstance(sha, dict):
         raise r.error("sha256", f"must be an object of file -> hex, got {sha!r}")
     latent_dim = r.raw("latent_dim")
-    if latent_dim is not None and (not isinstance(latent_dim, int) or latent_dim < 1):
+    if latent_dim is not None and (not contract.is_int(latent_dim) or latent_dim < 1):
         raise r.error("latent_dim", f"must be an integer >= 1, got {latent_dim!r}")
     image_input = kind.takes_image
     card = Card(
@@ -535,8 +540,8 @@ def load_card(path: Path) -> Card:
         input_range=_range(r, "input_range", image_input),
         scale_factor=r.integer("scale_factor", 1, min_value=1),
         size_multiple=r.integer("size_multiple", 1, min_value=1),
-        tile_size=r.raw("tile_size"),
-        tile_overlap=r.raw("tile_overlap"),
+        tile_size=_optional_int(r, "tile_size", min_value=1),
+        tile_overlap=_optional_int(r, "tile_overlap", min_value=0),
         min_size=r.integer("min_size", 1, min_value=1),
         sha256={str(k): str(v) for k, v in sha.items()},
         raw_json=json.dumps(data, indent=2, sort_keys=False),

@@ -506,8 +506,12 @@ def choose_model_file(
         card_path = version_dir / "card.json"
         card_json = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
     parity = card_json.get("parity") or {}
+    if not isinstance(parity, Mapping):  # a record of the wrong type cannot vouch for fp16
+        return replace(fp32, reason=f"card.json parity must be an object, got {parity!r}")
     diff = parity.get("fp16_max_abs_diff")
-    atol = float(parity.get("fp16_atol") or FP16_ATOL)
+    atol = parity.get("fp16_atol") or FP16_ATOL
+    if not isinstance(atol, int | float) or isinstance(atol, bool):
+        return replace(fp32, reason=f"card.json parity.fp16_atol must be a number, got {atol!r}")
     if not isinstance(diff, int | float) or not diff <= atol:
         return replace(fp32, reason=f"fp16 export parity {diff!r} not within {atol:g} in card.json")
     return ModelChoice(fp16_path, "fp16")

@@ -125,6 +125,18 @@ def test_choose_model_file_prefers_fp16_only_when_asked_and_within_parity(tmp_pa
     card = json.loads((bad / "card.json").read_text())
     assert choose_model_file(bad, "fp16", card).precision == "fp32"
 
+    # A parity record of the wrong type cannot vouch for fp16: fp32 serves, the reason says why.
+    good = perf_support.write_tiny_version(tmp_path / "typed" / "1", fp16_parity=0.003)
+    card = json.loads((good / "card.json").read_text())
+    for parity, reason in (
+        ("n/a", "card.json parity must be an object, got 'n/a'"),
+        ([0.003], "card.json parity must be an object, got [0.003]"),
+        ({"fp16_atol": "x"}, "card.json parity.fp16_atol must be a number, got 'x'"),
+        ({"fp16_atol": [1]}, "card.json parity.fp16_atol must be a number, got [1]"),
+    ):
+        choice = choose_model_file(good, "fp16", {**card, "parity": parity})
+        assert (choice.path.name, choice.precision, choice.reason) == ("model.onnx", "fp32", reason)
+
 
 def test_gpu_providers_fall_back_cleanly_to_cpu(tiny_version: Path, cuda_really_used: bool) -> None:
     if cuda_really_used:

@@ -164,6 +164,62 @@ def test_a_file_that_cannot_be_read_or_parsed_is_a_config_error_naming_it(
     assert message in str(excinfo.value)
 
 
+SR_CARD = {
+    "kind": "super_resolution",
+    "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, 3, -1, -1]}],
+    "outputs": [{"name": "image", "dtype": "float32", "shape": [-1, 3, -1, -1]}],
+    "input_range": [0.0, 1.0],
+    "output_range": [0.0, 1.0],
+    "scale_factor": 2,
+    "tile_size": 96,
+    "tile_overlap": 8,
+}
+GEN_CARD = {
+    "kind": "generator",
+    "inputs": [{"name": "z", "dtype": "float32", "shape": [-1, 4]}],
+    "outputs": [{"name": "image", "dtype": "float32", "shape": [-1, 1, 8, 8]}],
+    "latent_dim": 4,
+    "image_size": [8, 8],
+    "output_range": [-1.0, 1.0],
+}
+
+
+@pytest.mark.parametrize(
+    ("card", "message"),
+    [
+        ({**SR_CARD, "tile_size": "big"}, "tile_size must be an integer, got 'big'"),
+        ({**SR_CARD, "tile_size": 64.5}, "tile_size must be an integer, got 64.5"),
+        ({**SR_CARD, "tile_size": 0}, "tile_size must be >= 1, got 0"),
+        ({**SR_CARD, "tile_overlap": "x"}, "tile_overlap must be an integer, got 'x'"),
+        ({**SR_CARD, "tile_overlap": -3}, "tile_overlap must be >= 0, got -3"),
+        ({**GEN_CARD, "latent_dim": True}, "latent_dim must be an integer >= 1, got True"),
+        ({**GEN_CARD, "image_size": [0, 8]}, "image_size must be [H, W] of integers >= 1 or null, got [0"),
+        ({**GEN_CARD, "image_size": [True, 8]}, "image_size must be [H, W] of integers >= 1 or null"),
+    ],
+)
+def test_card_fields_of_the_wrong_type_are_config_errors_naming_the_field(
+    tmp_path: Path, card: dict[str, Any], message: str
+) -> None:
+    """Read as given, they failed the load with a TypeError (tile_size), or passed it and failed
+    requests later (tile_overlap: every SuperResolve without its own overlap)."""
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    with pytest.raises(ConfigError) as excinfo:
+        load_card(path)
+    assert str(excinfo.value).startswith(f"{path}: ")
+    assert message in str(excinfo.value)
+
+
+def test_card_tile_fields_may_be_null_or_absent(tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({**SR_CARD, "tile_size": None, "tile_overlap": 0}))
+    card = load_card(path)
+    assert (card.tile_size, card.tile_overlap) == (None, 0)
+    path.write_text(json.dumps({k: v for k, v in SR_CARD.items() if not k.startswith("tile_")}))
+    card = load_card(path)
+    assert (card.tile_size, card.tile_overlap) == (None, None)
+
+
 def test_model_config_defaults_and_policies(tmp_path: Path) -> None:
     config = load_model_config(write_config(tmp_path, {"kind": "generator"}))
     assert config.batching.max_batch_size == 64 and config.instances == 1 and config.precision == "fp32"
