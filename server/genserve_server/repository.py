@@ -54,6 +54,10 @@ class ModelState(enum.IntEnum):
     DRAINING = 4
 
 
+# Model.card(): whose card describes the model, best first.
+_CARD_STATES = (ModelState.READY, ModelState.DRAINING, ModelState.LOADING, ModelState.UNAVAILABLE)
+
+
 @dataclass(eq=False)
 class ModelVersion:
     name: str
@@ -115,11 +119,19 @@ class Model:
     def ready_versions(self) -> list[ModelVersion]:
         return [v for v in self.versions.values() if v.state == ModelState.READY]
 
-    def card(self) -> Card | None:
-        """The card of the highest version that has one (for ListModels)."""
-        for version in sorted(self.versions, key=int, reverse=True):
-            if self.versions[version].card is not None:
-                return self.versions[version].card
+    def card(self, version: str = "") -> Card | None:
+        """The card ListModels and GetModel describe the model by: `version`'s when one is named,
+        else the highest READY version's (what a request without a version gets), so that a version
+        that failed to load never describes a model another version serves. While none is READY: the
+        highest DRAINING version's (what served until now), then LOADING (what is about to serve),
+        then, with no other card, a failed version's (still what the model is)."""
+        if version:
+            named = self.versions.get(version)
+            return named.card if named is not None else None
+        for state in _CARD_STATES:
+            with_card = [v for v in self.versions.values() if v.state == state and v.card is not None]
+            if with_card:
+                return max(with_card, key=lambda v: int(v.version)).card
         return None
 
     def resolve(self, version: str) -> ModelVersion:

@@ -327,7 +327,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     # ================================================================== ListModels / GetModel
 
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
-        card = model.card()
+        card = model.card(version)  # the serving version's; GetModel naming a version: that one's
         info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
         if model.config is not None:
             info.max_batch_size = model.config.batching.max_batch_size

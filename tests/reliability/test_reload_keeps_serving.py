@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from reliability_support import copy_version_atomically, write_gen
-from server_support import ServerProcess, start_server, wait_until
+from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -276,6 +276,49 @@ def test_a_config_json_that_cannot_be_read_on_reload_keeps_serving_and_the_resca
             await reloader.rescan()
             assert a.reason == "" and a.resolve("").version == "1"
             assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "a"}) == 0
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_new_version_that_fails_to_load_does_not_describe_the_model_that_serves(tmp_path: Path) -> None:
+    """In process: v2's card says another latent_dim and description, and its file fails its sha256.
+    ListModels and GetModel describe v1, which answers every request; GetModel naming version 2
+    describes v2 (its card, its reason)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genserve_server.service import GenerationService
+
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    aside = root / "gen" / ".tmp-2"
+    shutil.copytree(root / "gen" / "1", aside)
+    card = json.loads((aside / "card.json").read_text())
+    card.update(version="2", description="never served", latent_dim=99)
+    (aside / "card.json").write_text(json.dumps(card))
+    with open(aside / "model.onnx", "ab") as model_file:
+        model_file.write(b"corrupt")
+
+    async def scenario() -> None:
+        metrics = Metrics(enabled=False)
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            aside.rename(root / "gen" / "2")
+            await reloader.rescan()
+            model = repo.get("gen")
+            assert model.versions["2"].state == ModelState.UNAVAILABLE
+            assert model.resolve("").version == "1"
+            with ThreadPoolExecutor(1) as pool:
+                service = GenerationService(repo, ServerConfig(), metrics, pool)
+                served, asked = service._model_info(model), service._model_info(model, "2")
+            assert (served.description, served.latent_dim) == ("tiny generator", TINY_LATENT)
+            assert (asked.description, asked.latent_dim) == ("never served", 99)
+            assert [v.version for v in asked.versions] == ["2"] and "sha256" in asked.versions[0].reason
         finally:
             await reloader.close(1.0)
             await repo.close(1.0)

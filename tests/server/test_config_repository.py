@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -620,6 +621,44 @@ def test_a_card_json_that_cannot_be_read_marks_its_version_unavailable_naming_th
     with caplog.at_level(logging.INFO):
         with_repo(root, check)
     assert not [r for r in caplog.records if r.exc_info], "a version's bad card is no traceback"
+
+
+READY, DRAINING, LOADING, FAILED = (
+    ModelState.READY,
+    ModelState.DRAINING,
+    ModelState.LOADING,
+    ModelState.UNAVAILABLE,
+)
+
+
+@pytest.mark.parametrize(
+    ("states", "described"),
+    [
+        ((READY, READY, FAILED), "v2"),  # a failed new version never describes a serving model
+        ((READY, LOADING, FAILED), "v1"),
+        ((DRAINING, READY, LOADING), "v2"),
+        ((DRAINING, LOADING, FAILED), "v1"),  # none READY: what served until now
+        ((FAILED, LOADING, FAILED), "v2"),  # then what is about to serve
+        ((FAILED, FAILED, FAILED), "v3"),  # nothing else: the failed version's card says what it is
+    ],
+)
+def test_a_model_is_described_by_the_card_of_its_highest_ready_version(
+    tmp_path: Path, states: tuple[ModelState, ...], described: str
+) -> None:
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+    for version in ("1", "2", "3"):
+        graph = generator_graph(TINY_LATENT, 1, 8, 8)
+        config = {"version_policy": {"latest": 3}}
+        write_model(root, "gen", "generator", graph, card, config=config, version=version)
+    repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+    repo.scan()
+    model = repo.get("gen")
+    for (version, mv), state in zip(model.versions.items(), states, strict=True):
+        mv.state = state
+        mv.card = dataclasses.replace(load_card(mv.path / "card.json"), description=f"v{version}")
+    served = model.card()
+    assert served is not None and served.description == described
 
 
 def test_fp16_requested_without_an_fp16_file_serves_fp32(tmp_path: Path) -> None:
