@@ -208,6 +208,12 @@ class ServerConfig:
     trt_engine_cache_dir: str | None = None
 
 
+# Limits that become gRPC channel arguments are C ints: a larger value failed in grpc with an
+# OverflowError and a traceback at start-up instead of a config error naming the field.
+GRPC_INT_MAX = 2**31 - 1
+GRPC_MAX_S = GRPC_INT_MAX // 1000  # seconds given to grpc in milliseconds (~24.8 days)
+
+
 def load_server_config(path: Path | None) -> ServerConfig:
     if path is None:
         return ServerConfig()
@@ -216,9 +222,11 @@ def load_server_config(path: Path | None) -> ServerConfig:
     d = Limits()
     limits = Limits(
         max_receive_message_bytes=lr.integer(
-            "max_receive_message_bytes", d.max_receive_message_bytes, min_value=MIB
+            "max_receive_message_bytes", d.max_receive_message_bytes, min_value=MIB, max_value=GRPC_INT_MAX
         ),
-        max_send_message_bytes=lr.integer("max_send_message_bytes", d.max_send_message_bytes, min_value=MIB),
+        max_send_message_bytes=lr.integer(
+            "max_send_message_bytes", d.max_send_message_bytes, min_value=MIB, max_value=GRPC_INT_MAX
+        ),
         max_images_per_request=lr.integer("max_images_per_request", d.max_images_per_request, min_value=1),
         max_input_pixels=lr.integer("max_input_pixels", d.max_input_pixels, min_value=1),
         max_sr_input_pixels=lr.integer("max_sr_input_pixels", d.max_sr_input_pixels, min_value=1),
@@ -227,7 +235,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
         ),
         max_stream_images=lr.integer("max_stream_images", d.max_stream_images, min_value=1),
         max_concurrent_rpcs=lr.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, min_value=1),
-        max_concurrent_streams=lr.integer("max_concurrent_streams", d.max_concurrent_streams, min_value=1),
+        max_concurrent_streams=lr.integer(
+            "max_concurrent_streams", d.max_concurrent_streams, min_value=1, max_value=GRPC_INT_MAX
+        ),
         accept_depth=lr.integer("accept_depth", d.accept_depth, min_value=1, max_value=1024),
         max_concurrent_sample_streams=lr.integer(
             "max_concurrent_sample_streams", d.max_concurrent_sample_streams, min_value=1
@@ -242,15 +252,24 @@ def load_server_config(path: Path | None) -> ServerConfig:
         max_health_watchers=lr.integer("max_health_watchers", d.max_health_watchers, min_value=1),
         request_timeout_s=lr.number("request_timeout_s", d.request_timeout_s, min_value=0.01),
         stream_write_timeout_s=lr.number("stream_write_timeout_s", d.stream_write_timeout_s, min_value=0.01),
-        max_connections=lr.integer("max_connections", d.max_connections, min_value=1),
+        max_connections=lr.integer("max_connections", d.max_connections, min_value=1, max_value=GRPC_INT_MAX),
         connection_idle_timeout_s=lr.number(
-            "connection_idle_timeout_s", d.connection_idle_timeout_s, min_value=0.01
+            "connection_idle_timeout_s", d.connection_idle_timeout_s, min_value=0.01, max_value=GRPC_MAX_S
         ),
-        handshake_timeout_s=lr.number("handshake_timeout_s", d.handshake_timeout_s, min_value=0.01),
-        max_connection_age_s=lr.number("max_connection_age_s", d.max_connection_age_s, min_value=0.0),
-        connection_age_grace_s=lr.number("connection_age_grace_s", d.connection_age_grace_s, min_value=0.0),
+        handshake_timeout_s=lr.number(
+            "handshake_timeout_s", d.handshake_timeout_s, min_value=0.01, max_value=GRPC_MAX_S
+        ),
+        max_connection_age_s=lr.number(
+            "max_connection_age_s", d.max_connection_age_s, min_value=0.0, max_value=GRPC_MAX_S
+        ),
+        connection_age_grace_s=lr.number(
+            "connection_age_grace_s", d.connection_age_grace_s, min_value=0.0, max_value=GRPC_MAX_S
+        ),
         keepalive_min_ping_interval_s=lr.number(
-            "keepalive_min_ping_interval_s", d.keepalive_min_ping_interval_s, min_value=0.0
+            "keepalive_min_ping_interval_s",
+            d.keepalive_min_ping_interval_s,
+            min_value=0.0,
+            max_value=GRPC_MAX_S,
         ),
         keepalive_permit_without_calls=lr.boolean(
             "keepalive_permit_without_calls", d.keepalive_permit_without_calls

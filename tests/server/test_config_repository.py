@@ -10,12 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model, write_tiny_generator
 
 from genserve_server import calibration
 from genserve_server.batch_keys import ImageRows, SeedRows, TileRows
 from genserve_server.config import (
+    GRPC_INT_MAX,
+    GRPC_MAX_S,
     ConfigError,
     ServerConfig,
     VersionPolicy,
@@ -32,6 +35,7 @@ from genserve_server.loader import (
     warmup_batch_sizes,
     warmup_sizes,
 )
+from genserve_server.main import grpc_server_options
 from genserve_server.metrics import Metrics, batch_size_buckets
 from genserve_server.repository import ModelState, Repository
 
@@ -471,6 +475,37 @@ def test_server_config_defaults_and_errors(tmp_path: Path) -> None:
     assert config.limits.max_images_per_request == 8 and config.execution_providers == (
         "CPUExecutionProvider",
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_receive_message_bytes", 2**31),
+        ("max_send_message_bytes", 2**40),
+        ("max_concurrent_streams", 2**31),
+        ("max_connections", 2**31),
+        ("connection_idle_timeout_s", 3e6),
+        ("handshake_timeout_s", 1e9),
+        ("max_connection_age_s", 1e10),
+        ("connection_age_grace_s", 3e6),
+        ("keepalive_min_ping_interval_s", 3e6),
+    ],
+)
+def test_limits_that_become_grpc_arguments_must_fit_them(tmp_path: Path, field: str, value: float) -> None:
+    """grpc's channel arguments are C ints: too large a value is a config error naming the field,
+    and every value the reader accepts builds the server's options."""
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": {field: value}}))
+    with pytest.raises(ConfigError, match=rf"server.json: limits.{field} must be <= "):
+        load_server_config(path)
+    largest = GRPC_MAX_S if field.endswith("_s") else GRPC_INT_MAX
+    path.write_text(json.dumps({"limits": {field: largest}}))
+    options = grpc_server_options(load_server_config(path).limits)
+
+    async def build() -> None:
+        grpc.aio.server(options=options)  # grpc takes each one (larger ones raised OverflowError)
+
+    asyncio.run(build())
 
 
 def test_batch_size_buckets_are_powers_of_two_up_to_the_max() -> None:
