@@ -193,12 +193,12 @@ def declared_size(data: bytes, fmt: int, shape: Sequence[int]) -> tuple[int, int
 # Decoding.
 
 
-def _check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
+def _check_pixels(width: int, height: int, max_pixels: int, field: str, limit_name: str) -> None:
     if width < 1 or height < 1:
         raise invalid(field, f"image size {width}x{height} is empty")
     pixels = width * height
     if pixels > max_pixels:
-        raise invalid(field, f"{width}x{height} = {pixels} pixels exceeds max_input_pixels {max_pixels}")
+        raise invalid(field, f"{width}x{height} = {pixels} pixels exceeds {limit_name} {max_pixels}")
 
 
 def _to_hwc_uint8(im: Image.Image) -> U8Array:
@@ -224,7 +224,7 @@ def _to_hwc_uint8(im: Image.Image) -> U8Array:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)  # CMYK, YCbCr, ...
 
 
-def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str) -> U8Array:
+def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, limit_name: str) -> U8Array:
     detected = sniff_format(data)
     if detected is None:
         raise invalid(field, f"{_format_name(fmt)}: the data is not a PNG, JPEG or WEBP image")
@@ -233,16 +233,16 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str) 
     size = _SIZE_READERS[detected](data)
     if size is None:
         raise invalid(field, f"corrupt {detected.name} image: no readable size in the header")
-    _check_pixels(size[0], size[1], max_pixels, field)
+    _check_pixels(size[0], size[1], max_pixels, field, limit_name)
     try:
         with Image.open(io.BytesIO(data), formats=[_PIL_NAME[detected]]) as im:
             # Defence in depth: the decoder's own idea of the size, before it allocates pixels.
             if im.size != size:
-                _check_pixels(im.size[0], im.size[1], max_pixels, field)
+                _check_pixels(im.size[0], im.size[1], max_pixels, field, limit_name)
             im.load()
             return _to_hwc_uint8(im)
     except Image.DecompressionBombError as exc:
-        raise invalid(field, f"image exceeds max_input_pixels {max_pixels}") from exc
+        raise invalid(field, f"image exceeds {limit_name} {max_pixels}") from exc
     except InvalidArgument:
         raise
     except UnidentifiedImageError as exc:
@@ -260,9 +260,16 @@ def _shape_ints(shape: Sequence[int], field: str, layout: str) -> tuple[int, int
 
 
 def decode_image(
-    data: bytes, fmt: int, shape: Sequence[int], *, max_pixels: int, field: str
+    data: bytes,
+    fmt: int,
+    shape: Sequence[int],
+    *,
+    max_pixels: int,
+    field: str,
+    limit_name: str = "max_input_pixels",
 ) -> U8Array | F32Array:
-    """Decode one request image; every error is an InvalidArgument naming `field` and the limit.
+    """Decode one request image; every error is an InvalidArgument naming `field` and the limit
+    (`limit_name`: the server config field that `max_pixels` comes from).
 
     * PNG / JPEG / WEBP / UNSPECIFIED (detected from the magic bytes): uint8 [H, W, C], C = 1 for
       gray sources and 3 otherwise (RGBA drops alpha, palettes expand, 16-bit scales to 8-bit).
@@ -276,12 +283,12 @@ def decode_image(
     except ValueError:
         raise invalid(f"{field}.format", f"unknown image format {fmt}") from None
     if image_format in (ImageFormat.UNSPECIFIED, *_ENCODED):
-        return _decode_encoded(data, image_format, max_pixels, field)
+        return _decode_encoded(data, image_format, max_pixels, field, limit_name)
     if image_format == ImageFormat.RAW_UINT8:
         height, width, channels = _shape_ints(shape, field, "[H, W, C]")
         if channels not in (1, 3):
             raise invalid(f"{field}.shape", f"RAW_UINT8 needs C in {{1, 3}} in [H, W, C], got {channels}")
-        _check_pixels(width, height, max_pixels, field)
+        _check_pixels(width, height, max_pixels, field, limit_name)
         expected = height * width * channels
         if len(data) != expected:
             raise invalid(
@@ -292,7 +299,7 @@ def decode_image(
     channels, height, width = _shape_ints(shape, field, "[C, H, W]")
     if channels not in (1, 3):
         raise invalid(f"{field}.shape", f"TENSOR_F32 needs C in {{1, 3}} in [C, H, W], got {channels}")
-    _check_pixels(width, height, max_pixels, field)
+    _check_pixels(width, height, max_pixels, field, limit_name)
     expected = 4 * channels * height * width
     if len(data) != expected:
         raise invalid(

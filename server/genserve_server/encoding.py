@@ -173,11 +173,12 @@ def decode_sync(
 ) -> list[np.ndarray]:
     """Input images -> float32 [C, H, W] in the card's input_range with the model's channels."""
     assert card.input_range is not None and card.input_channels is not None
+    limit = "max_sr_input_pixels" if card.kind.tiled else "max_input_pixels"  # as GenerationCore picks it
     arrays = []
     for i, image in enumerate(images):
         name = f"{field_prefix}[{i}]"
         decoded = codecs.decode_image(
-            image.data, image.format, list(image.shape), max_pixels=max_pixels, field=name
+            image.data, image.format, list(image.shape), max_pixels=max_pixels, field=name, limit_name=limit
         )
         if image.format == ImageFormat.TENSOR_F32:
             validate.input_range(decoded, card.input_range, name)

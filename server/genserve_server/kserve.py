@@ -379,9 +379,13 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid(
                 "inputs[image].shape", f"must be [N, {c}, {card.image_size[0]}, {card.image_size[1]}]"
             )
-        pixel_limit = self.limits.max_sr_input_pixels if card.kind.tiled else self.limits.max_input_pixels
+        pixel_limit, limit_name = (
+            (self.limits.max_sr_input_pixels, "max_sr_input_pixels")
+            if card.kind.tiled
+            else (self.limits.max_input_pixels, "max_input_pixels")
+        )
         if h * w > pixel_limit:
-            raise invalid("inputs[image].shape", f"H*W must be <= {pixel_limit}, got {h}x{w}")
+            raise invalid("inputs[image].shape", f"H*W must be <= {pixel_limit} ({limit_name}), got {h}x{w}")
         if min(h, w) < card.min_size:
             raise invalid("inputs[image].shape", f"H and W must be >= {card.min_size}, got {h}x{w}")
         multiple = card.size_multiple

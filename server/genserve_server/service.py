@@ -205,7 +205,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         per_request = self.limits.max_images_per_request
         chunk_size = request.chunk_size or min(DEFAULT_CHUNK, per_request)
         if chunk_size > per_request:
-            raise invalid("chunk_size", f"must be in 1..{per_request}, got {chunk_size}")
+            raise invalid(
+                "chunk_size", f"must be in 1..{per_request} (max_images_per_request), got {chunk_size}"
+            )
         out = output_spec(sample.output, "sample.output")
         psi = validate.psi(
             sample.truncation_psi if sample.HasField("truncation_psi") else None,
@@ -233,7 +235,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         steps = request.steps
         limit = self.limits.max_images_per_request
         if not 2 <= steps <= limit:
-            raise invalid("steps", f"must be in 2..{limit}, got {steps}")
+            raise invalid("steps", f"must be in 2..{limit} (max_images_per_request), got {steps}")
         if request.mode not in (
             pb.INTERPOLATION_MODE_UNSPECIFIED,
             pb.INTERPOLATION_MODE_LERP,

@@ -697,6 +697,18 @@ def test_an_error_that_echoes_a_long_client_string_still_reaches_the_client(
     assert code_of(excinfo) == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_superresolve_input_over_its_pixel_limit_names_max_sr_input_pixels(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """SuperResolve inputs are bounded by max_sr_input_pixels (1024^2 by default), not by
+    max_input_pixels (2048^2): the refusal names the limit an operator would raise."""
+    too_big = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=b"", shape=[1100, 1000, 3])
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.SuperResolve(pb.ImageRequest(model="tiny-sr", images=[too_big]))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1000x1100 = 1100000 pixels exceeds max_sr_input_pixels 1048576" in details_of(excinfo)
+
+
 def test_health_per_server_and_model(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     serving = health_pb2.HealthCheckResponse.SERVING
