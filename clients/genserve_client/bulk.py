@@ -35,10 +35,12 @@ import re
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -82,6 +84,11 @@ class BulkBusy(BulkError):
 
 class BulkRetryExhausted(BulkError):
     """Transient errors lasted longer than the retry window; the job is resumable as it is."""
+
+
+class BulkIncomplete(BulkError):
+    """The job ended with images missing: a stream's worker stopped on an unexpected error (a bug),
+    or a stream ended without its images. What is on disk is consistent; the job is resumable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,7 +514,11 @@ class BulkJob:
         # The job's own file names (see recover): images/NNNNNN.png and their temp names.
         self._own_name = re.compile(rf"({re.escape(TMP_PREFIX)})?\d+{re.escape(suffix)}")
         self.name_width = name_width(params.n)
-        self.failure: GenserveClientError | BulkError | OSError | None = None
+        # The first final error of any worker (run() raises it); an unexpected one is wrapped in
+        # BulkIncomplete, so a worker never dies silently.
+        self.failure: Exception | None = None
+        # [start, stop) of every chunk whose manifest lines were appended by this run.
+        self._written: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self.window = RetryWindow(retry_window_s, client.retry.retryable_codes, self._stop)
         # Open streams and the client each was opened on (see channelpool.py).
@@ -652,7 +663,8 @@ class BulkJob:
 
     def run(self, resolve: Callable[[str, str], ServedModel] | None = None) -> None:
         """Generate every missing image; raises the first final error of any stream (after stopping
-        the others), so what is on disk stays consistent and a rerun resumes.
+        the others), so what is on disk stays consistent and a rerun resumes. Returns only when
+        every image of the job (or shard) is in the manifest, else raises BulkIncomplete.
 
         `resolve(model, version)` says what the server serves (default: served_model via GetModel).
         """
@@ -704,6 +716,14 @@ class BulkJob:
             progress.close()
         if self.failure is not None:
             raise self.failure
+        # Success only when every image of [lo, hi) is listed: a worker that ended without its
+        # range (and without an error) must not make an incomplete job look finished.
+        written = chain.from_iterable(range(a, b) for a, b in self._written)
+        left = missing_ranges(chain(done, written), self.hi, self.lo)
+        if left:
+            missing = sum(b - a for a, b in left)
+            ranges = describe_entries([f"[{a}, {b})" for a, b in left])
+            raise BulkIncomplete(f"the job ended with {missing} images missing, index ranges {ranges}")
 
     def _stop_all(self) -> None:
         self._stop.set()
@@ -712,15 +732,29 @@ class BulkJob:
                 stream.cancel()
 
     def _run_worker(self, queue: StreamQueue, sink: _Sink) -> None:
+        stream: tuple[int, int] | None = None
         try:
             while not self._stop.is_set() and (stream := queue.take()) is not None:
                 self._run_range(*stream, sink)
         except (GenserveClientError, BulkError, OSError) as exc:
             # Transient RPC errors were retried (inside the stream, then for the retry window);
             # this one is final. Keep the first and stop the other workers; run() re-raises it.
-            with self._lock:
-                self.failure = self.failure or exc
-            self._stop_all()
+            self._fail(exc)
+        except Exception as exc:
+            # Anything else is a bug (or a value a request cannot carry): it must stop the job like
+            # a final error, not kill this thread with a traceback while the job reports success.
+            where = f"the stream of images [{stream[0]}, {stream[1]})" if stream else "a worker"
+            frames = traceback.extract_tb(exc.__traceback__)
+            at = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+            crash = BulkIncomplete(f"{where} stopped on an unexpected error{at}: {type(exc).__name__}: {exc}")
+            crash.__cause__ = exc
+            self._fail(crash)
+
+    def _fail(self, exc: Exception) -> None:
+        """Keep the first final error and stop the other workers; run() raises it."""
+        with self._lock:
+            self.failure = self.failure or exc
+        self._stop_all()
 
     def _open_stream(self, start: int, stop: int) -> SampleStream | None:
         p = self.params
@@ -825,3 +859,6 @@ class BulkJob:
             )
         fsync_dir(self.images_dir)  # the renames are durable before the manifest names them
         sink.manifest.append(entries)
+        if chunk.items:  # contiguous indices (checked in _run_range)
+            with self._lock:
+                self._written.append((chunk.items[0].index, chunk.items[-1].index + 1))

@@ -1,9 +1,9 @@
 """`genserve-client`: talk to a genserve server from the shell and write pictures.
 
-Exit codes: 0 success; 1 a failed call or I/O error, or a bench run in which no request
-succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's message is printed), bad arguments
-or a bulk job started with other parameters; 3 the bulk job folder is in use by another run;
-130 interrupted. docs/client.md has the details.
+Exit codes: 0 success; 1 a failed call or I/O error, a bulk job that stopped with images missing,
+or a bench run in which no request succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's
+message is printed), bad arguments or a bulk job started with other parameters; 3 the bulk job
+folder is in use by another run; 130 interrupted. docs/client.md has the details.
 
 Connection flags (--target, --tls, ...) go before or after the command; GENSERVE_TARGET sets the
 default target.
@@ -41,6 +41,7 @@ from genserve_client.bulk import (
     SHARD_ENV,
     BulkBusy,
     BulkError,
+    BulkIncomplete,
     BulkJob,
     BulkParams,
     BulkRetryExhausted,
@@ -636,7 +637,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
     except BulkBusy as exc:
         _err(f"genserve-client: {exc}")
         return 3
-    except (GenserveClientError, BulkRetryExhausted, OSError, KeyboardInterrupt) as exc:
+    except (GenserveClientError, BulkRetryExhausted, BulkIncomplete, OSError, KeyboardInterrupt) as exc:
         # Final, but what is on disk is consistent: say how to go on.
         _err(
             "genserve-client: interrupted"
@@ -796,8 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genserve-client",
         description=__doc__.splitlines()[0],
-        epilog="exit codes: 0 ok; 1 a failed call, I/O error or an incomplete verify; 2 a rejected request "
-        "or bad arguments; 3 the bulk job folder is in use; 130 interrupted (docs/client.md)",
+        epilog="exit codes: 0 ok; 1 a failed call, I/O error, an unfinished bulk job or an incomplete "
+        "verify; 2 a rejected request or bad arguments; 3 the bulk job folder is in use; 130 interrupted "
+        "(docs/client.md)",
         formatter_class=HelpFormatter,
     )
     _add_connection(parser, after_command=False)

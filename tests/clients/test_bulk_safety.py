@@ -22,7 +22,16 @@ from PIL import Image
 from genserve.v1 import genserve_pb2_grpc
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
-from genserve_client.bulk import BulkError, BulkJob, BulkParams, JobLock, ServedModel, Shard, read_manifest
+from genserve_client.bulk import (
+    BulkError,
+    BulkIncomplete,
+    BulkJob,
+    BulkParams,
+    JobLock,
+    ServedModel,
+    Shard,
+    read_manifest,
+)
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.01)
 OTHER_SHA256 = hashlib.sha256(b"another model").hexdigest()
@@ -388,3 +397,54 @@ def test_a_job_waits_for_a_server_that_is_not_up_yet(
         server.stop(grace=None)
     assert indices(tmp_path) == [0, 1, 2, 3]
     assert service.calls["GetModel"] >= 1
+
+
+# --- 6. a worker that stops on an unexpected error ----------------------------------------------
+
+
+def test_an_unexpected_error_in_a_worker_fails_the_job_and_it_resumes(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Not a failed call, a BulkError or an OSError: a bug inside the worker thread at image 6.
+    real = bulk_module.with_png_text
+
+    def broken(data: bytes, text: dict[str, str]) -> bytes:
+        if text.get("index") == "6":
+            raise RuntimeError("injected bug")
+        return real(data, text)
+
+    monkeypatch.setattr(bulk_module, "with_png_text", broken)
+    t = ("--target", fake_server.target)
+    job = ("bulk", "--model", "fake-gen", "--n", "10", "--chunk-size", "2", "--concurrency", "2")
+    code, out, err = cli_main(capsys, *t, *job, "--out", str(tmp_path))
+    assert code == 1, (out, err)
+    assert "10 images" not in out  # no success line
+    assert "unexpected error" in err and "RuntimeError: injected bug" in err and "Traceback" not in err
+    assert 6 not in indices(tmp_path)
+    hint = err.split("the job is resumable: ")[1].strip()
+    monkeypatch.setattr(bulk_module, "with_png_text", real)
+    code, out, err = cli_main(capsys, *shlex.split(hint)[1:])
+    assert code == 0, err
+    assert indices(tmp_path) == list(range(10))
+
+
+def test_a_job_is_finished_only_when_every_image_is_listed(
+    fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that returns without its range and without an error (a bug) must not pass for done.
+    real = BulkJob._run_range
+
+    def loses_a_stream(self: BulkJob, start: int, stop: int, sink: Any) -> None:
+        if start != 5:
+            real(self, start, stop, sink)
+
+    monkeypatch.setattr(BulkJob, "_run_range", loses_a_stream)
+    with pytest.raises(BulkIncomplete, match=r"5 images missing, index ranges \[5, 10\)"):
+        run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=10), stream_images=5)
+    assert indices(tmp_path) == list(range(5))
+    monkeypatch.setattr(BulkJob, "_run_range", real)
+    run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=10))
+    assert indices(tmp_path) == list(range(10))
