@@ -72,6 +72,12 @@ DEFAULT_STREAM_IMAGES = 1024
 DEFAULT_RETRY_WINDOW_S = 300.0
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 15.0
+# What a job's requests can carry (genserve.proto): image i uses seed base_seed + i and seeds are in
+# [0, 2^63) (int64); labels are int32 class indices; SampleRequest.count and chunk_size are uint32.
+# A value outside these would fail building a stream's request, so a job refuses it before it starts.
+SEED_LIMIT = 2**63
+LABEL_LIMIT = 2**31
+UINT32_LIMIT = 2**32
 
 
 class BulkError(Exception):
@@ -115,6 +121,16 @@ class BulkParams:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"a bulk job needs n >= 1 images, got {self.n}")
+        if self.n >= UINT32_LIMIT:
+            raise ValueError(f"a bulk job holds fewer than 2^32 images (a uint32 count), got n={self.n}")
+        if not 0 <= self.base_seed <= SEED_LIMIT - self.n:
+            raise ValueError(
+                f"a bulk job's seeds base_seed .. base_seed + n - 1 must be in [0, 2^63): base_seed must be "
+                f"in [0, {SEED_LIMIT - self.n}] for n={self.n}, got {self.base_seed}"
+            )
+        bad = [label for label in self.labels if not 0 <= label < LABEL_LIMIT]
+        if bad:
+            raise ValueError(f"a bulk job's labels are class indices in [0, 2^31), got {bad[0]}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -492,6 +508,11 @@ class BulkJob:
     ) -> None:
         if stream_images < 1:
             raise ValueError(f"--stream-images must be >= 1, got {stream_images}")
+        if not 0 <= chunk_size < UINT32_LIMIT:
+            raise ValueError(
+                f"--chunk-size must be 0 (the server's default) or 1..{UINT32_LIMIT - 1} images, "
+                f"got {chunk_size}"
+            )
         self.client = client
         self.stream_images = stream_images
         self.params = params

@@ -38,7 +38,10 @@ from genserve_client.bulk import (
     DEFAULT_RETRY_WINDOW_S,
     DEFAULT_STREAM_IMAGES,
     JOB_FILE,
+    LABEL_LIMIT,
+    SEED_LIMIT,
     SHARD_ENV,
+    UINT32_LIMIT,
     BulkBusy,
     BulkError,
     BulkIncomplete,
@@ -93,10 +96,12 @@ def parse_ints(text: str) -> list[int]:
 
 
 def parse_labels(text: str) -> str:
-    """argparse type of --labels: `all` or comma-separated integers, checked before any call (the
-    value stays a string for resolve_labels)."""
+    """argparse type of --labels: `all` or comma-separated class indices, checked before any call
+    (the value stays a string for resolve_labels)."""
     if text != "all":
-        parse_ints(text)
+        bad = [label for label in parse_ints(text) if not 0 <= label < LABEL_LIMIT]
+        if bad:
+            raise argparse.ArgumentTypeError(f"labels are class indices in [0, 2^31), got {bad[0]}")
     return text
 
 
@@ -546,6 +551,24 @@ def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
 BULK_JOB_FLAGS = ("model", "version", "seed", "labels", "format", "psi", "shard")
 
 
+def check_bulk_seeds(n: int, base_seed: int, *, resumed: bool) -> None:
+    """Refuse an --n or --seed the job's requests cannot carry, before any call: image i uses seed
+    base_seed + i, seeds are in [0, 2^63), and a stream's count is a uint32."""
+    if n >= UINT32_LIMIT:
+        raise UsageError(f"bulk: --n must be below 2^32 = {UINT32_LIMIT}, got {n}")
+    if 0 <= base_seed <= SEED_LIMIT - n:
+        return
+    if resumed:
+        raise UsageError(
+            f"bulk: --n {n} takes the job's seeds past 2^63 - 1 (its base seed is {base_seed}): "
+            f"--n can be at most {SEED_LIMIT - base_seed}"
+        )
+    raise UsageError(
+        f"bulk: --seed must be in [0, 2^63 - n] = [0, {SEED_LIMIT - n}] for --n {n} (image i uses "
+        f"seed + i, and seeds are below 2^63), got {base_seed}"
+    )
+
+
 def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkParams, Path, Shard | None]:
     """The job's parameters, folder and shard: from the flags, or from the manifest with --resume."""
     if not (math.isfinite(args.retry_window) and args.retry_window >= 0):
@@ -563,6 +586,7 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
             )
         params, shard = load_params(out)
         if args.n is not None:
+            check_bulk_seeds(args.n, params.base_seed, resumed=True)
             params = dataclasses.replace(params, n=args.n)
         return params, out, shard
     missing = [f"--{flag}" for flag in ("model", "n", "out") if getattr(args, flag) is None]
@@ -570,6 +594,7 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         raise UsageError(f"bulk needs {', '.join(missing)} (or --resume DIR for an existing job)")
     if args.n < 1:
         raise UsageError(f"bulk: --n must be >= 1, got {args.n}")
+    check_bulk_seeds(args.n, args.seed if args.seed is not None else 0, resumed=False)
     shard = Shard.parse(args.shard) if args.shard else None  # before any call
     # A server that is restarting when the job starts is waited for like one that restarts later.
     window = RetryWindow(args.retry_window, client.retry.retryable_codes, threading.Event())
@@ -620,6 +645,12 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
     if args.stream_images < 1:
         raise UsageError(f"bulk: --stream-images must be >= 1, got {args.stream_images}")
+    if not 0 <= args.chunk_size < UINT32_LIMIT:
+        # Checked before the job starts: a resume that grows the job rewrites job.json first.
+        raise UsageError(
+            f"bulk: --chunk-size must be 0 (the server's default) or 1..{UINT32_LIMIT - 1} images "
+            f"(the server takes at most its max_images_per_request), got {args.chunk_size}"
+        )
     params, out, shard = bulk_params(client, args)
     job = BulkJob(
         client,

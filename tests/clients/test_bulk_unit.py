@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from client_fakes import FakeServer, fake_pixels, run_cli
+from client_fakes import FakeServer, cli_main, fake_pixels, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -165,6 +165,43 @@ def test_bulk_needs_at_least_one_image(fake_server: FakeServer, tmp_path: Path) 
         assert proc.returncode == 2, proc.stderr
         assert "--n must be >= 1" in proc.stderr
     assert not (tmp_path / "job.json").exists()
+    assert fake_server.service.calls["SampleStream"] == 0
+
+
+def test_bulk_refuses_values_its_requests_cannot_carry(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each of these used to fail building a stream's request inside a worker thread, after the job
+    # had started (and, on a resume, rewritten job.json): the job must refuse them up front.
+    for kwargs, match in (
+        ({"n": 2**32}, r"fewer than 2\^32 images"),
+        ({"n": 10, "base_seed": 2**63}, r"base_seed must be in \[0, 9223372036854775798\] for n=10"),
+        ({"n": 10, "base_seed": 2**63 - 9}, r"base_seed must be in \[0, 9223372036854775798\]"),
+        ({"n": 10, "base_seed": -1}, "base_seed must be in"),
+        ({"n": 10, "labels": (3, 2**31)}, r"class indices in \[0, 2\^31\), got 2147483648"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            BulkParams("fake-gen", **kwargs)  # type: ignore[arg-type]
+    assert BulkParams("fake-gen", n=10, base_seed=2**63 - 10).base_seed == 2**63 - 10  # last seed 2^63 - 1
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        for size in (-1, 2**32):
+            with pytest.raises(ValueError, match="--chunk-size must be 0"):
+                BulkJob(client, BulkParams("fake-gen", n=4), tmp_path, chunk_size=size)
+    # The CLI says which flag.
+    code, _, err = cli_main(
+        capsys,
+        "--target",
+        fake_server.target,
+        "bulk",
+        "--model",
+        "fake-gen",
+        "--n",
+        str(2**32),
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 2 and "--n must be below 2^32" in err, err
+    assert not list(tmp_path.iterdir())
     assert fake_server.service.calls["SampleStream"] == 0
 
 

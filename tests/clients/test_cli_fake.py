@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,70 @@ def test_bad_labels_are_a_usage_error(
         capsys, *t, "sample", "--model", "fake-cond", "--labels", "1,2", "--n", "2", "--out", str(tmp_path)
     )
     assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("model", "bad", "message"),
+    [
+        ("fake-gen", ("--seed", str(2**63)), "--seed must be in [0, 2^63 - n] = [0, 9223372036854775798]"),
+        ("fake-gen", ("--seed", str(2**63 - 5)), "--seed must be in"),  # seed + 9 is past 2^63 - 1
+        ("fake-gen", ("--seed", "-1"), "--seed must be in"),
+        ("fake-gen", ("--chunk-size", "-1"), "--chunk-size must be 0 (the server's default) or 1.."),
+        ("fake-gen", ("--chunk-size", str(2**32)), "--chunk-size must be 0"),
+        ("fake-cond", ("--labels", "3,99999999999"), "class indices in [0, 2^31), got 99999999999"),
+        ("fake-cond", ("--labels", "-1"), "class indices in [0, 2^31), got -1"),
+    ],
+)
+def test_bulk_refuses_values_its_requests_cannot_carry_before_it_starts(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    model: str,
+    bad: tuple[str, str],
+    message: str,
+) -> None:
+    # They used to fail building a stream's request in a worker thread: a traceback on stderr, and
+    # the job reported success (exit 0) with no image written.
+    out = tmp_path / "job"
+    t = ("--target", fake_server.target)
+    code, stdout, err = cli_main(capsys, *t, "bulk", "--model", model, "--n", "10", "--out", str(out), *bad)
+    assert code == 2, (stdout, err)
+    assert message in err and "Traceback" not in err
+    assert not out.exists()  # no job.json, no lock, nothing
+    assert fake_server.service.calls["SampleStream"] == 0
+
+
+def test_a_resume_with_values_its_requests_cannot_carry_changes_nothing(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "job"
+    t = ("--target", fake_server.target)
+    seed = str(2**63 - 15)  # room for 15 images
+    assert (
+        cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "10", "--seed", seed, "--out", str(out))[0]
+        == 0
+    )
+    job, manifest = (out / "job.json").read_bytes(), (out / "manifest.jsonl").read_bytes()
+    streams = fake_server.service.calls["SampleStream"]
+    for bad, message in (
+        (("--chunk-size", "-1"), "--chunk-size must be 0"),
+        (
+            (),
+            "--n 20 takes the job's seeds past 2^63 - 1 (its base seed is 9223372036854775793): "
+            "--n can be at most 15",
+        ),
+    ):
+        code, stdout, err = cli_main(capsys, *t, "bulk", "--resume", str(out), "--n", "20", *bad)
+        assert code == 2, (stdout, err)
+        assert message in err and "Traceback" not in err
+        # Refused before the grown job.json is written: the job is still the 10-image job.
+        assert (out / "job.json").read_bytes() == job
+        assert (out / "manifest.jsonl").read_bytes() == manifest
+    assert fake_server.service.calls["SampleStream"] == streams
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(out), "--n", "15")
+    assert code == 0, err
+    assert json.loads((out / "job.json").read_text())["params"]["n"] == 15
+    assert (out / "manifest.jsonl").read_text().count("\n") == 15
 
 
 @pytest.mark.parametrize(
