@@ -855,11 +855,13 @@ class BulkJob:
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:
         names = [self.file_name(item.index) for item in chunk.items]
-        # A PNG carries its own provenance (seed, label, model, version, sha256) in text chunks,
-        # spliced in without re-encoding, so a file copied out of the job still says what it is.
+        # A PNG carries its own provenance (seed, label, psi, model, version, sha256) in text
+        # chunks, spliced in without re-encoding, so a file copied out of the job still says what it is.
+        psi = self.params.psi
         data = [
             with_png_text(
-                item.raw, png_text(chunk.provenance, index=item.index, seed=item.seed, label=item.label)
+                item.raw,
+                png_text(chunk.provenance, index=item.index, seed=item.seed, label=item.label, psi=psi),
             )
             for item in chunk.items
         ]

@@ -156,14 +156,15 @@ def save_picture(picture: Image.Image, path: Path, text: dict[str, str] | None =
     _out(f"wrote {path} ({picture.width}x{picture.height})")
 
 
-def write_items(result: SampleResult, out_dir: Path, stem: str) -> None:
+def write_items(result: SampleResult, out_dir: Path, stem: str, **settings: object) -> None:
     """Each image as the server encoded it (no re-encoding; PNGs get text chunks with the seed,
-    label, model, version and sha256); raw pixels are written as PNG here."""
+    label, the command's own `settings` such as psi (None skipped), model, version and sha256);
+    raw pixels are written as PNG here."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for position, item in enumerate(result.items):
         name = f"{stem}_{position:04d}" + (f"_seed{item.seed}" if item.seed is not None else "")
         name += f"_label{item.label}" if item.label is not None else ""
-        text = png_text(result.provenance, seed=item.seed, label=item.label)
+        text = png_text(result.provenance, seed=item.seed, label=item.label, **settings)
         suffix = FILE_SUFFIX.get(item.message.format)
         if suffix is None:
             array_to_pil(item.array).save(out_dir / f"{name}.png", pnginfo=pnginfo(text))
@@ -309,7 +310,7 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     else:
         result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
     if args.out:
-        write_items(result, Path(args.out), args.model)
+        write_items(result, Path(args.out), args.model, psi=args.psi)
     if args.grid:
         pictures = result.pil()
         if labels:

@@ -74,6 +74,58 @@ def test_raw_images_and_other_commands_carry_provenance_too(
     assert seeds == ["9", "10"]
 
 
+def png_texts(folder: Path) -> list[dict[str, str]]:
+    found = []
+    for f in sorted(folder.iterdir()):
+        with Image.open(f) as picture:
+            found.append(dict(picture.text))  # type: ignore[attr-defined]
+    return found
+
+
+def test_sample_files_record_psi_as_the_grid_does(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/client.md, Provenance in PNGs: the per-image files of `sample --out` (server PNGs and
+    raw pixels) carry `psi` with the grid's key and format, and only when it was given."""
+    t = ("--target", fake_server.target)
+    sample = ("sample", "--model", "fake-gen", "--n", "2", "--seed", "3", "--psi", "0.7")
+    code, _, err = cli_main(
+        capsys, *t, *sample, "--out", str(tmp_path / "s"), "--grid", str(tmp_path / "g.png")
+    )
+    assert code == 0, err
+    with Image.open(tmp_path / "g.png") as grid:
+        assert grid.text["psi"] == "0.7"  # type: ignore[attr-defined]
+    code, _, err = cli_main(capsys, *t, *sample, "--format", "raw", "--out", str(tmp_path / "raw"))
+    assert code == 0, err
+    for folder in ("s", "raw"):
+        assert [(m["seed"], m.get("psi")) for m in png_texts(tmp_path / folder)] == [
+            ("3", "0.7"),
+            ("4", "0.7"),
+        ]
+    code, _, err = cli_main(capsys, *t, *sample[:-2], "--out", str(tmp_path / "none"))
+    assert code == 0, err
+    assert all("psi" not in m for m in png_texts(tmp_path / "none"))
+
+
+def test_bulk_images_record_the_jobs_psi(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    job = tmp_path / "job"
+    bulk = ("bulk", "--model", "fake-cond", "--labels", "1,2", "--n", "3", "--psi", "0.7")
+    code, _, err = cli_main(capsys, *t, *bulk, "--out", str(job))
+    assert code == 0, err
+    assert [(m["index"], m["label"], m.get("psi")) for m in png_texts(job / "images")] == [
+        ("0", "1", "0.7"),
+        ("1", "2", "0.7"),
+        ("2", "1", "0.7"),
+    ]
+    # A grown job takes psi from job.json, and so do its new images.
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(job), "--n", "5")
+    assert code == 0, err
+    assert [m.get("psi") for m in png_texts(job / "images")] == ["0.7"] * 5
+
+
 def test_a_grid_too_large_is_refused_before_any_call(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
