@@ -341,7 +341,7 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
         opts["labels"] = args.label
     result = client.interpolate(args.model, args.from_seed, args.to_seed, args.steps, mode=args.mode, **opts)
     if args.out:
-        write_items(result, Path(args.out), f"{args.model}-interp")
+        write_items(result, Path(args.out), f"{args.model}-interp", psi=args.psi)
     if args.grid:
         ts = np.linspace(0.0, 1.0, len(result.items))
         row = GridRow(result.pil(), f"{args.mode or 'path'} {args.from_seed}->{args.to_seed}")
@@ -352,6 +352,7 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
             steps=args.steps,
             mode=args.mode,
             label=",".join(map(str, args.label)) if args.label else None,
+            psi=args.psi,
         )
         save_picture(make_grid([row], captions=[f"t={t:.2f}" for t in ts]), Path(args.grid), text)
     return 0
@@ -444,6 +445,7 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
         seeds_b=",".join(map(str, args.b)),
         seeds_c=",".join(map(str, args.c)),
         label=args.label,
+        psi=args.psi,
     )
     save_picture(make_grid(grid_rows, captions=captions), Path(args.grid), text)
     return 0

@@ -82,8 +82,12 @@ def test_interpolate_and_arithmetic_grids(tiny_server: Any, tmp_path: Path) -> N
         "6",
         "--mode",
         "lerp",
+        "--psi",
+        "0.7",
         "--grid",
         str(tmp_path / "i.png"),
+        "--out",
+        str(tmp_path / "steps"),
     )
     cli(
         tiny_server,
@@ -98,12 +102,21 @@ def test_interpolate_and_arithmetic_grids(tiny_server: Any, tmp_path: Path) -> N
         "4,5",
         "--c",
         "6",
+        "--psi",
+        "0.7",
         "--grid",
         str(tmp_path / "a.png"),
     )
     with Image.open(tmp_path / "i.png") as strip, Image.open(tmp_path / "a.png") as arith:
         assert strip.width > 6 * 64 and strip.height < 2 * 64 + 40
         assert arith.width > 4 * 64 and arith.height > 4 * 64  # 3 sets + the result row
+        # Each PNG records the --psi its images were drawn with (docs/client.md, Provenance in PNGs).
+        assert strip.text["psi"] == arith.text["psi"] == "0.7"  # type: ignore[attr-defined]
+    steps = sorted((tmp_path / "steps").iterdir())
+    assert len(steps) == 6
+    for f in steps:
+        with Image.open(f) as picture:
+            assert picture.text["psi"] == "0.7"  # type: ignore[attr-defined]
 
 
 def test_edit_and_sweep_with_the_vae(tiny_server: Any, tmp_path: Path) -> None:
