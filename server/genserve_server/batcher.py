@@ -203,6 +203,11 @@ class Batcher:
         self.callers = 0
         # SampleStreams now reading from this version (hold(stream=True); a reload drains them).
         self.streams = 0
+        # RPCs of another model that use this version beside their own (hold(dependent=True): a code
+        # prior's decoder or top prior, a style generator's mapping). Untracked like streams: such an
+        # RPC may submit rows only seconds later (after its prior's steps), so the batching signals
+        # leave it out; a reload's drain waits for it all the same.
+        self.dependents = 0
         # Set while no RPC holds this version: what a reload's drain awaits (wait_released).
         self._released = asyncio.Event()
         self._released.set()
@@ -231,21 +236,26 @@ class Batcher:
 
     # ------------------------------------------------------------------ holds (a reload's drain)
 
-    def hold(self, *, stream: bool = False) -> None:
-        """An RPC resolved this version: it may still submit rows (a SampleStream, chunk after chunk)."""
+    def hold(self, *, stream: bool = False, dependent: bool = False) -> None:
+        """An RPC resolved this version: it may still submit rows (a SampleStream, chunk after chunk;
+        `dependent`: an RPC of another model that uses this one, e.g. a code prior's decoder)."""
         if stream:
             self.streams += 1
+        elif dependent:
+            self.dependents += 1
         else:
             self.callers += 1
         self._released.clear()
 
-    def release(self, *, stream: bool = False) -> None:
-        """The RPC that held this version has ended."""
+    def release(self, *, stream: bool = False, dependent: bool = False) -> None:
+        """The RPC that held this version has ended (the same flags as its `hold`)."""
         if stream:
             self.streams -= 1
+        elif dependent:
+            self.dependents -= 1
         else:
             self.callers -= 1
-        if self.callers + self.streams <= 0:
+        if self.callers + self.streams + self.dependents <= 0:
             self._released.set()
 
     async def wait_released(self, timeout_s: float) -> bool:

@@ -127,6 +127,8 @@ class Boundary:
             call.batcher.release()
         if call.stream_batcher is not None:
             call.stream_batcher.release(stream=True)
+        if call.uses is not None:
+            call.release_uses()
         call.metrics.request_done(call.method, call.code, duration_s)
         if call.code != "NOT_FOUND":  # a version that does not exist: Triton has nothing to charge
             call.metrics.infer_stats.request_done(call.code == "OK", call.started, ended, call.timing)

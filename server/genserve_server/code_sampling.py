@@ -25,7 +25,7 @@ from genserve_server.batcher import Lane
 from genserve_server.core import Call, GenerationCore
 from genserve_server.encoding import EncodedImage
 from genserve_server.errors import Unavailable
-from genserve_server.repository import ModelVersion, Repository
+from genserve_server.repository import ModelVersion
 from genserve_server.step_sampler import SamplingOptions
 from genserve_server.validate import OutputSpec
 
@@ -59,12 +59,13 @@ class CodeProgress:
     previews: list[EncodedImage]
 
 
-def code_decoder(repo: Repository, mv: ModelVersion) -> ModelVersion | None:
-    """The serving version of the prior's decoder (config.json `decoder`); None when it names none."""
+def code_decoder(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVersion | None:
+    """The version of the prior's decoder (config.json `decoder`) the call uses, held until it ends
+    (GenerationCore.use: the same one for its previews and its result); None when it names none."""
     name = mv.config.decoder
     if not name:
         return None
-    decoder = repo.get(name).resolve("")
+    decoder = core.use(call, name)
     prior, card = mv.card, decoder.card
     assert prior is not None and card is not None
     decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
@@ -77,14 +78,15 @@ def code_decoder(repo: Repository, mv: ModelVersion) -> ModelVersion | None:
     return decoder
 
 
-def top_prior(repo: Repository, mv: ModelVersion) -> ModelVersion | None:
-    """The serving version of a bottom prior's top prior (config.json `top_prior`), if any."""
+def top_prior(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVersion | None:
+    """The version of a bottom prior's top prior (config.json `top_prior`) the call uses, if any,
+    held until the call ends (GenerationCore.use: its step scheduler runs on that version's runner)."""
     name = mv.config.top_prior
     prior = mv.card
     assert prior is not None
     if not name or prior.top_grid is None:
         return None
-    top = repo.get(name).resolve("")
+    top = core.use(call, name)
     card = top.card
     assert card is not None
     fits = (
@@ -122,7 +124,7 @@ async def sample_codes(
 ) -> CodeSamples:
     """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
     finish near the same step, of any request, share the decoder's batches)."""
-    decoder = code_decoder(core.repo, mv)
+    decoder = code_decoder(core, call, mv)
     if decoder is not None:
         card = decoder.card
         assert card is not None and card.image_size is not None
@@ -130,7 +132,7 @@ async def sample_codes(
             out, len(seeds), card.channels, *card.image_size, core.limits.max_send_message_bytes
         )
         await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
-    top = top_prior(core.repo, mv) if tops is None else None
+    top = top_prior(core, call, mv) if tops is None else None
     if top is not None:  # both levels in one call: the top grids first, same seeds and options
         assert top.card is not None and top.card.codebook_size is not None and top.card.grid is not None
         top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
@@ -207,7 +209,7 @@ async def sample_codes_stream(
         latest[:] = [(level, filled, positions, grids, given)]  # a newer report replaces an untaken one
         ready.set()
 
-    decoder = code_decoder(core.repo, mv)
+    decoder = code_decoder(core, call, mv)
     sampling = asyncio.ensure_future(
         sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every)
     )

@@ -63,7 +63,11 @@ STREAM_CHUNKS_AHEAD = 2  # chunks computed ahead of the one being sent (HTTP/2 f
 @dataclass(slots=True)
 class Call:
     """Per-RPC bookkeeping: the boundary creates it and reads it in `finally`; the core fills in the
-    model version's metrics and the batcher the call counts against."""
+    model version's metrics and the batcher the call counts against.
+
+    A call holds every model version it uses from resolve to its end (a reload drains a version
+    only once no call holds it): its own model's through `batcher` or `stream_batcher`, the models it
+    uses beside it through `uses` (GenerationCore.use). The boundary releases them all in `finally`."""
 
     method: str
     request_id: str
@@ -72,10 +76,20 @@ class Call:
     deadline: float | None = None
     batcher: Batcher | None = None  # its `callers` count includes this RPC while it runs
     stream_batcher: Batcher | None = None  # a SampleStream's: its `streams` count includes this RPC
+    # Versions of other models this call uses beside its own (a code prior's decoder and top prior,
+    # a style generator's mapping), each held (`dependents`) until the call ends; None for most calls.
+    uses: list[ModelVersion] | None = None
     code: str = "OK"  # the status the call ends with (the boundary counts it)
     unary: bool = False  # a unary RPC: its response is held against the response budget
     response: Reservation | None = None  # its bytes held there (response_budget.py)
     timing: CallTiming = field(default_factory=CallTiming)  # its batches' queue and compute (KServe stats)
+
+    def release_uses(self) -> None:
+        """Release the versions of `uses` (at the call's end; a second call releases nothing)."""
+        uses, self.uses = self.uses, None
+        for mv in uses or ():
+            if mv.batcher is not None:
+                mv.batcher.release(dependent=True)
 
 
 @dataclass(slots=True)
@@ -201,6 +215,24 @@ class GenerationCore:
             else:
                 call.batcher = mv.batcher
                 mv.batcher.hold()
+        return mv
+
+    def use(self, call: Call, name: str) -> ModelVersion:
+        """The version of `name` that `call` uses beside its own model (a code prior's decoder or top
+        prior, a style generator's mapping): the serving one at the first use, the same one at every
+        later use in the call (a stream's chunks, previews and result), held until the call ends. A
+        reload that publishes a new version meanwhile drains the old one only after this call."""
+        uses = call.uses
+        if uses is None:
+            uses = call.uses = []
+        else:
+            for mv in uses:
+                if mv.name == name:
+                    return mv
+        mv = self.repo.get(name).resolve("")
+        if mv.batcher is not None:  # held before any await: a drain cannot slip in between
+            mv.batcher.hold(dependent=True)
+        uses.append(mv)
         return mv
 
     async def submit(

@@ -35,7 +35,7 @@ from genserve_server.batch_keys import (
 from genserve_server.batcher import BatchResult, Lane
 from genserve_server.encoding import EncodedImage
 from genserve_server.errors import Unavailable, invalid
-from genserve_server.repository import ModelVersion, Repository
+from genserve_server.repository import ModelVersion
 from genserve_server.validate import OutputSpec
 
 if TYPE_CHECKING:
@@ -45,12 +45,14 @@ W_OUTPUT = "w"
 WS_INPUT = "ws"
 
 
-def style_mapping(repo: Repository, mv: ModelVersion) -> ModelVersion:
-    """The serving version of the generator's style_mapping (config.json `mapping`), checked to fit."""
+def style_mapping(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVersion:
+    """The version of the generator's style_mapping (config.json `mapping`) the call uses, checked to
+    fit and held until the call ends (GenerationCore.use: a bulk submit may wait for room in its
+    queue, and a SampleStream maps every chunk with the same version)."""
     card = mv.card
     assert card is not None
     name = mv.config.mapping
-    mapping = repo.get(name).resolve("")
+    mapping = core.use(call, name)
     found = mapping.card
     assert found is not None
     if not found.kind.maps_latent or (found.latent_dim, found.w_dim) != (card.latent_dim, card.w_dim):
@@ -73,7 +75,7 @@ async def map_latents(
 ) -> tuple[np.ndarray, np.ndarray]:
     """w float32 [N, w_dim] of the rows' latents, and the latents (drawn from `seeds`, or `z`), from
     the mapping's batcher (untruncated: truncation is in w space)."""
-    mapping = style_mapping(core.repo, mv)
+    mapping = style_mapping(core, call, mv)
     card = mv.card
     assert card is not None and card.w_dim is not None and mapping.batcher is not None
     key: SeedRows | LatentRows

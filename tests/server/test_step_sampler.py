@@ -141,6 +141,7 @@ async def sample(
     finally:
         if call.batcher is not None:
             call.batcher.release()
+        call.release_uses()
 
 
 def count_calls(scheduler: StepScheduler, delay_s: float = 0.0) -> list[np.ndarray]:
@@ -604,6 +605,7 @@ def test_a_slow_consumer_still_sees_each_level_of_a_two_level_call(
             code_sampling.sample_codes = sample_codes  # type: ignore[assignment]
             if call.batcher is not None:
                 call.batcher.release()
+            call.release_uses()
         assert isinstance(rest[-1], CodeSamples)
         levels = [item.level for item in rest[:-1] if isinstance(item, code_sampling.CodeProgress)]
         assert levels and levels[-1] == "codes", levels
@@ -649,6 +651,7 @@ def test_a_stream_left_after_its_sampling_failed_does_not_log_a_lost_exception(
             code_sampling.sample_codes = sample_codes  # type: ignore[assignment]
             if call.batcher is not None:
                 call.batcher.release()
+            call.release_uses()
         del stream
         gc.collect()
         await asyncio.sleep(0)
