@@ -34,3 +34,22 @@ def test_wait_released_wakes_when_the_last_holder_leaves_and_times_out_while_hel
     free_at_once, timed_out, woke, callers, streams = asyncio.run(body())
     assert free_at_once and timed_out and woke
     assert (callers, streams) == (1, 1)
+
+
+def test_a_dependent_hold_keeps_the_drain_waiting_without_counting_as_a_caller() -> None:
+    """A version another model's RPC uses (a code prior's decoder, a style generator's mapping) holds
+    the drain like a caller, but is not a caller about to submit rows: the batching signals, which
+    read `callers`, do not see it."""
+
+    async def body() -> tuple[int, int, int, bool, bool]:
+        batcher = Batcher(_echo, name="m", max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8)
+        batcher.hold(dependent=True)
+        counts = batcher.callers, batcher.streams, batcher.dependents
+        timed_out = not await batcher.wait_released(0.01)
+        waiter = asyncio.ensure_future(batcher.wait_released(5))
+        batcher.release(dependent=True)
+        return *counts, timed_out, await asyncio.wait_for(waiter, 1)
+
+    callers, streams, dependents, timed_out, woke = asyncio.run(body())
+    assert (callers, streams, dependents) == (0, 0, 1)
+    assert timed_out and woke

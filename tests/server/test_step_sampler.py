@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,8 @@ from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from genserve_server.kserve import InferenceService
 from genserve_server.metrics import Metrics
-from genserve_server.repository import Repository
+from genserve_server.reload import Reloader
+from genserve_server.repository import ModelState, ModelVersion, Repository
 from genserve_server.service import GenerationService
 from genserve_server.step_sampler import (
     SamplingOptions,
@@ -102,10 +104,12 @@ def deep_code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 Body = Callable[[Repository, GenerationCore], Awaitable[None]]
 
 
-def run_with_core(root: Path, body: Body, metrics: Metrics | None = None) -> None:
+def run_with_core(
+    root: Path, body: Body, metrics: Metrics | None = None, config: ServerConfig | None = None
+) -> None:
     async def main() -> None:
-        config = ServerConfig()
-        nonlocal metrics
+        nonlocal metrics, config
+        config = config or ServerConfig()
         metrics = metrics or Metrics(enabled=False)
         repo = Repository(root, config, metrics)
         repo.scan()
@@ -419,6 +423,193 @@ def test_a_decoder_that_does_not_fit_the_prior_is_refused_by_name(
             await sample(core, names["misfit"], [1])
 
     run_with_core(root, body)
+
+
+# ---------------------------------------------------------------------- a reload while a call runs
+
+
+@pytest.fixture
+def reload_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Fresh code models per test: these tests publish new versions into the repository."""
+    return tmp_path, write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+
+
+# Every model call on the runner's pool, as a real VQ-VAE-2 prior's or decoder's is (the tiny models
+# here would run inline on the event loop, where a closed runner does not show).
+POOLED = ServerConfig(inline_compute_max_s=0.0)
+
+
+def gate(scheduler: StepScheduler, at_step: int) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the scheduler's `at_step`-th step until `go` is set; `reached` is set when it gets there."""
+    reached, go = asyncio.Event(), asyncio.Event()
+    run = scheduler._run
+    steps = 0
+
+    async def gated(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        nonlocal steps
+        steps += 1
+        if steps == at_step:
+            reached.set()
+            await go.wait()
+        return await run(inputs)
+
+    scheduler._run = gated
+    return reached, go
+
+
+def publish_copy(root: Path, name: str) -> None:
+    """A new version 2 of `name`, a copy of version 1 (same outputs), as a deploy writes one."""
+    shutil.copytree(root / name / "1", root / name / ".tmp-2")
+    (root / name / ".tmp-2").rename(root / name / "2")
+
+
+def held(mv: ModelVersion) -> bool:
+    """Whether an RPC holds the version (what a reload's drain waits for)."""
+    assert mv.batcher is not None
+    return not mv.batcher._released.is_set()
+
+
+async def reload_and_settle(reloader: Reloader, *retiring: ModelVersion) -> None:
+    """Rescan, then wait until each retiring version's drain waits on a holder or has unloaded it."""
+    report = await reloader.rescan()
+    assert sorted(report.retired) == sorted(mv.label for mv in retiring), report
+    models = reloader.repo.models
+    await until(
+        lambda: all(held(mv) or models[mv.name].versions.get(mv.version) is not mv for mv in retiring)
+    )
+
+
+@pytest.mark.parametrize("reloaded", ["decoder2", "top"])
+def test_sample_codes_keeps_the_decoder_and_top_prior_it_resolved_through_a_reload(
+    reload_repo: tuple[Path, dict[str, str]], reloaded: str
+) -> None:
+    """A two-level SampleCodes (top prior, bottom prior, decoder) while a reload publishes a new version
+    of its decoder or of its top prior: the call finishes on the versions it resolved, and their
+    drain ends once it does (the old version was unloaded under the call: UNAVAILABLE "is draining",
+    or INTERNAL from the top prior's closed runner)."""
+    root, names = reload_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        expected = await sample(core, names["chain"], [5, 6])
+        old = repo.get(names[reloaded]).resolve("")
+        # Pause the level that runs after the reloaded model was resolved and before it is used
+        # again: the bottom prior's steps (decoder next), or the top prior's own steps.
+        paused = repo.get(names["chain" if reloaded == "decoder2" else "top"]).resolve("")
+        reached, go = gate(core.stepper(paused), at_step=2)
+        running = asyncio.ensure_future(sample(core, names["chain"], [5, 6]))
+        await reached.wait()
+        publish_copy(root, names[reloaded])
+        reloader = Reloader(repo, drain_grace_s=30)
+        await reload_and_settle(reloader, old)
+        assert repo.get(names[reloaded]).resolve("").version == "2"  # new calls get the new version
+        still_loaded = old.state == ModelState.DRAINING and repo.get(names[reloaded]).versions.get("1") is old
+        go.set()
+        got = await running
+        assert still_loaded, "the old version was unloaded while the call used it"
+        assert got.tops is not None and expected.tops is not None
+        assert np.array_equal(got.tops, expected.tops) and np.array_equal(got.codes, expected.codes)
+        assert [im.data for im in got.images] == [im.data for im in expected.images]
+        assert not held(old)  # released at the call's end: the drain goes on
+        await reloader.close(10)
+        assert "1" not in repo.get(names[reloaded]).versions  # drained and unloaded
+
+    run_with_core(root, body, config=POOLED)
+
+
+def test_code_rpcs_release_every_version_they_hold_on_each_exit_path(
+    reload_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """Through the gRPC boundary: a SampleCodes across a reload of its decoder and top prior succeeds
+    with the answer it had before; a SampleCodesStream that the client leaves mid-call, and a
+    SampleCodes that fails (its decoder does not fit), hold their versions while they run and release
+    them all at their end, so that every drain finishes."""
+    root, names = reload_repo
+    names["misfit"] = "misfit-prior"
+    write_model(
+        root,
+        "misfit-prior",
+        "code_prior",
+        prior_graph(*GRID, 16),
+        {"grid": list(GRID), "codebook_size": 16, "output_range": None},
+        config={"decoder": names["decoder2"]},
+    )
+    raw = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+    request = pb.SampleCodesRequest(model=names["chain"], seeds=[5, 6], output=raw, return_codes=True)
+
+    async def main() -> None:
+        config = POOLED
+        metrics = Metrics(enabled=False)
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        server = grpc.aio.server()
+        service = GenerationService(repo, config, metrics, pool)
+        pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        reloader = Reloader(repo, drain_grace_s=30)
+        core = service.core
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                expected = await stub.SampleCodes(request)
+
+                def serving(key: str) -> ModelVersion:
+                    return repo.get(names[key]).resolve("")
+
+                # A unary call across a reload of both the decoder and the top prior.
+                decoder, top, chain = serving("decoder2"), serving("top"), serving("chain")
+                reached, go = gate(core.stepper(chain), at_step=2)
+                unary = asyncio.ensure_future(stub.SampleCodes(request))
+                await reached.wait()
+                publish_copy(root, names["decoder2"])
+                publish_copy(root, names["top"])
+                await reload_and_settle(reloader, decoder, top)
+                holding = held(decoder), held(top)
+                go.set()
+                got = await unary
+                assert [g.image.data for g in got.images] == [g.image.data for g in expected.images]
+                assert list(got.codes) == list(expected.codes)
+                assert list(got.top_codes) == list(expected.top_codes)
+                assert holding == (True, True), "the call did not hold the versions it used"
+                await reloader.close(10)
+                assert not held(decoder) and not held(top) and not held(chain)
+                assert {"1"}.isdisjoint(repo.get(names["decoder2"]).versions)
+                assert {"1"}.isdisjoint(repo.get(names["top"]).versions)
+
+                # A stream the client leaves mid-call while a reload waits on it.
+                decoder, top = serving("decoder2"), serving("top")
+                reached, go = gate(core.stepper(chain), at_step=2)
+                stream = stub.SampleCodesStream(request)
+                first = await stream.read()  # the top level's progress: the call holds all three
+                assert first.level == "top"
+                await reached.wait()
+                for key in ("decoder2", "top"):
+                    shutil.copytree(root / names[key] / "2", root / names[key] / "3")
+                await reload_and_settle(reloader, decoder, top)
+                assert held(decoder) and held(top)
+                stream.cancel()  # the client leaves
+                go.set()
+                await until(lambda: not held(decoder) and not held(top) and not held(chain))
+                await reloader.close(10)
+                assert {"2"}.isdisjoint(repo.get(names["decoder2"]).versions)
+
+                # A call that fails once it has resolved its decoder releases it too.
+                decoder = serving("decoder2")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.SampleCodes(pb.SampleCodesRequest(model=names["misfit"], seeds=[1]))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert decoder.batcher is not None and not held(decoder)
+                batcher = decoder.batcher
+                assert (batcher.callers, batcher.streams, batcher.dependents) == (0, 0, 0)
+        finally:
+            await reloader.close(1)
+            await server.stop(None)
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 # ---------------------------------------------------------------------- SampleCodes over gRPC

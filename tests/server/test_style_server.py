@@ -5,10 +5,14 @@ latents by the proto's algorithm."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,8 +32,14 @@ from style_models import (
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import latents
-from genserve_server.config import ConfigError, load_card
+from genserve_server import latents, validate
+from genserve_server.batch_keys import LatentRows
+from genserve_server.batcher import Lane
+from genserve_server.config import ConfigError, ServerConfig, load_card
+from genserve_server.core import Call, GenerationCore
+from genserve_server.metrics import Metrics
+from genserve_server.reload import Reloader
+from genserve_server.repository import Repository
 
 PNG = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG)
 
@@ -311,3 +321,79 @@ def test_card_rules_of_the_style_kinds_name_the_field(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as excinfo:
             load_card(path)
         assert excinfo.value.field == field, str(excinfo.value)
+
+
+def test_a_bulk_call_keeps_the_mapping_it_resolved_through_a_reload(tmp_path: Path) -> None:
+    """A BULK Sample on a style generator resolves its mapping, then waits for room in the mapping's
+    bulk share; a reload that publishes a new mapping version meanwhile drains the old one only after
+    the call (it failed with UNAVAILABLE "... is draining": the drain closed the batcher under it)."""
+    names = write_style_models(tmp_path)
+
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(tmp_path, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        core = GenerationCore(repo, config, metrics, pool)
+        reloader = Reloader(repo, drain_grace_s=30)
+        out = validate.output_spec(tpb.IMAGE_FORMAT_PNG, 0, None, False)
+
+        async def until(predicate: Callable[[], bool]) -> None:
+            while not predicate():
+                await asyncio.sleep(0)
+
+        async def sample(lane: Lane) -> list[bytes]:
+            call = Call("Sample", "test", time.monotonic(), metrics.unresolved())
+            mv = core.resolve(call, names["generator"], "", ("style_generator",), "Sample")
+            try:
+                generated = await core.generate(mv, call, None, out, lane, seeds=[1, 2])
+                return [image.data for image in generated.images]
+            finally:
+                if call.batcher is not None:
+                    call.batcher.release()
+                call.release_uses()
+
+        try:
+            expected = await sample(Lane.INTERACTIVE)
+            old = repo.get(names["mapping"]).resolve("")
+            batcher = old.batcher
+            assert batcher is not None
+            # The mapping's bulk share full behind a batch that cannot finish until `go`.
+            go = asyncio.Event()
+            run_bulk = batcher._run_bulk_batch
+
+            async def gated(key: Any, inputs: Any) -> Any:
+                await go.wait()
+                return await run_bulk(key, inputs)
+
+            batcher._run_bulk_batch = gated
+            share = batcher.max_queue_size // 2
+
+            def rows(n: int) -> asyncio.Future[Any]:
+                z = {"z": np.zeros((n, STYLE_LATENT), np.float32)}
+                return asyncio.ensure_future(batcher.submit(LatentRows(), z, n, lane=Lane.BULK))
+
+            running_batch = rows(1)
+            await until(lambda: batcher._batches_in_flight == 1)
+            queued = rows(share)
+            await until(lambda: batcher._bulk_rows == share)
+            running = asyncio.ensure_future(sample(Lane.BULK))
+            await until(lambda: batcher._bulk_waiters == 1)  # resolved the mapping; waits for room
+            shutil.copytree(tmp_path / names["mapping"] / "1", tmp_path / names["mapping"] / "2")
+            report = await reloader.rescan()
+            assert report.retired == [old.label]
+            model = repo.get(names["mapping"])
+            await until(lambda: not batcher._released.is_set() or batcher._closing)  # held, or closing
+            go.set()
+            assert await running == expected
+            await asyncio.gather(running_batch, queued)
+            await reloader.close(10)
+            assert "1" not in model.versions  # released at the call's end: drained and unloaded
+        finally:
+            await reloader.close(1)
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
