@@ -226,6 +226,8 @@ class App:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(SERVICE_NAMES), registrar
         )
+        # Made before start()'s scan: its watch compares against the repository as scanned, so what
+        # is published while start-up loads is rescanned once serving.
         self.reloader = Reloader(
             self.repository,
             drain_grace_s=config.drain_grace_s,

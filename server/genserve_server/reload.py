@@ -2,8 +2,10 @@
 
 Triggers (docs/operations.md, "Hot reload"): SIGHUP (main.py), and optionally a poll of the
 repository's directory listing every `watch_interval_s` (stdlib has no inotify; a listing of a few
-directories every few seconds costs nothing). There is no admin RPC: that would need a proto change
-and a way to authorize it, while SIGHUP already has the OS's.
+directories every few seconds costs nothing). The watch compares against a listing taken when the
+Reloader is made, before start-up's scan: what changed while start-up loaded is rescanned at once.
+There is no admin RPC: that would need a proto change and a way to authorize it, while SIGHUP
+already has the OS's.
 
 One rescan, serialised by a lock (a trigger during a rescan queues exactly one more):
 
@@ -129,6 +131,10 @@ class Reloader:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        # The watch's first listing, taken here: App makes its Reloader before start-up's scan, so a
+        # version published while start-up loads (seconds) differs from it and the first poll after
+        # `start` rescans. A listing taken at `start` would already hold that version.
+        self._baseline = repository_fingerprint(repository.root) if watch_interval_s is not None else None
         self.rescans = 0  # completed rescans (for tests and logs)
 
     # ------------------------------------------------------------------ lifecycle
@@ -168,7 +174,10 @@ class Reloader:
                 logger.exception("repository rescan failed; models keep serving as before")
 
     async def _watch(self, interval_s: float) -> None:
-        last = await asyncio.to_thread(repository_fingerprint, self.repo.root)
+        last = self._baseline
+        self._baseline = None
+        if last is None:
+            last = await asyncio.to_thread(repository_fingerprint, self.repo.root)
         while True:
             await asyncio.sleep(interval_s)
             now = await asyncio.to_thread(repository_fingerprint, self.repo.root)

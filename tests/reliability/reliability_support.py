@@ -3,10 +3,12 @@ test certificates made with the openssl CLI, raw gRPC calls and process probes (
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import struct
 import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from server_support import (
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.repository import Repository
 
 # Small limits, so each can be hit cheaply; every one of them is a server config field.
 SHARED_LIMITS = {
@@ -142,6 +145,21 @@ def copy_version_atomically(model_dir: Path, src_version: str, new_version: str,
     aside = model_dir / f".tmp-{new_version}"
     shutil.copytree(new_model_dir / src_version, aside)
     aside.rename(model_dir / new_version)
+
+
+async def wait_on_loop(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """In process: poll `predicate` on the event loop (rescans and drains run meanwhile) until it
+    holds; fails naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def version_states(repo: Repository, model: str = "gen") -> dict[str, str]:
+    """In process: each registered version of `model` and its state's name."""
+    return {v: mv.state.name for v, mv in repo.models[model].versions.items()}
 
 
 # ------------------------------------------------------------------------------ certificates

@@ -20,7 +20,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from reliability_support import copy_version_atomically, health_status, write_gen, write_slow
+from reliability_support import (
+    copy_version_atomically,
+    health_status,
+    version_states,
+    wait_on_loop,
+    write_gen,
+    write_slow,
+)
 from server_support import ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
@@ -29,6 +36,7 @@ from genserve.v1 import types_pb2 as tpb
 from genserve_server import heap
 from genserve_server import reload as reload_module
 from genserve_server.config import ServerConfig
+from genserve_server.main import App
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader, repository_fingerprint
 from genserve_server.repository import ModelState, Repository
@@ -276,6 +284,35 @@ def test_watch_interval_picks_up_a_new_version_without_a_signal(
         finally:
             await reloader.close(2.0)
             await repo.close(2.0)
+
+    asyncio.run(scenario())
+
+
+def test_the_watch_sees_a_version_published_while_start_up_loads(tmp_path: Path) -> None:
+    """In process: a version renamed into place after start-up's scan, while its models load, is
+    picked up by the watch's first listing once serving (its baseline is the repository as scanned,
+    not as it is once loading has ended)."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+
+    async def scenario() -> None:
+        app = App(root, ServerConfig(watch_interval_s=0.02), port=0, metrics_port=None)
+        load_all = app.repository.load_all
+
+        async def publish_then_load() -> None:
+            assert list(app.repository.models["gen"].versions) == ["1"]  # scanned already
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            await load_all()
+
+        app.repository.load_all = publish_then_load  # type: ignore[method-assign]
+        await app.start()
+        try:
+            await wait_on_loop(lambda: version_states(app.repository) == {"2": "READY"}, "v2 alone READY")
+            assert app.repository.get("gen").resolve("").version == "2"
+        finally:
+            app.request_stop()
+            await app.stop()
 
     asyncio.run(scenario())
 
