@@ -16,11 +16,13 @@ One rescan, serialised by a lock (a trigger during a rescan queues exactly one m
    retried (a fixed file plus SIGHUP brings them back).
 3. Traffic switches atomically: `Model.resolve("")` picks the highest READY version, and a version
    becomes READY in one assignment on the event loop once its batcher runs.
-4. Versions the policy no longer picks drain, but only once the model has a READY version among the
-   picked ones, so a new version that fails to load leaves the old one serving. Draining: state
-   DRAINING (no new request resolves to it), wait until no RPC holds it (`Batcher.wait_released`:
-   RPCs and SampleStreams hold a version from resolve to their end; bounded by `drain_grace_s`),
-   finish the accepted batches (`Batcher.close`), close the runner, remove it.
+4. Versions the policy no longer picks drain, but only once every picked version is READY: a new
+   version that fails to load leaves every loaded version serving (under `latest: 2`, a broken
+   version 3 keeps version 1 beside 2). A stale version that never loaded leaves at once.
+   Draining: state DRAINING (no new request resolves to it), wait until no RPC holds it
+   (`Batcher.wait_released`: RPCs and SampleStreams hold a version from resolve to their end;
+   bounded by `drain_grace_s`), finish the accepted batches (`Batcher.close`), close the runner,
+   remove it.
 
 Write a new version aside and rename it into place (`.tmp-3` -> `3`): names that are not version
 numbers are ignored, so a half-copied directory is never loaded.
@@ -267,18 +269,7 @@ class Reloader:
             mv = self.repo.add_version(current, version, config)
             await self.repo.load_version(mv)
             (report.loaded if mv.state == ModelState.READY else report.failed).append(mv.label)
-        stale = [mv for v, mv in current.versions.items() if v not in selected]
-        picked_ready = any(
-            current.versions[v].state == ModelState.READY for v in selected if v in current.versions
-        )
-        kept = ""
-        if stale and (picked_ready or not selected):
-            for mv in stale:
-                self._retire(current, mv, report)
-        elif stale:
-            kept = ", ".join(mv.label for mv in stale)
-            report.kept.extend(mv.label for mv in stale)
-            logger.warning("%s: no newly picked version is ready; still serving %s", current.name, kept)
+        kept = self._retire_stale(current, selected, report)
         failed = [
             current.versions[v]
             for v in selected
@@ -292,6 +283,26 @@ class Reloader:
         if problem:
             report.config_errors.append(current.name)
         self.repo.notify(current)
+
+    def _retire_stale(self, model: Model, selected: list[str], report: RescanReport) -> str:
+        """Retire the versions the policy no longer picks; returns the serving ones kept ("": none).
+
+        A stale version that does not serve (UNAVAILABLE) goes at once. Serving ones drain only once
+        every picked version is READY: what replaces them must serve first. A picked version that
+        failed to load leaves every loaded version serving as loaded (under `latest: 2` with 1 and 2
+        loaded, a broken 3 keeps 1 beside 2) until a rescan loads it."""
+        stale = [mv for v, mv in model.versions.items() if v not in selected]
+        serving = [mv for mv in stale if mv.state == ModelState.READY]
+        replaced = all(v in model.versions and model.versions[v].state == ModelState.READY for v in selected)
+        kept = ""
+        if serving and not replaced:
+            kept = ", ".join(mv.label for mv in serving)
+            report.kept.extend(mv.label for mv in serving)
+            logger.warning("%s: not every picked version is ready; still serving %s", model.name, kept)
+            stale = [mv for mv in stale if mv.state != ModelState.READY]
+        for mv in stale:
+            self._retire(model, mv, report)
+        return kept
 
     def _keep_serving(self, model: Model, problem: str, report: RescanReport) -> None:
         """The files on disk cannot be applied: the loaded versions keep serving, and the model says why."""

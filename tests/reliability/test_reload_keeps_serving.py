@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from reliability_support import copy_version_atomically, write_gen
+from reliability_support import copy_version_atomically, version_states, wait_on_loop, write_gen
 from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
@@ -319,6 +319,50 @@ def test_a_new_version_that_fails_to_load_does_not_describe_the_model_that_serve
             assert (served.description, served.latent_dim) == ("tiny generator", TINY_LATENT)
             assert (asked.description, asked.latent_dim) == ("never served", 99)
             assert [v.version for v in asked.versions] == ["2"] and "sha256" in asked.versions[0].reason
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_new_version_under_latest_n_leaves_every_loaded_version_serving(tmp_path: Path) -> None:
+    """In process, `latest: 2` with versions 1 and 2 serving: version 3 fails its sha256, so version 1
+    (which it would replace) keeps serving beside 2, and the model says why. Once 3 is fixed, 2 and 3
+    serve and 1 drains away."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0, version_policy={"latest": 2})
+    write_gen(tmp_path / "staging", "gen", version="2", seed=1)
+    write_gen(tmp_path / "staging", "gen", version="3", seed=2)
+    copy_version_atomically(root / "gen", "2", "2", tmp_path / "staging" / "gen")
+    good = (tmp_path / "staging" / "gen" / "3" / "model.onnx").read_bytes()
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        error = {"model": "gen"}
+        try:
+            assert version_states(repo) == {"1": "READY", "2": "READY"}
+            (tmp_path / "staging" / "gen" / "3" / "model.onnx").write_bytes(good[:100])
+            copy_version_atomically(root / "gen", "3", "3", tmp_path / "staging" / "gen")
+            report = await reloader.rescan()
+            assert version_states(repo) == {"1": "READY", "2": "READY", "3": "UNAVAILABLE"}
+            assert report.retired == [] and report.kept == ["model gen version 1"]
+            assert repo.get("gen").resolve("1").state == ModelState.READY
+            assert repo.get("gen").resolve("").version == "2"
+            reason = repo.models["gen"].reason
+            assert "version 3 failed to load: sha256 mismatch" in reason, reason
+            assert "still serving model gen version 1" in reason, reason
+            assert metrics.registry.get_sample_value("genserve_model_config_error", error) == 1
+            # Fixed: 3 loads, 1 is retired (nothing holds it) and the reason clears.
+            (root / "gen" / "3" / "model.onnx").write_bytes(good)
+            await reloader.rescan()
+            await wait_on_loop(lambda: version_states(repo) == {"2": "READY", "3": "READY"}, "2 and 3 alone")
+            assert repo.models["gen"].reason == ""
+            assert metrics.registry.get_sample_value("genserve_model_config_error", error) == 0
         finally:
             await reloader.close(1.0)
             await repo.close(1.0)
