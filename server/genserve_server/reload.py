@@ -131,6 +131,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._draining: set[ModelVersion] = set()  # retired while READY; their drain has not ended
         self._loop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         # The watch's first listing, taken here: App makes its Reloader before start-up's scan, so a
@@ -150,6 +151,11 @@ class Reloader:
             self._watch_task = loop.create_task(
                 self._watch_files(self.file_check_interval_s), name="reload-file-check"
             )
+
+    @property
+    def draining(self) -> int:
+        """Versions retired and not yet unloaded (tests, diagnostics)."""
+        return len(self._draining)
 
     def request(self) -> None:
         """Ask for a rescan (SIGHUP handler, watch); requests during a rescan coalesce into one more."""
@@ -386,6 +392,7 @@ class Reloader:
             return
         mv.state = ModelState.DRAINING  # from here on no request resolves to it
         mv.metrics.ready.set(0)
+        self._draining.add(mv)
         task = asyncio.get_running_loop().create_task(self._drain(model, mv), name=f"drain {mv.label}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -410,6 +417,7 @@ class Reloader:
             if mv.runner is not None:
                 await asyncio.to_thread(mv.runner.close)
         finally:
+            self._draining.discard(mv)
             self._forget(model, mv)
             logger.info("%s unloaded", mv.label)
 
