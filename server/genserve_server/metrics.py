@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -228,11 +228,20 @@ class ModelMetrics:
         self._metrics.batch_max_rows.labels(self.model, self.version).set(batch_max_rows)
         self._runtime_labels = labels
 
-    def clear_runtime(self) -> None:
-        if self._runtime_labels is not None:
-            self._metrics.model_runtime_info.remove(*self._runtime_labels)
-            self._metrics.batch_max_rows.remove(self.model, self.version)
-            self._runtime_labels = None
+    def clear_runtime(self, shared_with: Sequence[ModelMetrics] = ()) -> None:
+        """Removes the runtime series this version published, except those `shared_with` (other
+        copies of the same (model, version), see `Metrics.forget_version`) published too."""
+        labels = self._runtime_labels
+        if labels is None:
+            return
+        self._runtime_labels = None
+        published = [o._runtime_labels for o in shared_with if o is not self and o._runtime_labels]
+        if labels not in published:
+            with contextlib.suppress(KeyError):  # a copy with these labels removed them already
+                self._metrics.model_runtime_info.remove(*labels)
+        if not published:
+            with contextlib.suppress(KeyError):
+                self._metrics.batch_max_rows.remove(self.model, self.version)
 
     def bind_batch_size(self, max_batch_size: int) -> None:
         """The batch-size histogram's buckets depend on max_batch_size, so it is per model."""
@@ -453,6 +462,21 @@ class Metrics:
         """genserve_model_config_error{model}: 1 while the model's files on disk cannot be applied."""
         if self.enabled:
             self.model_config_error.labels(model).set(1 if failing else 0)
+
+    def forget_version(self, mm: ModelMetrics, others: Sequence[ModelMetrics] = ()) -> None:
+        """A version's object is gone (drained, or never loaded): its model-level gauges go (ready,
+        queue depth, load duration, file changed, runtime info, batch cap). Series are keyed by
+        (model, version) only, so `others`, copies of the same (model, version) still loading,
+        serving or draining (a model directory moved away and back, a version loaded again while its
+        old copy drained), bind the very same children: while there is one, only what is this
+        copy's alone goes, and the rest stays as the live copy set it."""
+        live = [o for o in others if o is not mm]
+        mm.clear_runtime(live)
+        if live or not self.enabled:
+            return
+        for family in (self.model_ready, self.queue_depth, self.model_load_duration, self.model_file_changed):
+            with contextlib.suppress(KeyError):
+                family.remove(mm.model, mm.version)
 
     def forget_model(self, model: str) -> None:
         """A model left the repository: its model-level series go too."""

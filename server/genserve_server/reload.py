@@ -131,7 +131,9 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._draining: set[ModelVersion] = set()  # retired while READY; their drain has not ended
+        # Versions retired while READY whose drain has not ended; a copy of a (model, version) left in
+        # the registry may share its metric series with one of them (`_forget`).
+        self._draining: set[ModelVersion] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         # The watch's first listing, taken here: App makes its Reloader before start-up's scan, so a
@@ -427,21 +429,27 @@ class Reloader:
         # On the next loop turn, when the caller's frame no longer holds `mv`: a version loaded
         # before the start-up heap was frozen is a cycle the collector would otherwise never see.
         asyncio.get_running_loop().call_soon(heap.refreeze)
-        mv.metrics.ready.set(0)
-        mv.metrics.clear_runtime()
-        metrics = self.repo.metrics
         self._file_stats.pop(mv.load_id, None)
-        if metrics.enabled:
-            for family in (
-                metrics.model_ready,
-                metrics.queue_depth,
-                metrics.model_load_duration,
-                metrics.model_file_changed,
-            ):
-                with contextlib.suppress(KeyError):
-                    family.remove(mv.name, mv.version)
+        # A copy of the same (model, version) loaded since (the model's directory moved away and
+        # back, the version loaded again) binds the same series: they stay, as that copy sets them.
+        others = self._copies(mv)
+        if not others:
+            mv.metrics.ready.set(0)
+        self.repo.metrics.forget_version(mv.metrics, [o.metrics for o in others])
+        for other in others:
+            other.metrics.ready.set(1 if other.state == ModelState.READY else 0)
+            other.metrics.file_changed.set(1 if other.file_changed else 0)
         if self.repo.models.get(model.name) is model:
             self.repo.notify(model)
+
+    def _copies(self, mv: ModelVersion) -> list[ModelVersion]:
+        """Other objects of `mv`'s (model, version) not yet forgotten: the registry's, and draining ones."""
+        copies = [d for d in self._draining if d is not mv and (d.name, d.version) == (mv.name, mv.version)]
+        model = self.repo.models.get(mv.name)
+        current = model.versions.get(mv.version) if model is not None else None
+        if current is not None and current is not mv and current not in copies:
+            copies.append(current)
+        return copies
 
 
 def _served_file(mv: ModelVersion) -> Path | None:

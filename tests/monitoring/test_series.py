@@ -88,3 +88,27 @@ def test_runtime_info_says_what_a_version_runs_on_and_goes_with_it() -> None:
     assert not [x for x in exposition(metrics) if x.startswith("genserve_model_runtime_info")]
     assert not [x for x in exposition(metrics) if x.startswith("genserve_batch_max_rows{")]
     assert [x for x in exposition(metrics) if x.startswith("genserve_build_info{")]
+
+
+def test_forgetting_one_copy_of_a_version_leaves_the_series_a_live_copy_shares() -> None:
+    """Two objects of one (model, version) (a model directory moved away and back while its old copy
+    drained) bind the same children: forgetting the old copy removes only its runtime_info labels
+    the new copy does not share; forgetting the last copy removes everything."""
+    metrics = Metrics()
+    old = metrics.for_model("gen", "1", 8, "generator")
+    old.set_runtime("CUDAExecutionProvider", "fp16", gpu_requested=True, batch_max_rows=8)
+    new = metrics.for_model("gen", "1", 8, "generator")
+    new.set_runtime("CPUExecutionProvider", "fp32", gpu_requested=True, batch_max_rows=2)
+    new.ready.set(1)
+
+    def lines(family: str) -> list[str]:
+        return [x for x in exposition(metrics) if x.startswith(family + "{")]
+
+    metrics.forget_version(old, [new])
+    assert lines("genserve_model_ready") == ['genserve_model_ready{model="gen",version="1"} 1.0']
+    assert lines("genserve_batch_max_rows") == ['genserve_batch_max_rows{model="gen",version="1"} 2.0']
+    assert [x for x in lines("genserve_model_runtime_info") if "CPUExecutionProvider" in x]
+    assert not [x for x in lines("genserve_model_runtime_info") if "CUDAExecutionProvider" in x]
+    metrics.forget_version(new)
+    for family in ("genserve_model_ready", "genserve_batch_max_rows", "genserve_model_runtime_info"):
+        assert lines(family) == [], family

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from prometheus_client import generate_latest
 from reliability_support import (
     copy_version_atomically,
     health_status,
@@ -350,5 +351,65 @@ def test_a_removed_version_is_freed_although_the_start_up_heap_was_frozen(tmp_pa
             gc.unfreeze()  # the test process's heap goes back to the collector
             await reloader.close(2.0)
             await repo.close(2.0)
+
+    asyncio.run(scenario())
+
+
+def _series(metrics: Metrics, family: str, model: str = "gen", version: str = "1") -> list[str]:
+    """The exposition lines of `family` for one (model, version)."""
+    text = generate_latest(metrics.registry).decode()
+    labels = (f'model="{model}"', f'version="{version}"')
+    return [x for x in text.splitlines() if x.startswith(family + "{") and all(a in x for a in labels)]
+
+
+def test_the_end_of_an_old_copys_drain_leaves_the_new_copys_series(tmp_path: Path) -> None:
+    """In process: a model directory moved away and back while an RPC holds its version 1. The new
+    copy of version 1 serves; when the old copy's drain ends, the series they share by their labels
+    (ready, load duration, runtime info, batch cap) stay the new copy's. They go with the last copy."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "other", version="1", seed=1)
+    families = (
+        "genserve_model_ready",
+        "genserve_model_load_duration_seconds",
+        "genserve_model_runtime_info",
+        "genserve_batch_max_rows",
+    )
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
+        try:
+            old = repo.models["gen"].versions["1"]
+            assert old.batcher is not None
+            old.batcher.hold()  # an RPC still running on the old copy
+            shutil.move(root / "gen", tmp_path / "gen-aside")
+            await reloader.rescan()  # removed: the old copy drains, held
+            shutil.move(tmp_path / "gen-aside", root / "gen")
+            await reloader.rescan()  # added back: a new copy of version 1 loads
+            new = repo.get("gen").resolve("")
+            assert new is not old and new.state == ModelState.READY
+            assert reloader.draining == 1
+            old.batcher.release()  # the RPC ends: the old copy's drain ends
+            await wait_on_loop(lambda: reloader.draining == 0, "the old copy's drain to end")
+            assert repo.get("gen").resolve("") is new
+            assert _series(metrics, "genserve_model_ready") == [
+                'genserve_model_ready{model="gen",version="1"} 1.0'
+            ]
+            for family in families:
+                assert len(_series(metrics, family)) == 1, family
+            # The last copy's drain removes them.
+            shutil.rmtree(root / "gen")
+            await reloader.rescan()
+            await wait_on_loop(lambda: reloader.draining == 0, "the new copy's drain to end")
+            for family in families:
+                assert _series(metrics, family) == [], family
+            assert len(_series(metrics, "genserve_model_ready", model="other")) == 1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
 
     asyncio.run(scenario())
