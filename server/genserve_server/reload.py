@@ -13,7 +13,10 @@ One rescan, serialised by a lock (a trigger during a rescan queues exactly one m
    NOT_SERVING), then their versions drain in the background.
 2. New models, and new versions picked by the model's version policy, are loaded and warmed on a
    worker thread while the old versions keep serving. Versions that failed to load before are
-   retried (a fixed file plus SIGHUP brings them back).
+   retried (a fixed file plus SIGHUP brings them back). A draining version picked again (a
+   rollback: the newest version's directory removed while the one before it drains) serves again
+   at once while its drain still waits for its holders; once its drain has begun closing it, it
+   loads again from disk like a new version.
 3. Traffic switches atomically: `Model.resolve("")` picks the highest READY version, and a version
    becomes READY in one assignment on the event loop once its batcher runs.
 4. Versions the policy no longer picks drain, but only once every picked version is READY: a new
@@ -77,10 +80,30 @@ class RescanReport:
     retired: list[str] = field(default_factory=list)
     removed_models: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # old versions kept because the new one failed
+    revived: list[str] = field(default_factory=list)  # draining versions picked again: serving again
     config_errors: list[str] = field(default_factory=list)  # models whose files on disk cannot apply
 
     def changed(self) -> bool:
-        return bool(self.loaded or self.failed or self.retired or self.removed_models or self.config_errors)
+        return bool(
+            self.loaded
+            or self.failed
+            or self.retired
+            or self.removed_models
+            or self.config_errors
+            or self.revived
+        )
+
+
+@dataclass(eq=False)
+class _Drain:
+    """A version retired while READY, on its way out (`Reloader._drain`)."""
+
+    model: Model
+    task: asyncio.Task[None] | None = None
+    # Past waiting for its holders: its batcher closes, so it can never serve again.
+    closing: bool = False
+    # Picked again before closing (a rollback): READY again, and its drain ends without unloading it.
+    revived: bool = False
 
 
 def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
@@ -131,9 +154,9 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        # Versions retired while READY whose drain has not ended; a copy of a (model, version) left in
-        # the registry may share its metric series with one of them (`_forget`).
-        self._draining: set[ModelVersion] = set()
+        # Versions retired while READY whose drain has not ended: a rollback may revive one, and a
+        # copy of a (model, version) in the registry may share its metric series with one (`_forget`).
+        self._draining: dict[ModelVersion, _Drain] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         # The watch's first listing, taken here: App makes its Reloader before start-up's scan, so a
@@ -222,10 +245,11 @@ class Reloader:
             self.rescans += 1
             if report.changed():
                 logger.info(
-                    "rescan in %.2f s: loaded %s, failed %s, retiring %s, removed models %s, "
-                    "not applied (old versions serve) %s",
+                    "rescan in %.2f s: loaded %s, serving again %s, failed %s, retiring %s, "
+                    "removed models %s, not applied (old versions serve) %s",
                     time.monotonic() - started,
                     report.loaded or "none",
+                    report.revived or "none",
                     report.failed or "none",
                     report.retired or "none",
                     report.removed_models or "none",
@@ -270,13 +294,7 @@ class Reloader:
                 self._keep_serving(current, problem, report)
                 return
         current.config = config
-        for version in selected:
-            known = current.versions.get(version)
-            if known is not None and known.state != ModelState.UNAVAILABLE:
-                continue  # loaded, loading or draining: leave it
-            mv = self.repo.add_version(current, version, config)
-            await self.repo.load_version(mv)
-            (report.loaded if mv.state == ModelState.READY else report.failed).append(mv.label)
+        await self._load_picked(current, selected, report)
         kept = self._retire_stale(current, selected, report)
         failed = [
             current.versions[v]
@@ -291,6 +309,39 @@ class Reloader:
         if problem:
             report.config_errors.append(current.name)
         self.repo.notify(current)
+
+    async def _load_picked(self, model: Model, selected: list[str], report: RescanReport) -> None:
+        """Load the picked versions that do not serve: new ones, ones that failed before, and ones
+        picked again while they drain (a rollback: the newest version's directory removed). A
+        draining version still waiting for its holders serves again as it is; one whose drain is
+        already closing it loads again from disk, beside it."""
+        assert model.config is not None
+        for version in selected:
+            known = model.versions.get(version)
+            if known is not None and known.state in (ModelState.READY, ModelState.LOADING):
+                continue
+            if known is not None and known.state == ModelState.DRAINING:
+                if self._revive(model, known, report):
+                    continue
+                logger.info("%s: picked again while its drain closes it: loading it again", known.label)
+            mv = self.repo.add_version(model, version, model.config)
+            await self.repo.load_version(mv)
+            (report.loaded if mv.state == ModelState.READY else report.failed).append(mv.label)
+
+    def _revive(self, model: Model, mv: ModelVersion, report: RescanReport) -> bool:
+        """A draining version picked again serves again, if its drain has not begun closing it."""
+        drain = self._draining.get(mv)
+        if drain is None or drain.closing or drain.model is not model or mv.batcher is None:
+            return False
+        drain.revived = True
+        del self._draining[mv]
+        if drain.task is not None:
+            drain.task.cancel()  # it waits for the version's holders; it ends without unloading it
+        mv.state = ModelState.READY
+        mv.metrics.ready.set(1)
+        report.revived.append(mv.label)
+        logger.info("%s is picked again while draining: serving again", mv.label)
+        return True
 
     def _retire_stale(self, model: Model, selected: list[str], report: RescanReport) -> str:
         """Retire the versions the policy no longer picks; returns the serving ones kept ("": none).
@@ -394,19 +445,29 @@ class Reloader:
             return
         mv.state = ModelState.DRAINING  # from here on no request resolves to it
         mv.metrics.ready.set(0)
-        self._draining.add(mv)
-        task = asyncio.get_running_loop().create_task(self._drain(model, mv), name=f"drain {mv.label}")
+        drain = self._draining[mv] = _Drain(model)
+        task = asyncio.get_running_loop().create_task(self._drain(mv, drain), name=f"drain {mv.label}")
+        drain.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drain(self, model: Model, mv: ModelVersion) -> None:
+    async def _drain(self, mv: ModelVersion, drain: _Drain) -> None:
         deadline = time.monotonic() + self.drain_grace_s
         batcher = mv.batcher
         try:
             # RPCs that resolved this version may not have queued yet (an image still decoding),
             # and a SampleStream queues its chunks one after another: wait for both, up to the grace.
             if batcher is not None:
-                if not await batcher.wait_released(deadline - time.monotonic()):
+                try:
+                    released = await batcher.wait_released(deadline - time.monotonic())
+                except asyncio.CancelledError:
+                    if drain.revived:
+                        return
+                    raise
+                if drain.revived:  # revived as its holders left (the cancel came too late to land)
+                    return
+                drain.closing = True
+                if not released:
                     logger.warning(
                         "%s: %d RPCs and %d SampleStreams still running after the drain grace (%.0f s); "
                         "they fail with UNAVAILABLE",
@@ -416,12 +477,14 @@ class Reloader:
                         self.drain_grace_s,
                     )
                 await batcher.close(max(0.1, deadline - time.monotonic()))
+            drain.closing = True
             if mv.runner is not None:
                 await asyncio.to_thread(mv.runner.close)
         finally:
-            self._draining.discard(mv)
-            self._forget(model, mv)
-            logger.info("%s unloaded", mv.label)
+            if not drain.revived:
+                self._draining.pop(mv, None)
+                self._forget(drain.model, mv)
+                logger.info("%s unloaded", mv.label)
 
     def _forget(self, model: Model, mv: ModelVersion) -> None:
         if model.versions.get(mv.version) is mv:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from prometheus_client import generate_latest
@@ -29,18 +30,19 @@ from reliability_support import (
     write_gen,
     write_slow,
 )
-from server_support import ServerProcess, start_server, wait_until
+from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import heap
 from genserve_server import reload as reload_module
+from genserve_server.batch_keys import LatentRows
 from genserve_server.config import ServerConfig
 from genserve_server.main import App
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader, repository_fingerprint
-from genserve_server.repository import ModelState, Repository
+from genserve_server.repository import ModelState, ModelVersion, Repository
 
 
 @dataclass
@@ -409,6 +411,108 @@ def test_the_end_of_an_old_copys_drain_leaves_the_new_copys_series(tmp_path: Pat
                 assert _series(metrics, family) == [], family
             assert len(_series(metrics, "genserve_model_ready", model="other")) == 1
         finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+async def _computes(mv: ModelVersion) -> bool:
+    """Whether `mv`'s batcher still computes a row (a drained version refuses it)."""
+    assert mv.batcher is not None
+    z = np.zeros((1, TINY_LATENT), np.float32)
+    result = await mv.batcher.submit(LatentRows(), {"z": z}, 1)
+    return bool(result.outputs["image"].shape[0] == 1)
+
+
+def test_a_rollback_while_the_old_version_drains_serves_it_again_at_once(tmp_path: Path) -> None:
+    """In process: a SampleStream holds version 1 while version 2 replaces it; then directory 2 is
+    removed (a rollback). Version 1, still draining, serves again (the same copy, its stream goes on)
+    and version 2, whose files are gone, drains out; the model reports no problem."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
+        try:
+            v1 = repo.models["gen"].versions["1"]
+            assert v1.batcher is not None
+            v1.batcher.hold(stream=True)  # a SampleStream on version 1
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            await reloader.rescan()
+            assert version_states(repo) == {"1": "DRAINING", "2": "READY"}
+            shutil.rmtree(root / "gen" / "2")  # roll back
+            report = await reloader.rescan()
+            assert repo.get("gen").resolve("") is v1
+            assert report.revived == ["model gen version 1"] and report.retired == ["model gen version 2"]
+            await wait_on_loop(lambda: version_states(repo) == {"1": "READY"}, "version 2 to unload")
+            assert repo.models["gen"].reason == ""
+            assert metrics.registry.get_sample_value("genserve_model_config_error", {"model": "gen"}) == 0
+            ready = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_ready", ready) == 1
+            assert (
+                metrics.registry.get_sample_value("genserve_model_ready", {**ready, "version": "2"}) is None
+            )
+            # The stream ends: version 1 is not drained after all, and computes.
+            v1.batcher.release(stream=True)
+            assert reloader.draining == 0
+            assert await _computes(v1)
+            assert repo.get("gen").resolve("") is v1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_rollback_while_the_old_version_is_closing_loads_it_again_from_disk(tmp_path: Path) -> None:
+    """In process: version 1's drain is already closing its batcher (its holders are gone) when
+    directory 2 is removed: version 1 cannot serve again, so it loads again from disk; version 2
+    serves until it is READY, then drains. The old copy's end leaves the new copy serving."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
+        old = repo.models["gen"].versions["1"]
+        assert old.batcher is not None
+        closing, finish = asyncio.Event(), asyncio.Event()
+        close = old.batcher.close
+
+        async def gated_close(timeout_s: float) -> None:  # a batch still finishing, say
+            closing.set()
+            await finish.wait()
+            await close(timeout_s)
+
+        old.batcher.close = gated_close  # type: ignore[method-assign]
+        try:
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            await reloader.rescan()
+            await asyncio.wait_for(closing.wait(), 5.0)
+            shutil.rmtree(root / "gen" / "2")  # roll back
+            report = await reloader.rescan()
+            assert report.loaded == ["model gen version 1"] and report.retired == ["model gen version 2"]
+            new = repo.get("gen").resolve("")
+            assert new is not old and new.version == "1"
+            finish.set()
+            await wait_on_loop(lambda: reloader.draining == 0, "both drains to end")
+            assert version_states(repo) == {"1": "READY"} and repo.models["gen"].versions["1"] is new
+            assert repo.models["gen"].reason == ""
+            ready = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_ready", ready) == 1
+            assert await _computes(new)
+        finally:
+            finish.set()
             await reloader.close(1.0)
             await repo.close(1.0)
 
