@@ -313,6 +313,8 @@ class App:
         if not self._loaded:  # SIGTERM during start-up: do not finish loading first
             logger.info("stop requested during start-up: cancelling model loading")
             self.repository.cancel_loading()
+        # A reload's load too: the process exits only once its thread has, and a warm-up takes seconds.
+        self.reloader.begin_shutdown()
 
     @property
     def stop_requested(self) -> bool:

@@ -164,6 +164,7 @@ class Reloader:
         # `start` rescans. A listing taken at `start` would already hold that version.
         self._baseline = repository_fingerprint(repository.root) if watch_interval_s is not None else None
         self.rescans = 0  # completed rescans (for tests and logs)
+        self._stopping = False  # `begin_shutdown`: a rescan in progress applies nothing more
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -186,6 +187,14 @@ class Reloader:
         """Ask for a rescan (SIGHUP handler, watch); requests during a rescan coalesce into one more."""
         logger.info("repository rescan requested")
         self._requested.set()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: a reload's load in progress ends at its next step (LoadCancelled), as start-up's
+        loads do; the process would otherwise wait for its thread's warm-up before exiting. The
+        rescan then stops where it is: the loaded versions serve as they are until the drain."""
+        if not self._stopping:
+            self._stopping = True
+            self.repo.cancel_loading()
 
     async def close(self, timeout_s: float) -> None:
         """Stop watching and rescanning; let running drains finish (up to timeout_s)."""
@@ -236,12 +245,17 @@ class Reloader:
             if not self.repo.root.is_dir():
                 logger.error("%s: model repository directory not found; nothing changed", self.repo.root)
                 return report
+            if self._stopping:
+                return report
             on_disk = {d.name: d for d in self.repo.model_dirs()}
             for name in [n for n in self.repo.models if n not in on_disk]:
                 self._remove_model(name, report)
             for model_dir in on_disk.values():
                 await self._rescan_model(model_dir, report)
-            await self._check_files()
+                if self._stopping:
+                    break
+            else:
+                await self._check_files()
             self.rescans += 1
             if report.changed():
                 logger.info(
@@ -295,6 +309,8 @@ class Reloader:
                 return
         current.config = config
         await self._load_picked(current, selected, report)
+        if self._stopping:
+            return  # a load cancelled by the shutdown is no failure of the files: nothing more applies
         kept = self._retire_stale(current, selected, report)
         failed = [
             current.versions[v]
@@ -326,6 +342,8 @@ class Reloader:
                 logger.info("%s: picked again while its drain closes it: loading it again", known.label)
             mv = self.repo.add_version(model, version, model.config)
             await self.repo.load_version(mv)
+            if self._stopping:
+                return
             (report.loaded if mv.state == ModelState.READY else report.failed).append(mv.label)
 
     def _revive(self, model: Model, mv: ModelVersion, report: RescanReport) -> bool:

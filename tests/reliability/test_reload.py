@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import heap
+from genserve_server import heap, loader
 from genserve_server import reload as reload_module
 from genserve_server.batch_keys import LatentRows
 from genserve_server.config import ServerConfig
@@ -515,5 +515,48 @@ def test_a_rollback_while_the_old_version_is_closing_loads_it_again_from_disk(tm
             finish.set()
             await reloader.close(1.0)
             await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_during_a_reloads_load_ends_the_load_at_its_next_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: SIGTERM (App.request_stop) while a reload warms up a new version. The process
+    exits only once the load's thread has, so the load ends at its next step, as start-up's loads
+    do; the rescan then changes nothing more (version 1 serves to the end, no reload error)."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+    entered, left, release = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_load(
+        mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: object
+    ) -> None:
+        entered.set()
+        try:
+            while not release.wait(0.005):  # a long warm-up: each step checks for a stop
+                check_stopping()
+        finally:
+            left.set()
+
+    async def scenario() -> None:
+        app = App(root, ServerConfig(), port=0, metrics_port=None)
+        await app.start()
+        try:
+            monkeypatch.setattr(loader, "load_files", slow_load)
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            app.reloader.request()
+            assert await asyncio.to_thread(entered.wait, 5.0), "the reload never started loading"
+            app.request_stop()
+            assert await asyncio.to_thread(left.wait, 2.0), "the reload's load went on after the stop"
+            await wait_on_loop(lambda: app.reloader.rescans == 1, "the rescan to end")
+            assert app.repository.models["gen"].reason == ""
+            assert app.repository.get("gen").resolve("").version == "1"
+            assert "cancelled" in app.repository.models["gen"].versions["2"].reason
+        finally:
+            release.set()
+            app.request_stop()
+            await app.stop()
 
     asyncio.run(scenario())
