@@ -487,11 +487,13 @@ class Reloader:
                 drain.closing = True
                 if not released:
                     logger.warning(
-                        "%s: %d RPCs and %d SampleStreams still running after the drain grace (%.0f s); "
-                        "they fail with UNAVAILABLE",
+                        "%s: %d RPCs, %d SampleStreams and %d calls of other models using it (a decoder,"
+                        " top prior or mapping) still running after the drain grace (%.0f s); they fail"
+                        " with UNAVAILABLE",
                         mv.label,
                         batcher.callers,
                         batcher.streams,
+                        batcher.dependents,
                         self.drain_grace_s,
                     )
                 await batcher.close(max(0.1, deadline - time.monotonic()))
