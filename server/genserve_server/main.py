@@ -453,6 +453,11 @@ def _apply_security_flags(config: ServerConfig, args: argparse.Namespace) -> Ser
         raise GenserveError(
             "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS plus a client CA)"
         )
+    if not sec.open_health and not sec.auth:
+        # Without a token nothing is closed, health included: say so rather than serve it open.
+        raise GenserveError(
+            "--closed-health (auth.open_health false) needs a token: --token-file or --token-env"
+        )
     config = _replace(config, security=sec)
     if args.watch_interval_s is not None:
         if args.watch_interval_s <= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,26 @@ def auth_interceptor(
     return TokenAuthInterceptor(tokens, open_health=config.open_health, on_reject=on_reject)
 
 
+def _check_pem(tls: TlsConfig) -> None:
+    """ConfigError naming the files unless they hold a PEM certificate chain with its private key
+    (and PEM CA certificates): grpc only fails to listen, which read as a port problem."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate and its private key "
+            f"({exc.reason or exc})"
+        ) from None
+    if tls.client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"tls: {tls.client_ca_file} holds no PEM CA certificate ({exc.reason or exc})"
+            ) from None
+
+
 def bind(server: grpc.aio.Server, address: str, config: SecurityConfig) -> int:
     """Add the listening port, TLS (or mTLS) when configured; returns the bound port (0 = failed)."""
     if config.tls_cert_file is None or config.tls_key_file is None:
@@ -168,6 +189,7 @@ def bind(server: grpc.aio.Server, address: str, config: SecurityConfig) -> int:
         credentials = server_credentials(tls)
     except OSError as exc:
         raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from exc
+    _check_pem(tls)
     logger.info(
         "TLS on (%s)", "mutual: client certificates required" if tls.client_ca_file else "server only"
     )

@@ -177,3 +177,35 @@ def test_a_token_source_without_tokens_stops_startup(small_repo: Path, tmp_path:
     (tmp_path / "empty").write_text("# nobody yet\n")
     with pytest.raises(RuntimeError, match="no token in the file"):
         start_server(small_repo, tmp_path, extra_args=("--token-file", str(tmp_path / "empty")), timeout_s=30)
+
+
+def test_closed_health_without_a_token_stops_startup(small_repo: Path, tmp_path: Path) -> None:
+    """--closed-health with no token source closed nothing (health and every RPC stayed open) and
+    said nothing: it is refused at start-up, naming what it needs."""
+    with pytest.raises(RuntimeError, match="--closed-health .* needs a token"):
+        start_server(small_repo, tmp_path, extra_args=("--closed-health",), timeout_s=30)
+
+
+@pytest.mark.parametrize("broken", ["cert", "key", "mismatch", "ca"])
+def test_tls_files_that_are_not_pem_stop_startup_naming_them(
+    small_repo: Path, pki: Path, tmp_path: Path, broken: str
+) -> None:
+    """A certificate that is not PEM (or a key of another certificate) failed as 'cannot listen on
+    ADDRESS (--host/--port)', which sent operators to the port; the error now names the TLS files."""
+    cert, key = pki / "server.pem", pki / "server.key"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    if broken == "cert":
+        args[1] = str(garbage)
+    elif broken == "key":
+        args[3] = str(garbage)
+    elif broken == "mismatch":
+        args[3] = str(pki / "client.key")
+    else:
+        args += ["--tls-client-ca", str(garbage)]
+    expected = (
+        "holds no PEM CA certificate" if broken == "ca" else "are not a PEM certificate and its private key"
+    )
+    with pytest.raises(RuntimeError, match=expected):
+        start_server(small_repo, tmp_path, extra_args=tuple(args), timeout_s=30)
