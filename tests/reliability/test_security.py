@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,8 +183,18 @@ def test_a_token_source_without_tokens_stops_startup(small_repo: Path, tmp_path:
 def test_closed_health_without_a_token_stops_startup(small_repo: Path, tmp_path: Path) -> None:
     """--closed-health with no token source closed nothing (health and every RPC stayed open) and
     said nothing: it is refused at start-up, naming what it needs."""
-    with pytest.raises(RuntimeError, match="--closed-health .* needs a token"):
-        start_server(small_repo, tmp_path, extra_args=("--closed-health",), timeout_s=30)
+    _refused_at_startup(small_repo, tmp_path, ("--closed-health",), "--closed-health .* needs a token")
+
+
+def _refused_at_startup(repo: Path, work: Path, args: tuple[str, ...], message: str) -> None:
+    """Start-up must fail with `message`; a server that starts anyway is stopped, then the test fails."""
+    try:
+        server = start_server(repo, work, extra_args=args, timeout_s=30)
+    except RuntimeError as exc:
+        assert re.search(message, str(exc)), exc
+    else:
+        server.stop()
+        pytest.fail(f"the server started with {args}")
 
 
 @pytest.mark.parametrize("broken", ["cert", "key", "mismatch", "ca"])
@@ -207,5 +218,4 @@ def test_tls_files_that_are_not_pem_stop_startup_naming_them(
     expected = (
         "holds no PEM CA certificate" if broken == "ca" else "are not a PEM certificate and its private key"
     )
-    with pytest.raises(RuntimeError, match=expected):
-        start_server(small_repo, tmp_path, extra_args=tuple(args), timeout_s=30)
+    _refused_at_startup(small_repo, tmp_path, tuple(args), expected)
