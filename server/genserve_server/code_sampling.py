@@ -93,14 +93,16 @@ def top_prior(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVersio
         card.kind.autoregressive
         and card.top_grid is None
         and (card.grid, card.codebook_size) == (prior.top_grid, prior.top_codebook_size)
-        and (not card.class_names or bool(prior.class_names))
+        # A class-conditional top prior takes the same labels: the same classes as the prior's
+        # (fewer would fail the top level's shared step for every request in it).
+        and (not card.class_names or card.class_names == prior.class_names)
     )
     if not fits:
         raise Unavailable(
             f"{mv.label}: its top prior {name} is a {card.kind} of grid {card.grid}, codebook "
             f"{card.codebook_size}, top grid {card.top_grid}, classes {len(card.class_names)}; the "
             f"prior needs a code_prior of grid {prior.top_grid} and codebook {prior.top_codebook_size}, "
-            "without a top grid, class-conditional only where the prior is (config.json top_prior)"
+            "without a top grid, class-conditional only on the prior's own classes (config.json top_prior)"
         )
     return top
 
@@ -134,6 +136,7 @@ async def sample_codes(
         await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
     top = top_prior(core, call, mv) if tops is None else None
     if top is not None:  # both levels in one call: the top grids first, same seeds and options
+        core.stepper(mv).check_room(len(seeds))  # a full bottom budget refuses before the top level
         assert top.card is not None and top.card.codebook_size is not None and top.card.grid is not None
         top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
         top_labels = labels if top.card.class_names else None

@@ -216,6 +216,21 @@ class StepScheduler:
         """Rows running or about to join (what the budget counts)."""
         return len(self._running) + len(self._joining)
 
+    def check_room(self, n: int) -> None:
+        """INVALID_ARGUMENT where `n` rows exceed the row budget, RESOURCE_EXHAUSTED where they do not
+        fit beside the running rows now (a two-level call asks its bottom prior before its top level
+        runs, so that a full budget refuses it at once, not after a whole top grid)."""
+        if n > self.max_rows:
+            raise invalid("seeds", f"{n} samples are more than {self.name}'s row budget ({self.max_rows})")
+        if self.rows + n > self.max_rows:
+            self.stats.refused += 1
+            if self.metrics is not None:
+                self.metrics.rejected["queue_full"].inc()
+            raise ResourceExhausted(
+                f"{self.name}: row budget full ({self.rows} of {self.max_rows} rows running, {n} asked); "
+                "retry with backoff"
+            )
+
     async def sample(
         self,
         seeds: Sequence[int],
@@ -232,16 +247,7 @@ class StepScheduler:
         cancelling the caller makes its rows leave at the next step. With `progress`, it is called
         after every `every`-th step of the request (not after the last) with the grids so far."""
         n = len(seeds)
-        if n > self.max_rows:
-            raise invalid("seeds", f"{n} samples are more than {self.name}'s row budget ({self.max_rows})")
-        if self.rows + n > self.max_rows:
-            self.stats.refused += 1
-            if self.metrics is not None:
-                self.metrics.rejected["queue_full"].inc()
-            raise ResourceExhausted(
-                f"{self.name}: row budget full ({self.rows} of {self.max_rows} rows running, {n} asked); "
-                "retry with backoff"
-            )
+        self.check_room(n)
         loop = asyncio.get_running_loop()
         temperature, top_k = options.resolved(self.defaults)
         draws = uniforms(

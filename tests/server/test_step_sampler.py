@@ -1040,3 +1040,61 @@ def test_sampling_matches_the_algorithm_written_in_the_proto() -> None:
         for i in range(n)
     ]
     assert codes.tolist() == expected
+
+
+def test_a_top_prior_with_other_classes_is_refused_before_any_step(tmp_path: Path) -> None:
+    """A chained bottom prior of 4 classes whose top prior has 2: a label valid for the bottom (3) went
+    into the top prior's shared step and failed every request's rows in it (ONNX Runtime's Gather out
+    of bounds). The pair is refused like any other misfit of config.json top_prior, before a step."""
+    top_grid = (GRID[0] // 2, GRID[1] // 2)
+    batching = {"max_batch_size": 8, "preferred_batch_sizes": [1, 8], "max_queue_size": 64}
+    write_model(
+        tmp_path,
+        "top2",
+        "code_prior",
+        prior_graph(*top_grid, 16, n_classes=2, seed=1),
+        {"grid": list(top_grid), "codebook_size": 16, "class_names": ["a", "b"], "output_range": None},
+        config={"batching": batching},
+    )
+    write_model(
+        tmp_path,
+        "bottom4",
+        "code_prior",
+        prior_graph(*GRID, 16, n_classes=4, top=top_grid, seed=2),
+        {"grid": list(GRID), "codebook_size": 16, "top_grid": list(top_grid), "top_codebook_size": 16,
+         "class_names": ["a", "b", "c", "d"], "output_range": None},
+        config={"top_prior": "top2", "batching": batching},
+    )  # fmt: skip
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        top = core.stepper(repo.get("top2").resolve(""))
+        for labels in ([0], [3]):
+            with pytest.raises(Unavailable, match="class-conditional only on the prior's own classes"):
+                await sample(core, "bottom4", [1], labels)
+        assert top.stats.steps == 0
+
+    run_with_core(tmp_path, body)
+
+
+def test_a_two_level_call_is_refused_at_once_when_the_bottom_budget_is_full(tmp_path: Path) -> None:
+    """The bottom prior's budget is asked before the top level runs: a full one refused the call only
+    after its whole top grid had been sampled (and its rows had held the top prior's budget)."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        bottom = core.stepper(repo.get(names["chain"]).resolve(""))
+        top = core.stepper(repo.get(names["top"]).resolve(""))
+        reached, go = gate(bottom, at_step=2)  # hold the bottom's 2nd step: its rows stay running
+        tops = np.zeros((MAX_ROWS, GRID[0] // 2, GRID[1] // 2), np.int64)
+        full = asyncio.ensure_future(sample(core, names["chain"], list(range(MAX_ROWS)), tops=tops))
+        await reached.wait()
+        assert bottom.rows == MAX_ROWS and top.stats.steps == 0
+        try:
+            with pytest.raises(ResourceExhausted):
+                await sample(core, names["chain"], [100])
+            assert top.stats.steps == 0
+        finally:
+            go.set()
+            await full
+
+    run_with_core(tmp_path, body)
