@@ -708,8 +708,8 @@ class SampleCodesRequest(_message.Message):
     """A code_prior model. Required."""
     version: _builtins.str
     count: _builtins.int
-    """Number of samples, 1..max_images_per_request and at most the prior's row budget. May be 0
-    when seeds gives it.
+    """Number of samples, 1..max_images_per_request and at most the prior's row budget (and its top
+    prior's, when the top prior samples the top grids). May be 0 when seeds gives it.
     """
     base_seed: _builtins.int
     """First seed when `seeds` is empty. Absent: the server picks one and returns the seeds it used."""
