@@ -323,6 +323,8 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             n = validate.count(len(z), "inputs[z].shape[0]", limit, limit_name)
             return LatentPlan(n, self._label_rows(card, n, label_tensor, label_param), z=z)
         psi = validate.psi(psi, "parameters[truncation_psi]")
+        if psi is not None:  # genserve.v1's truncation_psi is a proto float: the same float32 value here
+            psi = float(np.float32(psi))
         if count is None and label_tensor is not None:  # one image per label: the count comes from the tensor
             n = validate.count(len(label_tensor), "inputs[label].shape[0]", limit, limit_name)
         else:

@@ -94,9 +94,11 @@ async def map_latents(
 
 
 def truncate(w: np.ndarray, w_avg: np.ndarray, psi: np.ndarray) -> np.ndarray:
-    """w_avg + psi_i (w_i - w_avg) per row i; rows whose psi is NaN (not given) stay exactly w_i."""
+    """w_avg + psi_i (w_i - w_avg) per row i; rows whose psi is NaN (not given) or 1 (no truncation,
+    as documented) stay exactly w_i: in float32 w_avg + 1 * (w - w_avg) is not always w."""
     pulled = w_avg + psi[:, np.newaxis].astype(np.float32) * (w - w_avg)
-    out: np.ndarray = np.where(np.isnan(psi)[:, np.newaxis], w, pulled).astype(np.float32)
+    untouched = (np.isnan(psi) | (psi == 1.0))[:, np.newaxis]
+    out: np.ndarray = np.where(untouched, w, pulled).astype(np.float32)
     return out
 
 

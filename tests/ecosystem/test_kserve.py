@@ -374,6 +374,24 @@ def test_refusals_name_the_kserve_field_the_client_set(stub: kpb_grpc.GRPCInfere
     assert _invalid(stub, no_labels).startswith("inputs[label].shape[0]: must be in 1..")
 
 
+def test_a_truncation_psi_parameter_is_the_float32_genserve_v1_uses(
+    stub: kpb_grpc.GRPCInferenceServiceStub, tiny_repo: Path
+) -> None:
+    """genserve.v1's truncation_psi is a proto float, KServe's parameter a double: a psi just below a
+    float32 value that some |z_j| equals kept z_j in Sample and redrew it in ModelInfer."""
+    dim = _card(tiny_repo, GEN)["latent_dim"]
+    z = latents.latents_for_seeds([42], dim)[0]
+    edge = np.float32(np.abs(z).max())
+    psi = float(np.nextafter(np.float64(edge), 0.0))  # float32(psi) == edge, psi < edge
+    request = kpb.ModelInferRequest(model_name=GEN)
+    request.parameters["seed"].int64_param = 42
+    request.parameters["truncation_psi"].double_param = psi
+    got = np.frombuffer(stub.ModelInfer(request, timeout=30).raw_output_contents[0], np.float32)
+    z32 = latents.latents_for_seeds([42], dim, float(edge))
+    expected = _ort(tiny_repo / GEN / "1" / "model.onnx", {"z": z32})["image"]
+    np.testing.assert_allclose(got, expected.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:

@@ -40,6 +40,7 @@ from genserve_server.core import Call, GenerationCore
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader
 from genserve_server.repository import Repository
+from genserve_server.style_sampling import truncate
 
 PNG = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG)
 
@@ -138,6 +139,19 @@ def test_psi_zero_gives_the_image_of_w_avg_for_every_seed(
     images = [tensor_of(g.image) for g in response.images]
     assert images[0].tobytes() == images[1].tobytes() == images[2].tobytes()
     np.testing.assert_allclose(images[0], synth(broadcast(np.asarray([W_AVG], np.float32)))[0], atol=1e-5)
+
+
+def test_psi_one_is_no_truncation_byte_for_byte(stub: pb_grpc.GenerationServiceStub, gen: str) -> None:
+    """docs/client.md: psi 1 = none. In float32, w_avg + 1 * (w - w_avg) is not always w."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(64, 32)).astype(np.float32)
+    w_avg = rng.normal(size=32).astype(np.float32)
+    psi = np.array([1.0] * 32 + [np.nan] * 32)
+    assert truncate(w, w_avg, psi).tobytes() == w.tobytes()
+    seeds = list(range(40))
+    plain = stub.Sample(pb.SampleRequest(model=gen, seeds=seeds, output=F32))
+    one = stub.Sample(pb.SampleRequest(model=gen, seeds=seeds, truncation_psi=1.0, output=F32))
+    assert [g.image.data for g in one.images] == [g.image.data for g in plain.images]
 
 
 def test_mixing_equals_synthesising_ws_built_by_hand(stub: pb_grpc.GenerationServiceStub, gen: str) -> None:
