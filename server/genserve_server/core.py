@@ -202,8 +202,10 @@ class GenerationCore:
         try:
             mv = model.resolve(version)
         except GenserveError:
-            if model.versions:  # count the refusal against the model, not the unresolved series
-                call.metrics = model.versions[max(model.versions, key=int)].metrics
+            if model.versions:  # count the refusal against the model, not the unresolved series:
+                # the version asked for where it exists (not ready), else the newest
+                asked = model.versions.get(version) if version else None
+                call.metrics = (asked or model.versions[max(model.versions, key=int)]).metrics
             raise
         call.metrics = mv.metrics
         # A stream keeps its own chunks queued ahead; it is not a caller about to send a row, but

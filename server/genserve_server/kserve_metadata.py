@@ -27,7 +27,9 @@ def model_config(mv: ModelVersion, max_rows: int) -> mc.ModelConfig:
         max_batch_size=max_rows,
         default_model_filename="model.fp16.onnx" if mv.precision == "fp16" else "model.onnx",
         dynamic_batching=mc.ModelDynamicBatching(
-            preferred_batch_size=list(batching.preferred_batch_sizes),
+            # Triton: a preferred size is never above max_batch_size (the most rows one request may
+            # carry here, which can be below config.json's batch limit).
+            preferred_batch_size=[b for b in batching.preferred_batch_sizes if b <= max_rows],
             max_queue_delay_microseconds=round(batching.max_queue_delay_ms * 1000),
             default_queue_policy=mc.ModelQueuePolicy(max_queue_size=batching.max_queue_size),
         ),

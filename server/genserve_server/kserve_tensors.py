@@ -132,6 +132,11 @@ def requested_outputs(request: kpb.ModelInferRequest, card: Card) -> list[Tensor
             )
         if spec in chosen:
             raise invalid(f"outputs[{i}].name", f"output {output.name!r} requested twice")
+        if "classification" in output.parameters:  # Triton's extension: top-k as BYTES, not served
+            raise invalid(
+                f"outputs[{i}].parameters[classification]",
+                "not supported (the classification extension is not served): outputs are raw tensors",
+            )
         chosen.append(spec)
     return chosen
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from ecosystem_helpers import CACHE_DIR, ROOT, run
-from server_support import TINY_LATENT, generator_graph, write_model
+from server_support import TINY_LATENT, generator_graph, start_server, write_model
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
@@ -390,6 +390,31 @@ def test_a_truncation_psi_parameter_is_the_float32_genserve_v1_uses(
     z32 = latents.latents_for_seeds([42], dim, float(edge))
     expected = _ort(tiny_repo / GEN / "1" / "model.onnx", {"z": z32})["image"]
     np.testing.assert_allclose(got, expected.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_classification_outputs_are_refused_not_ignored(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+    """Triton's classification extension (top-k labels as BYTES) is not served: asking for it got the
+    raw FP32 tensor back, silently."""
+    request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+    output = request.outputs.add(name="image")
+    output.parameters["classification"].int64_param = 3
+    assert _invalid(stub, request).startswith("outputs[0].parameters[classification]: not supported")
+
+
+def test_model_config_preferred_sizes_never_exceed_max_batch_size(tiny_repo: Path, tmp_path: Path) -> None:
+    """Triton refuses a config whose preferred size is above max_batch_size; genserve's max_batch_size
+    is the most rows one request may carry, which the server's per-request limits may lower."""
+    limits = {"max_images_per_request": 2, "max_images_per_image_request": 2}
+    server = start_server(tiny_repo, tmp_path, config={"limits": limits})
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            for name in (GEN, COND, SR):
+                config = stub.ModelConfig(kpb.ModelConfigRequest(name=name), timeout=10).config
+                preferred = list(config.dynamic_batching.preferred_batch_size)
+                assert config.max_batch_size == 2 and preferred == [1, 2][: len(preferred)], (name, preferred)
+    finally:
+        server.stop()
 
 
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(

@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,8 @@ from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve_server.config import ServerConfig
+from genserve_server.core import Call, GenerationCore
+from genserve_server.errors import Unavailable
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader
 from genserve_server.repository import ModelState, Repository
@@ -366,5 +369,34 @@ def test_a_failed_new_version_under_latest_n_leaves_every_loaded_version_serving
         finally:
             await reloader.close(1.0)
             await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_refusal_of_a_version_that_is_not_ready_counts_against_that_version(tmp_path: Path) -> None:
+    """KServe ModelStatistics (and the per-version metrics): a call naming version 1, which failed to
+    load, is a failure of version 1, not of version 2, which never saw it."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", version_policy={"latest": 2})
+    write_gen(root, "gen", version="2", version_policy={"latest": 2})
+    (root / "gen" / "1" / "model.onnx").write_bytes(b"not a model")  # sha256 mismatch
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        repo = Repository(root, ServerConfig(), metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        try:
+            core = GenerationCore(repo, ServerConfig(), metrics, pool)
+            versions = repo.models["gen"].versions
+            assert versions["1"].state == ModelState.UNAVAILABLE and versions["2"].state == ModelState.READY
+            call = Call("ModelInfer", "test", 0.0, metrics.unresolved())
+            with pytest.raises(Unavailable):
+                core.resolve(call, "gen", "1", ("generator",), "ModelInfer")
+            assert call.metrics is versions["1"].metrics
+        finally:
+            await repo.close(1.0)
+            pool.shutdown()
 
     asyncio.run(scenario())

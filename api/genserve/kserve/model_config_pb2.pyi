@@ -188,7 +188,9 @@ class ModelQueuePolicy(_message.Message):
     allow_timeout_override: _builtins.bool
     """Whether a request's own timeout may override the default."""
     max_queue_size: _builtins.int
-    """Most requests the queue holds; 0 = unbounded (genserve always bounds it)."""
+    """Most requests the queue holds (genserve: rows, i.e. images, queued); 0 = unbounded (genserve
+    always bounds it). A request that does not fit is RESOURCE_EXHAUSTED.
+    """
     def __init__(
         self,
         *,
@@ -438,7 +440,10 @@ class ModelConfig(_message.Message):
     platform: _builtins.str
     """Model platform ("onnxruntime_onnx")."""
     max_batch_size: _builtins.int
-    """Largest batch the model executes; inputs and outputs then have an implicit batch axis."""
+    """Largest batch the model executes (genserve: the most rows one ModelInfer may carry; the
+    batcher may join several requests into larger executions); inputs and outputs then have an
+    implicit batch axis.
+    """
     default_model_filename: _builtins.str
     """Model file name in the version directory ("model.onnx")."""
     backend: _builtins.str
