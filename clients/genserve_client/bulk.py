@@ -526,6 +526,9 @@ class BulkJob:
         self.progress_stream = progress_stream
         self.pinned_version = params.version
         self.model_sha256 = ""
+        # {model: sha256} of the models the images also went through (a style generator's mapping),
+        # learned from the first chunk; None: not learned yet (a new job, or a job.json from before).
+        self.used_models: dict[str, str] | None = None
         suffix = FILE_SUFFIX.get(image_format(params.format))
         if suffix is None:
             raise BulkError(
@@ -573,6 +576,7 @@ class BulkJob:
             "params": self.params.to_json(),
             "pinned_version": self.pinned_version,
             "model_sha256": self.model_sha256,
+            "used_models": self.used_models,
             "name_width": self.name_width,
             "shard": [self.shard.index, self.shard.count] if self.shard else None,
         }
@@ -610,6 +614,7 @@ class BulkJob:
             )
         self.pinned_version = job["pinned_version"]
         self.model_sha256 = job.get("model_sha256", "")
+        self.used_models = job.get("used_models")
         self.name_width = job.get("name_width", name_width(theirs.n))
         served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
         self._check_model(served.version, served.sha256, "the server now serves")
@@ -847,11 +852,24 @@ class BulkJob:
         """Every chunk must come from the job's model file; a new job learns the sha256 from its
         first chunk when GetModel did not report one."""
         prov = chunk.provenance
+        used = {model: sha256 for model, _, sha256 in prov.used_models}
         with self._lock:
             if prov.model_sha256 and not self.model_sha256:
                 self.model_sha256 = prov.model_sha256
                 self._pending_job = self._job_json()
+            if self.used_models is None:
+                self.used_models = used
+                self._pending_job = self._job_json()
+            expected = self.used_models
         self._check_model(prov.version, prov.model_sha256, "the server sent images of")
+        if used != expected:
+            changed = sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m))
+            raise BulkError(
+                f"{self.out_dir} is a job whose images also went through {expected or 'no other model'}, "
+                f"but the server sent images through {used or 'no other model'} ({', '.join(changed)} "
+                "changed: a model reloaded under the job): resuming would mix two models in one job; "
+                "serve the original models again or use a new --out"
+            )
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:
         names = [self.file_name(item.index) for item in chunk.items]

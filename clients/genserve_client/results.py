@@ -27,6 +27,9 @@ class Provenance:
     executed_batch_sizes: tuple[int, ...]
     rng_algorithm: str
     server_version: str
+    # (model, version, sha256) of the other models the images went through (a style generator's
+    # mapping, a code prior's top prior and decoder).
+    used_models: tuple[tuple[str, str, str], ...] = ()
 
     @classmethod
     def from_proto(cls, p: types_pb2.Provenance) -> Provenance:
@@ -40,6 +43,7 @@ class Provenance:
             tuple(p.executed_batch_sizes),
             p.rng_algorithm,
             p.server_version,
+            tuple((m.model, m.version, m.model_sha256) for m in p.used_models),
         )
 
 

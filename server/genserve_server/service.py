@@ -157,7 +157,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             n = len(seeds)
             labels = validate.labels(request.labels, card, n)
             generated = await self.core.sample(mv, call, seeds, labels, psi, out, priority)
-        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes, call.uses))
         add_generated(
             response.images,
             generated.images,
@@ -179,7 +179,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         z = latent_tensor(request.latents, card.latent_dim, "latents")
         validate.count(len(z), "latents.shape[0]", self.limits.max_images_per_request)
         generated = await self.core.generate(mv, call, None, out, Lane.INTERACTIVE, z=z)
-        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes, call.uses))
         add_generated(response.images, generated.images, z, None, None, out)
         return response
 
@@ -221,7 +221,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             mv, call, base, count, request.start_index, chunk_size, label_cycle, psi, out, priority
         )
         async for start, seeds, labels, generated in chunks:
-            chunk = pb.SampleStreamChunk(provenance=provenance(mv, generated.executed_batch_sizes))
+            chunk = pb.SampleStreamChunk(provenance=provenance(mv, generated.executed_batch_sizes, call.uses))
             add_generated(chunk.images, generated.images, generated.latents, seeds, labels, out, start)
             yield chunk
 
@@ -270,7 +270,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         elif request.labels:
             validate.labels(request.labels, card, steps)  # raises: labels on an unconditional model
         generated = await self.core.generate(mv, call, labels, out, Lane.INTERACTIVE, z=z)
-        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes))
+        response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes, call.uses))
         add_generated(response.images, generated.images, z, None, labels, out)
         if start_seed is not None:
             response.images[0].seed = start_seed

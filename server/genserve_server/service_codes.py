@@ -25,7 +25,7 @@ from genserve_server.repository import ModelVersion
 from genserve_server.step_sampler import CODE_RNG_ALGORITHM, SamplingOptions, check_grids, check_labels
 from genserve_server.validate import OutputSpec
 
-Provenance = Callable[[ModelVersion, Sequence[int]], tpb.Provenance]
+Provenance = Callable[[ModelVersion, Sequence[int], Sequence[ModelVersion] | None], tpb.Provenance]
 
 
 def codes_tensor(tensor: tpb.Tensor, field: str) -> np.ndarray:
@@ -112,9 +112,9 @@ def _images(
 
 
 def _response(
-    p: _Parsed, sampled: CodeSamples, request: pb.SampleCodesRequest, provenance: Provenance
+    p: _Parsed, sampled: CodeSamples, request: pb.SampleCodesRequest, provenance: Provenance, call: Call
 ) -> pb.SampleCodesResponse:
-    response = pb.SampleCodesResponse(provenance=provenance(p.mv, sampled.executed_batch_sizes))
+    response = pb.SampleCodesResponse(provenance=provenance(p.mv, sampled.executed_batch_sizes, call.uses))
     response.provenance.rng_algorithm = CODE_RNG_ALGORITHM
     _images(response.images, sampled.images, p.seeds, p.labels)
     if request.return_codes or not sampled.images:
@@ -133,7 +133,7 @@ async def sample_codes(
 ) -> pb.SampleCodesResponse:
     p = _parse(core, request, call, out, "SampleCodes")
     sampled = await code_sampling.sample_codes(core, p.mv, call, p.seeds, p.labels, p.tops, p.options, out)
-    return _response(p, sampled, request, provenance)
+    return _response(p, sampled, request, provenance, call)
 
 
 async def sample_codes_stream(
@@ -154,7 +154,7 @@ async def sample_codes_stream(
             yield chunk
         else:
             positions = int(item.codes.shape[1] * item.codes.shape[2])
-            result = _response(p, item, request, provenance)
+            result = _response(p, item, request, provenance, call)
             yield pb.SampleCodesChunk(
                 level=code_sampling.CODES_LEVEL, filled=positions, positions=positions, result=result
             )

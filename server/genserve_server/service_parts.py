@@ -58,7 +58,10 @@ def image_protos(images: Sequence[EncodedImage]) -> list[tpb.Image]:
     ]
 
 
-def provenance(mv: ModelVersion, batch_sizes: Sequence[int]) -> tpb.Provenance:
+def provenance(
+    mv: ModelVersion, batch_sizes: Sequence[int], uses: Sequence[ModelVersion] | None = None
+) -> tpb.Provenance:
+    """`uses`: the versions of other models the images went through (Call.uses)."""
     return tpb.Provenance(
         model=mv.name,
         version=mv.version,
@@ -69,6 +72,10 @@ def provenance(mv: ModelVersion, batch_sizes: Sequence[int]) -> tpb.Provenance:
         executed_batch_sizes=batch_sizes,
         rng_algorithm=latents.RNG_ALGORITHM,
         server_version=SERVER_VERSION,
+        used_models=[
+            tpb.UsedModel(model=used.name, version=used.version, model_sha256=used.sha256)
+            for used in uses or ()
+        ],
     )
 
 

@@ -43,7 +43,7 @@ async def interpolate_styles(
     images, path, batch_sizes = await style_sampling.interpolate(
         core, mv, call, start, end, request.steps, psi, out
     )
-    response = pb.SampleResponse(provenance=provenance(mv, batch_sizes))
+    response = pb.SampleResponse(provenance=provenance(mv, batch_sizes, call.uses))
     add_generated(response.images, images, path, None, None, out)
     if start_seed is not None:
         response.images[0].seed = start_seed
@@ -93,6 +93,6 @@ async def mix_styles(
     images, batch_sizes = await style_sampling.mix(
         core, mv, call, coarse, fine, crossovers, psis, out, priority
     )
-    response = pb.SampleResponse(provenance=provenance(mv, batch_sizes))
+    response = pb.SampleResponse(provenance=provenance(mv, batch_sizes, call.uses))
     add_generated(response.images, images, np.empty(0), coarse, None, out)
     return response

@@ -58,6 +58,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     # What every model serves (GetModel, provenance); tests change them to "replace" the model.
     version: str = "1"
     model_sha256: str = FAKE_SHA256
+    # Provenance.used_models: (model, version, sha256) of a mapping or decoder beside the model.
+    used_models: list[tuple[str, str, str]] = field(default_factory=list)
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
         self.calls[method] += 1
@@ -134,7 +136,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         return genserve_pb2.ListModelsResponse(models=[self._info("fake-gen"), self._info("fake-cond")])
 
     def _provenance(self, model: str) -> types_pb2.Provenance:
-        return types_pb2.Provenance(model=model, version=self.version, model_sha256=self.model_sha256)
+        used = [types_pb2.UsedModel(model=m, version=v, model_sha256=h) for m, v, h in self.used_models]
+        return types_pb2.Provenance(
+            model=model, version=self.version, model_sha256=self.model_sha256, used_models=used
+        )
 
     def _info(self, name: str) -> genserve_pb2.ModelInfo:
         cond = name.endswith("cond")

@@ -177,6 +177,31 @@ def test_every_chunk_must_come_from_the_jobs_model_file(fake_server: FakeServer,
     assert not (tmp_path / "job.json").exists() and indices(tmp_path) == []
 
 
+def test_a_resume_refuses_images_through_a_reloaded_mapping(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A style generator's images also depend on its mapping: a resume after the mapping was
+    replaced (same generator file) would mix two sets of images in one job."""
+    t = ("--target", fake_server.target)
+    fake_server.service.used_models = [("fake-mapping", "1", FAKE_SHA256)]
+    try:
+        code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
+        assert code == 0, err
+        job = json.loads((tmp_path / "job.json").read_text())
+        assert job["used_models"] == {"fake-mapping": FAKE_SHA256}
+        manifest = (tmp_path / "manifest.jsonl").read_bytes()
+        fake_server.service.used_models = [("fake-mapping", "2", OTHER_SHA256)]
+        code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+        assert code == 2, err
+        assert "fake-mapping changed" in err and "mix two models" in err
+        assert (tmp_path / "manifest.jsonl").read_bytes() == manifest
+        fake_server.service.used_models = [("fake-mapping", "1", FAKE_SHA256)]
+        code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+        assert code == 0, err
+    finally:
+        fake_server.service.used_models = []
+
+
 # --- 4. --resume DIR -----------------------------------------------------------------------------
 
 

@@ -665,6 +665,7 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
     )
     assert [g.seed for g in reply.images] == [8, 9] and [g.label for g in reply.images] == [2, 2]
     assert reply.provenance.rng_algorithm == "philox4x32-10/code-sampling/v1"
+    assert [(m.model, m.version) for m in reply.provenance.used_models] == [(names["decoder"], "1")]
     assert list(reply.codes[0].shape) == list(GRID) and reply.codes[0].dtype == tpb.DTYPE_INT64
     grid = np.frombuffer(reply.codes[0].data, "<i8").reshape(GRID)
     pixels = np.frombuffer(reply.images[0].image.data, np.uint8).reshape(*GRID, 1)[..., 0]

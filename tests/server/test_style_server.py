@@ -164,6 +164,12 @@ def test_mixing_equals_synthesising_ws_built_by_hand(stub: pb_grpc.GenerationSer
     response = stub.MixStyles(request)
     assert [g.seed for g in response.images] == [1, 2, 5]
     assert list(response.provenance.executed_batch_sizes) == [3]  # every crossover and psi in one batch
+    # The mapping is part of what made the images: a reload of it changes them, not `model`.
+    (mapping,) = response.provenance.used_models
+    assert (mapping.model, mapping.version) == ("style-mapping", "1")
+    assert len(mapping.model_sha256) == 64 and mapping.model_sha256 != response.provenance.model_sha256
+    sampled = stub.Sample(pb.SampleRequest(model=gen, seeds=[1], output=F32))
+    assert list(sampled.provenance.used_models) == [mapping]
     for g, (coarse, fine, k, psi) in zip(response.images, mixes, strict=True):
         wc, wf = w_of([coarse])[0], w_of([fine])[0]
         if psi is not None:

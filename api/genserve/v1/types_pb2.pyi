@@ -225,6 +225,7 @@ class Provenance(_message.Message):
     EXECUTED_BATCH_SIZES_FIELD_NUMBER: _builtins.int
     RNG_ALGORITHM_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    USED_MODELS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     model_sha256: _builtins.str
@@ -242,6 +243,13 @@ class Provenance(_message.Message):
     def executed_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Batch sizes of the model calls that computed this response's images (one entry per call)."""
 
+    @_builtins.property
+    def used_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsedModel]:
+        """The other models this response's images went through, each as the version that ran: a style
+        generator's mapping, a code prior's top prior and decoder. With the fields above, what
+        reproduces the images bit for bit (a reload of one of them changes the images, not `model`).
+        """
+
     def __init__(
         self,
         *,
@@ -254,14 +262,43 @@ class Provenance(_message.Message):
         executed_batch_sizes: _abc.Iterable[_builtins.int] | None = ...,
         rng_algorithm: _builtins.str = ...,
         server_version: _builtins.str = ...,
+        used_models: _abc.Iterable[Global___UsedModel] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "used_models", b"used_models", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
+
+@_typing.final
+class UsedModel(_message.Message):
+    """A model version that a response's images went through beside Provenance.model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    model_sha256: _builtins.str
+    """sha256 of its model file that ran."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        model_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_sha256", b"model_sha256", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsedModel: _TypeAlias = UsedModel  # noqa: Y015
 
 @_typing.final
 class GeneratedImage(_message.Message):
