@@ -138,6 +138,13 @@ class Limits:
     sr_working_set_bytes: int = 2048 * MIB
     budget_max_wait_s: float = 30.0
 
+    def input_pixels(self, kind: Kind) -> tuple[int, str]:
+        """The most pixels an input image of `kind` may have, and the limit's name for messages:
+        super-resolution inputs (tiled) are bounded by max_sr_input_pixels, others by max_input_pixels."""
+        if kind.tiled:
+            return self.max_sr_input_pixels, "max_sr_input_pixels"
+        return self.max_input_pixels, "max_input_pixels"
+
 
 @dataclass(frozen=True, slots=True)
 class SecurityConfig:

@@ -580,8 +580,9 @@ class GenerationCore:
         overlap = default_overlap if tile_overlap is None else tile_overlap
         tile = tile_size or min(validate.MAX_TILE, max(card.tile_size or 128, 4 * overlap))
         validate.tiling(tile, overlap, card.size_multiple, overlap_given=tile_overlap is not None)
+        max_pixels, limit_name = self.limits.input_pixels(card.kind)
         arrays = await self.codec.decode(
-            mv.metrics, images, card, self.limits.max_sr_input_pixels, timing=call.timing
+            mv.metrics, images, card, max_pixels, timing=call.timing, limit_name=limit_name
         )
         validate.min_size(arrays, card)
         scale = card.scale_factor
@@ -716,8 +717,9 @@ class GenerationCore:
         assert card is not None
         validate.direction(direction, card)
         two_way = direction if card.kind.two_way else None
+        max_pixels, limit_name = self.limits.input_pixels(card.kind)
         arrays = await self.codec.decode(
-            mv.metrics, images, card, self.limits.max_input_pixels, timing=call.timing
+            mv.metrics, images, card, max_pixels, timing=call.timing, limit_name=limit_name
         )
         validate.min_size(arrays, card)
         out_sizes = [(a.shape[1], a.shape[2]) for a in arrays]

@@ -169,16 +169,25 @@ def decodes_inline(images: Sequence[ImageInput]) -> bool:
 
 
 def decode_sync(
-    images: Sequence[ImageInput], card: Card, max_pixels: int, field_prefix: str
+    images: Sequence[ImageInput],
+    card: Card,
+    max_pixels: int,
+    field_prefix: str,
+    limit_name: str = "max_input_pixels",
 ) -> list[np.ndarray]:
-    """Input images -> float32 [C, H, W] in the card's input_range with the model's channels."""
+    """Input images -> float32 [C, H, W] in the card's input_range with the model's channels;
+    `limit_name`: what `max_pixels` is called in a refusal (Limits.input_pixels)."""
     assert card.input_range is not None and card.input_channels is not None
-    limit = "max_sr_input_pixels" if card.kind.tiled else "max_input_pixels"  # as GenerationCore picks it
     arrays = []
     for i, image in enumerate(images):
         name = f"{field_prefix}[{i}]"
         decoded = codecs.decode_image(
-            image.data, image.format, list(image.shape), max_pixels=max_pixels, field=name, limit_name=limit
+            image.data,
+            image.format,
+            list(image.shape),
+            max_pixels=max_pixels,
+            field=name,
+            limit_name=limit_name,
         )
         if image.format == ImageFormat.TENSOR_F32:
             validate.input_range(decoded, card.input_range, name)
@@ -237,13 +246,17 @@ class Codec:
         max_pixels: int,
         field_prefix: str = "images",
         timing: CallTiming | None = None,
+        limit_name: str = "max_input_pixels",
     ) -> list[np.ndarray]:
-        """`timing`: the call's, which counts this as its compute_input (KServe statistics)."""
+        """`timing`: the call's, which counts this as its compute_input (KServe statistics);
+        `limit_name`: what `max_pixels` is called in a refusal."""
         started = time.monotonic()
         if decodes_inline(images):
-            arrays = decode_sync(images, card, max_pixels, field_prefix)
+            arrays = decode_sync(images, card, max_pixels, field_prefix, limit_name)
         else:
-            arrays = await run_off_loop(self.pool, decode_sync, images, card, max_pixels, field_prefix)
+            arrays = await run_off_loop(
+                self.pool, decode_sync, images, card, max_pixels, field_prefix, limit_name
+            )
         elapsed_s = time.monotonic() - started
         metrics.decode_duration.observe(elapsed_s)
         if timing is not None:

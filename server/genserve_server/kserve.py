@@ -381,13 +381,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid(
                 "inputs[image].shape", f"must be [N, {c}, {card.image_size[0]}, {card.image_size[1]}]"
             )
-        pixel_limit, limit_name = (
-            (self.limits.max_sr_input_pixels, "max_sr_input_pixels")
-            if card.kind.tiled
-            else (self.limits.max_input_pixels, "max_input_pixels")
-        )
-        if h * w > pixel_limit:
-            raise invalid("inputs[image].shape", f"H*W must be <= {pixel_limit} ({limit_name}), got {h}x{w}")
+        pixels, pixels_name = self.limits.input_pixels(card.kind)
+        if h * w > pixels:
+            raise invalid("inputs[image].shape", f"H*W must be <= {pixels} ({pixels_name}), got {h}x{w}")
         if min(h, w) < card.min_size:
             raise invalid("inputs[image].shape", f"H and W must be >= {card.min_size}, got {h}x{w}")
         multiple = card.size_multiple
