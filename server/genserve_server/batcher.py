@@ -105,9 +105,13 @@ def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
     return chosen[0].seq
 
 
+def _expired(request: PendingRequest, now: float) -> bool:
+    return request.deadline is not None and now >= request.deadline
+
+
 def _gone(request: PendingRequest, now: float) -> bool:
     """Whether a queued request will not be computed: answered (failed, cancelled) or past its deadline."""
-    return request.future.done() or (request.deadline is not None and now >= request.deadline)
+    return request.future.done() or _expired(request, now)
 
 
 def _filled(parts: list[Part], full: int, share: int | None) -> str:
@@ -699,8 +703,8 @@ class Batcher:
         untouched_singles = 0
         while queue and untouched_singles < limit:
             request = queue.popleft()
-            if _gone(request, now):
-                expired = request.deadline is not None and now >= request.deadline
+            expired = _expired(request, now)
+            if request.future.done() or expired:
                 self._remove_rows(lane, key, request.n_rows - request.next_row, request_gone=True)
                 if request.future.cancelled():
                     self._observer.on_dropped("deadline" if expired else "cancelled")
