@@ -33,9 +33,11 @@ MAX_MESSAGE_BYTES = 1024
 
 def clip_message(message: str) -> str:
     """`message`, its middle left out where it is longer than MAX_MESSAGE_BYTES in UTF-8."""
-    if len(message) * 4 <= MAX_MESSAGE_BYTES or len(message.encode()) <= MAX_MESSAGE_BYTES:
+    if len(message) * 4 <= MAX_MESSAGE_BYTES:  # short enough whatever its characters
         return message
     raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return message
     head = raw[: MAX_MESSAGE_BYTES * 5 // 8].decode(errors="ignore")  # a cut character is dropped
     tail = raw[-(MAX_MESSAGE_BYTES // 4) :].decode(errors="ignore")
     left_out = len(message) - len(head) - len(tail)
