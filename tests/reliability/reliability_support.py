@@ -29,6 +29,8 @@ from server_support import (
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.config import ServerConfig
+from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 
 # Small limits, so each can be hit cheaply; every one of them is a server config field.
@@ -155,6 +157,15 @@ async def wait_on_loop(predicate: Callable[[], bool], what: str, timeout_s: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def loaded_repository(root: Path) -> tuple[Repository, Metrics]:
+    """An in-process repository of `root`, scanned and loaded, with its metrics on (reload tests)."""
+    metrics = Metrics()
+    repo = Repository(root, ServerConfig(), metrics)
+    repo.scan()
+    await repo.load_all()
+    return repo, metrics
 
 
 def version_states(repo: Repository, model: str = "gen") -> dict[str, str]:

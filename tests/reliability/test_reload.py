@@ -25,6 +25,7 @@ from prometheus_client import generate_latest
 from reliability_support import (
     copy_version_atomically,
     health_status,
+    loaded_repository,
     version_states,
     wait_on_loop,
     write_gen,
@@ -379,10 +380,7 @@ def test_the_end_of_an_old_copys_drain_leaves_the_new_copys_series(tmp_path: Pat
     )
 
     async def scenario() -> None:
-        metrics = Metrics()
-        repo = Repository(root, ServerConfig(), metrics)
-        repo.scan()
-        await repo.load_all()
+        repo, metrics = await loaded_repository(root)
         reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
         try:
             old = repo.models["gen"].versions["1"]
@@ -434,10 +432,7 @@ def test_a_rollback_while_the_old_version_drains_serves_it_again_at_once(tmp_pat
     staged = _staged_version(tmp_path, "2", seed=1)
 
     async def scenario() -> None:
-        metrics = Metrics()
-        repo = Repository(root, ServerConfig(), metrics)
-        repo.scan()
-        await repo.load_all()
+        repo, metrics = await loaded_repository(root)
         reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
         try:
             v1 = repo.models["gen"].versions["1"]
@@ -479,10 +474,7 @@ def test_a_rollback_while_the_old_version_is_closing_loads_it_again_from_disk(tm
     staged = _staged_version(tmp_path, "2", seed=1)
 
     async def scenario() -> None:
-        metrics = Metrics()
-        repo = Repository(root, ServerConfig(), metrics)
-        repo.scan()
-        await repo.load_all()
+        repo, metrics = await loaded_repository(root)
         reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
         old = repo.models["gen"].versions["1"]
         assert old.batcher is not None

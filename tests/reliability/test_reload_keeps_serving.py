@@ -18,7 +18,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from reliability_support import copy_version_atomically, version_states, wait_on_loop, write_gen
+from reliability_support import (
+    copy_version_atomically,
+    loaded_repository,
+    version_states,
+    wait_on_loop,
+    write_gen,
+)
 from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
@@ -201,10 +207,7 @@ def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path:
     write_gen(tmp_path / "other", "gen", version="1", seed=5)  # a different valid model and card
 
     async def scenario() -> None:
-        metrics = Metrics()
-        repo = Repository(root, ServerConfig(), metrics)
-        repo.scan()
-        await repo.load_all()
+        repo, metrics = await loaded_repository(root)
         reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
         try:
             for name in ("model.onnx", "card.json"):
@@ -252,10 +255,7 @@ def test_a_config_json_that_cannot_be_read_on_reload_keeps_serving_and_the_resca
     good = config.read_text()
 
     async def scenario() -> None:
-        metrics = Metrics()
-        repo = Repository(root, ServerConfig(), metrics)
-        repo.scan()
-        await repo.load_all()
+        repo, metrics = await loaded_repository(root)
         reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
         try:
             config.unlink()
@@ -341,10 +341,7 @@ def test_a_failed_new_version_under_latest_n_leaves_every_loaded_version_serving
     good = (tmp_path / "staging" / "gen" / "3" / "model.onnx").read_bytes()
 
     async def scenario() -> None:
-        metrics = Metrics()
-        repo = Repository(root, ServerConfig(), metrics)
-        repo.scan()
-        await repo.load_all()
+        repo, metrics = await loaded_repository(root)
         reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
         error = {"model": "gen"}
         try:
@@ -382,10 +379,7 @@ def test_a_refusal_of_a_version_that_is_not_ready_counts_against_that_version(tm
     (root / "gen" / "1" / "model.onnx").write_bytes(b"not a model")  # sha256 mismatch
 
     async def scenario() -> None:
-        metrics = Metrics()
-        repo = Repository(root, ServerConfig(), metrics)
-        repo.scan()
-        await repo.load_all()
+        repo, metrics = await loaded_repository(root)
         pool = ThreadPoolExecutor(1)
         try:
             core = GenerationCore(repo, ServerConfig(), metrics, pool)
