@@ -12,7 +12,8 @@ from genserve_server.batch_parts import Lane
 # once (nothing suggested more rows were coming: an idle runner at concurrency 1, or no sign of
 # callers); every caller in the server was queued; its window ended; arrivals were too sparse for
 # its window to bring more (arrivals.Arrivals.sparse: a light open loop); it held a preferred size
-# that waiting would not grow; a bulk batch gave way to an interactive request.
+# that waiting would not grow; a bulk batch gave way to an interactive request; a queued request's
+# deadline came before its window's end (batcher.Batcher._window_end).
 CLOSED_FULL = "full"
 CLOSED_SHARED = "shared"
 CLOSED_AT_ONCE = "at_once"
@@ -21,6 +22,7 @@ CLOSED_WINDOW = "window"
 CLOSED_SPARSE = "sparse"
 CLOSED_PREFERRED = "preferred"
 CLOSED_YIELDED = "yielded"
+CLOSED_DEADLINE = "deadline"
 BATCH_CLOSE_REASONS = (
     CLOSED_FULL,
     CLOSED_SHARED,
@@ -30,6 +32,7 @@ BATCH_CLOSE_REASONS = (
     CLOSED_SPARSE,
     CLOSED_PREFERRED,
     CLOSED_YIELDED,
+    CLOSED_DEADLINE,
 )
 
 

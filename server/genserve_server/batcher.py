@@ -22,7 +22,8 @@ Scheduling:
   Adaptive: when the runner is idle and no other request is queued or on its way (`callers`, kept
   by the service) the batch goes at once, so batching costs nothing at concurrency 1; an idle
   runner waits the window only while arrivals overlapped recently (a moving fraction of arrivals,
-  and the last overlap within OVERLAP_MEMORY_S);
+  and the last overlap within OVERLAP_MEMORY_S). A queued request's deadline ends the window early
+  enough for the batch to compute before it (_window_end);
 - the queue is bounded in rows: a request that does not fit is refused at once (ResourceExhausted);
 - rows of a request whose deadline passed are dropped before compute; a cancelled caller's rows
   leave the queue at once.
@@ -48,6 +49,7 @@ from genserve_server.arrivals import OVERLAP_MEMORY_S, Arrivals, closes_at_prefe
 from genserve_server.batch_events import (
     CLOSED_ALL_QUEUED,
     CLOSED_AT_ONCE,
+    CLOSED_DEADLINE,
     CLOSED_FULL,
     CLOSED_PREFERRED,
     CLOSED_SHARED,
@@ -625,9 +627,12 @@ class Batcher:
                 if self.callers and self._sparse():
                     reason = CLOSED_SPARSE
                     break  # a light open loop: a second request is unlikely within the window
-                remaining_s = window_end - time.monotonic()
+                now = time.monotonic()
+                # A queued deadline the window would outlast ends it in time to compute the batch.
+                end, cut_by_deadline = self._window_end(lane, key, window_end, queued, now)
+                remaining_s = end - now
                 if remaining_s <= 0:
-                    reason = CLOSED_WINDOW
+                    reason = CLOSED_DEADLINE if cut_by_deadline else CLOSED_WINDOW
                     break
                 if self.preferred_batch_sizes and closes_at_preferred(
                     queued, self.preferred_batch_sizes, limit, self._expected_rows(remaining_s)
@@ -639,7 +644,7 @@ class Batcher:
                     async with asyncio.timeout(remaining_s):
                         await self._available.wait()
                 except TimeoutError:
-                    reason = CLOSED_WINDOW
+                    reason = CLOSED_DEADLINE if cut_by_deadline else CLOSED_WINDOW
                     break
             # An interactive request may have arrived while a bulk batch was filling: it goes first.
             picked = self._pick()
@@ -660,6 +665,22 @@ class Batcher:
         if parts:
             self._observer.on_batch_closed(CLOSED_SHARED if split else reason or _filled(parts, full, share))
         return parts
+
+    def _window_end(
+        self, lane: Lane, key: Hashable, window_end: float, queued: int, now: float
+    ) -> tuple[float, bool]:
+        """When the window for (lane, key) ends: at `window_end`, or earlier where a queued request's
+        deadline comes first, by the batch's measured compute time (`_row_cost_s` per row) and the
+        slack gRPC's own deadline keeps (DEADLINE_SLACK_S); and whether that deadline is what ends
+        it. Expired requests leave at _take and set no end."""
+        soonest = min(
+            (r.deadline for r in self._lanes[lane][key] if r.deadline is not None and r.deadline > now),
+            default=None,
+        )
+        if soonest is None:
+            return window_end, False
+        cut = soonest - self._row_cost_s * queued - DEADLINE_SLACK_S
+        return (cut, True) if cut < window_end else (window_end, False)
 
     def _take_split(self, lane: Lane, key: Hashable, rest_of_split: bool) -> tuple[list[Part], bool]:
         """_take, with the split over free instances where _split_over_free makes one: (the parts,

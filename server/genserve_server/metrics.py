@@ -362,8 +362,8 @@ class Metrics:
         self.batches_closed = Counter(
             "genserve_batches_closed_total",
             "Batches formed, by why each went when it did (full, shared, at_once, all_queued, window, "
-            "sparse, preferred, yielded): small batches that close at_once or all_queued under load mean "
-            "rows reach the queue slower than the runner frees.",
+            "sparse, preferred, yielded, deadline): small batches that close at_once or all_queued "
+            "under load mean rows reach the queue slower than the runner frees.",
             (*mv, "reason"),
             registry=reg,
         )

@@ -522,6 +522,29 @@ def test_window_collects_rows_that_arrive_within_it() -> None:
     run(body())
 
 
+def test_a_queued_deadline_inside_the_window_closes_it_in_time() -> None:
+    """A long window must not outlast a queued request's deadline while the runner is free: the
+    batch goes early enough to compute before it ('deadline'), not after it has expired."""
+
+    async def body() -> None:
+        model = FakeModel()
+        window_s = 2.0
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s)
+        # Two untracked requests queued together: the dispatcher would wait the window for more.
+        deadline = time.monotonic() + 0.3
+        started = time.monotonic()
+        first = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
+        hurried = asyncio.ensure_future(batcher.submit("k", rows(2), 1, deadline=deadline))
+        await asyncio.gather(first, hurried)
+        assert time.monotonic() < deadline and time.monotonic() - started < window_s / 2
+        assert [list(x) for _, x in model.batches] == [[1, 2]]
+        assert recorder.closed == ["deadline"]
+        assert recorder.dropped == []
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_full_batch_goes_without_waiting_the_window() -> None:
     async def body() -> None:
         model = FakeModel()
