@@ -193,7 +193,9 @@ class Batcher:
         # it (backpressure on a stream) instead of failing: interactive requests, which fail fast
         # when the queue is full, always find the other half.
         self._bulk_rows = 0
-        self._bulk_waiters = 0
+        # Bulk submits waiting for room, in arrival order: room goes first come, first served, so a
+        # large chunk is not overtaken forever by smaller ones that happen to fit.
+        self._bulk_line: deque[object] = deque()
         self._room = asyncio.Event()
         self._available = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
@@ -393,21 +395,27 @@ class Batcher:
         return self._bulk_rows == 0 or self._bulk_rows + n_rows <= self.max_queue_size // 2
 
     async def _wait_for_bulk_room(self, n_rows: int, deadline: float | None) -> None:
-        while not self._bulk_fits(n_rows):
-            if self._closing:
-                raise Unavailable(f"{self.name} is draining; retry on another replica")
-            timeout_s = None if deadline is None else deadline - time.monotonic()
-            if timeout_s is not None and timeout_s <= 0:
-                return  # submit() reports the deadline
-            self._room.clear()
-            self._bulk_waiters += 1
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._room.wait()
-            except TimeoutError:
-                return
-            finally:
-                self._bulk_waiters -= 1
+        if not self._bulk_line and self._bulk_fits(n_rows):
+            return
+        ticket = object()
+        self._bulk_line.append(ticket)
+        try:
+            while not (self._bulk_line[0] is ticket and self._bulk_fits(n_rows)):
+                if self._closing:
+                    raise Unavailable(f"{self.name} is draining; retry on another replica")
+                timeout_s = None if deadline is None else deadline - time.monotonic()
+                if timeout_s is not None and timeout_s <= 0:
+                    return  # submit() reports the deadline
+                self._room.clear()
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await self._room.wait()
+                except TimeoutError:
+                    return
+        finally:
+            self._bulk_line.remove(ticket)
+            if self._bulk_line:
+                self._room.set()  # the next in line looks again: it may fit now
 
     async def close(self, timeout_s: float) -> None:
         """Refuse new work, finish what was accepted (up to timeout_s), then fail the rest."""
@@ -701,7 +709,7 @@ class Batcher:
             self._queued_requests -= 1
         if lane == Lane.BULK:
             self._bulk_rows -= rows
-        if self._bulk_waiters:
+        if self._bulk_line:
             self._room.set()
 
     def _take(self, lane: Lane, key: Hashable, split: int | None = None) -> list[Part]:

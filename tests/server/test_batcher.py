@@ -952,6 +952,31 @@ def test_bulk_fills_half_the_queue_then_waits_for_room_while_interactive_is_stil
     run(body())
 
 
+def test_bulk_submits_waiting_for_room_get_in_first_come_first_served() -> None:
+    """A large bulk submit waiting for room is not overtaken by a smaller one that arrives later and
+    would fit: room goes in arrival order, so a big chunk cannot starve behind a stream of small ones."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_queue_size=8, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        first = asyncio.ensure_future(batcher.submit("b", rows(1, 2, 3), 3, lane=Lane.BULK))
+        await until(lambda: batcher.queued_rows == 3, "the first bulk request queued")
+        large = asyncio.ensure_future(batcher.submit("b", rows(4, 5, 6, 7), 4, lane=Lane.BULK))
+        await let_the_dispatcher_run()
+        small = asyncio.ensure_future(batcher.submit("b", rows(8), 1, lane=Lane.BULK))
+        await let_the_dispatcher_run()
+        # 3 + 1 fits the bulk half (4), but the large request came first: the small one waits too.
+        assert batcher.queued_rows == 3 and not large.done() and not small.done()
+        gate.set()
+        await asyncio.gather(first, large, small, blocker)
+        order = [v for _, x in model.batches for v in x.tolist()]
+        assert order.index(4) < order.index(8)
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_bulk_request_waiting_for_room_fails_when_the_batcher_closes() -> None:
     async def body() -> None:
         model = FakeModel()
