@@ -619,10 +619,11 @@ class BulkJob:
         served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
         self._check_model(served.version, served.sha256, "the server now serves")
         if self.params.n != theirs.n or job.get("format_version") != FORMAT_VERSION or not self.model_sha256:
-            # A grown job (or an older job.json) is rewritten before any image of the new range.
+            # A grown job (or an older job.json) is rewritten before any image of the new range, once
+            # the server has accepted a chunk (or at once when no image is missing): a resume it
+            # refuses leaves the job as it was, and the old command still resumes it.
             self.model_sha256 = self.model_sha256 or served.sha256
             self._pending_job = self._job_json()
-            self._commit_job()
 
     def _check_model(self, version: str, sha256: str, source: str) -> None:
         """Refuse images of another version or model file than the job's (empty = not reported)."""

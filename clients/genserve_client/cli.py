@@ -51,6 +51,7 @@ from genserve_client.bulk import (
     RetryWindow,
     Shard,
     load_params,
+    read_job,
     state_label,
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
@@ -616,8 +617,10 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
     return params, shard.folder(out) if shard else out, shard
 
 
-def resume_command(args: argparse.Namespace, out: Path) -> str:
-    """The exact command that resumes the job in `out` (a token is never printed)."""
+def resume_command(args: argparse.Namespace, out: Path, n: int | None = None) -> str:
+    """The exact command that resumes the job in `out` (a token is never printed); `n`: the job's
+    size where job.json does not hold it yet (a grown job whose new range the server has not
+    accepted a chunk of: bulk.BulkJob writes job.json then)."""
     words = ["genserve-client", "--target", args.target]
     if args.timeout != DEFAULT_TIMEOUT_S:
         words += ["--timeout", f"{args.timeout:g}"]
@@ -631,6 +634,8 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
     if args.tls and not args.tls_ca:
         words.append("--tls")
     words += ["bulk", "--resume", str(out)]
+    if n is not None:
+        words += ["--n", str(n)]
     if args.concurrency != 1:
         words += ["--concurrency", str(args.concurrency)]
     if args.chunk_size:
@@ -643,13 +648,22 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
     return command.replace("'$GENSERVE_TOKEN'", '"$GENSERVE_TOKEN"')
 
 
+def _job_on_disk(out: Path) -> dict[str, Any] | None:
+    """out's job.json for the resume hint after a failure; None when there is none or it cannot be
+    read (the failure itself is what the user is told)."""
+    try:
+        return read_job(out)
+    except (BulkError, OSError):
+        return None
+
+
 def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
     if args.stream_images < 1:
         raise UsageError(f"bulk: --stream-images must be >= 1, got {args.stream_images}")
     if not 0 <= args.chunk_size < UINT32_LIMIT:
-        # Checked before the job starts: a resume that grows the job rewrites job.json first.
+        # Checked before the job starts, as every flag is: a value the server refuses ends the job.
         raise UsageError(
             f"bulk: --chunk-size must be 0 (the server's default) or 1..{UINT32_LIMIT - 1} images "
             f"(the server takes at most its max_images_per_request), got {args.chunk_size}"
@@ -679,8 +693,10 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
             else f"genserve-client: {exc}"
         )
         rejected = isinstance(exc, GenserveClientError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
-        if (out / JOB_FILE).exists() and not rejected:
-            _err(f"genserve-client: the job is resumable: {resume_command(args, out)}")
+        on_disk = _job_on_disk(out)
+        if on_disk is not None and not rejected:
+            grown = params.n if on_disk["params"].get("n") != params.n else None
+            _err(f"genserve-client: the job is resumable: {resume_command(args, out, grown)}")
         if isinstance(exc, KeyboardInterrupt):
             return 130
         return 2 if rejected else 1

@@ -285,9 +285,11 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
     assert "gave up after retrying for 0.3 s" in err and "UNAVAILABLE" in err
     hint = err.split("the job is resumable: ")[1].strip()
     assert hint == shlex.join(
-        ["genserve-client", "--target", fake_server.target, "bulk", "--resume", str(tmp_path)]
+        ["genserve-client", "--target", fake_server.target, "bulk", "--resume", str(tmp_path), "--n", "7"]
         + ["--concurrency", "2", "--retry-window", "0.3"]
     )
+    # job.json still holds the finished job of 3 until the server accepts a chunk of the new range.
+    assert json.loads((tmp_path / "job.json").read_text())["params"]["n"] == 3
     # The printed command, run as is, finishes the job.
     fake_server.service.fail["SampleStream"].clear()
     code, _, err = cli_main(capsys, *shlex.split(hint)[1:])

@@ -147,6 +147,21 @@ def test_a_job_the_server_rejects_leaves_no_job_file(fake_server: FakeServer, tm
     assert json.loads((tmp_path / "job.json").read_text())["params"]["model"] == "fake-gen"
 
 
+def test_a_grown_resume_the_server_rejects_leaves_the_job_as_it_was(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    """Growing --n rewrites job.json only once the server accepts the new range's first chunk: a
+    refused resume leaves the finished job of 4 images, which then resumes as finished."""
+    bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=4))
+    job_before = (tmp_path / "job.json").read_bytes()
+    fake_server.service.fail["SampleStream"] = [(grpc.StatusCode.INVALID_ARGUMENT, "n: refused by the fake")]
+    with pytest.raises(GenserveClientError, match="refused by the fake"):
+        bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=8))
+    assert (tmp_path / "job.json").read_bytes() == job_before
+    bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=4))  # the old command still resumes
+    assert sorted(manifest_by_index(tmp_path)) == list(range(4))
+
+
 def test_bulk_needs_at_least_one_image(fake_server: FakeServer, tmp_path: Path) -> None:
     for n in (0, -3):
         with pytest.raises(ValueError, match="n >= 1"):
