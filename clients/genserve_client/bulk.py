@@ -402,6 +402,11 @@ class Manifest:
         self._file.close()
 
 
+def version_order(v: genserve_pb2.ModelVersionInfo) -> tuple[int, str]:
+    """Sort key of versions by number (their names are numeric: longer is larger)."""
+    return len(v.version), v.version
+
+
 def served_model(client: GenserveClient, model: str, version: str) -> ServedModel:
     """The version the server serves for `version` ("" = the highest READY one) and its sha256.
 
@@ -418,7 +423,7 @@ def served_model(client: GenserveClient, model: str, version: str) -> ServedMode
     if not candidates:
         wanted = f"version {version!r}" if version else "version"
         raise BulkError(f"model {model!r} has no {wanted} on the server (served: {served})")
-    v = max(candidates, key=lambda v: (len(v.version), v.version))  # numeric names: longer is larger
+    v = max(candidates, key=version_order)
     if v.state == genserve_pb2.MODEL_STATE_LOADING:
         raise GenserveClientError(
             grpc.StatusCode.UNAVAILABLE, f"model {model!r} version {v.version} is LOADING"

@@ -53,6 +53,7 @@ from genserve_client.bulk import (
     load_params,
     read_job,
     state_label,
+    version_order,
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions
@@ -116,12 +117,18 @@ def parse_floats(text: str) -> list[float]:
 # --- model helpers ----------------------------------------------------------------------------
 
 
-def card(info: genserve_pb2.ModelInfo) -> dict[str, Any]:
-    for v in info.versions:
-        if v.card_json:
-            loaded: dict[str, Any] = json.loads(v.card_json)
-            return loaded
-    return {}
+def card(info: genserve_pb2.ModelInfo, version: str = "") -> dict[str, Any]:
+    """The card of the version a call with `version` uses: that version, or ("") the highest READY
+    one, as the server picks it (bulk.served_model); {} when it has none."""
+    if version:
+        candidates = [v for v in info.versions if v.version == version]
+    else:
+        ready = [v for v in info.versions if v.state == genserve_pb2.MODEL_STATE_READY]
+        candidates = ready or list(info.versions)
+    if not candidates or not (chosen := max(candidates, key=version_order)).card_json:
+        return {}
+    loaded: dict[str, Any] = json.loads(chosen.card_json)
+    return loaded
 
 
 def class_label(info: genserve_pb2.ModelInfo, label: int) -> str:
@@ -362,10 +369,10 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
 STYLE_GENERATOR = "style_generator"
 
 
-def default_crossover(info: genserve_pb2.ModelInfo) -> int:
-    """The crossover a style generator's card advertises (`mix_crossover`: where its mixing figures
-    were measured), or num_layers // 2 for a card without one (or with one out of range)."""
-    advertised = card(info).get("mix_crossover")
+def default_crossover(info: genserve_pb2.ModelInfo, version: str = "") -> int:
+    """The crossover the card of the version used advertises (`mix_crossover`: where its mixing
+    figures were measured), or num_layers // 2 for a card without one (or with one out of range)."""
+    advertised = card(info, version).get("mix_crossover")
     if isinstance(advertised, int) and 0 < advertised < info.num_layers:
         return advertised
     return max(1, info.num_layers // 2)
@@ -382,7 +389,7 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
         )
     rows, cols = args.rows, args.cols
     check_grid_size("mix", (len(rows) + 1) * (len(cols) + 1), f"--rows x --cols ({len(rows)}x{len(cols)})")
-    crossover = args.crossover if args.crossover is not None else default_crossover(info)
+    crossover = args.crossover if args.crossover is not None else default_crossover(info, args.version)
     opts = _sample_opts(args)
     own = sample_in_batches(client, args.model, [*rows, *cols], [], **opts)
     pairs = [(r, c) for r in rows for c in cols]
@@ -468,8 +475,8 @@ def vae_names(model: str, served: Sequence[str]) -> tuple[str, str]:
     raise UsageError(f"no VAE pair for {model!r}: expected {model}-encoder and {model}-decoder")
 
 
-def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo) -> npt.NDArray[np.uint8]:
-    c = card(info)
+def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo, version: str = "") -> npt.NDArray[np.uint8]:
+    c = card(info, version)
     picture: Image.Image = Image.open(path)
     picture = picture.convert("L" if c.get("input_channels", 1) == 1 else "RGB")
     size = c.get("image_size")
@@ -482,7 +489,7 @@ def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo) -> npt.NDArray[np
 
 def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
-    picture = load_for_encoder(Path(args.image), client.get_model(encoder))
+    picture = load_for_encoder(Path(args.image), client.get_model(encoder), args.version)
     mu = client.encode(encoder, [picture], version=args.version).mu[0]
     if not 0 <= args.dim < mu.shape[0] and not (args.sweep and args.all_dims):
         raise UsageError(f"--dim must be in [0, {mu.shape[0]}), got {args.dim}")

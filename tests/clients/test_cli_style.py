@@ -83,3 +83,17 @@ def test_mix_defaults_to_the_cards_crossover(card_json: str, expected: int) -> N
     info = pb.ModelInfo(name="m", kind="style_generator", num_layers=8)
     info.versions.add(version="1", card_json=card_json)
     assert default_crossover(info) == expected
+
+
+def test_mix_reads_the_card_of_the_version_it_will_use() -> None:
+    """The newest READY version serves a call without --version: its card decides, not version 1's;
+    --version N reads N's card."""
+    info = pb.ModelInfo(name="m", kind="style_generator", num_layers=8)
+    ready = pb.MODEL_STATE_READY
+    info.versions.add(version="1", state=ready, card_json='{"mix_crossover": 2}')
+    info.versions.add(version="10", state=ready, card_json='{"mix_crossover": 6}')
+    info.versions.add(version="11", state=pb.MODEL_STATE_LOADING, card_json='{"mix_crossover": 7}')
+    info.versions.add(version="9", state=ready, card_json='{"mix_crossover": 5}')
+    assert default_crossover(info) == 6
+    assert default_crossover(info, "1") == 2
+    assert default_crossover(info, "11") == 7
