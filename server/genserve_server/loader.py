@@ -209,10 +209,10 @@ def warm_up(
     )
     mv.calibration = result
     reason = _cap_reason(tolerance)
+    batch_cost_s = IMAGE_BATCH_OVERHEAD_S if card.kind.takes_image else BATCH_OVERHEAD_S
     if tolerance == AUTO_TOLERANCE:
-        mv.efficient_batch_size = compute_bound_cap(result.costs_s)
+        mv.efficient_batch_size = compute_bound_cap(result.costs_s, batch_cost_s)
     elif tolerance is not None and result.costs_s:
-        batch_cost_s = IMAGE_BATCH_OVERHEAD_S if card.kind.takes_image else BATCH_OVERHEAD_S
         mv.efficient_batch_size = efficient_batch_size(result.costs_s, tolerance, batch_cost_s)
     if result.memory_rows is not None:
         image = warmup_inputs(card, 1).get("image") if card.kind.takes_image else None
@@ -417,18 +417,19 @@ def warmup_sizes(tolerance: Tolerance, largest: int, probe_s: float) -> list[int
     return sorted({1, largest})
 
 
-def compute_bound_cap(costs_s: Mapping[int, float]) -> int | None:
+def compute_bound_cap(costs_s: Mapping[int, float], batch_cost_s: float = BATCH_OVERHEAD_S) -> int | None:
     """ "auto"'s batch cap (None: no cap): for a compute-bound model, the smallest batch that spreads
-    the batch's serving cost (BATCH_OVERHEAD_S) to within AUTO_GAIN of a row's call: 2 for a 20- to
-    40-ms row, 1 from 40 ms. Larger batches would only make callers wait in each other's batches.
-    Decided only with a larger size timed beside batch 1 (the budgets may leave them out)."""
+    the batch's serving cost (`batch_cost_s`: BATCH_OVERHEAD_S, or IMAGE_BATCH_OVERHEAD_S for image
+    kinds) to within AUTO_GAIN of a row's call: 2 for a 20- to 40-ms latent row, 1 from 40 ms.
+    Larger batches would only make callers wait in each other's batches. Decided only with a larger
+    size timed beside batch 1 (the budgets may leave them out)."""
     one = costs_s.get(1)
     larger = {size: cost for size, cost in costs_s.items() if size > 1}
     if one is None or one < COMPUTE_BOUND_CALL_S or not larger:
         return None
     if any(cost / size < (1.0 - AUTO_GAIN) * one for size, cost in larger.items()):
         return None  # a larger batch computes an item faster: batching pays
-    return max(1, math.ceil(BATCH_OVERHEAD_S / (AUTO_GAIN * one)))
+    return max(1, math.ceil(batch_cost_s / (AUTO_GAIN * one)))
 
 
 def efficient_batch_size(

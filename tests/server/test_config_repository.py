@@ -355,6 +355,14 @@ def test_auto_caps_only_a_compute_bound_model(costs_ms: dict[int, float], expect
     assert compute_bound_cap({b: c / 1e3 for b, c in costs_ms.items()}) == expected
 
 
+def test_auto_spreads_an_image_kinds_own_batch_cost() -> None:
+    """Image kinds cost IMAGE_BATCH_OVERHEAD_S a batch besides the call (their rows dwarf the 2 ms of
+    a latent batch), as efficient_batch_size counts them: a 25-ms row needs no second row to spread it."""
+    costs = {1: 25e-3, 2: 50e-3}
+    assert compute_bound_cap(costs) == 2
+    assert compute_bound_cap(costs, IMAGE_BATCH_OVERHEAD_S) == 1
+
+
 def test_auto_times_batch_2_only_where_the_probe_says_the_model_may_be_compute_bound() -> None:
     assert warmup_sizes("auto", 64, probe_s=0.031) == [1, 2, 64]
     assert warmup_sizes("auto", 64, probe_s=0.012) == [1, 2, 64]  # the probe is an estimate
