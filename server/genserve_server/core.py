@@ -591,23 +591,28 @@ class GenerationCore:
         expected = validate.predicted_images_send_size(
             out, card.channels, out_sizes, self.limits.max_send_message_bytes
         )
-        # Pad each image to the size multiple (reflect), cut equal-sized tiles; tiles of one shape
-        # from this and other requests share batches; blend, then crop the padding back off.
-        padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]
-        margin = min(radius, overlap // 2) if radius is not None else None
-        plans = [
-            tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, card.size_multiple, margin=margin)
-            for p in padded
+        # Counted before anything is padded or planned (on the event loop): a few KB of blank PNGs
+        # in 8x8 tiles are hundreds of thousands of tiles, refused here at no cost.
+        multiple = card.size_multiple
+        sides = [
+            (-(-a.shape[1] // multiple) * multiple, -(-a.shape[2] // multiple) * multiple) for a in arrays
         ]
-        n_tiles = sum(len(plan) for plan in plans)
+        n_tiles = sum(tiling.count_tiles(h, w, tile, overlap, multiple) for h, w in sides)
         assert mv.batcher is not None
         if n_tiles > mv.batcher.max_queue_size:  # could never be queued: not worth a retry
             raise invalid(
                 "tile_size",
-                f"{len(plans)} image(s) cut into {n_tiles} tiles of {tile}x{tile}, more than this model's "
+                f"{len(arrays)} image(s) cut into {n_tiles} tiles of {tile}x{tile}, more than this model's "
                 f"queue holds (max_queue_size={mv.batcher.max_queue_size}); use a larger tile_size or "
                 "send fewer or smaller images",
             )
+        # Pad each image to the size multiple (reflect), cut equal-sized tiles; tiles of one shape
+        # from this and other requests share batches; blend, then crop the padding back off.
+        padded = [pad_to_multiple(a, multiple) for a in arrays]
+        margin = min(radius, overlap // 2) if radius is not None else None
+        plans = [
+            tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, multiple, margin=margin) for p in padded
+        ]
         await self.reserve_response(call, expected)
         working_set = tiling.working_set_bytes(
             plans,

@@ -77,19 +77,34 @@ class _Span:
     core_stop: int
 
 
-def _plan_axis(length: int, tile: int, overlap: int, multiple: int, margin: int) -> tuple[list[_Span], int]:
-    """Windows along one axis (all of one size), their cores, and the axis's feather half-width."""
+def _axis_count(length: int, tile: int, overlap: int, multiple: int) -> int:
+    """How many windows `_plan_axis` puts along one axis (`tile` already a multiple of `multiple`)."""
     if length <= tile:
-        return [_Span(0, length, 0, length)], 0
-    units = length // multiple
+        return 1
     tile_units = tile // multiple
-    overlap_units = -(-overlap // multiple)
-    step_units = tile_units - overlap_units
+    step_units = tile_units - -(-overlap // multiple)
     if step_units < 1:
         raise ValueError(
             f"tile_size {tile} leaves no stride after overlap {overlap} at size_multiple {multiple}"
         )
-    count = 1 + -(-(units - tile_units) // step_units)
+    return 1 + -(-(length // multiple - tile_units) // step_units)
+
+
+def count_tiles(h: int, w: int, tile_size: int, overlap: int, size_multiple: int = 1) -> int:
+    """``len(plan_tiles(h, w, tile_size, overlap, size_multiple))`` without building the plan: a
+    request's tile count is bounded before its tiles cost anything (an 8x8 tile of a 1024x1024
+    image is one of 16384)."""
+    tile = tile_size - tile_size % size_multiple
+    return _axis_count(h, tile, overlap, size_multiple) * _axis_count(w, tile, overlap, size_multiple)
+
+
+def _plan_axis(length: int, tile: int, overlap: int, multiple: int, margin: int) -> tuple[list[_Span], int]:
+    """Windows along one axis (all of one size), their cores, and the axis's feather half-width."""
+    count = _axis_count(length, tile, overlap, multiple)
+    if count == 1:
+        return [_Span(0, length, 0, length)], 0
+    units = length // multiple
+    tile_units = tile // multiple
     # Evenly spread starts (in units of `multiple`, rounded half up in integers): every gap is
     # floor or ceil of (units - tile_units) / (count - 1) <= step, so every overlap is >= overlap.
     span, gaps = units - tile_units, count - 1

@@ -1,0 +1,100 @@
+"""Review tests for SuperResolve's tiling: what a request with too many tiles costs before it is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from server_support import super_resolution_graph, write_model
+
+from genserve.v1 import types_pb2 as tpb
+from genserve_server import tiling, validate
+from genserve_server.config import ServerConfig
+from genserve_server.core import Call, GenerationCore
+from genserve_server.errors import InvalidArgument
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+
+
+@pytest.mark.parametrize("multiple", [1, 2, 4, 8])
+def test_count_tiles_is_the_plans_length(multiple: int) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        h = multiple * int(rng.integers(1, 300 // multiple + 2))
+        w = multiple * int(rng.integers(1, 300 // multiple + 2))
+        overlap = int(rng.integers(0, 20))
+        tile = int(rng.integers(max(2 * overlap + 8, 4 * overlap), 130))
+        if tile // multiple <= -(-overlap // multiple):
+            continue
+        assert tiling.count_tiles(h, w, tile, overlap, multiple) == len(
+            tiling.plan_tiles(h, w, tile, overlap, multiple)
+        ), (h, w, tile, overlap, multiple)
+
+
+def test_too_many_tiles_are_refused_before_any_tile_is_planned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 blank 1024x1024 PNGs (~3 KB each) in 8x8 tiles are 262,144 tiles, over the queue's 256.
+    The refusal came only after plan_tiles had built every tile on the event loop: ~0.8 s during
+    which the server answered nothing (a grpc.health Check waited 0.85 s), for each such request."""
+    write_model(
+        tmp_path,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": 2,
+            "size_multiple": 1,
+            "tile_size": 96,
+            "tile_overlap": 8,
+            "min_size": 4,
+        },
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 256}},
+    )
+    planned: list[Any] = []
+    real_plan = tiling.plan_tiles
+
+    def counting_plan(*args: Any, **kwargs: Any) -> list[tiling.Tile]:
+        plan = real_plan(*args, **kwargs)
+        planned.append(len(plan))
+        return plan
+
+    monkeypatch.setattr(tiling, "plan_tiles", counting_plan)
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(1024 * 1024 * 3), shape=[1024, 1024, 3])
+
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(tmp_path, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        core = GenerationCore(repo, config, metrics, pool)
+        out = validate.output_spec(tpb.IMAGE_FORMAT_JPEG, 1, None, False)
+        call = Call("SuperResolve", "test", time.monotonic(), metrics.unresolved())
+        try:
+            mv = core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
+            with pytest.raises(InvalidArgument) as excinfo:
+                await core.upscale(mv, call, [image] * 4, 8, 0, out)
+            assert str(excinfo.value).startswith("tile_size: 4 image(s) cut into 65536 tiles of 8x8")
+            assert "max_queue_size=256" in str(excinfo.value)
+            assert planned == [], f"planned {sum(planned)} tiles of a request refused for its tile count"
+            # Within the queue: planned as before.
+            small = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(40 * 60 * 3), shape=[40, 60, 3])
+            upscaled = await core.upscale(mv, call, [small], 16, 0, out)
+            assert upscaled.tiles == [tiling.count_tiles(40, 60, 16, 0)] and planned == upscaled.tiles
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
