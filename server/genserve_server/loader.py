@@ -496,11 +496,25 @@ def profile_shapes(card: Card, max_batch_size: int) -> ProfileShapes | None:
 
 
 def measure_tile_radius(card: Card, runner: Runner) -> int | None:
-    """How far (input pixels) a tile edge disturbs the output: tiles must discard that margin."""
+    """How far (input pixels) a tile edge disturbs the output: tiles must discard that margin.
+    Raises ConfigError where the graph's output is not card.json's scale_factor x its input: every
+    tile would be blended (and every single-tile image cropped) to the wrong size."""
     multiple = card.size_multiple
     probe = max(64, -(-64 // multiple) * multiple)
+    scale = card.scale_factor
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = runner.run_sync({"image": x})["output_image"]
+        if out.ndim != 4 or tuple(out.shape[2:]) != (x.shape[2] * scale, x.shape[3] * scale):
+            raise ConfigError(
+                f"{card.name}/{card.version}: the graph maps a {x.shape[2]}x{x.shape[3]} image to "
+                f"{'x'.join(str(d) for d in out.shape[2:])} (output shape {list(out.shape)}), not to "
+                f"{x.shape[2] * scale}x{x.shape[3] * scale} as card.json's scale_factor {scale} says"
+            )
+        return out
+
     radius = tiling.receptive_field_radius(
-        lambda x: runner.run_sync({"image": x})["output_image"],
+        run,
         card.input_channels or 3,
         probe,
         input_range=card.input_range or (0.0, 1.0),

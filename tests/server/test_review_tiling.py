@@ -98,3 +98,40 @@ def test_too_many_tiles_are_refused_before_any_tile_is_planned(
             pool.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("card_scale", [1, 4])
+def test_a_card_scale_factor_the_graph_does_not_have_fails_the_load(tmp_path: Path, card_scale: int) -> None:
+    """The graph upscales x2. With card.json saying x4 (or x1) the version loaded READY, and then
+    SuperResolve answered OK with images of the wrong size (a 20x20 input gave 40x40, not 80x80) or
+    with each tile's top-left crop of the real output (x1), and INTERNAL for multi-tile images."""
+    write_model(
+        tmp_path,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": card_scale,
+            "size_multiple": 1,
+            "tile_size": 32,
+            "tile_overlap": 4,
+            "min_size": 4,
+        },
+    )
+
+    async def main() -> tuple[str, str]:
+        repo = Repository(tmp_path, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        mv = repo.get("sr").versions["1"]
+        try:
+            return mv.state.name, mv.reason
+        finally:
+            await repo.close(1)
+
+    state, reason = asyncio.run(asyncio.wait_for(main(), 60))
+    assert state == "UNAVAILABLE"
+    assert "scale_factor" in reason and f"{card_scale}" in reason and "128x128" in reason, reason
