@@ -576,9 +576,9 @@ class GenerationCore:
         card = mv.card
         assert card is not None
         radius = mv.tile_radius
-        default_overlap = max(card.tile_overlap or 0, 2 * radius if radius is not None else 0)
+        _, default_overlap = validate.default_tiling(card, radius)
         overlap = default_overlap if tile_overlap is None else tile_overlap
-        tile = tile_size or min(validate.MAX_TILE, max(card.tile_size or 128, 4 * overlap))
+        tile = tile_size or validate.tile_for(card, overlap)
         validate.tiling(tile, overlap, card.size_multiple, overlap_given=tile_overlap is not None)
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
         arrays = await self.codec.decode(

@@ -20,10 +20,11 @@ import numpy as np
 
 from genserve_contract.config import AUTO_TOLERANCE, Tolerance
 from genserve_contract.repository import sha256_file
-from genserve_server import calibration, tiling
+from genserve_server import calibration, tiling, validate
 from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
 from genserve_server.config import Card, ConfigError, ServerConfig, cpu_count, load_card
+from genserve_server.errors import InvalidArgument
 from genserve_server.load_gate import LoadGate
 from genserve_server.metrics import BatchMetrics
 from genserve_server.ort_session import (
@@ -70,6 +71,7 @@ def load_files(
             radius_s = probe_s * 10 * 64 * 64 / max(1, height * width)
             with gate.step(radius_s, check_stopping=check_stopping):
                 mv.tile_radius = measure_tile_radius(card, runner)
+            check_default_tiling(card, mv.tile_radius)
         if sc.warmup and sc.shrink_arena_after_warmup:
             # What warm-up's largest batches grew the CPU arenas by goes back (bench/README.md,
             # "Footprint"); the first large batch regrows what it needs.
@@ -493,6 +495,21 @@ def profile_shapes(card: Card, max_batch_size: int) -> ProfileShapes | None:
         return {name: [batch, *value.shape[1:]] for name, value in one.items()}
 
     return ProfileShapes(shapes(1), shapes(opt), shapes(max_batch_size))
+
+
+def check_default_tiling(card: Card, radius: int | None) -> None:
+    """ConfigError unless the tiling of a request that sets none (validate.default_tiling) can be
+    planned: otherwise every such request would be refused, blaming a field its client never sent."""
+    tile, overlap = validate.default_tiling(card, radius)
+    try:
+        validate.tiling(tile, overlap, card.size_multiple, overlap_given=False)
+    except InvalidArgument as exc:
+        measured = f", receptive-field radius {radius} measured at load" if radius is not None else ""
+        raise ConfigError(
+            f"{card.name}/{card.version}: card.json's tiling (tile_size {card.tile_size}, tile_overlap "
+            f"{card.tile_overlap}{measured}) gives requests that set none tiles of {tile} with overlap "
+            f"{overlap}, which no request can use ({exc.message}); fix tile_size / tile_overlap"
+        ) from None
 
 
 def measure_tile_radius(card: Card, runner: Runner) -> int | None:

@@ -321,6 +321,19 @@ def input_range(values: np.ndarray, value_range: tuple[float, float], field: str
         )
 
 
+def tile_for(card: Card, overlap: int) -> int:
+    """The tile_size of a request that sets none: card.json's (128 without one), at least 4 x the
+    overlap, at most MAX_TILE."""
+    return min(MAX_TILE, max(card.tile_size or 128, 4 * overlap))
+
+
+def default_tiling(card: Card, radius: int | None) -> tuple[int, int]:
+    """(tile_size, tile_overlap) of a request that sets neither: card.json's overlap, raised to twice
+    the receptive-field radius measured at load (which makes tiling exact), and tile_for's size."""
+    overlap = max(card.tile_overlap or 0, 2 * radius if radius is not None else 0)
+    return tile_for(card, overlap), overlap
+
+
 def tiling(tile: int, overlap: int, size_multiple: int, *, overlap_given: bool = True) -> None:
     """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned.
     `overlap_given`: the client set tile_overlap (else it is the model's default, which a refusal

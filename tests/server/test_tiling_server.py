@@ -1,4 +1,5 @@
-"""Review tests for SuperResolve's tiling: what a request with too many tiles costs before it is refused."""
+"""SuperResolve tiling inside the server: what a request with too many tiles costs before it is refused,
+and what the load checks of a tiled model (its scale, its default tiling)."""
 
 from __future__ import annotations
 
@@ -135,3 +136,47 @@ def test_a_card_scale_factor_the_graph_does_not_have_fails_the_load(tmp_path: Pa
     state, reason = asyncio.run(asyncio.wait_for(main(), 60))
     assert state == "UNAVAILABLE"
     assert "scale_factor" in reason and f"{card_scale}" in reason and "128x128" in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("tiling_card", "named"),
+    [
+        ({"tile_size": 4, "tile_overlap": 0}, "tile_size 4"),
+        ({"tile_size": 96, "tile_overlap": 300}, "tile_overlap 300"),
+    ],
+)
+def test_a_card_default_tiling_no_request_could_use_fails_the_load(
+    tmp_path: Path, tiling_card: dict[str, int], named: str
+) -> None:
+    """card.json's tile_size / tile_overlap are the defaults of every request that sets none. Ones
+    that cannot be planned loaded READY, then every such request was refused with INVALID_ARGUMENT
+    blaming a tile_size or tile_overlap the client never sent: the load fails, naming card.json."""
+    write_model(
+        tmp_path,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": 2,
+            "size_multiple": 1,
+            "min_size": 4,
+            **tiling_card,
+        },
+    )
+
+    async def main() -> tuple[str, str]:
+        repo = Repository(tmp_path, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        mv = repo.get("sr").versions["1"]
+        try:
+            return mv.state.name, mv.reason
+        finally:
+            await repo.close(1)
+
+    state, reason = asyncio.run(asyncio.wait_for(main(), 60))
+    assert state == "UNAVAILABLE"
+    assert "card.json" in reason and named in reason, reason
