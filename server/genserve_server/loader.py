@@ -516,8 +516,10 @@ def measure_tile_radius(card: Card, runner: Runner) -> int | None:
     """How far (input pixels) a tile edge disturbs the output: tiles must discard that margin.
     Raises ConfigError where the graph's output is not card.json's scale_factor x its input: every
     tile would be blended (and every single-tile image cropped) to the wrong size."""
-    multiple = card.size_multiple
-    probe = max(64, -(-64 // multiple) * multiple)
+    # At least 64 and the card's min_size, in whole multiples of the size multiple on each half (the
+    # probe replaces one half at a time, as content beyond a tile edge is).
+    step = 2 * card.size_multiple
+    probe = -(-max(64, card.min_size) // step) * step
     scale = card.scale_factor
 
     def run(x: np.ndarray) -> np.ndarray:

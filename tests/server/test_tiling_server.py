@@ -14,8 +14,8 @@ import pytest
 from server_support import super_resolution_graph, write_model
 
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import tiling, validate
-from genserve_server.config import ServerConfig
+from genserve_server import loader, tiling, validate
+from genserve_server.config import ServerConfig, load_card
 from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import InvalidArgument
 from genserve_server.metrics import Metrics
@@ -180,3 +180,31 @@ def test_a_card_default_tiling_no_request_could_use_fails_the_load(
     state, reason = asyncio.run(asyncio.wait_for(main(), 60))
     assert state == "UNAVAILABLE"
     assert "card.json" in reason and named in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("min_size", "multiple", "probe"), [(4, 1, 64), (96, 1, 96), (4, 5, 70), (100, 8, 112)]
+)
+def test_the_radius_probe_is_at_least_min_size_with_halves_in_whole_multiples(
+    tmp_path: Path, min_size: int, multiple: int, probe: int
+) -> None:
+    """The load's receptive-field probe ran at 64x64 whatever the card's min_size (a graph that needs
+    96 pixels failed its load), and with halves off the size multiple for odd multiples."""
+    fields = {"channels": 3, "input_channels": 3, "input_range": [0.0, 1.0], "scale_factor": 2}
+    write_model(
+        tmp_path,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {**fields, "size_multiple": multiple, "min_size": min_size},
+    )
+    card = load_card(tmp_path / "sr" / "1" / "card.json")
+    seen: list[tuple[int, ...]] = []
+
+    class NearestX2:
+        def run_sync(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            seen.append(inputs["image"].shape)
+            return {"output_image": inputs["image"].repeat(2, axis=2).repeat(2, axis=3)}
+
+    assert loader.measure_tile_radius(card, NearestX2()) == 0  # type: ignore[arg-type]
+    assert {shape[2:] for shape in seen} == {(probe, probe)}
