@@ -538,7 +538,17 @@ def measure_tile_radius(card: Card, runner: Runner) -> int | None:
         probe,
         input_range=card.input_range or (0.0, 1.0),
     )
-    logger.info("%s/%s: tile receptive-field radius %s px", card.name, card.version, radius)
+    if radius is None:
+        logger.warning(
+            "%s/%s: the graph is not local at %dx%d (global pooling or image-wide normalisation?): "
+            "tiled SuperResolve cannot match the untiled output; requests larger than one tile show seams",
+            card.name,
+            card.version,
+            probe,
+            probe,
+        )
+    else:
+        logger.info("%s/%s: tile receptive-field radius %s px", card.name, card.version, radius)
     return radius
 
 
