@@ -2,9 +2,10 @@
 
 Per version: the card is complete and consistent; sha256 of each file matches; the graphs load
 in ONNX Runtime; their inputs/outputs are the card's; batch 1 and 7 run (two image sizes for fully
-convolutional kinds); outputs are finite, shaped as the card says and inside ``output_range``;
-fp16 stays within ``fp16_atol`` of fp32; quality is recomputed from ``model.onnx`` by the recipe
-and checked against the card's thresholds. Every problem is collected, not only the first.
+convolutional kinds, both directions of a two_way_translator); outputs are finite, shaped as the
+card says and inside ``output_range``; fp16 stays within ``fp16_atol`` of fp32; quality is
+recomputed from ``model.onnx`` by the recipe and checked against the card's thresholds. Every
+problem is collected, not only the first.
 """
 
 from __future__ import annotations
@@ -357,6 +358,19 @@ def _expected_shape(
     return shape
 
 
+def _run_cases(card: Mapping[str, Any], rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """The inputs verify runs: batch 1 and 7 at each image size, and a two_way_translator's in both
+    directions (as export's parity cases), so that its B->A generator is checked too."""
+    cases = []
+    for size in _image_sizes(card):
+        for (batch,) in _SIZE_CASES:
+            feeds = _feeds(card, batch, size, rng)
+            cases.append(feeds)
+            if "direction" in feeds:
+                cases.append({**feeds, "direction": np.ones(batch, np.int64)})
+    return cases
+
+
 def _check_runs(
     card: Mapping[str, Any], graphs: Mapping[str, ort.InferenceSession], model: ModelReport
 ) -> None:
@@ -365,38 +379,36 @@ def _check_runs(
     lo, hi = card["output_range"] or (-math.inf, math.inf)  # a code prior or style_mapping gives no image
     slack = _RANGE_SLACK * (hi - lo) if image_name is not None else 0.0
     fp16_worst = 0.0
-    for size in _image_sizes(card):
-        for (batch,) in _SIZE_CASES:
-            feeds = _feeds(card, batch, size, rng)
-            case = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
-            results: dict[str, dict[str, np.ndarray]] = {}
-            for file, sess in graphs.items():
-                try:
-                    results[file] = run_session(sess, feeds)
-                except Exception as exc:  # ORT's own exception types
-                    model.errors.append(f"{file} fails at {case}: {exc}")
-                    continue
-                for output in card["outputs"]:
-                    value = results[file][output["name"]]
-                    want = _expected_shape(card, output, feeds)
-                    if list(value.shape) != want:
-                        model.errors.append(
-                            f"{file} {output['name']} at {case}: shape {list(value.shape)}, expected {want}"
-                        )
-                    if not np.isfinite(value).all():
-                        model.errors.append(f"{file} {output['name']} at {case}: non-finite values")
-                    elif output["name"] == image_name and (
-                        value.min() < lo - slack or value.max() > hi + slack
-                    ):
-                        model.errors.append(
-                            f"{file} {output['name']} at {case}: values span "
-                            f"[{value.min():.4g}, {value.max():.4g}] outside output_range [{lo}, {hi}]"
-                        )
-            if "model.onnx" in results and "model.fp16.onnx" in results:
-                for output in card["outputs"]:
-                    a, b = results["model.onnx"][output["name"]], results["model.fp16.onnx"][output["name"]]
-                    if a.shape == b.shape:
-                        fp16_worst = max(fp16_worst, float(np.abs(a.astype(np.float64) - b).max()))
+    for feeds in _run_cases(card, rng):
+        case = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+        if "direction" in feeds:
+            case += f" direction {int(feeds['direction'][0])}"
+        results: dict[str, dict[str, np.ndarray]] = {}
+        for file, sess in graphs.items():
+            try:
+                results[file] = run_session(sess, feeds)
+            except Exception as exc:  # ORT's own exception types
+                model.errors.append(f"{file} fails at {case}: {exc}")
+                continue
+            for output in card["outputs"]:
+                value = results[file][output["name"]]
+                want = _expected_shape(card, output, feeds)
+                if list(value.shape) != want:
+                    model.errors.append(
+                        f"{file} {output['name']} at {case}: shape {list(value.shape)}, expected {want}"
+                    )
+                if not np.isfinite(value).all():
+                    model.errors.append(f"{file} {output['name']} at {case}: non-finite values")
+                elif output["name"] == image_name and (value.min() < lo - slack or value.max() > hi + slack):
+                    model.errors.append(
+                        f"{file} {output['name']} at {case}: values span "
+                        f"[{value.min():.4g}, {value.max():.4g}] outside output_range [{lo}, {hi}]"
+                    )
+        if "model.onnx" in results and "model.fp16.onnx" in results:
+            for output in card["outputs"]:
+                a, b = results["model.onnx"][output["name"]], results["model.fp16.onnx"][output["name"]]
+                if a.shape == b.shape:
+                    fp16_worst = max(fp16_worst, float(np.abs(a.astype(np.float64) - b).max()))
     if "model.fp16.onnx" in graphs:
         model.notes.append(f"fp16 vs fp32 ONNX max abs diff now {fp16_worst:.3g}")
         if fp16_worst > card["parity"]["fp16_atol"]:
