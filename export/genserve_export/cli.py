@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from genserve_contract.repository import latest_version_dir
 from genserve_export.build import DEFAULT_SEED, train_and_export
+from genserve_export.data.digits import MissingDataError
+from genserve_export.data.fashion import MissingDataError as FashionDataError
+from genserve_export.errors import ExportError
 from genserve_export.recipes import RECIPES
 
 logger = logging.getLogger("genserve_export")
@@ -28,25 +32,62 @@ def _say(text: str, flush: bool = False) -> None:
         sys.stdout.flush()
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+_POSITIVE = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genserve-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one default recipe and export it")
     train.add_argument("name", choices=sorted(RECIPES), help="recipe name")
-    train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    train.add_argument(
+        "--steps", type=_POSITIVE, default=None, help="optimiser steps (default: the recipe's)"
+    )
     train.add_argument("--seed", type=int, default=DEFAULT_SEED)
     train.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
     train.add_argument("--device", default=None, help="torch device (default: cuda when present)")
-    train.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
+    train.add_argument(
+        "--threads", type=_POSITIVE, default=1, help="torch CPU threads (default 1: shared machine)"
+    )
     train.add_argument("--no-fp16", action="store_true", help="do not write model.fp16.onnx")
 
     build = sub.add_parser("build-defaults", help="train and export every default recipe")
     build.add_argument("--out", type=Path, default=Path("models"))
-    build.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's default steps")
+    build.add_argument(
+        "--steps-scale", type=_positive_float, default=1.0, help="multiply every recipe's default steps"
+    )
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     build.add_argument("--only", nargs="*", default=None, help="restrict to these recipes")
-    build.add_argument("--threads", type=int, default=1)
+    build.add_argument("--threads", type=_POSITIVE, default=1)
     build.add_argument(
         "--jobs",
         type=int,
@@ -65,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
     imp.add_argument("--name", default="esrgan-x4", help="repository entry name")
     imp.add_argument("--version", default="1", help="version directory")
-    imp.add_argument("--scale", type=int, default=4, help="which of the package's models/x<scale> to import")
+    imp.add_argument(
+        "--scale", type=_POSITIVE, default=4, help="which of the package's models/x<scale> to import"
+    )
     imp.add_argument(
         "--pixel-max",
         choices=("auto", "1", "255"),
@@ -73,11 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         help="input range the TF.js model expects, [0, 1] or [0, 255] (auto: the one that reproduces the "
         "package's own sample output)",
     )
-    imp.add_argument("--tile-size", type=int, default=128, help="card tile_size (input px)")
-    imp.add_argument("--tile-overlap", type=int, default=16, help="card tile_overlap (input px)")
+    imp.add_argument("--tile-size", type=_POSITIVE, default=128, help="card tile_size (input px)")
+    imp.add_argument("--tile-overlap", type=_NON_NEGATIVE, default=16, help="card tile_overlap (input px)")
     imp.add_argument(
         "--max-batch-size",
-        type=int,
+        type=_POSITIVE,
         default=2,
         help="config.json batching.max_batch_size (small: the server warms batches of 1 and this at load)",
     )
@@ -87,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="card threshold on psnr_y_gain_db (BT.601 luma, border shaved)",
     )
-    imp.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
+    imp.add_argument(
+        "--threads", type=_POSITIVE, default=1, help="torch CPU threads (default 1: shared machine)"
+    )
     imp.add_argument("--no-fp16", action="store_true", help="do not write model.fp16.onnx")
     imp.add_argument(
         "--fp16-weights",
@@ -134,6 +179,12 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from genserve_export.import_sr import import_tfjs_sr
 
+    if not args.package.exists():
+        sys.stderr.write(
+            f"genserve-export import-rrdn: error: package {args.package} not found (its .tgz or unpacked "
+            "directory; `make pretrained` fetches it)\n"
+        )
+        return 2
     torch.set_num_threads(args.threads)
     batch = args.max_batch_size
     tile = args.tile_size
@@ -297,12 +348,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    if args.command == "train":
-        return _train(args, argv)
-    if args.command == "build-defaults":
-        return _build_defaults(args, argv)
-    if args.command == "import-rrdn":
-        return _import_rrdn(args, argv)
+    try:
+        if args.command == "train":
+            return _train(args, argv)
+        if args.command == "build-defaults":
+            return _build_defaults(args, argv)
+        if args.command == "import-rrdn":
+            return _import_rrdn(args, argv)
+    except (ExportError, MissingDataError, FashionDataError) as exc:
+        # What the user can fix (a package without that model, data not fetched, a module the
+        # kind refuses): its message, not a traceback.
+        sys.stderr.write(f"genserve-export {args.command}: error: {exc}\n")
+        return 1
     return _verify_and__say(
         args.path, grids=args.grids, thresholds=not args.no_thresholds, quality=not args.no_quality
     )

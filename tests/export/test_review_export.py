@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from genserve_export import export_model, verify_repository
+from genserve_export import cli, export_model, import_sr, verify_repository
 
 
 class SkewedTwoWay(nn.Module):
@@ -58,3 +59,70 @@ def test_verify_checks_a_two_way_translators_b_to_a_direction_too(tmp_path: Path
     assert any("outside output_range" in e and "direction" in e for e in report.models[0].errors), (
         report.format()
     )
+
+
+# --- the CLI: bad numbers and missing inputs are refused by name, before any work -------------
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training or importing would mean the CLI accepted the bad argument."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the CLI started work with a bad argument")
+
+    monkeypatch.setattr(cli, "train_and_export", refuse)
+    monkeypatch.setattr(import_sr, "import_tfjs_sr", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["train", "dcgan-digits", "--threads", "0"], "--threads"),
+        (["train", "dcgan-digits", "--steps", "-5"], "--steps"),
+        (["train", "dcgan-digits", "--steps", "0"], "--steps"),
+        (["build-defaults", "--steps-scale", "0"], "--steps-scale"),
+        (["build-defaults", "--steps-scale", "-1"], "--steps-scale"),
+        (["build-defaults", "--threads", "0"], "--threads"),
+        (["import-rrdn", "PKG", "--threads", "0"], "--threads"),
+        (["import-rrdn", "PKG", "--scale", "0"], "--scale"),
+        (["import-rrdn", "PKG", "--max-batch-size", "0"], "--max-batch-size"),
+        (["import-rrdn", "PKG", "--tile-size", "0"], "--tile-size"),
+        (["import-rrdn", "PKG", "--tile-overlap", "-1"], "--tile-overlap"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_cli_refuses_bad_numbers_naming_the_flag_and_the_limit(
+    argv: list[str], flag: str, tmp_path: Path, no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    argv = [str(package) if a == "PKG" else a for a in argv] + ["--out", str(tmp_path / "models")]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and (">= 1" in err or ">= 0" in err or "> 0" in err), err
+    assert not (tmp_path / "models").exists()
+
+
+def test_cli_import_of_a_missing_package_names_it_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "absent-1.0.0.tgz"
+    assert cli.main(["import-rrdn", str(missing), "--out", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "not found" in err, err
+    assert not (tmp_path / "models").exists()
+
+
+def test_cli_import_of_a_scale_the_package_lacks_is_an_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.export.test_tfjs_import import write_package
+
+    package = write_package(tmp_path, scale=2)  # holds models/x2 only
+    code = cli.main(["import-rrdn", str(package), "--scale", "3", "--out", str(tmp_path / "models")])
+    assert code == 1
+    assert "models/x3/model.json not found" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
