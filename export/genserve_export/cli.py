@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,34 @@ def _after(name: str) -> dict[str, str]:
     return dict(getattr(RECIPES[name], "after", {}))
 
 
+def _dependency_models(out: Path, name: str, built: set[str]) -> dict[str, str]:
+    """{environment variable: model.onnx} for each entry recipe `name` starts from that this build
+    has written into `out` (the others keep their defaults)."""
+    models = {}
+    for dependency, variable in _after(name).items():
+        latest = latest_version_dir(out / dependency) if dependency in built else None
+        if latest is not None:
+            models[variable] = str(latest / "model.onnx")
+    return models
+
+
+def _dependencies_first(names: list[str]) -> list[str]:
+    """`names` in their order, except that a recipe comes after those it starts from (its `after`)."""
+    ordered: list[str] = []
+
+    def place(name: str, seen: tuple[str, ...]) -> None:
+        if name in ordered or name in seen:
+            return
+        for dependency in _after(name):
+            if dependency in names:
+                place(dependency, (*seen, name))
+        ordered.append(name)
+
+    for name in names:
+        place(name, ())
+    return ordered
+
+
 def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str, float]]:
     """Train `names` `args.jobs` at a time, each through `genserve-export train` in its own process
     (a recipe holds torch's global state: threads, seeds). Returns (name, its last output line, wall
@@ -252,11 +281,7 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
         while ready and len(running) < args.jobs:
             name = ready.pop(0)
             pending.remove(name)
-            env = dict(os.environ)
-            for dependency, variable in _after(name).items():
-                latest = latest_version_dir(args.out / dependency) if dependency in built else None
-                if latest is not None:
-                    env[variable] = str(latest / "model.onnx")
+            env = {**os.environ, **_dependency_models(args.out, name, built)}
             command = [sys.executable, "-m", "genserve_export.cli", "train", name, "--out", str(args.out)]
             command += ["--seed", str(args.seed), "--threads", str(args.threads)]
             steps = _recipe_steps(name, args.steps_scale)
@@ -286,6 +311,21 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
     return rows
 
 
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in os.environ for the block, then restored."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
     names = args.only or list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
@@ -307,16 +347,20 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
             _say(f"  {name:<22} {wall:7.1f} s  ({last})")
     else:
         rows = []
-        for name in names:
+        built: set[str] = set()
+        # As with --jobs: a recipe that starts from another's model gets the one just built into --out.
+        for name in _dependencies_first(names):
             t0 = time.perf_counter()
-            result = train_and_export(
-                name,
-                args.out,
-                seed=args.seed,
-                steps=_recipe_steps(name, args.steps_scale),
-                command=_command_line(argv),
-                threads=args.threads,
-            )
+            with _environment(_dependency_models(args.out, name, built)):
+                result = train_and_export(
+                    name,
+                    args.out,
+                    seed=args.seed,
+                    steps=_recipe_steps(name, args.steps_scale),
+                    command=_command_line(argv),
+                    threads=args.threads,
+                )
+            built.add(name)
             rows.append((name, result.steps, result.train_s, result.export_s, time.perf_counter() - t0))
             _say(
                 f"{name}: steps {result.steps}, train {result.train_s:.1f} s, export {result.export_s:.1f} s",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -126,3 +128,30 @@ def test_cli_import_of_a_scale_the_package_lacks_is_an_error_not_a_traceback(
     assert code == 1
     assert "models/x3/model.json not found" in capsys.readouterr().err
     assert not (tmp_path / "models").exists()
+
+
+def test_build_defaults_one_at_a_time_starts_srgan_from_the_sr_model_it_just_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """srgan-photos-x4 fine-tunes sr-photos-x4 (its `after`). `--jobs 2` points it at the model built
+    into --out; `--jobs 1` (the default) must too, or the two build different models and the card's
+    training.init names a model that is not the repository's sr-photos-x4 (which verify compares with)."""
+    from genserve_export.recipes import photos_srgan
+
+    out = tmp_path / "models"
+    seen: dict[str, str | None] = {}
+
+    def fake_train(name: str, out_dir: Path, **kwargs: object) -> object:
+        seen[name] = os.environ.get(photos_srgan.INIT_ENV)
+        version = out_dir / name / "1"
+        version.mkdir(parents=True)
+        (version / "model.onnx").write_bytes(b"fresh")
+        return SimpleNamespace(steps=1, train_s=0.0, export_s=0.0, paths=[version])
+
+    monkeypatch.delenv(photos_srgan.INIT_ENV, raising=False)
+    monkeypatch.setattr(cli, "train_and_export", fake_train)
+    # in the order given: the dependency second, as `--only` lets a user write it
+    argv = ["build-defaults", "--out", str(out), "--only", "srgan-photos-x4", "sr-photos-x4", "--no-verify"]
+    assert cli.main(argv) == 0
+    assert seen["srgan-photos-x4"] == str(out / "sr-photos-x4" / "1" / "model.onnx"), seen
+    assert photos_srgan.INIT_ENV not in os.environ  # set for that recipe only
