@@ -63,6 +63,8 @@ USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
     + (("domains",) if kind.two_way else ())
     for kind in Kind
 }
+# The most input image channels the server loads a card with (genserve_server.config.load_card).
+MAX_INPUT_CHANNELS = 4
 # Fields of the style kinds only (written for them, absent from other kinds' cards).
 STYLE_CARD_FIELDS: tuple[str, ...] = ("w_dim", "num_layers", "w_avg")
 
@@ -162,7 +164,9 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
     if kind.takes_image:
         need("input_range", _is_range(card["input_range"]), "[lo, hi] with lo < hi")
         need(
-            "input_channels", is_int(card["input_channels"]) and card["input_channels"] > 0, "a positive int"
+            "input_channels",
+            is_int(card["input_channels"]) and 1 <= card["input_channels"] <= MAX_INPUT_CHANNELS,
+            f"an int in 1..{MAX_INPUT_CHANNELS} (the server refuses more)",
         )
     if kind.takes_codes:
         problems += _code_field_problems(card, kind, where)

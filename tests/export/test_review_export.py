@@ -155,3 +155,44 @@ def test_build_defaults_one_at_a_time_starts_srgan_from_the_sr_model_it_just_bui
     assert cli.main(argv) == 0
     assert seen["srgan-photos-x4"] == str(out / "sr-photos-x4" / "1" / "model.onnx"), seen
     assert photos_srgan.INIT_ENV not in os.environ  # set for that recipe only
+
+
+class FiveBandTranslator(nn.Module):
+    """image [N, 5, H, W] (e.g. RGB + two masks) -> gray."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(5, 1, 3, padding=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(image))
+
+
+def test_export_refuses_input_channels_the_server_cannot_load(tmp_path: Path) -> None:
+    """The server reads a card's input_channels as 1..4 (config.load_card) and marks a version with
+    more UNAVAILABLE; export (and verify) must refuse it, naming the field and the limit, instead of
+    writing an entry that verifies OK and never serves."""
+    from genserve_export.errors import ExportError
+    from genserve_server.config import ConfigError, load_card
+
+    example = {"image": np.random.default_rng(0).random((2, 5, 16, 16), dtype=np.float32)}
+    card = {"description": "five bands to gray", "output_range": [0, 1], "input_range": [0, 1]}
+    try:
+        path = export_model(
+            FiveBandTranslator(),
+            kind="image_to_image",
+            name="five",
+            out_dir=tmp_path,
+            fp16=False,
+            example_inputs=example,
+            card=card,
+        )
+    except ExportError as exc:
+        assert "input_channels" in str(exc) and "4" in str(exc), exc
+        assert not any(tmp_path.rglob("*.onnx"))
+        return
+    with pytest.raises(ConfigError, match="input_channels"):
+        load_card(path / "card.json")  # what the server does with it
+    report = verify_repository(tmp_path, recompute_quality=False)
+    raise AssertionError(f"export wrote an entry the server refuses; verify says:\n{report.format()}")
