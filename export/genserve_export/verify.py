@@ -302,6 +302,16 @@ def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport)
             model.errors.append(f"auxiliary graph {file} is listed in the card but missing")
         elif sha256_file(path) != digest:
             model.errors.append(f"auxiliary graph {file}: sha256 differs from the card's aux_graphs")
+    source = card.get("source")
+    recorded = source.get("files_sha256") if isinstance(source, Mapping) else None
+    # An imported model's licence and reference pair (their digests in its card's source record):
+    # the reference drives a gated quality figure.
+    for file, digest in recorded.items() if isinstance(recorded, Mapping) else ():
+        path = version_dir / file
+        if not path.is_file():
+            model.errors.append(f"{file} is listed in the card's source.files_sha256 but missing")
+        elif sha256_file(path) != digest:
+            model.errors.append(f"{file}: sha256 differs from the card's source.files_sha256")
     unlisted = sorted(
         p.name for p in version_dir.glob("*.onnx") if p.name not in listed and p.name not in aux
     )

@@ -196,3 +196,25 @@ def test_export_refuses_input_channels_the_server_cannot_load(tmp_path: Path) ->
         load_card(path / "card.json")  # what the server does with it
     report = verify_repository(tmp_path, recompute_quality=False)
     raise AssertionError(f"export wrote an entry the server refuses; verify says:\n{report.format()}")
+
+
+def test_verify_checks_the_digests_an_imported_card_records_for_its_licence_and_reference(
+    tmp_path: Path,
+) -> None:
+    """An imported model's card records source.files_sha256 for LICENSE and the reference pair, and
+    verify scores the gated reference_max_abs_diff_255 against that pair: a changed file must fail."""
+    from genserve_export.import_sr import REFERENCE_OUTPUT, import_tfjs_sr
+    from tests.export.test_tfjs_import import write_package
+
+    out = tmp_path / "models"
+    target = import_tfjs_sr(
+        write_package(tmp_path), out_dir=out, name="tiny-x2", scale=2, fp16=False, tile_size=32
+    )
+    assert verify_repository(out, recompute_quality=False).ok
+    (target / "LICENSE").write_text("All rights reserved.\n")
+    reference = target / REFERENCE_OUTPUT
+    reference.write_bytes(reference.read_bytes()[:-1] + b"\x00")
+    report = verify_repository(out, recompute_quality=False)
+    assert not report.ok, report.format()
+    errors = " ".join(report.models[0].errors)
+    assert "LICENSE" in errors and REFERENCE_OUTPUT in errors, report.format()
