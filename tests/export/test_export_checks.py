@@ -1,4 +1,4 @@
-"""Review findings for genserve_export (verify, CLI, build-defaults)."""
+"""genserve_export checks: verify (both directions, recorded file digests), CLI limits, build-defaults order."""
 
 from __future__ import annotations
 
