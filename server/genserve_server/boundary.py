@@ -148,7 +148,10 @@ class Boundary:
         if isinstance(exc, asyncio.CancelledError):
             call.code = _cancelled_code(call)
             raise exc
-        if not isinstance(exc, Exception):  # GeneratorExit and the like: not the call's failure
+        if isinstance(exc, GeneratorExit):  # a stream closed before its end: not an OK stream
+            call.code = _closed_code(call, context)
+            raise exc
+        if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not the call's failure
             raise exc
         call.code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
         if isinstance(exc, grpc.aio.AbortError):
@@ -214,3 +217,14 @@ class Boundary:
 def _cancelled_code(call: Call) -> str:
     """The status a cancelled handler is counted under: gRPC cancels it at the client's deadline too."""
     return "DEADLINE_EXCEEDED" if cancelled_by_deadline(call.deadline) else "CANCELLED"
+
+
+def _closed_code(call: Call, context: Context) -> str:
+    """The status of a stream whose generator was closed before its last message: the status the
+    server set when it ended the stream itself (admission's stream_write_timeout_s:
+    RESOURCE_EXHAUSTED), else the client went away or its deadline passed while the handler waited
+    to write (grpc cancels the writing task and closes the generator)."""
+    code = context.code()
+    if not context.cancelled() and isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code.name
+    return _cancelled_code(call)

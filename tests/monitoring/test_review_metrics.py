@@ -1,0 +1,100 @@
+"""Review: /metrics values against what really happened to each call (code, counts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from reliability_support import write_gen
+from server_support import ServerProcess, start_server, wait_until
+from unread_client import UnreadClient
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+STREAM = "/genserve.v1.GenerationService/SampleStream"
+RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+WRITE_TIMEOUT_S = 3.0  # longer than the deadline test's deadline
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root: Path = tmp_path_factory.mktemp("review-metrics-models")
+    write_gen(root)
+    limits = {"stream_write_timeout_s": WRITE_TIMEOUT_S}
+    proc = start_server(root, tmp_path_factory.mktemp("review-metrics-server"), config={"limits": limits})
+    yield proc
+    proc.stop()
+
+
+def test_a_stream_ended_for_an_unread_client_counts_resource_exhausted_not_ok(server: ServerProcess) -> None:
+    """_write_all ends a stream whose client took nothing for stream_write_timeout_s with
+    RESOURCE_EXHAUSTED; genserve_requests_total must count it so, not as a finished OK stream."""
+    labels = {"model": "gen", "method": "SampleStream"}
+    ok_before = server.metric("genserve_requests_total", code="OK", **labels)
+    exhausted_before = server.metric("genserve_requests_total", code="RESOURCE_EXHAUSTED", **labels)
+    job = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6, base_seed=0, output=RAW))
+    unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+    try:
+        unread.call(server.target, STREAM, job.SerializeToString())
+        wait_until(
+            lambda: server.metric("genserve_requests_in_flight", method="SampleStream") >= 1,
+            10,
+            "the unread stream to run",
+            interval_s=0.01,
+        )
+        wait_until(
+            lambda: server.metric("genserve_requests_in_flight", method="SampleStream") == 0,
+            10 + WRITE_TIMEOUT_S,
+            "the server to end the unread stream",
+        )
+    finally:
+        unread.close()
+    ok = server.metric("genserve_requests_total", code="OK", **labels) - ok_before
+    exhausted = (
+        server.metric("genserve_requests_total", code="RESOURCE_EXHAUSTED", **labels) - exhausted_before
+    )
+    assert (ok, exhausted) == (0, 1)
+
+
+def _stalled(server: ServerProcess) -> bool:
+    """The stream's handler computes no more images: it waits to write to a client that stopped reading."""
+    before = server.metric("genserve_images_total", model="gen")
+    time.sleep(0.3)
+    return server.metric("genserve_images_total", model="gen") == before
+
+
+@pytest.mark.parametrize("ending", ["cancel", "deadline"])
+def test_a_stream_its_client_stops_reading_and_ends_is_not_counted_ok(
+    server: ServerProcess, ending: str
+) -> None:
+    """A SampleStream whose client reads one chunk, stops reading (the server blocks in its write),
+    then cancels or lets its deadline pass is counted CANCELLED or DEADLINE_EXCEEDED, not OK."""
+    expected = {"cancel": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}[ending]
+    labels = {"model": "gen", "method": "SampleStream"}
+    before = {
+        code: server.metric("genserve_requests_total", code=code, **labels) for code in ("OK", expected)
+    }
+    job = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6, base_seed=0, output=RAW))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        timeout_s = WRITE_TIMEOUT_S / 2 if ending == "deadline" else 60.0
+        started = time.monotonic()
+        chunks = stub.SampleStream(job, timeout=timeout_s)
+        next(chunks)
+        if ending == "cancel":
+            wait_until(lambda: _stalled(server), 20, "the server to block writing to the unread stream")
+            chunks.cancel()
+        else:  # before stream_write_timeout_s could end it
+            time.sleep(max(0.0, started + timeout_s - time.monotonic()))
+        wait_until(
+            lambda: server.metric("genserve_requests_in_flight", method="SampleStream") == 0,
+            10,
+            "the server to end the stream",
+        )
+    after = {code: server.metric("genserve_requests_total", code=code, **labels) for code in ("OK", expected)}
+    assert {code: after[code] - before[code] for code in after} == {"OK": 0, expected: 1}
