@@ -36,6 +36,7 @@ stream (CODE_RNG_ALGORITHM, documented above SampleCodesRequest in protos/genser
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -141,6 +142,7 @@ class Row:
     draws: np.ndarray  # float64 [H*W]: u at every position, drawn once at join (not one Philox call a step)
     position: int = 0
     submitted: float = field(default_factory=time.monotonic)
+    request: int = 0  # the sample() call it belongs to (genserve_batch_requests: requests per step)
 
 
 @dataclass(eq=False, slots=True)
@@ -193,9 +195,11 @@ class StepScheduler:
         # The prior's config.json `sampling`: options a request leaves unset.
         self.defaults = defaults or SamplingConfig()
         # The prior version's series (docs/metrics-contract.md): a step is a batch (compute
-        # duration, batch size = rows per step), the join wait is the interactive queue wait, a
-        # full budget is a `queue_full` rejection, and genserve_step_running_rows the running set.
+        # duration, batch size = rows per step, batch requests = requests per step), the join wait
+        # is the interactive queue wait, a full budget is a `queue_full` rejection, and
+        # genserve_step_running_rows the running set.
         self.metrics = metrics
+        self._requests = itertools.count(1)
         self.name = name
         self.grid = grid
         self.positions = grid[0] * grid[1]
@@ -269,6 +273,9 @@ class StepScheduler:
             )
             for i, seed in enumerate(seeds)
         ]
+        request = next(self._requests)
+        for row in rows:
+            row.request = request
         watch = _Watch(rows, max(1, every), progress) if progress is not None else None
         if watch is not None:
             self._watches.append(watch)
@@ -379,6 +386,7 @@ class StepScheduler:
                 if self.metrics is not None:
                     self.metrics.compute_duration.observe(time.perf_counter() - started)
                     self.metrics.batch_size.observe(len(rows))
+                    self.metrics.batch_requests.observe(len({row.request for row in rows}))
                 still = []
                 for row, code in zip(rows, codes, strict=True):
                     if row.future.done():  # cancelled during the call: leaves without advancing

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from code_models import write_code_models
 from reliability_support import write_gen
-from server_support import ServerProcess, start_server, wait_until
+from server_support import ServerProcess, metric_in, running_server, start_server, wait_until
 from unread_client import UnreadClient
 
 from genserve.v1 import genserve_pb2 as pb
@@ -98,3 +99,30 @@ def test_a_stream_its_client_stops_reading_and_ends_is_not_counted_ok(
         )
     after = {code: server.metric("genserve_requests_total", code=code, **labels) for code in ("OK", expected)}
     assert {code: after[code] - before[code] for code in after} == {"OK": 0, expected: 1}
+
+
+def test_code_prior_steps_count_their_requests_per_batch(tmp_path: Path) -> None:
+    """A step of a code prior is its batch (docs/metrics-contract.md): genserve_batch_requests has one
+    observation per step as genserve_batch_size has, and a top prior that only a chained prior's
+    calls use counts as used (GenserveNoTraffic reads increase(genserve_batch_requests_count))."""
+    root = tmp_path / "models"
+    root.mkdir()
+    names = write_code_models(root, grid=(4, 4), k=16, max_rows=8)
+    with running_server(root, tmp_path / "server") as proc:
+        before = proc.metrics_text()
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            stub.SampleCodes(pb.SampleCodesRequest(model=names["chain"], count=3, base_seed=1), timeout=60)
+        after = proc.metrics_text()
+    for model in (names["chain"], names["top"]):
+        steps = metric_in(after, "genserve_batch_size_count", model=model) - metric_in(
+            before, "genserve_batch_size_count", model=model
+        )
+        per_step = metric_in(after, "genserve_batch_requests_count", model=model) - metric_in(
+            before, "genserve_batch_requests_count", model=model
+        )
+        requests = metric_in(after, "genserve_batch_requests_sum", model=model) - metric_in(
+            before, "genserve_batch_requests_sum", model=model
+        )
+        assert steps > 0, model
+        assert (per_step, requests) == (steps, steps), model  # one request in every step
