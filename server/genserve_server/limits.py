@@ -54,11 +54,16 @@ def _lenient(method: str, deserialize: Callable[[bytes], Any] | None) -> Callabl
     return parse
 
 
-def guard_malformed(method: str, handler: Handler) -> Handler:
+def _uncounted(method: str) -> None:
+    return None
+
+
+def guard_malformed(method: str, handler: Handler, on_reject: Callable[[str], None] = _uncounted) -> Handler:
     """Answers INVALID_ARGUMENT (not grpc's INTERNAL) for request bytes that do not parse.
 
     Wraps unary-request handlers (unary-unary and unary-stream); streaming-request handlers
-    (reflection) are returned as they are.
+    (reflection) are returned as they are. `on_reject(method)` counts each refusal
+    (genserve_requests_rejected_total{reason="invalid"}: no handler, so no boundary, sees it).
     """
     if handler.unary_unary is None and handler.unary_stream is None:
         return handler
@@ -68,6 +73,7 @@ def guard_malformed(method: str, handler: Handler) -> Handler:
 
     async def reject(request: Malformed, context: Context) -> None:
         logger.info("refused %s: %s", method, request.problem)
+        on_reject(method)
         await abort(context, InvalidArgument(request.message()))
 
     if handler.unary_unary is not None:

@@ -200,7 +200,10 @@ class App:
 
         guarded = GuardedRegistrar(
             self.server,
-            lambda method, handler: admission.wrap(method, guard_malformed(method, handler)),
+            lambda method, handler: admission.wrap(
+                method,
+                guard_malformed(method, handler, on_reject=lambda _: unresolved.rejected["invalid"].inc()),
+            ),
             hot=hot if accept_many else None,
         )
         registrar = guarded.as_server()

@@ -126,3 +126,24 @@ def test_code_prior_steps_count_their_requests_per_batch(tmp_path: Path) -> None
         )
         assert steps > 0, model
         assert (per_step, requests) == (steps, steps), model  # one request in every step
+
+
+def test_request_bytes_that_do_not_parse_count_as_rejected_invalid(server: ServerProcess) -> None:
+    """limits.guard_malformed refuses them INVALID_ARGUMENT before any handler runs: like the other
+    refusals before the boundary (unauthenticated, concurrency), genserve_requests_rejected_total
+    counts them, under model="" (reason invalid)."""
+    before = server.metric("genserve_requests_rejected_total", model="", reason="invalid")
+    with grpc.insecure_channel(server.target) as channel:
+        sample = channel.unary_unary(
+            "/genserve.v1.GenerationService/Sample",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            sample(b"\xff\xff\xff", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    wait_until(
+        lambda: server.metric("genserve_requests_rejected_total", model="", reason="invalid") == before + 1,
+        5,
+        "the malformed request to count as rejected{reason=invalid}",
+    )
