@@ -311,11 +311,12 @@ class StepScheduler:
     def _drop_gone(self, now: float) -> None:
         """Rows whose caller cancelled or whose deadline passed leave now, before the call."""
         keep = []
+        dropped: dict[int, str] = {}
         for row in self._running:
             if row.future.done():
-                self._dropped("cancelled")
+                self._dropped(row, "cancelled", dropped)
             elif row.deadline is not None and now >= row.deadline:
-                self._dropped("deadline")
+                self._dropped(row, "deadline", dropped)
                 row.future.set_exception(
                     DeadlineExceeded(
                         f"{self.name}: deadline passed after {row.position} of {self.positions} positions"
@@ -325,13 +326,17 @@ class StepScheduler:
                 keep.append(row)
         self._running = keep
 
-    def _dropped(self, reason: str) -> None:
+    def _dropped(self, row: Row, reason: str, dropped: dict[int, str]) -> None:
+        """One row leaves (`stats` count rows); genserve_requests_dropped_total counts its request
+        once: `dropped` holds the requests counted in this pass (a request's rows leave together)."""
         if reason == "deadline":
             self.stats.expired += 1
         else:
             self.stats.cancelled += 1
-        if self.metrics is not None:
-            self.metrics.dropped[reason].inc()
+        if row.request not in dropped:
+            dropped[row.request] = reason
+            if self.metrics is not None:
+                self.metrics.dropped[reason].inc()
 
     def call_rows(self, n: int) -> int:
         """Rows of this step's call for `n` running rows: `n`, or with `stable_shapes` the bucket,
@@ -388,9 +393,10 @@ class StepScheduler:
                     self.metrics.batch_size.observe(len(rows))
                     self.metrics.batch_requests.observe(len({row.request for row in rows}))
                 still = []
+                dropped: dict[int, str] = {}
                 for row, code in zip(rows, codes, strict=True):
                     if row.future.done():  # cancelled during the call: leaves without advancing
-                        self._dropped("cancelled")
+                        self._dropped(row, "cancelled", dropped)
                         continue
                     row.codes.flat[row.position] = code
                     row.position += 1

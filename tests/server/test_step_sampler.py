@@ -1099,3 +1099,33 @@ def test_a_two_level_call_is_refused_at_once_when_the_bottom_budget_is_full(tmp_
             await full
 
     run_with_core(tmp_path, body)
+
+
+def test_a_dropped_request_of_several_rows_counts_once_in_the_metrics(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """genserve_requests_dropped_total counts requests (docs/metrics-contract.md), as the batcher
+    does: a cancelled call of 3 samples, or one of 2 past its deadline, is one dropped request."""
+    root, names = code_repo
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        count_calls(scheduler, delay_s=0.002)
+        leaves = asyncio.ensure_future(sample(core, names["prior"], [1, 2, 3], [0]))
+        await until(lambda: scheduler.stats.steps >= 2)
+        leaves.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaves
+        with pytest.raises(DeadlineExceeded):
+            await sample(core, names["prior"], [4, 5], [0], deadline=time.monotonic() + 0.02)
+
+    run_with_core(root, body, metrics)
+    labels = {"model": names["prior"], "version": "1"}
+    dropped = {
+        reason: metrics.registry.get_sample_value(
+            "genserve_requests_dropped_total", {**labels, "reason": reason}
+        )
+        for reason in ("cancelled", "deadline")
+    }
+    assert dropped == {"cancelled": 1, "deadline": 1}
