@@ -1,4 +1,5 @@
-"""Review: /metrics values against what really happened to each call (code, counts)."""
+"""/metrics values against what really happened to each call: streams ended early, code prior steps,
+unparsable request bytes."""
 
 from __future__ import annotations
 
