@@ -1,4 +1,4 @@
-"""genserve_export checks: verify (both directions, recorded file digests), CLI limits, build-defaults order."""
+"""genserve_export checks: verify (both directions, file digests), CLI limits, build-defaults order."""
 
 from __future__ import annotations
 
