@@ -465,16 +465,17 @@ class Metrics:
 
     def forget_version(self, mm: ModelMetrics, others: Sequence[ModelMetrics] = ()) -> None:
         """A version's object is gone (drained, or never loaded): its model-level gauges go (ready,
-        queue depth, load duration, file changed, runtime info, batch cap). Series are keyed by
-        (model, version) only, so `others`, copies of the same (model, version) still loading,
-        serving or draining (a model directory moved away and back, a version loaded again while its
-        old copy drained), bind the very same children: while there is one, only what is this
+        queue depth, a prior's running rows, load duration, file changed, runtime info, batch cap).
+        Series are keyed by (model, version) only, so `others`, copies of the same (model, version)
+        still loading, serving or draining (a model directory moved away and back, a version loaded
+        again while its old copy drained), bind the very same children: while there is one, only what is this
         copy's alone goes, and the rest stays as the live copy set it."""
         live = [o for o in others if o is not mm]
         mm.clear_runtime(live)
         if live or not self.enabled:
             return
-        for family in (self.model_ready, self.queue_depth, self.model_load_duration, self.model_file_changed):
+        gauges = (self.model_ready, self.queue_depth, self.step_running_rows)
+        for family in (*gauges, self.model_load_duration, self.model_file_changed):
             with contextlib.suppress(KeyError):
                 family.remove(mm.model, mm.version)
 

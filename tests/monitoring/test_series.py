@@ -109,6 +109,8 @@ def test_forgetting_one_copy_of_a_version_leaves_the_series_a_live_copy_shares()
     assert lines("genserve_batch_max_rows") == ['genserve_batch_max_rows{model="gen",version="1"} 2.0']
     assert [x for x in lines("genserve_model_runtime_info") if "CPUExecutionProvider" in x]
     assert not [x for x in lines("genserve_model_runtime_info") if "CUDAExecutionProvider" in x]
+    new.step_running_rows.set(3)  # a code prior's running set
     metrics.forget_version(new)
-    for family in ("genserve_model_ready", "genserve_batch_max_rows", "genserve_model_runtime_info"):
+    gone = ("genserve_model_ready", "genserve_batch_max_rows", "genserve_model_runtime_info")
+    for family in (*gone, "genserve_step_running_rows", "genserve_queue_depth"):
         assert lines(family) == [], family
