@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -218,3 +219,25 @@ def test_verify_checks_the_digests_an_imported_card_records_for_its_licence_and_
     assert not report.ok, report.format()
     errors = " ".join(report.models[0].errors)
     assert "LICENSE" in errors and REFERENCE_OUTPUT in errors, report.format()
+
+
+def test_source_commit_is_dirty_for_changes_to_the_contract_too(tmp_path: Path) -> None:
+    """+dirty covered only export/genserve_export: a build from an edited api/genserve_contract (the
+    card and config rules it writes to) was recorded as the clean commit. models/ stays out."""
+    from genserve_export.provenance import SOURCE_PATHS, source_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for path in (*SOURCE_PATHS, "models"):
+        (tmp_path / path).mkdir(parents=True)
+        (tmp_path / path / "f.txt").write_text("a")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    package = tmp_path / SOURCE_PATHS[0]
+    assert not source_commit(package).endswith("+dirty")
+    (tmp_path / "models" / "f.txt").write_text("built")
+    assert not source_commit(package).endswith("+dirty")
+    (tmp_path / "api" / "genserve_contract" / "f.txt").write_text("edited")
+    assert source_commit(package).endswith("+dirty")
