@@ -6,7 +6,8 @@ Three concerns that every image RPC shares, kept free of protobuf and ONNX:
   the declared size is read from the header by this module's own parsers *before* any decoder
   runs, because a 100-byte PNG or WebP can declare 50000x50000 pixels and decoders allocate the
   whole canvas up front (libwebp's does so as soon as the file is opened). Only PNG, JPEG and WebP
-  reach Pillow, and Pillow is only asked for the one format the magic bytes name.
+  reach Pillow, and Pillow is only asked for the one format the magic bytes name. A JPEG holds at
+  most MAX_JPEG_SCANS scans: libjpeg's time grows with scans x pixels, not with the file's size.
 * ``encode_image``: uint8 HWC -> response bytes. PNG, JPEG and WebP go through OpenCV, measured at
   about 4-7x faster than Pillow for PNG here (see /work/shared/FACTS.md); PNG defaults to zlib
   level 1 because higher levels cost several times the CPU for ~10% smaller files.
@@ -69,6 +70,17 @@ _JPEG_SOF_MARKERS: Final = frozenset(
 _JPEG_STANDALONE: Final = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
 _JPEG_SOS: Final = 0xDA
 _JPEG_EOI: Final = 0xD9
+# libjpeg decodes every scan of a JPEG over all of its blocks, and only warns when a scan repeats
+# one before it: a 2048x2048 progressive JPEG whose AC scan is repeated costs ~0.35 ms of decoding
+# per 16-byte scan (one EOB run covers the whole plane), so 1 MiB held a codec thread ~20 s and
+# the 64 MiB message limit ~20 min, uncancellable. Real JPEGs have 1 (baseline) to about 10
+# (progressive) scans per image; the limit is libjpeg-turbo's suggested scan limit (djpeg
+# -maxscans, TJPARAM_SCANLIMIT) with room for camera files that carry a few embedded JPEGs.
+MAX_JPEG_SCANS: Final = 1000
+# Start-of-scan markers are counted as the bytes FF DA anywhere in the file: entropy-coded data
+# stuffs every FF with 00, so each scan libjpeg can see is counted (an upper bound: marker payloads
+# such as EXIF or ICC data may hold the pair by chance, rarely more than a few times).
+_JPEG_SOS_BYTES: Final = b"\xff\xda"
 
 
 class ImageFormat(enum.IntEnum):
@@ -234,6 +246,14 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, 
     if size is None:
         raise invalid(field, f"corrupt {detected.name} image: no readable size in the header")
     _check_pixels(size[0], size[1], max_pixels, field, limit_name)
+    if detected == ImageFormat.JPEG:
+        scans = data.count(_JPEG_SOS_BYTES)
+        if scans > MAX_JPEG_SCANS:
+            raise invalid(
+                field,
+                f"JPEG with {scans} scans (start-of-scan markers) exceeds the limit of {MAX_JPEG_SCANS} "
+                "scans per image (a progressive JPEG has about 10)",
+            )
     try:
         with Image.open(io.BytesIO(data), formats=[_PIL_NAME[detected]]) as im:
             # Defence in depth: the decoder's own idea of the size, before it allocates pixels.
