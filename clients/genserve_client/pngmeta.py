@@ -1,4 +1,5 @@
-"""Provenance in PNG files the CLI writes: tEXt chunks with seed(s), model, version and sha256.
+"""Provenance in PNG files the CLI writes: tEXt chunks (iTXt for text beyond Latin-1) with seed(s),
+model, version and sha256.
 
 Read them back with Pillow (`Image.open(path).text`) or `exiftool`. Images the server encoded are
 not re-encoded: the chunks are spliced in after IHDR, so the pixel data stays byte for byte.
@@ -45,12 +46,20 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def _text_chunk(key: str, value: str) -> bytes:
+    """tEXt (Latin-1), or uncompressed iTXt (UTF-8) for a value Latin-1 cannot hold, as Pillow's
+    PngInfo.add_text writes it: a file path such as фото.png is kept, not turned into ????.png."""
+    keyword = key.encode("latin-1")
+    try:
+        return _chunk(b"tEXt", keyword + b"\0" + value.encode("latin-1"))
+    except UnicodeEncodeError:
+        # keyword, NUL, compression flag 0 and method 0, empty language tag and translated keyword.
+        return _chunk(b"iTXt", keyword + b"\0\0\0\0\0" + value.encode("utf-8"))
+
+
 def with_png_text(data: bytes, text: dict[str, str]) -> bytes:
-    """PNG bytes with tEXt chunks added after IHDR; anything that is not a PNG is returned as is."""
+    """PNG bytes with text chunks added after IHDR; anything that is not a PNG is returned as is."""
     if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return data
-    chunks = b"".join(
-        _chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1", "replace"))
-        for key, value in text.items()
-    )
+    chunks = b"".join(_text_chunk(key, value) for key, value in text.items())
     return data[:_IHDR_END] + chunks + data[_IHDR_END:]

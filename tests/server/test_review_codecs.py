@@ -1,4 +1,4 @@
-"""Review findings on image codecs (decoding hostile inputs) and the client's PNG provenance."""
+"""Review findings on image codecs: decoding hostile inputs."""
 
 from __future__ import annotations
 
