@@ -236,6 +236,16 @@ def _to_hwc_uint8(im: Image.Image) -> U8Array:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)  # CMYK, YCbCr, ...
 
 
+def _allow_pillow_pixels(max_pixels: int) -> None:
+    """Pillow's process-wide bomb guard (a warning above Image.MAX_IMAGE_PIXELS, ~89M pixels, an
+    error above twice that) would refuse what a server configured above it allows, as "exceeds
+    max_input_pixels" when it does not: raised (never lowered) to the caller's limit, which the
+    header and Pillow's own size are checked against before any pixel is decoded."""
+    allowed = Image.MAX_IMAGE_PIXELS
+    if allowed is not None and max_pixels > allowed:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, limit_name: str) -> U8Array:
     detected = sniff_format(data)
     if detected is None:
@@ -254,6 +264,7 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, 
                 f"JPEG with {scans} scans (start-of-scan markers) exceeds the limit of {MAX_JPEG_SCANS} "
                 "scans per image (a progressive JPEG has about 10)",
             )
+    _allow_pillow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data), formats=[_PIL_NAME[detected]]) as im:
             # Defence in depth: the decoder's own idea of the size, before it allocates pixels.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import struct
 import time
+import warnings
+import zlib
 
 import pytest
 from PIL import Image
@@ -71,3 +73,28 @@ def test_ordinary_progressive_jpegs_still_decode() -> None:
         Image.new(mode, (64, 48), 90).save(buffer, "JPEG", progressive=True)
         assert decode_image(buffer.getvalue(), 0, [], max_pixels=MAX_PIXELS, field="x").shape[:2] == (48, 64)
     assert decode_image(many_scan_jpeg(100), 0, [], max_pixels=MAX_PIXELS, field="x").shape == (2048, 2048, 1)
+
+
+def test_a_pixel_limit_above_pillows_own_guard_is_the_one_that_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """max_input_pixels = 256M (16000 x 16000) refused a 20000 x 10000 PNG (200M pixels, within it)
+    as "image exceeds max_input_pixels 256000000": Pillow's process-wide guard fired (~179M)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    width, height = 20_000, 10_000
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress((b"\x00" * (width + 1)) * height, 1)
+    data = codecs._PNG_MAGIC + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        decoded = decode_image(data, 0, [], max_pixels=256_000_000, field="images[0]")
+    assert decoded.shape == (height, width, 1)
+    del decoded
+    with pytest.raises(
+        InvalidArgument, match=r"20000x10000 = 200000000 pixels exceeds max_input_pixels 4194304"
+    ):
+        decode_image(data, 0, [], max_pixels=MAX_PIXELS, field="images[0]")
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
