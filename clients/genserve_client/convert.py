@@ -93,6 +93,16 @@ def array_to_pil(
     return PILImage.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
 
 
+def _pil_to_uint8(image: PILImage.Image) -> npt.NDArray[np.uint8]:
+    """A PIL image as the server decodes the same picture from a file: gray stays gray, 16-bit
+    gray (I;16, as Pillow opens a 16-bit PNG) scales 0..65535 onto 0..255 with rounding (Pillow's
+    own conversion clips every value above 255 to white, in RGB), anything else becomes RGB."""
+    if image.mode.startswith("I;16"):
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    return np.asarray(image.convert("L" if image.mode in ("L", "1", "I", "F") else "RGB"))
+
+
 def to_image_message(image: ImageInput) -> types_pb2.Image:
     """Build a request Image. Encoded bytes and files travel as they are (the server detects
     PNG/JPEG/WEBP, so nothing is decoded here); arrays and PIL images travel as raw uint8 HWC."""
@@ -101,7 +111,7 @@ def to_image_message(image: ImageInput) -> types_pb2.Image:
     if isinstance(image, str | os.PathLike):
         return types_pb2.Image(format=types_pb2.IMAGE_FORMAT_UNSPECIFIED, data=Path(image).read_bytes())
     if isinstance(image, PILImage.Image):
-        image = np.asarray(image.convert("L" if image.mode in ("L", "1", "I", "F") else "RGB"))
+        image = _pil_to_uint8(image)
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise ValueError(f"image arrays must be uint8 HWC or HW, got dtype {arr.dtype}")
