@@ -1,4 +1,4 @@
-"""Review findings on the client's image handling: PNG provenance (pngmeta), request images (convert)."""
+"""The client's image handling: PNG provenance text (pngmeta), request images from PIL (convert)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review findings on image codecs: decoding hostile inputs."""
+"""Image codecs against hostile or outsized inputs: JPEG scan counts, pixel limits above Pillow's guard."""
 
 from __future__ import annotations
 
