@@ -79,6 +79,43 @@ def address_list_target(target: str, resolve: Callable[[str, int], list[str]] = 
     )
 
 
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot travel as `authorization: Bearer <token>` (None: it can). gRPC metadata
+    values are printable ASCII; anything else failed every call with `INTERNAL: Invalid metadata`.
+    The answer never quotes the token."""
+    for char in token:
+        if not " " <= char <= "~":
+            if char in "\r\n":
+                what = "a line break"
+            else:
+                what = "a control character" if char < " " else "a non-ASCII character"
+            return f"a bearer token is printable ASCII (a gRPC header value); this one holds {what}"
+    return None
+
+
+def read_token_file(path: str | Path) -> str:
+    """The one token of a token file in the server's format: one per line, `#` comments and blank
+    lines skipped, CRLF or a UTF-8 BOM tolerated. ValueError naming the file (never a token) when it
+    holds none, several (a server's list: the client sends one), or one no header can carry."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"--token-file {path}: not UTF-8 text") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    tokens = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not tokens:
+        raise ValueError(f"--token-file {path}: no token in the file")
+    if len(tokens) > 1:
+        raise ValueError(
+            f"--token-file {path}: holds {len(tokens)} tokens (one per line, a server's list); "
+            "a client sends one: give a file holding only its own"
+        )
+    problem = token_problem(tokens[0])
+    if problem is not None:
+        raise ValueError(f"--token-file {path}: {problem}")
+    return tokens[0]
+
+
 def _join(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
@@ -135,6 +172,9 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if self.lb_policy not in LB_POLICIES:
             raise ValueError(f"ChannelConfig.lb_policy must be one of {LB_POLICIES}, got {self.lb_policy!r}")
+        problem = token_problem(self.token) if self.token else None
+        if problem is not None:
+            raise ValueError(f"ChannelConfig.token: {problem}")
 
     def grpc_target(self) -> str:
         """The target as gRPC takes it (an address list becomes an ipv4:/ipv6: target)."""

@@ -56,7 +56,7 @@ from genserve_client.bulk import (
     version_order,
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
-from genserve_client.channel import ChannelConfig, TlsOptions
+from genserve_client.channel import ChannelConfig, TlsOptions, read_token_file, token_problem
 from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
@@ -828,7 +828,11 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
     g.add_argument(
         "--token", default=default(None), help="bearer token (sent as `authorization: Bearer <token>`)"
     )
-    g.add_argument("--token-file", default=default(None), help="file holding the bearer token")
+    g.add_argument(
+        "--token-file",
+        default=default(None),
+        help="file holding the bearer token (one; blank and `#` comment lines skipped)",
+    )
     g.add_argument(
         "--tls",
         action="store_true",
@@ -1057,8 +1061,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def channel_config(args: argparse.Namespace) -> ChannelConfig:
     token = args.token
+    if token and (problem := token_problem(token)) is not None:
+        raise UsageError(f"--token: {problem}")
     if args.token_file:
-        token = Path(args.token_file).read_text().strip()
+        token = read_token_file(args.token_file)
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
         tls = TlsOptions.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)

@@ -1,0 +1,59 @@
+"""The CLI's token flags (review of the security surface), in-process against the fake server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from client_fakes import FakeServer, cli_main
+
+from genserve_client import ChannelConfig
+
+TOKEN = "tok-A_1"
+OTHER = "tok-B_2"
+
+
+def test_token_file_in_the_servers_format_sends_its_one_token(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token file written as the server's (docs/operations.md: one per line, `#` comments; CRLF
+    from an editor) sent the whole text, comments and line breaks included, as the header value:
+    the call failed `INTERNAL: Invalid metadata`, naming neither the file nor the token."""
+    tokens = tmp_path / "token"
+    tokens.write_bytes(f"# the bulk job's token\r\n\r\n{TOKEN}\r\n".encode())
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "--token-file", str(tokens), "models")
+    assert code == 0, err
+    assert fake_server.service.metadata[-1]["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_token_file_with_several_tokens_is_refused_naming_the_file(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/deploy.md's tokens.txt (two tokens, the server's list) given to --token-file: exit 2 with
+    a message naming the file, before any call, and never the tokens themselves."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN}\n{OTHER}\n")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "--token-file", str(tokens), "models")
+    assert code == 2, err
+    assert str(tokens) in err and "2 tokens" in err and "Traceback" not in err
+    assert TOKEN not in err and OTHER not in err
+    assert not fake_server.service.calls
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing yet\n\n")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "--token-file", str(empty), "models")
+    assert code == 2 and str(empty) in err and "no token" in err, err
+
+
+@pytest.mark.parametrize("bad", ["tok\nen", "tök", "tok\ten"])
+def test_a_token_no_header_can_carry_is_refused_without_echoing_it(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    """`--token` (or ChannelConfig.token) with a character gRPC metadata cannot carry failed every call
+    with `INTERNAL: Invalid metadata`; it is refused up front, naming the field and not the value."""
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "--token", bad, "models")
+    assert code == 2, err
+    assert "token" in err and bad not in err and "Invalid metadata" not in err
+    assert not fake_server.service.calls
+    with pytest.raises(ValueError, match="ChannelConfig.token") as info:
+        ChannelConfig(fake_server.target, token=bad)
+    assert bad not in str(info.value)
