@@ -47,16 +47,39 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     )
 
 
+def _unsendable(token: str) -> str | None:
+    """What keeps a client from presenting `token` (gRPC metadata values are printable ASCII), or
+    None; never quotes the token."""
+    for char in token:
+        if not " " <= char <= "~":
+            kind = "a non-ASCII" if char > "~" else "a control"
+            return f"holds {kind} character, which no gRPC client can send in a header"
+    return None
+
+
 def load_tokens(token_file: Path | None = None, env_var: str | None = None) -> tuple[bytes, ...]:
     """Tokens from a file (one per line, `#` comments) and/or an environment variable (comma-separated).
 
     Raises ValueError when a source is named but yields no token, so a typo never silently turns
-    authentication off.
+    authentication off, and when a token could never be presented (a character gRPC metadata
+    cannot carry), naming the file and line or the variable and position, never the token. A UTF-8
+    BOM at the start of the file is not part of the first token.
     """
     tokens: list[str] = []
     if token_file is not None:
-        lines = token_file.read_text().splitlines()
-        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        try:
+            text = token_file.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ValueError(f"{token_file}: not UTF-8 text (one token per line)") from None
+        from_file = []
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            problem = _unsendable(line)
+            if problem is not None:
+                raise ValueError(f"{token_file}: line {number}: the token {problem}")
+            from_file.append(line)
         if not from_file:
             raise ValueError(f"{token_file}: no token in the file")
         tokens.extend(from_file)
@@ -64,6 +87,10 @@ def load_tokens(token_file: Path | None = None, env_var: str | None = None) -> t
         from_env = [t.strip() for t in os.environ.get(env_var, "").split(",") if t.strip()]
         if not from_env:
             raise ValueError(f"environment variable {env_var} holds no token")
+        for position, token in enumerate(from_env, 1):
+            problem = _unsendable(token)
+            if problem is not None:
+                raise ValueError(f"environment variable {env_var}: token {position} {problem}")
         tokens.extend(from_env)
     return tuple(t.encode() for t in tokens)
 
