@@ -2,7 +2,8 @@
 
 prometheus_client's own `start_http_server` answers every path with the metrics, so an HTTP check
 of `/healthz` there always passed. Here `/healthz` is a real answer: 200 `ok` while the server is
-SERVING (the same state as grpc.health.v1 ""), 503 and one line saying why otherwise.
+SERVING (the same state as grpc.health.v1 ""), 503 and one line saying why otherwise; to GET, and
+without the body to HEAD and OPTIONS (what HAProxy's `option httpchk` sends).
 
 prometheus_client's server also started a thread per connection and waited forever for a request:
 1,000 half-sent requests held 1,000 threads, and 16 clients scraping in a loop multiplied a gRPC
@@ -41,6 +42,8 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 QUEUE_PER_WORKER = 4
+# /healthz answers these with the health (HEAD and OPTIONS without a body).
+HEALTHZ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -192,16 +195,20 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         headers: list[tuple[str, str]]
-        if method == "OPTIONS":
+        if environ.get("PATH_INFO") == "/healthz" and method in HEALTHZ_METHODS:
+            # Every method HTTP checkers send gets the health: HAProxy's `option httpchk /healthz`
+            # sends OPTIONS, `curl -I` and uptime probes HEAD (answered without the body).
+            serving, reason = health() if health is not None else (True, "")
+            body = b"ok\n" if serving else f"not serving: {reason}\n".encode()[:512]
+            status = "200 OK" if serving else "503 Service Unavailable"
+            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Allow", ",".join(HEALTHZ_METHODS))]
+            if method != "GET":
+                body = b""
+        elif method == "OPTIONS":
             status, headers, body = "200 OK", [("Allow", "OPTIONS,GET")], b""
         elif method != "GET":
             status, headers = "405 Method Not Allowed", [("Allow", "OPTIONS,GET")]
             body = f"# HTTP {status}: {method}; use OPTIONS or GET\n".encode()[:200]
-        elif environ.get("PATH_INFO") == "/healthz":
-            serving, reason = health() if health is not None else (True, "")
-            body = b"ok\n" if serving else f"not serving: {reason}\n".encode()[:512]
-            status = "200 OK" if serving else "503 Service Unavailable"
-            headers = [("Content-Type", "text/plain; charset=utf-8")]
         elif environ.get("PATH_INFO") == "/favicon.ico":
             status, headers, body = "200 OK", [], b""
         else:

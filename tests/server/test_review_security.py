@@ -50,3 +50,35 @@ def test_a_token_in_the_environment_no_client_can_send_is_refused(monkeypatch: p
     with pytest.raises(ConfigError, match="GENSERVE_TEST_TOKENS: token 2") as info:
         auth_interceptor(SecurityConfig(token_env="GENSERVE_TEST_TOKENS"))
     assert "b\u00e9ta" not in str(info.value)
+
+
+def _call(app, method: str, path: str) -> tuple[str, dict[str, str], bytes]:  # type: ignore[no-untyped-def]
+    seen: dict[str, object] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        seen["status"], seen["headers"] = status, dict(headers)
+
+    body = b"".join(app({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": ""}, start_response))
+    return str(seen["status"]), seen["headers"], body  # type: ignore[return-value]
+
+
+def test_healthz_gives_the_health_to_every_method_http_checkers_use() -> None:
+    """/healthz is for HTTP-only checkers (docs/metrics.md). OPTIONS answered 200 whatever the
+    health: HAProxy's `option httpchk /healthz` sends OPTIONS, so a NOT_SERVING server stayed in
+    the pool. HEAD (`curl -I`, uptime probes) answered 405, so a SERVING server looked down."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import Exposition, metrics_app
+
+    state = {"serving": False}
+    app = metrics_app(Exposition(CollectorRegistry()), lambda: (state["serving"], "loading"))
+    for method in ("GET", "HEAD", "OPTIONS"):
+        status, _, body = _call(app, method, "/healthz")
+        assert status.startswith("503"), (method, status)
+        assert body == (b"not serving: loading\n" if method == "GET" else b""), method
+    state["serving"] = True
+    for method in ("GET", "HEAD", "OPTIONS"):
+        status, headers, body = _call(app, method, "/healthz")
+        assert status.startswith("200"), (method, status)
+        assert "HEAD" in headers.get("Allow", "HEAD") and body == (b"ok\n" if method == "GET" else b"")
+    assert _call(app, "POST", "/healthz")[0].startswith("405")
