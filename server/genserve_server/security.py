@@ -191,12 +191,25 @@ def _check_pem(tls: TlsConfig) -> None:
     """ConfigError naming the files unless they hold a PEM certificate chain with its private key
     (and PEM CA certificates): grpc only fails to listen, which read as a port problem."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    asked: list[bool] = []
+
+    def passphrase() -> bytes:
+        """Called only for an encrypted key: without it OpenSSL prompted on the terminal (and died
+        with OSError where there is none); grpc cannot use such a key anyway."""
+        asked.append(True)
+        return b""
+
     try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    except ssl.SSLError as exc:
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=passphrase)
+    except (ssl.SSLError, OSError) as exc:
+        if asked:
+            raise ConfigError(
+                f"tls: {tls.key_file} is encrypted (passphrase-protected); grpc needs an unencrypted "
+                "PEM key: decrypt it (openssl pkey -in KEY -out PLAIN_KEY) onto a protected path"
+            ) from None
         raise ConfigError(
             f"tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate and its private key "
-            f"({exc.reason or exc})"
+            f"({getattr(exc, 'reason', None) or exc})"
         ) from None
     if tls.client_ca_file is not None:
         try:
