@@ -1,4 +1,4 @@
-"""The CLI's token flags (review of the security surface), in-process against the fake server."""
+"""The CLI's token flags, in-process against the fake server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token files an operator writes with ordinary tools (review of the security surface)."""
+"""Token files an operator writes with ordinary tools, and /healthz to every method HTTP checkers send."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TLS start-up errors a real operator hits (review of the security surface)."""
+"""TLS start-up errors a real operator hits."""
 
 from __future__ import annotations
 
