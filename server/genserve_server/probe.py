@@ -4,14 +4,19 @@ Exit status 0 when the server answers SERVING for the service (`""`, the whole s
 a model name for one model), 1 for any other answer, 2 when the server cannot be reached in time.
 It imports no onnxruntime and no numpy, so a probe costs a Python start and one RPC.
 
-Kubernetes does not need it: its probes speak grpc.health.v1 natively (deploy/k8s/).
+Kubernetes does not need it: its probes speak grpc.health.v1 natively (deploy/k8s/), in plaintext
+and without a token. This probe also speaks TLS (`--tls-ca`, mutual TLS with `--tls-cert`/`--tls-key`)
+and sends a bearer token (`--token-file`, `--token-env`: the server's own sources, whose first token
+it sends), so a server with TLS on or `--closed-health` can still be probed from inside its container.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,15 +34,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--service", default="", help='health service name: "" for the whole server (default), or a model'
     )
     parser.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the check (default 3 s)")
+    tls = parser.add_argument_group("TLS and token (a server with --tls-cert, or --closed-health)")
+    tls.add_argument("--tls-ca", type=Path, default=None, help="CA certificates (PEM); turns TLS on")
+    tls.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM), for mutual TLS")
+    tls.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM), for mutual TLS")
+    tls.add_argument("--tls-server-name", default=None, help="the name the server's certificate holds")
+    tls.add_argument("--token-file", type=Path, default=None, help="the server's token file: sends its first")
+    tls.add_argument("--token-env", default=None, help="the server's token variable: sends its first token")
 
 
-def check(host: str, port: int, service: str = "", timeout_s: float = 3.0) -> tuple[int, str]:
-    """One Health.Check; returns (exit status, the status name or the gRPC error)."""
+class ProbeError(Exception):
+    """A probe option that cannot be used (unreadable file, no token): exit 2, named."""
+
+
+def first_token(token_file: Path | None, token_env: str | None) -> str | None:
+    """The first token of the server's own sources (file: one per line, `#` comments; variable:
+    comma-separated), or None when neither is named."""
+    if token_file is not None:
+        try:
+            text = token_file.read_bytes().decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProbeError(f"--token-file {token_file}: {exc}") from None
+        tokens = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        if not tokens:
+            raise ProbeError(f"--token-file {token_file}: no token in the file")
+        return tokens[0]
+    if token_env is not None:
+        tokens = [t.strip() for t in os.environ.get(token_env, "").split(",") if t.strip()]
+        if not tokens:
+            raise ProbeError(f"--token-env {token_env}: the variable holds no token")
+        return tokens[0]
+    return None
+
+
+def _credentials(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.ChannelCredentials | None:
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise ProbeError("--tls-cert and --tls-key go together (mutual TLS)")
+    try:
+        return grpc.ssl_channel_credentials(
+            ca.read_bytes() if ca else None,
+            key.read_bytes() if key else None,
+            cert.read_bytes() if cert else None,
+        )
+    except OSError as exc:
+        raise ProbeError(f"TLS: {exc}") from None
+
+
+def check(
+    host: str,
+    port: int,
+    service: str = "",
+    timeout_s: float = 3.0,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+    token: str | None = None,
+) -> tuple[int, str]:
+    """One Health.Check (over TLS with `credentials`, with `token` as a bearer token); returns (exit
+    status, the status name or the gRPC error)."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    with grpc.insecure_channel(target) as channel:
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    if credentials is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=options)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            request = health_pb2.HealthCheckRequest(service=service)
+            response = stub.Check(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, grpc.Call) else None
             name = code.name if code is not None else "UNKNOWN"
@@ -51,7 +119,21 @@ def check(host: str, port: int, service: str = "", timeout_s: float = 3.0) -> tu
 
 def run(args: argparse.Namespace) -> int:
     """Run the probe for parsed arguments and write one line: `<service or ""> <status>`."""
-    status, name = check(args.host, args.port, args.service, args.timeout_s)
+    try:
+        credentials = _credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        token = first_token(args.token_file, args.token_env)
+    except ProbeError as exc:
+        sys.stdout.write(f"genserve-server health: {exc}\n")
+        return EXIT_UNREACHABLE
+    status, name = check(
+        args.host,
+        args.port,
+        args.service,
+        args.timeout_s,
+        credentials=credentials,
+        server_name=args.tls_server_name,
+        token=token,
+    )
     shown = args.service or '""'
     sys.stdout.write(f"{shown} {name}\n")
     return status

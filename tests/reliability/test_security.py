@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,3 +221,26 @@ def test_tls_files_that_are_not_pem_stop_startup_naming_them(
         "holds no PEM CA certificate" if broken == "ca" else "are not a PEM certificate and its private key"
     )
     _refused_at_startup(small_repo, tmp_path, tuple(args), expected)
+
+
+def test_the_health_probe_speaks_mutual_tls_and_sends_the_servers_first_token(
+    mtls_server: ServerProcess, pki: Path, tmp_path: Path
+) -> None:
+    """The image's HEALTHCHECK probe spoke plaintext without a token: a server with TLS on or
+    --closed-health was 'unreachable' to it forever. It now takes the server's own token sources."""
+    port = mtls_server.target.rsplit(":", 1)[1]
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# ops\n{TOKEN}\nsecond\n")
+
+    def probe(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "genserve_server.probe", "--port", port, "--timeout-s", "5", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    tls = ("--tls-ca", str(pki / "ca.pem"), "--tls-server-name", SERVER_NAME)
+    client = ("--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key"))
+    ok = probe(*tls, *client, "--token-file", str(tokens))
+    assert (ok.returncode, ok.stdout) == (0, '"" SERVING\n'), ok.stderr
+    assert probe(*tls, *client).returncode == 2  # no token: refused
+    assert probe(*tls, "--token-file", str(tokens)).returncode == 2  # no client certificate
+    missing = probe(*tls, *client, "--token-file", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "--token-file" in missing.stdout
