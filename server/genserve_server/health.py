@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 logger = logging.getLogger(__name__)
@@ -52,9 +54,33 @@ def overall_status(models: Mapping[str, bool], required: Sequence[str] | None) -
     return True, ""
 
 
+# List answers RESOURCE_EXHAUSTED beyond this many services (grpc.health.v1 allows it; grpc-go's own
+# servicer stops at 100): a repository of thousands of models is listed by ListModels.
+MAX_LISTED_SERVICES = 1000
+
+
+class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpcio-health-checking's servicer, with List: its own answers UNIMPLEMENTED ("Unexpected
+    NotImplementedError"), though grpc.health.v1 defines it (a snapshot of Check's answers)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        statuses = dict(self._server_status)
+        if len(statuses) > MAX_LISTED_SERVICES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(statuses)} health services, more than List answers ({MAX_LISTED_SERVICES}); "
+                "use Check per service, or ListModels",
+            )
+        return health_pb2.HealthListResponse(
+            statuses={k: health_pb2.HealthCheckResponse(status=v) for k, v in statuses.items()}
+        )
+
+
 class HealthState:
     def __init__(self) -> None:
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = ListingHealthServicer()
         self._tasks: set[asyncio.Task[None]] = set()
         # The whole server's state, read by /healthz (another thread: a bool and a str, set whole).
         self.serving = False

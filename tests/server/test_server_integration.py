@@ -716,6 +716,10 @@ def test_health_per_server_and_model(channel: grpc.Channel) -> None:
     assert health.Check(health_pb2.HealthCheckRequest(service="tiny-gen")).status == serving
     broken = health.Check(health_pb2.HealthCheckRequest(service="tiny-broken")).status
     assert broken == health_pb2.HealthCheckResponse.NOT_SERVING
+    # List (grpc.health.v1's snapshot of every service): what Check answers, key by key.
+    listed = health.List(health_pb2.HealthListRequest(), timeout=10).statuses
+    assert listed[""].status == serving and listed["tiny-gen"].status == serving
+    assert listed["tiny-broken"].status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
