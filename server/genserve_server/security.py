@@ -11,6 +11,7 @@ import hmac
 import logging
 import os
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,30 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHand
     return grpc.stream_stream_rpc_method_handler(abort_stream, deserialize, serialize)
 
 
+# One log line per this many seconds for rejected calls: a flood of unauthenticated calls (a scanner,
+# a client with a stale token in a retry loop) must not flood the log; the metric counts every one.
+REJECTION_LOG_INTERVAL_S = 10.0
+
+
+class RejectionLog:
+    """Logs the first rejected call, then at most one line per `interval_s` with how many more came
+    (genserve_requests_rejected_total counts each)."""
+
+    def __init__(self, interval_s: float = REJECTION_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._next_at = 0.0
+        self._since = 0
+
+    def rejected(self, method: str) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._since += 1
+            return
+        more = f" ({self._since} more since the last line)" if self._since else ""
+        logger.info("rejected unauthenticated call to %s%s", method, more)
+        self._since, self._next_at = 0, now + self.interval_s
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid bearer token; health stays open for probes when configured."""
 
@@ -151,6 +176,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tuple(tokens)
         self._open_health = open_health
         self._on_reject = on_reject
+        self._log = RejectionLog()
 
     async def intercept_service(
         self,
@@ -163,7 +189,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         presented = _bearer(handler_call_details.invocation_metadata)
         if presented is not None and token_matches(presented, self._tokens):
             return await continuation(handler_call_details)
-        logger.info("rejected unauthenticated call to %s", method)
+        self._log.rejected(method)
         if self._on_reject is not None:
             self._on_reject(method)
         return _deny(await continuation(handler_call_details))
