@@ -141,10 +141,22 @@ class TlsOptions:
         if (cert is None) != (key is None):
             raise ValueError("mTLS needs both a client certificate and its key")
 
-        def read(path: str | Path | None) -> bytes | None:
-            return Path(path).read_bytes() if path is not None else None
+        def read(path: str | Path | None, flag: str, marker: bytes, what: str) -> bytes | None:
+            # grpc takes any bytes and only fails the connection later (UNAVAILABLE, with its own log
+            # lines): a file that holds no PEM block is named here.
+            if path is None:
+                return None
+            data = Path(path).read_bytes()
+            if b"-----BEGIN " not in data or marker not in data:
+                raise ValueError(f"{flag} {path}: not a PEM file holding {what}")
+            return data
 
-        return cls(read(ca), read(cert), read(key), server_name_override)
+        return cls(
+            read(ca, "--tls-ca", b"CERTIFICATE-----", "CA certificates"),
+            read(cert, "--tls-cert", b"CERTIFICATE-----", "a certificate"),
+            read(key, "--tls-key", b"PRIVATE KEY-----", "a private key"),
+            server_name_override,
+        )
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certs, self.client_key, self.client_cert)

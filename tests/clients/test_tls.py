@@ -173,3 +173,15 @@ def test_an_address_list_of_host_names_checks_each_server_against_that_name(
     finally:
         for server in servers:
             server.stop(grace=None)
+
+
+def test_a_tls_file_that_holds_no_pem_is_named_before_any_connection(pki: Path, tmp_path: Path) -> None:
+    """grpc took any bytes as root certificates and only failed the connection (UNAVAILABLE, with
+    its own log lines), naming no file."""
+    junk = tmp_path / "ca.txt"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match=r"--tls-ca .*ca\.txt: not a PEM file holding CA certificates"):
+        TlsOptions.from_files(junk)
+    with pytest.raises(ValueError, match=r"--tls-key .*: not a PEM file holding a private key"):
+        TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.pem")
+    assert TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.key").client_key
