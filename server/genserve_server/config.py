@@ -289,7 +289,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
     lr.finish()
     security = _security_config(r, path.parent)
     watch = r.raw("watch_interval_s")
-    if watch is not None and (isinstance(watch, bool) or not isinstance(watch, int | float) or watch <= 0):
+    if watch is not None and (not contract.is_number(watch) or watch <= 0):
         raise r.error("watch_interval_s", f"must be a number of seconds > 0 (or absent), got {watch!r}")
     s = ServerConfig()
     config = ServerConfig(

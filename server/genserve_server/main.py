@@ -22,12 +22,13 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -469,6 +470,34 @@ def _apply_security_flags(config: ServerConfig, args: argparse.Namespace) -> Ser
     return config
 
 
+def port_number(text: str) -> int:
+    """argparse type of a TCP port flag: 0..65535 (0: the OS picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {port}")
+    return port
+
+
+def seconds(*, allow_zero: bool) -> Callable[[str], float]:
+    """argparse type of a duration flag: a finite number of seconds, >= 0 or > 0 (NaN and inf
+    would otherwise be accepted and fail later, at SIGTERM, as a traceback)."""
+    bound = ">= 0" if allow_zero else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {bound}, got {text}")
+        return value
+
+    return parse
+
+
 def _add_security_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM); turns TLS on")
     s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
@@ -486,7 +515,7 @@ def _add_security_arguments(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--watch-interval-s",
-        type=float,
+        type=seconds(allow_zero=False),
         default=None,
         help="rescan the model repository when it changes, checked this often (default: only on SIGHUP)",
     )
@@ -500,11 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model repository")
     s.add_argument("--models", type=Path, required=True, help="model repository directory")
     s.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    s.add_argument(
+        "--port", type=port_number, default=50051, help="gRPC port; 0 picks a free one (default 50051)"
+    )
     s.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address (default 127.0.0.1)")
     s.add_argument(
         "--metrics-port",
-        type=int,
+        type=port_number,
         default=DEFAULT_METRICS_PORT,
         help=f"/metrics and /healthz port; 0 picks a free one (default {DEFAULT_METRICS_PORT})",
     )
@@ -529,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-json", action="store_true", help="JSON-lines logs")
     s.add_argument(
         "--drain-grace-s",
-        type=float,
+        type=seconds(allow_zero=True),
         default=None,
         help="on SIGTERM, seconds to finish accepted work (overrides the config's drain_grace_s)",
     )

@@ -1,0 +1,79 @@
+"""Review of `genserve-server serve`'s flags: a value out of range, an address that cannot be bound
+for /metrics, or a --ready-file that cannot be written is one line naming the flag (exit 2), never a
+traceback, and never a server that starts and then fails at its first SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from reliability_support import write_gen
+from server_support import wait_until
+
+
+def serve_args(models: Path, *extra: str) -> list[str]:
+    base = ["--port", "0", "--metrics-port", "0"]
+    return [sys.executable, "-m", "genserve_server.main", "serve", "--models", str(models), *base, *extra]
+
+
+def last_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and "NVML" not in line]
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag", "limit"),
+    [
+        (("--port", "70000"), "--port", "0..65535"),
+        (("--metrics-port", "-1"), "--metrics-port", "0..65535"),
+        (("--drain-grace-s", "nan"), "--drain-grace-s", ">= 0"),
+        (("--drain-grace-s", "-1"), "--drain-grace-s", ">= 0"),  # the config file refuses it too
+        (("--watch-interval-s", "nan"), "--watch-interval-s", "> 0"),
+    ],
+)
+def test_a_bad_flag_is_one_line_naming_it_and_exit_2(
+    tmp_path: Path, extra: tuple[str, ...], flag: str, limit: str
+) -> None:
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    proc = subprocess.run(serve_args(models, *extra), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert flag in last_line(proc.stderr) and limit in last_line(proc.stderr), proc.stderr
+    assert "listening" not in proc.stdout
+
+
+def test_a_nan_watch_interval_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    """Python's json reads NaN; `watch_interval_s: NaN` passed the `<= 0` check and killed the
+    repository watch, then the server's shutdown, with a traceback."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    config = tmp_path / "server.json"
+    config.write_text('{"watch_interval_s": NaN}')
+    proc = subprocess.run(
+        serve_args(models, "--config", str(config)), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "watch_interval_s" in last_line(proc.stderr) and "Traceback" not in proc.stderr
+
+
+def test_good_duration_flags_still_serve_and_stop_cleanly(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    ready = tmp_path / "ready.json"
+    extra = ("--drain-grace-s", "0", "--watch-interval-s", "0.5", "--ready-file", str(ready), "--no-metrics")
+    args = serve_args(models, *extra)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "listening" in proc.stdout.readline()
+        wait_until(ready.exists, 30, "the ready file")
+        assert json.loads(ready.read_text())["pid"] == proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
