@@ -119,7 +119,9 @@ class BoundedWSGIServer(WSGIServer):
 
     def server_close(self) -> None:
         super().server_close()
-        for _ in self._workers:
+        # Also called by TCPServer.__init__ when the bind fails, before server_activate made workers:
+        # the bind's own error (address in use, unknown host) must surface, not an AttributeError.
+        for _ in getattr(self, "_workers", ()):
             try:
                 self._queue.put_nowait(None)
             except queue.Full:

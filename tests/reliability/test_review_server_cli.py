@@ -4,8 +4,10 @@ traceback, and never a server that starts and then fails at its first SIGTERM.""
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 from reliability_support import write_gen
 from server_support import wait_until
+
+from genserve_server.metrics_http import BoundedWSGIServer
 
 
 def serve_args(models: Path, *extra: str) -> list[str]:
@@ -33,6 +37,7 @@ def last_line(stderr: str) -> str:
         (("--drain-grace-s", "nan"), "--drain-grace-s", ">= 0"),
         (("--drain-grace-s", "-1"), "--drain-grace-s", ">= 0"),  # the config file refuses it too
         (("--watch-interval-s", "nan"), "--watch-interval-s", "> 0"),
+        (("--metrics-host", "no-such-host.invalid"), "--metrics-host", "cannot serve metrics"),
     ],
 )
 def test_a_bad_flag_is_one_line_naming_it_and_exit_2(
@@ -77,3 +82,15 @@ def test_good_duration_flags_still_serve_and_stop_cleanly(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_metrics_server_whose_bind_fails_raises_the_bind_error() -> None:
+    """TCPServer.__init__ calls server_close when its bind fails, before server_activate made the
+    workers: the AttributeError that raised hid EADDRINUSE (the message naming --metrics-port)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError) as info:  # a listener holds it: SO_REUSEADDR does not help
+            BoundedWSGIServer(("127.0.0.1", port), object)  # type: ignore[arg-type]
+    assert info.value.errno == errno.EADDRINUSE
