@@ -372,6 +372,18 @@ def parse_model_list(text: str) -> list[str]:
     return names
 
 
+def check_ready_file(path: Path) -> None:
+    """Before anything loads: a --ready-file that cannot be written is one line naming it, not a
+    traceback after the server has loaded its models and printed that it listens."""
+    if path.is_dir():
+        raise GenserveError(f"--ready-file {path}: is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise GenserveError(f"--ready-file {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GenserveError(f"--ready-file {path}: directory {parent} is not writable")
+
+
 def write_ready_file(path: Path, port: int, metrics_port: int) -> None:
     """Atomically, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -391,6 +403,8 @@ async def serve(args: argparse.Namespace) -> int:
         config = _replace(config, trt_engine_cache_dir=args.trt_engine_cache_dir)
     config = _apply_security_flags(config, args)
     setup_logging(config.log_level, config.log_json)
+    if args.ready_file is not None:
+        check_ready_file(args.ready_file)
     # Before anything is loaded or logged: a port in use is one line, at once.
     _check_port_free(args.host, args.port, "--port")
     if not args.no_metrics:
@@ -420,7 +434,13 @@ async def serve(args: argparse.Namespace) -> int:
         sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
         sys.stdout.flush()
         if args.ready_file:
-            write_ready_file(args.ready_file, app.port, app.metrics_port)
+            try:
+                write_ready_file(args.ready_file, app.port, app.metrics_port)
+            except OSError as exc:  # the folder went away or filled up since check_ready_file
+                logger.error("--ready-file %s: cannot be written (%s): stopping", args.ready_file, exc)
+                app.request_stop()
+                await app.stop()
+                raise GenserveError(f"--ready-file {args.ready_file}: cannot be written: {exc}") from None
     await app.wait_for_stop()
     await app.stop()
     # A sticky GPU failure stopped the server (repository.device_lost): exit non-zero for a restart.

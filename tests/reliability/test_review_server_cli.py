@@ -38,6 +38,7 @@ def last_line(stderr: str) -> str:
         (("--drain-grace-s", "-1"), "--drain-grace-s", ">= 0"),  # the config file refuses it too
         (("--watch-interval-s", "nan"), "--watch-interval-s", "> 0"),
         (("--metrics-host", "no-such-host.invalid"), "--metrics-host", "cannot serve metrics"),
+        (("--ready-file", "/nonexistent-dir/ready.json"), "--ready-file", "does not exist"),
     ],
 )
 def test_a_bad_flag_is_one_line_naming_it_and_exit_2(
