@@ -107,6 +107,73 @@ def parse_labels(text: str) -> str:
     return text
 
 
+def int_in(lo: int, hi: int, limit: str) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi], refused naming the range `limit` otherwise (a value the
+    request cannot carry would otherwise surface as protobuf's bare `Value out of range: N`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {limit}, got {value}")
+        return value
+
+    return parse
+
+
+SEED_RANGE = "[0, 2^63)"
+parse_seed = int_in(0, SEED_LIMIT - 1, SEED_RANGE)
+parse_uint32 = int_in(0, UINT32_LIMIT - 1, f"0..{UINT32_LIMIT - 1}")
+parse_positive = int_in(1, UINT32_LIMIT - 1, f"1..{UINT32_LIMIT - 1}")
+parse_label = int_in(0, LABEL_LIMIT - 1, "[0, 2^31)")
+
+
+def parse_label_list(text: str) -> list[int]:
+    """argparse type of interpolate --label: class indices in [0, 2^31)."""
+    labels = parse_ints(text)
+    bad = [label for label in labels if not 0 <= label < LABEL_LIMIT]
+    if bad:
+        raise argparse.ArgumentTypeError(f"labels are class indices in [0, 2^31), got {bad[0]}")
+    return labels
+
+
+def parse_seeds(text: str) -> list[int]:
+    """argparse type of a list of seeds (mix --rows/--cols, arithmetic --a/--b/--c): at least one,
+    each in [0, 2^63)."""
+    seeds = parse_ints(text)
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated seeds, got {text!r}")
+    bad = [seed for seed in seeds if not 0 <= seed < SEED_LIMIT]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds must be in {SEED_RANGE}, got {bad[0]}")
+    return seeds
+
+
+def parse_timeout(text: str) -> float:
+    """--timeout: a finite number of seconds > 0 (0 or less would expire every call at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+def check_picture_path(command: str, flag: str, path: str | None) -> None:
+    """Refuse, before any call, a picture file whose suffix names no format PIL can write (a
+    directory, `grid.txt`): PIL's own `unknown file extension` comes after all the work."""
+    if path is None:
+        return
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(
+            f"{command}: {flag} {path!r} must be an image file name ending in .png (or .jpg, .webp, ...)"
+        )
+
+
 def parse_floats(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -296,6 +363,13 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         raise UsageError("sample needs --out DIR and/or --grid FILE.png")
     if args.n < 1:
         raise UsageError(f"sample: --n must be >= 1, got {args.n}")
+    if args.seed is not None and args.seed > SEED_LIMIT - args.n:
+        raise UsageError(
+            f"sample: --seed must be in [0, 2^63 - n] = [0, {SEED_LIMIT - args.n}] for --n {args.n} "
+            f"(image j uses seed + j, and seeds are below 2^63), got {args.seed}"
+        )
+    check_picture_path("sample", "--grid", args.grid)
+    check_picture_path("sample", "--progress", args.progress)
     if args.grid:
         check_grid_size("sample", args.n, f"--n {args.n}")  # before any call
     info = client.get_model(args.model)
@@ -342,6 +416,7 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
 def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.out and not args.grid:
         raise UsageError("interpolate needs --out DIR and/or --grid FILE.png")
+    check_picture_path("interpolate", "--grid", args.grid)
     if args.grid:
         check_grid_size("interpolate", args.steps, f"--steps {args.steps}")
     opts = _sample_opts(args)
@@ -382,6 +457,7 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
     """The classic style-mixing grid: the top row shows each column seed's own image, the left column
     each row seed's; cell (r, c) takes its coarse layers [0, crossover) from row seed r and its fine
     layers from column seed c."""
+    check_picture_path("mix", "--grid", args.grid)
     info = client.get_model(args.model, args.version)
     if info.kind != STYLE_GENERATOR:
         raise UsageError(
@@ -422,6 +498,7 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
 
 def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
     sets = {"A": args.a, "B": args.b, "C": args.c}
+    check_picture_path("arithmetic", "--grid", args.grid)
     info = client.get_model(args.model)
     labels = [args.label] if args.label is not None else []
     if info.kind == CONDITIONAL and not labels:
@@ -487,7 +564,20 @@ def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo, version: str = ""
     return np.asarray(picture)
 
 
+def check_sweep_size(images: int, what: str) -> None:
+    """The sweep grid (the input column plus the sweep's values, per row) is bounded like every
+    other grid: `--sweep-steps 100000` would otherwise decode 100,000 images into one picture."""
+    if images > MAX_GRID_IMAGES:
+        raise UsageError(
+            f"edit: a sweep grid holds at most {MAX_GRID_IMAGES} images, {what} asks for {images}; "
+            "lower --sweep-steps"
+        )
+
+
 def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
+    check_picture_path("edit", "--out", args.out)
+    if args.sweep:
+        check_sweep_size(args.sweep_steps + 1, f"--sweep-steps {args.sweep_steps}")
     encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
     picture = load_for_encoder(Path(args.image), client.get_model(encoder), args.version)
     mu = client.encode(encoder, [picture], version=args.version).mu[0]
@@ -505,6 +595,9 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     # the image's posterior mean; column 0 repeats the input for reference.
     values = np.linspace(args.sweep_from, args.sweep_to, args.sweep_steps)
     dims = range(mu.shape[0]) if args.all_dims else [args.dim]
+    if args.all_dims:
+        cells = len(dims) * (len(values) + 1)
+        check_sweep_size(cells, f"--all-dims ({len(dims)} dimensions) x --sweep-steps {len(values)}")
     latents = np.repeat(mu[None, :], len(dims) * len(values), axis=0)
     for r, d in enumerate(dims):
         latents[r * len(values) : (r + 1) * len(values), d] = values
@@ -821,7 +914,7 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
     )
     g.add_argument(
         "--timeout",
-        type=float,
+        type=parse_timeout,
         default=default(DEFAULT_TIMEOUT_S),
         help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
     )
@@ -875,14 +968,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("sample", "draw images; --grid shows one labelled row per class")
     _add_model(p)
-    p.add_argument("--label", type=int, help="one class for all images")
+    p.add_argument("--label", type=parse_label, help="one class for all images")
     p.add_argument(
         "--labels",
         type=parse_labels,
         help="classes, e.g. 0,1,2 or `all` (default for conditional models: all)",
     )
     p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
-    p.add_argument("--seed", type=int, help="first seed (image j uses seed + j); default random, and printed")
+    p.add_argument(
+        "--seed", type=parse_seed, help="first seed (image j uses seed + j); default random, and printed"
+    )
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
     p.add_argument(
         "--temperature",
@@ -891,7 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--top-k",
-        type=int,
+        type=parse_uint32,
         default=0,
         help="code priors: sample among the k likeliest codes (0: the model's default, normally all)",
     )
@@ -900,22 +995,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.png",
         help="code priors: stream previews into this strip as the prior fills the grids (one call)",
     )
-    p.add_argument("--cols", type=int, help="grid columns for unconditional models (default: square)")
+    p.add_argument(
+        "--cols", type=parse_positive, help="grid columns for unconditional models (default: square)"
+    )
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
     p.add_argument("--grid", help=f"PNG file for an image grid (at most {MAX_GRID_IMAGES} images)")
 
     p = command("interpolate", "a latent path between two seeds, as a strip")
     _add_model(p)
-    p.add_argument("--from-seed", type=int, required=True)
-    p.add_argument("--to-seed", type=int, required=True)
-    p.add_argument("--steps", type=int, default=10, help="images on the path")
+    p.add_argument("--from-seed", type=parse_seed, required=True)
+    p.add_argument("--to-seed", type=parse_seed, required=True)
+    p.add_argument("--steps", type=parse_uint32, default=10, help="images on the path")
     p.add_argument(
         "--mode",
         choices=("slerp", "lerp"),
         help="path through latent space (default: slerp in z; a style generator's: a line in w space)",
     )
-    p.add_argument("--label", type=parse_ints, help="class of the path, or two classes (start,end)")
+    p.add_argument("--label", type=parse_label_list, help="class of the path, or two classes (start,end)")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
@@ -926,11 +1023,13 @@ def build_parser() -> argparse.ArgumentParser:
         "style-mixing grid of a style generator: coarse layers from each row's seed, fine from each column's",
     )
     _add_model(p)
-    p.add_argument("--rows", type=parse_ints, required=True, help="seeds of the coarse styles, one row each")
-    p.add_argument("--cols", type=parse_ints, required=True, help="seeds of the fine styles, one column each")
+    p.add_argument("--rows", type=parse_seeds, required=True, help="seeds of the coarse styles, one row each")
+    p.add_argument(
+        "--cols", type=parse_seeds, required=True, help="seeds of the fine styles, one column each"
+    )
     p.add_argument(
         "--crossover",
-        type=int,
+        type=parse_uint32,
         help="first fine layer, 0 < crossover < num_layers (default: the card's mix_crossover, else "
         "num_layers // 2)",
     )
@@ -941,8 +1040,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("arithmetic", "mean(A) - mean(B) + mean(C) in latent space")
     _add_model(p)
     for name in ("a", "b", "c"):
-        p.add_argument(f"--{name}", type=parse_ints, required=True, help=f"seeds of set {name.upper()}")
-    p.add_argument("--label", type=int, help="class for conditional models")
+        p.add_argument(f"--{name}", type=parse_seeds, required=True, help=f"seeds of set {name.upper()}")
+    p.add_argument("--label", type=parse_label, help="class for conditional models")
     p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
     _add_format(p)
     p.add_argument("--grid", required=True, help="PNG file")
@@ -957,7 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-dims", action="store_true", help="with --sweep: one row per latent dimension")
     p.add_argument("--sweep-from", type=float, default=-3.0, help="first value of the sweep")
     p.add_argument("--sweep-to", type=float, default=3.0, help="last value of the sweep")
-    p.add_argument("--sweep-steps", type=int, default=9, help="values in the sweep")
+    p.add_argument("--sweep-steps", type=parse_positive, default=9, help="values in the sweep")
     p.add_argument("--out", required=True, help="PNG file (the edited image, or the sweep grid)")
 
     for name, help_text in (("upscale", "super-resolution"), ("translate", "image-to-image translation")):
@@ -966,9 +1065,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("output", help="PNG/JPEG/WEBP by suffix: .png, .jpg, .jpeg or .webp")
         _add_model(p)
         if name == "upscale":
-            p.add_argument("--tile-size", type=int, default=0, help="input tile size (0: the card's)")
             p.add_argument(
-                "--tile-overlap", type=int, help="tile overlap in input pixels (default: the server's)"
+                "--tile-size", type=parse_uint32, default=0, help="input tile size (0: the card's)"
+            )
+            p.add_argument(
+                "--tile-overlap",
+                type=parse_uint32,
+                help="tile overlap in input pixels (default: the server's)",
             )
         else:
             p.add_argument(

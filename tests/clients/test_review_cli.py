@@ -1,0 +1,110 @@
+"""Review of the CLI's commands other than bulk: a flag value the request cannot carry, or a file
+name no picture can be written to, is refused before any call with a message naming the flag and
+its limit (exit 2), never protobuf's bare `Value out of range: N` or PIL's `unknown file
+extension` after all the work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from client_fakes import FakeServer, cli_main
+from code_models import write_code_models
+from PIL import Image
+from server_support import ServerProcess, running_server, vae_decoder_graph, vae_encoder_graph, write_model
+
+from genserve_client.cli import MAX_GRID_IMAGES
+
+U32 = "0..4294967295"
+POSITIVE = "1..4294967295"
+BIG = str(2**63)
+INTERP = ["interpolate", "--model", "fake-gen", "--from-seed", "1"]
+UPSCALE = ["upscale", "in.png", "out.png", "--model", "fake-gen"]
+EDIT = ["edit", "in.png", "--model", "vae", "--out", "e.png", "--sweep"]
+ARITH = ["arithmetic", "--model", "fake-gen"]
+MIX = ["mix", "--model", "fake-gen"]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "limit"),
+    [
+        (["sample", "--model", "fake-gen", "--n", "2", "--seed", str(2**63 - 1)], "--seed", "2^63 - n"),
+        (["sample", "--model", "fake-gen", "--n", "1", "--seed", BIG], "--seed", "2^63"),
+        (["sample", "--model", "fake-cond", "--n", "1", "--label", str(2**40)], "--label", "2^31"),
+        (["sample", "--model", "fake-gen", "--n", "1", "--top-k", "-1"], "--top-k", U32),
+        (["sample", "--model", "fake-gen", "--n", "4", "--cols", "-1"], "--cols", POSITIVE),
+        ([*INTERP, "--to-seed", BIG], "--to-seed", "2^63"),
+        ([*INTERP, "--to-seed", "2", "--steps", "-5"], "--steps", U32),
+        ([*INTERP, "--to-seed", "2", "--label", str(2**40)], "--label", "2^31"),
+        ([*MIX, "--rows", "1", "--cols", "2", "--crossover", "-1"], "--crossover", U32),
+        ([*MIX, "--rows", "", "--cols", "2"], "--rows", "one or more"),
+        ([*ARITH, "--a", "", "--b", "1", "--c", "2"], "--a", "one or more"),
+        ([*ARITH, "--a", BIG, "--b", "1", "--c", "2"], "--a", "2^63"),
+        ([*UPSCALE, "--tile-size", "-1"], "--tile-size", U32),
+        ([*UPSCALE, "--tile-overlap", str(2**32)], "--tile-overlap", U32),
+        ([*EDIT, "--sweep-steps", "0"], "--sweep-steps", POSITIVE),
+        (["models", "--timeout", "0"], "--timeout", "> 0"),
+        (["models", "--timeout", "nan"], "--timeout", "> 0"),
+        (["--timeout", "-1", "models"], "--timeout", "> 0"),
+    ],
+)
+def test_a_flag_out_of_range_is_refused_naming_the_flag_and_its_limit(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    flag: str,
+    limit: str,
+) -> None:
+    grid = tmp_path / "g.png"
+    extra = ["--grid", str(grid)] if args[0] in ("sample", "interpolate", "mix", "arithmetic") else []
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *args, *extra)
+    assert code == 2, err
+    assert flag in err and limit in err, err
+    assert "Value out of range" not in err and "Traceback" not in err
+    assert not fake_server.service.calls and not grid.exists()
+
+
+@pytest.mark.parametrize("name", ["grid.txt", "grid", "."])
+@pytest.mark.parametrize("flag", ["--grid", "--progress"])
+def test_a_picture_name_without_an_image_suffix_is_refused_before_any_call(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, flag: str
+) -> None:
+    target = tmp_path / name
+    args = ["sample", "--model", "fake-gen", "--n", "2", "--seed", "1", "--out", str(tmp_path / "d"), flag]
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *args, str(target))
+    assert code == 2, err
+    assert flag in err and ".png" in err and "unknown file extension" not in err, err
+    assert not fake_server.service.calls
+
+
+@pytest.fixture(scope="module")
+def review_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
+    root = tmp_path_factory.mktemp("review-models")
+    names = write_code_models(root)
+    card = {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [0.0, 1.0]}
+    write_model(root, "vae-decoder", "vae_decoder", vae_decoder_graph(8, 8, 8), card)
+    enc_card = {**card, "channels": None, "input_channels": 1, "output_range": None}
+    enc_card["input_range"] = [0.0, 1.0]
+    write_model(root, "vae-encoder", "vae_encoder", vae_encoder_graph(8, 8, 8), enc_card)
+    with running_server(root, tmp_path_factory.mktemp("review-server")) as server:
+        yield server, names
+
+
+def test_an_edit_sweep_grid_is_bounded_like_every_other_grid(
+    review_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, _ = review_server
+    image, out = tmp_path / "in.png", tmp_path / "sweep.png"
+    Image.new("L", (8, 8), 128).save(image)
+    base = ("--target", server.target, "edit", str(image), "--model", "vae", "--out", str(out), "--sweep")
+    code, _, err = cli_main(capsys, *base, "--sweep-steps", "100000")
+    assert code == 2 and f"at most {MAX_GRID_IMAGES} images" in err and "--sweep-steps 100000" in err, err
+    code, _, err = cli_main(capsys, *base, "--all-dims", "--sweep-steps", "200")  # 8 x 201 cells
+    assert code == 2 and "asks for 1608" in err, err
+    assert not out.exists()
+    code, _, err = cli_main(capsys, *base, "--all-dims", "--sweep-steps", "5")
+    assert code == 0, err
+    with Image.open(out) as picture:
+        assert picture.height > picture.width  # 8 rows (one per dimension), 6 columns (input + 5 values)
