@@ -71,6 +71,7 @@ MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
 # `sample --n 100000 --grid` would otherwise write a 27,900 x 27,812 picture. `bulk` is for more.
 MAX_GRID_IMAGES = 1024
 CONDITIONAL = "conditional_generator"
+CODE_PRIOR = "code_prior"
 TARGET_ENV = "GENSERVE_TARGET"
 DEFAULT_TARGET = "127.0.0.1:50051"
 # A stream rides out a blip itself (a few seconds); the job's --retry-window (BulkJob) reopens it
@@ -204,11 +205,13 @@ def class_label(info: genserve_pb2.ModelInfo, label: int) -> str:
 
 def resolve_labels(info: genserve_pb2.ModelInfo, labels: str | None) -> list[int]:
     """`all` -> every class of a model with class names (a conditional generator or code prior);
-    `0,3` -> [0, 3]; None -> all classes for a conditional generator, none otherwise."""
+    `0,3` -> [0, 3]; None -> all classes for a conditional model (a conditional generator, or a
+    code prior with class names: both refuse a request without labels), none otherwise."""
     if labels == "all":
         return list(range(len(info.class_names)))
     if labels is None:
-        return list(range(len(info.class_names))) if info.kind == CONDITIONAL else []
+        conditional = info.kind == CONDITIONAL or (info.kind == CODE_PRIOR and bool(info.class_names))
+        return list(range(len(info.class_names))) if conditional else []
     try:
         return parse_ints(labels)
     except argparse.ArgumentTypeError as exc:

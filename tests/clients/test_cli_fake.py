@@ -182,5 +182,8 @@ def test_interpolate_needs_an_output(fake_server: FakeServer, capsys: pytest.Cap
 def test_labels_all_expands_for_a_class_conditional_code_prior() -> None:
     prior = genserve_pb2.ModelInfo(name="p", kind="code_prior", class_names=[str(d) for d in range(10)])
     assert resolve_labels(prior, "all") == list(range(10))
-    assert resolve_labels(prior, None) == []  # unconditional sampling unless asked
+    # No --labels: all classes, as for a conditional GAN (the server refuses a class-conditional
+    # prior's request without labels: step_sampler.check_labels); a prior without classes gets none.
+    assert resolve_labels(prior, None) == list(range(10))
+    assert resolve_labels(genserve_pb2.ModelInfo(name="u", kind="code_prior"), None) == []
     assert resolve_labels(genserve_pb2.ModelInfo(name="g", kind="generator"), "all") == []

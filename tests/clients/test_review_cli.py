@@ -92,6 +92,23 @@ def review_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Se
         yield server, names
 
 
+def test_sample_on_a_class_conditional_code_prior_defaults_to_all_classes(
+    review_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--labels: "default for conditional models: all"; a code prior with class names refuses a
+    request without labels, so the default must give it its classes, as it does a conditional GAN."""
+    server, names = review_server
+    grid = tmp_path / "g.png"
+    args = ("--target", server.target, "sample", "--model", names["prior"], "--n", "2", "--seed", "3")
+    code, _, err = cli_main(capsys, *args, "--grid", str(grid))
+    assert code == 0, err
+    code, _, err = cli_main(capsys, *args, "--labels", "all", "--grid", str(tmp_path / "all.png"))
+    assert code == 0, err
+    with Image.open(grid) as default, Image.open(tmp_path / "all.png") as every:
+        assert default.text["labels"] == every.text["labels"] == "0,1,2"  # type: ignore[attr-defined]
+        assert default.tobytes() == every.tobytes()
+
+
 def test_an_edit_sweep_grid_is_bounded_like_every_other_grid(
     review_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
