@@ -1,4 +1,4 @@
-"""Review of `genserve-server serve`'s flags: a value out of range, an address that cannot be bound
+"""`genserve-server serve`'s flags: a value out of range, an address that cannot be bound
 for /metrics, or a --ready-file that cannot be written is one line naming the flag (exit 2), never a
 traceback, and never a server that starts and then fails at its first SIGTERM."""
 

@@ -1,4 +1,4 @@
-"""Review of the CLI's commands other than bulk: a flag value the request cannot carry, or a file
+"""The CLI's commands other than bulk: a flag value the request cannot carry, or a file
 name no picture can be written to, is refused before any call with a message naming the flag and
 its limit (exit 2), never protobuf's bare `Value out of range: N` or PIL's `unknown file
 extension` after all the work."""
