@@ -400,7 +400,7 @@ def test_a_bulk_call_keeps_the_mapping_it_resolved_through_a_reload(tmp_path: Pa
             queued = rows(share)
             await until(lambda: batcher._bulk_rows == share)
             running = asyncio.ensure_future(sample(Lane.BULK))
-            await until(lambda: batcher._bulk_waiters == 1)  # resolved the mapping; waits for room
+            await until(lambda: len(batcher._bulk_line) == 1)  # resolved the mapping; waits for room
             shutil.copytree(tmp_path / names["mapping"] / "1", tmp_path / names["mapping"] / "2")
             report = await reloader.rescan()
             assert report.retired == [old.label]
