@@ -101,6 +101,10 @@ _DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the co
 # gRPC cancels a handler at its deadline ~1-2 ms before the deadline the server computes from
 # time_remaining() at arrival: a cancellation this close to the deadline counts as the deadline.
 DEADLINE_SLACK_S = 0.01
+# The cancel message of a part withdrawn because another part of the same request failed
+# (core.gather_or_cancel): its rows leave, and the request is counted as that failure only, not as
+# a caller that went away as well.
+WITHDRAWN = "withdrawn: another part of the request failed"
 
 
 def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
@@ -367,16 +371,16 @@ class Batcher:
         self._available.set()
         try:
             return await future
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             # The caller was cancelled (asyncio cancels `future` too): its rows leave the queue at
             # once, so that a client that gave up never holds room a live request is refused for.
             # Here rather than a done-callback on every future: no extra loop turn per request.
-            self._forget_cancelled(request)
+            self._forget_cancelled(request, counted=exc.args != (WITHDRAWN,))
             raise
 
-    def _forget_cancelled(self, request: PendingRequest) -> None:
+    def _forget_cancelled(self, request: PendingRequest, *, counted: bool = True) -> None:
         """Take a cancelled request's untaken rows out of the queue (rows already in a batch compute
-        and are discarded by _fan_out)."""
+        and are discarded by _fan_out); `counted`: a drop of its own (not a part WITHDRAWN)."""
         queue = self._lanes[request.lane].get(request.key)
         if queue is None or request not in queue:
             return  # all its rows were taken, or _take dropped it first
@@ -384,8 +388,9 @@ class Batcher:
         if not queue:
             del self._lanes[request.lane][request.key]
         self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
-        # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
-        self._observer.on_dropped("deadline" if cancelled_by_deadline(request.deadline) else "cancelled")
+        if counted:
+            # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
+            self._observer.on_dropped("deadline" if cancelled_by_deadline(request.deadline) else "cancelled")
         self._observer.on_queue_depth(self._queued_rows)
 
     def _bulk_fits(self, n_rows: int) -> bool:

@@ -41,7 +41,7 @@ from genserve_server.batch_keys import (
     StepRows,
     TileRows,
 )
-from genserve_server.batcher import Batcher, BatchResult, Lane
+from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import GenserveError, Unavailable, invalid
@@ -118,15 +118,20 @@ class EncodedLatents:
 
 
 async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """asyncio.gather that cancels the siblings when one fails (their rows leave the queue)."""
+    """asyncio.gather that cancels the siblings when one fails (their rows leave the queue, counted
+    as that failure, not as a caller that went away: batcher.WITHDRAWN)."""
     if len(aws) == 1:
         return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         return list(await asyncio.gather(*tasks))
+    except asyncio.CancelledError:
+        for task in tasks:  # the call itself was cancelled: each part is the caller's own drop
+            task.cancel()
+        raise
     except BaseException:
         for task in tasks:
-            task.cancel()
+            task.cancel(WITHDRAWN)
         raise
 
 

@@ -662,6 +662,30 @@ def test_cancelled_caller_is_dropped_before_compute_and_counted() -> None:
     run(body())
 
 
+def test_rows_withdrawn_because_a_sibling_part_failed_are_not_counted_as_a_cancelled_caller() -> None:
+    """A request of several parts (images of several shapes) refused for one part withdraws the others
+    (core.gather_or_cancel): the request is counted once, as the refusal, not also as a caller that
+    went away (genserve_requests_dropped_total{reason="cancelled"})."""
+    from genserve_server.core import gather_or_cancel
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=4)
+        gate, blocker = await hold_runner(batcher, model)
+        with pytest.raises(ResourceExhausted):
+            await gather_or_cancel(
+                [batcher.submit("a", rows(1, 2), 2), batcher.submit("b", rows(3, 4, 5), 3)]
+            )
+        await until(lambda: batcher.queued_rows == 0, "the withdrawn part's rows to leave")
+        assert recorder.rejected == ["queue_full"]
+        assert recorder.dropped == []
+        gate.set()
+        await blocker
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_cancelled_callers_rows_leave_a_full_queue_at_once() -> None:
     async def body() -> None:
         model = FakeModel()
