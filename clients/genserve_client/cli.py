@@ -371,6 +371,10 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
             f"sample: --seed must be in [0, 2^63 - n] = [0, {SEED_LIMIT - args.n}] for --n {args.n} "
             f"(image j uses seed + j, and seeds are below 2^63), got {args.seed}"
         )
+    if args.label is not None and args.labels is not None:
+        raise UsageError(
+            "sample: give --label (one class for all images) or --labels (a row per class), not both"
+        )
     check_picture_path("sample", "--grid", args.grid)
     check_picture_path("sample", "--progress", args.progress)
     if args.grid:

@@ -215,7 +215,8 @@ class Repository:
     def scan(self) -> None:
         """Read every config.json and pick versions; nothing heavy (sessions load in `load_all`)."""
         if not self.root.is_dir():
-            raise ConfigError(f"{self.root}: model repository directory not found")
+            what = "is not a directory" if self.root.exists() else "directory not found"
+            raise ConfigError(f"{self.root}: model repository {what}")
         for model_dir in self.model_dirs():
             model = self.read_model(model_dir)
             if model.config is not None:

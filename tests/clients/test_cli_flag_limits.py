@@ -44,6 +44,11 @@ MIX = ["mix", "--model", "fake-gen"]
         ([*UPSCALE, "--tile-size", "-1"], "--tile-size", U32),
         ([*UPSCALE, "--tile-overlap", str(2**32)], "--tile-overlap", U32),
         ([*EDIT, "--sweep-steps", "0"], "--sweep-steps", POSITIVE),
+        (
+            ["sample", "--model", "fake-cond", "--n", "1", "--label", "3", "--labels", "1,2"],
+            "--labels",
+            "not both",
+        ),
         (["models", "--timeout", "0"], "--timeout", "> 0"),
         (["models", "--timeout", "nan"], "--timeout", "> 0"),
         (["--timeout", "-1", "models"], "--timeout", "> 0"),

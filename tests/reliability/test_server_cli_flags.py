@@ -95,3 +95,12 @@ def test_a_metrics_server_whose_bind_fails_raises_the_bind_error() -> None:
         with pytest.raises(OSError) as info:  # a listener holds it: SO_REUSEADDR does not help
             BoundedWSGIServer(("127.0.0.1", port), object)  # type: ignore[arg-type]
     assert info.value.errno == errno.EADDRINUSE
+
+
+def test_a_models_path_that_is_a_file_is_named_as_not_a_directory(tmp_path: Path) -> None:
+    """`--models FILE` said 'directory not found' of a path that exists."""
+    models = tmp_path / "models.tar"
+    models.write_bytes(b"not a folder")
+    proc = subprocess.run(serve_args(models), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{models}: model repository is not a directory" in last_line(proc.stderr), proc.stderr
