@@ -327,3 +327,23 @@ def test_overall_health_follows_a_hot_reload(tmp_path: Path, server_of) -> None:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.1)
     assert healthz(server) == (200, "ok\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--timeout-s", "nan"], "--timeout-s"),
+        (["--timeout-s", "0"], "--timeout-s"),
+    ],
+)
+def test_the_health_probe_refuses_a_port_or_timeout_out_of_range(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--port 70000 and --timeout-s 0/nan reached grpc and read as 'unreachable'."""
+    from genserve_server import probe
+
+    with pytest.raises(SystemExit) as exit_info:
+        probe.main(args)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
