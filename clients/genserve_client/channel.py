@@ -182,6 +182,8 @@ class ChannelConfig:
     lb_policy: str = DEFAULT_LB_POLICY
 
     def __post_init__(self) -> None:
+        if not self.target.strip():
+            raise ValueError("the target is empty: give host:port (--target, GENSERVE_TARGET)")
         if self.lb_policy not in LB_POLICIES:
             raise ValueError(f"ChannelConfig.lb_policy must be one of {LB_POLICIES}, got {self.lb_policy!r}")
         problem = token_problem(self.token) if self.token else None

@@ -50,6 +50,7 @@ MIX = ["mix", "--model", "fake-gen"]
             "not both",
         ),
         (["models", "--timeout", "0"], "--timeout", "> 0"),
+        (["--target", " ", "models"], "--target", "empty"),
         (["models", "--timeout", "nan"], "--timeout", "> 0"),
         (["--timeout", "-1", "models"], "--timeout", "> 0"),
     ],
