@@ -11,6 +11,8 @@ selected by the server's Services, and the verify Job checks the folder the shar
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +192,68 @@ def test_the_shards_present_a_token_when_the_servers_require_one(
     secret = volumes[name]["secret"]
     assert secret["secretName"] == "genserve-auth"
     assert token_file.name in [item["path"] for item in secret["items"]]
+
+
+def _containers(doc: Manifest) -> list[Manifest]:
+    spec = doc.get("spec", {})
+    pod = spec.get("template", {}).get("spec", {}) if doc["kind"] != "Pod" else spec
+    return list(pod.get("containers", [])) + list(pod.get("initContainers", []))
+
+
+def _deploy_commands() -> list[str]:
+    """The shell commands of docs/deploy.md's bash blocks, in order: continuations joined, comments
+    dropped, `a && b` split."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands += [c.strip() for c in line.split("&&")]
+    return commands
+
+
+def test_the_documented_commands_give_every_genserve_pod_the_registry_image() -> None:
+    """docs/deploy.md pushes the image to REGISTRY and points the manifests at it: every pod the
+    documented commands then create must run REGISTRY's image. One left at the local tag
+    `genserve:0.1.0` pulls docker.io/library/genserve (ImagePullBackOff): a Job's pods then wait
+    forever and `kubectl wait --for=condition=complete` sits out its whole timeout."""
+    cwd = ROOT
+    images: dict[Path, dict[str, str]] = {}  # kustomization dir -> {image name: new image}
+    applied: list[tuple[str, str]] = []  # (what, image)
+    for command in _deploy_commands():
+        words = shlex.split(command)
+        if words[:1] == ["cd"]:
+            cwd = ROOT if words[1:] == ["-"] else (cwd / words[1]).resolve()
+        elif words[:4] == ["kustomize", "edit", "set", "image"]:
+            for spec in words[4:]:
+                name, _, new = spec.partition("=")
+                images.setdefault(cwd, {})[name] = new
+        elif words[:3] == ["kubectl", "apply", "-k"]:
+            directory = (cwd / words[3]).resolve()
+            override = images.get(directory, {})
+            kustomization = _load(directory / "kustomization.yaml")[0]
+            for resource in kustomization["resources"]:
+                for doc in _load(directory / resource):
+                    for container in _containers(doc):
+                        name = container["image"].split(":")[0]
+                        applied.append(
+                            (f"{resource} {container['name']}", override.get(name, container["image"]))
+                        )
+        elif words[:2] == ["kubectl", "apply"] and "-f" in words and words[words.index("-f") + 1] != "-":
+            path = (cwd / words[words.index("-f") + 1]).resolve()
+            for doc in _load(path):
+                for container in _containers(doc):
+                    applied.append((f"{path.name} {container['name']}", container["image"]))
+        elif words[:4] == ["kubectl", "set", "image", "--local"]:
+            path = (cwd / words[words.index("-f") + 1]).resolve()
+            new = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+            for doc in _load(path):
+                for container in _containers(doc):
+                    applied.append(
+                        (f"{path.name} {container['name']}", new.get(container["name"], container["image"]))
+                    )
+    whats = {what for what, _ in applied}
+    assert {"deployment.yaml genserve", "job.yaml bulk", "verify-job.yaml verify"} <= whats, whats
+    local = [what for what, image in applied if image.startswith("genserve:")]
+    assert not local, f"the documented commands run the local image tag in: {local}"
