@@ -14,6 +14,7 @@ from monitoring_support import (
     RULES,
     RULES_TEST,
     SCRAPE_CONFIG,
+    ContractMetric,
     Expr,
     contract_metrics,
     contract_name_for,
@@ -225,3 +226,133 @@ def test_dashboard_shows_the_image_cache_and_the_runtime() -> None:
         "genserve_batch_max_rows",
     ):
         assert name in exprs, name
+
+
+# --- label names and values -------------------------------------------------------------------
+
+# Labels Prometheus adds to every series of a target (the shipped scrape configs and the PodMonitor).
+TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "container", "endpoint", "service", "node"})
+_SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def _emitted_values() -> dict[tuple[str, str], frozenset[str]]:
+    """{(metric, label): every value the server can give that label}, from the server's own tuples."""
+    from genserve_contract.config import KNOWN_PROVIDERS
+    from genserve_server import metrics as m
+    from genserve_server.batch_events import BATCH_CLOSE_REASONS
+    from genserve_server.batcher import Lane
+
+    methods = frozenset(m.METHODS)
+    return {
+        ("genserve_requests_total", "code"): frozenset(m.GRPC_CODES),
+        ("genserve_requests_total", "method"): methods,
+        ("genserve_request_duration_seconds", "method"): methods,
+        ("genserve_requests_in_flight", "method"): methods,
+        ("genserve_queue_duration_seconds", "lane"): frozenset(lane.name.lower() for lane in Lane),
+        ("genserve_encode_duration_seconds", "format"): frozenset(m.FORMATS),
+        ("genserve_requests_rejected_total", "reason"): frozenset(m.REJECT_REASONS),
+        ("genserve_requests_dropped_total", "reason"): frozenset(m.DROP_REASONS),
+        ("genserve_batches_closed_total", "reason"): frozenset(BATCH_CLOSE_REASONS),
+        ("genserve_image_cache_lookups_total", "result"): frozenset({"hit", "miss"}),
+        ("genserve_model_runtime_info", "gpu_requested"): frozenset({"true", "false"}),
+        ("genserve_model_runtime_info", "provider"): frozenset(KNOWN_PROVIDERS),
+        ("genserve_model_runtime_info", "precision"): frozenset({"fp32", "fp16"}),
+    }
+
+
+def _alternatives(value: str) -> list[str] | None:
+    """The literal values a matcher names (`A|B|C`), or None for a pattern that is not a plain list."""
+    if "$" in value or re.search(r"[.*+?()\[\]{}^\\]", value):
+        return None
+    return value.split("|")
+
+
+def test_every_label_in_dashboard_and_rules_is_one_the_metric_has_with_a_value_it_takes() -> None:
+    """Metric names alone are not enough: `code="INTERNAL_ERROR"`, `reason="queue-full"` or `by (modle)`
+    select nothing, and a panel or an alert over nothing is silently empty."""
+    contract = contract_metrics()
+    values = _emitted_values()
+    problems = []
+    for expr in all_exprs():
+        labels_in_expr: set[str] = set(TARGET_LABELS)
+        for match in _SELECTOR.finditer(expr.promql):
+            sample_name, body = match[1], match[2]
+            name = contract_name_for(sample_name, contract)
+            if name is None:
+                continue  # up, process_*: Prometheus' and the client library's own
+            allowed = set(contract[name].labels) | TARGET_LABELS
+            if sample_name.endswith("_bucket"):
+                allowed.add("le")
+            labels_in_expr |= allowed
+            matchers = _MATCHER.findall(body)
+            assert "".join(f'{k}{op}"{v}",' for k, op, v in matchers).replace(",", "") == re.sub(
+                r"[\s,]", "", body
+            ), f"{expr.where}: cannot read the matchers of {body!r}"
+            for label, op, value in matchers:
+                if label not in allowed:
+                    problems.append(f"{expr.where}: {sample_name} has no label {label!r}")
+                    continue
+                known = values.get((name, label))
+                alternatives = _alternatives(value) if known is not None and op in ("=", "=~", "!~") else None
+                for alt in alternatives or []:
+                    if known is not None and alt and alt not in known:
+                        problems.append(f"{expr.where}: {name} never has {label}={alt!r}")
+        for group in _GROUPING.findall(expr.promql):
+            for label in (g.strip() for g in group.split(",")):
+                if label and label not in labels_in_expr:
+                    problems.append(f"{expr.where}: groups by {label!r}, a label none of its metrics has")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_label_check_is_not_vacuous() -> None:
+    contract = contract_metrics()
+    assert set(contract["genserve_requests_total"].labels) >= {"code", "method"}
+    values = _emitted_values()
+    assert "INTERNAL" in values[("genserve_requests_total", "code")]
+    assert "INTERNAL_ERROR" not in values[("genserve_requests_total", "code")]
+    assert _alternatives("INTERNAL|UNKNOWN") == ["INTERNAL", "UNKNOWN"]
+    assert _alternatives("$method") is None and _alternatives("(.+/)?genserve.*") is None
+    assert _MATCHER.findall('job=~"$job", code!="OK"') == [("job", "=~", "$job"), ("code", "!=", "OK")]
+
+
+def _result_labels(promql: str, contract: dict[str, ContractMetric]) -> set[str] | None:
+    """The labels an expression's series carry, for the shapes the dashboard uses: an aggregation
+    `agg by (L) (...)` (inside histogram_quantile or not, and also as the left side of `/`, `and`)
+    carries L (less `le` under histogram_quantile), `agg (...)` nothing, a plain selector or rate its
+    metric's labels; None when the shape is another one."""
+    text = " ".join(promql.split()).lstrip("(")
+    quantile = re.match(r"histogram_quantile\([^,]+,\s*", text)
+    if quantile:
+        text = text[quantile.end() :]
+    agg = re.match(r"(?:sum|max|min|avg|count)\s*(?:by\s*\(([^)]*)\))?\s*\(", text)
+    if agg:
+        labels = {lbl.strip() for lbl in (agg[1] or "").split(",") if lbl.strip()}
+        return labels - {"le"} if quantile else labels
+    selector = re.match(r"(?:rate\()?([a-zA-Z_:][a-zA-Z0-9_:]*)\{", text)
+    if selector:
+        name = contract_name_for(selector[1], contract)
+        return set(TARGET_LABELS) | (set(contract[name].labels) if name else set())
+    return None
+
+
+def test_every_legend_names_a_label_its_query_returns() -> None:
+    """`{{model}}` over `sum by (method) (...)` is an empty legend: every series looks alike."""
+    contract = contract_metrics()
+    problems = []
+    for panel in load_dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            legend = target.get("legendFormat") or ""
+            used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+            if not used:
+                continue
+            returned = _result_labels(target["expr"], contract)
+            assert returned is not None, f"{panel['title']!r} {target['refId']}: unknown query shape"
+            if target.get("format") == "heatmap":
+                returned = returned | {"le"}
+            if used - returned:
+                problems.append(
+                    f"{panel['title']!r} {target['refId']}: legend {legend!r} needs {used - returned}"
+                )
+    assert not problems, "\n".join(problems)
