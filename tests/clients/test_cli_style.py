@@ -97,3 +97,23 @@ def test_mix_reads_the_card_of_the_version_it_will_use() -> None:
     assert default_crossover(info) == 6
     assert default_crossover(info, "1") == 2
     assert default_crossover(info, "11") == 7
+
+
+def test_arithmetic_on_a_style_generator_refuses_psi_it_cannot_apply_to_the_result(
+    style_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    """A style generator's --psi truncates in w space; its sets' images (Sample by seed) took it, but
+    the mean and A - B + C images are decoded from explicit z, which take no truncation: the grid showed
+    a one-seed set's "mean" as a different picture from the seed's own (stylegan-digits: pixels off
+    by up to 234 of 255) and an untruncated result under a PNG that records psi. Refused instead."""
+    server, names = style_server
+    target = ("--target", server.target)
+    args = ("arithmetic", "--model", names["generator"], "--a", "1", "--b", "2", "--c", "3")
+    grid = tmp_path / "sum.png"
+    proc = run_cli(*target, *args, "--psi", "0.5", "--grid", str(grid))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "--psi" in proc.stderr and "w space" in proc.stderr
+    assert not grid.exists()
+    plain = run_cli(*target, *args, "--grid", str(grid))  # without --psi: z-space arithmetic as before
+    assert plain.returncode == 0, plain.stderr
+    assert grid.exists()
