@@ -71,6 +71,8 @@ MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
 # `sample --n 100000 --grid` would otherwise write a 27,900 x 27,812 picture. `bulk` is for more.
 MAX_GRID_IMAGES = 1024
 CONDITIONAL = "conditional_generator"
+# The server truncates only when asked (SampleRequest.truncation_psi absent: none); no model has a default.
+PSI_HELP = "truncation psi (default: none; a style generator's is in w space, 0 = the mean w, 1 = none)"
 CODE_PRIOR = "code_prior"
 TARGET_ENV = "GENSERVE_TARGET"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -993,7 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=parse_seed, help="first seed (image j uses seed + j); default random, and printed"
     )
-    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
+    p.add_argument("--psi", type=float, help=PSI_HELP)
     p.add_argument(
         "--temperature",
         type=float,
@@ -1028,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="path through latent space (default: slerp in z; a style generator's: a line in w space)",
     )
     p.add_argument("--label", type=parse_label_list, help="class of the path, or two classes (start,end)")
-    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
+    p.add_argument("--psi", type=float, help=PSI_HELP)
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
     p.add_argument("--grid", help="PNG file for the strip")
@@ -1057,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("a", "b", "c"):
         p.add_argument(f"--{name}", type=parse_seeds, required=True, help=f"seeds of set {name.upper()}")
     p.add_argument("--label", type=parse_label, help="class for conditional models")
-    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
+    p.add_argument("--psi", type=float, help=PSI_HELP)
     _add_format(p)
     p.add_argument("--grid", required=True, help="PNG file")
 
@@ -1130,7 +1132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="base seed: image i uses seed + i (default: 0)")
     p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")
-    p.add_argument("--psi", type=float, help="truncation threshold (default: the model's)")
+    p.add_argument("--psi", type=float, help=PSI_HELP)
     p.add_argument("--verify", action="store_true", help="re-hash every listed file on start")
     p.add_argument(
         "--retry-window",
