@@ -1,0 +1,142 @@
+"""The bench's own arithmetic: what a level counts, how rounds pair, in what order an A/B measures.
+
+No server runs here: the load generator's results and the server's CPU clock are stand-ins, so
+that each figure can be checked against numbers known in advance.
+"""
+
+from __future__ import annotations
+
+import statistics
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench import run, servers
+from bench.report import merge_rounds, tail_ratio
+from bench.servers import BenchError
+
+
+class FakeServer:
+    """What measured_level reads of a server: a name, a target, a pid whose CPU the fakes advance."""
+
+    name = "genserve"
+    target = "127.0.0.1:1"
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+
+    def check_alive(self) -> None:
+        pass
+
+
+def _client_result(requests: int, failed: dict[str, int], window_s: float = 1.0) -> dict[str, Any]:
+    """The load generator's JSON for one closed-loop level (genserve_client.bench.BenchResult)."""
+    ok = requests - sum(failed.values())
+    latencies = np.linspace(1.0, 2.0, ok)  # ms
+
+    def pct(q: float) -> float | None:
+        return float(np.percentile(latencies, q)) if ok else None
+
+    return {
+        "mode": "closed",
+        "concurrency": 1,
+        "rate": None,
+        "duration_s": window_s,
+        "requests": requests,
+        "images": ok,
+        "images_per_s": ok / window_s,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "errors": failed,
+    }
+
+
+class FakeLoad:
+    """client_bench's stand-in: 1000 requests a second of warm-up and of level, each costing the
+    server 1 ms of CPU; `failed` of the level's requests fail."""
+
+    def __init__(self) -> None:
+        self.server = FakeServer()
+        self.failed: dict[str, int] = {}
+
+    def client_bench(
+        self, target: str, model: str, concurrency: int, duration_s: float, fmt: str, **kwargs: Any
+    ) -> dict[str, Any]:
+        warmup_s = float(kwargs.get("warmup_s", 0.0))
+        self.server.cpu_s += 1e-3 * round(1000 * (warmup_s + duration_s))  # the warm-up's work too
+        return _client_result(round(1000 * duration_s), dict(self.failed), duration_s)
+
+
+@pytest.fixture
+def fake_load(monkeypatch: pytest.MonkeyPatch) -> FakeLoad:
+    load = FakeLoad()
+    monkeypatch.setattr(servers, "client_bench", load.client_bench)
+    monkeypatch.setattr(servers, "cpu_seconds", lambda pid: load.server.cpu_s)
+    return load
+
+
+def test_a_level_whose_requests_failed_is_not_published_as_a_measurement(
+    fake_load: FakeLoad,
+) -> None:
+    # 300 of 1000 requests ran into their deadline: they are in no latency (the slowest requests
+    # leave the p99), and the CPU they cost was divided over them as if served. Before, the level
+    # came back as a clean one and its figures went into the ratios and the targets with no trace.
+    server = fake_load.server
+    fake_load.failed = {"DEADLINE_EXCEEDED": 300}
+    with pytest.raises(BenchError, match=r"300 of 1000 requests failed.*DEADLINE_EXCEEDED"):
+        servers.measured_level(server, "m", 64, 1.0, "raw")  # type: ignore[arg-type]
+    # bench.run keeps it as a failed turn, which merge_rounds counts and leaves out.
+    model = SimpleNamespace(name="m", client_options=lambda: {})
+    level = run._measure(server, model, "raw", 64, 1.0)  # type: ignore[arg-type]
+    assert "images_per_s" not in level and "DEADLINE_EXCEEDED" in level["error"]
+
+
+def test_a_level_where_every_image_request_failed_fails_without_crashing_the_run(
+    fake_load: FakeLoad,
+) -> None:
+    # bench.image_load exits 0 when every request failed (p50 None); the run's progress line then
+    # formatted None as a float and the whole run died with a TypeError, its results unwritten.
+    server = fake_load.server
+    fake_load.failed = {"UNAVAILABLE": 1000}
+    model = SimpleNamespace(name="m", client_options=lambda: {})
+    level = run._measure(server, model, "raw", 64, 1.0)  # type: ignore[arg-type]
+    assert run._describe(level).startswith("FAILED")
+
+
+def _level(images_per_s: float, p50: float = 1.0) -> dict[str, Any]:
+    return {
+        "concurrency": 64,
+        "images_per_s": images_per_s,
+        "p50_ms": p50,
+        "p99_ms": 2 * p50,
+        "server_cpu_ms_per_request": 1.0,
+    }
+
+
+FAILED = {"concurrency": 64, "error": "load failed"}
+
+
+def test_a_levels_figures_are_the_medians_of_its_rounds() -> None:
+    rounds = [_level(ips, p50) for ips, p50 in ((100.0, 4.0), (400.0, 1.0), (250.0, 2.0), (300.0, 3.0))]
+    merged = merge_rounds(rounds)
+    assert merged["images_per_s"] == statistics.median([100.0, 400.0, 250.0, 300.0]) == 275.0
+    assert merged["p50_ms"] == 2.5 and merged["p99_ms"] == 5.0
+    assert tail_ratio(merged) == pytest.approx(2.0)
+
+
+def test_the_load_generators_percentiles_are_over_the_successful_calls_of_the_measured_window() -> None:
+    from genserve_client.bench import BenchResult, _Recorder
+
+    rec = _Recorder()
+    rec.latencies_s = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    rec.errors["UNAVAILABLE"] = 7
+    rec.last_done = 10.0
+    got = rec.result(BenchResult("closed", 4, None, 10.0), started=5.0)
+    assert (got.p50_ms, got.p99_ms) == (pytest.approx(50.5), pytest.approx(99.01))
+    assert got.requests == 107 and got.images == 100
+    assert got.images_per_s == pytest.approx(100 / 5.0)  # over the window, first start to last answer
+    assert got.errors == {"UNAVAILABLE": 7}
