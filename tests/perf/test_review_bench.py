@@ -79,6 +79,21 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> FakeLoad:
     return load
 
 
+def test_the_cpu_per_request_of_a_level_is_its_own_requests_cpu_not_its_warm_ups(
+    fake_load: FakeLoad,
+) -> None:
+    # bench.ab measures every level with a 0.3-s warm-up: its requests are not in the level's count,
+    # so its CPU must not be in the level's CPU either (before: 1.15 ms a request for 1 ms, +15 %;
+    # with a warm-up as long as the level, 2x).
+    server = fake_load.server
+    level = servers.measured_level(server, "m", 1, 2.0, "raw", warmup_s=0.3)  # type: ignore[arg-type]
+    assert level["server_cpu_ms_per_request"] == pytest.approx(1.0)
+    level = servers.measured_level(server, "m", 1, 1.0, "raw", warmup_s=1.0)  # type: ignore[arg-type]
+    assert level["server_cpu_ms_per_request"] == pytest.approx(1.0)
+    level = servers.measured_level(server, "m", 1, 1.0, "raw")  # type: ignore[arg-type]
+    assert level["server_cpu_ms_per_request"] == pytest.approx(1.0)
+
+
 def test_a_level_whose_requests_failed_is_not_published_as_a_measurement(
     fake_load: FakeLoad,
 ) -> None:
