@@ -60,7 +60,8 @@ ROUND_KEYS = ("images_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request")
 def merge_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One level from several turns at it: the median of every number, and the turns themselves.
 
-    Failed turns are left out (and counted); if every turn failed, the first failure is the level.
+    Failed turns are left out of the medians (and counted); if every turn failed, the first failure
+    is the level.
     """
     ok = [r for r in rounds if "images_per_s" in r]
     if len(rounds) == 1 or not ok:
@@ -70,7 +71,9 @@ def merge_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             values = [r[key] for r in ok if isinstance(r.get(key), int | float)]
             merged[key] = statistics.median(values)
-    merged["rounds"] = [{k: r.get(k) for k in ROUND_KEYS} for r in ok]
+    # Every turn in its place, a failed one as None figures: paired_ratio pairs the servers' turns by
+    # position, and a dropped turn would pair one server's round with the other's next.
+    merged["rounds"] = [{k: r.get(k) for k in ROUND_KEYS} for r in rounds]
     merged["failed_rounds"] = len(rounds) - len(ok)
     return merged
 

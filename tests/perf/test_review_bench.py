@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench import run, servers
-from bench.report import merge_rounds, tail_ratio
+from bench.report import merge_rounds, paired_ratio, tail_ratio
 from bench.servers import BenchError
 
 
@@ -133,6 +133,19 @@ def _level(images_per_s: float, p50: float = 1.0) -> dict[str, Any]:
 
 
 FAILED = {"concurrency": 64, "error": "load failed"}
+
+
+def test_paired_rounds_stay_paired_when_a_round_failed() -> None:
+    # Round by round: genserve -, 100, 300; naive 100, 150, -. The only pair both ran is round 2:
+    # 100 / 150. Before, the failed turns were dropped and the survivors paired by position
+    # (100 / 100 and 300 / 150): 1.5, not 0.67.
+    genserve = merge_rounds([FAILED, _level(100.0), _level(300.0)])
+    naive = merge_rounds([_level(100.0), _level(150.0), FAILED])
+    ratio, spread = paired_ratio(genserve, naive, "images_per_s")
+    assert ratio == pytest.approx(100.0 / 150.0)
+    assert spread == (pytest.approx(100.0 / 150.0), pytest.approx(100.0 / 150.0))
+    assert genserve["failed_rounds"] == 1 and genserve["images_per_s"] == 200.0
+    assert tail_ratio(genserve) == pytest.approx(2.0)  # a failed round has no tail to count
 
 
 def test_a_levels_figures_are_the_medians_of_its_rounds() -> None:
