@@ -3,7 +3,7 @@
 `python -m bench.ab --base REV` checks REV out into a temporary git worktree (or `--base-tree PATH`:
 a source tree as it is, e.g. a copy with one constant changed) and serves the same
 models from it and from this tree, two server processes running side by side for the whole run and
-measured in turns, level by level (A, B, B, A, ...), under the same client (this tree's
+measured in turns, model by model (A, B, B, A, ...), under the same client (this tree's
 `genserve-client bench`). Per model and side: p50 at concurrency 1, images/s and
 p99/p50 at concurrency 64 (RAW_UINT8, one image per request), the server's CPU ms per request, and
 the transport's floor (p50 of a trivial health Check at c=1 through the same load generator,
@@ -123,17 +123,21 @@ def main() -> None:
             repos["B"] = _subset(args.models_dir, args.models, Path(tmp) / "B")
             measured = find_models(repos["B"], args.models)  # how each is driven (kind, labels, input)
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
-            # Both servers run for the whole comparison and take turns level by level, the first
-            # side alternating: a change in the machine's load lands on both sides within seconds.
-            # (Fresh servers per round, one after the other, let minutes of drift decide the ratio.)
+            # Both servers run for the whole comparison and take turns model by model (its floor, c=1
+            # and c=64 on one side, then on the other), the first side alternating: a change in the
+            # machine's load lands on both sides within seconds. (Fresh servers per round, one after
+            # the other, let minutes of drift decide the ratio.)
             a_side = _serve(base, repos["A"], args.base_config)
             with a_side as a_server, _serve(REPO_ROOT, repos["B"], args.config) as b_server:
                 servers = {"A": a_server, "B": b_server}
-                for i in range(args.rounds):
-                    for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                        server = servers[side]
-                        figures = {m.name: _measure(server, m, args.duration_s) for m in measured}
-                        sides[side].append(figures)
+                turn = 0
+                for _ in range(args.rounds):
+                    for side in sides:
+                        sides[side].append({})
+                    for m in measured:
+                        for side in ("A", "B") if turn % 2 == 0 else ("B", "A"):
+                            sides[side][-1][m.name] = _measure(servers[side], m, args.duration_s)
+                        turn += 1
         finally:
             if args.base_tree is None:
                 subprocess.run(

@@ -6,14 +6,18 @@ that each figure can be checked against numbers known in advance.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from bench import run, servers
+from bench import ab, run, servers
 from bench.report import merge_rounds, paired_ratio, tail_ratio
 from bench.servers import BenchError
 
@@ -168,3 +172,32 @@ def test_the_load_generators_percentiles_are_over_the_successful_calls_of_the_me
     assert got.requests == 107 and got.images == 100
     assert got.images_per_s == pytest.approx(100 / 5.0)  # over the window, first start to last answer
     assert got.errors == {"UNAVAILABLE": 7}
+
+
+def test_an_ab_run_takes_turns_model_by_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # bench.ab's docstring: "measured in turns, level by level (A, B, B, A, ...)", so that a change
+    # of the machine's load "lands on both sides within seconds". Before, a side measured every
+    # model in a round before the other side measured any: the two measurements of one model were
+    # a whole side's sweep apart (3 models x ~9 s by default), not seconds.
+    order: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def serve(tree: Path, models: Path, config: Path | None = None) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(side="A" if tree == tmp_path else "B")
+
+    def measure(server: SimpleNamespace, model: SimpleNamespace, duration_s: float) -> dict[str, float]:
+        order.append((server.side, model.name))
+        return dict.fromkeys(ab.FIGURES, 1.0)
+
+    models = [SimpleNamespace(name=n) for n in ("m1", "m2", "m3")]
+    monkeypatch.setattr(ab, "_serve", serve)
+    monkeypatch.setattr(ab, "_measure", measure)
+    monkeypatch.setattr(ab, "_subset", lambda models_dir, names, into: into)
+    monkeypatch.setattr(ab, "find_models", lambda root, names: models)
+    argv = ["bench.ab", "--base-tree", str(tmp_path), "--models", "m1", "m2", "m3", "--rounds", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    ab.main()
+    assert order[:6] == [("A", "m1"), ("B", "m1"), ("B", "m2"), ("A", "m2"), ("A", "m3"), ("B", "m3")]
+    for name in ("m1", "m2", "m3"):  # every round measures each model on both sides, back to back
+        turns = [i for i, (_, m) in enumerate(order) if m == name]
+        assert len(turns) == 4 and turns[1] == turns[0] + 1 and turns[3] == turns[2] + 1
