@@ -201,3 +201,52 @@ def test_an_ab_run_takes_turns_model_by_model(monkeypatch: pytest.MonkeyPatch, t
     for name in ("m1", "m2", "m3"):  # every round measures each model on both sides, back to back
         turns = [i for i, (_, m) in enumerate(order) if m == name]
         assert len(turns) == 4 and turns[1] == turns[0] + 1 and turns[3] == turns[2] + 1
+
+
+@pytest.mark.parametrize("bulk_fails", [True, False])
+def test_the_priority_targets_are_not_met_by_a_bulk_stream_that_never_ran(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bulk_fails: bool
+) -> None:
+    # The bulk worker dies (its stream refused, say) and writes nothing: the "loaded" level then
+    # measured an idle server, p99 about the idle one, and both issue-8 targets read "yes".
+    from bench import priority
+
+    class Server:
+        target, pid = "127.0.0.1:1", 4242
+
+        def __enter__(self) -> Server:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    class Worker:
+        returncode = 1
+
+        def __init__(self, command: list[str]) -> None:
+            out = Path(command[command.index("--out") + 1])
+            if not bulk_fails:
+                out.write_text('{"images": 6400, "images_per_s": 640.0}')
+
+        def poll(self) -> int | None:
+            return 1 if bulk_fails else None
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 1
+
+        def kill(self) -> None:
+            pass
+
+    monkeypatch.setattr(priority.ServerProcess, "genserve", classmethod(lambda cls, repo: Server()))
+    monkeypatch.setattr(priority, "client_bench", lambda *a, **k: {"p99_ms": 5.0, "p50_ms": 4.0})
+    monkeypatch.setattr(priority, "cpu_seconds", lambda pid: 0.0)
+    monkeypatch.setattr(priority.subprocess, "Popen", Worker)
+    monkeypatch.setattr(priority.time, "sleep", lambda s: None)
+    model = SimpleNamespace(name="m", kind=SimpleNamespace(conditional=False), max_batch_size=64)
+    raw = {"points": [{"batch": 64, "latency_p50_ms": 80.0}]}
+    result = priority.run_priority(tmp_path, model, duration_s=1.0, raw=raw)  # type: ignore[arg-type]
+    if bulk_fails:
+        assert result["target_ratio_1_2_met"] is None and result["target_one_batch_met"] is None
+        assert "not measured" in priority.describe(result)
+    else:
+        assert result["target_ratio_1_2_met"] is True and result["target_one_batch_met"] is True
