@@ -310,7 +310,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         security=security,
         watch_interval_s=None if watch is None else float(watch),
         image_cache_bytes=r.integer("image_cache_bytes", s.image_cache_bytes, min_value=0),
-        trt_engine_cache_dir=_optional_dir(r, "trt_engine_cache_dir"),
+        trt_engine_cache_dir=_optional_dir(r, "trt_engine_cache_dir", path.parent),
     )
     r.finish()
     return config
@@ -323,11 +323,15 @@ def _render_share(r: _Reader, default: float) -> float:
     return value
 
 
-def _optional_dir(r: _Reader, key: str) -> str | None:
+def _optional_dir(r: _Reader, key: str, base: Path) -> str | None:
+    """A directory path or None; a relative one is relative to the config file's directory `base`,
+    as the file's other paths are (docs/operations.md)."""
     value = r.raw(key)
-    if value is not None and (not isinstance(value, str) or not value):
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
         raise r.error(key, f"must be a directory path or null, got {value!r}")
-    return value
+    return str(base / value)
 
 
 def _inline_compute_max_s(r: _Reader, default_s: float) -> float:
