@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 
 from genserve_client import cli
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _subcommand(name: str) -> argparse.ArgumentParser:
@@ -27,3 +33,25 @@ def test_psi_help_names_the_real_default(command: str) -> None:
     assert psi.default is None
     assert "the model's" not in (psi.help or "")
     assert "default: none" in (psi.help or "")
+
+
+def _progress_examples(text: str) -> list[list[str]]:
+    commands = []
+    for match in re.finditer(r"`(genserve-client sample [^`]*--progress[^`]*)`", text.replace("\n", " ")):
+        commands.append(shlex.split(match.group(1))[1:])
+    return commands
+
+
+def test_client_md_progress_example_fits_the_priors_row_budget() -> None:
+    """docs/client.md's `sample ... --progress` example on the default repository must run: the
+    CLI refuses (exit 2) a --progress call larger than the prior's row budget (one streamed call),
+    and `--labels all --n 8` asked for 80 samples of a prior whose budget is 64."""
+    examples = _progress_examples((REPO_ROOT / "docs" / "client.md").read_text())
+    assert examples, "docs/client.md has no `genserve-client sample ... --progress` example"
+    for argv in examples:
+        args = cli.build_parser().parse_args(argv)
+        config = json.loads((REPO_ROOT / "models" / args.model / "config.json").read_text())
+        budget = config["batching"]["max_batch_size"]
+        card = json.loads((REPO_ROOT / "models" / args.model / "1" / "card.json").read_text())
+        classes = len(card["class_names"]) if args.labels == "all" else len(args.labels.split(","))
+        assert args.n * classes <= budget, (argv, args.n * classes, budget)
