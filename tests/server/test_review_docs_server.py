@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from genserve_contract.kinds import KIND_NAMES
 from genserve_server.config import load_server_config
 
 
@@ -20,3 +21,23 @@ def test_relative_trt_engine_cache_dir_is_relative_to_the_config_file(tmp_path: 
     # An absolute path is kept as it is.
     path.write_text(json.dumps({"trt_engine_cache_dir": "/var/cache/genserve/trt"}))
     assert load_server_config(path).trt_engine_cache_dir == "/var/cache/genserve/trt"
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _model_info_kinds(proto_text: str) -> set[str]:
+    """The kinds listed in the comment above `ModelInfo.kind` in genserve.proto."""
+    block = proto_text[proto_text.index("message ModelInfo {") :]
+    comment = block[: block.index("string kind = 2;")]
+    lines = [
+        line.strip().removeprefix("//") for line in comment.splitlines() if line.strip().startswith("//")
+    ]
+    return {word.strip() for word in ",".join(lines).split(",") if word.strip()}
+
+
+def test_model_info_kind_comment_lists_every_kind() -> None:
+    """genserve.proto is the API contract: ModelInfo.kind's comment lists the values a client can
+    receive. It left out two_way_translator, which ListModels returns for cyclegan-digits."""
+    text = (REPO_ROOT / "protos" / "genserve" / "v1" / "genserve.proto").read_text()
+    assert _model_info_kinds(text) == set(KIND_NAMES)

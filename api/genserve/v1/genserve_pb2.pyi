@@ -126,7 +126,9 @@ class SampleRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name as in ListModels. Required. Kinds: generator, conditional_generator, vae_decoder."""
+    """Model name as in ListModels. Required. Kinds: generator, conditional_generator, vae_decoder,
+    style_generator (see "Style generators" below).
+    """
     version: _builtins.str
     """Version directory name; empty = the highest ready version."""
     count: _builtins.int
@@ -990,7 +992,7 @@ class ModelInfo(_message.Message):
     name: _builtins.str
     kind: _builtins.str
     """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image,
-    code_prior, code_decoder, style_mapping, style_generator
+    two_way_translator, code_prior, code_decoder, style_mapping, style_generator
     """
     description: _builtins.str
     latent_dim: _builtins.int
