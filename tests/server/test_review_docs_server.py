@@ -41,3 +41,29 @@ def test_model_info_kind_comment_lists_every_kind() -> None:
     receive. It left out two_way_translator, which ListModels returns for cyclegan-digits."""
     text = (REPO_ROOT / "protos" / "genserve" / "v1" / "genserve.proto").read_text()
     assert _model_info_kinds(text) == set(KIND_NAMES)
+
+
+def test_server_md_synopsis_names_every_flag() -> None:
+    """docs/server.md opens with the synopsis of `genserve-server serve` and `health`; it left out
+    --trt-engine-cache-dir and the health probe's TLS and token flags."""
+    import re
+
+    from genserve_server.main import build_parser
+
+    text = (REPO_ROOT / "docs" / "server.md").read_text()
+    synopsis = text[text.index("```") + 3 :]
+    synopsis = synopsis[: synopsis.index("```")]
+    documented = {
+        name: set(re.findall(r"--[a-z][a-z-]*", part))
+        for name, part in zip(("serve", "health"), synopsis.split("genserve-server health"), strict=True)
+    }
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in ("serve", "health"):
+        flags = {
+            option
+            for action in subparsers.choices[name]._actions
+            for option in action.option_strings
+            if option.startswith("--") and option != "--help"
+        }
+        assert flags == documented[name], (name, flags ^ documented[name])
