@@ -131,15 +131,3 @@ def test_an_edit_sweep_grid_is_bounded_like_every_other_grid(
     assert code == 0, err
     with Image.open(out) as picture:
         assert picture.height > picture.width  # 8 rows (one per dimension), 6 columns (input + 5 values)
-
-
-@pytest.mark.parametrize("command", ["sample", "interpolate", "arithmetic", "bulk"])
-def test_psi_help_states_the_real_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """--help said `--psi ... (default: the model's)`, but no model has a default psi: a request without
-    truncation_psi is not truncated (genserve.proto SampleRequest: "Absent: no truncation")."""
-    code, out, _ = cli_main(capsys, command, "--help")
-    assert code == 0
-    text = " ".join(out.split())
-    psi = text[text.rindex("--psi PSI") + len("--psi PSI") :].split(" --")[0]  # its help line
-    assert "default: none" in psi
-    assert "the model's" not in psi
