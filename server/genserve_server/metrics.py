@@ -200,6 +200,7 @@ class ModelMetrics:
         self.cache_misses = m.image_cache_lookups.labels(*mv, "miss") if mon else _NULL
         self.load_duration = m.model_load_duration.labels(*mv) if mon else _NULL
         self.ready = m.model_ready.labels(*mv) if mon else _NULL
+        self.loading = m.model_loading.labels(*mv) if mon else _NULL
         self.file_changed = m.model_file_changed.labels(*mv) if mon else _NULL
         self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
         self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
@@ -398,6 +399,13 @@ class Metrics:
         self.model_ready = Gauge(
             "genserve_model_ready", "1 when the model version is ready, else 0.", mv, registry=reg
         )
+        self.model_loading = Gauge(
+            "genserve_model_loading",
+            "1 while the model version loads (sessions, warm-up, TensorRT engine builds), else 0: a "
+            "version not ready because it is still loading, not because it failed or drains.",
+            mv,
+            registry=reg,
+        )
         self.model_config_error = Gauge(
             "genserve_model_config_error",
             "1 while the model's config.json or version directories on disk cannot be applied (the "
@@ -474,7 +482,7 @@ class Metrics:
         mm.clear_runtime(live)
         if live or not self.enabled:
             return
-        gauges = (self.model_ready, self.queue_depth, self.step_running_rows)
+        gauges = (self.model_ready, self.model_loading, self.queue_depth, self.step_running_rows)
         for family in (*gauges, self.model_load_duration, self.model_file_changed):
             with contextlib.suppress(KeyError):
                 family.remove(mm.model, mm.version)
@@ -527,6 +535,7 @@ class Metrics:
             self.sr_working_set_bytes,
             self.model_load_duration,
             self.model_ready,
+            self.model_loading,
             self.model_config_error,
             self.model_file_changed,
             self.model_runtime_info,

@@ -269,6 +269,7 @@ class Repository:
         assert config is not None
         mm = self.metrics.for_model(model.name, version, config.batching.max_batch_size, config.kind)
         mm.ready.set(0)
+        mm.loading.set(1)
         mv = ModelVersion(model.name, version, model.path / version, config, mm)
         model.versions[version] = mv
         return mv
@@ -335,8 +336,11 @@ class Repository:
         """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason."""
         started = time.monotonic()
         try:
-            # Seconds of session building and warm-up: no spin beside them.
-            await run_off_loop(self._load_pool, self._load_version, mv)
+            try:
+                # Seconds of session building and warm-up: no spin beside them.
+                await run_off_loop(self._load_pool, self._load_version, mv)
+            finally:
+                mv.metrics.loading.set(0)  # READY, UNAVAILABLE or cancelled: no longer loading
         except LoadCancelled as exc:
             mv.state, mv.reason = ModelState.UNAVAILABLE, str(exc)
             logger.info("%s", exc)

@@ -299,6 +299,12 @@ def test_every_label_in_dashboard_and_rules_is_one_the_metric_has_with_a_value_i
                 for alt in alternatives or []:
                     if known is not None and alt and alt not in known:
                         problems.append(f"{expr.where}: {name} never has {label}={alt!r}")
+        for sample_name in metric_names(expr.promql):  # bare names too: `x == 0 unless on (model) y`
+            name = contract_name_for(sample_name, contract)
+            if name is not None:
+                labels_in_expr |= set(contract[name].labels) | (
+                    {"le"} if sample_name.endswith("_bucket") else set()
+                )
         for group in _GROUPING.findall(expr.promql):
             for label in (g.strip() for g in group.split(",")):
                 if label and label not in labels_in_expr:

@@ -3,11 +3,16 @@ series, latency histograms only for the methods a model's kind serves, and the r
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from prometheus_client import generate_latest
+from server_support import write_tiny_generator
 
 from genserve_server import kserve, service
-from genserve_server.config import KINDS, SAMPLE_KINDS
+from genserve_server.config import KINDS, SAMPLE_KINDS, ServerConfig
 from genserve_server.metrics import KIND_METHODS, METHODS, Metrics
+from genserve_server.repository import Repository
 
 
 def exposition(metrics: Metrics) -> list[str]:
@@ -114,3 +119,30 @@ def test_forgetting_one_copy_of_a_version_leaves_the_series_a_live_copy_shares()
     gone = ("genserve_model_ready", "genserve_batch_max_rows", "genserve_model_runtime_info")
     for family in (*gone, "genserve_step_running_rows", "genserve_queue_depth"):
         assert lines(family) == [], family
+
+
+def test_a_version_is_loading_until_its_load_ends_ready_or_failed(tmp_path: Path) -> None:
+    """genserve_model_loading tells a version that is not ready yet from one that failed: 1 from its
+    registration until its load ends, then 0 whether it became READY or UNAVAILABLE (so
+    GenserveModelNotReady waits out a long load, e.g. a TensorRT engine build)."""
+    write_tiny_generator(tmp_path, "good")
+    broken = write_tiny_generator(tmp_path, "broken")
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+
+    def loading() -> dict[str, str]:
+        rows = [x for x in exposition(metrics) if x.startswith("genserve_model_loading{")]
+        return {row.split('model="')[1].split('"')[0]: row.rsplit(" ", 1)[1] for row in rows}
+
+    metrics = Metrics()
+    repo = Repository(tmp_path, ServerConfig(), metrics)
+    repo.scan()
+    assert loading() == {"good": "1.0", "broken": "1.0"}
+
+    async def load() -> None:
+        await repo.load_all()
+        assert loading() == {"good": "0.0", "broken": "0.0"}
+        assert repo.get("good").versions["1"].state.name == "READY"
+        assert repo.get("broken").versions["1"].state.name == "UNAVAILABLE"
+        await repo.close(1)
+
+    asyncio.run(asyncio.wait_for(load(), 60))
