@@ -204,7 +204,10 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
             body = b"ok\n" if serving else f"not serving: {reason}\n".encode()[:512]
             status = "200 OK" if serving else "503 Service Unavailable"
             headers = [("Content-Type", "text/plain; charset=utf-8"), ("Allow", ",".join(HEALTHZ_METHODS))]
-            if method != "GET":
+            if method == "HEAD":  # GET's headers, its Content-Length included, without the body
+                start_response(status, [*headers, ("Content-Length", str(len(body)))])
+                return [b""]
+            if method == "OPTIONS":
                 body = b""
         elif method == "OPTIONS":
             status, headers, body = "200 OK", [("Allow", "OPTIONS,GET")], b""

@@ -183,7 +183,8 @@ def labels(values: Sequence[int], card: Card, n: int, field: str = "labels") -> 
     if not len(values):
         raise invalid(field, f"required for conditional model {card.name} (classes 0..{n_classes - 1})")
     if len(values) not in (1, n):
-        raise invalid(field, f"must have 1 or {n} values (one per image), got {len(values)}")
+        expected = "1 value (one image)" if n == 1 else f"1 or {n} values (one per image)"
+        raise invalid(field, f"must have {expected}, got {len(values)}")
     if len(values) == 1:  # the usual request: plain Python, no numpy on a 1-element container
         label = int(values[0])
         if not 0 <= label < n_classes:

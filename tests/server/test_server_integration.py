@@ -158,6 +158,10 @@ def test_sample_without_seed_picks_and_returns_seeds(stub: pb_grpc.GenerationSer
         (pb.SampleRequest(model="tiny-cond", count=1, labels=[-1]), "labels[0]"),
         (pb.SampleRequest(model="tiny-cond", count=1), "labels: required"),
         (pb.SampleRequest(model="tiny-cond", count=3, labels=[1, 2]), "labels: must have 1 or 3"),
+        (
+            pb.SampleRequest(model="tiny-cond", count=1, labels=[1, 2]),
+            "labels: must have 1 value (one image), got 2",
+        ),
         (pb.SampleRequest(model="tiny-gen", count=1, labels=[1]), "labels: only conditional"),
         (pb.SampleRequest(model="tiny-gen", count=1, truncation_psi=0), "truncation_psi"),
         (pb.SampleRequest(model="tiny-gen", count=1, truncation_psi=11), "truncation_psi"),

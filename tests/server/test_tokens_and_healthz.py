@@ -81,4 +81,6 @@ def test_healthz_gives_the_health_to_every_method_http_checkers_use() -> None:
         status, headers, body = _call(app, method, "/healthz")
         assert status.startswith("200"), (method, status)
         assert "HEAD" in headers.get("Allow", "HEAD") and body == (b"ok\n" if method == "GET" else b"")
+        if method == "HEAD":  # GET's headers without the body: its Content-Length too
+            assert headers["Content-Length"] == str(len(b"ok\n"))
     assert _call(app, "POST", "/healthz")[0].startswith("405")
