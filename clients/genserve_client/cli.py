@@ -1221,6 +1221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BulkRetryExhausted as exc:  # transient errors outlasted --retry-window
         _err(f"genserve-client: {exc}")
         return 1
+    except BrokenPipeError:
+        # The reader went away (`genserve-client models | head -1`): as other filters do, stop
+        # quietly. stdout is pointed at devnull so that the interpreter's final flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe
     except (UsageError, BulkError, ValueError) as exc:
         _err(f"genserve-client: {exc}")
         return 2

@@ -6,9 +6,12 @@ import argparse
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from client_fakes import FakeServer
 
 from genserve_client import cli
 
@@ -55,3 +58,18 @@ def test_client_md_progress_example_fits_the_priors_row_budget() -> None:
         card = json.loads((REPO_ROOT / "models" / args.model / "1" / "card.json").read_text())
         classes = len(card["class_names"]) if args.labels == "all" else len(args.labels.split(","))
         assert args.n * classes <= budget, (argv, args.n * classes, budget)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(fake_server: FakeServer) -> None:
+    """`genserve-client models | head -1`: the pipe closed under the command printed
+    "genserve-client: [Errno 32] Broken pipe" (exit 1), where filters stop quietly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genserve_client.cli", "--target", fake_server.target, "models"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
