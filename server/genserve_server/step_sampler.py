@@ -389,9 +389,12 @@ class StepScheduler:
                 self.stats.steps += 1
                 self.stats.rows_stepped += len(rows)
                 if self.metrics is not None:
-                    self.metrics.compute_duration.observe(time.perf_counter() - started)
+                    compute_s = time.perf_counter() - started
+                    self.metrics.compute_duration.observe(compute_s)
                     self.metrics.batch_size.observe(len(rows))
                     self.metrics.batch_requests.observe(len({row.request for row in rows}))
+                    # KServe ModelStatistics: a step is the prior's execution, as a batch elsewhere.
+                    self.metrics.infer_stats.batch_done(len(rows), compute_s)
                 still = []
                 dropped: dict[int, str] = {}
                 for row, code in zip(rows, codes, strict=True):

@@ -14,6 +14,8 @@ from reliability_support import write_gen
 from server_support import ServerProcess, metric_in, running_server, start_server, wait_until
 from unread_client import UnreadClient
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -114,6 +116,13 @@ def test_code_prior_steps_count_their_requests_per_batch(tmp_path: Path) -> None
         with grpc.insecure_channel(proc.target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
             stub.SampleCodes(pb.SampleCodesRequest(model=names["chain"], count=3, base_seed=1), timeout=60)
+            kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+            statistics = {
+                model: kserve.ModelStatistics(kpb.ModelStatisticsRequest(name=model), timeout=10).model_stats[
+                    0
+                ]
+                for model in (names["chain"], names["top"])
+            }
         after = proc.metrics_text()
     for model in (names["chain"], names["top"]):
         steps = metric_in(after, "genserve_batch_size_count", model=model) - metric_in(
@@ -127,6 +136,8 @@ def test_code_prior_steps_count_their_requests_per_batch(tmp_path: Path) -> None
         )
         assert steps > 0, model
         assert (per_step, requests) == (steps, steps), model  # one request in every step
+        # KServe's ModelStatistics counts the same executions (it counted none for a prior).
+        assert statistics[model].execution_count == steps, model
 
 
 def test_request_bytes_that_do_not_parse_count_as_rejected_invalid(server: ServerProcess) -> None:
