@@ -114,6 +114,10 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
     return None
 
 
+def _unparsed(raw: bytes) -> None:
+    return None
+
+
 def _deny(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHandler[Any, Any] | None:
     """A handler of the same streaming shape as `handler` that aborts with UNAUTHENTICATED."""
     if handler is None:
@@ -127,7 +131,9 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHand
         await abort(context, Unauthenticated(message))
         yield  # pragma: no cover - makes this an async generator for streaming responses
 
-    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    # The caller's bytes are never parsed: a message of up to the receive limit (64 MiB) would cost
+    # a full protobuf parse per unauthenticated call, for nothing.
+    deserialize, serialize = _unparsed, handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(abort_unary, deserialize, serialize)
     if handler.unary_stream is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,3 +60,21 @@ def test_a_flood_of_rejected_calls_logs_a_line_per_interval_with_the_count(
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert lines[1].endswith("(499 more since the last line)")
+
+
+def test_a_denied_call_never_parses_its_request_bytes() -> None:
+    """An unauthenticated call's message (up to 64 MiB) was parsed as the method's request before the
+    refusal: a full protobuf parse per call for nothing (and garbage bytes are not even a request)."""
+    import grpc
+
+    from genserve.v1 import genserve_pb2 as pb
+
+    async def sample(request: Any, context: Any) -> Any:
+        raise AssertionError("the method must not run")
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        sample, pb.SampleRequest.FromString, pb.SampleResponse.SerializeToString
+    )
+    denied = security._deny(handler)
+    assert denied is not None and denied.request_deserializer is not None
+    assert denied.request_deserializer(b"\xff\xff\xff") is None  # the real parser raises on these
