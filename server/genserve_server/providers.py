@@ -5,7 +5,8 @@ only a session tells what it really runs on. Asking for them in every model's se
 machine made ONNX Runtime print its library-load failures (`[E:onnxruntime ... Failed to load
 library`) once per session, straight to stderr, past `--log-level` and through `--log-json`. So the
 first time GPU providers are asked for, one session of a one-node graph is built with them (ONNX
-Runtime's logging off, its stdout prints captured), the providers it really uses are remembered for
+Runtime's logging off, its stdout prints captured; after `onnxruntime.preload_dlls()` where CUDA comes
+from pip's `nvidia-*` packages, as for model sessions), the providers it really uses are remembered for
 the life of the process, and one line says what was found. Model sessions then ask only for what
 works.
 
@@ -24,6 +25,8 @@ import warnings
 from collections.abc import Sequence
 
 import onnxruntime as ort
+
+from genserve_server.ort_session import preload_cuda_libraries
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,9 @@ def usable_providers(requested: Sequence[str]) -> list[str]:
         with _lock:
             if not _probed:
                 quiet_onnxruntime()
+                # CUDA from pip's nvidia-* packages loads only after preload_dlls(): probing before
+                # it would remember CUDA as unusable for the life of the process.
+                preload_cuda_libraries()
                 offered = [p for p in GPU_PROVIDERS if p in available]
                 works = set(_probe(offered))
                 _probed.update({p: p in works for p in GPU_PROVIDERS})
