@@ -112,7 +112,7 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
     providers = select_providers(requested)
     mv.sha256 = _verified_sha256(mv, card, choice.path)
     if choice.precision == "fp16":
-        checked = fp16_on_provider(mv.path, card, providers, mv.config.runtime.fp16_atol, choice)
+        checked = fp16_on_provider(mv.path, card, providers, mv.config.runtime, choice)
         if checked is not choice:
             mv.sha256 = _verified_sha256(mv, card, checked.path)
             choice = checked
@@ -327,19 +327,20 @@ def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
 
 
 def fp16_on_provider(
-    version_dir: Path, card: Card, providers: Sequence[str], atol: float, choice: ModelChoice
+    version_dir: Path, card: Card, providers: Sequence[str], runtime: RuntimeConfig, choice: ModelChoice
 ) -> ModelChoice:
-    """`choice` (the fp16 file) when fp16 and fp32 agree within `atol` on the provider the version
-    will run on, else fp32 with the reason: the card's parity was measured at export, on a CPU, and
-    fp16 kernels differ per provider and GPU."""
+    """`choice` (the fp16 file) when fp16 and fp32 agree within `runtime.fp16_atol` on the provider
+    the version will run on, else fp32 with the reason: the card's parity was measured at export, on
+    a CPU, and fp16 kernels differ per provider and GPU. The check's sessions take the version's own
+    runtime (its GPU, memory cap, TF32), run plainly: no CUDA graph is captured for a check."""
     if not (version_dir / "model.onnx").is_file():
         return choice  # nothing to compare with: the card's parity stands
+    atol = runtime.fp16_atol
+    config = dataclasses.replace(runtime, cuda_graph=False, io_binding=False)
     feeds = parity_inputs(card, 8)
-    fp32 = create_session(version_dir / "model.onnx", providers, RuntimeConfig(), cores=cpu_count())
-    fp16 = create_session(choice.path, providers, RuntimeConfig(), cores=cpu_count(), fp16=True)
-    ok, diff = check_fp16_parity(
-        SessionRunner(fp32, RuntimeConfig()), SessionRunner(fp16, RuntimeConfig()), feeds, atol
-    )
+    fp32 = create_session(version_dir / "model.onnx", providers, config, cores=cpu_count())
+    fp16 = create_session(choice.path, providers, config, cores=cpu_count(), fp16=True)
+    ok, diff = check_fp16_parity(SessionRunner(fp32, config), SessionRunner(fp16, config), feeds, atol)
     if ok:
         return choice
     return ModelChoice(
