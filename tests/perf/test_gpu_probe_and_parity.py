@@ -1,4 +1,4 @@
-"""Review of the GPU path: ONNX Runtime faked where no GPU is (this host), asserting on what genserve
+"""The GPU path with ONNX Runtime faked where no GPU is (this host), asserting on what genserve
 asks ONNX Runtime for and what it concludes from the answers."""
 
 from __future__ import annotations
