@@ -3,11 +3,12 @@
     python scripts/gpu_acceptance.py --out OUT/gpu_acceptance.json [--dry] [--rehearse-on-cpu]
 
 Run by scripts/gpu_acceptance.sh on a lent GPU machine (see ../shared/GPU.md). Without a GPU
-(`--dry`, or no session really runs on CUDA) every GPU check is recorded as skipped and the exit
-status is 0; `--rehearse-on-cpu` runs the checks that do not need CUDA graphs on the CPU provider
-instead, to try the script's own code before the one device call. Every check writes its figures
-as soon as it ends, so a run cut short still leaves the finished ones. Exit status: 1 when a check
-failed, else 0.
+(`--dry`, or no session really runs on CUDA) every GPU check is recorded as skipped;
+`--rehearse-on-cpu` runs the checks that do not need CUDA graphs on the CPU provider instead, to try
+the script's own code before the one device call. Every check writes its figures as soon as it
+ends, so a run cut short still leaves the finished ones. Exit status: 1 when a check failed, 3 when
+(without --dry or --rehearse-on-cpu) no session ran on CUDA, so that nothing was checked on a GPU,
+else 0.
 
 Needs the repository's sources on the path (api, server, clients, export, tests/server, tests/perf)
 and onnx (the tiny test graphs).
@@ -572,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         report.data["finished"] = time.strftime("%FT%TZ")
         report.write()
-    return 1 if report.failed and not rehearse else 0
+    if report.failed and not rehearse:
+        return 1
+    return 3 if not (args.dry or on_gpu or rehearse) else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@
 #   GPU_STAGE     folder outside the tree where earlier calls copied their parts (default /tmp/gpuwhl-stage)
 #   GPU_SITE      where the wheel is unpacked (default /tmp/ort-gpu-site)
 #   WHEEL_SHA256  the wheel's sha256 (default: the first line of .gpuwhl/SHA256 when present)
-# Exit status: 0 when every check passed or was skipped, 1 otherwise; the JSON says which.
+# Exit status: 0 when every check passed (or, with --dry, was skipped), 1 when one failed, 3 when no
+# session ran on CUDA (no onnxruntime-gpu, no device): nothing was checked on a GPU, which must not
+# read as a pass. The JSON says which checks ran.
 #
 # Staging (one device call carries at most 64 MiB of tree), as run on an H200 on 2026-12-04 in
 # ~80 s of device time, the machine's start included:
@@ -144,6 +146,12 @@ if [[ $DRY -eq 0 ]]; then
 fi
 say "acceptance checks"
 "$PYTHON" "$ROOT/scripts/gpu_acceptance.py" --out "$OUT/gpu_acceptance.json" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
-[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+checks=${PIPESTATUS[0]}
+if [[ $checks -eq 3 && $status -eq 0 ]]; then
+  say "no session ran on CUDA: nothing was checked on a GPU"
+  status=3
+elif [[ $checks -ne 0 && $checks -ne 3 ]]; then
+  status=1
+fi
 say "done: status $status, figures in $OUT/gpu_acceptance.json"
 exit $status

@@ -551,7 +551,7 @@ def test_server_wide_engine_cache_dir_from_config_and_cli(tmp_path: Path) -> Non
     assert args.trt_engine_cache_dir == "/c"
 
 
-def test_gpu_acceptance_dry_run_skips_every_gpu_check_cleanly(tmp_path: Path) -> None:
+def test_gpu_acceptance_skips_gpu_checks_dry_and_fails_a_run_that_checked_nothing(tmp_path: Path) -> None:
     import os
     import subprocess
     import sys
@@ -582,6 +582,18 @@ def test_gpu_acceptance_dry_run_skips_every_gpu_check_cleanly(tmp_path: Path) ->
     ):
         assert checks[name]["status"] == "skipped", (name, checks[name])
     assert report["environment"]["cuda_session"] is False and "finished" in report
+    # Without --dry, a host where no session runs on CUDA checked nothing on a GPU: exit 3, so that a
+    # device run whose wheel install failed does not read as a pass.
+    real = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_acceptance.sh")],
+        env={**env, "OUT": str(tmp_path / "real")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert real.returncode == 3, real.stdout + real.stderr
+    assert "nothing was checked on a GPU" in real.stdout
 
 
 def test_a_sticky_cuda_error_at_load_stops_the_server(
