@@ -59,7 +59,14 @@ from pathlib import Path
 
 from genserve_contract.repository import sha256_file
 from genserve_server import heap
-from genserve_server.repository import VERSION_PATTERN, Model, ModelState, ModelVersion, Repository
+from genserve_server.repository import (
+    VERSION_PATTERN,
+    Model,
+    ModelState,
+    ModelVersion,
+    Repository,
+    policy_picks_none,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +306,7 @@ class Reloader:
         selected = config.version_policy.select(available)
         problem = ""
         if not selected:
-            problem = current.reason or (
-                f"{current.path / 'config.json'}: version_policy picks none of the version directories "
-                f"on disk ({', '.join(sorted(available, key=int))})"
-            )
+            problem = current.reason or policy_picks_none(current.path, available)
             if current.ready_versions():
                 # A typo in `specific`, or the only version directory deleted mid-replace: keep serving.
                 self._keep_serving(current, problem, report)

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +163,14 @@ class LoadCancelled(GenserveError):
     """Start-up loading stopped by shutdown (not a broken model)."""
 
 
+def policy_picks_none(model_path: Path, available: Sequence[str]) -> str:
+    """The reason of a model whose config.json's version_policy picks none of its version directories."""
+    return (
+        f"{model_path / 'config.json'}: version_policy picks none of the version directories "
+        f"on disk ({', '.join(sorted(available, key=int))})"
+    )
+
+
 class Repository:
     """All models under one directory; loads them and owns their runners and batchers."""
 
@@ -220,9 +228,13 @@ class Repository:
         for model_dir in self.model_dirs():
             model = self.read_model(model_dir)
             if model.config is not None:
-                for version in model.config.version_policy.select(self.available_versions(model)):
+                available = self.available_versions(model)
+                selected = model.config.version_policy.select(available)
+                for version in selected:
                     self.add_version(model, version)
-                if model.reason:  # no version directory, or none that could be listed
+                if available and not selected:  # a typo in `specific`: as a rescan reports it
+                    model.reason = policy_picks_none(model.path, available)
+                if model.reason:  # no version directory, none that could be listed, or none picked
                     logger.error("model %s unavailable: %s", model.name, model.reason)
             self.models[model.name] = model
             self.metrics.set_config_error(model.name, bool(model.reason))
