@@ -1,5 +1,4 @@
-"""Contracts of DESIGN.md (the model repository, its version policies) checked where a review found
-the server silent about them."""
+"""A version policy that picks no version directory at start-up: said, as a rescan says it."""
 
 from __future__ import annotations
 
