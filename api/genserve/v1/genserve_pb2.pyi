@@ -601,7 +601,9 @@ class ImageRequest(_message.Message):
     version: _builtins.str
     tile_size: _builtins.int
     """SuperResolve only: input tile size (>= 2 * tile_overlap + 8, <= 1024); 0 = the card's
-    tile_size (128 if none), enlarged to at least 4 * tile_overlap.
+    tile_size (128 if none), enlarged to at least 4 * tile_overlap. The request's tiles, all images
+    together, must fit the model's queue (batching.max_queue_size): more is INVALID_ARGUMENT naming
+    tile_size (use larger tiles, or fewer or smaller images).
     """
     tile_overlap: _builtins.int
     """SuperResolve only: overlap between tiles in input pixels, 0..tile_size/4 (at most 256); absent
