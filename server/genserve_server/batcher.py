@@ -628,9 +628,13 @@ class Batcher:
             # The window starts at the oldest row's arrival, so it bounds every row's extra wait.
             window_end = self._lanes[lane][key][0].enqueued_at + self.max_queue_delay_s
             # The limit is read again each turn: a side-by-side share ends with the batch beside it.
-            while (queued := self._rows_by_key.get((lane, key), 0)) < (
-                limit := self._batch_limit(lane, key)
-            ) and not self._closing:
+            # A sub-queue whose rows all left (callers cancelled) ends its window: re-picked below.
+            while (
+                0
+                < (queued := self._rows_by_key.get((lane, key), 0))
+                < (limit := self._batch_limit(lane, key))
+                and not self._closing
+            ):
                 if self.callers and not self._more_expected():
                     reason = CLOSED_ALL_QUEUED
                     break  # every caller in the server is queued: nobody else is about to send

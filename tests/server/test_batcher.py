@@ -1387,3 +1387,26 @@ def test_outputs_that_do_not_fit_a_straddling_request_fail_it_rather_than_leave_
         await batcher.close(1)
 
     run(body())
+
+
+def test_a_window_whose_rows_all_left_survives_another_keys_arrival() -> None:
+    """Every request of the sub-queue a window waits for is cancelled (callers gone, deadlines
+    passed), then a request of another key arrives and wakes the dispatcher while that window is
+    still open: the dispatcher must go on (it read the emptied sub-queue and died with a KeyError,
+    so the model never answered again, though it stayed READY and health SERVING)."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=1.0)
+        gone = [asyncio.ensure_future(batcher.submit("a", rows(i), 1)) for i in (1, 2)]
+        await until(lambda: batcher.queued_rows == 2, "both requests queued")
+        await let_the_dispatcher_run()
+        assert not model.batches  # the window for "a" is open
+        for task in gone:
+            task.cancel()
+        await until(lambda: batcher.queued_rows == 0, "the cancelled rows out of the queue")
+        other = await asyncio.wait_for(batcher.submit("b", rows(3), 1), 5)
+        np.testing.assert_array_equal(other.outputs["y"], [30])
+        await batcher.close(1)
+
+    run(body())
