@@ -103,6 +103,9 @@ class Boundary:
             logger.info(
                 "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
             )
+            if _past_deadline(call):
+                call.code = Code.DEADLINE_EXCEEDED.name  # what the client gets, from gRPC
+                raise asyncio.CancelledError  # no status to send: see _past_deadline
             await abort(context, exc, trailing, self.redact)
         logger.error(
             "request_id=%s method=%s failed with an unexpected error",
@@ -110,6 +113,8 @@ class Boundary:
             call.method,
             exc_info=exc,
         )
+        if _past_deadline(call):
+            raise asyncio.CancelledError
         await context.abort(
             grpc.StatusCode.INTERNAL,
             f"internal error (request id {call.request_id})",
@@ -165,6 +170,8 @@ class Boundary:
         call.unary = True
         try:
             response = await handler(request, call)
+            if _past_deadline(call):
+                raise asyncio.CancelledError  # counted DEADLINE_EXCEEDED by raised(): see _past_deadline
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             reservation = call.response
             if reservation is not None:
@@ -212,6 +219,15 @@ class Boundary:
             return await handler()
         except GenserveError as exc:
             await abort(context, exc, redact=self.redact)
+
+
+def _past_deadline(call: Call) -> bool:
+    """Whether the call's deadline has passed: gRPC has ended it with DEADLINE_EXCEEDED already (its
+    deadline comes a little before the one the server computes from time_remaining() at arrival),
+    so a response or status sent now fails in gRPC's core, which grpc logs as an ERROR with a
+    traceback. A handler that finished just as gRPC cancels it at its deadline (the event loop
+    busy) sends nothing instead, as a handler that gRPC cancelled in time does."""
+    return call.deadline is not None and time.monotonic() >= call.deadline
 
 
 def _cancelled_code(call: Call) -> str:

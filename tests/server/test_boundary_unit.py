@@ -182,3 +182,56 @@ def test_a_long_message_keeps_its_field_and_its_limit(echoed: str) -> None:
     assert error.message.endswith("must be at most 64 characters")
     assert "characters left out" in error.message
     assert invalid("count", "must be in 1..64, got 0").message == "count: must be in 1..64, got 0"
+
+
+class ExpiringContext(FakeContext):
+    """A call whose deadline is `remaining_s` away when the handler starts."""
+
+    def __init__(self, remaining_s: float) -> None:
+        super().__init__()
+        self.remaining_s = remaining_s
+
+    def time_remaining(self) -> float | None:
+        return self.remaining_s
+
+
+def test_a_handler_that_fails_after_its_deadline_sends_no_status(service: Boundary) -> None:
+    """gRPC has ended a call whose deadline passed (with DEADLINE_EXCEEDED): a status sent then fails
+    in gRPC's core, which grpc logs as 'ExecuteBatchError raised in core' at ERROR with a traceback
+    through genserve's frames. It happened under load when a handler finished (the batcher's 'deadline
+    passed before the request was queued') before gRPC's cancellation of it ran: the handler must
+    leave the call to gRPC, as one that gRPC cancelled in time does, and count DEADLINE_EXCEEDED."""
+    from genserve_server.errors import DeadlineExceeded
+
+    async def handler(request: object, call: Call) -> None:
+        await asyncio.sleep(0.02)  # past the deadline, and not cancelled (a fake context)
+        raise DeadlineExceeded("model m version 1: deadline passed before the request was queued")
+
+    context = ExpiringContext(0.005)
+    with pytest.raises(asyncio.CancelledError):
+        call_unary(service, handler, context)
+    assert context.aborted is None
+    assert service.metrics.requests.labels("", "", "Sample", "DEADLINE_EXCEEDED")._value.get() == 1
+
+
+def test_a_response_ready_after_its_deadline_is_not_sent(service: Boundary) -> None:
+    async def handler(request: object, call: Call) -> str:
+        await asyncio.sleep(0.02)
+        return "too late"
+
+    context = ExpiringContext(0.005)
+    with pytest.raises(asyncio.CancelledError):
+        call_unary(service, handler, context)
+    assert context.trailing == ()
+    assert service.metrics.requests.labels("", "", "Sample", "DEADLINE_EXCEEDED")._value.get() == 1
+    assert service.metrics.requests.labels("", "", "Sample", "OK")._value.get() == 0
+
+
+def test_an_error_before_the_deadline_is_still_sent(service: Boundary) -> None:
+    async def handler(request: object, call: Call) -> None:
+        raise ResourceExhausted("model m version 1: queue full")
+
+    context = ExpiringContext(5.0)
+    with pytest.raises(Aborted):
+        call_unary(service, handler, context)
+    assert context.aborted == (grpc.StatusCode.RESOURCE_EXHAUSTED, "model m version 1: queue full")
