@@ -50,7 +50,11 @@ async def abort(
     trailing: tuple[tuple[str, str], ...] = (),
     redact: Callable[[str], str] = str,
 ) -> NoReturn:
-    """Answer the call with the error's status and message (context.abort raises)."""
+    """Answer the call with the error's status and message (context.abort raises). Past the call's
+    deadline gRPC has ended it already: nothing is sent (see _past_deadline)."""
+    remaining_s = context.time_remaining()
+    if remaining_s is not None and remaining_s <= 0:
+        raise asyncio.CancelledError
     await context.abort(status_code(error.code), redact(error.message), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 

@@ -235,3 +235,14 @@ def test_an_error_before_the_deadline_is_still_sent(service: Boundary) -> None:
     with pytest.raises(Aborted):
         call_unary(service, handler, context)
     assert context.aborted == (grpc.StatusCode.RESOURCE_EXHAUSTED, "model m version 1: queue full")
+
+
+def test_an_admission_refusal_past_the_deadline_sends_no_status() -> None:
+    """abort() serves the admission refusals (max_concurrent_rpcs) too: past the call's deadline it
+    leaves the call to gRPC (grpc logged the failed send as ExecuteBatchError with a traceback)."""
+    from genserve_server.boundary import abort
+
+    context = ExpiringContext(-0.001)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(abort(context, ResourceExhausted("2 generation calls running (max_concurrent_rpcs)")))  # type: ignore[arg-type]
+    assert context.aborted is None
