@@ -463,6 +463,14 @@ class Batcher:
                 continue
             try:
                 parts = await self._form_batch()
+            except Exception as exc:
+                # A bug in batch forming must not kill the dispatcher: the model would stay READY
+                # and answer nothing until each caller's deadline. The queued requests fail (their
+                # bookkeeping may be off), the error is logged, and the dispatcher goes on.
+                self._slots.release()
+                logger.exception("%s: forming a batch failed; failing the queued requests", self.name)
+                self._fail_queued(Internal(f"{self.name}: batching failed ({type(exc).__name__}); retry"))
+                continue
             except BaseException:
                 self._slots.release()
                 raise
@@ -478,6 +486,20 @@ class Batcher:
             task = asyncio.get_running_loop().create_task(self._execute(parts, rows))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _fail_queued(self, error: GenserveError) -> None:
+        """Fail every queued request and empty the queue (the dispatcher's safety net)."""
+        for lane in self._lanes:
+            for queue in lane.values():
+                for request in queue:
+                    set_exception_if_not_done(request.future, error)
+            lane.clear()
+        self._rows_by_key.clear()
+        self._queued_rows = self._queued_requests = self._bulk_rows = 0
+        self._split_rest = None
+        self._observer.on_queue_depth(0)
+        if self._bulk_line:
+            self._room.set()
 
     def _bulk_must_wait(self) -> bool:
         """With several instances and interactive requests about, one instance is kept free of bulk

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Hashable, Mapping
@@ -1410,3 +1411,34 @@ def test_a_window_whose_rows_all_left_survives_another_keys_arrival() -> None:
         await batcher.close(1)
 
     run(body())
+
+
+def test_a_bug_in_batch_forming_fails_the_queued_requests_and_the_dispatcher_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception out of _form_batch ended the dispatcher task: the model stayed READY and every
+    later request waited until its deadline (or forever without one), and nothing was logged."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model)
+        real = batcher._form_batch
+        calls = {"n": 0}
+
+        async def once_broken() -> list[Any]:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyError("a bookkeeping bug")
+            return await real()
+
+        monkeypatch.setattr(batcher, "_form_batch", once_broken)
+        with pytest.raises(Internal, match="batching failed"):
+            await asyncio.wait_for(batcher.submit("k", rows(1), 1), 5)
+        assert batcher.queued_rows == 0 and recorder.depth == 0
+        result = await asyncio.wait_for(batcher.submit("k", rows(2), 1), 5)
+        np.testing.assert_array_equal(result.outputs["y"], [20])
+        await batcher.close(1)
+
+    with caplog.at_level(logging.ERROR, logger="genserve_server.batcher"):
+        run(body())
+    assert any("forming a batch failed" in r.getMessage() and r.exc_info for r in caplog.records)
