@@ -247,6 +247,14 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         )
         if card.kind.styled:
             return await service_styles.interpolate_styles(self.core, request, call, mv, psi, out)
+        if psi is not None and not any(p.WhichOneof("point") == "seed" for p in (request.start, request.end)):
+            # In z space truncation redraws a seed's out-of-range values: explicit latents have none to
+            # redraw, and ignoring the field silently would return an untruncated path (as Sample refuses).
+            raise invalid(
+                "truncation_psi",
+                "truncates the latents drawn from seeds; start and end are both explicit latents "
+                "(send a seed end, or leave truncation_psi unset)",
+            )
         start, start_seed = latent_point(request.start, card.latent_dim, psi, "start")
         end, end_seed = latent_point(request.end, card.latent_dim, psi, "end")
         z = latents.interpolate(start, end, steps, int(request.mode))

@@ -360,6 +360,19 @@ def test_interpolate_between_latents_and_two_labels(stub: pb_grpc.GenerationServ
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.Interpolate(pb.InterpolateRequest(model="tiny-gen", start=pb.LatentPoint(seed=1), steps=1))
     assert "steps" in details_of(excinfo)
+    # truncation_psi truncates seeds' latents: with two explicit ends it was silently ignored.
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Interpolate(
+            pb.InterpolateRequest(
+                model="tiny-gen",
+                start=pb.LatentPoint(latent=latent_tensor(a)),
+                end=pb.LatentPoint(latent=latent_tensor(b)),
+                steps=3,
+                truncation_psi=0.7,
+            )
+        )
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("truncation_psi: truncates the latents drawn from seeds")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -375,7 +375,10 @@ class LatentPoint(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     LATENT_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
-    """Latent from this seed's stream (0 <= seed < 2^63), truncated by truncation_psi if set."""
+    """Latent from this seed's stream (0 <= seed < 2^63), truncated by truncation_psi if set (a
+    latent model's truncation_psi needs at least one seed end: explicit latents are not truncated,
+    so psi with two latent ends is INVALID_ARGUMENT; style generators truncate both in w space).
+    """
     @_builtins.property
     def latent(self) -> _types_pb2.Tensor:
         """An explicit latent float32 [Z]."""
