@@ -251,12 +251,20 @@ def test_a_closed_loop_pair_of_a_slow_model_still_waits_for_its_partner() -> Non
         batcher, recorder = make(fake, max_batch_size=8, max_queue_delay_s=window_s)
         rounds = 6
 
-        async def client(value: float, lag_s: float) -> None:
-            for _ in range(rounds):
-                await tracked_submit(batcher, value)
-                await asyncio.sleep(lag_s)  # the partner comes back a little later
+        def first_held_in_its_window() -> bool:
+            # The first of the pair is queued and the dispatcher waits on its window for more (a
+            # batch that went alone would have taken the row off the queue).
+            return batcher.queued_rows == 1 and bool(batcher._available._waiters)  # type: ignore[attr-defined]
 
-        await asyncio.gather(client(1, 0.0), client(2, window_s / 10))
+        async def client(value: float, follows: bool) -> None:
+            for i in range(rounds):
+                if follows and i:
+                    # The partner comes back a little later: once the first is back and held, not
+                    # after a timed lag that a loaded machine's stall can stretch past the window.
+                    await until(first_held_in_its_window, "the first of the pair held in its window")
+                await tracked_submit(batcher, value)
+
+        await asyncio.gather(client(1, False), client(2, True))
         assert "sparse" not in recorder.closed
         assert [len(x) for _, x in fake.batches] == [2] * rounds
         await batcher.close(1)
@@ -528,18 +536,23 @@ def test_a_queued_deadline_inside_the_window_closes_it_in_time() -> None:
     batch goes early enough to compute before it ('deadline'), not after it has expired."""
 
     async def body() -> None:
-        model = FakeModel()
+        model = SlowModel(0.1)
         window_s = 2.0
         batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s)
+        # One batch measures the compute time (>= 0.1 s a row); later batches are quick. The window's
+        # cut then comes >= 0.2 s before a two-row batch's deadline: a margin a loaded machine's
+        # stalls do not eat, where an unmeasured cost left DEADLINE_SLACK_S (10 ms) to the timer.
+        await batcher.submit("k", rows(0), 1)
+        model.compute_s = 0.0
         # Two untracked requests queued together: the dispatcher would wait the window for more.
-        deadline = time.monotonic() + 0.3
+        deadline = time.monotonic() + 0.6
         started = time.monotonic()
         first = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
         hurried = asyncio.ensure_future(batcher.submit("k", rows(2), 1, deadline=deadline))
         await asyncio.gather(first, hurried)
         assert time.monotonic() < deadline and time.monotonic() - started < window_s / 2
-        assert [list(x) for _, x in model.batches] == [[1, 2]]
-        assert recorder.closed == ["deadline"]
+        assert [list(x) for _, x in model.batches] == [[0], [1, 2]]
+        assert recorder.closed[-1] == "deadline"
         assert recorder.dropped == []
         await batcher.close(1)
 
