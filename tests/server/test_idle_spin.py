@@ -44,18 +44,33 @@ async def turns(n: int = 5) -> None:
 
 def test_a_sleeping_loop_keeps_turning_after_a_poke_and_stops_by_itself() -> None:
     assert off_loop_jobs() == 0
-    spin = IdleSpin(0.01)  # real time: the loop really goes round while its coroutine sleeps
+    # The loop really goes round while its coroutine sleeps (real sleeps), but the window is read off
+    # a clock the test moves: on the real one, a stall of 10 ms (a loaded machine) before the first
+    # spun turn ended the window before it turned at all.
+    clock = FakeClock()
+    spin = IdleSpin(0.01, clock=clock)
 
-    async def body() -> tuple[int, bool]:
+    async def body() -> tuple[int, bool, bool]:
         spin.poke()
         await asyncio.sleep(0.003)
-        during = spin.turns
-        await asyncio.sleep(0.05)
-        return during, spin.spinning
+        during, spinning = spin.turns, spin.spinning
+        clock.now += 0.0101  # the window has passed
+        await asyncio.sleep(0.003)
+        return during, spinning, spin.spinning
 
-    during, spinning_after = asyncio.run(body())
-    assert during >= 1  # without the spin nothing turns the loop while it sleeps
+    during, spinning_during, spinning_after = asyncio.run(body())
+    assert during >= 1 and spinning_during  # without the spin nothing turns the loop while it sleeps
     assert not spinning_after
+
+    # On the real clock it stops by itself too (a stall only ends the window sooner).
+    real = IdleSpin(0.01)
+
+    async def real_body() -> bool:
+        real.poke()
+        await asyncio.sleep(0.05)
+        return real.spinning
+
+    assert not asyncio.run(real_body())
 
 
 def test_a_spin_left_on_a_stopped_loop_starts_again_on_the_next_one() -> None:
