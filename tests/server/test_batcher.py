@@ -349,10 +349,12 @@ def test_closed_loop_callers_all_queued_do_not_wait_the_window() -> None:
         await asyncio.gather(*(client(i, 3) for i in range(4)))
         # Every round, the 4 callers in the server are all queued: nobody else can send, so each
         # batch of 4 goes at once instead of waiting out the window for rows that cannot come.
-        assert time.monotonic() - started < window_s
         assert [len(x) for _, x in model.batches] == [4, 4, 4, 4]
         # Nothing suggested more rows when each batch formed: "at_once" (not "window", not "full").
         assert recorder.closed[1:] == ["at_once"] * 3
+        # Three rounds that waited out their windows take >= 3 windows; at once, milliseconds. The
+        # bound sits between the two, far from both (a loaded machine's stalls are not the window).
+        assert time.monotonic() - started < 2 * window_s
         await batcher.close(1)
 
     run(body())
