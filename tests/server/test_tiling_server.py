@@ -101,30 +101,23 @@ def test_too_many_tiles_are_refused_before_any_tile_is_planned(
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-@pytest.mark.parametrize("card_scale", [1, 4])
-def test_a_card_scale_factor_the_graph_does_not_have_fails_the_load(tmp_path: Path, card_scale: int) -> None:
-    """The graph upscales x2. With card.json saying x4 (or x1) the version loaded READY, and then
-    SuperResolve answered OK with images of the wrong size (a 20x20 input gave 40x40, not 80x80) or
-    with each tile's top-left crop of the real output (x1), and INTERNAL for multi-tile images."""
-    write_model(
-        tmp_path,
-        "sr",
-        "super_resolution",
-        super_resolution_graph(2),
-        {
-            "channels": 3,
-            "input_channels": 3,
-            "input_range": [0.0, 1.0],
-            "scale_factor": card_scale,
-            "size_multiple": 1,
-            "tile_size": 32,
-            "tile_overlap": 4,
-            "min_size": 4,
-        },
-    )
+SR_X2_CARD = {
+    "channels": 3,
+    "input_channels": 3,
+    "input_range": [0.0, 1.0],
+    "scale_factor": 2,
+    "size_multiple": 1,
+    "min_size": 4,
+}
+
+
+def load_sr_x2(root: Path, **card: Any) -> tuple[str, str]:
+    """(state, reason) of version 1 of a x2 super-resolution graph loaded under `root` with card.json
+    SR_X2_CARD updated by `card`."""
+    write_model(root, "sr", "super_resolution", super_resolution_graph(2), {**SR_X2_CARD, **card})
 
     async def main() -> tuple[str, str]:
-        repo = Repository(tmp_path, ServerConfig(), Metrics(enabled=False))
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
         repo.scan()
         await repo.load_all()
         mv = repo.get("sr").versions["1"]
@@ -133,7 +126,15 @@ def test_a_card_scale_factor_the_graph_does_not_have_fails_the_load(tmp_path: Pa
         finally:
             await repo.close(1)
 
-    state, reason = asyncio.run(asyncio.wait_for(main(), 60))
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("card_scale", [1, 4])
+def test_a_card_scale_factor_the_graph_does_not_have_fails_the_load(tmp_path: Path, card_scale: int) -> None:
+    """The graph upscales x2. With card.json saying x4 (or x1) the version loaded READY, and then
+    SuperResolve answered OK with images of the wrong size (a 20x20 input gave 40x40, not 80x80) or
+    with each tile's top-left crop of the real output (x1), and INTERNAL for multi-tile images."""
+    state, reason = load_sr_x2(tmp_path, scale_factor=card_scale, tile_size=32, tile_overlap=4)
     assert state == "UNAVAILABLE"
     assert "scale_factor" in reason and f"{card_scale}" in reason and "128x128" in reason, reason
 
@@ -151,33 +152,7 @@ def test_a_card_default_tiling_no_request_could_use_fails_the_load(
     """card.json's tile_size / tile_overlap are the defaults of every request that sets none. Ones
     that cannot be planned loaded READY, then every such request was refused with INVALID_ARGUMENT
     blaming a tile_size or tile_overlap the client never sent: the load fails, naming card.json."""
-    write_model(
-        tmp_path,
-        "sr",
-        "super_resolution",
-        super_resolution_graph(2),
-        {
-            "channels": 3,
-            "input_channels": 3,
-            "input_range": [0.0, 1.0],
-            "scale_factor": 2,
-            "size_multiple": 1,
-            "min_size": 4,
-            **tiling_card,
-        },
-    )
-
-    async def main() -> tuple[str, str]:
-        repo = Repository(tmp_path, ServerConfig(), Metrics(enabled=False))
-        repo.scan()
-        await repo.load_all()
-        mv = repo.get("sr").versions["1"]
-        try:
-            return mv.state.name, mv.reason
-        finally:
-            await repo.close(1)
-
-    state, reason = asyncio.run(asyncio.wait_for(main(), 60))
+    state, reason = load_sr_x2(tmp_path, **tiling_card)
     assert state == "UNAVAILABLE"
     assert "card.json" in reason and named in reason, reason
 
@@ -190,13 +165,12 @@ def test_the_radius_probe_is_at_least_min_size_with_halves_in_whole_multiples(
 ) -> None:
     """The load's receptive-field probe ran at 64x64 whatever the card's min_size (a graph that needs
     96 pixels failed its load), and with halves off the size multiple for odd multiples."""
-    fields = {"channels": 3, "input_channels": 3, "input_range": [0.0, 1.0], "scale_factor": 2}
     write_model(
         tmp_path,
         "sr",
         "super_resolution",
         super_resolution_graph(2),
-        {**fields, "size_multiple": multiple, "min_size": min_size},
+        {**SR_X2_CARD, "size_multiple": multiple, "min_size": min_size},
     )
     card = load_card(tmp_path / "sr" / "1" / "card.json")
     seen: list[tuple[int, ...]] = []
