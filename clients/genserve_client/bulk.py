@@ -845,6 +845,8 @@ class BulkJob:
             except GenserveClientError as exc:
                 if self._stop.is_set():
                     return
+                if exc.code == grpc.StatusCode.NOT_FOUND:
+                    self._check_pinned_served(exc)
                 failures += 1
                 self.window.pause(exc, since, failures)
                 continue
@@ -853,6 +855,24 @@ class BulkJob:
             if expected != stop and not self._stop.is_set():
                 raise BulkError(f"the stream for [{start}, {stop}) ended early, at index {expected}")
             return
+
+    def _check_pinned_served(self, exc: GenserveClientError) -> None:
+        """A stream was answered NOT_FOUND. When the server no longer has the job's pinned version (a
+        reload or a restart replaced it mid-job), the job stops as a resume would refuse it: a
+        BulkError naming both versions (exit 2), not a "resumable" error whose resume fails.
+        Otherwise (the model itself is gone, GetModel fails) `exc` is raised as it is."""
+        try:
+            info = self.client.get_model(self.params.model)
+        except GenserveClientError:
+            raise exc from None
+        if any(v.version == self.pinned_version for v in info.versions):
+            raise exc
+        served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+        raise BulkError(
+            f"{self.out_dir} is a job of {self.params.model!r} version {self.pinned_version}, but the server "
+            f"no longer serves that version (served: {served}): going on would mix two models in one job; "
+            f"serve version {self.pinned_version} again and resume, or use a new --out"
+        ) from exc
 
     def _accept_provenance(self, chunk: SampleResult) -> None:
         """Every chunk must come from the job's model file; a new job learns the sha256 from its
