@@ -89,9 +89,18 @@ class _Entries:
     absent: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
     foreign: list[int] = field(default_factory=list)  # another seed, label or version than the job's
+    corrupt: list[str] = field(default_factory=list)  # manifests that cannot be read, and why
 
     def add(self, base: Path, folder: Path, lo: int, hi: int, job: dict[str, Any], *, hashes: bool) -> None:
-        entries, _ = read_manifest(folder / MANIFEST_FILE)
+        try:
+            entries, _ = read_manifest(folder / MANIFEST_FILE)
+        except BulkError as exc:  # damage verify is there to find: a problem it lists, not a usage error
+            self.corrupt.append(str(exc))
+            return
+        unnamed = [i for i, e in enumerate(entries, 1) if not isinstance(e.get("file"), str)]
+        if unnamed:
+            self.corrupt.append(f"{folder / MANIFEST_FILE}:{unnamed[0]}: manifest line without a file name")
+            return
         prefix = folder.relative_to(base)
         params = job["params"]
         base_seed, labels = int(params.get("base_seed", 0)), list(params.get("labels") or [])
@@ -163,6 +172,7 @@ def verify_job(
         ("indices whose seed, label or version is not the job's", sorted(found.foreign)),
         ("files missing", found.absent),
         ("files whose sha256 differs from the manifest", found.damaged),
+        ("manifests that cannot be read", found.corrupt),
     ):
         if items:
             report.problems.append(_listed(kind, items))

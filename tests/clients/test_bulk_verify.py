@@ -107,3 +107,24 @@ def test_verify_names_a_folder_without_a_job(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "empty").mkdir()
     code, _, err = cli_main(capsys, "verify", str(tmp_path / "empty"))
     assert code == 2 and "holds no bulk job" in err and "Traceback" not in err
+
+
+def test_a_damaged_manifest_is_a_problem_verify_lists_not_a_usage_error_or_a_traceback(
+    spread: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # verify is there to find damage: a manifest line that is not JSON, or one without a file name,
+    # is what it reports (exit 1, naming the manifest and the line, and still checking the other
+    # folders), not exit 2 as if its arguments were bad, nor a KeyError traceback.
+    a, b = spread
+    manifest = shard_folder(b, 1) / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], "{not json", *lines[2:]]) + "\n")
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1, err
+    assert f"{manifest}:2: corrupt manifest line" in err and "NOT the complete job" in err
+    entry = json.loads(lines[0])
+    del entry["file"]
+    manifest.write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1 and "Traceback" not in err, err
+    assert f"{manifest}:1: manifest line without a file name" in err
