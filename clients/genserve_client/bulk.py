@@ -328,6 +328,8 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:
             raise BulkError(f"{path}:{lineno}: corrupt manifest line ({exc.msg})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("index"), int):
             raise BulkError(f"{path}:{lineno}: manifest line without an integer index")
+        if not isinstance(entry.get("file"), str):
+            raise BulkError(f"{path}:{lineno}: manifest line without a file name")
         entries.append(entry)
     return entries, intact
 

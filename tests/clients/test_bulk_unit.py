@@ -263,3 +263,17 @@ def test_a_job_whose_every_stream_opens_a_new_channel_is_the_same_job(
     for name in ("fresh", "one"):
         assert sorted(manifest_by_index(tmp_path / name)) == list(range(40))
     assert manifest_by_index(tmp_path / "fresh") == manifest_by_index(tmp_path / "one")
+
+
+def test_a_resume_over_a_manifest_line_without_a_file_name_names_the_line(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    """A hand-edited manifest line with an index but no file name crashed the resume with a KeyError
+    traceback; it is corruption, named by file and line, as a line without an index is."""
+    bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=3))
+    manifest = tmp_path / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    lines[1] = json.dumps({"index": json.loads(lines[1])["index"]})
+    manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BulkError, match=r"manifest.jsonl:2: manifest line without a file name"):
+        bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=3))
