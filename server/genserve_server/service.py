@@ -247,7 +247,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         )
         if card.kind.styled:
             return await service_styles.interpolate_styles(self.core, request, call, mv, psi, out)
-        if psi is not None and not any(p.WhichOneof("point") == "seed" for p in (request.start, request.end)):
+        if psi is not None and all(p.WhichOneof("point") == "latent" for p in (request.start, request.end)):
             # In z space truncation redraws a seed's out-of-range values: explicit latents have none to
             # redraw, and ignoring the field silently would return an untruncated path (as Sample refuses).
             raise invalid(
