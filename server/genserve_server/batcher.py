@@ -120,6 +120,18 @@ def _gone(request: PendingRequest, now: float) -> bool:
     return request.future.done() or _expired(request, now)
 
 
+def _withdrawn(future: asyncio.Future[BatchResult]) -> bool:
+    """Whether a cancelled future was cancelled with the WITHDRAWN message (a Task cancelled with
+    a message passes it to the future it awaits)."""
+    try:
+        future.result()
+    except asyncio.CancelledError as exc:
+        return exc.args == (WITHDRAWN,)
+    except Exception:  # pragma: no cover - called for cancelled futures only
+        return False
+    return False
+
+
 def _filled(parts: list[Part], full: int, share: int | None) -> str:
     """Why a batch that waited out no window goes now, from the rows it took: its row limit, its
     side-by-side share, or at once (nothing more expected, or closing)."""
@@ -767,7 +779,10 @@ class Batcher:
             if request.future.done() or expired:
                 self._remove_rows(lane, key, request.n_rows - request.next_row, request_gone=True)
                 if request.future.cancelled():
-                    self._observer.on_dropped("deadline" if expired else "cancelled")
+                    # A part WITHDRAWN (its future cancelled, its own handler not yet run) counts as
+                    # its request's failure only, as in _forget_cancelled.
+                    if not _withdrawn(request.future):
+                        self._observer.on_dropped("deadline" if expired else "cancelled")
                 elif not request.future.done():
                     self._observer.on_dropped("deadline")
                     request.future.set_exception(

@@ -21,7 +21,7 @@ from genserve_server.arrivals import (
     Arrivals,
     closes_at_preferred,
 )
-from genserve_server.batcher import Batcher, Lane
+from genserve_server.batcher import WITHDRAWN, Batcher, Lane
 from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 
@@ -1457,3 +1457,32 @@ def test_a_bug_in_batch_forming_fails_the_queued_requests_and_the_dispatcher_goe
     with caplog.at_level(logging.ERROR, logger="genserve_server.batcher"):
         run(body())
     assert any("forming a batch failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_withdrawn_part_taken_out_by_the_dispatcher_first_is_not_counted_as_dropped() -> None:
+    """5cb4528: a part withdrawn because another part of its request failed (WITHDRAWN) is not a
+    caller that went away. Its future is cancelled at once, but its rows leave in submit()'s handler
+    a loop turn later: a dispatcher woken in the same turn (another request's arrival) took it out
+    of the queue first in _take and counted it as dropped{cancelled} all the same."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_batch_size=2, max_queue_delay_s=5.0)
+        batcher.callers = 2  # the part's own call, and one more on its way: the window stays open
+        part = asyncio.ensure_future(batcher.submit("b", rows(1), 1))
+        await until(lambda: batcher.queued_rows == 1, "the part queued")
+        await let_the_dispatcher_run()
+        assert not model.batches  # its window is open
+        # Another caller's request fills the batch, and in the same loop turn the part is withdrawn
+        # (core.gather_or_cancel: a sibling part failed): the dispatcher wakes first.
+        other = asyncio.ensure_future(batcher.submit("b", rows(2), 1))
+        await asyncio.sleep(0)  # `other` is queued; the dispatcher's wake-up is scheduled
+        part.cancel(WITHDRAWN)
+        with pytest.raises(asyncio.CancelledError):
+            await part
+        np.testing.assert_array_equal((await other).outputs["y"], [20])
+        assert batcher.queued_rows == 0
+        assert recorder.dropped == []
+        await batcher.close(1)
+
+    run(body())
