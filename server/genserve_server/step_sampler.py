@@ -445,8 +445,9 @@ def check_labels(values: Sequence[int], class_names: Sequence[str], n: int, name
             raise invalid("labels", f"{name} is not class-conditional (no class_names); send no labels")
         return None
     if len(values) not in (1, n):
+        expected = "1 value (one image)" if n == 1 else f"1 or {n} values"
         raise invalid(
-            "labels", f"required for {name}: 1 or {n} values in [0, {len(class_names)}), got {len(values)}"
+            "labels", f"required for {name}: {expected} in [0, {len(class_names)}), got {len(values)}"
         )
     labels = [int(v) for v in values] * (n if len(values) == 1 else 1)
     for i, label in enumerate(labels):
