@@ -1,4 +1,4 @@
-"""Review of the session's server changes: regressions found against a real server."""
+"""Interpolate with truncation_psi: which end a refusal names (a missing end, two latent ends)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review of the session's server changes: unit-level regressions."""
+"""A code prior's labels message for one image with several labels."""
 
 from __future__ import annotations
 
