@@ -316,6 +316,7 @@ class Repository:
             nonlocal done
             if self._stopping.is_set():
                 mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
+                mv.metrics.loading.set(0)
             else:
                 await self.load_version(mv)
             done += 1

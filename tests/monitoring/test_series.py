@@ -146,3 +146,21 @@ def test_a_version_is_loading_until_its_load_ends_ready_or_failed(tmp_path: Path
         await repo.close(1)
 
     asyncio.run(asyncio.wait_for(load(), 60))
+
+
+def test_a_version_skipped_by_a_shutdown_during_start_up_is_not_left_loading(tmp_path: Path) -> None:
+    """SIGTERM during start-up (cancel_loading) skips the versions not begun: they are not loading
+    any more (the gauge stayed 1 through the drain, which kept GenserveModelNotReady quiet)."""
+    write_tiny_generator(tmp_path, "good")
+    metrics = Metrics()
+    repo = Repository(tmp_path, ServerConfig(), metrics)
+    repo.scan()
+    repo.cancel_loading()
+
+    async def load() -> None:
+        await repo.load_all()
+        await repo.close(1)
+
+    asyncio.run(asyncio.wait_for(load(), 60))
+    rows = [x for x in exposition(metrics) if x.startswith("genserve_model_loading{")]
+    assert rows == ['genserve_model_loading{model="good",version="1"} 0.0'], rows
