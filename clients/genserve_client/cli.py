@@ -1181,10 +1181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def channel_config(args: argparse.Namespace) -> ChannelConfig:
     token = args.token
-    if token and (problem := token_problem(token)) is not None:
-        raise UsageError(f"--token: {problem}")
-    if args.token_file:
+    if args.token_file:  # wins over --token: only the token sent is checked
         token = read_token_file(args.token_file)
+    elif token and (problem := token_problem(token)) is not None:
+        raise UsageError(f"--token: {problem}")
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
         tls = TlsOptions.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)

@@ -24,6 +24,11 @@ def test_token_file_in_the_servers_format_sends_its_one_token(
     code, _, err = cli_main(capsys, "--target", fake_server.target, "--token-file", str(tokens), "models")
     assert code == 0, err
     assert fake_server.service.metadata[-1]["authorization"] == f"Bearer {TOKEN}"
+    # --token-file wins over --token (e.g. one from the environment): the unused one is not checked.
+    args = ("--target", fake_server.target, "--token", "tök", "--token-file", str(tokens), "models")
+    code, _, err = cli_main(capsys, *args)
+    assert code == 0, err
+    assert fake_server.service.metadata[-1]["authorization"] == f"Bearer {TOKEN}"
 
 
 def test_token_file_with_several_tokens_is_refused_naming_the_file(
