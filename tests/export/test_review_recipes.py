@@ -4,6 +4,7 @@ shipped cards hold."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,3 +28,12 @@ def test_readme_vqvae_figures_are_the_shipped_cards() -> None:
     assert f"MSE {decoder['recon_mse']:.4f}" in row
     assert f"{top:.2f} / {bottom:.2f} bits per code (top / bottom prior)" in row
     assert f"{decoder['class_accuracy'] * 100:.1f} % of {decoder['samples']}" in row
+
+
+def test_vqvae_docs_name_no_card_field_the_cards_lack() -> None:
+    """vqvae.py sent readers to 'the card's sampling_notes' for the temperature-1 figures; no card
+    carries that field (the retrained models of 2d271e4 dropped it)."""
+    source = (ROOT / "export" / "genserve_export" / "recipes" / "vqvae.py").read_text()
+    cards = [_card(n) for n in ("vqvae-digits-decoder", "vqvae-digits-prior", "vqvae-digits-top-prior")]
+    for field in sorted(set(re.findall(r"card's ``?(\w+)", source))):
+        assert any(field in card or field in card["quality"] for card in cards), field
