@@ -7,6 +7,10 @@ import json
 import re
 from pathlib import Path
 
+import torch
+
+from genserve_export.recipes import photos_colorize
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,3 +41,19 @@ def test_vqvae_docs_name_no_card_field_the_cards_lack() -> None:
     cards = [_card(n) for n in ("vqvae-digits-decoder", "vqvae-digits-prior", "vqvae-digits-top-prior")]
     for field in sorted(set(re.findall(r"card's ``?(\w+)", source))):
         assert any(field in card or field in card["quality"] for card in cards), field
+
+
+def test_colorize_patchgan_patch_size_is_what_its_docs_say() -> None:
+    """The colourisation PatchGAN's logits each see 70x70 input pixels (pix2pix's own 70x70 D); its
+    docstring and export/README.md said ~46."""
+    disc = photos_colorize.PatchDiscriminator()
+    y = torch.zeros(1, 1, 256, 256, requires_grad=True)
+    logits = disc(y, torch.zeros(1, 2, 256, 256))
+    logits[0, 0, logits.shape[2] // 2, logits.shape[3] // 2].backward()
+    assert y.grad is not None
+    rows = y.grad[0, 0].abs().sum(dim=1).nonzero().flatten()
+    side = int(rows.max() - rows.min() + 1)
+    said = re.search(r"~?(\d+)×\1 patch", photos_colorize.PatchDiscriminator.__doc__ or "")
+    assert said is not None and int(said.group(1)) == side
+    readme = (ROOT / "export" / "README.md").read_text()
+    assert f"{side}-px patches" in readme

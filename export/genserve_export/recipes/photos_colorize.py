@@ -122,7 +122,8 @@ class ColorUNet(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """Conditional PatchGAN: (luma, chroma) → a map of real/fake logits, one per ~46×46 patch."""
+    """Conditional PatchGAN: (luma, chroma) → a map of real/fake logits, one per 70×70 patch
+    (pix2pix's own receptive field)."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
