@@ -1,5 +1,4 @@
-"""Review of the training recipes: what their docs and the README say against what the code and the
-shipped cards hold."""
+"""The training recipes' docs and the README against what the code and the shipped cards hold."""
 
 from __future__ import annotations
 
