@@ -287,6 +287,12 @@ async def _write_all(responses: AsyncGenerator[Any, None], context: Context, wri
                     "the stream ended to free its slot (resume it from the last index received)"
                 )
                 return
+            except grpc.aio.InternalError:
+                # gRPC's core ended the call (the client cancelled, or its deadline passed) while this
+                # message waited to be sent, and failed the write before grpc's cancellation of this
+                # handler ran: the call is over, nothing more can be sent. Let it end as a cancelled
+                # handler does; raised on, grpc logged it at ERROR with a traceback.
+                raise asyncio.CancelledError from None
     finally:
         await responses.aclose()
 
