@@ -22,13 +22,12 @@ import asyncio
 import errno
 import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from genserve_server.boundary import Boundary
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
+from genserve_server.flag_types import port_number, seconds
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.heap import freeze_startup_heap
 from genserve_server.idle_spin import IdleSpin
@@ -490,34 +490,6 @@ def _apply_security_flags(config: ServerConfig, args: argparse.Namespace) -> Ser
     return config
 
 
-def port_number(text: str) -> int:
-    """argparse type of a TCP port flag: 0..65535 (0: the OS picks a free one)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {port}")
-    return port
-
-
-def seconds(*, allow_zero: bool) -> Callable[[str], float]:
-    """argparse type of a duration flag: a finite number of seconds, >= 0 or > 0 (NaN and inf
-    would otherwise be accepted and fail later, at SIGTERM, as a traceback)."""
-    bound = ">= 0" if allow_zero else "> 0"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
-            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {bound}, got {text}")
-        return value
-
-    return parse
-
-
 def _add_security_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM); turns TLS on")
     s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
@@ -550,12 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", type=Path, required=True, help="model repository directory")
     s.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
     s.add_argument(
-        "--port", type=port_number, default=50051, help="gRPC port; 0 picks a free one (default 50051)"
+        "--port", type=port_number(), default=50051, help="gRPC port; 0 picks a free one (default 50051)"
     )
     s.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address (default 127.0.0.1)")
     s.add_argument(
         "--metrics-port",
-        type=port_number,
+        type=port_number(),
         default=DEFAULT_METRICS_PORT,
         help=f"/metrics and /healthz port; 0 picks a free one (default {DEFAULT_METRICS_PORT})",
     )

@@ -21,39 +21,23 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from genserve_server.flag_types import port_number, seconds
+
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
 EXIT_UNREACHABLE = 2
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):  # NaN fails the comparison too
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `health` subcommand's options (main.py adds them to its subparser)."""
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=50051, help="gRPC port (default 50051)")
+    parser.add_argument("--port", type=port_number(lowest=1), default=50051, help="gRPC port (default 50051)")
     parser.add_argument(
         "--service", default="", help='health service name: "" for the whole server (default), or a model'
     )
-    parser.add_argument("--timeout-s", type=_seconds, default=3.0, help="deadline of the check (default 3 s)")
+    parser.add_argument(
+        "--timeout-s", type=seconds(allow_zero=False), default=3.0, help="deadline of the check (default 3 s)"
+    )
     tls = parser.add_argument_group("TLS and token (a server with --tls-cert, or --closed-health)")
     tls.add_argument("--tls-ca", type=Path, default=None, help="CA certificates (PEM); turns TLS on")
     tls.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM), for mutual TLS")

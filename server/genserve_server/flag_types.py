@@ -1,0 +1,40 @@
+"""argparse types of the server's flags, shared by `serve` (main.py) and the health probe (probe.py,
+which must stay light: only the standard library here)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def port_number(lowest: int = 0) -> Callable[[str], int]:
+    """argparse type of a TCP port flag: lowest..65535 (0 for a server: the OS picks a free one)."""
+
+    def parse(text: str) -> int:
+        try:
+            port = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+        if not lowest <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"must be a port in {lowest}..65535, got {port}")
+        return port
+
+    return parse
+
+
+def seconds(*, allow_zero: bool) -> Callable[[str], float]:
+    """argparse type of a duration flag: a finite number of seconds, >= 0 or > 0 (NaN and inf
+    would otherwise be accepted and fail later, at SIGTERM, as a traceback)."""
+    bound = ">= 0" if allow_zero else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {bound}, got {text}")
+        return value
+
+    return parse
