@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -449,11 +450,7 @@ class Batcher:
                     await self._loop_task
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        for lane in self._lanes:
-            for queue in lane.values():
-                for request in queue:
-                    set_exception_if_not_done(request.future, Unavailable(f"{self.name} shut down"))
-            lane.clear()
+        self._fail_queued(lambda: Unavailable(f"{self.name} shut down"))
 
     # ------------------------------------------------------------------ dispatch
 
@@ -481,7 +478,8 @@ class Batcher:
                 # bookkeeping may be off), the error is logged, and the dispatcher goes on.
                 self._slots.release()
                 logger.exception("%s: forming a batch failed; failing the queued requests", self.name)
-                self._fail_queued(Internal(f"{self.name}: batching failed ({type(exc).__name__}); retry"))
+                failed = f"{self.name}: batching failed ({type(exc).__name__}); retry"
+                self._fail_queued(functools.partial(Internal, failed))
                 continue
             except BaseException:
                 self._slots.release()
@@ -499,12 +497,13 @@ class Batcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _fail_queued(self, error: GenserveError) -> None:
-        """Fail every queued request and empty the queue (the dispatcher's safety net)."""
+    def _fail_queued(self, error: Callable[[], GenserveError]) -> None:
+        """Fail every queued request with an `error()` of its own and empty the queue (at close, and
+        the dispatcher's safety net)."""
         for lane in self._lanes:
             for queue in lane.values():
                 for request in queue:
-                    set_exception_if_not_done(request.future, error)
+                    set_exception_if_not_done(request.future, error())
             lane.clear()
         self._rows_by_key.clear()
         self._queued_rows = self._queued_requests = self._bulk_rows = 0
