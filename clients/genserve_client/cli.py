@@ -512,14 +512,6 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
     labels = [args.label] if args.label is not None else []
     if info.kind == CONDITIONAL and not labels:
         raise UsageError(f"{args.model} is conditional: give --label")
-    if info.kind == STYLE_GENERATOR and args.psi is not None:
-        # Its sets' images would be truncated (in w space) but not the mean and A - B + C images,
-        # decoded from explicit z, which take no truncation_psi: the grid would mix the two.
-        raise UsageError(
-            f"arithmetic: --psi is not available on a {STYLE_GENERATOR} ({args.model}): it truncates "
-            "in w space, and the mean and A - B + C images are decoded from explicit latents z, which "
-            "take no truncation; leave --psi out"
-        )
     opts = _sample_opts(args)
     members = client.sample(
         args.model, seeds=[s for v in sets.values() for s in v], labels=labels, return_latents=True, **opts
@@ -530,7 +522,10 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
     bounds = np.cumsum([0] + [len(v) for v in sets.values()])
     means = [latents[bounds[i] : bounds[i + 1]].mean(axis=0) for i in range(3)]
     combined = means[0] - means[1] + means[2]
-    opts.pop("psi", None)  # explicit latents exclude truncation (the members' z were truncated when drawn)
+    if info.kind != STYLE_GENERATOR:
+        # A latent model's explicit z take no truncation (the members' z were truncated when drawn);
+        # a style generator truncates every image in w space, after the mapping, the means' too.
+        opts.pop("psi", None)
     decoded = client.sample(args.model, latents=np.stack([*means, combined]), labels=labels, **opts).pil()
     member_pics = members.pil()
     width = max(len(v) for v in sets.values())

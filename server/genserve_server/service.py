@@ -138,7 +138,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             for name, given in (
                 ("seeds", bool(request.seeds)),
                 ("base_seed", request.HasField("base_seed")),
-                ("truncation_psi", psi is not None),
+                # A style generator truncates in w space, after its mapping: explicit z take it too.
+                ("truncation_psi", psi is not None and not card.kind.styled),
             ):
                 if given:
                     raise invalid(name, "cannot be combined with explicit latents")
@@ -147,7 +148,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             if request.count not in (0, n):
                 raise invalid("count", f"must be 0 or {n} (the number of latents), got {request.count}")
             labels = validate.labels(request.labels, card, n)
-            generated = await self.core.generate(mv, call, labels, out, priority, z=z)
+            generated = await self.core.generate(mv, call, labels, out, priority, z=z, psi=psi)
             seeds = None
         else:
             base = request.base_seed if request.HasField("base_seed") else None

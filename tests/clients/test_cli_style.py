@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from server_support import ServerProcess, running_server
 from style_models import MIX_CROSSOVER, NUM_LAYERS, write_style_models
 
 from genserve.v1 import genserve_pb2 as pb
-from genserve_client import GenserveClient
+from genserve_client import GenserveClient, cli
 from genserve_client.cli import default_crossover
+from genserve_client.grid import make_grid
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +101,28 @@ def test_mix_reads_the_card_of_the_version_it_will_use() -> None:
     assert default_crossover(info, "11") == 7
 
 
-def test_arithmetic_on_a_style_generator_refuses_psi_it_cannot_apply_to_the_result(
-    style_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+def test_arithmetic_on_a_style_generator_truncates_every_image_of_its_grid_in_w_space(
+    style_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A style generator's --psi truncates in w space; its sets' images (Sample by seed) took it, but
-    the mean and A - B + C images are decoded from explicit z, which take no truncation: the grid showed
-    a one-seed set's "mean" as a different picture from the seed's own (stylegan-digits: pixels off
-    by up to 234 of 255) and an untruncated result under a PNG that records psi. Refused instead."""
+    """A style generator's --psi truncates in w space, the mean and A - B + C images (explicit z) as
+    the sets' images (seeds): a one-seed set's mean is the seed's own image. It was refused while
+    explicit z took no psi (the means came out untruncated beside truncated members)."""
     server, names = style_server
-    target = ("--target", server.target)
-    args = ("arithmetic", "--model", names["generator"], "--a", "1", "--b", "2", "--c", "3")
-    grid = tmp_path / "sum.png"
-    proc = run_cli(*target, *args, "--psi", "0.5", "--grid", str(grid))
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "--psi" in proc.stderr and "w space" in proc.stderr
-    assert not grid.exists()
-    plain = run_cli(*target, *args, "--grid", str(grid))  # without --psi: z-space arithmetic as before
-    assert plain.returncode == 0, plain.stderr
-    assert grid.exists()
+    drawn: dict[str | None, list[cli.GridRow]] = {}
+    for psi in ("0.5", None):
+
+        def keep_rows(rows: list[cli.GridRow], psi: str | None = psi, **kw: Any) -> Image.Image:
+            drawn[psi] = rows
+            return make_grid(rows, **kw)
+
+        monkeypatch.setattr(cli, "make_grid", keep_rows)
+        grid = tmp_path / f"sum-{psi}.png"
+        extra = ["--psi", psi] if psi is not None else []
+        argv = ["--target", server.target, "arithmetic", "--model", names["generator"]]
+        assert cli.main([*argv, "--a", "1", "--b", "2", "--c", "3", *extra, "--grid", str(grid)]) == 0
+        with Image.open(grid) as img:
+            assert img.text.get("psi") == psi
+    for rows in drawn.values():
+        member, mean = (np.asarray(im) for im in rows[0].images)  # set A: seed 1, then its mean
+        np.testing.assert_array_equal(member, mean)
+    assert not np.array_equal(np.asarray(drawn["0.5"][0].images[0]), np.asarray(drawn[None][0].images[0]))

@@ -375,6 +375,18 @@ def test_interpolate_between_latents_and_two_labels(stub: pb_grpc.GenerationServ
     assert details_of(excinfo).startswith("truncation_psi: truncates the latents drawn from seeds")
 
 
+def test_sample_refuses_truncation_psi_with_explicit_latents_on_a_latent_model(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """A latent model truncates z as drawn from seeds; explicit z would go through untruncated
+    (a style generator takes psi with z: it truncates in w space, tests/server/test_style_server.py)."""
+    z = np.zeros((2, TINY_LATENT), np.float32)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="tiny-gen", latents=latent_tensor(z), truncation_psi=0.5))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo) == "truncation_psi: cannot be combined with explicit latents"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_decode_latents(stub: pb_grpc.GenerationServiceStub, tiny_repo: Path, fmt: int) -> None:
     z = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)

@@ -130,6 +130,17 @@ def test_sample_maps_seeds_to_w_and_truncates_in_w_space(
     )
     assert [g.image.data for g in given.images] == [g.image.data for g in plain.images]
     assert given.images[1].latent.data == z[1].tobytes()
+    # psi applies in w space, after the mapping, to explicit latents as to seeds: a seed's returned z
+    # sampled again with the same psi is the same image (vector arithmetic under truncation).
+    given_half = stub.Sample(
+        pb.SampleRequest(
+            model=gen,
+            latents=tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.tobytes()),
+            truncation_psi=0.5,
+            output=F32,
+        )
+    )
+    assert [g.image.data for g in given_half.images] == [g.image.data for g in half.images]
 
 
 def test_psi_zero_gives_the_image_of_w_avg_for_every_seed(

@@ -147,7 +147,8 @@ class SampleRequest(_message.Message):
     @_builtins.property
     def latents(self) -> _types_pb2.Tensor:
         """Explicit latents float32 [N, Z], finite, |z| <= 1e4 (vector arithmetic, editing). Excludes
-        seeds/base_seed and truncation_psi.
+        seeds/base_seed, and truncation_psi except on a style generator (which truncates in w space,
+        after mapping the given z; elsewhere truncation acts on drawn z, so explicit z take none).
         """
 
     @_builtins.property
