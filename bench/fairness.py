@@ -37,7 +37,7 @@ import grpc
 from bench.ab import _serve, _subset
 from bench.common import REPO_ROOT, BenchModel, find_models, write_line
 from bench.models import BENCH_DCGAN_256
-from bench.servers import ServerProcess, client_bench
+from bench.servers import ServerProcess, check_no_failures, client_bench
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 
 # What the heavy clients' process may take to start and queue its first request on a busy machine.
@@ -135,6 +135,7 @@ def _level(server: ServerProcess, model: BenchModel, concurrency: int, duration_
     result = client_bench(
         server.target, model.name, concurrency, duration_s, "raw", labels=labels, warmup_s=0.5
     )
+    check_no_failures(result, f"{model.name} c={concurrency}")  # a refused call is in no p99
     p50, p99 = float(result["p50_ms"]), float(result["p99_ms"])
     return {"p50_ms": p50, "p99_ms": p99, "p99/p50": p99 / p50, "img_s": float(result["images_per_s"])}
 

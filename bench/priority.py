@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from bench.common import DEFAULT_MODELS, BenchModel, find_models, write_line
 from bench.raw_limit import measure, server_session
-from bench.servers import ServerProcess, client_bench, cpu_seconds
+from bench.servers import ServerProcess, check_no_failures, client_bench, cpu_seconds
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 from genserve_server.config import cpu_count
 
@@ -133,6 +133,8 @@ def run_priority(
             else {"error": f"bulk worker exit {worker.returncode}"}
         )
 
+    check_no_failures(idle, f"{model.name} c=1 idle")  # a refused call is in no p99
+    check_no_failures(loaded, f"{model.name} c=1 under the bulk stream")
     idle_p99 = float(idle["p99_ms"])
     loaded_p99 = float(loaded["p99_ms"])
     # Without a stream running throughout, "loaded" measured an idle server (or partly): no target is

@@ -189,6 +189,20 @@ def client_bench(
     return result
 
 
+def check_no_failures(result: dict[str, Any], what: str) -> None:
+    """Raise BenchError when any call of a client level failed.
+
+    A failed call is in no latency (a deadline drops the slowest from the p99, a fast refusal
+    flatters nothing but is no image) and its CPU would be spread over it as if served: the level is
+    no measurement of this server, and its figures must not reach a ratio."""
+    failed = {code: n for code, n in (result.get("errors") or {}).items() if n}
+    if failed:
+        raise BenchError(
+            f"{what}: {sum(failed.values())} of {result.get('requests')} requests failed "
+            f"({', '.join(f'{code} x{n}' for code, n in sorted(failed.items()))})"
+        )
+
+
 def measured_level(
     server: ServerProcess,
     model: str,
@@ -213,15 +227,7 @@ def measured_level(
     cpu_used = cpu_seconds(server.pid) - cpu_before
     client_cpu = _children_cpu_s() - children_before
     wall = time.monotonic() - wall_before
-    failed = {code: n for code, n in (result.get("errors") or {}).items() if n}
-    if failed:
-        # A failed call is in no latency (a deadline drops the slowest from the p99, a fast refusal
-        # flatters nothing but is no image) and its CPU would be spread over it as if served: the
-        # level is no measurement of this server, and its figures must not reach a ratio.
-        raise BenchError(
-            f"{server.name} {model} c={concurrency}: {sum(failed.values())} of {result.get('requests')} "
-            f"requests failed ({', '.join(f'{code} x{n}' for code, n in sorted(failed.items()))})"
-        )
+    check_no_failures(result, f"{server.name} {model} c={concurrency}")
     requests = result.get("requests") or result.get("ok") or result.get("images")
     if not requests:
         requests = result["images_per_s"] * float(result.get("duration_s", duration_s))

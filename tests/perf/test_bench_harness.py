@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import ab, run, servers
+from bench import ab, fairness, run, servers
 from bench.report import merge_rounds, paired_ratio, tail_ratio
 from bench.servers import BenchError
 
@@ -250,3 +250,17 @@ def test_the_priority_targets_are_not_met_by_a_bulk_stream_that_never_ran(
         assert "not measured" in priority.describe(result)
     else:
         assert result["target_ratio_1_2_met"] is True and result["target_one_batch_met"] is True
+
+
+def test_the_fairness_bench_refuses_a_level_whose_requests_failed(
+    fake_load: FakeLoad, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench.fairness read p50 and p99 straight from the client's JSON: refused or expired calls were
+    # in neither, so a server that shed the slow half of its load read as a fair one.
+    monkeypatch.setattr(fairness, "client_bench", fake_load.client_bench)
+    model = SimpleNamespace(name="m", client_options=lambda: {"labels": []})
+    level = fairness._level(fake_load.server, model, 32, 1.0)  # type: ignore[arg-type]
+    assert level["p99_ms"] > level["p50_ms"] > 0
+    fake_load.failed = {"RESOURCE_EXHAUSTED": 10}
+    with pytest.raises(BenchError, match=r"m c=32: 10 of 1000 requests failed.*RESOURCE_EXHAUSTED"):
+        fairness._level(fake_load.server, model, 32, 1.0)  # type: ignore[arg-type]
