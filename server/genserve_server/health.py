@@ -61,12 +61,40 @@ MAX_LISTED_SERVICES = 1000
 
 class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     """grpcio-health-checking's servicer, with List: its own answers UNIMPLEMENTED ("Unexpected
-    NotImplementedError"), though grpc.health.v1 defines it (a snapshot of Check's answers)."""
+    NotImplementedError"), though grpc.health.v1 defines it (a snapshot of Check's answers).
+
+    List answers from statuses this class records itself, in `set` and `enter_graceful_shutdown`
+    (the base class's public methods), not from the base class's private store, whose name no
+    release promises. Each record is made in the same step as the base class's check of its
+    graceful-shutdown flag (no await between them), so List and Check agree: after shutdown every
+    service is NOT_SERVING and later `set` calls change nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Names mangled (`__`): no name the base class may take one day is ours to overwrite.
+        # The base class starts with the whole server SERVING, as Check answers before any set.
+        self.__statuses: dict[str, health_pb2.HealthCheckResponse.ServingStatus] = {
+            health.OVERALL_HEALTH: health_pb2.HealthCheckResponse.SERVING
+        }
+        self.__shutting_down = False
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        if self.__shutting_down:
+            return
+        self.__statuses[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        if not self.__shutting_down:
+            self.__shutting_down = True
+            self.__statuses = dict.fromkeys(self.__statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await super().enter_graceful_shutdown()
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthListResponse:
-        statuses = dict(self._server_status)
+        statuses = dict(self.__statuses)
         if len(statuses) > MAX_LISTED_SERVICES:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,0 +1,101 @@
+"""health.py's grpc.health.v1 servicer, without a server: List answers what Check answers."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import types
+from typing import Any
+
+import grpc_health.v1 as grpc_health_v1
+import pytest
+from grpc_health.v1 import health_pb2
+
+import genserve_server.health as genserve_health
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health_module_on_a_renamed_base(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """genserve's health.py as it loads on a grpcio-health-checking release that keeps its statuses
+    under another private name than today's `_server_status` (nothing promises that name)."""
+    source = inspect.getsource(grpc_health_v1.health.aio).replace("_server_status", "_statuses_v2")
+    renamed_aio = types.ModuleType("renamed_health_aio")
+    exec(compile(source, "renamed_health_aio", "exec"), renamed_aio.__dict__)
+    renamed_health = types.ModuleType("renamed_health")
+    renamed_health.__dict__.update(vars(grpc_health_v1.health))
+    renamed_health.aio = renamed_aio  # type: ignore[attr-defined]
+    monkeypatch.setattr(grpc_health_v1, "health", renamed_health)
+    module = types.ModuleType("genserve_health_on_a_renamed_base")
+    path = genserve_health.__file__
+    exec(compile(inspect.getsource(genserve_health), path, "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(params=["installed", "renamed"])
+def health_module(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    if request.param == "installed":
+        return genserve_health
+    module = _health_module_on_a_renamed_base(monkeypatch)
+    assert not hasattr(module.ListingHealthServicer(), "_server_status")  # the rename took
+    return module
+
+
+def _listed(servicer: Any) -> dict[str, int]:
+    response = asyncio.run(servicer.List(health_pb2.HealthListRequest(), None))
+    return {name: answer.status for name, answer in response.statuses.items()}
+
+
+def _checked(servicer: Any, names: list[str]) -> dict[str, int]:
+    async def check_all() -> dict[str, int]:
+        answers = {}
+        for name in names:
+            response = await servicer.Check(health_pb2.HealthCheckRequest(service=name), None)
+            answers[name] = response.status
+        return answers
+
+    return asyncio.run(check_all())
+
+
+def test_health_list_answers_what_check_does_after_sets_and_graceful_shutdown(health_module: Any) -> None:
+    """List is a snapshot of every service Check knows, from state genserve keeps: it answered from
+    grpcio-health-checking's private `_server_status`, which a release may rename (the "renamed" case
+    failed with AttributeError). After enter_graceful_shutdown every service is NOT_SERVING, and a
+    later set() changes nothing, in List as in Check."""
+    state = health_module.HealthState()
+    servicer = state.servicer
+
+    async def before_shutdown() -> None:
+        await state.set("", True)
+        await state.set("genserve.v1.GenerationService", True)
+        await state.set("liveness", True)
+        await state.set("model-a", True)
+        await state.set("model-b", False)
+        await state.set("model-a", False)
+
+    asyncio.run(before_shutdown())
+    expected = {
+        "": SERVING,
+        "genserve.v1.GenerationService": SERVING,
+        "liveness": SERVING,
+        "model-a": NOT_SERVING,
+        "model-b": NOT_SERVING,
+    }
+    assert _listed(servicer) == expected == _checked(servicer, list(expected))
+
+    async def shut_down_then_set() -> None:
+        await state.shutdown()
+        await state.set("model-b", True)
+        await state.set("model-c", True)
+
+    asyncio.run(shut_down_then_set())
+    expected = dict.fromkeys(expected, NOT_SERVING)
+    assert _listed(servicer) == expected == _checked(servicer, list(expected))
+
+
+def test_health_list_of_a_new_servicer_is_what_check_answers(health_module: Any) -> None:
+    """Before any set(): the one service grpc's servicer starts with, "" SERVING (main.py turns it
+    NOT_SERVING before the server starts)."""
+    servicer = health_module.ListingHealthServicer()
+    assert _listed(servicer) == {"": SERVING} == _checked(servicer, [""])
