@@ -88,8 +88,16 @@ def array_to_pil(
         if value_range is None:
             raise ValueError("a float32 [C, H, W] tensor needs value_range=(lo, hi) to become a picture")
         lo, hi = value_range
-        scaled = (np.asarray(array, np.float32) - lo) * (255.0 / (hi - lo))
-        array = np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        # The server's PNG arithmetic (codecs.to_uint8), so a TENSOR_F32 answer made a picture here
+        # is the server's PNG pixel for pixel: floor(x * scale + offset) in float32, round half up,
+        # NaN -> 0 (np.rint rounded half to even and cast NaN to an undefined byte).
+        scale = np.float32(255.0 / (hi - lo))
+        offset = np.float32(0.5 - lo * 255.0 / (hi - lo))
+        scaled = np.multiply(np.asarray(array, np.float32), scale, dtype=np.float32)
+        np.add(scaled, offset, out=scaled)
+        np.fmax(scaled, np.float32(0.0), out=scaled)  # fmax/fmin map NaN to the bound
+        np.fmin(scaled, np.float32(255.0), out=scaled)
+        array = scaled.astype(np.uint8).transpose(1, 2, 0)
     return PILImage.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
 
 

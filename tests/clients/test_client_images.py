@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from genserve_client.convert import array_to_pil
 from genserve_client.pngmeta import pnginfo, with_png_text
 from genserve_server import codecs
 
@@ -43,3 +45,21 @@ def test_a_sixteen_bit_pil_image_travels_as_the_server_reads_the_same_file() -> 
     pixels = np.frombuffer(sent.data, np.uint8).reshape(tuple(sent.shape))
     np.testing.assert_array_equal(pixels, as_file)
     assert as_file[..., 0].ravel().tolist() == list(range(0, 256, 17))
+
+
+@pytest.mark.parametrize("value_range", [(-1.0, 1.0), (0.0, 1.0)])
+def test_a_tensor_made_a_picture_here_is_the_servers_png_pixel_for_pixel(
+    value_range: tuple[float, float],
+) -> None:
+    """A TENSOR_F32 answer turned into a picture by the client matches what the server's PNG of the
+    same output holds: round half up as the server does (np.rint rounded exact halves to even, +-1),
+    out-of-range values clipped, NaN black (it was an undefined byte)."""
+    lo, hi = value_range
+    rng = np.random.default_rng(5)
+    halves = lo + (np.arange(256, dtype=np.float32) + 0.5) * np.float32((hi - lo) / 255.0)  # k + 0.5 exactly
+    tail = np.array([np.nan, -np.inf, np.inf, lo - 3, hi + 3, lo, hi], np.float32)
+    noise = rng.uniform(lo - 0.1, hi + 0.1, 3 * 16 * 16 - len(halves) - len(tail)).astype(np.float32)
+    chw = np.concatenate([halves, tail, noise]).reshape(3, 16, 16)
+    server = codecs.to_uint8(chw[np.newaxis], value_range)[0]
+    client = np.asarray(array_to_pil(chw, value_range))
+    np.testing.assert_array_equal(client, server)
