@@ -39,6 +39,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -148,24 +149,78 @@ def engine_cache_key(model_sha256: str, precision: str, profile: ProfileShapes |
     return f"{model_sha256[:16]}-{precision}-{digest[:16]}"
 
 
+def _cuda_visible_devices() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as CUDA reads it (None when unset): indices or GPU-/MIG- UUIDs (or
+    prefixes), up to the first entry that is neither, which hides it and every later one."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    entries: list[str] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        entries.append(entry)
+    return entries
+
+
+def _nvml_candidates(nvml: Any, device_id: int) -> list[Any]:
+    """The NVML devices that CUDA device `device_id` (ORT's device_id) may be: one where
+    CUDA_VISIBLE_DEVICES names it by UUID, or by index with CUDA_DEVICE_ORDER=PCI_BUS_ID (NVML's
+    order); else every device (CUDA's default order is fastest first); none where CUDA has none."""
+    visible = _cuda_visible_devices()
+    if visible is None:
+        entry = str(device_id)
+    elif device_id < len(visible):
+        entry = visible[device_id]
+    else:
+        return []
+    if entry.isdigit() and os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
+        return [nvml.nvmlDeviceGetHandleByIndex(int(entry))]
+    every = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+    if entry.isdigit():
+        return every
+    try:
+        return [nvml.nvmlDeviceGetHandleByUUID(entry)]
+    except nvml.NVMLError:  # a UUID prefix, which CUDA accepts and NVML does not
+        return [h for h in every if str(nvml.nvmlDeviceGetUUID(h)).startswith(entry)] or every
+
+
+def _nvml_identity(nvml: Any, handle: Any) -> str:
+    name = nvml.nvmlDeviceGetName(handle)
+    major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    text = name.decode() if isinstance(name, bytes) else str(name)
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', text).strip('-')}-sm{major}{minor}"
+
+
 @functools.cache
-def gpu_identity(device_id: int) -> str:
+def gpu_identity(device_id: int) -> str | None:
     """The GPU's model and compute capability, e.g. "NVIDIA-H200-sm90", via NVML when installed
-    (the gpu-metrics extra); "cuda<id>" otherwise (ORT's engine file names add the compute capability)."""
+    (the gpu-metrics extra); "cuda<id>" otherwise (ORT's engine file names add the compute capability).
+
+    `device_id` is a CUDA ordinal, mapped to NVML through CUDA_VISIBLE_DEVICES (_nvml_candidates).
+    None when it may be GPUs of different models (no TensorRT engine may be cached under a guess).
+    """
     try:
         import pynvml  # type: ignore[import-not-found,unused-ignore]
 
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device_id)
-            name = pynvml.nvmlDeviceGetName(handle)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            identities = sorted({_nvml_identity(pynvml, h) for h in _nvml_candidates(pynvml, device_id)})
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML, no driver, no such device: the device id is all we know
         return f"cuda{device_id}"
-    text = name.decode() if isinstance(name, bytes) else str(name)
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', text).strip('-')}-sm{major}{minor}"
+    if not identities:
+        return f"cuda{device_id}"
+    if len(identities) > 1:
+        logger.warning(
+            "TensorRT engine cache off for CUDA device %d: it may be any of %s (CUDA numbers GPUs fastest"
+            " first); set CUDA_DEVICE_ORDER=PCI_BUS_ID or name the GPU by UUID in CUDA_VISIBLE_DEVICES",
+            device_id,
+            ", ".join(identities),
+        )
+        return None
+    return identities[0]
 
 
 # Library ORT 1.31's TensorRT provider links against (TensorRT 10).
@@ -214,7 +269,8 @@ def provider_chain(
 ) -> list[tuple[str, dict[str, str]]]:
     """(provider, options) pairs in preference order, always ending with the CPU provider.
 
-    `model_sha256` keys the TensorRT engine cache (engine_cache_key); without it the cache is off.
+    `model_sha256` keys the TensorRT engine cache (engine_cache_key); without it, or where the GPU
+    model is not known for sure (gpu_identity is None), the cache is off.
     """
     device = config.device_id if device_id is None else device_id
     precision = "fp16" if fp16 else "fp32"
@@ -226,9 +282,9 @@ def provider_chain(
                 "trt_max_workspace_size": str(config.trt_max_workspace_bytes),
                 "trt_fp16_enable": "True" if fp16 else "False",
             }
-            if config.trt_engine_cache_dir and model_sha256:
+            if config.trt_engine_cache_dir and model_sha256 and (gpu := gpu_identity(device)) is not None:
                 base = Path(config.trt_engine_cache_dir)
-                key = engine_cache_key(model_sha256, precision, profile, gpu_identity(device))
+                key = engine_cache_key(model_sha256, precision, profile, gpu)
                 trt |= {
                     "trt_engine_cache_enable": "True",
                     "trt_engine_cache_path": str(base / key),

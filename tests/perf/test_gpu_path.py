@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -225,6 +227,126 @@ def test_two_versions_get_different_engine_cache_paths(tmp_path: Path) -> None:
     assert v1["trt_timing_cache_path"] == str(tmp_path / "trt")  # per GPU, shared by models
     # Without the model's hash there is no safe key: no cache rather than a shared one.
     assert "trt_engine_cache_enable" not in dict(provider_chain([TENSORRT], config))[TENSORRT]
+
+
+class _FakeNVMLError(Exception):
+    pass
+
+
+class _FakeNvml:
+    """The slice of pynvml that gpu_identity reads: devices (uuid, name, compute capability) in
+    NVML's (PCI bus) order, and a MIG slice that only its UUID finds, as NVML's indices are GPUs'."""
+
+    NVMLError = _FakeNVMLError
+
+    def __init__(self, devices: list[tuple[str, str, tuple[int, int]]]) -> None:
+        self.devices = devices
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> tuple[str, str, tuple[int, int]]:
+        if not 0 <= index < len(self.devices):
+            raise _FakeNVMLError("Invalid Argument")
+        return self.devices[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> tuple[str, str, tuple[int, int]]:
+        for device in [*self.devices, _MIG_SLICE]:
+            if device[0] == uuid:  # NVML wants the whole UUID; CUDA also takes a unique prefix
+                return device
+        raise _FakeNVMLError("Not Found")
+
+    def nvmlDeviceGetUUID(self, handle: tuple[str, str, tuple[int, int]]) -> str:
+        return handle[0]
+
+    def nvmlDeviceGetName(self, handle: tuple[str, str, tuple[int, int]]) -> bytes:
+        return handle[1].encode()
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle: tuple[str, str, tuple[int, int]]) -> tuple[int, int]:
+        return handle[2]
+
+
+_T4 = ("NVIDIA Tesla T4", (7, 5))
+_A10 = ("NVIDIA A10", (8, 6))
+_MIXED_HOST = [
+    ("GPU-0000aaaa-0000-0000-0000-000000000000", *_T4),
+    ("GPU-1111bbbb-0000-0000-0000-000000000000", *_T4),
+    ("GPU-2222cccc-0000-0000-0000-000000000000", *_A10),
+    ("GPU-3333dddd-0000-0000-0000-000000000000", *_A10),
+]
+_MIG_SLICE = ("MIG-9999eeee-0000-0000-0000-000000000000", "NVIDIA A100 MIG 1g.5gb", (8, 0))
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Installs a fake pynvml and the CUDA environment; gpu_identity's per-process cache is reset."""
+
+    def install(devices: list[tuple[str, str, tuple[int, int]]], env: Mapping[str, str]) -> None:
+        monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(devices))
+        for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        ort_session.gpu_identity.cache_clear()
+
+    yield install
+    ort_session.gpu_identity.cache_clear()
+
+
+def test_gpu_identity_maps_the_cuda_ordinal_through_cuda_visible_devices(
+    fake_nvml: Callable[..., None],
+) -> None:
+    """ORT's device_id is the CUDA ordinal among CUDA_VISIBLE_DEVICES, not the NVML index: with
+    CUDA_VISIBLE_DEVICES=2,3 ordinal 0 is NVML's GPU 2 (an A10 here), not GPU 0 (a T4), whose
+    identity keyed the engine cache, so an engine built for one GPU model was loaded on another."""
+    pci = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    cases: list[tuple[dict[str, str], int, str]] = [
+        ({**pci, "CUDA_VISIBLE_DEVICES": "2,3"}, 0, "NVIDIA-A10-sm86"),
+        ({**pci, "CUDA_VISIBLE_DEVICES": "2,0"}, 1, "NVIDIA-Tesla-T4-sm75"),
+        (pci, 2, "NVIDIA-A10-sm86"),  # no list: the ordinal is the PCI-ordered index, as in NVML
+        # UUIDs name one device whatever the order: whole, a unique prefix (CUDA accepts one), MIG.
+        ({"CUDA_VISIBLE_DEVICES": "GPU-3333dddd-0000-0000-0000-000000000000"}, 0, "NVIDIA-A10-sm86"),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-2222cccc,GPU-1111bbbb"}, 1, "NVIDIA-Tesla-T4-sm75"),
+        ({"CUDA_VISIBLE_DEVICES": " GPU-2222cccc , GPU-1111bbbb"}, 0, "NVIDIA-A10-sm86"),
+        ({"CUDA_VISIBLE_DEVICES": f"{_MIG_SLICE[0]},0"}, 0, "NVIDIA-A100-MIG-1g.5gb-sm80"),
+    ]
+    for env, ordinal, identity in cases:
+        fake_nvml(_MIXED_HOST, env)
+        assert ort_session.gpu_identity(ordinal) == identity, (env, ordinal)
+
+
+def test_an_ambiguous_cuda_ordinal_turns_the_engine_cache_off(
+    fake_nvml: Callable[..., None], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA numbers GPUs fastest first, not in NVML's order: on
+    a host of different GPU models the ordinal names no NVML device for sure, so no engine is cached
+    under a guess (engines are built in memory) and the log says why and what to set."""
+    config = replace(RuntimeConfig(), trt_engine_cache_dir=str(tmp_path / "trt"))
+
+    def trt_options() -> dict[str, str]:
+        return dict(provider_chain([TENSORRT, CUDA], config, profile=PROFILE, model_sha256=SHA_V1))[TENSORRT]
+
+    for env in ({}, {"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}):
+        fake_nvml(_MIXED_HOST, env)
+        with caplog.at_level(logging.WARNING, logger="genserve_server.ort_session"):
+            assert ort_session.gpu_identity(0) is None, env
+            options = trt_options()
+        assert "trt_engine_cache_enable" not in options and "trt_timing_cache_path" not in options
+        assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in caplog.text
+        caplog.clear()
+    # Same-model GPUs are the same identity in any order; an ordinal that CUDA_VISIBLE_DEVICES does
+    # not list is no device (ORT fails it): the device id, as without NVML.
+    fake_nvml(_MIXED_HOST[:2], {})
+    assert ort_session.gpu_identity(1) == "NVIDIA-Tesla-T4-sm75"
+    assert trt_options()["trt_engine_cache_enable"] == "True"
+    fake_nvml(_MIXED_HOST, {"CUDA_VISIBLE_DEVICES": "GPU-2222cccc"})
+    assert ort_session.gpu_identity(1) == "cuda1"
 
 
 def test_cuda_options_tf32_memory_cap_and_device() -> None:
