@@ -292,21 +292,36 @@ def describe_holder(text: str) -> str:
         return "holder not yet recorded"
 
 
+def name_file(exc: OSError, path: Path) -> None:
+    """Make `exc` name `path` when it names no file: the OS's write, flush and fsync errors (a full
+    disk's ENOSPC, EIO, EDQUOT) name none, and "No space left on device" alone does not say where."""
+    if exc.filename is None and exc.errno is not None:
+        exc.filename = str(path)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        name_file(exc, path)
+        raise
     finally:
         os.close(fd)
 
 
 def write_file_durably(path: Path, data: bytes) -> None:
-    """temp name + fsync + rename: `path` either does not exist or holds all of `data`."""
+    """temp name + fsync + rename: `path` either does not exist or holds all of `data`. An error
+    names the file (the temp name) it was writing."""
     tmp = path.with_name(TMP_PREFIX + path.name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        name_file(exc, tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -396,9 +411,13 @@ class Manifest:
     def append(self, entries: Sequence[dict[str, Any]]) -> None:
         data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries)
         with self._lock:
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.write(data)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                name_file(exc, self.path)
+                raise
 
     def close(self) -> None:
         self._file.close()

@@ -3,6 +3,7 @@ alone and ride out outages for a configurable window (all against the in-process
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -456,6 +457,40 @@ def test_an_unexpected_error_in_a_worker_fails_the_job_and_it_resumes(
     code, out, err = cli_main(capsys, *shlex.split(hint)[1:])
     assert code == 0, err
     assert indices(tmp_path) == list(range(10))
+
+
+@pytest.mark.parametrize("victim", ["images/.tmp-000006.png", "manifest.jsonl"])
+def test_a_full_disk_stops_the_job_naming_the_file_it_was_writing_and_it_resumes(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    victim: str,
+) -> None:
+    # ENOSPC where a full disk raises it (an image's temp file, the manifest's append): the OS's
+    # write and fsync errors name no file.
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / victim):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    t = ("--target", fake_server.target)
+    job = ("bulk", "--model", "fake-gen", "--n", "10", "--chunk-size", "2", "--concurrency", "2")
+    code, out, err = cli_main(capsys, *t, *job, "--out", str(tmp_path))
+    assert code == 1, (out, err)
+    assert "10 images" not in out  # no success line
+    assert f"No space left on device: '{tmp_path / victim}'" in err, err
+    assert "Traceback" not in err
+    assert len(indices(tmp_path)) < 10 and (tmp_path / "job.json").is_file()
+    hint = err.split("the job is resumable: ")[1].strip()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    code, out, err = cli_main(capsys, *shlex.split(hint)[1:])
+    assert code == 0, err
+    assert indices(tmp_path) == list(range(10))  # each image once
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(10)]
 
 
 def test_a_job_is_finished_only_when_every_image_is_listed(
