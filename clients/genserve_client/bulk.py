@@ -722,7 +722,14 @@ class BulkJob:
         `resolve(model, version)` says what the server serves (default: served_model via GetModel).
         """
         resolver = resolve or (lambda model, version: served_model(self.client, model, version))
-        self.check_folder()  # before creating anything in a folder that is not ours
+        try:
+            self.check_folder()  # before creating anything in a folder that is not ours
+        except BulkError:
+            if not (self.out_dir / LOCK_FILE).is_file():
+                raise
+            # A job's lock file: a run holding it may have written its job.json and first images
+            # between the look for job.json and the listing (two runs started at once). Decide
+            # under the lock: in use (BulkBusy), else the folder is checked again below.
         self.out_dir.mkdir(parents=True, exist_ok=True)
         lock = JobLock(self.out_dir)
         lock.acquire()

@@ -123,6 +123,39 @@ def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_holder(
     assert code == 0, err  # released: the next run goes ahead
 
 
+def test_a_run_started_beside_a_running_job_exits_3_even_while_that_job_writes_its_first_files(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two runs started at once on one folder: the first holds the lock and, between the second's
+    # look for job.json and its listing of the folder, writes job.json and its first image.
+    done, out = tmp_path / "done", tmp_path / "job"
+    run_job(fake_server.target, done, BulkParams("fake-gen", n=5))
+    out.mkdir()
+    first = JobLock(out)
+    first.acquire()
+    real = bulk_module.foreign_entries
+
+    def first_run_writes_meanwhile(folder: Path) -> list[str]:
+        if not (out / "job.json").exists():
+            (out / "images").mkdir(exist_ok=True)
+            for name in ("job.json", "manifest.jsonl", "images/000000.png"):
+                (out / name).write_bytes((done / name).read_bytes())
+        return real(folder)
+
+    monkeypatch.setattr(bulk_module, "foreign_entries", first_run_writes_meanwhile)
+    try:
+        job = ("--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "5", "--out", str(out))
+        code, _, err = cli_main(capsys, *job)
+        assert code == 3, err  # in use, not "a folder holding foreign files" (exit 2)
+        assert "in use by another bulk run" in err and f"pid {os.getpid()}" in err
+        assert fake_server.service.calls["SampleStream"] == 1  # the first job's own, none more
+    finally:
+        first.release()
+
+
 def test_the_lock_is_held_while_the_job_runs(fake_server: FakeServer, tmp_path: Path) -> None:
     seen: list[str] = []
 
