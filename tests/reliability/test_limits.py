@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+import pytest
+from client_fakes import cli_main
 from reliability_support import SHARED_LIMITS, code_of, peak_rss_bytes, png_bomb, png_bytes, sample_ok
 from server_support import ServerProcess, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_client.bulk import BulkJob, read_manifest
 from genserve_server.config import Limits, load_server_config
 
 
@@ -99,6 +103,46 @@ def test_concurrent_sample_streams_limit(faulty_server: ServerProcess, channel: 
         stub.SampleStream(pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=4)), timeout=10)
     )
     assert sum(len(c.images) for c in chunks) == 4
+
+
+def test_a_bulk_job_over_the_stream_limit_retries_refused_streams_and_writes_each_image_once(
+    faulty_server: ServerProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bulk job with more workers than max_concurrent_sample_streams: the streams beyond the limit
+    are refused RESOURCE_EXHAUSTED at once (not held open) and the job retries them (docs/client.md,
+    "Outages"): it finishes with every image once, the bytes of the same job run one stream at a
+    time."""
+    limit = SHARED_LIMITS["max_concurrent_sample_streams"]
+
+    def refused() -> float:
+        return faulty_server.metric("genserve_requests_rejected_total", reason="concurrency")
+
+    before = refused()
+    write_chunk = BulkJob._write_chunk
+
+    def after_a_refusal(self: BulkJob, chunk: Any, sink: Any) -> None:
+        # The admitted streams hold their slots until a worker beyond the limit has been refused.
+        wait_until(lambda: refused() > before, 60, "a SampleStream refused at the stream limit")
+        write_chunk(self, chunk, sink)
+
+    monkeypatch.setattr(BulkJob, "_write_chunk", after_a_refusal)
+    job = ("bulk", "--model", "gen", "--n", "40", "--seed", "7", "--chunk-size", "2", "--retry-window", "60")
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    code, _, err = cli_main(
+        capsys, "--target", faulty_server.target, *job, "--concurrency", str(2 * limit), "--out", str(wide)
+    )
+    assert code == 0, err
+    assert refused() > before
+    monkeypatch.undo()
+    code, _, err = cli_main(capsys, "--target", faulty_server.target, *job, "--out", str(narrow))
+    assert code == 0, err
+    entries = read_manifest(wide / "manifest.jsonl")[0]
+    assert sorted(e["index"] for e in entries) == list(range(40))  # each image once, none lost
+    files = {p.name: p.read_bytes() for p in (wide / "images").iterdir()}
+    assert files == {p.name: p.read_bytes() for p in (narrow / "images").iterdir()}
 
 
 def test_concurrent_rpcs_limit(faulty_server: ServerProcess, channel: grpc.Channel) -> None:
