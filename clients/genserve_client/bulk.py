@@ -407,6 +407,7 @@ class Manifest:
         self.path = path
         self._lock = threading.Lock()
         self._file = open(path, "ab")  # closed by close()
+        self._failed = False
 
     def append(self, entries: Sequence[dict[str, Any]]) -> None:
         data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries)
@@ -416,11 +417,20 @@ class Manifest:
                 self._file.flush()
                 os.fsync(self._file.fileno())
             except OSError as exc:
+                self._failed = True
                 name_file(exc, self.path)
                 raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            # The entries a failed append left in the buffer fail again here (a full disk): that
+            # error is already the job's, and these entries were never durable (their images are
+            # found again by the next run's recovery). Raised here, it would replace the job's own
+            # error and skip closing the channels.
+            if not self._failed:
+                raise
 
 
 def version_order(v: genserve_pb2.ModelVersionInfo) -> tuple[int, str]:

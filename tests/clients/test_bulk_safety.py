@@ -29,6 +29,7 @@ from genserve_client.bulk import (
     BulkJob,
     BulkParams,
     JobLock,
+    Manifest,
     ServedModel,
     Shard,
     read_manifest,
@@ -543,3 +544,14 @@ def test_a_job_is_finished_only_when_every_image_is_listed(
     monkeypatch.setattr(BulkJob, "_run_range", real)
     run_job(fake_server.target, tmp_path, BulkParams("fake-gen", n=10))
     assert indices(tmp_path) == list(range(10))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_manifest_whose_append_failed_on_a_full_disk_closes_without_raising_again() -> None:
+    """The entries a failed append left in the manifest's buffer failed again in close(), in the job's
+    cleanup: that error (again ENOSPC) replaced the job's own and skipped closing the channels."""
+    manifest = Manifest(Path("/dev/full"))
+    with pytest.raises(OSError) as excinfo:
+        manifest.append([{"index": 0, "file": "000000.png"}])
+    assert excinfo.value.errno == errno.ENOSPC and "/dev/full" in str(excinfo.value)
+    manifest.close()  # the job's error is the append's; nothing raised here
