@@ -8,7 +8,7 @@ import asyncio
 import enum
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,6 +18,16 @@ Tensors = Mapping[str, np.ndarray]
 class Lane(enum.IntEnum):
     INTERACTIVE = 0
     BULK = 1
+
+
+class Caller(Protocol):
+    """The RPC whose rows a request holds (core.Call). One RPC may queue several requests: images
+    of several shapes (Translate), tiles of several shapes (SuperResolve), a stream's chunks computed
+    ahead. `counted_out` is set when the first of them is counted as refused (queue_full) or dropped
+    (deadline, cancelled): the others that leave with it are not counted again, since those counters
+    count requests (docs/metrics.md)."""
+
+    counted_out: bool
 
 
 @dataclass(slots=True)
@@ -52,6 +62,7 @@ class PendingRequest:
     # one); ties in admission order (`seq`).
     turn: float = 0.0
     seq: int = 0
+    caller: Caller | None = None  # its RPC, where that may queue other requests beside it
 
 
 @dataclass(slots=True)

@@ -62,6 +62,7 @@ from genserve_server.batch_events import (
 )
 from genserve_server.batch_parts import (
     OFF_LOOP_COPY_BYTES,
+    Caller,
     Part,
     PendingRequest,
     Tensors,
@@ -131,6 +132,17 @@ def _withdrawn(future: asyncio.Future[BatchResult]) -> bool:
     except Exception:  # pragma: no cover - called for cancelled futures only
         return False
     return False
+
+
+def _count_once(caller: Caller | None) -> bool:
+    """Whether a refusal or drop of a request of `caller` is counted: the first of its RPC's only
+    (a request of its own, None: always)."""
+    if caller is None:
+        return True
+    if caller.counted_out:
+        return False
+    caller.counted_out = True
+    return True
 
 
 def _filled(parts: list[Part], full: int, share: int | None) -> str:
@@ -322,8 +334,11 @@ class Batcher:
         *,
         lane: Lane = Lane.INTERACTIVE,
         deadline: float | None = None,
+        caller: Caller | None = None,
     ) -> BatchResult:
-        """Queue `n_rows` rows (axis 0 of every input) and wait for their outputs."""
+        """Queue `n_rows` rows (axis 0 of every input) and wait for their outputs. `caller`: the RPC
+        the rows belong to (core.Call), counted once as refused or dropped, whatever number of the
+        requests it queued leave (None: a request of its own)."""
         # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
         # path; only queue_full (ResourceExhausted) is counted here.
         if self._closing:
@@ -338,14 +353,15 @@ class Batcher:
         if lane == Lane.BULK:
             await self._wait_for_bulk_room(n_rows, deadline)
         elif self._queued_rows + n_rows > self.max_queue_size:
-            self._observer.on_rejected("queue_full")
+            if _count_once(caller):
+                self._observer.on_rejected("queue_full")
             raise ResourceExhausted(
                 f"{self.name}: queue full ({self._queued_rows} of max_queue_size={self.max_queue_size} items "
                 f"waiting, request needs {n_rows}); retry with backoff"
             )
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            self._observer.on_dropped("deadline")
+            self._dropped(caller, "deadline")
             raise DeadlineExceeded(
                 f"{self.name}: deadline passed before the request was queued; not computed"
             )
@@ -369,6 +385,7 @@ class Batcher:
             future,
             turn=self._batches_formed - 0.5,
             seq=self._admitted,
+            caller=caller,
         )
         queue = self._lanes[lane].get(key)
         if queue is None:
@@ -403,8 +420,14 @@ class Batcher:
         self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
         if counted:
             # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
-            self._observer.on_dropped("deadline" if cancelled_by_deadline(request.deadline) else "cancelled")
+            reason = "deadline" if cancelled_by_deadline(request.deadline) else "cancelled"
+            self._dropped(request.caller, reason)
         self._observer.on_queue_depth(self._queued_rows)
+
+    def _dropped(self, caller: Caller | None, reason: str) -> None:
+        """Count a request that leaves before compute, once for its RPC `caller` (Caller)."""
+        if _count_once(caller):
+            self._observer.on_dropped(reason)
 
     def _bulk_fits(self, n_rows: int) -> bool:
         if self._queued_rows + n_rows > self.max_queue_size:
@@ -781,9 +804,9 @@ class Batcher:
                     # A part WITHDRAWN (its future cancelled, its own handler not yet run) counts as
                     # its request's failure only, as in _forget_cancelled.
                     if not _withdrawn(request.future):
-                        self._observer.on_dropped("deadline" if expired else "cancelled")
+                        self._dropped(request.caller, "deadline" if expired else "cancelled")
                 elif not request.future.done():
-                    self._observer.on_dropped("deadline")
+                    self._dropped(request.caller, "deadline")
                     request.future.set_exception(
                         DeadlineExceeded(f"{self.name}: deadline passed while queued; not computed")
                     )

@@ -185,7 +185,7 @@ async def _decode(
     if tops is not None:
         inputs["top_codes"] = tops
     result = await decoder.batcher.submit(
-        CodeRows(), inputs, len(codes), lane=Lane.INTERACTIVE, deadline=call.deadline
+        CodeRows(), inputs, len(codes), lane=Lane.INTERACTIVE, deadline=call.deadline, caller=call
     )
     images = await core.codec.encode(
         decoder.metrics, result.outputs["image"], out, decoder.card.output_range, timing=call.timing

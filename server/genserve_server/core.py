@@ -83,6 +83,9 @@ class Call:
     unary: bool = False  # a unary RPC: its response is held against the response budget
     response: Reservation | None = None  # its bytes held there (response_budget.py)
     timing: CallTiming = field(default_factory=CallTiming)  # its batches' queue and compute (KServe stats)
+    # Set once a batcher has counted the call refused (queue_full) or dropped: its other requests
+    # (images or tiles of other shapes, a stream's chunks ahead) are not counted again (batch_parts.Caller).
+    counted_out: bool = False
 
     def release_uses(self) -> None:
         """Release the versions of `uses` (at the call's end; a second call releases nothing)."""
@@ -119,14 +122,15 @@ class EncodedLatents:
 
 async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
     """asyncio.gather that cancels the siblings when one fails (their rows leave the queue, counted
-    as that failure, not as a caller that went away: batcher.WITHDRAWN)."""
+    as that failure, not as a caller that went away: batcher.WITHDRAWN). The parts of one call that
+    expire or are cancelled together count one drop: the batcher counts once per Call (Caller)."""
     if len(aws) == 1:
         return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         return list(await asyncio.gather(*tasks))
     except asyncio.CancelledError:
-        for task in tasks:  # the call itself was cancelled: each part is the caller's own drop
+        for task in tasks:  # the call itself was cancelled: the caller's own drop (counted once)
             task.cancel()
         raise
     except BaseException:
@@ -247,7 +251,7 @@ class GenerationCore:
     ) -> BatchResult:
         assert mv.batcher is not None
         entered = time.monotonic()
-        result = await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline)
+        result = await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline, caller=call)
         call.timing.submitted(entered, result.dispatched_at, time.monotonic())
         return result
 

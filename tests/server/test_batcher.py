@@ -702,6 +702,74 @@ def test_rows_withdrawn_because_a_sibling_part_failed_are_not_counted_as_a_cance
     run(body())
 
 
+class Rpc:
+    """The RPC a request's parts belong to, as core.Call is to the batcher (batch_parts.Caller)."""
+
+    def __init__(self) -> None:
+        self.counted_out = False
+
+
+@pytest.mark.parametrize("how", ["expire_queued", "cancelled", "expired_at_admission", "queue_full"])
+def test_a_request_whose_parts_all_leave_together_is_counted_once(how: str) -> None:
+    """genserve_requests_dropped_total and rejected{queue_full} count requests (docs/metrics.md).
+    A Translate or SuperResolve of images (tiles) of two shapes queues two parts, gathered by
+    core.gather_or_cancel: when both expired in the queue, both were past the deadline at admission,
+    the caller cancelled, or neither fitted the queue, each part was counted, two for one request."""
+    from genserve_server.core import gather_or_cancel
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=6)
+        gate, blocker = await hold_runner(batcher, model)
+        rpc = Rpc()
+        deadline = None
+        if how == "expire_queued":
+            deadline = time.monotonic() + 0.05
+        elif how == "expired_at_admission":
+            deadline = time.monotonic() - 1
+        elif how == "queue_full":
+            other = asyncio.ensure_future(batcher.submit("k", rows(7, 8, 9, 10, 11), 5))
+            await until(lambda: batcher.queued_rows == 5, "another caller's rows queued")
+        request = asyncio.ensure_future(
+            gather_or_cancel(
+                [
+                    batcher.submit("a", rows(1, 2), 2, deadline=deadline, caller=rpc),
+                    batcher.submit("b", rows(3, 4), 2, deadline=deadline, caller=rpc),
+                ]
+            )
+        )
+        if how in ("expire_queued", "cancelled"):
+            await until(lambda: batcher.queued_rows == 4, "both parts queued")
+        if how == "expire_queued":
+            assert deadline is not None
+            await past(deadline)  # both parts' deadline passes while they wait behind the runner
+        elif how == "cancelled":
+            request.cancel()
+        gate.set()
+        with pytest.raises((DeadlineExceeded, asyncio.CancelledError, ResourceExhausted)):
+            await request
+        await blocker
+        if how == "queue_full":
+            await other
+        await until(lambda: batcher.queued_rows == 0, "the parts out of the queue")
+        assert all(v not in x for _, x in model.batches for v in (1, 2, 3, 4))
+        if how == "queue_full":
+            assert (recorder.rejected, recorder.dropped) == (["queue_full"], [])
+        else:
+            assert recorder.dropped == ["cancelled" if how == "cancelled" else "deadline"]
+            assert recorder.rejected == []
+        # Requests of their own (no caller) still count one each.
+        recorder.dropped.clear()
+        late = time.monotonic() - 1
+        for value in (5, 6):
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit("a", rows(value), 1, deadline=late)
+        assert recorder.dropped == ["deadline", "deadline"]
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_cancelled_callers_rows_leave_a_full_queue_at_once() -> None:
     async def body() -> None:
         model = FakeModel()

@@ -17,7 +17,7 @@ from genserve.v1 import types_pb2 as tpb
 from genserve_server import loader, tiling, validate
 from genserve_server.config import ServerConfig, load_card
 from genserve_server.core import Call, GenerationCore
-from genserve_server.errors import InvalidArgument
+from genserve_server.errors import DeadlineExceeded, InvalidArgument
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 
@@ -182,3 +182,72 @@ def test_the_radius_probe_is_at_least_min_size_with_halves_in_whole_multiples(
 
     assert loader.measure_tile_radius(card, NearestX2()) == 0  # type: ignore[arg-type]
     assert {shape[2:] for shape in seen} == {(probe, probe)}
+
+
+def test_a_super_resolve_whose_tiles_of_two_shapes_expire_in_the_queue_counts_one_drop(
+    tmp_path: Path,
+) -> None:
+    """Images of two sizes are two parts (tiles of two shapes, batched apart, gathered by
+    core.gather_or_cancel). When the deadline passed while both waited behind a busy runner, each
+    part was counted: genserve_requests_dropped_total{reason="deadline"} rose by 2 for one request
+    (the counter counts requests, docs/metrics.md)."""
+    write_model(
+        tmp_path,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        SR_X2_CARD,
+        config={"instances": 1, "batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0}},
+    )
+
+    def raw(h: int, w: int) -> tpb.Image:
+        return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(h * w * 3), shape=[h, w, 3])
+
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=True)
+        repo = Repository(tmp_path, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        core = GenerationCore(repo, config, metrics, pool)
+        out = validate.output_spec(tpb.IMAGE_FORMAT_RAW_UINT8, 1, None, False)
+        busy = Call("SuperResolve", "busy", time.monotonic(), metrics.unresolved())
+        call = Call("SuperResolve", "late", time.monotonic(), metrics.unresolved())
+        try:
+            mv = core.resolve(busy, "sr", "", ("super_resolution",), "SuperResolve")
+            core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
+            batcher = mv.batcher
+            assert batcher is not None
+            gate, computing = asyncio.Event(), asyncio.Event()
+            run_batch = batcher._run_batch
+
+            async def held_once(key: Any, inputs: Any) -> Any:
+                if not computing.is_set():
+                    computing.set()
+                    await gate.wait()
+                return await run_batch(key, inputs)
+
+            batcher._run_batch = held_once
+            blocker = asyncio.ensure_future(core.upscale(mv, busy, [raw(16, 16)], 32, 0, out))
+            await computing.wait()
+            call.deadline = time.monotonic() + 1.0
+            late = asyncio.ensure_future(core.upscale(mv, call, [raw(20, 20), raw(24, 24)], 32, 0, out))
+            while batcher.queued_rows < 2:  # both parts queued behind the held batch
+                await asyncio.sleep(0.001)
+            while time.monotonic() < call.deadline:
+                await asyncio.sleep(call.deadline - time.monotonic() + 0.001)
+            gate.set()
+            with pytest.raises(DeadlineExceeded):
+                await late
+            await blocker
+        finally:
+            for c in (busy, call):
+                if c.batcher is not None:
+                    c.batcher.release()
+            await repo.close(1)
+            pool.shutdown()
+        labels = {"model": "sr", "version": "1", "reason": "deadline"}
+        assert metrics.registry.get_sample_value("genserve_requests_dropped_total", labels) == 1
+
+    asyncio.run(asyncio.wait_for(main(), 60))
