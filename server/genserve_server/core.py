@@ -469,14 +469,16 @@ class GenerationCore:
 
         pending: deque[asyncio.Task[tuple[int, list[int], np.ndarray | None, Generated]]] = deque()
         next_index = sent = start_index
+        withdraw: str | None = None  # the message the chunks ahead are cancelled with at the end
         stopping = asyncio.ensure_future(self.shutting_down.wait())
         try:
             while sent < count:
                 if self.shutting_down.is_set():
                     # Shutting down: the chunk in flight is sent, the ones computed ahead are dropped,
-                    # and the stream ends at that chunk boundary with a status clients resume from.
+                    # and the stream ends at that chunk boundary with a status clients resume from
+                    # (counted as that status, not as a caller that went away: WITHDRAWN).
                     while len(pending) > 1:
-                        pending.pop().cancel()
+                        pending.pop().cancel(WITHDRAWN)
                     if not pending:
                         raise Unavailable(
                             f"server is shutting down: the stream ended before image {sent}; "
@@ -497,10 +499,14 @@ class GenerationCore:
                 item = await pending.popleft()
                 sent = item[0] + len(item[1])
                 yield item
+        except Exception:
+            # A chunk failed: the ones ahead leave as that failure, as gather_or_cancel's parts do.
+            withdraw = WITHDRAWN
+            raise
         finally:
             stopping.cancel()
-            for task in pending:
-                task.cancel()
+            for task in pending:  # else the caller went away (cancelled): its own drop
+                task.cancel(withdraw)
 
     # ------------------------------------------------------------------ code priors (step batching)
 
