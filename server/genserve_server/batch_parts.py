@@ -30,6 +30,17 @@ class Caller(Protocol):
     counted_out: bool
 
 
+def count_once(caller: Caller | None) -> bool:
+    """Whether a refusal or drop of a request of `caller` is counted: the first of its RPC's only
+    (a request of its own, None: always)."""
+    if caller is None:
+        return True
+    if caller.counted_out:
+        return False
+    caller.counted_out = True
+    return True
+
+
 @dataclass(slots=True)
 class BatchResult:
     """A request's outputs (rows in request order) and how they were computed."""

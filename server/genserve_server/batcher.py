@@ -69,6 +69,7 @@ from genserve_server.batch_parts import (
     allocate,
     concat,
     copy_bytes,
+    count_once,
     fair_shares,
     fan_out,
     live,
@@ -132,17 +133,6 @@ def _withdrawn(future: asyncio.Future[BatchResult]) -> bool:
     except Exception:  # pragma: no cover - called for cancelled futures only
         return False
     return False
-
-
-def _count_once(caller: Caller | None) -> bool:
-    """Whether a refusal or drop of a request of `caller` is counted: the first of its RPC's only
-    (a request of its own, None: always)."""
-    if caller is None:
-        return True
-    if caller.counted_out:
-        return False
-    caller.counted_out = True
-    return True
 
 
 def _filled(parts: list[Part], full: int, share: int | None) -> str:
@@ -353,7 +343,7 @@ class Batcher:
         if lane == Lane.BULK:
             await self._wait_for_bulk_room(n_rows, deadline)
         elif self._queued_rows + n_rows > self.max_queue_size:
-            if _count_once(caller):
+            if count_once(caller):
                 self._observer.on_rejected("queue_full")
             raise ResourceExhausted(
                 f"{self.name}: queue full ({self._queued_rows} of max_queue_size={self.max_queue_size} items "
@@ -426,7 +416,7 @@ class Batcher:
 
     def _dropped(self, caller: Caller | None, reason: str) -> None:
         """Count a request that leaves before compute, once for its RPC `caller` (Caller)."""
-        if _count_once(caller):
+        if count_once(caller):
             self._observer.on_dropped(reason)
 
     def _bulk_fits(self, n_rows: int) -> bool:

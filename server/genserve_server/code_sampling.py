@@ -146,14 +146,21 @@ async def sample_codes(
             top_report = functools.partial(_at_level, progress, TOP_LEVEL, top_positions, None)
         top_every = steps_between(every, top_positions)
         tops = await core.stepper(top).sample(
-            seeds, top_labels, None, top_options, call.deadline, top_report, top_every
+            seeds, top_labels, None, top_options, call.deadline, top_report, top_every, caller=call
         )
     stepper = core.stepper(mv)
     report = None
     if progress is not None:
         report = functools.partial(_at_level, progress, CODES_LEVEL, stepper.positions, tops)
     codes = await stepper.sample(
-        seeds, labels, tops, options, call.deadline, report, steps_between(every, stepper.positions)
+        seeds,
+        labels,
+        tops,
+        options,
+        call.deadline,
+        report,
+        steps_between(every, stepper.positions),
+        caller=call,
     )
     if decoder is None:
         return CodeSamples(codes, [], [], tops)

@@ -47,6 +47,7 @@ import numpy as np
 
 from genserve_contract.config import MAX_TEMPERATURE, SamplingConfig
 from genserve_server import latents
+from genserve_server.batch_parts import Caller, count_once
 from genserve_server.batcher import Lane
 from genserve_server.errors import DeadlineExceeded, ResourceExhausted, invalid
 from genserve_server.metrics import ModelMetrics
@@ -143,6 +144,7 @@ class Row:
     position: int = 0
     submitted: float = field(default_factory=time.monotonic)
     request: int = 0  # the sample() call it belongs to (genserve_batch_requests: requests per step)
+    caller: Caller | None = None  # the RPC (core.Call): its drops count once, with its other models'
 
 
 @dataclass(eq=False, slots=True)
@@ -244,12 +246,15 @@ class StepScheduler:
         deadline: float | None,
         progress: Progress | None = None,
         every: int = 0,
+        caller: Caller | None = None,
     ) -> np.ndarray:
         """Grids int64 [N, H, W] for `seeds`; all of the request's rows join the next step together.
 
         RESOURCE_EXHAUSTED at once where they do not fit the row budget beside the running rows;
         cancelling the caller makes its rows leave at the next step. With `progress`, it is called
-        after every `every`-th step of the request (not after the last) with the grids so far."""
+        after every `every`-th step of the request (not after the last) with the grids so far.
+        `caller`: the RPC (core.Call), whose drops count once across its requests and models (a
+        stream's chunks ahead, the top prior, the decoder)."""
         n = len(seeds)
         self.check_room(n)
         loop = asyncio.get_running_loop()
@@ -276,6 +281,7 @@ class StepScheduler:
         request = next(self._requests)
         for row in rows:
             row.request = request
+            row.caller = caller
         watch = _Watch(rows, max(1, every), progress) if progress is not None else None
         if watch is not None:
             self._watches.append(watch)
@@ -335,7 +341,7 @@ class StepScheduler:
             self.stats.cancelled += 1
         if row.request not in dropped:
             dropped[row.request] = reason
-            if self.metrics is not None:
+            if count_once(row.caller) and self.metrics is not None:
                 self.metrics.dropped[reason].inc()
 
     def call_rows(self, n: int) -> int:

@@ -1129,3 +1129,35 @@ def test_a_dropped_request_of_several_rows_counts_once_in_the_metrics(
         for reason in ("cancelled", "deadline")
     }
     assert dropped == {"cancelled": 1, "deadline": 1}
+
+
+def test_an_rpc_whose_requests_all_leave_counts_one_drop_across_them(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """One RPC may hold several sample() calls at once (a SampleCodesStream's chunks computed ahead;
+    its decoder's batch beside them): cancelled together they are one dropped request, as the
+    batcher counts them (Caller.counted_out). Each counted one before."""
+    root, names = code_repo
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        count_calls(scheduler, delay_s=0.002)
+        rpc = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+        chunks = [
+            asyncio.ensure_future(scheduler.sample([seed], [0], None, SamplingOptions(), None, caller=rpc))
+            for seed in (1, 2)
+        ]
+        await until(lambda: scheduler.stats.steps >= 2)
+        for chunk in chunks:
+            chunk.cancel()
+        for chunk in chunks:
+            with pytest.raises(asyncio.CancelledError):
+                await chunk
+        await until(lambda: scheduler.stats.cancelled >= 2)  # both left at a step
+
+    run_with_core(root, body, metrics)
+    value = metrics.registry.get_sample_value(
+        "genserve_requests_dropped_total", {"model": names["prior"], "version": "1", "reason": "cancelled"}
+    )
+    assert value == 1
