@@ -8,6 +8,9 @@ Three concerns that every image RPC shares, kept free of protobuf and ONNX:
   whole canvas up front (libwebp's does so as soon as the file is opened). Only PNG, JPEG and WebP
   reach Pillow, and Pillow is only asked for the one format the magic bytes name. A JPEG holds at
   most MAX_JPEG_SCANS scans: libjpeg's time grows with scans x pixels, not with the file's size.
+  Pillow walks a JPEG's header and a PNG's chunks in Python, one step a segment or chunk, and parses
+  EXIF and inflates PNG text and ICC chunks: a file has at most MAX_IMAGE_METADATA_SEGMENTS of them
+  (and MAX_PNG_IDAT_CHUNKS pixel-data chunks), and the metadata is cut out before Pillow sees it.
 * ``encode_image``: uint8 HWC -> response bytes. PNG, JPEG and WebP go through OpenCV, measured at
   about 4-7x faster than Pillow for PNG here (see /work/shared/FACTS.md); PNG defaults to zlib
   level 1 because higher levels cost several times the CPU for ~10% smaller files.
@@ -29,7 +32,7 @@ import math
 import struct
 import zlib
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cv2
 import numpy as np
@@ -66,8 +69,9 @@ _JPEG_MAGIC: Final = b"\xff\xd8\xff"
 _JPEG_SOF_MARKERS: Final = frozenset(
     {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 )
-# Markers with no length field: TEM, RST0-7, SOI.
-_JPEG_STANDALONE: Final = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
+# Markers Pillow reads with no length field (as the standard does RST0-7, SOI and EOI; JPG and
+# JPG0-13, which libjpeg refuses, too): the walk follows Pillow's, so it sees the segments Pillow sees.
+_JPEG_STANDALONE: Final = frozenset({0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)})
 _JPEG_SOS: Final = 0xDA
 _JPEG_EOI: Final = 0xD9
 # libjpeg decodes every scan of a JPEG over all of its blocks, and only warns when a scan repeats
@@ -81,6 +85,30 @@ MAX_JPEG_SCANS: Final = 1000
 # stuffs every FF with 00, so each scan libjpeg can see is counted (an upper bound: marker payloads
 # such as EXIF or ICC data may hold the pair by chance, rarely more than a few times).
 _JPEG_SOS_BYTES: Final = b"\xff\xda"
+# Pillow reads a JPEG's marker segments up to the first scan, and a PNG's chunks before and after
+# the pixel data, in Python: ~1.5 us a 4-byte comment segment, ~3 us a 12-byte chunk, ~0.3 us a fill
+# or stray byte (skipped one at a time), so ~64 MiB of them (the message limit) held a codec thread
+# ~30 s. Real files have tens (tables, EXIF, XMP, ICC profiles in 64 KiB pieces); 1000 segments of
+# the most a segment holds (64 KiB) are already the 64 MiB message limit. Each fill or stray byte
+# before the first scan counts as a segment. libjpeg walks the markers between scans and ignores
+# what follows the end-of-image marker, both in C.
+MAX_IMAGE_METADATA_SEGMENTS: Final = 1000
+# PNG pixel data (IDAT) is walked the same way, ~1 us a chunk: encoders write chunks of 8 KiB
+# (libpng, OpenCV) or more, so 65536 chunks is a 512 MiB PNG, while empty 12-byte ones are refused.
+MAX_PNG_IDAT_CHUNKS: Final = 65536
+# Pillow also parses a JPEG's quantization tables and frame headers byte by byte (~0.15 us a byte:
+# 4 MiB of repeated ones took 0.5-1 s): what it is handed before the first scan, the metadata below
+# left out, is at most 128 KiB. Real ones are a few KiB (the tables, the frame header, JFIF and
+# Adobe segments), up to ~70 KiB with a JFIF thumbnail.
+MAX_JPEG_HEADER_BYTES: Final = 128 * 1024
+# Metadata the server never uses (pixels are served as stored: no EXIF orientation, no colour
+# management) and Pillow parses in Python, cut out before Pillow sees the file: within the limits
+# above, EXIF split over APP1 segments took ~0.5 s a MiB to parse (its values are unpacked one by
+# one), and each PNG zTXt, iTXt or iCCP chunk of ~1 KiB inflated to 1 MiB (~3.5 ms). The JPEG
+# segments are APP1-APP13, APP15 (EXIF, XMP, ICC, MPF, Photoshop) and comments before the first scan;
+# APP0 (JFIF) and APP14 (Adobe) stay, as libjpeg reads the colour space from them.
+_JPEG_METADATA: Final = frozenset({*range(0xE1, 0xEE), 0xEF, 0xFE})
+_PNG_METADATA: Final = frozenset({b"tEXt", b"zTXt", b"iTXt", b"iCCP", b"eXIf"})
 
 
 class ImageFormat(enum.IntEnum):
@@ -128,33 +156,149 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return width, height
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    # Walk the marker segments up to the first SOFn (EXIF thumbnails live inside APP1 and are
-    # skipped with it); SOFn holds precision (1 byte), height, width (2 bytes each, big-endian).
+class _Walk(NamedTuple):
+    """What walking an encoded image's segments or chunks found."""
+
+    size: tuple[int, int] | None  # (width, height) from the JPEG frame header
+    steps: int  # segments (JPEG: and fill or stray bytes) or non-IDAT chunks, up to one past the limit
+    idat: int  # PNG IDAT chunks, up to one past MAX_PNG_IDAT_CHUNKS
+    header: int  # JPEG: bytes of the segments before the first scan that Pillow is handed
+    kept: list[tuple[int, int]] | None  # the spans to hand Pillow when metadata was found; else None
+
+
+def _jpeg_walk(data: bytes) -> _Walk:
+    """Walk the marker segments before the first scan as Pillow's parser does (so both see the same
+    segments), stopping once the steps pass MAX_IMAGE_METADATA_SEGMENTS: the walk costs at most
+    that many steps itself (declared_size runs it on the event loop). Where it stops before the
+    first scan, Pillow stops too (an error, or the end of the data)."""
+    # EXIF thumbnails live inside APP1 and are skipped with it; SOFn holds precision (1 byte),
+    # height, width (2 bytes each, big-endian).
+    size: tuple[int, int] | None = None
+    steps = header = 0
+    kept = [(0, 2)]  # SOI
+    cut = False  # metadata, fill or stray bytes to leave out
     pos = 2
     end = len(data)
-    while pos + 4 <= end:
+    while pos + 2 <= end and steps <= MAX_IMAGE_METADATA_SEGMENTS:
         if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+            if size is None:
+                return _Walk(None, steps, 0, header, None)  # stray bytes before the frame header
+            # Pillow skips stray bytes one at a time, so each counts.
+            found = data.find(b"\xff", pos)
+            following = end if found < 0 else found
+            steps += following - pos
+            pos, cut = following, True
             continue
+        marker = data[pos + 1]
+        if marker == _JPEG_SOS:
+            if size is None:
+                break  # the image data began before any frame header
+            if cut:
+                kept.append((pos, end))
+            return _Walk(size, steps, 0, header, kept if cut else None)
+        steps += 1
+        if marker == 0xFF or marker == 0x00:  # a fill byte; FF 00 is skipped as stray bytes
+            pos, cut = pos + (1 if marker == 0xFF else 2), True
+            continue
+        if marker < 0xC0 or (marker == _JPEG_EOI and size is None):
+            break  # Pillow: "no marker found"; or the image ended before any frame header
         if marker in _JPEG_STANDALONE:
+            kept.append((pos, pos + 2))
+            header += 2
             pos += 2
             continue
-        if marker in (_JPEG_SOS, _JPEG_EOI):
-            return None  # image data began before any frame header
+        if pos + 4 > end:
+            break
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if length < 2:
-            return None
-        if marker in _JPEG_SOF_MARKERS:
+        if marker in _JPEG_SOF_MARKERS and size is None:
             if pos + 9 > end:
-                return None
+                break
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return width, height
-        pos += 2 + length
-    return None
+            size = (width, height)
+        following = pos + 2 + max(length, 2)  # Pillow reads a length below 2 as an empty segment
+        if marker in _JPEG_METADATA:
+            cut = True
+        else:
+            kept.append((pos, following))
+            header += following - pos
+        pos = following
+    return _Walk(size, steps, 0, header, None)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    return _jpeg_walk(data).size
+
+
+def _png_walk(data: bytes) -> _Walk:
+    """Walk the chunks up to IEND (Pillow reads those after the pixel data too), stopping once
+    either count passes its limit (MAX_IMAGE_METADATA_SEGMENTS, MAX_PNG_IDAT_CHUNKS)."""
+    other = idat = 0
+    cuts: list[tuple[int, int]] = []
+    pos = len(_PNG_MAGIC)
+    end = len(data)
+    unpack = struct.Struct(">I4s").unpack_from
+    while pos + 8 <= end:
+        length, kind = unpack(data, pos)
+        following = pos + 12 + length  # length, type, payload, CRC
+        if kind == b"IDAT":
+            idat += 1
+            if idat > MAX_PNG_IDAT_CHUNKS:
+                break
+        else:
+            other += 1
+            if other > MAX_IMAGE_METADATA_SEGMENTS:
+                break
+            if kind in _PNG_METADATA and following <= end:
+                cuts.append((pos, following))
+            if kind == b"IEND":
+                break
+        pos = following
+    if not cuts:
+        return _Walk(None, other, idat, 0, None)
+    kept, start = [], 0
+    for cut_start, cut_end in cuts:
+        kept.append((start, cut_start))
+        start = cut_end
+    kept.append((start, end))
+    return _Walk(None, other, idat, 0, kept)
+
+
+def _pixel_data(data: bytes, fmt: ImageFormat, field: str) -> bytes:
+    """The bytes to hand Pillow: `data` without its metadata (_JPEG_METADATA, _PNG_METADATA);
+    refused if Pillow would walk more segments or chunks than the limits allow."""
+    if fmt == ImageFormat.WEBP:
+        return data
+    limit = MAX_IMAGE_METADATA_SEGMENTS
+    walk = _jpeg_walk(data) if fmt == ImageFormat.JPEG else _png_walk(data)
+    if fmt == ImageFormat.JPEG and walk.steps > limit:
+        raise invalid(
+            field,
+            f"JPEG with more than {limit} marker segments before the image data (comments, APPn "
+            f"metadata, fill or stray bytes) exceeds the limit of {limit} (real files have tens)",
+        )
+    if fmt == ImageFormat.JPEG and walk.header > MAX_JPEG_HEADER_BYTES:
+        raise invalid(
+            field,
+            f"JPEG with {walk.header} bytes of tables and frame headers before the image data "
+            f"(metadata not counted) exceeds the limit of {MAX_JPEG_HEADER_BYTES} bytes (real ones "
+            "have a few KiB)",
+        )
+    if walk.steps > limit:
+        raise invalid(
+            field,
+            f"PNG with more than {limit} chunks besides IDAT (text, metadata or unknown chunks) "
+            f"exceeds the limit of {limit} (real files have tens)",
+        )
+    if walk.idat > MAX_PNG_IDAT_CHUNKS:
+        raise invalid(
+            field,
+            f"PNG with more than {MAX_PNG_IDAT_CHUNKS} IDAT chunks exceeds the limit of "
+            f"{MAX_PNG_IDAT_CHUNKS} (encoders write chunks of 8 KiB or more)",
+        )
+    if walk.kept is None:
+        return data
+    view = memoryview(data)
+    return b"".join(view[start:stop] for start, stop in walk.kept)
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
@@ -252,6 +396,7 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, 
         raise invalid(field, f"{_format_name(fmt)}: the data is not a PNG, JPEG or WEBP image")
     if fmt != ImageFormat.UNSPECIFIED and detected != fmt:
         raise invalid(field, f"format is {_format_name(fmt)} but the data is a {detected.name} image")
+    pixel_data = _pixel_data(data, detected, field)
     size = _SIZE_READERS[detected](data)
     if size is None:
         raise invalid(field, f"corrupt {detected.name} image: no readable size in the header")
@@ -266,7 +411,7 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, 
             )
     _allow_pillow_pixels(max_pixels)
     try:
-        with Image.open(io.BytesIO(data), formats=[_PIL_NAME[detected]]) as im:
+        with Image.open(io.BytesIO(pixel_data), formats=[_PIL_NAME[detected]]) as im:
             # Defence in depth: the decoder's own idea of the size, before it allocates pixels.
             if im.size != size:
                 _check_pixels(im.size[0], im.size[1], max_pixels, field, limit_name)
