@@ -144,10 +144,13 @@ def _filled(parts: list[Part], full: int, share: int | None) -> str:
     return CLOSED_SHARED if share is not None and taken >= share else CLOSED_AT_ONCE
 
 
-def cancelled_by_deadline(deadline: float | None) -> bool:
-    """Whether a cancellation now is gRPC ending the call at its deadline (`time.monotonic()`
-    seconds; None = no deadline), not the client going away."""
-    return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+def cancelled_by_deadline(deadline: float | None, now: float | None = None) -> bool:
+    """Whether a cancellation at `now` (default: `time.monotonic()`, the clock of gRPC deadlines) is
+    gRPC ending the call at its deadline (seconds on the same clock; None = no deadline), not the
+    client going away."""
+    if deadline is None:
+        return False
+    return (time.monotonic() if now is None else now) >= deadline - DEADLINE_SLACK_S
 
 
 class Batcher:
@@ -172,12 +175,18 @@ class Batcher:
         preferred_batch_sizes: tuple[int, ...] = (),
         share_side_by_side: bool = False,
         runs_on_loop: Callable[[Hashable, Tensors], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
         self.name = name  # "model version N", for messages
+        # Every time the batcher reads: arrivals and the signals kept from them (the overlap memory,
+        # the callers' peak, the rates), windows, deadlines (gRPC's are on time.monotonic) and compute
+        # times. A test moves its own clock past a memory instead of sleeping past it, which a loaded
+        # machine's stall stretches. The waits themselves (a window's timer) stay on the event loop.
+        self._clock = clock
         # Rows a batch takes at most: max_batch_size, or less where the warm-up measured that larger
         # batches compute no item faster (loader.efficient_batch_size).
         self.max_batch_size = min(max_batch_size, efficient_batch_size or max_batch_size)
@@ -349,7 +358,7 @@ class Batcher:
                 f"{self.name}: queue full ({self._queued_rows} of max_queue_size={self.max_queue_size} items "
                 f"waiting, request needs {n_rows}); retry with backoff"
             )
-        now = time.monotonic()
+        now = self._clock()
         if deadline is not None and now >= deadline:
             self._dropped(caller, "deadline")
             raise DeadlineExceeded(
@@ -410,7 +419,7 @@ class Batcher:
         self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
         if counted:
             # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
-            reason = "deadline" if cancelled_by_deadline(request.deadline) else "cancelled"
+            reason = "deadline" if cancelled_by_deadline(request.deadline, self._clock()) else "cancelled"
             self._dropped(request.caller, reason)
         self._observer.on_queue_depth(self._queued_rows)
 
@@ -434,7 +443,7 @@ class Batcher:
             while not (self._bulk_line[0] is ticket and self._bulk_fits(n_rows)):
                 if self._closing:
                     raise Unavailable(f"{self.name} is draining; retry on another replica")
-                timeout_s = None if deadline is None else deadline - time.monotonic()
+                timeout_s = None if deadline is None else deadline - self._clock()
                 if timeout_s is not None and timeout_s <= 0:
                     return  # submit() reports the deadline
                 self._room.clear()
@@ -530,13 +539,13 @@ class Batcher:
         work: an interactive batch then never waits for a bulk batch to finish."""
         if self._concurrency < 2 or self._lanes[Lane.INTERACTIVE] or not self._lanes[Lane.BULK]:
             return False
-        if time.monotonic() - self._last_interactive_at >= self.interactive_quiet_s:
+        if self._clock() - self._last_interactive_at >= self.interactive_quiet_s:
             return False
         return self._bulk_in_flight >= self._concurrency - 1
 
     async def _wait_for_interactive_or_a_batch(self) -> None:
         """Until a request arrives, a batch ends, or interactive traffic has been quiet long enough."""
-        quiet_in_s = self.interactive_quiet_s - (time.monotonic() - self._last_interactive_at)
+        quiet_in_s = self.interactive_quiet_s - (self._clock() - self._last_interactive_at)
         self._available.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(quiet_in_s, 0.0) + 1e-3):
@@ -567,7 +576,7 @@ class Batcher:
             largest = min(largest, share)
         if lane != Lane.BULK or self._row_cost_s <= 0.0:
             return largest
-        interactive = time.monotonic() - self._last_interactive_at < self.interactive_quiet_s
+        interactive = self._clock() - self._last_interactive_at < self.interactive_quiet_s
         budget_s = self.bulk_budget_s if interactive else self.bulk_idle_budget_s
         if budget_s is None:
             return largest
@@ -579,7 +588,7 @@ class Batcher:
         it. Never for callers no more than the instances (c=2 on two instances: a closed-loop pair
         shares one batch, which the solo session computes fastest), nor for a lone caller beside a
         bulk SampleStream or a unary bulk caller."""
-        return time.monotonic() - self._callers_overlapped_at <= OVERLAP_MEMORY_S
+        return self._clock() - self._callers_overlapped_at <= OVERLAP_MEMORY_S
 
     def _side_by_side_share(self, lane: Lane, key: Hashable) -> int | None:
         """The most rows an interactive batch that starts beside running ones may take: its even
@@ -625,7 +634,7 @@ class Batcher:
         if free < 2:
             return None
         # Live rows only: requests that expired or were cancelled while queued leave at _take.
-        now = time.monotonic()
+        now = self._clock()
         live = sum(r.n_rows - r.next_row for r in self._lanes[lane][key] if not _gone(r, now))
         if live < 2:
             return None  # one row (a lone caller): nothing to run beside it
@@ -644,14 +653,14 @@ class Batcher:
 
     def _more_expected(self) -> bool:
         """Whether more rows are likely to arrive within the window (arrivals.Arrivals)."""
-        return self._arrivals.more_expected(time.monotonic(), self.callers, self._queued_requests)
+        return self._arrivals.more_expected(self._clock(), self.callers, self._queued_requests)
 
     def _sparse(self) -> bool:
         """Whether arrivals are too sparse for the window to bring more (arrivals.Arrivals.sparse)."""
-        return self._arrivals.sparse(time.monotonic(), self.callers, self._queued_requests)
+        return self._arrivals.sparse(self._clock(), self.callers, self._queued_requests)
 
     def _expected_rows(self, within_s: float) -> float:
-        return self._arrivals.expected_rows(time.monotonic(), within_s, self.callers, self._queued_requests)
+        return self._arrivals.expected_rows(self._clock(), within_s, self.callers, self._queued_requests)
 
     async def _form_batch(self) -> list[Part]:
         picked = self._pick()
@@ -690,7 +699,7 @@ class Batcher:
                 if self.callers and self._sparse():
                     reason = CLOSED_SPARSE
                     break  # a light open loop: a second request is unlikely within the window
-                now = time.monotonic()
+                now = self._clock()
                 # A queued deadline the window would outlast ends it in time to compute the batch.
                 end, cut_by_deadline = self._window_end(lane, key, window_end, queued, now)
                 remaining_s = end - now
@@ -780,7 +789,7 @@ class Batcher:
         if split is not None:
             limit = min(limit, split)
         queue = self._lanes[lane][key]
-        now = time.monotonic()
+        now = self._clock()
         # The queue holds the started requests first, then the untouched ones in admission order:
         # past `limit` untouched one-row requests, no later one can be chosen.
         waiting: list[PendingRequest] = []
@@ -837,7 +846,7 @@ class Batcher:
 
     async def _execute(self, parts: list[Part], rows: int) -> None:
         """Runs a batch the dispatcher counted in flight (`rows`: its rows), then uncounts it."""
-        started = time.monotonic()
+        started = self._clock()
         for p in parts:
             self._observer.on_queue_wait(started - p.request.enqueued_at, p.request.lane)
         outputs: Tensors | None = None
@@ -878,7 +887,7 @@ class Batcher:
     async def _call(self, parts: list[Part]) -> tuple[Tensors | None, Exception | None]:
         """One model call over `parts`: (outputs, None), or (None, the failure)."""
         rows = sum(p.rows for p in parts)
-        started = time.monotonic()
+        started = self._clock()
         error: Exception | None = None
         try:
             first = parts[0].request
@@ -900,7 +909,7 @@ class Batcher:
                 exc,
                 exc_info=not isinstance(exc, GenserveError),
             )
-        compute_s = time.monotonic() - started
+        compute_s = self._clock() - started
         if error is None:
             per_row = compute_s / rows
             old = self._row_cost_s

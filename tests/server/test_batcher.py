@@ -68,6 +68,30 @@ class SlowModel(FakeModel):
         return await super().__call__(key, inputs)
 
 
+class FakeClock:
+    """A monotonic clock the test moves (Batcher(clock=...)): a memory of the batcher (the last
+    overlap, a deadline) ends when the test says, not when a loaded machine's stall outlasts it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ClockedModel(FakeModel):
+    """A FakeModel whose every batch takes `compute_s` on `clock` (and no time on the real one)."""
+
+    def __init__(self, clock: FakeClock, compute_s: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.compute_s = compute_s
+
+    async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        self.clock.now += self.compute_s
+        return await super().__call__(key, inputs)
+
+
 class Recorder:
     def __init__(self) -> None:
         self.dropped: list[str] = []
@@ -201,19 +225,26 @@ def test_single_request_on_idle_runner_does_not_wait_for_the_window() -> None:
 
 
 def test_after_a_burst_a_lone_caller_waits_the_window_only_while_overlaps_are_recent() -> None:
+    # On the batcher's clock: on the real one, a stall of OVERLAP_MEMORY_S (a loaded machine) between
+    # the burst and the next arrival ended the memory before that arrival, which then went at once.
     async def body() -> None:
+        clock = FakeClock()
         model = FakeModel()
-        window_s = 0.3
-        batcher, _ = make(model, max_batch_size=8, max_queue_delay_s=window_s)
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=0.05, clock=clock)
 
         # A burst: every arrival overlapped.
         await asyncio.gather(*(tracked_submit(batcher, i) for i in range(40)))
-        # Right after the burst the next arrival is likely within the window: wait it out.
-        assert await tracked_submit(batcher, 100) >= window_s * 0.9
+        assert recorder.closed == ["full"] * 5
+        # Right after the burst (within OVERLAP_MEMORY_S) the next arrival is likely within the
+        # window: wait it out.
+        clock.now += OVERLAP_MEMORY_S * 0.9
+        await tracked_submit(batcher, 100)
+        assert recorder.closed[-1] == "window"
         # Once no overlap was seen for longer than OVERLAP_MEMORY_S, a lone caller goes at once,
         # however high the per-arrival moving fraction still is.
-        await asyncio.sleep(OVERLAP_MEMORY_S * 1.5)
-        assert await tracked_submit(batcher, 101) < window_s / 3
+        clock.now += OVERLAP_MEMORY_S * 0.2
+        await tracked_submit(batcher, 101)
+        assert recorder.closed[-1] == "at_once"
         await batcher.close(1)
 
     run(body())
@@ -225,15 +256,21 @@ def test_a_lone_caller_at_a_low_rate_goes_without_waiting_for_a_second_that_will
     goes at once ('sparse'). Closed-loop callers who find each other in the server still wait."""
 
     async def body() -> None:
+        # On the batcher's clock: on the real one, a stall of OVERLAP_MEMORY_S before the last caller
+        # ended the overlap's memory, and the caller went at once without the rate ('at_once').
+        clock = FakeClock()
         model = FakeModel()
         window_s = 0.05
-        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s)
-        for i in range(3):  # lone arrivals: the overlap fraction stays low
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s, clock=clock)
+        for i in range(3):  # lone arrivals, one every two windows: the overlap fraction stays low
             await tracked_submit(batcher, i)
+            clock.now += 2 * window_s
         await asyncio.gather(*(tracked_submit(batcher, i) for i in range(2)))  # two callers overlapped
+        clock.now += window_s
+        assert window_s < OVERLAP_MEMORY_S  # the overlap is recent
         # 6 requests in the last 12 windows: without the rate, the lone caller right after the overlap
-        # would wait out the window for a second caller (the peak of 2).
-        assert await tracked_submit(batcher, 3) < window_s / 2
+        # would wait out the window for a second caller (the peak of 2). 'sparse': it went at once.
+        await tracked_submit(batcher, 3)
         assert recorder.closed[-1] == "sparse"
         await batcher.close(1)
 
@@ -246,9 +283,13 @@ def test_a_closed_loop_pair_of_a_slow_model_still_waits_for_its_partner() -> Non
     for its partner (a little behind it) instead of going alone ('sparse')."""
 
     async def body() -> None:
+        # On the batcher's clock: on the real one, a stall of 60 ms (a loaded machine) beside the
+        # batch's 40 ms took the pair's last overlap out of OVERLAP_MEMORY_S, and the first went alone.
+        clock = FakeClock()
         window_s = 0.02
-        fake = SlowModel(2 * window_s)  # fewer than one request a window arrives
-        batcher, recorder = make(fake, max_batch_size=8, max_queue_delay_s=window_s)
+        fake = ClockedModel(clock, 3 * window_s)  # fewer than one request a window arrives
+        assert 3 * window_s < OVERLAP_MEMORY_S  # the partner's last arrival is recent
+        batcher, recorder = make(fake, max_batch_size=8, max_queue_delay_s=window_s, clock=clock)
         rounds = 6
 
         def first_held_in_its_window() -> bool:
@@ -308,7 +349,8 @@ def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stre
     last overlap."""
 
     async def body() -> None:
-        batcher, _ = make(FakeModel(), max_batch_size=8, max_queue_delay_s=0.01, concurrency=2)
+        clock = FakeClock()  # the memory ends when the test moves the clock, not at a stall
+        batcher, _ = make(FakeModel(), max_batch_size=8, max_queue_delay_s=0.01, concurrency=2, clock=clock)
         stream = [asyncio.ensure_future(batcher.submit("k", rows(i), 1, lane=Lane.BULK)) for i in range(20)]
         for i in range(5):  # closed loop at concurrency 1
             await tracked_submit(batcher, i)
@@ -323,7 +365,9 @@ def test_interactive_callers_overlap_while_concurrent_and_not_beside_a_bulk_stre
         assert not batcher.callers_overlap()
         await asyncio.gather(*(tracked_submit(batcher, i) for i in range(40)))
         assert batcher.callers_overlap()
-        await asyncio.sleep(OVERLAP_MEMORY_S * 1.5)
+        clock.now += OVERLAP_MEMORY_S  # still within the memory...
+        assert batcher.callers_overlap()
+        clock.now += 0.001  # ...and past it
         assert not batcher.callers_overlap()
         await batcher.close(1)
 
@@ -1425,17 +1469,20 @@ def test_a_batch_whose_queued_rows_expired_is_not_labelled_full() -> None:
 
     async def body() -> None:
         model = GatedModel()
-        batcher, recorder = make(model, max_batch_size=4)
+        clock = FakeClock()
+        batcher, recorder = make(model, max_batch_size=4, clock=clock)
         model.gates[-1.0] = gate = asyncio.Event()
         blocker = asyncio.ensure_future(batcher.submit("k", rows(-1), 1))
         await until(lambda: model.batches == [[-1.0]], "the blocker running")
-        deadline = time.monotonic() + 0.02
+        # On the batcher's clock: on the real one, a stall of 20 ms before the rows were queued
+        # refused them at admission, and the four rows never queued.
+        deadline = clock.now + 0.02
         doomed = [
             asyncio.ensure_future(batcher.submit("k", rows(v), 1, deadline=deadline)) for v in (1, 2, 3)
         ]
         live = asyncio.ensure_future(batcher.submit("k", rows(4), 1))
         await until(lambda: batcher.queued_rows == 4, "four rows queued")
-        await past(deadline)
+        clock.now = deadline  # the deadline passes while the rows wait behind the held runner
         gate.set()
         await asyncio.gather(blocker, live)
         for d in doomed:
