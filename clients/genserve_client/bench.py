@@ -78,6 +78,9 @@ class BenchResult:
     p95_ms: float | None = None
     p99_ms: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    # The first failed call's message for each code in `errors` (the server's reason: what makes a
+    # run that measured nothing actionable); not in the table.
+    error_messages: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +90,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.latencies_s: list[float] = []
         self.errors: Counter[str] = Counter()
+        self.error_messages: dict[str, str] = {}
         self.last_done = 0.0
 
     def result(self, base: BenchResult, started: float) -> BenchResult:
@@ -99,6 +103,7 @@ class _Recorder:
             p50, p95, p99 = np.percentile(np.asarray(self.latencies_s) * 1e3, [50, 95, 99])
             base.p50_ms, base.p95_ms, base.p99_ms = round(p50, 2), round(p95, 2), round(p99, 2)
         base.errors = dict(self.errors)
+        base.error_messages = dict(self.error_messages)
         return base
 
 
@@ -133,7 +138,9 @@ class LoadGenerator:
         try:
             await call(self.payloads(), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            rec.errors[exc.code().name] += 1
+            code = exc.code().name
+            rec.errors[code] += 1
+            rec.error_messages.setdefault(code, exc.details() or "")
         else:
             # Open loop measures from the scheduled arrival, so a slow server cannot hide its
             # queueing by slowing the arrivals down (coordinated omission).

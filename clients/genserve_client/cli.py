@@ -892,7 +892,11 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
     failed = [r for r in results if r["images"] == 0]
     for r in failed:
         conc = f"rate {r['rate']:g}" if r["rate"] is not None else f"concurrency {r['concurrency']}"
-        _err(f"genserve-client: bench: no successful request at {r['mode']} {conc} (errors: {r['errors']})")
+        reasons = "".join(f"; {code}: {msg}" for code, msg in r["error_messages"].items() if msg)
+        _err(
+            f"genserve-client: bench: no successful request at {r['mode']} {conc} "
+            f"(errors: {r['errors']}{reasons})"
+        )
     return 1 if failed else 0
 
 

@@ -187,3 +187,14 @@ def test_labels_all_expands_for_a_class_conditional_code_prior() -> None:
     assert resolve_labels(prior, None) == list(range(10))
     assert resolve_labels(genserve_pb2.ModelInfo(name="u", kind="code_prior"), None) == []
     assert resolve_labels(genserve_pb2.ModelInfo(name="g", kind="generator"), "all") == []
+
+
+def test_bench_that_no_request_passes_prints_the_servers_reason(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `bench --model sr-photos-x4` (a model Sample refuses) printed only INVALID_ARGUMENT=505: the
+    # server's message, the only thing that says why, was dropped.
+    run = ("bench", "--labels", "0", "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--model", "bad")
+    assert code == 1, err
+    assert "model: 'bad' is rejected by the fake" in err
