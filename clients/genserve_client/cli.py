@@ -635,7 +635,11 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
 IMAGE_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
-def _image_command(method: Callable[..., Any], args: argparse.Namespace, **opts: Any) -> int:
+def _image_command(
+    method: Callable[..., Any], args: argparse.Namespace, settings: dict[str, object], **opts: Any
+) -> int:
+    """One image through `method`; `settings` are the flags the user gave, written into a PNG's
+    text chunks beside the source and provenance (None skipped)."""
     out = Path(args.output)
     fmt = IMAGE_SUFFIX_FORMATS.get(out.suffix.lower())
     if fmt is None:
@@ -644,7 +648,8 @@ def _image_command(method: Callable[..., Any], args: argparse.Namespace, **opts:
             f"{args.command}: output {str(out)!r} must end in one of {' '.join(IMAGE_SUFFIX_FORMATS)}"
         )
     result = method(args.model, [Path(args.input)], format=fmt, version=args.version, **opts)
-    save_image_bytes(out, with_png_text(result.raw[0], png_text(result.provenance, source=args.input)))
+    text = png_text(result.provenance, source=args.input, **settings)
+    save_image_bytes(out, with_png_text(result.raw[0], text))
     with Image.open(io.BytesIO(result.raw[0])) as picture:
         size = f"{picture.width}x{picture.height}"
     tiles = f", {result.tiles[0]} tiles" if result.tiles else ""
@@ -656,11 +661,14 @@ def cmd_upscale(client: GenserveClient, args: argparse.Namespace) -> int:
     opts: dict[str, Any] = {"tile_size": args.tile_size}
     if args.tile_overlap is not None:
         opts["tile_overlap"] = args.tile_overlap
-    return _image_command(client.super_resolve, args, **opts)
+    settings = {"tile_size": args.tile_size or None, "tile_overlap": args.tile_overlap}
+    return _image_command(client.super_resolve, args, settings, **opts)
 
 
 def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
-    return _image_command(client.translate, args, direction=args.direction)
+    # Unset means a_to_b (the request's default); the PNG records the direction only when given.
+    direction = args.direction or "a_to_b"
+    return _image_command(client.translate, args, {"direction": args.direction}, direction=direction)
 
 
 # Settings that decide a bulk job's output: `--resume DIR` takes them from DIR/job.json.
@@ -1093,7 +1101,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--direction",
                 choices=tuple(DIRECTIONS),
-                default="a_to_b",
                 help="a two_way_translator's direction between its card's domains [A, B] (default "
                 "a_to_b; a one-way image_to_image model has a_to_b only)",
             )

@@ -162,6 +162,33 @@ def test_upscale_and_translate(tiny_server: Any, tmp_path: Path) -> None:
         assert up.size == (40, 24) and tr.size == (20, 12) and tr.format == "WEBP"
 
 
+def test_upscale_and_translate_pngs_record_the_commands_settings(tiny_server: Any, tmp_path: Path) -> None:
+    # docs/client.md: every PNG carries "the command's own settings" (a setting not given is not
+    # written). `translate --direction b_to_a` and `upscale --tile-size/--tile-overlap` wrote none, so
+    # an A->B and a B->A translation of one file carried the same provenance.
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(src)
+    cli(
+        tiny_server,
+        "translate",
+        str(src),
+        str(tmp_path / "tr.png"),
+        "--model",
+        "tiny-i2i",
+        "--direction",
+        "a_to_b",
+    )
+    cli(tiny_server, "translate", str(src), str(tmp_path / "plain.png"), "--model", "tiny-i2i")
+    cli(tiny_server, "upscale", str(src), str(tmp_path / "up.png"), "--model", "tiny-sr",
+        "--tile-size", "96", "--tile-overlap", "8")  # fmt: skip
+    with Image.open(tmp_path / "tr.png") as tr, Image.open(tmp_path / "plain.png") as plain:
+        assert tr.text["direction"] == "a_to_b"  # type: ignore[attr-defined]
+        assert "direction" not in plain.text  # type: ignore[attr-defined]
+    with Image.open(tmp_path / "up.png") as up:
+        text = up.text  # type: ignore[attr-defined]
+        assert text["tile_size"] == "96" and text["tile_overlap"] == "8", text
+
+
 def test_invalid_argument_exits_2_with_the_servers_message(tiny_server: Any, tmp_path: Path) -> None:
     proc = run_cli(
         "--target", tiny_server.target, "sample", "--model", "tiny-gen", "--psi", "-1", "--out", str(tmp_path)
