@@ -389,6 +389,12 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         raise UsageError(
             f"sample: --progress, --temperature and --top-k are for code priors; {args.model} is {info.kind}"
         )
+    if info.kind == "code_prior" and args.psi is not None:
+        # SampleCodes has no truncation: the flag would change nothing, yet be written into the PNGs.
+        raise UsageError(
+            f"sample: --psi (truncation) is for generators; {args.model} is a code prior: "
+            "use --temperature or --top-k"
+        )
     base = args.seed if args.seed is not None else random.randrange(2**31)
     if args.seed is None:
         _out(f"seed {base} (repeat with --seed {base})")
@@ -396,12 +402,14 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     row_seeds = [base + j for j in range(args.n)]
     seeds = row_seeds * max(1, len(labels))
     flat_labels = [label for label in labels for _ in row_seeds]
+    settings: dict[str, object] = {"psi": args.psi}
     if info.kind == "code_prior":
         result: SampleResult = sample_codes_in_batches(client, args, info, seeds, flat_labels)
+        settings = {"temperature": args.temperature, "top_k": args.top_k or None}
     else:
         result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
     if args.out:
-        write_items(result, Path(args.out), args.model, psi=args.psi)
+        write_items(result, Path(args.out), args.model, **settings)
     if args.grid:
         pictures = result.pil()
         if labels:
@@ -416,7 +424,7 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
             result.provenance,
             seeds=f"{base}..{base + args.n - 1}",
             labels=",".join(map(str, labels)) if labels else None,
-            psi=args.psi,
+            **settings,
         )
         save_picture(make_grid(grid_rows), Path(args.grid), text)
     return 0

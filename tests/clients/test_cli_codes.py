@@ -87,3 +87,25 @@ def test_the_asyncio_client_streams_the_same_progress(
     assert isinstance(items[-1], CodesResult) and len(items[-1].items) == 1
     levels = [item.level for item in items[:-1] if isinstance(item, CodesProgress)]
     assert levels[0] == "top" and levels[-1] == "codes"  # both levels of a two-level prior, top first
+
+
+def test_cli_code_prior_pngs_record_temperature_and_top_k_and_refuse_psi(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    # PNGs carry "the command's own settings" (docs/client.md): a code prior's are --temperature and
+    # --top-k. They were left out, while a --psi the prior never used was written in.
+    server, names = code_server
+    args = ("--target", server.target, "sample", "--model", names["prior"], "--labels", "1", "--n", "2")
+    grid, out = tmp_path / "g.png", tmp_path / "d"
+    proc = run_cli(*args, "--seed", "3", "--temperature", "0.5", "--top-k", "4", "--grid", str(grid),
+                   "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(out.iterdir())
+    assert files
+    for path in (grid, files[0]):
+        with Image.open(path) as picture:
+            text = picture.text  # type: ignore[attr-defined]
+        assert text["temperature"] == "0.5" and text["top_k"] == "4", (path, text)
+    refused = run_cli(*args, "--seed", "3", "--psi", "0.5", "--grid", str(tmp_path / "psi.png"))
+    assert refused.returncode == 2 and "--psi" in refused.stderr, refused.stderr
+    assert not (tmp_path / "psi.png").exists()
