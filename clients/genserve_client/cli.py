@@ -405,6 +405,13 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     settings: dict[str, object] = {"psi": args.psi}
     if info.kind == "code_prior":
         result: SampleResult = sample_codes_in_batches(client, args, info, seeds, flat_labels)
+        if not result.items:
+            # A prior without a decoder (a VQ-VAE-2 top prior) answers with code grids only.
+            raise UsageError(
+                f"sample: {args.model} gives code grids, not images (a code prior without a decoder, "
+                "such as a top prior): sample the prior that decodes, or get the grids from the "
+                "library's sample_codes(..., return_codes=True)"
+            )
         settings = {"temperature": args.temperature, "top_k": args.top_k or None}
     else:
         result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))

@@ -89,6 +89,23 @@ def test_the_asyncio_client_streams_the_same_progress(
     assert levels[0] == "top" and levels[-1] == "codes"  # both levels of a two-level prior, top first
 
 
+def test_cli_sample_on_a_prior_without_a_decoder_says_it_gives_no_images(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    # A top prior (the default repository's vqvae-digits-top-prior) gives code grids, not images:
+    # `sample --out` used to print "wrote 0 images" and exit 0, `sample --grid` "a grid needs at
+    # least one image" -- neither says why.
+    server, names = code_server
+    args = ("--target", server.target, "sample", "--model", names["top"], "--n", "2")
+    for output in (("--out", str(tmp_path / "d")), ("--grid", str(tmp_path / "g.png"))):
+        proc = run_cli(*args, "--seed", "3", *output)
+        assert proc.returncode == 2, (output, proc.stdout, proc.stderr)
+        assert "code grids, not images" in proc.stderr and names["top"] in proc.stderr
+        assert "wrote 0 images" not in proc.stdout
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_cli_code_prior_pngs_record_temperature_and_top_k_and_refuse_psi(
     code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
 ) -> None:
