@@ -489,6 +489,12 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
         )
     rows, cols = args.rows, args.cols
     check_grid_size("mix", (len(rows) + 1) * (len(cols) + 1), f"--rows x --cols ({len(rows)}x{len(cols)})")
+    if args.crossover is not None and not (
+        0 < args.crossover < info.num_layers if info.num_layers else args.crossover > 0
+    ):
+        # 0 would reach the server as "unset" and come back as "crossover: required".
+        top = f"{info.num_layers - 1}" if info.num_layers else "num_layers - 1"
+        raise UsageError(f"mix: --crossover must be in 1..{top} (the first fine layer), got {args.crossover}")
     crossover = args.crossover if args.crossover is not None else default_crossover(info, args.version)
     opts = _sample_opts(args)
     own = sample_in_batches(client, args.model, [*rows, *cols], [], **opts)

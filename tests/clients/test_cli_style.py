@@ -126,3 +126,18 @@ def test_arithmetic_on_a_style_generator_truncates_every_image_of_its_grid_in_w_
         member, mean = (np.asarray(im) for im in rows[0].images)  # set A: seed 1, then its mean
         np.testing.assert_array_equal(member, mean)
     assert not np.array_equal(np.asarray(drawn["0.5"][0].images[0]), np.asarray(drawn[None][0].images[0]))
+
+
+def test_mix_refuses_a_crossover_outside_the_layers_naming_the_flag(
+    style_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    # `mix --crossover 0` reached the server as "unset" and came back as "mixes[0].crossover:
+    # required here or in crossover", for a flag the user did give.
+    server, names = style_server
+    grid = tmp_path / "mix.png"
+    for bad in ("0", str(NUM_LAYERS)):
+        proc = run_cli("--target", server.target, "mix", "--model", names["generator"], "--rows", "1",
+                       "--cols", "2", "--crossover", bad, "--grid", str(grid))  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert f"--crossover must be in 1..{NUM_LAYERS - 1}" in proc.stderr and f"got {bad}" in proc.stderr
+        assert not grid.exists()
