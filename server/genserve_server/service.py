@@ -204,10 +204,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if request.start_index > count:
             raise invalid("start_index", f"must be in 0..count ({count}), got {request.start_index}")
         per_request = self.limits.max_images_per_request
-        chunk_size = request.chunk_size or min(DEFAULT_CHUNK, per_request)
+        # A chunk is one request to the model's queue: one larger than the whole queue never fits.
+        queue = mv.batcher.max_queue_size if mv.batcher is not None else per_request
+        chunk_size = request.chunk_size or min(DEFAULT_CHUNK, per_request, queue)
         if chunk_size > per_request:
             raise invalid(
                 "chunk_size", f"must be in 1..{per_request} (max_images_per_request), got {chunk_size}"
+            )
+        if chunk_size > queue:
+            raise invalid(
+                "chunk_size",
+                f"must be in 1..{queue} ({mv.name}'s batching.max_queue_size: a chunk is one request "
+                f"to its queue), got {chunk_size}",
             )
         out = output_spec(sample.output, "sample.output")
         psi = validate.psi(

@@ -222,7 +222,10 @@ class SampleStreamRequest(_message.Message):
     start_index: _builtins.int
     """Resume point: start at image index `start_index` (0 <= start_index <= count)."""
     chunk_size: _builtins.int
-    """Images per streamed chunk, 1..256; 0 means 64."""
+    """Images per streamed chunk, 1..256 (max_images_per_request) and at most the model's queue
+    (config.json batching.max_queue_size: a chunk is one request to it); 0 means 64, or that
+    queue size where it is smaller.
+    """
     @_builtins.property
     def sample(self) -> Global___SampleRequest:
         """count (<= 10^9 here), labels (cycled: image i gets labels[i % len(labels)]), truncation and

@@ -1,0 +1,73 @@
+"""SampleStream's chunks against the model's queue and the send limit, on a real server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from server_support import TINY_LATENT, ServerProcess, generator_graph, start_server, write_model
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("stream-models")
+    # A model whose queue holds 8 rows: below SampleStream's default chunk of 64 images.
+    small_queue = {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 8}
+    write_model(
+        root,
+        "small-queue",
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": small_queue},
+    )
+    # 64x64 RGB: 48 KiB a TENSOR_F32 image, so a chunk of 64 is 3 MiB, above a 1 MiB send limit.
+    write_model(
+        root,
+        "gen64",
+        "generator",
+        generator_graph(TINY_LATENT, 3, 64, 64),
+        {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [64, 64]},
+    )
+    proc = start_server(
+        root, tmp_path_factory.mktemp("stream-server"), config={"limits": {"max_send_message_bytes": MIB}}
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def test_a_stream_without_chunk_size_runs_on_a_model_whose_queue_is_below_the_default_chunk(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # The client set nothing wrong (chunk_size 0: the server's default): the job must run, in chunks
+    # the model's queue can hold, not fail with INVALID_ARGUMENT "split it into smaller requests".
+    request = pb.SampleStreamRequest(sample=pb.SampleRequest(model="small-queue", count=20))
+    chunks = list(stub.SampleStream(request, timeout=60))
+    indices = [g.index for chunk in chunks for g in chunk.images]
+    assert indices == list(range(20))
+    assert max(len(chunk.images) for chunk in chunks) <= 8
+
+
+def test_a_chunk_size_above_the_model_queue_is_refused_naming_chunk_size_and_the_limit(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    request = pb.SampleStreamRequest(sample=pb.SampleRequest(model="small-queue", count=20), chunk_size=16)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(stub.SampleStream(request, timeout=60))
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = excinfo.value.details()
+    assert details.startswith("chunk_size: must be in 1..8"), details
+    assert "max_queue_size" in details and "got 16" in details, details
