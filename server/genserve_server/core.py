@@ -44,7 +44,7 @@ from genserve_server.batch_keys import (
 from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
-from genserve_server.errors import GenserveError, Unavailable, invalid
+from genserve_server.errors import GenserveError, InvalidArgument, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
@@ -454,17 +454,27 @@ class GenerationCore:
         async def chunk(start: int, n: int) -> tuple[int, list[int], np.ndarray | None, Generated]:
             seeds = list(range(base + start, base + start + n))
             labels = label_cycle[np.arange(start, start + n) % len(label_cycle)] if len(label_cycle) else None
-            generated = await self.generate(
-                mv,
-                call,
-                labels,
-                out,
-                lane,
-                seeds=seeds,
-                psi=psi,
-                seed_field="sample.base_seed",
-                psi_field="sample.truncation_psi",
-            )
+            try:
+                generated = await self.generate(
+                    mv,
+                    call,
+                    labels,
+                    out,
+                    lane,
+                    seeds=seeds,
+                    psi=psi,
+                    seed_field="sample.base_seed",
+                    psi_field="sample.truncation_psi",
+                )
+            except InvalidArgument as exc:
+                if exc.field != "output":
+                    raise
+                # A chunk above the send limit: the stream's fields are sample.output and chunk_size
+                # (its count is not the problem: any count streams in chunks).
+                problem = exc.message.removeprefix("output: ")
+                raise invalid(
+                    "sample.output", f"a chunk of {n} images: {problem}, or a smaller chunk_size"
+                ) from None
             return start, seeds, labels, generated
 
         pending: deque[asyncio.Task[tuple[int, list[int], np.ndarray | None, Generated]]] = deque()

@@ -71,3 +71,29 @@ def test_a_chunk_size_above_the_model_queue_is_refused_naming_chunk_size_and_the
     details = excinfo.value.details()
     assert details.startswith("chunk_size: must be in 1..8"), details
     assert "max_queue_size" in details and "got 16" in details, details
+
+
+@pytest.mark.parametrize("fmt", [tpb.IMAGE_FORMAT_TENSOR_F32, tpb.IMAGE_FORMAT_JPEG])
+def test_a_chunk_above_the_send_limit_names_sample_output_and_chunk_size(
+    stub: pb_grpc.GenerationServiceStub, fmt: int
+) -> None:
+    # TENSOR_F32: refused before compute; JPEG: only once encoded. Either way the request's fields
+    # are sample.output and chunk_size (count is fine: a stream sends any count in chunks).
+    request = pb.SampleStreamRequest(
+        sample=pb.SampleRequest(
+            model="gen64",
+            count=1000,
+            output=tpb.OutputOptions(format=fmt, quality=100),  # type: ignore[arg-type]
+        ),
+        chunk_size=256,
+    )
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(stub.SampleStream(request, timeout=60))
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = excinfo.value.details()
+    assert details.startswith("sample.output: "), details
+    assert "max_send_message_bytes=1048576" in details and "chunk_size" in details, details
+    # A smaller chunk of the same job fits.
+    request.chunk_size = 4
+    request.sample.count = 8
+    assert sum(len(c.images) for c in stub.SampleStream(request, timeout=60)) == 8
