@@ -34,6 +34,7 @@ from genserve_server.service_parts import (
     latent_tensor,
     output_spec,
     provenance,
+    row_limit,
 )
 
 DEFAULT_CHUNK = 64
@@ -132,7 +133,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         psi = validate.psi(
             request.truncation_psi if request.HasField("truncation_psi") else None, w_space=card.kind.styled
         )
-        limit = self.limits.max_images_per_request
+        limit, limit_name = row_limit(mv, self.limits.max_images_per_request)
         seeds: list[int] | None
         if request.HasField("latents"):
             for name, given in (
@@ -144,7 +145,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 if given:
                     raise invalid(name, "cannot be combined with explicit latents")
             z = latent_tensor(request.latents, card.latent_dim, "latents")
-            n = validate.count(len(z), "latents.shape[0]", limit)
+            n = validate.count(len(z), "latents.shape[0]", limit, limit_name)
             if request.count not in (0, n):
                 raise invalid("count", f"must be 0 or {n} (the number of latents), got {request.count}")
             labels = validate.labels(request.labels, card, n)
@@ -153,7 +154,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         else:
             base = request.base_seed if request.HasField("base_seed") else None
             seeds = validate.request_seeds(
-                request.seeds, request.count, base, limit, self.core.random_base_seed
+                request.seeds, request.count, base, limit, self.core.random_base_seed, limit_name
             )
             n = len(seeds)
             labels = validate.labels(request.labels, card, n)
@@ -178,7 +179,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if not request.HasField("latents"):
             raise invalid("latents", f"required: float32 [N, {card.latent_dim}]")
         z = latent_tensor(request.latents, card.latent_dim, "latents")
-        validate.count(len(z), "latents.shape[0]", self.limits.max_images_per_request)
+        validate.count(len(z), "latents.shape[0]", *row_limit(mv, self.limits.max_images_per_request))
         generated = await self.core.generate(mv, call, None, out, Lane.INTERACTIVE, z=z)
         response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes, call.uses))
         add_generated(response.images, generated.images, z, None, None, out)
@@ -242,9 +243,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         assert card is not None and card.latent_dim is not None
         out = output_spec(request.output)
         steps = request.steps
-        limit = self.limits.max_images_per_request
+        limit, limit_name = row_limit(mv, self.limits.max_images_per_request)
         if not 2 <= steps <= limit:
-            raise invalid("steps", f"must be in 2..{limit} (max_images_per_request), got {steps}")
+            raise invalid("steps", f"must be in 2..{limit} ({limit_name}), got {steps}")
         if request.mode not in (
             pb.INTERPOLATION_MODE_UNSPECIFIED,
             pb.INTERPOLATION_MODE_LERP,

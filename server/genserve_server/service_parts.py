@@ -31,6 +31,16 @@ def output_spec(options: tpb.OutputOptions, field_prefix: str = "output") -> Out
     )
 
 
+def row_limit(mv: ModelVersion, per_request: int) -> tuple[int, str]:
+    """The most images one request may ask of `mv` and the name of that limit: the server's
+    `per_request` (max_images_per_request), or the model's queue where it is smaller (a request is
+    one entry of the queue: one larger than the whole queue never fits)."""
+    queue = mv.batcher.max_queue_size if mv.batcher is not None else per_request
+    if queue < per_request:
+        return queue, f"{mv.name}'s batching.max_queue_size"
+    return per_request, "max_images_per_request"
+
+
 def lane(priority: int, default: Lane, field_prefix: str = "") -> Lane:
     if priority == tpb.PRIORITY_INTERACTIVE:
         return Lane.INTERACTIVE

@@ -14,7 +14,14 @@ from genserve_server.config import Limits
 from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import invalid
 from genserve_server.repository import ModelVersion
-from genserve_server.service_parts import add_generated, lane, latent_point, output_spec, provenance
+from genserve_server.service_parts import (
+    add_generated,
+    lane,
+    latent_point,
+    output_spec,
+    provenance,
+    row_limit,
+)
 from genserve_server.validate import OutputSpec
 
 
@@ -63,7 +70,7 @@ async def mix_styles(
     if out.return_latents:
         raise invalid("output.return_latents", "not supported by MixStyles (a mixed image has two w)")
     priority = lane(request.priority, Lane.INTERACTIVE)
-    validate.count(len(request.mixes), "mixes", limits.max_images_per_request)
+    validate.count(len(request.mixes), "mixes", *row_limit(mv, limits.max_images_per_request))
     default_psi = validate.psi(
         request.truncation_psi if request.HasField("truncation_psi") else None, w_space=True
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -97,3 +98,53 @@ def test_a_chunk_above_the_send_limit_names_sample_output_and_chunk_size(
     request.chunk_size = 4
     request.sample.count = 8
     assert sum(len(c.images) for c in stub.SampleStream(request, timeout=60)) == 8
+
+
+@pytest.mark.parametrize(
+    ("request_of", "field"),
+    [
+        (lambda: pb.SampleRequest(model="small-queue", count=9), "count"),
+        (lambda: pb.SampleRequest(model="small-queue", seeds=list(range(9))), "seeds"),
+        (lambda: pb.SampleRequest(model="small-queue", latents=_zeros(9)), "latents.shape[0]"),
+        (
+            lambda: pb.InterpolateRequest(
+                model="small-queue", start=pb.LatentPoint(seed=1), end=pb.LatentPoint(seed=2), steps=9
+            ),
+            "steps",
+        ),
+        (lambda: pb.DecodeRequest(model="small-queue", latents=_zeros(9)), "latents.shape[0]"),
+    ],
+)
+def test_a_request_above_the_models_queue_names_its_field_and_the_queue_limit(
+    stub: pb_grpc.GenerationServiceStub, request_of: Any, field: str
+) -> None:
+    # A request is one entry of the model's queue: 9 rows never fit a queue of 8. The answer was
+    # "the request needs 9 items ... split it into smaller requests", naming no field.
+    request = request_of()
+    method = {
+        pb.SampleRequest: stub.Sample,
+        pb.InterpolateRequest: stub.Interpolate,
+        pb.DecodeRequest: stub.Decode,
+    }[type(request)]
+    with pytest.raises(grpc.RpcError) as excinfo:
+        method(request, timeout=30)
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    lowest = 2 if field == "steps" else 1  # a path has both ends
+    assert err.details() == f"{field}: must be in {lowest}..8 (small-queue's batching.max_queue_size), got 9"
+    eight = request_of()
+    # The same request at the queue's size is served.
+    if isinstance(eight, pb.InterpolateRequest):
+        eight.steps = 8
+    elif eight.HasField("latents"):
+        eight.latents.CopyFrom(_zeros(8))
+    elif eight.seeds:
+        del eight.seeds[8:]
+    else:
+        eight.count = 8
+    assert len(method(eight, timeout=30).images) == 8
+
+
+def _zeros(n: int) -> tpb.Tensor:
+    return tpb.Tensor(shape=[n, TINY_LATENT], dtype=tpb.DTYPE_FLOAT32, data=bytes(4 * n * TINY_LATENT))
