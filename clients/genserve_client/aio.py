@@ -16,10 +16,23 @@ from genserve.v1 import genserve_pb2_grpc
 from genserve_client import calls
 from genserve_client.attempts import StreamResume
 from genserve_client.binding import ClientBase
-from genserve_client.errors import from_rpc_error
+from genserve_client.errors import GenserveClientError, from_rpc_error
 from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
 Out = TypeVar("Out")
+
+
+def _closed_under(request_id: str | None) -> GenserveClientError | None:
+    """What a call whose await raised CancelledError should raise: None when the caller's own task
+    is being cancelled (the CancelledError must go on), else the error the sync client raises for a
+    call whose client was closed under it (grpc.aio cancels the calls of a closing channel and
+    raises CancelledError in tasks nobody cancelled)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return None
+    return GenserveClientError(
+        grpc.StatusCode.CANCELLED, "Channel closed! (the client was closed during the call)", request_id
+    )
 
 
 class AsyncGenserveClient(ClientBase):
@@ -50,6 +63,10 @@ class AsyncGenserveClient(ClientBase):
             except grpc.aio.AioRpcError as exc:
                 await asyncio.sleep(attempts.wait_s(exc))
                 continue
+            except asyncio.CancelledError:
+                if (closed := _closed_under(attempts.request_id)) is None:
+                    raise
+                raise closed from None
             return attempts.result(call, response, trailing)
 
     async def _progress(
@@ -65,6 +82,10 @@ class AsyncGenserveClient(ClientBase):
                 yield calls.progress_item(chunk, attempts.request_id)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, attempts.request_id) from None
+        except asyncio.CancelledError:
+            if (closed := _closed_under(attempts.request_id)) is None:
+                raise
+            raise closed from None
         finally:
             stream.cancel()
 
@@ -80,5 +101,9 @@ class AsyncGenserveClient(ClientBase):
                 return
             except grpc.aio.AioRpcError as exc:
                 await asyncio.sleep(resume.attempts.wait_s(exc))
+            except asyncio.CancelledError:
+                if (closed := _closed_under(resume.attempts.request_id)) is None:
+                    raise
+                raise closed from None
             finally:
                 stream.cancel()  # no-op when finished; stops the server when the consumer breaks out
