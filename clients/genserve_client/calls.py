@@ -71,6 +71,7 @@ def sample(
     model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.SampleOptions]
 ) -> UnaryCall[SampleResult]:
     """Draw `n` images (or one per seed / latent row). See genserve.proto SampleRequest."""
+    rq.check_options("sample", opts, rq.SampleOptions)
     return UnaryCall("Sample", rq.sample_request(model, n, **opts), SampleResult.from_proto, timeout_s)
 
 
@@ -79,6 +80,7 @@ def sample_codes(
 ) -> UnaryCall[CodesResult]:
     """Sample `n` code grids (or one per seed) from a code prior and decode them with its decoder.
     See genserve.proto SampleCodesRequest."""
+    rq.check_options("sample_codes", opts, rq.CodesOptions)
     request = rq.sample_codes_request(model, n, **opts)
     return UnaryCall("SampleCodes", request, CodesResult.from_codes_proto, timeout_s)
 
@@ -89,6 +91,7 @@ def sample_codes_progress(
     """`sample_codes` with progress (SampleCodesStream): a CodesProgress every `preview_every` prior
     steps, with previews of the grids so far, then the CodesResult. Not retried (a new attempt would
     start over): a failure raises GenserveClientError; leaving the loop early cancels the call."""
+    rq.check_options("sample_codes_progress", opts, rq.CodesOptions)
     return ProgressCall(rq.sample_codes_request(model, n, **opts), timeout_s)
 
 
@@ -102,6 +105,7 @@ def interpolate(
     **opts: Unpack[rq.InterpolateOptions],
 ) -> UnaryCall[SampleResult]:
     """A path of `steps` images between two seeds (ints) or two latents (float32 [Z])."""
+    rq.check_options("interpolate", opts, rq.InterpolateOptions)
     request = rq.interpolate_request(model, start, end, steps, **opts)
     return UnaryCall("Interpolate", request, SampleResult.from_proto, timeout_s)
 
@@ -116,6 +120,7 @@ def mix_styles(
     """Style mixing on a style generator: image i takes layers [0, crossover) from the w of
     mixes[i]'s coarse seed and the rest from its fine seed's; a mix is (coarse, fine) or (coarse,
     fine, crossover), `crossover=` the default. Each result item's seed is its coarse seed."""
+    rq.check_options("mix_styles", opts, rq.MixOptions)
     request = rq.mix_styles_request(model, mixes, **opts)
     return UnaryCall("MixStyles", request, SampleResult.from_proto, timeout_s)
 
@@ -128,6 +133,7 @@ def encode(
     **opts: Unpack[rq.EncodeOptions],
 ) -> UnaryCall[EncodeResult]:
     """Encode images to latents (mu, logvar and, with `sample=True`, a drawn z)."""
+    rq.check_options("encode", opts, rq.EncodeOptions)
     return UnaryCall("Encode", rq.encode_request(model, images, **opts), EncodeResult.from_proto, timeout_s)
 
 
@@ -135,6 +141,7 @@ def decode(
     model: str, latents: npt.ArrayLike, *, timeout_s: float | None = None, **opts: Unpack[rq.DecodeOptions]
 ) -> UnaryCall[SampleResult]:
     """Decode float32 [N, Z] latents to images."""
+    rq.check_options("decode", opts, rq.DecodeOptions)
     return UnaryCall("Decode", rq.decode_request(model, latents, **opts), SampleResult.from_proto, timeout_s)
 
 
@@ -146,6 +153,7 @@ def super_resolve(
     **opts: Unpack[rq.ImageOptions],
 ) -> UnaryCall[ImageResult]:
     """Upscale images (tiled on the server when large)."""
+    rq.check_options("super_resolve", opts, rq.ImageOptions)
     request = rq.image_request(model, images, **opts)
     return UnaryCall("SuperResolve", request, ImageResult.from_proto, timeout_s)
 
@@ -158,6 +166,7 @@ def translate(
     **opts: Unpack[rq.ImageOptions],
 ) -> UnaryCall[ImageResult]:
     """Image-to-image translation."""
+    rq.check_options("translate", opts, rq.ImageOptions)
     request = rq.image_request(model, images, **opts)
     return UnaryCall("Translate", request, ImageResult.from_proto, timeout_s)
 
@@ -181,4 +190,5 @@ def sample_stream(
     `timeout_s` bounds each attempt of the stream; None (the default here, unlike unary
     calls) means no deadline, since a bulk job may run for hours.
     """
+    rq.check_options("sample_stream", opts, rq.StreamOptions)
     return StreamCall(rq.sample_stream_request(model, count, **opts), timeout_s)

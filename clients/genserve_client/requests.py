@@ -6,8 +6,8 @@ Each RPC's keyword options are declared once, as a TypedDict; the clients' typed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeAlias, TypedDict, Unpack
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias, TypedDict, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,19 @@ class ImageOptions(OutputOptions, total=False):
     tile_overlap: int
     version: str
     direction: str  # Translate: "a_to_b" (the default) or "b_to_a" (a two_way_translator's reverse)
+
+
+def check_options(method: str, opts: Mapping[str, object], allowed: Any) -> None:
+    """TypeError naming the options `method` does not take (`allowed`: its options' TypedDict).
+    `**opts` takes any keyword at run time, and a builder reads only its own: a misspelt or
+    misplaced option (`seed=` for `base_seed=`, `seeds=` on sample_stream) was silently dropped."""
+    known: frozenset[str] = allowed.__required_keys__ | allowed.__optional_keys__
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise TypeError(
+            f"{method}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; its options are {', '.join(sorted(known))}"
+        )
 
 
 def output_options(opts: OutputOptions) -> types_pb2.OutputOptions:

@@ -10,9 +10,10 @@ from concurrent import futures
 
 import grpc
 import pytest
+from client_fakes import FakeServer
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
-from genserve_client import AsyncGenserveClient, GenserveClient, GenserveClientError
+from genserve_client import AsyncGenserveClient, GenserveClient, GenserveClientError, calls
 
 
 class SlowService(genserve_pb2_grpc.GenerationServiceServicer):
@@ -120,3 +121,78 @@ def test_an_asyncio_timeout_around_a_call_is_still_a_timeout(slow_target: str) -
                         pass
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "option"),
+    [
+        ("sample", ("fake-gen", 2), {"seed": 42}),  # the CLI's --seed; the library's base_seed
+        ("sample", ("fake-gen", 2), {"label": [3]}),
+        ("sample_stream", ("fake-gen", 8), {"seeds": [5, 6, 7]}),  # SampleStream takes no seeds
+        ("sample_stream", ("fake-gen", 8), {"priority": 1}),
+        ("interpolate", ("fake-gen", 1, 2, 4), {"priority": 1}),
+        ("decode", ("fake-gen", [[0.0] * 4]), {"psi": 0.5}),
+        ("encode", ("fake-gen", []), {"format": "raw"}),
+        ("super_resolve", ("fake-gen", []), {"tile": 64}),
+        ("sample_codes", ("fake-gen", 2), {"temprature": 0.5}),
+        ("mix_styles", ("fake-gen", [(1, 2)]), {"seeds": [1]}),
+    ],
+)
+def test_an_option_the_method_does_not_take_is_refused_not_dropped(
+    fake_server: FakeServer, method: str, args: tuple[object, ...], option: dict[str, object]
+) -> None:
+    """`**opts` took any keyword and the request builders read only their own, so
+    `client.sample(m, 4, seed=42)` drew 4 random seeds and `sample_stream(m, n, seeds=[...])` drew
+    base_seed + i, without a word."""
+    (name,) = option
+    with pytest.raises(TypeError, match=f"{method}\\(\\) got unexpected keyword argument '{name}'"):
+        getattr(calls, method)(*args, **option)
+    with GenserveClient(fake_server.target) as client, pytest.raises(TypeError, match=repr(name)):
+        result = getattr(client, method)(*args, **option)
+        list(result) if method == "sample_stream" else None
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            with pytest.raises(TypeError, match=repr(name)):
+                if method == "sample_stream":
+                    async for _ in client.sample_stream(*args, **option):
+                        pass
+                else:
+                    await getattr(client, method)(*args, **option)
+
+    asyncio.run(scenario())
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+
+
+def test_every_documented_option_is_still_accepted() -> None:
+    calls.sample(
+        "g",
+        2,
+        seeds=[1, 2],
+        base_seed=1,
+        labels=[1],
+        psi=0.5,
+        version="1",
+        priority=1,
+        format="raw",
+        quality=90,
+        png_compression=3,
+        return_latents=True,
+    )
+    calls.sample_stream(
+        "g", 4, base_seed=1, labels=[1], psi=0.5, version="1", start_index=1, chunk_size=2, format="png"
+    )
+    calls.sample_codes_progress(
+        "g",
+        2,
+        seeds=[1, 2],
+        temperature=0.5,
+        top_k=3,
+        return_codes=True,
+        preview_every=2,
+        labels=[1],
+        version="1",
+    )
+    calls.translate("g", [], direction="b_to_a", version="1", format="webp")
+    calls.super_resolve("g", [], tile_size=64, tile_overlap=4)
+    calls.encode("g", [], sample=True, seed=3, version="1")
