@@ -7,10 +7,12 @@ Each RPC's keyword options are declared once, as a TypedDict; the clients' typed
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeAlias, TypedDict, Unpack
+from typing import Any, TypeAlias, TypedDict, TypeVar, Unpack
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client.convert import (
@@ -129,19 +131,81 @@ def check_options(method: str, opts: Mapping[str, object], allowed: Any) -> None
         )
 
 
+M = TypeVar("M", bound=Message)
+
+# The integer fields' ranges on the wire: protobuf's own refusal ("Value out of range: -1") named
+# neither the field nor the range.
+_INT_RANGES = {
+    FieldDescriptor.CPPTYPE_INT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: ("uint32", 0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_INT64: ("int64", -(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: ("uint64", 0, 2**64 - 1),
+}
+
+
+def _field_error(cls: type[Message], prefix: str, name: str, value: object, exc: Exception) -> Exception:
+    """`exc` (protobuf's TypeError or ValueError for a value a field cannot hold) as the same type,
+    naming the field (the element of a repeated one) and what it holds."""
+    field = cls.DESCRIPTOR.fields_by_name[name]
+    where = f"{prefix}{name}"
+    # is_repeated: protobuf >= 6.31 (label is deprecated there)
+    repeated = getattr(field, "is_repeated", None)
+    if repeated is None:
+        repeated = getattr(field, "label", None) == FieldDescriptor.LABEL_REPEATED
+    if repeated and not isinstance(value, str | bytes):
+        try:
+            items = list(value)  # type: ignore[call-overload]
+        except TypeError:
+            return TypeError(f"{where}: must be a sequence, got {value!r}")
+        for i, item in enumerate(items):
+            try:
+                cls(**{name: [item]})
+            except (TypeError, ValueError) as item_exc:
+                where, value, exc = f"{where}[{i}]", item, item_exc
+                break
+    if field.cpp_type in _INT_RANGES and isinstance(exc, ValueError):
+        kind, lo, hi = _INT_RANGES[field.cpp_type]
+        return ValueError(f"{where}: must be in [{lo}, {hi}] ({kind}), got {value!r}")
+    return type(exc)(f"{where}: {exc} (got {value!r})")
+
+
+def _build(cls: type[M], prefix: str = "", **fields: Any) -> M:
+    """cls(**fields); a value a field cannot hold raises naming the field (`prefix` + its name)."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError):
+        for name, value in fields.items():
+            try:
+                cls(**{name: value})
+            except (TypeError, ValueError) as field_exc:
+                raise _field_error(cls, prefix, name, value, field_exc) from None
+        raise
+
+
+def _assign(message: Message, name: str, value: object, prefix: str = "") -> None:
+    """setattr(message, name, value), naming the field when it cannot hold the value."""
+    try:
+        setattr(message, name, value)
+    except (TypeError, ValueError) as exc:
+        raise _field_error(type(message), prefix, name, value, exc) from None
+
+
 def output_options(opts: OutputOptions) -> types_pb2.OutputOptions:
-    out = types_pb2.OutputOptions(
+    out = _build(
+        types_pb2.OutputOptions,
+        "output.",
         format=image_format(opts.get("format", "png")),
         quality=opts.get("quality", 0),
         return_latents=opts.get("return_latents", False),
     )
     if "png_compression" in opts:
-        out.png_compression = opts["png_compression"]
+        _assign(out, "png_compression", opts["png_compression"], "output.")
     return out
 
 
 def sample_request(model: str, n: int = 0, **opts: Unpack[SampleOptions]) -> genserve_pb2.SampleRequest:
-    req = genserve_pb2.SampleRequest(
+    req = _build(
+        genserve_pb2.SampleRequest,
         model=model,
         version=opts.get("version", ""),
         count=n,
@@ -151,18 +215,19 @@ def sample_request(model: str, n: int = 0, **opts: Unpack[SampleOptions]) -> gen
         output=output_options(opts),
     )
     if "base_seed" in opts:
-        req.base_seed = opts["base_seed"]
+        _assign(req, "base_seed", opts["base_seed"])
     if "latents" in opts:
         req.latents.CopyFrom(array_to_tensor(opts["latents"]))
     if "psi" in opts:
-        req.truncation_psi = opts["psi"]
+        _assign(req, "truncation_psi", opts["psi"])
     return req
 
 
 def sample_codes_request(
     model: str, n: int = 0, **opts: Unpack[CodesOptions]
 ) -> genserve_pb2.SampleCodesRequest:
-    req = genserve_pb2.SampleCodesRequest(
+    req = _build(
+        genserve_pb2.SampleCodesRequest,
         model=model,
         version=opts.get("version", ""),
         count=n,
@@ -174,9 +239,9 @@ def sample_codes_request(
         output=output_options(opts),
     )
     if "base_seed" in opts:
-        req.base_seed = opts["base_seed"]
+        _assign(req, "base_seed", opts["base_seed"])
     if "temperature" in opts:
-        req.temperature = opts["temperature"]
+        _assign(req, "temperature", opts["temperature"])
     if "top_codes" in opts:
         req.top_codes.CopyFrom(codes_to_tensor(opts["top_codes"]))
     return req
@@ -191,7 +256,8 @@ def sample_stream_request(
     start_index = opts.get("start_index", 0)
     if not 0 <= start_index < count:
         raise ValueError(f"sample_stream: start_index must be in [0, count={count}), got {start_index}")
-    sample = genserve_pb2.SampleRequest(
+    sample = _build(
+        genserve_pb2.SampleRequest,
         model=model,
         version=opts.get("version", ""),
         count=count,
@@ -200,15 +266,18 @@ def sample_stream_request(
         output=output_options(opts),
     )
     if "psi" in opts:
-        sample.truncation_psi = opts["psi"]
-    return genserve_pb2.SampleStreamRequest(
-        sample=sample, start_index=start_index, chunk_size=opts.get("chunk_size", 0)
+        _assign(sample, "truncation_psi", opts["psi"])
+    return _build(
+        genserve_pb2.SampleStreamRequest,
+        sample=sample,
+        start_index=start_index,
+        chunk_size=opts.get("chunk_size", 0),
     )
 
 
-def latent_point(point: Latent) -> genserve_pb2.LatentPoint:
+def latent_point(point: Latent, where: str = "") -> genserve_pb2.LatentPoint:
     if isinstance(point, int | np.integer):
-        return genserve_pb2.LatentPoint(seed=int(point))
+        return _build(genserve_pb2.LatentPoint, f"{where}.", seed=int(point))
     return genserve_pb2.LatentPoint(latent=array_to_tensor(point))
 
 
@@ -218,18 +287,19 @@ def interpolate_request(
     mode = opts.get("mode")
     if mode is not None and mode not in _MODES:
         raise ValueError(f"interpolation mode must be one of {sorted(_MODES)}, got {mode!r}")
-    req = genserve_pb2.InterpolateRequest(
+    req = _build(
+        genserve_pb2.InterpolateRequest,
         model=model,
         version=opts.get("version", ""),
-        start=latent_point(start),
-        end=latent_point(end),
+        start=latent_point(start, "start"),
+        end=latent_point(end, "end"),
         steps=steps,
         mode=genserve_pb2.INTERPOLATION_MODE_UNSPECIFIED if mode is None else _MODES[mode],
         labels=opts.get("labels", ()),
         output=output_options(opts),
     )
     if "psi" in opts:
-        req.truncation_psi = opts["psi"]
+        _assign(req, "truncation_psi", opts["psi"])
     return req
 
 
@@ -238,7 +308,8 @@ def mix_styles_request(
 ) -> genserve_pb2.MixStylesRequest:
     if opts.get("return_latents"):
         raise ValueError("mix_styles: return_latents is not supported (a mixed image has two w)")
-    req = genserve_pb2.MixStylesRequest(
+    req = _build(
+        genserve_pb2.MixStylesRequest,
         model=model,
         version=opts.get("version", ""),
         crossover=opts.get("crossover", 0),
@@ -248,16 +319,25 @@ def mix_styles_request(
     for i, mix in enumerate(mixes):
         if len(mix) not in (2, 3):
             raise ValueError(f"mixes[{i}] must be (coarse_seed, fine_seed[, crossover]), got {mix!r}")
-        req.mixes.add(coarse_seed=mix[0], fine_seed=mix[1], crossover=mix[2] if len(mix) == 3 else 0)
+        req.mixes.append(
+            _build(
+                genserve_pb2.StyleMix,
+                f"mixes[{i}].",
+                coarse_seed=mix[0],
+                fine_seed=mix[1],
+                crossover=mix[2] if len(mix) == 3 else 0,
+            )
+        )
     if "psi" in opts:
-        req.truncation_psi = opts["psi"]
+        _assign(req, "truncation_psi", opts["psi"])
     return req
 
 
 def encode_request(
     model: str, images: Sequence[ImageInput], **opts: Unpack[EncodeOptions]
 ) -> genserve_pb2.EncodeRequest:
-    return genserve_pb2.EncodeRequest(
+    return _build(
+        genserve_pb2.EncodeRequest,
         model=model,
         version=opts.get("version", ""),
         images=[to_image_message(i) for i in images],
@@ -269,7 +349,8 @@ def encode_request(
 def decode_request(
     model: str, latents: npt.ArrayLike, **opts: Unpack[DecodeOptions]
 ) -> genserve_pb2.DecodeRequest:
-    return genserve_pb2.DecodeRequest(
+    return _build(
+        genserve_pb2.DecodeRequest,
         model=model,
         version=opts.get("version", ""),
         latents=array_to_tensor(latents),
@@ -280,7 +361,8 @@ def decode_request(
 def image_request(
     model: str, images: Sequence[ImageInput], **opts: Unpack[ImageOptions]
 ) -> genserve_pb2.ImageRequest:
-    req = genserve_pb2.ImageRequest(
+    req = _build(
+        genserve_pb2.ImageRequest,
         model=model,
         version=opts.get("version", ""),
         images=[to_image_message(i) for i in images],
@@ -288,7 +370,7 @@ def image_request(
         tile_size=opts.get("tile_size", 0),
     )
     if "tile_overlap" in opts:
-        req.tile_overlap = opts["tile_overlap"]
+        _assign(req, "tile_overlap", opts["tile_overlap"])
     if "direction" in opts:
         direction = opts["direction"]
         if direction not in DIRECTIONS:

@@ -196,3 +196,37 @@ def test_every_documented_option_is_still_accepted() -> None:
     calls.translate("g", [], direction="b_to_a", version="1", format="webp")
     calls.super_resolve("g", [], tile_size=64, tile_overlap=4)
     calls.encode("g", [], sample=True, seed=3, version="1")
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: calls.sample("g", -1), "count: must be in [0, 4294967295] (uint32), got -1"),
+        (lambda: calls.sample("g", seeds=[1, 2**63]), "seeds[1]: must be in [-9223372036854775808, "),
+        (lambda: calls.sample("g", 2, labels=[2**31]), "labels[0]: must be in [-2147483648, 2147483647]"),
+        (lambda: calls.sample("g", 2, base_seed=2**64), "base_seed: must be in"),
+        (lambda: calls.sample("g", 2, quality=-1), "output.quality: must be in [0, 4294967295]"),
+        (lambda: calls.sample("g", 2, png_compression=-2), "output.png_compression: must be in"),
+        (lambda: calls.sample_stream("g", 2**32), "count: must be in [0, 4294967295] (uint32)"),
+        (lambda: calls.sample_stream("g", 8, chunk_size=-1), "chunk_size: must be in [0, 4294967295]"),
+        (lambda: calls.interpolate("g", 1, -(2**63) - 1, 4), "end.seed: must be in"),
+        (lambda: calls.interpolate("g", 1, 2, -4), "steps: must be in [0, 4294967295]"),
+        (lambda: calls.mix_styles("g", [(1, 2), (3, 4, -1)]), "mixes[1].crossover: must be in"),
+        (lambda: calls.sample_codes("g", 2, top_k=-1), "top_k: must be in [0, 4294967295]"),
+        (lambda: calls.super_resolve("g", [], tile_overlap=-8), "tile_overlap: must be in"),
+        (lambda: calls.encode("g", [], seed=2**63), "seed: must be in"),
+    ],
+)
+def test_a_value_a_field_cannot_hold_is_refused_naming_the_field_and_its_range(
+    build: object, field: str
+) -> None:
+    """protobuf's own refusal was `ValueError: Value out of range: -1`, naming neither the field
+    nor the range (`client.sample(m, -1)`, `seeds=[2**63]`, `chunk_size=-1`)."""
+    with pytest.raises(ValueError) as info:
+        build()  # type: ignore[operator]
+    assert str(info.value).startswith(field), str(info.value)
+
+
+def test_a_value_of_the_wrong_type_names_the_field() -> None:
+    with pytest.raises(TypeError, match="^truncation_psi: .*'0.7'"):
+        calls.sample("g", 2, psi="0.7")  # type: ignore[typeddict-item]
