@@ -6,6 +6,7 @@ Each RPC's keyword options are declared once, as a TypedDict; the clients' typed
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias, TypedDict, TypeVar, Unpack
 
@@ -13,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from PIL import Image as PILImage
 
 from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client.convert import (
@@ -190,6 +192,20 @@ def _assign(message: Message, name: str, value: object, prefix: str = "") -> Non
         raise _field_error(type(message), prefix, name, value, exc) from None
 
 
+def image_messages(images: Sequence[ImageInput]) -> list[types_pb2.Image]:
+    """The request's images. One image where a list belongs is refused: a path (a str is a sequence
+    of one-letter paths: "No such file or directory: 'p'"), bytes (of integers), a PIL image or an
+    HW array (of 1-D rows) all failed with a message that never said to pass a list."""
+    if isinstance(images, str | bytes | os.PathLike | PILImage.Image) or (
+        isinstance(images, np.ndarray) and images.ndim < 3
+    ):
+        what = (
+            f"a {images.ndim}-D array" if isinstance(images, np.ndarray) else f"one {type(images).__name__}"
+        )
+        raise TypeError(f"images: must be a list of images, got {what}; pass [image] for one")
+    return [to_image_message(i) for i in images]
+
+
 def output_options(opts: OutputOptions) -> types_pb2.OutputOptions:
     out = _build(
         types_pb2.OutputOptions,
@@ -340,7 +356,7 @@ def encode_request(
         genserve_pb2.EncodeRequest,
         model=model,
         version=opts.get("version", ""),
-        images=[to_image_message(i) for i in images],
+        images=image_messages(images),
         sample=opts.get("sample", False),
         seed=opts.get("seed", 0),
     )
@@ -365,7 +381,7 @@ def image_request(
         genserve_pb2.ImageRequest,
         model=model,
         version=opts.get("version", ""),
-        images=[to_image_message(i) for i in images],
+        images=image_messages(images),
         output=output_options(opts),
         tile_size=opts.get("tile_size", 0),
     )

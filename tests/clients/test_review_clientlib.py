@@ -7,10 +7,13 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from client_fakes import FakeServer
+from PIL import Image
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 from genserve_client import AsyncGenserveClient, GenserveClient, GenserveClientError, calls
@@ -230,3 +233,23 @@ def test_a_value_a_field_cannot_hold_is_refused_naming_the_field_and_its_range(
 def test_a_value_of_the_wrong_type_names_the_field() -> None:
     with pytest.raises(TypeError, match="^truncation_psi: .*'0.7'"):
         calls.sample("g", 2, psi="0.7")  # type: ignore[typeddict-item]
+
+
+@pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array"])
+@pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
+def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kind: str, method: str) -> None:
+    """`client.super_resolve(m, "photo.png")` failed with `No such file or directory: 'p'` (a str
+    is a sequence of one-letter paths), one PNG's bytes with `dtype int64`, a Path or PIL image
+    with `not iterable`, a gray HW array with `got shape (W,)`."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    one = {
+        "str": str(path),
+        "path": path,
+        "bytes": path.read_bytes(),
+        "pil": Image.open(path),
+        "hw-array": np.zeros((8, 8), np.uint8),
+    }[kind]
+    with pytest.raises(TypeError, match=r"^images: must be a list of images, .*pass \[image\]"):
+        getattr(calls, method)("m", one)
+    assert len(getattr(calls, method)("m", [one]).request.images) == 1
