@@ -68,7 +68,7 @@ pretrained:  ## fetch the pretrained models' npm packages into .cache/pretrained
 	bash scripts/fetch_pretrained.sh
 
 import-esrgan: setup-dev pretrained  ## rebuild models/esrgan-x4 from @upscalerjs/esrgan-thick (fp16-stored weights, 15 MB; gate +1.3 dB luma)
-	$(BIN)/genserve-export import-rrdn .cache/pretrained/upscalerjs-esrgan-thick-1.0.0.tgz --out models --name esrgan-x4 --no-fp16 --fp16-weights --min-gain-db 1.3
+	$(BIN)/genserve-export import-rrdn .cache/pretrained/upscalerjs-esrgan-thick-1.0.0.tgz --out models --name esrgan-x4 --no-fp16 --fp16-weights --min-gain-db 1.3 --replace
 
 clean:  ## remove the virtual environment
 	rm -rf $(VENV)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from genserve_export.export import export_model
+from genserve_export.export import export_model, refuse_published
 from genserve_export.provenance import source_commit
+from genserve_export.recipe import DEFAULT_VERSION
 from genserve_export.recipes import RECIPES
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,12 @@ class BuildResult:
     steps: int | None
 
 
+def version_dirs(recipe_name: str, out_dir: Path, version: str | None = None) -> list[Path]:
+    """The version directories recipe ``recipe_name`` writes into ``out_dir``: each of its entries at
+    ``version`` (default ``DEFAULT_VERSION``, every recipe's)."""
+    return [Path(out_dir) / name / (version or DEFAULT_VERSION) for name in RECIPES[recipe_name].names]
+
+
 def train_and_export(
     recipe_name: str,
     out_dir: Path,
@@ -39,14 +46,21 @@ def train_and_export(
     progress: bool = True,
     fp16: bool = True,
     threads: int | None = 1,
+    version: str | None = None,
+    overwrite: bool = False,
 ) -> BuildResult:
     """Train ``recipe_name`` (seeded) and export every entry it produces into ``out_dir``.
 
     ``threads=1`` by default: the 2-core build machines are shared with other training jobs.
+    ``version``: every entry's version directory (default: the recipe's, "1"). A published version
+    is immutable: one already in ``out_dir`` is refused before training (:class:`RepositoryExistsError`)
+    unless ``overwrite=True``, which replaces it whole.
     """
     if recipe_name not in RECIPES:
         raise KeyError(f"unknown recipe {recipe_name!r}; known: {', '.join(RECIPES)}")
     recipe = RECIPES[recipe_name]
+    if not overwrite:
+        refuse_published(version_dirs(recipe_name, out_dir, version))
     if threads is not None:
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,7 +85,7 @@ def train_and_export(
                 spec.module,
                 kind=spec.kind,
                 name=spec.name,
-                version=spec.version,
+                version=version or spec.version,
                 out_dir=out_dir,
                 example_inputs=spec.example_inputs,
                 card={"recipe": recipe_name, **spec.card},
@@ -80,7 +94,7 @@ def train_and_export(
                 holdout=spec.holdout,
                 training=training,
                 fp16=fp16 and getattr(spec, "fp16", True),
-                overwrite=True,
+                overwrite=overwrite,
                 extra_files=spec.extra_files or None,
             )
         )

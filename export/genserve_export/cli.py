@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from genserve_contract.repository import latest_version_dir
-from genserve_export.build import DEFAULT_SEED, train_and_export
+from genserve_contract.repository import VERSION_PATTERN, latest_version_dir
+from genserve_export.build import DEFAULT_SEED, train_and_export, version_dirs
 from genserve_export.data.digits import MissingDataError
 from genserve_export.data.fashion import MissingDataError as FashionDataError
 from genserve_export.errors import ExportError
+from genserve_export.export import refuse_published
+from genserve_export.recipe import DEFAULT_VERSION
 from genserve_export.recipes import RECIPES
 
 logger = logging.getLogger("genserve_export")
@@ -49,6 +51,13 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _version(text: str) -> str:
+    """An argparse type: a version directory name (a positive integer such as 2)."""
+    if not VERSION_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"must be a positive integer such as 2, got {text!r}")
+    return text
+
+
 def _positive_float(text: str) -> float:
     """An argparse type: a finite number > 0."""
     try:
@@ -62,6 +71,14 @@ def _positive_float(text: str) -> float:
 
 _POSITIVE = _at_least(1)
 _NON_NEGATIVE = _at_least(0)
+
+# A published version directory is immutable (docs/model-repository.md): each writing command
+# refuses one unless told --replace, and says how to proceed.
+_REPLACE_HELP = (
+    "rebuild in place: replace a published %s whole (built beside it, then swapped in by a rename; a "
+    "server already serving it keeps its loaded copy and reports the change, docs/operations.md)"
+)
+_NEW_VERSION = "write a new version (--version N), or pass --replace to rebuild it in place"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=_POSITIVE, default=1, help="torch CPU threads (default 1: shared machine)"
     )
     train.add_argument("--no-fp16", action="store_true", help="do not write model.fp16.onnx")
+    train.add_argument(
+        "--version",
+        type=_version,
+        default=None,
+        help=f"version directory of every entry the recipe writes (default {DEFAULT_VERSION})",
+    )
+    train.add_argument("--replace", action="store_true", help=_REPLACE_HELP % "<out>/<entry>/<version>")
 
     build = sub.add_parser("build-defaults", help="train and export every default recipe")
     build.add_argument("--out", type=Path, default=Path("models"))
@@ -97,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         "trains on --threads threads, so a 2-core machine builds twice as fast with --jobs 2)",
     )
     build.add_argument("--no-verify", action="store_true", help="skip verify after building")
+    build.add_argument(
+        "--replace",
+        action="store_true",
+        help=_REPLACE_HELP % f"<out>/<entry>/{DEFAULT_VERSION}"
+        + "; without it, one is refused before any training",
+    )
 
     imp = sub.add_parser(
         "import-rrdn",
@@ -106,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("package", type=Path, help="the npm package: its .tgz or the unpacked directory")
     imp.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
     imp.add_argument("--name", default="esrgan-x4", help="repository entry name")
-    imp.add_argument("--version", default="1", help="version directory")
+    imp.add_argument("--version", type=_version, default="1", help="version directory")
+    imp.add_argument("--replace", action="store_true", help=_REPLACE_HELP % "<out>/<name>/<version>")
     imp.add_argument(
         "--scale", type=_POSITIVE, default=4, help="which of the package's models/x<scale> to import"
     )
@@ -159,6 +190,8 @@ def _command_line(argv: Sequence[str]) -> str:
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if not args.replace:
+        refuse_published(version_dirs(args.name, args.out, args.version), _NEW_VERSION)
     result = train_and_export(
         args.name,
         args.out,
@@ -168,6 +201,8 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         device=args.device,
         threads=args.threads,
         fp16=not args.no_fp16,
+        version=args.version,
+        overwrite=args.replace,
     )
     for path in result.paths:
         _say(f"wrote {path}")
@@ -186,6 +221,8 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "directory; `make pretrained` fetches it)\n"
         )
         return 2
+    if not args.replace:
+        refuse_published([args.out / args.name / args.version], _NEW_VERSION)
     torch.set_num_threads(args.threads)
     batch = args.max_batch_size
     tile = args.tile_size
@@ -215,6 +252,7 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
         tile_overlap=args.tile_overlap,
         min_quality_gain_db=args.min_gain_db,
         command=_command_line(argv),
+        overwrite=args.replace,
         progress=_say,
     )
     _say(f"wrote {target}")
@@ -287,6 +325,8 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
             steps = _recipe_steps(name, args.steps_scale)
             if steps is not None:
                 command += ["--steps", str(steps)]
+            if args.replace:
+                command.append("--replace")
             _say(f"{name}: started ({shlex.join(command[3:])})", flush=True)
             # Its report to a file (never a pipe that could fill); progress and logs to our stderr.
             report = tempfile.TemporaryFile()
@@ -335,6 +375,9 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.jobs < 1:
         sys.stderr.write(f"--jobs must be >= 1, got {args.jobs}\n")
         return 2
+    if not args.replace:  # up front: not after hours of training the recipes before one
+        how = "pass --replace to rebuild in place, or build into another --out"
+        refuse_published([d for n in names for d in version_dirs(n, args.out)], how)
     started = time.perf_counter()
     if args.jobs > 1:
         try:
@@ -359,6 +402,7 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
                     steps=_recipe_steps(name, args.steps_scale),
                     command=_command_line(argv),
                     threads=args.threads,
+                    overwrite=args.replace,
                 )
             built.add(name)
             rows.append((name, result.steps, result.train_s, result.export_s, time.perf_counter() - t0))

@@ -47,4 +47,4 @@ class ExportParityError(ExportError):
 
 
 class RepositoryExistsError(ExportError):
-    """The version directory already exists and ``overwrite`` was not requested."""
+    """The version directory holds a published (immutable) version and ``overwrite`` was not requested."""

@@ -10,7 +10,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,8 @@ def export_model(
     anything is written; a failure raises an :class:`ExportError` subclass naming the problem.
     ``extra_files`` (file name in the version directory -> source path) travel with the graph,
     written in the same atomic step: e.g. an imported model's licence and reference images.
+    A published version directory (one that exists and is not empty) is immutable: it is refused
+    unless ``overwrite=True``, and then replaced whole by a rename, never file by file.
     ``weights_fp16`` stores model.onnx's large weights as float16 (computed in float32 after a Cast):
     half the file size; the module's weights must already be float16 values
     (``onnx_utils.round_weights_fp16``) for the fp32 parity check to pass.
@@ -106,8 +108,8 @@ def export_model(
     out_root = Path(out_dir)
     spec = _check_arguments(kind, name, version, card)
     target = out_root / name / version
-    if target.exists() and not overwrite:
-        raise RepositoryExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+    if not overwrite:
+        refuse_published([target])
     example = _example_tensors(spec, kind, example_inputs)
     input_names = list(example)
     card_in = dict(card)
@@ -191,6 +193,27 @@ def export_model(
 
 
 # --- argument checks -------------------------------------------------------------------------
+
+_HOW = "export it as a new version, or pass overwrite=True to replace it"
+
+
+def is_published(version_dir: Path) -> bool:
+    """Whether ``version_dir`` holds a published version: it exists and is not an empty directory."""
+    if version_dir.is_symlink() or (version_dir.exists() and not version_dir.is_dir()):
+        return True
+    return version_dir.is_dir() and any(version_dir.iterdir())
+
+
+def refuse_published(version_dirs: Iterable[Path], how: str = _HOW) -> None:
+    """Raise :class:`RepositoryExistsError` naming every published one of ``version_dirs`` and
+    ``how`` to proceed: a published version is immutable (docs/model-repository.md)."""
+    taken = [str(d) for d in version_dirs if is_published(d)]
+    if taken:
+        raise RepositoryExistsError(
+            f"{', '.join(taken)} already {'holds' if len(taken) == 1 else 'hold'} a published version, "
+            "which is immutable (a server may be serving its files; clients' provenance names it): "
+            f"{how}"
+        )
 
 
 def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]) -> Kind:
@@ -718,9 +741,11 @@ def _write_atomically(
         _write_json(staging / "card.json", card)
         target = entry / version
         retired: Path | None = None
-        if target.exists():
+        if target.exists() or target.is_symlink():
             if not overwrite:
-                raise RepositoryExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+                refuse_published([target])
+            # The whole version is swapped by two renames: a reader sees the old directory, then
+            # (after an instant with none) the new one, never a mix or a half-written file.
             retired = entry / f".old-{version}-{token}"
             os.rename(target, retired)
         os.rename(staging, target)

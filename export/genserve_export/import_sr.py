@@ -41,7 +41,7 @@ from torch import nn
 
 from genserve_export.data import photos
 from genserve_export.errors import ExportError
-from genserve_export.export import export_model
+from genserve_export.export import export_model, refuse_published
 from genserve_export.onnx_utils import round_weights_fp16
 from genserve_export.provenance import source_commit
 from genserve_export.recipe import OnnxRun
@@ -275,15 +275,19 @@ def import_tfjs_sr(
     tile_overlap: int = 16,
     min_quality_gain_db: float = 0.5,
     command: str = "",
-    overwrite: bool = True,
+    overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Import ``models/x<scale>`` of an upscalerjs npm package as ``out_dir/name/version``.
 
     ``weights_fp16``: round the weights to float16 *before* the reference check, the quality figures
     and the export, and store them so in model.onnx (computed in float32): half the file, and every
-    figure in the card is the served network's.
+    figure in the card is the served network's. A published ``out_dir/name/version`` is immutable:
+    refused before any work (:class:`RepositoryExistsError`) unless ``overwrite=True``, which
+    replaces it whole.
     """
+    if not overwrite:
+        refuse_published([Path(out_dir) / name / version])
     say = progress or logger.info
     started = time.perf_counter()
     package = Package(Path(package_path))

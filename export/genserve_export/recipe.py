@@ -17,6 +17,9 @@ import numpy as np
 
 from genserve_contract.config import ModelConfig
 
+# The version directory a recipe's entries are written to unless the build names another.
+DEFAULT_VERSION = "1"
+
 # Runs one exported graph: feeds by input name, returns outputs by output name.
 OnnxRun = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -34,7 +37,7 @@ class ExportSpec:
     quality: dict[str, Any] = field(default_factory=dict)  # figures measured in PyTorch at train time
     holdout: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
-    version: str = "1"
+    version: str = DEFAULT_VERSION
     fp16: bool = True  # also write model.fp16.onnx (where it stays within 1e-2 of fp32)
     # files that travel with the graph (file name in the version directory -> source path), e.g. an
     # auxiliary graph listed in the card's ``aux_graphs``

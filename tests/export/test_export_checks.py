@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from genserve_export import cli, export_model, import_sr, verify_repository
+from genserve_export import RepositoryExistsError, cli, export_model, import_sr, verify_repository
 
 
 class SkewedTwoWay(nn.Module):
@@ -241,3 +241,160 @@ def test_source_commit_is_dirty_for_changes_to_the_contract_too(tmp_path: Path) 
     assert not source_commit(package).endswith("+dirty")
     (tmp_path / "api" / "genserve_contract" / "f.txt").write_text("edited")
     assert source_commit(package).endswith("+dirty")
+
+
+# --- a published version is immutable: train / build-defaults / import-rrdn refuse to overwrite one
+
+
+class _TinyImage(nn.Module):
+    """z [N, 4] -> image [N, 1, 8, 8] in [-1, 1]: what a fake recipe "trains"."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(4, 64)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(z)).reshape(-1, 1, 8, 8)
+
+
+class _FakeRecipe:
+    """A recipe that trains nothing: one tiny generator entry (its seed picks the weights)."""
+
+    names: tuple[str, ...] = ("tiny-gen",)
+
+    def __init__(self) -> None:
+        self.trained = 0
+
+    def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[object]:
+        from genserve_export.recipe import ExportSpec
+
+        self.trained += 1
+        z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+        card = {"description": "fake recipe", "output_range": [-1.0, 1.0]}
+        return [ExportSpec("tiny-gen", "generator", _TinyImage(seed), {"z": z}, card, fp16=False)]
+
+    def evaluate(self, name: str, card: object, run: object) -> dict[str, float]:
+        return {}
+
+
+@pytest.fixture
+def fake_recipe(monkeypatch: pytest.MonkeyPatch) -> _FakeRecipe:
+    from genserve_export import recipes
+
+    recipe = _FakeRecipe()
+    monkeypatch.setitem(recipes.RECIPES, "tiny-gen", recipe)
+    return recipe
+
+
+def _published(out: Path, name: str = "tiny-gen", version: str = "1") -> Path:
+    """A version directory as a server would be serving it."""
+    target = out / name / version
+    target.mkdir(parents=True)
+    (target / "model.onnx").write_bytes(b"the published graph")
+    (target / "card.json").write_text("{}")
+    return target
+
+
+def test_cli_train_refuses_to_overwrite_a_published_version_before_training(
+    tmp_path: Path, fake_recipe: _FakeRecipe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/model-repository.md: a published version directory is immutable (a server may be serving
+    it, a client's provenance names it). `train` silently replaced models/<name>/1; it must refuse,
+    naming the path and the two ways on (--version N, --replace), before spending time training."""
+    out = tmp_path / "models"
+    published = _published(out)
+    code = cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert str(published) in err and "--replace" in err and "--version" in err, err
+    assert fake_recipe.trained == 0
+    assert (published / "model.onnx").read_bytes() == b"the published graph"
+    # a new version beside it
+    assert cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16", "--version", "2"]) == 0
+    assert (out / "tiny-gen" / "2" / "model.onnx").is_file()
+    assert (published / "model.onnx").read_bytes() == b"the published graph"
+
+
+def test_cli_train_replace_swaps_the_version_whole(tmp_path: Path, fake_recipe: _FakeRecipe) -> None:
+    """--replace rebuilds in place: the new version directory replaces the old one in one rename
+    (built in a hidden sibling first), leaving nothing else behind in the entry."""
+    out = tmp_path / "models"
+    published = _published(out)
+    assert cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16", "--replace"]) == 0
+    assert (published / "model.onnx").read_bytes() != b"the published graph"
+    assert sorted(p.name for p in (out / "tiny-gen").iterdir()) == ["1", "config.json"]
+    assert verify_repository(out, recompute_quality=False).ok
+
+
+def test_cli_train_writes_into_an_empty_version_directory(tmp_path: Path, fake_recipe: _FakeRecipe) -> None:
+    """An empty version directory publishes nothing yet: no --replace needed."""
+    out = tmp_path / "models"
+    (out / "tiny-gen" / "1").mkdir(parents=True)
+    assert cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16"]) == 0
+    assert (out / "tiny-gen" / "1" / "model.onnx").is_file()
+
+
+def test_build_defaults_refuses_published_versions_before_training_any_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """build-defaults into a repository that holds one of its entries refuses up front (not after
+    hours of training the recipes before it), naming every published path; --replace rebuilds, and
+    reaches each recipe's training, one at a time or in processes."""
+    out = tmp_path / "models"
+    published = _published(out, "vae-digits-encoder")
+    calls: list[dict[str, object]] = []
+
+    def fake_train(name: str, out_dir: Path, **kwargs: object) -> object:
+        calls.append({"name": name, **kwargs})
+        return SimpleNamespace(steps=1, train_s=0.0, export_s=0.0, paths=[])
+
+    monkeypatch.setattr(cli, "train_and_export", fake_train)
+    argv = ["build-defaults", "--out", str(out), "--only", "dcgan-digits", "vae-digits", "--no-verify"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert str(published) in err and "--replace" in err, err
+    assert calls == []
+    assert cli.main([*argv, "--replace"]) == 0
+    assert [(c["name"], c["overwrite"]) for c in calls] == [("dcgan-digits", True), ("vae-digits", True)]
+
+    commands: list[list[str]] = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            commands.append(command)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Done)
+    assert cli.main([*argv, "--replace", "--jobs", "2"]) == 0
+    assert len(commands) == 2 and all("--replace" in c for c in commands), commands
+
+
+def test_cli_import_refuses_to_overwrite_a_published_version_before_importing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """import-rrdn replaced models/<name>/<version> silently (import_tfjs_sr defaulted to overwrite):
+    it must refuse, naming the path, --version and --replace; --replace rebuilds in place."""
+    from tests.export.test_tfjs_import import write_package
+
+    package = write_package(tmp_path, scale=2)
+    out = tmp_path / "models"
+    published = _published(out, "tiny-x2")
+    argv = ["import-rrdn", str(package), "--scale", "2", "--out", str(out), "--name", "tiny-x2", "--no-fp16"]
+    argv += ["--tile-size", "32"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert str(published) in err and "--replace" in err and "--version" in err, err
+    assert (published / "model.onnx").read_bytes() == b"the published graph"
+    # the library refuses too (its default was overwrite=True), before the import's work
+    monkeypatch.setattr(import_sr, "Package", None)  # reading the package would fail with a TypeError
+    with pytest.raises(RepositoryExistsError, match="tiny-x2"):
+        import_sr.import_tfjs_sr(package, out_dir=out, name="tiny-x2", scale=2, fp16=False)
+    monkeypatch.undo()
+    assert cli.main([*argv, "--replace"]) == 0
+    assert (published / "model.onnx").read_bytes() != b"the published graph"
+    assert sorted(p.name for p in (out / "tiny-x2").iterdir()) == ["1", "config.json"]
