@@ -120,6 +120,8 @@ def export_model(
     reference = _torch_outputs(adapter, example)
     derived = _derive_card_fields(spec, kind, example, reference, card_in)
     cases = _parity_cases(spec, example, derived)
+    expected = [_case_outputs(adapter, feeds) for feeds in cases]
+    _check_output_range(spec, card_in, cases, expected)
 
     with tempfile.TemporaryDirectory(prefix="genserve-export-") as tmp:
         workdir = Path(tmp)
@@ -133,16 +135,14 @@ def export_model(
         sess = session(fp32_path)
         inputs_sig, outputs_sig = graph_signature(sess)
         _check_dynamic_axes(spec, inputs_sig, outputs_sig)
-        fp32_diff = _parity(sess, adapter, cases, spec, derived, atol=FP32_ATOL, label="fp32")
+        fp32_diff = _parity(sess, cases, expected, atol=FP32_ATOL, label="fp32")
 
         fp16_diff: float | None = None
         fp16_note: str | None = None
         if not fp16:
             fp16_note = "fp16 variant not requested"
         else:
-            fp16_diff, fp16_note = _export_fp16(
-                module, example, dynamic, spec, derived, cases, adapter, workdir
-            )
+            fp16_diff, fp16_note = _export_fp16(module, example, dynamic, spec, cases, expected, workdir)
 
         files = ["model.onnx"] + (["model.fp16.onnx"] if (workdir / "model.fp16.onnx").exists() else [])
         parity: dict[str, Any] = {
@@ -543,20 +543,59 @@ def _case_label(feeds: Mapping[str, np.ndarray]) -> str:
     return ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
 
 
+def _case_outputs(adapter: NamedOutputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The module's outputs for one parity case (computed once, for the range check and both graphs)."""
+    try:
+        return _torch_outputs(adapter, {k: torch.from_numpy(v) for k, v in feeds.items()})
+    except ExportError:
+        raise
+    except Exception as exc:  # e.g. a reshape that writes the example's batch in as a constant
+        raise FrozenBatchAxisError(
+            f"the module fails for inputs {_case_label(feeds)} (a batch or image axis is fixed?): {exc}"
+        ) from exc
+
+
+def _check_output_range(
+    spec: Kind,
+    card: Mapping[str, Any],
+    cases: list[dict[str, np.ndarray]],
+    expected: list[dict[str, np.ndarray]],
+) -> None:
+    """The card's output_range must hold for the parity cases too (seeded latents, every label,
+    images over input_range; what verify runs is alike), not only for the example inputs."""
+    name = spec.image_output_name
+    if name is None or card.get("output_range") is None:
+        return
+    lo, hi = (float(v) for v in card["output_range"])
+    slack = _RANGE_SLACK * (hi - lo)
+    outside = []
+    for feeds, want in zip(cases, expected, strict=True):
+        low, high = float(want[name].min()), float(want[name].max())
+        if low < lo - slack or high > hi + slack:
+            case = _case_label(feeds)
+            if "direction" in feeds:
+                case += f" direction {int(feeds['direction'][0])}"
+            outside.append(f"[{low:.4g}, {high:.4g}] at {case}")
+    if outside:
+        raise CardFieldError(
+            f"output {name!r} leaves the card's output_range [{lo}, {hi}] on seeded inputs the example "
+            f"does not cover: {'; '.join(outside)}"
+        )
+
+
 def _parity(
     sess: ort.InferenceSession,
-    adapter: NamedOutputs,
     cases: list[dict[str, np.ndarray]],
-    spec: Kind,
-    derived: Mapping[str, Any],
+    expected: list[dict[str, np.ndarray]],
     *,
     atol: float,
     label: str,
 ) -> float:
-    """Max abs diff ONNX vs torch over all cases; raises listing every failing (output, case)."""
+    """Max abs diff ONNX vs torch (``expected``, one per case) over all cases; raises listing every
+    failing (output, case)."""
     worst = 0.0
     failures: list[str] = []
-    for feeds in cases:
+    for feeds, want in zip(cases, expected, strict=True):
         try:
             got = run_session(sess, feeds)
         except Exception as exc:  # ORT raises its own Fail/InvalidArgument types; report which case
@@ -564,20 +603,19 @@ def _parity(
                 f"{label} graph fails for inputs {_case_label(feeds)} "
                 f"(a batch or image axis is fixed?): {exc}"
             ) from exc
-        want = _torch_outputs(adapter, {k: torch.from_numpy(v) for k, v in feeds.items()})
-        for name, expected in want.items():
+        for name, reference in want.items():
             actual = got[name]
-            if actual.shape != expected.shape:
+            if actual.shape != reference.shape:
                 failures.append(
                     f"{name} at {_case_label(feeds)}: shape {list(actual.shape)} "
-                    f"vs torch {list(expected.shape)}"
+                    f"vs torch {list(reference.shape)}"
                 )
                 continue
             if not np.isfinite(actual).all():
                 raise NonFiniteOutputError(
                     f"{label} graph output {name!r} is not finite at {_case_label(feeds)}"
                 )
-            diff = float(np.abs(actual.astype(np.float64) - expected).max())
+            diff = float(np.abs(actual.astype(np.float64) - reference).max())
             worst = max(worst, diff)
             if diff > atol:
                 failures.append(f"{name} at {_case_label(feeds)}: max abs diff {diff:.3g} > atol {atol}")
@@ -639,9 +677,8 @@ def _export_fp16(
     example: Mapping[str, torch.Tensor],
     dynamic: Mapping[str, Any],
     spec: Kind,
-    derived: Mapping[str, Any],
     cases: list[dict[str, np.ndarray]],
-    reference: NamedOutputs,
+    expected: list[dict[str, np.ndarray]],
     workdir: Path,
 ) -> tuple[float | None, str | None]:
     """Write model.fp16.onnx (fp16 weights and compute, fp32 inputs/outputs) if it is close enough."""
@@ -649,7 +686,7 @@ def _export_fp16(
     path = workdir / "model.fp16.onnx"
     try:
         _export_and_optimize(half, example, dynamic, spec, path)
-        diff = _parity(session(path), reference, cases, spec, derived, atol=math.inf, label="fp16")
+        diff = _parity(session(path), cases, expected, atol=math.inf, label="fp16")
     except ExportError as exc:
         path.unlink(missing_ok=True)
         logger.warning("fp16 variant not written: %s", exc)

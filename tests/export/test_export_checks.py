@@ -12,7 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from genserve_export import RepositoryExistsError, cli, export_model, import_sr, verify_repository
+from genserve_export import (
+    CardFieldError,
+    RepositoryExistsError,
+    cli,
+    export_model,
+    import_sr,
+    verify_repository,
+)
 
 
 class SkewedTwoWay(nn.Module):
@@ -39,23 +46,44 @@ class SkewedTwoWay(nn.Module):
         return out
 
 
-def test_verify_checks_a_two_way_translators_b_to_a_direction_too(tmp_path: Path) -> None:
+SKEWED_CARD = {
+    "description": "B->A out of range",
+    "output_range": [0, 1],
+    "input_range": [0, 1],
+    "domains": ["a", "b"],
+}
+
+
+def test_verify_checks_a_two_way_translators_b_to_a_direction_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """verify promises finite outputs inside output_range (and fp16 within fp16_atol) for every
     graph; a two_way_translator's second generator (direction 1) must be run too, not only A->B."""
+    from genserve_export import export as export_module
+
     image = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)
+    example = {"image": image, "direction": np.zeros(2, np.int64)}
+    # export refuses this module itself (its parity cases run both directions) ...
+    with pytest.raises(CardFieldError, match="output_range.*direction 1"):
+        export_model(
+            SkewedTwoWay(),
+            kind="two_way_translator",
+            name="skewed",
+            out_dir=tmp_path,
+            example_inputs=example,
+            card=SKEWED_CARD,
+            fp16=False,
+        )
+    # ... so write it past that check, as a hand-made or older entry would be, for verify to judge
+    monkeypatch.setattr(export_module, "_check_output_range", lambda *args: None)
     export_model(
         SkewedTwoWay(),
         kind="two_way_translator",
         name="skewed",
         out_dir=tmp_path,
         fp16=False,
-        example_inputs={"image": image, "direction": np.zeros(2, np.int64)},
-        card={
-            "description": "B->A out of range",
-            "output_range": [0, 1],
-            "input_range": [0, 1],
-            "domains": ["a", "b"],
-        },
+        example_inputs=example,
+        card=SKEWED_CARD,
     )
     report = verify_repository(tmp_path, recompute_quality=False)
     assert not report.ok, report.format()
@@ -398,3 +426,27 @@ def test_cli_import_refuses_to_overwrite_a_published_version_before_importing(
     assert cli.main([*argv, "--replace"]) == 0
     assert (published / "model.onnx").read_bytes() != b"the published graph"
     assert sorted(p.name for p in (out / "tiny-x2").iterdir()) == ["1", "config.json"]
+
+
+# --- output_range: checked on export's seeded parity inputs, not only on the example ---------
+
+
+class _RangeByLatent(nn.Module):
+    """image = z[:, 0] everywhere: inside [-1, 1] for small latents, outside for N(0, 1) ones."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, :1, None, None].expand(-1, 1, 8, 8) * 1.0
+
+
+def test_export_checks_output_range_on_its_seeded_inputs_not_only_the_example(tmp_path: Path) -> None:
+    """export checked output_range against the example inputs only, so an example of small latents
+    wrote a card whose output_range verify (N(0, 1) latents) then refutes. The parity cases (seeded
+    latents, labels, images over input_range, batch 1 and 7) are checked too, before any write."""
+    z = np.full((2, 4), 0.1, np.float32)
+    card = {"description": "range depends on z", "output_range": [-1.0, 1.0]}
+    out = tmp_path / "models"
+    with pytest.raises(CardFieldError, match="output_range"):
+        export_model(
+            _RangeByLatent(), kind="generator", name="r", out_dir=out, example_inputs={"z": z}, card=card
+        )
+    assert not out.exists() or not any(out.rglob("*.onnx"))
