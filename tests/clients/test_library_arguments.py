@@ -1,4 +1,5 @@
-"""Review of the client library: sync/asyncio parity on a closed client, keyword options, images."""
+"""The client library at its edges: a client closed under a call (sync and asyncio alike), keyword
+options a method does not take, values a field cannot hold, one image where a list belongs."""
 
 from __future__ import annotations
 
