@@ -555,9 +555,11 @@ class GenerationCore:
         """Latent distributions of images of the encoder's size; with `sample_seed`, also z = mu +
         sigma * eps with eps from seeds sample_seed + i."""
         card = mv.card
-        assert card is not None and card.image_size is not None
+        assert card is not None and card.image_size is not None and card.latent_dim is not None
         n = len(images)
         h, w = card.image_size
+        # The response's size is exact before compute: mu and logvar (and z) of each image, float32.
+        latent_bytes = n * card.latent_dim * 4 * (2 if sample_seed is None else 3)
         for i, image in enumerate(images):
             # From the header or shape, before decoding: a large image is refused without its cost.
             declared = codecs.declared_size(image.data, image.format, image.shape)
@@ -575,6 +577,7 @@ class GenerationCore:
                     f"must be {h}x{w} (the encoder's input size; never resized), "
                     f"got {chw.shape[1]}x{chw.shape[2]}",
                 )
+        await self.reserve_response(call, latent_bytes)
         result = await self.submit(mv, call, ImageRows(), {"image": np.stack(arrays)}, n, Lane.INTERACTIVE)
         mu = result.outputs["mu"].astype(np.float32, copy=False).reshape(n, -1)
         logvar = result.outputs["logvar"].astype(np.float32, copy=False).reshape(n, -1)

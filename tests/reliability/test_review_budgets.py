@@ -1,0 +1,101 @@
+"""Review of the memory budgets (docs/operations.md, "Memory budgets"): every generation RPC's
+unsent unary response is held against `response_budget_bytes`.
+
+One server with a 2 MiB response budget and a 1 s wait for it, and a VAE encoder with a wide latent:
+an Encode of 16 images with `sample` answers 16 x 3 x 8192 float32 = 1.5 MiB of latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+from reliability_support import rss_bytes
+from server_support import ServerProcess, start_server, vae_encoder_graph, wait_until, write_model
+from unread_client import UnreadClient
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import types_pb2 as tpb
+
+MIB = 1024 * 1024
+BUDGET = 2 * MIB
+WIDE_LATENT = 8192
+ENCODE_IMAGES = 16
+ENCODE_RESPONSE = ENCODE_IMAGES * 3 * WIDE_LATENT * 4  # mu, logvar and z: 1.5 MiB
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("review-budget-models")
+    write_model(
+        root,
+        "wide-enc",
+        "vae_encoder",
+        vae_encoder_graph(WIDE_LATENT, 8, 8),
+        {
+            "latent_dim": WIDE_LATENT,
+            "channels": None,
+            "input_channels": 1,
+            "image_size": [8, 8],
+            "output_range": None,
+            "input_range": [0.0, 1.0],
+        },
+    )
+    config = {"warmup": False, "limits": {"response_budget_bytes": BUDGET, "budget_max_wait_s": 1.0}}
+    server = start_server(root, tmp_path_factory.mktemp("review-budget-server"), config=config)
+    yield server
+    server.stop()
+
+
+def _gray_png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", pixels)
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def test_unread_encode_responses_are_held_to_the_response_budget(budget_server: ServerProcess) -> None:
+    """Encode is a generation RPC; its unsent responses must count against response_budget_bytes
+    like Sample's, so that a client that never reads them cannot grow the server without bound."""
+    server = budget_server
+    images = [tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=_gray_png(i)) for i in range(ENCODE_IMAGES)]
+    request = pb.EncodeRequest(model="wide-enc", images=images, sample=True, seed=1).SerializeToString()
+    path = "/genserve.v1.GenerationService/Encode"
+    calls = 40
+    refused_before = server.metric("genserve_requests_total", method="Encode", code="RESOURCE_EXHAUSTED")
+    baseline = rss_bytes(server.pid)
+    unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+    try:
+        for _ in range(calls):
+            unread.call(server.target, path, request)
+
+        def settled() -> bool:
+            text = server.metrics_text()
+            done = sum(
+                float(line.rpartition(" ")[2])
+                for line in text.splitlines()
+                if line.startswith("genserve_requests_total{") and 'method="Encode"' in line
+            )
+            return done >= calls  # every call answered (OK, unsent) or refused
+
+        wait_until(settled, 60, "every Encode call to end its handler")
+        grown = rss_bytes(server.pid) - baseline
+        pending = server.metric("genserve_response_bytes_pending")
+        refused = (
+            server.metric("genserve_requests_total", method="Encode", code="RESOURCE_EXHAUSTED")
+            - refused_before
+        )
+        # One response fits the 2 MiB budget; the others wait 1 s for it and are refused. Without the
+        # budget all 40 (60 MiB) stay in the server's buffers.
+        assert pending >= ENCODE_RESPONSE, (pending, refused, grown)
+        assert refused >= calls - 2, (pending, refused, grown)
+        # Measured: 12 MB with the budget, 222 MB without it.
+        assert grown < 48 * MIB, (pending, refused, grown)
+    finally:
+        unread.close()
+    wait_until(
+        lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
+    )
+
