@@ -560,6 +560,14 @@ class GenerationCore:
         h, w = card.image_size
         # The response's size is exact before compute: mu and logvar (and z) of each image, float32.
         latent_bytes = n * card.latent_dim * 4 * (2 if sample_seed is None else 3)
+        limit = self.limits.max_send_message_bytes
+        if latent_bytes + validate.SEND_OVERHEAD_BYTES > limit:
+            raise invalid(
+                "images",
+                f"the returned latents of {n} images would be {latent_bytes} bytes ({card.latent_dim} "
+                f"float32 each for mu, logvar{'' if sample_seed is None else ' and z'}), above "
+                f"max_send_message_bytes={limit}; send fewer images",
+            )
         for i, image in enumerate(images):
             # From the header or shape, before decoding: a large image is refused without its cost.
             declared = codecs.declared_size(image.data, image.format, image.shape)

@@ -99,3 +99,42 @@ def test_unread_encode_responses_are_held_to_the_response_budget(budget_server: 
         lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
     )
 
+
+def test_an_encode_response_over_the_send_limit_is_refused_naming_output(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """max_send_message_bytes: a response whose size is known before compute is refused before
+    compute with INVALID_ARGUMENT naming the limit (not computed, then failed by gRPC with a
+    RESOURCE_EXHAUSTED that clients retry). Encode's is known exactly: n x latent_dim x 4 x 2 or 3."""
+    import grpc
+
+    from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+    root = tmp_path_factory.mktemp("review-send-models")
+    write_model(
+        root,
+        "wide-enc",
+        "vae_encoder",
+        vae_encoder_graph(WIDE_LATENT, 8, 8),
+        {
+            "latent_dim": WIDE_LATENT,
+            "channels": None,
+            "input_channels": 1,
+            "image_size": [8, 8],
+            "output_range": None,
+            "input_range": [0.0, 1.0],
+        },
+    )
+    config = {"warmup": False, "limits": {"max_send_message_bytes": MIB}}
+    server = start_server(root, tmp_path_factory.mktemp("review-send-server"), config=config)
+    try:
+        images = [tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=_gray_png(i)) for i in range(ENCODE_IMAGES)]
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.Encode(pb.EncodeRequest(model="wide-enc", images=images, sample=True), timeout=30)
+            assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = excinfo.value.details() or ""
+            assert "max_send_message_bytes=1048576" in details and details.startswith("images:"), details
+    finally:
+        server.stop()
