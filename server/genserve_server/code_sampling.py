@@ -133,7 +133,14 @@ async def sample_codes(
         expected = validate.predicted_send_size(
             out, len(seeds), card.channels, *card.image_size, core.limits.max_send_message_bytes
         )
-        await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
+    else:  # the response is the grids themselves (int64), the top level's too
+        card = mv.card
+        assert card is not None and card.grid is not None
+        positions = card.grid[0] * card.grid[1]
+        if card.top_grid is not None:
+            positions += card.top_grid[0] * card.top_grid[1]
+        expected = len(seeds) * positions * 8
+    await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
     top = top_prior(core, call, mv) if tops is None else None
     if top is not None:  # both levels in one call: the top grids first, same seeds and options
         core.stepper(mv).check_room(len(seeds))  # a full bottom budget refuses before the top level

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 import pytest
+from code_models import prior_graph
 from reliability_support import rss_bytes
 from server_support import ServerProcess, start_server, vae_encoder_graph, wait_until, write_model
 from unread_client import UnreadClient
@@ -24,6 +25,10 @@ BUDGET = 2 * MIB
 WIDE_LATENT = 8192
 ENCODE_IMAGES = 16
 ENCODE_RESPONSE = ENCODE_IMAGES * 3 * WIDE_LATENT * 4  # mu, logvar and z: 1.5 MiB
+CODES_GRID = (32, 32)
+CODES_ROWS = 16
+# int64 grids: 128 KiB, above the 64 KiB HTTP/2 window
+CODES_RESPONSE = CODES_ROWS * CODES_GRID[0] * CODES_GRID[1] * 8
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +47,15 @@ def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
             "output_range": None,
             "input_range": [0.0, 1.0],
         },
+    )
+    # A code prior without a decoder: SampleCodes answers its grids (int64) only.
+    write_model(
+        root,
+        "codes-only",
+        "code_prior",
+        prior_graph(*CODES_GRID, 4),
+        {"grid": list(CODES_GRID), "codebook_size": 4, "output_range": None},
+        config={"batching": {"max_batch_size": CODES_ROWS, "max_queue_size": 64}},
     )
     config = {"warmup": False, "limits": {"response_budget_bytes": BUDGET, "budget_max_wait_s": 1.0}}
     server = start_server(root, tmp_path_factory.mktemp("review-budget-server"), config=config)
@@ -138,3 +152,30 @@ def test_an_encode_response_over_the_send_limit_is_refused_naming_output(
             assert "max_send_message_bytes=1048576" in details and details.startswith("images:"), details
     finally:
         server.stop()
+
+
+def test_an_unread_codes_only_sample_codes_response_is_held_to_the_response_budget(
+    budget_server: ServerProcess,
+) -> None:
+    """SampleCodes on a prior without a decoder answers grids only; unsent, they must be held
+    against response_budget_bytes like every generation RPC's response (and released at the end)."""
+    server = budget_server
+    request = pb.SampleCodesRequest(model="codes-only", count=CODES_ROWS, base_seed=3).SerializeToString()
+    before = server.metric("genserve_requests_total", method="SampleCodes")
+    unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+    try:
+        stream = unread.call(server.target, "/genserve.v1.GenerationService/SampleCodes", request)
+        wait_until(
+            lambda: server.metric("genserve_requests_total", method="SampleCodes") - before >= 1,
+            60,
+            "the SampleCodes handler to end",
+        )
+        assert server.metric("genserve_requests_total", method="SampleCodes", code="OK") - before == 1
+        assert stream not in unread.ended  # the response did not fit the client's window: unsent
+        # Its grids (128 KiB, held with the send overhead) wait unsent in gRPC's buffers.
+        assert server.metric("genserve_response_bytes_pending") >= CODES_RESPONSE
+    finally:
+        unread.close()
+    wait_until(
+        lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
+    )
