@@ -224,55 +224,75 @@ class Admission:
 
     def _stream_stream(self, method: str, rpc_class: RpcClass, handler: Handler) -> Handler:
         """Reflection: every request message within request_timeout_s of the one before. The call
-        holds a slot of its class only from a request's arrival until the handler asks for the next
-        one (it has answered), so a stream that sends headers only, or idles between requests,
-        blocks no ListModels or KServe metadata call."""
+        holds a slot of its class only from a request's arrival until the handler has answered it
+        (yielded its response, or asked for the next request), so a stream that sends headers only,
+        idles between requests or never reads its answers (each would wait up to
+        stream_write_timeout_s to be sent) blocks no ListModels or KServe metadata call."""
         inner = cast(Callable[[Any, Any], Any], handler.stream_stream)
         generator = inspect.isasyncgenfunction(inner)
 
-        async def requests(context: Context) -> AsyncGenerator[Any, None]:
+        async def admitted(request_iterator: Any, context: Context) -> None:
             holding = False
-            try:
-                while True:
-                    if holding:
-                        rpc_class.active -= 1
-                        holding = False
-                    request = await self._read(method, context)
-                    if request is grpc.aio.EOF:
-                        return
-                    if not rpc_class.admit():
-                        await abort(context, rpc_class.refusal(method))
-                    holding = True
-                    yield request
-            finally:
+
+            def answered() -> None:
+                nonlocal holding
                 if holding:
                     rpc_class.active -= 1
+                    holding = False
 
-        async def admitted(request_iterator: Any, context: Context) -> None:
-            messages = requests(context)
+            async def requests() -> AsyncGenerator[Any, None]:
+                nonlocal holding
+                try:
+                    while True:
+                        answered()
+                        request = await self._read(method, context)
+                        if request is grpc.aio.EOF:
+                            return
+                        if not rpc_class.admit():
+                            await abort(context, rpc_class.refusal(method))
+                        holding = True
+                        yield request
+                finally:
+                    answered()
+
+            messages = requests()
             try:
                 result = inner(messages, context)
                 if generator:
-                    await self._write_all(cast(AsyncGenerator[Any, None], result), context)
+                    await _write_all(
+                        cast(AsyncGenerator[Any, None], result),
+                        context,
+                        self.stream_write_timeout_s,
+                        on_item=answered,
+                    )
                 else:
                     await result
             except grpc.aio.AbortError as exc:
                 raise _released(exc) from None
             finally:
                 await messages.aclose()  # the slot of a request being answered when the call ended
+                answered()
 
         return grpc.stream_stream_rpc_method_handler(
             admitted, handler.request_deserializer, handler.response_serializer
         )
 
 
-async def _write_all(responses: AsyncGenerator[Any, None], context: Context, write_timeout_s: float) -> None:
+async def _write_all(
+    responses: AsyncGenerator[Any, None],
+    context: Context,
+    write_timeout_s: float,
+    on_item: Callable[[], None] | None = None,
+) -> None:
     """Each response written; the generator closed at once, also when the client cancels (its
     `finally` releases what it holds now, not when the garbage collector finalizes it). A message
     the client has not taken within `write_timeout_s` (it stopped reading: its flow-control window
-    stays full) ends the stream, so that an unread stream cannot keep its slot."""
+    stays full) ends the stream, so that an unread stream cannot keep its slot. `on_item`: called
+    with each response before it is written."""
     try:
         async for item in responses:
+            if on_item is not None:
+                on_item()
             try:
                 async with asyncio.timeout(write_timeout_s):
                     await context.write(item)

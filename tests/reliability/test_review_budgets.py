@@ -179,3 +179,42 @@ def test_an_unread_codes_only_sample_codes_response_is_held_to_the_response_budg
     wait_until(
         lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
     )
+
+
+def test_reflection_answers_a_client_never_reads_do_not_hold_control_slots(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A client that sends reflection requests and never reads (no HTTP/2 window) left each stream's
+    handler waiting up to stream_write_timeout_s (60 s) to write its ~6 KB answer, holding a
+    max_concurrent_control_rpcs slot all the while: one connection of such streams answered
+    ListModels, GetModel and KServe metadata/readiness RESOURCE_EXHAUSTED for every client, renewably.
+    A unary control RPC frees its slot when its handler returns, sent or not; a reflection stream's
+    slot is freed once its handler has produced the answer."""
+    import time
+
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+    from reliability_support import write_gen
+
+    from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+    root = tmp_path_factory.mktemp("review-reflection-models")
+    write_gen(root, "gen")
+    config = {"warmup": False, "limits": {"max_concurrent_control_rpcs": 8}}
+    server = start_server(root, tmp_path_factory.mktemp("review-reflection-server"), config=config)
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    request = rpb.ServerReflectionRequest(file_containing_symbol="genserve.v1.GenerationService")
+    unread = UnreadClient(server.port)
+    try:
+        for _ in range(40):  # ~240 KB of answers: far past the 64 KiB window, 5x the control limit
+            unread.call(server.target, method, request.SerializeToString())
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                listed = stub.ListModels(pb.ListModelsRequest(), timeout=10)
+                assert [m.name for m in listed.models] == ["gen"]
+                time.sleep(0.1)
+    finally:
+        unread.close()
+        server.stop()
