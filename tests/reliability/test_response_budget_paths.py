@@ -1,4 +1,4 @@
-"""Review of the memory budgets (docs/operations.md, "Memory budgets"): every generation RPC's
+"""The memory budgets (docs/operations.md, "Memory budgets"): every generation RPC's
 unsent unary response is held against `response_budget_bytes`.
 
 One server with a 2 MiB response budget and a 1 s wait for it, and a VAE encoder with a wide latent:
@@ -33,7 +33,7 @@ CODES_RESPONSE = CODES_ROWS * CODES_GRID[0] * CODES_GRID[1] * 8
 
 @pytest.fixture(scope="module")
 def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("review-budget-models")
+    root = tmp_path_factory.mktemp("budget-models")
     write_model(
         root,
         "wide-enc",
@@ -58,7 +58,7 @@ def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
         config={"batching": {"max_batch_size": CODES_ROWS, "max_queue_size": 64}},
     )
     config = {"warmup": False, "limits": {"response_budget_bytes": BUDGET, "budget_max_wait_s": 1.0}}
-    server = start_server(root, tmp_path_factory.mktemp("review-budget-server"), config=config)
+    server = start_server(root, tmp_path_factory.mktemp("budget-server"), config=config)
     yield server
     server.stop()
 
@@ -124,7 +124,7 @@ def test_an_encode_response_over_the_send_limit_is_refused_naming_output(
 
     from genserve.v1 import genserve_pb2_grpc as pb_grpc
 
-    root = tmp_path_factory.mktemp("review-send-models")
+    root = tmp_path_factory.mktemp("send-models")
     write_model(
         root,
         "wide-enc",
@@ -140,7 +140,7 @@ def test_an_encode_response_over_the_send_limit_is_refused_naming_output(
         },
     )
     config = {"warmup": False, "limits": {"max_send_message_bytes": MIB}}
-    server = start_server(root, tmp_path_factory.mktemp("review-send-server"), config=config)
+    server = start_server(root, tmp_path_factory.mktemp("send-server"), config=config)
     try:
         images = [tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=_gray_png(i)) for i in range(ENCODE_IMAGES)]
         with grpc.insecure_channel(server.target) as channel:
@@ -198,10 +198,10 @@ def test_reflection_answers_a_client_never_reads_do_not_hold_control_slots(
 
     from genserve.v1 import genserve_pb2_grpc as pb_grpc
 
-    root = tmp_path_factory.mktemp("review-reflection-models")
+    root = tmp_path_factory.mktemp("reflection-models")
     write_gen(root, "gen")
     config = {"warmup": False, "limits": {"max_concurrent_control_rpcs": 8}}
-    server = start_server(root, tmp_path_factory.mktemp("review-reflection-server"), config=config)
+    server = start_server(root, tmp_path_factory.mktemp("reflection-server"), config=config)
     method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
     request = rpb.ServerReflectionRequest(file_containing_symbol="genserve.v1.GenerationService")
     unread = UnreadClient(server.port)
