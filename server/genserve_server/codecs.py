@@ -231,9 +231,13 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def _png_walk(data: bytes) -> _Walk:
     """Walk the chunks up to IEND (Pillow reads those after the pixel data too), stopping once
-    either count passes its limit (MAX_IMAGE_METADATA_SEGMENTS, MAX_PNG_IDAT_CHUNKS)."""
+    either count passes its limit (MAX_IMAGE_METADATA_SEGMENTS, MAX_PNG_IDAT_CHUNKS). An animated
+    PNG's walk ends, as Pillow's does for the first frame, at the fcTL after the pixel data: the
+    frames after it are chunks Pillow never reads."""
     other = idat = 0
     cuts: list[tuple[int, int]] = []
+    frames: int | None = None  # acTL's frame count as Pillow keeps it (a second acTL voids it)
+    framed = False  # an fcTL before the pixel data: the default image is the first frame
     pos = len(_PNG_MAGIC)
     end = len(data)
     unpack = struct.Struct(">I4s").unpack_from
@@ -252,6 +256,16 @@ def _png_walk(data: bytes) -> _Walk:
                 cuts.append((pos, following))
             if kind == b"IEND":
                 break
+            if kind == b"fcTL":
+                if idat:
+                    # Pillow: n_frames is acTL's, one more where the default image is no frame.
+                    if (frames or 1) + (frames is not None and not framed) > 1:
+                        break
+                else:
+                    framed = True
+            elif kind == b"acTL" and not idat and length >= 8 and pos + 16 <= end:
+                count = int.from_bytes(data[pos + 8 : pos + 12], "big")
+                frames = None if frames is not None or not 0 < count <= 0x80000000 else count
         pos = following
     if not cuts:
         return _Walk(None, other, idat, 0, None)

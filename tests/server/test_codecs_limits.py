@@ -330,3 +330,20 @@ def test_real_world_metadata_is_within_the_limits() -> None:
     noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
     served, _ = encode_image(noise, ImageFormat.PNG, png_compression=9)  # 8 KiB IDAT chunks, ~380
     np.testing.assert_array_equal(decode_image(served, 0, [], max_pixels=MAX_PIXELS, field="x"), noise)
+
+
+@pytest.mark.parametrize("default_image", [False, True])
+def test_a_long_animated_png_decodes_its_first_frame(default_image: bool) -> None:
+    """An APNG of 600 frames (1200 fcTL/fdAT chunks after the first frame's pixel data): Pillow
+    reads the first frame and stops at the next frame's fcTL, so the frames after it are no chunks
+    it walks, and the file decodes as it did before the chunk limit (frame 0, as Pillow gives it)."""
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(600)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:], default_image=default_image)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.is_animated
+        expected = np.asarray(im.convert("RGB"))
+    decoded = decode_image(data, 0, [], max_pixels=MAX_PIXELS, field="images[0]")
+    np.testing.assert_array_equal(decoded, expected)
