@@ -97,6 +97,18 @@ async def mix_styles(
         given = mix.truncation_psi if mix.HasField("truncation_psi") else None
         psi = validate.psi(given, f"mixes[{i}].truncation_psi", w_space=True)
         psis.append(default_psi if psi is None else psi)
+    # Every distinct seed is mapped in one request to the mapping's queue (style_sampling.mix): up to
+    # twice as many rows as mixes, which row_limit does not bound.
+    distinct = len(set(coarse) | set(fine))
+    mapping = style_sampling.style_mapping(core, call, mv)
+    queue = mapping.batcher.max_queue_size if mapping.batcher is not None else distinct
+    if distinct > queue:
+        raise invalid(
+            "mixes",
+            f"{len(coarse)} mixes of {distinct} distinct seeds: at most {queue} distinct seeds "
+            f"({mapping.name}'s batching.max_queue_size: each distinct seed is mapped in one request to "
+            "its queue); send fewer mixes or share seeds between them",
+        )
     images, batch_sizes = await style_sampling.mix(
         core, mv, call, coarse, fine, crossovers, psis, out, priority
     )
