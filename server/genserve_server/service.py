@@ -17,14 +17,14 @@ import numpy as np
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve_contract.kinds import TRANSLATE_KINDS, Kind
-from genserve_server import latents, service_codes, service_styles, validate
+from genserve_server import latents, service_codes, service_styles, style_sampling, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import SAMPLE_KINDS, ServerConfig
 from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import NotFound, invalid
 from genserve_server.metrics import Metrics
-from genserve_server.repository import Model, ModelState, Repository
+from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.service_parts import (
     add_generated,
     image_protos,
@@ -116,6 +116,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         out = output_spec(request.output)
         return service_codes.sample_codes_stream(self.core, request, call, out, provenance)
 
+    def _mapping(self, call: Call, mv: ModelVersion) -> tuple[ModelVersion, ...]:
+        """A style generator's mapping version (its rows are mapped in one request each), else none."""
+        card = mv.card
+        return (
+            (style_sampling.style_mapping(self.core, call, mv),)
+            if card is not None and card.kind.styled
+            else ()
+        )
+
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return await self.boundary.unary("ListModels", request, context, self._do_list_models)
 
@@ -133,7 +142,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         psi = validate.psi(
             request.truncation_psi if request.HasField("truncation_psi") else None, w_space=card.kind.styled
         )
-        limit, limit_name = row_limit(mv, self.limits.max_images_per_request)
+        limit, limit_name = row_limit(self.limits.max_images_per_request, mv, *self._mapping(call, mv))
         seeds: list[int] | None
         if request.HasField("latents"):
             for name, given in (
@@ -179,7 +188,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if not request.HasField("latents"):
             raise invalid("latents", f"required: float32 [N, {card.latent_dim}]")
         z = latent_tensor(request.latents, card.latent_dim, "latents")
-        validate.count(len(z), "latents.shape[0]", *row_limit(mv, self.limits.max_images_per_request))
+        validate.count(len(z), "latents.shape[0]", *row_limit(self.limits.max_images_per_request, mv))
         generated = await self.core.generate(mv, call, None, out, Lane.INTERACTIVE, z=z)
         response = pb.SampleResponse(provenance=provenance(mv, generated.executed_batch_sizes, call.uses))
         add_generated(response.images, generated.images, z, None, None, out)
@@ -204,20 +213,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         )
         if request.start_index > count:
             raise invalid("start_index", f"must be in 0..count ({count}), got {request.start_index}")
-        per_request = self.limits.max_images_per_request
-        # A chunk is one request to the model's queue: one larger than the whole queue never fits.
-        queue = mv.batcher.max_queue_size if mv.batcher is not None else per_request
-        chunk_size = request.chunk_size or min(DEFAULT_CHUNK, per_request, queue)
-        if chunk_size > per_request:
-            raise invalid(
-                "chunk_size", f"must be in 1..{per_request} (max_images_per_request), got {chunk_size}"
-            )
-        if chunk_size > queue:
-            raise invalid(
-                "chunk_size",
-                f"must be in 1..{queue} ({mv.name}'s batching.max_queue_size: a chunk is one request "
-                f"to its queue), got {chunk_size}",
-            )
+        # A chunk is one request to the model's queue (and a style generator's mapping's): one
+        # larger than a whole queue never fits.
+        limit, limit_name = row_limit(self.limits.max_images_per_request, mv, *self._mapping(call, mv))
+        chunk_size = request.chunk_size or min(DEFAULT_CHUNK, limit)
+        if chunk_size > limit:
+            raise invalid("chunk_size", f"must be in 1..{limit} ({limit_name}), got {chunk_size}")
         out = output_spec(sample.output, "sample.output")
         psi = validate.psi(
             sample.truncation_psi if sample.HasField("truncation_psi") else None,
@@ -243,7 +244,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         assert card is not None and card.latent_dim is not None
         out = output_spec(request.output)
         steps = request.steps
-        limit, limit_name = row_limit(mv, self.limits.max_images_per_request)
+        # A style generator maps the path's two ends only: its steps go to the synthesis queue.
+        limit, limit_name = row_limit(self.limits.max_images_per_request, mv)
         if not 2 <= steps <= limit:
             raise invalid("steps", f"must be in 2..{limit} ({limit_name}), got {steps}")
         if request.mode not in (

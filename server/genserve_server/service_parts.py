@@ -31,14 +31,16 @@ def output_spec(options: tpb.OutputOptions, field_prefix: str = "output") -> Out
     )
 
 
-def row_limit(mv: ModelVersion, per_request: int) -> tuple[int, str]:
-    """The most images one request may ask of `mv` and the name of that limit: the server's
-    `per_request` (max_images_per_request), or the model's queue where it is smaller (a request is
-    one entry of the queue: one larger than the whole queue never fits)."""
-    queue = mv.batcher.max_queue_size if mv.batcher is not None else per_request
-    if queue < per_request:
-        return queue, f"{mv.name}'s batching.max_queue_size"
-    return per_request, "max_images_per_request"
+def row_limit(per_request: int, *versions: ModelVersion) -> tuple[int, str]:
+    """The most images one request may ask of the model `versions` it goes to (a style generator's
+    rows go to its mapping too) and the name of that limit: the server's `per_request`
+    (max_images_per_request), or the smallest of their queues (a request is one entry of each
+    queue: one larger than a whole queue never fits)."""
+    limit, name = per_request, "max_images_per_request"
+    for mv in versions:
+        if mv.batcher is not None and mv.batcher.max_queue_size < limit:
+            limit, name = mv.batcher.max_queue_size, f"{mv.name}'s batching.max_queue_size"
+    return limit, name
 
 
 def lane(priority: int, default: Lane, field_prefix: str = "") -> Lane:

@@ -70,7 +70,7 @@ async def mix_styles(
     if out.return_latents:
         raise invalid("output.return_latents", "not supported by MixStyles (a mixed image has two w)")
     priority = lane(request.priority, Lane.INTERACTIVE)
-    validate.count(len(request.mixes), "mixes", *row_limit(mv, limits.max_images_per_request))
+    validate.count(len(request.mixes), "mixes", *row_limit(limits.max_images_per_request, mv))
     default_psi = validate.psi(
         request.truncation_psi if request.HasField("truncation_psi") else None, w_space=True
     )

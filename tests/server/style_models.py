@@ -80,7 +80,9 @@ def synthesis_graph(
     return _model(graph)
 
 
-def write_style_models(root: Path, *, prefix: str = "", max_batch_size: int = 16) -> dict[str, str]:
+def write_style_models(
+    root: Path, *, prefix: str = "", max_batch_size: int = 16, mapping_queue: int = 256
+) -> dict[str, str]:
     """A style_mapping and the style_generator that names it (config.json mapping), plus a generator
     whose mapping does not fit (w_dim differs, refused per request) and one naming no mapping (refused
     at load). Returns the names: mapping, generator, misfit, misfit_mapping, unmapped."""
@@ -98,7 +100,7 @@ def write_style_models(root: Path, *, prefix: str = "", max_batch_size: int = 16
         "style_mapping",
         mapping_graph(),
         {"latent_dim": STYLE_LATENT, "w_dim": W_DIM, "output_range": None},
-        config={"batching": batching},
+        config={"batching": {**batching, "max_queue_size": mapping_queue}},
     )
     generator_card = {
         "latent_dim": STYLE_LATENT,
