@@ -302,7 +302,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _do_encode(self, request: pb.EncodeRequest, call: Call) -> pb.EncodeResponse:
         mv = self.core.resolve(call, request.model, request.version, (Kind.VAE_ENCODER,), "Encode")
-        n = validate.count(len(request.images), "images", self.limits.max_images_per_request)
+        n = validate.count(len(request.images), "images", *row_limit(self.limits.max_images_per_request, mv))
         seed = validate.base_seed(request.seed, n, "seed", "len(images)") if request.sample else None
         encoded = await self.core.encode_vae(mv, call, request.images, seed)
         dists = []

@@ -7,7 +7,14 @@ from typing import Any
 
 import grpc
 import pytest
-from server_support import TINY_LATENT, ServerProcess, generator_graph, start_server, write_model
+from server_support import (
+    TINY_LATENT,
+    ServerProcess,
+    generator_graph,
+    start_server,
+    vae_encoder_graph,
+    write_model,
+)
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -27,6 +34,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "generator",
         generator_graph(TINY_LATENT, 1, 8, 8),
         {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": small_queue},
+    )
+    write_model(
+        root,
+        "small-queue-enc",
+        "vae_encoder",
+        vae_encoder_graph(TINY_LATENT, 8, 8),
+        {
+            "latent_dim": TINY_LATENT,
+            "channels": None,
+            "input_channels": 1,
+            "image_size": [8, 8],
+            "output_range": None,
+            "input_range": [0.0, 1.0],
+        },
         config={"batching": small_queue},
     )
     # 64x64 RGB: 48 KiB a TENSOR_F32 image, so a chunk of 64 is 3 MiB, above a 1 MiB send limit.
@@ -113,6 +135,7 @@ def test_a_chunk_above_the_send_limit_names_sample_output_and_chunk_size(
             "steps",
         ),
         (lambda: pb.DecodeRequest(model="small-queue", latents=_zeros(9)), "latents.shape[0]"),
+        (lambda: pb.EncodeRequest(model="small-queue-enc", images=[_gray8()] * 9), "images"),
     ],
 )
 def test_a_request_above_the_models_queue_names_its_field_and_the_queue_limit(
@@ -125,6 +148,7 @@ def test_a_request_above_the_models_queue_names_its_field_and_the_queue_limit(
         pb.SampleRequest: stub.Sample,
         pb.InterpolateRequest: stub.Interpolate,
         pb.DecodeRequest: stub.Decode,
+        pb.EncodeRequest: stub.Encode,
     }[type(request)]
     with pytest.raises(grpc.RpcError) as excinfo:
         method(request, timeout=30)
@@ -132,11 +156,16 @@ def test_a_request_above_the_models_queue_names_its_field_and_the_queue_limit(
     assert isinstance(err, grpc.Call)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     lowest = 2 if field == "steps" else 1  # a path has both ends
-    assert err.details() == f"{field}: must be in {lowest}..8 (small-queue's batching.max_queue_size), got 9"
+    model = "small-queue-enc" if field == "images" else "small-queue"
+    assert err.details() == f"{field}: must be in {lowest}..8 ({model}'s batching.max_queue_size), got 9"
     eight = request_of()
     # The same request at the queue's size is served.
     if isinstance(eight, pb.InterpolateRequest):
         eight.steps = 8
+    elif isinstance(eight, pb.EncodeRequest):
+        del eight.images[8:]
+        assert len(stub.Encode(eight, timeout=30).latents) == 8
+        return
     elif eight.HasField("latents"):
         eight.latents.CopyFrom(_zeros(8))
     elif eight.seeds:
@@ -148,3 +177,7 @@ def test_a_request_above_the_models_queue_names_its_field_and_the_queue_limit(
 
 def _zeros(n: int) -> tpb.Tensor:
     return tpb.Tensor(shape=[n, TINY_LATENT], dtype=tpb.DTYPE_FLOAT32, data=bytes(4 * n * TINY_LATENT))
+
+
+def _gray8() -> tpb.Image:
+    return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(64), shape=[8, 8, 1])
