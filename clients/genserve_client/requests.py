@@ -195,9 +195,12 @@ def _assign(message: Message, name: str, value: object, prefix: str = "") -> Non
 def image_messages(images: Sequence[ImageInput]) -> list[types_pb2.Image]:
     """The request's images. One image where a list belongs is refused: a path (a str is a sequence
     of one-letter paths: "No such file or directory: 'p'"), bytes (of integers), a PIL image or an
-    HW array (of 1-D rows) all failed with a message that never said to pass a list."""
+    HW array (of 1-D rows) all failed with a message that never said to pass a list. A 1-D array of
+    paths or encoded files (str, bytes or object items: `df["path"].to_numpy()`) is a list."""
     if isinstance(images, str | bytes | os.PathLike | PILImage.Image) or (
-        isinstance(images, np.ndarray) and images.ndim < 3
+        isinstance(images, np.ndarray)
+        and images.ndim < 3
+        and not (images.ndim == 1 and images.dtype.kind in "OUS")
     ):
         what = (
             f"a {images.ndim}-D array" if isinstance(images, np.ndarray) else f"one {type(images).__name__}"

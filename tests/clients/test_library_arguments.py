@@ -254,3 +254,23 @@ def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kin
     with pytest.raises(TypeError, match=r"^images: must be a list of images, .*pass \[image\]"):
         getattr(calls, method)("m", one)
     assert len(getattr(calls, method)("m", [one]).request.images) == 1
+
+
+@pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
+def test_a_1d_array_of_paths_or_encoded_files_is_still_a_list_of_images(tmp_path: Path, method: str) -> None:
+    """A 1-D numpy array whose items are images (paths from `df["path"].to_numpy()`, PNG bytes in an
+    object array) was sent as a list of images; the one-image check refused it as 'a 1-D array'."""
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"photo{i}.png"
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(path)
+        paths.append(path)
+    as_strings = np.array([str(p) for p in paths])  # dtype <U..
+    as_bytes = np.empty(2, dtype=object)
+    as_bytes[:] = [p.read_bytes() for p in paths]
+    for images in (as_strings, as_bytes):
+        request = getattr(calls, method)("m", images).request
+        assert [m.data for m in request.images] == [p.read_bytes() for p in paths]
+    # a 1-D array of pixels is still no list of images
+    with pytest.raises(TypeError, match=r"^images: must be a list of images"):
+        getattr(calls, method)("m", np.zeros(8, np.uint8))
