@@ -16,7 +16,7 @@ from genserve.v1 import genserve_pb2_grpc
 from genserve_client import calls
 from genserve_client.attempts import StreamResume
 from genserve_client.binding import ClientBase
-from genserve_client.errors import GenserveClientError, from_rpc_error
+from genserve_client.errors import GenserveClientError, closed_client_error, from_rpc_error
 from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
 Out = TypeVar("Out")
@@ -30,9 +30,7 @@ def _closed_under(request_id: str | None) -> GenserveClientError | None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         return None
-    return GenserveClientError(
-        grpc.StatusCode.CANCELLED, "Channel closed! (the client was closed during the call)", request_id
-    )
+    return closed_client_error(request_id)
 
 
 class AsyncGenserveClient(ClientBase):
@@ -40,11 +38,19 @@ class AsyncGenserveClient(ClientBase):
     close it with `await client.close()` or `async with`."""
 
     def _connect(self) -> None:
+        self._closed = False
         self._channel = self.config.aio_channel()
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
+
+    def _closed_channel(self, request_id: str | None, began_open: bool) -> GenserveClientError | None:
+        """The error for an attempt refused by a closed channel (grpc.aio.UsageError) of a call
+        that began on an open client: it was closed under the call (while it waited to retry); None
+        otherwise (a call on a client already closed keeps grpc's UsageError)."""
+        return closed_client_error(request_id) if self._closed and began_open else None
 
     async def __aenter__(self) -> AsyncGenserveClient:
         return self
@@ -55,8 +61,14 @@ class AsyncGenserveClient(ClientBase):
     async def _unary(self, call: calls.UnaryCall[Out]) -> Out:
         rpc: grpc.aio.UnaryUnaryMultiCallable[Any, Any] = getattr(self._stub, call.rpc)
         attempts = self._attempts(call.timeout_s)
+        began_open = not self._closed
         while True:
-            pending = rpc(call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata)
+            try:
+                pending = rpc(call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata)
+            except grpc.aio.UsageError:
+                if (closed := self._closed_channel(attempts.request_id, began_open)) is None:
+                    raise
+                raise closed from None
             try:
                 response = await pending
                 trailing = await pending.trailing_metadata()
@@ -91,10 +103,16 @@ class AsyncGenserveClient(ClientBase):
 
     async def _stream(self, plan: Callable[[], calls.StreamCall]) -> AsyncIterator[SampleResult]:
         resume = StreamResume(plan(), self._stream_attempts())
+        began_open = not self._closed
         while (request := resume.next_request()) is not None:
-            stream = self._stub.SampleStream(
-                request, timeout=resume.call.timeout_s, metadata=resume.attempts.metadata
-            )
+            try:
+                stream = self._stub.SampleStream(
+                    request, timeout=resume.call.timeout_s, metadata=resume.attempts.metadata
+                )
+            except grpc.aio.UsageError:
+                if (closed := self._closed_channel(resume.attempts.request_id, began_open)) is None:
+                    raise
+                raise closed from None
             try:
                 async for chunk in stream:
                     yield resume.chunk(chunk)

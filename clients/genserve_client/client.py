@@ -17,7 +17,7 @@ from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_client import calls
 from genserve_client.attempts import StreamResume
 from genserve_client.binding import ClientBase
-from genserve_client.errors import GenserveClientError, from_rpc_error
+from genserve_client.errors import GenserveClientError, closed_client_error, from_rpc_error
 from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
 Out = TypeVar("Out")
@@ -31,11 +31,19 @@ class GenserveClient(ClientBase):
     """
 
     def _connect(self) -> None:
+        self._closed = False
         self._channel = self.config.sync_channel()
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
+
+    def _closed_channel(self, request_id: str | None, began_open: bool) -> GenserveClientError | None:
+        """The error for an attempt refused by a closed channel (grpc's ValueError) of a call that
+        began on an open client: it was closed under the call (while it waited to retry); None
+        otherwise (a call on a client already closed keeps grpc's ValueError)."""
+        return closed_client_error(request_id) if self._closed and began_open else None
 
     def __enter__(self) -> GenserveClient:
         return self
@@ -46,6 +54,7 @@ class GenserveClient(ClientBase):
     def _unary(self, call: calls.UnaryCall[Out]) -> Out:
         rpc: grpc.UnaryUnaryMultiCallable[Any, Any] = getattr(self._stub, call.rpc)
         attempts = self._attempts(call.timeout_s)
+        began_open = not self._closed
         while True:
             try:
                 response, done = rpc.with_call(
@@ -54,6 +63,10 @@ class GenserveClient(ClientBase):
             except grpc.RpcError as exc:
                 time.sleep(attempts.wait_s(exc))
                 continue
+            except ValueError:  # "Cannot invoke RPC on closed channel!"
+                if (closed := self._closed_channel(attempts.request_id, began_open)) is None:
+                    raise
+                raise closed from None
             return attempts.result(call, response, done.trailing_metadata())
 
     def _progress(self, plan: Callable[[], calls.ProgressCall]) -> Iterator[CodesProgress | CodesResult]:
@@ -88,6 +101,7 @@ class SampleStream:
         self._lock = threading.Lock()
         self._call: grpc.Call | None = None
         self._cancelled = False
+        self._began_open = not client._closed
         self.request_id = self._resume.attempts.request_id
 
     def cancel(self) -> None:
@@ -102,9 +116,14 @@ class SampleStream:
         with self._lock:
             if self._cancelled:
                 return None
-            call: Iterator[genserve_pb2.SampleStreamChunk] = self._client._stub.SampleStream(
-                request, timeout=self._resume.call.timeout_s, metadata=self._resume.attempts.metadata
-            )
+            try:
+                call: Iterator[genserve_pb2.SampleStreamChunk] = self._client._stub.SampleStream(
+                    request, timeout=self._resume.call.timeout_s, metadata=self._resume.attempts.metadata
+                )
+            except ValueError:  # "Cannot invoke RPC: Channel closed!" (closed while waiting to retry)
+                if (closed := self._client._closed_channel(self.request_id, self._began_open)) is None:
+                    raise
+                raise closed from None
             self._call = call  # type: ignore[assignment]  # the iterator is also the call: cancel() reaches the server
         return call
 

@@ -32,6 +32,15 @@ class GenserveClientError(Exception):
         return (type(self), (self.code, self.details, self.request_id))
 
 
+def closed_client_error(request_id: str | None) -> GenserveClientError:
+    """What a call raises when its client was closed under it: during an attempt (the sync client's
+    gRPC answers CANCELLED; grpc.aio raises CancelledError) or while it waited to retry (the next
+    attempt met a closed channel: ValueError, grpc.aio.UsageError)."""
+    return GenserveClientError(
+        grpc.StatusCode.CANCELLED, "Channel closed! (the client was closed during the call)", request_id
+    )
+
+
 def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The `x-request-id` value in (trailing) metadata, if any."""
     for key, value in metadata or ():

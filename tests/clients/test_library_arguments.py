@@ -4,6 +4,7 @@ options a method does not take, values a field cannot hold, one image where a li
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from PIL import Image
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 from genserve_client import AsyncGenserveClient, GenserveClient, GenserveClientError, calls
+from genserve_client.retry import RetryPolicy
 
 
 class SlowService(genserve_pb2_grpc.GenerationServiceServicer):
@@ -274,3 +276,57 @@ def test_a_1d_array_of_paths_or_encoded_files_is_still_a_list_of_images(tmp_path
     # a 1-D array of pixels is still no list of images
     with pytest.raises(TypeError, match=r"^images: must be a list of images"):
         getattr(calls, method)("m", np.zeros(8, np.uint8))
+
+
+class UnavailableService(genserve_pb2_grpc.GenerationServiceServicer):
+    """Always UNAVAILABLE: the client retries after a backoff."""
+
+    def Sample(self, request: object, context: grpc.ServicerContext) -> genserve_pb2.SampleResponse:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+
+    def SampleStream(self, request: object, context: grpc.ServicerContext) -> Iterator[object]:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        yield genserve_pb2.SampleStreamChunk()
+
+
+@pytest.mark.parametrize("rpc", ["sample", "sample_stream"])
+def test_closing_the_client_while_a_call_waits_to_retry_raises_cancelled_in_both_clients(rpc: str) -> None:
+    """A client closed while its call waited out a retry backoff (server UNAVAILABLE) raised
+    `ValueError: Cannot invoke RPC on closed channel!` (sync) or grpc's cygrpc.UsageError
+    'Channel is closed.' (asyncio) from the next attempt, not GenserveClientError."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(UnavailableService(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    retry = RetryPolicy(max_attempts=5, initial_backoff_s=1.0, max_backoff_s=1.0, multiplier=1.0)
+    try:
+        sync = GenserveClient(target, retry=retry, rng=random.Random(0))
+        threading.Timer(0.4, sync.close).start()
+        with pytest.raises(GenserveClientError) as sync_info:
+            if rpc == "sample":
+                sync.sample("m", 1)
+            else:
+                list(sync.sample_stream("m", 4))
+        assert sync_info.value.code == grpc.StatusCode.CANCELLED
+
+        async def scenario() -> GenserveClientError:
+            client = AsyncGenserveClient(target, retry=retry, rng=random.Random(0))
+
+            async def call() -> None:
+                if rpc == "sample":
+                    await client.sample("m", 1)
+                else:
+                    async for _ in client.sample_stream("m", 4):
+                        pass
+
+            task = asyncio.ensure_future(call())
+            await asyncio.sleep(0.4)
+            await client.close()
+            with pytest.raises(GenserveClientError) as info:
+                await task
+            return info.value
+
+        error = asyncio.run(scenario())
+        assert error.code == grpc.StatusCode.CANCELLED and error.request_id
+    finally:
+        server.stop(grace=None)
