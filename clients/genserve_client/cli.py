@@ -67,6 +67,15 @@ from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
+
+
+def images_per_call(info: genserve_pb2.ModelInfo) -> int:
+    """The most images one call of this model may ask for: what the server says
+    (ModelInfo.max_images_per_request: its limit or the model's queue, whichever is smaller), else
+    the server's default limit (a server from before that field)."""
+    return info.max_images_per_request or MAX_IMAGES_PER_CALL
+
+
 # A grid picture holds at most this many images (32 x 32 cells, ~2,200 px square for 64-px cells):
 # `sample --n 100000 --grid` would otherwise write a 27,900 x 27,812 picture. `bulk` is for more.
 MAX_GRID_IMAGES = 1024
@@ -253,6 +262,20 @@ def write_items(result: SampleResult, out_dir: Path, stem: str, **settings: obje
     _out(f"wrote {len(result.items)} images to {out_dir}")
 
 
+def mix_calls(pairs: Sequence[tuple[int, int]], per_call: int) -> list[list[tuple[int, int]]]:
+    """(coarse, fine) seed pairs in calls of at most `per_call` mixes and `per_call` distinct seeds
+    (the server maps a call's distinct seeds in one request to the mapping's queue)."""
+    calls: list[list[tuple[int, int]]] = []
+    seeds: set[int] = set()
+    for pair in pairs:
+        if not calls or len(calls[-1]) == per_call or len(seeds | set(pair)) > per_call:
+            calls.append([])
+            seeds = set()
+        calls[-1].append(pair)
+        seeds.update(pair)
+    return calls
+
+
 def sample_in_batches(
     client: GenserveClient,
     model: str,
@@ -414,7 +437,9 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
             )
         settings = {"temperature": args.temperature, "top_k": args.top_k or None}
     else:
-        result = sample_in_batches(client, args.model, seeds, flat_labels, **_sample_opts(args))
+        result = sample_in_batches(
+            client, args.model, seeds, flat_labels, per_call=images_per_call(info), **_sample_opts(args)
+        )
     if args.out:
         write_items(result, Path(args.out), args.model, **settings)
     if args.grid:
@@ -497,14 +522,13 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
         raise UsageError(f"mix: --crossover must be in 1..{top} (the first fine layer), got {args.crossover}")
     crossover = args.crossover if args.crossover is not None else default_crossover(info, args.version)
     opts = _sample_opts(args)
-    own = sample_in_batches(client, args.model, [*rows, *cols], [], **opts)
+    per_call = images_per_call(info)
+    own = sample_in_batches(client, args.model, [*rows, *cols], [], per_call=per_call, **opts)
     pairs = [(r, c) for r in rows for c in cols]
     mixed: list[Any] = []
     provenance = own.provenance
-    for start in range(0, len(pairs), MAX_IMAGES_PER_CALL):
-        part = client.mix_styles(
-            args.model, pairs[start : start + MAX_IMAGES_PER_CALL], crossover=crossover, **opts
-        )
+    for chunk in mix_calls(pairs, per_call):
+        part = client.mix_styles(args.model, chunk, crossover=crossover, **opts)
         mixed.extend(part.pil())
         provenance = part.provenance
     own_pictures = own.pil()

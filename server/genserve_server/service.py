@@ -9,6 +9,7 @@ KServe v2 servicer (kserve.py), which is a sibling of this module, not a user of
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -348,11 +349,25 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     # ================================================================== ListModels / GetModel
 
+    def _images_per_request(self, model: Model) -> int:
+        """ModelInfo.max_images_per_request: what row_limit allows a request of `model` (its queue,
+        a style generator's mapping's), from the configs, without holding a version."""
+        assert model.config is not None
+        limit = min(self.limits.max_images_per_request, model.config.batching.max_queue_size)
+        if model.config.mapping:
+            with contextlib.suppress(NotFound):
+                mapping = self.repo.get(model.config.mapping).config
+                if mapping is not None:
+                    limit = min(limit, mapping.batching.max_queue_size)
+        return limit
+
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card(version)  # the serving version's; GetModel naming a version: that one's
         info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
         if model.config is not None:
             info.max_batch_size = model.config.batching.max_batch_size
+            if model.kind in SAMPLE_KINDS or model.kind in DECODE_KINDS or model.kind == Kind.VAE_ENCODER:
+                info.max_images_per_request = self._images_per_request(model)
         if model.reason and not model.versions:
             reason = self.repo.redact(model.reason)
             info.versions.append(pb.ModelVersionInfo(state=pb.MODEL_STATE_UNAVAILABLE, reason=reason))

@@ -141,3 +141,12 @@ def test_mix_refuses_a_crossover_outside_the_layers_naming_the_flag(
         assert proc.returncode == 2, proc.stderr
         assert f"--crossover must be in 1..{NUM_LAYERS - 1}" in proc.stderr and f"got {bad}" in proc.stderr
         assert not grid.exists()
+
+
+def test_mix_calls_hold_at_most_per_call_mixes_and_distinct_seeds() -> None:
+    # The server maps a call's distinct seeds in one request to the mapping's queue.
+    pairs = [(r, c) for r in range(10, 16) for c in range(20, 26)]  # 36 mixes of 12 seeds
+    calls = cli.mix_calls(pairs, 8)
+    assert [p for call in calls for p in call] == pairs
+    assert all(len(call) <= 8 and len({s for p in call for s in p}) <= 8 for call in calls)
+    assert cli.mix_calls(pairs, 256) == [pairs]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from client_fakes import cli_main
 from server_support import (
     TINY_LATENT,
     ServerProcess,
@@ -181,3 +183,35 @@ def _zeros(n: int) -> tpb.Tensor:
 
 def _gray8() -> tpb.Image:
     return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(64), shape=[8, 8, 1])
+
+
+def test_model_info_says_how_many_images_a_request_may_ask_for(stub: pb_grpc.GenerationServiceStub) -> None:
+    # The smaller of max_images_per_request (256 here) and the model's queue; 0 for a model that
+    # takes no such count (none here: every model of this repository does).
+    assert stub.GetModel(pb.GetModelRequest(name="small-queue")).max_images_per_request == 8
+    assert stub.GetModel(pb.GetModelRequest(name="small-queue-enc")).max_images_per_request == 8
+    assert stub.GetModel(pb.GetModelRequest(name="gen64")).max_images_per_request == 256
+
+
+def test_the_cli_samples_more_images_than_the_models_queue_in_calls_it_holds(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `sample --n 20` went out in one call of 20 (the CLI's batches were the server's default limit,
+    # 256) and came back INVALID_ARGUMENT from a model whose queue holds 8.
+    out = tmp_path / "out"
+    code, _, err = cli_main(
+        capsys,
+        "--target",
+        server.target,
+        "sample",
+        "--model",
+        "small-queue",
+        "--n",
+        "20",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    assert len(list(out.glob("*.png"))) == 20

@@ -998,6 +998,7 @@ class ModelInfo(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     W_DIM_FIELD_NUMBER: _builtins.int
     NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image,
@@ -1021,6 +1022,11 @@ class ModelInfo(_message.Message):
     limit of MixStyles' crossover.
     """
     num_layers: _builtins.int
+    max_images_per_request: _builtins.int
+    """The most images one Sample, Decode, Encode or Interpolate of this model may ask for, and the
+    largest SampleStream chunk: the smaller of the server's max_images_per_request and the model's
+    batching.max_queue_size (a style generator's mapping's too). 0: not a model those take.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionInfo]: ...
     @_builtins.property
@@ -1047,10 +1053,11 @@ class ModelInfo(_message.Message):
         reason: _builtins.str = ...,
         w_dim: _builtins.int = ...,
         num_layers: _builtins.int = ...,
+        max_images_per_request: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "name", b"name", "num_layers", b"num_layers", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions", "w_dim", b"w_dim"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "name", b"name", "num_layers", b"num_layers", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions", "w_dim", b"w_dim"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
