@@ -332,7 +332,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _do_translate(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
         mv = self.core.resolve(call, request.model, request.version, TRANSLATE_KINDS, "Translate")
-        validate.image_count(len(request.images), self.limits.max_images_per_image_request)
+        # The images are in the model's queue at once (one request per padded shape): more than
+        # the queue holds never fit.
+        validate.image_count(
+            len(request.images),
+            *row_limit(
+                self.limits.max_images_per_image_request,
+                mv,
+                per_request_name="max_images_per_image_request",
+            ),
+        )
         if request.tile_size or request.HasField("tile_overlap"):
             field = "tile_size" if request.tile_size else "tile_overlap"
             raise invalid(field, "only SuperResolve takes tile_size/tile_overlap")

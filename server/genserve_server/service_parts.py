@@ -31,12 +31,14 @@ def output_spec(options: tpb.OutputOptions, field_prefix: str = "output") -> Out
     )
 
 
-def row_limit(per_request: int, *versions: ModelVersion) -> tuple[int, str]:
+def row_limit(
+    per_request: int, *versions: ModelVersion, per_request_name: str = "max_images_per_request"
+) -> tuple[int, str]:
     """The most images one request may ask of the model `versions` it goes to (a style generator's
     rows go to its mapping too) and the name of that limit: the server's `per_request`
-    (max_images_per_request), or the smallest of their queues (a request is one entry of each
-    queue: one larger than a whole queue never fits)."""
-    limit, name = per_request, "max_images_per_request"
+    (`per_request_name`), or the smallest of their queues (a request's rows are in each queue at
+    once: more than a whole queue never fit, even split over several batch keys)."""
+    limit, name = per_request, per_request_name
     for mv in versions:
         if mv.batcher is not None and mv.batcher.max_queue_size < limit:
             limit, name = mv.batcher.max_queue_size, f"{mv.name}'s batching.max_queue_size"

@@ -281,9 +281,11 @@ def encodable(out: OutputSpec, sizes: Sequence[tuple[int, int]]) -> None:
             )
 
 
-def image_count(n: int, limit: int, field: str = "images") -> int:
+def image_count(
+    n: int, limit: int, limit_name: str = "max_images_per_image_request", field: str = "images"
+) -> int:
     if not 1 <= n <= limit:
-        raise invalid(field, f"must have 1..{limit} images, got {n}")
+        raise invalid(field, f"must have 1..{limit} images ({limit_name}), got {n}")
     return n
 
 

@@ -1,0 +1,153 @@
+"""Limits an operator may lower, against each other: a model's queue below a request's rows, the
+server's max_images_per_request below a prior's row budget, the server's default queue below a
+model's batch. Each request that can never succeed must say so naming its field and the limit (never
+an unnamed 'split it into smaller requests', never a RESOURCE_EXHAUSTED a client retries forever),
+and the CLI must send calls within what ModelInfo advertises."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from code_models import write_code_models
+from server_support import (
+    TINY_LATENT,
+    ServerProcess,
+    generator_graph,
+    image_to_image_graph,
+    start_server,
+    vae_decoder_graph,
+    vae_encoder_graph,
+    write_model,
+)
+from translator_models import translator_card, two_way_graph
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+SERVER_LIMIT = 6  # the server's max_images_per_request here
+QUEUE_4 = {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 4}
+
+
+def _set_batching(root: Path, name: str, batching: dict[str, Any]) -> None:
+    path = root / name / "config.json"
+    config = json.loads(path.read_text())
+    config["batching"] = batching
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("limits-models")
+    write_model(
+        root, "tr", "two_way_translator", two_way_graph(), translator_card(), config={"batching": QUEUE_4}
+    )
+    write_model(
+        root,
+        "i2i",
+        "image_to_image",
+        image_to_image_graph(4),
+        {"channels": 3, "input_channels": 3, "input_range": [-1.0, 1.0], "size_multiple": 4, "min_size": 4},
+    )
+    # A prior whose row budget (8) is above the server's limit (6); decoder queue 64.
+    write_code_models(root)
+    # The same, with a decoder whose queue holds 4 (below both).
+    q = write_code_models(root, prefix="q-")
+    _set_batching(root, q["decoder"], QUEUE_4)
+    write_model(
+        root,
+        "v-dec",
+        "vae_decoder",
+        vae_decoder_graph(8, 8, 8),
+        {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [0.0, 1.0]},
+        config={"batching": QUEUE_4},
+    )
+    write_model(
+        root,
+        "v-enc",
+        "vae_encoder",
+        vae_encoder_graph(8, 8, 8),
+        {
+            "latent_dim": 8,
+            "channels": None,
+            "input_channels": 1,
+            "image_size": [8, 8],
+            "output_range": None,
+            "input_range": [0.0, 1.0],
+        },
+    )
+    write_model(
+        root,
+        "g4",
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": QUEUE_4},
+    )
+    proc = start_server(
+        root,
+        tmp_path_factory.mktemp("limits-server"),
+        config={"limits": {"max_images_per_request": SERVER_LIMIT}},
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def _gray(side: int) -> tpb.Image:
+    return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(side * side), shape=[side, side, 1])
+
+
+def _rgb(side: int) -> tpb.Image:
+    return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(3 * side * side), shape=[side, side, 3])
+
+
+def _refusal(call: Any, request: Any) -> grpc.Call:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        call(request, timeout=30)
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    return err
+
+
+# ---------------------------------------------------------------------------- Translate
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        [8] * 5,  # one shape: one request of 5 rows to a queue of 4
+        [8] * 3 + [16] * 2,  # two shapes: 3 + 2 rows, two requests to a queue of 4
+    ],
+)
+def test_translate_of_more_images_than_the_translators_queue_names_images_and_the_queue(
+    stub: pb_grpc.GenerationServiceStub, images: list[int]
+) -> None:
+    # Was INVALID_ARGUMENT "the request needs 5 items ... split it into smaller requests" (one
+    # shape), or RESOURCE_EXHAUSTED "queue full ... retry with backoff" on an idle server (two
+    # shapes: the second bucket never fits beside the first), which clients retry forever.
+    err = _refusal(stub.Translate, pb.ImageRequest(model="tr", images=[_gray(s) for s in images]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "images: must have 1..4 images (tr's batching.max_queue_size), got 5"
+    # Four images (both shapes) are served.
+    four = pb.ImageRequest(model="tr", images=[_gray(s) for s in images[1:]])
+    assert len(stub.Translate(four, timeout=30).images) == 4
+
+
+def test_an_image_count_above_max_images_per_image_request_names_the_limit(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # "images: must have 1..16 images, got 17" named no limit.
+    err = _refusal(stub.Translate, pb.ImageRequest(model="i2i", images=[_rgb(8)] * 17))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "images: must have 1..16 images (max_images_per_image_request), got 17"
