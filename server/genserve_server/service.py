@@ -21,7 +21,7 @@ from genserve_contract.kinds import TRANSLATE_KINDS, Kind
 from genserve_server import latents, service_codes, service_styles, style_sampling, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
-from genserve_server.config import SAMPLE_KINDS, ServerConfig
+from genserve_server.config import SAMPLE_KINDS, ModelConfig, ServerConfig
 from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import NotFound, invalid
 from genserve_server.metrics import Metrics
@@ -360,22 +360,41 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     def _images_per_request(self, model: Model) -> int:
         """ModelInfo.max_images_per_request: what row_limit allows a request of `model` (its queue,
-        a style generator's mapping's), from the configs, without holding a version."""
-        assert model.config is not None
-        limit = min(self.limits.max_images_per_request, model.config.batching.max_queue_size)
-        if model.config.mapping:
-            with contextlib.suppress(NotFound):
-                mapping = self.repo.get(model.config.mapping).config
-                if mapping is not None:
-                    limit = min(limit, mapping.batching.max_queue_size)
+        a style generator's mapping's), or service_codes.sample_limit a SampleCodes of a code prior
+        (its row budget, its top prior's, its decoder's queue), from the configs, without holding a
+        version."""
+        config = model.config
+        assert config is not None
+        limit = self.limits.max_images_per_request
+        if model.kind == Kind.CODE_PRIOR:
+            limit = min(limit, config.batching.max_batch_size)
+            top = self._config_of(config.top_prior)
+            if top is not None:
+                limit = min(limit, top.batching.max_batch_size)
+            decoder = self._config_of(config.decoder)
+            if decoder is not None:
+                limit = min(limit, decoder.batching.max_queue_size)
+            return limit
+        limit = min(limit, config.batching.max_queue_size)
+        mapping = self._config_of(config.mapping)
+        if mapping is not None:
+            limit = min(limit, mapping.batching.max_queue_size)
         return limit
+
+    def _config_of(self, name: str) -> ModelConfig | None:
+        """The config.json of the model `name` names (a mapping, decoder, top prior), if any."""
+        if not name:
+            return None
+        with contextlib.suppress(NotFound):
+            return self.repo.get(name).config
+        return None
 
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card(version)  # the serving version's; GetModel naming a version: that one's
         info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
         if model.config is not None:
             info.max_batch_size = model.config.batching.max_batch_size
-            if model.kind in SAMPLE_KINDS or model.kind in DECODE_KINDS or model.kind == Kind.VAE_ENCODER:
+            if model.kind in (*SAMPLE_KINDS, *DECODE_KINDS, Kind.VAE_ENCODER, Kind.CODE_PRIOR):
                 info.max_images_per_request = self._images_per_request(model)
         if model.reason and not model.versions:
             reason = self.repo.redact(model.reason)

@@ -47,6 +47,25 @@ def codes_proto(grid: np.ndarray) -> tpb.Tensor:
     return tpb.Tensor(shape=grid.shape, dtype=tpb.DTYPE_INT64, data=grid.astype("<i8", copy=False).tobytes())
 
 
+def sample_limit(core: GenerationCore, call: Call, mv: ModelVersion, *, top_given: bool) -> tuple[int, str]:
+    """The most samples one SampleCodes of prior `mv` may ask for, and the name of that limit: the
+    server's max_images_per_request, the prior's row budget, its top prior's where that samples the
+    top grids, and its decoder's queue (a request's grids are decoded in one request to it: more
+    than the whole queue never fit, and were found out only once every grid was sampled)."""
+    limit, name = core.limits.max_images_per_request, "max_images_per_request"
+    top = None if top_given else code_sampling.top_prior(core, call, mv)
+    for prior in (mv, top):
+        if prior is not None and prior.config.batching.max_batch_size < limit:
+            limit, name = (
+                prior.config.batching.max_batch_size,
+                f"{prior.name}'s row budget, batching.max_batch_size",
+            )
+    decoder = code_sampling.code_decoder(core, call, mv)
+    if decoder is not None and decoder.batcher is not None and decoder.batcher.max_queue_size < limit:
+        limit, name = decoder.batcher.max_queue_size, f"{decoder.name}'s batching.max_queue_size"
+    return limit, name
+
+
 @dataclass(frozen=True, slots=True)
 class _Parsed:
     mv: ModelVersion
@@ -64,14 +83,14 @@ def _parse(
     assert card is not None and card.codebook_size is not None and card.grid is not None
     if out.return_latents:
         raise invalid("output.return_latents", f"not accepted by {rpc} (use return_codes)")
-    limit = min(core.limits.max_images_per_request, mv.config.batching.max_batch_size)
+    limit, limit_name = sample_limit(core, call, mv, top_given=request.HasField("top_codes"))
     seeds = validate.request_seeds(
         request.seeds,
         request.count,
         request.base_seed if request.HasField("base_seed") else None,
         limit,
         core.random_base_seed,
-        "max_images_per_request and the row budget",
+        limit_name,
     )
     n = len(seeds)
     labels = check_labels(request.labels, card.class_names, n, mv.name)

@@ -59,6 +59,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # The same, with a decoder whose queue holds 4 (below both).
     q = write_code_models(root, prefix="q-")
     _set_batching(root, q["decoder"], QUEUE_4)
+    _set_batching(root, q["top"], QUEUE_4)  # q-chain-prior's top prior: a row budget of 4
     write_model(
         root,
         "v-dec",
@@ -151,3 +152,48 @@ def test_an_image_count_above_max_images_per_image_request_names_the_limit(
     err = _refusal(stub.Translate, pb.ImageRequest(model="i2i", images=[_rgb(8)] * 17))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == "images: must have 1..16 images (max_images_per_image_request), got 17"
+
+
+# ---------------------------------------------------------------------------- SampleCodes
+
+
+@pytest.mark.parametrize("rpc", ["SampleCodes", "SampleCodesStream"])
+def test_sample_codes_above_its_decoders_queue_names_count_and_the_decoders_queue(
+    stub: pb_grpc.GenerationServiceStub, rpc: str
+) -> None:
+    # The grids of 5 samples were computed, then their decode failed with "model q-codes-decoder
+    # version 1: the request needs 5 items ... split it into smaller requests", naming no field.
+    request = pb.SampleCodesRequest(model="q-prior", count=5, labels=[0], base_seed=1)
+    if rpc == "SampleCodes":
+        err = _refusal(stub.SampleCodes, request)
+    else:
+        err = _refusal(lambda r, timeout: list(stub.SampleCodesStream(r, timeout=timeout)), request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "count: must be in 1..4 (q-codes-decoder's batching.max_queue_size), got 5"
+    request.count = 4
+    assert len(stub.SampleCodes(request, timeout=30).images) == 4
+
+
+def test_model_info_says_how_many_samples_a_sample_codes_may_ask_for(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # The smallest of the server's limit, the row budget and the decoder's queue; was 0, so the CLI
+    # could only guess from max_batch_size (the row budget).
+    assert stub.GetModel(pb.GetModelRequest(name="prior")).max_images_per_request == SERVER_LIMIT
+    assert stub.GetModel(pb.GetModelRequest(name="q-prior")).max_images_per_request == 4
+    assert stub.GetModel(pb.GetModelRequest(name="top-prior")).max_images_per_request == SERVER_LIMIT
+
+
+def test_sample_codes_above_its_top_priors_row_budget_names_count_and_that_budget(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # Was refused only once the top level began, naming 'seeds' for a request that gave a count.
+    request = pb.SampleCodesRequest(model="q-chain-prior", count=5, base_seed=1)
+    err = _refusal(stub.SampleCodes, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "count: must be in 1..4 (q-top-prior's row budget, batching.max_batch_size), got 5"
+    )
+    assert stub.GetModel(pb.GetModelRequest(name="q-chain-prior")).max_images_per_request == 4
+    request.count = 4
+    assert len(stub.SampleCodes(request, timeout=30).images) == 4

@@ -1025,7 +1025,9 @@ class ModelInfo(_message.Message):
     max_images_per_request: _builtins.int
     """The most images one Sample, Decode, Encode or Interpolate of this model may ask for, and the
     largest SampleStream chunk: the smaller of the server's max_images_per_request and the model's
-    batching.max_queue_size (a style generator's mapping's too). 0: not a model those take.
+    batching.max_queue_size (a style generator's mapping's too). For a code_prior, the most
+    samples one SampleCodes may ask for: the smallest of max_images_per_request, its row budget,
+    its top prior's and its decoder's batching.max_queue_size. 0: not a model those take.
     """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionInfo]: ...
