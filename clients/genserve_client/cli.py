@@ -314,14 +314,19 @@ def sample_codes_in_batches(
     seeds: list[int],
     labels: list[int],
 ) -> SampleResult:
-    """A code prior's grids, decoded, in calls within its row budget (ModelInfo.max_batch_size);
+    """A code prior's grids, decoded, in calls within what one SampleCodes may ask of it
+    (ModelInfo.max_images_per_request: the server's limit, its row budget, its top prior's, its
+    decoder's queue; from a server without that field, its row budget ModelInfo.max_batch_size);
     with --progress, one streamed call whose previews fill a strip (the first sample's), saved to
     that file after every preview, so that an image viewer shows it filling in."""
-    budget = max(1, min(MAX_IMAGES_PER_CALL, info.max_batch_size or MAX_IMAGES_PER_CALL))
+    budget = info.max_images_per_request or max(
+        1, min(MAX_IMAGES_PER_CALL, info.max_batch_size or MAX_IMAGES_PER_CALL)
+    )
     if args.progress:
         if len(seeds) > budget:
             raise UsageError(
-                f"sample --progress: at most {budget} images (the prior's row budget), asked {len(seeds)}"
+                f"sample --progress: at most {budget} images (one call of the prior: its row budget and "
+                f"the server's limits), asked {len(seeds)}"
             )
         strip: list[Image.Image] = []
         result: SampleResult | None = None
@@ -558,8 +563,10 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
     if info.kind == CONDITIONAL and not labels:
         raise UsageError(f"{args.model} is conditional: give --label")
     opts = _sample_opts(args)
-    members = client.sample(
-        args.model, seeds=[s for v in sets.values() for s in v], labels=labels, return_latents=True, **opts
+    per_call = images_per_call(info)  # the sets may hold more seeds than one call of the model takes
+    seeds = [s for v in sets.values() for s in v]
+    members = sample_in_batches(
+        client, args.model, seeds, labels * len(seeds), per_call=per_call, return_latents=True, **opts
     )
     latents = members.latents
     if latents is None:
@@ -571,7 +578,14 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
         # A latent model's explicit z take no truncation (the members' z were truncated when drawn);
         # a style generator truncates every image in w space, after the mapping, the means' too.
         opts.pop("psi", None)
-    decoded = client.sample(args.model, latents=np.stack([*means, combined]), labels=labels, **opts).pil()
+    points = np.stack([*means, combined])
+    decoded = [
+        picture
+        for start in range(0, len(points), per_call)
+        for picture in client.sample(
+            args.model, latents=points[start : start + per_call], labels=labels, **opts
+        ).pil()
+    ]
     member_pics = members.pil()
     width = max(len(v) for v in sets.values())
     grid_rows = []
@@ -660,8 +674,9 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
         latents[r * len(values) : (r + 1) * len(values), d] = values
     pics: list[Image.Image] = []
     provenance: Provenance | None = None
-    for start in range(0, len(latents), MAX_IMAGES_PER_CALL):
-        part = client.decode(decoder, latents[start : start + MAX_IMAGES_PER_CALL], version=args.version)
+    per_call = images_per_call(client.get_model(decoder, args.version))  # its queue may hold fewer
+    for start in range(0, len(latents), per_call):
+        part = client.decode(decoder, latents[start : start + per_call], version=args.version)
         pics += part.pil()
         provenance = part.provenance
     source = Image.fromarray(picture)

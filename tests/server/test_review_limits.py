@@ -6,14 +6,18 @@ and the CLI must send calls within what ModelInfo advertises."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
+from client_fakes import cli_main
 from code_models import write_code_models
+from PIL import Image
 from server_support import (
     TINY_LATENT,
     ServerProcess,
@@ -197,3 +201,44 @@ def test_sample_codes_above_its_top_priors_row_budget_names_count_and_that_budge
     assert stub.GetModel(pb.GetModelRequest(name="q-chain-prior")).max_images_per_request == 4
     request.count = 4
     assert len(stub.SampleCodes(request, timeout=30).images) == 4
+
+
+def test_the_cli_samples_a_code_prior_in_calls_within_the_servers_limit(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The CLI sent calls of the row budget (8, ModelInfo.max_batch_size), above the server's
+    # max_images_per_request (6): 'count: must be in 1..6'.
+    out = tmp_path / "out"
+    args = ("--target", server.target, "sample", "--model", "prior", "--n", "10", "--seed", "1")
+    code, _, err = cli_main(capsys, *args, "--label", "0", "--out", str(out))
+    assert code == 0, err
+    assert len(list(out.glob("*.png"))) == 10
+
+
+# ---------------------------------------------------------------------------- CLI edit / arithmetic
+
+
+def test_the_cli_edit_sweep_decodes_in_calls_the_decoder_holds(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The sweep's latents went out in calls of 256 (the server's default limit): a decoder whose
+    # queue holds 4 refused the sweep of 6.
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(picture)
+    grid = tmp_path / "sweep.png"
+    args = ("--target", server.target, "edit", str(picture), "--model", "v-enc")
+    code, _, err = cli_main(capsys, *args, "--sweep", "--sweep-steps", "6", "--dim", "0", "--out", str(grid))
+    assert code == 0, err
+    assert grid.exists()
+
+
+def test_the_cli_arithmetic_samples_its_members_in_calls_the_model_holds(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The 6 member seeds went out in one Sample of 6 to a model whose queue holds 4.
+    grid = tmp_path / "arith.png"
+    args = ("--target", server.target, "arithmetic", "--model", "g4", "--grid", str(grid))
+    code, _, err = cli_main(capsys, *args, "--a", "1,2", "--b", "3,4", "--c", "5,6")
+    assert code == 0, err
+    with Image.open(io.BytesIO(grid.read_bytes())) as picture:
+        assert picture.width > 0
