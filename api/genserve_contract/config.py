@@ -346,7 +346,8 @@ def _tolerance(r: Reader, key: str, default: Tolerance) -> Tolerance:
     return float(value)
 
 
-def _batching(r: Reader, default_max_queue_size: int) -> BatchingConfig:
+def _batching(r: Reader, default_max_queue_size: int, *, server_default: bool = False) -> BatchingConfig:
+    """`server_default`: `default_max_queue_size` is the server config's limits.default_max_queue_size."""
     d = BatchingConfig()
     max_batch_size = r.integer(
         "max_batch_size", d.max_batch_size, min_value=1, max_value=MAX_BATCH_SIZE_LIMIT
@@ -382,9 +383,18 @@ def _batching(r: Reader, default_max_queue_size: int) -> BatchingConfig:
             f"arrive is the tighter one), got {bulk:g}",
         )
     if batching.max_queue_size < max_batch_size:
+        given = ""
+        if r.raw("max_queue_size") is None:  # the default applied: say where it came from
+            source, fix = "the default", ""
+            if server_default:
+                source = "the server config's limits.default_max_queue_size"
+                fix = " or raise limits.default_max_queue_size"
+            given = (
+                f" ({source}: this file sets no {r.prefix}max_queue_size; set one >= {max_batch_size}{fix})"
+            )
         raise r.error(
             "max_queue_size",
-            f"must be >= {r.prefix}max_batch_size ({max_batch_size}), got {batching.max_queue_size}",
+            f"must be >= {r.prefix}max_batch_size ({max_batch_size}), got {batching.max_queue_size}{given}",
         )
     return batching
 
@@ -450,7 +460,7 @@ def parse_model_config(
     if not kind_name:
         raise r.error("kind", f"is required (one of {', '.join(KIND_NAMES)})")
     queue = BatchingConfig().max_queue_size if default_max_queue_size is None else default_max_queue_size
-    batching = _batching(r.sub("batching"), queue)
+    batching = _batching(r.sub("batching"), queue, server_default=default_max_queue_size is not None)
     policy = _version_policy(r)
     providers = r.optional_str_list("execution_providers", choices=KNOWN_PROVIDERS)
     try:

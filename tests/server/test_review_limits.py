@@ -33,6 +33,7 @@ from translator_models import translator_card, two_way_graph
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server.config import ConfigError, load_model_config
 
 SERVER_LIMIT = 6  # the server's max_images_per_request here
 QUEUE_4 = {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 4}
@@ -242,3 +243,25 @@ def test_the_cli_arithmetic_samples_its_members_in_calls_the_model_holds(
     assert code == 0, err
     with Image.open(io.BytesIO(grid.read_bytes())) as picture:
         assert picture.width > 0
+
+
+# ---------------------------------------------------------------------------- config at load
+
+
+def test_a_server_default_queue_below_a_models_batch_names_the_server_limit(tmp_path: Path) -> None:
+    # config.json sets no max_queue_size: the server's limits.default_max_queue_size (16) applies,
+    # and the refusal named only config.json's batching.max_queue_size, a field the file lacks.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"kind": "generator", "batching": {"max_batch_size": 64}}))
+    with pytest.raises(ConfigError) as excinfo:
+        load_model_config(path, default_max_queue_size=16)
+    message = str(excinfo.value)
+    assert "limits.default_max_queue_size" in message
+    assert "64" in message and "16" in message
+    # Given in config.json, the message stays about config.json's field.
+    path.write_text(
+        json.dumps({"kind": "generator", "batching": {"max_batch_size": 64, "max_queue_size": 16}})
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_model_config(path, default_max_queue_size=1024)
+    assert "default_max_queue_size" not in str(excinfo.value)
