@@ -447,9 +447,18 @@ class GenerationCore:
         psi: float | None,
         out: OutputSpec,
         lane: Lane,
+        queue_rows: int | None = None,
     ) -> AsyncIterator[tuple[int, list[int], np.ndarray | None, Generated]]:
         """Images start_index .. count - 1 of a stream (image i: seed base + i, label i mod cycle), in
-        chunks, computed up to STREAM_CHUNKS_AHEAD chunks ahead of the one being sent."""
+        chunks, computed up to STREAM_CHUNKS_AHEAD chunks ahead of the one being sent.
+
+        `queue_rows`: the smallest queue the chunks go to (a style generator's mapping's too). An
+        INTERACTIVE stream's chunks are refused at once where the queue is full, so it keeps no
+        more chunks in it than it holds: its own chunks ahead would otherwise fill it and fail the
+        stream with RESOURCE_EXHAUSTED on an idle server (a BULK chunk waits for room instead)."""
+        ahead = STREAM_CHUNKS_AHEAD
+        if lane == Lane.INTERACTIVE and queue_rows is not None:
+            ahead = max(0, min(ahead, queue_rows // chunk_size - 1))
 
         async def chunk(start: int, n: int) -> tuple[int, list[int], np.ndarray | None, Generated]:
             seeds = list(range(base + start, base + start + n))
@@ -494,11 +503,7 @@ class GenerationCore:
                             f"server is shutting down: the stream ended before image {sent}; "
                             f"resume with start_index={sent} (another replica, or this one restarted)"
                         )
-                while (
-                    not self.shutting_down.is_set()
-                    and len(pending) <= STREAM_CHUNKS_AHEAD
-                    and next_index < count
-                ):
+                while not self.shutting_down.is_set() and len(pending) <= ahead and next_index < count:
                     n = min(chunk_size, count - next_index)
                     pending.append(asyncio.ensure_future(chunk(next_index, n)))
                     next_index += n

@@ -216,7 +216,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             raise invalid("start_index", f"must be in 0..count ({count}), got {request.start_index}")
         # A chunk is one request to the model's queue (and a style generator's mapping's): one
         # larger than a whole queue never fits.
-        limit, limit_name = row_limit(self.limits.max_images_per_request, mv, *self._mapping(call, mv))
+        versions = (mv, *self._mapping(call, mv))
+        limit, limit_name = row_limit(self.limits.max_images_per_request, *versions)
         chunk_size = request.chunk_size or min(DEFAULT_CHUNK, limit)
         if chunk_size > limit:
             raise invalid("chunk_size", f"must be in 1..{limit} ({limit_name}), got {chunk_size}")
@@ -229,8 +230,19 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         priority = lane(sample.priority, Lane.BULK, "sample.")
         label_cycle = np.asarray(sample.labels, dtype=np.int64)
         validate.labels(sample.labels, card, len(sample.labels) or 1, "sample.labels")  # values only
+        queue_rows = min((v.batcher.max_queue_size for v in versions if v.batcher is not None), default=None)
         chunks = self.core.sample_range(
-            mv, call, base, count, request.start_index, chunk_size, label_cycle, psi, out, priority
+            mv,
+            call,
+            base,
+            count,
+            request.start_index,
+            chunk_size,
+            label_cycle,
+            psi,
+            out,
+            priority,
+            queue_rows,
         )
         async for start, seeds, labels, generated in chunks:
             chunk = pb.SampleStreamChunk(provenance=provenance(mv, generated.executed_batch_sizes, call.uses))

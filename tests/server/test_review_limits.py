@@ -216,6 +216,22 @@ def test_the_cli_samples_a_code_prior_in_calls_within_the_servers_limit(
     assert len(list(out.glob("*.png"))) == 10
 
 
+# ---------------------------------------------------------------------------- SampleStream
+
+
+@pytest.mark.parametrize("chunk_size", [0, 2])
+def test_an_interactive_stream_is_not_refused_for_its_own_chunks_ahead(
+    stub: pb_grpc.GenerationServiceStub, chunk_size: int
+) -> None:
+    # An INTERACTIVE stream's chunks go to the queue like unary requests (refused at once when it
+    # is full), and it kept 3 chunks in it (the one being sent and 2 ahead): on an idle server its
+    # second chunk of 4 (or third of 2) found the queue of 4 full of its own rows and the stream
+    # ended RESOURCE_EXHAUSTED 'queue full ... retry with backoff', on every retry.
+    sample = pb.SampleRequest(model="g4", count=20, base_seed=5, priority=tpb.PRIORITY_INTERACTIVE)
+    chunks = stub.SampleStream(pb.SampleStreamRequest(sample=sample, chunk_size=chunk_size), timeout=30)
+    assert [g.index for c in chunks for g in c.images] == list(range(20))
+
+
 # ---------------------------------------------------------------------------- CLI edit / arithmetic
 
 
