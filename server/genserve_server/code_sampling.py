@@ -123,9 +123,11 @@ async def sample_codes(
     out: OutputSpec,
     progress: LevelProgress | None = None,
     every: int = 0,
+    decoding: asyncio.Lock | None = None,
 ) -> CodeSamples:
     """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
-    finish near the same step, of any request, share the decoder's batches)."""
+    finish near the same step, of any request, share the decoder's batches). `decoding`: held
+    while the grids are in the decoder's queue (a stream's previews hold it too)."""
     decoder = code_decoder(core, call, mv)
     if decoder is not None:
         card = decoder.card
@@ -171,7 +173,8 @@ async def sample_codes(
     )
     if decoder is None:
         return CodeSamples(codes, [], [], tops)
-    images, batch_sizes = await _decode(core, decoder, call, codes, tops, out)
+    async with decoding or contextlib.nullcontext():
+        images, batch_sizes = await _decode(core, decoder, call, codes, tops, out)
     return CodeSamples(codes, images, batch_sizes, tops)
 
 
@@ -227,8 +230,12 @@ async def sample_codes_stream(
         ready.set()
 
     decoder = code_decoder(core, call, mv)
+    # One decode of this call in the decoder's queue at a time: a preview's rows and the result's,
+    # queued together, are twice the request's, which the queue need not hold (sample_limit bounds
+    # the request by the queue), and the second was refused 'queue full' on an idle server.
+    decoding = asyncio.Lock()
     sampling = asyncio.ensure_future(
-        sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every)
+        sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every, decoding)
     )
     try:
         while True:
@@ -248,7 +255,8 @@ async def sample_codes_stream(
             level, filled, positions, grids, given = latest.pop()
             previews: list[EncodedImage] = []
             if level == CODES_LEVEL and decoder is not None:
-                previews, _ = await _decode(core, decoder, call, grids, given, out)
+                async with decoding:
+                    previews, _ = await _decode(core, decoder, call, grids, given, out)
             yield CodeProgress(level, filled, positions, previews)
         yield sampling.result()
     finally:
