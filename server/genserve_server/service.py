@@ -17,6 +17,7 @@ import numpy as np
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import TRANSLATE_KINDS, Kind
 from genserve_server import latents, service_codes, service_styles, style_sampling, validate
 from genserve_server.batcher import Lane
@@ -37,6 +38,7 @@ from genserve_server.service_parts import (
     provenance,
     row_limit,
 )
+from genserve_server.validate import OutputSpec
 
 DEFAULT_CHUNK = 64
 # Decode: latents -> images with no label to give (a conditional generator needs one per row).
@@ -333,7 +335,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             raise invalid("direction", "only Translate takes a direction")
         mv = self.core.resolve(call, request.model, request.version, (Kind.SUPER_RESOLUTION,), "SuperResolve")
         validate.image_count(len(request.images), self.limits.max_images_per_image_request)
-        out = output_spec(request.output)
+        out = _image_output(request.output, "SuperResolve")
         overlap = request.tile_overlap if request.HasField("tile_overlap") else None
         upscaled = await self.core.upscale(mv, call, request.images, request.tile_size, overlap, out)
         return pb.ImageResponse(
@@ -357,7 +359,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if request.tile_size or request.HasField("tile_overlap"):
             field = "tile_size" if request.tile_size else "tile_overlap"
             raise invalid(field, "only SuperResolve takes tile_size/tile_overlap")
-        out = output_spec(request.output)
+        out = _image_output(request.output, "Translate")
         direction = _DIRECTIONS.get(request.direction)
         if direction is None:
             names = " or ".join(validate.DIRECTION_NAMES)
@@ -451,6 +453,19 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 field="version",
             )
         return self._model_info(model, request.version)
+
+
+def _image_output(options: tpb.OutputOptions, rpc: str) -> OutputSpec:
+    """SuperResolve's and Translate's output options: an ImageResponse has no latents to return, so
+    return_latents is refused (as MixStyles and SampleCodes refuse it), not silently dropped."""
+    out = output_spec(options)
+    if out.return_latents:
+        raise invalid(
+            "output.return_latents",
+            f"not accepted by {rpc}: its images come from input images, not latents "
+            "(Sample, SampleStream, Interpolate and Decode return latents; Encode gives a VAE's)",
+        )
+    return out
 
 
 _STATE = {

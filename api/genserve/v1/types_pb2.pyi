@@ -191,7 +191,10 @@ class OutputOptions(_message.Message):
     the adaptive filters and that zlib level (6+ costs 3-5x the CPU of 1 for a few % less).
     """
     return_latents: _builtins.bool
-    """Also return each image's latent vector (float32 [Z]) in GeneratedImage.latent."""
+    """Also return each image's latent vector (float32 [Z]) in GeneratedImage.latent: Sample,
+    SampleStream, Decode and Interpolate (a style generator's Interpolate: its w). MixStyles,
+    SampleCodes, SuperResolve and Translate have none to return: INVALID_ARGUMENT naming it.
+    """
     def __init__(
         self,
         *,
