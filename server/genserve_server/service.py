@@ -431,7 +431,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             info.description = card.description
             info.latent_dim = card.latent_dim or 0
             info.class_names.extend(card.class_names)
-            if card.kind.answers_sample and card.image_size is not None:
+            # Every fixed-size image output: generators, VAE and code decoders (not the encoder's
+            # input size, nor the size-free fully convolutional kinds).
+            fixed_output = card.kind.image_output_name is not None and not card.kind.fully_convolutional
+            if fixed_output and card.image_size is not None:
                 info.output_shape.extend([card.channels, *card.image_size])
             info.scale_factor = card.scale_factor if card.kind.tiled else 1
             info.size_multiple = card.size_multiple

@@ -99,6 +99,35 @@ def test_image_rpcs_refuse_return_latents(
     assert rpc in details and "Sample" in details  # which RPCs do return latents
 
 
+# ------------------------------------------------------------------ ModelInfo per kind
+
+
+def test_model_info_per_kind_matches_the_cards(stub: pb_grpc.GenerationServiceStub) -> None:
+    """ModelInfo.output_shape is "Output image [C, H, W] for generators and decoders": a
+    code_decoder's fixed-size image (card channels, image_size) was left empty."""
+    infos = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+    for name, info in infos.items():
+        if not info.versions or not info.versions[0].card_json:
+            continue
+        card = json.loads(info.versions[-1].card_json)
+        kind = card["kind"]
+        fixed_image = kind in (
+            "generator",
+            "conditional_generator",
+            "vae_decoder",
+            "style_generator",
+            "code_decoder",
+        )
+        expected_shape = [card["channels"], *card["image_size"]] if fixed_image else []
+        assert list(info.output_shape) == expected_shape, (name, kind)
+        assert list(info.class_names) == (card["class_names"] or []), name
+        assert info.scale_factor == (card["scale_factor"] if kind == "super_resolution" else 1), name
+        assert info.w_dim == (card.get("w_dim") or 0), name
+        assert info.num_layers == (card.get("num_layers") or 0), name
+        assert info.latent_dim == (card["latent_dim"] or 0), name
+    assert infos["style-gen"].w_dim == W_DIM
+
+
 # ------------------------------------------------------------------ formats agree, latents' shapes
 
 
