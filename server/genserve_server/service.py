@@ -184,6 +184,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return response
 
     async def _do_decode(self, request: pb.DecodeRequest, call: Call) -> pb.SampleResponse:
+        kind = self.repo.get(request.model).kind if request.model else ""
+        if kind in (Kind.CONDITIONAL_GENERATOR, Kind.STYLE_GENERATOR):
+            # Latents in, images out, but not Decode's: a label per row, or a mapping to w first.
+            needs = " with `labels`" if kind == Kind.CONDITIONAL_GENERATOR else ""
+            raise invalid(
+                "model",
+                f"{request.model} is a {kind} model; Decode needs {' or '.join(DECODE_KINDS)} "
+                f"(send these latents to Sample's `latents`{needs})",
+            )
         mv = self.core.resolve(call, request.model, request.version, DECODE_KINDS, "Decode")
         card = mv.card
         assert card is not None and card.latent_dim is not None

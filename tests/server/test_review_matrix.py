@@ -99,6 +99,24 @@ def test_image_rpcs_refuse_return_latents(
     assert rpc in details and "Sample" in details  # which RPCs do return latents
 
 
+@pytest.mark.parametrize(("model", "dim", "labels"), [("tiny-cond", 16, [2]), ("style-gen", 8, [])])
+def test_decode_on_generators_it_cannot_take_names_sample(
+    stub: pb_grpc.GenerationServiceStub, model: str, dim: int, labels: list[int]
+) -> None:
+    """DecodeRequest said "a vae_decoder (or any generator)"; a conditional or style generator is
+    refused naming only the kinds Decode takes. The refusal says what takes these latents: Sample's
+    `latents` (with labels where the model needs them), which works."""
+    latents = _latents(2, dim)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Decode(pb.DecodeRequest(model=model, latents=latents), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert details.startswith("model:") and "Sample's `latents`" in details, details
+    assert ("`labels`" in details) == bool(labels), details
+    response = stub.Sample(pb.SampleRequest(model=model, latents=latents, labels=labels), timeout=30)
+    assert len(response.images) == 2
+
+
 # ------------------------------------------------------------------ ModelInfo per kind
 
 

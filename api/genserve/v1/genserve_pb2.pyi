@@ -566,7 +566,10 @@ class DecodeRequest(_message.Message):
     LATENTS_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """A vae_decoder (or any generator: latents in, images out)."""
+    """A vae_decoder or generator (latents in, images out). A conditional_generator's latents need
+    labels and a style_generator's go through its mapping: Sample with `latents` takes both;
+    Decode on them is INVALID_ARGUMENT naming `model`.
+    """
     version: _builtins.str
     @_builtins.property
     def latents(self) -> _types_pb2.Tensor:
