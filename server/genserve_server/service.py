@@ -412,6 +412,23 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             return self.repo.get(name).config
         return None
 
+    def _mapping_warning(self, mv: ModelVersion) -> str:
+        """A READY style generator's warning when its mapping does not fit (or is missing): every
+        request would be UNAVAILABLE, while the version itself loaded (the mapping may be fixed and
+        reloaded on its own)."""
+        card = mv.card
+        if mv.state != ModelState.READY or card is None or not card.kind.styled or not mv.config.mapping:
+            return ""
+        try:
+            mapping = self.repo.get(mv.config.mapping)
+        except NotFound:
+            return f"every request fails: its mapping {mv.config.mapping} is not in the repository"
+        found = mapping.card()
+        if found is None:
+            return f"every request fails: its mapping {mv.config.mapping} has no version loaded"
+        misfit = style_sampling.mapping_misfit(card, mv.config.mapping, found)
+        return "" if misfit is None else f"every request fails: {misfit}"
+
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card(version)  # the serving version's; GetModel naming a version: that one's
         info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
@@ -429,7 +446,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 pb.ModelVersionInfo(
                     version=mv.version,
                     state=_STATE[mv.state],
-                    reason=self.repo.redact(mv.reason or mv.file_changed),
+                    reason=self.repo.redact(mv.reason or mv.file_changed or self._mapping_warning(mv)),
                     model_sha256=mv.sha256,
                     precision=mv.precision,
                     execution_provider=mv.provider,

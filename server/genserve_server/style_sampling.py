@@ -33,6 +33,7 @@ from genserve_server.batch_keys import (
     StyleRows,
 )
 from genserve_server.batcher import BatchResult, Lane
+from genserve_server.config import Card
 from genserve_server.encoding import EncodedImage
 from genserve_server.errors import Unavailable, invalid
 from genserve_server.repository import ModelVersion
@@ -51,17 +52,24 @@ def style_mapping(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVe
     queue, and a SampleStream maps every chunk with the same version)."""
     card = mv.card
     assert card is not None
-    name = mv.config.mapping
-    mapping = core.use(call, name)
-    found = mapping.card
-    assert found is not None
-    if not found.kind.maps_latent or (found.latent_dim, found.w_dim) != (card.latent_dim, card.w_dim):
-        raise Unavailable(
-            f"{mv.label}: its mapping {name} is a {found.kind} of latent_dim {found.latent_dim} and w_dim "
-            f"{found.w_dim}; the generator needs a style_mapping of latent_dim {card.latent_dim} and w_dim "
-            f"{card.w_dim} (config.json mapping)"
-        )
+    mapping = core.use(call, mv.config.mapping)
+    assert mapping.card is not None
+    misfit = mapping_misfit(card, mv.config.mapping, mapping.card)
+    if misfit is not None:
+        raise Unavailable(f"{mv.label}: {misfit}")
     return mapping
+
+
+def mapping_misfit(card: Card, name: str, found: Card) -> str | None:
+    """Why the style_mapping `name` (its card `found`) cannot map a style generator's z (`card`),
+    or None when it fits."""
+    if found.kind.maps_latent and (found.latent_dim, found.w_dim) == (card.latent_dim, card.w_dim):
+        return None
+    return (
+        f"its mapping {name} is a {found.kind} of latent_dim {found.latent_dim} and w_dim {found.w_dim}; "
+        f"the generator needs a style_mapping of latent_dim {card.latent_dim} and w_dim {card.w_dim} "
+        "(config.json mapping)"
+    )
 
 
 async def map_latents(

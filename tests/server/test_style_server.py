@@ -319,6 +319,12 @@ def test_model_info_and_a_mapping_that_does_not_fit(
     code, details = code_and_details(excinfo)
     assert code == grpc.StatusCode.UNAVAILABLE
     assert "w_dim 7" in details and "config.json mapping" in details, details
+    # GetModel says so too: the version loaded (READY) and its mapping may be fixed on its own, but an
+    # operator reading it saw no reason while every request failed.
+    misfit = stub.GetModel(pb.GetModelRequest(name=names["misfit"])).versions[0]
+    assert misfit.state == pb.MODEL_STATE_READY
+    assert misfit.reason.startswith("every request fails: its mapping ") and "w_dim 7" in misfit.reason
+    assert stub.GetModel(pb.GetModelRequest(name=names["generator"])).versions[0].reason == ""
     unmapped = stub.GetModel(pb.GetModelRequest(name=names["unmapped"]))
     assert unmapped.versions[0].state == pb.MODEL_STATE_UNAVAILABLE
     assert "config.json: mapping is required for kind style_generator" in unmapped.versions[0].reason
