@@ -169,7 +169,8 @@ class GenerationServiceServicer:
     def MixStyles(self, request, context):
         """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
         layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
-        rows of any crossover and psi, so an image is the same alone or inside any batch.
+        rows of any crossover and psi, so an image is the same alone or inside any batch. Image i's
+        `seed` is mixes[i].coarse_seed (its fine seed and crossover are the request's mixes[i]).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -69,7 +69,8 @@ class GenerationServiceStub:
     MixStyles: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.MixStylesRequest, _genserve_pb2.SampleResponse]
     """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
     layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
-    rows of any crossover and psi, so an image is the same alone or inside any batch.
+    rows of any crossover and psi, so an image is the same alone or inside any batch. Image i's
+    `seed` is mixes[i].coarse_seed (its fine seed and crossover are the request's mixes[i]).
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]
     """What is loaded."""
@@ -108,7 +109,8 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     MixStyles: _aio.UnaryUnaryMultiCallable[_genserve_pb2.MixStylesRequest, _genserve_pb2.SampleResponse]  # type: ignore[assignment]
     """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
     layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
-    rows of any crossover and psi, so an image is the same alone or inside any batch.
+    rows of any crossover and psi, so an image is the same alone or inside any batch. Image i's
+    `seed` is mixes[i].coarse_seed (its fine seed and crossover are the request's mixes[i]).
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]  # type: ignore[assignment]
     """What is loaded."""
@@ -204,7 +206,8 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_genserve_pb2.SampleResponse, _abc.Awaitable[_genserve_pb2.SampleResponse]]:
         """Style mixing on a style generator (kind style_generator, StyleGAN's): image i takes its coarse
         layers' styles from one seed's w and its fine layers' from another's. One synthesis batch holds
-        rows of any crossover and psi, so an image is the same alone or inside any batch.
+        rows of any crossover and psi, so an image is the same alone or inside any batch. Image i's
+        `seed` is mixes[i].coarse_seed (its fine seed and crossover are the request's mixes[i]).
         """
 
     @_abc_1.abstractmethod
