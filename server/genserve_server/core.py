@@ -22,7 +22,7 @@ import functools
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -198,16 +198,18 @@ class GenerationCore:
         method: str,
         field_prefix: str = "",
         model_field: str = "model",
+        elsewhere: Callable[[str], str] | None = None,
     ) -> ModelVersion:
         """The serving version of `name` for a call of `method`; `field_prefix` ("sample." for
         SampleStream) and `model_field` (KServe's "model_name") make messages name the field as the
-        client set it."""
+        client set it; `elsewhere(kind)`: where a model of a kind `method` does not take is served."""
         field = f"{field_prefix}{model_field}"
         if not name:
             raise invalid(field, "required (see ListModels)")
         model = self.repo.get(name)
         if model.kind and model.kind not in kinds:
-            raise invalid(field, f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}")
+            hint = f" ({elsewhere(model.kind)})" if elsewhere is not None else ""
+            raise invalid(field, f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}{hint}")
         try:
             mv = model.resolve(version)
         except GenserveError:

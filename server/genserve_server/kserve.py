@@ -56,6 +56,22 @@ MAX_INFER_ID_CHARS = 1024
 INFER_KINDS = tuple(
     k for k in KINDS if not (Kind(k).takes_codes or Kind(k).styled or Kind(k).maps_latent or Kind(k).two_way)
 )
+
+
+def served_elsewhere(kind: str) -> str:
+    """Which genserve.v1 RPC serves a model of `kind`, which ModelInfer does not take."""
+    k = Kind(kind)
+    if k.takes_codes:
+        return "a code model: genserve.v1 SampleCodes (a code_prior) serves it"
+    if k.styled:
+        return "genserve.v1 Sample, Interpolate and MixStyles serve it"
+    if k.maps_latent:
+        return "a style_mapping is served through its style_generator: genserve.v1 Sample"
+    if k.two_way:
+        return "genserve.v1 Translate serves it, with a direction"
+    return "see ListModels"
+
+
 # card dtype -> (protocol datatype, config DataType, numpy little-endian dtype)
 
 
@@ -221,6 +237,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             INFER_KINDS,
             "ModelInfer",
             model_field="model_name",
+            elsewhere=served_elsewhere,
         )
         card = mv.card
         assert card is not None

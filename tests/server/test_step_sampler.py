@@ -641,7 +641,8 @@ def test_sample_codes_rpc(code_repo: tuple[Path, dict[str, str]]) -> None:
                         kpb.ModelInferRequest(model_name=names["prior"])
                     )
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "is a code_prior model" in (info.value.details() or "")
+                details = info.value.details() or ""
+                assert "is a code_prior model" in details and "genserve.v1 SampleCodes" in details, details
         finally:
             await server.stop(None)
             await repo.close(1)
