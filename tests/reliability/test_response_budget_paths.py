@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from code_models import prior_graph
 from reliability_support import rss_bytes
-from server_support import ServerProcess, start_server, vae_encoder_graph, wait_until, write_model
+from server_support import ServerProcess, start_server, wait_until, write_model, write_vae_encoder
 from unread_client import UnreadClient
 
 from genserve.v1 import genserve_pb2 as pb
@@ -34,20 +34,7 @@ CODES_RESPONSE = CODES_ROWS * CODES_GRID[0] * CODES_GRID[1] * 8
 @pytest.fixture(scope="module")
 def budget_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("budget-models")
-    write_model(
-        root,
-        "wide-enc",
-        "vae_encoder",
-        vae_encoder_graph(WIDE_LATENT, 8, 8),
-        {
-            "latent_dim": WIDE_LATENT,
-            "channels": None,
-            "input_channels": 1,
-            "image_size": [8, 8],
-            "output_range": None,
-            "input_range": [0.0, 1.0],
-        },
-    )
+    write_vae_encoder(root, "wide-enc", latent_dim=WIDE_LATENT)
     # A code prior without a decoder: SampleCodes answers its grids (int64) only.
     write_model(
         root,
@@ -125,20 +112,7 @@ def test_an_encode_response_over_the_send_limit_is_refused_naming_output(
     from genserve.v1 import genserve_pb2_grpc as pb_grpc
 
     root = tmp_path_factory.mktemp("send-models")
-    write_model(
-        root,
-        "wide-enc",
-        "vae_encoder",
-        vae_encoder_graph(WIDE_LATENT, 8, 8),
-        {
-            "latent_dim": WIDE_LATENT,
-            "channels": None,
-            "input_channels": 1,
-            "image_size": [8, 8],
-            "output_range": None,
-            "input_range": [0.0, 1.0],
-        },
-    )
+    write_vae_encoder(root, "wide-enc", latent_dim=WIDE_LATENT)
     config = {"warmup": False, "limits": {"max_send_message_bytes": MIB}}
     server = start_server(root, tmp_path_factory.mktemp("send-server"), config=config)
     try:

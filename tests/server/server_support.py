@@ -375,6 +375,27 @@ def healthy_models(root: Path, broken: tuple[str, ...] = ("tiny-broken",)) -> tu
     return ("--require-models", ",".join(names))
 
 
+def write_vae_encoder(
+    root: Path, name: str, *, latent_dim: int = 8, side: int = 8, config: dict[str, Any] | None = None
+) -> None:
+    """A gray side x side vae_encoder (vae_encoder_graph) of `latent_dim`, inputs in [0, 1]."""
+    write_model(
+        root,
+        name,
+        "vae_encoder",
+        vae_encoder_graph(latent_dim, side, side),
+        {
+            "latent_dim": latent_dim,
+            "channels": None,
+            "input_channels": 1,
+            "image_size": [side, side],
+            "output_range": None,
+            "input_range": [0.0, 1.0],
+        },
+        config=config,
+    )
+
+
 def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = True) -> Path:
     """One tiny model of every kind (+ a slow generator and a corrupt model for failure tests)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -398,20 +419,7 @@ def build_tiny_repo(root: Path, *, with_slow: bool = True, with_broken: bool = T
         vae_decoder_graph(8, 8, 8),
         {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [0.0, 1.0]},
     )
-    write_model(
-        root,
-        "tiny-vae-enc",
-        "vae_encoder",
-        vae_encoder_graph(8, 8, 8),
-        {
-            "latent_dim": 8,
-            "channels": None,
-            "input_channels": 1,
-            "image_size": [8, 8],
-            "output_range": None,
-            "input_range": [0.0, 1.0],
-        },
-    )
+    write_vae_encoder(root, "tiny-vae-enc")
     write_model(
         root,
         "tiny-sr",

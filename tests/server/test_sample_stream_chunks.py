@@ -14,8 +14,8 @@ from server_support import (
     ServerProcess,
     generator_graph,
     start_server,
-    vae_encoder_graph,
     write_model,
+    write_vae_encoder,
 )
 
 from genserve.v1 import genserve_pb2 as pb
@@ -38,21 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
         config={"batching": small_queue},
     )
-    write_model(
-        root,
-        "small-queue-enc",
-        "vae_encoder",
-        vae_encoder_graph(TINY_LATENT, 8, 8),
-        {
-            "latent_dim": TINY_LATENT,
-            "channels": None,
-            "input_channels": 1,
-            "image_size": [8, 8],
-            "output_range": None,
-            "input_range": [0.0, 1.0],
-        },
-        config={"batching": small_queue},
-    )
+    write_vae_encoder(root, "small-queue-enc", latent_dim=TINY_LATENT, config={"batching": small_queue})
     # 64x64 RGB: 48 KiB a TENSOR_F32 image, so a chunk of 64 is 3 MiB, above a 1 MiB send limit.
     write_model(
         root,

@@ -25,8 +25,8 @@ from server_support import (
     image_to_image_graph,
     start_server,
     vae_decoder_graph,
-    vae_encoder_graph,
     write_model,
+    write_vae_encoder,
 )
 from translator_models import translator_card, two_way_graph
 
@@ -73,20 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [0.0, 1.0]},
         config={"batching": QUEUE_4},
     )
-    write_model(
-        root,
-        "v-enc",
-        "vae_encoder",
-        vae_encoder_graph(8, 8, 8),
-        {
-            "latent_dim": 8,
-            "channels": None,
-            "input_channels": 1,
-            "image_size": [8, 8],
-            "output_range": None,
-            "input_range": [0.0, 1.0],
-        },
-    )
+    write_vae_encoder(root, "v-enc")
     write_model(
         root,
         "g4",
