@@ -381,12 +381,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     # ================================================================== ListModels / GetModel
 
-    def _images_per_request(self, model: Model) -> int:
+    def _images_per_request(self, model: Model, version: str = "") -> int:
         """ModelInfo.max_images_per_request: what row_limit allows a request of `model` (its queue,
         a style generator's mapping's), or service_codes.sample_limit a SampleCodes of a code prior
-        (its row budget, its top prior's, its decoder's queue), from the configs, without holding a
-        version."""
-        config = model.config
+        (its row budget, its top prior's, its decoder's queue), without holding a version: from the
+        configs of the versions a request gets (a config.json edit applies to versions loaded from
+        then on, so a loaded version's queue may differ from the file's)."""
+        config = _version_config(model, version)
         assert config is not None
         limit = self.limits.max_images_per_request
         if model.kind == Kind.CODE_PRIOR:
@@ -405,11 +406,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return limit
 
     def _config_of(self, name: str) -> ModelConfig | None:
-        """The config.json of the model `name` names (a mapping, decoder, top prior), if any."""
+        """The config of the version of the model `name` names (a mapping, decoder, top prior) that
+        a request would use, if any."""
         if not name:
             return None
         with contextlib.suppress(NotFound):
-            return self.repo.get(name).config
+            return _version_config(self.repo.get(name))
         return None
 
     def _mapping_warning(self, mv: ModelVersion) -> str:
@@ -435,7 +437,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if model.config is not None:
             info.max_batch_size = model.config.batching.max_batch_size
             if model.kind in (*SAMPLE_KINDS, *DECODE_KINDS, Kind.VAE_ENCODER, Kind.CODE_PRIOR):
-                info.max_images_per_request = self._images_per_request(model)
+                info.max_images_per_request = self._images_per_request(model, version)
         if model.reason and not model.versions:
             reason = self.repo.redact(model.reason)
             info.versions.append(pb.ModelVersionInfo(state=pb.MODEL_STATE_UNAVAILABLE, reason=reason))
@@ -482,6 +484,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 field="version",
             )
         return self._model_info(model, request.version)
+
+
+def _version_config(model: Model, version: str = "") -> ModelConfig | None:
+    """The config of the version a request of `model` gets (`version`, else the highest READY
+    one: what its batcher was made with), else its config.json's."""
+    named = model.versions.get(version) if version else None
+    if named is not None:
+        return named.config
+    ready = model.ready_versions()
+    if ready:
+        return max(ready, key=lambda v: int(v.version)).config
+    return model.config
 
 
 def _image_output(options: tpb.OutputOptions, rpc: str) -> OutputSpec:
