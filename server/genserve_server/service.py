@@ -425,9 +425,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             mapping = self.repo.get(mv.config.mapping)
         except NotFound:
             return f"every request fails: its mapping {mv.config.mapping} is not in the repository"
-        found = mapping.card()
+        # What a request maps with: the highest READY version (GenerationCore.use), not the card
+        # GetModel describes the mapping by (a version that failed to load has one too).
+        ready = mapping.ready_versions()
+        found = max(ready, key=lambda v: int(v.version)).card if ready else None
         if found is None:
-            return f"every request fails: its mapping {mv.config.mapping} has no version loaded"
+            return f"every request fails: its mapping {mv.config.mapping} has no ready version"
         misfit = style_sampling.mapping_misfit(card, mv.config.mapping, found)
         return "" if misfit is None else f"every request fails: {misfit}"
 

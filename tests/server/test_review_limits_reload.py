@@ -8,7 +8,9 @@ import signal
 from pathlib import Path
 
 import grpc
+import pytest
 from server_support import start_server, wait_until, write_tiny_generator
+from style_models import write_style_models
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -45,5 +47,31 @@ def test_max_images_per_request_is_the_serving_versions_after_a_config_edit(tmp_
             response = stub.Sample(pb.SampleRequest(model="gen", count=per_request), timeout=30)
             assert len(response.images) == per_request
             assert per_request == 4
+    finally:
+        server.stop()
+
+
+def test_a_style_generator_whose_mapping_failed_to_load_says_why(tmp_path: Path) -> None:
+    # The mapping's only version fails to load (its model file does not match card.json's sha256):
+    # every request of the READY generator fails UNAVAILABLE, and GetModel's version reason said
+    # nothing (the failed version's card "fits"), though it says so for a mapping with no version.
+    root = tmp_path / "models"
+    names = write_style_models(root)
+    onnx_path = root / names["mapping"] / "1" / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # sha256 no longer matches
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            mapping = stub.GetModel(pb.GetModelRequest(name=names["mapping"]), timeout=10)
+            assert mapping.versions[0].state == pb.MODEL_STATE_UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.Sample(pb.SampleRequest(model=names["generator"], count=1), timeout=30)
+            assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            generator = stub.GetModel(pb.GetModelRequest(name=names["generator"]), timeout=10)
+            assert generator.versions[0].state == pb.MODEL_STATE_READY
+            reason = generator.versions[0].reason
+            assert reason.startswith("every request fails: its mapping "), reason
+            assert names["mapping"] in reason
     finally:
         server.stop()
