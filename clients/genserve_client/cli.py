@@ -409,7 +409,7 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     check_picture_path("sample", "--progress", args.progress)
     if args.grid:
         check_grid_size("sample", args.n, f"--n {args.n}")  # before any call
-    info = client.get_model(args.model)
+    info = client.get_model(args.model, args.version)  # the version its calls go to
     labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
@@ -558,7 +558,7 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
 def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
     sets = {"A": args.a, "B": args.b, "C": args.c}
     check_picture_path("arithmetic", "--grid", args.grid)
-    info = client.get_model(args.model)
+    info = client.get_model(args.model, args.version)
     labels = [args.label] if args.label is not None else []
     if info.kind == CONDITIONAL and not labels:
         raise UsageError(f"{args.model} is conditional: give --label")

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_support import start_server, wait_until, write_tiny_generator
+from client_fakes import cli_main
+from server_support import (
+    TINY_LATENT,
+    generator_graph,
+    start_server,
+    wait_until,
+    write_model,
+    write_tiny_generator,
+)
 from style_models import write_style_models
 
 from genserve.v1 import genserve_pb2 as pb
@@ -73,5 +81,45 @@ def test_a_style_generator_whose_mapping_failed_to_load_says_why(tmp_path: Path)
             reason = generator.versions[0].reason
             assert reason.startswith("every request fails: its mapping "), reason
             assert names["mapping"] in reason
+    finally:
+        server.stop()
+
+
+def test_the_cli_sample_of_a_named_version_sends_calls_that_version_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Under `latest: 2`, version 1 (loaded with a queue of 4) serves beside version 2 (loaded after
+    # an edit raised it to 64). `sample --version 1 --n 10` sized its calls by the serving version's
+    # ModelInfo (64), and its one call of 10 came back 'count: must be in 1..4'.
+    root = tmp_path / "models"
+    policy = {"version_policy": {"latest": 2}}
+    write_tiny_generator(
+        root, "gen", config={**policy, "batching": {"max_batch_size": 4, "max_queue_size": 4}}
+    )
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+            batching = {"max_batch_size": 4, "max_queue_size": 64}
+            graph = generator_graph(TINY_LATENT, 1, 8, 8)
+            write_model(
+                root, "gen", "generator", graph, card, config={**policy, "batching": batching}, version="2"
+            )
+            server.proc.send_signal(signal.SIGHUP)
+
+            def both_ready() -> bool:
+                info = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+                return [v.state for v in info.versions].count(pb.MODEL_STATE_READY) == 2
+
+            wait_until(both_ready, 60, "version 2 beside version 1")
+            assert stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10).max_images_per_request == 64
+            named = stub.GetModel(pb.GetModelRequest(name="gen", version="1"), timeout=10)
+            assert named.max_images_per_request == 4
+            out = tmp_path / "out"
+            args = ("--target", server.target, "sample", "--model", "gen", "--version", "1")
+            code, _, err = cli_main(capsys, *args, "--n", "10", "--seed", "3", "--out", str(out))
+            assert code == 0, err
+            assert len(list(out.glob("*.png"))) == 10
     finally:
         server.stop()
