@@ -437,8 +437,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card(version)  # the serving version's; GetModel naming a version: that one's
         info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
-        if model.config is not None:
-            info.max_batch_size = model.config.batching.max_batch_size
+        serving = _version_config(model, version)  # a config.json edit applies to later loads
+        if serving is not None:
+            info.max_batch_size = serving.batching.max_batch_size
             if model.kind in (*SAMPLE_KINDS, *DECODE_KINDS, Kind.VAE_ENCODER, Kind.CODE_PRIOR):
                 info.max_images_per_request = self._images_per_request(model, version)
         if model.reason and not model.versions:

@@ -38,6 +38,7 @@ def test_max_images_per_request_is_the_serving_versions_after_a_config_edit(tmp_
             config_path = root / "gen" / "config.json"
             config = json.loads(config_path.read_text())
             config["batching"]["max_queue_size"] = 64
+            config["batching"]["max_batch_size"] = 16
             config_path.write_text(json.dumps(config))
             write_tiny_generator(root, "zz-marker")  # rescanned after gen: READY once gen's done
             server.proc.send_signal(signal.SIGHUP)
@@ -55,6 +56,8 @@ def test_max_images_per_request_is_the_serving_versions_after_a_config_edit(tmp_
             response = stub.Sample(pb.SampleRequest(model="gen", count=per_request), timeout=30)
             assert len(response.images) == per_request
             assert per_request == 4
+            # The same for its batch size (a code prior's row budget is read from it).
+            assert stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10).max_batch_size == 4
     finally:
         server.stop()
 
