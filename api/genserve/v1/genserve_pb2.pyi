@@ -132,13 +132,18 @@ class SampleRequest(_message.Message):
     version: _builtins.str
     """Version directory name; empty = the highest ready version."""
     count: _builtins.int
-    """Number of images, 1..256 (max_images_per_request). May be 0 when seeds or latents give it."""
+    """Number of images, 1..ModelInfo.max_images_per_request: the server's max_images_per_request
+    (256 by default), or the model's batching.max_queue_size where smaller (a style generator's
+    mapping's too). May be 0 when seeds or latents give it. seeds and latents rows likewise.
+    """
     base_seed: _builtins.int
     """First seed when `seeds` is empty (image i gets base_seed + i). Absent: the server picks a
     random base and returns the seeds it used.
     """
     truncation_psi: _builtins.float
-    """Truncation threshold psi, 0 < psi <= 10. Absent: no truncation."""
+    """Truncation threshold psi, 0 < psi <= 10 (a style generator's, in w space: 0 <= psi <= 10).
+    Absent: no truncation.
+    """
     priority: _types_pb2.Priority.ValueType
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -222,9 +227,10 @@ class SampleStreamRequest(_message.Message):
     start_index: _builtins.int
     """Resume point: start at image index `start_index` (0 <= start_index <= count)."""
     chunk_size: _builtins.int
-    """Images per streamed chunk, 1..256 (max_images_per_request) and at most the model's queue
-    (config.json batching.max_queue_size: a chunk is one request to it); 0 means 64, or that
-    queue size where it is smaller.
+    """Images per streamed chunk, 1..ModelInfo.max_images_per_request: the server's
+    max_images_per_request (256 by default) and at most the model's queue (config.json
+    batching.max_queue_size, a style generator's mapping's too: a chunk is one request to each);
+    0 means 64, or that limit where it is smaller.
     """
     @_builtins.property
     def sample(self) -> Global___SampleRequest:
@@ -341,8 +347,10 @@ class MixStylesRequest(_message.Message):
     priority: _types_pb2.Priority.ValueType
     @_builtins.property
     def mixes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StyleMix]:
-        """The images, 1..256 (server limit max_images_per_request). For the classic mixing grid of rows
-        x columns of seeds, image (r, c) is {coarse_seed: rows[r], fine_seed: columns[c]}.
+        """The images, 1..max_images_per_request (the server's, 256 by default) and at most the
+        generator's batching.max_queue_size; their distinct seeds (up to two a mix) at most its
+        mapping's batching.max_queue_size (they are mapped in one request). For the classic mixing grid
+        of rows x columns of seeds, image (r, c) is {coarse_seed: rows[r], fine_seed: columns[c]}.
         """
 
     @_builtins.property
@@ -419,7 +427,9 @@ class InterpolateRequest(_message.Message):
     model: _builtins.str
     version: _builtins.str
     steps: _builtins.int
-    """Number of images on the path including both ends, 2..256.
+    """Number of images on the path including both ends, 2..max_images_per_request (the server's,
+    256 by default) and at most the model's batching.max_queue_size (a style generator's: its
+    synthesis network's; the mapping maps only the two ends).
     Style generators: both ends are mapped to w (seeds drawn untruncated, truncation_psi applied
     in w space) and the path is the straight line in w space (mode UNSPECIFIED or LERP; SLERP is
     refused: w is not Gaussian). return_latents returns each image's w [w_dim].
@@ -478,8 +488,10 @@ class EncodeRequest(_message.Message):
     seed: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]:
-        """1..256 images of the encoder's input size (card image_size) and channels; encoded images are
-        converted to the model's channels (gray or RGB) but never resized.
+        """1..ModelInfo.max_images_per_request images (the server's max_images_per_request, 256 by
+        default, or the encoder's batching.max_queue_size where smaller) of the encoder's input size
+        (card image_size) and channels; encoded images are converted to the model's channels (gray or
+        RGB) but never resized. A response above the send limit is INVALID_ARGUMENT naming `images`.
         """
 
     def __init__(
@@ -573,7 +585,10 @@ class DecodeRequest(_message.Message):
     version: _builtins.str
     @_builtins.property
     def latents(self) -> _types_pb2.Tensor:
-        """float32 [N, Z], 1 <= N <= 256, finite, |z| <= 1e4."""
+        """float32 [N, Z], 1 <= N <= ModelInfo.max_images_per_request (the server's
+        max_images_per_request, 256 by default, or the model's batching.max_queue_size where smaller),
+        finite, |z| <= 1e4.
+        """
 
     @_builtins.property
     def output(self) -> _types_pb2.OutputOptions: ...
@@ -624,7 +639,8 @@ class ImageRequest(_message.Message):
     """Translate only: which way a two_way_translator translates (unset: A -> B)."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]:
-        """1..16 images. Each at most max_input_pixels (default 2048x2048 for Translate; SuperResolve
+        """1..16 images (max_images_per_image_request; Translate: and at most the model's
+        batching.max_queue_size, the images being queued at once). Each at most max_input_pixels (default 2048x2048 for Translate; SuperResolve
         inputs at most 1024x1024 so that a x4 output stays within 4096x4096), at least the model's
         min_size on each side. Channels are converted to the model's (gray <-> RGB; alpha dropped).
         """
@@ -723,7 +739,9 @@ class SampleCodesRequest(_message.Message):
     version: _builtins.str
     count: _builtins.int
     """Number of samples, 1..max_images_per_request and at most the prior's row budget (and its top
-    prior's, when the top prior samples the top grids). May be 0 when seeds gives it.
+    prior's, when the top prior samples the top grids) and its decoder's batching.max_queue_size
+    (a request's grids are decoded in one request): ModelInfo.max_images_per_request. May be 0
+    when seeds gives it.
     """
     base_seed: _builtins.int
     """First seed when `seeds` is empty. Absent: the server picks one and returns the seeds it used."""
@@ -1028,7 +1046,9 @@ class ModelInfo(_message.Message):
     max_images_per_request: _builtins.int
     """The most images one Sample, Decode, Encode or Interpolate of this model may ask for, and the
     largest SampleStream chunk: the smaller of the server's max_images_per_request and the model's
-    batching.max_queue_size (a style generator's mapping's too). For a code_prior, the most
+    batching.max_queue_size (a style generator's mapping's too, though its Interpolate and
+    MixStyles need only the generator's: the mapping takes a path's two ends, a mix's distinct
+    seeds at most its own queue). For a code_prior, the most
     samples one SampleCodes may ask for: the smallest of max_images_per_request, its row budget,
     its top prior's and its decoder's batching.max_queue_size. 0: not a model those take.
     """
