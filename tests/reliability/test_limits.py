@@ -196,3 +196,17 @@ def test_queue_depth_limit_per_model(channel: grpc.Channel) -> None:
     assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     refused = next(f for f in futures if f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert "max_queue_size=8" in (refused.details() or "")
+
+
+def test_request_metadata_over_grpcs_hard_limit_is_refused_resource_exhausted(channel: grpc.Channel) -> None:
+    """docs/operations.md's limits table: gRPC's own request-metadata limits, 8 KiB soft and 16 KiB
+    hard (the server sets neither option): every call with more than 16 KiB of headers is refused
+    RESOURCE_EXHAUSTED before any handler, while small headers pass."""
+    stub = pb_grpc.GenerationServiceStub(channel)
+    small = [("x-note", "a" * 4096)]
+    assert stub.ListModels(pb.ListModelsRequest(), metadata=small, timeout=10).models
+    large = [("x-note", "a" * 20 * 1024)]
+    for _ in range(5):
+        code, _ = _details(lambda: stub.ListModels(pb.ListModelsRequest(), metadata=large, timeout=10))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.ListModels(pb.ListModelsRequest(), metadata=small, timeout=10).models

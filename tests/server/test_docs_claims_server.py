@@ -67,3 +67,54 @@ def test_server_md_synopsis_names_every_flag() -> None:
             if option.startswith("--") and option != "--help"
         }
         assert flags == documented[name], (name, flags ^ documented[name])
+
+
+def test_operations_md_image_metadata_limits_are_the_codecs_constants() -> None:
+    """docs/operations.md's limits table quotes codecs' walk limits by name and value (1,000 marker
+    segments or non-IDAT chunks, 65,536 IDAT chunks, 128 KiB of JPEG tables, 1,000 scans): a
+    constant changed without the table would leave operators reading the old limit."""
+    from genserve_server import codecs
+
+    text = (REPO_ROOT / "docs" / "operations.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `max_input_pixels`"))
+    claims = {
+        "MAX_JPEG_SCANS": ("at most 1,000 scans", codecs.MAX_JPEG_SCANS == 1000),
+        "MAX_IMAGE_METADATA_SEGMENTS": (
+            "at most 1,000 marker segments",
+            codecs.MAX_IMAGE_METADATA_SEGMENTS == 1000,
+        ),
+        "MAX_PNG_IDAT_CHUNKS": ("at most 65,536 IDAT chunks", codecs.MAX_PNG_IDAT_CHUNKS == 65536),
+        "MAX_JPEG_HEADER_BYTES": ("at most 128 KiB", codecs.MAX_JPEG_HEADER_BYTES == 128 * 1024),
+    }
+    for name, (phrase, holds) in claims.items():
+        assert f"codecs.{name}" in row, name
+        assert phrase in row and holds, (name, phrase)
+
+
+def test_the_limits_table_and_proto_say_counts_are_bounded_by_the_queue_too() -> None:
+    """A request's count is bounded by the model's batching.max_queue_size as well as by
+    max_images_per_request (service_parts.row_limit, 96fa62d); the limits table and the proto
+    comments quoted 256 (or max_images_per_request) alone."""
+    text = (REPO_ROOT / "docs" / "operations.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `max_images_per_request`"))
+    assert "batching.max_queue_size" in row and "naming the field and the limit" in row
+    proto = (REPO_ROOT / "protos" / "genserve" / "v1" / "genserve.proto").read_text()
+    for message, field in (
+        ("SampleRequest", "uint32 count = 3;"),
+        ("SampleStreamRequest", "uint32 chunk_size = 3;"),
+        ("MixStylesRequest", "repeated StyleMix mixes = 3;"),
+        ("InterpolateRequest", "uint32 steps = 5;"),
+        ("EncodeRequest", "repeated Image images = 3;"),
+        ("DecodeRequest", "Tensor latents = 3;"),
+        ("ImageRequest", "repeated Image images = 3;"),
+        ("SampleCodesRequest", "uint32 count = 3;"),
+    ):
+        block = proto[proto.index(f"message {message} {{") :]
+        lines = block[: block.index(field)].splitlines()
+        above: list[str] = []
+        for line in reversed(lines[:-1]):  # the comment lines right above the field
+            if not line.strip().startswith("//"):
+                break
+            above.append(line)
+        comment = "\n".join(above)
+        assert "max_queue_size" in comment or "ModelInfo.max_images_per_request" in comment, message
