@@ -1062,7 +1062,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=parse_seed, help="first seed (image j uses seed + j); default random, and printed"
     )
-    p.add_argument("--psi", type=float, help=PSI_HELP)
+    # A code prior has no truncation (SampleCodes takes none): the CLI refuses --psi there.
+    p.add_argument("--psi", type=float, help=PSI_HELP.removesuffix(")") + "; not for code priors)")
     p.add_argument(
         "--temperature",
         type=float,
@@ -1240,7 +1241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-outstanding", type=int, default=256, help="open loop: bound on calls in flight")
     p.add_argument("--labels", type=parse_ints, help="classes to cycle through (conditional models)")
     p.add_argument("--channels", type=int, default=1, help="gRPC channels (HTTP/2 connections)")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list instead of the table (one object per level: errors counts failed "
+        "calls by code, error_messages the server's first message for each)",
+    )
     _add_format(p, ("raw", "png", "jpeg", "webp"))
     return parser
 

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from client_fakes import FakeServer
@@ -73,3 +74,31 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(fake_server: FakeServe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_client_md_library_errors_are_the_ones_raised() -> None:
+    """docs/client.md, "The Python library", quotes the errors raised before any call for an option
+    a method does not take, a value its field cannot hold and one image where a list belongs."""
+    from genserve_client import GenserveClient
+
+    text = " ".join((REPO_ROOT / "docs" / "client.md").read_text().split())
+    client = GenserveClient("127.0.0.1:1")  # nothing is sent: each call is refused before
+    try:
+        cases: list[tuple[type[Exception], str, Any]] = [
+            (TypeError, "sample() got unexpected keyword argument 'seed'; its options are base_seed,",
+             lambda: client.sample("m", 4, seed=42)),
+            (ValueError, "count: must be in [0, 4294967295] (uint32), got -1",
+             lambda: client.sample("m", -1)),
+            (ValueError, "seeds[1]: ", lambda: client.sample("m", seeds=[1, 2**63])),
+            (ValueError, "mixes[0].crossover", lambda: client.mix_styles("m", [(1, 2, -1)])),
+            (ValueError, "output.quality", lambda: client.sample("m", 1, quality=-1)),
+            (TypeError, "images: must be a list of images, got one str; pass [image] for one",
+             lambda: client.encode("m", "digit.png")),
+        ]  # fmt: skip
+        for error, quoted, call in cases:
+            assert quoted in text, quoted
+            with pytest.raises(error) as info:
+                call()
+            assert str(info.value).startswith(quoted), (quoted, str(info.value))
+    finally:
+        client.close()
