@@ -108,7 +108,10 @@ class GenerationServiceServicer:
 
     def SampleStream(self, request, context):
         """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-        the BULK lane. Resumable: image i always uses seed base_seed + i and label labels[i % len].
+        the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
+        refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
+        the model's queue holds). Resumable: image i always uses seed base_seed + i and label
+        labels[i % len].
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

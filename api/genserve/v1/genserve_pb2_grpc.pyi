@@ -44,7 +44,10 @@ class GenerationServiceStub:
     """Draw images from a generator, conditional generator or VAE decoder."""
     SampleStream: _grpc.UnaryStreamMultiCallable[_genserve_pb2.SampleStreamRequest, _genserve_pb2.SampleStreamChunk]
     """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-    the BULK lane. Resumable: image i always uses seed base_seed + i and label labels[i % len].
+    the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
+    refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
+    the model's queue holds). Resumable: image i always uses seed base_seed + i and label
+    labels[i % len].
     """
     Interpolate: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.InterpolateRequest, _genserve_pb2.SampleResponse]
     """A path through latent space between two seeds or two latents."""
@@ -84,7 +87,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     """Draw images from a generator, conditional generator or VAE decoder."""
     SampleStream: _aio.UnaryStreamMultiCallable[_genserve_pb2.SampleStreamRequest, _genserve_pb2.SampleStreamChunk]  # type: ignore[assignment]
     """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-    the BULK lane. Resumable: image i always uses seed base_seed + i and label labels[i % len].
+    the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
+    refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
+    the model's queue holds). Resumable: image i always uses seed base_seed + i and label
+    labels[i % len].
     """
     Interpolate: _aio.UnaryUnaryMultiCallable[_genserve_pb2.InterpolateRequest, _genserve_pb2.SampleResponse]  # type: ignore[assignment]
     """A path through latent space between two seeds or two latents."""
@@ -133,7 +139,10 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_genserve_pb2.SampleStreamChunk], _abc.AsyncIterator[_genserve_pb2.SampleStreamChunk]]:
         """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-        the BULK lane. Resumable: image i always uses seed base_seed + i and label labels[i % len].
+        the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
+        refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
+        the model's queue holds). Resumable: image i always uses seed base_seed + i and label
+        labels[i % len].
         """
 
     @_abc_1.abstractmethod
