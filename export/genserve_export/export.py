@@ -791,8 +791,25 @@ def _write_atomically(
         raise
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
-    config_tmp = entry / f".config.json.tmp-{token}"
-    _write_json(config_tmp, config)
-    os.replace(config_tmp, entry / "config.json")
+    config_path = entry / "config.json"
+    if config_path.exists() and not overwrite:
+        # config.json is the model's, shared by its versions, and an operator may have edited it
+        # (version_policy, batching): a new version beside the others leaves it as it is.
+        if _read_json_or_none(config_path) != json.loads(json.dumps(config)):
+            logger.warning(
+                "kept %s as it is (the model's versions share it; --replace writes the recipe's)",
+                config_path,
+            )
+    else:
+        config_tmp = entry / f".config.json.tmp-{token}"
+        _write_json(config_tmp, config)
+        os.replace(config_tmp, config_path)
     logger.info("wrote %s (files: %s)", target, ", ".join(files))
     return target
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

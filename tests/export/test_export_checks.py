@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -450,3 +451,22 @@ def test_export_checks_output_range_on_its_seeded_inputs_not_only_the_example(tm
             _RangeByLatent(), kind="generator", name="r", out_dir=out, example_inputs={"z": z}, card=card
         )
     assert not out.exists() or not any(out.rglob("*.onnx"))
+
+
+def test_cli_train_of_a_new_version_keeps_the_models_config_json(
+    tmp_path: Path, fake_recipe: _FakeRecipe
+) -> None:
+    """config.json is the model's, shared by its versions: `train --version 2` rewrote it with the
+    recipe's, discarding what an operator had set (version_policy, batching) for the versions a
+    server is serving. A new version leaves it as it is; --replace writes the recipe's."""
+    out = tmp_path / "models"
+    assert cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16"]) == 0
+    config_path = out / "tiny-gen" / "config.json"
+    recipes = json.loads(config_path.read_text())
+    edited = {**recipes, "version_policy": {"specific": {"versions": [1]}}}
+    config_path.write_text(json.dumps(edited))
+    assert cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16", "--version", "2"]) == 0
+    assert (out / "tiny-gen" / "2" / "model.onnx").is_file()
+    assert json.loads(config_path.read_text()) == edited
+    assert cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16", "--version", "2", "--replace"]) == 0
+    assert json.loads(config_path.read_text()) == recipes
