@@ -24,7 +24,7 @@ from genserve_server.batch_keys import CodeRows
 from genserve_server.batcher import Lane
 from genserve_server.core import Call, GenerationCore
 from genserve_server.encoding import EncodedImage
-from genserve_server.errors import Unavailable
+from genserve_server.errors import Unavailable, invalid
 from genserve_server.repository import ModelVersion
 from genserve_server.step_sampler import SamplingOptions
 from genserve_server.validate import OutputSpec
@@ -124,24 +124,38 @@ async def sample_codes(
     progress: LevelProgress | None = None,
     every: int = 0,
     decoding: asyncio.Lock | None = None,
+    return_codes: bool = False,
 ) -> CodeSamples:
     """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
     finish near the same step, of any request, share the decoder's batches). `decoding`: held
-    while the grids are in the decoder's queue (a stream's previews hold it too)."""
+    while the grids are in the decoder's queue (a stream's previews hold it too). `return_codes`:
+    the response carries the grids besides the images (always where there is no decoder)."""
     decoder = code_decoder(core, call, mv)
+    limit = core.limits.max_send_message_bytes
+    expected = 0
     if decoder is not None:
         card = decoder.card
         assert card is not None and card.image_size is not None
-        expected = validate.predicted_send_size(
-            out, len(seeds), card.channels, *card.image_size, core.limits.max_send_message_bytes
-        )
-    else:  # the response is the grids themselves (int64), the top level's too
-        card = mv.card
-        assert card is not None and card.grid is not None
-        positions = card.grid[0] * card.grid[1]
-        if card.top_grid is not None:
-            positions += card.top_grid[0] * card.top_grid[1]
-        expected = len(seeds) * positions * 8
+        expected = validate.predicted_send_size(out, len(seeds), card.channels, *card.image_size, limit)
+    if decoder is None or return_codes:  # the grids themselves (int64), the top level's too
+        prior = mv.card
+        assert prior is not None and prior.grid is not None
+        positions = prior.grid[0] * prior.grid[1]
+        if prior.top_grid is not None:
+            positions += prior.top_grid[0] * prior.top_grid[1]
+        grid_bytes = len(seeds) * positions * 8
+        if expected + grid_bytes + validate.SEND_OVERHEAD_BYTES > limit:
+            # Before any step: sent after every grid was sampled, it failed RESOURCE_EXHAUSTED
+            # ("Sent message larger than max"), which clients retry.
+            with_images = f" and their images ({expected} bytes)" if decoder is not None else ""
+            drop = " or drop return_codes" if decoder is not None else ""
+            raise invalid(
+                "output",
+                f"the response would be {expected + grid_bytes} bytes: {len(seeds)} int64 code grids of "
+                f"{positions} positions ({grid_bytes} bytes){with_images}, above max_send_message_bytes="
+                f"{limit}; request fewer samples{drop}",
+            )
+        expected += grid_bytes
     await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
     top = top_prior(core, call, mv) if tops is None else None
     if top is not None:  # both levels in one call: the top grids first, same seeds and options
@@ -220,6 +234,7 @@ async def sample_codes_stream(
     options: SamplingOptions,
     out: OutputSpec,
     every: int = 0,
+    return_codes: bool = False,
 ) -> AsyncIterator[CodeProgress | CodeSamples]:
     """`sample_codes` with progress: CodeProgress items while the prior steps, the CodeSamples last."""
     latest: list[tuple[str, int, int, np.ndarray, np.ndarray | None]] = []
@@ -235,7 +250,7 @@ async def sample_codes_stream(
     # the request by the queue), and the second was refused 'queue full' on an idle server.
     decoding = asyncio.Lock()
     sampling = asyncio.ensure_future(
-        sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every, decoding)
+        sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every, decoding, return_codes)
     )
     try:
         while True:

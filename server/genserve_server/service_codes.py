@@ -151,7 +151,9 @@ async def sample_codes(
     provenance: Provenance,
 ) -> pb.SampleCodesResponse:
     p = _parse(core, request, call, out, "SampleCodes")
-    sampled = await code_sampling.sample_codes(core, p.mv, call, p.seeds, p.labels, p.tops, p.options, out)
+    sampled = await code_sampling.sample_codes(
+        core, p.mv, call, p.seeds, p.labels, p.tops, p.options, out, return_codes=request.return_codes
+    )
     return _response(p, sampled, request, provenance, call)
 
 
@@ -164,7 +166,16 @@ async def sample_codes_stream(
 ) -> AsyncIterator[pb.SampleCodesChunk]:
     p = _parse(core, request, call, out, "SampleCodesStream")
     stream = code_sampling.sample_codes_stream(
-        core, p.mv, call, p.seeds, p.labels, p.tops, p.options, out, request.preview_every
+        core,
+        p.mv,
+        call,
+        p.seeds,
+        p.labels,
+        p.tops,
+        p.options,
+        out,
+        request.preview_every,
+        return_codes=request.return_codes,
     )
     async for item in stream:
         if isinstance(item, CodeProgress):

@@ -1,0 +1,64 @@
+"""Limits an operator may lower, against the image kinds and code priors: a request that can never
+succeed must be refused before compute, INVALID_ARGUMENT naming its field and the limit (never
+RESOURCE_EXHAUSTED, which clients retry)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from code_models import write_code_models
+from server_support import ServerProcess, start_server
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+MIB = 1024 * 1024
+RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("limits2-models")
+    # 48x48 grids: a sample's int64 grid is 18 KiB, its gray image 2.25 KiB; a row budget of 64.
+    write_code_models(root, grid=(48, 48), max_rows=64, n_classes=0)
+    proc = start_server(
+        root, tmp_path_factory.mktemp("limits2-server"), config={"limits": {"max_send_message_bytes": MIB}}
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    options = [("grpc.max_receive_message_length", 64 * MIB)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+@pytest.mark.parametrize("rpc", ["SampleCodes", "SampleCodesStream"])
+def test_sample_codes_whose_returned_grids_exceed_the_send_limit_is_refused_before_sampling(
+    stub: pb_grpc.GenerationServiceStub, rpc: str
+) -> None:
+    # 64 grids of 18 KiB (1.1 MiB) besides 144 KiB of images: the images alone were checked, every
+    # grid was sampled (2,304 steps), then the send failed RESOURCE_EXHAUSTED "Sent message larger
+    # than max" (clients retry it), with a traceback in the server's log.
+    request = pb.SampleCodesRequest(model="prior", count=64, base_seed=1, output=RAW, return_codes=True)
+    call: Any = (
+        stub.SampleCodes
+        if rpc == "SampleCodes"
+        else (lambda r, timeout: list(stub.SampleCodesStream(r, timeout=timeout)))
+    )
+    with pytest.raises(grpc.RpcError) as excinfo:
+        call(request, timeout=60)
+    err: Any = excinfo.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert err.details().startswith("output: ")
+    assert "max_send_message_bytes=1048576" in err.details() and "return_codes" in err.details()
+    # Within the limit it is served, grids and all.
+    request.count = 1
+    response = stub.SampleCodes(request, timeout=60)
+    assert len(response.images) == 1 and len(response.codes) == 1
