@@ -202,13 +202,15 @@ class GenerationCore:
     ) -> ModelVersion:
         """The serving version of `name` for a call of `method`; `field_prefix` ("sample." for
         SampleStream) and `model_field` (KServe's "model_name") make messages name the field as the
-        client set it; `elsewhere(kind)`: where a model of a kind `method` does not take is served."""
+        client set it; `elsewhere(kind)`: where a model of a kind `method` does not take is served
+        ("": nothing to add)."""
         field = f"{field_prefix}{model_field}"
         if not name:
             raise invalid(field, "required (see ListModels)")
         model = self.repo.get(name)
         if model.kind and model.kind not in kinds:
-            hint = f" ({elsewhere(model.kind)})" if elsewhere is not None else ""
+            where = elsewhere(model.kind) if elsewhere is not None else ""
+            hint = f" ({where})" if where else ""
             raise invalid(field, f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}{hint}")
         try:
             mv = model.resolve(version)

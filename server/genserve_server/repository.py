@@ -119,6 +119,11 @@ class Model:
     def ready_versions(self) -> list[ModelVersion]:
         return [v for v in self.versions.values() if v.state == ModelState.READY]
 
+    def newest_ready(self) -> ModelVersion | None:
+        """The highest READY version: what a request that names no version gets."""
+        ready = self.ready_versions()
+        return max(ready, key=lambda v: int(v.version)) if ready else None
+
     def card(self, version: str = "") -> Card | None:
         """The card ListModels and GetModel describe the model by: `version`'s when one is named,
         else the highest READY version's (what a request without a version gets), so that a version
@@ -147,13 +152,13 @@ class Model:
             if found.state != ModelState.READY:
                 raise Unavailable(f"{found.label} is {found.state.name}: {found.reason or 'not ready'}")
             return found
-        ready = self.ready_versions()
-        if not ready:
+        newest = self.newest_ready()
+        if newest is None:
             reasons = self.reason or "; ".join(
                 f"v{v.version}: {v.state.name} {v.reason}" for v in self.versions.values()
             )
             raise Unavailable(f"model {self.name} has no ready version ({reasons or 'no versions'})")
-        return max(ready, key=lambda v: int(v.version))
+        return newest
 
 
 StateListener = Callable[[str, bool], None]

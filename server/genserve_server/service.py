@@ -184,16 +184,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return response
 
     async def _do_decode(self, request: pb.DecodeRequest, call: Call) -> pb.SampleResponse:
-        kind = self.repo.get(request.model).kind if request.model else ""
-        if kind in (Kind.CONDITIONAL_GENERATOR, Kind.STYLE_GENERATOR):
-            # Latents in, images out, but not Decode's: a label per row, or a mapping to w first.
-            needs = " with `labels`" if kind == Kind.CONDITIONAL_GENERATOR else ""
-            raise invalid(
-                "model",
-                f"{request.model} is a {kind} model; Decode needs {' or '.join(DECODE_KINDS)} "
-                f"(send these latents to Sample's `latents`{needs})",
-            )
-        mv = self.core.resolve(call, request.model, request.version, DECODE_KINDS, "Decode")
+        mv = self.core.resolve(
+            call, request.model, request.version, DECODE_KINDS, "Decode", elsewhere=_decoded_elsewhere
+        )
         card = mv.card
         assert card is not None and card.latent_dim is not None
         out = output_spec(request.output)
@@ -427,8 +420,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             return f"every request fails: its mapping {mv.config.mapping} is not in the repository"
         # What a request maps with: the highest READY version (GenerationCore.use), not the card
         # GetModel describes the mapping by (a version that failed to load has one too).
-        ready = mapping.ready_versions()
-        found = max(ready, key=lambda v: int(v.version)).card if ready else None
+        newest = mapping.newest_ready()
+        found = newest.card if newest is not None else None
         if found is None:
             return f"every request fails: its mapping {mv.config.mapping} has no ready version"
         misfit = style_sampling.mapping_misfit(card, mv.config.mapping, found)
@@ -493,13 +486,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 def _version_config(model: Model, version: str = "") -> ModelConfig | None:
     """The config of the version a request of `model` gets (`version`, else the highest READY
     one: what its batcher was made with), else its config.json's."""
-    named = model.versions.get(version) if version else None
-    if named is not None:
-        return named.config
-    ready = model.ready_versions()
-    if ready:
-        return max(ready, key=lambda v: int(v.version)).config
-    return model.config
+    serving = model.versions.get(version) if version else model.newest_ready()
+    return serving.config if serving is not None else model.config
+
+
+def _decoded_elsewhere(kind: str) -> str:
+    """Where latents go for a model Decode does not take: Sample's `latents` for the generators
+    that need a label per row or a mapping to w first; nothing to add for other kinds."""
+    if kind == Kind.CONDITIONAL_GENERATOR:
+        return "send these latents to Sample's `latents` with `labels`"
+    if kind == Kind.STYLE_GENERATOR:
+        return "send these latents to Sample's `latents`"
+    return ""
 
 
 def _image_output(options: tpb.OutputOptions, rpc: str) -> OutputSpec:
