@@ -346,8 +346,12 @@ def _tolerance(r: Reader, key: str, default: Tolerance) -> Tolerance:
     return float(value)
 
 
-def _batching(r: Reader, default_max_queue_size: int, *, server_default: bool = False) -> BatchingConfig:
-    """`server_default`: `default_max_queue_size` is the server config's limits.default_max_queue_size."""
+def _batching(
+    r: Reader, default_max_queue_size: int, *, server_default: bool = False, queued: bool = True
+) -> BatchingConfig:
+    """`server_default`: `default_max_queue_size` is the server config's limits.default_max_queue_size.
+    `queued`: the kind's rows wait in a batcher (all but a code_prior, which is sampled step by step
+    within its row budget, max_batch_size): only then must its queue hold a batch."""
     d = BatchingConfig()
     max_batch_size = r.integer(
         "max_batch_size", d.max_batch_size, min_value=1, max_value=MAX_BATCH_SIZE_LIMIT
@@ -382,7 +386,7 @@ def _batching(r: Reader, default_max_queue_size: int, *, server_default: bool = 
             f"must be <= {r.prefix}bulk_idle_budget_s ({idle:g}) (the budget while interactive requests "
             f"arrive is the tighter one), got {bulk:g}",
         )
-    if batching.max_queue_size < max_batch_size:
+    if queued and batching.max_queue_size < max_batch_size:
         given = ""
         if r.raw("max_queue_size") is None:  # the default applied: say where it came from
             source, fix = "the default", ""
@@ -459,15 +463,21 @@ def parse_model_config(
     kind_name = r.string("kind", "", choices=KIND_NAMES)
     if not kind_name:
         raise r.error("kind", f"is required (one of {', '.join(KIND_NAMES)})")
+    kind = Kind(kind_name)
     queue = BatchingConfig().max_queue_size if default_max_queue_size is None else default_max_queue_size
-    batching = _batching(r.sub("batching"), queue, server_default=default_max_queue_size is not None)
+    batching = _batching(
+        r.sub("batching"),
+        queue,
+        server_default=default_max_queue_size is not None,
+        queued=not kind.autoregressive,
+    )
     policy = _version_policy(r)
     providers = r.optional_str_list("execution_providers", choices=KNOWN_PROVIDERS)
     try:
         runtime = parse_runtime_config(r.raw("runtime"), where)
     except RuntimeConfigError as exc:
         raise r.error_type(str(exc), field="runtime") from exc
-    d = ModelConfig(kind=Kind(kind_name))
+    d = ModelConfig(kind=kind)
     if runtime.cuda_graph and d.kind.fully_convolutional:
         raise r.error(
             "runtime.cuda_graph",

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from client_fakes import cli_main
-from code_models import write_code_models
+from code_models import prior_graph, write_code_models
 from PIL import Image
 from server_support import (
     TINY_LATENT,
@@ -33,10 +33,12 @@ from translator_models import translator_card, two_way_graph
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server.config import ConfigError, load_model_config
+from genserve_server.config import ConfigError, Kind, load_model_config
 
 SERVER_LIMIT = 6  # the server's max_images_per_request here
 QUEUE_4 = {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 4}
+# The server's limits.default_max_queue_size here: the default batch (64) still fits it.
+DEFAULT_QUEUE = 64
 
 
 def _set_batching(root: Path, name: str, batching: dict[str, Any]) -> None:
@@ -65,6 +67,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     q = write_code_models(root, prefix="q-")
     _set_batching(root, q["decoder"], QUEUE_4)
     _set_batching(root, q["top"], QUEUE_4)  # q-chain-prior's top prior: a row budget of 4
+    # Priors sampled step by step, never queued: one whose own queue is below its row budget, and
+    # one whose row budget is above the server's default queue (its config.json sets none).
+    prior_card = {"grid": [6, 6], "codebook_size": 16, "output_range": None}
+    for name, batching in (
+        ("small-queue-prior", {"max_batch_size": 8, "max_queue_size": 2}),
+        ("big-budget-prior", {"max_batch_size": 2 * DEFAULT_QUEUE}),
+    ):
+        config = {"decoder": "codes-decoder", "batching": batching}
+        write_model(root, name, "code_prior", prior_graph(6, 6, 16), prior_card, config=config)
     write_model(
         root,
         "v-dec",
@@ -85,7 +96,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = start_server(
         root,
         tmp_path_factory.mktemp("limits-server"),
-        config={"limits": {"max_images_per_request": SERVER_LIMIT}},
+        config={"limits": {"max_images_per_request": SERVER_LIMIT, "default_max_queue_size": DEFAULT_QUEUE}},
     )
     yield proc
     proc.stop()
@@ -188,6 +199,20 @@ def test_model_info_says_how_many_samples_a_sample_codes_may_ask_for(
     assert stub.GetModel(pb.GetModelRequest(name="top-prior")).max_images_per_request == SERVER_LIMIT
 
 
+@pytest.mark.parametrize("prior", ["small-queue-prior", "big-budget-prior"])
+def test_a_code_prior_serves_whatever_its_own_queue_size_since_it_is_never_queued(
+    stub: pb_grpc.GenerationServiceStub, prior: str
+) -> None:
+    # A prior's max_queue_size (its config.json's, or the server's default) below its row budget
+    # made the version UNAVAILABLE at load ('batching.max_queue_size must be >= batching.
+    # max_batch_size'), though a prior is sampled step by step (its row budget) and never queued.
+    info = stub.GetModel(pb.GetModelRequest(name=prior))
+    # Bounded by the server's limit, the row budget and the decoder's queue (64), not its own queue.
+    assert info.max_images_per_request == SERVER_LIMIT
+    request = pb.SampleCodesRequest(model=prior, count=SERVER_LIMIT, base_seed=1)
+    assert len(stub.SampleCodes(request, timeout=30).images) == SERVER_LIMIT
+
+
 def test_sample_codes_above_its_top_priors_row_budget_names_count_and_that_budget(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:
@@ -280,3 +305,28 @@ def test_a_server_default_queue_below_a_models_batch_names_the_server_limit(tmp_
     with pytest.raises(ConfigError) as excinfo:
         load_model_config(path, default_max_queue_size=1024)
     assert "default_max_queue_size" not in str(excinfo.value)
+
+
+def test_a_code_priors_queue_size_is_not_checked_against_its_row_budget(tmp_path: Path) -> None:
+    # A prior is never queued: its max_queue_size (given, or the server's default) does not apply.
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps({"kind": "code_prior", "batching": {"max_batch_size": 64, "max_queue_size": 8}})
+    )
+    assert load_model_config(path).batching.max_batch_size == 64
+    path.write_text(json.dumps({"kind": "code_prior", "batching": {"max_batch_size": 64}}))
+    assert load_model_config(path, default_max_queue_size=16).batching.max_batch_size == 64
+
+
+@pytest.mark.parametrize("kind", [k for k in Kind if k != Kind.CODE_PRIOR])
+def test_every_queued_kinds_queue_size_must_hold_its_batch(tmp_path: Path, kind: Kind) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"kind": kind.value, "batching": {"max_batch_size": 64, "max_queue_size": 8}}))
+    with pytest.raises(ConfigError) as excinfo:
+        load_model_config(path)
+    assert str(excinfo.value) == (
+        f"{path}: batching.max_queue_size must be >= batching.max_batch_size (64), got 8"
+    )
+    path.write_text(json.dumps({"kind": kind.value, "batching": {"max_batch_size": 64}}))
+    with pytest.raises(ConfigError, match="limits.default_max_queue_size"):
+        load_model_config(path, default_max_queue_size=16)
