@@ -351,7 +351,8 @@ def _batching(
 ) -> BatchingConfig:
     """`server_default`: `default_max_queue_size` is the server config's limits.default_max_queue_size.
     `queued`: the kind's rows wait in a batcher (all but a code_prior, which is sampled step by step
-    within its row budget, max_batch_size): only then must its queue hold a batch."""
+    within its row budget, max_batch_size): only then must its queue hold a batch and its bulk
+    budgets be in order (a prior's other fields are still checked each on its own)."""
     d = BatchingConfig()
     max_batch_size = r.integer(
         "max_batch_size", d.max_batch_size, min_value=1, max_value=MAX_BATCH_SIZE_LIMIT
@@ -380,7 +381,7 @@ def _batching(
         max_batch_pixels=r.integer("max_batch_pixels", d.max_batch_pixels, min_value=1),
     )
     r.finish()
-    if bulk is not None and idle is not None and bulk > idle:
+    if queued and bulk is not None and idle is not None and bulk > idle:
         raise r.error(
             "bulk_budget_s",
             f"must be <= {r.prefix}bulk_idle_budget_s ({idle:g}) (the budget while interactive requests "

@@ -330,3 +330,15 @@ def test_every_queued_kinds_queue_size_must_hold_its_batch(tmp_path: Path, kind:
     path.write_text(json.dumps({"kind": kind.value, "batching": {"max_batch_size": 64}}))
     with pytest.raises(ConfigError, match="limits.default_max_queue_size"):
         load_model_config(path, default_max_queue_size=16)
+
+
+def test_a_code_priors_bulk_budgets_are_not_checked_against_each_other(tmp_path: Path) -> None:
+    # Bulk budgets cut a batcher's BULK batches; a prior has none (step-level batching), yet its
+    # config.json was refused for a bulk budget above its idle budget.
+    budgets = {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"kind": "code_prior", "batching": budgets}))
+    assert load_model_config(path).batching.bulk_budget_s == pytest.approx(0.08)
+    path.write_text(json.dumps({"kind": "code_decoder", "batching": budgets}))
+    with pytest.raises(ConfigError, match=r"batching.bulk_budget_s must be <= batching.bulk_idle_budget_s"):
+        load_model_config(path)
