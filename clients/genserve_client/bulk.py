@@ -10,7 +10,8 @@ model file's sha256) is written before the first chunk's files, once the server 
 chunk: a job the server rejects leaves no job.json behind. On start the job takes an exclusive lock
 (`job.lock`, flock) for its whole life, drops a torn last manifest line, deletes its own temp files
 and its own image files the manifest does not name (killed between 1 and 2), and streams only the
-missing index ranges, cut into streams of at most `stream_images` images that `concurrency` workers
+missing index ranges, cut into streams of at most `stream_images` images (by default 1,024, or the
+server's max_stream_images where smaller) that `concurrency` workers
 open one after another. Each stream is one RPC, which the channel's round_robin policy sends to the
 next READY replica (channel.py): a job spreads over every replica, a stream whose replica went away
 is reopened where it stopped on another one, and a replica that comes back gets the next streams
@@ -65,7 +66,8 @@ TMP_PREFIX = ".tmp-"
 IO_THREADS = 8
 FORMAT_VERSION = 2
 # Images per stream: a stream is reopened (on the next replica) at least this often. Reopening
-# costs one RPC start; 1024 images of even the smallest model take seconds.
+# costs one RPC start; 1024 images of even the smallest model take seconds. A server whose
+# max_stream_images (ModelInfo) is smaller gets streams of that many.
 DEFAULT_STREAM_IMAGES = 1024
 # How long a job keeps retrying transient errors (a server restart, a GPU pod start) without any
 # progress before it stops; each stream counts from its last chunk.
@@ -99,10 +101,12 @@ class BulkIncomplete(BulkError):
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:
-    """A model version as the server serves it."""
+    """A model version as the server serves it, and the most images one stream of it may send
+    (ModelInfo.max_stream_images; 0: the server does not say)."""
 
     version: str
     sha256: str
+    max_stream_images: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,7 +465,7 @@ def served_model(client: GenserveClient, model: str, version: str) -> ServedMode
         )
     if v.state != genserve_pb2.MODEL_STATE_READY:
         raise BulkError(f"model {model!r} version {v.version} is not READY (served: {served})")
-    return ServedModel(v.version, v.model_sha256)
+    return ServedModel(v.version, v.model_sha256, info.max_stream_images)
 
 
 def state_label(state: genserve_pb2.ModelState.ValueType) -> str:
@@ -539,10 +543,10 @@ class BulkJob:
         progress_stream: TextIO | None = None,
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
         shard: Shard | None = None,
-        stream_images: int = DEFAULT_STREAM_IMAGES,
+        stream_images: int | None = None,
         channel_period_s: float = DEFAULT_PERIOD_S,
     ) -> None:
-        if stream_images < 1:
+        if stream_images is not None and stream_images < 1:
             raise ValueError(f"--stream-images must be >= 1, got {stream_images}")
         if not 0 <= chunk_size < UINT32_LIMIT:
             raise ValueError(
@@ -550,7 +554,9 @@ class BulkJob:
                 f"got {chunk_size}"
             )
         self.client = client
-        self.stream_images = stream_images
+        # None: DEFAULT_STREAM_IMAGES, or the server's max_stream_images where smaller (fit_streams).
+        self.stream_images_given = stream_images
+        self.stream_images = stream_images or DEFAULT_STREAM_IMAGES
         self.params = params
         self.shard = shard
         self.lo, self.hi = shard.range(params.n) if shard else (0, params.n)
@@ -624,6 +630,7 @@ class BulkJob:
             # Pin the served version and its file's sha256, so a resume after a model update or
             # a model replaced in place does not mix two models in one job.
             served = self.window.call(lambda: resolve(self.params.model, self.params.version))
+            self._fit_streams(served.max_stream_images)
             self.pinned_version, self.model_sha256 = served.version, served.sha256
             # job.json is written once the server has accepted the job (its first chunk), so a job
             # it rejects leaves nothing that would refuse the corrected command.
@@ -653,6 +660,7 @@ class BulkJob:
         self.used_models = job.get("used_models")
         self.name_width = job.get("name_width", name_width(theirs.n))
         served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
+        self._fit_streams(served.max_stream_images)
         self._check_model(served.version, served.sha256, "the server now serves")
         if self.params.n != theirs.n or job.get("format_version") != FORMAT_VERSION or not self.model_sha256:
             # A grown job (or an older job.json) is rewritten before any image of the new range, once
@@ -660,6 +668,20 @@ class BulkJob:
             # refuses leaves the job as it was, and the old command still resumes it.
             self.model_sha256 = self.model_sha256 or served.sha256
             self._pending_job = self._job_json()
+
+    def _fit_streams(self, server_limit: int) -> None:
+        """Streams of at most the server's max_stream_images (0: it does not say): the default
+        size shrinks to it; a size the caller gave above it is refused before any stream (each
+        stream would be refused INVALID_ARGUMENT)."""
+        if not server_limit or self.stream_images <= server_limit:
+            return
+        if self.stream_images_given is not None:
+            raise BulkError(
+                f"--stream-images {self.stream_images_given} is more than the server's "
+                f"max_stream_images {server_limit} (the most images one stream may send): give at "
+                f"most {server_limit}, or leave it out to use {min(DEFAULT_STREAM_IMAGES, server_limit)}"
+            )
+        self.stream_images = server_limit
 
     def _check_model(self, version: str, sha256: str, source: str) -> None:
         """Refuse images of another version or model file than the job's (empty = not reported)."""

@@ -820,7 +820,7 @@ def resume_command(args: argparse.Namespace, out: Path, n: int | None = None) ->
         words += ["--concurrency", str(args.concurrency)]
     if args.chunk_size:
         words += ["--chunk-size", str(args.chunk_size)]
-    if args.stream_images != DEFAULT_STREAM_IMAGES:
+    if args.stream_images is not None:
         words += ["--stream-images", str(args.stream_images)]
     if args.retry_window != DEFAULT_RETRY_WINDOW_S:
         words += ["--retry-window", f"{args.retry_window:g}"]
@@ -840,7 +840,7 @@ def _job_on_disk(out: Path) -> dict[str, Any] | None:
 def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
-    if args.stream_images < 1:
+    if args.stream_images is not None and args.stream_images < 1:
         raise UsageError(f"bulk: --stream-images must be >= 1, got {args.stream_images}")
     if not 0 <= args.chunk_size < UINT32_LIMIT:
         # Checked before the job starts, as every flag is: a value the server refuses ends the job.
@@ -1193,9 +1193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream-images",
         type=int,
-        default=DEFAULT_STREAM_IMAGES,
         metavar="N",
-        help="images per stream; each new stream goes to the next replica of --target",
+        help=f"images per stream (default {DEFAULT_STREAM_IMAGES}, or the server's max_stream_images "
+        "where smaller; more than it is refused); each new stream goes to the next replica of --target",
     )
     p.add_argument("--seed", type=int, help="base seed: image i uses seed + i (default: 0)")
     p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")

@@ -210,14 +210,23 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             raise invalid("sample.seeds", "not accepted by SampleStream: image i uses base_seed + i")
         if sample.HasField("latents"):
             raise invalid("sample.latents", "not accepted by SampleStream: image i uses base_seed + i")
-        count = validate.count(
-            sample.count, "sample.count", self.limits.max_stream_images, "max_stream_images"
-        )
+        count = sample.count
+        if count < 1:
+            raise invalid("sample.count", f"must be >= 1, got {count}")
         base = validate.base_seed(
             sample.base_seed if sample.HasField("base_seed") else 0, count, "sample.base_seed"
         )
         if request.start_index > count:
             raise invalid("start_index", f"must be in 0..count ({count}), got {request.start_index}")
+        # The limit is on the images this call sends, [start_index, count): a resumed stream, or a
+        # bulk job's stream of a later index range, is as long as its range (ModelInfo says it).
+        limit = self.limits.max_stream_images
+        if count - request.start_index > limit:
+            raise invalid(
+                "sample.count",
+                f"a stream sends at most {limit} images (max_stream_images): count - start_index "
+                f"must be in 0..{limit}, got {count} - {request.start_index} = {count - request.start_index}",
+            )
         # A chunk is one request to the model's queue (and a style generator's mapping's): one
         # larger than a whole queue never fits.
         versions = (mv, *self._mapping(call, mv))
@@ -435,6 +444,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             info.max_batch_size = serving.batching.max_batch_size
             if model.kind in (*SAMPLE_KINDS, *DECODE_KINDS, Kind.VAE_ENCODER, Kind.CODE_PRIOR):
                 info.max_images_per_request = self._images_per_request(model, version)
+            if model.kind in SAMPLE_KINDS:
+                info.max_stream_images = self.limits.max_stream_images
         if model.reason and not model.versions:
             reason = self.repo.redact(model.reason)
             info.versions.append(pb.ModelVersionInfo(state=pb.MODEL_STATE_UNAVAILABLE, reason=reason))

@@ -36,6 +36,7 @@ from genserve.v1 import types_pb2 as tpb
 from genserve_server.config import ConfigError, Kind, load_model_config
 
 SERVER_LIMIT = 6  # the server's max_images_per_request here
+STREAM_LIMIT = 24  # its max_stream_images: below bulk's default of 1,024 images per stream
 QUEUE_4 = {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 4}
 # The server's limits.default_max_queue_size here: the default batch (64) still fits it.
 DEFAULT_QUEUE = 64
@@ -96,7 +97,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = start_server(
         root,
         tmp_path_factory.mktemp("limits-server"),
-        config={"limits": {"max_images_per_request": SERVER_LIMIT, "default_max_queue_size": DEFAULT_QUEUE}},
+        config={
+            "limits": {
+                "max_images_per_request": SERVER_LIMIT,
+                "default_max_queue_size": DEFAULT_QUEUE,
+                "max_stream_images": STREAM_LIMIT,
+            }
+        },
     )
     yield proc
     proc.stop()
@@ -254,6 +261,60 @@ def test_an_interactive_stream_is_not_refused_for_its_own_chunks_ahead(
     sample = pb.SampleRequest(model="g4", count=20, base_seed=5, priority=tpb.PRIORITY_INTERACTIVE)
     chunks = stub.SampleStream(pb.SampleStreamRequest(sample=sample, chunk_size=chunk_size), timeout=30)
     assert [g.index for c in chunks for g in c.images] == list(range(20))
+
+
+def test_model_info_says_how_many_images_a_sample_stream_may_send(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # max_stream_images was nowhere in ModelInfo: a client could only find it by being refused.
+    assert stub.GetModel(pb.GetModelRequest(name="g4")).max_stream_images == STREAM_LIMIT
+    listed = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert listed["g4"].max_stream_images == STREAM_LIMIT
+    assert listed["v-dec"].max_stream_images == STREAM_LIMIT  # a VAE decoder samples its prior
+    assert listed["i2i"].max_stream_images == 0  # not a model SampleStream takes
+
+
+def test_max_stream_images_bounds_the_images_a_stream_sends_not_its_last_index(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # A stream sends images [start_index, count): one resumed (or a bulk job's later stream) at
+    # index 100 of 110 sends 10 images, and was refused 'sample.count: must be in 1..24'.
+    sample = pb.SampleRequest(model="g4", count=100 + 10, base_seed=5)
+    chunks = stub.SampleStream(pb.SampleStreamRequest(sample=sample, start_index=100), timeout=30)
+    assert [g.index for c in chunks for g in c.images] == list(range(100, 110))
+    sample.count = 100 + STREAM_LIMIT + 1
+    request = pb.SampleStreamRequest(sample=sample, start_index=100)
+    err = _refusal(lambda r, timeout: list(stub.SampleStream(r, timeout=timeout)), request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_stream_images" in (err.details() or "") and str(STREAM_LIMIT) in (err.details() or "")
+
+
+def test_a_bulk_job_adapts_its_streams_to_the_servers_max_stream_images(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The job's one stream of 60 images (default --stream-images 1,024) was refused 'sample.count:
+    # must be in 1..24 (max_stream_images)', and so was every stream ending past index 24 whatever
+    # --stream-images the user tried.
+    out = tmp_path / "job"
+    args = ("--target", server.target, "bulk", "--model", "g4", "--n", "60", "--seed", "3")
+    code, _, err = cli_main(capsys, *args, "--out", str(out))
+    assert code == 0, err
+    assert len(list((out / "images").glob("*.png"))) == 60
+
+
+def test_a_bulk_job_refuses_stream_images_above_max_stream_images_before_any_stream(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "job"
+    args = ("--target", server.target, "bulk", "--model", "g4", "--n", "60", "--out", str(out))
+    code, _, err = cli_main(capsys, *args, "--stream-images", str(STREAM_LIMIT + 1))
+    assert code == 2
+    assert f"--stream-images {STREAM_LIMIT + 1}" in err and f"max_stream_images {STREAM_LIMIT}" in err
+    assert not (out / "job.json").exists() and not list(out.glob("images/*.png"))
+    # Its own limit is accepted.
+    code, _, err = cli_main(capsys, *args, "--stream-images", str(STREAM_LIMIT))
+    assert code == 0, err
+    assert len(list((out / "images").glob("*.png"))) == 60
 
 
 # ---------------------------------------------------------------------------- CLI edit / arithmetic

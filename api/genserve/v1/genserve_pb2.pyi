@@ -225,7 +225,9 @@ class SampleStreamRequest(_message.Message):
     START_INDEX_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     start_index: _builtins.int
-    """Resume point: start at image index `start_index` (0 <= start_index <= count)."""
+    """Resume point: start at image index `start_index` (0 <= start_index <= count). The call sends
+    images [start_index, count): count - start_index at most ModelInfo.max_stream_images.
+    """
     chunk_size: _builtins.int
     """Images per streamed chunk, 1..ModelInfo.max_images_per_request: the server's
     max_images_per_request (256 by default) and at most the model's queue (config.json
@@ -234,9 +236,9 @@ class SampleStreamRequest(_message.Message):
     """
     @_builtins.property
     def sample(self) -> Global___SampleRequest:
-        """count (<= 10^9 here), labels (cycled: image i gets labels[i % len(labels)]), truncation and
-        output as in Sample. `seeds` and `latents` are not accepted: image i uses base_seed + i
-        (base_seed default 0).
+        """count, labels (cycled: image i gets labels[i % len(labels)]), truncation and output as in
+        Sample. `seeds` and `latents` are not accepted: image i uses base_seed + i (base_seed
+        default 0).
         """
 
     def __init__(
@@ -1020,6 +1022,7 @@ class ModelInfo(_message.Message):
     W_DIM_FIELD_NUMBER: _builtins.int
     NUM_LAYERS_FIELD_NUMBER: _builtins.int
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_STREAM_IMAGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """generator, conditional_generator, vae_decoder, vae_encoder, super_resolution, image_to_image,
@@ -1052,6 +1055,11 @@ class ModelInfo(_message.Message):
     samples one SampleCodes may ask for: the smallest of max_images_per_request, its row budget,
     its top prior's and its decoder's batching.max_queue_size. 0: not a model those take.
     """
+    max_stream_images: _builtins.int
+    """The most images one SampleStream of this model may send (count - start_index): the server's
+    max_stream_images (10^9 by default). 0: not a model SampleStream takes, or an older server
+    that does not say.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionInfo]: ...
     @_builtins.property
@@ -1079,10 +1087,11 @@ class ModelInfo(_message.Message):
         w_dim: _builtins.int = ...,
         num_layers: _builtins.int = ...,
         max_images_per_request: _builtins.int = ...,
+        max_stream_images: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "name", b"name", "num_layers", b"num_layers", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions", "w_dim", b"w_dim"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_stream_images", b"max_stream_images", "name", b"name", "num_layers", b"num_layers", "output_shape", b"output_shape", "reason", b"reason", "scale_factor", b"scale_factor", "size_multiple", b"size_multiple", "versions", b"versions", "w_dim", b"w_dim"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
