@@ -30,6 +30,17 @@ class Caller(Protocol):
     counted_out: bool
 
 
+class Held(Protocol):
+    """What an RPC holds that its BULK request gives back while it waits for room in its lane (a
+    unary call's response bytes: response_budget.Reservation), so that bulk calls waiting there hold
+    nothing interactive calls need; taken back (which may wait in turn) once the request is first in
+    line with room, before it is queued."""
+
+    def give_back(self) -> None: ...
+
+    async def take_back(self, deadline: float | None) -> None: ...
+
+
 def count_once(caller: Caller | None) -> bool:
     """Whether a refusal or drop of a request of `caller` is counted: the first of its RPC's only
     (a request of its own, None: always)."""

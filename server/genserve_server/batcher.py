@@ -63,6 +63,7 @@ from genserve_server.batch_events import (
 from genserve_server.batch_parts import (
     OFF_LOOP_COPY_BYTES,
     Caller,
+    Held,
     Part,
     PendingRequest,
     Tensors,
@@ -334,10 +335,12 @@ class Batcher:
         lane: Lane = Lane.INTERACTIVE,
         deadline: float | None = None,
         caller: Caller | None = None,
+        held: Held | None = None,
     ) -> BatchResult:
         """Queue `n_rows` rows (axis 0 of every input) and wait for their outputs. `caller`: the RPC
         the rows belong to (core.Call), counted once as refused or dropped, whatever number of the
-        requests it queued leave (None: a request of its own)."""
+        requests it queued leave (None: a request of its own). `held`: what that RPC holds that a
+        BULK request gives back while it waits for room (its response's bytes: batch_parts.Held)."""
         # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
         # path; only queue_full (ResourceExhausted) is counted here.
         if self._closing:
@@ -349,8 +352,9 @@ class Batcher:
                 f"{self.name}: the request needs {n_rows} items, more than the whole queue holds "
                 f"(max_queue_size={self.max_queue_size}); split it into smaller requests"
             )
+        in_time = True
         if lane == Lane.BULK:
-            await self._wait_for_bulk_room(n_rows, deadline)
+            in_time = await self._wait_for_bulk_room(n_rows, deadline, held)
         elif self._queued_rows + n_rows > self.max_queue_size:
             if count_once(caller):
                 self._observer.on_rejected("queue_full")
@@ -359,7 +363,7 @@ class Batcher:
                 f"waiting, request needs {n_rows}); retry with backoff"
             )
         now = self._clock()
-        if deadline is not None and now >= deadline:
+        if deadline is not None and (now >= deadline or not in_time):
             self._dropped(caller, "deadline")
             raise DeadlineExceeded(
                 f"{self.name}: deadline passed before the request was queued; not computed"
@@ -434,24 +438,38 @@ class Batcher:
         # One bulk request always fits an empty bulk share, even one larger than half the queue.
         return self._bulk_rows == 0 or self._bulk_rows + n_rows <= self.max_queue_size // 2
 
-    async def _wait_for_bulk_room(self, n_rows: int, deadline: float | None) -> None:
+    async def _wait_for_bulk_room(self, n_rows: int, deadline: float | None, held: Held | None) -> bool:
+        """Until the request is first in line and its rows fit the bulk share: True, or False once its
+        deadline passed (submit() reports it). `held` is given back while it waits, and taken back
+        first in line with room (the bulk submits behind it wait meanwhile)."""
         if not self._bulk_line and self._bulk_fits(n_rows):
-            return
+            return True
         ticket = object()
         self._bulk_line.append(ticket)
+        given_back = False
         try:
-            while not (self._bulk_line[0] is ticket and self._bulk_fits(n_rows)):
+            while True:
+                if self._bulk_line[0] is ticket and self._bulk_fits(n_rows):
+                    if not given_back:
+                        return True
+                    assert held is not None
+                    given_back = False
+                    await held.take_back(deadline)
+                    continue  # interactive rows may have taken the room while it waited for its own
                 if self._closing:
                     raise Unavailable(f"{self.name} is draining; retry on another replica")
                 timeout_s = None if deadline is None else deadline - self._clock()
                 if timeout_s is not None and timeout_s <= 0:
-                    return  # submit() reports the deadline
+                    return False
+                if held is not None and not given_back:
+                    held.give_back()
+                    given_back = True
                 self._room.clear()
                 try:
                     async with asyncio.timeout(timeout_s):
                         await self._room.wait()
                 except TimeoutError:
-                    return
+                    return False
         finally:
             self._bulk_line.remove(ticket)
             if self._bulk_line:

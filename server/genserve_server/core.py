@@ -255,7 +255,9 @@ class GenerationCore:
     ) -> BatchResult:
         assert mv.batcher is not None
         entered = time.monotonic()
-        result = await mv.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline, caller=call)
+        result = await mv.batcher.submit(
+            key, inputs, n, lane=lane, deadline=call.deadline, caller=call, held=call.response
+        )
         call.timing.submitted(entered, result.dispatched_at, time.monotonic())
         return result
 

@@ -9,6 +9,11 @@
 - SuperResolve working set: tiles in flight x tile memory, so that a few large requests run one
   after another instead of all at once.
 
+A BULK request that waits for room in its lane (batcher.py) gives its response's bytes back
+meanwhile and holds them again, first in line, before it is queued (Reservation.give_back and
+take_back): a backlog of bulk calls on one model does not hold the budget that interactive calls on
+every model need.
+
 A request waits (first come, first served) while its budget is spent, at most until its deadline
 or `budget_max_wait_s`, then is answered RESOURCE_EXHAUSTED naming the budget. A single request
 larger than the whole budget is clamped to it: it runs alone rather than never.
@@ -119,11 +124,30 @@ class Reservation:
     budget: ByteBudget
     held: int = 0
     released: bool = field(default=False)
+    what: str = ""  # the RPC, for the budget's refusal (the last reserve's)
+    aside: int = 0  # bytes given back while a BULK request waits for room (give_back)
 
     async def reserve(self, n_bytes: int, deadline: float | None, what: str) -> None:
         if self.released:
             return
+        self.what = what
         self.held += await self.budget.acquire(n_bytes, deadline, what)
+
+    def give_back(self) -> None:
+        """The call's BULK request waits for room in its lane (batch_parts.Held): its bytes go back to
+        the budget meanwhile; take_back holds them again."""
+        if self.released or not self.held:
+            return
+        self.aside += self.held
+        self.budget.release(self.held)
+        self.held = 0
+
+    async def take_back(self, deadline: float | None) -> None:
+        """The request is first in line with room: hold again what give_back returned (waits while the
+        budget is spent, then RESOURCE_EXHAUSTED naming it, as at first)."""
+        n, self.aside = self.aside, 0
+        if n:
+            await self.reserve(n, deadline, self.what)
 
     def settle(self, actual_bytes: int) -> None:
         """The response is built: hold its real size (its prediction was an upper bound, mostly)."""

@@ -94,7 +94,9 @@ async def map_latents(
         key, inputs = LatentRows(), {"z": z}
     n = len(inputs[SEED_INPUT] if z is None else z)
     entered = time.monotonic()
-    result = await mapping.batcher.submit(key, inputs, n, lane=lane, deadline=call.deadline, caller=call)
+    result = await mapping.batcher.submit(
+        key, inputs, n, lane=lane, deadline=call.deadline, caller=call, held=call.response
+    )
     call.timing.submitted(entered, result.dispatched_at, time.monotonic())
     w = np.asarray(result.outputs[W_OUTPUT], dtype=np.float32).reshape(n, card.w_dim)
     used = z if z is not None else result.outputs[DRAWN_LATENTS_OUTPUT]

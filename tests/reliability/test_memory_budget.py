@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,10 +19,12 @@ from server_support import (
     TINY_LATENT,
     ServerProcess,
     generator_graph,
+    slow_generator_graph,
     start_server,
     super_resolution_graph,
     wait_until,
     write_model,
+    write_tiny_generator,
 )
 from unread_client import UnreadClient
 
@@ -161,3 +164,56 @@ def test_super_resolve_requests_share_the_working_set_budget(budget_server: Serv
     assert results == [1] * 6
     assert 0 < peak[0] <= MIB
     assert server.metric("genserve_sr_working_set_bytes") == 0
+
+
+# A bulk Sample of one 8x8 gray PNG holds its worst case (4,168 bytes) plus the send overhead (64 KiB)
+# against the response budget: 15 of them hold all but 3,016 bytes of 1 MiB.
+BULK_HOLD = 65536 + 4168
+BULK_CALLS = 16
+
+
+def test_bulk_samples_waiting_for_room_in_their_lane_hold_no_response_bytes(tmp_path: Path) -> None:
+    """The BULK lane holds at most half a model's queue and a bulk Sample that finds it full waits for
+    room: while it waits it must not hold its response's bytes against the server-wide budget, or a
+    backlog of bulk Samples on one model gets every interactive call on the server refused
+    RESOURCE_EXHAUSTED (response budget), the crowding-out the lane exists to prevent. A slow model
+    (a row takes seconds) with a queue of 2 rows: one bulk Sample computes, one is queued, the other
+    14 wait for room holding nothing; an interactive Sample of another model is then answered."""
+    root = tmp_path / "models"
+    write_model(
+        root,
+        "slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 300_000),  # seconds a row: nothing finishes during the test
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 1, "max_queue_delay_ms": 1.0, "max_queue_size": 2}},
+    )
+    write_tiny_generator(root, "fast", channels=3)
+    config = {"warmup": False, "limits": {"response_budget_bytes": MIB, "budget_max_wait_s": 1.0}}
+    server = start_server(root, tmp_path / "server", config=config)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            bulk = [
+                stub.Sample.future(
+                    pb.SampleRequest(model="slow", count=1, base_seed=i, priority=tpb.PRIORITY_BULK),
+                    timeout=60,
+                )
+                for i in range(BULK_CALLS)
+            ]
+            # A Sample reaches its model's queue (or the bulk lane's line) without an await.
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="Sample") == BULK_CALLS,
+                30,
+                "every bulk Sample to be in the server",
+            )
+            # Only the computing and the queued one hold their bytes.
+            assert server.metric("genserve_response_bytes_pending") <= 2 * BULK_HOLD
+            # Refused RESOURCE_EXHAUSTED (response budget) after budget_max_wait_s where they held them.
+            answer = stub.Sample(pb.SampleRequest(model="fast", count=1), timeout=10)
+            assert len(answer.images) == 1
+            for future in bulk:
+                future.cancel()
+    finally:
+        server.proc.kill()  # the running bulk row would hold a graceful drain for seconds
+        server.proc.wait(10)

@@ -21,8 +21,9 @@ from genserve_server.arrivals import (
     Arrivals,
     closes_at_preferred,
 )
-from genserve_server.batcher import WITHDRAWN, Batcher, Lane
+from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane
 from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from genserve_server.response_budget import ByteBudget, Reservation
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
@@ -1124,6 +1125,51 @@ def test_bulk_submits_waiting_for_room_get_in_first_come_first_served() -> None:
         await asyncio.gather(first, large, small, blocker)
         order = [v for _, x in model.batches for v in x.tolist()]
         assert order.index(4) < order.index(8)
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_bulk_request_waiting_for_room_gives_its_response_bytes_back_until_it_is_queued() -> None:
+    """A unary bulk call holds its response's bytes against the server-wide budget (core.reserve_response)
+    before it submits: while its request waits for room in the bulk lane it gives them back, so that
+    waiting bulk calls do not get interactive ones refused on the budget, and first in line with room
+    it holds them again (waiting for the budget, or refused naming it) before it is queued."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_queue_size=4, max_batch_size=4)
+        budget = ByteBudget("response budget (response_budget_bytes)", 100, max_wait_s=0.2)
+        gate, blocker = await hold_runner(batcher, model)
+
+        async def bulk_call(reservation: Reservation, values: tuple[float, ...]) -> BatchResult:
+            await reservation.reserve(40, None, "Sample")
+            return await batcher.submit("b", rows(*values), len(values), lane=Lane.BULK, held=reservation)
+
+        queued_bytes, waiting_bytes, refused_bytes = (Reservation(budget) for _ in range(3))
+        queued = asyncio.ensure_future(bulk_call(queued_bytes, (1, 2)))
+        await until(lambda: batcher.queued_rows == 2, "the first bulk request queued")
+        waiting = asyncio.ensure_future(bulk_call(waiting_bytes, (3,)))
+        await let_the_dispatcher_run()
+        # The bulk half (2 rows) is full: the second waits for room, holding no bytes meanwhile.
+        assert not waiting.done() and waiting_bytes.held == 0 and budget.held == 40
+        refused = asyncio.ensure_future(bulk_call(refused_bytes, (4,)))
+        await let_the_dispatcher_run()
+        assert budget.held == 40
+        interactive = Reservation(budget)
+        await interactive.reserve(60, time.monotonic() + 0.05, "Sample")  # fits at once: 40 + 60
+        gate.set()  # room: the waiting request holds its bytes again, waiting for them (60 + 40 held)
+        np.testing.assert_array_equal((await queued).outputs["y"], [10, 20])
+        queued_bytes.release()
+        np.testing.assert_array_equal((await waiting).outputs["y"], [30])  # accepted, not lost
+        assert waiting_bytes.held == 40
+        # The next in line finds the budget spent (the interactive and the second bulk response,
+        # both unsent) for longer than max_wait_s: refused naming the budget, never queued.
+        with pytest.raises(ResourceExhausted, match="response_budget_bytes"):
+            await refused
+        assert refused_bytes.held == 0 and budget.held == 100 and batcher.queued_rows == 0
+        assert [v for _, x in model.batches for v in x.tolist()] == [-1, 1, 2, 3]
+        await blocker
         await batcher.close(1)
 
     run(body())
