@@ -626,7 +626,9 @@ class GenerationCore:
         _, default_overlap = validate.default_tiling(card, radius)
         overlap = default_overlap if tile_overlap is None else tile_overlap
         tile = tile_size or validate.tile_for(card, overlap)
-        validate.tiling(tile, overlap, card.size_multiple, overlap_given=tile_overlap is not None)
+        validate.tiling(
+            tile, overlap, card.size_multiple, overlap_given=tile_overlap is not None, min_size=card.min_size
+        )
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
         arrays = await self.codec.decode(
             mv.metrics, images, card, max_pixels, timing=call.timing, limit_name=limit_name

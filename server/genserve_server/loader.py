@@ -503,7 +503,7 @@ def check_default_tiling(card: Card, radius: int | None) -> None:
     planned: otherwise every such request would be refused, blaming a field its client never sent."""
     tile, overlap = validate.default_tiling(card, radius)
     try:
-        validate.tiling(tile, overlap, card.size_multiple, overlap_given=False)
+        validate.tiling(tile, overlap, card.size_multiple, overlap_given=False, min_size=card.min_size)
     except InvalidArgument as exc:
         measured = f", receptive-field radius {radius} measured at load" if radius is not None else ""
         raise ConfigError(

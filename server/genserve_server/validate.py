@@ -337,10 +337,13 @@ def default_tiling(card: Card, radius: int | None) -> tuple[int, int]:
     return tile_for(card, overlap), overlap
 
 
-def tiling(tile: int, overlap: int, size_multiple: int, *, overlap_given: bool = True) -> None:
+def tiling(
+    tile: int, overlap: int, size_multiple: int, *, overlap_given: bool = True, min_size: int = 1
+) -> None:
     """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned.
     `overlap_given`: the client set tile_overlap (else it is the model's default, which a refusal
-    must not blame: the tile_size it asked is then what is too small)."""
+    must not blame: the tile_size it asked is then what is too small). `min_size`: the model's
+    smallest input side (card.json), which every tile is."""
     if overlap > MAX_TILE // 4:  # no tile_size could hold it: name the overlap, not a derived tile
         raise invalid(
             "tile_overlap",
@@ -371,4 +374,13 @@ def tiling(tile: int, overlap: int, size_multiple: int, *, overlap_given: bool =
             "tile_size",
             f"must be at least {smallest} for this model (size multiple {size_multiple}, "
             f"tile_overlap {overlap}), got {tile}",
+        )
+    # Each tile is one model input, cut to a whole multiple of the size multiple (tiling.plan_tiles):
+    # one smaller than the model's min_size failed in the model (INTERNAL), for every tile.
+    if tile - tile % size_multiple < min_size:
+        smallest = -(-min_size // size_multiple) * size_multiple
+        raise invalid(
+            "tile_size",
+            f"must be at least {smallest} for this model (its min_size {min_size}: every tile is a "
+            f"model input), got {tile}",
         )

@@ -144,6 +144,7 @@ def test_a_card_scale_factor_the_graph_does_not_have_fails_the_load(tmp_path: Pa
     [
         ({"tile_size": 4, "tile_overlap": 0}, "tile_size 4"),
         ({"tile_size": 96, "tile_overlap": 300}, "tile_overlap 300"),
+        ({"tile_size": 16, "tile_overlap": 0, "min_size": 32}, "min_size 32"),  # every tile below it
     ],
 )
 def test_a_card_default_tiling_no_request_could_use_fails_the_load(

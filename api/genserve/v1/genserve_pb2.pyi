@@ -627,7 +627,8 @@ class ImageRequest(_message.Message):
     """
     version: _builtins.str
     tile_size: _builtins.int
-    """SuperResolve only: input tile size (>= 2 * tile_overlap + 8, <= 1024); 0 = the card's
+    """SuperResolve only: input tile size (>= 2 * tile_overlap + 8, >= the card's min_size: each
+    tile is a model input, <= 1024); 0 = the card's
     tile_size (128 if none), enlarged to at least 4 * tile_overlap. The request's tiles, all images
     together, must fit the model's queue (batching.max_queue_size): more is INVALID_ARGUMENT naming
     tile_size (use larger tiles, or fewer or smaller images).

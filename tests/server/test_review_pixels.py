@@ -1,0 +1,100 @@
+"""Review (limits that meet, image kinds): pixel budgets, tiles and the model's own minimum size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from server_support import ServerProcess, _image, _init, _model, start_server, write_model
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+MIN_SIDE = 16  # the reflect-padded SR model below fails on inputs of 8 or fewer pixels a side
+
+
+def reflect_sr_graph(scale: int) -> onnx.ModelProto:
+    """Pad reflect 8 -> Conv 17x17 (no pad) -> Resize x scale -> Tanh: a receptive-field radius of 8,
+    and ONNX Runtime refuses a reflect pad of 8 on a side of 8 or less (card min_size 16)."""
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Pad", ["image", "pads"], ["padded"], mode="reflect"),
+        helper.make_node("Conv", ["padded", "K"], ["conv"]),
+        helper.make_node("Resize", ["conv", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Tanh", ["up"], ["output_image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sr_reflect",
+        [_image("image", 3, "h", "w")],
+        [_image("output_image", 3, "H", "W")],
+        [
+            _init("pads", np.array([0, 0, 8, 8, 0, 0, 8, 8], np.int64)),
+            _init("K", rng.normal(0, 0.02, (3, 3, 17, 17)).astype(np.float32)),
+            _init("scales", np.array([1, 1, scale, scale], np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("pixels-models")
+    write_model(
+        root,
+        "sr-min",
+        "super_resolution",
+        reflect_sr_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": 2,
+            "size_multiple": 1,
+            "tile_size": 64,
+            "tile_overlap": 16,
+            "min_size": MIN_SIDE,
+        },
+        config={"batching": {"max_batch_size": 8, "max_queue_delay_ms": 1.0, "max_queue_size": 256}},
+    )
+    proc = start_server(root, tmp_path_factory.mktemp("pixels-server"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def _rgb(side: int) -> tpb.Image:
+    data = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8).tobytes()
+    return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=data, shape=[side, side, 3])
+
+
+def test_super_resolve_of_an_image_at_min_size_is_served(stub: pb_grpc.GenerationServiceStub) -> None:
+    response = stub.SuperResolve(pb.ImageRequest(model="sr-min", images=[_rgb(MIN_SIDE)]), timeout=30)
+    assert list(response.images[0].shape)[:2] == [2 * MIN_SIDE, 2 * MIN_SIDE]
+
+
+@pytest.mark.parametrize(("tile_size", "tile_overlap"), [(8, 0), (12, 2)])
+def test_a_tile_size_below_the_models_min_size_is_refused_naming_tile_size(
+    stub: pb_grpc.GenerationServiceStub, tile_size: int, tile_overlap: int
+) -> None:
+    """Tiles are model inputs: a tile smaller than the card's min_size was fed to the model, which
+    failed every call (INTERNAL 'model call failed', after halving the batch down to single rows)."""
+    request = pb.ImageRequest(
+        model="sr-min", images=[_rgb(64)], tile_size=tile_size, tile_overlap=tile_overlap
+    )
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.SuperResolve(request, timeout=30)
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "tile_size" in err.details() and str(MIN_SIDE) in err.details(), err.details()
