@@ -353,10 +353,9 @@ class GenerationCore:
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         n = len(seeds) if z is None and seeds is not None else len(z) if z is not None else 0
         limit = self.limits.max_send_message_bytes
-        expected = validate.predicted_send_size(out, n, card.channels, *card.image_size, limit)
-        if out.return_latents:
-            validate.send_size(n * card.latent_dim * 4, limit, "the returned latents")
-            expected += n * card.latent_dim * 4
+        # The returned latents ride in the same response as the images: their sum must fit.
+        latent_bytes = n * card.latent_dim * 4 if out.return_latents else 0
+        expected = validate.predicted_send_size(out, n, card.channels, *card.image_size, limit, latent_bytes)
         if reserve:
             await self.reserve_response(call, expected)
         result, used = await self.generate_batch(
@@ -370,6 +369,9 @@ class GenerationCore:
             result.outputs.get(PIXELS_OUTPUT),
             timing=call.timing,
         )
+        if latent_bytes:  # JPEG and WebP are known only now (the others were checked exactly above)
+            encoded = sum(len(image.data) for image in images)
+            self.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), out.format)
         return Generated(images, used, result.executed_batch_sizes)
 
     async def sample(
@@ -392,10 +394,11 @@ class GenerationCore:
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         # The whole response is held, cached images too: an unread one holds their copies.
         limit = self.limits.max_send_message_bytes
-        expected = validate.predicted_send_size(out, len(seeds), card.channels, *card.image_size, limit)
-        await self.reserve_response(
-            call, expected + (len(seeds) * card.latent_dim * 4 if out.return_latents else 0)
+        latent_bytes = len(seeds) * card.latent_dim * 4 if out.return_latents else 0
+        expected = validate.predicted_send_size(
+            out, len(seeds), card.channels, *card.image_size, limit, latent_bytes
         )
+        await self.reserve_response(call, expected)
         keys = [
             image_key(
                 mv.load_id,
@@ -436,9 +439,8 @@ class GenerationCore:
                 cache.put(keys[i], computed.images[j], computed.latents[j])
             self.metrics.image_cache_bytes.set(cache.nbytes)
         if len(missing) < len(seeds):  # what generate checks for computed images, for the whole response
-            self.check_send_size(sum(len(image.data) for image in images), "the response", out.format)
-            if out.return_latents:
-                self.check_send_size(z.nbytes, "the returned latents")
+            encoded = sum(len(image.data) for image in images)
+            self.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), out.format)
         return Generated(images, z, batch_sizes, [entry is not None for entry in found])
 
     async def sample_range(

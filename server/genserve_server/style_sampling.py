@@ -172,15 +172,16 @@ async def _encode(
     )
 
 
-async def _reserve(core: GenerationCore, mv: ModelVersion, call: Call, out: OutputSpec, n: int) -> None:
+async def _reserve(core: GenerationCore, mv: ModelVersion, call: Call, out: OutputSpec, n: int) -> int:
+    """Refuses what could not be sent, holds the rest against the response budget; returns the bytes
+    of the returned w (output.return_latents), which ride beside the images in the same response."""
     card = mv.card
     assert card is not None and card.image_size is not None and card.w_dim is not None
     limit = core.limits.max_send_message_bytes
-    expected = validate.predicted_send_size(out, n, card.channels, *card.image_size, limit)
-    if out.return_latents:
-        validate.send_size(n * card.w_dim * 4, limit, "the returned latents")
-        expected += n * card.w_dim * 4
+    latent_bytes = n * card.w_dim * 4 if out.return_latents else 0
+    expected = validate.predicted_send_size(out, n, card.channels, *card.image_size, limit, latent_bytes)
     await core.reserve_response(call, expected)
+    return latent_bytes
 
 
 async def mix(
@@ -228,13 +229,17 @@ async def interpolate(
     the w of each image [steps, w_dim] and the synthesis batch sizes."""
     card = mv.card
     assert card is not None and card.num_layers is not None
-    await _reserve(core, mv, call, out, steps)
+    latent_bytes = await _reserve(core, mv, call, out, steps)
     w, _ = await map_latents(core, mv, call, Lane.INTERACTIVE, z=np.stack([start, end]).astype(np.float32))
     w = truncate(w, w_avg_of(mv), psi_rows(psi, 2))
     path = latents.interpolate(w[0], w[1], steps, latents.InterpolationMode.LERP)
     ws = styles(path, path, np.full(steps, card.num_layers), card.num_layers)
     result = await synthesise(core, mv, call, ws, Lane.INTERACTIVE)
-    return await _encode(core, mv, call, result, out), path, result.executed_batch_sizes
+    images = await _encode(core, mv, call, result, out)
+    if latent_bytes:  # JPEG and WebP are known only now
+        encoded = sum(len(image.data) for image in images)
+        core.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), out.format)
+    return images, path, result.executed_batch_sizes
 
 
 def check_crossover(crossover: int, num_layers: int, field: str) -> int:

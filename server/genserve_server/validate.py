@@ -243,12 +243,29 @@ def response_bound(out: OutputSpec, n: int, c: int, h: int, w: int) -> int | Non
     return None
 
 
-def predicted_send_size(out: OutputSpec, n: int, c: int, h: int, w: int, limit: int) -> int:
+def predicted_send_size(
+    out: OutputSpec, n: int, c: int, h: int, w: int, limit: int, latent_bytes: int = 0
+) -> int:
     """Refuse before compute what could exceed the send limit: raw and tensor outputs exactly, PNG
-    by its worst case (JPEG and WebP are checked after encoding). Returns the bytes to hold against
-    the response budget: that size, or the raw pixels for JPEG and WebP (smaller in practice)."""
+    by its worst case (JPEG and WebP are checked after encoding). `latent_bytes`: the latents
+    returned beside the images (output.return_latents), in the same response, so counted with them.
+    Returns the bytes to hold against the response budget: that size, or the raw pixels for JPEG and
+    WebP (smaller in practice), latents included."""
     bound = response_bound(out, n, c, h, w)
-    return n * c * h * w if bound is None else _admitted(bound, out, limit)
+    if bound is None:
+        if latent_bytes:
+            send_size(latent_bytes, limit, "the returned latents")
+        return n * c * h * w + latent_bytes
+    return _admitted(bound, out, limit, latent_bytes)
+
+
+def with_latents(latent_bytes: int) -> str:
+    """What a send-size refusal calls a response whose latents ride beside its images."""
+    return (
+        f"the response (its images and {latent_bytes} bytes of returned latents)"
+        if latent_bytes
+        else "the response"
+    )
 
 
 def predicted_images_send_size(out: OutputSpec, c: int, sizes: Sequence[tuple[int, int]], limit: int) -> int:
@@ -260,11 +277,11 @@ def predicted_images_send_size(out: OutputSpec, c: int, sizes: Sequence[tuple[in
     return _admitted(sum(known), out, limit)
 
 
-def _admitted(bound: int, out: OutputSpec, limit: int) -> int:
+def _admitted(bound: int, out: OutputSpec, limit: int, latent_bytes: int = 0) -> int:
     # PNG: whatever the compression level, only the worst case is known before the pixels are.
     worst_case = out.format in (ImageFormat.PNG, ImageFormat.UNSPECIFIED)
-    send_size(bound, limit, "the response", out.format, worst_case=worst_case)
-    return bound
+    send_size(bound + latent_bytes, limit, with_latents(latent_bytes), out.format, worst_case=worst_case)
+    return bound + latent_bytes
 
 
 def encodable(out: OutputSpec, sizes: Sequence[tuple[int, int]]) -> None:

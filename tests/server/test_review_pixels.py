@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from server_support import ServerProcess, _image, _init, _model, start_server, write_model
+from server_support import ServerProcess, _image, _init, _model, generator_graph, start_server, write_model
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -98,3 +98,96 @@ def test_a_tile_size_below_the_models_min_size_is_refused_naming_tile_size(
     assert isinstance(err, grpc.Call)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert "tile_size" in err.details() and str(MIN_SIDE) in err.details(), err.details()
+
+
+# ------------------------------------------------------------ images + latents vs the send limit
+
+SEND_LIMIT = 1024 * 1024  # the smallest max_send_message_bytes the server takes
+BIG_Z = 512  # 2 KiB of float32 latent per image
+SIDE = 48  # 1 x 48 x 48 RAW_UINT8: 2,304 bytes per image
+ROWS = 256  # images 589,824 bytes and latents 524,288 bytes: each fits 1 MiB, together they do not
+
+
+@pytest.fixture(scope="module")
+def send_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("send-models")
+    write_model(
+        root,
+        "g-big-z",
+        "generator",
+        generator_graph(BIG_Z, 1, SIDE, SIDE),
+        {"latent_dim": BIG_Z, "channels": 1, "image_size": [SIDE, SIDE]},
+        config={"batching": {"max_batch_size": 64, "max_queue_delay_ms": 1.0, "max_queue_size": 1024}},
+    )
+    proc = start_server(
+        root,
+        tmp_path_factory.mktemp("send-server"),
+        config={"limits": {"max_send_message_bytes": SEND_LIMIT}},
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def send_stub(send_server: ServerProcess) -> Iterator[pb_grpc.GenerationServiceStub]:
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    with grpc.insecure_channel(send_server.target, options=options) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+RAW_WITH_LATENTS = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8, return_latents=True)
+LATENTS = tpb.Tensor(
+    shape=[ROWS, BIG_Z], dtype=tpb.DTYPE_FLOAT32, data=np.zeros((ROWS, BIG_Z), "<f4").tobytes()
+)
+
+
+@pytest.mark.parametrize(
+    "rpc",
+    ["Sample", "Decode", "Interpolate", "SampleStream"],
+)
+def test_images_and_latents_together_above_the_send_limit_are_refused_naming_output(
+    send_stub: pb_grpc.GenerationServiceStub, rpc: str
+) -> None:
+    """The images and the returned latents were each checked against max_send_message_bytes, never
+    their sum: the response was computed, then failed RESOURCE_EXHAUSTED 'Sent message larger than
+    max' (which clients retry) with a server traceback."""
+    if rpc == "Sample":
+        call = lambda: send_stub.Sample(  # noqa: E731
+            pb.SampleRequest(model="g-big-z", count=ROWS, base_seed=0, output=RAW_WITH_LATENTS), timeout=60
+        )
+    elif rpc == "Decode":
+        call = lambda: send_stub.Decode(  # noqa: E731
+            pb.DecodeRequest(model="g-big-z", latents=LATENTS, output=RAW_WITH_LATENTS), timeout=60
+        )
+    elif rpc == "Interpolate":
+        call = lambda: send_stub.Interpolate(  # noqa: E731
+            pb.InterpolateRequest(
+                model="g-big-z",
+                start=pb.LatentPoint(seed=1),
+                end=pb.LatentPoint(seed=2),
+                steps=ROWS,
+                output=RAW_WITH_LATENTS,
+            ),
+            timeout=60,
+        )
+    else:
+        sample = pb.SampleRequest(model="g-big-z", count=ROWS, output=RAW_WITH_LATENTS)
+        call = lambda: list(  # noqa: E731
+            send_stub.SampleStream(pb.SampleStreamRequest(sample=sample, chunk_size=ROWS), timeout=60)
+        )
+    with pytest.raises(grpc.RpcError) as excinfo:
+        call()
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "max_send_message_bytes" in err.details() and "output" in err.details(), err.details()
+
+
+def test_images_with_latents_within_the_send_limit_are_served(
+    send_stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    half = ROWS // 2
+    response = send_stub.Sample(
+        pb.SampleRequest(model="g-big-z", count=half, base_seed=0, output=RAW_WITH_LATENTS), timeout=60
+    )
+    assert len(response.images) == half and len(response.images[0].latent.data) == 4 * BIG_Z
