@@ -144,7 +144,10 @@ async def sample_codes(
         if prior.top_grid is not None:
             positions += prior.top_grid[0] * prior.top_grid[1]
         grid_bytes = len(seeds) * positions * 8
-        if expected + grid_bytes + validate.SEND_OVERHEAD_BYTES > limit:
+        # Each image and each grid (a bottom prior's top grid too) is framed on its own.
+        grids = len(seeds) * (2 if prior.top_grid is not None else 1)
+        framing = (grids + (len(seeds) if decoder is not None else 0)) * validate.ITEM_FRAMING_BYTES
+        if expected + grid_bytes + framing + validate.SEND_OVERHEAD_BYTES > limit:
             # Before any step: sent after every grid was sampled, it failed RESOURCE_EXHAUSTED
             # ("Sent message larger than max"), which clients retry.
             with_images = f" and their images ({expected} bytes)" if decoder is not None else ""

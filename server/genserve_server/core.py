@@ -261,12 +261,14 @@ class GenerationCore:
         call.timing.submitted(entered, result.dispatched_at, time.monotonic())
         return result
 
-    def check_send_size(self, n_bytes: int, what: str, fmt: int | None = None) -> None:
+    def check_send_size(self, n_bytes: int, what: str, fmt: int | None = None, items: int = 0) -> None:
+        """`items`: the images (or other repeated messages) the response holds, each framed."""
         validate.send_size(
             n_bytes,
             self.limits.max_send_message_bytes,
             what,
             None if fmt is None else codecs.ImageFormat(fmt),
+            items=items,
         )
 
     async def reserve_response(self, call: Call, n_bytes: int) -> None:
@@ -371,7 +373,9 @@ class GenerationCore:
         )
         if latent_bytes:  # JPEG and WebP are known only now (the others were checked exactly above)
             encoded = sum(len(image.data) for image in images)
-            self.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), out.format)
+            self.check_send_size(
+                encoded + latent_bytes, validate.with_latents(latent_bytes), out.format, len(images)
+            )
         return Generated(images, used, result.executed_batch_sizes)
 
     async def sample(
@@ -440,7 +444,9 @@ class GenerationCore:
             self.metrics.image_cache_bytes.set(cache.nbytes)
         if len(missing) < len(seeds):  # what generate checks for computed images, for the whole response
             encoded = sum(len(image.data) for image in images)
-            self.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), out.format)
+            self.check_send_size(
+                encoded + latent_bytes, validate.with_latents(latent_bytes), out.format, len(images)
+            )
         return Generated(images, z, batch_sizes, [entry is not None for entry in found])
 
     async def sample_range(
@@ -574,7 +580,7 @@ class GenerationCore:
         # The response's size is exact before compute: mu and logvar (and z) of each image, float32.
         latent_bytes = n * card.latent_dim * 4 * (2 if sample_seed is None else 3)
         limit = self.limits.max_send_message_bytes
-        if latent_bytes + validate.SEND_OVERHEAD_BYTES > limit:
+        if latent_bytes + n * validate.ITEM_FRAMING_BYTES + validate.SEND_OVERHEAD_BYTES > limit:
             raise invalid(
                 "images",
                 f"the returned latents of {n} images would be {latent_bytes} bytes ({card.latent_dim} "
@@ -754,7 +760,7 @@ class GenerationCore:
                     timing=call.timing,
                 )
             )
-        self.check_send_size(sum(len(im.data) for im in images), "the response", out.format)
+        self.check_send_size(sum(len(im.data) for im in images), "the response", out.format, len(images))
         return images
 
     # ------------------------------------------------------------------ image-to-image

@@ -234,7 +234,11 @@ class Codec:
         if timing is not None:
             timing.output_s += elapsed_s
         validate.send_size(
-            sum(len(im.data) for im in result), self.max_send_bytes, "the response", out.format
+            sum(len(im.data) for im in result),
+            self.max_send_bytes,
+            "the response",
+            out.format,
+            items=len(result),
         )
         return result
 

@@ -238,7 +238,9 @@ async def interpolate(
     images = await _encode(core, mv, call, result, out)
     if latent_bytes:  # JPEG and WebP are known only now
         encoded = sum(len(image.data) for image in images)
-        core.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), out.format)
+        core.check_send_size(
+            encoded + latent_bytes, validate.with_latents(latent_bytes), out.format, len(images)
+        )
     return images, path, result.executed_batch_sizes
 
 

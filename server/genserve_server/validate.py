@@ -24,6 +24,10 @@ MAX_PSI = 10.0  # truncation psi in (0, MAX_PSI]
 MAX_TILE = 1024  # SuperResolve tile_size
 # Protobuf framing (shapes, seeds, latents, provenance) rides on top of a response's pixel bytes.
 SEND_OVERHEAD_BYTES = 64 * 1024
+# And each image (or code grid, or latent distribution) carries its own: field tags and lengths,
+# index, seed, label, shape, a latent's shape and dtype (~30-80 bytes). 4096 images of 240 bytes
+# passed the fixed allowance alone, and their 1.1 MB response failed gRPC's send limit after compute.
+ITEM_FRAMING_BYTES = 128
 # A two-way translator's directions: the graph's `direction` values (genserve_contract.kinds).
 A_TO_B, B_TO_A = 0, 1
 DIRECTION_NAMES = ("DIRECTION_A_TO_B", "DIRECTION_B_TO_A")
@@ -199,14 +203,22 @@ def labels(values: Sequence[int], card: Card, n: int, field: str = "labels") -> 
 
 
 def send_size(
-    n_bytes: int, limit: int, what: str, fmt: ImageFormat | None = None, *, worst_case: bool = False
+    n_bytes: int,
+    limit: int,
+    what: str,
+    fmt: ImageFormat | None = None,
+    *,
+    worst_case: bool = False,
+    items: int = 0,
 ) -> None:
     """InvalidArgument when a response would exceed max_send_message_bytes (`limit`); `worst_case`:
-    `n_bytes` is an upper bound (PNG before compute), so the message says "could be up to".
+    `n_bytes` is an upper bound (PNG before compute), so the message says "could be up to";
+    `items`: the images (grids, distributions) it holds, each with its own framing.
 
     Not RESOURCE_EXHAUSTED: that code means "refused at admission, retry" to clients (and the
     project's RetryPolicy), while the same request would be refused again every time.
     """
+    n_bytes += items * ITEM_FRAMING_BYTES
     if n_bytes + SEND_OVERHEAD_BYTES <= limit:
         return
     if worst_case:
@@ -254,9 +266,9 @@ def predicted_send_size(
     bound = response_bound(out, n, c, h, w)
     if bound is None:
         if latent_bytes:
-            send_size(latent_bytes, limit, "the returned latents")
+            send_size(latent_bytes, limit, "the returned latents", items=n)
         return n * c * h * w + latent_bytes
-    return _admitted(bound, out, limit, latent_bytes)
+    return _admitted(bound, out, limit, latent_bytes, items=n)
 
 
 def with_latents(latent_bytes: int) -> str:
@@ -274,13 +286,14 @@ def predicted_images_send_size(out: OutputSpec, c: int, sizes: Sequence[tuple[in
     known = [b for b in bounds if b is not None]
     if len(known) < len(bounds):
         return sum(c * h * w for h, w in sizes)
-    return _admitted(sum(known), out, limit)
+    return _admitted(sum(known), out, limit, items=len(sizes))
 
 
-def _admitted(bound: int, out: OutputSpec, limit: int, latent_bytes: int = 0) -> int:
+def _admitted(bound: int, out: OutputSpec, limit: int, latent_bytes: int = 0, *, items: int) -> int:
     # PNG: whatever the compression level, only the worst case is known before the pixels are.
     worst_case = out.format in (ImageFormat.PNG, ImageFormat.UNSPECIFIED)
-    send_size(bound + latent_bytes, limit, with_latents(latent_bytes), out.format, worst_case=worst_case)
+    what = with_latents(latent_bytes)
+    send_size(bound + latent_bytes, limit, what, out.format, worst_case=worst_case, items=items)
     return bound + latent_bytes
 
 

@@ -191,3 +191,52 @@ def test_images_with_latents_within_the_send_limit_are_served(
         pb.SampleRequest(model="g-big-z", count=half, base_seed=0, output=RAW_WITH_LATENTS), timeout=60
     )
     assert len(response.images) == half and len(response.images[0].latent.data) == 4 * BIG_Z
+
+
+# ---------------------------------------------------------------------------- per-image framing at the limit
+
+MANY = 4096  # an operator's max_images_per_request for tiny images
+TINY_H, TINY_W = 15, 16  # 240 bytes RAW_UINT8: 4096 images are exactly max_send_message_bytes - 64 KiB
+
+
+@pytest.fixture(scope="module")
+def many_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("many-models")
+    write_model(
+        root,
+        "g-tiny",
+        "generator",
+        generator_graph(8, 1, TINY_H, TINY_W),
+        {"latent_dim": 8, "channels": 1, "image_size": [TINY_H, TINY_W]},
+        config={"batching": {"max_batch_size": 512, "max_queue_delay_ms": 1.0, "max_queue_size": MANY}},
+    )
+    proc = start_server(
+        root,
+        tmp_path_factory.mktemp("many-server"),
+        config={"limits": {"max_send_message_bytes": SEND_LIMIT, "max_images_per_request": MANY}},
+    )
+    yield proc
+    proc.stop()
+
+
+def test_many_small_images_whose_framing_passes_the_send_limit_are_refused_naming_output(
+    many_server: ServerProcess,
+) -> None:
+    """The send check adds a fixed 64 KiB for protobuf framing, but each image carries its own (index,
+    seed, shape, field tags: ~26 bytes): 4096 images of 240 bytes passed the check and the response
+    failed RESOURCE_EXHAUSTED 'Sent message larger than max' after compute (clients retry it)."""
+    assert MANY * TINY_H * TINY_W + 64 * 1024 == SEND_LIMIT  # exactly at the limit the check allowed
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    with grpc.insecure_channel(many_server.target, options=options) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        request = pb.SampleRequest(
+            model="g-tiny", count=MANY, output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+        )
+        try:
+            response = stub.Sample(request, timeout=60)
+        except grpc.RpcError as err:
+            assert isinstance(err, grpc.Call)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            assert "output" in err.details() and "max_send_message_bytes" in err.details(), err.details()
+        else:
+            assert response.ByteSize() <= SEND_LIMIT
