@@ -596,7 +596,12 @@ class GenerationCore:
                     f"must be {h}x{w} (the encoder's input size; never resized), "
                     f"got {declared[0]}x{declared[1]}",
                 )
-        arrays = await self.codec.decode(mv.metrics, images, card, max(h * w, 1), timing=call.timing)
+        # Every input image is bounded by max_input_pixels (as KServe's ModelInfer bounds the same
+        # encoder's): one of the encoder's size above it is refused, naming the limit.
+        max_pixels, limit_name = self.limits.input_pixels(card.kind)
+        arrays = await self.codec.decode(
+            mv.metrics, images, card, max_pixels, timing=call.timing, limit_name=limit_name
+        )
         for i, chw in enumerate(arrays):
             if chw.shape[1:] != (h, w):
                 raise invalid(

@@ -9,8 +9,19 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from server_support import ServerProcess, _image, _init, _model, generator_graph, start_server, write_model
+from server_support import (
+    ServerProcess,
+    _image,
+    _init,
+    _model,
+    generator_graph,
+    start_server,
+    write_model,
+    write_vae_encoder,
+)
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -240,3 +251,42 @@ def test_many_small_images_whose_framing_passes_the_send_limit_are_refused_namin
             assert "output" in err.details() and "max_send_message_bytes" in err.details(), err.details()
         else:
             assert response.ByteSize() <= SEND_LIMIT
+
+
+# ---------------------------------------------------------------------------- max_input_pixels on every input
+
+
+@pytest.fixture(scope="module")
+def small_pixels_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("pixels-enc-models")
+    write_vae_encoder(root, "enc")  # 8x8 gray
+    proc = start_server(
+        root, tmp_path_factory.mktemp("pixels-enc-server"), config={"limits": {"max_input_pixels": 63}}
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("protocol", ["genserve.v1", "kserve"])
+def test_an_encoder_input_above_max_input_pixels_is_refused_by_both_protocols(
+    small_pixels_server: ServerProcess, protocol: str
+) -> None:
+    """docs/operations.md: max_input_pixels bounds every input image. KServe's ModelInfer refused an
+    8x8 encoder input under max_input_pixels 63, genserve.v1 Encode decoded and encoded it (its bound
+    was the encoder's own size)."""
+    with grpc.insecure_channel(small_pixels_server.target) as channel:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            if protocol == "kserve":
+                image = np.zeros((1, 1, 8, 8), "<f4")
+                request = kpb.ModelInferRequest(model_name="enc", raw_input_contents=[image.tobytes()])
+                request.inputs.add(name="image", datatype="FP32", shape=[1, 1, 8, 8])
+                kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+            else:
+                image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(64), shape=[8, 8, 1])
+                pb_grpc.GenerationServiceStub(channel).Encode(
+                    pb.EncodeRequest(model="enc", images=[image]), timeout=30
+                )
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "max_input_pixels" in err.details() and "63" in err.details(), err.details()
