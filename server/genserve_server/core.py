@@ -22,10 +22,10 @@ import functools
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from genserve_server.repository import ModelState, ModelVersion, Repository
 from genserve_server.response_budget import ByteBudget, Reservation
 from genserve_server.step_sampler import StepScheduler
 from genserve_server.validate import OutputSpec
+
+if TYPE_CHECKING:
+    from genserve_server.runner import Runner
 
 T = TypeVar("T")
 
@@ -137,6 +140,34 @@ async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
         for task in tasks:
             task.cancel(WITHDRAWN)
         raise
+
+
+def _unless_unloaded(
+    mv: ModelVersion, runner: Runner
+) -> Callable[[Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]:
+    """A code prior's step call: `runner.run` on step rows, refused with UNAVAILABLE once a reload's
+    drain has unloaded the version (its drain_grace_s passed while the call ran): the steps call the
+    runner directly, with no batcher to refuse them, and a closed runner's pool would fail the rows
+    with a RuntimeError (INTERNAL to the client) instead of what docs/operations.md promises."""
+    step = functools.partial(runner.run, StepRows())
+
+    def unloaded() -> Unavailable:
+        return Unavailable(
+            f"{mv.label} was unloaded while this call ran: a reload replaced it and the call outlasted "
+            "drain_grace_s; retry (a request without a version gets the serving one)"
+        )
+
+    async def run(inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        if runner.closed:
+            raise unloaded()
+        try:
+            return await step(inputs)
+        except RuntimeError:
+            if runner.closed:  # closed while this step was handed to its pool
+                raise unloaded() from None
+            raise
+
+    return run
 
 
 def image_batch_key(card: Card, shape: tuple[int, ...], direction: int | None = None) -> BatchKey:
@@ -548,7 +579,7 @@ class GenerationCore:
             assert card is not None and card.grid is not None and card.codebook_size is not None
             assert runner is not None
             found = StepScheduler(
-                functools.partial(runner.run, StepRows()),
+                _unless_unloaded(mv, runner),
                 name=mv.label,
                 grid=card.grid,
                 codebook_size=card.codebook_size,

@@ -131,6 +131,9 @@ class Runner:
         pixels_range: tuple[float, float] | None = None,
     ) -> None:
         self.label = label
+        # Set by `close` (a reload's drain unloading the version): callers that run the model without
+        # a batcher (a code prior's step scheduler) check it and refuse instead of calling.
+        self.closed = False
         # When set, the "image" output is also returned as uint8 pixels (PIXELS_OUTPUT) mapped from
         # this range: one vectorised to_uint8 per batch (~2 us an image at 28x28) instead of one per
         # request (~24 us), off the event loop when the batch runs on the pool.
@@ -522,6 +525,7 @@ class Runner:
                 self._running -= 1
 
     def close(self) -> None:
+        self.closed = True
         self._executor.shutdown(wait=True, cancel_futures=False)
         for pool in (self._bulk_executor, self._bulk_prep):
             if pool is not None:

@@ -1162,3 +1162,29 @@ def test_an_rpc_whose_requests_all_leave_counts_one_drop_across_them(
         "genserve_requests_dropped_total", {"model": names["prior"], "version": "1", "reason": "cancelled"}
     )
     assert value == 1
+
+
+def test_a_sample_codes_longer_than_the_drain_grace_on_a_replaced_prior_ends_unavailable(
+    reload_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """docs/operations.md, Hot reload: "Calls longer than drain_grace_s on a retired version (a
+    SampleStream, a large SampleCodes) end with UNAVAILABLE". A prior's steps call its runner
+    directly (no batcher refuses them), so once the drain closed the runner the next step failed
+    with the pool's RuntimeError, which the client saw as INTERNAL "internal error"."""
+    root, names = reload_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        old = repo.get(names["prior"]).resolve("")
+        reached, go = gate(core.stepper(old), at_step=2)
+        running = asyncio.ensure_future(sample(core, names["prior"], [1, 2], [0, 1]))
+        await reached.wait()
+        publish_copy(root, names["prior"])
+        reloader = Reloader(repo, drain_grace_s=0.2, file_check_interval_s=None)
+        await reloader.rescan()
+        await until(lambda: names["prior"] not in repo.models or "1" not in repo.get(names["prior"]).versions)
+        go.set()  # the next step runs on the unloaded version's closed runner
+        with pytest.raises(Unavailable, match=f"{old.label}"):
+            await running
+        await reloader.close(5)
+
+    run_with_core(root, body, config=POOLED)
