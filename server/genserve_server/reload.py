@@ -387,13 +387,15 @@ class Reloader:
 
     def _keep_serving(self, model: Model, problem: str, report: RescanReport) -> None:
         """The files on disk cannot be applied: the loaded versions keep serving, and the model says why."""
-        serving = ", ".join(f"version {v}" for v in sorted(model.versions, key=int)) or "nothing"
+        # Only the READY versions serve: a version that failed to load (or is draining) is no promise.
+        ready = sorted((mv.version for mv in model.ready_versions()), key=int)
+        serving = ", ".join(f"version {v}" for v in ready) or "nothing"
         reason = f"{problem}; not applied: still serving {serving} as loaded"
         if reason != model.reason:
             logger.error("model %s: %s", model.name, reason)
         self._set_reason(model, reason)
         report.config_errors.append(model.name)
-        report.kept.extend(mv.label for mv in model.versions.values())
+        report.kept.extend(mv.label for mv in model.ready_versions())
 
     def _set_reason(self, model: Model, reason: str) -> None:
         model.reason = reason

@@ -394,3 +394,38 @@ def test_a_refusal_of_a_version_that_is_not_ready_counts_against_that_version(tm
             pool.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_a_broken_config_json_names_only_the_versions_that_really_serve(tmp_path: Path) -> None:
+    """In process: version 1 serves and a new version 2 failed to load (its file fails its sha256);
+    then config.json is broken. The model's reason says what still serves: version 1, not version
+    2, which never served. A model whose only version failed is said to serve nothing."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "dead", version="1", seed=1)
+    with open(root / "dead" / "1" / "model.onnx", "ab") as model_file:
+        model_file.write(b"corrupt")  # fails its sha256 at start-up: nothing of it serves
+    aside = root / "gen" / ".tmp-2"
+    shutil.copytree(root / "gen" / "1", aside)
+    with open(aside / "model.onnx", "ab") as model_file:
+        model_file.write(b"corrupt")
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            aside.rename(root / "gen" / "2")
+            await reloader.rescan()
+            assert version_states(repo) == {"1": "READY", "2": "UNAVAILABLE"}
+            assert version_states(repo, "dead") == {"1": "UNAVAILABLE"}
+            for name in ("gen", "dead"):
+                (root / name / "config.json").write_text("{not json")
+            await reloader.rescan()
+            gen, dead = repo.get("gen").reason, repo.get("dead").reason
+            assert "invalid JSON" in gen and "still serving version 1 as loaded" in gen, gen
+            assert "invalid JSON" in dead and "still serving nothing" in dead, dead
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
