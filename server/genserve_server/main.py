@@ -161,6 +161,9 @@ class App:
         # None: every model in the repository is required for the whole server to be SERVING.
         self.required_models = list(required_models) if required_models is not None else None
         self._loaded = False
+        # Models whose loading has been tried (a repository listener has reported them): "" counts a
+        # model only from then on, so that one a hot reload adds counts once it has been tried.
+        self._tried: set[str] = set()
         self.codec_pool = ThreadPoolExecutor(
             max_workers=config.codec_threads or cpu_count(), thread_name_prefix="codec"
         )
@@ -303,13 +306,24 @@ class App:
 
     def _on_model_state(self, name: str, serving: bool) -> None:
         """A model's readiness may have changed (load, failure, reload, removal)."""
+        if name in self.repository.models:
+            self._tried.add(name)
+        else:  # removed (or renamed away): a model of that name added later counts once tried
+            self._tried.discard(name)
         self.health.set_soon(name, serving)
         self._refresh_overall()
 
     def _refresh_overall(self) -> None:
         if not self._loaded:
             return
-        models = {m.name: bool(m.ready_versions()) for m in self.repository}
+        # A model a hot reload added and is still loading has not been tried: it counts once it has
+        # (docs/server.md), not when another model's readiness changes meanwhile (a drain ending).
+        # A name --require-models lists counts at once: it was not serving before it loads either.
+        models = {
+            m.name: bool(m.ready_versions())
+            for m in self.repository
+            if m.name in self._tried or self.required_models is not None
+        }
         self.health.set_overall_soon(*overall_status(models, self.required_models))
 
     def request_stop(self) -> None:

@@ -552,3 +552,52 @@ def test_a_stop_during_a_reloads_load_ends_the_load_at_its_next_step(
             await app.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_model_added_by_a_reload_leaves_readiness_alone_until_it_has_been_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: one rescan publishes gen's version 2 and adds a model zoo, whose load takes long
+    (a warm-up). docs/server.md: "a model added by a hot reload counts once it has been tried". While
+    zoo loads, gen's version 1 drains out; that readiness change re-evaluated "" with zoo counted as a
+    required model not ready, so the whole server went NOT_SERVING (a pod out of its Service) for as
+    long as zoo loaded, though every model that had been tried served."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+    write_gen(tmp_path / "zoo-staging", "zoo", version="1", seed=2)
+    entered, release = threading.Event(), threading.Event()
+    load_files = loader.load_files
+
+    def slow_zoo(
+        mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: object
+    ) -> None:
+        if mv.name == "zoo":
+            entered.set()
+            while not release.wait(0.005):
+                check_stopping()
+        load_files(mv, sc, check_stopping, gate)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        app = App(root, ServerConfig(drain_grace_s=5.0), port=0, metrics_port=None)
+        await app.start()
+        try:
+            assert app.health.serving
+            monkeypatch.setattr(loader, "load_files", slow_zoo)
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            shutil.move(tmp_path / "zoo-staging" / "zoo", root / "zoo")
+            app.reloader.request()
+            assert await asyncio.to_thread(entered.wait, 10.0), "zoo never started loading"
+            await wait_on_loop(lambda: "1" not in app.repository.models["gen"].versions, "gen v1 to drain")
+            await app.health.flush()
+            assert app.health.serving, f"NOT_SERVING while zoo loads: {app.health.reason}"
+            release.set()
+            await wait_on_loop(lambda: app.reloader.rescans == 1, "the rescan to end")
+            await app.health.flush()
+            assert app.health.serving and app.repository.get("zoo").resolve("").version == "1"
+        finally:
+            release.set()
+            app.request_stop()
+            await app.stop()
+
+    asyncio.run(scenario())
