@@ -231,10 +231,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         # larger than a whole queue never fits.
         versions = (mv, *self._mapping(call, mv))
         limit, limit_name = row_limit(self.limits.max_images_per_request, *versions)
-        chunk_size = request.chunk_size or min(DEFAULT_CHUNK, limit)
-        if chunk_size > limit:
-            raise invalid("chunk_size", f"must be in 1..{limit} ({limit_name}), got {chunk_size}")
         out = output_spec(sample.output, "sample.output")
+        if request.chunk_size:
+            chunk_size = request.chunk_size
+            if chunk_size > limit:
+                raise invalid("chunk_size", f"must be in 1..{limit} ({limit_name}), got {chunk_size}")
+        else:  # the default: 64, or fewer where a limit is smaller, the send limit among them
+            assert card.image_size is not None
+            latent_floats = card.w_dim if card.kind.styled and card.w_dim is not None else card.latent_dim
+            fits = validate.images_that_fit(
+                out, card.channels, *card.image_size, latent_floats, self.limits.max_send_message_bytes
+            )
+            chunk_size = min(DEFAULT_CHUNK, limit, fits or DEFAULT_CHUNK)
         psi = validate.psi(
             sample.truncation_psi if sample.HasField("truncation_psi") else None,
             "sample.truncation_psi",

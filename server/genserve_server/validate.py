@@ -271,6 +271,17 @@ def predicted_send_size(
     return _admitted(bound, out, limit, latent_bytes, items=n)
 
 
+def images_that_fit(out: OutputSpec, c: int, h: int, w: int, latent_floats: int, limit: int) -> int | None:
+    """The most images of c x h x w (each with `latent_floats` float32 of returned latents when
+    out.return_latents) that predicted_send_size admits under `limit`, at least 1 (one that does not
+    fit is refused by that check, naming output); None for JPEG and WebP (checked after encoding)."""
+    per_image = response_bound(out, 1, c, h, w)
+    if per_image is None:
+        return None
+    per_image += ITEM_FRAMING_BYTES + (4 * latent_floats if out.return_latents else 0)
+    return max(1, (limit - SEND_OVERHEAD_BYTES) // per_image)
+
+
 def with_latents(latent_bytes: int) -> str:
     """What a send-size refusal calls a response whose latents ride beside its images."""
     return (

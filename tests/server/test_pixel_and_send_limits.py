@@ -116,6 +116,7 @@ def test_a_tile_size_below_the_models_min_size_is_refused_naming_tile_size(
 SEND_LIMIT = 1024 * 1024  # the smallest max_send_message_bytes the server takes
 BIG_Z = 512  # 2 KiB of float32 latent per image
 SIDE = 48  # 1 x 48 x 48 RAW_UINT8: 2,304 bytes per image
+WIDE = 256  # 1 x 256 x 256: 256 KiB of float32 an image, 3 of which fit 1 MiB
 ROWS = 256  # images 589,824 bytes and latents 524,288 bytes: each fits 1 MiB, together they do not
 
 
@@ -128,6 +129,14 @@ def send_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         "generator",
         generator_graph(BIG_Z, 1, SIDE, SIDE),
         {"latent_dim": BIG_Z, "channels": 1, "image_size": [SIDE, SIDE]},
+        config={"batching": {"max_batch_size": 64, "max_queue_delay_ms": 1.0, "max_queue_size": 1024}},
+    )
+    write_model(
+        root,
+        "g-wide",
+        "generator",
+        generator_graph(4, 1, WIDE, WIDE),
+        {"latent_dim": 4, "channels": 1, "image_size": [WIDE, WIDE]},
         config={"batching": {"max_batch_size": 64, "max_queue_delay_ms": 1.0, "max_queue_size": 1024}},
     )
     proc = start_server(
@@ -202,6 +211,26 @@ def test_images_with_latents_within_the_send_limit_are_served(
         pb.SampleRequest(model="g-big-z", count=half, base_seed=0, output=RAW_WITH_LATENTS), timeout=60
     )
     assert len(response.images) == half and len(response.images[0].latent.data) == 4 * BIG_Z
+
+
+def test_a_streams_default_chunk_holds_what_fits_the_send_limit(
+    send_stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """chunk_size 0 means 64 images, or fewer where the server's limits are smaller: the send limit
+    is one of them. The server refused its own default chunk (8 float32 images of 256 KiB under
+    1 MiB) naming the client's chunk_size, so a bulk job had to guess --chunk-size."""
+    tensor = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+    sample = pb.SampleRequest(model="g-wide", count=8, base_seed=3, output=tensor)
+    chunks = list(send_stub.SampleStream(pb.SampleStreamRequest(sample=sample), timeout=60))
+    assert [image.index for chunk in chunks for image in chunk.images] == list(range(8))
+    assert max(len(chunk.images) for chunk in chunks) == 3  # (1 MiB - framing) // 256 KiB
+    # A chunk the client asks for is checked as before: refused before compute, naming output.
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(send_stub.SampleStream(pb.SampleStreamRequest(sample=sample, chunk_size=8), timeout=60))
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "max_send_message_bytes" in err.details(), err.details()
 
 
 # ---------------------------------------------------------------------------- per-image framing at the limit

@@ -232,7 +232,8 @@ class SampleStreamRequest(_message.Message):
     """Images per streamed chunk, 1..ModelInfo.max_images_per_request: the server's
     max_images_per_request (256 by default) and at most the model's queue (config.json
     batching.max_queue_size, a style generator's mapping's too: a chunk is one request to each);
-    0 means 64, or that limit where it is smaller.
+    0 means 64, or fewer where that limit is smaller or where 64 images (and their returned
+    latents) of a raw, tensor or PNG output could exceed the server's max_send_message_bytes.
     """
     @_builtins.property
     def sample(self) -> Global___SampleRequest:
