@@ -344,7 +344,9 @@ class Batcher:
         # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
         # path; only queue_full (ResourceExhausted) is counted here.
         if self._closing:
-            raise Unavailable(f"{self.name} is draining; retry on another replica")
+            raise Unavailable(
+                f"{self.name} is draining (the server is stopping, or a reload unloaded it); retry"
+            )
         if n_rows < 1:
             raise ValueError(f"n_rows must be >= 1, got {n_rows}")
         if n_rows > self.max_queue_size:
@@ -457,7 +459,9 @@ class Batcher:
                     await held.take_back(deadline)
                     continue  # interactive rows may have taken the room while it waited for its own
                 if self._closing:
-                    raise Unavailable(f"{self.name} is draining; retry on another replica")
+                    raise Unavailable(
+                        f"{self.name} is draining (the server is stopping, or a reload unloaded it); retry"
+                    )
                 timeout_s = None if deadline is None else deadline - self._clock()
                 if timeout_s is not None and timeout_s <= 0:
                     return False

@@ -556,7 +556,12 @@ class GenerationCore:
                     await asyncio.wait((pending[0], stopping), return_when=asyncio.FIRST_COMPLETED)
                     if not pending[0].done():
                         continue  # shutting down while this chunk computes: drop the ones ahead first
-                item = await pending.popleft()
+                try:
+                    item = await pending.popleft()
+                except Unavailable as exc:  # the version unloaded under it: where to resume, as above
+                    raise Unavailable(
+                        f"{exc.message}: the stream ended before image {sent}; resume with start_index={sent}"
+                    ) from None
                 sent = item[0] + len(item[1])
                 yield item
         except Exception:

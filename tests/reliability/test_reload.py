@@ -601,3 +601,43 @@ def test_a_model_added_by_a_reload_leaves_readiness_alone_until_it_has_been_trie
             await app.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_sample_stream_outlasting_the_drain_grace_ends_naming_where_to_resume(tmp_path: Path) -> None:
+    """A stream held open past drain_grace_s on a version a reload replaced ends UNAVAILABLE (as
+    documented); it said the batcher's "... is draining; retry on another replica": no index to
+    resume from (what the shutdown path names), and another replica is no answer when this server
+    serves the new version. It names start_index, and a resumed stream gets the rest."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    server = start_server(root, tmp_path / "server", config={"drain_grace_s": 0.5})
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            f32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)  # flow control holds it back
+            request = pb.SampleStreamRequest(
+                sample=pb.SampleRequest(model="gen", count=20000, output=f32), chunk_size=256
+            )
+            chunks = stub.SampleStream(request, timeout=60)
+            got = [g.index for g in next(chunks).images]
+            copy_version_atomically(root / "gen", "2", "2", _staged_version(tmp_path, "2", seed=1))
+            server.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "1" not in _states(stub, "gen"), 30, "v1 to unload past the grace")
+            with pytest.raises(grpc.RpcError) as excinfo:
+                for chunk in chunks:
+                    got += [g.index for g in chunk.images]
+            err = excinfo.value
+            assert isinstance(err, grpc.Call)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert f"start_index={len(got)}" in err.details(), err.details()
+            assert "another replica" not in err.details(), err.details()
+            assert got == list(range(len(got)))
+            resumed = stub.SampleStream(
+                pb.SampleStreamRequest(sample=request.sample, chunk_size=256, start_index=len(got)),
+                timeout=60,
+            )
+            first = next(resumed)
+            assert first.images[0].index == len(got) and first.provenance.version == "2"
+            resumed.cancel()
+    finally:
+        server.stop()
