@@ -22,7 +22,7 @@ import grpc
 from genserve_server.accept import at_call_end
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
-from genserve_server.errors import Code, GenserveError, InvalidArgument
+from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument
 from genserve_server.idle_spin import IdleSpin
 from genserve_server.metrics import Metrics
 
@@ -218,11 +218,18 @@ class Boundary:
 
     async def plain(self, context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
         """Metadata RPCs (KServe's readiness, metadata, config, statistics): the same error
-        translation, no per-RPC metrics."""
+        translation (an unexpected exception is INTERNAL naming the request id, its traceback in the
+        log only), no per-RPC metrics."""
         try:
             return await handler()
         except GenserveError as exc:
             await abort(context, exc, redact=self.redact)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            rid = request_id(context)
+            logger.exception("request_id=%s metadata RPC failed with an unexpected error", rid)
+            await abort(context, Internal(f"internal error (request id {rid})"), ((REQUEST_ID_KEY, rid),))
 
 
 def _past_deadline(call: Call) -> bool:

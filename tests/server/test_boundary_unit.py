@@ -246,3 +246,21 @@ def test_an_admission_refusal_past_the_deadline_sends_no_status() -> None:
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(abort(context, ResourceExhausted("2 generation calls running (max_concurrent_rpcs)")))  # type: ignore[arg-type]
     assert context.aborted is None
+
+
+def test_a_metadata_rpc_that_fails_unexpectedly_answers_internal_without_python_details(
+    service: Boundary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KServe's ModelReady/ModelMetadata/ModelConfig/ModelStatistics go through `plain`: an
+    unexpected exception there must be INTERNAL naming the request id, as in `unary`, never grpc's
+    UNKNOWN "Unexpected <class 'ValueError'>: ..." carrying the exception's text to the client."""
+
+    async def handler() -> None:
+        raise ValueError("Value out of range: 5000000000 secret internals")
+
+    context = FakeContext((("x-request-id", "req-7"),))
+    with pytest.raises(Aborted):
+        asyncio.run(service.plain(context, handler))  # type: ignore[arg-type]
+    assert context.aborted == (grpc.StatusCode.INTERNAL, "internal error (request id req-7)")
+    assert ("x-request-id", "req-7") in context.trailing
+    assert "secret internals" in caplog.text  # the traceback goes to the log only
