@@ -21,6 +21,9 @@ KNOWN_PROVIDERS: Final = ("TensorrtExecutionProvider", "CUDAExecutionProvider", 
 PRECISIONS: Final = ("fp32", "fp16")
 MAX_BATCH_SIZE_LIMIT: Final = 4096
 MAX_INSTANCES: Final = 64
+# batching.max_queue_size's bound: KServe's ModelConfig reports it in a uint32 field
+# (ModelQueuePolicy.max_queue_size), as requests count rows in uint32 fields.
+MAX_QUEUE_SIZE_LIMIT: Final = 2**32 - 1
 # batching.efficient_batch_tolerance's default: the server decides per model (see BatchingConfig).
 AUTO_TOLERANCE: Final = "auto"
 # batching.efficient_batch_tolerance: a fraction, "auto" or None (off).
@@ -373,7 +376,9 @@ def _batching(
         max_batch_size=max_batch_size,
         max_queue_delay_s=d.max_queue_delay_s if delay is None else delay,
         preferred_batch_sizes=tuple(sorted(set(preferred))),
-        max_queue_size=r.integer("max_queue_size", default_max_queue_size, min_value=1),
+        max_queue_size=r.integer(
+            "max_queue_size", default_max_queue_size, min_value=1, max_value=MAX_QUEUE_SIZE_LIMIT
+        ),
         bulk_budget_s=bulk,
         bulk_idle_budget_s=idle,
         interactive_quiet_s=r.number("interactive_quiet_s", d.interactive_quiet_s, min_value=0.0),

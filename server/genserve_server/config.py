@@ -219,6 +219,10 @@ class ServerConfig:
 # OverflowError and a traceback at start-up instead of a config error naming the field.
 GRPC_INT_MAX = 2**31 - 1
 GRPC_MAX_S = GRPC_INT_MAX // 1000  # seconds given to grpc in milliseconds (~24.8 days)
+# Limits the server reports in uint32 fields (ModelInfo.max_images_per_request and
+# max_stream_images; KServe ModelQueuePolicy.max_queue_size for default_max_queue_size): a larger
+# one could not be sent, and no request's uint32 count could reach it anyway.
+UINT32_MAX = contract.MAX_QUEUE_SIZE_LIMIT
 
 
 def load_server_config(path: Path | None) -> ServerConfig:
@@ -234,13 +238,17 @@ def load_server_config(path: Path | None) -> ServerConfig:
         max_send_message_bytes=lr.integer(
             "max_send_message_bytes", d.max_send_message_bytes, min_value=MIB, max_value=GRPC_INT_MAX
         ),
-        max_images_per_request=lr.integer("max_images_per_request", d.max_images_per_request, min_value=1),
+        max_images_per_request=lr.integer(
+            "max_images_per_request", d.max_images_per_request, min_value=1, max_value=UINT32_MAX
+        ),
         max_input_pixels=lr.integer("max_input_pixels", d.max_input_pixels, min_value=1),
         max_sr_input_pixels=lr.integer("max_sr_input_pixels", d.max_sr_input_pixels, min_value=1),
         max_images_per_image_request=lr.integer(
             "max_images_per_image_request", d.max_images_per_image_request, min_value=1
         ),
-        max_stream_images=lr.integer("max_stream_images", d.max_stream_images, min_value=1),
+        max_stream_images=lr.integer(
+            "max_stream_images", d.max_stream_images, min_value=1, max_value=UINT32_MAX
+        ),
         max_concurrent_rpcs=lr.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, min_value=1),
         max_concurrent_streams=lr.integer(
             "max_concurrent_streams", d.max_concurrent_streams, min_value=1, max_value=GRPC_INT_MAX
@@ -249,7 +257,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
         max_concurrent_sample_streams=lr.integer(
             "max_concurrent_sample_streams", d.max_concurrent_sample_streams, min_value=1
         ),
-        default_max_queue_size=lr.integer("default_max_queue_size", d.default_max_queue_size, min_value=1),
+        default_max_queue_size=lr.integer(
+            "default_max_queue_size", d.default_max_queue_size, min_value=1, max_value=UINT32_MAX
+        ),
         response_budget_bytes=lr.integer("response_budget_bytes", d.response_budget_bytes, min_value=MIB),
         sr_working_set_bytes=lr.integer("sr_working_set_bytes", d.sr_working_set_bytes, min_value=MIB),
         budget_max_wait_s=lr.number("budget_max_wait_s", d.budget_max_wait_s, min_value=0.0),

@@ -14,6 +14,8 @@ import grpc
 import pytest
 from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model, write_tiny_generator
 
+from genserve.kserve import model_config_pb2 as mc
+from genserve.v1 import genserve_pb2 as pb
 from genserve_server import calibration
 from genserve_server.batch_keys import ImageRows, SeedRows, TileRows
 from genserve_server.config import (
@@ -105,6 +107,10 @@ def write_config(tmp_path: Path, data: object) -> Path:
         (
             {"kind": "generator", "batching": {"interactive_quiet_s": -1}},
             "batching.interactive_quiet_s must be >= 0.0, got -1",
+        ),
+        (
+            {"kind": "generator", "batching": {"max_queue_size": 2**32}},
+            "batching.max_queue_size must be <= 4294967295, got 4294967296",
         ),
         ({"kind": "generator", "colour": "red"}, "colour is not a known field"),
         ({"kind": "gan"}, "kind must be one of generator"),
@@ -514,6 +520,24 @@ def test_limits_that_become_grpc_arguments_must_fit_them(tmp_path: Path, field: 
         grpc.aio.server(options=options)  # grpc takes each one (larger ones raised OverflowError)
 
     asyncio.run(build())
+
+
+@pytest.mark.parametrize("field", ["max_images_per_request", "max_stream_images", "default_max_queue_size"])
+def test_limits_that_the_server_reports_in_uint32_fields_must_fit_them(tmp_path: Path, field: str) -> None:
+    """ModelInfo reports max_images_per_request and max_stream_images, KServe's ModelConfig a model's
+    queue (default_max_queue_size where its config.json sets none), all uint32: a larger value was
+    accepted at startup, then every ListModels and GetModel (or that ModelConfig) failed INTERNAL."""
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": {field: 2**32}}))
+    with pytest.raises(
+        ConfigError, match=rf"server.json: limits.{field} must be <= 4294967295, got 4294967296"
+    ):
+        load_server_config(path)
+    path.write_text(json.dumps({"limits": {field: 2**32 - 1}}))
+    assert getattr(load_server_config(path).limits, field) == 2**32 - 1
+    # The largest accepted value fits the fields that report it.
+    pb.ModelInfo(max_images_per_request=2**32 - 1, max_stream_images=2**32 - 1)
+    mc.ModelQueuePolicy(max_queue_size=2**32 - 1)
 
 
 def test_batch_size_buckets_are_powers_of_two_up_to_the_max() -> None:
