@@ -103,6 +103,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return await self.boundary.unary("SampleCodes", request, context, self._do_sample_codes)
 
     async def _do_sample_codes(self, request: pb.SampleCodesRequest, call: Call) -> pb.SampleCodesResponse:
+        if request.preview_every:  # refused, not dropped (as SuperResolve refuses return_latents)
+            raise invalid(
+                "preview_every",
+                f"is for SampleCodesStream only (its progress chunks); SampleCodes sends one answer: "
+                f"leave it 0, got {request.preview_every}",
+            )
         out = output_spec(request.output)
         return await service_codes.sample_codes(self.core, request, call, out, provenance)
 

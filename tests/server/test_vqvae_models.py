@@ -100,3 +100,19 @@ def test_the_top_prior_alone_and_a_given_top_grid_reproduce_the_chained_call(
         timeout=60,
     )
     assert given.images[0].image.data == chained.images[0].image.data
+
+
+def test_a_unary_sample_codes_refuses_preview_every_which_only_its_stream_uses(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """preview_every is documented "SampleCodesStream only"; the unary call took any value and
+    dropped it silently (as SuperResolve refuses return_latents and Translate tile_size, it names it)."""
+    request = pb.SampleCodesRequest(model=PRIOR, seeds=[1], labels=[3], output=F32, preview_every=4)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.SampleCodes(request, timeout=60)
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "preview_every" in err.details() and "SampleCodesStream" in err.details(), err.details()
+    request.preview_every = 0
+    assert len(stub.SampleCodes(request, timeout=60).images) == 1

@@ -762,7 +762,9 @@ class SampleCodesRequest(_message.Message):
     return_codes: _builtins.bool
     """Also return each sample's grid in `codes` (always returned when the prior has no decoder)."""
     preview_every: _builtins.int
-    """SampleCodesStream only: steps between progress chunks, 0..positions; 0: about 8 per level."""
+    """SampleCodesStream only (SampleCodes refuses it, naming it): steps between progress chunks,
+    0..positions; 0: about 8 per level.
+    """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Explicit seeds, each 0 <= seed < 2^63; one grid per seed. Else base_seed + i."""
