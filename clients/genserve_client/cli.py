@@ -1118,7 +1118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="first fine layer, 0 < crossover < num_layers (default: the card's mix_crossover, else "
         "num_layers // 2)",
     )
-    p.add_argument("--psi", type=float, help="truncation in w space, 0..1 toward the mean w (default: none)")
+    p.add_argument(
+        "--psi",
+        type=float,
+        help="truncation in w space, 0..10: 0 = the mean w, 1 = none, above 1 away from it (default: none)",
+    )
     _add_format(p)
     p.add_argument("--grid", required=True, help="PNG file for the grid")
 
