@@ -214,6 +214,9 @@ class ModelMetrics:
         self.batch_size: Any = _NULL
         self._metrics = m
         self._runtime_labels: tuple[str, ...] | None = None
+        # Set once the version is forgotten (Metrics.forget_version): a call that ends after its
+        # unload binds no new child, which would bring a series of the gone version back.
+        self.forgotten = False
         # KServe ModelStatistics (per request, as Triton counts), kept with or without Prometheus.
         self.infer_stats = InferStats()
 
@@ -249,7 +252,7 @@ class ModelMetrics:
         self.batch_size = self._metrics.batch_size_child(self.model, self.version, max_batch_size)
 
     def request_done(self, method: str, code: str, duration_s: float) -> None:
-        if self._requests is None:
+        if self._requests is None or self.forgotten:
             return
         key = (method, code)
         child = self._requests_children.get(key)
@@ -472,20 +475,21 @@ class Metrics:
             self.model_config_error.labels(model).set(1 if failing else 0)
 
     def forget_version(self, mm: ModelMetrics, others: Sequence[ModelMetrics] = ()) -> None:
-        """A version's object is gone (drained, or never loaded): its model-level gauges go (ready,
-        queue depth, a prior's running rows, load duration, file changed, runtime info, batch cap).
-        Series are keyed by (model, version) only, so `others`, copies of the same (model, version)
-        still loading, serving or draining (a model directory moved away and back, a version loaded
-        again while its old copy drained), bind the very same children: while there is one, only what is this
-        copy's alone goes, and the rest stays as the live copy set it."""
+        """A version's object is gone (drained, or never loaded): every series of its (model,
+        version) goes, counters and histograms too, so that a server that loads a new version at
+        each deploy does not export the dead versions' series for ever. Series are keyed by (model,
+        version) only, so `others`, copies of the same (model, version) still loading, serving or
+        draining (a model directory moved away and back, a version loaded again while its old copy
+        drained), bind the very same children: while there is one, only what is this copy's alone
+        goes (its runtime info), and the rest stays as the live copy set it."""
         live = [o for o in others if o is not mm]
         mm.clear_runtime(live)
         if live or not self.enabled:
             return
-        gauges = (self.model_ready, self.model_loading, self.queue_depth, self.step_running_rows)
-        for family in (*gauges, self.model_load_duration, self.model_file_changed):
-            with contextlib.suppress(KeyError):
-                family.remove(mm.model, mm.version)
+        mm.forgotten = True
+        labels = {"model": mm.model, "version": mm.version}
+        for family in self.version_families():
+            family.remove_by_labels(labels)
 
     def forget_model(self, model: str) -> None:
         """A model left the repository: its model-level series go too."""
@@ -511,6 +515,33 @@ class Metrics:
         if self.gpu is not None:  # after the last scrape could start
             self.gpu.close()
             self.gpu = None
+
+    def version_families(self) -> tuple[MetricWrapperBase, ...]:
+        """The families labelled by model and version (a version's series, Metrics.forget_version)."""
+        return (
+            self.requests,
+            self.request_duration,
+            self.queue_duration,
+            self.compute_duration,
+            self.encode_duration,
+            self.decode_duration,
+            self.batch_size,
+            self.batch_requests,
+            self.queue_depth,
+            self.step_running_rows,
+            self.images,
+            self.requests_rejected,
+            self.requests_dropped,
+            self.batches_closed,
+            self.batch_failures,
+            self.image_cache_lookups,
+            self.model_load_duration,
+            self.model_ready,
+            self.model_loading,
+            self.model_file_changed,
+            self.model_runtime_info,
+            self.batch_max_rows,
+        )
 
     def families(self) -> Iterable[MetricWrapperBase]:
         return (

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 from prometheus_client import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from server_support import write_tiny_generator
 
 from genserve_server import kserve, service
@@ -164,3 +165,50 @@ def test_a_version_skipped_by_a_shutdown_during_start_up_is_not_left_loading(tmp
     asyncio.run(asyncio.wait_for(load(), 60))
     rows = [x for x in exposition(metrics) if x.startswith("genserve_model_loading{")]
     assert rows == ['genserve_model_loading{model="good",version="1"} 0.0'], rows
+
+
+def test_an_unloaded_version_leaves_no_series_behind() -> None:
+    """A server that runs for weeks loads a new version at every deploy: each version's ~300 series
+    (request counters, latency, queue, compute, encode and batch histograms, drops, rejections)
+    stayed in /metrics after it unloaded, so a model deployed daily for a month exported ~9k dead
+    series. Once its last copy is forgotten, nothing of (model, version) is left; another version
+    of the model, other models and the model="" series keep theirs."""
+    metrics = Metrics()
+    old = metrics.for_model("gen", "1", 8, "generator")
+    new = metrics.for_model("gen", "2", 8, "generator")
+    other = metrics.for_model("other", "1", 8, "generator")
+    unresolved = metrics.unresolved()
+    for mm in (old, new, other, unresolved):
+        mm.request_done("Sample", "OK", 0.01)
+        mm.request_done("Sample", "CANCELLED", 0.01)
+        mm.request_done("GetModel", "OK", 0.01)  # a method outside the kind, bound on first use
+        mm.rejected["queue_full"].inc()
+    for mm in (old, new, other):
+        mm.set_runtime("CPUExecutionProvider", "fp32", gpu_requested=False, batch_max_rows=8)
+        mm.dropped["cancelled"].inc()
+        mm.closed["window"].inc()
+        mm.images.inc(3)
+        mm.batch_size.observe(3)
+        mm.batch_requests.observe(2)
+        mm.compute_duration.observe(0.01)
+        mm.queue_duration[0].observe(0.01)
+        mm.encode_duration["png"].observe(0.01)
+        mm.cache_hits.inc()
+
+    def of(model: str, version: str) -> list[str]:
+        return [x for x in exposition(metrics) if f'model="{model}"' in x and f'version="{version}"' in x]
+
+    kept = {key: len(of(*key)) for key in (("gen", "2"), ("other", "1"), ("", ""))}
+    assert of("gen", "1")
+    metrics.forget_version(old)
+    assert of("gen", "1") == []
+    assert {key: len(of(*key)) for key in kept} == kept
+    # A call of the unloaded version that ends after it (the drain grace ran out) adds no series back.
+    old.request_done("Sample", "UNAVAILABLE", 0.01)
+    assert of("gen", "1") == []
+    labelled = {
+        f.describe()[0].name
+        for f in vars(metrics).values()
+        if isinstance(f, MetricWrapperBase) and {"model", "version"} <= set(f._labelnames)
+    }
+    assert {f.describe()[0].name for f in metrics.version_families()} == labelled
