@@ -41,7 +41,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -242,6 +244,66 @@ def tensorrt_loadable() -> str:
     return ""
 
 
+class _ThreadStdout(io.TextIOBase):
+    """sys.stdout while some thread captures its prints (captured_stdout): what a capturing thread
+    writes goes to its own buffer, what any other thread writes to the stream it replaced."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+        self.buffers = threading.local()
+
+    def _target(self) -> Any:
+        buffer = getattr(self.buffers, "buffer", None)
+        return self.stream if buffer is None else buffer
+
+    def write(self, text: str) -> int:
+        written: int = self._target().write(text)
+        return written
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+_CAPTURE_LOCK = threading.Lock()
+_capture: _ThreadStdout | None = None
+_capturing = 0
+
+
+@contextlib.contextmanager
+def captured_stdout() -> Iterator[io.StringIO]:
+    """What this thread prints to sys.stdout meanwhile (ORT's Python layer prints some errors and
+    warnings instead of raising), kept off stdout. Unlike contextlib.redirect_stdout, which swaps
+    the process-wide sys.stdout and restores what it saw at entry, safe on several threads at once:
+    versions load side by side, and two overlapping redirects left sys.stdout on the first one's
+    buffer for the rest of the process (the 'listening' line and everything printed after went
+    there). Other threads' prints go to stdout as before."""
+    global _capture, _capturing
+    buffer = io.StringIO()
+    with _CAPTURE_LOCK:
+        if _capturing == 0:
+            _capture = _ThreadStdout(sys.stdout)
+            sys.stdout = _capture
+        _capturing += 1
+        capture = _capture
+    assert capture is not None
+    previous = getattr(capture.buffers, "buffer", None)
+    capture.buffers.buffer = buffer
+    try:
+        yield buffer
+    finally:
+        capture.buffers.buffer = previous
+        with _CAPTURE_LOCK:
+            _capturing -= 1
+            if _capturing == 0:
+                if sys.stdout is capture:  # else someone replaced it meanwhile: theirs stays
+                    sys.stdout = capture.stream
+                _capture = None
+
+
 @functools.cache
 def preload_cuda_libraries() -> bool:
     """Let ORT load CUDA/cuDNN from pip's `nvidia-*` packages (onnxruntime.preload_dlls), once per
@@ -250,7 +312,7 @@ def preload_cuda_libraries() -> bool:
     if preload is None or importlib.util.find_spec("nvidia") is None:
         return False
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints warnings instead of raising
+        with captured_stdout():  # it prints warnings instead of raising
             preload()
     except Exception as exc:  # a missing or mismatched library: the CUDA provider reports it later
         logger.info("onnxruntime.preload_dlls() failed: %s", exc)
@@ -440,7 +502,7 @@ def create_session(
         gate = CAPTURE_GATE.gpu_call() if chain[0][0] in GPU_PROVIDERS else contextlib.nullcontext()
         try:
             # ORT's Python layer may still *print* provider errors to stdout: keep stdout clean.
-            with gate, contextlib.redirect_stdout(printed):
+            with gate, captured_stdout() as printed:
                 session = ort.InferenceSession(
                     source,
                     options,

@@ -17,7 +17,6 @@ What goes wrong in a session surfaces as an exception, which genserve logs in it
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import threading
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 
 import onnxruntime as ort
 
-from genserve_server.ort_session import preload_cuda_libraries
+from genserve_server.ort_session import captured_stdout, preload_cuda_libraries
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def _probe(candidates: Sequence[str]) -> list[str]:
     options.log_severity_level = ORT_SEVERITY_FATAL
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        with captured_stdout() as printed, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             session = ort.InferenceSession(probe_model(), options, providers=[*candidates, CPU])
     except Exception as exc:  # ORT's own untyped errors: nothing GPU works here

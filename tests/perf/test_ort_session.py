@@ -4,6 +4,9 @@ parity, provider fallback and the CUDA-graph padding helper (what runs without a
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -216,3 +219,53 @@ def test_max_abs_diff() -> None:
     assert max_abs_diff(a, [np.full((2, 3), 0.25, np.float32)]) == 0.25
     assert max_abs_diff(a, [np.zeros((3, 2), np.float32)]) == float("inf")
     assert max_abs_diff(a, [np.full((2, 3), np.nan, np.float32)]) == float("inf")
+
+
+def test_sessions_built_at_once_leave_stdout_as_it_was(
+    tiny_version: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Versions load on several threads at once, and each session is built with ORT's Python prints
+    kept off stdout. contextlib.redirect_stdout swaps the process-wide sys.stdout: two builds that
+    overlapped (a starts, b starts, a ends, b ends) left sys.stdout on a's buffer for the rest of the
+    process. The server's 'genserve listening on ...' line went there (one start in three of the
+    tiny repository), and so did everything printed after, held in memory for ever."""
+    real_session = ort.InferenceSession
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def session(*args: object, **kwargs: object) -> ort.InferenceSession:
+        if threading.current_thread().name == "a":
+            sys.stdout.write("a said\n")  # as ORT's Python layer prints
+            a_in.set()
+            assert b_in.wait(10)  # b's build starts inside a's
+        else:
+            assert a_in.wait(10)
+            b_in.set()
+            sys.stdout.write("b said\n")
+            assert a_done.wait(10)  # and ends after it
+        return real_session(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    stdout = sys.stdout
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            create_session(tiny_version / "model.onnx", CPU_ONLY, RuntimeConfig(), cores=1)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            if threading.current_thread().name == "a":
+                a_done.set()
+
+    threads = [threading.Thread(target=build, name=name) for name in ("a", "b")]
+    with caplog.at_level(logging.INFO, logger="genserve_server.ort_session"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    restored = sys.stdout
+    sys.stdout = stdout  # whatever the outcome, the rest of the session prints where it did
+    assert not errors
+    assert restored is stdout
+    said = [r.getMessage() for r in caplog.records if "onnxruntime said" in r.getMessage()]
+    assert sorted(message.rsplit(": ", 1)[1] for message in said) == ["a said", "b said"]
