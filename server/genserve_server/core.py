@@ -48,7 +48,7 @@ from genserve_server.errors import GenserveError, InvalidArgument, Unavailable, 
 from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
-from genserve_server.repository import ModelState, ModelVersion, Repository
+from genserve_server.repository import ModelVersion, Repository
 from genserve_server.response_budget import ByteBudget, Reservation
 from genserve_server.step_sampler import StepScheduler
 from genserve_server.validate import OutputSpec
@@ -194,9 +194,6 @@ class GenerationCore:
             codec_pool, config.codec_threads or cpu_count(), config.limits.max_send_message_bytes
         )
         self.image_cache = ImageCache(config.image_cache_bytes) if config.image_cache_bytes else None
-        # One step scheduler per loaded prior version (ModelVersion hashes by identity: a reload's
-        # new version gets its own, while the old one finishes its running rows).
-        self.steppers: dict[ModelVersion, StepScheduler] = {}
         limits = config.limits
         self.responses = ByteBudget(
             "response budget (response_budget_bytes)",
@@ -576,8 +573,10 @@ class GenerationCore:
     # ------------------------------------------------------------------ code priors (step batching)
 
     def stepper(self, mv: ModelVersion) -> StepScheduler:
-        """The step scheduler of a code_prior version (made on first use)."""
-        found = self.steppers.get(mv)
+        """The step scheduler of a code_prior version (made on first use). Kept on the version, so
+        that it goes with it: a reload's new version gets its own while the old one finishes its
+        running rows, and the old one's (which holds its runner's sessions) is freed with it."""
+        found = mv.stepper
         if found is None:
             card = mv.card
             runner = mv.runner
@@ -597,9 +596,7 @@ class GenerationCore:
                 # On a GPU a step is flat in its rows but a new input shape rebuilds cuDNN plans.
                 stable_shapes=runner.info.on_gpu,
             )
-            # Forget schedulers of versions replaced or unloaded once their rows are done.
-            self.steppers = {v: s for v, s in self.steppers.items() if s.rows or v.state == ModelState.READY}
-            self.steppers[mv] = found
+            mv.stepper = found
         return found
 
     # ------------------------------------------------------------------ VAE encoder

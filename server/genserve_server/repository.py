@@ -41,6 +41,7 @@ from genserve_server.idle_spin import run_off_loop
 from genserve_server.load_gate import LoadGate
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.runner import Runner
+from genserve_server.step_sampler import StepScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class ModelVersion:
     # Set while the model file on disk differs from the one this version loaded (reload.py checks it);
     # the version keeps serving the copy in memory. GetModel shows it as the READY version's reason.
     file_changed: str = ""
+    # code_prior: its step scheduler (GenerationCore.stepper), made at the first call. Here, not in a
+    # table of the core's, so that it (and the runner it holds) goes with the version.
+    stepper: StepScheduler | None = None
 
     @property
     def label(self) -> str:

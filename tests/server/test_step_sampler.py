@@ -7,6 +7,7 @@ import asyncio
 import gc
 import shutil
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1188,3 +1189,37 @@ def test_a_sample_codes_longer_than_the_drain_grace_on_a_replaced_prior_ends_una
         await reloader.close(5)
 
     run_with_core(root, body, config=POOLED)
+
+
+def test_a_prior_that_left_the_repository_is_freed_with_its_step_scheduler(
+    reload_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """The core keeps a step scheduler per prior version, and the scheduler holds the version's
+    runner (its ONNX Runtime sessions). Stale schedulers were forgotten only when another prior
+    version got its first call: a prior removed from the repository (or replaced, its new version
+    not called yet) kept its sessions in memory, for ever where no other prior was ever reloaded."""
+    root, names = reload_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        await sample(core, names["top"], [1, 2])
+        mv = repo.get(names["top"]).resolve("")
+        assert mv.runner is not None
+        version, runner = weakref.ref(mv), weakref.ref(mv.runner)
+        del mv
+        reloader = Reloader(repo, drain_grace_s=2.0)
+        try:
+            shutil.rmtree(root / names["top"])
+            await reloader.rescan()
+            await until(lambda: names["top"] not in repo.models and not reloader._draining)
+            for _ in range(100):
+                gc.collect()
+                if version() is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert version() is None, "the removed prior's version is still alive"
+            assert runner() is None, "the removed prior's runner (its sessions) is still alive"
+            await sample(core, names["prior"], [3], [0])  # the other priors still serve
+        finally:
+            await reloader.close(2.0)
+
+    run_with_core(root, body)
