@@ -59,6 +59,8 @@ def load_files(
             check_graph(mv, card, runner)
             probe_s, row_bytes = _probe(card, runner)
             logger.debug("%s: probe %.3g ms a row at the warm-up shape", mv.label, 1e3 * probe_s)
+            check_stopping()
+            check_rows(mv, card, runner)
         except BaseException:
             runner.close()
             raise
@@ -168,6 +170,76 @@ def _probe(card: Card, runner: Runner) -> tuple[float, float]:
             inputs = {**inputs, "image": np.zeros((1, image.shape[1], side, side), np.float32)}
             scale = height * width / (side * side)
     return calibration.probe(runner, inputs, scale)
+
+
+# Rows of the load-time check (check_rows): one computed alone and inside this many.
+CHECK_ROWS = 2
+
+
+def check_rows(mv: ModelVersion, card: Card, runner: Runner) -> None:
+    """Whether a row comes out bit for bit the same whichever CPU session computes it and whatever
+    shares its batch (README.md, "Seeds"). ONNX Runtime's CPU kernels may split a call's work by its
+    intra-op threads, and then add up in another order: the bundled cyclegan-digits at 4+ threads
+    gives a batch of one other float bits than the same row beside another. Three calls of at most
+    CHECK_ROWS seeded rows at the warm-up's shape (Runner.compare_rows; one row alone where no batch
+    may hold two: max_batch_size or max_batch_pixels; nor where the narrow session has one intra-op
+    thread, which splits no call's work: then only a solo session is compared). Where the solo session
+    differs from the narrow one, the version has no solo session (a lone batch runs on a narrow
+    session); where a row alone differs from the row inside a batch, the version says so in a
+    warning (ModelVersion.batch_dependence: GetModel's reason of the READY version). Not on a GPU,
+    whose kernels are not promised batch-invariant, nor with CUDA graphs (a call of an uncaptured
+    size would capture one)."""
+    if not batch_grows_with_rows(runner):
+        return
+    batching = mv.config.batching
+    rows = min(CHECK_ROWS, warmup_limit(card, batching.max_batch_size, batching.max_batch_pixels))
+    if runner.intra_op_threads == 1:  # one thread splits no call's work: a row alone is the row batched
+        rows = 1
+        if runner.solo_session is None:
+            return
+    agreement = runner.compare_rows(check_inputs(card, rows))
+    if agreement.solo_diff:
+        logger.warning(
+            "%s: its all-cores solo session (%d intra-op threads) computes a row in other float bits than "
+            "the %d-thread session (max |difference| %.3g): no solo session, a lone batch runs on the "
+            "narrow session (runtime.solo_session: false in its config.json silences this)",
+            mv.label,
+            runner.solo_intra_op_threads,
+            runner.intra_op_threads,
+            agreement.solo_diff,
+        )
+        runner.drop_solo_session()
+    if agreement.batch_diff:
+        mv.batch_dependence = (
+            f"a row's output depends on what shares its batch: alone it differs by up to "
+            f"{agreement.batch_diff:.3g} from the same row inside a batch (ONNX Runtime CPU kernels "
+            f"with {runner.intra_op_threads} intra-op threads; fewer may avoid it)"
+        )
+        logger.warning("%s: %s", mv.label, mv.batch_dependence)
+
+
+def check_inputs(card: Card, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`batch` rows of seeded random values at the warm-up's shape (warmup_inputs): latents and
+    ws from N(0, 1), images uniform in the card's input range, labels and codes uniform over the
+    classes and the codebook; a two-way translator's direction stays A -> B (one per batch)."""
+    rng = np.random.default_rng(seed)
+    int_high = {
+        "label": len(card.class_names),
+        "codes": card.codebook_size or 0,
+        "top_codes": card.top_codebook_size or 0,
+    }
+    feeds = {}
+    for name, zeros in warmup_inputs(card, batch).items():
+        if name == "image":
+            low, high = card.input_range or (0.0, 1.0)
+            feeds[name] = rng.uniform(low, high, zeros.shape).astype(zeros.dtype)
+        elif zeros.dtype.kind == "f":
+            feeds[name] = rng.standard_normal(zeros.shape).astype(zeros.dtype)
+        elif int_high.get(name, 0) > 1:
+            feeds[name] = rng.integers(0, int_high[name], zeros.shape, dtype=zeros.dtype)
+        else:
+            feeds[name] = zeros
+    return feeds
 
 
 def warmup_limit(card: Card, max_batch_size: int, max_batch_pixels: int) -> int:

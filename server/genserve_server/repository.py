@@ -100,6 +100,9 @@ class ModelVersion:
     # code_prior: its step scheduler (GenerationCore.stepper), made at the first call. Here, not in a
     # table of the core's, so that it (and the runner it holds) goes with the version.
     stepper: StepScheduler | None = None
+    # Set at load where a row's output was found to depend on what shares its batch (loader.check_rows);
+    # GetModel shows it as the READY version's reason too.
+    batch_dependence: str = ""
 
     @property
     def label(self) -> str:

@@ -95,6 +95,16 @@ def select_providers(requested: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class RowAgreement:
+    """What Runner.compare_rows measured: the largest |difference| between a row computed alone on
+    the narrow session and (solo_diff) the same row alone on the solo session (None: no solo
+    session), (batch_diff) the same row inside a batch (None: one row given). 0.0: bit-identical."""
+
+    solo_diff: float | None
+    batch_diff: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class IoSpec:
     name: str
     dtype: Any  # a numpy scalar type
@@ -301,6 +311,39 @@ class Runner:
             finally:
                 self._runners.put(runner)
         return values
+
+    def compare_rows(self, inputs: Mapping[str, np.ndarray]) -> RowAgreement:
+        """Row 0 of `inputs` (seeded values, not zeros: a zero input hides a difference in the order
+        of a reduction) computed alone on the narrow session, against the same row inside the batch
+        of all of them (2+ rows) and, where there is one, alone on the solo session
+        (loader.check_rows)."""
+        first = {name: value[:1] for name, value in inputs.items()}
+        alone = self.run_sync(first)
+        batch_diff = solo_diff = None
+        if len(next(iter(inputs.values()))) > 1:
+            batched = self.run_sync(inputs)
+            batch_diff = max(_max_diff(alone[name], batched[name][:1]) for name in self.outputs)
+        if self.solo_session is not None:
+            solo = self.run_sync(first, solo=True)
+            solo_diff = max(_max_diff(alone[name], solo[name]) for name in self.outputs)
+        return RowAgreement(solo_diff, batch_diff)
+
+    @property
+    def intra_op_threads(self) -> int:
+        """The narrow session's intra-op threads (0: ONNX Runtime's default)."""
+        return int(self.session.get_session_options().intra_op_num_threads)
+
+    @property
+    def solo_intra_op_threads(self) -> int:
+        """The solo session's intra-op threads; 0 without one."""
+        if self.solo_session is None:
+            return 0
+        return int(self.solo_session.get_session_options().intra_op_num_threads)
+
+    def drop_solo_session(self) -> None:
+        """Run every batch on the narrow session(s) from now on (the solo session computes rows
+        differently: loader.check_rows). At load, before any batch is served."""
+        self.solo_session = None
 
     def _named(self, values: Sequence[Any]) -> dict[str, np.ndarray]:
         return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}
@@ -550,6 +593,20 @@ def _lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BULK_THREAD_NICE))
     except (AttributeError, OSError) as exc:  # no per-thread priorities here: bulk runs at normal priority
         logger.debug("cannot lower the bulk thread's priority: %r", exc)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest |a - b| over two outputs: 0.0 where they hold the same values (NaN where both
+    have NaN), inf where they differ in shape or in where their NaNs are."""
+    if a.shape != b.shape:
+        return math.inf
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(x - y)
+    diff[(x == y) | (np.isnan(x) & np.isnan(y))] = 0.0
+    if np.isnan(diff).any():
+        return math.inf
+    return float(diff.max(initial=0.0))
 
 
 def _values_per_row(arrays: Mapping[str, np.ndarray]) -> int:

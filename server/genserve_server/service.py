@@ -450,6 +450,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         misfit = style_sampling.mapping_misfit(card, mv.config.mapping, found)
         return "" if misfit is None else f"every request fails: {misfit}"
 
+    def _warnings(self, mv: ModelVersion) -> str:
+        """A loaded version's warnings, "; "-joined: its file changed on disk, its mapping does not
+        fit, its rows depend on their batch (loader.check_rows)."""
+        found = (mv.file_changed, self._mapping_warning(mv), mv.batch_dependence)
+        return "; ".join(w for w in found if w)
+
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card(version)  # the serving version's; GetModel naming a version: that one's
         info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
@@ -470,7 +476,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 pb.ModelVersionInfo(
                     version=mv.version,
                     state=_STATE[mv.state],
-                    reason=self.repo.redact(mv.reason or mv.file_changed or self._mapping_warning(mv)),
+                    reason=self.repo.redact(mv.reason or self._warnings(mv)),
                     model_sha256=mv.sha256,
                     precision=mv.precision,
                     execution_provider=mv.provider,

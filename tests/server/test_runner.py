@@ -465,3 +465,42 @@ def test_shrink_arena_after_warm_up_runs_each_cpu_session_with_arena_shrinkage(t
     runner.shrink_arena({"image": np.zeros((1, 3, 8, 8), np.float32)})
     runner.close()
     assert seen == [runner_module._SHRINK_CPU]
+
+
+def test_compare_rows_checks_a_row_alone_against_its_batch_and_the_solo_session(tmp_path: Path) -> None:
+    """loader.check_rows' measurement: row 0 alone on the narrow session against row 0 of the batch
+    and row 0 alone on the solo session; with one row given (no batch may hold two) no batch call."""
+    runner = make_runner(
+        tmp_path, inline_max_s=0.0, instances=2, solo_threads=2, providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(0)
+    inputs: dict[str, np.ndarray] = {
+        "z": rng.standard_normal((2, TINY_LATENT)).astype(np.float32),
+        "label": np.array([3, 7], np.int64),
+    }
+    calls: list[tuple[int, bool]] = []
+    original = runner.run_sync
+
+    def spy(feeds, solo=False):  # type: ignore[no-untyped-def]
+        calls.append((len(feeds["z"]), solo))
+        return original(feeds, solo=solo)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+    try:
+        assert runner.compare_rows(inputs) == runner_module.RowAgreement(solo_diff=0.0, batch_diff=0.0)
+        assert calls == [(1, False), (2, False), (1, True)]
+        calls.clear()
+        one = {name: value[:1] for name, value in inputs.items()}
+        assert runner.compare_rows(one) == runner_module.RowAgreement(solo_diff=0.0, batch_diff=None)
+        assert calls == [(1, False), (1, True)]
+    finally:
+        runner.close()
+
+
+def test_max_diff_of_two_outputs() -> None:
+    max_diff = runner_module._max_diff
+    assert max_diff(np.array([1.0, np.nan]), np.array([1.0, np.nan])) == 0.0
+    assert max_diff(np.array([1.0, np.inf]), np.array([1.5, np.inf])) == 0.5
+    assert max_diff(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == np.inf  # a NaN on one side only
+    assert max_diff(np.array([3, 4]), np.array([3, 6])) == 2.0  # integer outputs (codes)
+    assert max_diff(np.zeros((1, 2)), np.zeros((2, 1))) == np.inf

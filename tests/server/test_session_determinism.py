@@ -1,0 +1,170 @@
+"""Reproducibility: a row's output must not depend on its batch nor on which ORT session (the
+all-cores solo session or an instance's narrow one) ran it -- or the server says where it does.
+
+docs/server.md, "Two-way translators", and README.md, "Seeds". The bundled cyclegan-digits
+generator has 16-channel 3x3 convolutions at 14x14 whose ONNX Runtime CPU kernel (MLAS) gives other
+float bits for a batch of one when the session has 4 or more intra-op threads. With `instances: 2`
+(what the default models and genserve-export write) a host of C >= 4 cores runs a lone batch on the
+solo session (C threads) and overlapping ones on the narrow sessions (C // 2 threads). The loader
+checks both at load (loader.check_rows): a solo session that computes rows differently is dropped,
+and a row that differs alone and inside a batch is a warning in the log and in GetModel. This 2-core
+machine shows them by loading as on a 4-core host, and with `intra_op_threads: 4`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from server_support import REPO_ROOT, ServerProcess, start_server, tensor_of
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server import loader, runner
+from genserve_server.config import ServerConfig
+from genserve_server.load_gate import LoadGate
+from genserve_server.metrics import Metrics
+from genserve_server.repository import ModelVersion, Repository
+
+MODEL = "cyclegan-digits"
+F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+BATCH_WARNING = "a row's output depends on what shares its batch"
+
+
+def _digits(n: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return ((rng.uniform(0, 1, (n, 28, 28, 1)) > 0.7) * 255).astype(np.uint8)
+
+
+def _raw(pixels: np.ndarray) -> tpb.Image:
+    return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=pixels.tobytes(), shape=list(pixels.shape))
+
+
+def _load_as_on_4_cores(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, runtime: dict[str, object] | None = None
+) -> ModelVersion:
+    """`name` from models/ loaded as the loader does on a 4-core host: instances 2, narrow session
+    of 2 threads, solo session of 4 (warm-up off: only the load-time check runs)."""
+    for module in (loader, runner):
+        monkeypatch.setattr(module, "cpu_count", lambda: 4)
+    shutil.copytree(REPO_ROOT / "models" / name, tmp_path / name)
+    if runtime is not None:
+        config = tmp_path / name / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "runtime": runtime}))
+    repo = Repository(tmp_path, ServerConfig(warmup=False), Metrics(enabled=False))
+    repo.scan()
+    mv = repo.get(name).versions["1"]
+    loader.load_files(mv, repo.server_config, lambda: None, LoadGate(1))
+    assert mv.runner is not None and mv.runner.session.get_session_options().intra_op_num_threads == 2
+    return mv
+
+
+def _solo_vs_narrow(mv: ModelVersion) -> list[tuple[int, float]]:
+    assert mv.runner is not None
+    images = _digits(8).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    differing = []
+    for i in range(len(images)):
+        feeds = {"image": images[i : i + 1], "direction": np.zeros(1, np.int64)}
+        narrow = mv.runner.run_sync(feeds)["output_image"]
+        solo = mv.runner.run_sync(feeds, solo=True)["output_image"]
+        if not np.array_equal(narrow, solo):
+            differing.append((i, float(np.abs(narrow - solo).max())))
+    return differing
+
+
+def test_a_solo_session_that_computes_rows_differently_is_dropped_at_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a 4-core host cyclegan-digits' 4-thread solo session gives other float bits for a row than
+    its 2-thread narrow session: the loader drops it (one warning naming the version, the difference
+    and how to silence it), so a lone request gives the same row as one beside others."""
+    with caplog.at_level(logging.WARNING, logger="genserve_server.loader"):
+        mv = _load_as_on_4_cores(monkeypatch, tmp_path, MODEL)
+    try:
+        assert mv.runner is not None and mv.runner.solo_session is None
+        assert not _solo_vs_narrow(mv)
+        warnings = [r.getMessage() for r in caplog.records if "solo session" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert f"model {MODEL} version 1" in warnings[0]
+        assert "max |difference| " in warnings[0] and "runtime.solo_session: false" in warnings[0]
+        assert not mv.batch_dependence  # 2 threads: a row alone is the row inside a batch
+    finally:
+        assert mv.runner is not None
+        mv.runner.close()
+
+
+def test_solo_session_false_builds_no_solo_session_and_logs_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="genserve_server.loader"):
+        mv = _load_as_on_4_cores(monkeypatch, tmp_path, MODEL, runtime={"solo_session": False})
+    try:
+        assert mv.runner is not None and mv.runner.solo_session is None
+        assert not [r for r in caplog.records if "solo session" in r.getMessage()]
+    finally:
+        assert mv.runner is not None
+        mv.runner.close()
+
+
+def test_a_solo_session_that_agrees_is_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dcgan-digits computes a row bit for bit the same at 2 and 4 threads, alone or batched: it keeps
+    its all-cores solo session and no warning is logged."""
+    with caplog.at_level(logging.WARNING, logger="genserve_server.loader"):
+        mv = _load_as_on_4_cores(monkeypatch, tmp_path, "dcgan-digits")
+    try:
+        assert mv.runner is not None and mv.runner.solo_session is not None
+        assert mv.runner.solo_intra_op_threads == 4
+        assert not mv.batch_dependence
+        assert not [r for r in caplog.records if r.name == "genserve_server.loader"]
+        assert mv.card is not None
+        for seed in range(4):
+            inputs = loader.check_inputs(mv.card, 1, seed=seed)
+            narrow, solo = mv.runner.run_sync(inputs), mv.runner.run_sync(inputs, solo=True)
+            assert np.array_equal(narrow["image"], solo["image"])
+    finally:
+        assert mv.runner is not None
+        mv.runner.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("det-models")
+    shutil.copytree(REPO_ROOT / "models" / MODEL, root / MODEL)
+    server = start_server(root, tmp_path_factory.mktemp("det-server"), config={"intra_op_threads": 4})
+    yield server
+    server.stop()
+
+
+def test_a_row_that_differs_alone_and_inside_a_batch_is_reported(server: ServerProcess) -> None:
+    """With 4 intra-op threads a cyclegan-digits row alone gives other float bits than the same row
+    beside another image. The server cannot change the kernel; it says so at load, in its log and
+    in GetModel's reason of the READY version, with the thread count and the largest difference."""
+    digits = _digits(8)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        together = stub.Translate(pb.ImageRequest(model=MODEL, images=[_raw(d) for d in digits], output=F32))
+        differing = []
+        for i, digit in enumerate(digits):
+            alone = stub.Translate(pb.ImageRequest(model=MODEL, images=[_raw(digit)], output=F32))
+            a, b = tensor_of(alone.images[0]), tensor_of(together.images[i])
+            if not np.array_equal(a, b):
+                differing.append((i, float(np.abs(a - b).max())))
+        info = stub.GetModel(pb.GetModelRequest(name=MODEL))
+    (version,) = info.versions
+    assert version.state == pb.MODEL_STATE_READY
+    # What the server says holds: a warning exactly where a row alone differs from the row batched
+    # (this ONNX Runtime: every row, by 2e-7..8e-7).
+    assert (BATCH_WARNING in version.reason) == bool(differing), (version.reason, differing)
+    assert differing, "ONNX Runtime computes these rows the same now: the check has nothing to show"
+    assert "4 intra-op threads" in version.reason
+    lines = [line for line in server.log().splitlines() if BATCH_WARNING in line]
+    assert len(lines) == 1 and f"model {MODEL} version 1" in lines[0], lines
