@@ -236,10 +236,11 @@ class GenerationCore:
         if not name:
             raise invalid(field, "required (see ListModels)")
         model = self.repo.get(name)
-        if model.kind and model.kind not in kinds:
-            where = elsewhere(model.kind) if elsewhere is not None else ""
+        kind = model.kind_of(version)  # the version's that would serve it, not an edited config.json's
+        if kind and kind not in kinds:
+            where = elsewhere(kind) if elsewhere is not None else ""
             hint = f" ({where})" if where else ""
-            raise invalid(field, f"{name} is a {model.kind} model; {method} needs {' or '.join(kinds)}{hint}")
+            raise invalid(field, f"{name} is a {kind} model; {method} needs {' or '.join(kinds)}{hint}")
         try:
             mv = model.resolve(version)
         except GenserveError:

@@ -121,6 +121,17 @@ class Model:
 
     @property
     def kind(self) -> str:
+        """The kind a request that names no version is served by (`kind_of`)."""
+        return self.kind_of()
+
+    def kind_of(self, version: str = "") -> str:
+        """The kind of the version a request of `version` gets (`version`, else the highest READY
+        one): its config's, which its card and graph were checked against at load. A config.json
+        edit applies to versions loaded from then on, `kind` included, so a loaded version keeps its
+        kind. With no such version: config.json's ("" while it is broken)."""
+        mv = self.versions.get(version) if version else self.newest_ready()
+        if mv is not None:
+            return mv.config.kind.value
         return self.config.kind.value if self.config else ""
 
     def ready_versions(self) -> list[ModelVersion]:

@@ -406,7 +406,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         config = _version_config(model, version)
         assert config is not None
         limit = self.limits.max_images_per_request
-        if model.kind == Kind.CODE_PRIOR:
+        if model.kind_of(version) == Kind.CODE_PRIOR:
             limit = min(limit, config.batching.max_batch_size)
             top = self._config_of(config.top_prior)
             if top is not None:
@@ -458,13 +458,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
         card = model.card(version)  # the serving version's; GetModel naming a version: that one's
-        info = pb.ModelInfo(name=model.name, kind=model.kind, reason=self.repo.redact(model.reason))
+        # The serving version's kind (a config.json edit applies to later loads, `kind` included).
+        kind = model.kind_of(version)
+        info = pb.ModelInfo(name=model.name, kind=kind, reason=self.repo.redact(model.reason))
         serving = _version_config(model, version)  # a config.json edit applies to later loads
         if serving is not None:
             info.max_batch_size = serving.batching.max_batch_size
-            if model.kind in (*SAMPLE_KINDS, *DECODE_KINDS, Kind.VAE_ENCODER, Kind.CODE_PRIOR):
+            if kind in (*SAMPLE_KINDS, *DECODE_KINDS, Kind.VAE_ENCODER, Kind.CODE_PRIOR):
                 info.max_images_per_request = self._images_per_request(model, version)
-            if model.kind in SAMPLE_KINDS:
+            if kind in SAMPLE_KINDS:
                 info.max_stream_images = self.limits.max_stream_images
         if model.reason and not model.versions:
             reason = self.repo.redact(model.reason)

@@ -1,0 +1,106 @@
+"""config.json edited in place while a version serves, then a reload: a valid edit applies to
+versions loaded from then on (docs/operations.md, "Hot reload"), so what routes a request and what
+GetModel, ListModels and KServe report must be the loaded versions' settings, not the file's."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from server_support import (
+    DIGITS,
+    TINY_LATENT,
+    ServerProcess,
+    conditional_graph,
+    start_server,
+    wait_until,
+    write_model,
+    write_tiny_generator,
+)
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+WAIT_S = 60.0
+
+
+def _edit_config(root: Path, name: str, **fields: object) -> None:
+    path = root / name / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _reload_and_wait(
+    server: ServerProcess, stub: pb_grpc.GenerationServiceStub, root: Path, marker: str
+) -> None:
+    """SIGHUP with a new model `marker` that sorts after every other: READY once the rescan did them."""
+    write_tiny_generator(root, marker)
+    server.proc.send_signal(signal.SIGHUP)
+
+    def marker_ready() -> bool:
+        try:
+            info = stub.GetModel(pb.GetModelRequest(name=marker), timeout=10)
+        except grpc.RpcError:
+            return False
+        return any(v.state == pb.MODEL_STATE_READY for v in info.versions)
+
+    wait_until(marker_ready, WAIT_S, "the rescan")
+
+
+def _code(call: object) -> grpc.StatusCode:
+    assert callable(call)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        call()
+    return excinfo.value.code()
+
+
+def test_a_kind_edit_routes_requests_by_the_kind_of_the_loaded_version(tmp_path: Path) -> None:
+    # gen (a generator) gets kind super_resolution, cond (a conditional_generator) kind generator.
+    # Neither version reloads (a valid edit applies to later loads), yet routing checked config.json's
+    # kind: Sample on gen was refused 'gen is a super_resolution model', SuperResolve reached the
+    # generator (INTERNAL, an AssertionError in the log), and Decode reached the conditional
+    # generator without labels (INTERNAL 'model call failed'); GetModel named the file's kind.
+    root = tmp_path / "models"
+    write_tiny_generator(root, "gen", channels=3)
+    write_model(
+        root,
+        "cond",
+        "conditional_generator",
+        conditional_graph(TINY_LATENT, 10, 1, 8, 8),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8], "class_names": DIGITS},
+    )
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            _edit_config(root, "gen", kind="super_resolution")
+            _edit_config(root, "cond", kind="generator")
+            _reload_and_wait(server, stub, root, "zz-marker")
+
+            gen = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+            assert [(v.version, v.state) for v in gen.versions] == [("1", pb.MODEL_STATE_READY)]
+            assert gen.kind == "generator"  # what serves it: version 1's card and config
+            assert stub.GetModel(pb.GetModelRequest(name="gen", version="1"), timeout=10).kind == "generator"
+            listed = {m.name: m.kind for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+            assert listed["gen"] == "generator" and listed["cond"] == "conditional_generator"
+            assert len(stub.Sample(pb.SampleRequest(model="gen", count=2), timeout=30).images) == 2
+            image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(8 * 8 * 3), shape=[8, 8, 3])
+            upscale = pb.ImageRequest(model="gen", images=[image])
+            assert _code(lambda: stub.SuperResolve(upscale, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
+
+            cond = stub.GetModel(pb.GetModelRequest(name="cond"), timeout=10)
+            assert cond.kind == "conditional_generator" and list(cond.class_names) == DIGITS
+            labelled = stub.Sample(pb.SampleRequest(model="cond", count=2, labels=[3, 4]), timeout=30)
+            assert len(labelled.images) == 2
+            z = np.zeros((1, TINY_LATENT), np.float32)
+            latents = tpb.Tensor(shape=[1, TINY_LATENT], dtype=tpb.DTYPE_FLOAT32, data=z.tobytes())
+            decode = pb.DecodeRequest(model="cond", latents=latents)
+            assert _code(lambda: stub.Decode(decode, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
+            log = (tmp_path / "work" / "server.log").read_text()
+            assert "Traceback" not in log and "model call failed" not in log
+    finally:
+        server.stop()
