@@ -196,7 +196,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: kpb.ModelConfigRequest, context: Context) -> kpb.ModelConfigResponse:
         async def handle() -> kpb.ModelConfigResponse:
             mv = self._version(request.name, request.version)
-            return kpb.ModelConfigResponse(config=kserve_metadata.model_config(mv, self._max_rows(mv)[0]))
+            applied = self.repo.get(request.name).config  # the policy a reload picks versions by
+            policy = applied.version_policy if applied is not None else None
+            return kpb.ModelConfigResponse(
+                config=kserve_metadata.model_config(mv, self._max_rows(mv)[0], policy)
+            )
 
         return await self.boundary.plain(context, handle)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import model_config_pb2 as mc
+from genserve_server.config import VersionPolicy
 from genserve_server.infer_stats import Duration
 from genserve_server.kserve_tensors import DTYPES, protocol_shape
 from genserve_server.repository import ModelVersion
@@ -13,9 +14,12 @@ BACKEND = "onnxruntime"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
-def model_config(mv: ModelVersion, max_rows: int) -> mc.ModelConfig:
+def model_config(mv: ModelVersion, max_rows: int, policy: VersionPolicy | None = None) -> mc.ModelConfig:
     """Triton's ModelConfig of a version, from its config.json and card.json; `max_rows`: the most
-    rows a ModelInfer may carry (max_batch_size, or the server's per-request limit when lower)."""
+    rows a ModelInfer may carry (max_batch_size, or the server's per-request limit when lower);
+    `policy`: the version policy the model's versions are picked by now (the last config.json a
+    rescan applied; a version's own config is the one it loaded with, and an edit of it applies at
+    the rescan), else the version's."""
     card = mv.card
     assert card is not None
     cfg = mv.config
@@ -44,7 +48,7 @@ def model_config(mv: ModelVersion, max_rows: int) -> mc.ModelConfig:
         ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False),
     )
-    policy = cfg.version_policy
+    policy = policy or cfg.version_policy
     if policy.specific is not None:
         config.version_policy.specific.versions.extend(int(v) for v in policy.specific)
     else:

@@ -22,6 +22,8 @@ from server_support import (
     write_tiny_generator,
 )
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -102,5 +104,40 @@ def test_a_kind_edit_routes_requests_by_the_kind_of_the_loaded_version(tmp_path:
             assert _code(lambda: stub.Decode(decode, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
             log = (tmp_path / "work" / "server.log").read_text()
             assert "Traceback" not in log and "model call failed" not in log
+    finally:
+        server.stop()
+
+
+def test_kserve_model_config_reports_the_version_policy_a_reload_applies(tmp_path: Path) -> None:
+    # Versions 1 and 2 on disk, `latest: 1`: version 2 serves. The policy is edited to `latest: 2`
+    # and version 1 loads beside 2: the policy applies at the rescan. ModelConfig of the version a
+    # request gets (2) said `latest: 1`, the policy of the file it loaded with, while two versions
+    # served; version 1's said `latest: 2`.
+    root = tmp_path / "models"
+    write_tiny_generator(root, "gen", config={"version_policy": {"latest": 1}})
+    (root / "gen" / "1").rename(root / "gen" / "2")
+    write_tiny_generator(root / "old", "gen")
+    (root / "old" / "gen" / "1").rename(root / "gen" / "1")
+    card = json.loads((root / "gen" / "2" / "card.json").read_text())
+    (root / "gen" / "2" / "card.json").write_text(json.dumps({**card, "version": "2"}))
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+            info = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+            assert [v.version for v in info.versions] == ["2"]
+            _edit_config(root, "gen", version_policy={"latest": 2})
+            _reload_and_wait(server, stub, root, "zz-marker")
+            info = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+            assert [(v.version, v.state) for v in info.versions] == [
+                ("1", pb.MODEL_STATE_READY),
+                ("2", pb.MODEL_STATE_READY),
+            ]
+            for version in ("", "1", "2"):
+                config = kserve.ModelConfig(
+                    kpb.ModelConfigRequest(name="gen", version=version), timeout=10
+                ).config
+                assert config.version_policy.latest.num_versions == 2, version
     finally:
         server.stop()
