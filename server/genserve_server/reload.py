@@ -59,6 +59,7 @@ from pathlib import Path
 
 from genserve_contract.repository import sha256_file
 from genserve_server import heap
+from genserve_server.config import ModelConfig
 from genserve_server.repository import (
     VERSION_PATTERN,
     Model,
@@ -325,6 +326,8 @@ class Reloader:
             problem = "; ".join(f"version {mv.version} failed to load: {mv.reason}" for mv in failed)
             if kept:
                 problem += f"; still serving {kept}"
+        if not problem:
+            problem = _kind_left_behind(current, config)
         self._set_reason(current, problem)
         if problem:
             report.config_errors.append(current.name)
@@ -539,6 +542,22 @@ class Reloader:
         if current is not None and current is not mv and current not in copies:
             copies.append(current)
         return copies
+
+
+def _kind_left_behind(model: Model, config: ModelConfig) -> str:
+    """An edited `kind` applies to versions loaded from then on: a loaded version of the old kind
+    keeps serving as it was loaded, but a restart would refuse it (its card and graph are of the old
+    kind), so the model says so ("" where every serving version is of config.json's kind)."""
+    kind = config.kind.value
+    behind = [mv for mv in model.ready_versions() if mv.config.kind.value != kind]
+    if not behind:
+        return ""
+    served = ", ".join(f"version {mv.version} ({mv.config.kind.value})" for mv in behind)
+    return (
+        f"config.json's kind is {kind}, but {served} loaded as another kind and serves as it; a restart "
+        f"would refuse it (its card and graph are not a {kind}'s): publish a version of kind {kind}, "
+        "or set the kind back"
+    )
 
 
 def _served_file(mv: ModelVersion) -> Path | None:

@@ -141,3 +141,26 @@ def test_kserve_model_config_reports_the_version_policy_a_reload_applies(tmp_pat
                 assert config.version_policy.latest.num_versions == 2, version
     finally:
         server.stop()
+
+
+def test_a_kind_edit_the_loaded_version_keeps_serving_past_is_reported(tmp_path: Path) -> None:
+    """An edited `kind` applies to versions loaded from then on; the loaded one serves as it was
+    loaded, but a restart would refuse it (its card and graph are of the old kind) and take the model
+    down. Nothing said so: GetModel's reason was empty and genserve_model_config_error 0. It says both
+    kinds and what a restart would do; setting the kind back clears it."""
+    root = tmp_path / "models"
+    write_tiny_generator(root, "gen", channels=3)
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            _edit_config(root, "gen", kind="super_resolution")
+            _reload_and_wait(server, stub, root, "zz-marker")
+            reason = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10).reason
+            assert "super_resolution" in reason and "generator" in reason and "restart" in reason, reason
+            assert len(stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=30).images) == 1
+            _edit_config(root, "gen", kind="generator")
+            _reload_and_wait(server, stub, root, "zz-marker-2")
+            assert stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10).reason == ""
+    finally:
+        server.stop()
