@@ -456,7 +456,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         found = (mv.file_changed, self._mapping_warning(mv), mv.batch_dependence)
         return "; ".join(w for w in found if w)
 
-    def _model_info(self, model: Model, version: str = "") -> pb.ModelInfo:
+    def _model_info(self, model: Model, version: str = "", *, cards: bool = True) -> pb.ModelInfo:
+        """`cards`: each version's card_json (GetModel). ListModels leaves them out: an exported
+        card is ~27 KB, so with them its answer grew with every card in the repository and a zoo
+        passed max_send_message_bytes (and a gRPC client's default 4 MiB) with no paging."""
         card = model.card(version)  # the serving version's; GetModel naming a version: that one's
         # The serving version's kind (a config.json edit applies to later loads, `kind` included).
         kind = model.kind_of(version)
@@ -482,7 +485,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     model_sha256=mv.sha256,
                     precision=mv.precision,
                     execution_provider=mv.provider,
-                    card_json=mv.card.raw_json if mv.card else "",
+                    card_json=mv.card.raw_json if cards and mv.card else "",
                 )
             )
         if card is not None:
@@ -501,7 +504,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return info
 
     async def _do_list_models(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._model_info(m) for m in self.repo])
+        return pb.ListModelsResponse(models=[self._model_info(m, cards=False) for m in self.repo])
 
     async def _do_get_model(self, request: pb.GetModelRequest, call: Call) -> pb.ModelInfo:
         if not request.name:

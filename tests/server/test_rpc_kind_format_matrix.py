@@ -120,10 +120,16 @@ def test_decode_on_generators_it_cannot_take_names_sample(
 # ------------------------------------------------------------------ ModelInfo per kind
 
 
+def _infos(stub: pb_grpc.GenerationServiceStub) -> dict[str, pb.ModelInfo]:
+    """Every model's GetModel (ListModels leaves the versions' card_json out)."""
+    names = [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models]
+    return {name: stub.GetModel(pb.GetModelRequest(name=name), timeout=30) for name in names}
+
+
 def test_model_info_per_kind_matches_the_cards(stub: pb_grpc.GenerationServiceStub) -> None:
     """ModelInfo.output_shape is "Output image [C, H, W] for generators and decoders": a
     code_decoder's fixed-size image (card channels, image_size) was left empty."""
-    infos = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+    infos = _infos(stub)
     for name, info in infos.items():
         if not info.versions or not info.versions[0].card_json:
             continue
@@ -236,7 +242,7 @@ def _images(response: Any) -> list[tpb.Image]:
 
 
 def test_every_format_gives_the_same_pixels_for_every_kind(stub: pb_grpc.GenerationServiceStub) -> None:
-    infos = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+    infos = _infos(stub)
     for label, run in _cases(stub):
         model = label.split("/")[0]
         card = json.loads(infos["codes-decoder" if model == "prior" else model].versions[-1].card_json)

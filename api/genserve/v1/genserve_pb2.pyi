@@ -988,7 +988,9 @@ class ModelVersionInfo(_message.Message):
     precision: _builtins.str
     execution_provider: _builtins.str
     card_json: _builtins.str
-    """The whole card.json, as JSON text."""
+    """The whole card.json, as JSON text (GetModel; ListModels leaves it empty, so that its answer
+    does not grow with every card of the repository: ~27 KB each as export/ writes them).
+    """
     def __init__(
         self,
         *,

@@ -180,7 +180,7 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """What is loaded.
+        """What is loaded: every model and version, without the versions' card_json (GetModel has it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

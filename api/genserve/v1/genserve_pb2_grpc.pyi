@@ -76,7 +76,7 @@ class GenerationServiceStub:
     `seed` is mixes[i].coarse_seed (its fine seed and crossover are the request's mixes[i]).
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]
-    """What is loaded."""
+    """What is loaded: every model and version, without the versions' card_json (GetModel has it)."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.GetModelRequest, _genserve_pb2.ModelInfo]
     """One model: its card, versions and readiness (with the reason when not ready)."""
 
@@ -119,7 +119,7 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     `seed` is mixes[i].coarse_seed (its fine seed and crossover are the request's mixes[i]).
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_genserve_pb2.ListModelsRequest, _genserve_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """What is loaded."""
+    """What is loaded: every model and version, without the versions' card_json (GetModel has it)."""
     GetModel: _aio.UnaryUnaryMultiCallable[_genserve_pb2.GetModelRequest, _genserve_pb2.ModelInfo]  # type: ignore[assignment]
     """One model: its card, versions and readiness (with the reason when not ready)."""
 
@@ -225,7 +225,7 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _genserve_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_genserve_pb2.ListModelsResponse, _abc.Awaitable[_genserve_pb2.ListModelsResponse]]:
-        """What is loaded."""
+        """What is loaded: every model and version, without the versions' card_json (GetModel has it)."""
 
     @_abc_1.abstractmethod
     def GetModel(
