@@ -7,7 +7,8 @@ split across batches and is reassembled in row order before its future resolves.
 
 Scheduling:
 - one sub-queue per (lane, compatibility key): only rows with the same key share a batch (e.g.
-  the input shape for image kinds; seeds, labels and psi mix freely);
+  the input shape for image kinds; seeds, labels and psi mix freely); the next served is the one whose
+  longest-waiting request (since admission, or since its rows were last taken) waited longest;
 - the INTERACTIVE lane always forms batches before the BULK lane;
 - fair shares within a sub-queue (_take): a batch's rows are shared max-min among the waiting
   requests, the fewest rows left first, one place kept for the longest-waiting one; a big request
@@ -117,6 +118,22 @@ def _by_admission(chosen: tuple[PendingRequest, int]) -> int:
 
 def _expired(request: PendingRequest, now: float) -> bool:
     return request.deadline is not None and now >= request.deadline
+
+
+def _waiting_since(queue: deque[PendingRequest]) -> float:
+    """Since when the longest-waiting request of a sub-queue has waited: a started request since its
+    rows were last taken (as _take's turns count it), an untouched one since its admission. The
+    queue holds the started requests first, then the untouched ones in admission order.
+
+    Not the head's admission: a started big request keeps that while its sub-queue's batches share
+    its rows with requests admitted later, and a request of another key admitted after it waited
+    until it was done (every later request of the busy key overtaking it)."""
+    since = math.inf
+    for request in queue:
+        if request.next_row == 0:
+            return min(since, request.enqueued_at)
+        since = min(since, request.last_dispatch_at)
+    return since
 
 
 def _gone(request: PendingRequest, now: float) -> bool:
@@ -574,11 +591,12 @@ class Batcher:
                 await self._available.wait()
 
     def _pick(self) -> tuple[Lane, Hashable] | None:
-        """The sub-queue to serve next: INTERACTIVE first, then the key whose head waited longest."""
+        """The sub-queue to serve next: INTERACTIVE first, then the key whose longest-waiting request
+        has waited longest (_waiting_since)."""
         for lane in Lane:
             queues = self._lanes[lane]
             if queues:
-                key = min(queues, key=lambda k: queues[k][0].enqueued_at)
+                key = min(queues, key=lambda k: _waiting_since(queues[k]))
                 return lane, key
         return None
 

@@ -261,3 +261,40 @@ def test_a_big_request_is_not_starved_by_a_flood_of_one_row_requests() -> None:
         await batcher.close(1)
 
     run(body())
+
+
+def test_a_rare_shape_waits_no_longer_than_the_rows_ahead_while_a_busy_shape_shares_a_big_request() -> None:
+    """Sub-queues are served oldest first, which bounds a row's wait by the rows queued ahead of it
+    (docs/server.md). A busy shape whose batches share a big request's rows with one-row requests
+    admitted later must not hold a rare shape's request until the big one is done: it was held
+    there while every later request of the busy shape overtook it (batch 41 here, 120 later rows)."""
+
+    async def body() -> None:
+        model = CountingModel()
+        batcher = batcher_for(model, 4)
+        busy, rare_key = TileRows((3, 32, 32)), TileRows((3, 20, 12))
+        flood: list[asyncio.Future[Any]] = []
+
+        def more_small_ones(batch: int) -> None:
+            if batch < 60:  # three new one-row requests of the busy shape while every batch computes
+                flood.extend(
+                    asyncio.ensure_future(batcher.submit(busy, values(100 * batch + i, 1), 1))
+                    for i in range(3)
+                )
+
+        model.on_batch = more_small_ones
+        blocker = await blocked(batcher, model)
+        big = asyncio.ensure_future(batcher.submit(busy, values(10_000, 40), 40))
+        await asyncio.sleep(0)
+        rare = asyncio.ensure_future(batcher.submit(rare_key, values(-5, 1), 1))
+        await asyncio.sleep(0)
+        model.gate.set()
+        await rare
+        # 41 rows were queued ahead of it (the blocker and the big request): 11 batches of 4 at most.
+        assert model.batch_of(-5) <= 1 + 40 // 4, [list(b) for b in model.batches]
+        model.on_batch = None  # no more: every request submitted is awaited below
+        await asyncio.gather(blocker, big, *flood)
+        np.testing.assert_array_equal(big.result().outputs["y"], 10 * np.arange(10_000, 10_040))
+        await batcher.close(1)
+
+    run(body())
