@@ -162,7 +162,6 @@ async def sample_codes(
     await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
     top = top_prior(core, call, mv) if tops is None else None
     if top is not None:  # both levels in one call: the top grids first, same seeds and options
-        core.stepper(mv).check_room(len(seeds))  # a full bottom budget refuses before the top level
         assert top.card is not None and top.card.codebook_size is not None and top.card.grid is not None
         top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
         top_labels = labels if top.card.class_names else None
@@ -171,9 +170,12 @@ async def sample_codes(
         if progress is not None:
             top_report = functools.partial(_at_level, progress, TOP_LEVEL, top_positions, None)
         top_every = steps_between(every, top_positions)
-        tops = await core.stepper(top).sample(
-            seeds, top_labels, None, top_options, call.deadline, top_report, top_every, caller=call
-        )
+        # A full bottom budget refuses before the top level; room found is kept while it runs, and
+        # the bottom level below takes it with no await in between.
+        with core.stepper(mv).reserved(len(seeds)):
+            tops = await core.stepper(top).sample(
+                seeds, top_labels, None, top_options, call.deadline, top_report, top_every, caller=call
+            )
     stepper = core.stepper(mv)
     report = None
     if progress is not None:

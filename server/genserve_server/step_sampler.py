@@ -36,10 +36,11 @@ stream (CODE_RNG_ALGORITHM, documented above SampleCodesRequest in protos/genser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -216,11 +217,25 @@ class StepScheduler:
         self._watches: list[_Watch] = []
         self._task: asyncio.Task[None] | None = None
         self._previous_rows = 0  # rows of the previous call (with stable_shapes: its bucket)
+        self._reserved = 0  # rows promised to calls still on their way (`reserved`)
 
     @property
     def rows(self) -> int:
-        """Rows running or about to join (what the budget counts)."""
-        return len(self._running) + len(self._joining)
+        """Rows running, about to join or reserved (what the budget counts)."""
+        return len(self._running) + len(self._joining) + self._reserved
+
+    @contextlib.contextmanager
+    def reserved(self, n: int) -> Iterator[None]:
+        """Hold `n` rows of the budget (check_room first) while a call gets ready to `sample` them: a
+        two-level call's bottom rows while its top level runs. Leave it, then call `sample` with no
+        await in between: the room is then still there (a call refused only after its top grid had
+        been sampled lost that work, and under steady traffic lost it again on every retry)."""
+        self.check_room(n)
+        self._reserved += n
+        try:
+            yield
+        finally:
+            self._reserved -= n
 
     def check_room(self, n: int) -> None:
         """INVALID_ARGUMENT where `n` rows exceed the row budget, RESOURCE_EXHAUSTED where they do not

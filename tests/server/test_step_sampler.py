@@ -1223,3 +1223,38 @@ def test_a_prior_that_left_the_repository_is_freed_with_its_step_scheduler(
             await reloader.close(2.0)
 
     run_with_core(root, body)
+
+
+def test_a_two_level_call_keeps_its_bottom_rows_while_its_top_level_runs(tmp_path: Path) -> None:
+    """A two-level call that found room in the bottom prior's budget keeps it while its top level
+    runs: rows that joined the bottom meanwhile (a call with top_codes, another two-level call whose
+    top grids finished first) made it RESOURCE_EXHAUSTED after its whole top grid was sampled, and
+    under steady traffic the same call retried lost its top level again and again."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        bottom = core.stepper(repo.get(names["chain"]).resolve(""))
+        top = core.stepper(repo.get(names["top"]).resolve(""))
+        top_reached, top_go = gate(top, at_step=1)  # the two-level call's top level, held
+        bottom_reached, bottom_go = gate(bottom, at_step=2)  # a later bottom call's rows stay running
+        two_level = asyncio.ensure_future(sample(core, names["chain"], list(range(MAX_ROWS))))
+        await top_reached.wait()
+        tops = np.zeros((1, GRID[0] // 2, GRID[1] // 2), np.int64)
+        later = asyncio.ensure_future(sample(core, names["chain"], [100], tops=tops))
+        joined = asyncio.ensure_future(bottom_reached.wait())
+        await asyncio.wait({later, joined}, return_when=asyncio.FIRST_COMPLETED)
+        top_go.set()
+        if later.done():  # refused: the bottom's 2nd step is the two-level call's own, not held
+            bottom_go.set()
+        try:
+            done = await asyncio.gather(two_level, return_exceptions=True)
+            assert not isinstance(done[0], BaseException), done[0]
+            assert done[0].codes.shape == (MAX_ROWS, *GRID)
+            # The later call found the bottom's rows promised: refused at once, as a full budget is.
+            assert later.done() and isinstance(later.exception(), ResourceExhausted)
+        finally:
+            bottom_go.set()
+            joined.cancel()
+            await asyncio.gather(later, return_exceptions=True)
+
+    run_with_core(tmp_path, body)
