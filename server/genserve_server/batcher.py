@@ -595,6 +595,8 @@ class Batcher:
         has waited longest (_waiting_since)."""
         for lane in Lane:
             queues = self._lanes[lane]
+            if len(queues) == 1:  # one key (most models): nothing to rank
+                return lane, next(iter(queues))
             if queues:
                 key = min(queues, key=lambda k: _waiting_since(queues[k]))
                 return lane, key
