@@ -709,7 +709,6 @@ class GenerationCore:
         plans = [
             tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, multiple, margin=margin) for p in padded
         ]
-        await self.reserve_response(call, expected)
         working_set = tiling.working_set_bytes(
             plans,
             [p.shape[1:] for p in padded],
@@ -718,8 +717,11 @@ class GenerationCore:
             scale,
             mv.config.batching.max_batch_size,
         )
+        # The working set first: a call waiting for it holds no response bytes, or a burst of
+        # SuperResolves would hold the server-wide response budget every other RPC needs.
         held = await self.sr_working_set.acquire(working_set, call.deadline, "SuperResolve")
         try:
+            await self.reserve_response(call, expected)
             return await self._upscale_tiles(mv, call, arrays, padded, plans, out)
         finally:
             self.sr_working_set.release(held)

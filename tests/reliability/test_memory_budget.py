@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from reliability_support import png_bytes
 from server_support import (
     TINY_LATENT,
@@ -216,4 +218,85 @@ def test_bulk_samples_waiting_for_room_in_their_lane_hold_no_response_bytes(tmp_
                 future.cancel()
     finally:
         server.proc.kill()  # the running bulk row would hold a graceful drain for seconds
+        server.proc.wait(10)
+
+
+def slow_super_resolution_graph(iterations: int) -> object:
+    """x2 super-resolution that takes seconds an image: a Loop of 3x3 convs, then Resize nearest."""
+    rng = np.random.default_rng(8)
+    image = ["batch", 3, "h", "w"]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Conv", ["y_in", "K"], ["y_conv"], pads=[1, 1, 1, 1]),
+            helper.make_node("Tanh", ["y_conv"], ["y_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_in", TensorProto.FLOAT, image),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_out", TensorProto.FLOAT, image),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["trip", "cond", "image"], ["looped"], body=body),
+            helper.make_node("Resize", ["looped", "", "scales"], ["up"], mode="nearest"),
+            helper.make_node("Tanh", ["up"], ["output_image"]),
+        ],
+        "slow_sr",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, image)],
+        [helper.make_tensor_value_info("output_image", TensorProto.FLOAT, ["batch", 3, "H", "W"])],
+        [
+            numpy_helper.from_array(rng.normal(0, 0.3, (3, 3, 3, 3)).astype(np.float32) * 2.0, "K"),
+            numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+            numpy_helper.from_array(np.array(iterations, np.int64), "trip"),
+            numpy_helper.from_array(np.array(True), "cond"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+SR_WAITERS = 30  # one computes (2 s), the others wait for the working set: 43 KB of response each
+
+
+def test_super_resolves_waiting_for_the_working_set_hold_no_response_bytes(tmp_path: Path) -> None:
+    """A SuperResolve reserved its response's bytes, then waited for the SR working-set budget
+    holding them, so a burst of SuperResolve calls held the server-wide response budget while one
+    computed, and every other RPC of every model waited budget_max_wait_s and was refused
+    RESOURCE_EXHAUSTED (response_budget_bytes). It takes the working set first, then its bytes."""
+    root = tmp_path / "models"
+    write_model(root, "slow-sr", "super_resolution", slow_super_resolution_graph(40_000), SR_CARD)
+    write_tiny_generator(root, "fast", channels=3)
+    config = {
+        "warmup": False,
+        "limits": {"response_budget_bytes": MIB, "sr_working_set_bytes": MIB, "budget_max_wait_s": 5.0},
+    }
+    server = start_server(root, tmp_path / "server", config=config)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            image = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=png_bytes(64, 64))
+            calls = [
+                stub.SuperResolve.future(
+                    pb.ImageRequest(model="slow-sr", images=[image], output=RAW), timeout=60
+                )
+                for _ in range(SR_WAITERS)
+            ]
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="SuperResolve") == SR_WAITERS,
+                30,
+                "every SuperResolve in the server",
+            )
+            # Before: 24 waiting SuperResolves held the 1 MiB, and the Sample waited behind the others.
+            answer = stub.Sample(pb.SampleRequest(model="fast", count=1), timeout=3)
+            assert len(answer.images) == 1
+            for call in calls:
+                call.cancel()
+    finally:
+        server.proc.kill()  # the running SuperResolve would hold a graceful drain for seconds
         server.proc.wait(10)
