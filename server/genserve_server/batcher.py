@@ -373,7 +373,16 @@ class Batcher:
             )
         in_time = True
         if lane == Lane.BULK:
-            in_time = await self._wait_for_bulk_room(n_rows, deadline, held)
+            try:
+                in_time = await self._wait_for_bulk_room(n_rows, deadline, held)
+            except asyncio.CancelledError as exc:
+                # The caller went away, or gRPC ended the call at its deadline (a little before the
+                # batcher's own timer would), while its rows waited for room: a drop, counted once
+                # as _forget_cancelled counts a queued request's (a part WITHDRAWN is not).
+                if exc.args != (WITHDRAWN,):
+                    reason = "deadline" if cancelled_by_deadline(deadline, self._clock()) else "cancelled"
+                    self._dropped(caller, reason)
+                raise
         elif self._queued_rows + n_rows > self.max_queue_size:
             if count_once(caller):
                 self._observer.on_rejected("queue_full")

@@ -1105,6 +1105,38 @@ def test_bulk_fills_half_the_queue_then_waits_for_room_while_interactive_is_stil
     run(body())
 
 
+def test_a_bulk_request_cancelled_while_it_waits_for_room_is_counted_once_as_deadline_or_cancelled() -> None:
+    """gRPC cancels a handler at its deadline a little before the deadline the server keeps
+    (DEADLINE_SLACK_S): a BULK request waiting for room in its lane then left through the cancellation,
+    not the batcher's own timer, and was counted in neither genserve_requests_dropped_total reason;
+    nor was a caller that went away while it waited."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=8, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        first = asyncio.ensure_future(batcher.submit("b", rows(1, 2, 3, 4), 4, lane=Lane.BULK))
+        await until(lambda: batcher.queued_rows == 4, "the bulk share full")
+        deadline = time.monotonic() + 0.05
+        timed = asyncio.ensure_future(batcher.submit("b", rows(5), 1, lane=Lane.BULK, deadline=deadline))
+        gone = asyncio.ensure_future(batcher.submit("b", rows(6), 1, lane=Lane.BULK))
+        await let_the_dispatcher_run()
+        assert not timed.done() and not gone.done() and batcher.queued_rows == 4  # both wait for room
+        await past(deadline - 0.002)
+        timed.cancel()  # gRPC ending the call at its deadline
+        gone.cancel()  # a client that went away
+        for task in (timed, gone):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert sorted(recorder.dropped) == ["cancelled", "deadline"]
+        gate.set()
+        await asyncio.gather(first, blocker)
+        assert all(5 not in x and 6 not in x for _, x in model.batches)
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_bulk_submits_waiting_for_room_get_in_first_come_first_served() -> None:
     """A large bulk submit waiting for room is not overtaken by a smaller one that arrives later and
     would fit: room goes in arrival order, so a big chunk cannot starve behind a stream of small ones."""

@@ -11,10 +11,21 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from code_models import write_code_models
-from server_support import ServerProcess, metric_in, start_server, wait_until
+from server_support import (
+    TINY_LATENT,
+    ServerProcess,
+    metric_in,
+    slow_generator_graph,
+    start_server,
+    wait_until,
+    write_model,
+)
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+
+SLOW_QUEUE = 16  # BULK rows may fill half of it
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +34,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # A prior whose step costs ~10 ms (64 steps a grid): a deadline passes between its steps.
     names = write_code_models(root, grid=(8, 8), iterations=40)
     assert names["prior"] == "prior"
+    # ~0.4 s a row, one row a batch.
+    write_model(
+        root,
+        "slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 60000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 1, "max_queue_delay_ms": 1.0, "max_queue_size": SLOW_QUEUE}},
+    )
     process = start_server(root, tmp_path_factory.mktemp("deadline-server"), config={"warmup": False})
     yield process
     process.stop()
@@ -65,3 +85,43 @@ def test_a_code_prior_call_whose_deadline_passes_between_steps_is_dropped_as_dea
         steps = server.metric("genserve_batch_size_count", model="prior")
         time.sleep(0.3)
         assert server.metric("genserve_batch_size_count", model="prior") == steps > steps_before
+
+
+def test_a_bulk_request_whose_deadline_passes_while_it_waits_for_room_counts_once_as_deadline(
+    server: ServerProcess,
+) -> None:
+    """A BULK request that finds the bulk half of the queue full waits for room (batcher.py). Its
+    deadline passing there was counted in genserve_requests_dropped_total{reason="deadline"} only
+    when the batcher's own timer ran before gRPC cancelled the handler; otherwise (about one call
+    in three) the call left uncounted."""
+    out = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        stub.Sample(pb.SampleRequest(model="slow", seeds=[1], output=out), timeout=60)  # loaded, warm
+        before = _dropped(server, "slow")
+        # One BULK call of more rows than the bulk share fills it (alone it always fits).
+        filler = pb.SampleRequest(
+            model="slow", seeds=list(range(2, 2 + SLOW_QUEUE)), output=out, priority=tpb.PRIORITY_BULK
+        )
+        filled = stub.Sample.future(filler, timeout=120)
+        try:
+            wait_until(
+                lambda: server.metric("genserve_queue_depth", model="slow") > 8, 30, "the bulk share full"
+            )
+            calls = 6
+            for seed in range(100, 100 + calls):
+                started = time.monotonic()
+                request = pb.SampleRequest(model="slow", seeds=[seed], output=out, priority=tpb.PRIORITY_BULK)
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Sample(request, timeout=0.2)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert time.monotonic() - started < 1.0
+            assert server.metric("genserve_queue_depth", model="slow") > 8  # they all waited for room
+            wait_until(
+                lambda: _dropped(server, "slow")[0] - before[0] >= calls,
+                5,
+                "each call counted as a deadline drop",
+            )
+            assert _dropped(server, "slow") == (before[0] + calls, before[1])
+        finally:
+            filled.cancel()
