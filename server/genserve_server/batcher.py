@@ -795,15 +795,21 @@ class Batcher:
         """When the window for (lane, key) ends: at `window_end`, or earlier where a queued request's
         deadline comes first, by the batch's measured compute time (`_row_cost_s` per row) and the
         slack gRPC's own deadline keeps (DEADLINE_SLACK_S); and whether that deadline is what ends
-        it. Expired requests leave at _take and set no end."""
-        soonest = min(
-            (r.deadline for r in self._lanes[lane][key] if r.deadline is not None and r.deadline > now),
-            default=None,
-        )
-        if soonest is None:
-            return window_end, False
-        cut = soonest - self._row_cost_s * queued - DEADLINE_SLACK_S
-        return (cut, True) if cut < window_end else (window_end, False)
+        it. A request of another key of the lane waits for this window too (its batch follows this
+        one): its deadline ends the window where this batch and its own would not compute in time.
+        Expired requests leave at _take and set no end."""
+        end, cut_by_deadline = window_end, False
+        for other, queue in self._lanes[lane].items():
+            soonest = min(
+                (r.deadline for r in queue if r.deadline is not None and r.deadline > now), default=None
+            )
+            if soonest is None:
+                continue
+            rows = queued if other == key else queued + self._rows_by_key.get((lane, other), 0)
+            cut = soonest - self._row_cost_s * rows - DEADLINE_SLACK_S
+            if cut < end:
+                end, cut_by_deadline = cut, True
+        return end, cut_by_deadline
 
     def _take_split(self, lane: Lane, key: Hashable, rest_of_split: bool) -> tuple[list[Part], bool]:
         """_take, with the split over free instances where _split_over_free makes one: (the parts,

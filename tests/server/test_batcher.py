@@ -606,6 +606,35 @@ def test_a_queued_deadline_inside_the_window_closes_it_in_time() -> None:
     run(body())
 
 
+def test_a_window_of_one_key_does_not_outlast_a_queued_deadline_of_another_key() -> None:
+    """A long window open for one compatibility key (another output size, precision or psi) must not
+    hold a request of another key past its deadline while a runner instance is free: it was
+    computed never (DEADLINE_EXCEEDED after the window, dropped) though the runner idled."""
+
+    async def body() -> None:
+        model = FakeModel()
+        window_s = 2.0
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s, concurrency=2)
+        gate, blocker = await hold_runner(batcher, model)  # a batch in flight: the window pays off
+        # As measured by earlier batches: each window is cut >= 0.1 s before the deadline, a margin
+        # a loaded machine's stalls do not eat.
+        batcher._row_cost_s = 0.1
+        waiting = asyncio.ensure_future(batcher.submit("a", rows(1), 1))
+        await until(lambda: batcher.queued_rows == 1, "the first key's row queued")
+        await let_the_dispatcher_run()
+        assert not waiting.done()  # its window is open, an instance free
+        deadline = time.monotonic() + 0.6
+        hurried = asyncio.ensure_future(batcher.submit("b", rows(2), 1, deadline=deadline))
+        result = await asyncio.wait_for(hurried, window_s)
+        np.testing.assert_array_equal(result.outputs["y"], [20])
+        assert time.monotonic() < deadline and recorder.dropped == []
+        gate.set()
+        await asyncio.gather(waiting, blocker)
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_full_batch_goes_without_waiting_the_window() -> None:
     async def body() -> None:
         model = FakeModel()
