@@ -19,6 +19,11 @@ slot, and the health check itself answered RESOURCE_EXHAUSTED. Here instead:
   frames and so the request: a reference cycle that only the garbage collector frees (a 63 MiB
   request cost ~1 GB until then). The abort's traceback and context are dropped on the way out,
   so the request is freed when the call ends.
+- A stream whose client stops reading ends after `stream_write_timeout_s`, its status queued behind
+  the unread message. When that client cancels or disconnects instead of reading on, the status
+  cannot be sent, and grpc logs the failed send ('ExecuteBatchError raised in core') at ERROR with a
+  traceback unless it has already handled the client leaving: the usual end of such a call, not a
+  server fault. Those records are dropped, for the calls the server ended that way only.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncGenerator, Callable, Collection
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
@@ -50,6 +56,23 @@ BULK_STREAMS = (
     "/genserve.v1.GenerationService/SampleCodesStream",
 )
 GENERATION_CONTROL = ("/genserve.v1.GenerationService/ListModels", "/genserve.v1.GenerationService/GetModel")
+
+# Set in a call's task (grpc runs the handler, then sends its status, in one task) once the server has
+# ended the call's stream itself because its client took no message (_write_all).
+_ENDED_UNREAD: ContextVar[bool] = ContextVar("genserve_ended_unread", default=False)
+FAILED_SEND_LOG = "ExecuteBatchError raised in core"
+
+
+class _UnreadStreamEnds(logging.Filter):
+    """Drops grpc's ERROR for the failed status send of a stream the server ended unread (the
+    client went away instead of reading on); every other record of grpc's logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_ENDED_UNREAD.get() and record.getMessage().startswith(FAILED_SEND_LOG))
+
+
+# grpc's aio server logs from its Cython module's logger, in the call's task.
+logging.getLogger("grpc._cython.cygrpc").addFilter(_UnreadStreamEnds())
 
 
 @dataclass(slots=True)
@@ -301,6 +324,7 @@ async def _write_all(
                 # handler (holding its slot) would wait as long as the client. The handler returns
                 # now, its slot is freed, and gRPC sends this status if the client ever reads on.
                 logger.info("ended a stream whose client read nothing for %.3g s", write_timeout_s)
+                _ENDED_UNREAD.set(True)  # its status may never be sent: the client may go instead
                 context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
                 context.set_details(
                     f"the client took no message for stream_write_timeout_s={write_timeout_s:g} s; "

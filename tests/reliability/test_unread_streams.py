@@ -9,7 +9,8 @@ whole job. On the session's start the unread streams kept both slots for as long
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -69,3 +70,64 @@ def test_unread_streams_lose_their_slots_and_a_real_bulk_job_runs(server: Server
         assert refused and "max_concurrent_sample_streams" in refused[0]  # the slots were taken first
     finally:
         unread.close()
+
+
+@pytest.fixture(scope="module")
+def quick_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Unread streams end after 0.5 s."""
+    root = tmp_path_factory.mktemp("unread-quick-models")
+    write_gen(root)
+    limits = {"max_concurrent_sample_streams": 8, "stream_write_timeout_s": 0.5}
+    proc = start_server(root, tmp_path_factory.mktemp("unread-quick-server"), config={"limits": limits})
+    yield proc
+    proc.stop()
+
+
+def _log_problems(server: ServerProcess, since: int) -> list[str]:
+    return [
+        line
+        for line in server.log().splitlines()[since:]
+        if "Traceback" in line or "ExecuteBatchError" in line
+    ]
+
+
+def _ended_streams(server: ServerProcess) -> float:
+    return server.metric("genserve_requests_total", method="SampleStream", code="RESOURCE_EXHAUSTED")
+
+
+@pytest.mark.parametrize("goes_by", ["cancel", "disconnect"])
+def test_a_client_that_goes_after_the_server_ended_its_unread_stream_leaves_no_traceback(
+    quick_server: ServerProcess, goes_by: str
+) -> None:
+    """The server ends a stream its client does not read (stream_write_timeout_s) and leaves its
+    RESOURCE_EXHAUSTED status queued behind the unread message, for a client that reads on. A client
+    that cancels or disconnects instead fails that status send in gRPC's core, and grpc logged it as
+    'ExecuteBatchError raised in core by servicer method [...SampleStream]' at ERROR with a traceback
+    whenever its failed send was handled before its notice of the client leaving."""
+    server = quick_server
+    job = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6, base_seed=0, output=RAW))
+    lines = len(server.log().splitlines())
+    streams = 4
+
+    def ended_since(before: float) -> Callable[[], bool]:
+        return lambda: _ended_streams(server) - before >= streams
+
+    for _ in range(3):
+        ended = ended_since(_ended_streams(server))
+        if goes_by == "cancel":
+            with grpc.insecure_channel(server.target) as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                calls = [stub.SampleStream(job, timeout=30) for _ in range(streams)]  # never read
+                wait_until(ended, 10, "the server to end the unread streams")
+                for call in calls:
+                    call.cancel()
+        else:
+            unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+            try:
+                for _ in range(streams):
+                    unread.call(server.target, STREAM, job.SerializeToString())
+                wait_until(ended, 10, "the server to end the unread streams")
+            finally:
+                unread.close()
+        time.sleep(0.3)  # grpc logs the failed status send after the handler has ended
+    assert _log_problems(server, lines) == []
