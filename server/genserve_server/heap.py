@@ -16,17 +16,24 @@ behind, then moves every surviving object to the permanent generation (`gc.freez
 collections skip. Objects frozen there are still freed by reference counting, but a cycle among them
 never is, and a loaded model version is one (its runner, batcher and sessions refer to each other):
 a version unloaded by a reload would keep its ONNX Runtime sessions for the process's life. So the
-reloader calls `refreeze` once it has forgotten a version: the frozen objects go back to the
-collector for one full collection (tens of ms, once per reload) and what survives is frozen again.
+reloader calls `refreeze_soon` once it has forgotten a version: the frozen objects go back to the
+collector for one full collection (tens of ms) and what survives is frozen again; versions unloaded
+within REFREEZE_DELAY_S of each other (a reload that removes several models) share one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
 
 logger = logging.getLogger(__name__)
+
+# Unloaded versions' requests for a full collection within this long of the first share it.
+REFREEZE_DELAY_S = 0.2
+# The loop a refreeze is due on (a process may run several loops one after another: tests).
+_refreeze_due_on: asyncio.AbstractEventLoop | None = None
 
 
 def freeze_startup_heap() -> int:
@@ -55,3 +62,21 @@ def refreeze() -> None:
     gc.freeze()
     elapsed_ms = (time.perf_counter() - started) * 1e3
     logger.debug("refroze %d objects in %.1f ms", gc.get_freeze_count(), elapsed_ms)
+
+
+def refreeze_soon() -> None:
+    """`refreeze` on the running loop REFREEZE_DELAY_S from now, unless one is already due there (a
+    reload that unloads several versions pays for one full collection, not one each). Later, not
+    at once, also because the caller's frame still holds the version it forgot."""
+    global _refreeze_due_on
+    loop = asyncio.get_running_loop()
+    if _refreeze_due_on is loop:
+        return
+
+    def run() -> None:
+        global _refreeze_due_on
+        _refreeze_due_on = None
+        refreeze()
+
+    _refreeze_due_on = loop
+    loop.call_later(REFREEZE_DELAY_S, run)

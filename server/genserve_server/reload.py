@@ -518,9 +518,9 @@ class Reloader:
     def _forget(self, model: Model, mv: ModelVersion) -> None:
         if model.versions.get(mv.version) is mv:
             del model.versions[mv.version]
-        # On the next loop turn, when the caller's frame no longer holds `mv`: a version loaded
-        # before the start-up heap was frozen is a cycle the collector would otherwise never see.
-        asyncio.get_running_loop().call_soon(heap.refreeze)
+        # Soon, when the caller's frame no longer holds `mv`: a version loaded before the start-up
+        # heap was frozen is a cycle the collector would otherwise never see.
+        heap.refreeze_soon()
         self._file_stats.pop(mv.load_id, None)
         # A copy of the same (model, version) loaded since (the model's directory moved away and
         # back, the version loaded again) binds the same series: they stay, as that copy sets them.

@@ -3,6 +3,7 @@ unloaded version is still freed: tests/reliability/test_reload.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Iterator
@@ -52,3 +53,26 @@ def test_cycles_made_after_the_freeze_are_still_collected(unfreeze: None) -> Non
     del a, b
     gc.collect()
     assert gone() is None
+
+
+def test_versions_unloaded_close_together_share_one_full_collection(
+    unfreeze: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reloader asked for a full collection per unloaded version (tens of ms of event loop
+    each): removing four models ran four back to back. Requests made within REFREEZE_DELAY_S of
+    each other share one."""
+    from genserve_server import heap
+
+    runs: list[int] = []
+    monkeypatch.setattr(heap, "refreeze", lambda: runs.append(1))
+
+    async def unload_four() -> None:
+        for _ in range(4):
+            heap.refreeze_soon()
+            await asyncio.sleep(0)  # drains end on different turns of the loop
+        await asyncio.sleep(heap.REFREEZE_DELAY_S * 3)
+        heap.refreeze_soon()  # a later unload gets its own
+        await asyncio.sleep(heap.REFREEZE_DELAY_S * 3)
+
+    asyncio.run(unload_four())
+    assert len(runs) == 2
