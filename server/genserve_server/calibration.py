@@ -97,18 +97,26 @@ def warmup_memory_budget(configured_bytes: int, instances: int) -> int:
     return max(1, available // (2 * max(1, instances)))
 
 
-def probe(runner: Runner, inputs: Inputs, scale: float = 1.0) -> tuple[float, float]:
+def probe(
+    runner: Runner,
+    inputs: Inputs,
+    scale: float = 1.0,
+    check: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+) -> tuple[float, float]:
     """Two calls the runner does not record: (seconds of the faster, bytes of inputs + outputs per
     row), both times `scale` (the probe may run on a smaller image than the warm-up's). The first
     call of a session pays its allocations, hence two. Under the shared gate: only good enough to
-    order warm-up steps and as a lower bound of a row's memory, never a cost the server decides on."""
+    order warm-up steps and as a lower bound of a row's memory, never a cost the server decides on.
+    `check` sees the first call's outputs (and may raise)."""
     rows = int(next(iter(inputs.values())).shape[0])
     seconds = math.inf
     outputs: dict[str, np.ndarray] = {}
-    for _ in range(2):
+    for call in range(2):
         started = time.perf_counter()
         outputs = runner.run_sync(inputs)
         seconds = min(seconds, time.perf_counter() - started)
+        if call == 0 and check is not None:
+            check(outputs)
     io_bytes = sum(a.nbytes for a in inputs.values()) + sum(np.asarray(a).nbytes for a in outputs.values())
     return seconds * scale, io_bytes * scale / rows
 

@@ -57,7 +57,7 @@ def load_files(
         try:
             check_stopping()
             check_graph(mv, card, runner)
-            probe_s, row_bytes = _probe(card, runner)
+            probe_s, row_bytes = _probe(card, runner, mv.label)
             logger.debug("%s: probe %.3g ms a row at the warm-up shape", mv.label, 1e3 * probe_s)
             check_stopping()
             check_rows(mv, card, runner)
@@ -154,9 +154,10 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
 PROBE_SIDE = 32
 
 
-def _probe(card: Card, runner: Runner) -> tuple[float, float]:
+def _probe(card: Card, runner: Runner, label: str = "") -> tuple[float, float]:
     """One row's predicted call seconds and bytes of inputs + outputs (calibration.probe), at the
-    warm-up's shape; (0, 0) in CUDA-graph mode, where a call before warm-up would capture a graph."""
+    warm-up's shape; (0, 0) in CUDA-graph mode, where a call before warm-up would capture a graph.
+    The first call's image output must be the card's shape (check_image_output)."""
     if runner.mode == "cuda_graph":
         return 0.0, 0.0
     inputs = warmup_inputs(card, 1)
@@ -169,7 +170,13 @@ def _probe(card: Card, runner: Runner) -> tuple[float, float]:
         if side * side < height * width:
             inputs = {**inputs, "image": np.zeros((1, image.shape[1], side, side), np.float32)}
             scale = height * width / (side * side)
-    return calibration.probe(runner, inputs, scale)
+    name = card.kind.image_output_name
+
+    def check(outputs: Mapping[str, np.ndarray]) -> None:
+        if name is not None and name in outputs:
+            check_image_output(label or runner.label, card, np.shape(outputs[name]))
+
+    return calibration.probe(runner, inputs, scale, check)
 
 
 # Rows of the load-time check (check_rows): one computed alone and inside this many.
@@ -333,6 +340,31 @@ def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
     missing = [o for o in card.kind.output_names if o not in runner.outputs]
     if missing:
         raise ConfigError(f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})")
+    name = card.kind.image_output_name
+    if name is not None:
+        declared = next(tuple(o.shape) for o in runner.session.get_outputs() if o.name == name)
+        check_image_output(mv.label, card, declared)
+
+
+def check_image_output(label: str, card: Card, shape: Sequence[int | str | None]) -> None:
+    """ConfigError unless the image output's shape (declared in the graph, or of a call: unknown
+    dims are not compared) is the card's NCHW: [N, channels, H, W], H x W its image_size where the
+    kind has one. A graph giving NHWC (or another channel count or size) would otherwise load READY
+    and scramble every raw image, fail every encoded one, and describe itself wrongly."""
+    name = card.kind.image_output_name
+    want: list[int | None] = [None, card.channels, *(card.image_size or (None, None))]
+    if len(shape) == len(want) and all(
+        not isinstance(got, int) or got <= 0 or w is None or got == w
+        for got, w in zip(shape[1:], want[1:], strict=True)
+    ):
+        return
+    shown = ", ".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape[1:])
+    size = "x".join(str(s) for s in card.image_size) if card.image_size else "any"
+    raise ConfigError(
+        f"{label}: graph output {name!r} has shape [N, {shown}], card.json says [N, C, H, W] with "
+        f"channels {card.channels} and image_size {size}: export the image output in NCHW layout "
+        "(e.g. permute(0, 3, 1, 2) an NHWC output), or fix card.json's channels / image_size"
+    )
 
 
 def batch_grows_with_rows(runner: Runner) -> bool:

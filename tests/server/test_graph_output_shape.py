@@ -1,0 +1,74 @@
+"""A version whose graph's image output is not what its card says ([N, channels, H, W]) is refused
+at load, naming the output, its shape and the card's fields: a user's own ONNX file (made outside
+`genserve-export`, card.json written by hand as docs/model-repository.md describes) with an NHWC
+output, or a card whose `channels` is wrong, would otherwise load READY and then scramble every
+raw image (H, W, C read as C, H, W), fail every PNG with INTERNAL, or describe the model wrongly
+(GetModel output_shape)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from server_support import TINY_LATENT, generator_graph, running_server, write_model
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+OPSET = 17
+
+
+def _generator(out_dims: list[int | str], reshape: list[int]) -> onnx.ModelProto:
+    """z [N, Z] -> MatMul -> Tanh -> Reshape(`reshape`), output declared with `out_dims`."""
+    rng = np.random.default_rng(0)
+    weights = rng.normal(0, 0.5, (TINY_LATENT, int(np.prod(reshape[1:])))).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["z", "W"], ["hidden"]),
+            helper.make_node("Tanh", ["hidden"], ["act"]),
+            helper.make_node("Reshape", ["act", "shape"], ["image"]),
+        ],
+        "user_generator",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", TINY_LATENT])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, out_dims)],
+        [
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(np.array(reshape, np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_image_output_that_is_not_the_cards_nchw_is_refused_at_load(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    # NHWC, declared so in the graph
+    write_model(root, "nhwc", "generator", _generator(["batch", 8, 8, 3], [-1, 8, 8, 3]), card)
+    # NHWC with symbolic dims: only a call shows the shape
+    write_model(root, "nhwc-symbolic", "generator", _generator(["batch", "a", "b", "c"], [-1, 8, 8, 3]), card)
+    # a gray graph under a card that says RGB
+    write_model(root, "gray-card-rgb", "generator", generator_graph(TINY_LATENT, 1, 8, 8), card)
+    # the card's image_size differs from the graph's
+    write_model(root, "wrong-size", "generator", generator_graph(TINY_LATENT, 3, 16, 16), card)
+    write_model(root, "good", "generator", generator_graph(TINY_LATENT, 3, 8, 8), card)
+
+    with running_server(root, tmp_path / "work") as server, grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        states = {
+            m.name: (pb.ModelState.Name(m.versions[0].state), m.versions[0].reason)
+            for m in stub.ListModels(pb.ListModelsRequest()).models
+        }
+        assert states["good"][0] == "MODEL_STATE_READY", states["good"]
+        for name in ("nhwc", "nhwc-symbolic", "gray-card-rgb", "wrong-size"):
+            state, reason = states[name]
+            assert state == "MODEL_STATE_UNAVAILABLE", (name, state)
+            assert "'image'" in reason and "channels" in reason and "image_size" in reason, (name, reason)
+        assert "[N, 8, 8, 3]" in states["nhwc"][1], states["nhwc"][1]
+        assert "[N, 8, 8, 3]" in states["nhwc-symbolic"][1], states["nhwc-symbolic"][1]
+        assert "[N, 1, 8, 8]" in states["gray-card-rgb"][1], states["gray-card-rgb"][1]
