@@ -114,82 +114,93 @@ def export_model(
     input_names = list(example)
     card_in = dict(card)
     size_multiple = int(card_in.get("size_multiple", 1))
+    # Exported in eval mode (BatchNorm running statistics, no dropout); the caller gets the module
+    # back in the modes it gave (it may go on training after exporting a checkpoint).
+    modes = [(m, m.training) for m in module.modules()]
     module = module.eval()
-    adapter = adapt(module, input_names, [t.name for t in spec.outputs])
+    try:
+        adapter = adapt(module, input_names, [t.name for t in spec.outputs])
 
-    reference = _torch_outputs(adapter, example)
-    derived = _derive_card_fields(spec, kind, example, reference, card_in)
-    cases = _parity_cases(spec, example, derived)
-    expected = [_case_outputs(adapter, feeds) for feeds in cases]
-    _check_output_range(spec, card_in, cases, expected)
+        reference = _torch_outputs(adapter, example)
+        derived = _derive_card_fields(spec, kind, example, reference, card_in)
+        cases = _parity_cases(spec, example, derived)
+        expected = [_case_outputs(adapter, feeds) for feeds in cases]
+        _check_output_range(spec, card_in, cases, expected)
 
-    with tempfile.TemporaryDirectory(prefix="genserve-export-") as tmp:
-        workdir = Path(tmp)
-        dynamic = dynamic_shapes_for(input_names, spec.fully_convolutional, size_multiple)
-        fp32_path = workdir / "model.onnx"
-        opset = _export_and_optimize(adapter, example, dynamic, spec, fp32_path)
-        stored_fp16 = 0
-        if weights_fp16:
-            halved, stored_fp16 = store_weights_fp16(onnx.load(str(fp32_path)))
-            onnx.save(halved, str(fp32_path))
-        sess = session(fp32_path)
-        inputs_sig, outputs_sig = graph_signature(sess)
-        _check_dynamic_axes(spec, inputs_sig, outputs_sig)
-        fp32_diff = _parity(sess, cases, expected, atol=FP32_ATOL, label="fp32")
+        with tempfile.TemporaryDirectory(prefix="genserve-export-") as tmp:
+            workdir = Path(tmp)
+            dynamic = dynamic_shapes_for(input_names, spec.fully_convolutional, size_multiple)
+            fp32_path = workdir / "model.onnx"
+            opset = _export_and_optimize(adapter, example, dynamic, spec, fp32_path)
+            stored_fp16 = 0
+            if weights_fp16:
+                halved, stored_fp16 = store_weights_fp16(onnx.load(str(fp32_path)))
+                onnx.save(halved, str(fp32_path))
+            sess = session(fp32_path)
+            inputs_sig, outputs_sig = graph_signature(sess)
+            _check_dynamic_axes(spec, inputs_sig, outputs_sig)
+            fp32_diff = _parity(sess, cases, expected, atol=FP32_ATOL, label="fp32")
 
-        fp16_diff: float | None = None
-        fp16_note: str | None = None
-        if not fp16:
-            fp16_note = "fp16 variant not requested"
-        else:
-            fp16_diff, fp16_note = _export_fp16(module, example, dynamic, spec, cases, expected, workdir)
+            fp16_diff: float | None = None
+            fp16_note: str | None = None
+            if not fp16:
+                fp16_note = "fp16 variant not requested"
+            else:
+                fp16_diff, fp16_note = _export_fp16(module, example, dynamic, spec, cases, expected, workdir)
 
-        files = ["model.onnx"] + (["model.fp16.onnx"] if (workdir / "model.fp16.onnx").exists() else [])
-        parity: dict[str, Any] = {
-            "fp32_max_abs_diff": fp32_diff,
-            "fp32_atol": FP32_ATOL,
-            "fp16_max_abs_diff": fp16_diff,
-            "fp16_atol": FP16_ATOL,
-            "fp16_written": "model.fp16.onnx" in files,
-            "cases": [_case_label(c) for c in cases],
-        }
-        if weights_fp16:
-            parity["weights_stored_fp16"] = stored_fp16
-        if fp16_note:
-            parity["fp16_note"] = fp16_note
-        full_card = _assemble_card(
-            card_in,
-            derived,
-            kind=kind,
-            name=name,
-            version=version,
-            inputs=inputs_sig,
-            outputs=outputs_sig,
-            quality=quality,
-            holdout=holdout,
-            training=training,
-            parity=parity,
-            opset=opset,
-            sha256={f: sha256_file(workdir / f) for f in files},
-        )
-        problems = validate_card(full_card, where=f"{name}/{version}/card.json")
-        if problems:
-            raise CardFieldError("; ".join(problems))
-        full_config = merge_config(kind, config)
-        problems = validate_config(full_config, where=f"{name}/config.json")
-        if problems:
-            raise ConfigFieldError("; ".join(problems))
-        for file_name, source in (extra_files or {}).items():
-            if (
-                file_name in files
-                or file_name == "card.json"
-                or "/" in file_name
-                or file_name.startswith(".")
-            ):
-                raise InvalidArgumentError(f"extra file name {file_name!r} is reserved or not a plain name")
-            shutil.copyfile(source, workdir / file_name)
-            files.append(file_name)
-        return _write_atomically(out_root, name, version, workdir, files, full_card, full_config, overwrite)
+            files = ["model.onnx"] + (["model.fp16.onnx"] if (workdir / "model.fp16.onnx").exists() else [])
+            parity: dict[str, Any] = {
+                "fp32_max_abs_diff": fp32_diff,
+                "fp32_atol": FP32_ATOL,
+                "fp16_max_abs_diff": fp16_diff,
+                "fp16_atol": FP16_ATOL,
+                "fp16_written": "model.fp16.onnx" in files,
+                "cases": [_case_label(c) for c in cases],
+            }
+            if weights_fp16:
+                parity["weights_stored_fp16"] = stored_fp16
+            if fp16_note:
+                parity["fp16_note"] = fp16_note
+            full_card = _assemble_card(
+                card_in,
+                derived,
+                kind=kind,
+                name=name,
+                version=version,
+                inputs=inputs_sig,
+                outputs=outputs_sig,
+                quality=quality,
+                holdout=holdout,
+                training=training,
+                parity=parity,
+                opset=opset,
+                sha256={f: sha256_file(workdir / f) for f in files},
+            )
+            problems = validate_card(full_card, where=f"{name}/{version}/card.json")
+            if problems:
+                raise CardFieldError("; ".join(problems))
+            full_config = merge_config(kind, config)
+            problems = validate_config(full_config, where=f"{name}/config.json")
+            if problems:
+                raise ConfigFieldError("; ".join(problems))
+            for file_name, source in (extra_files or {}).items():
+                if (
+                    file_name in files
+                    or file_name == "card.json"
+                    or "/" in file_name
+                    or file_name.startswith(".")
+                ):
+                    raise InvalidArgumentError(
+                        f"extra file name {file_name!r} is reserved or not a plain name"
+                    )
+                shutil.copyfile(source, workdir / file_name)
+                files.append(file_name)
+            return _write_atomically(
+                out_root, name, version, workdir, files, full_card, full_config, overwrite
+            )
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
 
 
 # --- argument checks -------------------------------------------------------------------------
