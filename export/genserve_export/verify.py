@@ -368,6 +368,22 @@ def _expected_shape(
     return shape
 
 
+def _image_field_errors(card: Mapping[str, Any], file: str, case: str, shape: tuple[int, ...]) -> list[str]:
+    """The image output's real shape against the card's `channels` and `image_size`, which the
+    server serves by (NCHW: [N, channels, H, W]): an NHWC graph, or a card's wrong channel count or
+    size, would load and then scramble or mislabel every image."""
+    name = Kind(card["kind"]).image_output_name
+    channels, size = card.get("channels"), card.get("image_size")
+    want = [shape[0], channels, *(size or shape[2:4])]
+    if list(shape) == want:
+        return []
+    return [
+        f"{file} {name} at {case}: shape {list(shape)}, but card fields 'channels' ({channels!r}) and "
+        f"'image_size' ({size!r}) say [N, C, H, W] = {want}: the server serves NCHW images by them "
+        "(an NHWC output must be permuted to NCHW before export)"
+    ]
+
+
 def _run_cases(card: Mapping[str, Any], rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     """The inputs verify runs: batch 1 and 7 at each image size, and a two_way_translator's in both
     directions (as export's parity cases), so that its B->A generator is checked too."""
@@ -407,6 +423,8 @@ def _check_runs(
                     model.errors.append(
                         f"{file} {output['name']} at {case}: shape {list(value.shape)}, expected {want}"
                     )
+                if output["name"] == image_name:
+                    model.errors += _image_field_errors(card, file, case, value.shape)
                 if not np.isfinite(value).all():
                     model.errors.append(f"{file} {output['name']} at {case}: non-finite values")
                 elif output["name"] == image_name and (value.min() < lo - slack or value.max() > hi + slack):
