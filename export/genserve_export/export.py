@@ -592,6 +592,30 @@ def _check_output_range(
             f"output {name!r} leaves the card's output_range [{lo}, {hi}] on seeded inputs the example "
             f"does not cover: {'; '.join(outside)}"
         )
+    # The server maps lo -> 0 and hi -> 255. An output that spreads over a quarter of the range or
+    # more but never reaches one half of it is most likely a range the card misstates: a sigmoid
+    # generator under [-1, 1] would serve grey levels 128..255 only, washed out, and every other check
+    # passes. A warning, not a refusal: an undertrained (or a truly dark or bright) model may do so.
+    low = min(float(want[name].min()) for want in expected)
+    high = max(float(want[name].max()) for want in expected)
+    middle = (lo + hi) / 2
+    if (low > middle or high < middle) and high - low >= (hi - lo) / 4:
+        half, levels = ("upper", "128..255") if low > middle else ("lower", "0..127")
+        logger.warning(
+            "output %r spans [%.4g, %.4g] on seeded inputs, only the %s half of the card's "
+            "output_range [%s, %s]: the server maps %s to 0 and %s to 255, so its images would use "
+            "grey levels %s only; if that is not intended, set output_range to the range the module "
+            "produces (e.g. [0, 1] for a sigmoid output, [-1, 1] for tanh)",
+            name,
+            low,
+            high,
+            half,
+            lo,
+            hi,
+            lo,
+            hi,
+            levels,
+        )
 
 
 def _parity(
