@@ -199,8 +199,8 @@ def export_model(
                 out_root, name, version, workdir, files, full_card, full_config, overwrite
             )
     finally:
-        for submodule, training in modes:
-            submodule.training = training
+        for submodule, was_training in modes:
+            submodule.training = was_training
 
 
 # --- argument checks -------------------------------------------------------------------------
