@@ -340,10 +340,30 @@ def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
     missing = [o for o in card.kind.output_names if o not in runner.outputs]
     if missing:
         raise ConfigError(f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})")
+    check_batch_axes(mv, runner)
     name = card.kind.image_output_name
     if name is not None:
         declared = next(tuple(o.shape) for o in runner.session.get_outputs() if o.name == name)
         check_image_output(mv.label, card, declared)
+
+
+def check_batch_axes(mv: ModelVersion, runner: Runner) -> None:
+    """ConfigError where a graph input's batch axis (axis 0 of every input of every kind) is fixed
+    while batches of more rows are served: a graph exported without a dynamic batch axis would fail
+    its first larger batch with ONNX Runtime's own text ('Got invalid dimensions for input ...'). A
+    fixed batch of 1 serves under max_batch_size 1."""
+    max_batch = mv.config.batching.max_batch_size
+    for spec in runner.session.get_inputs():
+        fixed = spec.shape[0] if spec.shape else None
+        if not isinstance(fixed, int) or fixed <= 0 or (fixed == 1 and max_batch == 1):
+            continue
+        alone = ", or set batching.max_batch_size to 1 in config.json" if fixed == 1 else ""
+        raise ConfigError(
+            f"{mv.label}: graph input {spec.name!r} has a fixed batch dimension {fixed} (shape "
+            f"{list(spec.shape)}), while batches of 1..{max_batch} rows are served "
+            f"(batching.max_batch_size): export it with a dynamic batch axis (torch.onnx.export's "
+            f"dynamic_shapes or dynamic_axes; genserve-export does){alone}"
+        )
 
 
 def check_image_output(label: str, card: Card, shape: Sequence[int | str | None]) -> None:

@@ -72,3 +72,40 @@ def test_image_output_that_is_not_the_cards_nchw_is_refused_at_load(tmp_path: Pa
         assert "[N, 8, 8, 3]" in states["nhwc"][1], states["nhwc"][1]
         assert "[N, 8, 8, 3]" in states["nhwc-symbolic"][1], states["nhwc-symbolic"][1]
         assert "[N, 1, 8, 8]" in states["gray-card-rgb"][1], states["gray-card-rgb"][1]
+
+
+def _fixed_batch_generator(batch: int) -> onnx.ModelProto:
+    """A user's ONNX exported without a dynamic batch axis: z [batch, Z] fixed."""
+    model = _generator([batch, 3, 8, 8], [batch, 3, 8, 8])
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_graph_with_a_fixed_batch_axis_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    """A graph exported with a fixed batch (1 or 64) failed the load with ONNX Runtime's own text
+    ('Got invalid dimensions for input: z ... Got: 64 Expected: 1'), naming neither the cause nor the
+    fix. It names the input, its fixed batch and the fix; a fixed batch of 1 under max_batch_size 1
+    serves."""
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    write_model(root, "batch-1", "generator", _fixed_batch_generator(1), card)
+    write_model(root, "batch-64", "generator", _fixed_batch_generator(64), card)
+    one = {"batching": {"max_batch_size": 1, "max_queue_size": 16}}
+    write_model(root, "batch-1-served-alone", "generator", _fixed_batch_generator(1), card, config=one)
+
+    with running_server(root, tmp_path / "work") as server, grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        states = {
+            m.name: (pb.ModelState.Name(m.versions[0].state), m.versions[0].reason)
+            for m in stub.ListModels(pb.ListModelsRequest()).models
+        }
+        for name, fixed in (("batch-1", 1), ("batch-64", 64)):
+            state, reason = states[name]
+            assert state == "MODEL_STATE_UNAVAILABLE", (name, state)
+            assert "'z'" in reason and f"fixed batch dimension {fixed}" in reason, reason
+            assert "dynamic batch axis" in reason, reason
+        assert "max_batch_size to 1" in states["batch-1"][1], states["batch-1"][1]
+        assert states["batch-1-served-alone"][0] == "MODEL_STATE_READY", states["batch-1-served-alone"]
+        images = stub.Sample(pb.SampleRequest(model="batch-1-served-alone", count=3), timeout=30).images
+        assert len(images) == 3
