@@ -24,6 +24,10 @@ MAX_INSTANCES: Final = 64
 # batching.max_queue_size's bound: KServe's ModelConfig reports it in a uint32 field
 # (ModelQueuePolicy.max_queue_size), as requests count rows in uint32 fields.
 MAX_QUEUE_SIZE_LIMIT: Final = 2**32 - 1
+# version_policy's bounds: KServe's ModelConfig reports latest in a uint32 field
+# (ModelVersionPolicy.Latest.num_versions) and specific's versions in an int64 one.
+MAX_LATEST_VERSIONS: Final = 2**32 - 1
+MAX_SPECIFIC_VERSION: Final = 2**63 - 1
 # batching.efficient_batch_tolerance's default: the server decides per model (see BatchingConfig).
 AUTO_TOLERANCE: Final = "auto"
 # batching.efficient_batch_tolerance: a fraction, "auto" or None (off).
@@ -439,17 +443,20 @@ def _version_policy(r: Reader) -> VersionPolicy:
         if (
             not versions
             or not all(isinstance(v, str) or is_int(v) for v in specific)
-            or not all(VERSION_PATTERN.match(v) for v in versions)
+            or not all(VERSION_PATTERN.match(v) and int(v) <= MAX_SPECIFIC_VERSION for v in versions)
         ):
             raise r.error(
                 "version_policy.specific",
-                f"must be a non-empty list of versions (positive integers), got {specific!r}",
+                "must be a non-empty list of versions (positive integers) of at most "
+                f"{MAX_SPECIFIC_VERSION}, got {specific!r}",
             )
         return VersionPolicy(latest=None, specific=tuple(versions))
     if latest is None:
         latest = VersionPolicy().latest
-    if not is_int(latest) or latest < 1:
-        raise r.error("version_policy.latest", f"must be an integer >= 1, got {latest!r}")
+    if not is_int(latest) or not 1 <= latest <= MAX_LATEST_VERSIONS:
+        raise r.error(
+            "version_policy.latest", f"must be an integer in 1..{MAX_LATEST_VERSIONS}, got {latest!r}"
+        )
     return VersionPolicy(latest=latest)
 
 

@@ -120,7 +120,7 @@ def write_config(tmp_path: Path, data: object) -> Path:
         ({"kind": "generator", "execution_providers": ["TPU"]}, "execution_providers entries must be among"),
         (
             {"kind": "generator", "version_policy": {"latest": 0}},
-            "version_policy.latest must be an integer >= 1",
+            "version_policy.latest must be an integer in 1..4294967295, got 0",
         ),
         ({"kind": "generator", "runtime": {"io_bindings": True}}, "runtime.io_bindings is not a known field"),
         (
@@ -836,3 +836,34 @@ def test_the_runner_reads_queued_rows_and_concurrent_callers_off_its_batcher(tmp
         batcher._batches_in_flight = 2  # a batch formed beside the asking one (a split's parts)
         assert runner.more_work_queued()
         batcher._batches_in_flight = 0
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"latest": 2**32}, r"version_policy.latest must be an integer in 1..4294967295, got 4294967296"),
+        (
+            {"specific": ["1", str(2**63)]},
+            r"version_policy.specific must be a non-empty list of versions \(positive integers\) of at "
+            r"most 9223372036854775807",
+        ),
+    ],
+)
+def test_a_version_policy_must_fit_the_fields_kserve_reports_it_in(
+    tmp_path: Path, policy: dict[str, Any], message: str
+) -> None:
+    """KServe's ModelConfig reports the version policy (latest.num_versions uint32, specific.versions
+    int64): a larger value loaded, then every ModelConfig of the model failed INTERNAL (ValueError:
+    Value out of range), as the uint32 limits did before they were bounded."""
+    path = write_config(tmp_path, {"kind": "generator", "version_policy": policy})
+    with pytest.raises(ConfigError, match=message):
+        load_model_config(path)
+    largest = {"latest": 2**32 - 1} if "latest" in policy else {"specific": [str(2**63 - 1)]}
+    path.write_text(json.dumps({"kind": "generator", "version_policy": largest}))
+    loaded = load_model_config(path).version_policy
+    config = mc.ModelConfig()  # the largest accepted value fits the fields that report it
+    if loaded.latest is not None:
+        config.version_policy.latest.num_versions = loaded.latest
+    else:
+        assert loaded.specific is not None
+        config.version_policy.specific.versions.extend(int(v) for v in loaded.specific)
