@@ -261,6 +261,8 @@ class App:
         await self.server.start()
         self.acceptor.start()
         await self.repository.load_all()
+        # Start-up tried every model it scanned, also where it notified none (no version to load).
+        self._tried.update(m.name for m in self.repository)
         self._loaded = True
         self._refresh_overall()
         await self.health.flush()

@@ -6,6 +6,7 @@ Every test starts real `genserve-server` processes on 127.0.0.1 (free ports only
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -25,7 +26,9 @@ from reliability_support import health_status, write_gen
 from server_support import TINY_LATENT, ServerProcess, slow_generator_graph, start_server, write_model
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
+from genserve_server.config import ServerConfig
 from genserve_server.health import LIVE_KEY
+from genserve_server.main import App
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -347,3 +350,29 @@ def test_the_health_probe_refuses_a_port_or_timeout_out_of_range(
         probe.main(args)
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_a_repository_whose_only_models_have_no_version_to_load_says_which_models(tmp_path: Path) -> None:
+    """In process. A repository holding models none of which has a version to load (a config.json
+    that does not parse, no version directory): "" is NOT_SERVING and /healthz and the log said
+    'no models in the repository' (start-up notified no model, so none counted as tried), sending an
+    operator after a missing volume instead of the broken files; it names the models not ready."""
+    models = tmp_path / "models"
+    (models / "bad").mkdir(parents=True)
+    (models / "bad" / "config.json").write_text('{"kind": "generator", "batching": {"max_batch_size": 0}}')
+    (models / "empty").mkdir()
+    (models / "empty" / "config.json").write_text('{"kind": "generator"}')
+
+    async def scenario() -> tuple[bool, str]:
+        app = App(models, ServerConfig(), port=0, metrics_port=None)
+        await app.start()
+        try:
+            await app.health.flush()
+            return app.health.serving, app.health.reason
+        finally:
+            app.request_stop()
+            await app.stop()
+
+    serving, reason = asyncio.run(scenario())
+    assert not serving
+    assert reason == "required models not ready: bad, empty", reason
