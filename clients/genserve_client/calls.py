@@ -86,12 +86,12 @@ def sample_codes(
 
 
 def sample_codes_progress(
-    model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.CodesOptions]
+    model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.CodesProgressOptions]
 ) -> ProgressCall:
     """`sample_codes` with progress (SampleCodesStream): a CodesProgress every `preview_every` prior
     steps, with previews of the grids so far, then the CodesResult. Not retried (a new attempt would
     start over): a failure raises GenserveClientError; leaving the loop early cancels the call."""
-    rq.check_options("sample_codes_progress", opts, rq.CodesOptions)
+    rq.check_options("sample_codes_progress", opts, rq.CodesProgressOptions)
     return ProgressCall(rq.sample_codes_request(model, n, **opts), timeout_s)
 
 

@@ -77,8 +77,14 @@ class CodesOptions(OutputOptions, total=False):
     top_k: int
     top_codes: npt.ArrayLike  # int64 [N, Ht, Wt] or [Ht, Wt]: a bottom prior's given top grids
     return_codes: bool
-    preview_every: int  # SampleCodesStream: steps between progress chunks (0: about 8 per level)
     version: str
+
+
+class CodesProgressOptions(CodesOptions, total=False):
+    """SampleCodesStream's options: SampleCodes' and its progress chunks' spacing (SampleCodes
+    refuses preview_every)."""
+
+    preview_every: int  # steps between progress chunks (0: about 8 per level)
 
 
 class InterpolateOptions(OutputOptions, total=False):
@@ -243,7 +249,7 @@ def sample_request(model: str, n: int = 0, **opts: Unpack[SampleOptions]) -> gen
 
 
 def sample_codes_request(
-    model: str, n: int = 0, **opts: Unpack[CodesOptions]
+    model: str, n: int = 0, **opts: Unpack[CodesProgressOptions]
 ) -> genserve_pb2.SampleCodesRequest:
     req = _build(
         genserve_pb2.SampleCodesRequest,

@@ -141,6 +141,7 @@ def test_an_asyncio_timeout_around_a_call_is_still_a_timeout(slow_target: str) -
         ("encode", ("fake-gen", []), {"format": "raw"}),
         ("super_resolve", ("fake-gen", []), {"tile": 64}),
         ("sample_codes", ("fake-gen", 2), {"temprature": 0.5}),
+        ("sample_codes", ("fake-gen", 2), {"preview_every": 4}),  # SampleCodesStream's only
         ("mix_styles", ("fake-gen", [(1, 2)]), {"seeds": [1]}),
     ],
 )
