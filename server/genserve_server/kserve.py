@@ -400,7 +400,8 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid("inputs[image].shape[1]", f"must be {card.input_channels} channels, got {c}")
         if card.image_size is not None and (h, w) != tuple(card.image_size):
             raise invalid(
-                "inputs[image].shape", f"must be [N, {c}, {card.image_size[0]}, {card.image_size[1]}]"
+                "inputs[image].shape",
+                f"must be [N, {c}, {card.image_size[0]}, {card.image_size[1]}], got {list(image.shape)}",
             )
         pixels, pixels_name = self.limits.input_pixels(card.kind)
         if h * w > pixels:

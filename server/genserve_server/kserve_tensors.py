@@ -93,7 +93,10 @@ def read_inputs(request: kpb.ModelInferRequest, card: Card) -> dict[str, np.ndar
             raise invalid(f"{where}.shape", f"must be non-negative, got {list(shape)}")
         itemsize = np.dtype(np_dtype).itemsize
         if math.prod(d for d in shape if d) * itemsize > np.iinfo(np.intp).max:
-            raise invalid(f"{where}.shape", f"{list(shape)} is too large")
+            raise invalid(
+                f"{where}.shape",
+                f"{list(shape)} is too large: {itemsize}-byte values, over {np.iinfo(np.intp).max} bytes",
+            )
         n_values = math.prod(shape)
         if raw and tensor.contents.ListFields():
             raise invalid(f"{where}.contents", "must not be set when raw_input_contents is used")
