@@ -477,6 +477,12 @@ class Batcher:
         given_back = False
         try:
             while True:
+                # Before the room: a close while it waited (take_back may wait up to
+                # budget_max_wait_s) may have stopped the dispatcher, which would never take it.
+                if self._closing:
+                    raise Unavailable(
+                        f"{self.name} is draining (the server is stopping, or a reload unloaded it); retry"
+                    )
                 if self._bulk_line[0] is ticket and self._bulk_fits(n_rows):
                     if not given_back:
                         return True
@@ -484,10 +490,6 @@ class Batcher:
                     given_back = False
                     await held.take_back(deadline)
                     continue  # interactive rows may have taken the room while it waited for its own
-                if self._closing:
-                    raise Unavailable(
-                        f"{self.name} is draining (the server is stopping, or a reload unloaded it); retry"
-                    )
                 timeout_s = None if deadline is None else deadline - self._clock()
                 if timeout_s is not None and timeout_s <= 0:
                     return False

@@ -1708,3 +1708,48 @@ def test_a_withdrawn_part_taken_out_by_the_dispatcher_first_is_not_counted_as_dr
         await batcher.close(1)
 
     run(body())
+
+
+class GatedHeld:
+    """A batch_parts.Held whose take_back waits until the test opens `opened` (a response budget
+    spent by other calls)."""
+
+    def __init__(self) -> None:
+        self.given_back = 0
+        self.taking = False
+        self.opened = asyncio.Event()
+
+    def give_back(self) -> None:
+        self.given_back += 1
+
+    async def take_back(self, deadline: float | None) -> None:
+        self.taking = True
+        await self.opened.wait()
+
+
+def test_a_bulk_request_taking_its_bytes_back_while_the_batcher_closes_fails_instead_of_hanging() -> None:
+    """First in line with room, a BULK request waits for its response bytes again (take_back, up to
+    budget_max_wait_s); a close (shutdown, or a reload's unload after drain_grace_s) meanwhile drains
+    the queue and stops the dispatcher. The request then went into the closed batcher's queue, where
+    nothing takes it: its call hung until its deadline (for ever without one), holding its bytes."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_queue_size=4)
+        gate, blocker = await hold_runner(batcher, model)
+        queued = asyncio.ensure_future(batcher.submit("b", rows(1, 2), 2, lane=Lane.BULK))
+        await until(lambda: batcher.queued_rows == 2, "the first bulk request queued")
+        held = GatedHeld()
+        waiting = asyncio.ensure_future(batcher.submit("b", rows(3), 1, lane=Lane.BULK, held=held))
+        await let_the_dispatcher_run()
+        assert not waiting.done() and held.given_back == 1  # the bulk half (2) is full: it waits
+        gate.set()
+        np.testing.assert_array_equal((await queued).outputs["y"], [10, 20])
+        await until(lambda: held.taking, "the waiting request first in line, taking its bytes back")
+        await batcher.close(1)  # nothing queued: the dispatcher stops
+        held.opened.set()
+        with pytest.raises(Unavailable, match="draining"):
+            await asyncio.wait_for(waiting, 1.0)
+        await blocker
+
+    run(body())
