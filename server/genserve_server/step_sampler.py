@@ -247,9 +247,13 @@ class StepScheduler:
             self.stats.refused += 1
             if self.metrics is not None:
                 self.metrics.rejected["queue_full"].inc()
+            running = len(self._running) + len(self._joining)
+            held = (
+                f", {self._reserved} held for two-level calls whose top level runs" if self._reserved else ""
+            )
             raise ResourceExhausted(
-                f"{self.name}: row budget full ({self.rows} of {self.max_rows} rows running, {n} asked); "
-                "retry with backoff"
+                f"{self.name}: row budget full ({self.rows} of {self.max_rows} rows taken: {running} "
+                f"running{held}; {n} asked); retry with backoff"
             )
 
     async def sample(

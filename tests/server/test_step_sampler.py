@@ -309,6 +309,27 @@ def test_the_stable_bucket_grows_at_once_and_never_shrinks() -> None:
     assert [plain.call_rows(n) for n in (1, 3, 2)] == [1, 3, 2] and plain.stats.reshapes == 2
 
 
+def test_a_full_budget_refusal_names_the_rows_held_for_two_level_calls_apart_from_the_running_ones() -> None:
+    """Rows a two-level call holds in its bottom prior while its top level runs (`reserved`) count
+    against the budget, but none of them runs: the refusal said '3 of 4 rows running' on a prior
+    with no row running (genserve_step_running_rows 0), sending an operator after a busy prior."""
+
+    async def never(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        raise AssertionError("not called")
+
+    scheduler = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=4)
+    with pytest.raises(RuntimeError, match="the top level failed"), scheduler.reserved(3):
+        with pytest.raises(ResourceExhausted, match="row budget full") as refused:
+            scheduler.check_room(2)
+        message = str(refused.value)
+        assert "3 of 4 rows running" not in message
+        assert "3 of 4 rows taken: 0 running, 3 held for two-level calls" in message
+        assert "2 asked" in message
+        raise RuntimeError("the top level failed")
+    assert scheduler.rows == 0  # given back however the top level ended
+    scheduler.check_room(4)
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(code_repo: tuple[Path, dict[str, str]]) -> None:
     root, names = code_repo
 
