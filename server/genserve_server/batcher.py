@@ -807,7 +807,14 @@ class Batcher:
             )
             if soonest is None:
                 continue
-            rows = queued if other == key else queued + self._rows_by_key.get((lane, other), 0)
+            # Another key's soonest request runs in its key's next batch, after this one: at most a
+            # batch of each (its key may queue far more rows than that).
+            largest = self.max_batch_size
+            rows = (
+                queued
+                if other == key
+                else min(queued, largest) + min(self._rows_by_key.get((lane, other), 0), largest)
+            )
             cut = soonest - self._row_cost_s * rows - DEADLINE_SLACK_S
             if cut < end:
                 end, cut_by_deadline = cut, True

@@ -635,6 +635,31 @@ def test_a_window_of_one_key_does_not_outlast_a_queued_deadline_of_another_key()
     run(body())
 
 
+def test_another_keys_large_request_cuts_a_window_by_one_batch_of_its_rows_not_all() -> None:
+    """A request of another key follows this window's batch with one batch of its own rows, not all
+    of them: a large one (40 rows, batches of 8) whose deadline left room for that closed every
+    window of the first key at once, as if its 40 rows ran before its deadline's batch."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=0.5, concurrency=2)
+        gate, blocker = await hold_runner(batcher, model)
+        batcher._row_cost_s = 0.1  # a batch of 8 rows: 0.8 s; all 40: 4 s
+        waiting = asyncio.ensure_future(batcher.submit("a", rows(1), 1))
+        await until(lambda: batcher.queued_rows == 1, "the first key's row queued")
+        await let_the_dispatcher_run()  # its window is open, an instance free
+        far = time.monotonic() + 3.0  # room for this window, its batch and one batch of 8
+        large = asyncio.ensure_future(batcher.submit("b", rows(*range(40)), 40, deadline=far))
+        await until(lambda: batcher.queued_rows == 41, "the large request queued")
+        await waiting
+        assert recorder.closed[:2] == ["at_once", "window"], recorder.closed  # the runner's hold, then a's
+        gate.set()
+        await asyncio.gather(waiting, large, blocker)
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_full_batch_goes_without_waiting_the_window() -> None:
     async def body() -> None:
         model = FakeModel()
