@@ -1045,7 +1045,8 @@ class ModelInfo(_message.Message):
     reason: _builtins.str
     """Why the model's files on disk are not what it serves, empty when they are: e.g. config.json is
     invalid, or its version_policy picks no version directory, and the versions listed keep serving
-    as loaded (docs/operations.md, "Hot reload"). Also set when no version could load at all.
+    as loaded (docs/operations.md, "Hot reload"); or an edit of its kind left a version of the old
+    kind serving, which a restart would refuse. Also set when no version could load at all.
     """
     w_dim: _builtins.int
     """Style kinds: the length of w; style_generator: its layers (ws is [num_layers, w_dim]), the

@@ -107,11 +107,12 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SampleStream(self, request, context):
-        """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-        the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
-        refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
-        the model's queue holds). Resumable: image i always uses seed base_seed + i and label
-        labels[i % len].
+        """A bulk job: the same as Sample for up to ModelInfo.max_stream_images images a call (10^9 by
+        default; a job resumes or continues past it with start_index), streamed in chunks in index
+        order, in the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive
+        requests, refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only
+        the chunks the model's queue holds). Resumable: image i always uses seed base_seed + i and
+        label labels[i % len].
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

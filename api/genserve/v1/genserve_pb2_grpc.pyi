@@ -43,11 +43,12 @@ class GenerationServiceStub:
     Sample: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.SampleRequest, _genserve_pb2.SampleResponse]
     """Draw images from a generator, conditional generator or VAE decoder."""
     SampleStream: _grpc.UnaryStreamMultiCallable[_genserve_pb2.SampleStreamRequest, _genserve_pb2.SampleStreamChunk]
-    """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-    the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
-    refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
-    the model's queue holds). Resumable: image i always uses seed base_seed + i and label
-    labels[i % len].
+    """A bulk job: the same as Sample for up to ModelInfo.max_stream_images images a call (10^9 by
+    default; a job resumes or continues past it with start_index), streamed in chunks in index
+    order, in the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive
+    requests, refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only
+    the chunks the model's queue holds). Resumable: image i always uses seed base_seed + i and
+    label labels[i % len].
     """
     Interpolate: _grpc.UnaryUnaryMultiCallable[_genserve_pb2.InterpolateRequest, _genserve_pb2.SampleResponse]
     """A path through latent space between two seeds or two latents."""
@@ -86,11 +87,12 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     Sample: _aio.UnaryUnaryMultiCallable[_genserve_pb2.SampleRequest, _genserve_pb2.SampleResponse]  # type: ignore[assignment]
     """Draw images from a generator, conditional generator or VAE decoder."""
     SampleStream: _aio.UnaryStreamMultiCallable[_genserve_pb2.SampleStreamRequest, _genserve_pb2.SampleStreamChunk]  # type: ignore[assignment]
-    """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-    the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
-    refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
-    the model's queue holds). Resumable: image i always uses seed base_seed + i and label
-    labels[i % len].
+    """A bulk job: the same as Sample for up to ModelInfo.max_stream_images images a call (10^9 by
+    default; a job resumes or continues past it with start_index), streamed in chunks in index
+    order, in the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive
+    requests, refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only
+    the chunks the model's queue holds). Resumable: image i always uses seed base_seed + i and
+    label labels[i % len].
     """
     Interpolate: _aio.UnaryUnaryMultiCallable[_genserve_pb2.InterpolateRequest, _genserve_pb2.SampleResponse]  # type: ignore[assignment]
     """A path through latent space between two seeds or two latents."""
@@ -138,11 +140,12 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _genserve_pb2.SampleStreamRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_genserve_pb2.SampleStreamChunk], _abc.AsyncIterator[_genserve_pb2.SampleStreamChunk]]:
-        """A bulk job: the same as Sample for up to 10^9 images, streamed in chunks in index order, in
-        the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive requests,
-        refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only the chunks
-        the model's queue holds). Resumable: image i always uses seed base_seed + i and label
-        labels[i % len].
+        """A bulk job: the same as Sample for up to ModelInfo.max_stream_images images a call (10^9 by
+        default; a job resumes or continues past it with start_index), streamed in chunks in index
+        order, in the BULK lane (sample.priority PRIORITY_INTERACTIVE: its chunks are interactive
+        requests, refused RESOURCE_EXHAUSTED when the queue is full, so the stream computes ahead only
+        the chunks the model's queue holds). Resumable: image i always uses seed base_seed + i and
+        label labels[i % len].
         """
 
     @_abc_1.abstractmethod
