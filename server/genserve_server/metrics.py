@@ -7,6 +7,8 @@ no label lookups. `Metrics(enabled=False)` keeps the same interface and records 
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import importlib.metadata
 import threading
@@ -164,6 +166,12 @@ class _Null:
 _NULL = _Null()
 
 
+# An unloaded version's counters and histograms stay this long (its gauges go at once): a series
+# that vanished at the unload lost what it counted since the last scrape from every rate() and
+# increase(). Several scrape intervals at the usual 15-60 s.
+SERIES_GRACE_S = 300.0
+
+
 class ModelMetrics:
     """Label children of one model version, bound once at load."""
 
@@ -274,6 +282,9 @@ class Metrics:
 
     def __init__(self, *, enabled: bool = True) -> None:
         self.enabled = enabled
+        # Live ModelMetrics per (model, version) (for_model .. forget_version): a forgotten version's
+        # counts are removed after SERIES_GRACE_S only where no copy was loaded again meanwhile.
+        self._copies: collections.Counter[tuple[str, str]] = collections.Counter()
         # No `*_created` series (one more per counter and histogram child; nothing here reads them).
         # Process-wide in prometheus_client, as PROMETHEUS_DISABLE_CREATED_SERIES=true would be.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -458,6 +469,7 @@ class Metrics:
 
     def for_model(self, model: str, version: str, max_batch_size: int, kind: str = "") -> ModelMetrics:
         """A version's children; with `kind`, histograms only for what that kind can do."""
+        self._copies[(model, version)] += 1  # until forget_version: its series stay
         known = kind in KIND_METHODS
         mm = ModelMetrics(
             self,
@@ -482,9 +494,26 @@ class Metrics:
         draining (a model directory moved away and back, a version loaded again while its old copy
         drained), bind the very same children: while there is one, only what is this copy's alone
         goes (its runtime info), and the rest stays as the live copy set it."""
+        key = (mm.model, mm.version)
+        self._copies[key] = max(0, self._copies[key] - 1)
         live = [o for o in others if o is not mm]
         mm.clear_runtime(live)
         if live or not self.enabled:
+            return
+        labels = {"model": mm.model, "version": mm.version}
+        for family in self.version_gauges():
+            family.remove_by_labels(labels)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a unit test): at once
+            self._remove_counts(mm)
+        else:
+            loop.call_later(SERIES_GRACE_S, self._remove_counts, mm)
+
+    def _remove_counts(self, mm: ModelMetrics) -> None:
+        """The counters and histograms of a forgotten version, SERIES_GRACE_S after; kept where a
+        copy of the same (model, version) was loaded again meanwhile (it binds the same children)."""
+        if self._copies[(mm.model, mm.version)]:
             return
         mm.forgotten = True
         labels = {"model": mm.model, "version": mm.version}
@@ -515,6 +544,19 @@ class Metrics:
         if self.gpu is not None:  # after the last scrape could start
             self.gpu.close()
             self.gpu = None
+
+    def version_gauges(self) -> tuple[MetricWrapperBase, ...]:
+        """The families that describe a loaded version's state (gone with it, at once)."""
+        return (
+            self.queue_depth,
+            self.step_running_rows,
+            self.model_load_duration,
+            self.model_ready,
+            self.model_loading,
+            self.model_file_changed,
+            self.model_runtime_info,
+            self.batch_max_rows,
+        )
 
     def version_families(self) -> tuple[MetricWrapperBase, ...]:
         """The families labelled by model and version (a version's series, Metrics.forget_version)."""

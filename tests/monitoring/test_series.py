@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from server_support import write_tiny_generator
 
 from genserve_server import kserve, service
+from genserve_server import metrics as metrics_module
 from genserve_server.config import KINDS, SAMPLE_KINDS, ServerConfig
 from genserve_server.metrics import KIND_METHODS, METHODS, Metrics
 from genserve_server.repository import Repository
@@ -212,3 +214,40 @@ def test_an_unloaded_version_leaves_no_series_behind() -> None:
         if isinstance(f, MetricWrapperBase) and {"model", "version"} <= set(f._labelnames)
     }
     assert {f.describe()[0].name for f in metrics.version_families()} == labelled
+
+
+def test_an_unloaded_versions_counts_stay_for_a_scrape_then_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its series went the moment the version unloaded, so the counts it made since the last scrape
+    were never scraped (a deploy lost the old version's last seconds of traffic from every rate and
+    increase; the chaos storm's clients saw 739 Sample OKs where the server counted 502). Its
+    counters and histograms stay SERIES_GRACE_S for Prometheus to scrape, its gauges (ready, queue
+    depth, ...) go at once; a copy of the same version loaded again meanwhile keeps them."""
+    monkeypatch.setattr(metrics_module, "SERIES_GRACE_S", 0.05)
+
+    async def scenario() -> None:
+        metrics = Metrics()
+
+        def of(name: str) -> list[str]:
+            return [x for x in exposition(metrics) if x.startswith(name) and 'version="1"' in x]
+
+        old = metrics.for_model("gen", "1", 8, "generator")
+        old.request_done("Sample", "OK", 0.01)
+        old.ready.set(1)
+        metrics.forget_version(old)
+        assert of("genserve_model_ready") == []  # a gauge: at once
+        old.request_done("Sample", "UNAVAILABLE", 0.01)  # a call that outlasted the drain grace
+        assert len(of("genserve_requests_total")) == 2
+        await asyncio.sleep(0.2)
+        assert of("genserve_requests_total") == []
+
+        again = metrics.for_model("gen", "2", 8, "generator")
+        again.request_done("Sample", "OK", 0.01)
+        metrics.forget_version(again)
+        back = metrics.for_model("gen", "2", 8, "generator")  # the version loaded again meanwhile
+        await asyncio.sleep(0.2)
+        assert [
+            x for x in exposition(metrics) if x.startswith("genserve_requests_total") and 'version="2"' in x
+        ]
+        back.request_done("Sample", "OK", 0.01)
+
+    asyncio.run(scenario())
