@@ -517,7 +517,7 @@ class Metrics:
             return
         mm.forgotten = True
         labels = {"model": mm.model, "version": mm.version}
-        for family in self.version_families():
+        for family in self.version_counts():
             family.remove_by_labels(labels)
 
     def forget_model(self, model: str) -> None:
@@ -558,8 +558,9 @@ class Metrics:
             self.batch_max_rows,
         )
 
-    def version_families(self) -> tuple[MetricWrapperBase, ...]:
-        """The families labelled by model and version (a version's series, Metrics.forget_version)."""
+    def version_counts(self) -> tuple[MetricWrapperBase, ...]:
+        """The counters and histograms labelled by model and version (kept SERIES_GRACE_S after
+        their version unloads, Metrics.forget_version)."""
         return (
             self.requests,
             self.request_duration,
@@ -569,21 +570,17 @@ class Metrics:
             self.decode_duration,
             self.batch_size,
             self.batch_requests,
-            self.queue_depth,
-            self.step_running_rows,
             self.images,
             self.requests_rejected,
             self.requests_dropped,
             self.batches_closed,
             self.batch_failures,
             self.image_cache_lookups,
-            self.model_load_duration,
-            self.model_ready,
-            self.model_loading,
-            self.model_file_changed,
-            self.model_runtime_info,
-            self.batch_max_rows,
         )
+
+    def version_families(self) -> tuple[MetricWrapperBase, ...]:
+        """The families labelled by model and version (a version's series, Metrics.forget_version)."""
+        return (*self.version_counts(), *self.version_gauges())
 
     def families(self) -> Iterable[MetricWrapperBase]:
         return (
