@@ -12,7 +12,7 @@ import collections
 import contextlib
 import importlib.metadata
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -581,37 +581,6 @@ class Metrics:
     def version_families(self) -> tuple[MetricWrapperBase, ...]:
         """The families labelled by model and version (a version's series, Metrics.forget_version)."""
         return (*self.version_counts(), *self.version_gauges())
-
-    def families(self) -> Iterable[MetricWrapperBase]:
-        return (
-            self.requests,
-            self.request_duration,
-            self.queue_duration,
-            self.compute_duration,
-            self.encode_duration,
-            self.decode_duration,
-            self.batch_size,
-            self.batch_requests,
-            self.queue_depth,
-            self.in_flight,
-            self.images,
-            self.requests_rejected,
-            self.requests_dropped,
-            self.batches_closed,
-            self.batch_failures,
-            self.image_cache_lookups,
-            self.image_cache_bytes,
-            self.response_bytes_pending,
-            self.sr_working_set_bytes,
-            self.model_load_duration,
-            self.model_ready,
-            self.model_loading,
-            self.model_config_error,
-            self.model_file_changed,
-            self.model_runtime_info,
-            self.batch_max_rows,
-            self.build_info,
-        )
 
 
 def _package_version(name: str) -> str:
