@@ -303,6 +303,12 @@ class Repository:
         config = config or model.config
         assert config is not None
         mm = self.metrics.for_model(model.name, version, config.batching.max_batch_size, config.kind)
+        replaced = model.versions.get(version)
+        if replaced is not None and replaced.state != ModelState.DRAINING:
+            # A copy that failed to load, replaced here, is never forgotten otherwise: it would count
+            # as live for ever and keep the version's series after its last unload. (A draining copy
+            # is forgotten when its drain ends.)
+            self.metrics.forget_version(replaced.metrics, [mm])
         mm.ready.set(0)
         mm.loading.set(1)
         mv = ModelVersion(model.name, version, model.path / version, config, mm)

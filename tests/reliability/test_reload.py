@@ -641,3 +641,41 @@ def test_a_sample_stream_outlasting_the_drain_grace_ends_naming_where_to_resume(
             resumed.cancel()
     finally:
         server.stop()
+
+
+def test_a_version_that_failed_to_load_once_leaves_no_series_after_its_unload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: version 1's file is broken at start-up (UNAVAILABLE), then fixed; a rescan loads
+    a new copy of it. Once the model is removed and its drain ends, every series of (gen, 1) goes,
+    its counters and histograms SERIES_GRACE_S later: the copy that failed to load and was replaced
+    is no live copy that keeps them for ever."""
+    from genserve_server import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "SERIES_GRACE_S", 0.05)
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "other", version="1", seed=1)
+    (root / "gen" / "1" / "model.onnx").write_bytes(b"not an onnx graph")  # sha256 no longer matches
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=2.0, file_check_interval_s=None)
+        try:
+            assert version_states(repo) == {"1": "UNAVAILABLE"}
+            write_gen(root, "gen", version="1", seed=0)  # fixed
+            await reloader.rescan()
+            assert version_states(repo) == {"1": "READY"}
+            repo.get("gen").resolve("").metrics.request_done("Sample", "OK", 0.01)
+            assert _series(metrics, "genserve_requests_total")
+            shutil.rmtree(root / "gen")
+            await reloader.rescan()
+            await wait_on_loop(lambda: reloader.draining == 0, "gen's drain to end")
+            await asyncio.sleep(0.3)  # past SERIES_GRACE_S
+            for family in ("genserve_requests_total", "genserve_batch_size_count", "genserve_model_ready"):
+                assert _series(metrics, family) == [], family
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
