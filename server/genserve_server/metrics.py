@@ -285,6 +285,9 @@ class Metrics:
         # Live ModelMetrics per (model, version) (for_model .. forget_version): a forgotten version's
         # counts are removed after SERIES_GRACE_S only where no copy was loaded again meanwhile.
         self._copies: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Unloads per (model, version): a removal scheduled by an earlier unload of a version loaded
+        # again and unloaded again since leaves the counts to the last unload's (a full grace after).
+        self._unloads: collections.Counter[tuple[str, str]] = collections.Counter()
         # No `*_created` series (one more per counter and histogram child; nothing here reads them).
         # Process-wide in prometheus_client, as PROMETHEUS_DISABLE_CREATED_SERIES=true would be.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -503,18 +506,23 @@ class Metrics:
         labels = {"model": mm.model, "version": mm.version}
         for family in self.version_gauges():
             family.remove_by_labels(labels)
+        self._unloads[key] += 1
+        unload = self._unloads[key]
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a unit test): at once
-            self._remove_counts(mm)
+            self._remove_counts(mm, unload)
         else:
-            loop.call_later(SERIES_GRACE_S, self._remove_counts, mm)
+            loop.call_later(SERIES_GRACE_S, self._remove_counts, mm, unload)
 
-    def _remove_counts(self, mm: ModelMetrics) -> None:
+    def _remove_counts(self, mm: ModelMetrics, unload: int) -> None:
         """The counters and histograms of a forgotten version, SERIES_GRACE_S after; kept where a
-        copy of the same (model, version) was loaded again meanwhile (it binds the same children)."""
-        if self._copies[(mm.model, mm.version)]:
+        copy of the same (model, version) was loaded again meanwhile (it binds the same children),
+        and left to a later unload's removal where it was unloaded again since."""
+        key = (mm.model, mm.version)
+        if self._copies[key] or self._unloads[key] != unload:
             return
+        del self._unloads[key]
         mm.forgotten = True
         labels = {"model": mm.model, "version": mm.version}
         for family in self.version_counts():

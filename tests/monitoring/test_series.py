@@ -251,3 +251,33 @@ def test_an_unloaded_versions_counts_stay_for_a_scrape_then_go(monkeypatch: pyte
         back.request_done("Sample", "OK", 0.01)
 
     asyncio.run(scenario())
+
+
+def test_a_version_unloaded_again_keeps_its_counts_a_full_grace_after_its_last_unload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Version 1 unloads, loads again (a rollback) and unloads again within SERIES_GRACE_S: the first
+    unload's removal must not take the counts of the second copy a moment after its unload; they
+    stay SERIES_GRACE_S after the last one."""
+    monkeypatch.setattr(metrics_module, "SERIES_GRACE_S", 0.4)
+
+    async def scenario() -> None:
+        metrics = Metrics()
+
+        def counted() -> list[str]:
+            lines = exposition(metrics)
+            return [x for x in lines if x.startswith("genserve_requests_total") and 'version="1"' in x]
+
+        first = metrics.for_model("gen", "1", 8, "generator")
+        metrics.forget_version(first)  # t = 0: removal due at 0.4
+        await asyncio.sleep(0.1)
+        second = metrics.for_model("gen", "1", 8, "generator")  # loaded again
+        await asyncio.sleep(0.2)
+        second.request_done("Sample", "OK", 0.01)
+        metrics.forget_version(second)  # t = 0.3: its counts stay until 0.7
+        await asyncio.sleep(0.2)  # t = 0.5: the first unload's removal is past due
+        assert counted(), "the second copy's counts went 0.2 s after its unload, not SERIES_GRACE_S"
+        await asyncio.sleep(0.4)
+        assert counted() == []
+
+    asyncio.run(scenario())
