@@ -72,7 +72,7 @@ def load_files(
             height, width = warmup_inputs(card, 1)["image"].shape[2:]
             radius_s = probe_s * 10 * 64 * 64 / max(1, height * width)
             with gate.step(radius_s, check_stopping=check_stopping):
-                mv.tile_radius = measure_tile_radius(card, runner)
+                mv.tile_radius = measure_tile_radius(card, runner, mv.config.batching.max_batch_size)
             check_default_tiling(card, mv.tile_radius)
         if sc.warmup and sc.shrink_arena_after_warmup:
             # What warm-up's largest batches grew the CPU arenas by goes back (bench/README.md,
@@ -637,8 +637,9 @@ def check_default_tiling(card: Card, radius: int | None) -> None:
         ) from None
 
 
-def measure_tile_radius(card: Card, runner: Runner) -> int | None:
-    """How far (input pixels) a tile edge disturbs the output: tiles must discard that margin.
+def measure_tile_radius(card: Card, runner: Runner, max_rows: int | None = None) -> int | None:
+    """How far (input pixels) a tile edge disturbs the output: tiles must discard that margin; in
+    calls of at most `max_rows` rows (the version's max_batch_size).
     Raises ConfigError where the graph's output is not card.json's scale_factor x its input: every
     tile would be blended (and every single-tile image cropped) to the wrong size."""
     # At least 64 and the card's min_size, in whole multiples of the size multiple on each half (the
@@ -648,7 +649,11 @@ def measure_tile_radius(card: Card, runner: Runner) -> int | None:
     scale = card.scale_factor
 
     def run(x: np.ndarray) -> np.ndarray:
-        out: np.ndarray = runner.run_sync({"image": x})["output_image"]
+        # At most max_rows a call, as served: a graph with a fixed batch of 1 serves under
+        # max_batch_size 1 (check_batch_axes), and a call of all the probe's rows would fail it.
+        step = max(1, max_rows or len(x))
+        parts = [runner.run_sync({"image": x[i : i + step]})["output_image"] for i in range(0, len(x), step)]
+        out: np.ndarray = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if out.ndim != 4 or tuple(out.shape[2:]) != (x.shape[2] * scale, x.shape[3] * scale):
             raise ConfigError(
                 f"{card.name}/{card.version}: the graph maps a {x.shape[2]}x{x.shape[3]} image to "

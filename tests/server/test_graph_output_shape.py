@@ -109,3 +109,49 @@ def test_a_graph_with_a_fixed_batch_axis_is_refused_naming_the_fix(tmp_path: Pat
         assert states["batch-1-served-alone"][0] == "MODEL_STATE_READY", states["batch-1-served-alone"]
         images = stub.Sample(pb.SampleRequest(model="batch-1-served-alone", count=3), timeout=30).images
         assert len(images) == 3
+
+
+def test_a_super_resolution_graph_with_a_fixed_batch_of_1_serves_under_max_batch_size_1(
+    tmp_path: Path,
+) -> None:
+    """The refusal of a fixed batch axis says 'or set batching.max_batch_size to 1', after which a
+    fixed batch of 1 serves. A super_resolution graph exported so (dynamic H and W, batch fixed at
+    1: torch.onnx.export with dynamic_axes for H and W only) still failed its load with ONNX
+    Runtime's own text, since the tile-radius measurement ran its 10 probe rows in one call."""
+    import asyncio
+
+    from server_support import super_resolution_graph
+
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+
+    graph = super_resolution_graph(2)
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.checker.check_model(graph)
+    card = {
+        "channels": 3,
+        "input_channels": 3,
+        "input_range": [0.0, 1.0],
+        "scale_factor": 2,
+        "size_multiple": 1,
+        "tile_size": 32,
+        "tile_overlap": 8,
+        "min_size": 4,
+    }
+    root = tmp_path / "models"
+    one = {"batching": {"max_batch_size": 1, "max_queue_size": 16}}
+    write_model(root, "sr-batch-1", "super_resolution", graph, card, config=one)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            mv = repo.models["sr-batch-1"].versions["1"]
+            assert mv.state == ModelState.READY, mv.reason
+            assert mv.tile_radius == 1
+        finally:
+            await repo.close(2.0)
+
+    asyncio.run(scenario())
