@@ -3,9 +3,10 @@ with `--shard I/N` (e.g. by a Kubernetes Indexed Job), found under one or severa
 written to several volumes or copied from several machines), and optionally merge their manifests.
 
 Exactly means: every shard 0..N-1 present once and of the same job (parameters, pinned version,
-model sha256), the manifests together name each index in [0, n) once and only once, each with the
-job's seed (base_seed + index), label and model version, every named file exists (and, with
-`hashes`, has the sha256 its manifest line records).
+model sha256, and the sha256 of the models its images also went through where job.json records
+them), the manifests together name each index in [0, n) once and only once, each with the job's
+seed (base_seed + index), label and model version, every named file exists (and, with `hashes`, has
+the sha256 its manifest line records).
 """
 
 from __future__ import annotations
@@ -159,6 +160,15 @@ def verify_job(
         if _identity(job) != _identity(first):
             report.problems.append(
                 f"{folder} belongs to another job than {folders[0]} ({_difference(first, job)})"
+            )
+    # The other models the images went through (a style generator's mapping): a shard started after
+    # one was replaced holds images of another model. Null: a job.json from before they were recorded.
+    recorded = [(f, job["used_models"]) for f, job in jobs.items() if job.get("used_models") is not None]
+    for folder, used in recorded[1:]:
+        if used != recorded[0][1]:
+            report.problems.append(
+                f"{folder} belongs to another job than {recorded[0][0]} "
+                f"(used_models: {recorded[0][1]!r} vs {used!r})"
             )
     _check_shards(report, shards)
     found = _Entries()

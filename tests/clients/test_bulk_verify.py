@@ -3,6 +3,7 @@ machines) is exactly the job: every shard once, every index and seed once, one m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -101,6 +102,33 @@ def test_a_shard_of_another_job_or_model_is_refused(
     manifest.write_text("\n".join(lines) + "\n")
     code, _, err = cli_main(capsys, "verify", str(a), str(b))
     assert code == 1 and f"indices whose seed, label or version is not the job's (1): {entry['index']}" in err
+
+
+def test_shards_whose_images_went_through_another_mapping_are_another_job(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A style generator's images also depend on its mapping (job.json used_models): a shard that
+    started after the mapping was replaced (same generator file) holds images of another model, as a
+    resume would refuse (test_bulk_safety); verify must not call the folders together the job."""
+    t = ("--target", fake_server.target)
+    root = tmp_path / "job"
+    try:
+        for shard, mapping in (("0/3", "1"), ("1/3", "1"), ("2/3", "2")):
+            sha = hashlib.sha256(f"mapping {mapping}".encode()).hexdigest()
+            fake_server.service.used_models = [("fake-mapping", mapping, sha)]
+            code, _, err = cli_main(capsys, *t, *JOB, "--out", str(root), "--shard", shard)
+            assert code == 0, err
+    finally:
+        fake_server.service.used_models = []
+    code, _, err = cli_main(capsys, "verify", str(root))
+    assert code == 1, err
+    assert "belongs to another job" in err and "used_models" in err
+    # A job.json written before used_models was recorded (null: not known) differs from no shard.
+    for index in range(3):
+        job_file = shard_folder(root, index) / "job.json"
+        job_file.write_text(json.dumps({**json.loads(job_file.read_text()), "used_models": None}))
+    code, _, err = cli_main(capsys, "verify", str(root))
+    assert code == 0, err
 
 
 def test_verify_names_a_folder_without_a_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
