@@ -391,10 +391,15 @@ def _batching(
     )
     r.finish()
     if queued and bulk is not None and idle is not None and bulk > idle:
+        # Named as the file gives them: an earlier release's millisecond names, in milliseconds.
+        (bulk_key, bulk_shown), (idle_key, idle_shown) = (
+            _as_given(r, "bulk_budget", bulk),
+            _as_given(r, "bulk_idle_budget", idle),
+        )
         raise r.error(
-            "bulk_budget_s",
-            f"must be <= {r.prefix}bulk_idle_budget_s ({idle:g}) (the budget while interactive requests "
-            f"arrive is the tighter one), got {bulk:g}",
+            bulk_key,
+            f"must be <= {r.prefix}{idle_key} ({idle_shown}) (the budget while interactive requests "
+            f"arrive is the tighter one), got {bulk_shown}",
         )
     if queued and batching.max_queue_size < max_batch_size:
         given = ""
@@ -411,6 +416,14 @@ def _batching(
             f"must be >= {r.prefix}max_batch_size ({max_batch_size}), got {batching.max_queue_size}{given}",
         )
     return batching
+
+
+def _as_given(r: Reader, name: str, value_s: float) -> tuple[str, str]:
+    """The key a duration was read from (`<name>_ms` of an earlier release, else `<name>_s`) and its
+    value in that key's unit."""
+    if f"{name}_ms" in r.data:
+        return f"{name}_ms", f"{value_s * 1e3:g}"
+    return f"{name}_s", f"{value_s:g}"
 
 
 def _sampling(r: Reader, kind: Kind) -> SamplingConfig:

@@ -101,8 +101,20 @@ def write_config(tmp_path: Path, data: object) -> Path:
             "batching.max_batch_pixels must be",
         ),
         (
-            {"kind": "generator", "batching": {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}},
+            {"kind": "generator", "batching": {"bulk_budget_s": 0.08, "bulk_idle_budget_s": 0.05}},
             "batching.bulk_budget_s must be <= batching.bulk_idle_budget_s (0.05)",
+        ),
+        # An earlier release's millisecond names are named as the file gives them, in milliseconds:
+        # the operator finds the fields to change in the file.
+        (
+            {"kind": "generator", "batching": {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}},
+            "batching.bulk_budget_ms must be <= batching.bulk_idle_budget_ms (50) (the budget while "
+            "interactive requests arrive is the tighter one), got 80",
+        ),
+        (
+            {"kind": "generator", "batching": {"bulk_budget_ms": 80, "bulk_idle_budget_s": 0.05}},
+            "batching.bulk_budget_ms must be <= batching.bulk_idle_budget_s (0.05) (the budget while "
+            "interactive requests arrive is the tighter one), got 80",
         ),
         (
             {"kind": "generator", "batching": {"interactive_quiet_s": -1}},
