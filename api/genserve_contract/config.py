@@ -208,8 +208,10 @@ class Reader:
         key = given[0]
         scale, unit = (1.0, "seconds") if key == key_s else _LEGACY_UNITS[legacy_unit]
         value = self.data[key]
-        if value is None and nullable:
-            return None
+        if value is None:
+            # null: "full batches" where a field takes it, else the default, as for every other
+            # field (and as the earlier releases read their millisecond names).
+            return None if nullable else default_s
         if is_number(value) and (value >= 0 if zero_allowed else value > 0) and value * scale <= max_s:
             return float(value) * scale
         expected = f"a number of {unit} {'>=' if zero_allowed else '>'} 0 and <= {max_s / scale:g}"

@@ -21,6 +21,7 @@ from genserve_server.batch_keys import ImageRows, SeedRows, TileRows
 from genserve_server.config import (
     GRPC_INT_MAX,
     GRPC_MAX_S,
+    BatchingConfig,
     ConfigError,
     ServerConfig,
     VersionPolicy,
@@ -300,6 +301,23 @@ def test_durations_are_seconds_and_the_millisecond_names_of_earlier_releases_sti
         path.write_text(json.dumps(data))
         assert load_server_config(path).inline_compute_max_s == pytest.approx(0.0005)
     assert ServerConfig().inline_compute_max_s == pytest.approx(250e-6)
+
+
+def test_a_null_duration_reads_as_its_default_as_in_earlier_releases(tmp_path: Path) -> None:
+    """Earlier releases read `max_queue_delay_ms: null` (and the server's `inline_compute_max_us:
+    null`) as the default, as every other field still reads null: an upgraded server must load them."""
+    for batching in ({"max_queue_delay_ms": None}, {"max_queue_delay_s": None}):
+        config = load_model_config(write_config(tmp_path, {"kind": "generator", "batching": batching}))
+        assert config.batching.max_queue_delay_s == BatchingConfig().max_queue_delay_s
+    path = tmp_path / "server.json"
+    for data in ({"inline_compute_max_us": None}, {"inline_compute_max_s": None}):
+        path.write_text(json.dumps(data))
+        assert load_server_config(path).inline_compute_max_s == ServerConfig().inline_compute_max_s
+    # A bulk budget's null still means full batches.
+    config = load_model_config(
+        write_config(tmp_path, {"kind": "generator", "batching": {"bulk_budget_ms": None}})
+    )
+    assert config.batching.bulk_budget_s is None
 
 
 def test_preferred_batch_sizes_are_sorted_and_the_default_stays_within_max_batch_size(tmp_path: Path) -> None:
