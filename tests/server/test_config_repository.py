@@ -570,6 +570,16 @@ def test_limits_that_the_server_reports_in_uint32_fields_must_fit_them(tmp_path:
     mc.ModelQueuePolicy(max_queue_size=2**32 - 1)
 
 
+def test_a_field_an_earlier_release_read_names_what_replaced_it(tmp_path: Path) -> None:
+    """An earlier release's server config with limits.metrics_cache_s (replaced by
+    metrics_render_share) was refused 'is not a known field (known: ...)': the operator upgrading
+    learnt neither that it was retired nor what to write instead."""
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": {"metrics_cache_s": 1.0}}))
+    with pytest.raises(ConfigError, match=r"limits.metrics_cache_s .*no longer read.*metrics_render_share"):
+        load_server_config(path)
+
+
 def test_batch_size_buckets_are_powers_of_two_up_to_the_max() -> None:
     assert batch_size_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
     assert batch_size_buckets(1) == (1,)
