@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
@@ -61,20 +61,18 @@ def _uncounted(method: str) -> None:
 def guard_malformed(method: str, handler: Handler, on_reject: Callable[[str], None] = _uncounted) -> Handler:
     """Answers INVALID_ARGUMENT (not grpc's INTERNAL) for request bytes that do not parse.
 
-    Wraps unary-request handlers (unary-unary and unary-stream); streaming-request handlers
-    (reflection) are returned as they are. `on_reject(method)` counts each refusal
+    Wraps unary-request handlers (unary-unary and unary-stream) and stream-stream ones (reflection:
+    each request message is checked as the handler reads it; grpc's deserializer raised inside the
+    handler, which answered UNKNOWN and logged an ERROR traceback per call); stream-unary handlers
+    (genserve registers none) are returned as they are. `on_reject(method)` counts each refusal
     (genserve_requests_rejected_total{reason="invalid"}: no handler, so no boundary, sees it).
     """
-    if handler.unary_unary is None and handler.unary_stream is None:
-        return handler
     deserialize = _lenient(method, handler.request_deserializer)
     serialize = handler.response_serializer
     Context = grpc.aio.ServicerContext[Any, Any]
-
-    async def reject(request: Malformed, context: Context) -> None:
-        logger.info("refused %s: %s", method, request.problem)
-        on_reject(method)
-        await abort(context, InvalidArgument(request.message()))
+    reject = _rejecter(method, on_reject)
+    if handler.unary_unary is None and handler.unary_stream is None:
+        return _guard_bidi(handler, deserialize, reject)
 
     if handler.unary_unary is not None:
         unary = cast(Callable[[Any, Any], Any], handler.unary_unary)
@@ -112,6 +110,47 @@ def guard_malformed(method: str, handler: Handler, on_reject: Callable[[str], No
         await stream(request, context)
 
     return grpc.unary_stream_rpc_method_handler(guarded_writer, deserialize, serialize)
+
+
+def _rejecter(method: str, on_reject: Callable[[str], None]) -> Callable[[Malformed, Any], Awaitable[None]]:
+    async def reject(request: Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        logger.info("refused %s: %s", method, request.problem)
+        on_reject(method)
+        await abort(context, InvalidArgument(request.message()))
+
+    return reject
+
+
+def _guard_bidi(
+    handler: Handler,
+    deserialize: Callable[[bytes], Any] | None,
+    reject: Callable[[Malformed, Any], Awaitable[None]],
+) -> Handler:
+    """A stream-stream handler whose request messages are checked as its handler reads them; a
+    stream-unary one (genserve registers none) as it is."""
+    if handler.stream_stream is None:
+        return handler
+    bidi = cast(Callable[[Any, Any], Any], handler.stream_stream)
+    serialize = handler.response_serializer
+
+    async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Malformed):
+                await reject(request, context)
+            yield request
+
+    if inspect.isasyncgenfunction(bidi):
+
+        async def guarded_bidi(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for item in bidi(checked(requests, context), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(guarded_bidi, deserialize, serialize)
+
+    async def guarded_bidi_writer(requests: AsyncIterator[Any], context: Any) -> None:
+        await bidi(checked(requests, context), context)
+
+    return grpc.stream_stream_rpc_method_handler(guarded_bidi_writer, deserialize, serialize)
 
 
 class GuardedRegistrar:
