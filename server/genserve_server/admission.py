@@ -33,12 +33,12 @@ import inspect
 import logging
 from collections.abc import AsyncGenerator, Callable, Collection
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 import grpc
 
-from genserve_server.boundary import abort
+from genserve_server.boundary import ThrottledLog, abort
 from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class RpcClass:
     active: int = 0  # touched only on the event loop thread
     # Counts each refusal (genserve_requests_rejected_total{reason="concurrency"}).
     on_refused: Callable[[str], None] | None = None
+    # A line per refusal let a client write the log at will (opening calls past the limit).
+    refusals: ThrottledLog = field(default_factory=lambda: ThrottledLog(logger))
 
     def admit(self) -> bool:
         if self.limit is not None and self.active >= self.limit:
@@ -93,7 +95,9 @@ class RpcClass:
         return True
 
     def refusal(self, method: str) -> ResourceExhausted:
-        logger.info("refused %s: %d %s calls running (%s)", method, self.active, self.name, self.limit_name)
+        self.refusals.log(
+            method, "refused %s: %d %s calls running (%s)", method, self.active, self.name, self.limit_name
+        )
         if self.on_refused is not None:
             self.on_refused(method)
         return ResourceExhausted(
@@ -135,6 +139,7 @@ class Admission:
         if limits.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {limits.request_timeout_s}")
         self.request_timeout_s = limits.request_timeout_s
+        self._timeouts = ThrottledLog(logger)  # header-only calls: as many as a client opens
         self.stream_write_timeout_s = limits.stream_write_timeout_s
         self.generation = RpcClass("generation", "max_concurrent_rpcs", limits.generation)
         self.streams = RpcClass("bulk stream", "max_concurrent_sample_streams", limits.sample_streams)
@@ -184,7 +189,7 @@ class Admission:
             async with asyncio.timeout(self.request_timeout_s):
                 return await context.read()
         except TimeoutError:
-            logger.info("cancelled %s: no request within request_timeout_s", method)
+            self._timeouts.log(method, "cancelled %s: no request within request_timeout_s", method)
             await abort(
                 context,
                 DeadlineExceeded(

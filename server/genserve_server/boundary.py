@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
@@ -34,9 +34,40 @@ MAX_REQUEST_ID_CHARS = 128
 # `=` or quotes would let a client forge other `key=value` fields there.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+-]+")
 
+# At the default level (INFO), one line per this many seconds for each kind of refused call: a
+# client's flood of bad calls (an unknown model, an invalid field, bytes that are not a request, a
+# call over a concurrency limit) must not write the log at will; the metrics count every one.
+REFUSAL_LOG_INTERVAL_S = 10.0
+
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+class ThrottledLog:
+    """Logs the first event of each kind (`key`, from a bounded set: a method, a status code) at
+    `level`, then at most one line per `interval_s` for that kind, saying how many more came; the
+    others go to DEBUG, each with its own message (so `--log-level DEBUG` shows every one)."""
+
+    def __init__(
+        self, log: logging.Logger, level: int = logging.INFO, interval_s: float = REFUSAL_LOG_INTERVAL_S
+    ) -> None:
+        self._logger = log
+        self._level = level
+        self.interval_s = interval_s
+        self._kinds: dict[Hashable, tuple[float, int]] = {}  # key: (next line at, events held back since)
+
+    def log(self, key: Hashable, message: str, *args: object) -> None:
+        now = time.monotonic()
+        next_at, held_back = self._kinds.get(key, (0.0, 0))
+        if now < next_at:
+            self._kinds[key] = (next_at, held_back + 1)
+            self._logger.debug(message, *args)
+            return
+        if held_back:
+            message, args = f"{message} (%d more since the last line)", (*args, held_back)
+        self._logger.log(self._level, message, *args)
+        self._kinds[key] = (now + self.interval_s, 0)
 
 
 def status_code(code: Code) -> grpc.StatusCode:
@@ -84,6 +115,7 @@ class Boundary:
         self.redact = redact
         self.idle_spin = idle_spin
         self._unresolved = metrics.unresolved()
+        self._refusals = ThrottledLog(logger)  # one line per method and status per interval
 
     def begin(self, method: str, context: Context) -> Call:
         remaining_s = context.time_remaining()
@@ -104,8 +136,13 @@ class Boundary:
                 call.metrics.rejected["invalid"].inc()
             elif exc.code == Code.UNAVAILABLE:
                 call.metrics.rejected["not_ready"].inc()
-            logger.info(
-                "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
+            self._refusals.log(
+                (call.method, exc.code),
+                "request_id=%s method=%s code=%s: %s",
+                call.request_id,
+                call.method,
+                exc.code.name,
+                exc,
             )
             if _past_deadline(call):
                 call.code = Code.DEADLINE_EXCEEDED.name  # what the client gets, from gRPC

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
-from genserve_server.boundary import abort
+from genserve_server.boundary import ThrottledLog, abort
 from genserve_server.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,10 @@ def guard_malformed(method: str, handler: Handler, on_reject: Callable[[str], No
 
 
 def _rejecter(method: str, on_reject: Callable[[str], None]) -> Callable[[Malformed, Any], Awaitable[None]]:
+    refusals = ThrottledLog(logger)  # a line per call let a client write the log at will
+
     async def reject(request: Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        logger.info("refused %s: %s", method, request.problem)
+        refusals.log(None, "refused %s: %s", method, request.problem)
         on_reject(method)
         await abort(context, InvalidArgument(request.message()))
 

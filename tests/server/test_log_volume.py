@@ -6,15 +6,19 @@ log says that they happen, not each one."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_support import ServerProcess, build_tiny_repo, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server import boundary
 
+SAMPLE = "/genserve.v1.GenerationService/Sample"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 
@@ -72,4 +76,64 @@ def test_garbage_reflection_requests_are_refused_without_a_traceback(
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     new = _new_lines(server, since)
     assert not [line for line in new if "Traceback" in line or " ERROR " in line], new[:25]
-    assert len(new) <= 30, new[:25]  # never a traceback (21 lines) a call
+    assert len(new) <= 30, new[:25]  # never a traceback's 21 lines a call (the flood: below)
+
+
+def test_a_flood_of_refused_requests_logs_a_bounded_number_of_lines(
+    server: ServerProcess, channel: grpc.Channel
+) -> None:
+    """Each refused call (unknown model, invalid field, bytes that are not a request, a Watch over
+    max_health_watchers) logged an INFO line: a client's flood of bad calls wrote the log at will.
+    The first of each kind is logged; the metrics count every one."""
+    stub = pb_grpc.GenerationServiceStub(channel)
+    raw_sample = channel.unary_unary(SAMPLE)
+    health = health_pb2_grpc.HealthStub(channel)
+    not_found_before = server.metric("genserve_requests_total", method="Sample", code="NOT_FOUND")
+    since = _lines(server)
+
+    unknown = _refused(lambda: stub.Sample(pb.SampleRequest(model="nope", count=1)), 200)
+    assert unknown == grpc.StatusCode.NOT_FOUND
+    assert (
+        _refused(lambda: stub.Sample(pb.SampleRequest(model="tiny-gen", count=0)), 200)
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert _refused(lambda: raw_sample(b"\xff\xff\xff\xff"), 200) == grpc.StatusCode.INVALID_ARGUMENT
+    watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(2)]
+    try:
+        for watch in watches:
+            next(watch)
+        over = _refused(lambda: list(health.Watch(health_pb2.HealthCheckRequest())), 100)
+        assert over == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for watch in watches:
+            watch.cancel()
+
+    new = _new_lines(server, since)
+    assert len(new) <= 8, f"{len(new)} lines for 700 refused calls: {new[:10]}"
+    text = "\n".join(new)
+    for kind in ("code=NOT_FOUND", "code=INVALID_ARGUMENT", "Sample: DecodeError", "health Watch"):
+        assert kind in text, (kind, new)  # the operator still learns that it happens
+    not_found = server.metric("genserve_requests_total", method="Sample", code="NOT_FOUND")
+    assert not_found - not_found_before == 200  # every one still counted
+
+
+def test_a_throttled_kind_logs_a_line_per_interval_with_the_count_and_each_one_at_debug(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(boundary.time, "monotonic", lambda: now[0])
+    log = boundary.ThrottledLog(logging.getLogger("genserve_server.test"), interval_s=10.0)
+    with caplog.at_level(logging.DEBUG, logger="genserve_server.test"):
+        for i in range(300):
+            log.log("NOT_FOUND", "request_id=%d code=NOT_FOUND", i)
+        log.log("INVALID_ARGUMENT", "request_id=x code=INVALID_ARGUMENT")  # another kind: its own line
+        now[0] += 10.0
+        log.log("NOT_FOUND", "request_id=last code=NOT_FOUND")
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert info == [
+        "request_id=0 code=NOT_FOUND",
+        "request_id=x code=INVALID_ARGUMENT",
+        "request_id=last code=NOT_FOUND (299 more since the last line)",
+    ]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(debug) == 299 and debug[-1] == "request_id=299 code=NOT_FOUND"  # DEBUG shows each one
