@@ -106,6 +106,9 @@ _DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the co
 # gRPC cancels a handler at its deadline ~1-2 ms before the deadline the server computes from
 # time_remaining() at arrival: a cancellation this close to the deadline counts as the deadline.
 DEADLINE_SLACK_S = 0.01
+# A failed batch's stack goes to the log at most this often per model version (each failure still
+# logs its line): a model that fails every batch would otherwise log the same stack per call.
+FAILURE_TRACEBACK_INTERVAL_S = 60.0
 # The cancel message of a part withdrawn because another part of the same request failed
 # (core.gather_or_cancel): its rows leave, and the request is counted as that failure only, not as
 # a caller that went away as well.
@@ -279,6 +282,7 @@ class Batcher:
         # were in the server (SampleStreams are not tracked callers): see callers_overlap.
         self._callers_overlapped_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
+        self._next_traceback_at = 0.0  # time.monotonic(): a failed batch's next stack to log
         # The sub-queue whose rows a split left for the next batches (_split_over_free): they go at
         # once, without a window of their own (None: no split pending).
         self._split_rest: tuple[Lane, Hashable] | None = None
@@ -967,13 +971,22 @@ class Batcher:
                     )
         except Exception as exc:
             error = exc
+            # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote
+            # ~25 lines a failed call (each half retried logs too); every failure keeps its line.
+            now = time.monotonic()
+            stack = not isinstance(exc, GenserveError) and now >= self._next_traceback_at
+            if stack:
+                self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
             logger.error(
-                "%s: batch of %d rows from %d requests failed: %r",
+                "%s: batch of %d rows from %d requests failed: %r%s",
                 self.name,
                 rows,
                 len(parts),
                 exc,
-                exc_info=not isinstance(exc, GenserveError),
+                ""
+                if stack or isinstance(exc, GenserveError)
+                else " (its stack: logged with an earlier failure, once a minute)",
+                exc_info=stack,
             )
         compute_s = self._clock() - started
         if error is None:

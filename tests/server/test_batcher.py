@@ -1778,3 +1778,27 @@ def test_a_bulk_request_taking_its_bytes_back_while_the_batcher_closes_fails_ins
         await blocker
 
     run(body())
+
+
+def test_a_failing_model_logs_one_traceback_per_interval_and_a_line_per_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each failed batch (and each retried half) logged ONNX Runtime's whole traceback at ERROR:
+    a model whose every batch fails wrote ~25 lines per failed call (20 calls: 501 lines), megabytes
+    of the same stack under load. The first failure keeps its traceback; later ones within
+    FAILURE_TRACEBACK_INTERVAL_S are one ERROR line each."""
+
+    async def body() -> None:
+        model = FakeModel()
+        model.fail_if_contains = 7.0
+        batcher, _ = make(model, max_batch_size=1)
+        for _ in range(5):
+            with pytest.raises(Internal):
+                await batcher.submit("k", rows(7.0), 1)
+        await batcher.close(1)
+
+    with caplog.at_level(logging.ERROR, logger="genserve_server.batcher"):
+        run(body())
+    failures = [r for r in caplog.records if "failed" in r.getMessage() and r.levelno == logging.ERROR]
+    assert len(failures) == 5, [r.getMessage() for r in failures]
+    assert sum(1 for r in failures if r.exc_info) == 1
