@@ -11,7 +11,6 @@ import hmac
 import logging
 import os
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from genserve_server.boundary import abort
+from genserve_server.boundary import ThrottledLog, abort
 from genserve_server.config import ConfigError, SecurityConfig
 from genserve_server.errors import Unauthenticated
 
@@ -148,25 +147,6 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHand
 REJECTION_LOG_INTERVAL_S = 10.0
 
 
-class RejectionLog:
-    """Logs the first rejected call, then at most one line per `interval_s` with how many more came
-    (genserve_requests_rejected_total counts each)."""
-
-    def __init__(self, interval_s: float = REJECTION_LOG_INTERVAL_S) -> None:
-        self.interval_s = interval_s
-        self._next_at = 0.0
-        self._since = 0
-
-    def rejected(self, method: str) -> None:
-        now = time.monotonic()
-        if now < self._next_at:
-            self._since += 1
-            return
-        more = f" ({self._since} more since the last line)" if self._since else ""
-        logger.info("rejected unauthenticated call to %s%s", method, more)
-        self._since, self._next_at = 0, now + self.interval_s
-
-
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid bearer token; health stays open for probes when configured."""
 
@@ -182,7 +162,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tuple(tokens)
         self._open_health = open_health
         self._on_reject = on_reject
-        self._log = RejectionLog()
+        # A line per rejected call let a scanner flood the log: one per interval, with the count.
+        self._log = ThrottledLog(logger, interval_s=REJECTION_LOG_INTERVAL_S)
 
     async def intercept_service(
         self,
@@ -195,7 +176,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         presented = _bearer(handler_call_details.invocation_metadata)
         if presented is not None and token_matches(presented, self._tokens):
             return await continuation(handler_call_details)
-        self._log.rejected(method)
+        self._log.log(None, "rejected unauthenticated call to %s", method)
         if self._on_reject is not None:
             self._on_reject(method)
         return _deny(await continuation(handler_call_details))

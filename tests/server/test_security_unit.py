@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from genserve_server import security
+from genserve_server import boundary, security
 from genserve_server.security import _bearer, load_tokens, token_matches
 
 
@@ -50,13 +50,13 @@ def test_a_flood_of_rejected_calls_logs_a_line_per_interval_with_the_count(
 ) -> None:
     """Each unauthenticated call logged a line: a scanner's flood flooded the log."""
     now = [100.0]
-    monkeypatch.setattr(security.time, "monotonic", lambda: now[0])
-    log = security.RejectionLog(interval_s=10.0)
+    monkeypatch.setattr(boundary.time, "monotonic", lambda: now[0])
+    log = security.TokenAuthInterceptor([b"secret"])._log
     with caplog.at_level(logging.INFO, logger="genserve_server.security"):
         for _ in range(500):
-            log.rejected("/genserve.v1.GenerationService/Sample")
+            log.log(None, "rejected unauthenticated call to %s", "/genserve.v1.GenerationService/Sample")
         now[0] += 10.0
-        log.rejected("/genserve.v1.GenerationService/Sample")
+        log.log(None, "rejected unauthenticated call to %s", "/genserve.v1.GenerationService/Sample")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert lines[1].endswith("(499 more since the last line)")
