@@ -300,6 +300,14 @@ class GenerationCore:
             items=items,
         )
 
+    def check_encoded_send_size(
+        self, images: Sequence[EncodedImage], fmt: int, latent_bytes: int = 0
+    ) -> None:
+        """Encoded images, with the latents returned beside them in the same response, against the
+        send limit: after encoding, where JPEG and WebP sizes are known only then."""
+        encoded = sum(len(image.data) for image in images)
+        self.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), fmt, len(images))
+
     async def reserve_response(self, call: Call, n_bytes: int) -> None:
         """Before compute: hold a unary response's predicted size against the response budget
         (waits while it is spent); the boundary settles and releases it."""
@@ -401,10 +409,7 @@ class GenerationCore:
             timing=call.timing,
         )
         if latent_bytes:  # JPEG and WebP are known only now (the others were checked exactly above)
-            encoded = sum(len(image.data) for image in images)
-            self.check_send_size(
-                encoded + latent_bytes, validate.with_latents(latent_bytes), out.format, len(images)
-            )
+            self.check_encoded_send_size(images, out.format, latent_bytes)
         return Generated(images, used, result.executed_batch_sizes)
 
     async def sample(
@@ -472,10 +477,7 @@ class GenerationCore:
                 cache.put(keys[i], computed.images[j], computed.latents[j])
             self.metrics.image_cache_bytes.set(cache.nbytes)
         if len(missing) < len(seeds):  # what generate checks for computed images, for the whole response
-            encoded = sum(len(image.data) for image in images)
-            self.check_send_size(
-                encoded + latent_bytes, validate.with_latents(latent_bytes), out.format, len(images)
-            )
+            self.check_encoded_send_size(images, out.format, latent_bytes)
         return Generated(images, z, batch_sizes, [entry is not None for entry in found])
 
     async def sample_range(
@@ -801,7 +803,7 @@ class GenerationCore:
                     timing=call.timing,
                 )
             )
-        self.check_send_size(sum(len(im.data) for im in images), "the response", out.format, len(images))
+        self.check_encoded_send_size(images, out.format)
         return images
 
     # ------------------------------------------------------------------ image-to-image

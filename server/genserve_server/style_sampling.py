@@ -237,10 +237,7 @@ async def interpolate(
     result = await synthesise(core, mv, call, ws, Lane.INTERACTIVE)
     images = await _encode(core, mv, call, result, out)
     if latent_bytes:  # JPEG and WebP are known only now
-        encoded = sum(len(image.data) for image in images)
-        core.check_send_size(
-            encoded + latent_bytes, validate.with_latents(latent_bytes), out.format, len(images)
-        )
+        core.check_encoded_send_size(images, out.format, latent_bytes)
     return images, path, result.executed_batch_sizes
 
 
