@@ -365,9 +365,7 @@ class Batcher:
         # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
         # path; only queue_full (ResourceExhausted) is counted here.
         if self._closing:
-            raise Unavailable(
-                f"{self.name} is draining (the server is stopping, or a reload unloaded it); retry"
-            )
+            raise self._draining()
         if n_rows < 1:
             raise ValueError(f"n_rows must be >= 1, got {n_rows}")
         if n_rows > self.max_queue_size:
@@ -464,6 +462,12 @@ class Batcher:
         if count_once(caller):
             self._observer.on_dropped(reason)
 
+    def _draining(self) -> Unavailable:
+        """What a request submitted to (or waiting for room in) a closing batcher gets."""
+        return Unavailable(
+            f"{self.name} is draining (the server is stopping, or a reload unloaded it); retry"
+        )
+
     def _bulk_fits(self, n_rows: int) -> bool:
         if self._queued_rows + n_rows > self.max_queue_size:
             return False
@@ -484,9 +488,7 @@ class Batcher:
                 # Before the room: a close while it waited (take_back may wait up to
                 # budget_max_wait_s) may have stopped the dispatcher, which would never take it.
                 if self._closing:
-                    raise Unavailable(
-                        f"{self.name} is draining (the server is stopping, or a reload unloaded it); retry"
-                    )
+                    raise self._draining()
                 if self._bulk_line[0] is ticket and self._bulk_fits(n_rows):
                     if not given_back:
                         return True
