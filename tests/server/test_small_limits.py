@@ -396,7 +396,7 @@ def test_every_queued_kinds_queue_size_must_hold_its_batch(tmp_path: Path, kind:
 def test_a_code_priors_bulk_budgets_are_not_checked_against_each_other(tmp_path: Path) -> None:
     # Bulk budgets cut a batcher's BULK batches; a prior has none (step-level batching), yet its
     # config.json was refused for a bulk budget above its idle budget.
-    budgets = {"bulk_budget_ms": 80, "bulk_idle_budget_ms": 50}
+    budgets = {"bulk_budget_s": 0.08, "bulk_idle_budget_s": 0.05}
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"kind": "code_prior", "batching": budgets}))
     assert load_model_config(path).batching.bulk_budget_s == pytest.approx(0.08)
