@@ -70,7 +70,9 @@ FORMAT_VERSION = 2
 # max_stream_images (ModelInfo) is smaller gets streams of that many.
 DEFAULT_STREAM_IMAGES = 1024
 # How long a job keeps retrying transient errors (a server restart, a GPU pod start) without any
-# progress before it stops; each stream counts from its last chunk.
+# progress before it stops; each stream counts from its own last chunk or the job's, the later: a
+# stream refused while the job's other streams progress (more workers than the server's
+# max_concurrent_sample_streams) waits for a slot instead of stopping the job.
 DEFAULT_RETRY_WINDOW_S = 300.0
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 15.0
@@ -591,6 +593,8 @@ class BulkJob:
         self._streams: dict[SampleStream, GenserveClient] = {}
         self._channels = FreshChannels(client, channel_period_s)
         self._lock = threading.Lock()  # guards _streams, failure, _pending_job and the progress bar
+        # When any stream of this run last wrote a chunk (monotonic; a float, assigned atomically).
+        self._job_progress_at = time.monotonic()
         self._pending_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
 
     # --- start / resume ------------------------------------------------------------------------
@@ -900,6 +904,7 @@ class BulkJob:
                     self._write_chunk(chunk, sink)
                     expected += len(chunk.items)
                     since, failures = time.monotonic(), 0
+                    self._job_progress_at = since
                     with self._lock:
                         sink.progress.update(len(chunk.items))
             except GenserveClientError as exc:
@@ -908,7 +913,9 @@ class BulkJob:
                 if exc.code == grpc.StatusCode.NOT_FOUND:
                     self._check_pinned_served(exc)
                 failures += 1
-                self.window.pause(exc, since, failures)
+                # The window runs while the *job* makes no progress: the other streams may hold
+                # every slot the server has for bulk streams, and this one gets one when they end.
+                self.window.pause(exc, max(since, self._job_progress_at), failures)
                 continue
             finally:
                 self._close_stream(stream)
