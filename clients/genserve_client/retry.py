@@ -13,12 +13,19 @@ _NEVER_RETRY = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
 # when a message breaks a size limit on either side. The same message breaks it every time, so
 # unlike a full queue this RESOURCE_EXHAUSTED is final.
 _TOO_LARGE = "message larger than max"
+# Request headers (token, request id, ...) over gRPC's hard metadata limit (16 KiB by default):
+# "received metadata size exceeds hard limit (value length 20007 vs. 16384)", on every attempt.
+# Between the soft and the hard limit ("... exceeds soft limit ...") only a share of the calls is
+# refused, so that one stays retryable.
+_HEADERS_TOO_LARGE = "metadata size exceeds hard limit"
 
 
 def is_permanent(code: grpc.StatusCode, details: str) -> bool:
     """Whether a failure would repeat on every attempt whatever the policy says."""
+    lowered = details.lower()
     return code in _NEVER_RETRY or (
-        code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details.lower()
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and (_TOO_LARGE in lowered or _HEADERS_TOO_LARGE in lowered)
     )
 
 
@@ -36,7 +43,7 @@ class RetryPolicy:
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
     # RESOURCE_EXHAUSTED: the server refused at admission (queue full), nothing was computed;
-    # never a message over gRPC's size limit (see is_permanent).
+    # never a message over gRPC's size limit nor headers over its hard limit (see is_permanent).
     # UNAVAILABLE: the model is loading, the server is draining, or the connection broke.
     retryable_codes: frozenset[grpc.StatusCode] = field(
         default=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
