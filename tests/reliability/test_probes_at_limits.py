@@ -8,6 +8,10 @@ or restarts it (liveness: six failures, a minute), dropping the work of every cl
 
 from __future__ import annotations
 
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -64,6 +68,51 @@ def test_grpc_probes_answer_while_clients_hold_every_connection(server: ServerPr
             channel.close()
 
 
+def _healthz(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=PROBE_TIMEOUT_S) as response:
+            return str(response.status)
+    except urllib.error.HTTPError as exc:
+        return str(exc.code)
+    except OSError as exc:  # closed without an answer, or timed out
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_healthz_answers_during_a_scrape_flood(server: ServerProcess) -> None:
+    """docs/metrics.md: a scrape flood "cannot be turned against serving"; it may delay scrapes. The
+    health answer on the same port must not be refused with them: with more scrapers in a loop than
+    the workers and their queue hold, /healthz connections were closed without an answer, and an
+    HTTP checker took the pod out of rotation."""
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10
+                ) as r:
+                    r.read()
+            except OSError:
+                time.sleep(0.01)
+
+    scrapers = [threading.Thread(target=scrape, daemon=True) for _ in range(SCRAPERS)]
+    for thread in scrapers:
+        thread.start()
+    try:
+        time.sleep(1.0)  # the flood under way
+        answers = []
+        for _ in range(10):
+            answers.append(_healthz(server.metrics_port))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in scrapers:
+            thread.join(15)
+    assert answers == ["200"] * len(answers), answers
+    assert _healthz(server.metrics_port) == "200"  # and after the flood
+
+
 def test_probes_answer_once_the_load_has_gone(server: ServerProcess) -> None:
     """The server itself is fine once the clients go (the refusal above is the limit, not a fault)."""
     assert _probe(server.target, "") == SERVING
+    assert _healthz(server.metrics_port) == "200"
