@@ -174,6 +174,12 @@ def cancelled_by_deadline(deadline: float | None, now: float | None = None) -> b
     return (time.monotonic() if now is None else now) >= deadline - DEADLINE_SLACK_S
 
 
+def drop_reason(deadline: float | None, now: float) -> str:
+    """genserve_requests_dropped_total's reason for a request whose caller's handler was cancelled
+    at `now`: "deadline" where that was gRPC ending the call at its deadline, else "cancelled"."""
+    return "deadline" if cancelled_by_deadline(deadline, now) else "cancelled"
+
+
 class Batcher:
     """One per model version. `submit()` from request handlers; `start()`/`close()` by the lifecycle."""
 
@@ -382,8 +388,7 @@ class Batcher:
                 # batcher's own timer would), while its rows waited for room: a drop, counted once
                 # as _forget_cancelled counts a queued request's (a part WITHDRAWN is not).
                 if exc.args != (WITHDRAWN,):
-                    reason = "deadline" if cancelled_by_deadline(deadline, self._clock()) else "cancelled"
-                    self._dropped(caller, reason)
+                    self._dropped(caller, drop_reason(deadline, self._clock()))
                 raise
         elif self._queued_rows + n_rows > self.max_queue_size:
             if count_once(caller):
@@ -453,8 +458,7 @@ class Batcher:
         self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
         if counted:
             # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
-            reason = "deadline" if cancelled_by_deadline(request.deadline, self._clock()) else "cancelled"
-            self._dropped(request.caller, reason)
+            self._dropped(request.caller, drop_reason(request.deadline, self._clock()))
         self._observer.on_queue_depth(self._queued_rows)
 
     def _dropped(self, caller: Caller | None, reason: str) -> None:

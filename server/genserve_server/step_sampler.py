@@ -49,7 +49,7 @@ import numpy as np
 from genserve_contract.config import MAX_TEMPERATURE, SamplingConfig
 from genserve_server import latents
 from genserve_server.batch_parts import Caller, count_once
-from genserve_server.batcher import Lane, cancelled_by_deadline
+from genserve_server.batcher import Lane, drop_reason
 from genserve_server.errors import DeadlineExceeded, ResourceExhausted, invalid
 from genserve_server.metrics import ModelMetrics
 
@@ -247,7 +247,7 @@ class StepScheduler:
             self.stats.refused += 1
             if self.metrics is not None:
                 self.metrics.rejected["queue_full"].inc()
-            running = len(self._running) + len(self._joining)
+            running = self.rows - self._reserved
             held = (
                 f", {self._reserved} held for two-level calls whose top level runs" if self._reserved else ""
             )
@@ -339,7 +339,7 @@ class StepScheduler:
         dropped: dict[int, str] = {}
         for row in self._running:
             if row.future.done():
-                self._dropped(row, _gone_reason(row, now), dropped)
+                self._dropped(row, drop_reason(row.deadline, now), dropped)
             elif row.deadline is not None and now >= row.deadline:
                 self._dropped(row, "deadline", dropped)
                 row.future.set_exception(
@@ -424,7 +424,7 @@ class StepScheduler:
                 dropped: dict[int, str] = {}
                 for row, code in zip(rows, codes, strict=True):
                     if row.future.done():  # cancelled during the call: leaves without advancing
-                        self._dropped(row, _gone_reason(row, time.monotonic()), dropped)
+                        self._dropped(row, drop_reason(row.deadline, time.monotonic()), dropped)
                         continue
                     row.codes.flat[row.position] = code
                     row.position += 1
@@ -461,13 +461,6 @@ class StepScheduler:
         temperatures = np.array([row.temperature for row in rows], np.float64)
         top_ks = np.array([row.top_k for row in rows], np.int64)
         return sample_codes(at, u, temperatures, top_ks)
-
-
-def _gone_reason(row: Row, now: float) -> str:
-    """Why a row whose future is done (its caller's handler cancelled) leaves: gRPC cancels a
-    handler at its deadline too, a little before the deadline the server keeps (as the batcher
-    counts it: batcher.cancelled_by_deadline)."""
-    return "deadline" if cancelled_by_deadline(row.deadline, now) else "cancelled"
 
 
 def check_labels(values: Sequence[int], class_names: Sequence[str], n: int, name: str) -> list[int] | None:
