@@ -8,7 +8,7 @@ properties below instead of comparing kind names.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -256,3 +256,18 @@ LATENT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_latent)
 SAMPLE_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.answers_sample)
 IMAGE_INPUT_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.takes_image)
 TRANSLATE_KINDS: tuple[Kind, ...] = tuple(k for k in Kind if k.translates)
+
+
+def image_shape_fits(
+    shape: Sequence[int | str | None], channels: int | None, image_size: Sequence[int] | None
+) -> bool:
+    """Whether an image output's shape is the card's NCHW: [N, channels, H, W], H x W its image_size
+    where it has one. Unknown dims (symbolic, or not positive: a graph's declared shape) are not
+    compared. The server serves images by these card fields (export's verify and the server's load
+    both check them): an NHWC output, or a wrong channel count or size, would scramble or mislabel
+    every image."""
+    want = [None, channels, *(image_size or (None, None))]
+    return len(shape) == len(want) and all(
+        not isinstance(got, int) or got <= 0 or w is None or got == w
+        for got, w in zip(shape[1:], want[1:], strict=True)
+    )

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from genserve_contract.config import ModelConfig, parse_model_config
-from genserve_contract.kinds import Kind
+from genserve_contract.kinds import Kind, image_shape_fits
 from genserve_contract.repository import VERSION_PATTERN, latest_version_dir, sha256_file
 from genserve_export.card import check_thresholds, validate_card, validate_config
 from genserve_export.grids import write_grid
@@ -374,9 +374,9 @@ def _image_field_errors(card: Mapping[str, Any], file: str, case: str, shape: tu
     size, would load and then scramble or mislabel every image."""
     name = Kind(card["kind"]).image_output_name
     channels, size = card.get("channels"), card.get("image_size")
-    want = [shape[0], channels, *(size or shape[2:4])]
-    if list(shape) == want:
+    if image_shape_fits(shape, channels, size):
         return []
+    want = [shape[0], channels, *(size or shape[2:4])]
     return [
         f"{file} {name} at {case}: shape {list(shape)}, but card fields 'channels' ({channels!r}) and "
         f"'image_size' ({size!r}) say [N, C, H, W] = {want}: the server serves NCHW images by them "

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from genserve_contract.config import AUTO_TOLERANCE, Tolerance
+from genserve_contract.kinds import image_shape_fits
 from genserve_contract.repository import sha256_file
 from genserve_server import calibration, tiling, validate
 from genserve_server.batch_keys import TileRows, input_shape
@@ -372,11 +373,7 @@ def check_image_output(label: str, card: Card, shape: Sequence[int | str | None]
     kind has one. A graph giving NHWC (or another channel count or size) would otherwise load READY
     and scramble every raw image, fail every encoded one, and describe itself wrongly."""
     name = card.kind.image_output_name
-    want: list[int | None] = [None, card.channels, *(card.image_size or (None, None))]
-    if len(shape) == len(want) and all(
-        not isinstance(got, int) or got <= 0 or w is None or got == w
-        for got, w in zip(shape[1:], want[1:], strict=True)
-    ):
+    if image_shape_fits(shape, card.channels, card.image_size):
         return
     shown = ", ".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape[1:])
     size = "x".join(str(s) for s in card.image_size) if card.image_size else "any"
