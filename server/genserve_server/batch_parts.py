@@ -41,6 +41,17 @@ class Held(Protocol):
     async def take_back(self, deadline: float | None) -> None: ...
 
 
+@dataclass(slots=True, eq=False)
+class QueueReservation:
+    """Rows of a batcher's queue held for one RPC's later request (Batcher.reserved: a code prior's
+    decode, queued only once its grids are sampled); submit(reservation=...) queues into them.
+    `queued`: its rows in the queue now; `ended`: the RPC let them go."""
+
+    rows: int
+    queued: int = 0
+    ended: bool = False
+
+
 def count_once(caller: Caller | None) -> bool:
     """Whether a refusal or drop of a request of `caller` is counted: the first of its RPC's only
     (a request of its own, None: always)."""
@@ -85,6 +96,7 @@ class PendingRequest:
     turn: float = 0.0
     seq: int = 0
     caller: Caller | None = None  # its RPC, where that may queue other requests beside it
+    reservation: QueueReservation | None = None  # the queue's rows it was queued into, if any
 
 
 @dataclass(slots=True)

@@ -26,6 +26,8 @@ Scheduling:
   and the last overlap within OVERLAP_MEMORY_S). A queued request's deadline ends the window early
   enough for the batch to compute before it (_window_end);
 - the queue is bounded in rows: a request that does not fit is refused at once (ResourceExhausted);
+  rows reserved for an RPC's later request (`reserved`: a code prior's decode, queued once its grids
+  are sampled) count as queued from the reservation on, and that request is never refused;
 - rows of a request whose deadline passed are dropped before compute; a cancelled caller's rows
   leave the queue at once.
 
@@ -42,7 +44,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 
 import numpy as np
 
@@ -67,6 +69,7 @@ from genserve_server.batch_parts import (
     Held,
     Part,
     PendingRequest,
+    QueueReservation,
     Tensors,
     allocate,
     concat,
@@ -137,6 +140,15 @@ def _waiting_since(queue: deque[PendingRequest]) -> float:
             return min(since, request.enqueued_at)
         since = min(since, request.last_dispatch_at)
     return since
+
+
+def _check_fits(reservation: QueueReservation, n_rows: int, lane: Lane) -> None:
+    """A request submitted into a reservation: interactive, at most its rows queued at a time."""
+    if lane != Lane.INTERACTIVE or reservation.ended or reservation.queued + n_rows > reservation.rows:
+        raise ValueError(
+            f"{n_rows} {lane.name} rows do not fit the reservation ({reservation.queued} of "
+            f"{reservation.rows} queued, ended={reservation.ended})"
+        )
 
 
 def _gone(request: PendingRequest, now: float) -> bool:
@@ -244,6 +256,10 @@ class Batcher:
         self._rows_by_key: dict[tuple[Lane, Hashable], int] = {}
         self._queued_rows = 0
         self._queued_requests = 0
+        # Rows held by reservations (`reserved`), and of those the rows queued now: the queue's rows
+        # taken are the queued ones and the reserved ones not queued yet (_rows_taken).
+        self._reserved_rows = 0
+        self._reserved_queued = 0
         # Bulk rows may fill at most half the queue, and a bulk submit that finds no room waits for
         # it (backpressure on a stream) instead of failing: interactive requests, which fail fast
         # when the queue is full, always find the other half.
@@ -340,6 +356,55 @@ class Batcher:
     def queued_interactive_rows(self) -> int:
         return self._queued_rows - self._bulk_rows
 
+    def _rows_taken(self) -> int:
+        """Rows of max_queue_size taken: those queued and those reserved (`reserved`) not queued yet."""
+        return self._queued_rows - self._reserved_queued + self._reserved_rows
+
+    def _too_large(self, n_rows: int) -> InvalidArgument | None:
+        if n_rows <= self.max_queue_size:
+            return None
+        return InvalidArgument(
+            f"{self.name}: the request needs {n_rows} items, more than the whole queue holds "
+            f"(max_queue_size={self.max_queue_size}); split it into smaller requests"
+        )
+
+    def _queue_full(self, n_rows: int, caller: Caller | None) -> ResourceExhausted:
+        """An interactive request (or a reservation) the queue has no room for: counted once per RPC."""
+        if count_once(caller):
+            self._observer.on_rejected("queue_full")
+        held = self._reserved_rows - self._reserved_queued
+        held_note = f", {held} more reserved for requests on their way" if held else ""
+        return ResourceExhausted(
+            f"{self.name}: queue full ({self._queued_rows} of max_queue_size={self.max_queue_size} items "
+            f"waiting{held_note}, request needs {n_rows}); retry with backoff"
+        )
+
+    @contextlib.contextmanager
+    def reserved(self, n_rows: int, caller: Caller | None = None) -> Iterator[QueueReservation]:
+        """Hold `n_rows` of the queue for a request `caller` submits later (a code prior's decode,
+        queued only once its grids are sampled, seconds on), until the block ends: refused now as an
+        interactive submit of them would be (queue full: ResourceExhausted, counted once per RPC),
+        and counted as queued meanwhile, so that the request submitted with `reservation=` (one at a
+        time, at most `n_rows`) is never refused 'queue full' after the work it waited for."""
+        if self._closing:
+            raise self._draining()
+        if (too_large := self._too_large(n_rows)) is not None:
+            raise too_large
+        if self._rows_taken() + n_rows > self.max_queue_size:
+            raise self._queue_full(n_rows, caller)
+        reservation = QueueReservation(n_rows)
+        self._reserved_rows += n_rows
+        try:
+            yield reservation
+        finally:
+            # Rows of it still queued (a request failed by an earlier batch of its rows, not yet
+            # dropped by _take) count as any other queued rows from now on.
+            reservation.ended = True
+            self._reserved_rows -= n_rows
+            self._reserved_queued -= reservation.queued
+            if self._bulk_line:
+                self._room.set()
+
     def interactive_work_beside(self) -> bool:
         """Whether interactive rows wait or another interactive batch has been formed beside the one
         asking (the runner's solo-session rule: then a batch keeps to one thread)."""
@@ -363,24 +428,26 @@ class Batcher:
         deadline: float | None = None,
         caller: Caller | None = None,
         held: Held | None = None,
+        reservation: QueueReservation | None = None,
     ) -> BatchResult:
         """Queue `n_rows` rows (axis 0 of every input) and wait for their outputs. `caller`: the RPC
         the rows belong to (core.Call), counted once as refused or dropped, whatever number of the
         requests it queued leave (None: a request of its own). `held`: what that RPC holds that a
-        BULK request gives back while it waits for room (its response's bytes: batch_parts.Held)."""
+        BULK request gives back while it waits for room (its response's bytes: batch_parts.Held).
+        `reservation`: rows of the queue that RPC holds (`reserved`), which an INTERACTIVE request
+        queues into instead of being refused 'queue full'."""
         # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
         # path; only queue_full (ResourceExhausted) is counted here.
         if self._closing:
             raise self._draining()
         if n_rows < 1:
             raise ValueError(f"n_rows must be >= 1, got {n_rows}")
-        if n_rows > self.max_queue_size:
-            raise InvalidArgument(
-                f"{self.name}: the request needs {n_rows} items, more than the whole queue holds "
-                f"(max_queue_size={self.max_queue_size}); split it into smaller requests"
-            )
+        if (too_large := self._too_large(n_rows)) is not None:
+            raise too_large
         in_time = True
-        if lane == Lane.BULK:
+        if reservation is not None:
+            _check_fits(reservation, n_rows, lane)
+        elif lane == Lane.BULK:
             try:
                 in_time = await self._wait_for_bulk_room(n_rows, deadline, held)
             except asyncio.CancelledError as exc:
@@ -390,13 +457,8 @@ class Batcher:
                 if exc.args != (WITHDRAWN,):
                     self._dropped(caller, drop_reason(deadline, self._clock()))
                 raise
-        elif self._queued_rows + n_rows > self.max_queue_size:
-            if count_once(caller):
-                self._observer.on_rejected("queue_full")
-            raise ResourceExhausted(
-                f"{self.name}: queue full ({self._queued_rows} of max_queue_size={self.max_queue_size} items "
-                f"waiting, request needs {n_rows}); retry with backoff"
-            )
+        elif self._rows_taken() + n_rows > self.max_queue_size:
+            raise self._queue_full(n_rows, caller)
         now = self._clock()
         if deadline is not None and (now >= deadline or not in_time):
             self._dropped(caller, "deadline")
@@ -424,7 +486,21 @@ class Batcher:
             turn=self._batches_formed - 0.5,
             seq=self._admitted,
             caller=caller,
+            reservation=reservation,
         )
+        self._add_rows(request)
+        try:
+            return await future
+        except asyncio.CancelledError as exc:
+            # The caller was cancelled (asyncio cancels `future` too): its rows leave the queue at
+            # once, so that a client that gave up never holds room a live request is refused for.
+            # Here rather than a done-callback on every future: no extra loop turn per request.
+            self._forget_cancelled(request, counted=exc.args != (WITHDRAWN,))
+            raise
+
+    def _add_rows(self, request: PendingRequest) -> None:
+        """Queue an admitted request (its rows leave through _remove_rows)."""
+        lane, key, n_rows = request.lane, request.key, request.n_rows
         queue = self._lanes[lane].get(key)
         if queue is None:
             queue = self._lanes[lane][key] = deque()
@@ -435,16 +511,11 @@ class Batcher:
         self._queued_requests += 1
         if lane == Lane.BULK:
             self._bulk_rows += n_rows
+        if request.reservation is not None:
+            request.reservation.queued += n_rows
+            self._reserved_queued += n_rows
         self._observer.on_queue_depth(self._queued_rows)
         self._available.set()
-        try:
-            return await future
-        except asyncio.CancelledError as exc:
-            # The caller was cancelled (asyncio cancels `future` too): its rows leave the queue at
-            # once, so that a client that gave up never holds room a live request is refused for.
-            # Here rather than a done-callback on every future: no extra loop turn per request.
-            self._forget_cancelled(request, counted=exc.args != (WITHDRAWN,))
-            raise
 
     def _forget_cancelled(self, request: PendingRequest, *, counted: bool = True) -> None:
         """Take a cancelled request's untaken rows out of the queue (rows already in a batch compute
@@ -455,7 +526,7 @@ class Batcher:
         queue.remove(request)
         if not queue:
             del self._lanes[request.lane][request.key]
-        self._remove_rows(request.lane, request.key, request.n_rows - request.next_row, request_gone=True)
+        self._remove_rows(request, request.n_rows - request.next_row, request_gone=True)
         if counted:
             # gRPC cancels a handler whose deadline passed: count that as the deadline, as _take does.
             self._dropped(request.caller, drop_reason(request.deadline, self._clock()))
@@ -473,7 +544,7 @@ class Batcher:
         )
 
     def _bulk_fits(self, n_rows: int) -> bool:
-        if self._queued_rows + n_rows > self.max_queue_size:
+        if self._rows_taken() + n_rows > self.max_queue_size:
             return False
         # One bulk request always fits an empty bulk share, even one larger than half the queue.
         return self._bulk_rows == 0 or self._bulk_rows + n_rows <= self.max_queue_size // 2
@@ -586,9 +657,11 @@ class Batcher:
             for queue in lane.values():
                 for request in queue:
                     set_exception_if_not_done(request.future, error())
+                    if request.reservation is not None:
+                        request.reservation.queued = 0
             lane.clear()
         self._rows_by_key.clear()
-        self._queued_rows = self._queued_requests = self._bulk_rows = 0
+        self._queued_rows = self._queued_requests = self._bulk_rows = self._reserved_queued = 0
         self._split_rest = None
         self._observer.on_queue_depth(0)
         if self._bulk_line:
@@ -839,8 +912,10 @@ class Batcher:
             self._split_rest = (lane, key)
         return parts, split is not None
 
-    def _remove_rows(self, lane: Lane, key: Hashable, rows: int, *, request_gone: bool) -> None:
-        lk = (lane, key)
+    def _remove_rows(self, request: PendingRequest, rows: int, *, request_gone: bool) -> None:
+        """`rows` of `request` leave the queue (taken into a batch, or dropped)."""
+        lane = request.lane
+        lk = (lane, request.key)
         self._rows_by_key[lk] -= rows
         if self._rows_by_key[lk] == 0:
             del self._rows_by_key[lk]
@@ -849,6 +924,10 @@ class Batcher:
             self._queued_requests -= 1
         if lane == Lane.BULK:
             self._bulk_rows -= rows
+        reservation = request.reservation
+        if reservation is not None and not reservation.ended:
+            reservation.queued -= rows
+            self._reserved_queued -= rows
         if self._bulk_line:
             self._room.set()
 
@@ -874,7 +953,7 @@ class Batcher:
             request = queue.popleft()
             expired = _expired(request, now)
             if request.future.done() or expired:
-                self._remove_rows(lane, key, request.n_rows - request.next_row, request_gone=True)
+                self._remove_rows(request, request.n_rows - request.next_row, request_gone=True)
                 if request.future.cancelled():
                     # A part WITHDRAWN (its future cancelled, its own handler not yet run) counts as
                     # its request's failure only, as in _forget_cancelled.
@@ -894,7 +973,7 @@ class Batcher:
             for request in waiting:
                 request.next_row = 1
                 request.last_dispatch_at = now
-                self._remove_rows(lane, key, 1, request_gone=True)
+                self._remove_rows(request, 1, request_gone=True)
             if not queue:
                 del self._lanes[lane][key]
             self._observer.on_queue_depth(self._queued_rows)
@@ -911,7 +990,7 @@ class Batcher:
             request.next_row += take
             request.last_dispatch_at = now
             request.turn = self._batches_formed
-            self._remove_rows(lane, key, take, request_gone=request.next_row == request.n_rows)
+            self._remove_rows(request, take, request_gone=request.next_row == request.n_rows)
         # Back to the head: the started ones, then the untouched ones in admission order.
         started = [r for r in waiting if 0 < r.next_row < r.n_rows]
         queue.extendleft(reversed(started + [r for r in waiting if r.next_row == 0]))

@@ -7,6 +7,11 @@ step. `sample_codes_stream` is the same with progress: it yields a `CodeProgress
 Previews never hold the prior back: a preview the consumer has not taken when the next one is
 ready is replaced by it; the last one untaken when the sampling ends is sent before the result, so
 every level that reported shows at least once.
+
+A call holds its rows of the decoder's queue from admission (before its first step) to its end
+(`decoder_room`): its grids are queued only once every one is sampled, and a decoder queue that
+other traffic filled meanwhile refused them then, the call's work lost. A full queue now refuses
+the call at once, as a full row budget does.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from genserve_server import validate
 from genserve_server.batch_keys import CodeRows
+from genserve_server.batch_parts import QueueReservation
 from genserve_server.batcher import Lane
 from genserve_server.core import Call, GenerationCore
 from genserve_server.encoding import EncodedImage
@@ -78,6 +84,19 @@ def code_decoder(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVer
     return decoder
 
 
+@contextlib.contextmanager
+def decoder_room(decoder: ModelVersion | None, call: Call, n: int) -> Iterator[QueueReservation | None]:
+    """The call's `n` rows of its decoder's queue, held until the block ends (Batcher.reserved):
+    RESOURCE_EXHAUSTED now where the queue is full, never once the grids are sampled. None
+    without a decoder."""
+    if decoder is None:
+        yield None
+        return
+    assert decoder.batcher is not None
+    with decoder.batcher.reserved(n, call) as room:
+        yield room
+
+
 def top_prior(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVersion | None:
     """The version of a bottom prior's top prior (config.json `top_prior`) the call uses, if any,
     held until the call ends (GenerationCore.use: its step scheduler runs on that version's runner)."""
@@ -125,11 +144,14 @@ async def sample_codes(
     every: int = 0,
     decoding: asyncio.Lock | None = None,
     return_codes: bool = False,
+    room: QueueReservation | None = None,
 ) -> CodeSamples:
     """Grids from the prior's step scheduler, then images from its decoder's batcher (rows that
     finish near the same step, of any request, share the decoder's batches). `decoding`: held
     while the grids are in the decoder's queue (a stream's previews hold it too). `return_codes`:
-    the response carries the grids besides the images (always where there is no decoder)."""
+    the response carries the grids besides the images (always where there is no decoder). `room`:
+    the call's rows of the decoder's queue (decoder_room), held by the caller; else held here,
+    from before the first step to the end."""
     decoder = code_decoder(core, call, mv)
     limit = core.limits.max_send_message_bytes
     expected = 0
@@ -160,6 +182,30 @@ async def sample_codes(
             )
         expected += grid_bytes
     await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
+    with contextlib.ExitStack() as held:
+        if room is None:
+            room = held.enter_context(decoder_room(decoder, call, len(seeds)))
+        codes, tops = await _levels(core, mv, call, seeds, labels, tops, options, progress, every)
+        if decoder is None:
+            return CodeSamples(codes, [], [], tops)
+        assert room is not None
+        async with decoding or contextlib.nullcontext():
+            images, batch_sizes = await _decode(core, decoder, call, codes, tops, out, room)
+        return CodeSamples(codes, images, batch_sizes, tops)
+
+
+async def _levels(
+    core: GenerationCore,
+    mv: ModelVersion,
+    call: Call,
+    seeds: Sequence[int],
+    labels: Sequence[int] | None,
+    tops: np.ndarray | None,
+    options: SamplingOptions,
+    progress: LevelProgress | None,
+    every: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The grids, and the top grids (given, or sampled first by the prior's top prior)."""
     top = top_prior(core, call, mv) if tops is None else None
     if top is not None:  # both levels in one call: the top grids first, same seeds and options
         assert top.card is not None and top.card.codebook_size is not None and top.card.grid is not None
@@ -190,11 +236,7 @@ async def sample_codes(
         steps_between(every, stepper.positions),
         caller=call,
     )
-    if decoder is None:
-        return CodeSamples(codes, [], [], tops)
-    async with decoding or contextlib.nullcontext():
-        images, batch_sizes = await _decode(core, decoder, call, codes, tops, out)
-    return CodeSamples(codes, images, batch_sizes, tops)
+    return codes, tops
 
 
 def _at_level(
@@ -215,13 +257,22 @@ async def _decode(
     codes: np.ndarray,
     tops: np.ndarray | None,
     out: OutputSpec,
+    room: QueueReservation,
 ) -> tuple[list[EncodedImage], list[int]]:
+    """Grids to images through the decoder's batcher, queued into the call's `room` (one decode of
+    the call at a time: the `decoding` lock)."""
     assert decoder.card is not None and decoder.batcher is not None
     inputs = {"codes": codes}
     if tops is not None:
         inputs["top_codes"] = tops
     result = await decoder.batcher.submit(
-        CodeRows(), inputs, len(codes), lane=Lane.INTERACTIVE, deadline=call.deadline, caller=call
+        CodeRows(),
+        inputs,
+        len(codes),
+        lane=Lane.INTERACTIVE,
+        deadline=call.deadline,
+        caller=call,
+        reservation=room,
     )
     images = await core.codec.encode(
         decoder.metrics, result.outputs["image"], out, decoder.card.output_range, timing=call.timing
@@ -254,8 +305,14 @@ async def sample_codes_stream(
     # queued together, are twice the request's, which the queue need not hold (sample_limit bounds
     # the request by the queue), and the second was refused 'queue full' on an idle server.
     decoding = asyncio.Lock()
+    # The call's rows of the decoder's queue, for its previews and its result, held until the stream
+    # ends: a preview still untaken when the sampling ended is decoded after the result's decode.
+    held = contextlib.ExitStack()
+    room = held.enter_context(decoder_room(decoder, call, len(seeds)))
     sampling = asyncio.ensure_future(
-        sample_codes(core, mv, call, seeds, labels, tops, options, out, report, every, decoding, return_codes)
+        sample_codes(
+            core, mv, call, seeds, labels, tops, options, out, report, every, decoding, return_codes, room
+        )
     )
     try:
         while True:
@@ -275,14 +332,18 @@ async def sample_codes_stream(
             level, filled, positions, grids, given = latest.pop()
             previews: list[EncodedImage] = []
             if level == CODES_LEVEL and decoder is not None:
+                assert room is not None
                 async with decoding:
-                    previews, _ = await _decode(core, decoder, call, grids, given, out)
+                    previews, _ = await _decode(core, decoder, call, grids, given, out, room)
             yield CodeProgress(level, filled, positions, previews)
         yield sampling.result()
     finally:
-        if not sampling.done():  # the caller left: its rows leave the running set at the next step
-            sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampling
-        elif not sampling.cancelled():
-            sampling.exception()  # it failed while the caller left: retrieved, not logged as lost
+        try:
+            if not sampling.done():  # the caller left: its rows leave the running set at the next step
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
+            elif not sampling.cancelled():
+                sampling.exception()  # it failed while the caller left: retrieved, not logged as lost
+        finally:
+            held.close()

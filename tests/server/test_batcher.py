@@ -1802,3 +1802,41 @@ def test_a_failing_model_logs_one_traceback_per_interval_and_a_line_per_failure(
     failures = [r for r in caplog.records if "failed" in r.getMessage() and r.levelno == logging.ERROR]
     assert len(failures) == 5, [r.getMessage() for r in failures]
     assert sum(1 for r in failures if r.exc_info) == 1
+
+
+def test_reserved_rows_count_as_queued_and_a_request_into_them_is_never_refused() -> None:
+    """Batcher.reserved (a code prior's decode, queued only once its grids are sampled): the rows are
+    refused at once where the queue is full, count as queued for everyone else while held (bulk
+    too), and the request submitted into them later is queued even when the others filled the rest;
+    released, they are room again."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=6)
+        gate, blocker = await hold_runner(batcher, model)
+        rpc = Rpc()
+        with batcher.reserved(3, rpc) as room:
+            with pytest.raises(ResourceExhausted, match="queue full"):
+                with batcher.reserved(4, Rpc()):
+                    pass
+            others = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3), 3))
+            await until(lambda: batcher.queued_rows == 3, "the others queued")
+            with pytest.raises(ResourceExhausted, match=r"3 more reserved for requests on their way"):
+                await batcher.submit("k", rows(4), 1)
+            assert not batcher._bulk_fits(1)
+            decode = asyncio.ensure_future(
+                batcher.submit("k", rows(5, 6, 7), 3, caller=rpc, reservation=room)
+            )
+            await until(lambda: batcher.queued_rows == 6, "the reserved request queued")
+            with pytest.raises(ValueError, match="do not fit the reservation"):
+                await batcher.submit("k", rows(8), 1, reservation=room)
+            gate.set()
+            assert (await decode).outputs["y"].tolist() == [50, 60, 70]
+            await asyncio.gather(others, blocker)
+        assert recorder.rejected == ["queue_full", "queue_full"]
+        assert batcher._rows_taken() == 0
+        with batcher.reserved(6):
+            pass
+        await batcher.close(1)
+
+    run(body())

@@ -26,6 +26,7 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.config import SamplingConfig
 from genserve_server import code_sampling, validate
+from genserve_server.batch_keys import CodeRows
 from genserve_server.code_sampling import CodeSamples
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
@@ -1277,5 +1278,117 @@ def test_a_two_level_call_keeps_its_bottom_rows_while_its_top_level_runs(tmp_pat
             bottom_go.set()
             joined.cancel()
             await asyncio.gather(later, return_exceptions=True)
+
+    run_with_core(tmp_path, body)
+
+
+def hold_runs(batcher: Any) -> asyncio.Event:
+    """Hold every batch `batcher` runs until the returned event is set (its queue fills meanwhile)."""
+    free = asyncio.Event()
+    run = batcher._run_batch
+
+    async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        await free.wait()
+        return await run(key, inputs)
+
+    batcher._run_batch = held_run
+    return free
+
+
+async def fill_queue(batcher: Any, two_level: bool) -> list[asyncio.Future[Any]]:
+    """One-row Decode-like requests queued into a held decoder until one is refused 'queue full'."""
+    one = {"codes": np.zeros((1, *GRID), np.int64)}
+    if two_level:
+        one["top_codes"] = np.zeros((1, GRID[0] // 2, GRID[1] // 2), np.int64)
+    queued: list[asyncio.Future[Any]] = []
+    while True:
+        request = asyncio.ensure_future(batcher.submit(CodeRows(), one, 1, caller=None))
+        for _ in range(3):
+            await asyncio.sleep(0)  # queued (pending), or refused at once (done)
+        if request.done():
+            with pytest.raises(ResourceExhausted, match="queue full"):
+                request.result()
+            return queued
+        queued.append(request)
+
+
+async def stream_result(
+    core: GenerationCore, name: str, seeds: list[int], labels: list[int] | None
+) -> CodeSamples:
+    """SampleCodesStream through the core: every item taken, the CodeSamples returned."""
+    call = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+    mv = core.resolve(call, name, "", ("code_prior",), "SampleCodesStream")
+    try:
+        stream = code_sampling.sample_codes_stream(
+            core, mv, call, seeds, labels, None, SamplingOptions(), PNG
+        )
+        items = [item async for item in stream]
+    finally:
+        if call.batcher is not None:
+            call.batcher.release()
+        call.release_uses()
+    assert isinstance(items[-1], CodeSamples)
+    return items[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("prior", ["prior", "chain"])
+def test_a_call_keeps_room_in_its_decoders_queue_while_it_samples(
+    tmp_path: Path, prior: str, stream: bool
+) -> None:
+    """A code prior's grids are decoded in one request to its decoder's batcher, queued only once every
+    grid is sampled (seconds of steps for a real prior): Decode traffic that filled the decoder's
+    queue meanwhile made the call RESOURCE_EXHAUSTED after all its work, its grids lost (a stream's
+    previews too). The call holds its rows of the decoder's queue from admission to its end."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    two_level = prior == "chain"
+    decoder_name = names["decoder2" if two_level else "decoder"]
+    labels = None if two_level else [0, 1, 2]
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        bottom = core.stepper(repo.get(names[prior]).resolve(""))
+        batcher = repo.get(decoder_name).resolve("").batcher
+        reached, go = gate(bottom, at_step=2)  # the call is sampling: admitted, nothing to decode yet
+        free = hold_runs(batcher)
+        if stream:
+            call = asyncio.ensure_future(stream_result(core, names[prior], [1, 2, 3], labels))
+        else:
+            call = asyncio.ensure_future(sample(core, names[prior], [1, 2, 3], labels))
+        await reached.wait()
+        others = await fill_queue(batcher, two_level)
+        filled = batcher.queued_rows
+        go.set()
+        try:
+            # Its decode (or a stream's first preview) is queued behind the others, not refused.
+            await until(lambda: call.done() or batcher.queued_rows > filled)
+            assert not call.done() or call.exception() is None, call.exception()
+        finally:
+            free.set()
+            done = await asyncio.gather(call, *others, return_exceptions=True)
+        assert not any(isinstance(d, BaseException) for d in done), done
+        result = done[0]
+        assert isinstance(result, CodeSamples) and len(result.images) == 3
+
+    run_with_core(tmp_path, body)
+
+
+def test_a_call_is_refused_before_any_step_when_its_decoders_queue_is_full(tmp_path: Path) -> None:
+    """Room in the decoder's queue is asked at admission, as the prior's row budget is: a full queue
+    refuses the call at once (RESOURCE_EXHAUSTED, retry with backoff), not after every grid was
+    sampled."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        batcher = repo.get(names["decoder"]).resolve("").batcher
+        free = hold_runs(batcher)
+        others = await fill_queue(batcher, two_level=False)
+        try:
+            with pytest.raises(ResourceExhausted, match="queue full"):
+                await sample(core, names["prior"], [1, 2], [0])
+            assert scheduler.stats.steps == 0
+        finally:
+            free.set()
+            await asyncio.gather(*others)
 
     run_with_core(tmp_path, body)
