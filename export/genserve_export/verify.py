@@ -132,8 +132,13 @@ def verify_repository(
     sessions = _SessionCache(root)
     for entry in entries:
         config = _check_config(entry, report)
+        try:
+            listed = list(entry.iterdir())
+        except OSError as exc:
+            report.errors.append(f"{entry.name}: cannot list its version directories: {exc.strerror or exc}")
+            continue
         versions = sorted(
-            (p for p in entry.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
+            (p for p in listed if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
         )
         bad = [p.name for p in versions if not VERSION_PATTERN.match(p.name)]
         if bad:
@@ -189,15 +194,38 @@ class _SessionCache:
         return lambda feeds: run_session(sess, feeds)
 
 
+def _read_json(path: Path, where: str) -> tuple[Any, str]:
+    """(the parsed JSON of ``path``, "") or (None, why it cannot be read), the reason naming ``where``:
+    a directory, no read permission, not UTF-8 and invalid JSON are the file's problem, not verify's."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), ""
+    except UnicodeDecodeError as exc:
+        return None, f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return None, f"{where} is not valid JSON: {exc}"
+    except RecursionError:
+        return None, f"{where} is not valid JSON: nested too deeply"
+    except OSError as exc:
+        return None, f"{where} cannot be read: {exc.strerror or exc}"
+
+
+def _digest(path: Path, file: str, errors: list[str]) -> str | None:
+    """``path``'s sha256, or None with an error naming ``file`` and why it cannot be read."""
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        errors.append(f"{file} cannot be read: {exc.strerror or exc}")
+        return None
+
+
 def _check_config(entry: Path, report: VerifyReport) -> dict[str, Any] | None:
     path = entry / "config.json"
     if not path.exists():
         report.errors.append(f"{entry.name}: config.json is missing")
         return None
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        report.errors.append(f"{entry.name}/config.json is not valid JSON: {exc}")
+    config, problem = _read_json(path, f"{entry.name}/config.json")
+    if problem:
+        report.errors.append(problem)
         return None
     problems = validate_config(config, where=f"{entry.name}/config.json")
     report.errors.extend(problems)
@@ -214,10 +242,9 @@ def _verify_version(
     name, version = version_dir.parent.name, version_dir.name
     model = ModelReport(name, version, version_dir)
     where = f"{name}/{version}/card.json"
-    try:
-        card = json.loads((version_dir / "card.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        model.errors.append(f"{where} cannot be read: {exc}")
+    card, problem = _read_json(version_dir / "card.json", where)
+    if problem:
+        model.errors.append(problem)
         return model
     model.errors += validate_card(card, where=where)
     if model.errors:
@@ -287,10 +314,8 @@ def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport)
         path = version_dir / file
         if not path.exists():
             model.errors.append(f"{file} is listed in the card but missing")
-        elif sha256_file(path) != digest:
-            model.errors.append(
-                f"{file}: sha256 {sha256_file(path)[:12]}… differs from the card's {digest[:12]}…"
-            )
+        elif (actual := _digest(path, file, model.errors)) is not None and actual != digest:
+            model.errors.append(f"{file}: sha256 {actual[:12]}… differs from the card's {digest[:12]}…")
     aux = card.get("aux_graphs") or {}
     if not isinstance(aux, Mapping):
         model.errors.append("card field 'aux_graphs' must be an object of file -> {sha256, ...}")
@@ -300,7 +325,9 @@ def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport)
         digest = record.get("sha256") if isinstance(record, Mapping) else None
         if not path.is_file():
             model.errors.append(f"auxiliary graph {file} is listed in the card but missing")
-        elif sha256_file(path) != digest:
+        elif (actual := _digest(path, f"auxiliary graph {file}", model.errors)) is not None and (
+            actual != digest
+        ):
             model.errors.append(f"auxiliary graph {file}: sha256 differs from the card's aux_graphs")
     source = card.get("source")
     recorded = source.get("files_sha256") if isinstance(source, Mapping) else None
@@ -310,7 +337,7 @@ def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport)
         path = version_dir / file
         if not path.is_file():
             model.errors.append(f"{file} is listed in the card's source.files_sha256 but missing")
-        elif sha256_file(path) != digest:
+        elif (actual := _digest(path, file, model.errors)) is not None and actual != digest:
             model.errors.append(f"{file}: sha256 differs from the card's source.files_sha256")
     unlisted = sorted(
         p.name for p in version_dir.glob("*.onnx") if p.name not in listed and p.name not in aux

@@ -1,0 +1,99 @@
+"""`genserve-export verify` reports a repository file it cannot read (a directory where a file should
+be, a file that is not UTF-8, one without read permission) as that model's error naming the file and
+the cause, and goes on checking the other models: never a traceback that checks nothing more."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from genserve_export import export_model
+from genserve_export import verify as verify_module
+from genserve_export.cli import main as cli_main
+
+
+class GrayGenerator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 64)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.body(z)).view(-1, 1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    torch.manual_seed(0)
+    for name in ("broken", "healthy"):
+        export_model(
+            GrayGenerator(),
+            kind="generator",
+            name=name,
+            out_dir=root,
+            example_inputs={"z": torch.randn(4, 8)},
+            card={"description": "gray 8x8 generator", "output_range": [-1, 1]},
+            fp16=False,
+        )
+    return root
+
+
+def _a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _not_utf8(path: Path) -> None:
+    path.write_bytes(b"\xff\xfe{}")
+
+
+FAULTS: dict[str, tuple[str, Callable[[Path], None], str]] = {
+    "config.json is a directory": ("broken/config.json", _a_directory, "Is a directory"),
+    "config.json is not UTF-8": ("broken/config.json", _not_utf8, "UTF-8"),
+    "card.json is not UTF-8": ("broken/1/card.json", _not_utf8, "UTF-8"),
+    "model.onnx is a directory": ("broken/1/model.onnx", _a_directory, "Is a directory"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_file_verify_cannot_read_is_an_error_naming_it_and_the_other_models_are_checked(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fault: str
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(exported, repo)
+    relative, damage, cause = FAULTS[fault]
+    damage(repo / relative)
+    code = cli_main(["verify", str(repo), "--no-quality", "--no-thresholds"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert Path(relative).name in out and cause in out, out
+    assert "[OK] healthy/1" in out, out
+
+
+def test_a_model_file_without_read_permission_is_an_error_naming_it(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chmod 000 does not stop root (tests may run as root): the read is refused as the OS would.
+    repo = tmp_path / "repo"
+    shutil.copytree(exported, repo)
+    victim = repo / "broken" / "1" / "model.onnx"
+    real = verify_module.sha256_file
+
+    def refused(path: Path) -> str:
+        if path == victim:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+
+    monkeypatch.setattr(verify_module, "sha256_file", refused)
+    code = cli_main(["verify", str(repo), "--no-quality", "--no-thresholds"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "model.onnx" in out and "Permission denied" in out, out
+    assert "[OK] healthy/1" in out, out
