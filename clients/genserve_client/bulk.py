@@ -331,6 +331,26 @@ def write_file_durably(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_file_whole(path: Path, data: bytes) -> None:
+    """`path` holds all of `data`, or is left as it was: written under a temp name beside it, renamed
+    into place, the temp file removed on an error (a full disk), which names `path`. For the CLI's
+    outputs (a picture, a merged manifest), which need no fsync: a later tool must never take a
+    partial file for a whole one, and "No space left on device" alone does not say where."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename in (None, str(tmp)) and exc.errno is not None:
+            exc.filename, exc.filename2 = str(path), None
+        raise
+
+
 def read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Entries of a manifest and the byte length of its intact part.
 

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genserve_client.bulk import JOB_FILE, MANIFEST_FILE, BulkError, Shard, read_job, read_manifest
+from genserve_client.bulk import (
+    JOB_FILE,
+    MANIFEST_FILE,
+    BulkError,
+    Shard,
+    read_job,
+    read_manifest,
+    write_file_whole,
+)
 
 MAX_LISTED = 10  # problems of one kind listed before "and N more"
 
@@ -208,4 +216,4 @@ def _difference(first: dict[str, Any], other: dict[str, Any]) -> str:
 
 
 def write_merged_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
-    path.write_bytes(b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))
+    write_file_whole(path, b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))

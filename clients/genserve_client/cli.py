@@ -54,6 +54,7 @@ from genserve_client.bulk import (
     read_job,
     state_label,
     version_order,
+    write_file_whole,
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions, read_token_file, token_problem
@@ -232,16 +233,25 @@ def resolve_labels(info: genserve_pb2.ModelInfo, labels: str | None) -> list[int
 
 def save_image_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    write_file_whole(path, data)
+
+
+def encoded(picture: Image.Image, path: Path, text: dict[str, str] | None = None) -> bytes:
+    """`picture` encoded in the format `path`'s suffix names (check_picture_path); a PNG carries
+    `text` (seeds, model, version, sha256) as tEXt chunks."""
+    buffer = io.BytesIO()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if text and fmt == "PNG":
+        picture.save(buffer, format=fmt, pnginfo=pnginfo(text))
+    else:
+        picture.save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 def save_picture(picture: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
-    """Save a picture; a PNG carries `text` (seeds, model, version, sha256) as tEXt chunks."""
+    """Save a picture whole or not at all (write_file_whole)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if text and path.suffix.lower() == ".png":
-        picture.save(path, pnginfo=pnginfo(text))
-    else:
-        picture.save(path)
+    write_file_whole(path, encoded(picture, path, text))
     _out(f"wrote {path} ({picture.width}x{picture.height})")
 
 
@@ -256,9 +266,10 @@ def write_items(result: SampleResult, out_dir: Path, stem: str, **settings: obje
         text = png_text(result.provenance, seed=item.seed, label=item.label, **settings)
         suffix = FILE_SUFFIX.get(item.message.format)
         if suffix is None:
-            array_to_pil(item.array).save(out_dir / f"{name}.png", pnginfo=pnginfo(text))
+            path = out_dir / f"{name}.png"
+            write_file_whole(path, encoded(array_to_pil(item.array), path, text))
         else:
-            (out_dir / f"{name}{suffix}").write_bytes(with_png_text(item.raw, text))
+            write_file_whole(out_dir / f"{name}{suffix}", with_png_text(item.raw, text))
     _out(f"wrote {len(result.items)} images to {out_dir}")
 
 
