@@ -1,7 +1,7 @@
 """Start a server as a subprocess and wait until it serves: the other side of `--ready-file`.
 
 `genserve-server serve --ready-file PATH` (and bench's naive server) write {"port", "metrics_port",
-"pid"} once they listen (main.write_ready_file, atomically). The tests and the benchmark start
+"health_port", "pid"} once they listen (main.write_ready_file, atomically). The tests and the benchmark start
 servers on OS-chosen ports this way; this module is the one place that launches, waits and stops.
 """
 
@@ -37,6 +37,7 @@ class ServerSubprocess:
     metrics_port: int  # 0: the server serves no /metrics
     pid: int  # the serving process (the ready file's; a wrapper's child may differ from proc.pid)
     log_path: Path
+    health_port: int = 0  # 0: no --health-port
 
     @classmethod
     def start(
@@ -81,6 +82,7 @@ class ServerSubprocess:
             int(info.get("metrics_port") or 0),
             int(info.get("pid") or proc.pid),
             log_path,
+            int(info.get("health_port") or 0),
         )
 
     @property

@@ -1,18 +1,19 @@
 """`genserve-server`: the CLI and the server lifecycle.
 
     genserve-server serve --models DIR [--port 50051] [--metrics-port 50052] [--host 127.0.0.1]
-                          [--config FILE] [--ready-file PATH] [--no-metrics] [--log-json]
+                          [--health-port PORT] [--config FILE] [--ready-file PATH] [--no-metrics] [--log-json]
                           [--require-models NAME,NAME]
                           [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
                           [--token-file FILE] [--token-env VAR] [--watch-interval-s S]
     genserve-server health [--port 50051] [--service NAME]
 
-Lifecycle (grpc's graceful-shutdown example): bind, start, load models (health NOT_SERVING until
-then, and after unless every required model is READY: health.py), announce; on SIGTERM/SIGINT:
+Lifecycle (grpc's graceful-shutdown example): bind, start (the --health-port listener before the
+serving port), load models (health NOT_SERVING until then, and after unless every required model is
+READY: health.py), announce; on SIGTERM/SIGINT:
 SampleStreams end after the chunk they are sending (UNAVAILABLE naming the start_index to resume
 from), health NOT_SERVING, `server.stop(grace)` (the port is released, no new RPCs, in-flight unary
-calls finish), batchers drain, pools shut down, exit 0. SIGHUP rescans the model repository
-(reload.py): new versions load in the background, retired ones drain.
+calls finish), batchers drain, pools shut down, the health listener closes, exit 0. SIGHUP
+rescans the model repository (reload.py): new versions load in the background, retired ones drain.
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ logger = logging.getLogger("genserve_server")
 # (fully allocated: any port there is some exporter's, e.g. 9100 node_exporter, 9400 DCGM, 9464
 # OpenTelemetry), so genserve can run on a node beside them (docs/metrics.md).
 DEFAULT_METRICS_PORT = 50052
+
+# `--health-port` (docs/operations.md, "Health port"): a second gRPC listener serving grpc.health.v1
+# alone, for probes that open a connection each (the kubelet's). Past max_connections the serving
+# port closes every new connection at accept, a probe's included; this one has a limit of its own,
+# which only probes use. Off unless asked for: a third port bound by every `serve` would collide
+# where servers run side by side, and only a prober that needs an answer under full load wants it.
+HEALTH_MAX_CONNECTIONS = 64
+# A probe closes its connection after its Check; one left open with no call is closed after this
+# (a Watch stream is a call: it keeps its connection).
+HEALTH_IDLE_TIMEOUT_S = 10.0
+# A HealthCheckRequest is a service name: a larger request is refused before it is parsed.
+HEALTH_MAX_REQUEST_BYTES = 64 * 1024
 
 # The services whose unary generation methods accept.py accepts several calls of per loop turn.
 GENERATION_SERVICES = (
@@ -135,6 +148,21 @@ def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
     return options
 
 
+def health_server_options(limits: Limits) -> list[tuple[str, int]]:
+    """The health listener's channel options: the serving port's, with its own small connection
+    limit, a short idle timeout and requests no larger than a health request needs."""
+    import dataclasses
+
+    return grpc_server_options(
+        dataclasses.replace(
+            limits,
+            max_connections=HEALTH_MAX_CONNECTIONS,
+            connection_idle_timeout_s=min(limits.connection_idle_timeout_s, HEALTH_IDLE_TIMEOUT_S),
+            max_receive_message_bytes=HEALTH_MAX_REQUEST_BYTES,
+        )
+    )
+
+
 class App:
     """One server process: repository, servicers, gRPC server, metrics endpoint."""
 
@@ -147,6 +175,7 @@ class App:
         port: int = 50051,
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = DEFAULT_METRICS_PORT,
+        health_port: int | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         required_models: Sequence[str] | None = None,
     ) -> None:
@@ -155,6 +184,7 @@ class App:
         self.requested_port = port
         self.metrics_host = metrics_host
         self.requested_metrics_port = metrics_port
+        self.requested_health_port = health_port
         self.metrics = Metrics(enabled=metrics_port is not None)
         self.repository = Repository(models_dir, config, self.metrics)
         self.health = HealthState()
@@ -202,14 +232,13 @@ class App:
             generation = admission.classify(method) is admission.generation
             return handler.unary_unary is not None and generation and service in GENERATION_SERVICES
 
-        guarded = GuardedRegistrar(
-            self.server,
-            lambda method, handler: admission.wrap(
+        def guard(method: str, handler: Handler) -> Handler:
+            return admission.wrap(
                 method,
                 guard_malformed(method, handler, on_reject=lambda _: unresolved.rejected["invalid"].inc()),
-            ),
-            hot=hot if accept_many else None,
-        )
+            )
+
+        guarded = GuardedRegistrar(self.server, guard, hot=hot if accept_many else None)
         registrar = guarded.as_server()
         # One core and one boundary under both servicers: rows of either protocol share batches.
         self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
@@ -229,6 +258,16 @@ class App:
         )
         kserve.add_to_server(self.kserve, registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
+        # --health-port: the same servicer (the same answers), its Watch streams counted with the
+        # serving port's by the same admission, behind the same authentication.
+        self.health_server: grpc.aio.Server | None = None
+        if health_port is not None:
+            self.health_server = grpc.aio.server(
+                interceptors=server_interceptors, options=health_server_options(limits)
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(
+                self.health.servicer, GuardedRegistrar(self.health_server, guard).as_server()
+            )
         # Through the registrar (enable_server_reflection needs the server itself): admitted as control.
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(SERVICE_NAMES), registrar
@@ -246,11 +285,14 @@ class App:
         )
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         self.repository.scan()
         self.port = self._bind_grpc()
+        if self.health_server is not None and self.requested_health_port is not None:
+            self.health_port = self._bind_health(self.health_server, self.requested_health_port)
         if self.requested_metrics_port is not None:
             self.metrics_port = self._bind_metrics(self.requested_metrics_port)
         for key in (*OVERALL_KEYS, LIVE_KEY):
@@ -258,6 +300,9 @@ class App:
         for model in self.repository:
             await self.health.set(model.name, False)
         self.repository.add_listener(self._on_model_state)
+        # Before the serving port: a probe never finds the server up and its health listener not.
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.server.start()
         self.acceptor.start()
         await self.repository.load_all()
@@ -279,6 +324,17 @@ class App:
         if port == 0:
             raise GenserveError(f"cannot listen on {address} (--host/--port)")
         return port
+
+    def _bind_health(self, server: grpc.aio.Server, port: int) -> int:
+        address = _address(self.host, port)
+        _check_port_free(self.host, port, "--health-port")
+        try:
+            bound = security.bind(server, address, self.config.security)
+        except RuntimeError as exc:
+            raise GenserveError(f"cannot listen on {address} (--host/--health-port): {exc}") from None
+        if bound == 0:
+            raise GenserveError(f"cannot listen on {address} (--host/--health-port)")
+        return bound
 
     def _bind_metrics(self, port: int) -> int:
         try:
@@ -360,6 +416,9 @@ class App:
         await self.repository.close(max(0.1, grace_s - (time.monotonic() - started)))
         self.codec_pool.shutdown(wait=True)
         self.metrics.close()
+        # Last: until here probes get NOT_SERVING (shutting down), not a refused connection.
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         logger.info("stopped in %.2f s", time.monotonic() - started)
 
 
@@ -400,10 +459,11 @@ def check_ready_file(path: Path) -> None:
         raise GenserveError(f"--ready-file {path}: directory {parent} is not writable")
 
 
-def write_ready_file(path: Path, port: int, metrics_port: int) -> None:
-    """Atomically, so a reader never sees half a file."""
+def write_ready_file(path: Path, port: int, metrics_port: int, health_port: int = 0) -> None:
+    """Atomically, so a reader never sees half a file. A port not served is 0."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    info = {"port": port, "metrics_port": metrics_port, "health_port": health_port, "pid": os.getpid()}
+    tmp.write_text(json.dumps(info))
     os.replace(tmp, path)
 
 
@@ -425,6 +485,8 @@ async def serve(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port, "--port")
     if not args.no_metrics:
         _check_port_free(args.metrics_host, args.metrics_port, "--metrics-port")
+    if args.health_port is not None:
+        _check_port_free(args.host, args.health_port, "--health-port")
     quiet_onnxruntime()
     app = App(
         args.models,
@@ -433,6 +495,7 @@ async def serve(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=None if args.no_metrics else args.metrics_port,
+        health_port=args.health_port,
         required_models=parse_model_list(args.require_models) if args.require_models is not None else None,
     )
     loop = asyncio.get_running_loop()
@@ -447,11 +510,14 @@ async def serve(args: argparse.Namespace) -> int:
     logger.info("event loop: %s", event_loop.running_loop_name())
     if not app.stop_requested:
         metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
-        sys.stdout.write(f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}\n")
+        health_at = f" health on {_address(args.host, app.health_port)}" if app.health_server else ""
+        sys.stdout.write(
+            f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}{health_at}\n"
+        )
         sys.stdout.flush()
         if args.ready_file:
             try:
-                write_ready_file(args.ready_file, app.port, app.metrics_port)
+                write_ready_file(args.ready_file, app.port, app.metrics_port, app.health_port)
             except OSError as exc:  # the folder went away or filled up since check_ready_file
                 logger.error("--ready-file %s: cannot be written (%s): stopping", args.ready_file, exc)
                 app.request_stop()
@@ -549,6 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-metrics", action="store_true", help="record and serve no metrics")
     s.add_argument(
+        "--health-port",
+        type=port_number(),
+        default=None,
+        help="also serve grpc.health.v1 alone on this port (on --host), with connections of its own: "
+        "point probes there, they answer while clients hold every max_connections connection; "
+        "0 picks a free one (default: off)",
+    )
+    s.add_argument(
         "--require-models",
         default=None,
         metavar="NAME,NAME",
@@ -556,7 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", type=Path, default=None, help="server config JSON (limits, threads, logging)")
     s.add_argument(
-        "--ready-file", type=Path, default=None, help="write {port, metrics_port, pid} JSON when ready"
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write {port, metrics_port, health_port, pid} JSON when ready",
     )
     s.add_argument(
         "--event-loop",

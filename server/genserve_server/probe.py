@@ -31,7 +31,12 @@ EXIT_UNREACHABLE = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `health` subcommand's options (main.py adds them to its subparser)."""
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number(lowest=1), default=50051, help="gRPC port (default 50051)")
+    parser.add_argument(
+        "--port",
+        type=port_number(lowest=1),
+        default=50051,
+        help="gRPC port, or the server's --health-port (default 50051)",
+    )
     parser.add_argument(
         "--service", default="", help='health service name: "" for the whole server (default), or a model'
     )

@@ -26,6 +26,7 @@ Manifest = dict[str, Any]
 NOT_OBJECTS = {"kustomization.yaml", "prometheus-adapter-rules.yaml"}  # config files, not API objects
 GRPC_PORT = 50051
 METRICS_PORT = 50052
+HEALTH_PORT = 50053  # --health-port: grpc.health.v1 alone, for the kubelet's probes
 DRAIN_GRACE_S = 20  # the server's SIGTERM drain, `--drain-grace-s` in deployment.yaml
 
 
@@ -149,11 +150,12 @@ def test_selectors_match_the_pods(objects: dict[tuple[str, str], Manifest]) -> N
 def test_ports_and_probes_exist(objects: dict[tuple[str, str], Manifest]) -> None:
     container = _container(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
     args = container["args"]
     assert args[0] == "serve"
     assert int(args[args.index("--port") + 1]) == ports["grpc"]
     assert int(args[args.index("--metrics-port") + 1]) == ports["metrics"]
+    assert int(args[args.index("--health-port") + 1]) == ports["health"]
     for service in (d for (k, _), d in objects.items() if k == "Service"):
         for port in service["spec"]["ports"]:
             target = port["targetPort"]
@@ -163,7 +165,9 @@ def test_ports_and_probes_exist(objects: dict[tuple[str, str], Manifest]) -> Non
         assert set(probe) & {"grpc", "httpGet", "exec", "tcpSocket"} == {"grpc"}, (
             f"{name} must be a gRPC probe"
         )
-        assert probe["grpc"]["port"] == ports["grpc"], name
+        # The health listener: on the serving port a probe is closed at accept while clients hold
+        # every max_connections connection (tests/reliability/test_probes_at_limits.py).
+        assert probe["grpc"]["port"] == ports["health"], name
     # Readiness asks about the whole server: "" is SERVING only when every required model is READY.
     assert container["readinessProbe"]["grpc"].get("service", "") == ""
     # Startup and liveness ask whether the process is up and done loading, not whether every model
@@ -189,6 +193,7 @@ def test_args_parse_with_the_server_cli(objects: dict[tuple[str, str], Manifest]
         METRICS_PORT,
     )
     assert args.drain_grace_s == DRAIN_GRACE_S
+    assert args.health_port == HEALTH_PORT
 
 
 def test_grpc_needs_a_token_from_a_secret_and_health_stays_open_for_the_probes(

@@ -1,9 +1,10 @@
 """Health probes at the server's connection limits (deploy/k8s/deployment.yaml, docs/operations.md).
 
-The kubelet's gRPC probes open a new connection for each probe, HTTP checkers (HAProxy, uptime
-probes: docs/metrics.md) a new one to `/healthz`. A server busy at one of its connection limits must
-still answer them: a probe refused for the load takes a healthy pod out of its Service (readiness)
-or restarts it (liveness: six failures, a minute), dropping the work of every client it was serving.
+The kubelet's gRPC probes open a new connection for each probe (to `--health-port`, as the shipped
+Deployment sets them), HTTP checkers (HAProxy, uptime probes: docs/metrics.md) a new one to
+`/healthz`. A server busy at one of its connection limits must still answer them: a probe refused
+for the load takes a healthy pod out of its Service (readiness) or restarts it (liveness: six
+failures, a minute), dropping the work of every client it was serving.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability_support import health_status, write_gen
 from server_support import ServerProcess, start_server
 
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_CONNECTIONS = 4
 METRICS_THREADS = 2
@@ -34,7 +38,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("probe-models")
     write_gen(root)
     limits = {"max_connections": MAX_CONNECTIONS, "metrics_threads": METRICS_THREADS}
-    proc = start_server(root, tmp_path_factory.mktemp("probe-server"), config={"limits": limits})
+    proc = start_server(
+        root,
+        tmp_path_factory.mktemp("probe-server"),
+        config={"limits": limits},
+        extra_args=("--health-port", "0"),
+    )
     yield proc
     proc.stop()
 
@@ -49,16 +58,12 @@ def _probe(target: str, service: str) -> object:
             return f"{exc.code().name}: {exc.details()}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, not fixed: gRPC's C core closes every connection past max_connections at accept, "
-    "the kubelet's probe included; a fix needs a health listener apart from the serving port",
-)
 def test_grpc_probes_answer_while_clients_hold_every_connection(server: ServerProcess) -> None:
     """max_connections busy clients (each its own connection, as a fleet of client processes has):
-    the readiness and liveness probes still answer SERVING. grpc's max_allowed_incoming_connections
-    closed the probe's connection at accept, so the pod left its Service and, the clients staying
-    longer than a minute, the kubelet restarted it."""
+    the readiness and liveness probes, on the health port as docs/deploy.md points them, still
+    answer SERVING. On the serving port grpc's max_allowed_incoming_connections closed the probe's
+    connection at accept, so the pod left its Service and, the clients staying longer than a minute,
+    the kubelet restarted it."""
     clients = [
         grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(MAX_CONNECTIONS)
@@ -66,11 +71,36 @@ def test_grpc_probes_answer_while_clients_hold_every_connection(server: ServerPr
     try:
         for channel in clients:
             assert health_status(channel) == SERVING  # each holds a connection now
-        answers = {service: _probe(server.target, service) for service in ("", "liveness")}
+        health_target = f"127.0.0.1:{server.health_port}"
+        answers = {service: _probe(health_target, service) for service in ("", "liveness")}
         assert answers == {"": SERVING, "liveness": SERVING}, answers
+        # The serving port itself is at its limit: the probe would have been refused there.
+        assert _probe(server.target, "") != SERVING
     finally:
         for channel in clients:
             channel.close()
+
+
+def test_the_health_port_answers_what_the_serving_port_answers_and_serves_nothing_else(
+    server: ServerProcess,
+) -> None:
+    """The same servicer on both listeners: every name (List) answers alike; genserve.v1 and the
+    other services are not on the health port (a client pointed there by mistake learns at once)."""
+    with (
+        grpc.insecure_channel(server.target) as serving,
+        grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as health,
+    ):
+        request = health_pb2.HealthListRequest()
+        # wait_for_ready: the serving port may still count the connections the tests above closed.
+        listed = health_pb2_grpc.HealthStub(serving).List(request, timeout=10, wait_for_ready=True)
+        on_serving = listed.statuses
+        on_health = health_pb2_grpc.HealthStub(health).List(request, timeout=5).statuses
+        assert {"", "liveness", "gen"} <= set(on_serving)
+        assert dict(on_health) == dict(on_serving)
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GenerationServiceStub(health).ListModels(pb.ListModelsRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert f"health on 127.0.0.1:{server.health_port}" in server.log()
 
 
 def _healthz(port: int) -> str:
@@ -125,4 +155,5 @@ def test_healthz_answers_during_a_scrape_flood(server: ServerProcess) -> None:
 def test_probes_answer_once_the_load_has_gone(server: ServerProcess) -> None:
     """The server itself is fine once the clients go (the refusal above is the limit, not a fault)."""
     assert _probe(server.target, "") == SERVING
+    assert _probe(f"127.0.0.1:{server.health_port}", "liveness") == SERVING
     assert _healthz(server.metrics_port) == "200"

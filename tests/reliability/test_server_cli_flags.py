@@ -34,6 +34,7 @@ def last_line(stderr: str) -> str:
     [
         (("--port", "70000"), "--port", "0..65535"),
         (("--metrics-port", "-1"), "--metrics-port", "0..65535"),
+        (("--health-port", "70000"), "--health-port", "0..65535"),
         (("--drain-grace-s", "nan"), "--drain-grace-s", ">= 0"),
         (("--drain-grace-s", "-1"), "--drain-grace-s", ">= 0"),  # the config file refuses it too
         (("--watch-interval-s", "nan"), "--watch-interval-s", "> 0"),
@@ -50,6 +51,22 @@ def test_a_bad_flag_is_one_line_naming_it_and_exit_2(
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert flag in last_line(proc.stderr) and limit in last_line(proc.stderr), proc.stderr
+    assert "listening" not in proc.stdout
+
+
+def test_a_health_port_in_use_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            serve_args(models, "--health-port", str(port)), capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"port {port}" in last_line(proc.stderr) and "--health-port" in last_line(proc.stderr)
     assert "listening" not in proc.stdout
 
 
