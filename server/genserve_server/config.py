@@ -123,8 +123,9 @@ class Limits:
     # gzip/deflate request messages; off: refused (UNIMPLEMENTED) before anything is inflated. On:
     # the inflated size is still bounded by max_receive_message_bytes (grpc checks after inflating).
     accept_compressed_requests: bool = False
-    # The metrics port (metrics_http.py): worker threads, the time a client has to send its whole
-    # request, and the most of the time spent rendering /metrics however many scrape.
+    # The metrics port (metrics_http.py): worker threads (for requests other than /healthz), the
+    # time a client has from its accept to send its whole request head, and the most of the time
+    # spent rendering /metrics however many scrape.
     metrics_threads: int = 4
     metrics_read_timeout_s: float = 5.0
     metrics_render_share: float = 0.5

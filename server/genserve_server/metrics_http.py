@@ -9,10 +9,14 @@ prometheus_client's server also started a thread per connection and waited forev
 1,000 half-sent requests held 1,000 threads, and 16 clients scraping in a loop multiplied a gRPC
 client's p50 by 50 (each render holds the GIL). Here instead (docs/metrics.md, "The metrics port"):
 
-- `threads` worker threads; accepted connections wait in a queue of 4 per worker, and beyond it
-  are closed at once.
-- A connection has `read_timeout_s` in all to send its request (not per byte: one byte a second
-  does not keep it), else it is closed; a worker is never held longer by a client.
+- One reader thread receives every accepted connection's request head without blocking (a
+  selector; at most MAX_READING connections at once, more are closed at accept). A connection has
+  `read_timeout_s` in all, from its accept, to send it (not per byte: one byte a second does not
+  keep it), else it is closed; no thread waits on a client.
+- `/healthz` (GET, HEAD, OPTIONS) is answered by the reader at once: scrapes queued or rendering
+  never delay it, and a scrape flood cannot get a health check closed unanswered.
+- Every other request goes to `threads` worker threads through a queue of 4 per worker; beyond it
+  the connection is closed at once.
 - A scrape is answered by a render that started after it arrived (never stale), one render at a
   time; scrapes that arrive during a render share the next one, and while scrapes overlap, renders
   take at most `render_share` of the time (after a render of d seconds the next starts no sooner
@@ -25,11 +29,12 @@ from __future__ import annotations
 import gzip
 import io
 import queue
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -42,22 +47,33 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 QUEUE_PER_WORKER = 4
+# Connections whose request head the reader receives at once; more are closed at accept.
+MAX_READING = 256
+# A request head larger than this goes to a worker as it is (which answers it: too long).
+MAX_HEAD_BYTES = 64 * 1024
 # /healthz answers these with the health (HEAD and OPTIONS without a body).
 HEALTHZ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket's bytes until a deadline: each recv may wait only for the time left."""
+    """`received` (what the reader thread read), then the socket's bytes until a deadline: each recv
+    may wait only for the time left."""
 
-    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+    def __init__(self, sock: socket.socket, timeout_s: float, received: bytes, deadline: float) -> None:
         self._sock = sock
-        self._deadline = time.monotonic() + timeout_s
+        self._received = memoryview(received)
+        self._deadline = deadline
         self._timeout_s = timeout_s
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._received:
+            n = min(len(buffer), len(self._received))
+            buffer[:n] = self._received[:n]
+            self._received = self._received[n:]
+            return n
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("request not received within metrics_read_timeout_s")
@@ -69,46 +85,217 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _Handler(WSGIRequestHandler):
-    """No access log on stderr (it would break --log-json); the request read under a deadline."""
+    """No access log on stderr (it would break --log-json); the request read under a deadline,
+    starting with the bytes the reader thread received."""
 
     read_timeout_s = 5.0
+
+    def __init__(
+        self, request: Any, client_address: Any, server: Any, received: bytes, deadline: float
+    ) -> None:
+        self._received = received
+        self._deadline = deadline
+        super().__init__(request, client_address, server)
 
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.read_timeout_s)  # for writing the answer
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.read_timeout_s))
+        reader = _DeadlineReader(self.connection, self.read_timeout_s, self._received, self._deadline)
+        self.rfile = io.BufferedReader(reader)
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
 
 
+def healthz_answer(method: str, health: HealthProbe | None) -> tuple[str, list[tuple[str, str]], bytes]:
+    """/healthz's status, headers (Content-Length included) and body for `method` (HEALTHZ_METHODS).
+
+    Every method HTTP checkers send gets the health: HAProxy's `option httpchk /healthz` sends
+    OPTIONS, `curl -I` and uptime probes HEAD (GET's headers, its Content-Length included, without
+    the body)."""
+    serving, reason = health() if health is not None else (True, "")
+    body = b"ok\n" if serving else f"not serving: {reason}\n".encode()[:512]
+    status = "200 OK" if serving else "503 Service Unavailable"
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Allow", ",".join(HEALTHZ_METHODS))]
+    if method == "OPTIONS":
+        body = b""
+    headers.append(("Content-Length", str(len(body))))
+    return status, headers, b"" if method == "HEAD" else body
+
+
+def _healthz_method(head: bytes) -> str | None:
+    """The method of a request head that asks /healthz with one of HEALTHZ_METHODS, else None (a
+    worker answers it: the same answer for a /healthz the reader does not recognise, e.g. escaped)."""
+    line = head.split(b"\n", 1)[0].strip()
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return None
+    method = parts[0].decode("latin-1")
+    if parts[1].split(b"?", 1)[0] != b"/healthz" or method not in HEALTHZ_METHODS:
+        return None
+    return method
+
+
+class _Reading:
+    """A connection whose request head the reader is receiving."""
+
+    __slots__ = ("address", "deadline", "received", "sock")
+
+    def __init__(self, sock: socket.socket, address: Any, deadline: float) -> None:
+        self.sock = sock
+        self.address = address
+        self.deadline = deadline
+        self.received = bytearray()
+
+
 class BoundedWSGIServer(WSGIServer):
-    """`threads` workers take accepted connections from a bounded queue; overflow is closed."""
+    """A reader thread receives each accepted connection's request head without blocking and answers
+    /healthz itself; `threads` workers take the other requests from a bounded queue; overflow (of
+    either) is closed."""
 
     daemon_threads = True
     threads = 4
+    read_timeout_s = 5.0
+
+    def probe_health(self) -> tuple[bool, str]:
+        """(serving, reason) for /healthz; serve() overrides it with the server's health."""
+        return True, ""
 
     def server_activate(self) -> None:
         super().server_activate()
-        self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue(self.threads * QUEUE_PER_WORKER)
+        self._queue: queue.Queue[tuple[Any, Any, bytes, float] | None] = queue.Queue(
+            self.threads * QUEUE_PER_WORKER
+        )
         self._workers = [
             threading.Thread(target=self._work, name=f"metrics-http-{i}", daemon=True)
             for i in range(self.threads)
         ]
         for worker in self._workers:
             worker.start()
+        self._accepted: list[_Reading] = []
+        self._accepted_lock = threading.Lock()
+        self._reading_count = 0  # connections accepted and not yet answered or handed to a worker
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closing = False
+        self._reader = threading.Thread(target=self._read_heads, name="metrics-http-reader", daemon=True)
+        self._reader.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        try:
-            self._queue.put_nowait((request, client_address))
-        except queue.Full:
+        with self._accepted_lock:
+            if self._reading_count >= MAX_READING:
+                full = True
+            else:
+                full = False
+                self._reading_count += 1
+                deadline = time.monotonic() + self.read_timeout_s
+                self._accepted.append(_Reading(request, client_address, deadline))
+        if full:
             self.shutdown_request(request)
+            return
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the pipe is full (the reader is already woken) or closed
+            pass
+
+    def _read_heads(self) -> None:
+        """The reader thread: request heads in, /healthz answered, the rest queued for the workers."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            reading: dict[socket.socket, _Reading] = {}
+            while not self._closing:
+                timeout = None
+                if reading:
+                    timeout = max(0.0, min(r.deadline for r in reading.values()) - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        self._take_accepted(selector, reading)
+                        continue
+                    conn = reading[cast(socket.socket, key.fileobj)]
+                    try:
+                        self._receive(selector, reading, conn)
+                    except Exception:  # this connection's trouble must not end the reader
+                        if conn.sock in reading:
+                            self._done_reading(selector, reading, conn)
+                        self.shutdown_request(conn.sock)
+                now = time.monotonic()
+                for conn in [r for r in reading.values() if r.deadline <= now]:
+                    self._done_reading(selector, reading, conn)
+                    self.shutdown_request(conn.sock)  # the request not received in time
+            for conn in reading.values():
+                self.shutdown_request(conn.sock)
+
+    def _take_accepted(
+        self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading]
+    ) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._accepted_lock:
+            accepted, self._accepted = self._accepted, []
+        for conn in accepted:
+            conn.sock.setblocking(False)
+            selector.register(conn.sock, selectors.EVENT_READ)
+            reading[conn.sock] = conn
+
+    def _done_reading(
+        self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading
+    ) -> None:
+        selector.unregister(conn.sock)
+        del reading[conn.sock]
+        with self._accepted_lock:
+            self._reading_count -= 1
+
+    def _receive(
+        self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading
+    ) -> None:
+        try:
+            data = conn.sock.recv(8192)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away
+            self._done_reading(selector, reading, conn)
+            self.shutdown_request(conn.sock)
+            return
+        conn.received += data
+        head_end = max(conn.received.find(b"\r\n\r\n"), conn.received.find(b"\n\n"))
+        if head_end < 0 and len(conn.received) < MAX_HEAD_BYTES:
+            return
+        self._done_reading(selector, reading, conn)
+        method = _healthz_method(bytes(conn.received)) if head_end >= 0 else None
+        if method is not None:
+            self._answer_healthz(conn.sock, method)
+            return
+        conn.sock.setblocking(True)  # the worker sets its timeouts
+        try:
+            self._queue.put_nowait((conn.sock, conn.address, bytes(conn.received), conn.deadline))
+        except queue.Full:
+            self.shutdown_request(conn.sock)
+
+    def _answer_healthz(self, sock: socket.socket, method: str) -> None:
+        status, headers, body = healthz_answer(method, self.probe_health)
+        lines = [f"HTTP/1.0 {status}", *(f"{name}: {value}" for name, value in headers)]
+        try:
+            # A few hundred bytes into an empty send buffer: never blocks, never partial.
+            sock.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError:
+            pass
+        self.shutdown_request(sock)
 
     def _work(self) -> None:
+        handler_class = cast(Callable[..., Any], self.RequestHandlerClass)
         while (item := self._queue.get()) is not None:
-            request, client_address = item
+            request, client_address, received, deadline = item
             try:
-                self.finish_request(request, client_address)
+                handler_class(request, client_address, self, received, deadline)
             except Exception:
                 self.handle_error(request, client_address)
             finally:
@@ -121,6 +308,16 @@ class BoundedWSGIServer(WSGIServer):
         super().server_close()
         # Also called by TCPServer.__init__ when the bind fails, before server_activate made workers:
         # the bind's own error (address in use, unknown host) must surface, not an AttributeError.
+        if hasattr(self, "_reader"):
+            self._closing = True
+            self._wake()
+            self._reader.join(5)
+            self._wake_r.close()
+            self._wake_w.close()
+            with self._accepted_lock:
+                for conn in self._accepted:
+                    self.shutdown_request(conn.sock)
+                self._accepted = []
         for _ in getattr(self, "_workers", ()):
             try:
                 self._queue.put_nowait(None)
@@ -198,18 +395,11 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
         method = environ.get("REQUEST_METHOD", "GET")
         headers: list[tuple[str, str]]
         if environ.get("PATH_INFO") == "/healthz" and method in HEALTHZ_METHODS:
-            # Every method HTTP checkers send gets the health: HAProxy's `option httpchk /healthz`
-            # sends OPTIONS, `curl -I` and uptime probes HEAD (answered without the body).
-            serving, reason = health() if health is not None else (True, "")
-            body = b"ok\n" if serving else f"not serving: {reason}\n".encode()[:512]
-            status = "200 OK" if serving else "503 Service Unavailable"
-            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Allow", ",".join(HEALTHZ_METHODS))]
-            if method == "HEAD":  # GET's headers, its Content-Length included, without the body
-                start_response(status, [*headers, ("Content-Length", str(len(body)))])
-                return [b""]
-            if method == "OPTIONS":
-                body = b""
-        elif method == "OPTIONS":
+            # The reader thread answers the plain ones (BoundedWSGIServer); the same answer here.
+            status, headers, body = healthz_answer(method, health)
+            start_response(status, headers)
+            return [body]
+        if method == "OPTIONS":
             status, headers, body = "200 OK", [("Allow", "OPTIONS,GET")], b""
         elif method != "GET":
             status, headers = "405 Method Not Allowed", [("Allow", "OPTIONS,GET")]
@@ -244,7 +434,11 @@ def serve(
     class Server(BoundedWSGIServer):
         address_family = family
 
+        def probe_health(self) -> tuple[bool, str]:
+            return health() if health is not None else (True, "")
+
     Server.threads = threads
+    Server.read_timeout_s = read_timeout_s
 
     class Handler(_Handler):
         pass

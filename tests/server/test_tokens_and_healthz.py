@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,38 @@ def test_healthz_gives_the_health_to_every_method_http_checkers_use() -> None:
         if method == "HEAD":  # GET's headers without the body: its Content-Length too
             assert headers["Content-Length"] == str(len(b"ok\n"))
     assert _call(app, "POST", "/healthz")[0].startswith("405")
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    return answer
+
+
+def test_healthz_on_the_wire_is_answered_by_the_reader_like_the_app_answers() -> None:
+    """/healthz is answered before the workers' queue (a scrape flood cannot get it closed
+    unanswered): the same status, headers and body as the WSGI app gives, over a real socket."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    state = {"serving": False}
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), lambda: (state["serving"], "loading"), threads=1)
+    port = httpd.server_port
+    try:
+        answer = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 503 ") and answer.endswith(b"\r\n\r\nnot serving: loading\n")
+        state["serving"] = True
+        head, _, body = _raw(port, b"HEAD /healthz?probe=1 HTTP/1.0\r\n\r\n").partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 ") and b"Content-Length: 3" in head and body == b""
+        head, _, body = _raw(port, b"OPTIONS /healthz HTTP/1.1\nHost: x\n\n").partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 ") and b"Allow: GET,HEAD,OPTIONS" in head and body == b""
+        # Everything else still goes to the workers: the metrics, and a 405 for another method.
+        assert _raw(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+        assert _raw(port, b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n").startswith(b"HTTP/1.0 405")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
