@@ -78,18 +78,50 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
             health.OVERALL_HEALTH: health_pb2.HealthCheckResponse.SERVING
         }
         self.__shutting_down = False
+        # Notified whenever a status may have changed: what Watch waits on.
+        self.__changed = asyncio.Condition()
 
     async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         if self.__shutting_down:
             return
         self.__statuses[service] = status
         await super().set(service, status)
+        await self.__notify()
 
     async def enter_graceful_shutdown(self) -> None:
         if not self.__shutting_down:
             self.__shutting_down = True
             self.__statuses = dict.fromkeys(self.__statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
         await super().enter_graceful_shutdown()
+        await self.__notify()
+
+    async def __notify(self) -> None:
+        async with self.__changed:
+            self.__changed.notify_all()
+
+    async def Watch(  # noqa: N802 - the grpc.health.v1 method's name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """The base class's Watch, except at shutdown: a watch never ends by itself, so the server's
+        drain (`server.stop(grace)`) would wait the whole grace for it with nothing else in flight.
+        Once shutting down it sends NOT_SERVING (a status it has not sent yet) and ends with
+        UNAVAILABLE, as a SampleStream does. The statuses are written outside the condition: a
+        watcher that reads slowly delays no `set`."""
+        last: health_pb2.HealthCheckResponse.ServingStatus | None = None
+        while True:
+            async with self.__changed:
+                while (status := self.__status(request.service)) == last and not self.__shutting_down:
+                    await self.__changed.wait()
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self.__shutting_down and self.__status(request.service) == last:
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details("server is shutting down: health watch ended (NOT_SERVING sent)")
+                return
+
+    def __status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
+        return self.__statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]

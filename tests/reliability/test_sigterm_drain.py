@@ -3,9 +3,11 @@ the client resumes from, the port is free for the next server, and the old proce
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,8 +15,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from reliability_support import write_slow
+from reliability_support import write_gen, write_slow
 from server_support import ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
@@ -154,3 +157,51 @@ def test_sigterm_finishes_unary_calls_ends_streams_at_a_chunk_boundary_and_frees
         old.stop()
         if new is not None:
             assert new.stop() == 0
+
+
+class HealthWatch(threading.Thread):
+    """A grpc.health.v1 Watch of the whole server ("") held open, as gRPC's client-side health
+    checking holds one per connection: the statuses it received and how it ended."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.statuses: list[int] = []
+        self.error: grpc.RpcError | None = None
+        self.ended = False
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.target) as ch:
+            try:
+                for reply in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="")):
+                    self.statuses.append(reply.status)
+            except grpc.RpcError as exc:
+                self.error = exc
+        self.ended = True
+
+
+def test_an_open_health_watch_does_not_hold_an_idle_server_for_the_whole_drain_grace(tmp_path: Path) -> None:
+    """Nothing in flight but a health Watch (it never ends by itself): SIGTERM sends it NOT_SERVING,
+    ends it, and the server exits at once, not when the drain grace cuts it ("Cancelling all
+    calls")."""
+    repo = tmp_path / "models"
+    write_gen(repo)
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": 30.0, "warmup": False})
+    try:
+        watch = HealthWatch(server.target)
+        watch.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        wait_until(lambda: watch.statuses[-1:] == [serving], 30, "the watch's SERVING")
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+            server.proc.wait(8.0)
+        exited_after_s = time.monotonic() - signalled
+        assert server.proc.returncode == 0, (exited_after_s, server.log())
+        watch.join(10)
+        assert watch.ended
+        assert watch.statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert watch.error is not None and watch.error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (watch.error.details() or ""), watch.error.details()
+    finally:
+        server.stop()
