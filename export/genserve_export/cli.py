@@ -8,9 +8,11 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -306,9 +308,53 @@ def _dependencies_first(names: list[str]) -> list[str]:
 def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tuple[str, str, float]]:
     """Train `names` `args.jobs` at a time, each through `genserve-export train` in its own process
     (a recipe holds torch's global state: threads, seeds). Returns (name, its last output line, wall
-    seconds) per recipe; raises if one fails."""
-    pending = list(names)
+    seconds) per recipe; raises if one fails. However it ends (SIGTERM raises BuildInterrupted, a
+    KeyboardInterrupt, while it runs), no child is left training."""
     running: dict[str, tuple[subprocess.Popen[bytes], float, Any]] = {}
+    # SIGTERM (a job runner's stop, `kill`) ends the build as Ctrl-C does: without it the parent
+    # died at once and its children trained on into --out, each for minutes.
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    try:
+        return _run_processes(args, names, running)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        _stop_children(running)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise BuildInterrupted(signum)
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """The build was stopped by a signal (`signum`)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_children(running: dict[str, tuple[subprocess.Popen[bytes], float, Any]]) -> None:
+    """Stop the recipes still training (SIGTERM, then SIGKILL after 10 s) and reap them."""
+    for process, _, _ in running.values():
+        if process.poll() is None:
+            process.terminate()
+    for name, (process, _, report) in running.items():
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        report.close()
+        _say(f"{name}: stopped", flush=True)
+    running.clear()
+
+
+def _run_processes(
+    args: argparse.Namespace, names: list[str], running: dict[str, tuple[subprocess.Popen[bytes], float, Any]]
+) -> list[tuple[str, str, float]]:
+    pending = list(names)
     rows: list[tuple[str, str, float]] = []
     failed: list[str] = []
     built: set[str] = set()
@@ -385,6 +431,13 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
         except RuntimeError as exc:
             sys.stderr.write(f"{exc}\n")
             return 1
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): children stopped
+            signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
+            name = signal.Signals(signum).name
+            sys.stderr.write(
+                f"build-defaults: interrupted ({name}); the recipes still training were stopped\n"
+            )
+            return 128 + signum
         _say("\nbuild-defaults wall time per model")
         for name, last, wall in done:
             _say(f"  {name:<22} {wall:7.1f} s  ({last})")

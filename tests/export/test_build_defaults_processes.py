@@ -1,0 +1,78 @@
+"""`genserve-export build-defaults --jobs N` trains each recipe in a child process: a build that is
+stopped (SIGTERM from a job runner or `kill`, SIGINT) must not leave its children training on into
+--out. The children here are stand-ins (a shell script in place of the interpreter), so no recipe
+trains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# The parent process: build-defaults as the console script runs it, with sys.executable (what each
+# child is started with) pointing at the stand-in.
+PARENT = """
+import sys
+from genserve_export import cli
+sys.executable = sys.argv[1]
+sys.exit(cli.main(["build-defaults", "--out", sys.argv[2], "--jobs", "2", "--no-verify",
+                   "--only", "vae-digits", "dcgan-digits"]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, sig: signal.Signals) -> None:
+    pids_file = tmp_path / "children.txt"
+    stand_in = tmp_path / "train-stand-in"
+    stand_in.write_text(f'#!/bin/sh\necho $$ >> "{pids_file}"\nexec sleep 120\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api"))}
+    log = tmp_path / "build.log"
+    with log.open("wb") as out:  # a file, not a pipe: the children hold the descriptor too
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PARENT, str(stand_in), str(tmp_path / "out")],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a signal to the parent only, as `kill PID` sends it
+        )
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(children) < 2:
+            assert parent.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the build started no children"
+            time.sleep(0.1)
+            if pids_file.exists():
+                children = [int(line) for line in pids_file.read_text().split()]
+        parent.send_signal(sig)
+        parent.wait(30)
+        time.sleep(0.5)
+        left = [pid for pid in children if _alive(pid)]
+        assert not left, (parent.returncode, log.read_text(errors="replace"))
+        assert parent.returncode == 128 + sig, log.read_text(errors="replace")
+        assert "interrupted" in log.read_text(errors="replace")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
