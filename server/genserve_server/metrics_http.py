@@ -22,6 +22,8 @@ client's p50 by 50 (each render holds the GIL). Here instead (docs/metrics.md, "
   take at most `render_share` of the time (after a render of d seconds the next starts no sooner
   than d × (1/render_share − 1) later). A flood of scrapes costs one thread's share, not a thread
   each; a single scraper is answered as fast as the registry renders.
+- The render is genserve_server/exposition.py's (prometheus_client's bytes, ~10x faster with many
+  model versions), gzip at level 6.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import gzip_accepted
+
+from genserve_server import exposition as fast_exposition
 
 # (serving, reason) of the whole server.
 HealthProbe = Callable[[], tuple[bool, str]]
@@ -51,6 +55,9 @@ QUEUE_PER_WORKER = 4
 MAX_READING = 256
 # A request head larger than this goes to a worker as it is (which answers it: too long).
 MAX_HEAD_BYTES = 64 * 1024
+# zlib's default level: 21 MB of exposition (~900 versions) in 0.15 s on the 2-core VM against 0.8 s
+# at gzip.compress's level 9, for 3% more bytes (748 KB against 724 KB).
+GZIP_LEVEL = 6
 # /healthz answers these with the health (HEAD and OPTIONS without a body).
 HEALTHZ_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -346,7 +353,7 @@ class Exposition:
         self, accept: str | None, accept_encoding: str | None, names: list[str]
     ) -> tuple[list[tuple[str, str]], bytes]:
         arrived = time.monotonic()
-        encoder, content_type = choose_encoder(accept or "")
+        encoder, content_type = fast_exposition.choose(accept)
         compress = gzip_accepted(accept_encoding or "")
         key = (content_type, compress, tuple(sorted(names)))
         with self._done:
@@ -371,7 +378,7 @@ class Exposition:
             body = encoder(registry)
             headers = [("Content-Type", content_type)]
             if compress:
-                body = gzip.compress(body)
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
                 headers.append(("Content-Encoding", "gzip"))
             rendered = (started, headers, body)
         finally:
