@@ -448,15 +448,7 @@ class Batcher:
         if reservation is not None:
             _check_fits(reservation, n_rows, lane)
         elif lane == Lane.BULK:
-            try:
-                in_time = await self._wait_for_bulk_room(n_rows, deadline, held)
-            except asyncio.CancelledError as exc:
-                # The caller went away, or gRPC ended the call at its deadline (a little before the
-                # batcher's own timer would), while its rows waited for room: a drop, counted once
-                # as _forget_cancelled counts a queued request's (a part WITHDRAWN is not).
-                if exc.args != (WITHDRAWN,):
-                    self._dropped(caller, drop_reason(deadline, self._clock()))
-                raise
+            in_time = await self._bulk_room(n_rows, deadline, caller, held)
         elif self._rows_taken() + n_rows > self.max_queue_size:
             raise self._queue_full(n_rows, caller)
         now = self._clock()
@@ -516,6 +508,26 @@ class Batcher:
             self._reserved_queued += n_rows
         self._observer.on_queue_depth(self._queued_rows)
         self._available.set()
+
+    async def _bulk_room(
+        self, n_rows: int, deadline: float | None, caller: Caller | None, held: Held | None
+    ) -> bool:
+        """_wait_for_bulk_room, counting a request that leaves while it waits as a drop."""
+        try:
+            return await self._wait_for_bulk_room(n_rows, deadline, held)
+        except asyncio.CancelledError as exc:
+            # The caller went away, or gRPC ended the call at its deadline (a little before the
+            # batcher's own timer would), while its rows waited for room: a drop, counted once
+            # as _forget_cancelled counts a queued request's (a part WITHDRAWN is not).
+            if exc.args != (WITHDRAWN,):
+                self._dropped(caller, drop_reason(deadline, self._clock()))
+            raise
+        except ResourceExhausted:
+            # Its response bytes, taken back first in line, waited for the budget until the
+            # deadline: the client gets DEADLINE_EXCEEDED (core.wait_for_budget counts the same).
+            if cancelled_by_deadline(deadline, self._clock()):
+                self._dropped(caller, "deadline")
+            raise
 
     def _forget_cancelled(self, request: PendingRequest, *, counted: bool = True) -> None:
         """Take a cancelled request's untaken rows out of the queue (rows already in a batch compute

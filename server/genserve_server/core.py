@@ -41,10 +41,11 @@ from genserve_server.batch_keys import (
     StepRows,
     TileRows,
 )
-from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane
+from genserve_server.batch_parts import count_once
+from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, cancelled_by_deadline, drop_reason
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
-from genserve_server.errors import GenserveError, InvalidArgument, Unavailable, invalid
+from genserve_server.errors import GenserveError, InvalidArgument, ResourceExhausted, Unavailable, invalid
 from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
@@ -315,7 +316,23 @@ class GenerationCore:
             return
         if call.response is None:
             call.response = Reservation(self.responses)
-        await call.response.reserve(n_bytes + validate.SEND_OVERHEAD_BYTES, call.deadline, call.method)
+        reserve = call.response.reserve(n_bytes + validate.SEND_OVERHEAD_BYTES, call.deadline, call.method)
+        await self.wait_for_budget(call, reserve)
+
+    async def wait_for_budget(self, call: Call, wait: Awaitable[T]) -> T:
+        """`wait` for a budget (response_budget.py): a call whose deadline passes while it waits, or
+        whose caller goes away, counts in genserve_requests_dropped_total (`deadline`, `cancelled`),
+        once for its RPC, as a request that leaves a batcher's queue does."""
+        try:
+            return await wait
+        except asyncio.CancelledError as exc:  # gRPC ended the call (its deadline) or the client left
+            if exc.args != (WITHDRAWN,) and count_once(call):
+                call.metrics.dropped[drop_reason(call.deadline, time.monotonic())].inc()
+            raise
+        except ResourceExhausted:  # the wait ran out: at the deadline, the client gets DEADLINE_EXCEEDED
+            if cancelled_by_deadline(call.deadline) and count_once(call):
+                call.metrics.dropped["deadline"].inc()
+            raise
 
     def random_base_seed(self, n: int) -> int:
         return secrets.randbelow(validate.SEED_LIMIT - n)
@@ -721,7 +738,9 @@ class GenerationCore:
         )
         # The working set first: a call waiting for it holds no response bytes, or a burst of
         # SuperResolves would hold the server-wide response budget every other RPC needs.
-        held = await self.sr_working_set.acquire(working_set, call.deadline, "SuperResolve")
+        held = await self.wait_for_budget(
+            call, self.sr_working_set.acquire(working_set, call.deadline, "SuperResolve")
+        )
         try:
             await self.reserve_response(call, expected)
             return await self._upscale_tiles(mv, call, arrays, padded, plans, out)

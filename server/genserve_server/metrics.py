@@ -373,7 +373,7 @@ class Metrics:
         )
         self.requests_dropped = Counter(
             "genserve_requests_dropped_total",
-            "Requests removed from the queue before compute.",
+            "Admitted requests that left before compute (deadline or cancelled).",
             (*mv, "reason"),
             registry=reg,
         )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from code_models import prior_graph
 from reliability_support import rss_bytes
-from server_support import ServerProcess, start_server, wait_until, write_model, write_vae_encoder
+from server_support import ServerProcess, metric_in, start_server, wait_until, write_model, write_vae_encoder
 from unread_client import UnreadClient
 
 from genserve.v1 import genserve_pb2 as pb
@@ -94,6 +94,68 @@ def test_unread_encode_responses_are_held_to_the_response_budget(budget_server: 
         assert refused >= calls - 2, (pending, refused, grown)
         # Measured: 12 MB with the budget, 222 MB without it.
         assert grown < 48 * MIB, (pending, refused, grown)
+    finally:
+        unread.close()
+    wait_until(
+        lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
+    )
+
+
+def test_an_encode_that_leaves_while_it_waits_for_the_response_budget_is_counted_dropped(
+    budget_server: ServerProcess,
+) -> None:
+    """docs/metrics.md: genserve_requests_dropped_total counts admitted requests that leave before
+    their work is done, by `deadline` or `cancelled`. A call whose deadline passed (or whose client
+    went away) while it waited for the response budget was answered DEADLINE_EXCEEDED (CANCELLED)
+    and counted nowhere but genserve_requests_total: an operator watching drops missed it."""
+    import time
+
+    import grpc
+
+    from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+    server = budget_server
+    images = [tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=_gray_png(i)) for i in range(ENCODE_IMAGES)]
+    encode = pb.EncodeRequest(model="wide-enc", images=images, sample=True, seed=1)
+
+    def dropped() -> tuple[float, float]:
+        text = server.metrics_text()
+        return (
+            metric_in(text, "genserve_requests_dropped_total", model="wide-enc", reason="deadline"),
+            metric_in(text, "genserve_requests_dropped_total", model="wide-enc", reason="cancelled"),
+        )
+
+    unread = UnreadClient(server.port)
+    try:
+        # One unread response (1.5 MiB) holds the 2 MiB budget: the next Encode waits for it.
+        unread.call(server.target, "/genserve.v1.GenerationService/Encode", encode.SerializeToString())
+        wait_until(
+            lambda: server.metric("genserve_response_bytes_pending") >= ENCODE_RESPONSE,
+            60,
+            "the unread response to hold the budget",
+        )
+        before = dropped()
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            calls = 4  # gRPC's end of the call or the budget's timer, whichever runs first: each counts
+            for _ in range(calls):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Encode(encode, timeout=0.3)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_until(lambda: dropped()[0] - before[0] >= calls, 10, "each call counted a deadline drop")
+            assert dropped() == (before[0] + calls, before[1])
+            # A client that goes away while its call waits: a drop, `cancelled`.
+            waiting = server.metric("genserve_requests_in_flight", method="Encode")
+            gone = stub.Encode.future(encode, timeout=30)
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="Encode") > waiting,
+                10,
+                "the call to wait for the budget",
+            )
+            time.sleep(0.1)
+            gone.cancel()
+            wait_until(lambda: dropped()[1] - before[1] >= 1, 10, "the call counted a cancelled drop")
+            assert dropped() == (before[0] + calls, before[1] + 1)
     finally:
         unread.close()
     wait_until(

@@ -1261,6 +1261,40 @@ def test_a_bulk_request_waiting_for_room_gives_its_response_bytes_back_until_it_
     run(body())
 
 
+def test_a_bulk_request_whose_deadline_passes_while_it_takes_its_bytes_back_is_counted_as_deadline() -> None:
+    """First in line with room, a BULK request holds its response's bytes again (take_back), waiting
+    for the budget at most until its deadline. Its deadline passing there answered the call
+    DEADLINE_EXCEEDED and counted it in no genserve_requests_dropped_total reason."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=4, max_batch_size=4)
+        budget = ByteBudget("response budget (response_budget_bytes)", 100, max_wait_s=5.0)
+        gate, blocker = await hold_runner(batcher, model)
+        queued_bytes, waiting_bytes, interactive = (Reservation(budget) for _ in range(3))
+        await queued_bytes.reserve(40, None, "Sample")
+        queued = asyncio.ensure_future(batcher.submit("b", rows(1, 2), 2, lane=Lane.BULK, held=queued_bytes))
+        await until(lambda: batcher.queued_rows == 2, "the first bulk request queued")
+        await waiting_bytes.reserve(40, None, "Sample")
+        deadline = time.monotonic() + 1.0  # room comes long before it
+        waiting = asyncio.ensure_future(
+            batcher.submit("b", rows(3), 1, lane=Lane.BULK, deadline=deadline, held=waiting_bytes)
+        )
+        await let_the_dispatcher_run()
+        assert not waiting.done() and waiting_bytes.held == 0  # waits for room, its bytes given back
+        await interactive.reserve(60, None, "Sample")  # the budget is full: 40 + 60
+        gate.set()  # room: the waiting request waits for its bytes until its deadline
+        np.testing.assert_array_equal((await queued).outputs["y"], [10, 20])
+        with pytest.raises(ResourceExhausted, match="response_budget_bytes"):
+            await waiting
+        assert time.monotonic() >= deadline - 0.05
+        assert recorder.dropped == ["deadline"] and recorder.rejected == []
+        await blocker
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_bulk_request_waiting_for_room_fails_when_the_batcher_closes() -> None:
     async def body() -> None:
         model = FakeModel()
