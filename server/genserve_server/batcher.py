@@ -449,6 +449,8 @@ class Batcher:
             _check_fits(reservation, n_rows, lane)
         elif lane == Lane.BULK:
             in_time = await self._bulk_room(n_rows, deadline, caller, held)
+        elif deadline is not None and self._clock() >= deadline:
+            in_time = False  # a deadline drop below, full queue or not: its client gets DEADLINE_EXCEEDED
         elif self._rows_taken() + n_rows > self.max_queue_size:
             raise self._queue_full(n_rows, caller)
         now = self._clock()

@@ -275,6 +275,13 @@ class StepScheduler:
         `caller`: the RPC (core.Call), whose drops count once across its requests and models (a
         stream's chunks ahead, the top prior, the decoder)."""
         n = len(seeds)
+        if deadline is not None and time.monotonic() >= deadline:
+            # Past it before joining (the budget full or not): a deadline drop, as at a step, not a
+            # queue_full refusal: its client gets DEADLINE_EXCEEDED.
+            self.stats.expired += n
+            if count_once(caller) and self.metrics is not None:
+                self.metrics.dropped["deadline"].inc()
+            raise DeadlineExceeded(f"{self.name}: deadline passed before the request joined; not computed")
         self.check_room(n)
         loop = asyncio.get_running_loop()
         temperature, top_k = options.resolved(self.defaults)

@@ -1347,6 +1347,28 @@ def test_queue_full_is_refused_at_once_naming_model_and_limit() -> None:
     run(body())
 
 
+def test_a_request_past_its_deadline_that_finds_the_queue_full_is_a_deadline_drop_not_queue_full() -> None:
+    """docs/metrics.md: `queue_full` counts requests answered RESOURCE_EXHAUSTED. A request whose
+    deadline had passed before it reached a full queue (the event loop busy past it) was counted
+    `queue_full` and refused RESOURCE_EXHAUSTED, though its client gets DEADLINE_EXCEEDED: it is a
+    deadline drop, as the same request finding room is."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_queue_size=4)
+        gate, blocker = await hold_runner(batcher, model)
+        accepted = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3, 4), 4))
+        await until(lambda: batcher.queued_rows == 4, "the queue full")
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            await batcher.submit("k", rows(5), 1, deadline=time.monotonic() - 0.1)
+        assert (recorder.rejected, recorder.dropped) == ([], ["deadline"])
+        gate.set()
+        await asyncio.gather(accepted, blocker)
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_close_drains_accepted_work_then_refuses() -> None:
     async def body() -> None:
         model = FakeModel()

@@ -331,6 +331,34 @@ def test_a_full_budget_refusal_names_the_rows_held_for_two_level_calls_apart_fro
     scheduler.check_room(4)
 
 
+def test_a_request_past_its_deadline_that_finds_the_row_budget_full_is_a_deadline_drop() -> None:
+    """As the batcher's full queue: a request whose deadline had passed before it reached a full row
+    budget was refused `queue_full` (RESOURCE_EXHAUSTED), though its client gets DEADLINE_EXCEEDED;
+    with room it joined and left at the next step as `deadline`. Either way it is a deadline drop."""
+
+    async def never(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        raise AssertionError("not called")
+
+    async def body() -> None:
+        registry = Metrics(enabled=True)
+        metrics = registry.for_model("p", "1", 4, "code_prior")
+        scheduler = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=4, metrics=metrics)
+        with scheduler.reserved(4):  # the budget full
+            with pytest.raises(DeadlineExceeded, match="not computed"):
+                await scheduler.sample([1], None, None, SamplingOptions(), deadline=time.monotonic() - 0.1)
+        assert (scheduler.stats.refused, scheduler.stats.expired) == (0, 1)
+        counted = [
+            registry.registry.get_sample_value(name, {"model": "p", "version": "1", "reason": reason})
+            for name, reason in (
+                ("genserve_requests_rejected_total", "queue_full"),
+                ("genserve_requests_dropped_total", "deadline"),
+            )
+        ]
+        assert counted == [0, 1]
+
+    asyncio.run(body())
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(code_repo: tuple[Path, dict[str, str]]) -> None:
     root, names = code_repo
 
