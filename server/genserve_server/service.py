@@ -402,9 +402,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         a style generator's mapping's), or service_codes.sample_limit a SampleCodes of a code prior
         (its row budget, its top prior's, its decoder's queue), without holding a version: from the
         configs of the versions a request gets (a config.json edit applies to versions loaded from
-        then on, so a loaded version's queue may differ from the file's)."""
+        then on, so a loaded version's queue may differ from the file's). 0 for an encoder whose input
+        size is above max_input_pixels: it can take no Encode."""
         config = _version_config(model, version)
         assert config is not None
+        card = model.card(version)
+        if card is not None and card.kind == Kind.VAE_ENCODER and card.image_size is not None:
+            # Its fixed input size above max_input_pixels: every Encode is refused naming the limit.
+            height, width = card.image_size
+            if height * width > self.limits.input_pixels(card.kind)[0]:
+                return 0
         limit = self.limits.max_images_per_request
         if model.kind_of(version) == Kind.CODE_PRIOR:
             limit = min(limit, config.batching.max_batch_size)

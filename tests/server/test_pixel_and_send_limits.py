@@ -319,3 +319,19 @@ def test_an_encoder_input_above_max_input_pixels_is_refused_by_both_protocols(
     assert isinstance(err, grpc.Call)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert "max_input_pixels" in err.details() and "63" in err.details(), err.details()
+
+
+def test_get_model_advertises_no_images_for_an_encoder_whose_input_is_above_max_input_pixels(
+    small_pixels_server: ServerProcess,
+) -> None:
+    """ModelInfo.max_images_per_request is the most images an Encode may send, 0 where Encode takes
+    none (genserve.proto). An encoder whose fixed input (8x8 = 64 pixels) is above max_input_pixels
+    (63) refuses every Encode naming that limit, yet GetModel and ListModels advertised 256: a client
+    sizing its requests from them sent requests that could never succeed."""
+    with grpc.insecure_channel(small_pixels_server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        info = stub.GetModel(pb.GetModelRequest(name="enc"), timeout=30)
+        listed = stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    assert info.kind == "vae_encoder"
+    assert info.max_images_per_request == 0
+    assert [m.max_images_per_request for m in listed.models if m.name == "enc"] == [0]

@@ -1060,7 +1060,9 @@ class ModelInfo(_message.Message):
     MixStyles need only the generator's: the mapping takes a path's two ends, a mix's distinct
     seeds at most its own queue). For a code_prior, the most
     samples one SampleCodes may ask for: the smallest of max_images_per_request, its row budget,
-    its top prior's and its decoder's batching.max_queue_size. 0: not a model those take.
+    its top prior's and its decoder's batching.max_queue_size. 0: not a model those take, or a
+    vae_encoder whose input size (card image_size) is above the server's max_input_pixels (every
+    Encode to it is refused naming that limit).
     """
     max_stream_images: _builtins.int
     """The most images one SampleStream of this model may send (count - start_index): the server's
