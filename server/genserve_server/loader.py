@@ -49,7 +49,8 @@ def load_files(
     mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: LoadGate
 ) -> None:
     """Load one version on a worker thread: card, file choice, sha256, sessions, graph check (a
-    shared step of `gate`), warm-up (batch-size timing, exclusive steps: calibration.py), tile radius.
+    shared step of `gate`), warm-up (batch-size timing, exclusive steps: calibration.py), tile radius and
+    arena shrink (shared steps).
     Fills `mv` in; raises on any failure, closing what it built. `check_stopping` raises
     LoadCancelled once the server is stopping."""
     with gate.step(0.0, check_stopping=check_stopping):
@@ -77,8 +78,10 @@ def load_files(
             check_default_tiling(card, mv.tile_radius)
         if sc.warmup and sc.shrink_arena_after_warmup:
             # What warm-up's largest batches grew the CPU arenas by goes back (bench/README.md,
-            # "Footprint"); the first large batch regrows what it needs.
-            runner.shrink_arena(warmup_inputs(card, 1))
+            # "Footprint"); the first large batch regrows what it needs. A model call that hands
+            # memory back: a shared step, never beside another version's timings and RSS readings.
+            with gate.step(probe_s, check_stopping=check_stopping):
+                runner.shrink_arena(warmup_inputs(card, 1))
     except BaseException:
         runner.close()
         raise
