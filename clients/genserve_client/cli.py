@@ -488,17 +488,16 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.label:
         opts["labels"] = args.label
     result = client.interpolate(args.model, args.from_seed, args.to_seed, args.steps, mode=args.mode, **opts)
+    # Every file records the path it lies on: an image between the ends has no seed of its own.
+    path = {"from_seed": args.from_seed, "to_seed": args.to_seed, "steps": args.steps, "mode": args.mode}
     if args.out:
-        write_items(result, Path(args.out), f"{args.model}-interp", psi=args.psi)
+        write_items(result, Path(args.out), f"{args.model}-interp", **path, psi=args.psi)
     if args.grid:
         ts = np.linspace(0.0, 1.0, len(result.items))
         row = GridRow(result.pil(), f"{args.mode or 'path'} {args.from_seed}->{args.to_seed}")
         text = png_text(
             result.provenance,
-            from_seed=args.from_seed,
-            to_seed=args.to_seed,
-            steps=args.steps,
-            mode=args.mode,
+            **path,
             label=",".join(map(str, args.label)) if args.label else None,
             psi=args.psi,
         )

@@ -119,6 +119,21 @@ def test_interpolate_and_arithmetic_grids(tiny_server: Any, tmp_path: Path) -> N
             assert picture.text["psi"] == "0.7"  # type: ignore[attr-defined]
 
 
+def test_interpolate_out_files_record_the_path_they_lie_on(tiny_server: Any, tmp_path: Path) -> None:
+    """docs/client.md, Provenance in PNGs: every PNG carries the command's own settings (`psi`,
+    `from_seed`, ...). interpolate's --out files carried only psi: an image between the ends has no
+    seed of its own, so nothing in the file said which path (seeds, steps, mode) made it."""
+    cli(tiny_server, "interpolate", "--model", "tiny-gen", "--from-seed", "1", "--to-seed", "2",
+        "--steps", "4", "--mode", "lerp", "--out", str(tmp_path / "steps"))  # fmt: skip
+    files = sorted((tmp_path / "steps").iterdir())
+    assert len(files) == 4
+    for f in files:
+        with Image.open(f) as picture:
+            text = dict(picture.text)  # type: ignore[attr-defined]
+        path = (text.get("from_seed"), text.get("to_seed"), text.get("steps"), text.get("mode"))
+        assert path == ("1", "2", "4", "lerp"), (f.name, text)
+
+
 def test_edit_and_sweep_with_the_vae(tiny_server: Any, tmp_path: Path) -> None:
     digit = tmp_path / "digit.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(digit)
