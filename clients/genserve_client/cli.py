@@ -341,6 +341,14 @@ def sample_codes_in_batches(
             )
         strip: list[Image.Image] = []
         result: SampleResult | None = None
+        # The strip is the first sample's: its PNG records that sample as every PNG does (the
+        # model's provenance once the answer has come).
+        first = {
+            "seed": seeds[0],
+            "label": labels[0] if labels else None,
+            "temperature": args.temperature,
+            "top_k": args.top_k or None,
+        }
         for item in client.sample_codes_progress(args.model, seeds=seeds, labels=labels, **_codes_opts(args)):
             if isinstance(item, CodesProgress):
                 _out(f"{item.level} {item.filled}/{item.positions}")
@@ -350,7 +358,8 @@ def sample_codes_in_batches(
                 result = item
                 strip.extend(item.pil()[:1])
             if strip:
-                save_picture(make_grid([GridRow(strip)]), Path(args.progress))
+                text = png_text(result.provenance if result is not None else None, **first)
+                save_picture(make_grid([GridRow(strip)]), Path(args.progress), text)
         assert result is not None  # the stream's last chunk is the answer
         return result
     return sample_in_batches(

@@ -126,3 +126,22 @@ def test_cli_code_prior_pngs_record_temperature_and_top_k_and_refuse_psi(
     refused = run_cli(*args, "--seed", "3", "--psi", "0.5", "--grid", str(tmp_path / "psi.png"))
     assert refused.returncode == 2 and "--psi" in refused.stderr, refused.stderr
     assert not (tmp_path / "psi.png").exists()
+
+
+def test_cli_progress_strip_carries_provenance_like_every_png(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    """docs/client.md, Provenance in PNGs: every PNG the CLI writes carries text chunks (seed and
+    label of its one sample, model, version, model_sha256, the command's settings). The --progress
+    strip, the first sample's previews and its final image, carried none."""
+    server, names = code_server
+    strip, grid = tmp_path / "strip.png", tmp_path / "grid.png"
+    proc = run_cli("--target", server.target, "sample", "--model", names["prior"], "--labels", "2",
+                   "--n", "1", "--seed", "7", "--top-k", "5", "--grid", str(grid),
+                   "--progress", str(strip))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(strip) as picture, Image.open(grid) as whole:
+        text, grid_text = dict(picture.text), dict(whole.text)  # type: ignore[attr-defined]
+    assert (text.get("seed"), text.get("label"), text.get("top_k")) == ("7", "2", "5"), text
+    for key in ("model", "version", "model_sha256"):
+        assert text.get(key) == grid_text[key], (key, text)
