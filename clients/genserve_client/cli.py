@@ -1262,7 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--closed-too", action="store_true", help="with --rate: also run the closed loops")
     p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="open-loop arrivals")
     p.add_argument("--max-outstanding", type=int, default=256, help="open loop: bound on calls in flight")
-    p.add_argument("--labels", type=parse_ints, help="classes to cycle through (conditional models)")
+    p.add_argument("--labels", type=parse_label_list, help="classes to cycle through (conditional models)")
     p.add_argument("--channels", type=int, default=1, help="gRPC channels (HTTP/2 connections)")
     p.add_argument(
         "--json",

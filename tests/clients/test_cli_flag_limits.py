@@ -49,6 +49,8 @@ MIX = ["mix", "--model", "fake-gen"]
             "--labels",
             "not both",
         ),
+        (["bench", "--model", "fake-cond", "--labels", str(2**40), "--duration", "1"], "--labels", "2^31"),
+        (["bench", "--model", "fake-cond", "--labels", "-1", "--duration", "1"], "--labels", "2^31"),
         (["models", "--timeout", "0"], "--timeout", "> 0"),
         (["--target", " ", "models"], "--target", "empty"),
         (["models", "--timeout", "nan"], "--timeout", "> 0"),
