@@ -1235,8 +1235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard",
         metavar="I/N",
-        help=f"run shard I of N (a contiguous seed range) in OUT/shard-I-of-N/; `N` alone takes I from "
-        f"${SHARD_ENV} (Kubernetes Indexed Job); check the union with `verify OUT`",
+        help=f"run shard I of N (a contiguous seed range) in OUT/shard-0000I-of-0000N/ (5 digits each); "
+        f"`N` alone takes I from ${SHARD_ENV} (Kubernetes Indexed Job); check the union with `verify OUT`",
     )
 
     p = command("verify", "check a bulk job's folder(s) hold exactly the job, each image once")
