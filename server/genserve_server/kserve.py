@@ -81,6 +81,7 @@ class LatentPlan:
 
     n: int
     labels: np.ndarray | None
+    rows_field: str  # the request field the rows came from, for refusals naming it
     z: np.ndarray | None = None
     seeds: list[int] | None = None
     psi: float | None = None
@@ -252,7 +253,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         response_params: dict[str, int] = {}
         if card.kind.takes_latent:
             plan = self._latent_plan(request, card, tensors, self._max_rows(mv))
-            await self.core.reserve_response(call, self._check_output_bytes(outputs, card, plan.n, None))
+            await self.core.reserve_response(
+                call, self._check_output_bytes(outputs, card, plan.n, None, plan.rows_field)
+            )
             result, _ = await self.core.generate_batch(
                 mv,
                 call,
@@ -269,7 +272,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         else:
             image = self._image_input(card, tensors, self._max_rows(mv))
             n = int(image.shape[0])
-            await self.core.reserve_response(call, self._check_output_bytes(outputs, card, n, image.shape))
+            await self.core.reserve_response(
+                call, self._check_output_bytes(outputs, card, n, image.shape, "inputs[image].shape")
+            )
             key = image_batch_key(card, tuple(int(d) for d in image.shape[1:]))
             result = await self.core.submit(mv, call, key, {"image": image}, n, Lane.INTERACTIVE)
         encoding = time.monotonic()
@@ -293,12 +298,36 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _check_output_bytes(
-        self, outputs: Sequence[TensorSpec], card: Card, n: int, image_shape: tuple[int, ...] | None
+        self,
+        outputs: Sequence[TensorSpec],
+        card: Card,
+        n: int,
+        image_shape: tuple[int, ...] | None,
+        rows_field: str,
     ) -> int:
-        """Before compute: the response's tensors must fit the send limit; returns their bytes."""
+        """Before compute: the response's tensors must fit the send limit; returns their bytes. A
+        refusal names the field the rows came from (`rows_field`) and how many rows fit: KServe has
+        no encoded formats, so fewer rows (or smaller images, or fewer outputs) is the only remedy."""
         out_bytes = sum(kserve_tensors.output_bytes(spec, card, n, image_shape) for spec in outputs)
-        self.core.check_send_size(out_bytes, "the response")
-        return out_bytes
+        limit = self.limits.max_send_message_bytes
+        room = limit - validate.SEND_OVERHEAD_BYTES  # the rest: id, parameters, framing
+        if out_bytes <= room:
+            return out_bytes
+        per_row = out_bytes // max(n, 1)  # every output has n rows of the same size
+        fit = room // per_row if per_row else n
+        names = ", ".join(spec.name for spec in outputs)
+        if fit:
+            remedy = f"at most {fit} rows fit"
+        elif image_shape is not None:
+            remedy = "not even one row fits: send smaller images"
+        else:
+            remedy = "not even one row fits: the server's max_send_message_bytes is too small for this model"
+        raise invalid(
+            rows_field,
+            f"the response's outputs ({names}) would be {out_bytes} bytes for {n} rows ({per_row} a row), "
+            f"above max_send_message_bytes={limit} less {validate.SEND_OVERHEAD_BYTES} bytes kept for the "
+            f"rest of the response; {remedy}",
+        )
 
     def _max_rows(self, mv: ModelVersion) -> tuple[int, str]:
         """The most rows one ModelInfer may carry, and the name of that limit. As in Triton, a
@@ -341,15 +370,18 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 if given is not None:
                     raise invalid(f"parameters[{name}]", "cannot be combined with the z input")
             z = validate.latent_rows(z_tensor, card.latent_dim, "inputs[z]")
-            n = validate.count(len(z), "inputs[z].shape[0]", limit, limit_name)
-            return LatentPlan(n, self._label_rows(card, n, label_tensor, label_param), z=z)
+            rows_field = "inputs[z].shape[0]"
+            n = validate.count(len(z), rows_field, limit, limit_name)
+            return LatentPlan(n, self._label_rows(card, n, label_tensor, label_param), rows_field, z=z)
         psi = validate.psi(psi, "parameters[truncation_psi]")
         if psi is not None:  # genserve.v1's truncation_psi is a proto float: the same float32 value here
             psi = float(np.float32(psi))
         if count is None and label_tensor is not None:  # one image per label: the count comes from the tensor
-            n = validate.count(len(label_tensor), "inputs[label].shape[0]", limit, limit_name)
+            rows_field = "inputs[label].shape[0]"
+            n = validate.count(len(label_tensor), rows_field, limit, limit_name)
         else:
-            n = validate.count(1 if count is None else count, "parameters[count]", limit, limit_name)
+            rows_field = "parameters[count]"
+            n = validate.count(1 if count is None else count, rows_field, limit, limit_name)
         if label_tensor is not None and len(label_tensor) != n:
             raise invalid(
                 "inputs[label].shape", f"must be [{n}] (parameters[count]), got {len(label_tensor)}"
@@ -359,7 +391,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         else:
             validate.base_seed(seed, n, "parameters[seed]")
         labels = self._label_rows(card, n, label_tensor, label_param)
-        return LatentPlan(n, labels, seeds=list(range(seed, seed + n)), psi=psi)
+        return LatentPlan(n, labels, rows_field, seeds=list(range(seed, seed + n)), psi=psi)
 
     @staticmethod
     def _label_rows(card: Card, n: int, tensor: np.ndarray | None, param: int | None) -> np.ndarray | None:

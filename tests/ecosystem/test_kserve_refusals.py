@@ -1,0 +1,108 @@
+"""KServe ModelInfer and ModelConfig refusals: they name the KServe field the client set and the
+limit, never a genserve.v1 field or option, and never end as INTERNAL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from server_support import (
+    ServerProcess,
+    generator_graph,
+    start_server,
+    super_resolution_graph,
+    write_model,
+)
+
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+
+SEND_LIMIT = 1024 * 1024  # the smallest max_send_message_bytes the server takes
+WIDE = 256  # 1 x 256 x 256 float32: 256 KiB an image, 3 of which fit 1 MiB (less 64 KiB overhead)
+SR_CARD = {
+    "channels": 3,
+    "input_channels": 3,
+    "input_range": [0.0, 1.0],
+    "scale_factor": 2,
+    "size_multiple": 1,
+    "tile_size": 96,
+    "tile_overlap": 8,
+    "min_size": 4,
+}
+BATCHING = {"max_batch_size": 16, "max_queue_delay_ms": 1.0, "max_queue_size": 64}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("kserve-refusal-models")
+    write_model(
+        root,
+        "g-wide",
+        "generator",
+        generator_graph(4, 1, WIDE, WIDE),
+        {"latent_dim": 4, "channels": 1, "image_size": [WIDE, WIDE]},
+        config={"batching": BATCHING},
+    )
+    write_model(
+        root, "sr", "super_resolution", super_resolution_graph(2), SR_CARD, config={"batching": BATCHING}
+    )
+    proc = start_server(
+        root,
+        tmp_path_factory.mktemp("kserve-refusal-server"),
+        config={"limits": {"max_send_message_bytes": SEND_LIMIT}},
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[kpb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield kpb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _refusal(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    error: Any = caught.value
+    return error.code(), error.details()
+
+
+def test_a_response_over_the_send_limit_names_the_kserve_rows_field_and_what_fits(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The refusal named genserve.v1's `output` (no such ModelInferRequest field) and told the client
+    to ask for an encoded format (PNG/JPEG/WEBP), which ModelInfer cannot: it names the field whose
+    rows made the response too large, the limit, and how many rows fit."""
+    by_count = kpb.ModelInferRequest(model_name="g-wide")
+    by_count.parameters["count"].int64_param = 4
+    z = np.zeros((4, 4), np.float32)
+    by_z = kpb.ModelInferRequest(
+        model_name="g-wide",
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="z", datatype="FP32", shape=[4, 4])],
+        raw_input_contents=[z.tobytes()],
+    )
+    image = np.full((2, 3, 256, 256), 0.5, np.float32)  # 2 x 3 x 512 x 512 float32 out: 6 MiB
+    sr = kpb.ModelInferRequest(
+        model_name="sr",
+        inputs=[
+            kpb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[2, 3, 256, 256])
+        ],
+        raw_input_contents=[image.tobytes()],
+    )
+    for request, field, fits in (
+        (by_count, "parameters[count]", "at most 3 rows fit"),
+        (by_z, "inputs[z].shape[0]", "at most 3 rows fit"),
+        (sr, "inputs[image].shape", "smaller images"),
+    ):
+        code, details = _refusal(lambda r=request: stub.ModelInfer(r, timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert details.startswith(f"{field}: "), details
+        assert f"max_send_message_bytes={SEND_LIMIT}" in details and fits in details, details
+        assert "PNG" not in details and "format" not in details, details
+    # What the message says fits is served.
+    by_count.parameters["count"].int64_param = 3
+    assert len(stub.ModelInfer(by_count, timeout=30).raw_output_contents[0]) == 3 * WIDE * WIDE * 4
