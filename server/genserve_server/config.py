@@ -407,6 +407,12 @@ def load_model_config(path: Path, *, default_max_queue_size: int | None = None) 
 # --------------------------------------------------------------------------- card.json
 
 
+# card.json's tensor dtypes (docs/model-repository.md): what KServe's ModelMetadata, ModelConfig and
+# ModelInfer map to protocol datatypes (kserve_tensors.DTYPES). Another one loaded READY and then
+# failed those RPCs with INTERNAL.
+CARD_DTYPES = ("float32", "int64", "float16")
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str
@@ -536,7 +542,8 @@ def _tensors(r: _Reader, key: str) -> tuple[TensorSpec, ...]:
         shape = tr.raw("shape")
         if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
             raise tr.error("shape", f"must be a list of integers, got {shape!r}")
-        specs.append(TensorSpec(tr.string("name", ""), tr.string("dtype", "float32"), tuple(shape)))
+        dtype = tr.string("dtype", "float32", choices=CARD_DTYPES)
+        specs.append(TensorSpec(tr.string("name", ""), dtype, tuple(shape)))
     return tuple(specs)
 
 

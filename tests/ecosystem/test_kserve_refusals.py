@@ -3,6 +3,7 @@ limit, never a genserve.v1 field or option, and never end as INTERNAL."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,10 +16,13 @@ from server_support import (
     start_server,
     super_resolution_graph,
     write_model,
+    write_tiny_generator,
 )
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+from genserve_server.config import CARD_DTYPES
+from genserve_server.kserve_tensors import DTYPES
 
 SEND_LIMIT = 1024 * 1024  # the smallest max_send_message_bytes the server takes
 WIDE = 256  # 1 x 256 x 256 float32: 256 KiB an image, 3 of which fit 1 MiB (less 64 KiB overhead)
@@ -49,10 +53,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     write_model(
         root, "sr", "super_resolution", super_resolution_graph(2), SR_CARD, config={"batching": BATCHING}
     )
+    # A card whose tensor dtype is none of card.json's (docs/model-repository.md: float32, int64,
+    # float16): a hand-written "float" for z.
+    version = write_tiny_generator(root, "g-bad-dtype")
+    card = json.loads((version / "card.json").read_text())
+    card["inputs"][0]["dtype"] = "float"
+    (version / "card.json").write_text(json.dumps(card))
     proc = start_server(
         root,
         tmp_path_factory.mktemp("kserve-refusal-server"),
         config={"limits": {"max_send_message_bytes": SEND_LIMIT}},
+        extra_args=("--require-models", "g-wide,sr"),
     )
     yield proc
     proc.stop()
@@ -106,3 +117,16 @@ def test_a_response_over_the_send_limit_names_the_kserve_rows_field_and_what_fit
     # What the message says fits is served.
     by_count.parameters["count"].int64_param = 3
     assert len(stub.ModelInfer(by_count, timeout=30).raw_output_contents[0]) == 3 * WIDE * WIDE * 4
+
+
+def test_a_card_dtype_outside_card_json_s_is_refused_at_load_not_internal_at_model_config(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """A card.json tensor dtype other than float32/int64/float16 loaded READY; ModelMetadata called it
+    FP32, while ModelConfig and every ModelInfer with the input answered INTERNAL (a KeyError). The
+    version is now UNAVAILABLE with the reason naming the card's field."""
+    code, details = _refusal(lambda: stub.ModelConfig(kpb.ModelConfigRequest(name="g-bad-dtype"), timeout=10))
+    assert code == grpc.StatusCode.UNAVAILABLE, details
+    assert "inputs[0].dtype" in details and "'float'" in details, details
+    assert not stub.ModelReady(kpb.ModelReadyRequest(name="g-bad-dtype"), timeout=10).ready
+    assert set(CARD_DTYPES) == set(DTYPES)  # every dtype a card may have has a protocol datatype
