@@ -111,11 +111,22 @@ def read_inputs(request: kpb.ModelInferRequest, card: Card) -> dict[str, np.ndar
             array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
         else:
             field = CONTENTS_FIELD.get(datatype)
-            values = getattr(tensor.contents, field) if field else ()
-            if len(values) != n_values:
+            if field is None:  # the protocol: FP16 (and BF16) travel as raw bytes only
                 raise invalid(
                     f"{where}.contents",
-                    f"{tensor.name} of shape {list(shape)} needs {n_values} values, got {len(values)}",
+                    f"{datatype} has no typed contents: send {tensor.name} in raw_input_contents",
+                )
+            values = getattr(tensor.contents, field)
+            if len(values) != n_values:
+                # Values in a field this datatype does not use: say so, not that none were sent.
+                elsewhere = [
+                    f"{len(v)} values in {f.name}" for f, v in tensor.contents.ListFields() if f.name != field
+                ]
+                unused = f" ({', '.join(elsewhere)}, which {datatype} does not use)" if elsewhere else ""
+                raise invalid(
+                    f"{where}.contents",
+                    f"{tensor.name} of shape {list(shape)} needs {n_values} values in {field}, "
+                    f"got {len(values)}{unused}",
                 )
             array = np.asarray(values, dtype=np_dtype).reshape(shape)
         arrays[tensor.name] = array

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,7 +22,9 @@ from server_support import (
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
-from genserve_server.config import CARD_DTYPES
+from genserve_server import kserve_tensors
+from genserve_server.config import CARD_DTYPES, Card, load_card
+from genserve_server.errors import GenserveError
 from genserve_server.kserve_tensors import DTYPES
 
 SEND_LIMIT = 1024 * 1024  # the smallest max_send_message_bytes the server takes
@@ -130,3 +133,46 @@ def test_a_card_dtype_outside_card_json_s_is_refused_at_load_not_internal_at_mod
     assert "inputs[0].dtype" in details and "'float'" in details, details
     assert not stub.ModelReady(kpb.ModelReadyRequest(name="g-bad-dtype"), timeout=10).ready
     assert set(CARD_DTYPES) == set(DTYPES)  # every dtype a card may have has a protocol datatype
+
+
+def _card(tmp_path: Path, dtype: str) -> Card:
+    path = tmp_path / "card.json"
+    card = {
+        "kind": "generator",
+        "inputs": [{"name": "z", "dtype": dtype, "shape": [-1, 4]}],
+        "outputs": [{"name": "image", "dtype": dtype, "shape": [-1, 1, 8, 8]}],
+        "latent_dim": 4,
+        "image_size": [8, 8],
+        "output_range": [-1.0, 1.0],
+    }
+    path.write_text(json.dumps(card))
+    return load_card(path)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "datatype", "field", "expected"),
+    [
+        (
+            "float32",
+            "FP32",
+            "fp64_contents",
+            "needs 4 values in fp32_contents, got 0 (4 values in fp64_contents",
+        ),
+        ("float16", "FP16", "fp32_contents", "FP16 has no typed contents: send z in raw_input_contents"),
+    ],
+)
+def test_typed_contents_in_the_wrong_field_are_named_not_counted_as_none(
+    tmp_path: Path, dtype: str, datatype: str, field: str, expected: str
+) -> None:
+    """Values sent in a contents field the datatype does not use were refused as 'needs 4 values, got
+    0': the client saw its 4 values counted as none, and for FP16 (which the protocol sends only as
+    raw bytes) was told to send values in a field that does not exist."""
+    request = kpb.ModelInferRequest(
+        model_name="g",
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="z", datatype=datatype, shape=[1, 4])],
+    )
+    getattr(request.inputs[0].contents, field).extend([0.5] * 4)
+    with pytest.raises(GenserveError) as caught:
+        kserve_tensors.read_inputs(request, _card(tmp_path, dtype))
+    assert str(caught.value).startswith("inputs[0].contents: "), caught.value
+    assert expected in str(caught.value), caught.value
