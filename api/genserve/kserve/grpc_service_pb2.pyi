@@ -237,7 +237,9 @@ class ModelMetadataResponse(_message.Message):
         """Tensor datatype (a protocol datatype string, e.g. "FP32")."""
         @_builtins.property
         def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-            """Tensor shape; -1 marks a variable-size dimension (always the batch axis)."""
+            """Tensor shape; -1 marks a variable-size dimension: the batch axis, and an image model's height and
+            width (super-resolution, image-to-image), which take any size within the server's limits.
+            """
 
         def __init__(
             self,
@@ -836,7 +838,9 @@ class InferStatistics(_message.Message):
 
     @_builtins.property
     def compute_infer(self) -> Global___StatisticDuration:
-        """Time in the model (genserve: a request's share of its batch's ONNX Runtime call)."""
+        """Time in the model (genserve: its batch's whole ONNX Runtime call, charged once to each request
+        the batch ran, however many rows it held, as Triton does).
+        """
 
     @_builtins.property
     def compute_output(self) -> Global___StatisticDuration:
