@@ -380,16 +380,25 @@ class Batcher:
         )
 
     @contextlib.contextmanager
-    def reserved(self, n_rows: int, caller: Caller | None = None) -> Iterator[QueueReservation]:
+    def reserved(
+        self, n_rows: int, caller: Caller | None = None, deadline: float | None = None
+    ) -> Iterator[QueueReservation]:
         """Hold `n_rows` of the queue for a request `caller` submits later (a code prior's decode,
         queued only once its grids are sampled, seconds on), until the block ends: refused now as an
-        interactive submit of them would be (queue full: ResourceExhausted, counted once per RPC),
-        and counted as queued meanwhile, so that the request submitted with `reservation=` (one at a
-        time, at most `n_rows`) is never refused 'queue full' after the work it waited for."""
+        interactive submit of them would be (queue full: ResourceExhausted, counted once per RPC;
+        `deadline` passed, full or not: DeadlineExceeded, a deadline drop), and counted as queued
+        meanwhile, so that the request submitted with `reservation=` (one at a time, at most
+        `n_rows`) is never refused 'queue full' after the work it waited for."""
         if self._closing:
             raise self._draining()
         if (too_large := self._too_large(n_rows)) is not None:
             raise too_large
+        if deadline is not None and self._clock() >= deadline:
+            # As submit: its client gets DEADLINE_EXCEEDED, so never a queue_full refusal.
+            self._dropped(caller, "deadline")
+            raise DeadlineExceeded(
+                f"{self.name}: deadline passed before the request was queued; not computed"
+            )
         if self._rows_taken() + n_rows > self.max_queue_size:
             raise self._queue_full(n_rows, caller)
         reservation = QueueReservation(n_rows)

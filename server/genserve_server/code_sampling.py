@@ -87,13 +87,13 @@ def code_decoder(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVer
 @contextlib.contextmanager
 def decoder_room(decoder: ModelVersion | None, call: Call, n: int) -> Iterator[QueueReservation | None]:
     """The call's `n` rows of its decoder's queue, held until the block ends (Batcher.reserved):
-    RESOURCE_EXHAUSTED now where the queue is full, never once the grids are sampled. None
-    without a decoder."""
+    RESOURCE_EXHAUSTED now where the queue is full (DEADLINE_EXCEEDED where the call's deadline has
+    passed, full or not), never once the grids are sampled. None without a decoder."""
     if decoder is None:
         yield None
         return
     assert decoder.batcher is not None
-    with decoder.batcher.reserved(n, call) as room:
+    with decoder.batcher.reserved(n, call, call.deadline) as room:
         yield room
 
 

@@ -1420,3 +1420,59 @@ def test_a_call_is_refused_before_any_step_when_its_decoders_queue_is_full(tmp_p
             await asyncio.gather(*others)
 
     run_with_core(tmp_path, body)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_call_past_its_deadline_that_finds_its_decoders_queue_full_is_a_deadline_drop(
+    tmp_path: Path, stream: bool
+) -> None:
+    """As the prior's full row budget and the batcher's full queue: a SampleCodes whose deadline had
+    passed before it asked for its rows of the decoder's queue (Batcher.reserved), finding it full,
+    was refused RESOURCE_EXHAUSTED and counted `queue_full`, though its client gets DEADLINE_EXCEEDED
+    (docs/metrics.md: a deadline that passed before a queue or row budget, full or not, is never
+    `queue_full`). It is a deadline drop, counted once, and no step runs."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        batcher = repo.get(names["decoder"]).resolve("").batcher
+        free = hold_runs(batcher)
+        others = await fill_queue(batcher, two_level=False)
+        past = time.monotonic() - 0.1
+        try:
+            with pytest.raises(DeadlineExceeded):
+                if stream:
+                    started = time.monotonic()
+                    rpc_metrics = core.metrics.unresolved()
+                    call = Call("SampleCodesStream", "test", started, rpc_metrics, deadline=past)
+                    mv = core.resolve(call, names["prior"], "", ("code_prior",), "SampleCodesStream")
+                    try:
+                        items = code_sampling.sample_codes_stream(
+                            core, mv, call, [1, 2], [0, 0], None, SamplingOptions(), PNG
+                        )
+                        _ = [item async for item in items]
+                    finally:
+                        if call.batcher is not None:
+                            call.batcher.release()
+                        call.release_uses()
+                else:
+                    await sample(core, names["prior"], [1, 2], [0], deadline=past)
+            assert scheduler.stats.steps == 0
+        finally:
+            free.set()
+            await asyncio.gather(*others)
+
+    run_with_core(tmp_path, body, metrics)
+
+    def total(name: str, reason: str) -> float:
+        return sum(
+            sample.value
+            for family in metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name and sample.labels.get("reason") == reason
+        )
+
+    # fill_queue's own refused probe is the one queue_full of the decoder.
+    assert total("genserve_requests_rejected_total", "queue_full") == 1
+    assert total("genserve_requests_dropped_total", "deadline") == 1
