@@ -218,7 +218,7 @@ async def _levels(
         top_every = steps_between(every, top_positions)
         # A full bottom budget refuses before the top level; room found is kept while it runs, and
         # the bottom level below takes it with no await in between.
-        with core.stepper(mv).reserved(len(seeds)):
+        with core.stepper(mv).reserved(len(seeds), call.deadline, call):
             tops = await core.stepper(top).sample(
                 seeds, top_labels, None, top_options, call.deadline, top_report, top_every, caller=call
             )

@@ -225,17 +225,29 @@ class StepScheduler:
         return len(self._running) + len(self._joining) + self._reserved
 
     @contextlib.contextmanager
-    def reserved(self, n: int) -> Iterator[None]:
+    def reserved(self, n: int, deadline: float | None = None, caller: Caller | None = None) -> Iterator[None]:
         """Hold `n` rows of the budget (check_room first) while a call gets ready to `sample` them: a
         two-level call's bottom rows while its top level runs. Leave it, then call `sample` with no
         await in between: the room is then still there (a call refused only after its top grid had
-        been sampled lost that work, and under steady traffic lost it again on every retry)."""
+        been sampled lost that work, and under steady traffic lost it again on every retry).
+        `deadline` passed: a deadline drop, as in `sample`, the budget full or not."""
+        self._check_deadline(n, deadline, caller)
         self.check_room(n)
         self._reserved += n
         try:
             yield
         finally:
             self._reserved -= n
+
+    def _check_deadline(self, n: int, deadline: float | None, caller: Caller | None) -> None:
+        """DeadlineExceeded where `deadline` has passed before `n` rows join (or are held): the budget
+        full or not, a deadline drop, as at a step, not a queue_full refusal (its client gets
+        DEADLINE_EXCEEDED); counted once for the RPC `caller`."""
+        if deadline is not None and time.monotonic() >= deadline:
+            self.stats.expired += n
+            if count_once(caller) and self.metrics is not None:
+                self.metrics.dropped["deadline"].inc()
+            raise DeadlineExceeded(f"{self.name}: deadline passed before the request joined; not computed")
 
     def check_room(self, n: int) -> None:
         """INVALID_ARGUMENT where `n` rows exceed the row budget, RESOURCE_EXHAUSTED where they do not
@@ -275,13 +287,7 @@ class StepScheduler:
         `caller`: the RPC (core.Call), whose drops count once across its requests and models (a
         stream's chunks ahead, the top prior, the decoder)."""
         n = len(seeds)
-        if deadline is not None and time.monotonic() >= deadline:
-            # Past it before joining (the budget full or not): a deadline drop, as at a step, not a
-            # queue_full refusal: its client gets DEADLINE_EXCEEDED.
-            self.stats.expired += n
-            if count_once(caller) and self.metrics is not None:
-                self.metrics.dropped["deadline"].inc()
-            raise DeadlineExceeded(f"{self.name}: deadline passed before the request joined; not computed")
+        self._check_deadline(n, deadline, caller)
         self.check_room(n)
         loop = asyncio.get_running_loop()
         temperature, top_k = options.resolved(self.defaults)

@@ -1476,3 +1476,51 @@ def test_a_call_past_its_deadline_that_finds_its_decoders_queue_full_is_a_deadli
     # fill_queue's own refused probe is the one queue_full of the decoder.
     assert total("genserve_requests_rejected_total", "queue_full") == 1
     assert total("genserve_requests_dropped_total", "deadline") == 1
+
+
+def test_a_two_level_call_past_its_deadline_that_finds_the_bottom_budget_full_is_a_deadline_drop(
+    tmp_path: Path,
+) -> None:
+    """A two-level call asks its bottom prior's budget before its top level (StepScheduler.reserved):
+    one whose deadline had passed, finding that budget full, was refused RESOURCE_EXHAUSTED and
+    counted `queue_full` there, though its client gets DEADLINE_EXCEEDED (the case `sample` itself
+    counts as a deadline drop, docs/metrics.md: never `queue_full`). A prior without a decoder, so
+    that no decoder queue is asked first."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    top = (GRID[0] // 2, GRID[1] // 2)
+    write_model(
+        tmp_path,
+        "bare-chain",
+        "code_prior",
+        prior_graph(*GRID, 16, top=top, seed=2),
+        {
+            "grid": list(GRID),
+            "codebook_size": 16,
+            "top_grid": list(top),
+            "top_codebook_size": 16,
+            "output_range": None,
+        },
+        config={"top_prior": names["top"], "batching": {"max_batch_size": MAX_ROWS}},
+    )
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        bottom = core.stepper(repo.get("bare-chain").resolve(""))
+        top_stepper = core.stepper(repo.get(names["top"]).resolve(""))
+        with bottom.reserved(MAX_ROWS):  # the bottom budget full
+            with pytest.raises(DeadlineExceeded):
+                await sample(core, "bare-chain", [1], deadline=time.monotonic() - 0.1)
+        assert top_stepper.stats.steps == 0 and bottom.stats.refused == 0
+
+    run_with_core(tmp_path, body, metrics)
+
+    def total(name: str, reason: str) -> float:
+        return sum(
+            sample.value
+            for family in metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name and sample.labels.get("reason") == reason
+        )
+
+    assert total("genserve_requests_rejected_total", "queue_full") == 0
+    assert total("genserve_requests_dropped_total", "deadline") == 1
