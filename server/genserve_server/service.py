@@ -244,9 +244,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 raise invalid("chunk_size", f"must be in 1..{limit} ({limit_name}), got {chunk_size}")
         else:  # the default: 64, or fewer where a limit is smaller, the send limit among them
             assert card.image_size is not None
-            latent_floats = card.w_dim if card.kind.styled and card.w_dim is not None else card.latent_dim
+            # The returned latents are each image's z (a style generator's too, as its Sample's).
             fits = validate.images_that_fit(
-                out, card.channels, *card.image_size, latent_floats, self.limits.max_send_message_bytes
+                out, card.channels, *card.image_size, card.latent_dim, self.limits.max_send_message_bytes
             )
             chunk_size = min(DEFAULT_CHUNK, limit, fits or DEFAULT_CHUNK)
         psi = validate.psi(
