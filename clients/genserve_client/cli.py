@@ -642,10 +642,15 @@ def vae_names(model: str, served: Sequence[str]) -> tuple[str, str]:
     raise UsageError(f"no VAE pair for {model!r}: expected {model}-encoder and {model}-decoder")
 
 
+# An encoder card's `input_channels` -> the Pillow mode its input pictures are converted to.
+PICTURE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
 def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo, version: str = "") -> npt.NDArray[np.uint8]:
     c = card(info, version)
     picture: Image.Image = Image.open(path)
-    picture = picture.convert("L" if c.get("input_channels", 1) == 1 else "RGB")
+    # The server reads a card without `input_channels` as 3 (config.py): the same default here.
+    picture = picture.convert(PICTURE_MODES.get(c.get("input_channels", 3), "RGB"))
     size = c.get("image_size")
     if size and (picture.height, picture.width) != tuple(size):
         # The server never resizes (EncodeRequest): fit the picture to the encoder here.
