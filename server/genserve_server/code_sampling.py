@@ -27,7 +27,7 @@ import numpy as np
 from genserve_server import validate
 from genserve_server.batch_keys import CodeRows
 from genserve_server.batch_parts import QueueReservation
-from genserve_server.batcher import Lane
+from genserve_server.batcher import WITHDRAWN, Lane
 from genserve_server.core import Call, GenerationCore
 from genserve_server.encoding import EncodedImage
 from genserve_server.errors import Unavailable, invalid
@@ -314,6 +314,7 @@ async def sample_codes_stream(
             core, mv, call, seeds, labels, tops, options, out, report, every, decoding, return_codes, room
         )
     )
+    withdraw: str | None = None  # the message the sampling is cancelled with if the stream ends early
     try:
         while True:
             if sampling.done() and (not latest or sampling.cancelled() or sampling.exception() is not None):
@@ -337,10 +338,16 @@ async def sample_codes_stream(
                     previews, _ = await _decode(core, decoder, call, grids, given, out, room)
             yield CodeProgress(level, filled, positions, previews)
         yield sampling.result()
+    except Exception:
+        # A preview failed: the call ends with that error, and its rows leave the running set as
+        # that failure, not as a caller that went away (WITHDRAWN: no drop), as a SampleStream's
+        # chunks ahead do.
+        withdraw = WITHDRAWN
+        raise
     finally:
         try:
             if not sampling.done():  # the caller left: its rows leave the running set at the next step
-                sampling.cancel()
+                sampling.cancel(withdraw)
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampling
             elif not sampling.cancelled():

@@ -1,0 +1,235 @@
+"""What a code prior call counts in genserve_requests_rejected_total / genserve_requests_dropped_total
+(docs/metrics.md): a call whose deadline passed before it reached a queue or row budget is a
+`deadline` drop, full or not, never `queue_full`; a call that ends with an error is counted under
+that status, not also as a drop. Through the core with tiny synthetic priors (code_models.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from code_models import write_code_models
+
+from genserve_server import code_sampling, validate
+from genserve_server.batch_keys import CodeRows
+from genserve_server.code_sampling import CodeSamples
+from genserve_server.config import ServerConfig
+from genserve_server.core import Call, GenerationCore
+from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+from genserve_server.step_sampler import SamplingOptions, StepScheduler
+
+GRID = (6, 6)
+MAX_ROWS = 8
+PNG = validate.output_spec(1, 0, None, False)
+
+Body = Callable[[Repository, GenerationCore], Awaitable[None]]
+
+
+def run_with_core(root: Path, body: Body, metrics: Metrics) -> None:
+    async def main() -> None:
+        config = ServerConfig()
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        try:
+            await asyncio.wait_for(body(repo, GenerationCore(repo, config, metrics, pool)), 30)
+        finally:
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+def counted(metrics: Metrics, family: str, model: str, reason: str) -> float:
+    value = metrics.registry.get_sample_value(family, {"model": model, "version": "1", "reason": reason})
+    return value or 0.0
+
+
+def ledger(metrics: Metrics, *models: str) -> dict[str, float]:
+    """queue_full refusals and deadline/cancelled drops, summed over `models`."""
+    return {
+        "queue_full": sum(
+            counted(metrics, "genserve_requests_rejected_total", m, "queue_full") for m in models
+        ),
+        "deadline": sum(counted(metrics, "genserve_requests_dropped_total", m, "deadline") for m in models),
+        "cancelled": sum(counted(metrics, "genserve_requests_dropped_total", m, "cancelled") for m in models),
+    }
+
+
+async def sample(
+    core: GenerationCore,
+    name: str,
+    seeds: list[int],
+    labels: list[int] | None = None,
+    *,
+    tops: np.ndarray | None = None,
+    deadline: float | None = None,
+) -> CodeSamples:
+    call = Call("SampleCodes", "test", time.monotonic(), core.metrics.unresolved(), deadline=deadline)
+    mv = core.resolve(call, name, "", ("code_prior",), "SampleCodes")
+    try:
+        return await code_sampling.sample_codes(core, mv, call, seeds, labels, tops, SamplingOptions(), PNG)
+    finally:
+        if call.batcher is not None:
+            call.batcher.release()
+        call.release_uses()
+
+
+def gate(scheduler: StepScheduler, at_step: int) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the scheduler's `at_step`-th step until `go` is set; `reached` is set when it gets there."""
+    reached, go = asyncio.Event(), asyncio.Event()
+    run = scheduler._run
+    steps = 0
+
+    async def gated(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        nonlocal steps
+        steps += 1
+        if steps == at_step:
+            reached.set()
+            await go.wait()
+        return await run(inputs)
+
+    scheduler._run = gated
+    return reached, go
+
+
+def hold_runs(batcher: Any) -> asyncio.Event:
+    """Hold every batch `batcher` runs until the returned event is set (its queue fills meanwhile)."""
+    free = asyncio.Event()
+    run = batcher._run_batch
+
+    async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        await free.wait()
+        return await run(key, inputs)
+
+    batcher._run_batch = held_run
+    return free
+
+
+async def fill_queue(batcher: Any) -> list[asyncio.Future[Any]]:
+    """One-row Decode-like requests queued into a held decoder until one is refused 'queue full'
+    (that refusal is a request of its own, not one of the calls under test)."""
+    one = {"codes": np.zeros((1, *GRID), np.int64)}
+    queued: list[asyncio.Future[Any]] = []
+    while True:
+        request = asyncio.ensure_future(batcher.submit(CodeRows(), one, 1, caller=None))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if request.done():
+            with pytest.raises(ResourceExhausted, match="queue full"):
+                request.result()
+            return queued
+        queued.append(request)
+
+
+def test_a_call_past_its_deadline_that_finds_its_decoders_queue_full_is_a_deadline_drop(
+    tmp_path: Path,
+) -> None:
+    """The decoder's queue is held from admission (Batcher.reserved): a call whose deadline had
+    passed when it got there was refused `queue_full` when the queue was full, though its client
+    gets DEADLINE_EXCEEDED (the boundary sends nothing past the deadline) and the same call
+    finding room is a `deadline` drop. docs/metrics.md: never `queue_full`."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    metrics = Metrics(enabled=True)
+    models = (names["prior"], names["decoder"])
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        batcher = repo.get(names["decoder"]).resolve("").batcher
+        free = hold_runs(batcher)
+        others = await fill_queue(batcher)
+        before = ledger(metrics, *models)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await sample(core, names["prior"], [1, 2], [0, 0], deadline=time.monotonic() - 0.1)
+        finally:
+            free.set()
+            await asyncio.gather(*others)
+        after = ledger(metrics, *models)
+        assert {k: after[k] - before[k] for k in after} == {"queue_full": 0, "deadline": 1, "cancelled": 0}
+
+    run_with_core(tmp_path, body, metrics)
+
+
+def test_a_two_level_call_past_its_deadline_that_finds_the_bottom_budget_full_is_a_deadline_drop(
+    tmp_path: Path,
+) -> None:
+    """The bottom prior's row budget is asked before the top level runs (StepScheduler.reserved): a
+    call already past its deadline that found it full was refused `queue_full`, where the same call
+    reaching StepScheduler.sample is a `deadline` drop (commit 11c19ad covered sample() only)."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    metrics = Metrics(enabled=True)
+    models = (names["chain"], names["top"], names["decoder2"])
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        bottom = core.stepper(repo.get(names["chain"]).resolve(""))
+        reached, go = gate(bottom, at_step=2)  # the full call's rows stay running
+        tops = np.zeros((MAX_ROWS, GRID[0] // 2, GRID[1] // 2), np.int64)
+        full = asyncio.ensure_future(sample(core, names["chain"], list(range(MAX_ROWS)), tops=tops))
+        await reached.wait()
+        assert bottom.rows == MAX_ROWS
+        before = ledger(metrics, *models)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await sample(core, names["chain"], [100], deadline=time.monotonic() - 0.1)
+        finally:
+            go.set()
+            await full
+        after = ledger(metrics, *models)
+        assert {k: after[k] - before[k] for k in after} == {"queue_full": 0, "deadline": 1, "cancelled": 0}
+
+    run_with_core(tmp_path, body, metrics)
+
+
+def test_a_code_stream_ended_by_a_failed_preview_is_not_also_counted_as_a_drop(tmp_path: Path) -> None:
+    """A SampleCodesStream whose preview decode fails ends with that error (INTERNAL: counted under
+    it by the boundary); its rows still in the prior's running set then left as if its client had
+    gone away, counted in genserve_requests_dropped_total{reason="cancelled"} as well: one call in
+    two outcomes. (A SampleStream's chunks ahead that a failed chunk ends are not drops: WITHDRAWN.)"""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    metrics = Metrics(enabled=True)
+    models = (names["prior"], names["decoder"])
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        run = scheduler._run
+
+        async def slow(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            await asyncio.sleep(0.005)  # the sampling runs on while the preview is decoded
+            return await run(inputs)
+
+        scheduler._run = slow
+        batcher = repo.get(names["decoder"]).resolve("").batcher
+
+        async def broken(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            raise RuntimeError("decoder failed")
+
+        batcher._run_batch = broken
+        before = ledger(metrics, *models)
+        call = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["prior"], "", ("code_prior",), "SampleCodesStream")
+        try:
+            stream = code_sampling.sample_codes_stream(
+                core, mv, call, [1, 2], [0, 0], None, SamplingOptions(), PNG
+            )
+            with pytest.raises(Internal):
+                async for _ in stream:
+                    pass
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            call.release_uses()
+        await asyncio.sleep(0.1)  # its rows have left the running set by now
+        assert scheduler.rows == 0
+        after = ledger(metrics, *models)
+        assert {k: after[k] - before[k] for k in after} == {"queue_full": 0, "deadline": 0, "cancelled": 0}
+
+    run_with_core(tmp_path, body, metrics)
