@@ -419,7 +419,8 @@ class StepScheduler:
                     outputs = await self._run(self._inputs(rows, padded))
                     codes = self._choose(rows, np.asarray(outputs["logits"]), padded)
                 except Exception as exc:  # a failed call fails its rows; the scheduler goes on
-                    if self.metrics is not None:
+                    if self.metrics is not None:  # a model call all the same, as a batcher's failed batch
+                        self._observe_call(rows, time.perf_counter() - started)
                         self.metrics.batch_failures.inc()
                     for row in rows:
                         if not row.future.done():
@@ -430,9 +431,7 @@ class StepScheduler:
                 self.stats.rows_stepped += len(rows)
                 if self.metrics is not None:
                     compute_s = time.perf_counter() - started
-                    self.metrics.compute_duration.observe(compute_s)
-                    self.metrics.batch_size.observe(len(rows))
-                    self.metrics.batch_requests.observe(len({row.request for row in rows}))
+                    self._observe_call(rows, compute_s)
                     # KServe ModelStatistics: a step is the prior's execution, as a batch elsewhere.
                     self.metrics.infer_stats.batch_done(len(rows), compute_s)
                 still = []
@@ -458,6 +457,13 @@ class StepScheduler:
             self._task = None
             if self.metrics is not None:
                 self.metrics.step_running_rows.set(len(self._running))
+
+    def _observe_call(self, rows: Sequence[Row], compute_s: float) -> None:
+        """One step's model call in the batch histograms (failed or not): a step is one batch."""
+        assert self.metrics is not None
+        self.metrics.compute_duration.observe(compute_s)
+        self.metrics.batch_size.observe(len(rows))
+        self.metrics.batch_requests.observe(len({row.request for row in rows}))
 
     def _choose(self, rows: Sequence[Row], logits: np.ndarray, padded: int) -> np.ndarray:
         """Each row's code at its own position (the padding rows' logits dropped)."""

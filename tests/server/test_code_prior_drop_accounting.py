@@ -233,3 +233,32 @@ def test_a_code_stream_ended_by_a_failed_preview_is_not_also_counted_as_a_drop(t
         assert {k: after[k] - before[k] for k in after} == {"queue_full": 0, "deadline": 0, "cancelled": 0}
 
     run_with_core(tmp_path, body, metrics)
+
+
+def test_a_failed_prior_step_is_a_model_call_in_the_batch_histograms(tmp_path: Path) -> None:
+    """docs/metrics.md: for a prior a step is one batch, and genserve_batch_size counts every model
+    call (a failed one too), genserve_compute_duration_seconds each call's duration. A step that
+    raised counted only genserve_batch_failures_total: failures with no model call behind them."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    metrics = Metrics(enabled=True)
+    labels = {"model": names["prior"], "version": "1"}
+
+    def value(name: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+
+        async def broken(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            raise RuntimeError("prior failed")
+
+        scheduler._run = broken
+        with pytest.raises(RuntimeError, match="prior failed"):
+            await sample(core, names["prior"], [1, 2, 3], [0, 0, 0])
+
+    run_with_core(tmp_path, body, metrics)
+    assert value("genserve_batch_failures_total") == 1
+    assert value("genserve_batch_size_count") == 1
+    assert value("genserve_batch_size_sum") == 3
+    assert value("genserve_batch_requests_count") == 1
+    assert value("genserve_compute_duration_seconds_count") == 1
