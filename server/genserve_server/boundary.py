@@ -132,9 +132,10 @@ class Boundary:
         """Log and translate an exception into the call's status (context.abort raises)."""
         trailing = ((REQUEST_ID_KEY, call.request_id),)
         if isinstance(exc, GenserveError):
-            if isinstance(exc, InvalidArgument):
+            past_deadline = _past_deadline(call)  # its client gets DEADLINE_EXCEEDED, not this refusal
+            if isinstance(exc, InvalidArgument) and not past_deadline:
                 call.metrics.rejected["invalid"].inc()
-            elif exc.code == Code.UNAVAILABLE:
+            elif exc.code == Code.UNAVAILABLE and not past_deadline:
                 call.metrics.rejected["not_ready"].inc()
             self._refusals.log(
                 (call.method, exc.code),
@@ -144,7 +145,7 @@ class Boundary:
                 exc.code.name,
                 exc,
             )
-            if _past_deadline(call):
+            if past_deadline:
                 call.code = Code.DEADLINE_EXCEEDED.name  # what the client gets, from gRPC
                 raise asyncio.CancelledError  # no status to send: see _past_deadline
             await abort(context, exc, trailing, self.redact)

@@ -214,6 +214,37 @@ def test_a_handler_that_fails_after_its_deadline_sends_no_status(service: Bounda
     assert service.metrics.requests.labels("", "", "Sample", "DEADLINE_EXCEEDED")._value.get() == 1
 
 
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (invalid("output", "the response would be 70000000 bytes, above max_send_message_bytes"), "invalid"),
+        ("unavailable", "not_ready"),
+    ],
+)
+def test_an_error_found_after_the_deadline_counts_as_the_deadline_only(
+    service: Boundary, error: Any, reason: str
+) -> None:
+    """An INVALID_ARGUMENT found after compute (a response over the send limit) or an UNAVAILABLE (a
+    version unloaded under a queued call) once the deadline has passed: the client gets
+    DEADLINE_EXCEEDED from gRPC and the call counts DEADLINE_EXCEEDED, but it was also counted in
+    genserve_requests_rejected_total{reason="invalid"|"not_ready"}, a refusal its client never saw
+    (metrics.md: `invalid` every INVALID_ARGUMENT, `not_ready` every UNAVAILABLE)."""
+    from genserve_server.errors import Unavailable
+
+    exc = Unavailable("model m version 1 shut down") if error == "unavailable" else error
+
+    async def handler(request: object, call: Call) -> None:
+        await asyncio.sleep(0.02)  # past the deadline, and not cancelled (a fake context)
+        raise exc
+
+    context = ExpiringContext(0.005)
+    with pytest.raises(asyncio.CancelledError):
+        call_unary(service, handler, context)
+    metrics = service.metrics
+    assert metrics.requests.labels("", "", "Sample", "DEADLINE_EXCEEDED")._value.get() == 1
+    assert metrics.requests_rejected.labels("", "", reason)._value.get() == 0
+
+
 def test_a_response_ready_after_its_deadline_is_not_sent(service: Boundary) -> None:
     async def handler(request: object, call: Call) -> str:
         await asyncio.sleep(0.02)
