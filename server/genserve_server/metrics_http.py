@@ -163,6 +163,10 @@ class BoundedWSGIServer(WSGIServer):
     daemon_threads = True
     threads = 4
     read_timeout_s = 5.0
+    # The listen backlog (socketserver's default is 5): connections that arrive while the accept
+    # thread waits for the GIL (a render, the event loop) wait here; past it the kernel drops their
+    # SYN, and the client (a /healthz probe) connects on its retransmission, 1 s later.
+    request_queue_size = MAX_READING
 
     def probe_health(self) -> tuple[bool, str]:
         """(serving, reason) for /healthz; serve() overrides it with the server's health."""
