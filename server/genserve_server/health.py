@@ -110,18 +110,25 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         last: health_pb2.HealthCheckResponse.ServingStatus | None = None
         while True:
             async with self.__changed:
-                while (status := self.__status(request.service)) == last and not self.__shutting_down:
+                while (status := self.__watched(request.service)) == last and not self.__shutting_down:
                     await self.__changed.wait()
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status
-            if self.__shutting_down and self.__status(request.service) == last:
+            if self.__shutting_down and self.__watched(request.service) == last:
                 context.set_code(grpc.StatusCode.UNAVAILABLE)
                 context.set_details("server is shutting down: health watch ended (NOT_SERVING sent)")
                 return
 
     def __status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
         return self.__statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+
+    def __watched(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
+        """What a Watch sends: the status, and at shutdown NOT_SERVING for every name, one the
+        server does not know included (docs/server.md: each open Watch is sent NOT_SERVING)."""
+        if self.__shutting_down:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return self.__status(service)
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]

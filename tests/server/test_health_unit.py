@@ -99,3 +99,48 @@ def test_health_list_of_a_new_servicer_is_what_check_answers(health_module: Any)
     NOT_SERVING before the server starts)."""
     servicer = health_module.ListingHealthServicer()
     assert _listed(servicer) == {"": SERVING} == _checked(servicer, [""])
+
+
+class _WatchContext:
+    """What Watch uses of a grpc.aio.ServicerContext: the statuses written, the code and details."""
+
+    def __init__(self) -> None:
+        self.written: list[int] = []
+        self.code: Any = None
+        self.details = ""
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        self.written.append(response.status)
+
+    def set_code(self, code: Any) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+def test_every_open_watch_is_sent_not_serving_at_shutdown_an_unknown_services_too() -> None:
+    """docs/server.md: at shutdown "each open health Watch is sent [NOT_SERVING], then ends with
+    UNAVAILABLE". A Watch of a name the server does not know (a model not in the repository yet)
+    was sent SERVICE_UNKNOWN, then ended with UNAVAILABLE "health watch ended (NOT_SERVING sent)",
+    its client never told NOT_SERVING."""
+    import grpc
+
+    async def scenario() -> dict[str, _WatchContext]:
+        servicer = genserve_health.ListingHealthServicer()
+        await servicer.set("gen", SERVING)
+        contexts = {name: _WatchContext() for name in ("gen", "not-a-model")}
+        watches = [
+            asyncio.create_task(servicer.Watch(health_pb2.HealthCheckRequest(service=name), context))
+            for name, context in contexts.items()
+        ]
+        await asyncio.sleep(0.05)
+        await servicer.enter_graceful_shutdown()
+        await asyncio.wait_for(asyncio.gather(*watches), 5)
+        return contexts
+
+    contexts = asyncio.run(scenario())
+    assert contexts["gen"].written == [SERVING, NOT_SERVING]
+    assert contexts["not-a-model"].written == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN, NOT_SERVING]
+    for context in contexts.values():
+        assert context.code == grpc.StatusCode.UNAVAILABLE and "NOT_SERVING sent" in context.details
