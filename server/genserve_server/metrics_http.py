@@ -143,6 +143,16 @@ def _healthz_method(head: bytes) -> str | None:
     return method
 
 
+def _malformed_line(received: bytearray) -> bool:
+    """Whether the request line has arrived and is no HTTP/1.x request line: a worker answers it 400
+    at once, as before the reader, instead of the head's blank line being awaited until the timeout."""
+    end = received.find(b"\n")
+    if end < 0:
+        return False
+    parts = bytes(received[:end]).strip().split(b" ")
+    return len(parts) != 3 or not parts[2].startswith(b"HTTP/1.")
+
+
 class _Reading:
     """A connection whose request head the reader is receiving."""
 
@@ -278,7 +288,7 @@ class BoundedWSGIServer(WSGIServer):
             return
         conn.received += data
         head_end = max(conn.received.find(b"\r\n\r\n"), conn.received.find(b"\n\n"))
-        if head_end < 0 and len(conn.received) < MAX_HEAD_BYTES:
+        if head_end < 0 and len(conn.received) < MAX_HEAD_BYTES and not _malformed_line(conn.received):
             return
         self._done_reading(selector, reading, conn)
         method = _healthz_method(bytes(conn.received)) if head_end >= 0 else None

@@ -120,3 +120,25 @@ def test_healthz_on_the_wire_is_answered_by_the_reader_like_the_app_answers() ->
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_malformed_request_line_is_answered_400_at_once_not_after_the_read_timeout() -> None:
+    """The reader waits for a request head's blank line; a request line that is no HTTP/1.x line
+    (a port scanner's, a typo's) goes to a worker as soon as it is complete and is answered 400
+    there, as before the reader, not closed unanswered after metrics_read_timeout_s."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=60)
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=5) as s:
+            s.sendall(b"garbage\r\n")  # no blank line follows: the client waits for an answer
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        # http.server answers a line it cannot parse as HTTP/0.9 would: the error page, no status line.
+        assert b"400 - Bad request syntax" in answer
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
