@@ -79,6 +79,21 @@ def to_rgb(y: torch.Tensor, cbcr: torch.Tensor) -> torch.Tensor:
     return torch.cat([r, g, b], 1)
 
 
+def to_rgb_in_gamut(y: torch.Tensor, cbcr: torch.Tensor) -> torch.Tensor:
+    """``to_rgb`` with each pixel's chroma scaled toward grey just enough that R, G and B stay in
+    [-1, 1]: the luma is kept exactly (clamping R, G, B instead would change it), only the
+    saturation of a colour outside the RGB cube drops."""
+    delta = to_rgb(y, cbcr) - y  # per channel, linear in the chroma
+    eps = 1e-6
+    room = torch.where(
+        delta > eps,
+        (1.0 - y) / delta.clamp(min=eps),
+        torch.where(delta < -eps, (-1.0 - y) / delta.clamp(max=-eps), torch.ones_like(delta)),
+    )
+    scale = room.amin(dim=1, keepdim=True).clamp(0.0, 1.0)
+    return y + scale * delta
+
+
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.LeakyReLU(0.2))
 
@@ -117,7 +132,8 @@ class ColorUNet(nn.Module):
         x = self.dec3(torch.cat([self.up3(x), e2], 1))
         x = self.dec2(torch.cat([self.up2(x), e1], 1))
         x = self.dec1(torch.cat([self.up1(x), e0], 1))
-        out: torch.Tensor = to_rgb(y, torch.tanh(self.out(x))).clamp(-1.0, 1.0)
+        # in gamut, not clamped: clamping R, G, B would change the brightness the docs promise to keep
+        out: torch.Tensor = to_rgb_in_gamut(y, torch.tanh(self.out(x))).clamp(-1.0, 1.0)
         return out
 
 
