@@ -144,12 +144,13 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
 
     has_image = kind.image_output_name is not None or kind.takes_image
     if kind.maps_latent:  # w, no image: the image fields are null (image_size: below)
-        for field in ("channels", "output_range"):
-            need(field, card[field] is None, "null")
+        need("channels", card["channels"] is None, "null")
     elif has_image:
         need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
     if kind.image_output_name is not None:
         need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
+    else:  # the range of the image output: none to give (style_mapping, vae_encoder, code_prior)
+        need("output_range", card["output_range"] is None, "null (the kind has no image output)")
     _check_style_fields(card, kind, need)
     need("opset", is_int(card["opset"]) and card["opset"] >= 17, "an int >= 17")
     if kind.has_latent_dim:

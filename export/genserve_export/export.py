@@ -766,8 +766,11 @@ def _assemble_card(
         "inputs": inputs,
         "outputs": outputs,
         **derived,
+        # the range of the image output: null for a kind without one (a vae_encoder's mu and logvar)
         "output_range": (
-            None if card_in.get("output_range") is None else [float(v) for v in card_in["output_range"]]
+            None
+            if card_in.get("output_range") is None or Kind(kind).image_output_name is None
+            else [float(v) for v in card_in["output_range"]]
         ),
         "training": train,
         "quality": quality_out,

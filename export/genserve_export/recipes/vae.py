@@ -163,7 +163,7 @@ class VaeDigitsRecipe:
             "notes": "loss: per-image BCE (sum over pixels) + KL; Adam lr 1e-3, batch 128; "
             "one model trained, exported as two entries",
         }
-        common_card = {"recipe": "vae-digits", "output_range": [0.0, 1.0]}
+        common_card = {"recipe": "vae-digits"}
         holdout = data.holdout_record()
         rng = np.random.default_rng(seed)
         return [
@@ -174,6 +174,7 @@ class VaeDigitsRecipe:
                 example_inputs={"z": rng.standard_normal((4, LATENT_DIM)).astype(np.float32)},
                 card={
                     **common_card,
+                    "output_range": [0.0, 1.0],
                     "description": "VAE decoder (784-400-20, real MNIST 28x28): z ~ N(0, I) -> image",
                 },
                 quality={

@@ -1,0 +1,56 @@
+"""card.json's output_range is "the float range of the image output" (docs/model-repository.md); a kind
+with no image output (the VAE encoder: mu, logvar) has none, like every field that does not apply."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from genserve_export import export_model
+from genserve_export.card import validate_card
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "models"
+
+
+class TinyEncoder(nn.Module):
+    """image [N, 1, 4, 4] in [0, 1] -> (mu, logvar) [N, 3], unbounded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mu = nn.Linear(16, 3)
+        self.logvar = nn.Linear(16, 3)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = image.flatten(1) * 10.0
+        return self.mu(flat), self.logvar(flat)
+
+
+def test_an_encoders_card_claims_no_output_range_for_its_unbounded_mu_and_logvar(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).random((2, 1, 4, 4)).astype(np.float32)
+    path = export_model(
+        TinyEncoder().eval(),
+        kind="vae_encoder",
+        name="my-encoder",
+        out_dir=tmp_path,
+        example_inputs={"image": images},
+        # what the vae-digits recipe passed (its decoder's range, shared by both cards)
+        card={"description": "a tiny encoder", "input_range": [0.0, 1.0], "output_range": [0.0, 1.0]},
+        fp16=False,
+    )
+    card = json.loads((path / "card.json").read_text())
+    assert card["output_range"] is None
+    card["output_range"] = [0.0, 1.0]
+    problems = validate_card(card)
+    assert any("'output_range'" in p and "vae_encoder" in p for p in problems), problems
+
+
+def test_the_shipped_vae_encoder_card_claims_no_output_range() -> None:
+    card = json.loads((REPOSITORY / "vae-digits-encoder" / "1" / "card.json").read_text())
+    assert card["kind"] == "vae_encoder"
+    assert card["output_range"] is None
+    assert validate_card(card) == []
