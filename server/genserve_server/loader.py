@@ -31,7 +31,6 @@ from genserve_server.metrics import BatchMetrics
 from genserve_server.ort_session import (
     ModelChoice,
     ProfileShapes,
-    RuntimeConfig,
     choose_model_file,
     create_session,
 )
@@ -40,6 +39,8 @@ from genserve_server.runner import Runner, select_providers
 from genserve_server.session_runner import SessionRunner, check_fp16_parity
 
 if TYPE_CHECKING:  # repository.py imports this module: its types only, no import cycle at run time
+    import onnxruntime as ort
+
     from genserve_server.repository import ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
     providers = select_providers(requested)
     mv.sha256 = _verified_sha256(mv, card, choice.path)
     if choice.precision == "fp16":
-        checked = fp16_on_provider(mv.path, card, providers, mv.config.runtime, choice)
+        checked = fp16_on_provider(mv, card, providers, choice)
         if checked is not choice:
             mv.sha256 = _verified_sha256(mv, card, checked.path)
             choice = checked
@@ -344,26 +345,26 @@ def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
     missing = [o for o in card.kind.output_names if o not in runner.outputs]
     if missing:
         raise ConfigError(f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})")
-    check_batch_axes(mv, runner)
+    check_batch_axes(mv, runner.session)
     name = card.kind.image_output_name
     if name is not None:
         declared = next(tuple(o.shape) for o in runner.session.get_outputs() if o.name == name)
         check_image_output(mv.label, card, declared)
 
 
-def check_batch_axes(mv: ModelVersion, runner: Runner) -> None:
+def check_batch_axes(mv: ModelVersion, session: ort.InferenceSession, label: str = "") -> None:
     """ConfigError where a graph input's batch axis (axis 0 of every input of every kind) is fixed
     while batches of more rows are served: a graph exported without a dynamic batch axis would fail
     its first larger batch with ONNX Runtime's own text ('Got invalid dimensions for input ...'). A
-    fixed batch of 1 serves under max_batch_size 1."""
+    fixed batch of 1 serves under max_batch_size 1. `label`: what names the graph (the version's)."""
     max_batch = mv.config.batching.max_batch_size
-    for spec in runner.session.get_inputs():
+    for spec in session.get_inputs():
         fixed = spec.shape[0] if spec.shape else None
         if not isinstance(fixed, int) or fixed <= 0 or (fixed == 1 and max_batch == 1):
             continue
         alone = ", or set batching.max_batch_size to 1 in config.json" if fixed == 1 else ""
         raise ConfigError(
-            f"{mv.label}: graph input {spec.name!r} has a fixed batch dimension {fixed} (shape "
+            f"{label or mv.label}: graph input {spec.name!r} has a fixed batch dimension {fixed} (shape "
             f"{list(spec.shape)}), while batches of 1..{max_batch} rows are served "
             f"(batching.max_batch_size): export it with a dynamic batch axis (torch.onnx.export's "
             f"dynamic_shapes or dynamic_axes; genserve-export does){alone}"
@@ -451,19 +452,26 @@ def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
 
 
 def fp16_on_provider(
-    version_dir: Path, card: Card, providers: Sequence[str], runtime: RuntimeConfig, choice: ModelChoice
+    mv: ModelVersion, card: Card, providers: Sequence[str], choice: ModelChoice
 ) -> ModelChoice:
     """`choice` (the fp16 file) when fp16 and fp32 agree within `runtime.fp16_atol` on the provider
     the version will run on, else fp32 with the reason: the card's parity was measured at export, on
     a CPU, and fp16 kernels differ per provider and GPU. The check's sessions take the version's own
-    runtime (its GPU, memory cap, TF32), run plainly: no CUDA graph is captured for a check."""
+    runtime (its GPU, memory cap, TF32), run plainly: no CUDA graph is captured for a check. Both
+    graphs' batch axes are checked first (check_batch_axes), and the check runs at most
+    max_batch_size rows: a fixed batch axis gets its refusal naming the fix, not ONNX Runtime's text
+    about the check's batch, and a fixed batch of 1 under max_batch_size 1 is checked as it serves."""
+    version_dir = mv.path
     if not (version_dir / "model.onnx").is_file():
         return choice  # nothing to compare with: the card's parity stands
+    runtime = mv.config.runtime
     atol = runtime.fp16_atol
     config = dataclasses.replace(runtime, cuda_graph=False, io_binding=False)
-    feeds = parity_inputs(card, 8)
+    feeds = parity_inputs(card, min(PARITY_ROWS, mv.config.batching.max_batch_size))
     fp32 = create_session(version_dir / "model.onnx", providers, config, cores=cpu_count())
     fp16 = create_session(choice.path, providers, config, cores=cpu_count(), fp16=True)
+    for path, info in ((version_dir / "model.onnx", fp32), (choice.path, fp16)):
+        check_batch_axes(mv, info.session, f"{mv.label} {path.name}")
     ok, diff = check_fp16_parity(SessionRunner(fp32, config), SessionRunner(fp16, config), feeds, atol)
     if ok:
         return choice
@@ -472,6 +480,10 @@ def fp16_on_provider(
         "fp32",
         f"fp16 differs from fp32 by {diff:.3g} > fp16_atol {atol:g} on {fp16.provider}",
     )
+
+
+# Rows of the fp16 parity check's inputs (fewer where max_batch_size is smaller).
+PARITY_ROWS = 8
 
 
 def parity_inputs(card: Card, batch: int) -> dict[str, np.ndarray]:

@@ -155,3 +155,54 @@ def test_a_super_resolution_graph_with_a_fixed_batch_of_1_serves_under_max_batch
             await repo.close(2.0)
 
     asyncio.run(scenario())
+
+
+def _with_fp16_twin(version_dir: Path) -> None:
+    """A model.fp16.onnx beside model.onnx (here the same graph), in the card's sha256 and parity,
+    and the version asking for fp16: the server checks fp16 against fp32 before serving it."""
+    import hashlib
+    import json
+
+    data = (version_dir / "model.onnx").read_bytes()
+    (version_dir / "model.fp16.onnx").write_bytes(data)
+    card_path = version_dir / "card.json"
+    card = json.loads(card_path.read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+    card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+    card_path.write_text(json.dumps(card))
+    config_path = version_dir.parent / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "precision": "fp16"}))
+
+
+def test_a_fixed_batch_graph_with_an_fp16_twin_is_refused_naming_the_fix_and_batch_1_alone_serves(
+    tmp_path: Path,
+) -> None:
+    """With a model.fp16.onnx beside model.onnx, the fp16 parity check ran both graphs on a batch of
+    8 before the batch axes were checked: a fixed-batch graph failed its load with ONNX Runtime's own
+    text ('Got invalid dimensions for input: z ...') instead of the refusal naming the fix, and a
+    fixed batch of 1 under max_batch_size 1, which serves without the twin, did not load at all."""
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    one = {"batching": {"max_batch_size": 1, "max_queue_size": 16}}
+    for name, batch, config in (("batch-1", 1, None), ("batch-64", 64, None), ("batch-1-alone", 1, one)):
+        _with_fp16_twin(
+            write_model(root, name, "generator", _fixed_batch_generator(batch), card, config=config)
+        )
+
+    with running_server(root, tmp_path / "work") as server, grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        states = {
+            m.name: (pb.ModelState.Name(m.versions[0].state), m.versions[0].reason)
+            for m in stub.ListModels(pb.ListModelsRequest()).models
+        }
+        for name, fixed in (("batch-1", 1), ("batch-64", 64)):
+            state, reason = states[name]
+            assert state == "MODEL_STATE_UNAVAILABLE", (name, state)
+            assert "'z'" in reason and f"fixed batch dimension {fixed}" in reason, reason
+            assert "dynamic batch axis" in reason and "invalid dimensions" not in reason, reason
+        assert states["batch-1-alone"][0] == "MODEL_STATE_READY", states["batch-1-alone"]
+        images = stub.Sample(pb.SampleRequest(model="batch-1-alone", count=3), timeout=30).images
+        assert len(images) == 3
+        served = stub.ListModels(pb.ListModelsRequest()).models
+        assert [m.versions[0].precision for m in served if m.name == "batch-1-alone"] == ["fp16"]
