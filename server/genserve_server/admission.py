@@ -140,6 +140,7 @@ class Admission:
             raise ValueError(f"request_timeout_s must be > 0, got {limits.request_timeout_s}")
         self.request_timeout_s = limits.request_timeout_s
         self._timeouts = ThrottledLog(logger)  # header-only calls: as many as a client opens
+        self._unread_ends = ThrottledLog(logger)  # unread streams: as many as a client opens
         self.stream_write_timeout_s = limits.stream_write_timeout_s
         self.generation = RpcClass("generation", "max_concurrent_rpcs", limits.generation)
         self.streams = RpcClass("bulk stream", "max_concurrent_sample_streams", limits.sample_streams)
@@ -181,7 +182,7 @@ class Admission:
         return handler  # stream-unary: genserve registers none
 
     async def _write_all(self, responses: AsyncGenerator[Any, None], context: Context) -> None:
-        await _write_all(responses, context, self.stream_write_timeout_s)
+        await _write_all(responses, context, self.stream_write_timeout_s, self._unread_ends)
 
     async def _read(self, method: str, context: Context) -> Any:
         """The call's next request message (or grpc.aio.EOF), within request_timeout_s."""
@@ -291,6 +292,7 @@ class Admission:
                         cast(AsyncGenerator[Any, None], result),
                         context,
                         self.stream_write_timeout_s,
+                        self._unread_ends,
                         on_item=answered,
                     )
                 else:
@@ -310,13 +312,15 @@ async def _write_all(
     responses: AsyncGenerator[Any, None],
     context: Context,
     write_timeout_s: float,
+    unread_ends: ThrottledLog,
     on_item: Callable[[], None] | None = None,
 ) -> None:
     """Each response written; the generator closed at once, also when the client cancels (its
     `finally` releases what it holds now, not when the garbage collector finalizes it). A message
     the client has not taken within `write_timeout_s` (it stopped reading: its flow-control window
-    stays full) ends the stream, so that an unread stream cannot keep its slot. `on_item`: called
-    with each response before it is written."""
+    stays full) ends the stream, so that an unread stream cannot keep its slot, and is logged
+    through `unread_ends` (a client opens as many as it likes). `on_item`: called with each response
+    before it is written."""
     try:
         async for item in responses:
             if on_item is not None:
@@ -328,7 +332,9 @@ async def _write_all(
                 # Not context.abort(): its status would queue behind the stalled message and the
                 # handler (holding its slot) would wait as long as the client. The handler returns
                 # now, its slot is freed, and gRPC sends this status if the client ever reads on.
-                logger.info("ended a stream whose client read nothing for %.3g s", write_timeout_s)
+                unread_ends.log(
+                    "unread", "ended a stream whose client read nothing for %.3g s", write_timeout_s
+                )
                 _ENDED_UNREAD.set(True)  # its status may never be sent: the client may go instead
                 context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
                 context.set_details(

@@ -21,6 +21,7 @@ from unread_client import UnreadClient
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server.boundary import REFUSAL_LOG_INTERVAL_S
 
 SLOTS = 2
 STREAM = "/genserve.v1.GenerationService/SampleStream"
@@ -131,3 +132,35 @@ def test_a_client_that_goes_after_the_server_ended_its_unread_stream_leaves_no_t
                 unread.close()
         time.sleep(0.3)  # grpc logs the failed status send after the handler has ended
     assert _log_problems(server, lines) == []
+
+
+def test_a_flood_of_unread_streams_logs_a_bounded_number_of_lines(quick_server: ServerProcess) -> None:
+    """Each stream the server ended because its client read nothing logged an INFO line: a client
+    opening unread streams wrote the log at will (a line per stream). Like the refusals
+    (boundary.ThrottledLog), the first is logged, then one line per interval saying how many more
+    came; genserve_requests_total{code="RESOURCE_EXHAUSTED"} counts every one."""
+    server = quick_server
+    job = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6, base_seed=0, output=RAW))
+    lines = len(server.log().splitlines())
+    before = _ended_streams(server)
+    rounds, streams = 25, 8  # max_concurrent_sample_streams at a time
+    started = time.monotonic()
+    for done in range(1, rounds + 1):
+        unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+        try:
+            for _ in range(streams):
+                unread.call(server.target, STREAM, job.SerializeToString())
+            wait_until(
+                lambda n=done: _ended_streams(server) - before >= n * streams,
+                10,
+                "the server to end the unread streams",
+            )
+        finally:
+            unread.close()
+    windows = 1 + int((time.monotonic() - started) / REFUSAL_LOG_INTERVAL_S)  # a line for each at most
+    ended = [line for line in server.log().splitlines()[lines:] if "read nothing" in line]
+    assert 1 <= len(ended) <= windows, (
+        f"{len(ended)} lines for {rounds * streams} unread streams: {ended[:5]}"
+    )
+    assert "more since the last line" in ended[-1] or len(ended) == 1, ended
+    assert _ended_streams(server) - before == rounds * streams  # every one still counted
