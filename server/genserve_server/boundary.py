@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
@@ -23,8 +24,9 @@ from genserve_server.accept import at_call_end
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
 from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument
-from genserve_server.idle_spin import IdleSpin
+from genserve_server.idle_spin import IdleSpin, run_off_loop
 from genserve_server.metrics import Metrics
+from genserve_server.wire import OFF_LOOP_BYTES, serialize
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +109,21 @@ class Boundary:
     """Wraps every handler of both servicers: `unary`, `stream`, and `plain` for metadata RPCs."""
 
     def __init__(
-        self, metrics: Metrics, redact: Callable[[str], str] = str, idle_spin: IdleSpin | None = None
+        self,
+        metrics: Metrics,
+        redact: Callable[[str], str] = str,
+        idle_spin: IdleSpin | None = None,
+        serialize_pool: Executor | None = None,
     ) -> None:
         """`redact`: what a message becomes for the client (Repository.redact hides the server's paths);
-        `idle_spin`: poked at the end of every call (idle_spin.py)."""
+        `idle_spin`: poked at the end of every call (idle_spin.py); `serialize_pool`: where a large
+        unary response is serialized, its bytes returned in its place (wire.py: only for handlers
+        whose response serializer passes bytes through, wire.passing_bytes); None: every response
+        is returned as the message, for grpc to serialize on the event loop."""
         self.metrics = metrics
         self.redact = redact
         self.idle_spin = idle_spin
+        self.serialize_pool = serialize_pool
         self._unresolved = metrics.unresolved()
         self._refusals = ThrottledLog(logger)  # one line per method and status per interval
 
@@ -208,20 +218,32 @@ class Boundary:
     async def unary(
         self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], Awaitable[Resp]]
     ) -> Resp:
+        """The handler's response, or its serialized bytes where it was predicted large (wire.py)."""
         call = self.begin(method, context)
         call.unary = True
         try:
             response = await handler(request, call)
             if _past_deadline(call):
                 raise asyncio.CancelledError  # counted DEADLINE_EXCEEDED by raised(): see _past_deadline
-            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             reservation = call.response
+            if (
+                reservation is not None
+                and self.serialize_pool is not None
+                and reservation.held >= OFF_LOOP_BYTES  # its predicted size
+            ):
+                response = cast(Resp, await run_off_loop(self.serialize_pool, serialize, response))
+                if _past_deadline(call):
+                    raise asyncio.CancelledError
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             if reservation is not None:
                 # Held until gRPC has sent the response or ended the RPC (an unread response stays
                 # in gRPC's buffers after this handler returns: response_budget.py).
-                size = getattr(response, "ByteSize", None)
-                if size is not None:
-                    reservation.settle(size())
+                if isinstance(response, bytes):
+                    reservation.settle(len(response))
+                else:
+                    size = getattr(response, "ByteSize", None)  # upb: a serialization, small here
+                    if size is not None:
+                        reservation.settle(size())
 
                 if not at_call_end(reservation.release):  # grpc accepted the call: its done callback
 

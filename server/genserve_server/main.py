@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
-from genserve_server import accept, event_loop, kserve, probe, security
+from genserve_server import accept, event_loop, kserve, probe, security, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
@@ -233,9 +233,12 @@ class App:
             return handler.unary_unary is not None and generation and service in GENERATION_SERVICES
 
         def guard(method: str, handler: Handler) -> Handler:
+            # Serializers that pass bytes through: the boundary serializes a large unary response on
+            # the codec pool and returns its bytes (wire.py).
+            unary = wire.passing_bytes_handler(handler)
             return admission.wrap(
                 method,
-                guard_malformed(method, handler, on_reject=lambda _: unresolved.rejected["invalid"].inc()),
+                guard_malformed(method, unary, on_reject=lambda _: unresolved.rejected["invalid"].inc()),
             )
 
         guarded = GuardedRegistrar(self.server, guard, hot=hot if accept_many else None)
@@ -244,7 +247,13 @@ class App:
         self.core = GenerationCore(self.repository, config, self.metrics, self.codec_pool)
         # Every call's end keeps the loop awake for config.idle_spin_s (idle_spin.py).
         self.idle_spin = IdleSpin(config.idle_spin_s)
-        self.boundary = Boundary(self.metrics, redact=self.repository.redact, idle_spin=self.idle_spin)
+        # A large unary response is serialized on the codec pool, not on the event loop (wire.py).
+        self.boundary = Boundary(
+            self.metrics,
+            redact=self.repository.redact,
+            idle_spin=self.idle_spin,
+            serialize_pool=self.codec_pool,
+        )
         self.service = GenerationService(
             self.repository, config, self.metrics, self.codec_pool, core=self.core, boundary=self.boundary
         )

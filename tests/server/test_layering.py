@@ -12,6 +12,7 @@ PACKAGE = Path(genserve_server.__file__).parent
 # The gRPC edge: the two servicers, the boundary they share, and the server's wiring and admission.
 EDGE = {"service", "kserve", "kserve_tensors", "kserve_metadata", "boundary", "main", "health", "probe"}
 EDGE |= {"accept", "limits", "admission", "security", "service_codes", "service_parts", "service_styles"}
+EDGE |= {"wire"}  # a large response's protobuf bytes, built off the event loop
 PROTOCOL_PACKAGES = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "genserve")
 SERVICERS = ("service", "kserve")
 

@@ -1,0 +1,201 @@
+"""Large unary responses are serialized off the event loop (wire.py, Boundary.unary): their bytes are
+what protobuf writes, small responses stay messages serialized by grpc, and a tiny request is
+answered while a large response is being serialized."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.message import Message
+from server_support import TINY_LATENT, generator_graph, write_model, write_tiny_generator
+
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server import boundary, wire
+from genserve_server.boundary import Boundary
+from genserve_server.config import ServerConfig
+from genserve_server.core import Call
+from genserve_server.main import App
+from genserve_server.metrics import Metrics
+from genserve_server.response_budget import ByteBudget, Reservation
+
+F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32, return_latents=True)
+
+
+def _generated(rng: np.random.Generator, i: int) -> tpb.GeneratedImage:
+    return tpb.GeneratedImage(
+        index=i,
+        image=tpb.Image(format=tpb.IMAGE_FORMAT_TENSOR_F32, data=rng.bytes(1000 + i), shape=[3, 8, 8]),
+        seed=2**40 + i if i else 0,  # an optional field set to its default is written too
+        label=i % 3,
+        from_cache=bool(i % 2),
+        latent=tpb.Tensor(shape=[16], dtype=tpb.DTYPE_FLOAT32, data=rng.bytes(64)),
+    )
+
+
+def _responses() -> list[Message]:
+    rng = np.random.default_rng(0)
+    provenance = tpb.Provenance(
+        model="m",
+        version="1",
+        model_sha256="ab" * 32,
+        executed_batch_sizes=[64, 3, 300],
+        used_models=[tpb.UsedModel(model="mapping", version="2")],
+    )
+    infer = kpb.ModelInferResponse(
+        model_name="m", model_version="1", id="réq-1", raw_output_contents=[rng.bytes(300), b""]
+    )
+    infer.parameters["seed"].int64_param = 12345
+    infer.outputs.add(name="image", datatype="FP32", shape=[2, 3, 8, 8])
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=rng.bytes(5000), shape=[50, 50, 2])
+    return [
+        pb.SampleResponse(images=[_generated(rng, i) for i in range(5)], provenance=provenance),
+        pb.SampleResponse(),
+        pb.ImageResponse(images=[image, tpb.Image()], provenance=provenance, tiles=[17, 300]),
+        pb.SampleCodesResponse(  # field 4 declared before field 3
+            images=[_generated(rng, 0)],
+            codes=[tpb.Tensor(shape=[4, 4], dtype=tpb.DTYPE_INT64, data=rng.bytes(128))],
+            top_codes=[tpb.Tensor(shape=[2, 2], dtype=tpb.DTYPE_INT64, data=rng.bytes(32))],
+            provenance=provenance,
+        ),
+        pb.EncodeResponse(
+            latents=[
+                pb.LatentDistribution(mu=tpb.Tensor(shape=[8], data=rng.bytes(32)), logvar=tpb.Tensor())
+            ],
+            provenance=provenance,
+        ),
+        infer,
+    ]
+
+
+@pytest.mark.parametrize("response", _responses(), ids=lambda m: type(m).__name__)
+def test_serialize_writes_the_bytes_protobuf_writes(response: Message) -> None:
+    assert wire.serialize(response) == response.SerializeToString()
+
+
+def test_serializers_pass_serialized_responses_through_and_serialize_messages() -> None:
+    serializer = wire.passing_bytes(pb.SampleResponse.SerializeToString)
+    assert serializer is not None
+    message = pb.SampleResponse(images=[tpb.GeneratedImage(index=3)])
+    assert serializer(b"\x0a\x02\x28\x03") == b"\x0a\x02\x28\x03"
+    assert serializer(message) == message.SerializeToString()
+    assert wire.passing_bytes(None) is None
+
+
+class _Context:
+    """The parts of grpc.aio.ServicerContext the boundary uses for a successful unary call."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
+    def done(self) -> bool:
+        return False
+
+
+def _answer(predicted: int, response: pb.SampleResponse, budget: ByteBudget) -> Any:
+    async def handler(request: object, call: Call) -> pb.SampleResponse:
+        call.response = Reservation(budget)
+        await call.response.reserve(predicted, None, "Sample")
+        return response
+
+    async def main() -> Any:
+        with ThreadPoolExecutor(1) as pool:
+            ends = Boundary(Metrics(), serialize_pool=pool)
+            return await ends.unary("Sample", object(), _Context(), handler)  # type: ignore[arg-type]
+
+    return asyncio.run(main())
+
+
+def test_a_response_predicted_large_is_answered_as_its_bytes_and_holds_their_size() -> None:
+    response = pb.SampleResponse(
+        images=[tpb.GeneratedImage(index=i, image=tpb.Image(data=bytes(300_000))) for i in range(4)]
+    )
+    budget = ByteBudget("response budget", 64 << 20, 1.0)
+    answer = _answer(wire.OFF_LOOP_BYTES, response, budget)
+    assert type(answer) is bytes
+    assert answer == response.SerializeToString()
+    assert budget.held == len(answer)  # settled to the real size (released by grpc's done callback)
+
+
+def test_a_response_predicted_small_stays_a_message_for_grpc_to_serialize() -> None:
+    response = pb.SampleResponse(images=[tpb.GeneratedImage(index=1, image=tpb.Image(data=bytes(1000)))])
+    budget = ByteBudget("response budget", 64 << 20, 1.0)
+    answer = _answer(wire.OFF_LOOP_BYTES - 1, response, budget)
+    assert answer is response
+    assert budget.held == response.ByteSize()
+
+
+def test_a_tiny_request_is_answered_while_a_large_response_is_being_serialized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    write_tiny_generator(models, "tiny-gen")
+    write_model(  # 64 TENSOR_F32 images of 3x64x64 with latents: ~3 MiB, above wire.OFF_LOOP_BYTES
+        models,
+        "wide-gen",
+        "generator",
+        generator_graph(TINY_LATENT, 3, 64, 64),
+        {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [64, 64]},
+    )
+    serializing, finish = threading.Event(), threading.Event()
+    real_serialize = boundary.serialize
+
+    def held_serialize(message: Message) -> bytes:
+        serializing.set()
+        finish.wait(30)  # held until the tiny request is answered (a bound, not a timing)
+        return real_serialize(message)
+
+    monkeypatch.setattr(boundary, "serialize", held_serialize)
+
+    async def main() -> None:
+        app = App(models, ServerConfig(), port=0, metrics_port=None)
+        await app.start()
+        try:
+            options = [("grpc.max_receive_message_length", 64 << 20)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                big = asyncio.ensure_future(
+                    stub.Sample(
+                        pb.SampleRequest(model="wide-gen", count=64, base_seed=7, output=F32), timeout=60
+                    )
+                )
+                assert await asyncio.to_thread(serializing.wait, 30), (
+                    "the large response was never serialized"
+                )
+                try:
+                    tiny = await stub.Sample(pb.SampleRequest(model="tiny-gen", count=1), timeout=20)
+                    assert len(tiny.images) == 1
+                    assert not big.done()  # its serialization is still held
+                finally:
+                    finish.set()
+                answer: pb.SampleResponse = await big
+                # The large answer holds what smaller requests of the same seeds get.
+                last = await stub.Sample(
+                    pb.SampleRequest(model="wide-gen", seeds=[7 + 63], output=F32), timeout=20
+                )
+            assert [g.seed for g in answer.images] == list(range(7, 7 + 64))
+            assert answer.images[63].image == last.images[0].image
+            assert answer.images[63].latent == last.images[0].latent
+        finally:
+            finish.set()
+            await app.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
