@@ -336,12 +336,7 @@ def warm_up(
 
 
 def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
-    want_in = card.graph_inputs
-    have_in = tuple(i.name for i in runner.inputs)
-    if sorted(want_in) != sorted(have_in):
-        raise ConfigError(
-            f"{mv.label}: graph inputs {list(have_in)} differ from kind {card.kind}'s {list(want_in)}"
-        )
+    check_graph_inputs(mv, card, runner.session)
     missing = [o for o in card.kind.output_names if o not in runner.outputs]
     if missing:
         raise ConfigError(f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})")
@@ -350,6 +345,19 @@ def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
     if name is not None:
         declared = next(tuple(o.shape) for o in runner.session.get_outputs() if o.name == name)
         check_image_output(mv.label, card, declared)
+
+
+def check_graph_inputs(mv: ModelVersion, card: Card, session: ort.InferenceSession, label: str = "") -> None:
+    """ConfigError where the graph's inputs are not the ones its kind (and card) feed: run anyway,
+    it would fail with ONNX Runtime's own text ('Required inputs ... are missing from input feed').
+    `label`: what names the graph (the version's)."""
+    want_in = card.graph_inputs
+    have_in = tuple(i.name for i in session.get_inputs())
+    if sorted(want_in) != sorted(have_in):
+        raise ConfigError(
+            f"{label or mv.label}: graph inputs {list(have_in)} differ from kind {card.kind}'s "
+            f"{list(want_in)}"
+        )
 
 
 def check_batch_axes(mv: ModelVersion, session: ort.InferenceSession, label: str = "") -> None:
@@ -458,7 +466,8 @@ def fp16_on_provider(
     the version will run on, else fp32 with the reason: the card's parity was measured at export, on
     a CPU, and fp16 kernels differ per provider and GPU. The check's sessions take the version's own
     runtime (its GPU, memory cap, TF32), run plainly: no CUDA graph is captured for a check. Both
-    graphs' batch axes are checked first (check_batch_axes), and the check runs at most
+    graphs' inputs and batch axes are checked first (check_graph_inputs, check_batch_axes): a graph
+    whose inputs are not its kind's is refused naming them, as without a twin; the check runs at most
     max_batch_size rows: a fixed batch axis gets its refusal naming the fix, not ONNX Runtime's text
     about the check's batch, and a fixed batch of 1 under max_batch_size 1 is checked as it serves."""
     version_dir = mv.path
@@ -471,6 +480,7 @@ def fp16_on_provider(
     fp32 = create_session(version_dir / "model.onnx", providers, config, cores=cpu_count())
     fp16 = create_session(choice.path, providers, config, cores=cpu_count(), fp16=True)
     for path, info in ((version_dir / "model.onnx", fp32), (choice.path, fp16)):
+        check_graph_inputs(mv, card, info.session, f"{mv.label} {path.name}")
         check_batch_axes(mv, info.session, f"{mv.label} {path.name}")
     ok, diff = check_fp16_parity(SessionRunner(fp32, config), SessionRunner(fp16, config), feeds, atol)
     if ok:

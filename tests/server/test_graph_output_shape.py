@@ -206,3 +206,50 @@ def test_a_fixed_batch_graph_with_an_fp16_twin_is_refused_naming_the_fix_and_bat
         assert len(images) == 3
         served = stub.ListModels(pb.ListModelsRequest()).models
         assert [m.versions[0].precision for m in served if m.name == "batch-1-alone"] == ["fp16"]
+
+
+def test_a_graph_whose_inputs_are_not_its_kinds_is_refused_naming_them_also_with_an_fp16_twin(
+    tmp_path: Path,
+) -> None:
+    """A generator graph whose input is not named `z` is refused naming the graph's inputs and the
+    kind's (check_graph). With a model.fp16.onnx beside it the fp16 parity check ran both graphs
+    before that check, so the version was refused with ONNX Runtime's own text ('ValueError:
+    Required inputs (['latent']) are missing from input feed (['z'])'), naming neither the version,
+    the file nor the kind's input, and a traceback in the log."""
+    import asyncio
+
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+
+    def renamed() -> onnx.ModelProto:
+        graph = generator_graph(TINY_LATENT, 3, 8, 8)
+        graph.graph.input[0].name = "latent"
+        graph.graph.node[0].input[0] = "latent"
+        onnx.checker.check_model(graph)
+        return graph
+
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    write_model(root, "renamed", "generator", renamed(), card)
+    _with_fp16_twin(write_model(root, "renamed-twin", "generator", renamed(), card))
+
+    async def scenario() -> dict[str, tuple[ModelState, str]]:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            return {
+                name: (repo.models[name].versions["1"].state, repo.models[name].versions["1"].reason)
+                for name in ("renamed", "renamed-twin")
+            }
+        finally:
+            await repo.close(2.0)
+
+    states = asyncio.run(scenario())
+    for name in ("renamed", "renamed-twin"):
+        state, reason = states[name]
+        assert state == ModelState.UNAVAILABLE, (name, state)
+        assert f"model {name} version 1" in reason, reason
+        assert "graph inputs ['latent'] differ from kind generator's ['z']" in reason, reason
+        assert "missing from input feed" not in reason, reason
