@@ -59,6 +59,8 @@ def _responses() -> list[Message]:
     image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=rng.bytes(5000), shape=[50, 50, 2])
     return [
         pb.SampleResponse(images=[_generated(rng, i) for i in range(5)], provenance=provenance),
+        # More items than wire.FEW_ITEMS: each serialized whole.
+        pb.SampleResponse(images=[_generated(rng, i) for i in range(wire.FEW_ITEMS + 3)]),
         pb.SampleResponse(),
         pb.ImageResponse(images=[image, tpb.Image()], provenance=provenance, tiles=[17, 300]),
         pb.SampleCodesResponse(  # field 4 declared before field 3
