@@ -10,7 +10,8 @@ prometheus_client's server also started a thread per connection and waited forev
 client's p50 by 50 (each render holds the GIL). Here instead (docs/metrics.md, "The metrics port"):
 
 - One reader thread receives every accepted connection's request head without blocking (a
-  selector; at most MAX_READING connections at once, more are closed at accept). A connection has
+  selector; at most MAX_READING connections at once: past it the one reading longest is closed, so
+  that connections holding their heads back cannot keep a new one, a /healthz probe, out). A connection has
   `read_timeout_s` in all, from its accept, to send it (not per byte: one byte a second does not
   keep it), else it is closed; no thread waits on a client.
 - `/healthz` (GET, HEAD, OPTIONS) is answered by the reader at once: scrapes queued or rendering
@@ -51,7 +52,9 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 QUEUE_PER_WORKER = 4
-# Connections whose request head the reader receives at once; more are closed at accept.
+# Connections whose request head the reader receives at once; past it the one reading longest is
+# closed for the newcomer (half-sent requests cannot keep a /healthz probe out). Accepted connections
+# the reader has not taken yet beyond twice this are closed at accept (a reader that is behind).
 MAX_READING = 256
 # A request head larger than this goes to a worker as it is (which answers it: too long).
 MAX_HEAD_BYTES = 64 * 1024
@@ -205,7 +208,7 @@ class BoundedWSGIServer(WSGIServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._accepted_lock:
-            if self._reading_count >= MAX_READING:
+            if self._reading_count >= 2 * MAX_READING:  # the reader is behind: it evicts down to MAX_READING
                 full = True
             else:
                 full = False
@@ -236,7 +239,9 @@ class BoundedWSGIServer(WSGIServer):
                     if key.fileobj is self._wake_r:
                         self._take_accepted(selector, reading)
                         continue
-                    conn = reading[cast(socket.socket, key.fileobj)]
+                    conn = reading.get(cast(socket.socket, key.fileobj))
+                    if conn is None:  # evicted for a newer connection earlier in this round
+                        continue
                     try:
                         self._receive(selector, reading, conn)
                     except Exception:  # this connection's trouble must not end the reader
@@ -264,6 +269,12 @@ class BoundedWSGIServer(WSGIServer):
             conn.sock.setblocking(False)
             selector.register(conn.sock, selectors.EVENT_READ)
             reading[conn.sock] = conn
+        while len(reading) > MAX_READING:
+            # The connection reading longest (its head held back, or dribbled) makes way for the
+            # newest: a flood of half-sent requests cannot keep a health check out.
+            oldest = min(reading.values(), key=lambda r: r.deadline)
+            self._done_reading(selector, reading, oldest)
+            self.shutdown_request(oldest.sock)
 
     def _done_reading(
         self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading

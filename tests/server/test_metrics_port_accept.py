@@ -62,3 +62,33 @@ def test_a_burst_of_connections_while_the_accept_thread_is_held_is_not_dropped()
             sock.close()
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_healthz_answers_while_half_sent_requests_hold_every_reading_slot() -> None:
+    """docs/metrics.md: a flood of half-sent requests does not get a load balancer's health check
+    closed unanswered. The reader takes at most MAX_READING connections at once and closes more at
+    accept, so a client holding that many half-sent requests (each kept up to
+    metrics_read_timeout_s, then reopened) had every /healthz probe closed unanswered."""
+    from genserve_server.metrics_http import MAX_READING
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), lambda: (True, ""), threads=1, read_timeout_s=5.0)
+    port = httpd.server_port
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_READING):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # half-sent: no blank line yet
+            held.append(sock)
+        time.sleep(0.3)  # all accepted and being read
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as probe:
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                answer = probe.recv(64)
+            except OSError as exc:  # reset at accept
+                answer = repr(exc).encode()
+        assert answer.startswith(b"HTTP/1.0 200 "), answer
+    finally:
+        for sock in held:
+            sock.close()
+        httpd.shutdown()
+        httpd.server_close()
