@@ -59,7 +59,7 @@ MAX_READING = 256
 # A request head larger than this goes to a worker as it is (which answers it: too long).
 MAX_HEAD_BYTES = 64 * 1024
 # zlib's default level: 21 MB of exposition (~900 versions) in 0.15 s on the 2-core VM against 0.8 s
-# at gzip.compress's level 9, for 3% more bytes (748 KB against 724 KB).
+# at gzip.compress's level 9, for 3% more bytes (736 KB against 715 KB, bench/profile.md).
 GZIP_LEVEL = 6
 # /healthz answers these with the health (HEAD and OPTIONS without a body).
 HEALTHZ_METHODS = ("GET", "HEAD", "OPTIONS")
