@@ -150,12 +150,15 @@ def run_warmup(
     check_stopping: Callable[[], None],
     memory_meter: MemoryMeter = rss_bytes,
     clock: Callable[[], float] = time.perf_counter,
+    then: Callable[[], None] | None = None,
 ) -> Calibration:
     """Warm and time `sizes` (ascending) within both budgets (see the module), as one exclusive
     step of `gate` queued at the first size's predicted seconds: versions calibrate one at a time,
     cheapest first. (Not a step per size: between two steps of one version, another version's
     waiting step would take the gate, and a large model's calibration would run before a small
-    model's remaining sizes.)"""
+    model's remaining sizes.) `then`: more of this version's model calls (a tiled model's tile
+    radius, the arena shrink), made in the same step: never beside another version's timings and
+    RSS readings, and without waiting for the gate again behind them."""
     result = Calibration(row_bytes=max(1.0, min_row_bytes))
     first = min(sizes, default=1)
     priority_s = first_call_s * first * warm_calls(runner, first_call_s * first)
@@ -172,6 +175,9 @@ def run_warmup(
             memory_meter,
             clock,
         )
+        if then is not None:
+            check_stopping()
+            then()
     # Sizes left out for time are bounded too: serving must not build a batch the budget forbids.
     fit = max(1, int(memory_budget_bytes // result.row_bytes))
     if sizes and fit < max(sizes):

@@ -3,7 +3,8 @@ once, but the warm-up steps that time batch sizes run alone, cheapest first.
 
 Timings measured beside another load come out inflated, and they decide inline execution and batch
 caps; so a timing step holds the gate exclusively. The other load steps (card, sha256, sessions,
-graph check, tile radius, the arena shrink after warm-up) hold it shared, `width` at a time.
+graph check; a tiled model's tile radius without warm-up) hold it shared, `width` at a time; the
+model calls after a version's timing (tile radius, arena shrink) are made in its exclusive step.
 Waiting steps start in priority order (lower first, then first come): load steps are queued at
 priority 0, so at start-up every version is prepared before any is calibrated, and then warm-ups go
 by their predicted seconds, so tiny models are READY before a large one calibrates.

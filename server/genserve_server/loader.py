@@ -50,8 +50,8 @@ def load_files(
     mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: LoadGate
 ) -> None:
     """Load one version on a worker thread: card, file choice, sha256, sessions, graph check (a
-    shared step of `gate`), warm-up (batch-size timing, exclusive steps: calibration.py), tile radius and
-    arena shrink (shared steps).
+    shared step of `gate`), warm-up (batch-size timing, an exclusive step: calibration.py, which also
+    holds the tile radius and the arena shrink after it; the tile radius a shared step without warm-up).
     Fills `mv` in; raises on any failure, closing what it built. `check_stopping` raises
     LoadCancelled once the server is stopping."""
     with gate.step(0.0, check_stopping=check_stopping):
@@ -67,22 +67,28 @@ def load_files(
         except BaseException:
             runner.close()
             raise
+
+    def after_timing() -> None:
+        """The model calls after the batch-size timing: in its exclusive step (calibration.run_warmup's
+        `then`), neither beside another version's timings and RSS readings nor queued behind them."""
+        if card.kind.tiled:
+            mv.tile_radius = measure_tile_radius(card, runner, mv.config.batching.max_batch_size)
+        if sc.shrink_arena_after_warmup:
+            # What warm-up's largest batches (and the tile radius's) grew the CPU arenas by goes
+            # back (bench/README.md, "Footprint"); the first large batch regrows what it needs.
+            runner.shrink_arena(warmup_inputs(card, 1))
+
     try:
         if sc.warmup:
-            warm_up(mv, card, runner, sc, gate, check_stopping, probe_s, row_bytes)
-        if card.kind.tiled:
+            warm_up(mv, card, runner, sc, gate, check_stopping, probe_s, row_bytes, then=after_timing)
+        elif card.kind.tiled:
             # 10 probe rows of 64x64 (tiling.receptive_field_radius), from the cost of one tile-sized row.
             height, width = warmup_inputs(card, 1)["image"].shape[2:]
             radius_s = probe_s * 10 * 64 * 64 / max(1, height * width)
             with gate.step(radius_s, check_stopping=check_stopping):
                 mv.tile_radius = measure_tile_radius(card, runner, mv.config.batching.max_batch_size)
+        if card.kind.tiled:
             check_default_tiling(card, mv.tile_radius)
-        if sc.warmup and sc.shrink_arena_after_warmup:
-            # What warm-up's largest batches grew the CPU arenas by goes back (bench/README.md,
-            # "Footprint"); the first large batch regrows what it needs. A model call that hands
-            # memory back: a shared step, never beside another version's timings and RSS readings.
-            with gate.step(probe_s, check_stopping=check_stopping):
-                runner.shrink_arena(warmup_inputs(card, 1))
     except BaseException:
         runner.close()
         raise
@@ -272,9 +278,11 @@ def warm_up(
     check_stopping: Callable[[], None],
     probe_s: float,
     row_bytes: float,
+    then: Callable[[], None] | None = None,
 ) -> calibration.Calibration:
     """Warm and time the batch sizes within the time and memory budgets (calibration.py); sets the
-    version's batch cap (efficient_batch_size) and, where memory bounds it, its batch pixels."""
+    version's batch cap (efficient_batch_size) and, where memory bounds it, its batch pixels.
+    `then`: model calls made in the timing's exclusive step right after it (run_warmup)."""
     batching = mv.config.batching
     tolerance = batching.efficient_batch_tolerance
     if tolerance == AUTO_TOLERANCE and not batch_grows_with_rows(runner):
@@ -292,6 +300,7 @@ def warm_up(
         first_call_s=probe_s,
         gate=gate,
         check_stopping=check_stopping,
+        then=then,
     )
     mv.calibration = result
     reason = _cap_reason(tolerance)

@@ -28,36 +28,44 @@ def test_the_arena_shrink_after_warm_up_never_runs_beside_another_versions_timin
 ) -> None:
     """The arena shrink after a warm-up is a model call and hands memory back (RSS falls): run while
     another version times its batch sizes and reads RSS (exclusive step), it skewed that version's
-    costs and its per-row memory (its memory budget's batch cap)."""
+    costs and its per-row memory (its memory budget's batch cap). The first version to shrink waits
+    (up to WAIT_S) for the other's timing to start, which it must never see running."""
     root = tmp_path / "models"
     write_tiny_generator(root, "a")
     write_tiny_generator(root, "b")
-    repo_box: list[Repository] = []
-    second_timing = threading.Event()
-    shrunk = threading.Event()
-    timings = 0
+    timing: set[str] = set()  # the runners timing their batch sizes now
+    shrinks = 0
+    timing_started, recorded = threading.Event(), threading.Event()
     lock = threading.Lock()
-    beside_exclusive: list[bool] = []
+    seen_timing: list[set[str]] = []  # at each shrink, the other versions timing meanwhile
 
     original_warm_sizes = calibration._warm_sizes
 
-    def warm_sizes(*args: Any, **kwargs: Any) -> None:
-        nonlocal timings
+    def warm_sizes(runner: Runner, *args: Any, **kwargs: Any) -> None:
         with lock:
-            timings += 1
-            second = timings == 2
-        if second:  # the other version has finished timing: give its shrink the chance to overlap
-            second_timing.set()
-            shrunk.wait(WAIT_S)
-        original_warm_sizes(*args, **kwargs)
+            timing.add(runner.label)
+            overlapping = shrinks == 1  # the other version is shrinking: it must not see this
+        if overlapping:
+            timing_started.set()
+            recorded.wait(WAIT_S)  # until the shrink has looked (tiny models time in milliseconds)
+        try:
+            original_warm_sizes(runner, *args, **kwargs)
+        finally:
+            with lock:
+                timing.discard(runner.label)
 
     original_shrink = Runner.shrink_arena
 
     def shrink_arena(self: Runner, inputs: Mapping[str, np.ndarray]) -> None:
-        if not beside_exclusive:  # the first version to shrink: is the other one timing meanwhile?
-            second_timing.wait(WAIT_S)
-            beside_exclusive.append(repo_box[0].gate.held_exclusively)
-            shrunk.set()
+        nonlocal shrinks
+        with lock:
+            shrinks += 1
+            first = shrinks == 1
+        if first:  # the other version's timing may start meanwhile, if the gate lets it
+            timing_started.wait(WAIT_S)
+        with lock:
+            seen_timing.append(timing - {self.label})
+        recorded.set()
         original_shrink(self, inputs)
 
     monkeypatch.setattr(calibration, "_warm_sizes", warm_sizes)
@@ -65,11 +73,10 @@ def test_the_arena_shrink_after_warm_up_never_runs_beside_another_versions_timin
 
     async def body() -> None:
         repo = Repository(root, ServerConfig(load_concurrency=2), Metrics(enabled=False))
-        repo_box.append(repo)
         repo.scan()
         await repo.load_all()
         await repo.close(1)
 
     asyncio.run(body())
-    assert timings == 2
-    assert beside_exclusive == [False], "an arena shrink (a model call) ran while another version timed"
+    assert len(seen_timing) == 2
+    assert seen_timing == [set(), set()], "an arena shrink (a model call) ran while another version timed"
