@@ -287,6 +287,43 @@ def mix_calls(pairs: Sequence[tuple[int, int]], per_call: int) -> list[list[tupl
     return calls
 
 
+class OneModel:
+    """The calls of one command go to one model: those after the first name the version it used
+    (`opts`, unless the command named one), and each must come back from the first's model file (and
+    the models its images also went through). A server restarted, reloaded or replaced between two
+    calls (a rolling upgrade, replicas serving different versions) would otherwise mix two models in
+    one command's images, and the PNGs, which carry one provenance, would name the wrong one for
+    some of them."""
+
+    def __init__(self, opts: dict[str, Any]) -> None:
+        self.opts = dict(opts)
+        self.first: Provenance | None = None
+
+    def seen(self, provenance: Provenance) -> None:
+        if self.first is None:
+            self.first = provenance
+            if not self.opts.get("version") and provenance.version:
+                self.opts["version"] = provenance.version
+            return
+        first = self.first
+        if (provenance.version, provenance.model_sha256, provenance.used_models) != (
+            first.version,
+            first.model_sha256,
+            first.used_models,
+        ):
+            raise GenserveClientError(
+                grpc.StatusCode.ABORTED,
+                f"the model changed between this command's calls: {describe_model(first)}, then "
+                f"{describe_model(provenance)} (a server restarted or reloaded with another model): its "
+                "images would mix two models; run the command again",
+            )
+
+
+def describe_model(p: Provenance) -> str:
+    used = "".join(f", through {m} version {v} sha256 {h}" for m, v, h in p.used_models)
+    return f"{p.model} version {p.version} sha256 {p.model_sha256 or '?'}{used}"
+
+
 def sample_in_batches(
     client: GenserveClient,
     model: str,
@@ -298,17 +335,18 @@ def sample_in_batches(
     **opts: Any,
 ) -> SampleResult:
     """One image per (seed, label) pair, in calls of at most `per_call` images; `call` is the
-    client method (default `client.sample`; `client.sample_codes` for a code prior)."""
+    client method (default `client.sample`; `client.sample_codes` for a code prior). Every call
+    goes to the first one's model (OneModel)."""
     call = call or client.sample
-    items, provenance = [], None
+    items, one = [], OneModel(opts)
     for start in range(0, len(seeds), per_call):
         part = slice(start, start + per_call)
-        res = call(model, seeds=seeds[part], labels=labels[part], **opts)
+        res = call(model, seeds=seeds[part], labels=labels[part], **one.opts)
+        one.seen(res.provenance)
         items.extend(res.items)
-        provenance = res.provenance
-    if provenance is None:
+    if one.first is None:
         raise UsageError("nothing to sample: --n must be >= 1")
-    return SampleResult(items, provenance)
+    return SampleResult(items, one.first)
 
 
 def _codes_opts(args: argparse.Namespace) -> dict[str, Any]:
@@ -550,11 +588,13 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
     own = sample_in_batches(client, args.model, [*rows, *cols], [], per_call=per_call, **opts)
     pairs = [(r, c) for r in rows for c in cols]
     mixed: list[Any] = []
-    provenance = own.provenance
+    one = OneModel(opts)
+    one.seen(own.provenance)
     for chunk in mix_calls(pairs, per_call):
-        part = client.mix_styles(args.model, chunk, crossover=crossover, **opts)
+        part = client.mix_styles(args.model, chunk, crossover=crossover, **one.opts)
+        one.seen(part.provenance)
         mixed.extend(part.pil())
-        provenance = part.provenance
+    provenance = own.provenance
     own_pictures = own.pil()
     row_pictures, col_pictures = own_pictures[: len(rows)], own_pictures[len(rows) :]
     grid_rows = [GridRow([None, *col_pictures], "fine ->")]
@@ -598,13 +638,13 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
         # a style generator truncates every image in w space, after the mapping, the means' too.
         opts.pop("psi", None)
     points = np.stack([*means, combined])
-    decoded = [
-        picture
-        for start in range(0, len(points), per_call)
-        for picture in client.sample(
-            args.model, latents=points[start : start + per_call], labels=labels, **opts
-        ).pil()
-    ]
+    one = OneModel(opts)
+    one.seen(members.provenance)  # the means are decoded by the model that drew the members
+    decoded = []
+    for start in range(0, len(points), per_call):
+        part = client.sample(args.model, latents=points[start : start + per_call], labels=labels, **one.opts)
+        one.seen(part.provenance)
+        decoded += part.pil()
     member_pics = members.pil()
     width = max(len(v) for v in sets.values())
     grid_rows = []
@@ -697,12 +737,13 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     for r, d in enumerate(dims):
         latents[r * len(values) : (r + 1) * len(values), d] = values
     pics: list[Image.Image] = []
-    provenance: Provenance | None = None
     per_call = images_per_call(client.get_model(decoder, args.version))  # its queue may hold fewer
+    one = OneModel({"version": args.version})
     for start in range(0, len(latents), per_call):
-        part = client.decode(decoder, latents[start : start + per_call], version=args.version)
+        part = client.decode(decoder, latents[start : start + per_call], **one.opts)
+        one.seen(part.provenance)
         pics += part.pil()
-        provenance = part.provenance
+    provenance = one.first
     source = Image.fromarray(picture)
     rows = [
         GridRow([source, *pics[r * len(values) : (r + 1) * len(values)]], f"z[{d}]")

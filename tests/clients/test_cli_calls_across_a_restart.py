@@ -1,0 +1,121 @@
+"""CLI commands that split their work over several calls, while the server is restarted between two
+of them (a rolling upgrade: SIGTERM, a new process on the same port serving a new model version):
+one command's images come from one model, and every PNG's provenance names the model that made it."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from client_fakes import cli_main
+from PIL import Image
+from server_support import TINY_LATENT, ServerProcess, generator_graph, start_server, write_model
+
+from genserve_client import GenserveClient
+from genserve_client.binding import ClientBase
+
+MODEL = "gen"
+PER_CALL = 8  # the model's queue: `sample` asks at most this many images a call
+N = 3 * PER_CALL
+SEED = 500
+CONFIG = {"warmup": False, "drain_grace_s": 10.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _write_version(repo: Path, version: str, seed: int) -> None:
+    write_model(
+        repo,
+        MODEL,
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8, seed=seed),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": PER_CALL, "max_queue_size": PER_CALL}},
+        version=version,
+    )
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _reference(server: ServerProcess) -> tuple[str, dict[int, np.ndarray]]:
+    """(model sha256, pixels by seed) of the images of seeds SEED..SEED+N-1 the server gives now."""
+    seeds = list(range(SEED, SEED + N))
+    pixels: dict[int, np.ndarray] = {}
+    sha256 = ""
+    with GenserveClient(server.target) as client:
+        for start in range(0, N, PER_CALL):
+            result = client.sample(MODEL, seeds=seeds[start : start + PER_CALL], format="png")
+            sha256 = result.provenance.model_sha256
+            pixels.update({item.seed: _pixels(item.raw) for item in result.items})
+    return sha256, pixels
+
+
+@pytest.mark.parametrize("new_version", ["2", "1"], ids=["a new version", "version 1 replaced"])
+def test_a_sample_split_over_calls_never_mixes_two_models_across_a_restart(
+    new_version: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "models"
+    _write_version(repo, "1", seed=0)
+    port = _free_port()
+    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
+    references = dict([_reference(servers[0])])
+    sample = ClientBase.sample
+
+    def restart_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
+        result = sample.__get__(self)(*args, **kwargs)
+        if len(servers) == 1:  # the operator's rolling upgrade lands between two calls
+            old = servers[0]
+            old.proc.send_signal(signal.SIGTERM)
+            old.proc.wait(30)
+            shutil.rmtree(repo / MODEL / "1")
+            _write_version(repo, new_version, seed=1)
+            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
+            servers.append(new)
+            # The next call finds the new server up (not the channel's reconnect backoff).
+            grpc.channel_ready_future(self._channel).result(timeout=30)
+        return result
+
+    out = tmp_path / "out"
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(GenserveClient, "sample", restart_after_the_first_call)
+            code, _, err = cli_main(
+                capsys,
+                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
+                "--seed", str(SEED), "--out", str(out),
+            )  # fmt: skip
+        assert len(servers) == 2  # the restart happened mid-command
+        references.update([_reference(servers[1])])
+    finally:
+        for server in servers:
+            server.stop()
+    assert len(references) == 2  # two model files
+    files = sorted(out.glob("*.png")) if out.exists() else []
+    # Each file's PNG text names the model file that made its pixels, and all of them one file:
+    # either the command finished on one model, or it refused to mix (then it wrote nothing).
+    made_by = []
+    for path in files:
+        picture = Image.open(path)
+        sha256, seed = picture.text["model_sha256"], int(picture.text["seed"])
+        assert np.array_equal(np.asarray(picture), references[sha256][seed]), (path.name, sha256)
+        made_by.append(sha256)
+    assert len(set(made_by)) <= 1, sorted(made_by)
+    if code == 0:
+        assert len(files) == N, err
+    else:
+        assert not files
+        assert "version 1" in err or "'1'" in err, err
