@@ -34,6 +34,7 @@ import os
 import random
 import re
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -335,19 +336,41 @@ def write_file_whole(path: Path, data: bytes) -> None:
     """`path` holds all of `data`, or is left as it was: written under a temp name beside it, renamed
     into place, the temp file removed on an error (a full disk), which names `path`. For the CLI's
     outputs (a picture, a merged manifest), which need no fsync: a later tool must never take a
-    partial file for a whole one, and "No space left on device" alone does not say where."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial file for a whole one, and "No space left on device" alone does not say where.
+
+    A symlink is written through (the file it points to is replaced, the link kept); a file replaced
+    keeps its permissions; a path that is no regular file (a FIFO, /dev/stdout, a terminal) is
+    written into as it is: no file renamed over it could take its place."""
+    try:
+        existing: os.stat_result | None = os.stat(path)
+    except OSError:
+        existing = None
+    if existing is not None and not stat.S_ISREG(existing.st_mode) and not stat.S_ISDIR(existing.st_mode):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            name_file(exc, path)
+            raise
+        return
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    # The temp name stays within NAME_MAX however long the output's own name is.
+    stem = target.name.encode()[:200].decode(errors="ignore")
+    tmp = target.with_name(f".{stem}.{os.getpid()}.tmp")
     try:
         try:
             with open(tmp, "wb") as f:
+                if existing is not None and stat.S_ISREG(existing.st_mode):
+                    os.fchmod(f.fileno(), stat.S_IMODE(existing.st_mode))
                 f.write(data)
+            os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        os.replace(tmp, path)
     except OSError as exc:
         if exc.filename in (None, str(tmp)) and exc.errno is not None:
-            exc.filename, exc.filename2 = str(path), None
+            # A new error: setting filename2 to None would print "-> None" after the name.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

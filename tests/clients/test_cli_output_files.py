@@ -6,8 +6,10 @@ under its name for the next tool to take for a whole one (docs/client.md: a writ
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,3 +80,93 @@ def test_verifys_merged_manifest_on_a_full_disk_names_the_file_and_leaves_no_par
     assert code == 1, (stdout, err)
     assert f"'{merged}'" in err, err
     assert leftovers(merged.parent) == []
+
+
+# --- an output path that is not a plain new file (a symlink, a FIFO or /dev/stdout, a file with its
+# own permissions, a directory): written as the plain write it replaced wrote it ---------------------
+
+
+def test_a_grid_written_through_a_symlink_updates_the_file_it_points_to_and_keeps_the_link(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    real = tmp_path / "runs" / "grid-7.png"
+    real.parent.mkdir()
+    real.write_bytes(b"an older grid")
+    link = tmp_path / "latest.png"
+    link.symlink_to(real)
+    code, stdout, err = cli_main(
+        capsys, *t, "sample", "--model", "fake-gen", "--n", "2", "--seed", "5", "--grid", str(link)
+    )
+    assert code == 0, err
+    assert link.is_symlink(), "the user's symlink was replaced by a regular file"
+    assert real.read_bytes().startswith(b"\x89PNG"), "the file the symlink points to was not written"
+
+
+def test_verifys_manifest_out_to_a_fifo_is_written_into_it_not_replaced_by_a_file(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--manifest-out /dev/stdout` (a pipe to jq) is this case: as root the rename replaced the
+    /dev/stdout link itself; as a user it failed on the temp name in /dev."""
+    t = ("--target", fake_server.target)
+    job = tmp_path / "job"
+    code, stdout, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(job))
+    assert code == 0, err
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the reading end, open before the writer
+    try:
+        code, stdout, err = cli_main(capsys, "verify", str(job), "--manifest-out", str(fifo))
+        try:
+            received = os.read(reader, 1 << 16)
+        except BlockingIOError:
+            received = b""
+    finally:
+        os.close(reader)
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert received.count(b"\n") == 4, received
+
+
+def test_a_picture_that_replaces_an_existing_file_keeps_that_files_permissions(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"an older grid")
+    grid.chmod(0o600)
+    code, stdout, err = cli_main(
+        capsys, *t, "sample", "--model", "fake-gen", "--n", "2", "--seed", "5", "--grid", str(grid)
+    )
+    assert code == 0, err
+    assert grid.read_bytes().startswith(b"\x89PNG")
+    assert oct(grid.stat().st_mode & 0o777) == oct(0o600), "a private file became readable by all"
+
+
+def test_a_manifest_out_that_is_a_directory_names_it_and_leaves_no_temp_file(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", fake_server.target)
+    job = tmp_path / "job"
+    code, stdout, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(job))
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    code, stdout, err = cli_main(capsys, "verify", str(job), "--manifest-out", str(merged))
+    assert code == 1, (stdout, err)
+    assert f"Is a directory: '{merged}'" in err, err
+    assert "-> None" not in err, err
+    assert leftovers(tmp_path) == ["job", "merged"], "the manifest was left under a hidden temp name"
+
+
+def test_a_grid_with_a_name_near_the_filesystems_limit_is_written(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name of 254 bytes is a valid file name; the temp name beside it must not exceed 255."""
+    t = ("--target", fake_server.target)
+    grid = tmp_path / ("g" * 250 + ".png")
+    code, stdout, err = cli_main(
+        capsys, *t, "sample", "--model", "fake-gen", "--n", "2", "--seed", "5", "--grid", str(grid)
+    )
+    assert code == 0, err
+    assert leftovers(tmp_path) == [grid.name]
