@@ -21,6 +21,7 @@ import numpy as np
 from genserve_server import codecs, validate
 from genserve_server.codecs import ImageFormat
 from genserve_server.config import Card
+from genserve_server.errors import invalid
 from genserve_server.idle_spin import off_loop_work, run_off_loop
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import ModelMetrics
@@ -181,6 +182,14 @@ def decode_sync(
     arrays = []
     for i, image in enumerate(images):
         name = f"{field_prefix}[{i}]"
+        if card.input_channels not in (1, 3):
+            # A card may take 2 or 4 channels (config.py), served by KServe's tensors; an image here
+            # has 1 or 3 (decode_image) and converts only between gray and RGB.
+            raise invalid(
+                name,
+                f"{card.name} takes {card.input_channels}-channel images (its card's input_channels) "
+                "and a genserve.v1 image has 1 or 3 channels: send it through KServe ModelInfer",
+            )
         decoded = codecs.decode_image(
             image.data,
             image.format,
