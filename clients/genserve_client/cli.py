@@ -682,8 +682,10 @@ def vae_names(model: str, served: Sequence[str]) -> tuple[str, str]:
     raise UsageError(f"no VAE pair for {model!r}: expected {model}-encoder and {model}-decoder")
 
 
-# An encoder card's `input_channels` -> the Pillow mode its input pictures are converted to.
-PICTURE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# An encoder card's `input_channels` -> the Pillow mode its input pictures are converted to. A
+# genserve.v1 image has 1 or 3 channels: a 2- or 4-channel encoder gets RGB, which the server refuses
+# naming its input_channels (such a model is served through KServe ModelInfer).
+PICTURE_MODES = {1: "L", 3: "RGB"}
 
 
 def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo, version: str = "") -> npt.NDArray[np.uint8]:

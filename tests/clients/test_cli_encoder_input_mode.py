@@ -26,7 +26,8 @@ def _info(card: dict[str, object]) -> genserve_pb2.ModelInfo:
         ({"image_size": [4, 4]}, (4, 4, 3)),
         ({"image_size": [4, 4], "input_channels": 1}, (4, 4)),
         ({"image_size": [4, 4], "input_channels": 3}, (4, 4, 3)),
-        ({"image_size": [4, 4], "input_channels": 4}, (4, 4, 4)),
+        # 4 (RGBA): no genserve.v1 image has 4 channels; RGB, which the server refuses naming them.
+        ({"image_size": [4, 4], "input_channels": 4}, (4, 4, 3)),
     ],
 )
 def test_the_picture_has_the_channels_the_server_reads_the_card_as(
@@ -35,3 +36,18 @@ def test_the_picture_has_the_channels_the_server_reads_the_card_as(
     path = tmp_path / "in.png"
     Image.new("RGB", (4, 4), (10, 200, 30)).save(path)
     assert load_for_encoder(path, _info(card)).shape == shape
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_the_picture_for_any_cards_input_channels_is_one_the_client_library_can_send(
+    tmp_path: Path, channels: int
+) -> None:
+    """A genserve.v1 image has 1 or 3 channels (the library refuses others with 'image arrays must
+    be HW or HWC with C in (1, 3)', naming no flag of `edit`); a 2- or 4-channel encoder is the
+    server's to refuse, naming its input_channels and KServe ModelInfer."""
+    from genserve_client.convert import to_image_message
+
+    path = tmp_path / "in.png"
+    Image.new("RGBA", (4, 4), (10, 200, 30, 255)).save(path)
+    picture = load_for_encoder(path, _info({"image_size": [4, 4], "input_channels": channels}))
+    to_image_message(picture)
