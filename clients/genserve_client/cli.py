@@ -1017,9 +1017,14 @@ def check_bench_args(args: argparse.Namespace) -> None:
 
 def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
     check_bench_args(args)
+    with GenserveClient(config, timeout_s=args.timeout) as client:
+        info = client.get_model(args.model)
     if not args.labels:
-        with GenserveClient(config, timeout_s=args.timeout) as client:
-            args.labels = resolve_labels(client.get_model(args.model), None)  # all classes if conditional
+        args.labels = resolve_labels(info, None)  # all classes if conditional
+    elif info.class_names and (bad := [label for label in args.labels if label >= len(info.class_names)]):
+        # Every call would be refused INVALID_ARGUMENT: the run would measure nothing.
+        n = len(info.class_names)
+        raise UsageError(f"bench: --labels: {args.model} has {n} classes (labels in [0, {n})), got {bad[0]}")
     results = asyncio.run(_bench(config, args))
     if args.json:
         _out(json.dumps(results, indent=2))

@@ -198,3 +198,15 @@ def test_bench_that_no_request_passes_prints_the_servers_reason(
     code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--model", "bad")
     assert code == 1, err
     assert "model: 'bad' is rejected by the fake" in err
+
+
+def test_bench_refuses_labels_outside_the_models_classes_before_any_call(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a negative --labels value (argparse): a class the model does not have is refused by the
+    server on every call, so the run would measure nothing but INVALID_ARGUMENT for its duration."""
+    run = ("bench", "--concurrency", "1", "--duration", "0.2", "--warmup", "0", "--model", "fake-cond")
+    code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--labels", "3,10")
+    assert code == 2, (out, err)
+    assert "--labels" in err and "10 classes" in err and "got 10" in err, err
+    assert fake_server.service.calls["Sample"] == 0
