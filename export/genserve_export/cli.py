@@ -318,9 +318,16 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
     try:
         return _run_processes(args, names, running)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        _stop_children(running)
+        # A second SIGTERM or Ctrl-C while the children stop must not end the parent before it
+        # has reaped them (and SIGKILLed one that ignores its SIGINT).
+        ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS} if main_thread else {}
+        try:
+            _stop_children(running)
+        finally:
+            for sig, handler in ignored.items():
+                signal.signal(sig, handler)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -335,11 +342,16 @@ class BuildInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _stop_children(running: dict[str, tuple[subprocess.Popen[bytes], float, Any]]) -> None:
-    """Stop the recipes still training (SIGTERM, then SIGKILL after 10 s) and reap them."""
+    """Stop the recipes still training (SIGINT, then SIGKILL after 10 s) and reap them. SIGINT, as
+    Ctrl-C in a terminal sends it to the whole group: a child's KeyboardInterrupt runs its cleanup
+    (temporary folders, a half-published version), which a plain SIGTERM would skip."""
     for process, _, _ in running.values():
         if process.poll() is None:
-            process.terminate()
+            process.send_signal(signal.SIGINT)
     for name, (process, _, report) in running.items():
         try:
             process.wait(10)

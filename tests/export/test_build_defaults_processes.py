@@ -41,7 +41,14 @@ def _alive(pid: int) -> bool:
 def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, sig: signal.Signals) -> None:
     pids_file = tmp_path / "children.txt"
     stand_in = tmp_path / "train-stand-in"
-    stand_in.write_text(f'#!/bin/sh\necho $$ >> "{pids_file}"\nexec sleep 120\n')
+    signals_file = tmp_path / "signals.txt"
+    # A child records the signal it is stopped with (SIGINT: its KeyboardInterrupt runs its cleanup).
+    stand_in.write_text(
+        f'#!/bin/sh\necho $$ >> "{pids_file}"\n'
+        f"trap 'echo INT >> \"{signals_file}\"; kill $child; exit 130' INT\n"
+        f"trap 'echo TERM >> \"{signals_file}\"; kill $child; exit 143' TERM\n"
+        "sleep 120 & child=$!\nwait $child\n"
+    )
     stand_in.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api"))}
     log = tmp_path / "build.log"
@@ -69,6 +76,7 @@ def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, s
         assert not left, (parent.returncode, log.read_text(errors="replace"))
         assert parent.returncode == 128 + sig, log.read_text(errors="replace")
         assert "interrupted" in log.read_text(errors="replace")
+        assert signals_file.read_text().split() == ["INT", "INT"]
     finally:
         if parent.poll() is None:
             parent.kill()
