@@ -39,12 +39,24 @@ class AsyncGenserveClient(ClientBase):
 
     def _connect(self) -> None:
         self._closed = False
+        # Set by close(): a call waiting out a retry backoff wakes at once, not when the wait ends.
+        self._closing = asyncio.Event()
         self._channel = self.config.aio_channel()
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def close(self) -> None:
         self._closed = True
+        self._closing.set()
         await self._channel.close()
+
+    async def _backoff(self, delay_s: float) -> None:
+        """Wait before the next attempt (which then meets the closed channel if close() ended the
+        wait); the caller's own cancellation still propagates."""
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({closing}, timeout=delay_s)
+        finally:
+            closing.cancel()
 
     def _closed_channel(self, request_id: str | None, began_open: bool) -> GenserveClientError | None:
         """The error for an attempt refused by a closed channel (grpc.aio.UsageError) of a call
@@ -73,7 +85,7 @@ class AsyncGenserveClient(ClientBase):
                 response = await pending
                 trailing = await pending.trailing_metadata()
             except grpc.aio.AioRpcError as exc:
-                await asyncio.sleep(attempts.wait_s(exc))
+                await self._backoff(attempts.wait_s(exc))
                 continue
             except asyncio.CancelledError:
                 if (closed := _closed_under(attempts.request_id)) is None:
@@ -118,7 +130,7 @@ class AsyncGenserveClient(ClientBase):
                     yield resume.chunk(chunk)
                 return
             except grpc.aio.AioRpcError as exc:
-                await asyncio.sleep(resume.attempts.wait_s(exc))
+                await self._backoff(resume.attempts.wait_s(exc))
             except asyncio.CancelledError:
                 if (closed := _closed_under(resume.attempts.request_id)) is None:
                     raise

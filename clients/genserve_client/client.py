@@ -22,6 +22,10 @@ from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
 Out = TypeVar("Out")
 
+# How often a SampleStream in a retry backoff looks whether its client was closed (its own cancel()
+# wakes it at once).
+_WAKE_S = 0.05
+
 
 class GenserveClient(ClientBase):
     """Blocking genserve client. Thread-safe: one channel, shared by all threads.
@@ -32,11 +36,14 @@ class GenserveClient(ClientBase):
 
     def _connect(self) -> None:
         self._closed = False
+        # Set by close(): a call waiting out a retry backoff wakes at once, not when the wait ends.
+        self._closing = threading.Event()
         self._channel = self.config.sync_channel()
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
 
     def close(self) -> None:
         self._closed = True
+        self._closing.set()
         self._channel.close()
 
     def _closed_channel(self, request_id: str | None, began_open: bool) -> GenserveClientError | None:
@@ -61,7 +68,7 @@ class GenserveClient(ClientBase):
                     call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata
                 )
             except grpc.RpcError as exc:
-                time.sleep(attempts.wait_s(exc))
+                self._closing.wait(attempts.wait_s(exc))  # the next attempt meets a closed channel
                 continue
             except ValueError:  # "Cannot invoke RPC on closed channel!"
                 if (closed := self._closed_channel(attempts.request_id, began_open)) is None:
@@ -101,14 +108,22 @@ class SampleStream:
         self._lock = threading.Lock()
         self._call: grpc.Call | None = None
         self._cancelled = False
+        self._cancel_event = threading.Event()  # wakes a retry backoff
         self._began_open = not client._closed
         self.request_id = self._resume.attempts.request_id
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
+            self._cancel_event.set()
             if self._call is not None:
                 self._call.cancel()
+
+    def _backoff(self, delay_s: float) -> None:
+        """Wait before the next attempt; cancel() or the client's close() ends the wait at once."""
+        end = time.monotonic() + delay_s
+        while not self._cancelled and not self._client._closed and (left := end - time.monotonic()) > 0:
+            self._cancel_event.wait(min(left, _WAKE_S))
 
     def _open(
         self, request: genserve_pb2.SampleStreamRequest
@@ -139,7 +154,7 @@ class SampleStream:
                 except grpc.RpcError as exc:
                     if self._cancelled:
                         return
-                    time.sleep(self._resume.attempts.wait_s(exc))
+                    self._backoff(self._resume.attempts.wait_s(exc))
         finally:
             # A consumer that stops early (break, an exception, close()) must not leave the server
             # computing the rest of the job until the call is garbage-collected; a no-op on a

@@ -331,3 +331,85 @@ def test_closing_the_client_while_a_call_waits_to_retry_raises_cancelled_in_both
         assert error.code == grpc.StatusCode.CANCELLED and error.request_id
     finally:
         server.stop(grace=None)
+
+
+class _LongestBackoff(random.Random):
+    """Every backoff is its cap: the wait a close or cancel must cut short is certain."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@pytest.mark.parametrize("how", ["sample", "sample_stream", "stream_cancel"])
+def test_closing_or_cancelling_during_a_retry_backoff_ends_the_call_at_once_in_both_clients(how: str) -> None:
+    """close() (or SampleStream.cancel()) while a call waited out a retry backoff let the call sleep
+    the rest of it (time.sleep / asyncio.sleep, up to max_backoff_s: 5 s by default) before it
+    noticed: a web app closing its client at shutdown, or a bulk job stopping its streams, waited
+    that long for every call in backoff."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(UnavailableService(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    retry = RetryPolicy(max_attempts=5, initial_backoff_s=6.0, max_backoff_s=6.0, multiplier=1.0)
+    try:
+        sync = GenserveClient(target, retry=retry, rng=_LongestBackoff())
+        began = time.monotonic()
+        if how == "stream_cancel":
+            stream = sync.sample_stream("m", 4)
+            threading.Timer(0.4, stream.cancel).start()
+            assert list(stream) == []
+        else:
+            threading.Timer(0.4, sync.close).start()
+            with pytest.raises(GenserveClientError) as sync_info:
+                sync.sample("m", 1) if how == "sample" else list(sync.sample_stream("m", 4))
+            assert sync_info.value.code == grpc.StatusCode.CANCELLED
+        assert time.monotonic() - began < 3.0, "the sync call slept out its backoff"
+        sync.close()
+        if how == "stream_cancel":
+            return
+
+        async def scenario() -> float:
+            client = AsyncGenserveClient(target, retry=retry, rng=_LongestBackoff())
+
+            async def call() -> None:
+                if how == "sample":
+                    await client.sample("m", 1)
+                else:
+                    async for _ in client.sample_stream("m", 4):
+                        pass
+
+            task = asyncio.ensure_future(call())
+            await asyncio.sleep(0.4)
+            began = time.monotonic()
+            await client.close()
+            with pytest.raises(GenserveClientError) as info:
+                await asyncio.wait_for(task, 10)
+            assert info.value.code == grpc.StatusCode.CANCELLED
+            return time.monotonic() - began
+
+        assert asyncio.run(scenario()) < 2.5, "the asyncio call slept out its backoff"
+    finally:
+        server.stop(grace=None)
+
+
+def test_cancelling_an_asyncio_call_in_its_retry_backoff_still_cancels_the_task() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(UnavailableService(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    retry = RetryPolicy(max_attempts=5, initial_backoff_s=6.0, max_backoff_s=6.0, multiplier=1.0)
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(target, retry=retry, rng=_LongestBackoff()) as client:
+            task = asyncio.ensure_future(client.sample("m", 1))
+            await asyncio.sleep(0.4)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 3)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.sample("m", 1), 0.5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop(grace=None)
