@@ -34,8 +34,9 @@ def _closed_under(request_id: str | None) -> GenserveClientError | None:
 
 
 class AsyncGenserveClient(ClientBase):
-    """Non-blocking genserve client on one grpc.aio channel. Create and use it inside one event loop;
-    close it with `await client.close()` or `async with`."""
+    """Non-blocking genserve client on one grpc.aio channel. Create and use it inside one event loop
+    (a call from another loop is a RuntimeError saying so); close it with `await client.close()` or
+    `async with`."""
 
     def _connect(self) -> None:
         self._closed = False
@@ -43,6 +44,20 @@ class AsyncGenserveClient(ClientBase):
         self._closing = asyncio.Event()
         self._channel = self.config.aio_channel()
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
+        # The loop the channel is bound to: the running one, else the thread's current one.
+        self._loop: asyncio.AbstractEventLoop | None = getattr(self._channel, "_loop", None)
+
+    def _check_loop(self) -> None:
+        """A RuntimeError naming the client and the fix when a call runs in a loop other than the
+        channel's (asyncio said 'Event loop is closed' or 'Future attached to a different loop')."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            state = "closed" if self._loop.is_closed() else "another, still open"
+            raise RuntimeError(
+                "AsyncGenserveClient: this call runs in another event loop than the one the client "
+                f"was created in ({state}); a grpc.aio channel serves one loop: create the client "
+                "inside the loop that uses it (in an async function, or `async with "
+                "AsyncGenserveClient(...)` per asyncio.run)"
+            )
 
     async def close(self) -> None:
         self._closed = True
@@ -71,6 +86,7 @@ class AsyncGenserveClient(ClientBase):
         await self.close()
 
     async def _unary(self, call: calls.UnaryCall[Out]) -> Out:
+        self._check_loop()
         rpc: grpc.aio.UnaryUnaryMultiCallable[Any, Any] = getattr(self._stub, call.rpc)
         attempts = self._attempts(call.timeout_s)
         began_open = not self._closed
@@ -96,6 +112,7 @@ class AsyncGenserveClient(ClientBase):
     async def _progress(
         self, plan: Callable[[], calls.ProgressCall]
     ) -> AsyncIterator[CodesProgress | CodesResult]:
+        self._check_loop()
         call = plan()
         attempts = self._attempts(call.timeout_s)
         stream = self._stub.SampleCodesStream(
@@ -114,6 +131,7 @@ class AsyncGenserveClient(ClientBase):
             stream.cancel()
 
     async def _stream(self, plan: Callable[[], calls.StreamCall]) -> AsyncIterator[SampleResult]:
+        self._check_loop()
         resume = StreamResume(plan(), self._stream_attempts())
         began_open = not self._closed
         while (request := resume.next_request()) is not None:

@@ -413,3 +413,54 @@ def test_cancelling_an_asyncio_call_in_its_retry_backoff_still_cancels_the_task(
         asyncio.run(scenario())
     finally:
         server.stop(grace=None)
+
+
+def test_an_asyncio_client_used_in_another_event_loop_says_so(fake_server: FakeServer) -> None:
+    """An AsyncGenserveClient is a grpc.aio channel bound to the loop it was created in. Used from
+    another loop (a client kept across asyncio.run calls, a session fixture under per-test loops,
+    one made in a loop running in another thread) its calls raised asyncio's 'Event loop is closed'
+    (while the caller's loop runs) or 'Task ... got Future ... attached to a different loop', naming
+    neither the client nor what to do, and leaving a 'coroutine was never awaited' warning."""
+    messages: list[str] = []
+
+    async def make() -> AsyncGenserveClient:
+        client = AsyncGenserveClient(fake_server.target)
+        await client.list_models()
+        return client
+
+    async def use(client: AsyncGenserveClient) -> None:
+        with pytest.raises(RuntimeError) as info:
+            await asyncio.wait_for(client.list_models(), 5)
+        messages.append(str(info.value))
+        with pytest.raises(RuntimeError) as info:
+            async for _ in client.sample_stream("fake-gen", 4):
+                pass
+        messages.append(str(info.value))
+        with pytest.raises(RuntimeError) as info:
+            async for _ in client.sample_codes_progress("fake-gen", 4):
+                pass
+        messages.append(str(info.value))
+
+    closed_loops_client = asyncio.run(make())  # its loop is closed by now
+    asyncio.run(use(closed_loops_client))
+
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    try:
+        running_elsewhere = asyncio.run_coroutine_threadsafe(make(), other).result(10)
+        asyncio.run(use(running_elsewhere))
+        asyncio.run_coroutine_threadsafe(running_elsewhere.close(), other).result(10)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join(5)
+        other.close()
+    for message in messages:
+        assert "AsyncGenserveClient" in message and "event loop" in message, message
+        assert "create" in message, message
+
+    async def same_loop() -> None:  # the client still works in the loop it was made in
+        async with AsyncGenserveClient(fake_server.target) as client:
+            assert await client.list_models()
+
+    asyncio.run(same_loop())
