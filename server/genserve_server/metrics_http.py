@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import io
 import queue
+import re
 import selectors
 import socket
 import threading
@@ -146,14 +147,20 @@ def _healthz_method(head: bytes) -> str | None:
     return method
 
 
+# A request line after which http.server reads header lines (BaseHTTPRequestHandler.parse_request:
+# three words split on any whitespace, the last an HTTP version below 2.0).
+_HEADED_LINE = re.compile(rb"\s*\S+\s+\S+\s+HTTP/0*[01]\.[0-9]{1,10}\s*")
+
+
 def _malformed_line(received: bytearray) -> bool:
-    """Whether the request line has arrived and is no HTTP/1.x request line: a worker answers it 400
-    at once, as before the reader, instead of the head's blank line being awaited until the timeout."""
+    """Whether the request line has arrived and is none after which http.server reads headers: a
+    worker answers it at once (400, or HTTP/0.9's answer), as before the reader, instead of the
+    head's blank line being awaited until the timeout. A line it reads headers after (two spaces or
+    a tab between its words too) waits here for its blank line: a worker would wait on the client."""
     end = received.find(b"\n")
     if end < 0:
         return False
-    parts = bytes(received[:end]).strip().split(b" ")
-    return len(parts) != 3 or not parts[2].startswith(b"HTTP/1.")
+    return _HEADED_LINE.fullmatch(bytes(received[:end])) is None
 
 
 class _Reading:

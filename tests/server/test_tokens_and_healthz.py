@@ -142,3 +142,37 @@ def test_a_malformed_request_line_is_answered_400_at_once_not_after_the_read_tim
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.mark.parametrize("line", [b"GET  /metrics HTTP/1.1\r\n", b"GET\t/metrics\tHTTP/1.1\r\n"])
+def test_a_request_line_with_other_whitespace_waits_in_the_reader_not_in_a_worker(line: bytes) -> None:
+    """http.server splits a request line on any whitespace, so 'GET  /metrics HTTP/1.1' (two
+    spaces, or tabs) is a request it serves. The reader took it for no HTTP/1.x line (split on one
+    space) and handed it to a worker before its head had come: the worker then waited on the client
+    for the rest until metrics_read_timeout_s, so a few such half-sent requests held every worker
+    and a scrape queued behind them (docs/metrics.md: no thread waits on a client)."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=30)
+    port = httpd.server_port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as held:
+            held.sendall(line)  # the rest of its head held back
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as scrape:
+                scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    answer = scrape.recv(64)
+                except TimeoutError:
+                    answer = b"(no answer in 3 s: the only worker waits on the half-sent request)"
+            assert answer.startswith(b"HTTP/1.0 200 "), answer
+            # The held request, once complete, is served as http.server serves it.
+            held.sendall(b"Host: x\r\n\r\n")
+            assert held.recv(64).startswith(b"HTTP/1.0 200 ")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
