@@ -314,6 +314,9 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
     # SIGTERM (a job runner's stop, `kill`) ends the build as Ctrl-C does: without it the parent
     # died at once and its children trained on into --out, each for minutes.
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    # Started with SIGINT ignored (`build-defaults &` in a script: POSIX shells without job control
+    # do that), the children inherit it and would never see the SIGINT that stops them.
+    stop_signal = signal.SIGTERM if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else signal.SIGINT
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         return _run_processes(args, names, running)
@@ -322,7 +325,7 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
         # has reaped them (and SIGKILLed one that ignores its SIGINT).
         ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS} if main_thread else {}
         try:
-            _stop_children(running)
+            _stop_children(running, stop_signal)
         finally:
             for sig, handler in ignored.items():
                 signal.signal(sig, handler)
@@ -345,16 +348,20 @@ class BuildInterrupted(KeyboardInterrupt):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _stop_children(running: dict[str, tuple[subprocess.Popen[bytes], float, Any]]) -> None:
-    """Stop the recipes still training (SIGINT, then SIGKILL after 10 s) and reap them. SIGINT, as
-    Ctrl-C in a terminal sends it to the whole group: a child's KeyboardInterrupt runs its cleanup
-    (temporary folders, a half-published version), which a plain SIGTERM would skip."""
+def _stop_children(
+    running: dict[str, tuple[subprocess.Popen[bytes], float, Any]], stop_signal: int = signal.SIGINT
+) -> None:
+    """Stop the recipes still training (`stop_signal`, then SIGKILL once 10 s have passed since) and
+    reap them. SIGINT, as Ctrl-C in a terminal sends it to the whole group: a child's
+    KeyboardInterrupt runs its cleanup (temporary folders, a half-published version), which a plain
+    SIGTERM would skip; SIGTERM for children started with SIGINT ignored, which never see a SIGINT."""
     for process, _, _ in running.values():
         if process.poll() is None:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(stop_signal)
+    deadline = time.monotonic() + 10  # one grace for all of them, not 10 s more per child
     for name, (process, _, report) in running.items():
         try:
-            process.wait(10)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

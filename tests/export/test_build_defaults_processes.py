@@ -84,3 +84,65 @@ def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, s
         for pid in children:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_build_started_with_sigint_ignored_stops_its_recipes_at_once_through_their_cleanup(
+    tmp_path: Path,
+) -> None:
+    """A command started in the background of a script (`genserve-export build-defaults --jobs 4 &`:
+    a shell without job control starts it with SIGINT ignored, POSIX) passes that disposition on to
+    its children, and a child started with SIGINT ignored never sees it (Python installs no
+    KeyboardInterrupt handler then; sh cannot trap it). A `kill` of such a build sent its recipes
+    SIGINT, which they ignored: the build took 10 s to stop and then SIGKILLed them, their cleanup
+    never run, though SIGTERM alone had stopped them at once before 7fa3836."""
+    pids_file = tmp_path / "children.txt"
+    stand_in = tmp_path / "train-stand-in"
+    signals_file = tmp_path / "signals.txt"
+    stand_in.write_text(
+        f'#!/bin/sh\necho $$ >> "{pids_file}"\n'
+        f"trap 'echo INT >> \"{signals_file}\"; kill $child; exit 130' INT\n"
+        f"trap 'echo TERM >> \"{signals_file}\"; kill $child; exit 143' TERM\n"
+        "sleep 120 & child=$!\nwait $child\n"
+    )
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api"))}
+    log = tmp_path / "build.log"
+    with log.open("wb") as out:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PARENT, str(stand_in), str(tmp_path / "out")],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # As `sh -c 'genserve-export build-defaults ... &'` starts it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
+        )
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(children) < 2:
+            assert parent.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the build started no children"
+            time.sleep(0.1)
+            if pids_file.exists():
+                children = [int(line) for line in pids_file.read_text().split()]
+        time.sleep(0.3)  # both children past their traps
+        stopped = time.monotonic()
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(30)
+        took = time.monotonic() - stopped
+        time.sleep(0.5)
+        assert not [pid for pid in children if _alive(pid)], log.read_text(errors="replace")
+        assert parent.returncode == 128 + signal.SIGTERM, log.read_text(errors="replace")
+        recorded = signals_file.read_text().split() if signals_file.exists() else []
+        assert len(recorded) == 2 and took < 5, (
+            f"stopped in {took:.1f} s; the children's stop handlers ran for {recorded} (SIGKILLed otherwise)"
+        )
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
