@@ -1021,7 +1021,12 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
         info = client.get_model(args.model)
     if not args.labels:
         args.labels = resolve_labels(info, None)  # all classes if conditional
-    elif info.class_names and (bad := [label for label in args.labels if label >= len(info.class_names)]):
+    elif not info.class_names:
+        # Every call would be refused INVALID_ARGUMENT (only conditional models take labels).
+        raise UsageError(
+            f"bench: --labels: {args.model} is a {info.kind} without classes: it takes no labels"
+        )
+    elif bad := [label for label in args.labels if label >= len(info.class_names)]:
         # Every call would be refused INVALID_ARGUMENT: the run would measure nothing.
         n = len(info.class_names)
         raise UsageError(f"bench: --labels: {args.model} has {n} classes (labels in [0, {n})), got {bad[0]}")

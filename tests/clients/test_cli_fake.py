@@ -136,7 +136,7 @@ def test_bench_refuses_rates_that_never_end(fake_server: FakeServer, rate: str) 
 def test_bench_fails_when_no_request_succeeds(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = ("bench", "--labels", "0", "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
+    run = ("bench", "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
     code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--model", "bad")
     assert code == 1, err
     assert "INVALID_ARGUMENT=" in out  # the errors are still printed in the table
@@ -194,7 +194,7 @@ def test_bench_that_no_request_passes_prints_the_servers_reason(
 ) -> None:
     # `bench --model sr-photos-x4` (a model Sample refuses) printed only INVALID_ARGUMENT=505: the
     # server's message, the only thing that says why, was dropped.
-    run = ("bench", "--labels", "0", "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
+    run = ("bench", "--concurrency", "1", "--duration", "0.2", "--warmup", "0")
     code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--model", "bad")
     assert code == 1, err
     assert "model: 'bad' is rejected by the fake" in err
@@ -209,4 +209,17 @@ def test_bench_refuses_labels_outside_the_models_classes_before_any_call(
     code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--labels", "3,10")
     assert code == 2, (out, err)
     assert "--labels" in err and "10 classes" in err and "got 10" in err, err
+    assert fake_server.service.calls["Sample"] == 0
+
+
+def test_bench_refuses_labels_for_a_model_without_classes_before_any_call(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model without classes (an unconditional generator) has none of the classes --labels names:
+    the server refuses labels on every Sample ('only conditional models take labels'), so the run
+    measured nothing but INVALID_ARGUMENT, as the out-of-range label above."""
+    run = ("bench", "--concurrency", "1", "--duration", "0.2", "--warmup", "0", "--model", "fake-gen")
+    code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--labels", "0")
+    assert code == 2, (out, err)
+    assert "--labels" in err and "fake-gen" in err and "Traceback" not in err, err
     assert fake_server.service.calls["Sample"] == 0
