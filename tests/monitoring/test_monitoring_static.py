@@ -16,6 +16,7 @@ from monitoring_support import (
     SCRAPE_CONFIG,
     ContractMetric,
     Expr,
+    _walk_panels,
     contract_metrics,
     contract_name_for,
     dashboard_exprs,
@@ -362,3 +363,16 @@ def test_every_legend_names_a_label_its_query_returns() -> None:
                     f"{panel['title']!r} {target['refId']}: legend {legend!r} needs {used - returned}"
                 )
     assert not problems, "\n".join(problems)
+
+
+def test_the_rejected_and_dropped_panel_says_what_they_count_today() -> None:
+    """genserve_requests_rejected_total{reason="invalid"} also counts an INVALID_ARGUMENT found after
+    the model ran (a response over the send limit), and genserve_requests_dropped_total a call that
+    left while it waited for a memory budget and a code prior's rows leaving its running set between
+    steps: neither is all "at admission" / "removed from the queue", as the panel said."""
+    (panel,) = [
+        p for p in _walk_panels(load_dashboard()["panels"]) if p["title"] == "Rejected, dropped and failed"
+    ]
+    text = panel["description"].lower()
+    for words in ("after the model ran", "memory budget", "running set"):
+        assert words in text, f"the panel's description does not say {words!r}: {panel['description']!r}"
