@@ -376,3 +376,15 @@ def test_the_rejected_and_dropped_panel_says_what_they_count_today() -> None:
     text = panel["description"].lower()
     for words in ("after the model ran", "memory budget", "running set"):
         assert words in text, f"the panel's description does not say {words!r}: {panel['description']!r}"
+
+
+def test_the_docs_server_side_error_ratio_counts_the_codes_of_the_alert() -> None:
+    """docs/metrics.md's "Useful queries" gave a server-side error ratio without DATA_LOSS and
+    UNIMPLEMENTED: another number than the one GenserveErrorRateHigh and the dashboard page on."""
+    data = yaml.safe_load(RULES.read_text())
+    (alert,) = [r for g in data["groups"] for r in g["rules"] if r.get("alert") == "GenserveErrorRateHigh"]
+    codes = re.search(r'code=~"([^"]+)"', alert["expr"])
+    assert codes is not None
+    queries = METRICS_DOC.read_text().split("### Useful queries", 1)[1].split("```", 2)[1]
+    found = re.findall(r'code=~"([^"]+)"', queries)
+    assert found and all(set(f.split("|")) == set(codes[1].split("|")) for f in found), (found, codes[1])
