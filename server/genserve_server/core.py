@@ -41,7 +41,7 @@ from genserve_server.batch_keys import (
     StepRows,
     TileRows,
 )
-from genserve_server.batch_parts import count_once
+from genserve_server.batch_parts import QueueReservation, count_once
 from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, cancelled_by_deadline, drop_reason
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
@@ -281,12 +281,27 @@ class GenerationCore:
         return mv
 
     async def submit(
-        self, mv: ModelVersion, call: Call, key: BatchKey, inputs: dict[str, np.ndarray], n: int, lane: Lane
+        self,
+        mv: ModelVersion,
+        call: Call,
+        key: BatchKey,
+        inputs: dict[str, np.ndarray],
+        n: int,
+        lane: Lane,
+        reservation: QueueReservation | None = None,
     ) -> BatchResult:
+        """`reservation`: rows of the queue the call holds (Batcher.reserved), queued into."""
         assert mv.batcher is not None
         entered = time.monotonic()
         result = await mv.batcher.submit(
-            key, inputs, n, lane=lane, deadline=call.deadline, caller=call, held=call.response
+            key,
+            inputs,
+            n,
+            lane=lane,
+            deadline=call.deadline,
+            caller=call,
+            held=call.response,
+            reservation=reservation,
         )
         call.timing.submitted(entered, result.dispatched_at, time.monotonic())
         return result

@@ -13,12 +13,19 @@ A style_generator (the synthesis graph, ws [N, num_layers, w_dim] -> image) name
 
 An image is a pure function of (model versions, seeds, psi, crossover): the mapping row of a seed
 is the same in any batch, and the synthesis graph's noise is fixed inside it.
+
+An INTERACTIVE call holds its rows of the synthesis queue from before its mapping request to its
+synthesis (`synthesis_room`, Batcher.reserved): its rows were queued there only once mapped, and a
+synthesis queue that other traffic filled meanwhile refused them RESOURCE_EXHAUSTED after the
+mapping's work. A full synthesis queue now refuses the call before its mapping runs. (A BULK
+request waits for room instead of being refused.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +39,7 @@ from genserve_server.batch_keys import (
     SeedRows,
     StyleRows,
 )
+from genserve_server.batch_parts import QueueReservation
 from genserve_server.batcher import BatchResult, Lane
 from genserve_server.config import Card
 from genserve_server.encoding import EncodedImage
@@ -131,11 +139,31 @@ def w_avg_of(mv: ModelVersion) -> np.ndarray:
     return np.asarray(mv.card.w_avg, dtype=np.float32)
 
 
+@contextlib.contextmanager
+def synthesis_room(mv: ModelVersion, call: Call, n: int, lane: Lane) -> Iterator[QueueReservation | None]:
+    """The call's `n` rows of the synthesis queue, held until the block ends (Batcher.reserved):
+    RESOURCE_EXHAUSTED now where the queue is full (DEADLINE_EXCEEDED past the call's deadline),
+    before the mapping runs, never once the rows are mapped. None for a BULK request, which waits
+    for room in the queue instead of being refused."""
+    if lane != Lane.INTERACTIVE:
+        yield None
+        return
+    assert mv.batcher is not None
+    with mv.batcher.reserved(n, call, call.deadline) as room:
+        yield room
+
+
 async def synthesise(
-    core: GenerationCore, mv: ModelVersion, call: Call, ws: np.ndarray, lane: Lane
+    core: GenerationCore,
+    mv: ModelVersion,
+    call: Call,
+    ws: np.ndarray,
+    lane: Lane,
+    room: QueueReservation | None = None,
 ) -> BatchResult:
-    """The synthesis graph's outputs for rows of ws, batched with every request's rows (StyleRows)."""
-    return await core.submit(mv, call, StyleRows(), {WS_INPUT: ws}, len(ws), lane)
+    """The synthesis graph's outputs for rows of ws, batched with every request's rows (StyleRows),
+    queued into the call's `room` (synthesis_room) where it holds one."""
+    return await core.submit(mv, call, StyleRows(), {WS_INPUT: ws}, len(ws), lane, room)
 
 
 async def generate_batch(
@@ -152,10 +180,12 @@ async def generate_batch(
     the same w at every layer -> image. Returns the synthesis result and the latents z used."""
     card = mv.card
     assert card is not None and card.num_layers is not None
-    w, used = await map_latents(core, mv, call, lane, seeds=seeds, z=z)
-    w = truncate(w, w_avg_of(mv), psi_rows(psi, len(w)))
-    ws = styles(w, w, np.full(len(w), card.num_layers), card.num_layers)
-    return await synthesise(core, mv, call, ws, lane), used
+    n = len(z) if z is not None else len(seeds or ())
+    with synthesis_room(mv, call, n, lane) as room:
+        w, used = await map_latents(core, mv, call, lane, seeds=seeds, z=z)
+        w = truncate(w, w_avg_of(mv), psi_rows(psi, len(w)))
+        ws = styles(w, w, np.full(len(w), card.num_layers), card.num_layers)
+        return await synthesise(core, mv, call, ws, lane, room), used
 
 
 async def _encode(
@@ -204,13 +234,14 @@ async def mix(
     await _reserve(core, mv, call, out, n)
     distinct = sorted(set(coarse_seeds) | set(fine_seeds))
     where = {seed: i for i, seed in enumerate(distinct)}
-    w, _ = await map_latents(core, mv, call, lane, seeds=distinct)
-    psi = np.array([np.nan if p is None else p for p in psis], dtype=np.float64)
-    w_avg = w_avg_of(mv)
-    coarse = truncate(w[[where[s] for s in coarse_seeds]], w_avg, psi)
-    fine = truncate(w[[where[s] for s in fine_seeds]], w_avg, psi)
-    ws = styles(coarse, fine, np.asarray(crossovers, dtype=np.int64), card.num_layers)
-    result = await synthesise(core, mv, call, ws, lane)
+    with synthesis_room(mv, call, n, lane) as room:
+        w, _ = await map_latents(core, mv, call, lane, seeds=distinct)
+        psi = np.array([np.nan if p is None else p for p in psis], dtype=np.float64)
+        w_avg = w_avg_of(mv)
+        coarse = truncate(w[[where[s] for s in coarse_seeds]], w_avg, psi)
+        fine = truncate(w[[where[s] for s in fine_seeds]], w_avg, psi)
+        ws = styles(coarse, fine, np.asarray(crossovers, dtype=np.int64), card.num_layers)
+        result = await synthesise(core, mv, call, ws, lane, room)
     return await _encode(core, mv, call, result, out), result.executed_batch_sizes
 
 
@@ -230,11 +261,13 @@ async def interpolate(
     card = mv.card
     assert card is not None and card.num_layers is not None
     latent_bytes = await _reserve(core, mv, call, out, steps)
-    w, _ = await map_latents(core, mv, call, Lane.INTERACTIVE, z=np.stack([start, end]).astype(np.float32))
-    w = truncate(w, w_avg_of(mv), psi_rows(psi, 2))
-    path = latents.interpolate(w[0], w[1], steps, latents.InterpolationMode.LERP)
-    ws = styles(path, path, np.full(steps, card.num_layers), card.num_layers)
-    result = await synthesise(core, mv, call, ws, Lane.INTERACTIVE)
+    with synthesis_room(mv, call, steps, Lane.INTERACTIVE) as room:
+        ends = np.stack([start, end]).astype(np.float32)
+        w, _ = await map_latents(core, mv, call, Lane.INTERACTIVE, z=ends)
+        w = truncate(w, w_avg_of(mv), psi_rows(psi, 2))
+        path = latents.interpolate(w[0], w[1], steps, latents.InterpolationMode.LERP)
+        ws = styles(path, path, np.full(steps, card.num_layers), card.num_layers)
+        result = await synthesise(core, mv, call, ws, Lane.INTERACTIVE, room)
     images = await _encode(core, mv, call, result, out)
     if latent_bytes:  # JPEG and WebP are known only now
         core.check_encoded_send_size(images, out.format, latent_bytes)

@@ -1,0 +1,168 @@
+"""A style generator's calls span two models: its style_mapping (z -> w), then its synthesis (ws ->
+image). These check the second stage through the core (style_sampling.py) with tiny models
+(style_models.py): what the synthesis queue can take is asked before the mapping's work is paid."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from style_models import NUM_LAYERS, W_DIM, write_style_models
+
+from genserve_server import style_sampling, validate
+from genserve_server.batch_keys import StyleRows
+from genserve_server.batcher import Lane
+from genserve_server.config import ServerConfig
+from genserve_server.core import Call, GenerationCore
+from genserve_server.errors import ResourceExhausted
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+
+PNG = validate.output_spec(1, 0, None, False)
+Body = Callable[[Repository, GenerationCore], Awaitable[None]]
+
+
+def run_with_core(root: Path, body: Body) -> None:
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        try:
+            await asyncio.wait_for(body(repo, GenerationCore(repo, config, metrics, pool)), 30)
+        finally:
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+def hold_runs(batcher: Any) -> asyncio.Event:
+    """Hold every batch `batcher` runs until the returned event is set (its queue fills meanwhile)."""
+    free = asyncio.Event()
+    run = batcher._run_batch
+
+    async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        await free.wait()
+        return await run(key, inputs)
+
+    batcher._run_batch = held_run
+    return free
+
+
+async def fill_queue(batcher: Any) -> list[asyncio.Future[Any]]:
+    """One-row synthesis requests queued into a held batcher until one is refused 'queue full'."""
+    one = {"ws": np.zeros((1, NUM_LAYERS, W_DIM), np.float32)}
+    queued: list[asyncio.Future[Any]] = []
+    while True:
+        request = asyncio.ensure_future(batcher.submit(StyleRows(), one, 1, caller=None))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if request.done():
+            with pytest.raises(ResourceExhausted, match="queue full"):
+                request.result()
+            return queued
+        queued.append(request)
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.001)
+
+
+def style_call(core: GenerationCore, name: str, method: str, how: str) -> Awaitable[Any]:
+    """One call of `method` to the style generator `name` through the core, released at its end."""
+
+    async def run() -> Any:
+        call = Call(method, "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, name, "", ("style_generator",), method)
+        try:
+            if how == "sample":
+                return await core.generate(mv, call, None, PNG, Lane.INTERACTIVE, seeds=[1, 2, 3])
+            if how == "mix":
+                return await style_sampling.mix(
+                    core, mv, call, [1, 2, 3], [4, 5, 6], [2, 2, 2], [None] * 3, PNG, Lane.INTERACTIVE
+                )
+            start = np.zeros(8, np.float32)
+            end = np.ones(8, np.float32)
+            return await style_sampling.interpolate(core, mv, call, start, end, 3, None, PNG)
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            call.release_uses()
+
+    return run()
+
+
+@pytest.mark.parametrize("how", ["sample", "mix", "interpolate"])
+def test_a_style_call_keeps_room_in_its_synthesis_queue_while_its_mapping_runs(
+    tmp_path: Path, how: str
+) -> None:
+    """A style generator's rows go to its mapping's batcher first, and to the synthesis batcher only
+    once they are mapped: synthesis traffic that filled the synthesis queue meanwhile refused the call
+    RESOURCE_EXHAUSTED after its mapping work was done (the work lost, the client told to retry).
+    The call's synthesis rows are held from admission, as a code prior's decoder rows are."""
+    names = write_style_models(tmp_path)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        mapping = repo.get(names["mapping"]).resolve("").batcher
+        synthesis = repo.get(names["generator"]).resolve("").batcher
+        assert mapping is not None and synthesis is not None
+        free_mapping = hold_runs(mapping)
+        free_synthesis = hold_runs(synthesis)
+        call = asyncio.ensure_future(style_call(core, names["generator"], "Sample", how))
+        # The call's rows are in the mapping's (held) batch: admitted, not yet at the synthesis.
+        await until(lambda: mapping._batches_in_flight > 0 or call.done())
+        assert not call.done(), call.exception()
+        others = await fill_queue(synthesis)
+        filled = synthesis.queued_rows
+        free_mapping.set()
+        try:
+            await until(lambda: call.done() or synthesis.queued_rows > filled)
+            assert not call.done() or call.exception() is None, call.exception()
+        finally:
+            free_synthesis.set()
+            done = await asyncio.gather(call, *others, return_exceptions=True)
+        assert not any(isinstance(d, BaseException) for d in done), done
+
+    run_with_core(tmp_path, body)
+
+
+def test_a_style_call_is_refused_before_its_mapping_runs_when_the_synthesis_queue_is_full(
+    tmp_path: Path,
+) -> None:
+    """A full synthesis queue refuses the call at once (RESOURCE_EXHAUSTED naming the generator's
+    queue), before any of its rows reach the mapping."""
+    names = write_style_models(tmp_path)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        mapping = repo.get(names["mapping"]).resolve("").batcher
+        synthesis = repo.get(names["generator"]).resolve("").batcher
+        assert mapping is not None and synthesis is not None
+        free = hold_runs(synthesis)
+        mapped: list[int] = []
+        run = mapping._run_batch
+
+        async def counted(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            mapped.append(1)
+            return await run(key, inputs)
+
+        mapping._run_batch = counted
+        others = await fill_queue(synthesis)
+        try:
+            with pytest.raises(ResourceExhausted, match=f"{names['generator']}.*queue full"):
+                await style_call(core, names["generator"], "Sample", "sample")
+            assert mapped == []
+        finally:
+            free.set()
+            await asyncio.gather(*others)
+
+    run_with_core(tmp_path, body)
