@@ -71,7 +71,7 @@ def code_decoder(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVer
     name = mv.config.decoder
     if not name:
         return None
-    decoder = core.use(call, name)
+    decoder = core.use(call, name, mv, "decoder")
     prior, card = mv.card, decoder.card
     assert prior is not None and card is not None
     decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
@@ -105,7 +105,7 @@ def top_prior(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVersio
     assert prior is not None
     if not name or prior.top_grid is None:
         return None
-    top = core.use(call, name)
+    top = core.use(call, name, mv, "top_prior")
     card = top.card
     assert card is not None
     fits = (

@@ -45,7 +45,14 @@ from genserve_server.batch_parts import QueueReservation, count_once
 from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, cancelled_by_deadline, drop_reason
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
-from genserve_server.errors import GenserveError, InvalidArgument, ResourceExhausted, Unavailable, invalid
+from genserve_server.errors import (
+    GenserveError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    invalid,
+)
 from genserve_server.image_cache import ImageCache, image_key
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
@@ -262,11 +269,13 @@ class GenerationCore:
                 mv.batcher.hold()
         return mv
 
-    def use(self, call: Call, name: str) -> ModelVersion:
-        """The version of `name` that `call` uses beside its own model (a code prior's decoder or top
-        prior, a style generator's mapping): the serving one at the first use, the same one at every
-        later use in the call (a stream's chunks, previews and result), held until the call ends. A
-        reload that publishes a new version meanwhile drains the old one only after this call."""
+    def use(self, call: Call, name: str, owner: ModelVersion, field: str) -> ModelVersion:
+        """The version of `name` that `call` uses beside its own model `owner` (a code prior's decoder
+        or top prior, a style generator's mapping: `owner`'s config.json `field`): the serving one at
+        the first use, the same one at every later use in the call (a stream's chunks, previews and
+        result), held until the call ends. A reload that publishes a new version meanwhile drains the
+        old one only after this call. UNAVAILABLE naming `owner` and `field` where `name` is not in
+        the repository or has no ready version: the client asked for `owner`, which is there."""
         uses = call.uses
         if uses is None:
             uses = call.uses = []
@@ -274,7 +283,16 @@ class GenerationCore:
             for mv in uses:
                 if mv.name == name:
                     return mv
-        mv = self.repo.get(name).resolve("")
+        try:
+            mv = self.repo.get(name).resolve("")
+        except NotFound:
+            raise Unavailable(
+                f"{owner.label}: its {field} {name} is not in the repository (config.json {field})"
+            ) from None
+        except Unavailable as exc:
+            raise Unavailable(
+                f"{owner.label}: its {field} {name}: {exc.message} (config.json {field})"
+            ) from None
         if mv.batcher is not None:  # held before any await: a drain cannot slip in between
             mv.batcher.hold(dependent=True)
         uses.append(mv)

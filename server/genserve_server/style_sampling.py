@@ -60,7 +60,7 @@ def style_mapping(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVe
     queue, and a SampleStream maps every chunk with the same version)."""
     card = mv.card
     assert card is not None
-    mapping = core.use(call, mv.config.mapping)
+    mapping = core.use(call, mv.config.mapping, mv, "mapping")
     assert mapping.card is not None
     misfit = mapping_misfit(card, mv.config.mapping, mapping.card)
     if misfit is not None:

@@ -1,0 +1,108 @@
+"""A model whose config.json names another model its calls go through (a style generator's `mapping`,
+a code prior's `decoder` and `top_prior`) where that model is not in the repository: the called
+model exists and is READY, so its calls are UNAVAILABLE naming the called model and the config.json
+field, not NOT_FOUND naming a model the client never asked for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from code_models import prior_graph, write_code_models
+from server_support import ServerProcess, start_server, write_model
+from style_models import synthesis_graph, write_style_models
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+GRID = (6, 6)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
+    root = tmp_path_factory.mktemp("linked-missing")
+    write_style_models(root)
+    write_code_models(root, grid=GRID, k=16)
+    generator = root / "style-gen"
+    card = (generator / "1" / "card.json").read_text()
+    write_model(
+        root,
+        "orphan-gen",
+        "style_generator",
+        synthesis_graph(),
+        {k: v for k, v in json.loads(card).items() if k in _STYLE_CARD_KEYS},
+        config={"mapping": "no-such-mapping"},
+    )
+    write_model(
+        root,
+        "orphan-prior",
+        "code_prior",
+        prior_graph(*GRID, 16),
+        {"grid": list(GRID), "codebook_size": 16, "output_range": None},
+        config={"decoder": "no-such-decoder", "batching": {"max_batch_size": 8, "max_queue_size": 64}},
+    )
+    chain = json.loads((root / "chain-prior" / "config.json").read_text())
+    chain["top_prior"] = "no-such-top-prior"
+    (root / "orphan-chain").mkdir()
+    (root / "orphan-chain" / "config.json").write_text(json.dumps(chain))
+    (root / "chain-prior" / "1").rename(root / "orphan-chain" / "1")
+    server = start_server(root, tmp_path_factory.mktemp("linked-missing-server"))
+    yield server, root
+    server.stop()
+
+
+_STYLE_CARD_KEYS = ("latent_dim", "w_dim", "num_layers", "w_avg", "mix_crossover", "channels", "image_size")
+
+
+def _error(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, str]:
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    return err.code(), str(err.details())
+
+
+def test_a_style_generator_whose_mapping_is_not_in_the_repository_is_unavailable_naming_its_mapping(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    server, _ = served
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        info = stub.GetModel(pb.GetModelRequest(name="orphan-gen"))
+        assert info.versions[0].state == pb.MODEL_STATE_READY
+        assert info.versions[0].reason.startswith("every request fails: its mapping no-such-mapping")
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Sample(pb.SampleRequest(model="orphan-gen", seeds=[1]), timeout=30)
+        code, details = _error(excinfo)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "orphan-gen" in details and "no-such-mapping" in details, details
+        assert "config.json mapping" in details, details
+
+
+def test_a_code_prior_whose_decoder_is_not_in_the_repository_is_unavailable_naming_its_decoder(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    server, _ = served
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SampleCodes(pb.SampleCodesRequest(model="orphan-prior", seeds=[1]), timeout=30)
+        code, details = _error(excinfo)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "orphan-prior" in details and "no-such-decoder" in details, details
+        assert "config.json decoder" in details, details
+
+
+def test_a_two_level_prior_whose_top_prior_is_not_in_the_repository_is_unavailable_naming_it(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    server, _ = served
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SampleCodes(pb.SampleCodesRequest(model="orphan-chain", seeds=[1]), timeout=30)
+        code, details = _error(excinfo)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "orphan-chain" in details and "no-such-top-prior" in details, details
+        assert "config.json top_prior" in details, details
