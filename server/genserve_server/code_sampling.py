@@ -28,6 +28,7 @@ from genserve_server import validate
 from genserve_server.batch_keys import CodeRows
 from genserve_server.batch_parts import QueueReservation
 from genserve_server.batcher import WITHDRAWN, Lane
+from genserve_server.config import Card
 from genserve_server.core import Call, GenerationCore
 from genserve_server.encoding import EncodedImage
 from genserve_server.errors import Unavailable, invalid
@@ -74,14 +75,23 @@ def code_decoder(core: GenerationCore, call: Call, mv: ModelVersion) -> ModelVer
     decoder = core.use(call, name, mv, "decoder")
     prior, card = mv.card, decoder.card
     assert prior is not None and card is not None
-    decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
-    if not decodes_codes or (card.grid, card.top_grid) != (prior.grid, prior.top_grid):
-        raise Unavailable(
-            f"{mv.label}: its decoder {name} is a {card.kind} of grid {card.grid} and top grid "
-            f"{card.top_grid}; the prior needs a code_decoder of grid {prior.grid} and top grid "
-            f"{prior.top_grid} (config.json decoder)"
-        )
+    misfit = decoder_misfit(prior, name, card)
+    if misfit is not None:
+        raise Unavailable(f"{mv.label}: {misfit}")
     return decoder
+
+
+def decoder_misfit(prior: Card, name: str, card: Card) -> str | None:
+    """Why the code_decoder `name` (its card `card`) cannot decode the grids of a prior (`prior`),
+    or None when it fits."""
+    decodes_codes = card.kind.takes_codes and card.kind.image_output_name is not None
+    if decodes_codes and (card.grid, card.top_grid) == (prior.grid, prior.top_grid):
+        return None
+    return (
+        f"its decoder {name} is a {card.kind} of grid {card.grid} and top grid "
+        f"{card.top_grid}; the prior needs a code_decoder of grid {prior.grid} and top grid "
+        f"{prior.top_grid} (config.json decoder)"
+    )
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import TRANSLATE_KINDS, Kind
-from genserve_server import latents, service_codes, service_styles, style_sampling, validate
+from genserve_server import code_sampling, latents, service_codes, service_styles, style_sampling, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import SAMPLE_KINDS, ModelConfig, ServerConfig
@@ -438,23 +438,32 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return None
 
     def _mapping_warning(self, mv: ModelVersion) -> str:
-        """A READY style generator's warning when its mapping does not fit (or is missing): every
-        request would be UNAVAILABLE, while the version itself loaded (the mapping may be fixed and
-        reloaded on its own)."""
+        """A READY style generator's warning when its mapping does not fit (or is missing), and a
+        READY code prior's when its decoder does not: every request would be UNAVAILABLE, while the
+        version itself loaded (the other model may be fixed and reloaded on its own)."""
         card = mv.card
-        if mv.state != ModelState.READY or card is None or not card.kind.styled or not mv.config.mapping:
+        if mv.state != ModelState.READY or card is None:
+            return ""
+        if card.kind.styled and mv.config.mapping:
+            field, name = "mapping", mv.config.mapping
+        elif card.kind == Kind.CODE_PRIOR and mv.config.decoder:
+            field, name = "decoder", mv.config.decoder
+        else:
             return ""
         try:
-            mapping = self.repo.get(mv.config.mapping)
+            linked = self.repo.get(name)
         except NotFound:
-            return f"every request fails: its mapping {mv.config.mapping} is not in the repository"
-        # What a request maps with: the highest READY version (GenerationCore.use), not the card
-        # GetModel describes the mapping by (a version that failed to load has one too).
-        newest = mapping.newest_ready()
+            return f"every request fails: its {field} {name} is not in the repository"
+        # What a request uses: the highest READY version (GenerationCore.use), not the card
+        # GetModel describes the other model by (a version that failed to load has one too).
+        newest = linked.newest_ready()
         found = newest.card if newest is not None else None
         if found is None:
-            return f"every request fails: its mapping {mv.config.mapping} has no ready version"
-        misfit = style_sampling.mapping_misfit(card, mv.config.mapping, found)
+            return f"every request fails: its {field} {name} has no ready version"
+        if field == "mapping":
+            misfit = style_sampling.mapping_misfit(card, name, found)
+        else:
+            misfit = code_sampling.decoder_misfit(card, name, found)
         return "" if misfit is None else f"every request fails: {misfit}"
 
     def _warnings(self, mv: ModelVersion) -> str:

@@ -94,6 +94,23 @@ def test_a_code_prior_whose_decoder_is_not_in_the_repository_is_unavailable_nami
         assert "config.json decoder" in details, details
 
 
+def test_get_model_says_every_call_fails_for_a_code_prior_whose_decoder_cannot_serve(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    """A READY style generator whose mapping cannot serve says 'every request fails: ...' in GetModel
+    and ListModels; a READY code prior whose decoder is missing said nothing (reason empty) while
+    every SampleCodes failed."""
+    server, _ = served
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        version = stub.GetModel(pb.GetModelRequest(name="orphan-prior")).versions[0]
+        assert version.state == pb.MODEL_STATE_READY
+        assert version.reason.startswith("every request fails: its decoder no-such-decoder"), version
+        listed = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+        assert listed["orphan-prior"].versions[0].reason == version.reason
+        assert stub.GetModel(pb.GetModelRequest(name="prior")).versions[0].reason == ""
+
+
 def test_a_two_level_prior_whose_top_prior_is_not_in_the_repository_is_unavailable_naming_it(
     served: tuple[ServerProcess, Path],
 ) -> None:
