@@ -10,10 +10,11 @@ prometheus_client's server also started a thread per connection and waited forev
 client's p50 by 50 (each render holds the GIL). Here instead (docs/metrics.md, "The metrics port"):
 
 - One reader thread receives every accepted connection's request head without blocking (a
-  selector; at most MAX_READING connections at once: past it the one reading longest is closed, so
-  that connections holding their heads back cannot keep a new one, a /healthz probe, out). A connection has
-  `read_timeout_s` in all, from its accept, to send it (not per byte: one byte a second does not
-  keep it), else it is closed; no thread waits on a client.
+  selector; at most MAX_READING connections at once: past it, once what every connection has sent
+  is received, the one reading longest is closed, so that connections holding their heads back
+  cannot keep a new one, a /healthz probe, out, and one whose head has arrived is never closed for
+  a newer one). A connection has `read_timeout_s` in all, from its accept, to send it (not per
+  byte: one byte a second does not keep it), else it is closed; no thread waits on a client.
 - `/healthz` (GET, HEAD, OPTIONS) is answered by the reader at once: scrapes queued or rendering
   never delay it, and a scrape flood cannot get a health check closed unanswered.
 - Every other request goes to `threads` worker threads through a queue of 4 per worker; beyond it
@@ -54,7 +55,8 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 QUEUE_PER_WORKER = 4
 # Connections whose request head the reader receives at once; past it the one reading longest is
-# closed for the newcomer (half-sent requests cannot keep a /healthz probe out). Accepted connections
+# closed for the newcomer (half-sent requests cannot keep a /healthz probe out), once the reader has
+# received what they all sent (a head that has arrived is answered, not closed). Accepted connections
 # the reader has not taken yet beyond twice this are closed at accept (a reader that is behind).
 MAX_READING = 256
 # A request head larger than this goes to a worker as it is (which answers it: too long).
@@ -247,14 +249,9 @@ class BoundedWSGIServer(WSGIServer):
                         self._take_accepted(selector, reading)
                         continue
                     conn = reading.get(cast(socket.socket, key.fileobj))
-                    if conn is None:  # evicted for a newer connection earlier in this round
+                    if conn is None:  # evicted, or its head received, earlier in this round
                         continue
-                    try:
-                        self._receive(selector, reading, conn)
-                    except Exception:  # this connection's trouble must not end the reader
-                        if conn.sock in reading:
-                            self._done_reading(selector, reading, conn)
-                        self.shutdown_request(conn.sock)
+                    self._receive_or_close(selector, reading, conn)
                 now = time.monotonic()
                 for conn in [r for r in reading.values() if r.deadline <= now]:
                     self._done_reading(selector, reading, conn)
@@ -276,12 +273,29 @@ class BoundedWSGIServer(WSGIServer):
             conn.sock.setblocking(False)
             selector.register(conn.sock, selectors.EVENT_READ)
             reading[conn.sock] = conn
+        if len(reading) > MAX_READING:
+            # What has arrived first: a connection whose head is in already (a /healthz probe, a
+            # scrape) is answered or queued, not closed for a newcomer it came before.
+            for key, _ in selector.select(0):
+                ready = reading.get(cast(socket.socket, key.fileobj))
+                if ready is not None:  # not the wake-up socket
+                    self._receive_or_close(selector, reading, ready)
         while len(reading) > MAX_READING:
             # The connection reading longest (its head held back, or dribbled) makes way for the
             # newest: a flood of half-sent requests cannot keep a health check out.
             oldest = min(reading.values(), key=lambda r: r.deadline)
             self._done_reading(selector, reading, oldest)
             self.shutdown_request(oldest.sock)
+
+    def _receive_or_close(
+        self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading
+    ) -> None:
+        try:
+            self._receive(selector, reading, conn)
+        except Exception:  # this connection's trouble must not end the reader
+            if conn.sock in reading:
+                self._done_reading(selector, reading, conn)
+            self.shutdown_request(conn.sock)
 
     def _done_reading(
         self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading

@@ -1,0 +1,133 @@
+"""The metrics port's reader past MAX_READING connections: it closes the one reading longest for a
+newcomer (docs/metrics.md, "The metrics port under load"), never one whose request has arrived, and
+a connection flood cannot starve the scrapes."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from genserve_server import metrics_http
+from genserve_server.metrics_http import BoundedWSGIServer, _Handler, _Reading, serve
+
+
+class _ReaderDrivenByTheTest(BoundedWSGIServer):
+    """The server without its reader thread: the test calls the reader's steps itself, in order."""
+
+    def _read_heads(self) -> None:
+        return None
+
+
+def _half_sent(server: BoundedWSGIServer, clients: list[socket.socket]) -> None:
+    """A connection accepted whose request head is held back (no blank line)."""
+    client, accepted = socket.socketpair()
+    client.sendall(b"GET /metrics HTTP/1.1\r\n")
+    clients.append(client)
+    server.process_request(accepted, ("127.0.0.1", 0))
+
+
+def test_a_probe_whose_head_has_arrived_is_answered_not_evicted_for_newer_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_READING the reader closes the connection reading longest for a newcomer. It did so
+    as soon as it took the newcomers, before receiving what the connections it held had sent: a
+    /healthz probe (or a scrape) whose whole head was already in its socket buffer, older than the
+    newcomers of a connection flood, was closed unanswered (reset) when their wake-up came first."""
+    monkeypatch.setattr(metrics_http, "MAX_READING", 4)
+    server = _ReaderDrivenByTheTest(("127.0.0.1", 0), _Handler)
+    clients: list[socket.socket] = []
+    selector = selectors.DefaultSelector()
+    reading: dict[socket.socket, _Reading] = {}
+    try:
+        for _ in range(4):  # every reading slot held by a half-sent request
+            _half_sent(server, clients)
+        server._take_accepted(selector, reading)
+        probe, accepted = socket.socketpair()
+        clients.append(probe)
+        server.process_request(accepted, ("127.0.0.1", 0))
+        server._take_accepted(selector, reading)  # the probe in, the oldest half-sent one out
+        assert accepted in reading
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # whole, not received yet
+        for _ in range(4):  # a flood's newcomers, taken before the reader receives the probe's head
+            _half_sent(server, clients)
+        server._take_accepted(selector, reading)
+        probe.settimeout(2)
+        try:
+            answer = probe.recv(64)
+        except OSError as exc:
+            answer = repr(exc).encode()
+        assert answer.startswith(b"HTTP/1.0 200 "), answer
+        assert len(reading) == 4  # the flood still holds at most MAX_READING
+        assert accepted not in reading
+    finally:
+        for conn in list(reading.values()):
+            server.shutdown_request(conn.sock)
+        selector.close()
+        for sock in clients:
+            sock.close()
+        server.server_close()
+
+
+FLOOD_S = 3.0
+# One client opening half-sent requests as fast as it can, holding each (the server evicts them).
+FLOOD = """
+import collections, socket, sys, time
+port, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+held, opened = collections.deque(), 0
+while time.monotonic() < end:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+        sock.sendall(b"GET /metrics HTTP/1.1\\r\\n")
+    except OSError:
+        continue
+    opened += 1
+    held.append(sock)
+    if len(held) > 2000:
+        held.popleft().close()
+print(opened)
+"""
+
+
+def test_a_flood_of_half_sent_connections_does_not_starve_a_scraper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection of a flood evicts the one reading longest: a scraper's connection lives
+    MAX_READING connections of the flood. The scraper looping /metrics (and /healthz) meanwhile
+    is still answered, nearly always (the rest: closed at accept while the reader is behind)."""
+    monkeypatch.setattr(metrics_http, "MAX_READING", 32)  # a short life for every connection
+    registry = CollectorRegistry()
+    Counter("flood_test_total", "A sample for the scrapes.", registry=registry).inc()
+    httpd, _ = serve("127.0.0.1", 0, registry, lambda: (True, ""), threads=2, read_timeout_s=5.0)
+    flood = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, str(httpd.server_port), str(FLOOD_S)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    answered = {"/metrics": 0, "/healthz": 0}
+    refused = {"/metrics": 0, "/healthz": 0}
+    try:
+        time.sleep(0.5)  # the flood under way
+        end = time.monotonic() + FLOOD_S - 1.0
+        while time.monotonic() < end:
+            for path in answered:
+                try:
+                    with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=3) as sock:
+                        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                        ok = sock.recv(64).startswith(b"HTTP/1.0 200 ")
+                except OSError:
+                    ok = False
+                (answered if ok else refused)[path] += 1
+        opened = int(flood.communicate(timeout=FLOOD_S + 10)[0])
+    finally:
+        flood.kill()
+        flood.wait()
+        httpd.shutdown()
+        httpd.server_close()
+    assert opened > 10 * 32, f"the flood opened only {opened} connections"
+    for path in answered:
+        tries = answered[path] + refused[path]
+        assert answered[path] >= 0.75 * tries, f"{path}: {answered[path]} of {tries} answered"
