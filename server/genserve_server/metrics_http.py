@@ -56,9 +56,12 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 QUEUE_PER_WORKER = 4
 # Connections whose request head the reader receives at once; past it the one reading longest is
 # closed for the newcomer (half-sent requests cannot keep a /healthz probe out), once the reader has
-# received what they all sent (a head that has arrived is answered, not closed). Accepted connections
-# the reader has not taken yet beyond twice this are closed at accept (a reader that is behind).
+# received what they all sent (a head that has arrived is answered, not closed). At twice this
+# (accepted connections the reader has not taken yet: a reader that is behind, the accept thread
+# winning the GIL under a connection flood) the accept thread waits for the reader to take them.
 MAX_READING = 256
+# ... for at most this long; then the newcomer is closed at accept (a reader that is stuck).
+READER_BEHIND_WAIT_S = 1.0
 # A request head larger than this goes to a worker as it is (which answers it: too long).
 MAX_HEAD_BYTES = 64 * 1024
 # zlib's default level: 21 MB of exposition (~900 versions) in 0.15 s on the 2-core VM against 0.8 s
@@ -207,6 +210,7 @@ class BoundedWSGIServer(WSGIServer):
             worker.start()
         self._accepted: list[_Reading] = []
         self._accepted_lock = threading.Lock()
+        self._accepted_taken = threading.Condition(self._accepted_lock)
         self._reading_count = 0  # connections accepted and not yet answered or handed to a worker
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -217,7 +221,14 @@ class BoundedWSGIServer(WSGIServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._accepted_lock:
-            if self._reading_count >= 2 * MAX_READING:  # the reader is behind: it evicts down to MAX_READING
+            if self._reading_count >= 2 * MAX_READING:
+                # The reader is behind: closing the newcomer would close probes and scrapes too
+                # (at random) for a flood of connections; the kernel's backlog holds them meanwhile.
+                self._wake()
+                self._accepted_taken.wait_for(
+                    lambda: self._reading_count < 2 * MAX_READING or self._closing, READER_BEHIND_WAIT_S
+                )
+            if self._reading_count >= 2 * MAX_READING:  # the reader is stuck
                 full = True
             else:
                 full = False
@@ -286,6 +297,8 @@ class BoundedWSGIServer(WSGIServer):
             oldest = min(reading.values(), key=lambda r: r.deadline)
             self._done_reading(selector, reading, oldest)
             self.shutdown_request(oldest.sock)
+        with self._accepted_lock:
+            self._accepted_taken.notify_all()  # an accept thread waiting for the reader to catch up
 
     def _receive_or_close(
         self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading
@@ -364,6 +377,8 @@ class BoundedWSGIServer(WSGIServer):
         if hasattr(self, "_reader"):
             self._closing = True
             self._wake()
+            with self._accepted_lock:
+                self._accepted_taken.notify_all()
             self._reader.join(5)
             self._wake_r.close()
             self._wake_w.close()

@@ -8,6 +8,7 @@ import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -74,6 +75,57 @@ def test_a_probe_whose_head_has_arrived_is_answered_not_evicted_for_newer_connec
         server.server_close()
 
 
+def test_a_probe_accepted_while_the_reader_is_behind_waits_for_it_not_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With twice MAX_READING connections accepted and not yet read (under a connection flood the
+    accept thread wins the GIL over the reader), the accept thread closed every newcomer at once: a
+    flood of half-sent requests from one client got ~1% of /healthz probes and scrapes closed
+    unanswered. It now waits for the reader to take them (the newcomer answered), and closes the
+    newcomer only after READER_BEHIND_WAIT_S (a reader that is stuck)."""
+    monkeypatch.setattr(metrics_http, "MAX_READING", 2)
+    monkeypatch.setattr(metrics_http, "READER_BEHIND_WAIT_S", 5.0)
+    server = _ReaderDrivenByTheTest(("127.0.0.1", 0), _Handler)
+    clients: list[socket.socket] = []
+    selector = selectors.DefaultSelector()
+    reading: dict[socket.socket, _Reading] = {}
+    try:
+        for _ in range(4):  # accepted, not yet taken by the reader: it is behind
+            _half_sent(server, clients)
+        probe, accepted = socket.socketpair()
+        clients.append(probe)
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        accept = threading.Thread(target=server.process_request, args=(accepted, ("127.0.0.1", 0)))
+        accept.start()
+        server._take_accepted(selector, reading)  # the reader's turn: down to MAX_READING
+        accept.join(5)
+        assert not accept.is_alive()
+        server._take_accepted(selector, reading)  # the probe, its head in
+        probe.settimeout(2)
+        try:
+            answer = probe.recv(64)
+        except OSError as exc:
+            answer = repr(exc).encode()
+        assert answer.startswith(b"HTTP/1.0 200 "), answer
+        # A reader that does not catch up: the newcomer is closed after READER_BEHIND_WAIT_S.
+        monkeypatch.setattr(metrics_http, "READER_BEHIND_WAIT_S", 0.1)
+        for _ in range(2):
+            _half_sent(server, clients)
+        assert server._reading_count == 4
+        late, accepted = socket.socketpair()
+        clients.append(late)
+        server.process_request(accepted, ("127.0.0.1", 0))
+        late.settimeout(2)
+        assert late.recv(64) == b""
+    finally:
+        for conn in list(reading.values()):
+            server.shutdown_request(conn.sock)
+        selector.close()
+        for sock in clients:
+            sock.close()
+        server.server_close()
+
+
 FLOOD_S = 3.0
 # One client opening half-sent requests as fast as it can, holding each (the server evicts them).
 FLOOD = """
@@ -96,8 +148,9 @@ print(opened)
 
 def test_a_flood_of_half_sent_connections_does_not_starve_a_scraper(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each connection of a flood evicts the one reading longest: a scraper's connection lives
-    MAX_READING connections of the flood. The scraper looping /metrics (and /healthz) meanwhile
-    is still answered, nearly always (the rest: closed at accept while the reader is behind)."""
+    MAX_READING connections of the flood. The scraper looping /metrics (and /healthz) meanwhile is
+    still answered (measured on the 2-core VM: all but 0-4 of ~1,400 each; before the two fixes
+    above 4-31% were closed unanswered)."""
     monkeypatch.setattr(metrics_http, "MAX_READING", 32)  # a short life for every connection
     registry = CollectorRegistry()
     Counter("flood_test_total", "A sample for the scrapes.", registry=registry).inc()
@@ -130,4 +183,4 @@ def test_a_flood_of_half_sent_connections_does_not_starve_a_scraper(monkeypatch:
     assert opened > 10 * 32, f"the flood opened only {opened} connections"
     for path in answered:
         tries = answered[path] + refused[path]
-        assert answered[path] >= 0.75 * tries, f"{path}: {answered[path]} of {tries} answered"
+        assert answered[path] >= 0.9 * tries, f"{path}: {answered[path]} of {tries} answered"
