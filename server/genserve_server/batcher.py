@@ -534,10 +534,13 @@ class Batcher:
                 self._dropped(caller, drop_reason(deadline, self._clock()))
             raise
         except ResourceExhausted:
-            # Its response bytes, taken back first in line, waited for the budget until the
-            # deadline: the client gets DEADLINE_EXCEEDED (core.wait_for_budget counts the same).
-            if cancelled_by_deadline(deadline, self._clock()):
+            # Its response bytes, taken back first in line, waited for the budget until it ran
+            # out: at the deadline the client gets DEADLINE_EXCEEDED (a drop), before it this
+            # refusal (`budget`), as core.wait_for_budget counts them.
+            if deadline is not None and self._clock() >= deadline:
                 self._dropped(caller, "deadline")
+            elif count_once(caller):
+                self._observer.on_rejected("budget")
             raise
 
     def _forget_cancelled(self, request: PendingRequest, *, counted: bool = True) -> None:

@@ -42,7 +42,7 @@ from genserve_server.batch_keys import (
     TileRows,
 )
 from genserve_server.batch_parts import QueueReservation, count_once
-from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, cancelled_by_deadline, drop_reason
+from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, drop_reason
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import (
@@ -355,16 +355,21 @@ class GenerationCore:
     async def wait_for_budget(self, call: Call, wait: Awaitable[T]) -> T:
         """`wait` for a budget (response_budget.py): a call whose deadline passes while it waits, or
         whose caller goes away, counts in genserve_requests_dropped_total (`deadline`, `cancelled`),
-        once for its RPC, as a request that leaves a batcher's queue does."""
+        once for its RPC, as a request that leaves a batcher's queue does; one refused when its wait
+        runs out before its deadline (budget_max_wait_s), in genserve_requests_rejected_total
+        (`budget`)."""
         try:
             return await wait
         except asyncio.CancelledError as exc:  # gRPC ended the call (its deadline) or the client left
             if exc.args != (WITHDRAWN,) and count_once(call):
                 call.metrics.dropped[drop_reason(call.deadline, time.monotonic())].inc()
             raise
-        except ResourceExhausted:  # the wait ran out: at the deadline, the client gets DEADLINE_EXCEEDED
-            if cancelled_by_deadline(call.deadline) and count_once(call):
-                call.metrics.dropped["deadline"].inc()
+        except ResourceExhausted:  # the wait ran out: budget_max_wait_s, or the deadline
+            if count_once(call):  # as the client gets it (boundary._past_deadline: no slack here)
+                if call.deadline is not None and time.monotonic() >= call.deadline:
+                    call.metrics.dropped["deadline"].inc()  # DEADLINE_EXCEEDED
+                else:
+                    call.metrics.rejected["budget"].inc()  # this RESOURCE_EXHAUSTED
             raise
 
     def random_base_seed(self, n: int) -> int:

@@ -122,7 +122,7 @@ KIND_METHODS: dict[str, tuple[str, ...]] = {kind.value: _kind_methods(kind) for 
 # Encode answers latents. The decode histogram stays bound for every kind: a repository of
 # generators alone still exports the family the dashboard and KServe's statistics read.
 ENCODING_KINDS = frozenset(KIND_METHODS) - {Kind.VAE_ENCODER.value}
-REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready", "concurrency")
+REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready", "concurrency", "budget")
 DROP_REASONS = ("deadline", "cancelled")
 FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")
 
@@ -367,7 +367,8 @@ class Metrics:
         self.images = Counter("genserve_images_total", "Images (or tiles) computed.", mv, registry=reg)
         self.requests_rejected = Counter(
             "genserve_requests_rejected_total",
-            "Requests refused at admission.",
+            "Requests refused, by reason (queue_full, invalid, unauthenticated, not_ready, concurrency, "
+            "budget: a memory budget's wait ran out).",
             (*mv, "reason"),
             registry=reg,
         )

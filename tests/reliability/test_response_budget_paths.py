@@ -163,6 +163,55 @@ def test_an_encode_that_leaves_while_it_waits_for_the_response_budget_is_counted
     )
 
 
+def test_an_encode_refused_when_its_response_budget_wait_runs_out_is_counted_rejected_budget(
+    budget_server: ServerProcess,
+) -> None:
+    """docs/metrics.md: genserve_requests_rejected_total says by reason why calls are refused. A call
+    that waited budget_max_wait_s (1 s here) for the response budget, well before its deadline, was
+    answered RESOURCE_EXHAUSTED naming response_budget_bytes and counted in no reason (nor as a
+    drop): an operator watching refusals by reason saw nothing of a budget too small for the load.
+    Now `budget`, once per call, and never also a drop."""
+    import grpc
+
+    from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+    server = budget_server
+    images = [tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=_gray_png(i)) for i in range(ENCODE_IMAGES)]
+    encode = pb.EncodeRequest(model="wide-enc", images=images, sample=True, seed=1)
+
+    def counts() -> tuple[float, float, float]:
+        text = server.metrics_text()
+        return (
+            metric_in(text, "genserve_requests_rejected_total", model="wide-enc", reason="budget"),
+            metric_in(text, "genserve_requests_dropped_total", model="wide-enc"),
+            metric_in(text, "genserve_requests_total", model="wide-enc", code="RESOURCE_EXHAUSTED"),
+        )
+
+    unread = UnreadClient(server.port)
+    try:
+        # One unread response (1.5 MiB) holds the 2 MiB budget: the next Encode waits for it.
+        unread.call(server.target, "/genserve.v1.GenerationService/Encode", encode.SerializeToString())
+        wait_until(
+            lambda: server.metric("genserve_response_bytes_pending") >= ENCODE_RESPONSE,
+            60,
+            "the unread response to hold the budget",
+        )
+        before = counts()
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Encode(encode, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "response_budget_bytes" in (info.value.details() or "")
+        wait_until(lambda: counts()[2] - before[2] >= 1, 10, "the refusal to be counted")
+        assert counts() == (before[0] + 1, before[1], before[2] + 1)
+    finally:
+        unread.close()
+    wait_until(
+        lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
+    )
+
+
 def test_an_encode_response_over_the_send_limit_is_refused_naming_output(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:

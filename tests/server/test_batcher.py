@@ -21,7 +21,7 @@ from genserve_server.arrivals import (
     Arrivals,
     closes_at_preferred,
 )
-from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane
+from genserve_server.batcher import DEADLINE_SLACK_S, WITHDRAWN, Batcher, BatchResult, Lane
 from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from genserve_server.response_budget import ByteBudget, Reservation
 
@@ -1289,6 +1289,56 @@ def test_a_bulk_request_whose_deadline_passes_while_it_takes_its_bytes_back_is_c
             await waiting
         assert time.monotonic() >= deadline - 0.05
         assert recorder.dropped == ["deadline"] and recorder.rejected == []
+        await blocker
+        await batcher.close(1)
+
+    run(body())
+
+
+class RefusingHeld:
+    """A batch_parts.Held whose take_back is refused as a response budget spent by other calls
+    refuses it once budget_max_wait_s has run out, at `refused_at` on the batcher's clock."""
+
+    def __init__(self, clock: FakeClock, refused_at: float) -> None:
+        self.clock = clock
+        self.refused_at = refused_at
+
+    def give_back(self) -> None:
+        pass
+
+    async def take_back(self, deadline: float | None) -> None:
+        self.clock.now = self.refused_at
+        raise ResourceExhausted("Sample needs 40 bytes of the response budget (response_budget_bytes)")
+
+
+@pytest.mark.parametrize("before_deadline_s", [5.0, DEADLINE_SLACK_S / 2])
+def test_a_bulk_request_refused_its_bytes_back_before_its_deadline_is_counted_rejected_budget(
+    before_deadline_s: float,
+) -> None:
+    """First in line with room, a BULK request whose bytes wait out budget_max_wait_s before its
+    deadline is answered RESOURCE_EXHAUSTED naming the budget: it was counted in no
+    genserve_requests_rejected_total reason (and, refused within DEADLINE_SLACK_S of its deadline,
+    as a deadline drop, though its client gets the refusal). Now `budget`, and never a drop."""
+
+    async def body() -> None:
+        model = FakeModel()
+        clock = FakeClock()
+        batcher, recorder = make(model, max_queue_size=4, clock=clock)
+        gate, blocker = await hold_runner(batcher, model)
+        queued = asyncio.ensure_future(batcher.submit("b", rows(1, 2), 2, lane=Lane.BULK))
+        await until(lambda: batcher.queued_rows == 2, "the first bulk request queued")
+        deadline = clock.now + 10.0
+        held = RefusingHeld(clock, deadline - before_deadline_s)
+        waiting = asyncio.ensure_future(
+            batcher.submit("b", rows(3), 1, lane=Lane.BULK, deadline=deadline, held=held)
+        )
+        await let_the_dispatcher_run()
+        assert not waiting.done()  # the bulk half (2) is full: it waits for room
+        gate.set()
+        np.testing.assert_array_equal((await queued).outputs["y"], [10, 20])
+        with pytest.raises(ResourceExhausted, match="response_budget_bytes"):
+            await waiting
+        assert (recorder.rejected, recorder.dropped) == (["budget"], [])
         await blocker
         await batcher.close(1)
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from genserve_server import codecs, tiling, validate
+from genserve_server import core as core_module
+from genserve_server.batcher import DEADLINE_SLACK_S
 from genserve_server.codecs import ImageFormat
+from genserve_server.config import ServerConfig
+from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import InvalidArgument, ResourceExhausted
+from genserve_server.metrics import DROP_REASONS, REJECT_REASONS, Metrics
+from genserve_server.repository import Repository
 from genserve_server.response_budget import ByteBudget, Reservation
 
 
@@ -150,3 +159,52 @@ def test_working_set_counts_every_tile_the_batch_intermediates_and_the_blend_can
         tiling.working_set_bytes([many], [(400, 400)], 3, 3, 2, 4)
         == tiles + canvas + (copies - 1) * 4 * out_tile
     )
+
+
+@pytest.mark.parametrize(
+    ("before_deadline_s", "rejected", "dropped"),
+    [(5.0, "budget", None), (DEADLINE_SLACK_S / 2, "budget", None), (-0.001, None, "deadline")],
+)
+def test_a_budget_wait_that_runs_out_is_counted_as_its_client_is_answered(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    before_deadline_s: float,
+    rejected: str | None,
+    dropped: str | None,
+) -> None:
+    """GenerationCore.wait_for_budget: a call whose budget wait runs out (budget_max_wait_s) before its
+    deadline is answered RESOURCE_EXHAUSTED naming the budget: counted once in
+    genserve_requests_rejected_total{reason="budget"} (it was in no reason), never as a drop, also
+    within DEADLINE_SLACK_S of the deadline (it was a deadline drop there). Past the deadline its
+    client gets DEADLINE_EXCEEDED (the boundary sends no refusal then): a deadline drop."""
+    now = 1000.0
+    monkeypatch.setattr(core_module, "time", SimpleNamespace(monotonic=lambda: now))
+    config = ServerConfig()
+    metrics = Metrics()
+    pool = ThreadPoolExecutor(1)
+
+    async def main() -> None:
+        core = GenerationCore(Repository(tmp_path, config, metrics), config, metrics, pool)
+        call = Call("Sample", "test", now, metrics.for_model("m", "1", 4), deadline=now + before_deadline_s)
+
+        async def refused() -> None:
+            raise ResourceExhausted("Sample needs 40 bytes of the response budget (response_budget_bytes)")
+
+        for _ in range(2):  # counted once for its RPC
+            with pytest.raises(ResourceExhausted, match="response_budget_bytes"):
+                await core.wait_for_budget(call, refused())
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+
+    def counted(family: str, reasons: tuple[str, ...]) -> dict[str, float]:
+        labels = {"model": "m", "version": "1"}
+        values = {r: metrics.registry.get_sample_value(family, {**labels, "reason": r}) for r in reasons}
+        return {r: n for r, n in values.items() if n}
+
+    expected_rejected = {rejected: 1.0} if rejected else {}
+    expected_dropped = {dropped: 1.0} if dropped else {}
+    assert counted("genserve_requests_rejected_total", REJECT_REASONS) == expected_rejected
+    assert counted("genserve_requests_dropped_total", DROP_REASONS) == expected_dropped
