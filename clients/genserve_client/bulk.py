@@ -706,7 +706,12 @@ class BulkJob:
         self.model_sha256 = job.get("model_sha256", "")
         self.used_models = job.get("used_models")
         self.name_width = job.get("name_width", name_width(theirs.n))
-        served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
+        try:
+            served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
+        except GenserveClientError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise self._model_gone(exc) from exc
         self._fit_streams(served.max_stream_images)
         self._check_model(served.version, served.sha256, "the server now serves")
         if self.params.n != theirs.n or job.get("format_version") != FORMAT_VERSION or not self.model_sha256:
@@ -968,12 +973,15 @@ class BulkJob:
 
     def _check_pinned_served(self, exc: GenserveClientError) -> None:
         """A stream was answered NOT_FOUND. When the server no longer has the job's pinned version (a
-        reload or a restart replaced it mid-job), the job stops as a resume would refuse it: a
-        BulkError naming both versions (exit 2), not a "resumable" error whose resume fails.
-        Otherwise (the model itself is gone, GetModel fails) `exc` is raised as it is."""
+        reload or a restart replaced it mid-job, or took the whole model out of service), the job
+        stops as a resume would refuse it: a BulkError naming the pinned version (exit 2), not a
+        "resumable" error whose resume fails the same way. Otherwise (GetModel fails another way, or
+        still lists the version: another replica's answer) `exc` is raised as it is."""
         try:
             info = self.client.get_model(self.params.model)
-        except GenserveClientError:
+        except GenserveClientError as lookup:
+            if lookup.code == grpc.StatusCode.NOT_FOUND:
+                raise self._model_gone(lookup) from exc
             raise exc from None
         if any(v.version == self.pinned_version for v in info.versions):
             raise exc
@@ -983,6 +991,16 @@ class BulkJob:
             f"no longer serves that version (served: {served}): going on would mix two models in one job; "
             f"serve version {self.pinned_version} again and resume, or use a new --out"
         ) from exc
+
+    def _model_gone(self, exc: GenserveClientError) -> BulkError:
+        """The server answered GetModel NOT_FOUND for a job's model (its directory removed, or a
+        server with another repository): as for a version it no longer serves, the job cannot go on
+        until the pinned version is served again."""
+        return BulkError(
+            f"{self.out_dir} is a job of {self.params.model!r} version {self.pinned_version}, but the server "
+            f"no longer serves model {self.params.model!r} ({exc.details}): serve version "
+            f"{self.pinned_version} of it again and resume, or use a new --out"
+        )
 
     def _accept_provenance(self, chunk: SampleResult) -> None:
         """Every chunk must come from the job's model file; a new job learns the sha256 from its

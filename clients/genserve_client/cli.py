@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 a failed call or I/O error, a bulk job that stopped with images missing,
 or a bench run in which no request succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's
-message is printed), bad arguments or a bulk job started with other parameters; 3 the bulk job
-folder is in use by another run; 130 interrupted. docs/client.md has the details.
+message is printed), bad arguments, a bulk job started with other parameters or whose pinned model
+version the server no longer serves; 3 the bulk job folder is in use by another run; 130
+interrupted. docs/client.md has the details.
 
 Connection flags (--target, --tls, ...) go before or after the command; GENSERVE_TARGET sets the
 default target.

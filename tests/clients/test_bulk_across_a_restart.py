@@ -1,0 +1,142 @@
+"""A bulk job (the CLI's `bulk`) while its server is restarted between two of its streams (a rolling
+upgrade: SIGTERM, a new process on the same port with another repository or other limits): the job
+goes on where it can, and where it cannot it stops the way a resume would (docs/client.md, "Bulk
+jobs")."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from client_fakes import cli_main
+from server_support import TINY_LATENT, ServerProcess, generator_graph, start_server, write_model
+
+from genserve_client import bulk as bulk_module
+from genserve_client.bulk import BulkJob, read_manifest
+
+MODEL = "gen"
+STREAM = 16  # the job's default stream size here (bulk's DEFAULT_STREAM_IMAGES, patched)
+N = 3 * STREAM  # three streams, one after another (--concurrency 1)
+CONFIG: dict[str, Any] = {"warmup": False, "drain_grace_s": 10.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _write(repo: Path, name: str = MODEL, version: str = "1") -> None:
+    write_model(
+        repo,
+        name,
+        "generator",
+        generator_graph(TINY_LATENT, 1, 8, 8, seed=0),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 8, "max_queue_size": 64}},
+        version=version,
+    )
+
+
+class Restarts:
+    """Servers on one port; `restart` stops the one serving and starts another on `repo`."""
+
+    def __init__(self, tmp_path: Path, repo: Path) -> None:
+        self.tmp_path = tmp_path
+        self.port = _free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.servers: list[ServerProcess] = []
+        self._start(repo, CONFIG)
+
+    def _start(self, repo: Path, config: Mapping[str, Any]) -> None:
+        work = self.tmp_path / f"server-{len(self.servers)}"
+        self.servers.append(start_server(repo, work, config=config, extra_args=("--port", str(self.port))))
+
+    def restart(self, repo: Path, config: Mapping[str, Any]) -> None:
+        old = self.servers[-1]
+        old.proc.send_signal(signal.SIGTERM)
+        old.proc.wait(30)
+        self._start(repo, config)
+        with grpc.insecure_channel(self.target) as channel:  # the next stream finds it up
+            grpc.channel_ready_future(channel).result(timeout=30)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def fast_bulk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk_module, "BACKOFF_INITIAL_S", 0.05)
+    monkeypatch.setattr(bulk_module, "BACKOFF_MAX_S", 0.2)
+    monkeypatch.setattr(bulk_module, "DEFAULT_STREAM_IMAGES", STREAM)
+
+
+def _restart_before_the_second_stream(
+    monkeypatch: pytest.MonkeyPatch, servers: Restarts, repo: Path, config: Mapping[str, Any]
+) -> list[bool]:
+    open_stream = BulkJob._open_stream
+    restarted: list[bool] = []
+
+    def restart_then_open(self: BulkJob, start: int, stop: int) -> Any:
+        if start > 0 and not restarted:
+            restarted.append(True)
+            servers.restart(repo, config)
+        return open_stream(self, start, stop)
+
+    monkeypatch.setattr(BulkJob, "_open_stream", restart_then_open)
+    return restarted
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Restarts]:
+    repo = tmp_path / "models"
+    _write(repo)
+    restarts = Restarts(tmp_path, repo)
+    try:
+        yield restarts
+    finally:
+        restarts.stop()
+
+
+@pytest.mark.parametrize("gone", ["model", "version"])
+@pytest.mark.usefixtures("fast_bulk")
+def test_a_bulk_job_whose_pinned_model_is_gone_after_a_restart_stops_as_its_resume_does(
+    gone: str,
+    servers: Restarts,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The job pins version 1 of 'gen'. The new server has no 'gen' at all (its directory removed),
+    # or only a version 2 of it. Either way the job cannot go on until version 1 is served again,
+    # and a resume says so: exit 2, naming the pinned version. A model that was gone exited 1 with a
+    # "resumable" hint whose command only failed the same way (exit 1 again: a Kubernetes Job spent
+    # its retries on it), while a version that was gone exited 2.
+    new_repo = tmp_path / "new-models"
+    if gone == "model":
+        _write(new_repo, "other")
+    else:
+        _write(new_repo, version="2")
+    with monkeypatch.context() as patch:
+        restarted = _restart_before_the_second_stream(patch, servers, new_repo, CONFIG)
+        out = tmp_path / "job"
+        args = ("--target", servers.target, "bulk", "--retry-window", "20")
+        code, _, err = cli_main(capsys, *args, "--model", MODEL, "--n", str(N), "--out", str(out))
+    assert restarted
+    entries, _ = read_manifest(out / "manifest.jsonl")
+    assert len(entries) == STREAM, err  # the first stream, written before the restart
+    assert code == 2, err
+    assert f"'{MODEL}' version 1" in err and "resumable" not in err, err
+    # A resume meets the same server: it refuses the job the same way, and leaves it as it was.
+    code, _, resumed = cli_main(capsys, *args, "--resume", str(out))
+    assert code == 2, resumed
+    assert re.search(r"version '?1\b", resumed) and "resumable" not in resumed, resumed
+    assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM
