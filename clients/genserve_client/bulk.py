@@ -11,13 +11,13 @@ chunk: a job the server rejects leaves no job.json behind. On start the job take
 (`job.lock`, flock) for its whole life, drops a torn last manifest line, deletes its own temp files
 and its own image files the manifest does not name (killed between 1 and 2), and streams only the
 missing index ranges, cut into streams of at most `stream_images` images (by default 1,024, or the
-server's max_stream_images where smaller) that `concurrency` workers
-open one after another. Each stream is one RPC, which the channel's round_robin policy sends to the
-next READY replica (channel.py): a job spreads over every replica, a stream whose replica went away
-is reopened where it stopped on another one, and a replica that comes back gets the next streams
-(so does one added behind a DNS name: streams open on channels at most a minute old, channelpool.py).
-Since image i is a pure function of (model
-file, base_seed + i, labels[i % len]), a resumed job writes the same bytes a clean run would have.
+server's max_stream_images where smaller, also when a restarted server lowers it mid-job) that
+`concurrency` workers open one after another. Each stream is one RPC, which the channel's
+round_robin policy sends to the next READY replica (channel.py): a job spreads over every replica, a
+stream whose replica went away is reopened where it stopped on another one, and a replica that comes
+back gets the next streams (so does one added behind a DNS name: streams open on channels at most a
+minute old, channelpool.py). Since image i is a pure function of (model file, base_seed + i,
+labels[i % len]), a resumed job writes the same bytes a clean run would have.
 
 A job never deletes or overwrites a file it did not write: a new job refuses a folder that is not
 empty and holds no job.json (its own leftovers, such as an empty images/ of a job the server
@@ -932,11 +932,14 @@ class BulkJob:
 
     def _run_range(self, start: int, stop: int, sink: _Sink) -> None:
         """Stream [start, stop); after a transient failure the client's retries did not cure,
-        reopen it where it stopped until the retry window passes without progress."""
+        reopen it where it stopped until the retry window passes without progress. Each stream
+        sends at most `stream_images` images: a server restarted with a smaller max_stream_images
+        refits them (_refit_streams), and the rest of the range goes in streams of its size."""
         expected = start
         since, failures = time.monotonic(), 0
         while expected < stop:
-            stream = self._open_stream(expected, stop)
+            end = min(stop, expected + self.stream_images)
+            stream = self._open_stream(expected, end)
             if stream is None:
                 return
             try:
@@ -960,6 +963,8 @@ class BulkJob:
                     return
                 if exc.code == grpc.StatusCode.NOT_FOUND:
                     self._check_pinned_served(exc)
+                if exc.code == grpc.StatusCode.INVALID_ARGUMENT and self._refit_streams(end - expected):
+                    continue
                 failures += 1
                 # The window runs while the *job* makes no progress: the other streams may hold
                 # every slot the server has for bulk streams, and this one gets one when they end.
@@ -967,9 +972,26 @@ class BulkJob:
                 continue
             finally:
                 self._close_stream(stream)
-            if expected != stop and not self._stop.is_set():
+            if self._stop.is_set():
+                return
+            if expected != end:
                 raise BulkError(f"the stream for [{start}, {stop}) ended early, at index {expected}")
-            return
+
+    def _refit_streams(self, sent: int) -> bool:
+        """A stream that was to send `sent` images was refused INVALID_ARGUMENT. When GetModel's
+        max_stream_images is now below that (the job met a server restarted with a smaller limit), fit
+        the job's streams to it as a resume would (_fit_streams: a --stream-images given above it
+        stops the job, exit 2) and return True: the caller reopens the stream, smaller. Otherwise
+        (another refusal) return False: the refusal is final."""
+        try:
+            limit = self.client.get_model(self.params.model).max_stream_images
+        except GenserveClientError:
+            return False
+        if not limit or sent <= limit:
+            return False
+        with self._lock:  # another worker may refit at the same time
+            self._fit_streams(limit)
+        return True
 
     def _check_pinned_served(self, exc: GenserveClientError) -> None:
         """A stream was answered NOT_FOUND. When the server no longer has the job's pinned version (a

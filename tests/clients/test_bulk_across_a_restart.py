@@ -140,3 +140,55 @@ def test_a_bulk_job_whose_pinned_model_is_gone_after_a_restart_stops_as_its_resu
     assert code == 2, resumed
     assert re.search(r"version '?1\b", resumed) and "resumable" not in resumed, resumed
     assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM
+
+
+@pytest.mark.usefixtures("fast_bulk")
+def test_a_bulk_job_fits_its_streams_to_a_max_stream_images_lowered_by_a_restart(
+    servers: Restarts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The job cut its streams to the first server's limit (its default of 16 here). The new server
+    # sends at most 8 images a stream: the job's next stream was refused INVALID_ARGUMENT and the
+    # job stopped with exit 2 and no resume hint, though `--resume` refits its streams and finishes.
+    # It now refits them itself and finishes, the same images as one clean run.
+    repo = tmp_path / "models"
+    lowered = {**CONFIG, "limits": {"max_stream_images": STREAM // 2}}
+    with monkeypatch.context() as patch:
+        restarted = _restart_before_the_second_stream(patch, servers, repo, lowered)
+        out = tmp_path / "job"
+        args = ("--target", servers.target, "bulk", "--retry-window", "20")
+        code, _, err = cli_main(capsys, *args, "--model", MODEL, "--n", str(N), "--out", str(out))
+    assert restarted
+    assert code == 0, err
+    entries, _ = read_manifest(out / "manifest.jsonl")
+    assert sorted(e["index"] for e in entries) == list(range(N))
+    clean = tmp_path / "clean"
+    code, _, err = cli_main(capsys, *args, "--model", MODEL, "--n", str(N), "--out", str(clean))
+    assert code == 0, err
+    for entry in entries:
+        assert (out / entry["file"]).read_bytes() == (clean / entry["file"]).read_bytes(), entry["file"]
+
+
+@pytest.mark.usefixtures("fast_bulk")
+def test_a_bulk_job_whose_stream_images_a_restart_made_too_many_stops_as_its_resume_does(
+    servers: Restarts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A --stream-images the user gave, above the new server's max_stream_images: a resume with it is
+    # refused before any stream (exit 2, naming both), and so is the running job, not with the
+    # server's bare INVALID_ARGUMENT.
+    repo = tmp_path / "models"
+    lowered = {**CONFIG, "limits": {"max_stream_images": STREAM // 2}}
+    with monkeypatch.context() as patch:
+        restarted = _restart_before_the_second_stream(patch, servers, repo, lowered)
+        out = tmp_path / "job"
+        args = ("--target", servers.target, "bulk", "--retry-window", "20")
+        code, _, err = cli_main(
+            capsys, *args, "--model", MODEL, "--n", str(N), "--stream-images", str(STREAM), "--out", str(out)
+        )
+    assert restarted
+    assert code == 2, err
+    assert f"--stream-images {STREAM}" in err and f"max_stream_images {STREAM // 2}" in err, err
+    assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM
+    # As the message says: a resume with at most the server's limit finishes the job.
+    code, _, err = cli_main(capsys, *args, "--resume", str(out), "--stream-images", str(STREAM // 2))
+    assert code == 0, err
+    assert sorted(e["index"] for e in read_manifest(out / "manifest.jsonl")[0]) == list(range(N))
