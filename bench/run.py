@@ -234,12 +234,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "priority": priority_result,
     }
     results["summary"] = summarise(results, models)
-    write_json(args.out, results)
+    code = publish(results, args.out, args.no_readme)
+    write_line(f"results: {args.out}")
+    return code
+
+
+def failed_levels(results: dict[str, Any]) -> list[str]:
+    """Every serving level no turn of which was measured ("server model format c=N")."""
+    return [
+        f"{e['server']} {e['model']} {e['format']} c={lvl['concurrency']}"
+        for e in results["serving"]
+        for lvl in e["levels"]
+        if "images_per_s" not in lvl
+    ]
+
+
+def publish(results: dict[str, Any], out: Path, no_readme: bool) -> int:
+    """Write the JSON and print the tables; the README's table only from a run whose every level was
+    measured. Returns the exit code: 1 when a level failed in every turn (its figures and the
+    targets resting on them are missing, so the run is no result)."""
+    write_json(out, results)
     table = render_markdown(results)
     write_line(table)
-    if not args.no_readme:
+    failed = failed_levels(results)
+    if failed:
+        write_line(f"FAILED: {len(failed)} level(s) measured nothing: {'; '.join(failed)}")
+        if not no_readme:
+            write_line("bench/README.md left as it was")
+        return 1
+    if not no_readme:
         update_readme(Path(__file__).parent / "README.md", table)
-    write_line(f"results: {args.out}")
     return 0
 
 
@@ -247,12 +271,7 @@ def report_only(source: Path, out: Path, models_dir: Path, with_bench_models: bo
     results: dict[str, Any] = json.loads(source.read_text())
     models = find_models(assemble_repository(models_dir, None, with_bench_models))
     results["summary"] = summarise(results, models)
-    write_json(out, results)
-    table = render_markdown(results)
-    write_line(table)
-    if not no_readme:
-        update_readme(Path(__file__).parent / "README.md", table)
-    return 0
+    return publish(results, out, no_readme)
 
 
 if __name__ == "__main__":
