@@ -1,9 +1,14 @@
-"""bench.ab gives each side its own server config file: an A/B of one setting of one tree."""
+"""bench.ab gives each side its own server config file (an A/B of one setting of one tree) and refuses
+models it cannot find."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,3 +25,32 @@ def test_each_side_starts_with_its_own_server_config(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="idle_spin_s"), ab._serve(REPO_ROOT, models, config):
         pass
     assert "--config" not in ab._serve(REPO_ROOT, models).command
+
+
+def test_an_ab_run_refuses_a_model_it_cannot_find_before_measuring(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--models dcgan-digits cgan-digitz` (a typo): the link to the missing model dangles, find_models
+    # skips it, every round measures the other model on both sides, and the report then died with a
+    # KeyError: minutes of measuring, no table, no JSON.
+    measured: list[str] = []
+
+    @contextlib.contextmanager
+    def serve(tree: Path, models: Path, config: Path | None = None) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace()
+
+    def measure(server: SimpleNamespace, model: SimpleNamespace, duration_s: float) -> dict[str, float]:
+        measured.append(model.name)
+        return dict.fromkeys(ab.FIGURES, 1.0)
+
+    monkeypatch.setattr(ab, "_serve", serve)
+    monkeypatch.setattr(ab, "_measure", measure)
+    monkeypatch.setattr(ab, "_subset", lambda models_dir, names, into: into)
+    monkeypatch.setattr(ab, "find_models", lambda root, names: [SimpleNamespace(name="dcgan-digits")])
+    out = tmp_path / "ab.json"
+    argv = ["bench.ab", "--base-tree", str(tmp_path), "--models", "dcgan-digits", "cgan-digitz"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--rounds", "2", "--json", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        ab.main()
+    assert exited.value.code != 0 and "--models: no model cgan-digitz" in capsys.readouterr().err
+    assert measured == []
