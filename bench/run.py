@@ -212,10 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = next((names[n] for n in PRIORITY_MODEL_PREFERENCE if n in names), None)
         if chosen is not None:
             write_line(f"== priority: interactive p99 idle vs under a bulk SampleStream ({chosen.name}) ==")
-            priority_result = priority.run_priority(
-                repo, chosen, duration_s=max(duration_s, 5.0), raw=raw[chosen.name]
-            )
-            write_line(f"  {priority.describe(priority_result)}")
+            try:
+                priority_result = priority.run_priority(
+                    repo, chosen, duration_s=max(duration_s, 5.0), raw=raw[chosen.name]
+                )
+                write_line(f"  {priority.describe(priority_result)}")
+            except BenchError as exc:  # the levels measured so far are kept: the run fails at its end
+                priority_result = {"model": chosen.name, "error": str(exc)[-500:]}
+                write_line(f"  FAILED {priority_result['error'][:200]}")
 
     results: dict[str, Any] = {
         "machine": info,
@@ -240,19 +244,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def failed_levels(results: dict[str, Any]) -> list[str]:
-    """Every serving level no turn of which was measured ("server model format c=N")."""
-    return [
+    """Every serving level no turn of which was measured ("server model format c=N"), and the
+    priority bench if it failed."""
+    failed = [
         f"{e['server']} {e['model']} {e['format']} c={lvl['concurrency']}"
         for e in results["serving"]
         for lvl in e["levels"]
         if "images_per_s" not in lvl
     ]
+    prio = results.get("priority")
+    if prio and "error" in prio:
+        failed.append(f"priority {prio['model']}")
+    return failed
 
 
 def publish(results: dict[str, Any], out: Path, no_readme: bool) -> int:
     """Write the JSON and print the tables; the README's table only from a run whose every level was
-    measured. Returns the exit code: 1 when a level failed in every turn (its figures and the
-    targets resting on them are missing, so the run is no result)."""
+    measured. Returns the exit code: 1 when a level failed in every turn, or the priority bench
+    failed (their figures and the targets resting on them are missing, so the run is no result)."""
     write_json(out, results)
     table = render_markdown(results)
     write_line(table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,15 @@ class _Server:
         pass
 
 
-def test_a_run_whose_levels_all_failed_exits_non_zero_and_leaves_the_readme(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # Every call refused (a model that does not load, a server out of memory): bench.run printed a
-    # table of "–", rewrote bench/README.md's results with it and exited 0, so `make bench` passed.
+@dataclass
+class FakeRun:
+    readme: Path
+    out: Path
+
+
+@pytest.fixture
+def fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeRun:
+    """bench.run with no server, no ONNX Runtime and no README: dcgan-digits, every level served."""
     model = next(m for m in find_models(DEFAULT_MODELS) if m.name == "dcgan-digits")
     raw = {
         "model": model.name,
@@ -36,7 +42,7 @@ def test_a_run_whose_levels_all_failed_exits_non_zero_and_leaves_the_readme(
         "points": [{"batch": 1, "images_per_s": 9000.0, "latency_p50_ms": 0.11, "ms_per_image": 0.11}],
         "concurrent_points": [],
     }
-    readme = tmp_path / "README.md"
+    fake = FakeRun(tmp_path / "README.md", tmp_path / "out.json")
     monkeypatch.setattr(run, "assemble_repository", lambda *a: tmp_path)
     monkeypatch.setattr(run, "find_models", lambda repo: [model])
     monkeypatch.setattr(run.raw_limit, "measure_model", lambda m, duration_s: raw)
@@ -45,13 +51,57 @@ def test_a_run_whose_levels_all_failed_exits_non_zero_and_leaves_the_readme(
     monkeypatch.setattr(run.ServerProcess, "naive", classmethod(lambda cls, repo: _Server("naive")))
     monkeypatch.setattr(run.ServerProcess, "naive_sync", classmethod(lambda cls, repo: _Server("naive-sync")))
 
+    def served(server: Any, name: str, c: int, *a: Any, **k: Any) -> dict[str, Any]:
+        return {
+            "concurrency": c,
+            "images_per_s": 1000.0,
+            "p50_ms": 1.0,
+            "p99_ms": 1.2,
+            "server_cpu_ms_per_request": 0.1,
+        }
+
+    monkeypatch.setattr(run, "measured_level", served)
+    monkeypatch.setattr(run, "update_readme", lambda path, table: fake.readme.write_text(table))
+    return fake
+
+
+def test_a_run_whose_levels_were_all_served_exits_0_and_publishes(fake_run: FakeRun) -> None:
+    assert run.main(["--quick", "--no-priority", "--out", str(fake_run.out)]) == 0
+    assert fake_run.out.exists() and fake_run.readme.exists()
+
+
+def test_a_run_whose_levels_all_failed_exits_non_zero_and_leaves_the_readme(
+    fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every call refused (a model that does not load, a server out of memory): bench.run printed a
+    # table of "–", rewrote bench/README.md's results with it and exited 0, so `make bench` passed.
     def refused(server: Any, name: str, c: int, *a: Any, **k: Any) -> dict[str, Any]:
         raise run.BenchError(f"{server.name} {name} c={c}: 10 of 10 requests failed (UNAVAILABLE x10)")
 
     monkeypatch.setattr(run, "measured_level", refused)
-    monkeypatch.setattr(run, "update_readme", lambda path, table: readme.write_text(table))
-    out = tmp_path / "out.json"
-    code = run.main(["--quick", "--no-priority", "--out", str(out)])
+    code = run.main(["--quick", "--no-priority", "--out", str(fake_run.out)])
     assert code != 0
-    assert out.exists()  # what was measured (the raw limit, the failures) is still written
-    assert not readme.exists()  # a failed run does not replace the published figures
+    assert fake_run.out.exists()  # what was measured (the raw limit, the failures) is still written
+    assert not fake_run.readme.exists()  # a failed run does not replace the published figures
+
+
+def test_a_priority_bench_that_fails_keeps_the_runs_serving_results(
+    fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The priority bench runs last (after ~20 min of levels on a full run). Its interactive level
+    # had a refused call (check_no_failures) or its server did not start: the BenchError went
+    # through bench.run's main as a traceback and nothing was written, every level measured lost.
+    def priority_fails(*a: Any, **k: Any) -> dict[str, Any]:
+        raise run.BenchError(
+            "dcgan-digits c=1 under the bulk stream: 3 of 900 requests failed (UNAVAILABLE x3)"
+        )
+
+    monkeypatch.setattr(run.priority, "run_priority", priority_fails)
+    code = run.main(["--quick", "--out", str(fake_run.out)])
+    assert code != 0  # the priority figures are missing: no complete result
+    results = json.loads(fake_run.out.read_text())
+    assert {e["server"] for e in results["serving"]} == {"genserve", "naive", "naive-sync"}
+    assert "3 of 900 requests failed" in results["priority"]["error"]
+    targets = [t for t in results["summary"]["targets"] if t["target"].startswith("interactive p99")]
+    assert targets and all(t["met"] is False and t["value"] is None for t in targets)
+    assert not fake_run.readme.exists()
