@@ -101,7 +101,10 @@ def serve_pair(
     (report.merge_rounds).
     """
     for server in servers:  # warm the model and the connection path, unmeasured
-        client_bench(server.target, model.name, max(concurrency), 1.0, fmt, **model.client_options())
+        try:
+            client_bench(server.target, model.name, max(concurrency), 1.0, fmt, **model.client_options())
+        except BenchError as exc:  # its levels will fail too, and be kept as failed: the run goes on
+            write_line(f"  {server.name:8s} {model.name:22s} {fmt:4s} warm-up FAILED {str(exc)[-200:]}")
     per_server: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for c in concurrency:
         repeats = rounds if c in (1, max(concurrency)) else 1

@@ -105,3 +105,23 @@ def test_a_priority_bench_that_fails_keeps_the_runs_serving_results(
     targets = [t for t in results["summary"]["targets"] if t["target"].startswith("interactive p99")]
     assert targets and all(t["met"] is False and t["value"] is None for t in targets)
     assert not fake_run.readme.exists()
+
+
+def test_a_warm_up_that_fails_is_a_failed_level_not_a_lost_run(
+    fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each model's unmeasured warm-up ran outside the levels' error handling: a server refusing every
+    # call of one model made `genserve-client bench` exit 1, the BenchError went through main and the
+    # levels of every model measured before were never written.
+    def refused(server: Any, name: str, c: int, *a: Any, **k: Any) -> dict[str, Any]:
+        raise run.BenchError(f"{server.name} {name} c={c}: 10 of 10 requests failed (UNAVAILABLE x10)")
+
+    def warm_up_refused(target: str, *a: Any, **k: Any) -> dict[str, Any]:
+        raise run.BenchError("load failed (1): genserve-client bench: no successful request")
+
+    monkeypatch.setattr(run, "client_bench", warm_up_refused)
+    monkeypatch.setattr(run, "measured_level", refused)
+    code = run.main(["--quick", "--no-priority", "--out", str(fake_run.out)])
+    assert code != 0
+    results = json.loads(fake_run.out.read_text())
+    assert {e["server"] for e in results["serving"]} == {"genserve", "naive", "naive-sync"}
