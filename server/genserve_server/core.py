@@ -773,6 +773,13 @@ class GenerationCore:
             card.channels,
             scale,
             mv.config.batching.max_batch_size,
+            # The decoded images, and their padded copies where padding made new arrays.
+            input_bytes=sum(
+                a.nbytes + (p.nbytes if p is not a else 0) for a, p in zip(arrays, padded, strict=True)
+            ),
+            encode_bytes_per_value=(
+                0 if out.format == codecs.ImageFormat.TENSOR_F32 else tiling.ENCODE_BYTES_PER_VALUE
+            ),
         )
         # The working set first: a call waiting for it holds no response bytes, or a burst of
         # SuperResolves would hold the server-wide response budget every other RPC needs.

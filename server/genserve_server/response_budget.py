@@ -6,8 +6,9 @@
   generation call reserves its predicted response size *before* compute; the reservation is set to
   the real size when the handler returns and released when gRPC ends the RPC (sent, cancelled or
   timed out: accept.at_call_end, or the context's done callback where grpc accepted the call).
-- SuperResolve working set: tiles in flight x tile memory, so that a few large requests run one
-  after another instead of all at once.
+- SuperResolve working set: inputs and tiles in flight x tile memory, then blend canvases and the
+  encode's copies (tiling.working_set_bytes), so that a few large requests run one after another
+  instead of all at once.
 
 A BULK request that waits for room in its lane (batcher.py) gives its response's bytes back
 meanwhile and holds them again, first in line, before it is queued (Reservation.give_back and

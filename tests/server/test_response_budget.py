@@ -149,16 +149,28 @@ def test_working_set_counts_every_tile_the_batch_intermediates_and_the_blend_can
     many = tiling.plan_tiles(400, 400, 96, 8)
     assert len(one) == 1 and len(many) > 4
     copies = tiling.TILE_OUTPUT_COPIES
+    encode = tiling.ENCODE_BYTES_PER_VALUE
     single = tiling.working_set_bytes([one], [(64, 64)], 3, 3, 2, 16)
+    # One tile: no canvas; the model's intermediates outweigh the encode's copies of the image.
     assert single == 4 * (3 * 64 * 64 + copies * 3 * 64 * 64 * 4)
     out_tile = 4 * 3 * 96 * 96 * 4
     tiles = len(many) * (4 * 3 * 96 * 96 + out_tile)
     canvas = 4 * 4 * 800 * 800
-    # Intermediates only for the tiles of one batch (4 here), not for every tile of the request.
+    # Intermediates only for the tiles of one batch (4 here), not for every tile of the request;
+    # they are gone by the blend, whose canvas and the encode's copies weigh more here.
+    computing = (copies - 1) * 4 * out_tile
+    encoding = canvas + encode * 3 * 800 * 800
+    assert encoding > computing
+    assert tiling.working_set_bytes([many], [(400, 400)], 3, 3, 2, 4) == tiles + encoding
     assert (
-        tiling.working_set_bytes([many], [(400, 400)], 3, 3, 2, 4)
-        == tiles + canvas + (copies - 1) * 4 * out_tile
+        tiling.working_set_bytes([many], [(400, 400)], 3, 3, 2, 64)
+        == tiles + (copies - 1) * len(many) * out_tile
     )
+    # The decoded inputs are held throughout; TENSOR_F32 has no encode copies (its bytes are the
+    # response's).
+    assert tiling.working_set_bytes(
+        [many], [(400, 400)], 3, 3, 2, 4, input_bytes=1000, encode_bytes_per_value=0
+    ) == 1000 + tiles + max(computing, canvas)
 
 
 @pytest.mark.parametrize(
