@@ -255,19 +255,34 @@ def response_bound(out: OutputSpec, n: int, c: int, h: int, w: int) -> int | Non
     return None
 
 
+# What JPEG and WebP hold against the response budget before they exist: their raw pixels (a photo-like
+# image encodes smaller), plus what a small or noise-like image takes above them: headers and tables
+# (~0.3-0.6 KiB an image, all of an 8x8 or 28x28 one's excess) and, at quality LOSSY_HIGH_QUALITY and
+# above, up to ~2x its pixels (noise at quality 100: 1.3-2.0x the raw pixels;
+# tests/server/test_response_reservation_lossy.py).
+LOSSY_HEADER_BYTES = 1024
+LOSSY_HIGH_QUALITY = 95
+
+
+def lossy_reservation(out: OutputSpec, n: int, c: int, h: int, w: int) -> int:
+    """Bytes to hold for n JPEG or WebP images of c x h x w until they are encoded (then settled)."""
+    factor = 2 if out.quality >= LOSSY_HIGH_QUALITY else 1
+    return n * (factor * c * h * w + LOSSY_HEADER_BYTES)
+
+
 def predicted_send_size(
     out: OutputSpec, n: int, c: int, h: int, w: int, limit: int, latent_bytes: int = 0
 ) -> int:
     """Refuse before compute what could exceed the send limit: raw and tensor outputs exactly, PNG
     by its worst case (JPEG and WebP are checked after encoding). `latent_bytes`: the latents
     returned beside the images (output.return_latents), in the same response, so counted with them.
-    Returns the bytes to hold against the response budget: that size, or the raw pixels for JPEG and
-    WebP (smaller in practice), latents included."""
+    Returns the bytes to hold against the response budget: that size, or lossy_reservation for JPEG
+    and WebP, latents included."""
     bound = response_bound(out, n, c, h, w)
     if bound is None:
         if latent_bytes:
             send_size(latent_bytes, limit, "the returned latents", items=n)
-        return n * c * h * w + latent_bytes
+        return lossy_reservation(out, n, c, h, w) + latent_bytes
     return _admitted(bound, out, limit, latent_bytes, items=n)
 
 
@@ -296,7 +311,7 @@ def predicted_images_send_size(out: OutputSpec, c: int, sizes: Sequence[tuple[in
     bounds = [response_bound(out, 1, c, h, w) for h, w in sizes]
     known = [b for b in bounds if b is not None]
     if len(known) < len(bounds):
-        return sum(c * h * w for h, w in sizes)
+        return sum(lossy_reservation(out, 1, c, h, w) for h, w in sizes)
     return _admitted(sum(known), out, limit, items=len(sizes))
 
 

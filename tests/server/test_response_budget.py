@@ -140,8 +140,14 @@ def test_predicted_send_size_refuses_before_compute_and_returns_what_to_hold() -
         validate.predicted_images_send_size(png, 3, [(800, 800)], limit)
     with pytest.raises(InvalidArgument, match="would be 1920128 bytes"):  # its pixels and one image's framing
         validate.predicted_images_send_size(raw, 3, [(800, 800)], limit)
-    # JPEG has no useful bound: not refused here (checked after encoding); held at its raw size.
-    assert validate.predicted_images_send_size(jpeg, 3, [(800, 800), (10, 10)], limit) == 3 * (640000 + 100)
+    # JPEG has no useful bound: not refused here (checked after encoding); held at its raw size and
+    # its headers (validate.lossy_reservation), twice the pixels at quality 95 and above.
+    header = validate.LOSSY_HEADER_BYTES
+    assert validate.predicted_images_send_size(jpeg, 3, [(800, 800), (10, 10)], limit) == (
+        3 * (640000 + 100) + 2 * header
+    )
+    jpeg_100 = validate.output_spec(ImageFormat.JPEG, 100, None, False)
+    assert validate.predicted_send_size(jpeg_100, 4, 1, 28, 28, limit) == 4 * (2 * 28 * 28 + header)
 
 
 def test_working_set_counts_every_tile_the_batch_intermediates_and_the_blend_canvas() -> None:
