@@ -3,9 +3,11 @@
 The whole server ("" and its alias `genserve.v1.GenerationService`, the name probes that check a
 service try) is SERVING only once start-up loading has finished and every *required* model has a
 READY version: the models named by `--require-models`, or by default every model in the
-repository. An empty repository, or one whose models all failed, is NOT_SERVING: a pod that can
-answer nothing must not receive traffic. From the first moment of shutdown every key is
-NOT_SERVING. `/healthz` on the metrics port answers from the same state (`HealthState.serving`).
+repository. A model's key, and what "" counts, is SERVING only while the models its calls go
+through serve too (a style generator's mapping, a code prior's decoder: main.py `_serves`). An
+empty repository, or one whose models all failed, is NOT_SERVING: a pod that can answer nothing
+must not receive traffic. From the first moment of shutdown every key is NOT_SERVING. `/healthz`
+on the metrics port answers from the same state (`HealthState.serving`).
 
 `liveness` is SERVING once start-up loading has finished, whatever the models did, until shutdown:
 what Kubernetes' startup and liveness probes check, so that a model that failed to load takes the

@@ -52,8 +52,8 @@ from genserve_server.limits import GuardedRegistrar, Handler, guard_malformed
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
 from genserve_server.reload import Reloader
-from genserve_server.repository import Repository
-from genserve_server.service import GenerationService
+from genserve_server.repository import Model, Repository
+from genserve_server.service import GenerationService, every_request_fails, linked_model
 
 logger = logging.getLogger("genserve_server")
 
@@ -194,6 +194,11 @@ class App:
         # Models whose loading has been tried (a repository listener has reported them): "" counts a
         # model only from then on, so that one a hot reload adds counts once it has been tried.
         self._tried: set[str] = set()
+        # Each model's health key as last set (what "" counts), and for the models whose calls go
+        # through another (a style generator's mapping, a code prior's decoder) that model's name:
+        # their keys change when it does, with no listener call of their own (`_serves`).
+        self._model_keys: dict[str, bool] = {}
+        self._links: dict[str, str] = {}
         self.codec_pool = ThreadPoolExecutor(
             max_workers=config.codec_threads or cpu_count(), thread_name_prefix="codec"
         )
@@ -308,6 +313,7 @@ class App:
             await self.health.set(key, False)
         for model in self.repository:
             await self.health.set(model.name, False)
+            self._model_keys[model.name] = False
         self.repository.add_listener(self._on_model_state)
         # Before the serving port: a probe never finds the server up and its health listener not.
         if self.health_server is not None:
@@ -372,13 +378,38 @@ class App:
         return self.health.serving, self.health.reason
 
     def _on_model_state(self, name: str, serving: bool) -> None:
-        """A model's readiness may have changed (load, failure, reload, removal)."""
-        if name in self.repository.models:
+        """A model's readiness may have changed (load, failure, reload, removal): its key, and the
+        keys of the models whose calls go through it. Only those: this runs on every state change."""
+        model = self.repository.models.get(name)
+        if model is not None:
             self._tried.add(name)
         else:  # removed (or renamed away): a model of that name added later counts once tried
             self._tried.discard(name)
-        self.health.set_soon(name, serving)
+        newest = model.newest_ready() if model is not None else None
+        link = linked_model(newest) if newest is not None else None
+        if link is not None:
+            self._links[name] = link[1]
+        else:
+            self._links.pop(name, None)
+        self._set_model_key(name, self._serves(model) if model is not None else serving)
+        for dependent in [d for d, linked in self._links.items() if linked == name and d != name]:
+            other = self.repository.models.get(dependent)
+            now = other is not None and self._serves(other)
+            if now != self._model_keys.get(dependent):
+                self._set_model_key(dependent, now)
         self._refresh_overall()
+
+    def _set_model_key(self, name: str, serving: bool) -> None:
+        self._model_keys[name] = serving
+        self.health.set_soon(name, serving)
+
+    def _serves(self, model: Model) -> bool:
+        """Whether `model`'s health key is SERVING: it has a READY version, and the one a request
+        naming no version gets can reach the model its calls go through (a style generator's
+        mapping, a code prior's decoder: not missing, not without a READY version, fitting), as
+        GetModel's "every request fails: ..." says (service.every_request_fails)."""
+        newest = model.newest_ready()
+        return newest is not None and not every_request_fails(self.repository, newest)
 
     def _refresh_overall(self) -> None:
         if not self._loaded:
@@ -386,8 +417,9 @@ class App:
         # A model a hot reload added and is still loading has not been tried: it counts once it has
         # (docs/server.md), not when another model's readiness changes meanwhile (a drain ending).
         # A name --require-models lists counts at once: it was not serving before it loads either.
+        # A model counts as its health key says (`_serves`, kept by `_on_model_state`).
         models = {
-            m.name: bool(m.ready_versions())
+            m.name: self._model_keys.get(m.name, False)
             for m in self.repository
             if m.name in self._tried or self.required_models is not None
         }
@@ -635,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--require-models",
         default=None,
         metavar="NAME,NAME",
-        help='health "" is SERVING only when these models are ready (default: every model in the repository)',
+        help='health "" is SERVING only when these models are ready, a style generator\'s mapping and a '
+        "code prior's decoder serving too (default: every model in the repository)",
     )
     s.add_argument("--config", type=Path, default=None, help="server config JSON (limits, threads, logging)")
     s.add_argument(

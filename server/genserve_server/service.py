@@ -437,39 +437,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             return _version_config(self.repo.get(name))
         return None
 
-    def _mapping_warning(self, mv: ModelVersion) -> str:
-        """A READY style generator's warning when its mapping does not fit (or is missing), and a
-        READY code prior's when its decoder does not: every request would be UNAVAILABLE, while the
-        version itself loaded (the other model may be fixed and reloaded on its own)."""
-        card = mv.card
-        if mv.state != ModelState.READY or card is None:
-            return ""
-        if card.kind.styled and mv.config.mapping:
-            field, name = "mapping", mv.config.mapping
-        elif card.kind == Kind.CODE_PRIOR and mv.config.decoder:
-            field, name = "decoder", mv.config.decoder
-        else:
-            return ""
-        try:
-            linked = self.repo.get(name)
-        except NotFound:
-            return f"every request fails: its {field} {name} is not in the repository"
-        # What a request uses: the highest READY version (GenerationCore.use), not the card
-        # GetModel describes the other model by (a version that failed to load has one too).
-        newest = linked.newest_ready()
-        found = newest.card if newest is not None else None
-        if found is None:
-            return f"every request fails: its {field} {name} has no ready version"
-        if field == "mapping":
-            misfit = style_sampling.mapping_misfit(card, name, found)
-        else:
-            misfit = code_sampling.decoder_misfit(card, name, found)
-        return "" if misfit is None else f"every request fails: {misfit}"
-
     def _warnings(self, mv: ModelVersion) -> str:
         """A loaded version's warnings, "; "-joined: its file changed on disk, its mapping does not
         fit, its rows depend on their batch (loader.check_rows)."""
-        found = (mv.file_changed, self._mapping_warning(mv), mv.batch_dependence)
+        found = (mv.file_changed, every_request_fails(self.repo, mv), mv.batch_dependence)
         return "; ".join(w for w in found if w)
 
     def _model_info(self, model: Model, version: str = "", *, cards: bool = True) -> pb.ModelInfo:
@@ -533,6 +504,47 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 field="version",
             )
         return self._model_info(model, request.version)
+
+
+def linked_model(mv: ModelVersion) -> tuple[str, str] | None:
+    """(config.json field, model name) of the model every call of `mv` goes through: a style
+    generator's mapping, a code prior's decoder; None for the other kinds (and before its card)."""
+    card = mv.card
+    if card is None:
+        return None
+    if card.kind.styled and mv.config.mapping:
+        return "mapping", mv.config.mapping
+    if card.kind == Kind.CODE_PRIOR and mv.config.decoder:
+        return "decoder", mv.config.decoder
+    return None
+
+
+def every_request_fails(repo: Repository, mv: ModelVersion) -> str:
+    """A READY style generator's warning when its mapping does not fit (or is missing), and a
+    READY code prior's when its decoder does not: every request would be UNAVAILABLE, while the
+    version itself loaded (the other model may be fixed and reloaded on its own). "" otherwise, and
+    for a two-level prior's top_prior: a SampleCodes given top_codes does not call it. GetModel and
+    ListModels show it; health counts such a version as not serving (main.py, docs/server.md)."""
+    card = mv.card
+    link = linked_model(mv)
+    if mv.state != ModelState.READY or card is None or link is None:
+        return ""
+    field, name = link
+    try:
+        linked = repo.get(name)
+    except NotFound:
+        return f"every request fails: its {field} {name} is not in the repository"
+    # What a request uses: the highest READY version (GenerationCore.use), not the card
+    # GetModel describes the other model by (a version that failed to load has one too).
+    newest = linked.newest_ready()
+    found = newest.card if newest is not None else None
+    if found is None:
+        return f"every request fails: its {field} {name} has no ready version"
+    if field == "mapping":
+        misfit = style_sampling.mapping_misfit(card, name, found)
+    else:
+        misfit = code_sampling.decoder_misfit(card, name, found)
+    return "" if misfit is None else f"every request fails: {misfit}"
 
 
 def _version_config(model: Model, version: str = "") -> ModelConfig | None:

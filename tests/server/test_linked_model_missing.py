@@ -6,17 +6,22 @@ field, not NOT_FOUND naming a model the client never asked for."""
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from code_models import prior_graph, write_code_models
-from server_support import ServerProcess, start_server, write_model
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_support import ServerProcess, running_server, start_server, wait_until, write_model
 from style_models import synthesis_graph, write_style_models
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 GRID = (6, 6)
 
@@ -123,3 +128,74 @@ def test_a_two_level_prior_whose_top_prior_is_not_in_the_repository_is_unavailab
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
         assert "orphan-chain" in details and "no-such-top-prior" in details, details
         assert "config.json top_prior" in details, details
+
+
+def _health(channel: grpc.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+    return status
+
+
+def test_the_health_key_of_a_model_whose_linked_model_cannot_serve_is_not_serving(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    """Every call of a READY style generator whose mapping is missing or does not fit, and of a
+    READY code prior whose decoder is missing, fails UNAVAILABLE: its health key said SERVING. A
+    two-level prior whose top prior is missing still answers a SampleCodes given top_codes."""
+    server, _ = served
+    with grpc.insecure_channel(server.target) as channel:
+        assert _health(channel, "style-gen") == SERVING
+        assert _health(channel, "prior") == SERVING
+        for name in ("orphan-gen", "style-misfit", "orphan-prior"):
+            assert _health(channel, name) == NOT_SERVING, name
+        assert _health(channel, "orphan-chain") == SERVING
+
+
+def test_required_models_are_ready_only_while_their_mapping_and_decoder_are(tmp_path: Path) -> None:
+    """`--require-models style-gen,prior`: readiness ("") said SERVING while every call of style-gen
+    (or prior) failed UNAVAILABLE because its mapping (decoder) had left the repository. The keys
+    follow the linked models: NOT_SERVING once they are removed, SERVING again once they are back
+    (hot reloads)."""
+    root = tmp_path / "models"
+    styles = write_style_models(root)
+    codes = write_code_models(root, grid=GRID, k=16)
+    linked = (styles["mapping"], codes["decoder"])
+    required = (styles["generator"], codes["prior"])
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    with (
+        running_server(
+            root, tmp_path / "server", extra_args=("--require-models", ",".join(required))
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+
+        def statuses(names: tuple[str, ...]) -> list[int]:
+            return [_health(channel, name) for name in names]
+
+        stub = pb_grpc.GenerationServiceStub(channel)
+        assert statuses(("", *required, *linked)) == [SERVING] * 5
+        for name in linked:
+            (root / name).rename(aside / name)
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: statuses(linked) == [NOT_SERVING] * 2, 60, "the linked models' removal")
+        wait_until(lambda: statuses(("", *required)) == [NOT_SERVING] * 3, 10, "readiness to follow them")
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Sample(pb.SampleRequest(model=styles["generator"], seeds=[1]), timeout=30)
+        assert _error(excinfo)[0] == grpc.StatusCode.UNAVAILABLE
+        for name in linked:
+            (aside / name).rename(root / name)
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: statuses(linked) == [SERVING] * 2, 60, "the linked models' return")
+        wait_until(lambda: statuses(("", *required)) == [SERVING] * 3, 10, "readiness to follow them")
+        assert (
+            len(stub.Sample(pb.SampleRequest(model=styles["generator"], seeds=[1]), timeout=30).images) == 1
+        )
+        assert (
+            len(
+                stub.SampleCodes(
+                    pb.SampleCodesRequest(model=codes["prior"], seeds=[1], labels=[0]), timeout=30
+                ).images
+            )
+            == 1
+        )
