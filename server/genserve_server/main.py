@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
+from genserve_contract.repository import NAME_PATTERN
 from genserve_server import accept, event_loop, kserve, probe, security, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary
@@ -419,11 +420,29 @@ class App:
         # A name --require-models lists counts at once: it was not serving before it loads either.
         # A model counts as its health key says (`_serves`, kept by `_on_model_state`).
         models = {
-            m.name: self._model_keys.get(m.name, False)
+            m.name: self._counts_serving(m)
             for m in self.repository
             if m.name in self._tried or self.required_models is not None
         }
         self.health.set_overall_soon(*overall_status(models, self.required_models))
+
+    def _counts_serving(self, model: Model) -> bool:
+        """What "" counts `model` as: its health key, except while the model its calls go through is
+        one the running hot reload has not tried yet (its directory is there, not yet read or loaded:
+        a reload adding a generator and its mapping loads them one after the other). Until that model
+        has been tried, `model` counts by its own READY version, as a model still loading does not
+        count at all; then by its key (re-evaluated by that model's own state change)."""
+        if self._model_keys.get(model.name, False):
+            return True
+        link = self._links.get(model.name)
+        return (
+            link is not None
+            and link not in self._tried
+            and model.newest_ready() is not None
+            and NAME_PATTERN.match(link) is not None  # a directory the rescan reads (model_dirs)
+            and not link.startswith(".")
+            and (self.repository.root / link).is_dir()
+        )
 
     def request_stop(self) -> None:
         self._stop.set()

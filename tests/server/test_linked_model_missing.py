@@ -5,8 +5,11 @@ field, not NOT_FOUND naming a model the client never asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,14 @@ import grpc
 import pytest
 from code_models import prior_graph, write_code_models
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_support import ServerProcess, running_server, start_server, wait_until, write_model
+from server_support import (
+    ServerProcess,
+    running_server,
+    start_server,
+    wait_until,
+    write_model,
+    write_tiny_generator,
+)
 from style_models import synthesis_graph, write_style_models
 
 from genserve.v1 import genserve_pb2 as pb
@@ -199,3 +209,51 @@ def test_required_models_are_ready_only_while_their_mapping_and_decoder_are(tmp_
             )
             == 1
         )
+
+
+def test_a_hot_reload_adding_a_style_generator_with_its_mapping_keeps_readiness_serving(
+    tmp_path: Path,
+) -> None:
+    """A hot reload that adds a style generator and the mapping it names (a correct pair) loads them
+    one after the other (sorted: style-gen before style-mapping). Once style-gen is loaded its key
+    turns NOT_SERVING (its mapping has not been read yet), and "" (every model required, by default)
+    counted it: the whole pod went NOT_SERVING, out of its Service with every other model, until the
+    mapping had loaded, though neither model failed. A model a hot reload adds counts once it has been
+    tried (docs/server.md): nor should a model count as failed only because the model it links to,
+    added in the same reload, has not been tried yet."""
+    root = tmp_path / "models"
+    write_tiny_generator(root, "tiny-gen")
+    staged = tmp_path / "staged"
+    styles = write_style_models(staged)
+    pair = (styles["generator"], styles["mapping"])
+    with (
+        running_server(root, tmp_path / "server") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        assert _health(channel, "") == SERVING
+        seen: list[int] = []
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+        def follow() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for answer in watch:
+                    seen.append(answer.status)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        wait_until(lambda: seen == [SERVING], 10, "the watch's first answer")
+        for name in pair:
+            (staged / name).rename(root / name)
+        server.proc.send_signal(signal.SIGHUP)
+
+        def pair_serving() -> bool:
+            try:
+                return [_health(channel, n) for n in pair] == [SERVING] * 2
+            except grpc.RpcError:  # NOT_FOUND until the rescan has read it
+                return False
+
+        wait_until(pair_serving, 60, "the pair to load")
+        time.sleep(0.5)
+        watch.cancel()
+        follower.join(10)
+        assert NOT_SERVING not in seen, f'"" went {seen} (1 = SERVING, 2 = NOT_SERVING) during the reload'
