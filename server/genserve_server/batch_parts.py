@@ -45,11 +45,15 @@ class Held(Protocol):
 class QueueReservation:
     """Rows of a batcher's queue held for one RPC's later request (Batcher.reserved: a code prior's
     decode, queued only once its grids are sampled); submit(reservation=...) queues into them.
-    `queued`: its rows in the queue now; `ended`: the RPC let them go."""
+    `queued`: its rows in the queue now; `ended`: the RPC let them go; `once`: for one request,
+    whose rows leave the reservation as they leave the queue (taken into a batch, or dropped), so
+    that rows computing no longer take the queue's room (a style generator's synthesis); else the
+    rows stay held for the RPC's next request until it ends (a code prior stream's previews)."""
 
     rows: int
     queued: int = 0
     ended: bool = False
+    once: bool = False
 
 
 def count_once(caller: Caller | None) -> bool:

@@ -381,14 +381,15 @@ class Batcher:
 
     @contextlib.contextmanager
     def reserved(
-        self, n_rows: int, caller: Caller | None = None, deadline: float | None = None
+        self, n_rows: int, caller: Caller | None = None, deadline: float | None = None, *, once: bool = False
     ) -> Iterator[QueueReservation]:
         """Hold `n_rows` of the queue for a request `caller` submits later (a code prior's decode,
         queued only once its grids are sampled, seconds on), until the block ends: refused now as an
         interactive submit of them would be (queue full: ResourceExhausted, counted once per RPC;
         `deadline` passed, full or not: DeadlineExceeded, a deadline drop), and counted as queued
         meanwhile, so that the request submitted with `reservation=` (one at a time, at most
-        `n_rows`) is never refused 'queue full' after the work it waited for."""
+        `n_rows`) is never refused 'queue full' after the work it waited for. `once`: for one
+        request, whose rows leave the reservation as they leave the queue (QueueReservation.once)."""
         if self._closing:
             raise self._draining()
         if (too_large := self._too_large(n_rows)) is not None:
@@ -401,7 +402,7 @@ class Batcher:
             )
         if self._rows_taken() + n_rows > self.max_queue_size:
             raise self._queue_full(n_rows, caller)
-        reservation = QueueReservation(n_rows)
+        reservation = QueueReservation(n_rows, once=once)
         self._reserved_rows += n_rows
         try:
             yield reservation
@@ -409,7 +410,7 @@ class Batcher:
             # Rows of it still queued (a request failed by an earlier batch of its rows, not yet
             # dropped by _take) count as any other queued rows from now on.
             reservation.ended = True
-            self._reserved_rows -= n_rows
+            self._reserved_rows -= reservation.rows
             self._reserved_queued -= reservation.queued
             if self._bulk_line:
                 self._room.set()
@@ -683,8 +684,12 @@ class Batcher:
             for queue in lane.values():
                 for request in queue:
                     set_exception_if_not_done(request.future, error())
-                    if request.reservation is not None:
-                        request.reservation.queued = 0
+                    reservation = request.reservation
+                    if reservation is not None:
+                        if reservation.once and not reservation.ended:
+                            reservation.rows -= reservation.queued
+                            self._reserved_rows -= reservation.queued
+                        reservation.queued = 0
             lane.clear()
         self._rows_by_key.clear()
         self._queued_rows = self._queued_requests = self._bulk_rows = self._reserved_queued = 0
@@ -954,6 +959,9 @@ class Batcher:
         if reservation is not None and not reservation.ended:
             reservation.queued -= rows
             self._reserved_queued -= rows
+            if reservation.once:  # its rows never come back: the queue's room is free again
+                reservation.rows -= rows
+                self._reserved_rows -= rows
         if self._bulk_line:
             self._room.set()
 

@@ -143,13 +143,14 @@ def w_avg_of(mv: ModelVersion) -> np.ndarray:
 def synthesis_room(mv: ModelVersion, call: Call, n: int, lane: Lane) -> Iterator[QueueReservation | None]:
     """The call's `n` rows of the synthesis queue, held until the block ends (Batcher.reserved):
     RESOURCE_EXHAUSTED now where the queue is full (DEADLINE_EXCEEDED past the call's deadline),
-    before the mapping runs, never once the rows are mapped. None for a BULK request, which waits
-    for room in the queue instead of being refused."""
+    before the mapping runs, never once the rows are mapped; rows taken into a synthesis batch
+    leave it (`once`), so that computing rows do not take the queue. None for a BULK request, which
+    waits for room in the queue instead of being refused."""
     if lane != Lane.INTERACTIVE:
         yield None
         return
     assert mv.batcher is not None
-    with mv.batcher.reserved(n, call, call.deadline) as room:
+    with mv.batcher.reserved(n, call, call.deadline, once=True) as room:
         yield room
 
 

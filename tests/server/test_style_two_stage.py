@@ -166,3 +166,33 @@ def test_a_style_call_is_refused_before_its_mapping_runs_when_the_synthesis_queu
             await asyncio.gather(*others)
 
     run_with_core(tmp_path, body)
+
+
+def test_a_style_calls_rows_computing_in_the_synthesis_no_longer_take_its_queue(tmp_path: Path) -> None:
+    """The call's synthesis rows are held from before its mapping to its synthesis: once they are
+    taken into a synthesis batch they are no longer in the queue, and the queue's whole room is
+    there for other requests while that batch computes (as before the rows were reserved)."""
+    names = write_style_models(tmp_path)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        synthesis = repo.get(names["generator"]).resolve("").batcher
+        assert synthesis is not None
+        free = hold_runs(synthesis)
+        call = asyncio.ensure_future(style_call(core, names["generator"], "Sample", "sample"))
+        await until(lambda: synthesis._batches_in_flight > 0 or call.done())
+        assert not call.done(), call.exception()
+        assert synthesis.queued_rows == 0
+        whole = {"ws": np.zeros((synthesis.max_queue_size, NUM_LAYERS, W_DIM), np.float32)}
+        other = asyncio.ensure_future(
+            synthesis.submit(StyleRows(), whole, synthesis.max_queue_size, caller=None)
+        )
+        for _ in range(3):
+            await asyncio.sleep(0)
+        try:
+            assert not other.done() or other.exception() is None, other.exception()
+        finally:
+            free.set()
+            done = await asyncio.gather(call, other, return_exceptions=True)
+        assert not any(isinstance(d, BaseException) for d in done), done
+
+    run_with_core(tmp_path, body)
