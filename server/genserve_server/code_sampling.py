@@ -95,15 +95,20 @@ def decoder_misfit(prior: Card, name: str, card: Card) -> str | None:
 
 
 @contextlib.contextmanager
-def decoder_room(decoder: ModelVersion | None, call: Call, n: int) -> Iterator[QueueReservation | None]:
+def decoder_room(
+    decoder: ModelVersion | None, call: Call, n: int, *, once: bool = False
+) -> Iterator[QueueReservation | None]:
     """The call's `n` rows of its decoder's queue, held until the block ends (Batcher.reserved):
     RESOURCE_EXHAUSTED now where the queue is full (DEADLINE_EXCEEDED where the call's deadline has
-    passed, full or not), never once the grids are sampled. None without a decoder."""
+    passed, full or not), never once the grids are sampled. `once`: for the call's one decode (a
+    unary call), whose rows leave the reservation as they leave the queue, so that they stop taking
+    room once they compute; a stream's previews and result decode into it one after another. None
+    without a decoder."""
     if decoder is None:
         yield None
         return
     assert decoder.batcher is not None
-    with decoder.batcher.reserved(n, call, call.deadline) as room:
+    with decoder.batcher.reserved(n, call, call.deadline, once=once) as room:
         yield room
 
 
@@ -193,8 +198,8 @@ async def sample_codes(
         expected += grid_bytes
     await core.reserve_response(call, expected)  # a no-op for the stream (not unary)
     with contextlib.ExitStack() as held:
-        if room is None:
-            room = held.enter_context(decoder_room(decoder, call, len(seeds)))
+        if room is None:  # a unary call: one decode
+            room = held.enter_context(decoder_room(decoder, call, len(seeds), once=True))
         codes, tops = await _levels(core, mv, call, seeds, labels, tops, options, progress, every)
         if decoder is None:
             return CodeSamples(codes, [], [], tops)

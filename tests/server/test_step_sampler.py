@@ -1400,6 +1400,33 @@ def test_a_call_keeps_room_in_its_decoders_queue_while_it_samples(
     run_with_core(tmp_path, body)
 
 
+def test_a_unary_calls_rows_computing_in_the_decoder_no_longer_take_its_queue(tmp_path: Path) -> None:
+    """A unary SampleCodes holds its rows of the decoder's queue from admission to its decode: once
+    they are taken into a decoder batch they are no longer in the queue, and its whole room is there
+    for other requests while that batch computes (as a style call's synthesis rows)."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        batcher = repo.get(names["decoder"]).resolve("").batcher
+        free = hold_runs(batcher)
+        call = asyncio.ensure_future(sample(core, names["prior"], [1, 2, 3], [0, 1, 2]))
+        await until(lambda: batcher._batches_in_flight > 0 or call.done())
+        assert not call.done(), call.exception()
+        assert batcher.queued_rows == 0
+        whole = {"codes": np.zeros((batcher.max_queue_size, *GRID), np.int64)}
+        other = asyncio.ensure_future(batcher.submit(CodeRows(), whole, batcher.max_queue_size, caller=None))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        try:
+            assert not other.done() or other.exception() is None, other.exception()
+        finally:
+            free.set()
+            done = await asyncio.gather(call, other, return_exceptions=True)
+        assert not any(isinstance(d, BaseException) for d in done), done
+
+    run_with_core(tmp_path, body)
+
+
 def test_a_call_is_refused_before_any_step_when_its_decoders_queue_is_full(tmp_path: Path) -> None:
     """Room in the decoder's queue is asked at admission, as the prior's row budget is: a full queue
     refuses the call at once (RESOURCE_EXHAUSTED, retry with backoff), not after every grid was
