@@ -294,8 +294,25 @@ class Repository:
         except OSError as exc:  # no read permission, or the directory went away since the scan
             model.reason = f"{model.path}: cannot list its version directories: {exc.strerror or exc}"
             return []
-        available = [p.name for p in entries if p.is_dir() and VERSION_PATTERN.match(p.name)]
-        model.reason = "" if available else f"{model.path}: no version directories"
+        dirs = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+        available = [name for name in dirs if VERSION_PATTERN.match(name)]
+        ignored = sorted(name for name in dirs if not VERSION_PATTERN.match(name))
+        if ignored:  # "01", "v2", "0": served by no policy; said, as a model name that is none is
+            logger.warning(
+                "%s: ignoring directories %s: version directories are positive integers without "
+                "leading zeros (1, 2, 10)",
+                model.path,
+                ", ".join(ignored),
+            )
+        if available:
+            model.reason = ""
+        elif ignored:
+            model.reason = (
+                f"{model.path}: no version directories (ignored {', '.join(ignored)}: version "
+                "directories are positive integers without leading zeros, e.g. 1)"
+            )
+        else:
+            model.reason = f"{model.path}: no version directories"
         return available
 
     def add_version(self, model: Model, version: str, config: ModelConfig | None = None) -> ModelVersion:

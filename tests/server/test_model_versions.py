@@ -1,0 +1,85 @@
+"""Model versions end to end on a real server: numeric order (9 < 10 < 100) in every list and
+default, folder names that are not versions, and the order after a hot reload rolls back."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+from server_support import TINY_LATENT, generator_graph, start_server, write_model
+
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.config import ServerConfig
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+
+CARD = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+
+
+def write_versions(root: Path, name: str, versions: list[str], policy: dict[str, object]) -> None:
+    for version in versions:
+        write_model(
+            root,
+            name,
+            "generator",
+            generator_graph(TINY_LATENT, 1, 8, 8, seed=len(version) + sum(map(ord, version))),
+            CARD,
+            version=version,
+            config={"version_policy": policy},
+        )
+
+
+def test_versions_are_ordered_by_number_and_folders_that_are_no_version_say_so(tmp_path: Path) -> None:
+    """latest 3 of 1, 2, 9, 10, 11, 100 serves 10, 11 and 100 (not 9, as text order would);
+    a request without a version gets 100; folders named 01 or v3 are not versions. A model whose
+    only folders are such names said just 'no version directories' (and no log line), so an
+    operator who published "01" saw the folder on disk and a model that denied it."""
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["1", "2", "9", "10", "11", "100"], {"latest": 3})
+    (root / "gen" / "v3").mkdir()
+    write_versions(root, "padded", ["01"], {"latest": 1})
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            info = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+            assert [v.version for v in info.versions] == ["10", "11", "100"]
+            meta = kstub.ModelMetadata(kpb.ModelMetadataRequest(name="gen"), timeout=10)
+            assert list(meta.versions) == ["10", "11", "100"]
+            response = stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=30)
+            assert response.provenance.version == "100"
+            pinned = stub.Sample(pb.SampleRequest(model="gen", version="10", count=1), timeout=30)
+            assert pinned.provenance.version == "10"
+            for version in ("9", "010"):
+                with pytest.raises(grpc.RpcError) as excinfo:
+                    stub.Sample(pb.SampleRequest(model="gen", version=version, count=1), timeout=30)
+                assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
+                assert f"no version '{version}'" in excinfo.value.details()
+            assert server.metric("genserve_model_ready", model="gen", version="100") == 1
+
+            padded = stub.GetModel(pb.GetModelRequest(name="padded"), timeout=10)
+            assert not any(v.state == pb.MODEL_STATE_READY for v in padded.versions)
+            # Names the folder it did not take, and what a version folder's name must be.
+            assert "01" in padded.reason, padded.reason
+            assert "leading zero" in padded.reason, padded.reason
+    finally:
+        server.stop()
+
+
+def test_a_folder_that_is_no_version_is_logged_beside_versions_that_serve(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model with "1" and a mistyped "02" serves 1, and the log names "02" (it was silent)."""
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["1", "02"], {"latest": 1})
+    repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+    with caplog.at_level(logging.WARNING):
+        repo.scan()
+    assert list(repo.get("gen").versions) == ["1"] and not repo.get("gen").reason
+    assert any("02" in r.getMessage() and "leading zeros" in r.getMessage() for r in caplog.records)
