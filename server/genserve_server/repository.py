@@ -329,7 +329,12 @@ class Repository:
         mm.ready.set(0)
         mm.loading.set(1)
         mv = ModelVersion(model.name, version, model.path / version, config, mm)
-        model.versions[version] = mv
+        # Kept in numeric order (9 before 10), whatever order they load in: a reload's rollback
+        # loads an older version after the newer ones, and every list of versions (KServe's
+        # ModelMetadata and ModelStatistics, NOT_FOUND messages) reads this dict in its order.
+        # A new dict, not one sorted in place: a thread reading the old one never sees it change.
+        versions = {**model.versions, version: mv}
+        model.versions = dict(sorted(versions.items(), key=lambda item: int(item[0])))
         return mv
 
     # ------------------------------------------------------------------ loading

@@ -4,11 +4,13 @@ default, folder names that are not versions, and the order after a hot reload ro
 from __future__ import annotations
 
 import logging
+import shutil
+import signal
 from pathlib import Path
 
 import grpc
 import pytest
-from server_support import TINY_LATENT, generator_graph, start_server, write_model
+from server_support import TINY_LATENT, generator_graph, start_server, wait_until, write_model
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
@@ -68,6 +70,39 @@ def test_versions_are_ordered_by_number_and_folders_that_are_no_version_say_so(t
             # Names the folder it did not take, and what a version folder's name must be.
             assert "01" in padded.reason, padded.reason
             assert "leading zero" in padded.reason, padded.reason
+    finally:
+        server.stop()
+
+
+def test_versions_stay_in_numeric_order_after_a_reload_rolls_back(tmp_path: Path) -> None:
+    """latest 2 of 2, 9, 10 serves 9 and 10; removing 10 brings 2 back. KServe ModelMetadata
+    listed ['9', '2'] (the order versions were loaded in) while GetModel said ['2', '9']."""
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["2", "9", "10"], {"latest": 2})
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            shutil.rmtree(root / "gen" / "10")
+            server.proc.send_signal(signal.SIGHUP)
+
+            def rolled_back() -> bool:
+                info = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+                return [(v.version, v.state) for v in info.versions] == [
+                    ("2", pb.MODEL_STATE_READY),
+                    ("9", pb.MODEL_STATE_READY),
+                ]
+
+            wait_until(rolled_back, 60, "the rollback to versions 2 and 9")
+            meta = kstub.ModelMetadata(kpb.ModelMetadataRequest(name="gen"), timeout=10)
+            assert list(meta.versions) == ["2", "9"]
+            stats = kstub.ModelStatistics(kpb.ModelStatisticsRequest(name="gen"), timeout=10)
+            assert [s.version for s in stats.model_stats] == ["2", "9"]
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.Sample(pb.SampleRequest(model="gen", version="10", count=1), timeout=30)
+            assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "versions: 2, 9" in excinfo.value.details()
     finally:
         server.stop()
 
