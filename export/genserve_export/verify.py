@@ -142,7 +142,10 @@ def verify_repository(
         )
         bad = [p.name for p in versions if not VERSION_PATTERN.match(p.name)]
         if bad:
-            report.errors.append(f"{entry.name}: version directories must be positive integers, found {bad}")
+            report.errors.append(
+                f"{entry.name}: version directories must be positive integers without leading zeros "
+                f"(1, 2, 10), found {bad}"
+            )
         versions = [p for p in versions if VERSION_PATTERN.match(p.name)]
         if not versions:
             report.errors.append(f"{entry.name}: no version directory")
