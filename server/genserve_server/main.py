@@ -76,6 +76,47 @@ HEALTH_IDLE_TIMEOUT_S = 10.0
 # A HealthCheckRequest is a service name: a larger request is refused before it is parsed.
 HEALTH_MAX_REQUEST_BYTES = 64 * 1024
 
+# Every connection is a file descriptor, and past the process's open-file limit gRPC cannot accept
+# any: the serving port, the health port and the metrics port all wait ("File descriptor limit
+# reached. Retrying."), probes time out, and the kubelet restarts a pod that is only busy. systemd,
+# Docker (moby 25+) and containerd 2 start processes with a soft limit of 1024 under a far higher
+# hard one: the soft limit is raised, within the hard one, to max_connections plus the health port's
+# connections plus this much for everything else (model files, the metrics port, logs, threads).
+OPEN_FILE_HEADROOM = 1024
+
+
+def raise_open_file_limit(limits: Limits) -> None:
+    """Raise RLIMIT_NOFILE's soft limit to what `limits.max_connections` needs (within the hard
+    limit); a warning naming both when the hard limit is lower."""
+    import resource
+
+    needed = limits.max_connections + HEALTH_MAX_CONNECTIONS + OPEN_FILE_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "cannot raise the open-file limit (RLIMIT_NOFILE) from %d to %d: %s", soft, target, exc
+            )
+    if soft < needed:
+        logger.warning(
+            "limits.max_connections %d needs about %d open files (with the health port and %d for the "
+            "rest), but the open-file limit (RLIMIT_NOFILE) is %d: past about %d connections no "
+            "port accepts any (probes included); raise the limit (ulimit -n, LimitNOFILE) or lower "
+            "max_connections",
+            limits.max_connections,
+            needed,
+            OPEN_FILE_HEADROOM,
+            soft,
+            max(soft - OPEN_FILE_HEADROOM, 0),
+        )
+
+
 # The services whose unary generation methods accept.py accepts several calls of per loop turn.
 GENERATION_SERVICES = (
     genserve_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
@@ -539,6 +580,7 @@ async def serve(args: argparse.Namespace) -> int:
         config = _replace(config, trt_engine_cache_dir=args.trt_engine_cache_dir)
     config = _apply_security_flags(config, args)
     setup_logging(config.log_level, config.log_json)
+    raise_open_file_limit(config.limits)
     if args.ready_file is not None:
         check_ready_file(args.ready_file)
     # Before anything is loaded or logged: a port in use is one line, at once.

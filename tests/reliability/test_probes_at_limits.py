@@ -10,11 +10,13 @@ failures, a minute), dropping the work of every client it was serving.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,6 +26,7 @@ from server_support import ServerProcess, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.launcher import genserve_command
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_CONNECTIONS = 4
@@ -169,3 +172,48 @@ def test_probes_answer_once_the_load_has_gone(server: ServerProcess) -> None:
     assert _probe(server.target, "") == SERVING
     assert _probe(f"127.0.0.1:{server.health_port}", "liveness") == SERVING
     assert _healthz(server.metrics_port) == "200"
+
+
+# A process's open-file limit as systemd, Docker (moby 25+) and containerd 2 start it: soft 1024,
+# hard far above. Scaled down here: 128, so that a few more client connections than that exhaust it.
+LOW_SOFT_NOFILE = 128
+NOFILE_HARD = 8192
+
+
+def test_probes_answer_while_clients_hold_more_connections_than_the_soft_open_file_limit(
+    tmp_path: Path,
+) -> None:
+    """Each connection is a file descriptor. Started under a soft RLIMIT_NOFILE below the default
+    max_connections (1024; a container's soft limit is commonly exactly 1024), the server ran out of
+    descriptors at ~100 client connections: every new connection, the health port's and /healthz's
+    included, waited at accept ("File descriptor limit reached. Retrying."), so the kubelet's probes
+    failed and restarted a pod that was only busy. The server now raises its soft limit (within the
+    hard one) to what max_connections and the health port need."""
+    root = tmp_path / "models"
+    write_gen(root)
+    limit = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({LOW_SOFT_NOFILE}, {NOFILE_HARD})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    command = [sys.executable, "-c", limit, *genserve_command(root, "--health-port", "0")]
+    proc = ServerProcess.start(command, tmp_path / "server")
+    clients: list[grpc.Channel] = []
+    try:
+        for _ in range(LOW_SOFT_NOFILE + 16):
+            channel = grpc.insecure_channel(proc.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            clients.append(channel)
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                assert stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S).status == SERVING
+            except grpc.RpcError as exc:
+                pytest.fail(f"client connection {len(clients)} refused: {exc.code().name} {exc.details()}")
+        health_target = f"127.0.0.1:{proc.health_port}"
+        answers = {service: _probe(health_target, service) for service in ("", "liveness")}
+        assert answers == {"": SERVING, "liveness": SERVING}, answers
+        assert _healthz(proc.metrics_port) == "200"
+        assert "File descriptor limit reached" not in proc.log()
+    finally:
+        for channel in clients:
+            channel.close()
+        proc.stop()
