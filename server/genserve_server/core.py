@@ -53,7 +53,7 @@ from genserve_server.errors import (
     Unavailable,
     invalid,
 )
-from genserve_server.image_cache import ImageCache, image_key
+from genserve_server.image_cache import ImageCache, image_key, loaded_versions
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.repository import ModelVersion, Repository
@@ -479,12 +479,13 @@ class GenerationCore:
     ) -> Generated:
         """Images for seeds; where the image cache is on, only the seeds it does not hold are computed."""
         cache = self.image_cache
-        # A style generator's images also depend on its mapping's version, which the cache's key
-        # (this version's load) does not hold: computed every time.
-        if cache is None or (mv.card is not None and mv.card.kind.styled):
+        if cache is None:
             return await self.generate(mv, call, labels, out, lane, seeds=seeds, psi=psi)
         card = mv.card
         assert card is not None and card.image_size is not None and card.latent_dim is not None
+        loaded = mv.load_id
+        if card.kind.styled:  # its images depend on its mapping's version too: the one this call holds
+            loaded = loaded_versions(loaded, style_sampling.style_mapping(self, call, mv).load_id)
         # The whole response is held, cached images too: an unread one holds their copies.
         limit = self.limits.max_send_message_bytes
         latent_bytes = len(seeds) * card.latent_dim * 4 if out.return_latents else 0
@@ -494,7 +495,7 @@ class GenerationCore:
         await self.reserve_response(call, expected)
         keys = [
             image_key(
-                mv.load_id,
+                loaded,
                 seed,
                 None if labels is None else int(labels[i]),
                 psi,

@@ -29,6 +29,7 @@ ENTRY_OVERHEAD_BYTES = 450
 class ImageKey(NamedTuple):
     # ModelVersion.load_id: the file, config.json (output_range, runtime options), provider and
     # precision of one loaded version. A reload loads a new version: it never sees old entries.
+    # A style generator's: its load_id + "+" + its mapping's (`loaded_versions`).
     loaded_version: str
     seed: int
     label: int  # -1 for unconditional models
@@ -36,6 +37,12 @@ class ImageKey(NamedTuple):
     format: int
     quality: int  # 0 unless JPEG or WEBP
     png_compression: int  # 0 unless PNG
+
+
+def loaded_versions(*load_ids: str) -> str:
+    """The `loaded_version` of a key whose images come from several loaded versions (a style
+    generator and its mapping)."""
+    return "+".join(load_ids)
 
 
 def image_key(
