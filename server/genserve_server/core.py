@@ -218,6 +218,12 @@ class GenerationCore:
         # Set at SIGTERM (begin_shutdown): SampleStreams end at their next chunk boundary.
         self.shutting_down = asyncio.Event()
 
+    def forget_version(self, mv: ModelVersion) -> None:
+        """`mv` unloaded: its cached images go (no request can reach them again)."""
+        cache = self.image_cache
+        if cache is not None and cache.drop_version(mv.load_id):
+            self.metrics.image_cache_bytes.set(cache.nbytes)
+
     def begin_shutdown(self) -> None:
         """A drain: unary calls finish, each SampleStream ends after the chunk it is sending with
         UNAVAILABLE naming the start_index to resume from (a bulk job's stream can last hours)."""

@@ -103,6 +103,16 @@ class ImageCache:
             self._entries.move_to_end(key)
         return entry
 
+    def drop_version(self, load_id: str) -> int:
+        """Remove the entries of the loaded version `load_id` (it unloaded: nothing can ask for them
+        again), a style generator's made through it as a mapping included; returns the bytes freed."""
+        gone = [k for k in self._entries if load_id in k.loaded_version.split("+")]
+        freed = 0
+        for k in gone:
+            freed += self._entries.pop(k).nbytes
+        self.nbytes -= freed
+        return freed
+
     def put(self, key: ImageKey, image: EncodedImage, latent: np.ndarray) -> None:
         data = image.data
         latent_bytes = np.asarray(latent, dtype="<f4").tobytes()

@@ -335,6 +335,7 @@ class App:
             drain_grace_s=config.drain_grace_s,
             watch_interval_s=config.watch_interval_s,
             on_removed=self._on_model_state,
+            on_unloaded=self.core.forget_version,
         )
         self.acceptor = accept.Acceptor(
             self.server, guarded.registered, server_interceptors, limits.accept_depth

@@ -150,6 +150,7 @@ class Reloader:
         drain_grace_s: float,
         watch_interval_s: float | None = None,
         on_removed: HealthSetter | None = None,
+        on_unloaded: Callable[[ModelVersion], None] | None = None,
         file_check_interval_s: float | None = FILE_CHECK_INTERVAL_S,
     ) -> None:
         self.repo = repository
@@ -157,6 +158,7 @@ class Reloader:
         self.watch_interval_s = watch_interval_s
         self.file_check_interval_s = file_check_interval_s
         self._on_removed = on_removed
+        self._on_unloaded = on_unloaded  # a version left the registry for good (its cached images go)
         # load_id -> (size, mtime_ns) of its model file at the last check (None: the file was gone).
         self._file_stats: dict[str, tuple[int, int] | None] = {}
         self._lock = asyncio.Lock()
@@ -522,6 +524,8 @@ class Reloader:
         # heap was frozen is a cycle the collector would otherwise never see.
         heap.refreeze_soon()
         self._file_stats.pop(mv.load_id, None)
+        if self._on_unloaded is not None:
+            self._on_unloaded(mv)
         # A copy of the same (model, version) loaded since (the model's directory moved away and
         # back, the version loaded again) binds the same series: they stay, as that copy sets them.
         others = self._copies(mv)

@@ -1,5 +1,5 @@
 """The image cache across model versions on a real server: a style generator's images (keyed by its
-mapping's loaded version too)."""
+mapping's loaded version too), and the entries of a version that unloads (released with it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import signal
 from pathlib import Path
 
 import grpc
-from server_support import running_server, wait_until, write_model
+import pytest
+from server_support import (
+    TINY_LATENT,
+    generator_graph,
+    running_server,
+    wait_until,
+    write_model,
+    write_tiny_generator,
+)
 from style_models import STYLE_LATENT, W_DIM, mapping_graph, write_style_models
 
 from genserve.v1 import genserve_pb2 as pb
@@ -65,3 +73,36 @@ def test_a_style_generators_sample_is_cached_under_its_mapping_version(tmp_path:
             assert [u.version for u in remapped.provenance.used_models] == ["2"]
             assert not remapped.images[0].from_cache
             assert remapped.images[0].image != first.images[1].image
+
+
+def test_the_images_of_an_unloaded_version_leave_the_cache(tmp_path: Path) -> None:
+    """No request can reach an unloaded version's entries again: they are released with it, and
+    genserve_image_cache_bytes (what the cache holds now) drops."""
+    root = tmp_path / "models"
+    write_tiny_generator(root, "gen")
+    write_tiny_generator(root, "other")
+    with running_server(root, tmp_path / "work", config=CACHE) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            stub.Sample(pb.SampleRequest(model="gen", seeds=list(range(8)), output=RAW), timeout=30)
+            stub.Sample(pb.SampleRequest(model="other", seeds=[1], output=RAW), timeout=30)
+            held = server.metric("genserve_image_cache_bytes")
+            assert held > 0
+            # Version 2 replaces version 1, which drains and unloads.
+            card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+            write_model(
+                root, "gen", "generator", generator_graph(TINY_LATENT, 1, 8, 8, seed=5), card, version="2"
+            )
+            server.proc.send_signal(signal.SIGHUP)
+
+            def unloaded() -> bool:
+                text = server.metrics_text()
+                return 'genserve_model_ready{model="gen",version="1"}' not in text
+
+            wait_until(lambda: ready(stub, "gen", "2"), 60, "gen version 2")
+            wait_until(unloaded, 60, "version 1 to unload")
+            # Only "other"'s one image is left.
+            one_image = held / 9
+            assert server.metric("genserve_image_cache_bytes") == pytest.approx(one_image)
+            again = stub.Sample(pb.SampleRequest(model="gen", seeds=[0], output=RAW), timeout=30)
+            assert not again.images[0].from_cache
