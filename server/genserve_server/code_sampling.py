@@ -170,10 +170,16 @@ async def sample_codes(
     decoder = code_decoder(core, call, mv)
     limit = core.limits.max_send_message_bytes
     expected = 0
+    # The images' bytes checked against the send limit before any step: raw and tensor exactly, PNG by
+    # its worst case; JPEG and WebP none (checked once encoded, below: their budget reservation,
+    # validate.lossy_reservation, is no response size and refused what fits).
+    images_bound: int | None = 0
+    grid_bytes = grids = 0
     if decoder is not None:
         card = decoder.card
         assert card is not None and card.image_size is not None
         expected = validate.predicted_send_size(out, len(seeds), card.channels, *card.image_size, limit)
+        images_bound = validate.response_bound(out, len(seeds), card.channels, *card.image_size)
     if decoder is None or return_codes:  # the grids themselves (int64), the top level's too
         prior = mv.card
         assert prior is not None and prior.grid is not None
@@ -184,14 +190,15 @@ async def sample_codes(
         # Each image and each grid (a bottom prior's top grid too) is framed on its own.
         grids = len(seeds) * (2 if prior.top_grid is not None else 1)
         framing = (grids + (len(seeds) if decoder is not None else 0)) * validate.ITEM_FRAMING_BYTES
-        if expected + grid_bytes + framing + validate.SEND_OVERHEAD_BYTES > limit:
+        known = images_bound or 0
+        if known + grid_bytes + framing + validate.SEND_OVERHEAD_BYTES > limit:
             # Before any step: sent after every grid was sampled, it failed RESOURCE_EXHAUSTED
             # ("Sent message larger than max"), which clients retry.
-            with_images = f" and their images ({expected} bytes)" if decoder is not None else ""
+            with_images = f" and their images ({known} bytes)" if known else ""
             drop = " or drop return_codes" if decoder is not None else ""
             raise invalid(
                 "output",
-                f"the response would be {expected + grid_bytes} bytes: {len(seeds)} int64 code grids of "
+                f"the response would be {known + grid_bytes} bytes: {len(seeds)} int64 code grids of "
                 f"{positions} positions ({grid_bytes} bytes){with_images}, above max_send_message_bytes="
                 f"{limit}; request fewer samples{drop}",
             )
@@ -206,6 +213,12 @@ async def sample_codes(
         assert room is not None
         async with decoding or contextlib.nullcontext():
             images, batch_sizes = await _decode(core, decoder, call, codes, tops, out, room)
+        if images_bound is None:  # JPEG or WebP: their size is known only now, the grids' beside them
+            encoded = sum(len(image.data) for image in images)
+            what = "the response"
+            if grid_bytes:
+                what = f"the response ({len(images)} images and {grid_bytes} bytes of code grids)"
+            core.check_send_size(encoded + grid_bytes, what, out.format, len(images) + grids)
         return CodeSamples(codes, images, batch_sizes, tops)
 
 

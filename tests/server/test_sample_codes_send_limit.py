@@ -62,3 +62,33 @@ def test_sample_codes_whose_returned_grids_exceed_the_send_limit_is_refused_befo
     request.count = 1
     response = stub.SampleCodes(request, timeout=60)
     assert len(response.images) == 1 and len(response.codes) == 1
+
+
+@pytest.mark.parametrize("quality", [90, 95])
+def test_sample_codes_returning_grids_beside_jpeg_images_that_fit_is_served(
+    stub: pb_grpc.GenerationServiceStub, quality: int
+) -> None:
+    # 44 grids of 18 KiB besides 44 JPEGs of 48x48 gray: ~0.9 MiB, under max_send_message_bytes=1 MiB.
+    # JPEG and WebP are checked after encoding (docs/operations.md): their response budget reservation
+    # (validate.lossy_reservation: twice the pixels + 1 KiB an image at quality 95 and above) is no
+    # response size, yet it refused the call before sampling, INVALID_ARGUMENT 'the response would be
+    # 1085392 bytes', for a response of less than 1 MiB.
+    out = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG, quality=quality)
+    request = pb.SampleCodesRequest(model="prior", count=44, base_seed=1, output=out, return_codes=True)
+    response = stub.SampleCodes(request, timeout=120)
+    assert len(response.images) == 44 and len(response.codes) == 44
+    assert response.ByteSize() < MIB
+
+
+def test_sample_codes_whose_encoded_jpeg_response_exceeds_the_send_limit_names_output(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # JPEG is checked once encoded: 44 grids besides 44 noise-like q100 JPEGs pass the limit with the
+    # send overhead: INVALID_ARGUMENT naming output (never RESOURCE_EXHAUSTED at the send).
+    out = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG, quality=100)
+    request = pb.SampleCodesRequest(model="prior", count=44, base_seed=1, output=out, return_codes=True)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.SampleCodes(request, timeout=120)
+    err: Any = excinfo.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert err.details().startswith("output: ") and "max_send_message_bytes=1048576" in err.details()
