@@ -21,6 +21,7 @@ import asyncio
 import functools
 import secrets
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -202,6 +203,9 @@ class GenerationCore:
             codec_pool, config.codec_threads or cpu_count(), config.limits.max_send_message_bytes
         )
         self.image_cache = ImageCache(config.image_cache_bytes) if config.image_cache_bytes else None
+        # Versions forget_version dropped that a call may still hold (a drain past drain_grace_s):
+        # what such a call computes is served, not cached under a load_id no request reaches again.
+        self._forgotten: weakref.WeakSet[ModelVersion] = weakref.WeakSet()
         limits = config.limits
         self.responses = ByteBudget(
             "response budget (response_budget_bytes)",
@@ -221,7 +225,10 @@ class GenerationCore:
     def forget_version(self, mv: ModelVersion) -> None:
         """`mv` unloaded: its cached images go (no request can reach them again)."""
         cache = self.image_cache
-        if cache is not None and cache.drop_version(mv.load_id):
+        if cache is None:
+            return
+        self._forgotten.add(mv)
+        if cache.drop_version(mv.load_id):
             self.metrics.image_cache_bytes.set(cache.nbytes)
 
     def begin_shutdown(self) -> None:
@@ -490,8 +497,10 @@ class GenerationCore:
         card = mv.card
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         loaded = mv.load_id
+        used = [mv]
         if card.kind.styled:  # its images depend on its mapping's version too: the one this call holds
-            loaded = loaded_versions(loaded, style_sampling.style_mapping(self, call, mv).load_id)
+            used.append(style_sampling.style_mapping(self, call, mv))
+            loaded = loaded_versions(loaded, used[1].load_id)
         # The whole response is held, cached images too: an unread one holds their copies.
         limit = self.limits.max_send_message_bytes
         latent_bytes = len(seeds) * card.latent_dim * 4 if out.return_latents else 0
@@ -533,10 +542,13 @@ class GenerationCore:
                 reserve=False,
             )
             batch_sizes = computed.executed_batch_sizes
+            # A version unloaded while this call computed (forget_version dropped its entries): none kept.
+            keep = not any(v in self._forgotten for v in used)
             for j, i in enumerate(missing):
                 images[i] = computed.images[j]
                 z[i] = computed.latents[j]
-                cache.put(keys[i], computed.images[j], computed.latents[j])
+                if keep:
+                    cache.put(keys[i], computed.images[j], computed.latents[j])
             self.metrics.image_cache_bytes.set(cache.nbytes)
         if len(missing) < len(seeds):  # what generate checks for computed images, for the whole response
             self.check_encoded_send_size(images, out.format, latent_bytes)
