@@ -92,3 +92,24 @@ def test_sample_codes_whose_encoded_jpeg_response_exceeds_the_send_limit_names_o
     err: Any = excinfo.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert err.details().startswith("output: ") and "max_send_message_bytes=1048576" in err.details()
+
+
+def test_sample_codes_stream_whose_encoded_jpeg_result_exceeds_the_send_limit_names_output(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # The stream's result is checked once encoded as SampleCodes' is: its previews (images only) fit
+    # and are sent, then the stream ends INVALID_ARGUMENT naming output, never RESOURCE_EXHAUSTED at
+    # the send of a result chunk over the limit.
+    out = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG, quality=100)
+    request = pb.SampleCodesRequest(
+        model="prior", count=44, base_seed=1, output=out, return_codes=True, preview_every=1152
+    )
+    chunks: list[pb.SampleCodesChunk] = []
+    with pytest.raises(grpc.RpcError) as excinfo:
+        for chunk in stub.SampleCodesStream(request, timeout=120):
+            chunks.append(chunk)
+    err: Any = excinfo.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert err.details().startswith("output: ") and "max_send_message_bytes=1048576" in err.details()
+    assert chunks and not any(c.HasField("result") for c in chunks)
+    assert all(len(c.previews) == 44 for c in chunks)
