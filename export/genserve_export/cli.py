@@ -71,6 +71,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _out_error(command: str, out: Path) -> str | None:
+    """Why `out` (--out) cannot be a repository directory, or None: a path that is, or lies under, an
+    existing file would otherwise fail with a traceback only when exporting, after the training."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if path.is_dir():
+                return None
+            return f"genserve-export {command}: error: --out {out}: {path} is a file, not a directory\n"
+    return None
+
+
 _POSITIVE = _at_least(1)
 _NON_NEGATIVE = _at_least(0)
 
@@ -192,6 +203,9 @@ def _command_line(argv: Sequence[str]) -> str:
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if error := _out_error("train", args.out):
+        sys.stderr.write(error)
+        return 2
     if not args.replace:
         refuse_published(version_dirs(args.name, args.out, args.version), _NEW_VERSION)
     result = train_and_export(
@@ -222,6 +236,9 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
             f"genserve-export import-rrdn: error: package {args.package} not found (its .tgz or unpacked "
             "directory; `make pretrained` fetches it)\n"
         )
+        return 2
+    if error := _out_error("import-rrdn", args.out):
+        sys.stderr.write(error)
         return 2
     if not args.replace:
         refuse_published([args.out / args.name / args.version], _NEW_VERSION)
@@ -439,6 +456,9 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     if args.jobs < 1:
         sys.stderr.write(f"--jobs must be >= 1, got {args.jobs}\n")
+        return 2
+    if error := _out_error("build-defaults", args.out):
+        sys.stderr.write(error)
         return 2
     if not args.replace:  # up front: not after hours of training the recipes before one
         how = "pass --replace to rebuild in place, or build into another --out"

@@ -1,0 +1,49 @@
+"""genserve-export as a user meets it: a mistaken flag is refused up front, naming the flag, without a
+traceback and before any training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from genserve_export import cli, recipes
+from tests.export.test_export_checks import _FakeRecipe
+
+
+@pytest.fixture
+def fake_recipe(monkeypatch: pytest.MonkeyPatch) -> _FakeRecipe:
+    recipe = _FakeRecipe()
+    monkeypatch.setitem(recipes.RECIPES, "tiny-gen", recipe)
+    return recipe
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_train_into_an_out_that_is_a_file_is_refused_before_training(
+    tmp_path: Path, fake_recipe: _FakeRecipe, capsys: pytest.CaptureFixture[str], under: str
+) -> None:
+    """`train --out FILE` (or a path under a file) trained the recipe, then died with a
+    NotADirectoryError traceback when exporting: hours lost for a typo. It is refused up front,
+    naming --out and the file, exit 2."""
+    file = tmp_path / "models"
+    file.write_text("not a repository")
+    out = file / under if under else file
+    code = cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--out" in err and str(file) in err and "not a directory" in err, err
+    assert fake_recipe.trained == 0
+
+
+def test_build_defaults_into_an_out_that_is_a_file_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "models"
+    file.write_text("not a repository")
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "train_and_export", lambda name, out, **kwargs: calls.append(name))
+    code = cli.main(["build-defaults", "--out", str(file), "--only", "dcgan-digits", "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--out" in err and str(file) in err, err
+    assert calls == []
