@@ -71,6 +71,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:1, ...), checked before any
+    training rather than failing with a traceback once the data is loaded."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown torch device {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    return text
+
+
 def _out_error(command: str, out: Path) -> str | None:
     """Why `out` (--out) cannot be a repository directory, or None: a path that is, or lies under, an
     existing file would otherwise fail with a traceback only when exporting, after the training."""
@@ -105,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=DEFAULT_SEED)
     train.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
-    train.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    train.add_argument(
+        "--device", type=_device, default=None, help="torch device (default: cuda when present)"
+    )
     train.add_argument(
         "--threads", type=_POSITIVE, default=1, help="torch CPU threads (default 1: shared machine)"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from genserve_export import cli, recipes
 from tests.export.test_export_checks import _FakeRecipe
@@ -47,3 +48,23 @@ def test_build_defaults_into_an_out_that_is_a_file_is_refused_before_training(
     assert code == 2, err
     assert "--out" in err and str(file) in err, err
     assert calls == []
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda", "cuda:7"])
+def test_train_with_a_device_this_machine_lacks_is_a_usage_error_naming_the_flag(
+    tmp_path: Path,
+    fake_recipe: _FakeRecipe,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    device: str,
+) -> None:
+    """`train --device bogus` (or cuda on a machine without one) loaded the data and died in the
+    recipe with a torch RuntimeError traceback. argparse refuses it, naming --device, exit 2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda:7")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if device == "cuda:7" else 0)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "tiny-gen", "--out", str(tmp_path / "m"), "--device", device])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "--device" in err and device in err, err
+    assert fake_recipe.trained == 0
