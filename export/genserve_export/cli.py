@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
         "--steps-scale", type=_positive_float, default=1.0, help="multiply every recipe's default steps"
     )
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    build.add_argument("--only", nargs="*", default=None, help="restrict to these recipes")
+    build.add_argument("--only", nargs="+", default=None, help="restrict to these recipes")
     build.add_argument("--threads", type=_POSITIVE, default=1)
     build.add_argument(
         "--jobs",

@@ -68,3 +68,18 @@ def test_train_with_a_device_this_machine_lacks_is_a_usage_error_naming_the_flag
     assert exc.value.code == 2, err
     assert "--device" in err and device in err, err
     assert fake_recipe.trained == 0
+
+
+def test_build_defaults_only_without_names_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--only "restrict to these recipes": given no names (`--only $EMPTY` in a script) it built
+    every default recipe, hours of training. argparse refuses it, naming --only."""
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "train_and_export", lambda name, out, **kwargs: calls.append(name))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["build-defaults", "--out", str(tmp_path / "m"), "--no-verify", "--only"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "--only" in err, err
+    assert calls == []
