@@ -469,7 +469,8 @@ def _environment(variables: dict[str, str]) -> Iterator[None]:
 
 
 def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    names = args.only or list(RECIPES)
+    # A name given twice is built once (with --jobs, twice would train it twice at once into --out).
+    names = list(dict.fromkeys(args.only)) if args.only else list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         sys.stderr.write(f"unknown recipe(s): {', '.join(unknown)}; known: {', '.join(RECIPES)}\n")

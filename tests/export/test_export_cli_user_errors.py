@@ -4,6 +4,7 @@ traceback and before any training."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,3 +84,32 @@ def test_build_defaults_only_without_names_is_a_usage_error(
     assert exc.value.code == 2, err
     assert "--only" in err, err
     assert calls == []
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_build_defaults_only_naming_a_recipe_twice_builds_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: str
+) -> None:
+    """`--only dcgan-digits dcgan-digits --jobs 2` started two processes training the same recipe
+    into the same --out at once (the second replacing the first in the parent's table, so the first
+    was never stopped on Ctrl-C). A name given twice is built once."""
+    trained: list[str] = []
+
+    def fake_train(name: str, out_dir: Path, **kwargs: object) -> object:
+        trained.append(name)
+        return SimpleNamespace(steps=1, train_s=0.0, export_s=0.0, paths=[])
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            trained.append(command[command.index("train") + 1])
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(cli, "train_and_export", fake_train)
+    monkeypatch.setattr(cli.subprocess, "Popen", Done)
+    argv = ["build-defaults", "--out", str(tmp_path / "m"), "--no-verify", "--jobs", jobs]
+    assert cli.main([*argv, "--only", "dcgan-digits", "dcgan-digits"]) == 0
+    assert trained == ["dcgan-digits"]
