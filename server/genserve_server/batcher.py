@@ -45,6 +45,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -156,16 +157,16 @@ def _gone(request: PendingRequest, now: float) -> bool:
     return request.future.done() or _expired(request, now)
 
 
-def _withdrawn(future: asyncio.Future[BatchResult]) -> bool:
-    """Whether a cancelled future was cancelled with the WITHDRAWN message (a Task cancelled with
-    a message passes it to the future it awaits)."""
+def withdrawn(future: asyncio.Future[Any]) -> bool:
+    """Whether `future` was cancelled with the WITHDRAWN message (a Task cancelled with a message
+    passes it to the future it awaits): a batcher's request's, or a step scheduler's row's."""
+    if not future.cancelled():
+        return False
     try:
         future.result()
     except asyncio.CancelledError as exc:
         return exc.args == (WITHDRAWN,)
-    except Exception:  # pragma: no cover - called for cancelled futures only
-        return False
-    return False
+    return False  # pragma: no cover - a cancelled future always raises
 
 
 def _filled(parts: list[Part], full: int, share: int | None) -> str:
@@ -395,11 +396,7 @@ class Batcher:
         if (too_large := self._too_large(n_rows)) is not None:
             raise too_large
         if deadline is not None and self._clock() >= deadline:
-            # As submit: its client gets DEADLINE_EXCEEDED, so never a queue_full refusal.
-            self._dropped(caller, "deadline")
-            raise DeadlineExceeded(
-                f"{self.name}: deadline passed before the request was queued; not computed"
-            )
+            raise self._deadline_passed(caller)  # as submit: never a queue_full refusal
         if self._rows_taken() + n_rows > self.max_queue_size:
             raise self._queue_full(n_rows, caller)
         reservation = QueueReservation(n_rows, once=once)
@@ -465,10 +462,7 @@ class Batcher:
             raise self._queue_full(n_rows, caller)
         now = self._clock()
         if deadline is not None and (now >= deadline or not in_time):
-            self._dropped(caller, "deadline")
-            raise DeadlineExceeded(
-                f"{self.name}: deadline passed before the request was queued; not computed"
-            )
+            raise self._deadline_passed(caller)
         if lane == Lane.INTERACTIVE:
             self._last_interactive_at = now
             # More callers than instances, other interactive rows among them (a unary BULK caller
@@ -563,6 +557,12 @@ class Batcher:
         """Count a request that leaves before compute, once for its RPC `caller` (Caller)."""
         if count_once(caller):
             self._observer.on_dropped(reason)
+
+    def _deadline_passed(self, caller: Caller | None) -> DeadlineExceeded:
+        """A request whose deadline passed before it was queued (or its rows reserved), full queue or
+        not: a deadline drop, counted once per RPC; its client gets DEADLINE_EXCEEDED."""
+        self._dropped(caller, "deadline")
+        return DeadlineExceeded(f"{self.name}: deadline passed before the request was queued; not computed")
 
     def _draining(self) -> Unavailable:
         """What a request submitted to (or waiting for room in) a closing batcher gets."""
@@ -684,12 +684,8 @@ class Batcher:
             for queue in lane.values():
                 for request in queue:
                     set_exception_if_not_done(request.future, error())
-                    reservation = request.reservation
-                    if reservation is not None:
-                        if reservation.once and not reservation.ended:
-                            reservation.rows -= reservation.queued
-                            self._reserved_rows -= reservation.queued
-                        reservation.queued = 0
+                    if request.reservation is not None:
+                        self._leave_reservation(request.reservation, request.reservation.queued)
             lane.clear()
         self._rows_by_key.clear()
         self._queued_rows = self._queued_requests = self._bulk_rows = self._reserved_queued = 0
@@ -955,15 +951,22 @@ class Batcher:
             self._queued_requests -= 1
         if lane == Lane.BULK:
             self._bulk_rows -= rows
-        reservation = request.reservation
-        if reservation is not None and not reservation.ended:
-            reservation.queued -= rows
-            self._reserved_queued -= rows
-            if reservation.once:  # its rows never come back: the queue's room is free again
-                reservation.rows -= rows
-                self._reserved_rows -= rows
+        if request.reservation is not None:
+            self._leave_reservation(request.reservation, rows)
         if self._bulk_line:
             self._room.set()
+
+    def _leave_reservation(self, reservation: QueueReservation, rows: int) -> None:
+        """`rows` queued into `reservation` leave the queue (taken into a batch, dropped, failed): no
+        longer queued in it; and, for a `once` reservation, no longer held (they never come back, so
+        the queue's room is free again). An ended reservation's rows count as any other queued rows."""
+        if reservation.ended:
+            return
+        reservation.queued -= rows
+        self._reserved_queued -= rows
+        if reservation.once:
+            reservation.rows -= rows
+            self._reserved_rows -= rows
 
     def _take(self, lane: Lane, key: Hashable, split: int | None = None) -> list[Part]:
         """Take up to the lane's batch limit of live rows of one sub-queue, dropping dead requests first.
@@ -991,7 +994,7 @@ class Batcher:
                 if request.future.cancelled():
                     # A part WITHDRAWN (its future cancelled, its own handler not yet run) counts as
                     # its request's failure only, as in _forget_cancelled.
-                    if not _withdrawn(request.future):
+                    if not withdrawn(request.future):
                         self._dropped(request.caller, "deadline" if expired else "cancelled")
                 elif not request.future.done():
                     self._dropped(request.caller, "deadline")

@@ -49,7 +49,7 @@ import numpy as np
 from genserve_contract.config import MAX_TEMPERATURE, SamplingConfig
 from genserve_server import latents
 from genserve_server.batch_parts import Caller, count_once
-from genserve_server.batcher import WITHDRAWN, Lane, drop_reason
+from genserve_server.batcher import Lane, drop_reason, withdrawn
 from genserve_server.errors import DeadlineExceeded, ResourceExhausted, invalid
 from genserve_server.metrics import ModelMetrics
 
@@ -373,7 +373,7 @@ class StepScheduler:
             self.stats.expired += 1
         else:
             self.stats.cancelled += 1
-        if row.request not in dropped and not _withdrawn(row.future):
+        if row.request not in dropped and not withdrawn(row.future):
             dropped[row.request] = reason
             if count_once(row.caller) and self.metrics is not None:
                 self.metrics.dropped[reason].inc()
@@ -482,17 +482,6 @@ class StepScheduler:
         temperatures = np.array([row.temperature for row in rows], np.float64)
         top_ks = np.array([row.top_k for row in rows], np.int64)
         return sample_codes(at, u, temperatures, top_ks)
-
-
-def _withdrawn(future: asyncio.Future[np.ndarray]) -> bool:
-    """Whether a row's future was cancelled with the WITHDRAWN message (batcher.WITHDRAWN)."""
-    if not future.cancelled():
-        return False
-    try:
-        future.result()
-    except asyncio.CancelledError as exc:
-        return exc.args == (WITHDRAWN,)
-    return False  # pragma: no cover - a cancelled future always raises
 
 
 def check_labels(values: Sequence[int], class_names: Sequence[str], n: int, name: str) -> list[int] | None:
