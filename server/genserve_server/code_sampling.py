@@ -214,11 +214,10 @@ async def sample_codes(
         async with decoding or contextlib.nullcontext():
             images, batch_sizes = await _decode(core, decoder, call, codes, tops, out, room)
         if images_bound is None:  # JPEG or WebP: their size is known only now, the grids' beside them
-            encoded = sum(len(image.data) for image in images)
             what = "the response"
             if grid_bytes:
                 what = f"the response ({len(images)} images and {grid_bytes} bytes of code grids)"
-            core.check_send_size(encoded + grid_bytes, what, out.format, len(images) + grids)
+            core.check_encoded_send_size(images, out.format, grid_bytes, what=what, beside_items=grids)
         return CodeSamples(codes, images, batch_sizes, tops)
 
 

@@ -348,12 +348,25 @@ class GenerationCore:
         )
 
     def check_encoded_send_size(
-        self, images: Sequence[EncodedImage], fmt: int, latent_bytes: int = 0
+        self,
+        images: Sequence[EncodedImage],
+        fmt: int,
+        beside_bytes: int = 0,
+        *,
+        what: str | None = None,
+        beside_items: int = 0,
     ) -> None:
-        """Encoded images, with the latents returned beside them in the same response, against the
-        send limit: after encoding, where JPEG and WebP sizes are known only then."""
+        """Encoded images, with what the same response holds beside them (`beside_bytes`: the latents
+        returned, or a code prior's grids, `beside_items` framed items of them), against the send
+        limit: after encoding, where JPEG and WebP sizes are known only then. `what`: the response
+        as the refusal names it (default: with its latents)."""
         encoded = sum(len(image.data) for image in images)
-        self.check_send_size(encoded + latent_bytes, validate.with_latents(latent_bytes), fmt, len(images))
+        self.check_send_size(
+            encoded + beside_bytes,
+            what or validate.with_latents(beside_bytes),
+            fmt,
+            len(images) + beside_items,
+        )
 
     async def reserve_response(self, call: Call, n_bytes: int) -> None:
         """Before compute: hold a unary response's predicted size against the response budget
