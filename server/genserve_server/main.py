@@ -347,9 +347,9 @@ class App:
 
     async def start(self) -> None:
         self.repository.scan()
-        self.port = self._bind_grpc()
+        self.port = self._bind(self.server, self.requested_port, "--port")
         if self.health_server is not None and self.requested_health_port is not None:
-            self.health_port = self._bind_health(self.health_server, self.requested_health_port)
+            self.health_port = self._bind(self.health_server, self.requested_health_port, "--health-port")
         if self.requested_metrics_port is not None:
             self.metrics_port = self._bind_metrics(self.requested_metrics_port)
         for key in (*OVERALL_KEYS, LIVE_KEY):
@@ -372,26 +372,16 @@ class App:
         await self.health.set(LIVE_KEY, True)
         self.reloader.start()
 
-    def _bind_grpc(self) -> int:
-        address = _address(self.host, self.requested_port)
-        _check_port_free(self.host, self.requested_port, "--port")
-        try:
-            port = security.bind(self.server, address, self.config.security)
-        except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
-            raise GenserveError(f"cannot listen on {address} (--host/--port): {exc}") from None
-        if port == 0:
-            raise GenserveError(f"cannot listen on {address} (--host/--port)")
-        return port
-
-    def _bind_health(self, server: grpc.aio.Server, port: int) -> int:
+    def _bind(self, server: grpc.aio.Server, port: int, flag: str) -> int:
+        """Bind `server` on --host and `port` (the flag that gave it, for the messages)."""
         address = _address(self.host, port)
-        _check_port_free(self.host, port, "--health-port")
+        _check_port_free(self.host, port, flag)
         try:
             bound = security.bind(server, address, self.config.security)
-        except RuntimeError as exc:
-            raise GenserveError(f"cannot listen on {address} (--host/--health-port): {exc}") from None
+        except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
+            raise GenserveError(f"cannot listen on {address} (--host/{flag}): {exc}") from None
         if bound == 0:
-            raise GenserveError(f"cannot listen on {address} (--host/--health-port)")
+            raise GenserveError(f"cannot listen on {address} (--host/{flag})")
         return bound
 
     def _bind_metrics(self, port: int) -> int:
