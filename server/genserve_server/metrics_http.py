@@ -265,8 +265,7 @@ class BoundedWSGIServer(WSGIServer):
                     self._receive_or_close(selector, reading, conn)
                 now = time.monotonic()
                 for conn in [r for r in reading.values() if r.deadline <= now]:
-                    self._done_reading(selector, reading, conn)
-                    self.shutdown_request(conn.sock)  # the request not received in time
+                    self._close_reading(selector, reading, conn)  # the request not received in time
             for conn in reading.values():
                 self.shutdown_request(conn.sock)
 
@@ -294,9 +293,7 @@ class BoundedWSGIServer(WSGIServer):
         while len(reading) > MAX_READING:
             # The connection reading longest (its head held back, or dribbled) makes way for the
             # newest: a flood of half-sent requests cannot keep a health check out.
-            oldest = min(reading.values(), key=lambda r: r.deadline)
-            self._done_reading(selector, reading, oldest)
-            self.shutdown_request(oldest.sock)
+            self._close_reading(selector, reading, min(reading.values(), key=lambda r: r.deadline))
         with self._accepted_lock:
             self._accepted_taken.notify_all()  # an accept thread waiting for the reader to catch up
 
@@ -307,8 +304,9 @@ class BoundedWSGIServer(WSGIServer):
             self._receive(selector, reading, conn)
         except Exception:  # this connection's trouble must not end the reader
             if conn.sock in reading:
-                self._done_reading(selector, reading, conn)
-            self.shutdown_request(conn.sock)
+                self._close_reading(selector, reading, conn)
+            else:
+                self.shutdown_request(conn.sock)
 
     def _done_reading(
         self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading
@@ -317,6 +315,13 @@ class BoundedWSGIServer(WSGIServer):
         del reading[conn.sock]
         with self._accepted_lock:
             self._reading_count -= 1
+
+    def _close_reading(
+        self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading
+    ) -> None:
+        """A connection whose head is still being read is closed unanswered."""
+        self._done_reading(selector, reading, conn)
+        self.shutdown_request(conn.sock)
 
     def _receive(
         self, selector: selectors.BaseSelector, reading: dict[socket.socket, _Reading], conn: _Reading
@@ -328,8 +333,7 @@ class BoundedWSGIServer(WSGIServer):
         except OSError:
             data = b""
         if not data:  # the client went away
-            self._done_reading(selector, reading, conn)
-            self.shutdown_request(conn.sock)
+            self._close_reading(selector, reading, conn)
             return
         conn.received += data
         head_end = max(conn.received.find(b"\r\n\r\n"), conn.received.find(b"\n\n"))
