@@ -61,6 +61,15 @@ def _is_map(field: FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
+def _framed(tag: bytes, pieces: list[bytes], length: int, into: list[bytes]) -> int:
+    """Appends a length-delimited field (`tag`, `length`, `pieces` of that many bytes) to `into`;
+    returns its size."""
+    head = tag + _varint(length)
+    into.append(head)
+    into.extend(pieces)
+    return len(head) + length
+
+
 def _parts(message: Message, into: list[bytes]) -> int:
     """Appends `message`'s wire bytes to `into` in pieces; returns their length."""
     size = 0
@@ -72,23 +81,15 @@ def _parts(message: Message, into: list[bytes]) -> int:
             for item in items:
                 if whole:  # one of many (images of a response): one call, its bytes a small share
                     data = item.SerializeToString()
-                    head = tag + _varint(len(data))
-                    into += (head, data)
-                    size += len(head) + len(data)
+                    size += _framed(tag, [data], len(data), into)
                     continue
                 inner: list[bytes] = []
-                length = _parts(item, inner)
-                head = tag + _varint(length)
-                into.append(head)
-                into.extend(inner)
-                size += len(head) + length
+                size += _framed(tag, inner, _parts(item, inner), into)
         elif field.type in _BYTES_TYPES:
             tag = _varint(field.number << 3 | _LENGTH_DELIMITED)
             for item in items:
                 data = item.encode() if isinstance(item, str) else item
-                head = tag + _varint(len(data))
-                into += (head, data)
-                size += len(head) + len(data)
+                size += _framed(tag, [data], len(data), into)
         else:  # scalars, enums, packed repeated scalars, maps: small, written by protobuf itself
             alone = type(message)()
             if field.is_repeated:
