@@ -122,15 +122,12 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
                 context.set_details("server is shutting down: health watch ended (NOT_SERVING sent)")
                 return
 
-    def __status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
-        return self.__statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-
     def __watched(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
         """What a Watch sends: the status, and at shutdown NOT_SERVING for every name, one the
         server does not know included (docs/server.md: each open Watch is sent NOT_SERVING)."""
         if self.__shutting_down:
             return health_pb2.HealthCheckResponse.NOT_SERVING
-        return self.__status(service)
+        return self.__statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
