@@ -142,11 +142,6 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHand
     return grpc.stream_stream_rpc_method_handler(abort_stream, deserialize, serialize)
 
 
-# One log line per this many seconds for rejected calls: a flood of unauthenticated calls (a scanner,
-# a client with a stale token in a retry loop) must not flood the log; the metric counts every one.
-REJECTION_LOG_INTERVAL_S = 10.0
-
-
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid bearer token; health stays open for probes when configured."""
 
@@ -162,8 +157,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tuple(tokens)
         self._open_health = open_health
         self._on_reject = on_reject
-        # A line per rejected call let a scanner flood the log: one per interval, with the count.
-        self._log = ThrottledLog(logger, interval_s=REJECTION_LOG_INTERVAL_S)
+        # A line per rejected call let a scanner (or a client with a stale token in a retry loop)
+        # flood the log: one per boundary.REFUSAL_LOG_INTERVAL_S, with the count; the metric counts
+        # every one.
+        self._log = ThrottledLog(logger)
 
     async def intercept_service(
         self,
