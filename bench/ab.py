@@ -121,11 +121,14 @@ def main() -> None:
             base_models = args.base_models_dir or (args.models_dir if args.base_tree else base / "models")
             repos = {"A": _subset(base_models, args.models, Path(tmp) / "A")}
             repos["B"] = _subset(args.models_dir, args.models, Path(tmp) / "B")
-            measured = find_models(repos["B"], args.models)  # how each is driven (kind, labels, input)
-            for side, repo in repos.items():  # a name not found would be measured on neither side
-                found = {m.name for m in find_models(repo, args.models)}
-                if missing := [name for name in args.models if name not in found]:
-                    parser.error(f"--models: no model {', '.join(missing)} in side {side}'s models ({repo})")
+            found = {side: find_models(repo, args.models) for side, repo in repos.items()}
+            measured = found["B"]  # how each is driven (kind, labels, input)
+            for side, models in found.items():  # a name not found would be measured on neither side
+                names = {m.name for m in models}
+                if missing := [name for name in args.models if name not in names]:
+                    parser.error(
+                        f"--models: no model {', '.join(missing)} in side {side}'s models ({repos[side]})"
+                    )
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
             # Both servers run for the whole comparison and take turns model by model (its floor, c=1
             # and c=64 on one side, then on the other), the first side alternating: a change in the
