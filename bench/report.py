@@ -183,34 +183,28 @@ def summarise(results: dict[str, Any], models: Sequence[BenchModel]) -> dict[str
         rows.append(row)
         targets.extend(_targets(row))
     prio = results.get("priority")
-    if prio and "error" in prio:  # the priority bench failed: its targets have no value, none is met
-        for target, goal in (
-            ("interactive p99 under bulk <= 1.2 x idle p99", 1.2),
-            ("interactive p99 under bulk <= idle p99 + one bulk batch (ms over idle)", None),
+    if prio:
+        missing = "error" in prio  # the priority bench failed: its targets have no value, none is met
+        for target, key, digits, goal, met in (
+            ("interactive p99 under bulk <= 1.2 x idle p99", "p99_ratio", 3, 1.2, "target_ratio_1_2_met"),
+            (
+                "interactive p99 under bulk <= idle p99 + one bulk batch (ms over idle)",
+                "p99_excess_ms",
+                2,
+                None if missing else prio["bulk_batch_compute_ms"],
+                "target_one_batch_met",
+            ),
         ):
-            missing = {"model": prio["model"], "format": "raw", "target": target, "value": None, "goal": goal}
-            targets.append({**missing, "met": False})
-    elif prio:
-        targets.append(
-            {
-                "model": prio["model"],
-                "format": "raw",
-                "target": "interactive p99 under bulk <= 1.2 x idle p99",
-                "value": round(prio["p99_ratio"], 3),
-                "goal": 1.2,
-                "met": prio["target_ratio_1_2_met"],
-            }
-        )
-        targets.append(
-            {
-                "model": prio["model"],
-                "format": "raw",
-                "target": "interactive p99 under bulk <= idle p99 + one bulk batch (ms over idle)",
-                "value": round(prio["p99_excess_ms"], 2),
-                "goal": prio["bulk_batch_compute_ms"],
-                "met": prio["target_one_batch_met"],
-            }
-        )
+            targets.append(
+                {
+                    "model": prio["model"],
+                    "format": "raw",
+                    "target": target,
+                    "value": None if missing else round(prio[key], digits),
+                    "goal": goal,
+                    "met": False if missing else prio[met],
+                }
+            )
     return {"rows": rows, "targets": targets}
 
 
