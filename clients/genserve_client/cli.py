@@ -251,8 +251,7 @@ def encoded(picture: Image.Image, path: Path, text: dict[str, str] | None = None
 
 def save_picture(picture: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
     """Save a picture whole or not at all (write_file_whole)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_whole(path, encoded(picture, path, text))
+    save_image_bytes(path, encoded(picture, path, text))
     _out(f"wrote {path} ({picture.width}x{picture.height})")
 
 
