@@ -5,22 +5,31 @@ integration tests are fast and independent of training.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from genserve.v1 import types_pb2 as tpb
+from genserve_server.config import ServerConfig
+from genserve_server.core import GenerationCore
+from genserve_server.errors import ResourceExhausted
 from genserve_server.launcher import ServerSubprocess, genserve_command
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+from genserve_server.step_sampler import StepScheduler
 
 OPSET = 17
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -665,3 +674,76 @@ FORMATS = [
     tpb.IMAGE_FORMAT_TENSOR_F32,
 ]
 F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+
+
+# ---------------------------------------------------------------------- an in-process core, held by hand
+
+Body = Callable[[Repository, GenerationCore], Awaitable[None]]
+
+
+def run_with_core(
+    root: Path, body: Body, metrics: Metrics | None = None, config: ServerConfig | None = None
+) -> None:
+    """`body` against a GenerationCore over the repository at `root` (every model loaded), 30 s at most."""
+
+    async def main() -> None:
+        nonlocal metrics, config
+        config = config or ServerConfig()
+        metrics = metrics or Metrics(enabled=False)
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        try:
+            await asyncio.wait_for(body(repo, GenerationCore(repo, config, metrics, pool)), 30)
+        finally:
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+def gate(scheduler: StepScheduler, at_step: int) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the scheduler's `at_step`-th step until `go` is set; `reached` is set when it gets there."""
+    reached, go = asyncio.Event(), asyncio.Event()
+    run = scheduler._run
+    steps = 0
+
+    async def gated(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        nonlocal steps
+        steps += 1
+        if steps == at_step:
+            reached.set()
+            await go.wait()
+        return await run(inputs)
+
+    scheduler._run = gated
+    return reached, go
+
+
+def hold_runs(batcher: Any) -> asyncio.Event:
+    """Hold every batch `batcher` runs until the returned event is set (its queue fills meanwhile)."""
+    free = asyncio.Event()
+    run = batcher._run_batch
+
+    async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        await free.wait()
+        return await run(key, inputs)
+
+    batcher._run_batch = held_run
+    return free
+
+
+async def fill_queue(batcher: Any, key: Any, one: dict[str, np.ndarray]) -> list[asyncio.Future[Any]]:
+    """One-row requests (`one` under `key`) queued into a held batcher until one is refused 'queue full'
+    (that refusal is a request of its own, not one of the calls under test)."""
+    queued: list[asyncio.Future[Any]] = []
+    while True:
+        request = asyncio.ensure_future(batcher.submit(key, one, 1, caller=None))
+        for _ in range(3):
+            await asyncio.sleep(0)  # queued (pending), or refused at once (done)
+        if request.done():
+            with pytest.raises(ResourceExhausted, match="queue full"):
+                request.result()
+            return queued
+        queued.append(request)

@@ -7,46 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from code_models import write_code_models
+from server_support import fill_queue, gate, hold_runs, run_with_core
 
 from genserve_server import code_sampling, validate
 from genserve_server.batch_keys import CodeRows
 from genserve_server.code_sampling import CodeSamples
-from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
-from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted
+from genserve_server.errors import DeadlineExceeded, Internal
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
-from genserve_server.step_sampler import SamplingOptions, StepScheduler
+from genserve_server.step_sampler import SamplingOptions
 
 GRID = (6, 6)
 MAX_ROWS = 8
 PNG = validate.output_spec(1, 0, None, False)
-
-Body = Callable[[Repository, GenerationCore], Awaitable[None]]
-
-
-def run_with_core(root: Path, body: Body, metrics: Metrics) -> None:
-    async def main() -> None:
-        config = ServerConfig()
-        repo = Repository(root, config, metrics)
-        repo.scan()
-        await repo.load_all()
-        pool = ThreadPoolExecutor(1)
-        try:
-            await asyncio.wait_for(body(repo, GenerationCore(repo, config, metrics, pool)), 30)
-        finally:
-            await repo.close(1)
-            pool.shutdown()
-
-    asyncio.run(main())
 
 
 def counted(metrics: Metrics, family: str, model: str, reason: str) -> float:
@@ -84,53 +65,6 @@ async def sample(
         call.release_uses()
 
 
-def gate(scheduler: StepScheduler, at_step: int) -> tuple[asyncio.Event, asyncio.Event]:
-    """Hold the scheduler's `at_step`-th step until `go` is set; `reached` is set when it gets there."""
-    reached, go = asyncio.Event(), asyncio.Event()
-    run = scheduler._run
-    steps = 0
-
-    async def gated(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        nonlocal steps
-        steps += 1
-        if steps == at_step:
-            reached.set()
-            await go.wait()
-        return await run(inputs)
-
-    scheduler._run = gated
-    return reached, go
-
-
-def hold_runs(batcher: Any) -> asyncio.Event:
-    """Hold every batch `batcher` runs until the returned event is set (its queue fills meanwhile)."""
-    free = asyncio.Event()
-    run = batcher._run_batch
-
-    async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        await free.wait()
-        return await run(key, inputs)
-
-    batcher._run_batch = held_run
-    return free
-
-
-async def fill_queue(batcher: Any) -> list[asyncio.Future[Any]]:
-    """One-row Decode-like requests queued into a held decoder until one is refused 'queue full'
-    (that refusal is a request of its own, not one of the calls under test)."""
-    one = {"codes": np.zeros((1, *GRID), np.int64)}
-    queued: list[asyncio.Future[Any]] = []
-    while True:
-        request = asyncio.ensure_future(batcher.submit(CodeRows(), one, 1, caller=None))
-        for _ in range(3):
-            await asyncio.sleep(0)
-        if request.done():
-            with pytest.raises(ResourceExhausted, match="queue full"):
-                request.result()
-            return queued
-        queued.append(request)
-
-
 def test_a_call_past_its_deadline_that_finds_its_decoders_queue_full_is_a_deadline_drop(
     tmp_path: Path,
 ) -> None:
@@ -145,7 +79,7 @@ def test_a_call_past_its_deadline_that_finds_its_decoders_queue_full_is_a_deadli
     async def body(repo: Repository, core: GenerationCore) -> None:
         batcher = repo.get(names["decoder"]).resolve("").batcher
         free = hold_runs(batcher)
-        others = await fill_queue(batcher)
+        others = await fill_queue(batcher, CodeRows(), {"codes": np.zeros((1, *GRID), np.int64)})
         before = ledger(metrics, *models)
         try:
             with pytest.raises(DeadlineExceeded):

@@ -8,7 +8,7 @@ import gc
 import shutil
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from code_models import prior_graph, write_code_models
-from server_support import write_model
+from server_support import fill_queue, gate, hold_runs, run_with_core, write_model
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
@@ -101,29 +101,6 @@ def deep_code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     """The same models with a MatMul layer in the prior: GEMM rows must not depend on the batch."""
     root = tmp_path_factory.mktemp("deep-code-models")
     return root, write_code_models(root, grid=GRID, k=16, max_rows=MAX_ROWS, iterations=1)
-
-
-Body = Callable[[Repository, GenerationCore], Awaitable[None]]
-
-
-def run_with_core(
-    root: Path, body: Body, metrics: Metrics | None = None, config: ServerConfig | None = None
-) -> None:
-    async def main() -> None:
-        nonlocal metrics, config
-        config = config or ServerConfig()
-        metrics = metrics or Metrics(enabled=False)
-        repo = Repository(root, config, metrics)
-        repo.scan()
-        await repo.load_all()
-        pool = ThreadPoolExecutor(1)
-        try:
-            await asyncio.wait_for(body(repo, GenerationCore(repo, config, metrics, pool)), 30)
-        finally:
-            await repo.close(1)
-            pool.shutdown()
-
-    asyncio.run(main())
 
 
 async def sample(
@@ -488,24 +465,6 @@ def reload_repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 # Every model call on the runner's pool, as a real VQ-VAE-2 prior's or decoder's is (the tiny models
 # here would run inline on the event loop, where a closed runner does not show).
 POOLED = ServerConfig(inline_compute_max_s=0.0)
-
-
-def gate(scheduler: StepScheduler, at_step: int) -> tuple[asyncio.Event, asyncio.Event]:
-    """Hold the scheduler's `at_step`-th step until `go` is set; `reached` is set when it gets there."""
-    reached, go = asyncio.Event(), asyncio.Event()
-    run = scheduler._run
-    steps = 0
-
-    async def gated(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        nonlocal steps
-        steps += 1
-        if steps == at_step:
-            reached.set()
-            await go.wait()
-        return await run(inputs)
-
-    scheduler._run = gated
-    return reached, go
 
 
 def publish_copy(root: Path, name: str) -> None:
@@ -1310,34 +1269,12 @@ def test_a_two_level_call_keeps_its_bottom_rows_while_its_top_level_runs(tmp_pat
     run_with_core(tmp_path, body)
 
 
-def hold_runs(batcher: Any) -> asyncio.Event:
-    """Hold every batch `batcher` runs until the returned event is set (its queue fills meanwhile)."""
-    free = asyncio.Event()
-    run = batcher._run_batch
-
-    async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        await free.wait()
-        return await run(key, inputs)
-
-    batcher._run_batch = held_run
-    return free
-
-
-async def fill_queue(batcher: Any, two_level: bool) -> list[asyncio.Future[Any]]:
-    """One-row Decode-like requests queued into a held decoder until one is refused 'queue full'."""
+def decode_row(two_level: bool) -> dict[str, np.ndarray]:
+    """One Decode-like row for a decoder (of the two-level models when `two_level`)."""
     one = {"codes": np.zeros((1, *GRID), np.int64)}
     if two_level:
         one["top_codes"] = np.zeros((1, GRID[0] // 2, GRID[1] // 2), np.int64)
-    queued: list[asyncio.Future[Any]] = []
-    while True:
-        request = asyncio.ensure_future(batcher.submit(CodeRows(), one, 1, caller=None))
-        for _ in range(3):
-            await asyncio.sleep(0)  # queued (pending), or refused at once (done)
-        if request.done():
-            with pytest.raises(ResourceExhausted, match="queue full"):
-                request.result()
-            return queued
-        queued.append(request)
+    return one
 
 
 async def stream_result(
@@ -1383,7 +1320,7 @@ def test_a_call_keeps_room_in_its_decoders_queue_while_it_samples(
         else:
             call = asyncio.ensure_future(sample(core, names[prior], [1, 2, 3], labels))
         await reached.wait()
-        others = await fill_queue(batcher, two_level)
+        others = await fill_queue(batcher, CodeRows(), decode_row(two_level))
         filled = batcher.queued_rows
         go.set()
         try:
@@ -1437,7 +1374,7 @@ def test_a_call_is_refused_before_any_step_when_its_decoders_queue_is_full(tmp_p
         scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
         batcher = repo.get(names["decoder"]).resolve("").batcher
         free = hold_runs(batcher)
-        others = await fill_queue(batcher, two_level=False)
+        others = await fill_queue(batcher, CodeRows(), decode_row(two_level=False))
         try:
             with pytest.raises(ResourceExhausted, match="queue full"):
                 await sample(core, names["prior"], [1, 2], [0])
@@ -1465,7 +1402,7 @@ def test_a_call_past_its_deadline_that_finds_its_decoders_queue_full_is_a_deadli
         scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
         batcher = repo.get(names["decoder"]).resolve("").batcher
         free = hold_runs(batcher)
-        others = await fill_queue(batcher, two_level=False)
+        others = await fill_queue(batcher, CodeRows(), decode_row(two_level=False))
         past = time.monotonic() - 0.1
         try:
             with pytest.raises(DeadlineExceeded):

@@ -7,70 +7,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from server_support import fill_queue, hold_runs, run_with_core
 from style_models import NUM_LAYERS, W_DIM, write_style_models
 
 from genserve_server import style_sampling, validate
 from genserve_server.batch_keys import StyleRows
 from genserve_server.batcher import Lane
-from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import ResourceExhausted
-from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 
 PNG = validate.output_spec(1, 0, None, False)
-Body = Callable[[Repository, GenerationCore], Awaitable[None]]
-
-
-def run_with_core(root: Path, body: Body) -> None:
-    async def main() -> None:
-        config = ServerConfig()
-        metrics = Metrics(enabled=False)
-        repo = Repository(root, config, metrics)
-        repo.scan()
-        await repo.load_all()
-        pool = ThreadPoolExecutor(1)
-        try:
-            await asyncio.wait_for(body(repo, GenerationCore(repo, config, metrics, pool)), 30)
-        finally:
-            await repo.close(1)
-            pool.shutdown()
-
-    asyncio.run(main())
-
-
-def hold_runs(batcher: Any) -> asyncio.Event:
-    """Hold every batch `batcher` runs until the returned event is set (its queue fills meanwhile)."""
-    free = asyncio.Event()
-    run = batcher._run_batch
-
-    async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        await free.wait()
-        return await run(key, inputs)
-
-    batcher._run_batch = held_run
-    return free
-
-
-async def fill_queue(batcher: Any) -> list[asyncio.Future[Any]]:
-    """One-row synthesis requests queued into a held batcher until one is refused 'queue full'."""
-    one = {"ws": np.zeros((1, NUM_LAYERS, W_DIM), np.float32)}
-    queued: list[asyncio.Future[Any]] = []
-    while True:
-        request = asyncio.ensure_future(batcher.submit(StyleRows(), one, 1, caller=None))
-        for _ in range(3):
-            await asyncio.sleep(0)
-        if request.done():
-            with pytest.raises(ResourceExhausted, match="queue full"):
-                request.result()
-            return queued
-        queued.append(request)
+# One row of a synthesis request, as fill_queue queues them into a held batcher.
+ONE_W = {"ws": np.zeros((1, NUM_LAYERS, W_DIM), np.float32)}
 
 
 async def until(predicate: Callable[[], bool]) -> None:
@@ -122,7 +76,7 @@ def test_a_style_call_keeps_room_in_its_synthesis_queue_while_its_mapping_runs(
         # The call's rows are in the mapping's (held) batch: admitted, not yet at the synthesis.
         await until(lambda: mapping._batches_in_flight > 0 or call.done())
         assert not call.done(), call.exception()
-        others = await fill_queue(synthesis)
+        others = await fill_queue(synthesis, StyleRows(), ONE_W)
         filled = synthesis.queued_rows
         free_mapping.set()
         try:
@@ -156,7 +110,7 @@ def test_a_style_call_is_refused_before_its_mapping_runs_when_the_synthesis_queu
             return await run(key, inputs)
 
         mapping._run_batch = counted
-        others = await fill_queue(synthesis)
+        others = await fill_queue(synthesis, StyleRows(), ONE_W)
         try:
             with pytest.raises(ResourceExhausted, match=f"{names['generator']}.*queue full"):
                 await style_call(core, names["generator"], "Sample", "sample")
