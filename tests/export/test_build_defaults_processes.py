@@ -5,11 +5,13 @@ trains."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,9 +38,18 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, sig: signal.Signals) -> None:
+def _ignore_sigint() -> None:
+    """As `sh -c 'genserve-export build-defaults ... &'` starts the build."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def started_build(
+    tmp_path: Path, *, sigint_ignored: bool = False
+) -> Iterator[tuple[subprocess.Popen[bytes], list[int], Path, Path]]:
+    """The build (PARENT) over the stand-in, once both its children run: (the build, its children's
+    pids, its log, the file each child records the signal it is stopped with in). Whatever is still
+    running at the end is killed."""
     pids_file = tmp_path / "children.txt"
     stand_in = tmp_path / "train-stand-in"
     signals_file = tmp_path / "signals.txt"
@@ -59,6 +70,7 @@ def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, s
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a signal to the parent only, as `kill PID` sends it
+            preexec_fn=_ignore_sigint if sigint_ignored else None,  # noqa: PLW1509
         )
     children: list[int] = []
     try:
@@ -69,6 +81,20 @@ def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, s
             time.sleep(0.1)
             if pids_file.exists():
                 children = [int(line) for line in pids_file.read_text().split()]
+        yield parent, children, log, signals_file
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, sig: signal.Signals) -> None:
+    with started_build(tmp_path) as (parent, children, log, signals_file):
         parent.send_signal(sig)
         parent.wait(30)
         time.sleep(0.5)
@@ -77,13 +103,6 @@ def test_a_stopped_parallel_build_stops_the_recipes_it_started(tmp_path: Path, s
         assert parent.returncode == 128 + sig, log.read_text(errors="replace")
         assert "interrupted" in log.read_text(errors="replace")
         assert signals_file.read_text().split() == ["INT", "INT"]
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(10)
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
@@ -96,37 +115,7 @@ def test_a_build_started_with_sigint_ignored_stops_its_recipes_at_once_through_t
     KeyboardInterrupt handler then; sh cannot trap it). A `kill` of such a build sent its recipes
     SIGINT, which they ignored: the build took 10 s to stop and then SIGKILLed them, their cleanup
     never run, though SIGTERM alone had stopped them at once before 7fa3836."""
-    pids_file = tmp_path / "children.txt"
-    stand_in = tmp_path / "train-stand-in"
-    signals_file = tmp_path / "signals.txt"
-    stand_in.write_text(
-        f'#!/bin/sh\necho $$ >> "{pids_file}"\n'
-        f"trap 'echo INT >> \"{signals_file}\"; kill $child; exit 130' INT\n"
-        f"trap 'echo TERM >> \"{signals_file}\"; kill $child; exit 143' TERM\n"
-        "sleep 120 & child=$!\nwait $child\n"
-    )
-    stand_in.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api"))}
-    log = tmp_path / "build.log"
-    with log.open("wb") as out:
-        parent = subprocess.Popen(
-            [sys.executable, "-c", PARENT, str(stand_in), str(tmp_path / "out")],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # As `sh -c 'genserve-export build-defaults ... &'` starts it.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
-        )
-    children: list[int] = []
-    try:
-        deadline = time.monotonic() + 120
-        while len(children) < 2:
-            assert parent.poll() is None, log.read_text(errors="replace")
-            assert time.monotonic() < deadline, "the build started no children"
-            time.sleep(0.1)
-            if pids_file.exists():
-                children = [int(line) for line in pids_file.read_text().split()]
+    with started_build(tmp_path, sigint_ignored=True) as (parent, children, log, signals_file):
         time.sleep(0.3)  # both children past their traps
         stopped = time.monotonic()
         parent.send_signal(signal.SIGTERM)
@@ -139,10 +128,3 @@ def test_a_build_started_with_sigint_ignored_stops_its_recipes_at_once_through_t
         assert len(recorded) == 2 and took < 5, (
             f"stopped in {took:.1f} s; the children's stop handlers ran for {recorded} (SIGKILLed otherwise)"
         )
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(10)
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
