@@ -9,87 +9,67 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from server_support import hold_runs, run_with_core
 from style_models import write_style_models
-from test_style_two_stage import PNG, hold_runs, until
+from test_style_two_stage import PNG, until
 
 from genserve_server.batcher import Lane
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
-from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
+
+# Room for a few images: the tests look at what a call stores.
+CACHING = dataclasses.replace(ServerConfig(), image_cache_bytes=1 << 20)
 
 
 def test_a_style_sample_whose_mapping_unloaded_during_its_synthesis_stores_nothing(tmp_path: Path) -> None:
     names = write_style_models(tmp_path)
 
-    async def main() -> None:
-        config = dataclasses.replace(ServerConfig(), image_cache_bytes=1 << 20)
-        metrics = Metrics(enabled=False)
-        repo = Repository(tmp_path, config, metrics)
-        repo.scan()
-        await repo.load_all()
-        pool = ThreadPoolExecutor(1)
-        try:
-            core = GenerationCore(repo, config, metrics, pool)
-            cache = core.image_cache
-            assert cache is not None
-            mapping = repo.get(names["mapping"]).resolve("")
-            generator = repo.get(names["generator"]).resolve("")
-            assert generator.batcher is not None
-            free_synthesis = hold_runs(generator.batcher)
-            call = Call("Sample", "test", time.monotonic(), core.metrics.unresolved())
-            mv = core.resolve(call, names["generator"], "", ("style_generator",), "Sample")
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        cache = core.image_cache
+        assert cache is not None
+        mapping = repo.get(names["mapping"]).resolve("")
+        generator = repo.get(names["generator"]).resolve("")
+        assert generator.batcher is not None
+        free_synthesis = hold_runs(generator.batcher)
+        call = Call("Sample", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["generator"], "", ("style_generator",), "Sample")
 
-            async def sample() -> object:
-                try:
-                    return await core.sample(mv, call, [1, 2, 3], None, None, PNG, Lane.INTERACTIVE)
-                finally:
-                    if call.batcher is not None:
-                        call.batcher.release()
-                    call.release_uses()
+        async def sample() -> object:
+            try:
+                return await core.sample(mv, call, [1, 2, 3], None, None, PNG, Lane.INTERACTIVE)
+            finally:
+                if call.batcher is not None:
+                    call.batcher.release()
+                call.release_uses()
 
-            task = asyncio.ensure_future(sample())
-            # Mapped, now in the (held) synthesis batch: the mapping's drain grace passes, it unloads.
-            await until(lambda: generator.batcher._batches_in_flight > 0 or task.done())  # type: ignore[union-attr]
-            assert not task.done(), task.exception()
-            core.forget_version(mapping)
-            free_synthesis.set()
-            await asyncio.wait_for(task, 20)
-            # The images were served, but none kept: no request can ask for the dead mapping's again.
-            assert len(cache) == 0 and cache.nbytes == 0
-        finally:
-            await repo.close(1)
-            pool.shutdown()
+        task = asyncio.ensure_future(sample())
+        # Mapped, now in the (held) synthesis batch: the mapping's drain grace passes, it unloads.
+        await until(lambda: generator.batcher._batches_in_flight > 0 or task.done())  # type: ignore[union-attr]
+        assert not task.done(), task.exception()
+        core.forget_version(mapping)
+        free_synthesis.set()
+        await asyncio.wait_for(task, 20)
+        # The images were served, but none kept: no request can ask for the dead mapping's again.
+        assert len(cache) == 0 and cache.nbytes == 0
 
-    asyncio.run(main())
+    run_with_core(tmp_path, body, config=CACHING)
 
 
 def test_a_style_sample_whose_mappings_version_is_live_is_cached(tmp_path: Path) -> None:
     names = write_style_models(tmp_path)
 
-    async def main() -> None:
-        config = dataclasses.replace(ServerConfig(), image_cache_bytes=1 << 20)
-        metrics = Metrics(enabled=False)
-        repo = Repository(tmp_path, config, metrics)
-        repo.scan()
-        await repo.load_all()
-        pool = ThreadPoolExecutor(1)
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("Sample", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["generator"], "", ("style_generator",), "Sample")
         try:
-            core = GenerationCore(repo, config, metrics, pool)
-            call = Call("Sample", "test", time.monotonic(), core.metrics.unresolved())
-            mv = core.resolve(call, names["generator"], "", ("style_generator",), "Sample")
-            try:
-                await core.sample(mv, call, [1, 2, 3], None, None, PNG, Lane.INTERACTIVE)
-            finally:
-                if call.batcher is not None:
-                    call.batcher.release()
-                call.release_uses()
-            assert core.image_cache is not None and len(core.image_cache) == 3
+            await core.sample(mv, call, [1, 2, 3], None, None, PNG, Lane.INTERACTIVE)
         finally:
-            await repo.close(1)
-            pool.shutdown()
+            if call.batcher is not None:
+                call.batcher.release()
+            call.release_uses()
+        assert core.image_cache is not None and len(core.image_cache) == 3
 
-    asyncio.run(main())
+    run_with_core(tmp_path, body, config=CACHING)
