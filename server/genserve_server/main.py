@@ -38,7 +38,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
-from genserve_contract.repository import NAME_PATTERN
 from genserve_server import accept, event_loop, kserve, probe, security, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary
@@ -471,9 +470,7 @@ class App:
             link is not None
             and link not in self._tried
             and model.newest_ready() is not None
-            and NAME_PATTERN.match(link) is not None  # a directory the rescan reads (model_dirs)
-            and not link.startswith(".")
-            and (self.repository.root / link).is_dir()
+            and self.repository.has_model_dir(link)
         )
 
     def request_stop(self) -> None:

@@ -194,6 +194,11 @@ def policy_picks_none(model_path: Path, available: Sequence[str]) -> str:
     )
 
 
+def _model_name(name: str) -> bool:
+    """Whether a repository directory's name is a model's (hidden ones are not)."""
+    return not name.startswith(".") and NAME_PATTERN.match(name) is not None
+
+
 class Repository:
     """All models under one directory; loads them and owns their runners and batchers."""
 
@@ -266,11 +271,15 @@ class Repository:
         """Model directories with valid names (others are logged and skipped)."""
         dirs = []
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not NAME_PATTERN.match(model_dir.name):
+            if not _model_name(model_dir.name):
                 logger.warning("skipping %s: model names must match %s", model_dir, NAME_PATTERN.pattern)
                 continue
             dirs.append(model_dir)
         return dirs
+
+    def has_model_dir(self, name: str) -> bool:
+        """Whether the next rescan reads a model `name` (model_dirs: a directory of a valid name)."""
+        return _model_name(name) and (self.root / name).is_dir()
 
     def read_model(self, model_dir: Path) -> Model:
         """A Model with its config.json and no versions (a broken config gives config None + reason)."""
