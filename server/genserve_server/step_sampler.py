@@ -31,6 +31,8 @@ stream (CODE_RNG_ALGORITHM, documented above SampleCodesRequest in protos/genser
    gets the prior's config.json sampling.temperature rounded to float32 (sampling.top_k; 1 and 0
    where absent): the same grid as a request that sends those values.
 3. w_j = exp(l_j - max l); the code is the smallest j whose running sum w_0 + .. + w_j > u * sum(w).
+   Where a kept l_j is +inf, w_j = 1 for the +inf codes and 0 for the rest (the limit); a row whose
+   kept logits hold NaN (or are all -inf) has no code: it fails alone (INTERNAL), its request with it.
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ from genserve_contract.config import MAX_TEMPERATURE, SamplingConfig
 from genserve_server import latents
 from genserve_server.batch_parts import Caller, count_once
 from genserve_server.batcher import Lane, drop_reason, withdrawn
-from genserve_server.errors import DeadlineExceeded, ResourceExhausted, invalid
+from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted, invalid
 from genserve_server.metrics import ModelMetrics
 
 CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
 # Unfilled positions of a grid hold this code (kinds.CODES): the prior's masks never read them.
 UNFILLED: Final = 0
+# sample_codes' answer for a row whose logits define no distribution (NaN, or every kept one -inf).
+NO_CODE: Final = -1
 
 RunStep = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
 # A request's progress: (positions filled, its grids so far int64 [N, H, W], a copy).
@@ -113,19 +117,32 @@ def sample_codes(
     logits: np.ndarray, u: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray
 ) -> np.ndarray:
     """Codes int64 [N] from logits float [N, K] and uniforms u [N] (steps 2-3 above), row by row
-    independent: the same row gives the same code in any batch."""
+    independent: the same row gives the same code in any batch.
+
+    Non-finite logits: -inf is a code of probability 0; +inf codes take all of the probability
+    (the limit of step 3: shared by the kept +inf codes like equal logits); a row whose kept logits
+    hold NaN, or are all -inf, has no distribution and gets NO_CODE (the caller fails that row)."""
     n, k = logits.shape
     scaled = np.ascontiguousarray(logits, dtype=np.float64) / temperatures[:, None]
-    order = np.argsort(-scaled, axis=1, kind="stable")  # ties: the lower code first
+    order = np.argsort(-scaled, axis=1, kind="stable")  # ties: the lower code first (NaN last)
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(k)[None, :].repeat(n, axis=0), axis=1)
     limit = np.where(top_ks > 0, top_ks, k)
     kept = ranks < limit[:, None]
     top = np.max(np.where(kept, scaled, -np.inf), axis=1, keepdims=True)
-    weights = np.where(kept, np.exp(np.where(kept, scaled - top, 0.0)), 0.0)
+    infinite = np.isposinf(top)  # [N, 1]: rows with a kept +inf logit
+    finite_top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(invalid="ignore"):  # NaN rows are answered NO_CODE below
+        weights = np.where(
+            kept,
+            np.where(infinite, np.isposinf(scaled), np.exp(np.where(kept, scaled - finite_top, 0.0))),
+            0.0,
+        )
     cumulative = np.cumsum(weights, axis=1)
     threshold = u * cumulative[:, -1]
     codes: np.ndarray = np.argmax(cumulative > threshold[:, None], axis=1).astype(np.int64)
+    undefined = (kept & np.isnan(scaled)).any(axis=1) | np.isneginf(top[:, 0])
+    codes[undefined] = NO_CODE
     return codes
 
 
@@ -439,6 +456,14 @@ class StepScheduler:
                 for row, code in zip(rows, codes, strict=True):
                     if row.future.done():  # cancelled during the call: leaves without advancing
                         self._dropped(row, drop_reason(row.deadline, time.monotonic()), dropped)
+                        continue
+                    if code == NO_CODE:  # this row's logits are broken: it fails, the others go on
+                        row.future.set_exception(
+                            Internal(
+                                f"{self.name}: the prior's logits at position {row.position} hold NaN "
+                                "(or are all -inf): no code can be sampled from them"
+                            )
+                        )
                         continue
                     row.codes.flat[row.position] = code
                     row.position += 1

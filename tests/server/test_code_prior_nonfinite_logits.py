@@ -1,0 +1,113 @@
+"""Non-finite logits from a code prior (a diverged checkpoint, an fp16 prior overflowing). Step 3 of
+the code-sampling algorithm (w_j = exp(l_j - max l)) gave NaN weights for a row holding a +inf or a
+NaN logit, and the row silently took code 0: a +inf logit, certain in the limit, was never drawn,
+and a prior whose logits were NaN answered OK with an all-zero grid (and its image). Now +inf codes
+take all of the probability, and a row whose logits hold NaN fails alone with INTERNAL, naming the
+prior and the position, while the rows of other requests in the same steps finish as they would."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from code_models import decoder_graph, prior_graph
+from onnx import numpy_helper
+from server_support import running_server, write_model
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.step_sampler import NO_CODE, sample_codes
+
+GRID = (3, 3)
+K = 8
+
+
+def _one(logits: list[float], u: float = 0.7, top_k: int = 0) -> int:
+    codes = sample_codes(np.array([logits], np.float32), np.array([u]), np.array([1.0]), np.array([top_k]))
+    return int(codes[0])
+
+
+def test_an_infinite_logit_is_drawn_and_a_nan_row_has_no_code() -> None:
+    inf, nan = np.inf, np.nan
+    assert _one([0.0, inf, 0.0, 0.0]) == 1  # was 0
+    assert _one([0.0, inf, 0.0, inf], u=0.2) == 1  # two +inf codes share the probability
+    assert _one([0.0, inf, 0.0, inf], u=0.7) == 3
+    assert _one([1.0, -inf, 1.0, -inf], u=0.7) == 2  # -inf: probability 0, as before
+    assert _one([nan, 5.0, 0.0, 0.0]) == NO_CODE  # was 0
+    assert _one([-inf, -inf, -inf]) == NO_CODE
+    assert _one([0.0, 5.0, nan, 0.0], top_k=1) == 1  # a NaN outside the top_k is not sampled from
+    # Row by row: a NaN row leaves the finite rows' codes as they are alone.
+    rows = np.array([[0.0, 5.0, 0.0, 1.0], [nan, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 0.0]], np.float32)
+    u = np.array([0.3, 0.3, 0.6])
+    together = sample_codes(rows, u, np.ones(3), np.zeros(3, np.int64))
+    assert together[1] == NO_CODE
+    assert [together[0], together[2]] == [_one(list(rows[0]), 0.3), _one(list(rows[2]), 0.6)]
+
+
+def _prior_with_a_nan_class() -> object:
+    """prior_graph with 2 classes whose class 1 embedding is NaN: every logit of a label-1 row is NaN."""
+    model = prior_graph(*GRID, K, n_classes=2)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "E":
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(np.array([[0.5], [np.nan]], np.float32), "E")
+            )
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("nan-prior") / "models"
+    batching = {"max_batch_size": 8, "max_queue_size": 64}
+    write_model(
+        root,
+        "nan-prior",
+        "code_prior",
+        _prior_with_a_nan_class(),  # type: ignore[arg-type]
+        {"grid": list(GRID), "codebook_size": K, "class_names": ["fine", "broken"], "output_range": None},
+        config={"decoder": "nan-decoder", "batching": batching},
+    )
+    decoder_card = {
+        "grid": list(GRID),
+        "codebook_size": K,
+        "image_size": list(GRID),
+        "channels": 1,
+        "output_range": [0.0, 1.0],
+    }
+    write_model(
+        root,
+        "nan-decoder",
+        "code_decoder",
+        decoder_graph(*GRID, K),
+        decoder_card,
+        config={"batching": batching},
+    )
+    with running_server(root, tmp_path_factory.mktemp("nan-prior-work")) as process:
+        yield process
+
+
+def test_nan_logits_fail_their_request_alone(server) -> None:  # type: ignore[no-untyped-def]
+    def request(label: int, seeds: list[int]) -> pb.SampleCodesRequest:
+        return pb.SampleCodesRequest(model="nan-prior", seeds=seeds, labels=[label], return_codes=True)
+
+    async def both() -> tuple[object, object, pb.SampleCodesResponse]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            alone = await stub.SampleCodes(request(0, [1, 2, 3]), timeout=30)
+            # The same good request beside a broken one: they share the prior's steps.
+            results = await asyncio.gather(
+                stub.SampleCodes(request(0, [1, 2, 3]), timeout=30),
+                stub.SampleCodes(request(1, [4, 5]), timeout=30),
+                return_exceptions=True,
+            )
+            return results[0], results[1], alone
+
+    good, broken, alone = asyncio.run(both())
+    assert isinstance(broken, grpc.aio.AioRpcError), f"NaN logits answered OK: {broken}"
+    assert broken.code() == grpc.StatusCode.INTERNAL, broken
+    assert "nan-prior" in str(broken.details()) and "NaN" in str(broken.details()), broken.details()
+    assert isinstance(good, pb.SampleCodesResponse), good
+    assert [c.data for c in good.codes] == [c.data for c in alone.codes]
+    assert [i.image.data for i in good.images] == [i.image.data for i in alone.images]
