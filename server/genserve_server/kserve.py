@@ -34,7 +34,7 @@ import numpy as np
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
-from genserve_server import kserve_metadata, kserve_tensors, validate
+from genserve_server import kserve_metadata, kserve_tensors, links, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import KINDS, Card, Kind, TensorSpec
@@ -142,10 +142,13 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             try:
                 # An unknown model or version is not ready, with status OK, as Triton answers
                 # (tritonclient's is_model_ready raises on an error status).
-                self.repo.get(request.name).resolve(request.version)
+                mv = self.repo.get(request.name).resolve(request.version)
             except GenserveError:
                 return kpb.ModelReadyResponse(ready=False)
-            return kpb.ModelReadyResponse(ready=True)
+            # A style generator whose mapping, or code prior whose decoder, cannot serve: every call
+            # would fail UNAVAILABLE. Ready as its health key says (main.py `_serves`), for the
+            # version asked for (by default the one a request naming no version gets).
+            return kpb.ModelReadyResponse(ready=links.serves(self.repo, mv))
 
         return await self.boundary.plain(context, handle)
 

@@ -49,11 +49,12 @@ from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_
 from genserve_server.heap import freeze_startup_heap
 from genserve_server.idle_spin import IdleSpin
 from genserve_server.limits import GuardedRegistrar, Handler, guard_malformed
+from genserve_server.links import linked_model, serves
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
 from genserve_server.reload import Reloader
 from genserve_server.repository import Model, Repository
-from genserve_server.service import GenerationService, every_request_fails, linked_model
+from genserve_server.service import GenerationService
 
 logger = logging.getLogger("genserve_server")
 
@@ -439,9 +440,8 @@ class App:
         """Whether `model`'s health key is SERVING: it has a READY version, and the one a request
         naming no version gets can reach the model its calls go through (a style generator's
         mapping, a code prior's decoder: not missing, not without a READY version, fitting), as
-        GetModel's "every request fails: ..." says (service.every_request_fails)."""
-        newest = model.newest_ready()
-        return newest is not None and not every_request_fails(self.repository, newest)
+        GetModel's "every request fails: ..." says (links.serves, which KServe ModelReady asks too)."""
+        return serves(self.repository, model.newest_ready())
 
     def _refresh_overall(self) -> None:
         if not self._loaded:

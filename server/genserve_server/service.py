@@ -19,12 +19,13 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_contract.kinds import TRANSLATE_KINDS, Kind
-from genserve_server import code_sampling, latents, service_codes, service_styles, style_sampling, validate
+from genserve_server import latents, service_codes, service_styles, style_sampling, validate
 from genserve_server.batcher import Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import SAMPLE_KINDS, ModelConfig, ServerConfig
 from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import NotFound, invalid
+from genserve_server.links import every_request_fails
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.service_parts import (
@@ -504,47 +505,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 field="version",
             )
         return self._model_info(model, request.version)
-
-
-def linked_model(mv: ModelVersion) -> tuple[str, str] | None:
-    """(config.json field, model name) of the model every call of `mv` goes through: a style
-    generator's mapping, a code prior's decoder; None for the other kinds (and before its card)."""
-    card = mv.card
-    if card is None:
-        return None
-    if card.kind.styled and mv.config.mapping:
-        return "mapping", mv.config.mapping
-    if card.kind == Kind.CODE_PRIOR and mv.config.decoder:
-        return "decoder", mv.config.decoder
-    return None
-
-
-def every_request_fails(repo: Repository, mv: ModelVersion) -> str:
-    """A READY style generator's warning when its mapping does not fit (or is missing), and a
-    READY code prior's when its decoder does not: every request would be UNAVAILABLE, while the
-    version itself loaded (the other model may be fixed and reloaded on its own). "" otherwise, and
-    for a two-level prior's top_prior: a SampleCodes given top_codes does not call it. GetModel and
-    ListModels show it; health counts such a version as not serving (main.py, docs/server.md)."""
-    card = mv.card
-    link = linked_model(mv)
-    if mv.state != ModelState.READY or card is None or link is None:
-        return ""
-    field, name = link
-    try:
-        linked = repo.get(name)
-    except NotFound:
-        return f"every request fails: its {field} {name} is not in the repository"
-    # What a request uses: the highest READY version (GenerationCore.use), not the card
-    # GetModel describes the other model by (a version that failed to load has one too).
-    newest = linked.newest_ready()
-    found = newest.card if newest is not None else None
-    if found is None:
-        return f"every request fails: its {field} {name} has no ready version"
-    if field == "mapping":
-        misfit = style_sampling.mapping_misfit(card, name, found)
-    else:
-        misfit = code_sampling.decoder_misfit(card, name, found)
-    return "" if misfit is None else f"every request fails: {misfit}"
 
 
 def _version_config(model: Model, version: str = "") -> ModelConfig | None:

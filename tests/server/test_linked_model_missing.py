@@ -27,6 +27,8 @@ from server_support import (
 )
 from style_models import synthesis_graph, write_style_models
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 
@@ -257,3 +259,27 @@ def test_a_hot_reload_adding_a_style_generator_with_its_mapping_keeps_readiness_
         watch.cancel()
         follower.join(10)
         assert NOT_SERVING not in seen, f'"" went {seen} (1 = SERVING, 2 = NOT_SERVING) during the reload'
+
+
+def test_kserve_model_ready_is_false_for_a_model_whose_linked_model_cannot_serve(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    """KServe ModelReady answered ready=true for a READY style generator whose mapping is missing or
+    does not fit, and a READY code prior whose decoder is missing (it asked only "has a READY
+    version"), while their health keys say NOT_SERVING and every call fails UNAVAILABLE: a Triton or
+    KServe client routed traffic to them. With or without an explicit version it answers as the key."""
+    server, _ = served
+    with grpc.insecure_channel(server.target) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+        def ready(name: str, version: str = "") -> bool:
+            request = kpb.ModelReadyRequest(name=name, version=version)
+            answer: bool = stub.ModelReady(request, timeout=10).ready
+            return answer
+
+        for name in ("style-gen", "prior", "orphan-chain"):
+            assert ready(name) and ready(name, "1"), name
+        for name in ("orphan-gen", "style-misfit", "orphan-prior"):
+            assert _health(channel, name) == NOT_SERVING, name
+            assert not ready(name), name
+            assert not ready(name, "1"), name
