@@ -425,11 +425,15 @@ class App:
         else:
             self._links.pop(name, None)
         self._set_model_key(name, self._serves(model) if model is not None else serving)
+        if model is not None:
+            self._set_ready_gauges(model)
         for dependent in [d for d, linked in self._links.items() if linked == name and d != name]:
             other = self.repository.models.get(dependent)
             now = other is not None and self._serves(other)
             if now != self._model_keys.get(dependent):
                 self._set_model_key(dependent, now)
+            if other is not None:
+                self._set_ready_gauges(other)
         self._refresh_overall()
 
     def _set_model_key(self, name: str, serving: bool) -> None:
@@ -465,13 +469,23 @@ class App:
         count at all; then by its key (re-evaluated by that model's own state change)."""
         if self._model_keys.get(model.name, False):
             return True
-        link = self._links.get(model.name)
-        return (
-            link is not None
-            and link not in self._tried
-            and model.newest_ready() is not None
-            and self.repository.has_model_dir(link)
-        )
+        return self._untried(self._links.get(model.name)) and model.newest_ready() is not None
+
+    def _untried(self, link: str | None) -> bool:
+        """Whether `link` names a model whose directory is there that has not been tried yet (still
+        to be read or loaded, at start-up or by the running hot reload)."""
+        return link is not None and link not in self._tried and self.repository.has_model_dir(link)
+
+    def _set_ready_gauges(self, model: Model) -> None:
+        """genserve_model_ready of `model`'s READY versions: 1 while a request of the version can be
+        served (links.serves, as its health key and KServe ModelReady say), 0 while the model its
+        calls go through cannot serve them; until that model has been tried (a mapping still
+        loading, a TensorRT build taking minutes) by the version's own readiness, as "" counts it.
+        The repository sets the other versions' (0: loading, failed, draining)."""
+        for mv in model.ready_versions():
+            link = linked_model(mv)
+            ready = serves(self.repository, mv) or (link is not None and self._untried(link[1]))
+            mv.metrics.ready.set(1 if ready else 0)
 
     def request_stop(self) -> None:
         self._stop.set()

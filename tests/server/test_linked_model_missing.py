@@ -19,6 +19,7 @@ from code_models import prior_graph, write_code_models
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_support import (
     ServerProcess,
+    metric_in,
     running_server,
     start_server,
     wait_until,
@@ -167,7 +168,7 @@ def test_required_models_are_ready_only_while_their_mapping_and_decoder_are(tmp_
     """`--require-models style-gen,prior`: readiness ("") said SERVING while every call of style-gen
     (or prior) failed UNAVAILABLE because its mapping (decoder) had left the repository. The keys
     follow the linked models: NOT_SERVING once they are removed, SERVING again once they are back
-    (hot reloads)."""
+    (hot reloads), and so does their genserve_model_ready."""
     root = tmp_path / "models"
     styles = write_style_models(root)
     codes = write_code_models(root, grid=GRID, k=16)
@@ -185,13 +186,20 @@ def test_required_models_are_ready_only_while_their_mapping_and_decoder_are(tmp_
         def statuses(names: tuple[str, ...]) -> list[int]:
             return [_health(channel, name) for name in names]
 
+        def gauges() -> list[float]:
+            """genserve_model_ready of the required models, which follows their keys."""
+            scrape = server.metrics_text()
+            return [metric_in(scrape, "genserve_model_ready", model=name, version="1") for name in required]
+
         stub = pb_grpc.GenerationServiceStub(channel)
         assert statuses(("", *required, *linked)) == [SERVING] * 5
+        assert gauges() == [1.0, 1.0]
         for name in linked:
             (root / name).rename(aside / name)
         server.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: statuses(linked) == [NOT_SERVING] * 2, 60, "the linked models' removal")
         wait_until(lambda: statuses(("", *required)) == [NOT_SERVING] * 3, 10, "readiness to follow them")
+        assert gauges() == [0.0, 0.0]
         with pytest.raises(grpc.RpcError) as excinfo:
             stub.Sample(pb.SampleRequest(model=styles["generator"], seeds=[1]), timeout=30)
         assert _error(excinfo)[0] == grpc.StatusCode.UNAVAILABLE
@@ -200,6 +208,7 @@ def test_required_models_are_ready_only_while_their_mapping_and_decoder_are(tmp_
         server.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: statuses(linked) == [SERVING] * 2, 60, "the linked models' return")
         wait_until(lambda: statuses(("", *required)) == [SERVING] * 3, 10, "readiness to follow them")
+        assert gauges() == [1.0, 1.0]
         assert (
             len(stub.Sample(pb.SampleRequest(model=styles["generator"], seeds=[1]), timeout=30).images) == 1
         )
@@ -283,3 +292,18 @@ def test_kserve_model_ready_is_false_for_a_model_whose_linked_model_cannot_serve
             assert _health(channel, name) == NOT_SERVING, name
             assert not ready(name), name
             assert not ready(name, "1"), name
+
+
+def test_genserve_model_ready_is_0_for_a_model_whose_linked_model_cannot_serve(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    """genserve_model_ready said 1 for a READY style generator whose mapping is missing or does not
+    fit, and a READY code prior whose decoder is missing, while every call of it failed UNAVAILABLE:
+    GenserveModelNotReady ("its requests are answered UNAVAILABLE") never fired, and where the linked
+    model had left the repository or loaded READY but did not fit, no alert named anything at all."""
+    server, _ = served
+    scrape = server.metrics_text()
+    for name in ("style-gen", "prior", "orphan-chain"):
+        assert metric_in(scrape, "genserve_model_ready", model=name, version="1") == 1, name
+    for name in ("orphan-gen", "style-misfit", "orphan-prior"):
+        assert f'genserve_model_ready{{model="{name}",version="1"}} 0.0' in scrape, name
