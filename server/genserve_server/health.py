@@ -34,11 +34,16 @@ OVERALL_KEYS = (SERVER_KEY, SERVICE_ALIAS)
 LIVE_KEY = "liveness"
 
 
-def overall_status(models: Mapping[str, bool], required: Sequence[str] | None) -> tuple[bool, str]:
-    """(serving?, why not) for the whole server, from each model's "has a READY version".
+def overall_status(
+    models: Mapping[str, bool], required: Sequence[str] | None, why: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
+    """(serving?, why not) for the whole server, from whether each model serves; `why`: the reason
+    of a model that does not serve though it has a READY version (its mapping or decoder cannot).
 
     >>> overall_status({"a": True, "b": False}, None)
     (False, 'required models not ready: b')
+    >>> overall_status({"a": False, "b": False}, None, {"a": "every request fails: ..."})
+    (False, 'required models not ready: a (every request fails: ...), b')
     >>> overall_status({"a": True, "b": False}, ["a"])
     (True, '')
     >>> overall_status({}, None)
@@ -50,7 +55,7 @@ def overall_status(models: Mapping[str, bool], required: Sequence[str] | None) -
     missing = [n for n in names if n not in models]
     if missing:
         return False, f"required models not in the repository: {', '.join(missing)}"
-    not_ready = [n for n in names if not models[n]]
+    not_ready = [f"{n} ({why[n]})" if why and why.get(n) else n for n in names if not models[n]]
     if not_ready:
         return False, f"required models not ready: {', '.join(not_ready)}"
     return True, ""

@@ -49,7 +49,7 @@ from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_
 from genserve_server.heap import freeze_startup_heap
 from genserve_server.idle_spin import IdleSpin
 from genserve_server.limits import GuardedRegistrar, Handler, guard_malformed
-from genserve_server.links import linked_model, serves
+from genserve_server.links import every_request_fails, linked_model, serves
 from genserve_server.metrics import Metrics
 from genserve_server.providers import quiet_onnxruntime
 from genserve_server.reload import Reloader
@@ -454,12 +454,15 @@ class App:
         # (docs/server.md), not when another model's readiness changes meanwhile (a drain ending).
         # A name --require-models lists counts at once: it was not serving before it loads either.
         # A model counts as its health key says (`_serves`, kept by `_on_model_state`).
-        models = {
-            m.name: self._counts_serving(m)
-            for m in self.repository
-            if m.name in self._tried or self.required_models is not None
+        counted = [m for m in self.repository if m.name in self._tried or self.required_models is not None]
+        models = {m.name: self._counts_serving(m) for m in counted}
+        # A READY model that does not count: why its calls fail (its mapping or decoder), not only its name.
+        why = {
+            m.name: every_request_fails(self.repository, newest)
+            for m in counted
+            if not models[m.name] and (newest := m.newest_ready()) is not None
         }
-        self.health.set_overall_soon(*overall_status(models, self.required_models))
+        self.health.set_overall_soon(*overall_status(models, self.required_models, why))
 
     def _counts_serving(self, model: Model) -> bool:
         """What "" counts `model` as: its health key, except while the model its calls go through is

@@ -10,6 +10,8 @@ import json
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,3 +309,18 @@ def test_genserve_model_ready_is_0_for_a_model_whose_linked_model_cannot_serve(
         assert metric_in(scrape, "genserve_model_ready", model=name, version="1") == 1, name
     for name in ("orphan-gen", "style-misfit", "orphan-prior"):
         assert f'genserve_model_ready{{model="{name}",version="1"}} 0.0' in scrape, name
+
+
+def test_readiness_names_why_a_ready_model_whose_linked_model_cannot_serve_does_not_count(
+    served: tuple[ServerProcess, Path],
+) -> None:
+    """ "" (every model required) is NOT_SERVING because of orphan-gen, style-misfit and orphan-prior,
+    whose versions are READY: /healthz and the log said only "required models not ready: orphan-gen,
+    ...", which GetModel (READY) seemed to contradict. It names why each of them does not serve."""
+    server, _ = served
+    url = f"http://127.0.0.1:{server.metrics_port}/healthz"
+    with pytest.raises(urllib.error.HTTPError) as excinfo:
+        urllib.request.urlopen(url, timeout=5)
+    body = excinfo.value.read().decode()
+    assert "orphan-gen (every request fails: its mapping no-such-mapping is not in the repository)" in body
+    assert "orphan-prior (every request fails: its decoder no-such-decoder" in body, body
