@@ -275,12 +275,14 @@ def sample_codes_request(
 def sample_stream_request(
     model: str, count: int, **opts: Unpack[StreamOptions]
 ) -> genserve_pb2.SampleStreamRequest:
-    # An empty range would silently yield nothing (the clients never open a stream for it).
+    # A job of no images would silently yield nothing: refused. start_index == count is a stream
+    # resumed after its last image (as genserve.proto allows): nothing is left, so it yields nothing
+    # (the clients open no stream for it).
     if count < 1:
         raise ValueError(f"sample_stream: count must be >= 1, got {count}")
     start_index = opts.get("start_index", 0)
-    if not 0 <= start_index < count:
-        raise ValueError(f"sample_stream: start_index must be in [0, count={count}), got {start_index}")
+    if not 0 <= start_index <= count:
+        raise ValueError(f"sample_stream: start_index must be in [0, count={count}], got {start_index}")
     sample = _build(
         genserve_pb2.SampleRequest,
         model=model,

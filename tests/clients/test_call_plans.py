@@ -62,7 +62,7 @@ def test_a_plan_names_its_rpc_and_checks_arguments_before_any_call() -> None:
     with pytest.raises(ValueError, match="mode"):
         calls.interpolate("gen", 1, 2, 5, mode="cubic")
     with pytest.raises(ValueError, match="start_index"):
-        calls.sample_stream("gen", 4, start_index=4)
+        calls.sample_stream("gen", 4, start_index=5)
 
 
 def test_attempts_retry_transient_errors_and_map_final_ones_to_the_one_error_type() -> None:

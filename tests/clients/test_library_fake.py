@@ -227,17 +227,21 @@ def test_breaking_out_of_a_sync_stream_cancels_the_call(fake_server: FakeServer)
         assert fake_server.service.stream_ended.wait(5), "the server is still generating"
 
 
-def test_empty_stream_ranges_are_refused_client_side(fake_server: FakeServer) -> None:
+def test_empty_stream_ranges_are_refused_client_side_and_a_finished_one_is_empty(
+    fake_server: FakeServer,
+) -> None:
     with GenserveClient(fake_server.target) as client:
         with pytest.raises(ValueError, match="count"):
             client.sample_stream("fake-gen", 0)
         with pytest.raises(ValueError, match="start_index"):
             client.sample_stream("fake-gen", 3, start_index=5)
+        assert list(client.sample_stream("fake-gen", 3, start_index=3)) == []  # nothing left
 
     async def scenario() -> None:
         async with AsyncGenserveClient(fake_server.target) as client:
             with pytest.raises(ValueError, match="start_index"):
-                [c async for c in client.sample_stream("fake-gen", 3, start_index=3)]
+                [c async for c in client.sample_stream("fake-gen", 3, start_index=4)]
+            assert [c async for c in client.sample_stream("fake-gen", 3, start_index=3)] == []
 
     asyncio.run(scenario())
     assert fake_server.service.calls["SampleStream"] == 0

@@ -70,6 +70,21 @@ def test_stream_interpolate_encode_decode(client: GenserveClient) -> None:
     assert [im.shape for im in dec.images] == [(8, 8, 1)] * 2
 
 
+def test_a_stream_resumed_at_its_end_is_empty_not_refused(tiny_server: Any, client: GenserveClient) -> None:
+    # A job that wrote its last image and then crashed before it recorded that it finished resumes
+    # at start_index == count: nothing is left, a finished stream (genserve.proto: 0 <= start_index
+    # <= count, as the server answers), not a ValueError. Past the end is still refused.
+    assert list(client.sample_stream("tiny-gen", 12, base_seed=40, start_index=12)) == []
+    with pytest.raises(ValueError, match="start_index"):
+        client.sample_stream("tiny-gen", 12, start_index=13)
+
+    async def scenario() -> list[Any]:
+        async with AsyncGenserveClient(tiny_server.target) as aio:
+            return [c async for c in aio.sample_stream("tiny-gen", 12, base_seed=40, start_index=12)]
+
+    assert asyncio.run(scenario()) == []
+
+
 def test_super_resolve_and_translate(client: GenserveClient) -> None:
     buf = io.BytesIO()
     Image.fromarray(rgb(12, 16)).save(buf, format="PNG")

@@ -299,6 +299,10 @@ def test_sample_stream_rejects_seeds_and_bad_start(stub: pb_grpc.GenerationServi
             list(stub.SampleStream(request))
         assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
         assert field in details_of(excinfo)
+    # start_index == count: a stream resumed after its last image has nothing left to send, an
+    # empty stream that ends OK (genserve.proto: 0 <= start_index <= count).
+    done = pb.SampleStreamRequest(sample=pb.SampleRequest(model="tiny-gen", count=3), start_index=3)
+    assert list(stub.SampleStream(done)) == []
 
 
 # ----------------------------------------------------------------------------- Interpolate / Decode / Encode
