@@ -2,9 +2,9 @@
 
 Exit codes: 0 success; 1 a failed call or I/O error, a bulk job that stopped with images missing,
 or a bench run in which no request succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's
-message is printed), bad arguments, a bulk job started with other parameters or whose pinned model
-version the server no longer serves; 3 the bulk job folder is in use by another run; 130
-interrupted. docs/client.md has the details.
+message is printed), bad arguments, a bulk job started with other parameters or with a model or
+version the server does not serve, or whose pinned model version the server no longer serves; 3 the
+bulk job folder is in use by another run; 130 interrupted. docs/client.md has the details.
 
 Connection flags (--target, --tls, ...) go before or after the command; GENSERVE_TARGET sets the
 default target.
@@ -849,7 +849,18 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
     shard = Shard.parse(args.shard) if args.shard else None  # before any call
     # A server that is restarting when the job starts is waited for like one that restarts later.
     window = RetryWindow(args.retry_window, client.retry.retryable_codes, threading.Event())
-    info = window.call(lambda: client.get_model(args.model))
+    try:
+        info = window.call(lambda: client.get_model(args.model))
+    except GenserveClientError as exc:
+        if exc.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        # A model the server does not serve is a bad argument, as a version it does not serve.
+        raise UsageError(f"bulk: --model {args.model!r}: {exc.details}") from None
+    if args.version and all(v.version != args.version for v in info.versions):
+        served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+        raise UsageError(
+            f"bulk: --version {args.version!r}: model {args.model!r} has no such version (served: {served})"
+        )
     labels = resolve_labels(info, args.labels) if info.kind == CONDITIONAL or args.labels else []
     params = BulkParams(
         model=args.model,

@@ -215,6 +215,23 @@ def test_invalid_argument_exits_2_with_the_servers_message(tiny_server: Any, tmp
     )
 
 
+def test_a_new_bulk_job_of_an_unknown_model_or_version_exits_2_naming_the_flag(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    # Both are bad arguments (exit 2, docs/client.md and --help), refused before the job's folder
+    # is made (as every value of a job is checked), naming the flag and what the server serves.
+    cases = (
+        (("--model", "no-such-model"), "--model 'no-such-model'", "tiny-gen"),
+        (("--model", "tiny-gen", "--version", "9"), "--version '9'", "1 (READY)"),
+    )
+    for flags, named, served in cases:
+        out = tmp_path / flags[-1]
+        proc = run_cli("--target", tiny_server.target, "bulk", *flags, "--n", "3", "--out", str(out))
+        assert proc.returncode == 2, proc.stderr
+        assert named in proc.stderr and served in proc.stderr and "Traceback" not in proc.stderr
+        assert "resumable" not in proc.stderr and not out.exists()
+
+
 def test_bench_json(tiny_server: Any) -> None:
     proc = cli(
         tiny_server,
