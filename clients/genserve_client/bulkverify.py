@@ -150,7 +150,9 @@ def verify_job(
     folders: list[Path] = []
     for root in given:
         found_here = job_folders(root)
-        if not found_here:
+        if not found_here:  # a bad argument (a mistyped path, most often): say what the path is
+            if not root.is_dir():
+                raise BulkError(f"{root} {'is not a folder' if root.exists() else 'does not exist'}")
             raise BulkError(f"{root} holds no bulk job ({JOB_FILE}) and no shard-*-of-* folder with one")
         # The same folder named twice (or through a link) is one folder, not two copies of a shard.
         known = {f.resolve() for f in folders}

@@ -964,7 +964,8 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Exit 0 when the folders hold exactly the job, 1 with the problems listed otherwise."""
+    """Exit 0 when the folders hold exactly the job, 1 with the problems listed otherwise (2, from
+    main: a DIR that is no job folder, a bad argument)."""
     roots = [Path(d) for d in args.dirs]
     report, merged = verify_job(roots, hashes=args.hashes)
     where = " + ".join(map(str, roots))

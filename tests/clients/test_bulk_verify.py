@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from client_fakes import FakeServer, cli_main
+from client_fakes import FakeServer, cli_main, run_cli
 
 from genserve_client.bulk import read_manifest
 
@@ -135,6 +135,23 @@ def test_verify_names_a_folder_without_a_job(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "empty").mkdir()
     code, _, err = cli_main(capsys, "verify", str(tmp_path / "empty"))
     assert code == 2 and "holds no bulk job" in err and "Traceback" not in err
+
+
+def test_verify_of_a_dir_that_is_no_job_exits_2_saying_what_it_is(tmp_path: Path) -> None:
+    # A DIR that is no job folder is a bad argument (exit 2, docs/client.md), not an incomplete job
+    # (exit 1): the message says what the path is, so that a mistyped one reads as such.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = (
+        ("empty", "holds no bulk job (job.json) and no shard-*-of-* folder with one"),
+        ("typo", "does not exist"),
+        ("file", "is not a folder"),
+    )
+    for name, says in cases:
+        proc = run_cli("verify", str(tmp_path / name))
+        assert proc.returncode == 2, proc.stderr
+        assert f"genserve-client: {tmp_path / name} {says}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_a_damaged_manifest_is_a_problem_verify_lists_not_a_usage_error_or_a_traceback(
