@@ -728,6 +728,11 @@ class Batcher:
         for bulk, the time budgets)."""
         return self._batch_limit(lane, key)
 
+    def most_rows(self, key: Hashable) -> int:
+        """The most rows a batch of `key` ever takes (max_batch_size and the per-key rows limit), the
+        batches a working-set estimate counts (core.translate)."""
+        return self._batch_limit(Lane.INTERACTIVE, key, shared=False)
+
     def _batch_limit(self, lane: Lane, key: Hashable, *, shared: bool = True) -> int:
         """Rows a batch of `lane` and `key` may take now (see bulk_budget_s and bulk_idle_budget_s;
         `shared`: and _side_by_side_share)."""

@@ -132,11 +132,12 @@ class Limits:
     # Used when a model's config.json does not say.
     default_max_queue_size: int = BatchingConfig().max_queue_size
     # Memory budgets (response_budget.py): bytes of unary responses computed but not yet sent (8
-    # full-size responses), and SuperResolve's working set (two 1024x1024 x4 requests at a
-    # time). A request waits for its budget at most budget_max_wait_s (and its deadline), then
-    # RESOURCE_EXHAUSTED.
+    # full-size responses), SuperResolve's working set (two 1024x1024 x4 requests at a time) and
+    # Translate's (two requests of 16 RGB 1024x1024 images, ~0.75 GB each). A request waits for its
+    # budget at most budget_max_wait_s (and its deadline), then RESOURCE_EXHAUSTED.
     response_budget_bytes: int = 512 * MIB
     sr_working_set_bytes: int = 2048 * MIB
+    translate_working_set_bytes: int = 2048 * MIB
     budget_max_wait_s: float = 30.0
 
     def input_pixels(self, kind: Kind) -> tuple[int, str]:
@@ -263,6 +264,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
         ),
         response_budget_bytes=lr.integer("response_budget_bytes", d.response_budget_bytes, min_value=MIB),
         sr_working_set_bytes=lr.integer("sr_working_set_bytes", d.sr_working_set_bytes, min_value=MIB),
+        translate_working_set_bytes=lr.integer(
+            "translate_working_set_bytes", d.translate_working_set_bytes, min_value=MIB
+        ),
         budget_max_wait_s=lr.number("budget_max_wait_s", d.budget_max_wait_s, min_value=0.0),
         max_concurrent_control_rpcs=lr.integer(
             "max_concurrent_control_rpcs", d.max_concurrent_control_rpcs, min_value=1

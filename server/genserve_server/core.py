@@ -219,6 +219,12 @@ class GenerationCore:
             limits.budget_max_wait_s,
             metrics.sr_working_set_bytes if metrics.enabled else None,
         )
+        self.translate_working_set = ByteBudget(
+            "Translate working-set budget (translate_working_set_bytes)",
+            limits.translate_working_set_bytes,
+            limits.budget_max_wait_s,
+            metrics.translate_working_set_bytes if metrics.enabled else None,
+        )
         # Set at SIGTERM (begin_shutdown): SampleStreams end at their next chunk boundary.
         self.shutting_down = asyncio.Event()
 
@@ -798,21 +804,7 @@ class GenerationCore:
         plans = [
             tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, multiple, margin=margin) for p in padded
         ]
-        working_set = tiling.working_set_bytes(
-            plans,
-            [p.shape[1:] for p in padded],
-            card.input_channels or card.channels,
-            card.channels,
-            scale,
-            mv.config.batching.max_batch_size,
-            # The decoded images, and their padded copies where padding made new arrays.
-            input_bytes=sum(
-                a.nbytes + (p.nbytes if p is not a else 0) for a, p in zip(arrays, padded, strict=True)
-            ),
-            encode_bytes_per_value=(
-                0 if out.format == codecs.ImageFormat.TENSOR_F32 else tiling.ENCODE_BYTES_PER_VALUE
-            ),
-        )
+        working_set = image_working_set(card, arrays, padded, plans, out, mv.config.batching.max_batch_size)
         # The working set first: a call waiting for it holds no response bytes, or a burst of
         # SuperResolves would hold the server-wide response budget every other RPC needs.
         held = await self.wait_for_budget(
@@ -928,12 +920,44 @@ class GenerationCore:
         expected = validate.predicted_images_send_size(
             out, card.channels, out_sizes, self.limits.max_send_message_bytes
         )
-        await self.reserve_response(call, expected)
         # Bucket by padded shape: same-shape images (of any request) share a batch.
         groups: dict[tuple[int, ...], list[int]] = {}
         padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]
         for i, p in enumerate(padded):
             groups.setdefault(p.shape, []).append(i)
+        shapes = list(groups)
+        assert mv.batcher is not None
+        working_set = image_working_set(
+            card,
+            arrays,
+            padded,
+            [tiling.whole_image(*p.shape[1:]) for p in padded],
+            out,
+            max(mv.batcher.most_rows(image_batch_key(card, shape, two_way)) for shape in shapes),
+        )
+        # As SuperResolve's: the working set first, then the response's bytes.
+        held = await self.wait_for_budget(
+            call, self.translate_working_set.acquire(working_set, call.deadline, "Translate")
+        )
+        try:
+            await self.reserve_response(call, expected)
+            return await self._translate_images(mv, call, arrays, padded, groups, out, two_way)
+        finally:
+            self.translate_working_set.release(held)
+
+    async def _translate_images(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        arrays: Sequence[np.ndarray],
+        padded: Sequence[np.ndarray],
+        groups: Mapping[tuple[int, ...], Sequence[int]],
+        out: OutputSpec,
+        two_way: int | None,
+    ) -> Upscaled:
+        """Submit each padded shape's images, crop and encode (within the request's working-set budget)."""
+        card = mv.card
+        assert card is not None
         shapes = list(groups)
         results = await gather_or_cancel(
             [
@@ -956,6 +980,33 @@ class GenerationCore:
                 h, w = arrays[i].shape[1:]
                 outputs[i] = result.outputs["output_image"][row, :, :h, :w]  # crop the padding back off
         return Upscaled(await self._encode_each(mv, call, outputs, out), batch_sizes)
+
+
+def image_working_set(
+    card: Card,
+    arrays: Sequence[np.ndarray],
+    padded: Sequence[np.ndarray],
+    plans: Sequence[Sequence[tiling.Tile]],
+    out: OutputSpec,
+    batch_rows: int,
+) -> int:
+    """tiling.working_set_bytes of a SuperResolve (its tile plans) or a Translate (a whole_image plan
+    an image) of decoded `arrays` padded to `padded`, batched `batch_rows` rows at most."""
+    return tiling.working_set_bytes(
+        plans,
+        [p.shape[1:] for p in padded],
+        card.input_channels or card.channels,
+        card.channels,
+        card.scale_factor or 1,
+        batch_rows,
+        # The decoded images, and their padded copies where padding made new arrays.
+        input_bytes=sum(
+            a.nbytes + (p.nbytes if p is not a else 0) for a, p in zip(arrays, padded, strict=True)
+        ),
+        encode_bytes_per_value=(
+            0 if out.format == codecs.ImageFormat.TENSOR_F32 else tiling.ENCODE_BYTES_PER_VALUE
+        ),
+    )
 
 
 def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:

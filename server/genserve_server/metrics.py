@@ -411,6 +411,11 @@ class Metrics:
             "Estimated bytes of SuperResolve requests being computed (sr_working_set_bytes).",
             registry=reg,
         )
+        self.translate_working_set_bytes = Gauge(
+            "genserve_translate_working_set_bytes",
+            "Estimated bytes of Translate requests being computed (translate_working_set_bytes).",
+            registry=reg,
+        )
         self.model_load_duration = Gauge(
             "genserve_model_load_duration_seconds", "Model load + warm-up time.", mv, registry=reg
         )

@@ -196,6 +196,12 @@ TILE_OUTPUT_COPIES = 4
 ENCODE_BYTES_PER_VALUE = 6
 
 
+def whole_image(h: int, w: int) -> list[Tile]:
+    """The plan of an image the model takes whole (Translate): one tile, its own core; for
+    working_set_bytes."""
+    return [Tile(0, 0, h, w, 0, 0, h, w, 0, 0)]
+
+
 def working_set_bytes(
     plans: Sequence[Sequence[Tile]],
     sizes: Sequence[tuple[int, ...]],
@@ -207,7 +213,8 @@ def working_set_bytes(
     input_bytes: int = 0,
     encode_bytes_per_value: int = ENCODE_BYTES_PER_VALUE,
 ) -> int:
-    """Estimated peak bytes of upscaling images of `sizes` (h, w) cut by `plans`. Held throughout:
+    """Estimated peak bytes of upscaling images of `sizes` (h, w) cut by `plans` (Translate: `scale`
+    1, each image one tile of `whole_image`, as the model takes it). Held throughout:
     the decoded (and padded) input images (`input_bytes`), every tile's float32 input and output (all
     are held until the last is computed). On top of them, the larger of two phases: while tiles are
     computed, the model's intermediates for the largest `batch_tiles` tiles computed at once; once

@@ -221,8 +221,9 @@ def test_bulk_samples_waiting_for_room_in_their_lane_hold_no_response_bytes(tmp_
         server.proc.wait(10)
 
 
-def slow_super_resolution_graph(iterations: int) -> object:
-    """x2 super-resolution that takes seconds an image: a Loop of 3x3 convs, then Resize nearest."""
+def slow_super_resolution_graph(iterations: int, scale: int = 2) -> object:
+    """x`scale` super-resolution (1: an image-to-image model) that takes seconds an image: a Loop of
+    3x3 convs, then Resize nearest."""
     rng = np.random.default_rng(8)
     image = ["batch", 3, "h", "w"]
     body = helper.make_graph(
@@ -253,7 +254,7 @@ def slow_super_resolution_graph(iterations: int) -> object:
         [helper.make_tensor_value_info("output_image", TensorProto.FLOAT, ["batch", 3, "H", "W"])],
         [
             numpy_helper.from_array(rng.normal(0, 0.3, (3, 3, 3, 3)).astype(np.float32) * 2.0, "K"),
-            numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+            numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales"),
             numpy_helper.from_array(np.array(iterations, np.int64), "trip"),
             numpy_helper.from_array(np.array(True), "cond"),
         ],
@@ -299,4 +300,70 @@ def test_super_resolves_waiting_for_the_working_set_hold_no_response_bytes(tmp_p
                 call.cancel()
     finally:
         server.proc.kill()  # the running SuperResolve would hold a graceful drain for seconds
+        server.proc.wait(10)
+
+
+I2I_CARD = {"channels": 3, "input_channels": 3, "input_range": [0.0, 1.0], "size_multiple": 1, "min_size": 4}
+
+
+def test_translates_share_the_working_set_budget_and_a_wait_past_it_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """Translate held only its response's bytes while it decoded, stacked, computed and encoded 10-14x
+    them, so concurrent large Translates were bounded by nothing but the response budget. Each now
+    holds its working set against translate_working_set_bytes (1 MiB here): 96x96 requests (~0.66 MB
+    each) run one at a time and all complete; behind a slow one that holds all of it, a call waits
+    budget_max_wait_s and is refused RESOURCE_EXHAUSTED naming the budget, counted as `budget`."""
+    root = tmp_path / "models"
+    write_model(root, "i2i", "image_to_image", slow_super_resolution_graph(1, scale=1), I2I_CARD)
+    write_model(root, "slow-i2i", "image_to_image", slow_super_resolution_graph(10_000, scale=1), I2I_CARD)
+    config = {
+        "warmup": False,
+        "limits": {"translate_working_set_bytes": MIB, "budget_max_wait_s": 1.0},
+    }
+    server = start_server(root, tmp_path / "server", config=config)
+    jpeg = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG)
+    peak = [0.0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], server.metric("genserve_translate_working_set_bytes"))
+
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            image = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=png_bytes(96, 96))
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                futures = [
+                    stub.Translate.future(
+                        pb.ImageRequest(model="i2i", images=[image], output=jpeg), timeout=30
+                    )
+                    for _ in range(6)
+                ]
+                assert [len(f.result().images) for f in futures] == [1] * 6
+            finally:
+                done.set()
+                watcher.join()
+            assert 0 < peak[0] <= MIB
+            assert server.metric("genserve_translate_working_set_bytes") == 0
+            # A 256x256 Translate's working set (~6 MB) is clamped to the whole budget: it runs alone.
+            large = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=png_bytes(256, 256))
+            slow = stub.Translate.future(pb.ImageRequest(model="slow-i2i", images=[large]), timeout=60)
+            wait_until(
+                lambda: server.metric("genserve_translate_working_set_bytes") == MIB,
+                30,
+                "the slow Translate to hold the working-set budget",
+            )
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.Translate(pb.ImageRequest(model="i2i", images=[image]), timeout=10)
+            assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = excinfo.value.details() or ""
+            assert "translate_working_set_bytes" in details and f"({MIB} bytes)" in details
+            assert server.metric("genserve_requests_rejected_total", model="i2i", reason="budget") == 1
+            slow.cancel()
+    finally:
+        server.proc.kill()  # the running Translate would hold a graceful drain for seconds
         server.proc.wait(10)

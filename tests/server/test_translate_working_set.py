@@ -1,0 +1,106 @@
+"""Translate's working set (tiling.working_set_bytes over whole images, held against
+translate_working_set_bytes as SuperResolve's is against sr_working_set_bytes) against what the
+request really allocates: the Python/numpy bytes traced by tracemalloc around
+GenerationCore.translate on a real loaded model, less the encoded response (the response budget
+holds those). ONNX Runtime's own buffers are not traced: the estimate must bound the traced bytes."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from server_support import image_to_image_graph, run_with_core, write_model
+from translator_models import write_translator
+
+from genserve.v1 import types_pb2 as tpb
+from genserve_server import validate
+from genserve_server.core import Call, GenerationCore
+from genserve_server.repository import Repository
+from genserve_server.response_budget import ByteBudget
+
+PNG, JPEG, RAW, TENSOR = (
+    tpb.IMAGE_FORMAT_PNG,
+    tpb.IMAGE_FORMAT_JPEG,
+    tpb.IMAGE_FORMAT_RAW_UINT8,
+    tpb.IMAGE_FORMAT_TENSOR_F32,
+)
+
+# (model, images, height, width, output format, direction)
+CASES = [
+    ("i2i", 1, 256, 256, PNG, validate.A_TO_B),
+    ("i2i", 4, 128, 128, JPEG, validate.A_TO_B),
+    ("i2i", 3, 126, 130, RAW, validate.A_TO_B),  # padded to the size multiple: a padded copy each
+    ("i2i", 2, 160, 160, TENSOR, validate.A_TO_B),
+    ("tiny-cyclegan", 4, 200, 200, PNG, validate.B_TO_A),
+]
+
+
+def test_what_a_translate_allocates_is_held_against_a_working_set_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Translate held only its response's bytes (response_budget_bytes) while it decoded its images
+    to float32, padded and stacked them, ran the model and encoded the outputs: 10-14x those bytes,
+    so concurrent large Translates took many times the configured budgets. Each call now holds an
+    estimate of that working set (SuperResolve's, over whole images) against its own budget."""
+    write_model(
+        tmp_path,
+        "i2i",
+        "image_to_image",
+        image_to_image_graph(4),
+        {"channels": 3, "input_channels": 3, "input_range": [-1.0, 1.0], "size_multiple": 4, "min_size": 8},
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0}},
+    )
+    write_translator(tmp_path)
+    held: list[int] = []
+    real_acquire = ByteBudget.acquire
+
+    async def recording(self: ByteBudget, n_bytes: int, deadline: float | None, what: str) -> int:
+        got = await real_acquire(self, n_bytes, deadline, what)
+        if "response_budget_bytes" not in self.name:  # the response's bytes are subtracted below
+            held.append(got)
+        return got
+
+    monkeypatch.setattr(ByteBudget, "acquire", recording)
+    rng = np.random.default_rng(0)
+    measured: list[tuple[Any, int, int]] = []
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        for case in CASES:
+            name, n, h, w, fmt, direction = case
+            channels = 1 if name == "tiny-cyclegan" else 3
+            image = tpb.Image(
+                format=RAW,
+                data=rng.integers(0, 256, (h, w, channels), dtype=np.uint8).tobytes(),
+                shape=[h, w, channels],
+            )
+            out = validate.output_spec(fmt, 0, None, False)
+            call = Call("Translate", "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+            mv = core.resolve(call, name, "", ("image_to_image", "two_way_translator"), "Translate")
+            held.clear()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                translated = await core.translate(mv, call, [image] * n, out, direction)
+                peak = tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+                if call.batcher is not None:
+                    call.batcher.release()
+                if call.response is not None:
+                    call.response.release()
+            response = sum(len(im.data) for im in translated.images)
+            measured.append((case, peak - response, sum(held)))
+        # Every working set held was given back.
+        assert all(b.held == 0 for b in vars(core).values() if isinstance(b, ByteBudget))
+
+    run_with_core(tmp_path, body)
+    over = [
+        (case, real, estimate, round(real / max(estimate, 1), 2))
+        for case, real, estimate in measured
+        if real > estimate
+    ]
+    assert not over, f"allocated more than the working set held (case, bytes, held, ratio): {over}"
