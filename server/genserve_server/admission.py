@@ -32,13 +32,12 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncGenerator, Callable, Collection
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
 import grpc
 
-from genserve_server.boundary import ThrottledLog, abort
+from genserve_server.boundary import ENDED_UNREAD, ThrottledLog, abort
 from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)
@@ -57,9 +56,6 @@ BULK_STREAMS = (
 )
 GENERATION_CONTROL = ("/genserve.v1.GenerationService/ListModels", "/genserve.v1.GenerationService/GetModel")
 
-# Set in a call's task (grpc runs the handler, then sends its status, in one task) once the server has
-# ended the call's stream itself because its client took no message (_write_all).
-_ENDED_UNREAD: ContextVar[bool] = ContextVar("genserve_ended_unread", default=False)
 FAILED_SEND_LOG = "ExecuteBatchError raised in core"
 
 
@@ -68,7 +64,7 @@ class _UnreadStreamEnds(logging.Filter):
     client went away instead of reading on); every other record of grpc's logger passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (_ENDED_UNREAD.get() and record.getMessage().startswith(FAILED_SEND_LOG))
+        return not (ENDED_UNREAD.get() and record.getMessage().startswith(FAILED_SEND_LOG))
 
 
 # grpc's aio server logs from its Cython module's logger, in the call's task.
@@ -335,7 +331,7 @@ async def _write_all(
                 unread_ends.log(
                     "unread", "ended a stream whose client read nothing for %.3g s", write_timeout_s
                 )
-                _ENDED_UNREAD.set(True)  # its status may never be sent: the client may go instead
+                ENDED_UNREAD.set(True)  # its status may never be sent: the client may go instead
                 context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
                 context.set_details(
                     f"the client took no message for stream_write_timeout_s={write_timeout_s:g} s; "

@@ -16,11 +16,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
 from genserve_server.accept import at_call_end
+from genserve_server.batch_parts import count_once
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
 from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument
@@ -40,6 +42,10 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+-]+")
 # client's flood of bad calls (an unknown model, an invalid field, bytes that are not a request, a
 # call over a concurrency limit) must not write the log at will; the metrics count every one.
 REFUSAL_LOG_INTERVAL_S = 10.0
+
+# Set in a call's task (grpc runs the handler, then sends its status, in one task) once the server has
+# ended the call's stream itself because its client took no message (admission._write_all).
+ENDED_UNREAD: ContextVar[bool] = ContextVar("genserve_ended_unread", default=False)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Req = TypeVar("Req")
@@ -207,6 +213,10 @@ class Boundary:
             raise exc
         if isinstance(exc, GeneratorExit):  # a stream closed before its end: not an OK stream
             call.code = _closed_code(call, context)
+            if ENDED_UNREAD.get() and count_once(call):
+                # Its client stopped reading: RESOURCE_EXHAUSTED is what that client gets, and this
+                # drop tells the alerts it was the client's doing, not a server fault (docs/metrics.md).
+                call.metrics.dropped["unread"].inc()
             raise exc
         if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not the call's failure
             raise exc

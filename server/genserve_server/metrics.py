@@ -123,7 +123,7 @@ KIND_METHODS: dict[str, tuple[str, ...]] = {kind.value: _kind_methods(kind) for 
 # generators alone still exports the family the dashboard and KServe's statistics read.
 ENCODING_KINDS = frozenset(KIND_METHODS) - {Kind.VAE_ENCODER.value}
 REJECT_REASONS = ("queue_full", "invalid", "unauthenticated", "not_ready", "concurrency", "budget")
-DROP_REASONS = ("deadline", "cancelled")
+DROP_REASONS = ("deadline", "cancelled", "unread")
 FORMATS = ("png", "jpeg", "webp", "raw_uint8", "tensor_f32")
 
 
@@ -374,7 +374,8 @@ class Metrics:
         )
         self.requests_dropped = Counter(
             "genserve_requests_dropped_total",
-            "Admitted requests that left before compute (deadline or cancelled).",
+            "Admitted requests that left before compute (deadline, cancelled, or unread: a stream "
+            "ended because its client stopped reading).",
             (*mv, "reason"),
             registry=reg,
         )

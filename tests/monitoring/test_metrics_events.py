@@ -65,6 +65,56 @@ def test_a_stream_ended_for_an_unread_client_counts_resource_exhausted_not_ok(se
     assert (ok, exhausted) == (0, 1)
 
 
+def test_a_stream_ended_for_an_unread_client_counts_as_an_unread_drop_not_a_server_fault(
+    server: ServerProcess,
+) -> None:
+    """The stream keeps its RESOURCE_EXHAUSTED (what its client gets if it reads on), and
+    genserve_requests_dropped_total{reason="unread"} counts it once, so that GenserveErrorRateHigh can
+    leave a client that stopped reading out of the server-side error rate; not as `cancelled` (the
+    chunks it computed ahead leave with it) nor as a refusal."""
+    labels = {"model": "gen"}
+
+    def counts() -> dict[str, float]:
+        text = server.metrics_text()
+        out = {
+            reason: metric_in(text, "genserve_requests_dropped_total", reason=reason, **labels)
+            for reason in ("unread", "cancelled", "deadline")
+        }
+        out["rejected"] = metric_in(text, "genserve_requests_rejected_total", **labels)
+        out["RESOURCE_EXHAUSTED"] = metric_in(
+            text, "genserve_requests_total", method="SampleStream", code="RESOURCE_EXHAUSTED", **labels
+        )
+        return out
+
+    before = counts()
+    job = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6, base_seed=0, output=RAW))
+    unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+    try:
+        unread.call(server.target, STREAM, job.SerializeToString())
+        wait_until(
+            lambda: server.metric("genserve_requests_in_flight", method="SampleStream") >= 1,
+            10,
+            "the unread stream to run",
+            interval_s=0.01,
+        )
+        wait_until(
+            lambda: server.metric("genserve_requests_in_flight", method="SampleStream") == 0,
+            10 + WRITE_TIMEOUT_S,
+            "the server to end the unread stream",
+        )
+        time.sleep(0.5)  # the chunks it computed ahead leave after its handler
+    finally:
+        unread.close()
+    after = counts()
+    assert {key: after[key] - before[key] for key in after} == {
+        "unread": 1,
+        "cancelled": 0,
+        "deadline": 0,
+        "rejected": 0,
+        "RESOURCE_EXHAUSTED": 1,
+    }
+
+
 def _stalled(server: ServerProcess) -> bool:
     """The stream's handler computes no more images: it waits to write to a client that stopped reading."""
     before = server.metric("genserve_images_total", model="gen")

@@ -218,6 +218,23 @@ def test_dashboard_error_ratio_counts_the_server_side_codes_of_the_alert() -> No
     assert 'code!="OK"' not in target["expr"]
 
 
+def test_the_error_ratio_leaves_out_streams_ended_for_unread_clients_in_alert_dashboard_and_docs() -> None:
+    """A stream the server ends because its client stopped reading is RESOURCE_EXHAUSTED, a
+    server-side code, and also a drop `unread`: the alert, the dashboard's ratio and the docs' query
+    subtract those drops, so that one client that stopped reading does not page as a server fault."""
+    from genserve_server.metrics import DROP_REASONS
+
+    data = yaml.safe_load(RULES.read_text())
+    (alert,) = [r for g in data["groups"] for r in g["rules"] if r.get("alert") == "GenserveErrorRateHigh"]
+    (ratio,) = [p for p in load_dashboard()["panels"] if "error ratio" in p["title"].lower()]
+    queries = METRICS_DOC.read_text().split("### Useful queries", 1)[1].split("```", 2)[1]
+    unread = re.compile(r'genserve_requests_dropped_total\{[^}]*reason="unread"')
+    exprs = {"alert": alert["expr"], "dashboard": ratio["targets"][0]["expr"], "docs": queries}
+    for where, promql in exprs.items():
+        assert unread.search(promql), f"{where}: does not subtract the unread drops: {promql}"
+    assert "unread" in DROP_REASONS
+
+
 def test_dashboard_shows_the_image_cache_and_the_runtime() -> None:
     exprs = " ".join(e.promql for e in _panel_exprs())
     for name in (
