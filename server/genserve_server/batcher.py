@@ -1071,15 +1071,23 @@ class Batcher:
             await run_off_loop(None, place, parts, outputs)
             resolve(parts, outputs)
         except Exception as exc:
-            # Outputs that do not fit the arrays a request's earlier batch shaped (a model whose
-            # output shape changed between batches of one key): fail its requests, never leave them
-            # waiting for a result that cannot come.
-            logger.error("%s: a batch's outputs could not be handed to its requests: %r", self.name, exc)
-            failure = Internal(
-                f"{self.name}: the model's outputs did not fit the request (see the server log)"
-            )
-            for part in parts:
-                set_exception_if_not_done(part.request.future, failure)
+            self._unfit(parts, exc)
+
+    def _fan_out(self, parts: list[Part], outputs: Tensors) -> None:
+        """fan_out on the event loop (a retried half's outputs), failing the parts where it fails."""
+        try:
+            fan_out(parts, outputs)
+        except Exception as exc:
+            self._unfit(parts, exc)
+
+    def _unfit(self, parts: list[Part], exc: Exception) -> None:
+        """Outputs that do not fit the arrays a request's earlier batch shaped (a model whose output
+        shape changed between batches of one key): fail its requests, never leave them waiting for a
+        result that cannot come."""
+        logger.error("%s: a batch's outputs could not be handed to its requests: %r", self.name, exc)
+        failure = Internal(f"{self.name}: the model's outputs did not fit the request (see the server log)")
+        for part in parts:
+            set_exception_if_not_done(part.request.future, failure)
 
     async def _call(self, parts: list[Part]) -> tuple[Tensors | None, Exception | None]:
         """One model call over `parts`: (outputs, None), or (None, the failure)."""
@@ -1154,7 +1162,7 @@ class Batcher:
                 continue
             outputs, half_error = await self._call(half)
             if outputs is not None:
-                fan_out(half, outputs)
+                self._fan_out(half, outputs)
             errors.append(half_error)
         if errors[0] is not None and errors[1] is not None:
             self._fail(parts, error)

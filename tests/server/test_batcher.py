@@ -1758,6 +1758,34 @@ def test_outputs_that_do_not_fit_a_straddling_request_fail_it_rather_than_leave_
     run(body())
 
 
+def test_outputs_of_a_retried_half_that_do_not_fit_a_straddling_request_fail_it_rather_than_hang() -> None:
+    """As above, where the outputs that do not fit come from a half of a failed batch retried
+    (_isolate): the request fails with Internal and the batcher goes on; before, the exception ended
+    the batch's task ("Task exception was never retrieved") and the caller waited forever."""
+
+    async def body() -> None:
+        calls = 0
+
+        async def shifting_model(key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            nonlocal calls
+            calls += 1
+            x = np.asarray(inputs["x"])
+            if calls == 2:
+                raise RuntimeError("out of memory")  # the second batch: retried in halves
+            width = 1 if calls == 1 else 2
+            return {"y": np.repeat(10 * x[:, None], width, axis=1)}
+
+        batcher, _ = make(shifting_model, max_batch_size=2)  # type: ignore[arg-type]
+        with pytest.raises(Internal, match="did not fit"):
+            await asyncio.wait_for(batcher.submit("k", rows(1, 2, 3, 4), 4), 2.0)
+        calls = 0
+        result = await asyncio.wait_for(batcher.submit("k", rows(5), 1), 2.0)
+        np.testing.assert_array_equal(result.outputs["y"], [[50]])
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_window_whose_rows_all_left_survives_another_keys_arrival() -> None:
     """Every request of the sub-queue a window waits for is cancelled (callers gone, deadlines
     passed), then a request of another key arrives and wakes the dispatcher while that window is
