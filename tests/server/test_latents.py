@@ -307,6 +307,26 @@ def test_distribution_is_standard_normal() -> None:
     assert abs(float(np.mean(np.abs(z) <= 1.0)) - 0.6827) < 0.01
 
 
+def textbook_slerp(start: np.ndarray, end: np.ndarray, steps: int) -> np.ndarray:
+    """sin((1-t) w)/sin(w) a + sin(t w)/sin(w) b, computed as interpolate() does, ends exact."""
+    a, b = start.astype(np.float64), end.astype(np.float64)
+    t = np.linspace(0.0, 1.0, steps)[:, np.newaxis]
+    omega = math.acos(float(np.clip(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)), -1.0, 1.0)))
+    path = ((np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / math.sin(omega)).astype(np.float32)
+    path[0], path[-1] = a, b
+    return path
+
+
+def at_angle(a: np.ndarray, degrees: float, norm: float) -> np.ndarray:
+    """float32 vector of `norm` at `degrees` from `a`, in the plane of a and a seed's latent."""
+    u = a.astype(np.float64) / np.linalg.norm(a)
+    e = latents_for_seeds([99], a.size)[0].astype(np.float64)
+    e -= np.dot(e, u) * u
+    e /= np.linalg.norm(e)
+    angle = math.radians(degrees)
+    return (norm * (math.cos(angle) * u + math.sin(angle) * e)).astype(np.float32)
+
+
 class TestInterpolate:
     def test_lerp_ends_and_midpoint(self) -> None:
         a = np.array([1.0, 0.0, 2.0], dtype=np.float32)
@@ -347,6 +367,51 @@ class TestInterpolate:
         lerp = interpolate(np.array(a), np.array(b), 5, InterpolationMode.LERP)
         assert np.all(np.isfinite(slerp))
         np.testing.assert_array_equal(slerp, lerp)
+
+    @pytest.mark.parametrize("dim", [16, 20, 64, 512])
+    def test_slerp_of_seed_latents_is_the_textbook_formula(self, dim: int) -> None:
+        z = latents_for_seeds(list(range(12)), dim)
+        for i in range(len(z)):
+            for j in range(i + 1, len(z)):
+                np.testing.assert_array_equal(interpolate(z[i], z[j], 9), textbook_slerp(z[i], z[j], 9))
+
+    @pytest.mark.parametrize(("degrees", "ratio"), [(1.0, 1.5), (90.0, 3.0), (120.0, 1.2), (179.5, 1.0)])
+    def test_slerp_keeps_the_textbook_formula_where_it_stays_bounded(
+        self, degrees: float, ratio: float
+    ) -> None:
+        a = latents_for_seeds([5], 16)[0]
+        b = at_angle(a, degrees, ratio * float(np.linalg.norm(a)))
+        np.testing.assert_array_equal(interpolate(a, b, 17), textbook_slerp(a, b, 17))
+
+    @pytest.mark.parametrize(
+        ("degrees", "ratio"), [(179.99, 2.0), (179.99, 0.5), (179.0, 2.0), (178.0, 1.25)]
+    )
+    def test_slerp_between_nearly_opposite_ends_of_different_norms_stays_within_their_norms(
+        self, degrees: float, ratio: float
+    ) -> None:
+        """The textbook formula's points grow as ||a|-|b|| / (2 cos(w/2)) there (at 179.99 degrees,
+        z and about -2z: elements over 10^4, which Decode refuses): the norm goes linearly instead,
+        along the great circle of the directions."""
+        a = latents_for_seeds([1], 16)[0]
+        norm_a = float(np.linalg.norm(a))
+        b = at_angle(a, degrees, ratio * norm_a)
+        norm_b = float(np.linalg.norm(b))
+        path = interpolate(a, b, 9).astype(np.float64)
+        np.testing.assert_array_equal(path[0], a)
+        np.testing.assert_array_equal(path[-1], b)
+        t = np.linspace(0.0, 1.0, 9)
+        np.testing.assert_allclose(np.linalg.norm(path, axis=1), (1 - t) * norm_a + t * norm_b, rtol=1e-6)
+        unit_a, unit_b = a.astype(np.float64) / norm_a, b.astype(np.float64) / norm_b
+        # The directions: the textbook path between equal norms, a great circle.
+        directions = textbook_slerp(unit_a, unit_b, 9).astype(np.float64)
+        np.testing.assert_allclose(path / np.linalg.norm(path, axis=1, keepdims=True), directions, atol=1e-5)
+
+    def test_slerp_between_nearly_opposite_seed_latents_stays_within_their_norms(self) -> None:
+        # Two-dimensional seed latents can be nearly opposite: seeds 0 and 1248 at 179.84 degrees.
+        z = latents_for_seeds([0, 1248], 2)
+        assert np.dot(z[0], z[1]) / np.prod(np.linalg.norm(z, axis=1)) < math.cos(math.radians(179.8))
+        norms = np.linalg.norm(interpolate(z[0], z[1], 9), axis=1)
+        assert norms.max() <= np.linalg.norm(z, axis=1).max() * (1 + 1e-6), norms
 
     def test_bad_arguments(self) -> None:
         with pytest.raises(ValueError, match="steps"):

@@ -337,6 +337,33 @@ def test_interpolate_between_seeds_ends_match_sample(
     assert path.images[-1].image.data == ends.images[1].image.data
 
 
+def test_interpolate_between_nearly_opposite_latents_stays_decodable(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """An end and about -2 times it (179.99 degrees apart): the textbook SLERP formula put path
+    elements above 10^4, which Decode then refused; the path now stays within the ends' norms."""
+    a = 2 * latents_for_seeds([1], 8)[0]
+    u, e = a / np.linalg.norm(a), latents_for_seeds([2], 8)[0].astype(np.float64)
+    e -= np.dot(e, u) * u
+    e /= np.linalg.norm(e)
+    angle = np.radians(179.99)
+    b = (2 * np.linalg.norm(a) * (np.cos(angle) * u + np.sin(angle) * e)).astype(np.float32)
+    path = stub.Interpolate(
+        pb.InterpolateRequest(
+            model="tiny-vae-dec",
+            start=pb.LatentPoint(latent=latent_tensor(a)),
+            end=pb.LatentPoint(latent=latent_tensor(b)),
+            steps=9,
+            mode=pb.INTERPOLATION_MODE_SLERP,
+            output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32, return_latents=True),
+        )
+    )
+    z = np.stack([np.frombuffer(g.latent.data, "<f4") for g in path.images])
+    assert np.linalg.norm(z, axis=1).max() <= np.linalg.norm(b) * (1 + 1e-6)
+    decoded = stub.Decode(pb.DecodeRequest(model="tiny-vae-dec", latents=latent_tensor(z), output=F32))
+    assert [g.image.data for g in decoded.images] == [g.image.data for g in path.images]
+
+
 def test_interpolate_seed_out_of_range_names_the_field(stub: pb_grpc.GenerationServiceStub) -> None:
     request = pb.InterpolateRequest(
         model="tiny-gen", start=pb.LatentPoint(seed=-1), end=pb.LatentPoint(seed=2), steps=3

@@ -39,6 +39,11 @@ class _InterpolationModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Int
     """SLERP"""
     INTERPOLATION_MODE_LERP: _InterpolationMode.ValueType  # 1
     INTERPOLATION_MODE_SLERP: _InterpolationMode.ValueType  # 2
+    """sin((1-t) w)/sin(w) a + sin(t w)/sin(w) b, w the angle between the ends a and b (LERP where
+    sin(w) is ~0). Where that arc would go farther than twice the larger end's norm from the origin
+    (ends of different norms nearly opposite; in practice never two seeds' latents of 16 or more
+    dimensions), the path is the great circle of the directions, its norm linear from |a| to |b|.
+    """
 
 class InterpolationMode(_InterpolationMode, metaclass=_InterpolationModeEnumTypeWrapper): ...
 
@@ -46,6 +51,11 @@ INTERPOLATION_MODE_UNSPECIFIED: InterpolationMode.ValueType  # 0
 """SLERP"""
 INTERPOLATION_MODE_LERP: InterpolationMode.ValueType  # 1
 INTERPOLATION_MODE_SLERP: InterpolationMode.ValueType  # 2
+"""sin((1-t) w)/sin(w) a + sin(t w)/sin(w) b, w the angle between the ends a and b (LERP where
+sin(w) is ~0). Where that arc would go farther than twice the larger end's norm from the origin
+(ends of different norms nearly opposite; in practice never two seeds' latents of 16 or more
+dimensions), the path is the great circle of the directions, its norm linear from |a| to |b|.
+"""
 Global___InterpolationMode: _TypeAlias = InterpolationMode  # noqa: Y015
 
 class _Direction:
