@@ -71,12 +71,17 @@ class Attempts:
 
 class StreamResume:
     """Where a SampleStream job stands: each reopened stream starts at the index after the last
-    image handed out, so a consumer sees each index exactly once."""
+    image handed out, so a consumer sees each index exactly once, and asks for the model version the
+    first images came from: a stream for the default version (none given) would otherwise get the
+    server's default at the time it reopens, after a reload or a restart another version, whose
+    images the same iteration would mix with the first ones. Where that version is no longer served,
+    the reopened stream fails (NOT_FOUND) instead."""
 
     def __init__(self, call: StreamCall, attempts: Attempts) -> None:
         self.call = call
         self.attempts = attempts
         self.next_index = call.request.start_index
+        self.version = call.request.sample.version  # "" until the first images say which one served
 
     def next_request(self) -> genserve_pb2.SampleStreamRequest | None:
         """The request for the next attempt, or None when every index has been handed out."""
@@ -85,11 +90,13 @@ class StreamResume:
         request = genserve_pb2.SampleStreamRequest()
         request.CopyFrom(self.call.request)
         request.start_index = self.next_index
+        request.sample.version = self.version
         return request
 
     def chunk(self, chunk: genserve_pb2.SampleStreamChunk) -> SampleResult:
         result = SampleResult.from_proto(chunk, self.attempts.request_id)
         if result.items:
+            self.version = self.version or result.provenance.version
             self.next_index = result.items[-1].index + 1
             self.attempts.progressed()
         return result

@@ -185,8 +185,9 @@ def sample_stream(
     model: str, count: int, *, timeout_s: float | None = None, **opts: Unpack[rq.StreamOptions]
 ) -> StreamCall:
     """Images [start_index, count) of a bulk job, chunk by chunk, resumed after transient errors
-    at the index after the last image yielded (each index is yielded exactly once); none, and no
-    call, where start_index == count (a job resumed after its last image).
+    at the index after the last image yielded (each index is yielded exactly once) and on the
+    version the first images came from (StreamResume); none, and no call, where start_index ==
+    count (a job resumed after its last image).
 
     `timeout_s` bounds each attempt of the stream; None (the default here, unlike unary
     calls) means no deadline, since a bulk job may run for hours.
