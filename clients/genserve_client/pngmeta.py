@@ -1,5 +1,5 @@
 """Provenance in PNG files the CLI writes: tEXt chunks (iTXt for text beyond Latin-1) with seed(s),
-model, version and sha256.
+model, version and sha256, and the other models the images went through (`used_models`).
 
 Read them back with Pillow (`Image.open(path).text`) or `exiftool`. Images the server encoded are
 not re-encoded: the chunks are spliced in after IHDR, so the pixel data stays byte for byte.
@@ -31,6 +31,11 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
         ):
             if value:
                 text[key] = value
+        # The other models the images went through (a style generator's mapping, a code prior's
+        # decoder and top prior): a reload of one changes the images, not `model` (types.proto).
+        used = "; ".join(f"{m} version {v} sha256 {h}" for m, v, h in provenance.used_models)
+        if used:
+            text["used_models"] = used
     return text
 
 

@@ -150,3 +150,28 @@ def test_mix_calls_hold_at_most_per_call_mixes_and_distinct_seeds() -> None:
     assert [p for call in calls for p in call] == pairs
     assert all(len(call) <= 8 and len({s for p in call for s in p}) <= 8 for call in calls)
     assert cli.mix_calls(pairs, 256) == [pairs]
+
+
+def test_a_style_generators_pngs_name_the_mapping_version_that_made_them(
+    style_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    """types.proto Provenance.used_models: a style generator's images are a function of its mapping's
+    version too (a reload of the mapping changes them, not `model`). A PNG that names only the
+    generator does not say what made it: the file and a bulk job's files record the mapping."""
+    server, names = style_server
+    with GenserveClient(server.target) as client:
+        used = client.sample(names["generator"], seeds=[5], format="png").provenance.used_models
+    assert [m for m, _, _ in used] == [names["mapping"]]
+    (mapping, version, sha256) = used[0]
+    out = tmp_path / "out"
+    proc = run_cli("--target", server.target, "sample", "--model", names["generator"], "--n", "1",
+                   "--seed", "5", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = tmp_path / "job"
+    bulk = run_cli("--target", server.target, "bulk", "--model", names["generator"], "--n", "2",
+                   "--out", str(job))  # fmt: skip
+    assert bulk.returncode == 0, bulk.stderr
+    for path in [*out.glob("*.png"), *(job / "images").glob("*.png")]:
+        with Image.open(path) as picture:
+            text = picture.text  # type: ignore[attr-defined]
+        assert f"{mapping} version {version} sha256 {sha256}" in text.get("used_models", ""), (path, text)
