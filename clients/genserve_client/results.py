@@ -151,6 +151,15 @@ class CodesResult(SampleResult):
 
     codes: list[npt.NDArray[np.int64]] = field(default_factory=list)
     top_codes: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    # SampleCodesResponse.seeds: sample i's seed, also where there are no images (no decoder).
+    sample_seeds: list[int] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int | None]:
+        """Sample i's seed: the response's (a server older than its `seeds` field: the images')."""
+        if self.sample_seeds:
+            return list(self.sample_seeds)
+        return super().seeds
 
     @classmethod
     def from_codes_proto(cls, resp: genserve_pb2.SampleCodesResponse, request_id: str | None) -> CodesResult:
@@ -163,6 +172,7 @@ class CodesResult(SampleResult):
             request_id,
             grids(resp.codes),
             grids(resp.top_codes),
+            list(resp.seeds),
         )
 
 

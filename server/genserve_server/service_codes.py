@@ -135,6 +135,7 @@ def _response(
 ) -> pb.SampleCodesResponse:
     response = pb.SampleCodesResponse(provenance=provenance(p.mv, sampled.executed_batch_sizes, call.uses))
     response.provenance.rng_algorithm = CODE_RNG_ALGORITHM
+    response.seeds.extend(p.seeds)  # also where no image carries them (a prior without a decoder)
     _images(response.images, sampled.images, p.seeds, p.labels)
     if request.return_codes or not sampled.images:
         response.codes.extend(codes_proto(grid) for grid in sampled.codes)

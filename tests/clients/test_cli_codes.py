@@ -147,11 +147,6 @@ def test_cli_progress_strip_carries_provenance_like_every_png(
         assert text.get(key) == grid_text[key], (key, text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect: SampleCodesResponse has no field for the seeds besides images[i].seed; "
-    "a decoder-less prior's server-picked seeds are lost (needs a genserve.proto field)",
-)
 def test_a_prior_without_a_decoder_returns_the_seeds_it_picked(
     code_server: tuple[ServerProcess, dict[str, str]],
 ) -> None:

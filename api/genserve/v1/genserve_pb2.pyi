@@ -885,6 +885,7 @@ class SampleCodesResponse(_message.Message):
     CODES_FIELD_NUMBER: _builtins.int
     TOP_CODES_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.GeneratedImage]:
         """One image per sample, with its seed and label; empty when the prior names no decoder."""
@@ -903,6 +904,12 @@ class SampleCodesResponse(_message.Message):
         rng_algorithm "philox4x32-10/code-sampling/v1".
         """
 
+    @_builtins.property
+    def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sample i's seed (images[i].seed where there are images): the seeds a call without seeds or
+        base_seed got from the server, also from a prior with no decoder (grids only).
+        """
+
     def __init__(
         self,
         *,
@@ -910,10 +917,11 @@ class SampleCodesResponse(_message.Message):
         codes: _abc.Iterable[_types_pb2.Tensor] | None = ...,
         top_codes: _abc.Iterable[_types_pb2.Tensor] | None = ...,
         provenance: _types_pb2.Provenance | None = ...,
+        seeds: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "images", b"images", "provenance", b"provenance", "top_codes", b"top_codes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "images", b"images", "provenance", b"provenance", "seeds", b"seeds", "top_codes", b"top_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
