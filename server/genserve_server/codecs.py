@@ -404,16 +404,26 @@ def _allow_pillow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, limit_name: str) -> U8Array:
+def _detect(data: bytes, fmt: ImageFormat, field: str) -> ImageFormat:
+    """The format the magic bytes name, refused where it is none or not the `fmt` the request set."""
     detected = sniff_format(data)
     if detected is None:
         raise invalid(field, f"{_format_name(fmt)}: the data is not a PNG, JPEG or WEBP image")
     if fmt != ImageFormat.UNSPECIFIED and detected != fmt:
         raise invalid(field, f"format is {_format_name(fmt)} but the data is a {detected.name} image")
+    return detected
+
+
+def _no_size(detected: ImageFormat, field: str) -> InvalidArgument:
+    return invalid(field, f"corrupt {detected.name} image: no readable size in the header")
+
+
+def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, limit_name: str) -> U8Array:
+    detected = _detect(data, fmt, field)
     pixel_data = _pixel_data(data, detected, field)
     size = _SIZE_READERS[detected](data)
     if size is None:
-        raise invalid(field, f"corrupt {detected.name} image: no readable size in the header")
+        raise _no_size(detected, field)
     _check_pixels(size[0], size[1], max_pixels, field, limit_name)
     if detected == ImageFormat.JPEG:
         scans = data.count(_JPEG_SOS_BYTES)
@@ -426,9 +436,14 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, 
     _allow_pillow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(pixel_data), formats=[_PIL_NAME[detected]]) as im:
-            # Defence in depth: the decoder's own idea of the size, before it allocates pixels.
+            # The decoder's own idea of the size, before it allocates pixels: an image decodes to the
+            # size its header declares (checked_size), which callers size their memory from.
             if im.size != size:
-                _check_pixels(im.size[0], im.size[1], max_pixels, field, limit_name)
+                raise invalid(
+                    field,
+                    f"corrupt {detected.name} image: its header declares {size[0]}x{size[1]} pixels, "
+                    f"the decoder reads {im.size[0]}x{im.size[1]}",
+                )
             im.load()
             return _to_hwc_uint8(im)
     except Image.DecompressionBombError as exc:
@@ -447,6 +462,60 @@ def _shape_ints(shape: Sequence[int], field: str, layout: str) -> tuple[int, int
     if len(dims) != 3 or any(d < 1 for d in dims):
         raise invalid(f"{field}.shape", f"must be {layout} with every dimension >= 1, got {dims}")
     return dims[0], dims[1], dims[2]
+
+
+def _raw_dims(
+    data: bytes, fmt: ImageFormat, shape: Sequence[int], max_pixels: int, field: str, limit_name: str
+) -> tuple[int, int, int]:
+    """(C, H, W) of a RAW_UINT8 ([H, W, C]) or TENSOR_F32 ([C, H, W]) image, its shape, pixels and
+    byte count checked."""
+    if fmt == ImageFormat.RAW_UINT8:
+        height, width, channels = _shape_ints(shape, field, "[H, W, C]")
+        layout, size, dims = "[H, W, C]", 1, [height, width, channels]
+    else:
+        channels, height, width = _shape_ints(shape, field, "[C, H, W]")
+        layout, size, dims = "[C, H, W]", 4, [channels, height, width]
+    if channels not in (1, 3):
+        raise invalid(f"{field}.shape", f"{fmt.name} needs C in {{1, 3}} in {layout}, got {channels}")
+    _check_pixels(width, height, max_pixels, field, limit_name)
+    expected = size * channels * height * width
+    if len(data) != expected:
+        shown = ", ".join(str(d) for d in dims)
+        raise invalid(field, f"{fmt.name} shape [{shown}] needs {expected} bytes, got {len(data)}")
+    return channels, height, width
+
+
+def _image_format(fmt: int, field: str) -> ImageFormat:
+    try:
+        return ImageFormat(fmt)
+    except ValueError:
+        raise invalid(f"{field}.format", f"unknown image format {fmt}") from None
+
+
+def checked_size(
+    data: bytes,
+    fmt: int,
+    shape: Sequence[int],
+    *,
+    max_pixels: int,
+    field: str,
+    limit_name: str = "max_input_pixels",
+) -> tuple[int, int]:
+    """(height, width) of a request image as its header (or `shape`) declares it, without decoding,
+    refused as decode_image refuses it before decoding (format, shape and byte count, `max_pixels`):
+    what a call sizes the memory its decoded images take from before it decodes them. decode_image
+    gives back an image of this size, or refuses it (a header its decoder reads otherwise)."""
+    image_format = _image_format(fmt, field)
+    if image_format in (ImageFormat.RAW_UINT8, ImageFormat.TENSOR_F32):
+        _, height, width = _raw_dims(data, image_format, shape, max_pixels, field, limit_name)
+        return height, width
+    detected = _detect(data, image_format, field)
+    size = _SIZE_READERS[detected](data)
+    if size is None:
+        _pixel_data(data, detected, field)  # a walk stopped at a limit: that limit's refusal
+        raise _no_size(detected, field)
+    _check_pixels(size[0], size[1], max_pixels, field, limit_name)
+    return size[1], size[0]
 
 
 def decode_image(
@@ -468,33 +537,12 @@ def decode_image(
     * TENSOR_F32: `shape` [C, H, W] with C in {1, 3}, little-endian float32, all finite; returns
       a read-only float32 [C, H, W] view of `data`.
     """
-    try:
-        image_format = ImageFormat(fmt)
-    except ValueError:
-        raise invalid(f"{field}.format", f"unknown image format {fmt}") from None
+    image_format = _image_format(fmt, field)
     if image_format in (ImageFormat.UNSPECIFIED, *_ENCODED):
         return _decode_encoded(data, image_format, max_pixels, field, limit_name)
+    channels, height, width = _raw_dims(data, image_format, shape, max_pixels, field, limit_name)
     if image_format == ImageFormat.RAW_UINT8:
-        height, width, channels = _shape_ints(shape, field, "[H, W, C]")
-        if channels not in (1, 3):
-            raise invalid(f"{field}.shape", f"RAW_UINT8 needs C in {{1, 3}} in [H, W, C], got {channels}")
-        _check_pixels(width, height, max_pixels, field, limit_name)
-        expected = height * width * channels
-        if len(data) != expected:
-            raise invalid(
-                field,
-                f"RAW_UINT8 shape [{height}, {width}, {channels}] needs {expected} bytes, got {len(data)}",
-            )
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
-    channels, height, width = _shape_ints(shape, field, "[C, H, W]")
-    if channels not in (1, 3):
-        raise invalid(f"{field}.shape", f"TENSOR_F32 needs C in {{1, 3}} in [C, H, W], got {channels}")
-    _check_pixels(width, height, max_pixels, field, limit_name)
-    expected = 4 * channels * height * width
-    if len(data) != expected:
-        raise invalid(
-            field, f"TENSOR_F32 shape [{channels}, {height}, {width}] needs {expected} bytes, got {len(data)}"
-        )
     tensor = np.frombuffer(data, dtype="<f4").reshape(channels, height, width)
     if not np.isfinite(tensor).all():
         bad = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))

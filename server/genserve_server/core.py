@@ -8,8 +8,10 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 - `generate`: seed rows (latents drawn per batch by the runner) or latent rows, plus labels;
 - `sample`: `generate` through the image cache when it is on;
 - `encode_vae`: images -> latent distributions;
-- `upscale`: pad -> plan tiles -> group by shape -> submit -> blend -> crop;
-- `translate`: bucket by padded shape (and a two-way translator's direction) -> submit -> crop.
+- `upscale`: plan tiles from the declared sizes -> hold the working set -> decode -> pad -> group by
+  shape -> submit -> blend -> crop;
+- `translate`: bucket by padded declared shape (and a two-way translator's direction) -> hold the
+  working set -> decode -> pad -> submit -> crop.
 - code priors: code_sampling.py (a prior's step scheduler -> its code_decoder's batcher).
 - style generators: style_sampling.py (z -> w by the mapping's batcher, truncation and style
   mixing in w space, ws -> image by the synthesis batcher); `generate` dispatches to it.
@@ -45,7 +47,7 @@ from genserve_server.batch_keys import (
 from genserve_server.batch_parts import QueueReservation, count_once
 from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, drop_reason
 from genserve_server.config import Card, ServerConfig, cpu_count
-from genserve_server.encoding import Codec, EncodedImage, ImageInput
+from genserve_server.encoding import Codec, EncodedImage, ImageInput, declared_sizes
 from genserve_server.errors import (
     GenserveError,
     InvalidArgument,
@@ -772,49 +774,71 @@ class GenerationCore:
             tile, overlap, card.size_multiple, overlap_given=tile_overlap is not None, min_size=card.min_size
         )
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
-        arrays = await self.codec.decode(
-            mv.metrics, images, card, max_pixels, timing=call.timing, limit_name=limit_name
-        )
-        validate.min_size(arrays, card)
+        # Sized from what the images declare: they are decoded once the call holds its working set.
+        sizes = declared_sizes(images, card, max_pixels, limit_name=limit_name)
+        validate.min_size(sizes, card)
         scale = card.scale_factor
-        out_sizes = [(a.shape[1] * scale, a.shape[2] * scale) for a in arrays]
+        out_sizes = [(h * scale, w * scale) for h, w in sizes]
         validate.encodable(out, out_sizes)
         expected = validate.predicted_images_send_size(
             out, card.channels, out_sizes, self.limits.max_send_message_bytes
         )
-        # Counted before anything is padded or planned (on the event loop): a few KB of blank PNGs
-        # in 8x8 tiles are hundreds of thousands of tiles, refused here at no cost.
+        # Counted before anything is decoded, padded or planned (on the event loop): a few KB of
+        # blank PNGs in 8x8 tiles are hundreds of thousands of tiles, refused here at no cost.
         multiple = card.size_multiple
-        sides = [
-            (-(-a.shape[1] // multiple) * multiple, -(-a.shape[2] // multiple) * multiple) for a in arrays
-        ]
+        sides = [padded_size(h, w, multiple) for h, w in sizes]
         n_tiles = sum(tiling.count_tiles(h, w, tile, overlap, multiple) for h, w in sides)
         assert mv.batcher is not None
         if n_tiles > mv.batcher.max_queue_size:  # could never be queued: not worth a retry
             raise invalid(
                 "tile_size",
-                f"{len(arrays)} image(s) cut into {n_tiles} tiles of {tile}x{tile}, more than this model's "
+                f"{len(sizes)} image(s) cut into {n_tiles} tiles of {tile}x{tile}, more than this model's "
                 f"queue holds (max_queue_size={mv.batcher.max_queue_size}); use a larger tile_size or "
                 "send fewer or smaller images",
             )
         # Pad each image to the size multiple (reflect), cut equal-sized tiles; tiles of one shape
         # from this and other requests share batches; blend, then crop the padding back off.
-        padded = [pad_to_multiple(a, multiple) for a in arrays]
         margin = min(radius, overlap // 2) if radius is not None else None
-        plans = [
-            tiling.plan_tiles(p.shape[1], p.shape[2], tile, overlap, multiple, margin=margin) for p in padded
-        ]
-        working_set = image_working_set(card, arrays, padded, plans, out, mv.config.batching.max_batch_size)
+        plans = [tiling.plan_tiles(h, w, tile, overlap, multiple, margin=margin) for h, w in sides]
+        channels = card.input_channels or card.channels
+        tile_shapes = {(channels, t.h, t.w) for plan in plans for t in plan}
+        most_rows = max(mv.batcher.most_rows(TileRows(shape)) for shape in tile_shapes)
+        working_set = image_working_set(card, sizes, sides, plans, out, most_rows)
         # The working set first: a call waiting for it holds no response bytes, or a burst of
         # SuperResolves would hold the server-wide response budget every other RPC needs.
         held = await self.wait_for_budget(
             call, self.sr_working_set.acquire(working_set, call.deadline, "SuperResolve")
         )
         try:
+            arrays = await self._decode_declared(mv, call, images, sizes, max_pixels, limit_name)
+            padded = [pad_to_multiple(a, multiple) for a in arrays]
             await self.reserve_response(call, expected)
             return await self._upscale_tiles(mv, call, arrays, padded, plans, out)
         finally:
             self.sr_working_set.release(held)
+
+    async def _decode_declared(
+        self,
+        mv: ModelVersion,
+        call: Call,
+        images: Sequence[ImageInput],
+        sizes: Sequence[tuple[int, int]],
+        max_pixels: int,
+        limit_name: str,
+    ) -> list[np.ndarray]:
+        """Decode `images` of the `sizes` they declare (declared_sizes), which the call's working set
+        was sized from: codecs refuses an image its decoder reads at another size, and so does this."""
+        assert mv.card is not None
+        arrays = await self.codec.decode(
+            mv.metrics, images, mv.card, max_pixels, timing=call.timing, limit_name=limit_name
+        )
+        for i, (chw, (h, w)) in enumerate(zip(arrays, sizes, strict=True)):
+            if chw.shape[1:] != (h, w):
+                raise invalid(
+                    f"images[{i}]",
+                    f"corrupt image: it declares {w}x{h} pixels and decodes to {chw.shape[2]}x{chw.shape[1]}",
+                )
+        return arrays
 
     async def _upscale_tiles(
         self,
@@ -911,35 +935,35 @@ class GenerationCore:
         validate.direction(direction, card)
         two_way = direction if card.kind.two_way else None
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
-        arrays = await self.codec.decode(
-            mv.metrics, images, card, max_pixels, timing=call.timing, limit_name=limit_name
-        )
-        validate.min_size(arrays, card)
-        out_sizes = [(a.shape[1], a.shape[2]) for a in arrays]
-        validate.encodable(out, out_sizes)
+        # As SuperResolve's: sized from what the images declare, decoded once the call holds it.
+        sizes = declared_sizes(images, card, max_pixels, limit_name=limit_name)
+        validate.min_size(sizes, card)
+        validate.encodable(out, sizes)
         expected = validate.predicted_images_send_size(
-            out, card.channels, out_sizes, self.limits.max_send_message_bytes
+            out, card.channels, sizes, self.limits.max_send_message_bytes
         )
         # Bucket by padded shape: same-shape images (of any request) share a batch.
+        sides = [padded_size(h, w, card.size_multiple) for h, w in sizes]
+        channels = card.input_channels or card.channels
         groups: dict[tuple[int, ...], list[int]] = {}
-        padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]
-        for i, p in enumerate(padded):
-            groups.setdefault(p.shape, []).append(i)
-        shapes = list(groups)
+        for i, (h, w) in enumerate(sides):
+            groups.setdefault((channels, h, w), []).append(i)
         assert mv.batcher is not None
         working_set = image_working_set(
             card,
-            arrays,
-            padded,
-            [tiling.whole_image(*p.shape[1:]) for p in padded],
+            sizes,
+            sides,
+            [tiling.whole_image(h, w) for h, w in sides],
             out,
-            max(mv.batcher.most_rows(image_batch_key(card, shape, two_way)) for shape in shapes),
+            max(mv.batcher.most_rows(image_batch_key(card, shape, two_way)) for shape in groups),
         )
         # As SuperResolve's: the working set first, then the response's bytes.
         held = await self.wait_for_budget(
             call, self.translate_working_set.acquire(working_set, call.deadline, "Translate")
         )
         try:
+            arrays = await self._decode_declared(mv, call, images, sizes, max_pixels, limit_name)
+            padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]
             await self.reserve_response(call, expected)
             return await self._translate_images(mv, call, arrays, padded, groups, out, two_way)
         finally:
@@ -984,29 +1008,37 @@ class GenerationCore:
 
 def image_working_set(
     card: Card,
-    arrays: Sequence[np.ndarray],
-    padded: Sequence[np.ndarray],
+    sizes: Sequence[tuple[int, int]],
+    padded: Sequence[tuple[int, int]],
     plans: Sequence[Sequence[tiling.Tile]],
     out: OutputSpec,
     batch_rows: int,
 ) -> int:
     """tiling.working_set_bytes of a SuperResolve (its tile plans) or a Translate (a whole_image plan
-    an image) of decoded `arrays` padded to `padded`, batched `batch_rows` rows at most."""
+    an image) of images of `sizes` (h, w) padded to `padded`, batched `batch_rows` rows at most:
+    sized before they are decoded (declared_sizes)."""
+    in_channels = card.input_channels or card.channels
     return tiling.working_set_bytes(
         plans,
-        [p.shape[1:] for p in padded],
-        card.input_channels or card.channels,
+        padded,
+        in_channels,
         card.channels,
         card.scale_factor or 1,
         batch_rows,
-        # The decoded images, and their padded copies where padding made new arrays.
+        # The decoded float32 images, and their padded copies where padding makes new arrays.
         input_bytes=sum(
-            a.nbytes + (p.nbytes if p is not a else 0) for a, p in zip(arrays, padded, strict=True)
+            4 * in_channels * (h * w + (ph * pw if (ph, pw) != (h, w) else 0))
+            for (h, w), (ph, pw) in zip(sizes, padded, strict=True)
         ),
         encode_bytes_per_value=(
             0 if out.format == codecs.ImageFormat.TENSOR_F32 else tiling.ENCODE_BYTES_PER_VALUE
         ),
     )
+
+
+def padded_size(h: int, w: int, multiple: int) -> tuple[int, int]:
+    """(h, w) rounded up to `multiple`: the size pad_to_multiple gives an image."""
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
 
 
 def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:

@@ -169,6 +169,44 @@ def decodes_inline(images: Sequence[ImageInput]) -> bool:
     return total <= INLINE_DECODE_MAX_BYTES
 
 
+def _check_input_channels(card: Card, field: str) -> None:
+    if card.input_channels not in (1, 3):
+        # A card may take 2 or 4 channels (config.py), served by KServe's tensors; an image here
+        # has 1 or 3 (decode_image) and converts only between gray and RGB.
+        raise invalid(
+            field,
+            f"{card.name} takes {card.input_channels}-channel images (its card's input_channels) "
+            "and a genserve.v1 image has 1 or 3 channels: send it through KServe ModelInfer",
+        )
+
+
+def declared_sizes(
+    images: Sequence[ImageInput],
+    card: Card,
+    max_pixels: int,
+    field_prefix: str = "images",
+    limit_name: str = "max_input_pixels",
+) -> list[tuple[int, int]]:
+    """(height, width) of each input image as its header or shape declares it, refused as decode_sync
+    would refuse it before decoding (codecs.checked_size), without decoding: decode_sync gives back
+    float32 [card.input_channels, H, W] of these sizes. On the event loop: a header walk each."""
+    sizes = []
+    for i, image in enumerate(images):
+        name = f"{field_prefix}[{i}]"
+        _check_input_channels(card, name)
+        sizes.append(
+            codecs.checked_size(
+                image.data,
+                image.format,
+                list(image.shape),
+                max_pixels=max_pixels,
+                field=name,
+                limit_name=limit_name,
+            )
+        )
+    return sizes
+
+
 def decode_sync(
     images: Sequence[ImageInput],
     card: Card,
@@ -182,14 +220,7 @@ def decode_sync(
     arrays = []
     for i, image in enumerate(images):
         name = f"{field_prefix}[{i}]"
-        if card.input_channels not in (1, 3):
-            # A card may take 2 or 4 channels (config.py), served by KServe's tensors; an image here
-            # has 1 or 3 (decode_image) and converts only between gray and RGB.
-            raise invalid(
-                name,
-                f"{card.name} takes {card.input_channels}-channel images (its card's input_channels) "
-                "and a genserve.v1 image has 1 or 3 channels: send it through KServe ModelInfer",
-            )
+        _check_input_channels(card, name)
         decoded = codecs.decode_image(
             image.data,
             image.format,

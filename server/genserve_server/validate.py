@@ -358,12 +358,12 @@ def direction(value: int, card: Card, field: str = "direction") -> int:
     return value
 
 
-def min_size(arrays: Sequence[np.ndarray], card: Card) -> None:
-    for i, chw in enumerate(arrays):
-        if min(chw.shape[1:]) < card.min_size:
+def min_size(sizes: Sequence[tuple[int, int]], card: Card) -> None:
+    """Each image of `sizes` (h, w) at least card.min_size on each side."""
+    for i, (h, w) in enumerate(sizes):
+        if min(h, w) < card.min_size:
             raise invalid(
-                f"images[{i}]",
-                f"must be at least {card.min_size} pixels on each side, got {chw.shape[2]}x{chw.shape[1]}",
+                f"images[{i}]", f"must be at least {card.min_size} pixels on each side, got {w}x{h}"
             )
 
 

@@ -11,8 +11,9 @@ import hashlib
 import io
 import json
 import time
+import tracemalloc
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -747,3 +748,50 @@ async def fill_queue(batcher: Any, key: Any, one: dict[str, np.ndarray]) -> list
                 request.result()
             return queued
         queued.append(request)
+
+
+async def queued_behind_a_budget(
+    budget: Any, calls: Sequence[Callable[[], Awaitable[Any]]]
+) -> tuple[int, int, list[Any]]:
+    """Start `calls` while the test holds all of `budget` (a response_budget.ByteBudget), so that
+    each waits for it, then free it: (bytes tracemalloc traced once every call waited, the most it
+    traced from the first call's start to the last one's end, the calls' results). Both counts are
+    above what was traced before the calls started (the requests themselves are not counted)."""
+    blocker = await budget.acquire(budget.limit, None, "the test")
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tasks = [asyncio.ensure_future(call()) for call in calls]
+        try:
+            while len(budget._waiters) < len(tasks):
+                done = [task for task in tasks if task.done()]
+                if done:
+                    done[0].result()  # a call that failed: its error
+                    raise AssertionError("a call ran although the test held the whole budget")
+                await asyncio.sleep(0.005)
+            waiting = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            budget.release(blocker)
+        results = list(await asyncio.gather(*tasks))
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return waiting, peak, results
+
+
+async def working_set_of(budget: Any, call: Callable[[], Awaitable[Any]]) -> int:
+    """The bytes `call` (run alone) holds against `budget` (a response_budget.ByteBudget)."""
+    asked: list[int] = []
+    acquire = budget.acquire
+
+    async def recording(n_bytes: int, deadline: float | None, what: str) -> int:
+        asked.append(n_bytes)
+        return int(await acquire(n_bytes, deadline, what))
+
+    budget.acquire = recording
+    try:
+        await call()
+    finally:
+        del budget.acquire
+    assert len(asked) == 1 and budget.held == 0, (asked, budget.held)
+    return asked[0]

@@ -347,3 +347,56 @@ def test_a_long_animated_png_decodes_its_first_frame(default_image: bool) -> Non
         expected = np.asarray(im.convert("RGB"))
     decoded = decode_image(data, 0, [], max_pixels=MAX_PIXELS, field="images[0]")
     np.testing.assert_array_equal(decoded, expected)
+
+
+def test_an_image_its_decoder_reads_larger_than_its_header_declares_is_refused_before_decoding() -> None:
+    """A call sizes its decoded images' memory from the size their headers declare (checked_size):
+    a JPEG with a second frame header of 4000x4000 declares 64x48 to the server's parser (the first)
+    and 4000x4000 to Pillow's (the last). It was checked against the pixel limit only and handed to
+    the decoder; it is refused before any pixel is decoded, naming both sizes."""
+    data = encode_image(np.zeros((48, 64, 3), np.uint8), ImageFormat.JPEG)[0]
+    start = data.index(b"\xff\xc0")
+    (length,) = struct.unpack(">H", data[start + 2 : start + 4])
+    frame = bytearray(data[start : start + 2 + length])
+    frame[5:9] = struct.pack(">HH", 4000, 4000)
+    two_frames = data[: start + 2 + length] + bytes(frame) + data[start + 2 + length :]
+    assert codecs.checked_size(
+        two_frames, ImageFormat.JPEG, [], max_pixels=MAX_PIXELS, field="images[0]"
+    ) == (
+        48,
+        64,
+    )
+    with pytest.raises(InvalidArgument, match=r"header declares 64x48 pixels, the decoder reads 4000x4000"):
+        decode_image(two_frames, ImageFormat.JPEG, [], max_pixels=MAX_PIXELS, field="images[0]")
+
+
+def test_checked_size_refuses_what_decode_image_refuses_before_decoding() -> None:
+    """checked_size (what SuperResolve and Translate size their working sets from, before decoding)
+    gives the declared (height, width) and refuses, with decode_image's own message, what
+    decode_image refuses before it decodes."""
+    png = encode_image(np.zeros((30, 20, 3), np.uint8), ImageFormat.PNG)[0]
+    raw = bytes(30 * 20 * 3)
+    tensor = np.zeros((1, 30, 20), "<f4").tobytes()
+    assert codecs.checked_size(png, ImageFormat.UNSPECIFIED, [], max_pixels=600, field="f") == (30, 20)
+    assert codecs.checked_size(raw, ImageFormat.RAW_UINT8, [30, 20, 3], max_pixels=600, field="f") == (30, 20)
+    assert codecs.checked_size(tensor, ImageFormat.TENSOR_F32, [1, 30, 20], max_pixels=600, field="f") == (
+        30,
+        20,
+    )
+    refused = [
+        (png, ImageFormat.PNG, [], 599),  # above the pixel limit
+        (png, ImageFormat.JPEG, [], 600),  # not the format set
+        (png[:20], ImageFormat.PNG, [], 600),  # no size in the header
+        (b"not an image", ImageFormat.UNSPECIFIED, [], 600),
+        (raw, ImageFormat.RAW_UINT8, [30, 20], 600),  # not [H, W, C]
+        (raw, ImageFormat.RAW_UINT8, [30, 20, 2], 600),
+        (raw[:-1], ImageFormat.RAW_UINT8, [30, 20, 3], 600),
+        (tensor, ImageFormat.TENSOR_F32, [1, 30, 20], 599),
+        (tensor, 99, [1, 30, 20], 600),
+    ]
+    for data, fmt, shape, max_pixels in refused:
+        with pytest.raises(InvalidArgument) as decoding:
+            decode_image(data, fmt, shape, max_pixels=max_pixels, field="f")
+        with pytest.raises(InvalidArgument) as sizing:
+            codecs.checked_size(data, fmt, shape, max_pixels=max_pixels, field="f")
+        assert str(sizing.value) == str(decoding.value)

@@ -8,18 +8,26 @@ from __future__ import annotations
 import asyncio
 import time
 import tracemalloc
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from server_support import super_resolution_graph, write_model
+from server_support import (
+    queued_behind_a_budget,
+    run_with_core,
+    super_resolution_graph,
+    working_set_of,
+    write_model,
+)
+from test_translate_working_set import gradient_png
 
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import tiling, validate
 from genserve_server.config import ServerConfig
-from genserve_server.core import Call, GenerationCore
+from genserve_server.core import Call, GenerationCore, Upscaled
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 
@@ -118,3 +126,96 @@ def test_the_working_set_estimate_bounds_what_a_super_resolve_allocates(
         if real > estimate
     ]
     assert not over, f"allocated more than the working-set estimate: {over}"
+
+
+def write_sr(root: Path, batching: dict[str, Any]) -> None:
+    write_model(
+        root,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [0.0, 1.0],
+            "scale_factor": 2,
+            "size_multiple": 1,
+            "tile_size": 96,
+            "tile_overlap": 8,
+            "min_size": 4,
+        },
+        config={"batching": {"max_queue_delay_ms": 1.0, "max_queue_size": 1024, **batching}},
+    )
+
+
+def test_super_resolves_waiting_for_the_working_set_hold_no_decoded_image(tmp_path: Path) -> None:
+    """SuperResolve decoded its images to float32 (and padded them) before it waited for its working
+    set, so every call waiting for sr_working_set_bytes kept its decoded images outside the budget:
+    memory grew with the callers waiting, which the budget exists to prevent. A call now sizes its
+    working set from what its images declare and decodes them once it holds it."""
+    write_sr(tmp_path, {"max_batch_size": 4})
+    side, waiting_calls = 256, 8
+    image = tpb.Image(format=PNG, data=gradient_png(side))
+    decoded = 4 * 3 * side * side  # one image as float32
+    out = validate.output_spec(PNG, 0, None, False)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        calls: list[Call] = []
+
+        def upscale() -> Coroutine[Any, Any, Upscaled]:
+            call = Call("SuperResolve", "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+            calls.append(call)
+            mv = core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
+            return core.upscale(mv, call, [image], 64, 8, out)
+
+        budget = core.sr_working_set
+        try:
+            budget.limit = await working_set_of(budget, upscale)  # one call at a time
+            waiting, peak, results = await queued_behind_a_budget(budget, [upscale] * waiting_calls)
+        finally:
+            for call in calls:
+                if call.batcher is not None:
+                    call.batcher.release()
+                if call.response is not None:
+                    call.response.release()
+        assert all(r.images[0].shape == (2 * side, 2 * side, 3) for r in results)
+        assert waiting < decoded, (
+            f"{waiting_calls} waiting calls held {waiting} bytes, one image decoded is {decoded}"
+        )
+        responses = sum(len(im.data) for r in results for im in r.images)
+        assert peak <= budget.limit + responses + (1 << 20), (peak, budget.limit, responses)
+        assert budget.held == 0
+
+    run_with_core(tmp_path, body)
+
+
+def test_the_working_set_counts_the_tiles_a_batch_takes_within_max_batch_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate counted max_batch_size tiles computed at once where max_batch_pixels lets a batch
+    of them take fewer (Batcher.most_rows, as Translate's does)."""
+    write_sr(tmp_path, {"max_batch_size": 8, "max_batch_pixels": 2 * 64 * 64})
+    batch_rows: list[int] = []
+    real_estimate = tiling.working_set_bytes
+
+    def recording(*args: Any, **kwargs: Any) -> int:
+        batch_rows.append(args[5])
+        return real_estimate(*args, **kwargs)
+
+    monkeypatch.setattr(tiling, "working_set_bytes", recording)
+    image = tpb.Image(format=PNG, data=gradient_png(160))
+    out = validate.output_spec(PNG, 0, None, False)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("SuperResolve", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
+        try:
+            upscaled = await core.upscale(mv, call, [image], 64, 8, out)
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+        assert upscaled.tiles == [9]
+        assert max(upscaled.executed_batch_sizes) == 2
+
+    run_with_core(tmp_path, body)
+    assert batch_rows == [2]

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import time
 import tracemalloc
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from server_support import image_to_image_graph, run_with_core, write_model
+from server_support import (
+    image_to_image_graph,
+    queued_behind_a_budget,
+    run_with_core,
+    working_set_of,
+    write_model,
+)
 from translator_models import write_translator
 
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import validate
-from genserve_server.core import Call, GenerationCore
+from genserve_server import codecs, validate
+from genserve_server.core import Call, GenerationCore, Upscaled
 from genserve_server.repository import Repository
 from genserve_server.response_budget import ByteBudget
 
@@ -104,3 +111,58 @@ def test_what_a_translate_allocates_is_held_against_a_working_set_budget(
         if real > estimate
     ]
     assert not over, f"allocated more than the working set held (case, bytes, held, ratio): {over}"
+
+
+def gradient_png(side: int) -> bytes:
+    """A smooth RGB image: a few KB of PNG that decodes to side x side pixels."""
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], ramp[None, ::-1]), axis=-1)
+    return codecs.encode_image(pixels.astype(np.uint8), PNG)[0]
+
+
+def test_translates_waiting_for_the_working_set_hold_no_decoded_image(tmp_path: Path) -> None:
+    """Translate decoded its images to float32 (and padded them) before it waited for its working
+    set, so every call waiting for translate_working_set_bytes kept its decoded images outside the
+    budget: memory grew with the callers waiting, which the budget exists to prevent. A call now
+    sizes its working set from what its images declare and decodes them once it holds it."""
+    write_model(
+        tmp_path,
+        "i2i",
+        "image_to_image",
+        image_to_image_graph(4),
+        {"channels": 3, "input_channels": 3, "input_range": [-1.0, 1.0], "size_multiple": 4, "min_size": 8},
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0}},
+    )
+    side, waiting_calls = 384, 8
+    image = tpb.Image(format=PNG, data=gradient_png(side))
+    decoded = 4 * 3 * side * side  # one image as float32
+    out = validate.output_spec(JPEG, 0, None, False)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        calls: list[Call] = []
+
+        def translate() -> Coroutine[Any, Any, Upscaled]:
+            call = Call("Translate", "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+            calls.append(call)
+            mv = core.resolve(call, "i2i", "", ("image_to_image",), "Translate")
+            return core.translate(mv, call, [image], out)
+
+        budget = core.translate_working_set
+        try:
+            budget.limit = await working_set_of(budget, translate)
+            waiting, peak, results = await queued_behind_a_budget(budget, [translate] * waiting_calls)
+        finally:
+            for call in calls:
+                if call.batcher is not None:
+                    call.batcher.release()
+                if call.response is not None:
+                    call.response.release()
+        assert all(r.images[0].shape == (side, side, 3) for r in results)
+        assert waiting < decoded, (
+            f"{waiting_calls} waiting calls held {waiting} bytes, one decoded image is {decoded}"
+        )
+        responses = sum(len(im.data) for r in results for im in r.images)
+        assert peak <= budget.limit + responses + (1 << 20), (peak, budget.limit, responses)
+        assert budget.held == 0
+
+    run_with_core(tmp_path, body)
