@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
+import stat
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 # A model directory name (what clients send) and a version directory name.
 NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -27,10 +30,45 @@ def latest_version_dir(entry: Path) -> Path | None:
     return max(versions, key=lambda p: int(p.name)) if versions else None
 
 
+_NOT_REGULAR = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened to read its bytes, if it is a regular file (or a link to one). Anything else
+    raises an OSError naming it, without blocking: a FIFO would wait for a writer forever, a device
+    such as /dev/zero reads without end, a directory is IsADirectoryError as `open` has it. The
+    check is made on the opened file (non-blocking open, then fstat), not on the name beforehand."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            what = _NOT_REGULAR.get(stat.S_IFMT(mode), "not a file")
+            raise OSError(errno.EINVAL, f"not a regular file ({what})", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_text(path: Path) -> str:
+    """A regular file's text, UTF-8 (open_regular: anything else is an OSError naming it)."""
+    with open_regular(path) as handle:
+        return handle.read().decode("utf-8")
+
+
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex sha256 of a regular file's bytes, read in 1 MiB blocks (open_regular: a FIFO or a device
+    is an OSError, never a wait or a read without end)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from genserve_contract.config import ModelConfig, parse_model_config
 from genserve_contract.kinds import Kind, image_shape_fits
-from genserve_contract.repository import VERSION_PATTERN, latest_version_dir, sha256_file
+from genserve_contract.repository import VERSION_PATTERN, latest_version_dir, read_regular_text, sha256_file
 from genserve_export.card import check_thresholds, validate_card, validate_config
 from genserve_export.grids import write_grid
 from genserve_export.onnx_utils import graph_signature, run_session, session
@@ -172,7 +172,7 @@ class _SessionCache:
     def latest_config(self, entry_name: str) -> ModelConfig | None:
         """``entry_name``'s config.json by the contract's rules, or None if missing or invalid."""
         try:
-            return parse_model_config(json.loads((self.root / entry_name / "config.json").read_text()))
+            return parse_model_config(json.loads(read_regular_text(self.root / entry_name / "config.json")))
         except (OSError, ValueError):
             return None
 
@@ -185,7 +185,7 @@ class _SessionCache:
             return None
         if aux:
             try:
-                listed = json.loads((latest / "card.json").read_text()).get("aux_graphs") or {}
+                listed = json.loads(read_regular_text(latest / "card.json")).get("aux_graphs") or {}
             except (OSError, json.JSONDecodeError):
                 return None
             path = latest / aux
@@ -199,9 +199,10 @@ class _SessionCache:
 
 def _read_json(path: Path, where: str) -> tuple[Any, str]:
     """(the parsed JSON of ``path``, "") or (None, why it cannot be read), the reason naming ``where``:
-    a directory, no read permission, not UTF-8 and invalid JSON are the file's problem, not verify's."""
+    a directory, a FIFO or a device (refused unread), no read permission, not UTF-8 and invalid JSON
+    are the file's problem, not verify's."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")), ""
+        return json.loads(read_regular_text(path)), ""
     except UnicodeDecodeError as exc:
         return None, f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})"
     except json.JSONDecodeError as exc:
@@ -542,7 +543,7 @@ def _apply_thresholds(
 def _grid(model: ModelReport, version_dir: Path, grids_dir: Path, sessions: _SessionCache) -> None:
     from genserve_export.recipes import RECIPES, recipe_for_entry
 
-    card = json.loads((version_dir / "card.json").read_text())
+    card = json.loads(read_regular_text(version_dir / "card.json"))
     found = (
         (card["recipe"], RECIPES[card["recipe"]])
         if card.get("recipe") in RECIPES

@@ -22,6 +22,7 @@ from genserve_contract.config import ModelConfig as ModelConfig
 from genserve_contract.config import VersionPolicy as VersionPolicy
 from genserve_contract.kinds import KIND_NAMES
 from genserve_contract.kinds import Kind as Kind
+from genserve_contract.repository import read_regular_text
 from genserve_server.errors import GenserveError
 from genserve_server.idle_spin import DEFAULT_WINDOW_S as IDLE_SPIN_DEFAULT_S
 from genserve_server.idle_spin import MAX_WINDOW_S as IDLE_SPIN_MAX_S
@@ -51,9 +52,10 @@ class _Reader(contract.Reader):
 def _read_json(path: Path) -> Any:
     """The parsed JSON of `path`. Whatever keeps the file from being read or parsed is a ConfigError
     naming the file and the problem (not UTF-8, a directory, no permission, nesting past Python's
-    recursion limit, a number past its digit limit), so that it marks one model, never the server."""
+    recursion limit, a number past its digit limit; a FIFO or a device, refused unread rather than
+    waited on), so that it marks one model, never the server."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
     except UnicodeDecodeError as exc:

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genserve_contract.repository import sha256_file
+from genserve_contract.repository import read_regular_text, sha256_file
 from genserve_server import heap
 from genserve_server.config import ModelConfig
 from genserve_server.repository import (
@@ -577,7 +577,7 @@ def _served_file(mv: ModelVersion) -> Path | None:
 def _card_sha256(mv: ModelVersion, filename: str) -> str:
     """card.json's sha256 of `filename` as on disk now ("" when unreadable)."""
     try:
-        data = json.loads((mv.path / "card.json").read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(mv.path / "card.json"))
         return str(data["sha256"][filename])
     except (OSError, ValueError, KeyError, TypeError):
         return ""

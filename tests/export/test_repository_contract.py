@@ -4,15 +4,18 @@ patterns, tolerances and config.json limits."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from server_support import fails_within
 
 import genserve_contract
 from genserve_contract import Kind
+from genserve_contract.repository import read_regular_text
 from genserve_export import card as export_card
 from genserve_export import export as export_module
 from genserve_export import verify as export_verify
@@ -95,6 +98,28 @@ def test_both_sides_use_the_contracts_patterns_tolerances_and_digest() -> None:
     assert set(server_config.LATENT_KINDS) == {k for k in Kind if k.takes_latent}
     assert set(server_config.IMAGE_INPUT_KINDS) == {k for k in Kind if k.takes_image}
     assert set(server_config.SAMPLE_KINDS) == set(genserve_contract.SAMPLE_KINDS)
+
+
+@pytest.mark.parametrize("special", ["a FIFO", "a character device"])
+def test_the_contracts_readers_refuse_a_file_that_is_not_regular_naming_it_without_blocking(
+    tmp_path: Path, special: str
+) -> None:
+    """A FIFO no one writes to blocks its reader forever and /dev/zero reads without end: in place of
+    a model file, config.json or card.json, either hung `verify`, a server's start-up or its rescan."""
+    path = tmp_path / "model.onnx"
+    if special == "a FIFO":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    for read in (genserve_contract.sha256_file, read_regular_text):
+        with pytest.raises(OSError) as excinfo, fails_within(30):
+            read(path)
+        assert excinfo.value.filename == str(path)
+        assert excinfo.value.strerror == f"not a regular file ({special})"
+    directory = tmp_path / "card.json"
+    directory.mkdir()
+    with pytest.raises(IsADirectoryError):
+        read_regular_text(directory)
 
 
 def test_every_kind_declares_its_tensors_and_properties_consistently() -> None:

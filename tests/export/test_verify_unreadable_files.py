@@ -1,6 +1,7 @@
 """`genserve-export verify` reports a repository file it cannot read (a directory where a file should
-be, a file that is not UTF-8, one without read permission) as that model's error naming the file and
-the cause, and goes on checking the other models: never a traceback that checks nothing more."""
+be, a file that is not UTF-8, one without read permission, a FIFO or a device that would block or read
+without end) as that model's error naming the file and the cause, and goes on checking the other
+models: never a traceback that checks nothing more, nor a hang."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from server_support import fails_within
 from torch import nn
 
 from genserve_export import export_model
@@ -54,11 +56,31 @@ def _not_utf8(path: Path) -> None:
     path.write_bytes(b"\xff\xfe{}")
 
 
+def _a_fifo(path: Path) -> None:
+    """A named pipe no one writes to: opening it to read waits for a writer, forever."""
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _a_link_to_dev_zero(path: Path) -> None:
+    """A device that reads without end."""
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
 FAULTS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "config.json is a directory": ("broken/config.json", _a_directory, "Is a directory"),
     "config.json is not UTF-8": ("broken/config.json", _not_utf8, "UTF-8"),
     "card.json is not UTF-8": ("broken/1/card.json", _not_utf8, "UTF-8"),
     "model.onnx is a directory": ("broken/1/model.onnx", _a_directory, "Is a directory"),
+    "config.json is a FIFO": ("broken/config.json", _a_fifo, "not a regular file (a FIFO)"),
+    "card.json is a FIFO": ("broken/1/card.json", _a_fifo, "not a regular file (a FIFO)"),
+    "model.onnx is a FIFO": ("broken/1/model.onnx", _a_fifo, "not a regular file (a FIFO)"),
+    "model.onnx is a link to /dev/zero": (
+        "broken/1/model.onnx",
+        _a_link_to_dev_zero,
+        "not a regular file (a character device)",
+    ),
 }
 
 
@@ -70,7 +92,8 @@ def test_a_file_verify_cannot_read_is_an_error_naming_it_and_the_other_models_ar
     shutil.copytree(exported, repo)
     relative, damage, cause = FAULTS[fault]
     damage(repo / relative)
-    code = cli_main(["verify", str(repo), "--no-quality", "--no-thresholds"])
+    with fails_within(60):
+        code = cli_main(["verify", str(repo), "--no-quality", "--no-thresholds"])
     out = capsys.readouterr().out
     assert code == 1, out
     assert Path(relative).name in out and cause in out, out

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import signal
 import time
 import tracemalloc
 import urllib.request
@@ -506,6 +507,23 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, inter
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def fails_within(seconds: int) -> Iterator[None]:
+    """The block (on the main thread) fails after `seconds` instead of hanging the test run (a read of
+    a FIFO no one writes to waits forever): an AssertionError, which no OSError handler takes."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise AssertionError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ---------------------------------------------------------------------------- server subprocess

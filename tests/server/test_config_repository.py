@@ -6,13 +6,21 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from server_support import TINY_LATENT, build_tiny_repo, generator_graph, write_model, write_tiny_generator
+from server_support import (
+    TINY_LATENT,
+    build_tiny_repo,
+    fails_within,
+    generator_graph,
+    write_model,
+    write_tiny_generator,
+)
 
 from genserve.kserve import model_config_pb2 as mc
 from genserve.v1 import genserve_pb2 as pb
@@ -165,6 +173,8 @@ def test_model_config_error_reads_like_the_contract(tmp_path: Path, monkeypatch:
 UNREADABLE: dict[str, tuple[Callable[[Path], object], str]] = {
     "not UTF-8": (lambda path: path.write_bytes(b"\xff\xfe{}"), "not UTF-8 text"),
     "a directory": (lambda path: path.mkdir(), "cannot be read: Is a directory"),
+    # refused unread: reading a FIFO no one writes to would wait forever (a start-up or a rescan)
+    "a FIFO": (os.mkfifo, "cannot be read: not a regular file (a FIFO)"),
     "nested too deeply": (lambda path: path.write_text("[" * 100_000), "invalid JSON: nested too deeply"),
     "a number too long": (
         lambda path: path.write_text('{"kind": ' + "9" * 5000 + "}"),
@@ -182,7 +192,7 @@ def test_a_file_that_cannot_be_read_or_parsed_is_a_config_error_naming_it(
     path = tmp_path / "model" / "file.json"
     path.parent.mkdir()
     write(path)
-    with pytest.raises(ConfigError) as excinfo:
+    with pytest.raises(ConfigError) as excinfo, fails_within(60):
         loader(path)
     assert str(excinfo.value).startswith(f"{path}: ")
     assert message in str(excinfo.value)
@@ -679,7 +689,7 @@ def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_s
         finally:
             await repo.close(1)
 
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), fails_within(60):
         asyncio.run(body())
     assert not [r for r in caplog.records if r.exc_info], "a model's bad file is no traceback"
 
