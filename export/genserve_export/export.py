@@ -795,6 +795,28 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` to disk: a file's bytes, or a directory's entries (the renames into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(source: Path, target: Path) -> None:
+    """Rename ``source`` (a file, or a directory of files) to ``target`` durably: its bytes are on
+    disk before the rename, and the rename is after it (the parent directory fsynced). Without the
+    first fsync a power loss or a VM crash may leave the published name on an empty or truncated
+    file; without the second, the rename itself may be lost."""
+    if source.is_dir():
+        for file in source.iterdir():
+            _fsync(file)
+    _fsync(source)
+    os.replace(source, target)
+    _fsync(target.parent)
+
+
 def _write_atomically(
     out_root: Path,
     name: str,
@@ -823,7 +845,7 @@ def _write_atomically(
             # (after an instant with none) the new one, never a mix or a half-written file.
             retired = entry / f".old-{version}-{token}"
             os.rename(target, retired)
-        os.rename(staging, target)
+        _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -841,7 +863,7 @@ def _write_atomically(
     else:
         config_tmp = entry / f".config.json.tmp-{token}"
         _write_json(config_tmp, config)
-        os.replace(config_tmp, config_path)
+        _publish(config_tmp, config_path)
     logger.info("wrote %s (files: %s)", target, ", ".join(files))
     return target
 

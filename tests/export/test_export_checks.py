@@ -470,3 +470,53 @@ def test_cli_train_of_a_new_version_keeps_the_models_config_json(
     assert json.loads(config_path.read_text()) == edited
     assert cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16", "--version", "2", "--replace"]) == 0
     assert json.loads(config_path.read_text()) == recipes
+
+
+def test_export_fsyncs_what_it_publishes_before_each_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename is durable only after the renamed file's bytes are: without an fsync of each file
+    before it (and of the directory after), a power loss or a VM crash could leave model.onnx,
+    card.json or config.json under their published names empty or truncated, for a server to refuse
+    (or a rescan to load). Both paths: a new version with a new config.json, and --replace's swap."""
+    out = tmp_path.resolve() / "models"
+    events: list[tuple[str, str]] = []
+    fsync, rename, replace = os.fsync, os.rename, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_rename(name: str) -> object:
+        real = rename if name == "rename" else replace
+
+        def move(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+            events.append((name, f"{os.fspath(source)} -> {os.fspath(target)}"))
+            real(source, target)
+
+        return move
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename("rename"))
+    monkeypatch.setattr(os, "replace", recording_rename("replace"))
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+    for overwrite in (False, True):
+        events.clear()
+        target = export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out, example_inputs={"z": z},
+            card=card, fp16=False, overwrite=overwrite,
+        )  # fmt: skip
+        entry = target.parent
+        moves = [(i, what.split(" -> ")) for i, (kind, what) in enumerate(events) if kind != "fsync"]
+        synced = {what: i for i, (kind, what) in enumerate(events) if kind == "fsync"}
+        published = [(i, Path(src), Path(dst)) for i, (src, dst) in moves if Path(dst).parent == entry]
+        published = [m for m in published if not m[2].name.startswith(".")]  # not the old version retired
+        assert sorted(dst.name for _, _, dst in published) == ["1", "config.json"], events
+        for i, src, dst in published:
+            files = [src / f.name for f in dst.iterdir()] if dst.is_dir() else [src]
+            for file in [*files, src] if dst.is_dir() else files:
+                assert synced.get(str(file), i) < i, (f"{file} not fsynced before its rename", events)
+            after = any(kind == "fsync" and what == str(entry) for kind, what in events[i + 1 :])
+            assert after, (f"{entry} not fsynced after renaming {dst.name} into it", events)
+        assert sorted(f.name for f in target.iterdir()) == ["card.json", "model.onnx"]
