@@ -390,8 +390,8 @@ def _stop_children(
 ) -> None:
     """Stop the recipes still training (`stop_signal`, then SIGKILL once 10 s have passed since) and
     reap them. SIGINT, as Ctrl-C in a terminal sends it to the whole group: a child's
-    KeyboardInterrupt runs its cleanup (temporary folders, a half-published version), which a plain
-    SIGTERM would skip; SIGTERM for children started with SIGINT ignored, which never see a SIGINT."""
+    KeyboardInterrupt runs its cleanup (temporary folders, a half-published version), as its SIGTERM
+    does (main); SIGTERM for children started with SIGINT ignored, which never see a SIGINT."""
     for process, _, _ in running.values():
         if process.poll() is None:
             process.send_signal(stop_signal)
@@ -549,6 +549,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    # SIGTERM (a job runner's stop, `kill`, and build-defaults --jobs stopping a recipe it started
+    # with SIGINT ignored) stops a command as Ctrl-C does, through its cleanup: without it the
+    # process died at once, leaving its temporary export folder and a half-staged version
+    # (<name>/.tmp-<version>-<rand>) behind.
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    try:
+        return _run_command(args, argv)
+    except BuildInterrupted as exc:
+        sys.stderr.write(f"genserve-export {args.command}: stopped ({signal.Signals(exc.signum).name})\n")
+        return 128 + exc.signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         if args.command == "train":
             return _train(args, argv)

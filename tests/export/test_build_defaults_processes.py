@@ -128,3 +128,79 @@ def test_a_build_started_with_sigint_ignored_stops_its_recipes_at_once_through_t
         assert len(recorded) == 2 and took < 5, (
             f"stopped in {took:.1f} s; the children's stop handlers ran for {recorded} (SIGKILLed otherwise)"
         )
+
+
+# A recipe's child as build-defaults starts it (`genserve-export train`), over a recipe that trains
+# nothing and a disk that stalls once the version is half staged in --out.
+TRAIN_CHILD = """
+import sys, time
+from pathlib import Path
+import numpy as np, torch
+from torch import nn
+from genserve_export import cli, export, recipes
+from genserve_export.recipe import ExportSpec
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 64)
+
+    def forward(self, z):
+        return torch.tanh(self.fc(z)).reshape(-1, 1, 8, 8)
+
+class Recipe:
+    names = ("tiny-gen",)
+
+    def train(self, *, seed, steps, device, progress):
+        card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+        z = np.zeros((2, 4), np.float32)
+        return [ExportSpec("tiny-gen", "generator", Tiny(), {"z": z}, card, fp16=False)]
+
+write_json = export._write_json
+
+def stalled(path, value):
+    write_json(path, value)
+    Path(sys.argv[2]).write_text(str(path))
+    time.sleep(120)
+
+export._write_json = stalled
+recipes.RECIPES["tiny-gen"] = Recipe()
+sys.exit(cli.main(["train", "tiny-gen", "--out", sys.argv[1], "--no-fp16"]))
+"""
+
+
+def test_a_recipe_child_stopped_with_sigterm_removes_its_partial_outputs(tmp_path: Path) -> None:
+    """build-defaults stops a recipe started with SIGINT ignored with SIGTERM (and a job runner stops
+    `genserve-export train` so): the child died at once, its cleanup skipped, leaving its temporary
+    export folder and the half-staged version (<name>/.tmp-<version>-<rand>) in --out."""
+    out, temp, staged, log = tmp_path / "out", tmp_path / "tmp", tmp_path / "staged.txt", tmp_path / "log"
+    temp.mkdir()
+    env = {
+        **os.environ,
+        "TMPDIR": str(temp),
+        "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api")),
+    }
+    with log.open("wb") as err:  # a file, not a pipe that could fill
+        child = subprocess.Popen(
+            [sys.executable, "-c", TRAIN_CHILD, str(out), str(staged)],
+            env=env,
+            stderr=err,
+            preexec_fn=_ignore_sigint,  # noqa: PLW1509  (as build-defaults started in a script's background)
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not staged.exists():
+            assert child.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the child never staged its version"
+            time.sleep(0.1)
+        assert [p.name for p in (out / "tiny-gen").iterdir() if p.name.startswith(".tmp-")]
+        child.send_signal(signal.SIGTERM)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert child.returncode == 128 + signal.SIGTERM, log.read_text(errors="replace")
+    assert "stopped (SIGTERM)" in log.read_text(errors="replace")
+    assert sorted(p.name for p in (out / "tiny-gen").iterdir()) == [], "the half-staged version is left"
+    assert not list(temp.glob("genserve-export-*")), "the temporary export folder is left"
