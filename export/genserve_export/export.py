@@ -804,15 +804,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(source: Path, target: Path) -> None:
-    """Rename ``source`` (a file, or a directory of files) to ``target`` durably: its bytes are on
-    disk before the rename, and the rename is after it (the parent directory fsynced). Without the
-    first fsync a power loss or a VM crash may leave the published name on an empty or truncated
-    file; without the second, the rename itself may be lost."""
+def _flush(source: Path) -> None:
+    """fsync ``source`` (a file, or a directory of files and the directory): before its rename, so
+    that a power loss or a VM crash cannot leave the published name on an empty or truncated file."""
     if source.is_dir():
         for file in source.iterdir():
             _fsync(file)
     _fsync(source)
+
+
+def _publish(source: Path, target: Path, *, flushed: bool = False) -> None:
+    """Rename ``source`` (a file, or a directory of files) to ``target`` durably: its bytes are on
+    disk before the rename (_flush, unless `flushed` says it already was), and the rename is after it
+    (the parent directory fsynced; without it the rename itself may be lost)."""
+    if not flushed:
+        _flush(source)
     os.replace(source, target)
     _fsync(target.parent)
 
@@ -838,14 +844,21 @@ def _write_atomically(
         _write_json(staging / "card.json", card)
         target = entry / version
         retired: Path | None = None
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            refuse_published([target])
+        _flush(staging)  # before the old version leaves: the instant with none stays an instant
         if target.exists() or target.is_symlink():
-            if not overwrite:
-                refuse_published([target])
             # The whole version is swapped by two renames: a reader sees the old directory, then
             # (after an instant with none) the new one, never a mix or a half-written file.
             retired = entry / f".old-{version}-{token}"
             os.rename(target, retired)
-        _publish(staging, target)
+        try:
+            _publish(staging, target, flushed=True)
+        except BaseException:
+            if retired is not None and not (target.exists() or target.is_symlink()):
+                os.rename(retired, target)  # the new one did not arrive: the old one stays served
+                retired = None
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

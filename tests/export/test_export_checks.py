@@ -520,3 +520,50 @@ def test_export_fsyncs_what_it_publishes_before_each_rename_and_the_directory_af
             after = any(kind == "fsync" and what == str(entry) for kind, what in events[i + 1 :])
             assert after, (f"{entry} not fsynced after renaming {dst.name} into it", events)
         assert sorted(f.name for f in target.iterdir()) == ["card.json", "model.onnx"]
+
+
+def test_replace_keeps_the_old_version_served_until_the_new_one_is_on_disk_and_back_if_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--replace swaps a version by two renames, the old one aside, then the new one in: the new
+    files' fsync (which takes as long as the disk needs for a large model) comes before the old
+    version leaves, so the instant with no version stays an instant; and where the new one cannot be
+    renamed in, the old one goes back under its name rather than staying hidden as .old-*."""
+    out = tmp_path.resolve() / "models"
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+
+    def export(overwrite: bool) -> Path:
+        return export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out, example_inputs={"z": z},
+            card=card, fp16=False, overwrite=overwrite,
+        )  # fmt: skip
+
+    target = export(False)
+    old = {f.name: f.read_bytes() for f in target.iterdir()}
+    events: list[str] = []
+    fsync, rename, replace = os.fsync, os.rename, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        fsync(fd)
+
+    def recording_rename(source: str | os.PathLike[str], target_: str | os.PathLike[str]) -> None:
+        events.append(f"rename {os.fspath(source)} -> {os.fspath(target_)}")
+        rename(source, target_)
+
+    def failing_replace(source: str | os.PathLike[str], target_: str | os.PathLike[str]) -> None:
+        if Path(target_) == target:
+            raise OSError(28, "No space left on device")
+        replace(source, target_)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        export(True)
+    retire = next(i for i, e in enumerate(events) if e.startswith(f"rename {target} -> "))
+    staged_onnx = [i for i, e in enumerate(events) if e.startswith("fsync ") and e.endswith("model.onnx")]
+    assert staged_onnx and staged_onnx[0] < retire, events
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == old
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
