@@ -1,0 +1,111 @@
+"""The shell blocks of README.md and docs/*.md, as a reader pastes them.
+
+Every `genserve-server` and `genserve-client` command in a ```bash block (and in an unlabelled
+block of shell lines) must parse with the real command-line parser, after joining its `\\`
+continuations: a flag that does not exist, or was renamed, fails here. And a block must not have
+a line that starts with a flag without the line before it continuing the command: pasted into a
+shell, that line is a command of its own (`--tls-client-ca: command not found`) and the command
+above it runs without the flag.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from genserve_client.cli import build_parser as client_parser
+from genserve_server.main import build_parser as server_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+COMMANDS = {"genserve-client": client_parser, "genserve-server": server_parser}
+
+
+def _shell_blocks() -> list[tuple[str, int, list[str]]]:
+    """(file, first line, lines) of each ```bash block and each unlabelled block of commands."""
+    blocks = []
+    for doc in DOCS:
+        lines = doc.read_text(encoding="utf-8").splitlines()
+        i = 0
+        while i < len(lines):
+            fence = lines[i].strip()
+            if fence.startswith("```"):
+                lang = fence[3:].strip()
+                j = i + 1
+                while j < len(lines) and not lines[j].strip().startswith("```"):
+                    j += 1
+                body = lines[i + 1 : j]
+                shell = lang in ("bash", "sh", "shell") or (
+                    lang == "" and any(re.match(r"\s*(\S*/)?genserve-(client|server) ", b) for b in body)
+                )
+                if shell:
+                    blocks.append((doc.relative_to(ROOT).as_posix(), i + 2, body))
+                i = j + 1
+            else:
+                i += 1
+    return blocks
+
+
+BLOCKS = _shell_blocks()
+
+
+def _commands(body: list[str]) -> list[str]:
+    """The block's commands: comments dropped, `\\` continuations joined."""
+    out: list[str] = []
+    pending = ""
+    for raw in body:
+        line = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        out.append((pending + line).strip())
+        pending = ""
+    return [c for c in out if c]
+
+
+def _argv(command: str) -> tuple[str, list[str]] | None:
+    """The genserve program and its arguments, or None for another command or a sketch (`...`)."""
+    if "..." in command:
+        return None
+    words = shlex.split(command.replace("[", "").replace("]", ""))
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+        words = words[1:]
+    if not words:
+        return None
+    program = Path(words[0]).name
+    if program not in COMMANDS:
+        return None
+    return program, words[1:]
+
+
+def test_the_docs_have_shell_blocks_with_genserve_commands() -> None:
+    found = [c for _, _, body in BLOCKS for c in _commands(body) if _argv(c)]
+    assert len(found) >= 20, found
+
+
+@pytest.mark.parametrize(("doc", "line", "body"), BLOCKS, ids=[f"{d}:{n}" for d, n, _ in BLOCKS])
+def test_no_line_of_a_shell_block_is_a_flag_cut_off_its_command(doc: str, line: int, body: list[str]) -> None:
+    previous = ""
+    for k, raw in enumerate(body):
+        stripped = raw.strip()
+        assert not (stripped.startswith("-") and not previous.endswith("\\")), (
+            f"{doc}:{line + k}: {stripped!r} starts with a flag but the line before does not end with"
+            " a backslash: pasted into a shell it runs as a command of its own"
+        )
+        previous = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
+
+
+@pytest.mark.parametrize(("doc", "line", "body"), BLOCKS, ids=[f"{d}:{n}" for d, n, _ in BLOCKS])
+def test_every_genserve_command_of_a_shell_block_parses(doc: str, line: int, body: list[str]) -> None:
+    for command in _commands(body):
+        parsed = _argv(command)
+        if parsed is None:
+            continue
+        program, argv = parsed
+        try:
+            COMMANDS[program]().parse_args(argv)
+        except SystemExit as exc:
+            pytest.fail(f"{doc} (block at line {line}): {command!r} does not parse (exit {exc.code})")
