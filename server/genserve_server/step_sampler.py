@@ -51,7 +51,7 @@ import numpy as np
 from genserve_contract.config import MAX_TEMPERATURE, SamplingConfig
 from genserve_server import latents
 from genserve_server.batch_parts import Caller, count_once
-from genserve_server.batcher import Lane, drop_reason, withdrawn
+from genserve_server.batcher import WITHDRAWN, Lane, drop_reason, withdrawn
 from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted, invalid
 from genserve_server.metrics import ModelMetrics
 
@@ -337,14 +337,20 @@ class StepScheduler:
         self._joining.extend(rows)
         if self._task is None:
             self._task = asyncio.ensure_future(self._loop())
+        withdraw: str | None = None
         try:
             grids = await asyncio.gather(*(row.future for row in rows))
+        except Exception:
+            # A row of this request failed (NaN logits): the call counts under that failure, and
+            # its other rows leave WITHDRAWN, not as a caller that went away (no drop).
+            withdraw = WITHDRAWN
+            raise
         finally:
             if watch is not None:
                 self._watches.remove(watch)
             for row in rows:  # one row failed or the caller left: the others leave at the next step
                 if not row.future.done():
-                    row.future.cancel()
+                    row.future.cancel(withdraw)
         return np.stack(grids)
 
     def _report(self) -> None:

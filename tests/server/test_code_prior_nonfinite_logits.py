@@ -8,6 +8,7 @@ prior and the position, while the rows of other requests in the same steps finis
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -111,3 +112,27 @@ def test_nan_logits_fail_their_request_alone(server) -> None:  # type: ignore[no
     assert isinstance(good, pb.SampleCodesResponse), good
     assert [c.data for c in good.codes] == [c.data for c in alone.codes]
     assert [i.image.data for i in good.images] == [i.image.data for i in alone.images]
+
+
+def test_a_nan_row_fails_its_request_without_counting_its_other_rows_as_dropped(server) -> None:  # type: ignore[no-untyped-def]
+    """A request of two grids, one of whose rows has NaN logits (label 1), fails INTERNAL: the call
+    counts under that status. Its other row leaves the running set as the request fails: that is
+    not a caller that went away, so genserve_requests_dropped_total (docs/metrics.md: `cancelled`,
+    "the caller went away") must not count it."""
+
+    def dropped() -> float:
+        return server.metric("genserve_requests_dropped_total", model="nan-prior")
+
+    before = dropped()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.SampleCodes(
+                pb.SampleCodesRequest(model="nan-prior", seeds=[1, 2], labels=[0, 1], return_codes=True),
+                timeout=30,
+            )
+    assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value
+    # The other row leaves at the prior's next step, at once.
+    time.sleep(1.0)
+    text = server.metrics_text()
+    assert dropped() == before, [line for line in text.splitlines() if "dropped_total" in line]
