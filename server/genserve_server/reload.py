@@ -535,8 +535,11 @@ class Reloader:
         for other in others:
             other.metrics.ready.set(1 if other.state == ModelState.READY else 0)
             other.metrics.file_changed.set(1 if other.file_changed else 0)
-        if self.repo.models.get(model.name) is model:
-            self.repo.notify(model)
+        current = self.repo.models.get(model.name)
+        if current is not None and (current is model or others):
+            # Also where `model` is an old object (its directory moved away and back): the gauges just
+            # set are the current copy's, whose readiness also follows its mapping or decoder (App).
+            self.repo.notify(current)
 
     def _copies(self, mv: ModelVersion) -> list[ModelVersion]:
         """Other objects of `mv`'s (model, version) not yet forgotten: the registry's, and draining ones."""

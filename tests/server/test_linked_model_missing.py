@@ -324,3 +324,78 @@ def test_readiness_names_why_a_ready_model_whose_linked_model_cannot_serve_does_
     body = excinfo.value.read().decode()
     assert "orphan-gen (every request fails: its mapping no-such-mapping is not in the repository)" in body
     assert "orphan-prior (every request fails: its decoder no-such-decoder" in body, body
+
+
+def test_genserve_model_ready_stays_0_when_a_draining_old_copy_of_the_model_unloads(tmp_path: Path) -> None:
+    """A style generator's directory moved away and back while a SampleStream holds its old copy
+    (draining), and its mapping removed meanwhile: the copy loaded again is READY, every call of it
+    fails UNAVAILABLE and App sets its genserve_model_ready to 0. When the old copy's drain ended,
+    reload._forget set the shared series to 1 again ("READY") and told nobody (the model object it
+    drained is no longer the repository's), so the gauge said 1 for a model that serves nothing."""
+    root = tmp_path / "models"
+    styles = write_style_models(root)
+    generator, mapping = styles["generator"], styles["mapping"]
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    config = {"drain_grace_s": 4.0}
+    with (
+        running_server(root, tmp_path / "server", config=config) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.GenerationServiceStub(channel)
+
+        def gauge() -> float:
+            return metric_in(server.metrics_text(), "genserve_model_ready", model=generator, version="1")
+
+        def known(name: str) -> bool:
+            try:
+                stub.GetModel(pb.GetModelRequest(name=name), timeout=10)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+                return False
+            return True
+
+        # A stream that holds the first copy: read slowly, so that it never finishes here.
+        stream = stub.SampleStream(
+            pb.SampleStreamRequest(sample=pb.SampleRequest(model=generator, count=100000), chunk_size=1),
+            timeout=120,
+        )
+        ended = threading.Event()
+
+        def read_slowly() -> None:
+            try:
+                for _ in stream:
+                    time.sleep(0.5)
+            except grpc.RpcError:
+                pass
+            finally:
+                ended.set()
+
+        reader = threading.Thread(target=read_slowly, daemon=True)
+        reader.start()
+        wait_until(
+            lambda: server.metric("genserve_requests_in_flight", method="SampleStream") == 1, 30, "the stream"
+        )
+        (root / generator).rename(aside / generator)
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: not known(generator), 60, "the generator's removal (its copy drains)")
+        (root / mapping).rename(aside / mapping)
+        (aside / generator).rename(root / generator)
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: known(generator) and not known(mapping), 60, "the generator's return")
+        wait_until(
+            lambda: _health(channel, generator) == NOT_SERVING and gauge() == 0.0, 30, "the new copy's gauge"
+        )
+        assert not ended.is_set(), "the stream ended before the old copy's drain: nothing was tested"
+        # The old copy's drain ends (drain_grace_s): its batcher closes, then the copy is forgotten.
+        wait_until(
+            lambda: f"model {generator} version 1 unloaded" in server.log(), 30, "the old copy's unload"
+        )
+        time.sleep(0.5)
+        assert _health(channel, generator) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.Sample(pb.SampleRequest(model=generator, seeds=[1]), timeout=30)
+        assert _error(excinfo)[0] == grpc.StatusCode.UNAVAILABLE
+        assert gauge() == 0.0, "genserve_model_ready says 1 for a generator whose every call fails"
+        stream.cancel()
+        reader.join(10)
