@@ -620,14 +620,19 @@ class Batcher:
         self._closing = True
         self._available.set()  # wake an idle dispatcher so it can exit
         self._room.set()  # and bulk submits waiting for room, so that they fail
-        if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._loop_task), timeout_s)
-            except TimeoutError:
+        # asyncio.wait, not wait_for(shield(...)): a second close (the shutdown's Repository.close of a
+        # version whose reload drain timed out, or one beside it) finds the dispatcher cancelled, and
+        # awaiting it again raised CancelledError out of App.stop.
+        loop_task = self._loop_task
+        if loop_task is not None and not loop_task.done():
+            _, running = await asyncio.wait({loop_task}, timeout=max(0.0, timeout_s))
+            if running:
                 logger.warning("%s: drain timed out after %.1f s; failing what is left", self.name, timeout_s)
-                self._loop_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._loop_task
+                loop_task.cancel()
+                await asyncio.wait({loop_task})
+        if loop_task is not None and loop_task.done() and not loop_task.cancelled():
+            if (crashed := loop_task.exception()) is not None:  # a bug: said, not raised into the shutdown
+                logger.error("%s: the dispatcher had failed", self.name, exc_info=crashed)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
         self._fail_queued(lambda: Unavailable(f"{self.name} shut down"))

@@ -1437,6 +1437,40 @@ def test_close_drains_accepted_work_then_refuses() -> None:
     run(body())
 
 
+@pytest.mark.parametrize("second", ["after", "beside"])
+def test_closing_again_after_a_drain_timed_out_waits_instead_of_raising_cancelled(second: str) -> None:
+    """A reload's drain closes a retired version's batcher within what is left of drain_grace_s; a
+    batch still computing then outlasts it (the dispatcher is cancelled, the batch runs on), and
+    SIGTERM while that drain waits for the runner closes the same batcher again (Repository.close:
+    the version is still registered, DRAINING). The second close re-awaited the cancelled
+    dispatcher and raised CancelledError out of App.stop: the rest of the shutdown was skipped and
+    the process exited 1 with a traceback. It must wait for the batch like a first close."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=2)
+        gate, blocker = await hold_runner(batcher, model)
+        queued = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
+        await until(lambda: batcher.queued_rows == 1, "a request queued behind the batch")
+        if second == "after":
+            await batcher.close(0.05)  # the drain's close: the batch computing outlasts it
+            again = asyncio.ensure_future(batcher.close(5))  # the shutdown's close of the same batcher
+        else:  # the shutdown's close begins while the drain's still waits, and outlasts it
+            again = asyncio.ensure_future(batcher.close(5))
+            await batcher.close(0.05)
+        with pytest.raises(Unavailable, match="shut down"):
+            await queued
+        assert not blocker.done()
+        await let_the_dispatcher_run()
+        assert not again.done()  # it waits for the batch in flight
+        gate.set()
+        await asyncio.wait_for(again, 5)
+        result = await blocker
+        assert float(result.outputs["y"][0]) == -10
+
+    run(body())
+
+
 def test_with_two_instances_bulk_leaves_one_free_while_interactive_requests_arrive() -> None:
     async def body() -> None:
         model = FakeModel()
