@@ -52,7 +52,7 @@ def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
         args = [
             sys.executable,
             "-m",
-            "genserve_server.main",
+            "genserve_server",
             "serve",
             "--models",
             str(models),

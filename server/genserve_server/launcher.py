@@ -113,7 +113,7 @@ def genserve_command(models: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "genserve_server.main",
+        "genserve_server",
         "serve",
         "--models",
         str(models),

@@ -14,6 +14,8 @@ SampleStreams end after the chunk they are sending (UNAVAILABLE naming the start
 from), health NOT_SERVING, `server.stop(grace)` (the port is released, no new RPCs, in-flight unary
 calls finish), batchers drain, pools shut down, the health listener closes, exit 0. SIGHUP
 rescans the model repository (reload.py): new versions load in the background, retired ones drain.
+The console script and `python -m genserve_server` enter through __main__.py, which holds those
+signals during the imports below (start_signals.py): serve() acts on what it held.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
-from genserve_server import accept, event_loop, kserve, probe, security, wire
+from genserve_server import accept, event_loop, kserve, probe, security, start_signals, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
@@ -595,6 +597,9 @@ async def serve(args: argparse.Namespace) -> int:
     if args.health_port is not None:
         _check_port_free(args.host, args.health_port, "--health-port")
     quiet_onnxruntime()
+    if start_signals.stop_requested():  # SIGTERM/SIGINT during the imports: nothing to stop yet
+        logger.info("stop requested during start-up: exiting")
+        return 0
     app = App(
         args.models,
         config,
@@ -610,6 +615,11 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, app.request_stop)
     # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
     loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
+    # Signals before these handlers were held (genserve_server/__main__.py, start_signals.py).
+    if start_signals.stop_requested():
+        app.request_stop()
+    if start_signals.dropped_hups():
+        logger.info("SIGHUP during start-up ignored: the start-up scan reads the repository after it")
     await app.start()
     # The process's own start-up heap (not App's: tests run many Apps in one process): full
     # collections skip it from now on (heap.py).
@@ -771,6 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":
+        start_signals.release()
         return probe.run(args)
     try:
         loop = event_loop.resolve(args.event_loop)

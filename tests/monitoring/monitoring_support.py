@@ -196,7 +196,7 @@ class MonitoredServer:
 
     @property
     def pid(self) -> int:
-        # server_support starts `python -m genserve_server.main` directly: the child is the server.
+        # server_support starts `python -m genserve_server` directly: the child is the server.
         return int(self.process.proc.pid)
 
     @property

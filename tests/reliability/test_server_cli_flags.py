@@ -21,7 +21,7 @@ from genserve_server.metrics_http import BoundedWSGIServer
 
 def serve_args(models: Path, *extra: str) -> list[str]:
     base = ["--port", "0", "--metrics-port", "0"]
-    return [sys.executable, "-m", "genserve_server.main", "serve", "--models", str(models), *base, *extra]
+    return [sys.executable, "-m", "genserve_server", "serve", "--models", str(models), *base, *extra]
 
 
 def last_line(stderr: str) -> str:

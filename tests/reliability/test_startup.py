@@ -28,6 +28,7 @@ from server_support import TINY_LATENT, ServerProcess, slow_generator_graph, sta
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server.config import ServerConfig
 from genserve_server.health import LIVE_KEY
+from genserve_server.launcher import genserve_command
 from genserve_server.main import App
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -129,7 +130,7 @@ def _serve_args(models: Path, work: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "genserve_server.main",
+        "genserve_server",
         "serve",
         "--models",
         str(models),
@@ -305,6 +306,58 @@ def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_pat
     assert "model z-slow version 1 ready" not in log_text, log_text
     assert "loading cancelled" in log_text, log_text
     assert not (tmp_path / "ready.json").exists()
+
+
+def _grpc_imported(pid: int) -> bool:
+    """The process has loaded grpc's extension: the server's imports are under way (Linux /proc)."""
+    try:
+        return "cygrpc" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("moment", ["while importing", "after the first log line"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_early_in_start_up_stops_cleanly_or_waits_for_the_scan(
+    tmp_path: Path, sig: signal.Signals, moment: str
+) -> None:
+    """A signal before serve() had installed the event loop's handlers (the server's imports take
+    half a second, building the App more) acted by default: SIGINT a KeyboardInterrupt traceback,
+    SIGTERM exit -15 and SIGHUP exit -1, none of them drained. Now SIGTERM/SIGINT stop the start-up
+    (exit 0, no traceback, no ready file) and a SIGHUP before the start-up scan changes nothing:
+    the server comes up (the scan reads the repository after it) and stops on SIGTERM with 0."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    ready = tmp_path / "ready.json"
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*genserve_command(models, "--log-level", "INFO"), "--ready-file", str(ready)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not (_grpc_imported(proc.pid) if moment == "while importing" else log_path.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        if sig == signal.SIGHUP:
+            while not ready.exists():
+                assert proc.poll() is None, f"exit {proc.returncode} on SIGHUP:\n{log_path.read_text()}"
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert returncode == 0, f"exit {returncode} on an early {sig.name}:\n{log_text}"
+    assert "Traceback" not in log_text and "KeyboardInterrupt" not in log_text, log_text
+    assert ready.exists() == (sig == signal.SIGHUP), log_text
 
 
 def test_overall_health_follows_a_hot_reload(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]

@@ -50,7 +50,7 @@ def test_a_server_that_never_gets_ready_is_killed_at_the_timeout(tmp_path: Path)
 
 def test_genserve_command_binds_loopback_on_os_chosen_ports(tmp_path: Path) -> None:
     command = genserve_command(tmp_path, "--no-metrics")
-    assert command[:4] == [sys.executable, "-m", "genserve_server.main", "serve"]
+    assert command[:4] == [sys.executable, "-m", "genserve_server", "serve"]
     flags = dict(zip(command[4:-1:2], command[5::2], strict=True))
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == "0" and flags["--metrics-port"] == "0"
     assert command[-1] == "--no-metrics"
