@@ -132,7 +132,12 @@ def encode(
     timeout_s: float | None = None,
     **opts: Unpack[rq.EncodeOptions],
 ) -> UnaryCall[EncodeResult]:
-    """Encode images to latents (mu, logvar and, with `sample=True`, a drawn z)."""
+    """Encode images to latents (mu, logvar and, with `sample=True`, a drawn z).
+
+    `images`: a list of images (paths, encoded bytes, PIL images, uint8 HW or HWC arrays in RGB
+    order) or one N x H x W x C array; one image goes as [image] (one HW or HWC array alone is a
+    TypeError, never H images of one row each).
+    """
     rq.check_options("encode", opts, rq.EncodeOptions)
     return UnaryCall("Encode", rq.encode_request(model, images, **opts), EncodeResult.from_proto, timeout_s)
 
@@ -152,7 +157,12 @@ def super_resolve(
     timeout_s: float | None = None,
     **opts: Unpack[rq.ImageOptions],
 ) -> UnaryCall[ImageResult]:
-    """Upscale images (tiled on the server when large)."""
+    """Upscale images (tiled on the server when large).
+
+    `images`: a list of images (paths, encoded bytes, PIL images, uint8 HW or HWC arrays in RGB
+    order) or one N x H x W x C array; one image goes as [image] (one HW or HWC array alone is a
+    TypeError, never H images of one row each).
+    """
     rq.check_options("super_resolve", opts, rq.ImageOptions)
     request = rq.image_request(model, images, **opts)
     return UnaryCall("SuperResolve", request, ImageResult.from_proto, timeout_s)
@@ -165,7 +175,12 @@ def translate(
     timeout_s: float | None = None,
     **opts: Unpack[rq.ImageOptions],
 ) -> UnaryCall[ImageResult]:
-    """Image-to-image translation."""
+    """Image-to-image translation.
+
+    `images`: a list of images (paths, encoded bytes, PIL images, uint8 HW or HWC arrays in RGB
+    order) or one N x H x W x C array; one image goes as [image] (one HW or HWC array alone is a
+    TypeError, never H images of one row each).
+    """
     rq.check_options("translate", opts, rq.ImageOptions)
     request = rq.image_request(model, images, **opts)
     return UnaryCall("Translate", request, ImageResult.from_proto, timeout_s)

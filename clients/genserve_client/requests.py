@@ -199,20 +199,34 @@ def _assign(message: Message, name: str, value: object, prefix: str = "") -> Non
 
 
 def image_messages(images: Sequence[ImageInput]) -> list[types_pb2.Image]:
-    """The request's images. One image where a list belongs is refused: a path (a str is a sequence
-    of one-letter paths: "No such file or directory: 'p'"), bytes (of integers), a PIL image or an
-    HW array (of 1-D rows) all failed with a message that never said to pass a list. A 1-D array of
-    paths or encoded files (str, bytes or object items: `df["path"].to_numpy()`) is a list."""
-    if isinstance(images, str | bytes | os.PathLike | PILImage.Image) or (
-        isinstance(images, np.ndarray)
-        and images.ndim < 3
-        and not (images.ndim == 1 and images.dtype.kind in "OUS")
-    ):
-        what = (
-            f"a {images.ndim}-D array" if isinstance(images, np.ndarray) else f"one {type(images).__name__}"
+    """The request's images: a list of images, or an N x H x W x C array (N images). One image where
+    a list belongs is refused: a path (a str is a sequence of one-letter paths: "No such file or
+    directory: 'p'"), bytes (of integers), a PIL image, an HW array (of 1-D rows) or an HWC array
+    (`np.asarray(Image.open(p))`: H gray images of W x C pixels) all failed with a message that
+    never said to pass a list, or not at all. A 3-D array whose last axis is above 4 is N gray HW
+    images; a 1-D array of paths or encoded files (str, bytes or object items:
+    `df["path"].to_numpy()`) is a list."""
+    what = None
+    if isinstance(images, str | bytes | os.PathLike | PILImage.Image):
+        what = f"one {type(images).__name__}"
+    elif isinstance(images, np.ndarray):
+        if images.ndim == 2 or (images.ndim == 3 and images.shape[2] <= 4):
+            layout = "HW" if images.ndim == 2 else "HWC"
+            what = f"one {layout} image (an array of shape {images.shape})"
+        elif images.ndim < 2 and not (images.ndim == 1 and images.dtype.kind in "OUS"):
+            what = f"a {images.ndim}-D array"
+    if what is not None:
+        raise TypeError(
+            f"images: must be a list of images, got {what}; pass [image] for one "
+            "(an N x H x W x C array is N images)"
         )
-        raise TypeError(f"images: must be a list of images, got {what}; pass [image] for one")
-    return [to_image_message(i) for i in images]
+    messages = []
+    for i, image in enumerate(images):
+        try:
+            messages.append(to_image_message(image))
+        except ValueError as exc:  # a float or CHW array: name the image it is
+            raise ValueError(f"images[{i}]: {exc}") from None
+    return messages
 
 
 def output_options(opts: OutputOptions) -> types_pb2.OutputOptions:

@@ -239,12 +239,13 @@ def test_a_value_of_the_wrong_type_names_the_field() -> None:
         calls.sample("g", 2, psi="0.7")  # type: ignore[typeddict-item]
 
 
-@pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array"])
+@pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array", "hwc-array"])
 @pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
 def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kind: str, method: str) -> None:
     """`client.super_resolve(m, "photo.png")` failed with `No such file or directory: 'p'` (a str
     is a sequence of one-letter paths), one PNG's bytes with `dtype int64`, a Path or PIL image
-    with `not iterable`, a gray HW array with `got shape (W,)`."""
+    with `not iterable`, a gray HW array with `got shape (W,)`, a colour HWC array was H gray
+    images of W x 3 pixels."""
     path = tmp_path / "photo.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
     one = {
@@ -253,6 +254,7 @@ def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kin
         "bytes": path.read_bytes(),
         "pil": Image.open(path),
         "hw-array": np.zeros((8, 8), np.uint8),
+        "hwc-array": np.zeros((8, 8, 3), np.uint8),
     }[kind]
     with pytest.raises(TypeError, match=r"^images: must be a list of images, .*pass \[image\]"):
         getattr(calls, method)("m", one)

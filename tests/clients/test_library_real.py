@@ -95,6 +95,40 @@ def test_super_resolve_and_translate(client: GenserveClient) -> None:
     assert tr.images[0].shape == (12, 20, 3) and tr.pil()[0].size == (20, 12)
 
 
+def test_one_hwc_array_is_refused_as_one_image_and_an_nhwc_array_is_n_images(tiny_server: Any) -> None:
+    """`client.super_resolve(m, np.asarray(Image.open("photo.png")))` (one colour picture, H x W x 3)
+    was read as H gray pictures of W x 3 pixels: the server answered `images[0]: must be at least 4
+    pixels on each side, got 3x20`, and a model that takes such slivers would have served them
+    silently. One HWC image where the list belongs is refused before any call, like a path or a PIL
+    image; N x H x W x C is N images."""
+    photo, other = rgb(12, 20), rgb(12, 20, seed=1)
+    refused = (
+        r"^images: must be a list of images, got one HWC image \(an array of shape \(12, 20, 3\)\); "
+        r"pass \[image\]"
+    )
+    with GenserveClient(tiny_server.target) as client:
+        for method, model in [
+            ("super_resolve", "tiny-sr"),
+            ("translate", "tiny-i2i"),
+            ("encode", "tiny-vae-enc"),
+        ]:
+            with pytest.raises(TypeError, match=refused):
+                getattr(client, method)(model, photo)
+        with pytest.raises(TypeError, match=r"^images: .*one HWC image \(an array of shape \(8, 8, 1\)\)"):
+            client.encode("tiny-vae-enc", np.zeros((8, 8, 1), np.uint8))
+        one = client.super_resolve("tiny-sr", [photo], format="raw")
+        both = client.super_resolve("tiny-sr", np.stack([photo, other]), format="raw")
+        assert [im.shape for im in both.images] == [(24, 40, 3)] * 2
+        np.testing.assert_array_equal(both.images[0], one.images[0])
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(tiny_server.target) as aio:
+            with pytest.raises(TypeError, match=refused):
+                await aio.translate("tiny-i2i", photo)
+
+    asyncio.run(scenario())
+
+
 def test_errors_carry_code_message_and_request_id(client: GenserveClient) -> None:
     with pytest.raises(GenserveClientError) as info:
         client.sample("tiny-gen", 1000)
