@@ -113,7 +113,9 @@ def _pil_to_uint8(image: PILImage.Image) -> npt.NDArray[np.uint8]:
 
 def to_image_message(image: ImageInput) -> types_pb2.Image:
     """Build a request Image. Encoded bytes and files travel as they are (the server detects
-    PNG/JPEG/WEBP, so nothing is decoded here); arrays and PIL images travel as raw uint8 HWC."""
+    PNG/JPEG/WEBP, so nothing is decoded here); arrays and PIL images travel as raw uint8 HWC.
+    An array's alpha channel (HWC with C = 2, gray+alpha, or 4, RGBA) is dropped, as the server
+    does for the same picture sent as a file."""
     if isinstance(image, bytes):
         return types_pb2.Image(format=types_pb2.IMAGE_FORMAT_UNSPECIFIED, data=image)
     if isinstance(image, str | os.PathLike):
@@ -125,6 +127,8 @@ def to_image_message(image: ImageInput) -> types_pb2.Image:
         raise ValueError(f"image arrays must be uint8 HWC or HW, got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
-        raise ValueError(f"image arrays must be HW or HWC with C in (1, 3), got shape {arr.shape}")
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"image arrays must be HW or HWC with C in 1..4, got shape {arr.shape}")
+    if arr.shape[2] in (2, 4):
+        arr = arr[:, :, : arr.shape[2] - 1]  # LA -> L, RGBA -> RGB (codecs: alpha is dropped)
     return types_pb2.Image(format=types_pb2.IMAGE_FORMAT_RAW_UINT8, data=arr.tobytes(), shape=arr.shape)

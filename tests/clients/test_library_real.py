@@ -129,6 +129,25 @@ def test_one_hwc_array_is_refused_as_one_image_and_an_nhwc_array_is_n_images(tin
     asyncio.run(scenario())
 
 
+def test_arrays_with_alpha_travel_as_the_server_reads_the_same_png(client: GenserveClient) -> None:
+    """`[np.asarray(Image.open("logo.png"))]` of a PNG with alpha (H x W x 4, or gray+alpha H x W x
+    2) was refused ("C in (1, 3)") while the same file, path or bytes, or PIL image is served with
+    its alpha dropped."""
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    from_array = client.super_resolve("tiny-sr", [rgba], format="raw")
+    from_file = client.super_resolve("tiny-sr", [buf.getvalue()], format="raw")
+    np.testing.assert_array_equal(from_array.images[0], from_file.images[0])
+    la = rng.integers(0, 256, (8, 8, 2), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(la, "LA").save(buf, format="PNG")
+    enc = client.encode("tiny-vae-enc", [buf.getvalue(), la, Image.fromarray(la, "LA"), la[:, :, 0]])
+    for mu in enc.mu[1:]:
+        np.testing.assert_allclose(mu, enc.mu[0], rtol=1e-5)  # rows of one batch: float32 ulps
+
+
 def test_errors_carry_code_message_and_request_id(client: GenserveClient) -> None:
     with pytest.raises(GenserveClientError) as info:
         client.sample("tiny-gen", 1000)
