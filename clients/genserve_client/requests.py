@@ -43,7 +43,7 @@ class OutputOptions(TypedDict, total=False):
     """How images come back (types.proto OutputOptions). Default PNG."""
 
     format: Format
-    quality: int
+    quality: int  # JPEG and WEBP: 1..100 (0: 90); with another format the server refuses it
     png_compression: int
     return_latents: bool
 

@@ -71,6 +71,13 @@ def output_spec(
         raise invalid(f"{field_prefix}.png_compression", f"must be in 0..9, got {compression}")
     if image_format == ImageFormat.UNSPECIFIED:
         image_format = ImageFormat.PNG
+    if quality and image_format not in (ImageFormat.JPEG, ImageFormat.WEBP):
+        # Refused, not ignored (types.proto): quality=50 with PNG would change nothing, silently.
+        raise invalid(
+            f"{field_prefix}.quality",
+            f"applies to JPEG and WEBP only, got {quality} with format {FORMAT_NAMES[image_format]} "
+            "(leave it 0, or ask for JPEG or WEBP)",
+        )
     return OutputSpec(image_format, quality or 90, compression, return_latents)
 
 

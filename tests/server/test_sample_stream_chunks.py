@@ -90,11 +90,12 @@ def test_a_chunk_above_the_send_limit_names_sample_output_and_chunk_size(
 ) -> None:
     # TENSOR_F32: refused before compute; JPEG: only once encoded. Either way the request's fields
     # are sample.output and chunk_size (count is fine: a stream sends any count in chunks).
+    quality = 100 if fmt == tpb.IMAGE_FORMAT_JPEG else 0  # JPEG's and WEBP's alone (types.proto)
     request = pb.SampleStreamRequest(
         sample=pb.SampleRequest(
             model="gen64",
             count=1000,
-            output=tpb.OutputOptions(format=fmt, quality=100),  # type: ignore[arg-type]
+            output=tpb.OutputOptions(format=fmt, quality=quality),  # type: ignore[arg-type]
         ),
         chunk_size=256,
     )

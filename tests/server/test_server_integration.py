@@ -211,6 +211,41 @@ def test_sample_invalid_arguments_name_the_field(
     assert field in details_of(excinfo)
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        tpb.IMAGE_FORMAT_UNSPECIFIED,
+        tpb.IMAGE_FORMAT_PNG,
+        tpb.IMAGE_FORMAT_RAW_UINT8,
+        tpb.IMAGE_FORMAT_TENSOR_F32,
+    ],
+)
+def test_quality_with_a_format_that_has_none_is_refused_naming_it(
+    stub: pb_grpc.GenerationServiceStub, fmt: tpb.ImageFormat.ValueType
+) -> None:
+    """`OutputOptions(format=PNG, quality=50)` (wanting smaller files) got full PNGs: quality is
+    JPEG's and WEBP's (types.proto), and the server ignored it elsewhere, silently. Like
+    return_latents where there are none, it is refused naming the field; 0 (unset) still works."""
+    output = tpb.OutputOptions(format=fmt, quality=50)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="tiny-gen", count=1, output=output))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("output.quality: applies to JPEG and WEBP only"), details_of(
+        excinfo
+    )
+    stream = pb.SampleStreamRequest(sample=pb.SampleRequest(model="tiny-gen", count=2, output=output))
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(stub.SampleStream(stream))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("sample.output.quality: "), details_of(excinfo)
+    assert stub.Sample(
+        pb.SampleRequest(model="tiny-gen", count=1, output=tpb.OutputOptions(format=fmt))
+    ).images
+    for lossy in (tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_WEBP):
+        options = tpb.OutputOptions(format=lossy, quality=50)
+        assert stub.Sample(pb.SampleRequest(model="tiny-gen", count=1, output=options)).images
+
+
 def test_unknown_model_lists_the_models(stub: pb_grpc.GenerationServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.Sample(pb.SampleRequest(model="nope", count=1))

@@ -184,7 +184,10 @@ class OutputOptions(_message.Message):
     format: Global___ImageFormat.ValueType
     """Default PNG."""
     quality: _builtins.int
-    """JPEG and WEBP quality, 1..100. 0 means the default, 90."""
+    """JPEG and WEBP quality, 1..100. 0 means the default, 90. Any other format (PNG, the default,
+    RAW_UINT8, TENSOR_F32) takes 0 only: a quality there would change nothing, so it is
+    INVALID_ARGUMENT naming it.
+    """
     png_compression: _builtins.int
     """PNG compression level 0..9. Absent means 1: the fast profile (Up filter, run-length zlib),
     2-3x faster than libpng's adaptive filters on photos at about the same size. 0 stores; 2..9 use
