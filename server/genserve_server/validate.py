@@ -78,6 +78,13 @@ def output_spec(
             f"applies to JPEG and WEBP only, got {quality} with format {FORMAT_NAMES[image_format]} "
             "(leave it 0, or ask for JPEG or WEBP)",
         )
+    if png_compression is not None and image_format != ImageFormat.PNG:
+        # Likewise: a compression level set for a JPEG, WEBP or raw answer would change nothing.
+        raise invalid(
+            f"{field_prefix}.png_compression",
+            f"applies to PNG only, got {png_compression} with format {FORMAT_NAMES[image_format]} "
+            "(leave it unset, or ask for PNG)",
+        )
     return OutputSpec(image_format, quality or 90, compression, return_latents)
 
 

@@ -246,6 +246,28 @@ def test_quality_with_a_format_that_has_none_is_refused_naming_it(
         assert stub.Sample(pb.SampleRequest(model="tiny-gen", count=1, output=options)).images
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [tpb.IMAGE_FORMAT_JPEG, tpb.IMAGE_FORMAT_WEBP, tpb.IMAGE_FORMAT_RAW_UINT8, tpb.IMAGE_FORMAT_TENSOR_F32],
+)
+def test_png_compression_with_another_format_is_refused_naming_it(
+    stub: pb_grpc.GenerationServiceStub, fmt: tpb.ImageFormat.ValueType
+) -> None:
+    """png_compression is PNG's (types.proto): set with JPEG, WEBP or a raw format it changed
+    nothing, silently, as quality did with PNG. Refused naming the field; unset still works."""
+    output = tpb.OutputOptions(format=fmt, png_compression=9)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Sample(pb.SampleRequest(model="tiny-gen", count=1, output=output))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("output.png_compression: applies to PNG only"), details_of(excinfo)
+    assert stub.Sample(
+        pb.SampleRequest(model="tiny-gen", count=1, output=tpb.OutputOptions(format=fmt))
+    ).images
+    for png in (tpb.IMAGE_FORMAT_PNG, tpb.IMAGE_FORMAT_UNSPECIFIED):
+        options = tpb.OutputOptions(format=png, png_compression=9)
+        assert stub.Sample(pb.SampleRequest(model="tiny-gen", count=1, output=options)).images
+
+
 def test_unknown_model_lists_the_models(stub: pb_grpc.GenerationServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.Sample(pb.SampleRequest(model="nope", count=1))

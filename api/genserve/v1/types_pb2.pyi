@@ -191,7 +191,8 @@ class OutputOptions(_message.Message):
     png_compression: _builtins.int
     """PNG compression level 0..9. Absent means 1: the fast profile (Up filter, run-length zlib),
     2-3x faster than libpng's adaptive filters on photos at about the same size. 0 stores; 2..9 use
-    the adaptive filters and that zlib level (6+ costs 3-5x the CPU of 1 for a few % less).
+    the adaptive filters and that zlib level (6+ costs 3-5x the CPU of 1 for a few % less). Set
+    with any other format, it is refused (INVALID_ARGUMENT): it would change nothing.
     """
     return_latents: _builtins.bool
     """Also return each image's latent vector (float32 [Z]) in GeneratedImage.latent: Sample,
