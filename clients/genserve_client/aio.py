@@ -7,6 +7,7 @@ how to read the answer and when to retry are shared with the sync client (calls.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -14,8 +15,9 @@ import grpc
 
 from genserve.v1 import genserve_pb2_grpc
 from genserve_client import calls
-from genserve_client.attempts import StreamResume
+from genserve_client.attempts import Attempts, StreamResume
 from genserve_client.binding import ClientBase
+from genserve_client.channel import RECONNECTING
 from genserve_client.errors import GenserveClientError, closed_client_error, from_rpc_error
 from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
@@ -73,6 +75,30 @@ class AsyncGenserveClient(ClientBase):
         finally:
             closing.cancel()
 
+    async def _reconnect(self, attempts: Attempts) -> None:
+        """Before a retry: while the channel is (re)connecting (its server went away), wait until it
+        is connected, at most what the call has left of RetryPolicy.reconnect_wait_s (returns at
+        once on a connected or idle channel; close() ends the wait)."""
+        budget_s = attempts.reconnect_wait_s()
+        if budget_s <= 0 or self._closed or self._channel.get_state() not in RECONNECTING:
+            return
+        began = time.monotonic()
+        settled = asyncio.ensure_future(self._settled())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({settled, closing}, timeout=budget_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            settled.cancel()
+            closing.cancel()
+        done = settled.done() and not settled.cancelled() and settled.exception() is None
+        attempts.reconnect_waited(time.monotonic() - began, not (done or self._closed))
+
+    async def _settled(self) -> None:
+        state = self._channel.get_state()
+        while state in RECONNECTING:
+            await self._channel.wait_for_state_change(state)
+            state = self._channel.get_state()
+
     def _closed_channel(self, request_id: str | None, began_open: bool) -> GenserveClientError | None:
         """The error for an attempt refused by a closed channel (grpc.aio.UsageError) of a call
         that began on an open client: it was closed under the call (while it waited to retry); None
@@ -102,6 +128,7 @@ class AsyncGenserveClient(ClientBase):
                 trailing = await pending.trailing_metadata()
             except grpc.aio.AioRpcError as exc:
                 await self._backoff(attempts.wait_s(exc))
+                await self._reconnect(attempts)
                 continue
             except asyncio.CancelledError:
                 if (closed := _closed_under(attempts.request_id)) is None:
@@ -149,6 +176,7 @@ class AsyncGenserveClient(ClientBase):
                 return
             except grpc.aio.AioRpcError as exc:
                 await self._backoff(resume.attempts.wait_s(exc))
+                await self._reconnect(resume.attempts)
             except asyncio.CancelledError:
                 if (closed := _closed_under(resume.attempts.request_id)) is None:
                     raise

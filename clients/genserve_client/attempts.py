@@ -18,7 +18,7 @@ import grpc
 from genserve.v1 import genserve_pb2
 from genserve_client.calls import StreamCall, UnaryCall
 from genserve_client.channel import ChannelConfig, new_request_id
-from genserve_client.errors import from_rpc_error, request_id_from
+from genserve_client.errors import GenserveClientError, from_rpc_error, request_id_from
 from genserve_client.results import SampleResult
 from genserve_client.retry import RetryPolicy
 
@@ -43,6 +43,8 @@ class Attempts:
         self._rng = rng
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._failures = 0  # since the start, or since the last progress of a stream
+        self._reconnect_left_s = retry.reconnect_wait_s  # likewise
+        self._last_error: GenserveClientError | None = None
 
     def timeout_s(self) -> float | None:
         """What is left of the deadline, for the next attempt."""
@@ -58,11 +60,30 @@ class Attempts:
         )
         if delay is None:
             raise error from None
+        self._last_error = error
         return delay
+
+    def reconnect_wait_s(self) -> float:
+        """How long the next attempt may first wait for a channel without a connection to connect
+        again: after UNAVAILABLE, what the call has left of RetryPolicy.reconnect_wait_s, within
+        its deadline; 0 after any other failure."""
+        if self._last_error is None or self._last_error.code != grpc.StatusCode.UNAVAILABLE:
+            return 0.0
+        left = self.timeout_s()
+        return self._reconnect_left_s if left is None else min(self._reconnect_left_s, left)
+
+    def reconnect_waited(self, waited_s: float, ran_out: bool) -> None:
+        """Count a wait for the channel; when it ran out without a connection and the deadline has
+        passed, raise the last failure (the connection's UNAVAILABLE) rather than try an attempt
+        with no time left."""
+        self._reconnect_left_s = max(0.0, self._reconnect_left_s - waited_s)
+        if ran_out and self.timeout_s() == 0.0 and self._last_error is not None:
+            raise self._last_error from None
 
     def progressed(self) -> None:
         """Progress resets the retry budget (a long stream may break more than max_attempts times)."""
         self._failures = 0
+        self._reconnect_left_s = self._retry.reconnect_wait_s
 
     def result(self, call: UnaryCall[Out], response: Any, trailing: Metadata) -> Out:
         # The request id the server echoes wins over the one we sent.

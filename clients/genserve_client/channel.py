@@ -30,6 +30,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # resolves to many replicas would use one of them.
 DEFAULT_LB_POLICY = "round_robin"
 LB_POLICIES = ("round_robin", "pick_first")
+# A channel in these states has no connection yet and is getting one without a call (one that lost
+# its server); an IDLE channel connects only for a call.
+RECONNECTING = (grpc.ChannelConnectivity.CONNECTING, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
 
 
 def _split_host_port(entry: str, target: str) -> tuple[str, int]:
@@ -175,9 +178,11 @@ class ChannelConfig:
     # 60 s stays above gRPC servers' default minimum ping interval so they do not GOAWAY us.
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
-    # gRPC's default reconnect backoff grows to 120 s: a server back after a 2-minute restart would
-    # stay unreachable for up to 2 more minutes. 10 s bounds that delay (bulk jobs wait for restarts).
-    max_reconnect_backoff_s: float = 10.0
+    # A channel that lost its server tries to connect again after a backoff (gRPC's: 1 s, x1.6 per
+    # failed attempt, +-20 %, up to 120 s): a server back after a restart stays unreachable until the
+    # next attempt. 2 s bounds that delay (a refused connect every 2 s is nothing to a server), and
+    # a call's retries wait for it (RetryPolicy.reconnect_wait_s, longer than 2 s + 20 %).
+    max_reconnect_backoff_s: float = 2.0
     # How a channel spreads its calls over the addresses of its target (see the module docs).
     lb_policy: str = DEFAULT_LB_POLICY
 

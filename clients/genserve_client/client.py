@@ -15,8 +15,9 @@ import grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_client import calls
-from genserve_client.attempts import StreamResume
+from genserve_client.attempts import Attempts, StreamResume
 from genserve_client.binding import ClientBase
+from genserve_client.channel import RECONNECTING
 from genserve_client.errors import GenserveClientError, closed_client_error, from_rpc_error
 from genserve_client.results import CodesProgress, CodesResult, SampleResult
 
@@ -52,6 +53,32 @@ class GenserveClient(ClientBase):
         otherwise (a call on a client already closed keeps grpc's ValueError)."""
         return closed_client_error(request_id) if self._closed and began_open else None
 
+    def _reconnect(self, attempts: Attempts, stopped: Callable[[], bool]) -> None:
+        """Before a retry: while the channel is (re)connecting (its server went away), wait until it
+        is connected, at most what the call has left of RetryPolicy.reconnect_wait_s (returns at
+        once on a connected or idle channel; `stopped()` or close() ends the wait)."""
+        budget_s = attempts.reconnect_wait_s()
+        if budget_s <= 0 or self._closed or stopped():
+            return
+        settled = threading.Event()
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state not in RECONNECTING:
+                settled.set()
+
+        began = time.monotonic()
+        # Without try_to_connect: grpc's polling thread then ends once unsubscribed, and never
+        # touches a channel closed after (the failed attempt has already started a connection).
+        self._channel.subscribe(watch)  # tells the current state at once
+        try:
+            while not (self._closed or stopped()) and (left := began + budget_s - time.monotonic()) > 0:
+                if settled.wait(min(left, _WAKE_S)):
+                    break
+        finally:
+            self._channel.unsubscribe(watch)
+        ran_out = not (settled.is_set() or self._closed or stopped())
+        attempts.reconnect_waited(time.monotonic() - began, ran_out)
+
     def __enter__(self) -> GenserveClient:
         return self
 
@@ -69,6 +96,7 @@ class GenserveClient(ClientBase):
                 )
             except grpc.RpcError as exc:
                 self._closing.wait(attempts.wait_s(exc))  # the next attempt meets a closed channel
+                self._reconnect(attempts, self._closing.is_set)
                 continue
             except ValueError:  # "Cannot invoke RPC on closed channel!"
                 if (closed := self._closed_channel(attempts.request_id, began_open)) is None:
@@ -155,6 +183,7 @@ class SampleStream:
                     if self._cancelled:
                         return
                     self._backoff(self._resume.attempts.wait_s(exc))
+                    self._client._reconnect(self._resume.attempts, lambda: self._cancelled)
         finally:
             # A consumer that stops early (break, an exception, close()) must not leave the server
             # computing the rest of the job until the call is garbage-collected; a no-op on a

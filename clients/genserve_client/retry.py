@@ -36,12 +36,22 @@ class RetryPolicy:
     Attempt k (1-based) that failed with a retryable code waits a uniform random time in
     [0, min(max_backoff_s, initial_backoff_s * multiplier**(k-1))] ("full jitter", so many clients
     that failed together do not retry together). The caller's deadline bounds the total.
+
+    A retry after UNAVAILABLE whose channel has no connection (its server went away: a crash, a
+    restart, a rolling update) first waits for the channel to connect again, at most
+    `reconnect_wait_s` in all for the call (progress of a stream gives it back), within the
+    deadline. The channel tries again at least every ChannelConfig.max_reconnect_backoff_s (+20 %
+    jitter), so a call made as a restarted server comes back succeeds, and a call to a server that
+    stays down fails UNAVAILABLE after its retries and at most `reconnect_wait_s` more (0: never
+    wait).
     """
 
     max_attempts: int = 5
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
+    # Longer than one reconnect period of ChannelConfig.max_reconnect_backoff_s (2 s, +20 %).
+    reconnect_wait_s: float = 3.0
     # RESOURCE_EXHAUSTED: the server refused at admission (queue full), nothing was computed;
     # never a message over gRPC's size limit nor headers over its hard limit (see is_permanent).
     # UNAVAILABLE: the model is loading, the server is draining, or the connection broke.
@@ -57,6 +67,8 @@ class RetryPolicy:
                 "RetryPolicy needs 0 <= initial_backoff_s <= max_backoff_s, got "
                 f"{self.initial_backoff_s} and {self.max_backoff_s}"
             )
+        if not self.reconnect_wait_s >= 0:  # NaN too
+            raise ValueError(f"RetryPolicy.reconnect_wait_s must be >= 0, got {self.reconnect_wait_s}")
         if self.multiplier < 1:
             raise ValueError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier}")
         bad = self.retryable_codes & _NEVER_RETRY
