@@ -593,11 +593,18 @@ def _make_cache_dirs(chain: Sequence[tuple[str, dict[str, str]]], path: Path) ->
     for name, options in chain:
         if name != TENSORRT or "trt_engine_cache_path" not in options:
             continue
+        cache = options["trt_engine_cache_path"]
         try:
-            Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+            Path(cache).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            # A read-only volume is a deployment choice: name where the cache was and how to move it.
             logger.warning(
-                "%s: TensorRT engine cache unusable (%s): engines are built at every start", path, exc
+                "%s: TensorRT engine cache %s unusable (%s): engines are built at every start; point "
+                "trt_engine_cache_dir (--trt-engine-cache-dir, or runtime.trt_engine_cache_dir in the "
+                "model's config.json) at a writable directory",
+                path,
+                cache,
+                exc,
             )
             for key in [k for k in options if k.startswith(("trt_engine_cache", "trt_timing_cache"))]:
                 del options[key]
