@@ -59,7 +59,7 @@ from pathlib import Path
 
 from genserve_contract.repository import read_regular_text, sha256_file
 from genserve_server import heap
-from genserve_server.config import ModelConfig
+from genserve_server.config import ConfigError, ModelConfig
 from genserve_server.repository import (
     VERSION_PATTERN,
     Model,
@@ -257,7 +257,11 @@ class Reloader:
                 return report
             if self._stopping:
                 return report
-            on_disk = {d.name: d for d in self.repo.model_dirs()}
+            try:
+                on_disk = {d.name: d for d in self.repo.model_dirs()}
+            except ConfigError as exc:  # e.g. its permissions changed: the loaded models keep serving
+                logger.error("%s; nothing changed", exc)
+                return report
             for name in [n for n in self.repo.models if n not in on_disk]:
                 self._remove_model(name, report)
             for model_dir in on_disk.values():

@@ -270,7 +270,11 @@ class Repository:
     def model_dirs(self) -> list[Path]:
         """Model directories with valid names (others are logged and skipped)."""
         dirs = []
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            listed = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError as exc:  # no read (or search) permission: one line naming it, not a traceback
+            raise ConfigError(f"{self.root}: model repository cannot be read: {exc.strerror or exc}") from exc
+        for model_dir in listed:
             if not _model_name(model_dir.name):
                 logger.warning("skipping %s: model names must match %s", model_dir, NAME_PATTERN.pattern)
                 continue

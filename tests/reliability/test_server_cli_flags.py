@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,37 @@ def test_a_models_path_that_is_a_file_is_named_as_not_a_directory(tmp_path: Path
     proc = subprocess.run(serve_args(models), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert f"{models}: model repository is not a directory" in last_line(proc.stderr), proc.stderr
+
+
+def _as_unprivileged_user() -> list[str]:
+    """A command prefix that drops root (root reads a directory of mode 0000); [] when not root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run the server as a user whom permissions bind")
+    return ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups"]
+
+
+def test_a_models_directory_that_cannot_be_listed_is_one_line_naming_it() -> None:
+    """An unreadable repository (a volume mounted with the wrong owner or mode for uid 10001: no
+    fsGroup, mode 0700 root) exited with a Python traceback out of Repository.scan, not one line naming
+    the directory and the cause as a missing or non-directory --models does."""
+    prefix = _as_unprivileged_user()
+    # Not under pytest's tmp_path (mode 0700 of root): the other user must reach the directory.
+    base = Path(tempfile.mkdtemp(prefix="genserve-unreadable-"))
+    try:
+        base.chmod(0o755)
+        models = base / "models"
+        write_gen(models, "gen")
+        models.chmod(0)
+        env = {**os.environ, "HOME": str(base)}
+        proc = subprocess.run(
+            [*prefix, *serve_args(models)], capture_output=True, text=True, timeout=60, env=env
+        )
+    finally:
+        (base / "models").chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = last_line(proc.stderr)
+    assert f"{models}: model repository cannot be read: Permission denied" in line, proc.stderr
