@@ -277,11 +277,11 @@ def _png_walk(data: bytes) -> _Walk:
     return _Walk(None, other, idat, 0, kept)
 
 
-def _pixel_data(data: bytes, fmt: ImageFormat, field: str) -> bytes:
-    """The bytes to hand Pillow: `data` without its metadata (_JPEG_METADATA, _PNG_METADATA);
-    refused if Pillow would walk more segments or chunks than the limits allow."""
+def _checked_walk(data: bytes, fmt: ImageFormat, field: str) -> _Walk | None:
+    """A JPEG's or PNG's walk (None for WebP), refused if Pillow would walk more segments or chunks
+    than the limits allow."""
     if fmt == ImageFormat.WEBP:
-        return data
+        return None
     limit = MAX_IMAGE_METADATA_SEGMENTS
     walk = _jpeg_walk(data) if fmt == ImageFormat.JPEG else _png_walk(data)
     if fmt == ImageFormat.JPEG and walk.steps > limit:
@@ -309,7 +309,13 @@ def _pixel_data(data: bytes, fmt: ImageFormat, field: str) -> bytes:
             f"PNG with more than {MAX_PNG_IDAT_CHUNKS} IDAT chunks exceeds the limit of "
             f"{MAX_PNG_IDAT_CHUNKS} (encoders write chunks of 8 KiB or more)",
         )
-    if walk.kept is None:
+    return walk
+
+
+def _pixel_data(data: bytes, walk: _Walk | None) -> bytes:
+    """The bytes to hand Pillow: `data` without its metadata (_JPEG_METADATA, _PNG_METADATA), which
+    its `walk` (_checked_walk) found."""
+    if walk is None or walk.kept is None:
         return data
     view = memoryview(data)
     return b"".join(view[start:stop] for start, stop in walk.kept)
@@ -418,9 +424,13 @@ def _no_size(detected: ImageFormat, field: str) -> InvalidArgument:
     return invalid(field, f"corrupt {detected.name} image: no readable size in the header")
 
 
-def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, limit_name: str) -> U8Array:
+def _checked_header(
+    data: bytes, fmt: ImageFormat, max_pixels: int, field: str, limit_name: str
+) -> tuple[ImageFormat, _Walk | None, tuple[int, int]]:
+    """(format, walk, (width, height)) of an encoded image, refused as it is before any decoder
+    runs: its format, the segment, chunk and scan limits, the size its header declares."""
     detected = _detect(data, fmt, field)
-    pixel_data = _pixel_data(data, detected, field)
+    walk = _checked_walk(data, detected, field)
     size = _SIZE_READERS[detected](data)
     if size is None:
         raise _no_size(detected, field)
@@ -433,6 +443,12 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, 
                 f"JPEG with {scans} scans (start-of-scan markers) exceeds the limit of {MAX_JPEG_SCANS} "
                 "scans per image (a progressive JPEG has about 10)",
             )
+    return detected, walk, size
+
+
+def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, limit_name: str) -> U8Array:
+    detected, walk, size = _checked_header(data, fmt, max_pixels, field, limit_name)
+    pixel_data = _pixel_data(data, walk)
     _allow_pillow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(pixel_data), formats=[_PIL_NAME[detected]]) as im:
@@ -502,19 +518,15 @@ def checked_size(
     limit_name: str = "max_input_pixels",
 ) -> tuple[int, int]:
     """(height, width) of a request image as its header (or `shape`) declares it, without decoding,
-    refused as decode_image refuses it before decoding (format, shape and byte count, `max_pixels`):
-    what a call sizes the memory its decoded images take from before it decodes them. decode_image
-    gives back an image of this size, or refuses it (a header its decoder reads otherwise)."""
+    refused as decode_image refuses it before decoding (format, shape and byte count, `max_pixels`,
+    the segment, chunk and scan limits): what a call sizes the memory its decoded images take from
+    before it decodes them. decode_image gives back an image of this size, or refuses it (a header
+    its decoder reads otherwise). Walks a PNG's chunks: call it off the event loop."""
     image_format = _image_format(fmt, field)
     if image_format in (ImageFormat.RAW_UINT8, ImageFormat.TENSOR_F32):
         _, height, width = _raw_dims(data, image_format, shape, max_pixels, field, limit_name)
         return height, width
-    detected = _detect(data, image_format, field)
-    size = _SIZE_READERS[detected](data)
-    if size is None:
-        _pixel_data(data, detected, field)  # a walk stopped at a limit: that limit's refusal
-        raise _no_size(detected, field)
-    _check_pixels(size[0], size[1], max_pixels, field, limit_name)
+    _, _, size = _checked_header(data, image_format, max_pixels, field, limit_name)
     return size[1], size[0]
 
 

@@ -47,7 +47,7 @@ from genserve_server.batch_keys import (
 from genserve_server.batch_parts import QueueReservation, count_once
 from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, drop_reason
 from genserve_server.config import Card, ServerConfig, cpu_count
-from genserve_server.encoding import Codec, EncodedImage, ImageInput, declared_sizes
+from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import (
     GenserveError,
     InvalidArgument,
@@ -775,7 +775,7 @@ class GenerationCore:
         )
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
         # Sized from what the images declare: they are decoded once the call holds its working set.
-        sizes = declared_sizes(images, card, max_pixels, limit_name=limit_name)
+        sizes = await self.codec.declared_sizes(images, card, max_pixels, limit_name=limit_name)
         validate.min_size(sizes, card)
         scale = card.scale_factor
         out_sizes = [(h * scale, w * scale) for h, w in sizes]
@@ -936,7 +936,7 @@ class GenerationCore:
         two_way = direction if card.kind.two_way else None
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
         # As SuperResolve's: sized from what the images declare, decoded once the call holds it.
-        sizes = declared_sizes(images, card, max_pixels, limit_name=limit_name)
+        sizes = await self.codec.declared_sizes(images, card, max_pixels, limit_name=limit_name)
         validate.min_size(sizes, card)
         validate.encodable(out, sizes)
         expected = validate.predicted_images_send_size(

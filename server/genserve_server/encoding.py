@@ -189,11 +189,27 @@ def declared_sizes(
 ) -> list[tuple[int, int]]:
     """(height, width) of each input image as its header or shape declares it, refused as decode_sync
     would refuse it before decoding (codecs.checked_size), without decoding: decode_sync gives back
-    float32 [card.input_channels, H, W] of these sizes. On the event loop: a header walk each."""
+    float32 [card.input_channels, H, W] of these sizes. A TENSOR_F32 image, which decodes to a view
+    of its bytes, is checked as decode_sync checks it (finite, in the card's input_range): what no
+    wait for memory could make valid is refused before the call waits for it. A header (or chunk)
+    walk each, a TENSOR_F32's values: on the pool (Codec.declared_sizes)."""
+    assert card.input_range is not None
     sizes = []
     for i, image in enumerate(images):
         name = f"{field_prefix}[{i}]"
         _check_input_channels(card, name)
+        if image.format == ImageFormat.TENSOR_F32:
+            tensor = codecs.decode_image(
+                image.data,
+                image.format,
+                list(image.shape),
+                max_pixels=max_pixels,
+                field=name,
+                limit_name=limit_name,
+            )
+            validate.input_range(tensor, card.input_range, name)
+            sizes.append((int(tensor.shape[1]), int(tensor.shape[2])))
+            continue
         sizes.append(
             codecs.checked_size(
                 image.data,
@@ -306,6 +322,15 @@ class Codec:
         if timing is not None:
             timing.input_s += elapsed_s
         return arrays
+
+    async def declared_sizes(
+        self, images: Sequence[ImageInput], card: Card, max_pixels: int, limit_name: str = "max_input_pixels"
+    ) -> list[tuple[int, int]]:
+        """declared_sizes(images): inline for a few KiB of raw pixels (decodes_inline), else on the
+        pool (a PNG's chunk walk, a TENSOR_F32's values)."""
+        if decodes_inline(images):
+            return declared_sizes(images, card, max_pixels, limit_name=limit_name)
+        return await run_off_loop(self.pool, declared_sizes, images, card, max_pixels, "images", limit_name)
 
     async def off_loop(self, job: Callable[[], T]) -> T:
         """CPU-heavy numpy work (blending tiles, drawing strongly truncated latents) on the pool."""
