@@ -617,6 +617,9 @@ class Batcher:
 
     async def close(self, timeout_s: float) -> None:
         """Refuse new work, finish what was accepted (up to timeout_s), then fail the rest."""
+        # One deadline for both waits: the dispatcher itself waits for the batches in flight, so
+        # waiting the whole timeout again for them made a close take up to twice timeout_s.
+        deadline = time.monotonic() + max(0.0, timeout_s)
         self._closing = True
         self._available.set()  # wake an idle dispatcher so it can exit
         self._room.set()  # and bulk submits waiting for room, so that they fail
@@ -634,7 +637,7 @@ class Batcher:
             if (crashed := loop_task.exception()) is not None:  # a bug: said, not raised into the shutdown
                 logger.error("%s: the dispatcher had failed", self.name, exc_info=crashed)
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
         self._fail_queued(lambda: Unavailable(f"{self.name} shut down"))
 
     # ------------------------------------------------------------------ dispatch

@@ -2008,3 +2008,24 @@ def test_reserved_rows_count_as_queued_and_a_request_into_them_is_never_refused(
         await batcher.close(1)
 
     run(body())
+
+
+def test_a_close_whose_batch_outlasts_it_returns_after_its_timeout_not_twice_that() -> None:
+    """Shutdown gives each batcher what is left of drain_grace_s: a batch still computing at its
+    end made close wait the whole timeout for the dispatcher (which waits for its batches), then
+    the whole timeout again for the same batches, so the exit outlasted the grace."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_batch_size=1)
+        gate, blocker = await hold_runner(batcher, model)
+        timeout_s = 0.5
+        started = time.monotonic()
+        await batcher.close(timeout_s)
+        took_s = time.monotonic() - started
+        assert took_s < 1.5 * timeout_s, took_s
+        assert not blocker.done()  # the batch computes on: only the close gave up waiting
+        gate.set()
+        await asyncio.wait_for(blocker, 5)
+
+    run(body())
