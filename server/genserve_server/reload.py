@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -57,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genserve_contract.repository import read_regular_text, sha256_file
+from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
 from genserve_server.config import ConfigError, ModelConfig
 from genserve_server.repository import (
@@ -446,10 +447,14 @@ class Reloader:
             what, actual = f"{path.name} is gone from disk since this version loaded", ""
         else:
             try:
-                actual = sha256_file(path)
+                hashed = _sha256_unless(path, lambda: self._stopping)
             except OSError as exc:
                 self._file_stats.pop(mv.load_id, None)  # try again next time
                 return f"{path.name} cannot be read on disk ({exc.strerror or exc})"
+            if hashed is None:  # SIGTERM: the process's exit would wait for this thread
+                self._file_stats.pop(mv.load_id, None)
+                return None
+            actual = hashed
             if actual == mv.sha256:
                 return ""
             what = (
@@ -579,6 +584,19 @@ def _served_file(mv: ModelVersion) -> Path | None:
         if digest == mv.sha256 and Path(name).name == name:
             return mv.path / name
     return None
+
+
+def _sha256_unless(path: Path, stopping: Callable[[], bool]) -> str | None:
+    """genserve_contract's sha256_file, None as soon as `stopping()` holds between two 1 MiB blocks:
+    hashing a multi-GB file takes tens of seconds, and the process's exit joins the thread doing it
+    (asyncio.run waits for its default executor) whether or not anyone still wants the result."""
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            if stopping():
+                return None
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _card_sha256(mv: ModelVersion, filename: str) -> str:

@@ -679,3 +679,58 @@ def test_a_version_that_failed_to_load_once_leaves_no_series_after_its_unload(
             await repo.close(1.0)
 
     asyncio.run(scenario())
+
+
+def test_sigterm_ends_the_file_checks_sha256_of_a_large_model_file_at_its_next_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic check of the loaded model files hashes a file (a multi-GB one: tens of seconds)
+    on a worker thread. SIGTERM cancelled the check's task, but not its thread: the process's exit
+    waited for the hash (asyncio.run joins its default executor's threads), past drain_grace_s.
+    begin_shutdown must end a hash in progress at its next block. A file read slowly without end
+    stands for a large one here."""
+    from genserve_contract import repository as contract_repository
+
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    reading = threading.Event()
+    release = threading.Event()  # ends the endless file: the test never leaves a thread reading
+
+    class EndlessFile:
+        def __enter__(self) -> EndlessFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def read(self, size: int = -1) -> bytes:
+            reading.set()
+            if release.wait(0.01):
+                return b""
+            return b"\0" * 1024
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        monkeypatch.setattr(contract_repository, "open_regular", lambda path: EndlessFile())
+        if hasattr(reload_module, "open_regular"):
+            monkeypatch.setattr(reload_module, "open_regular", lambda path: EndlessFile())
+        reloader = Reloader(repo, drain_grace_s=2.0, file_check_interval_s=None)
+        mv = repo.models["gen"].versions["1"]
+        status: list[str | None] = []
+        checking = threading.Thread(target=lambda: status.append(reloader._file_status(mv)), daemon=True)
+        try:
+            checking.start()
+            assert await asyncio.to_thread(reading.wait, 30), "the check must be hashing the file"
+            reloader.begin_shutdown()
+            await asyncio.to_thread(checking.join, 5.0)
+            assert not checking.is_alive(), "the hash went on after SIGTERM"
+            assert status == [None]  # nothing said about a file it did not finish reading
+        finally:
+            release.set()
+            checking.join(5.0)
+            await reloader.close(2.0)
+            await repo.close(2.0)
+
+    asyncio.run(scenario())
