@@ -12,7 +12,8 @@ serving port), load models (health NOT_SERVING until then, and after unless ever
 READY: health.py), announce; on SIGTERM/SIGINT:
 SampleStreams end after the chunk they are sending (UNAVAILABLE naming the start_index to resume
 from), health NOT_SERVING, `server.stop(grace)` (the port is released, no new RPCs, in-flight unary
-calls finish), batchers drain, pools shut down, the health listener closes, exit 0. SIGHUP
+calls finish), batchers drain, pools shut down (off the event loop; model calls still computing at
+the grace's end are aborted: Repository.close), the health listener closes, exit 0. SIGHUP
 rescans the model repository (reload.py): new versions load in the background, retired ones drain.
 The console script and `python -m genserve_server` enter through __main__.py, which holds those
 signals during the imports below (start_signals.py): serve() acts on what it held.
@@ -765,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-grace-s",
         type=seconds(allow_zero=True),
         default=None,
-        help="on SIGTERM, seconds to finish accepted work (overrides the config's drain_grace_s)",
+        help="on SIGTERM, seconds to finish accepted work; model calls still running then are aborted "
+        "(overrides the config's drain_grace_s)",
     )
     s.add_argument(
         "--trt-engine-cache-dir",

@@ -477,15 +477,28 @@ class Repository:
         loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), self.gate)
 
     async def close(self, timeout_s: float) -> None:
-        """Drain every batcher (accepted work finishes), then stop the runners."""
+        """Drain every batcher (accepted work finishes), then stop the runners, all within timeout_s.
+
+        A runner's close waits for the model calls still computing: on worker threads, so that the
+        event loop goes on answering (the health port's NOT_SERVING, log lines). Calls still running
+        at the deadline are aborted (Runner.abort): the process exits about when the drain grace
+        ends, not when the slowest call would have."""
+        deadline = time.monotonic() + timeout_s
         versions = [mv for m in self.models.values() for mv in m.versions.values()]
         for mv in versions:
             if mv.state == ModelState.READY:
                 mv.state = ModelState.DRAINING
         await asyncio.gather(*(mv.batcher.close(timeout_s) for mv in versions if mv.batcher is not None))
+        runners = [mv.runner for mv in versions if mv.runner is not None]
+        if runners:
+            closing = asyncio.gather(*(asyncio.to_thread(runner.close) for runner in runners))
+            _, running = await asyncio.wait({closing}, timeout=max(0.0, deadline - time.monotonic()))
+            if running:
+                logger.warning("model calls still running at the end of the drain grace: aborting them")
+                for runner in runners:
+                    runner.abort()
+            await closing
         for mv in versions:
-            if mv.runner is not None:
-                mv.runner.close()
             mv.metrics.ready.set(0)
             mv.metrics.clear_runtime()
         self._load_pool.shutdown(wait=False, cancel_futures=True)

@@ -28,6 +28,7 @@ import onnxruntime as ort
 from genserve_server import codecs
 from genserve_server.batch_keys import PIXELS_OUTPUT, RowsKey
 from genserve_server.config import cpu_count
+from genserve_server.errors import Unavailable
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.gpu_gate import (
     CAPTURE_GATE,
@@ -60,8 +61,15 @@ _ORT_DTYPES: dict[str, Any] = {
 # a call hands it back (pix2pix: 1.1 GB -> 0.1 GB). Full batches of usual rows keep their arena.
 SHRINK_ABOVE_WARMED = 2.0
 SHRINK_MIN_ROW_VALUES = 1 << 20
-_SHRINK_CPU = ort.RunOptions()
-_SHRINK_CPU.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+def _shrink_cpu_options() -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+_SHRINK_CPU = _shrink_cpu_options()
 
 # Threads that run BULK batches are background threads for the kernel: SCHED_IDLE, so that the
 # wakeup of any normal thread (an interactive batch, the event loop, a co-located client) preempts
@@ -164,6 +172,10 @@ class Runner:
         # stays off the loop.
         self._fastest_with_outputs_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
         self._last_s = 0.0
+        # Every model call of this runner runs with one of these: `abort` sets their terminate flag,
+        # which ends the calls still running at their next node (shutdown's deadline).
+        self._run_options = ort.RunOptions()
+        self._shrink_options = _shrink_cpu_options()
         self.requested_providers = tuple(providers)
         config = runtime or RuntimeConfig()
         if intra_op_threads and not config.intra_op_threads:
@@ -290,13 +302,15 @@ class Runner:
         try:
             return self._model_call(feeds, solo)
         except Exception as exc:
+            if self._run_options.terminate:  # abort(): said once by the shutdown, not as a model failure
+                raise Unavailable(f"{self.label}: model call aborted: the server is shutting down") from exc
             sticky = sticky_cuda_error(exc) if self.info.on_gpu else ""
             if sticky and self.on_device_lost is not None:
                 self.on_device_lost(f"{sticky}: {str(exc)[:300]}")
             raise
 
     def _model_call(self, feeds: dict[str, np.ndarray], solo: bool) -> list[Any]:
-        options = _SHRINK_CPU if self.shrinks_after(feeds) else None
+        options = self._shrink_options if self.shrinks_after(feeds) else self._run_options
         if solo and self.solo_session is not None:
             values: list[Any] = self.solo_session.run(None, feeds, options)
         elif self._shared and self.info.on_gpu:
@@ -568,6 +582,7 @@ class Runner:
                 self._running -= 1
 
     def close(self) -> None:
+        """Wait for the batches still computing, then release the pools. Blocks: off the event loop."""
         self.closed = True
         self._executor.shutdown(wait=True, cancel_futures=False)
         for pool in (self._bulk_executor, self._bulk_prep):
@@ -575,6 +590,17 @@ class Runner:
                 pool.shutdown(wait=True, cancel_futures=False)
         for session_runner in self.session_runners:
             session_runner.close()
+
+    def abort(self) -> None:
+        """End the model calls still running (shutdown's deadline): ONNX Runtime's terminate flag,
+        checked before each node (a Loop's every iteration included), fails them at their next node,
+        so a `close` waiting for them returns; a call made afterwards fails at once. One node's
+        kernel itself is not interrupted."""
+        self.closed = True
+        self._run_options.terminate = True
+        self._shrink_options.terminate = True
+        for session_runner in self.session_runners:
+            session_runner.abort()
 
 
 _PLAIN_ROWS = RowsKey()  # rows under a key that is not a batch_keys key (tests, warm-up): plain tensors

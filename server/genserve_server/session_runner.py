@@ -59,6 +59,10 @@ class SessionRunner:
         self._output_shapes: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = {}
         self._graphs: dict[tuple[tuple[int, ...], ...], _CapturedGraph] = {}
         self.sealed = False  # capture_all ran: no more captures
+        # The calls' run options (plain and IO binding; without a graph where graphs are on): what
+        # `abort` sets the terminate flag of.
+        self.run_options = ort.RunOptions()
+        self._no_graph = _no_graph_options()
         self._thread: ThreadPoolExecutor | None = None
         self._thread_id: int | None = None
         if self.use_cuda_graph:
@@ -91,7 +95,7 @@ class SessionRunner:
     def _run_plain(self, feeds: Mapping[str, Array]) -> list[Array]:
         if self.use_io_binding:
             return self._run_io_binding(feeds)
-        return list(self.session.run(self.output_names, dict(feeds)))
+        return list(self.session.run(self.output_names, dict(feeds), self.run_options))
 
     def capture_all(self, sample: Mapping[str, Array]) -> None:
         """Capture a graph for every size in `cuda_graph_batch_sizes` (at load, on the graph thread),
@@ -110,6 +114,11 @@ class SessionRunner:
     def close(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Fail the calls still running at their next node, and every later one (Runner.abort)."""
+        for options in (self.run_options, self._no_graph, *(g.run_options for g in self._graphs.values())):
+            options.terminate = True
 
     def _on_graph_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         assert self._thread is not None
@@ -130,11 +139,11 @@ class SessionRunner:
             outputs = [np.empty(s, dtype=d) for s, d in zip(shapes, self.output_dtypes, strict=True)]
             for name, array in zip(self.output_names, outputs, strict=True):
                 binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-            self.session.run_with_iobinding(binding, run_options)
+            self.session.run_with_iobinding(binding, run_options or self.run_options)
             return outputs
         for name in self.output_names:
             binding.bind_output(name, self.device, self.device_id)
-        self.session.run_with_iobinding(binding, run_options)
+        self.session.run_with_iobinding(binding, run_options or self.run_options)
         result: list[Array] = binding.copy_outputs_to_cpu()
         self._output_shapes[key] = [tuple(r.shape) for r in result]
         return result
@@ -155,7 +164,7 @@ class SessionRunner:
         graph = self._graph_for(padded)
         if graph is None:
             with CAPTURE_GATE.gpu_call():
-                return [out[:n] for out in self._run_io_binding(padded, _no_graph_options())]
+                return [out[:n] for out in self._run_io_binding(padded, self._no_graph)]
         with CAPTURE_GATE.gpu_call():
             return [out[:n] for out in graph.run(padded)]
 

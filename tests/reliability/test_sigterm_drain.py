@@ -4,7 +4,9 @@ the client resumes from, the port is free for the next server, and the old proce
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import signal
 import socket
 import subprocess
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -203,5 +207,91 @@ def test_an_open_health_watch_does_not_hold_an_idle_server_for_the_whole_drain_g
         assert watch.statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
         assert watch.error is not None and watch.error.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in (watch.error.details() or ""), watch.error.details()
+    finally:
+        server.stop()
+
+
+def _slow_only_when_asked(repo: Path, iterations: int) -> None:
+    """A slow model whose Loop runs `iterations` times for a row of non-zero latents, and not at all
+    for the zeros its load probes it with: a long call to interrupt that costs no time to load."""
+    write_slow(repo, "slow", iterations=iterations, queue=4, batch=1)
+    path = repo / "slow" / "1" / "model.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    trip = next(i for i in graph.initializer if i.name == "trip")
+    graph.initializer.remove(trip)
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(iterations, np.int64), "iterations"))
+    graph.node.insert(0, onnx.helper.make_node("Abs", ["z"], ["z_abs"]))
+    graph.node.insert(1, onnx.helper.make_node("ReduceSum", ["z_abs"], ["z_sum"], keepdims=0))
+    graph.node.insert(2, onnx.helper.make_node("Sign", ["z_sum"], ["z_any"]))
+    graph.node.insert(3, onnx.helper.make_node("Cast", ["z_any"], ["z_one"], to=onnx.TensorProto.INT64))
+    graph.node.insert(4, onnx.helper.make_node("Mul", ["z_one", "iterations"], ["trip"]))
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    card_path = path.parent / "card.json"
+    card = json.loads(card_path.read_text())
+    card["sha256"]["model.onnx"] = hashlib.sha256(data).hexdigest()
+    card_path.write_text(json.dumps(card))
+    config_path = repo / "slow" / "config.json"
+    config = json.loads(config_path.read_text())
+    # One intra-op thread and no solo session: no load-time check of rows (seeded, non-zero).
+    config["runtime"] = {"intra_op_threads": 1, "solo_session": False}
+    config_path.write_text(json.dumps(config))
+
+
+def test_a_batch_computing_past_the_drain_grace_neither_stops_health_answers_nor_holds_the_exit(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while one model call computes far longer than drain_grace_s (ONNX Runtime cannot be
+    interrupted between two of its nodes only). Closing its runner waited for the call on the event
+    loop: the --health-port listener answered no probe (the kubelet's time out instead of reading
+    NOT_SERVING), and the process exited when the call ended, not at the grace (past the pod's
+    terminationGracePeriodSeconds: SIGKILL). The probes must be answered throughout, and the call
+    still running at the grace's end is aborted, so the exit follows the grace."""
+    grace_s = 2.0
+    repo = tmp_path / "models"
+    # One row takes ~20 s on an idle core (about 55,000 iterations a second), longer on a busy one.
+    _slow_only_when_asked(repo, 1_100_000)
+    server = start_server(
+        repo,
+        tmp_path / "work",
+        config={"drain_grace_s": grace_s, "warmup": False},
+        extra_args=("--health-port", "0"),
+    )
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            call = pb_grpc.GenerationServiceStub(ch).Sample.future(
+                pb.SampleRequest(model="slow", count=1, base_seed=0), timeout=120
+            )
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="Sample") >= 1, 30, "the Sample"
+            )
+            time.sleep(0.2)  # its batch formed (1 ms queue delay) and computing
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            answers: list[tuple[float, int]] = []
+            unanswered: list[tuple[float, str]] = []
+            with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as health_ch:
+                stub = health_pb2_grpc.HealthStub(health_ch)
+                while server.proc.poll() is None and time.monotonic() - signalled < 60:
+                    at = time.monotonic() - signalled
+                    try:
+                        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=grace_s)
+                        answers.append((at, reply.status))
+                    except grpc.RpcError as exc:
+                        if server.proc.poll() is None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                            unanswered.append((at, exc.code().name))
+                    time.sleep(0.1)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+                server.proc.wait(60)
+            exited_after_s = time.monotonic() - signalled
+            with contextlib.suppress(grpc.RpcError):  # cancelled at the grace's end
+                call.result(timeout=10)
+        assert server.proc.returncode == 0, (exited_after_s, server.log())
+        assert not unanswered, (unanswered, answers, server.log())
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert answers and all(status == not_serving for _, status in answers), answers
+        assert exited_after_s < 4 * grace_s, (exited_after_s, server.log())
+        assert "model calls still running at the end of the drain grace: aborting them" in server.log()
     finally:
         server.stop()

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from server_support import TINY_LATENT, conditional_graph, image_to_image_graph
+from server_support import TINY_LATENT, conditional_graph, image_to_image_graph, slow_generator_graph
 
 from genserve_server import runner as runner_module
 from genserve_server.batch_keys import SEED_INPUT, LatentRows, SeedRows
+from genserve_server.errors import Unavailable
 from genserve_server.latents import latents_for_seeds
+from genserve_server.ort_session import RuntimeConfig
 from genserve_server.runner import Runner, select_providers
 
 
@@ -444,8 +446,10 @@ def test_a_call_far_larger_than_the_warm_up_runs_with_arena_shrinkage_and_only_i
     runner.run_sync({"image": np.zeros((16, 3, 256, 256), np.float32)})  # many usual rows: keeps its arena
     runner.run_sync({"image": np.zeros((1, 3, 1100, 1100), np.float32)})  # one rare large image
     runner.close()
-    assert seen[0] is None and seen[-2] is None, "usual calls must keep the arena for the next batch"
-    assert seen[-1] is runner_module._SHRINK_CPU, "the large call must hand its growth back"
+    usual = runner._run_options  # no shrinkage; what abort() terminates
+    assert seen[0] is usual and seen[-2] is usual, "usual calls must keep the arena for the next batch"
+    assert seen[-1] is runner._shrink_options, "the large call must hand its growth back"
+    assert seen[-1].get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"  # type: ignore[attr-defined]
 
 
 def test_shrink_arena_after_warm_up_runs_each_cpu_session_with_arena_shrinkage(tmp_path: Path) -> None:
@@ -504,3 +508,45 @@ def test_max_diff_of_two_outputs() -> None:
     assert max_diff(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == np.inf  # a NaN on one side only
     assert max_diff(np.array([3, 4]), np.array([3, 6])) == 2.0  # integer outputs (codes)
     assert max_diff(np.zeros((1, 2)), np.zeros((2, 1))) == np.inf
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "io_binding"])
+def test_abort_ends_a_model_call_still_running_so_that_close_returns(
+    tmp_path: Path, io_binding: bool
+) -> None:
+    """Shutdown's deadline (Repository.close): a call computing far past the drain grace held close,
+    and with it the process's exit, until it ended; abort fails it at its next node (a Loop's next
+    iteration here), and later calls at once."""
+    path = tmp_path / "slow.onnx"
+    # ~1 s a row per 55,000 iterations on an idle core: minutes, unless aborted.
+    onnx.save(slow_generator_graph(TINY_LATENT, 10_000_000), str(path))
+    runner = Runner(
+        path,
+        label="slow",
+        providers=["CPUExecutionProvider"],
+        instances=1,
+        intra_op_threads=1,
+        runtime=RuntimeConfig(io_binding=io_binding),
+    )
+    z = {"z": np.zeros((1, TINY_LATENT), np.float32)}
+    failed: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            runner.run_sync(z)
+        except Exception as exc:
+            failed.append(exc)
+
+    computing = threading.Thread(target=call)
+    computing.start()
+    computing.join(0.5)
+    assert computing.is_alive(), "the call must still be computing"
+    runner.abort()
+    computing.join(30)
+    assert not computing.is_alive(), "abort must end the running call"
+    assert len(failed) == 1 and isinstance(failed[0], Unavailable), failed
+    assert "aborted: the server is shutting down" in str(failed[0])
+    assert "terminate flag" in str(failed[0].__cause__)  # ONNX Runtime's own Fail
+    with pytest.raises(Unavailable, match="shutting down"):
+        runner.run_sync(z)
+    runner.close()
