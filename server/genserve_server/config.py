@@ -49,13 +49,15 @@ class _Reader(contract.Reader):
     error_type = ConfigError
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, *, regular_only: bool = True) -> Any:
     """The parsed JSON of `path`. Whatever keeps the file from being read or parsed is a ConfigError
     naming the file and the problem (not UTF-8, a directory, no permission, nesting past Python's
     recursion limit, a number past its digit limit; a FIFO or a device, refused unread rather than
-    waited on), so that it marks one model, never the server."""
+    waited on), so that it marks one model, never the server. `regular_only` False (the server's
+    --config, the operator's own file read once at start-up): a pipe is read as it comes
+    (`--config <(envsubst < server.json)`, `--config /dev/stdin`)."""
     try:
-        text = read_regular_text(path)
+        text = read_regular_text(path) if regular_only else path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
     except UnicodeDecodeError as exc:
@@ -232,7 +234,7 @@ UINT32_MAX = contract.MAX_QUEUE_SIZE_LIMIT
 def load_server_config(path: Path | None) -> ServerConfig:
     if path is None:
         return ServerConfig()
-    r = _Reader(str(path), _read_json(path))
+    r = _Reader(str(path), _read_json(path, regular_only=False))
     lr = r.sub("limits")
     d = Limits()
     limits = Limits(

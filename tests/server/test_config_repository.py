@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,29 @@ def test_a_file_that_cannot_be_read_or_parsed_is_a_config_error_naming_it(
         loader(path)
     assert str(excinfo.value).startswith(f"{path}: ")
     assert message in str(excinfo.value)
+
+
+def test_the_server_config_may_come_from_a_pipe(tmp_path: Path) -> None:
+    """--config is the operator's own file, read once at start-up, not a repository file a rescan
+    reads: `--config <(envsubst < server.json)` or `--config /dev/stdin` (a pipe) worked, and
+    refusing FIFOs in the model repository must not refuse them."""
+    fifo = tmp_path / "server.json"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "w", encoding="utf-8") as pipe:
+            pipe.write('{"drain_grace_s": 7}')
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        with fails_within(30):
+            config = load_server_config(fifo)
+        assert config.drain_grace_s == 7
+    finally:
+        if writer.is_alive():  # refused unread: let the writer's open return
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(5)
 
 
 SR_CARD = {
