@@ -455,12 +455,15 @@ def make_batcher(mv: ModelVersion) -> Batcher:
 def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
     """The file's sha256, checked against card.json's."""
     filename = model_path.name
-    if not model_path.is_file():
+    if not model_path.exists():  # a FIFO or a directory there is not "not found" (below)
         raise ConfigError(f"{model_path}: file not found")
     expected = card.sha256.get(filename)
     if not expected:
         raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
-    actual = sha256_file(model_path)
+    try:
+        actual = sha256_file(model_path)
+    except OSError as exc:  # a FIFO or a device (refused unread), a directory, no permission: named
+        raise ConfigError(f"{model_path}: cannot be read: {exc.strerror or exc}") from exc
     if actual != expected:
         raise ConfigError(
             f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."

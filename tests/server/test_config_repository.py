@@ -683,6 +683,28 @@ def test_corrupt_models_are_unavailable_with_reasons_while_others_load(tmp_path:
     with_repo(root, check)
 
 
+def test_a_model_file_that_is_not_a_regular_file_is_named_as_such_not_as_missing(tmp_path: Path) -> None:
+    """docs/model-repository.md: a FIFO or a device in place of model.onnx is refused as unreadable,
+    naming it. It is there: "file not found" sends the operator looking for a file that exists."""
+    root = tmp_path / "models"
+    fifo = write_tiny_generator(root, "fifo") / "model.onnx"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    folder = write_tiny_generator(root, "folder") / "model.onnx"
+    folder.unlink()
+    folder.mkdir()
+
+    def check(repo: Repository) -> None:
+        fifo_reason = repo.get("fifo").versions["1"].reason
+        assert "not a regular file (a FIFO)" in fifo_reason and str(fifo) in fifo_reason, fifo_reason
+        assert "file not found" not in fifo_reason
+        folder_reason = repo.get("folder").versions["1"].reason
+        assert "Is a directory" in folder_reason and str(folder) in folder_reason, folder_reason
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_start_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
