@@ -282,8 +282,12 @@ class Repository:
         return dirs
 
     def has_model_dir(self, name: str) -> bool:
-        """Whether the next rescan reads a model `name` (model_dirs: a directory of a valid name)."""
-        return _model_name(name) and (self.root / name).is_dir()
+        """Whether the next rescan reads a model `name` (model_dirs: a directory of a valid name); not
+        where the repository cannot be searched (its permissions changed: a rescan reads nothing)."""
+        try:
+            return _model_name(name) and (self.root / name).is_dir()
+        except OSError:  # EACCES: pathlib's is_dir swallows only "not found"-like errors
+            return False
 
     def read_model(self, model_dir: Path) -> Model:
         """A Model with its config.json and no versions (a broken config gives config None + reason)."""

@@ -963,3 +963,21 @@ def test_a_version_policy_must_fit_the_fields_kserve_reports_it_in(
     else:
         assert loaded.specific is not None
         config.version_policy.specific.versions.extend(int(v) for v in loaded.specific)
+
+
+def test_has_model_dir_of_a_repository_that_lost_its_search_permission_is_false_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """App asks has_model_dir from a model-state callback (whether a linked model is still to be
+    tried): a models directory whose permissions changed under the running server made Path.is_dir
+    raise PermissionError there (EACCES is not among the errors pathlib's is_dir swallows). The
+    next rescan cannot read such a directory either (model_dirs: ConfigError, nothing changes)."""
+    (tmp_path / "gen").mkdir()
+    repo = Repository(tmp_path, ServerConfig(), Metrics(enabled=False))
+    assert repo.has_model_dir("gen") and not repo.has_model_dir("other")
+
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_dir", denied)
+    assert not repo.has_model_dir("gen")
