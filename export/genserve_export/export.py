@@ -847,17 +847,17 @@ def _write_atomically(
         if (target.exists() or target.is_symlink()) and not overwrite:
             refuse_published([target])
         _flush(staging)  # before the old version leaves: the instant with none stays an instant
-        if target.exists() or target.is_symlink():
-            # The whole version is swapped by two renames: a reader sees the old directory, then
-            # (after an instant with none) the new one, never a mix or a half-written file.
-            retired = entry / f".old-{version}-{token}"
-            os.rename(target, retired)
         try:
+            if target.exists() or target.is_symlink():
+                # The whole version is swapped by two renames: a reader sees the old directory, then
+                # (after an instant with none) the new one, never a mix or a half-written file.
+                retired = entry / f".old-{version}-{token}"
+                os.rename(target, retired)
             _publish(staging, target, flushed=True)
-        except BaseException:
-            if retired is not None and not (target.exists() or target.is_symlink()):
+        except BaseException:  # a failed rename, or a SIGTERM/Ctrl-C between the two (cli.main)
+            if retired is not None and os.path.lexists(retired) and not os.path.lexists(target):
                 os.rename(retired, target)  # the new one did not arrive: the old one stays served
-                retired = None
+            retired = None
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

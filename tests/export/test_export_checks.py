@@ -567,3 +567,35 @@ def test_replace_keeps_the_old_version_served_until_the_new_one_is_on_disk_and_b
     assert staged_onnx and staged_onnx[0] < retire, events
     assert {f.name: f.read_bytes() for f in target.iterdir()} == old
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_replace_interrupted_right_after_the_old_version_left_puts_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C, or a SIGTERM (genserve-export turns it into an exception for its cleanup), that
+    lands just after --replace renamed the old version aside and before the new one arrived left
+    the model without that version, the old one hidden as .old-*: it goes back under its name."""
+    out = tmp_path.resolve() / "models"
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+
+    def export(overwrite: bool) -> Path:
+        return export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out, example_inputs={"z": z},
+            card=card, fp16=False, overwrite=overwrite,
+        )  # fmt: skip
+
+    target = export(False)
+    old = {f.name: f.read_bytes() for f in target.iterdir()}
+    rename = os.rename
+
+    def interrupted_after(source: str | os.PathLike[str], target_: str | os.PathLike[str]) -> None:
+        rename(source, target_)
+        if Path(source) == target:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        export(True)
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == old
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
