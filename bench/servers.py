@@ -51,7 +51,7 @@ def _client_command() -> list[str]:
     try:
         return [_tool("genserve-client")]
     except BenchError:
-        return [sys.executable, "-c", "import sys; from genserve_client.cli import main; sys.exit(main())"]
+        return [sys.executable, "-m", "genserve_client"]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -166,7 +166,7 @@ class FakeServer:
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     """Run `genserve-client` as a subprocess (as a user would), capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "genserve_client.cli", *args],
+        [sys.executable, "-m", "genserve_client", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,

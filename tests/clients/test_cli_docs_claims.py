@@ -6,8 +6,12 @@ import argparse
 import json
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +69,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(fake_server: FakeServe
     """`genserve-client models | head -1`: the pipe closed under the command printed
     "genserve-client: [Errno 32] Broken pipe" (exit 1), where filters stop quietly."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genserve_client.cli", "--target", fake_server.target, "models"],
+        [sys.executable, "-m", "genserve_client", "--target", fake_server.target, "models"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -74,6 +78,76 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(fake_server: FakeServe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def _entry_points() -> list[list[str]]:
+    """`python -m genserve_client` and what the console script `genserve-client` runs (its
+    pyproject.toml entry, called as pip's wrapper calls it)."""
+    project = tomllib.loads((REPO_ROOT / "clients" / "pyproject.toml").read_text())["project"]
+    module, function = project["scripts"]["genserve-client"].split(":")
+    script = f"import sys; from {module} import {function}; sys.exit({function}())"
+    return [[sys.executable, "-m", "genserve_client"], [sys.executable, "-c", script]]
+
+
+def _grpc_imported(pid: int) -> bool:
+    """The process has loaded grpc's extension: the client's imports are under way (Linux /proc)."""
+    try:
+        return "cygrpc" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize("entry", _entry_points(), ids=["python -m genserve_client", "console script"])
+def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback(entry: list[str]) -> None:
+    """docs/client.md: exit 130 on an interrupt. main() caught KeyboardInterrupt only once the
+    package's imports (grpc, numpy, PIL: half a second or more) were done; a Ctrl-C during them
+    printed a KeyboardInterrupt traceback and the process died of SIGINT (-2)."""
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [*entry, "--target", target, "--timeout", "60", "models"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _grpc_imported(proc.pid):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    text = err.decode()
+    assert proc.returncode == 130, f"exit {proc.returncode}:\n{text}"
+    assert text == "genserve-client: interrupted\n" and not out, text
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_a_sigint_its_parent_ignores_stays_ignored_while_the_cli_imports() -> None:
+    """A background job of a script (or nohup) starts with SIGINT ignored: the entry point's
+    start-up handler must not turn it back on."""
+    command = shlex.join([sys.executable, "-m", "genserve_client", "--help"])
+    proc = subprocess.Popen(
+        ["sh", "-c", f"trap '' INT; exec {command}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _grpc_imported(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0 and out.startswith(b"usage: genserve-client"), err.decode()
 
 
 def test_client_md_library_errors_are_the_ones_raised() -> None:

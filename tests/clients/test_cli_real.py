@@ -277,7 +277,7 @@ def bulk_args(server: Any, out: Path, concurrency: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "genserve_client.cli",
+        "genserve_client",
         "--target",
         server.target,
         "bulk",

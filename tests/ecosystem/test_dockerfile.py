@@ -260,4 +260,4 @@ def test_the_image_has_the_client_with_no_dependency_of_its_own(stages: list[Sta
     needed = {re.split(r"[\s;<>=!~\[]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     server = _requirement_names(ROOT / "requirements" / "server.txt") | {"genserve-api"}
     assert needed <= server, f"the client needs {needed - server}, which the image does not install"
-    assert project["scripts"]["genserve-client"] == "genserve_client.cli:main"
+    assert project["scripts"]["genserve-client"] == "genserve_client.__main__:main"
