@@ -2,9 +2,10 @@
 
 Exit codes: 0 success; 1 a failed call or I/O error, a bulk job that stopped with images missing,
 or a bench run in which no request succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's
-message is printed), bad arguments, a bulk job started with other parameters or with a model or
-version the server does not serve, or whose pinned model version the server no longer serves; 3 the
-bulk job folder is in use by another run; 130 interrupted. docs/client.md has the details.
+message is printed), a model or version the server does not serve (NOT_FOUND, any command), bad
+arguments, a bulk job started with other parameters or whose pinned model version the server no
+longer serves; 3 the bulk job folder is in use by another run; 130 interrupted. docs/client.md has
+the details.
 
 Connection flags (--target, --tls, ...) go before or after the command; GENSERVE_TARGET sets the
 default target.
@@ -1125,8 +1126,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="genserve-client",
         description=__doc__.splitlines()[0],
         epilog="exit codes: 0 ok; 1 a failed call, I/O error, an unfinished bulk job or an incomplete "
-        "verify; 2 a rejected request or bad arguments; 3 the bulk job folder is in use; 130 interrupted "
-        "(docs/client.md)",
+        "verify; 2 a rejected request, an unknown model or version, or bad arguments; 3 the bulk job "
+        "folder is in use; 130 interrupted (docs/client.md)",
         formatter_class=HelpFormatter,
     )
     _add_connection(parser, after_command=False)
@@ -1382,7 +1383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[args.command](client, args)
     except GenserveClientError as exc:
         _err(f"genserve-client: {exc}")
-        return 2 if exc.code == grpc.StatusCode.INVALID_ARGUMENT else 1
+        # A model or version the server does not serve (NOT_FOUND) is a bad argument, as in bulk.
+        return 2 if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1
     except BulkRetryExhausted as exc:  # transient errors outlasted --retry-window
         _err(f"genserve-client: {exc}")
         return 1

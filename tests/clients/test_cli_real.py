@@ -215,6 +215,18 @@ def test_invalid_argument_exits_2_with_the_servers_message(tiny_server: Any, tmp
     )
 
 
+def test_a_command_naming_a_model_or_version_the_server_does_not_serve_exits_2(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    # docs/client.md: 2 is a rejected request or bad arguments; a model or version the server does
+    # not serve is one (bulk already said so), not "a failed call" (1), which scripts retry.
+    cases = (("--model", "no-such-model"), ("--model", "tiny-gen", "--version", "9"))
+    for flags in cases:
+        proc = run_cli("--target", tiny_server.target, "sample", *flags, "--n", "1", "--out", str(tmp_path))
+        assert proc.returncode == 2, (flags, proc.returncode, proc.stderr)
+        assert "NOT_FOUND" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_new_bulk_job_of_an_unknown_model_or_version_exits_2_naming_the_flag(
     tiny_server: Any, tmp_path: Path
 ) -> None:
