@@ -54,11 +54,14 @@ def started_build(
     stand_in = tmp_path / "train-stand-in"
     signals_file = tmp_path / "signals.txt"
     # A child records the signal it is stopped with (SIGINT: its KeyboardInterrupt runs its cleanup).
+    # It writes its pid once its traps are set and its own child started: the pid file is what the
+    # test waits for before it signals the build, so a shell signalled between its start and its
+    # `trap` (descheduled on a busy machine) would die without recording, and fail the test.
     stand_in.write_text(
-        f'#!/bin/sh\necho $$ >> "{pids_file}"\n'
+        "#!/bin/sh\n"
         f"trap 'echo INT >> \"{signals_file}\"; kill $child; exit 130' INT\n"
         f"trap 'echo TERM >> \"{signals_file}\"; kill $child; exit 143' TERM\n"
-        "sleep 120 & child=$!\nwait $child\n"
+        f'sleep 120 & child=$!\necho $$ >> "{pids_file}"\nwait $child\n'
     )
     stand_in.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api"))}
@@ -116,7 +119,6 @@ def test_a_build_started_with_sigint_ignored_stops_its_recipes_at_once_through_t
     SIGINT, which they ignored: the build took 10 s to stop and then SIGKILLed them, their cleanup
     never run, though SIGTERM alone had stopped them at once before 7fa3836."""
     with started_build(tmp_path, sigint_ignored=True) as (parent, children, log, signals_file):
-        time.sleep(0.3)  # both children past their traps
         stopped = time.monotonic()
         parent.send_signal(signal.SIGTERM)
         parent.wait(30)
