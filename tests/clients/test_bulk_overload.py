@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from reliability_support import write_slow
-from server_support import running_server
+from server_support import TINY_LATENT, running_server, slow_generator_graph, write_model
 
 from genserve_client import GenserveClient
 from genserve_client.bulk import BulkJob, BulkParams, read_manifest
 from genserve_client.cli import BULK_RETRY
 
 MODEL = "gen"
+STREAM_HOLD_S = 0.3
 
 
 def test_a_job_with_more_workers_than_stream_slots_finishes_while_it_progresses(tmp_path: Path) -> None:
@@ -22,7 +22,25 @@ def test_a_job_with_more_workers_than_stream_slots_finishes_while_it_progresses(
     so the refused worker rarely finds the slot free. The job progresses the whole time, so the
     retry window (the time *without progress*) must not run out and stop it."""
     repo = tmp_path / "models"
-    write_slow(repo, MODEL, iterations=10_000)  # ~0.1 s an image: each stream holds its slot a while
+    # Each stream holds its slot a while, the same on any machine: its 4 rows wait out the queue
+    # delay for a batch of 8 that never fills (one stream at a time), so the 16 streams of the job
+    # take 4.8 s at least. (A model slow by its compute, 64 images in 6 s on a busy 2-core VM, ran
+    # the job in 2.4 s when made twice as fast: on a faster machine the job ended inside the window.)
+    write_model(
+        repo,
+        MODEL,
+        "generator",
+        slow_generator_graph(TINY_LATENT, 100),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={
+            "batching": {
+                "max_batch_size": 8,
+                "preferred_batch_sizes": [8],
+                "max_queue_delay_s": STREAM_HOLD_S,
+                "max_queue_size": 8,
+            }
+        },
+    )
     out = tmp_path / "job"
     one_slot = {"limits": {"max_concurrent_sample_streams": 1}}
     with running_server(repo, tmp_path / "work", config=one_slot) as server:
@@ -37,7 +55,7 @@ def test_a_job_with_more_workers_than_stream_slots_finishes_while_it_progresses(
                 retry_window_s=3.0,
             )
             started = time.monotonic()
-            job.run()  # 64 images x ~0.1 s: several s of steady progress, far beyond the 3 s window
+            job.run()  # 16 streams x STREAM_HOLD_S: steady progress, far beyond the 3 s window
             assert time.monotonic() - started > 3.0
     entries = read_manifest(out / "manifest.jsonl")[0]
     assert sorted(int(e["index"]) for e in entries) == list(range(64))
