@@ -215,7 +215,19 @@ class Reloader:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            _, running = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            if running:
+                # Retired versions (a removed model's, a replaced one's) are outside Repository.models,
+                # whose close aborts only the serving versions' calls: a drain closing its runner on a
+                # worker thread held the process's exit (asyncio.run joins that thread) until its
+                # model call ended. Their calls are aborted too, and the drains end here.
+                logger.warning("retired versions still draining at the end of the drain grace: aborting them")
+                for mv in list(self._draining):
+                    if mv.runner is not None:
+                        mv.runner.abort()
+                for task in running:
+                    task.cancel()
+                await asyncio.wait(running)
 
     async def _serve_requests(self) -> None:
         while True:

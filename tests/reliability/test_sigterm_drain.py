@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -293,5 +294,42 @@ def test_a_batch_computing_past_the_drain_grace_neither_stops_health_answers_nor
         assert answers and all(status == not_serving for _, status in answers), answers
         assert exited_after_s < 4 * grace_s, (exited_after_s, server.log())
         assert "model calls still running at the end of the drain grace: aborting them" in server.log()
+    finally:
+        server.stop()
+
+
+def test_a_batch_of_a_removed_model_computing_past_the_drain_grace_does_not_hold_the_exit(
+    tmp_path: Path,
+) -> None:
+    """As above, but the model left the repository (SIGHUP) while its call computed: its version
+    drains under the reloader, outside Repository.models, so Repository.close never aborted its
+    runner, and the drain's runner.close thread (asyncio.run joins it) held the process's exit until
+    the call ended, past drain_grace_s (and the pod's terminationGracePeriodSeconds)."""
+    grace_s = 2.0
+    repo = tmp_path / "models"
+    _slow_only_when_asked(repo, 6_000_000)  # ~30 s or more a row
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": grace_s, "warmup": False})
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            call = pb_grpc.GenerationServiceStub(ch).Sample.future(
+                pb.SampleRequest(model="slow", count=1, base_seed=0), timeout=120
+            )
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="Sample") >= 1, 30, "the Sample"
+            )
+            time.sleep(0.2)  # its batch formed and computing
+            shutil.rmtree(repo / "slow")
+            server.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "left the repository" in server.log(), 30, "the rescan")
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+                server.proc.wait(60)
+            exited_after_s = time.monotonic() - signalled
+            with contextlib.suppress(grpc.RpcError):
+                call.result(timeout=10)
+        assert server.proc.returncode == 0, (exited_after_s, server.log())
+        assert exited_after_s < 4 * grace_s, (exited_after_s, server.log())
+        assert "Traceback" not in server.log(), server.log()
     finally:
         server.stop()
