@@ -47,17 +47,24 @@ logger = logging.getLogger(__name__)
 
 
 def load_files(
-    mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: LoadGate
+    mv: ModelVersion,
+    sc: ServerConfig,
+    check_stopping: Callable[[], None],
+    gate: LoadGate,
+    opened: Callable[[Runner], None] | None = None,
 ) -> None:
     """Load one version on a worker thread: card, file choice, sha256, sessions, graph check (a
     shared step of `gate`), warm-up (batch-size timing, an exclusive step: calibration.py, which also
     holds the tile radius and the arena shrink after it; the tile radius a shared step without warm-up).
     Fills `mv` in; raises on any failure, closing what it built. `check_stopping` raises
-    LoadCancelled once the server is stopping."""
+    LoadCancelled once the server is stopping. `opened` is told the runner as soon as it exists
+    (Repository: a shutdown aborts its model calls, which the steps' checks cannot interrupt)."""
     with gate.step(0.0, check_stopping=check_stopping):
         check_stopping()
         card, runner = _open(mv, sc)
         try:
+            if opened is not None:
+                opened(runner)
             check_stopping()
             check_graph(mv, card, runner)
             probe_s, row_bytes = _probe(card, runner, mv.label)

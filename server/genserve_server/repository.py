@@ -216,6 +216,10 @@ class Repository:
         self._listeners: list[StateListener] = []
         # Set from the event loop, read by loading threads between their steps.
         self._stopping = threading.Event()
+        # Runners of the loads in progress (not yet a version's): `cancel_loading` aborts their
+        # model calls, so a long load-time call (a probe, warm-up) ends at once, not at its next step.
+        self._loading_runners: set[Runner] = set()
+        self._loading_lock = threading.Lock()
         # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
         # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
         self.on_fatal: Callable[[str], None] = _terminate_process
@@ -406,8 +410,13 @@ class Repository:
                 self.notify(model)
 
     def cancel_loading(self) -> None:
-        """Stop start-up loading soon: a load in progress ends at its next step, the rest are skipped."""
+        """Stop loading now: a load in progress ends at its next step or model node (its runner's
+        calls are aborted: a load-time call may take far longer than the drain grace, and the
+        interpreter's exit joins the load's thread), the rest are skipped."""
         self._stopping.set()
+        with self._loading_lock:
+            for runner in self._loading_runners:
+                runner.abort()
 
     def _check_stopping(self, mv: ModelVersion) -> None:
         if self._stopping.is_set():
@@ -478,7 +487,24 @@ class Repository:
 
     def _load_version(self, mv: ModelVersion) -> None:
         """Card, file, sha256, session, warm-up (loader.py). Runs on a worker thread."""
-        loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), self.gate)
+        runners: list[Runner] = []
+
+        def opened(runner: Runner) -> None:
+            with self._loading_lock:
+                runners.append(runner)
+                self._loading_runners.add(runner)
+                if self._stopping.is_set():
+                    runner.abort()
+
+        try:
+            loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), self.gate, opened)
+        except Exception as exc:
+            if self._stopping.is_set() and runners:  # its model call aborted (cancel_loading)
+                raise LoadCancelled(f"{mv.label}: loading cancelled: the server is shutting down") from exc
+            raise
+        finally:
+            with self._loading_lock:
+                self._loading_runners.difference_update(runners)
 
     async def close(self, timeout_s: float) -> None:
         """Drain every batcher (accepted work finishes), then stop the runners, all within timeout_s.

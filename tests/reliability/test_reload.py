@@ -523,7 +523,11 @@ def test_a_stop_during_a_reloads_load_ends_the_load_at_its_next_step(
     entered, left, release = threading.Event(), threading.Event(), threading.Event()
 
     def slow_load(
-        mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: object
+        mv: ModelVersion,
+        sc: ServerConfig,
+        check_stopping: Callable[[], None],
+        gate: object,
+        opened: object = None,
     ) -> None:
         entered.set()
         try:
@@ -570,13 +574,17 @@ def test_a_model_added_by_a_reload_leaves_readiness_alone_until_it_has_been_trie
     load_files = loader.load_files
 
     def slow_zoo(
-        mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: object
+        mv: ModelVersion,
+        sc: ServerConfig,
+        check_stopping: Callable[[], None],
+        gate: object,
+        opened: object = None,
     ) -> None:
         if mv.name == "zoo":
             entered.set()
             while not release.wait(0.005):
                 check_stopping()
-        load_files(mv, sc, check_stopping, gate)  # type: ignore[arg-type]
+        load_files(mv, sc, check_stopping, gate, opened)  # type: ignore[arg-type]
 
     async def scenario() -> None:
         app = App(root, ServerConfig(drain_grace_s=5.0), port=0, metrics_port=None)

@@ -333,3 +333,37 @@ def test_a_batch_of_a_removed_model_computing_past_the_drain_grace_does_not_hold
         assert "Traceback" not in server.log(), server.log()
     finally:
         server.stop()
+
+
+def test_a_version_loading_with_a_long_model_call_does_not_hold_the_exit_past_the_drain_grace(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a reload (SIGHUP) loads a version whose load-time model call (its probe) runs far
+    past drain_grace_s: a load stops only between its steps, and its runner is not yet the version's,
+    so Repository.close never aborted that call, and the load thread (joined at the interpreter's
+    exit) held the process until it ended. docs/deploy.md: a model call still computing when the
+    grace ends is aborted, so the exit follows the grace whatever the model's call takes."""
+    grace_s = 2.0
+    repo = tmp_path / "models"
+    write_gen(repo)
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": grace_s, "warmup": False})
+    try:
+        write_slow(repo, "slow", iterations=6_000_000)  # ~30 s or more a call, its load's probe too
+        config_path = repo / "slow" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["runtime"] = {"intra_op_threads": 1, "solo_session": False}
+        config_path.write_text(json.dumps(config))
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "repository rescan requested" in server.log(), 30, "the rescan")
+        time.sleep(1.5)  # the load is in its probe call
+        assert "slow version 1 ready" not in server.log(), server.log()
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+            server.proc.wait(60)
+        exited_after_s = time.monotonic() - signalled
+        assert server.proc.returncode == 0, (exited_after_s, server.log())
+        assert exited_after_s < 4 * grace_s, (exited_after_s, server.log())
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.stop()
