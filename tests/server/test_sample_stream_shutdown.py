@@ -46,7 +46,7 @@ def test_chunks_ahead_dropped_when_a_stream_ends_are_not_counted_as_a_cancelled_
         await repo.load_all()
         pool = ThreadPoolExecutor(1)
         core = GenerationCore(repo, config, metrics, pool)
-        out = validate.output_spec(tpb.IMAGE_FORMAT_RAW_UINT8, 1, None, False)
+        out = validate.output_spec(tpb.IMAGE_FORMAT_RAW_UINT8, 0, None, False)
         call = Call("SampleStream", "test", time.monotonic(), metrics.unresolved())
         try:
             mv = core.resolve(call, "gen", "", ("generator",), "SampleStream")

@@ -212,7 +212,7 @@ def test_a_super_resolve_whose_tiles_of_two_shapes_expire_in_the_queue_counts_on
         await repo.load_all()
         pool = ThreadPoolExecutor(1)
         core = GenerationCore(repo, config, metrics, pool)
-        out = validate.output_spec(tpb.IMAGE_FORMAT_RAW_UINT8, 1, None, False)
+        out = validate.output_spec(tpb.IMAGE_FORMAT_RAW_UINT8, 0, None, False)
         busy = Call("SuperResolve", "busy", time.monotonic(), metrics.unresolved())
         call = Call("SuperResolve", "late", time.monotonic(), metrics.unresolved())
         try:
