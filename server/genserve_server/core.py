@@ -11,7 +11,8 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 - `upscale`: plan tiles from the declared sizes -> hold the working set -> decode -> pad -> group by
   shape -> submit -> blend -> crop;
 - `translate`: bucket by padded declared shape (and a two-way translator's direction) -> hold the
-  working set -> decode -> pad -> submit -> crop.
+  working set -> decode -> pad -> submit -> crop (`holding_working_set`, which KServe's ModelInfer
+  on these kinds holds too, sized by `whole_images_working_set`).
 - code priors: code_sampling.py (a prior's step scheduler -> its code_decoder's batcher).
 - style generators: style_sampling.py (z -> w by the mapping's batcher, truncation and style
   mixing in w space, ws -> image by the synthesis batcher); `generate` dispatches to it.
@@ -20,6 +21,7 @@ values and numpy arrays, already parsed from the wire by a servicer; outputs are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import secrets
 import time
@@ -806,16 +808,51 @@ class GenerationCore:
         working_set = image_working_set(card, sizes, sides, plans, out, most_rows)
         # The working set first: a call waiting for it holds no response bytes, or a burst of
         # SuperResolves would hold the server-wide response budget every other RPC needs.
-        held = await self.wait_for_budget(
-            call, self.sr_working_set.acquire(working_set, call.deadline, "SuperResolve")
-        )
-        try:
+        async with self.holding_working_set(call, card, working_set, "SuperResolve"):
             arrays = await self._decode_declared(mv, call, images, sizes, max_pixels, limit_name)
             padded = [pad_to_multiple(a, multiple) for a in arrays]
             await self.reserve_response(call, expected)
             return await self._upscale_tiles(mv, call, arrays, padded, plans, out)
+
+    @contextlib.asynccontextmanager
+    async def holding_working_set(
+        self, call: Call, card: Card, n_bytes: int, what: str
+    ) -> AsyncIterator[None]:
+        """Hold `n_bytes` (an image_working_set) of the working-set budget of `card`'s kind while
+        the block runs: sr_working_set_bytes for super-resolution, translate_working_set_bytes for
+        the kinds Translate answers. Waits as wait_for_budget does (RESOURCE_EXHAUSTED naming the
+        budget after budget_max_wait_s, counted `budget`); more than the whole budget is clamped to
+        it (the call runs alone). `what`: the RPC, for the refusal."""
+        budget = self.sr_working_set if card.kind.tiled else self.translate_working_set
+        held = await self.wait_for_budget(call, budget.acquire(n_bytes, call.deadline, what))
+        try:
+            yield
         finally:
-            self.sr_working_set.release(held)
+            budget.release(held)
+
+    def whole_images_working_set(
+        self,
+        mv: ModelVersion,
+        sizes: Sequence[tuple[int, int]],
+        padded: Sequence[tuple[int, int]],
+        out: OutputSpec,
+        direction: int | None = None,
+    ) -> int:
+        """image_working_set of images that `mv` takes whole (a Translate's; a KServe ModelInfer's on
+        super-resolution or image-to-image, which tiles nothing): one tiling.whole_image plan an
+        image of `sizes` padded to `padded`, batched as their shapes' batch keys allow."""
+        card = mv.card
+        assert card is not None and mv.batcher is not None
+        channels = card.input_channels or card.channels
+        shapes = {(channels, h, w) for h, w in padded}
+        return image_working_set(
+            card,
+            sizes,
+            padded,
+            [tiling.whole_image(h, w) for h, w in padded],
+            out,
+            max(mv.batcher.most_rows(image_batch_key(card, shape, direction)) for shape in shapes),
+        )
 
     async def _decode_declared(
         self,
@@ -948,26 +985,13 @@ class GenerationCore:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (h, w) in enumerate(sides):
             groups.setdefault((channels, h, w), []).append(i)
-        assert mv.batcher is not None
-        working_set = image_working_set(
-            card,
-            sizes,
-            sides,
-            [tiling.whole_image(h, w) for h, w in sides],
-            out,
-            max(mv.batcher.most_rows(image_batch_key(card, shape, two_way)) for shape in groups),
-        )
+        working_set = self.whole_images_working_set(mv, sizes, sides, out, two_way)
         # As SuperResolve's: the working set first, then the response's bytes.
-        held = await self.wait_for_budget(
-            call, self.translate_working_set.acquire(working_set, call.deadline, "Translate")
-        )
-        try:
+        async with self.holding_working_set(call, card, working_set, "Translate"):
             arrays = await self._decode_declared(mv, call, images, sizes, max_pixels, limit_name)
             padded = [pad_to_multiple(a, card.size_multiple) for a in arrays]
             await self.reserve_response(call, expected)
             return await self._translate_images(mv, call, arrays, padded, groups, out, two_way)
-        finally:
-            self.translate_working_set.release(held)
 
     async def _translate_images(
         self,

@@ -17,13 +17,16 @@ batches. What this module adds is only the tensor mapping:
   parameter (int64) for every image;
 - super_resolution / image_to_image / vae_encoder: input `image` FP32 [N, C, H, W] in the model's
   input range (card.json `input_range`): raw tensors, no tiling, padding or resizing, so H and W
-  must already be multiples of the card's `size_multiple` (and the fixed size for an encoder);
+  must already be multiples of the card's `size_multiple` (and the fixed size for an encoder). A
+  super-resolution or image-to-image call holds the working set genserve.v1's SuperResolve or
+  Translate holds for the same images (core.holding_working_set: each image one whole tile);
 - outputs are the card's output tensors (`image`, `output_image`, `mu`/`logvar`) as FP32 in
   `raw_output_contents`, values in the card's `output_range`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,8 +37,8 @@ import numpy as np
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
-from genserve_server import kserve_metadata, kserve_tensors, links, validate
-from genserve_server.batcher import Lane
+from genserve_server import codecs, kserve_metadata, kserve_tensors, links, validate
+from genserve_server.batcher import BatchResult, Lane
 from genserve_server.boundary import Boundary, Context
 from genserve_server.config import KINDS, Card, Kind, TensorSpec
 from genserve_server.core import Call, GenerationCore, image_batch_key
@@ -50,6 +53,9 @@ EXTENSIONS = ("model_configuration", "statistics")
 # max_send_message_bytes after the images were computed (a transport error, not INVALID_ARGUMENT).
 # 4 KiB of UTF-8 at most stays well inside validate.SEND_OVERHEAD_BYTES.
 MAX_INFER_ID_CHARS = 1024
+# Outputs go as the model's float32 values, as genserve.v1's TENSOR_F32: no encode's copies in the
+# working set of an image model's call (its bytes are the response's).
+RAW_OUTPUT = validate.output_spec(codecs.ImageFormat.TENSOR_F32, 0, None, False)
 # Code kinds are sampled step by step (genserve.v1 SampleCodes), not in one model call; style kinds
 # are two graphs served together in w space (genserve.v1 Sample, MixStyles); a two-way translator's
 # rows of one call must share a direction, which genserve.v1 Translate's batching guarantees.
@@ -253,7 +259,6 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         tensors = kserve_tensors.read_inputs(request, card)
         call.timing.input_s += time.monotonic() - decoding
         outputs = kserve_tensors.requested_outputs(request, card)
-        response_params: dict[str, int] = {}
         if card.kind.takes_latent:
             plan = self._latent_plan(request, card, tensors, self._max_rows(mv))
             await self.core.reserve_response(
@@ -270,16 +275,35 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 seed_field="parameters[seed]",
                 psi_field="parameters[truncation_psi]",
             )
-            if plan.seeds is not None:
-                response_params["seed"] = plan.seeds[0]
-        else:
-            image = self._image_input(card, tensors, self._max_rows(mv))
-            n = int(image.shape[0])
-            await self.core.reserve_response(
-                call, self._check_output_bytes(outputs, card, n, image.shape, "inputs[image].shape")
-            )
-            key = image_batch_key(card, tuple(int(d) for d in image.shape[1:]))
+            seed = {} if plan.seeds is None else {"seed": plan.seeds[0]}
+            return self._response(request, mv, call, outputs, result, seed)
+        image = self._image_input(card, tensors, self._max_rows(mv))
+        n, _, h, w = (int(d) for d in image.shape)
+        out_bytes = self._check_output_bytes(outputs, card, n, image.shape, "inputs[image].shape")
+        held: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if card.kind.tiled or card.kind.translates:
+            # What genserve.v1's SuperResolve or Translate holds for the same images (each one tile
+            # the model takes whole: nothing is tiled here), until the response is built; before
+            # the response's bytes, as there.
+            sizes = [(h, w)] * n
+            working_set = self.core.whole_images_working_set(mv, sizes, sizes, RAW_OUTPUT)
+            held = self.core.holding_working_set(call, card, working_set, "ModelInfer")
+        async with held:
+            await self.core.reserve_response(call, out_bytes)
+            key = image_batch_key(card, (int(image.shape[1]), h, w))
             result = await self.core.submit(mv, call, key, {"image": image}, n, Lane.INTERACTIVE)
+            return self._response(request, mv, call, outputs, result, {})
+
+    def _response(
+        self,
+        request: kpb.ModelInferRequest,
+        mv: ModelVersion,
+        call: Call,
+        outputs: Sequence[TensorSpec],
+        result: BatchResult,
+        response_params: dict[str, int],
+    ) -> kpb.ModelInferResponse:
+        """The requested `outputs` of `result` as raw FP32 tensors (encoding time counted in `call`)."""
         encoding = time.monotonic()
         response = kpb.ModelInferResponse(model_name=mv.name, model_version=mv.version, id=request.id)
         for name, value in response_params.items():

@@ -409,12 +409,14 @@ class Metrics:
         )
         self.sr_working_set_bytes = Gauge(
             "genserve_sr_working_set_bytes",
-            "Estimated bytes of SuperResolve requests being computed (sr_working_set_bytes).",
+            "Estimated bytes of SuperResolve requests (and ModelInfer on super-resolution) being computed "
+            "(sr_working_set_bytes).",
             registry=reg,
         )
         self.translate_working_set_bytes = Gauge(
             "genserve_translate_working_set_bytes",
-            "Estimated bytes of Translate requests being computed (translate_working_set_bytes).",
+            "Estimated bytes of Translate requests (and ModelInfer on image-to-image) being computed "
+            "(translate_working_set_bytes).",
             registry=reg,
         )
         self.model_load_duration = Gauge(

@@ -10,6 +10,8 @@
   encode's copies (tiling.working_set_bytes), so that a few large requests run one after another
   instead of all at once.
 - Translate working set: the same estimate, each image one tile at scale 1, against its own budget.
+- KServe ModelInfer on those models' kinds: what SuperResolve or Translate would hold for the same
+  images, each image one tile the model takes whole, against the same budget.
 
 A BULK request that waits for room in its lane (batcher.py) gives its response's bytes back
 meanwhile and holds them again, first in line, before it is queued (Reservation.give_back and
