@@ -405,3 +405,14 @@ def test_the_docs_server_side_error_ratio_counts_the_codes_of_the_alert() -> Non
     queries = METRICS_DOC.read_text().split("### Useful queries", 1)[1].split("```", 2)[1]
     found = re.findall(r'code=~"([^"]+)"', queries)
     assert found and all(set(f.split("|")) == set(codes[1].split("|")) for f in found), (found, codes[1])
+
+
+def test_the_model_readiness_panel_says_what_a_0_means_today() -> None:
+    """genserve_model_ready is 0 also for a READY style generator (code prior) whose mapping
+    (decoder) cannot serve, and a 0 pages (GenserveModelNotReady) only where no version of the model
+    is ready; GenserveModelVersionNotReady warns for one beside a ready version. The panel said
+    only "1 ready, 0 not ready", which a READY version in GetModel seems to contradict."""
+    (panel,) = [p for p in _walk_panels(load_dashboard()["panels"]) if p["title"] == "Model readiness"]
+    text = panel["description"]
+    for words in ("mapping", "decoder", "GenserveModelNotReady", "GenserveModelVersionNotReady"):
+        assert words in text, f"the panel's description does not say {words!r}: {text!r}"
