@@ -44,7 +44,7 @@ class OutputOptions(TypedDict, total=False):
 
     format: Format
     quality: int  # JPEG and WEBP: 1..100 (0: 90); with another format the server refuses it
-    png_compression: int
+    png_compression: int  # PNG: 0..9 (unset: 1); with another format the server refuses it
     return_latents: bool
 
 

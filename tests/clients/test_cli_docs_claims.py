@@ -176,3 +176,26 @@ def test_client_md_library_errors_are_the_ones_raised() -> None:
             assert str(info.value).startswith(quoted), (quoted, str(info.value))
     finally:
         client.close()
+
+
+def test_client_md_names_every_output_option_the_server_refuses_where_it_does_nothing() -> None:
+    """types.proto's OutputOptions: `quality` with PNG/raw/tensor, `png_compression` with another
+    format than PNG and `return_latents` on a method without latents are INVALID_ARGUMENT, not
+    ignored. docs/client.md, "The Python library", named only `quality`, so a library user passing
+    `png_compression=9` with `format="jpeg"` met a refusal the docs did not list."""
+    proto = (REPO_ROOT / "protos" / "genserve" / "v1" / "types.proto").read_text()
+    body = proto.split("message OutputOptions {", 1)[1].split("\n}", 1)[0]
+    refused = []
+    comment: list[str] = []
+    for line in body.splitlines():
+        line = line.strip()
+        if line.startswith("//"):
+            comment.append(line)
+        elif line:
+            if "INVALID_ARGUMENT" in " ".join(comment):
+                refused.append(line.rstrip(";").split("=")[0].split()[-1])
+            comment = []
+    assert {"quality", "png_compression", "return_latents"} <= set(refused), refused
+    library = (REPO_ROOT / "docs" / "client.md").read_text().split("## The Python library", 1)[1]
+    for name in refused:
+        assert f"`{name}`" in library, f"docs/client.md's library section does not name {name}"
