@@ -52,6 +52,7 @@ from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import (
     GenserveError,
+    Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -749,7 +750,7 @@ class GenerationCore:
         z = None
         if sample_seed is not None:
             eps = latents.eps_for_seeds(list(range(sample_seed, sample_seed + n)), mu.shape[1], field="seed")
-            z = (mu + np.exp(logvar / 2) * eps).astype(np.float32)
+            z = sampled_z(mv.label, mu, logvar, eps)
         return EncodedLatents(mu, logvar, z, result.executed_batch_sizes)
 
     # ------------------------------------------------------------------ super-resolution
@@ -1028,6 +1029,23 @@ class GenerationCore:
                 h, w = arrays[i].shape[1:]
                 outputs[i] = result.outputs["output_image"][row, :, :h, :w]  # crop the padding back off
         return Upscaled(await self._encode_each(mv, call, outputs, out), batch_sizes)
+
+
+def sampled_z(label: str, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """z = mu + exp(logvar / 2) * eps, float32 [N, Z]. A z that is not finite (float32's exp overflows
+    for logvar above ~177: a diverged or fp16-overflowing encoder; or mu/logvar NaN) fails the call
+    INTERNAL naming the model: an infinite latent answered OK would only be refused by Decode."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        z: np.ndarray = (mu + np.exp(logvar / 2) * eps).astype(np.float32)
+    bad = ~np.isfinite(z).all(axis=1)
+    if bad.any():
+        rows = ", ".join(str(i) for i in np.flatnonzero(bad)[:8])
+        top = float(np.max(logvar[bad])) if np.isfinite(logvar[bad]).all() else float("nan")
+        raise Internal(
+            f"{label}: the encoder's mu/logvar give no finite z to sample for image(s) {rows} "
+            f"(largest logvar there {top:.3g}; exp(logvar / 2) overflows float32 above ~177)"
+        )
+    return z
 
 
 def image_working_set(
