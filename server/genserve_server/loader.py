@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -46,22 +46,30 @@ if TYPE_CHECKING:  # repository.py imports this module: its types only, no impor
 logger = logging.getLogger(__name__)
 
 
+class Abortable(Protocol):
+    """What runs a load's model calls (its Runner, the fp16 parity check's sessions): `abort` fails
+    them at their next node, and every later one."""
+
+    def abort(self) -> None: ...
+
+
 def load_files(
     mv: ModelVersion,
     sc: ServerConfig,
     check_stopping: Callable[[], None],
     gate: LoadGate,
-    opened: Callable[[Runner], None] | None = None,
+    opened: Callable[[Abortable], None] | None = None,
 ) -> None:
     """Load one version on a worker thread: card, file choice, sha256, sessions, graph check (a
     shared step of `gate`), warm-up (batch-size timing, an exclusive step: calibration.py, which also
     holds the tile radius and the arena shrink after it; the tile radius a shared step without warm-up).
     Fills `mv` in; raises on any failure, closing what it built. `check_stopping` raises
-    LoadCancelled once the server is stopping. `opened` is told the runner as soon as it exists
-    (Repository: a shutdown aborts its model calls, which the steps' checks cannot interrupt)."""
+    LoadCancelled once the server is stopping. `opened` is told the runner as soon as it exists,
+    and the fp16 parity check's sessions before they run (Repository: a shutdown aborts their model
+    calls, which the steps' checks cannot interrupt)."""
     with gate.step(0.0, check_stopping=check_stopping):
         check_stopping()
-        card, runner = _open(mv, sc)
+        card, runner = _open(mv, sc, opened)
         try:
             if opened is not None:
                 opened(runner)
@@ -104,8 +112,11 @@ def load_files(
     mv.runtime = runner.description
 
 
-def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
-    """The card, the file to serve (sha256 checked, fp16 parity on the provider) and its runner."""
+def _open(
+    mv: ModelVersion, sc: ServerConfig, opened: Callable[[Abortable], None] | None = None
+) -> tuple[Card, Runner]:
+    """The card, the file to serve (sha256 checked, fp16 parity on the provider) and its runner
+    (`opened`: told the parity check's sessions, as load_files says)."""
     card = load_card(mv.path / "card.json")
     mv.card = card
     if card.kind != mv.config.kind:
@@ -132,7 +143,7 @@ def _open(mv: ModelVersion, sc: ServerConfig) -> tuple[Card, Runner]:
     providers = select_providers(requested)
     mv.sha256 = _verified_sha256(mv, card, choice.path)
     if choice.precision == "fp16":
-        checked = fp16_on_provider(mv, card, providers, choice)
+        checked = fp16_on_provider(mv, card, providers, choice, opened)
         if checked is not choice:
             mv.sha256 = _verified_sha256(mv, card, checked.path)
             choice = checked
@@ -479,7 +490,11 @@ def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
 
 
 def fp16_on_provider(
-    mv: ModelVersion, card: Card, providers: Sequence[str], choice: ModelChoice
+    mv: ModelVersion,
+    card: Card,
+    providers: Sequence[str],
+    choice: ModelChoice,
+    opened: Callable[[Abortable], None] | None = None,
 ) -> ModelChoice:
     """`choice` (the fp16 file) when fp16 and fp32 agree within `runtime.fp16_atol` on the provider
     the version will run on, else fp32 with the reason: the card's parity was measured at export, on
@@ -488,7 +503,9 @@ def fp16_on_provider(
     graphs' inputs and batch axes are checked first (check_graph_inputs, check_batch_axes): a graph
     whose inputs are not its kind's is refused naming them, as without a twin; the check runs at most
     max_batch_size rows: a fixed batch axis gets its refusal naming the fix, not ONNX Runtime's text
-    about the check's batch, and a fixed batch of 1 under max_batch_size 1 is checked as it serves."""
+    about the check's batch, and a fixed batch of 1 under max_batch_size 1 is checked as it serves.
+    `opened` is told both sessions' runners before they run: a shutdown aborts their calls (each
+    runs max_batch_size rows, up to PARITY_ROWS, of a model that may take long), as a Runner's."""
     version_dir = mv.path
     if not (version_dir / "model.onnx").is_file():
         return choice  # nothing to compare with: the card's parity stands
@@ -500,9 +517,13 @@ def fp16_on_provider(
     for path, info in ((version_dir / "model.onnx", fp32), (choice.path, fp16)):
         check_graph_inputs(mv, card, info.session, f"{mv.label} {path.name}")
         check_batch_axes(mv, info.session, f"{mv.label} {path.name}")
+    fp32_runner, fp16_runner = SessionRunner(fp32, config), SessionRunner(fp16, config)
+    if opened is not None:
+        opened(fp32_runner)
+        opened(fp16_runner)
     diff = 0.0
     for feeds in parity_inputs(card, min(PARITY_ROWS, mv.config.batching.max_batch_size)):
-        _, part = check_fp16_parity(SessionRunner(fp32, config), SessionRunner(fp16, config), feeds, atol)
+        _, part = check_fp16_parity(fp32_runner, fp16_runner, feeds, atol)
         diff = max(diff, part)
     if diff <= atol:
         return choice

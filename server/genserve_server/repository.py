@@ -216,9 +216,10 @@ class Repository:
         self._listeners: list[StateListener] = []
         # Set from the event loop, read by loading threads between their steps.
         self._stopping = threading.Event()
-        # Runners of the loads in progress (not yet a version's): `cancel_loading` aborts their
-        # model calls, so a long load-time call (a probe, warm-up) ends at once, not at its next step.
-        self._loading_runners: set[Runner] = set()
+        # Runners of the loads in progress (not yet a version's; the fp16 parity check's sessions too):
+        # `cancel_loading` aborts their model calls, so a long load-time call (the parity check, a
+        # probe, warm-up) ends at once, not at its next step.
+        self._loading_runners: set[loader.Abortable] = set()
         self._loading_lock = threading.Lock()
         # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
         # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
@@ -487,9 +488,9 @@ class Repository:
 
     def _load_version(self, mv: ModelVersion) -> None:
         """Card, file, sha256, session, warm-up (loader.py). Runs on a worker thread."""
-        runners: list[Runner] = []
+        runners: list[loader.Abortable] = []
 
-        def opened(runner: Runner) -> None:
+        def opened(runner: loader.Abortable) -> None:
             with self._loading_lock:
                 runners.append(runner)
                 self._loading_runners.add(runner)

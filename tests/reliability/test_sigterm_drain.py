@@ -367,3 +367,45 @@ def test_a_version_loading_with_a_long_model_call_does_not_hold_the_exit_past_th
         assert "Traceback" not in server.log(), server.log()
     finally:
         server.stop()
+
+
+def test_a_version_loading_in_its_fp16_parity_check_does_not_hold_the_exit_past_the_drain_grace(
+    tmp_path: Path,
+) -> None:
+    """As above, but the long load-time model calls are the fp16 parity check's (precision fp16:
+    loader.fp16_on_provider runs the fp32 and the fp16 graph on sessions of their own, before the
+    version's runner exists): cancel_loading aborts only runners, so those calls ran on and the load
+    thread held the process's exit until both had ended, against docs/deploy.md's 'the exit follows
+    the grace whatever the model's call takes'."""
+    grace_s = 2.0
+    repo = tmp_path / "models"
+    write_gen(repo)
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": grace_s, "warmup": False})
+    try:
+        version_dir = write_slow(repo, "slow", iterations=3_000_000, batch=1)  # ~15 s a call
+        data = (version_dir / "model.onnx").read_bytes()
+        (version_dir / "model.fp16.onnx").write_bytes(data)  # a twin within any parity
+        card_path = version_dir / "card.json"
+        card = json.loads(card_path.read_text())
+        card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+        card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+        card_path.write_text(json.dumps(card))
+        config_path = repo / "slow" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["precision"] = "fp16"
+        config["runtime"] = {"intra_op_threads": 1, "solo_session": False}
+        config_path.write_text(json.dumps(config))
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "repository rescan requested" in server.log(), 30, "the rescan")
+        time.sleep(1.5)  # the load is in its fp16 parity check
+        assert "slow version 1 ready" not in server.log(), server.log()
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+            server.proc.wait(60)
+        exited_after_s = time.monotonic() - signalled
+        assert server.proc.returncode == 0, (exited_after_s, server.log())
+        assert exited_after_s < 4 * grace_s, (exited_after_s, server.log())
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.stop()
