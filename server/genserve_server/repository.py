@@ -500,8 +500,14 @@ class Repository:
         try:
             loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), self.gate, opened)
         except Exception as exc:
-            if self._stopping.is_set() and runners:  # its model call aborted (cancel_loading)
-                raise LoadCancelled(f"{mv.label}: loading cancelled: the server is shutting down") from exc
+            if self._stopping.is_set() and runners:  # its model call aborted (cancel_loading), most likely
+                # The failure itself is named too: one that had another cause, in the instant after
+                # SIGTERM, would otherwise leave no trace in the log (LoadCancelled is logged at info).
+                first = (str(exc).splitlines() or [""])[0][:200]
+                raise LoadCancelled(
+                    f"{mv.label}: loading cancelled: the server is shutting down "
+                    f"(the load's call ended with {type(exc).__name__}: {first})"
+                ) from exc
             raise
         finally:
             with self._loading_lock:

@@ -43,7 +43,7 @@ from genserve_server.config import ServerConfig
 from genserve_server.main import App
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader, repository_fingerprint
-from genserve_server.repository import ModelState, ModelVersion, Repository
+from genserve_server.repository import LoadCancelled, ModelState, ModelVersion, Repository
 
 
 @dataclass
@@ -742,3 +742,33 @@ def test_sigterm_ends_the_file_checks_sha256_of_a_large_model_file_at_its_next_b
             await repo.close(2.0)
 
     asyncio.run(scenario())
+
+
+def test_a_load_failing_as_the_server_stops_is_cancelled_naming_how_its_call_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load whose model call fails once the server is stopping is taken as aborted by the
+    shutdown (cancel_loading) and logged as "loading cancelled" at info: a failure with another
+    cause in that instant (a corrupt file read, a provider error) left no trace of itself. The
+    cancellation names how the call ended."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+    repo.scan()
+    mv = repo.models["gen"].versions["1"]
+
+    class Aborted:
+        def abort(self) -> None:
+            pass
+
+    def failing_load(
+        mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: object, opened: object
+    ) -> None:
+        opened(Aborted())  # type: ignore[operator]
+        repo.cancel_loading()
+        raise OSError(5, "Input/output error reading model.onnx")
+
+    monkeypatch.setattr(loader, "load_files", failing_load)
+    with pytest.raises(LoadCancelled) as excinfo:
+        repo._load_version(mv)
+    assert "OSError: [Errno 5] Input/output error reading model.onnx" in str(excinfo.value), excinfo.value
