@@ -178,6 +178,16 @@ def _filled(parts: list[Part], full: int, share: int | None) -> str:
     return CLOSED_SHARED if share is not None and taken >= share else CLOSED_AT_ONCE
 
 
+def request_ids(parts: list[Part]) -> str:
+    """The request ids of the RPCs whose rows `parts` hold, for a log line about them (each id once,
+    in batch order; `-` for a request of no RPC): a failed model call fails every one of them, and
+    an operator greps the log for the id a client quotes (docs/metrics.md)."""
+    ids: dict[str, None] = {}
+    for part in parts:
+        ids[getattr(part.request.caller, "request_id", None) or "-"] = None
+    return ",".join(ids)
+
+
 def cancelled_by_deadline(deadline: float | None, now: float | None = None) -> bool:
     """Whether a cancellation at `now` (default: `time.monotonic()`, the clock of gRPC deadlines) is
     gRPC ending the call at its deadline (seconds on the same clock; None = no deadline), not the
@@ -1092,7 +1102,12 @@ class Batcher:
         """Outputs that do not fit the arrays a request's earlier batch shaped (a model whose output
         shape changed between batches of one key): fail its requests, never leave them waiting for a
         result that cannot come."""
-        logger.error("%s: a batch's outputs could not be handed to its requests: %r", self.name, exc)
+        logger.error(
+            "%s: a batch's outputs could not be handed to its requests (request_ids=%s): %r",
+            self.name,
+            request_ids(parts),
+            exc,
+        )
         failure = Internal(f"{self.name}: the model's outputs did not fit the request (see the server log)")
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
@@ -1121,10 +1136,11 @@ class Batcher:
             if stack:
                 self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
             logger.error(
-                "%s: batch of %d rows from %d requests failed: %r%s",
+                "%s: batch of %d rows from %d requests failed (request_ids=%s): %r%s",
                 self.name,
                 rows,
                 len(parts),
+                request_ids(parts),
                 exc,
                 ""
                 if stack or isinstance(exc, GenserveError)
