@@ -37,7 +37,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
-from genserve_server.boundary import ENDED_UNREAD, ThrottledLog, abort
+from genserve_server.boundary import ENDED_UNREAD, REQUEST_ID_KEY, ThrottledLog, abort, request_id
 from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)
@@ -90,9 +90,15 @@ class RpcClass:
         self.active += 1
         return True
 
-    def refusal(self, method: str) -> ResourceExhausted:
+    def refusal(self, method: str, context: Context | None = None) -> ResourceExhausted:
         self.refusals.log(
-            method, "refused %s: %d %s calls running (%s)", method, self.active, self.name, self.limit_name
+            method,
+            "request_id=%s refused %s: %d %s calls running (%s)",
+            "-" if context is None else request_id(context),
+            method,
+            self.active,
+            self.name,
+            self.limit_name,
         )
         if self.on_refused is not None:
             self.on_refused(method)
@@ -186,7 +192,12 @@ class Admission:
             async with asyncio.timeout(self.request_timeout_s):
                 return await context.read()
         except TimeoutError:
-            self._timeouts.log(method, "cancelled %s: no request within request_timeout_s", method)
+            self._timeouts.log(
+                method,
+                "request_id=%s cancelled %s: no request within request_timeout_s",
+                request_id(context),
+                method,
+            )
             await abort(
                 context,
                 DeadlineExceeded(
@@ -208,7 +219,7 @@ class Admission:
             request = await self._read_request(method, context)
             if not rpc_class.admit():
                 del request  # not held by the refusal's traceback
-                await abort(context, rpc_class.refusal(method))
+                await abort(context, rpc_class.refusal(method, context))
             try:
                 result = inner(request, context)
                 del request  # the handler's frames hold it while they need it, no longer
@@ -230,7 +241,7 @@ class Admission:
             request = await self._read_request(method, context)
             if not rpc_class.admit():
                 del request  # not held by the refusal's traceback
-                await abort(context, rpc_class.refusal(method))
+                await abort(context, rpc_class.refusal(method, context))
             try:
                 result = inner(request, context)
                 del request
@@ -274,7 +285,7 @@ class Admission:
                         if request is grpc.aio.EOF:
                             return
                         if not rpc_class.admit():
-                            await abort(context, rpc_class.refusal(method))
+                            await abort(context, rpc_class.refusal(method, context))
                         holding = True
                         yield request
                 finally:
@@ -329,10 +340,14 @@ async def _write_all(
                 # handler (holding its slot) would wait as long as the client. The handler returns
                 # now, its slot is freed, and gRPC sends this status if the client ever reads on.
                 unread_ends.log(
-                    "unread", "ended a stream whose client read nothing for %.3g s", write_timeout_s
+                    "unread",
+                    "request_id=%s ended a stream whose client read nothing for %.3g s",
+                    request_id(context),
+                    write_timeout_s,
                 )
                 ENDED_UNREAD.set(True)  # its status may never be sent: the client may go instead
                 context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_trailing_metadata(((REQUEST_ID_KEY, request_id(context)),))
                 context.set_details(
                     f"the client took no message for stream_write_timeout_s={write_timeout_s:g} s; "
                     "the stream ended to free its slot (resume it from the last index received)"

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar, cast
@@ -42,6 +42,11 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+-]+")
 # client's flood of bad calls (an unknown model, an invalid field, bytes that are not a request, a
 # call over a concurrency limit) must not write the log at will; the metrics count every one.
 REFUSAL_LOG_INTERVAL_S = 10.0
+
+# The id request_id() chose for a call, with its context, in the call's task: every line and status
+# about one call (the admission layer's refusals, then the boundary's) carries the same id, also one
+# the server made because the client sent none or an unsafe one.
+_CALL_REQUEST_ID: ContextVar[tuple[object, str] | None] = ContextVar("genserve_request_id", default=None)
 
 # Set in a call's task (grpc runs the handler, then sends its status, in one task) once the server has
 # ended the call's stream itself because its client took no message (admission._write_all).
@@ -89,8 +94,11 @@ async def abort(
     trailing: tuple[tuple[str, str], ...] = (),
     redact: Callable[[str], str] = str,
 ) -> NoReturn:
-    """Answer the call with the error's status and message (context.abort raises). Past the call's
-    deadline gRPC has ended it already: nothing is sent (see _past_deadline)."""
+    """Answer the call with the error's status and message (context.abort raises), its request id in
+    the trailing metadata (docs/metrics.md: every RPC's). Past the call's deadline gRPC has ended it
+    already: nothing is sent (see _past_deadline)."""
+    if not any(key == REQUEST_ID_KEY for key, _ in trailing):
+        trailing = (*trailing, (REQUEST_ID_KEY, request_id(context)))
     remaining_s = context.time_remaining()
     if remaining_s is not None and remaining_s <= 0:
         raise asyncio.CancelledError
@@ -99,8 +107,19 @@ async def abort(
 
 
 def request_id(context: Context) -> str:
-    """The client's `x-request-id` when it is a safe token of at most 128 characters, else a new id."""
-    for key, value in context.invocation_metadata() or ():
+    """The client's `x-request-id` when it is a safe token of at most 128 characters, else a new id;
+    the same one for every ask about one call (its task remembers it)."""
+    chosen = _CALL_REQUEST_ID.get()
+    if chosen is not None and chosen[0] is context:
+        return chosen[1]
+    rid = client_request_id(context.invocation_metadata()) or uuid.uuid4().hex
+    _CALL_REQUEST_ID.set((context, rid))
+    return rid
+
+
+def client_request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The client's `x-request-id` when it is a safe token of at most 128 characters, else None."""
+    for key, value in metadata or ():
         if (
             key == REQUEST_ID_KEY
             and isinstance(value, str)
@@ -108,7 +127,7 @@ def request_id(context: Context) -> str:
             and REQUEST_ID_PATTERN.fullmatch(value)
         ):
             return value
-    return uuid.uuid4().hex
+    return None
 
 
 class Boundary:

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
-from genserve_server.boundary import ThrottledLog, abort
+from genserve_server.boundary import ThrottledLog, abort, request_id
 from genserve_server.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _rejecter(method: str, on_reject: Callable[[str], None]) -> Callable[[Malfor
     refusals = ThrottledLog(logger)  # a line per call let a client write the log at will
 
     async def reject(request: Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        refusals.log(None, "refused %s: %s", method, request.problem)
+        refusals.log(None, "request_id=%s refused %s: %s", request_id(context), method, request.problem)
         on_reject(method)
         await abort(context, InvalidArgument(request.message()))
 

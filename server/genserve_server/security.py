@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from genserve_server.boundary import ThrottledLog, abort
+from genserve_server.boundary import ThrottledLog, abort, request_id
 from genserve_server.config import ConfigError, SecurityConfig
 from genserve_server.errors import Unauthenticated
 
@@ -117,16 +117,22 @@ def _unparsed(raw: bytes) -> None:
     return None
 
 
-def _deny(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHandler[Any, Any] | None:
-    """A handler of the same streaming shape as `handler` that aborts with UNAUTHENTICATED."""
+def _deny(
+    handler: grpc.RpcMethodHandler[Any, Any] | None,
+    log: Callable[[grpc.aio.ServicerContext[Any, Any]], None] = lambda context: None,
+) -> grpc.RpcMethodHandler[Any, Any] | None:
+    """A handler of the same streaming shape as `handler` that aborts with UNAUTHENTICATED, after
+    `log` (the call's line, which names the request id its trailing metadata carries)."""
     if handler is None:
         return None
     message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
 
     async def abort_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        log(context)
         await abort(context, Unauthenticated(message))
 
     async def abort_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        log(context)
         await abort(context, Unauthenticated(message))
         yield  # pragma: no cover - makes this an async generator for streaming responses
 
@@ -173,10 +179,18 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         presented = _bearer(handler_call_details.invocation_metadata)
         if presented is not None and token_matches(presented, self._tokens):
             return await continuation(handler_call_details)
-        self._log.log(None, "rejected unauthenticated call to %s", method)
         if self._on_reject is not None:
             self._on_reject(method)
-        return _deny(await continuation(handler_call_details))
+
+        def log(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            self._log.log(
+                None, "request_id=%s rejected unauthenticated call to %s", request_id(context), method
+            )
+
+        handler = await continuation(handler_call_details)
+        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED, with no context here
+            self._log.log(None, "request_id=- rejected unauthenticated call to %s", method)
+        return _deny(handler, log)
 
 
 def auth_interceptor(

@@ -3,10 +3,14 @@ request id"): an operator greps the server's logs for the id a client quotes."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import grpc
 import numpy as np
-from reliability_support import POISON_LATENT
-from server_support import TINY_LATENT, ServerProcess
+import pytest
+from reliability_support import POISON_LATENT, write_gen, write_slow
+from server_support import TINY_LATENT, ServerProcess, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -44,3 +48,77 @@ def test_every_call_a_failed_model_call_fails_names_its_request_id_in_the_log(
     log = faulty_server.log()
     missing = [rid for rid in ids if rid not in log]
     assert not missing, f"request ids of failed calls not in the server log: {missing}"
+
+
+@pytest.fixture(scope="module")
+def debug_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """--log-level DEBUG: every refused call's line, not only the first of its kind per 10 s."""
+    root = tmp_path_factory.mktemp("request-id-models")
+    write_gen(root)
+    write_slow(root, "slow", iterations=20000, queue=64, batch=4)
+    limits = {"request_timeout_s": 1.0, "max_concurrent_sample_streams": 1}
+    proc = start_server(
+        root,
+        tmp_path_factory.mktemp("request-id-server"),
+        config={"limits": limits},
+        extra_args=("--log-level", "DEBUG"),
+    )
+    yield proc
+    proc.stop()
+
+
+def _trailing_id(exc: grpc.RpcError) -> str | None:
+    return dict(exc.trailing_metadata() or ()).get("x-request-id")  # type: ignore[attr-defined]
+
+
+def test_calls_refused_before_their_handler_echo_and_log_their_request_id(
+    debug_server: ServerProcess,
+) -> None:
+    """docs/metrics.md: every RPC's id comes back in its trailing metadata and is on every log line
+    about it; a refused call (bytes that are not a request, a call over a concurrency limit, a call
+    whose request never came) is logged 'each with its request id'. Those refused by the admission
+    layer, before the boundary, had no id on their line and none in their trailing metadata."""
+    with grpc.insecure_channel(debug_server.target) as channel:
+        raw = channel.unary_unary("/genserve.v1.GenerationService/Sample")
+        with pytest.raises(grpc.RpcError) as malformed:
+            raw(b"\xff\xff\xff\xff", metadata=(("x-request-id", "rid-not-a-request"),), timeout=10)
+        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        never = channel.stream_unary("/genserve.v1.GenerationService/Sample")
+        release = threading.Event()  # headers only, never a request message
+        try:
+            with pytest.raises(grpc.RpcError) as timed_out:
+                never(iter(release.wait, True), metadata=(("x-request-id", "rid-no-request"),), timeout=10)
+        finally:
+            release.set()
+        assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        stub = pb_grpc.GenerationServiceStub(channel)
+        holder = stub.SampleStream(
+            pb.SampleStreamRequest(sample=pb.SampleRequest(model="slow", count=400), chunk_size=4), timeout=60
+        )
+        try:
+            next(holder)  # holds the one SampleStream slot
+            with pytest.raises(grpc.RpcError) as over:
+                next(
+                    stub.SampleStream(
+                        pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=1)),
+                        metadata=(("x-request-id", "rid-over-the-limit"),),
+                        timeout=10,
+                    )
+                )
+            assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            holder.cancel()
+    echoed = {
+        "rid-not-a-request": _trailing_id(malformed.value),
+        "rid-no-request": _trailing_id(timed_out.value),
+        "rid-over-the-limit": _trailing_id(over.value),
+    }
+    log = debug_server.log()
+    problems = [
+        f"{rid}: echoed {got!r}, in the log: {rid in log}"
+        for rid, got in echoed.items()
+        if got != rid or rid not in log
+    ]
+    assert not problems, problems
