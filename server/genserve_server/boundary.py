@@ -117,6 +117,12 @@ def request_id(context: Context) -> str:
     return rid
 
 
+def echo_request_id(context: Context) -> None:
+    """The call's request id in its trailing metadata (docs/metrics.md: every RPC's), for an RPC
+    that answers without the Boundary's per-call path (KServe's metadata and probe RPCs)."""
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id(context)),))
+
+
 def client_request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The client's `x-request-id` when it is a safe token of at most 128 characters, else None."""
     for key, value in metadata or ():
@@ -308,9 +314,12 @@ class Boundary:
     async def plain(self, context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
         """Metadata RPCs (KServe's readiness, metadata, config, statistics): the same error
         translation (an unexpected exception is INTERNAL naming the request id, its traceback in the
-        log only), no per-RPC metrics."""
+        log only), no per-RPC metrics; the request id comes back in the trailing metadata, as every
+        RPC's does (docs/metrics.md)."""
         try:
-            return await handler()
+            response = await handler()
+            echo_request_id(context)
+            return response
         except GenserveError as exc:
             await abort(context, exc, redact=self.redact)
         except grpc.aio.AbortError:

@@ -39,7 +39,7 @@ from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve_server import codecs, kserve_metadata, kserve_tensors, links, validate
 from genserve_server.batcher import BatchResult, Lane
-from genserve_server.boundary import Boundary, Context
+from genserve_server.boundary import Boundary, Context, echo_request_id
 from genserve_server.config import KINDS, Card, Kind, TensorSpec
 from genserve_server.core import Call, GenerationCore, image_batch_key
 from genserve_server.errors import GenserveError, NotFound, invalid
@@ -126,9 +126,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     # ================================================================== health and metadata
 
     async def ServerLive(self, request: kpb.ServerLiveRequest, context: Context) -> kpb.ServerLiveResponse:
+        echo_request_id(context)
         return kpb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: kpb.ServerReadyRequest, context: Context) -> kpb.ServerReadyResponse:
+        echo_request_id(context)
         return kpb.ServerReadyResponse(ready=self._server_ready())
 
     def _server_ready(self) -> bool:
@@ -161,6 +163,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: kpb.ServerMetadataRequest, context: Context
     ) -> kpb.ServerMetadataResponse:
+        echo_request_id(context)
         return kpb.ServerMetadataResponse(name="genserve", version=SERVER_VERSION, extensions=EXTENSIONS)
 
     def _model(self, name: str) -> Model:

@@ -122,3 +122,31 @@ def test_calls_refused_before_their_handler_echo_and_log_their_request_id(
         if got != rid or rid not in log
     ]
     assert not problems, problems
+
+
+def test_kserve_metadata_calls_that_succeed_return_their_request_id(
+    channel: grpc.Channel, faulty_server: ServerProcess
+) -> None:
+    """docs/metrics.md: every RPC's id comes back in the trailing metadata. KServe's probe and
+    metadata RPCs (liveness, readiness, metadata, config, statistics) returned it only when they
+    failed, or never (ServerLive, ServerReady, ServerMetadata)."""
+    from genserve.kserve import grpc_service_pb2 as kpb
+    from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+
+    stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+    calls = {
+        "ServerLive": (stub.ServerLive, kpb.ServerLiveRequest()),
+        "ServerReady": (stub.ServerReady, kpb.ServerReadyRequest()),
+        "ServerMetadata": (stub.ServerMetadata, kpb.ServerMetadataRequest()),
+        "ModelReady": (stub.ModelReady, kpb.ModelReadyRequest(name="flaky")),
+        "ModelMetadata": (stub.ModelMetadata, kpb.ModelMetadataRequest(name="flaky")),
+        "ModelConfig": (stub.ModelConfig, kpb.ModelConfigRequest(name="flaky")),
+        "ModelStatistics": (stub.ModelStatistics, kpb.ModelStatisticsRequest(name="flaky")),
+    }
+    for name, (method, request) in calls.items():
+        rid = f"kserve-{name}"
+        _, call = method.with_call(request, metadata=(("x-request-id", rid),), timeout=30)
+        assert ("x-request-id", rid) in tuple(call.trailing_metadata() or ()), (
+            name,
+            call.trailing_metadata(),
+        )
