@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -219,7 +220,8 @@ class Repository:
         # Runners of the loads in progress (not yet a version's; the fp16 parity check's sessions too):
         # `cancel_loading` aborts their model calls, so a long load-time call (the parity check, a
         # probe, warm-up) ends at once, not at its next step.
-        self._loading_runners: set[loader.Abortable] = set()
+        # Weak: a runner is aborted only while it can still run (someone holds it).
+        self._loading_runners: weakref.WeakSet[loader.Abortable] = weakref.WeakSet()
         self._loading_lock = threading.Lock()
         # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
         # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
@@ -488,11 +490,13 @@ class Repository:
 
     def _load_version(self, mv: ModelVersion) -> None:
         """Card, file, sha256, session, warm-up (loader.py). Runs on a worker thread."""
-        runners: list[loader.Abortable] = []
+        # Weak references: the fp16 parity check's sessions are dropped when the check returns, and
+        # must not stay alive (two more copies of the model) through the rest of the load.
+        runners: list[weakref.ref[loader.Abortable]] = []
 
         def opened(runner: loader.Abortable) -> None:
             with self._loading_lock:
-                runners.append(runner)
+                runners.append(weakref.ref(runner))
                 self._loading_runners.add(runner)
                 if self._stopping.is_set():
                     runner.abort()
@@ -511,7 +515,8 @@ class Repository:
             raise
         finally:
             with self._loading_lock:
-                self._loading_runners.difference_update(runners)
+                alive = (ref() for ref in runners)
+                self._loading_runners.difference_update(runner for runner in alive if runner is not None)
 
     async def close(self, timeout_s: float) -> None:
         """Drain every batcher (accepted work finishes), then stop the runners, all within timeout_s.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import shutil
 import signal
 import threading
@@ -772,3 +774,50 @@ def test_a_load_failing_as_the_server_stops_is_cancelled_naming_how_its_call_end
     with pytest.raises(LoadCancelled) as excinfo:
         repo._load_version(mv)
     assert "OSError: [Errno 5] Input/output error reading model.onnx" in str(excinfo.value), excinfo.value
+
+
+def test_the_fp16_parity_checks_sessions_are_released_before_the_versions_own_sessions_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fp16 parity check (loader.fp16_on_provider) runs the fp32 and the fp16 graph on sessions
+    of its own, which it dropped on return. Since they are told to `opened` (so that cancel_loading
+    can abort their calls), Repository._load_version kept both in its lists until the whole load
+    ended: two extra copies of the model (its device arenas on a GPU) stayed alive through the
+    version's own sessions, graph check, probe and warm-up, the load's peak memory. The repository
+    keeps them only while they can run."""
+    root = tmp_path / "models"
+    version_dir = write_gen(root, "gen", version="1", seed=0, precision="fp16")
+    data = (version_dir / "model.onnx").read_bytes()
+    (version_dir / "model.fp16.onnx").write_bytes(data)  # a twin within any parity
+    card_path = version_dir / "card.json"
+    card = json.loads(card_path.read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+    card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+    card_path.write_text(json.dumps(card))
+    repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+    repo.scan()
+    mv = repo.models["gen"].versions["1"]
+    made: list[weakref.ref[object]] = []
+
+    class Recorded(loader.SessionRunner):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(weakref.ref(self))
+
+    alive: list[int] = []
+    check_graph = loader.check_graph
+
+    def counting_check_graph(*args: object) -> None:
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        check_graph(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader, "SessionRunner", Recorded)
+    monkeypatch.setattr(loader, "check_graph", counting_check_graph)
+    repo._load_version(mv)
+    try:
+        assert mv.precision == "fp16" and len(made) == 2, (mv.precision, made)
+        assert alive == [0], f"the parity check's {alive} session runner(s) still alive at the graph check"
+    finally:
+        assert mv.runner is not None
+        mv.runner.close()
