@@ -504,6 +504,8 @@ class Repository:
         try:
             loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), self.gate, opened)
         except Exception as exc:
+            if isinstance(exc, LoadCancelled):  # stopped at a step: no call failed, nothing more to name
+                raise
             if self._stopping.is_set() and runners:  # its model call aborted (cancel_loading), most likely
                 # The failure itself is named too: one that had another cause, in the instant after
                 # SIGTERM, would otherwise leave no trace in the log (LoadCancelled is logged at info).

@@ -821,3 +821,35 @@ def test_the_fp16_parity_checks_sessions_are_released_before_the_versions_own_se
     finally:
         assert mv.runner is not None
         mv.runner.close()
+
+
+def test_a_load_cancelled_at_its_next_step_is_named_once_not_as_its_calls_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load whose runner exists, stopped by the shutdown at its next step (check_stopping raises
+    LoadCancelled, no model call failed), was wrapped in a second LoadCancelled naming the first as
+    "the load's call ended with LoadCancelled: ... loading cancelled ...": its reason and log line
+    said the cancellation twice, and that a call ended, which none did."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+    repo.scan()
+    mv = repo.models["gen"].versions["1"]
+
+    class Aborted:
+        def abort(self) -> None:
+            pass
+
+    def cancelled_load(
+        mv: ModelVersion, sc: ServerConfig, check_stopping: Callable[[], None], gate: object, opened: object
+    ) -> None:
+        opened(Aborted())  # type: ignore[operator]
+        repo.cancel_loading()
+        check_stopping()
+
+    monkeypatch.setattr(loader, "load_files", cancelled_load)
+    with pytest.raises(LoadCancelled) as excinfo:
+        repo._load_version(mv)
+    assert str(excinfo.value) == "model gen version 1: loading cancelled: the server is shutting down", (
+        excinfo.value
+    )
