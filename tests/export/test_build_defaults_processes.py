@@ -43,6 +43,12 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _default_sigint() -> None:
+    """As a terminal starts the build, whatever the tests inherited: where pytest itself runs as a
+    background job of a script (or under nohup), SIGINT is ignored here, and so in the build."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def started_build(
     tmp_path: Path, *, sigint_ignored: bool = False
@@ -73,7 +79,7 @@ def started_build(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a signal to the parent only, as `kill PID` sends it
-            preexec_fn=_ignore_sigint if sigint_ignored else None,  # noqa: PLW1509
+            preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint,  # noqa: PLW1509
         )
     children: list[int] = []
     try:
