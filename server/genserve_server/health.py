@@ -24,6 +24,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from genserve_server.boundary import echo_request_id
+
 logger = logging.getLogger(__name__)
 
 SERVER_KEY = ""
@@ -106,6 +108,15 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         async with self.__changed:
             self.__changed.notify_all()
 
+    async def Check(  # noqa: N802 - the grpc.health.v1 method's name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        """The base class's Check, its request id in the trailing metadata (docs/metrics.md: every
+        RPC's), also on its NOT_FOUND (grpc's abort without trailing metadata keeps what was set)."""
+        echo_request_id(context)
+        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
+        return response
+
     async def Watch(  # noqa: N802 - the grpc.health.v1 method's name
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
@@ -113,7 +124,8 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         drain (`server.stop(grace)`) would wait the whole grace for it with nothing else in flight.
         Once shutting down it sends NOT_SERVING (a status it has not sent yet) and ends with
         UNAVAILABLE, as a SampleStream does. The statuses are written outside the condition: a
-        watcher that reads slowly delays no `set`."""
+        watcher that reads slowly delays no `set`. Its request id comes back when it ends."""
+        echo_request_id(context)
         last: health_pb2.HealthCheckResponse.ServingStatus | None = None
         while True:
             async with self.__changed:
@@ -137,6 +149,7 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     async def List(
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthListResponse:
+        echo_request_id(context)  # also on the RESOURCE_EXHAUSTED below (grpc keeps what was set)
         statuses = dict(self.__statuses)
         if len(statuses) > MAX_LISTED_SERVICES:
             await context.abort(

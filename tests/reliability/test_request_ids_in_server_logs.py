@@ -150,3 +150,29 @@ def test_kserve_metadata_calls_that_succeed_return_their_request_id(
             name,
             call.trailing_metadata(),
         )
+
+
+def test_health_checks_return_their_request_id(channel: grpc.Channel, faulty_server: ServerProcess) -> None:
+    """docs/metrics.md: every RPC's id comes back in its trailing metadata. grpc.health.v1 Check (the
+    probe Kubernetes and load balancers call) and List returned none, answered or refused (NOT_FOUND
+    for a service the server does not know), though KServe's probes (ServerLive, ServerReady) do."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    _, call = stub.Check.with_call(
+        health_pb2.HealthCheckRequest(service=""), metadata=(("x-request-id", "health-check"),), timeout=30
+    )
+    echoed = {"health-check": dict(call.trailing_metadata() or ()).get("x-request-id")}
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.Check(
+            health_pb2.HealthCheckRequest(service="no-such-service"),
+            metadata=(("x-request-id", "health-check-unknown"),),
+            timeout=30,
+        )
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    echoed["health-check-unknown"] = _trailing_id(unknown.value)
+    _, call = stub.List.with_call(
+        health_pb2.HealthListRequest(), metadata=(("x-request-id", "health-list"),), timeout=30
+    )
+    echoed["health-list"] = dict(call.trailing_metadata() or ()).get("x-request-id")
+    assert echoed == {rid: rid for rid in echoed}, echoed

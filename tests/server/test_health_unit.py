@@ -43,7 +43,7 @@ def health_module(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
 
 def _listed(servicer: Any) -> dict[str, int]:
-    response = asyncio.run(servicer.List(health_pb2.HealthListRequest(), None))
+    response = asyncio.run(servicer.List(health_pb2.HealthListRequest(), _WatchContext()))
     return {name: answer.status for name, answer in response.statuses.items()}
 
 
@@ -51,7 +51,7 @@ def _checked(servicer: Any, names: list[str]) -> dict[str, int]:
     async def check_all() -> dict[str, int]:
         answers = {}
         for name in names:
-            response = await servicer.Check(health_pb2.HealthCheckRequest(service=name), None)
+            response = await servicer.Check(health_pb2.HealthCheckRequest(service=name), _WatchContext())
             answers[name] = response.status
         return answers
 
@@ -102,12 +102,20 @@ def test_health_list_of_a_new_servicer_is_what_check_answers(health_module: Any)
 
 
 class _WatchContext:
-    """What Watch uses of a grpc.aio.ServicerContext: the statuses written, the code and details."""
+    """What Check, List and Watch use of a grpc.aio.ServicerContext: the statuses written, the code,
+    details and trailing metadata (the request id: docs/metrics.md)."""
 
     def __init__(self) -> None:
         self.written: list[int] = []
         self.code: Any = None
         self.details = ""
+        self.trailing: tuple[tuple[str, str], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing = metadata
 
     async def write(self, response: health_pb2.HealthCheckResponse) -> None:
         self.written.append(response.status)
