@@ -311,17 +311,23 @@ class Boundary:
         finally:
             self.end(call)
 
-    async def plain(self, context: Context, handler: Callable[[], Awaitable[Resp]]) -> Resp:
+    async def plain(
+        self, context: Context, handler: Callable[[], Awaitable[Resp]], method: str = "metadata"
+    ) -> Resp:
         """Metadata RPCs (KServe's readiness, metadata, config, statistics): the same error
         translation (an unexpected exception is INTERNAL naming the request id, its traceback in the
-        log only), no per-RPC metrics; the request id comes back in the trailing metadata, as every
-        RPC's does (docs/metrics.md)."""
+        log only) and refusal lines (`method`: the RPC's name on them), no per-RPC metrics; the
+        request id comes back in the trailing metadata, as every RPC's does (docs/metrics.md)."""
         try:
             response = await handler()
             echo_request_id(context)
             return response
         except GenserveError as exc:
-            await abort(context, exc, redact=self.redact)
+            rid = request_id(context)
+            self._refusals.log(
+                (method, exc.code), "request_id=%s method=%s code=%s: %s", rid, method, exc.code.name, exc
+            )
+            await abort(context, exc, ((REQUEST_ID_KEY, rid),), self.redact)
         except grpc.aio.AbortError:
             raise
         except Exception:

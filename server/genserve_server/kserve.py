@@ -158,7 +158,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             # version asked for (by default the one a request naming no version gets).
             return kpb.ModelReadyResponse(ready=links.serves(self.repo, mv))
 
-        return await self.boundary.plain(context, handle)
+        return await self.boundary.plain(context, handle, "ModelReady")
 
     async def ServerMetadata(
         self, request: kpb.ServerMetadataRequest, context: Context
@@ -204,7 +204,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 outputs=tensors(card.outputs),
             )
 
-        return await self.boundary.plain(context, handle)
+        return await self.boundary.plain(context, handle, "ModelMetadata")
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest, context: Context) -> kpb.ModelConfigResponse:
         async def handle() -> kpb.ModelConfigResponse:
@@ -215,7 +215,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 config=kserve_metadata.model_config(mv, self._max_rows(mv)[0], policy)
             )
 
-        return await self.boundary.plain(context, handle)
+        return await self.boundary.plain(context, handle, "ModelConfig")
 
     # ================================================================== statistics
 
@@ -236,7 +236,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 model_stats=[kserve_metadata.statistics(mv) for mv in versions]
             )
 
-        return await self.boundary.plain(context, handle)
+        return await self.boundary.plain(context, handle, "ModelStatistics")
 
     # ================================================================== ModelInfer
 

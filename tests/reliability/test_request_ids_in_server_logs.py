@@ -176,3 +176,27 @@ def test_health_checks_return_their_request_id(channel: grpc.Channel, faulty_ser
     )
     echoed["health-list"] = dict(call.trailing_metadata() or ()).get("x-request-id")
     assert echoed == {rid: rid for rid in echoed}, echoed
+
+
+def test_kserve_metadata_calls_refused_log_their_request_id(debug_server: ServerProcess) -> None:
+    """docs/metrics.md: a refused call (an unknown model among them) is logged, the first of its
+    kind at info and the others at debug, 'each with its request id'. KServe's ModelMetadata,
+    ModelConfig and ModelStatistics refused NOT_FOUND with no log line at all, at any level: the
+    id a client quotes was nowhere in the log (genserve.v1 GetModel's refusal has its line)."""
+    from genserve.kserve import grpc_service_pb2 as kpb
+    from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+
+    with grpc.insecure_channel(debug_server.target) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        calls = {
+            "ModelMetadata": (stub.ModelMetadata, kpb.ModelMetadataRequest(name="no-such-model")),
+            "ModelConfig": (stub.ModelConfig, kpb.ModelConfigRequest(name="no-such-model")),
+            "ModelStatistics": (stub.ModelStatistics, kpb.ModelStatisticsRequest(name="no-such-model")),
+        }
+        for name, (method, request) in calls.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                method(request, metadata=(("x-request-id", f"rid-refused-{name}"),), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND, name
+    log = debug_server.log()
+    missing = [name for name in calls if f"rid-refused-{name}" not in log]
+    assert not missing, f"refused KServe calls not in the server log: {missing}"
