@@ -260,6 +260,19 @@ def _invalid(stub: kpb_grpc.GRPCInferenceServiceStub, request: kpb.ModelInferReq
     return details
 
 
+class _ProbeContext:
+    """What ServerReady uses of a grpc.aio.ServicerContext: it echoes the request id (docs/metrics.md)."""
+
+    def __init__(self) -> None:
+        self.trailing: tuple[tuple[str, str], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing = metadata
+
+
 def _z_request(model: str, shape: list[int], data: bytes) -> kpb.ModelInferRequest:
     return kpb.ModelInferRequest(
         model_name=model,
@@ -524,7 +537,7 @@ def test_server_ready_waits_for_startup_loading_like_grpc_health(tmp_path: Path)
             seen: list[bool] = []
 
             async def ready() -> bool:
-                response = await service.ServerReady(kpb.ServerReadyRequest(), None)  # type: ignore[arg-type]
+                response = await service.ServerReady(kpb.ServerReadyRequest(), _ProbeContext())  # type: ignore[arg-type]
                 return bool(response.ready)
 
             # After each model's load (main.py's health listener runs at this same point).
@@ -729,7 +742,7 @@ def test_server_ready_answers_what_the_health_check_answers(tmp_path: Path) -> N
             answers = []
             for serving in (False, True):
                 health["serving"] = serving
-                response = await service.ServerReady(kpb.ServerReadyRequest(), None)  # type: ignore[arg-type]
+                response = await service.ServerReady(kpb.ServerReadyRequest(), _ProbeContext())  # type: ignore[arg-type]
                 answers.append(bool(response.ready))
             await repo.close(1)
             return answers
