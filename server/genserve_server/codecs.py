@@ -552,14 +552,29 @@ def decode_image(
     image_format = _image_format(fmt, field)
     if image_format in (ImageFormat.UNSPECIFIED, *_ENCODED):
         return _decode_encoded(data, image_format, max_pixels, field, limit_name)
-    channels, height, width = _raw_dims(data, image_format, shape, max_pixels, field, limit_name)
     if image_format == ImageFormat.RAW_UINT8:
+        channels, height, width = _raw_dims(data, image_format, shape, max_pixels, field, limit_name)
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
-    tensor = np.frombuffer(data, dtype="<f4").reshape(channels, height, width)
+    tensor = tensor_view(data, shape, max_pixels=max_pixels, field=field, limit_name=limit_name)
     if not np.isfinite(tensor).all():
         bad = int(np.size(tensor) - np.count_nonzero(np.isfinite(tensor)))
         raise invalid(field, f"TENSOR_F32 must be finite, found {bad} NaN/Inf values")
-    return tensor.astype(np.float32, copy=False)
+    return tensor
+
+
+def tensor_view(
+    data: bytes,
+    shape: Sequence[int],
+    *,
+    max_pixels: int,
+    field: str,
+    limit_name: str = "max_input_pixels",
+) -> F32Array:
+    """A TENSOR_F32 image as decode_image gives it (a read-only float32 [C, H, W] view of `data`),
+    its shape, pixels and byte count refused as there, its values not checked: for bytes whose values
+    decode_image has checked already (immutable bytes: no full pass over them a second time)."""
+    channels, height, width = _raw_dims(data, ImageFormat.TENSOR_F32, shape, max_pixels, field, limit_name)
+    return np.frombuffer(data, dtype="<f4").reshape(channels, height, width).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------

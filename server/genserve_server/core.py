@@ -865,10 +865,17 @@ class GenerationCore:
         limit_name: str,
     ) -> list[np.ndarray]:
         """Decode `images` of the `sizes` they declare (declared_sizes), which the call's working set
-        was sized from: codecs refuses an image its decoder reads at another size, and so does this."""
+        was sized from: codecs refuses an image its decoder reads at another size, and so does this.
+        A TENSOR_F32's values, which declared_sizes checked, are not checked again."""
         assert mv.card is not None
         arrays = await self.codec.decode(
-            mv.metrics, images, mv.card, max_pixels, timing=call.timing, limit_name=limit_name
+            mv.metrics,
+            images,
+            mv.card,
+            max_pixels,
+            timing=call.timing,
+            limit_name=limit_name,
+            values_checked=True,
         )
         for i, (chw, (h, w)) in enumerate(zip(arrays, sizes, strict=True)):
             if chw.shape[1:] != (h, w):

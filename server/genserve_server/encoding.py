@@ -191,7 +191,8 @@ def declared_sizes(
     would refuse it before decoding (codecs.checked_size), without decoding: decode_sync gives back
     float32 [card.input_channels, H, W] of these sizes. A TENSOR_F32 image, which decodes to a view
     of its bytes, is checked as decode_sync checks it (finite, in the card's input_range): what no
-    wait for memory could make valid is refused before the call waits for it. A header (or chunk)
+    wait for memory could make valid is refused before the call waits for it, and the decode after
+    the wait (decode_sync's values_checked) does not check it again. A header (or chunk)
     walk each, a TENSOR_F32's values: on the pool (Codec.declared_sizes)."""
     assert card.input_range is not None
     sizes = []
@@ -229,24 +230,35 @@ def decode_sync(
     max_pixels: int,
     field_prefix: str,
     limit_name: str = "max_input_pixels",
+    values_checked: bool = False,
 ) -> list[np.ndarray]:
     """Input images -> float32 [C, H, W] in the card's input_range with the model's channels;
-    `limit_name`: what `max_pixels` is called in a refusal (Limits.input_pixels)."""
+    `limit_name`: what `max_pixels` is called in a refusal (Limits.input_pixels); `values_checked`:
+    declared_sizes has checked these images (a TENSOR_F32's values, finite and in input_range, are
+    not passed over again: its bytes are the same)."""
     assert card.input_range is not None and card.input_channels is not None
     arrays = []
     for i, image in enumerate(images):
         name = f"{field_prefix}[{i}]"
         _check_input_channels(card, name)
-        decoded = codecs.decode_image(
-            image.data,
-            image.format,
-            list(image.shape),
-            max_pixels=max_pixels,
-            field=name,
-            limit_name=limit_name,
-        )
+        decoded: np.ndarray
+        if values_checked and image.format == ImageFormat.TENSOR_F32:
+            # Its values were checked before the call's wait: one full pass over them, not two.
+            decoded = codecs.tensor_view(
+                image.data, list(image.shape), max_pixels=max_pixels, field=name, limit_name=limit_name
+            )
+        else:
+            decoded = codecs.decode_image(
+                image.data,
+                image.format,
+                list(image.shape),
+                max_pixels=max_pixels,
+                field=name,
+                limit_name=limit_name,
+            )
+            if image.format == ImageFormat.TENSOR_F32:
+                validate.input_range(decoded, card.input_range, name)
         if image.format == ImageFormat.TENSOR_F32:
-            validate.input_range(decoded, card.input_range, name)
             chw = codecs.convert_channels(decoded.astype(np.float32, copy=False), card.input_channels)
         else:
             chw = codecs.from_uint8(
@@ -307,15 +319,16 @@ class Codec:
         field_prefix: str = "images",
         timing: CallTiming | None = None,
         limit_name: str = "max_input_pixels",
+        values_checked: bool = False,
     ) -> list[np.ndarray]:
         """`timing`: the call's, which counts this as its compute_input (KServe statistics);
-        `limit_name`: what `max_pixels` is called in a refusal."""
+        `limit_name`: what `max_pixels` is called in a refusal; `values_checked`: as decode_sync's."""
         started = time.monotonic()
         if decodes_inline(images):
-            arrays = decode_sync(images, card, max_pixels, field_prefix, limit_name)
+            arrays = decode_sync(images, card, max_pixels, field_prefix, limit_name, values_checked)
         else:
             arrays = await run_off_loop(
-                self.pool, decode_sync, images, card, max_pixels, field_prefix, limit_name
+                self.pool, decode_sync, images, card, max_pixels, field_prefix, limit_name, values_checked
             )
         elapsed_s = time.monotonic() - started
         metrics.decode_duration.observe(elapsed_s)

@@ -72,13 +72,11 @@ def bad_images(input_range: tuple[float, float]) -> list[tuple[str, tpb.Image, s
     ]
 
 
-@pytest.mark.parametrize("rpc", ["SuperResolve", "Translate"])
-def test_an_image_no_wait_could_make_valid_is_refused_while_the_working_set_is_held(
-    tmp_path: Path, rpc: str
-) -> None:
+def write_image_model(root: Path, rpc: str) -> tuple[str, dict[str, Any]]:
+    """Model "m" that `rpc` (SuperResolve or Translate) serves: its kind and card."""
     if rpc == "SuperResolve":
         kind, graph = "super_resolution", super_resolution_graph(2)
-        card = {
+        card: dict[str, Any] = {
             "channels": 3,
             "input_channels": 3,
             "input_range": [0.0, 1.0],
@@ -94,9 +92,17 @@ def test_an_image_no_wait_could_make_valid_is_refused_while_the_working_set_is_h
             "size_multiple": 4,
             "min_size": 4,
         }
-    write_model(tmp_path, "m", kind, graph, card, config={"batching": {"max_batch_size": 4}})
+    write_model(root, "m", kind, graph, card, config={"batching": {"max_batch_size": 4}})
+    return kind, card
+
+
+@pytest.mark.parametrize("rpc", ["SuperResolve", "Translate"])
+def test_an_image_no_wait_could_make_valid_is_refused_while_the_working_set_is_held(
+    tmp_path: Path, rpc: str
+) -> None:
+    kind, card = write_image_model(tmp_path, rpc)
     out = validate.output_spec(PNG, 0, None, False)
-    low, high = card["input_range"]  # type: ignore[misc]
+    low, high = card["input_range"]
     cases = bad_images((low, high))
 
     async def body(repo: Repository, core: GenerationCore) -> None:
@@ -129,3 +135,50 @@ def test_an_image_no_wait_could_make_valid_is_refused_while_the_working_set_is_h
         )
 
     run_with_core(tmp_path, body)
+
+
+@pytest.mark.parametrize("side", [SIDE, 128], ids=["inline", "on the pool"])
+@pytest.mark.parametrize("rpc", ["SuperResolve", "Translate"])
+def test_a_tensor_f32_image_is_checked_once_before_the_working_set_not_again_when_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rpc: str, side: int
+) -> None:
+    """declared_sizes checks a TENSOR_F32's values (finite, in input_range) before the call waits for
+    its working set; the decode after the wait reads the same immutable bytes and does not pass over
+    them again (each check is a full pass over the tensor)."""
+    kind, card = write_image_model(tmp_path, rpc)
+    out = validate.output_spec(TENSOR, 0, None, False)
+    low, high = card["input_range"]
+    values = np.linspace(low, high, 3 * side * side, dtype=np.float32).reshape(3, side, side)
+    finite_checks: list[str] = []
+    range_checks: list[str] = []
+    decode_image, input_range = codecs.decode_image, validate.input_range
+
+    def counted_decode(data: bytes, fmt: int, shape: Any, **kwargs: Any) -> Any:
+        if fmt == TENSOR:  # decode_image checks a TENSOR_F32 is finite
+            finite_checks.append(kwargs["field"])
+        return decode_image(data, fmt, shape, **kwargs)
+
+    def counted_range(tensor: np.ndarray, value_range: tuple[float, float], field: str) -> None:
+        range_checks.append(field)
+        input_range(tensor, value_range, field)
+
+    monkeypatch.setattr(codecs, "decode_image", counted_decode)
+    monkeypatch.setattr(validate, "input_range", counted_range)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call(rpc, "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+        mv = core.resolve(call, "m", "", (kind,), rpc)
+        try:
+            done = (
+                await core.upscale(mv, call, [tensor(values)], 0, None, out)
+                if rpc == "SuperResolve"
+                else await core.translate(mv, call, [tensor(values)], out)
+            )
+        finally:
+            if call.response is not None:
+                call.response.release()
+        scale = card.get("scale_factor", 1)
+        assert list(done.images[0].shape) == [3, side * scale, side * scale]
+
+    run_with_core(tmp_path, body)
+    assert (finite_checks, range_checks) == (["images[0]"], ["images[0]"])
