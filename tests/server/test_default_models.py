@@ -313,3 +313,224 @@ def test_cpu_fallback_is_one_warning_for_the_whole_server(
     fallback = [line for line in warnings if "no GPU provider works here" in line]
     assert len(fallback) == 1, warnings
     assert not [line for line in warnings if "session runs on" in line], warnings
+
+
+# ---------------------------------------------------------------------- the server's output is the graph's
+#
+# The tests above check shapes; these check values: the server's TENSOR_F32 answer (the graph's float32
+# output as it left the graph, no codec) for a fixed input equals ONNX Runtime run directly on the same
+# model.onnx with the same input tensors, derived as the server derives them (latents.py from seeds,
+# style_sampling's w broadcast, code_sampling's documented draw). Bit for bit: the reference session runs
+# on one intra-op thread, which splits no kernel's sums, and the server promises a row the same bits alone
+# or in any batch on any of its CPU sessions (loader.check_rows warns where it cannot).
+
+
+def _graph(name: str, version: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        str(MODELS_DIR / name / version / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _served_on_cpu(m: pb.ModelInfo) -> str:
+    v = m.versions[-1]
+    if v.execution_provider != "CPUExecutionProvider" or v.precision != "fp32":
+        pytest.skip(
+            f"{m.name} runs {v.precision} on {v.execution_provider}: not bit-comparable to the CPU graph"
+        )
+    return v.version
+
+
+def _tensors(images: Any) -> np.ndarray:
+    return np.stack([tensor_of(g.image if hasattr(g, "image") else g) for g in images])
+
+
+SEEDS = [1, 2, 3]
+
+
+@pytest.mark.parametrize("model", models_of("generator", "conditional_generator", "vae_decoder"))
+def test_sample_answers_the_graphs_own_output_for_the_seeds_latents(
+    stub: pb_grpc.GenerationServiceStub, model: str
+) -> None:
+    from genserve_server.latents import latents_for_seeds
+
+    m = info(stub, model)
+    version = _served_on_cpu(m)
+    labels = [3, 1, 4][: len(SEEDS)] if m.class_names else []
+    for psi in (None, 0.7):
+        request = pb.SampleRequest(model=model, seeds=SEEDS, labels=labels, output=F32)
+        if psi is not None:
+            request.truncation_psi = psi
+        served = _tensors(stub.Sample(request).images)
+        feeds: dict[str, np.ndarray] = {
+            "z": latents_for_seeds(SEEDS, m.latent_dim, None if psi is None else float(np.float32(psi)))
+        }
+        if labels:
+            feeds["label"] = np.asarray(labels, np.int64)
+        (expected,) = _graph(model, version).run(["image"], feeds)
+        assert served.dtype == expected.dtype and served.shape == expected.shape
+        np.testing.assert_array_equal(served, expected, err_msg=f"{model} psi={psi}")
+
+
+@pytest.mark.parametrize("model", models_of("style_generator"))
+def test_style_sample_answers_the_mapping_and_synthesis_graphs_own_output(
+    stub: pb_grpc.GenerationServiceStub, model: str
+) -> None:
+    from genserve_server.latents import latents_for_seeds
+
+    m = info(stub, model)
+    c = card(stub, model)
+    version = _served_on_cpu(m)
+    mapping_name = json.loads((MODELS_DIR / model / "config.json").read_text())["mapping"]
+    mapping = info(stub, mapping_name)
+    served = _tensors(stub.Sample(pb.SampleRequest(model=model, seeds=SEEDS, output=F32)).images)
+    z = latents_for_seeds(SEEDS, m.latent_dim)
+    (w,) = _graph(mapping_name, _served_on_cpu(mapping)).run(["w"], {"z": z})
+    ws = np.repeat(w[:, np.newaxis, :], int(c["num_layers"]), axis=1)  # type: ignore[call-overload]
+    (expected,) = _graph(model, version).run(["image"], {"ws": ws})
+    np.testing.assert_array_equal(served, expected)
+
+
+@pytest.mark.parametrize("model", models_of("vae_encoder"))
+def test_encode_answers_the_graphs_own_mu_and_logvar(stub: pb_grpc.GenerationServiceStub, model: str) -> None:
+    from genserve_server.latents import eps_for_seeds
+
+    m = info(stub, model)
+    c = card(stub, model)
+    version = _served_on_cpu(m)
+    h, w = c["image_size"]  # type: ignore[misc]
+    lo, hi = c["input_range"]  # type: ignore[misc]
+    x = np.random.default_rng(5).uniform(lo, hi, (2, int(c["input_channels"]), h, w)).astype("<f4")  # type: ignore[call-overload]
+    images = [tpb.Image(format=tpb.IMAGE_FORMAT_TENSOR_F32, data=i.tobytes(), shape=i.shape) for i in x]
+    response = stub.Encode(pb.EncodeRequest(model=model, images=images, sample=True, seed=7))
+    mu, logvar = _graph(model, version).run(["mu", "logvar"], {"image": x})
+    got = {
+        k: np.stack([np.frombuffer(getattr(d, k).data, "<f4") for d in response.latents])
+        for k in ("mu", "logvar", "z")
+    }
+    np.testing.assert_array_equal(got["mu"], mu.reshape(2, -1))
+    np.testing.assert_array_equal(got["logvar"], logvar.reshape(2, -1))
+    eps = eps_for_seeds([7, 8], mu.shape[1])
+    np.testing.assert_array_equal(got["z"], (mu + np.exp(logvar / 2) * eps).astype(np.float32))
+
+
+def _image_request_input(c: dict[str, object], h: int, w: int, seed: int) -> np.ndarray:
+    lo, hi = c["input_range"]  # type: ignore[misc]
+    channels = int(c["input_channels"])  # type: ignore[call-overload]
+    return np.random.default_rng(seed).uniform(lo, hi, (channels, h, w)).astype("<f4")
+
+
+@pytest.mark.parametrize("model", models_of("super_resolution", "image_to_image", "two_way_translator"))
+def test_image_rpcs_answer_the_graphs_own_output_for_an_untiled_unpadded_image(
+    stub: pb_grpc.GenerationServiceStub, model: str
+) -> None:
+    m = info(stub, model)
+    c = card(stub, model)
+    version = _served_on_cpu(m)
+    multiple = int(c["size_multiple"] or 1)  # type: ignore[call-overload]
+    # Sides a multiple of the model's (no padding) and below a tile (SuperResolve: one tile).
+    h, w = 2 * max(multiple, 16), 3 * max(multiple, 16)
+    x = _image_request_input(c, h, w, 6)
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_TENSOR_F32, data=x.tobytes(), shape=x.shape)
+    session = _graph(model, version)
+    if m.kind == "super_resolution":
+        response = stub.SuperResolve(pb.ImageRequest(model=model, images=[image], output=F32))
+        assert list(response.tiles) == [1]
+        (expected,) = session.run(["output_image"], {"image": x[np.newaxis]})
+        np.testing.assert_array_equal(tensor_of(response.images[0]), expected[0])
+        return
+    directions = [(pb.DIRECTION_A_TO_B, 0)] + ([(pb.DIRECTION_B_TO_A, 1)] if c.get("domains") else [])
+    for direction, graph_direction in directions:
+        response = stub.Translate(
+            pb.ImageRequest(model=model, images=[image], output=F32, direction=direction)
+        )
+        feeds = {"image": x[np.newaxis]}
+        if c.get("domains"):
+            feeds["direction"] = np.array([graph_direction], np.int64)
+        (expected,) = session.run(["output_image"], feeds)
+        np.testing.assert_array_equal(
+            tensor_of(response.images[0]), expected[0], err_msg=f"direction {direction}"
+        )
+
+
+def _code_draws(seed: int, positions: int, stream: int) -> np.ndarray:
+    """u of positions 0..positions-1 of a seed's code stream, as genserve.proto's code-sampling spec says."""
+    from genserve_server.latents import philox4x32_10
+
+    counter = np.zeros((positions, 4), np.uint32)
+    counter[:, 0] = np.arange(positions)
+    counter[:, 1] = stream
+    key = np.array([seed & 0xFFFFFFFF, seed >> 32], np.uint32)
+    words = philox4x32_10(counter, key[np.newaxis])
+    return (words[:, 0].astype(np.float64) + 0.5) / 2.0**32
+
+
+def _check_grid_was_drawn_from_the_graph(
+    session: ort.InferenceSession, codes: np.ndarray, feeds: dict[str, np.ndarray], u: np.ndarray, t: float
+) -> None:
+    """Each code of `codes` [H, W] is the documented draw from the prior's logits on the grid before it."""
+    height, width = codes.shape
+    n = height * width
+    flat = codes.reshape(-1)
+    prefixes = np.zeros((n, height, width), np.int64)
+    for p in range(n):
+        prefixes[p].reshape(-1)[:p] = flat[:p]
+    batch = {"codes": prefixes, **{k: np.repeat(v, n, axis=0) for k, v in feeds.items()}}
+    (logits,) = session.run(["logits"], batch)
+    positions = np.arange(n)
+    at = logits[positions, :, positions // width, positions % width].astype(np.float64) / t
+    weights = np.exp(at - at.max(axis=1, keepdims=True))
+    cumulative = np.cumsum(weights, axis=1)
+    drawn = np.argmax(cumulative > (u * cumulative[:, -1])[:, np.newaxis], axis=1)
+    np.testing.assert_array_equal(flat, drawn)
+
+
+@pytest.mark.parametrize("model", models_of("code_prior"))
+def test_sample_codes_draws_from_the_priors_graph_and_answers_the_decoders_own_output(
+    stub: pb_grpc.GenerationServiceStub, model: str
+) -> None:
+    m = info(stub, model)
+    c = card(stub, model)
+    config = json.loads((MODELS_DIR / model / "config.json").read_text())
+    seed, label = 11, 2
+    labels = [label] if m.class_names else []
+    response = stub.SampleCodes(
+        pb.SampleCodesRequest(model=model, seeds=[seed], labels=labels, output=F32, return_codes=True)
+    )
+    codes = np.frombuffer(response.codes[0].data, "<i8").reshape(tuple(response.codes[0].shape))
+    tops = (
+        np.frombuffer(response.top_codes[0].data, "<i8").reshape(tuple(response.top_codes[0].shape))
+        if response.top_codes
+        else None
+    )
+    temperature = float(np.float32(config.get("sampling", {}).get("temperature", 1.0)))
+    feeds: dict[str, np.ndarray] = {}
+    if labels:
+        feeds["label"] = np.array([label], np.int64)
+    if tops is not None:
+        feeds["top_codes"] = tops[np.newaxis]
+    u = _code_draws(seed, codes.size, 1 if c.get("top_grid") else 0)
+    _check_grid_was_drawn_from_the_graph(_graph(model, _served_on_cpu(m)), codes, feeds, u, temperature)
+    if tops is not None and config.get("top_prior"):
+        top_name = config["top_prior"]
+        top_feeds = {"label": np.array([label], np.int64)} if info(stub, top_name).class_names else {}
+        top_session = _graph(top_name, _served_on_cpu(info(stub, top_name)))
+        top_t = float(
+            np.float32(
+                json.loads((MODELS_DIR / top_name / "config.json").read_text())
+                .get("sampling", {})
+                .get("temperature", 1.0)
+            )
+        )
+        _check_grid_was_drawn_from_the_graph(
+            top_session, tops, top_feeds, _code_draws(seed, tops.size, 0), top_t
+        )
+    if config.get("decoder"):
+        decoder = info(stub, config["decoder"])
+        decoder_feeds = {"codes": codes[np.newaxis]}
+        if tops is not None:
+            decoder_feeds["top_codes"] = tops[np.newaxis]
+        (expected,) = _graph(decoder.name, _served_on_cpu(decoder)).run(["image"], decoder_feeds)
+        np.testing.assert_array_equal(tensor_of(response.images[0].image), expected[0])
