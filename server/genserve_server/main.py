@@ -15,11 +15,19 @@ from), health NOT_SERVING, `server.stop(grace)` (the port is released, no new RP
 calls finish), batchers drain, pools shut down (off the event loop; model calls still computing at
 the grace's end are aborted: Repository.close), the health listener closes, exit 0. SIGHUP
 rescans the model repository (reload.py): new versions load in the background, retired ones drain.
-The console script and `python -m genserve_server` enter through __main__.py, which holds those
-signals during the imports below (start_signals.py): serve() acts on what it held.
+The console script, `python -m genserve_server` and `python -m genserve_server.main` enter through
+__main__.py, which holds those signals during the imports below (start_signals.py): serve() acts on
+what it held.
 """
 
+# ruff: noqa: E402
+# (the entry below comes before the imports it holds the signals for)
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m genserve_server.main`: the entry the console script has, first
+    from genserve_server.__main__ import main as _entry
+
+    raise SystemExit(_entry())
 
 import argparse
 import asyncio
@@ -795,7 +803,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GenserveError as exc:
         sys.stderr.write(f"genserve-server: {exc}\n")
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

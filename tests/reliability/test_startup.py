@@ -319,21 +319,26 @@ def _grpc_imported(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 @pytest.mark.parametrize("moment", ["while importing", "after the first log line"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.parametrize("module", ["genserve_server", "genserve_server.main"])
 def test_a_signal_early_in_start_up_stops_cleanly_or_waits_for_the_scan(
-    tmp_path: Path, sig: signal.Signals, moment: str
+    tmp_path: Path, sig: signal.Signals, moment: str, module: str
 ) -> None:
     """A signal before serve() had installed the event loop's handlers (the server's imports take
     half a second, building the App more) acted by default: SIGINT a KeyboardInterrupt traceback,
     SIGTERM exit -15 and SIGHUP exit -1, none of them drained. Now SIGTERM/SIGINT stop the start-up
     (exit 0, no traceback, no ready file) and a SIGHUP before the start-up scan changes nothing:
-    the server comes up (the scan reads the repository after it) and stops on SIGTERM with 0."""
+    the server comes up (the scan reads the repository after it) and stops on SIGTERM with 0.
+    `python -m genserve_server.main` starts the same server, so it holds them the same way."""
     models = tmp_path / "models"
     write_gen(models, "gen")
     ready = tmp_path / "ready.json"
     log_path = tmp_path / "stderr.log"
+    command = genserve_command(models, "--log-level", "INFO")
+    assert command[1:3] == ["-m", "genserve_server"]
+    command[2] = module
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*genserve_command(models, "--log-level", "INFO"), "--ready-file", str(ready)],
+            [*command, "--ready-file", str(ready)],
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
