@@ -25,7 +25,7 @@ from genserve_server.accept import at_call_end
 from genserve_server.batch_parts import count_once
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
-from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument
+from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument, clip_message
 from genserve_server.idle_spin import IdleSpin, run_off_loop
 from genserve_server.metrics import Metrics
 from genserve_server.wire import OFF_LOOP_BYTES, serialize
@@ -42,6 +42,12 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+-]+")
 # client's flood of bad calls (an unknown model, an invalid field, bytes that are not a request, a
 # call over a concurrency limit) must not write the log at will; the metrics count every one.
 REFUSAL_LOG_INTERVAL_S = 10.0
+
+# A method name that is written into a log line as it is; any other (the client's :path, which could
+# forge a `key=value` field) is written as its repr.
+_PLAIN_METHOD = re.compile(r"/[A-Za-z0-9._]+/[A-Za-z0-9_]+")
+# The refusal lines' key of every method no servicer has: the names are the client's, the keys a bounded set.
+UNKNOWN_METHOD = "unknown method"
 
 # The id request_id() chose for a call, with its context, in the call's task: every line and status
 # about one call (the admission layer's refusals, then the boundary's) carries the same id, also one
@@ -334,6 +340,46 @@ class Boundary:
             rid = request_id(context)
             logger.exception("request_id=%s metadata RPC failed with an unexpected error", rid)
             await abort(context, Internal(f"internal error (request id {rid})"), ((REQUEST_ID_KEY, rid),))
+
+    async def unknown_method(self, method: str, context: Context) -> NoReturn:
+        """A method no servicer has: UNIMPLEMENTED naming it, as gRPC's own answer ('Method not
+        found!') but with the call's request id in its trailing metadata and on a refusal line
+        (docs/metrics.md: every RPC's), throttled like the others (one kind for all such methods)."""
+        rid = request_id(context)
+        shown = method if _PLAIN_METHOD.fullmatch(method) else repr(clip_message(method))
+        self._refusals.log(
+            (UNKNOWN_METHOD, "UNIMPLEMENTED"),
+            "request_id=%s method=%s code=UNIMPLEMENTED: no service of this server has the method",
+            rid,
+            shown,
+        )
+        remaining_s = context.time_remaining()
+        if remaining_s is not None and remaining_s <= 0:
+            raise asyncio.CancelledError  # gRPC has ended it already (as abort)
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            clip_message(f"method {method} not found: no service of this server has it"),
+            trailing_metadata=((REQUEST_ID_KEY, rid),),
+        )
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+class UnknownMethods(grpc.GenericRpcHandler):
+    """Registered after every servicer, straight on the server (no admission: it reads nothing and
+    computes nothing): any method not handled before it is Boundary.unknown_method."""
+
+    def __init__(self, boundary: Boundary) -> None:
+        self._boundary = boundary
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method
+        boundary = self._boundary
+
+        async def unimplemented(request_iterator: object, context: Context) -> None:
+            await boundary.unknown_method(method, context)
+
+        # Stream-stream whatever the client's kind: the server reads no message of any call.
+        return grpc.stream_stream_rpc_method_handler(unimplemented)
 
 
 def _past_deadline(call: Call) -> bool:

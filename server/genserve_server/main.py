@@ -39,7 +39,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server import accept, event_loop, kserve, probe, security, start_signals, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
-from genserve_server.boundary import Boundary
+from genserve_server.boundary import Boundary, UnknownMethods, echo_request_id
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError
@@ -139,6 +139,16 @@ SERVICE_NAMES = (
     kserve.service_name(),
     reflection.SERVICE_NAME,
 )
+
+
+class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[misc]
+    """grpc's reflection servicer, its calls' request ids in their trailing metadata (docs/metrics.md:
+    every RPC's)."""
+
+    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        echo_request_id(context)
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            yield response
 
 
 class JsonFormatter(logging.Formatter):
@@ -337,8 +347,12 @@ class App:
             )
         # Through the registrar (enable_server_reflection needs the server itself): admitted as control.
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(SERVICE_NAMES), registrar
+            _ReflectionServicer(SERVICE_NAMES), registrar
         )
+        # Last: a method none of the above has is UNIMPLEMENTED with its request id (boundary.py).
+        self.server.add_generic_rpc_handlers((UnknownMethods(self.boundary),))
+        if self.health_server is not None:
+            self.health_server.add_generic_rpc_handlers((UnknownMethods(self.boundary),))
         # Made before start()'s scan: its watch compares against the repository as scanned, so what
         # is published while start-up loads is rescanned once serving.
         self.reloader = Reloader(

@@ -200,3 +200,49 @@ def test_kserve_metadata_calls_refused_log_their_request_id(debug_server: Server
     log = debug_server.log()
     missing = [name for name in calls if f"rid-refused-{name}" not in log]
     assert not missing, f"refused KServe calls not in the server log: {missing}"
+
+
+def test_a_method_no_service_has_is_unimplemented_and_echoes_and_logs_its_request_id(
+    debug_server: ServerProcess,
+) -> None:
+    """docs/metrics.md: every RPC gets a request id, returned in its trailing metadata and on the log
+    line about it. A method no servicer has (a client of another version, a typo) got gRPC's own
+    UNIMPLEMENTED 'Method not found!': no id back, no line at any level."""
+    methods = {
+        "rid-unknown-method": "/genserve.v1.GenerationService/NoSuchMethod",
+        "rid-unknown-service": "/no.such.v1.Service/Do",
+    }
+    with grpc.insecure_channel(debug_server.target) as channel:
+        for rid, method in methods.items():
+            with pytest.raises(grpc.RpcError) as unary:
+                channel.unary_unary(method)(b"\x08\x01", metadata=(("x-request-id", rid),), timeout=30)
+            assert unary.value.code() == grpc.StatusCode.UNIMPLEMENTED, unary.value
+            assert method in (unary.value.details() or ""), unary.value.details()  # type: ignore[attr-defined]
+            assert _trailing_id(unary.value) == rid
+        streamed = channel.stream_stream(methods["rid-unknown-service"])(
+            iter([b"", b""]), metadata=(("x-request-id", "rid-unknown-stream"),), timeout=30
+        )
+        with pytest.raises(grpc.RpcError) as stream:
+            list(streamed)
+        assert stream.value.code() == grpc.StatusCode.UNIMPLEMENTED, stream.value
+        assert _trailing_id(stream.value) == "rid-unknown-stream"
+    log = debug_server.log()
+    missing = [rid for rid in [*methods, "rid-unknown-stream"] if rid not in log]
+    assert not missing, f"calls of unknown methods not in the server log: {missing}"
+
+
+def test_server_reflection_returns_its_request_id(debug_server: ServerProcess) -> None:
+    """docs/metrics.md: every RPC's id comes back in its trailing metadata; server reflection's
+    (grpcurl, Postman) returned none."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(debug_server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+            metadata=(("x-request-id", "rid-reflection"),),
+            timeout=30,
+        )
+        responses = list(call)
+        assert responses and responses[0].HasField("list_services_response")
+        assert dict(call.trailing_metadata() or ()).get("x-request-id") == "rid-reflection"
