@@ -705,6 +705,32 @@ def test_a_model_file_that_is_not_a_regular_file_is_named_as_such_not_as_missing
         with_repo(root, check)
 
 
+def test_an_fp16_twin_that_is_not_a_regular_file_is_named_not_read_as_absent(tmp_path: Path) -> None:
+    """A FIFO or a directory in place of model.fp16.onnx is there: with precision fp16 the version
+    is refused naming it, as the same in place of model.onnx is and as an fp16 twin that cannot be
+    read or does not match its sha256 is; not served fp32 as though no twin had been written."""
+    root = tmp_path / "models"
+    twins = {}
+    for name, make in (("fifo", os.mkfifo), ("folder", Path.mkdir)):
+        version_dir = write_tiny_generator(root, name, config={"precision": "fp16"})
+        card = json.loads((version_dir / "card.json").read_text())
+        card["sha256"]["model.fp16.onnx"] = "0" * 64
+        card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+        (version_dir / "card.json").write_text(json.dumps(card))
+        twins[name] = version_dir / "model.fp16.onnx"
+        make(twins[name])
+
+    def check(repo: Repository) -> None:
+        for name, message in (("fifo", "not a regular file (a FIFO)"), ("folder", "Is a directory")):
+            mv = repo.get(name).versions["1"]
+            assert mv.state == ModelState.UNAVAILABLE, (name, mv.state, mv.precision)
+            assert message in mv.reason and str(twins[name]) in mv.reason, mv.reason
+            assert "absent" not in mv.reason
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_start_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
