@@ -406,10 +406,17 @@ def cpu_count() -> int:
 
 
 def load_model_config(path: Path, *, default_max_queue_size: int | None = None) -> ModelConfig:
-    """A model's config.json by the contract's rules (genserve_contract.config)."""
-    return contract.parse_model_config(
+    """A model's config.json by the contract's rules (genserve_contract.config); a relative
+    runtime.trt_engine_cache_dir is relative to the file's directory, the model's
+    (docs/model-repository.md), not to the server's working directory."""
+    config = contract.parse_model_config(
         _read_json(path), str(path), default_max_queue_size=default_max_queue_size, reader=_Reader
     )
+    cache = config.runtime.trt_engine_cache_dir
+    if cache is None or Path(cache).is_absolute():
+        return config
+    runtime = dataclasses.replace(config.runtime, trt_engine_cache_dir=str(path.parent / cache))
+    return dataclasses.replace(config, runtime=runtime)
 
 
 # --------------------------------------------------------------------------- card.json

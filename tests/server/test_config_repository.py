@@ -169,6 +169,26 @@ def test_model_config_error_reads_like_the_contract(tmp_path: Path, monkeypatch:
         load_model_config(Path("models/dcgan/config.json"))
 
 
+def test_a_relative_trt_engine_cache_dir_is_relative_to_the_models_directory_not_the_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/model-repository.md: a relative runtime.trt_engine_cache_dir in a model's config.json is
+    relative to the model's directory (the file's own), as the server config's paths are relative to
+    its file; the server's working directory is no part of where a model's engines go."""
+    path = write_config(tmp_path, {"kind": "generator", "runtime": {"trt_engine_cache_dir": ".trt/engines"}})
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_model_config(path).runtime.trt_engine_cache_dir == str(path.parent / ".trt/engines")
+    absolute = str(tmp_path / "cache")
+    write_config(tmp_path, {"kind": "generator", "runtime": {"trt_engine_cache_dir": absolute}})
+    assert load_model_config(path).runtime.trt_engine_cache_dir == absolute
+    monkeypatch.chdir(tmp_path / "models")
+    relative = Path("dcgan/config.json")
+    write_config(tmp_path, {"kind": "generator", "runtime": {"trt_engine_cache_dir": "cache"}})
+    assert load_model_config(relative).runtime.trt_engine_cache_dir == str(Path("dcgan/cache"))
+
+
 # Files that cannot be read or parsed at all: each writer puts it at `path`, with the problem the
 # ConfigError names (beside the file).
 UNREADABLE: dict[str, tuple[Callable[[Path], object], str]] = {
