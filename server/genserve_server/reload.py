@@ -53,6 +53,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,21 +116,30 @@ class _Drain:
     revived: bool = False
 
 
+# The size of a version directory's entry in repository_fingerprint where it cannot be listed (its
+# mtime is then the errno).
+UNLISTABLE = -1
+
+
 def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
-    """Names, sizes and mtimes of everything two levels under the repository root (the watch)."""
+    """Names, sizes and mtimes of everything two levels under the repository root (the watch). A
+    version directory that cannot be listed is one more entry, (its name, UNLISTABLE, errno), and
+    hides none of the versions beside it."""
     entries: list[tuple[str, int, int]] = []
     with contextlib.suppress(OSError):
         for model_dir in root.iterdir():
             if model_dir.name.startswith("."):
                 continue
-            for path in (model_dir, *_children(model_dir)):
+            for path in (model_dir, *_children(model_dir, root, entries)):
                 with contextlib.suppress(OSError):
                     st = path.stat()
                     entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns))
     return tuple(sorted(entries))
 
 
-def _children(model_dir: Path) -> list[Path]:
+def _children(model_dir: Path, root: Path, entries: list[tuple[str, int, int]]) -> list[Path]:
+    """`model_dir`'s entries and those of its version directories; one that cannot be listed goes
+    to `entries` as UNLISTABLE (repository_fingerprint)."""
     if not model_dir.is_dir():
         return []
     paths: list[Path] = []
@@ -137,8 +147,24 @@ def _children(model_dir: Path) -> list[Path]:
         for child in model_dir.iterdir():
             paths.append(child)
             if child.is_dir() and VERSION_PATTERN.match(child.name):
-                paths.extend(child.iterdir())
+                try:
+                    paths.extend(child.iterdir())
+                except OSError as exc:
+                    entries.append((str(child.relative_to(root)), UNLISTABLE, exc.errno or 0))
     return paths
+
+
+def _unlistable(listing: tuple[tuple[str, int, int], ...], known: set[str], root: Path) -> set[str]:
+    """The version directories `listing` could not list; a warning names each not in `known`."""
+    names = {name for name, size, _ in listing if size == UNLISTABLE}
+    for name, size, code in listing:
+        if size == UNLISTABLE and name not in known:
+            logger.warning(
+                "%s: cannot list this version directory (%s); the watch sees no change inside it",
+                root / name,
+                os.strerror(code) if code else "error",
+            )
+    return names
 
 
 class Reloader:
@@ -243,9 +269,11 @@ class Reloader:
         self._baseline = None
         if last is None:
             last = await asyncio.to_thread(repository_fingerprint, self.repo.root)
+        unlistable = _unlistable(last, set(), self.repo.root)
         while True:
             await asyncio.sleep(interval_s)
             now = await asyncio.to_thread(repository_fingerprint, self.repo.root)
+            unlistable = _unlistable(now, unlistable, self.repo.root)
             if now != last:
                 last = now
                 self.request()

@@ -4,6 +4,7 @@ test certificates made with the openssl CLI, raw gRPC calls and process probes (
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 from server_support import (
@@ -32,6 +34,18 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve_server.config import ServerConfig
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
+
+
+def as_unprivileged_user() -> list[str]:
+    """A command prefix under which permissions bind (root reads a directory of mode 0000); [] when
+    not root. Root without its capabilities (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), not another
+    user: another uid could not read a checkout under a mode-0700 folder (a CI clone in mktemp -d)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run the server without root's capabilities")
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+
 
 # Small limits, so each can be hit cheaply; every one of them is a server config field.
 SHARED_LIMITS = {

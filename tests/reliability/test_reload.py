@@ -10,8 +10,12 @@ import asyncio
 import gc
 import hashlib
 import json
+import logging
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -25,6 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from prometheus_client import generate_latest
 from reliability_support import (
+    as_unprivileged_user,
     copy_version_atomically,
     health_status,
     loaded_repository,
@@ -292,6 +297,75 @@ def test_watch_interval_picks_up_a_new_version_without_a_signal(
             await repo.close(2.0)
 
     asyncio.run(scenario())
+
+
+# The watch's listing, printed as JSON by a process of its own (run without root's capabilities).
+_PRINT_FINGERPRINT = (
+    "import json, sys; from pathlib import Path; from genserve_server.reload import repository_fingerprint; "
+    "print(json.dumps(repository_fingerprint(Path(sys.argv[1]))))"
+)
+
+
+def test_the_watch_lists_the_versions_beside_one_it_cannot_list(tmp_path: Path) -> None:
+    """A version directory the server cannot list (mode 0000) ended the listing of its model's
+    directory: the versions listed after it were not looked at, so a file changed or added in one
+    of them (a failed version fixed in place, a loaded model file overwritten) never set off a rescan."""
+    prefix = as_unprivileged_user()
+    model = tmp_path / "models" / "gen"
+    for version in range(1, 9):
+        (model / str(version)).mkdir(parents=True)
+        (model / str(version) / "model.onnx").write_bytes(b"onnx")
+    locked = model / os.listdir(model)[0]  # listed first: every other version comes after it
+    locked.chmod(0)
+    try:
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-c", _PRINT_FINGERPRINT, str(model.parent)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    listed = {entry[0] for entry in json.loads(proc.stdout)}
+    files = {f"gen/{version}/model.onnx" for version in range(1, 9)}
+    assert files - listed == {f"gen/{locked.name}/model.onnx"}
+    assert f"gen/{locked.name}" in listed
+
+
+def test_the_watch_logs_a_version_directory_it_cannot_list_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process (root lists a mode-0000 directory: its listing is made to refuse): the watch names
+    the directory it cannot look inside, once, not at every poll."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    locked = root / "gen" / "2"
+    locked.mkdir()
+    iterdir = Path.iterdir
+
+    def refusing(path: Path) -> Iterator[Path]:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", refusing)
+
+    async def scenario() -> None:
+        reloader = Reloader(
+            Repository(root, ServerConfig(), Metrics(enabled=False)), drain_grace_s=1.0, watch_interval_s=0.02
+        )
+        reloader.start()
+        try:
+            await asyncio.sleep(0.5)
+        finally:
+            await reloader.close(1.0)
+
+    with caplog.at_level(logging.WARNING, logger="genserve_server.reload"):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if str(locked) in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "Permission denied" in lines[0]
 
 
 def test_the_watch_sees_a_version_published_while_start_up_loads(tmp_path: Path) -> None:

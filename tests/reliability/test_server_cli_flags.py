@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from reliability_support import write_gen
+from reliability_support import as_unprivileged_user, write_gen
 from server_support import wait_until
 
 from genserve_server.metrics_http import BoundedWSGIServer
@@ -126,22 +126,11 @@ def test_a_models_path_that_is_a_file_is_named_as_not_a_directory(tmp_path: Path
     assert f"{models}: model repository is not a directory" in last_line(proc.stderr), proc.stderr
 
 
-def _as_unprivileged_user() -> list[str]:
-    """A command prefix under which permissions bind (root reads a directory of mode 0000); [] when
-    not root. Root without its capabilities (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), not another
-    user: another uid could not read a checkout under a mode-0700 folder (a CI clone in mktemp -d)."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv to run the server without root's capabilities")
-    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
-
-
 def test_a_models_directory_that_cannot_be_listed_is_one_line_naming_it() -> None:
     """An unreadable repository (a volume mounted with the wrong owner or mode for uid 10001: no
     fsGroup, mode 0700 root) exited with a Python traceback out of Repository.scan, not one line naming
     the directory and the cause as a missing or non-directory --models does."""
-    prefix = _as_unprivileged_user()
+    prefix = as_unprivileged_user()
     # Not under pytest's tmp_path (mode 0700 of root): the other user must reach the directory.
     base = Path(tempfile.mkdtemp(prefix="genserve-unreadable-"))
     try:
