@@ -823,6 +823,20 @@ def _publish(source: Path, target: Path, *, flushed: bool = False) -> None:
     _fsync(target.parent)
 
 
+def _discard(retired: Path) -> None:
+    """Remove the old version --replace renamed aside: a link (a version linked in from elsewhere)
+    is unlinked, what it points to is not the export's; what cannot be removed is named."""
+    if retired.is_symlink():
+        try:
+            retired.unlink()
+        except OSError:
+            pass  # named below
+    else:
+        shutil.rmtree(retired, ignore_errors=True)
+    if os.path.lexists(retired):
+        logger.warning("could not remove %s, the replaced version's old copy: remove it", retired)
+
+
 def _write_atomically(
     out_root: Path,
     name: str,
@@ -857,13 +871,15 @@ def _write_atomically(
         except BaseException:  # a failed rename, or a SIGTERM/Ctrl-C between the two (cli.main)
             if retired is not None and os.path.lexists(retired) and not os.path.lexists(target):
                 os.rename(retired, target)  # the new one did not arrive: the old one stays served
+            elif retired is not None:  # the new one is in place (its last fsync was interrupted)
+                _discard(retired)
             retired = None
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+        _discard(retired)
     config_path = entry / "config.json"
     if config_path.exists() and not overwrite:
         # config.json is the model's, shared by its versions, and an operator may have edited it

@@ -599,3 +599,69 @@ def test_replace_interrupted_right_after_the_old_version_left_puts_it_back(
         export(True)
     assert {f.name: f.read_bytes() for f in target.iterdir()} == old
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_replace_interrupted_after_the_new_version_arrived_leaves_no_old_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C or SIGTERM in --replace's last steps, once the new version was renamed into place
+    (the fsync of the model's directory after it), left the old version behind as a hidden .old-*
+    directory that nothing removes: a copy of the model no reader looks at. The new version stays;
+    the old copy goes."""
+    out = tmp_path.resolve() / "models"
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+
+    def export(overwrite: bool) -> Path:
+        return export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out, example_inputs={"z": z},
+            card=card, fp16=False, overwrite=overwrite,
+        )  # fmt: skip
+
+    target = export(False)
+    replace, fsync = os.replace, os.fsync
+    arrived = False
+
+    def replacing(source: str | os.PathLike[str], target_: str | os.PathLike[str]) -> None:
+        nonlocal arrived
+        replace(source, target_)
+        arrived = arrived or Path(target_) == target
+
+    def interrupted_fsync(fd: int) -> None:
+        if arrived and os.readlink(f"/proc/self/fd/{fd}") == str(target.parent):
+            raise KeyboardInterrupt
+        fsync(fd)
+
+    monkeypatch.setattr(os, "replace", replacing)
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        export(True)
+    assert arrived
+    assert sorted(f.name for f in target.iterdir()) == ["card.json", "model.onnx"]
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_replace_of_a_symlinked_version_leaves_no_old_link_and_keeps_what_it_pointed_to(
+    tmp_path: Path,
+) -> None:
+    """--replace of a version that is a link to a directory (a repository assembled from links)
+    renamed the link aside as .old-*, and removing it failed unseen (rmtree refuses a link): the link
+    stayed behind. It is unlinked; the directory it pointed to is not the export's to delete."""
+    out = tmp_path.resolve() / "models"
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+
+    def export(out_dir: Path, overwrite: bool) -> Path:
+        return export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out_dir, example_inputs={"z": z},
+            card=card, fp16=False, overwrite=overwrite,
+        )  # fmt: skip
+
+    elsewhere = export(tmp_path.resolve() / "elsewhere", False)
+    kept = sorted(f.name for f in elsewhere.iterdir())
+    (out / "tiny-gen").mkdir(parents=True)
+    (out / "tiny-gen" / "1").symlink_to(elsewhere, target_is_directory=True)
+    target = export(out, True)
+    assert not target.is_symlink() and sorted(f.name for f in target.iterdir()) == ["card.json", "model.onnx"]
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+    assert sorted(f.name for f in elsewhere.iterdir()) == kept
