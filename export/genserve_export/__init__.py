@@ -5,6 +5,14 @@ Public API: :func:`export_model` (one module → one repository entry) and
 the clients.
 """
 
+import os
+
+# ONNX Runtime keeps a telemetry device id and an event database under $XDG_CACHE_HOME (or
+# $HOME/.cache)/Microsoft/DeveloperTools/.onnxruntime from its import on: off, as in the server
+# (genserve_server/__init__.py), unless the environment sets ORT_DISABLE_TELEMETRY itself. Here,
+# before any module of the package imports onnxruntime.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from genserve_export.errors import (
     CardFieldError,
     ConfigFieldError,

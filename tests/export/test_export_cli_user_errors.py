@@ -3,6 +3,9 @@ traceback and before any training."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,3 +116,23 @@ def test_build_defaults_only_naming_a_recipe_twice_builds_it_once(
     argv = ["build-defaults", "--out", str(tmp_path / "m"), "--no-verify", "--jobs", jobs]
     assert cli.main([*argv, "--only", "dcgan-digits", "dcgan-digits"]) == 0
     assert trained == ["dcgan-digits"]
+
+
+def test_the_export_cli_leaves_no_onnx_runtime_telemetry_files_in_home(tmp_path: Path) -> None:
+    """ONNX Runtime keeps a telemetry device id and event database under $HOME/.cache from its
+    import on; the server turns that off unless the environment sets ORT_DISABLE_TELEMETRY, and
+    genserve-export (which imports it for every command) wrote them into the user's HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    models = tmp_path / "models"
+    models.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "genserve_export.cli", "verify", str(models)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "HOME": str(home)},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
