@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -20,7 +21,7 @@ import numpy as np
 
 from genserve_contract.config import AUTO_TOLERANCE, Tolerance
 from genserve_contract.kinds import image_shape_fits
-from genserve_contract.repository import sha256_file
+from genserve_contract.repository import open_regular, sha256_file
 from genserve_server import calibration, tiling, validate
 from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
@@ -507,8 +508,10 @@ def fp16_on_provider(
     `opened` is told both sessions' runners before they run: a shutdown aborts their calls (each
     runs max_batch_size rows, up to PARITY_ROWS, of a model that may take long), as a Runner's."""
     version_dir = mv.path
-    if not (version_dir / "model.onnx").is_file():
+    if not os.path.lexists(version_dir / "model.onnx"):
         return choice  # nothing to compare with: the card's parity stands
+    # A FIFO or a directory there is refused naming it (OSError), never opened by ONNX Runtime.
+    open_regular(version_dir / "model.onnx").close()
     runtime = mv.config.runtime
     atol = runtime.fp16_atol
     config = dataclasses.replace(runtime, cuda_graph=False, io_binding=False)

@@ -751,6 +751,36 @@ def test_an_fp16_twin_that_is_not_a_regular_file_is_named_not_read_as_absent(tmp
         with_repo(root, check)
 
 
+def test_a_model_onnx_that_is_not_a_regular_file_is_named_also_beside_an_fp16_twin(tmp_path: Path) -> None:
+    """With precision fp16 and a good model.fp16.onnx, a FIFO or a directory in place of model.onnx
+    is refused naming it (docs/model-repository.md), not skipped as though no fp32 graph were there
+    to check the twin against: the fp16 parity check never ran and the twin was served unchecked."""
+    import hashlib
+
+    root = tmp_path / "models"
+    fp32 = {}
+    for name, make in (("fifo", os.mkfifo), ("folder", Path.mkdir)):
+        version_dir = write_tiny_generator(root, name, config={"precision": "fp16"})
+        data = (version_dir / "model.onnx").read_bytes()
+        (version_dir / "model.fp16.onnx").write_bytes(data)
+        card = json.loads((version_dir / "card.json").read_text())
+        card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+        card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+        (version_dir / "card.json").write_text(json.dumps(card))
+        fp32[name] = version_dir / "model.onnx"
+        fp32[name].unlink()
+        make(fp32[name])
+
+    def check(repo: Repository) -> None:
+        for name, message in (("fifo", "not a regular file (a FIFO)"), ("folder", "Is a directory")):
+            mv = repo.get(name).versions["1"]
+            assert mv.state == ModelState.UNAVAILABLE, (name, mv.state, mv.precision)
+            assert message in mv.reason and str(fp32[name]) in mv.reason, mv.reason
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_start_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
