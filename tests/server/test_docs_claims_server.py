@@ -118,3 +118,15 @@ def test_the_limits_table_and_proto_say_counts_are_bounded_by_the_queue_too() ->
             above.append(line)
         comment = "\n".join(above)
         assert "max_queue_size" in comment or "ModelInfo.max_images_per_request" in comment, message
+
+
+def test_the_style_section_says_the_image_cache_holds_style_images() -> None:
+    """docs/server.md's style-generator section said the image cache does not hold style images (its
+    key had the generator's load, not the mapping's), but the cache keys a style image by both
+    loaded versions and serves it again (core.sample, tests/server/test_image_cache_versions.py):
+    an operator sizing image_cache_bytes for a style model was told it does nothing there."""
+    text = (REPO_ROOT / "docs" / "server.md").read_text()
+    section = text[text.index("## Style generators") :]
+    section = " ".join(section[: section.index("\n## ", 1)].split())
+    assert "does not hold style images" not in section
+    assert "image cache holds style images" in section and "mapping's loaded version" in section
