@@ -405,6 +405,18 @@ def test_a_truncation_psi_parameter_is_the_float32_genserve_v1_uses(
     np.testing.assert_allclose(got, expected.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
+def test_a_truncation_psi_that_rounds_to_zero_as_float32_is_refused_naming_the_value_sent(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """1e-300 is in (0, 10] as the double the client sent but 0.0 as genserve.v1's float32: refused
+    as too small, naming 1e-300, not as 'got 0.0', a value the client never sent."""
+    request = kpb.ModelInferRequest(model_name=GEN)
+    request.parameters["truncation_psi"].double_param = 1e-300
+    details = _invalid(stub, request)
+    assert details.startswith("parameters[truncation_psi]: psi=1e-300 is too small"), details
+    assert "got 0.0" not in details, details
+
+
 def test_classification_outputs_are_refused_not_ignored(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     """Triton's classification extension (top-k labels as BYTES) is not served: asking for it got the
     raw FP32 tensor back, silently."""
