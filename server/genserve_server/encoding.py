@@ -21,7 +21,7 @@ import numpy as np
 from genserve_server import codecs, validate
 from genserve_server.codecs import ImageFormat
 from genserve_server.config import Card
-from genserve_server.errors import invalid
+from genserve_server.errors import Internal, invalid
 from genserve_server.idle_spin import off_loop_work, run_off_loop
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import ModelMetrics
@@ -125,11 +125,33 @@ def _resolve_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | N
         _set_future(future, value, exc)
 
 
+def check_finite(images: np.ndarray, label: str) -> None:
+    """INTERNAL naming `label` (the model) where the model's output holds NaN or infinity (a diverged
+    checkpoint, an fp16 graph overflowing): such an image would go out as black pixels or NaN values,
+    answered OK and kept by the image cache. Two SIMD reductions; the details only on failure."""
+    if images.size == 0 or (np.isfinite(images.min()) and np.isfinite(images.max())):
+        return
+    finite = np.isfinite(images.reshape(len(images), -1))
+    rows = ", ".join(str(i) for i in np.flatnonzero(~finite.all(axis=1))[:8])
+    nan = int(np.count_nonzero(np.isnan(images)))
+    raise Internal(
+        f"{label}: the model's output is not finite for image(s) {rows} of the request "
+        f"({nan} NaN and {int(finite.size - np.count_nonzero(finite)) - nan} infinite values); "
+        "a diverged or overflowing model"
+    )
+
+
 def encode_sync(
-    images: np.ndarray, out: OutputSpec, output_range: tuple[float, float], pixels: np.ndarray | None = None
+    images: np.ndarray,
+    out: OutputSpec,
+    output_range: tuple[float, float],
+    pixels: np.ndarray | None = None,
+    label: str = "the model",
 ) -> list[EncodedImage]:
     """float32 [N, C, H, W] model output (or its uint8 [N, H, W, C] `pixels`, converted once per
-    executed batch by the runner) -> encoded images. On the loop when small, else on the codec pool."""
+    executed batch by the runner) -> encoded images. On the loop when small, else on the codec pool.
+    An output that is not finite is no image: INTERNAL naming `label` (check_finite)."""
+    check_finite(images, label)
     fmt = out.format
     if fmt == ImageFormat.TENSOR_F32:
         chw = images.astype("<f4", copy=False)
@@ -290,12 +312,13 @@ class Codec:
         started = time.monotonic()
         if images.dtype != np.float32 and (pixels is None or out.format == ImageFormat.TENSOR_F32):
             images = images.astype(np.float32)  # fp16 graphs
+        label = f"model {metrics.model} version {metrics.version}"
         if encodes_inline(images, out, pixels):
-            result = encode_sync(images, out, output_range, pixels)
+            result = encode_sync(images, out, output_range, pixels, label)
         else:
             with off_loop_work():
                 result = await self._queue.submit(
-                    functools.partial(encode_sync, images, out, output_range, pixels)
+                    functools.partial(encode_sync, images, out, output_range, pixels, label)
                 )
         elapsed_s = time.monotonic() - started
         metrics.encode_duration[out.format_name].observe(elapsed_s)

@@ -1,0 +1,102 @@
+"""Images a model computes as NaN (a diverged checkpoint, an fp16 graph overflowing). They were
+answered OK -- black pixels in a PNG, NaN values in a TENSOR_F32 -- counted as successful requests,
+and kept by the image cache, so the same request later got the broken image without the model being
+asked again. Now such a request fails INTERNAL naming the model and the non-finite output, counts
+under INTERNAL, and nothing of it is cached; the other requests of the same batch are answered as
+they would be alone (as a code prior's NaN logits, test_code_prior_nonfinite_logits.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from onnx import numpy_helper
+from server_support import TINY_LATENT, ServerProcess, conditional_graph, running_server, write_model
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
+from genserve_server.codecs import ImageFormat
+
+MODEL = "nan-cond"
+
+
+def _conditional_with_a_nan_class() -> object:
+    """conditional_graph with 2 classes whose class 1 embedding is NaN: every label-1 image is NaN."""
+    model = conditional_graph(TINY_LATENT, 2, 1, 8, 8)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "E":
+            embedding = numpy_helper.to_array(init).copy()
+            embedding[1] = np.nan
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(embedding, "E"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root: Path = tmp_path_factory.mktemp("nan-cond") / "models"
+    write_model(
+        root,
+        MODEL,
+        "conditional_generator",
+        _conditional_with_a_nan_class(),  # type: ignore[arg-type]
+        {
+            "latent_dim": TINY_LATENT,
+            "class_names": ["fine", "broken"],
+            "channels": 1,
+            "image_size": [8, 8],
+        },
+        config={"batching": {"max_batch_size": 8, "max_queue_size": 64, "max_queue_delay_ms": 50}},
+    )
+    config = {"image_cache_bytes": 1 << 20}
+    with running_server(root, tmp_path_factory.mktemp("nan-cond-work"), config=config) as process:
+        yield process
+
+
+def _sample(label: int, seeds: list[int], fmt: int = ImageFormat.PNG) -> pb.SampleRequest:
+    return pb.SampleRequest(model=MODEL, seeds=seeds, labels=[label], output=tpb.OutputOptions(format=fmt))
+
+
+@pytest.mark.parametrize("fmt", [ImageFormat.PNG, ImageFormat.RAW_UINT8, ImageFormat.TENSOR_F32])
+def test_a_nan_image_fails_internal_naming_the_model_and_is_never_cached(
+    server: ServerProcess, fmt: int
+) -> None:
+    def internal() -> float:
+        return server.metric("genserve_requests_total", model=MODEL, method="Sample", code="INTERNAL")
+
+    before = internal()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        for attempt in range(2):  # the second is not answered from the cache
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Sample(_sample(1, [3, 4], fmt), timeout=30)
+            error = failed.value
+            assert error.code() == grpc.StatusCode.INTERNAL, (attempt, error)
+            assert MODEL in str(error.details()) and "NaN" in str(error.details()), error.details()
+        good = stub.Sample(_sample(0, [3, 4], fmt), timeout=30)
+        assert len(good.images) == 2
+    assert internal() == before + 2
+
+
+def test_a_nan_image_fails_its_request_alone(server: ServerProcess) -> None:
+    async def both() -> tuple[object, object, pb.SampleResponse]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            alone = await stub.Sample(_sample(0, [7, 8], ImageFormat.TENSOR_F32), timeout=30)
+            # The same good request beside a broken one: they share a batch (max_batch_delay_ms).
+            results = await asyncio.gather(
+                stub.Sample(_sample(0, [7, 8], ImageFormat.TENSOR_F32), timeout=30),
+                stub.Sample(_sample(1, [9], ImageFormat.TENSOR_F32), timeout=30),
+                return_exceptions=True,
+            )
+            return results[0], results[1], alone
+
+    good, broken, alone = asyncio.run(both())
+    assert isinstance(broken, grpc.aio.AioRpcError), f"a NaN image answered OK: {broken}"
+    assert broken.code() == grpc.StatusCode.INTERNAL, broken
+    assert isinstance(good, pb.SampleResponse), good
+    assert [i.image.data for i in good.images] == [i.image.data for i in alone.images]
