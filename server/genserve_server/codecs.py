@@ -371,10 +371,10 @@ def declared_size(data: bytes, fmt: int, shape: Sequence[int]) -> tuple[int, int
 
 def _check_pixels(width: int, height: int, max_pixels: int, field: str, limit_name: str) -> None:
     if width < 1 or height < 1:
-        raise invalid(field, f"image size {width}x{height} is empty")
+        raise invalid(field, f"image size {height}x{width} is empty")
     pixels = width * height
     if pixels > max_pixels:
-        raise invalid(field, f"{width}x{height} = {pixels} pixels exceeds {limit_name} {max_pixels}")
+        raise invalid(field, f"{height}x{width} = {pixels} pixels exceeds {limit_name} {max_pixels}")
 
 
 def _to_hwc_uint8(im: Image.Image) -> U8Array:
@@ -457,8 +457,8 @@ def _decode_encoded(data: bytes, fmt: ImageFormat, max_pixels: int, field: str, 
             if im.size != size:
                 raise invalid(
                     field,
-                    f"corrupt {detected.name} image: its header declares {size[0]}x{size[1]} pixels, "
-                    f"the decoder reads {im.size[0]}x{im.size[1]}",
+                    f"corrupt {detected.name} image: its header declares {size[1]}x{size[0]} pixels, "
+                    f"the decoder reads {im.size[1]}x{im.size[0]}",
                 )
             im.load()
             return _to_hwc_uint8(im)

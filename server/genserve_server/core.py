@@ -881,7 +881,7 @@ class GenerationCore:
             if chw.shape[1:] != (h, w):
                 raise invalid(
                     f"images[{i}]",
-                    f"corrupt image: it declares {w}x{h} pixels and decodes to {chw.shape[2]}x{chw.shape[1]}",
+                    f"corrupt image: it declares {h}x{w} pixels and decodes to {chw.shape[1]}x{chw.shape[2]}",
                 )
         return arrays
 

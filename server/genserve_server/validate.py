@@ -377,7 +377,7 @@ def min_size(sizes: Sequence[tuple[int, int]], card: Card) -> None:
     for i, (h, w) in enumerate(sizes):
         if min(h, w) < card.min_size:
             raise invalid(
-                f"images[{i}]", f"must be at least {card.min_size} pixels on each side, got {w}x{h}"
+                f"images[{i}]", f"must be at least {card.min_size} pixels on each side, got {h}x{w}"
             )
 
 

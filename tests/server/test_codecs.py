@@ -418,7 +418,7 @@ class TestRaw:
 
     def test_pixel_limit(self) -> None:
         with pytest.raises(
-            InvalidArgument, match="3000x2000 = 6000000 pixels exceeds max_input_pixels 4194304"
+            InvalidArgument, match="2000x3000 = 6000000 pixels exceeds max_input_pixels 4194304"
         ):
             decode(b"", ImageFormat.RAW_UINT8, [2000, 3000, 1])
 

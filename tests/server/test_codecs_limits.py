@@ -102,7 +102,7 @@ def test_a_pixel_limit_above_pillows_own_guard_is_the_one_that_applies(
     assert decoded.shape == (height, width, 1)
     del decoded
     with pytest.raises(
-        InvalidArgument, match=r"20000x10000 = 200000000 pixels exceeds max_input_pixels 4194304"
+        InvalidArgument, match=r"10000x20000 = 200000000 pixels exceeds max_input_pixels 4194304"
     ):
         decode_image(data, 0, [], max_pixels=MAX_PIXELS, field="images[0]")
 
@@ -351,7 +351,7 @@ def test_a_long_animated_png_decodes_its_first_frame(default_image: bool) -> Non
 
 def test_an_image_its_decoder_reads_larger_than_its_header_declares_is_refused_before_decoding() -> None:
     """A call sizes its decoded images' memory from the size their headers declare (checked_size):
-    a JPEG with a second frame header of 4000x4000 declares 64x48 to the server's parser (the first)
+    a JPEG with a second frame header of 4000x4000 declares 48x64 to the server's parser (the first)
     and 4000x4000 to Pillow's (the last). It was checked against the pixel limit only and handed to
     the decoder; it is refused before any pixel is decoded, naming both sizes."""
     data = encode_image(np.zeros((48, 64, 3), np.uint8), ImageFormat.JPEG)[0]
@@ -366,7 +366,7 @@ def test_an_image_its_decoder_reads_larger_than_its_header_declares_is_refused_b
         48,
         64,
     )
-    with pytest.raises(InvalidArgument, match=r"header declares 64x48 pixels, the decoder reads 4000x4000"):
+    with pytest.raises(InvalidArgument, match=r"header declares 48x64 pixels, the decoder reads 4000x4000"):
         decode_image(two_frames, ImageFormat.JPEG, [], max_pixels=MAX_PIXELS, field="images[0]")
 
 

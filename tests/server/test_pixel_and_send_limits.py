@@ -111,6 +111,28 @@ def test_a_tile_size_below_the_models_min_size_is_refused_naming_tile_size(
     assert "tile_size" in err.details() and str(MIN_SIDE) in err.details(), err.details()
 
 
+def test_size_refusals_name_an_image_height_by_width_as_its_shape_gives_it(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """Every size in a refusal reads H x W, the order of the shape the client sent ([H, W, C] raw,
+    a card's image_size, KServe's [N, C, H, W]); the minimum-size and decode-limit refusals printed
+    W x H, so an image of shape [20, 8, 3] was 'got 8x20' beside Encode's 'must be 28x28, got 20x8'."""
+
+    def refusal(shape: list[int]) -> str:
+        image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(int(np.prod(shape))), shape=shape)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SuperResolve(pb.ImageRequest(model="sr-min", images=[image]), timeout=30)
+        err = excinfo.value
+        assert isinstance(err, grpc.Call)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        return str(err.details())
+
+    narrow = refusal([20, 8, 3])
+    assert narrow == f"images[0]: must be at least {MIN_SIDE} pixels on each side, got 20x8", narrow
+    tall = refusal([1100, 1000, 3])
+    assert "1100x1000 = 1100000 pixels exceeds max_sr_input_pixels" in tall, tall
+
+
 # ------------------------------------------------------------ images + latents vs the send limit
 
 SEND_LIMIT = 1024 * 1024  # the smallest max_send_message_bytes the server takes

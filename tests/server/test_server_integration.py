@@ -823,7 +823,7 @@ def test_a_superresolve_input_over_its_pixel_limit_names_max_sr_input_pixels(
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.SuperResolve(pb.ImageRequest(model="tiny-sr", images=[too_big]))
     assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
-    assert "1000x1100 = 1100000 pixels exceeds max_sr_input_pixels 1048576" in details_of(excinfo)
+    assert "1100x1000 = 1100000 pixels exceeds max_sr_input_pixels 1048576" in details_of(excinfo)
 
 
 def test_health_per_server_and_model(channel: grpc.Channel) -> None:
