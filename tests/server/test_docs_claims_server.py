@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from genserve_contract.kinds import KIND_NAMES
@@ -130,3 +131,26 @@ def test_the_style_section_says_the_image_cache_holds_style_images() -> None:
     section = " ".join(section[: section.index("\n## ", 1)].split())
     assert "does not hold style images" not in section
     assert "image cache holds style images" in section and "mapping's loaded version" in section
+
+
+def test_model_repository_md_names_every_card_field_a_default_card_leaves_out() -> None:
+    """docs/model-repository.md: "Every field above is present in every card, except ...". Seven
+    default cards, written before the code kinds, have no grid, codebook_size, top_grid or
+    top_codebook_size (absent reads as null): the exceptions must name each field a card lacks."""
+    text = (REPO_ROOT / "docs" / "model-repository.md").read_text()
+    table = text.split("## card.json (format_version 1)", 1)[1].split("\n\n", 1)[0]
+    fields = {
+        name for line in table.splitlines()[3:] for name in re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])
+    }
+    start = text.index("Every field above is present in every card")
+    claim = text[start : text.index("\n\n", start)]
+    named = set(re.findall(r"`([a-z_0-9]+)`", claim))
+    cards = sorted((REPO_ROOT / "models").glob("*/*/card.json"))
+    assert cards
+    unnamed = {
+        f"{card.parent.parent.name}/{card.parent.name}": sorted(
+            fields - named - set(json.loads(card.read_text()))
+        )
+        for card in cards
+    }
+    assert {card: missing for card, missing in unnamed.items() if missing} == {}
