@@ -1047,10 +1047,28 @@ def sampled_z(label: str, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -
     bad = ~np.isfinite(z).all(axis=1)
     if bad.any():
         rows = ", ".join(str(i) for i in np.flatnonzero(bad)[:8])
-        top = float(np.max(logvar[bad])) if np.isfinite(logvar[bad]).all() else float("nan")
+        mu_bad, logvar_bad = mu[bad], logvar[bad]
+        causes = []
+        if np.isnan(mu_bad).any():
+            causes.append("mu holds NaN")
+        if np.isinf(mu_bad).any():
+            causes.append("mu is infinite")
+        if np.isnan(logvar_bad).any():
+            causes.append("logvar holds NaN")
+        numbers = logvar_bad[~np.isnan(logvar_bad)]
+        top = float(numbers.max()) if numbers.size else float("nan")
+        with np.errstate(over="ignore"):
+            overflows = bool(np.isposinf(np.exp(numbers / 2)).any())
+        if overflows:
+            causes.append(f"largest logvar there {top:.3g}; exp(logvar / 2) overflows float32 above ~177")
+        elif not causes:
+            causes.append(
+                f"mu + exp(logvar / 2) * eps overflows float32: largest |mu| there "
+                f"{float(np.abs(mu_bad).max()):.3g}, largest logvar {top:.3g}"
+            )
         raise Internal(
             f"{label}: the encoder's mu/logvar give no finite z to sample for image(s) {rows} "
-            f"(largest logvar there {top:.3g}; exp(logvar / 2) overflows float32 above ~177)"
+            f"({'; '.join(causes)})"
         )
     return z
 

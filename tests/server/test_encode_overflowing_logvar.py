@@ -18,6 +18,8 @@ from server_support import ServerProcess, _image, _init, _model, running_server,
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server.core import sampled_z
+from genserve_server.errors import Internal
 
 SIDE, Z = 8, 4
 
@@ -87,3 +89,30 @@ def test_a_z_that_overflows_is_an_internal_error_naming_the_model_not_an_infinit
         assert np.all(logvar == 400.0) and not plain.latents[0].HasField("z")
         fine = stub.Encode(_image_request("fine-logvar", sample=True), timeout=30)
         assert all(np.isfinite(np.frombuffer(d.z.data, "<f4")).all() for d in fine.latents)
+
+
+@pytest.mark.parametrize(
+    ("bad_mu", "bad_logvar", "cause"),
+    [
+        (np.nan, 0.0, "mu holds NaN"),
+        (np.inf, 0.0, "mu is infinite"),
+        (0.0, np.nan, "logvar holds NaN"),
+        (0.0, 400.0, "largest logvar there 400"),
+    ],
+)
+def test_a_z_that_is_not_finite_is_refused_naming_its_real_cause(
+    bad_mu: float, bad_logvar: float, cause: str
+) -> None:
+    """A NaN mu (with a finite logvar) was refused as 'largest logvar there 0; exp(logvar / 2)
+    overflows float32 above ~177': a cause it was not. The message names what made z non-finite."""
+    mu = np.zeros((3, Z), np.float32)
+    logvar = np.zeros((3, Z), np.float32)
+    mu[1, 2], logvar[1, 2] = bad_mu, bad_logvar
+    eps = np.ones((3, Z), np.float32)
+    with pytest.raises(Internal) as excinfo:
+        sampled_z("model enc version 1", mu, logvar, eps)
+    message = str(excinfo.value)
+    assert message.startswith("model enc version 1: ") and "image(s) 1 " in message, message
+    assert cause in message, message
+    if cause != "largest logvar there 400":
+        assert "overflows" not in message, message
