@@ -1,9 +1,11 @@
-"""`genserve-client` and `python -m genserve_client`: Ctrl-C from the first statement on.
+"""`genserve-client` and `python -m genserve_client`: Ctrl-C and SIGTERM from the first statement on.
 
 The CLI's imports (grpc, numpy, PIL) take half a second or more, and cli.main() turns a Ctrl-C into
 exit 130 only once they are done; a KeyboardInterrupt raised inside them is not even always one
 (numpy reports it as an ImportError). Entered here (the package's __init__ imports nothing heavy),
-a SIGINT during those imports ends the process at once: one line on stderr, exit 130, as later.
+a SIGINT or SIGTERM during those imports ends the process at once: one line on stderr, exit 130 or
+143, as later. After them SIGTERM raises Terminated (a KeyboardInterrupt) where Ctrl-C raises
+KeyboardInterrupt, so that the command stops as on a Ctrl-C (genserve_client/interrupt.py).
 Standard library only: it runs before the imports.
 """
 
@@ -15,29 +17,38 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-INTERRUPTED = "genserve-client: interrupted"
+from genserve_client.interrupt import INTERRUPTED, TERMINATED, raise_terminated, stop_line, stop_status
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
-    os.write(2, f"{INTERRUPTED}\n".encode())
-    os._exit(130)  # nothing written yet, nothing to clean up: the imports are not done
+    line = TERMINATED if signum == signal.SIGTERM else INTERRUPTED
+    os.write(2, f"{line}\n".encode())
+    os._exit(128 + signum)  # nothing written yet, nothing to clean up: the imports are not done
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Not where SIGINT is ignored (a background job of a script, nohup): it stays ignored.
-    held = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if held:
+    # Not where a signal is ignored (SIGINT in a background job of a script, nohup): it stays so.
+    held_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    held_term = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if held_int:
         signal.signal(signal.SIGINT, _interrupted)
+    if held_term:
+        signal.signal(signal.SIGTERM, _interrupted)
     try:
         from genserve_client.cli import main as cli_main
     finally:
-        if held:
+        if held_int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held_term:
+            signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return cli_main(argv)
-    except KeyboardInterrupt:  # where cli.main() does not catch it (its argument parsing)
-        sys.stderr.write(INTERRUPTED + "\n")
-        return 130
+    except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
+        sys.stderr.write(stop_line(exc) + "\n")
+        return stop_status(exc)
+    finally:
+        if held_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

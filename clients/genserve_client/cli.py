@@ -4,8 +4,8 @@ Exit codes: 0 success; 1 a failed call or I/O error, a bulk job that stopped wit
 or a bench run in which no request succeeded; 2 a rejected request (INVALID_ARGUMENT, the server's
 message is printed), a model or version the server does not serve (NOT_FOUND, any command), bad
 arguments, a bulk job started with other parameters or whose pinned model version the server no
-longer serves; 3 the bulk job folder is in use by another run; 130 interrupted. docs/client.md has
-the details.
+longer serves; 3 the bulk job folder is in use by another run; 130 interrupted (Ctrl-C), 143
+stopped by SIGTERM. docs/client.md has the details.
 
 Connection flags (--target, --tls, ...) go before or after the command; GENSERVE_TARGET sets the
 default target.
@@ -64,6 +64,7 @@ from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
+from genserve_client.interrupt import stop_line, stop_status
 from genserve_client.pngmeta import png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
@@ -946,18 +947,14 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         return 3
     except (GenserveClientError, BulkRetryExhausted, BulkIncomplete, OSError, KeyboardInterrupt) as exc:
         # Final, but what is on disk is consistent: say how to go on.
-        _err(
-            "genserve-client: interrupted"
-            if isinstance(exc, KeyboardInterrupt)
-            else f"genserve-client: {exc}"
-        )
+        _err(stop_line(exc) if isinstance(exc, KeyboardInterrupt) else f"genserve-client: {exc}")
         rejected = isinstance(exc, GenserveClientError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
         on_disk = _job_on_disk(out)
         if on_disk is not None and not rejected:
             grown = params.n if on_disk["params"].get("n") != params.n else None
             _err(f"genserve-client: the job is resumable: {resume_command(args, out, grown)}")
         if isinstance(exc, KeyboardInterrupt):
-            return 130
+            return stop_status(exc)
         return 2 if rejected else 1
     what = f"shard {shard.index}/{shard.count}, images [{job.lo}, {job.hi}) of {params.n}" if shard else ""
     _out(f"{out}: {what or f'{params.n} images'}, manifest {out / 'manifest.jsonl'}")
@@ -1127,7 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         epilog="exit codes: 0 ok; 1 a failed call, I/O error, an unfinished bulk job or an incomplete "
         "verify; 2 a rejected request, an unknown model or version, or bad arguments; 3 the bulk job "
-        "folder is in use; 130 interrupted (docs/client.md)",
+        "folder is in use; 130 interrupted; 143 stopped by SIGTERM (docs/client.md)",
         formatter_class=HelpFormatter,
     )
     _add_connection(parser, after_command=False)
@@ -1399,9 +1396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         _err(f"genserve-client: {exc}")
         return 1
-    except KeyboardInterrupt:
-        _err("genserve-client: interrupted")
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) from genserve_client/__main__.py
+        _err(stop_line(exc))
+        return stop_status(exc)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,35 @@ def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback(entry: list[
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_sigterm_while_the_cli_imports_exits_143_without_a_traceback() -> None:
+    """SIGTERM stops the CLI as Ctrl-C does (docs/client.md: 143), from its first statement on: it
+    died of the signal (-15) without a word."""
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "genserve_client", "--target", target, "--timeout", "60", "models"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _grpc_imported(proc.pid):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    text = err.decode()
+    assert proc.returncode == 143, f"exit {proc.returncode}:\n{text}"
+    assert text == "genserve-client: terminated (SIGTERM)\n" and not out, text
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 def test_a_sigint_its_parent_ignores_stays_ignored_while_the_cli_imports() -> None:
     """A background job of a script (or nohup) starts with SIGINT ignored: the entry point's
     start-up handler must not turn it back on."""

@@ -355,3 +355,43 @@ def test_bulk_resumes_after_sigkill_byte_identical_to_a_clean_run(tiny_server: A
     args[args.index("500")] = "501"
     proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "base_seed: 500 -> 501" in proc.stderr
+
+
+def test_bulk_stopped_by_sigterm_exits_143_with_one_line_and_resumes(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    """A Kubernetes Job's pod, `timeout`, systemd and `kill` stop a process with SIGTERM: the CLI
+    died of it (-15) with no word, where Ctrl-C stops the job cleanly (one line, exit 130). SIGTERM
+    stops it the same way: the streams stopped, what is on disk flushed and resumable, one line
+    naming the signal and the resume command, exit 143 (128 + SIGTERM)."""
+    out = tmp_path / "job"
+    proc = subprocess.Popen(
+        bulk_args(tiny_server, out, "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while manifest_lines(out) < 200 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the job ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 143, f"exit {proc.returncode}:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("genserve-client:")]
+    assert lines[0] == "genserve-client: terminated (SIGTERM)", err
+    assert "the job is resumable" in lines[1] and "--resume" in lines[1], err
+    stopped_at = manifest_lines(out)
+    assert 200 <= stopped_at < 4000
+    resume = ["--target", tiny_server.target, "bulk", "--resume", str(out)]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "genserve_client", *resume],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(read_manifest(out)) == list(range(4000))
