@@ -137,6 +137,30 @@ class _Entries:
             self.merged.append({**entry, "file": str(prefix / entry["file"])})
 
 
+def _read_jobs(
+    folders: list[Path],
+) -> tuple[dict[Path, dict[str, Any]], dict[Path, Shard | None], list[str]]:
+    """The folders' job.json files and shards, and those that cannot be read. A damaged job.json is
+    damage verify is there to find (as a damaged manifest): listed, its folder left out (its shard
+    then missing), the other folders still checked."""
+    jobs: dict[Path, dict[str, Any]] = {}
+    shards: dict[Path, Shard | None] = {}
+    unreadable: list[str] = []
+    for folder in folders:
+        try:
+            job = read_job(folder) or {}
+            int(job["params"]["n"])
+            shards[folder] = Shard(*job["shard"]) if job.get("shard") else None
+        except BulkError as exc:
+            unreadable.append(str(exc))
+            continue
+        except (KeyError, TypeError, ValueError) as exc:
+            unreadable.append(f"{folder / JOB_FILE}: unreadable ({exc!r})")
+            continue
+        jobs[folder] = job
+    return jobs, shards, unreadable
+
+
 def verify_job(
     roots: Path | Sequence[Path], *, hashes: bool = False
 ) -> tuple[VerifyReport, list[dict[str, Any]]]:
@@ -159,17 +183,17 @@ def verify_job(
         folders += [f for f in found_here if f.resolve() not in known]
     report.folders = folders
     base = Path(os.path.commonpath([r.resolve() for r in given]))
-    jobs = {folder: read_job(folder) or {} for folder in folders}
-    first = jobs[folders[0]]
-    try:
-        report.n = int(first["params"]["n"])
-        shards = {folder: Shard(*job["shard"]) if job.get("shard") else None for folder, job in jobs.items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BulkError(f"a {JOB_FILE} under {', '.join(map(str, given))} is unreadable ({exc!r})") from None
+    jobs, shards, unreadable = _read_jobs(folders)
+    if unreadable:
+        report.problems.append(_listed("job files that cannot be read", unreadable))
+    if not jobs:
+        return report, []
+    first_folder, first = next(iter(jobs.items()))
+    report.n = int(first["params"]["n"])
     for folder, job in jobs.items():
         if _identity(job) != _identity(first):
             report.problems.append(
-                f"{folder} belongs to another job than {folders[0]} ({_difference(first, job)})"
+                f"{folder} belongs to another job than {first_folder} ({_difference(first, job)})"
             )
     # The other models the images went through (a style generator's mapping): a shard started after
     # one was replaced holds images of another model. Null: a job.json from before they were recorded.

@@ -1130,9 +1130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection(parser, after_command=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, *, connects: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
-        _add_connection(p, after_command=True)
+        if connects:  # verify reads folders only: no connection flag of its own
+            _add_connection(p, after_command=True)
         return p
 
     command("models", "table of models, kinds, versions and readiness")
@@ -1307,7 +1308,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"`N` alone takes I from ${SHARD_ENV} (Kubernetes Indexed Job); check the union with `verify OUT`",
     )
 
-    p = command("verify", "check a bulk job's folder(s) hold exactly the job, each image once")
+    p = command(
+        "verify", "check a bulk job's folder(s) hold exactly the job, each image once", connects=False
+    )
     p.add_argument(
         "dirs",
         nargs="+",
@@ -1370,11 +1373,11 @@ COMMANDS: dict[str, Callable[[GenserveClient, argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "verify":  # no server: connection flags before it are not even checked
+            return cmd_verify(args)
         config = channel_config(args)
         if args.command == "bench":
             return cmd_bench(config, args)
-        if args.command == "verify":
-            return cmd_verify(args)
         retry = BULK_RETRY if args.command == "bulk" else RetryPolicy()
         with GenserveClient(config, timeout_s=args.timeout, retry=retry) as client:
             return COMMANDS[args.command](client, args)

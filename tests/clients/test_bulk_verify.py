@@ -173,3 +173,28 @@ def test_a_damaged_manifest_is_a_problem_verify_lists_not_a_usage_error_or_a_tra
     code, _, err = cli_main(capsys, "verify", str(a), str(b))
     assert code == 1 and "Traceback" not in err, err
     assert f"{manifest}:1: manifest line without a file name" in err
+
+
+def test_a_damaged_job_file_of_one_shard_is_listed_with_the_other_shards_problems(
+    spread: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A damaged job.json is damage verify is there to find, like a damaged manifest: it stopped at
+    # the first one (exit 2, as for a bad argument) and listed nothing of the other shards.
+    a, b = spread
+    job_file = shard_folder(b, 1) / "job.json"
+    job_file.write_text('{"params": {"n": 11')  # torn
+    lost = next(iter(sorted((shard_folder(b, 2) / "images").iterdir())))
+    lost.unlink()
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1, err
+    assert f"job files that cannot be read (1): {job_file}: not a bulk job file" in err, err
+    assert f"files missing (1): {lost}" in err, err
+    assert "NOT the complete job" in err and "Traceback" not in err
+
+
+def test_verify_help_lists_no_connection_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    # verify reads folders only: its --help listed --target, --token, --tls... which it never uses.
+    code, out, _ = cli_main(capsys, "verify", "--help")
+    assert code == 0 and "--hashes" in out
+    for flag in ("--target", "--token", "--tls", "--timeout"):
+        assert flag not in out, out
