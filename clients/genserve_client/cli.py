@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -917,6 +918,15 @@ def _job_on_disk(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def _not_writable(exc: BaseException, out: Path) -> bool:
+    """`exc` is a write refused in the job folder: its permissions, or a read-only filesystem."""
+    return (
+        isinstance(exc, OSError)
+        and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        and (exc.filename is None or Path(exc.filename).is_relative_to(out))
+    )
+
+
 def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
@@ -950,7 +960,14 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         _err(stop_line(exc) if isinstance(exc, KeyboardInterrupt) else f"genserve-client: {exc}")
         rejected = isinstance(exc, GenserveClientError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
         on_disk = _job_on_disk(out)
-        if on_disk is not None and not rejected:
+        if on_disk is not None and _not_writable(exc, out):
+            # The same command would fail the same way: say what is wrong, and what works as is.
+            _err(
+                f"genserve-client: {out} is not writable: a bulk run writes its lock, manifest and "
+                f"images there; make it writable to resume the job, or check its images read-only "
+                f"with: genserve-client verify {shlex.quote(str(out))}"
+            )
+        elif on_disk is not None and not rejected:
             grown = params.n if on_disk["params"].get("n") != params.n else None
             _err(f"genserve-client: the job is resumable: {resume_command(args, out, grown)}")
         if isinstance(exc, KeyboardInterrupt):

@@ -8,7 +8,10 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -330,6 +333,45 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
     code, _, err = cli_main(capsys, *shlex.split(hint)[1:])
     assert code == 0, err
     assert indices(tmp_path) == list(range(7))
+
+
+def _without_root_privileges() -> list[str]:
+    """A command prefix under which file permissions bind (root writes into a read-only folder);
+    [] when not root. Root without its capabilities (setpriv), still the owner of pytest's tmp_path."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run the CLI without root's capabilities")
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+
+
+def test_a_job_in_a_folder_it_cannot_write_says_so_and_not_to_run_the_same_resume(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A finished job's folder made read-only (archived, a read-only mount): resuming it failed on
+    # job.lock with "Permission denied", then printed "the job is resumable: <the same command>",
+    # which fails the same way: a loop for the user.
+    out = tmp_path / "job"
+    t = ("--target", fake_server.target)
+    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(out))[0] == 0
+    (out / "job.lock").unlink()  # as a copy or an archive of the folder holds none
+    for path in (out / "images", out):
+        path.chmod(0o555)
+    try:
+        proc = subprocess.run(
+            [*_without_root_privileges(), sys.executable, "-m", "genserve_client", *t, "bulk",
+             "--resume", str(out)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        for path in (out, out / "images"):
+            path.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{out} is not writable" in proc.stderr and "Permission denied" in proc.stderr, proc.stderr
+    assert "the job is resumable" not in proc.stderr, proc.stderr
+    assert f"genserve-client verify {out}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert indices(out) == list(range(3))
 
 
 def test_the_window_never_retries_a_rejected_request(fake_server: FakeServer, tmp_path: Path) -> None:
