@@ -485,8 +485,6 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
             "use --temperature or --top-k"
         )
     base = args.seed if args.seed is not None else random.randrange(2**31)
-    if args.seed is None:
-        _out(f"seed {base} (repeat with --seed {base})")
     # The same seeds in every class row: a conditional model's rows then differ only by class.
     row_seeds = [base + j for j in range(args.n)]
     seeds = row_seeds * max(1, len(labels))
@@ -506,6 +504,8 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         result = sample_in_batches(
             client, args.model, seeds, flat_labels, per_call=images_per_call(info), **_sample_opts(args)
         )
+    if args.seed is None:  # once the images are made: a command that failed used no seed
+        _out(f"seed {base} (repeat with --seed {base})")
     if args.out:
         write_items(result, Path(args.out), args.model, **settings)
     if args.grid:

@@ -161,3 +161,27 @@ def test_a_prior_without_a_decoder_returns_the_seeds_it_picked(
         again = client.sample_codes(names["top"], seeds=[int(s) for s in picked.seeds if s is not None])
     for a, b in zip(again.codes, picked.codes, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sample_prints_its_random_seed_only_for_images_it_made(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    # Without --seed, `sample` printed "seed N (repeat with --seed N)" before its calls, so a command
+    # that then failed (a top prior's code grids, a --progress asking more than one call) told of a
+    # seed used for images it never made, on stdout, where scripts read it.
+    server, names = code_server
+    t = ("--target", server.target, "sample", "--n", "2")
+    failing = (
+        ("--model", names["top"], "--grid", str(tmp_path / "g.png")),
+        ("--model", names["prior"], "--n", "1000", "--grid", str(tmp_path / "p.png"), "--progress",
+         str(tmp_path / "s.png")),
+    )  # fmt: skip
+    for args in failing:
+        proc = run_cli(*t, *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "seed" not in proc.stdout, (args, proc.stdout)
+    made = run_cli(*t, "--model", names["prior"], "--labels", "1", "--grid", str(tmp_path / "ok.png"))
+    assert made.returncode == 0, made.stderr
+    seed = int(made.stdout.split("seed ", 1)[1].split()[0])
+    with Image.open(tmp_path / "ok.png") as grid:
+        assert grid.text["seeds"] == f"{seed}..{seed + 1}"  # type: ignore[attr-defined]
