@@ -179,6 +179,23 @@ def parse_timeout(text: str) -> float:
     return value
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def parse_latent_value(text: str) -> float:
+    """A value set into or added to a latent (float32): finite and within float32's range, so that a
+    bad one is refused naming its flag, not by the server's check of the latents made from it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number within float32's range (|x| <= {FLOAT32_MAX:.4g}), got {text}"
+        )
+    return value
+
+
 def check_picture_path(command: str, flag: str, path: str | None) -> None:
     """Refuse, before any call, a picture file whose suffix names no format PIL can write (a
     directory, `grid.txt`): PIL's own `unknown file extension` comes after all the work."""
@@ -1245,11 +1262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="VAE base name (X for X-encoder/X-decoder) or either part")
     p.add_argument("--version", default="", help="model version (default: the highest ready)")
     p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
-    p.add_argument("--delta", type=float, default=2.0, help="added to z[dim]")
+    p.add_argument("--delta", type=parse_latent_value, default=2.0, help="added to z[dim]")
     p.add_argument("--sweep", action="store_true", help="grid of z[dim] set to each value of the sweep")
     p.add_argument("--all-dims", action="store_true", help="with --sweep: one row per latent dimension")
-    p.add_argument("--sweep-from", type=float, default=-3.0, help="first value of the sweep")
-    p.add_argument("--sweep-to", type=float, default=3.0, help="last value of the sweep")
+    p.add_argument("--sweep-from", type=parse_latent_value, default=-3.0, help="first value of the sweep")
+    p.add_argument("--sweep-to", type=parse_latent_value, default=3.0, help="last value of the sweep")
     p.add_argument("--sweep-steps", type=parse_positive, default=9, help="values in the sweep")
     p.add_argument("--out", required=True, help="PNG file (the edited image, or the sweep grid)")
 

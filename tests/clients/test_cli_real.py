@@ -395,3 +395,25 @@ def test_bulk_stopped_by_sigterm_exits_143_with_one_line_and_resumes(
     )
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(read_manifest(out)) == list(range(4000))
+
+
+def test_edit_refuses_a_value_that_is_no_finite_number_naming_its_flag(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    # `edit --delta nan` was refused by the server's check of the latents made from it (exit 2,
+    # "INVALID_ARGUMENT: latents: values must be finite"), naming no flag the user gave.
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(digit)
+    edit = ("--target", tiny_server.target, "edit", str(digit), "--model", "tiny-vae-enc")
+    cases = (
+        (("--delta", "nan"), "--delta"),
+        (("--delta", "inf"), "--delta"),
+        (("--delta", "1e39"), "--delta"),
+        (("--sweep", "--sweep-from", "nan"), "--sweep-from"),
+        (("--sweep", "--sweep-to", "-inf"), "--sweep-to"),
+    )
+    for flags, named in cases:
+        proc = run_cli(*edit, *flags, "--out", str(tmp_path / "e.png"))
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert named in proc.stderr and "latents" not in proc.stderr, (flags, proc.stderr)
+        assert not (tmp_path / "e.png").exists()
