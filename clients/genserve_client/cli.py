@@ -875,7 +875,8 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         if exc.code != grpc.StatusCode.NOT_FOUND:
             raise
         # A model the server does not serve is a bad argument, as a version it does not serve.
-        raise UsageError(f"bulk: --model {args.model!r}: {exc.details}") from None
+        rid = f" (request id {exc.request_id})" if exc.request_id else ""  # as every refusal printed
+        raise UsageError(f"bulk: --model {args.model!r}: {exc.details}{rid}") from None
     if args.version and all(v.version != args.version for v in info.versions):
         served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
         raise UsageError(

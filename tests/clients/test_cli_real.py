@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -417,3 +418,16 @@ def test_edit_refuses_a_value_that_is_no_finite_number_naming_its_flag(
         assert proc.returncode == 2, (flags, proc.stderr)
         assert named in proc.stderr and "latents" not in proc.stderr, (flags, proc.stderr)
         assert not (tmp_path / "e.png").exists()
+
+
+def test_a_bulk_job_of_a_model_the_server_does_not_serve_quotes_the_calls_request_id(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    # Every other refusal the CLI prints ends with the call's request id (the one the server logged,
+    # docs/metrics.md); bulk's --model refusal printed the server's message without it.
+    out = tmp_path / "job"
+    proc = run_cli("--target", tiny_server.target, "bulk", "--model", "no-such-model", "--n", "3",
+                   "--out", str(out))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if "--model 'no-such-model'" in line)
+    assert re.search(r"\(request id [0-9a-f]{8,}\)$", line), line
