@@ -731,20 +731,30 @@ def check_sweep_size(images: int, what: str) -> None:
         )
 
 
+def through(provenance: Provenance, first: Provenance) -> Provenance:
+    """`provenance` of images that went through the model of `first` before (edit: the encoder):
+    that model among its used_models, as the server names a style generator's mapping."""
+    earlier = ((first.model, first.version, first.model_sha256), *first.used_models)
+    return dataclasses.replace(provenance, used_models=(*provenance.used_models, *earlier))
+
+
 def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     check_picture_path("edit", "--out", args.out)
     if args.sweep:
         check_sweep_size(args.sweep_steps + 1, f"--sweep-steps {args.sweep_steps}")
     encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
     picture = load_for_encoder(Path(args.image), client.get_model(encoder), args.version)
-    mu = client.encode(encoder, [picture], version=args.version).mu[0]
+    encoded = client.encode(encoder, [picture], version=args.version)
+    mu = encoded.mu[0]
     if not 0 <= args.dim < mu.shape[0] and not (args.sweep and args.all_dims):
         raise UsageError(f"--dim must be in [0, {mu.shape[0]}), got {args.dim}")
     if not args.sweep:
         z = mu.copy()
         z[args.dim] += args.delta
         decoded = client.decode(decoder, np.stack([mu, z]), version=args.version)
-        text = png_text(decoded.provenance, source=args.image, dim=args.dim, delta=args.delta)
+        text = png_text(
+            through(decoded.provenance, encoded.provenance), source=args.image, dim=args.dim, delta=args.delta
+        )
         save_picture(decoded.pil()[1], Path(args.out), text)
         _out(f"z[{args.dim}]: {mu[args.dim]:.3f} -> {z[args.dim]:.3f}")
         return 0
@@ -765,7 +775,7 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
         part = client.decode(decoder, latents[start : start + per_call], **one.opts)
         one.seen(part.provenance)
         pics += part.pil()
-    provenance = one.first
+    provenance = through(one.first, encoded.provenance) if one.first is not None else None
     source = Image.fromarray(picture)
     rows = [
         GridRow([source, *pics[r * len(values) : (r + 1) * len(values)]], f"z[{d}]")

@@ -431,3 +431,23 @@ def test_a_bulk_job_of_a_model_the_server_does_not_serve_quotes_the_calls_reques
     assert proc.returncode == 2, proc.stderr
     line = next(line for line in proc.stderr.splitlines() if "--model 'no-such-model'" in line)
     assert re.search(r"\(request id [0-9a-f]{8,}\)$", line), line
+
+
+def test_edit_pngs_name_the_encoder_the_image_went_through(tiny_server: Any, tmp_path: Path) -> None:
+    # docs/client.md: PNGs name in used_models the other models their images went through. An edit
+    # is its source encoded, moved and decoded: its PNG named the decoder alone, so a reloaded
+    # encoder (which changes the image) left no trace in it.
+    from genserve_client import GenserveClient
+
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(digit)
+    with GenserveClient(tiny_server.target) as client:
+        encoder = client.encode("tiny-vae-enc", [np.asarray(Image.open(digit))]).provenance
+    named = f"tiny-vae-enc version {encoder.version} sha256 {encoder.model_sha256}"
+    edit = ("edit", str(digit), "--model", "tiny-vae-dec")
+    cli(tiny_server, *edit, "--dim", "1", "--out", str(tmp_path / "e.png"))
+    cli(tiny_server, *edit, "--sweep", "--out", str(tmp_path / "s.png"))
+    for name in ("e.png", "s.png"):
+        with Image.open(tmp_path / name) as picture:
+            text = picture.text  # type: ignore[attr-defined]
+        assert text["model"] == "tiny-vae-dec" and named in text.get("used_models", ""), (name, text)
