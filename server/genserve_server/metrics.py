@@ -507,7 +507,10 @@ class Metrics:
         drained), bind the very same children: while there is one, only what is this copy's alone
         goes (its runtime info), and the rest stays as the live copy set it."""
         key = (mm.model, mm.version)
-        self._copies[key] = max(0, self._copies[key] - 1)
+        if self._copies[key] > 1:
+            self._copies[key] -= 1
+        else:  # no entry per version ever loaded: a server loading one a deploy keeps none of them
+            self._copies.pop(key, None)
         live = [o for o in others if o is not mm]
         mm.clear_runtime(live)
         if live or not self.enabled:

@@ -281,3 +281,21 @@ def test_a_version_unloaded_again_keeps_its_counts_a_full_grace_after_its_last_u
         assert counted() == []
 
     asyncio.run(scenario())
+
+
+def test_versions_loaded_and_unloaded_leave_no_bookkeeping_behind() -> None:
+    """A server that loads a new version at every deploy (or a version that loads, fails and is
+    removed, again and again) keeps no entry per (model, version) once each copy is forgotten and
+    its counts removed: after N such versions the metrics' bookkeeping is as it was."""
+    metrics = Metrics(enabled=False)  # no loop, no exposition: only what for_model/forget_version keep
+    baseline = (len(metrics._copies), len(metrics._unloads))
+    for version in range(1, 201):
+        mm = metrics.for_model("gen", str(version), 8, "generator")
+        mm.request_done("Sample", "OK", 0.01)
+        metrics.forget_version(mm)
+    assert (len(metrics._copies), len(metrics._unloads)) == baseline
+    enabled = Metrics()
+    baseline = (len(enabled._copies), len(enabled._unloads))
+    for version in range(1, 201):  # no running loop: the counts go at once
+        enabled.forget_version(enabled.for_model("gen", str(version), 8, "generator"))
+    assert (len(enabled._copies), len(enabled._unloads)) == baseline
