@@ -182,9 +182,10 @@ def parse_timeout(text: str) -> float:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def parse_latent_value(text: str) -> float:
-    """A value set into or added to a latent (float32): finite and within float32's range, so that a
-    bad one is refused naming its flag, not by the server's check of the latents made from it."""
+def parse_float32(text: str) -> float:
+    """A number the server takes as a float32 (a value set into or added to a latent, a psi, a
+    temperature): finite and within float32's range, so that a bad one is refused naming its flag,
+    not by the server's check of its own field (latents, truncation_psi, temperature)."""
     try:
         value = float(text)
     except ValueError:
@@ -1196,10 +1197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=parse_seed, help="first seed (image j uses seed + j); default random, and printed"
     )
     # A code prior has no truncation (SampleCodes takes none): the CLI refuses --psi there.
-    p.add_argument("--psi", type=float, help=PSI_HELP.removesuffix(")") + "; not for code priors)")
+    p.add_argument("--psi", type=parse_float32, help=PSI_HELP.removesuffix(")") + "; not for code priors)")
     p.add_argument(
         "--temperature",
-        type=float,
+        type=parse_float32,
         help="code priors: softmax temperature (default: the model's, config.json sampling)",
     )
     p.add_argument(
@@ -1231,7 +1232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="path through latent space (default: slerp in z; a style generator's: a line in w space)",
     )
     p.add_argument("--label", type=parse_label_list, help="class of the path, or two classes (start,end)")
-    p.add_argument("--psi", type=float, help=PSI_HELP)
+    p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
     p.add_argument("--grid", help="PNG file for the strip")
@@ -1253,7 +1254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--psi",
-        type=float,
+        type=parse_float32,
         help="truncation in w space, 0..10: 0 = the mean w, 1 = none, above 1 away from it (default: none)",
     )
     _add_format(p)
@@ -1264,7 +1265,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("a", "b", "c"):
         p.add_argument(f"--{name}", type=parse_seeds, required=True, help=f"seeds of set {name.upper()}")
     p.add_argument("--label", type=parse_label, help="class for conditional models")
-    p.add_argument("--psi", type=float, help=PSI_HELP)
+    p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     _add_format(p)
     p.add_argument("--grid", required=True, help="PNG file")
 
@@ -1273,11 +1274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="VAE base name (X for X-encoder/X-decoder) or either part")
     p.add_argument("--version", default="", help="model version (default: the highest ready)")
     p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
-    p.add_argument("--delta", type=parse_latent_value, default=2.0, help="added to z[dim]")
+    p.add_argument("--delta", type=parse_float32, default=2.0, help="added to z[dim]")
     p.add_argument("--sweep", action="store_true", help="grid of z[dim] set to each value of the sweep")
     p.add_argument("--all-dims", action="store_true", help="with --sweep: one row per latent dimension")
-    p.add_argument("--sweep-from", type=parse_latent_value, default=-3.0, help="first value of the sweep")
-    p.add_argument("--sweep-to", type=parse_latent_value, default=3.0, help="last value of the sweep")
+    p.add_argument("--sweep-from", type=parse_float32, default=-3.0, help="first value of the sweep")
+    p.add_argument("--sweep-to", type=parse_float32, default=3.0, help="last value of the sweep")
     p.add_argument("--sweep-steps", type=parse_positive, default=9, help="values in the sweep")
     p.add_argument("--out", required=True, help="PNG file (the edited image, or the sweep grid)")
 
@@ -1336,7 +1337,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="base seed: image i uses seed + i (default: 0)")
     p.add_argument("--chunk-size", type=int, default=0, help="images per streamed chunk (0: server default)")
-    p.add_argument("--psi", type=float, help=PSI_HELP)
+    p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     p.add_argument("--verify", action="store_true", help="re-hash every listed file on start")
     p.add_argument(
         "--retry-window",

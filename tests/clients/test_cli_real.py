@@ -420,6 +420,28 @@ def test_edit_refuses_a_value_that_is_no_finite_number_naming_its_flag(
         assert not (tmp_path / "e.png").exists()
 
 
+def test_psi_and_temperature_refuse_a_value_that_is_no_finite_number_naming_their_flag(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    # `--psi nan` or `--temperature inf` went to the server, whose refusal named its own field
+    # (truncation_psi, temperature), not the flag the user gave, as `edit --delta nan` did.
+    grid = str(tmp_path / "g.png")
+    cases = (
+        (("sample", "--model", "tiny-gen", "--n", "1", "--psi", "nan", "--grid", grid), "--psi"),
+        (("sample", "--model", "tiny-gen", "--n", "1", "--psi", "1e39", "--grid", grid), "--psi"),
+        (
+            ("sample", "--model", "tiny-gen", "--n", "1", "--temperature", "inf", "--grid", grid),
+            "--temperature",
+        ),
+        (("interpolate", "--model", "tiny-gen", "--psi=-inf", "--grid", grid), "--psi"),
+    )
+    for args, named in cases:
+        proc = run_cli("--target", tiny_server.target, *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert f"argument {named}" in proc.stderr and "finite" in proc.stderr, (args, proc.stderr)
+        assert not Path(grid).exists()
+
+
 def test_a_bulk_job_of_a_model_the_server_does_not_serve_quotes_the_calls_request_id(
     tiny_server: Any, tmp_path: Path
 ) -> None:
