@@ -72,11 +72,11 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     """grpcio-health-checking's servicer, with List: its own answers UNIMPLEMENTED ("Unexpected
     NotImplementedError"), though grpc.health.v1 defines it (a snapshot of Check's answers).
 
-    List answers from statuses this class records itself, in `set` and `enter_graceful_shutdown`
-    (the base class's public methods), not from the base class's private store, whose name no
-    release promises. Each record is made in the same step as the base class's check of its
-    graceful-shutdown flag (no await between them), so List and Check agree: after shutdown every
-    service is NOT_SERVING and later `set` calls change nothing.
+    Check, Watch and List answer from statuses this class records itself, in `set`, `clear` and
+    `enter_graceful_shutdown`, not from the base class's private store, whose name no release
+    promises and which has no way to forget a name (`clear`: a removed model's key, main.py). So
+    List and Check agree: after shutdown every service is NOT_SERVING and later `set` and `clear`
+    calls change nothing.
     """
 
     def __init__(self) -> None:
@@ -94,7 +94,15 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         if self.__shutting_down:
             return
         self.__statuses[service] = status
-        await super().set(service, status)
+        await self.__notify()
+
+    async def clear(self, service: str) -> None:
+        """Forget `service`: Check answers NOT_FOUND and List leaves it out, as for a name never set;
+        its watchers are sent SERVICE_UNKNOWN (grpc.health.v1's answer for an unknown name, the call
+        left open: a later `set` of the name is sent too)."""
+        if self.__shutting_down:
+            return
+        self.__statuses.pop(service, None)
         await self.__notify()
 
     async def enter_graceful_shutdown(self) -> None:
@@ -111,11 +119,14 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     async def Check(  # noqa: N802 - the grpc.health.v1 method's name
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:
-        """The base class's Check, its request id in the trailing metadata (docs/metrics.md: every
-        RPC's), also on its NOT_FOUND (grpc's abort without trailing metadata keeps what was set)."""
+        """The base class's Check, from the statuses recorded here, its request id in the trailing
+        metadata (docs/metrics.md: every RPC's), also on its NOT_FOUND (grpc's abort without
+        trailing metadata keeps what was set)."""
         echo_request_id(context)
-        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
-        return response
+        status = self.__statuses.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND)
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(  # noqa: N802 - the grpc.health.v1 method's name
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -180,6 +191,12 @@ class HealthState:
     def set_soon(self, service: str, serving: bool) -> None:
         """For synchronous callers (repository listeners) on the event loop thread."""
         task = asyncio.get_running_loop().create_task(self.set(service, serving))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def clear_soon(self, service: str) -> None:
+        """`service` forgotten (ListingHealthServicer.clear), after the sets already scheduled."""
+        task = asyncio.get_running_loop().create_task(self.servicer.clear(service))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

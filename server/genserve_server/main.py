@@ -75,6 +75,12 @@ logger = logging.getLogger("genserve_server")
 # OpenTelemetry), so genserve can run on a node beside them (docs/metrics.md).
 DEFAULT_METRICS_PORT = 50052
 
+# A removed model's health key stays NOT_SERVING (docs/operations.md, hot reload) for this many of the
+# names removed last; an older one is dropped (Check NOT_FOUND, as for a name never served), so a
+# server whose models come and go (a name per deploy) keeps no key per name ever removed, and health
+# List (health.MAX_LISTED_SERVICES) keeps answering.
+REMOVED_MODEL_KEYS = 100
+
 # `--health-port` (docs/operations.md, "Health port"): a second gRPC listener serving grpc.health.v1
 # alone, for probes that open a connection each (the kubelet's). Past max_connections the serving
 # port closes every new connection at accept, a probe's included; this one has a limit of its own,
@@ -262,6 +268,8 @@ class App:
         # their keys change when it does, with no listener call of their own (`_serves`).
         self._model_keys: dict[str, bool] = {}
         self._links: dict[str, str] = {}
+        # The models removed whose key is still NOT_SERVING, the last removed last (REMOVED_MODEL_KEYS).
+        self._removed: dict[str, None] = {}
         self.codec_pool = ThreadPoolExecutor(
             max_workers=config.codec_threads or cpu_count(), thread_name_prefix="codec"
         )
@@ -441,6 +449,7 @@ class App:
         model = self.repository.models.get(name)
         if model is not None:
             self._tried.add(name)
+            self._removed.pop(name, None)
         else:  # removed (or renamed away): a model of that name added later counts once tried
             self._tried.discard(name)
         newest = model.newest_ready() if model is not None else None
@@ -452,6 +461,8 @@ class App:
         self._set_model_key(name, self._serves(model) if model is not None else serving)
         if model is not None:
             self._set_ready_gauges(model)
+        else:
+            self._drop_old_removed_keys(name)
         for dependent in [d for d, linked in self._links.items() if linked == name and d != name]:
             other = self.repository.models.get(dependent)
             now = other is not None and self._serves(other)
@@ -464,6 +475,17 @@ class App:
     def _set_model_key(self, name: str, serving: bool) -> None:
         self._model_keys[name] = serving
         self.health.set_soon(name, serving)
+
+    def _drop_old_removed_keys(self, removed: str) -> None:
+        """`removed` is the model removed last; the keys of those removed before the last
+        REMOVED_MODEL_KEYS go (after their NOT_SERVING, already scheduled)."""
+        self._removed.pop(removed, None)
+        self._removed[removed] = None
+        while len(self._removed) > REMOVED_MODEL_KEYS:
+            oldest = next(iter(self._removed))
+            del self._removed[oldest]
+            self._model_keys.pop(oldest, None)
+            self.health.clear_soon(oldest)
 
     def _serves(self, model: Model) -> bool:
         """Whether `model`'s health key is SERVING: it has a READY version, and the one a request

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from reliability_support import (
     as_unprivileged_user,
@@ -43,14 +43,20 @@ from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server import health as health_module
 from genserve_server import heap, loader
+from genserve_server import main as main_module
 from genserve_server import reload as reload_module
 from genserve_server.batch_keys import LatentRows
 from genserve_server.config import ServerConfig
+from genserve_server.health import SERVICE_ALIAS as ALIAS
 from genserve_server.main import App
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader, repository_fingerprint
 from genserve_server.repository import LoadCancelled, ModelState, ModelVersion, Repository
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -681,6 +687,61 @@ def test_a_model_added_by_a_reload_leaves_readiness_alone_until_it_has_been_trie
             assert app.health.serving and app.repository.get("zoo").resolve("").version == "1"
         finally:
             release.set()
+            app.request_stop()
+            await app.stop()
+
+    asyncio.run(scenario())
+
+
+def test_models_removed_one_after_another_leave_a_bounded_number_of_health_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: models added and removed one after another (a name per deploy). A removed model's
+    health key turns NOT_SERVING (docs/operations.md), and it stayed so for ever, in the servicer's
+    statuses and App._model_keys: each name ever removed added a key, so past MAX_LISTED_SERVICES
+    names health List answered RESOURCE_EXHAUSTED for good, the repository holding one model. Only
+    the REMOVED_MODEL_KEYS names removed last keep their key (NOT_SERVING); an older one is dropped:
+    Check answers NOT_FOUND, as for a name never served, and a Watch of it is sent SERVICE_UNKNOWN."""
+    monkeypatch.setattr(health_module, "MAX_LISTED_SERVICES", 8)
+    monkeypatch.setattr(main_module, "REMOVED_MODEL_KEYS", 2, raising=False)
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(tmp_path / "staging", "m", version="1", seed=1)
+
+    async def add_and_remove(app: App, name: str) -> None:
+        shutil.copytree(tmp_path / "staging" / "m", root / name)
+        await app.reloader.rescan()
+        assert app.repository.get(name).resolve("").state == ModelState.READY
+        shutil.rmtree(root / name)
+        await app.reloader.rescan()
+        await app.health.flush()
+
+    async def scenario() -> None:
+        app = App(root, ServerConfig(drain_grace_s=2.0), port=0, metrics_port=None)
+        await app.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                await add_and_remove(app, "m0")
+                watch = health.Watch(health_pb2.HealthCheckRequest(service="m0"))
+                assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+                for i in range(1, 12):
+                    await add_and_remove(app, f"m{i}")
+                listed = await health.List(health_pb2.HealthListRequest())
+                assert {key: answer.status for key, answer in listed.statuses.items()} == {
+                    **dict.fromkeys(("", ALIAS, "liveness", "gen"), SERVING),
+                    **dict.fromkeys(("m10", "m11"), NOT_SERVING),
+                }
+                assert set(app._model_keys) == {"gen", "m10", "m11"}
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await health.Check(health_pb2.HealthCheckRequest(service="m0"))
+                assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+                # The watcher of a dropped key is told: the name is unknown now (grpc.health.v1's
+                # answer for one, its call left open for a model of that name added later).
+                unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                assert (await asyncio.wait_for(watch.read(), 5)).status == unknown
+                watch.cancel()
+        finally:
             app.request_stop()
             await app.stop()
 
