@@ -43,10 +43,14 @@ from genserve_server.ort_session import (
 )
 from genserve_server.providers import usable_providers
 from genserve_server.session_runner import (
+    RecentlyUsed,
     SessionRunner,
 )
 
 logger = logging.getLogger(__name__)
+
+# What a batch's compute cost depends on (Runner._signature).
+Signature = tuple[tuple[str | int, ...], ...]
 
 _ORT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -160,17 +164,19 @@ class Runner:
         # and back costs ~50-100 us on 2 cores, more than a tiny model's whole batch.
         self.inline_max_s = inline_max_s
         self.latent_dim = latent_dim
-        # Moving average of compute seconds per batch signature (power-of-two rows, other dims).
-        self._cost_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
+        # Moving average of compute seconds per batch signature (power-of-two rows, other dims). These
+        # three keep the MAX_SHAPES_KEPT signatures used last (a model of any input size has one per
+        # size): one dropped is measured again, its next batch on the pool.
+        self._cost_s: RecentlyUsed[Signature, float] = RecentlyUsed()
         # The fastest compute seen per signature: what the call costs when it is not preempted. The
         # inline decision uses it, so that a busy machine (whose preemptions inflate the average)
         # does not send a tiny model's every batch through two thread hand-offs.
-        self._fastest_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
+        self._fastest_s: RecentlyUsed[Signature, float] = RecentlyUsed()
         # The same with the outputs' conversion (the uint8 pixels) added: what the INLINE_BUSY_MAX_S
         # rule weighs, so that a batch whose model call is short but whose outputs are large (SR on
         # a GPU: ~1 ms of model call for 16 images, more of float -> uint8 for 16 x 256 x 256 x 3)
         # stays off the loop.
-        self._fastest_with_outputs_s: dict[tuple[tuple[str | int, ...], ...], float] = {}
+        self._fastest_with_outputs_s: RecentlyUsed[Signature, float] = RecentlyUsed()
         self._last_s = 0.0
         # Every model call of this runner runs with one of these: `abort` sets their terminate flag,
         # which ends the calls still running at their next node (shutdown's deadline).

@@ -10,9 +10,10 @@ import bisect
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar, overload
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +27,51 @@ logger = logging.getLogger(__name__)
 _GRAPH_IDS: Final = itertools.count(1)
 # ORT's run option for "do not capture or replay a graph on this run".
 NO_GRAPH: Final = "-1"
+
+
+# What a runner keeps per input shape (Runner's batch costs, the IO binding's output shapes): a
+# fully convolutional model has a shape per input size (Translate at any size, SR's tile sizes:
+# thousands within max_input_pixels), so only this many, the most recently used, are kept; one
+# dropped is learned again at its next batch (measured, its outputs' shapes read).
+MAX_SHAPES_KEPT = 256
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class RecentlyUsed(Generic[_K, _V]):
+    """A dict of the MAX_SHAPES_KEPT (at creation) keys read or written last; thread-safe."""
+
+    def __init__(self) -> None:
+        self.limit = MAX_SHAPES_KEPT
+        self._items: OrderedDict[_K, _V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def get(self, key: _K) -> _V | None: ...
+    @overload
+    def get(self, key: _K, default: _V) -> _V: ...
+    def get(self, key: _K, default: _V | None = None) -> _V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                return default
+            self._items.move_to_end(key)
+            return value
+
+    def __setitem__(self, key: _K, value: _V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def pop(self, key: _K, default: _V | None = None) -> _V | None:
+        with self._lock:
+            return self._items.pop(key, default)
 
 
 # --------------------------------------------------------------------------- running
@@ -55,8 +101,9 @@ class SessionRunner:
         self.graph_sizes = sorted(config.cuda_graph_batch_sizes)
         self.device = "cuda" if info.on_gpu else "cpu"
         self.device_id = info.device_id
-        # Output shapes seen for each input shape signature, so outputs can be preallocated.
-        self._output_shapes: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = {}
+        # Output shapes seen for each input shape signature, so outputs can be preallocated (of the
+        # MAX_SHAPES_KEPT input shapes used last).
+        self._output_shapes: RecentlyUsed[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = RecentlyUsed()
         self._graphs: dict[tuple[tuple[int, ...], ...], _CapturedGraph] = {}
         self.sealed = False  # capture_all ran: no more captures
         # The calls' run options (plain and IO binding; without a graph where graphs are on): what

@@ -550,3 +550,47 @@ def test_abort_ends_a_model_call_still_running_so_that_close_returns(
     with pytest.raises(Unavailable, match="shutting down"):
         runner.run_sync(z)
     runner.close()
+
+
+def test_a_model_of_any_input_size_keeps_the_costs_and_output_shapes_of_a_bounded_number_of_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fully convolutional model (Translate at any size, SR's tile sizes) has a batch signature per
+    input size: the runner's costs (_cost_s, _fastest_s, _fastest_with_outputs_s) and its IO binding's
+    output shapes gained an entry per size ever served, bounded only by max_input_pixels (thousands of
+    sizes). Only the MAX_SHAPES_KEPT sizes used last are kept: a size in use all along keeps its
+    measured cost, so its batches still run inline."""
+    from genserve_server import session_runner
+
+    monkeypatch.setattr(session_runner, "MAX_SHAPES_KEPT", 4, raising=False)
+    path = tmp_path / "i2i.onnx"
+    onnx.save(image_to_image_graph(1), str(path))
+    runner = Runner(
+        path,
+        label="i2i",
+        providers=["CPUExecutionProvider"],
+        instances=1,
+        intra_op_threads=1,
+        runtime=RuntimeConfig(io_binding=True),
+        inline_max_s=1.0,  # every measured batch counts as tiny
+    )
+    usual = {"image": np.zeros((1, 3, 8, 8), np.float32)}
+    runner.warm(usual)
+    threads = record_threads(runner)
+
+    async def body() -> None:
+        for side in range(9, 41):
+            await runner.run(None, {"image": np.zeros((1, 3, side, side), np.float32)})
+            await runner.run(None, usual)
+
+    asyncio.run(body())
+    runner.close()
+    kept = {
+        "_cost_s": len(runner._cost_s),
+        "_fastest_s": len(runner._fastest_s),
+        "_fastest_with_outputs_s": len(runner._fastest_with_outputs_s),
+        "_output_shapes": len(runner.session_runners[0]._output_shapes),
+    }
+    assert kept == dict.fromkeys(kept, 4)
+    assert threads[1::2] == ["MainThread"] * 32  # the usual size: measured all along, inline
+    assert all(t.startswith("ort-i2i") for t in threads[0::2])  # each new size: unmeasured, on the pool
