@@ -621,13 +621,14 @@ def choose_model_file(
     version_dir: Path, precision: str, card_json: Mapping[str, Any] | None = None
 ) -> ModelChoice:
     """model.fp16.onnx when fp16 is asked for, present and within the card's fp16 parity; else fp32.
-    Present is anything by that name (a link to one): a FIFO or a directory there is chosen, for the
-    load's sha256 check to refuse naming it, as a twin it cannot read; only no name serves fp32."""
+    Present is anything by that name (a link to one): a FIFO, a directory or a link to nothing there
+    is chosen, for the load's sha256 check to refuse naming it, as a twin it cannot read; only no
+    name serves fp32 (lexists: Path.exists follows a link, and reads a dangling one as absent)."""
     fp32 = ModelChoice(version_dir / "model.onnx", "fp32")
     if precision != "fp16":
         return fp32
     fp16_path = version_dir / "model.fp16.onnx"
-    if not fp16_path.exists():
+    if not os.path.lexists(fp16_path):
         return replace(fp32, reason=f"precision fp16 requested but {fp16_path.name} is absent")
     if card_json is None:
         card_path = version_dir / "card.json"

@@ -781,6 +781,31 @@ def test_a_model_onnx_that_is_not_a_regular_file_is_named_also_beside_an_fp16_tw
         with_repo(root, check)
 
 
+def test_an_fp16_twin_that_is_a_dangling_or_looping_link_is_named_not_read_as_absent(tmp_path: Path) -> None:
+    """A model.fp16.onnx link to nothing (its target deleted) or to itself is a name there, as a FIFO
+    is: with precision fp16 the version is refused naming it, not served fp32 with the warning that
+    no twin was written (Path.exists follows the link and reads both as absent)."""
+    root = tmp_path / "models"
+    twins = {}
+    for name, target in (("dangling", "gone.onnx"), ("looping", "model.fp16.onnx")):
+        version_dir = write_tiny_generator(root, name, config={"precision": "fp16"})
+        card = json.loads((version_dir / "card.json").read_text())
+        card["sha256"]["model.fp16.onnx"] = "0" * 64
+        card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+        (version_dir / "card.json").write_text(json.dumps(card))
+        twins[name] = version_dir / "model.fp16.onnx"
+        twins[name].symlink_to(target)
+
+    def check(repo: Repository) -> None:
+        for name in twins:
+            mv = repo.get(name).versions["1"]
+            assert mv.state == ModelState.UNAVAILABLE, (name, mv.state, mv.precision)
+            assert str(twins[name]) in mv.reason and "absent" not in mv.reason, mv.reason
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_start_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
