@@ -477,9 +477,11 @@ class GenerationCore:
         seed_field: str = "seeds",
         psi_field: str = "truncation_psi",
         reserve: bool = True,
+        rows: Sequence[int] | None = None,
     ) -> Generated:
         """`generate_batch`, encoded; refused before compute where the size could be too large, and
-        its size held against the response budget (`reserve` False: the caller holds it)."""
+        its size held against the response budget (`reserve` False: the caller holds it). `rows`:
+        each image's index in the request (Codec.encode)."""
         card = mv.card
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         n = len(seeds) if z is None and seeds is not None else len(z) if z is not None else 0
@@ -499,6 +501,7 @@ class GenerationCore:
             card.output_range,
             result.outputs.get(PIXELS_OUTPUT),
             timing=call.timing,
+            rows=rows,
         )
         if latent_bytes:  # JPEG and WebP are known only now (the others were checked exactly above)
             self.check_encoded_send_size(images, out.format, latent_bytes)
@@ -564,6 +567,7 @@ class GenerationCore:
                 seeds=[seeds[i] for i in missing],
                 psi=psi,
                 reserve=False,
+                rows=missing,
             )
             batch_sizes = computed.executed_batch_sizes
             # A version unloaded while this call computed (forget_version dropped its entries): none kept.
@@ -617,6 +621,7 @@ class GenerationCore:
                     psi=psi,
                     seed_field="sample.base_seed",
                     psi_field="sample.truncation_psi",
+                    rows=range(start, start + n),
                 )
             except InvalidArgument as exc:
                 if exc.field != "output":
@@ -950,7 +955,7 @@ class GenerationCore:
         """Images of different sizes, one encode each; the whole response checked against the limit."""
         assert mv.card is not None
         images: list[EncodedImage] = []
-        for o in outputs:
+        for i, o in enumerate(outputs):
             images.extend(
                 await self.codec.encode(
                     mv.metrics,
@@ -958,6 +963,7 @@ class GenerationCore:
                     out,
                     mv.card.output_range,
                     timing=call.timing,
+                    rows=(i,),
                 )
             )
         self.check_encoded_send_size(images, out.format)

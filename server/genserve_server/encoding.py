@@ -125,17 +125,20 @@ def _resolve_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | N
         _set_future(future, value, exc)
 
 
-def check_finite(images: np.ndarray, label: str) -> None:
+def check_finite(images: np.ndarray, label: str, rows: Sequence[int] | None = None) -> None:
     """INTERNAL naming `label` (the model) where the model's output holds NaN or infinity (a diverged
     checkpoint, an fp16 graph overflowing): such an image would go out as black pixels or NaN values,
-    answered OK and kept by the image cache. Two SIMD reductions; the details only on failure."""
+    answered OK and kept by the image cache. Two SIMD reductions; the details only on failure.
+    `rows`: each image's index in the request (the cache's misses, a stream's chunk, one image of
+    several sizes), 0..N-1 if None."""
     if images.size == 0 or (np.isfinite(images.min()) and np.isfinite(images.max())):
         return
     finite = np.isfinite(images.reshape(len(images), -1))
-    rows = ", ".join(str(i) for i in np.flatnonzero(~finite.all(axis=1))[:8])
+    bad = np.flatnonzero(~finite.all(axis=1))[:8]
+    shown = ", ".join(str(i if rows is None else rows[i]) for i in bad)
     nan = int(np.count_nonzero(np.isnan(images)))
     raise Internal(
-        f"{label}: the model's output is not finite for image(s) {rows} of the request "
+        f"{label}: the model's output is not finite for image(s) {shown} of the request "
         f"({nan} NaN and {int(finite.size - np.count_nonzero(finite)) - nan} infinite values); "
         "a diverged or overflowing model"
     )
@@ -147,11 +150,12 @@ def encode_sync(
     output_range: tuple[float, float],
     pixels: np.ndarray | None = None,
     label: str = "the model",
+    rows: Sequence[int] | None = None,
 ) -> list[EncodedImage]:
     """float32 [N, C, H, W] model output (or its uint8 [N, H, W, C] `pixels`, converted once per
     executed batch by the runner) -> encoded images. On the loop when small, else on the codec pool.
-    An output that is not finite is no image: INTERNAL naming `label` (check_finite)."""
-    check_finite(images, label)
+    An output that is not finite is no image: INTERNAL naming `label` and `rows` (check_finite)."""
+    check_finite(images, label, rows)
     fmt = out.format
     if fmt == ImageFormat.TENSOR_F32:
         chw = images.astype("<f4", copy=False)
@@ -306,19 +310,21 @@ class Codec:
         output_range: tuple[float, float],
         pixels: np.ndarray | None = None,
         timing: CallTiming | None = None,
+        rows: Sequence[int] | None = None,
     ) -> list[EncodedImage]:
         """Encoded images, refused (InvalidArgument) when they would not fit the send limit;
-        `timing`: the call's, which counts this as its compute_output (KServe statistics)."""
+        `timing`: the call's, which counts this as its compute_output (KServe statistics); `rows`:
+        each image's index in the request, for check_finite's message (0..N-1 if None)."""
         started = time.monotonic()
         if images.dtype != np.float32 and (pixels is None or out.format == ImageFormat.TENSOR_F32):
             images = images.astype(np.float32)  # fp16 graphs
         label = f"model {metrics.model} version {metrics.version}"
         if encodes_inline(images, out, pixels):
-            result = encode_sync(images, out, output_range, pixels, label)
+            result = encode_sync(images, out, output_range, pixels, label, rows)
         else:
             with off_loop_work():
                 result = await self._queue.submit(
-                    functools.partial(encode_sync, images, out, output_range, pixels, label)
+                    functools.partial(encode_sync, images, out, output_range, pixels, label, rows)
                 )
         elapsed_s = time.monotonic() - started
         metrics.encode_duration[out.format_name].observe(elapsed_s)

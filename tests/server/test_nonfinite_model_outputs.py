@@ -100,3 +100,28 @@ def test_a_nan_image_fails_its_request_alone(server: ServerProcess) -> None:
     assert broken.code() == grpc.StatusCode.INTERNAL, broken
     assert isinstance(good, pb.SampleResponse), good
     assert [i.image.data for i in good.images] == [i.image.data for i in alone.images]
+
+
+def test_a_nan_image_is_named_by_its_index_in_the_request_not_among_the_ones_computed(
+    server: ServerProcess,
+) -> None:
+    """The images named are the request's: Sample's image 1, whose image 0 the cache answered (only
+    image 1 was computed, as the first of its batch), and a SampleStream's image 3, the second of its
+    chunk [2, 4); they were named as image 0 and image 1, the index among the rows computed."""
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        stub.Sample(_sample(0, [40]), timeout=30)  # cached
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Sample(pb.SampleRequest(model=MODEL, seeds=[40, 41], labels=[0, 1]), timeout=30)
+        details = str(failed.value.details())
+        assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value
+        assert "image(s) 1 of the request" in details, details
+        stream = pb.SampleStreamRequest(
+            sample=pb.SampleRequest(model=MODEL, count=4, labels=[0, 0, 0, 1]), chunk_size=2
+        )
+        with pytest.raises(grpc.RpcError) as failed:
+            for _ in stub.SampleStream(stream, timeout=30):
+                pass
+        details = str(failed.value.details())
+        assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value
+        assert "image(s) 3 of the request" in details, details
