@@ -11,7 +11,14 @@ Connection flags (--target, --tls, ...) go before or after the command; GENSERVE
 default target.
 """
 
+# ruff: noqa: E402
+# (the entry below comes before the imports it holds the signals for)
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m genserve_client.cli`: the console script's entry, first
+    from genserve_client.__main__ import main as _entry
+
+    raise SystemExit(_entry())
 
 import argparse
 import asyncio
@@ -1448,7 +1455,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) from genserve_client/__main__.py
         _err(stop_line(exc))
         return stop_status(exc)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
