@@ -217,8 +217,10 @@ def check_rows(mv: ModelVersion, card: Card, runner: Runner) -> None:
     """Whether a row comes out bit for bit the same whichever CPU session computes it and whatever
     shares its batch (README.md, "Seeds"). ONNX Runtime's CPU kernels may split a call's work by its
     intra-op threads, and then add up in another order: the bundled cyclegan-digits at 4+ threads
-    gives a batch of one other float bits than the same row beside another. Three calls of at most
-    CHECK_ROWS seeded rows at the warm-up's shape (Runner.compare_rows; one row alone where no batch
+    gives a batch of one other float bits than the same row beside another, and which shapes differ
+    depends on the thread counts (on 8 cores its solo session agrees at the warm-up's 32x32 but not
+    at 16x28). Three calls of at most CHECK_ROWS seeded rows at each of check_feeds' shapes and
+    directions, until both differences are found (Runner.compare_rows; one row alone where no batch
     may hold two: max_batch_size or max_batch_pixels; nor where the narrow session has one intra-op
     thread, which splits no call's work: then only a solo session is compared). Where the solo session
     differs from the narrow one, the version has no solo session (a lone batch runs on a narrow
@@ -234,8 +236,14 @@ def check_rows(mv: ModelVersion, card: Card, runner: Runner) -> None:
         rows = 1
         if runner.solo_session is None:
             return
-    agreement = runner.compare_rows(check_inputs(card, rows))
-    if agreement.solo_diff:
+    solo_diff = batch_diff = 0.0
+    for inputs in check_feeds(card, rows):
+        agreement = runner.compare_rows(inputs)
+        solo_diff = max(solo_diff, agreement.solo_diff or 0.0)
+        batch_diff = max(batch_diff, agreement.batch_diff or 0.0)
+        if (solo_diff or runner.solo_session is None) and (batch_diff or rows == 1):
+            break  # nothing more to find
+    if solo_diff:
         logger.warning(
             "%s: its all-cores solo session (%d intra-op threads) computes a row in other float bits than "
             "the %d-thread session (max |difference| %.3g): no solo session, a lone batch runs on the "
@@ -243,22 +251,56 @@ def check_rows(mv: ModelVersion, card: Card, runner: Runner) -> None:
             mv.label,
             runner.solo_intra_op_threads,
             runner.intra_op_threads,
-            agreement.solo_diff,
+            solo_diff,
         )
         runner.drop_solo_session()
-    if agreement.batch_diff:
+    if batch_diff:
         mv.batch_dependence = (
             f"a row's output depends on what shares its batch: alone it differs by up to "
-            f"{agreement.batch_diff:.3g} from the same row inside a batch (ONNX Runtime CPU kernels "
+            f"{batch_diff:.3g} from the same row inside a batch (ONNX Runtime CPU kernels "
             f"with {runner.intra_op_threads} intra-op threads; fewer may avoid it)"
         )
         logger.warning("%s: %s", mv.label, mv.batch_dependence)
 
 
-def check_inputs(card: Card, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """`batch` rows of seeded random values at the warm-up's shape (warmup_inputs): latents and
-    ws from N(0, 1), images uniform in the card's input range, labels and codes uniform over the
-    classes and the codebook; a two-way translator's direction stays A -> B (one per batch)."""
+def check_feeds(card: Card, batch: int) -> list[dict[str, np.ndarray]]:
+    """check_rows' inputs: `batch` seeded rows at the warm-up's shape and, for a size-free image kind,
+    at CHECK_SHAPES (ONNX Runtime splits a convolution's work by its output's shape), each in both
+    directions of a two-way translator (its two generators)."""
+    shapes: list[tuple[int, int] | None] = [None]
+    if card.image_size is None and card.kind.takes_image:
+        side = warmup_inputs(card, 1)["image"].shape[-1]
+        # No side above the warm-up's (a tile's most: sizes the model takes, within max_batch_pixels),
+        # from a side of at most PROBE_SIDE: cheap beside the warm-up's call for a large tile.
+        base = min(side, -(-max(PROBE_SIDE, card.min_size) // card.size_multiple) * card.size_multiple)
+        for fh, fw in CHECK_SHAPES:
+            shape = tuple(
+                min(side, -(-max(card.min_size, round(base * f)) // card.size_multiple) * card.size_multiple)
+                for f in (fh, fw)
+            )
+            if shape != (side, side) and shape not in shapes:
+                shapes.append((shape[0], shape[1]))
+    directions = (0, 1) if card.kind.two_way else (0,)
+    return [
+        check_inputs(card, batch, seed=i, shape=shape, direction=direction)
+        for i, shape in enumerate(shapes)
+        for direction in directions
+    ]
+
+
+# check_rows' other shapes of a size-free image kind, as fractions of a side (check_feeds): the
+# bundled cyclegan-digits' rows differ between sessions at one of them or at the warm-up's shape on
+# every host of 3 to 32 cores where they differ at any shape tried.
+CHECK_SHAPES = ((0.5, 0.875), (0.875, 0.5), (0.75, 0.75))
+
+
+def check_inputs(
+    card: Card, batch: int, seed: int = 0, *, shape: tuple[int, int] | None = None, direction: int = 0
+) -> dict[str, np.ndarray]:
+    """`batch` rows of seeded random values at the warm-up's shape (warmup_inputs), or images of
+    `shape` (height, width): latents and ws from N(0, 1), images uniform in the card's input range,
+    labels and codes uniform over the classes and the codebook; a two-way translator's direction is
+    `direction` (one per batch; 0: A -> B)."""
     rng = np.random.default_rng(seed)
     int_high = {
         "label": len(card.class_names),
@@ -269,7 +311,10 @@ def check_inputs(card: Card, batch: int, seed: int = 0) -> dict[str, np.ndarray]
     for name, zeros in warmup_inputs(card, batch).items():
         if name == "image":
             low, high = card.input_range or (0.0, 1.0)
-            feeds[name] = rng.uniform(low, high, zeros.shape).astype(zeros.dtype)
+            size = zeros.shape if shape is None else (*zeros.shape[:2], *shape)
+            feeds[name] = rng.uniform(low, high, size).astype(zeros.dtype)
+        elif name == "direction":
+            feeds[name] = np.full(zeros.shape, direction, zeros.dtype)
         elif zeros.dtype.kind == "f":
             feeds[name] = rng.standard_normal(zeros.shape).astype(zeros.dtype)
         elif int_high.get(name, 0) > 1:

@@ -3,11 +3,13 @@ all-cores solo session or an instance's narrow one) ran it -- or the server says
 
 docs/server.md, "Two-way translators", and README.md, "Seeds". The bundled cyclegan-digits
 generator has 16-channel 3x3 convolutions at 14x14 whose ONNX Runtime CPU kernel (MLAS) gives other
-float bits for a batch of one when the session has 4 or more intra-op threads. With `instances: 2`
+float bits for a batch of one when the session has 4 or more intra-op threads (2 or more at some
+image shapes other than the warm-up's 32x32, which shapes depending on the threads). With `instances: 2`
 (what the default models and genserve-export write) a host of C >= 4 cores runs a lone batch on the
 solo session (C threads) and overlapping ones on the narrow sessions (C // 2 threads). The loader
-checks both at load (loader.check_rows): a solo session that computes rows differently is dropped,
-and a row that differs alone and inside a batch is a warning in the log and in GetModel. This 2-core
+checks both at load (loader.check_rows, at several shapes): a solo session that computes rows
+differently is dropped, and a row that differs alone and inside a batch is a warning in the log and
+in GetModel. This 2-core
 machine shows them by loading as on a 4-core host, and with `intra_op_threads: 4`.
 """
 
@@ -18,6 +20,7 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -48,12 +51,16 @@ def _raw(pixels: np.ndarray) -> tpb.Image:
 
 
 def _load_as_on_4_cores(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, runtime: dict[str, object] | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    name: str,
+    runtime: dict[str, object] | None = None,
+    cores: int = 4,
 ) -> ModelVersion:
-    """`name` from models/ loaded as the loader does on a 4-core host: instances 2, narrow session
-    of 2 threads, solo session of 4 (warm-up off: only the load-time check runs)."""
+    """`name` from models/ loaded as the loader does on a 4-core host (or `cores`): instances 2,
+    narrow session of 2 threads, solo session of 4 (warm-up off: only the load-time check runs)."""
     for module in (loader, runner):
-        monkeypatch.setattr(module, "cpu_count", lambda: 4)
+        monkeypatch.setattr(module, "cpu_count", lambda: cores)
     shutil.copytree(REPO_ROOT / "models" / name, tmp_path / name)
     if runtime is not None:
         config = tmp_path / name / "config.json"
@@ -62,8 +69,29 @@ def _load_as_on_4_cores(
     repo.scan()
     mv = repo.get(name).versions["1"]
     loader.load_files(mv, repo.server_config, lambda: None, LoadGate(1))
-    assert mv.runner is not None and mv.runner.session.get_session_options().intra_op_num_threads == 2
+    assert mv.runner is not None
+    assert mv.runner.session.get_session_options().intra_op_num_threads == cores // 2
     return mv
+
+
+def _unchecked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cores: int) -> ModelVersion:
+    """cyclegan-digits loaded as on a host of `cores` cores without the load-time check: its solo
+    session kept, its batch dependence not looked at (the test calls loader.check_rows itself)."""
+    monkeypatch.setattr(loader, "check_rows", lambda *args: None)
+    mv = _load_as_on_4_cores(monkeypatch, tmp_path, MODEL, cores=cores)
+    monkeypatch.undo()
+    assert mv.runner is not None and mv.runner.solo_intra_op_threads == cores
+    return mv
+
+
+def _row(card: Any, h: int, w: int, direction: int, rows: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(h * 1000 + w)
+    image = rng.uniform(0.0, 1.0, (rows, 1, h, w)).astype(np.float32)
+    return {"image": image, "direction": np.full(rows, direction, np.int64)}
+
+
+# Shapes other than the warm-up's 32x32 that cyclegan-digits takes (multiples of 2, >= 8).
+OTHER_SHAPES = ((16, 28), (28, 16), (28, 48), (48, 28), (24, 40), (40, 40))
 
 
 def _solo_vs_narrow(mv: ModelVersion) -> list[tuple[int, float]]:
@@ -94,9 +122,86 @@ def test_a_solo_session_that_computes_rows_differently_is_dropped_at_load(
         assert len(warnings) == 1, warnings
         assert f"model {MODEL} version 1" in warnings[0]
         assert "max |difference| " in warnings[0] and "runtime.solo_session: false" in warnings[0]
-        assert not mv.batch_dependence  # 2 threads: a row alone is the row inside a batch
+        # 2 threads: a row alone is the row inside a batch at 32x32, not at 16x28 (checked too)
+        assert BATCH_WARNING in mv.batch_dependence
     finally:
         assert mv.runner is not None
+        mv.runner.close()
+
+
+def test_a_solo_session_that_differs_only_at_another_shape_than_the_warm_ups_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On an 8-core host cyclegan-digits' 8-thread solo session computes a row at the warm-up's 32x32
+    in the same bits as its 4-thread narrow session, but not at 16x28, 28x48, 48x28...: a lone
+    request of such an image gave other bytes on an idle server (solo) than on a busy one (narrow).
+    The load-time check looks at other shapes too, and drops the solo session."""
+    mv = _unchecked(monkeypatch, tmp_path, cores=8)
+    assert mv.runner is not None and mv.card is not None
+    try:
+        warm = loader.check_inputs(mv.card, 1)
+        assert np.array_equal(
+            mv.runner.run_sync(warm)["output_image"], mv.runner.run_sync(warm, solo=True)["output_image"]
+        )
+        differing = [
+            (h, w)
+            for h, w in OTHER_SHAPES
+            if not np.array_equal(
+                mv.runner.run_sync(_row(mv.card, h, w, 0))["output_image"],
+                mv.runner.run_sync(_row(mv.card, h, w, 0), solo=True)["output_image"],
+            )
+        ]
+        assert differing, "ONNX Runtime computes these rows the same now: the check has nothing to show"
+        loader.check_rows(mv, mv.card, mv.runner)
+        assert mv.runner.solo_session is None
+    finally:
+        mv.runner.close()
+
+
+def test_a_row_that_differs_from_its_batch_only_at_another_shape_than_the_warm_ups_is_reported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On a 4-core host (2 intra-op threads) a cyclegan-digits row at 32x32 is the same alone and
+    batched, but not at 16x28: the load-time check finds it at its other shapes and says so."""
+    mv = _unchecked(monkeypatch, tmp_path, cores=4)
+    assert mv.runner is not None and mv.card is not None
+    try:
+
+        def batch_diff(h: int, w: int) -> float:
+            assert mv.runner is not None
+            two = _row(mv.card, h, w, 0, rows=2)
+            alone = mv.runner.run_sync({name: value[:1] for name, value in two.items()})["output_image"]
+            return float(np.abs(alone - mv.runner.run_sync(two)["output_image"][:1]).max())
+
+        assert batch_diff(32, 32) == 0.0
+        assert [shape for shape in OTHER_SHAPES if batch_diff(*shape)], "nothing to show"
+        loader.check_rows(mv, mv.card, mv.runner)
+        assert BATCH_WARNING in mv.batch_dependence
+    finally:
+        mv.runner.close()
+
+
+def test_a_two_way_translators_b_to_a_rows_are_checked_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A two-way translator has two generators: where only B -> A's rows came out in other bits on
+    the solo session, checking A -> B alone kept it. Simulated: the solo session computes A -> B
+    rows as the narrow one does, and B -> A rows one ulp off."""
+    mv = _unchecked(monkeypatch, tmp_path, cores=4)
+    assert mv.runner is not None and mv.card is not None
+    real = mv.runner.run_sync
+
+    def solo_b_to_a_differs(inputs: Any, solo: bool = False) -> dict[str, np.ndarray]:
+        out = real(inputs)
+        if solo and int(inputs["direction"][0]) == 1:
+            out = {**out, "output_image": np.nextafter(out["output_image"], np.float32(2.0))}
+        return out
+
+    monkeypatch.setattr(mv.runner, "run_sync", solo_b_to_a_differs)
+    try:
+        loader.check_rows(mv, mv.card, mv.runner)
+        assert mv.runner.solo_session is None
+    finally:
         mv.runner.close()
 
 
