@@ -37,7 +37,7 @@ import numpy as np
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
-from genserve_server import codecs, kserve_metadata, kserve_tensors, latents, links, validate
+from genserve_server import codecs, kserve_metadata, kserve_tensors, links, validate
 from genserve_server.batcher import BatchResult, Lane
 from genserve_server.boundary import Boundary, Context, echo_request_id
 from genserve_server.config import KINDS, Card, Kind, TensorSpec
@@ -403,12 +403,12 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             rows_field = "inputs[z].shape[0]"
             n = validate.count(len(z), rows_field, limit, limit_name)
             return LatentPlan(n, self._label_rows(card, n, label_tensor, label_param), rows_field, z=z)
-        psi = validate.psi(psi, "parameters[truncation_psi]")
-        if psi is not None:  # genserve.v1's truncation_psi is a proto float: the same float32 value here
-            # Its cost first, on the double the client sent: a psi such as 1e-300 is 0.0 as float32,
-            # and core's check would then name 0.0, a value the client never sent.
-            latents.check_truncation_psi(psi, card.latent_dim, field="parameters[truncation_psi]")
-            psi = float(np.float32(psi))
+        if psi is not None:
+            # genserve.v1's truncation_psi is a proto float: the same float32 value here, checked as
+            # that value (1e-300 is 0.0, 10.0000001 is 10.0), a refusal naming what the client sent.
+            with np.errstate(over="ignore"):
+                as_float32 = float(np.float32(psi))
+            psi = validate.psi(as_float32, "parameters[truncation_psi]", sent=psi)
         if count is None and label_tensor is not None:  # one image per label: the count comes from the tensor
             rows_field = "inputs[label].shape[0]"
             n = validate.count(len(label_tensor), rows_field, limit, limit_name)

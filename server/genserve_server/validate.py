@@ -94,17 +94,21 @@ def count(n: int, field: str, limit: int, limit_name: str = "max_images_per_requ
     return n
 
 
-def psi(value: float | None, field: str = "truncation_psi", *, w_space: bool = False) -> float | None:
+def psi(
+    value: float | None, field: str = "truncation_psi", *, w_space: bool = False, sent: float | None = None
+) -> float | None:
     """None when not given; else a finite psi in (0, MAX_PSI], or [0, MAX_PSI] for truncation in w
-    space (a style generator: psi 0 is the mean w itself)."""
+    space (a style generator: psi 0 is the mean w itself). `sent`: what the client sent when `value`
+    is its float32 rounding (KServe's double parameter), named in the refusal."""
     if value is None:
         return None
+    got = repr(value) if sent is None or sent == value else f"{sent!r} ({value!r} as a float32)"
     if w_space:
         if not (0.0 <= value <= MAX_PSI) or not math.isfinite(value):
-            raise invalid(field, f"must be in [0, {MAX_PSI:g}] (truncation in w space), got {value!r}")
+            raise invalid(field, f"must be in [0, {MAX_PSI:g}] (truncation in w space), got {got}")
         return float(value)
     if not (0.0 < value <= MAX_PSI) or not math.isfinite(value):
-        raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {value!r}")
+        raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {got}")
     return float(value)
 
 

@@ -405,16 +405,25 @@ def test_a_truncation_psi_parameter_is_the_float32_genserve_v1_uses(
     np.testing.assert_allclose(got, expected.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_a_truncation_psi_that_rounds_to_zero_as_float32_is_refused_naming_the_value_sent(
-    stub: kpb_grpc.GRPCInferenceServiceStub,
+def test_a_truncation_psi_parameter_is_checked_as_the_float32_it_becomes_naming_the_value_sent(
+    stub: kpb_grpc.GRPCInferenceServiceStub, tiny_server: Any
 ) -> None:
-    """1e-300 is in (0, 10] as the double the client sent but 0.0 as genserve.v1's float32: refused
-    as too small, naming 1e-300, not as 'got 0.0', a value the client never sent."""
+    """Both protocols check the float32 psi: 10.0000001 is 10.0 as a float32, accepted by Sample (a
+    proto float) and by ModelInfer alike, with the same image; 1e-300 is 0.0 as a float32, refused
+    naming the 1e-300 the client sent, not a 0.0 it never sent."""
+    raw = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        sample = pb_grpc.GenerationServiceStub(channel).Sample
+        v1 = sample(pb.SampleRequest(model=GEN, seeds=[5], truncation_psi=10.0000001, output=raw), timeout=30)
     request = kpb.ModelInferRequest(model_name=GEN)
+    request.parameters["seed"].int64_param = 5
+    request.parameters["truncation_psi"].double_param = 10.0000001
+    got = stub.ModelInfer(request, timeout=30).raw_output_contents[0]
+    assert got == v1.images[0].image.data
     request.parameters["truncation_psi"].double_param = 1e-300
     details = _invalid(stub, request)
-    assert details.startswith("parameters[truncation_psi]: psi=1e-300 is too small"), details
-    assert "got 0.0" not in details, details
+    assert details.startswith("parameters[truncation_psi]: must be in (0, 10]"), details
+    assert "1e-300" in details and "got 0.0" not in details, details
 
 
 def test_classification_outputs_are_refused_not_ignored(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
