@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -530,6 +531,17 @@ def test_abort_ends_a_model_call_still_running_so_that_close_returns(
     )
     z = {"z": np.zeros((1, TINY_LATENT), np.float32)}
     failed: list[BaseException] = []
+    # The abort must come once the model call is running, not before it starts (a call begun after
+    # abort fails on ONNX Runtime's terminate flag too): the call says when it enters the model, and
+    # the test waits until its thread has then spent CPU time in it.
+    entered = threading.Event()
+    model_call = runner._model_call
+
+    def entering(feeds: dict[str, np.ndarray], solo: bool) -> list[object]:
+        entered.set()
+        return model_call(feeds, solo)
+
+    runner._model_call = entering  # type: ignore[method-assign]
 
     def call() -> None:
         try:
@@ -539,8 +551,15 @@ def test_abort_ends_a_model_call_still_running_so_that_close_returns(
 
     computing = threading.Thread(target=call)
     computing.start()
-    computing.join(0.5)
-    assert computing.is_alive(), "the call must still be computing"
+    assert entered.wait(30), "the call never reached the model"
+    assert computing.ident is not None
+    cpu_clock = time.pthread_getcpuclockid(computing.ident)
+    at_entry = time.clock_gettime(cpu_clock)
+    deadline = time.monotonic() + 30
+    while time.clock_gettime(cpu_clock) - at_entry < 0.05:  # CPU time in the model call, not wall time
+        assert computing.is_alive() and time.monotonic() < deadline, "the call must still be computing"
+        time.sleep(0.01)
+    assert computing.is_alive() and not failed, "the call must still be computing"
     runner.abort()
     computing.join(30)
     assert not computing.is_alive(), "abort must end the running call"
