@@ -4,6 +4,7 @@ series, latency histograms only for the methods a model's kind serves, and the r
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -253,15 +254,36 @@ def test_an_unloaded_versions_counts_stay_for_a_scrape_then_go(monkeypatch: pyte
     asyncio.run(scenario())
 
 
+class VirtualTimers:
+    """The running loop's call_later, on a clock the test moves: what is due runs in the order of
+    its time when the test says the time has come, however late a loaded machine runs the loop."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._due: list[tuple[float, int, Callable[..., object], tuple[object, ...]]] = []
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: object) -> None:
+        self._due.append((self.now + delay, len(self._due), callback, args))
+
+    def advance_to(self, moment: float) -> None:
+        while due := sorted(entry for entry in self._due if entry[0] <= moment):
+            self._due.remove(due[0])
+            self.now = due[0][0]
+            due[0][2](*due[0][3])
+        self.now = moment
+
+
 def test_a_version_unloaded_again_keeps_its_counts_a_full_grace_after_its_last_unload(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Version 1 unloads, loads again (a rollback) and unloads again within SERIES_GRACE_S: the first
     unload's removal must not take the counts of the second copy a moment after its unload; they
     stay SERIES_GRACE_S after the last one."""
-    monkeypatch.setattr(metrics_module, "SERIES_GRACE_S", 0.4)
+    grace_s = metrics_module.SERIES_GRACE_S
+    timers = VirtualTimers()
 
     async def scenario() -> None:
+        monkeypatch.setattr(asyncio.get_running_loop(), "call_later", timers.call_later)
         metrics = Metrics()
 
         def counted() -> list[str]:
@@ -269,15 +291,17 @@ def test_a_version_unloaded_again_keeps_its_counts_a_full_grace_after_its_last_u
             return [x for x in lines if x.startswith("genserve_requests_total") and 'version="1"' in x]
 
         first = metrics.for_model("gen", "1", 8, "generator")
-        metrics.forget_version(first)  # t = 0: removal due at 0.4
-        await asyncio.sleep(0.1)
+        metrics.forget_version(first)  # t = 0: removal due at grace_s
+        timers.advance_to(grace_s / 4)
         second = metrics.for_model("gen", "1", 8, "generator")  # loaded again
-        await asyncio.sleep(0.2)
+        timers.advance_to(grace_s * 3 / 4)
         second.request_done("Sample", "OK", 0.01)
-        metrics.forget_version(second)  # t = 0.3: its counts stay until 0.7
-        await asyncio.sleep(0.2)  # t = 0.5: the first unload's removal is past due
-        assert counted(), "the second copy's counts went 0.2 s after its unload, not SERIES_GRACE_S"
-        await asyncio.sleep(0.4)
+        metrics.forget_version(second)  # its counts stay until 1.75 grace_s
+        timers.advance_to(grace_s * 5 / 4)  # the first unload's removal is past due
+        assert counted(), "the second copy's counts went half a grace after its unload, not SERIES_GRACE_S"
+        timers.advance_to(grace_s * 7 / 4 - 1e-6)
+        assert counted(), "the second copy's counts went before SERIES_GRACE_S had passed"
+        timers.advance_to(grace_s * 7 / 4)
         assert counted() == []
 
     asyncio.run(scenario())
