@@ -26,17 +26,20 @@ from genserve_contract.kinds import (
     TensorDecl,
 )
 from genserve_contract.repository import (
+    ACTIVATION_BYTES_FIELD,
     CARD_FORMAT_VERSION,
     FP16_ATOL,
     FP32_ATOL,
     NAME_PATTERN,
     VERSION_PATTERN,
+    activation_bytes_problem,
     latest_version_dir,
     sha256_file,
 )
 from genserve_contract.runtime import RuntimeConfig, RuntimeConfigError, parse_runtime_config
 
 __all__ = [
+    "ACTIVATION_BYTES_FIELD",
     "CARD_FORMAT_VERSION",
     "CONFIG_FIELDS",
     "FP16_ATOL",
@@ -59,6 +62,7 @@ __all__ = [
     "RuntimeConfigError",
     "TensorDecl",
     "VersionPolicy",
+    "activation_bytes_problem",
     "export_config",
     "parse_model_config",
     "parse_runtime_config",

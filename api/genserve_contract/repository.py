@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import re
 import stat
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 # A model directory name (what clients send) and a version directory name.
 NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -19,6 +20,26 @@ FP32_ATOL: Final = 1e-4
 # Largest |fp16 - fp32| for model.fp16.onnx: export writes it only within this, and the server's
 # load-time check serves fp32 beyond it (config.json runtime.fp16_atol may change the latter).
 FP16_ATOL: Final = 1e-2
+# card.json's optional field of the image kinds (super_resolution, image_to_image, two_way_translator):
+# the bytes the graph's intermediate tensors hold at their peak in one call, per value of its output
+# (C x H x W), as export counts them from the graph (genserve_export.onnx_utils.activation_bytes). The
+# server sizes a call's working set on the CPU provider from it; absent (older cards): a constant.
+ACTIVATION_BYTES_FIELD: Final = "activation_bytes_per_output_value"
+
+
+def activation_bytes_problem(value: Any) -> str | None:
+    """What is wrong with a card's ACTIVATION_BYTES_FIELD: None where it is absent (null) or a finite
+    number > 0, else what it must be."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        return f"must be a finite number > 0 (bytes per output value) or null, got {value!r}"
+    return None
 
 
 def latest_version_dir(entry: Path) -> Path | None:

@@ -7,7 +7,13 @@ from typing import Any
 
 from genserve_contract.config import ConfigError, export_config, is_int, is_number, parse_model_config
 from genserve_contract.kinds import KIND_NAMES, Kind
-from genserve_contract.repository import CARD_FORMAT_VERSION, NAME_PATTERN, VERSION_PATTERN
+from genserve_contract.repository import (
+    ACTIVATION_BYTES_FIELD,
+    CARD_FORMAT_VERSION,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    activation_bytes_problem,
+)
 
 # Every field a card carries, in the order it is written. Fields that do not apply to a kind are
 # written as null so that a reader can rely on the key being present.
@@ -294,6 +300,8 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
         or domains[0] == domains[1]
     ):
         problems.append(f"{where}: field 'domains' must be two different names [A, B], got {domains!r}")
+    if problem := activation_bytes_problem(card.get(ACTIVATION_BYTES_FIELD)):
+        problems.append(f"{where}: field {ACTIVATION_BYTES_FIELD!r} {problem}")
     return problems
 
 

@@ -1,4 +1,4 @@
-"""``genserve-export``: train, build-defaults, import-rrdn, verify."""
+"""``genserve-export``: train, build-defaults, import-rrdn, verify, count-activations."""
 
 from __future__ import annotations
 
@@ -215,6 +215,13 @@ def _parser() -> argparse.ArgumentParser:
         help="report quality but do not fail on the card's thresholds (undertrained models)",
     )
     verify.add_argument("--no-quality", action="store_true", help="skip recomputing quality")
+
+    count = sub.add_parser(
+        "count-activations",
+        help="write activation_bytes_per_output_value (counted from model.onnx) into the card.json of "
+        "every super_resolution, image_to_image and two_way_translator version of a repository",
+    )
+    count.add_argument("path", type=Path, help="the repository")
     return parser
 
 
@@ -536,6 +543,42 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _verify_and__say(args.out, grids=None, thresholds=True, quality=True)
 
 
+def _count_activations(path: Path) -> int:
+    """card.json's activation_bytes_per_output_value for the versions already exported (cards written
+    before the field): counted from each version's model.onnx and written into its card by a rename.
+    The model files and the card's sha256 (which covers them, not the card) are untouched."""
+    import json
+
+    from genserve_contract.kinds import Kind
+    from genserve_contract.repository import ACTIVATION_BYTES_FIELD
+    from genserve_export.activations import annotate_version
+
+    if not path.is_dir():
+        sys.stderr.write(f"genserve-export count-activations: error: {path} is not a directory\n")
+        return 2
+    failed = 0
+    for model in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for version in sorted(p for p in model.iterdir() if VERSION_PATTERN.match(p.name)):
+            card_path = version / "card.json"
+            if not card_path.is_file() or not (version / "model.onnx").is_file():
+                continue
+            try:
+                kind = Kind(json.loads(card_path.read_text()).get("kind"))
+            except (ValueError, AttributeError):
+                continue  # not a card this command reads; verify names it
+            if not (kind.tiled or kind.translates):
+                continue
+            try:
+                value, old = annotate_version(version)
+            except (ExportError, OSError, ValueError) as exc:
+                sys.stderr.write(f"genserve-export count-activations: {model.name}/{version.name}: {exc}\n")
+                failed += 1
+                continue
+            was = "" if old is None else f" (was {old})"
+            _say(f"{model.name}/{version.name}: {ACTIVATION_BYTES_FIELD} {value}{was}")
+    return 1 if failed else 0
+
+
 def _verify_and__say(path: Path, *, grids: Path | None, thresholds: bool, quality: bool) -> int:
     from genserve_export.verify import verify_repository
 
@@ -573,6 +616,8 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return _build_defaults(args, argv)
         if args.command == "import-rrdn":
             return _import_rrdn(args, argv)
+        if args.command == "count-activations":
+            return _count_activations(args.path)
     except (ExportError, MissingDataError, FashionDataError) as exc:
         # What the user can fix (a package without that model, data not fetched, a module the
         # kind refuses): its message, not a traceback.

@@ -22,6 +22,7 @@ from torch import nn
 
 from genserve_contract.kinds import KIND_NAMES, Kind
 from genserve_contract.repository import (
+    ACTIVATION_BYTES_FIELD,
     CARD_FORMAT_VERSION,
     FP16_ATOL,
     FP32_ATOL,
@@ -29,6 +30,7 @@ from genserve_contract.repository import (
     VERSION_PATTERN,
     sha256_file,
 )
+from genserve_export.activations import ActivationCountError, card_activation_bytes
 from genserve_export.card import (
     CARD_FIELDS,
     STYLE_CARD_FIELDS,
@@ -140,6 +142,7 @@ def export_model(
             inputs_sig, outputs_sig = graph_signature(sess)
             _check_dynamic_axes(spec, inputs_sig, outputs_sig)
             fp32_diff = _parity(sess, cases, expected, atol=FP32_ATOL, label="fp32")
+            derived = _with_activation_bytes(spec, derived, fp32_path, name)
 
             fp16_diff: float | None = None
             fp16_note: str | None = None
@@ -735,6 +738,20 @@ def _export_fp16(
 # --- card and files --------------------------------------------------------------------------
 
 
+def _with_activation_bytes(spec: Kind, derived: dict[str, Any], model: Path, name: str) -> dict[str, Any]:
+    """`derived` with ACTIVATION_BYTES_FIELD for the kinds that take an image and give one
+    (super_resolution and the Translate kinds): the server sizes their calls' working sets from it.
+    A graph it cannot be counted for keeps the card without it (the server's constant), warned."""
+    if not (spec.tiled or spec.translates):
+        return derived
+    try:
+        value = card_activation_bytes(derived, model)
+    except ActivationCountError as exc:
+        logger.warning("%s: card.json gets no %s: %s", name, ACTIVATION_BYTES_FIELD, exc)
+        return derived
+    return {**derived, ACTIVATION_BYTES_FIELD: value}
+
+
 def _assemble_card(
     card_in: Mapping[str, Any],
     derived: Mapping[str, Any],
@@ -782,7 +799,7 @@ def _assemble_card(
         "torch_version": torch.__version__,
     }
     full = {key: values.get(key) for key in CARD_FIELDS}
-    for key in STYLE_CARD_FIELDS:  # the style kinds' own fields, after the standard ones
+    for key in (*STYLE_CARD_FIELDS, ACTIVATION_BYTES_FIELD):  # the kinds' own, after the standard ones
         if key in derived:
             full[key] = derived[key]
     for key, value in card_in.items():  # extra, caller-defined fields are kept after the standard ones

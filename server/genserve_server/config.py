@@ -22,7 +22,7 @@ from genserve_contract.config import ModelConfig as ModelConfig
 from genserve_contract.config import VersionPolicy as VersionPolicy
 from genserve_contract.kinds import KIND_NAMES
 from genserve_contract.kinds import Kind as Kind
-from genserve_contract.repository import read_regular_text
+from genserve_contract.repository import ACTIVATION_BYTES_FIELD, activation_bytes_problem, read_regular_text
 from genserve_server.errors import GenserveError
 from genserve_server.idle_spin import DEFAULT_WINDOW_S as IDLE_SPIN_DEFAULT_S
 from genserve_server.idle_spin import MAX_WINDOW_S as IDLE_SPIN_MAX_S
@@ -472,6 +472,10 @@ class Card:
     w_avg: tuple[float, ...] | None = None
     # two_way_translator: the names of domains A and B (Translate's direction A_TO_B maps A to B).
     domains: tuple[str, str] | None = None
+    # Image kinds: the graph's intermediates at their peak, bytes per output value, as export counted
+    # them (genserve_contract.ACTIVATION_BYTES_FIELD); None: not in the card (tiling.working_set_bytes
+    # then counts its constant).
+    activation_bytes_per_output_value: float | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -529,6 +533,13 @@ def _domains(r: _Reader, kind: Kind) -> tuple[str, str] | None:
     ):
         raise r.error("domains", f"must be two different non-empty names [A, B], got {value!r}")
     return str(value[0]), str(value[1])
+
+
+def _activation_bytes(r: _Reader) -> float | None:
+    value = r.raw(ACTIVATION_BYTES_FIELD)
+    if problem := activation_bytes_problem(value):
+        raise r.error(ACTIVATION_BYTES_FIELD, problem)
+    return None if value is None else float(value)
 
 
 def _range(r: _Reader, key: str, required: bool) -> tuple[float, float] | None:
@@ -615,7 +626,12 @@ def load_card(path: Path) -> Card:
         w_dim=r.integer("w_dim", 0, min_value=1) or None,
         num_layers=r.integer("num_layers", 0, min_value=2) or None,
     )
-    card = dataclasses.replace(card, w_avg=_w_avg(r, card.w_dim), domains=_domains(r, kind))
+    card = dataclasses.replace(
+        card,
+        w_avg=_w_avg(r, card.w_dim),
+        domains=_domains(r, kind),
+        activation_bytes_per_output_value=_activation_bytes(r),
+    )
     if (kind.takes_latent or kind.styled) and card.latent_dim is None:
         raise r.error("latent_dim", f"is required for kind {kind}")
     if kind.conditional and not card.class_names:

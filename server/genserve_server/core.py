@@ -62,6 +62,7 @@ from genserve_server.errors import (
 from genserve_server.image_cache import ImageCache, image_key, loaded_versions
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
+from genserve_server.providers import CPU as CPU_PROVIDER
 from genserve_server.repository import ModelVersion, Repository
 from genserve_server.response_budget import ByteBudget, Reservation
 from genserve_server.step_sampler import StepScheduler
@@ -811,7 +812,7 @@ class GenerationCore:
         channels = card.input_channels or card.channels
         tile_shapes = {(channels, t.h, t.w) for plan in plans for t in plan}
         most_rows = max(mv.batcher.most_rows(TileRows(shape)) for shape in tile_shapes)
-        working_set = image_working_set(card, sizes, sides, plans, out, most_rows)
+        working_set = image_working_set(card, sizes, sides, plans, out, most_rows, on_cpu=on_cpu(mv))
         # The working set first: a call waiting for it holds no response bytes, or a burst of
         # SuperResolves would hold the server-wide response budget every other RPC needs.
         async with self.holding_working_set(call, card, working_set, "SuperResolve"):
@@ -858,6 +859,7 @@ class GenerationCore:
             [tiling.whole_image(h, w) for h, w in padded],
             out,
             max(mv.batcher.most_rows(image_batch_key(card, shape, direction)) for shape in shapes),
+            on_cpu=on_cpu(mv),
         )
 
     async def _decode_declared(
@@ -1079,6 +1081,11 @@ def sampled_z(label: str, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -
     return z
 
 
+def on_cpu(mv: ModelVersion) -> bool:
+    """Whether `mv`'s sessions run on ONNX Runtime's CPU provider (its intermediates in host memory)."""
+    return mv.provider == CPU_PROVIDER
+
+
 def image_working_set(
     card: Card,
     sizes: Sequence[tuple[int, int]],
@@ -1086,10 +1093,14 @@ def image_working_set(
     plans: Sequence[Sequence[tiling.Tile]],
     out: OutputSpec,
     batch_rows: int,
+    *,
+    on_cpu: bool = False,
 ) -> int:
     """tiling.working_set_bytes of a SuperResolve (its tile plans) or a Translate (a whole_image plan
     an image) of images of `sizes` (h, w) padded to `padded`, batched `batch_rows` rows at most:
-    sized before they are decoded (declared_sizes)."""
+    sized before they are decoded (declared_sizes). `on_cpu` (the model's sessions run on the CPU
+    provider): the card's activation_bytes_per_output_value, where it has one, sizes the model's
+    intermediates (tiling.computing_copies)."""
     in_channels = card.input_channels or card.channels
     return tiling.working_set_bytes(
         plans,
@@ -1106,6 +1117,7 @@ def image_working_set(
         encode_bytes_per_value=(
             0 if out.format == codecs.ImageFormat.TENSOR_F32 else tiling.ENCODE_BYTES_PER_VALUE
         ),
+        computing_copies=tiling.computing_copies(card.activation_bytes_per_output_value, on_cpu),
     )
 
 

@@ -29,6 +29,7 @@ starts must be multiples of the network's period: pass it as ``size_multiple``; 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -188,8 +189,16 @@ def _axis_weights(
 
 # A batch's model call holds, besides each tile's float32 output, about as many bytes again per
 # intermediate tensor at output resolution (upsampling stages, the skip path, the sum): counted as
-# this many output-sized copies per tile being computed. An estimate for the working-set budget.
+# this many output-sized copies per tile being computed. An estimate for the working-set budget, for
+# a card that does not count its graph's intermediates (activation_bytes_per_output_value) and for
+# sessions on a GPU (their intermediates are device memory).
 TILE_OUTPUT_COPIES = 4
+# On the CPU provider, peak RSS rise of one call / the graph's live intermediates as export counts
+# them (card.json's activation_bytes_per_output_value): 1.86 (sr-photos-x4), 2.05 (unet-denoise),
+# 2.10 (pix2pix-colorize), the server's session options (full optimisation, the CPU arena), one image
+# of 256-512 px. The arena rounds its blocks up and the optimised graph's kernels keep buffers of
+# their own (padded copies, im2col) beside the graph's tensors. docs/operations.md, Memory budgets.
+ORT_CPU_FACTOR = 2.0
 # Encoding one output image to uint8 pixels (codecs.to_uint8) holds a float32 scaled copy of it, its
 # uint8 cast and the interleaved uint8 image at once: bytes per output value (C x H x W). TENSOR_F32
 # has none: its bytes are the response's, which the response budget holds.
@@ -202,6 +211,16 @@ def whole_image(h: int, w: int) -> list[Tile]:
     return [Tile(0, 0, h, w, 0, 0, h, w, 0, 0)]
 
 
+def computing_copies(activation_bytes_per_output_value: float | None, on_cpu: bool) -> float:
+    """Output-sized float32 copies a model call holds besides its output (working_set_bytes'
+    `computing_copies`): on the CPU provider, where the card counts its graph's intermediates, that
+    count times ORT_CPU_FACTOR (at least the constant's); else TILE_OUTPUT_COPIES - 1."""
+    constant = float(TILE_OUTPUT_COPIES - 1)
+    if activation_bytes_per_output_value is None or not on_cpu:
+        return constant
+    return max(constant, ORT_CPU_FACTOR * activation_bytes_per_output_value / 4)
+
+
 def working_set_bytes(
     plans: Sequence[Sequence[Tile]],
     sizes: Sequence[tuple[int, ...]],
@@ -212,6 +231,7 @@ def working_set_bytes(
     *,
     input_bytes: int = 0,
     encode_bytes_per_value: int = ENCODE_BYTES_PER_VALUE,
+    computing_copies: float = TILE_OUTPUT_COPIES - 1,
 ) -> int:
     """Estimated peak bytes of upscaling images of `sizes` (h, w) cut by `plans` (Translate: `scale`
     1, each image one tile of `whole_image`, as the model takes it). Held throughout:
@@ -222,7 +242,9 @@ def working_set_bytes(
     tile), all blended before the first encode, and the encode's copies of the largest output image
     (`encode_bytes_per_value` bytes a value: ENCODE_BYTES_PER_VALUE, 0 for TENSOR_F32). Counting
     only the first phase's intermediates and the canvases, the encode's copies went uncounted: with
-    a small max_batch_size the allocations measured at the encode were 1.3-1.6x the estimate."""
+    a small max_batch_size the allocations measured at the encode were 1.3-1.6x the estimate.
+    The intermediates are `computing_copies` output-sized float32 copies a tile (computing_copies:
+    the card's count of its graph's on the CPU provider, else TILE_OUTPUT_COPIES - 1)."""
     tiles = 0
     canvases = 0
     largest_image = 0
@@ -236,7 +258,7 @@ def working_set_bytes(
             canvases += 4 * (out_channels + 1) * h * w * scale * scale
         largest_image = max(largest_image, out_channels * h * w * scale * scale)
     largest = sorted(outputs, reverse=True)[: max(batch_tiles, 1)]
-    computing = (TILE_OUTPUT_COPIES - 1) * sum(largest)
+    computing = math.ceil(computing_copies * sum(largest))
     encoding = canvases + encode_bytes_per_value * largest_image
     return input_bytes + tiles + max(computing, encoding)
 

@@ -209,6 +209,90 @@ def test_user_fully_convolutional_module_has_dynamic_size(tmp_path: Path) -> Non
     assert verify_repository(tmp_path).ok
 
 
+class WideConvs(nn.Module):
+    """RGB -> 32 -> 32 -> RGB channels, 3x3 convolutions and nothing between them: the two 32-channel
+    intermediates are live together while the second is computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.Conv2d(32, 3, 3, padding=1),
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.c(self.b(self.a(image))))
+
+
+def test_an_image_models_card_counts_its_graphs_intermediates_per_output_value(tmp_path: Path) -> None:
+    """card.json said nothing of a graph's intermediates, so the server counted every image model's
+    as 3 output-sized copies (pix2pix-colorize's hold 22, unet-denoise's 43). Export now writes
+    activation_bytes_per_output_value, counted from the graph (nodes in order, each value live from
+    its node to its last reader), and `count-activations` adds it to a version exported before it,
+    leaving the model files (and the card's sha256 of them) as they were."""
+    path = export_model(
+        WideConvs(),
+        kind="image_to_image",
+        name="wide",
+        out_dir=tmp_path,
+        fp16=False,
+        example_inputs={"image": np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)},
+        card={"description": "wide", "output_range": [0, 1], "input_range": [0, 1]},
+    )
+    card = json.loads((path / "card.json").read_text())
+    # At S x S: the peak is while b runs, a's and b's outputs (32 channels each, float32) live:
+    # 2 * 32 * S^2 * 4 bytes over 3 * S^2 output values.
+    assert card["activation_bytes_per_output_value"] == round(2 * 32 * 4 / 3, 3)
+    assert verify_repository(tmp_path, recompute_quality=False).ok
+
+    model_bytes = (path / "model.onnx").read_bytes()
+    del card["activation_bytes_per_output_value"]  # as exported before the field
+    (path / "card.json").write_text(json.dumps(card, indent=2))
+    assert cli_main(["count-activations", str(tmp_path)]) == 0
+    counted = json.loads((path / "card.json").read_text())
+    assert counted == {**card, "activation_bytes_per_output_value": round(2 * 32 * 4 / 3, 3)}
+    assert (path / "model.onnx").read_bytes() == model_bytes
+    assert verify_repository(tmp_path, recompute_quality=False).ok
+
+
+def test_a_two_way_translators_count_is_its_larger_generators() -> None:
+    """A two_way_translator's graph picks its generator with an If, which shape inference does not
+    see into: each branch is counted inlined, and the larger one is the card's."""
+    from onnx import TensorProto, helper
+
+    from genserve_export.activations import activation_bytes
+
+    def branch(name: str, width: int) -> object:
+        weights = [
+            helper.make_tensor(f"{name}_k1", TensorProto.FLOAT, [width, 1, 1, 1], [0.5] * width),
+            helper.make_tensor(f"{name}_k2", TensorProto.FLOAT, [1, width, 1, 1], [0.5] * width),
+        ]
+        nodes = [
+            helper.make_node("Conv", ["image", f"{name}_k1"], [f"{name}_wide"]),
+            helper.make_node("Conv", [f"{name}_wide", f"{name}_k2"], [f"{name}_out"]),
+        ]
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)
+        return helper.make_graph(nodes, name, [], [out], weights)
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, "h", "w"])
+    direction = helper.make_tensor_value_info("direction", TensorProto.INT64, ["n"])
+    output = helper.make_tensor_value_info("output_image", TensorProto.FLOAT, ["n", 1, "h", "w"])
+    nodes = [
+        helper.make_node("Gather", ["direction", "zero"], ["first"], axis=0),
+        helper.make_node("Equal", ["first", "zero"], ["a_to_b"]),
+        helper.make_node(
+            "If", ["a_to_b"], ["output_image"], then_branch=branch("ab", 4), else_branch=branch("ba", 8)
+        ),
+    ]
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+    graph = helper.make_graph(nodes, "two-way", [image, direction], [output], [zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # The wider branch: its 8-channel value and the 1-channel output at once, over 1 value a pixel.
+    assert activation_bytes(model, 32) == (8 + 1) * 4
+
+
 # --- bad input: one clear exception, nothing written -----------------------------------------
 
 

@@ -148,3 +148,42 @@ def test_the_contract_imports_no_torch_onnxruntime_or_protobuf() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+ACTIVATION_VALUES: list[tuple[Any, bool]] = [
+    ("absent", True),
+    (None, True),
+    (25.333, True),
+    (4, True),
+    (0, False),
+    (-1.5, False),
+    ("25", False),
+    (True, False),
+    (float("inf"), False),
+    (float("nan"), False),
+]
+
+
+@pytest.mark.parametrize(("value", "valid"), ACTIVATION_VALUES, ids=lambda v: repr(v))
+def test_activation_bytes_per_output_value_is_optional_and_both_sides_refuse_one_not_finite_and_positive(
+    tmp_path: Path, value: Any, valid: bool
+) -> None:
+    """card.json's activation_bytes_per_output_value (export counts it, the server sizes working sets
+    from it): a card without it (every card before it) stays valid; one that is not a finite number
+    > 0 is refused by export's check and by the server's load alike, naming the field."""
+    field = "activation_bytes_per_output_value"
+    card = json.loads((Path(__file__).parents[2] / "models/sr-photos-x4/1/card.json").read_text())
+    card.pop(field, None)
+    if value != "absent":
+        card[field] = value
+    problems = export_card.validate_card(card)
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    if valid:
+        assert problems == []
+        read = server_config.load_card(path)
+        assert read.activation_bytes_per_output_value == (None if value in ("absent", None) else value)
+    else:
+        assert len(problems) == 1 and field in problems[0], problems
+        with pytest.raises(server_config.ConfigError, match=field):
+            server_config.load_card(path)
