@@ -216,7 +216,7 @@ CHECK_ROWS = 2
 def check_rows(mv: ModelVersion, card: Card, runner: Runner) -> None:
     """Whether a row comes out bit for bit the same whichever CPU session computes it and whatever
     shares its batch (README.md, "Seeds"). ONNX Runtime's CPU kernels may split a call's work by its
-    intra-op threads, and then add up in another order: the bundled cyclegan-digits at 4+ threads
+    intra-op threads, and then add up in another order: the bundled cyclegan-digits at 2+ threads
     gives a batch of one other float bits than the same row beside another, and which shapes differ
     depends on the thread counts (on 8 cores its solo session agrees at the warm-up's 32x32 but not
     at 16x28). Three calls of at most CHECK_ROWS seeded rows at each of check_feeds' shapes and

@@ -154,3 +154,26 @@ def test_model_repository_md_names_every_card_field_a_default_card_leaves_out() 
         for card in cards
     }
     assert {card: missing for card, missing in unnamed.items() if missing} == {}
+
+
+def test_every_doc_gives_the_same_thread_count_for_cyclegan_digits_batch_dependence() -> None:
+    """ca99df9 checks rows at smaller shapes too, which finds the bundled cyclegan-digits' batch of
+    one in other float bits from 2 intra-op threads on (at 16x28): README.md and docs/server.md's
+    "Rows alone or batched" say 2+, but docs/server.md's two-way translator section still said "4 or
+    more intra-op threads" (and loader.check_rows' docstring "at 4+ threads")."""
+    from genserve_server import loader
+
+    texts = {
+        "README.md": (REPO_ROOT / "README.md").read_text(),
+        "docs/server.md": (REPO_ROOT / "docs" / "server.md").read_text(),
+        "loader.check_rows": loader.check_rows.__doc__ or "",
+    }
+    claims = {
+        (where, " ".join(match.group(0).split()))
+        for where, text in texts.items()
+        for match in re.finditer(
+            r"cyclegan-digits`?[^.]{0,160}?(\d+)(\+| or more)\s+(intra-op\s+)?threads", text
+        )
+    }
+    assert claims, "no claim found"
+    assert {claim for claim in claims if not re.search(r"\b2(\+| or more)\s", claim[1])} == set()
