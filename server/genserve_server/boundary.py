@@ -112,6 +112,12 @@ async def abort(
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
+def shown_method(method: str) -> str:
+    """A method name as a log line may write it: as it is when plain, else (the client's :path,
+    which could hold a newline, `key=value` or terminal escapes) its repr, clipped."""
+    return method if _PLAIN_METHOD.fullmatch(method) else repr(clip_message(method))
+
+
 def request_id(context: Context) -> str:
     """The client's `x-request-id` when it is a safe token of at most 128 characters, else a new id;
     the same one for every ask about one call (its task remembers it)."""
@@ -346,7 +352,7 @@ class Boundary:
         found!') but with the call's request id in its trailing metadata and on a refusal line
         (docs/metrics.md: every RPC's), throttled like the others (one kind for all such methods)."""
         rid = request_id(context)
-        shown = method if _PLAIN_METHOD.fullmatch(method) else repr(clip_message(method))
+        shown = shown_method(method)
         self._refusals.log(
             (UNKNOWN_METHOD, "UNIMPLEMENTED"),
             "request_id=%s method=%s code=UNIMPLEMENTED: no service of this server has the method",

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from genserve_server.boundary import ThrottledLog, abort, request_id
+from genserve_server.boundary import ThrottledLog, abort, request_id, shown_method
 from genserve_server.config import ConfigError, SecurityConfig
 from genserve_server.errors import Unauthenticated
 
@@ -181,15 +181,16 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         if self._on_reject is not None:
             self._on_reject(method)
+        shown = shown_method(method)  # the client's :path: never a line or field of its own
 
         def log(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             self._log.log(
-                None, "request_id=%s rejected unauthenticated call to %s", request_id(context), method
+                None, "request_id=%s rejected unauthenticated call to %s", request_id(context), shown
             )
 
         handler = await continuation(handler_call_details)
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED, with no context here
-            self._log.log(None, "request_id=- rejected unauthenticated call to %s", method)
+            self._log.log(None, "request_id=- rejected unauthenticated call to %s", shown)
         return _deny(handler, log)
 
 

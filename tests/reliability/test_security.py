@@ -244,3 +244,40 @@ def test_the_health_probe_speaks_mutual_tls_and_sends_the_servers_first_token(
     assert probe(*tls, "--token-file", str(tokens)).returncode == 2  # no client certificate
     missing = probe(*tls, *client, "--token-file", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "--token-file" in missing.stdout
+
+
+def test_an_unauthenticated_calls_method_path_cannot_forge_log_lines_or_fields(
+    small_repo: Path, tmp_path: Path
+) -> None:
+    """The token interceptor wrote the client's :path into its refusal line as it came: a path with
+    a newline wrote a whole log line of the client's choosing, one with `key=value` forged fields,
+    one with ESC or NUL sent terminal escapes to whoever tails the log. Like the boundary's line for
+    an unknown method, a path that is not a plain method name is written as its repr."""
+    (tmp_path / "tokens").write_text(f"{TOKEN}\n")
+    forged = "2026-01-01 00:00:00,000 INFO genserve_server.security: forged line request_id=forged"
+    paths = [
+        f"/genserve.v1.GenerationService/Sample\n{forged}",
+        "/x request_id=forged method=/genserve.v1.GenerationService/Sample",
+        "/y\x1b[2J\x00nul",
+    ]
+    server = start_server(
+        small_repo,
+        tmp_path / "work",
+        extra_args=("--token-file", str(tmp_path / "tokens"), "--log-level", "DEBUG"),
+    )
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            for path in paths:
+                assert (
+                    code_of(lambda path=path: channel.unary_unary(path)(b"", timeout=10)) == UNAUTHENTICATED
+                )
+        log = server.log()
+    finally:
+        server.stop()
+    lines = [line for line in log.splitlines() if "rejected unauthenticated call" in line]
+    assert len(lines) == len(paths), lines
+    assert not any(line.startswith(forged[:20]) for line in log.splitlines()), log
+    assert "\x1b" not in log and "\x00" not in log
+    # Each path whole, quoted: a forged `request_id=` is inside the quotes, never a field of the line.
+    shown = sorted(line.partition("rejected unauthenticated call to ")[2] for line in lines)
+    assert shown == sorted(repr(path) for path in paths), lines
