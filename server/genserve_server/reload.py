@@ -644,5 +644,5 @@ def _card_sha256(mv: ModelVersion, filename: str) -> str:
     try:
         data = json.loads(read_regular_text(mv.path / "card.json"))
         return str(data["sha256"][filename])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
         return ""

@@ -226,6 +226,35 @@ def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path:
     asyncio.run(scenario())
 
 
+def test_a_file_changed_beside_a_card_too_deeply_nested_to_parse_is_reported(tmp_path: Path) -> None:
+    """In process: a model file changed under a loaded version, beside a card.json nested too deep
+    for json (RecursionError, not a ValueError), failed the whole rescan with a traceback ('repository
+    rescan failed'), and the change was never reported: the check had recorded the file's new size
+    and mtime, so later checks found nothing new."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            model_file = root / "gen" / "1" / "model.onnx"
+            model_file.write_bytes(model_file.read_bytes()[:100])
+            (root / "gen" / "1" / "card.json").write_text("[" * 100_000 + "]" * 100_000)
+            await reloader.rescan()
+            mv = repo.models["gen"].versions["1"]
+            assert "model.onnx changed on disk" in mv.file_changed
+            assert "a restart would refuse it" in mv.file_changed
+            assert mv.state == ModelState.READY
+            labels = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_a_config_error_at_start_up_shows_in_the_metric_and_the_reason(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_gen(root, "gen", version="1", seed=0)
