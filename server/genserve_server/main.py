@@ -172,10 +172,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# C0 controls, DEL and C1 controls (0x9b is a terminal's CSI too), each as Python writes it in a repr.
+_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+class TextFormatter(logging.Formatter):
+    """The human-readable format, one line per record: a message's control characters are escaped
+    (a name from the repository, ONNX Runtime's message quoting a graph's node, a client's path could
+    otherwise write a line of their own or terminal escapes). A traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROL_ESCAPES)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        JsonFormatter() if as_json else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

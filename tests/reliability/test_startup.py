@@ -434,3 +434,29 @@ def test_a_repository_whose_only_models_have_no_version_to_load_says_which_model
     serving, reason = asyncio.run(scenario())
     assert not serving
     assert reason == "required models not ready: bad, empty", reason
+
+
+def test_names_and_values_from_repository_files_cannot_forge_log_lines(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    """Whoever can write the model repository chose text the log wrote as it was: a model or version
+    directory's name, a config.json key, a card's sha256 (and ONNX Runtime's messages, which quote
+    the graph's node names). A newline there wrote a whole log line of their choosing, ESC and NUL
+    reached the log (and the terminal tailing it). The text format writes each record on one line,
+    its control characters escaped; `--log-json` already did."""
+    forged = "2026-01-01 00:00:00,000 INFO genserve_server.repository: forged line"
+    evil = f"e\n{forged}\x1b[31m\x00"
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    (models / f"model{evil[:-1]}").mkdir()  # not a model name (a file name holds no NUL)
+    (models / "gen" / evil[:-1]).mkdir()  # not a version
+    write_gen(models, "bad-config")
+    config = {"kind": "generator", "batching": {evil: 1}}
+    (models / "bad-config" / "config.json").write_text(json.dumps(config))
+    card = write_gen(models, "bad-card") / "card.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "sha256": {"model.onnx": evil}}))
+    server = server_of(models)
+    log = server.log()
+    assert not any(line.startswith(forged[:20]) for line in log.splitlines()), log
+    assert "\x1b" not in log and "\x00" not in log, log
+    for seen in ("ignoring directories", "batching.e", "sha256 mismatch", "model names must match"):
+        [line] = [line for line in log.splitlines() if seen in line]
+        assert "e\\n2026-01-01" in line, line
