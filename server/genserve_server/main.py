@@ -185,6 +185,27 @@ class TextFormatter(logging.Formatter):
         record.message = record.message.translate(_CONTROL_ESCAPES)
         return super().formatMessage(record)
 
+    def formatException(self, ei: Any) -> str:
+        """The traceback, each exception's message in it (ONNX Runtime's quotes a graph's node names)
+        escaped as a record's message is: the traceback's own lines stay lines."""
+        text = super().formatException(ei)
+        seen: set[int] = set()
+        chain: list[BaseException | None] = [ei[1]]
+        while chain:
+            exc = chain.pop()
+            if exc is None or id(exc) in seen:
+                continue
+            seen.add(id(exc))
+            chain += [exc.__cause__, exc.__context__]
+            try:
+                message = str(exc)
+            except Exception:  # a broken __str__: the traceback says so itself
+                continue
+            escaped = message.translate(_CONTROL_ESCAPES)
+            if escaped != message:
+                text = text.replace(message, escaped)
+        return text
+
 
 def setup_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)

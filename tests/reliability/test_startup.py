@@ -7,6 +7,7 @@ Every test starts real `genserve-server` processes on 127.0.0.1 (free ports only
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import onnx
 import pytest
 from grpc_health.v1 import health_pb2
 from reliability_support import health_status, write_gen
@@ -460,3 +462,28 @@ def test_names_and_values_from_repository_files_cannot_forge_log_lines(tmp_path:
     for seen in ("ignoring directories", "batching.e", "sha256 mismatch", "model names must match"):
         [line] = [line for line in log.splitlines() if seen in line]
         assert "e\\n2026-01-01" in line, line
+
+
+def test_a_graph_whose_node_names_forge_lines_cannot_forge_them_in_the_load_failures_traceback(
+    tmp_path: Path, server_of
+) -> None:  # type: ignore[no-untyped-def]
+    """ONNX Runtime's load error quotes the graph's node names, which whoever wrote model.onnx chose;
+    the load failure's line escaped them, but the traceback logged with it (an unexpected error)
+    wrote its exception's message as it was: a newline in a node name, a forged line."""
+    forged = "2026-01-01 00:00:00,000 INFO genserve_server.repository: forged line"
+    models = tmp_path / "models"
+    version = write_gen(models, "bad-graph")
+    model = onnx.load(str(version / "model.onnx"))
+    model.graph.node[1].name = f"e\n{forged}\x1b[31m"
+    model.graph.node[1].op_type = "NoSuchOp"
+    data = model.SerializeToString()
+    (version / "model.onnx").write_bytes(data)
+    card = json.loads((version / "card.json").read_text())
+    (version / "card.json").write_text(
+        json.dumps({**card, "sha256": {"model.onnx": hashlib.sha256(data).hexdigest()}})
+    )
+    server = server_of(models)
+    log = server.log()
+    assert "Traceback" in log and "NoSuchOp" in log, log  # the failure is logged, with its traceback
+    assert not any(line.startswith(forged[:20]) for line in log.splitlines()), log
+    assert "\x1b" not in log, log
