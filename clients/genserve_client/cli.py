@@ -436,29 +436,38 @@ def sample_codes_in_batches(
 # --- commands ---------------------------------------------------------------------------------
 
 
+# C0 controls, DEL and C1 controls, each as Python writes it in a repr.
+_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _printable(text: str) -> str:
+    """The server's text (a reason quotes the model repository's files) on one line, with no
+    terminal escapes: its control characters written as a repr writes them."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:
     rows = [["name", "kind", "versions", "state", "latent", "output", "classes"]]
     models = client.list_models()
     for m in models:
-        rows.append(
-            [
-                m.name,
-                m.kind,
-                ",".join(v.version for v in m.versions) or "-",
-                ",".join(state_label(v.state) + (f" ({v.reason})" if v.reason else "") for v in m.versions)
-                or "-",
-                str(m.latent_dim or "-"),
-                "x".join(map(str, m.output_shape)) or "-",
-                str(len(m.class_names) or "-"),
-            ]
-        )
+        row = [
+            m.name,
+            m.kind,
+            ",".join(v.version for v in m.versions) or "-",
+            ",".join(state_label(v.state) + (f" ({v.reason})" if v.reason else "") for v in m.versions)
+            or "-",
+            str(m.latent_dim or "-"),
+            "x".join(map(str, m.output_shape)) or "-",
+            str(len(m.class_names) or "-"),
+        ]
+        rows.append([_printable(cell) for cell in row])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         _out("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     # Why a model's files on disk are not what it serves (a reload that kept the loaded versions).
     for m in models:
         if m.reason:
-            _out(f"{m.name}: {m.reason}")
+            _out(_printable(f"{m.name}: {m.reason}"))
     return 0
 
 

@@ -223,3 +223,28 @@ def test_bench_refuses_labels_for_a_model_without_classes_before_any_call(
     assert code == 2, (out, err)
     assert "--labels" in err and "fake-gen" in err and "Traceback" not in err, err
     assert fake_server.service.calls["Sample"] == 0
+
+
+def test_models_prints_the_servers_reasons_on_one_line_without_terminal_escapes(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reason quotes whatever the model repository holds (a config.json key, a card value, ONNX
+    Runtime's message naming the graph's nodes): `models` printed it as it came, so a newline broke
+    the table with a line of the repository writer's choosing and ESC sequences reached the user's
+    terminal. Each cell and reason is printed with its control characters escaped."""
+    evil = "bad key\n fake-gen  generator  1  READY\x1b[2J\x1b]0;title\x07"
+    plain = fake_server.service._info
+
+    def info(name: str) -> genserve_pb2.ModelInfo:
+        answer = plain(name)
+        answer.reason = f"config.json: {evil} is not a known field"
+        answer.versions[0].reason = evil
+        return answer
+
+    monkeypatch.setattr(fake_server.service, "_info", info)
+    code, out, _ = cli_main(capsys, "--target", fake_server.target, "models")
+    assert code == 0
+    assert not any(c in out for c in "\x1b\x07\r"), repr(out)
+    lines = out.splitlines()
+    assert len(lines) == 1 + 2 + 2, lines  # the header, a row and a reason line per model
+    assert sum("bad key\\n fake-gen" in line for line in lines) == 4, lines
