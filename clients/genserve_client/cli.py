@@ -102,12 +102,24 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 BULK_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.2, max_backoff_s=2.0)
 
 
+# C0 controls, DEL and C1 controls, each as Python writes it in a repr.
+_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _printable(text: str) -> str:
+    """The server's text (a reason quotes the model repository's files) on one line, with no
+    terminal escapes: its control characters written as a repr writes them."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def _out(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
 def _err(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    """One line to stderr: a message often quotes the server's text (a refusal, a version's reason
+    quoting the model repository's files), its control characters escaped (_printable)."""
+    sys.stderr.write(_printable(text) + "\n")
 
 
 class UsageError(Exception):
@@ -434,16 +446,6 @@ def sample_codes_in_batches(
 
 
 # --- commands ---------------------------------------------------------------------------------
-
-
-# C0 controls, DEL and C1 controls, each as Python writes it in a repr.
-_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
-
-
-def _printable(text: str) -> str:
-    """The server's text (a reason quotes the model repository's files) on one line, with no
-    terminal escapes: its control characters written as a repr writes them."""
-    return text.translate(_CONTROL_ESCAPES)
 
 
 def cmd_models(client: GenserveClient, args: argparse.Namespace) -> int:

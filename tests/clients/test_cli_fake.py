@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 from client_fakes import FakeServer, cli_main, run_cli
 from PIL import Image
@@ -248,3 +249,19 @@ def test_models_prints_the_servers_reasons_on_one_line_without_terminal_escapes(
     lines = out.splitlines()
     assert len(lines) == 1 + 2 + 2, lines  # the header, a row and a reason line per model
     assert sum("bad key\\n fake-gen" in line for line in lines) == 4, lines
+
+
+def test_a_servers_error_is_printed_on_one_line_without_terminal_escapes(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A refusal quotes what the model repository holds (a version's reason: a config.json key, ONNX
+    Runtime's message naming the graph's nodes): the CLI printed it to stderr as it came, newlines
+    and ESC sequences included."""
+    evil = "no ready version (bad key\ngenserve-client: forged\x1b[2J\x1b]0;title\x07)"
+    fake_server.service.fail["Sample"].append((grpc.StatusCode.FAILED_PRECONDITION, evil))
+    out = str(tmp_path / "a.png")
+    args = ("--target", fake_server.target, "sample", "--model", "fake-gen", "--out", out)
+    code, _, err = cli_main(capsys, *args)
+    assert code == 1
+    assert not any(c in err for c in "\x1b\x07\r"), repr(err)
+    assert err.count("\n") == 1 and "bad key\\ngenserve-client: forged" in err, repr(err)
