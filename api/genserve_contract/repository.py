@@ -79,10 +79,19 @@ def open_regular(path: Path) -> BinaryIO:
         raise
 
 
-def read_regular_text(path: Path) -> str:
-    """A regular file's text, UTF-8 (open_regular: anything else is an OSError naming it)."""
+def read_regular_text(path: Path, max_bytes: int | None = None) -> str:
+    """A regular file's text, UTF-8 (open_regular: anything else is an OSError naming it). Past
+    `max_bytes` an OSError (EFBIG) saying so, the file not read: a sparse file costs no disk, and
+    its bytes and text in memory at once would be twice its size."""
     with open_regular(path) as handle:
-        return handle.read().decode("utf-8")
+        if max_bytes is None:
+            return handle.read().decode("utf-8")
+        data = handle.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            size = max(os.fstat(handle.fileno()).st_size, len(data))
+            limit = f"{max_bytes // (1 << 20)} MiB" if max_bytes % (1 << 20) == 0 else f"{max_bytes} bytes"
+            raise OSError(errno.EFBIG, f"larger than {limit} ({size} bytes)", str(path))
+        return data.decode("utf-8")
 
 
 def sha256_file(path: Path) -> str:

@@ -37,6 +37,9 @@ SAMPLE_KINDS: tuple[str, ...] = tuple(k.value for k in Kind if k.answers_sample)
 # Kinds whose input is an image (card input_range, input_channels; batches bounded by pixels).
 IMAGE_INPUT_KINDS: tuple[str, ...] = tuple(k.value for k in Kind if k.takes_image)
 MIB = 1024 * 1024
+# The most a config.json or card.json may hold (an exported card is ~27 KB): a larger one is refused
+# unread, so that a sparse file of gigabytes fails its model, never the server's memory.
+MAX_JSON_BYTES = 16 * MIB
 
 
 class ConfigError(GenserveError, contract.ConfigError):
@@ -57,7 +60,7 @@ def _read_json(path: Path, *, regular_only: bool = True) -> Any:
     --config, the operator's own file read once at start-up): a pipe is read as it comes
     (`--config <(envsubst < server.json)`, `--config /dev/stdin`)."""
     try:
-        text = read_regular_text(path) if regular_only else path.read_text(encoding="utf-8")
+        text = read_regular_text(path, MAX_JSON_BYTES) if regular_only else path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
     except UnicodeDecodeError as exc:

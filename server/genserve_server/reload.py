@@ -61,7 +61,7 @@ from pathlib import Path
 
 from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
-from genserve_server.config import ConfigError, ModelConfig
+from genserve_server.config import MAX_JSON_BYTES, ConfigError, ModelConfig
 from genserve_server.repository import (
     VERSION_PATTERN,
     Model,
@@ -642,7 +642,7 @@ def _sha256_unless(path: Path, stopping: Callable[[], bool]) -> str | None:
 def _card_sha256(mv: ModelVersion, filename: str) -> str:
     """card.json's sha256 of `filename` as on disk now ("" when unreadable)."""
     try:
-        data = json.loads(read_regular_text(mv.path / "card.json"))
+        data = json.loads(read_regular_text(mv.path / "card.json", MAX_JSON_BYTES))
         return str(data["sha256"][filename])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
         return ""

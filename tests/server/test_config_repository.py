@@ -201,6 +201,12 @@ UNREADABLE: dict[str, tuple[Callable[[Path], object], str]] = {
         lambda path: path.write_text('{"kind": ' + "9" * 5000 + "}"),
         "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion",
     ),
+    # refused unread: a sparse file (no disk) was read whole, its bytes and text at once (a 3 GiB
+    # config.json took a server to 6.4 GB at start-up: an OOM kill where one model should fail)
+    "larger than any": (
+        lambda path: (path.write_text("{}"), os.truncate(path, 1 << 30)),
+        "cannot be read: larger than 16 MiB (1073741824 bytes)",
+    ),
 }
 
 
