@@ -11,6 +11,7 @@ from genserve_contract.repository import (
     ACTIVATION_BYTES_FIELD,
     CARD_FORMAT_VERSION,
     NAME_PATTERN,
+    RESERVED_NAMES,
     VERSION_PATTERN,
     activation_bytes_problem,
 )
@@ -270,6 +271,8 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
         problems.append(f"{where}: format_version must be {CARD_FORMAT_VERSION}")
     if not isinstance(card["name"], str) or not NAME_PATTERN.match(card["name"]):
         problems.append(f"{where}: name {card['name']!r} must match {NAME_PATTERN.pattern}")
+    elif card["name"] in RESERVED_NAMES:
+        problems.append(f"{where}: name {card['name']!r} is the server's own grpc.health key, not a model's")
     if not isinstance(card["version"], str) or not VERSION_PATTERN.match(card["version"]):
         problems.append(f"{where}: version {card['version']!r} must be a positive integer string")
     if not isinstance(card["description"], str) or not card["description"].strip():

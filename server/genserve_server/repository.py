@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genserve_contract.repository import NAME_PATTERN
+from genserve_contract.repository import NAME_PATTERN, RESERVED_NAMES
 from genserve_contract.repository import VERSION_PATTERN as VERSION_PATTERN  # reload.py reads it here
 from genserve_server import loader
 from genserve_server.batcher import Batcher
@@ -196,8 +196,9 @@ def policy_picks_none(model_path: Path, available: Sequence[str]) -> str:
 
 
 def _model_name(name: str) -> bool:
-    """Whether a repository directory's name is a model's (hidden ones are not)."""
-    return not name.startswith(".") and NAME_PATTERN.match(name) is not None
+    """Whether a repository directory's name is a model's (hidden ones and the server's own health
+    keys are not)."""
+    return not name.startswith(".") and NAME_PATTERN.match(name) is not None and name not in RESERVED_NAMES
 
 
 class Repository:
@@ -282,6 +283,13 @@ class Repository:
         except OSError as exc:  # no read (or search) permission: one line naming it, not a traceback
             raise ConfigError(f"{self.root}: model repository cannot be read: {exc.strerror or exc}") from exc
         for model_dir in listed:
+            if model_dir.name in RESERVED_NAMES:
+                logger.warning(
+                    "skipping %s: %r is the server's own grpc.health key, not a model name (rename it)",
+                    model_dir,
+                    model_dir.name,
+                )
+                continue
             if not _model_name(model_dir.name):
                 logger.warning("skipping %s: model names must match %s", model_dir, NAME_PATTERN.pattern)
                 continue

@@ -187,3 +187,18 @@ def test_activation_bytes_per_output_value_is_optional_and_both_sides_refuse_one
         assert len(problems) == 1 and field in problems[0], problems
         with pytest.raises(server_config.ConfigError, match=field):
             server_config.load_card(path)
+
+
+def test_a_card_named_as_the_servers_liveness_key_is_refused() -> None:
+    """`liveness` matches NAME_PATTERN but is the server's own grpc.health key (a model's key is its
+    name): the server skips such a directory, so export refuses the name rather than publish a
+    model no server will serve."""
+    validate_card = export_card.validate_card
+    card = json.loads(
+        (
+            Path(__file__).resolve().parents[2] / "models" / "vae-digits-encoder" / "1" / "card.json"
+        ).read_text()
+    )
+    assert validate_card(card) == []
+    problems = validate_card({**card, "name": "liveness"})
+    assert any("'liveness'" in p and "health" in p for p in problems), problems

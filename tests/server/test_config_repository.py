@@ -812,6 +812,28 @@ def test_an_fp16_twin_that_is_a_dangling_or_looping_link_is_named_not_read_as_ab
         with_repo(root, check)
 
 
+def test_a_model_directory_named_as_the_servers_liveness_key_is_skipped_naming_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model's grpc.health key is its name, and `liveness` is the server's own key (Kubernetes'
+    startup and liveness probes): a model of that name shared it, so its loading or failure made
+    liveness NOT_SERVING (the kubelet restarts the pod) and its removal's key drop cleared it. The
+    name is refused as a model's, like any name outside NAME_PATTERN, with a warning naming why."""
+    root = tmp_path / "models"
+    write_tiny_generator(root, "liveness")
+    write_tiny_generator(root, "gen")
+
+    def check(repo: Repository) -> None:
+        assert sorted(m.name for m in repo) == ["gen"]
+        assert not repo.has_model_dir("liveness")
+
+    with caplog.at_level(logging.WARNING):
+        with_repo(root, check)
+    assert any("liveness" in r.getMessage() and "health" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records
+    ]
+
+
 def test_a_config_json_that_cannot_be_read_marks_only_its_model_unavailable_at_start_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
