@@ -61,7 +61,7 @@ from pathlib import Path
 
 from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
-from genserve_server.config import MAX_JSON_BYTES, ConfigError, ModelConfig
+from genserve_server.config import MAX_JSON_BYTES, ConfigError, ModelConfig, load_model_config
 from genserve_server.repository import (
     VERSION_PATTERN,
     Model,
@@ -360,9 +360,12 @@ class Reloader:
                 self._keep_serving(current, problem, report)
                 return
         current.config = config
+        loads = len(report.loaded) + len(report.failed)
         await self._load_picked(current, selected, report)
         if self._stopping:
             return  # a load cancelled by the shutdown is no failure of the files: nothing more applies
+        if len(report.loaded) + len(report.failed) > loads:
+            selected = self._picked_after_loads(current, config, selected)
         kept = self._retire_stale(current, selected, report)
         failed = [
             current.versions[v]
@@ -399,6 +402,24 @@ class Reloader:
             if self._stopping:
                 return
             (report.loaded if mv.state == ModelState.READY else report.failed).append(mv.label)
+
+    def _picked_after_loads(self, model: Model, config: ModelConfig, selected: list[str]) -> list[str]:
+        """The versions to retire by once this rescan's loads have ended (minutes, with a TensorRT
+        build): where the files on disk now pick versions that all serve (a rollback meanwhile: the
+        new version's directory removed, or config.json's version_policy pointed back), those, so
+        that a serving version is never replaced by the version rolled back (then unloaded and
+        loaded again by the rescan the rollback queued); else `selected`."""
+        try:
+            policy = load_model_config(
+                model.path / "config.json",
+                default_max_queue_size=self.repo.server_config.limits.default_max_queue_size,
+            ).version_policy
+            on_disk = [p.name for p in model.path.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        except (ConfigError, OSError):
+            return selected  # the queued rescan reports what it cannot apply
+        now = policy.select(on_disk)
+        serving = all(v in model.versions and model.versions[v].state == ModelState.READY for v in now)
+        return now if now and serving and now != selected else selected
 
     def _revive(self, model: Model, mv: ModelVersion, report: RescanReport) -> bool:
         """A draining version picked again serves again, if its drain has not begun closing it."""

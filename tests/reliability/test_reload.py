@@ -593,6 +593,88 @@ def test_a_rollback_while_the_old_version_is_closing_loads_it_again_from_disk(tm
     asyncio.run(scenario())
 
 
+def test_a_rollback_while_the_new_version_loads_never_retires_the_version_that_serves(
+    tmp_path: Path,
+) -> None:
+    """In process: version 2's directory is removed (a rollback) while version 2 still loads (a
+    TensorRT build takes minutes). Version 2's load ends, but the version the policy picks now is
+    version 1, which serves: version 1 keeps serving, the same copy, and version 2 drains out. Before,
+    version 2 took the traffic and version 1 was unloaded, then loaded again from disk by the rescan
+    the rollback queued, version 2 (its files gone) serving meanwhile."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
+        v1 = repo.models["gen"].versions["1"]
+        load = repo._load_version  # on the load's worker thread, before the version turns READY
+
+        def rolled_back_while_loading(mv: ModelVersion) -> None:
+            load(mv)
+            shutil.rmtree(root / "gen" / "2")  # the rollback, once version 2's files are read
+
+        repo._load_version = rolled_back_while_loading  # type: ignore[method-assign]
+        try:
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            await reloader.rescan()
+            assert repo.get("gen").resolve("") is v1
+            assert v1.state == ModelState.READY
+            await wait_on_loop(lambda: version_states(repo) == {"1": "READY"}, "version 2 to unload")
+            assert repo.models["gen"].versions["1"] is v1 and repo.models["gen"].reason == ""
+            ready = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_ready", ready) == 1
+            assert await _computes(v1)
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_policy_pointed_back_while_the_new_version_loads_never_retires_the_version_that_serves(
+    tmp_path: Path,
+) -> None:
+    """In process: config.json's version_policy is pointed back to version 1 (a rollback) while the
+    version 2 it picked still loads. Version 1 keeps serving, the same copy, and version 2 drains
+    out once its load ends, instead of taking the traffic while version 1 was unloaded and loaded
+    again by the next rescan."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+    config_path = root / "gen" / "config.json"
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
+        v1 = repo.models["gen"].versions["1"]
+        load = repo._load_version
+
+        def rolled_back_while_loading(mv: ModelVersion) -> None:
+            load(mv)
+            config = json.loads(config_path.read_text())
+            config["version_policy"] = {"specific": ["1"]}  # the rollback, while version 2 loads
+            config_path.write_text(json.dumps(config))
+
+        repo._load_version = rolled_back_while_loading  # type: ignore[method-assign]
+        try:
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            await reloader.rescan()
+            assert repo.get("gen").resolve("") is v1
+            await wait_on_loop(lambda: version_states(repo) == {"1": "READY"}, "version 2 to unload")
+            repo._load_version = load  # type: ignore[method-assign]
+            report = await reloader.rescan()  # the rescan the rollback queued: nothing left to do
+            assert report.loaded == [] and report.retired == []
+            assert repo.models["gen"].versions["1"] is v1 and repo.models["gen"].reason == ""
+            assert await _computes(v1)
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_a_stop_during_a_reloads_load_ends_the_load_at_its_next_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
