@@ -600,49 +600,6 @@ def running_server(models: Path, work: Path, **kwargs: Any) -> Iterator[ServerPr
 # ---------------------------------------------------------------------------- load from several processes
 
 
-def _sample_worker(args: tuple[str, str, list[int], int, list[int], Any]) -> dict[int, tuple[bytes, int]]:
-    """One client process: `clients` closed-loop aio clients over 2 connections share `seeds`."""
-    import asyncio
-
-    import grpc
-
-    from genserve.v1 import genserve_pb2 as pb
-    from genserve.v1 import genserve_pb2_grpc as pb_grpc
-    from genserve.v1 import types_pb2 as tpb
-
-    target, model, seeds, clients, labels, start_barrier = args
-    output = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
-
-    async def run() -> dict[int, tuple[bytes, int]]:
-        results: dict[int, tuple[bytes, int]] = {}
-        pending = list(reversed(seeds))
-        channels = [grpc.aio.insecure_channel(target) for _ in range(2)]
-        for ch in channels:
-            await ch.channel_ready()
-        # All processes start sending together: spawned processes come up seconds apart on a busy
-        # machine, and a staggered start is not the concurrency the caller asked for.
-        await asyncio.to_thread(start_barrier.wait, 120)
-
-        async def client(i: int) -> None:
-            stub = pb_grpc.GenerationServiceStub(channels[i % len(channels)])
-            while pending:
-                seed = pending.pop()
-                response = await stub.Sample(
-                    pb.SampleRequest(model=model, seeds=[seed], labels=labels, output=output)
-                )
-                batch = max(response.provenance.executed_batch_sizes)
-                results[seed] = (response.images[0].image.data, batch)
-
-        try:
-            await asyncio.gather(*(client(i) for i in range(clients)))
-        finally:
-            for ch in channels:
-                await ch.close()
-        return results
-
-    return asyncio.run(run())
-
-
 def concurrent_samples(
     target: str,
     model: str,
@@ -655,15 +612,18 @@ def concurrent_samples(
     """Sample one image per seed from `clients` concurrent closed-loop clients in `processes`
     processes: TENSOR_F32 bytes and the size of the batch that computed it, by seed. Several
     processes keep a busy machine's client side from being the bottleneck, so the server sees the
-    concurrency the test asks for."""
+    concurrency the test asks for. The processes run sample_worker, which imports grpc and the
+    stubs alone (~0.3 s; this module's onnx, onnxruntime and server imports took ~5 s a process)."""
     import multiprocessing
+
+    import sample_worker
 
     shares = [seeds[i::processes] for i in range(processes)]
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, context.Pool(processes) as pool:
         barrier = manager.Barrier(processes)
         jobs = [(target, model, share, clients // processes, list(labels), barrier) for share in shares]
-        parts = pool.map(_sample_worker, jobs)
+        parts = pool.map(sample_worker.sample_seeds, jobs)
     return {seed: data for part in parts for seed, data in part.items()}
 
 
