@@ -49,7 +49,10 @@ def models_of(*kinds: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(MODELS_DIR, tmp_path_factory.mktemp("default-server"), timeout_s=180)
+    # No warm-up: these tests check what each model answers, not the batch sizes start-up times
+    # (sr-photos-x4's alone took ~4 s of a 9-17 s start; test_startup_loading covers the warm-up).
+    config = {"warmup": False}
+    proc = start_server(MODELS_DIR, tmp_path_factory.mktemp("default-server"), config=config, timeout_s=180)
     yield proc
     proc.stop()
 
