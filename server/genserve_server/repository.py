@@ -13,6 +13,7 @@ import asyncio
 import enum
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -58,6 +59,15 @@ class ModelState(enum.IntEnum):
 
 # Model.card(): whose card describes the model, best first.
 _CARD_STATES = (ModelState.READY, ModelState.DRAINING, ModelState.LOADING, ModelState.UNAVAILABLE)
+
+# An absolute path in a message (Repository.redact): a quoted one up to its quote, a bare one (at the
+# start, after white space or an opening bracket) up to white space or punctuation that ends it. A
+# slash inside a word or after `<models>` or `:` (1/2, KiB/s, a URL), or before a space or a
+# digit (tile_size / 4), starts none.
+_ABSOLUTE_PATH = re.compile(
+    r"""(?<=")/[^"]*(?=")|(?<=')/[^']*(?=')|(?<![^\s(\[=])/[A-Za-z_.~-][^\s"',;)\]]*"""
+)
+OUTSIDE_PATH = "<path outside the repository>"
 
 
 @dataclass(eq=False)
@@ -242,10 +252,12 @@ class Repository:
 
     def redact(self, text: str) -> str:
         """`text` for a client: the repository's location on this host becomes `<models>/`, so that a
-        client learns which model file is at fault, never the server's file system."""
+        client learns which model file is at fault, never the server's file system; any absolute path
+        left is outside the repository (ONNX Runtime's resolved path of external data that a model
+        places outside its directory) and becomes OUTSIDE_PATH. The log keeps the full text."""
         for prefix in self._root_prefixes:
             text = text.replace(prefix, "<models>/")
-        return text
+        return _ABSOLUTE_PATH.sub(OUTSIDE_PATH, text)
 
     def get(self, name: str) -> Model:
         model = self.models.get(name)

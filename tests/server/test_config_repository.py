@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -998,6 +999,57 @@ def test_client_visible_reasons_name_the_model_file_but_not_the_servers_paths(tm
     assert not any(str(tmp_path) in r for r in reasons), reasons
     assert repo.redact(f"{root.resolve()}/x/1/model.onnx: broken") == "<models>/x/1/model.onnx: broken"
     assert repo.redact("models: a, b") == "models: a, b"  # only the location, not the word
+
+
+def test_a_refused_external_data_path_outside_the_repository_is_not_shown_to_clients(tmp_path: Path) -> None:
+    """A model whose external data lies outside its directory is refused by ONNX Runtime, whose
+    message gives the resolved absolute path: outside the repository, it is not the client's to see
+    (with the relative location it also gives the repository's own place); the log keeps it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import onnx
+
+    from genserve_server.service import GenerationService
+
+    root = tmp_path / "srv" / "models"
+    version_dir = write_tiny_generator(root, "gen")
+    model = onnx.load(version_dir / "model.onnx")
+    weight = model.graph.initializer[0]
+    raw = onnx.numpy_helper.to_array(weight).astype(np.float32).tobytes()
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../../../../secret.bin"), ("offset", "0"), ("length", str(len(raw)))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    (tmp_path / "secret.bin").write_bytes(raw)
+    data = model.SerializeToString()
+    (version_dir / "model.onnx").write_bytes(data)
+    card = json.loads((version_dir / "card.json").read_text())
+    card["sha256"]["model.onnx"] = hashlib.sha256(data).hexdigest()
+    (version_dir / "card.json").write_text(json.dumps(card))
+
+    def check(repo: Repository) -> None:
+        mv = repo.get("gen").versions["1"]
+        assert mv.state == ModelState.UNAVAILABLE
+        assert str(tmp_path / "secret.bin") in mv.reason  # the operator's log line has it all
+        with ThreadPoolExecutor(1) as pool:
+            service = GenerationService(repo, ServerConfig(), Metrics(enabled=False), pool)
+            (shown,) = [v.reason for v in service._model_info(repo.get("gen")).versions]
+        with pytest.raises(Unavailable) as refused:
+            repo.get("gen").resolve("")
+        for text in (shown, repo.redact(refused.value.message)):
+            assert "External data path" in text and "../../../../secret.bin" in text, text
+            assert "<models>/gen/1" in text, text  # the repository's own paths stay named
+            assert str(tmp_path) not in text, text
+        # Any absolute path left once the repository's place is hidden is outside it; the rest stays.
+        shown = repo.redact(f"\"/a b/c.bin\" '/d/e' (/f/g) {root}/gen/1, 1/2 x / 4 /4 KiB/s https://x.org/y")
+        outside = "<path outside the repository>"
+        kept = "<models>/gen/1, 1/2 x / 4 /4 KiB/s https://x.org/y"
+        assert shown == f"\"{outside}\" '{outside}' ({outside}) {kept}"
+
+    with_repo(root, check)
 
 
 def batcher_of_a_fake_version(tmp_path: Path, **runner_fields: Any) -> tuple[Any, Any]:
