@@ -44,6 +44,16 @@ def clip_message(message: str) -> str:
     return f"{head}...[{left_out} characters left out]...{tail}"
 
 
+# C0 controls, DEL and C1 controls (0x9b is a terminal's CSI too), each as Python writes it in a repr.
+CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line without terminal escapes: its control characters as a repr writes them
+    (a newline as \\n, ESC as \\x1b); printable text, unicode included, as it is."""
+    return text.translate(CONTROL_ESCAPES)
+
+
 class GenserveError(Exception):
     """Base error: `code` is the status the boundary sends, `field` the offending request field."""
 

@@ -54,7 +54,7 @@ from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLi
 from genserve_server.boundary import Boundary, UnknownMethods, echo_request_id
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
-from genserve_server.errors import GenserveError
+from genserve_server.errors import GenserveError, escape_controls
 from genserve_server.flag_types import port_number, seconds
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.heap import freeze_startup_heap
@@ -172,17 +172,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-# C0 controls, DEL and C1 controls (0x9b is a terminal's CSI too), each as Python writes it in a repr.
-_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
-
-
 class TextFormatter(logging.Formatter):
     """The human-readable format, one line per record: a message's control characters are escaped
     (a name from the repository, ONNX Runtime's message quoting a graph's node, a client's path could
     otherwise write a line of their own or terminal escapes). A traceback keeps its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = record.message.translate(_CONTROL_ESCAPES)
+        record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
     def formatException(self, ei: Any) -> str:
@@ -201,7 +197,7 @@ class TextFormatter(logging.Formatter):
                 message = str(exc)
             except Exception:  # a broken __str__: the traceback says so itself
                 continue
-            escaped = message.translate(_CONTROL_ESCAPES)
+            escaped = escape_controls(message)
             if escaped != message:
                 text = text.replace(message, escaped)
         return text

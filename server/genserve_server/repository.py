@@ -37,7 +37,7 @@ from genserve_server.config import (
     cpu_count,
     load_model_config,
 )
-from genserve_server.errors import GenserveError, NotFound, Unavailable
+from genserve_server.errors import GenserveError, NotFound, Unavailable, escape_controls
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.idle_spin import run_off_loop
 from genserve_server.load_gate import LoadGate
@@ -254,10 +254,13 @@ class Repository:
         """`text` for a client: the repository's location on this host becomes `<models>/`, so that a
         client learns which model file is at fault, never the server's file system; any absolute path
         left is outside the repository (ONNX Runtime's resolved path of external data that a model
-        places outside its directory) and becomes OUTSIDE_PATH. The log keeps the full text."""
+        places outside its directory) and becomes OUTSIDE_PATH. Its control characters (a reason
+        quotes repository files: a config.json key, a graph's node names) are escaped, so that no
+        client printing it writes lines or terminal escapes of the repository writer's choosing.
+        The log keeps the full text."""
         for prefix in self._root_prefixes:
             text = text.replace(prefix, "<models>/")
-        return _ABSOLUTE_PATH.sub(OUTSIDE_PATH, text)
+        return escape_controls(_ABSOLUTE_PATH.sub(OUTSIDE_PATH, text))
 
     def get(self, name: str) -> Model:
         model = self.models.get(name)

@@ -487,3 +487,50 @@ def test_a_graph_whose_node_names_forge_lines_cannot_forge_them_in_the_load_fail
     assert "Traceback" in log and "NoSuchOp" in log, log  # the failure is logged, with its traceback
     assert not any(line.startswith(forged[:20]) for line in log.splitlines()), log
     assert "\x1b" not in log, log
+
+
+def test_reasons_from_repository_files_reach_clients_with_their_control_characters_escaped(
+    tmp_path: Path, server_of
+) -> None:  # type: ignore[no-untyped-def]
+    """A reason quotes what the model repository holds (a config.json key, ONNX Runtime's message
+    naming the graph's nodes): GetModel, ListModels and a refusal sent it with its newlines and ESC
+    sequences as they were, so any client printing it wrote lines and terminal escapes of the
+    repository writer's choosing. They arrive escaped as a repr writes them; printable text stays."""
+    evil = "é✓\nforged line\x1b[31m\x07"
+    escaped = "é✓\\nforged line\\x1b[31m\\x07"
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_gen(models, "bad-config")
+    (models / "bad-config" / "config.json").write_text(
+        json.dumps({"kind": "generator", "batching": {evil: 1}})
+    )
+    version = write_gen(models, "bad-graph")
+    model = onnx.load(str(version / "model.onnx"))
+    model.graph.node[1].name = evil
+    model.graph.node[1].op_type = "NoSuchOp"
+    data = model.SerializeToString()
+    (version / "model.onnx").write_bytes(data)
+    card = json.loads((version / "card.json").read_text())
+    (version / "card.json").write_text(
+        json.dumps({**card, "sha256": {"model.onnx": hashlib.sha256(data).hexdigest()}})
+    )
+    server = server_of(models)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+        listed = {m.name: m for m in stub.ListModels(genserve_pb2.ListModelsRequest()).models}
+        got = {
+            name: stub.GetModel(genserve_pb2.GetModelRequest(name=name))
+            for name in ("bad-config", "bad-graph")
+        }
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Sample(genserve_pb2.SampleRequest(model="bad-graph", count=1))
+    reasons = {
+        "bad-config": [listed["bad-config"].reason, got["bad-config"].reason],
+        "bad-graph": [v.reason for v in (*listed["bad-graph"].versions, *got["bad-graph"].versions)],
+    }
+    reasons["bad-graph"].append(refused.value.details() or "")
+    for name, texts in reasons.items():
+        assert len(texts) >= 2, (name, texts)
+        for text in texts:
+            assert escaped in text, (name, text)
+            assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text), (name, text)
