@@ -103,6 +103,12 @@ def token_matches(presented: bytes, tokens: Sequence[bytes]) -> bool:
     return matched
 
 
+MISSING_TOKEN = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+# Two `authorization` entries are an ambiguous credential (RFC 7230 3.2.2: a field that is not a
+# list is sent once): a proxy in front may have checked another one than the server would.
+MORE_THAN_ONE = "more than one authorization header: send one 'authorization: Bearer <token>'"
+
+
 def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
     for key, value in metadata or ():
         if key == AUTH_METADATA_KEY:
@@ -113,6 +119,11 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
     return None
 
 
+def _more_than_one_authorization(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether the call has more than one `authorization` entry (refused whatever they hold)."""
+    return sum(key == AUTH_METADATA_KEY for key, _ in metadata or ()) > 1
+
+
 def _unparsed(raw: bytes) -> None:
     return None
 
@@ -120,12 +131,13 @@ def _unparsed(raw: bytes) -> None:
 def _deny(
     handler: grpc.RpcMethodHandler[Any, Any] | None,
     log: Callable[[grpc.aio.ServicerContext[Any, Any]], None] = lambda context: None,
+    message: str = MISSING_TOKEN,
 ) -> grpc.RpcMethodHandler[Any, Any] | None:
-    """A handler of the same streaming shape as `handler` that aborts with UNAUTHENTICATED, after
-    `log` (the call's line, which names the request id its trailing metadata carries)."""
+    """A handler of the same streaming shape as `handler` that aborts with UNAUTHENTICATED saying
+    `message`, after `log` (the call's line, which names the request id its trailing metadata
+    carries)."""
     if handler is None:
         return None
-    message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
 
     async def abort_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         log(context)
@@ -176,22 +188,27 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if self._open_health and method.startswith(HEALTH_METHOD_PREFIX):
             return await continuation(handler_call_details)
-        presented = _bearer(handler_call_details.invocation_metadata)
+        metadata = handler_call_details.invocation_metadata
+        ambiguous = _more_than_one_authorization(metadata)
+        presented = None if ambiguous else _bearer(metadata)
         if presented is not None and token_matches(presented, self._tokens):
             return await continuation(handler_call_details)
         if self._on_reject is not None:
             self._on_reject(method)
         shown = shown_method(method)  # the client's :path: never a line or field of its own
+        refusal, why = (
+            (MORE_THAN_ONE, " (more than one authorization header)") if ambiguous else (MISSING_TOKEN, "")
+        )
 
         def log(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             self._log.log(
-                None, "request_id=%s rejected unauthenticated call to %s", request_id(context), shown
+                None, "request_id=%s rejected unauthenticated call to %s%s", request_id(context), shown, why
             )
 
         handler = await continuation(handler_call_details)
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED, with no context here
-            self._log.log(None, "request_id=- rejected unauthenticated call to %s", shown)
-        return _deny(handler, log)
+            self._log.log(None, "request_id=- rejected unauthenticated call to %s%s", shown, why)
+        return _deny(handler, log, refusal)
 
 
 def auth_interceptor(

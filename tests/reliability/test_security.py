@@ -122,6 +122,30 @@ def test_every_rpc_needs_a_valid_token_and_rejections_are_counted(
     assert tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated") == expected
 
 
+def test_a_call_with_more_than_one_authorization_header_is_refused_naming_it(
+    tls_server: ServerProcess, pki: Path
+) -> None:
+    """Two `authorization` entries are an ambiguous credential (a proxy may check one, the server
+    another): only the first bearer token counted, so a valid token followed by any other passed.
+    Any call with more than one is refused UNAUTHENTICATED, saying so, and counted."""
+    before = tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated")
+    doubled = [
+        (("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer wrong")),
+        (("authorization", "Bearer wrong"), ("authorization", f"Bearer {TOKEN}")),
+        (("authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")),
+        (("authorization", "Basic x"), ("authorization", f"Bearer {TOKEN}")),
+    ]
+    with secure_channel(tls_server.target, pki) as channel:
+        for metadata in doubled:
+            with pytest.raises(grpc.RpcError) as refused:
+                sample_ok(channel, metadata=metadata)
+            assert refused.value.code() == UNAUTHENTICATED, metadata
+            assert "more than one authorization header" in (refused.value.details() or ""), metadata
+        assert len(sample_ok(channel, metadata=GOOD).images) == 1  # one header with the token: served
+    after = tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated")
+    assert after == before + len(doubled)
+
+
 def test_client_library_with_tls_and_token(tls_server: ServerProcess, pki: Path) -> None:
     tls = TlsOptions.from_files(pki / "ca.pem", server_name_override=SERVER_NAME)
     with GenserveClient(ChannelConfig(tls_server.target, tls=tls, token=TOKEN)) as client:
