@@ -841,8 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-grace-s",
         type=seconds(allow_zero=True),
         default=None,
-        help="on SIGTERM, seconds to finish accepted work; model calls still running then are aborted "
-        "(overrides the config's drain_grace_s)",
+        help="seconds to finish accepted work on SIGTERM, and on a version a reload retires (its open "
+        "streams end after it); model calls still running then are aborted (overrides the config's "
+        "drain_grace_s)",
     )
     s.add_argument(
         "--trt-engine-cache-dir",
