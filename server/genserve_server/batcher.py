@@ -364,6 +364,12 @@ class Batcher:
         return self._queued_rows
 
     @property
+    def concurrency(self) -> int:
+        """Batches run at once (the model's instances): a working-set estimate counts as many of one
+        call's batches computed together (core.image_working_set)."""
+        return self._concurrency
+
+    @property
     def queued_interactive_rows(self) -> int:
         return self._queued_rows - self._bulk_rows
 

@@ -812,7 +812,9 @@ class GenerationCore:
         channels = card.input_channels or card.channels
         tile_shapes = {(channels, t.h, t.w) for plan in plans for t in plan}
         most_rows = max(mv.batcher.most_rows(TileRows(shape)) for shape in tile_shapes)
-        working_set = image_working_set(card, sizes, sides, plans, out, most_rows, on_cpu=on_cpu(mv))
+        working_set = image_working_set(
+            card, sizes, sides, plans, out, most_rows, mv.batcher.concurrency, on_cpu=on_cpu(mv)
+        )
         # The working set first: a call waiting for it holds no response bytes, or a burst of
         # SuperResolves would hold the server-wide response budget every other RPC needs.
         async with self.holding_working_set(call, card, working_set, "SuperResolve"):
@@ -859,6 +861,7 @@ class GenerationCore:
             [tiling.whole_image(h, w) for h, w in padded],
             out,
             max(mv.batcher.most_rows(image_batch_key(card, shape, direction)) for shape in shapes),
+            mv.batcher.concurrency,
             on_cpu=on_cpu(mv),
         )
 
@@ -1093,12 +1096,14 @@ def image_working_set(
     plans: Sequence[Sequence[tiling.Tile]],
     out: OutputSpec,
     batch_rows: int,
+    concurrent_batches: int = 1,
     *,
     on_cpu: bool = False,
 ) -> int:
     """tiling.working_set_bytes of a SuperResolve (its tile plans) or a Translate (a whole_image plan
-    an image) of images of `sizes` (h, w) padded to `padded`, batched `batch_rows` rows at most:
-    sized before they are decoded (declared_sizes). `on_cpu` (the model's sessions run on the CPU
+    an image) of images of `sizes` (h, w) padded to `padded`, batched `batch_rows` rows at most,
+    `concurrent_batches` batches at once (the model's instances, Batcher.concurrency): sized before
+    they are decoded (declared_sizes). `on_cpu` (the model's sessions run on the CPU
     provider): the card's activation_bytes_per_output_value, where it has one, sizes the model's
     intermediates (tiling.computing_copies)."""
     in_channels = card.input_channels or card.channels
@@ -1118,6 +1123,7 @@ def image_working_set(
             0 if out.format == codecs.ImageFormat.TENSOR_F32 else tiling.ENCODE_BYTES_PER_VALUE
         ),
         computing_copies=tiling.computing_copies(card.activation_bytes_per_output_value, on_cpu),
+        concurrent_batches=concurrent_batches,
     )
 
 
