@@ -3,7 +3,8 @@
 Per version: the card is complete and consistent; sha256 of each file matches; the graphs load
 in ONNX Runtime; their inputs/outputs are the card's; batch 1 and 7 run (two image sizes for fully
 convolutional kinds, both directions of a two_way_translator); outputs are finite, shaped as the
-card says and inside ``output_range``; fp16 stays within ``fp16_atol`` of fp32; quality is
+card says and inside ``output_range``; fp16 stays within ``fp16_atol`` of fp32; the card's
+``activation_bytes_per_output_value`` is the graph's count (activations.py); quality is
 recomputed from ``model.onnx`` by the recipe and checked against the card's thresholds. Every
 problem is collected, not only the first.
 """
@@ -23,7 +24,14 @@ import onnxruntime as ort
 
 from genserve_contract.config import ModelConfig, parse_model_config
 from genserve_contract.kinds import Kind, image_shape_fits
-from genserve_contract.repository import VERSION_PATTERN, latest_version_dir, read_regular_text, sha256_file
+from genserve_contract.repository import (
+    ACTIVATION_BYTES_FIELD,
+    VERSION_PATTERN,
+    latest_version_dir,
+    read_regular_text,
+    sha256_file,
+)
+from genserve_export.activations import ActivationCountError, card_activation_bytes
 from genserve_export.card import check_thresholds, validate_card, validate_config
 from genserve_export.grids import write_grid
 from genserve_export.onnx_utils import graph_signature, run_session, session
@@ -31,6 +39,8 @@ from genserve_export.recipe import OnnxRun
 
 _RANGE_SLACK = 1e-3
 _SIZE_CASES = ((1,), (7,))
+# How far a card's activation_bytes_per_output_value may be from the graph's count, relative.
+ACTIVATION_RTOL = 0.01
 
 
 @dataclass(slots=True)
@@ -283,9 +293,28 @@ def _verify_version(
     if model.errors:
         return model
     _check_runs(card, graphs, model)
+    model.errors += _activation_problems(card, version_dir / "model.onnx")
     if recompute and not model.errors:
         _check_quality(card, sessions.get(version_dir / "model.onnx"), sessions, model, thresholds)
     return model
+
+
+def _activation_problems(card: Mapping[str, Any], model_path: Path) -> list[str]:
+    """The card's ACTIVATION_BYTES_FIELD against the graph's count now (activations.py): the server
+    sizes a CPU call's working set from it, so a stale or hand-edited value under-sizes (or over-
+    sizes) the budget. Within ACTIVATION_RTOL of the count (the card's is rounded to 3 decimals);
+    absent (a card before the field): nothing to check."""
+    value = card.get(ACTIVATION_BYTES_FIELD)
+    if value is None:
+        return []
+    field = f"card field {ACTIVATION_BYTES_FIELD!r} is {value}, but model.onnx's intermediates"
+    try:
+        counted = card_activation_bytes(dict(card), model_path)
+    except ActivationCountError as exc:
+        return [f"{field} cannot be counted: {exc}"]
+    if math.isclose(value, counted, rel_tol=ACTIVATION_RTOL, abs_tol=1e-3):
+        return []
+    return [f"{field} count {counted} bytes per output value (genserve-export count-activations writes it)"]
 
 
 def _signature_problems(file: str, sess: ort.InferenceSession, card: Mapping[str, Any]) -> list[str]:

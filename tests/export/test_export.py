@@ -257,6 +257,41 @@ def test_an_image_models_card_counts_its_graphs_intermediates_per_output_value(t
     assert verify_repository(tmp_path, recompute_quality=False).ok
 
 
+def test_verify_recounts_a_cards_intermediates_and_reports_a_value_the_graph_does_not_give(
+    tmp_path: Path,
+) -> None:
+    """verify checked activation_bytes_per_output_value's form only: a stale or hand-edited value,
+    which the server sizes a CPU call's working set from, passed unseen (a lower one under-sizes the
+    budget). verify now counts it from the graph again and reports a card beyond a small tolerance."""
+    path = export_model(
+        WideConvs(),
+        kind="image_to_image",
+        name="wide",
+        out_dir=tmp_path,
+        fp16=False,
+        example_inputs={"image": np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)},
+        card={"description": "wide", "output_range": [0, 1], "input_range": [0, 1]},
+    )
+    card = json.loads((path / "card.json").read_text())
+    counted = card["activation_bytes_per_output_value"]
+    assert counted == round(2 * 32 * 4 / 3, 3)
+    for value, ok in ((counted / 4, False), (counted * 2, False), (counted + 0.01, True)):
+        (path / "card.json").write_text(json.dumps({**card, "activation_bytes_per_output_value": value}))
+        report = verify_repository(tmp_path, recompute_quality=False)
+        errors = [e for m in report.models for e in m.errors]
+        assert report.ok is ok, (value, errors)
+        if not ok:
+            assert errors == [
+                f"card field 'activation_bytes_per_output_value' is {value}, but model.onnx's "
+                f"intermediates count {counted} bytes per output value (genserve-export "
+                "count-activations writes it)"
+            ]
+    # A card without the field (exported before it) is not an error: the server keeps its constant.
+    del card["activation_bytes_per_output_value"]
+    (path / "card.json").write_text(json.dumps(card))
+    assert verify_repository(tmp_path, recompute_quality=False).ok
+
+
 def test_a_two_way_translators_count_is_its_larger_generators() -> None:
     """A two_way_translator's graph picks its generator with an If, which shape inference does not
     see into: each branch is counted inlined, and the larger one is the card's."""
