@@ -30,6 +30,7 @@ starts must be multiples of the network's period: pass it as ``size_multiple``; 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -263,7 +264,10 @@ def working_set_bytes(
             canvases += 4 * (out_channels + 1) * h * w * scale * scale
         largest_image = max(largest_image, out_channels * h * w * scale * scale)
     largest = sorted(outputs, reverse=True)[: max(batch_tiles, 1) * max(concurrent_batches, 1)]
-    computing = math.ceil(computing_copies * sum(largest))
+    # A card's count may be any finite number (1e308): its product saturates at a working set larger
+    # than any budget (which clamps it: the call runs alone), never an OverflowError from inf.
+    product = computing_copies * sum(largest)
+    computing = math.ceil(product) if math.isfinite(product) else sys.maxsize
     encoding = canvases + encode_bytes_per_value * largest_image
     return input_bytes + tiles + max(computing, encoding)
 

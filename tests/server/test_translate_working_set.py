@@ -206,3 +206,40 @@ def test_a_translate_on_the_cpu_holds_the_intermediates_its_card_counts(tmp_path
     assert held["uncounted"] == output + 2 * output + 3 * output
     # ORT_CPU_FACTOR (2) x 400 bytes a value = 200 output-sized float32 copies in place of 3.
     assert held["counted"] == held["uncounted"] + (200 - 3) * output
+
+
+def test_a_card_counting_more_bytes_than_a_float_holds_runs_its_translate_alone(tmp_path: Path) -> None:
+    """activation_bytes_per_output_value is valid when finite and > 0, so a card may say 1e308: on
+    the CPU provider ORT_CPU_FACTOR x that overflowed to inf and math.ceil raised OverflowError out
+    of the working-set estimate, failing every Translate of the model as an internal error. Such a
+    working set is more than any budget: the call holds the whole budget and runs alone."""
+    card = {
+        "channels": 3,
+        "input_channels": 3,
+        "input_range": [-1.0, 1.0],
+        "size_multiple": 4,
+        "min_size": 8,
+        "activation_bytes_per_output_value": 1e308,
+    }
+    config = {"batching": {"max_batch_size": 1, "max_queue_delay_ms": 1.0}}
+    write_model(tmp_path, "huge", "image_to_image", image_to_image_graph(4), card, config=config)
+    side = 16
+    image = tpb.Image(format=RAW, data=bytes(side * side * 3), shape=[side, side, 3])
+    out = validate.output_spec(TENSOR, 0, None, False)
+    held: list[int] = []
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("Translate", "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+        mv = core.resolve(call, "huge", "", ("image_to_image",), "Translate")
+        assert mv.provider == "CPUExecutionProvider"
+        try:
+            translate = functools.partial(core.translate, mv, call, [image], out)
+            held.append(await working_set_of(core.translate_working_set, translate))
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            if call.response is not None:
+                call.response.release()
+        assert held[0] >= core.translate_working_set.limit
+
+    run_with_core(tmp_path, body)
