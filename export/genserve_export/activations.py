@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
 from genserve_contract.repository import ACTIVATION_BYTES_FIELD, activation_bytes_problem
@@ -186,7 +187,13 @@ def activation_bytes(model: onnx.ModelProto | str | os.PathLike[str], size: int 
     per value of its outputs (see the module docstring); a graph that branches (If) counts its
     largest way through. Raises ActivationCountError where a value computed per call has no static
     shape at the probe."""
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        try:
+            proto = onnx.load(str(model))
+        except DecodeError as exc:  # not an ONNX protobuf (a truncated file): this version's problem
+            raise ActivationCountError(f"{model} is not a readable ONNX model: {exc}") from exc
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     _fix_inputs(fixed, size)

@@ -136,3 +136,28 @@ def test_the_export_cli_leaves_no_onnx_runtime_telemetry_files_in_home(tmp_path:
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
+def test_count_activations_names_a_version_whose_model_cannot_be_parsed_and_counts_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`count-activations` reports a version it cannot count and goes on with the next, but a
+    model.onnx that is not an ONNX protobuf (a truncated copy) raised protobuf's DecodeError, which it
+    did not catch: a traceback, and every version after it left without the field. It is named on
+    one line, the others are counted, exit 1."""
+    import json
+    import shutil
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    for name in ("sr-photos-x4", "unet-denoise"):
+        shutil.copytree(models / name, tmp_path / name)
+        card = json.loads((tmp_path / name / "1" / "card.json").read_text())
+        del card["activation_bytes_per_output_value"]
+        (tmp_path / name / "1" / "card.json").write_text(json.dumps(card))
+    (tmp_path / "sr-photos-x4" / "1" / "model.onnx").write_bytes(b"garbage, not a protobuf")
+    code = cli.main(["count-activations", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "sr-photos-x4/1" in err and "Traceback" not in err, err
+    counted = json.loads((tmp_path / "unet-denoise" / "1" / "card.json").read_text())
+    assert counted["activation_bytes_per_output_value"] == 170.667
