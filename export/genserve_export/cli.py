@@ -564,7 +564,7 @@ def _count_activations(path: Path) -> int:
                 continue
             try:
                 kind = Kind(json.loads(card_path.read_text()).get("kind"))
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # RecursionError: nested too deep
                 continue  # not a card this command reads; verify names it
             if not (kind.tiled or kind.translates):
                 continue

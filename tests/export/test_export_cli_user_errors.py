@@ -161,3 +161,28 @@ def test_count_activations_names_a_version_whose_model_cannot_be_parsed_and_coun
     assert "sr-photos-x4/1" in err and "Traceback" not in err, err
     counted = json.loads((tmp_path / "unet-denoise" / "1" / "card.json").read_text())
     assert counted["activation_bytes_per_output_value"] == 170.667
+
+
+def test_count_activations_skips_a_card_nested_too_deeply_to_parse_and_counts_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`count-activations` skips a card.json it cannot read as a card (verify names it), but one
+    nested too deeply for json raised RecursionError, not the ValueError it caught: a traceback, and
+    every version after it left without activation_bytes_per_output_value."""
+    import json
+    import shutil
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    shutil.copytree(models / "unet-denoise", tmp_path / "unet-denoise")
+    card = json.loads((tmp_path / "unet-denoise" / "1" / "card.json").read_text())
+    del card["activation_bytes_per_output_value"]
+    (tmp_path / "unet-denoise" / "1" / "card.json").write_text(json.dumps(card))
+    deep = tmp_path / "a-deep-card" / "1"
+    deep.mkdir(parents=True)
+    (deep / "card.json").write_text("[" * 200_000)
+    (deep / "model.onnx").write_bytes(b"")
+    code = cli.main(["count-activations", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    counted = json.loads((tmp_path / "unet-denoise" / "1" / "card.json").read_text())
+    assert counted["activation_bytes_per_output_value"] == 170.667
