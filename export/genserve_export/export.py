@@ -27,6 +27,7 @@ from genserve_contract.repository import (
     FP16_ATOL,
     FP32_ATOL,
     NAME_PATTERN,
+    RESERVED_NAMES,
     VERSION_PATTERN,
     sha256_file,
 )
@@ -235,6 +236,8 @@ def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]
         raise InvalidArgumentError(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KIND_NAMES))}")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidArgumentError(f"name {name!r} must match {NAME_PATTERN.pattern}")
+    if name in RESERVED_NAMES:  # the card's check refuses it too, but only after the export's work
+        raise InvalidArgumentError(f"name {name!r} is the server's own grpc.health key, not a model's")
     if not isinstance(version, str) or not VERSION_PATTERN.match(version):
         raise InvalidArgumentError(f"version {version!r} must be a positive integer string such as '1'")
     missing = [f for f in USER_CARD_FIELDS[Kind(kind)] if card.get(f) is None]

@@ -393,6 +393,29 @@ def test_bad_input_raises_and_writes_nothing(
     assert not out.exists() or not any(out.rglob("*"))
 
 
+def test_a_reserved_name_is_refused_as_any_invalid_name_before_the_graph_is_exported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name outside NAME_PATTERN is an InvalidArgumentError before any work; `liveness` (3e83901:
+    the server's own grpc.health key, a name no server serves) passed that check and was refused only
+    by the card's validation, a CardFieldError after the ONNX export, its parity runs and the fp16
+    twin's export. It is refused up front alike, naming why."""
+    from genserve_export import InvalidArgumentError
+    from genserve_export import export as export_module
+
+    def exported(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the graph was exported for a name that is refused")
+
+    monkeypatch.setattr(export_module, "_export_and_optimize", exported)
+    out = tmp_path / "models"
+    for name in ("Bad Name", "liveness"):
+        with pytest.raises(InvalidArgumentError, match="name"):
+            export_model(
+                TinyGenerator(), kind="generator", name=name, out_dir=out, example_inputs=_z(), card=CARD
+            )
+    assert not out.exists() or not any(out.rglob("*"))
+
+
 def test_wrong_example_input_names_raise(tmp_path: Path) -> None:
     with pytest.raises(KindMismatchError, match="label"):
         export_model(
