@@ -557,6 +557,9 @@ def fp16_on_provider(
         return choice  # nothing to compare with: the card's parity stands
     # A FIFO or a directory there is refused naming it (OSError), never opened by ONNX Runtime.
     open_regular(version_dir / "model.onnx").close()
+    # The reference the twin is held to is the card's, as the served file is: a corrupt one is a
+    # sha256 mismatch naming it (not ONNX Runtime's parse error), another valid graph no reference.
+    _verified_sha256(mv, card, version_dir / "model.onnx")
     runtime = mv.config.runtime
     atol = runtime.fp16_atol
     config = dataclasses.replace(runtime, cuda_graph=False, io_binding=False)

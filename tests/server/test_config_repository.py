@@ -788,6 +788,36 @@ def test_a_model_onnx_that_is_not_a_regular_file_is_named_also_beside_an_fp16_tw
         with_repo(root, check)
 
 
+def test_the_fp32_reference_of_the_fp16_parity_check_must_match_its_card_sha256(tmp_path: Path) -> None:
+    """With precision fp16 the parity check runs model.onnx as the reference the twin is held to:
+    it is checked against card.json's sha256 first, as the served file is. A corrupt model.onnx
+    was reported as ONNX Runtime's InvalidProtobuf, and a different but valid one (here the same
+    graph with another doc string, so the twin agrees with it) silently became the reference."""
+    root = tmp_path / "models"
+    for name in ("corrupt", "other"):
+        version_dir = write_tiny_generator(root, name, config={"precision": "fp16"})
+        data = (version_dir / "model.onnx").read_bytes()
+        (version_dir / "model.fp16.onnx").write_bytes(data)
+        card = json.loads((version_dir / "card.json").read_text())
+        card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+        card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+        (version_dir / "card.json").write_text(json.dumps(card))
+    (root / "corrupt" / "1" / "model.onnx").write_bytes(b"not a protobuf" * 64)
+    other = generator_graph(TINY_LATENT, 1, 8, 8)
+    other.doc_string = "rebuilt"
+    (root / "other" / "1" / "model.onnx").write_bytes(other.SerializeToString())
+
+    def check(repo: Repository) -> None:
+        for name in ("corrupt", "other"):
+            mv = repo.get(name).versions["1"]
+            assert mv.state == ModelState.UNAVAILABLE, (name, mv.state, mv.precision)
+            assert "sha256 mismatch for model.onnx" in mv.reason, mv.reason
+            assert "InvalidProtobuf" not in mv.reason and "INVALID_PROTOBUF" not in mv.reason, mv.reason
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_an_fp16_twin_that_is_a_dangling_or_looping_link_is_named_not_read_as_absent(tmp_path: Path) -> None:
     """A model.fp16.onnx link to nothing (its target deleted) or to itself is a name there, as a FIFO
     is: with precision fp16 the version is refused naming it, not served fp32 with the warning that
