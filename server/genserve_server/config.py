@@ -440,7 +440,8 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True)
 class Card:
-    """The fields of card.json the server uses; `raw_json` is the whole file for GetModel."""
+    """The fields of card.json the server uses; `raw_json` is the whole file for GetModel. A loaded
+    version's `name` and `version` are its directories' (loader._open), what its messages name."""
 
     name: str
     version: str

@@ -118,7 +118,9 @@ def _open(
 ) -> tuple[Card, Runner]:
     """The card, the file to serve (sha256 checked, fp16 parity on the provider) and its runner
     (`opened`: told the parity check's sessions, as load_files says)."""
-    card = load_card(mv.path / "card.json")
+    # Named as served: card.json's own name and version are not checked against the directories (a
+    # version directory copied for a canary keeps them) and stay in raw_json only (GetModel's card).
+    card = dataclasses.replace(load_card(mv.path / "card.json"), name=mv.name, version=mv.version)
     mv.card = card
     if card.kind != mv.config.kind:
         raise ConfigError(

@@ -10,12 +10,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_support import TINY_LATENT, generator_graph, start_server, wait_until, write_model
+from server_support import (
+    TINY_LATENT,
+    generator_graph,
+    start_server,
+    super_resolution_graph,
+    wait_until,
+    write_model,
+)
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
 from genserve_server.config import ServerConfig
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
@@ -118,3 +126,58 @@ def test_a_folder_that_is_no_version_is_logged_beside_versions_that_serve(
         repo.scan()
     assert list(repo.get("gen").versions) == ["1"] and not repo.get("gen").reason
     assert any("02" in r.getMessage() and "leading zeros" in r.getMessage() for r in caplog.records)
+
+
+def test_messages_name_the_model_and_version_as_served_not_as_the_card_says(tmp_path: Path) -> None:
+    """A version directory copied to another version (docs/operations.md's publish recipe: a canary
+    copied from 1 to 2) or another model keeps its card's `name` and `version`. The load's log and
+    the refusals sent to clients named the card's ("sr/1: tile receptive-field radius" while
+    sr-canary version 2 loaded); they name what serves, as provenance does."""
+    root = tmp_path / "models"
+    card = {
+        "channels": 3,
+        "input_channels": 3,
+        "input_range": [0.0, 1.0],
+        "scale_factor": 2,
+        "size_multiple": 1,
+        "min_size": 4,
+    }
+    write_model(root, "sr", "super_resolution", super_resolution_graph(2), card, version="1")
+    shutil.copytree(root / "sr" / "1", root / "sr-canary" / "2")  # card.json: name sr, version 1
+    shutil.copy(root / "sr" / "config.json", root / "sr-canary" / "config.json")
+    shutil.rmtree(root / "sr")
+    server = start_server(root, tmp_path / "work", config={"warmup": False})
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(8 * 8 * 3), shape=[8, 8, 3])
+            served = stub.SuperResolve(pb.ImageRequest(model="sr-canary", images=[image]), timeout=30)
+            assert (served.provenance.model, served.provenance.version) == ("sr-canary", "2")
+            tensors = {}
+            for name in ("x", "image"):
+                tensors[name] = kpb.ModelInferRequest.InferInputTensor(
+                    name=name, datatype="FP32", shape=[1, 3, 8, 8]
+                )
+                tensors[name].contents.fp32_contents.extend([0.5] * (3 * 8 * 8))
+            wrong_output = kpb.ModelInferRequest.InferRequestedOutputTensor(name="y")
+            for request, field in (
+                (kpb.ModelInferRequest(model_name="sr-canary", inputs=[tensors["x"]]), "has inputs"),
+                (
+                    kpb.ModelInferRequest(
+                        model_name="sr-canary", inputs=[tensors["image"]], outputs=[wrong_output]
+                    ),
+                    "has outputs",
+                ),
+            ):
+                with pytest.raises(grpc.RpcError) as excinfo:
+                    kstub.ModelInfer(request, timeout=30)
+                assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                details = excinfo.value.details()
+                assert f"sr-canary {field}" in details, details
+        log = server.log()
+        radius = [line for line in log.splitlines() if "tile receptive-field radius" in line]
+        assert radius and all("sr-canary/2" in line for line in radius), radius
+        assert "sr/1" not in log, log
+    finally:
+        server.stop()
