@@ -62,6 +62,7 @@ from pathlib import Path
 from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
 from genserve_server.config import MAX_JSON_BYTES, ConfigError, ModelConfig, load_model_config
+from genserve_server.ort_session import choose_model_file
 from genserve_server.repository import (
     VERSION_PATTERN,
     Model,
@@ -197,8 +198,9 @@ class Reloader:
         self.file_check_interval_s = file_check_interval_s
         self._on_removed = on_removed
         self._on_unloaded = on_unloaded  # a version left the registry for good (its cached images go)
-        # load_id -> (size, mtime_ns) of its model file at the last check (None: the file was gone).
-        self._file_stats: dict[str, tuple[int, int] | None] = {}
+        # load_id -> ((size, mtime_ns) of its model file at the last check (None: the file was gone),
+        # config.json's precision then: a restart's file choice, which the reason names).
+        self._file_stats: dict[str, tuple[tuple[int, int] | None, str]] = {}
         self._lock = asyncio.Lock()
         self._requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -491,7 +493,8 @@ class Reloader:
             for mv in list(model.versions.values()):
                 if mv.state != ModelState.READY:
                     continue
-                status = await asyncio.to_thread(self._file_status, mv)
+                precision = (model.config or mv.config).precision  # config.json's now, as a restart reads
+                status = await asyncio.to_thread(self._file_status, mv, precision)
                 if status is not None and status != mv.file_changed:
                     mv.file_changed = status
                     mv.metrics.file_changed.set(1 if status else 0)
@@ -500,10 +503,11 @@ class Reloader:
                     else:
                         logger.info("%s: its model file on disk matches the loaded one again", mv.label)
 
-    def _file_status(self, mv: ModelVersion) -> str | None:
+    def _file_status(self, mv: ModelVersion, precision: str) -> str | None:
         """None: unchanged since the last check; "": the file matches the loaded sha256; else what
-        changed and what a restart would do. On a worker thread; a sha256 only when size or mtime moved
-        (or at the first check of a version: the file may have changed since it loaded)."""
+        changed and what a restart would do under config.json's `precision` now. On a worker thread;
+        a sha256 only when size, mtime or precision moved (or at the first check of a version: the
+        file may have changed since it loaded)."""
         path = _served_file(mv)
         if path is None:
             return None
@@ -512,9 +516,9 @@ class Reloader:
             stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
         except OSError:
             stat = None
-        if mv.load_id in self._file_stats and self._file_stats[mv.load_id] == stat:
+        if mv.load_id in self._file_stats and self._file_stats[mv.load_id] == (stat, precision):
             return None
-        self._file_stats[mv.load_id] = stat
+        self._file_stats[mv.load_id] = (stat, precision)
         if stat is None:
             what, actual = f"{path.name} is gone from disk since this version loaded", ""
         else:
@@ -533,7 +537,10 @@ class Reloader:
                 f"{path.name} changed on disk since this version loaded (sha256 now {actual[:16]}..., "
                 f"loaded {mv.sha256[:16]}...)"
             )
-        if not actual:
+        other = _restart_file(mv, path, precision)
+        if other:
+            restart = f"a restart would load {other}, not this file"
+        elif not actual:
             restart = "a restart would find no file and this version would be UNAVAILABLE: restore it"
         elif actual == _card_sha256(mv, path.name):
             restart = "a restart loads the new file"
@@ -669,6 +676,25 @@ def _sha256_unless(path: Path, stopping: Callable[[], bool]) -> str | None:
                 return None
             digest.update(block)
     return digest.hexdigest()
+
+
+def _restart_file(mv: ModelVersion, served: Path, precision: str) -> str:
+    """What a restart would load instead of `served`, an fp16 twin it would not open (config.json's
+    precision no longer fp16, the card's parity no longer vouching for it), with why; "" where a
+    restart opens `served` (model.onnx is the fp16 parity check's reference too) or the card cannot
+    be read (a restart refuses the version: the caller says so)."""
+    if served.name == "model.onnx":
+        return ""
+    try:
+        card = json.loads(read_regular_text(mv.path / "card.json", MAX_JSON_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return ""
+    if not isinstance(card, dict):
+        return ""
+    choice = choose_model_file(mv.path, precision, card)
+    if choice.path.name == served.name:
+        return ""
+    return f"{choice.path.name} ({choice.reason or f'config.json precision {precision}'})"
 
 
 def _card_sha256(mv: ModelVersion, filename: str) -> str:

@@ -978,7 +978,9 @@ def test_sigterm_ends_the_file_checks_sha256_of_a_large_model_file_at_its_next_b
         reloader = Reloader(repo, drain_grace_s=2.0, file_check_interval_s=None)
         mv = repo.models["gen"].versions["1"]
         status: list[str | None] = []
-        checking = threading.Thread(target=lambda: status.append(reloader._file_status(mv)), daemon=True)
+        checking = threading.Thread(
+            target=lambda: status.append(reloader._file_status(mv, mv.config.precision)), daemon=True
+        )
         try:
             checking.start()
             assert await asyncio.to_thread(reading.wait, 30), "the check must be hashing the file"

@@ -226,6 +226,57 @@ def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path:
     asyncio.run(scenario())
 
 
+def test_a_changed_fp16_twin_names_the_file_a_restart_would_load_under_the_precision_now(
+    tmp_path: Path,
+) -> None:
+    """In process: a loaded model.fp16.onnx replaced with its card updated said "a restart loads the
+    new file", and went on saying so once config.json's precision was set to fp32, under which a
+    restart loads model.onnx and never opens the twin: the reason names what a restart would load."""
+    import hashlib
+
+    import onnx
+
+    root = tmp_path / "models"
+    version_dir = write_gen(root, "gen", version="1", seed=0, precision="fp16")
+    write_gen(tmp_path / "other", "gen", version="1", seed=5)
+    twin = onnx.load(version_dir / "model.onnx")
+    twin.doc_string = "the twin"  # the same graph, within any parity; another file and sha256
+    data = twin.SerializeToString()
+    (version_dir / "model.fp16.onnx").write_bytes(data)
+    card = json.loads((version_dir / "card.json").read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+    card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+    (version_dir / "card.json").write_text(json.dumps(card))
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            mv = repo.models["gen"].versions["1"]
+            assert mv.precision == "fp16"
+            new = (tmp_path / "other" / "gen" / "1" / "model.onnx").read_bytes()
+            (version_dir / "model.fp16.onnx").write_bytes(new)
+            card["sha256"]["model.fp16.onnx"] = hashlib.sha256(new).hexdigest()
+            (version_dir / "card.json").write_text(json.dumps(card))
+            await reloader.rescan()
+            assert "model.fp16.onnx changed on disk" in mv.file_changed
+            assert "a restart loads the new file" in mv.file_changed, mv.file_changed
+            config = json.loads((root / "gen" / "config.json").read_text())
+            (root / "gen" / "config.json").write_text(json.dumps({**config, "precision": "fp32"}))
+            await reloader.rescan()
+            assert mv.state == ModelState.READY and repo.get("gen").resolve("") is mv
+            assert "model.fp16.onnx changed on disk" in mv.file_changed
+            assert "a restart loads the new file" not in mv.file_changed, mv.file_changed
+            assert "a restart would load model.onnx (config.json precision fp32)" in mv.file_changed, (
+                mv.file_changed
+            )
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_a_file_changed_beside_a_card_too_deeply_nested_to_parse_is_reported(tmp_path: Path) -> None:
     """In process: a model file changed under a loaded version, beside a card.json nested too deep
     for json (RecursionError, not a ValueError), failed the whole rescan with a traceback ('repository
