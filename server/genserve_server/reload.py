@@ -69,6 +69,7 @@ from genserve_server.repository import (
     ModelState,
     ModelVersion,
     Repository,
+    policy_misses,
     policy_picks_none,
 )
 
@@ -363,6 +364,7 @@ class Reloader:
             self._set_reason(current, current.reason)
             self.repo.notify(current)  # health: this name NOT_SERVING, and "" re-evaluated
             return  # a new model whose config.json is broken: UNAVAILABLE with the reason
+        reported = current.reason  # available_versions clears it
         available = self.repo.available_versions(current)
         selected = config.version_policy.select(available)
         problem = ""
@@ -391,6 +393,10 @@ class Reloader:
                 problem += f"; still serving {kept}"
         if not problem:
             problem = _kind_left_behind(current, config)
+        missing = policy_misses(current.path, config.version_policy, available) if selected else ""
+        if missing and missing not in reported:  # once per change, not at every rescan
+            logger.warning("model %s: %s", current.name, missing)
+        problem = "; ".join(p for p in (problem, missing) if p)
         self._set_reason(current, problem)
         if problem:
             report.config_errors.append(current.name)

@@ -34,6 +34,7 @@ from genserve_server.config import (
     ConfigError,
     ModelConfig,
     ServerConfig,
+    VersionPolicy,
     cpu_count,
     load_model_config,
 )
@@ -205,6 +206,18 @@ def policy_picks_none(model_path: Path, available: Sequence[str]) -> str:
     )
 
 
+def policy_misses(model_path: Path, policy: VersionPolicy, available: Sequence[str]) -> str:
+    """The reason of a model whose `specific` version_policy lists versions with no directory on
+    disk beside ones it picks ("" where it lists none such; where it picks none: policy_picks_none)."""
+    missing = sorted({v for v in policy.specific or () if v not in available}, key=int)
+    if not missing:
+        return ""
+    return (
+        f"{model_path / 'config.json'}: version_policy's specific lists versions with no version "
+        f"directory on disk ({', '.join(missing)}); serving the others it lists"
+    )
+
+
 def _model_name(name: str) -> bool:
     """Whether a repository directory's name is a model's (hidden ones and the server's own health
     keys are not)."""
@@ -287,6 +300,10 @@ class Repository:
                     model.reason = policy_picks_none(model.path, available)
                 if model.reason:  # no version directory, none that could be listed, or none picked
                     logger.error("model %s unavailable: %s", model.name, model.reason)
+                elif selected:  # a typo in one of `specific`'s versions: the others serve
+                    model.reason = policy_misses(model.path, model.config.version_policy, available)
+                    if model.reason:
+                        logger.warning("model %s: %s", model.name, model.reason)
             self.models[model.name] = model
             self.metrics.set_config_error(model.name, bool(model.reason))
 

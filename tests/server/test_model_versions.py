@@ -3,6 +3,8 @@ default, folder names that are not versions, and the order after a hot reload ro
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import shutil
 import signal
@@ -26,7 +28,8 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server.config import ServerConfig
 from genserve_server.metrics import Metrics
-from genserve_server.repository import Repository
+from genserve_server.reload import Reloader
+from genserve_server.repository import ModelState, Repository
 
 CARD = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
 
@@ -181,3 +184,49 @@ def test_messages_name_the_model_and_version_as_served_not_as_the_card_says(tmp_
         assert "sr/1" not in log, log
     finally:
         server.stop()
+
+
+def test_a_specific_policy_listing_a_version_not_on_disk_says_so_once_beside_the_versions_it_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`specific: ["1", "3"]` with only 1 on disk serves 1; the missing 3 (a typo, a version not yet
+    published) was ignored silently, at start-up and on reload alike: only a policy that picks
+    nothing was reported. The model's reason names it (ModelInfo.reason: the files on disk are not
+    what serves) and one warning says so, not one at every rescan."""
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["1"], {"specific": ["1", "3"]})
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        with caplog.at_level(logging.WARNING):
+            repo.scan()
+            await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            model = repo.get("gen")
+            assert list(model.versions) == ["1"] and model.resolve("").state == ModelState.READY
+            assert "version_policy" in model.reason and "(3)" in model.reason, model.reason
+            assert sum("(3)" in r.getMessage() for r in caplog.records) == 1
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                await reloader.rescan()
+                await reloader.rescan()
+            assert "(3)" in model.reason and model.resolve("").state == ModelState.READY
+            assert not [r.getMessage() for r in caplog.records if "(3)" in r.getMessage()]
+            config = json.loads((root / "gen" / "config.json").read_text())
+            config["version_policy"] = {"specific": ["1", "3", "4"]}
+            (root / "gen" / "config.json").write_text(json.dumps(config))
+            with caplog.at_level(logging.WARNING):
+                await reloader.rescan()
+                await reloader.rescan()
+            assert "(3, 4)" in model.reason, model.reason
+            assert sum("(3, 4)" in r.getMessage() for r in caplog.records) == 1
+            config["version_policy"] = {"specific": ["1"]}
+            (root / "gen" / "config.json").write_text(json.dumps(config))
+            await reloader.rescan()
+            assert model.reason == "" and model.resolve("").state == ModelState.READY
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
