@@ -1033,12 +1033,16 @@ class BulkJob:
             if prov.model_sha256 and not self.model_sha256:
                 self.model_sha256 = prov.model_sha256
                 self._pending_job = self._job_json()
-            if self.used_models is None:
+            # Empty is not reported, as an empty sha256 is: a server older than
+            # Provenance.used_models sends none (a model version that goes through another always
+            # does on a server that reports them), so a job it started learns them after an upgrade
+            # and one resumed on an older replica is checked on its version and sha256 alone.
+            if self.used_models is None or (used and not self.used_models):
                 self.used_models = used
                 self._pending_job = self._job_json()
             expected = self.used_models
         self._check_model(prov.version, prov.model_sha256, "the server sent images of")
-        if used != expected:
+        if used and used != expected:
             changed = sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m))
             raise BulkError(
                 f"{self.out_dir} is a job whose images also went through {expected or 'no other model'}, "

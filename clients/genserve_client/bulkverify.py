@@ -196,8 +196,9 @@ def verify_job(
                 f"{folder} belongs to another job than {first_folder} ({_difference(first, job)})"
             )
     # The other models the images went through (a style generator's mapping): a shard started after
-    # one was replaced holds images of another model. Null: a job.json from before they were recorded.
-    recorded = [(f, job["used_models"]) for f, job in jobs.items() if job.get("used_models") is not None]
+    # one was replaced holds images of another model. Null: a job.json from before they were recorded;
+    # empty: not reported (a server older than Provenance.used_models), as bulk.py reads it.
+    recorded = [(f, job["used_models"]) for f, job in jobs.items() if job.get("used_models")]
     for folder, used in recorded[1:]:
         if used != recorded[0][1]:
             report.problems.append(

@@ -243,6 +243,35 @@ def test_a_resume_refuses_images_through_a_reloaded_mapping(
 # --- 4. --resume DIR -----------------------------------------------------------------------------
 
 
+def test_a_job_resumes_across_a_server_upgrade_that_starts_reporting_the_mapping(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server older than Provenance.used_models sends none (empty: not reported, as an empty
+    sha256 is): a job it started resumes on the upgraded server, which names the mapping, and one
+    the new server started resumes on an old replica; the models did not change."""
+    t = ("--target", fake_server.target)
+    upgraded, rolled_back = tmp_path / "upgraded", tmp_path / "rolled-back"
+    try:
+        for out, first, then in (
+            (upgraded, [], [("fake-mapping", "1", FAKE_SHA256)]),
+            (rolled_back, [("fake-mapping", "1", FAKE_SHA256)], []),
+        ):
+            fake_server.service.used_models = first
+            code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
+            assert code == 0, err
+            fake_server.service.used_models = then
+            code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(out), "--n", "8")
+            assert code == 0, err
+            assert indices(out) == list(range(8))
+            assert json.loads((out / "job.json").read_text())["used_models"] == {"fake-mapping": FAKE_SHA256}
+        # Once known, a mapping that does change is still refused.
+        fake_server.service.used_models = [("fake-mapping", "2", OTHER_SHA256)]
+        code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(upgraded), "--n", "12")
+        assert code == 2 and "fake-mapping changed" in err, err
+    finally:
+        fake_server.service.used_models = []
+
+
 def test_resume_takes_every_setting_from_the_manifest_and_a_larger_n_grows_the_job(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -131,6 +131,25 @@ def test_shards_whose_images_went_through_another_mapping_are_another_job(
     assert code == 0, err
 
 
+def test_shards_of_servers_older_and_newer_than_used_models_are_one_job(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server older than Provenance.used_models reports none (empty: not reported): shards run
+    on old and upgraded replicas during a rolling upgrade are one job, the mapping unchanged."""
+    t = ("--target", fake_server.target)
+    root = tmp_path / "job"
+    sha = hashlib.sha256(b"mapping 1").hexdigest()
+    try:
+        for shard, used in (("0/3", []), ("1/3", [("fake-mapping", "1", sha)]), ("2/3", [])):
+            fake_server.service.used_models = used
+            code, _, err = cli_main(capsys, *t, *JOB, "--out", str(root), "--shard", shard)
+            assert code == 0, err
+    finally:
+        fake_server.service.used_models = []
+    code, _, err = cli_main(capsys, "verify", str(root))
+    assert code == 0, err
+
+
 def test_verify_names_a_folder_without_a_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     code, _, err = cli_main(capsys, "verify", str(tmp_path / "empty"))
