@@ -346,7 +346,11 @@ class OneModel:
                 self.opts["version"] = provenance.version
             return
         first = self.first
-        if (provenance.version, provenance.model_sha256, provenance.used_models) != (
+        # No used_models is not reported (a server older than that field; a rolling upgrade's old
+        # replicas): the calls that name them must agree, and the images' provenance names them.
+        if provenance.used_models and not first.used_models:
+            first = self.first = dataclasses.replace(first, used_models=provenance.used_models)
+        if (provenance.version, provenance.model_sha256, provenance.used_models or first.used_models) != (
             first.version,
             first.model_sha256,
             first.used_models,

@@ -10,7 +10,7 @@ import pytest
 from client_fakes import FakeServer, cli_main, run_cli
 from PIL import Image
 
-from genserve.v1 import genserve_pb2
+from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client.cli import UsageError, resolve_labels
 
 
@@ -265,3 +265,37 @@ def test_a_servers_error_is_printed_on_one_line_without_terminal_escapes(
     assert code == 1
     assert not any(c in err for c in "\x1b\x07\r"), repr(err)
     assert err.count("\n") == 1 and "bad key\\ngenserve-client: forged" in err, repr(err)
+
+
+def test_a_sample_split_over_replicas_older_and_newer_than_used_models_is_one_model(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """During a rolling upgrade a command's calls reach replicas older than Provenance.used_models
+    (they name no mapping: not reported) and upgraded ones (they name it): the model is the same, so
+    the command is not refused as mixing two models, and its PNGs name the mapping."""
+    service = fake_server.service
+    provenance = type(service)._provenance
+    mapping = ("fake-mapping", "1", "ab" * 32)
+
+    def old_then_new(model: str) -> types_pb2.Provenance:
+        service.used_models = [mapping] if service.calls["Sample"] % 2 == 0 else []
+        return provenance(service, model)
+
+    monkeypatch.setattr(service, "_provenance", old_then_new)
+    try:
+        code, _, err = cli_main(
+            capsys, "--target", fake_server.target, "sample", "--model", "fake-gen", "--n", "600",
+            "--seed", "3", "--out", str(tmp_path),
+        )  # fmt: skip
+    finally:
+        service.used_models = []
+    assert code == 0, err
+    assert service.calls["Sample"] == 3
+    files = sorted(tmp_path.glob("*.png"))
+    assert len(files) == 600
+    assert {Image.open(f).text.get("used_models") for f in files} == {
+        "fake-mapping version 1 sha256 " + "ab" * 32
+    }
