@@ -147,7 +147,7 @@ class AsyncGenserveClient(ClientBase):
         )
         try:
             async for chunk in stream:
-                yield calls.progress_item(chunk, attempts.request_id)
+                yield calls.progress_item(chunk, attempts.request_id, call.request)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, attempts.request_id) from None
         except asyncio.CancelledError:

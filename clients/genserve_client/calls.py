@@ -51,11 +51,11 @@ class ProgressCall:
 
 
 def progress_item(
-    chunk: genserve_pb2.SampleCodesChunk, request_id: str | None
+    chunk: genserve_pb2.SampleCodesChunk, request_id: str | None, request: genserve_pb2.SampleCodesRequest
 ) -> CodesProgress | CodesResult:
     """A progress chunk, or (the last chunk) the whole answer."""
     if chunk.HasField("result"):
-        return CodesResult.from_codes_proto(chunk.result, request_id)
+        return CodesResult.from_codes_proto(chunk.result, request_id, request)
     return CodesProgress.from_proto(chunk)
 
 
@@ -82,7 +82,11 @@ def sample_codes(
     See genserve.proto SampleCodesRequest."""
     rq.check_options("sample_codes", opts, rq.CodesOptions)
     request = rq.sample_codes_request(model, n, **opts)
-    return UnaryCall("SampleCodes", request, CodesResult.from_codes_proto, timeout_s)
+
+    def parse(response: genserve_pb2.SampleCodesResponse, request_id: str | None) -> CodesResult:
+        return CodesResult.from_codes_proto(response, request_id, request)
+
+    return UnaryCall("SampleCodes", request, parse, timeout_s)
 
 
 def sample_codes_progress(

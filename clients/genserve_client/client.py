@@ -112,7 +112,7 @@ class GenserveClient(ClientBase):
         )
         try:
             for chunk in stream:
-                yield calls.progress_item(chunk, attempts.request_id)
+                yield calls.progress_item(chunk, attempts.request_id, call.request)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, attempts.request_id) from None
         finally:

@@ -156,23 +156,38 @@ class CodesResult(SampleResult):
 
     @property
     def seeds(self) -> list[int | None]:
-        """Sample i's seed: the response's (a server older than its `seeds` field: the images')."""
+        """Sample i's seed: the response's (a server older than its `seeds` field: the images', or
+        without images the request's seeds or base_seed + i, None where the server picked them)."""
         if self.sample_seeds:
             return list(self.sample_seeds)
+        if not self.items:
+            return [None] * len(self.codes)
         return super().seeds
 
     @classmethod
-    def from_codes_proto(cls, resp: genserve_pb2.SampleCodesResponse, request_id: str | None) -> CodesResult:
+    def from_codes_proto(
+        cls,
+        resp: genserve_pb2.SampleCodesResponse,
+        request_id: str | None,
+        request: genserve_pb2.SampleCodesRequest | None = None,
+    ) -> CodesResult:
         def grids(tensors: Sequence[types_pb2.Tensor]) -> list[npt.NDArray[np.int64]]:
             return [tensor_to_array(t).astype(np.int64, copy=False) for t in tensors]
 
+        seeds = list(resp.seeds)
+        if not seeds and not resp.images and request is not None:
+            # A server older than SampleCodesResponse.seeds, grids only: the seeds the request gave.
+            if request.seeds:
+                seeds = list(request.seeds)
+            elif request.HasField("base_seed"):
+                seeds = [request.base_seed + i for i in range(len(resp.codes))]
         return cls(
             [GeneratedItem.from_proto(g) for g in resp.images],
             Provenance.from_proto(resp.provenance),
             request_id,
             grids(resp.codes),
             grids(resp.top_codes),
-            list(resp.seeds),
+            seeds,
         )
 
 

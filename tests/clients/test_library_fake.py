@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 from client_fakes import FAKE_LATENT, FakeServer, fake_latent, fake_pixels
 
+from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client import (
     AsyncGenserveClient,
     ChannelConfig,
     GenserveClient,
     GenserveClientError,
     RetryPolicy,
+    calls,
 )
+from genserve_client.results import CodesResult
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
 
@@ -245,3 +248,23 @@ def test_empty_stream_ranges_are_refused_client_side_and_a_finished_one_is_empty
 
     asyncio.run(scenario())
     assert fake_server.service.calls["SampleStream"] == 0
+
+
+def test_a_grid_only_answer_from_a_server_older_than_its_seeds_field_has_a_seed_per_grid() -> None:
+    """SampleCodesResponse.seeds (field 5) is newer than SampleCodes: an older server's answer from a
+    prior without a decoder (a top prior) is grids alone, no images to carry the seeds. Sample i's
+    seed is then the request's (seeds, or base_seed + i), and unknown (None) where the server
+    picked the base, never an empty list beside two grids."""
+    grid = np.zeros((4, 4), np.int64)
+    tensor = types_pb2.Tensor(shape=grid.shape, dtype=types_pb2.DTYPE_INT64, data=grid.tobytes())
+    old = genserve_pb2.SampleCodesResponse(
+        codes=[tensor, tensor], provenance=types_pb2.Provenance(model="top")
+    )
+    wire = old.SerializeToString()  # what a server without field 5 sends
+    for kwargs, seeds in (({"base_seed": 5}, [5, 6]), ({"seeds": [9, 3]}, [9, 3]), ({}, [None, None])):
+        call = calls.sample_codes("top", 0 if "seeds" in kwargs else 2, labels=[1], **kwargs)
+        result = call.parse(genserve_pb2.SampleCodesResponse.FromString(wire), "rid")
+        assert len(result.codes) == 2 and result.seeds == seeds, kwargs
+        progress = calls.sample_codes_progress("top", 0 if "seeds" in kwargs else 2, labels=[1], **kwargs)
+        last = calls.progress_item(genserve_pb2.SampleCodesChunk(result=old), "rid", progress.request)
+        assert isinstance(last, CodesResult) and last.seeds == seeds, kwargs
