@@ -23,6 +23,10 @@ DTYPES: dict[str, tuple[str, int, str]] = {
 }
 # InferTensorContents field per protocol datatype, for clients that send typed contents.
 CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents"}
+# Triton's system and CUDA shared-memory extensions (a tensor's parameter naming a registered
+# region) are not served: ServerMetadata does not list them and their Register RPCs are UNIMPLEMENTED.
+SHARED_MEMORY_REGION = "shared_memory_region"
+NO_SHARED_MEMORY = "not supported (the shared-memory extensions are not served)"
 
 
 def protocol_datatype(spec: TensorSpec) -> str:
@@ -98,6 +102,11 @@ def read_inputs(request: kpb.ModelInferRequest, card: Card) -> dict[str, np.ndar
                 f"{list(shape)} is too large: {itemsize}-byte values, over {np.iinfo(np.intp).max} bytes",
             )
         n_values = math.prod(shape)
+        if SHARED_MEMORY_REGION in tensor.parameters:
+            raise invalid(
+                f"{where}.parameters[{SHARED_MEMORY_REGION}]",
+                f"{NO_SHARED_MEMORY}: send {tensor.name} in raw_input_contents or contents",
+            )
         if raw and tensor.contents.ListFields():
             raise invalid(f"{where}.contents", "must not be set when raw_input_contents is used")
         if raw:
@@ -150,6 +159,11 @@ def requested_outputs(request: kpb.ModelInferRequest, card: Card) -> list[Tensor
             raise invalid(
                 f"outputs[{i}].parameters[classification]",
                 "not supported (the classification extension is not served): outputs are raw tensors",
+            )
+        if SHARED_MEMORY_REGION in output.parameters:  # the region would never be written
+            raise invalid(
+                f"outputs[{i}].parameters[{SHARED_MEMORY_REGION}]",
+                f"{NO_SHARED_MEMORY}: outputs come in raw_output_contents",
             )
         chosen.append(spec)
     return chosen

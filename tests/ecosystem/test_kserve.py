@@ -435,6 +435,29 @@ def test_classification_outputs_are_refused_not_ignored(stub: kpb_grpc.GRPCInfer
     assert _invalid(stub, request).startswith("outputs[0].parameters[classification]: not supported")
 
 
+def test_shared_memory_tensors_are_refused_naming_the_extension(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """Triton's shared-memory extension is not served (ServerMetadata does not list it): an output
+    asked into a region came back in raw_output_contents, silently, the region never written (a
+    client reading it reads stale bytes), and an input from a region was refused as 'needs 64
+    values in fp32_contents, got 0'."""
+
+    def into(params: Any) -> None:
+        params["shared_memory_region"].string_param = "r0"
+        params["shared_memory_byte_size"].int64_param = 4096
+
+    request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+    into(request.outputs.add(name="image").parameters)
+    assert _invalid(stub, request).startswith("outputs[0].parameters[shared_memory_region]: not supported")
+    request = kpb.ModelInferRequest(
+        model_name=GEN,
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="z", datatype="FP32", shape=[1, TINY_LATENT])],
+    )
+    into(request.inputs[0].parameters)
+    assert _invalid(stub, request).startswith("inputs[0].parameters[shared_memory_region]: not supported")
+
+
 def test_model_config_preferred_sizes_never_exceed_max_batch_size(tiny_repo: Path, tmp_path: Path) -> None:
     """Triton refuses a config whose preferred size is above max_batch_size; genserve's max_batch_size
     is the most rows one request may carry, which the server's per-request limits may lower."""
