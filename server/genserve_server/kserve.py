@@ -93,6 +93,29 @@ class LatentPlan:
     psi: float | None = None
 
 
+# Triton's own ModelInferRequest parameters (tritonclient sets them from infer()'s arguments, and
+# perf_analyzer sends `triton_enable_empty_final_response`, as Triton's other `triton_*` ones):
+# accepted and ignored, as docs/kserve.md says.
+TRITON_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
+TRITON_PREFIX = "triton_"
+
+
+def check_parameters(request: kpb.ModelInferRequest, card: Card, label: str) -> None:
+    """A request parameter the model's kind does not take is INVALID_ARGUMENT naming it: ignored, a
+    typo such as `Seed` got a random seed and an answer that looked right."""
+    takes: set[str] = set()
+    if card.kind.takes_latent:
+        takes = {"seed", "count", "truncation_psi", "label"}  # label: its own refusal where not conditional
+    for name in request.parameters:
+        if name not in takes and name not in TRITON_PARAMETERS and not name.startswith(TRITON_PREFIX):
+            raise invalid(
+                f"parameters[{name}]",
+                f"{label} ({card.kind}) takes no such parameter; it takes "
+                f"{', '.join(sorted(takes)) or 'none'} (Triton's {', '.join(sorted(TRITON_PARAMETERS))} "
+                f"and {TRITON_PREFIX}*: accepted and ignored)",
+            )
+
+
 class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on genserve's repository and batchers."""
 
@@ -258,6 +281,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         )
         card = mv.card
         assert card is not None
+        check_parameters(request, card, mv.label)
         decoding = time.monotonic()
         tensors = kserve_tensors.read_inputs(request, card)
         call.timing.input_s += time.monotonic() - decoding

@@ -405,6 +405,35 @@ def test_a_truncation_psi_parameter_is_the_float32_genserve_v1_uses(
     np.testing.assert_allclose(got, expected.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
+def test_a_request_parameter_the_model_does_not_take_is_refused_naming_it(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """An unknown ModelInfer parameter was ignored: a typo such as `Seed` got a random seed, answered
+    OK (the image not the one asked for, silently), and `seed` on a super-resolution model did
+    nothing. A parameter the model's kind does not take is INVALID_ARGUMENT naming it and the ones
+    it takes; Triton's own request parameters (priority, timeout, sequence_*) stay accepted."""
+    typo = kpb.ModelInferRequest(model_name=GEN)
+    typo.parameters["Seed"].int64_param = 5
+    details = _invalid(stub, typo)
+    assert details.startswith("parameters[Seed]:") and "seed" in details, details
+
+    image = kpb.ModelInferRequest(model_name=SR)
+    image.parameters["seed"].int64_param = 5
+    tensor = image.inputs.add(name="image", datatype="FP32", shape=[1, 3, 16, 16])
+    image.raw_input_contents.append(np.zeros((1, 3, 16, 16), np.float32).tobytes())
+    assert tensor.name == "image"
+    details = _invalid(stub, image)
+    assert details.startswith("parameters[seed]:") and SR in details, details
+
+    triton = kpb.ModelInferRequest(model_name=GEN)
+    triton.parameters["seed"].int64_param = 5
+    triton.parameters["priority"].uint64_param = 1
+    triton.parameters["timeout"].int64_param = 10_000_000
+    triton.parameters["sequence_id"].int64_param = 0
+    triton.parameters["triton_enable_empty_final_response"].bool_param = False  # perf_analyzer's
+    assert stub.ModelInfer(triton, timeout=30).raw_output_contents
+
+
 def test_a_truncation_psi_parameter_is_checked_as_the_float32_it_becomes_naming_the_value_sent(
     stub: kpb_grpc.GRPCInferenceServiceStub, tiny_server: Any
 ) -> None:
