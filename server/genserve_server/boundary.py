@@ -108,7 +108,7 @@ async def abort(
     remaining_s = context.time_remaining()
     if remaining_s is not None and remaining_s <= 0:
         raise asyncio.CancelledError
-    await context.abort(status_code(error.code), redact(error.message), trailing_metadata=trailing)
+    await context.abort(status_code(error.code), error.redacted(redact), trailing_metadata=trailing)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 

@@ -8,6 +8,7 @@ both servicers; everything below it raises these.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 
 class Code(enum.Enum):
@@ -59,15 +60,25 @@ def escape_controls(text: str) -> str:
 
 
 class GenserveError(Exception):
-    """Base error: `code` is the status the boundary sends, `field` the offending request field."""
+    """Base error: `code` is the status the boundary sends, `field` the offending request field,
+    `verbatim` a part of the message that is the client's own text (a name it sent, as the message
+    quotes it): the boundary's redact (Repository.redact, which hides the server's paths) leaves it
+    as it is, so that a model named by a path (`/srv/models/gen`) is quoted back, not hidden."""
 
     code: Code = Code.INTERNAL
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, verbatim: str = "") -> None:
         message = clip_message(message)
         super().__init__(message)
         self.message = message
         self.field = field
+        self.verbatim = verbatim
+
+    def redacted(self, redact: Callable[[str], str]) -> str:
+        """The message for the client: `redact` applied to all of it but `verbatim`."""
+        if not self.verbatim or self.verbatim not in self.message:
+            return redact(self.message)
+        return self.verbatim.join(redact(part) for part in self.message.split(self.verbatim))
 
     def __str__(self) -> str:
         return self.message

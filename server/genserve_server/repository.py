@@ -279,7 +279,7 @@ class Repository:
         model = self.models.get(name)
         if model is None:
             names = ", ".join(sorted(self.models)) or "none"
-            raise NotFound(f"model {name!r} not found; models: {names}", field="model")
+            raise NotFound(f"model {name!r} not found; models: {names}", field="model", verbatim=repr(name))
         return model
 
     # ------------------------------------------------------------------ discovery

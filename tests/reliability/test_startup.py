@@ -534,3 +534,21 @@ def test_reasons_from_repository_files_reach_clients_with_their_control_characte
         for text in texts:
             assert escaped in text, (name, text)
             assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text), (name, text)
+
+
+def test_a_model_name_the_client_sent_as_a_path_comes_back_as_it_sent_it(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    """A client that names a model by its path (`/srv/models/gen`, as a user who confuses the two
+    does) is told that no model has that name, quoting what it sent: its own text is not a path of
+    the server's to hide, and `<path outside the repository>` would send it looking for one."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    server = server_of(models)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+        for name in ("/srv/models/gen", "/etc/gen"):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Sample(genserve_pb2.SampleRequest(model=name, count=1))
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+            details = refused.value.details() or ""
+            assert f"model {name!r} not found" in details, details
+            assert "outside the repository" not in details, details
