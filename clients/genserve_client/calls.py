@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from genserve.v1 import genserve_pb2
 from genserve_client import requests as rq
-from genserve_client.convert import ImageInput
+from genserve_client.convert import ImageInputs
 from genserve_client.results import CodesProgress, CodesResult, EncodeResult, ImageResult, SampleResult
 
 Out = TypeVar("Out")
@@ -131,7 +131,7 @@ def mix_styles(
 
 def encode(
     model: str,
-    images: Sequence[ImageInput],
+    images: ImageInputs,
     *,
     timeout_s: float | None = None,
     **opts: Unpack[rq.EncodeOptions],
@@ -156,7 +156,7 @@ def decode(
 
 def super_resolve(
     model: str,
-    images: Sequence[ImageInput],
+    images: ImageInputs,
     *,
     timeout_s: float | None = None,
     **opts: Unpack[rq.ImageOptions],
@@ -174,7 +174,7 @@ def super_resolve(
 
 def translate(
     model: str,
-    images: Sequence[ImageInput],
+    images: ImageInputs,
     *,
     timeout_s: float | None = None,
     **opts: Unpack[rq.ImageOptions],

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +15,9 @@ from PIL import Image as PILImage
 from genserve.v1 import types_pb2
 
 ImageInput: TypeAlias = "np.ndarray | PILImage.Image | bytes | str | os.PathLike[str]"
+# A request's images: a list of ImageInput, an N x H x W x C array (N images) or a 1-D array of
+# paths or encoded files (requests.image_messages).
+ImageInputs: TypeAlias = "Sequence[ImageInput] | npt.NDArray[Any]"
 
 FORMATS: dict[str, types_pb2.ImageFormat.ValueType] = {
     "png": types_pb2.IMAGE_FORMAT_PNG,

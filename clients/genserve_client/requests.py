@@ -18,7 +18,7 @@ from PIL import Image as PILImage
 
 from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client.convert import (
-    ImageInput,
+    ImageInputs,
     array_to_tensor,
     codes_to_tensor,
     image_format,
@@ -198,7 +198,7 @@ def _assign(message: Message, name: str, value: object, prefix: str = "") -> Non
         raise _field_error(type(message), prefix, name, value, exc) from None
 
 
-def image_messages(images: Sequence[ImageInput]) -> list[types_pb2.Image]:
+def image_messages(images: ImageInputs) -> list[types_pb2.Image]:
     """The request's images: a list of images, or an N x H x W x C array (N images). One image where
     a list belongs is refused: a path (a str is a sequence of one-letter paths: "No such file or
     directory: 'p'"), bytes (of integers), a PIL image, an HW array (of 1-D rows) or an HWC array
@@ -375,7 +375,7 @@ def mix_styles_request(
 
 
 def encode_request(
-    model: str, images: Sequence[ImageInput], **opts: Unpack[EncodeOptions]
+    model: str, images: ImageInputs, **opts: Unpack[EncodeOptions]
 ) -> genserve_pb2.EncodeRequest:
     return _build(
         genserve_pb2.EncodeRequest,
@@ -399,9 +399,7 @@ def decode_request(
     )
 
 
-def image_request(
-    model: str, images: Sequence[ImageInput], **opts: Unpack[ImageOptions]
-) -> genserve_pb2.ImageRequest:
+def image_request(model: str, images: ImageInputs, **opts: Unpack[ImageOptions]) -> genserve_pb2.ImageRequest:
     req = _build(
         genserve_pb2.ImageRequest,
         model=model,

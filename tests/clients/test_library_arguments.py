@@ -4,7 +4,10 @@ options a method does not take, values a field cannot hold, one image where a li
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -466,3 +469,63 @@ def test_an_asyncio_client_used_in_another_event_loop_says_so(fake_server: FakeS
             assert await client.list_models()
 
     asyncio.run(same_loop())
+
+
+def mypy_strict(tmp_path: Path, source: str) -> str:
+    """mypy --strict's report on a user's script `source` importing the library from this checkout."""
+    import genserve.v1
+    import genserve_client
+
+    script = tmp_path / "user_script.py"
+    script.write_text(source)
+    roots = [Path(genserve_client.__file__).parents[1], Path(next(iter(genserve.v1.__path__))).parents[1]]
+    env = {**os.environ, "MYPYPATH": os.pathsep.join(map(str, roots))}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--config-file",
+            "",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    return done.stdout + done.stderr
+
+
+def test_the_documented_image_inputs_type_check_in_both_clients(tmp_path: Path) -> None:
+    """docs/client.md: an N x H x W x C uint8 array is N images and a 1-D array of paths is a list,
+    as the clients take them at run time; their `images` hint was Sequence[...], which no numpy
+    array is, so mypy --strict refused the documented calls."""
+    report = mypy_strict(
+        tmp_path,
+        """
+import numpy as np
+from genserve_client import AsyncGenserveClient, GenserveClient
+
+batch = np.zeros((2, 8, 8, 3), np.uint8)
+paths = np.array(["a.png", "b.png"])
+
+
+def sync(client: GenserveClient) -> None:
+    client.super_resolve("sr", batch)
+    client.translate("i2i", paths, direction="b_to_a")
+    client.encode("enc", batch)
+    client.super_resolve("sr", [np.zeros((8, 8, 3), np.uint8), "c.png", b"png bytes"])
+
+
+async def aio(client: AsyncGenserveClient) -> None:
+    await client.super_resolve("sr", batch)
+    await client.translate("i2i", paths)
+    await client.encode("enc", batch, sample=True)
+""",
+    )
+    assert "Success: no issues found" in report, report
