@@ -27,6 +27,8 @@ from genserve_client.convert import (
 
 Format: TypeAlias = "str | types_pb2.ImageFormat.ValueType"
 Latent: TypeAlias = "int | npt.ArrayLike"  # a seed, or an explicit float32 [Z] latent
+# Seeds and labels: a list of ints or a numpy integer array (`np.arange(n)`), as protobuf takes them.
+Ints: TypeAlias = "Sequence[int] | npt.NDArray[np.integer[Any]]"
 
 # Translate's direction: a two_way_translator's A -> B (the default) or B -> A (its card's `domains`).
 DIRECTIONS = {
@@ -49,10 +51,10 @@ class OutputOptions(TypedDict, total=False):
 
 
 class SampleOptions(OutputOptions, total=False):
-    seeds: Sequence[int]
+    seeds: Ints
     base_seed: int
     latents: npt.ArrayLike
-    labels: Sequence[int]
+    labels: Ints
     psi: float
     version: str
     priority: types_pb2.Priority.ValueType
@@ -60,7 +62,7 @@ class SampleOptions(OutputOptions, total=False):
 
 class StreamOptions(OutputOptions, total=False):
     base_seed: int
-    labels: Sequence[int]
+    labels: Ints
     psi: float
     version: str
     start_index: int
@@ -70,9 +72,9 @@ class StreamOptions(OutputOptions, total=False):
 class CodesOptions(OutputOptions, total=False):
     """SampleCodes / SampleCodesStream (genserve.proto SampleCodesRequest)."""
 
-    seeds: Sequence[int]
+    seeds: Ints
     base_seed: int
-    labels: Sequence[int]
+    labels: Ints
     temperature: float
     top_k: int
     top_codes: npt.ArrayLike  # int64 [N, Ht, Wt] or [Ht, Wt]: a bottom prior's given top grids
@@ -91,7 +93,7 @@ class InterpolateOptions(OutputOptions, total=False):
     # "slerp" or "lerp"; absent: the server's choice (slerp in z, a straight line in a style
     # generator's w space)
     mode: str
-    labels: Sequence[int]
+    labels: Ints
     psi: float
     version: str
 

@@ -529,3 +529,37 @@ async def aio(client: AsyncGenserveClient) -> None:
 """,
     )
     assert "Success: no issues found" in report, report
+
+
+def test_seeds_and_labels_given_as_numpy_integer_arrays_type_check_in_both_clients(tmp_path: Path) -> None:
+    """`seeds=np.arange(8)`, `labels=np.repeat(np.arange(10), 4)`: protobuf takes numpy integer
+    arrays and the calls ran, but the options were hinted Sequence[int], which no numpy array is,
+    so mypy --strict refused them in user code."""
+    report = mypy_strict(
+        tmp_path,
+        """
+import numpy as np
+from genserve_client import AsyncGenserveClient, GenserveClient
+
+seeds = np.arange(8)
+labels = np.repeat(np.arange(10), 4)
+
+
+def sync(client: GenserveClient) -> None:
+    client.sample("cgan", seeds=seeds, labels=labels[:8])
+    client.sample_codes("prior", seeds=seeds, labels=labels)
+    client.interpolate("cgan", 1, 2, 8, labels=labels[:1])
+    for _ in client.sample_stream("cgan", 40, labels=labels):
+        pass
+    client.sample("cgan", 2, labels=[3, 4], seeds=range(2))
+
+
+async def aio(client: AsyncGenserveClient) -> None:
+    await client.sample("cgan", seeds=seeds, labels=labels[:8])
+    async for _ in client.sample_codes_progress("prior", seeds=seeds, labels=labels):
+        pass
+""",
+    )
+    assert "Success: no issues found" in report, report
+    request = calls.sample("cgan", seeds=np.arange(3), labels=np.array([7, 8, 9])).request
+    assert (list(request.seeds), list(request.labels)) == ([0, 1, 2], [7, 8, 9])
