@@ -14,12 +14,22 @@ if TYPE_CHECKING:
     from genserve_client.channel import ChannelConfig, TlsOptions
     from genserve_client.client import GenserveClient, SampleStream
     from genserve_client.errors import GenserveClientError
-    from genserve_client.results import EncodeResult, GeneratedItem, ImageResult, Provenance, SampleResult
+    from genserve_client.results import (
+        CodesProgress,
+        CodesResult,
+        EncodeResult,
+        GeneratedItem,
+        ImageResult,
+        Provenance,
+        SampleResult,
+    )
     from genserve_client.retry import RetryPolicy
 
 __all__ = [
     "AsyncGenserveClient",
     "ChannelConfig",
+    "CodesProgress",
+    "CodesResult",
     "EncodeResult",
     "GeneratedItem",
     "GenserveClient",
@@ -40,6 +50,8 @@ _MODULES = {
     "GenserveClient": "client",
     "SampleStream": "client",
     "GenserveClientError": "errors",
+    "CodesProgress": "results",
+    "CodesResult": "results",
     "EncodeResult": "results",
     "GeneratedItem": "results",
     "ImageResult": "results",

@@ -112,3 +112,21 @@ def test_stream_resumes_after_the_last_index_and_progress_renews_the_retry_budge
     assert same is not None and same.start_index == 3
     resume.chunk(chunk(3, 4, 5))
     assert resume.next_request() is None
+
+
+def test_every_result_type_the_methods_return_is_importable_from_the_package() -> None:
+    """docs/client.md: `sample_codes` returns a CodesResult and `sample_codes_progress` yields
+    CodesProgress items, then the CodesResult, told apart with isinstance; `from genserve_client
+    import CodesResult` raised AttributeError (the package exported the other result types only)."""
+    import genserve_client
+    from genserve_client import results
+
+    public = {
+        name
+        for name, value in vars(results).items()
+        if inspect.isclass(value) and value.__module__ == results.__name__ and not name.startswith("_")
+    }
+    assert {"CodesProgress", "CodesResult"} <= public
+    for name in sorted(public):
+        assert name in genserve_client.__all__, name
+        assert getattr(genserve_client, name) is getattr(results, name)
