@@ -7,7 +7,7 @@ Each RPC's keyword options are declared once, as a TypedDict; the clients' typed
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeAlias, TypedDict, TypeVar, Unpack
 
 import numpy as np
@@ -181,6 +181,8 @@ def _field_error(cls: type[Message], prefix: str, name: str, value: object, exc:
 
 def _build(cls: type[M], prefix: str = "", **fields: Any) -> M:
     """cls(**fields); a value a field cannot hold raises naming the field (`prefix` + its name)."""
+    # An iterator (a generator of seeds) is read once: the field checks below would see it empty.
+    fields = {name: list(value) if isinstance(value, Iterator) else value for name, value in fields.items()}
     try:
         return cls(**fields)
     except (TypeError, ValueError):

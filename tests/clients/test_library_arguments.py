@@ -214,6 +214,15 @@ def test_every_documented_option_is_still_accepted() -> None:
         (lambda: calls.sample("g", -1), "count: must be in [0, 4294967295] (uint32), got -1"),
         (lambda: calls.sample("g", seeds=[1, 2**63]), "seeds[1]: must be in [-9223372036854775808, "),
         (lambda: calls.sample("g", 2, labels=[2**31]), "labels[0]: must be in [-2147483648, 2147483647]"),
+        # a generator: its items were consumed by the first try, so the field went unnamed
+        (
+            lambda: calls.sample("g", seeds=(s for s in [1, 2**63])),
+            "seeds[1]: must be in [-9223372036854775808, ",
+        ),
+        (
+            lambda: calls.sample_stream("g", 4, labels=iter([1, 2**31])),
+            "labels[1]: must be in [-2147483648, ",
+        ),
         (lambda: calls.sample("g", 2, base_seed=2**64), "base_seed: must be in"),
         (lambda: calls.sample("g", 2, quality=-1), "output.quality: must be in [0, 4294967295]"),
         (lambda: calls.sample("g", 2, png_compression=-2), "output.png_compression: must be in"),
