@@ -662,13 +662,11 @@ def _kind_left_behind(model: Model, config: ModelConfig) -> str:
 
 
 def _served_file(mv: ModelVersion) -> Path | None:
-    """The file the version's sessions loaded: card.json's entry whose sha256 is the loaded one."""
+    """The file the version's sessions loaded (choose_model_file's choice, as its precision says; not
+    found by its sha256 in card.json: a twin byte-identical to model.onnx has model.onnx's)."""
     if mv.card is None or not mv.sha256:
         return None
-    for name, digest in mv.card.sha256.items():
-        if digest == mv.sha256 and Path(name).name == name:
-            return mv.path / name
-    return None
+    return mv.path / ("model.fp16.onnx" if mv.precision == "fp16" else "model.onnx")
 
 
 def _sha256_unless(path: Path, stopping: Callable[[], bool]) -> str | None:

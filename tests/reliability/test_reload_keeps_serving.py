@@ -277,6 +277,41 @@ def test_a_changed_fp16_twin_names_the_file_a_restart_would_load_under_the_preci
     asyncio.run(scenario())
 
 
+def test_a_changed_fp16_twin_byte_identical_to_model_onnx_at_load_is_reported(tmp_path: Path) -> None:
+    """In process: the watch found the file a version loaded by its sha256 in card.json, so with a
+    model.fp16.onnx byte-identical to model.onnx (both entries the same digest) it watched
+    model.onnx, the first, while the twin served: the twin replaced on disk went unreported."""
+    root = tmp_path / "models"
+    version_dir = write_gen(root, "gen", version="1", seed=0, precision="fp16")
+    write_gen(tmp_path / "other", "gen", version="1", seed=5)
+    shutil.copyfile(version_dir / "model.onnx", version_dir / "model.fp16.onnx")
+    card = json.loads((version_dir / "card.json").read_text())
+    card["sha256"]["model.fp16.onnx"] = card["sha256"]["model.onnx"]
+    card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+    (version_dir / "card.json").write_text(json.dumps(card))
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            mv = repo.models["gen"].versions["1"]
+            assert mv.precision == "fp16"
+            await reloader.rescan()
+            assert mv.file_changed == ""
+            shutil.copyfile(tmp_path / "other" / "gen" / "1" / "model.onnx", version_dir / "model.fp16.onnx")
+            await reloader.rescan()
+            assert "model.fp16.onnx changed on disk" in mv.file_changed, mv.file_changed
+            assert "a restart would refuse it" in mv.file_changed
+            assert mv.state == ModelState.READY and repo.get("gen").resolve("") is mv
+            labels = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_a_file_changed_beside_a_card_too_deeply_nested_to_parse_is_reported(tmp_path: Path) -> None:
     """In process: a model file changed under a loaded version, beside a card.json nested too deep
     for json (RecursionError, not a ValueError), failed the whole rescan with a traceback ('repository
