@@ -561,7 +561,7 @@ def fp16_on_provider(
     open_regular(version_dir / "model.onnx").close()
     # The reference the twin is held to is the card's, as the served file is: a corrupt one is a
     # sha256 mismatch naming it (not ONNX Runtime's parse error), another valid graph no reference.
-    _verified_sha256(mv, card, version_dir / "model.onnx")
+    mv.reference_sha256 = _verified_sha256(mv, card, version_dir / "model.onnx")
     runtime = mv.config.runtime
     atol = runtime.fp16_atol
     config = dataclasses.replace(runtime, cuda_graph=False, io_binding=False)

@@ -43,7 +43,8 @@ against the loaded one when they moved. A file changed or deleted under a READY 
 (the version's reason, genserve_model_file_changed 1, an ERROR log line) while the version keeps
 serving the copy its sessions hold in memory; it is never reloaded in place (a write in progress
 cannot be told from a finished one). A restart loads the file on disk, and refuses it when it no
-longer matches card.json's sha256, which the reason says beforehand.
+longer matches card.json's sha256, which the reason says beforehand. Beside an fp16 twin served,
+model.onnx is checked too: a restart checks it against card.json as the parity check's reference.
 """
 
 from __future__ import annotations
@@ -199,9 +200,10 @@ class Reloader:
         self.file_check_interval_s = file_check_interval_s
         self._on_removed = on_removed
         self._on_unloaded = on_unloaded  # a version left the registry for good (its cached images go)
-        # load_id -> ((size, mtime_ns) of its model file at the last check (None: the file was gone),
-        # config.json's precision then: a restart's file choice, which the reason names).
-        self._file_stats: dict[str, tuple[tuple[int, int] | None, str]] = {}
+        # load_id -> file name -> ((size, mtime_ns) of the file at the last check (None: it was gone),
+        # config.json's precision then: a restart's file choice, which the reason names; the status
+        # found then). The files: the one served, and model.onnx beside an fp16 twin served.
+        self._file_stats: dict[str, dict[str, tuple[tuple[int, int] | None, str, str]]] = {}
         self._lock = asyncio.Lock()
         self._requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -510,39 +512,82 @@ class Reloader:
                         logger.info("%s: its model file on disk matches the loaded one again", mv.label)
 
     def _file_status(self, mv: ModelVersion, precision: str) -> str | None:
-        """None: unchanged since the last check; "": the file matches the loaded sha256; else what
-        changed and what a restart would do under config.json's `precision` now. On a worker thread;
-        a sha256 only when size, mtime or precision moved (or at the first check of a version: the
-        file may have changed since it loaded)."""
-        path = _served_file(mv)
-        if path is None:
+        """None: unchanged since the last check; "": the files match the loaded sha256s; else what
+        changed and what a restart would do under config.json's `precision` now. The files: the one
+        served, and where it is the fp16 twin, model.onnx, the parity check's reference, which a
+        restart checks against card.json too. On a worker thread; a file is hashed only when its
+        size, mtime or the precision moved (or at the first check of a version: it may have changed
+        since it loaded)."""
+        served = _served_file(mv)
+        if served is None:
             return None
-        try:
-            st = path.stat()
-            stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            stat = None
-        if mv.load_id in self._file_stats and self._file_stats[mv.load_id] == (stat, precision):
+        files = [(served, mv.sha256)]
+        if mv.precision == "fp16" and mv.reference_sha256:
+            files.append((mv.path / "model.onnx", mv.reference_sha256))
+        checked = self._file_stats.setdefault(mv.load_id, {})
+        moved = False
+        statuses = []
+        for path, loaded in files:
+            try:
+                st = path.stat()
+                stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stat = None
+            last = checked.get(path.name)
+            if last is not None and last[:2] == (stat, precision):
+                statuses.append(last[2])
+                continue
+            moved = True
+            found = self._one_file_status(mv, path, loaded, stat, precision, served)
+            if found is None:  # SIGTERM: the process's exit would wait for this thread
+                checked.pop(path.name, None)
+                return None
+            status, readable = found
+            if readable:
+                checked[path.name] = (stat, precision, status)
+            else:
+                checked.pop(path.name, None)  # try again next time
+            statuses.append(status)
+        if not moved:
             return None
-        self._file_stats[mv.load_id] = (stat, precision)
+        return " ".join(status for status in statuses if status)
+
+    def _one_file_status(
+        self,
+        mv: ModelVersion,
+        path: Path,
+        loaded: str,
+        stat: tuple[int, int] | None,
+        precision: str,
+        served: Path,
+    ) -> tuple[str, bool] | None:
+        """`_file_status` of one of its files ("" where it matches `loaded`), and whether it could be
+        read; None: stopping."""
+        reference = path != served  # model.onnx beside the fp16 twin served
+        role = (
+            f"{path.name} (the fp16 parity check's fp32 reference of {served.name})"
+            if reference
+            else path.name
+        )
         if stat is None:
-            what, actual = f"{path.name} is gone from disk since this version loaded", ""
+            what, actual = f"{role} is gone from disk since this version loaded", ""
         else:
             try:
                 hashed = _sha256_unless(path, lambda: self._stopping)
             except OSError as exc:
-                self._file_stats.pop(mv.load_id, None)  # try again next time
-                return f"{path.name} cannot be read on disk ({exc.strerror or exc})"
-            if hashed is None:  # SIGTERM: the process's exit would wait for this thread
-                self._file_stats.pop(mv.load_id, None)
+                return f"{role} cannot be read on disk ({exc.strerror or exc})", False
+            if hashed is None:
                 return None
             actual = hashed
-            if actual == mv.sha256:
-                return ""
+            if actual == loaded:
+                return "", True
             what = (
-                f"{path.name} changed on disk since this version loaded (sha256 now {actual[:16]}..., "
-                f"loaded {mv.sha256[:16]}...)"
+                f"{role} changed on disk since this version loaded (sha256 now {actual[:16]}..., "
+                f"loaded {loaded[:16]}...)"
             )
+        if reference:
+            restart = _reference_restart(mv, actual, precision)
+            return f"{what}; serving {served.name} as loaded in memory; {restart}", True
         other = _restart_file(mv, path, precision)
         if other:
             restart = f"a restart would load {other}, not this file"
@@ -555,7 +600,7 @@ class Reloader:
                 "a restart would refuse it (card.json's sha256 differs) and this version would be "
                 "UNAVAILABLE: restore the file, or publish the new one as a new version"
             )
-        return f"{what}; serving the copy loaded in memory; {restart}"
+        return f"{what}; serving the copy loaded in memory; {restart}", True
 
     # ------------------------------------------------------------------ drain
 
@@ -699,6 +744,30 @@ def _restart_file(mv: ModelVersion, served: Path, precision: str) -> str:
     if choice.path.name == served.name:
         return ""
     return f"{choice.path.name} ({choice.reason or f'config.json precision {precision}'})"
+
+
+def _reference_restart(mv: ModelVersion, actual: str, precision: str) -> str:
+    """What a restart would do with model.onnx on disk (sha256 `actual`, "" where gone) beside the
+    fp16 twin this version serves, under config.json's `precision` now."""
+    twin = _restart_file(mv, mv.path / "model.fp16.onnx", precision) == ""  # a restart picks it
+    if not actual:
+        if twin:
+            return (
+                "a restart would serve model.fp16.onnx on the card's parity alone, unchecked on its "
+                "provider: restore the file"
+            )
+        return "a restart would find no file and this version would be UNAVAILABLE: restore it"
+    if actual != _card_sha256(mv, "model.onnx"):
+        return (
+            "a restart would refuse this version (model.onnx's sha256 differs from card.json's) and "
+            "it would be UNAVAILABLE: restore the file, or publish the new one as a new version"
+        )
+    if twin:
+        return (
+            "a restart checks model.fp16.onnx against the new file and serves it within fp16_atol, "
+            "else the new file"
+        )
+    return "a restart loads the new file"
 
 
 def _card_sha256(mv: ModelVersion, filename: str) -> str:

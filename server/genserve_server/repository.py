@@ -82,6 +82,9 @@ class ModelVersion:
     reason: str = ""
     card: Card | None = None
     sha256: str = ""
+    # fp16 served: model.onnx's sha256 as the parity check verified it, its fp32 reference, which a
+    # restart checks against card.json again (reload.py watches it too); "" where none was checked.
+    reference_sha256: str = ""
     precision: str = "fp32"
     provider: str = ""
     # True when the config asked for TensorRT or CUDA (whether or not the session got one).

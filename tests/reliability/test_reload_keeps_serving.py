@@ -277,6 +277,64 @@ def test_a_changed_fp16_twin_names_the_file_a_restart_would_load_under_the_preci
     asyncio.run(scenario())
 
 
+def test_a_changed_model_onnx_under_a_version_serving_fp16_is_reported_as_a_restart_would_refuse_it(
+    tmp_path: Path,
+) -> None:
+    """In process: with fp16 served only model.fp16.onnx was watched, but a restart checks model.onnx,
+    the fp16 parity check's fp32 reference, against card.json's sha256 too (31d6dfa) and refuses the
+    version where it differs: a model.onnx changed on disk went unreported until the restart."""
+    import hashlib
+
+    import onnx
+
+    root = tmp_path / "models"
+    version_dir = write_gen(root, "gen", version="1", seed=0, precision="fp16")
+    write_gen(tmp_path / "other", "gen", version="1", seed=5)
+    twin = onnx.load(version_dir / "model.onnx")
+    twin.doc_string = "the twin"  # the same graph, within any parity; another file and sha256
+    data = twin.SerializeToString()
+    (version_dir / "model.fp16.onnx").write_bytes(data)
+    card = json.loads((version_dir / "card.json").read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256(data).hexdigest()
+    card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+    (version_dir / "card.json").write_text(json.dumps(card))
+    good = (version_dir / "model.onnx").read_bytes()
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        labels = {"model": "gen", "version": "1"}
+        try:
+            mv = repo.models["gen"].versions["1"]
+            assert mv.precision == "fp16"
+            await reloader.rescan()
+            assert mv.file_changed == ""
+            shutil.copyfile(tmp_path / "other" / "gen" / "1" / "model.onnx", version_dir / "model.onnx")
+            await reloader.rescan()
+            assert "model.onnx" in mv.file_changed and "changed on disk" in mv.file_changed, mv.file_changed
+            assert "a restart would refuse" in mv.file_changed, mv.file_changed
+            assert mv.state == ModelState.READY and repo.get("gen").resolve("") is mv
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+            # What the reason foretells: a restart refuses the version.
+            restarted, _ = await loaded_repository(root)
+            try:
+                [other] = restarted.models["gen"].versions.values()
+                assert (
+                    other.state == ModelState.UNAVAILABLE and "sha256 mismatch for model.onnx" in other.reason
+                )
+            finally:
+                await restarted.close(1.0)
+            (version_dir / "model.onnx").write_bytes(good)  # restored: the report clears
+            await reloader.rescan()
+            assert mv.file_changed == ""
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 0
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_a_changed_fp16_twin_byte_identical_to_model_onnx_at_load_is_reported(tmp_path: Path) -> None:
     """In process: the watch found the file a version loaded by its sha256 in card.json, so with a
     model.fp16.onnx byte-identical to model.onnx (both entries the same digest) it watched
