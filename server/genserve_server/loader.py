@@ -147,8 +147,8 @@ def _open(
     mv.sha256 = _verified_sha256(mv, card, choice.path)
     if choice.precision == "fp16":
         checked = fp16_on_provider(mv, card, providers, choice, opened)
-        if checked is not choice:
-            mv.sha256 = _verified_sha256(mv, card, checked.path)
+        if checked is not choice:  # model.onnx, which the parity check verified as its reference
+            mv.sha256 = mv.reference_sha256 or _verified_sha256(mv, card, checked.path)
             choice = checked
     if choice.reason:
         logger.warning("%s: serving fp32: %s", mv.label, choice.reason)

@@ -82,8 +82,9 @@ class ModelVersion:
     reason: str = ""
     card: Card | None = None
     sha256: str = ""
-    # fp16 served: model.onnx's sha256 as the parity check verified it, its fp32 reference, which a
-    # restart checks against card.json again (reload.py watches it too); "" where none was checked.
+    # precision fp16: model.onnx's sha256 as the parity check verified it, its fp32 reference, which
+    # a restart checks against card.json again (reload.py watches it beside the twin served; a
+    # fallback to fp32 serves it with this sha256); "" where none was checked.
     reference_sha256: str = ""
     precision: str = "fp32"
     provider: str = ""

@@ -818,6 +818,41 @@ def test_the_fp32_reference_of_the_fp16_parity_check_must_match_its_card_sha256(
         with_repo(root, check)
 
 
+def test_an_fp16_twin_falling_back_to_fp32_hashes_model_onnx_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fp16 twin that differs from model.onnx on the provider falls back to fp32: the parity check
+    had already checked model.onnx's sha256 against the card, and the load hashed it again to serve
+    it (a second read of a file that may be gigabytes). The version serves it with that sha256."""
+    from genserve_server import loader
+
+    root = tmp_path / "models"
+    version_dir = write_tiny_generator(root, "gen", config={"precision": "fp16"})
+    twin = generator_graph(TINY_LATENT, 1, 8, 8, seed=3).SerializeToString()  # other weights
+    (version_dir / "model.fp16.onnx").write_bytes(twin)
+    card = json.loads((version_dir / "card.json").read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256(twin).hexdigest()
+    card["parity"] = {"fp16_max_abs_diff": 0.0, "fp16_atol": 0.01}
+    (version_dir / "card.json").write_text(json.dumps(card))
+    hashed: list[str] = []
+    real = loader.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(loader, "sha256_file", counting)
+
+    def check(repo: Repository) -> None:
+        mv = repo.get("gen").versions["1"]
+        assert mv.state == ModelState.READY and mv.precision == "fp32", (mv.state, mv.reason)
+        assert mv.sha256 == card["sha256"]["model.onnx"]
+        assert hashed.count("model.onnx") == 1, hashed
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_an_fp16_twin_that_is_a_dangling_or_looping_link_is_named_not_read_as_absent(tmp_path: Path) -> None:
     """A model.fp16.onnx link to nothing (its target deleted) or to itself is a name there, as a FIFO
     is: with precision fp16 the version is refused naming it, not served fp32 with the warning that
