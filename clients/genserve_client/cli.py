@@ -21,7 +21,6 @@ if __name__ == "__main__":  # `python -m genserve_client.cli`: the console scrip
     raise SystemExit(_entry())
 
 import argparse
-import asyncio
 import dataclasses
 import errno
 import io
@@ -72,7 +71,7 @@ from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
-from genserve_client.interrupt import stop_line, stop_status
+from genserve_client.interrupt import run_async, stop_line, stop_status
 from genserve_client.pngmeta import png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
@@ -1108,7 +1107,7 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
         # Every call would be refused INVALID_ARGUMENT: the run would measure nothing.
         n = len(info.class_names)
         raise UsageError(f"bench: --labels: {args.model} has {n} classes (labels in [0, {n})), got {bad[0]}")
-    results = asyncio.run(_bench(config, args))
+    results = run_async(_bench(config, args))  # SIGTERM cancels it as Ctrl-C does
     if args.json:
         _out(json.dumps(results, indent=2))
     # A run where nothing succeeded measured nothing: fail so scripts and CI notice.

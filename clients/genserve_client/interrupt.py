@@ -7,7 +7,11 @@ the CLI's imports.
 from __future__ import annotations
 
 import signal
+from collections.abc import Coroutine
 from types import FrameType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 INTERRUPTED = "genserve-client: interrupted"
 TERMINATED = "genserve-client: terminated (SIGTERM)"
@@ -31,3 +35,43 @@ def stop_line(exc: KeyboardInterrupt) -> str:
 def stop_status(exc: KeyboardInterrupt) -> int:
     """The exit status a shell reports for a process killed by that signal."""
     return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main), which a SIGTERM stops as asyncio.run stops it on Ctrl-C: the main task is
+    cancelled (its `finally` blocks close what it opened) and Terminated raised once it ends.
+    raise_terminated, a handler of the process, would raise Terminated wherever the loop is: inside
+    a task (a traceback of it printed beside the line) or a grpc callback (swallowed: the command
+    went on). Where SIGTERM is not raise_terminated's (ignored, say), it is left as it is."""
+    import asyncio  # here: __main__ imports this module before the CLI's imports
+
+    if signal.getsignal(signal.SIGTERM) is not raise_terminated:
+        return asyncio.run(main)
+    terminated = False
+
+    async def stoppable() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        try:
+            return await main
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)  # which sets SIG_DFL: the CLI's again
+            signal.signal(signal.SIGTERM, raise_terminated)
+
+    try:
+        result = asyncio.run(stoppable())
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    if terminated:  # the main task caught its cancel and returned
+        raise Terminated
+    return result

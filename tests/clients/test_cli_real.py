@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from client_fakes import run_cli
 from PIL import Image
 
@@ -274,6 +275,73 @@ def test_bench_json(tiny_server: Any) -> None:
         assert r["errors"] == {} and r["images"] == r["requests"] > 0
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
     assert 25 <= runs[2]["requests"] <= 100  # about 50 arrivals in one second
+
+
+# `genserve-client ARGS` that sends itself `signum` while building its `at`-th bench request: inside
+# a task of the running loop, where a signal lands at any moment of a run. Then it prints the threads
+# left that the interpreter's exit would wait for (grpc's poller is a daemon, gone a moment later).
+SIGNAL_MID_BENCH = """
+import os, sys, threading
+from genserve_client import bench
+from genserve_client.__main__ import main
+
+signum, at, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+build = bench.PayloadFactory.__call__
+built = 0
+
+
+def building(self):
+    global built
+    built += 1
+    if built == at:
+        os.kill(os.getpid(), signum)
+    return build(self)
+
+
+bench.PayloadFactory.__call__ = building
+status = main(args)
+print(sorted(t.name for t in threading.enumerate() if not t.daemon))
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "line"),
+    [
+        (signal.SIGINT, 130, "genserve-client: interrupted"),
+        (signal.SIGTERM, 143, "genserve-client: terminated (SIGTERM)"),
+    ],
+)
+@pytest.mark.parametrize("mode", [["--concurrency", "4"], ["--rate", "400"]])
+def test_bench_stopped_by_a_signal_mid_run_exits_with_one_line_and_no_traceback(
+    tiny_server: Any, mode: list[str], signum: int, status: int, line: str
+) -> None:
+    """Ctrl-C mid-run is asyncio.run's: it cancels the main task, which closes its channels. SIGTERM
+    raised Terminated (f338eca) wherever the loop was, inside a request's task too: a traceback of it
+    on stderr (besides the line), or where grpc's callback swallowed it, a bench that went on. Both
+    stop a run alike: one line, exit 128 + the signal, no thread left."""
+    args = ["--target", tiny_server.target, "bench", "--model", "tiny-cond", "--labels", "0,1,2"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SIGNAL_MID_BENCH,
+            str(int(signum)),
+            "50",
+            *args,
+            *mode,
+            "--duration",
+            "60",
+            "--warmup",
+            "0",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == status, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stderr.splitlines() == [line], proc.stderr
+    assert proc.stdout.splitlines() == ["['MainThread']"], proc.stdout
 
 
 # --- bulk: SIGKILL at any moment, resume, compare with a clean run ------------------------------
