@@ -197,7 +197,7 @@ def list_models(*, timeout_s: float | None = None) -> UnaryCall[list[genserve_pb
 def get_model(
     name: str, version: str = "", *, timeout_s: float | None = None
 ) -> UnaryCall[genserve_pb2.ModelInfo]:
-    return UnaryCall("GetModel", genserve_pb2.GetModelRequest(name=name, version=version), _model, timeout_s)
+    return UnaryCall("GetModel", rq.get_model_request(name, version), _model, timeout_s)
 
 
 def sample_stream(

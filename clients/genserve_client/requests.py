@@ -246,6 +246,10 @@ def output_options(opts: OutputOptions) -> types_pb2.OutputOptions:
     return out
 
 
+def get_model_request(name: str, version: str = "") -> genserve_pb2.GetModelRequest:
+    return _build(genserve_pb2.GetModelRequest, name=name, version=version)
+
+
 def sample_request(model: str, n: int = 0, **opts: Unpack[SampleOptions]) -> genserve_pb2.SampleRequest:
     req = _build(
         genserve_pb2.SampleRequest,

@@ -251,6 +251,27 @@ def test_a_value_of_the_wrong_type_names_the_field() -> None:
         calls.sample("g", 2, psi="0.7")  # type: ignore[typeddict-item]
 
 
+def test_a_version_given_as_an_int_is_refused_naming_version_in_every_method(fake_server: FakeServer) -> None:
+    """Every method's `version` is a str, refused naming the field otherwise (`sample(m, 2,
+    version=1)`: `version: ... (got 1)`), but get_model built its request without the builders, so
+    `get_model(m, 1)` raised protobuf's bare 'bad argument type for built-in operation'."""
+    with pytest.raises(TypeError, match=r"^version: .*\(got 1\)"):
+        calls.sample("fake-gen", 2, version=1)  # type: ignore[typeddict-item]
+    with pytest.raises(TypeError, match=r"^version: .*\(got 1\)"):
+        calls.get_model("fake-gen", 1)  # type: ignore[arg-type]
+    with GenserveClient(fake_server.target) as client, pytest.raises(TypeError, match=r"^version: "):
+        client.get_model("fake-gen", 1)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            with pytest.raises(TypeError, match=r"^version: "):
+                await client.get_model("fake-gen", 1)  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+    assert calls.get_model("fake-gen", "2").request.version == "2"
+
+
 @pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array", "hwc-array"])
 @pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
 def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kind: str, method: str) -> None:
