@@ -300,9 +300,12 @@ def sample_stream_request(
     # A job of no images would silently yield nothing: refused. start_index == count is a stream
     # resumed after its last image (as genserve.proto allows): nothing is left, so it yields nothing
     # (the clients open no stream for it).
+    start_index = opts.get("start_index", 0)
+    for name, value in (("count", count), ("start_index", start_index)):
+        if not isinstance(value, int | np.integer):  # compared below before any field is built
+            raise TypeError(f"sample_stream: {name} must be an int, got {value!r}")
     if count < 1:
         raise ValueError(f"sample_stream: count must be >= 1, got {count}")
-    start_index = opts.get("start_index", 0)
     if not 0 <= start_index <= count:
         raise ValueError(f"sample_stream: start_index must be in [0, count={count}], got {start_index}")
     sample = _build(

@@ -272,6 +272,35 @@ def test_a_version_given_as_an_int_is_refused_naming_version_in_every_method(fak
     assert calls.get_model("fake-gen", "2").request.version == "2"
 
 
+@pytest.mark.parametrize(
+    ("args", "opts", "field"),
+    [
+        (("fake-gen", "3"), {}, "count"),
+        (("fake-gen", 3), {"start_index": "1"}, "start_index"),
+    ],
+)
+def test_a_stream_count_or_start_index_that_is_not_an_int_is_refused_naming_it(
+    fake_server: FakeServer, args: tuple[object, ...], opts: dict[str, object], field: str
+) -> None:
+    """sample_stream compared count and start_index with ints before the builder named any field:
+    `sample_stream(m, "3")` raised "'<' not supported between instances of 'str' and 'int'"."""
+    message = f"^sample_stream: {field} must be an int, got "
+    with pytest.raises(TypeError, match=message):
+        calls.sample_stream(*args, **opts)  # type: ignore[arg-type]
+    with GenserveClient(fake_server.target) as client, pytest.raises(TypeError, match=message):
+        client.sample_stream(*args, **opts)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            with pytest.raises(TypeError, match=message):
+                async for _ in client.sample_stream(*args, **opts):  # type: ignore[arg-type]
+                    pass
+
+    asyncio.run(scenario())
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+    assert calls.sample_stream("fake-gen", np.int64(3), start_index=np.int64(1)).request.start_index == 1
+
+
 @pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array", "hwc-array"])
 @pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
 def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kind: str, method: str) -> None:
