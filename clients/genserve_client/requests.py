@@ -369,6 +369,11 @@ def mix_styles_request(
         priority=opts.get("priority", types_pb2.PRIORITY_UNSPECIFIED),
     )
     for i, mix in enumerate(mixes):
+        if not hasattr(mix, "__len__"):  # a seed: one mix's seeds given where the list of mixes belongs
+            raise TypeError(
+                f"mixes[{i}] must be (coarse_seed, fine_seed[, crossover]), got {mix!r}; "
+                "pass [(coarse_seed, fine_seed)] for one mix"
+            )
         if len(mix) not in (2, 3):
             raise ValueError(f"mixes[{i}] must be (coarse_seed, fine_seed[, crossover]), got {mix!r}")
         req.mixes.append(

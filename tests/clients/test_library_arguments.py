@@ -301,6 +301,16 @@ def test_a_stream_count_or_start_index_that_is_not_an_int_is_refused_naming_it(
     assert calls.sample_stream("fake-gen", np.int64(3), start_index=np.int64(1)).request.start_index == 1
 
 
+@pytest.mark.parametrize("mixes", [[1, 2], (1, 2), np.array([1, 2])])
+def test_a_mix_that_is_not_a_tuple_of_seeds_is_refused_naming_it_and_what_a_mix_is(mixes: object) -> None:
+    """`mix_styles(m, [1, 2])` (one mix's seeds where the list of mixes belongs) raised
+    "object of type 'int' has no len()", naming neither the mix nor what a mix must be."""
+    what = r"^mixes\[0\] must be \(coarse_seed, fine_seed\[, crossover\]\), got .*1.*for one mix"
+    with pytest.raises(TypeError, match=what):
+        calls.mix_styles("g", mixes)  # type: ignore[arg-type]
+    assert len(calls.mix_styles("g", [(1, 2)]).request.mixes) == 1
+
+
 @pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array", "hwc-array"])
 @pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
 def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kind: str, method: str) -> None:
