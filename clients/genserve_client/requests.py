@@ -330,6 +330,10 @@ def sample_stream_request(
 def latent_point(point: Latent, where: str = "") -> genserve_pb2.LatentPoint:
     if isinstance(point, int | np.integer):
         return _build(genserve_pb2.LatentPoint, f"{where}.", seed=int(point))
+    if np.ndim(point) == 0:  # a float seed (1.0) went as a latent of one value, refused as its shape
+        raise TypeError(
+            f"{where}: a seed is an int and a latent a 1-D array of latent_dim floats, got {point!r}"
+        )
     return genserve_pb2.LatentPoint(latent=array_to_tensor(point))
 
 

@@ -311,6 +311,22 @@ def test_a_mix_that_is_not_a_tuple_of_seeds_is_refused_naming_it_and_what_a_mix_
     assert len(calls.mix_styles("g", [(1, 2)]).request.mixes) == 1
 
 
+@pytest.mark.parametrize(
+    ("start", "end", "field"),
+    [(1.0, 2, "start"), (1, np.float32(2.0), "end"), (np.array(0.5), [0.0] * 8, "start")],
+)
+def test_an_interpolation_end_given_as_a_float_is_refused_saying_a_seed_is_an_int(
+    start: object, end: object, field: str
+) -> None:
+    """A float scalar (`interpolate(m, 1.0, 2.0, n)`) went as a latent of one value, which the
+    server refused as 'start.latent.shape ... got [1]', never saying that a seed is an int."""
+    what = f"^{field}: a seed is an int and a latent a 1-D array of latent_dim floats, got "
+    with pytest.raises(TypeError, match=what):
+        calls.interpolate("g", start, end, 4)  # type: ignore[arg-type]
+    request = calls.interpolate("g", np.int64(1), np.zeros(8, np.float32), 4).request
+    assert request.start.seed == 1 and list(request.end.latent.shape) == [8]
+
+
 @pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array", "hwc-array"])
 @pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
 def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kind: str, method: str) -> None:
