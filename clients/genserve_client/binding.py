@@ -98,7 +98,8 @@ class stream(_Bound[P]):
 
 class progress(_Bound[P]):
     """The SampleCodesStream method: an iterator (GenserveClient) or async iterator
-    (AsyncGenserveClient) of progress chunks, the answer last; built when first iterated."""
+    (AsyncGenserveClient) of progress chunks, the answer last; built as SampleStream's: at the call
+    (GenserveClient) or when first iterated (AsyncGenserveClient)."""
 
     def __init__(self, build: Callable[P, calls.ProgressCall]) -> None:
         super().__init__(build)

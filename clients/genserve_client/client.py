@@ -105,7 +105,9 @@ class GenserveClient(ClientBase):
             return attempts.result(call, response, done.trailing_metadata())
 
     def _progress(self, plan: Callable[[], calls.ProgressCall]) -> Iterator[CodesProgress | CodesResult]:
-        call = plan()
+        return self._progress_chunks(plan())  # checked now, as _stream's: not at the first iteration
+
+    def _progress_chunks(self, call: calls.ProgressCall) -> Iterator[CodesProgress | CodesResult]:
         attempts = self._attempts(call.timeout_s)
         stream = self._stub.SampleCodesStream(
             call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata

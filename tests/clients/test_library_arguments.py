@@ -327,6 +327,34 @@ def test_an_interpolation_end_given_as_a_float_is_refused_saying_a_seed_is_an_in
     assert request.start.seed == 1 and list(request.end.latent.shape) == [8]
 
 
+@pytest.mark.parametrize(
+    ("method", "opts", "error"),
+    [
+        ("sample_stream", {"chunk_size": -1}, ValueError),
+        ("sample_codes_progress", {"top_k": -1}, ValueError),
+        ("sample_codes_progress", {"temprature": 0.5}, TypeError),
+    ],
+)
+def test_the_streaming_methods_check_their_arguments_at_the_call_in_the_sync_client(
+    fake_server: FakeServer, method: str, opts: dict[str, object], error: type[Exception]
+) -> None:
+    """The sync sample_stream refuses bad arguments at the call, but sample_codes_progress (a
+    generator) checked them only when first iterated, so a refusal surfaced far from the call that
+    made it, or never where the iterator was dropped. The asyncio client's two check theirs when
+    first iterated, as async generators do."""
+    with GenserveClient(fake_server.target) as client, pytest.raises(error):
+        getattr(client, method)("fake-gen", 2, **opts)  # not iterated
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            with pytest.raises(error):
+                async for _ in getattr(client, method)("fake-gen", 2, **opts):
+                    pass
+
+    asyncio.run(scenario())
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+
+
 @pytest.mark.parametrize("kind", ["str", "path", "bytes", "pil", "hw-array", "hwc-array"])
 @pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
 def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kind: str, method: str) -> None:
