@@ -25,7 +25,7 @@ from genserve_server.accept import at_call_end
 from genserve_server.batch_parts import count_once
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
-from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument, clip_message
+from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument, Unimplemented, clip_message
 from genserve_server.idle_spin import IdleSpin, run_off_loop
 from genserve_server.metrics import Metrics
 from genserve_server.wire import OFF_LOOP_BYTES, serialize
@@ -352,22 +352,14 @@ class Boundary:
         found!') but with the call's request id in its trailing metadata and on a refusal line
         (docs/metrics.md: every RPC's), throttled like the others (one kind for all such methods)."""
         rid = request_id(context)
-        shown = shown_method(method)
         self._refusals.log(
             (UNKNOWN_METHOD, "UNIMPLEMENTED"),
             "request_id=%s method=%s code=UNIMPLEMENTED: no service of this server has the method",
             rid,
-            shown,
+            shown_method(method),
         )
-        remaining_s = context.time_remaining()
-        if remaining_s is not None and remaining_s <= 0:
-            raise asyncio.CancelledError  # gRPC has ended it already (as abort)
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            clip_message(f"method {method} not found: no service of this server has it"),
-            trailing_metadata=((REQUEST_ID_KEY, rid),),
-        )
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        error = Unimplemented(f"method {method} not found: no service of this server has it")
+        await abort(context, error, ((REQUEST_ID_KEY, rid),))
 
 
 class UnknownMethods(grpc.GenericRpcHandler):

@@ -23,6 +23,7 @@ class Code(enum.Enum):
     INTERNAL = "INTERNAL"
     UNAVAILABLE = "UNAVAILABLE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
 
 
 # A status message travels as a percent-encoded header (grpc-message): past 8 KiB of metadata a
@@ -114,6 +115,10 @@ class Internal(GenserveError):
 
 class Unauthenticated(GenserveError):
     code = Code.UNAUTHENTICATED
+
+
+class Unimplemented(GenserveError):
+    code = Code.UNIMPLEMENTED
 
 
 class PermissionDenied(GenserveError):
