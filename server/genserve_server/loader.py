@@ -21,7 +21,7 @@ import numpy as np
 
 from genserve_contract.config import AUTO_TOLERANCE, Tolerance
 from genserve_contract.kinds import image_shape_fits
-from genserve_contract.repository import open_regular, sha256_file
+from genserve_contract.repository import sha256_file
 from genserve_server import calibration, tiling, validate
 from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
@@ -557,10 +557,9 @@ def fp16_on_provider(
     version_dir = mv.path
     if not os.path.lexists(version_dir / "model.onnx"):
         return choice  # nothing to compare with: the card's parity stands
-    # A FIFO or a directory there is refused naming it (OSError), never opened by ONNX Runtime.
-    open_regular(version_dir / "model.onnx").close()
     # The reference the twin is held to is the card's, as the served file is: a corrupt one is a
-    # sha256 mismatch naming it (not ONNX Runtime's parse error), another valid graph no reference.
+    # sha256 mismatch naming it (not ONNX Runtime's parse error), another valid graph no reference,
+    # and a FIFO or a directory there is refused naming it (sha256_file), never opened by ONNX Runtime.
     mv.reference_sha256 = _verified_sha256(mv, card, version_dir / "model.onnx")
     runtime = mv.config.runtime
     atol = runtime.fp16_atol
