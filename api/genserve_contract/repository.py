@@ -25,7 +25,7 @@ FP32_ATOL: Final = 1e-4
 FP16_ATOL: Final = 1e-2
 # card.json's optional field of the image kinds (super_resolution, image_to_image, two_way_translator):
 # the bytes the graph's intermediate tensors hold at their peak in one call, per value of its output
-# (C x H x W), as export counts them from the graph (genserve_export.onnx_utils.activation_bytes). The
+# (C x H x W), as export counts them from the graph (genserve_export.activations.card_activation_bytes). The
 # server sizes a call's working set on the CPU provider from it; absent (older cards): a constant.
 ACTIVATION_BYTES_FIELD: Final = "activation_bytes_per_output_value"
 
