@@ -25,9 +25,12 @@ from genserve_server import latents
 # Seed rows: int64 [N] seeds under this name instead of the model's `z` (SeedRows).
 SEED_INPUT = "seed"
 # Outputs the runner adds: the latents it drew for seed rows, and the "image" output as uint8
-# [N, H, W, C] pixels (converted once per batch when the model version asks for it).
+# [N, H, W, C] pixels (converted once per batch when the model version asks for it) with its rows'
+# finiteness.
 DRAWN_LATENTS_OUTPUT = "z"
 PIXELS_OUTPUT = "image_u8"
+# Beside the pixels: bool [N], whether each "image" row is finite (one check per batch, not per request).
+FINITE_ROWS_OUTPUT = "image_finite"
 # A two-way translator's direction feed, added per batch from its key (ImageRows.direction).
 DIRECTION_INPUT = "direction"
 

@@ -663,6 +663,20 @@ def _range(value_range: tuple[float, float], name: str) -> tuple[float, float]:
     return lo, hi
 
 
+def all_finite(values: NDArray[np.floating]) -> bool:
+    """Whether no value is NaN or infinite: two SIMD reductions (min and max: ~8 us for 64 x 28 x 28,
+    faster than np.isfinite's boolean copy or a float32 sum, which may overflow); math.isfinite on
+    their scalars is ~1 us faster than np.isfinite's ufunc."""
+    return values.size == 0 or (math.isfinite(values.min()) and math.isfinite(values.max()))
+
+
+def finite_rows(batch: NDArray[np.floating]) -> NDArray[np.bool_]:
+    """bool [N]: whether each row of `batch` is finite; the per-row pass only when one is not."""
+    if all_finite(batch):
+        return np.ones(len(batch), dtype=bool)
+    return np.asarray(np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))
+
+
 # From this many values up, np.clip + a NaN check beats np.fmax + np.fmin (each ~2.7x a clip on
 # 256x256 RGB: 68 + 68 us against 25 + 12); below it np.clip's Python wrapper costs more (784: 6 vs 2 us).
 _CLIP_MIN_VALUES = 8192

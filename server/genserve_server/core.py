@@ -37,6 +37,7 @@ import numpy as np
 from genserve_server import codecs, latents, style_sampling, tiling, validate
 from genserve_server.batch_keys import (
     DRAWN_LATENTS_OUTPUT,
+    FINITE_ROWS_OUTPUT,
     PIXELS_OUTPUT,
     SEED_INPUT,
     BatchKey,
@@ -502,6 +503,7 @@ class GenerationCore:
             card.output_range,
             result.outputs.get(PIXELS_OUTPUT),
             timing=call.timing,
+            finite=result.outputs.get(FINITE_ROWS_OUTPUT),
             rows=rows,
         )
         if latent_bytes:  # JPEG and WebP are known only now (the others were checked exactly above)

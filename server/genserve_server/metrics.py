@@ -187,6 +187,7 @@ class ModelMetrics:
     ) -> None:
         self.model = model
         self.version = version
+        self.label = f"model {model} version {version}"  # how refusals name it (once, not per request)
         m = metrics
         on = m.enabled
         # model_level=False (RPCs that resolved no model): only request-level series, so no phantom

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from genserve_server import codecs
-from genserve_server.batch_keys import PIXELS_OUTPUT, RowsKey
+from genserve_server.batch_keys import FINITE_ROWS_OUTPUT, PIXELS_OUTPUT, RowsKey
 from genserve_server.config import cpu_count
 from genserve_server.errors import Unavailable
 from genserve_server.gpu_errors import sticky_cuda_error
@@ -477,10 +477,12 @@ class Runner:
     def _finish(
         self, outputs: dict[str, np.ndarray], added: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """What the key's hook added (drawn latents) and the uint8 pixels next to the model's outputs."""
+        """What the key's hook added (drawn latents) and the uint8 pixels next to the model's outputs,
+        with whether each row is finite (encoding's check, once per batch)."""
         outputs.update(added)
         if self.pixels_range is not None and "image" in outputs:
             outputs[PIXELS_OUTPUT] = codecs.to_uint8(outputs["image"], self.pixels_range)
+            outputs[FINITE_ROWS_OUTPUT] = codecs.finite_rows(outputs["image"])
         return outputs
 
     async def run(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:

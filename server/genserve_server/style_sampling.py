@@ -33,6 +33,7 @@ import numpy as np
 from genserve_server import latents, validate
 from genserve_server.batch_keys import (
     DRAWN_LATENTS_OUTPUT,
+    FINITE_ROWS_OUTPUT,
     PIXELS_OUTPUT,
     SEED_INPUT,
     LatentRows,
@@ -200,6 +201,7 @@ async def _encode(
         mv.card.output_range,
         result.outputs.get(PIXELS_OUTPUT),
         timing=call.timing,
+        finite=result.outputs.get(FINITE_ROWS_OUTPUT),
     )
 
 

@@ -16,10 +16,12 @@ from PIL import Image
 from genserve_server import codecs
 from genserve_server.codecs import (
     ImageFormat,
+    all_finite,
     convert_channels,
     decode_image,
     encode_image,
     encoded_size,
+    finite_rows,
     from_uint8,
     to_uint8,
 )
@@ -459,6 +461,19 @@ def test_to_uint8_layout_and_reference() -> None:
     assert out.flags.c_contiguous
     reference = np.floor(np.clip((batch.astype(np.float64) + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
     np.testing.assert_array_equal(out, reference.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_finite_rows_names_each_row_that_holds_a_nan_or_an_infinity(bad: float) -> None:
+    batch = np.random.default_rng(4).uniform(-1.0, 1.0, (5, 3, 4, 4)).astype(np.float32)
+    assert finite_rows(batch).tolist() == [True] * 5 and all_finite(batch)
+    batch[1, 2, 3, 0] = bad
+    batch[4, 0, 0, 0] = bad
+    assert finite_rows(batch).tolist() == [True, False, True, True, False]
+    assert not all_finite(batch) and not all_finite(batch[4:])
+    assert all_finite(batch[:0]) and finite_rows(batch[:0]).tolist() == []
+    # Finite values as large as float32 holds are finite (no sum that could overflow).
+    assert all_finite(np.full((2, 1, 2, 2), np.finfo(np.float32).max, np.float32))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 4, 4), (1, 3, 64, 64), (2, 3, 256, 256)])

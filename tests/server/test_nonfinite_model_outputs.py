@@ -125,3 +125,24 @@ def test_a_nan_image_is_named_by_its_index_in_the_request_not_among_the_ones_com
         details = str(failed.value.details())
         assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value
         assert "image(s) 3 of the request" in details, details
+
+
+@pytest.mark.parametrize("broken_batch", [0, 1])
+def test_a_nan_image_of_a_request_over_two_batches_fails_it_naming_the_image(
+    server: ServerProcess, broken_batch: int
+) -> None:
+    """A request of 12 images runs as two batches of the model (max_batch_size 8), its rows assembled
+    from both: a NaN image in either batch fails it, named by its index in the request (the runner
+    checks each batch once, and the check travels with the batch's rows)."""
+    labels = [0] * 12
+    labels[3 if broken_batch == 0 else 10] = 1
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Sample(pb.SampleRequest(model=MODEL, seeds=list(range(200, 212)), labels=labels), timeout=30)
+        details = str(failed.value.details())
+        assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value
+        assert f"image(s) {labels.index(1)} of the request" in details, details
+        labels[labels.index(1)] = 0
+        fine = pb.SampleRequest(model=MODEL, seeds=list(range(200, 212)), labels=labels)
+        assert len(stub.Sample(fine, timeout=30).images) == 12
