@@ -88,6 +88,14 @@ class KindSpec:
     # Inputs a graph of this kind may take besides `inputs`; the card says which it has (code kinds:
     # `label` where class_names is set, `top_codes` where top_grid is set).
     optional_inputs: tuple[TensorDecl, ...] = ()
+    # The names of `inputs` and `outputs`, made once: the server asks (Kind.conditional, .styled) on
+    # every request.
+    input_names: tuple[str, ...] = field(init=False)
+    output_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_names", tuple(t.name for t in self.inputs))
+        object.__setattr__(self, "output_names", tuple(t.name for t in self.outputs))
 
 
 class Kind(enum.StrEnum):
@@ -126,11 +134,11 @@ class Kind(enum.StrEnum):
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.spec.inputs)
+        return self.spec.input_names
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.spec.outputs)
+        return self.spec.output_names
 
     @property
     def optional_inputs(self) -> tuple[TensorDecl, ...]:

@@ -670,11 +670,17 @@ def all_finite(values: NDArray[np.floating]) -> bool:
     return values.size == 0 or (math.isfinite(values.min()) and math.isfinite(values.max()))
 
 
+_ALL_TRUE = np.ones(1024, dtype=bool)
+_ALL_TRUE.flags.writeable = False
+
+
 def finite_rows(batch: NDArray[np.floating]) -> NDArray[np.bool_]:
-    """bool [N]: whether each row of `batch` is finite; the per-row pass only when one is not."""
+    """bool [N], read-only: whether each row of `batch` is finite; the per-row pass only when one is
+    not (else a view of a shared array of True: no allocation per batch)."""
+    n = len(batch)
     if all_finite(batch):
-        return np.ones(len(batch), dtype=bool)
-    return np.asarray(np.isfinite(batch.reshape(len(batch), -1)).all(axis=1))
+        return _ALL_TRUE[:n] if n <= len(_ALL_TRUE) else np.ones(n, dtype=bool)
+    return np.asarray(np.isfinite(batch.reshape(n, -1)).all(axis=1))
 
 
 # From this many values up, np.clip + a NaN check beats np.fmax + np.fmin (each ~2.7x a clip on

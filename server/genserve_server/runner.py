@@ -123,6 +123,25 @@ class IoSpec:
     shape: tuple[int | str | None, ...]
 
 
+class BatchCost:
+    """What one batch signature's model calls took, in seconds (Runner._costs)."""
+
+    __slots__ = ("average_s", "fastest_s", "fastest_with_outputs_s")
+
+    def __init__(self) -> None:
+        # Moving average of the calls (None: not measured since a warm-up began).
+        self.average_s: float | None = None
+        # The fastest call seen: what it costs when not preempted. The inline decision uses it, so
+        # that a busy machine (whose preemptions inflate the average) does not send a tiny model's
+        # every batch through two thread hand-offs. Solo-session calls are left out.
+        self.fastest_s = math.inf
+        # The same with the outputs' conversion (the uint8 pixels) added: what the INLINE_BUSY_MAX_S
+        # rule weighs, so that a batch whose model call is short but whose outputs are large (SR on
+        # a GPU: ~1 ms of model call for 16 images, more of float -> uint8 for 16 x 256 x 256 x 3)
+        # stays off the loop.
+        self.fastest_with_outputs_s = math.inf
+
+
 class Runner:
     """The session(s) of one model version, run by `instances` threads.
 
@@ -164,19 +183,11 @@ class Runner:
         # and back costs ~50-100 us on 2 cores, more than a tiny model's whole batch.
         self.inline_max_s = inline_max_s
         self.latent_dim = latent_dim
-        # Moving average of compute seconds per batch signature (power-of-two rows, other dims). These
-        # three keep the MAX_SHAPES_KEPT signatures used last (a model of any input size has one per
-        # size): one dropped is measured again, its next batch on the pool.
-        self._cost_s: RecentlyUsed[Signature, float] = RecentlyUsed()
-        # The fastest compute seen per signature: what the call costs when it is not preempted. The
-        # inline decision uses it, so that a busy machine (whose preemptions inflate the average)
-        # does not send a tiny model's every batch through two thread hand-offs.
-        self._fastest_s: RecentlyUsed[Signature, float] = RecentlyUsed()
-        # The same with the outputs' conversion (the uint8 pixels) added: what the INLINE_BUSY_MAX_S
-        # rule weighs, so that a batch whose model call is short but whose outputs are large (SR on
-        # a GPU: ~1 ms of model call for 16 images, more of float -> uint8 for 16 x 256 x 256 x 3)
-        # stays off the loop.
-        self._fastest_with_outputs_s: RecentlyUsed[Signature, float] = RecentlyUsed()
+        # What each batch signature's calls cost (power-of-two rows, other dims): the MAX_SHAPES_KEPT
+        # signatures used last (a model of any input size has one per size); one dropped is measured
+        # again, its next batch on the pool. One record per signature, updated in place: a lookup and
+        # no lock per batch.
+        self._costs: RecentlyUsed[Signature, BatchCost] = RecentlyUsed()
         self._last_s = 0.0
         # Every model call of this runner runs with one of these: `abort` sets their terminate flag,
         # which ends the calls still running at their next node (shutdown's deadline).
@@ -416,7 +427,8 @@ class Runner:
 
     def measured_cost_s(self, inputs: Mapping[str, np.ndarray], key: Hashable = None) -> float | None:
         """The compute seconds a batch shaped like `inputs` took (warm-up minimum, then averaged)."""
-        return self._cost_s.get(self._signature(key, inputs))
+        cost = self._costs.get(self._signature(key, inputs))
+        return None if cost is None else cost.average_s
 
     def warm(
         self,
@@ -429,7 +441,9 @@ class Runner:
         `check_stopping` runs between the calls (it raises to end a load that SIGTERM cancelled: a
         large batch of a slow model takes seconds per call)."""
         signature = self._signature(key, inputs)
-        self._cost_s.pop(signature, None)
+        cost = self._costs.get(signature)
+        if cost is not None:
+            cost.average_s = None  # measured again from these calls
         fastest_s = math.inf
         for session_runner in self.session_runners:
             if not session_runner.sealed:  # every graph size of every instance, captured at load
@@ -441,7 +455,7 @@ class Runner:
                 check_stopping()
             self._call(key, signature, inputs)
             fastest_s = min(fastest_s, self._last_s)
-        self._cost_s[signature] = fastest_s  # a busy moment during load does not stick
+        self._cost(signature).average_s = fastest_s  # a busy moment during load does not stick
         if self.solo_session is not None:
             if check_stopping is not None:
                 check_stopping()
@@ -459,20 +473,27 @@ class Runner:
         outputs = self.run_sync(feeds, solo=solo)
         elapsed_s = time.perf_counter() - started  # the model call only: what running inline costs
         self._last_s = elapsed_s
-        previous = self._cost_s.get(signature)
-        if not solo and elapsed_s < self._fastest_s.get(signature, math.inf):
-            self._fastest_s[signature] = elapsed_s
+        cost = self._cost(signature)
+        if not solo and elapsed_s < cost.fastest_s:
+            cost.fastest_s = elapsed_s
+        previous = cost.average_s
         if previous is None or not solo:
             # Plain float stores are atomic under the GIL; a lost update only delays the average.
             # Solo calls are left out: inline runs and bulk budgets use the one-thread session.
-            self._cost_s[signature] = (
-                elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
-            )
+            cost.average_s = elapsed_s if previous is None else previous + 0.1 * (elapsed_s - previous)
         finished = self._finish(outputs, added)
         with_outputs_s = time.perf_counter() - started  # the model call and the outputs' conversion
-        if not solo and with_outputs_s < self._fastest_with_outputs_s.get(signature, math.inf):
-            self._fastest_with_outputs_s[signature] = with_outputs_s
+        if not solo and with_outputs_s < cost.fastest_with_outputs_s:
+            cost.fastest_with_outputs_s = with_outputs_s
         return finished
+
+    def _cost(self, signature: Signature) -> BatchCost:
+        """The signature's record, made at its first call (two threads making it at once: one
+        record is lost with its one measurement)."""
+        cost = self._costs.get(signature)
+        if cost is None:
+            cost = self._costs[signature] = BatchCost()
+        return cost
 
     def _finish(
         self, outputs: dict[str, np.ndarray], added: Mapping[str, np.ndarray]
@@ -512,12 +533,13 @@ class Runner:
         bulk: bool = False,
     ) -> bool:
         """Whether the batch is cheaper to run on the calling thread than to hand to a pool."""
-        cost_s = self._fastest_s.get(signature)
+        cost = self._costs.get(signature)
         if self.mode == "cuda_graph" and not all(r.sealed for r in self.session_runners):
             return False  # a graph may still be captured: never on the event loop
         slow = isinstance(key, RowsKey) and key.slow_to_prepare(self.latent_dim)  # never on the loop
-        if cost_s is None or slow:
+        if cost is None or cost.fastest_s == math.inf or slow:
             return False
+        cost_s = cost.fastest_s
         if cost_s <= self.inline_max_s:
             return True
         # Up to INLINE_BUSY_MAX_S a batch is cheaper on the loop than on a pool thread, which waits
@@ -532,7 +554,7 @@ class Runner:
         # The model call and the outputs' conversion both hold the loop here (SR's uint8 pixels).
         # While callers overlap, interactive batches up to OVERLAP_INLINE_MAX_S where the pool would
         # share the loop's cores: in admission order (a bulk batch keeps its background thread).
-        busy_s = self._fastest_with_outputs_s.get(signature, cost_s)
+        busy_s = cost.fastest_with_outputs_s  # set with fastest_s, by the same call
         overlap = self.callers_overlap()
         if overlap and self._pool_shares_the_loops_cores and not bulk and busy_s <= OVERLAP_INLINE_MAX_S:
             return self.inline_max_s > 0

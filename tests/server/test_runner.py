@@ -575,7 +575,7 @@ def test_a_model_of_any_input_size_keeps_the_costs_and_output_shapes_of_a_bounde
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fully convolutional model (Translate at any size, SR's tile sizes) has a batch signature per
-    input size: the runner's costs (_cost_s, _fastest_s, _fastest_with_outputs_s) and its IO binding's
+    input size: the runner's costs (_costs: average, fastest, fastest with outputs) and its IO binding's
     output shapes gained an entry per size ever served, bounded only by max_input_pixels (thousands of
     sizes). Only the MAX_SHAPES_KEPT sizes used last are kept: a size in use all along keeps its
     measured cost, so its batches still run inline."""
@@ -604,12 +604,7 @@ def test_a_model_of_any_input_size_keeps_the_costs_and_output_shapes_of_a_bounde
 
     asyncio.run(body())
     runner.close()
-    kept = {
-        "_cost_s": len(runner._cost_s),
-        "_fastest_s": len(runner._fastest_s),
-        "_fastest_with_outputs_s": len(runner._fastest_with_outputs_s),
-        "_output_shapes": len(runner.session_runners[0]._output_shapes),
-    }
+    kept = {"_costs": len(runner._costs), "_output_shapes": len(runner.session_runners[0]._output_shapes)}
     assert kept == dict.fromkeys(kept, 4)
     assert threads[1::2] == ["MainThread"] * 32  # the usual size: measured all along, inline
     assert all(t.startswith("ort-i2i") for t in threads[0::2])  # each new size: unmeasured, on the pool
