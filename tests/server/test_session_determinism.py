@@ -58,13 +58,15 @@ def _load_as_on_4_cores(
     cores: int = 4,
 ) -> ModelVersion:
     """`name` from models/ loaded as the loader does on a 4-core host (or `cores`): instances 2,
-    narrow session of 2 threads, solo session of 4 (warm-up off: only the load-time check runs)."""
+    narrow session of 2 threads, solo session of 4 (warm-up off: only the load-time check runs).
+    `runtime`: the config's runtime settings instead of its own (the bundled cyclegan-digits ships
+    `solo_session: false`, which these tests turn back on by default to see the check at work)."""
     for module in (loader, runner):
         monkeypatch.setattr(module, "cpu_count", lambda: cores)
     shutil.copytree(REPO_ROOT / "models" / name, tmp_path / name)
-    if runtime is not None:
-        config = tmp_path / name / "config.json"
-        config.write_text(json.dumps({**json.loads(config.read_text()), "runtime": runtime}))
+    config = tmp_path / name / "config.json"
+    runtime = {"solo_session": True} if runtime is None else runtime
+    config.write_text(json.dumps({**json.loads(config.read_text()), "runtime": runtime}))
     repo = Repository(tmp_path, ServerConfig(warmup=False), Metrics(enabled=False))
     repo.scan()
     mv = repo.get(name).versions["1"]

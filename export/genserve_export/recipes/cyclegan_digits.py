@@ -505,6 +505,10 @@ class CycleGanDigitsRecipe:
                 "size_multiple": SIZE_MULTIPLE,
                 "min_size": 8,
             },
+            # Its 3x3 convolutions at 14x14 give other float bits for a lone row on 2+ intra-op
+            # threads at some image sizes: the server's load check would drop the all-cores solo
+            # session with a warning on every start (docs/server.md, "Rows alone or batched").
+            config={"runtime": {"solo_session": False}},
             quality={
                 **quality,
                 "metric": "held-out splits of both domains (A: 360 digits, B: 2,000). class_preservation: "
