@@ -27,7 +27,7 @@ from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
 from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument, Unimplemented, clip_message
 from genserve_server.idle_spin import IdleSpin, run_off_loop
-from genserve_server.metrics import Metrics
+from genserve_server.metrics import UNKNOWN_METHOD_LABEL, Metrics
 from genserve_server.wire import OFF_LOOP_BYTES, serialize
 
 logger = logging.getLogger(__name__)
@@ -350,7 +350,8 @@ class Boundary:
     async def unknown_method(self, method: str, context: Context) -> NoReturn:
         """A method no servicer has: UNIMPLEMENTED naming it, as gRPC's own answer ('Method not
         found!') but with the call's request id in its trailing metadata and on a refusal line
-        (docs/metrics.md: every RPC's), throttled like the others (one kind for all such methods)."""
+        (docs/metrics.md: every RPC's), throttled like the others (one kind for all such methods);
+        counted in genserve_requests_total under model="" and one method label for all of them."""
         rid = request_id(context)
         self._refusals.log(
             (UNKNOWN_METHOD, "UNIMPLEMENTED"),
@@ -359,7 +360,14 @@ class Boundary:
             shown_method(method),
         )
         error = Unimplemented(f"method {method} not found: no service of this server has it")
-        await abort(context, error, ((REQUEST_ID_KEY, rid),))
+        code = error.code.name
+        try:
+            await abort(context, error, ((REQUEST_ID_KEY, rid),))
+        except asyncio.CancelledError:
+            code = Code.DEADLINE_EXCEEDED.name  # past its deadline: what its client gets, from gRPC
+            raise
+        finally:
+            self._unresolved.count(UNKNOWN_METHOD_LABEL, code)
 
 
 class UnknownMethods(grpc.GenericRpcHandler):

@@ -87,6 +87,9 @@ METHODS = (
     "GetModel",
     "ModelInfer",  # inference.GRPCInferenceService (kserve.py); its metadata RPCs are not counted
 )
+# genserve_requests_total's method label for a call of a method no service has (boundary.py): one
+# value for all, as model="" for every name that resolved no model, never the client's :path.
+UNKNOWN_METHOD_LABEL = ""
 # The methods whose requests can use a model version's series, by kind (the core's `resolve`
 # refuses a wrong kind before it touches them; the same kind properties as service.py's and
 # kserve.py's kind lists): only these get a pre-bound latency histogram, so no series exist for
@@ -276,6 +279,19 @@ class ModelMetrics:
                 self.model, self.version, method
             )
         duration.observe(duration_s)
+
+    def count(self, method: str, code: str) -> None:
+        """genserve_requests_total alone, for a call whose duration has no place in the latency
+        histogram (a method no service has: answered before anything is read)."""
+        if self._requests is None or self.forgotten:
+            return
+        key = (method, code)
+        child = self._requests_children.get(key)
+        if child is None:
+            child = self._requests_children[key] = self._requests.labels(
+                self.model, self.version, method, code
+            )
+        child.inc()
 
 
 class Metrics:

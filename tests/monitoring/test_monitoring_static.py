@@ -265,7 +265,7 @@ def _emitted_values() -> dict[tuple[str, str], frozenset[str]]:
     methods = frozenset(m.METHODS)
     return {
         ("genserve_requests_total", "code"): frozenset(m.GRPC_CODES),
-        ("genserve_requests_total", "method"): methods,
+        ("genserve_requests_total", "method"): methods | {m.UNKNOWN_METHOD_LABEL},
         ("genserve_request_duration_seconds", "method"): methods,
         ("genserve_requests_in_flight", "method"): methods,
         ("genserve_queue_duration_seconds", "lane"): frozenset(lane.name.lower() for lane in Lane),

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from reliability_support import POISON_LATENT, write_gen, write_slow
-from server_support import TINY_LATENT, ServerProcess, start_server
+from server_support import TINY_LATENT, ServerProcess, metric_in, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -229,6 +229,37 @@ def test_a_method_no_service_has_is_unimplemented_and_echoes_and_logs_its_reques
     log = debug_server.log()
     missing = [rid for rid in [*methods, "rid-unknown-stream"] if rid not in log]
     assert not missing, f"calls of unknown methods not in the server log: {missing}"
+
+
+def test_calls_of_methods_no_service_has_are_counted_under_one_bounded_method_label(
+    debug_server: ServerProcess,
+) -> None:
+    """docs/metrics.md: genserve_requests_total{code} counts every refused call (their log lines are
+    throttled on that promise), under model="" where none resolved. A call of a method no service
+    has was answered UNIMPLEMENTED and counted nowhere. Counted, its method label is one fixed value
+    (method=""), never the client's path: any path a client makes up would be a new series."""
+    paths = [
+        "/genserve.v1.GenerationService/NoSuch",
+        "/foo/bar",
+        *(f"/made.up.v{i}.Service/Call{i}" for i in range(3)),
+    ]
+    before = debug_server.metrics_text()
+    with grpc.insecure_channel(debug_server.target) as channel:
+        for path in paths:
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary(path)(b"", timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value
+    after = debug_server.metrics_text()
+
+    def added(**labels: str) -> float:
+        name = "genserve_requests_total"
+        return metric_in(after, name, **labels) - metric_in(before, name, **labels)
+
+    assert added(model="", version="", method="", code="UNIMPLEMENTED") == len(paths)
+    assert added(code="UNIMPLEMENTED") == len(paths)  # no series of its own per path
+    counted = [line for line in after.splitlines() if line.startswith("genserve_requests_total{")]
+    leaked = [line for line in counted if any(part in line for part in ("NoSuch", "foo", "made.up", "Call"))]
+    assert not leaked, leaked
 
 
 def test_server_reflection_returns_its_request_id(debug_server: ServerProcess) -> None:

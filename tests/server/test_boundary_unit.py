@@ -295,3 +295,21 @@ def test_a_metadata_rpc_that_fails_unexpectedly_answers_internal_without_python_
     assert context.aborted == (grpc.StatusCode.INTERNAL, "internal error (request id req-7)")
     assert ("x-request-id", "req-7") in context.trailing
     assert "secret internals" in caplog.text  # the traceback goes to the log only
+
+
+def test_a_method_no_service_has_is_counted_under_one_method_label_with_the_code_its_client_gets(
+    service: Boundary,
+) -> None:
+    """docs/metrics.md: genserve_requests_total counts every refused call; one of a method no service
+    has was counted nowhere. It counts under model="" and one method label whatever the path (the
+    client's path would be a new series each), as UNIMPLEMENTED, or DEADLINE_EXCEEDED where its
+    deadline had passed (gRPC answers it, no status is sent)."""
+    with pytest.raises(Aborted):
+        asyncio.run(service.unknown_method("/foo/bar", FakeContext()))  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(service.unknown_method("/genserve.v1.GenerationService/NoSuch", ExpiringContext(-0.001)))  # type: ignore[arg-type]
+    requests = service.metrics.requests
+    assert requests.labels("", "", "", "UNIMPLEMENTED")._value.get() == 1
+    assert requests.labels("", "", "", "DEADLINE_EXCEEDED")._value.get() == 1
+    methods = {sample.labels["method"] for family in requests.collect() for sample in family.samples}
+    assert methods == {""}
