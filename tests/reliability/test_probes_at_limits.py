@@ -22,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability_support import health_status, write_gen
-from server_support import ServerProcess, start_server
+from server_support import ServerProcess, metric_in, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -105,6 +105,33 @@ def test_the_health_port_answers_what_the_serving_port_answers_and_serves_nothin
             pb_grpc.GenerationServiceStub(health).ListModels(pb.ListModelsRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert f"health on 127.0.0.1:{server.health_port}" in server.log()
+
+
+def test_a_method_the_health_port_does_not_serve_is_unimplemented_with_its_request_id_and_counted(
+    server: ServerProcess,
+) -> None:
+    """The health port has its own catch-all (main.py): a method it does not serve (genserve.v1's, a
+    made-up one) is UNIMPLEMENTED naming the method, with the call's request id in its trailing
+    metadata as every RPC's (docs/metrics.md), and counted as on the serving port (method="")."""
+    paths = {
+        "rid-health-genserve": "/genserve.v1.GenerationService/ListModels",
+        "rid-health-made-up": "/foo/bar",
+    }
+    before = server.metrics_text()
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as health:
+        for rid, path in paths.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                health.unary_unary(path)(b"", metadata=(("x-request-id", rid),), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value
+            assert path in (refused.value.details() or ""), refused.value.details()  # type: ignore[attr-defined]
+            trailing = dict(refused.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+            assert trailing.get("x-request-id") == rid, trailing
+    after = server.metrics_text()
+    labels = {"model": "", "version": "", "method": "", "code": "UNIMPLEMENTED"}
+    added = metric_in(after, "genserve_requests_total", **labels) - metric_in(
+        before, "genserve_requests_total", **labels
+    )
+    assert added == len(paths)
 
 
 def _healthz(port: int) -> str:
