@@ -39,6 +39,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,25 +183,37 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def formatException(self, ei: Any) -> str:
-        """The traceback, each exception's message in it (ONNX Runtime's quotes a graph's node names)
-        escaped as a record's message is: the traceback's own lines stay lines."""
-        text = super().formatException(ei)
+        """The traceback (as logging.Formatter writes it), the text of each exception in it escaped as
+        a record's message is: its message, its notes, a SyntaxError's fields, for every exception of
+        the chain and of an ExceptionGroup (ONNX Runtime's message quotes a graph's node names). The
+        traceback's own lines stay lines."""
+        te = traceback.TracebackException(type(ei[1]), ei[1], ei[2], compact=True)
+        nodes: list[traceback.TracebackException | None] = [te]
         seen: set[int] = set()
-        chain: list[BaseException | None] = [ei[1]]
-        while chain:
-            exc = chain.pop()
-            if exc is None or id(exc) in seen:
+        while nodes:
+            node = nodes.pop()
+            if node is None or id(node) in seen:
                 continue
-            seen.add(id(exc))
-            chain += [exc.__cause__, exc.__context__]
-            try:
-                message = str(exc)
-            except Exception:  # a broken __str__: the traceback says so itself
-                continue
-            escaped = escape_controls(message)
-            if escaped != message:
-                text = text.replace(message, escaped)
-        return text
+            seen.add(id(node))
+            nodes += [node.__cause__, node.__context__, *(node.exceptions or ())]
+            # str(exc), taken when the traceback was made (str(node) returns it; no public setter)
+            node._str = escape_controls(str(node))  # type: ignore[attr-defined]
+            notes = node.__notes__
+            if isinstance(notes, Sequence):  # a str too: the traceback writes a line a character
+                node.__notes__ = [_escaped_note(note) for note in notes]
+            if node.exc_type is not None and issubclass(node.exc_type, SyntaxError):  # written, not _str
+                node.msg = escape_controls(node.msg) if isinstance(node.msg, str) else node.msg
+                node.filename = escape_controls(node.filename) if isinstance(node.filename, str) else None
+                node.text = escape_controls(node.text.rstrip("\n")) if isinstance(node.text, str) else None
+        text = "".join(te.format())
+        return text[:-1] if text.endswith("\n") else text
+
+
+def _escaped_note(note: object) -> str:
+    try:
+        return escape_controls(str(note))
+    except Exception:  # a broken __str__: what the traceback itself writes then
+        return "<note str() failed>"
 
 
 def setup_logging(level: str, as_json: bool) -> None:

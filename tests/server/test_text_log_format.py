@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from genserve_server import errors, main
+from genserve_server.errors import escape_controls
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -53,3 +54,59 @@ def test_a_plain_log_line_is_not_escaped_character_by_character(monkeypatch: pyt
     forged = formatter.format(_record("skipping %s", "a\n2026-01-01 INFO forged\x1b[31m\xa0"))
     assert forged == "DEBUG genserve_server.boundary: skipping a\\n2026-01-01 INFO forged\\x1b[31m\xa0"
     assert _CountingEscapes.lookups > 0
+
+
+FORGED = "2026-01-01 00:00:00,000 INFO genserve_server.repository: forged line request_id=forged"
+
+
+def _logged(exc: BaseException) -> str:
+    """What the text format writes for `exc` logged with its traceback (logger.exception)."""
+    try:
+        raise exc
+    except BaseException as raised:
+        record = _record("load failed")
+        record.exc_info = (type(raised), raised, raised.__traceback__)
+    return main.TextFormatter(FORMAT).format(record)
+
+
+def _traceback_lines_stay(text: str) -> list[str]:
+    lines = text.splitlines()
+    assert lines[0] == "DEBUG genserve_server.boundary: load failed", text
+    assert lines[1].lstrip(" +|") in (
+        "Traceback (most recent call last):",
+        "Exception Group Traceback (most recent call last):",
+    ), text
+    assert not any(line.startswith(FORGED[:20]) for line in lines), text
+    assert "\x1b" not in text and "\x00" not in text, text
+    return lines
+
+
+def test_an_exceptions_note_cannot_forge_a_line_in_its_traceback() -> None:
+    """b02c1fc escaped each exception's message where it found it in the formatted traceback, but
+    a note (add_note, which a library adds to say what it was doing, quoting a file's name) was
+    written as it was: its newline wrote a line of its own, `key=value` fields and ESC included."""
+    error = ValueError("cannot load the graph")
+    error.add_note(f"while loading e\n{FORGED}\x1b[31m")
+    lines = _traceback_lines_stay(_logged(error))
+    assert lines[-2:] == ["ValueError: cannot load the graph", f"while loading e\\n{FORGED}\\x1b[31m"]
+
+
+def test_an_exception_groups_members_cannot_forge_lines_in_its_traceback() -> None:
+    """The members of an ExceptionGroup are neither the cause nor the context of the group, so
+    b02c1fc left their messages and notes unescaped (and the traceback indents them, so the
+    message was not found to be replaced anyway)."""
+    member = RuntimeError(f"node e\n{FORGED}\x1b[31m")
+    member.add_note(f"note e\n{FORGED}\x00")
+    text = _logged(ExceptionGroup("loads failed", [member, KeyError("x")]))
+    lines = _traceback_lines_stay(text)
+    assert any(line.endswith(f"RuntimeError: node e\\n{FORGED}\\x1b[31m") for line in lines), text
+    assert any(line.endswith(f"note e\\n{FORGED}\\x00") for line in lines), text
+
+
+@pytest.mark.parametrize("message", ["\n", "\t", "a\nb"])
+def test_an_exceptions_message_is_escaped_in_its_own_line_only(message: str) -> None:
+    """A message whose text is found elsewhere in the traceback ("\\n" ends every one of its lines)
+    was replaced there too: the whole traceback written on one line, `\\n` between its lines."""
+    lines = _traceback_lines_stay(_logged(ValueError(message)))
+    assert lines[-1] == f"ValueError: {escape_controls(message)}", lines
+    assert any(line.startswith("  File ") for line in lines), lines
