@@ -102,13 +102,16 @@ def psi(
     is its float32 rounding (KServe's double parameter), named in the refusal."""
     if value is None:
         return None
+    allowed = f"[0, {MAX_PSI:g}]" if w_space else f"(0, {MAX_PSI:g}]"
+    if math.isnan(value):  # NaN's float32 is NaN too, never equal to `sent`: no "(nan as a float32)"
+        raise invalid(field, f"is not a number (NaN); must be in {allowed}")
     got = repr(value) if sent is None or sent == value else f"{sent!r} ({value!r} as a float32)"
     if w_space:
         if not (0.0 <= value <= MAX_PSI) or not math.isfinite(value):
-            raise invalid(field, f"must be in [0, {MAX_PSI:g}] (truncation in w space), got {got}")
+            raise invalid(field, f"must be in {allowed} (truncation in w space), got {got}")
         return float(value)
     if not (0.0 < value <= MAX_PSI) or not math.isfinite(value):
-        raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {got}")
+        raise invalid(field, f"must be in {allowed}, got {got}")
     return float(value)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -453,6 +454,29 @@ def test_a_truncation_psi_parameter_is_checked_as_the_float32_it_becomes_naming_
     details = _invalid(stub, request)
     assert details.startswith("parameters[truncation_psi]: must be in (0, 10]"), details
     assert "1e-300" in details and "got 0.0" not in details, details
+
+
+def test_a_nan_truncation_psi_is_refused_as_not_a_number_in_both_protocols(
+    stub: kpb_grpc.GRPCInferenceServiceStub, tiny_server: Any
+) -> None:
+    """A NaN psi was refused as 'must be in (0, 10], got nan' by Sample and as '... got nan (nan as a
+    float32)' by ModelInfer (NaN never equals its float32 rounding): both say plainly that it is not a
+    number, naming the field and the range it must be in."""
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        sample = pb_grpc.GenerationServiceStub(channel).Sample
+        with pytest.raises(grpc.RpcError) as caught:
+            sample(pb.SampleRequest(model=GEN, seeds=[5], truncation_psi=math.nan), timeout=30)
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    request = kpb.ModelInferRequest(model_name=GEN)
+    request.parameters["seed"].int64_param = 5
+    request.parameters["truncation_psi"].double_param = math.nan
+    for field, details in (
+        ("truncation_psi", error.details()),
+        ("parameters[truncation_psi]", _invalid(stub, request)),
+    ):
+        assert details.startswith(f"{field}: ") and "not a number" in details, details
+        assert "(0, 10]" in details and "float32" not in details and "got nan" not in details, details
 
 
 def test_classification_outputs_are_refused_not_ignored(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:

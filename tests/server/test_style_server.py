@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -280,6 +281,11 @@ def test_interpolate_is_a_straight_line_in_w_space(stub: pb_grpc.GenerationServi
             {"mixes": [pb.StyleMix(coarse_seed=1, fine_seed=2, crossover=1, truncation_psi=-0.5)]},
             "mixes[0].truncation_psi",
             "[0, 10]",
+        ),
+        (
+            {"mixes": [pb.StyleMix(coarse_seed=1, fine_seed=2, crossover=1, truncation_psi=math.nan)]},
+            "mixes[0].truncation_psi",
+            "not a number (NaN); must be in [0, 10]",
         ),
         ({"mixes": []}, "mixes", ""),
     ],
