@@ -37,7 +37,7 @@ import numpy as np
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
-from genserve_server import codecs, kserve_metadata, kserve_tensors, links, validate
+from genserve_server import codecs, kserve_metadata, kserve_tensors, latents, links, validate
 from genserve_server.batcher import BatchResult, Lane
 from genserve_server.boundary import Boundary, Context, echo_request_id
 from genserve_server.config import KINDS, Card, Kind, TensorSpec
@@ -432,7 +432,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             # that value (1e-300 is 0.0, 10.0000001 is 10.0), a refusal naming what the client sent.
             with np.errstate(over="ignore"):
                 as_float32 = float(np.float32(psi))
-            psi = validate.psi(as_float32, "parameters[truncation_psi]", sent=psi)
+            field = "parameters[truncation_psi]"
+            validate.psi(as_float32, field, sent=psi)
+            # Too small to draw (generate_batch checks it again): refused here, naming what was sent.
+            latents.check_truncation_psi(as_float32, card.latent_dim, field=field, sent=psi)
+            psi = as_float32
         if count is None and label_tensor is not None:  # one image per label: the count comes from the tensor
             rows_field = "inputs[label].shape[0]"
             n = validate.count(len(label_tensor), rows_field, limit, limit_name)

@@ -222,14 +222,21 @@ def min_truncation_psi(dim: int) -> float:
     return hi
 
 
-def check_truncation_psi(psi: float, dim: int, *, field: str = "truncation_psi") -> None:
-    """InvalidArgument naming `field` unless psi is in range and cheap enough for `dim`."""
+def check_truncation_psi(
+    psi: float, dim: int, *, field: str = "truncation_psi", sent: float | None = None
+) -> None:
+    """InvalidArgument naming `field` unless psi is in range and cheap enough for `dim`. `sent`: what
+    the client sent when `psi` is its float32 rounding (KServe's double parameter), named in the
+    refusal (validate.psi's)."""
     if not (math.isfinite(psi) and 0.0 < psi <= MAX_PSI):
         raise invalid(field, f"must be in (0, {MAX_PSI:g}], got {psi!r}")
     if expected_redraws(dim, psi) > MAX_EXPECTED_REDRAWS_PER_SEED:
+        shown = f"{psi:g}"
+        if sent is not None and f"{sent:g}" != shown:  # 1e-45 is 1.4013e-45 as a float32
+            shown = f"{sent:g} ({shown} as a float32)"
         raise invalid(
             field,
-            f"psi={psi:g} is too small for latent size {dim}: it needs about "
+            f"psi={shown} is too small for latent size {dim}: it needs about "
             f"{expected_redraws(dim, psi):.3g} redraws per seed (limit {MAX_EXPECTED_REDRAWS_PER_SEED}); "
             f"use psi >= {min_truncation_psi(dim):.3g}",
         )

@@ -456,6 +456,23 @@ def test_a_truncation_psi_parameter_is_checked_as_the_float32_it_becomes_naming_
     assert "1e-300" in details and "got 0.0" not in details, details
 
 
+def test_a_subnormal_truncation_psi_refused_as_too_small_names_the_value_sent_and_the_floor(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """1e-45 is 1.4013e-45 as a float32, above 0, so the range check passes it and the redraw check
+    refuses it as too small; that refusal named psi=1.4013e-45, a value the client never sent (the
+    range check names what it sent): it names the 1e-45 sent, its float32, and the smallest psi taken."""
+    request = kpb.ModelInferRequest(model_name=GEN)
+    request.parameters["seed"].int64_param = 5
+    request.parameters["truncation_psi"].double_param = 1e-45
+    details = _invalid(stub, request)
+    floor = latents.min_truncation_psi(TINY_LATENT)
+    assert details.startswith(
+        "parameters[truncation_psi]: psi=1e-45 (1.4013e-45 as a float32) is too small"
+    ), details
+    assert details.endswith(f"use psi >= {floor:.3g}"), details
+
+
 def test_a_nan_truncation_psi_is_refused_as_not_a_number_in_both_protocols(
     stub: kpb_grpc.GRPCInferenceServiceStub, tiny_server: Any
 ) -> None:
