@@ -483,11 +483,13 @@ def _sample_opts(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def check_grid_size(command: str, images: int, what: str) -> None:
+def check_grid_size(
+    command: str, images: int, what: str, remedy: str = "or write files with --out (or `bulk` for large jobs)"
+) -> None:
     if images > MAX_GRID_IMAGES:
         raise UsageError(
             f"{command}: a --grid holds at most {MAX_GRID_IMAGES} images, {what} asks for {images}; "
-            "lower it, or write files with --out (or `bulk` for large jobs)"
+            f"lower it, {remedy}"
         )
 
 
@@ -617,7 +619,15 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
             f"mix needs a {STYLE_GENERATOR} model; {args.model} is a {info.kind or 'unknown kind'}"
         )
     rows, cols = args.rows, args.cols
-    check_grid_size("mix", (len(rows) + 1) * (len(cols) + 1), f"--rows x --cols ({len(rows)}x{len(cols)})")
+    # The grid's images: a mix per (row, column), and each row's and column's own (the corner is blank).
+    n_mixes, n_own = len(rows) * len(cols), len(rows) + len(cols)
+    what = f"{n_mixes} mixes, and the rows' and columns' own {n_own} images"
+    check_grid_size(
+        "mix",
+        n_mixes + n_own,
+        f"--rows x --cols ({len(rows)}x{len(cols)}: {what})",
+        "or draw it in several grids",
+    )
     if args.crossover is not None and not (
         0 < args.crossover < info.num_layers if info.num_layers else args.crossover > 0
     ):

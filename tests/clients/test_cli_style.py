@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from client_fakes import run_cli
+from client_fakes import cli_main, run_cli
 from PIL import Image
 from server_support import ServerProcess, running_server
 from style_models import MIX_CROSSOVER, NUM_LAYERS, write_style_models
@@ -141,6 +141,23 @@ def test_mix_refuses_a_crossover_outside_the_layers_naming_the_flag(
         assert proc.returncode == 2, proc.stderr
         assert f"--crossover must be in 1..{NUM_LAYERS - 1}" in proc.stderr and f"got {bad}" in proc.stderr
         assert not grid.exists()
+
+
+def test_a_mix_grid_too_large_is_refused_counting_the_images_it_would_hold(
+    style_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `mix --rows` 32 seeds `--cols` 32 seeds was refused as asking for 1089 images: (32 + 1) x (32 + 1)
+    # cells, the blank corner cell counted as an image and the rows' and columns' own images left
+    # unsaid, so the number matched nothing the user asked for (32 x 32 = 1024 mixes); and it said
+    # "write files with --out", a flag mix does not have.
+    server, names = style_server
+    seeds = ",".join(map(str, range(1, 33)))
+    grid = tmp_path / "mix.png"
+    code, _, err = cli_main(capsys, "--target", server.target, "mix", "--model", names["generator"],
+                            "--rows", seeds, "--cols", seeds, "--grid", str(grid))  # fmt: skip
+    assert code == 2 and not grid.exists(), err
+    assert "1024 mixes" in err and "own 64 images" in err and "asks for 1088" in err, err
+    assert "1089" not in err and "--out" not in err, err  # mix has no --out to suggest
 
 
 def test_mix_calls_hold_at_most_per_call_mixes_and_distinct_seeds() -> None:
