@@ -597,6 +597,7 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
 
 
 STYLE_GENERATOR = "style_generator"
+TWO_WAY_TRANSLATOR = "two_way_translator"
 
 
 def default_crossover(info: genserve_pb2.ModelInfo, version: str = "") -> int:
@@ -857,6 +858,15 @@ def cmd_upscale(client: GenserveClient, args: argparse.Namespace) -> int:
 def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
     # Unset means a_to_b (the request's default); the PNG records the direction only when given.
     direction = args.direction or "a_to_b"
+    if direction == "b_to_a":
+        # Only a two_way_translator has B -> A. A server older than ImageRequest.direction (and than
+        # that kind) ignores the field and translates A -> B: ask the kind instead of trusting it.
+        kind = client.get_model(args.model, args.version).kind
+        if kind != TWO_WAY_TRANSLATOR:
+            raise UsageError(
+                f"translate: --direction b_to_a needs a {TWO_WAY_TRANSLATOR} model; {args.model} is "
+                f"{kind or 'of an unknown kind'}, which translates a_to_b only"
+            )
     return _image_command(client.translate, args, {"direction": args.direction}, direction=direction)
 
 

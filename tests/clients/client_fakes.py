@@ -123,6 +123,14 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             ]
             yield genserve_pb2.SampleStreamChunk(images=items, provenance=self._provenance(s.model))
 
+    def Translate(
+        self, request: genserve_pb2.ImageRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.ImageResponse:
+        """The images back as they came: the fake's models ("...i2i": image_to_image) translate
+        A -> B only, and it reads no `direction`, as a server older than that field."""
+        self._enter("Translate", context)
+        return genserve_pb2.ImageResponse(images=request.images, provenance=self._provenance(request.model))
+
     def GetModel(
         self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.ModelInfo:
@@ -143,9 +151,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
 
     def _info(self, name: str) -> genserve_pb2.ModelInfo:
         cond = name.endswith("cond")
+        kind = "image_to_image" if name.endswith("i2i") else "conditional_generator" if cond else "generator"
         return genserve_pb2.ModelInfo(
             name=name,
-            kind="conditional_generator" if cond else "generator",
+            kind=kind,
             latent_dim=FAKE_LATENT,
             class_names=FAKE_CLASSES if cond else [],
             output_shape=[1, 4, 4],

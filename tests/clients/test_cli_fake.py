@@ -162,6 +162,24 @@ def test_image_commands_refuse_unknown_output_suffixes(
     assert not fake_server.service.calls
 
 
+def test_translate_b_to_a_on_a_model_without_that_direction_is_refused_before_any_translation(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server older than ImageRequest.direction ignores the field: `translate --direction b_to_a`
+    on its image_to_image model came back A -> B, written as b_to_a, exit 0. Only a
+    two_way_translator (a kind as new as the field) translates B -> A: the CLI asks the model's
+    kind first, and refuses any other (exit 2) before any Translate."""
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    Image.new("RGB", (8, 8)).save(src)
+    t = ("--target", fake_server.target, "translate", str(src), str(out), "--model", "fake-i2i")
+    code, _, err = cli_main(capsys, *t, "--direction", "b_to_a")
+    assert code == 2, err
+    assert "two_way_translator" in err and "image_to_image" in err and "b_to_a" in err, err
+    assert not out.exists() and fake_server.service.calls["Translate"] == 0
+    code, _, err = cli_main(capsys, *t, "--direction", "a_to_b")
+    assert code == 0 and out.exists(), err
+
+
 def test_interpolate_needs_an_output(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli_main(
         capsys,
