@@ -1313,7 +1313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("edit", "VAE: encode an image, move one latent dimension, decode")
     p.add_argument("image")
     p.add_argument("--model", required=True, help="VAE base name (X for X-encoder/X-decoder) or either part")
-    p.add_argument("--version", default="", help="model version (default: the highest ready)")
+    p.add_argument(
+        "--version",
+        default="",
+        help="version of both the encoder and the decoder, the halves of one VAE being exported as one "
+        "version (default: each one's highest ready)",
+    )
     p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
     p.add_argument("--delta", type=parse_float32, default=2.0, help="added to z[dim]")
     p.add_argument("--sweep", action="store_true", help="grid of z[dim] set to each value of the sweep")

@@ -43,6 +43,17 @@ def test_psi_help_names_the_real_default(command: str) -> None:
     assert "default: none" in (psi.help or "")
 
 
+def test_edit_version_help_says_it_is_both_the_encoders_and_the_decoders() -> None:
+    """`edit` runs two models, the encoder and the decoder, and sends its one --version to both
+    (a VAE's halves are exported as one version); the help said "model version (default: the
+    highest ready)", naming neither, so a user with halves of different versions could not tell
+    which one the flag picks, nor that without it each half runs its own highest ready version."""
+    parser = _subcommand("edit")
+    version = next(a for a in parser._actions if "--version" in a.option_strings)
+    text = " ".join((version.help or "").split())
+    assert "encoder" in text and "decoder" in text and "each" in text, text
+
+
 def _progress_examples(text: str) -> list[list[str]]:
     commands = []
     for match in re.finditer(r"`(genserve-client sample [^`]*--progress[^`]*)`", text.replace("\n", " ")):
