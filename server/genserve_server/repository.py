@@ -182,6 +182,7 @@ class Model:
                     f"model {self.name} has no version {version!r}; "
                     f"versions: {', '.join(self.versions) or 'none'}",
                     field="version",
+                    verbatim=repr(version),
                 )
             if found.state != ModelState.READY:
                 raise Unavailable(f"{found.label} is {found.state.name}: {found.reason or 'not ready'}")

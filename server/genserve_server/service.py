@@ -503,6 +503,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 f"model {model.name} has no version {request.version!r}; versions: "
                 f"{', '.join(model.versions) or 'none'}",
                 field="version",
+                verbatim=repr(request.version),
             )
         return self._model_info(model, request.version)
 

@@ -27,6 +27,8 @@ from grpc_health.v1 import health_pb2
 from reliability_support import health_status, write_gen
 from server_support import TINY_LATENT, ServerProcess, slow_generator_graph, start_server, write_model
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server.config import ServerConfig
 from genserve_server.health import LIVE_KEY
@@ -552,3 +554,29 @@ def test_a_model_name_the_client_sent_as_a_path_comes_back_as_it_sent_it(tmp_pat
             details = refused.value.details() or ""
             assert f"model {name!r} not found" in details, details
             assert "outside the repository" not in details, details
+
+
+def test_a_version_the_client_sent_as_a_path_comes_back_as_it_sent_it(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
+    """A version the client sent that looks like a path ('/x', '/srv/models/gen/1') is quoted back
+    in the NOT_FOUND of every RPC that names a version (Sample, GetModel, KServe's ModelMetadata
+    and ModelInfer): it is the client's text, not a server path for redact to hide."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    server = server_of(models)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+        kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        for version in ("/x", "/srv/models/gen/1"):
+            calls = (
+                (stub.Sample, genserve_pb2.SampleRequest(model="gen", version=version, count=1)),
+                (stub.GetModel, genserve_pb2.GetModelRequest(name="gen", version=version)),
+                (kstub.ModelMetadata, kpb.ModelMetadataRequest(name="gen", version=version)),
+                (kstub.ModelInfer, kpb.ModelInferRequest(model_name="gen", model_version=version)),
+            )
+            for rpc, request in calls:
+                with pytest.raises(grpc.RpcError) as refused:
+                    rpc(request)
+                assert refused.value.code() == grpc.StatusCode.NOT_FOUND, (request, refused.value)
+                details = refused.value.details() or ""
+                assert f"model gen has no version {version!r}" in details, (request, details)
+                assert "outside the repository" not in details, (request, details)
