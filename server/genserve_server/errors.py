@@ -125,6 +125,7 @@ class PermissionDenied(GenserveError):
     code = Code.PERMISSION_DENIED
 
 
-def invalid(field: str, problem: str) -> InvalidArgument:
-    """Build an InvalidArgument whose message names the field: `labels[3]: must be in [0, 10), got 12`."""
-    return InvalidArgument(f"{field}: {problem}", field=field)
+def invalid(field: str, problem: str, *, verbatim: str = "") -> InvalidArgument:
+    """Build an InvalidArgument whose message names the field: `labels[3]: must be in [0, 10), got 12`;
+    `verbatim`: the client's text it quotes (GenserveError)."""
+    return InvalidArgument(f"{field}: {problem}", field=field, verbatim=verbatim)

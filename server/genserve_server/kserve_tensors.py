@@ -77,12 +77,20 @@ def read_inputs(request: kpb.ModelInferRequest, card: Card) -> dict[str, np.ndar
         where = f"inputs[{i}]"
         spec = specs.get(tensor.name)
         if spec is None:
-            raise invalid(f"{where}.name", f"{card.name} has inputs {sorted(specs)}, got {tensor.name!r}")
+            raise invalid(
+                f"{where}.name",
+                f"{card.name} has inputs {sorted(specs)}, got {tensor.name!r}",
+                verbatim=repr(tensor.name),
+            )
         if tensor.name in arrays:
             raise invalid(f"{where}.name", f"input {tensor.name!r} given twice")
         datatype, _, np_dtype = DTYPES[spec.dtype]
         if tensor.datatype != datatype:
-            raise invalid(f"{where}.datatype", f"{tensor.name} must be {datatype}, got {tensor.datatype!r}")
+            raise invalid(
+                f"{where}.datatype",
+                f"{tensor.name} must be {datatype}, got {tensor.datatype!r}",
+                verbatim=repr(tensor.datatype),
+            )
         shape = tuple(int(d) for d in tensor.shape)
         # The model's rank (or the protocol's, [N, 1] for a batch-only tensor) before numpy sees
         # the shape: numpy refuses over 64 dims, or zero-size shapes whose other dims overflow.
@@ -151,7 +159,9 @@ def requested_outputs(request: kpb.ModelInferRequest, card: Card) -> list[Tensor
         spec = by_name.get(output.name)
         if spec is None:
             raise invalid(
-                f"outputs[{i}].name", f"{card.name} has outputs {sorted(by_name)}, got {output.name!r}"
+                f"outputs[{i}].name",
+                f"{card.name} has outputs {sorted(by_name)}, got {output.name!r}",
+                verbatim=repr(output.name),
             )
         if spec in chosen:
             raise invalid(f"outputs[{i}].name", f"output {output.name!r} requested twice")

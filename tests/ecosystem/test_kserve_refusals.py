@@ -176,3 +176,35 @@ def test_typed_contents_in_the_wrong_field_are_named_not_counted_as_none(
         kserve_tensors.read_inputs(request, _card(tmp_path, dtype))
     assert str(caught.value).startswith("inputs[0].contents: "), caught.value
     assert expected in str(caught.value), caught.value
+
+
+def test_tensor_names_and_datatypes_the_client_sent_as_paths_come_back_as_it_sent_them(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """An input or output name, or a datatype, that looks like a path ('/etc/passwd') is the
+    client's own text: the refusal quotes it as sent, not as a server path hidden by redact."""
+    z = kpb.ModelInferRequest.InferInputTensor(name="z", datatype="FP32", shape=[1, 4])
+    z.contents.fp32_contents.extend([0.5] * 4)
+    for sent in ("/etc/passwd", "/srv/models/g-wide/1/model.onnx"):
+        named = kpb.ModelInferRequest.InferInputTensor(name=sent, datatype="FP32", shape=[1, 4])
+        typed = kpb.ModelInferRequest.InferInputTensor(name="z", datatype=sent, shape=[1, 4])
+        output = kpb.ModelInferRequest.InferRequestedOutputTensor(name=sent)
+        for request, expected in (
+            (
+                kpb.ModelInferRequest(model_name="g-wide", inputs=[named]),
+                "inputs[0].name: g-wide has inputs",
+            ),
+            (
+                kpb.ModelInferRequest(model_name="g-wide", inputs=[typed]),
+                "inputs[0].datatype: z must be FP32",
+            ),
+            (
+                kpb.ModelInferRequest(model_name="g-wide", inputs=[z], outputs=[output]),
+                "outputs[0].name: g-wide has outputs",
+            ),
+        ):
+            code, details = _refusal(lambda r=request: stub.ModelInfer(r, timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+            assert details.startswith(expected), details
+            assert details.endswith(f"got {sent!r}"), details
+            assert "outside the repository" not in details, details
