@@ -76,10 +76,12 @@ class GenserveError(Exception):
         self.verbatim = verbatim
 
     def redacted(self, redact: Callable[[str], str]) -> str:
-        """The message for the client: `redact` applied to all of it but `verbatim`."""
+        """The message for the client: `redact` applied to all of it but `verbatim`, whose control
+        characters are escaped as redact escapes the rest's (a repr has none left to escape)."""
         if not self.verbatim or self.verbatim not in self.message:
             return redact(self.message)
-        return self.verbatim.join(redact(part) for part in self.message.split(self.verbatim))
+        shown = escape_controls(self.verbatim)
+        return shown.join(redact(part) for part in self.message.split(self.verbatim))
 
     def __str__(self) -> str:
         return self.message

@@ -113,6 +113,7 @@ def check_parameters(request: kpb.ModelInferRequest, card: Card, label: str) -> 
                 f"{label} ({card.kind}) takes no such parameter; it takes "
                 f"{', '.join(sorted(takes)) or 'none'} (Triton's {', '.join(sorted(TRITON_PARAMETERS))} "
                 f"and {TRITON_PREFIX}*: accepted and ignored)",
+                verbatim=f"parameters[{name}]",  # the client's key, even one that looks like a path
             )
 
 

@@ -208,3 +208,20 @@ def test_tensor_names_and_datatypes_the_client_sent_as_paths_come_back_as_it_sen
             assert details.startswith(expected), details
             assert details.endswith(f"got {sent!r}"), details
             assert "outside the repository" not in details, details
+
+
+def test_a_parameter_the_client_sent_as_a_path_is_named_as_it_sent_it(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """A request parameter the model does not take is named in the refusal: a key that looks like a
+    path ('/etc/passwd') is the client's own text, named as sent, not hidden as a server path; its
+    control characters are escaped as in every refusal."""
+    for key, shown in (("/etc/passwd", "/etc/passwd"), ("/srv/x\nforged", "/srv/x\\nforged")):
+        request = kpb.ModelInferRequest(model_name="g-wide")
+        request.parameters[key].int64_param = 1
+        code, details = _refusal(lambda r=request: stub.ModelInfer(r, timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert details.startswith(f"parameters[{shown}]: "), details
+        assert "takes no such parameter" in details, details
+        assert "outside the repository" not in details, details
+        assert "\n" not in details, details
