@@ -1107,7 +1107,8 @@ def image_working_set(
     `concurrent_batches` batches at once (the model's instances, Batcher.concurrency): sized before
     they are decoded (declared_sizes). `on_cpu` (the model's sessions run on the CPU
     provider): the card's activation_bytes_per_output_value, where it has one, sizes the model's
-    intermediates (tiling.computing_copies)."""
+    intermediates (tiling.computing_copies), and they stay resident under the blend and the encode
+    (tiling.working_set_bytes' intermediates_kept)."""
     in_channels = card.input_channels or card.channels
     return tiling.working_set_bytes(
         plans,
@@ -1126,6 +1127,8 @@ def image_working_set(
         ),
         computing_copies=tiling.computing_copies(card.activation_bytes_per_output_value, on_cpu),
         concurrent_batches=concurrent_batches,
+        # ORT's CPU arena keeps what the model call grew it by while the blend and encode run.
+        intermediates_kept=on_cpu,
     )
 
 

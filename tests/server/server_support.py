@@ -190,6 +190,33 @@ def wide_super_resolution_graph(scale: int) -> onnx.ModelProto:
     return _model(graph)
 
 
+def feature_super_resolution_graph(scale: int, width: int) -> onnx.ModelProto:
+    """Conv 3->width -> Resize x scale -> Conv width->width -> Relu -> Conv width->3 -> Tanh: a real
+    SR model's shape, `width` channels of intermediates at output resolution (radius 2 px)."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["image", "K1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c1", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Conv", ["up", "K2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "K3"], ["c3"], pads=[1, 1, 1, 1]),
+        helper.make_node("Tanh", ["c3"], ["output_image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sr_features",
+        [_image("image", 3, "h", "w")],
+        [_image("output_image", 3, "H", "W")],
+        [
+            _init("K1", rng.normal(0, 0.3, (width, 3, 3, 3)).astype(np.float32)),
+            _init("K2", rng.normal(0, 0.1, (width, width, 3, 3)).astype(np.float32)),
+            _init("K3", rng.normal(0, 0.1, (3, width, 3, 3)).astype(np.float32)),
+            _init("scales", np.array([1, 1, scale, scale], np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
 def image_to_image_graph(multiple: int) -> onnx.ModelProto:
     """Conv 3x3 (pad 1) -> Tanh; H and W must be multiples of `multiple` (checked by the server)."""
     rng = np.random.default_rng(5)
