@@ -700,6 +700,9 @@ class Batcher:
             task = asyncio.get_running_loop().create_task(self._execute(parts, rows))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            # Not kept while waiting for the next batch: the parts hold their requests' inputs and
+            # outputs (a tiled SuperResolve's tiles), which would outlive the call and its budget.
+            del parts, task
 
     def _fail_queued(self, error: Callable[[], GenserveError]) -> None:
         """Fail every queued request with an `error()` of its own and empty the queue (at close, and

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Hashable, Mapping
 from typing import Any
 
@@ -220,6 +222,25 @@ def test_single_request_on_idle_runner_does_not_wait_for_the_window() -> None:
         result = await batcher.submit("k", rows(7), 1)
         assert time.monotonic() - started < 0.5  # far below the 1 s window
         np.testing.assert_array_equal(result.outputs["y"], [70])
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_finished_batch_is_not_kept_alive_by_the_idle_dispatcher() -> None:
+    """The dispatcher's loop kept its last batch's parts in a local while it waited for the next
+    request: the request's inputs and assembled outputs (a tiled SuperResolve's tiles, 27 MiB at
+    256²) outlived the call and its released working set until the model's next batch."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model)
+        outputs = await batcher.submit("k", rows(3, 4), 2)
+        kept = weakref.ref(outputs.outputs["y"])  # an output array the request's result holds
+        del outputs
+        await asyncio.sleep(0)  # the dispatcher is back waiting for work
+        gc.collect()
+        assert kept() is None, [type(r).__name__ for r in gc.get_referrers(kept())]
         await batcher.close(1)
 
     run(body())
