@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from genserve_contract.repository import VERSION_PATTERN, latest_version_dir
+from genserve_contract.repository import NAME_PATTERN, RESERVED_NAMES, VERSION_PATTERN, latest_version_dir
 from genserve_export.build import DEFAULT_SEED, train_and_export, version_dirs
 from genserve_export.data.digits import MissingDataError
 from genserve_export.data.fashion import MissingDataError as FashionDataError
@@ -57,6 +57,16 @@ def _version(text: str) -> str:
     """An argparse type: a version directory name (a positive integer such as 2)."""
     if not VERSION_PATTERN.match(text):
         raise argparse.ArgumentTypeError(f"must be a positive integer such as 2, got {text!r}")
+    return text
+
+
+def _model_name(text: str) -> str:
+    """An argparse type: a repository entry name a model may have (export_model refuses any other,
+    but only once the import's work is done)."""
+    if not NAME_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"must match {NAME_PATTERN.pattern}, got {text!r}")
+    if text in RESERVED_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r} is the server's own grpc.health key, not a model's")
     return text
 
 
@@ -168,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("package", type=Path, help="the npm package: its .tgz or the unpacked directory")
     imp.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
-    imp.add_argument("--name", default="esrgan-x4", help="repository entry name")
+    imp.add_argument("--name", type=_model_name, default="esrgan-x4", help="repository entry name")
     imp.add_argument("--version", type=_version, default="1", help="version directory")
     imp.add_argument("--replace", action="store_true", help=_REPLACE_HELP % "<out>/<name>/<version>")
     imp.add_argument(

@@ -138,6 +138,24 @@ def test_cli_refuses_bad_numbers_naming_the_flag_and_the_limit(
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.parametrize("name", ["liveness", "Bad_Name", "../escape"])
+def test_cli_import_refuses_a_name_no_model_may_have_naming_the_flag_before_any_work(
+    name: str, tmp_path: Path, no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`import-rrdn --name liveness` (a reserved name, the server's own health key) or a name the
+    repository's pattern refuses converted, checked and measured the whole model before export_model
+    refused it. argparse refuses it up front, naming --name, exit 2."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    argv = ["import-rrdn", str(package), "--name", name, "--out", str(tmp_path / "models")]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--name" in err and repr(name) in err, err
+    assert not (tmp_path / "models").exists()
+
+
 def test_cli_import_of_a_missing_package_names_it_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
