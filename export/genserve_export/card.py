@@ -156,8 +156,14 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
     if kind.image_output_name is not None:
         need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
-    else:  # the range of the image output: none to give (style_mapping, vae_encoder, code_prior)
-        need("output_range", card["output_range"] is None, "null (the kind has no image output)")
+    else:  # the range of the image output: none to give (style_mapping, vae_encoder, code_prior);
+        # export writes null, but cards written before it did may hold a range, which the server reads
+        # and ignores (config.load_card): one it would refuse is refused, verify notes the others
+        need(
+            "output_range",
+            card["output_range"] is None or _is_range(card["output_range"]),
+            "null (the kind has no image output; an older card's [lo, hi] with lo < hi is ignored)",
+        )
     _check_style_fields(card, kind, need)
     need("opset", is_int(card["opset"]) and card["opset"] >= 17, "an int >= 17")
     if kind.has_latent_dim:

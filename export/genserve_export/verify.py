@@ -264,6 +264,11 @@ def _verify_version(
     if model.errors:
         return model
     model.kind = card["kind"]
+    if Kind(card["kind"]).image_output_name is None and card["output_range"] is not None:
+        model.notes.append(
+            f"output_range {card['output_range']} ignored: kind {card['kind']} has no image output "
+            "(the server ignores it; genserve-export writes null)"
+        )
     model.parity = dict(card["parity"])
     model.quality_card = dict(card["quality"])
     if card["name"] != name or card["version"] != version:
