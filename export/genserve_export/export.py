@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,11 @@ logger = logging.getLogger(__name__)
 
 PARITY_BATCH_SIZES = (1, 7)
 _RANGE_SLACK = 1e-3  # outputs may exceed output_range by float rounding only
+# <name>/.tmp-<version>-<token>: where _write_atomically stages a version (locked while it does).
+_STAGING_NAME = re.compile(r"^\.tmp-[1-9][0-9]*-[0-9a-f]{8}$")
+# A staging folder no export holds is removed once unchanged this long: an export of a
+# genserve-export that did not lock it yet may still be filling it.
+STALE_STAGING_S = 3600.0
 
 
 def export_model(
@@ -857,6 +865,43 @@ def _discard(retired: Path) -> None:
         logger.warning("could not remove %s, the replaced version's old copy: remove it", retired)
 
 
+def _lock_staging(path: Path) -> int | None:
+    """An fd holding an exclusive flock on the directory `path` (released when it is closed or its
+    process dies), or None where another process holds it or `path` is not a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_staging(entry: Path) -> None:
+    """Remove the staging folders of exports that died in them (SIGKILL, a lost machine: no cleanup
+    ran), which the server ignores and would otherwise pile up: only names of _write_atomically's
+    making that no live export locks and that are unchanged for STALE_STAGING_S."""
+    for path in entry.iterdir():
+        if not _STAGING_NAME.match(path.name):
+            continue
+        fd = _lock_staging(path)
+        if fd is None:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < STALE_STAGING_S:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.lexists(path):
+                logger.warning("could not remove %s, an unfinished export's staging folder", path)
+            else:
+                logger.info("removed %s, the staging folder of an export that did not finish", path)
+        finally:
+            os.close(fd)
+
+
 def _write_atomically(
     out_root: Path,
     name: str,
@@ -869,9 +914,11 @@ def _write_atomically(
 ) -> Path:
     entry = out_root / name
     entry.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(entry)
     token = secrets.token_hex(4)
     staging = entry / f".tmp-{version}-{token}"
     staging.mkdir()
+    lock = _lock_staging(staging)  # held until this export leaves it: no other one removes it
     try:
         for file in files:
             shutil.copyfile(workdir / file, staging / file)
@@ -898,6 +945,9 @@ def _write_atomically(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     if retired is not None:
         _discard(retired)
     config_path = entry / "config.json"

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -212,3 +213,71 @@ def test_a_recipe_child_stopped_with_sigterm_removes_its_partial_outputs(tmp_pat
     assert "stopped (SIGTERM)" in log.read_text(errors="replace")
     assert sorted(p.name for p in (out / "tiny-gen").iterdir()) == [], "the half-staged version is left"
     assert not list(temp.glob("genserve-export-*")), "the temporary export folder is left"
+
+
+def _staged_by(
+    child_script: str, out: Path, staged: Path, log: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """Start `child_script` (TRAIN_CHILD) and return it once it has staged its version."""
+    with log.open("wb") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-c", child_script, str(out), str(staged)], env=env, stderr=err
+        )
+    deadline = time.monotonic() + 120
+    while not staged.exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            child.wait(10)
+            raise AssertionError(log.read_text(errors="replace"))
+        time.sleep(0.1)
+    return child
+
+
+def test_an_export_removes_the_staging_folders_killed_exports_left_and_no_live_ones(tmp_path: Path) -> None:
+    """An export SIGKILLed (the OOM killer, a node lost, kill -9) while staging leaves
+    <name>/.tmp-<version>-<rand> behind, which the server ignores and nothing removed: they piled up.
+    The next export into the model's directory removes those of its own naming that no live export
+    holds and that are old enough to be no export of an earlier genserve-export; a live export's
+    staging, a fresh one and an operator's own `.tmp-2` stay."""
+    from genserve_export import export_model
+    from tests.export.test_export_checks import _TinyImage
+
+    out, temp = tmp_path / "out", tmp_path / "tmp"
+    temp.mkdir()  # the killed child's temporary export folder lands there, not in /tmp
+    env = {
+        **os.environ,
+        "TMPDIR": str(temp),
+        "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api")),
+    }
+    killed = _staged_by(TRAIN_CHILD, out, tmp_path / "killed.txt", tmp_path / "killed.log", env)
+    killed.kill()
+    killed.wait(10)
+    left = Path((tmp_path / "killed.txt").read_text()).parent
+    live = _staged_by(TRAIN_CHILD, out, tmp_path / "live.txt", tmp_path / "live.log", env)
+    try:
+        held = Path((tmp_path / "live.txt").read_text()).parent
+        assert left.is_dir() and left.name.startswith(".tmp-1-"), "the killed export left no staging folder"
+        operators = out / "tiny-gen" / ".tmp-2"  # docs/operations.md's cp -r staging, then mv
+        operators.mkdir()
+        hours_ago = time.time() - 7200
+        for folder in (left, held, operators):
+            os.utime(folder, (hours_ago, hours_ago))
+        z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+        card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+        export_model(
+            _TinyImage(0),
+            kind="generator",
+            name="tiny-gen",
+            version="2",
+            out_dir=out,
+            example_inputs={"z": z},
+            card=card,
+            fp16=False,
+        )
+        assert not left.exists(), "the killed export's staging folder is left"
+        assert held.is_dir(), "a live export's staging folder was removed"
+        assert operators.is_dir(), "a folder not of the export's naming was removed"
+        assert (out / "tiny-gen" / "2" / "card.json").is_file()
+    finally:
+        live.kill()
+        live.wait(10)
