@@ -394,6 +394,10 @@ def input_range(values: np.ndarray, value_range: tuple[float, float], field: str
     lo, hi = value_range
     slack = 0.01 * (hi - lo)
     low, high = float(values.min()), float(values.max())
+    if math.isnan(low) or math.isnan(high):  # min and max propagate a NaN, which no bound comparison finds
+        raise invalid(
+            field, f"TENSOR_F32 values must be in the model's input_range [{lo:g}, {hi:g}], got a NaN"
+        )
     if low < lo - slack or high > hi + slack:
         raise invalid(
             field,

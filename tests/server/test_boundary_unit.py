@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from genserve_server.boundary import Boundary, status_code
@@ -14,6 +15,7 @@ from genserve_server.core import Call
 from genserve_server.errors import MAX_MESSAGE_BYTES, Code, InvalidArgument, ResourceExhausted, invalid
 from genserve_server.metrics import Metrics
 from genserve_server.tiling import plan_tiles
+from genserve_server.validate import input_range as check_input_range
 from genserve_server.validate import tiling as check_tiling
 
 
@@ -150,6 +152,24 @@ def test_a_tile_size_too_small_for_the_models_default_overlap_names_the_tile_siz
 def test_tile_settings_that_can_be_planned_pass_and_plan(tile: int, overlap: int, multiple: int) -> None:
     check_tiling(tile, overlap, multiple)
     assert plan_tiles(4 * tile, 3 * tile, tile, overlap, multiple)  # the planner agrees
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([[[0.5, np.nan]]], np.float32),
+        np.array([[[np.nan, 0.5]]], np.float32),
+        np.full((1, 2, 2), np.nan, np.float32),
+    ],
+)
+def test_input_range_refuses_a_nan_naming_the_field(values: np.ndarray) -> None:
+    """A NaN is in no range: input_range refuses it itself, not only behind its callers' finiteness
+    checks (NaN's min and max are NaN, which no comparison with the bounds finds)."""
+    with pytest.raises(InvalidArgument) as excinfo:
+        check_input_range(values, (0.0, 1.0), "images[0]")
+    assert str(excinfo.value).startswith("images[0]: ")
+    assert "NaN" in str(excinfo.value)
+    check_input_range(np.array([[[0.0, 1.0]]], np.float32), (0.0, 1.0), "images[0]")
 
 
 @pytest.mark.parametrize("sent", ["a b", "id method=Evil", 'x"y', "tab\there", "x" * 129, "", "caf\u00e9"])
