@@ -343,6 +343,25 @@ def test_image_values_outside_the_input_range_are_invalid_as_in_genserve_v1(
     assert len(stub.ModelInfer(request, timeout=30).raw_output_contents) == 1
 
 
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [("tiny-sr", [2, 3, 16, 16]), ("tiny-i2i", [2, 3, 8, 8]), ("tiny-vae-enc", [2, 1, 8, 8])],
+    ids=["super_resolution", "image_to_image", "vae_encoder"],
+)
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_non_finite_image_is_invalid_naming_the_image_input(
+    stub: kpb_grpc.GRPCInferenceServiceStub, model: str, shape: list[int], bad: float
+) -> None:
+    image = np.full(shape, 0.5, np.float32)
+    image[1, 0, 2, 3] = bad
+    request = kpb.ModelInferRequest(
+        model_name=model,
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=shape)],
+        raw_input_contents=[image.tobytes()],
+    )
+    assert _invalid(stub, request).startswith("inputs[image]: ")
+
+
 def test_typed_contents_with_raw_contents_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     """The protocol: `contents` must not be set when raw_input_contents is used."""
     request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -562,6 +563,20 @@ def test_tensor_f32_input_outside_the_input_range_is_invalid(stub: pb_grpc.Gener
         shape=[1, 8, 8],
     )
     assert len(stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[inside])).latents) == 1  # 1 % slack
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_tensor_f32_image_sent_to_encode_is_invalid_naming_the_image(
+    stub: pb_grpc.GenerationServiceStub, bad: float
+) -> None:
+    chw = np.full((1, 8, 8), 0.5, np.float32)
+    good = tpb.Image(format=tpb.IMAGE_FORMAT_TENSOR_F32, data=chw.tobytes(), shape=[1, 8, 8])
+    chw[0, 3, 5] = bad
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_TENSOR_F32, data=chw.tobytes(), shape=[1, 8, 8])
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[good, image], sample=True))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("images[1]: "), details_of(excinfo)
 
 
 # ----------------------------------------------------------------------------- SuperResolve / Translate
