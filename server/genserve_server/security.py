@@ -205,10 +205,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 None, "request_id=%s rejected unauthenticated call to %s%s", request_id(context), shown, why
             )
 
-        handler = await continuation(handler_call_details)
-        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED, with no context here
-            self._log.log(None, "request_id=- rejected unauthenticated call to %s%s", shown, why)
-        return _deny(handler, log, refusal)
+        # A method no service has is UnknownMethods' (boundary.py, on every port): refused here too.
+        return _deny(await continuation(handler_call_details), log, refusal)
 
 
 def auth_interceptor(
