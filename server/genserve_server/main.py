@@ -226,6 +226,16 @@ def setup_logging(level: str, as_json: bool) -> None:
     root.setLevel(level)
     # Python warnings (a library's DeprecationWarning) as log records: no unformatted stderr lines.
     logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addFilter(_without_trailing_newline)  # once: addFilter dedups
+
+
+def _without_trailing_newline(record: logging.LogRecord) -> bool:
+    """A captured warning's text is warnings.formatwarning's, which ends with a newline: the text
+    log wrote it as a literal `\\n` at the end of the line (the JSON msg ended with one)."""
+    message = record.getMessage()
+    if message.endswith("\n"):
+        record.msg, record.args = message.rstrip("\n"), ()
+    return True
 
 
 def _address(host: str, port: int) -> str:

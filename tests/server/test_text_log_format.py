@@ -3,7 +3,9 @@ message's control characters escaped, at little cost to a line that has none."""
 
 from __future__ import annotations
 
+import json
 import logging
+import warnings
 from typing import Any
 
 import pytest
@@ -110,3 +112,30 @@ def test_an_exceptions_message_is_escaped_in_its_own_line_only(message: str) -> 
     lines = _traceback_lines_stay(_logged(ValueError(message)))
     assert lines[-1] == f"ValueError: {escape_controls(message)}", lines
     assert any(line.startswith("  File ") for line in lines), lines
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_python_warning_is_logged_without_a_trailing_newline(
+    capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    """setup_logging routes Python warnings to the log (logging.captureWarnings), whose text is
+    warnings.formatwarning's, ending with a newline: the text line ended with a literal `\\n` (and
+    the JSON msg with a newline). The warning's own text is kept, without the trailing newline."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        try:
+            main.setup_logging("INFO", as_json)
+            warnings.warn_explicit("x\n  y", UserWarning, "<string>", 3, module="genserve_test_warning")
+            root.handlers[0].flush()
+        finally:
+            logging.captureWarnings(False)
+            root.handlers[:] = saved_handlers
+            root.setLevel(saved_level)
+    written = capsys.readouterr().err.splitlines()
+    assert len(written) == 1, written
+    if as_json:
+        assert json.loads(written[0])["msg"] == "<string>:3: UserWarning: x\n  y"
+    else:
+        assert written[0].endswith(" WARNING py.warnings: <string>:3: UserWarning: x\\n  y"), written
