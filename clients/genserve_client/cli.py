@@ -764,6 +764,30 @@ def check_sweep_size(images: int, what: str) -> None:
         )
 
 
+def ready_versions(info: genserve_pb2.ModelInfo) -> list[str]:
+    """The READY versions of a model, lowest first."""
+    ready = [v for v in info.versions if v.state == genserve_pb2.MODEL_STATE_READY]
+    return [v.version for v in sorted(ready, key=version_order)]
+
+
+def vae_version(encoder: genserve_pb2.ModelInfo, decoder: genserve_pb2.ModelInfo, version: str) -> str:
+    """The version `edit` runs both halves of the VAE at: `version`, else the highest one READY in
+    both. The halves of one VAE are exported as one version: each half's own highest READY would
+    encode with one and decode with another (two latent spaces) where one half's newest failed to
+    load or is still loading."""
+    if version:
+        return version
+    enc, dec = ready_versions(encoder), ready_versions(decoder)
+    common = [v for v in enc if v in dec]
+    if not common:
+        raise UsageError(
+            f"edit: {encoder.name} and {decoder.name} have no version READY in both (READY: "
+            f"{encoder.name} {', '.join(enc) or 'none'}; {decoder.name} {', '.join(dec) or 'none'}): "
+            "an image is encoded and decoded by one version of the VAE"
+        )
+    return common[-1]
+
+
 def through(provenance: Provenance, first: Provenance) -> Provenance:
     """`provenance` of images that went through the model of `first` before (edit: the encoder):
     that model among its used_models, as the server names a style generator's mapping."""
@@ -776,15 +800,17 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.sweep:
         check_sweep_size(args.sweep_steps + 1, f"--sweep-steps {args.sweep_steps}")
     encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
-    picture = load_for_encoder(Path(args.image), client.get_model(encoder), args.version)
-    encoded = client.encode(encoder, [picture], version=args.version)
+    encoder_info = client.get_model(encoder)
+    version = vae_version(encoder_info, client.get_model(decoder), args.version)
+    picture = load_for_encoder(Path(args.image), encoder_info, version)
+    encoded = client.encode(encoder, [picture], version=version)
     mu = encoded.mu[0]
     if not 0 <= args.dim < mu.shape[0] and not (args.sweep and args.all_dims):
         raise UsageError(f"--dim must be in [0, {mu.shape[0]}), got {args.dim}")
     if not args.sweep:
         z = mu.copy()
         z[args.dim] += args.delta
-        decoded = client.decode(decoder, np.stack([mu, z]), version=args.version)
+        decoded = client.decode(decoder, np.stack([mu, z]), version=version)
         text = png_text(
             through(decoded.provenance, encoded.provenance), source=args.image, dim=args.dim, delta=args.delta
         )
@@ -802,8 +828,8 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     for r, d in enumerate(dims):
         latents[r * len(values) : (r + 1) * len(values), d] = values
     pics: list[Image.Image] = []
-    per_call = images_per_call(client.get_model(decoder, args.version))  # its queue may hold fewer
-    one = OneModel({"version": args.version})
+    per_call = images_per_call(client.get_model(decoder, version))  # its queue may hold fewer
+    one = OneModel({"version": version})
     for start in range(0, len(latents), per_call):
         part = client.decode(decoder, latents[start : start + per_call], **one.opts)
         one.seen(part.provenance)
@@ -1317,7 +1343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version",
         default="",
         help="version of both the encoder and the decoder, the halves of one VAE being exported as one "
-        "version (default: each one's highest ready)",
+        "version (default: the highest version ready in both)",
     )
     p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
     p.add_argument("--delta", type=parse_float32, default=2.0, help="added to z[dim]")

@@ -47,11 +47,11 @@ def test_edit_version_help_says_it_is_both_the_encoders_and_the_decoders() -> No
     """`edit` runs two models, the encoder and the decoder, and sends its one --version to both
     (a VAE's halves are exported as one version); the help said "model version (default: the
     highest ready)", naming neither, so a user with halves of different versions could not tell
-    which one the flag picks, nor that without it each half runs its own highest ready version."""
+    which one the flag picks, nor which version runs without it: the highest ready in both."""
     parser = _subcommand("edit")
     version = next(a for a in parser._actions if "--version" in a.option_strings)
     text = " ".join((version.help or "").split())
-    assert "encoder" in text and "decoder" in text and "each" in text, text
+    assert "encoder" in text and "decoder" in text and "ready in both" in text, text
 
 
 def _progress_examples(text: str) -> list[list[str]]:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from client_fakes import run_cli
 from PIL import Image
+from server_support import running_server, vae_decoder_graph, write_model, write_vae_encoder
 
 
 def cli(server: Any, *args: str) -> subprocess.CompletedProcess[str]:
@@ -541,3 +543,48 @@ def test_edit_pngs_name_the_encoder_the_image_went_through(tiny_server: Any, tmp
         with Image.open(tmp_path / name) as picture:
             text = picture.text  # type: ignore[attr-defined]
         assert text["model"] == "tiny-vae-dec" and named in text.get("used_models", ""), (name, text)
+
+
+@pytest.fixture(scope="module")
+def vae_versions_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """VAE halves whose READY versions differ: `vae` (encoder 1 and 2; decoder 1, its 2 failed to
+    load: a sha256 mismatch) and `odd` (encoder 1 alone, decoder 2 alone)."""
+    root = tmp_path_factory.mktemp("vae-versions")
+    card = {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [0.0, 1.0]}
+    two = {"version_policy": {"latest": 2}}
+    for name, encoders, decoders in (("vae", ("1", "2"), ("1", "2")), ("odd", ("1",), ("2",))):
+        for version in encoders:
+            write_vae_encoder(root, f"{name}-encoder", config=two, version=version)
+        for version in decoders:
+            write_model(root, f"{name}-decoder", "vae_decoder", vae_decoder_graph(8, 8, 8), card,
+                        config=two, version=version)  # fmt: skip
+    (root / "vae-decoder" / "2" / "model.onnx").write_bytes(b"not an onnx graph")
+    with running_server(root, tmp_path_factory.mktemp("vae-versions-server")) as server:
+        yield server
+
+
+def test_edit_without_a_version_encodes_and_decodes_with_one_version_of_the_vae(
+    vae_versions_server: Any, tmp_path: Path
+) -> None:
+    """Without --version the encoder and the decoder each ran their own highest READY version: with
+    the decoder's newest failed to load, the image was encoded by encoder 2 and decoded by decoder
+    1, two latent spaces, exit 0. It takes the highest version READY in both halves."""
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(digit)
+    edit = ("edit", str(digit), "--model", "vae")
+    cli(vae_versions_server, *edit, "--out", str(tmp_path / "e.png"))
+    cli(vae_versions_server, *edit, "--sweep", "--out", str(tmp_path / "s.png"))
+    for name in ("e.png", "s.png"):
+        with Image.open(tmp_path / name) as picture:
+            text = picture.text  # type: ignore[attr-defined]
+        assert (text["model"], text["version"]) == ("vae-decoder", "1"), (name, text)
+        assert text["used_models"].startswith("vae-encoder version 1 "), (name, text)
+    # No version READY in both halves: refused before any Encode, naming both.
+    out = tmp_path / "odd.png"
+    proc = run_cli("--target", vae_versions_server.target, "edit", str(digit), "--model", "odd",
+                   "--out", str(out))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "odd-encoder" in proc.stderr and "odd-decoder" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no version READY in both" in proc.stderr, proc.stderr
+    assert vae_versions_server.metric("genserve_requests_total", method="Encode", model="odd-encoder") == 0
+    assert not out.exists()

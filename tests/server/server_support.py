@@ -414,7 +414,13 @@ def healthy_models(root: Path, broken: tuple[str, ...] = ("tiny-broken",)) -> tu
 
 
 def write_vae_encoder(
-    root: Path, name: str, *, latent_dim: int = 8, side: int = 8, config: dict[str, Any] | None = None
+    root: Path,
+    name: str,
+    *,
+    latent_dim: int = 8,
+    side: int = 8,
+    config: dict[str, Any] | None = None,
+    version: str = "1",
 ) -> None:
     """A gray side x side vae_encoder (vae_encoder_graph) of `latent_dim`, inputs in [0, 1]."""
     write_model(
@@ -431,6 +437,7 @@ def write_vae_encoder(
             "input_range": [0.0, 1.0],
         },
         config=config,
+        version=version,
     )
 
 
