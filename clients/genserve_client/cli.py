@@ -774,8 +774,22 @@ def vae_version(encoder: genserve_pb2.ModelInfo, decoder: genserve_pb2.ModelInfo
     """The version `edit` runs both halves of the VAE at: `version`, else the highest one READY in
     both. The halves of one VAE are exported as one version: each half's own highest READY would
     encode with one and decode with another (two latent spaces) where one half's newest failed to
-    load or is still loading."""
+    load or is still loading. A `version` not READY in a half is refused before any Encode, naming
+    that half: the encoder's card (its size and channels) is that version's, and an image encoded
+    for a decoder that cannot decode it is work for nothing."""
     if version:
+        lacking = []
+        for info in (encoder, decoder):
+            found = [v for v in info.versions if v.version == version]
+            if found and found[0].state == genserve_pb2.MODEL_STATE_READY:
+                continue
+            reason = f": {found[0].reason}" if found and found[0].reason else ""
+            has = f"has it {state_label(found[0].state)}{reason}" if found else f"has no version {version}"
+            lacking.append(f"{info.name} {has} (READY: {', '.join(ready_versions(info)) or 'none'})")
+        if lacking:
+            raise UsageError(
+                f"edit: --version {version} is not READY in both halves of the VAE: {'; '.join(lacking)}"
+            )
         return version
     enc, dec = ready_versions(encoder), ready_versions(decoder)
     common = [v for v in enc if v in dec]

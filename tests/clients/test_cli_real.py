@@ -588,3 +588,29 @@ def test_edit_without_a_version_encodes_and_decodes_with_one_version_of_the_vae(
     assert "no version READY in both" in proc.stderr, proc.stderr
     assert vae_versions_server.metric("genserve_requests_total", method="Encode", model="odd-encoder") == 0
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "named", "lacking"),
+    [
+        # The encoder lacks it: its card's settings (size, channels) were skipped, then Encode refused.
+        ("odd", "2", "odd-encoder has no version 2", "odd-decoder"),
+        # The decoder lacks it, or has it but not READY: the image was encoded, then Decode refused.
+        ("odd", "1", "odd-decoder has no version 1", "odd-encoder"),
+        ("vae", "2", "vae-decoder has it UNAVAILABLE", "vae-encoder"),
+    ],
+)
+def test_edit_refuses_a_version_not_ready_in_both_halves_before_it_encodes(
+    vae_versions_server: Any, tmp_path: Path, model: str, version: str, named: str, lacking: str
+) -> None:
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(digit)
+    out = tmp_path / "e.png"
+    encodes = vae_versions_server.metric("genserve_requests_total", method="Encode")
+    proc = run_cli("--target", vae_versions_server.target, "edit", str(digit), "--model", model,
+                   "--version", version, "--out", str(out))  # fmt: skip
+    assert vae_versions_server.metric("genserve_requests_total", method="Encode") == encodes, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert f"--version {version}" in proc.stderr and named in proc.stderr, proc.stderr
+    assert f"{lacking} has" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
