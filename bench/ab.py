@@ -131,20 +131,20 @@ def main() -> None:
                     )
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
             # Both servers run for the whole comparison and take turns model by model (its floor, c=1
-            # and c=64 on one side, then on the other), the first side alternating: a change in the
+            # and c=64 on one side, then on the other), the first side alternating from model to
+            # model and, for each model, from round to round (a count of turns alone would start an
+            # even number of models' each on the same side every round): a change in the
             # machine's load lands on both sides within seconds. (Fresh servers per round, one after
             # the other, let minutes of drift decide the ratio.)
             a_side = _serve(base, repos["A"], args.base_config)
             with a_side as a_server, _serve(REPO_ROOT, repos["B"], args.config) as b_server:
                 servers = {"A": a_server, "B": b_server}
-                turn = 0
-                for _ in range(args.rounds):
+                for r in range(args.rounds):
                     for side in sides:
                         sides[side].append({})
-                    for m in measured:
-                        for side in ("A", "B") if turn % 2 == 0 else ("B", "A"):
+                    for i, m in enumerate(measured):
+                        for side in ("A", "B") if (r + i) % 2 == 0 else ("B", "A"):
                             sides[side][-1][m.name] = _measure(servers[side], m, args.duration_s)
-                        turn += 1
         finally:
             if args.base_tree is None:
                 subprocess.run(

@@ -203,6 +203,40 @@ def test_an_ab_run_takes_turns_model_by_model(monkeypatch: pytest.MonkeyPatch, t
         assert len(turns) == 4 and turns[1] == turns[0] + 1 and turns[3] == turns[2] + 1
 
 
+@pytest.mark.parametrize("names", [("m1",), ("m1", "m2"), ("m1", "m2", "m3"), ("m1", "m2", "m3", "m4")])
+def test_an_ab_run_alternates_which_side_measures_each_model_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, names: tuple[str, ...]
+) -> None:
+    # The side measured second finds the machine as the first left it (caches, clocks, the other
+    # server's idle spin): bench.ab alternates the first side so that each model is measured first
+    # by A in half of its rounds and by B in the other half, whatever the number of models.
+    firsts: dict[str, list[str]] = {name: [] for name in names}
+    last: list[str] = []
+
+    @contextlib.contextmanager
+    def serve(tree: Path, models: Path, config: Path | None = None) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(side="A" if tree == tmp_path else "B")
+
+    def measure(server: SimpleNamespace, model: SimpleNamespace, duration_s: float) -> dict[str, float]:
+        if last != [model.name]:  # the first of the model's two turns in this round
+            firsts[model.name].append(server.side)
+            last[:] = [model.name]
+        else:
+            last.clear()
+        return dict.fromkeys(ab.FIGURES, 1.0)
+
+    models = [SimpleNamespace(name=n) for n in names]
+    monkeypatch.setattr(ab, "_serve", serve)
+    monkeypatch.setattr(ab, "_measure", measure)
+    monkeypatch.setattr(ab, "_subset", lambda models_dir, names, into: into)
+    monkeypatch.setattr(ab, "find_models", lambda root, names: models)
+    argv = ["bench.ab", "--base-tree", str(tmp_path), "--models", *names, "--rounds", "4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    ab.main()
+    alternating = (["A", "B", "A", "B"], ["B", "A", "B", "A"])
+    assert firsts == {name: alternating[i % 2] for i, name in enumerate(names)}
+
+
 @pytest.mark.parametrize("bulk_fails", [True, False])
 def test_the_priority_targets_are_not_met_by_a_bulk_stream_that_never_ran(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bulk_fails: bool
