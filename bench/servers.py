@@ -272,4 +272,6 @@ async def _floor_ms(target: str, duration_s: float) -> float:
         await gen.close()
     if result.p50_ms is None:
         raise BenchError(f"no health Check answered on {target}: {result.errors}")
+    # A failed Check is in no latency: the p50 of the rest is no floor (as for a level).
+    check_no_failures(result.to_json(), f"health Check floor on {target}")
     return float(result.p50_ms)
