@@ -120,7 +120,8 @@ class LoadGenerator:
         self.config = config
         self.payloads = payloads
         self.timeout_s = timeout_s
-        self._channels = [config.aio_channel() for _ in range(max(1, channels))]
+        # One HTTP/2 connection per channel: gRPC would otherwise carry them all over one.
+        self._channels = [config.aio_channel(own_connection=True) for _ in range(max(1, channels))]
         # No (de)serializers: requests go out as the pre-built bytes, responses stay bytes.
         self._calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
             ch.unary_unary(method) for ch in self._channels

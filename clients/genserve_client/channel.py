@@ -222,10 +222,15 @@ class ChannelConfig:
             return grpc.insecure_channel(self.grpc_target(), options=self.options())
         return grpc.secure_channel(self.grpc_target(), self.tls.credentials(), options=self.options())
 
-    def aio_channel(self) -> grpc.aio.Channel:
+    def aio_channel(self, *, own_connection: bool = False) -> grpc.aio.Channel:
+        """`own_connection`: a connection of the channel's own, never one shared with another
+        channel of this process to the same target (gRPC's default, for channels of equal options)."""
+        options = self.options()
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if self.tls is None:
-            return grpc.aio.insecure_channel(self.grpc_target(), options=self.options())
-        return grpc.aio.secure_channel(self.grpc_target(), self.tls.credentials(), options=self.options())
+            return grpc.aio.insecure_channel(self.grpc_target(), options=options)
+        return grpc.aio.secure_channel(self.grpc_target(), self.tls.credentials(), options=options)
 
     def metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
         # Plain metadata rather than call credentials: gRPC refuses call credentials on a

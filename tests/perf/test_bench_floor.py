@@ -1,8 +1,10 @@
 """The bench's transport floor: a health Check one call at a time, through the same load generator
-as the c=1 levels it is subtracted from (bench.servers.rpc_floor_ms)."""
+as the c=1 levels it is subtracted from (bench.servers.rpc_floor_ms); and what that load generator
+opens to a server."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from concurrent import futures
 from types import SimpleNamespace
@@ -13,6 +15,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench.servers import BenchError, ServerProcess, rpc_floor_ms
+from genserve_client.bench import BenchResult, LoadGenerator
+from genserve_client.channel import ChannelConfig
+from genserve_server.admission import HEALTH_CHECK
 
 
 @pytest.fixture
@@ -63,3 +68,36 @@ def test_a_floor_whose_checks_failed_is_no_floor() -> None:
             rpc_floor_ms(cast(ServerProcess, server), duration_s=0.2)
     finally:
         grpc_server.stop(None)
+
+
+def test_the_load_generators_channels_are_connections_of_their_own() -> None:
+    # `genserve-client bench --channels N`: "gRPC channels (HTTP/2 connections)". gRPC shares one
+    # connection among channels to one target with the same arguments, so N channels were N names
+    # for one connection: every call went over the one HTTP/2 connection, as with --channels 1.
+    peers: set[str] = set()
+
+    class Recording(health.HealthServicer):
+        def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:  # noqa: N802
+            peers.add(context.peer())
+            return super().Check(request, context)
+
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(Recording(), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    request = health_pb2.HealthCheckRequest(service="").SerializeToString()
+
+    async def load() -> BenchResult:
+        config = ChannelConfig(target=f"127.0.0.1:{port}")
+        gen = LoadGenerator(config, lambda: request, channels=3, method=HEALTH_CHECK)
+        try:
+            return await gen.closed_loop(6, 0.2)
+        finally:
+            await gen.close()
+
+    try:
+        result = asyncio.run(load())
+    finally:
+        grpc_server.stop(None)
+    assert result.images > 0 and not result.errors
+    assert len(peers) == 3, peers
