@@ -43,6 +43,9 @@ FIGURES = (
 
 def _serve(tree: Path, models: Path, config: Path | None = None) -> ServerProcess:
     """`tree`'s server on `models`, with the server config file `config` (None: the defaults)."""
+    # Absolute: the server runs in the repository root, not in the caller's directory.
+    tree, models = tree.resolve(), models.resolve()
+    config = config.resolve() if config is not None else None
     # In front of the caller's path, not instead of it: a device's onnxruntime-gpu is on that path.
     inherited = os.environ.get("PYTHONPATH", "")
     env = {"PYTHONPATH": f"{tree / 'server'}:{tree / 'api'}" + (f":{inherited}" if inherited else "")}

@@ -54,3 +54,21 @@ def test_an_ab_run_refuses_a_model_it_cannot_find_before_measuring(
         ab.main()
     assert exited.value.code != 0 and "--models: no model cgan-digitz" in capsys.readouterr().err
     assert measured == []
+
+
+def test_a_sides_tree_and_config_given_relative_to_the_callers_directory_are_its_servers_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The servers run in the repository root: `--base-tree base --base-config a.json`, given from
+    # another directory, named REPO_ROOT/base/server on side A's PYTHONPATH (absent, so side A ran
+    # the code found after it, this tree's or the installed one) and REPO_ROOT/a.json as its config.
+    monkeypatch.chdir(tmp_path)
+    server = ab._serve(Path("base"), Path("models"), Path("a.json"))
+    assert server.env is not None
+    assert server.env["PYTHONPATH"].split(":")[:2] == [
+        str(tmp_path / "base" / "server"),
+        str(tmp_path / "base" / "api"),
+    ]
+    command = server.command
+    assert command[command.index("--config") + 1] == str(tmp_path / "a.json")
+    assert command[command.index("--models") + 1] == str(tmp_path / "models")
