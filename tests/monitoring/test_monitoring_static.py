@@ -396,8 +396,8 @@ def test_the_rejected_and_dropped_panel_says_what_they_count_today() -> None:
 
 
 def test_the_docs_server_side_error_ratio_counts_the_codes_of_the_alert() -> None:
-    """docs/metrics.md's "Useful queries" gave a server-side error ratio without DATA_LOSS and
-    UNIMPLEMENTED: another number than the one GenserveErrorRateHigh and the dashboard page on."""
+    """docs/metrics.md's "Useful queries" gave a server-side error ratio without DATA_LOSS: another
+    number than the one GenserveErrorRateHigh and the dashboard page on."""
     data = yaml.safe_load(RULES.read_text())
     (alert,) = [r for g in data["groups"] for r in g["rules"] if r.get("alert") == "GenserveErrorRateHigh"]
     codes = re.search(r'code=~"([^"]+)"', alert["expr"])
