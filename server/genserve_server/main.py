@@ -752,7 +752,11 @@ def _replace(config: ServerConfig, **changes: Any) -> ServerConfig:
 
 
 def _apply_security_flags(config: ServerConfig, args: argparse.Namespace) -> ServerConfig:
-    """--tls-*, --token-*, --watch-interval-s override the config file's tls/auth/watch fields."""
+    """--tls-*, --token-*, --watch-interval-s override the config file's tls/auth/watch fields.
+
+    The token sources are one setting: a --token-file or --token-env replaces both of the config
+    file's (auth.token_file and auth.token_env), so a source the flags leave out authenticates no one.
+    """
     import dataclasses
 
     sec = config.security
@@ -761,11 +765,12 @@ def _apply_security_flags(config: ServerConfig, args: argparse.Namespace) -> Ser
         ("tls_cert", "tls_cert_file"),
         ("tls_key", "tls_key_file"),
         ("tls_client_ca", "tls_client_ca_file"),
-        ("token_file", "token_file"),
-        ("token_env", "token_env"),
     ):
         if getattr(args, flag) is not None:
             changes[name] = getattr(args, flag)
+    if args.token_file is not None or args.token_env is not None:
+        changes["token_file"] = args.token_file
+        changes["token_env"] = args.token_env
     if args.closed_health:
         changes["open_health"] = False
     sec = dataclasses.replace(sec, **changes)

@@ -206,6 +206,31 @@ def test_a_token_source_without_tokens_stops_startup(small_repo: Path, tmp_path:
         start_server(small_repo, tmp_path, extra_args=("--token-file", str(tmp_path / "empty")), timeout_s=30)
 
 
+def test_a_token_source_flag_replaces_the_config_files_token_sources(
+    small_repo: Path, tmp_path: Path
+) -> None:
+    """Flags win over the config file: a --token-file given to retire the config's token source must
+    leave only its own tokens, so the config's (an environment variable here) is refused."""
+    (tmp_path / "new-tokens").write_text("new-token\n")
+    config = {"auth": {"token_env": "GENSERVE_TEST_OLD_TOKENS"}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENSERVE_TEST_OLD_TOKENS", "old-token")
+        server = start_server(
+            small_repo,
+            tmp_path / "work",
+            config=config,
+            extra_args=("--token-file", str(tmp_path / "new-tokens")),
+        )
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            old = (("authorization", "Bearer old-token"),)
+            assert code_of(lambda: sample_ok(channel, metadata=old)) == UNAUTHENTICATED
+            new = (("authorization", "Bearer new-token"),)
+            assert len(sample_ok(channel, metadata=new).images) == 1
+    finally:
+        server.stop()
+
+
 def test_closed_health_without_a_token_stops_startup(small_repo: Path, tmp_path: Path) -> None:
     """--closed-health with no token source closed nothing (health and every RPC stayed open) and
     said nothing: it is refused at start-up, naming what it needs."""
