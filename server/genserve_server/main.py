@@ -879,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorRT engine cache for models that set none (a volume that outlives the container)",
     )
     _add_security_arguments(s)
-    h = sub.add_parser("health", help="probe a server's grpc.health.v1 status")
+    h = sub.add_parser("health", help="probe a server's grpc.health.v1 status", epilog=probe.EXIT_STATUS_HELP)
     probe.add_arguments(h)
     return parser
 

@@ -1,7 +1,10 @@
 """`genserve-server health`: a tiny grpc.health.v1 probe for Docker HEALTHCHECK and humans.
 
 Exit status 0 when the server answers SERVING for the service (`""`, the whole server, by default;
-a model name for one model), 1 for any other answer, 2 when the server cannot be reached in time.
+a model name for one model), 1 for anything else: another answer, an unknown service, a server not
+reached in time, a refusal (UNAUTHENTICATED, a TLS handshake), a TLS or token file it cannot use.
+Docker's HEALTHCHECK defines only 0 and 1 (2 is reserved); Kubernetes exec probes take any non-zero
+as failure. Only a usage error (an unknown flag, a bad --port) exits 2, argparse's, before any check.
 It imports no onnxruntime and no numpy, so a probe costs a Python start and one RPC.
 
 Kubernetes does not need it: its probes speak grpc.health.v1 natively (deploy/k8s/), in plaintext
@@ -24,8 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from genserve_server.flag_types import port_number, seconds
 
 EXIT_SERVING = 0
-EXIT_NOT_SERVING = 1
-EXIT_UNREACHABLE = 2
+# Every other outcome, the server unreachable or refusing the probe included: Docker's HEALTHCHECK
+# defines 1 as unhealthy and reserves 2 (argparse's usage error, which never reaches a check).
+EXIT_UNHEALTHY = 1
+EXIT_STATUS_HELP = (
+    "exit status: 0 SERVING; 1 anything else (not serving, unknown service, unreachable, refused, "
+    "an unusable TLS or token file); 2 a usage error (bad arguments), before any check"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class ProbeError(Exception):
-    """A probe option that cannot be used (unreadable file, no token): exit 2, named."""
+    """A probe option that cannot be used (unreadable file, no token): unhealthy (exit 1), named."""
 
 
 def first_token(token_file: Path | None, token_env: str | None) -> str | None:
@@ -117,13 +125,11 @@ def check(
             response = stub.Check(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, grpc.Call) else None
-            name = code.name if code is not None else "UNKNOWN"
-            # NOT_FOUND: the server is up but does not know this service name.
-            status = EXIT_NOT_SERVING if code == grpc.StatusCode.NOT_FOUND else EXIT_UNREACHABLE
-            return status, name
+            # NOT_FOUND (an unknown service), UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED: named.
+            return EXIT_UNHEALTHY, code.name if code is not None else "UNKNOWN"
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     serving = response.status == health_pb2.HealthCheckResponse.SERVING
-    return (EXIT_SERVING if serving else EXIT_NOT_SERVING), name
+    return (EXIT_SERVING if serving else EXIT_UNHEALTHY), name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         token = first_token(args.token_file, args.token_env)
     except ProbeError as exc:
         sys.stdout.write(f"genserve-server health: {exc}\n")
-        return EXIT_UNREACHABLE
+        return EXIT_UNHEALTHY
     status, name = check(
         args.host,
         args.port,
@@ -150,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: `python -m genserve_server.probe --port 50051`."""
-    parser = argparse.ArgumentParser(prog="genserve-server health", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="genserve-server health", description=__doc__.splitlines()[0], epilog=EXIT_STATUS_HELP
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -289,10 +289,48 @@ def test_the_health_probe_speaks_mutual_tls_and_sends_the_servers_first_token(
     client = ("--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key"))
     ok = probe(*tls, *client, "--token-file", str(tokens))
     assert (ok.returncode, ok.stdout) == (0, '"" SERVING\n'), ok.stderr
-    assert probe(*tls, *client).returncode == 2  # no token: refused
-    assert probe(*tls, "--token-file", str(tokens)).returncode == 2  # no client certificate
+    assert probe(*tls, *client).returncode == 1  # no token: refused
+    assert probe(*tls, "--token-file", str(tokens)).returncode == 1  # no client certificate
     missing = probe(*tls, *client, "--token-file", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "--token-file" in missing.stdout
+    assert missing.returncode == 1 and "--token-file" in missing.stdout
+
+
+def test_the_health_probe_exits_1_for_every_unhealthy_outcome_never_dockers_reserved_2(
+    mtls_server: ServerProcess, pki: Path, tmp_path: Path
+) -> None:
+    """Docker's HEALTHCHECK defines exit 0 (healthy) and 1 (unhealthy) and reserves 2; the probe
+    exited 2 when it could not reach the server, was refused, or could not read its own TLS or token
+    file. Every outcome but SERVING is now 1; 2 is left to argparse's usage errors alone."""
+    import socket
+
+    port = mtls_server.target.rsplit(":", 1)[1]
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        idle_port = str(sock.getsockname()[1])  # nothing listens
+
+    def probe(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "genserve_server.probe", "--timeout-s", "5", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    tls = ("--tls-ca", str(pki / "ca.pem"), "--tls-server-name", SERVER_NAME)
+    client = ("--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key"))
+    token = ("--token-file", str(tokens))
+    unhealthy = {
+        "unreachable": ("--port", idle_port, "--timeout-s", "1"),
+        "unauthenticated": ("--port", port, *tls, *client),
+        "no client certificate": ("--port", port, *tls, *token),
+        "unknown service": ("--port", port, *tls, *client, *token, "--service", "nothing"),
+        "unreadable token file": ("--port", port, *tls, *client, "--token-file", str(tmp_path / "x")),
+        "unreadable CA": ("--port", port, "--tls-ca", str(tmp_path / "x"), *client, *token),
+    }
+    for outcome, args in unhealthy.items():
+        proc = probe(*args)
+        assert proc.returncode == 1, (outcome, proc.stdout, proc.stderr)
+    assert probe("--port", port, *tls, *client, *token).returncode == 0
+    usage = probe("--port", "not-a-port")
+    assert usage.returncode == 2 and "--port" in usage.stderr
 
 
 def test_an_unauthenticated_calls_method_path_cannot_forge_log_lines_or_fields(

@@ -240,7 +240,7 @@ def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2() -> Non
         timeout=60,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # unhealthy: Docker reserves 2
     imported = {
         line.rsplit("|", 1)[-1].strip().split(".")[0]
         for line in proc.stderr.splitlines()
