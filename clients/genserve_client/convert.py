@@ -60,9 +60,22 @@ def tensor_to_array(tensor: types_pb2.Tensor) -> npt.NDArray[np.generic]:
     return array.reshape(tuple(tensor.shape))
 
 
-def codes_to_tensor(array: npt.ArrayLike) -> types_pb2.Tensor:
-    """An int64 little-endian C-order tensor (code grids: SampleCodesRequest.top_codes)."""
-    arr = np.ascontiguousarray(array, dtype=_LE_I64)
+def codes_to_tensor(array: npt.ArrayLike, field: str = "top_codes") -> types_pb2.Tensor:
+    """An int64 little-endian C-order tensor (code grids: SampleCodesRequest.top_codes). Codes are
+    whole numbers that int64 holds (floats of whole values too); anything else is a ValueError
+    naming `field`, never numpy's unchecked cast (3.7 -> 3, NaN -> -2^63, a uint64 wrapped)."""
+    given = np.asarray(array)
+    if given.dtype.kind not in "biu" or given.dtype == np.uint64:
+        if given.dtype.kind not in "uf":
+            raise ValueError(
+                f"{field}: codes must be integers that int64 holds, got an array of {given.dtype}"
+            )
+        with np.errstate(invalid="ignore"):
+            differ = given.astype(_LE_I64) != given  # NaN, 3.7, 2^63 and above
+        if differ.any():
+            bad = given.flat[int(np.argmax(differ))].item()
+            raise ValueError(f"{field}: codes must be integers that int64 holds, got {bad!r}")
+    arr = np.ascontiguousarray(given, dtype=_LE_I64)
     return types_pb2.Tensor(shape=arr.shape, dtype=types_pb2.DTYPE_INT64, data=arr.tobytes())
 
 

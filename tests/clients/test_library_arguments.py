@@ -676,3 +676,28 @@ async def aio(client: AsyncGenserveClient) -> None:
     assert "Success: no issues found" in report, report
     request = calls.sample("cgan", seeds=np.arange(3), labels=np.array([7, 8, 9])).request
     assert (list(request.seeds), list(request.labels)) == ([0, 1, 2], [7, 8, 9])
+
+
+@pytest.mark.parametrize(
+    "top_codes",
+    [
+        np.full((7, 7), 3.7),  # went as code 3
+        [[1.5] * 7] * 7,  # went as code 1
+        np.full((7, 7), np.nan),  # went as -2^63 (numpy's cast of NaN), with a RuntimeWarning
+        np.full((7, 7), 2**64 - 1, np.uint64),  # wrapped to -1
+    ],
+)
+def test_top_codes_that_are_not_int64_integers_are_refused_naming_the_field_not_truncated(
+    fake_server: FakeServer, top_codes: object
+) -> None:
+    """sample_codes' top_codes went through numpy's unchecked cast to int64: 3.7 was sent as code 3
+    (another grid than the caller's, sampled without a word), NaN as -2^63, a uint64 above 2^63 - 1
+    wrapped negative; a float array of whole numbers is a grid all the same."""
+    with pytest.raises(ValueError, match=r"^top_codes: codes must be integers .*, got "):
+        calls.sample_codes("prior", 1, top_codes=top_codes)  # type: ignore[arg-type]
+    with GenserveClient(fake_server.target) as client, pytest.raises(ValueError, match=r"^top_codes: "):
+        client.sample_codes("prior", 1, top_codes=top_codes)  # type: ignore[arg-type]
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+    for whole in (np.full((7, 7), 3.0), np.full((7, 7), 3, np.uint8), [[3] * 7] * 7):
+        sent = calls.sample_codes("prior", 1, top_codes=whole).request.top_codes  # type: ignore[arg-type]
+        assert np.frombuffer(sent.data, "<i8").tolist() == [3] * 49 and list(sent.shape) == [7, 7]
