@@ -493,6 +493,20 @@ def check_grid_size(
         )
 
 
+def check_classes(command: str, flag: str, info: genserve_pb2.ModelInfo, labels: list[int]) -> None:
+    """Each label a class of the model (where it has classes), before any call: the server refused
+    one only in the call that carried it, after the calls of the labels before it (their work
+    thrown away), naming an index of that call's labels, not of the flag."""
+    classes = len(info.class_names)
+    for label in labels if classes else ():
+        if not 0 <= label < classes:
+            names = ", ".join(info.class_names[:10]) + (", ..." if classes > 10 else "")
+            raise UsageError(
+                f"{command}: {flag}: {info.name} has no class {label}: its classes are [0, {classes}) "
+                f"({_printable(names)})"
+            )
+
+
 def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.out and not args.grid:
         raise UsageError("sample needs --out DIR and/or --grid FILE.png")
@@ -513,6 +527,7 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         check_grid_size("sample", args.n, f"--n {args.n}")  # before any call
     info = client.get_model(args.model, args.version)  # the version its calls go to
     labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
+    check_classes("sample", "--label" if args.label is not None else "--labels", info, labels)
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
     if info.kind != "code_prior" and (args.progress or args.temperature is not None or args.top_k):

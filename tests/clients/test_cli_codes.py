@@ -185,3 +185,26 @@ def test_sample_prints_its_random_seed_only_for_images_it_made(
     seed = int(made.stdout.split("seed ", 1)[1].split()[0])
     with Image.open(tmp_path / "ok.png") as grid:
         assert grid.text["seeds"] == f"{seed}..{seed + 1}"  # type: ignore[attr-defined]
+
+
+def test_cli_sample_refuses_a_label_the_prior_has_no_class_for_before_any_call(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    # `--labels 0,1,7` on a prior of 3 classes and a row budget of 8 (--n 4: 12 samples, calls of
+    # 8): the first call sampled and decoded classes 0 and 1, then the server refused the second's
+    # 'labels[0] ... got 7' (an index of that call, not of --labels), exit 1: the work thrown away,
+    # nothing written.
+    server, names = code_server
+    before = server.metric("genserve_requests_total", model=names["prior"], method="SampleCodes")
+    out = tmp_path / "d"
+    args = ("--target", server.target, "sample", "--model", names["prior"], "--n", "4", "--seed", "1")
+    for bad in (("--labels", "0,1,7"), ("--label", "3")):
+        proc = run_cli(*args, *bad, "--out", str(out))
+        assert proc.returncode == 2, (bad, proc.stdout, proc.stderr)
+        assert bad[0] in proc.stderr and "class" in proc.stderr and "[0, 3)" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert server.metric("genserve_requests_total", model=names["prior"], method="SampleCodes") == before
+    assert not out.exists()
+    proc = run_cli(*args, "--labels", "0,1,2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.glob("*.png"))) == 12
