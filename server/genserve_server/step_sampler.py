@@ -361,9 +361,12 @@ class StepScheduler:
                 watch.report(position, np.stack([row.codes for row in watch.rows]))
 
     def _admit(self, now: float) -> None:
+        observed: set[int] = set()
         for row in self._joining:
             self.stats.join_wait_s += now - row.submitted
-            if self.metrics is not None:
+            # One observation per request (its rows join together), as a batcher's request slice.
+            if self.metrics is not None and row.request not in observed:
+                observed.add(row.request)
                 self.metrics.queue_duration[Lane.INTERACTIVE].observe(now - row.submitted)
         self.stats.joined += len(self._joining)
         self._running.extend(self._joining)

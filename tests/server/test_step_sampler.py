@@ -438,7 +438,32 @@ def test_steps_are_the_priors_batches_in_the_metrics(code_repo: tuple[Path, dict
     assert value("genserve_images_total") == MAX_ROWS
     assert value("genserve_requests_rejected_total", reason="queue_full") == 1
     assert value("genserve_step_running_rows") == 0
-    assert value("genserve_queue_duration_seconds_count", lane="interactive") == MAX_ROWS
+    assert value("genserve_queue_duration_seconds_count", lane="interactive") == 1  # one request
+
+
+def test_a_requests_join_wait_is_one_queue_observation_however_many_rows(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """genserve_queue_duration_seconds observes one item (request slice) per wait, as a batcher
+    does: a request's rows join the running set together, so its join wait is one observation."""
+    root, names = code_repo
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        count_calls(scheduler, delay_s=0.002)
+        first = asyncio.ensure_future(sample(core, names["prior"], [1, 2, 3], [0]))
+        await until(lambda: scheduler.stats.steps >= 1)
+        # Two more requests (4 and 1 rows) join mid-flight, at the same step or at two.
+        await asyncio.gather(
+            sample(core, names["prior"], [4, 5, 6, 7], [0]), sample(core, names["prior"], [8], [0])
+        )
+        await first
+
+    run_with_core(root, body, metrics)
+    labels = {"model": names["prior"], "version": "1", "lane": "interactive"}
+    count = metrics.registry.get_sample_value("genserve_queue_duration_seconds_count", labels)
+    assert count == 3  # three requests, 8 rows
 
 
 def test_a_decoder_that_does_not_fit_the_prior_is_refused_by_name(
