@@ -401,10 +401,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     def _images_per_request(self, model: Model, version: str = "") -> int:
         """ModelInfo.max_images_per_request: what row_limit allows a request of `model` (its queue,
         a style generator's mapping's), or service_codes.sample_limit a SampleCodes of a code prior
-        (its row budget, its top prior's, its decoder's queue), without holding a version: from the
-        configs of the versions a request gets (a config.json edit applies to versions loaded from
-        then on, so a loaded version's queue may differ from the file's). 0 for an encoder whose input
-        size is above max_input_pixels: it can take no Encode."""
+        (its row budget, its top prior's where it samples the top grids: a card with a top_grid, its
+        decoder's queue), without holding a version: from the configs of the versions a request gets
+        (a config.json edit applies to versions loaded from then on, so a loaded version's queue may
+        differ from the file's). 0 for an encoder whose input size is above max_input_pixels: it can
+        take no Encode."""
         config = _version_config(model, version)
         assert config is not None
         card = model.card(version)
@@ -416,7 +417,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         limit = self.limits.max_images_per_request
         if model.kind_of(version) == Kind.CODE_PRIOR:
             limit = min(limit, config.batching.max_batch_size)
-            top = self._config_of(config.top_prior)
+            # Its top prior only where it samples the top grids (code_sampling.top_prior): a card
+            # without a top_grid never calls the one its config.json may name.
+            top = self._config_of(config.top_prior) if card is not None and card.top_grid else None
             if top is not None:
                 limit = min(limit, top.batching.max_batch_size)
             decoder = self._config_of(config.decoder)

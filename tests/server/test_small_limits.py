@@ -77,6 +77,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     ):
         config = {"decoder": "codes-decoder", "batching": batching}
         write_model(root, name, "code_prior", prior_graph(6, 6, 16), prior_card, config=config)
+    # A prior without a top_grid whose config.json names a top_prior (of a row budget of 4): no
+    # request calls it (it samples no top grids), so its row budget bounds none.
+    config = {"decoder": "codes-decoder", "top_prior": q["top"]}
+    write_model(root, "stray-top-prior", "code_prior", prior_graph(6, 6, 16), prior_card, config=config)
     write_model(
         root,
         "v-dec",
@@ -217,6 +221,16 @@ def test_a_code_prior_serves_whatever_its_own_queue_size_since_it_is_never_queue
     # Bounded by the server's limit, the row budget and the decoder's queue (64), not its own queue.
     assert info.max_images_per_request == SERVER_LIMIT
     request = pb.SampleCodesRequest(model=prior, count=SERVER_LIMIT, base_seed=1)
+    assert len(stub.SampleCodes(request, timeout=30).images) == SERVER_LIMIT
+
+
+def test_model_info_of_a_prior_without_a_top_grid_ignores_the_top_prior_its_config_names(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # GetModel counted q-top-prior's row budget (4), though a SampleCodes of 6 samples is served.
+    info = stub.GetModel(pb.GetModelRequest(name="stray-top-prior"))
+    assert info.max_images_per_request == SERVER_LIMIT
+    request = pb.SampleCodesRequest(model="stray-top-prior", count=SERVER_LIMIT, base_seed=1)
     assert len(stub.SampleCodes(request, timeout=30).images) == SERVER_LIMIT
 
 
