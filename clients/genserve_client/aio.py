@@ -142,20 +142,34 @@ class AsyncGenserveClient(ClientBase):
         self._check_loop()
         call = plan()
         attempts = self._attempts(call.timeout_s)
-        stream = self._stub.SampleCodesStream(
-            call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata
-        )
-        try:
-            async for chunk in stream:
-                yield calls.progress_item(chunk, attempts.request_id, call.request)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, attempts.request_id) from None
-        except asyncio.CancelledError:
-            if (closed := _closed_under(attempts.request_id)) is None:
-                raise
-            raise closed from None
-        finally:
-            stream.cancel()
+        began_open = not self._closed
+        while True:  # retried until its first message only, as GenserveClient's
+            try:
+                stream = self._stub.SampleCodesStream(
+                    call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata
+                )
+            except grpc.aio.UsageError:
+                if (closed := self._closed_channel(attempts.request_id, began_open)) is None:
+                    raise
+                raise closed from None
+            delivered = False
+            try:
+                async for chunk in stream:
+                    delivered = True
+                    yield calls.progress_item(chunk, attempts.request_id, call.request)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if delivered:
+                    raise from_rpc_error(exc, attempts.request_id) from None
+                delay_s = attempts.wait_s(exc)  # raises when the failure is final
+            except asyncio.CancelledError:
+                if (closed := _closed_under(attempts.request_id)) is None:
+                    raise
+                raise closed from None
+            finally:
+                stream.cancel()
+            await self._backoff(delay_s)
+            await self._reconnect(attempts)
 
     async def _stream(self, plan: Callable[[], calls.StreamCall]) -> AsyncIterator[SampleResult]:
         self._check_loop()

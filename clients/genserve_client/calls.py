@@ -44,7 +44,8 @@ class StreamCall:
 
 @dataclass(frozen=True, slots=True)
 class ProgressCall:
-    """A SampleCodesStream call. Not retried: a new attempt would start the sampling over."""
+    """A SampleCodesStream call. Retried only until its first message (a refusal at admission
+    began nothing); not after: a new attempt would start the sampling over."""
 
     request: genserve_pb2.SampleCodesRequest
     timeout_s: float | None = None
@@ -93,8 +94,10 @@ def sample_codes_progress(
     model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.CodesProgressOptions]
 ) -> ProgressCall:
     """`sample_codes` with progress (SampleCodesStream): a CodesProgress every `preview_every` prior
-    steps, with previews of the grids so far, then the CodesResult. Not retried (a new attempt would
-    start over): a failure raises GenserveClientError; leaving the loop early cancels the call."""
+    steps, with previews of the grids so far, then the CodesResult. Retried as `sample_codes` until
+    the first message (a full row budget at admission, a server not reachable yet); a failure after
+    it raises GenserveClientError (a new attempt would start over); leaving the loop early cancels
+    the call."""
     rq.check_options("sample_codes_progress", opts, rq.CodesProgressOptions)
     return ProgressCall(rq.sample_codes_request(model, n, **opts), timeout_s)
 

@@ -108,17 +108,33 @@ class GenserveClient(ClientBase):
         return self._progress_chunks(plan())  # checked now, as _stream's: not at the first iteration
 
     def _progress_chunks(self, call: calls.ProgressCall) -> Iterator[CodesProgress | CodesResult]:
+        """Retried as a unary call until its first message (a refusal at admission began nothing);
+        a failure after it raises: a new attempt would sample over what was delivered."""
         attempts = self._attempts(call.timeout_s)
-        stream = self._stub.SampleCodesStream(
-            call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata
-        )
-        try:
-            for chunk in stream:
-                yield calls.progress_item(chunk, attempts.request_id, call.request)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, attempts.request_id) from None
-        finally:
-            stream.cancel()  # the iterator is also the call
+        began_open = not self._closed
+        while True:
+            try:
+                stream = self._stub.SampleCodesStream(
+                    call.request, timeout=attempts.timeout_s(), metadata=attempts.metadata
+                )
+            except ValueError:  # "Cannot invoke RPC on closed channel!"
+                if (closed := self._closed_channel(attempts.request_id, began_open)) is None:
+                    raise
+                raise closed from None
+            delivered = False
+            try:
+                for chunk in stream:
+                    delivered = True
+                    yield calls.progress_item(chunk, attempts.request_id, call.request)
+                return
+            except grpc.RpcError as exc:
+                if delivered:
+                    raise from_rpc_error(exc, attempts.request_id) from None
+                delay_s = attempts.wait_s(exc)  # raises when the failure is final
+            finally:
+                stream.cancel()  # the iterator is also the call
+            self._closing.wait(delay_s)  # the next attempt meets a closed channel
+            self._reconnect(attempts, self._closing.is_set)
 
     def _stream(self, plan: Callable[[], calls.StreamCall]) -> SampleStream:
         call = plan()  # checked now: a bad range fails at the call, not at the first iteration

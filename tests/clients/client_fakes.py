@@ -53,6 +53,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     metadata: list[dict[str, str]] = field(default_factory=list)
     # SampleStream: fail with UNAVAILABLE after this many chunks, as often as listed.
     stream_breaks_after_chunks: list[int] = field(default_factory=list)
+    # SampleCodesStream: fail with UNAVAILABLE after its progress chunk, as often as listed.
+    codes_stream_breaks: list[bool] = field(default_factory=list)
     # Set when a SampleStream call ends on the server (finished, failed or cancelled).
     stream_ended: threading.Event = field(default_factory=threading.Event)
     # What every model serves (GetModel, provenance); tests change them to "replace" the model.
@@ -122,6 +124,21 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
                 for i in range(start, min(start + size, s.count))
             ]
             yield genserve_pb2.SampleStreamChunk(images=items, provenance=self._provenance(s.model))
+
+    def SampleCodesStream(
+        self, request: genserve_pb2.SampleCodesRequest, context: grpc.ServicerContext
+    ) -> Iterator[genserve_pb2.SampleCodesChunk]:
+        """One progress chunk, then the answer: a 4x4 image per seed (the fake's "grid")."""
+        self._enter("SampleCodesStream", context)
+        seeds = list(request.seeds) or [request.base_seed + i for i in range(request.count)]
+        yield genserve_pb2.SampleCodesChunk(level="codes", filled=8, positions=16)
+        if self.codes_stream_breaks and self.codes_stream_breaks.pop(0):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "injected stream break")
+        items = [self._item(i, s, None, request.output) for i, s in enumerate(seeds)]
+        result = genserve_pb2.SampleCodesResponse(
+            images=items, seeds=seeds, provenance=self._provenance(request.model)
+        )
+        yield genserve_pb2.SampleCodesChunk(level="codes", filled=16, positions=16, result=result)
 
     def Translate(
         self, request: genserve_pb2.ImageRequest, context: grpc.ServicerContext

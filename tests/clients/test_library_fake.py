@@ -144,6 +144,56 @@ def test_async_client_retries_streams_and_errors(fake_server: FakeServer) -> Non
     assert fake_server.service.calls["GetModel"] == 1
 
 
+ROW_BUDGET_FULL = (
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "fake-prior: row budget full (8 of 8 rows taken: 8 running); retry with backoff",
+)
+
+
+def test_sample_codes_progress_is_retried_until_its_first_message_never_after(
+    fake_server: FakeServer,
+) -> None:
+    """Like sample_stream: a refusal before any message (a full row budget at admission: nothing
+    began) is retried; a failure after progress was delivered raises, never samples again."""
+    service = fake_server.service
+    service.fail["SampleCodesStream"] = [ROW_BUDGET_FULL, grpc.StatusCode.UNAVAILABLE]
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        *progress, last = client.sample_codes_progress("fake-prior", seeds=[3, 4])
+        assert [p.filled for p in progress] == [8]
+        assert isinstance(last, CodesResult) and last.seeds == [3, 4]
+        assert service.calls["SampleCodesStream"] == 3
+        service.codes_stream_breaks = [True]
+        items = []
+        with pytest.raises(GenserveClientError) as info:
+            items.extend(client.sample_codes_progress("fake-prior", seeds=[3, 4]))
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert len(items) == 1 and service.calls["SampleCodesStream"] == 4  # not re-run
+    ids = {md["x-request-id"] for md in service.metadata[:3]}
+    assert len(ids) == 1  # the attempts of one call carry one request id
+
+
+def test_async_sample_codes_progress_is_retried_until_its_first_message_never_after(
+    fake_server: FakeServer,
+) -> None:
+    service = fake_server.service
+    service.fail["SampleCodesStream"] = [ROW_BUDGET_FULL, grpc.StatusCode.UNAVAILABLE]
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+            items = [item async for item in client.sample_codes_progress("fake-prior", seeds=[5])]
+            assert isinstance(items[-1], CodesResult) and items[-1].seeds == [5] and len(items) == 2
+            assert service.calls["SampleCodesStream"] == 3
+            service.codes_stream_breaks = [True]
+            got = []
+            with pytest.raises(GenserveClientError) as info:
+                async for item in client.sample_codes_progress("fake-prior", seeds=[5]):
+                    got.append(item)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert len(got) == 1 and service.calls["SampleCodesStream"] == 4
+
+    asyncio.run(scenario())
+
+
 class CountingRandom(random.Random):
     """Counts the backoffs drawn: one per retry the policy grants."""
 
