@@ -75,6 +75,16 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# The smallest magnitude float32 rounds to infinity (halfway between its largest finite,
+# 2^128 - 2^104, and 2^128; the tie goes to infinity).
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def is_float32(value: Any) -> bool:
+    """A JSON number that stays finite as a float32 (a card value the server applies in float32)."""
+    return is_number(value) and abs(value) < FLOAT32_OVERFLOW
+
+
 class Reader:
     """Reads one JSON object with typed accessors; `finish()` rejects unknown fields.
 

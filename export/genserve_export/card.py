@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from genserve_contract.config import ConfigError, export_config, is_int, is_number, parse_model_config
+from genserve_contract.config import (
+    ConfigError,
+    export_config,
+    is_float32,
+    is_int,
+    is_number,
+    parse_model_config,
+)
 from genserve_contract.kinds import KIND_NAMES, Kind
 from genserve_contract.repository import (
     ACTIVATION_BYTES_FIELD,
@@ -135,8 +142,8 @@ def _check_style_fields(card: Mapping[str, Any], kind: Kind, need: Callable[[str
         need("num_layers", is_int(layers) and layers >= 2, "an int >= 2")
         need(
             "w_avg",
-            isinstance(w_avg, list) and len(w_avg) == card.get("w_dim") and all(is_number(v) for v in w_avg),
-            "a list of w_dim finite numbers",
+            isinstance(w_avg, list) and len(w_avg) == card.get("w_dim") and all(is_float32(v) for v in w_avg),
+            "a list of w_dim numbers finite as float32",
         )
 
 

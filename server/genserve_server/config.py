@@ -516,8 +516,9 @@ def _w_avg(r: _Reader, w_dim: int | None) -> tuple[float, ...] | None:
     value = r.raw("w_avg")
     if value is None:
         return None
-    if not isinstance(value, list) or not all(contract.is_number(v) for v in value):
-        raise r.error("w_avg", f"must be a list of w_dim finite numbers, got {str(value)[:80]}")
+    if not isinstance(value, list) or not all(contract.is_float32(v) for v in value):
+        # Applied in float32 (style_sampling.truncate): 1e39 is finite here but infinite there.
+        raise r.error("w_avg", f"must be a list of w_dim numbers finite as float32, got {str(value)[:80]}")
     if w_dim is not None and len(value) != w_dim:
         raise r.error("w_avg", f"must have w_dim ({w_dim}) values, got {len(value)}")
     return tuple(float(v) for v in value)

@@ -202,3 +202,35 @@ def test_a_card_named_as_the_servers_liveness_key_is_refused() -> None:
     assert validate_card(card) == []
     problems = validate_card({**card, "name": "liveness"})
     assert any("'liveness'" in p and "health" in p for p in problems), problems
+
+
+W_AVG_VALUES = [
+    (3.0e38, True),  # float32 holds it (its largest finite is 3.4028235e38)
+    (-3.0e38, True),
+    (1.0e39, False),  # finite as JSON's float64, infinite as the float32 truncation pulls toward
+    (-1.0e39, False),
+    (float("inf"), False),
+]
+
+
+@pytest.mark.parametrize(("value", "valid"), W_AVG_VALUES, ids=lambda v: repr(v))
+def test_a_w_avg_value_float32_cannot_hold_is_refused_by_export_and_the_server_naming_the_field(
+    tmp_path: Path, value: float, valid: bool
+) -> None:
+    """A style generator's w_avg is applied in float32 (style_sampling.truncate): a value finite in
+    JSON but infinite as a float32 loaded READY, and then every Sample or MixStyles given a psi
+    other than 1 failed INTERNAL 'the model's output is not finite ... a diverged or overflowing
+    model', blaming the graph for the card. Both sides refuse it, naming the field."""
+    card = json.loads((Path(__file__).parents[2] / "models/stylegan-digits/1/card.json").read_text())
+    card["w_avg"][3] = value
+    problems = export_card.validate_card(card)
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    if valid:
+        assert problems == []
+        assert server_config.load_card(path).w_avg == tuple(card["w_avg"])
+    else:
+        assert len(problems) == 1 and "w_avg" in problems[0], problems
+        with pytest.raises(server_config.ConfigError, match="w_avg") as excinfo:
+            server_config.load_card(path)
+        assert excinfo.value.field == "w_avg"
