@@ -167,6 +167,10 @@ def torch_export(
             input_names=list(example),
             output_names=list(output_names),
             verbose=False,
+            # Its onnxscript optimizer removes an Add of a constant within 1e-8 of 0 as an Add of 0:
+            # a norm's eps (StyleGAN's pixel norm, + 1e-8) vanished, NaN at z = 0. optimize_offline
+            # runs ONNX Runtime's own constant folding and redundant-node elimination instead.
+            optimize=False,
         )
     if program is None:  # only the legacy exporter returns None
         raise RuntimeError("torch.onnx.export returned no program")

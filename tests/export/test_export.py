@@ -192,6 +192,38 @@ def test_user_module_exports_and_serves(tmp_path: Path) -> None:
     assert verify_repository(tmp_path).ok
 
 
+class PixelNormGenerator(TinyGenerator):
+    """TinyGenerator behind StyleGAN's pixel norm of z, whose eps (1e-8) keeps z = 0 finite."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return super().forward(z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8))
+
+
+def test_an_exported_graph_keeps_a_tiny_constant_the_module_adds(tmp_path: Path) -> None:
+    """torch.onnx.export's onnxscript optimizer removed an Add of a constant within 1e-8 of 0 as an
+    Add of 0, so the pixel norm's eps vanished from the graph (the bundled stylegan-digits-mapping's
+    too): at z = 0 the module is finite and the exported graph NaN, which parity on random z never
+    sees -> the graph adds it, and z = 0 gives the module's image."""
+    module = PixelNormGenerator().eval()
+    path = export_model(
+        module,
+        kind="generator",
+        name="norm-gan",
+        version="1",
+        out_dir=tmp_path,
+        example_inputs=_z(),
+        card=CARD,
+    )
+    sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    z = np.zeros((2, 8), np.float32)
+    z[1] = 1e-25  # its squares underflow float32: only the eps keeps the norm finite
+    (image,) = sess.run(["image"], {"z": z})
+    with torch.no_grad():
+        expected = module(torch.from_numpy(z)).numpy()
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(image, expected, atol=1e-4)
+
+
 def test_user_fully_convolutional_module_has_dynamic_size(tmp_path: Path) -> None:
     path = export_model(
         TinyTranslator(),

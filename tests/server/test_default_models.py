@@ -396,6 +396,35 @@ def test_style_sample_answers_the_mapping_and_synthesis_graphs_own_output(
     np.testing.assert_array_equal(served, expected)
 
 
+@pytest.mark.parametrize("model", models_of("style_generator"))
+def test_a_style_generator_draws_the_zero_latent_and_latents_too_small_to_square(
+    stub: pb_grpc.GenerationServiceStub, model: str
+) -> None:
+    """z = 0 (the latent distribution's mean) and a z whose squares underflow float32 are latents a
+    client may send (Sample's latents, an Interpolate end): the mapping's pixel norm divides by
+    sqrt(mean(z^2) + eps). The exporter dropped the 1e-8 eps from the bundled graphs (onnxscript's
+    optimizer took it for an Add of 0), so w was NaN and the call failed INTERNAL 'the model's output
+    is not finite ... a diverged or overflowing model'. Each is drawn, finite, as its graph's eps gives."""
+    m = info(stub, model)
+    z = np.zeros((2, m.latent_dim), np.float32)
+    z[1] = 1e-25
+    images = stub.Sample(
+        pb.SampleRequest(model=model, latents=tpb.Tensor(shape=z.shape, data=z.tobytes()), output=F32)
+    ).images
+    assert np.isfinite(_tensors(images)).all()
+    path = stub.Interpolate(
+        pb.InterpolateRequest(
+            model=model,
+            start=pb.LatentPoint(latent=tpb.Tensor(shape=z[0].shape, data=z[0].tobytes())),
+            end=pb.LatentPoint(seed=1),
+            steps=2,
+            truncation_psi=0.7,
+            output=F32,
+        )
+    )
+    assert np.isfinite(_tensors(path.images)).all()
+
+
 @pytest.mark.parametrize("model", models_of("vae_encoder"))
 def test_encode_answers_the_graphs_own_mu_and_logvar(stub: pb_grpc.GenerationServiceStub, model: str) -> None:
     from genserve_server.latents import eps_for_seeds
