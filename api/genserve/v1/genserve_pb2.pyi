@@ -1078,7 +1078,8 @@ class ModelInfo(_message.Message):
     MixStyles need only the generator's: the mapping takes a path's two ends, a mix's distinct
     seeds at most its own queue). For a code_prior, the most
     samples one SampleCodes may ask for: the smallest of max_images_per_request, its row budget,
-    its top prior's and its decoder's batching.max_queue_size. 0: not a model those take, or a
+    its top prior's (where its card has a top_grid: the top prior samples the top grids) and its
+    decoder's batching.max_queue_size. 0: not a model those take, or a
     vae_encoder whose input size (card image_size) is above the server's max_input_pixels (every
     Encode to it is refused naming that limit).
     """
