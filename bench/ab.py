@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.common import REPO_ROOT, BenchModel, find_models, write_line
 from bench.models import link_repository
-from bench.servers import ServerProcess, measured_level, rpc_floor_ms
+from bench.servers import BenchError, ServerProcess, measured_level, rpc_floor_ms
 from genserve_server.launcher import genserve_command
 
 DEFAULT_MODELS = ("vae-digits-decoder", "cgan-digits", "dcgan-digits")
@@ -46,6 +46,10 @@ def _serve(tree: Path, models: Path, config: Path | None = None) -> ServerProces
     # Absolute: the server runs in the repository root, not in the caller's directory.
     tree, models = tree.resolve(), models.resolve()
     config = config.resolve() if config is not None else None
+    if not (tree / "server" / "genserve_server").is_dir():
+        # Its PYTHONPATH entry would name nothing and the side would run the next genserve_server
+        # on the path (this tree's, or the installed one): B against itself, reported as an A/B.
+        raise BenchError(f"{tree} has no server/genserve_server: not a genserve source tree")
     # In front of the caller's path, not instead of it: a device's onnxruntime-gpu is on that path.
     inherited = os.environ.get("PYTHONPATH", "")
     env = {"PYTHONPATH": f"{tree / 'server'}:{tree / 'api'}" + (f":{inherited}" if inherited else "")}

@@ -63,6 +63,7 @@ def test_a_sides_tree_and_config_given_relative_to_the_callers_directory_are_its
     # another directory, named REPO_ROOT/base/server on side A's PYTHONPATH (absent, so side A ran
     # the code found after it, this tree's or the installed one) and REPO_ROOT/a.json as its config.
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "base" / "server" / "genserve_server").mkdir(parents=True)
     server = ab._serve(Path("base"), Path("models"), Path("a.json"))
     assert server.env is not None
     assert server.env["PYTHONPATH"].split(":")[:2] == [
@@ -72,3 +73,11 @@ def test_a_sides_tree_and_config_given_relative_to_the_callers_directory_are_its
     command = server.command
     assert command[command.index("--config") + 1] == str(tmp_path / "a.json")
     assert command[command.index("--models") + 1] == str(tmp_path / "models")
+
+
+def test_a_side_whose_tree_holds_no_server_is_refused_not_run_as_another_tree(tmp_path: Path) -> None:
+    """A --base-tree without server/genserve_server (a typo, the wrong folder) put a path to nothing
+    first on side A's PYTHONPATH, and side A ran the next genserve_server found: this tree's or the
+    installed one, B against itself, reported as an A/B."""
+    with pytest.raises(BenchError, match="no server/genserve_server"):
+        ab._serve(tmp_path / "elsewhere", tmp_path / "models")
