@@ -105,14 +105,25 @@ def psi(
     allowed = f"[0, {MAX_PSI:g}]" if w_space else f"(0, {MAX_PSI:g}]"
     if math.isnan(value):  # NaN's float32 is NaN too, never equal to `sent`: no "(nan as a float32)"
         raise invalid(field, f"is not a number (NaN); must be in {allowed}")
-    got = repr(value) if sent is None or sent == value else f"{sent!r} ({value!r} as a float32)"
     if w_space:
         if not (0.0 <= value <= MAX_PSI) or not math.isfinite(value):
-            raise invalid(field, f"must be in {allowed} (truncation in w space), got {got}")
+            raise invalid(
+                field, f"must be in {allowed} (truncation in w space), got {_psi_sent(value, sent)}"
+            )
         return float(value)
     if not (0.0 < value <= MAX_PSI) or not math.isfinite(value):
-        raise invalid(field, f"must be in {allowed}, got {got}")
+        raise invalid(field, f"must be in {allowed}, got {_psi_sent(value, sent)}")
     return float(value)
+
+
+def _psi_sent(value: float, sent: float | None) -> str:
+    """A refused psi as its client wrote it (built for a refusal only: psi runs on every request).
+    genserve.v1's is a proto float: the float32's shortest form (10.0001, not 10.000100135803223).
+    KServe's is a double rounded to float32 here: both, the value sent first."""
+    if sent is None:
+        as_float32 = np.float32(value) if abs(value) <= np.finfo(np.float32).max else None
+        return str(as_float32) if as_float32 is not None and float(as_float32) == value else repr(value)
+    return repr(value) if sent == value else f"{sent!r} ({value!r} as a float32)"
 
 
 def seeds(values: Sequence[int], field: str = "seeds") -> list[int]:

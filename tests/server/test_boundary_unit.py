@@ -16,6 +16,7 @@ from genserve_server.errors import MAX_MESSAGE_BYTES, Code, InvalidArgument, Res
 from genserve_server.metrics import Metrics
 from genserve_server.tiling import plan_tiles
 from genserve_server.validate import input_range as check_input_range
+from genserve_server.validate import psi as check_psi
 from genserve_server.validate import tiling as check_tiling
 
 
@@ -333,3 +334,12 @@ def test_a_method_no_service_has_is_counted_under_one_method_label_with_the_code
     assert requests.labels("", "", "", "DEADLINE_EXCEEDED")._value.get() == 1
     methods = {sample.labels["method"] for family in requests.collect() for sample in family.samples}
     assert methods == {""}
+
+
+@pytest.mark.parametrize(("sent", "shown"), [(10.0001, "10.0001"), (-0.1, "-0.1"), (1e30, "1e+30")])
+def test_a_psi_refusal_names_the_float32_the_client_sent_as_it_wrote_it(sent: float, shown: str) -> None:
+    """genserve.v1's truncation_psi is a proto float: 10.0001 arrives as 10.000100135803223, which
+    the refusal quoted, a number the client never wrote."""
+    with pytest.raises(InvalidArgument) as refused:
+        check_psi(float(np.float32(sent)))
+    assert str(refused.value).endswith(f"got {shown}"), refused.value
