@@ -93,6 +93,7 @@ class _Entries:
 
     merged: list[dict[str, Any]] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
+    intact: set[int] = field(default_factory=set)  # listed, and the file there (and its sha256 with hashes)
     duplicates: list[int] = field(default_factory=list)
     outside: list[int] = field(default_factory=list)
     absent: list[str] = field(default_factory=list)
@@ -134,6 +135,8 @@ class _Entries:
                 self.absent.append(str(path))
             elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
                 self.damaged.append(str(path))
+            else:
+                self.intact.add(index)
             self.merged.append({**entry, "file": str(prefix / entry["file"])})
 
 
@@ -221,7 +224,8 @@ def verify_job(
     ):
         if items:
             report.problems.append(_listed(kind, items))
-    report.images = len(found.seen)
+    # The images the folders hold: a line whose file is missing (or damaged) is no image.
+    report.images = sum(1 for i in found.intact if 0 <= i < report.n)
     found.merged.sort(key=lambda e: int(e["index"]))
     return report, found.merged
 

@@ -217,3 +217,19 @@ def test_verify_help_lists_no_connection_flags(capsys: pytest.CaptureFixture[str
     assert code == 0 and "--hashes" in out
     for flag in ("--target", "--token", "--tls", "--timeout"):
         assert flag not in out, out
+
+
+def test_an_incomplete_jobs_image_count_leaves_out_files_missing_or_damaged(
+    spread: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 'NOT the complete job (11 of 11 images)' for a job with a file deleted and another damaged
+    # counted manifest lines, not images: the count is of images there (and intact, with --hashes).
+    a, b = spread
+    images = shard_folder(b, 1) / "images"
+    victims = sorted(images.iterdir())
+    victims[0].unlink()
+    victims[1].write_bytes(victims[1].read_bytes() + b"x")
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1 and "files missing (1)" in err and "NOT the complete job (10 of 11 images)" in err, err
+    code, _, err = cli_main(capsys, "verify", str(a), str(b), "--hashes")
+    assert code == 1 and "sha256 differs" in err and "NOT the complete job (9 of 11 images)" in err, err
