@@ -25,6 +25,8 @@ from genserve_server.errors import Unauthenticated
 logger = logging.getLogger(__name__)
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+# What a token file's line may have around its token: spaces, tabs, and CRLF's \r.
+TOKEN_LINE_BLANKS = " \t\r"
 AUTH_METADATA_KEY = "authorization"
 
 
@@ -63,7 +65,7 @@ def load_tokens(token_file: Path | None = None, env_var: str | None = None) -> t
     Raises ValueError when a source is named but yields no token, so a typo never silently turns
     authentication off, and when a token could never be presented (a character gRPC metadata
     cannot carry), naming the file and line or the variable and position, never the token. A UTF-8
-    BOM at the start of the file is not part of the first token.
+    BOM at the start of the file is not part of the first token; lines end at \n or \r\n only.
     """
     tokens: list[str] = []
     if token_file is not None:
@@ -72,8 +74,12 @@ def load_tokens(token_file: Path | None = None, env_var: str | None = None) -> t
         except UnicodeDecodeError:
             raise ValueError(f"{token_file}: not UTF-8 text (one token per line)") from None
         from_file = []
-        for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
+        # Lines end at \n (CRLF's \r stripped) alone: str.splitlines also breaks at a form feed, a
+        # vertical tab, \x1c-\x1e, NEL and U+2028, which split a token holding one into two shorter
+        # tokens that each authenticated; and str.strip dropped control and non-ASCII characters at
+        # a token's ends. Both are characters no client can send: refused below, naming the line.
+        for number, raw in enumerate(text.split("\n"), 1):
+            line = raw.strip(TOKEN_LINE_BLANKS)
             if not line or line.startswith("#"):
                 continue
             problem = _unsendable(line)

@@ -37,6 +37,21 @@ def test_a_token_no_client_can_send_stops_startup_naming_file_and_line(
     assert "t\u00f6ken" not in str(info.value) and "pha" not in str(info.value)
 
 
+@pytest.mark.parametrize("char", ["\x0c", "\x0b", "\x1c", "\x1e", "\x85", "\u2028"])
+def test_a_character_python_counts_as_a_line_break_inside_a_token_stops_startup_not_splits_it(
+    tmp_path: Path, char: str
+) -> None:
+    """The file was split with str.splitlines, which also breaks lines at a form feed, a vertical
+    tab, \\x1c-\\x1e, NEL and U+2028: a token holding one (a paste from a terminal or a document)
+    became two shorter tokens, each of which authenticated, where docs/operations.md says a token
+    with a control or non-ASCII character stops the server. Only \\n (and CRLF's \\r) end a line."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"alpha\nsecond{char}half\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"{token_file}: line 2") as info:
+        auth_interceptor(SecurityConfig(token_file=token_file))
+    assert "second" not in str(info.value) and "half" not in str(info.value)
+
+
 def test_a_token_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
     """A UTF-16 file (Windows PowerShell 5's `>` redirection) failed with "auth: 'utf-8' codec can't
     decode byte 0xff in position 0", naming neither the file nor the source."""
