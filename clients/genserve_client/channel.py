@@ -104,7 +104,9 @@ def read_token_file(path: str | Path) -> str:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"--token-file {path}: not UTF-8 text") from None
-    lines = [ln.strip() for ln in text.splitlines()]
+    # Lines end at \n (CRLF's \r, spaces and tabs stripped), as in the server's load_tokens:
+    # str.splitlines also broke at a form feed, \x1c-\x1e, NEL or U+2028 inside the one token.
+    lines = [ln.strip(" \t\r") for ln in text.split("\n")]
     tokens = [ln for ln in lines if ln and not ln.startswith("#")]
     if not tokens:
         raise ValueError(f"--token-file {path}: no token in the file")

@@ -62,3 +62,19 @@ def test_a_token_no_header_can_carry_is_refused_without_echoing_it(
     with pytest.raises(ValueError, match="ChannelConfig.token") as info:
         ChannelConfig(fake_server.target, token=bad)
     assert bad not in str(info.value)
+
+
+@pytest.mark.parametrize("char", ["\x0c", "\x1c", "\u2028"])
+def test_a_token_file_whose_one_token_holds_a_form_feed_or_such_names_the_character_not_two_tokens(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], char: str
+) -> None:
+    """read_token_file split the file with str.splitlines, which also breaks at a form feed, \\x1c-\\x1e,
+    NEL and U+2028: a file of one token holding one was refused as 'holds 2 tokens (... a server's
+    list)', sending the user after a second line the file does not have. Lines end at \\n, as in the
+    server's load_tokens, and the character is named."""
+    token_file = tmp_path / "token"
+    token_file.write_text(f"# mine\ntok{char}en\n", encoding="utf-8")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "--token-file", str(token_file), "models")
+    assert code == 2, err
+    assert str(token_file) in err and "2 tokens" not in err and "character" in err, err
+    assert "tok" not in err.replace("token", "") and not fake_server.service.calls
