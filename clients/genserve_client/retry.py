@@ -19,13 +19,30 @@ _TOO_LARGE = "message larger than max"
 # refused, so that one stays retryable.
 _HEADERS_TOO_LARGE = "metadata size exceeds hard limit"
 
+# A TLS handshake this client's own settings fail (UNAVAILABLE from gRPC): the server's certificate
+# is not signed by its CA ("CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate",
+# "... certificate has expired"), does not hold the name checked ("Hostname Verification Check
+# failed"; older gRPC: "Peer name X is not in peer certificate"), or the server speaks no TLS
+# ("WRONG_VERSION_NUMBER"). Every attempt gets it again. A server closing the connection (its
+# refusal of a client certificate, a restart) reads "Socket closed" and stays retryable.
+_TLS_REJECTED = (
+    "certificate_verify_failed",
+    "hostname verification check failed",
+    "is not in peer certificate",
+    "wrong_version_number",
+)
+
 
 def is_permanent(code: grpc.StatusCode, details: str) -> bool:
     """Whether a failure would repeat on every attempt whatever the policy says."""
     lowered = details.lower()
-    return code in _NEVER_RETRY or (
-        code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        and (_TOO_LARGE in lowered or _HEADERS_TOO_LARGE in lowered)
+    return (
+        code in _NEVER_RETRY
+        or (
+            code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and (_TOO_LARGE in lowered or _HEADERS_TOO_LARGE in lowered)
+        )
+        or (code == grpc.StatusCode.UNAVAILABLE and any(m in lowered for m in _TLS_REJECTED))
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from client_fakes import FakeService, run_cli
 
 from genserve.v1 import genserve_pb2_grpc
 from genserve_client import ChannelConfig, GenserveClient, GenserveClientError, RetryPolicy, TlsOptions
+from genserve_client.retry import is_permanent
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 SERVER_NAME = "genserve.test"  # not the target's host: the client must override the name
@@ -185,3 +187,39 @@ def test_a_tls_file_that_holds_no_pem_is_named_before_any_connection(pki: Path, 
     with pytest.raises(ValueError, match=r"--tls-key .*: not a PEM file holding a private key"):
         TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.pem")
     assert TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.key").client_key
+
+
+class CountedBackoffs(random.Random):
+    """Counts the backoffs drawn: one per retry the policy grants."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.draws = 0
+
+    def uniform(self, a: float, b: float) -> float:
+        self.draws += 1
+        return 0.0
+
+
+def test_a_server_certificate_the_client_rejects_is_final_not_retried(pki: Path, mtls_target: str) -> None:
+    """A handshake this client's own TLS settings fail (a CA that did not sign the server's
+    certificate, a name the certificate does not hold) fails the same way on every attempt: it was
+    retried as an outage (UNAVAILABLE), all RetryPolicy attempts with their reconnect waits, and a
+    bulk job kept reopening its streams for the whole --retry-window (300 s) before stopping as
+    'resumable'. It is final at the first answer, as a message over gRPC's size limit is; a server
+    that closes the connection (its refusal of a client certificate, a restart) is still retried."""
+    client_creds = {"cert": pki / "client.pem", "key": pki / "client.key"}
+    for tls in (
+        TlsOptions.from_files(pki / "client.pem", server_name_override=SERVER_NAME, **client_creds),
+        TlsOptions.from_files(pki / "ca.pem", server_name_override="other.test", **client_creds),
+    ):
+        backoffs = CountedBackoffs()
+        policy = RetryPolicy(max_attempts=5, reconnect_wait_s=0)
+        config = ChannelConfig(mtls_target, tls=tls)
+        with GenserveClient(config, retry=policy, rng=backoffs, timeout_s=20) as c:
+            with pytest.raises(GenserveClientError) as info:
+                c.list_models()
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert backoffs.draws == 0, f"retried {backoffs.draws} times: {info.value.details}"
+    closed = "connections to all backends failing; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
+    assert not is_permanent(grpc.StatusCode.UNAVAILABLE, closed)
