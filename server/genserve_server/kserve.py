@@ -505,10 +505,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         multiple = card.size_multiple
         if h % multiple or w % multiple:
             raise invalid("inputs[image].shape", f"H and W must be multiples of {multiple}, got {h}x{w}")
-        if not np.isfinite(image).all():
-            raise invalid("inputs[image]", "values must be finite")
-        if card.input_range is not None and image.size:
-            validate.input_range(image, card.input_range, "inputs[image]")  # as genserve.v1's TENSOR_F32
+        not_finite = "values must be finite"
+        if card.input_range is not None and image.size:  # as genserve.v1's TENSOR_F32
+            validate.input_range(image, card.input_range, "inputs[image]", not_finite=not_finite)
+        elif not codecs.all_finite(image):
+            raise invalid("inputs[image]", not_finite)
         # The core's shape buckets (image_batch_key) are genserve.v1's (SR tiles, translated
         # images): same-shape rows of both protocols share batches.
         return np.ascontiguousarray(image, dtype=np.float32)
