@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import yaml
 from monitoring_support import (
@@ -174,6 +175,51 @@ def test_scrape_config_points_at_genserve_and_loads_the_rules() -> None:
     (job,) = k8s["scrape_configs"]
     assert job["job_name"].startswith("genserve")
     assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+
+
+def _relabel(labels: dict[str, str], configs: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' keep/replace relabelling: the source labels joined by ';', the regex matched as
+    RE2 does there (anchored: the whole string), $N of the replacement its groups; None = dropped."""
+    labels = dict(labels)
+    for config in configs:
+        value = ";".join(labels.get(name, "") for name in config["source_labels"])
+        match = re.fullmatch(str(config.get("regex", "(.*)")), value)
+        action = config.get("action", "replace")
+        if action == "keep":
+            if match is None:
+                return None
+        elif action == "replace":
+            if match is not None:
+                replacement = str(config.get("replacement", "$1"))
+                template = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", replacement)
+                labels[str(config["target_label"])] = match.expand(template)
+        else:
+            raise AssertionError(f"unexpected relabel action {action}")
+    return labels
+
+
+def test_the_kubernetes_scrape_config_scrapes_the_annotated_port_of_ipv4_and_ipv6_pods() -> None:
+    """kubernetes_sd gives a declared container port's target `__address__` "<pod IP>:<port>", an
+    IPv6 pod IP in brackets: the annotated port replaces the port, both families."""
+    (job,) = yaml.safe_load((PROMETHEUS_DIR / "kubernetes-scrape.yml").read_text())["scrape_configs"]
+    pod = {
+        "__meta_kubernetes_pod_label_app_kubernetes_io_name": "genserve",
+        "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+        "__meta_kubernetes_pod_annotation_prometheus_io_port": "50052",
+        "__meta_kubernetes_pod_annotation_prometheus_io_path": "/metrics",
+    }
+    for address, expected in (
+        ("10.0.0.7:50051", "10.0.0.7:50052"),
+        ("10.0.0.7:50053", "10.0.0.7:50052"),
+        ("[fd00::1]:50051", "[fd00::1]:50052"),
+        ("[fd00:10:244::7]:50053", "[fd00:10:244::7]:50052"),
+        ("[::ffff:10.0.0.7]:50051", "[::ffff:10.0.0.7]:50052"),
+    ):
+        target = _relabel({**pod, "__address__": address}, job["relabel_configs"])
+        assert target is not None and target["__address__"] == expected, (address, target)
+        assert target["__metrics_path__"] == "/metrics"
+    opted_out = {**pod, "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "false"}
+    assert _relabel(opted_out, job["relabel_configs"]) is None
 
 
 def test_metrics_doc_documents_every_contract_metric() -> None:
