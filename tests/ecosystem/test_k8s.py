@@ -189,11 +189,40 @@ def test_args_parse_with_the_server_cli(objects: dict[tuple[str, str], Manifest]
     assert (args.host, args.port, args.metrics_host, args.metrics_port) == (
         "0.0.0.0",
         GRPC_PORT,
-        "0.0.0.0",
+        "::",
         METRICS_PORT,
     )
     assert args.drain_grace_s == DRAIN_GRACE_S
     assert args.health_port == HEALTH_PORT
+
+
+def test_metrics_listen_on_the_pods_ipv4_and_ipv6_addresses(objects: dict[tuple[str, str], Manifest]) -> None:
+    """The PodMonitor scrapes the pod IP, an IPv6 one on an IPv6 or dual-stack cluster: the
+    Deployment's --metrics-host answers over both families (gRPC's --host 0.0.0.0 does already)."""
+    import socket
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.main import build_parser
+    from genserve_server.metrics_http import serve
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this host has no IPv6 loopback")
+    args = build_parser().parse_args(_container(objects)["args"])
+    httpd, thread = serve(args.metrics_host, 0, CollectorRegistry(), None)
+    try:
+        port = httpd.server_address[1]
+        for host in ("127.0.0.1", "[::1]"):
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+                assert response.status == 200, host
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
 
 
 def test_grpc_needs_a_token_from_a_secret_and_health_stays_open_for_the_probes(
