@@ -235,9 +235,10 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             mv = self._version(request.name, request.version)
             applied = self.repo.get(request.name).config  # the policy a reload picks versions by
             policy = applied.version_policy if applied is not None else None
-            return kpb.ModelConfigResponse(
-                config=kserve_metadata.model_config(mv, self._max_rows(mv)[0], policy)
-            )
+            assert mv.card is not None
+            # A kind ModelInfer refuses (genserve.v1 serves it) takes no ModelInfer rows.
+            max_rows = self._max_rows(mv)[0] if mv.card.kind in INFER_KINDS else 0
+            return kpb.ModelConfigResponse(config=kserve_metadata.model_config(mv, max_rows, policy))
 
         return await self.boundary.plain(context, handle, "ModelConfig")
 

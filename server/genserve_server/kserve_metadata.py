@@ -16,10 +16,11 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 def model_config(mv: ModelVersion, max_rows: int, policy: VersionPolicy | None = None) -> mc.ModelConfig:
     """Triton's ModelConfig of a version, from its config.json and card.json; `max_rows`: the most
-    rows a ModelInfer may carry (max_batch_size, or the server's per-request limit when lower);
-    `policy`: the version policy the model's versions are picked by now (the last config.json a
-    rescan applied; a version's own config is the one it loaded with, and an edit of it applies at
-    the rescan), else the version's."""
+    rows a ModelInfer may carry (max_batch_size, or the server's per-request limit when lower; 0
+    for a kind ModelInfer does not take: no dynamic batching then, and dims are whole shapes, batch
+    axis included, as Triton reads a max_batch_size of 0); `policy`: the version policy the model's
+    versions are picked by now (the last config.json a rescan applied; a version's own config is the
+    one it loaded with, and an edit of it applies at the rescan), else the version's."""
     card = mv.card
     assert card is not None
     cfg = mv.config
@@ -48,6 +49,9 @@ def model_config(mv: ModelVersion, max_rows: int, policy: VersionPolicy | None =
         ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False),
     )
+    if max_rows == 0:
+        config.ClearField("dynamic_batching")
+    first_dim = 0 if max_rows == 0 else 1  # Triton: dims leave out the batch axis when max_batch_size > 0
     policy = policy or cfg.version_policy
     if policy.specific is not None:
         config.version_policy.specific.versions.extend(int(v) for v in policy.specific)
@@ -55,14 +59,16 @@ def model_config(mv: ModelVersion, max_rows: int, policy: VersionPolicy | None =
         config.version_policy.latest.num_versions = policy.latest or 1
     for spec in card.inputs:
         entry = config.input.add(
-            name=spec.name, data_type=DTYPES[spec.dtype][1], dims=protocol_shape(spec)[1:]
+            name=spec.name, data_type=DTYPES[spec.dtype][1], dims=protocol_shape(spec)[first_dim:]
         )
         if spec.name in ("z", "label") and card.kind.takes_latent:
             entry.optional = True  # may come as request parameters instead (module docstring)
         if len(spec.shape) == 4:
             entry.format = mc.ModelInput.FORMAT_NCHW
     for spec in card.outputs:
-        config.output.add(name=spec.name, data_type=DTYPES[spec.dtype][1], dims=protocol_shape(spec)[1:])
+        config.output.add(
+            name=spec.name, data_type=DTYPES[spec.dtype][1], dims=protocol_shape(spec)[first_dim:]
+        )
     return config
 
 

@@ -30,6 +30,8 @@ from style_models import (
     write_style_models,
 )
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -334,6 +336,39 @@ def test_model_info_and_a_mapping_that_does_not_fit(
     unmapped = stub.GetModel(pb.GetModelRequest(name=names["unmapped"]))
     assert unmapped.versions[0].state == pb.MODEL_STATE_UNAVAILABLE
     assert "config.json: mapping is required for kind style_generator" in unmapped.versions[0].reason
+
+
+def test_kserve_model_config_of_a_style_kind_admits_no_model_infer_rows(
+    style_server: tuple[ServerProcess, dict[str, str]],
+) -> None:
+    """ModelInfer refuses the style kinds (genserve.v1 serves them), so their ModelConfig offers no
+    rows and no dynamic batching: max_batch_size 0, dims then the whole shapes as Triton reads them,
+    those of ModelMetadata. It said the generator's config.json batch limit, which a KServe client
+    read as the rows ModelInfer takes."""
+    server, names = style_server
+    with grpc.insecure_channel(server.target) as channel:
+        kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        for name in (names["generator"], names["mapping"]):
+            config = kstub.ModelConfig(kpb.ModelConfigRequest(name=name), timeout=10).config
+            metadata = kstub.ModelMetadata(kpb.ModelMetadataRequest(name=name), timeout=10)
+            assert config.max_batch_size == 0, name
+            assert config.WhichOneof("scheduling_choice") is None, name
+            shapes = {t.name: list(t.shape) for t in [*metadata.inputs, *metadata.outputs]}
+            assert {t.name: list(t.dims) for t in [*config.input, *config.output]} == shapes, name
+            assert kstub.ModelReady(kpb.ModelReadyRequest(name=name), timeout=10).ready
+            first = metadata.inputs[0]
+            request = kpb.ModelInferRequest(
+                model_name=name,
+                inputs=[
+                    kpb.ModelInferRequest.InferInputTensor(
+                        name=first.name, datatype=first.datatype, shape=[1, *first.shape[1:]]
+                    )
+                ],
+            )
+            with pytest.raises(grpc.RpcError) as excinfo:
+                kstub.ModelInfer(request, timeout=10)
+            code, details = code_and_details(excinfo)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "genserve.v1 " in details, details
 
 
 def test_card_rules_of_the_style_kinds_name_the_field(tmp_path: Path) -> None:
