@@ -16,7 +16,6 @@ it sends), so a server with TLS on or `--closed-health` can still be probed from
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve_server.flag_types import port_number, seconds
+from genserve_server.tokens import load_tokens
 
 EXIT_SERVING = 0
 # Every other outcome, the server unreachable or refusing the probe included: Docker's HEALTHCHECK
@@ -65,22 +65,22 @@ class ProbeError(Exception):
 
 
 def first_token(token_file: Path | None, token_env: str | None) -> str | None:
-    """The first token of the server's own sources (file: one per line, `#` comments; variable:
-    comma-separated), or None when neither is named."""
+    """The first token of the server's own sources, read by the server's rules (tokens.load_tokens:
+    lines end at \n alone, a token no client can send is refused naming its line), or None when
+    neither is named. str.splitlines broke a line at a form feed or NEL, so a comment holding one
+    gave a 'token' the server does not have."""
     if token_file is not None:
         try:
-            text = token_file.read_bytes().decode("utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
+            return load_tokens(token_file)[0].decode()
+        except OSError as exc:
             raise ProbeError(f"--token-file {token_file}: {exc}") from None
-        tokens = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-        if not tokens:
-            raise ProbeError(f"--token-file {token_file}: no token in the file")
-        return tokens[0]
+        except ValueError as exc:
+            raise ProbeError(f"--token-file {exc}") from None
     if token_env is not None:
-        tokens = [t.strip() for t in os.environ.get(token_env, "").split(",") if t.strip()]
-        if not tokens:
-            raise ProbeError(f"--token-env {token_env}: the variable holds no token")
-        return tokens[0]
+        try:
+            return load_tokens(env_var=token_env)[0].decode()
+        except ValueError as exc:
+            raise ProbeError(f"--token-env: {exc}") from None
     return None
 
 

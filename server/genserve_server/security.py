@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,12 +20,11 @@ import grpc
 from genserve_server.boundary import ThrottledLog, abort, request_id, shown_method
 from genserve_server.config import ConfigError, SecurityConfig
 from genserve_server.errors import Unauthenticated
+from genserve_server.tokens import load_tokens
 
 logger = logging.getLogger(__name__)
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
-# What a token file's line may have around its token: spaces, tabs, and CRLF's \r.
-TOKEN_LINE_BLANKS = " \t\r"
 AUTH_METADATA_KEY = "authorization"
 
 
@@ -47,58 +45,6 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=tls.client_ca_file.read_bytes(), require_client_auth=True
     )
-
-
-def _unsendable(token: str) -> str | None:
-    """What keeps a client from presenting `token` (gRPC metadata values are printable ASCII), or
-    None; never quotes the token."""
-    for char in token:
-        if not " " <= char <= "~":
-            kind = "a non-ASCII" if char > "~" else "a control"
-            return f"holds {kind} character, which no gRPC client can send in a header"
-    return None
-
-
-def load_tokens(token_file: Path | None = None, env_var: str | None = None) -> tuple[bytes, ...]:
-    """Tokens from a file (one per line, `#` comments) and/or an environment variable (comma-separated).
-
-    Raises ValueError when a source is named but yields no token, so a typo never silently turns
-    authentication off, and when a token could never be presented (a character gRPC metadata
-    cannot carry), naming the file and line or the variable and position, never the token. A UTF-8
-    BOM at the start of the file is not part of the first token; lines end at \n or \r\n only.
-    """
-    tokens: list[str] = []
-    if token_file is not None:
-        try:
-            text = token_file.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ValueError(f"{token_file}: not UTF-8 text (one token per line)") from None
-        from_file = []
-        # Lines end at \n (CRLF's \r stripped) alone: str.splitlines also breaks at a form feed, a
-        # vertical tab, \x1c-\x1e, NEL and U+2028, which split a token holding one into two shorter
-        # tokens that each authenticated; and str.strip dropped control and non-ASCII characters at
-        # a token's ends. Both are characters no client can send: refused below, naming the line.
-        for number, raw in enumerate(text.split("\n"), 1):
-            line = raw.strip(TOKEN_LINE_BLANKS)
-            if not line or line.startswith("#"):
-                continue
-            problem = _unsendable(line)
-            if problem is not None:
-                raise ValueError(f"{token_file}: line {number}: the token {problem}")
-            from_file.append(line)
-        if not from_file:
-            raise ValueError(f"{token_file}: no token in the file")
-        tokens.extend(from_file)
-    if env_var is not None:
-        from_env = [t.strip() for t in os.environ.get(env_var, "").split(",") if t.strip()]
-        if not from_env:
-            raise ValueError(f"environment variable {env_var} holds no token")
-        for position, token in enumerate(from_env, 1):
-            problem = _unsendable(token)
-            if problem is not None:
-                raise ValueError(f"environment variable {env_var}: token {position} {problem}")
-        tokens.extend(from_env)
-    return tuple(t.encode() for t in tokens)
 
 
 def token_matches(presented: bytes, tokens: Sequence[bytes]) -> bool:

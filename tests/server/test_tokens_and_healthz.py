@@ -52,6 +52,24 @@ def test_a_character_python_counts_as_a_line_break_inside_a_token_stops_startup_
     assert "second" not in str(info.value) and "half" not in str(info.value)
 
 
+@pytest.mark.parametrize("char", ["\x0c", "\x0b", "\x1c", "\r", "\x85", "\u2028"])
+def test_the_health_probe_reads_the_token_file_by_the_servers_rules(tmp_path: Path, char: str) -> None:
+    """The probe split the file with str.splitlines and str.strip: a comment holding a form feed
+    (or another of Python's line breaks) gave it a 'token' the server skips as part of the comment,
+    so the probe sent it and was refused UNAUTHENTICATED by a healthy server; and a token holding
+    one, which stops the server at start, became a shorter token. It reads the server's first."""
+    from genserve_server.probe import ProbeError, first_token
+
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"# rotated{char}old-token\nreal-token\n", encoding="utf-8", newline="")
+    assert load_tokens(token_file)[0] == b"real-token"
+    assert first_token(token_file, None) == "real-token"
+    token_file.write_text(f"first{char}half\nsecond\n", encoding="utf-8", newline="")
+    with pytest.raises(ProbeError, match=f"--token-file {token_file}: line 1") as info:
+        first_token(token_file, None)
+    assert "first" not in str(info.value) and "half" not in str(info.value)
+
+
 def test_a_token_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
     """A UTF-16 file (Windows PowerShell 5's `>` redirection) failed with "auth: 'utf-8' codec can't
     decode byte 0xff in position 0", naming neither the file nor the source."""
