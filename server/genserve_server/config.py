@@ -384,7 +384,9 @@ def _security_config(r: _Reader, base: Path) -> SecurityConfig:
         )
     token_env = ar.raw("token_env")
     if token_env is not None and (not isinstance(token_env, str) or not token_env):
-        raise ar.error("token_env", f"must be an environment variable name, got {token_env!r}")
+        # The value is not quoted: a token (or a list of them) written where its variable's name goes.
+        got = "an empty string" if token_env == "" else f"a value of type {type(token_env).__name__}"
+        raise ar.error("token_env", f"must be an environment variable name, got {got}")
     config = SecurityConfig(
         tls_cert_file=cert,
         tls_key_file=key,

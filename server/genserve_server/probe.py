@@ -80,7 +80,7 @@ def first_token(token_file: Path | None, token_env: str | None) -> str | None:
         try:
             return load_tokens(env_var=token_env)[0].decode()
         except ValueError as exc:
-            raise ProbeError(f"--token-env: {exc}") from None
+            raise ProbeError(str(exc)) from None  # the variable named, or --token-env
     return None
 
 

@@ -4,10 +4,13 @@ probe (which sends the first): stdlib only, so the probe stays a Python start an
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 # What a token file's line may have around its token: spaces, tabs, and CRLF's \r.
 TOKEN_LINE_BLANKS = " \t\r"
+# A shell variable's name (POSIX "Name"): only such a name is quoted when no token is under it.
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _unsendable(token: str) -> str | None:
@@ -25,7 +28,9 @@ def load_tokens(token_file: Path | None = None, env_var: str | None = None) -> t
 
     Raises ValueError when a source is named but yields no token, so a typo never silently turns
     authentication off, and when a token could never be presented (a character gRPC metadata
-    cannot carry), naming the file and line or the variable and position, never the token. A UTF-8
+    cannot carry), naming the file and line or the variable and position, never the token (nor a
+    variable's "name" that is no shell variable name and has no token under it: a token given in
+    its place). A UTF-8
     BOM at the start of the file is not part of the first token; lines end at \n or \r\n only.
     """
     tokens: list[str] = []
@@ -53,6 +58,12 @@ def load_tokens(token_file: Path | None = None, env_var: str | None = None) -> t
     if env_var is not None:
         from_env = [t.strip() for t in os.environ.get(env_var, "").split(",") if t.strip()]
         if not from_env:
+            if _VARIABLE_NAME.fullmatch(env_var) is None:
+                # Most likely the token itself given for its variable's name: never into a log.
+                raise ValueError(
+                    "--token-env (auth.token_env) takes an environment variable's name, not a token: "
+                    "the value given is no variable name, and no token is under it (value not shown)"
+                )
             raise ValueError(f"environment variable {env_var} holds no token")
         for position, token in enumerate(from_env, 1):
             problem = _unsendable(token)

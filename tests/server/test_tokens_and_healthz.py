@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
 import pytest
 
-from genserve_server.config import ConfigError, SecurityConfig
+from genserve_server.config import ConfigError, SecurityConfig, load_server_config
 from genserve_server.security import auth_interceptor, load_tokens
 
 
@@ -84,6 +85,52 @@ def test_a_token_in_the_environment_no_client_can_send_is_refused(monkeypatch: p
     with pytest.raises(ConfigError, match="GENSERVE_TEST_TOKENS: token 2") as info:
         auth_interceptor(SecurityConfig(token_env="GENSERVE_TEST_TOKENS"))
     assert "b\u00e9ta" not in str(info.value)
+
+
+@pytest.mark.parametrize("secret", ["s3cr3t-value", "dG9rZW4=", "9f2c41d0e7", "tok en"])
+def test_a_token_given_for_the_token_variables_name_is_refused_without_quoting_it(
+    tmp_path: Path, secret: str
+) -> None:
+    """`--token-env s3cr3t-value` (the token where its variable's name goes) stopped the server with
+    'environment variable s3cr3t-value holds no token', and the probe said the same: the secret went
+    into the logs. A value no shell variable could be named, with no token under it, is refused
+    without quoting it: by the flag, the config file's auth.token_env and the probe alike."""
+    from genserve_server.probe import ProbeError, first_token
+
+    refusal = "takes an environment variable's name, not a token"
+    with pytest.raises(ConfigError, match=refusal) as info:
+        auth_interceptor(SecurityConfig(token_env=secret))
+    assert secret not in str(info.value)
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"auth": {"token_env": secret}}))
+    with pytest.raises(ConfigError, match=refusal) as info:
+        auth_interceptor(load_server_config(config).security)
+    assert secret not in str(info.value)
+    with pytest.raises(ProbeError, match=refusal) as probe_info:
+        first_token(None, secret)
+    assert secret not in str(probe_info.value)
+    config.write_text(json.dumps({"auth": {"token_env": [secret]}}))  # a list of tokens, not a name
+    with pytest.raises(ConfigError, match="auth.token_env must be an environment variable name") as info:
+        load_server_config(config)
+    assert secret not in str(info.value)
+
+
+def test_an_unset_token_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A well-formed variable name (a typo, a variable not exported) is still named: it is the
+    operator's clue, and no token looks like it was meant as one."""
+    from genserve_server.probe import ProbeError, first_token
+
+    monkeypatch.delenv("GENSERVE_TEST_UNSET_TOKENS", raising=False)
+    with pytest.raises(ConfigError, match="environment variable GENSERVE_TEST_UNSET_TOKENS holds no token"):
+        auth_interceptor(SecurityConfig(token_env="GENSERVE_TEST_UNSET_TOKENS"))
+    with pytest.raises(ProbeError, match="GENSERVE_TEST_UNSET_TOKENS holds no token"):
+        first_token(None, "GENSERVE_TEST_UNSET_TOKENS")
+
+
+def test_a_variable_holding_tokens_is_read_whatever_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubernetes lets an env name hold '-' and '.': such a variable holding tokens still works."""
+    monkeypatch.setenv("genserve.test-tokens", "alpha,beta")
+    assert load_tokens(None, "genserve.test-tokens") == (b"alpha", b"beta")
 
 
 def _call(app, method: str, path: str) -> tuple[str, dict[str, str], bytes]:  # type: ignore[no-untyped-def]
