@@ -435,6 +435,7 @@ class App:
     async def start(self) -> None:
         self.repository.scan()
         self.port = self._bind(self.server, self.requested_port, "--port")
+        security.warn_outside_validity(self.config.security)  # once, not per port
         if self.health_server is not None and self.requested_health_port is not None:
             self.health_port = self._bind(self.health_server, self.requested_health_port, "--health-port")
         if self.requested_metrics_port is not None:

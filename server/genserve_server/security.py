@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,68 @@ def _check_pem(tls: TlsConfig) -> None:
             raise ConfigError(
                 f"tls: {tls.client_ca_file} holds no PEM CA certificate ({exc.reason or exc})"
             ) from None
+
+
+def _decode_certificate(path: Path) -> dict[str, Any] | None:
+    """The first certificate of a PEM file as ssl's getpeercert() dict, or None where it cannot be
+    read. The standard library decodes a certificate that is not a CA only through this (CPython's
+    own, undocumented) function: no new dependency for a warning; where it is missing, no warning."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        decoded: dict[str, Any] = decode(str(path))
+    except (ssl.SSLError, OSError, ValueError):
+        return None
+    return decoded
+
+
+def _outside_validity(cert: dict[str, Any], now: float) -> str | None:
+    """'notBefore X, notAfter Y, now Z' where `now` lies outside the certificate's window, else None."""
+    try:
+        not_before = ssl.cert_time_to_seconds(cert["notBefore"])
+        not_after = ssl.cert_time_to_seconds(cert["notAfter"])
+    except (KeyError, ValueError):
+        return None
+    if not_before <= now <= not_after:
+        return None
+    utc = time.gmtime(now)  # as OpenSSL writes the certificate's times: "Feb  1 00:00:00 2020 GMT"
+    shown = time.strftime(f"%b {utc.tm_mday:2d} %H:%M:%S %Y GMT", utc)
+    return f"notBefore {cert['notBefore']}, notAfter {cert['notAfter']}, now {shown}"
+
+
+def warn_outside_validity(config: SecurityConfig, now: float | None = None) -> None:
+    """A warning for the server certificate, and each client CA certificate, outside its validity
+    window: grpc serves them without a word, and every client then fails the handshake
+    (CERTIFICATE_VERIFY_FAILED, or its certificate refused). Not refused: a clock a little behind the
+    issuer's makes a fresh certificate not yet valid for a few seconds. Call once, after `bind`."""
+    now = time.time() if now is None else now
+    if config.tls_cert_file is not None and (cert := _decode_certificate(config.tls_cert_file)):
+        if (window := _outside_validity(cert, now)) is not None:
+            logger.warning(
+                "tls: the server certificate %s is outside its validity window (%s): every client's "
+                "handshake fails (CERTIFICATE_VERIFY_FAILED) until it is replaced and the server restarted",
+                config.tls_cert_file,
+                window,
+            )
+    if config.tls_client_ca_file is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca_file)
+        except (ssl.SSLError, OSError):
+            return
+        for ca in context.get_ca_certs():
+            if (window := _outside_validity(ca, now)) is not None:
+                rdns: Any = ca.get("subject", ())
+                subject = ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+                logger.warning(
+                    "tls: the client CA certificate %r in %s is outside its validity window (%s): "
+                    "client certificates it signed fail the handshake until it is replaced and the "
+                    "server restarted",
+                    subject,
+                    config.tls_client_ca_file,
+                    window,
+                )
 
 
 def bind(server: grpc.aio.Server, address: str, config: SecurityConfig) -> int:

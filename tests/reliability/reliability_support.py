@@ -217,6 +217,42 @@ def make_pki(d: Path) -> Path:
     return d
 
 
+_DATED_CA_CONFIG = """[ca]
+default_ca = dated
+[dated]
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any_cn
+unique_subject = no
+[any_cn]
+commonName = supplied
+"""
+
+
+def dated_certificate(pki: Path, name: str, start: str, end: str, *, ca: str = "ca") -> Path:
+    """A copy of make_pki's `name` certificate (same key and extensions, signed by `ca`) valid from
+    `start` to `end` (openssl ca's YYYYMMDDHHMMSSZ; `openssl x509 -days` takes no past date), as
+    `<name>.pem` in a folder of its own beside `pki`'s files. `name` "ca" re-signs the CA itself."""
+    d = pki / f"dated-{name}-{start}-{end}"
+    d.mkdir(exist_ok=True)
+    (d / "ca.cnf").write_text(_DATED_CA_CONFIG)
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("01\n")
+    csr, ext, signer = pki / f"{name}.csr", pki / f"{name}.ext", ()
+    if name == "ca":
+        csr, ext, signer = d / "self.csr", d / "self.ext", ("-selfsign",)
+        _openssl("x509", "-x509toreq", "-in", str(pki / "ca.pem"), "-signkey", str(pki / "ca.key"),
+                 "-out", csr.name, cwd=d)  # fmt: skip
+        ext.write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n")
+    out = d / f"{name}.pem"
+    _openssl("ca", "-batch", "-config", "ca.cnf", *signer, "-cert", str(pki / f"{ca}.pem"), "-keyfile",
+             str(pki / f"{ca}.key"), "-in", str(csr), "-out", out.name, "-startdate", start, "-enddate", end,
+             "-extfile", str(ext), "-notext", cwd=d)  # fmt: skip
+    return out
+
+
 def secure_channel(target: str, pki: Path, *, client: str | None = None) -> grpc.Channel:
     key = (pki / f"{client}.key").read_bytes() if client else None
     cert = (pki / f"{client}.pem").read_bytes() if client else None

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from reliability_support import write_gen
+from reliability_support import dated_certificate, write_gen
 from server_support import start_server
 
 
@@ -30,3 +30,46 @@ def test_a_passphrase_protected_key_stops_startup_naming_it(pki: Path, tmp_path:
     else:
         server.stop()
         pytest.fail("the server started with an encrypted key it cannot use")
+
+
+@pytest.mark.parametrize("year", ["2020", "2099"], ids=["expired", "not-yet-valid"])
+def test_a_certificate_outside_its_validity_starts_with_a_warning_naming_file_dates_and_now(
+    pki: Path, tmp_path: Path, year: str
+) -> None:
+    """An expired (or not yet valid) server certificate or client CA started the server without a
+    word: every client then failed the handshake (CERTIFICATE_VERIFY_FAILED, or its certificate
+    refused) and the server's log showed nothing. The server still starts (a clock a little behind
+    the issuer's makes a fresh certificate not yet valid for seconds), with one warning per file
+    naming it, its notBefore and notAfter and the time now."""
+    start, end = f"{year}0101000000Z", f"{year}0201000000Z"
+    shown = f"notBefore Jan  1 00:00:00 {year} GMT, notAfter Feb  1 00:00:00 {year} GMT, now "
+    models = tmp_path / "models"
+    write_gen(models)
+    cert, ca = dated_certificate(pki, "server", start, end), dated_certificate(pki, "ca", start, end)
+    args = ("--tls-cert", str(cert), "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(ca))
+    args += ("--health-port", "0")  # a second TLS listener: still one line per file
+    server = start_server(models, tmp_path / "work", extra_args=args, timeout_s=60)
+    try:
+        log = server.log()
+    finally:
+        server.stop()
+    for path in (cert, ca):
+        lines = [line for line in log.splitlines() if str(path) in line and "valid" in line]
+        assert len(lines) == 1, log
+        assert "WARNING" in lines[0] and shown in lines[0], lines[0]
+
+
+def test_a_certificate_within_its_validity_starts_without_a_validity_warning(
+    pki: Path, tmp_path: Path
+) -> None:
+    """make_pki's certificates are valid for two days from now: no validity line."""
+    models = tmp_path / "models"
+    write_gen(models)
+    args = ("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))
+    args += ("--tls-client-ca", str(pki / "ca.pem"))
+    server = start_server(models, tmp_path / "work", extra_args=args, timeout_s=60)
+    try:
+        log = server.log()
+    finally:
+        server.stop()
+    assert "TLS on" in log and "validity" not in log, log
