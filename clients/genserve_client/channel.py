@@ -12,7 +12,10 @@ so one whose server went away is skipped until it is back):
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
+import ssl
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ from pathlib import Path
 import grpc
 
 from genserve_client.errors import REQUEST_ID_KEY
+
+logger = logging.getLogger(__name__)
 
 # Images are large: a 256-image batch of 3x256x256 PNGs is ~30 MiB, one 4096x4096 RGB raw image
 # 48 MiB. gRPC's default 4 MiB receive limit breaks such payloads, so both directions get 64 MiB
@@ -125,6 +130,37 @@ def _join(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def _warn_outside_validity(path: str | Path, flag: str) -> None:
+    """A warning when the first certificate in `path` is expired or not yet valid: a server that
+    requires client certificates then closes the handshake ('Socket closed', UNAVAILABLE, which is
+    retried as an outage) and says nothing more. Decoded by CPython's own (undocumented)
+    ssl._ssl._test_decode_cert, the standard library's only decoder of a certificate that is not a
+    CA: where it is missing or fails, no warning."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    try:
+        cert = decode(str(path)) if decode is not None else None
+        if not cert:
+            return
+        not_before, not_after = cert["notBefore"], cert["notAfter"]
+        start, end = ssl.cert_time_to_seconds(not_before), ssl.cert_time_to_seconds(not_after)
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return
+    now = time.time()
+    if start <= now <= end:
+        return
+    utc = time.gmtime(now)  # as OpenSSL writes the certificate's times: "Feb  1 00:00:00 2020 GMT"
+    shown = time.strftime(f"%b {utc.tm_mday:2d} %H:%M:%S %Y GMT", utc)
+    logger.warning(
+        "%s %s is outside its validity window (notBefore %s, notAfter %s, now %s): a server that "
+        "requires client certificates refuses it (the connection fails 'Socket closed', UNAVAILABLE)",
+        flag,
+        path,
+        not_before,
+        not_after,
+        shown,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TlsOptions:
     """TLS (and mTLS) settings. PEM bytes; `None` root certs means the system trust store."""
@@ -156,9 +192,13 @@ class TlsOptions:
                 raise ValueError(f"{flag} {path}: not a PEM file holding {what}")
             return data
 
+        root_certs = read(ca, "--tls-ca", b"CERTIFICATE-----", "CA certificates")
+        client_cert = read(cert, "--tls-cert", b"CERTIFICATE-----", "a certificate")
+        if cert is not None:
+            _warn_outside_validity(cert, "--tls-cert")
         return cls(
-            read(ca, "--tls-ca", b"CERTIFICATE-----", "CA certificates"),
-            read(cert, "--tls-cert", b"CERTIFICATE-----", "a certificate"),
+            root_certs,
+            client_cert,
             read(key, "--tls-key", b"PRIVATE KEY-----", "a private key"),
             server_name_override,
         )

@@ -223,3 +223,23 @@ def test_a_server_certificate_the_client_rejects_is_final_not_retried(pki: Path,
         assert backoffs.draws == 0, f"retried {backoffs.draws} times: {info.value.details}"
     closed = "connections to all backends failing; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
     assert not is_permanent(grpc.StatusCode.UNAVAILABLE, closed)
+
+
+def test_a_client_certificate_outside_its_validity_is_named_in_a_warning(
+    pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An expired (or not yet valid) --tls-cert went out without a word: a server requiring client
+    certificates closes the handshake ('Socket closed', UNAVAILABLE, retried as an outage: a bulk
+    job for its whole retry window), naming nothing. from_files warns naming the file, its
+    notBefore and notAfter and the time now; a valid one is read without a word."""
+    from reliability_support import dated_certificate
+
+    expired = dated_certificate(pki, "client", "20200101000000Z", "20200201000000Z")
+    with caplog.at_level("WARNING", logger="genserve_client"):
+        TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+        assert not caplog.records, caplog.text
+        TlsOptions.from_files(pki / "ca.pem", expired, pki / "client.key")
+    [record] = caplog.records
+    message = record.getMessage()
+    assert f"--tls-cert {expired}" in message, message
+    assert "notBefore Jan  1 00:00:00 2020 GMT, notAfter Feb  1 00:00:00 2020 GMT, now " in message, message
