@@ -38,7 +38,7 @@ import stat
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -332,11 +332,12 @@ def write_file_durably(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_file_whole(path: Path, data: bytes) -> None:
-    """`path` holds all of `data`, or is left as it was: written under a temp name beside it, renamed
-    into place, the temp file removed on an error (a full disk), which names `path`. For the CLI's
-    outputs (a picture, a merged manifest), which need no fsync: a later tool must never take a
-    partial file for a whole one, and "No space left on device" alone does not say where.
+def write_file_whole(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """`path` holds all of `data` (bytes, or its pieces in order), or is left as it was: written
+    under a temp name beside it, renamed into place, the temp file removed on an error (a full
+    disk), which names `path`. For the CLI's outputs (a picture, a merged manifest), which need no
+    fsync: a later tool must never take a partial file for a whole one, and "No space left on
+    device" alone does not say where.
 
     A symlink is written through (the file it points to is replaced, the link kept); a file replaced
     keeps its permissions; a path that is no regular file (a FIFO, /dev/stdout, a terminal) is
@@ -348,7 +349,7 @@ def write_file_whole(path: Path, data: bytes) -> None:
     if existing is not None and not stat.S_ISREG(existing.st_mode) and not stat.S_ISDIR(existing.st_mode):
         try:
             with open(path, "wb") as f:
-                f.write(data)
+                f.writelines([data] if isinstance(data, bytes) else data)
         except OSError as exc:
             name_file(exc, path)
             raise
@@ -362,7 +363,7 @@ def write_file_whole(path: Path, data: bytes) -> None:
             with open(tmp, "wb") as f:
                 if existing is not None and stat.S_ISREG(existing.st_mode):
                     os.fchmod(f.fileno(), stat.S_IMODE(existing.st_mode))
-                f.write(data)
+                f.writelines([data] if isinstance(data, bytes) else data)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -384,18 +385,38 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:
         return [], 0
     data = path.read_bytes()
     intact = data.rfind(b"\n") + 1
-    entries = []
-    for lineno, line in enumerate(data[:intact].splitlines(), 1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BulkError(f"{path}:{lineno}: corrupt manifest line ({exc.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("index"), int):
-            raise BulkError(f"{path}:{lineno}: manifest line without an integer index")
-        if not isinstance(entry.get("file"), str):
-            raise BulkError(f"{path}:{lineno}: manifest line without a file name")
-        entries.append(entry)
+    entries = [
+        manifest_entry(path, lineno, line) for lineno, line in enumerate(data[:intact].splitlines(), 1)
+    ]
     return entries, intact
+
+
+def manifest_entry(path: Path, lineno: int, line: bytes) -> dict[str, Any]:
+    """Line `lineno` of manifest `path` as an entry; BulkError naming both when it is none."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BulkError(f"{path}:{lineno}: corrupt manifest line ({exc.msg})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("index"), int):
+        raise BulkError(f"{path}:{lineno}: manifest line without an integer index")
+    if not isinstance(entry.get("file"), str):
+        raise BulkError(f"{path}:{lineno}: manifest line without a file name")
+    return entry
+
+
+def iter_manifest(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The entries of a manifest as read_manifest takes them, each with its line's byte offset, read
+    a line at a time (a job's manifest may name millions of images). A torn last line is ignored; a
+    line that is no entry raises BulkError when it is reached."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                return  # a torn append
+            yield offset, manifest_entry(path, lineno, line)
+            offset += len(line)
 
 
 def missing_ranges(done: Iterable[int], n: int, start: int = 0) -> list[tuple[int, int]]:

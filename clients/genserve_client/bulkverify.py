@@ -12,9 +12,11 @@ the sha256 its manifest line records).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,8 @@ from genserve_client.bulk import (
     MANIFEST_FILE,
     BulkError,
     Shard,
+    iter_manifest,
     read_job,
-    read_manifest,
     write_file_whole,
 )
 
@@ -47,10 +49,12 @@ class VerifyReport:
         return not self.problems
 
 
-def _listed(kind: str, items: Sequence[object]) -> str:
+def _listed(kind: str, items: Sequence[object], count: int | None = None) -> str:
+    """`kind (count): ` the first MAX_LISTED items `and N more`; count: of items, or more of them."""
+    count = len(items) if count is None else count
     shown = ", ".join(map(str, items[:MAX_LISTED]))
-    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-    return f"{kind} ({len(items)}): {shown}{more}"
+    more = f" and {count - MAX_LISTED} more" if count > MAX_LISTED else ""
+    return f"{kind} ({count}): {shown}{more}"
 
 
 def job_folders(root: Path) -> list[Path]:
@@ -87,57 +91,126 @@ def _check_shards(report: VerifyReport, shards: dict[Path, Shard | None]) -> Non
         report.problems.append(_listed("shards found in more than one folder", twice))
 
 
-@dataclass
-class _Entries:
-    """The manifests' entries, merged, and what is wrong with them."""
+class _Found:
+    """How many items of one kind of problem there are, and the MAX_LISTED that verify lists: the
+    first found, or with `smallest` the smallest (as in a sorted list), memory bounded however many."""
 
-    merged: list[dict[str, Any]] = field(default_factory=list)
-    seen: set[int] = field(default_factory=set)
-    intact: set[int] = field(default_factory=set)  # listed, and the file there (and its sha256 with hashes)
-    duplicates: list[int] = field(default_factory=list)
-    outside: list[int] = field(default_factory=list)
-    absent: list[str] = field(default_factory=list)
-    damaged: list[str] = field(default_factory=list)
-    foreign: list[int] = field(default_factory=list)  # another seed, label or version than the job's
-    corrupt: list[str] = field(default_factory=list)  # manifests that cannot be read, and why
+    def __init__(self, *, smallest: bool = False) -> None:
+        self.count = 0
+        self.smallest = smallest
+        self._items: list[Any] = []  # with smallest: a heap of the negated items
+
+    def add(self, item: Any) -> None:
+        self.count += 1
+        if not self.smallest:
+            if len(self._items) < MAX_LISTED:
+                self._items.append(item)
+        elif len(self._items) < MAX_LISTED:
+            heapq.heappush(self._items, -item)
+        elif item < -self._items[0]:
+            heapq.heapreplace(self._items, -item)
+
+    def listed(self, kind: str) -> str | None:
+        """The report's line, None when there is none."""
+        if not self.count:
+            return None
+        items = sorted(-i for i in self._items) if self.smallest else self._items
+        return _listed(kind, items, self.count)
+
+
+_UNSEEN, _SEEN, _INTACT = 0, 1, 2  # _Entries.state of an index in [0, n)
+
+
+class MergedManifest:
+    """The merged manifest of the folders: the first line naming each index in [0, n), in index
+    order, its file relative to the roots' common parent. It holds where each line is (a few bytes
+    an image) and reads the lines again as it is iterated; it is the whole job when the report is ok."""
+
+    def __init__(self, n: int) -> None:
+        self.manifests: list[tuple[Path, Path]] = []  # (a folder's manifest, the folder's prefix)
+        self.where = array("i", [-1]) * n  # the manifest of each index (a position in manifests)
+        self.offsets = array("q", [0]) * n  # the byte offset of its line there
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        current, f = -1, None
+        try:
+            for index, k in enumerate(self.where):
+                if k < 0:
+                    continue
+                path, prefix = self.manifests[k]
+                if k != current or f is None:  # a shard's indices are contiguous: one file at a time
+                    if f is not None:
+                        f.close()
+                    f, current = open(path, "rb"), k
+                f.seek(self.offsets[index])
+                entry = json.loads(f.readline())
+                yield {**entry, "file": str(prefix / entry["file"])}
+        finally:
+            if f is not None:
+                f.close()
+
+
+class _Entries:
+    """The manifests' entries, merged, and what is wrong with them: read a line at a time, with a few
+    bytes kept per index of the job (a job may hold millions of images), never the entries."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.merged = MergedManifest(n)
+        self.state = bytearray(n)  # _UNSEEN, _SEEN, or _INTACT: the file there (and its sha256 with hashes)
+        self.seen_outside: set[int] = set()  # indices listed outside [0, n): few, unless all is wrong
+        self.duplicates = _Found(smallest=True)
+        self.outside = _Found(smallest=True)
+        self.absent = _Found()
+        self.damaged = _Found()
+        self.foreign = _Found(smallest=True)  # another seed, label or version than the job's
+        self.corrupt = _Found()  # manifests that cannot be read, and why
 
     def add(self, base: Path, folder: Path, lo: int, hi: int, job: dict[str, Any], *, hashes: bool) -> None:
-        try:
-            entries, _ = read_manifest(folder / MANIFEST_FILE)
+        manifest = folder / MANIFEST_FILE
+        try:  # a manifest that cannot be read counts for none of its lines: read it through first
+            for _ in iter_manifest(manifest):
+                pass
         except BulkError as exc:  # damage verify is there to find: a problem it lists, not a usage error
-            self.corrupt.append(str(exc))
+            self.corrupt.add(str(exc))
             return
-        unnamed = [i for i, e in enumerate(entries, 1) if not isinstance(e.get("file"), str)]
-        if unnamed:
-            self.corrupt.append(f"{folder / MANIFEST_FILE}:{unnamed[0]}: manifest line without a file name")
-            return
-        prefix = folder.relative_to(base)
+        self.merged.manifests.append((manifest, folder.relative_to(base)))
+        number = len(self.merged.manifests) - 1
         params = job["params"]
         base_seed, labels = int(params.get("base_seed", 0)), list(params.get("labels") or [])
         version = job.get("pinned_version")
-        for entry in entries:
-            index = entry["index"]
-            label = labels[index % len(labels)] if labels else entry.get("label")
-            if (
-                entry.get("seed") != base_seed + index
-                or entry.get("label") != label
-                or entry.get("version") not in (None, "", version)
-            ):
-                self.foreign.append(index)
-            if not lo <= index < hi:
-                self.outside.append(index)
-            if index in self.seen:
-                self.duplicates.append(index)
-                continue
-            self.seen.add(index)
-            path = folder / entry["file"]
-            if not path.is_file():
-                self.absent.append(str(path))
-            elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
-                self.damaged.append(str(path))
-            else:
-                self.intact.add(index)
-            self.merged.append({**entry, "file": str(prefix / entry["file"])})
+        try:
+            for offset, entry in iter_manifest(manifest):
+                index = entry["index"]
+                label = labels[index % len(labels)] if labels else entry.get("label")
+                if (
+                    entry.get("seed") != base_seed + index
+                    or entry.get("label") != label
+                    or entry.get("version") not in (None, "", version)
+                ):
+                    self.foreign.add(index)
+                if not lo <= index < hi:
+                    self.outside.add(index)
+                inside = 0 <= index < self.n
+                if (self.state[index] != _UNSEEN) if inside else (index in self.seen_outside):
+                    self.duplicates.add(index)
+                    continue
+                path = folder / entry["file"]
+                if not path.is_file():
+                    self.absent.add(str(path))
+                    seen = _SEEN
+                elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
+                    self.damaged.add(str(path))
+                    seen = _SEEN
+                else:
+                    seen = _INTACT
+                if inside:
+                    self.state[index] = seen
+                    self.merged.where[index], self.merged.offsets[index] = number, offset
+                else:
+                    self.seen_outside.add(index)
+        except BulkError as exc:  # changed since it was read through (a job still writing it)
+            self.corrupt.add(str(exc))
 
 
 def _read_jobs(
@@ -164,12 +237,10 @@ def _read_jobs(
     return jobs, shards, unreadable
 
 
-def verify_job(
-    roots: Path | Sequence[Path], *, hashes: bool = False
-) -> tuple[VerifyReport, list[dict[str, Any]]]:
+def verify_job(roots: Path | Sequence[Path], *, hashes: bool = False) -> tuple[VerifyReport, MergedManifest]:
     """Check the job in `roots` (each a job folder or a folder of shard folders; together, the
-    whole job). Returns the report and the merged manifest entries, their files relative to the
-    roots' common parent (the root itself when there is one)."""
+    whole job). Returns the report and the merged manifest (MergedManifest), its files relative to
+    the roots' common parent (the root itself when there is one)."""
     given = [roots] if isinstance(roots, Path) else list(roots)
     if not given:
         raise BulkError("verify needs at least one folder")
@@ -190,7 +261,7 @@ def verify_job(
     if unreadable:
         report.problems.append(_listed("job files that cannot be read", unreadable))
     if not jobs:
-        return report, []
+        return report, MergedManifest(0)
     first_folder, first = next(iter(jobs.items()))
     report.n = int(first["params"]["n"])
     for folder, job in jobs.items():
@@ -209,24 +280,27 @@ def verify_job(
                 f"(used_models: {recorded[0][1]!r} vs {used!r})"
             )
     _check_shards(report, shards)
-    found = _Entries()
+    found = _Entries(report.n)
     for folder, shard in shards.items():
         lo, hi = shard.range(report.n) if shard else (0, report.n)
         found.add(base, folder.resolve(), lo, hi, jobs[folder], hashes=hashes)
+    missing = _Found()
+    for index in (i for i, state in enumerate(found.state) if state == _UNSEEN):
+        missing.add(index)
     for kind, items in (
-        ("indices missing", [i for i in range(report.n) if i not in found.seen]),
-        ("indices listed twice", sorted(found.duplicates)),
-        ("indices outside their shard's range", sorted(found.outside)),
-        ("indices whose seed, label or version is not the job's", sorted(found.foreign)),
+        ("indices missing", missing),
+        ("indices listed twice", found.duplicates),
+        ("indices outside their shard's range", found.outside),
+        ("indices whose seed, label or version is not the job's", found.foreign),
         ("files missing", found.absent),
         ("files whose sha256 differs from the manifest", found.damaged),
         ("manifests that cannot be read", found.corrupt),
     ):
-        if items:
-            report.problems.append(_listed(kind, items))
+        line = items.listed(kind)
+        if line:
+            report.problems.append(line)
     # The images the folders hold: a line whose file is missing (or damaged) is no image.
-    report.images = sum(1 for i in found.intact if 0 <= i < report.n)
-    found.merged.sort(key=lambda e: int(e["index"]))
+    report.images = found.state.count(_INTACT)
     return report, found.merged
 
 
@@ -246,5 +320,6 @@ def _difference(first: dict[str, Any], other: dict[str, Any]) -> str:
     return ", ".join(diffs)
 
 
-def write_merged_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
-    write_file_whole(path, b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))
+def write_merged_manifest(path: Path, entries: Iterable[dict[str, Any]]) -> None:
+    """Write the entries a line each, as they come (a MergedManifest reads them as it goes)."""
+    write_file_whole(path, (json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from client_fakes import FakeServer, cli_main, run_cli
@@ -233,3 +235,56 @@ def test_an_incomplete_jobs_image_count_leaves_out_files_missing_or_damaged(
     assert code == 1 and "files missing (1)" in err and "NOT the complete job (10 of 11 images)" in err, err
     code, _, err = cli_main(capsys, "verify", str(a), str(b), "--hashes")
     assert code == 1 and "sha256 differs" in err and "NOT the complete job (9 of 11 images)" in err, err
+
+
+def synthetic_job(out: Path, n: int, *, images: bool = True, seed: int = 40) -> None:
+    """A whole job folder of n manifest lines (empty image files, or none), as bulk writes it."""
+    (out / "images").mkdir(parents=True)
+    empty = hashlib.sha256(b"").hexdigest()
+    with open(out / "manifest.jsonl", "w") as manifest:
+        for i in range(n):
+            name = f"images/{i:06d}.png"
+            if images:
+                (out / name).touch()
+            entry = {"file": name, "index": i, "seed": seed + i, "label": 1, "model": "fake", "sha256": empty}
+            manifest.write(json.dumps({**entry, "version": "1"}, sort_keys=True) + "\n")
+    job = {"params": {"model": "fake", "n": n, "base_seed": 40, "labels": [1]}, "pinned_version": "1"}
+    (out / "job.json").write_text(json.dumps({**job, "model_sha256": "0" * 64, "shard": None}))
+
+
+def test_verify_holds_a_few_bytes_per_image_not_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # verify read each manifest whole and kept every line as a dict (and the merged manifest as one
+    # more dict per image, and every problem found): about 1.4 KB per image, so the verify of a job
+    # of a million images took gigabytes. Its memory may grow by a few bytes per image (which indices
+    # are there), not by the manifest; what it says and writes is unchanged.
+    def peak_bytes(n: int, **job: Any) -> tuple[int, str, str]:
+        out = tmp_path / f"job-{n}-{len(job)}"
+        synthetic_job(out, n, **job)
+        merged = tmp_path / f"merged-{n}.jsonl"
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            code, stdout, stderr = cli_main(capsys, "verify", str(out), "--manifest-out", str(merged))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        if not job:
+            assert code == 0 and f"complete, {n} images in 1 folder(s)" in stdout, stderr
+            lines = merged.read_text().splitlines()
+            assert [json.loads(line)["index"] for line in lines] == list(range(n))
+            assert lines == (out / "manifest.jsonl").read_text().splitlines()
+        return peak, stdout, stderr
+
+    # A job whose every image is missing and of another seed lists 10 of each, and counts them all
+    # (and this first run imports what verify imports, which the runs compared must not count).
+    _, _, err = peak_bytes(20, images=False, seed=0)
+    assert "files missing (20): " in err and "and 10 more" in err
+    foreign = "indices whose seed, label or version is not the job's (20): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+    assert f"{foreign} and 10 more" in err
+    assert "NOT the complete job (0 of 20 images)" in err
+    small, large = 1000, 5000
+    for job in ({}, {"images": False, "seed": 0}):
+        grown = peak_bytes(large, **job)[0] - peak_bytes(small, **job)[0]
+        assert grown < 100 * (large - small), f"{job}: {grown / (large - small):.0f} bytes per image"
