@@ -111,3 +111,29 @@ def test_a_few_training_steps_export_and_verify(tmp_path: Path, monkeypatch: pyt
     (tmp_path / vqvae.DECODER / "1" / vqvae.ENCODER_FILE).write_bytes(b"not a graph")
     tampered = verify_repository(tmp_path, check_thresholds=False)
     assert any("auxiliary graph encoder.onnx" in e for m in tampered.models for e in m.errors)
+
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.mark.skipif(not (MODELS / vqvae.PRIOR).is_dir(), reason="models/ has not been built")
+@pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
+def test_verify_recomputes_the_priors_bits_per_pixel_of_both_levels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bottom prior's card records holdout_bits_per_pixel_both_levels (its bits per image pixel
+    plus the top prior's), but verify recomputed only the prior's own level and printed the figure
+    as '-' beside the card's -> it adds the top prior's level from the sibling graph, as the recipe
+    did at export."""
+    monkeypatch.setattr(vqvae, "SAMPLES_PER_CLASS", 1)  # the decoder's sample figures: not under test
+    root = tmp_path / "models"
+    root.mkdir()
+    for name in vqvae.VqvaeDigitsRecipe.names:
+        (root / name).symlink_to(MODELS / name)
+    report = verify_repository(root, check_thresholds=False)
+    assert report.ok, report.format()
+    prior = {m.name: m for m in report.models}[vqvae.PRIOR]
+    card = json.loads((MODELS / vqvae.PRIOR / "1" / "card.json").read_text())["quality"]
+    both = prior.quality_recomputed.get("holdout_bits_per_pixel_both_levels")
+    assert both == pytest.approx(card["holdout_bits_per_pixel_both_levels"], rel=1e-3), prior.format()
+    assert "holdout_bits_per_pixel_both_levels: -" not in prior.format()

@@ -564,4 +564,10 @@ class VqvaeDigitsRecipe:
                 )
         elif encode is not None:
             figures.update(prior_figures(name, run, encode))
+            top_run = sibling(TOP_PRIOR) if name == PRIOR else None
+            if top_run is not None:  # the card's sum of both levels, as specs_from records it
+                top = prior_figures(TOP_PRIOR, top_run, encode)
+                figures["holdout_bits_per_pixel_both_levels"] = (
+                    top["holdout_bits_per_image_pixel"] + figures["holdout_bits_per_image_pixel"]
+                )
         return figures
