@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from genserve_export import verify_repository
@@ -45,3 +49,46 @@ def test_committed_fashion_model_verifies(tmp_path: Path) -> None:
     report = verify_repository(_repository_of(tmp_path / "models", FASHION_ENTRIES, include=True))
     assert report.ok, report.format()
     assert {m.name for m in report.models} == FASHION_ENTRIES
+
+
+def _style_generators() -> list[str]:
+    if not MODELS.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in MODELS.iterdir()
+        if (entry / "1" / "card.json").is_file()
+        and json.loads((entry / "1" / "card.json").read_text())["kind"] == "style_generator"
+    )
+
+
+@pytest.mark.parametrize("name", _style_generators())
+def test_a_style_generators_demodulation_keeps_its_eps_so_a_zero_style_stays_finite(name: str) -> None:
+    """Each modulated convolution divides by d = rsqrt(sum_i s_i^2 sum_k W^2 + 1e-8) (the recipe's
+    ModulatedConv). The exporter's onnxscript optimizer dropped the + 1e-8 from the bundled synthesis
+    graph (as from the mapping's pixel norm, c3ecb93), so a style s of zeros (or one whose squares
+    underflow float32) gave d = inf and 0 * inf = NaN in the image -> the graph adds the eps, and
+    each demodulation of a zero style is 1 / sqrt(1e-8) = 1e4."""
+    model = onnx.load(str(MODELS / name / "1" / "model.onnx"))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    demodulations = []
+    for node in model.graph.node:
+        if node.op_type == "Reciprocal" and producer[node.input[0]].op_type == "Sqrt":
+            below = producer[producer[node.input[0]].input[0]]
+            if below.op_type == "Add":
+                below = producer[below.input[0]]
+            assert below.op_type == "MatMul", below  # s^2 @ sum_k W^2
+            squares = producer[below.input[0]]
+            assert squares.op_type == "Pow", squares
+            demodulations.append((squares.input[0], node.output[0]))
+    card = json.loads((MODELS / name / "1" / "card.json").read_text())
+    assert len(demodulations) == card["num_layers"]
+    for style, d in demodulations:
+        graph = onnx.utils.Extractor(model).extract_model([style], [d])
+        sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        affine = producer[style]  # the style's Gemm: its bias has the style's width
+        bias = next(i for i in model.graph.initializer if i.name == affine.input[2])
+        s = np.zeros((2, bias.dims[0]), np.float32)
+        s[1] = 1e-25  # its squares underflow float32
+        (got,) = sess.run([d], {style: s})
+        np.testing.assert_allclose(got, 1e4, rtol=1e-4, err_msg=f"{name}: demodulation {d} of a zero style")
