@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from itertools import chain
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -317,13 +316,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: Path, data: bytes) -> None:
-    """temp name + fsync + rename: `path` either does not exist or holds all of `data`. An error
-    names the file (the temp name) it was writing."""
+def write_file_durably(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """temp name + fsync + rename: `path` either does not exist (or is left as it was) or holds all
+    of `data` (bytes, or its pieces in order). An error names the file (the temp name) it was
+    writing."""
     tmp = path.with_name(TMP_PREFIX + path.name)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines([data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
@@ -429,6 +429,50 @@ def missing_ranges(done: Iterable[int], n: int, start: int = 0) -> list[tuple[in
     if start < n:
         ranges.append((start, n))
     return ranges
+
+
+class DoneIndices:
+    """Which indices of [lo, hi) a job has (listed in its manifest): one byte each, as a job may
+    hold millions of images."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo = lo
+        self._done = bytearray(max(0, hi - lo))
+
+    def __contains__(self, index: int) -> bool:
+        return 0 <= index - self.lo < len(self._done) and self._done[index - self.lo] != 0
+
+    def __len__(self) -> int:
+        return self._done.count(1)
+
+    def __iter__(self) -> Iterator[int]:
+        pos = self._done.find(1)
+        while pos != -1:
+            yield self.lo + pos
+            pos = self._done.find(1, pos + 1)
+
+    def add(self, index: int) -> None:
+        self._done[index - self.lo] = 1
+
+    def discard(self, index: int) -> None:
+        self._done[index - self.lo] = 0
+
+    def add_range(self, start: int, stop: int) -> None:
+        a, b = max(0, start - self.lo), min(len(self._done), stop - self.lo)
+        if a < b:
+            self._done[a:b] = bytes([1]) * (b - a)
+
+    def missing_ranges(self) -> list[tuple[int, int]]:
+        """Half-open ranges of the indices not done, in order (as missing_ranges)."""
+        ranges: list[tuple[int, int]] = []
+        start = self._done.find(0)
+        while start != -1:
+            stop = self._done.find(1, start)
+            if stop == -1:
+                stop = len(self._done)
+            ranges.append((self.lo + start, self.lo + stop))
+            start = self._done.find(0, stop)
+        return ranges
 
 
 def plan_streams(ranges: Sequence[tuple[int, int]], parts: int, max_images: int = 0) -> list[tuple[int, int]]:
@@ -649,8 +693,9 @@ class BulkJob:
         # The first final error of any worker (run() raises it); an unexpected one is wrapped in
         # BulkIncomplete, so a worker never dies silently.
         self.failure: Exception | None = None
-        # [start, stop) of every chunk whose manifest lines were appended by this run.
-        self._written: list[tuple[int, int]] = []
+        # The indices the manifest lists: recovered (recover, in _run_locked), then every chunk
+        # whose manifest lines this run appended.
+        self._done = DoneIndices(self.lo, self.lo)
         self._stop = threading.Event()
         self.window = RetryWindow(retry_window_s, client.retry.retryable_codes, self._stop)
         # Open streams and the client each was opened on (see channelpool.py).
@@ -781,34 +826,70 @@ class BulkJob:
             fsync_dir(self.out_dir)
             self._pending_job = None
 
-    def recover(self) -> dict[int, dict[str, Any]]:
+    def recover(self) -> DoneIndices:
         """Bring the directory to a state where every manifest line names a complete file and every
-        file of the job's own naming is named by the manifest; return the entries by index.
-        Anything else in images/ (a user's file, a sub-folder) is left alone."""
+        file of the job's own naming is named by the manifest; return the indices it lists.
+        Anything else in images/ (a user's file, a sub-folder) is left alone.
+
+        The manifest is read a line at a time (a job may list millions of images): what is held is
+        a byte per index, and the names of files listed under another name than their index's."""
         self.images_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.out_dir / MANIFEST_FILE
-        entries, intact = read_manifest(manifest_path)
-        if manifest_path.exists() and intact != manifest_path.stat().st_size:
-            os.truncate(manifest_path, intact)  # drop the torn tail before appending after it
-        done: dict[int, dict[str, Any]] = {}
-        for entry in entries:
+        done = self._listed(manifest_path)
+        lost = 0
+        other_names: set[str] = set()  # files listed that are not images/<their index's name>
+        other_indices: set[int] = set()
+        for _, entry in iter_manifest(manifest_path):
             index = entry["index"]
-            if not self.lo <= index < self.hi or index in done:
-                raise BulkError(f"{manifest_path}: index {index} is out of range or listed twice")
-            done[index] = entry
-        lost = [i for i, e in done.items() if not self._entry_intact(e)]
+            if not self._entry_intact(entry):
+                done.discard(index)
+                lost += 1
+            elif entry["file"] != f"{IMAGES_DIR}/{self.file_name(index)}":
+                other_names.add(entry["file"])
+                other_indices.add(index)
         if lost:  # files deleted or damaged behind the job's back: forget them and redo them
-            for index in lost:
-                del done[index]
-            data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in done.values())
-            write_file_durably(manifest_path, data)
-        named = {e["file"] for e in done.values()}
-        for path in self.images_dir.iterdir():
-            if f"{IMAGES_DIR}/{path.name}" in named or not self._own_name.fullmatch(path.name):
-                continue
-            if path.is_file() and not path.is_symlink():
-                path.unlink()  # temp files and files written after the last manifest append
+            kept = (
+                json.dumps(e, sort_keys=True).encode() + b"\n"
+                for _, e in iter_manifest(manifest_path)
+                if e["index"] in done
+            )
+            write_file_durably(manifest_path, kept)
+        with os.scandir(self.images_dir) as listing:  # a name at a time, not a list of them all
+            for item in listing:
+                name = item.name
+                if not self._own_name.fullmatch(name) or f"{IMAGES_DIR}/{name}" in other_names:
+                    continue
+                if not name.startswith(TMP_PREFIX):
+                    index = int(name.removesuffix(self.suffix))
+                    if index in done and index not in other_indices and name == self.file_name(index):
+                        continue
+                if item.is_file(follow_symlinks=False):
+                    os.unlink(item.path)  # temp files and files written after the last manifest append
         fsync_dir(self.images_dir)
+        return done
+
+    def _listed(self, manifest_path: Path) -> DoneIndices:
+        """The indices the manifest lists, its torn tail dropped; BulkError for a corrupt line, or an
+        index out of the job's range or listed twice (the manifest is left as it is, torn tail
+        excepted)."""
+        done = DoneIndices(self.lo, self.hi)
+        if not manifest_path.exists():
+            return done
+        intact, clash = 0, None
+        with open(manifest_path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break  # a torn append
+                index = manifest_entry(manifest_path, lineno, line)["index"]
+                intact += len(line)
+                if not self.lo <= index < self.hi or index in done:
+                    clash = index if clash is None else clash
+                else:
+                    done.add(index)
+        if intact != manifest_path.stat().st_size:
+            os.truncate(manifest_path, intact)  # drop the torn tail before appending after it
+        if clash is not None:
+            raise BulkError(f"{manifest_path}: index {clash} is out of range or listed twice")
         return done
 
     def _entry_intact(self, entry: dict[str, Any]) -> bool:
@@ -846,8 +927,8 @@ class BulkJob:
             lock.release()
 
     def _run_locked(self) -> None:
-        done = self.recover()
-        streams = plan_streams(missing_ranges(done, self.hi, self.lo), self.concurrency, self.stream_images)
+        self._done = done = self.recover()
+        streams = plan_streams(done.missing_ranges(), self.concurrency, self.stream_images)
         if not streams:
             self._commit_job()  # a shard with no image (n < N) is still a finished shard
         progress = ProgressBar(self.hi - self.lo, initial=len(done), stream=self.progress_stream)
@@ -883,8 +964,7 @@ class BulkJob:
             raise self.failure
         # Success only when every image of [lo, hi) is listed: a worker that ended without its
         # range (and without an error) must not make an incomplete job look finished.
-        written = chain.from_iterable(range(a, b) for a, b in self._written)
-        left = missing_ranges(chain(done, written), self.hi, self.lo)
+        left = done.missing_ranges()
         if left:
             missing = sum(b - a for a, b in left)
             ranges = describe_entries([f"[{a}, {b})" for a, b in left])
@@ -1103,4 +1183,4 @@ class BulkJob:
         sink.manifest.append(entries)
         if chunk.items:  # contiguous indices (checked in _run_range)
             with self._lock:
-                self._written.append((chunk.items[0].index, chunk.items[-1].index + 1))
+                self._done.add_range(chunk.items[0].index, chunk.items[-1].index + 1)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from client_fakes import FakeServer, cli_main, fake_pixels, run_cli
+from client_fakes import FAKE_SHA256, FakeServer, cli_main, fake_pixels, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+import genserve_client.bulk as bulk_module
 from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
 from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, plan_streams, read_manifest
 from genserve_client.channelpool import FreshChannels
@@ -60,6 +63,104 @@ def test_recover_truncates_torn_tail_and_removes_orphans(tmp_path: Path) -> None
     (images / "000001.png").unlink()
     assert sorted(job.recover()) == [0, 2]
     assert [e["index"] for e in read_manifest(tmp_path / "manifest.jsonl")[0]] == [0, 2]
+
+
+def test_recovery_keeps_a_listed_file_of_another_name_and_removes_its_indexs_unlisted_one(
+    tmp_path: Path,
+) -> None:
+    job = BulkJob(GenserveClient("127.0.0.1:1"), BulkParams("m", n=10), tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("000000.png", "7.png", "000007.png", "0000003.png"):
+        (images / name).write_bytes(b"x")
+    write_lines(tmp_path / "manifest.jsonl", [entry(0), {**entry(7), "file": "images/7.png"}])
+    assert sorted(job.recover()) == [0, 7]
+    assert sorted(p.name for p in images.iterdir()) == ["000000.png", "7.png"]
+
+
+def test_a_recovery_killed_while_it_rewrites_the_manifest_leaves_the_manifest_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The manifest without a lost image's line is written a line at a time under a temp name and
+    # renamed over it: a kill in the middle leaves the old one, which the next resume reads.
+    job = BulkJob(GenserveClient("127.0.0.1:1"), BulkParams("m", n=10), tmp_path)
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        (tmp_path / "images" / f"{i:06d}.png").write_bytes(b"x")
+    write_lines(tmp_path / "manifest.jsonl", [entry(i) for i in range(4)])
+    before = (tmp_path / "manifest.jsonl").read_bytes()
+    (tmp_path / "images" / "000001.png").unlink()
+    real = bulk_module.write_file_durably
+
+    def killed_after_a_line(path: Path, data: bytes | Iterable[bytes]) -> None:
+        def pieces() -> Iterator[bytes]:
+            for k, piece in enumerate([data] if isinstance(data, bytes) else data):
+                if k == 1:
+                    raise KeyboardInterrupt
+                yield piece
+
+        real(path, pieces())
+
+    monkeypatch.setattr(bulk_module, "write_file_durably", killed_after_a_line)
+    with pytest.raises(KeyboardInterrupt):
+        job.recover()
+    assert (tmp_path / "manifest.jsonl").read_bytes() == before
+    monkeypatch.undo()
+    assert sorted(job.recover()) == [0, 2, 3]
+    assert [e["index"] for e in read_manifest(tmp_path / "manifest.jsonl")[0]] == [0, 2, 3]
+
+
+def resumable_job(out: Path, n: int) -> list[bytes]:
+    """A job folder of n images whose manifest lists all but the last 2 and whose image n // 2 was
+    deleted behind its back (as a real job writes them: empty files); the manifest's lines a resume
+    keeps."""
+    params = BulkParams("fake-gen", n=n)
+    job = BulkJob(GenserveClient("127.0.0.1:1"), params, out)
+    job.pinned_version, job.model_sha256 = "1", FAKE_SHA256
+    out.mkdir()
+    (out / "job.json").write_text(json.dumps(job._job_json()))
+    (out / "images").mkdir()
+    empty = hashlib.sha256(b"").hexdigest()
+    lines = []
+    for i in range(n - 2):
+        (out / "images" / f"{i:06d}.png").touch()
+        e = {"file": f"images/{i:06d}.png", "index": i, "seed": i, "label": 0, "model": "fake-gen"}
+        lines.append(json.dumps({**e, "version": "1", "sha256": empty}, sort_keys=True).encode() + b"\n")
+    (out / "manifest.jsonl").write_bytes(b"".join(lines))
+    (out / "images" / f"{n // 2:06d}.png").unlink()
+    return lines[: n // 2] + lines[n // 2 + 1 :]
+
+
+def test_a_resumed_job_holds_a_few_bytes_per_image_not_its_manifest(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    # A resume read the whole manifest and kept every line as a dict for the whole run (and a set of
+    # every file name, the rewritten manifest as one bytes, every index sorted again at the end):
+    # about 1 KB per image, so resuming a job of a million images took a gigabyte. Its memory may
+    # grow by a few bytes per image (which indices are done), not by the manifest; what it writes
+    # is unchanged.
+    def peak_bytes(n: int) -> int:
+        out = tmp_path / f"job-{n}"
+        kept = resumable_job(out, n)
+        with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+            job = BulkJob(client, BulkParams("fake-gen", n=n), out)
+            tracemalloc.start()
+            try:
+                tracemalloc.reset_peak()
+                job.run()
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        manifest = (out / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+        assert manifest[: n - 3] == kept  # the lost image's line dropped, the others byte for byte
+        assert sorted(json.loads(line)["index"] for line in manifest[n - 3 :]) == [n // 2, n - 2, n - 1]
+        assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(n)]
+        return peak
+
+    peak_bytes(20)  # imports what a run imports, which the runs compared must not count
+    small, large = 1000, 5000
+    grown = peak_bytes(large) - peak_bytes(small)
+    assert grown < 100 * (large - small), f"{grown / (large - small):.0f} bytes per image"
 
 
 @given(
