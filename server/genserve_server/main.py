@@ -436,6 +436,7 @@ class App:
         self.repository.scan()
         self.port = self._bind(self.server, self.requested_port, "--port")
         security.warn_outside_validity(self.config.security)  # once, not per port
+        self.metrics.set_certificate_expiries(security.certificate_expiries(self.config.security))
         if self.health_server is not None and self.requested_health_port is not None:
             self.health_port = self._bind(self.health_server, self.requested_health_port, "--health-port")
         if self.requested_metrics_port is not None:

@@ -12,7 +12,7 @@ import collections
 import contextlib
 import importlib.metadata
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -477,6 +477,13 @@ class Metrics:
             ("version", "onnxruntime"),
             registry=reg,
         )
+        self.tls_certificate_expiry = Gauge(
+            "genserve_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of each configured TLS file, in seconds since the epoch: file_role server_cert "
+            "(--tls-cert), client_ca (--tls-client-ca, its earliest CA certificate). Read at start-up.",
+            ("file_role",),
+            registry=reg,
+        )
         if enabled:
             self.build_info.labels(_package_version("genserve-server"), _package_version("onnxruntime")).set(
                 1
@@ -503,6 +510,12 @@ class Metrics:
         )
         mm.bind_batch_size(max_batch_size)
         return mm
+
+    def set_certificate_expiries(self, expiries: Mapping[str, float]) -> None:
+        """genserve_tls_certificate_expiry_timestamp_seconds{file_role}: security.certificate_expiries."""
+        if self.enabled:
+            for role, not_after in expiries.items():
+                self.tls_certificate_expiry.labels(role).set(not_after)
 
     def set_config_error(self, model: str, failing: bool) -> None:
         """genserve_model_config_error{model}: 1 while the model's files on disk cannot be applied."""

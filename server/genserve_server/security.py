@@ -7,6 +7,7 @@ interceptor before any handler runs, compared in constant time against every con
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import ssl
@@ -273,6 +274,30 @@ def warn_outside_validity(config: SecurityConfig, now: float | None = None) -> N
                     config.tls_client_ca_file,
                     window,
                 )
+
+
+def certificate_expiries(config: SecurityConfig) -> dict[str, float]:
+    """{file role: notAfter in seconds since the epoch} of the configured TLS files, for
+    genserve_tls_certificate_expiry_timestamp_seconds: `server_cert` (its first certificate),
+    `client_ca` (the earliest of its CA certificates: one expired, the clients it signed fail). A
+    file or certificate that cannot be read or dated is left out."""
+    expiries: dict[str, float] = {}
+    if config.tls_cert_file is not None and (cert := _decode_certificate(config.tls_cert_file)):
+        with contextlib.suppress(KeyError, ValueError):
+            expiries["server_cert"] = float(ssl.cert_time_to_seconds(cert["notAfter"]))
+    if config.tls_client_ca_file is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca_file)
+        except (ssl.SSLError, OSError):
+            return expiries
+        ends = []
+        for ca in context.get_ca_certs():
+            with contextlib.suppress(KeyError, ValueError):
+                ends.append(float(ssl.cert_time_to_seconds(str(ca["notAfter"]))))
+        if ends:
+            expiries["client_ca"] = min(ends)
+    return expiries
 
 
 def bind(server: grpc.aio.Server, address: str, config: SecurityConfig) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import calendar
 import subprocess
 from pathlib import Path
 
 import pytest
 from reliability_support import dated_certificate, write_gen
-from server_support import start_server
+from server_support import metric_in, start_server
 
 
 def test_a_passphrase_protected_key_stops_startup_naming_it(pki: Path, tmp_path: Path) -> None:
@@ -73,3 +74,41 @@ def test_a_certificate_within_its_validity_starts_without_a_validity_warning(
     finally:
         server.stop()
     assert "TLS on" in log and "validity" not in log, log
+
+
+def test_a_tls_server_exposes_each_certificates_expiry_as_a_gauge(pki: Path, tmp_path: Path) -> None:
+    """Start-up warns about a certificate already outside its validity, but nothing told an operator
+    that the certificate of a running server expires in 3 days. /metrics has each configured TLS
+    file's notAfter (the client CA file's earliest) as
+    genserve_tls_certificate_expiry_timestamp_seconds{file_role}, for an alert."""
+    models = tmp_path / "models"
+    write_gen(models)
+    cert = dated_certificate(pki, "server", "20200101000000Z", "20980601000000Z")
+    ca = dated_certificate(pki, "ca", "20200101000000Z", "20970301000000Z")
+    args = ("--tls-cert", str(cert), "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(ca))
+    server = start_server(models, tmp_path / "work", extra_args=args, timeout_s=60)
+    try:
+        text = server.metrics_text()
+    finally:
+        server.stop()
+    name = "genserve_tls_certificate_expiry_timestamp_seconds"
+    lines = sorted(line for line in text.splitlines() if line.startswith(name))
+    expected = {
+        "client_ca": calendar.timegm((2097, 3, 1, 0, 0, 0)),
+        "server_cert": calendar.timegm((2098, 6, 1, 0, 0, 0)),
+    }
+    assert len(lines) == 2, text
+    for role, seconds in expected.items():
+        assert metric_in(text, name, file_role=role) == seconds, lines
+    assert f"# TYPE {name} gauge" in text
+
+
+def test_a_plaintext_server_exposes_no_certificate_expiry(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    write_gen(models)
+    server = start_server(models, tmp_path / "work", timeout_s=60)
+    try:
+        text = server.metrics_text()
+    finally:
+        server.stop()
+    assert "genserve_tls_certificate_expiry_timestamp_seconds{" not in text
