@@ -490,6 +490,8 @@ class App:
                     f"metrics port {port} on {self.metrics_host} is already in use: "
                     "choose another with --metrics-port (or --no-metrics)"
                 ) from None
+            if (error := _no_ipv6(self.metrics_host, "--metrics-host", exc)) is not None:
+                raise error from None
             raise GenserveError(
                 f"cannot serve metrics on {_address(self.metrics_host, port)} "
                 f"(--metrics-host/--metrics-port): {exc.strerror or exc}"
@@ -631,13 +633,30 @@ class App:
         logger.info("stopped in %.2f s", time.monotonic() - started)
 
 
-def _check_port_free(host: str, port: int, flag: str) -> None:
+def _no_ipv6(host: str, host_flag: str, exc: OSError) -> GenserveError | None:
+    """The error for an IPv6 address where the kernel has no IPv6 (booted with ipv6.disable=1), else
+    None: Python's own is a traceback ending in 'Address family not supported by protocol'."""
+    if exc.errno != errno.EAFNOSUPPORT:
+        return None
+    return GenserveError(
+        f"cannot listen on {host} ({host_flag}): this host's kernel has no IPv6 ({exc.strerror or exc}): "
+        f"use {host_flag} 0.0.0.0 (every IPv4 address) or an IPv4 address"
+    )
+
+
+def _check_port_free(host: str, port: int, flag: str, host_flag: str = "--host") -> None:
     """A port in use is one line naming it and the flag (gRPC's own bind failure is a traceback with
     C-core log lines). A check, not a reservation: the real bind still reports a race."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe_socket:
+    try:
+        probe_socket = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        if (error := _no_ipv6(host, host_flag, exc)) is not None:
+            raise error from None
+        return  # the real bind reports it
+    with probe_socket:
         probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and http.server bind
         try:
             probe_socket.bind((host, port))
@@ -694,7 +713,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Before anything is loaded or logged: a port in use is one line, at once.
     _check_port_free(args.host, args.port, "--port")
     if not args.no_metrics:
-        _check_port_free(args.metrics_host, args.metrics_port, "--metrics-port")
+        _check_port_free(args.metrics_host, args.metrics_port, "--metrics-port", "--metrics-host")
     if args.health_port is not None:
         _check_port_free(args.host, args.health_port, "--health-port")
     quiet_onnxruntime()

@@ -149,3 +149,39 @@ def test_a_models_directory_that_cannot_be_listed_is_one_line_naming_it() -> Non
     assert "Traceback" not in proc.stderr, proc.stderr
     line = last_line(proc.stderr)
     assert f"{models}: model repository cannot be read: Permission denied" in line, proc.stderr
+
+
+# `python -m genserve_server` on a kernel without IPv6 (booted with ipv6.disable=1): Python's
+# socket.has_ipv6 false, and an AF_INET6 socket refused with EAFNOSUPPORT.
+_NO_IPV6 = """
+import errno, runpy, socket, sys
+_socket = socket.socket
+class _NoIpv6(_socket):
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        super().__init__(family, type, proto, fileno)
+socket.socket = _NoIpv6
+socket.has_ipv6 = False
+sys.argv[0] = "genserve_server"
+runpy.run_module("genserve_server", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_metrics_on_ipv6_where_the_kernel_has_none_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    """deploy/k8s's --metrics-host :: on a node whose kernel has IPv6 off: a traceback ending in
+    'Address family not supported by protocol', naming no flag. One line naming --metrics-host and
+    what to use instead (exit 2)."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    # `python -m genserve_server` left out: _NO_IPV6 runs it.
+    with socket.socket() as free:  # a port of its own, as the Deployment's 50052 (0 skips the check)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    args = serve_args(models, "--metrics-host", "::", "--metrics-port", str(port))[3:]
+    proc = subprocess.run([sys.executable, "-c", _NO_IPV6, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = last_line(proc.stderr)
+    assert "--metrics-host" in line and "IPv6" in line and "0.0.0.0" in line, proc.stderr
+    assert "listening" not in proc.stdout
