@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import ipaddress
 import queue
 import re
 import selectors
@@ -168,6 +169,14 @@ def _malformed_line(received: bytearray) -> bool:
     return _HEADED_LINE.fullmatch(bytes(received[:end])) is None
 
 
+def _unspecified(host: Any) -> bool:
+    """Whether `host` is the unspecified address (`::`, `0.0.0.0`)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 class _Reading:
     """A connection whose request head the reader is receiving."""
 
@@ -196,6 +205,13 @@ class BoundedWSGIServer(WSGIServer):
     def probe_health(self) -> tuple[bool, str]:
         """(serving, reason) for /healthz; serve() overrides it with the server's health."""
         return True, ""
+
+    def server_bind(self) -> None:
+        # `::` is every IPv4 address too only on a dual-stack socket, which a new one is only where
+        # Linux's net.ipv6.bindv6only is 0 (deploy/k8s's --metrics-host ::): set it here.
+        if self.address_family == socket.AF_INET6 and _unspecified(self.server_address[0]):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
     def server_activate(self) -> None:
         super().server_activate()

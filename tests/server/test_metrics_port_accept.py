@@ -7,8 +7,10 @@ import select
 import socket
 import threading
 import time
+import urllib.request
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from genserve_server.metrics_http import serve
@@ -92,3 +94,38 @@ def test_healthz_answers_while_half_sent_requests_hold_every_reading_slot() -> N
             sock.close()
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_metrics_on_the_unspecified_ipv6_address_take_ipv4_too_whatever_bindv6only(
+    monkeypatch: Any,
+) -> None:
+    """deploy/k8s's --metrics-host :: is every IPv4 and IPv6 address only where a new IPv6 socket is
+    dual-stack, Linux's net.ipv6.bindv6only=0: on a node that sets it to 1 the PodMonitor's scrapes of
+    an IPv4 pod IP were refused. The socket is made dual-stack itself (IPV6_V6ONLY 0)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this host has no IPv6 loopback")
+
+    class V6OnlyByDefault(socket.socket):
+        """A socket as net.ipv6.bindv6only=1 makes it: IPv6 only unless told otherwise."""
+
+        def __init__(self, family: Any = -1, type: Any = -1, proto: int = -1, fileno: Any = None) -> None:
+            super().__init__(family, type, proto, fileno)
+            if fileno is None and self.family == socket.AF_INET6:
+                self.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+    monkeypatch.setattr(socket, "socket", V6OnlyByDefault)
+    httpd, thread = serve("::", 0, CollectorRegistry(), None)
+    monkeypatch.undo()
+    try:
+        assert httpd.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        port = httpd.server_address[1]
+        for host in ("127.0.0.1", "[::1]"):
+            with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=10) as response:
+                assert response.status == 200, host
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
