@@ -73,6 +73,8 @@ EXPOSE 50051 50052
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "genserve_server.probe", "--host", "127.0.0.1", "--port", "50051", "--timeout-s", "3"]
 ENTRYPOINT ["genserve-server"]
-# Both ports listen on all interfaces: the container's network namespace is the boundary.
+# Both ports listen on all interfaces, IPv4 and IPv6 (gRPC's 0.0.0.0 covers both; /metrics needs
+# `::`): the container's network namespace is the boundary. Where the kernel has IPv6 off, run
+# with `--metrics-host 0.0.0.0` (the server stops naming the flag otherwise).
 CMD ["serve", "--models", "/opt/genserve/models", "--host", "0.0.0.0", "--port", "50051", \
-     "--metrics-host", "0.0.0.0", "--metrics-port", "50052"]
+     "--metrics-host", "::", "--metrics-port", "50052"]

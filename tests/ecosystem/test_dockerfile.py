@@ -135,6 +135,22 @@ def test_runs_the_server_cli_as_non_root(runtime: Stage) -> None:
     assert copies and copies[0].args[0].rstrip("/") == "models", "the default model repository is not copied"
 
 
+def test_the_images_metrics_listen_on_ipv4_and_ipv6_as_the_deployments_do(runtime: Stage) -> None:
+    """The CMD bound /metrics to 0.0.0.0, IPv4 only (gRPC's --host 0.0.0.0 listens on IPv6 too):
+    the image run with its own command on an IPv6 or dual-stack network (a Kubernetes cluster, a
+    Docker network with IPv6) refused scrapes of its IPv6 address, as deploy/k8s did before it
+    turned to `::` (dual-stack: the server makes the socket take IPv4 too)."""
+    import yaml
+
+    cmd = runtime.last("CMD")
+    assert cmd is not None
+    manifests = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    (deployment,) = [m for m in manifests if m and m.get("kind") == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for argv in (cmd.args, container["args"]):
+        assert argv[argv.index("--metrics-host") + 1] == "::", argv
+
+
 def test_cmd_parses_with_the_server_cli(runtime: Stage) -> None:
     """The image's CMD and HEALTHCHECK are accepted by the real `genserve-server` argument parser."""
     if importlib.util.find_spec("genserve_server.main") is None:
