@@ -68,7 +68,7 @@ from genserve_client.bulk import (
 from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions, read_token_file, token_problem
 from genserve_client.client import GenserveClient
-from genserve_client.convert import FILE_SUFFIX, array_to_pil
+from genserve_client.convert import FILE_SUFFIX, _pil_to_uint8, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
 from genserve_client.interrupt import run_async, stop_line, stop_status
@@ -759,6 +759,10 @@ PICTURE_MODES = {1: "L", 3: "RGB"}
 def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo, version: str = "") -> npt.NDArray[np.uint8]:
     c = card(info, version)
     picture: Image.Image = Image.open(path)
+    if picture.mode.startswith("I;16"):
+        # 16-bit gray (a 16-bit PNG): Pillow's convert clips every value above 255 to white; scale
+        # it to 8 bits as the server reads the same file (and the library sends a PIL image).
+        picture = Image.fromarray(_pil_to_uint8(picture))
     # The server reads a card without `input_channels` as 3 (config.py): the same default here.
     picture = picture.convert(PICTURE_MODES.get(c.get("input_channels", 3), "RGB"))
     size = c.get("image_size")

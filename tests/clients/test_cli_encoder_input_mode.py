@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -51,3 +52,23 @@ def test_the_picture_for_any_cards_input_channels_is_one_the_client_library_can_
     Image.new("RGBA", (4, 4), (10, 200, 30, 255)).save(path)
     picture = load_for_encoder(path, _info({"image_size": [4, 4], "input_channels": channels}))
     to_image_message(picture)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_gray_picture_is_scaled_to_8_bits_as_the_server_reads_it_not_clipped_white(
+    tmp_path: Path, channels: int
+) -> None:
+    """A 16-bit gray PNG (Pillow's I;16) is read by the server as v * 255 / 65535, rounded
+    (codecs._to_hwc_uint8); Pillow's convert('L') or convert('RGB') clips every value above 255 to
+    white, so `edit` encoded a blank white picture instead of the one `encode` of the file reads."""
+    wide = np.full((4, 4), 1000, dtype=np.uint16)
+    wide[1:3, 1:3] = 50000
+    path = tmp_path / "in16.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    expected = ((wide.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)  # 4 and 195
+    picture = load_for_encoder(path, _info({"image_size": [4, 4], "input_channels": channels}))
+    if channels == 1:
+        assert picture.tolist() == expected.tolist()
+    else:
+        assert picture.tolist() == np.repeat(expected[:, :, None], 3, axis=2).tolist()
