@@ -758,7 +758,10 @@ PICTURE_MODES = {1: "L", 3: "RGB"}
 
 def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo, version: str = "") -> npt.NDArray[np.uint8]:
     c = card(info, version)
-    picture: Image.Image = Image.open(path)
+    try:
+        picture: Image.Image = Image.open(path)
+    except Image.DecompressionBombError as exc:  # no OSError: it escaped main() as a traceback
+        raise UsageError(f"edit: {path}: {exc}") from None
     if picture.mode.startswith("I;16"):
         # 16-bit gray (a 16-bit PNG): Pillow's convert clips every value above 255 to white; scale
         # it to 8 bits as the server reads the same file (and the library sends a PIL image).

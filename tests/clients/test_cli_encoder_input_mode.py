@@ -72,3 +72,25 @@ def test_a_16_bit_gray_picture_is_scaled_to_8_bits_as_the_server_reads_it_not_cl
         assert picture.tolist() == expected.tolist()
     else:
         assert picture.tolist() == np.repeat(expected[:, :, None], 3, axis=2).tolist()
+
+
+def test_a_picture_declaring_more_pixels_than_pillow_decodes_is_a_usage_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    """A ~70-byte PNG declaring 50000x50000 pixels (a decompression bomb): Pillow refuses it with
+    DecompressionBombError, which is no OSError or ValueError, so `edit` ended in a traceback."""
+    import struct
+    import zlib
+
+    from genserve_client.cli import UsageError
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
+    path = tmp_path / "bomb.png"
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b""))
+    with pytest.raises(UsageError, match=r"bomb\.png.*2500000000 pixels"):
+        load_for_encoder(path, _info({"image_size": [4, 4], "input_channels": 1}))
