@@ -22,7 +22,7 @@ SOFTWARE = "genserve-client"
 def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
     """Text chunks for one PNG: the given fields (None skipped) and the model's provenance."""
     text = {"Software": SOFTWARE}
-    text.update({k: str(v) for k, v in fields.items() if v is not None})
+    text.update({k: _text_value(str(v)) for k, v in fields.items() if v is not None})
     if provenance is not None:
         for key, value in (
             ("model", provenance.model),
@@ -37,6 +37,21 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
         if used:
             text["used_models"] = used
     return text
+
+
+def _text_value(value: str) -> str:
+    """`value` as text a PNG can hold: a file name whose bytes are not UTF-8 (`caf\\xe9.png`, held by
+    Python as the lone surrogate \\udce9) has those bytes written as \\xNN; neither tEXt (Latin-1)
+    nor iTXt (UTF-8) can encode a surrogate."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        try:
+            raw = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no undecodable byte gave
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def pnginfo(text: dict[str, str]) -> PngInfo:

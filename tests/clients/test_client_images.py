@@ -29,6 +29,23 @@ def test_spliced_png_text_keeps_values_that_latin_1_cannot_hold() -> None:
         assert im.text == text  # what Pillow's own writer keeps
 
 
+def test_a_source_file_name_that_is_not_utf_8_is_written_with_its_bytes_escaped() -> None:
+    """`upscale caf\\xe9.png out.png` (a Latin-1 name: Python's argv holds the byte as the lone
+    surrogate \\udce9) failed after the server's answer with "'utf-8' codec can't encode character
+    '\\udce9'" (exit 2, nothing written), in the spliced chunks and in Pillow's (edit's) alike."""
+    from genserve_client.pngmeta import png_text
+
+    text = png_text(None, source="caf\udce9.png", direction="b_to_a")
+    expected = {"Software": "genserve-client", "source": "caf\\xe9.png", "direction": "b_to_a"}
+    spliced = with_png_text(codecs.encode_image(np.zeros((4, 5, 3), np.uint8), 1)[0], text)
+    with Image.open(io.BytesIO(spliced)) as im:
+        assert im.text == expected
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 4)).save(buffer, "PNG", pnginfo=pnginfo(text))
+    with Image.open(buffer) as im:
+        assert im.text == expected
+
+
 def test_a_sixteen_bit_pil_image_travels_as_the_server_reads_the_same_file() -> None:
     """`client.translate(m, [Image.open("scan16.png")])` sent RGB with every non-zero pixel at 255
     (Pillow's I;16 -> RGB conversion clips), while the same file sent as a path is decoded by the
