@@ -433,6 +433,57 @@ def check_graph_inputs(mv: ModelVersion, card: Card, session: ort.InferenceSessi
             f"{label or mv.label}: graph inputs {list(have_in)} differ from kind {card.kind}'s "
             f"{list(want_in)}"
         )
+    fed = warmup_inputs(card, 1)
+    for spec in session.get_inputs():
+        check_input_type(label or mv.label, card, spec.name, spec.type, spec.shape, fed[spec.name])
+
+
+# Where the dimensions the server feeds an input come from: the card's fields (check_input_type).
+_INPUT_FIELDS = {
+    "z": "latent_dim",
+    "ws": "num_layers, w_dim",
+    "image": "input_channels",
+    "codes": "grid",
+    "top_codes": "top_grid",
+}
+
+
+def check_input_type(
+    label: str, card: Card, name: str, ort_type: str, shape: Sequence[int | str | None], fed: np.ndarray
+) -> None:
+    """ConfigError where a graph input's element type or shape (beyond its batch axis, which
+    check_batch_axes judges) is not what the server feeds it (`fed`, one row of it): a user's own
+    export taking a latent [N, Z, 1, 1], a label as int32 or one-hot, or a fully convolutional net
+    exported at one image size would otherwise fail the load's first call with ONNX Runtime's text.
+    A float16 input where float32 is fed is fed float16 (Runner); symbolic dimensions, and an input
+    declared without a shape, pass."""
+    dtype = {"tensor(float)": "float32", "tensor(double)": "float64"}.get(ort_type, ort_type[7:-1])
+    want_dtype = str(fed.dtype)
+    # None: any size (the image sides of a kind without an image_size).
+    want: list[int | None] = list(fed.shape[1:])
+    if name == "image" and card.image_size is None:
+        want[1:] = [None, None]
+    have = list(shape[1:])
+    same_type = dtype == want_dtype or (want_dtype == "float32" and dtype == "float16")
+    same_shape = not shape or (
+        len(have) == len(want)
+        and all(not isinstance(h, int) or h <= 0 or h == w for h, w in zip(have, want, strict=True))
+    )
+    if same_type and same_shape:
+        return
+    shown = ", ".join(["N", *(str(d) if isinstance(d, int) and d > 0 else "?" for d in have)])
+    wanted = ", ".join(["N", *(str(d) if d is not None else "HW"[i - 1] for i, d in enumerate(want))])
+    fields = _INPUT_FIELDS.get(name)
+    if name == "image" and card.image_size is not None:
+        fields = "input_channels, image_size"
+    source = f" (card.json's {fields})" if fields else ""
+    any_size = " (any H, W)" if None in want else ""
+    fix = f", or fix card.json's {fields}" if fields else ""
+    raise ConfigError(
+        f"{label}: graph input {name!r} is {dtype} [{shown}], while kind {card.kind} feeds it "
+        f"{want_dtype} [{wanted}]{any_size}{source}: export the module taking that (reshape or cast "
+        f"inside its forward; dynamic axes for the sizes that vary){fix}"
+    )
 
 
 def check_batch_axes(mv: ModelVersion, session: ort.InferenceSession, label: str = "") -> None:

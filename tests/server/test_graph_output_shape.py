@@ -253,3 +253,127 @@ def test_a_graph_whose_inputs_are_not_its_kinds_is_refused_naming_them_also_with
         assert f"model {name} version 1" in reason, reason
         assert "graph inputs ['latent'] differ from kind generator's ['z']" in reason, reason
         assert "missing from input feed" not in reason, reason
+
+
+def _graph_with_input(
+    model: onnx.ModelProto, name: str, elem_type: int, dims: list[int | str], op: onnx.NodeProto | None = None
+) -> onnx.ModelProto:
+    """`model` with its input `name` declared as `elem_type` of `dims`, as a user's own export
+    declares it; `op` (input `name`, output `name` + "_in") first turns it into what the graph's
+    nodes took before (a Flatten, a Cast)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    spec = next(i for i in model.graph.input if i.name == name)
+    spec.CopyFrom(helper.make_tensor_value_info(name, elem_type, dims))
+    if op is not None:
+        for node in model.graph.node:
+            node.input[:] = [f"{name}_in" if i == name else i for i in node.input]
+        model.graph.node.insert(0, op)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_graph_input_whose_shape_or_type_is_not_what_the_kind_feeds_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """A user's own export whose input is not what the server feeds (a DCGAN's latent [N, Z, 1, 1]
+    where the kind feeds [N, latent_dim], a card whose latent_dim is not the graph's, a label taken as
+    int32 or one-hot float, a super-resolution net exported with a fixed image size) was refused by
+    the load's first call with ONNX Runtime's own text ('Invalid rank for input: z Got: 2 Expected:
+    4', 'Unexpected input data type. Actual: (tensor(float)) , expected: (tensor(int32))', naming no
+    input), the model version not named, and a traceback in the log. Each is refused naming the
+    version, the input, the graph's type and shape, and what the kind feeds (card fields). A graph
+    taking float16 inputs (a module exported after .half()) is fed float16 and serves."""
+    import asyncio
+
+    from server_support import conditional_graph, super_resolution_graph
+
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    gen = generator_graph(TINY_LATENT, 3, 8, 8)
+    write_model(
+        root,
+        "z-4d",
+        "generator",
+        _graph_with_input(
+            gen,
+            "z",
+            TensorProto.FLOAT,
+            ["batch", TINY_LATENT, 1, 1],
+            helper.make_node("Flatten", ["z"], ["z_in"], axis=1),
+        ),
+        card,
+    )
+    write_model(root, "z-wider", "generator", gen, {**card, "latent_dim": 2 * TINY_LATENT})
+    cond_card = {**card, "class_names": ["a", "b"]}
+    cond = conditional_graph(TINY_LATENT, 2, 3, 8, 8)
+    write_model(
+        root,
+        "label-int32",
+        "conditional_generator",
+        _graph_with_input(cond, "label", TensorProto.INT32, ["batch"]),
+        cond_card,
+    )
+    write_model(
+        root,
+        "label-onehot",
+        "conditional_generator",
+        _graph_with_input(
+            cond,
+            "label",
+            TensorProto.FLOAT,
+            ["batch", 2],
+            helper.make_node("ArgMax", ["label"], ["label_in"], axis=1, keepdims=0),
+        ),
+        cond_card,
+    )
+    sr_card = {
+        "channels": 3,
+        "input_channels": 3,
+        "input_range": [-1.0, 1.0],
+        "scale_factor": 2,
+        "tile_size": 16,
+        "tile_overlap": 2,
+    }
+    sr = _graph_with_input(super_resolution_graph(2), "image", TensorProto.FLOAT, ["batch", 3, 32, 32])
+    write_model(root, "sr-fixed-size", "super_resolution", sr, sr_card)
+    half = _graph_with_input(
+        gen,
+        "z",
+        TensorProto.FLOAT16,
+        ["batch", TINY_LATENT],
+        helper.make_node("Cast", ["z"], ["z_in"], to=TensorProto.FLOAT),
+    )
+    write_model(root, "z-float16", "generator", half, card)
+    names = ("z-4d", "z-wider", "label-int32", "label-onehot", "sr-fixed-size", "z-float16")
+
+    async def scenario() -> dict[str, tuple[ModelState, str]]:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            return {
+                n: (repo.models[n].versions["1"].state, repo.models[n].versions["1"].reason) for n in names
+            }
+        finally:
+            await repo.close(2.0)
+
+    states = asyncio.run(scenario())
+    assert states["z-float16"][0] == ModelState.READY, states["z-float16"]
+    expected = {
+        "z-4d": ("graph input 'z' is float32 [N, 16, 1, 1]", "float32 [N, 16]", "latent_dim"),
+        "z-wider": ("graph input 'z' is float32 [N, 16]", "float32 [N, 32]", "latent_dim"),
+        "label-int32": ("graph input 'label' is int32 [N]", "int64 [N]"),
+        "label-onehot": ("graph input 'label' is float32 [N, 2]", "int64 [N]"),
+        "sr-fixed-size": ("graph input 'image' is float32 [N, 3, 32, 32]", "float32 [N, 3, H, W]"),
+    }
+    for name, parts in expected.items():
+        state, reason = states[name]
+        assert state == ModelState.UNAVAILABLE, (name, state)
+        assert f"model {name} version 1" in reason, reason
+        for part in parts:
+            assert part in reason, (name, part, reason)
+        assert "ONNXRuntimeError" not in reason, reason
