@@ -415,6 +415,7 @@ def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:
     missing = [o for o in card.kind.output_names if o not in runner.outputs]
     if missing:
         raise ConfigError(f"{mv.label}: graph has no output {missing[0]!r} (outputs: {list(runner.outputs)})")
+    check_card_tensors(mv, card, list(runner.outputs))
     check_batch_axes(mv, runner.session)
     name = card.kind.image_output_name
     if name is not None:
@@ -458,32 +459,90 @@ def check_input_type(
     A float16 input where float32 is fed is fed float16 (Runner); symbolic dimensions, and an input
     declared without a shape, pass."""
     dtype = {"tensor(float)": "float32", "tensor(double)": "float64"}.get(ort_type, ort_type[7:-1])
-    want_dtype = str(fed.dtype)
-    # None: any size (the image sides of a kind without an image_size).
+    if _fits_feed(card, name, dtype, shape, fed):
+        return
+    shown = ", ".join(["N", *(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape[1:])])
+    wanted, fields = _fed_text(card, name, fed)
+    fix = f", or fix card.json's {fields}" if fields else ""
+    raise ConfigError(
+        f"{label}: graph input {name!r} is {dtype} [{shown}], while kind {card.kind} feeds it "
+        f"{wanted}: export the module taking that (reshape or cast inside its forward; dynamic axes "
+        f"for the sizes that vary){fix}"
+    )
+
+
+def _fed_dims(card: Card, name: str, fed: np.ndarray) -> list[int | None]:
+    """The dimensions after the batch axis the server feeds input `name` (`fed`: one row); None:
+    any size (the image sides of a kind without an image_size)."""
     want: list[int | None] = list(fed.shape[1:])
     if name == "image" and card.image_size is None:
         want[1:] = [None, None]
+    return want
+
+
+def _fits_feed(card: Card, name: str, dtype: str, shape: Sequence[int | str | None], fed: np.ndarray) -> bool:
+    """Whether an input declared `dtype` of `shape` (no shape: unknown, passes; a dimension that is
+    not a positive integer varies, and passes) takes what the server feeds `name`; float16 takes
+    float32 feeds (Runner casts them)."""
+    want_dtype = str(fed.dtype)
+    want = _fed_dims(card, name, fed)
     have = list(shape[1:])
     same_type = dtype == want_dtype or (want_dtype == "float32" and dtype == "float16")
-    same_shape = not shape or (
-        len(have) == len(want)
-        and all(not isinstance(h, int) or h <= 0 or h == w for h, w in zip(have, want, strict=True))
+    return same_type and (
+        not shape
+        or (
+            len(have) == len(want)
+            and all(not isinstance(h, int) or h <= 0 or h == w for h, w in zip(have, want, strict=True))
+        )
     )
-    if same_type and same_shape:
-        return
-    shown = ", ".join(["N", *(str(d) if isinstance(d, int) and d > 0 else "?" for d in have)])
+
+
+def _fed_text(card: Card, name: str, fed: np.ndarray) -> tuple[str, str | None]:
+    """What the server feeds `name`, as text ('float32 [N, 16] (card.json's latent_dim)'), and the
+    card fields its dimensions come from (None: the kind's alone)."""
+    want = _fed_dims(card, name, fed)
     wanted = ", ".join(["N", *(str(d) if d is not None else "HW"[i - 1] for i, d in enumerate(want))])
     fields = _INPUT_FIELDS.get(name)
     if name == "image" and card.image_size is not None:
         fields = "input_channels, image_size"
-    source = f" (card.json's {fields})" if fields else ""
     any_size = " (any H, W)" if None in want else ""
-    fix = f", or fix card.json's {fields}" if fields else ""
-    raise ConfigError(
-        f"{label}: graph input {name!r} is {dtype} [{shown}], while kind {card.kind} feeds it "
-        f"{want_dtype} [{wanted}]{any_size}{source}: export the module taking that (reshape or cast "
-        f"inside its forward; dynamic axes for the sizes that vary){fix}"
-    )
+    source = f" (card.json's {fields})" if fields else ""
+    return f"{fed.dtype} [{wanted}]{any_size}{source}", fields
+
+
+def check_card_tensors(mv: ModelVersion, card: Card, graph_outputs: Sequence[str]) -> None:
+    """ConfigError where card.json's `inputs` / `outputs`, which KServe's ModelMetadata, ModelConfig
+    and ModelInfer serve by, do not restate the tensors: inputs other than the kind's (check_graph_inputs
+    holds the graph to them) or of another type or shape than the server feeds; outputs lacking the
+    kind's, or naming one the graph lacks. A hand-written card that did loaded READY and then
+    refused every ModelInfer, failed it with INTERNAL, or answered it with rows it was not sent."""
+    path = mv.path / "card.json"
+    names = [t.name for t in card.inputs]
+    if sorted(names) != sorted(card.graph_inputs):
+        raise ConfigError(
+            f"{path}: inputs {names} differ from kind {card.kind}'s {list(card.graph_inputs)} "
+            "(the graph's inputs, which KServe's ModelInfer takes)",
+            field="inputs",
+        )
+    fed = warmup_inputs(card, 1)
+    for i, spec in enumerate(card.inputs):
+        if not _fits_feed(card, spec.name, spec.dtype, spec.shape, fed[spec.name]):
+            wanted, _ = _fed_text(card, spec.name, fed[spec.name])
+            raise ConfigError(
+                f"{path}: inputs[{i}] {spec.name!r} has shape {list(spec.shape)} and dtype {spec.dtype}, "
+                f"while kind {card.kind} feeds it {wanted}: restate the graph's input (-1 for a "
+                "dimension that varies)",
+                field=f"inputs[{i}]",
+            )
+    outputs = [t.name for t in card.outputs]
+    missing = [o for o in card.kind.output_names if o not in outputs]
+    unknown = [o for o in outputs if o not in graph_outputs]
+    if missing or unknown:
+        raise ConfigError(
+            f"{path}: outputs {outputs} must hold kind {card.kind}'s {list(card.kind.output_names)} "
+            f"and only outputs of the graph ({list(graph_outputs)}): KServe's ModelInfer answers them",
+            field="outputs",
+        )
 
 
 def check_batch_axes(mv: ModelVersion, session: ort.InferenceSession, label: str = "") -> None:

@@ -7,6 +7,7 @@ raw image (H, W, C read as C, H, W), fail every PNG with INTERNAL, or describe t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -377,3 +378,88 @@ def test_a_graph_input_whose_shape_or_type_is_not_what_the_kind_feeds_is_refused
         for part in parts:
             assert part in reason, (name, part, reason)
         assert "ONNXRuntimeError" not in reason, reason
+
+
+def test_a_card_whose_inputs_or_outputs_are_not_its_kinds_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """card.json's `inputs` and `outputs` restate the graph's tensors (docs/model-repository.md), and
+    KServe's ModelMetadata, ModelConfig and ModelInfer serve by them. A hand-written card that named
+    an input other than the kind's (`latent` for `z`) loaded READY, refused a ModelInfer of `z` and
+    answered one of `latent` with one image for two rows; one declaring `z` [N, Z, 1, 1] refused
+    every ModelInfer (4 dims wanted, then [N, Z]); one naming an output the graph lacks failed every
+    ModelInfer with INTERNAL. Each is refused at load naming card.json, the field and the kind's
+    tensors; a card that also lists an extra output the graph has (a feature map beside the image)
+    serves."""
+    import asyncio
+
+    from server_support import conditional_graph
+
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    gen = generator_graph(TINY_LATENT, 3, 8, 8)
+    z = {"name": "z", "dtype": "float32", "shape": [-1, TINY_LATENT]}
+    image = {"name": "image", "dtype": "float32", "shape": [-1, 3, 8, 8]}
+
+    def with_card(name: str, model: onnx.ModelProto, **fields: object) -> None:
+        version_dir = write_model(root, name, "generator", model, card)
+        path = version_dir / "card.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+    with_card("input-renamed", gen, inputs=[{**z, "name": "latent"}])
+    with_card("input-4d", gen, inputs=[{**z, "shape": [-1, TINY_LATENT, 1, 1]}])
+    with_card("input-narrower", gen, inputs=[{**z, "shape": [-1, TINY_LATENT // 2]}])
+    with_card("output-renamed", gen, outputs=[{**image, "name": "output"}])
+    with_card("output-missing", gen, outputs=[{**image, "name": "features", "shape": [-1, 8]}])
+    extra = onnx.ModelProto.FromString(gen.SerializeToString())
+    extra.graph.node.append(helper.make_node("Identity", ["hidden"], ["features"]))
+    extra.graph.output.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 192]))
+    onnx.checker.check_model(extra)
+    with_card(
+        "extra-output", extra, outputs=[image, {"name": "features", "dtype": "float32", "shape": [-1, 192]}]
+    )
+    cond_card = {**card, "class_names": ["a", "b"]}
+    write_model(
+        root, "label-left-out", "conditional_generator", conditional_graph(TINY_LATENT, 2, 3, 8, 8), cond_card
+    )
+    label_path = root / "label-left-out" / "1" / "card.json"
+    label_path.write_text(json.dumps({**json.loads(label_path.read_text()), "inputs": [z]}))
+    names = (
+        "input-renamed",
+        "input-4d",
+        "input-narrower",
+        "output-renamed",
+        "output-missing",
+        "extra-output",
+        "label-left-out",
+    )
+
+    async def scenario() -> dict[str, tuple[ModelState, str]]:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            return {
+                n: (repo.models[n].versions["1"].state, repo.models[n].versions["1"].reason) for n in names
+            }
+        finally:
+            await repo.close(2.0)
+
+    states = asyncio.run(scenario())
+    assert states["extra-output"][0] == ModelState.READY, states["extra-output"]
+    expected = {
+        "input-renamed": ("card.json: inputs ['latent']", "kind generator's ['z']"),
+        "input-4d": ("card.json: inputs[0] 'z' has shape [-1, 16, 1, 1]", "[N, 16]"),
+        "input-narrower": ("card.json: inputs[0] 'z' has shape [-1, 8]", "[N, 16]"),
+        "output-renamed": ("card.json: outputs ['output']", "'image'"),
+        "output-missing": ("card.json: outputs ['features']", "'image'"),
+        "label-left-out": ("card.json: inputs ['z']", "kind conditional_generator's ['z', 'label']"),
+    }
+    for name, parts in expected.items():
+        state, reason = states[name]
+        assert state == ModelState.UNAVAILABLE, (name, state)
+        assert str(root / name / "1" / "card.json") in reason, reason
+        for part in parts:
+            assert part in reason, (name, part, reason)
