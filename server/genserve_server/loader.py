@@ -77,6 +77,7 @@ def load_files(
             check_stopping()
             check_graph(mv, card, runner)
             probe_s, row_bytes = _probe(card, runner, mv.label)
+            check_last_class(mv.label, card, runner)
             logger.debug("%s: probe %.3g ms a row at the warm-up shape", mv.label, 1e3 * probe_s)
             check_stopping()
             check_rows(mv, card, runner)
@@ -408,6 +409,29 @@ def warm_up(
             reason,
         )
     return result
+
+
+def check_last_class(label: str, card: Card, runner: Runner) -> None:
+    """ConfigError where a row of the card's last class fails the graph: a card listing more
+    class_names than the graph's embedding has rows loaded READY (or failed the load by chance, at
+    check_rows' random labels, with ONNX Runtime's text), and every request of a class past the
+    graph's failed with INTERNAL. Not in CUDA-graph mode, where a call before warm-up would capture
+    a graph."""
+    if not card.class_names or "label" not in card.graph_inputs or runner.mode == "cuda_graph":
+        return
+    last = len(card.class_names) - 1
+    inputs = warmup_inputs(card, 1)
+    inputs["label"][:] = last
+    try:
+        runner.run_sync(inputs)
+    except Exception as exc:  # ONNX Runtime raises its own types (an index out of an embedding's rows)
+        raise ConfigError(
+            f"{label}: a row of label {last} (card.json's last class_names entry, "
+            f"{card.class_names[last]!r}) fails the graph: {exc}; does the graph take fewer than the "
+            f"card's {len(card.class_names)} classes? List in class_names only the classes the graph "
+            "was trained on",
+            field="class_names",
+        ) from exc
 
 
 def check_graph(mv: ModelVersion, card: Card, runner: Runner) -> None:

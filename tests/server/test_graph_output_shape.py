@@ -463,3 +463,47 @@ def test_a_card_whose_inputs_or_outputs_are_not_its_kinds_is_refused_naming_the_
         assert str(root / name / "1" / "card.json") in reason, reason
         for part in parts:
             assert part in reason, (name, part, reason)
+
+
+def test_a_conditional_card_listing_more_classes_than_the_graph_takes_is_refused_naming_class_names(
+    tmp_path: Path,
+) -> None:
+    """A conditional generator whose card.json lists more class_names than its graph's embedding has
+    rows (a hand-written card for a user's own cGAN) loaded READY, and every request for one of the
+    classes past the graph's failed with INTERNAL ('model call failed'). The load runs a row of the
+    card's last class and refuses the version naming class_names."""
+    import asyncio
+
+    from server_support import conditional_graph
+
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    graph = conditional_graph(TINY_LATENT, 10, 3, 8, 8)
+    write_model(
+        root, "twelve", "conditional_generator", graph, {**card, "class_names": [str(i) for i in range(12)]}
+    )
+    write_model(
+        root, "ten", "conditional_generator", graph, {**card, "class_names": [str(i) for i in range(10)]}
+    )
+
+    async def scenario() -> dict[str, tuple[ModelState, str]]:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            return {
+                n: (repo.models[n].versions["1"].state, repo.models[n].versions["1"].reason)
+                for n in ("twelve", "ten")
+            }
+        finally:
+            await repo.close(2.0)
+
+    states = asyncio.run(scenario())
+    assert states["ten"][0] == ModelState.READY, states["ten"]
+    state, reason = states["twelve"]
+    assert state == ModelState.UNAVAILABLE, state
+    assert "model twelve version 1" in reason and "class_names" in reason and "label 11" in reason, reason
