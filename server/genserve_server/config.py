@@ -305,7 +305,11 @@ def load_server_config(path: Path | None) -> ServerConfig:
         ),
         accept_compressed_requests=lr.boolean("accept_compressed_requests", d.accept_compressed_requests),
         metrics_threads=lr.integer("metrics_threads", d.metrics_threads, min_value=1),
-        metrics_read_timeout_s=lr.number("metrics_read_timeout_s", d.metrics_read_timeout_s, min_value=0.01),
+        # The reader's selector polls with it in milliseconds, a C int as grpc's are (a larger
+        # value killed the reader thread at the first connection: no /healthz, no /metrics).
+        metrics_read_timeout_s=lr.number(
+            "metrics_read_timeout_s", d.metrics_read_timeout_s, min_value=0.01, max_value=GRPC_MAX_S
+        ),
         metrics_render_share=_render_share(lr, d.metrics_render_share),
     )
     lr.finish()

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from server_support import (
     TINY_LATENT,
     build_tiny_repo,
@@ -26,7 +28,7 @@ from server_support import (
 
 from genserve.kserve import model_config_pb2 as mc
 from genserve.v1 import genserve_pb2 as pb
-from genserve_server import calibration
+from genserve_server import calibration, metrics_http
 from genserve_server.batch_keys import ImageRows, SeedRows, TileRows
 from genserve_server.config import (
     GRPC_INT_MAX,
@@ -629,6 +631,29 @@ def test_limits_that_the_server_reports_in_uint32_fields_must_fit_them(tmp_path:
     # The largest accepted value fits the fields that report it.
     pb.ModelInfo(max_images_per_request=2**32 - 1, max_stream_images=2**32 - 1)
     mc.ModelQueuePolicy(max_queue_size=2**32 - 1)
+
+
+def test_a_metrics_read_timeout_past_what_a_poll_takes_is_refused_naming_it(tmp_path: Path) -> None:
+    """limits.metrics_read_timeout_s had no upper bound: 1e300 started the server, and at the
+    metrics port's first connection its reader thread died (OverflowError in the selector's poll,
+    a traceback on stderr), so /healthz and /metrics never answered again. The largest value
+    accepted serves /healthz."""
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": {"metrics_read_timeout_s": 1e300}}))
+    with pytest.raises(ConfigError, match=r"server.json: limits.metrics_read_timeout_s must be <= "):
+        load_server_config(path)
+    path.write_text(json.dumps({"limits": {"metrics_read_timeout_s": GRPC_MAX_S}}))
+    limits = load_server_config(path).limits
+    httpd, _ = metrics_http.serve(
+        "127.0.0.1", 0, CollectorRegistry(), lambda: (True, ""), read_timeout_s=limits.metrics_read_timeout_s
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=5) as probe:
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert probe.recv(64).startswith(b"HTTP/1.0 200 ")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_a_field_an_earlier_release_read_names_what_replaced_it(tmp_path: Path) -> None:
