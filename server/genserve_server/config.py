@@ -228,6 +228,10 @@ class ServerConfig:
 # OverflowError and a traceback at start-up instead of a config error naming the field.
 GRPC_INT_MAX = 2**31 - 1
 GRPC_MAX_S = GRPC_INT_MAX // 1000  # seconds given to grpc in milliseconds (~24.8 days)
+# The metrics port's workers are started at start-up, each an OS thread: far more than a port
+# reading at most 512 requests at once can use (a million kept the server building them, never
+# listening).
+MAX_METRICS_THREADS = 1024
 # Limits the server reports in uint32 fields (ModelInfo.max_images_per_request and
 # max_stream_images; KServe ModelQueuePolicy.max_queue_size for default_max_queue_size): a larger
 # one could not be sent, and no request's uint32 count could reach it anyway.
@@ -304,7 +308,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
             "keepalive_permit_without_calls", d.keepalive_permit_without_calls
         ),
         accept_compressed_requests=lr.boolean("accept_compressed_requests", d.accept_compressed_requests),
-        metrics_threads=lr.integer("metrics_threads", d.metrics_threads, min_value=1),
+        metrics_threads=lr.integer(
+            "metrics_threads", d.metrics_threads, min_value=1, max_value=MAX_METRICS_THREADS
+        ),
         # The reader's selector polls with it in milliseconds, a C int as grpc's are (a larger
         # value killed the reader thread at the first connection: no /healthz, no /metrics).
         metrics_read_timeout_s=lr.number(

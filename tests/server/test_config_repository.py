@@ -656,6 +656,18 @@ def test_a_metrics_read_timeout_past_what_a_poll_takes_is_refused_naming_it(tmp_
         httpd.server_close()
 
 
+def test_more_metrics_threads_than_a_server_can_start_are_refused_naming_the_field(tmp_path: Path) -> None:
+    """limits.metrics_threads had no upper bound: the metrics port creates its workers at start-up,
+    so 1000000 left the server building thread objects (1.5 GB and growing, SIGTERM unanswered),
+    never listening, and 10**9 would have run it out of memory."""
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": {"metrics_threads": 10**6}}))
+    with pytest.raises(ConfigError, match=r"server.json: limits.metrics_threads must be <= \d+, got 1000000"):
+        load_server_config(path)
+    path.write_text(json.dumps({"limits": {"metrics_threads": 64}}))
+    assert load_server_config(path).limits.metrics_threads == 64
+
+
 def test_a_field_an_earlier_release_read_names_what_replaced_it(tmp_path: Path) -> None:
     """An earlier release's server config with limits.metrics_cache_s (replaced by
     metrics_render_share) was refused 'is not a known field (known: ...)': the operator upgrading
