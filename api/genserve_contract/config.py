@@ -32,7 +32,7 @@ MAX_SPECIFIC_VERSION: Final = 2**63 - 1
 # "is not a known field".
 RETIRED_FIELDS: Final = {
     "metrics_cache_s": "replaced by limits.metrics_render_share (the share of time the metrics port "
-    "may spend rendering; default 0.2)",
+    "may spend rendering; default 0.5)",
 }
 # batching.efficient_batch_tolerance's default: the server decides per model (see BatchingConfig).
 AUTO_TOLERANCE: Final = "auto"

@@ -35,6 +35,7 @@ from genserve_server.config import (
     GRPC_MAX_S,
     BatchingConfig,
     ConfigError,
+    Limits,
     ServerConfig,
     VersionPolicy,
     load_card,
@@ -676,6 +677,16 @@ def test_a_field_an_earlier_release_read_names_what_replaced_it(tmp_path: Path) 
     path.write_text(json.dumps({"limits": {"metrics_cache_s": 1.0}}))
     with pytest.raises(ConfigError, match=r"limits.metrics_cache_s .*no longer read.*metrics_render_share"):
         load_server_config(path)
+
+
+def test_the_retired_fields_refusal_states_the_default_of_its_replacement(tmp_path: Path) -> None:
+    """limits.metrics_cache_s's refusal told the operator metrics_render_share's default is 0.2;
+    the server's default is 0.5, so leaving the field out did not give what the message said."""
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"limits": {"metrics_cache_s": 1.0}}))
+    with pytest.raises(ConfigError) as refused:
+        load_server_config(path)
+    assert f"default {Limits().metrics_render_share:g})" in str(refused.value)
 
 
 def test_batch_size_buckets_are_powers_of_two_up_to_the_max() -> None:
