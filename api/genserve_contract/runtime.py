@@ -75,6 +75,11 @@ class RuntimeConfig:
 
 
 RUNTIME_FIELDS: Final = frozenset(RuntimeConfig.__dataclass_fields__)
+# ONNX Runtime starts a session's threads when it is built: far more than any machine's cores kept a
+# load building them (20000: 1.7 GB, SIGTERM unanswered for minutes), and past a C int pybind refused
+# the value naming no field. The server config's intra_op_threads has the same bound.
+MAX_THREADS: Final = 1024
+INT_MAXIMA: Final = {"intra_op_threads": MAX_THREADS, "inter_op_threads": MAX_THREADS}
 # The string fields with a fixed set of values (ort_session maps graph_optimization to ORT's levels).
 STRING_CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "graph_optimization": GRAPH_OPTIMIZATION_LEVELS,
@@ -93,8 +98,11 @@ def _check_runtime_value(name: str, value: Any, default: Any, key: str) -> Any:
             raise RuntimeConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if isinstance(default, int):
+        most = INT_MAXIMA.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise RuntimeConfigError(f"{key} must be an integer >= 0, got {value!r}")
+        if most is not None and value > most:
+            raise RuntimeConfigError(f"{key} must be an integer >= 0 and <= {most}, got {value}")
         return value
     if isinstance(default, float):
         if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:

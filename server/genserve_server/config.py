@@ -23,6 +23,7 @@ from genserve_contract.config import VersionPolicy as VersionPolicy
 from genserve_contract.kinds import KIND_NAMES
 from genserve_contract.kinds import Kind as Kind
 from genserve_contract.repository import ACTIVATION_BYTES_FIELD, activation_bytes_problem, read_regular_text
+from genserve_contract.runtime import MAX_THREADS
 from genserve_server.errors import GenserveError
 from genserve_server.idle_spin import DEFAULT_WINDOW_S as IDLE_SPIN_DEFAULT_S
 from genserve_server.idle_spin import MAX_WINDOW_S as IDLE_SPIN_MAX_S
@@ -327,7 +328,9 @@ def load_server_config(path: Path | None) -> ServerConfig:
     config = ServerConfig(
         limits=limits,
         execution_providers=r.optional_str_list("execution_providers", choices=KNOWN_PROVIDERS),
-        intra_op_threads=r.integer("intra_op_threads", s.intra_op_threads, min_value=0),
+        intra_op_threads=r.integer(
+            "intra_op_threads", s.intra_op_threads, min_value=0, max_value=MAX_THREADS
+        ),
         codec_threads=r.integer("codec_threads", s.codec_threads, min_value=0),
         log_level=r.string("log_level", s.log_level, choices=("DEBUG", "INFO", "WARNING", "ERROR")),
         log_json=r.boolean("log_json", s.log_json),

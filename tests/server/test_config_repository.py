@@ -679,6 +679,22 @@ def test_a_field_an_earlier_release_read_names_what_replaced_it(tmp_path: Path) 
         load_server_config(path)
 
 
+def test_more_intra_op_threads_than_a_session_can_start_are_refused_naming_the_field(tmp_path: Path) -> None:
+    """runtime.intra_op_threads (and the server's intra_op_threads) had no upper bound: 20000 left
+    the load building ONNX Runtime's threads (1.7 GB, and SIGTERM unanswered for minutes), and
+    10**12 failed the version with pybind's 'incompatible function arguments', naming no field."""
+    for field in ("intra_op_threads", "inter_op_threads"):
+        path = write_config(tmp_path, {"kind": "generator", "runtime": {field: 20000}})
+        with pytest.raises(ConfigError, match=rf"config.json: runtime.{field} must be an integer .*<= \d+"):
+            load_model_config(path)
+    path = write_config(tmp_path, {"kind": "generator", "runtime": {"intra_op_threads": 64}})
+    assert load_model_config(path).runtime.intra_op_threads == 64
+    server = tmp_path / "server.json"
+    server.write_text(json.dumps({"intra_op_threads": 10**12}))
+    with pytest.raises(ConfigError, match=r"server.json: intra_op_threads must be <= \d+, got 1000000000000"):
+        load_server_config(server)
+
+
 def test_the_retired_fields_refusal_states_the_default_of_its_replacement(tmp_path: Path) -> None:
     """limits.metrics_cache_s's refusal told the operator metrics_render_share's default is 0.2;
     the server's default is 0.5, so leaving the field out did not give what the message said."""
