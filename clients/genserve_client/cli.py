@@ -31,6 +31,7 @@ import random
 import shlex
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -792,29 +793,72 @@ def ready_versions(info: genserve_pb2.ModelInfo) -> list[str]:
     return [v.version for v in sorted(ready, key=version_order)]
 
 
+def loading_versions(info: genserve_pb2.ModelInfo) -> list[str]:
+    """The LOADING versions of a model, lowest first."""
+    loading = [v for v in info.versions if v.state == genserve_pb2.MODEL_STATE_LOADING]
+    return [v.version for v in sorted(loading, key=version_order)]
+
+
+def loading_in_both(encoder: genserve_pb2.ModelInfo, decoder: genserve_pb2.ModelInfo) -> bool:
+    """Whether a version READY or LOADING in both halves is LOADING in one: READY in both once loaded."""
+    enc, dec = loading_versions(encoder), loading_versions(decoder)
+    ready_enc, ready_dec = ready_versions(encoder), ready_versions(decoder)
+    return any(v in dec or v in ready_dec for v in enc) or any(v in ready_enc for v in dec)
+
+
+def edit_halves(
+    client: GenserveClient, encoder: str, decoder: str, version: str
+) -> tuple[genserve_pb2.ModelInfo, genserve_pb2.ModelInfo, str]:
+    """Both halves' ModelInfo and the version `edit` runs them at (vae_version), asked again as the
+    client retries UNAVAILABLE (its RetryPolicy) while that version is only LOADING."""
+    attempt = 0
+    while True:
+        encoder_info, decoder_info = client.get_model(encoder), client.get_model(decoder)
+        try:
+            return encoder_info, decoder_info, vae_version(encoder_info, decoder_info, version)
+        except GenserveClientError as exc:
+            attempt += 1
+            delay = client.retry.delay_s(exc.code, attempt, None, details=exc.details)
+            if delay is None:
+                raise
+            time.sleep(delay)
+
+
 def vae_version(encoder: genserve_pb2.ModelInfo, decoder: genserve_pb2.ModelInfo, version: str) -> str:
     """The version `edit` runs both halves of the VAE at: `version`, else the highest one READY in
     both. The halves of one VAE are exported as one version: each half's own highest READY would
     encode with one and decode with another (two latent spaces) where one half's newest failed to
     load or is still loading. A `version` not READY in a half is refused before any Encode, naming
     that half: the encoder's card (its size and channels) is that version's, and an image encoded
-    for a decoder that cannot decode it is work for nothing."""
+    for a decoder that cannot decode it is work for nothing. Where it is only LOADING (a server
+    starting, a hot reload) in the halves lacking it, the refusal is a transient UNAVAILABLE, as
+    the server answers a call to a version still loading."""
     if version:
-        lacking = []
+        lacking, loading = [], True
         for info in (encoder, decoder):
             found = [v for v in info.versions if v.version == version]
             if found and found[0].state == genserve_pb2.MODEL_STATE_READY:
                 continue
+            loading = loading and bool(found) and found[0].state == genserve_pb2.MODEL_STATE_LOADING
             reason = f": {found[0].reason}" if found and found[0].reason else ""
             has = f"has it {state_label(found[0].state)}{reason}" if found else f"has no version {version}"
             lacking.append(f"{info.name} {has} (READY: {', '.join(ready_versions(info)) or 'none'})")
         if lacking:
-            raise UsageError(
-                f"edit: --version {version} is not READY in both halves of the VAE: {'; '.join(lacking)}"
-            )
+            halves = "; ".join(lacking)
+            message = f"edit: --version {version} is not READY in both halves of the VAE: {halves}"
+            if loading:
+                raise GenserveClientError(grpc.StatusCode.UNAVAILABLE, message)
+            raise UsageError(message)
         return version
     enc, dec = ready_versions(encoder), ready_versions(decoder)
     common = [v for v in enc if v in dec]
+    if not common and loading_in_both(encoder, decoder):
+        raise GenserveClientError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"edit: {encoder.name} and {decoder.name} have no version READY in both yet (LOADING: "
+            f"{encoder.name} {', '.join(loading_versions(encoder)) or 'none'}; "
+            f"{decoder.name} {', '.join(loading_versions(decoder)) or 'none'})",
+        )
     if not common:
         raise UsageError(
             f"edit: {encoder.name} and {decoder.name} have no version READY in both (READY: "
@@ -836,8 +880,7 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.sweep:
         check_sweep_size(args.sweep_steps + 1, f"--sweep-steps {args.sweep_steps}")
     encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
-    encoder_info = client.get_model(encoder)
-    version = vae_version(encoder_info, client.get_model(decoder), args.version)
+    encoder_info, _, version = edit_halves(client, encoder, decoder, args.version)
     picture = load_for_encoder(Path(args.image), encoder_info, version)
     encoded = client.encode(encoder, [picture], version=version)
     mu = encoded.mu[0]

@@ -13,11 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from client_fakes import run_cli
 from PIL import Image
-from server_support import running_server, vae_decoder_graph, write_model, write_vae_encoder
+from server_support import (
+    running_server,
+    slow_generator_graph,
+    vae_decoder_graph,
+    wait_until,
+    write_model,
+    write_vae_encoder,
+)
+
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 
 
 def cli(server: Any, *args: str) -> subprocess.CompletedProcess[str]:
@@ -614,3 +624,51 @@ def test_edit_refuses_a_version_not_ready_in_both_halves_before_it_encodes(
     assert f"--version {version}" in proc.stderr and named in proc.stderr, proc.stderr
     assert f"{lacking} has" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_edit_of_a_version_still_loading_is_retried_as_transient_not_a_usage_error(tmp_path: Path) -> None:
+    """A hot reload brings the decoder's version 2 (the encoder's is READY), which takes long to
+    warm up. `edit --version 2` meanwhile was refused at once as a usage error (exit 2, 'has it
+    LOADING'), where `sample` retries a version still LOADING (UNAVAILABLE). It asks again as the
+    client retries UNAVAILABLE, then fails as a transient error (exit 1) naming the LOADING
+    version, before any Encode."""
+    root = tmp_path / "models"
+    two = {"version_policy": {"latest": 2}}
+    card = {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [-1.0, 1.0]}
+    for version in ("1", "2"):
+        write_vae_encoder(root, "vae-encoder", config=two, version=version)
+    write_model(root, "vae-decoder", "vae_decoder", vae_decoder_graph(8, 8, 8), card, config=two)
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(digit)
+    # Warm-up times every power of two up to 256 through a slow graph: far longer than the test.
+    with running_server(root, tmp_path / "work", config={"calibration_budget_s": 600.0}) as server:
+        slow = {**two, "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "max_queue_size": 256}}
+        write_model(root, "vae-decoder", "vae_decoder", slow_generator_graph(8, 4000), card,
+                    config=slow, version="2")  # fmt: skip
+        names, LOADING = ("vae-encoder", "vae-decoder"), genserve_pb2.MODEL_STATE_LOADING
+
+        def states() -> dict[str, dict[str, int]]:
+            with grpc.insecure_channel(server.target) as channel:
+                stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+                infos = [stub.GetModel(genserve_pb2.GetModelRequest(name=n), timeout=10) for n in names]
+            return {i.name: {v.version: v.state for v in i.versions} for i in infos}
+
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: (
+                states().get("vae-decoder", {}).get("2") == LOADING
+                and states().get("vae-encoder", {}).get("2") == genserve_pb2.MODEL_STATE_READY
+            ),
+            60,
+            "vae-decoder 2 LOADING, vae-encoder 2 READY",
+        )
+        out = tmp_path / "e.png"
+        proc = run_cli("--target", server.target, "edit", str(digit), "--model", "vae", "--version", "2",
+                       "--out", str(out))  # fmt: skip
+        assert states()["vae-decoder"]["2"] == LOADING
+        assert proc.returncode == 1, proc.stderr
+        assert "UNAVAILABLE" in proc.stderr and "vae-decoder" in proc.stderr, proc.stderr
+        assert "LOADING" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert server.metric("genserve_requests_total", method="Encode") == 0
+        assert server.metric("genserve_requests_total", method="GetModel") > 3 + 2  # asked again
+        assert not out.exists()
