@@ -239,15 +239,21 @@ def refuse_published(version_dirs: Iterable[Path], how: str = _HOW) -> None:
         )
 
 
-def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]) -> Kind:
-    if kind not in KIND_NAMES:
-        raise InvalidArgumentError(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KIND_NAMES))}")
+def check_entry_name(name: str, version: str) -> None:
+    """Refuse a model name or version no repository entry may have: an importer calls it before
+    its work, which export_model would otherwise refuse only at its end."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidArgumentError(f"name {name!r} must match {NAME_PATTERN.pattern}")
     if name in RESERVED_NAMES:  # the card's check refuses it too, but only after the export's work
         raise InvalidArgumentError(f"name {name!r} is the server's own grpc.health key, not a model's")
     if not isinstance(version, str) or not VERSION_PATTERN.match(version):
         raise InvalidArgumentError(f"version {version!r} must be a positive integer string such as '1'")
+
+
+def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]) -> Kind:
+    if kind not in KIND_NAMES:
+        raise InvalidArgumentError(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KIND_NAMES))}")
+    check_entry_name(name, version)
     missing = [f for f in USER_CARD_FIELDS[Kind(kind)] if card.get(f) is None]
     if missing:
         raise CardFieldError(f"card for {name} (kind {kind}) is missing field(s): {', '.join(missing)}")

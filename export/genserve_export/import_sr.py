@@ -41,7 +41,7 @@ from torch import nn
 
 from genserve_export.data import photos
 from genserve_export.errors import ExportError
-from genserve_export.export import export_model, refuse_published
+from genserve_export.export import check_entry_name, export_model, refuse_published
 from genserve_export.onnx_utils import round_weights_fp16
 from genserve_export.provenance import source_commit
 from genserve_export.recipe import OnnxRun
@@ -286,6 +286,7 @@ def import_tfjs_sr(
     refused before any work (:class:`RepositoryExistsError`) unless ``overwrite=True``, which
     replaces it whole.
     """
+    check_entry_name(name, version)  # as the CLI's argparse types do, before the minutes of work
     if not overwrite:
         refuse_published([Path(out_dir) / name / version])
     say = progress or logger.info

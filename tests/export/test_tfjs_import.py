@@ -21,6 +21,7 @@ from PIL import Image
 
 from genserve_export import verify_repository
 from genserve_export.data import photos
+from genserve_export.errors import InvalidArgumentError
 from genserve_export.import_sr import ImportFailedError, import_tfjs_sr
 from genserve_export.tfjs_graph import TfjsGraph, TfjsModelError, depth_to_space, read_layers_model
 from genserve_export.tfjs_reference import conv2d_nhwc, depth_to_space_nhwc, run_reference
@@ -327,3 +328,20 @@ def test_fp16_weights_shrink_the_file_and_still_reproduce_the_sample(tmp_path: P
     assert card["quality"]["reference_max_abs_diff_255"] <= 1.0
     report = verify_repository(tmp_path / "half", check_thresholds=False)
     assert report.ok, report.format()
+
+
+@pytest.mark.parametrize(("name", "message"), [("liveness", "grpc.health key"), ("../up", "must match")])
+def test_import_refuses_a_name_no_model_may_have_before_any_work(
+    tmp_path: Path, name: str, message: str
+) -> None:
+    """Called from Python, a reserved or malformed name was refused by export_model, after the
+    package was read, checked against the reference and its quality measured (minutes for a real
+    package); the CLI's argparse type refuses it at once. It is refused before any work."""
+    package = write_package(tmp_path)
+    said: list[str] = []
+    with pytest.raises(InvalidArgumentError, match=message):
+        import_tfjs_sr(
+            package, out_dir=tmp_path / "models", name=name, scale=2, fp16=False, progress=said.append
+        )
+    assert said == []
+    assert not (tmp_path / "models").exists()
