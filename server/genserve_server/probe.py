@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from genserve_server.certificates import decode_certificate, outside_validity
 from genserve_server.flag_types import port_number, seconds
 from genserve_server.tokens import load_tokens
 
@@ -150,8 +152,19 @@ def run(args: argparse.Namespace) -> int:
         token=token,
     )
     shown = args.service or '""'
-    sys.stdout.write(f"{shown} {name}\n")
+    sys.stdout.write(f"{shown} {name}{_certificate_note(args.tls_cert, name)}\n")
     return status
+
+
+def _certificate_note(cert: Path | None, status: str) -> str:
+    """Where the connection failed (UNAVAILABLE: a mutual-TLS server closes the handshake on a
+    client certificate it refuses, 'Socket closed') and --tls-cert is outside its validity window:
+    a note naming it, its notBefore and notAfter and the time now; else nothing."""
+    if cert is None or status != "UNAVAILABLE":
+        return ""
+    decoded = decode_certificate(cert)
+    window = outside_validity(decoded, time.time()) if decoded is not None else None
+    return f" (--tls-cert {cert} is outside its validity window: {window})" if window else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

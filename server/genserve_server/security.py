@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 
 from genserve_server.boundary import ThrottledLog, abort, request_id, shown_method
+from genserve_server.certificates import decode_certificate as _decode_certificate
+from genserve_server.certificates import outside_validity as _outside_validity
 from genserve_server.config import ConfigError, SecurityConfig
 from genserve_server.errors import Unauthenticated
 from genserve_server.tokens import load_tokens
@@ -212,34 +214,6 @@ def _check_pem(tls: TlsConfig) -> None:
             raise ConfigError(
                 f"tls: {tls.client_ca_file} holds no PEM CA certificate ({exc.reason or exc})"
             ) from None
-
-
-def _decode_certificate(path: Path) -> dict[str, Any] | None:
-    """The first certificate of a PEM file as ssl's getpeercert() dict, or None where it cannot be
-    read. The standard library decodes a certificate that is not a CA only through this (CPython's
-    own, undocumented) function: no new dependency for a warning; where it is missing, no warning."""
-    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
-    if decode is None:
-        return None
-    try:
-        decoded: dict[str, Any] = decode(str(path))
-    except (ssl.SSLError, OSError, ValueError):
-        return None
-    return decoded
-
-
-def _outside_validity(cert: dict[str, Any], now: float) -> str | None:
-    """'notBefore X, notAfter Y, now Z' where `now` lies outside the certificate's window, else None."""
-    try:
-        not_before = ssl.cert_time_to_seconds(cert["notBefore"])
-        not_after = ssl.cert_time_to_seconds(cert["notAfter"])
-    except (KeyError, ValueError):
-        return None
-    if not_before <= now <= not_after:
-        return None
-    utc = time.gmtime(now)  # as OpenSSL writes the certificate's times: "Feb  1 00:00:00 2020 GMT"
-    shown = time.strftime(f"%b {utc.tm_mday:2d} %H:%M:%S %Y GMT", utc)
-    return f"notBefore {cert['notBefore']}, notAfter {cert['notAfter']}, now {shown}"
 
 
 def warn_outside_validity(config: SecurityConfig, now: float | None = None) -> None:

@@ -12,7 +12,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from reliability_support import SERVER_NAME, code_of, health_status, sample_ok, secure_channel, write_gen
+from reliability_support import (
+    SERVER_NAME,
+    code_of,
+    dated_certificate,
+    health_status,
+    sample_ok,
+    secure_channel,
+    write_gen,
+)
 from server_support import ServerProcess, start_server
 
 from genserve.kserve import grpc_service_pb2 as kpb
@@ -368,3 +376,34 @@ def test_an_unauthenticated_calls_method_path_cannot_forge_log_lines_or_fields(
     # Each path whole, quoted: a forged `request_id=` is inside the quotes, never a field of the line.
     shown = sorted(line.partition("rejected unauthenticated call to ")[2] for line in lines)
     assert shown == sorted(repr(path) for path in paths), lines
+
+
+def test_the_health_probe_names_an_expired_client_certificates_validity(
+    mtls_server: ServerProcess, pki: Path, tmp_path: Path
+) -> None:
+    """An expired --tls-cert: the mutual-TLS server closes the handshake and the probe said only
+    '"" UNAVAILABLE' (exit 1), naming nothing. It names the certificate, its notBefore and notAfter
+    and the time now; a valid certificate's failure (none at all here) names no validity."""
+    port = mtls_server.target.rsplit(":", 1)[1]
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    expired = dated_certificate(pki, "client", "20200101000000Z", "20200201000000Z")
+    command = [sys.executable, "-m", "genserve_server.probe", "--port", port, "--timeout-s", "5"]
+    tls = ("--tls-ca", str(pki / "ca.pem"), "--tls-server-name", SERVER_NAME, "--token-file", str(tokens))
+    proc = subprocess.run(
+        [*command, *tls, "--tls-cert", str(expired), "--tls-key", str(pki / "client.key")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith('"" UNAVAILABLE'), proc.stdout
+    assert f"--tls-cert {expired}" in proc.stdout, proc.stdout
+    assert "notBefore Jan  1 00:00:00 2020 GMT, notAfter Feb  1 00:00:00 2020 GMT, now " in proc.stdout
+    valid = subprocess.run(
+        [*command, *tls, "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (valid.returncode, valid.stdout) == (0, '"" SERVING\n'), valid.stderr

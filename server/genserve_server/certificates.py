@@ -1,0 +1,37 @@
+"""Certificate dates, with the standard library only: the server's start-up warning (security.py)
+and the health probe (probe.py, which imports no more than it needs) read them alike."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+
+def decode_certificate(path: Path) -> dict[str, Any] | None:
+    """The first certificate of a PEM file as ssl's getpeercert() dict, or None where it cannot be
+    read. The standard library decodes a certificate that is not a CA only through this (CPython's
+    own, undocumented) function: no new dependency for a warning; where it is missing, no warning."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        decoded: dict[str, Any] = decode(str(path))
+    except (ssl.SSLError, OSError, ValueError):
+        return None
+    return decoded
+
+
+def outside_validity(cert: dict[str, Any], now: float) -> str | None:
+    """'notBefore X, notAfter Y, now Z' where `now` lies outside the certificate's window, else None."""
+    try:
+        not_before = ssl.cert_time_to_seconds(cert["notBefore"])
+        not_after = ssl.cert_time_to_seconds(cert["notAfter"])
+    except (KeyError, ValueError):
+        return None
+    if not_before <= now <= not_after:
+        return None
+    utc = time.gmtime(now)  # as OpenSSL writes the certificate's times: "Feb  1 00:00:00 2020 GMT"
+    shown = time.strftime(f"%b {utc.tm_mday:2d} %H:%M:%S %Y GMT", utc)
+    return f"notBefore {cert['notBefore']}, notAfter {cert['notAfter']}, now {shown}"
