@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
+import mmap
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
@@ -105,3 +107,91 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ONNX's protobuf field numbers (onnx.proto) on the paths from a ModelProto to a TensorProto's
+# external_data entries: (message, field) -> the message the field holds.
+_ONNX_FIELDS: Final[dict[tuple[str, int], str]] = {
+    ("model", 7): "graph",  # ModelProto.graph
+    ("model", 25): "function",  # ModelProto.functions
+    ("graph", 1): "node",  # GraphProto.node
+    ("graph", 5): "tensor",  # GraphProto.initializer
+    ("graph", 15): "sparse",  # GraphProto.sparse_initializer
+    ("function", 7): "node",  # FunctionProto.node
+    ("node", 5): "attribute",  # NodeProto.attribute
+    ("attribute", 5): "tensor",  # AttributeProto.t (a Constant's value)
+    ("attribute", 6): "graph",  # AttributeProto.g (an If's or a Loop's body)
+    ("attribute", 10): "tensor",  # AttributeProto.tensors
+    ("attribute", 11): "graph",  # AttributeProto.graphs
+    ("attribute", 22): "sparse",  # AttributeProto.sparse_tensor
+    ("attribute", 23): "sparse",  # AttributeProto.sparse_tensors
+    ("sparse", 1): "tensor",  # SparseTensorProto.values
+    ("sparse", 2): "tensor",  # SparseTensorProto.indices
+    ("tensor", 13): "entry",  # TensorProto.external_data: {key, value}
+}
+
+
+def _varint(data: Any, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _length_delimited(data: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message at data[start:end]."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(data, pos, end)
+            if pos + length > end:
+                raise ValueError("a field runs past its message")
+            yield key >> 3, pos, pos + length
+            pos += length
+        else:
+            raise ValueError(f"wire type {wire} is not ONNX's")
+        if pos > end:
+            raise ValueError("a field runs past its message")
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The `location` of every external data file the ONNX graph at `path` loads tensors from (its
+    initializers', constants' and subgraphs' TensorProto.external_data; torch.onnx.export's default
+    writes `<file>.data`), in the graph's order, each once: paths relative to the graph's directory,
+    as ONNX Runtime resolves them. Read from the protobuf's wire format (the server does not depend on
+    the onnx package); tensor bytes are skipped, not read. ValueError: not a well-formed ONNX file."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return []
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            locations: dict[str, None] = {}
+            stack = [("model", 0, size)]
+            while stack:
+                message, start, end = stack.pop()
+                if message == "entry":
+                    fields = {n: bytes(data[s:e]) for n, s, e in _length_delimited(data, start, end)}
+                    if fields.get(1) == b"location" and 2 in fields:
+                        locations[fields[2].decode("utf-8", "surrogateescape")] = None
+                    continue
+                found = [
+                    (_ONNX_FIELDS[(message, number)], s, e)
+                    for number, s, e in _length_delimited(data, start, end)
+                    if (message, number) in _ONNX_FIELDS
+                ]
+                stack.extend(reversed(found))
+            return list(locations)

@@ -21,7 +21,7 @@ import numpy as np
 
 from genserve_contract.config import AUTO_TOLERANCE, Tolerance
 from genserve_contract.kinds import image_shape_fits
-from genserve_contract.repository import sha256_file
+from genserve_contract.repository import external_data_locations, sha256_file
 from genserve_server import calibration, tiling, validate
 from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
@@ -653,20 +653,39 @@ def make_batcher(mv: ModelVersion) -> Batcher:
 
 
 def _verified_sha256(mv: ModelVersion, card: Card, model_path: Path) -> str:
-    """The file's sha256, checked against card.json's."""
+    """The file's sha256, checked against card.json's, and so are the external data files the graph
+    loads its weights from (each `location` its card key; recorded in mv.external_sha256): ONNX
+    Runtime reads them with the graph, so a digest of the graph alone vouched for no weights."""
     filename = model_path.name
-    if not model_path.exists():  # a FIFO or a directory there is not "not found" (below)
-        raise ConfigError(f"{model_path}: file not found")
-    expected = card.sha256.get(filename)
-    if not expected:
-        raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {filename}")
+    actual = _checked_digest(mv, card, model_path, filename, "")
     try:
-        actual = sha256_file(model_path)
-    except OSError as exc:  # a FIFO or a device (refused unread), a directory, no permission: named
+        locations = external_data_locations(model_path)
+    except ValueError:  # no ONNX protobuf: ONNX Runtime's parse error names what is wrong with it
+        locations = []
+    except OSError as exc:
         raise ConfigError(f"{model_path}: cannot be read: {exc.strerror or exc}") from exc
+    of = f" (external data of {filename})"
+    mv.external_sha256[filename] = {
+        location: _checked_digest(mv, card, model_path.parent / location, location, of)
+        for location in locations
+    }
+    return actual
+
+
+def _checked_digest(mv: ModelVersion, card: Card, path: Path, key: str, of: str) -> str:
+    """`path`'s sha256, checked against card.json's entry `key` (`of`: what the file is, for the text)."""
+    if not path.exists():  # a FIFO or a directory there is not "not found" (below)
+        raise ConfigError(f"{path}: file not found{of}")
+    expected = card.sha256.get(key)
+    if not expected:
+        raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {key}{of}")
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:  # a FIFO or a device (refused unread), a directory, no permission: named
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     if actual != expected:
         raise ConfigError(
-            f"sha256 mismatch for {filename}: card.json says {expected[:16]}..., file is {actual[:16]}..."
+            f"sha256 mismatch for {key}{of}: card.json says {expected[:16]}..., file is {actual[:16]}..."
         )
     return actual
 

@@ -86,6 +86,10 @@ class ModelVersion:
     # a restart checks against card.json again (reload.py watches it beside the twin served; a
     # fallback to fp32 serves it with this sha256); "" where none was checked.
     reference_sha256: str = ""
+    # The sha256 of each external data file a verified graph loads its weights from (card.json's, as
+    # checked at load): {graph file name: {location: sha256}}; reload.py watches the served graph's
+    # and its reference's beside them.
+    external_sha256: dict[str, dict[str, str]] = field(default_factory=dict)
     precision: str = "fp32"
     provider: str = ""
     # True when the config asked for TensorRT or CUDA (whether or not the session got one).

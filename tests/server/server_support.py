@@ -807,3 +807,26 @@ async def working_set_of(budget: Any, call: Callable[[], Awaitable[Any]]) -> int
         del budget.acquire
     assert len(asked) == 1 and budget.held == 0, (asked, budget.held)
     return asked[0]
+
+
+def externalize_weights(version_dir: Path, *, listed: bool = True, location: str = "model.onnx.data") -> Path:
+    """Rewrite `version_dir`'s model.onnx with its weights in the external file `location` beside it,
+    as torch.onnx.export's default (external_data=True) writes them, and card.json's sha256 for the
+    new graph and, where `listed`, for the external file. Returns the external file."""
+    model_path = version_dir / "model.onnx"
+    model = onnx.load(str(model_path))
+    onnx.save(
+        model,
+        str(model_path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=128,  # the weights; a Reshape's shape stays in the graph (ONNX Runtime reads it there)
+    )
+    external = version_dir / location
+    card = json.loads((version_dir / "card.json").read_text())
+    card["sha256"]["model.onnx"] = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    if listed:
+        card["sha256"][location] = hashlib.sha256(external.read_bytes()).hexdigest()
+    (version_dir / "card.json").write_text(json.dumps(card, indent=2))
+    return external

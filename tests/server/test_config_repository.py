@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from server_support import (
     TINY_LATENT,
     build_tiny_repo,
+    externalize_weights,
     fails_within,
     generator_graph,
     write_model,
@@ -882,6 +883,33 @@ def test_the_fp32_reference_of_the_fp16_parity_check_must_match_its_card_sha256(
         with_repo(root, check)
 
 
+def test_external_weights_are_held_to_card_sha256_as_the_graph_is(tmp_path: Path) -> None:
+    """A graph whose weights lie in an external file beside it (torch.onnx.export's default writes
+    model.onnx.data) is loaded with them by ONNX Runtime: card.json's sha256 covers that file too.
+    Weights changed in place loaded READY, the graph's sha256 matching, and a card without the file's
+    digest vouched for weights it never named."""
+    root = tmp_path / "models"
+    listed = externalize_weights(write_tiny_generator(root, "listed"))
+    changed = externalize_weights(write_tiny_generator(root, "changed"))
+    externalize_weights(write_tiny_generator(root, "unlisted"), listed=False)
+    with changed.open("r+b") as handle:
+        handle.write(b"\0" * 64)
+    assert listed.stat().st_size > 64
+
+    def check(repo: Repository) -> None:
+        assert repo.get("listed").versions["1"].state == ModelState.READY
+        mv = repo.get("changed").versions["1"]
+        assert mv.state == ModelState.UNAVAILABLE, mv.state
+        assert "sha256 mismatch for model.onnx.data" in mv.reason, mv.reason
+        mv = repo.get("unlisted").versions["1"]
+        assert mv.state == ModelState.UNAVAILABLE, mv.state
+        assert "sha256 has no entry for model.onnx.data" in mv.reason, mv.reason
+        assert "external data of model.onnx" in mv.reason, mv.reason
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_an_fp16_twin_falling_back_to_fp32_hashes_model_onnx_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1157,6 +1185,8 @@ def test_a_refused_external_data_path_outside_the_repository_is_not_shown_to_cli
     (version_dir / "model.onnx").write_bytes(data)
     card = json.loads((version_dir / "card.json").read_text())
     card["sha256"]["model.onnx"] = hashlib.sha256(data).hexdigest()
+    # Listed, as card.json's sha256 covers external data: ONNX Runtime's own refusal is what is shown.
+    card["sha256"]["../../../../secret.bin"] = hashlib.sha256(raw).hexdigest()
     (version_dir / "card.json").write_text(json.dumps(card))
 
     def check(repo: Repository) -> None:
