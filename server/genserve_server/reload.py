@@ -515,38 +515,44 @@ class Reloader:
         """None: unchanged since the last check; "": the files match the loaded sha256s; else what
         changed and what a restart would do under config.json's `precision` now. The files: the one
         served, and where it is the fp16 twin, model.onnx, the parity check's reference, which a
-        restart checks against card.json too. On a worker thread; a file is hashed only when its
-        size, mtime or the precision moved (or at the first check of a version: it may have changed
-        since it loaded)."""
+        restart checks against card.json too; beside each, the external data files it loaded its
+        weights from (card.json's sha256 covers them too). On a worker thread; a file is hashed only
+        when its size, mtime or the precision moved (or at the first check of a version: it may have
+        changed since it loaded)."""
         served = _served_file(mv)
         if served is None:
             return None
-        files = [(served, mv.sha256)]
+        graphs = [(served, mv.sha256)]
         if mv.precision == "fp16" and mv.reference_sha256:
-            files.append((mv.path / "model.onnx", mv.reference_sha256))
+            graphs.append((mv.path / "model.onnx", mv.reference_sha256))
+        files = []  # (file, its card.json key, the graph it belongs to, its loaded sha256)
+        for graph, loaded in graphs:
+            files.append((graph, graph.name, graph, loaded))
+            for location, sha in mv.external_sha256.get(graph.name, {}).items():
+                files.append((graph.parent / location, location, graph, sha))
         checked = self._file_stats.setdefault(mv.load_id, {})
         moved = False
         statuses = []
-        for path, loaded in files:
+        for path, key, graph, loaded in files:
             try:
                 st = path.stat()
                 stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
             except OSError:
                 stat = None
-            last = checked.get(path.name)
+            last = checked.get(key)
             if last is not None and last[:2] == (stat, precision):
                 statuses.append(last[2])
                 continue
             moved = True
-            found = self._one_file_status(mv, path, loaded, stat, precision, served)
+            found = self._one_file_status(mv, path, loaded, stat, precision, served, key, graph)
             if found is None:  # SIGTERM: the process's exit would wait for this thread
-                checked.pop(path.name, None)
+                checked.pop(key, None)
                 return None
             status, readable = found
             if readable:
-                checked[path.name] = (stat, precision, status)
+                checked[key] = (stat, precision, status)
             else:
-                checked.pop(path.name, None)  # try again next time
+                checked.pop(key, None)  # try again next time
             statuses.append(status)
         if not moved:
             return None
@@ -560,15 +566,20 @@ class Reloader:
         stat: tuple[int, int] | None,
         precision: str,
         served: Path,
+        key: str,
+        graph: Path,
     ) -> tuple[str, bool] | None:
         """`_file_status` of one of its files ("" where it matches `loaded`), and whether it could be
-        read; None: stopping."""
-        reference = path != served  # model.onnx beside the fp16 twin served
+        read; None: stopping. `key`: its card.json sha256 entry; `graph`: the graph it is or whose
+        external data it is."""
+        reference = graph != served  # model.onnx beside the fp16 twin served (or its external data)
         role = (
-            f"{path.name} (the fp16 parity check's fp32 reference of {served.name})"
+            f"{graph.name} (the fp16 parity check's fp32 reference of {served.name})"
             if reference
-            else path.name
+            else graph.name
         )
+        if path != graph:
+            role = f"{key} (external data of {role})"
         if stat is None:
             what, actual = f"{role} is gone from disk since this version loaded", ""
         else:
@@ -586,14 +597,14 @@ class Reloader:
                 f"loaded {loaded[:16]}...)"
             )
         if reference:
-            restart = _reference_restart(mv, actual, precision)
+            restart = _reference_restart(mv, actual, precision, key)
             return f"{what}; serving {served.name} as loaded in memory; {restart}", True
-        other = _restart_file(mv, path, precision)
+        other = _restart_file(mv, graph, precision)
         if other:
             restart = f"a restart would load {other}, not this file"
         elif not actual:
             restart = "a restart would find no file and this version would be UNAVAILABLE: restore it"
-        elif actual == _card_sha256(mv, path.name):
+        elif actual == _card_sha256(mv, key):
             restart = "a restart loads the new file"
         else:
             restart = (
@@ -746,20 +757,26 @@ def _restart_file(mv: ModelVersion, served: Path, precision: str) -> str:
     return f"{choice.path.name} ({choice.reason or f'config.json precision {precision}'})"
 
 
-def _reference_restart(mv: ModelVersion, actual: str, precision: str) -> str:
-    """What a restart would do with model.onnx on disk (sha256 `actual`, "" where gone) beside the
-    fp16 twin this version serves, under config.json's `precision` now."""
+def _reference_restart(mv: ModelVersion, actual: str, precision: str, key: str = "model.onnx") -> str:
+    """What a restart would do with model.onnx (or `key`, an external data file of it) on disk
+    (sha256 `actual`, "" where gone) beside the fp16 twin this version serves, under config.json's
+    `precision` now."""
     twin = _restart_file(mv, mv.path / "model.fp16.onnx", precision) == ""  # a restart picks it
     if not actual:
+        if key != "model.onnx":  # model.onnx stays, and a restart checks its external data too
+            return (
+                f"a restart would refuse this version ({key} not found) and it would be UNAVAILABLE: "
+                "restore it"
+            )
         if twin:
             return (
                 "a restart would serve model.fp16.onnx on the card's parity alone, unchecked on its "
                 "provider: restore the file"
             )
         return "a restart would find no file and this version would be UNAVAILABLE: restore it"
-    if actual != _card_sha256(mv, "model.onnx"):
+    if actual != _card_sha256(mv, key):
         return (
-            "a restart would refuse this version (model.onnx's sha256 differs from card.json's) and "
+            f"a restart would refuse this version ({key}'s sha256 differs from card.json's) and "
             "it would be UNAVAILABLE: restore the file, or publish the new one as a new version"
         )
     if twin:

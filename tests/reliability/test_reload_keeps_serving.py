@@ -25,7 +25,7 @@ from reliability_support import (
     wait_on_loop,
     write_gen,
 )
-from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
+from server_support import TINY_LATENT, ServerProcess, externalize_weights, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -216,6 +216,38 @@ def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path:
             mv = repo.models["gen"].versions["1"]
             assert "model.onnx changed on disk" in mv.file_changed
             assert "a restart loads the new file" in mv.file_changed
+            assert mv.state == ModelState.READY
+            labels = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_external_weights_changed_in_place_are_reported_as_the_graph_is(tmp_path: Path) -> None:
+    """In process: a loaded graph's external data file (model.onnx.data, torch.onnx.export's
+    default) changed in place is reported, naming it and that a restart would refuse it, and
+    genserve_model_file_changed goes to 1, as for model.onnx itself; the version keeps serving."""
+    root = tmp_path / "models"
+    external = externalize_weights(write_gen(root, "gen", version="1", seed=0))
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            mv = repo.models["gen"].versions["1"]
+            assert mv.state == ModelState.READY, mv.reason
+            await reloader.rescan()
+            assert mv.file_changed == ""
+            with external.open("r+b") as handle:
+                handle.write(b"\0" * 64)
+            await reloader.rescan()
+            assert "model.onnx.data (external data of model.onnx) changed on disk" in mv.file_changed, (
+                mv.file_changed
+            )
+            assert "a restart would refuse it" in mv.file_changed, mv.file_changed
             assert mv.state == ModelState.READY
             labels = {"model": "gen", "version": "1"}
             assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
