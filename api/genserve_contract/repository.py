@@ -131,6 +131,9 @@ _ONNX_FIELDS: Final[dict[tuple[str, int], str]] = {
 }
 
 
+_LOCATION_KEY: Final = b"\n\x08location"  # StringStringEntryProto.key (field 1) = "location"
+
+
 def _varint(data: Any, pos: int, end: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -179,6 +182,11 @@ def external_data_locations(path: Path) -> list[str]:
         if size == 0:
             return []
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            # An external_data entry's key is the field `\n\x08location`: a graph without those
+            # bytes anywhere (every bundled model) names no file, found at memchr speed; the walk
+            # below costs ~1 ms a MB in Python, for every model at every start.
+            if data.find(_LOCATION_KEY) < 0:
+                return []
             locations: dict[str, None] = {}
             stack = [("model", 0, size)]
             while stack:
