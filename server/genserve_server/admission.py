@@ -23,7 +23,10 @@ slot, and the health check itself answered RESOURCE_EXHAUSTED. Here instead:
   the unread message. When that client cancels or disconnects instead of reading on, the status
   cannot be sent, and grpc logs the failed send ('ExecuteBatchError raised in core') at ERROR with a
   traceback unless it has already handled the client leaving: the usual end of such a call, not a
-  server fault. Those records are dropped, for the calls the server ended that way only.
+  server fault. Those records are dropped, for the calls the server ended that way only. So are
+  those of a unary call whose handler has returned its response: gRPC sends it after the handler,
+  and a client that cancels or disconnects while a response larger than its flow-control window
+  waits there (or that refuses it: grpc's client takes 4 MiB by default) fails that send alike.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncGenerator, Callable, Collection
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
@@ -59,12 +63,18 @@ GENERATION_CONTROL = ("/genserve.v1.GenerationService/ListModels", "/genserve.v1
 FAILED_SEND_LOG = "ExecuteBatchError raised in core"
 
 
+# Set in a unary call's task once its handler has returned the response that gRPC then sends.
+_RESPONSE_RETURNED: ContextVar[bool] = ContextVar("genserve_response_returned", default=False)
+
+
 class _UnreadStreamEnds(logging.Filter):
-    """Drops grpc's ERROR for the failed status send of a stream the server ended unread (the
-    client went away instead of reading on); every other record of grpc's logger passes."""
+    """Drops grpc's ERROR for the failed send of a stream the server ended unread, or of a unary
+    call's returned response (the client went away instead of reading it); every other record of
+    grpc's logger passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (ENDED_UNREAD.get() and record.getMessage().startswith(FAILED_SEND_LOG))
+        client_gone = ENDED_UNREAD.get() or _RESPONSE_RETURNED.get()
+        return not (client_gone and record.getMessage().startswith(FAILED_SEND_LOG))
 
 
 # grpc's aio server logs from its Cython module's logger, in the call's task.
@@ -223,7 +233,9 @@ class Admission:
             try:
                 result = inner(request, context)
                 del request  # the handler's frames hold it while they need it, no longer
-                return await result if inspect.isawaitable(result) else result
+                response = await result if inspect.isawaitable(result) else result
+                _RESPONSE_RETURNED.set(True)  # gRPC sends it now: the client may go meanwhile
+                return response
             except grpc.aio.AbortError as exc:
                 raise _released(exc) from None
             finally:

@@ -25,6 +25,7 @@ from genserve_server.boundary import REFUSAL_LOG_INTERVAL_S
 
 SLOTS = 2
 STREAM = "/genserve.v1.GenerationService/SampleStream"
+SAMPLE = "/genserve.v1.GenerationService/Sample"
 RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
 
 
@@ -131,6 +132,43 @@ def test_a_client_that_goes_after_the_server_ended_its_unread_stream_leaves_no_t
             finally:
                 unread.close()
         time.sleep(0.3)  # grpc logs the failed status send after the handler has ended
+    assert _log_problems(server, lines) == []
+
+
+@pytest.mark.parametrize("goes_by", ["cancel", "disconnect"])
+def test_a_client_that_goes_while_its_unary_response_is_sent_leaves_no_traceback(
+    quick_server: ServerProcess, goes_by: str
+) -> None:
+    """A unary response larger than the client's flow-control window waits in gRPC's send after the
+    handler has returned. A client that cancels or disconnects then (it stopped reading; or grpc's
+    own client, whose default 4 MiB max_receive_message_length refuses a larger response, resets
+    the call) fails that send in gRPC's core, and grpc logged 'ExecuteBatchError raised in core by
+    servicer method [...Sample]' at ERROR with a traceback: the client leaving, not a server fault."""
+    server = quick_server
+    # 256 8x8x3 float32 images: about 200 KB, beyond the client's 64 KiB window.
+    request = pb.SampleRequest(
+        model="gen", count=256, base_seed=0, output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32)
+    )
+    lines = len(server.log().splitlines())
+    for _ in range(3):
+        unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+        try:
+            calls = [unread.call(server.target, SAMPLE, request.SerializeToString()) for _ in range(2)]
+            wait_until(
+                lambda: server.metric("genserve_response_bytes_pending") > 0,
+                10,
+                "the responses computed and waiting to be sent",
+            )
+            time.sleep(0.2)  # in gRPC's send, their window full
+            if goes_by == "cancel":
+                for stream_id in calls:
+                    unread.cancel(stream_id)
+        finally:
+            unread.close()
+        wait_until(
+            lambda: server.metric("genserve_response_bytes_pending") == 0, 10, "the responses released"
+        )
+        time.sleep(0.3)  # grpc logs the failed send after the handler has ended
     assert _log_problems(server, lines) == []
 
 

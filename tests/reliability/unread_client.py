@@ -64,6 +64,10 @@ class UnreadClient:
         )
         return stream_id
 
+    def cancel(self, stream_id: int) -> None:
+        """End one call as a cancelling client does (RST_STREAM CANCEL)."""
+        self._send(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", 0x8)))
+
     def _recv_exact(self, n: int) -> bytes:
         data = b""
         while len(data) < n:
