@@ -187,6 +187,7 @@ class ModelMetrics:
         model_level: bool = True,
         methods: tuple[str, ...] = METHODS,
         encodes: bool = True,
+        steps: bool = True,
     ) -> None:
         self.model = model
         self.version = version
@@ -205,7 +206,9 @@ class ModelMetrics:
         self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
         self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
         self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
-        self.step_running_rows = m.step_running_rows.labels(*mv) if mon else _NULL
+        # Only a code prior has a running set: the dashboard's code-prior panels select the models
+        # with this series.
+        self.step_running_rows = m.step_running_rows.labels(*mv) if mon and steps else _NULL
         self.images = m.images.labels(*mv) if mon else _NULL
         self.batch_failures = m.batch_failures.labels(*mv) if mon else _NULL
         self.cache_hits = m.image_cache_lookups.labels(*mv, "hit") if mon else _NULL
@@ -507,6 +510,7 @@ class Metrics:
             version,
             methods=KIND_METHODS.get(kind, METHODS),
             encodes=not known or kind in ENCODING_KINDS,
+            steps=not known or kind == Kind.CODE_PRIOR.value,
         )
         mm.bind_batch_size(max_batch_size)
         return mm

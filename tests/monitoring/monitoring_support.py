@@ -30,6 +30,8 @@ METRICS_DOC = REPO / "docs" / "metrics.md"
 GPU_METRICS = frozenset({"genserve_gpu_utilization_ratio", "genserve_gpu_memory_used_bytes"})
 # Series only a server with TLS on exports (tests/reliability/test_tls_startup.py checks them).
 TLS_METRICS = frozenset({"genserve_tls_certificate_expiry_timestamp_seconds"})
+# Series only a code prior exports; the tiny repository has none (test_series.py checks them).
+CODE_PRIOR_METRICS = frozenset({"genserve_step_running_rows"})
 # Series Prometheus itself makes for every target; no exporter exports them.
 PROMETHEUS_SYNTHETIC = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

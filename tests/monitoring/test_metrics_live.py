@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 from monitoring_support import (
+    CODE_PRIOR_METRICS,
     GPU_METRICS,
     PROMETHEUS_SYNTHETIC,
     TINY_MAX_BATCH,
@@ -111,7 +112,7 @@ def test_families_have_contract_types_and_labels(monitored_server: MonitoredServ
     current = scrape(monitored_server.metrics_url())
     exposition_type = {"counter": "counter", "gauge": "gauge", "histogram": "histogram"}
     for name, metric in contract_metrics().items():
-        if name in GPU_METRICS or name in TLS_METRICS:
+        if name in GPU_METRICS or name in TLS_METRICS or name in CODE_PRIOR_METRICS:
             continue
         family = name.removesuffix("_total") if metric.type == "counter" else name
         assert current.family_types.get(family) == exposition_type[metric.type], name
@@ -129,7 +130,8 @@ def test_every_metric_name_of_dashboard_and_rules_is_exported(monitored_server: 
     used = {name for expr in dashboard_exprs() + rule_exprs() for name in metric_names(expr.promql)}
     used -= PROMETHEUS_SYNTHETIC
     has_gpu = gpu_present()
-    missing = sorted(n for n in used - exported - TLS_METRICS if has_gpu or n not in GPU_METRICS)
+    absent = used - exported - TLS_METRICS - CODE_PRIOR_METRICS
+    missing = sorted(n for n in absent if has_gpu or n not in GPU_METRICS)
     assert not missing, f"used in deploy/ but not exported by the running server: {missing}"
     if has_gpu:
         assert GPU_METRICS <= exported

@@ -67,6 +67,19 @@ def test_encode_histograms_only_for_kinds_that_encode_images() -> None:
     assert has("genserve_encode_duration_seconds_count", "sr")
 
 
+def test_the_step_gauge_exists_only_for_code_priors() -> None:
+    """genserve_step_running_rows is a code prior's running set: the dashboard's "Code priors" row
+    (running rows, steps/s, rows per step, join wait) shows the models that have this series, so a
+    generator, a decoder or a super-resolution model exporting it at 0 showed up there too, its
+    batches as 'steps' and its queue wait as a 'join wait'."""
+    metrics = Metrics()
+    kinds = {"prior": "code_prior", "gen": "generator", "dec": "code_decoder", "sr": "super_resolution"}
+    for name, kind in kinds.items():
+        metrics.for_model(name, "1", 8, kind)
+    lines = [line for line in exposition(metrics) if line.startswith("genserve_step_running_rows{")]
+    assert lines == ['genserve_step_running_rows{model="prior",version="1"} 0.0']
+
+
 def test_a_method_outside_the_kind_is_still_recorded_when_it_happens() -> None:
     metrics = Metrics()
     mm = metrics.for_model("sr", "1", 16, "super_resolution")
