@@ -435,39 +435,52 @@ def default_tiling(card: Card, radius: int | None) -> tuple[int, int]:
     return tile_for(card, overlap), overlap
 
 
+def smallest_tile(overlap: int, size_multiple: int, min_size: int = 1) -> int:
+    """The smallest tile_size that tiling() takes with this overlap: every rule at once (2 * overlap
+    + 8, 4 * overlap, a whole size multiple past the overlap, min_size), so the bound a tile_size
+    refusal names is one the next request passes."""
+    overlap_units = -(-overlap // size_multiple)
+    return max(
+        2 * overlap + 8,
+        4 * overlap,
+        size_multiple * (overlap_units + 1),
+        -(-min_size // size_multiple) * size_multiple,
+    )
+
+
 def tiling(
     tile: int, overlap: int, size_multiple: int, *, overlap_given: bool = True, min_size: int = 1
 ) -> None:
     """InvalidArgument naming tile_size or tile_overlap unless tiles of that size can be planned.
     `overlap_given`: the client set tile_overlap (else it is the model's default, which a refusal
     must not blame: the tile_size it asked is then what is too small). `min_size`: the model's
-    smallest input side (card.json), which every tile is."""
+    smallest input side (card.json), which every tile is. Each tile_size refusal names
+    smallest_tile, which passes every rule here, not only the one it failed."""
     if overlap > MAX_TILE // 4:  # no tile_size could hold it: name the overlap, not a derived tile
         raise invalid(
             "tile_overlap",
             f"must be in 0..{MAX_TILE // 4} (tile_size / 4, tile_size <= {MAX_TILE}), got {overlap}",
         )
+    smallest = smallest_tile(overlap, size_multiple, min_size)
     if not 2 * overlap + 8 <= tile <= MAX_TILE:
         if overlap_given:
-            rule = "(>= 2 * tile_overlap + 8)"
+            rule = "(>= 2 * tile_overlap + 8 and >= 4 * tile_overlap)"
         else:
             rule = (
                 f"(>= 2 * tile_overlap + 8 and >= 4 * tile_overlap, with the model's tile_overlap {overlap})"
             )
-        smallest = 2 * overlap + 8 if overlap_given else max(2 * overlap + 8, 4 * overlap)
         raise invalid("tile_size", f"must be in {smallest}..{MAX_TILE} {rule}, got {tile}")
     if overlap > tile // 4:
         if not overlap_given:
             raise invalid(
                 "tile_size",
-                f"must be in {4 * overlap}..{MAX_TILE} (>= 4 * tile_overlap, with the model's "
+                f"must be in {smallest}..{MAX_TILE} (>= 4 * tile_overlap, with the model's "
                 f"tile_overlap {overlap}; or set a smaller tile_overlap), got {tile}",
             )
         raise invalid("tile_overlap", f"must be in 0..{tile // 4} (tile_size / 4), got {overlap}")
     # Tiles start and step in whole multiples of the model's size multiple (tiling.plan_tiles).
     overlap_units = -(-overlap // size_multiple)
     if tile // size_multiple <= overlap_units:
-        smallest = size_multiple * (overlap_units + 1)
         raise invalid(
             "tile_size",
             f"must be at least {smallest} for this model (size multiple {size_multiple}, "
@@ -476,7 +489,6 @@ def tiling(
     # Each tile is one model input, cut to a whole multiple of the size multiple (tiling.plan_tiles):
     # one smaller than the model's min_size failed in the model (INTERNAL), for every tile.
     if tile - tile % size_multiple < min_size:
-        smallest = -(-min_size // size_multiple) * size_multiple
         raise invalid(
             "tile_size",
             f"must be at least {smallest} for this model (its min_size {min_size}: every tile is a "

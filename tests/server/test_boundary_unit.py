@@ -4,6 +4,7 @@ pure validators, with a hand-written context."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import grpc
@@ -118,7 +119,7 @@ def test_every_error_code_is_a_grpc_status() -> None:
         (8, 0, 16, "tile_size: must be at least 16 for this model (size multiple 16, tile_overlap 0), got 8"),
         (40, 8, 32, "tile_size: must be at least 64"),  # the overlap takes one whole unit of 32
         (48, 10, 32, "tile_size: must be at least 64 for this model (size multiple 32, tile_overlap 10)"),
-        (20, 8, 1, "tile_size: must be in 24..1024 (>= 2 * tile_overlap + 8), got 20"),
+        (20, 8, 1, "tile_size: must be in 32..1024 (>= 2 * tile_overlap + 8 and >= 4 * tile_overlap)"),
         (40, 11, 1, "tile_overlap: must be in 0..10 (tile_size / 4), got 11"),
     ],
 )
@@ -147,6 +148,25 @@ def test_a_tile_size_too_small_for_the_models_default_overlap_names_the_tile_siz
         check_tiling(tile, 32, 1, overlap_given=False)
     assert str(excinfo.value).startswith(message)
     check_tiling(128, 32, 1, overlap_given=False)
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "multiple", "min_size"),
+    [(16, 7, 1, 1), (20, 8, 1, 1), (20, 8, 32, 1), (40, 8, 32, 96), (8, 0, 16, 48), (30, 12, 1, 1)],
+)
+def test_a_tile_size_refusal_names_a_tile_size_that_is_accepted(
+    tile: int, overlap: int, multiple: int, min_size: int
+) -> None:
+    """The client sent both: the smallest tile_size a refusal names passes every rule with the same
+    tile_overlap, so one correction suffices (not 22 for an overlap of 7, then 28)."""
+    with pytest.raises(InvalidArgument) as excinfo:
+        check_tiling(tile, overlap, multiple, min_size=min_size)
+    message = str(excinfo.value)
+    assert message.startswith("tile_size: "), message
+    named = int(re.search(r"must be (?:in|at least) (\d+)", message).group(1))  # type: ignore[union-attr]
+    check_tiling(named, overlap, multiple, min_size=min_size)
+    with pytest.raises(InvalidArgument):
+        check_tiling(named - 1, overlap, multiple, min_size=min_size)
 
 
 @pytest.mark.parametrize(("tile", "overlap", "multiple"), [(48, 8, 16), (16, 0, 16), (128, 32, 1), (8, 0, 1)])
