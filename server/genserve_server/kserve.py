@@ -508,7 +508,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid("inputs[image].shape", f"H and W must be multiples of {multiple}, got {h}x{w}")
         not_finite = "values must be finite"
         if card.input_range is not None and image.size:  # as genserve.v1's TENSOR_F32
-            validate.input_range(image, card.input_range, "inputs[image]", not_finite=not_finite)
+            validate.input_range(
+                image, card.input_range, "inputs[image]", not_finite=not_finite, datatype="FP32"
+            )
         elif not codecs.all_finite(image):
             raise invalid("inputs[image]", not_finite)
         # The core's shape buckets (image_batch_key) are genserve.v1's (SR tiles, translated

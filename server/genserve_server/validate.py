@@ -400,12 +400,18 @@ def min_size(sizes: Sequence[tuple[int, int]], card: Card) -> None:
 
 
 def input_range(
-    values: np.ndarray, value_range: tuple[float, float], field: str, *, not_finite: str | None = None
+    values: np.ndarray,
+    value_range: tuple[float, float],
+    field: str,
+    *,
+    not_finite: str | None = None,
+    datatype: str = "TENSOR_F32",
 ) -> None:
     """TENSOR_F32 inputs must lie in the card's input_range (1 % slack for rounding): a model fed far
     outside it returns garbage or NaN with OK (a VAE encoder at 3e38 gave NaN latents). `not_finite`:
     the refusal of a NaN or an infinity where the caller has its own (KServe's), found by the same
-    min and max, not by a pass of np.isfinite before them (its boolean copy of the values)."""
+    min and max, not by a pass of np.isfinite before them (its boolean copy of the values).
+    `datatype`: what the refusal calls the values, in the caller's protocol's terms (KServe's FP32)."""
     lo, hi = value_range
     slack = 0.01 * (hi - lo)
     low, high = float(values.min()), float(values.max())
@@ -413,12 +419,12 @@ def input_range(
         raise invalid(field, not_finite)
     if math.isnan(low) or math.isnan(high):  # min and max propagate a NaN, which no bound comparison finds
         raise invalid(
-            field, f"TENSOR_F32 values must be in the model's input_range [{lo:g}, {hi:g}], got a NaN"
+            field, f"{datatype} values must be in the model's input_range [{lo:g}, {hi:g}], got a NaN"
         )
     if low < lo - slack or high > hi + slack:
         raise invalid(
             field,
-            f"TENSOR_F32 values must be in the model's input_range [{lo:g}, {hi:g}], got {low:g}..{high:g}",
+            f"{datatype} values must be in the model's input_range [{lo:g}, {hi:g}], got {low:g}..{high:g}",
         )
 
 

@@ -336,8 +336,10 @@ def test_image_values_outside_the_input_range_are_invalid_as_in_genserve_v1(
         inputs=[kpb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 3, 16, 16])],
         raw_input_contents=[image.tobytes()],
     )
-    assert "inputs[image]: TENSOR_F32 values must be in the model's input_range [0, 1]" in _invalid(
-        stub, request
+    # In KServe's terms (the input's name and datatype), not genserve.v1's TENSOR_F32.
+    assert (
+        _invalid(stub, request)
+        == "inputs[image]: FP32 values must be in the model's input_range [0, 1], got 50..50"
     )
     request.raw_input_contents[0] = np.full((1, 3, 16, 16), 0.5, np.float32).tobytes()
     assert len(stub.ModelInfer(request, timeout=30).raw_output_contents) == 1
