@@ -120,12 +120,27 @@ def array_to_pil(
 
 def _pil_to_uint8(image: PILImage.Image) -> npt.NDArray[np.uint8]:
     """A PIL image as the server decodes the same picture from a file: gray stays gray, 16-bit
-    gray (I;16, as Pillow opens a 16-bit PNG) scales 0..65535 onto 0..255 with rounding (Pillow's
-    own conversion clips every value above 255 to white, in RGB), anything else becomes RGB."""
-    if image.mode.startswith("I;16"):
+    gray (I;16, as Pillow opens a 16-bit PNG, or I, as an older Pillow does) scales 0..65535 onto
+    0..255 with rounding as the server does (codecs._to_hwc_uint8; Pillow's own conversion clips
+    every value above 255 to white), float gray (F, a 32-bit float TIFF) in 0..1 maps onto 0..255
+    as the server's PNG of a [0, 1] tensor (Pillow's truncated it to black), anything else becomes
+    RGB. ValueError naming the mode for F values outside 0..1 (or NaN): they have no agreed meaning."""
+    if image.mode.startswith("I;16") or image.mode == "I":
         wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         return ((wide * 255 + 32767) // 65535).astype(np.uint8)
-    return np.asarray(image.convert("L" if image.mode in ("L", "1", "I", "F") else "RGB"))
+    if image.mode == "F":
+        values = np.asarray(image, np.float32)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not 0.0 <= low <= high <= 1.0:  # False for a NaN too
+            raise ValueError(
+                f"a PIL image of mode F must hold values in 0..1 (0 black, 1 white), got {low:g}..{high:g}; "
+                "scale it first or pass a uint8 array"
+            )
+        # array_to_pil's (the server's PNG) arithmetic: floor(x * 255 + 0.5) in float32.
+        scaled = np.multiply(values, np.float32(255.0), dtype=np.float32)
+        np.add(scaled, np.float32(0.5), out=scaled)
+        return scaled.astype(np.uint8)
+    return np.asarray(image.convert("L" if image.mode in ("L", "1") else "RGB"))
 
 
 def to_image_message(image: ImageInput) -> types_pb2.Image:

@@ -64,6 +64,39 @@ def test_a_sixteen_bit_pil_image_travels_as_the_server_reads_the_same_file() -> 
     assert as_file[..., 0].ravel().tolist() == list(range(0, 256, 17))
 
 
+def test_a_32_bit_integer_pil_image_travels_as_the_server_reads_its_mode_not_clipped() -> None:
+    """Pillow's mode I (a 16-bit PNG opened by an older Pillow, or convert('I')) is gray the server
+    scales from 0..65535 to 0..255 (codecs._to_hwc_uint8); the library's convert('L') clipped every
+    value above 255 to white."""
+    from genserve_client.convert import to_image_message
+
+    levels = np.linspace(0, 65535, 16).astype(np.int32).reshape(4, 4)
+    picture = Image.fromarray(levels)
+    assert picture.mode == "I"
+    sent = to_image_message(picture)
+    pixels = np.frombuffer(sent.data, np.uint8).reshape(tuple(sent.shape))
+    np.testing.assert_array_equal(pixels, codecs._to_hwc_uint8(picture))
+    assert pixels[..., 0].ravel().tolist() == list(range(0, 256, 17))
+
+
+def test_a_float_pil_image_in_0_to_1_travels_as_the_servers_png_of_it_and_others_are_refused() -> None:
+    """Pillow's mode F (a 32-bit float TIFF): values in 0..1 are the picture's 0..255, as the
+    server writes a [0, 1] tensor to a PNG (codecs.to_uint8); Pillow's convert('L') truncated them
+    to 0 (a black picture). Values outside 0..1 (or NaN) have no agreed meaning: refused naming
+    the mode, never clipped."""
+    from genserve_client.convert import to_image_message
+
+    values = (np.arange(16, dtype=np.float32) / 15).reshape(4, 4)
+    sent = to_image_message(Image.fromarray(values))
+    pixels = np.frombuffer(sent.data, np.uint8).reshape(tuple(sent.shape))
+    expected = codecs.to_uint8(values[np.newaxis, np.newaxis], (0.0, 1.0))[0]  # [1, H, W] -> HWC
+    np.testing.assert_array_equal(pixels, expected.reshape(4, 4, 1))
+    assert pixels[..., 0].ravel().tolist() == list(range(0, 256, 17))
+    for bad in (values * 255, values - 0.5, np.full((4, 4), np.nan, np.float32)):
+        with pytest.raises(ValueError, match=r"mode F .*0\.\.1"):
+            to_image_message(Image.fromarray(bad.astype(np.float32)))
+
+
 @pytest.mark.parametrize("value_range", [(-1.0, 1.0), (0.0, 1.0)])
 def test_a_tensor_made_a_picture_here_is_the_servers_png_pixel_for_pixel(
     value_range: tuple[float, float],
