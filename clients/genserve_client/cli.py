@@ -760,15 +760,23 @@ PICTURE_MODES = {1: "L", 3: "RGB"}
 def load_for_encoder(path: Path, info: genserve_pb2.ModelInfo, version: str = "") -> npt.NDArray[np.uint8]:
     c = card(info, version)
     try:
-        picture: Image.Image = Image.open(path)
+        opened: Image.Image = Image.open(path)
     except Image.DecompressionBombError as exc:  # no OSError: it escaped main() as a traceback
         raise UsageError(f"edit: {path}: {exc}") from None
-    if picture.mode.startswith("I;16"):
-        # 16-bit gray (a 16-bit PNG): Pillow's convert clips every value above 255 to white; scale
-        # it to 8 bits as the server reads the same file (and the library sends a PIL image).
-        picture = Image.fromarray(_pil_to_uint8(picture))
     # The server reads a card without `input_channels` as 3 (config.py): the same default here.
-    picture = picture.convert(PICTURE_MODES.get(c.get("input_channels", 3), "RGB"))
+    mode = PICTURE_MODES.get(c.get("input_channels", 3), "RGB")
+    # Closed here: Pillow keeps a multi-frame file (GIF) or one that failed to decode open.
+    with opened:
+        try:
+            if opened.mode.startswith("I;16") or opened.mode in ("I", "F"):
+                # 16-bit gray (a 16-bit PNG) or float gray (a float TIFF): Pillow's convert clips
+                # or truncates them; converted as the library converts a PIL image (the server's
+                # reading of a 16-bit PNG; 0..1 for float, other values refused).
+                picture = Image.fromarray(_pil_to_uint8(opened)).convert(mode)
+            else:
+                picture = opened.convert(mode)
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt ('broken PNG file')
+            raise UsageError(f"edit: {path}: cannot read the picture: {exc}") from None
     size = c.get("image_size")
     if size and (picture.height, picture.width) != tuple(size):
         # The server never resizes (EncodeRequest): fit the picture to the encoder here.

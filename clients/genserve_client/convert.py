@@ -133,8 +133,8 @@ def _pil_to_uint8(image: PILImage.Image) -> npt.NDArray[np.uint8]:
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if not 0.0 <= low <= high <= 1.0:  # False for a NaN too
             raise ValueError(
-                f"a PIL image of mode F must hold values in 0..1 (0 black, 1 white), got {low:g}..{high:g}; "
-                "scale it first or pass a uint8 array"
+                f"a picture of mode F (32-bit float gray) must hold values in 0..1 (0 black, 1 white), "
+                f"got {low:g}..{high:g}; scale it first"
             )
         # array_to_pil's (the server's PNG) arithmetic: floor(x * 255 + 0.5) in float32.
         scaled = np.multiply(values, np.float32(255.0), dtype=np.float32)

@@ -94,3 +94,63 @@ def test_a_picture_declaring_more_pixels_than_pillow_decodes_is_a_usage_error_na
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b""))
     with pytest.raises(UsageError, match=r"bomb\.png.*2500000000 pixels"):
         load_for_encoder(path, _info({"image_size": [4, 4], "input_channels": 1}))
+
+
+def _truncated_png(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    whole = tmp_path / "whole.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
+    path = tmp_path / "cut.png"
+    path.write_bytes(whole.read_bytes()[:300])
+    return path
+
+
+def test_edit_reads_a_float_tiff_in_0_to_1_as_its_grays_not_black(tmp_path: Path) -> None:
+    """A 32-bit float TIFF (Pillow's mode F) in 0..1 went through convert('L'), which truncates
+    every value to 0: `edit` encoded a black picture. It is converted as the library converts a
+    PIL image of mode F (0..1 onto 0..255, rounded as the server's PNG of a [0, 1] tensor)."""
+    values = np.full((4, 4), 0.5, np.float32)
+    values[0, 0] = 1.0
+    path = tmp_path / "float.tif"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "F"
+    picture = load_for_encoder(path, _info({"image_size": [4, 4], "input_channels": 1}))
+    assert picture[0, 0] == 255 and picture[1, 1] == 128
+
+
+def test_a_picture_edit_cannot_read_is_a_usage_error_naming_the_file(tmp_path: Path) -> None:
+    """A truncated file printed Pillow's 'image file is truncated' naming no file (exit 1); a float
+    picture outside 0..1 has no agreed meaning: both are refused naming the file (exit 2)."""
+    from genserve_client.cli import UsageError
+
+    with pytest.raises(UsageError, match=r"cut\.png.*truncated"):
+        load_for_encoder(_truncated_png(tmp_path), _info({"image_size": [64, 64]}))
+    path = tmp_path / "float255.tif"
+    Image.fromarray(np.full((4, 4), 200.0, np.float32)).save(path)
+    with pytest.raises(UsageError, match=r"float255\.tif.*mode F.*0\.\.1"):
+        load_for_encoder(path, _info({"image_size": [4, 4], "input_channels": 1}))
+
+
+@pytest.mark.parametrize("kind", ["gif", "truncated"])
+def test_edit_closes_the_picture_it_reads(tmp_path: Path, kind: str) -> None:
+    """Pillow keeps a multi-frame format's file (GIF) open after decoding, and a truncated one's
+    too: load_for_encoder left them to the garbage collector (a ResourceWarning)."""
+    import gc
+    import warnings
+
+    from genserve_client.cli import UsageError
+
+    if kind == "truncated":
+        path = _truncated_png(tmp_path)
+    else:
+        path = tmp_path / f"in.{kind}"
+        Image.new("RGB", (64, 64), (10, 200, 30)).save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            load_for_encoder(path, _info({"image_size": [64, 64]}))
+        except UsageError:
+            pass
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed
