@@ -105,6 +105,9 @@ class Call:
     # Set once a batcher has counted the call refused (queue_full) or dropped: its other requests
     # (images or tiles of other shapes, a stream's chunks ahead) are not counted again (batch_parts.Caller).
     counted_out: bool = False
+    # Its budget wait ran out before its deadline (wait_for_budget): the boundary counts the refusal,
+    # rejected `budget` if sent before the deadline, else a `deadline` drop.
+    budget_refused: bool = False
 
     def release_uses(self) -> None:
         """Release the versions of `uses` (at the call's end; a second call releases nothing)."""
@@ -395,8 +398,9 @@ class GenerationCore:
         """`wait` for a budget (response_budget.py): a call whose deadline passes while it waits, or
         whose caller goes away, counts in genserve_requests_dropped_total (`deadline`, `cancelled`),
         once for its RPC, as a request that leaves a batcher's queue does; one refused when its wait
-        runs out before its deadline (budget_max_wait_s), in genserve_requests_rejected_total
-        (`budget`)."""
+        runs out before its deadline (budget_max_wait_s) is marked `budget_refused`, and the boundary
+        counts it in genserve_requests_rejected_total (`budget`) if it answers before the deadline,
+        else as a `deadline` drop (Boundary.fail)."""
         try:
             return await wait
         except asyncio.CancelledError as exc:  # gRPC ended the call (its deadline) or the client left
@@ -404,11 +408,13 @@ class GenerationCore:
                 call.metrics.dropped[drop_reason(call.deadline, time.monotonic())].inc()
             raise
         except ResourceExhausted:  # the wait ran out: budget_max_wait_s, or the deadline
-            if count_once(call):  # as the client gets it (boundary._past_deadline: no slack here)
-                if call.deadline is not None and time.monotonic() >= call.deadline:
+            if call.deadline is not None and time.monotonic() >= call.deadline:
+                if count_once(call):  # as the client gets it (boundary._past_deadline: no slack here)
                     call.metrics.dropped["deadline"].inc()  # DEADLINE_EXCEEDED
-                else:
-                    call.metrics.rejected["budget"].inc()  # this RESOURCE_EXHAUSTED
+            else:
+                # RESOURCE_EXHAUSTED only if the boundary answers before the deadline: counted there
+                # (Boundary.fail), with the clock reading that decides what its client gets.
+                call.budget_refused = True
             raise
 
     def random_base_seed(self, n: int) -> int:

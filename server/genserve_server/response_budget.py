@@ -19,10 +19,11 @@ take_back): a backlog of bulk calls on one model does not hold the budget that i
 every model need.
 
 A request waits (first come, first served) while its budget is spent, at most until its deadline
-or `budget_max_wait_s`, then is answered RESOURCE_EXHAUSTED naming the budget (counted by the caller,
-core.wait_for_budget or the batcher: genserve_requests_rejected_total{reason="budget"} before the
-deadline, a `deadline` drop at it). A single request larger than the whole budget is clamped to it:
-it runs alone rather than never.
+or `budget_max_wait_s`, then is answered RESOURCE_EXHAUSTED naming the budget (counted by the
+boundary for core.wait_for_budget's calls, by the batcher for its own:
+genserve_requests_rejected_total{reason="budget"} if answered before the deadline, a `deadline` drop
+at it). A single request larger than the whole budget is clamped to it: it runs alone rather than
+never.
 """
 
 from __future__ import annotations

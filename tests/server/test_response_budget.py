@@ -193,8 +193,10 @@ def test_a_budget_wait_that_runs_out_is_counted_as_its_client_is_answered(
     """GenerationCore.wait_for_budget: a call whose budget wait runs out (budget_max_wait_s) before its
     deadline is answered RESOURCE_EXHAUSTED naming the budget: counted once in
     genserve_requests_rejected_total{reason="budget"} (it was in no reason), never as a drop, also
-    within DEADLINE_SLACK_S of the deadline (it was a deadline drop there). Past the deadline its
-    client gets DEADLINE_EXCEEDED (the boundary sends no refusal then): a deadline drop."""
+    within DEADLINE_SLACK_S of the deadline (it was a deadline drop there): the call is marked
+    budget_refused and the boundary counts it as it answers
+    (test_a_budget_refusal_is_counted_under_the_status_its_client_gets). Past the deadline its
+    client gets DEADLINE_EXCEEDED (the boundary sends no refusal then): a deadline drop, counted here."""
     now = 1000.0
     monkeypatch.setattr(core_module, "time", SimpleNamespace(monotonic=lambda: now))
     config = ServerConfig()
@@ -211,6 +213,7 @@ def test_a_budget_wait_that_runs_out_is_counted_as_its_client_is_answered(
         for _ in range(2):  # counted once for its RPC
             with pytest.raises(ResourceExhausted, match="response_budget_bytes"):
                 await core.wait_for_budget(call, refused())
+        assert call.budget_refused == (rejected is not None)  # the boundary counts it as it answers
 
     try:
         asyncio.run(main())
@@ -222,7 +225,83 @@ def test_a_budget_wait_that_runs_out_is_counted_as_its_client_is_answered(
         values = {r: metrics.registry.get_sample_value(family, {**labels, "reason": r}) for r in reasons}
         return {r: n for r, n in values.items() if n}
 
-    expected_rejected = {rejected: 1.0} if rejected else {}
     expected_dropped = {dropped: 1.0} if dropped else {}
-    assert counted("genserve_requests_rejected_total", REJECT_REASONS) == expected_rejected
+    assert counted("genserve_requests_rejected_total", REJECT_REASONS) == {}
     assert counted("genserve_requests_dropped_total", DROP_REASONS) == expected_dropped
+
+
+@pytest.mark.parametrize(
+    ("answered_after_s", "rejected", "dropped"), [(0.0, "budget", None), (1.0, None, "deadline")]
+)
+def test_a_budget_refusal_is_counted_under_the_status_its_client_gets(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    answered_after_s: float,
+    rejected: str | None,
+    dropped: str | None,
+) -> None:
+    """A budget wait that runs out before the deadline, whose refusal reaches the boundary only after
+    it (the event loop busy, a handler's cleanup awaiting): its client gets DEADLINE_EXCEEDED (the
+    boundary sends nothing past the deadline), so it is a deadline drop, not also rejected `budget`
+    (wait_for_budget and the boundary each read the clock: it was counted `budget` and
+    DEADLINE_EXCEEDED). Answered in time: rejected `budget`, RESOURCE_EXHAUSTED sent."""
+    import grpc
+
+    from genserve_server import boundary as boundary_module
+    from genserve_server.boundary import Boundary
+
+    clock = [1000.0]
+    fake_time = SimpleNamespace(monotonic=lambda: clock[0])
+    monkeypatch.setattr(core_module, "time", fake_time)
+    monkeypatch.setattr(boundary_module, "time", fake_time)
+    config = ServerConfig()
+    metrics = Metrics()
+    pool = ThreadPoolExecutor(1)
+    aborted: list[grpc.StatusCode] = []
+
+    class Context:
+        def time_remaining(self) -> float:
+            return 0.5
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return ()
+
+        def set_trailing_metadata(self, metadata: object) -> None:
+            pass
+
+        async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()) -> None:
+            aborted.append(code)
+            raise RuntimeError(details)
+
+    async def main() -> None:
+        core = GenerationCore(Repository(tmp_path, config, metrics), config, metrics, pool)
+        model_metrics = metrics.for_model("m", "1", 4)
+
+        async def refused() -> None:
+            raise ResourceExhausted("Sample needs 40 bytes of the response budget (response_budget_bytes)")
+
+        async def handler(request: object, call: Call) -> None:
+            call.metrics = model_metrics
+            try:
+                await core.wait_for_budget(call, refused())
+            finally:
+                clock[0] += answered_after_s
+
+        with pytest.raises((RuntimeError, asyncio.CancelledError)):
+            await Boundary(metrics).unary("Sample", object(), Context(), handler)  # type: ignore[arg-type]
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+
+    def counted(family: str, reasons: tuple[str, ...]) -> dict[str, float]:
+        labels = {"model": "m", "version": "1"}
+        values = {r: metrics.registry.get_sample_value(family, {**labels, "reason": r}) for r in reasons}
+        return {r: n for r, n in values.items() if n}
+
+    assert counted("genserve_requests_rejected_total", REJECT_REASONS) == (
+        {rejected: 1.0} if rejected else {}
+    )
+    assert counted("genserve_requests_dropped_total", DROP_REASONS) == ({dropped: 1.0} if dropped else {})
+    assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if rejected else [])
