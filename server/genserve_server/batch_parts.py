@@ -8,9 +8,12 @@ import asyncio
 import enum
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from genserve_server.metrics import ModelMetrics
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -25,9 +28,11 @@ class Caller(Protocol):
     of several shapes (Translate), tiles of several shapes (SuperResolve), a stream's chunks computed
     ahead. `counted_out` is set when the first of them is counted as refused (queue_full) or dropped
     (deadline, cancelled): the others that leave with it are not counted again, since those counters
-    count requests (docs/metrics.md)."""
+    count requests (docs/metrics.md). `refused`: a refusal the boundary counts as it answers (the
+    model's metrics and the reason), under the status its client gets (core.Call.refused)."""
 
     counted_out: bool
+    refused: tuple[ModelMetrics, str] | None
 
 
 class Held(Protocol):

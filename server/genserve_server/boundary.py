@@ -190,12 +190,13 @@ class Boundary:
                 call.metrics.rejected["invalid"].inc()
             elif exc.code == Code.UNAVAILABLE and not past_deadline:
                 call.metrics.rejected["not_ready"].inc()
-            elif exc.code == Code.RESOURCE_EXHAUSTED and call.budget_refused and count_once(call):
-                # Decided with the same clock reading as what its client gets (wait_for_budget).
+            elif exc.code == Code.RESOURCE_EXHAUSTED and call.refused is not None and count_once(call):
+                # Decided with the clock reading that decides what its client gets (Call.refused).
+                metrics, reason = call.refused
                 if past_deadline:
-                    call.metrics.dropped["deadline"].inc()
+                    metrics.dropped["deadline"].inc()
                 else:
-                    call.metrics.rejected["budget"].inc()
+                    metrics.rejected[reason].inc()
             self._refusals.log(
                 (call.method, exc.code),
                 "request_id=%s method=%s code=%s: %s",

@@ -105,9 +105,10 @@ class Call:
     # Set once a batcher has counted the call refused (queue_full) or dropped: its other requests
     # (images or tiles of other shapes, a stream's chunks ahead) are not counted again (batch_parts.Caller).
     counted_out: bool = False
-    # Its budget wait ran out before its deadline (wait_for_budget): the boundary counts the refusal,
-    # rejected `budget` if sent before the deadline, else a `deadline` drop.
-    budget_refused: bool = False
+    # A refusal found before its deadline (a budget wait that ran out, a code prior's full row
+    # budget): the model's metrics and the reason; the boundary counts it as it answers, rejected
+    # under the reason if sent before the deadline, else a `deadline` drop (batch_parts.Caller).
+    refused: tuple[ModelMetrics, str] | None = None
 
     def release_uses(self) -> None:
         """Release the versions of `uses` (at the call's end; a second call releases nothing)."""
@@ -398,7 +399,7 @@ class GenerationCore:
         """`wait` for a budget (response_budget.py): a call whose deadline passes while it waits, or
         whose caller goes away, counts in genserve_requests_dropped_total (`deadline`, `cancelled`),
         once for its RPC, as a request that leaves a batcher's queue does; one refused when its wait
-        runs out before its deadline (budget_max_wait_s) is marked `budget_refused`, and the boundary
+        runs out before its deadline (budget_max_wait_s) is marked `refused` (`budget`), and the boundary
         counts it in genserve_requests_rejected_total (`budget`) if it answers before the deadline,
         else as a `deadline` drop (Boundary.fail)."""
         try:
@@ -414,7 +415,7 @@ class GenerationCore:
             else:
                 # RESOURCE_EXHAUSTED only if the boundary answers before the deadline: counted there
                 # (Boundary.fail), with the clock reading that decides what its client gets.
-                call.budget_refused = True
+                call.refused = (call.metrics, "budget")
             raise
 
     def random_base_seed(self, n: int) -> int:

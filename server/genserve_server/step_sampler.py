@@ -249,7 +249,7 @@ class StepScheduler:
         been sampled lost that work, and under steady traffic lost it again on every retry).
         `deadline` passed: a deadline drop, as in `sample`, the budget full or not."""
         self._check_deadline(n, deadline, caller)
-        self.check_room(n)
+        self.check_room(n, caller)
         self._reserved += n
         try:
             yield
@@ -266,15 +266,20 @@ class StepScheduler:
                 self.metrics.dropped["deadline"].inc()
             raise DeadlineExceeded(f"{self.name}: deadline passed before the request joined; not computed")
 
-    def check_room(self, n: int) -> None:
+    def check_room(self, n: int, caller: Caller | None = None) -> None:
         """INVALID_ARGUMENT where `n` rows exceed the row budget, RESOURCE_EXHAUSTED where they do not
         fit beside the running rows now (a two-level call asks its bottom prior before its top level
-        runs, so that a full budget refuses it at once, not after a whole top grid)."""
+        runs, so that a full budget refuses it at once, not after a whole top grid). The refusal of
+        an RPC `caller` is counted (`queue_full`) by the boundary, under the status its client gets
+        (a stream's sampling task fails a loop turn or more before its answer: Caller.refused)."""
         if n > self.max_rows:
             raise invalid("seeds", f"{n} samples are more than {self.name}'s row budget ({self.max_rows})")
         if self.rows + n > self.max_rows:
             self.stats.refused += 1
-            if self.metrics is not None:
+            if caller is not None:
+                if self.metrics is not None:
+                    caller.refused = (self.metrics, "queue_full")
+            elif self.metrics is not None:
                 self.metrics.rejected["queue_full"].inc()
             running = self.rows - self._reserved
             held = (
@@ -305,7 +310,7 @@ class StepScheduler:
         stream's chunks ahead, the top prior, the decoder)."""
         n = len(seeds)
         self._check_deadline(n, deadline, caller)
-        self.check_room(n)
+        self.check_room(n, caller)
         loop = asyncio.get_running_loop()
         temperature, top_k = options.resolved(self.defaults)
         draws = uniforms(

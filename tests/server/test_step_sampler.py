@@ -112,8 +112,10 @@ async def sample(
     tops: np.ndarray | None = None,
     options: SamplingOptions | None = None,
     deadline: float | None = None,
+    call: Call | None = None,
 ) -> CodeSamples:
-    call = Call("SampleCodes", "test", time.monotonic(), core.metrics.unresolved(), deadline=deadline)
+    if call is None:
+        call = Call("SampleCodes", "test", time.monotonic(), core.metrics.unresolved(), deadline=deadline)
     mv = core.resolve(call, name, "", ("code_prior",), "SampleCodes")
     if labels is not None and len(labels) == 1:
         labels = labels * len(seeds)
@@ -336,6 +338,79 @@ def test_a_request_past_its_deadline_that_finds_the_row_budget_full_is_a_deadlin
     asyncio.run(body())
 
 
+@pytest.mark.parametrize(
+    ("ending", "rejected", "deadline_drops"),
+    [("answered", 1.0, 0.0), ("deadline", 0.0, 1.0), ("client cancelled", 0.0, 0.0)],
+)
+def test_a_full_row_budget_refusal_is_counted_under_the_status_its_client_gets(
+    monkeypatch: pytest.MonkeyPatch, ending: str, rejected: float, deadline_drops: float
+) -> None:
+    """A SampleCodesStream's sampling runs in a task of its own: its row budget refusal reaches the
+    boundary a loop turn or more later, by when the client may have cancelled (CANCELLED) or the
+    deadline passed (DEADLINE_EXCEEDED, the boundary sends nothing). check_room counted `queue_full`
+    at once whatever the client got (the reviewer's 471 against 470 refused calls); now the boundary
+    counts it as it answers: `queue_full` if RESOURCE_EXHAUSTED is sent, a `deadline` drop past the
+    deadline, nothing more for a call its client cancelled (counted CANCELLED)."""
+    from genserve_server import boundary as boundary_module
+    from genserve_server import step_sampler as step_sampler_module
+    from genserve_server.boundary import Boundary
+
+    clock = [1000.0]
+    fake_time = type("FakeTime", (), {"monotonic": staticmethod(lambda: clock[0])})
+    monkeypatch.setattr(boundary_module, "time", fake_time)
+    monkeypatch.setattr(step_sampler_module, "time", fake_time)
+    aborted: list[grpc.StatusCode] = []
+
+    class Context:
+        def time_remaining(self) -> float:
+            return 0.5
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return ()
+
+        def set_trailing_metadata(self, metadata: object) -> None:
+            pass
+
+        async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()) -> None:
+            aborted.append(code)
+            raise RuntimeError(details)
+
+    async def never(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        raise AssertionError("not called")
+
+    registry = Metrics(enabled=True)
+    metrics = registry.for_model("p", "1", 4, "code_prior")
+    scheduler = StepScheduler(never, name="p", grid=(2, 3), codebook_size=4, max_rows=4, metrics=metrics)
+
+    async def handler(request: object, call: Call) -> None:
+        call.metrics = metrics
+        sampling = asyncio.ensure_future(
+            scheduler.sample([1], None, None, SamplingOptions(), call.deadline, caller=call)
+        )
+        await asyncio.wait({sampling})  # refused: the budget is full
+        if ending == "deadline":
+            clock[0] += 1.0
+        elif ending == "client cancelled":
+            sampling.exception()
+            raise asyncio.CancelledError
+        sampling.result()
+
+    async def body() -> None:
+        with scheduler.reserved(4), pytest.raises((RuntimeError, asyncio.CancelledError)):
+            await Boundary(registry).unary("SampleCodesStream", object(), Context(), handler)  # type: ignore[arg-type]
+
+    asyncio.run(body())
+    counted = [
+        registry.registry.get_sample_value(name, {"model": "p", "version": "1", "reason": reason})
+        for name, reason in (
+            ("genserve_requests_rejected_total", "queue_full"),
+            ("genserve_requests_dropped_total", "deadline"),
+        )
+    ]
+    assert counted == [rejected, deadline_drops]
+    assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if rejected else [])
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(code_repo: tuple[Path, dict[str, str]]) -> None:
     root, names = code_repo
 
@@ -423,8 +498,12 @@ def test_steps_are_the_priors_batches_in_the_metrics(code_repo: tuple[Path, dict
         count_calls(scheduler, delay_s=0.002)
         running = asyncio.ensure_future(sample(core, names["prior"], list(range(MAX_ROWS)), [0]))
         await until(lambda: scheduler.stats.steps >= 2)
+        refused = Call("SampleCodes", "test", time.monotonic(), core.metrics.unresolved())
         with pytest.raises(ResourceExhausted):
-            await sample(core, names["prior"], [99], [0])
+            await sample(core, names["prior"], [99], [0], call=refused)
+        # The boundary counts it queue_full as it answers RESOURCE_EXHAUSTED (under the status its
+        # client gets: test_a_full_row_budget_refusal_is_counted_under_the_status_its_client_gets).
+        assert refused.refused == (scheduler.metrics, "queue_full")
         await running
 
     run_with_core(root, body, metrics)
@@ -436,7 +515,6 @@ def test_steps_are_the_priors_batches_in_the_metrics(code_repo: tuple[Path, dict
     assert value("genserve_batch_size_count") == POSITIONS  # one batch per step, all rows in each
     assert value("genserve_batch_size_sum") == POSITIONS * MAX_ROWS
     assert value("genserve_images_total") == MAX_ROWS
-    assert value("genserve_requests_rejected_total", reason="queue_full") == 1
     assert value("genserve_step_running_rows") == 0
     assert value("genserve_queue_duration_seconds_count", lane="interactive") == 1  # one request
 
