@@ -10,6 +10,7 @@ a GenserveError becomes its status with its message; any other exception becomes
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import time
@@ -169,6 +170,8 @@ class Boundary:
         self.serialize_pool = serialize_pool
         self._unresolved = metrics.unresolved()
         self._refusals = ThrottledLog(logger)  # one line per method and status per interval
+        # Calls begun and not ended, by method (also without metrics): what a shutdown drains.
+        self.in_flight: collections.Counter[str] = collections.Counter()
 
     def begin(self, method: str, context: Context) -> Call:
         remaining_s = context.time_remaining()
@@ -177,6 +180,7 @@ class Boundary:
         if remaining_s is not None:
             call.deadline = now + remaining_s
         self.metrics.in_flight_children[method].inc()
+        self.in_flight[method] += 1
         if self.idle_spin is not None:
             self.idle_spin.begin()
         return call
@@ -230,6 +234,7 @@ class Boundary:
             self.idle_spin.end()
         duration_s = ended - call.started
         self.metrics.in_flight_children[call.method].dec()
+        self.in_flight[call.method] -= 1
         if call.batcher is not None:
             call.batcher.release()
         if call.stream_batcher is not None:
@@ -402,6 +407,16 @@ def _past_deadline(call: Call) -> bool:
     traceback. A handler that finished just as gRPC cancels it at its deadline (the event loop
     busy) sends nothing instead, as a handler that gRPC cancelled in time does."""
     return call.deadline is not None and time.monotonic() >= call.deadline
+
+
+def describe_calls(calls: collections.Counter[str]) -> str:
+    """'3 calls in flight (SampleStream 2, Sample 1)', 'no call in flight'."""
+    counts = +calls  # the methods with calls only
+    total = sum(counts.values())
+    if not total:
+        return "no call in flight"
+    methods = ", ".join(f"{method} {n}" for method, n in counts.most_common())
+    return f"{total} call{'s' if total != 1 else ''} in flight ({methods})"
 
 
 def _cancelled_code(call: Call) -> str:

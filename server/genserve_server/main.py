@@ -31,6 +31,7 @@ if __name__ == "__main__":  # `python -m genserve_server.main`: the entry the co
 
 import argparse
 import asyncio
+import collections
 import errno
 import json
 import logging
@@ -52,7 +53,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_server import accept, event_loop, kserve, probe, security, start_signals, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
-from genserve_server.boundary import Boundary, UnknownMethods, echo_request_id
+from genserve_server.boundary import Boundary, UnknownMethods, describe_calls, echo_request_id
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError, escape_controls
@@ -615,13 +616,20 @@ class App:
         listening socket here: a new server may bind the port at once) -> in-flight RPCs finish
         within the grace -> drain -> close."""
         grace_s = self.config.drain_grace_s
-        logger.info("shutting down: draining for up to %.1f s", grace_s)
+        draining = describe_calls(self.boundary.in_flight)
+        logger.info("shutting down: draining %s for up to %.1f s", draining, grace_s)
         started = time.monotonic()
         # A bulk stream would otherwise run for the whole grace (thousands of images) only to be cut
         # at its end: it ends after the chunk it is sending, with UNAVAILABLE and where to resume.
         self.core.begin_shutdown()
         await self.health.shutdown()
-        await self.server.stop(grace_s)
+        stopping = asyncio.ensure_future(self.server.stop(grace_s))
+        # The calls gRPC cancels at the grace's end (their clients get UNAVAILABLE "Cancelling all
+        # calls"): taken as the grace ends, just before gRPC's own timer (started after this one).
+        cut = await self._in_flight_after(started + grace_s)
+        await stopping
+        if cut:
+            logger.warning("drain grace of %.1f s ended with %s: cancelled", grace_s, describe_calls(cut))
         await self.acceptor.close()
         await self.reloader.close(max(0.1, grace_s - (time.monotonic() - started)))
         await self.repository.close(max(0.1, grace_s - (time.monotonic() - started)))
@@ -631,6 +639,12 @@ class App:
         if self.health_server is not None:
             await self.health_server.stop(0)
         logger.info("stopped in %.2f s", time.monotonic() - started)
+
+    async def _in_flight_after(self, deadline: float) -> collections.Counter[str]:
+        """The calls still in flight at `deadline`, or none as soon as every call has ended."""
+        while +self.boundary.in_flight and (left_s := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(0.05, left_s))
+        return +self.boundary.in_flight
 
 
 def _no_ipv6(host: str, host_flag: str, exc: OSError) -> GenserveError | None:
