@@ -8,10 +8,11 @@ raw-limit measurement (bench/raw_limit.py) and the tests all run the same config
   spinning off by default: spinning workers burn a core while the event loop and the encode pool
   want it (2-core machines), for no gain once a batch is a few ms of work.
 * `provider_chain()`: the configured execution providers with their options: TensorRT with an
-  engine cache (and timing cache) under `trt_engine_cache_dir`, keyed by the model's sha256,
-  precision, profile and GPU (`engine_cache_key`), fp16 when the precision is fp16, explicit
-  min/opt/max profile shapes; CUDA with the device, TF32 (off unless `use_tf32`), the memory cap and
-  arena strategy, the cuDNN workspace, and `enable_cuda_graph` when CUDA graphs are on.
+  engine cache (and timing cache) under `trt_engine_cache_dir`, keyed by the model's sha256 (and
+  its external data files'), precision, profile and GPU (`engine_cache_key`), fp16 when the
+  precision is fp16, explicit min/opt/max profile shapes; CUDA with the device, TF32 (off unless
+  `use_tf32`), the memory cap and arena strategy, the cuDNN workspace, and `enable_cuda_graph` when
+  CUDA graphs are on.
 * `create_session()`: builds the session with ONNX Runtime's own fallback off and falls back
   itself, with each provider's options: a provider that cannot be created is dropped and the next
   one tried, ending on the CPU provider; TensorRT is skipped when its libraries do not load or
@@ -55,6 +56,7 @@ from numpy.typing import NDArray
 # config.json's `runtime` object is part of the model-repository contract (validated there, shared
 # with export/); re-exported here for the modules that build sessions from it.
 from genserve_contract.repository import FP16_ATOL as FP16_ATOL
+from genserve_contract.repository import external_data_locations, sha256_file
 from genserve_contract.runtime import GRAPH_OPTIMIZATION_LEVELS
 from genserve_contract.runtime import RuntimeConfig as RuntimeConfig
 from genserve_contract.runtime import RuntimeConfigError as RuntimeConfigError
@@ -134,8 +136,15 @@ def _shape_string(shapes: Mapping[str, Sequence[int]]) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shapes.items())
 
 
-def engine_cache_key(model_sha256: str, precision: str, profile: ProfileShapes | None, gpu: str) -> str:
-    """The TensorRT engine cache subdirectory of one model file, precision, profile and GPU.
+def engine_cache_key(
+    model_sha256: str,
+    precision: str,
+    profile: ProfileShapes | None,
+    gpu: str,
+    external_sha256: Mapping[str, str] | None = None,
+) -> str:
+    """The TensorRT engine cache subdirectory of one model file (and the external data files its
+    weights are in: {location: sha256}), precision, profile and GPU.
 
     An engine holds the weights it was built from, for one GPU model and one set of profile shapes:
     any of these changing must miss the cache, never load a stale engine.
@@ -145,8 +154,10 @@ def engine_cache_key(model_sha256: str, precision: str, profile: ProfileShapes |
         if profile is None
         else "|".join(_shape_string(s) for s in (profile.min_shapes, profile.opt_shapes, profile.max_shapes))
     )
+    # Nothing added for a graph without external data: its engines' keys stay those it had.
+    external = "".join(f"\nexternal {loc}={sha}" for loc, sha in sorted((external_sha256 or {}).items()))
     digest = hashlib.sha256(
-        f"{model_sha256}\n{precision}\n{profile_text}\n{gpu}\nort-{ort.__version__}".encode()
+        f"{model_sha256}\n{precision}\n{profile_text}\n{gpu}\nort-{ort.__version__}{external}".encode()
     ).hexdigest()
     return f"{model_sha256[:16]}-{precision}-{digest[:16]}"
 
@@ -328,11 +339,13 @@ def provider_chain(
     profile: ProfileShapes | None = None,
     device_id: int | None = None,
     model_sha256: str | None = None,
+    external_sha256: Mapping[str, str] | None = None,
 ) -> list[tuple[str, dict[str, str]]]:
     """(provider, options) pairs in preference order, always ending with the CPU provider.
 
-    `model_sha256` keys the TensorRT engine cache (engine_cache_key); without it, or where the GPU
-    model is not known for sure (gpu_identity is None), the cache is off.
+    `model_sha256` (with `external_sha256`, the model's external data files') keys the TensorRT
+    engine cache (engine_cache_key); without it, or where the GPU model is not known for sure
+    (gpu_identity is None), the cache is off.
     """
     device = config.device_id if device_id is None else device_id
     precision = "fp16" if fp16 else "fp32"
@@ -346,7 +359,7 @@ def provider_chain(
             }
             if config.trt_engine_cache_dir and model_sha256 and (gpu := gpu_identity(device)) is not None:
                 base = Path(config.trt_engine_cache_dir)
-                key = engine_cache_key(model_sha256, precision, profile, gpu)
+                key = engine_cache_key(model_sha256, precision, profile, gpu, external_sha256)
                 trt |= {
                     "trt_engine_cache_enable": "True",
                     "trt_engine_cache_path": str(base / key),
@@ -458,6 +471,15 @@ def _model_sha256(model: Path | bytes) -> str:
     return digest.hexdigest()
 
 
+def _external_sha256(model: Path) -> dict[str, str] | None:
+    """{location: sha256} of each external data file the graph at `model` loads its weights from
+    ({} for none); None where one cannot be read (ONNX Runtime's load names what is wrong)."""
+    try:
+        return {loc: sha256_file(model.parent / loc) for loc in external_data_locations(model)}
+    except (OSError, ValueError):
+        return None
+
+
 def create_session(
     model: Path | bytes,
     requested: Sequence[str],
@@ -486,11 +508,24 @@ def create_session(
     wanted = _without_unusable_tensorrt(requested, profile, path, fallbacks)
     if any(p in GPU_PROVIDERS for p in wanted):
         preload_cuda_libraries()
-    if TENSORRT in wanted and config.trt_engine_cache_dir and model_sha256 is None:
-        model_sha256 = _model_sha256(model)
+    external_sha256: dict[str, str] | None = {}
+    if TENSORRT in wanted and config.trt_engine_cache_dir:
+        if model_sha256 is None:
+            model_sha256 = _model_sha256(model)
+        # An engine holds the weights, and a graph's external data file holds them (model.onnx.data):
+        # weights republished beside the same graph must miss the cache. Unreadable: no cache.
+        if isinstance(model, Path) and (external_sha256 := _external_sha256(model)) is None:
+            model_sha256 = None
 
     def chain_for(providers: Sequence[str], run_config: RuntimeConfig) -> list[tuple[str, dict[str, str]]]:
-        return provider_chain(providers, run_config, fp16=fp16, profile=profile, model_sha256=model_sha256)
+        return provider_chain(
+            providers,
+            run_config,
+            fp16=fp16,
+            profile=profile,
+            model_sha256=model_sha256,
+            external_sha256=external_sha256,
+        )
 
     chain = chain_for(wanted, config)
     run_config = config

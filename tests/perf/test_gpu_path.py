@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_support import TINY_LATENT, generator_graph, write_tiny_generator
+from server_support import TINY_LATENT, externalize_weights, generator_graph, write_tiny_generator
 
 from genserve_server import gpu_gate, loader, ort_session, session_runner
 from genserve_server.config import ConfigError, ServerConfig, load_model_config
@@ -227,6 +227,32 @@ def test_two_versions_get_different_engine_cache_paths(tmp_path: Path) -> None:
     assert v1["trt_timing_cache_path"] == str(tmp_path / "trt")  # per GPU, shared by models
     # Without the model's hash there is no safe key: no cache rather than a shared one.
     assert "trt_engine_cache_enable" not in dict(provider_chain([TENSORRT], config))[TENSORRT]
+
+
+def test_external_weights_republished_beside_the_same_graph_miss_the_engine_cache(
+    tmp_path: Path, fake_ort: _FakeOrt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine holds the weights it was built from, and a graph exported with external data
+    (model.onnx.data) keeps them there: weights republished beside an unchanged graph must get
+    another engine cache path, never the engine built from the old weights."""
+    monkeypatch.setattr(ort_session, "gpu_identity", lambda device_id: "NVIDIA-H200-sm90")
+    version_dir = write_tiny_generator(tmp_path / "models")
+    external = externalize_weights(version_dir)
+    graph = (version_dir / "model.onnx").read_bytes()
+    config = replace(RuntimeConfig(), trt_engine_cache_dir=str(tmp_path / "trt"))
+
+    def engine_cache_path() -> str:
+        fake_ort.calls.clear()
+        create_session(version_dir / "model.onnx", [TENSORRT, CPU], config, cores=1, profile=PROFILE)
+        trt = next(c for c in fake_ort.calls if c["providers"][0] == TENSORRT)
+        return str(trt["provider_options"][0]["trt_engine_cache_path"])
+
+    before = engine_cache_path()
+    assert before == engine_cache_path()  # the same files: the same engine
+    weights = np.frombuffer(external.read_bytes(), np.float32)
+    external.write_bytes((weights * 0.5).astype(np.float32).tobytes())  # republished, same size
+    assert (version_dir / "model.onnx").read_bytes() == graph
+    assert engine_cache_path() != before
 
 
 class _FakeNVMLError(Exception):
