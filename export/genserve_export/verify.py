@@ -1,6 +1,7 @@
 """``verify_repository``: check every entry of a model repository against its card.
 
-Per version: the card is complete and consistent; sha256 of each file matches; the graphs load
+Per version: the card is complete and consistent; sha256 of each file matches (and each external
+data file a graph loads its weights from is listed, as the server requires); the graphs load
 in ONNX Runtime; their inputs/outputs are the card's; batch 1 and 7 run (two image sizes for fully
 convolutional kinds, both directions of a two_way_translator); outputs are finite, shaped as the
 card says and inside ``output_range``; fp16 stays within ``fp16_atol`` of fp32; the card's
@@ -27,6 +28,7 @@ from genserve_contract.kinds import Kind, image_shape_fits
 from genserve_contract.repository import (
     ACTIVATION_BYTES_FIELD,
     VERSION_PATTERN,
+    external_data_locations,
     latest_version_dir,
     read_regular_text,
     sha256_file,
@@ -279,12 +281,12 @@ def _verify_version(
         model.errors.append(
             f"{name}/config.json kind {config.get('kind')!r} differs from the card's {card['kind']!r}"
         )
-    _check_files(version_dir, card, model)
+    external = _check_files(version_dir, card, model)
     if model.errors:
         return model  # never run a graph whose bytes are not the ones the card describes
 
     graphs: dict[str, ort.InferenceSession] = {}
-    for file in card["sha256"]:
+    for file in (f for f in card["sha256"] if f not in external):  # weights files are no graphs
         try:
             graphs[file] = (
                 sessions.get(version_dir / file) if file == "model.onnx" else session(version_dir / file)
@@ -346,7 +348,8 @@ def _signature_problems(file: str, sess: ort.InferenceSession, card: Mapping[str
     return problems
 
 
-def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport) -> None:
+def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport) -> set[str]:
+    """Every file's digest against the card's; returns the external data files the graphs load."""
     listed = dict(card["sha256"])
     for file, digest in listed.items():
         path = version_dir / file
@@ -384,6 +387,34 @@ def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport)
         model.errors.append(f"files not listed in the card's sha256: {unlisted}")
     if "model.fp16.onnx" in listed and card["parity"].get("fp16_max_abs_diff") is None:
         model.errors.append("model.fp16.onnx is present but parity.fp16_max_abs_diff is null")
+    return _check_external_data(version_dir, listed, model)
+
+
+def _check_external_data(version_dir: Path, listed: Mapping[str, str], model: ModelReport) -> set[str]:
+    """The external data files (model.onnx.data) the served graphs load their weights from, each
+    held to the card's sha256 under its `location` as the server holds it (loader._verified_sha256):
+    one the card does not list, or that is missing, is an error naming it and its graph."""
+    external: set[str] = set()
+    for graph in ("model.onnx", "model.fp16.onnx"):
+        if graph not in listed:
+            continue
+        try:
+            locations = external_data_locations(version_dir / graph)
+        except (OSError, ValueError):  # unreadable (reported above) or no ONNX (ONNX Runtime's load)
+            continue
+        for location in locations:
+            external.add(location)
+            of = f"{location} (external data of {graph})"
+            if location in listed:  # its digest is checked above (missing or differing: named there)
+                continue
+            if not (version_dir / location).exists():
+                model.errors.append(f"{of} is missing")
+            else:
+                model.errors.append(
+                    f"{of} is not listed in the card's sha256: the server refuses a graph whose "
+                    "weights no digest covers"
+                )
+    return external
 
 
 def _image_sizes(card: Mapping[str, Any]) -> list[tuple[int, int] | None]:

@@ -268,6 +268,48 @@ def test_verify_checks_the_digests_an_imported_card_records_for_its_licence_and_
     assert "LICENSE" in errors and REFERENCE_OUTPUT in errors, report.format()
 
 
+def test_verify_holds_a_graphs_external_weights_to_the_cards_sha256_as_the_server_does(
+    tmp_path: Path,
+) -> None:
+    """A graph saved with external data (model.onnx.data, torch.onnx.export's default) loads its
+    weights from that file: verify passes it where card.json's sha256 lists it under its location,
+    as the server loads it, and refuses it changed, unlisted or missing, naming it, as the server
+    refuses the version; it is never opened as a graph of its own."""
+    from server_support import externalize_weights
+
+    out = tmp_path / "models"
+    target = export_model(
+        _TinyImage(0),
+        kind="generator",
+        name="user-gen",
+        out_dir=out,
+        example_inputs={"z": torch.randn(2, 4)},
+        card={"description": "a user's generator", "output_range": [-1, 1]},
+        fp16=False,
+    )
+    external = externalize_weights(target)
+    report = verify_repository(out, recompute_quality=False)
+    assert report.ok, report.format()
+
+    weights = external.read_bytes()
+    external.write_bytes(bytes(len(weights)))  # zeroed in place: the graph and the card unchanged
+    report = verify_repository(out, recompute_quality=False)
+    assert not report.ok and "model.onnx.data" in " ".join(report.models[0].errors), report.format()
+
+    external.write_bytes(weights)
+    card = json.loads((target / "card.json").read_text())
+    del card["sha256"]["model.onnx.data"]  # a card that never named the file vouches for nothing
+    (target / "card.json").write_text(json.dumps(card))
+    report = verify_repository(out, recompute_quality=False)
+    errors = " ".join(report.models[0].errors)
+    assert not report.ok and "model.onnx.data" in errors and "not listed" in errors, report.format()
+
+    external.unlink()
+    report = verify_repository(out, recompute_quality=False)
+    errors = " ".join(report.models[0].errors)
+    assert not report.ok and "model.onnx.data" in errors and "missing" in errors, report.format()
+
+
 def test_source_commit_is_dirty_for_changes_to_the_contract_too(tmp_path: Path) -> None:
     """+dirty covered only export/genserve_export: a build from an edited api/genserve_contract (the
     card and config rules it writes to) was recorded as the clean commit. models/ stays out."""
