@@ -163,6 +163,10 @@ class Reader:
             return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(key, f"must be a list of strings, got {value!r}")
+        if not value:
+            # Absent (or null) is the default; an empty list is a mistake, not "none" or "all".
+            among = f" of {', '.join(choices)}" if choices is not None else " string"
+            raise self.error(key, f"must list at least one{among} (leave it out for the default), got []")
         if choices is not None:
             for v in value:
                 if v not in choices:

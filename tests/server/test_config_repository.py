@@ -1321,3 +1321,17 @@ def test_has_model_dir_of_a_repository_that_lost_its_search_permission_is_false_
 
     monkeypatch.setattr(Path, "is_dir", denied)
     assert not repo.has_model_dir("gen")
+
+
+def test_an_empty_execution_providers_list_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """`"execution_providers": []` in a model's config.json silently meant all three providers
+    (docs: "a list of those three names"), and in the server config silently no override."""
+    path = write_config(tmp_path, {"kind": "generator", "execution_providers": []})
+    with pytest.raises(ConfigError, match=r"config.json: execution_providers must list at least one of "):
+        load_model_config(path)
+    server = tmp_path / "server.json"
+    server.write_text(json.dumps({"execution_providers": []}))
+    with pytest.raises(ConfigError, match=r"server.json: execution_providers must list at least one of "):
+        load_server_config(server)
+    server.write_text(json.dumps({"execution_providers": ["CPUExecutionProvider"]}))
+    assert load_server_config(server).execution_providers == ("CPUExecutionProvider",)
