@@ -5,6 +5,7 @@ Pure data and validation; server/genserve_server/ort_session.py turns it into se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -105,8 +106,9 @@ def _check_runtime_value(name: str, value: Any, default: Any, key: str) -> Any:
             raise RuntimeConfigError(f"{key} must be an integer >= 0 and <= {most}, got {value}")
         return value
     if isinstance(default, float):
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-            raise RuntimeConfigError(f"{key} must be a number > 0, got {value!r}")
+        # Python's json reads Infinity and NaN: fp16_atol Infinity passed any fp16 parity check.
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise RuntimeConfigError(f"{key} must be a finite number > 0, got {value!r}")
         return float(value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not value or not all(_is_positive_int(v) for v in value):

@@ -1335,3 +1335,15 @@ def test_an_empty_execution_providers_list_is_refused_naming_the_field(tmp_path:
         load_server_config(server)
     server.write_text(json.dumps({"execution_providers": ["CPUExecutionProvider"]}))
     assert load_server_config(server).execution_providers == ("CPUExecutionProvider",)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["Infinity", "NaN"])
+def test_a_runtime_number_that_is_not_finite_is_refused_naming_the_field(
+    tmp_path: Path, value: float
+) -> None:
+    """runtime.fp16_atol: Infinity (Python's json reads it) let any fp16 graph pass its parity check."""
+    path = write_config(tmp_path, {"kind": "generator", "runtime": {"fp16_atol": value}})
+    with pytest.raises(ConfigError, match=r"config.json: runtime.fp16_atol must be a finite number > 0, got"):
+        load_model_config(path)
+    path = write_config(tmp_path, {"kind": "generator", "runtime": {"fp16_atol": 0.05}})
+    assert load_model_config(path).runtime.fp16_atol == 0.05
