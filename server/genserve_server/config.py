@@ -586,7 +586,7 @@ def _tensors(r: _Reader, key: str) -> tuple[TensorSpec, ...]:
     for i, t in enumerate(value):
         tr = _Reader(r.where, t, f"{key}[{i}].", strict=False)
         shape = tr.raw("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
+        if not isinstance(shape, list) or not all(contract.is_int(s) for s in shape):
             raise tr.error("shape", f"must be a list of integers, got {shape!r}")
         dtype = tr.string("dtype", "float32", choices=CARD_DTYPES)
         specs.append(TensorSpec(tr.string("name", ""), dtype, tuple(shape)))

@@ -1347,3 +1347,13 @@ def test_a_runtime_number_that_is_not_finite_is_refused_naming_the_field(
         load_model_config(path)
     path = write_config(tmp_path, {"kind": "generator", "runtime": {"fp16_atol": 0.05}})
     assert load_model_config(path).runtime.fp16_atol == 0.05
+
+
+@pytest.mark.parametrize("key", ["inputs", "outputs"])
+def test_a_card_tensor_shape_of_booleans_is_refused_naming_the_field(tmp_path: Path, key: str) -> None:
+    """A shape's `true` passed as the integer 1 (bool is an int in Python)."""
+    tensor = {**GEN_CARD[key][0], "shape": [-1, True]}  # type: ignore[index]
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({**GEN_CARD, key: [tensor]}))
+    with pytest.raises(ConfigError, match=rf"card.json: {key}\[0\].shape must be a list of integers, got"):
+        load_card(path)
