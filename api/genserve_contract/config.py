@@ -28,10 +28,11 @@ MAX_QUEUE_SIZE_LIMIT: Final = 2**32 - 1
 # (ModelVersionPolicy.Latest.num_versions) and specific's versions in an int64 one.
 MAX_LATEST_VERSIONS: Final = 2**32 - 1
 MAX_SPECIFIC_VERSION: Final = 2**63 - 1
-# Fields earlier releases read, and what replaced them: an upgrade's refusal says so rather than
-# "is not a known field".
+# Fields earlier releases read, by their full name (section included), and what replaced them: an
+# upgrade's refusal says so rather than "is not a known field". The same name in another section
+# (another file) was never read there: it is an unknown field.
 RETIRED_FIELDS: Final = {
-    "metrics_cache_s": "replaced by limits.metrics_render_share (the share of time the metrics port "
+    "limits.metrics_cache_s": "replaced by limits.metrics_render_share (the share of time the metrics port "
     "may spend rendering; default 0.5)",
 }
 # batching.efficient_batch_tolerance's default: the server decides per model (see BatchingConfig).
@@ -202,7 +203,7 @@ class Reader:
             return
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            retired = RETIRED_FIELDS.get(unknown[0])
+            retired = RETIRED_FIELDS.get(self.prefix + unknown[0])
             if retired is not None:
                 raise self.error(unknown[0], f"is no longer read: {retired}")
             raise self.error(unknown[0], f"is not a known field (known: {', '.join(sorted(self.seen))})")

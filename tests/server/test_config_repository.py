@@ -1357,3 +1357,22 @@ def test_a_card_tensor_shape_of_booleans_is_refused_naming_the_field(tmp_path: P
     path.write_text(json.dumps({**GEN_CARD, key: [tensor]}))
     with pytest.raises(ConfigError, match=rf"card.json: {key}\[0\].shape must be a list of integers, got"):
         load_card(path)
+
+
+def test_a_retired_field_outside_its_section_is_an_unknown_field(tmp_path: Path) -> None:
+    """metrics_cache_s at the server config's top level or in a model's config.json was told it is
+    'replaced by limits.metrics_render_share', advice about another section (another file)."""
+    server = tmp_path / "server.json"
+    server.write_text(json.dumps({"metrics_cache_s": 1.0}))
+    with pytest.raises(ConfigError) as refused:
+        load_server_config(server)
+    assert "server.json: metrics_cache_s is not a known field" in str(refused.value)
+    for data in (
+        {"kind": "generator", "metrics_cache_s": 1.0},
+        {"kind": "generator", "batching": {"metrics_cache_s": 1}},
+    ):
+        path = write_config(tmp_path, data)
+        with pytest.raises(ConfigError) as refused:
+            load_model_config(path)
+        assert "metrics_cache_s is not a known field" in str(refused.value)
+        assert "metrics_render_share" not in str(refused.value)
