@@ -454,6 +454,17 @@ def smallest_tile(overlap: int, size_multiple: int, min_size: int = 1) -> int:
     )
 
 
+def largest_overlap(size_multiple: int, min_size: int = 1) -> int:
+    """The largest tile_overlap that some tile_size up to MAX_TILE takes (smallest_tile grows with
+    the overlap); -1 where none does (a size multiple or min_size above MAX_TILE)."""
+    largest = -1
+    for overlap in range(MAX_TILE // 4 + 1):
+        if smallest_tile(overlap, size_multiple, min_size) > MAX_TILE:
+            break
+        largest = overlap
+    return largest
+
+
 def tiling(
     tile: int, overlap: int, size_multiple: int, *, overlap_given: bool = True, min_size: int = 1
 ) -> None:
@@ -462,12 +473,22 @@ def tiling(
     must not blame: the tile_size it asked is then what is too small). `min_size`: the model's
     smallest input side (card.json), which every tile is. Each tile_size refusal names
     smallest_tile, which passes every rule here, not only the one it failed."""
-    if overlap > MAX_TILE // 4:  # no tile_size could hold it: name the overlap, not a derived tile
-        raise invalid(
-            "tile_overlap",
-            f"must be in 0..{MAX_TILE // 4} (tile_size / 4, tile_size <= {MAX_TILE}), got {overlap}",
-        )
     smallest = smallest_tile(overlap, size_multiple, min_size)
+    if overlap > MAX_TILE // 4 or smallest > MAX_TILE:
+        # No tile_size could hold it: name the overlaps that work, not a derived tile past MAX_TILE.
+        limit = largest_overlap(size_multiple, min_size)
+        model = f"(size multiple {size_multiple}, min_size {min_size})"
+        if limit < 0:
+            raise invalid("tile_size", f"no tile_size up to {MAX_TILE} can tile this model {model}")
+        if limit == MAX_TILE // 4:
+            raise invalid(
+                "tile_overlap",
+                f"must be in 0..{MAX_TILE // 4} (tile_size / 4, tile_size <= {MAX_TILE}), got {overlap}",
+            )
+        reason = f"no tile_size up to {MAX_TILE} takes tile_overlap {overlap} for this model {model}"
+        if overlap_given:
+            raise invalid("tile_overlap", f"must be in 0..{limit}: {reason}, got {overlap}")
+        raise invalid("tile_size", f"{reason}, the model's tile_overlap; set a tile_overlap in 0..{limit}")
     if not 2 * overlap + 8 <= tile <= MAX_TILE:
         if overlap_given:
             rule = "(>= 2 * tile_overlap + 8 and >= 4 * tile_overlap)"

@@ -169,6 +169,38 @@ def test_a_tile_size_refusal_names_a_tile_size_that_is_accepted(
         check_tiling(named - 1, overlap, multiple, min_size=min_size)
 
 
+@pytest.mark.parametrize(
+    ("tile", "overlap", "multiple", "given"),
+    [(100, 1, 768, True), (768, 1, 768, True), (1024, 300, 600, True), (768, 8, 768, False)],
+)
+def test_a_tile_overlap_no_tile_size_can_hold_is_refused_naming_the_overlaps_limit(
+    tile: int, overlap: int, multiple: int, given: bool
+) -> None:
+    """A model's size multiple above 512 (a card may have one) needs tiles of two whole multiples
+    past any overlap, more than tile_size's maximum: the refusal named the impossible range
+    'must be in 1536..1024'. It says no tile_size takes that overlap and names the overlaps that
+    work, of which the largest is accepted."""
+    with pytest.raises(InvalidArgument) as excinfo:
+        check_tiling(tile, overlap, multiple, overlap_given=given)
+    message = str(excinfo.value)
+    for low, high in re.findall(r"(\d+)\.\.(\d+)", message):
+        assert int(low) <= int(high), message
+    assert f"no tile_size up to 1024 takes tile_overlap {overlap}" in message
+    assert message.startswith("tile_overlap: " if given else "tile_size: "), message
+    limit = int(re.search(r"in 0\.\.(\d+)", message).group(1))  # type: ignore[union-attr]
+    check_tiling(1024, limit, multiple)
+
+
+def test_a_model_no_tile_size_can_tile_is_refused_saying_so() -> None:
+    """A size multiple or a min_size above tile_size's maximum: no tiling works, whatever the
+    overlap (the loader refuses such a card through this message); no impossible range."""
+    for multiple, min_size in ((2048, 1), (1, 2000)):
+        with pytest.raises(InvalidArgument) as excinfo:
+            check_tiling(64, 0, multiple, overlap_given=False, min_size=min_size)
+        message = str(excinfo.value)
+        assert message.startswith("tile_size: no tile_size up to 1024 can tile this model"), message
+
+
 @pytest.mark.parametrize(("tile", "overlap", "multiple"), [(48, 8, 16), (16, 0, 16), (128, 32, 1), (8, 0, 1)])
 def test_tile_settings_that_can_be_planned_pass_and_plan(tile: int, overlap: int, multiple: int) -> None:
     check_tiling(tile, overlap, multiple)
