@@ -571,10 +571,10 @@ def _range(r: _Reader, key: str, required: bool) -> tuple[float, float] | None:
     if (
         not isinstance(value, list)
         or len(value) != 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        or not all(contract.is_number(v) for v in value)  # finite: to_uint8 / from_uint8 scale by them
         or not value[0] < value[1]
     ):
-        raise r.error(key, f"must be [lo, hi] with lo < hi, got {value!r}")
+        raise r.error(key, f"must be [lo, hi] of finite numbers with lo < hi, got {value!r}")
     return float(value[0]), float(value[1])
 
 

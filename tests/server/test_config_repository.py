@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -1347,6 +1348,23 @@ def test_a_runtime_number_that_is_not_finite_is_refused_naming_the_field(
         load_model_config(path)
     path = write_config(tmp_path, {"kind": "generator", "runtime": {"fp16_atol": 0.05}})
     assert load_model_config(path).runtime.fp16_atol == 0.05
+
+
+@pytest.mark.parametrize(
+    ("card", "key"), [(GEN_CARD, "output_range"), (SR_CARD, "input_range"), (SR_CARD, "output_range")]
+)
+@pytest.mark.parametrize("bounds", [[-math.inf, math.inf], [0.0, math.inf], [-math.inf, 1.0]])
+def test_a_card_range_that_is_not_finite_is_refused_naming_the_field(
+    tmp_path: Path, card: dict[str, object], key: str, bounds: list[float]
+) -> None:
+    """[-Infinity, Infinity] (Python's json reads it) passed the card and failed the load with a
+    traceback naming neither file nor field (to_uint8's ValueError, the warm-up's OverflowError)."""
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({**card, key: bounds}))
+    with pytest.raises(
+        ConfigError, match=rf"card.json: {key} must be \[lo, hi\] of finite numbers with lo < hi"
+    ):
+        load_card(path)
 
 
 @pytest.mark.parametrize("key", ["inputs", "outputs"])
