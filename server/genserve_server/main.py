@@ -617,7 +617,7 @@ class App:
         within the grace -> drain -> close."""
         grace_s = self.config.drain_grace_s
         draining = describe_calls(self.boundary.in_flight)
-        logger.info("shutting down: draining %s for up to %.1f s", draining, grace_s)
+        logger.info("shutting down: draining %s for up to %g s", draining, grace_s)
         started = time.monotonic()
         # A bulk stream would otherwise run for the whole grace (thousands of images) only to be cut
         # at its end: it ends after the chunk it is sending, with UNAVAILABLE and where to resume.
@@ -629,7 +629,7 @@ class App:
         cut = await self._in_flight_after(started + grace_s)
         await stopping
         if cut:
-            logger.warning("drain grace of %.1f s ended with %s: cancelled", grace_s, describe_calls(cut))
+            logger.warning("drain grace of %g s ended with %s: cancelled", grace_s, describe_calls(cut))
         await self.acceptor.close()
         await self.reloader.close(max(0.1, grace_s - (time.monotonic() - started)))
         await self.repository.close(max(0.1, grace_s - (time.monotonic() - started)))

@@ -325,8 +325,26 @@ def test_the_shutdown_log_names_the_calls_it_drains_and_those_the_grace_cut(tmp_
         assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
         log = server.log()
         assert server.proc.returncode == 0, log
-        assert "shutting down: draining 1 call in flight (Sample 1) for up to 2.0 s" in log
-        assert "drain grace of 2.0 s ended with 1 call in flight (Sample 1): cancelled" in log
+        assert "shutting down: draining 1 call in flight (Sample 1) for up to 2 s" in log
+        assert "drain grace of 2 s ended with 1 call in flight (Sample 1): cancelled" in log
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("grace_s", "shown"), [(1e300, "1e+300"), (0.25, "0.25")])
+def test_the_shutdown_log_prints_the_drain_grace_as_given(tmp_path: Path, grace_s: float, shown: str) -> None:
+    """drain_grace_s is any number >= 0: 1e300 (wait for every call) was printed with %.1f, a
+    302-character figure in 'draining ... for up to', and 0.25 as '0.2'."""
+    repo = tmp_path / "models"
+    write_gen(repo)
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": grace_s, "warmup": False})
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+            server.proc.wait(30)
+        log = server.log()
+        assert server.proc.returncode == 0, log
+        assert f"shutting down: draining no call in flight for up to {shown} s" in log, log
     finally:
         server.stop()
 
