@@ -8,12 +8,9 @@ import asyncio
 import enum
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from genserve_server.metrics import ModelMetrics
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -23,16 +20,25 @@ class Lane(enum.IntEnum):
     BULK = 1
 
 
+class Refusals(Protocol):
+    """Where a refusal marked on its Caller is counted as the boundary answers it: the refusing
+    model's metrics (metrics.ModelMetrics), or a batcher's observer (batch_events.BatchObserver:
+    its own model's, e.g. a code prior's decoder for the prior's call)."""
+
+    def on_rejected(self, reason: str) -> None: ...
+    def on_dropped(self, reason: str) -> None: ...
+
+
 class Caller(Protocol):
     """The RPC whose rows a request holds (core.Call). One RPC may queue several requests: images
     of several shapes (Translate), tiles of several shapes (SuperResolve), a stream's chunks computed
     ahead. `counted_out` is set when the first of them is counted as refused (queue_full) or dropped
     (deadline, cancelled): the others that leave with it are not counted again, since those counters
-    count requests (docs/metrics.md). `refused`: a refusal the boundary counts as it answers (the
-    model's metrics and the reason), under the status its client gets (core.Call.refused)."""
+    count requests (docs/metrics.md). `refused`: a refusal the boundary counts as it answers (where
+    and the reason), under the status its client gets (core.Call.refused)."""
 
     counted_out: bool
-    refused: tuple[ModelMetrics, str] | None
+    refused: tuple[Refusals, str] | None
 
 
 class Held(Protocol):

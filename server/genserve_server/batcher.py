@@ -386,9 +386,15 @@ class Batcher:
         )
 
     def _queue_full(self, n_rows: int, caller: Caller | None) -> ResourceExhausted:
-        """An interactive request (or a reservation) the queue has no room for: counted once per RPC."""
-        if count_once(caller):
+        """An interactive request (or a reservation) the queue has no room for: counted once per RPC,
+        `queue_full` under this batcher's model. An RPC's is counted by the boundary as it answers,
+        under the status its client gets (a stream's chunk computed ahead, or its decode, is refused
+        a loop turn or more before that: the client may have cancelled or the deadline passed
+        meanwhile: Caller.refused); a request of its own, here."""
+        if caller is None:
             self._observer.on_rejected("queue_full")
+        else:
+            caller.refused = (self._observer, "queue_full")
         held = self._reserved_rows - self._reserved_queued
         held_note = f", {held} more reserved for requests on their way" if held else ""
         return ResourceExhausted(
@@ -460,7 +466,8 @@ class Batcher:
         `reservation`: rows of the queue that RPC holds (`reserved`), which an INTERACTIVE request
         queues into instead of being refused 'queue full'."""
         # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
-        # path; only queue_full (ResourceExhausted) is counted here.
+        # path; queue_full (ResourceExhausted) here for a request of its own, else marked on its
+        # `caller` for the boundary (_queue_full).
         if self._closing:
             raise self._draining()
         if n_rows < 1:

@@ -196,11 +196,11 @@ class Boundary:
                 call.metrics.rejected["not_ready"].inc()
             elif exc.code == Code.RESOURCE_EXHAUSTED and call.refused is not None and count_once(call):
                 # Decided with the clock reading that decides what its client gets (Call.refused).
-                metrics, reason = call.refused
+                counts, reason = call.refused
                 if past_deadline:
-                    metrics.dropped["deadline"].inc()
+                    counts.on_dropped("deadline")
                 else:
-                    metrics.rejected[reason].inc()
+                    counts.on_rejected(reason)
             self._refusals.log(
                 (call.method, exc.code),
                 "request_id=%s method=%s code=%s: %s",

@@ -47,7 +47,7 @@ from genserve_server.batch_keys import (
     StepRows,
     TileRows,
 )
-from genserve_server.batch_parts import QueueReservation, count_once
+from genserve_server.batch_parts import QueueReservation, Refusals, count_once
 from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, drop_reason
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
@@ -106,9 +106,10 @@ class Call:
     # (images or tiles of other shapes, a stream's chunks ahead) are not counted again (batch_parts.Caller).
     counted_out: bool = False
     # A refusal found before its deadline (a budget wait that ran out, a code prior's full row
-    # budget): the model's metrics and the reason; the boundary counts it as it answers, rejected
-    # under the reason if sent before the deadline, else a `deadline` drop (batch_parts.Caller).
-    refused: tuple[ModelMetrics, str] | None = None
+    # budget, a batcher's full queue): where to count it (the refusing model's metrics) and the
+    # reason; the boundary counts it as it answers, rejected under the reason if sent before the
+    # deadline, else a `deadline` drop (batch_parts.Caller).
+    refused: tuple[Refusals, str] | None = None
 
     def release_uses(self) -> None:
         """Release the versions of `uses` (at the call's end; a second call releases nothing)."""

@@ -235,6 +235,13 @@ class ModelMetrics:
         # KServe ModelStatistics (per request, as Triton counts), kept with or without Prometheus.
         self.infer_stats = InferStats()
 
+    def on_rejected(self, reason: str) -> None:
+        """A refusal marked on its call, counted by the boundary as it answers (batch_parts.Refusals)."""
+        self.rejected[reason].inc()
+
+    def on_dropped(self, reason: str) -> None:
+        self.dropped[reason].inc()
+
     def set_runtime(self, provider: str, precision: str, gpu_requested: bool, batch_max_rows: int) -> None:
         """genserve_model_runtime_info: what the loaded version really runs on (1), and whether its
         config asked for a GPU provider; a GPU pod that fell back to CPU shows here. And

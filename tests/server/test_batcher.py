@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Hashable, Mapping
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -24,6 +25,7 @@ from genserve_server.arrivals import (
     closes_at_preferred,
 )
 from genserve_server.batcher import DEADLINE_SLACK_S, WITHDRAWN, Batcher, BatchResult, Lane
+from genserve_server.core import Call
 from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from genserve_server.response_budget import ByteBudget, Reservation
 
@@ -827,6 +829,7 @@ class Rpc:
 
     def __init__(self) -> None:
         self.counted_out = False
+        self.refused: tuple[Any, str] | None = None
 
 
 @pytest.mark.parametrize("how", ["expire_queued", "cancelled", "expired_at_admission", "queue_full"])
@@ -874,7 +877,10 @@ def test_a_request_whose_parts_all_leave_together_is_counted_once(how: str) -> N
         await until(lambda: batcher.queued_rows == 0, "the parts out of the queue")
         assert all(v not in x for _, x in model.batches for v in (1, 2, 3, 4))
         if how == "queue_full":
-            assert (recorder.rejected, recorder.dropped) == (["queue_full"], [])
+            # Marked on the RPC, whose boundary counts it once as it answers (under the status its
+            # client gets: test_a_queue_full_refusal_is_counted_under_the_status_its_client_gets).
+            assert rpc.refused == (recorder, "queue_full")
+            assert (recorder.rejected, recorder.dropped) == ([], [])
         else:
             assert recorder.dropped == ["cancelled" if how == "cancelled" else "deadline"]
             assert recorder.rejected == []
@@ -1416,6 +1422,123 @@ def test_queue_full_is_refused_at_once_naming_model_and_limit() -> None:
         await batcher.close(1)
 
     run(body())
+
+
+class BoundaryContext:
+    """The parts of grpc.aio.ServicerContext the boundary uses: `time_remaining_s` left at arrival;
+    the statuses it sent in `aborted`."""
+
+    def __init__(self, time_remaining_s: float) -> None:
+        self.time_remaining_s = time_remaining_s
+        self.aborted: list[grpc.StatusCode] = []
+
+    def time_remaining(self) -> float:
+        return self.time_remaining_s
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()) -> None:
+        self.aborted.append(code)
+        raise RuntimeError(details)
+
+
+def refusal_counted_through_the_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+    refuse: Callable[[Batcher, Call, FakeClock], Coroutine[Any, Any, None]],
+    ending: str,
+) -> tuple[dict[str, float], dict[str, float], list[grpc.StatusCode]]:
+    """An RPC of model p whose request to model d's batcher (a code prior's decoder, a stream's own
+    model) is refused by `refuse` in a task of its own (a stream's chunk computed ahead, its decode),
+    which the handler awaits, then `ending`: answered at once, past the call's deadline (gRPC's
+    DEADLINE_EXCEEDED, the boundary sends nothing), or its client cancelled (CANCELLED). What is
+    counted under d (rejected and dropped, by reason), under p, and the statuses the boundary sent."""
+    from genserve_server import boundary as boundary_module
+    from genserve_server.boundary import Boundary
+    from genserve_server.metrics import DROP_REASONS, REJECT_REASONS, BatchMetrics, Metrics
+
+    clock = FakeClock()
+    monkeypatch.setattr(boundary_module, "time", type("FakeTime", (), {"monotonic": staticmethod(clock)}))
+    registry = Metrics(enabled=True)
+    context = BoundaryContext(0.5)
+
+    async def handler(request: object, call: Call) -> None:
+        call.metrics = registry.for_model("p", "1", 4)
+        model = FakeModel()
+        batcher = Batcher(
+            model,
+            name="model d version 1",
+            observer=BatchMetrics(registry.for_model("d", "1", 4)),
+            max_batch_size=4,
+            max_queue_delay_s=0.0,
+            max_queue_size=4,
+            clock=clock,
+        )
+        batcher.start()
+        try:
+            refused = asyncio.ensure_future(refuse(batcher, call, clock))
+            await asyncio.wait({refused})
+            if ending == "deadline":
+                clock.now += 1.0
+            elif ending == "client cancelled":
+                refused.exception()
+                raise asyncio.CancelledError
+            refused.result()
+        finally:
+            await batcher.close(1)
+
+    async def body() -> None:
+        with pytest.raises((RuntimeError, asyncio.CancelledError)):
+            await Boundary(registry).unary("SampleStream", object(), context, handler)  # type: ignore[arg-type]
+
+    run(body())
+
+    def counted(model: str, family: str, reasons: tuple[str, ...]) -> dict[str, float]:
+        labels = {"model": model, "version": "1"}
+        values = {r: registry.registry.get_sample_value(family, {**labels, "reason": r}) for r in reasons}
+        return {r: n for r, n in values.items() if n}
+
+    rejected = "genserve_requests_rejected_total"
+    dropped = "genserve_requests_dropped_total"
+    assert counted("p", rejected, REJECT_REASONS) == counted("p", dropped, DROP_REASONS) == {}
+    return counted("d", rejected, REJECT_REASONS), counted("d", dropped, DROP_REASONS), context.aborted
+
+
+ENDINGS = [
+    ("answered", True),
+    ("deadline", False),
+    ("client cancelled", False),
+]
+
+
+@pytest.mark.parametrize("refused_by", ["submit", "reserved"])
+@pytest.mark.parametrize(("ending", "sent"), ENDINGS)
+def test_a_queue_full_refusal_is_counted_under_the_status_its_client_gets(
+    monkeypatch: pytest.MonkeyPatch, refused_by: str, ending: str, sent: bool
+) -> None:
+    """A request refused 'queue full' in a task of its own (a SampleStream's chunk computed ahead, a
+    code prior stream's decode reservation) reaches the boundary a loop turn or more later, by when
+    the client may have cancelled (CANCELLED) or the deadline passed (DEADLINE_EXCEEDED, nothing
+    sent): the batcher counted `queue_full` as it raised, whatever its client got. Now the call is
+    marked and the boundary counts it as it answers, under the batcher's model (d, not the call's
+    p): `queue_full` if RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, nothing
+    more for a call its client cancelled (counted CANCELLED)."""
+
+    async def refuse(batcher: Batcher, call: Call, clock: FakeClock) -> None:
+        with batcher.reserved(4):  # other calls' rows take the whole queue
+            if refused_by == "submit":
+                await batcher.submit("k", rows(1), 1, deadline=call.deadline, caller=call)
+            else:
+                with batcher.reserved(1, call, call.deadline):
+                    pass
+
+    rejected, dropped, aborted = refusal_counted_through_the_boundary(monkeypatch, refuse, ending)
+    assert rejected == ({"queue_full": 1.0} if sent else {})
+    assert dropped == ({"deadline": 1.0} if ending == "deadline" else {})
+    assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if sent else [])
 
 
 def test_a_request_past_its_deadline_that_finds_the_queue_full_is_a_deadline_drop_not_queue_full() -> None:
@@ -2005,8 +2128,9 @@ def test_reserved_rows_count_as_queued_and_a_request_into_them_is_never_refused(
         gate, blocker = await hold_runner(batcher, model)
         rpc = Rpc()
         with batcher.reserved(3, rpc) as room:
+            refused = Rpc()
             with pytest.raises(ResourceExhausted, match="queue full"):
-                with batcher.reserved(4, Rpc()):
+                with batcher.reserved(4, refused):
                     pass
             others = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3), 3))
             await until(lambda: batcher.queued_rows == 3, "the others queued")
@@ -2022,7 +2146,9 @@ def test_reserved_rows_count_as_queued_and_a_request_into_them_is_never_refused(
             gate.set()
             assert (await decode).outputs["y"].tolist() == [50, 60, 70]
             await asyncio.gather(others, blocker)
-        assert recorder.rejected == ["queue_full", "queue_full"]
+        # An RPC's refusal is marked for its boundary to count (the other is a request of its own).
+        assert refused.refused == (recorder, "queue_full")
+        assert recorder.rejected == ["queue_full"]
         assert batcher._rows_taken() == 0
         with batcher.reserved(6):
             pass
