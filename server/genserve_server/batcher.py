@@ -554,11 +554,14 @@ class Batcher:
         except ResourceExhausted:
             # Its response bytes, taken back first in line, waited for the budget until it ran
             # out: at the deadline the client gets DEADLINE_EXCEEDED (a drop), before it this
-            # refusal (`budget`), as core.wait_for_budget counts them.
+            # refusal (`budget`), as core.wait_for_budget counts them: an RPC's by the boundary as
+            # it answers, with the clock reading that decides what its client gets (Caller.refused).
             if deadline is not None and self._clock() >= deadline:
                 self._dropped(caller, "deadline")
-            elif count_once(caller):
+            elif caller is None:
                 self._observer.on_rejected("budget")
+            else:
+                caller.refused = (self._observer, "budget")
             raise
 
     def _forget_cancelled(self, request: PendingRequest, *, counted: bool = True) -> None:

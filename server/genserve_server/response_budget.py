@@ -20,7 +20,7 @@ every model need.
 
 A request waits (first come, first served) while its budget is spent, at most until its deadline
 or `budget_max_wait_s`, then is answered RESOURCE_EXHAUSTED naming the budget (counted by the
-boundary for core.wait_for_budget's calls, by the batcher for its own:
+boundary, for core.wait_for_budget's calls and the batcher's alike:
 genserve_requests_rejected_total{reason="budget"} if answered before the deadline, a `deadline` drop
 at it). A single request larger than the whole budget is clamped to it: it runs alone rather than
 never.

@@ -1541,6 +1541,36 @@ def test_a_queue_full_refusal_is_counted_under_the_status_its_client_gets(
     assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if sent else [])
 
 
+@pytest.mark.parametrize(("ending", "sent"), ENDINGS)
+def test_a_bulk_budget_refusal_is_counted_under_the_status_its_client_gets(
+    monkeypatch: pytest.MonkeyPatch, ending: str, sent: bool
+) -> None:
+    """A BULK request whose bytes, taken back first in line with room, wait out budget_max_wait_s
+    before its deadline is refused naming the budget; the batcher counted `budget` on its own clock
+    reading as it raised, while the boundary reads the clock again to decide what to send: a refusal
+    reaching it after the deadline (a stream's chunk computed ahead, a busy loop) was counted `budget`
+    and DEADLINE_EXCEEDED, one whose client had cancelled `budget` and CANCELLED. Now the call is
+    marked and the boundary counts it as it answers, under the batcher's model: `budget` if
+    RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, nothing more if cancelled."""
+
+    async def refuse(batcher: Batcher, call: Call, clock: FakeClock) -> None:
+        held = RefusingHeld(clock, clock.now)  # refused at once, before the deadline
+        with batcher.reserved(4):  # other calls' rows take the whole queue: it waits in line
+            waiting = asyncio.ensure_future(
+                batcher.submit(
+                    "k", rows(1), 1, lane=Lane.BULK, deadline=call.deadline, caller=call, held=held
+                )
+            )
+            await let_the_dispatcher_run()
+            assert not waiting.done()
+        await waiting  # first in line with room, its bytes are refused
+
+    rejected, dropped, aborted = refusal_counted_through_the_boundary(monkeypatch, refuse, ending)
+    assert rejected == ({"budget": 1.0} if sent else {})
+    assert dropped == ({"deadline": 1.0} if ending == "deadline" else {})
+    assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if sent else [])
+
+
 def test_a_request_past_its_deadline_that_finds_the_queue_full_is_a_deadline_drop_not_queue_full() -> None:
     """docs/metrics.md: `queue_full` counts requests answered RESOURCE_EXHAUSTED. A request whose
     deadline had passed before it reached a full queue (the event loop busy past it) was counted
