@@ -105,9 +105,13 @@ def check_parameters(request: kpb.ModelInferRequest, card: Card, label: str) -> 
     typo such as `Seed` got a random seed and an answer that looked right."""
     takes: set[str] = set()
     if card.kind.takes_latent:
-        takes = {"seed", "count", "truncation_psi", "label"}  # label: its own refusal where not conditional
+        takes = {"seed", "count", "truncation_psi"}
+        if card.kind.conditional:
+            takes.add("label")
+    # label on an unconditional model: its own refusal ('only conditional models take labels').
+    passes = takes | {"label"} if card.kind.takes_latent else takes
     for name in request.parameters:
-        if name not in takes and name not in TRITON_PARAMETERS and not name.startswith(TRITON_PREFIX):
+        if name not in passes and name not in TRITON_PARAMETERS and not name.startswith(TRITON_PREFIX):
             raise invalid(
                 f"parameters[{name}]",
                 f"{label} ({card.kind}) takes no such parameter; it takes "

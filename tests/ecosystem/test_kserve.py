@@ -457,6 +457,22 @@ def test_a_request_parameter_the_model_does_not_take_is_refused_naming_it(
     assert stub.ModelInfer(triton, timeout=30).raw_output_contents
 
 
+def test_an_unknown_parameter_refusal_lists_label_only_for_a_conditional_model(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The refusal of an unknown parameter lists the ones the model takes: an unconditional
+    generator was said to take `label`, which it then refused ('only conditional models take labels')."""
+    unconditional = kpb.ModelInferRequest(model_name=GEN)
+    unconditional.parameters["Seed"].int64_param = 5
+    details = _invalid(stub, unconditional)
+    assert "it takes count, seed, truncation_psi (" in details, details
+
+    conditional = kpb.ModelInferRequest(model_name=COND)
+    conditional.parameters["Seed"].int64_param = 5
+    details = _invalid(stub, conditional)
+    assert "it takes count, label, seed, truncation_psi (" in details, details
+
+
 def test_a_truncation_psi_parameter_is_checked_as_the_float32_it_becomes_naming_the_value_sent(
     stub: kpb_grpc.GRPCInferenceServiceStub, tiny_server: Any
 ) -> None:
