@@ -512,8 +512,10 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid("inputs[image].shape", f"H and W must be multiples of {multiple}, got {h}x{w}")
         not_finite = "values must be finite"
         if card.input_range is not None and image.size:  # as genserve.v1's TENSOR_F32
+            spec = next(s for s in card.inputs if s.name == "image")  # FP32 or FP16, as the client sent
+            datatype = kserve_tensors.protocol_datatype(spec)
             validate.input_range(
-                image, card.input_range, "inputs[image]", not_finite=not_finite, datatype="FP32"
+                image, card.input_range, "inputs[image]", not_finite=not_finite, datatype=datatype
             )
         elif not codecs.all_finite(image):
             raise invalid("inputs[image]", not_finite)

@@ -10,7 +10,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from server_support import (
     ServerProcess,
     generator_graph,
@@ -56,6 +58,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     write_model(
         root, "sr", "super_resolution", super_resolution_graph(2), SR_CARD, config={"batching": BATCHING}
     )
+    # The same net taking float16 images (card dtype float16): KServe clients send it FP16.
+    version = write_model(root, "sr-fp16", "super_resolution", _float16_image_input(), SR_CARD)
+    card = json.loads((version / "card.json").read_text())
+    card["inputs"][0]["dtype"] = "float16"
+    (version / "card.json").write_text(json.dumps(card))
     # A card whose tensor dtype is none of card.json's (docs/model-repository.md: float32, int64,
     # float16): a hand-written "float" for z.
     version = write_tiny_generator(root, "g-bad-dtype")
@@ -70,6 +77,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     )
     yield proc
     proc.stop()
+
+
+def _float16_image_input() -> onnx.ModelProto:
+    """super_resolution_graph(2) whose input `image` is float16, cast to float first."""
+    graph = super_resolution_graph(2)
+    for node in graph.graph.node:
+        node.input[:] = ["image_in" if i == "image" else i for i in node.input]
+    graph.graph.node.insert(0, helper.make_node("Cast", ["image"], ["image_in"], to=TensorProto.FLOAT))
+    image = next(i for i in graph.graph.input if i.name == "image")
+    image.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return graph
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +243,23 @@ def test_a_parameter_the_client_sent_as_a_path_is_named_as_it_sent_it(
         assert "takes no such parameter" in details, details
         assert "outside the repository" not in details, details
         assert "\n" not in details, details
+
+
+def test_an_fp16_image_outside_the_input_range_is_refused_naming_fp16(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """A model whose card takes float16 images gets FP16 from KServe clients (ModelMetadata says so):
+    its input_range refusal called them 'FP32 values', a datatype the client never sent."""
+    image = np.full((1, 3, 8, 8), 3.0, np.float16)
+    request = kpb.ModelInferRequest(
+        model_name="sr-fp16",
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="image", datatype="FP16", shape=image.shape)],
+        raw_input_contents=[image.tobytes()],
+    )
+    code, details = _refusal(lambda: stub.ModelInfer(request, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    expected = "inputs[image]: FP16 values must be in the model's input_range [0, 1], got 3..3"
+    assert details == expected, details
+    ok = np.full((1, 3, 8, 8), 0.5, np.float16)
+    request.raw_input_contents[0] = ok.tobytes()
+    assert stub.ModelInfer(request, timeout=30).outputs[0].shape == [1, 3, 16, 16]
