@@ -95,6 +95,7 @@ from genserve_server.errors import (
     GenserveError,
     Internal,
     InvalidArgument,
+    ModelCallAborted,
     ResourceExhausted,
     Unavailable,
 )
@@ -1146,6 +1147,15 @@ class Batcher:
                         f"{self.name}: output {name!r} has {value.shape[0] if value.ndim else 0} rows for a "
                         f"batch of {rows}"
                     )
+        except ModelCallAborted as exc:  # the shutdown's WARNING says it: not a model failure
+            error = exc
+            logger.info(
+                "%s: batch of %d rows from %d requests aborted by the shutdown (request_ids=%s)",
+                self.name,
+                rows,
+                len(parts),
+                request_ids(parts),
+            )
         except Exception as exc:
             error = exc
             # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote

@@ -103,6 +103,11 @@ class Unavailable(GenserveError):
     code = Code.UNAVAILABLE
 
 
+class ModelCallAborted(Unavailable):
+    """A model call the shutdown aborted at the drain grace's end (ModelRunner.abort): said by the
+    shutdown's WARNING, not a model failure (the batcher logs it at INFO)."""
+
+
 class DeadlineExceeded(GenserveError):
     code = Code.DEADLINE_EXCEEDED
 

@@ -28,7 +28,7 @@ import onnxruntime as ort
 from genserve_server import codecs
 from genserve_server.batch_keys import FINITE_ROWS_OUTPUT, PIXELS_OUTPUT, RowsKey
 from genserve_server.config import cpu_count
-from genserve_server.errors import Unavailable
+from genserve_server.errors import ModelCallAborted
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.gpu_gate import (
     CAPTURE_GATE,
@@ -320,7 +320,8 @@ class Runner:
             return self._model_call(feeds, solo)
         except Exception as exc:
             if self._run_options.terminate:  # abort(): said once by the shutdown, not as a model failure
-                raise Unavailable(f"{self.label}: model call aborted: the server is shutting down") from exc
+                aborted = f"{self.label}: model call aborted: the server is shutting down"
+                raise ModelCallAborted(aborted) from exc
             sticky = sticky_cuda_error(exc) if self.info.on_gpu else ""
             if sticky and self.on_device_lost is not None:
                 self.on_device_lost(f"{sticky}: {str(exc)[:300]}")

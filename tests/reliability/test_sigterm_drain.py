@@ -349,6 +349,42 @@ def test_the_shutdown_log_prints_the_drain_grace_as_given(tmp_path: Path, grace_
         server.stop()
 
 
+def test_a_model_call_the_drain_grace_aborts_is_no_error_in_the_log(tmp_path: Path) -> None:
+    """SIGTERM with two Samples computing far past drain_grace_s: each model call the grace's end
+    aborted was logged at ERROR ('batch of 1 rows ... failed ... model call aborted: the server is
+    shutting down'), as a model failure, which log alerting pages on for an expected shutdown. The
+    shutdown's WARNINGs say it (the calls cut, the model calls aborted); each batch is an INFO line."""
+    grace_s = 2.0
+    repo = tmp_path / "models"
+    _slow_only_when_asked(repo, 1_100_000)  # ~20 s a row on an idle core
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": grace_s, "warmup": False})
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            calls = [
+                stub.Sample.future(pb.SampleRequest(model="slow", count=1, base_seed=seed), timeout=120)
+                for seed in range(2)
+            ]
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="Sample") >= 2, 30, "the Samples"
+            )
+            time.sleep(0.2)  # the first batch formed and computing
+            server.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+                server.proc.wait(60)
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as cut:
+                    call.result(timeout=10)
+                assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        log = server.log()
+        assert server.proc.returncode == 0, log
+        assert "model calls still running at the end of the drain grace: aborting them" in log
+        assert " ERROR " not in log, log
+        assert "batch of 1 rows from 1 requests aborted by the shutdown" in log, log
+    finally:
+        server.stop()
+
+
 def test_a_batch_of_a_removed_model_computing_past_the_drain_grace_does_not_hold_the_exit(
     tmp_path: Path,
 ) -> None:
