@@ -1153,6 +1153,10 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         elif on_disk is not None and not rejected:
             grown = params.n if on_disk["params"].get("n") != params.n else None
             _err(f"genserve-client: the job is resumable: {resume_command(args, out, grown)}")
+        elif on_disk is None and not rejected and not _not_writable(exc, out):
+            # No job.json yet (written at the first chunk the server accepts): nothing to --resume, and
+            # what it left (the lock, an empty manifest) does not stop the same command.
+            _err("genserve-client: no image of the job was written: run the same command again to start it")
         if isinstance(exc, KeyboardInterrupt):
             return stop_status(exc)
         return 2 if rejected else 1

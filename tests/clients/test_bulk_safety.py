@@ -364,6 +364,28 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
     assert indices(tmp_path) == list(range(7))
 
 
+@pytest.mark.usefixtures("quick_backoff")
+def test_a_new_job_cut_before_its_first_chunk_says_to_repeat_the_command_and_the_same_command_starts_it(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every stream cut before its first chunk (a server shutting down): the job leaves an empty
+    # manifest and job.lock but no job.json (written at the first chunk), so no --resume hint can be
+    # given; it gave up saying nothing of what to do.
+    out = tmp_path / "job"
+    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    command = ("--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(out))
+    code, _, err = cli_main(capsys, *command, "--retry-window", "0.3")
+    assert code == 1, err
+    assert "gave up after retrying for 0.3 s" in err
+    assert not (out / "job.json").exists()
+    assert "no image of the job was written: run the same command again to start it" in err, err
+    # The same command starts it: its leftovers (the lock, an empty manifest) do not block it.
+    fake_server.service.fail["SampleStream"].clear()
+    code, _, err = cli_main(capsys, *command)
+    assert code == 0, err
+    assert indices(out) == list(range(3))
+
+
 def _without_root_privileges() -> list[str]:
     """A command prefix under which file permissions bind (root writes into a read-only folder);
     [] when not root. Root without its capabilities (setpriv), still the owner of pytest's tmp_path."""
