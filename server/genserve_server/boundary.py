@@ -172,6 +172,9 @@ class Boundary:
         self._refusals = ThrottledLog(logger)  # one line per method and status per interval
         # Calls begun and not ended, by method (also without metrics): what a shutdown drains.
         self.in_flight: collections.Counter[str] = collections.Counter()
+        # When the shutdown's drain grace ends (App.stop): gRPC then cancels the calls left, whose
+        # clients get UNAVAILABLE ("Cancelling all calls"); None: not shutting down.
+        self.grace_ends_at: float | None = None
 
     def begin(self, method: str, context: Context) -> Call:
         remaining_s = context.time_remaining()
@@ -258,10 +261,10 @@ class Boundary:
     async def raised(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
         """Record the status of a handler that raised and answer the call with it (always raises)."""
         if isinstance(exc, asyncio.CancelledError):
-            call.code = _cancelled_code(call)
+            call.code = _cancelled_code(call, self.grace_ends_at)
             raise exc
         if isinstance(exc, GeneratorExit):  # a stream closed before its end: not an OK stream
-            call.code = _closed_code(call, context)
+            call.code = _closed_code(call, context, self.grace_ends_at)
             if ENDED_UNREAD.get() and count_once(call):
                 # Its client stopped reading: RESOURCE_EXHAUSTED is what that client gets, and this
                 # drop tells the alerts it was the client's doing, not a server fault (docs/metrics.md).
@@ -419,12 +422,17 @@ def describe_calls(calls: collections.Counter[str]) -> str:
     return f"{total} call{'s' if total != 1 else ''} in flight ({methods})"
 
 
-def _cancelled_code(call: Call) -> str:
-    """The status a cancelled handler is counted under: gRPC cancels it at the client's deadline too."""
-    return "DEADLINE_EXCEEDED" if cancelled_by_deadline(call.deadline) else "CANCELLED"
+def _cancelled_code(call: Call, grace_ends_at: float | None) -> str:
+    """The status a cancelled handler is counted under: gRPC cancels it at the client's deadline too,
+    and at the end of the shutdown's drain grace (`grace_ends_at`: its client gets UNAVAILABLE)."""
+    if cancelled_by_deadline(call.deadline):
+        return "DEADLINE_EXCEEDED"
+    if grace_ends_at is not None and time.monotonic() >= grace_ends_at:
+        return "UNAVAILABLE"
+    return "CANCELLED"
 
 
-def _closed_code(call: Call, context: Context) -> str:
+def _closed_code(call: Call, context: Context, grace_ends_at: float | None) -> str:
     """The status of a stream whose generator was closed before its last message: the status the
     server set when it ended the stream itself (admission's stream_write_timeout_s:
     RESOURCE_EXHAUSTED), else the client went away or its deadline passed while the handler waited
@@ -432,4 +440,4 @@ def _closed_code(call: Call, context: Context) -> str:
     code = context.code()
     if not context.cancelled() and isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
         return code.name
-    return _cancelled_code(call)
+    return _cancelled_code(call, grace_ends_at)

@@ -619,6 +619,7 @@ class App:
         draining = describe_calls(self.boundary.in_flight)
         logger.info("shutting down: draining %s for up to %g s", draining, grace_s)
         started = time.monotonic()
+        self.boundary.grace_ends_at = started + grace_s  # the calls cut then are counted UNAVAILABLE
         # A bulk stream would otherwise run for the whole grace (thousands of images) only to be cut
         # at its end: it ends after the chunk it is sending, with UNAVAILABLE and where to resume.
         self.core.begin_shutdown()

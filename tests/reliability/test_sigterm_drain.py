@@ -385,6 +385,56 @@ def test_a_model_call_the_drain_grace_aborts_is_no_error_in_the_log(tmp_path: Pa
         server.stop()
 
 
+def test_calls_the_drain_grace_cuts_are_counted_under_the_status_their_clients_get(tmp_path: Path) -> None:
+    """SIGTERM with a Sample and a SampleStream computing far past drain_grace_s: gRPC cancels both
+    at the grace's end and their clients get UNAVAILABLE, but the server counted them CANCELLED (in
+    genserve_requests_total, as if the client had cancelled). The request line (DEBUG, the code
+    the metrics count) says UNAVAILABLE."""
+    grace_s = 2.0
+    repo = tmp_path / "models"
+    _slow_only_when_asked(repo, 1_100_000)  # ~20 s a row on an idle core
+    server = start_server(
+        repo,
+        tmp_path / "work",
+        config={"drain_grace_s": grace_s, "warmup": False},
+        extra_args=("--log-level", "DEBUG"),
+    )
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.GenerationServiceStub(ch)
+            unary = stub.Sample.future(pb.SampleRequest(model="slow", count=1, base_seed=0), timeout=120)
+            stream = stub.SampleStream(
+                pb.SampleStreamRequest(sample=pb.SampleRequest(model="slow", count=1, base_seed=1)),
+                timeout=120,
+            )
+            wait_until(
+                lambda: (
+                    server.metric("genserve_requests_in_flight", method="Sample") >= 1
+                    and server.metric("genserve_requests_in_flight", method="SampleStream") >= 1
+                ),
+                30,
+                "the calls",
+            )
+            time.sleep(0.2)  # the first batch formed and computing
+            server.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+                server.proc.wait(60)
+            with pytest.raises(grpc.RpcError) as unary_cut:
+                unary.result(timeout=10)
+            with pytest.raises(grpc.RpcError) as stream_cut:
+                list(stream)
+        assert unary_cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stream_cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        log = server.log()
+        assert server.proc.returncode == 0, log
+        assert "drain grace of 2.0 s ended with 2 calls in flight" in log, log
+        for method in ("Sample", "SampleStream"):
+            assert f"method={method} model=slow version=1 code=UNAVAILABLE " in log, log
+        assert "code=CANCELLED" not in log, log
+    finally:
+        server.stop()
+
+
 def test_a_batch_of_a_removed_model_computing_past_the_drain_grace_does_not_hold_the_exit(
     tmp_path: Path,
 ) -> None:
