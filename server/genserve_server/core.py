@@ -201,6 +201,14 @@ def image_batch_key(card: Card, shape: tuple[int, ...], direction: int | None = 
     return ImageRows(shape, direction)
 
 
+def _shutting_down_before(sent: int) -> Unavailable:
+    """How a SampleStream the shutdown ends says where its client resumes."""
+    return Unavailable(
+        f"server is shutting down: the stream ended before image {sent}; "
+        f"resume with start_index={sent} (another replica, or this one restarted)"
+    )
+
+
 class GenerationCore:
     """Validation beyond the wire format, planning, batching and encoding, for every protocol."""
 
@@ -239,6 +247,9 @@ class GenerationCore:
         )
         # Set at SIGTERM (begin_shutdown): SampleStreams end at their next chunk boundary.
         self.shutting_down = asyncio.Event()
+        # Set just before the drain grace ends (end_streams): a SampleStream still computing the chunk
+        # it would send ends now, with where to resume, not with gRPC's 'Cancelling all calls'.
+        self.streams_ending = asyncio.Event()
 
     def forget_version(self, mv: ModelVersion) -> None:
         """`mv` unloaded: its cached images go (no request can reach them again)."""
@@ -253,6 +264,12 @@ class GenerationCore:
         """A drain: unary calls finish, each SampleStream ends after the chunk it is sending with
         UNAVAILABLE naming the start_index to resume from (a bulk job's stream can last hours)."""
         self.shutting_down.set()
+
+    def end_streams(self) -> None:
+        """The drain grace is about to end: each SampleStream still computing its chunk ends now with
+        UNAVAILABLE naming the start_index to resume from (gRPC's cancel at the grace's end names none)."""
+        self.shutting_down.set()
+        self.streams_ending.set()
 
     # ------------------------------------------------------------------ resolving and submitting
 
@@ -658,10 +675,7 @@ class GenerationCore:
                     while len(pending) > 1:
                         pending.pop().cancel(WITHDRAWN)
                     if not pending:
-                        raise Unavailable(
-                            f"server is shutting down: the stream ended before image {sent}; "
-                            f"resume with start_index={sent} (another replica, or this one restarted)"
-                        )
+                        raise _shutting_down_before(sent)
                 while not self.shutting_down.is_set() and len(pending) <= ahead and next_index < count:
                     n = min(chunk_size, count - next_index)
                     pending.append(asyncio.ensure_future(chunk(next_index, n)))
@@ -670,6 +684,7 @@ class GenerationCore:
                     await asyncio.wait((pending[0], stopping), return_when=asyncio.FIRST_COMPLETED)
                     if not pending[0].done():
                         continue  # shutting down while this chunk computes: drop the ones ahead first
+                await self._chunk_before_streams_end(pending, sent)
                 try:
                     item = await pending.popleft()
                 except Unavailable as exc:  # the version unloaded under it: where to resume, as above
@@ -686,6 +701,21 @@ class GenerationCore:
             stopping.cancel()
             for task in pending:  # else the caller went away (cancelled): its own drop
                 task.cancel(withdraw)
+
+    async def _chunk_before_streams_end(self, pending: deque[asyncio.Task[Any]], sent: int) -> None:
+        """Wait for a stream's next chunk (pending[0]) until end_streams; where the grace ends first,
+        it is withdrawn and the stream ends saying where to resume (from `sent`)."""
+        task = pending[0]
+        if task.done():
+            return
+        ending = asyncio.ensure_future(self.streams_ending.wait())
+        try:
+            await asyncio.wait((task, ending), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ending.cancel()
+        if not task.done():
+            pending.popleft().cancel(WITHDRAWN)
+            raise _shutting_down_before(sent)
 
     # ------------------------------------------------------------------ code priors (step batching)
 

@@ -94,6 +94,9 @@ HEALTH_MAX_CONNECTIONS = 64
 HEALTH_IDLE_TIMEOUT_S = 10.0
 # A HealthCheckRequest is a service name: a larger request is refused before it is parsed.
 HEALTH_MAX_REQUEST_BYTES = 64 * 1024
+# How long before the drain grace's end a SampleStream still computing its chunk ends itself with
+# where to resume (a tenth of a shorter grace): time for its status to go out before gRPC's cancel.
+STREAMS_END_BEFORE_GRACE_S = 1.0
 
 # Every connection is a file descriptor, and past the process's open-file limit gRPC cannot accept
 # any: the serving port, the health port and the metrics port all wait ("File descriptor limit
@@ -625,6 +628,10 @@ class App:
         self.core.begin_shutdown()
         await self.health.shutdown()
         stopping = asyncio.ensure_future(self.server.stop(grace_s))
+        # A SampleStream still computing its chunk then ends itself, saying where to resume, a little
+        # before gRPC cancels every call left (whose clients are told only 'Cancelling all calls').
+        await self._in_flight_after(started + grace_s - min(STREAMS_END_BEFORE_GRACE_S, grace_s / 10))
+        self.core.end_streams()
         # The calls gRPC cancels at the grace's end (their clients get UNAVAILABLE "Cancelling all
         # calls"): taken as the grace ends, just before gRPC's own timer (started after this one).
         cut = await self._in_flight_after(started + grace_s)

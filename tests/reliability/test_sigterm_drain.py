@@ -427,10 +427,42 @@ def test_calls_the_drain_grace_cuts_are_counted_under_the_status_their_clients_g
         assert stream_cut.value.code() == grpc.StatusCode.UNAVAILABLE
         log = server.log()
         assert server.proc.returncode == 0, log
-        assert "drain grace of 2.0 s ended with 2 calls in flight" in log, log
+        # The stream ends itself just before (resume hint); the Sample is cut.
+        assert "drain grace of 2.0 s ended with 1 call in flight (Sample 1)" in log, log
         for method in ("Sample", "SampleStream"):
             assert f"method={method} model=slow version=1 code=UNAVAILABLE " in log, log
         assert "code=CANCELLED" not in log, log
+    finally:
+        server.stop()
+
+
+def test_a_stream_still_computing_as_the_drain_grace_ends_is_told_where_to_resume(tmp_path: Path) -> None:
+    """SIGTERM while a SampleStream's first chunk computes far past drain_grace_s: a draining stream
+    ends at its next chunk boundary with UNAVAILABLE 'resume with start_index=N', but this one never
+    reached one, and gRPC's cancel at the grace's end told its client only 'Cancelling all calls'.
+    The server ends such a stream itself just before the grace runs out, with the same hint."""
+    grace_s = 2.0
+    repo = tmp_path / "models"
+    _slow_only_when_asked(repo, 1_100_000)  # ~20 s a row on an idle core
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": grace_s, "warmup": False})
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            request = pb.SampleStreamRequest(sample=pb.SampleRequest(model="slow", count=3, base_seed=1))
+            stream = pb_grpc.GenerationServiceStub(ch).SampleStream(request, timeout=120)
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="SampleStream") >= 1,
+                30,
+                "the stream",
+            )
+            time.sleep(0.2)  # its first chunk's batch formed and computing
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as ended:
+                list(stream)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+                server.proc.wait(60)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "resume with start_index=0" in (ended.value.details() or ""), ended.value.details()
+        assert server.proc.returncode == 0, server.log()
     finally:
         server.stop()
 
