@@ -178,6 +178,8 @@ def _open(
         inline_max_s=sc.inline_compute_max_s,
         latent_dim=card.latent_dim if sampler else None,
         pixels_range=card.output_range if images else None,
+        model_sha256=mv.sha256,
+        external_sha256=mv.external_sha256.get(model_path.name),
     )
     return card, runner
 

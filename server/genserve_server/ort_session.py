@@ -491,6 +491,7 @@ def create_session(
     profile: ProfileShapes | None = None,
     model_path: Path | None = None,
     model_sha256: str | None = None,
+    external_sha256: Mapping[str, str] | None = None,
 ) -> SessionInfo:
     """Create a session on the first provider of `requested` that works, falling back down the chain.
 
@@ -501,6 +502,10 @@ def create_session(
     the session built again with the next provider's own options; the CPU provider is always last.
     TensorRT is skipped without an attempt when its libraries cannot load, or without a shape profile
     (it would build engines per input shape while serving).
+
+    `model_sha256` and `external_sha256` (the load's verified digests of the graph and of its
+    external data files, {location: sha256}) key the TensorRT engine cache; a digest not given is
+    read from the file.
     """
     source = str(model) if isinstance(model, Path) else model
     path = model if isinstance(model, Path) else (model_path or Path("<bytes>"))
@@ -508,13 +513,15 @@ def create_session(
     wanted = _without_unusable_tensorrt(requested, profile, path, fallbacks)
     if any(p in GPU_PROVIDERS for p in wanted):
         preload_cuda_libraries()
-    external_sha256: dict[str, str] | None = {}
+    external: Mapping[str, str] | None = {}
     if TENSORRT in wanted and config.trt_engine_cache_dir:
         if model_sha256 is None:
             model_sha256 = _model_sha256(model)
         # An engine holds the weights, and a graph's external data file holds them (model.onnx.data):
         # weights republished beside the same graph must miss the cache. Unreadable: no cache.
-        if isinstance(model, Path) and (external_sha256 := _external_sha256(model)) is None:
+        if external_sha256 is not None:
+            external = external_sha256
+        elif isinstance(model, Path) and (external := _external_sha256(model)) is None:
             model_sha256 = None
 
     def chain_for(providers: Sequence[str], run_config: RuntimeConfig) -> list[tuple[str, dict[str, str]]]:
@@ -524,7 +531,7 @@ def create_session(
             fp16=fp16,
             profile=profile,
             model_sha256=model_sha256,
-            external_sha256=external_sha256,
+            external_sha256=external,
         )
 
     chain = chain_for(wanted, config)

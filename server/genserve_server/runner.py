@@ -170,6 +170,8 @@ class Runner:
         inline_max_s: float = 0.0,
         latent_dim: int | None = None,
         pixels_range: tuple[float, float] | None = None,
+        model_sha256: str | None = None,
+        external_sha256: Mapping[str, str] | None = None,
     ) -> None:
         self.label = label
         # Set by `close` (a reload's drain unloading the version): callers that run the model without
@@ -207,6 +209,9 @@ class Runner:
                 instances=instances,
                 fp16=fp16,
                 profile=profile,
+                # The load's verified digests key a TensorRT engine cache: no file hashed again.
+                model_sha256=model_sha256,
+                external_sha256=external_sha256,
             )
             for _ in range(n_sessions)
         ]

@@ -255,6 +255,66 @@ def test_external_weights_republished_beside_the_same_graph_miss_the_engine_cach
     assert engine_cache_path() != before
 
 
+def test_a_load_keys_its_engine_cache_by_the_digests_it_verified_without_hashing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load has hashed the graph and its external data file against card.json: the TensorRT
+    session's engine cache key is made of those digests, never of the files read and hashed again
+    at each session's creation (seconds a session for a big model)."""
+    monkeypatch.setattr(ort_session, "gpu_identity", lambda device_id: "NVIDIA-H200-sm90")
+    monkeypatch.setattr(ort_session, "tensorrt_loadable", lambda: "")
+    monkeypatch.setattr(loader, "select_providers", lambda requested: [TENSORRT, CPU])
+    root = tmp_path / "models"
+    version_dir = write_tiny_generator(root)
+    externalize_weights(version_dir)
+    card = json.loads((version_dir / "card.json").read_text())
+    real_session = ort_session.ort.InferenceSession
+    trt_options: list[dict[str, str]] = []
+
+    def trt_fails(source: Any, options: Any, **kwargs: Any) -> Any:
+        if kwargs["providers"][0] == TENSORRT:
+            trt_options.append(kwargs["provider_options"][0])
+            raise RuntimeError("TensorRT EP failed to create engine from network")
+        return real_session(source, options, **kwargs)
+
+    monkeypatch.setattr(ort_session.ort, "InferenceSession", trt_fails)
+    hashed: list[Path] = []
+    real_model_sha256, real_external_sha256 = ort_session._model_sha256, ort_session._external_sha256
+
+    def model_sha256(model: Path | bytes) -> str:
+        hashed.append(Path(str(model)))
+        return real_model_sha256(model)
+
+    def external_sha256(model: Path) -> dict[str, str] | None:
+        hashed.append(model)
+        return real_external_sha256(model)
+
+    monkeypatch.setattr(ort_session, "_model_sha256", model_sha256)
+    monkeypatch.setattr(ort_session, "_external_sha256", external_sha256)
+
+    async def body() -> None:
+        sc = ServerConfig(trt_engine_cache_dir=str(tmp_path / "trt"))
+        repo = Repository(root, sc, Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        mv = repo.get("gen").resolve("")
+        assert mv.state == ModelState.READY
+        assert mv.card is not None
+        profile = loader.profile_shapes(mv.card, mv.config.batching.max_batch_size)
+        await repo.close(1)
+        expected = engine_cache_key(
+            card["sha256"]["model.onnx"],
+            "fp32",
+            profile,
+            "NVIDIA-H200-sm90",
+            {"model.onnx.data": card["sha256"]["model.onnx.data"]},
+        )
+        assert trt_options and {o["trt_engine_cache_prefix"] for o in trt_options} == {expected}
+
+    asyncio.run(body())
+    assert hashed == []
+
+
 class _FakeNVMLError(Exception):
     pass
 
