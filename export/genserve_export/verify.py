@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,8 @@ class _SessionCache:
 
     def latest_run(self, entry_name: str) -> OnnxRun | None:
         """The latest version of ``entry_name`` (``model.onnx``), or with ``entry/file`` an auxiliary
-        graph that version's card lists in ``aux_graphs`` (its digest checked here)."""
+        graph that version's card lists in ``aux_graphs`` (its digest checked here, and its external
+        data files' against the card's sha256)."""
         entry_name, _, aux = entry_name.partition("/")
         latest = latest_version_dir(self.root / entry_name)
         if latest is None:
@@ -203,10 +204,26 @@ class _SessionCache:
             path = latest / aux
             if aux not in listed or not path.is_file() or sha256_file(path) != listed[aux].get("sha256"):
                 return None
+            if not _external_data_intact(latest, aux):
+                return None
             sess = self.get(path)
         else:
             sess = self.get(latest / "model.onnx")
         return lambda feeds: run_session(sess, feeds)
+
+
+def _external_data_intact(version_dir: Path, graph: str) -> bool:
+    """Whether every external data file ``graph`` loads its weights from matches card.json's sha256
+    under its location (what _check_files holds the version to)."""
+    try:
+        digests = json.loads(read_regular_text(version_dir / "card.json")).get("sha256") or {}
+        locations = external_data_locations(version_dir / graph)
+        return all(
+            (version_dir / loc).is_file() and sha256_file(version_dir / loc) == digests.get(loc)
+            for loc in locations
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _read_json(path: Path, where: str) -> tuple[Any, str]:
@@ -387,17 +404,19 @@ def _check_files(version_dir: Path, card: Mapping[str, Any], model: ModelReport)
         model.errors.append(f"files not listed in the card's sha256: {unlisted}")
     if "model.fp16.onnx" in listed and card["parity"].get("fp16_max_abs_diff") is None:
         model.errors.append("model.fp16.onnx is present but parity.fp16_max_abs_diff is null")
-    return _check_external_data(version_dir, listed, model)
+    graphs = [g for g in ("model.onnx", "model.fp16.onnx") if g in listed]
+    return _check_external_data(version_dir, listed, [*graphs, *(f for f in aux if f not in listed)], model)
 
 
-def _check_external_data(version_dir: Path, listed: Mapping[str, str], model: ModelReport) -> set[str]:
-    """The external data files (model.onnx.data) the served graphs load their weights from, each
-    held to the card's sha256 under its `location` as the server holds it (loader._verified_sha256):
-    one the card does not list, or that is missing, is an error naming it and its graph."""
+def _check_external_data(
+    version_dir: Path, listed: Mapping[str, str], graphs: Sequence[str], model: ModelReport
+) -> set[str]:
+    """The external data files (model.onnx.data) the served graphs (and the auxiliary ones) load
+    their weights from, each held to the card's sha256 under its `location` as the server holds it
+    (loader._verified_sha256): one the card does not list, or that is missing, is an error naming
+    it and its graph."""
     external: set[str] = set()
-    for graph in ("model.onnx", "model.fp16.onnx"):
-        if graph not in listed:
-            continue
+    for graph in graphs:
         try:
             locations = external_data_locations(version_dir / graph)
         except (OSError, ValueError):  # unreadable (reported above) or no ONNX (ONNX Runtime's load)

@@ -310,6 +310,57 @@ def test_verify_holds_a_graphs_external_weights_to_the_cards_sha256_as_the_serve
     assert not report.ok and "model.onnx.data" in errors and "missing" in errors, report.format()
 
 
+def test_verify_holds_an_auxiliary_graphs_external_weights_to_the_cards_sha256_as_the_main_graphs(
+    tmp_path: Path,
+) -> None:
+    """An auxiliary graph (a code decoder's encoder.onnx) saved with external data loads its weights
+    from that file as model.onnx does: verify holds the file to card.json's sha256 under its
+    location (unlisted or changed: an error naming it), never opens it as a graph, and a sibling's
+    quality run (latest_run) refuses the auxiliary graph whose weights changed."""
+    import hashlib
+
+    import onnx
+
+    from genserve_export.verify import _SessionCache
+
+    out = tmp_path / "models"
+    target = export_model(
+        _TinyImage(0),
+        kind="generator",
+        name="user-gen",
+        out_dir=out,
+        example_inputs={"z": torch.randn(2, 4)},
+        card={"description": "a user's generator", "output_range": [-1, 1]},
+        fp16=False,
+    )
+    aux, external = target / "aux.onnx", target / "aux.onnx.data"
+    onnx.save(
+        onnx.load(str(target / "model.onnx")),
+        str(aux),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=external.name,
+        size_threshold=128,
+    )
+    card = json.loads((target / "card.json").read_text())
+    card["aux_graphs"] = {aux.name: {"sha256": hashlib.sha256(aux.read_bytes()).hexdigest(), "role": "test"}}
+    (target / "card.json").write_text(json.dumps(card))
+    report = verify_repository(out, recompute_quality=False)
+    errors = " ".join(report.models[0].errors)
+    assert not report.ok and "aux.onnx.data" in errors and "not listed" in errors, report.format()
+
+    card["sha256"][external.name] = hashlib.sha256(external.read_bytes()).hexdigest()
+    (target / "card.json").write_text(json.dumps(card))
+    report = verify_repository(out, recompute_quality=False)
+    assert report.ok, report.format()
+    assert _SessionCache(out).latest_run("user-gen/aux.onnx") is not None
+
+    external.write_bytes(bytes(len(external.read_bytes())))  # zeroed in place: graph and card unchanged
+    report = verify_repository(out, recompute_quality=False)
+    assert not report.ok and "aux.onnx.data" in " ".join(report.models[0].errors), report.format()
+    assert _SessionCache(out).latest_run("user-gen/aux.onnx") is None
+
+
 def test_source_commit_is_dirty_for_changes_to_the_contract_too(tmp_path: Path) -> None:
     """+dirty covered only export/genserve_export: a build from an edited api/genserve_contract (the
     card and config rules it writes to) was recorded as the clean commit. models/ stays out."""
