@@ -3,10 +3,14 @@ and the health probe (probe.py, which imports no more than it needs) read them a
 
 from __future__ import annotations
 
+import re
 import ssl
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
 
 
 def decode_certificate(path: Path) -> dict[str, Any] | None:
@@ -35,3 +39,32 @@ def outside_validity(cert: dict[str, Any], now: float) -> str | None:
     utc = time.gmtime(now)  # as OpenSSL writes the certificate's times: "Feb  1 00:00:00 2020 GMT"
     shown = time.strftime(f"%b {utc.tm_mday:2d} %H:%M:%S %Y GMT", utc)
     return f"notBefore {cert['notBefore']}, notAfter {cert['notAfter']}, now {shown}"
+
+
+def decode_certificates(path: Path) -> list[dict[str, Any]]:
+    """Every certificate of a PEM file (a server certificate and its intermediates), in the file's
+    order, as decode_certificate reads the first; those that cannot be read are left out. Clients
+    fail the handshake once any certificate of the chain is outside its validity window."""
+    try:
+        blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
+    except OSError:
+        return []
+    if len(blocks) <= 1:
+        first = decode_certificate(path)
+        return [first] if first is not None else []
+    decoded: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="genserve-cert-") as tmp:
+        one = Path(tmp) / "certificate.pem"
+        for block in blocks:  # the decoder reads a file's first certificate only
+            one.write_bytes(block + b"\n")
+            if (cert := decode_certificate(one)) is not None:
+                decoded.append(cert)
+    return decoded
+
+
+def not_after(cert: dict[str, Any]) -> float | None:
+    """The certificate's notAfter in seconds since the epoch, or None where it cannot be dated."""
+    try:
+        return float(ssl.cert_time_to_seconds(str(cert["notAfter"])))
+    except (KeyError, ValueError):
+        return None

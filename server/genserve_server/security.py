@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 
 from genserve_server.boundary import ThrottledLog, abort, request_id, shown_method
-from genserve_server.certificates import decode_certificate as _decode_certificate
+from genserve_server.certificates import decode_certificates as _decode_certificates
+from genserve_server.certificates import not_after as _not_after
 from genserve_server.certificates import outside_validity as _outside_validity
 from genserve_server.config import ConfigError, SecurityConfig
 from genserve_server.errors import Unauthenticated
@@ -222,14 +223,27 @@ def warn_outside_validity(config: SecurityConfig, now: float | None = None) -> N
     (CERTIFICATE_VERIFY_FAILED, or its certificate refused). Not refused: a clock a little behind the
     issuer's makes a fresh certificate not yet valid for a few seconds. Call once, after `bind`."""
     now = time.time() if now is None else now
-    if config.tls_cert_file is not None and (cert := _decode_certificate(config.tls_cert_file)):
-        if (window := _outside_validity(cert, now)) is not None:
+    chain = _decode_certificates(config.tls_cert_file) if config.tls_cert_file is not None else []
+    for index, cert in enumerate(chain):  # the server certificate, then its intermediates
+        if (window := _outside_validity(cert, now)) is None:
+            continue
+        if index == 0:
             logger.warning(
                 "tls: the server certificate %s is outside its validity window (%s): every client's "
                 "handshake fails (CERTIFICATE_VERIFY_FAILED) until it is replaced and the server restarted",
                 config.tls_cert_file,
                 window,
             )
+        else:
+            logger.warning(
+                "tls: the intermediate certificate %r in the server certificate chain %s is outside its "
+                "validity window (%s): every client's handshake fails (CERTIFICATE_VERIFY_FAILED) until "
+                "it is replaced and the server restarted",
+                _subject(cert),
+                config.tls_cert_file,
+                window,
+            )
+        break  # one line per file
     if config.tls_client_ca_file is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
@@ -238,8 +252,7 @@ def warn_outside_validity(config: SecurityConfig, now: float | None = None) -> N
             return
         for ca in context.get_ca_certs():
             if (window := _outside_validity(ca, now)) is not None:
-                rdns: Any = ca.get("subject", ())
-                subject = ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+                subject = _subject(ca)
                 logger.warning(
                     "tls: the client CA certificate %r in %s is outside its validity window (%s): "
                     "client certificates it signed fail the handshake until it is replaced and the "
@@ -250,15 +263,26 @@ def warn_outside_validity(config: SecurityConfig, now: float | None = None) -> N
                 )
 
 
+def _subject(cert: dict[str, Any]) -> str:
+    rdns: Any = cert.get("subject", ())
+    return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+
+
 def certificate_expiries(config: SecurityConfig) -> dict[str, float]:
     """{file role: notAfter in seconds since the epoch} of the configured TLS files, for
-    genserve_tls_certificate_expiry_timestamp_seconds: `server_cert` (its first certificate),
+    genserve_tls_certificate_expiry_timestamp_seconds: `server_cert` (the earliest of the chain's
+    certificates: the server's and its intermediates', one expired fails every handshake),
     `client_ca` (the earliest of its CA certificates: one expired, the clients it signed fail). A
     file or certificate that cannot be read or dated is left out."""
     expiries: dict[str, float] = {}
-    if config.tls_cert_file is not None and (cert := _decode_certificate(config.tls_cert_file)):
-        with contextlib.suppress(KeyError, ValueError):
-            expiries["server_cert"] = float(ssl.cert_time_to_seconds(cert["notAfter"]))
+    if config.tls_cert_file is not None:
+        chain_ends = [
+            end
+            for cert in _decode_certificates(config.tls_cert_file)
+            if (end := _not_after(cert)) is not None
+        ]
+        if chain_ends:
+            expiries["server_cert"] = min(chain_ends)
     if config.tls_client_ca_file is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:

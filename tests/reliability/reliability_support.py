@@ -235,7 +235,7 @@ def dated_certificate(pki: Path, name: str, start: str, end: str, *, ca: str = "
     """A copy of make_pki's `name` certificate (same key and extensions, signed by `ca`) valid from
     `start` to `end` (openssl ca's YYYYMMDDHHMMSSZ; `openssl x509 -days` takes no past date), as
     `<name>.pem` in a folder of its own beside `pki`'s files. `name` "ca" re-signs the CA itself."""
-    d = pki / f"dated-{name}-{start}-{end}"
+    d = pki / (f"dated-{name}-{start}-{end}" + ("" if ca == "ca" else f"-by-{ca}"))
     d.mkdir(exist_ok=True)
     (d / "ca.cnf").write_text(_DATED_CA_CONFIG)
     (d / "index.txt").write_text("")
@@ -251,6 +251,25 @@ def dated_certificate(pki: Path, name: str, start: str, end: str, *, ca: str = "
              str(pki / f"{ca}.key"), "-in", str(csr), "-out", out.name, "-startdate", start, "-enddate", end,
              "-extfile", str(ext), "-notext", cwd=d)  # fmt: skip
     return out
+
+
+def chain_with_intermediate(pki: Path, start: str, end: str, *, leaf_end: str = "20980601000000Z") -> Path:
+    """A server certificate chain file: make_pki's server certificate (its key, valid from 2020 to
+    `leaf_end`) signed by an intermediate CA valid from `start` to `end`, itself signed by the CA;
+    the leaf first, then the intermediate, as a --tls-cert file holds them."""
+    if not (pki / "intermediate.key").exists():
+        ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+        _openssl("req", *ec, "-keyout", "intermediate.key", "-out", "intermediate.csr",
+                 "-subj", "/CN=genserve reliability intermediate", cwd=pki)  # fmt: skip
+        (pki / "intermediate.ext").write_text(
+            "basicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n"
+        )
+    intermediate = dated_certificate(pki, "intermediate", start, end)
+    (pki / "intermediate.pem").write_bytes(intermediate.read_bytes())  # the signer of the leaf below
+    leaf = dated_certificate(pki, "server", "20200101000000Z", leaf_end, ca="intermediate")
+    chain = intermediate.parent / "server-chain.pem"
+    chain.write_bytes(leaf.read_bytes() + intermediate.read_bytes())
+    return chain
 
 
 def secure_channel(target: str, pki: Path, *, client: str | None = None) -> grpc.Channel:

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from reliability_support import dated_certificate, write_gen
+from reliability_support import chain_with_intermediate, dated_certificate, write_gen
 from server_support import metric_in, start_server
 
 
@@ -101,6 +101,31 @@ def test_a_tls_server_exposes_each_certificates_expiry_as_a_gauge(pki: Path, tmp
     for role, seconds in expected.items():
         assert metric_in(text, name, file_role=role) == seconds, lines
     assert f"# TYPE {name} gauge" in text
+
+
+def test_an_intermediate_of_the_server_chain_that_expires_first_is_warned_of_and_is_the_gauge(
+    pki: Path, tmp_path: Path
+) -> None:
+    """A --tls-cert file holds the server certificate and its intermediates; clients fail the
+    handshake once any of them has expired. Only the first certificate was read: an expired
+    intermediate under a valid server certificate started without a word, and the server_cert gauge
+    showed the leaf's notAfter. The warning names the chain's certificate outside its window, and the
+    gauge is the earliest notAfter of the chain."""
+    models = tmp_path / "models"
+    write_gen(models)
+    chain = chain_with_intermediate(pki, "20200101000000Z", "20200201000000Z")
+    args = ("--tls-cert", str(chain), "--tls-key", str(pki / "server.key"))
+    server = start_server(models, tmp_path / "work", extra_args=args, timeout_s=60)
+    try:
+        log, text = server.log(), server.metrics_text()
+    finally:
+        server.stop()
+    lines = [line for line in log.splitlines() if str(chain) in line and "valid" in line]
+    assert len(lines) == 1, log
+    shown = "notBefore Jan  1 00:00:00 2020 GMT, notAfter Feb  1 00:00:00 2020 GMT, now "
+    assert "WARNING" in lines[0] and "intermediate" in lines[0] and shown in lines[0], lines[0]
+    name = "genserve_tls_certificate_expiry_timestamp_seconds"
+    assert metric_in(text, name, file_role="server_cert") == calendar.timegm((2020, 2, 1, 0, 0, 0)), text
 
 
 def test_a_plaintext_server_exposes_no_certificate_expiry(tmp_path: Path) -> None:
