@@ -1547,8 +1547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         action="store_true",
-        help="print a JSON list instead of the table (one object per level: errors counts failed "
-        "calls by code, error_messages the server's first message for each)",
+        help="print a JSON list instead of the table (one object per level, its fields in "
+        "docs/client.md: errors counts failed calls by code and open-loop arrivals not sent "
+        "(CLIENT_BACKLOG), error_messages the server's first message for each)",
     )
     _add_format(p, ("raw", "png", "jpeg", "webp"))
     return parser

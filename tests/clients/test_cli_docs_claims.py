@@ -250,3 +250,25 @@ def test_client_md_names_every_output_option_the_server_refuses_where_it_does_no
     library = (REPO_ROOT / "docs" / "client.md").read_text().split("## The Python library", 1)[1]
     for name in refused:
         assert f"`{name}`" in library, f"docs/client.md's library section does not name {name}"
+
+
+def test_client_md_documents_every_field_of_a_bench_level_with_its_meaning() -> None:
+    """`bench` prints a table and `--json` one object per level, and no doc said what its fields
+    are: `concurrency` of an open-loop level is `--max-outstanding` (256 by default), not a
+    concurrency the run used; `duration_s` is the measured window (longer than `--duration` by the
+    calls' tail, up to `--timeout` for a call the server never answers); and `errors` holds
+    CLIENT_BACKLOG, arrivals the load generator never sent, which the `--json` help called failed
+    calls. docs/client.md names every field of genserve_client.bench.BenchResult, with its unit."""
+    import dataclasses
+
+    from genserve_client.bench import CLIENT_BACKLOG, BenchResult
+
+    text = (REPO_ROOT / "docs" / "client.md").read_text()
+    assert "## Load generator (`bench`)" in text
+    section = " ".join(text.split("## Load generator (`bench`)", 1)[1].split("\n## ", 1)[0].split())
+    for f in dataclasses.fields(BenchResult):
+        assert f"`{f.name}`" in section, f"docs/client.md's bench section does not name {f.name}"
+    for claim in (f"`{CLIENT_BACKLOG}`", "`--max-outstanding`", "scheduled arrival", "milliseconds"):
+        assert claim in section, claim
+    json_help = next(a for a in _subcommand("bench")._actions if "--json" in a.option_strings)
+    assert CLIENT_BACKLOG in " ".join((json_help.help or "").split())
