@@ -537,8 +537,15 @@ class Reloader:
             try:
                 st = path.stat()
                 stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
                 stat = None
+            except OSError as exc:  # EACCES: a directory on its path lost its permissions; not gone
+                moved = True
+                checked.pop(key, None)  # try again next time
+                statuses.append(
+                    f"{_role(path, key, graph, served)} cannot be read on disk ({exc.strerror or exc})"
+                )
+                continue
             last = checked.get(key)
             if last is not None and last[:2] == (stat, precision):
                 statuses.append(last[2])
@@ -573,13 +580,7 @@ class Reloader:
         read; None: stopping. `key`: its card.json sha256 entry; `graph`: the graph it is or whose
         external data it is."""
         reference = graph != served  # model.onnx beside the fp16 twin served (or its external data)
-        role = (
-            f"{graph.name} (the fp16 parity check's fp32 reference of {served.name})"
-            if reference
-            else graph.name
-        )
-        if path != graph:
-            role = f"{key} (external data of {role})"
+        role = _role(path, key, graph, served)
         if stat is None:
             what, actual = f"{role} is gone from disk since this version loaded", ""
         else:
@@ -699,6 +700,16 @@ class Reloader:
         if current is not None and current is not mv and current not in copies:
             copies.append(current)
         return copies
+
+
+def _role(path: Path, key: str, graph: Path, served: Path) -> str:
+    """How a report names one of a version's files (`Reloader._one_file_status`)."""
+    role = (
+        f"{graph.name} (the fp16 parity check's fp32 reference of {served.name})"
+        if graph != served
+        else graph.name
+    )
+    return role if path == graph else f"{key} (external data of {role})"
 
 
 def _kind_left_behind(model: Model, config: ModelConfig) -> str:

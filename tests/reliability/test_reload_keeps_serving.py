@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from reliability_support import (
+    as_unprivileged_user,
     copy_version_atomically,
     loaded_repository,
     version_states,
@@ -32,6 +33,7 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import Unavailable
+from genserve_server.launcher import genserve_command
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader
 from genserve_server.repository import ModelState, Repository
@@ -197,6 +199,38 @@ def test_the_file_check_runs_without_a_watch_or_a_signal(tmp_path: Path) -> None
             await repo.close(1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_loaded_model_file_that_cannot_be_read_is_reported_as_unreadable_not_gone(tmp_path: Path) -> None:
+    """A loaded version's directory made unreadable (chmod 000) under a running server: its
+    model.onnx is still on disk, so the report says it cannot be read and why, not that it is gone
+    and a restart would find no file; restored, the report clears."""
+    prefix = as_unprivileged_user()  # root reads a directory of mode 0000
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    version_dir = root / "gen" / "1"
+    server = ServerProcess.start([*prefix, *genserve_command(root)], tmp_path / "server")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+
+            def changed() -> float:
+                return server.metric("genserve_model_file_changed", model="gen", version="1")
+
+            version_dir.chmod(0)
+            try:
+                _reload_until(server, stub, lambda: changed() == 1)
+                [info] = _info(stub).versions
+                assert info.state == pb.MODEL_STATE_READY
+                assert "model.onnx cannot be read on disk (Permission denied)" in info.reason, info.reason
+                assert "gone" not in info.reason and "find no file" not in info.reason, info.reason
+                assert _served_version(stub) == "1"
+            finally:
+                version_dir.chmod(0o755)
+            _reload_until(server, stub, lambda: changed() == 0)
+            assert _info(stub).versions[0].reason == ""
+    finally:
+        server.stop()
 
 
 def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path: Path) -> None:
