@@ -399,6 +399,8 @@ class Reloader:
         if missing and missing not in reported:  # once per change, not at every rescan
             logger.warning("model %s: %s", current.name, missing)
         problem = "; ".join(p for p in (problem, missing) if p)
+        if reported and not problem:  # its ERROR (or WARNING) line gets its end
+            logger.info("model %s: its files on disk apply again (cleared: %s)", current.name, reported)
         self._set_reason(current, problem)
         if problem:
             report.config_errors.append(current.name)

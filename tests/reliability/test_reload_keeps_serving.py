@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import signal
 from collections.abc import Iterator
@@ -631,6 +632,40 @@ def test_a_refusal_of_a_version_that_is_not_ready_counts_against_that_version(tm
         finally:
             await repo.close(1.0)
             pool.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_config_json_fixed_after_an_error_is_logged_as_applied_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: a broken config.json is an ERROR log line; restoring it (nothing new to load)
+    clears the reason and the metric, and the log says so too, naming the model: an operator
+    reading the log is not left with an error that never ended."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    config = root / "gen" / "config.json"
+    good = config.read_text()
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            config.write_text("{not json")
+            with caplog.at_level(logging.INFO, logger="genserve_server.reload"):
+                await reloader.rescan()
+                assert repo.get("gen").reason
+                errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+                assert any("model gen" in m for m in errors), errors
+                caplog.clear()
+                config.write_text(good)
+                report = await reloader.rescan()
+            assert repo.get("gen").reason == "" and not report.config_errors
+            applied = [r.getMessage() for r in caplog.records if "model gen" in r.getMessage()]
+            assert any("apply again" in m and "invalid JSON" in m for m in applied), applied
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
 
     asyncio.run(scenario())
 
