@@ -6,6 +6,7 @@ how to read the answer and when to retry are shared with the asyncio client (cal
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,20 @@ class GenserveClient(ClientBase):
         self._closing = threading.Event()
         self._channel = self.config.sync_channel()
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
+        self._pid = os.getpid()  # the process the channel belongs to
+
+    def _check_process(self) -> None:
+        """A RuntimeError naming the fix when a call runs in a child forked after the client was
+        made (a multiprocessing pool's worker): gRPC channels do not survive fork(), and a call on
+        the parent's one worked, hung past its deadline or crashed the child, as the parent's
+        threads happened to be in calls at the fork."""
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"GenserveClient: this call runs in process {os.getpid()}, forked after the client was "
+                f"created in process {self._pid}; a gRPC channel does not survive fork(): use "
+                "multiprocessing's 'spawn' or 'forkserver' start method and create the client in the "
+                "process that uses it (a pool's initializer)"
+            )
 
     def close(self) -> None:
         self._closed = True
@@ -86,6 +101,7 @@ class GenserveClient(ClientBase):
         self.close()
 
     def _unary(self, call: calls.UnaryCall[Out]) -> Out:
+        self._check_process()
         rpc: grpc.UnaryUnaryMultiCallable[Any, Any] = getattr(self._stub, call.rpc)
         attempts = self._attempts(call.timeout_s)
         began_open = not self._closed
@@ -105,6 +121,7 @@ class GenserveClient(ClientBase):
             return attempts.result(call, response, done.trailing_metadata())
 
     def _progress(self, plan: Callable[[], calls.ProgressCall]) -> Iterator[CodesProgress | CodesResult]:
+        self._check_process()
         return self._progress_chunks(plan())  # checked now, as _stream's: not at the first iteration
 
     def _progress_chunks(self, call: calls.ProgressCall) -> Iterator[CodesProgress | CodesResult]:
@@ -137,6 +154,7 @@ class GenserveClient(ClientBase):
             self._reconnect(attempts, self._closing.is_set)
 
     def _stream(self, plan: Callable[[], calls.StreamCall]) -> SampleStream:
+        self._check_process()
         call = plan()  # checked now: a bad range fails at the call, not at the first iteration
         return SampleStream(self, call.request, call.timeout_s)
 
@@ -174,6 +192,7 @@ class SampleStream:
     def _open(
         self, request: genserve_pb2.SampleStreamRequest
     ) -> Iterator[genserve_pb2.SampleStreamChunk] | None:
+        self._client._check_process()  # a stream made before a fork, iterated after it
         with self._lock:
             if self._cancelled:
                 return None

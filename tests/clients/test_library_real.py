@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import time
 from typing import Any
 
 import grpc
@@ -156,6 +158,45 @@ def test_errors_carry_code_message_and_request_id(client: GenserveClient) -> Non
     with pytest.raises(GenserveClientError) as info:
         client.get_model("no-such-model")
     assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def _in_a_forked_child(work: Any, limit_s: float = 20.0) -> str:
+    """What `work()` returned or raised in a child forked from this process ('hung' when it had not
+    ended within `limit_s`: the child is killed)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and leave without running the parent's cleanup
+        try:
+            said = f"returned {work()!r}"
+        except BaseException as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, said.encode()[:4000])
+        os._exit(0)
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + limit_s
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "hung"
+            time.sleep(0.05)
+        return os.read(read_end, 4000).decode()
+    finally:
+        os.close(read_end)
+
+
+def test_a_client_used_in_a_forked_child_is_refused_saying_how_to_use_processes(tiny_server: Any) -> None:
+    # gRPC channels do not survive fork(): a child using its parent's channel worked, hung past its
+    # deadline or crashed, as the parent's other threads happened to be in calls at the fork.
+    with GenserveClient(tiny_server.target) as client:
+        client.list_models()  # connected, as a client an application made at start is
+        sampled = _in_a_forked_child(lambda: len(client.sample("tiny-gen", 1, timeout_s=5).images))
+        streamed = _in_a_forked_child(lambda: list(client.sample_stream("tiny-gen", 2, timeout_s=5)))
+        for said in (sampled, streamed):
+            assert said.startswith("RuntimeError: GenserveClient: ") and "created in process" in said, said
+            assert "spawn" in said and "create the client in the process that uses it" in said, said
+        assert client.list_models()  # the parent's client is untouched
 
 
 def test_async_client_calls_every_rpc(tiny_server: Any) -> None:
