@@ -194,7 +194,7 @@ class Model:
         newest = self.newest_ready()
         if newest is None:
             reasons = self.reason or "; ".join(
-                f"v{v.version}: {v.state.name} {v.reason}" for v in self.versions.values()
+                f"v{v.version}: {v.state.name} {v.reason}".rstrip() for v in self.versions.values()
             )
             raise Unavailable(f"model {self.name} has no ready version ({reasons or 'no versions'})")
         return newest

@@ -1394,3 +1394,15 @@ def test_a_retired_field_outside_its_section_is_an_unknown_field(tmp_path: Path)
             load_model_config(path)
         assert "metrics_cache_s is not a known field" in str(refused.value)
         assert "metrics_render_share" not in str(refused.value)
+
+
+def test_no_ready_version_names_a_loading_version_without_a_stray_space() -> None:
+    """A version still LOADING has no reason yet: the refusal read '(v1: LOADING )'."""
+    from genserve_server.repository import Model, ModelVersion
+
+    loading = ModelVersion.__new__(ModelVersion)
+    loading.version, loading.state, loading.reason = "1", ModelState.LOADING, ""
+    model = Model(name="m", path=Path("m"), config=None, versions={"1": loading})
+    with pytest.raises(Unavailable) as refused:
+        model.resolve("")
+    assert str(refused.value).endswith("has no ready version (v1: LOADING)")
