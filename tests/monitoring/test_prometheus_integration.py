@@ -309,3 +309,38 @@ def test_target_down_fires_for_the_job_label_of_every_shipped_scrape_config(
         [promtool, "test", "rules", test_file.name], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, f"jobs {jobs}:\n{result.stdout}{result.stderr}"
+
+
+def test_the_model_load_time_panel_leaves_out_versions_that_never_loaded(
+    promtool: str, tmp_path: Path
+) -> None:
+    """genserve_model_load_duration_seconds is 0 from a version's registration until its load ends
+    READY: while it loads and after its load failed (a corrupt model.onnx). The panel showed those
+    versions as loaded in 0 s beside the real load times."""
+    (panel,) = [e for e in dashboard_exprs() if e.where.startswith("panel 'Model load time'")]
+    target = 'job="serving/genserve", instance="10.0.0.7:50052"'
+    series = [
+        (f'genserve_model_load_duration_seconds{{{target}, model="cgan-digits", version="1"}}', "1.6x5"),
+        (f'genserve_model_load_duration_seconds{{{target}, model="broken", version="1"}}', "0x5"),
+        (f'genserve_model_load_duration_seconds{{{target}, model="big", version="2"}}', "0x5"),
+    ]
+    case = {
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series],
+        "promql_expr_test": [
+            {
+                "expr": grafana_to_promql(panel.promql),
+                "eval_time": "4m",
+                "exp_samples": [{"labels": '{model="cgan-digits", version="1"}', "value": 1.6}],
+            }
+        ],
+    }
+    (tmp_path / RULES.name).write_text(RULES.read_text())
+    test_file = tmp_path / "load-time.test.yml"
+    test_file.write_text(
+        yaml.safe_dump({"rule_files": [RULES.name], "evaluation_interval": "1m", "tests": [case]})
+    )
+    result = subprocess.run(
+        [promtool, "test", "rules", test_file.name], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
