@@ -462,3 +462,20 @@ def test_the_model_readiness_panel_says_what_a_0_means_today() -> None:
     text = panel["description"]
     for words in ("mapping", "decoder", "GenserveModelNotReady", "GenserveModelVersionNotReady"):
         assert words in text, f"the panel's description does not say {words!r}: {text!r}"
+
+
+def test_the_docs_latency_query_leaves_out_the_methods_the_alert_leaves_out() -> None:
+    """docs/metrics.md's "Useful queries" gave the p99 per model over every method: a bulk
+    SampleStream (one RPC of minutes), a SampleCodes (seconds of prior steps by design) and
+    ListModels/GetModel mixed into it, another number than GenserveP99LatencyHigh and the
+    dashboard's latency panels show."""
+    data = yaml.safe_load(RULES.read_text())
+    (alert,) = [r for g in data["groups"] for r in g["rules"] if r.get("alert") == "GenserveP99LatencyHigh"]
+    excluded = re.search(r'method!~"([^"]+)"', alert["expr"])
+    assert excluded is not None
+    queries = METRICS_DOC.read_text().split("### Useful queries", 1)[1].split("```", 2)[1]
+    latency = [line for line in queries.splitlines() if "genserve_request_duration_seconds" in line]
+    assert latency
+    for line in latency:
+        found = re.search(r'method!~"([^"]+)"', line)
+        assert found is not None and set(found[1].split("|")) == set(excluded[1].split("|")), line
