@@ -126,7 +126,9 @@ class LoadGenerator:
         self._calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
             ch.unary_unary(method) for ch in self._channels
         ]
-        self._metadata = config.metadata(new_request_id())
+        # Each call its own x-request-id (the server echoes and logs it): the run's prefix, then
+        # the call's number, so the server's log tells the calls apart and groups them by run.
+        self._run_id = new_request_id()[:16]
         self._next = 0
 
     async def close(self) -> None:
@@ -135,9 +137,10 @@ class LoadGenerator:
 
     async def _one(self, rec: _Recorder, started_at: float) -> None:
         call = self._calls[self._next % len(self._calls)]
+        metadata = self.config.metadata(f"{self._run_id}-{self._next}")
         self._next += 1
         try:
-            await call(self.payloads(), timeout=self.timeout_s, metadata=self._metadata)
+            await call(self.payloads(), timeout=self.timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
             rec.errors[code] += 1

@@ -317,3 +317,16 @@ def test_a_sample_split_over_replicas_older_and_newer_than_used_models_is_one_mo
     assert {Image.open(f).text.get("used_models") for f in files} == {
         "fake-mapping version 1 sha256 " + "ab" * 32
     }
+
+
+def test_bench_gives_each_call_its_own_request_id(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server echoes and logs x-request-id: one id for every call of a run (warm-up and every
+    level alike) left its logs unable to tell the calls apart."""
+    run = ("bench", "--model", "fake-gen", "--concurrency", "1,2", "--duration", "0.2", "--warmup", "0.1")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *run)
+    assert code == 0, err
+    ids = [md.get("x-request-id") for md in fake_server.service.metadata[1:]]  # [0]: GetModel
+    assert fake_server.service.calls["Sample"] == len(ids) > 3
+    assert None not in ids and len(set(ids)) == len(ids), ids[:5]
