@@ -330,3 +330,17 @@ def test_bench_gives_each_call_its_own_request_id(
     ids = [md.get("x-request-id") for md in fake_server.service.metadata[1:]]  # [0]: GetModel
     assert fake_server.service.calls["Sample"] == len(ids) > 3
     assert None not in ids and len(set(ids)) == len(ids), ids[:5]
+
+
+def test_an_open_loop_level_is_measured_over_its_whole_duration(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sparse open loop ended its window at its last arrival, not at --duration: 2/s fixed over
+    1.4 s sends at 0.5 s and 1 s, and reported 2 img/s over a 1 s window instead of 2 over 1.4 s."""
+    run = ("bench", "--model", "fake-gen", "--rate", "2", "--arrivals", "fixed", "--warmup", "0")
+    code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--duration", "1.4", "--json")
+    assert code == 0, err
+    (level,) = json.loads(out)
+    assert level["images"] == 2
+    assert level["duration_s"] >= 1.4
+    assert level["images_per_s"] == pytest.approx(2 / level["duration_s"], abs=0.01)
