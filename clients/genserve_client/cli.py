@@ -1251,6 +1251,14 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
     failed = [r for r in results if r["images"] == 0]
     for r in failed:
         conc = f"rate {r['rate']:g}" if r["rate"] is not None else f"concurrency {r['concurrency']}"
+        if r["requests"] == 0 and not r["errors"]:
+            # An open loop too sparse for its window drew no arrival: nothing failed, nothing ran.
+            _err(
+                f"genserve-client: bench: no request was sent at {r['mode']} {conc}: no arrival "
+                f"within --duration {args.duration:g} s (rate x duration = "
+                f"{r['rate'] * args.duration:g}); raise --rate or --duration"
+            )
+            continue
         reasons = "".join(f"; {code}: {msg}" for code, msg in r["error_messages"].items() if msg)
         _err(
             f"genserve-client: bench: no successful request at {r['mode']} {conc} "

@@ -344,3 +344,15 @@ def test_an_open_loop_level_is_measured_over_its_whole_duration(
     assert level["images"] == 2
     assert level["duration_s"] >= 1.4
     assert level["images_per_s"] == pytest.approx(2 / level["duration_s"], abs=0.01)
+
+
+def test_an_open_loop_level_that_sent_nothing_says_so(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rate too low for --duration draws no arrival: the level failed as 'no successful request
+    ... (errors: {})', which did not say that no request was sent, nor what to change."""
+    run = ("bench", "--model", "fake-gen", "--rate", "0.5", "--arrivals", "fixed", "--warmup", "0")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--duration", "0.3")
+    assert code == 1, err
+    assert fake_server.service.calls["Sample"] == 0
+    assert "no request was sent at open rate 0.5" in err and "--duration" in err, err
