@@ -1189,10 +1189,16 @@ async def _bench(config: ChannelConfig, args: argparse.Namespace) -> list[dict[s
     payloads = PayloadFactory(args.model, labels=args.labels or (), fmt=args.format)
     gen = LoadGenerator(config, payloads, channels=args.channels, timeout_s=args.timeout)
     try:
+        closed = not args.rate or args.closed_too
         if args.warmup > 0:
-            await gen.closed_loop(max(args.concurrency), args.warmup)
+            # Open loops alone: no more calls in flight than --max-outstanding, which may be set
+            # low to protect the server (the largest --concurrency is 64 by default).
+            warmup_workers = (
+                max(args.concurrency) if closed else min(max(args.concurrency), args.max_outstanding)
+            )
+            await gen.closed_loop(warmup_workers, args.warmup)
         results = []
-        if not args.rate or args.closed_too:
+        if closed:
             for c in args.concurrency:
                 results.append(await gen.closed_loop(c, args.duration))
         for rate in args.rate or ():

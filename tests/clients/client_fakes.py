@@ -8,6 +8,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,12 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     model_sha256: str = FAKE_SHA256
     # Provenance.used_models: (model, version, sha256) of a mapping or decoder beside the model.
     used_models: list[tuple[str, str, str]] = field(default_factory=list)
+    # Sample: each call takes this long (a server whose latency the test controls), and the most
+    # Sample calls in progress at once so far.
+    sample_delay_s: float = 0.0
+    sample_peak: int = 0
+    _sample_now: int = 0
+    _sample_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> None:
         self.calls[method] += 1
@@ -92,6 +99,14 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.SampleRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.SampleResponse:
         self._enter("Sample", context)
+        with self._sample_lock:
+            self._sample_now += 1
+            self.sample_peak = max(self.sample_peak, self._sample_now)
+        try:
+            time.sleep(self.sample_delay_s)
+        finally:
+            with self._sample_lock:
+                self._sample_now -= 1
         if request.model == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: 'bad' is rejected by the fake")
         n = len(request.seeds) or request.count

@@ -356,3 +356,16 @@ def test_an_open_loop_level_that_sent_nothing_says_so(
     assert code == 1, err
     assert fake_server.service.calls["Sample"] == 0
     assert "no request was sent at open rate 0.5" in err and "--duration" in err, err
+
+
+def test_the_warm_up_before_open_loops_keeps_to_max_outstanding(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-outstanding protects a fragile server from more calls in flight, yet with --rate alone
+    the warm-up ran a closed loop at the largest --concurrency (64 by default) before it."""
+    fake_server.service.sample_delay_s = 0.02
+    run = ("bench", "--model", "fake-gen", "--rate", "20", "--duration", "0.3", "--warmup", "0.3")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--max-outstanding", "2")
+    assert code == 0, err
+    assert fake_server.service.calls["Sample"] > 2
+    assert fake_server.service.sample_peak <= 2
