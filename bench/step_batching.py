@@ -97,23 +97,56 @@ def poisson_arrivals(rate: float, duration_s: float, seed: int) -> list[float]:
     return arrivals
 
 
-async def one_rate(submit: Submit, rate: float, duration_s: float, seed: int) -> tuple[list[float], float]:
-    """Latencies (s) of the requests arriving at `rate`/s over `duration_s`, and grids per second."""
+class Errors(collections.Counter[str]):
+    """Failed requests by exception type, with the first message of each (`messages`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: dict[str, str] = {}
+
+    def add(self, exc: Exception) -> None:
+        name = type(exc).__name__
+        self[name] += 1
+        self.messages.setdefault(name, str(exc))
+
+
+async def one_rate(
+    submit: Submit, rate: float, duration_s: float, seed: int
+) -> tuple[list[float], float, Errors]:
+    """Latencies (s) of the requests arriving at `rate`/s over `duration_s` that completed, grids
+    per second, and the requests that failed (counted, not raised: the other figures stand)."""
     arrivals = poisson_arrivals(rate, duration_s, seed)
     start = time.perf_counter()
     latencies: list[float] = []
     finished: list[float] = []
+    errors = Errors()
 
     async def request(i: int, at: float) -> None:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        await submit(i)
+        try:
+            await submit(i)
+        except Exception as exc:  # a failed request is a figure of the level, as the CLI's bench
+            errors.add(exc)
+            return
         now = time.perf_counter()
         latencies.append(now - (start + at))
         finished.append(now)
 
     await asyncio.gather(*(request(i, at) for i, at in enumerate(arrivals)))
     span = max(finished) - start if finished else 1.0
-    return latencies, len(finished) / span
+    return latencies, len(finished) / span, errors
+
+
+def failed_levels(rates: Sequence[dict[str, Any]]) -> list[str]:
+    """A line per policy and rate (measure_rate's results) at which no request completed."""
+    return [
+        f"{label} at {row['rate_per_s']:g}/s: no request completed (errors: {row[label]['errors']}"
+        + "".join(f"; {name}: {msg}" for name, msg in row[label]["error_messages"].items())
+        + ")"
+        for row in rates
+        for label in POLICIES
+        if label in row and row[label]["n"] == 0
+    ]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -446,7 +479,8 @@ async def measure_rate(setup: Setup, args: argparse.Namespace, index: int, rate:
     policies = setup.policies
     results: dict[str, dict[str, Any]] = {}
     pooled: dict[str, list[float]] = {label: [] for label in policies}
-    rounds: dict[str, list[dict[str, float]]] = {label: [] for label in policies}
+    failures: dict[str, Errors] = {label: Errors() for label in policies}
+    rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in policies}
     for level_timers in setup.timers.values():
         for timer in level_timers.values():
             timer.reset()
@@ -455,13 +489,17 @@ async def measure_rate(setup: Setup, args: argparse.Namespace, index: int, rate:
     for r in range(args.rounds):
         order = list(policies) if r % 2 == 0 else list(reversed(policies))
         for label in order:
-            latencies, throughput = await one_rate(
+            latencies, throughput, errors = await one_rate(
                 policies[label], rate, args.duration, seed=index * 100 + r // 2
             )
             pooled[label] += latencies
+            failures[label].update(errors)
+            for name, message in errors.messages.items():
+                failures[label].messages.setdefault(name, message)
             rounds[label].append(
                 {
                     "n": len(latencies),
+                    "errors": dict(errors),
                     "p50_ms": percentile(latencies, 50) * 1e3,
                     "p99_ms": percentile(latencies, 99) * 1e3,
                     "grids_per_s": throughput,
@@ -472,15 +510,18 @@ async def measure_rate(setup: Setup, args: argparse.Namespace, index: int, rate:
         results[label] = {
             "steps": {level: timer.summary() for level, timer in setup.timers[label].items()},
             "n": len(latencies),
+            "errors": dict(failures[label]),
+            "error_messages": dict(failures[label].messages),
             "p50_ms": percentile(latencies, 50) * 1e3,
             "p99_ms": percentile(latencies, 99) * 1e3,
             "grids_per_s": float(np.mean([x["grids_per_s"] for x in rounds[label]])),
             "rounds": rounds[label],
         }
         got = results[label]
+        failed = ", ".join(f"{name}={n}" for name, n in sorted(got["errors"].items()))
         say(
             f"{rate:8.2f} {label:>8} {len(latencies):5d} {got['p50_ms']:9.1f} {got['p99_ms']:9.1f} "
-            f"{got['grids_per_s']:8.2f}"
+            f"{got['grids_per_s']:8.2f}" + (f"  failed: {failed}" if failed else "")
         )
     for label in policies:
         for level, steps in results[label]["steps"].items():
@@ -740,7 +781,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures = asyncio.run(run(args))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **figures}, indent=2) + "\n")
-    return 0
+    # A level where nothing completed measured nothing: fail, as genserve-client bench does.
+    failed = failed_levels(figures["rates"])
+    if failed:
+        say(f"FAILED: {len(failed)} level(s) measured nothing: {'; '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

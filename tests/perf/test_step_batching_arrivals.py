@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+
 import numpy as np
 import pytest
 
-from bench.step_batching import poisson_arrivals
+from bench.step_batching import Setup, failed_levels, measure_rate, one_rate, poisson_arrivals
 
 
 @pytest.mark.parametrize(("rate", "duration_s"), [(1.0, 1.0), (0.5, 3.0), (20.0, 2.0)])
@@ -22,3 +25,32 @@ def test_arrivals_are_sorted_inside_the_window_and_repeat_with_their_seed() -> N
     arrivals = poisson_arrivals(5.0, 4.0, seed=3)
     assert arrivals == sorted(arrivals) and 0 <= arrivals[0] and arrivals[-1] < 4.0
     assert poisson_arrivals(5.0, 4.0, seed=3) == arrivals != poisson_arrivals(5.0, 4.0, seed=4)
+
+
+def test_a_request_that_fails_is_counted_and_a_policy_without_a_success_fails_the_run() -> None:
+    """An error raised by a policy's submit (a graph that fails, a scheduler bug) crashed the whole
+    run with its traceback, the figures of every other rate and policy lost: it is counted under
+    errors, by type with its first message, and a policy that completed no request at a rate is
+    a failed level (exit 1), as genserve-client bench's level without one success."""
+
+    async def works(i: int) -> None:
+        await asyncio.sleep(0.001)
+
+    async def fails_odd(i: int) -> None:
+        if i % 2:
+            raise RuntimeError(f"prior call {i} failed")
+
+    async def fails(i: int) -> None:
+        raise ValueError("no rows")
+
+    latencies, throughput, errors = asyncio.run(one_rate(fails_odd, 40.0, 0.5, seed=1))
+    n = len(poisson_arrivals(40.0, 0.5, 1))
+    assert len(latencies) + sum(errors.values()) == n and errors["RuntimeError"] > 0 and latencies
+    setup = Setup("fake", {"step": fails, "request": works}, [], {"step": {}, "request": {}}, {})
+    got = asyncio.run(measure_rate(setup, argparse.Namespace(rounds=2, duration=0.2), 0, 40.0))
+    assert got["step"]["n"] == 0 and got["step"]["errors"]["ValueError"] > 0
+    assert got["step"]["error_messages"] == {"ValueError": "no rows"}
+    assert got["request"]["n"] > 0 and got["request"]["errors"] == {}
+    (line,) = failed_levels([got])
+    assert line.startswith("step at 40/s: no request completed (errors: {'ValueError': ")
+    assert line.endswith("; ValueError: no rows)")
