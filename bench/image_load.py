@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,7 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = asyncio.run(_run(args))
     if args.json:
         write_line(json.dumps(results, indent=2))
-    return 0
+    # A level where nothing succeeded measured nothing: fail, as genserve-client bench does.
+    failed = [r for r in results if r["images"] == 0]
+    for r in failed:
+        reasons = "".join(f"; {code}: {msg}" for code, msg in r["error_messages"].items() if msg)
+        # On stderr, as the CLI's: --json's stdout stays JSON, and bench.servers quotes stderr.
+        conc = r["concurrency"]
+        sys.stderr.write(f"bench.image_load: no successful request at concurrency {conc} ")
+        sys.stderr.write(f"(errors: {r['errors']}{reasons})\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

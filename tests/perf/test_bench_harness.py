@@ -117,7 +117,7 @@ def test_a_level_whose_requests_failed_is_not_published_as_a_measurement(
 def test_a_level_where_every_image_request_failed_fails_without_crashing_the_run(
     fake_load: FakeLoad,
 ) -> None:
-    # bench.image_load exits 0 when every request failed (p50 None); the run's progress line then
+    # bench.image_load exited 0 when every request failed (p50 None); the run's progress line then
     # formatted None as a float and the whole run died with a TypeError, its results unwritten.
     server = fake_load.server
     fake_load.failed = {"UNAVAILABLE": 1000}
@@ -298,3 +298,30 @@ def test_the_fairness_bench_refuses_a_level_whose_requests_failed(
     fake_load.failed = {"RESOURCE_EXHAUSTED": 10}
     with pytest.raises(BenchError, match=r"m c=32: 10 of 1000 requests failed.*RESOURCE_EXHAUSTED"):
         fairness._level(fake_load.server, model, 32, 1.0)  # type: ignore[arg-type]
+
+
+def test_an_image_load_level_without_one_success_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.image_load exited 0 when every call failed (here SuperResolve, which the fake server
+    does not serve: UNIMPLEMENTED), so a script took a run that measured nothing for a result: it
+    exits 1 naming the level and the server's reason, as genserve-client bench; a run that served
+    still exits 0."""
+    from concurrent import futures
+
+    import grpc
+    from client_fakes import FakeService
+
+    from bench import image_load
+    from genserve.v1 import genserve_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(FakeService(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        run = ["--target", f"127.0.0.1:{port}", "--model", "m", "--concurrency", "1", "--duration", "0.2"]
+        assert image_load.main([*run, "--warmup", "0", "--method", "SuperResolve"]) == 1
+        err = capsys.readouterr().err
+        assert "UNIMPLEMENTED" in err and "no successful request at concurrency 1" in err, err
+        assert image_load.main([*run, "--warmup", "0", "--method", "Translate", "--image-size", "4x4"]) == 0
+    finally:
+        server.stop(grace=None)
