@@ -91,10 +91,13 @@ class _Recorder:
         self.latencies_s: list[float] = []
         self.errors: Counter[str] = Counter()
         self.error_messages: dict[str, str] = {}
-        self.last_done = 0.0
+        # The last success's answer: a failed call's (one the server never answered ends at
+        # --timeout) does not stretch the window its successes are counted over.
+        self.last_ok = 0.0
 
-    def result(self, base: BenchResult, started: float) -> BenchResult:
-        elapsed = max(self.last_done - started, 1e-9)
+    def result(self, base: BenchResult, started: float, end: float) -> BenchResult:
+        # The window: the scheduled `end` at least, on to the last success if later.
+        elapsed = max(max(self.last_ok, end) - started, 1e-9)
         base.requests = len(self.latencies_s) + sum(self.errors.values()) - self.errors[CLIENT_BACKLOG]
         base.images = len(self.latencies_s)
         base.images_per_s = round(base.images / elapsed, 2) if base.images else 0.0
@@ -148,8 +151,8 @@ class LoadGenerator:
         else:
             # Open loop measures from the scheduled arrival, so a slow server cannot hide its
             # queueing by slowing the arrivals down (coordinated omission).
-            rec.latencies_s.append(time.perf_counter() - started_at)
-        rec.last_done = time.perf_counter()
+            rec.last_ok = time.perf_counter()
+            rec.latencies_s.append(rec.last_ok - started_at)
 
     async def closed_loop(self, concurrency: int, duration_s: float) -> BenchResult:
         rec = _Recorder()
@@ -161,7 +164,7 @@ class LoadGenerator:
                 await self._one(rec, time.perf_counter())
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return rec.result(BenchResult("closed", concurrency, None, duration_s), started)
+        return rec.result(BenchResult("closed", concurrency, None, duration_s), started, end)
 
     async def open_loop(
         self,
@@ -198,8 +201,7 @@ class LoadGenerator:
             await asyncio.gather(*in_flight)
         # The window is the scheduled one at least: a sparse loop's last arrival (or answer) comes
         # before `end`, and measuring up to it alone would overstate the throughput.
-        rec.last_done = max(rec.last_done, end)
-        return rec.result(BenchResult("open", max_outstanding, rate, duration_s), started)
+        return rec.result(BenchResult("open", max_outstanding, rate, duration_s), started, end)
 
 
 def format_table(results: Sequence[BenchResult]) -> str:

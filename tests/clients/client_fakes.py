@@ -66,6 +66,9 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     # Sample: each call takes this long (a server whose latency the test controls), and the most
     # Sample calls in progress at once so far.
     sample_delay_s: float = 0.0
+    # Sample: the first this many calls hang, never answered while their client waits (a server
+    # that stops answering).
+    sample_hangs: int = 0
     sample_peak: int = 0
     _sample_now: int = 0
     _sample_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -102,6 +105,9 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         with self._sample_lock:
             self._sample_now += 1
             self.sample_peak = max(self.sample_peak, self._sample_now)
+            hang, self.sample_hangs = self.sample_hangs > 0, max(0, self.sample_hangs - 1)
+        while hang and context.is_active():
+            time.sleep(0.02)
         try:
             time.sleep(self.sample_delay_s)
         finally:

@@ -256,7 +256,7 @@ def test_client_md_documents_every_field_of_a_bench_level_with_its_meaning() -> 
     """`bench` prints a table and `--json` one object per level, and no doc said what its fields
     are: `concurrency` of an open-loop level is `--max-outstanding` (256 by default), not a
     concurrency the run used; `duration_s` is the measured window (longer than `--duration` by the
-    calls' tail, up to `--timeout` for a call the server never answers); and `errors` holds
+    tail of the calls that succeeded); and `errors` holds
     CLIENT_BACKLOG, arrivals the load generator never sent, which the `--json` help called failed
     calls. docs/client.md names every field of genserve_client.bench.BenchResult, with its unit."""
     import dataclasses

@@ -369,3 +369,21 @@ def test_the_warm_up_before_open_loops_keeps_to_max_outstanding(
     assert code == 0, err
     assert fake_server.service.calls["Sample"] > 2
     assert fake_server.service.sample_peak <= 2
+
+
+def test_a_call_the_server_never_answers_does_not_stretch_the_levels_throughput_window(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The level waits for its calls in flight, each up to --timeout, but its window ran to the
+    last answer, a failed one too: one call the server never answered stretched a 0.5 s level's
+    window to its --timeout (60 s by default) and img/s was divided by it, a figure of --timeout,
+    not of the server. The window ends at the last success (--duration at least); the hung call
+    is in errors."""
+    fake_server.service.sample_hangs = 1
+    run = ("bench", "--model", "fake-gen", "--concurrency", "2", "--duration", "0.5", "--warmup", "0")
+    code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--timeout", "3", "--json")
+    assert code == 0, err
+    (level,) = json.loads(out)
+    assert level["errors"] == {"DEADLINE_EXCEEDED": 1} and level["images"] > 0
+    assert 0.5 <= level["duration_s"] < 3
+    assert level["images_per_s"] == pytest.approx(level["images"] / level["duration_s"], rel=0.01)

@@ -166,11 +166,11 @@ def test_the_load_generators_percentiles_are_over_the_successful_calls_of_the_me
     rec = _Recorder()
     rec.latencies_s = [i / 1000 for i in range(1, 101)]  # 1..100 ms
     rec.errors["UNAVAILABLE"] = 7
-    rec.last_done = 10.0
-    got = rec.result(BenchResult("closed", 4, None, 10.0), started=5.0)
+    rec.last_ok = 10.0
+    got = rec.result(BenchResult("closed", 4, None, 10.0), started=5.0, end=9.0)
     assert (got.p50_ms, got.p99_ms) == (pytest.approx(50.5), pytest.approx(99.01))
     assert got.requests == 107 and got.images == 100
-    assert got.images_per_s == pytest.approx(100 / 5.0)  # over the window, first start to last answer
+    assert got.images_per_s == pytest.approx(100 / 5.0)  # over the window, first start to last success
     assert got.errors == {"UNAVAILABLE": 7}
 
 
