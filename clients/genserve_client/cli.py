@@ -955,7 +955,8 @@ def _image_command(
     save_image_bytes(out, with_png_text(result.raw[0], text))
     with Image.open(io.BytesIO(result.raw[0])) as picture:
         size = f"{picture.width}x{picture.height}"
-    tiles = f", {result.tiles[0]} tiles" if result.tiles else ""
+    count = result.tiles[0] if result.tiles else 0
+    tiles = f", {count} tile{'' if count == 1 else 's'}" if result.tiles else ""
     _out(f"wrote {out} ({size}{tiles})")
     return 0
 

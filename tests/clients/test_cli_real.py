@@ -185,10 +185,11 @@ def test_edit_and_sweep_with_the_vae(tiny_server: Any, tmp_path: Path) -> None:
 def test_upscale_and_translate(tiny_server: Any, tmp_path: Path) -> None:
     src = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(src)
-    cli(tiny_server, "upscale", str(src), str(tmp_path / "up.png"), "--model", "tiny-sr")
+    proc = cli(tiny_server, "upscale", str(src), str(tmp_path / "up.png"), "--model", "tiny-sr")
     cli(tiny_server, "translate", str(src), str(tmp_path / "tr.webp"), "--model", "tiny-i2i")
     with Image.open(tmp_path / "up.png") as up, Image.open(tmp_path / "tr.webp") as tr:
         assert up.size == (40, 24) and tr.size == (20, 12) and tr.format == "WEBP"
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'up.png'} (40x24, 1 tile)"  # one tile, not "1 tiles"
 
 
 def test_upscale_and_translate_pngs_record_the_commands_settings(tiny_server: Any, tmp_path: Path) -> None:
