@@ -198,11 +198,14 @@ class _SessionCache:
             return None
         if aux:
             try:
-                listed = json.loads(read_regular_text(latest / "card.json")).get("aux_graphs") or {}
+                card = json.loads(read_regular_text(latest / "card.json"))
             except (OSError, json.JSONDecodeError):
                 return None
+            # A card of the wrong shape is refused as unreadable JSON is (its own verify names it).
+            listed = card.get("aux_graphs") if isinstance(card, dict) else None
+            entry = listed.get(aux) if isinstance(listed, dict) else None
             path = latest / aux
-            if aux not in listed or not path.is_file() or sha256_file(path) != listed[aux].get("sha256"):
+            if not isinstance(entry, dict) or not path.is_file() or sha256_file(path) != entry.get("sha256"):
                 return None
             if not _external_data_intact(latest, aux):
                 return None

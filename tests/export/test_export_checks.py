@@ -361,6 +361,28 @@ def test_verify_holds_an_auxiliary_graphs_external_weights_to_the_cards_sha256_a
     assert _SessionCache(out).latest_run("user-gen/aux.onnx") is None
 
 
+@pytest.mark.parametrize(
+    "card",
+    [[], "a card", {"aux_graphs": ["aux.onnx"]}, {"aux_graphs": {"aux.onnx": "0" * 64}}],
+    ids=["a-list", "a-string", "aux-graphs-a-list", "aux-entry-not-an-object"],
+)
+def test_a_siblings_card_of_the_wrong_shape_gives_no_auxiliary_graph_to_a_quality_run(
+    tmp_path: Path, card: object
+) -> None:
+    """A sibling's card.json that is valid JSON but not the object a card is (or whose aux_graphs is
+    not a mapping of objects) is refused by latest_run as unreadable JSON is (None: the recipe skips
+    the figures needing that graph, the sibling's own verify names its card), where it raised
+    AttributeError/TypeError into the recipe's quality run."""
+    from genserve_export.verify import _SessionCache
+
+    version = tmp_path / "user-gen" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"")
+    (version / "aux.onnx").write_bytes(b"")
+    (version / "card.json").write_text(json.dumps(card))
+    assert _SessionCache(tmp_path).latest_run("user-gen/aux.onnx") is None
+
+
 def test_source_commit_is_dirty_for_changes_to_the_contract_too(tmp_path: Path) -> None:
     """+dirty covered only export/genserve_export: a build from an edited api/genserve_contract (the
     card and config rules it writes to) was recorded as the clean commit. models/ stays out."""
