@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -125,6 +126,31 @@ def test_a_second_run_on_the_same_folder_exits_at_once_naming_the_holder(
         holder.release()
     code, _, err = cli_main(capsys, *job)
     assert code == 0, err  # released: the next run goes ahead
+
+
+def test_client_md_quotes_the_message_a_second_run_on_a_folder_prints(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/client.md quoted `job/ is in use by another bulk run (...)`: the CLI names the folder
+    as given to --out, with no slash added, and tells what to do next."""
+    monkeypatch.chdir(tmp_path)
+    Path("job").mkdir()
+    holder = JobLock(Path("job"))
+    holder.acquire()
+    try:
+        code, _, err = cli_main(capsys, "--target", fake_server.target, "bulk", "--model", "fake-gen",
+                                "--n", "5", "--out", "job")  # fmt: skip
+    finally:
+        holder.release()
+    assert code == 3, err
+    docs = " ".join((Path(__file__).resolve().parents[2] / "docs" / "client.md").read_text().split())
+    quoted = re.search(r"`(genserve-client: job[^`]* is in use by another bulk run[^`]*)`", docs)
+    assert quoted is not None, "docs/client.md quotes no message of a second run"
+    holder_text = re.compile(r"\(pid [^)]*\)")
+    assert holder_text.sub("(HOLDER)", err.strip()) == holder_text.sub("(HOLDER)", quoted.group(1))
 
 
 def test_a_run_started_beside_a_running_job_exits_3_even_while_that_job_writes_its_first_files(
