@@ -930,7 +930,7 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     dims_text = "all" if args.all_dims else str(args.dim)
     sweep = f"{args.sweep_from:g}..{args.sweep_to:g}"
     text = png_text(provenance, source=args.image, dims=dims_text, sweep=sweep, steps=args.sweep_steps)
-    save_picture(make_grid(rows, captions=["input", *(f"{v:+.2f}" for v in values)]), Path(args.out), text)
+    save_picture(make_grid(rows, captions=["input", *(f"={v:.2f}" for v in values)]), Path(args.out), text)
     return 0
 
 
@@ -1453,7 +1453,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
     p.add_argument("--delta", type=parse_float32, default=2.0, help="added to z[dim]")
-    p.add_argument("--sweep", action="store_true", help="grid of z[dim] set to each value of the sweep")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="grid of z[dim] set to each value of the sweep, captioned =VALUE (--delta is what adds)",
+    )
     p.add_argument("--all-dims", action="store_true", help="with --sweep: one row per latent dimension")
     p.add_argument("--sweep-from", type=parse_float32, default=-3.0, help="first value of the sweep")
     p.add_argument("--sweep-to", type=parse_float32, default=3.0, help="last value of the sweep")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from client_fakes import FakeServer, cli_main
@@ -14,6 +15,7 @@ from code_models import write_code_models
 from PIL import Image
 from server_support import ServerProcess, running_server, vae_decoder_graph, vae_encoder_graph, write_model
 
+from genserve_client import cli
 from genserve_client.cli import MAX_GRID_IMAGES
 
 U32 = "0..4294967295"
@@ -115,6 +117,32 @@ def test_sample_on_a_class_conditional_code_prior_defaults_to_all_classes(
     with Image.open(grid) as default, Image.open(tmp_path / "all.png") as every:
         assert default.text["labels"] == every.text["labels"] == "0,1,2"  # type: ignore[attr-defined]
         assert default.tobytes() == every.tobytes()
+
+
+def test_an_edit_sweep_grid_captions_the_values_z_dim_is_set_to(
+    review_server: tuple[ServerProcess, dict[str, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--sweep sets z[dim] to each value (--delta is what adds): its columns were captioned +0.00,
+    +0.75..., which read as offsets added to the image's z[dim]."""
+    server, _ = review_server
+    image, out = tmp_path / "in.png", tmp_path / "sweep.png"
+    Image.new("L", (8, 8), 128).save(image)
+    drawn: list[list[str]] = []
+    real = cli.make_grid
+
+    def recording(rows: Any, *, captions: Any = (), **kwargs: Any) -> Any:
+        drawn.append(list(captions))
+        return real(rows, captions=captions, **kwargs)
+
+    monkeypatch.setattr(cli, "make_grid", recording)
+    code, _, err = cli_main(capsys, "--target", server.target, "edit", str(image), "--model", "vae",
+                            "--out", str(out), "--sweep", "--dim", "3", "--sweep-from", "-1",
+                            "--sweep-to", "1", "--sweep-steps", "3")  # fmt: skip
+    assert code == 0, err
+    assert drawn == [["input", "=-1.00", "=0.00", "=1.00"]]  # beside the row's label z[3]
 
 
 def test_an_edit_sweep_grid_is_bounded_like_every_other_grid(
