@@ -330,6 +330,12 @@ def test_resume_takes_every_setting_from_the_manifest_and_a_larger_n_grows_the_j
     assert code == 2 and "drop --seed, --format" in err
     code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(grown), "--n", "4")
     assert code == 2 and "can only grow it" in err
+    # Repeating the command resumes while its --n is the job's size (docs/client.md); the original
+    # command of a job since grown is refused: resumed to 5 images it would leave the job unfinished.
+    code, _, err = cli_main(capsys, *t, "bulk", *settings, "--n", "5", "--out", str(grown))
+    assert code == 2 and "is a job of 11 images: --n can only grow it, got 5" in err, err
+    code, _, err = cli_main(capsys, *t, "bulk", *settings, "--n", "11", "--out", str(grown))
+    assert code == 0, err
     code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path / "nothing"))
     assert code == 2 and "holds no bulk job" in err
     code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--out", str(tmp_path / "x"))
