@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from genserve_export import verify_repository
 from genserve_export.data import digits, fashion
@@ -92,3 +93,22 @@ def test_a_style_generators_demodulation_keeps_its_eps_so_a_zero_style_stays_fin
         s[1] = 1e-25  # its squares underflow float32
         (got,) = sess.run([d], {style: s})
         np.testing.assert_allclose(got, 1e4, rtol=1e-4, err_msg=f"{name}: demodulation {d} of a zero style")
+
+
+def test_the_docs_pictures_name_the_committed_models_they_were_made_with() -> None:
+    """A picture under docs/images made by genserve-client names in its PNG text the model, version
+    and sha256 it came from (and the other models it went through): each must be the committed
+    model's, or a reader checking the picture against models/ finds a model that is not shipped
+    (stylegan-digits-mix.png named the graph before its synthesis was patched)."""
+    checked = 0
+    for picture_path in sorted((MODELS.parent / "docs" / "images").glob("*.png")):
+        with Image.open(picture_path) as picture:
+            text = dict(picture.text)  # type: ignore[attr-defined]
+        if "model_sha256" not in text:
+            continue
+        used = [tuple(part.split(" ")[::2]) for part in text.get("used_models", "").split("; ") if part]
+        for model, version, sha256 in [(text["model"], text["version"], text["model_sha256"]), *used]:
+            card = json.loads((MODELS / model / version / "card.json").read_text())
+            assert sha256 == card["sha256"]["model.onnx"], (picture_path.name, model, version)
+            checked += 1
+    assert checked, "no picture under docs/images names its model"
