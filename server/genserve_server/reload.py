@@ -62,7 +62,7 @@ from pathlib import Path
 
 from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
-from genserve_server.config import MAX_JSON_BYTES, ConfigError, ModelConfig, load_model_config
+from genserve_server.config import MAX_JSON_BYTES, ConfigError, ModelConfig, load_card, load_model_config
 from genserve_server.ort_session import choose_model_file
 from genserve_server.repository import (
     VERSION_PATTERN,
@@ -533,8 +533,12 @@ class Reloader:
             for location, sha in mv.external_sha256.get(graph.name, {}).items():
                 files.append((graph.parent / location, location, graph, sha))
         checked = self._file_stats.setdefault(mv.load_id, {})
-        moved = False
+        card_stat = _stat_or_none(mv.path / "card.json")
+        last_card = checked.get(CARD_CHECK)
+        moved = last_card is None or last_card[:2] != (card_stat, precision)
+        checked[CARD_CHECK] = (card_stat, precision, "")
         statuses = []
+        matching = []  # (card.json key, loaded sha256) of the files that still match
         for path, key, graph, loaded in files:
             try:
                 st = path.stat()
@@ -551,6 +555,8 @@ class Reloader:
             last = checked.get(key)
             if last is not None and last[:2] == (stat, precision):
                 statuses.append(last[2])
+                if not last[2]:
+                    matching.append((key, loaded))
                 continue
             moved = True
             found = self._one_file_status(mv, path, loaded, stat, precision, served, key, graph)
@@ -563,8 +569,11 @@ class Reloader:
             else:
                 checked.pop(key, None)  # try again next time
             statuses.append(status)
+            if not status:
+                matching.append((key, loaded))
         if not moved:
             return None
+        statuses.append(_card_status(mv, matching))
         return " ".join(status for status in statuses if status)
 
     def _one_file_status(
@@ -702,6 +711,44 @@ class Reloader:
         if current is not None and current is not mv and current not in copies:
             copies.append(current)
         return copies
+
+
+# `Reloader._file_stats`'s entry of a version's card.json (no file key: a key is a file's name).
+CARD_CHECK = "/card.json"
+
+
+def _stat_or_none(path: Path) -> tuple[int, int] | None:
+    """`path`'s (size, mtime_ns), None where it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _card_status(mv: ModelVersion, matching: list[tuple[str, str]]) -> str:
+    """What card.json on disk now means for a restart of `mv` ("" where it would load the files that
+    still match: `matching`, (card key, loaded sha256)): a card that no longer loads, or whose sha256
+    entry of such a file changed, makes a restart refuse the version (loader._checked_digest)."""
+    refuse = "a restart would refuse this version and it would be UNAVAILABLE"
+    try:
+        card = load_card(mv.path / "card.json")
+    except ConfigError as exc:
+        return f"card.json no longer loads ({exc}); serving as loaded in memory; {refuse}: restore card.json"
+    changed = [
+        f"its sha256 of {key} is now {card.sha256[key][:16]}..."
+        if card.sha256.get(key)
+        else f"it has no sha256 of {key}"
+        for key, loaded in matching
+        if card.sha256.get(key) != loaded
+    ]
+    if not changed:
+        return ""
+    return (
+        f"card.json changed on disk since this version loaded: {', '.join(changed)}, while the file "
+        f"still matches the copy loaded; serving as loaded in memory; {refuse}: restore card.json's "
+        "sha256, or publish the change as a new version"
+    )
 
 
 def _role(path: Path, key: str, graph: Path, served: Path) -> str:

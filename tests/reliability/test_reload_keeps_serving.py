@@ -293,6 +293,51 @@ def test_external_weights_changed_in_place_are_reported_as_the_graph_is(tmp_path
     asyncio.run(scenario())
 
 
+def test_a_card_json_edited_under_a_loaded_version_is_reported_with_what_a_restart_would_do(
+    tmp_path: Path,
+) -> None:
+    """In process: card.json edited in place under a READY version whose model file still matches
+    (its sha256 entry changed, then the card broken) was never reported, though a restart refuses
+    the version: the reason names card.json and says so, genserve_model_file_changed goes to 1, the
+    version keeps serving; the card restored clears it."""
+    root = tmp_path / "models"
+    version_dir = write_gen(root, "gen", version="1", seed=0)
+    card_path = version_dir / "card.json"
+    original = card_path.read_text()
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        labels = {"model": "gen", "version": "1"}
+        try:
+            mv = repo.models["gen"].versions["1"]
+            assert mv.state == ModelState.READY, mv.reason
+            await reloader.rescan()
+            assert mv.file_changed == ""
+            card = json.loads(original)
+            card["sha256"]["model.onnx"] = "0" * 64
+            card_path.write_text(json.dumps(card))
+            await reloader.rescan()
+            assert "card.json changed on disk since this version loaded" in mv.file_changed, mv.file_changed
+            assert "its sha256 of model.onnx is now 0000000000000000..." in mv.file_changed, mv.file_changed
+            assert "a restart would refuse this version" in mv.file_changed, mv.file_changed
+            assert mv.state == ModelState.READY and repo.get("gen").resolve("") is mv
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+            card_path.write_text("{not json")
+            await reloader.rescan()
+            assert "card.json no longer loads" in mv.file_changed, mv.file_changed
+            assert "a restart would refuse this version" in mv.file_changed, mv.file_changed
+            card_path.write_text(original)
+            await reloader.rescan()
+            assert mv.file_changed == ""
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 0
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_a_changed_fp16_twin_names_the_file_a_restart_would_load_under_the_precision_now(
     tmp_path: Path,
 ) -> None:
