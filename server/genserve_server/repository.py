@@ -203,6 +203,14 @@ class Model:
 StateListener = Callable[[str, bool], None]
 
 
+def _link_target(path: Path) -> str:
+    """Where the symbolic link `path` points (as written in it)."""
+    try:
+        return str(path.readlink())
+    except OSError as exc:
+        return f"an unreadable target ({exc.strerror or exc})"
+
+
 class LoadCancelled(GenserveError):
     """Start-up loading stopped by shutdown (not a broken model)."""
 
@@ -369,6 +377,15 @@ class Repository:
             return []
         dirs = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
         available = [name for name in dirs if VERSION_PATTERN.match(name)]
+        # A release link whose target was deleted (blue/green): is_dir() says no, as for a file.
+        links = sorted(
+            (p.name, f"a symbolic link to {_link_target(p)}, which does not exist")
+            for p in entries
+            if not p.name.startswith(".") and p.is_symlink() and not p.exists()
+        )
+        for name, what in links:
+            logger.warning("%s: ignoring %s: %s", model.path, name, what)
+        dangling = [f"{name} is {what}" for name, what in links]
         ignored = sorted(name for name in dirs if not VERSION_PATTERN.match(name))
         if ignored:  # "01", "v2", "0": served by no policy; said, as a model name that is none is
             logger.warning(
@@ -384,6 +401,8 @@ class Repository:
                 f"{model.path}: no version directories (ignored {', '.join(ignored)}: version "
                 "directories are positive integers without leading zeros, e.g. 1)"
             )
+        elif dangling:
+            model.reason = f"{model.path}: no version directories ({'; '.join(dangling)})"
         else:
             model.reason = f"{model.path}: no version directories"
         return available

@@ -230,3 +230,28 @@ def test_a_specific_policy_listing_a_version_not_on_disk_says_so_once_beside_the
             await repo.close(1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_version_link_pointing_nowhere_is_named_in_the_log_and_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version folder that is a symbolic link whose target was deleted (a blue/green release link
+    left pointing nowhere) was skipped without a word, and a model with no other version said only
+    'no version directories': the warning and the reason name the link and its missing target."""
+    from genserve_server.repository import Model
+
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["1"], {"latest": 1})
+    release = tmp_path / "releases" / "b"
+    (root / "gen" / "2").symlink_to(release)
+    (root / "lone").mkdir()
+    (root / "lone" / "3").symlink_to(release)
+    with caplog.at_level(logging.WARNING, logger="genserve_server.repository"):
+        assert Repository.available_versions(Model("gen", root / "gen", None)) == ["1"]
+        lone = Model("lone", root / "lone", None)
+        assert Repository.available_versions(lone) == []
+    assert f"{root / 'gen'}: ignoring 2: a symbolic link to {release}, which does not exist" in caplog.text, (
+        caplog.text
+    )
+    assert f"ignoring 3: a symbolic link to {release}, which does not exist" in caplog.text, caplog.text
+    assert "3 is a symbolic link to" in lone.reason and str(release) in lone.reason, lone.reason
