@@ -129,11 +129,12 @@ UNLISTABLE = -1
 VERSION_FILES = ("model.onnx", "model.fp16.onnx", "card.json")
 
 
-def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
-    """Names, sizes and mtimes of each model directory, its entries and its version directories'
-    VERSION_FILES (the watch). A version directory that cannot be looked inside is one more entry,
-    (its name, UNLISTABLE, errno), and hides none of the versions beside it."""
-    entries: list[tuple[str, int, int]] = []
+def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """Names, sizes, mtimes and modes (permissions: a chmod that makes a file readable again changes
+    nothing else) of each model directory, its entries and its version directories' VERSION_FILES
+    (the watch). A version directory that cannot be looked inside is one more entry, (its name,
+    UNLISTABLE, errno, 0), and hides none of the versions beside it."""
+    entries: list[tuple[str, int, int, int]] = []
     with contextlib.suppress(OSError):
         for model_dir in root.iterdir():
             if model_dir.name.startswith("."):
@@ -141,11 +142,11 @@ def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
             for path in (model_dir, *_children(model_dir, root, entries)):
                 with contextlib.suppress(OSError):
                     st = path.stat()
-                    entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns))
+                    entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_mode))
     return tuple(sorted(entries))
 
 
-def _children(model_dir: Path, root: Path, entries: list[tuple[str, int, int]]) -> list[Path]:
+def _children(model_dir: Path, root: Path, entries: list[tuple[str, int, int, int]]) -> list[Path]:
     """`model_dir`'s entries; its version directories' VERSION_FILES that are there go to `entries`,
     as does a version directory that cannot be looked inside, as UNLISTABLE (repository_fingerprint)."""
     if not model_dir.is_dir():
@@ -162,16 +163,16 @@ def _children(model_dir: Path, root: Path, entries: list[tuple[str, int, int]]) 
                     except (FileNotFoundError, NotADirectoryError):
                         continue
                     except OSError as exc:  # EACCES: no search permission on the directory
-                        entries.append((str(child.relative_to(root)), UNLISTABLE, exc.errno or 0))
+                        entries.append((str(child.relative_to(root)), UNLISTABLE, exc.errno or 0, 0))
                         break
-                    entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns))
+                    entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_mode))
     return paths
 
 
-def _unlistable(listing: tuple[tuple[str, int, int], ...], known: set[str], root: Path) -> set[str]:
+def _unlistable(listing: tuple[tuple[str, int, int, int], ...], known: set[str], root: Path) -> set[str]:
     """The version directories `listing` could not list; a warning names each not in `known`."""
-    names = {name for name, size, _ in listing if size == UNLISTABLE}
-    for name, size, code in listing:
+    names = {name for name, size, _, _ in listing if size == UNLISTABLE}
+    for name, size, code, _ in listing:
         if size == UNLISTABLE and name not in known:
             logger.warning(
                 "%s: cannot look inside this version directory (%s); the watch sees no change inside it",

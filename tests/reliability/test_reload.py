@@ -274,7 +274,7 @@ def test_watch_interval_picks_up_a_new_version_without_a_signal(
     # A gate on the watch's first listing (its baseline): the new version must come after it.
     listed = threading.Event()
 
-    def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
         try:
             return repository_fingerprint(path)
         finally:
@@ -305,6 +305,48 @@ def test_watch_interval_picks_up_a_new_version_without_a_signal(
     asyncio.run(scenario())
 
 
+def test_the_watch_rescans_when_a_files_permissions_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: a chmod that makes an unreadable config.json or model.onnx readable again changes
+    no name, size or mtime, so the watch never rescanned (the model kept its error until a SIGHUP):
+    the watch sees a file's permissions too."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    listed = threading.Event()
+
+    def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+        try:
+            return repository_fingerprint(path)
+        finally:
+            listed.set()
+
+    monkeypatch.setattr(reload_module, "repository_fingerprint", fingerprint)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=2.0, watch_interval_s=0.05)
+        reloader.start()
+        try:
+            assert await asyncio.to_thread(listed.wait, 10), "the watch never listed the repository"
+            for path in (root / "gen" / "config.json", root / "gen" / "1" / "model.onnx"):
+                caplog.clear()
+                path.chmod(0o600)
+                for _ in range(100):
+                    if "repository rescan requested" in caplog.text:
+                        break
+                    await asyncio.sleep(0.05)
+                assert "repository rescan requested" in caplog.text, path
+        finally:
+            await reloader.close(2.0)
+            await repo.close(2.0)
+
+    with caplog.at_level(logging.INFO, logger="genserve_server.reload"):
+        asyncio.run(scenario())
+
+
 def test_the_watch_looks_only_at_the_files_a_version_is_loaded_from(tmp_path: Path) -> None:
     """A version directory may be a link to a directory holding much else (a checkpoint folder, a
     shared volume): the watch listed and stat-ed every entry of it at every poll (~0.6 s of CPU a poll
@@ -318,7 +360,7 @@ def test_the_watch_looks_only_at_the_files_a_version_is_loaded_from(tmp_path: Pa
         (target / f"step-{i}.bin").touch()
     (target / "logs").mkdir()
     (root / "gen" / "2").symlink_to(target, target_is_directory=True)
-    listed = [name for name, _, _ in repository_fingerprint(root)]
+    listed = [name for name, *_ in repository_fingerprint(root)]
     assert sorted(listed) == [
         "gen",
         "gen/1",
@@ -332,7 +374,7 @@ def test_the_watch_looks_only_at_the_files_a_version_is_loaded_from(tmp_path: Pa
     before = repository_fingerprint(root)
     (target / "model.fp16.onnx").write_bytes(b"onnx")
     with_fp16 = repository_fingerprint(root)
-    assert "gen/2/model.fp16.onnx" in [name for name, _, _ in with_fp16]
+    assert "gen/2/model.fp16.onnx" in [name for name, *_ in with_fp16]
     (target / "card.json").write_text((target / "card.json").read_text() + " ")
     assert before != with_fp16 != repository_fingerprint(root)
 
