@@ -177,3 +177,47 @@ def test_every_doc_gives_the_same_thread_count_for_cyclegan_digits_batch_depende
     }
     assert claims, "no claim found"
     assert {claim for claim in claims if not re.search(r"\b2(\+| or more)\s", claim[1])} == set()
+
+
+def test_operations_md_says_what_a_request_pinned_to_a_retired_version_gets(tmp_path: Path) -> None:
+    """docs/operations.md's hot reload said a retired version drains and is removed, but never what a
+    request naming it gets: UNAVAILABLE while it drains, NOT_FOUND once unloaded. The texts the
+    docs give are the server's own (Model.resolve), with the model and version as NAME and N."""
+    import pytest
+    from server_support import TINY_LATENT, generator_graph, write_model
+
+    from genserve_server.config import ServerConfig
+    from genserve_server.errors import NotFound, Unavailable
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+    policy = {"version_policy": {"latest": 2}}
+    for version in ("7", "8"):
+        write_model(
+            root,
+            "gen",
+            "generator",
+            generator_graph(TINY_LATENT, 1, 8, 8),
+            card,
+            config=policy,
+            version=version,
+        )
+    repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+    repo.scan()
+    model = repo.models["gen"]
+    model.versions["7"].state = ModelState.DRAINING
+    with pytest.raises(Unavailable) as draining:
+        model.resolve("7")
+    del model.versions["7"]
+    with pytest.raises(NotFound) as unloaded:
+        model.resolve("7")
+
+    def as_documented(message: str) -> str:
+        return message.replace("gen", "NAME").replace("'7'", "'N'").replace(" 7 ", " N ").replace("8", "...")
+
+    text = " ".join((REPO_ROOT / "docs" / "operations.md").read_text().split())
+    for code, error in (("UNAVAILABLE", draining.value), ("NOT_FOUND", unloaded.value)):
+        documented = f"`{code}` `{as_documented(str(error))}`"
+        assert documented in text, documented
