@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import gzip_accepted
@@ -101,6 +101,19 @@ class _DeadlineReader(io.RawIOBase):
             self._sock.settimeout(self._timeout_s)  # writing the answer gets the whole timeout
 
 
+class _ServerHandler(ServerHandler):
+    """wsgiref's, with a client that cannot take the answer in time (the write's timeout: one that
+    reads too slowly, or not at all) dropped as one that went away is, without its traceback on
+    stderr (raw lines among --log-json's records)."""
+
+    request_handler: WSGIRequestHandler  # set by _Handler.handle, as wsgiref's handle does
+
+    def log_exception(self, exc_info: Any) -> None:
+        if isinstance(exc_info[1], OSError):
+            return
+        super().log_exception(exc_info)
+
+
 class _Handler(WSGIRequestHandler):
     """No access log on stderr (it would break --log-json); the request read under a deadline,
     starting with the bytes the reader thread received."""
@@ -119,6 +132,23 @@ class _Handler(WSGIRequestHandler):
         self.connection.settimeout(self.read_timeout_s)  # for writing the answer
         reader = _DeadlineReader(self.connection, self.read_timeout_s, self._received, self._deadline)
         self.rfile = io.BufferedReader(reader)
+
+    def handle(self) -> None:
+        """WSGIRequestHandler.handle, with _ServerHandler."""
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = ""
+            self.request_version = ""
+            self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():  # an error has been answered
+            return
+        handler = _ServerHandler(
+            self.rfile, cast(Any, self.wfile), self.get_stderr(), self.get_environ(), multithread=False
+        )
+        handler.request_handler = self
+        handler.run(cast(Any, self.server).get_app())
 
     def log_message(self, format: str, *args: Any) -> None:
         return None

@@ -256,3 +256,45 @@ def test_a_request_line_with_other_whitespace_waits_in_the_reader_not_in_a_worke
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_client_reading_the_metrics_too_slowly_is_dropped_without_a_traceback(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A scraper that reads its answer slower than metrics_read_timeout_s allows (a stalled
+    client, one reading a byte a second) has its connection dropped when the write times out,
+    as a client that goes away is; wsgiref printed that TimeoutError's traceback on stderr (raw
+    lines among --log-json's records) for each such client."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    from genserve_server.metrics_http import serve
+
+    class Big(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield GaugeMetricFamily("big", "x" * 16_000_000, value=1)  # more than the socket buffers
+
+    registry = CollectorRegistry()
+    registry.register(Big())
+    httpd, _ = serve("127.0.0.1", 0, registry, None, threads=1, read_timeout_s=0.5)
+    port = httpd.server_port
+    try:
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.settimeout(10)
+            slow.connect(("127.0.0.1", port))
+            slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert slow.recv(16).startswith(b"HTTP/1.0 200")  # then it reads nothing more
+            # The only worker is free again once the slow client's write has timed out.
+            started = time.monotonic()
+            answer = _raw(port, b"GET /metrics?name[]=none HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.0 200 ") and time.monotonic() - started < 8
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "TimeoutError" not in err, err
+
