@@ -184,13 +184,14 @@ def _healthz_method(head: bytes) -> str | None:
 
 
 # A request line after which http.server reads header lines (BaseHTTPRequestHandler.parse_request:
-# three words split on any whitespace, the last an HTTP version below 2.0).
-_HEADED_LINE = re.compile(rb"\s*\S+\s+\S+\s+HTTP/0*[01]\.[0-9]{1,10}\s*")
+# three words split on any whitespace, the last an HTTP version below 2.0; or HTTP/0.9's two, GET
+# and a path).
+_HEADED_LINE = re.compile(rb"\s*\S+\s+\S+\s+HTTP/0*[01]\.[0-9]{1,10}\s*|\s*GET\s+\S+\s*")
 
 
 def _malformed_line(received: bytearray) -> bool:
     """Whether the request line has arrived and is none after which http.server reads headers: a
-    worker answers it at once (400, or HTTP/0.9's answer), as before the reader, instead of the
+    worker answers it at once (400, or 505 for HTTP/2), as before the reader, instead of the
     head's blank line being awaited until the timeout. A line it reads headers after (two spaces or
     a tab between its words too) waits here for its blank line: a worker would wait on the client."""
     end = received.find(b"\n")

@@ -298,3 +298,32 @@ def test_a_client_reading_the_metrics_too_slowly_is_dropped_without_a_traceback(
     err = capfd.readouterr().err
     assert "Traceback" not in err and "TimeoutError" not in err, err
 
+
+def test_a_half_sent_http09_request_waits_in_the_reader_not_in_a_worker() -> None:
+    """'GET /metrics' alone on its line (HTTP/0.9's form) is a request after which http.server
+    reads header lines up to a blank one, as it does after an HTTP/1.x line. The reader took it
+    for a malformed line and handed it to a worker at once, which then waited on the client until
+    metrics_read_timeout_s: a few such lines held every worker and a scrape behind them got no
+    answer (docs/metrics.md: no thread waits on a client)."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=30)
+    port = httpd.server_port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as held:
+            held.sendall(b"GET /metrics\r\n")  # its blank line held back
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as scrape:
+                scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    answer = scrape.recv(64)
+                except TimeoutError:
+                    answer = b"(no answer in 3 s: the only worker waits on the half-sent request)"
+            assert answer.startswith(b"HTTP/1.0 200 "), answer
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
