@@ -66,8 +66,13 @@ def _label_value(value: str) -> str:
 
 def choose(accept: str | None) -> tuple[Encoder, str]:
     """prometheus_client's `choose_encoder`, with its encoder replaced by `render` where that writes
-    the same bytes (every format a Prometheus asks for); otherwise the library's encoder."""
-    encoder, content_type = choose_encoder(accept or "")
+    the same bytes (every format a Prometheus asks for); otherwise the library's encoder. A header
+    whose version has a part that is no number ('abc', '1.0.0-rc1'), which the library's comparison
+    raises TypeError for, gets the text format, as a header the library does not recognise."""
+    try:
+        encoder, content_type = choose_encoder(accept or "")
+    except TypeError:
+        encoder, content_type = choose_encoder("")
     func: Any = encoder
     keywords: dict[str, Any] = {}
     if isinstance(encoder, functools.partial):

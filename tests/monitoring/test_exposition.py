@@ -229,3 +229,21 @@ def test_a_scrape_builds_no_sample_object_per_series(monkeypatch: pytest.MonkeyP
         _, body = Exposition(metrics.registry).answer(accept, "gzip", [])
         assert gzip.decompress(body).count(b"\ngenserve_") > 50_000
         assert samples < 100, f"{samples} Sample objects for one scrape ({accept})"
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text;version=abc",
+        "application/openmetrics-text;version=1.0.0-rc1",
+        "text/plain;version=1.x;escaping=allow-utf-8",
+    ],
+)
+def test_an_accept_version_that_is_no_number_gets_the_text_format_not_an_error(accept: str) -> None:
+    """prometheus_client's choose_encoder compares the Accept header's version part by part, so a
+    part that is no number ('abc', '0-rc1') raised TypeError: any client sending one got a 500
+    and the server's stderr a traceback (raw lines among --log-json's records) for each scrape.
+    Such a header is answered as one the library does not recognise: the text format."""
+    registry = odd_registry()
+    headers, body = Exposition(registry).answer(accept, None, [])
+    assert (dict(headers)["Content-Type"], body) == library_body(registry, None)
