@@ -45,7 +45,6 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import gzip_accepted
 
 from genserve_server import exposition as fast_exposition
 
@@ -152,6 +151,24 @@ class _Handler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return None
+
+
+def gzip_accepted(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header lists gzip with a weight above 0 (prometheus_client's
+    gzip_accepted ignores the weight: `gzip;q=0`, gzip refused (RFC 9110, 12.5.3), got gzip)."""
+    for item in accept_encoding.split(","):
+        name, *params = item.split(";")
+        if name.strip().lower() != "gzip":
+            continue
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return True  # a weight that is no number: as before, the name alone
+        return True
+    return False
 
 
 def healthz_answer(method: str, health: HealthProbe | None) -> tuple[str, list[tuple[str, str]], bytes]:

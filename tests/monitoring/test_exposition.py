@@ -247,3 +247,15 @@ def test_an_accept_version_that_is_no_number_gets_the_text_format_not_an_error(a
     registry = odd_registry()
     headers, body = Exposition(registry).answer(accept, None, [])
     assert (dict(headers)["Content-Type"], body) == library_body(registry, None)
+
+
+@pytest.mark.parametrize("accept_encoding", ["gzip;q=0", "identity, gzip; q=0.0", "GZIP;Q=0"])
+def test_a_scraper_that_refuses_gzip_with_q_0_gets_the_body_uncompressed(accept_encoding: str) -> None:
+    """q=0 marks an encoding the client does not accept (RFC 9110, 12.5.3); prometheus_client's
+    gzip_accepted looks only at the name, so such a client got gzip bytes it had refused."""
+    registry = odd_registry()
+    headers, body = Exposition(registry).answer(None, accept_encoding, [])
+    assert "Content-Encoding" not in dict(headers)
+    assert body == library_body(registry, None)[1]
+    headers, zipped = Exposition(registry).answer(None, "identity;q=0.5, gzip;q=0.001", [])
+    assert dict(headers)["Content-Encoding"] == "gzip" and gzip.decompress(zipped) == body
