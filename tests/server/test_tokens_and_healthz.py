@@ -327,3 +327,39 @@ def test_a_half_sent_http09_request_waits_in_the_reader_not_in_a_worker() -> Non
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_request_head_past_the_readers_limit_is_answered_431_not_waited_for_in_a_worker() -> None:
+    """The reader hands a head past MAX_HEAD_BYTES (64 KiB) without its blank line to a worker,
+    taking it for one http.server refuses at once. It refuses only a line over 64 KiB or a 101st
+    header: a head of 60 headers of 1.2 KB each is one it reads on, so the worker waited on the
+    client for the rest until metrics_read_timeout_s, and a few such clients held every worker
+    while the scrapes queued behind them got no answer (docs/metrics.md: no thread waits on a
+    client). Such a head is answered 431 and closed."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import MAX_HEAD_BYTES, serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=30)
+    port = httpd.server_port
+    head = b"GET /metrics HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1200) for i in range(60))
+    assert len(head) > MAX_HEAD_BYTES
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as held:
+            held.sendall(head)  # its blank line held back
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as scrape:
+                scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    answer = scrape.recv(64)
+                except TimeoutError:
+                    answer = b"(no answer in 3 s: the only worker waits on the long head)"
+            assert answer.startswith(b"HTTP/1.0 200 "), answer
+            assert held.recv(64).startswith(b"HTTP/1.0 431 ")
+        # A request line past the limit is answered too, as the URI too long.
+        assert _raw(port, b"GET /" + b"a" * MAX_HEAD_BYTES).startswith(b"HTTP/1.0 414 ")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
