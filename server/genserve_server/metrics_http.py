@@ -550,13 +550,21 @@ class Exposition:
         return rendered[1], rendered[2]
 
 
+# The scheme and authority of a request target in absolute form (RFC 9112 3.2.2: `GET
+# http://host/healthz`, what a client sends through a proxy), which http.server leaves in the path.
+_ABSOLUTE_FORM = re.compile(r"https?://[^/]*", re.IGNORECASE)
+
+
 def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
     """`/healthz` from `health`; every other path the metrics (as prometheus_client answers)."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         headers: list[tuple[str, str]]
-        if environ.get("PATH_INFO") == "/healthz" and method in HEALTHZ_METHODS:
+        path = environ.get("PATH_INFO", "")
+        if absolute := _ABSOLUTE_FORM.match(path):
+            path = path[absolute.end() :] or "/"
+        if path == "/healthz" and method in HEALTHZ_METHODS:
             # The reader thread answers the plain ones (BoundedWSGIServer); the same answer here.
             status, headers, body = healthz_answer(method, health)
             start_response(status, headers)
@@ -566,7 +574,7 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
         elif method != "GET":
             status, headers = "405 Method Not Allowed", [("Allow", "OPTIONS,GET")]
             body = f"# HTTP {status}: {method}; use OPTIONS or GET\n".encode()[:200]
-        elif environ.get("PATH_INFO") == "/favicon.ico":
+        elif path == "/favicon.ico":
             status, headers, body = "200 OK", [], b""
         else:
             names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]", [])

@@ -363,3 +363,25 @@ def test_a_request_head_past_the_readers_limit_is_answered_431_not_waited_for_in
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_healthz_asked_in_absolute_form_gets_the_health_not_the_metrics() -> None:
+    """A request's target may be absolute (RFC 9112 3.2.2: a server must accept it; what a checker
+    sent through an HTTP proxy, or `curl --proxy`, asks). 'GET http://host/healthz' was answered
+    with the metrics, 200, whatever the health (docs/metrics.md: /healthz never returns the
+    metrics), so such a checker never saw a server that was not serving."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), lambda: (False, "loading"), threads=1)
+    port = httpd.server_port
+    try:
+        for target in (f"http://127.0.0.1:{port}/healthz", "HTTP://x/healthz?probe=1"):
+            answer = _raw(port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.0 503 "), answer[:200]
+            assert answer.endswith(b"\r\n\r\nnot serving: loading\n")
+        assert _raw(port, b"GET http://x/metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
