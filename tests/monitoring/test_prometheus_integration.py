@@ -344,3 +344,55 @@ def test_the_model_load_time_panel_leaves_out_versions_that_never_loaded(
         [promtool, "test", "rules", test_file.name], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _panel_expr_case(
+    promtool: str,
+    tmp_path: Path,
+    panel_title: str,
+    series: list[tuple[str, str]],
+    expected: list[list[dict[str, Any]]],
+) -> None:
+    """promtool evaluates each query of a panel over made-up series at 4m; `expected` is the
+    samples of the queries, in their order."""
+    exprs = [e for e in dashboard_exprs() if e.where.startswith(f"panel {panel_title!r}")]
+    assert len(exprs) == len(expected), [e.where for e in exprs]
+    case = {
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series],
+        "promql_expr_test": [
+            {"expr": grafana_to_promql(e.promql), "eval_time": "4m", "exp_samples": samples}
+            for e, samples in zip(exprs, expected, strict=True)
+        ],
+    }
+    (tmp_path / RULES.name).write_text(RULES.read_text())
+    test_file = tmp_path / "panel.test.yml"
+    test_file.write_text(
+        yaml.safe_dump({"rule_files": [RULES.name], "evaluation_interval": "1m", "tests": [case]})
+    )
+    result = subprocess.run(
+        [promtool, "test", "rules", test_file.name], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+TARGET = 'job="serving/genserve", instance="10.0.0.7:50052"'
+
+
+def test_the_image_cache_hit_ratio_has_no_series_for_models_without_lookups(
+    promtool: str, tmp_path: Path
+) -> None:
+    """The lookup counters exist at 0 for every model from its load, the cache on or off: a model
+    with no lookup had a hit ratio of 0/0, a series of NaN, where the panel promises none."""
+    lookups = "genserve_image_cache_lookups_total"
+    series = [
+        (f'{lookups}{{{TARGET}, model="{model}", version="1", result="{result}"}}', values)
+        for model, result, values in (
+            ("cgan-digits", "hit", "0+3x5"),
+            ("cgan-digits", "miss", "0+1x5"),
+            ("dcgan-digits", "hit", "0x5"),
+            ("dcgan-digits", "miss", "0x5"),
+        )
+    ]
+    expected = [[{"labels": '{model="cgan-digits"}', "value": 0.75}]]
+    _panel_expr_case(promtool, tmp_path, "Image cache hit ratio", series, expected)
