@@ -391,8 +391,13 @@ def _result_labels(promql: str, contract: dict[str, ContractMetric]) -> set[str]
     """The labels an expression's series carry, for the shapes the dashboard uses: an aggregation
     `agg by (L) (...)` (inside histogram_quantile or not, and also as the left side of `/`, `and`)
     carries L (less `le` under histogram_quantile), `agg (...)` nothing, a plain selector or rate its
-    metric's labels; None when the shape is another one."""
+    metric's labels, `label_replace(...)` those of its inner expression and its destination label;
+    None when the shape is another one."""
     text = " ".join(promql.split()).lstrip("(")
+    replaced = re.fullmatch(r'label_replace\((.*),\s*"(\w+)",\s*"[^"]*",\s*"\w*",\s*"[^"]*"\)', text)
+    if replaced:
+        inner = _result_labels(replaced[1], contract)
+        return None if inner is None else inner | {replaced[2]}
     quantile = re.match(r"histogram_quantile\([^,]+,\s*", text)
     if quantile:
         text = text[quantile.end() :]

@@ -396,3 +396,35 @@ def test_the_image_cache_hit_ratio_has_no_series_for_models_without_lookups(
     ]
     expected = [[{"labels": '{model="cgan-digits"}', "value": 0.75}]]
     _panel_expr_case(promtool, tmp_path, "Image cache hit ratio", series, expected)
+
+
+def test_the_throughput_and_error_ratio_panels_name_the_calls_that_resolved_no_model(
+    promtool: str, tmp_path: Path
+) -> None:
+    """ListModels, GetModel, unknown model names and methods are counted under model="": the
+    "Throughput per model" and "Server error ratio" panels showed them with an empty legend."""
+    requests = "genserve_requests_total"
+    series = [
+        (f'{requests}{{{TARGET}, model="cgan-digits", version="1", method="Sample", code="OK"}}', "0+60x5"),
+        (f'{requests}{{{TARGET}, model="", version="", method="ListModels", code="OK"}}', "0+30x5"),
+        (f'{requests}{{{TARGET}, model="", version="", method="GetModel", code="INTERNAL"}}', "0+15x5"),
+        (f'{requests}{{{TARGET}, model="", version="", method="", code="UNIMPLEMENTED"}}', "0+15x5"),
+    ]
+    throughput = [[{"labels": f'{{model="{m}"}}', "value": 1} for m in ("cgan-digits", "(no model)")]]
+    _panel_expr_case(promtool, tmp_path, "Throughput per model", series, throughput)
+    error_ratio = [[{"labels": '{model="(no model)"}', "value": 0.25}]]
+    _panel_expr_case(promtool, tmp_path, "Server error ratio", series, error_ratio)
+
+
+def test_the_per_model_latency_panel_leaves_out_the_calls_that_resolved_no_model(
+    promtool: str, tmp_path: Path
+) -> None:
+    """A Sample of an unknown model name is timed under model="": the per-model latency panel
+    showed its quantiles as 'p99 ' beside the models', which GenserveP99LatencyHigh leaves out."""
+    series = []
+    for model, version in (("cgan-digits", "1"), ("", "")):
+        labels = f'{TARGET}, model="{model}", version="{version}", method="Sample"'
+        for le, values in (("0.5", "0x5"), ("1", "0+60x5"), ("+Inf", "0+60x5")):
+            series.append((f'genserve_request_duration_seconds_bucket{{{labels}, le="{le}"}}', values))
+    expected = [[{"labels": '{model="cgan-digits"}', "value": 0.5 + 0.5 * q}] for q in (0.5, 0.95, 0.99)]
+    _panel_expr_case(promtool, tmp_path, "End-to-end latency p50 / p95 / p99", series, expected)
