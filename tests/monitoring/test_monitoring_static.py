@@ -12,6 +12,7 @@ from monitoring_support import (
     METRICS_DOC,
     PROMETHEUS_DIR,
     PROMETHEUS_SYNTHETIC,
+    REPO,
     RULES,
     RULES_TEST,
     SCRAPE_CONFIG,
@@ -502,3 +503,21 @@ def test_the_docs_list_every_dashboard_row_and_the_methods_its_latency_leaves_ou
     assert excluded is not None
     unnamed = [m for m in excluded[1].split("|") if not re.search(rf"\b{m}\b", latency)]
     assert not unnamed, f"the Latency row's text does not say it leaves out {unnamed}: {latency!r}"
+
+
+def test_the_images_per_second_panel_and_the_docs_say_an_image_counts_under_each_model_it_passed() -> None:
+    """genserve_images_total counts the rows each model computed: a code prior's image counts under
+    the prior, its top prior and its decoder (a style generator's under its mapping too), so the
+    models' rates added up are not the images clients got. The panel and the docs said only
+    "images (or tiles) computed", which reads as images served."""
+    (panel,) = [p for p in _walk_panels(load_dashboard()["panels"]) if p["title"] == "Images per second"]
+    prefix = "| `genserve_images_total`"
+    rows = {
+        doc.name: [line for line in doc.read_text().splitlines() if line.startswith(prefix)]
+        for doc in (METRICS_DOC, REPO / "README.md")
+    }
+    texts = {"panel": panel["description"], **{name: " ".join(lines) for name, lines in rows.items()}}
+    assert all(len(lines) == 1 for lines in rows.values()), rows
+    for where, text in texts.items():
+        for words in ("top prior", "decoder", "mapping", "do not add up"):
+            assert words in text, f"{where} does not say {words!r}: {text!r}"
