@@ -556,7 +556,8 @@ _ABSOLUTE_FORM = re.compile(r"https?://[^/]*", re.IGNORECASE)
 
 
 def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
-    """`/healthz` from `health`; every other path the metrics (as prometheus_client answers)."""
+    """`/healthz` from `health`; every other path the metrics (as prometheus_client answers), to GET
+    and, without the body, to HEAD."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -570,10 +571,10 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
             start_response(status, headers)
             return [body]
         if method == "OPTIONS":
-            status, headers, body = "200 OK", [("Allow", "OPTIONS,GET")], b""
-        elif method != "GET":
-            status, headers = "405 Method Not Allowed", [("Allow", "OPTIONS,GET")]
-            body = f"# HTTP {status}: {method}; use OPTIONS or GET\n".encode()[:200]
+            status, headers, body = "200 OK", [("Allow", "OPTIONS,GET,HEAD")], b""
+        elif method not in ("GET", "HEAD"):
+            status, headers = "405 Method Not Allowed", [("Allow", "OPTIONS,GET,HEAD")]
+            body = f"# HTTP {status}: {method}; use OPTIONS, GET or HEAD\n".encode()[:200]
         elif path == "/favicon.ico":
             status, headers, body = "200 OK", [], b""
         else:
@@ -583,7 +584,10 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
             )
             status = "200 OK"
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
-        return [body]
+        # HEAD (RFC 9110 9.3.2: `curl -I`, load balancers' checks): GET's headers, its Content-Length
+        # of the body rendered as for GET (a render like a scrape's, shared and held to the render
+        # share), without the body.
+        return [b"" if method == "HEAD" else body]
 
     return app
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 from pathlib import Path
@@ -382,6 +383,48 @@ def test_healthz_asked_in_absolute_form_gets_the_health_not_the_metrics() -> Non
             assert answer.startswith(b"HTTP/1.0 503 "), answer[:200]
             assert answer.endswith(b"\r\n\r\nnot serving: loading\n")
         assert _raw(port, b"GET http://x/metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_head_of_the_metrics_gets_the_headers_of_get_without_the_body() -> None:
+    """HTTP requires a server to answer HEAD for what it serves to GET (RFC 9110 9.3.2): `curl -I
+    /metrics` and load balancers' HEAD checks got 405. HEAD gets GET's status and headers, its
+    Content-Length (and Content-Encoding) included, without the body; HEAD /healthz the health."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from genserve_server.metrics_http import serve
+
+    registry = CollectorRegistry()
+    Gauge("probe_value", "a gauge", registry=registry).set(7)
+    state = {"serving": True}
+    httpd, _ = serve("127.0.0.1", 0, registry, lambda: (state["serving"], "loading"), threads=1)
+    port = httpd.server_port
+
+    def head_of(answer: bytes) -> tuple[str, dict[str, str], bytes]:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status, *lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines)
+        headers.pop("Date", None)
+        return status, headers, body
+
+    try:
+        for encoding in ("identity", "gzip"):
+            request = f" /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: {encoding}\r\n\r\n".encode()
+            got_status, got_headers, got_body = head_of(_raw(port, b"GET" + request))
+            status, headers, body = head_of(_raw(port, b"HEAD" + request))
+            assert status == got_status == "HTTP/1.0 200 OK", (encoding, status)
+            assert headers == got_headers and body == b"", (encoding, headers, body)
+            assert headers["Content-Length"] == str(len(got_body))
+            assert b"probe_value" in (gzip.decompress(got_body) if encoding == "gzip" else got_body)
+        status, headers, body = head_of(_raw(port, b"OPTIONS /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert status == "HTTP/1.0 200 OK" and "HEAD" in headers["Allow"].split(","), headers
+        for target in ("/healthz", "http://x/healthz"):
+            for serving, expected in ((True, "HTTP/1.0 200 OK"), (False, "HTTP/1.0 503 Service Unavailable")):
+                state["serving"] = serving
+                status, headers, body = head_of(_raw(port, f"HEAD {target} HTTP/1.1\r\n\r\n".encode()))
+                assert (status, body) == (expected, b""), (target, status, body)
     finally:
         httpd.shutdown()
         httpd.server_close()
