@@ -73,6 +73,9 @@ DRAIN_RECVS = 16
 GZIP_LEVEL = 6
 # /healthz answers these with the health (HEAD and OPTIONS without a body).
 HEALTHZ_METHODS = ("GET", "HEAD", "OPTIONS")
+# /healthz's 503 body is at most this many bytes: a longer reason is cut, ending in _CUT.
+HEALTHZ_MAX_BODY = 512
+_CUT = "…\n".encode()
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -182,7 +185,10 @@ def healthz_answer(method: str, health: HealthProbe | None) -> tuple[str, list[t
     OPTIONS, `curl -I` and uptime probes HEAD (GET's headers, its Content-Length included, without
     the body)."""
     serving, reason = health() if health is not None else (True, "")
-    body = b"ok\n" if serving else f"not serving: {reason}\n".encode()[:512]
+    body = b"ok\n" if serving else f"not serving: {reason}\n".encode()
+    if len(body) > HEALTHZ_MAX_BODY:  # cut on a character, the cut marked, the newline kept
+        kept = body[: HEALTHZ_MAX_BODY - len(_CUT)].decode("utf-8", "ignore")  # a split last one goes
+        body = kept.encode() + _CUT
     status = "200 OK" if serving else "503 Service Unavailable"
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Allow", ",".join(HEALTHZ_METHODS))]
     if method == "OPTIONS":

@@ -428,3 +428,18 @@ def test_head_of_the_metrics_gets_the_headers_of_get_without_the_body() -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.mark.parametrize("reason", ["é" * 600, "model 模型 " * 60, "x" * 498 + "€" * 3])
+def test_a_long_not_serving_reason_is_cut_on_a_character_with_its_newline(reason: str) -> None:
+    """/healthz's 503 body is held to 512 bytes. It was cut at byte 512 whatever lay there: a reason
+    in another script (a model's name, an error's text) ended in half a UTF-8 character, which a
+    checker decoding the body as the charset the answer names fails on, and without its newline."""
+    from genserve_server.metrics_http import healthz_answer
+
+    status, headers, body = healthz_answer("GET", lambda: (False, reason))
+    assert status.startswith("503") and len(body) <= 512
+    assert dict(headers)["Content-Length"] == str(len(body))
+    text = body.decode("utf-8")  # whole characters only
+    assert text.endswith("…\n") and f"not serving: {reason}".startswith(text[:-2]), text
+    assert healthz_answer("GET", lambda: (False, "short"))[2] == b"not serving: short\n"
