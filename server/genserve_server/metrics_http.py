@@ -33,6 +33,7 @@ from __future__ import annotations
 import gzip
 import io
 import ipaddress
+import logging
 import queue
 import re
 import selectors
@@ -47,6 +48,8 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer,
 from prometheus_client import CollectorRegistry
 
 from genserve_server import exposition as fast_exposition
+
+logger = logging.getLogger(__name__)
 
 # (serving, reason) of the whole server.
 HealthProbe = Callable[[], tuple[bool, str]]
@@ -117,7 +120,11 @@ class _ServerHandler(ServerHandler):
     def log_exception(self, exc_info: Any) -> None:
         if isinstance(exc_info[1], OSError):
             return
-        super().log_exception(exc_info)
+        # Another error (a collector raising during a render): one record of the server's log, not
+        # wsgiref's traceback on stderr; the client gets wsgiref's 500.
+        environ: dict[str, Any] = getattr(self, "environ", None) or {}  # set by setup_environ
+        method, path = environ.get("REQUEST_METHOD", ""), str(environ.get("PATH_INFO", ""))[:200]
+        logger.error("metrics port: %s %r failed; answered 500", method, path, exc_info=exc_info)
 
 
 class _Handler(WSGIRequestHandler):

@@ -443,3 +443,38 @@ def test_a_long_not_serving_reason_is_cut_on_a_character_with_its_newline(reason
     text = body.decode("utf-8")  # whole characters only
     assert text.endswith("…\n") and f"not serving: {reason}".startswith(text[:-2]), text
     assert healthz_answer("GET", lambda: (False, "short"))[2] == b"not serving: short\n"
+
+
+def test_a_render_that_raises_is_answered_500_and_logged_as_one_error_record(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collector that raises during a render (a custom collector's bug, NVML failing mid-read)
+    had wsgiref print its traceback on stderr: raw lines among --log-json's records. It is one
+    ERROR record of the server's logger, the traceback in it, and the scraper gets a 500."""
+    import logging
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.registry import Collector
+
+    from genserve_server.metrics_http import serve
+
+    class Broken(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            raise RuntimeError("the collector broke")
+
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    httpd, _ = serve("127.0.0.1", 0, registry, None, threads=1)
+    try:
+        with caplog.at_level(logging.ERROR):
+            answer = _raw(httpd.server_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert answer.startswith(b"HTTP/1.0 500 "), answer[:200]
+    assert b"the collector broke" not in answer  # no internals to the client
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].name.startswith("genserve_server"), errors
+    assert errors[0].exc_info is not None and "the collector broke" in caplog.text
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "the collector broke" not in err, err
