@@ -513,9 +513,18 @@ class Exposition:
         self._rendering = False
         self._contended = False  # a scrape waited for a render since the last one started
         self._next_start = 0.0
-        # key -> (render start, headers, body); one entry per answer format
+        # key -> (render start, headers, body): only while scrapes of that answer format wait (one
+        # that waited for a render may be answered by the next render of its format), so that no
+        # body is held between scrapes; at most one per waiting worker.
         self._cache: dict[tuple[str, bool, tuple[str, ...]], tuple[float, list[tuple[str, str]], bytes]] = {}
+        self._waiting: dict[tuple[str, bool, tuple[str, ...]], int] = {}  # key -> scrapes waiting
         self.renders = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of rendered bodies the exposition holds between scrapes."""
+        with self._done:
+            return sum(len(body) for _, _, body in self._cache.values())
 
     def answer(
         self, accept: str | None, accept_encoding: str | None, names: list[str]
@@ -525,14 +534,21 @@ class Exposition:
         compress = gzip_accepted(accept_encoding or "")
         key = (content_type, compress, tuple(sorted(names)))
         with self._done:
-            while True:
-                cached = self._cache.get(key)
-                if cached is not None and cached[0] >= arrived:  # rendered after this scrape arrived
-                    return cached[1], cached[2]
-                if not self._rendering:
-                    break
-                self._contended = True
-                self._done.wait()  # a render is under way: the next one may serve this scrape too
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            try:
+                while True:
+                    cached = self._cache.get(key)
+                    if cached is not None and cached[0] >= arrived:  # rendered after this scrape arrived
+                        return cached[1], cached[2]
+                    if not self._rendering:
+                        break
+                    self._contended = True
+                    self._done.wait()  # a render is under way: the next one may serve this scrape too
+            finally:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:  # the last scrape of this format that waited
+                    del self._waiting[key]
+                    self._cache.pop(key, None)
             self._rendering = True
             # Scrapes that overlap (a flood) are held to the render share; one scraper alone is not.
             wait = self._next_start - time.monotonic() if self._contended else 0.0
@@ -554,9 +570,8 @@ class Exposition:
                 if rendered is not None:
                     ended = time.monotonic()
                     self._next_start = ended + (ended - rendered[0]) * self._gap_factor
-                    if len(self._cache) >= 8:  # keys come from request headers: keep the cache small
-                        self._cache.clear()
-                    self._cache[key] = rendered
+                    if key in self._waiting:  # for the scrapes of its format that wait
+                        self._cache[key] = rendered
                     self.renders += 1
                 self._rendering = False
                 self._done.notify_all()

@@ -185,6 +185,41 @@ def test_renders_are_per_format() -> None:
     assert dict(om_headers)["Content-Encoding"] == "gzip"
 
 
+def test_the_exposition_keeps_no_body_once_no_scrape_waits_for_it() -> None:
+    """Rendered bodies were kept until 8 formats had been asked for, then all dropped: a few curls
+    with other Accept headers, encodings or name[] held up to 8 whole bodies (~21 MB each with ~900
+    versions) on an idle server. A body is kept only for scrapes that wait for it (a shared render)."""
+    registry = CollectorRegistry()
+    registry.register(_SlowCollector(cost_s=0.0))
+    big = GaugeMetricFamily("big", "x" * 200_000, value=1)
+    registry.register(type("Big", (Collector,), {"collect": lambda self: iter([big])})())
+    exposition = Exposition(registry)
+    formats = [
+        (accept, encoding, names)
+        for names in (["big"], ["probe_value"], [])
+        for accept in (None, "application/openmetrics-text; version=1.0.0")
+        for encoding in (None, "gzip")
+    ]
+    received = sum(len(exposition.answer(accept, encoding, names)[1]) for accept, encoding, names in formats)
+    assert received > 200_000 and exposition.cached_bytes == 0
+
+    # Scrapes that overlap still share renders, and leave nothing behind.
+    collector = _SlowCollector(cost_s=0.05)
+    slow = CollectorRegistry()
+    slow.register(collector)
+    exposition = Exposition(slow)
+    threads = [
+        threading.Thread(target=exposition.answer, args=(accept, encoding, []))
+        for _ in range(4)
+        for accept, encoding, _ in formats[-4:]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert collector.renders < len(threads) and exposition.cached_bytes == 0
+
+
 def test_connections_beyond_max_connections_are_closed_at_accept() -> None:
     async def run() -> list[bool]:
         server = grpc.aio.server(options=grpc_server_options(Limits(max_connections=2)))
