@@ -192,7 +192,9 @@ def healthz_answer(method: str, health: HealthProbe | None) -> tuple[str, list[t
     OPTIONS, `curl -I` and uptime probes HEAD (GET's headers, its Content-Length included, without
     the body)."""
     serving, reason = health() if health is not None else (True, "")
-    body = b"ok\n" if serving else f"not serving: {reason}\n".encode()
+    # A model folder whose name is not UTF-8 reaches the reason as a lone surrogate (os.fsdecode):
+    # escaped, not an UnicodeEncodeError that closed the probe's connection unanswered.
+    body = b"ok\n" if serving else f"not serving: {reason}\n".encode("utf-8", "backslashreplace")
     if len(body) > HEALTHZ_MAX_BODY:  # cut on a character, the cut marked, the newline kept
         kept = body[: HEALTHZ_MAX_BODY - len(_CUT)].decode("utf-8", "ignore")  # a split last one goes
         body = kept.encode() + _CUT

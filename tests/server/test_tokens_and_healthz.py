@@ -478,3 +478,13 @@ def test_a_render_that_raises_is_answered_500_and_logged_as_one_error_record(
     assert errors[0].exc_info is not None and "the collector broke" in caplog.text
     err = capfd.readouterr().err
     assert "Traceback" not in err and "the collector broke" not in err, err
+
+
+def test_a_not_serving_reason_naming_a_folder_that_is_not_utf_8_is_answered_escaped() -> None:
+    """A model folder named in Latin-1 reaches the reason as a lone surrogate (os.fsdecode): the
+    body's encode raised, and the probe's connection was closed with no answer."""
+    from genserve_server.metrics_http import healthz_answer
+
+    status, _, body = healthz_answer("GET", lambda: (False, "model caf\udce9: no READY version"))
+    assert status.startswith("503")
+    assert body == b"not serving: model caf\\udce9: no READY version\n"
