@@ -686,6 +686,14 @@ def cmd_mix(client: GenserveClient, args: argparse.Namespace) -> int:
 def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
     sets = {"A": args.a, "B": args.b, "C": args.c}
     check_picture_path("arithmetic", "--grid", args.grid)
+    # The grid's images: each set's members and the four decoded means (A, B, C, A - B + C).
+    sizes = [len(v) for v in sets.values()]
+    check_grid_size(
+        "arithmetic",
+        sum(sizes) + 4,
+        f"--a/--b/--c (sets of {sizes[0]}, {sizes[1]} and {sizes[2]} seeds, and the 4 means)",
+        "with fewer seeds per set",
+    )
     info = client.get_model(args.model, args.version)
     labels = [args.label] if args.label is not None else []
     if info.kind == CONDITIONAL and not labels:
@@ -1440,7 +1448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=parse_label, help="class for conditional models")
     p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     _add_format(p)
-    p.add_argument("--grid", required=True, help="PNG file")
+    p.add_argument("--grid", required=True, help=f"PNG file (at most {MAX_GRID_IMAGES} images)")
 
     p = command("edit", "VAE: encode an image, move one latent dimension, decode")
     p.add_argument("image")

@@ -142,6 +142,19 @@ def test_a_grid_too_large_is_refused_before_any_call(
     assert code == 2 and "--n must be >= 1" in err
 
 
+def test_an_arithmetic_grid_too_large_is_refused_before_any_call(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = tmp_path / "a.png"
+    many = ",".join(map(str, range(2000)))
+    argv = ("--target", fake_server.target, "arithmetic", "--model", "fake-gen", "--grid", str(grid))
+    code, out, err = cli_main(capsys, *argv, "--a", many, "--b", "1", "--c", "2")
+    # 2000 + 1 + 1 members and the 4 means: a picture of 2001 columns, refused like any other grid.
+    assert code == 2 and f"at most {MAX_GRID_IMAGES} images" in err and "asks for 2006" in err
+    assert "Traceback" not in err and not out
+    assert not fake_server.service.calls["Sample"] and not grid.exists()
+
+
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
