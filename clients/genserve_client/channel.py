@@ -56,6 +56,17 @@ def _resolve_host(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos}, key=lambda a: (":" in a, a))
 
 
+def _check_port(target: str) -> None:
+    """A `host:port` or `dns:///host:port` target's port in 1..65535: gRPC takes a larger one modulo
+    65536 (`127.0.0.1:99999` connects to port 34463), another server than the one named."""
+    authority = target.removeprefix("dns:").removeprefix("//").rpartition("/")[2]
+    if target.startswith(("ipv4:", "ipv6:", "unix:")) or ("://" in target and not target.startswith("dns:")):
+        return  # gRPC parses (and refuses) these itself
+    host, sep, port_text = authority.rpartition(":")
+    if sep and host and port_text.isdigit() and not 0 < int(port_text) < 65536:
+        raise ValueError(f"--target: the port must be in 1..65535, got {port_text} in {target!r}")
+
+
 def is_address_list(target: str) -> bool:
     """`host:port,host:port,...` without a scheme (gRPC's own ipv4:a,b targets pass unchanged)."""
     return "," in target and ":/" not in target and not target.startswith(("ipv4:", "ipv6:", "unix:"))
@@ -67,6 +78,7 @@ def address_list_target(target: str, resolve: Callable[[str, int], list[str]] = 
     literals of one family, so host names are resolved here, once; a host resolving to both
     families contributes its addresses of the family every entry has."""
     if not is_address_list(target):
+        _check_port(target)
         return target
     entries = [e.strip() for e in target.split(",") if e.strip()]
     per_entry: list[list[tuple[int, str]]] = []

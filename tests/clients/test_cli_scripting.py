@@ -176,6 +176,20 @@ def test_help_shows_the_defaults(
     assert "default: None" not in flat and "==SUPPRESS==" not in flat
 
 
+@pytest.mark.parametrize("form", ["{host}:{port}", "dns:///{host}:{port}"])
+def test_a_target_port_past_65535_is_refused_not_wrapped_onto_another_port(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    host, port = fake_server.target.rsplit(":", 1)
+    # 65536 more than the fake's port: gRPC took it modulo 65536 and reached the fake (another
+    # server than the one named) instead of refusing it, as it refuses a list's.
+    wrapped = form.format(host=host, port=int(port) + 65536)
+    code, out, err = cli_main(capsys, "--target", wrapped, "--timeout", "5", "models")
+    assert code == 2 and not out, out
+    assert err.count("\n") == 1 and "--target" in err and "1..65535" in err and str(int(port) + 65536) in err
+    assert not fake_server.service.calls
+
+
 def test_target_from_the_environment_and_flags_after_the_command(
     fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
