@@ -47,13 +47,21 @@ class PayloadFactory:
     """
 
     def __init__(
-        self, model: str, *, labels: Sequence[int] = (), fmt: str = "raw", base_seed: int | None = None
+        self,
+        model: str,
+        *,
+        version: str = "",
+        labels: Sequence[int] = (),
+        fmt: str = "raw",
+        base_seed: int | None = None,
     ):
         out = output_options({"format": fmt})
         self._prefixes: list[bytes] = [
-            genserve_pb2.SampleRequest(model=model, labels=[label], output=out).SerializeToString()
+            genserve_pb2.SampleRequest(
+                model=model, version=version, labels=[label], output=out
+            ).SerializeToString()
             for label in labels
-        ] or [genserve_pb2.SampleRequest(model=model, output=out).SerializeToString()]
+        ] or [genserve_pb2.SampleRequest(model=model, version=version, output=out).SerializeToString()]
         self._seed = random.randrange(2**40) if base_seed is None else base_seed
         self._i = 0
 

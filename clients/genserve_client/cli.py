@@ -1195,7 +1195,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 async def _bench(config: ChannelConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
-    payloads = PayloadFactory(args.model, labels=args.labels or (), fmt=args.format)
+    payloads = PayloadFactory(args.model, version=args.version, labels=args.labels or (), fmt=args.format)
     gen = LoadGenerator(config, payloads, channels=args.channels, timeout_s=args.timeout)
     try:
         closed = not args.rate or args.closed_too
@@ -1247,7 +1247,7 @@ def check_bench_args(args: argparse.Namespace) -> None:
 def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
     check_bench_args(args)
     with GenserveClient(config, timeout_s=args.timeout) as client:
-        info = client.get_model(args.model)
+        info = client.get_model(args.model, args.version)
     if not args.labels:
         args.labels = resolve_labels(info, None)  # all classes if conditional
     elif not info.class_names:

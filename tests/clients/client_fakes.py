@@ -70,6 +70,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     # that stops answering).
     sample_hangs: int = 0
     sample_peak: int = 0
+    # Sample: each call's SampleRequest.version, in order ("" for the highest ready).
+    sample_versions: list[str] = field(default_factory=list)
     _sample_now: int = 0
     _sample_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -103,6 +105,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     ) -> genserve_pb2.SampleResponse:
         self._enter("Sample", context)
         with self._sample_lock:
+            self.sample_versions.append(request.version)
             self._sample_now += 1
             self.sample_peak = max(self.sample_peak, self._sample_now)
             hang, self.sample_hangs = self.sample_hangs > 0, max(0, self.sample_hangs - 1)

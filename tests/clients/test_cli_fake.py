@@ -332,6 +332,18 @@ def test_bench_gives_each_call_its_own_request_id(
     assert None not in ids and len(set(ids)) == len(ids), ids[:5]
 
 
+def test_bench_measures_the_version_its_version_flag_names(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--version (help: 'default: the highest ready') was accepted and never sent: every call went
+    to the highest ready version, so the figures were of another version than the one asked for."""
+    run = ("bench", "--model", "fake-gen", "--version", "7", "--concurrency", "1", "--duration", "0.2")
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--warmup", "0.1", "--json")
+    assert code == 0, err
+    versions = fake_server.service.sample_versions
+    assert versions and set(versions) == {"7"}, set(versions)
+
+
 def test_an_open_loop_level_is_measured_over_its_whole_duration(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
