@@ -590,7 +590,13 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
         raise UsageError("interpolate needs --out DIR and/or --grid FILE.png")
     check_picture_path("interpolate", "--grid", args.grid)
     if args.grid:
-        check_grid_size("interpolate", args.steps, f"--steps {args.steps}")
+        # One call draws the whole path: --out and `bulk` cannot draw more steps either.
+        check_grid_size(
+            "interpolate",
+            args.steps,
+            f"--steps {args.steps}",
+            "to the model's max_images_per_request at most (256 by default): one call draws the path",
+        )
     opts = _sample_opts(args)
     if args.label:
         opts["labels"] = args.label

@@ -142,6 +142,19 @@ def test_a_grid_too_large_is_refused_before_any_call(
     assert code == 2 and "--n must be >= 1" in err
 
 
+def test_an_interpolate_grid_too_large_does_not_advise_what_the_server_refuses_too(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One Interpolate call draws the whole path, at most max_images_per_request steps (256 by
+    default): the grid's refusal advised --out or `bulk`, which cannot draw a path of 5000 either."""
+    grid = tmp_path / "i.png"
+    argv = ("--target", fake_server.target, "interpolate", "--model", "fake-gen", "--from-seed", "1")
+    code, out, err = cli_main(capsys, *argv, "--to-seed", "2", "--steps", "5000", "--grid", str(grid))
+    assert code == 2 and not out and f"at most {MAX_GRID_IMAGES} images" in err and "--steps 5000" in err
+    assert "--out" not in err and "bulk" not in err and "max_images_per_request" in err
+    assert not fake_server.service.calls and not grid.exists()
+
+
 def test_an_arithmetic_grid_too_large_is_refused_before_any_call(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
