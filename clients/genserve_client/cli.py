@@ -228,6 +228,18 @@ def check_picture_path(command: str, flag: str, path: str | None) -> None:
         )
 
 
+def check_out_folder(command: str, path: str | None) -> None:
+    """Refuse, before any call, an --out folder that is a file or lies under one: mkdir's bare
+    `[Errno 17] File exists` came after all the work, its images thrown away."""
+    if path is None:
+        return
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UsageError(f"{command}: --out {path}: {folder} is a file, not a folder")
+            return
+
+
 def parse_floats(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -524,6 +536,7 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         )
     check_picture_path("sample", "--grid", args.grid)
     check_picture_path("sample", "--progress", args.progress)
+    check_out_folder("sample", args.out)
     if args.grid:
         check_grid_size("sample", args.n, f"--n {args.n}")  # before any call
     info = client.get_model(args.model, args.version)  # the version its calls go to
@@ -589,6 +602,7 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.out and not args.grid:
         raise UsageError("interpolate needs --out DIR and/or --grid FILE.png")
     check_picture_path("interpolate", "--grid", args.grid)
+    check_out_folder("interpolate", args.out)
     if args.grid:
         # One call draws the whole path: --out and `bulk` cannot draw more steps either.
         check_grid_size(

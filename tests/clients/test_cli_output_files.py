@@ -170,3 +170,23 @@ def test_a_grid_with_a_name_near_the_filesystems_limit_is_written(
     )
     assert code == 0, err
     assert leftovers(tmp_path) == [grid.name]
+
+
+@pytest.mark.parametrize("command", ["sample", "interpolate"])
+def test_an_out_folder_that_is_a_file_is_refused_before_any_call(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """--out names a folder: one that is a file (or lies under one) failed with a bare '[Errno 17]
+    File exists' (exit 1) only after every call, all their images thrown away."""
+    taken = tmp_path / "g.png"
+    taken.write_bytes(b"not a folder")
+    args = {
+        "sample": ["sample", "--model", "fake-gen", "--n", "3", "--seed", "1"],
+        "interpolate": ["interpolate", "--model", "fake-gen", "--from-seed", "1", "--to-seed", "2"],
+    }[command]
+    for out in (taken, taken / "sub"):
+        code, stdout, err = cli_main(capsys, "--target", fake_server.target, *args, "--out", str(out))
+        assert code == 2 and not stdout, (code, stdout)
+        assert err.count("\n") == 1 and "--out" in err and str(taken) in err and "not a folder" in err
+    assert not fake_server.service.calls.get(command.capitalize())
+    assert taken.read_bytes() == b"not a folder"
