@@ -282,6 +282,9 @@ def _verify_version(
     if problem:
         model.errors.append(problem)
         return model
+    if not isinstance(card, dict):  # valid JSON, but null, a number, a string or a list
+        model.errors.append(f"{where}: must be a JSON object, got {type(card).__name__}")
+        return model
     model.errors += validate_card(card, where=where)
     if model.errors:
         return model

@@ -120,3 +120,18 @@ def test_a_model_file_without_read_permission_is_an_error_naming_it(
     assert code == 1, out
     assert "model.onnx" in out and "Permission denied" in out, out
     assert "[OK] healthy/1" in out, out
+
+
+@pytest.mark.parametrize("content", ["null", "5", '"a card"', "[1, 2]"])
+def test_a_card_that_is_not_a_json_object_is_an_error_saying_so(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(exported, repo)
+    (repo / "broken" / "1" / "card.json").write_text(content)
+    code = cli_main(["verify", str(repo), "--no-quality", "--no-thresholds"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "broken/1/card.json: must be a JSON object" in out, out
+    assert "missing field" not in out, out
+    assert "[OK] healthy/1" in out, out
