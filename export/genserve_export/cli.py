@@ -633,6 +633,12 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         # kind refuses): its message, not a traceback.
         sys.stderr.write(f"genserve-export {args.command}: error: {exc}\n")
         return 1
+    except OSError as exc:
+        # The repository or a file it reads cannot be written or read (a full disk, a read-only
+        # mount, no permission): the file and the cause, not a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"genserve-export {args.command}: error: {where}{exc.strerror or exc}\n")
+        return 1
     return _verify_and__say(
         args.path, grids=args.grids, thresholds=not args.no_thresholds, quality=not args.no_quality
     )

@@ -3,6 +3,7 @@ traceback and before any training."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -186,3 +187,30 @@ def test_count_activations_skips_a_card_nested_too_deeply_to_parse_and_counts_th
     assert code == 0, err
     counted = json.loads((tmp_path / "unet-denoise" / "1" / "card.json").read_text())
     assert counted["activation_bytes_per_output_value"] == 170.667
+
+
+def test_train_whose_export_cannot_be_written_is_an_error_naming_the_file_not_a_traceback(
+    tmp_path: Path,
+    fake_recipe: _FakeRecipe,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A repository that cannot be written (a full disk, a read-only mount; chmod does not stop
+    root, so the write is refused as the OS would refuse it) ended `train` with an OSError traceback.
+    It is an error naming the file and the cause, exit 1."""
+    from genserve_export import export as export_module
+
+    copy = export_module.shutil.copyfile
+
+    def full_disk(source: str, target: str, *args: object, **kwargs: object) -> object:
+        if "/.tmp-" in str(target):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        return copy(source, target)
+
+    monkeypatch.setattr(export_module.shutil, "copyfile", full_disk)
+    out = tmp_path / "models"
+    code = cli.main(["train", "tiny-gen", "--out", str(out), "--no-fp16"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "genserve-export train: error:" in err and "No space left on device" in err, err
+    assert "model.onnx" in err and "Traceback" not in err, err
