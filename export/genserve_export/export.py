@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import json
@@ -908,6 +909,15 @@ def _remove_stale_staging(entry: Path) -> None:
             os.close(fd)
 
 
+def _remove_if_empty(entry: Path, made: bool) -> None:
+    """Remove the model folder `entry` an export `made` and could not publish into: left empty (no
+    config.json, no version), a server would report the model unavailable. One another export has
+    written into meanwhile stays."""
+    if made:
+        with contextlib.suppress(OSError):
+            entry.rmdir()
+
+
 def _write_atomically(
     out_root: Path,
     name: str,
@@ -919,11 +929,16 @@ def _write_atomically(
     overwrite: bool,
 ) -> Path:
     entry = out_root / name
+    made = not os.path.lexists(entry)  # a new model: its folder goes again if nothing is published
     entry.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(entry)
     token = secrets.token_hex(4)
     staging = entry / f".tmp-{version}-{token}"
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except BaseException:
+        _remove_if_empty(entry, made)
+        raise
     lock = _lock_staging(staging)  # held until this export leaves it: no other one removes it
     try:
         for file in files:
@@ -950,6 +965,7 @@ def _write_atomically(
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(entry, made)
         raise
     finally:
         if lock is not None:

@@ -655,6 +655,42 @@ def test_export_fsyncs_what_it_publishes_before_each_rename_and_the_directory_af
         assert sorted(f.name for f in target.iterdir()) == ["card.json", "model.onnx"]
 
 
+def test_an_export_of_a_new_model_that_cannot_be_written_leaves_no_model_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export of a new model whose files could not be written (a full disk midway) removed its
+    staging folder but left <name>/ behind, empty: a model without config.json or version that a
+    server reports unavailable (genserve_model_config_error) and verify fails. The folder it made
+    goes too; a model that was there before keeps its folder and versions."""
+    import shutil
+
+    out = tmp_path / "models"
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+
+    def export(name: str, version: str = "1") -> Path:
+        return export_model(
+            _TinyImage(0), kind="generator", name=name, version=version, out_dir=out,
+            example_inputs={"z": z}, card=card, fp16=False,
+        )  # fmt: skip
+
+    export("kept")
+    copy = shutil.copyfile
+
+    def full_disk(source: str, target: str, *args: object, **kwargs: object) -> object:
+        if "/.tmp-" in str(target):
+            raise OSError(28, "No space left on device", str(target))
+        return copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export("tiny-gen")
+    with pytest.raises(OSError, match="No space left"):
+        export("kept", version="2")
+    assert sorted(p.name for p in out.iterdir()) == ["kept"]
+    assert sorted(p.name for p in (out / "kept").iterdir()) == ["1", "config.json"]
+
+
 def test_replace_keeps_the_old_version_served_until_the_new_one_is_on_disk_and_back_if_it_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
