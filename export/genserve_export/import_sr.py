@@ -94,7 +94,13 @@ class Package:
             if not target.is_file():
                 raise ImportFailedError(f"{target} not found (is {self.path} an unpacked npm package?)")
             return target.read_bytes()
-        with tarfile.open(self.path) as tar:
+        try:
+            opened = tarfile.open(self.path)
+        except tarfile.TarError as exc:  # a failed download, an HTML error page: no tarball
+            raise ImportFailedError(
+                f"{self.path} is neither an npm package's .tgz nor its unpacked directory ({exc})"
+            ) from exc
+        with opened as tar:
             try:
                 member = tar.extractfile(self._member(relative))
             except KeyError:
@@ -103,14 +109,33 @@ class Package:
                 raise ImportFailedError(f"{self._member(relative)} not found in {self.path}")
             return member.read()
 
+    def metadata(self) -> dict[str, Any]:
+        """package.json: a JSON object whose name and version are strings."""
+        where = f"{self._member('package.json')} in {self.path}"
+        try:
+            meta = json.loads(self.read("package.json"))
+        except ValueError as exc:  # not UTF-8, or not JSON
+            raise ImportFailedError(f"{where} is not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise ImportFailedError(f"{where} must be a JSON object, got {type(meta).__name__}")
+        for key in ("name", "version"):
+            if not isinstance(meta.get(key), str) or not meta[key]:
+                raise ImportFailedError(f"{where}: field {key!r} must be a non-empty string")
+        return meta
+
     def model_source(self, scale: int) -> tuple[Path, str]:
         """(source, model.json path within it) for ``read_layers_model``."""
         return self.path, self._member(f"models/x{scale}/model.json")
 
     def image(self, relative: str) -> np.ndarray:
         """An RGB PNG of the package as float32 [3, H, W] in [0, 1]."""
-        with Image.open(io.BytesIO(self.read(relative))) as img:
-            return np.asarray(img.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
+        data = self.read(relative)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                return np.asarray(img.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
+        except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file
+            where = f"{self._member(relative)} in {self.path}"
+            raise ImportFailedError(f"{where} is not an image: {exc}") from exc
 
 
 class PretrainedSR(nn.Module):
@@ -292,7 +317,7 @@ def import_tfjs_sr(
     say = progress or logger.info
     started = time.perf_counter()
     package = Package(Path(package_path))
-    meta = json.loads(package.read("package.json"))
+    meta = package.metadata()
     licence_text = package.read("LICENSE")
     source, model_json = package.model_source(scale)
     model = read_layers_model(source, model_json)

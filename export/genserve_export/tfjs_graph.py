@@ -153,11 +153,19 @@ def read_layers_model(source: str | Path, model_json: str = "model.json") -> Lay
     source = Path(source)
     files = _Files(source, model_json)
     try:
-        document = json.load(io.BytesIO(files.read(model_json)))
+        try:
+            document = json.load(io.BytesIO(files.read(model_json)))
+        except ValueError as exc:  # not UTF-8, or not JSON
+            raise TfjsModelError(f"{model_json} is not valid JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise TfjsModelError(f"{model_json} must be a JSON object, got {type(document).__name__}")
         if document.get("format") != "layers-model":
             raise TfjsModelError(
                 f"{model_json}: format is {document.get('format')!r}; only TF.js 'layers-model' is supported"
             )
+        for key in ("modelTopology", "weightsManifest"):
+            if key not in document:
+                raise TfjsModelError(f"{model_json}: missing field {key!r} of a TF.js layers model")
         layers, input_name, output_name = _parse_layers(document["modelTopology"], model_json)
         base = model_json.rpartition("/")[0]
         weights = _parse_weights(document["weightsManifest"], files, base + "/" if base else "")

@@ -345,3 +345,55 @@ def test_import_refuses_a_name_no_model_may_have_before_any_work(
         )
     assert said == []
     assert not (tmp_path / "models").exists()
+
+
+def _not_a_tarball(package: Path) -> Path:
+    broken = package.with_name("broken.tgz")
+    broken.write_bytes(b"<html>404 Not Found</html>")  # a download that went wrong
+    return broken
+
+
+def _unpacked(package: Path, relative: str, content: bytes) -> Path:
+    """The package unpacked, with `relative` replaced by `content`."""
+    root = package.parent / "package"  # what write_package packed
+    (root / relative).write_bytes(content)
+    return root
+
+
+DAMAGED_PACKAGES = {
+    "not a tarball": (_not_a_tarball, "broken.tgz"),
+    "package.json not JSON": (lambda p: _unpacked(p, "package.json", b"{"), "package.json"),
+    "package.json without a name": (
+        lambda p: _unpacked(p, "package.json", b'{"version": "1.0.0"}'),
+        "package.json",
+    ),
+    "package.json a list": (lambda p: _unpacked(p, "package.json", b"[]"), "package.json"),
+    "model.json not JSON": (lambda p: _unpacked(p, "models/x2/model.json", b"{"), "model.json"),
+    "model.json without its topology": (
+        lambda p: _unpacked(p, "models/x2/model.json", b'{"format": "layers-model"}'),
+        "model.json",
+    ),
+    "fixture not a PNG": (lambda p: _unpacked(p, "assets/fixture.png", b"junk"), "assets/fixture.png"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_PACKAGES))
+def test_import_of_a_damaged_package_is_an_error_naming_the_file_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    """A package that is not a tarball (a failed download), or whose package.json, model.json or
+    sample image is not what it should be, ended import-rrdn with a traceback (tarfile.ReadError,
+    JSONDecodeError, KeyError, TypeError) or a message naming no file. It is an error naming the
+    file, exit 1, and nothing is written."""
+    from genserve_export import cli
+
+    make, named = DAMAGED_PACKAGES[damage]
+    package = make(write_package(tmp_path))
+    out = tmp_path / "models"
+    code = cli.main(
+        ["import-rrdn", str(package), "--out", str(out), "--name", "tiny-x2", "--scale", "2", "--no-fp16"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "genserve-export import-rrdn: error:" in err and named in err, err
+    assert not out.exists()
