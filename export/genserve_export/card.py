@@ -245,6 +245,14 @@ def _code_field_problems(card: Mapping[str, Any], kind: Kind, where: str) -> lis
     return problems
 
 
+def _validate_recipe(card: Mapping[str, Any], where: str) -> list[str]:
+    """`recipe` names the recipe verify recomputes quality with, or is null (a user's model)."""
+    recipe = card["recipe"]
+    if recipe is None or (isinstance(recipe, str) and recipe):
+        return []
+    return [f"{where}: field 'recipe' must be a string or null, got {recipe!r}"]
+
+
 def _validate_objects(card: Mapping[str, Any], where: str) -> list[str]:
     problems: list[str] = []
     for obj in ("training", "quality", "holdout", "parity", "sha256"):
@@ -308,6 +316,7 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
 
     problems += _validate_kind_fields(card, where)
     problems += _validate_objects(card, where)
+    problems += _validate_recipe(card, where)
     domains = card.get("domains")
     if kind.two_way and (
         not isinstance(domains, list)

@@ -6,6 +6,7 @@ models: never a traceback that checks nothing more, nor a hang."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -134,4 +135,21 @@ def test_a_card_that_is_not_a_json_object_is_an_error_saying_so(
     assert code == 1, out
     assert "broken/1/card.json: must be a JSON object" in out, out
     assert "missing field" not in out, out
+    assert "[OK] healthy/1" in out, out
+
+
+@pytest.mark.parametrize("recipe", [["dcgan-digits"], {"name": "dcgan-digits"}, 5])
+def test_a_card_whose_recipe_is_not_a_string_is_an_error_naming_the_field(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe: object
+) -> None:
+    """A card's `recipe` is a string or null (docs/model-repository.md): a list or an object crashed
+    verify's quality step (TypeError: unhashable type), checking no other model; a number passed."""
+    repo = tmp_path / "repo"
+    shutil.copytree(exported, repo)
+    path = repo / "broken" / "1" / "card.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "recipe": recipe}))
+    code = cli_main(["verify", str(repo), "--no-thresholds"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "broken/1/card.json: field 'recipe' must be a string or null" in out, out
     assert "[OK] healthy/1" in out, out
