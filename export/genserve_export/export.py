@@ -123,6 +123,7 @@ def export_model(
     if not overwrite:
         refuse_published([target])
     example = _example_tensors(spec, kind, example_inputs)
+    _check_float32_weights(module)
     input_names = list(example)
     card_in = dict(card)
     size_multiple = int(card_in.get("size_multiple", 1))
@@ -299,6 +300,17 @@ def _example_tensors(
     if batches == {1}:
         tensors = {k: torch.cat([v, v]) for k, v in tensors.items()}
     return tensors
+
+
+def _check_float32_weights(module: nn.Module) -> None:
+    """The module computes in float32, as the graph's inputs and outputs are: a float64 (.double())
+    or float16 (.half()) weight is named with the fix, not left to fail in its first layer."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            raise KindMismatchError(
+                f"the module's {name!r} is {tensor.dtype}: export a float32 module (module.float()); "
+                "model.fp16.onnx is written from it (fp16=True)"
+            )
 
 
 # --- torch reference and card derivation -----------------------------------------------------

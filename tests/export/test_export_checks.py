@@ -15,6 +15,7 @@ from torch import nn
 
 from genserve_export import (
     CardFieldError,
+    KindMismatchError,
     RepositoryExistsError,
     cli,
     export_model,
@@ -834,3 +835,19 @@ def test_replace_of_a_symlinked_version_leaves_no_old_link_and_keeps_what_it_poi
     assert not target.is_symlink() and sorted(f.name for f in target.iterdir()) == ["card.json", "model.onnx"]
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
     assert sorted(f.name for f in elsewhere.iterdir()) == kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_export_of_a_module_whose_weights_are_not_float32_names_the_weight_and_the_fix(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """A module left in float64 (`.double()`) or float16 (`.half()`) failed with torch's own
+    RuntimeError 'mat1 and mat2 must have the same dtype', no ExportError (which export_model
+    promises for every failure) and no word of which weight or of the fix."""
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    with pytest.raises(KindMismatchError, match=rf"fc\.weight.*{dtype}.*float\(\)"):
+        export_model(
+            _TinyImage(0).to(dtype), kind="generator", name="tiny-gen", out_dir=tmp_path / "models",
+            example_inputs={"z": z}, card={"description": "tiny", "output_range": [-1.0, 1.0]}, fp16=False,
+        )  # fmt: skip
+    assert not (tmp_path / "models").exists()
