@@ -121,6 +121,8 @@ def read_token_file(path: str | Path) -> str:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"--token-file {path}: not UTF-8 text") from None
+    except OSError as exc:  # not there, a folder, not readable: a bad argument, named as such
+        raise ValueError(f"--token-file {path}: cannot read it ({exc.strerror or exc})") from None
     # Lines end at \n (CRLF's \r, spaces and tabs stripped), as in the server's load_tokens:
     # str.splitlines also broke at a form feed, \x1c-\x1e, NEL or U+2028 inside the one token.
     lines = [ln.strip(" \t\r") for ln in text.split("\n")]
@@ -199,7 +201,10 @@ class TlsOptions:
             # lines): a file that holds no PEM block is named here.
             if path is None:
                 return None
-            data = Path(path).read_bytes()
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:  # not there, a folder, not readable: a bad argument, named as such
+                raise ValueError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
             if b"-----BEGIN " not in data or marker not in data:
                 raise ValueError(f"{flag} {path}: not a PEM file holding {what}")
             return data

@@ -78,3 +78,25 @@ def test_a_token_file_whose_one_token_holds_a_form_feed_or_such_names_the_charac
     assert code == 2, err
     assert str(token_file) in err and "2 tokens" not in err and "character" in err, err
     assert "tok" not in err.replace("token", "") and not fake_server.service.calls
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--token-file", "{missing}"),
+        ("--tls-ca", "{missing}"),
+        ("--tls-cert", "{missing}", "--tls-key", "{missing}"),
+        ("--token-file", "{folder}"),
+    ],
+)
+def test_a_connection_file_that_cannot_be_read_is_a_bad_argument_naming_its_flag(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, ...]
+) -> None:
+    """A --token-file or --tls-* naming a file that is not there (or a folder) failed with exit 1,
+    '[Errno 2] No such file or directory: ...', naming no flag, where a file that holds no token or
+    no PEM is refused with exit 2 naming its flag: it is a bad argument too, named before any call."""
+    given = [f.format(missing=tmp_path / "nofile", folder=tmp_path) for f in flags]
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *given, "models")
+    assert code == 2, err
+    assert f"{given[0]} {given[1]}: cannot read it" in err, err
+    assert not fake_server.service.calls
