@@ -1315,6 +1315,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _TokenSource(argparse.Action):
+    """--token and --token-file are one setting, the bearer token: the one given last wins (after
+    the command too, where the subcommand's namespace is copied over the main one's), the other is
+    cleared."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        namespace.token = values if self.dest == "token" else None
+        namespace.token_file = values if self.dest == "token_file" else None
+
+
 def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
     """Connection flags. After the command their defaults are SUPPRESS, so a flag given before the
     command is not overwritten by the subcommand's default."""
@@ -1337,10 +1353,14 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
         help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
     )
     g.add_argument(
-        "--token", default=default(None), help="bearer token (sent as `authorization: Bearer <token>`)"
+        "--token",
+        action=_TokenSource,
+        default=default(None),
+        help="bearer token (sent as `authorization: Bearer <token>`; it or --token-file, the last given)",
     )
     g.add_argument(
         "--token-file",
+        action=_TokenSource,
         default=default(None),
         help="file holding the bearer token (one; blank and `#` comment lines skipped)",
     )
@@ -1604,7 +1624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def channel_config(args: argparse.Namespace) -> ChannelConfig:
     token = args.token
-    if args.token_file:  # wins over --token: only the token sent is checked
+    if args.token_file:  # the one of --token and --token-file given last (_TokenSource)
         token = read_token_file(args.token_file)
     elif token and (problem := token_problem(token)) is not None:
         raise UsageError(f"--token: {problem}")

@@ -31,6 +31,35 @@ def test_token_file_in_the_servers_format_sends_its_one_token(
     assert fake_server.service.metadata[-1]["authorization"] == f"Bearer {TOKEN}"
 
 
+@pytest.mark.parametrize(
+    ("order", "sent"),
+    [
+        (("--token-file", "{file}", "models", "--token", OTHER), OTHER),
+        (("--token-file", "{file}", "--token", OTHER, "models"), OTHER),
+        (("models", "--token-file", "{file}", "--token", OTHER), OTHER),
+        (("--token", OTHER, "models", "--token-file", "{file}"), TOKEN),
+        (("models", "--token", OTHER, "--token-file", "{file}"), TOKEN),
+    ],
+)
+def test_the_token_flag_given_last_wins_whether_token_or_token_file(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    order: tuple[str, ...],
+    sent: str,
+) -> None:
+    """--token-file always won over --token, even a --token given after the command, where
+    docs/client.md says a flag given after the command wins: `genserve-client --token-file F models
+    --token T` sent F's token. Both are one setting, the bearer token, and the one given last wins
+    (as the server's token flags replace the config file's token sources)."""
+    tokens = tmp_path / "token"
+    tokens.write_text(f"{TOKEN}\n")
+    args = [a.format(file=tokens) for a in order]
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *args)
+    assert code == 0, err
+    assert fake_server.service.metadata[-1]["authorization"] == f"Bearer {sent}"
+
+
 def test_token_file_with_several_tokens_is_refused_naming_the_file(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
