@@ -1090,6 +1090,10 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
     return params, shard.folder(out) if shard else out, shard
 
 
+# The variable the resume hint puts where a literal --token went (its value is never printed).
+TOKEN_VARIABLE = "GENSERVE_TOKEN"
+
+
 def resume_command(args: argparse.Namespace, out: Path, n: int | None = None) -> str:
     """The exact command that resumes the job in `out` (a token is never printed); `n`: the job's
     size where job.json does not hold it yet (a grown job whose new range the server has not
@@ -1182,6 +1186,8 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         elif on_disk is not None and not rejected:
             grown = params.n if on_disk["params"].get("n") != params.n else None
             _err(f"genserve-client: the job is resumable: {resume_command(args, out, grown)}")
+            if args.token and not args.token_file:  # the hint names a variable the CLI does not read
+                _err(f"genserve-client: set {TOKEN_VARIABLE} to the token given with --token first")
         elif on_disk is None and not rejected and not _not_writable(exc, out):
             # No job.json yet (written at the first chunk the server accepts): nothing to --resume, and
             # what it left (the lock, an empty manifest) does not stop the same command.

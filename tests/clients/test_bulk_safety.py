@@ -397,6 +397,33 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
 
 
 @pytest.mark.usefixtures("quick_backoff")
+def test_the_resume_hint_of_a_job_given_a_literal_token_says_to_set_the_variable_it_names(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hint printed --token "$GENSERVE_TOKEN" (never the token), but the CLI reads no such
+    variable and nothing told the user to set it: pasted as is, it sent an empty token. A line after
+    it says to set GENSERVE_TOKEN to the token given with --token, still without the token; a
+    --token-file is repeated as given, with no such line."""
+    secret = "s3cret-T_1"
+    t = ("--target", fake_server.target)
+    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "2", "--out", str(tmp_path))[0] == 0
+    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    resume = ("bulk", "--resume", str(tmp_path), "--n", "4", "--retry-window", "0.3")
+    code, _, err = cli_main(capsys, *t, "--token", secret, *resume)
+    assert code == 1, err
+    assert secret not in err, err
+    hint_line, *rest = err.split("the job is resumable: ")[1].splitlines()
+    assert '--token "$GENSERVE_TOKEN"' in hint_line, err
+    assert any("GENSERVE_TOKEN" in line and "--token" in line and "set" in line for line in rest), err
+    token_file = tmp_path.parent / "token"
+    token_file.write_text(secret + "\n")
+    code, _, err = cli_main(capsys, *t, "--token-file", str(token_file), *resume)
+    assert code == 1, err
+    assert secret not in err and "GENSERVE_TOKEN" not in err, err
+    assert shlex.join(["--token-file", str(token_file)]) in err, err
+
+
+@pytest.mark.usefixtures("quick_backoff")
 def test_a_new_job_cut_before_its_first_chunk_says_to_repeat_the_command_and_the_same_command_starts_it(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
