@@ -619,8 +619,11 @@ class App:
         listening socket here: a new server may bind the port at once) -> in-flight RPCs finish
         within the grace -> drain -> close."""
         grace_s = self.config.drain_grace_s
-        draining = describe_calls(self.boundary.in_flight)
-        logger.info("shutting down: draining %s for up to %g s", draining, grace_s)
+        if +self.boundary.in_flight:
+            draining = describe_calls(self.boundary.in_flight)
+            logger.info("shutting down: draining %s for up to %g s", draining, grace_s)
+        else:
+            logger.info("shutting down: no call in flight (drain grace %g s)", grace_s)
         started = time.monotonic()
         self.boundary.grace_ends_at = started + grace_s  # the calls cut then are counted UNAVAILABLE
         # A bulk stream would otherwise run for the whole grace (thousands of images) only to be cut

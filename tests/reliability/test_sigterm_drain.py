@@ -344,7 +344,7 @@ def test_the_shutdown_log_prints_the_drain_grace_as_given(tmp_path: Path, grace_
             server.proc.wait(30)
         log = server.log()
         assert server.proc.returncode == 0, log
-        assert f"shutting down: draining no call in flight for up to {shown} s" in log, log
+        assert f"shutting down: no call in flight (drain grace {shown} s)" in log, log
     finally:
         server.stop()
 
