@@ -7,7 +7,6 @@ interceptor before any handler runs, compared in constant time against every con
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import ssl
@@ -289,10 +288,7 @@ def certificate_expiries(config: SecurityConfig) -> dict[str, float]:
             context.load_verify_locations(cafile=config.tls_client_ca_file)
         except (ssl.SSLError, OSError):
             return expiries
-        ends = []
-        for ca in context.get_ca_certs():
-            with contextlib.suppress(KeyError, ValueError):
-                ends.append(float(ssl.cert_time_to_seconds(str(ca["notAfter"]))))
+        ends = [end for ca in context.get_ca_certs() if (end := _not_after(ca)) is not None]
         if ends:
             expiries["client_ca"] = min(ends)
     return expiries
