@@ -15,7 +15,7 @@ import grpc
 
 from genserve.v1 import genserve_pb2_grpc
 from genserve_client import calls
-from genserve_client.attempts import Attempts, StreamResume
+from genserve_client.attempts import Attempts, StreamResume, grpc_timeout
 from genserve_client.binding import ClientBase
 from genserve_client.channel import RECONNECTING
 from genserve_client.errors import GenserveClientError, closed_client_error, from_rpc_error
@@ -178,7 +178,7 @@ class AsyncGenserveClient(ClientBase):
         while (request := resume.next_request()) is not None:
             try:
                 stream = self._stub.SampleStream(
-                    request, timeout=resume.call.timeout_s, metadata=resume.attempts.metadata
+                    request, timeout=grpc_timeout(resume.call.timeout_s), metadata=resume.attempts.metadata
                 )
             except grpc.aio.UsageError:
                 if (closed := self._closed_channel(resume.attempts.request_id, began_open)) is None:

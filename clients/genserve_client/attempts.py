@@ -27,6 +27,17 @@ Out = TypeVar("Out")
 Metadata = Iterable[tuple[str, str | bytes]] | None
 
 
+# gRPC Python sends a call with the deadline time.time() + timeout in int64 nanoseconds since 1970:
+# a timeout past about 7e9 s wrapped it, and the call failed DEADLINE_EXCEEDED at once, unsent.
+# A timeout is given to gRPC as at most this (~31 years), which no call outlives.
+MAX_GRPC_TIMEOUT_S = 1e9
+
+
+def grpc_timeout(timeout_s: float | None) -> float | None:
+    """`timeout_s` as gRPC can take it: at most MAX_GRPC_TIMEOUT_S (None: no deadline)."""
+    return None if timeout_s is None else min(timeout_s, MAX_GRPC_TIMEOUT_S)
+
+
 def remaining_s(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -47,8 +58,8 @@ class Attempts:
         self._last_error: GenserveClientError | None = None
 
     def timeout_s(self) -> float | None:
-        """What is left of the deadline, for the next attempt."""
-        return remaining_s(self._deadline)
+        """What is left of the deadline, for the next attempt (as gRPC can take it)."""
+        return grpc_timeout(remaining_s(self._deadline))
 
     def wait_s(self, exc: grpc.RpcError) -> float:
         """Seconds to wait before the next attempt after `exc`; raises the GenserveClientError

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from genserve.v1 import genserve_pb2
+from genserve_client.attempts import grpc_timeout
 from genserve_client.channel import ChannelConfig, new_request_id
 from genserve_client.requests import output_options
 
@@ -151,7 +152,7 @@ class LoadGenerator:
         metadata = self.config.metadata(f"{self._run_id}-{self._next}")
         self._next += 1
         try:
-            await call(self.payloads(), timeout=self.timeout_s, metadata=metadata)
+            await call(self.payloads(), timeout=grpc_timeout(self.timeout_s), metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
             rec.errors[code] += 1

@@ -16,7 +16,7 @@ import grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_client import calls
-from genserve_client.attempts import Attempts, StreamResume
+from genserve_client.attempts import Attempts, StreamResume, grpc_timeout
 from genserve_client.binding import ClientBase
 from genserve_client.channel import RECONNECTING
 from genserve_client.errors import GenserveClientError, closed_client_error, from_rpc_error
@@ -198,7 +198,9 @@ class SampleStream:
                 return None
             try:
                 call: Iterator[genserve_pb2.SampleStreamChunk] = self._client._stub.SampleStream(
-                    request, timeout=self._resume.call.timeout_s, metadata=self._resume.attempts.metadata
+                    request,
+                    timeout=grpc_timeout(self._resume.call.timeout_s),
+                    metadata=self._resume.attempts.metadata,
                 )
             except ValueError:  # "Cannot invoke RPC: Channel closed!" (closed while waiting to retry)
                 if (closed := self._client._closed_channel(self.request_id, self._began_open)) is None:

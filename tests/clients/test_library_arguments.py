@@ -701,3 +701,32 @@ def test_top_codes_that_are_not_int64_integers_are_refused_naming_the_field_not_
     for whole in (np.full((7, 7), 3.0), np.full((7, 7), 3, np.uint8), [[3] * 7] * 7):
         sent = calls.sample_codes("prior", 1, top_codes=whole).request.top_codes  # type: ignore[arg-type]
         assert np.frombuffer(sent.data, "<i8").tolist() == [3] * 49 and list(sent.shape) == [7, 7]
+
+
+@pytest.mark.parametrize("timeout_s", [1e10, 1e300])
+def test_a_timeout_longer_than_grpc_can_hold_is_no_deadline_not_an_instant_deadline_exceeded(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str], timeout_s: float
+) -> None:
+    """gRPC Python turns a timeout into time.time() + timeout in int64 nanoseconds: past ~7e9 s it
+    wrapped, and every call (unary or stream, sync or asyncio, the CLI's --timeout 1e10) failed
+    DEADLINE_EXCEEDED at once, before it was sent, where a longer timeout can only mean a later one."""
+    with GenserveClient(fake_server.target, timeout_s=timeout_s) as client:
+        assert len(client.sample("fake-gen", 2).items) == 2
+        assert len(client.sample("fake-gen", 1, timeout_s=timeout_s).items) == 1
+        assert sum(len(r.items) for r in client.sample_stream("fake-gen", 3, timeout_s=timeout_s)) == 3
+        assert list(client.sample_codes_progress("fake-gen", 2, timeout_s=timeout_s))
+
+    async def both() -> None:
+        async with AsyncGenserveClient(fake_server.target, timeout_s=timeout_s) as client:
+            assert len((await client.sample("fake-gen", 2)).items) == 2
+            assert (
+                sum([len(r.items) async for r in client.sample_stream("fake-gen", 3, timeout_s=timeout_s)])
+                == 3
+            )
+            assert [p async for p in client.sample_codes_progress("fake-gen", 2, timeout_s=timeout_s)]
+
+    asyncio.run(both())
+    from client_fakes import cli_main
+
+    code, out, err = cli_main(capsys, "--target", fake_server.target, "--timeout", "1e10", "models")
+    assert code == 0 and "fake-gen" in out, (code, err)
