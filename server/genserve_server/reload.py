@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -132,8 +133,9 @@ VERSION_FILES = ("model.onnx", "model.fp16.onnx", "card.json")
 def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int, int], ...]:
     """Names, sizes, mtimes and modes (permissions: a chmod that makes a file readable again changes
     nothing else) of each model directory, its entries and its version directories' VERSION_FILES
-    (the watch). A version directory that cannot be looked inside is one more entry, (its name,
-    UNLISTABLE, errno, 0), and hides none of the versions beside it."""
+    and the external data files their card.json lists (the watch). A version directory that cannot
+    be looked inside is one more entry, (its name, UNLISTABLE, errno, 0), and hides none of the
+    versions beside it."""
     entries: list[tuple[str, int, int, int]] = []
     with contextlib.suppress(OSError):
         for model_dir in root.iterdir():
@@ -156,7 +158,9 @@ def _children(model_dir: Path, root: Path, entries: list[tuple[str, int, int, in
         for child in model_dir.iterdir():
             paths.append(child)
             if child.is_dir() and VERSION_PATTERN.match(child.name):
-                for name in VERSION_FILES:
+                names = list(VERSION_FILES)
+                while names:
+                    name = names.pop(0)
                     path = child / name
                     try:
                         st = path.stat()
@@ -166,7 +170,34 @@ def _children(model_dir: Path, root: Path, entries: list[tuple[str, int, int, in
                         entries.append((str(child.relative_to(root)), UNLISTABLE, exc.errno or 0, 0))
                         break
                     entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_mode))
+                    if name == "card.json":  # the external data files it lists (model.onnx.data)
+                        names += _card_data_files(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     return paths
+
+
+@functools.lru_cache(maxsize=4096)
+def _card_data_files(card: str, size: int, mtime_ns: int, ino: int) -> tuple[str, ...]:
+    """The files card.json's sha256 lists beside VERSION_FILES: a graph's external data files, which
+    a version loads its weights from (loader._verified_sha256). Read once per (size, mtime, inode) of
+    the card; a location outside the version directory is not looked at."""
+    del size, mtime_ns, ino  # the cache's key: a card changed is read again
+    try:
+        digests = json.loads(read_regular_text(Path(card), MAX_JSON_BYTES)).get("sha256")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return ()
+    if not isinstance(digests, dict):
+        return ()
+    return tuple(
+        sorted(
+            name
+            for name in digests
+            if isinstance(name, str)
+            and name not in VERSION_FILES
+            and name
+            and not os.path.isabs(name)
+            and ".." not in Path(name).parts
+        )
+    )
 
 
 def _unlistable(listing: tuple[tuple[str, int, int, int], ...], known: set[str], root: Path) -> set[str]:

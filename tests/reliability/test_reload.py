@@ -38,7 +38,7 @@ from reliability_support import (
     write_gen,
     write_slow,
 )
-from server_support import TINY_LATENT, ServerProcess, start_server, wait_until
+from server_support import TINY_LATENT, ServerProcess, externalize_weights, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -446,6 +446,44 @@ def test_the_watch_logs_a_version_directory_it_cannot_list_once(
     lines = [r.getMessage() for r in caplog.records if str(locked) in r.getMessage()]
     assert len(lines) == 1, lines
     assert "Permission denied" in lines[0]
+
+
+def test_a_version_whose_external_weights_were_still_being_written_loads_once_they_are_whole(
+    tmp_path: Path,
+) -> None:
+    """In process: a version written in place whose model.onnx.data (its graph's external weights)
+    was half written when the watch saw the version failed to load (sha256 mismatch), as it should,
+    but the watch looked at model.onnx, model.fp16.onnx and card.json alone, so the rest of the
+    weights written later set off no rescan and the version stayed UNAVAILABLE until a SIGHUP. The
+    watch sees the external data files a card lists too: the whole file loads."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = write_gen(tmp_path / "staging", "gen", version="2", seed=1)
+    weights = externalize_weights(staged).read_bytes()
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, watch_interval_s=0.05)
+        reloader.start()
+        try:
+            version_dir = root / "gen" / "2"
+            version_dir.mkdir()
+            (version_dir / "model.onnx.data").write_bytes(weights[: len(weights) // 2])
+            shutil.copy(staged / "model.onnx", version_dir / "model.onnx")
+            shutil.copy(staged / "card.json", version_dir / "card.json")
+            await wait_on_loop(lambda: version_states(repo).get("2") == "UNAVAILABLE", "v2 failed (half)")
+            assert "model.onnx.data" in repo.models["gen"].versions["2"].reason
+            await asyncio.sleep(0.3)  # the watch's listings since hold the half-written file
+            with (version_dir / "model.onnx.data").open("ab") as handle:
+                handle.write(weights[len(weights) // 2 :])
+            await wait_on_loop(lambda: version_states(repo) == {"2": "READY"}, "v2 READY once whole")
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
 
 
 def test_the_watch_sees_a_version_published_while_start_up_loads(tmp_path: Path) -> None:
