@@ -181,7 +181,29 @@ def _open(
         model_sha256=mv.sha256,
         external_sha256=mv.external_sha256.get(model_path.name),
     )
+    # ONNX Runtime opened the files by path after their sha256 was read: one replaced meanwhile (a
+    # Kubernetes volume's `..data` link swapped, a copy in place) is a graph never checked.
+    opened_files = [
+        model_path,
+        *(model_path.parent / loc for loc in mv.external_sha256.get(model_path.name, {})),
+    ]
+    replaced = [path for path in opened_files if _stat_identity(path) != mv.verified_stats.get(str(path))]
+    if replaced:
+        runner.close()
+        raise ConfigError(
+            f"{replaced[0]}: changed on disk while this version loaded (a write or a swap in progress); "
+            "not served: the next rescan loads it again"
+        )
     return card, runner
+
+
+def _stat_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime_ns) of the file `path` leads to (None: cannot be stat'ed)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # Side of the probe image of fully convolutional kinds: their cost scales with pixels, so a small
@@ -681,6 +703,7 @@ def _checked_digest(mv: ModelVersion, card: Card, path: Path, key: str, of: str)
     expected = card.sha256.get(key)
     if not expected:
         raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {key}{of}")
+    identity = _stat_identity(path)
     try:
         actual = sha256_file(path)
     except OSError as exc:  # a FIFO or a device (refused unread), a directory, no permission: named
@@ -689,6 +712,8 @@ def _checked_digest(mv: ModelVersion, card: Card, path: Path, key: str, of: str)
         raise ConfigError(
             f"sha256 mismatch for {key}{of}: card.json says {expected[:16]}..., file is {actual[:16]}..."
         )
+    if identity is not None:
+        mv.verified_stats[str(path)] = identity
     return actual
 
 

@@ -486,6 +486,57 @@ def test_a_version_whose_external_weights_were_still_being_written_loads_once_th
     asyncio.run(scenario())
 
 
+def test_a_version_whose_files_are_swapped_while_it_loads_never_serves_a_graph_it_did_not_verify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: a version directory laid out as Kubernetes mounts a ConfigMap or projected volume
+    (model.onnx and card.json links through `..data`, a link the kubelet swaps to a new timestamped
+    directory in one rename). A swap after the load had checked model.onnx against card.json, before
+    ONNX Runtime opened it, served the new graph under the old one's sha256: the file check then
+    reported the file 'changed on disk since this version loaded', and the graph served had never
+    been checked. The load refuses a file that changed while it loaded; the next rescan (the
+    watch's, which sees the swap) loads the new files, checked."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    version_dir = root / "gen" / "2"
+    version_dir.mkdir()
+    for stamp, seed in (("..2026_12_07_a", 1), ("..2026_12_07_b", 2)):
+        staged = write_gen(tmp_path / f"staging-{seed}", "gen", version="2", seed=seed)
+        shutil.copytree(staged, version_dir / stamp)
+    (version_dir / "..data").symlink_to("..2026_12_07_a")
+    for name in ("model.onnx", "card.json"):
+        (version_dir / name).symlink_to(f"..data/{name}")
+    new_sha = hashlib.sha256((version_dir / "..2026_12_07_b" / "model.onnx").read_bytes()).hexdigest()
+    sha256_file = loader.sha256_file
+
+    def swapped_after_hashing(path: Path) -> str:
+        digest = sha256_file(path)
+        if path == version_dir / "model.onnx" and (version_dir / "..data").readlink().name.endswith("a"):
+            (version_dir / "..data_tmp").symlink_to("..2026_12_07_b")
+            os.replace(version_dir / "..data_tmp", version_dir / "..data")  # the kubelet's atomic swap
+        return digest
+
+    monkeypatch.setattr(loader, "sha256_file", swapped_after_hashing)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            for _ in range(2):  # the rescan of the version's arrival, then the one of the swap
+                await reloader.rescan()
+            mv = repo.models["gen"].versions["2"]
+            assert mv.state == ModelState.READY, mv.reason
+            assert mv.sha256 == new_sha
+            assert mv.file_changed == ""
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_the_watch_sees_a_version_published_while_start_up_loads(tmp_path: Path) -> None:
     """In process: a version renamed into place after start-up's scan, while its models load, is
     picked up by the watch's first listing once serving (its baseline is the repository as scanned,
