@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
@@ -200,6 +201,26 @@ def _card_data_files(card: str, size: int, mtime_ns: int, ino: int) -> tuple[str
     )
 
 
+# The coarsest mtime granularity the watch allows for: 2 s (FAT; 1 s on NFS over ext3, HFS+).
+MTIME_TICK_NS = 2_000_000_000
+
+
+def _recent_digests(
+    root: Path, listing: tuple[tuple[str, int, int, int], ...], taken_ns: int
+) -> dict[str, str]:
+    """The sha256 of each file of `listing` (taken at `taken_ns`) whose mtime is within MTIME_TICK_NS
+    of its taking, up to MAX_JSON_BYTES (config.json, card.json): on a file system with coarse mtimes,
+    one rewritten with the same size within that tick lists the same, so the watch compares its bytes
+    (a file further ahead, a file server's clock ahead of ours, is not)."""
+    digests: dict[str, str] = {}
+    for name, size, mtime, mode in listing:
+        if 0 <= size <= MAX_JSON_BYTES and S_ISREG(mode) and abs(mtime - taken_ns) <= MTIME_TICK_NS:
+            with contextlib.suppress(OSError):
+                with open_regular(root / name) as handle:
+                    digests[name] = hashlib.sha256(handle.read(MAX_JSON_BYTES + 1)).hexdigest()
+    return digests
+
+
 def _unlistable(listing: tuple[tuple[str, int, int, int], ...], known: set[str], root: Path) -> set[str]:
     """The version directories `listing` could not list; a warning names each not in `known`."""
     names = {name for name, size, _, _ in listing if size == UNLISTABLE}
@@ -247,7 +268,11 @@ class Reloader:
         # The watch's first listing, taken here: App makes its Reloader before start-up's scan, so a
         # version published while start-up loads (seconds) differs from it and the first poll after
         # `start` rescans. A listing taken at `start` would already hold that version.
+        taken_ns = time.time_ns()
         self._baseline = repository_fingerprint(repository.root) if watch_interval_s is not None else None
+        self._baseline_digests = (
+            _recent_digests(repository.root, self._baseline, taken_ns) if self._baseline is not None else {}
+        )
         self.rescans = 0  # completed rescans (for tests and logs)
         self._stopping = False  # `begin_shutdown`: a rescan in progress applies nothing more
 
@@ -313,16 +338,23 @@ class Reloader:
                 logger.exception("repository rescan failed; models keep serving as before")
 
     async def _watch(self, interval_s: float) -> None:
-        last = self._baseline
+        last, seen = self._baseline, self._baseline_digests
         self._baseline = None
         if last is None:
+            taken_ns = time.time_ns()
             last = await asyncio.to_thread(repository_fingerprint, self.repo.root)
+            seen = await asyncio.to_thread(_recent_digests, self.repo.root, last, taken_ns)
         unlistable = _unlistable(last, set(), self.repo.root)
         while True:
             await asyncio.sleep(interval_s)
+            taken_ns = time.time_ns()
             now = await asyncio.to_thread(repository_fingerprint, self.repo.root)
+            digests = await asyncio.to_thread(_recent_digests, self.repo.root, now, taken_ns)
             unlistable = _unlistable(now, unlistable, self.repo.root)
-            if now != last:
+            # A file rewritten with the same size within its mtime's tick lists the same: its bytes tell.
+            rewritten = any(seen.get(name, digest) != digest for name, digest in digests.items())
+            seen = digests
+            if now != last or rewritten:
                 last = now
                 self.request()
 

@@ -347,6 +347,45 @@ def test_the_watch_rescans_when_a_files_permissions_change(
         asyncio.run(scenario())
 
 
+def test_a_config_edit_of_the_same_size_within_the_listings_mtime_tick_is_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: on a file system whose mtimes are coarse (1 s on NFS or ext3, 2 s on FAT), a
+    config.json rewritten with the same size within the tick of the watch's last listing has the
+    same name, size, mtime and mode: the watch never rescanned and the edit was never applied (until
+    a SIGHUP or another change). The watch compares the bytes of a small file modified within a tick
+    of its listing (the tick is made long here, as the mtime is set back to the first write's)."""
+    monkeypatch.setattr(reload_module, "MTIME_TICK_NS", 3600 * 10**9, raising=False)
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    config = root / "gen" / "config.json"
+    tick = config.stat().st_mtime_ns // 10**9 * 10**9
+    os.utime(config, ns=(tick, tick))
+    text = config.read_text()
+    edited = text.replace('"max_batch_size": 16', '"max_batch_size": 15')
+    assert len(edited) == len(text) and edited != text
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        reloader = Reloader(repo, drain_grace_s=1.0, watch_interval_s=0.05)
+        reloader.start()
+        try:
+            await asyncio.sleep(0.3)  # the watch has listed the repository, config.json at `tick`
+            config.write_text(edited)  # in place, same size
+            os.utime(config, ns=(tick, tick))  # the same tick on a coarse file system
+            model = repo.models["gen"]
+            await wait_on_loop(
+                lambda: model.config is not None and model.config.batching.max_batch_size == 15, "edit"
+            )
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_the_watch_looks_only_at_the_files_a_version_is_loaded_from(tmp_path: Path) -> None:
     """A version directory may be a link to a directory holding much else (a checkpoint folder, a
     shared volume): the watch listed and stat-ed every entry of it at every poll (~0.6 s of CPU a poll
