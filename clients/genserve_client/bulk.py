@@ -27,6 +27,7 @@ rejected, excepted), and recovery only touches names of the job's own pattern in
 from __future__ import annotations
 
 import bisect
+import errno
 import fcntl
 import hashlib
 import json
@@ -522,6 +523,8 @@ class Manifest:
         self._lock = threading.Lock()
         self._file = open(path, "ab")  # closed by close()
         self._failed = False
+        st = os.fstat(self._file.fileno())
+        self._identity = (st.st_dev, st.st_ino)
 
     def append(self, entries: Sequence[dict[str, Any]]) -> None:
         data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries)
@@ -530,10 +533,26 @@ class Manifest:
                 self._file.write(data)
                 self._file.flush()
                 os.fsync(self._file.fileno())
+                self._check_in_place()
             except OSError as exc:
                 self._failed = True
                 name_file(exc, self.path)
                 raise
+
+    def _check_in_place(self) -> None:
+        """The lines just appended went to the file at `path`: one removed or replaced under the job
+        (an `rm -rf` of its folder racing it) would take every later line with it, and the job would
+        report a manifest that is not there."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._identity:
+            raise OSError(
+                errno.ENOENT,
+                "the manifest was removed or replaced while the job ran (the lines since went with it)",
+                str(self.path),
+            )
 
     def close(self) -> None:
         try:

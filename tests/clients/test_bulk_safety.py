@@ -679,6 +679,38 @@ def test_a_full_disk_stops_the_job_naming_the_file_it_was_writing_and_it_resumes
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(10)]
 
 
+def test_a_job_whose_manifest_is_removed_while_it_runs_stops_instead_of_reporting_success(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An `rm -rf job/` (or a clean-up of the manifest) racing the job: the job went on appending to
+    # the deleted file and ended with exit 0 and "job/: 10 images, manifest job/manifest.jsonl",
+    # a manifest that no longer existed.
+    out = tmp_path / "job"
+    real_append = Manifest.append
+
+    def append_then_removed(self: Manifest, entries: Any) -> None:
+        real_append(self, entries)
+        (out / "manifest.jsonl").unlink(missing_ok=True)
+
+    monkeypatch.setattr(Manifest, "append", append_then_removed)
+    t = ("--target", fake_server.target)
+    job = ("bulk", "--model", "fake-gen", "--n", "10", "--chunk-size", "2")
+    code, stdout, err = cli_main(capsys, *t, *job, "--out", str(out))
+    assert code == 1, (stdout, err)
+    assert "10 images" not in stdout  # no success line
+    assert str(out / "manifest.jsonl") in err and "removed" in err, err
+    assert "Traceback" not in err
+    # The job stopped at the append that found it gone, and it resumes from what is on disk.
+    monkeypatch.setattr(Manifest, "append", real_append)
+    hint = err.split("the job is resumable: ")[1].strip()
+    code, _, err = cli_main(capsys, *shlex.split(hint)[1:])
+    assert code == 0, err
+    assert indices(out) == list(range(10))
+
+
 def test_a_job_is_finished_only_when_every_image_is_listed(
     fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
