@@ -724,6 +724,10 @@ class BulkJob:
         # When any stream of this run last wrote a chunk (monotonic; a float, assigned atomically).
         self._job_progress_at = time.monotonic()
         self._pending_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
+        # Whether out_dir held this job's job.json at some point of the run (found there, or written
+        # at the first chunk): a job.json gone after that means the folder went away, not that no
+        # image was written.
+        self.job_file_written = False
 
     # --- start / resume ------------------------------------------------------------------------
 
@@ -768,6 +772,7 @@ class BulkJob:
             # it rejects leaves nothing that would refuse the corrected command.
             self._pending_job = self._job_json()
             return
+        self.job_file_written = True
         theirs = BulkParams.from_json(job["params"])
         if replace(theirs, n=self.params.n) != self.params:
             old, ours = theirs.to_json(), self.params.to_json()
@@ -844,6 +849,7 @@ class BulkJob:
             write_file_durably(self.out_dir / JOB_FILE, json.dumps(self._pending_job, indent=2).encode())
             fsync_dir(self.out_dir)
             self._pending_job = None
+            self.job_file_written = True
 
     def recover(self) -> DoneIndices:
         """Bring the directory to a state where every manifest line names a complete file and every

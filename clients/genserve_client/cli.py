@@ -1188,6 +1188,12 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
             _err(f"genserve-client: the job is resumable: {resume_command(args, out, grown)}")
             if args.token and not args.token_file:  # the hint names a variable the CLI does not read
                 _err(f"genserve-client: set {TOKEN_VARIABLE} to the token given with --token first")
+        elif on_disk is None and job.job_file_written:
+            # It wrote job.json (and images) there, and it is gone: the folder was moved or removed.
+            _err(
+                f"genserve-client: {out / JOB_FILE} is gone: the job's folder was moved or removed while "
+                "it ran; resume it where it is now with `bulk --resume DIR`, or start it again in a new --out"
+            )
         elif on_disk is None and not rejected and not _not_writable(exc, out):
             # No job.json yet (written at the first chunk the server accepts): nothing to --resume, and
             # what it left (the lock, an empty manifest) does not stop the same command.

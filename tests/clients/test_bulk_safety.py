@@ -711,6 +711,40 @@ def test_a_job_whose_manifest_is_removed_while_it_runs_stops_instead_of_reportin
     assert indices(out) == list(range(10))
 
 
+def test_a_job_whose_folder_is_moved_away_while_it_runs_does_not_say_no_image_was_written(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The folder moved (or removed) under a running job: its next write failed (ENOENT), and with no
+    # job.json left at --out the job said "no image of the job was written: run the same command
+    # again to start it", though it had written images (now in the moved folder).
+    out, moved = tmp_path / "job", tmp_path / "moved"
+    real_append = Manifest.append
+
+    def append_then_moved(self: Manifest, entries: Any) -> None:
+        real_append(self, entries)
+        if out.exists():
+            out.rename(moved)
+
+    monkeypatch.setattr(Manifest, "append", append_then_moved)
+    t = ("--target", fake_server.target)
+    job = ("bulk", "--model", "fake-gen", "--n", "10", "--chunk-size", "2")
+    code, stdout, err = cli_main(capsys, *t, *job, "--out", str(out))
+    assert code == 1, (stdout, err)
+    assert "10 images" not in stdout
+    assert "no image of the job was written" not in err, err
+    assert f"{out / 'job.json'} is gone" in err, err
+    assert "Traceback" not in err
+    assert len(indices(moved)) >= 2
+    # What it wrote resumes where the folder is now.
+    monkeypatch.setattr(Manifest, "append", real_append)
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(moved))
+    assert code == 0, err
+    assert indices(moved) == list(range(10))
+
+
 def test_a_job_is_finished_only_when_every_image_is_listed(
     fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
