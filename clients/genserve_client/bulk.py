@@ -176,11 +176,23 @@ def load_params(out_dir: Path) -> tuple[BulkParams, Shard | None]:
     job = read_job(out_dir)
     if job is None:
         raise BulkError(f"{out_dir} holds no bulk job (no {JOB_FILE}); start one with --model, --n and --out")
+    return job_settings(out_dir / JOB_FILE, job)
+
+
+def job_settings(path: Path, job: dict[str, Any]) -> tuple[BulkParams, Shard | None]:
+    """The parameters and shard of job.json `path` (read as `job`), its other fields checked: a
+    BulkError naming the file when one is missing or of the wrong kind (a hand-edited file)."""
     try:
         shard = Shard(*job["shard"]) if job.get("shard") else None
-        return BulkParams.from_json(job["params"]), shard
+        params = BulkParams.from_json(job["params"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise BulkError(f"{out_dir / JOB_FILE}: unreadable params ({exc!r})") from None
+        raise BulkError(f"{path}: unreadable params ({exc!r})") from None
+    if not isinstance(job.get("pinned_version"), str):
+        raise BulkError(f"{path}: field 'pinned_version' must be a string, got {job.get('pinned_version')!r}")
+    width = job.get("name_width", 1)
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise BulkError(f"{path}: field 'name_width' must be a positive integer, got {width!r}")
+    return params, shard
 
 
 SHARD_ENV = "JOB_COMPLETION_INDEX"  # set by a Kubernetes Indexed Job in each pod
@@ -773,14 +785,13 @@ class BulkJob:
             self._pending_job = self._job_json()
             return
         self.job_file_written = True
-        theirs = BulkParams.from_json(job["params"])
+        theirs, their_shard = job_settings(job_path, job)
         if replace(theirs, n=self.params.n) != self.params:
             old, ours = theirs.to_json(), self.params.to_json()
             diff = ", ".join(
                 f"{k}: {old[k]!r} -> {ours[k]!r}" for k in ours if k != "n" and old[k] != ours[k]
             )
             raise BulkError(f"{job_path} was started with other parameters ({diff}); use a new --out")
-        their_shard = Shard(*job["shard"]) if job.get("shard") else None
         if their_shard != self.shard:
             raise BulkError(f"{job_path} is {describe_shard(their_shard)}, not {describe_shard(self.shard)}")
         if self.shard and self.params.n != theirs.n:

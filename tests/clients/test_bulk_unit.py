@@ -378,3 +378,40 @@ def test_a_resume_over_a_manifest_line_without_a_file_name_names_the_line(
     manifest.write_text("\n".join(lines) + "\n")
     with pytest.raises(BulkError, match=r"manifest.jsonl:2: manifest line without a file name"):
         bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=3))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("pinned_version", None),
+        ("params.n", "3"),
+        ("params.labels", None),
+        ("shard", [1]),
+        ("name_width", "x"),
+    ],
+)
+def test_a_job_file_with_a_field_missing_or_of_the_wrong_type_is_refused_naming_it_not_a_traceback(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object
+) -> None:
+    """A hand-edited job.json, valid JSON with a field missing or of the wrong kind: repeating the
+    command that started the job crashed with a traceback (KeyError 'pinned_version', TypeError
+    from BulkParams), or failed naming no file ("Invalid format specifier '0xd'"), where --resume
+    checked the params and named the file."""
+    out = tmp_path / "job"
+    command = ("--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(out))
+    assert cli_main(capsys, *command)[0] == 0
+    job_file = out / "job.json"
+    job = json.loads(job_file.read_text())
+    *parents, key = field.split(".")
+    holder = job["params"] if parents else job
+    if value is None and key == "pinned_version":
+        del holder[key]
+    else:
+        holder[key] = value
+    job_file.write_text(json.dumps(job))
+    before = job_file.read_bytes()
+    for args in (command, ("--target", fake_server.target, "bulk", "--resume", str(out))):
+        code, _, err = cli_main(capsys, *args)
+        assert code == 2, err
+        assert f"{job_file}:" in err and "Traceback" not in err, err
+    assert job_file.read_bytes() == before
