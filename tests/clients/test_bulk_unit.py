@@ -415,3 +415,24 @@ def test_a_job_file_with_a_field_missing_or_of_the_wrong_type_is_refused_naming_
         assert code == 2, err
         assert f"{job_file}:" in err and "Traceback" not in err, err
     assert job_file.read_bytes() == before
+
+
+def test_a_verifying_resume_redoes_an_image_whose_manifest_line_has_no_sha256(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    """A manifest line without its sha256 (hand-edited) crashed `bulk --resume --verify` with a
+    KeyError traceback, where `verify --hashes` reports that image's sha256 as differing: the resume
+    takes it as damaged and writes it again."""
+    bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=3))
+    manifest = tmp_path / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    entry = json.loads(lines[1])
+    del entry["sha256"]
+    lines[1] = json.dumps(entry)
+    manifest.write_text("\n".join(lines) + "\n")
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        BulkJob(client, BulkParams("fake-gen", n=3), tmp_path, verify=True).run()
+    entries = manifest_by_index(tmp_path)
+    assert sorted(entries) == [0, 1, 2]
+    data = (tmp_path / str(entries[entry["index"]]["file"])).read_bytes()
+    assert entries[entry["index"]]["sha256"] == hashlib.sha256(data).hexdigest()
