@@ -293,8 +293,13 @@ class JobLock:
             raise
         started = datetime.now(UTC).isoformat(timespec="seconds")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+        except OSError as exc:  # a full disk: say where, as every other write of the job does
+            os.close(fd)
+            name_file(exc, self.path)
+            raise
         self._fd = fd
 
     def release(self) -> None:

@@ -745,6 +745,34 @@ def test_a_job_whose_folder_is_moved_away_while_it_runs_does_not_say_no_image_wa
     assert indices(moved) == list(range(10))
 
 
+def test_a_full_disk_when_the_job_takes_its_lock_names_the_lock_file(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run on a full disk fails first writing its holder into job.lock: the error was a bare
+    # "[Errno 28] No space left on device", naming no file, where a full disk names what it wrote.
+    out = tmp_path / "job"
+    t = ("--target", fake_server.target)
+    job = ("bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
+    assert cli_main(capsys, *t, *job)[0] == 0
+
+    def disk_full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    for args in (job, ("bulk", "--resume", str(out))):
+        code, _, err = cli_main(capsys, *t, *args)
+        assert code == 1, err
+        assert f"No space left on device: '{out / 'job.lock'}'" in err, err
+        assert "Traceback" not in err
+    monkeypatch.undo()
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(out))  # the lock was released
+    assert code == 0, err
+    assert indices(out) == list(range(4))
+
+
 def test_a_job_is_finished_only_when_every_image_is_listed(
     fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
