@@ -930,6 +930,31 @@ def _remove_if_empty(entry: Path, made: bool) -> None:
             entry.rmdir()
 
 
+def _stage_config(
+    config_path: Path, token: str, config: Mapping[str, Any], overwrite: bool
+) -> tuple[Path | None, bool]:
+    """The model's config.json to publish, written (and flushed) under a temporary name before
+    anything is renamed in, so that a failure writing it (a full disk) publishes nothing, where a
+    version without its model's config.json would be; and whether it is new (no config.json yet).
+    None: the model's config.json stays as it is (a new version beside the others)."""
+    if config_path.exists() and not overwrite:
+        return None, False
+    config_tmp = config_path.with_name(f".config.json.tmp-{token}")
+    try:
+        _write_json(config_tmp, config)
+        _flush(config_tmp)
+    except BaseException:
+        _unlink_quietly(config_tmp)
+        raise
+    return config_tmp, not config_path.exists()
+
+
+def _unlink_quietly(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _write_atomically(
     out_root: Path,
     name: str,
@@ -952,6 +977,9 @@ def _write_atomically(
         _remove_if_empty(entry, made)
         raise
     lock = _lock_staging(staging)  # held until this export leaves it: no other one removes it
+    config_path = entry / "config.json"
+    config_tmp: Path | None = None
+    config_new = False
     try:
         for file in files:
             shutil.copyfile(workdir / file, staging / file)
@@ -960,8 +988,14 @@ def _write_atomically(
         retired: Path | None = None
         if (target.exists() or target.is_symlink()) and not overwrite:
             refuse_published([target])
+        config_tmp, config_new = _stage_config(config_path, token, config, overwrite)
         _flush(staging)  # before the old version leaves: the instant with none stays an instant
         try:
+            if config_new and config_tmp is not None:
+                # A new model's config.json arrives first, its version an instant after (a server
+                # reads a version with its model's config.json); it goes again if the version fails.
+                _publish(config_tmp, config_path, flushed=True)
+                config_tmp = None
             if target.exists() or target.is_symlink():
                 # The whole version is swapped by two renames: a reader sees the old directory, then
                 # (after an instant with none) the new one, never a mix or a half-written file.
@@ -974,9 +1008,12 @@ def _write_atomically(
             elif retired is not None:  # the new one is in place (its last fsync was interrupted)
                 _discard(retired)
             retired = None
+            if config_new and os.path.lexists(staging):  # the version did not arrive
+                _unlink_quietly(config_path)
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _unlink_quietly(config_tmp)
         _remove_if_empty(entry, made)
         raise
     finally:
@@ -984,21 +1021,22 @@ def _write_atomically(
             os.close(lock)
     if retired is not None:
         _discard(retired)
-    config_path = entry / "config.json"
-    if config_path.exists() and not overwrite:
-        # config.json is the model's, shared by its versions, and an operator may have edited it
-        # (version_policy, batching): a new version beside the others leaves it as it is.
-        if _read_json_or_none(config_path) != json.loads(json.dumps(config)):
-            logger.warning(
-                "kept %s as it is (the model's versions share it; --replace writes the recipe's)",
-                config_path,
-            )
-    else:
-        config_tmp = entry / f".config.json.tmp-{token}"
-        _write_json(config_tmp, config)
-        _publish(config_tmp, config_path)
+    if config_tmp is not None:  # --replace of a model's config.json: written before, renamed now
+        _publish(config_tmp, config_path, flushed=True)
+    elif not config_new:
+        _warn_if_config_kept(config_path, config)
     logger.info("wrote %s (files: %s)", target, ", ".join(files))
     return target
+
+
+def _warn_if_config_kept(config_path: Path, config: Mapping[str, Any]) -> None:
+    # config.json is the model's, shared by its versions, and an operator may have edited it
+    # (version_policy, batching): a new version beside the others leaves it as it is.
+    if _read_json_or_none(config_path) != json.loads(json.dumps(config)):
+        logger.warning(
+            "kept %s as it is (the model's versions share it; --replace writes the recipe's)",
+            config_path,
+        )
 
 
 def _read_json_or_none(path: Path) -> Any:

@@ -692,6 +692,38 @@ def test_an_export_of_a_new_model_that_cannot_be_written_leaves_no_model_folder(
     assert sorted(p.name for p in (out / "kept").iterdir()) == ["1", "config.json"]
 
 
+def test_an_export_of_a_new_model_whose_config_cannot_be_written_publishes_no_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """config.json of a new model was written after its version directory was renamed in: a full
+    disk (or any failure) writing it failed the export but left <name>/1 published without a
+    config.json, which a server reports unavailable and verify fails. Everything is written before
+    the version's rename: the failed export publishes nothing and leaves no model folder."""
+    out = tmp_path / "models"
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+    write_text = Path.write_text
+
+    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+        if "config.json" in self.name:
+            raise OSError(28, "No space left on device", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out, example_inputs={"z": z},
+            card=card, fp16=False,
+        )  # fmt: skip
+    assert not (out / "tiny-gen").exists(), sorted(str(p) for p in out.rglob("*"))
+    monkeypatch.setattr(Path, "write_text", write_text)
+    target = export_model(
+        _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out, example_inputs={"z": z},
+        card=card, fp16=False,
+    )  # fmt: skip
+    assert sorted(p.name for p in target.parent.iterdir()) == ["1", "config.json"]
+
+
 def test_replace_keeps_the_old_version_served_until_the_new_one_is_on_disk_and_back_if_it_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
