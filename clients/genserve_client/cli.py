@@ -91,6 +91,12 @@ def images_per_call(info: genserve_pb2.ModelInfo) -> int:
 # A grid picture holds at most this many images (32 x 32 cells, ~2,200 px square for 64-px cells):
 # `sample --n 100000 --grid` would otherwise write a 27,900 x 27,812 picture. `bulk` is for more.
 MAX_GRID_IMAGES = 1024
+# `sample` holds every image until it is written (`bulk` streams any number to disk), and `bench`
+# runs a task per worker: past these a typo (--n 5000000000) is refused, not killed for memory.
+MAX_SAMPLE_IMAGES = 100_000
+# Four servers' max_concurrent_rpcs default (1024): past what a server admits, calls are refused
+# RESOURCE_EXHAUSTED and measure that, not the model.
+MAX_BENCH_CONCURRENCY = 4096
 CONDITIONAL = "conditional_generator"
 # The server truncates only when asked (SampleRequest.truncation_psi absent: none); no model has a default.
 PSI_HELP = "truncation psi (default: none; a style generator's is in w space, 0 = the mean w, 1 = none)"
@@ -520,6 +526,17 @@ def check_classes(command: str, flag: str, info: genserve_pb2.ModelInfo, labels:
             )
 
 
+def check_sample_size(n: int, classes: int = 1) -> None:
+    """`sample`'s images, --n per class of its rows (refused before any call)."""
+    images = n * max(1, classes)
+    if images > MAX_SAMPLE_IMAGES:
+        what = f"--n {n}" + (f" x {classes} classes" if classes > 1 else "")
+        raise UsageError(
+            f"sample: --n: at most {MAX_SAMPLE_IMAGES} images (it holds them all until written), "
+            f"{what} asks for {images}; use `bulk` for more (it streams them to disk, resumably)"
+        )
+
+
 def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.out and not args.grid:
         raise UsageError("sample needs --out DIR and/or --grid FILE.png")
@@ -539,11 +556,13 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     check_out_folder("sample", args.out)
     if args.grid:
         check_grid_size("sample", args.n, f"--n {args.n}")  # before any call
+    check_sample_size(args.n)
     info = client.get_model(args.model, args.version)  # the version its calls go to
     labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
     check_classes("sample", "--label" if args.label is not None else "--labels", info, labels)
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
+    check_sample_size(args.n, len(labels))
     if info.kind != "code_prior" and (args.progress or args.temperature is not None or args.top_k):
         raise UsageError(
             f"sample: --progress, --temperature and --top-k are for code priors; {args.model} is {info.kind}"
@@ -1266,6 +1285,11 @@ def check_bench_args(args: argparse.Namespace) -> None:
             raise UsageError(f"bench: --rate values must be finite and > 0, got {rate:g}")
     if not args.concurrency or min(args.concurrency) < 1:
         raise UsageError(f"bench: --concurrency values must be >= 1, got {args.concurrency}")
+    if max(args.concurrency) > MAX_BENCH_CONCURRENCY:
+        raise UsageError(
+            f"bench: --concurrency values must be at most {MAX_BENCH_CONCURRENCY} (4 servers' default "
+            f"max_concurrent_rpcs), got {max(args.concurrency)}"
+        )
     if not (math.isfinite(args.duration) and args.duration > 0):
         raise UsageError(f"bench: --duration must be finite and > 0, got {args.duration:g}")
     if not (math.isfinite(args.warmup) and args.warmup >= 0):
@@ -1425,7 +1449,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_labels,
         help="classes, e.g. 0,1,2 or `all` (default for conditional models: all)",
     )
-    p.add_argument("--n", type=int, default=8, help="images (per class for conditional models)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=8,
+        help=f"images (per class for conditional models; at most {MAX_SAMPLE_IMAGES} in all)",
+    )
     p.add_argument(
         "--seed", type=parse_seed, help="first seed (image j uses seed + j); default random, and printed"
     )
@@ -1614,7 +1643,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", "load generator: closed loop per concurrency, open loop per rate")
     _add_model(p)
-    p.add_argument("--concurrency", type=parse_ints, default=[1, 8, 32, 64], help="closed-loop workers")
+    p.add_argument(
+        "--concurrency",
+        type=parse_ints,
+        default=[1, 8, 32, 64],
+        help=f"closed-loop workers (at most {MAX_BENCH_CONCURRENCY})",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before the first run")
     p.add_argument("--rate", type=parse_floats, help="open loop at these rates (requests/s)")

@@ -161,3 +161,30 @@ def test_an_edit_sweep_grid_is_bounded_like_every_other_grid(
     assert code == 0, err
     with Image.open(out) as picture:
         assert picture.height > picture.width  # 8 rows (one per dimension), 6 columns (input + 5 values)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "limit"),
+    [
+        (["sample", "--model", "fake-gen", "--n", "100001"], "--n", "100000"),
+        (["sample", "--model", "fake-cond", "--labels", "all", "--n", "10001"], "--n", "100000"),
+        (["bench", "--model", "fake-gen", "--concurrency", "1,4097"], "--concurrency", "4096"),
+    ],
+)
+def test_a_sample_count_or_bench_concurrency_past_its_limit_is_refused_before_any_call(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    flag: str,
+    limit: str,
+) -> None:
+    """`sample --n` and `bench --concurrency` had no upper bound: a typo (--n 5000000000) built a
+    list of that many seeds (or workers) and the process was killed for memory, with nothing said.
+    Past sample's 100,000 images (--n x classes: it holds every image until written; `bulk` streams
+    any number to disk) and bench's 4,096 workers, the flag is refused naming its limit, exit 2."""
+    out = ["--out", str(tmp_path / "out")] if args[0] == "sample" else []
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *args, *out)
+    assert code == 2, err
+    assert flag in err and limit in err and "Traceback" not in err, err
+    assert not fake_server.service.calls.get("Sample") and not (tmp_path / "out").exists()
