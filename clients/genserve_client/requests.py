@@ -359,11 +359,24 @@ def interpolate_request(
     return req
 
 
+def _check_crossover(field: str, crossover: object) -> None:
+    """An explicit crossover of 0 is out of range (0 < crossover < num_layers), but on the wire it is
+    proto3's unset: a mix's would take the request's crossover (an image mixed elsewhere), the
+    request's would come back as 'mixes[0].crossover: required'."""
+    if isinstance(crossover, int) and not isinstance(crossover, bool) and crossover == 0:
+        raise ValueError(
+            f"{field}: must be in 1..num_layers - 1 (0 < crossover < num_layers: layers [0, crossover) "
+            f"come from the coarse seed, the rest from the fine one), got 0"
+        )
+
+
 def mix_styles_request(
     model: str, mixes: Sequence[Mix], **opts: Unpack[MixOptions]
 ) -> genserve_pb2.MixStylesRequest:
     if opts.get("return_latents"):
         raise ValueError("mix_styles: return_latents is not supported (a mixed image has two w)")
+    if "crossover" in opts:
+        _check_crossover("crossover", opts["crossover"])
     req = _build(
         genserve_pb2.MixStylesRequest,
         model=model,
@@ -380,6 +393,8 @@ def mix_styles_request(
             )
         if len(mix) not in (2, 3):
             raise ValueError(f"mixes[{i}] must be (coarse_seed, fine_seed[, crossover]), got {mix!r}")
+        if len(mix) == 3:
+            _check_crossover(f"mixes[{i}].crossover", mix[2])
         req.mixes.append(
             _build(
                 genserve_pb2.StyleMix,

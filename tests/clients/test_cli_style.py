@@ -3,6 +3,7 @@ holding tiny synthetic style models (tests/server/style_models.py)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,25 @@ def test_the_library_mixes_styles(style_server: tuple[ServerProcess, dict[str, s
     assert result.raw[1] == again.raw[0]  # the per-mix crossover, not the default
     with pytest.raises(ValueError, match="return_latents"):
         client.mix_styles(names["generator"], [(1, 2)], crossover=1, return_latents=True)
+
+
+def test_the_library_refuses_a_crossover_of_0_rather_than_mixing_at_another(
+    style_server: tuple[ServerProcess, dict[str, str]],
+) -> None:
+    """A crossover is 0 < crossover < num_layers (genserve.proto, docs/client.md), but 0 is proto3's
+    unset: mix_styles(m, [(1, 2, 0)], crossover=2) sent the mix as giving none and got back an image
+    mixed at 2, not the refusal the docs promise (nor the fine seed's own image 0 would mean), and
+    crossover=0 came back as 'mixes[0].crossover: required', naming a field not given. An explicit 0
+    is a ValueError naming its field and the range, before any call."""
+    server, names = style_server
+    with GenserveClient(server.target) as client:
+        for mixes, options, field in (
+            ([(1, 2), (3, 4, 0)], {"crossover": 2}, "mixes[1].crossover"),
+            ([(1, 2)], {"crossover": 0}, "crossover"),
+        ):
+            with pytest.raises(ValueError, match=rf"^{re.escape(field)}: must be in 1\.\.num_layers - 1"):
+                client.mix_styles(names["generator"], mixes, format="raw", **options)
+        assert len(client.mix_styles(names["generator"], [(3, 4, 1)], crossover=2, format="raw").raw) == 1
 
 
 def test_cli_mix_draws_the_grid_and_interpolates_in_w_space(
