@@ -99,6 +99,51 @@ def address_list_target(target: str, resolve: Callable[[str, int], list[str]] = 
     )
 
 
+def _probe_addresses(target: str) -> list[tuple[str, int]]:
+    """(host, port) of each address a host:port, dns:///host:port, ipv4:/ipv6: or address list
+    target names; none for a unix: or other target."""
+    if target.startswith("unix:") or ("://" in target and not target.startswith("dns:")):
+        return []
+    entries = target.removeprefix("ipv4:").removeprefix("ipv6:")
+    entries = entries.removeprefix("dns:").removeprefix("//").rpartition("/")[2]
+    found = []
+    for entry in entries.split(","):
+        host, sep, port = entry.strip().rpartition(":")
+        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+            found.append((host.removeprefix("[").removesuffix("]"), int(port)))
+    return found
+
+
+def _speaks_tls(host: str, port: int, timeout_s: float) -> bool:
+    """Whether the server at host:port answers a TLS handshake: it completes (its certificate is
+    not checked here) or ends in the server's TLS alert (a client certificate it requires)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            with context.wrap_socket(sock):
+                return True
+    except ssl.SSLError as exc:
+        return "ALERT" in (exc.reason or "").upper()
+    except OSError:
+        return False
+
+
+def tls_hint(target: str, timeout_s: float = 1.0) -> str | None:
+    """Why a plaintext call failed 'Socket closed' where the server speaks TLS: a TLS server closes
+    a plaintext connection at its first bytes, which gRPC reports as it does a server restart. None
+    where no address of `target` answers TLS (a server down, restarting, or plaintext)."""
+    for host, port in _probe_addresses(target)[:4]:
+        if _speaks_tls(host, port, timeout_s):
+            return (
+                f"{_join(host, port)} speaks TLS, and this client connected without it: pass --tls "
+                "(--tls-ca FILE for a private CA; --tls-cert and --tls-key where it wants a client "
+                "certificate)"
+            )
+    return None
+
+
 def token_problem(token: str) -> str | None:
     """Why `token` cannot travel as `authorization: Bearer <token>` (None: it can). gRPC metadata
     values are printable ASCII; anything else failed every call with `INTERNAL: Invalid metadata`.

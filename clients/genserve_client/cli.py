@@ -67,7 +67,7 @@ from genserve_client.bulk import (
     write_file_whole,
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
-from genserve_client.channel import ChannelConfig, TlsOptions, read_token_file, token_problem
+from genserve_client.channel import ChannelConfig, TlsOptions, read_token_file, tls_hint, token_problem
 from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, _pil_to_uint8, array_to_pil
 from genserve_client.errors import GenserveClientError
@@ -1693,6 +1693,17 @@ COMMANDS: dict[str, Callable[[GenserveClient, argparse.Namespace], int]] = {
 }
 
 
+def _say_tls_hint(args: argparse.Namespace, exc: GenserveClientError) -> None:
+    """A plaintext call that failed 'Socket closed' (after its retries) to a server that speaks TLS
+    reads as a restart: say so, after one cheap handshake with the target (docs/client.md)."""
+    tls_flags = ("tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name")
+    plaintext = not any(getattr(args, flag, None) for flag in tls_flags)  # as channel_config reads them
+    if plaintext and exc.code == grpc.StatusCode.UNAVAILABLE and "socket closed" in exc.details.lower():
+        hint = tls_hint(getattr(args, "target", None) or "")
+        if hint is not None:
+            _err(f"genserve-client: {hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -1706,6 +1717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[args.command](client, args)
     except GenserveClientError as exc:
         _err(f"genserve-client: {exc}")
+        _say_tls_hint(args, exc)
         # A model or version the server does not serve (NOT_FOUND) is a bad argument, as in bulk.
         return 2 if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1
     except BulkRetryExhausted as exc:  # transient errors outlasted --retry-window

@@ -243,3 +243,27 @@ def test_a_client_certificate_outside_its_validity_is_named_in_a_warning(
     message = record.getMessage()
     assert f"--tls-cert {expired}" in message, message
     assert "notBefore Jan  1 00:00:00 2020 GMT, notAfter Feb  1 00:00:00 2020 GMT, now " in message, message
+
+
+def test_a_plaintext_call_to_a_tls_server_says_to_pass_tls(pki: Path, mtls_target: str) -> None:
+    """A plaintext client against a TLS server failed after its retries with 'UNAVAILABLE: ...
+    Socket closed', exit 1, the very message of a server restart, which says nothing of TLS. After
+    that failure the CLI tries a TLS handshake with the target: where it answers TLS, a line says to
+    pass --tls; a server that is not there, or speaks plaintext, gets no such line."""
+    proc = run_cli("--target", mtls_target, "models")
+    assert proc.returncode == 1, proc.stderr
+    assert "Socket closed" in proc.stderr, proc.stderr
+    assert f"{mtls_target} speaks TLS" in proc.stderr and "--tls" in proc.stderr, proc.stderr
+    from genserve_client.channel import tls_hint
+
+    # The hint of a plaintext server or a closed port is never given.
+    plain = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(FakeService(), plain)
+    port = plain.add_insecure_port("127.0.0.1:0")
+    plain.start()
+    try:
+        assert tls_hint(f"127.0.0.1:{port}") is None
+    finally:
+        plain.stop(grace=None)
+    assert tls_hint(f"127.0.0.1:{port}") is None
+    assert tls_hint(mtls_target) is not None
