@@ -453,8 +453,11 @@ class StepScheduler:
                     if self.metrics is not None:  # a model call all the same, as a batcher's failed batch
                         self._observe_call(rows, time.perf_counter() - started)
                         self.metrics.batch_failures.inc()
+                    gone: dict[int, str] = {}
                     for row in rows:
-                        if not row.future.done():
+                        if row.future.done():  # cancelled during the call: a drop, as after a step
+                            self._dropped(row, drop_reason(row.deadline, time.monotonic()), gone)
+                        else:
                             row.future.set_exception(exc)
                     self._running = [r for r in self._running if r not in rows]
                     continue

@@ -196,3 +196,37 @@ def test_a_failed_prior_step_is_a_model_call_in_the_batch_histograms(tmp_path: P
     assert value("genserve_batch_size_sum") == 3
     assert value("genserve_batch_requests_count") == 1
     assert value("genserve_compute_duration_seconds_count") == 1
+
+
+def test_a_call_cancelled_while_its_step_fails_is_counted_as_a_cancelled_drop(tmp_path: Path) -> None:
+    """docs/metrics.md: a code prior's rows leaving its running set because their caller went away
+    are a `cancelled` drop. A caller that left while the step holding its rows ran was counted when
+    the step succeeded, but not when that step failed: its rows left uncounted."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        entered, fail = asyncio.Event(), asyncio.Event()
+
+        async def broken(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            entered.set()
+            await fail.wait()
+            raise RuntimeError("prior failed")
+
+        scheduler._run = broken
+        task = asyncio.ensure_future(sample(core, names["prior"], [1, 2], [0, 0]))
+        await entered.wait()
+        task.cancel()  # the caller goes away while its step runs
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        fail.set()
+        for _ in range(100):
+            if scheduler._task is None:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.rows == 0
+        assert scheduler.stats.cancelled == 2
+
+    run_with_core(tmp_path, body, metrics)
+    assert ledger(metrics, names["prior"])["cancelled"] == 1
