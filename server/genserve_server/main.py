@@ -938,10 +938,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loop = event_loop.resolve(args.event_loop)
     except ValueError as exc:
-        sys.stderr.write(f"genserve-server: {exc}\n")
+        _write_fatal(str(exc), args.log_json)
         return 2
     try:
         return event_loop.run(serve(args), loop)
     except GenserveError as exc:
-        sys.stderr.write(f"genserve-server: {exc}\n")
+        _write_fatal(str(exc), args.log_json)
         return 2
+
+
+def _write_fatal(message: str, log_json: bool) -> None:
+    """The error that ends the start: `genserve-server: MESSAGE`, or under --log-json (or the config's
+    log_json, once set up) an ERROR record like every other line, not a raw line among them."""
+    as_json = log_json or any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+    if as_json:
+        record = logging.makeLogRecord({"name": logger.name, "levelno": logging.ERROR, "levelname": "ERROR"})
+        record.msg = message
+        sys.stderr.write(JsonFormatter().format(record) + "\n")
+    else:
+        sys.stderr.write(f"genserve-server: {message}\n")

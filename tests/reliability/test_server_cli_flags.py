@@ -185,3 +185,25 @@ def test_metrics_on_ipv6_where_the_kernel_has_none_is_one_line_naming_the_flag(t
     line = last_line(proc.stderr)
     assert "--metrics-host" in line and "IPv6" in line and "0.0.0.0" in line, proc.stderr
     assert "listening" not in proc.stdout
+
+
+@pytest.mark.parametrize("json_from", ["--log-json", "config log_json"])
+def test_a_fatal_start_up_error_under_log_json_is_a_json_record(tmp_path: Path, json_from: str) -> None:
+    """With --log-json (or the config's log_json) every stderr line is a JSON record for the log
+    shipper, but the error that ends the start (a --models that is not there, a port in use) was
+    written as plain text, `genserve-server: ...`, among the records before it: the one line an
+    operator needs was the one a JSON pipeline could not parse. It is an ERROR record, exit 2."""
+    if json_from == "--log-json":
+        extra: tuple[str, ...] = ("--log-json",)
+    else:
+        config = tmp_path / "server.json"
+        config.write_text('{"log_json": true}')
+        extra = ("--config", str(config))
+    missing = tmp_path / "no-such-models"
+    proc = subprocess.run(serve_args(missing, *extra), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, proc.stderr
+    records = [json.loads(line) for line in lines]  # every line, the last included, is JSON
+    assert records[-1]["level"] == "ERROR", records[-1]
+    assert f"{missing}: model repository directory not found" in records[-1]["msg"], records[-1]
