@@ -557,7 +557,9 @@ class App:
         return serves(self.repository, model.newest_ready())
 
     def _refresh_overall(self) -> None:
-        if not self._loaded:
+        # Once stopping, the server is NOT_SERVING for that (stop: "shutting down"): the loads the
+        # stop cancelled are not models that failed, and warning of them as not ready is no alarm.
+        if not self._loaded or self.stop_requested:
             return
         # A model a hot reload added and is still loading has not been tried: it counts once it has
         # (docs/server.md), not when another model's readiness changes meanwhile (a drain ending).

@@ -312,6 +312,43 @@ def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_pat
     assert not (tmp_path / "ready.json").exists()
 
 
+def test_a_stop_during_start_up_warns_of_no_model_it_cancelled(tmp_path: Path) -> None:
+    """SIGTERM while a model still loads cancels its load: the start-up then logged the whole
+    server's state as after any load, a WARNING `server NOT_SERVING: required models not ready:`
+    naming every model it had just cancelled itself (all of them, on a stop early in a large
+    repository), an alarm for an ordinary stop. The cancelled loads are said (INFO), and no such
+    warning; the server stops with 0."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_model(
+        models,
+        "z-slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 4000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={
+            "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "efficient_batch_tolerance": 0.1}
+        },
+    )
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(_serve_args(models, tmp_path), stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "model gen version 1 ready" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert "model z-slow version 1: loading cancelled" in log_text, log_text
+    assert "NOT_SERVING" not in log_text and "not ready" not in log_text, log_text
+
+
 def _grpc_imported(pid: int) -> bool:
     """The process has loaded grpc's extension: the server's imports are under way (Linux /proc)."""
     try:
