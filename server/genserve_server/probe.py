@@ -91,14 +91,25 @@ def _credentials(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.C
         return None
     if (cert is None) != (key is None):
         raise ProbeError("--tls-cert and --tls-key go together (mutual TLS)")
+    return grpc.ssl_channel_credentials(
+        _pem(ca, "--tls-ca", b"CERTIFICATE-----", "CA certificates"),
+        _pem(key, "--tls-key", b"PRIVATE KEY-----", "a private key"),
+        _pem(cert, "--tls-cert", b"CERTIFICATE-----", "a certificate"),
+    )
+
+
+def _pem(path: Path | None, flag: str, marker: bytes, what: str) -> bytes | None:
+    """`path`'s bytes, or a ProbeError naming `flag` and the file: gRPC takes any bytes and fails only
+    the connection (UNAVAILABLE, as for a server down, with its own C-core lines)."""
+    if path is None:
+        return None
     try:
-        return grpc.ssl_channel_credentials(
-            ca.read_bytes() if ca else None,
-            key.read_bytes() if key else None,
-            cert.read_bytes() if cert else None,
-        )
+        data = path.read_bytes()
     except OSError as exc:
-        raise ProbeError(f"TLS: {exc}") from None
+        raise ProbeError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    if b"-----BEGIN " not in data or marker not in data:
+        raise ProbeError(f"{flag} {path}: not a PEM file holding {what}")
+    return data
 
 
 def check(

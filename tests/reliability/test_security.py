@@ -407,3 +407,54 @@ def test_the_health_probe_names_an_expired_client_certificates_validity(
         timeout=30,
     )
     assert (valid.returncode, valid.stdout) == (0, '"" SERVING\n'), valid.stderr
+
+
+def test_the_health_probe_names_a_tls_file_that_holds_no_pem_rather_than_blaming_the_server(
+    pki: Path, tmp_path: Path
+) -> None:
+    """A --tls-ca, --tls-cert or --tls-key that is not PEM (an empty mounted secret, the key given as
+    the CA) was handed to gRPC as it was: the probe printed `"" UNAVAILABLE`, as for a server down,
+    under gRPC's own C-core lines ('Could not load any root certificate'), naming no flag or file.
+    It is `genserve-server health: FLAG FILE: not a PEM file holding ...` (exit 1), before any call."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        idle_port = str(sock.getsockname()[1])  # nothing listens: no answer could come from a server
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    client = ("--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key"))
+    cases = {
+        "--tls-ca": ("--tls-ca", str(junk), *client),
+        "--tls-cert": (
+            "--tls-ca",
+            str(pki / "ca.pem"),
+            "--tls-cert",
+            str(junk),
+            "--tls-key",
+            str(pki / "client.key"),
+        ),
+        "--tls-key": (
+            "--tls-ca",
+            str(pki / "ca.pem"),
+            "--tls-cert",
+            str(pki / "client.pem"),
+            "--tls-key",
+            str(junk),
+        ),
+    }
+    for flag, args in cases.items():
+        command = [
+            sys.executable,
+            "-m",
+            "genserve_server.probe",
+            "--port",
+            idle_port,
+            "--timeout-s",
+            "2",
+            *args,
+        ]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1, (flag, proc.stdout, proc.stderr)
+        assert proc.stdout.startswith(f"genserve-server health: {flag} {junk}: not a PEM file"), proc.stdout
+        assert "UNAVAILABLE" not in proc.stdout and not proc.stderr.strip(), (proc.stdout, proc.stderr)
