@@ -694,6 +694,26 @@ def _check_port_free(host: str, port: int, flag: str, host_flag: str = "--host")
                 ) from None
 
 
+# Addresses that listen on every address of their family (and, for "::", on IPv4's as well).
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _check_ports_distinct(args: argparse.Namespace) -> None:
+    """Two of --port, --metrics-port and --health-port given the same number on overlapping hosts:
+    one line naming both flags. The second bind failed as 'already in use' of a port that nothing
+    else held (the server's own first listener), which sent operators looking for another process."""
+    listeners = [("--port", args.host, args.port)]
+    if not args.no_metrics:
+        listeners.append(("--metrics-port", args.metrics_host, args.metrics_port))
+    if args.health_port is not None:
+        listeners.append(("--health-port", args.host, args.health_port))
+    for i, (flag, host, port) in enumerate(listeners):
+        for other_flag, other_host, other_port in listeners[i + 1 :]:
+            overlap = host == other_host or host in _WILDCARD_HOSTS or other_host in _WILDCARD_HOSTS
+            if port != 0 and port == other_port and overlap:
+                raise GenserveError(f"{flag} and {other_flag} are both {port}: give each a port of its own")
+
+
 def parse_model_list(text: str) -> list[str]:
     """`--require-models a,b`: model names, comma-separated, none empty."""
     names = [n.strip() for n in text.split(",")]
@@ -738,6 +758,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.ready_file is not None:
         check_ready_file(args.ready_file)
     # Before anything is loaded or logged: a port in use is one line, at once.
+    _check_ports_distinct(args)
     _check_port_free(args.host, args.port, "--port")
     if not args.no_metrics:
         _check_port_free(args.metrics_host, args.metrics_port, "--metrics-port", "--metrics-host")

@@ -207,3 +207,23 @@ def test_a_fatal_start_up_error_under_log_json_is_a_json_record(tmp_path: Path, 
     records = [json.loads(line) for line in lines]  # every line, the last included, is JSON
     assert records[-1]["level"] == "ERROR", records[-1]
     assert f"{missing}: model repository directory not found" in records[-1]["msg"], records[-1]
+
+
+@pytest.mark.parametrize("flag", ["--metrics-port", "--health-port"])
+def test_a_port_given_twice_is_named_as_given_twice_not_as_in_use(tmp_path: Path, flag: str) -> None:
+    """--metrics-port or --health-port set to --port's own number (on the same --host) was told as
+    'port P on 127.0.0.1 is already in use: free it or choose another', with nothing else on the
+    port: the operator looked for another process holding it, and found none once the server had
+    exited. It is refused before anything binds, naming both flags."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    args = serve_args(models, flag, port)
+    args[args.index("--port") + 1] = port
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    line = last_line(proc.stderr)
+    assert f"--port and {flag} are both {port}" in line, proc.stderr
+    assert "in use" not in proc.stderr and "listening" not in proc.stdout, proc.stderr
