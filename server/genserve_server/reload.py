@@ -393,16 +393,24 @@ class Reloader:
                 await self._check_files()
             self.rescans += 1
             if report.changed():
+                # Only a model with loaded versions keeps them: a new one that cannot apply serves nothing.
+                kept = [
+                    n
+                    for n in report.config_errors
+                    if n in self.repo.models and self.repo.models[n].ready_versions()
+                ]
+                unserved = [n for n in report.config_errors if n not in kept]
                 logger.info(
                     "rescan in %.2f s: loaded %s, serving again %s, failed %s, retiring %s, "
-                    "removed models %s, not applied (old versions serve) %s",
+                    "removed models %s, not applied (old versions serve) %s, not applied (nothing serves) %s",
                     time.monotonic() - started,
                     report.loaded or "none",
                     report.revived or "none",
                     report.failed or "none",
                     report.retired or "none",
                     report.removed_models or "none",
-                    report.config_errors or "none",
+                    kept or "none",
+                    unserved or "none",
                 )
             return report
 
@@ -428,6 +436,7 @@ class Reloader:
         config = fresh.config
         if config is None:
             self._set_reason(current, current.reason)
+            report.config_errors.append(current.name)  # named in the summary: nothing serves
             self.repo.notify(current)  # health: this name NOT_SERVING, and "" re-evaluated
             return  # a new model whose config.json is broken: UNAVAILABLE with the reason
         reported = current.reason  # available_versions clears it

@@ -748,3 +748,34 @@ def test_a_broken_config_json_names_only_the_versions_that_really_serve(tmp_path
             await repo.close(1.0)
 
     asyncio.run(scenario())
+
+
+def test_the_rescan_summary_names_new_models_that_failed_and_claims_no_old_versions_for_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: a rescan adds two models that cannot serve, one whose only version fails to load
+    and one whose config.json is invalid. The summary line listed the first under 'not applied (old
+    versions serve)', though it has no old version, and left the second out altogether. Each is
+    named, under what nothing serves; only models with loaded versions are said to keep them."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            (write_gen(root, "new-file-missing") / "model.onnx").unlink()
+            write_gen(root, "new-config-invalid")
+            (root / "new-config-invalid" / "config.json").write_text("{not json")
+            with caplog.at_level(logging.INFO, logger="genserve_server.reload"):
+                await reloader.rescan()
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+    [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rescan in")]
+    after_kept = summary.partition("not applied (old versions serve)")[2]
+    kept = after_kept.partition("not applied (nothing serves)")[0]
+    assert "new-file-missing" not in kept and "new-config-invalid" not in kept, summary
+    assert "new-file-missing" in summary and "new-config-invalid" in summary, summary
