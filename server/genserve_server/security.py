@@ -173,7 +173,11 @@ def auth_interceptor(
         return None
     try:
         tokens = load_tokens(config.token_file, config.token_env)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # as tls's: the file and the cause, not Python's repr of the error
+        raise ConfigError(
+            f"auth: cannot read {exc.filename or config.token_file}: {exc.strerror or exc}"
+        ) from exc
+    except ValueError as exc:
         raise ConfigError(f"auth: {exc}") from exc
     logger.info(
         "token auth on: %d token(s); health %s",

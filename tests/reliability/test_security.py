@@ -458,3 +458,18 @@ def test_the_health_probe_names_a_tls_file_that_holds_no_pem_rather_than_blaming
         assert proc.returncode == 1, (flag, proc.stdout, proc.stderr)
         assert proc.stdout.startswith(f"genserve-server health: {flag} {junk}: not a PEM file"), proc.stdout
         assert "UNAVAILABLE" not in proc.stdout and not proc.stderr.strip(), (proc.stdout, proc.stderr)
+
+
+def test_a_token_file_that_cannot_be_read_stops_startup_naming_it_and_the_cause(
+    small_repo: Path, tmp_path: Path
+) -> None:
+    """A --token-file that is not there (a Secret not mounted) ended the start with Python's own
+    repr, 'auth: [Errno 2] No such file or directory: '...'', where a TLS file is 'tls: cannot read
+    FILE: CAUSE': the same plain line now, naming the file."""
+    missing = tmp_path / "no-tokens"
+    _refused_at_startup(
+        small_repo,
+        tmp_path / "work",
+        ("--token-file", str(missing)),
+        re.escape(f"auth: cannot read {missing}: No such file or directory"),
+    )
