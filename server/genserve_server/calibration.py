@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genserve_server.load_gate import LoadGate
+from genserve_server.load_gate import Steps
 from genserve_server.runner import Runner
 
 Inputs = Mapping[str, np.ndarray]
@@ -146,7 +146,7 @@ def run_warmup(
     memory_budget_bytes: int,
     min_row_bytes: float,
     first_call_s: float,
-    gate: LoadGate,
+    gate: Steps,
     check_stopping: Callable[[], None],
     memory_meter: MemoryMeter = rss_bytes,
     clock: Callable[[], float] = time.perf_counter,

@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # How often a waiting step checks whether loading was cancelled (SIGTERM during start-up).
 _POLL_S = 0.1
@@ -94,3 +97,40 @@ class LoadGate:
     def waiting(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+
+class Steps(Protocol):
+    """What a version's load takes its steps through: a LoadGate, or a HeldSteps of one."""
+
+    def step(
+        self,
+        priority: float = 0.0,
+        *,
+        exclusive: bool = False,
+        check_stopping: Callable[[], None] | None = None,
+    ) -> AbstractContextManager[None]: ...
+
+
+class HeldSteps:
+    """One version's steps through `gate`, and the seconds they held it (`held_s`): its load and
+    warm-up time, without its waits behind the other versions' steps (at start-up with hundreds of
+    models, the last version's wait is every other version's load)."""
+
+    def __init__(self, gate: LoadGate) -> None:
+        self.gate = gate
+        self.held_s = 0.0
+
+    @contextlib.contextmanager
+    def step(
+        self,
+        priority: float = 0.0,
+        *,
+        exclusive: bool = False,
+        check_stopping: Callable[[], None] | None = None,
+    ) -> Iterator[None]:
+        with self.gate.step(priority, exclusive=exclusive, check_stopping=check_stopping):
+            started = time.monotonic()
+            try:
+                yield
+            finally:
+                self.held_s += time.monotonic() - started

@@ -27,7 +27,7 @@ from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
 from genserve_server.config import Card, ConfigError, ServerConfig, cpu_count, load_card
 from genserve_server.errors import InvalidArgument
-from genserve_server.load_gate import LoadGate
+from genserve_server.load_gate import Steps
 from genserve_server.metrics import BatchMetrics
 from genserve_server.ort_session import (
     ModelChoice,
@@ -58,7 +58,7 @@ def load_files(
     mv: ModelVersion,
     sc: ServerConfig,
     check_stopping: Callable[[], None],
-    gate: LoadGate,
+    gate: Steps,
     opened: Callable[[Abortable], None] | None = None,
 ) -> None:
     """Load one version on a worker thread: card, file choice, sha256, sessions, graph check (a
@@ -365,7 +365,7 @@ def warm_up(
     card: Card,
     runner: Runner,
     sc: ServerConfig,
-    gate: LoadGate,
+    gate: Steps,
     check_stopping: Callable[[], None],
     probe_s: float,
     row_bytes: float,

@@ -41,7 +41,7 @@ from genserve_server.config import (
 from genserve_server.errors import GenserveError, NotFound, Unavailable, escape_controls
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.idle_spin import run_off_loop
-from genserve_server.load_gate import LoadGate
+from genserve_server.load_gate import HeldSteps, LoadGate
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.runner import Runner
 from genserve_server.step_sampler import StepScheduler
@@ -498,7 +498,6 @@ class Repository:
 
     async def load_version(self, mv: ModelVersion) -> None:
         """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason."""
-        started = time.monotonic()
         try:
             try:
                 # Seconds of session building and warm-up: no spin beside them.
@@ -518,7 +517,6 @@ class Repository:
                 self.fatal_reason = f"{mv.label}: {sticky} at load"
                 self.on_fatal(self.fatal_reason)
         else:
-            mv.load_s = time.monotonic() - started
             assert mv.runner is not None
             mv.batcher = loader.make_batcher(mv)
             mv.batcher.start()
@@ -560,7 +558,10 @@ class Repository:
             listener(model.name, serving)
 
     def _load_version(self, mv: ModelVersion) -> None:
-        """Card, file, sha256, session, warm-up (loader.py). Runs on a worker thread."""
+        """Card, file, sha256, session, warm-up (loader.py). Runs on a worker thread. `mv.load_s`:
+        the seconds its steps held the gate, not its waits behind the other versions' steps (at
+        start-up with hundreds of models, the last one's wait is every other version's load)."""
+        steps = HeldSteps(self.gate)
         # Weak references: the fp16 parity check's sessions are dropped when the check returns, and
         # must not stay alive (two more copies of the model) through the rest of the load.
         runners: list[weakref.ref[loader.Abortable]] = []
@@ -573,7 +574,7 @@ class Repository:
                     runner.abort()
 
         try:
-            loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), self.gate, opened)
+            loader.load_files(mv, self.server_config, lambda: self._check_stopping(mv), steps, opened)
         except Exception as exc:
             if isinstance(exc, LoadCancelled):  # stopped at a step: no call failed, nothing more to name
                 raise
@@ -586,6 +587,8 @@ class Repository:
                     f"(the load's call ended with {type(exc).__name__}: {first})"
                 ) from exc
             raise
+        else:
+            mv.load_s = steps.held_s
         finally:
             with self._loading_lock:
                 alive = (ref() for ref in runners)

@@ -80,3 +80,36 @@ def test_the_arena_shrink_after_warm_up_never_runs_beside_another_versions_timin
     asyncio.run(body())
     assert len(seen_timing) == 2
     assert seen_timing == [set(), set()], "an arena shrink (a model call) ran while another version timed"
+
+
+def test_a_versions_load_time_leaves_out_its_wait_behind_other_versions_loads(tmp_path: Path) -> None:
+    """genserve_model_load_duration_seconds (and the log's "ready in") is a version's load and
+    warm-up. With many models it counted the wait behind every version loading before it (the load
+    pool's queue, the gate): the 300th tiny model of a repository said 11 s for a 0.03 s load.
+    Here another step holds the gate for HOLD_S while the version waits: that is not its load."""
+    hold_s = 3.0
+    root = tmp_path / "models"
+    write_tiny_generator(root, "a")
+    held = threading.Event()
+
+    async def body() -> float:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+
+        def hold() -> None:
+            with repo.gate.step(-1.0, exclusive=True):
+                held.set()
+                threading.Event().wait(hold_s)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait()
+        await repo.load_all()
+        holder.join()
+        mv = repo.models["a"].versions["1"]
+        assert mv.state.name == "READY", mv.reason
+        await repo.close(1)
+        return mv.load_s
+
+    load_s = asyncio.run(body())
+    assert 0 < load_s < hold_s
