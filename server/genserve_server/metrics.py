@@ -200,30 +200,30 @@ class ModelMetrics:
         mv = (model, version)
         # Indexed by batcher.Lane: bulk waits (a starved SampleStream) show apart from interactive ones.
         self.queue_duration = tuple(
-            m.queue_duration.labels(*mv, lane.name.lower()) if mon else _NULL for lane in Lane
+            m.child(m.queue_duration, *mv, lane.name.lower()) if mon else _NULL for lane in Lane
         )
-        self.compute_duration = m.compute_duration.labels(*mv) if mon else _NULL
-        self.decode_duration = m.decode_duration.labels(*mv) if mon else _NULL
-        self.batch_requests = m.batch_requests.labels(*mv) if mon else _NULL
-        self.queue_depth = m.queue_depth.labels(*mv) if mon else _NULL
+        self.compute_duration = m.child(m.compute_duration, *mv) if mon else _NULL
+        self.decode_duration = m.child(m.decode_duration, *mv) if mon else _NULL
+        self.batch_requests = m.child(m.batch_requests, *mv) if mon else _NULL
+        self.queue_depth = m.child(m.queue_depth, *mv) if mon else _NULL
         # Only a code prior has a running set: the dashboard's code-prior panels select the models
         # with this series.
-        self.step_running_rows = m.step_running_rows.labels(*mv) if mon and steps else _NULL
-        self.images = m.images.labels(*mv) if mon else _NULL
-        self.batch_failures = m.batch_failures.labels(*mv) if mon else _NULL
-        self.cache_hits = m.image_cache_lookups.labels(*mv, "hit") if mon else _NULL
-        self.cache_misses = m.image_cache_lookups.labels(*mv, "miss") if mon else _NULL
-        self.load_duration = m.model_load_duration.labels(*mv) if mon else _NULL
-        self.ready = m.model_ready.labels(*mv) if mon else _NULL
-        self.loading = m.model_loading.labels(*mv) if mon else _NULL
-        self.file_changed = m.model_file_changed.labels(*mv) if mon else _NULL
-        self.rejected = {r: (m.requests_rejected.labels(*mv, r) if on else _NULL) for r in REJECT_REASONS}
-        self.dropped = {r: (m.requests_dropped.labels(*mv, r) if mon else _NULL) for r in DROP_REASONS}
-        self.closed = {r: (m.batches_closed.labels(*mv, r) if mon else _NULL) for r in BATCH_CLOSE_REASONS}
+        self.step_running_rows = m.child(m.step_running_rows, *mv) if mon and steps else _NULL
+        self.images = m.child(m.images, *mv) if mon else _NULL
+        self.batch_failures = m.child(m.batch_failures, *mv) if mon else _NULL
+        self.cache_hits = m.child(m.image_cache_lookups, *mv, "hit") if mon else _NULL
+        self.cache_misses = m.child(m.image_cache_lookups, *mv, "miss") if mon else _NULL
+        self.load_duration = m.child(m.model_load_duration, *mv) if mon else _NULL
+        self.ready = m.child(m.model_ready, *mv) if mon else _NULL
+        self.loading = m.child(m.model_loading, *mv) if mon else _NULL
+        self.file_changed = m.child(m.model_file_changed, *mv) if mon else _NULL
+        self.rejected = {r: (m.child(m.requests_rejected, *mv, r) if on else _NULL) for r in REJECT_REASONS}
+        self.dropped = {r: (m.child(m.requests_dropped, *mv, r) if mon else _NULL) for r in DROP_REASONS}
+        self.closed = {r: (m.child(m.batches_closed, *mv, r) if mon else _NULL) for r in BATCH_CLOSE_REASONS}
         self.encode_duration = {
-            f: (m.encode_duration.labels(*mv, f) if mon and encodes else _NULL) for f in FORMATS
+            f: (m.child(m.encode_duration, *mv, f) if mon and encodes else _NULL) for f in FORMATS
         }
-        self.request_duration = {x: (m.request_duration.labels(*mv, x) if on else _NULL) for x in methods}
+        self.request_duration = {x: (m.child(m.request_duration, *mv, x) if on else _NULL) for x in methods}
         self._requests = m.requests if on else None
         self._requests_children: dict[tuple[str, str], Any] = {}
         self.batch_size: Any = _NULL
@@ -250,8 +250,8 @@ class ModelMetrics:
             return
         labels = (self.model, self.version, provider, precision, "true" if gpu_requested else "false")
         self.clear_runtime()
-        self._metrics.model_runtime_info.labels(*labels).set(1)
-        self._metrics.batch_max_rows.labels(self.model, self.version).set(batch_max_rows)
+        self._metrics.child(self._metrics.model_runtime_info, *labels).set(1)
+        self._metrics.child(self._metrics.batch_max_rows, self.model, self.version).set(batch_max_rows)
         self._runtime_labels = labels
 
     def clear_runtime(self, shared_with: Sequence[ModelMetrics] = ()) -> None:
@@ -279,8 +279,8 @@ class ModelMetrics:
         self.count(method, code)
         duration = self.request_duration.get(method)
         if duration is None:  # a method the kind does not serve: bound on first use
-            duration = self.request_duration[method] = self._metrics.request_duration.labels(
-                self.model, self.version, method
+            duration = self.request_duration[method] = self._metrics.child(
+                self._metrics.request_duration, self.model, self.version, method
             )
         duration.observe(duration_s)
 
@@ -292,8 +292,8 @@ class ModelMetrics:
         key = (method, code)
         child = self._requests_children.get(key)
         if child is None:  # bounded: 10 methods (one for all unknown ones) x 17 codes
-            child = self._requests_children[key] = self._requests.labels(
-                self.model, self.version, method, code
+            child = self._requests_children[key] = self._metrics.child(
+                self._requests, self.model, self.version, method, code
             )
         child.inc()
 
@@ -309,6 +309,11 @@ class Metrics:
         # Unloads per (model, version): a removal scheduled by an earlier unload of a version loaded
         # again and unloaded again since leaves the counts to the last unload's (a full grace after).
         self._unloads: collections.Counter[tuple[str, str]] = collections.Counter()
+        # The series bound per (model, version) (`child`), by family: what forget_version removes.
+        self._children: collections.defaultdict[
+            tuple[str, str], set[tuple[MetricWrapperBase, tuple[str, ...]]]
+        ] = collections.defaultdict(set)
+        self._children_lock = threading.Lock()
         # No `*_created` series (one more per counter and histogram child; nothing here reads them).
         # Process-wide in prometheus_client, as PROMETHEUS_DISABLE_CREATED_SERIES=true would be.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -505,7 +510,27 @@ class Metrics:
 
     def batch_size_child(self, model: str, version: str, max_batch_size: int) -> Any:
         del max_batch_size  # buckets are shared; see __init__
-        return self.batch_size.labels(model, version) if self.enabled else _NULL
+        return self.child(self.batch_size, model, version) if self.enabled else _NULL
+
+    def child(self, family: MetricWrapperBase, model: str, version: str, *labels: str) -> Any:
+        """`family`'s child of (model, version, *labels), remembered as a series of that version:
+        forget_version removes a version's series by their labels, never by walking every version's
+        (remove_by_labels: quadratic when hundreds of models unload)."""
+        values = (model, version, *labels)
+        with self._children_lock:
+            self._children[(model, version)].add((family, values))
+        return family.labels(*values)
+
+    def _remove_children(self, key: tuple[str, str], families: tuple[MetricWrapperBase, ...]) -> None:
+        """The series of `key`'s version in `families` go (Metrics.child)."""
+        with self._children_lock:
+            bound = self._children.get(key, set())
+            gone = {entry for entry in bound if entry[0] in families}
+            bound -= gone
+            if not bound:
+                self._children.pop(key, None)
+        for family, values in gone:
+            family.remove(*values)  # nothing where clear_runtime removed it already
 
     def for_model(self, model: str, version: str, max_batch_size: int, kind: str = "") -> ModelMetrics:
         """A version's children; with `kind`, histograms only for what that kind can do."""
@@ -550,9 +575,7 @@ class Metrics:
         mm.clear_runtime(live)
         if live or not self.enabled:
             return
-        labels = {"model": mm.model, "version": mm.version}
-        for family in self.version_gauges():
-            family.remove_by_labels(labels)
+        self._remove_children(key, self.version_gauges())
         self._unloads[key] += 1
         unload = self._unloads[key]
         try:
@@ -571,9 +594,7 @@ class Metrics:
             return
         del self._unloads[key]
         mm.forgotten = True
-        labels = {"model": mm.model, "version": mm.version}
-        for family in self.version_counts():
-            family.remove_by_labels(labels)
+        self._remove_children(key, self.version_counts())
 
     def forget_model(self, model: str) -> None:
         """A model left the repository: its model-level series go too."""

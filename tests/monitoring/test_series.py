@@ -336,3 +336,38 @@ def test_versions_loaded_and_unloaded_leave_no_bookkeeping_behind() -> None:
     for version in range(1, 201):  # no running loop: the counts go at once
         enabled.forget_version(enabled.for_model("gen", str(version), 8, "generator"))
     assert (len(enabled._copies), len(enabled._unloads)) == baseline
+
+
+class _CountingSeries(dict):  # type: ignore[type-arg]
+    """A family's children, counting the walks through all of them (remove_by_labels' scan)."""
+
+    walks = 0
+
+    def keys(self):  # type: ignore[no-untyped-def,override]
+        _CountingSeries.walks += 1
+        return super().keys()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        _CountingSeries.walks += 1
+        return super().__iter__()
+
+
+def test_unloading_a_version_among_many_removes_its_series_without_walking_the_others() -> None:
+    """An operator with hundreds of models: each version's unload walked every series of every
+    version family (prometheus_client's remove_by_labels) on the event loop, so removing 280 of 300
+    models cost 280 walks over ~300 versions' series each (quadratic; seconds of a blocked loop).
+    Its own series go by their labels; the other versions' stay."""
+    metrics = Metrics()
+    versions = [metrics.for_model(f"m{i:03d}", "1", 8, "generator") for i in range(50)]
+    for mm in versions:
+        mm.request_done("Sample", "OK", 0.01)
+        mm.set_runtime("CPUExecutionProvider", "fp32", gpu_requested=False, batch_max_rows=8)
+    for family in metrics.version_families():
+        family._metrics = _CountingSeries(family._metrics)
+    _CountingSeries.walks = 0
+    metrics.forget_version(versions[7])  # no running loop: its counts go at once too
+    assert _CountingSeries.walks == 0
+    lines = exposition(metrics)
+    assert not [x for x in lines if 'model="m007"' in x]
+    for family in ("genserve_requests_total", "genserve_model_runtime_info", "genserve_model_ready"):
+        assert [x for x in lines if x.startswith(family + "{") and 'model="m008"' in x], family
