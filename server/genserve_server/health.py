@@ -181,8 +181,11 @@ class HealthState:
         self.serving = False
         self.reason = "starting"
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None
 
     async def set(self, service: str, serving: bool) -> None:
+        if self._closed:  # shutting down: every name stays NOT_SERVING
+            return
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -216,6 +219,15 @@ class HealthState:
     async def flush(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks)
+
+    def shutdown_soon(self) -> None:
+        """`shutdown` for a synchronous caller on the event loop thread (a stop requested, also
+        during start-up, whose loads end before the drain begins): NOT_SERVING from now on."""
+        if self._closed:
+            return
+        self._closed = True
+        self.serving, self.reason = False, "shutting down"
+        self._closing = asyncio.get_running_loop().create_task(self.shutdown())
 
     async def shutdown(self) -> None:
         """Every key NOT_SERVING; later `set` calls are ignored (grpc's graceful-shutdown flag)."""

@@ -603,6 +603,10 @@ class App:
 
     def request_stop(self) -> None:
         self._stop.set()
+        # Every health name NOT_SERVING from the first moment of shutdown (docs/server.md), not only
+        # once the drain begins: during start-up that waits for the loads to end, and `liveness` and
+        # "" were set after them, SERVING after the stop.
+        self.health.shutdown_soon()
         if not self._loaded:  # SIGTERM during start-up: do not finish loading first
             logger.info("stop requested during start-up: cancelling model loading")
             self.repository.cancel_loading()

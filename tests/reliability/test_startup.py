@@ -24,7 +24,7 @@ import grpc
 import onnx
 import pytest
 from grpc_health.v1 import health_pb2
-from reliability_support import health_status, write_gen
+from reliability_support import health_status, wait_on_loop, write_gen
 from server_support import TINY_LATENT, ServerProcess, slow_generator_graph, start_server, write_model
 
 from genserve.kserve import grpc_service_pb2 as kpb
@@ -347,6 +347,65 @@ def test_a_stop_during_start_up_warns_of_no_model_it_cancelled(tmp_path: Path) -
     log_text = log_path.read_text()
     assert "model z-slow version 1: loading cancelled" in log_text, log_text
     assert "NOT_SERVING" not in log_text and "not ready" not in log_text, log_text
+
+
+def test_a_stop_during_start_up_turns_every_health_name_not_serving_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process. SIGTERM while z-slow still loads (gen already SERVING): every name is NOT_SERVING
+    from that moment, as at any shutdown. gen's key stayed SERVING while the loads were cancelled,
+    and once start-up ended `liveness` turned SERVING, after the stop, until the drain began."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    from genserve_server import loader
+
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_gen(models, "z-slow", seed=1)
+    real_load_files = loader.load_files
+
+    def load_files(mv, sc, check_stopping, gate, opened=None):  # type: ignore[no-untyped-def]
+        if mv.name == "z-slow":  # a long warm-up: each step checks for a stop
+            while True:
+                check_stopping()
+                time.sleep(0.005)
+        real_load_files(mv, sc, check_stopping, gate, opened)
+
+    monkeypatch.setattr(loader, "load_files", load_files)
+    names = ("", SERVICE, LIVE_KEY, "gen", "z-slow")
+
+    async def statuses(channel: grpc.aio.Channel) -> dict[str, int]:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answers = {}
+        for name in names:
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            answers[name] = response.status
+        return answers
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int], bool]:
+        app = App(models, ServerConfig(), port=0, metrics_port=None)
+        starting = asyncio.ensure_future(app.start())
+        try:
+            await wait_on_loop(lambda: app.port != 0, "the server to listen")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                deadline = time.monotonic() + 30
+                while (await statuses(channel))["gen"] != SERVING:
+                    assert time.monotonic() < deadline, "gen never SERVING"
+                    await asyncio.sleep(0.02)
+                app.request_stop()
+                while_cancelling = await statuses(channel)  # the loads are being cancelled
+                await starting
+                after_start = await statuses(channel)
+                return while_cancelling, after_start, app.health.serving
+        finally:
+            app.request_stop()
+            await asyncio.wait({starting})
+            await app.stop()
+
+    while_cancelling, after_start, healthz_serving = asyncio.run(scenario())
+    assert while_cancelling == dict.fromkeys(names, NOT_SERVING), while_cancelling
+    assert after_start == dict.fromkeys(names, NOT_SERVING), after_start
+    assert not healthz_serving
 
 
 def _grpc_imported(pid: int) -> bool:
