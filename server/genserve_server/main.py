@@ -32,6 +32,7 @@ if __name__ == "__main__":  # `python -m genserve_server.main`: the entry the co
 import argparse
 import asyncio
 import collections
+import contextlib
 import errno
 import json
 import logging
@@ -738,6 +739,24 @@ def check_ready_file(path: Path) -> None:
         raise GenserveError(f"--ready-file {path}: directory {parent} is not writable")
 
 
+def remove_stale_ready_file(path: Path) -> None:
+    """An earlier run's --ready-file (its ports and pid) goes before anything loads: whoever waits
+    for the file would otherwise take this server as ready, at the old ports, while it loads."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise GenserveError(f"--ready-file {path}: an earlier run's file cannot be removed: {exc}") from None
+
+
+def remove_own_ready_file(path: Path | None) -> None:
+    """At shutdown: the --ready-file this process wrote goes (one another process wrote since stays)."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+
+
 def write_ready_file(path: Path, port: int, metrics_port: int, health_port: int = 0) -> None:
     """Atomically, so a reader never sees half a file. A port not served is 0."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -761,6 +780,7 @@ async def serve(args: argparse.Namespace) -> int:
     raise_open_file_limit(config.limits)
     if args.ready_file is not None:
         check_ready_file(args.ready_file)
+        remove_stale_ready_file(args.ready_file)
     # Before anything is loaded or logged: a port in use is one line, at once.
     _check_ports_distinct(args)
     _check_port_free(args.host, args.port, "--port")
@@ -813,6 +833,7 @@ async def serve(args: argparse.Namespace) -> int:
                 await app.stop()
                 raise GenserveError(f"--ready-file {args.ready_file}: cannot be written: {exc}") from None
     await app.wait_for_stop()
+    remove_own_ready_file(args.ready_file)  # no longer ready: from the first moment of shutdown
     await app.stop()
     # A sticky GPU failure stopped the server (repository.device_lost): exit non-zero for a restart.
     return 3 if app.repository.fatal_reason else 0

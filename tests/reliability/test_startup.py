@@ -7,6 +7,7 @@ Every test starts real `genserve-server` processes on 127.0.0.1 (free ports only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -312,6 +313,56 @@ def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_pat
     assert not (tmp_path / "ready.json").exists()
 
 
+def test_the_ready_file_exists_only_while_the_server_is_ready(tmp_path: Path) -> None:
+    """A --ready-file left by an earlier run (same path, its ports and pid) stayed while this server
+    loaded, so whoever waits for the file took it as ready and used the old ports; and the file the
+    server wrote stayed after it stopped. The stale file goes before loading, the server's own once
+    it stops."""
+    stale = {"port": 1, "metrics_port": 2, "health_port": 0, "pid": 999_999_999}
+    ready = tmp_path / "ready.json"
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_model(
+        models,
+        "z-slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 4000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={  # a warm-up far longer than the test
+            "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "efficient_batch_tolerance": 0.1}
+        },
+    )
+    fast_models = tmp_path / "fast-models"
+    write_gen(fast_models, "gen")
+    for repository in (models, fast_models):
+        ready.write_text(json.dumps(stale))
+        port = _free_port()
+        args = _serve_args(repository, tmp_path)
+        args[args.index("--port") + 1] = str(port)
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                while True:
+                    assert proc.poll() is None and time.monotonic() < deadline, "gen never SERVING"
+                    with contextlib.suppress(grpc.RpcError):  # not listening yet
+                        if health_status(channel, "gen") == SERVING:
+                            break
+                    time.sleep(0.05)
+            if repository == models:  # z-slow still loading
+                assert not ready.exists(), ready.read_text()
+            else:
+                while not ready.exists():
+                    assert time.monotonic() < deadline, "no ready file"
+                    time.sleep(0.05)
+                assert json.loads(ready.read_text())["pid"] == proc.pid
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        assert not ready.exists(), ready.read_text()
+
+
 def test_a_stop_during_start_up_warns_of_no_model_it_cancelled(tmp_path: Path) -> None:
     """SIGTERM while a model still loads cancels its load: the start-up then logged the whole
     server's state as after any load, a WARNING `server NOT_SERVING: required models not ready:`
@@ -436,10 +487,11 @@ def test_a_signal_early_in_start_up_stops_cleanly_or_waits_for_the_scan(
     command = genserve_command(models, "--log-level", "INFO")
     assert command[1:3] == ["-m", "genserve_server"]
     command[2] = module
-    with log_path.open("wb") as log:
+    out_path = tmp_path / "stdout.log"
+    with log_path.open("wb") as log, out_path.open("wb") as out:
         proc = subprocess.Popen(
             [*command, "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL,
+            stdout=out,
             stderr=log,
         )
     try:
@@ -462,7 +514,9 @@ def test_a_signal_early_in_start_up_stops_cleanly_or_waits_for_the_scan(
     log_text = log_path.read_text()
     assert returncode == 0, f"exit {returncode} on an early {sig.name}:\n{log_text}"
     assert "Traceback" not in log_text and "KeyboardInterrupt" not in log_text, log_text
-    assert ready.exists() == (sig == signal.SIGHUP), log_text
+    # Announced (and its ready file written, seen above) only where it came up; the file goes at the stop.
+    assert ("genserve listening" in out_path.read_text()) == (sig == signal.SIGHUP), log_text
+    assert not ready.exists(), log_text
 
 
 def test_overall_health_follows_a_hot_reload(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
