@@ -221,3 +221,22 @@ def test_operations_md_says_what_a_request_pinned_to_a_retired_version_gets(tmp_
     for code, error in (("UNAVAILABLE", draining.value), ("NOT_FOUND", unloaded.value)):
         documented = f"`{code}` `{as_documented(str(error))}`"
         assert documented in text, documented
+
+
+def test_the_proto_says_superresolve_inputs_are_bounded_by_a_pixel_count_not_a_side() -> None:
+    """max_sr_input_pixels bounds an input's pixels (width x height), not its sides: an 8x131072
+    input is within it and its x4 output is 32x524288. ImageRequest.images' comment said inputs
+    were at most 1024x1024 "so that a x4 output stays within 4096x4096"."""
+    from genserve_server.config import Kind, Limits
+
+    limit, name = Limits().input_pixels(Kind.SUPER_RESOLUTION)
+    assert name == "max_sr_input_pixels" and 8 * 131072 <= limit  # a long, thin input is taken
+    proto = (REPO_ROOT / "protos" / "genserve" / "v1" / "genserve.proto").read_text()
+    block = proto[proto.index("message ImageRequest {") :]
+    comment = " ".join(
+        line.strip().removeprefix("//").strip()
+        for line in block[: block.index("repeated Image images = 3;")].splitlines()
+        if line.strip().startswith("//")
+    )
+    assert "within 4096x4096" not in comment
+    assert "max_sr_input_pixels" in comment and f"{limit:,}" in comment

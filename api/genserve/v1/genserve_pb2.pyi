@@ -654,9 +654,12 @@ class ImageRequest(_message.Message):
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]:
         """1..16 images (max_images_per_image_request; Translate: and at most the model's
-        batching.max_queue_size, the images being queued at once). Each at most max_input_pixels (default 2048x2048 for Translate; SuperResolve
-        inputs at most 1024x1024 so that a x4 output stays within 4096x4096), at least the model's
-        min_size on each side. Channels are converted to the model's (gray <-> RGB; alpha dropped).
+        batching.max_queue_size, the images being queued at once). Each at most max_input_pixels
+        pixels, width x height (Translate; default 4,194,304 = 2048x2048), or max_sr_input_pixels
+        (SuperResolve; default 1,048,576 = 1024x1024): a count of pixels, not a bound on either side,
+        so a long, thin input (8x131072) is within it, and a x4 output has 16 times the input's pixels
+        in the same shape. At least the model's min_size on each side. Channels are converted to the
+        model's (gray <-> RGB; alpha dropped).
         """
 
     @_builtins.property
