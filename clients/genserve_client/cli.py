@@ -1560,7 +1560,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model(p)
         if name == "upscale":
             p.add_argument(
-                "--tile-size", type=parse_uint32, default=0, help="input tile size (0: the card's)"
+                "--tile-size",
+                type=parse_uint32,
+                default=0,
+                help="input tile size (0: the server picks the card's tile_size, 128 without one, "
+                "enlarged to at least 4 x the tile overlap, at most 1024)",
             )
             p.add_argument(
                 "--tile-overlap",

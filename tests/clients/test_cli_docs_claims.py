@@ -54,6 +54,16 @@ def test_edit_version_help_says_it_is_both_the_encoders_and_the_decoders() -> No
     assert "encoder" in text and "decoder" in text and "ready in both" in text, text
 
 
+def test_upscale_tile_size_help_says_the_server_enlarges_the_cards_tile_to_four_overlaps() -> None:
+    """`--tile-size 0` sends no tile_size: the server takes the card's tile_size (128 without one)
+    and enlarges it to at least 4 x the overlap (validate.tile_for), so a card tile of 128 with a
+    measured overlap of 40 runs tiles of 160. The help said "(0: the card's)"."""
+    parser = _subcommand("upscale")
+    tile = next(a for a in parser._actions if "--tile-size" in a.option_strings)
+    text = " ".join((tile.help or "").split())
+    assert "128" in text and "4 x" in text and "overlap" in text, text
+
+
 def _progress_examples(text: str) -> list[list[str]]:
     commands = []
     for match in re.finditer(r"`(genserve-client sample [^`]*--progress[^`]*)`", text.replace("\n", " ")):
