@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from genserve.v1 import genserve_pb2
 from genserve_client.bench import LoadGenerator, PayloadFactory, format_table
@@ -985,6 +985,38 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
 IMAGE_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
+def server_reads(head: bytes) -> bool:
+    """Whether a file starting with `head` is a PNG, JPEG or WEBP, the encoded images the server
+    reads (its codecs.sniff_format)."""
+    return head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (
+        head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    )
+
+
+def picture_for_server(command: str, path: Path) -> Path | bytes:
+    """The input of upscale/translate: a PNG, JPEG or WEBP file as it is (its bytes unchanged); any
+    other picture Pillow reads (TIFF, BMP, a GIF's first frame), as `edit` reads it, converted as the
+    library converts a PIL image and sent as a lossless PNG. A file Pillow cannot identify either
+    goes as it is, for the server's refusal to say what it takes."""
+    with path.open("rb") as file:
+        if server_reads(file.read(16)):
+            return path
+    try:
+        opened: Image.Image = Image.open(path)
+    except UnidentifiedImageError:
+        return path
+    except Image.DecompressionBombError as exc:
+        raise UsageError(f"{command}: {path}: {exc}") from None
+    with opened:
+        try:
+            picture = Image.fromarray(_pil_to_uint8(opened))
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt
+            raise UsageError(f"{command}: {path}: cannot read the picture: {exc}") from None
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    return png.getvalue()
+
+
 def _image_command(
     method: Callable[..., Any], args: argparse.Namespace, settings: dict[str, object], **opts: Any
 ) -> int:
@@ -997,7 +1029,8 @@ def _image_command(
         raise UsageError(
             f"{args.command}: output {str(out)!r} must end in one of {' '.join(IMAGE_SUFFIX_FORMATS)}"
         )
-    result = method(args.model, [Path(args.input)], format=fmt, version=args.version, **opts)
+    source = picture_for_server(args.command, Path(args.input))
+    result = method(args.model, [source], format=fmt, version=args.version, **opts)
     text = png_text(result.provenance, source=args.input, **settings)
     save_image_bytes(out, with_png_text(result.raw[0], text))
     with Image.open(io.BytesIO(result.raw[0])) as picture:

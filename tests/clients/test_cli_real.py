@@ -192,6 +192,31 @@ def test_upscale_and_translate(tiny_server: Any, tmp_path: Path) -> None:
     assert proc.stdout.strip() == f"wrote {tmp_path / 'up.png'} (40x24, 1 tile)"  # one tile, not "1 tiles"
 
 
+def test_upscale_and_translate_take_any_picture_pillow_reads_as_edit_does(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    """`edit` reads any picture Pillow opens; `upscale` and `translate` sent the file's bytes as they
+    were, so a BMP or TIFF was refused by the server ('not a PNG, JPEG or WEBP image', exit 2). Such
+    a file now goes as a lossless PNG of its pixels: the same output as the PNG of the picture."""
+    pixels = np.random.default_rng(2).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    for suffix in (".png", ".bmp", ".tiff"):
+        Image.fromarray(pixels).save(tmp_path / f"in{suffix}")
+    for command, model in (("upscale", "tiny-sr"), ("translate", "tiny-i2i")):
+        outputs = []
+        for suffix in (".png", ".bmp", ".tiff"):
+            out = tmp_path / f"{command}{suffix}.png"
+            cli(tiny_server, command, str(tmp_path / f"in{suffix}"), str(out), "--model", model)
+            with Image.open(out) as picture:
+                outputs.append(np.asarray(picture))
+        assert all(np.array_equal(outputs[0], other) for other in outputs[1:]), command
+    # A file the server reads goes as it is, its bytes unchanged (a JPEG is not decoded here).
+    from genserve_client.cli import picture_for_server
+
+    for suffix in (".png", ".jpg", ".webp"):
+        Image.fromarray(pixels).save(tmp_path / f"as-is{suffix}")
+        assert picture_for_server("upscale", tmp_path / f"as-is{suffix}") == tmp_path / f"as-is{suffix}"
+
+
 def test_upscale_and_translate_pngs_record_the_commands_settings(tiny_server: Any, tmp_path: Path) -> None:
     # docs/client.md: every PNG carries "the command's own settings" (a setting not given is not
     # written). `translate --direction b_to_a` and `upscale --tile-size/--tile-overlap` wrote none, so
