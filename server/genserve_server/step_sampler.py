@@ -378,7 +378,9 @@ class StepScheduler:
         self._joining = []
 
     def _drop_gone(self, now: float) -> None:
-        """Rows whose caller cancelled or whose deadline passed leave now, before the call."""
+        """Rows whose caller cancelled or whose deadline passed leave now, before the call;
+        genserve_step_running_rows is then the call's rows (joiners in, rows that left out, a failed
+        step's too)."""
         keep = []
         dropped: dict[int, str] = {}
         for row in self._running:
@@ -394,6 +396,8 @@ class StepScheduler:
             else:
                 keep.append(row)
         self._running = keep
+        if self.metrics is not None:
+            self.metrics.step_running_rows.set(len(keep))
 
     def _dropped(self, row: Row, reason: str, dropped: dict[int, str]) -> None:
         """One row leaves (`stats` count rows); genserve_requests_dropped_total counts its request

@@ -519,6 +519,53 @@ def test_steps_are_the_priors_batches_in_the_metrics(code_repo: tuple[Path, dict
     assert value("genserve_queue_duration_seconds_count", lane="interactive") == 1  # one request
 
 
+def test_the_running_rows_gauge_lets_go_of_the_rows_of_a_failed_step(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """genserve_step_running_rows is the running set now (docs/metrics.md). It was set after a
+    successful step only: the rows of a failed step, gone, stayed in it through the next step, run
+    for a request that joined meanwhile, as if 3 rows ran where 1 did."""
+    root, names = code_repo
+    metrics = Metrics(enabled=True)
+    gauge = {"model": names["prior"], "version": "1"}
+    during_next_step: list[float | None] = []
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        run = scheduler._run
+        calls = 0
+        failing, fail, next_step, release = (asyncio.Event() for _ in range(4))
+
+        async def scripted(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the first request's second step fails
+                failing.set()
+                await fail.wait()
+                raise RuntimeError("prior failed")
+            if calls == 3:  # the joiner's first step
+                next_step.set()
+                await release.wait()
+            return await run(inputs)
+
+        scheduler._run = scripted
+        first = asyncio.ensure_future(sample(core, names["prior"], [1, 2, 3], [0]))
+        await failing.wait()
+        joiner = asyncio.ensure_future(sample(core, names["prior"], [4], [0]))
+        await until(lambda: scheduler.rows == 4)  # its row waits to join
+        fail.set()
+        with pytest.raises(Exception, match="prior failed"):
+            await first
+        await next_step.wait()
+        during_next_step.append(metrics.registry.get_sample_value("genserve_step_running_rows", gauge))
+        release.set()
+        await joiner
+
+    run_with_core(root, body, metrics)
+    assert during_next_step == [1]
+    assert metrics.registry.get_sample_value("genserve_step_running_rows", gauge) == 0
+
+
 def test_a_requests_join_wait_is_one_queue_observation_however_many_rows(
     code_repo: tuple[Path, dict[str, str]],
 ) -> None:
