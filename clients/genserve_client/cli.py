@@ -97,6 +97,10 @@ MAX_SAMPLE_IMAGES = 100_000
 # Four servers' max_concurrent_rpcs default (1024): past what a server admits, calls are refused
 # RESOURCE_EXHAUSTED and measure that, not the model.
 MAX_BENCH_CONCURRENCY = 4096
+# bench's --channels (a channel, ~7 KB, and a connection each) and bulk's --concurrency (a stream
+# planned per worker, up to --n of them, each one of the server's concurrent RPCs): the same bound.
+MAX_BENCH_CHANNELS = MAX_BENCH_CONCURRENCY
+MAX_BULK_CONCURRENCY = MAX_BENCH_CONCURRENCY
 CONDITIONAL = "conditional_generator"
 # The server truncates only when asked (SampleRequest.truncation_psi absent: none); no model has a default.
 PSI_HELP = "truncation psi (default: none; a style generator's is in w space, 0 = the mean w, 1 = none)"
@@ -1198,6 +1202,11 @@ def _not_writable(exc: BaseException, out: Path) -> bool:
 def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise UsageError(f"bulk: --concurrency must be >= 1, got {args.concurrency}")
+    if args.concurrency > MAX_BULK_CONCURRENCY:
+        raise UsageError(
+            f"bulk: --concurrency must be at most {MAX_BULK_CONCURRENCY} (4 servers' default "
+            f"max_concurrent_rpcs), got {args.concurrency}"
+        )
     if args.stream_images is not None and args.stream_images < 1:
         raise UsageError(f"bulk: --stream-images must be >= 1, got {args.stream_images}")
     if not 0 <= args.chunk_size < UINT32_LIMIT:
@@ -1331,6 +1340,10 @@ def check_bench_args(args: argparse.Namespace) -> None:
         raise UsageError(f"bench: --max-outstanding must be >= 1, got {args.max_outstanding}")
     if args.channels < 1:
         raise UsageError(f"bench: --channels must be >= 1, got {args.channels}")
+    if args.channels > MAX_BENCH_CHANNELS:
+        raise UsageError(
+            f"bench: --channels must be at most {MAX_BENCH_CHANNELS} (a connection each), got {args.channels}"
+        )
 
 
 def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
@@ -1634,7 +1647,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=int,
         default=1,
-        help="parallel streams (with replicas: at least one per replica, so that each gets work)",
+        help=(
+            "parallel streams (with replicas: at least one per replica, so that each gets work; "
+            f"at most {MAX_BULK_CONCURRENCY})"
+        ),
     )
     p.add_argument(
         "--stream-images",
@@ -1693,7 +1709,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="open-loop arrivals")
     p.add_argument("--max-outstanding", type=int, default=256, help="open loop: bound on calls in flight")
     p.add_argument("--labels", type=parse_label_list, help="classes to cycle through (conditional models)")
-    p.add_argument("--channels", type=int, default=1, help="gRPC channels (HTTP/2 connections)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help=f"gRPC channels (HTTP/2 connections, at most {MAX_BENCH_CHANNELS})",
+    )
     p.add_argument(
         "--json",
         action="store_true",

@@ -169,6 +169,8 @@ def test_an_edit_sweep_grid_is_bounded_like_every_other_grid(
         (["sample", "--model", "fake-gen", "--n", "100001"], "--n", "100000"),
         (["sample", "--model", "fake-cond", "--labels", "all", "--n", "10001"], "--n", "100000"),
         (["bench", "--model", "fake-gen", "--concurrency", "1,4097"], "--concurrency", "4096"),
+        (["bench", "--model", "fake-gen", "--channels", "4097", "--duration", "0.1"], "--channels", "4096"),
+        (["bulk", "--model", "fake-gen", "--n", "2", "--concurrency", "4097"], "--concurrency", "4096"),
     ],
 )
 def test_a_sample_count_or_bench_concurrency_past_its_limit_is_refused_before_any_call(
@@ -182,8 +184,10 @@ def test_a_sample_count_or_bench_concurrency_past_its_limit_is_refused_before_an
     """`sample --n` and `bench --concurrency` had no upper bound: a typo (--n 5000000000) built a
     list of that many seeds (or workers) and the process was killed for memory, with nothing said.
     Past sample's 100,000 images (--n x classes: it holds every image until written; `bulk` streams
-    any number to disk) and bench's 4,096 workers, the flag is refused naming its limit, exit 2."""
-    out = ["--out", str(tmp_path / "out")] if args[0] == "sample" else []
+    any number to disk) and bench's 4,096 workers, the flag is refused naming its limit, exit 2.
+    bench --channels (a connection each, ~7 KB apiece before any call) and bulk --concurrency (a
+    stream planned per worker, up to --n of them) are bounded the same way."""
+    out = ["--out", str(tmp_path / "out")] if args[0] in ("sample", "bulk") else []
     code, _, err = cli_main(capsys, "--target", fake_server.target, *args, *out)
     assert code == 2, err
     assert flag in err and limit in err and "Traceback" not in err, err
