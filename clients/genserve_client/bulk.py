@@ -910,28 +910,65 @@ class BulkJob:
         return done
 
     def _listed(self, manifest_path: Path) -> DoneIndices:
-        """The indices the manifest lists, its torn tail dropped; BulkError for a corrupt line, or an
-        index out of the job's range or listed twice (the manifest is left as it is, torn tail
-        excepted)."""
+        """The indices the manifest lists, its torn tail dropped, and lines that repeat an earlier
+        line exactly (the same image, pasted twice) dropped; BulkError naming the line for a corrupt
+        line, an index out of the job's range or listed again differently (the manifest is then left
+        as it is, torn tail excepted)."""
         done = DoneIndices(self.lo, self.hi)
         if not manifest_path.exists():
             return done
-        intact, clash = 0, None
+        intact, outside, again = 0, None, set()
         with open(manifest_path, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.endswith(b"\n"):
                     break  # a torn append
                 index = manifest_entry(manifest_path, lineno, line)["index"]
                 intact += len(line)
-                if not self.lo <= index < self.hi or index in done:
-                    clash = index if clash is None else clash
+                if not self.lo <= index < self.hi:
+                    outside = (lineno, index) if outside is None else outside
+                elif index in done:
+                    again.add(index)
                 else:
                     done.add(index)
         if intact != manifest_path.stat().st_size:
             os.truncate(manifest_path, intact)  # drop the torn tail before appending after it
-        if clash is not None:
-            raise BulkError(f"{manifest_path}: index {clash} is out of range or listed twice")
+        if outside is not None:
+            raise BulkError(
+                f"{manifest_path}:{outside[0]}: index {outside[1]} is outside the job's range "
+                f"[{self.lo}, {self.hi}): a line of another job's manifest?"
+            )
+        if again:
+            self._drop_repeated_lines(manifest_path, again)
         return done
+
+    @staticmethod
+    def _drop_repeated_lines(manifest_path: Path, again: set[int]) -> None:
+        """Rewrite the manifest without the lines that repeat an earlier one exactly; BulkError naming
+        both lines where an index is listed again differently (which of the two is right is for
+        verify --hashes to tell)."""
+        first: dict[int, tuple[int, bytes]] = {}
+        with open(manifest_path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                index = json.loads(line)["index"]
+                if index not in again:
+                    continue
+                seen = first.setdefault(index, (lineno, line))
+                if seen[1] != line:
+                    raise BulkError(
+                        f"{manifest_path}:{lineno}: index {index} is listed again, differently from "
+                        f"line {seen[0]}: keep the line whose sha256 is its file's (verify "
+                        f"{manifest_path.parent} --hashes names the image that differs), remove the other "
+                        "and resume"
+                    )
+
+        def kept() -> Iterator[bytes]:
+            with open(manifest_path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    index = json.loads(line)["index"]
+                    if index not in again or first[index][0] == lineno:
+                        yield line
+
+        write_file_durably(manifest_path, kept())
 
     def _entry_intact(self, entry: dict[str, Any]) -> bool:
         path = self.out_dir / entry["file"]

@@ -792,6 +792,31 @@ def test_a_job_is_finished_only_when_every_image_is_listed(
     assert indices(tmp_path) == list(range(10))
 
 
+def test_a_manifest_whose_lines_were_pasted_twice_resumes_and_a_conflicting_duplicate_names_its_lines(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest holding its own lines twice (pasted, concatenated) was refused with 'index N is out of
+    range or listed twice', no line and no way on: identical lines list the same image, so the resume
+    keeps one of each; a line listing an index again differently names both lines and what to do."""
+    t = ("--target", fake_server.target)
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(tmp_path))
+    assert code == 0, err
+    manifest = tmp_path / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines + lines))
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--verify")
+    assert code == 0, err
+    assert manifest.read_text() == "".join(lines)
+    entry = json.loads(lines[2])
+    entry["sha256"] = OTHER_SHA256
+    manifest.write_text("".join([*lines, json.dumps(entry) + "\n"]))
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{manifest}:7: index {entry['index']} is listed again, differently from line 3" in err, err
+    assert "verify" in err
+    assert manifest.read_text() == "".join([*lines, json.dumps(entry) + "\n"])  # left as it was
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
 def test_a_manifest_whose_append_failed_on_a_full_disk_closes_without_raising_again() -> None:
     """The entries a failed append left in the manifest's buffer failed again in close(), in the job's
