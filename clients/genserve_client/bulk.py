@@ -874,6 +874,12 @@ class BulkJob:
 
         The manifest is read a line at a time (a job may list millions of images): what is held is
         a byte per index, and the names of files listed under another name than their index's."""
+        if self.images_dir.exists() and not self.images_dir.is_dir():
+            # mkdir's bare "File exists", and a resume that fails the same way: say what is wrong.
+            raise BulkError(
+                f"{self.images_dir} is a file, not a folder: the job keeps its images there; move it "
+                "away and resume (the images its manifest lists that are not there are made again)"
+            )
         self.images_dir.mkdir(parents=True, exist_ok=True)
         manifest_path = self.out_dir / MANIFEST_FILE
         done = self._listed(manifest_path)

@@ -792,6 +792,23 @@ def test_a_job_is_finished_only_when_every_image_is_listed(
     assert indices(tmp_path) == list(range(10))
 
 
+def test_an_images_path_that_is_a_file_is_named_and_no_resume_hint_is_printed(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OUT/images replaced by a regular file failed the run with a bare '[Errno 17] File exists',
+    naming nothing, then printed a 'resumable' hint that failed the same way."""
+    t = ("--target", fake_server.target)
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "images")
+    (tmp_path / "images").write_text("not a folder")
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{tmp_path / 'images'} is a file, not a folder" in err, err
+    assert "resumable" not in err and "File exists" not in err
+    assert (tmp_path / "images").read_text() == "not a folder"  # left alone
+
+
 def test_a_manifest_whose_lines_were_pasted_twice_resumes_and_a_conflicting_duplicate_names_its_lines(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
