@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -76,7 +77,9 @@ logger = logging.getLogger(__name__)
 PARITY_BATCH_SIZES = (1, 7)
 _RANGE_SLACK = 1e-3  # outputs may exceed output_range by float rounding only
 # <name>/.tmp-<version>-<token>: where _write_atomically stages a version (locked while it does).
-_STAGING_NAME = re.compile(r"^\.tmp-[1-9][0-9]*-[0-9a-f]{8}$")
+_STAGING_NAME = re.compile(r"^\.tmp-[1-9][0-9]*-([0-9a-f]{8})$")
+# <name>/.config.json.tmp-<token>: the model's config.json as _stage_config stages it (same token).
+_CONFIG_STAGING_NAME = re.compile(r"^\.config\.json\.tmp-([0-9a-f]{8})$")
 # A staging folder no export holds is removed once unchanged this long: an export of a
 # genserve-export that did not lock it yet may still be filling it.
 STALE_STAGING_S = 3600.0
@@ -900,17 +903,26 @@ def _lock_staging(path: Path) -> int | None:
 
 
 def _remove_stale_staging(entry: Path) -> None:
-    """Remove the staging folders of exports that died in them (SIGKILL, a lost machine: no cleanup
-    ran), which the server ignores and would otherwise pile up: only names of _write_atomically's
-    making that no live export locks and that are unchanged for STALE_STAGING_S."""
+    """Remove the staging folders and config.json temp files of exports that died in them (SIGKILL,
+    a lost machine: no cleanup ran), which the server ignores and would otherwise pile up: only
+    names of _write_atomically's making that no live export locks (a config temp file: no staging
+    folder of its token) and that are unchanged for STALE_STAGING_S."""
+    live: set[str] = set()
+    configs: list[Path] = []
     for path in entry.iterdir():
-        if not _STAGING_NAME.match(path.name):
+        if _CONFIG_STAGING_NAME.match(path.name):
+            configs.append(path)
+            continue
+        match = _STAGING_NAME.match(path.name)
+        if match is None:
             continue
         fd = _lock_staging(path)
         if fd is None:
+            live.add(match.group(1))
             continue
         try:
             if time.time() - os.fstat(fd).st_mtime < STALE_STAGING_S:
+                live.add(match.group(1))
                 continue
             shutil.rmtree(path, ignore_errors=True)
             if os.path.lexists(path):
@@ -919,6 +931,18 @@ def _remove_stale_staging(entry: Path) -> None:
                 logger.info("removed %s, the staging folder of an export that did not finish", path)
         finally:
             os.close(fd)
+    for path in configs:
+        match = _CONFIG_STAGING_NAME.match(path.name)
+        if match is None or match.group(1) in live:
+            continue
+        try:
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < STALE_STAGING_S:
+                continue
+            path.unlink()
+        except OSError:
+            continue
+        logger.info("removed %s, the config.json of an export that did not finish", path)
 
 
 def _remove_if_empty(entry: Path, made: bool) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -722,6 +724,46 @@ def test_an_export_of_a_new_model_whose_config_cannot_be_written_publishes_no_ve
         card=card, fp16=False,
     )  # fmt: skip
     assert sorted(p.name for p in target.parent.iterdir()) == ["1", "config.json"]
+
+
+def test_an_export_removes_the_config_temp_files_killed_exports_left_and_no_live_ones(tmp_path: Path) -> None:
+    """An export killed after staging its config.json (<name>/.config.json.tmp-<rand>) left it
+    behind for good: the stale cleanup matched staging folders alone. Those of its naming that are
+    unchanged for an hour and whose export holds no staging folder go; a fresh one, one of a live
+    export and any other name stay."""
+    out = tmp_path / "models"
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+
+    def export(version: str) -> Path:
+        return export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", version=version, out_dir=out,
+            example_inputs={"z": z}, card=card, fp16=False,
+        )  # fmt: skip
+
+    entry = export("1").parent
+    killed, fresh, live, other = (
+        entry / ".config.json.tmp-0123abcd",
+        entry / ".config.json.tmp-4567abcd",
+        entry / ".config.json.tmp-89abcdef",
+        entry / ".config.json.tmp-mine",
+    )
+    held = entry / ".tmp-3-89abcdef"  # the live export's staging folder, locked while it writes
+    held.mkdir()
+    hours_ago = time.time() - 7200
+    for path in (killed, fresh, live, other):
+        path.write_text("{}")
+        if path is not fresh:
+            os.utime(path, (hours_ago, hours_ago))
+    os.utime(held, (hours_ago, hours_ago))
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        export("2")
+    finally:
+        os.close(fd)
+    assert not killed.exists(), "the killed export's config temp file is left"
+    assert fresh.is_file() and live.is_file() and other.is_file() and held.is_dir()
 
 
 def test_replace_keeps_the_old_version_served_until_the_new_one_is_on_disk_and_back_if_it_fails(
