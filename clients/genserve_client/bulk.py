@@ -27,6 +27,7 @@ rejected, excepted), and recovery only touches names of the job's own pattern in
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -337,7 +338,7 @@ def fsync_dir(path: Path) -> None:
 def write_file_durably(path: Path, data: bytes | Iterable[bytes]) -> None:
     """temp name + fsync + rename: `path` either does not exist (or is left as it was) or holds all
     of `data` (bytes, or its pieces in order). An error names the file (the temp name) it was
-    writing."""
+    writing, which is removed (a full disk's partial file would hold on to the space to free)."""
     tmp = path.with_name(TMP_PREFIX + path.name)
     try:
         with open(tmp, "wb") as f:
@@ -346,6 +347,8 @@ def write_file_durably(path: Path, data: bytes | Iterable[bytes]) -> None:
             os.fsync(f.fileno())
     except OSError as exc:
         name_file(exc, tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     os.replace(tmp, path)
 

@@ -679,6 +679,23 @@ def test_a_full_disk_stops_the_job_naming_the_file_it_was_writing_and_it_resumes
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(10)]
 
 
+def test_an_image_write_that_fails_on_a_full_disk_leaves_no_temp_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk failing an image's write left its partial .tmp- file there (taking the space
+    the user must free) until the next run's recovery; the error still names it."""
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=re.escape(str(tmp_path / ".tmp-000006.png"))):
+        bulk_module.write_file_durably(tmp_path / "000006.png", b"x" * 4096)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_job_whose_manifest_is_removed_while_it_runs_stops_instead_of_reporting_success(
     fake_server: FakeServer,
     tmp_path: Path,
