@@ -828,7 +828,7 @@ async def serve(args: argparse.Namespace) -> int:
             try:
                 write_ready_file(args.ready_file, app.port, app.metrics_port, app.health_port)
             except OSError as exc:  # the folder went away or filled up since check_ready_file
-                logger.error("--ready-file %s: cannot be written (%s): stopping", args.ready_file, exc)
+                # Said once, by the error that ends the start (after the shutdown's lines).
                 app.request_stop()
                 await app.stop()
                 raise GenserveError(f"--ready-file {args.ready_file}: cannot be written: {exc}") from None

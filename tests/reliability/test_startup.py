@@ -730,3 +730,39 @@ def test_a_version_the_client_sent_as_a_path_comes_back_as_it_sent_it(tmp_path: 
                 details = refused.value.details() or ""
                 assert f"model gen has no version {version!r}" in details, (request, details)
                 assert "outside the repository" not in details, (request, details)
+
+
+def test_a_ready_file_that_cannot_be_written_once_loaded_is_said_once(tmp_path: Path) -> None:
+    """The --ready-file's folder removed while the models load: the start ends (exit 2) naming the
+    file; it said so twice, an ERROR line and then the same error as the fatal line."""
+    models = tmp_path / "models"
+    write_model(
+        models,
+        "slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 20000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={"batching": {"max_batch_size": 2, "max_queue_delay_ms": 1.0}},
+    )
+    ready_dir = tmp_path / "run"
+    ready_dir.mkdir()
+    args = _serve_args(models, tmp_path)
+    args[args.index("--ready-file") + 1] = str(ready_dir / "ready.json")
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "loading 1 model versions" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        ready_dir.rmdir()
+        assert proc.wait(60) == 2, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert "slow version 1 ready" in log_text, log_text  # the folder went while the model loaded
+    assert log_text.count("cannot be written") == 1, log_text
+    assert log_text.rstrip().splitlines()[-1].startswith("genserve-server: --ready-file "), log_text
