@@ -412,6 +412,8 @@ class Reloader:
                     kept or "none",
                     unserved or "none",
                 )
+            elif not self._stopping:  # else a SIGHUP's only line was 'rescan requested': it ended
+                logger.info("rescan in %.2f s: no change to apply", time.monotonic() - started)
             return report
 
     def _remove_model(self, name: str, report: RescanReport) -> None:

@@ -779,3 +779,28 @@ def test_the_rescan_summary_names_new_models_that_failed_and_claims_no_old_versi
     kept = after_kept.partition("not applied (nothing serves)")[0]
     assert "new-file-missing" not in kept and "new-config-invalid" not in kept, summary
     assert "new-file-missing" in summary and "new-config-invalid" in summary, summary
+
+
+def test_a_rescan_that_finds_nothing_to_change_says_it_ended(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: a SIGHUP on an unchanged repository logged 'repository rescan requested' and
+    nothing after it, so an operator could not tell that the rescan had run and ended. It ends with
+    one line saying that it had no change to apply."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            with caplog.at_level(logging.INFO, logger="genserve_server.reload"):
+                report = await reloader.rescan()
+            assert not report.changed()
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+    [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rescan in")]
+    assert summary.endswith("no change to apply"), summary
