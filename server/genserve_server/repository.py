@@ -456,29 +456,35 @@ class Repository:
         )
         started = time.monotonic()
         left = {name: len(model.versions) for name, model in self.models.items()}
-        done = 0
+        done = cancelled = 0
 
         async def one(mv: ModelVersion) -> None:
-            nonlocal done
+            nonlocal done, cancelled
             if self._stopping.is_set():
                 mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
                 mv.metrics.loading.set(0)
+                stopped = True
             else:
-                await self.load_version(mv)
-            done += 1
-            ready = sum(v.state == ModelState.READY for v in versions)
-            logger.info(
-                "loaded %d/%d model versions (%d ready) in %.1f s",
-                done,
-                len(versions),
-                ready,
-                time.monotonic() - started,
-            )
+                stopped = await self.load_version(mv)
+            if stopped:  # not loaded: the progress counts the versions whose load ended by itself
+                cancelled += 1
+            else:
+                done += 1
+                ready = sum(v.state == ModelState.READY for v in versions)
+                logger.info(
+                    "loaded %d/%d model versions (%d ready) in %.1f s",
+                    done,
+                    len(versions),
+                    ready,
+                    time.monotonic() - started,
+                )
             left[mv.name] -= 1
             if not left[mv.name] or mv.state == ModelState.READY:  # serving: say so before the rest
                 self.notify(self.models[mv.name])
 
         await asyncio.gather(*(one(mv) for mv in versions))
+        if cancelled:
+            logger.info("loading stopped: %d of %d model versions not loaded", cancelled, len(versions))
         for model in self.models.values():
             if not model.versions:
                 self.notify(model)
@@ -496,8 +502,9 @@ class Repository:
         if self._stopping.is_set():
             raise LoadCancelled(f"{mv.label}: loading cancelled: the server is shutting down")
 
-    async def load_version(self, mv: ModelVersion) -> None:
-        """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason."""
+    async def load_version(self, mv: ModelVersion) -> bool:
+        """Load one version on a worker thread; READY with a running batcher, or UNAVAILABLE + reason.
+        True when a stop cancelled the load (`cancel_loading`)."""
         try:
             try:
                 # Seconds of session building and warm-up: no spin beside them.
@@ -507,6 +514,7 @@ class Repository:
         except LoadCancelled as exc:
             mv.state, mv.reason = ModelState.UNAVAILABLE, str(exc)
             logger.info("%s", exc)
+            return True
         except GenserveError as exc:
             self._fail(mv, str(exc))
         except Exception as exc:  # ORT raises its own types for corrupt graphs
@@ -532,6 +540,7 @@ class Repository:
             rows = mv.batcher.max_batch_size if mv.batcher is not None else mv.config.batching.max_batch_size
             mv.metrics.set_runtime(mv.provider, mv.precision, mv.gpu_requested, rows)
             logger.info("%s ready in %.2f s (%s, sha256 %s)", mv.label, mv.load_s, mv.runtime, mv.sha256[:12])
+        return False
 
     def device_lost(self, mv: ModelVersion, reason: str) -> None:
         """A model call failed with a sticky CUDA error (gpu_errors): every later call on this process's

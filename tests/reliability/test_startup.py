@@ -766,3 +766,39 @@ def test_a_ready_file_that_cannot_be_written_once_loaded_is_said_once(tmp_path: 
     assert "slow version 1 ready" in log_text, log_text  # the folder went while the model loaded
     assert log_text.count("cannot be written") == 1, log_text
     assert log_text.rstrip().splitlines()[-1].startswith("genserve-server: --ready-file "), log_text
+
+
+def test_the_load_progress_does_not_count_loads_a_stop_cancelled_as_loaded(tmp_path: Path) -> None:
+    """SIGTERM while z-slow still warms up cancels its load: the progress line then said 'loaded 2/2
+    model versions (1 ready)', as if loading had finished. A cancelled load is not counted as
+    loaded: 'loaded 1/2 ...' stands, and one line says how many the stop left unloaded."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_model(
+        models,
+        "z-slow",
+        "generator",
+        slow_generator_graph(TINY_LATENT, 4000),
+        {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+        config={
+            "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "efficient_batch_tolerance": 0.1}
+        },
+    )
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(_serve_args(models, tmp_path), stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while "loaded 1/2 model versions" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert "model z-slow version 1: loading cancelled" in log_text, log_text
+    assert "loaded 2/2" not in log_text, log_text
+    assert "loading stopped: 1 of 2 model versions not loaded" in log_text, log_text
