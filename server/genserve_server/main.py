@@ -327,6 +327,11 @@ class App:
         # their keys change when it does, with no listener call of their own (`_serves`).
         self._model_keys: dict[str, bool] = {}
         self._links: dict[str, str] = {}
+        # The other way round: for each model, the models whose calls go through it (`_links`).
+        self._dependents: dict[str, set[str]] = {}
+        # The models whose key is NOT_SERVING: the only ones "" may not count as serving
+        # (`_counts_serving`), so that a state change re-evaluates "" without visiting every model.
+        self._keys_off: set[str] = set()
         # The models removed whose key is still NOT_SERVING, the last removed last (REMOVED_MODEL_KEYS).
         self._removed: dict[str, None] = {}
         self.codec_pool = ThreadPoolExecutor(
@@ -451,6 +456,7 @@ class App:
         for model in self.repository:
             await self.health.set(model.name, False)
             self._model_keys[model.name] = False
+            self._keys_off.add(model.name)
         self.repository.add_listener(self._on_model_state)
         # Before the serving port: a probe never finds the server up and its health listener not.
         if self.health_server is not None:
@@ -517,16 +523,13 @@ class App:
             self._tried.discard(name)
         newest = model.newest_ready() if model is not None else None
         link = linked_model(newest) if newest is not None else None
-        if link is not None:
-            self._links[name] = link[1]
-        else:
-            self._links.pop(name, None)
+        self._set_link(name, link[1] if link is not None else None)
         self._set_model_key(name, self._serves(model) if model is not None else serving)
         if model is not None:
             self._set_ready_gauges(model)
         else:
             self._drop_old_removed_keys(name)
-        for dependent in [d for d, linked in self._links.items() if linked == name and d != name]:
+        for dependent in sorted(self._dependents.get(name, set()) - {name}):
             other = self.repository.models.get(dependent)
             now = other is not None and self._serves(other)
             if now != self._model_keys.get(dependent):
@@ -535,8 +538,24 @@ class App:
                 self._set_ready_gauges(other)
         self._refresh_overall()
 
+    def _set_link(self, name: str, link: str | None) -> None:
+        """`_links[name] = link` (None: none), `_dependents` with it."""
+        old = self._links.pop(name, None)
+        if old is not None:
+            dependents = self._dependents[old]
+            dependents.discard(name)
+            if not dependents:
+                del self._dependents[old]
+        if link is not None:
+            self._links[name] = link
+            self._dependents.setdefault(link, set()).add(name)
+
     def _set_model_key(self, name: str, serving: bool) -> None:
         self._model_keys[name] = serving
+        if serving:
+            self._keys_off.discard(name)
+        else:
+            self._keys_off.add(name)
         self.health.set_soon(name, serving)
 
     def _drop_old_removed_keys(self, removed: str) -> None:
@@ -548,6 +567,7 @@ class App:
             oldest = next(iter(self._removed))
             del self._removed[oldest]
             self._model_keys.pop(oldest, None)
+            self._keys_off.discard(oldest)
             self.health.clear_soon(oldest)
 
     def _serves(self, model: Model) -> bool:
@@ -565,8 +585,22 @@ class App:
         # A model a hot reload added and is still loading has not been tried: it counts once it has
         # (docs/server.md), not when another model's readiness changes meanwhile (a drain ending).
         # A name --require-models lists counts at once: it was not serving before it loads either.
-        # A model counts as its health key says (`_serves`, kept by `_on_model_state`).
-        counted = [m for m in self.repository if m.name in self._tried or self.required_models is not None]
+        # A model counts as its health key says (`_serves`, kept by `_on_model_state`): one whose key
+        # is SERVING counts as serving, so only the others are looked at, not every model (this runs
+        # on every state change: a reload adding or removing n models would visit n models n times).
+        repository = self.repository.models
+        if self.required_models is not None:
+            counted = [repository[n] for n in self.required_models if n in repository]
+        elif any(n in repository for n in self._tried):
+            off = [n for n in self._keys_off if n in self._tried and n in repository]
+            if len(off) > 1:  # in the repository's order, as the reason lists them
+                off = [n for n in repository if n in self._keys_off and n in self._tried]
+            counted = [repository[n] for n in off]
+            if all(self._counts_serving(m) for m in counted):  # every model tried counts as serving
+                self.health.set_overall_soon(True, "")
+                return
+        else:
+            counted = []  # no model tried: "no models in the repository"
         models = {m.name: self._counts_serving(m) for m in counted}
         # A READY model that does not count: why its calls fail (its mapping or decoder), not only its name.
         why = {

@@ -1032,6 +1032,69 @@ def test_models_removed_one_after_another_leave_a_bounded_number_of_health_keys(
     asyncio.run(scenario())
 
 
+def test_adding_and_removing_many_models_reevaluates_only_the_models_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: an operator with hundreds of models. Each model's state change re-evaluated the
+    whole server's state by visiting every model of the repository, on the event loop, so a reload
+    adding (or removing) n models visited n models n times over (quadratic: seconds of a blocked
+    loop at 1,000 models). Each change visits the models it changed (and the ones whose calls go
+    through them); "" still turns SERVING once they serve, and says which ones do not."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(tmp_path / "staging", "m", version="1", seed=1)
+    models = 24
+    visits = 0
+    counts_serving = App._counts_serving
+
+    def counting(app: App, model: object) -> bool:
+        nonlocal visits
+        visits += 1
+        return counts_serving(app, model)  # type: ignore[arg-type]
+
+    def iterating(repo: Repository) -> Iterator[object]:
+        nonlocal visits
+        for model in repo.models.values():
+            visits += 1
+            yield model
+
+    async def scenario() -> None:
+        nonlocal visits
+        app = App(root, ServerConfig(drain_grace_s=0.5), port=0, metrics_port=None)
+        await app.start()
+        try:
+            monkeypatch.setattr(App, "_counts_serving", counting)
+            monkeypatch.setattr(Repository, "__iter__", iterating)
+            for i in range(models):
+                shutil.copytree(tmp_path / "staging" / "m", root / f"m{i:03d}")
+            (root / "broken").mkdir()
+            (root / "broken" / "config.json").write_text("{")
+            visits = 0
+            await app.reloader.rescan()
+            await app.health.flush()
+            assert visits <= 4 * models, f"{visits} model visits to add {models} models"
+            assert app.repository.get(f"m{models - 1:03d}").resolve("").state == ModelState.READY
+            assert (app.health.serving, app.health.reason) == (False, "required models not ready: broken")
+            shutil.rmtree(root / "broken")
+            for i in range(models):
+                shutil.rmtree(root / f"m{i:03d}")
+            visits = 0
+            await app.reloader.rescan()
+            await app.health.flush()
+            assert visits <= 4 * models, f"{visits} model visits to remove {models} models"
+            assert app.health.serving, app.health.reason
+            shutil.rmtree(root / "gen")
+            await app.reloader.rescan()
+            await app.health.flush()
+            assert (app.health.serving, app.health.reason) == (False, "no models in the repository")
+        finally:
+            monkeypatch.undo()
+            app.request_stop()
+            await app.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_sample_stream_outlasting_the_drain_grace_ends_naming_where_to_resume(tmp_path: Path) -> None:
     """A stream held open past drain_grace_s on a version a reload replaced ends UNAVAILABLE (as
     documented); it said the batcher's "... is draining; retry on another replica": no index to
