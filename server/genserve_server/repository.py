@@ -456,10 +456,10 @@ class Repository:
         )
         started = time.monotonic()
         left = {name: len(model.versions) for name, model in self.models.items()}
-        done = cancelled = 0
+        done = cancelled = ready = 0  # ready: counted as each version finishes, not by looking at all
 
         async def one(mv: ModelVersion) -> None:
-            nonlocal done, cancelled
+            nonlocal done, cancelled, ready
             if self._stopping.is_set():
                 mv.state, mv.reason = ModelState.UNAVAILABLE, "not loaded: the server is shutting down"
                 mv.metrics.loading.set(0)
@@ -470,7 +470,7 @@ class Repository:
                 cancelled += 1
             else:
                 done += 1
-                ready = sum(v.state == ModelState.READY for v in versions)
+                ready += mv.state == ModelState.READY
                 logger.info(
                     "loaded %d/%d model versions (%d ready) in %.1f s",
                     done,

@@ -5,6 +5,7 @@ batcher got, in which order steps ran; never a duration or a memory figure of th
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -314,3 +315,50 @@ def test_the_start_up_settings_read_from_the_server_config_and_errors_name_them(
         path.write_text(f'{{"{field}": {value}}}')
         with pytest.raises(ConfigError, match=rf"server.json: {field} must be"):
             load_server_config(path)
+
+
+def test_each_finished_start_up_load_counts_the_ready_versions_without_visiting_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator with hundreds of models: each finished start-up load counted the READY versions
+    for its 'loaded i/n model versions (r ready)' line by looking at every version again (quadratic
+    in the number of versions, on the event loop). The line still says how many are READY."""
+    root = tmp_path / "models"
+    models = 40
+    for i in range(models):
+        write_tiny_generator(root, f"m{i:03d}")
+    reads = 0
+
+    class CountingVersion(ModelVersion):
+        def __getattribute__(self, name: str) -> Any:
+            nonlocal reads
+            if name == "state":
+                reads += 1
+            return super().__getattribute__(name)
+
+    async def fake_load(mv: ModelVersion) -> None:  # the loading itself is not what is counted
+        mv.state = ModelState.UNAVAILABLE if mv.name == "m003" else ModelState.READY
+
+    lines: list[str] = []
+
+    async def body() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        for model in repo:
+            for mv in model.versions.values():
+                mv.__class__ = CountingVersion
+        monkeypatch.setattr(repo, "load_version", fake_load)
+        await repo.load_all()
+
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("genserve_server.repository")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        asyncio.run(body())
+    finally:
+        logger.removeHandler(handler)
+    assert reads <= 4 * models, f"{reads} reads of a version's state to load {models} versions"
+    done = [line for line in lines if line.startswith("loaded ")]
+    assert done[-1].startswith(f"loaded {models}/{models} model versions ({models - 1} ready)")
