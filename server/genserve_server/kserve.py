@@ -149,7 +149,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     def _on_model_state(self, name: str, serving: bool) -> None:
         if not self._loaded:
             self._announced.add(name)
-            self._loaded = self._announced >= set(self.repo.models)
+            # Every name listed only once as many are announced: not for each of hundreds of models.
+            models = self.repo.models
+            self._loaded = len(self._announced) >= len(models) and self._announced >= set(models)
 
     # ================================================================== health and metadata
 

@@ -707,6 +707,38 @@ def test_server_ready_waits_for_startup_loading_like_grpc_health(tmp_path: Path)
     assert asyncio.run(body()) == [False, True, True, True, False]
 
 
+def test_startup_announcements_of_many_models_do_not_list_every_model_each(tmp_path: Path) -> None:
+    """An operator with hundreds of models: each model announced at start-up made ServerReady's
+    loading check build the set of every model name again (quadratic in the number of models, on
+    the event loop). Loading is still over once the last one is announced, not before."""
+    models = 40
+    card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+    for i in range(models):
+        write_model(tmp_path, f"m{i:03d}", "generator", generator_graph(TINY_LATENT, 1, 8, 8), card)
+    listed = 0
+
+    class CountingModels(dict[str, Any]):
+        def __iter__(self) -> Iterator[str]:
+            nonlocal listed
+            for name in super().__iter__():
+                listed += 1
+                yield name
+
+    metrics = Metrics(enabled=False)
+    repo = Repository(tmp_path, ServerConfig(), metrics)
+    repo.scan()
+    repo.models = CountingModels(repo.models)
+    with ThreadPoolExecutor(1) as pool:
+        core = GenerationCore(repo, ServerConfig(), metrics, pool)
+        service = kserve.InferenceService(repo, core, Boundary(metrics))
+        loaded = []
+        for model in list(repo.models.values()):
+            repo.notify(model)  # as load_all does once a model's versions are tried
+            loaded.append(service._loaded)
+    assert loaded == [False] * (models - 1) + [True]
+    assert listed <= 4 * models, f"{listed} model names listed to announce {models} models"
+
+
 # ---------------------------------------------------------------------------- perf_analyzer
 
 
