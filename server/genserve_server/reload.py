@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 
 from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
@@ -142,38 +142,45 @@ def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int, int], ...]:
         for model_dir in root.iterdir():
             if model_dir.name.startswith("."):
                 continue
-            for path in (model_dir, *_children(model_dir, root, entries)):
-                with contextlib.suppress(OSError):
-                    st = path.stat()
-                    entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_mode))
+            # Each path stat-ed once, whether it is a directory read from that stat: with hundreds
+            # of models, every stat of every poll counts.
+            with contextlib.suppress(OSError):
+                st = model_dir.stat()
+                entries.append((model_dir.name, st.st_size, st.st_mtime_ns, st.st_mode))
+                if S_ISDIR(st.st_mode):
+                    _children(model_dir, model_dir.name, entries)
     return tuple(sorted(entries))
 
 
-def _children(model_dir: Path, root: Path, entries: list[tuple[str, int, int, int]]) -> list[Path]:
-    """`model_dir`'s entries; its version directories' VERSION_FILES that are there go to `entries`,
-    as does a version directory that cannot be looked inside, as UNLISTABLE (repository_fingerprint)."""
-    if not model_dir.is_dir():
-        return []
-    paths: list[Path] = []
+def _children(model_dir: Path, name: str, entries: list[tuple[str, int, int, int]]) -> None:
+    """`model_dir`'s entries (under `name`, the model's), and its version directories' VERSION_FILES
+    that are there, to `entries`, as a version directory that cannot be looked inside is, as
+    UNLISTABLE (repository_fingerprint)."""
     with contextlib.suppress(OSError):
         for child in model_dir.iterdir():
-            paths.append(child)
-            if child.is_dir() and VERSION_PATTERN.match(child.name):
+            listed = f"{name}/{child.name}"
+            try:
+                st = child.stat()
+            except OSError:
+                continue
+            entries.append((listed, st.st_size, st.st_mtime_ns, st.st_mode))
+            if S_ISDIR(st.st_mode) and VERSION_PATTERN.match(child.name):
                 names = list(VERSION_FILES)
                 while names:
-                    name = names.pop(0)
-                    path = child / name
+                    file = names.pop(0)
+                    path = child / file
                     try:
                         st = path.stat()
                     except (FileNotFoundError, NotADirectoryError):
                         continue
                     except OSError as exc:  # EACCES: no search permission on the directory
-                        entries.append((str(child.relative_to(root)), UNLISTABLE, exc.errno or 0, 0))
+                        entries.append((listed, UNLISTABLE, exc.errno or 0, 0))
                         break
-                    entries.append((str(path.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_mode))
-                    if name == "card.json":  # the external data files it lists (model.onnx.data)
+                    # A location card.json lists ("./model.onnx.data") as the path names it.
+                    shown = f"{listed}/{file}" if file in VERSION_FILES else str(Path(listed, file))
+                    entries.append((shown, st.st_size, st.st_mtime_ns, st.st_mode))
+                    if file == "card.json":  # the external data files it lists (model.onnx.data)
                         names += _card_data_files(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    return paths
 
 
 @functools.lru_cache(maxsize=4096)
