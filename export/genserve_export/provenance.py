@@ -13,7 +13,8 @@ SOURCE_PATHS = ("export/genserve_export", "api/genserve_contract")
 
 def source_commit(repo_dir: Path | None = None) -> str:
     """``git rev-parse HEAD`` of the source tree (``+dirty`` if SOURCE_PATHS have changes), else
-    "uncommitted"."""
+    "uncommitted": also for an installed copy (site-packages), even in a venv inside some git
+    repository, whose HEAD is not this code's source."""
     cwd = repo_dir or Path(__file__).resolve().parent
     try:
         head = subprocess.run(
@@ -36,4 +37,6 @@ def source_commit(repo_dir: Path | None = None) -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "uncommitted"
+    if Path(cwd).resolve() != (Path(root) / SOURCE_PATHS[0]).resolve():
+        return "uncommitted"  # not a checkout's export/genserve_export: git answered for another tree
     return f"{head}+dirty" if dirty else head

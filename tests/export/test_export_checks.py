@@ -408,6 +408,29 @@ def test_source_commit_is_dirty_for_changes_to_the_contract_too(tmp_path: Path) 
     assert source_commit(package).endswith("+dirty")
 
 
+def test_an_installed_export_in_a_venv_inside_another_repository_records_no_commit_of_it(
+    tmp_path: Path,
+) -> None:
+    """A non-editable install (pip install genserve-export) in a project's git-ignored .venv: git
+    run from site-packages/genserve_export answered with the project's HEAD, clean (its status has
+    no export/genserve_export), so every card claimed genserve was built from a commit of another
+    repository. Only a checkout holding the package at export/genserve_export is its source."""
+    from genserve_export.provenance import source_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    (tmp_path / "train.py").write_text("print('my project')\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "my project")
+    installed = tmp_path / ".venv" / "lib" / "python3.11" / "site-packages" / "genserve_export"
+    installed.mkdir(parents=True)
+    (installed / "provenance.py").write_text("# the installed copy\n")
+    assert source_commit(installed) == "uncommitted"
+
+
 # --- a published version is immutable: train / build-defaults / import-rrdn refuse to overwrite one
 
 
