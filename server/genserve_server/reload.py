@@ -444,6 +444,7 @@ class Reloader:
             return
         config = fresh.config
         if config is None:
+            logger.error("model %s unavailable: %s", current.name, current.reason)
             self._set_reason(current, current.reason)
             report.config_errors.append(current.name)  # named in the summary: nothing serves
             self.repo.notify(current)  # health: this name NOT_SERVING, and "" re-evaluated

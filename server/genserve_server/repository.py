@@ -311,7 +311,9 @@ class Repository:
             raise ConfigError(f"{self.root}: model repository {what}")
         for model_dir in self.model_dirs():
             model = self.read_model(model_dir)
-            if model.config is not None:
+            if model.config is None:
+                logger.error("model %s unavailable: %s", model.name, model.reason)
+            else:
                 available = self.available_versions(model)
                 selected = model.config.version_policy.select(available)
                 for version in selected:
@@ -364,8 +366,7 @@ class Repository:
                 model_dir / "config.json",
                 default_max_queue_size=self.server_config.limits.default_max_queue_size,
             )
-        except ConfigError as exc:
-            logger.error("model %s unavailable: %s", name, exc)
+        except ConfigError as exc:  # the caller logs it: a rescan keeps a serving model serving
             return Model(name, model_dir, None, reason=str(exc))
         return Model(name, model_dir, config)
 

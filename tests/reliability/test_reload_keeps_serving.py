@@ -715,6 +715,34 @@ def test_a_config_json_fixed_after_an_error_is_logged_as_applied_again(
     asyncio.run(scenario())
 
 
+def test_a_broken_config_json_on_a_serving_model_is_one_error_saying_it_still_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: config.json of a serving model is broken, and two rescans follow (a SIGHUP, the
+    watch seeing another model change). The model keeps serving, so the log says so once: no ERROR
+    line calling the model 'unavailable' at each rescan while its version serves."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            (root / "gen" / "config.json").write_text("{not json")
+            with caplog.at_level(logging.INFO):
+                await reloader.rescan()
+                await reloader.rescan()
+            assert version_states(repo) == {"1": "READY"}
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "still serving version 1 as loaded" in errors[0], errors
+    assert not any("unavailable" in m for m in errors), errors
+
+
 def test_a_broken_config_json_names_only_the_versions_that_really_serve(tmp_path: Path) -> None:
     """In process: version 1 serves and a new version 2 failed to load (its file fails its sha256);
     then config.json is broken. The model's reason says what still serves: version 1, not version
