@@ -397,7 +397,7 @@ class Reloader:
                 if self._stopping:
                     break
             else:
-                await self._check_files()
+                await self._check_files(skip_removed=True)
             self.rescans += 1
             if report.changed():
                 # Only a model with loaded versions keeps them: a new one that cannot apply serves nothing.
@@ -580,11 +580,15 @@ class Reloader:
 
     # ------------------------------------------------------------------ loaded files
 
-    async def _check_files(self) -> None:
-        """Compare every READY version's model file on disk with the one it loaded (under the lock)."""
+    async def _check_files(self, *, skip_removed: bool = False) -> None:
+        """Compare every READY version's model file on disk with the one it loaded (under the lock).
+        `skip_removed` (after a rescan): a version whose directory left while the rescan ran (its
+        model or the version removed) is no file changed in place: the next rescan applies it."""
         for model in list(self.repo.models.values()):
             for mv in list(model.versions.values()):
                 if mv.state != ModelState.READY:
+                    continue
+                if skip_removed and not await asyncio.to_thread(mv.path.is_dir):
                     continue
                 precision = (model.config or mv.config).precision  # config.json's now, as a restart reads
                 status = await asyncio.to_thread(self._file_status, mv, precision)

@@ -16,6 +16,7 @@ import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -741,6 +742,43 @@ def test_a_broken_config_json_on_a_serving_model_is_one_error_saying_it_still_se
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "still serving version 1 as loaded" in errors[0], errors
     assert not any("unavailable" in m for m in errors), errors
+
+
+def test_a_model_directory_removed_during_a_rescan_is_no_error_about_its_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: a model's directory is removed (to take it out of service) while a rescan runs,
+    after the rescan read it. The file check that ends the rescan logged an ERROR 'model.onnx is
+    gone from disk ... a restart would find no file ...: restore it' for a model the operator
+    removed on purpose; the next rescan (the watch's) removes the model, and nothing is an error."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "other", version="1", seed=1)
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        rescan_model = reloader._rescan_model
+
+        async def then_remove(model_dir: Path, report: Any) -> None:
+            await rescan_model(model_dir, report)
+            if model_dir.name == "gen":  # read by this rescan, then removed
+                shutil.rmtree(model_dir)
+
+        try:
+            reloader._rescan_model = then_remove  # type: ignore[method-assign]
+            with caplog.at_level(logging.INFO):
+                await reloader.rescan()
+                reloader._rescan_model = rescan_model  # type: ignore[method-assign]
+                await reloader.rescan()
+            assert "gen" not in repo.models and version_states(repo, "other") == {"1": "READY"}
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
 
 
 def test_a_broken_config_json_names_only_the_versions_that_really_serve(tmp_path: Path) -> None:
