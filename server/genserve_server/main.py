@@ -181,7 +181,13 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """The human-readable format, one line per record: a message's control characters are escaped
     (a name from the repository, ONNX Runtime's message quoting a graph's node, a client's path could
-    otherwise write a line of their own or terminal escapes). A traceback keeps its lines."""
+    otherwise write a line of their own or terminal escapes). A traceback keeps its lines. The time is
+    UTC, RFC 3339 with a `Z` (2026-11-01T05:30:00.000Z), whatever the host's time zone: local time
+    with no zone could not be compared across hosts, and went back an hour at a daylight-saving end."""
+
+    converter = staticmethod(time.gmtime)
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from typing import Any
 
@@ -139,3 +140,35 @@ def test_a_python_warning_is_logged_without_a_trailing_newline(
         assert json.loads(written[0])["msg"] == "<string>:3: UserWarning: x\n  y"
     else:
         assert written[0].endswith(" WARNING py.warnings: <string>:3: UserWarning: x\\n  y"), written
+
+
+def test_text_log_timestamps_are_utc_and_say_so_whatever_the_hosts_time_zone(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text log's time was the host's local time with no zone: on a host (or a container given
+    TZ) east or west of UTC its lines could not be put beside the JSON log's `ts`, another host's
+    lines or a metric's time, and across a daylight-saving fall-back its times went back an hour and
+    repeated (01:30 then 01:00 for two lines half an hour apart). They are UTC, written with a `Z`."""
+    monkeypatch.setenv("TZ", "EST5EDT,M3.2.0,M11.1.0")  # New York's rules, no tz database needed
+    time.tzset()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        main.setup_logging("INFO", False)
+        # 2026-11-01 05:30 and 06:00 UTC: 01:30 EDT, then 01:00 EST (the clocks fall back at 06:00)
+        for created in (1_793_511_000.0, 1_793_512_800.25):
+            record = logging.LogRecord("genserve_server.main", logging.INFO, __file__, 1, "line", (), None)
+            record.created, record.msecs = created, (created % 1) * 1000
+            root.handle(record)
+        root.handlers[0].flush()
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    written = capsys.readouterr().err.splitlines()
+    assert written == [
+        "2026-11-01T05:30:00.000Z INFO genserve_server.main: line",
+        "2026-11-01T06:00:00.250Z INFO genserve_server.main: line",
+    ], written
