@@ -457,7 +457,7 @@ class Reloader:
             problem = current.reason or policy_picks_none(current.path, available)
             if current.ready_versions():
                 # A typo in `specific`, or the only version directory deleted mid-replace: keep serving.
-                self._keep_serving(current, problem, report)
+                self._keep_serving(current, problem, report, reported=reported)
                 return
         current.config = config
         loads = len(report.loaded) + len(report.failed)
@@ -562,8 +562,22 @@ class Reloader:
             self._retire(model, mv, report)
         return kept
 
-    def _keep_serving(self, model: Model, problem: str, report: RescanReport) -> None:
-        """The files on disk cannot be applied: the loaded versions keep serving, and the model says why."""
+    def _keep_serving(
+        self, model: Model, problem: str, report: RescanReport, *, reported: str | None = None
+    ) -> None:
+        """The files on disk cannot be applied: the loaded versions keep serving, and the model says why.
+        Unless its directory left after this rescan listed the repository, as the rescan read it: no
+        file that cannot apply but the model taken out of service, which the next rescan applies (the
+        watch's, or the one a SIGHUP sent after the removal queued); the model's reason stays as it was
+        (`reported`: available_versions replaced it)."""
+        if not model.path.is_dir():
+            if reported is not None:
+                model.reason = reported
+            logger.info(
+                "model %s: its directory left while this rescan read it: the next rescan removes it",
+                model.name,
+            )
+            return
         # Only the READY versions serve: a version that failed to load (or is draining) is no promise.
         ready = sorted((mv.version for mv in model.ready_versions()), key=int)
         serving = ", ".join(f"version {v}" for v in ready) or "nothing"

@@ -781,6 +781,60 @@ def test_a_model_directory_removed_during_a_rescan_is_no_error_about_its_files(
     assert not errors, errors
 
 
+def test_a_model_directory_removed_as_a_rescan_reads_it_is_removed_without_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: a model's directory is removed (to take it out of service) after the rescan
+    listed the repository, before it read that model (its config.json, then its version
+    directories). That logged an ERROR 'cannot read config.json ...; not applied: still serving
+    version 1 as loaded' for a model the operator removed on purpose; the next rescan removes the
+    model, and nothing is an error."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    write_gen(root, "other", version="1", seed=1)
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        read_model = repo.read_model
+        available_versions = repo.available_versions
+
+        def removed_first(model_dir: Path) -> Any:
+            if model_dir.name == "gen" and model_dir.exists():  # listed by this rescan, then removed
+                shutil.rmtree(model_dir)
+            return read_model(model_dir)
+
+        def removed_after_config(model: Any) -> list[str]:
+            if model.name == "gen" and model.path.exists():  # its config.json read, then removed
+                shutil.rmtree(model.path)
+            return available_versions(model)
+
+        try:
+            with caplog.at_level(logging.INFO):
+                for name, patched, original in (
+                    ("read_model", removed_first, read_model),
+                    ("available_versions", removed_after_config, available_versions),
+                ):
+                    write_gen(root, "gen", version="1", seed=0)
+                    await reloader.rescan()
+                    assert version_states(repo) == {"1": "READY"}
+                    setattr(repo, name, patched)
+                    await reloader.rescan()
+                    setattr(repo, name, original)
+                    await reloader.rescan()
+                    assert "gen" not in repo.models and version_states(repo, "other") == {"1": "READY"}
+                    assert repo.metrics.registry.get_sample_value(
+                        "genserve_model_config_error", {"model": "gen"}
+                    ) in (None, 0)
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+
+
 def test_a_broken_config_json_names_only_the_versions_that_really_serve(tmp_path: Path) -> None:
     """In process: version 1 serves and a new version 2 failed to load (its file fails its sha256);
     then config.json is broken. The model's reason says what still serves: version 1, not version
