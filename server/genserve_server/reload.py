@@ -607,12 +607,16 @@ class Reloader:
                 precision = (model.config or mv.config).precision  # config.json's now, as a restart reads
                 status = await asyncio.to_thread(self._file_status, mv, precision)
                 if status is not None and status != mv.file_changed:
-                    mv.file_changed = status
+                    cleared, mv.file_changed = mv.file_changed, status
                     mv.metrics.file_changed.set(1 if status else 0)
                     if status:
                         logger.error("%s: %s", mv.label, status)
-                    else:
-                        logger.info("%s: its model file on disk matches the loaded one again", mv.label)
+                    else:  # what was restored: the model file, card.json, external data, a permission
+                        logger.info(
+                            "%s: its files on disk match the loaded ones again (cleared: %s)",
+                            mv.label,
+                            cleared,
+                        )
 
     def _file_status(self, mv: ModelVersion, precision: str) -> str | None:
         """None: unchanged since the last check; "": the files match the loaded sha256s; else what

@@ -339,6 +339,40 @@ def test_a_card_json_edited_under_a_loaded_version_is_reported_with_what_a_resta
     asyncio.run(scenario())
 
 
+def test_a_card_json_restored_under_a_loaded_version_is_logged_as_card_json_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: card.json broken under a READY version is an ERROR naming card.json; restoring
+    it was logged as 'its model file on disk matches the loaded one again', though the model file
+    never changed: the line that ends the error names what it cleared, card.json."""
+    root = tmp_path / "models"
+    card_path = write_gen(root, "gen", version="1", seed=0) / "card.json"
+    original = card_path.read_text()
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            await reloader.rescan()
+            card_path.write_text("{not json")
+            with caplog.at_level(logging.INFO, logger="genserve_server.reload"):
+                await reloader.rescan()
+                errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+                assert len(errors) == 1 and "card.json no longer loads" in errors[0], errors
+                caplog.clear()
+                card_path.write_text(original)
+                await reloader.rescan()
+            assert repo.models["gen"].versions["1"].file_changed == ""
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+    cleared = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model gen version 1:")]
+    assert len(cleared) == 1 and "card.json no longer loads" in cleared[0], cleared
+    assert "model file" not in cleared[0], cleared
+
+
 def test_a_changed_fp16_twin_names_the_file_a_restart_would_load_under_the_precision_now(
     tmp_path: Path,
 ) -> None:
