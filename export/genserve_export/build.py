@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -65,7 +66,10 @@ def train_and_export(
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    specs = recipe.train(seed=seed, steps=steps, device=device, progress=progress)
+    # A recipe that starts from another entry's model (its `after`) takes the repository it is
+    # trained into, where that entry is looked for first.
+    where = {"repository": out_dir} if "repository" in inspect.signature(recipe.train).parameters else {}
+    specs = recipe.train(seed=seed, steps=steps, device=device, progress=progress, **where)
     train_s = time.perf_counter() - started
     commit = source_commit()
     paths = []

@@ -70,6 +70,10 @@ class Recipe(Protocol):
 #     configured to run an entry (a code prior's default sampling temperature) takes a fifth
 #     keyword parameter ``sibling_config``: ``sibling_config(entry_name)`` returns that entry's
 #     config.json as read by the contract (genserve_contract.config.ModelConfig), or None.
+# train(..., repository=None)
+#     A recipe that starts from another entry's model (its ``after``) may take a keyword parameter
+#     ``repository``: the repository directory it is trained into (``train_and_export``'s out_dir),
+#     where it looks for that entry first.
 # grid_pairs(name, card) -> tuple[np.ndarray, np.ndarray | None]
 #     super_resolution / image_to_image: (inputs [N, C, h, w] in input_range, targets
 #     [N, C', H, W] in output_range or None) for ``verify --grids`` strips input | output | target.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,55 @@ def test_srgan_recipe_without_the_psnr_model_names_what_is_missing(
     monkeypatch.setenv(photos_srgan.INIT_ENV, str(tmp_path / "absent.onnx"))
     with pytest.raises(MissingInitError, match="absent.onnx not found.*sr-photos-x4"):
         PhotoSrganRecipe().train(seed=0, steps=1, device="cpu", progress=False)
+
+
+def test_train_srgan_starts_from_the_sr_model_in_the_repository_it_trains_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train sr-photos-x4 --out R` then `train srgan-photos-x4 --out R`: the fine-tune starts from
+    R's sr-photos-x4 (the one verify compares it with), not the checkout's models/."""
+    out = tmp_path / "models"
+    psnr = out / photos_sr.NAME / "2"
+    psnr.mkdir(parents=True)
+    (psnr / "model.onnx").write_bytes(b"R's own sr-photos-x4")
+    seen: list[Path] = []
+
+    class Stop(Exception):
+        pass
+
+    def load(path: Path) -> None:
+        seen.append(path)
+        raise Stop
+
+    monkeypatch.delenv(photos_srgan.INIT_ENV, raising=False)
+    monkeypatch.setattr(photos_srgan, "load_psnr_model", load)
+    with pytest.raises(Stop):
+        train_and_export(photos_srgan.NAME, out, steps=1, device="cpu", progress=False)
+    assert seen == [psnr / "model.onnx"]
+
+
+def test_an_installed_export_names_where_it_looked_for_the_sr_model_srgan_starts_from(
+    tmp_path: Path,
+) -> None:
+    """A non-editable genserve-export (site-packages) looked for sr-photos-x4 in
+    <venv>/lib/python3.11/models, a folder no install has, and told the user to train it first,
+    which (into --out) did not help: it looks in --out, and says where it looked."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    site = tmp_path / ".venv" / "lib" / "python3.11" / "site-packages"
+    shutil.copytree(root / "export" / "genserve_export", site / "genserve_export")
+    out = tmp_path / "repo"
+    env = {k: v for k, v in os.environ.items() if k != photos_srgan.INIT_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(root / "api")])
+    command = [sys.executable, "-m", "genserve_export.cli", "train", photos_srgan.NAME, "--out", str(out)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert str(out / photos_sr.NAME) in done.stderr, done.stderr
+    assert "python3.11/models" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert photos_srgan.INIT_ENV in done.stderr, done.stderr
 
 
 def _run_of(sess: ort.InferenceSession) -> Any:

@@ -49,29 +49,44 @@ THRESHOLDS = {
     "psnr_gain_db": {"min": 0.0},  # still better than bicubic
     "gradient_energy_ratio_over_psnr_model": {"min": 0.0},  # more detail than the PSNR model
 }
-# Where the PSNR model's weights come from: $GENSERVE_SR_INIT (a model.onnx), else the repository
-# this checkout ships (models/sr-photos-x4/<latest>/model.onnx).
+# Where the PSNR model's weights come from: $GENSERVE_SR_INIT (a model.onnx), else the latest
+# sr-photos-x4 of the repository being trained into (--out), else, run from a checkout (the package
+# at export/genserve_export), the one the checkout ships (models/sr-photos-x4/<latest>/model.onnx).
+# An installed copy (site-packages) has no such models/.
 INIT_ENV = "GENSERVE_SR_INIT"
-_DEFAULT_REPOSITORY = Path(__file__).resolve().parents[3] / "models"
+_PACKAGE = Path(__file__).resolve().parents[1]
+_CHECKOUT_MODELS = _PACKAGE.parents[1] / "models" if _PACKAGE.parent.name == "export" else None
 
 
 class MissingInitError(ExportError):
     """The PSNR-trained SRResNet that SRGAN fine-tunes is not available."""
 
 
-def psnr_model_path() -> Path:
-    """The ``model.onnx`` of the PSNR-trained SRResNet to start from."""
+def psnr_model_path(repository: Path | None = None) -> Path:
+    """The ``model.onnx`` of the PSNR-trained SRResNet to start from: $GENSERVE_SR_INIT, else the
+    latest ``sr-photos-x4`` of ``repository`` (the one trained into), then of the checkout's models/."""
     override = os.environ.get(INIT_ENV)
     if override:
         path = Path(override)
-    else:
-        latest = latest_version_dir(_DEFAULT_REPOSITORY / PSNR_MODEL)
-        path = (latest or _DEFAULT_REPOSITORY / PSNR_MODEL / "1") / "model.onnx"
-    if not path.is_file():
-        raise MissingInitError(
-            f"{path} not found: SRGAN fine-tunes the trained {PSNR_MODEL} (train it first, or set {INIT_ENV})"
-        )
-    return path
+        if not path.is_file():
+            raise MissingInitError(
+                f"{path} not found: SRGAN fine-tunes the trained {PSNR_MODEL} "
+                f"(train it first, or set {INIT_ENV} to its model.onnx)"
+            )
+        return path
+    looked: list[Path] = []
+    for models in (repository, _CHECKOUT_MODELS):
+        if models is None or models / PSNR_MODEL in looked:
+            continue
+        looked.append(models / PSNR_MODEL)
+        latest = latest_version_dir(models / PSNR_MODEL)
+        if latest is not None and (latest / "model.onnx").is_file():
+            return latest / "model.onnx"
+    where = " or ".join(str(p) for p in looked) or "no repository"
+    raise MissingInitError(
+        f"SRGAN fine-tunes the trained {PSNR_MODEL}, and none was found (looked in {where}): train "
+        f"{PSNR_MODEL} into the same --out first, or set {INIT_ENV} to its model.onnx"
+    )
 
 
 def load_psnr_model(path: Path) -> photos_sr.SRResNetLite:
@@ -144,12 +159,14 @@ class PhotoSrganRecipe:
     # points INIT_ENV at that model (cli._build_in_processes): {entry it starts from: its variable}.
     after = {PSNR_MODEL: INIT_ENV}
 
-    def train(self, *, seed: int, steps: int | None, device: str, progress: bool) -> list[ExportSpec]:
+    def train(
+        self, *, seed: int, steps: int | None, device: str, progress: bool, repository: Path | None = None
+    ) -> list[ExportSpec]:
         steps = self.default_steps if steps is None else steps
         device = pick_device(device)
         seed_everything(seed)
         rng = np.random.default_rng(seed)
-        init_path = psnr_model_path()
+        init_path = psnr_model_path(repository)
         init_sha = hashlib.sha256(init_path.read_bytes()).hexdigest()
         psnr_net = load_psnr_model(init_path).eval()
         net = load_psnr_model(init_path).to(device).train()
