@@ -263,6 +263,14 @@ def test_server_requirements_are_the_servers_dependencies() -> None:
     assert "-c requirements/constraints.txt -r requirements/server.txt" in dockerfile
 
 
+def test_the_requirement_files_cite_tests_that_exist() -> None:
+    """requirements/*.txt say which tests check them: a cited test file that does not exist (one
+    renamed or folded into another) sends a reader after a check that is not there."""
+    for path in sorted((ROOT / "requirements").glob("*.txt")):
+        for cited in re.findall(r"tests/[\w/]+\.py", path.read_text()):
+            assert (ROOT / cited).is_file(), f"{path.name} cites {cited}, which does not exist"
+
+
 def test_the_image_has_the_client_with_no_dependency_of_its_own(stages: list[Stage]) -> None:
     """Batch jobs (deploy/k8s/bulk/) run `genserve-client` from the server's image: the build stage
     installs clients/, whose dependencies are all the server's (pinned, installed before it)."""
