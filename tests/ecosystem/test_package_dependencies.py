@@ -60,3 +60,13 @@ def test_every_distribution_a_package_imports_is_a_declared_dependency(package: 
         if not candidates & declared:
             undeclared[module] = (sorted(candidates), where)
     assert not undeclared, f"{package}/pyproject.toml does not declare: {undeclared}"
+
+
+def test_the_server_reports_the_version_its_package_is_built_as() -> None:
+    """KServe's ServerMetadata and the provenance of every response report SERVER_VERSION, while
+    genserve_build_info reads the installed genserve-server's version, built from server/pyproject.toml:
+    two copies of one number, which a release must change together."""
+    from genserve_server.version import SERVER_VERSION
+
+    built = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]["version"]
+    assert SERVER_VERSION == built, "server/genserve_server/version.py and server/pyproject.toml differ"
