@@ -67,3 +67,21 @@ def test_declared_floors_are_what_the_stubs_check_at_import() -> None:
         assert floors.get("grpcio", ()) >= grpc_generated, (
             f"{package}/pyproject.toml: grpcio>={grpc_generated}"
         )
+
+
+def test_the_servers_grpcio_and_protobuf_floors_are_what_its_grpc_packages_require() -> None:
+    """genserve's stubs check only grpcio>=1.81.1 (api/pyproject.toml); the server's higher floors
+    come from grpcio-health-checking and grpcio-reflection, whose oldest declared version requires
+    them (and whose own stubs check that grpcio at import), as server/pyproject.toml says."""
+    import importlib.metadata
+
+    floors = _floors(ROOT / "server" / "pyproject.toml")
+    for package in ("grpcio-health-checking", "grpcio-reflection"):
+        if _version(importlib.metadata.version(package)) != floors[package]:
+            continue  # only the version at the floor says what the floor needs
+        required = {
+            m.group(1): _version(m.group(2))
+            for r in importlib.metadata.requires(package) or []
+            if (m := re.fullmatch(r"(grpcio|protobuf)\s*(?:<[^,]*,\s*)?>=\s*([0-9.]+)", r.strip()))
+        }
+        assert required == {"grpcio": floors["grpcio"], "protobuf": floors["protobuf"]}, (package, required)
