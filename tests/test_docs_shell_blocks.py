@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from server_support import running_server
+from server_support import ServerProcess, running_server, wait_until
 
 from genserve_client.cli import build_parser as client_parser
 from genserve_server.main import build_parser as server_parser
@@ -140,3 +140,27 @@ def test_the_readme_python_quick_start_runs_and_prints_what_it_made(tmp_path: Pa
     assert proc.stdout.split() == ["[42,", "43,", "44,", "45]", card["sha256"]["model.onnx"]], proc.stdout
     with Image.open(tmp_path / "three.png") as image:
         assert image.size == (28, 28)
+
+
+def test_the_hot_reload_block_adds_the_version_when_a_script_runs_it(tmp_path: Path) -> None:
+    """docs/operations.md's "add version 2 of a model" block, run as written by `bash -c` (a script,
+    `ssh host '...'`, a cron job) in a folder holding `models/` and `staging/`, against a
+    `genserve-server serve --models models --ready-file ready.json` started there: the rename puts
+    version 2 in place and the signal reaches the server, whose rescan loads it. (It said
+    `kill -HUP "$(pgrep -f 'genserve-server serve')"`: pgrep also found the `bash -c` whose command
+    line holds that pattern, and kill refused the two ids: no rescan.)"""
+    [block] = [b for doc, _, b in BLOCKS if doc == "docs/operations.md" and any("kill -HUP" in x for x in b)]
+    assert any("models/dcgan/2" in line for line in block), block
+    shutil.copytree(ROOT / "models" / "dcgan-digits", tmp_path / "models" / "dcgan")
+    shutil.copytree(ROOT / "models" / "dcgan-digits" / "1", tmp_path / "staging" / "dcgan" / "2")
+    entry = Path(sys.executable).with_name("genserve-server")  # the command the docs name
+    command = [str(entry), "serve", "--models", "models", "--port", "0", "--metrics-port", "0"]
+    server = ServerProcess.start(command, tmp_path, cwd=tmp_path)  # --ready-file tmp_path/ready.json
+    try:
+        proc = subprocess.run(
+            ["bash", "-c", "\n".join(block)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        wait_until(lambda: "model dcgan version 2 ready" in server.log(), 30, "version 2 loaded")
+    finally:
+        server.stop()
