@@ -97,6 +97,8 @@ class RescanReport:
     kept: list[str] = field(default_factory=list)  # old versions kept because the new one failed
     revived: list[str] = field(default_factory=list)  # draining versions picked again: serving again
     config_errors: list[str] = field(default_factory=list)  # models whose files on disk cannot apply
+    # models whose `specific` policy lists versions not on disk: applied, the others it lists serve
+    listed_missing: list[str] = field(default_factory=list)
 
     def changed(self) -> bool:
         return bool(
@@ -105,6 +107,7 @@ class RescanReport:
             or self.retired
             or self.removed_models
             or self.config_errors
+            or self.listed_missing
             or self.revived
         )
 
@@ -409,7 +412,8 @@ class Reloader:
                 unserved = [n for n in report.config_errors if n not in kept]
                 logger.info(
                     "rescan in %.2f s: loaded %s, serving again %s, failed %s, retiring %s, "
-                    "removed models %s, not applied (old versions serve) %s, not applied (nothing serves) %s",
+                    "removed models %s, not applied (old versions serve) %s, "
+                    "not applied (nothing serves) %s, applied, listing versions not on disk %s",
                     time.monotonic() - started,
                     report.loaded or "none",
                     report.revived or "none",
@@ -418,6 +422,7 @@ class Reloader:
                     report.removed_models or "none",
                     kept or "none",
                     unserved or "none",
+                    report.listed_missing or "none",
                 )
             elif not self._stopping:  # else a SIGHUP's only line was 'rescan requested': it ended
                 logger.info("rescan in %.2f s: no change to apply", time.monotonic() - started)
@@ -481,12 +486,14 @@ class Reloader:
         missing = policy_misses(current.path, config.version_policy, available) if selected else ""
         if missing and missing not in reported:  # once per change, not at every rescan
             logger.warning("model %s: %s", current.name, missing)
+        if problem:
+            report.config_errors.append(current.name)
+        elif missing:  # applied: it serves the versions it lists that are on disk
+            report.listed_missing.append(current.name)
         problem = "; ".join(p for p in (problem, missing) if p)
         if reported and not problem:  # its ERROR (or WARNING) line gets its end
             logger.info("model %s: its files on disk apply again (cleared: %s)", current.name, reported)
         self._set_reason(current, problem)
-        if problem:
-            report.config_errors.append(current.name)
         self.repo.notify(current)
 
     async def _load_picked(self, model: Model, selected: list[str], report: RescanReport) -> None:

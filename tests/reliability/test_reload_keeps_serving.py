@@ -935,6 +935,39 @@ def test_the_rescan_summary_names_new_models_that_failed_and_claims_no_old_versi
     assert "new-file-missing" in summary and "new-config-invalid" in summary, summary
 
 
+def test_the_rescan_summary_says_a_specific_policy_with_a_version_not_on_disk_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: version 2 published and config.json's policy set to `specific: ["2", "3"]`, 3 not
+    on disk: the rescan loads 2 and retires 1, as docs/model-repository.md says (it serves those it
+    picks). Its summary listed the model under 'not applied (old versions serve)', the words of an
+    edit that was not applied, beside 'loaded ... version 2' and 'retiring ... version 1'. It is named
+    as a policy listing versions not on disk, not as unapplied."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            write_gen(root, "gen", version="2", seed=1, version_policy={"specific": ["2", "3"]})
+            with caplog.at_level(logging.INFO, logger="genserve_server.reload"):
+                await reloader.rescan()
+            states = version_states(repo)
+            assert states["2"] == "READY" and states.get("1", "gone") != "READY", states  # 1 drains
+            assert "(3)" in repo.get("gen").reason, repo.get("gen").reason
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+    [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rescan in")]
+    assert "version 2" in summary.partition("loaded")[2].partition("serving again")[0], summary
+    unapplied = summary.partition("not applied (old versions serve)")[2].partition("not applied (nothing")[0]
+    assert "gen" not in unapplied, summary
+    assert "'gen'" in summary.partition("not on disk")[2], summary
+
+
 def test_a_rescan_that_finds_nothing_to_change_says_it_ended(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
