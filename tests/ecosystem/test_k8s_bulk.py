@@ -257,3 +257,33 @@ def test_the_documented_commands_give_every_genserve_pod_the_registry_image() ->
     assert {"deployment.yaml genserve", "job.yaml bulk", "verify-job.yaml verify"} <= whats, whats
     local = [what for what, image in applied if image.startswith("genserve:")]
     assert not local, f"the documented commands run the local image tag in: {local}"
+
+
+def test_the_documented_secret_holds_every_key_the_bulk_pods_mount(
+    bulk: dict[tuple[str, str], Manifest],
+) -> None:
+    """The Job mounts the key `bulk-token` of the Secret genserve-auth: a Secret made with `tokens`
+    alone (README.md's command for the servers) lacks it, and the shards' pods wait in
+    ContainerCreating forever. The last Secret docs/deploy.md creates before it applies the Jobs
+    must hold every key a bulk pod mounts, made in the batch jobs' own steps (after the servers are
+    applied): a reader who made the Secret as README.md says comes to them with `tokens` alone."""
+    mounted = {
+        item["key"]
+        for doc in bulk.values()
+        for volume in doc.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", [])
+        if volume.get("secret", {}).get("secretName") == "genserve-auth"
+        for item in volume["secret"].get("items", [])
+    }
+    assert mounted, "the bulk Jobs mount no key of genserve-auth: this test checks nothing"
+    created: set[str] | None = None
+    for command in _deploy_commands():
+        words = shlex.split(command)
+        if words[:5] == ["kubectl", "create", "secret", "generic", "genserve-auth"]:
+            created = {w.split("=", 2)[1] for w in words if w.startswith("--from-file=")}
+        elif words[:3] == ["kubectl", "apply", "-k"] and not words[3].rstrip("/").endswith("bulk"):
+            created = None  # the servers' step: a Secret made before it may be README.md's
+        elif words[:3] == ["kubectl", "apply", "-k"]:
+            assert created is not None, "docs/deploy.md's batch-job steps make no Secret with bulk-token"
+            assert mounted <= created, f"the Secret lacks {sorted(mounted - created)}"
+            return
+    pytest.fail("docs/deploy.md never applies deploy/k8s/bulk")
