@@ -24,12 +24,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from code_models import write_code_models
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from reliability_support import health_status, jpeg_bytes, png_bomb, png_bytes, rss_bytes
-from server_support import ServerProcess, healthy_models, start_server
+from server_support import ServerProcess, build_tiny_repo, start_server
+from style_models import write_style_models
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.v1 import genserve_pb2 as pb
@@ -48,7 +50,7 @@ ACCEPTED = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.UNAVAILABLE,  # only for the broken model; checked below
+    grpc.StatusCode.UNAVAILABLE,  # only for the broken models; checked below
 }
 
 G = "/genserve.v1.GenerationService/"
@@ -63,6 +65,8 @@ METHODS: dict[str, tuple[type[Message], bool]] = {
     G + "SuperResolve": (pb.ImageRequest, False),
     G + "Translate": (pb.ImageRequest, False),
     G + "SampleCodes": (pb.SampleCodesRequest, False),
+    G + "SampleCodesStream": (pb.SampleCodesRequest, True),
+    G + "MixStyles": (pb.MixStylesRequest, False),
     G + "ListModels": (pb.ListModelsRequest, False),
     G + "GetModel": (pb.GetModelRequest, False),
     K + "ServerLive": (kpb.ServerLiveRequest, False),
@@ -77,6 +81,15 @@ METHODS: dict[str, tuple[type[Message], bool]] = {
 }
 
 MODELS = ["tiny-gen", "tiny-cond", "tiny-vae-dec", "tiny-vae-enc", "tiny-sr", "tiny-i2i", "tiny-broken"]
+# write_code_models / write_style_models: priors (class-conditional, top, bottom given its top grid,
+# chained) with their decoders; a style generator, its mapping, one whose mapping does not fit and
+# one naming no mapping.
+CODE_MODELS = ["prior", "top-prior", "bottom-prior", "chain-prior", "codes-decoder", "codes-decoder2"]
+STYLE_MODELS = ["style-gen", "style-mapping", "style-misfit", "style-mapping-wide", "style-unmapped"]
+ALL_MODELS = MODELS + CODE_MODELS + STYLE_MODELS
+# Failed to load (tiny-broken, style-unmapped) or READY with every call failing (style-misfit): their
+# calls are UNAVAILABLE, naming them; every other model is required to be ready.
+BROKEN = ("tiny-broken", "style-unmapped", "style-misfit")
 HOSTILE_NAMES = [
     "", "nope", "../../etc/passwd", "..", ".", "%2e%2e", "%2e%2e%2fetc%2fpasswd", "tiny-gen\x00",
     "\x00", "tiny-gen/../tiny-cond", "/etc/passwd", "TINY-GEN", "tiny-gen ", "x" * 5000, "é\u202e",
@@ -100,10 +113,21 @@ VERSIONS = [
 
 # --------------------------------------------------------------------------------------------- values
 
-# Mostly real models and versions, so the cases get past the lookup into the field checks.
-names = st.one_of(
-    st.sampled_from(MODELS), st.sampled_from(MODELS), st.sampled_from(HOSTILE_NAMES), st.text(max_size=40)
-)
+
+def model_names(models: list[str]) -> st.SearchStrategy[str]:
+    """Mostly the models of the RPC's kinds, so the cases get past the lookup into the field checks;
+    any model of the repository (a kind the RPC refuses), hostile names and random text too."""
+    return st.one_of(
+        st.sampled_from(models),
+        st.sampled_from(ALL_MODELS),
+        st.sampled_from(HOSTILE_NAMES),
+        st.text(max_size=40),
+    )
+
+
+names = model_names(MODELS + ["style-gen"])
+code_names = model_names(CODE_MODELS[:4])
+style_names = model_names(["style-gen", "style-misfit"])
 versions = st.one_of(
     st.sampled_from(["", "1"]), st.sampled_from(["", "1"]), st.sampled_from(VERSIONS), st.text(max_size=12)
 )
@@ -112,6 +136,7 @@ i32 = st.one_of(st.integers(-3, 12), st.sampled_from([-(2**31), 2**31 - 1, 1000]
 i64 = st.one_of(
     st.integers(-3, 1000), st.sampled_from([-(2**63), 2**63 - 1, 2**63 - 2, -1, 2**62, 2**53 + 1])
 )
+small_u32 = st.one_of(st.integers(0, 4), u32)  # counts and crossovers: mostly in range
 u64 = st.one_of(st.integers(0, 100), st.sampled_from([2**63, 2**64 - 1, 10**9]))
 floats32 = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, 3.4e38, -1.0, 0.7, 10.0, 10.5]),
@@ -145,6 +170,32 @@ def tensors(draw: st.DrawFn, dim: int | None = None) -> tpb.Tensor:
     else:
         data = draw(st.binary(max_size=64))
     dtype = draw(st.sampled_from([tpb.DTYPE_UNSPECIFIED, tpb.DTYPE_FLOAT32, tpb.DTYPE_UINT8, 7, -1]))
+    return tpb.Tensor(shape=shape, dtype=dtype, data=data)
+
+
+@st.composite
+def code_grids(draw: st.DrawFn) -> tpb.Tensor:
+    """Top grids for a bottom prior (DTYPE_INT64 [N, 3, 3] or [3, 3], codes in [0, 16)), and
+    grids of other shapes, dtypes and lengths, codes out of range."""
+    n = draw(st.sampled_from([1, 2, 3]))
+    shape = draw(
+        st.one_of(
+            st.sampled_from([[n, 3, 3], [3, 3], [n, 6, 6], [n, 3], [0, 3, 3], [n, 3, 3, 1]]),
+            st.lists(st.integers(-2, 20), max_size=4),
+            st.sampled_from([[2**31, 3, 3], [-1, 3, 3], [2**62, 2**62, 2]]),
+        )
+    )
+    count = min(math.prod(d for d in shape if 0 < d <= 64), 1024) if shape else 0
+    codes = draw(st.sampled_from(["good", "out of range", "short", "random"]))
+    if codes == "good":
+        data = np.random.default_rng(draw(st.integers(0, 9))).integers(0, 16, count).astype("<i8").tobytes()
+    elif codes == "out of range":
+        data = np.resize(np.array([16, -1, 2**62, -(2**63)], "<i8"), max(count, 1)).tobytes()
+    elif codes == "short":
+        data = b"\x00" * max(0, 8 * count - draw(st.integers(1, 7)))
+    else:
+        data = draw(st.binary(max_size=64))
+    dtype = draw(st.sampled_from([tpb.DTYPE_INT64, tpb.DTYPE_INT64, tpb.DTYPE_FLOAT32, 0, 7]))
     return tpb.Tensor(shape=shape, dtype=dtype, data=data)
 
 
@@ -279,6 +330,48 @@ def decode_requests(draw: st.DrawFn) -> pb.DecodeRequest:
 
 
 @st.composite
+def code_requests(draw: st.DrawFn) -> pb.SampleCodesRequest:
+    # Output options and preview_every (SampleCodes refuses it) one time in four, so that most cases
+    # reach the prior's own fields.
+    r = pb.SampleCodesRequest(model=draw(code_names), version=draw(versions), count=draw(small_u32))
+    if draw(st.booleans()):
+        r.seeds.extend(draw(st.lists(i64, max_size=5)))
+    if draw(st.booleans()):
+        r.base_seed = draw(i64)
+    if draw(st.booleans()):
+        r.labels.extend(draw(st.lists(i32, max_size=4)))
+    if draw(st.booleans()):
+        r.temperature = draw(floats32)
+    if draw(st.booleans()):
+        r.top_k = draw(u32)
+    if draw(st.booleans()):
+        r.top_codes.CopyFrom(draw(code_grids()))
+    if draw(st.integers(0, 3)) == 0:
+        r.output.CopyFrom(draw(outputs()))
+    r.return_codes = draw(st.booleans())
+    if draw(st.integers(0, 3)) == 0:
+        r.preview_every = draw(u32)
+    return r
+
+
+@st.composite
+def mix_requests(draw: st.DrawFn) -> pb.MixStylesRequest:
+    r = pb.MixStylesRequest(model=draw(style_names), version=draw(versions), crossover=draw(small_u32))
+    for _ in range(draw(st.integers(0, 4))):
+        mix = r.mixes.add(coarse_seed=draw(i64), fine_seed=draw(i64))
+        if draw(st.booleans()):
+            mix.crossover = draw(small_u32)
+        if draw(st.booleans()):
+            mix.truncation_psi = draw(floats32)
+    if draw(st.booleans()):
+        r.truncation_psi = draw(floats32)
+    if draw(st.integers(0, 3)) == 0:
+        r.output.CopyFrom(draw(outputs()))
+    r.priority = draw(st.sampled_from([0, 1, 2, 3, -1]))
+    return r
+
+
+@st.composite
 def stream_requests(draw: st.DrawFn) -> pb.SampleStreamRequest:
     return pb.SampleStreamRequest(sample=draw(sample_requests()), start_index=draw(u64), chunk_size=draw(u32))
 
@@ -335,6 +428,9 @@ STRUCTURED: dict[str, st.SearchStrategy[Message]] = {
     G + "Decode": decode_requests(),
     G + "SuperResolve": image_requests(),
     G + "Translate": image_requests(),
+    G + "SampleCodes": code_requests(),
+    G + "SampleCodesStream": code_requests(),
+    G + "MixStyles": mix_requests(),
     K + "ModelInfer": infer_requests(),
 }
 for _method, (_kind, _) in METHODS.items():
@@ -380,11 +476,16 @@ class FuzzStats:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny repository with code priors and style generators beside it (every kind an RPC serves)."""
+    root = build_tiny_repo(tmp_path_factory.mktemp("fuzz-models"))
+    assert sorted(write_code_models(root).values()) == sorted(CODE_MODELS)
+    assert sorted(write_style_models(root).values()) == sorted(STYLE_MODELS)
+    required = ",".join(sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in BROKEN))
     work = tmp_path_factory.mktemp("fuzz-server")
     (work / "tokens").write_text(TOKEN + "\n")
     server = start_server(
-        tiny_repo, work, extra_args=("--token-file", str(work / "tokens"), *healthy_models(tiny_repo))
+        root, work, extra_args=("--token-file", str(work / "tokens"), "--require-models", required)
     )
     yield server
     server.stop()
@@ -451,8 +552,8 @@ def test_fuzz_every_rpc_gets_a_proper_status(fuzz_server: ServerProcess, tmp_pat
             stats.sent += 1
             stats.codes[code.name] += 1
             assert code in ACCEPTED, (method, body[:200], code, details)
-            if code == grpc.StatusCode.UNAVAILABLE:  # a model that failed to load, never the transport
-                assert "tiny-broken" in details, (method, code, details)
+            if code == grpc.StatusCode.UNAVAILABLE:  # a broken model, never the transport
+                assert any(name in details for name in BROKEN), (method, code, details)
             assert fuzz_server.proc.poll() is None, f"server died on {method} {body[:200]!r}"
 
         one_case()
