@@ -141,7 +141,7 @@ class Limits:
     default_max_queue_size: int = BatchingConfig().max_queue_size
     # Memory budgets (response_budget.py): bytes of unary responses computed but not yet sent (8
     # full-size responses), SuperResolve's working set (two 1024x1024 x4 requests at a time) and
-    # Translate's (two requests of 16 RGB 1024x1024 images, ~0.75 GB each). A request waits for its
+    # Translate's (two requests of 16 RGB 1024x1024 images, ~0.91 GB each). A request waits for its
     # budget at most budget_max_wait_s (and its deadline), then RESOURCE_EXHAUSTED.
     response_budget_bytes: int = 512 * MIB
     sr_working_set_bytes: int = 2048 * MIB

@@ -240,3 +240,60 @@ def test_the_proto_says_superresolve_inputs_are_bounded_by_a_pixel_count_not_a_s
     )
     assert "within 4096x4096" not in comment
     assert "max_sr_input_pixels" in comment and f"{limit:,}" in comment
+
+
+def _bundled_working_set(name: str, n: int, side: int, tile_size: int | None = None) -> int:
+    """The working set a SuperResolve (tile_size) or Translate of n RGB side² images on the bundled
+    model `name` holds by the constant estimate (a GPU session's rule), PNG out, its batches as its
+    config.json's batching allows (max_batch_size within max_batch_pixels) and its instances."""
+    from genserve.v1 import types_pb2 as tpb
+    from genserve_server import tiling, validate
+    from genserve_server.batch_keys import TileRows
+    from genserve_server.config import load_card, load_model_config
+    from genserve_server.core import image_working_set, padded_size
+    from genserve_server.loader import rows_within_pixels
+
+    card = load_card(REPO_ROOT / "models" / name / "1" / "card.json")
+    config = load_model_config(REPO_ROOT / "models" / name / "config.json")
+    padded = padded_size(side, side, card.size_multiple)
+    if tile_size is not None:
+        plan = tiling.plan_tiles(*padded, tile_size, card.tile_overlap, card.size_multiple)
+    else:
+        plan = tiling.whole_image(*padded)
+    shape = (card.input_channels or card.channels, plan[0].h, plan[0].w)
+    batching = config.batching
+    rows = min(batching.max_batch_size, rows_within_pixels(TileRows(shape), batching.max_batch_pixels))
+    out = validate.output_spec(tpb.IMAGE_FORMAT_PNG, 0, None, False)
+    return image_working_set(
+        card, [(side, side)] * n, [padded] * n, [plan] * n, out, rows, config.instances, on_cpu=False
+    )
+
+
+def test_operations_md_working_set_figures_are_what_the_bundled_models_hold() -> None:
+    """docs/operations.md sized the working-set budgets by figures from before the estimate counted
+    the encode's float32 copy and the batches a model's instances compute at once: a 1024² x4
+    SuperResolve '~0.83-0.89 GB' (it holds 0.99 GB in 128² tiles), a Translate of 16 RGB 1024²
+    images '~0.75 GB' (0.91 GB: the bundled translators' two instances each compute 4 of them), one
+    of 16 at 2048² '~2.6 GB' (2.7 GB). The figures are the bundled models' estimates, to 0.01 GB."""
+    gb = {
+        "sr 1024 tile 1024": _bundled_working_set("sr-photos-x4", 1, 1024, 1024) / 1e9,
+        "sr 1024 tile 128": _bundled_working_set("sr-photos-x4", 1, 1024, 128) / 1e9,
+        "sr 256": _bundled_working_set("sr-photos-x4", 1, 256, 128) / 1e9,
+        "translate 16 x 1024": _bundled_working_set("pix2pix-colorize", 16, 1024) / 1e9,
+        "translate 16 x 2048": _bundled_working_set("pix2pix-colorize", 16, 2048) / 1e9,
+    }
+    assert _bundled_working_set("unet-denoise", 16, 1024) / 1e9 == gb["translate 16 x 1024"]
+    text = " ".join((REPO_ROOT / "docs" / "operations.md").read_text().split())
+    sr = f"~{gb['sr 1024 tile 1024']:.2f}-{gb['sr 1024 tile 128']:.2f} GB"
+    claims = [
+        f"A 1024² ×4 request holds {sr} (with `tile_size` 1024 or 128)",
+        f"(a 256² input holds ~{round(gb['sr 256'] * 1000, -1):.0f} MB)",
+        f"A request of 16 RGB 1024² images holds ~{gb['translate 16 x 1024']:.2f} GB",
+        f"one of 16 at 2048² (~{gb['translate 16 x 2048']:.1f} GB) runs alone",
+        f"(~{gb['translate 16 x 1024']:.2f} GB a 16-image Translate, {sr} a 1024² SuperResolve)",
+    ]
+    missing = [claim for claim in claims if claim not in text]
+    assert not missing, f"docs/operations.md does not say: {missing}"
+    # The limits table: two of each at a time within the default 2 GiB budgets.
+    two_gib = 2 * 1024**3 / 1e9
+    assert 2 * gb["sr 1024 tile 128"] <= two_gib and 2 * gb["translate 16 x 1024"] <= two_gib
