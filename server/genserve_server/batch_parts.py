@@ -112,6 +112,10 @@ class PendingRequest:
     seq: int = 0
     caller: Caller | None = None  # its RPC, where that may queue other requests beside it
     reservation: QueueReservation | None = None  # the queue's rows it was queued into, if any
+    # Batches that took rows of it and have not ended (Batcher._execute); `computed`: resolved once
+    # none is left, where its caller left while some computed (Batcher.submit's `computing`).
+    computing: int = 0
+    computed: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)

@@ -459,13 +459,16 @@ class Batcher:
         caller: Caller | None = None,
         held: Held | None = None,
         reservation: QueueReservation | None = None,
+        computing: list[asyncio.Future[None]] | None = None,
     ) -> BatchResult:
         """Queue `n_rows` rows (axis 0 of every input) and wait for their outputs. `caller`: the RPC
         the rows belong to (core.Call), counted once as refused or dropped, whatever number of the
         requests it queued leave (None: a request of its own). `held`: what that RPC holds that a
         BULK request gives back while it waits for room (its response's bytes: batch_parts.Held).
         `reservation`: rows of the queue that RPC holds (`reserved`), which an INTERACTIVE request
-        queues into instead of being refused 'queue full'."""
+        queues into instead of being refused 'queue full'. `computing`: where a request cancelled
+        while batches holding its rows still compute adds a future resolved once they have ended
+        (their inputs, intermediates and outputs alive until then: core.holding_working_set)."""
         # Refusals that raise InvalidArgument or Unavailable are counted once, by the service's error
         # path; queue_full (ResourceExhausted) here for a request of its own, else marked on its
         # `caller` for the boundary (_queue_full).
@@ -518,6 +521,9 @@ class Batcher:
             # once, so that a client that gave up never holds room a live request is refused for.
             # Here rather than a done-callback on every future: no extra loop turn per request.
             self._forget_cancelled(request, counted=exc.args != (WITHDRAWN,))
+            if computing is not None and request.computing:
+                request.computed = asyncio.get_running_loop().create_future()
+                computing.append(request.computed)
             raise
 
     def _add_rows(self, request: PendingRequest) -> None:
@@ -708,12 +714,14 @@ class Batcher:
                 self._bulk_in_flight += 1
             else:
                 self._interactive_rows_in_flight += rows
-            task = asyncio.get_running_loop().create_task(self._execute(parts, rows))
+            for part in parts:
+                part.request.computing += 1  # counted down as the batch ends (_computing)
+            task = asyncio.get_running_loop().create_task(self._computing(parts, rows))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # Not kept while waiting for the next batch: the parts hold their requests' inputs and
             # outputs (a tiled SuperResolve's tiles), which would outlive the call and its budget.
-            del parts, task
+            del parts, part, task
 
     def _fail_queued(self, error: Callable[[], GenserveError]) -> None:
         """Fail every queued request with an `error()` of its own and empty the queue (at close, and
@@ -1079,6 +1087,13 @@ class Batcher:
         self._observer.on_queue_depth(self._queued_rows)
         return parts
 
+    async def _computing(self, parts: list[Part], rows: int) -> None:
+        """_execute, then the batch's requests count it ended (PendingRequest.computing)."""
+        try:
+            await self._execute(parts, rows)
+        finally:
+            _computed(parts)
+
     async def _execute(self, parts: list[Part], rows: int) -> None:
         """Runs a batch the dispatcher counted in flight (`rows`: its rows), then uncounts it."""
         started = self._clock()
@@ -1236,3 +1251,13 @@ class Batcher:
             failure = Internal(message)
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
+
+
+def _computed(parts: list[Part]) -> None:
+    """A batch ended: its requests' rows are no longer computed there (PendingRequest.computing); a
+    request whose caller left and that no other running batch holds resolves `computed`."""
+    for part in parts:
+        request = part.request
+        request.computing -= 1
+        if not request.computing and request.computed is not None and not request.computed.done():
+            request.computed.set_result(None)

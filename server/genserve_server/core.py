@@ -110,6 +110,9 @@ class Call:
     # reason; the boundary counts it as it answers, rejected under the reason if sent before the
     # deadline, else a `deadline` drop (batch_parts.Caller).
     refused: tuple[Refusals, str] | None = None
+    # Its requests cancelled while batches holding their rows still computed: each resolved once
+    # those have ended (Batcher.submit's `computing`; holding_working_set waits for them).
+    computing: list[asyncio.Future[None]] = field(default_factory=list)
 
     def release_uses(self) -> None:
         """Release the versions of `uses` (at the call's end; a second call releases nothing)."""
@@ -368,6 +371,7 @@ class GenerationCore:
             caller=call,
             held=call.response,
             reservation=reservation,
+            computing=call.computing,
         )
         call.timing.submitted(entered, result.dispatched_at, time.monotonic())
         return result
@@ -871,13 +875,20 @@ class GenerationCore:
         the block runs: sr_working_set_bytes for super-resolution, translate_working_set_bytes for
         the kinds Translate answers. Waits as wait_for_budget does (RESOURCE_EXHAUSTED naming the
         budget after budget_max_wait_s, counted `budget`); more than the whole budget is clamped to
-        it (the call runs alone). `what`: the RPC, for the refusal."""
+        it (the call runs alone). `what`: the RPC, for the refusal. A call that leaves (cancelled,
+        failed) while batches holding its rows still compute gives its bytes back once they have
+        ended: their inputs, the model's intermediates and outputs are alive until then."""
         budget = self.sr_working_set if card.kind.tiled else self.translate_working_set
         held = await self.wait_for_budget(call, budget.acquire(n_bytes, call.deadline, what))
         try:
             yield
         finally:
-            budget.release(held)
+            computing = [f for f in call.computing if not f.done()]
+            call.computing.clear()
+            if computing:
+                asyncio.gather(*computing).add_done_callback(lambda _: budget.release(held))
+            else:
+                budget.release(held)
 
     def whole_images_working_set(
         self,

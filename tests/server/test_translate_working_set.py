@@ -6,6 +6,8 @@ holds those). ONNX Runtime's own buffers are not traced: the estimate must bound
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import time
 import tracemalloc
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from server_support import (
+    hold_runs,
     image_to_image_graph,
     queued_behind_a_budget,
     run_with_core,
@@ -241,5 +244,55 @@ def test_a_card_counting_more_bytes_than_a_float_holds_runs_its_translate_alone(
             if call.response is not None:
                 call.response.release()
         assert held[0] >= core.translate_working_set.limit
+
+    run_with_core(tmp_path, body)
+
+
+def test_a_cancelled_translate_holds_its_working_set_until_its_batch_in_flight_is_computed(
+    tmp_path: Path,
+) -> None:
+    """A Translate cancelled (its client gone, its deadline) while its batch computed gave its working
+    set back at once, though the batch went on computing its stacked images into the model's
+    intermediates and outputs: the budget admitted other calls while the cancelled one's buffers
+    were all still alive. The bytes now go back once the batches holding its rows are computed."""
+    write_model(
+        tmp_path,
+        "i2i",
+        "image_to_image",
+        image_to_image_graph(4),
+        {"channels": 3, "input_channels": 3, "input_range": [-1.0, 1.0], "size_multiple": 4, "min_size": 8},
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0}},
+    )
+    image = tpb.Image(format=PNG, data=gradient_png(64))
+    out = validate.output_spec(PNG, 0, None, False)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        budget = core.translate_working_set
+        call = Call("Translate", "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+        mv = core.resolve(call, "i2i", "", ("image_to_image",), "Translate")
+        assert mv.batcher is not None
+        free = hold_runs(mv.batcher)  # its batch runs until `free` is set
+        task = asyncio.create_task(core.translate(mv, call, [image, image], out))
+        try:
+            while mv.batcher._batches_in_flight == 0:
+                await asyncio.sleep(0.005)
+            held = budget.held
+            assert held > 0
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert budget.held == held, "given back while its batch still computes"
+            free.set()
+            while mv.batcher._batches_in_flight:
+                await asyncio.sleep(0.005)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert budget.held == 0, "not given back once its batch was computed"
+        finally:
+            free.set()
+            if call.batcher is not None:
+                call.batcher.release()
+            if call.response is not None:
+                call.response.release()
 
     run_with_core(tmp_path, body)
