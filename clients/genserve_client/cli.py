@@ -122,8 +122,24 @@ def _printable(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
+# Set once a write to stdout found its reader gone (`| head -1`, `| true`): the rest of the output
+# goes nowhere, the command finishes its work (the images it writes) and exits 141 (main).
+_reader_gone = False
+
+
 def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    try:
+        sys.stdout.write(text + "\n")
+    except BrokenPipeError:
+        _lose_stdout()
+
+
+def _lose_stdout() -> None:
+    """The reader went away: as other filters do, say nothing. stdout is pointed at devnull so that
+    what is still buffered, and the interpreter's final flush, cannot fail."""
+    global _reader_gone
+    _reader_gone = True
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _err(text: str) -> None:
@@ -1763,6 +1779,16 @@ def _say_tls_hint(args: argparse.Namespace, exc: GenserveClientError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    status = _main(argv)
+    try:
+        sys.stdout.flush()  # a pipe's buffered lines: a reader gone is found here, not at exit
+    except BrokenPipeError:
+        _lose_stdout()
+    # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe, once the work is done
+    return 141 if _reader_gone and status == 0 else status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "verify":  # no server: connection flags before it are not even checked
@@ -1781,11 +1807,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BulkRetryExhausted as exc:  # transient errors outlasted --retry-window
         _err(f"genserve-client: {exc}")
         return 1
-    except BrokenPipeError:
-        # The reader went away (`genserve-client models | head -1`): as other filters do, stop
-        # quietly. stdout is pointed at devnull so that the interpreter's final flush cannot fail.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe
+    except BrokenPipeError:  # a write to stdout outside _out
+        _lose_stdout()
+        return 141
     except (UsageError, BulkError, ValueError) as exc:
         _err(f"genserve-client: {exc}")
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import signal
@@ -99,6 +100,34 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(fake_server: FakeServe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_that_goes_away_leaves_the_images_written_and_no_error(
+    fake_server: FakeServer, tmp_path: Path, unbuffered: str
+) -> None:
+    """`genserve-client sample --out D | true`: the reader is gone before the seed line. Where stdout
+    is buffered (Python's default for a pipe) the images were written, then the interpreter's final
+    flush printed "Exception ignored ... BrokenPipeError" and exited 120; with PYTHONUNBUFFERED=1 (a
+    container's usual setting) the seed line's write failed first and the command stopped with 141
+    before writing the images the server had made. The images are written, then exit 141 quietly."""
+    out = tmp_path / "images"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    command = ["--target", fake_server.target, "sample", "--model", "fake-gen", "--n", "2", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genserve_client", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+    assert len(list(out.glob("*.png"))) == 2
 
 
 def _entry_points() -> list[list[str]]:
