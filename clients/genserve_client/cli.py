@@ -125,9 +125,16 @@ def _printable(text: str) -> str:
 # Set once a write to stdout found its reader gone (`| head -1`, `| true`): the rest of the output
 # goes nowhere, the command finishes its work (the images it writes) and exits 141 (main).
 _reader_gone = False
+# Set once a line was not printed because the CLI started with stdout closed (`>&-`: Python has no
+# sys.stdout): the command finishes its work, then says so and exits 1 (main), as coreutils do.
+_stdout_closed = False
 
 
 def _out(text: str) -> None:
+    global _stdout_closed
+    if sys.stdout is None:
+        _stdout_closed = True
+        return
     try:
         sys.stdout.write(text + "\n")
     except BrokenPipeError:
@@ -1780,6 +1787,11 @@ def _say_tls_hint(args: argparse.Namespace, exc: GenserveClientError) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     status = _main(argv)
+    if sys.stdout is None:
+        if _stdout_closed and status == 0:
+            _err("genserve-client: write error: stdout is closed: its output was not printed")
+            return 1
+        return status
     try:
         sys.stdout.flush()  # a pipe's buffered lines: a reader gone is found here, not at exit
     except BrokenPipeError:

@@ -130,6 +130,28 @@ def test_a_reader_that_goes_away_leaves_the_images_written_and_no_error(
     assert len(list(out.glob("*.png"))) == 2
 
 
+def test_a_closed_stdout_writes_the_images_and_says_what_it_could_not_print(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    """`genserve-client sample --out D >&-`: with stdout closed Python has no sys.stdout, and the
+    seed line's write raised AttributeError, a traceback, exit 1, the images the server had made
+    not written. As coreutils do (`ls >&-`), the work is done and one line says stdout is closed."""
+    out = tmp_path / "images"
+    command = ["--target", fake_server.target, "sample", "--model", "fake-gen", "--n", "2", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "genserve_client", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),
+        timeout=60,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "stdout is closed" in err, err
+    assert len(err.splitlines()) == 1, err
+    assert len(list(out.glob("*.png"))) == 2
+
+
 def _entry_points() -> list[list[str]]:
     """`python -m genserve_client` and what the console script `genserve-client` runs (its
     pyproject.toml entry, called as pip's wrapper calls it)."""
