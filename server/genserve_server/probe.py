@@ -16,6 +16,7 @@ it sends), so a server with TLS on or `--closed-health` can still be probed from
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         credentials = _credentials(args.tls_ca, args.tls_cert, args.tls_key)
         token = first_token(args.token_file, args.token_env)
     except ProbeError as exc:
-        sys.stdout.write(f"genserve-server health: {exc}\n")
+        _say(f"genserve-server health: {exc}")
         return EXIT_UNHEALTHY
     status, name = check(
         args.host,
@@ -163,8 +164,20 @@ def run(args: argparse.Namespace) -> int:
         token=token,
     )
     shown = args.service or '""'
-    sys.stdout.write(f"{shown} {name}{_certificate_note(args.tls_cert, name)}\n")
+    _say(f"{shown} {name}{_certificate_note(args.tls_cert, name)}")
     return status
+
+
+def _say(line: str) -> None:
+    """The probe's one line. Its exit status is the answer: a stdout closed (`>&-`: no sys.stdout)
+    or whose reader went away (`| true`) does not change it."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # devnull under it: the interpreter's final flush cannot fail either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _certificate_note(cert: Path | None, status: str) -> str:

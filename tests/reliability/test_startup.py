@@ -219,6 +219,28 @@ def test_a_port_in_use_is_one_line_naming_the_port_and_the_flag(tmp_path: Path, 
 # ------------------------------------------------------------------------------------------ probe
 
 
+@pytest.mark.parametrize("stdout", ["closed", "reader gone"])
+def test_the_health_probe_answers_serving_whatever_became_of_its_stdout(
+    tiny_server: ServerProcess, stdout: str
+) -> None:
+    """The probe's exit status is its answer. `genserve-server health ... >&-` (Python then has no
+    sys.stdout) raised AttributeError on its line: a traceback and exit 1, a SERVING server reported
+    down; a reader gone before the line (`| true`, stdout buffered) printed "Exception ignored ...
+    BrokenPipeError" and exited 120. Both now exit 0, without a word on stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    command = [sys.executable, "-m", "genserve_server", "health", "--port", str(tiny_server.port)]
+    if stdout == "closed":
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.close(1))
+    else:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""
+
+
 def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2() -> None:
     """`python -m genserve_server.probe` (the Docker HEALTHCHECK): grpc and its health stubs only."""
     with socket.socket() as sock:
