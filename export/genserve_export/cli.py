@@ -610,9 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         return _run_command(args, argv)
-    except BuildInterrupted as exc:
-        sys.stderr.write(f"genserve-export {args.command}: stopped ({signal.Signals(exc.signum).name})\n")
-        return 128 + exc.signum
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
+        signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
+        sys.stderr.write(f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})\n")
+        return 128 + signum
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

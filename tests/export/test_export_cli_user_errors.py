@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,41 @@ def test_train_whose_export_cannot_be_written_is_an_error_naming_the_file_not_a_
     assert code == 1, err
     assert "genserve-export train: error:" in err and "No space left on device" in err, err
     assert "model.onnx" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["verify", "train"])
+def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, command: str) -> None:
+    """Ctrl-C (SIGINT) while `genserve-export verify` hashed the models or `train` trained: main()
+    caught the SIGTERM it turns into BuildInterrupted, but not a plain KeyboardInterrupt, so a
+    terminal's Ctrl-C printed a KeyboardInterrupt traceback and the process died of SIGINT (-2),
+    where build-defaults says one line and exits 130."""
+    where = (
+        "genserve_export.verify.verify_repository"
+        if command == "verify"
+        else "genserve_export.cli.train_and_export"
+    )
+    module, name = where.rsplit(".", 1)
+    argv = (
+        ["verify", str(tmp_path)]
+        if command == "verify"
+        else ["train", "dcgan-digits", "--out", str(tmp_path / "m")]
+    )
+    script = (
+        "import os, signal, sys, time, importlib\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        f"setattr(importlib.import_module({module!r}), {name!r}, interrupted)\n"
+        "from genserve_export.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"genserve-export {command}: stopped (SIGINT)", proc.stderr
