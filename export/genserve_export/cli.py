@@ -30,11 +30,47 @@ from genserve_export.recipes import RECIPES
 logger = logging.getLogger("genserve_export")
 
 
+# What became of stdout: its reader went away (`| true`: the rest of the report goes nowhere, exit
+# 141) or it was closed from the start (`>&-`: no sys.stdout, exit 1 with one line); the command
+# finishes its work either way (main).
+_stdout_lost: str | None = None
+
+
 def _say(text: str, flush: bool = False) -> None:
     """The CLI's report to the user on stdout (logging goes to stderr)."""
-    sys.stdout.write(text + "\n")
-    if flush:
-        sys.stdout.flush()
+    global _stdout_lost
+    if sys.stdout is None:
+        _stdout_lost = "closed"
+        return
+    try:
+        sys.stdout.write(text + "\n")
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _lose_stdout()
+
+
+def _lose_stdout() -> None:
+    """The reader went away: say nothing more; devnull under stdout, so that what is still buffered
+    and the interpreter's final flush cannot fail."""
+    global _stdout_lost
+    _stdout_lost = "reader gone"
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _stdout_status(command: str, status: int) -> int:
+    """The exit status once the command is done, given what became of stdout."""
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _lose_stdout()
+    if _stdout_lost == "closed" and status == 0:
+        sys.stderr.write(
+            f"genserve-export {command}: write error: stdout is closed: its output was not printed\n"
+        )
+        return 1
+    return 141 if _stdout_lost == "reader gone" and status == 0 else status
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -609,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
-        return _run_command(args, argv)
+        return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
         sys.stderr.write(f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})\n")

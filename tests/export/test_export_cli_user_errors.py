@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import torch
 
 from genserve_export import cli, recipes
 from tests.export.test_export_checks import _FakeRecipe
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -253,3 +256,41 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, comman
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"genserve-export {command}: stopped (SIGINT)", proc.stderr
+
+
+@pytest.mark.parametrize("stdout", ["reader gone", "closed"])
+def test_verify_whose_stdout_cannot_take_the_report_says_so_without_a_traceback(
+    tmp_path: Path, stdout: str
+) -> None:
+    """`genserve-export verify models | true`: the report's write to a pipe whose reader had gone
+    printed "Exception ignored ... BrokenPipeError" at the final flush (exit 120), or, for a report
+    past the 8 KiB buffer (the default repository's), a BrokenPipeError traceback (exit 1); with
+    stdout closed (`>&-`) an AttributeError traceback. Now, as the client does: 141 without a word
+    for a reader gone, and one line and exit 1 for a closed stdout."""
+    shutil.copytree(REPO_ROOT / "models" / "dcgan-digits", tmp_path / "models" / "dcgan-digits")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from genserve_export.cli import main; sys.exit(main())",
+        "verify",
+        str(tmp_path / "models"),
+        "--no-quality",
+    ]
+    if stdout == "closed":
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.close(1))
+    else:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    problems = [line for line in err.splitlines() if not line.startswith("INFO ")]  # the log's
+    if stdout == "closed":
+        assert proc.wait(timeout=120) == 1, err
+        assert problems == [
+            "genserve-export verify: write error: stdout is closed: its output was not printed"
+        ]
+    else:
+        assert proc.wait(timeout=120) == 141, err
+        assert problems == []
