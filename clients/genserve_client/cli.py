@@ -151,8 +151,10 @@ def _lose_stdout() -> None:
 
 def _err(text: str) -> None:
     """One line to stderr: a message often quotes the server's text (a refusal, a version's reason
-    quoting the model repository's files), its control characters escaped (_printable)."""
-    sys.stderr.write(_printable(text) + "\n")
+    quoting the model repository's files), its control characters escaped (_printable). Nothing
+    where the CLI started with stderr closed (`2>&-`)."""
+    if sys.stderr is not None:
+        sys.stderr.write(_printable(text) + "\n")
 
 
 class UsageError(Exception):

@@ -32,9 +32,10 @@ class ProgressBar:
         self.done = initial
         self._initial = initial  # resumed work does not count toward the rate
         self.unit = unit
-        self.stream = stream or sys.stderr
+        # None where the CLI started with stderr closed (`2>&-`): nothing is drawn, the work goes on.
+        self.stream: TextIO | None = stream or sys.stderr
         self.width = width
-        self._tty = self.stream.isatty()
+        self._tty = self.stream is not None and self.stream.isatty()
         self._interval_s = 0.2 if self._tty else log_interval_s
         self._start = time.monotonic()
         self._last_draw = float("-inf")
@@ -54,13 +55,13 @@ class ProgressBar:
     def update(self, n: int = 1, *, force: bool = False) -> None:
         self.done += n
         now = time.monotonic()
-        if force or now - self._last_draw >= self._interval_s:
+        if self.stream is not None and (force or now - self._last_draw >= self._interval_s):
             self._last_draw = now
             self.stream.write(("\r" if self._tty else "") + self.line() + ("" if self._tty else "\n"))
             self.stream.flush()
 
     def close(self) -> None:
         self.update(0, force=True)
-        if self._tty:
+        if self._tty and self.stream is not None:
             self.stream.write("\n")
             self.stream.flush()

@@ -152,6 +152,23 @@ def test_a_closed_stdout_writes_the_images_and_says_what_it_could_not_print(
     assert len(list(out.glob("*.png"))) == 2
 
 
+def test_a_bulk_job_with_stderr_closed_writes_its_images(fake_server: FakeServer, tmp_path: Path) -> None:
+    """`genserve-client bulk ... 2>&-` (a cron line discarding diagnostics): Python has no
+    sys.stderr then, and the job's progress bar raised AttributeError before the first stream, so
+    the job wrote nothing and exited 1 without a word. The job runs; only what stderr would have
+    shown is lost."""
+    out = tmp_path / "job"
+    command = ["--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "genserve_client", *command],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert len(list((out / "images").glob("*.png"))) == 4
+
+
 def _entry_points() -> list[list[str]]:
     """`python -m genserve_client` and what the console script `genserve-client` runs (its
     pyproject.toml entry, called as pip's wrapper calls it)."""
