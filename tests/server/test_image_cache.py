@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_support import ServerProcess, start_server
+from server_support import ServerProcess, running_server, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -204,3 +206,33 @@ def test_image_cache_bytes_is_validated_and_off_by_default(tmp_path: Path) -> No
     assert load_server_config(None).image_cache_bytes == 0
     path.write_text(json.dumps({"image_cache_bytes": 1 << 26}))
     assert load_server_config(path).image_cache_bytes == 1 << 26
+
+
+BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.mark.skipif(
+    not (BUNDLED_MODELS / "dcgan-digits").is_dir(), reason="models/ not written yet (export/ trains it)"
+)
+def test_the_documented_count_of_digits_a_64_mib_cache_holds_is_what_it_holds(tmp_path: Path) -> None:
+    """docs/server.md sizes image_cache_bytes by what 64 MiB holds of the bundled 28x28 digits (PNG,
+    default options, with their latents), counted as the cache counts its entries
+    (genserve_image_cache_bytes): the number an operator sizes the cache by must be what it holds."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    found = re.search(r"64 MiB holds ~(\d+)k 28×28 PNG digits", text)
+    assert found is not None, "docs/server.md no longer says what 64 MiB of image cache holds"
+    documented = int(found.group(1)) * 1000
+    root = tmp_path / "models"
+    shutil.copytree(BUNDLED_MODELS / "dcgan-digits", root / "dcgan-digits")
+    config = {"image_cache_bytes": 64 << 20, "warmup": False, "execution_providers": ["CPUExecutionProvider"]}
+    n = 256
+    with running_server(root, tmp_path / "work", config=config) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            stub.Sample(pb.SampleRequest(model="dcgan-digits", seeds=list(range(n))), timeout=60)
+        per_entry = server.metric("genserve_image_cache_bytes") / n
+    holds = (64 << 20) / per_entry
+    assert abs(holds - documented) / holds < 0.1, (
+        f"64 MiB holds ~{holds / 1000:.0f}k digits ({per_entry:.0f} bytes an entry); "
+        f"the docs say ~{documented // 1000}k"
+    )
