@@ -9,7 +9,7 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
@@ -203,3 +203,13 @@ def external_data_locations(path: Path) -> list[str]:
                 ]
                 stack.extend(reversed(found))
             return list(locations)
+
+
+def weights_digest(external_sha256: Mapping[str, str]) -> str:
+    """Provenance.weights_sha256 of a graph whose external data files are {location: sha256}: the
+    sha256 of their `location<TAB>sha256` lines, sorted by location, each ending in a newline; ""
+    for a graph that keeps its weights in itself (its own sha256 covers them)."""
+    if not external_sha256:
+        return ""
+    lines = "".join(f"{location}\t{sha256}\n" for location, sha256 in sorted(external_sha256.items()))
+    return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()

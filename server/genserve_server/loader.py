@@ -21,7 +21,7 @@ import numpy as np
 
 from genserve_contract.config import AUTO_TOLERANCE, Tolerance
 from genserve_contract.kinds import image_shape_fits
-from genserve_contract.repository import external_data_locations, sha256_file
+from genserve_contract.repository import external_data_locations, sha256_file, weights_digest
 from genserve_server import calibration, tiling, validate
 from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
@@ -155,6 +155,7 @@ def _open(
         logger.warning("%s: serving fp32: %s", mv.label, choice.reason)
     model_path = choice.path
     mv.precision = choice.precision
+    mv.weights_sha256 = weights_digest(mv.external_sha256.get(model_path.name, {}))
     cores = cpu_count()
     pinned = mv.config.runtime.intra_op_threads or sc.intra_op_threads
     intra = pinned or max(1, cores // mv.config.instances)

@@ -90,6 +90,9 @@ class ModelVersion:
     # checked at load): {graph file name: {location: sha256}}; reload.py watches the served graph's
     # and its reference's beside them.
     external_sha256: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The served graph's external data files' digest (genserve_contract weights_digest), set once at
+    # load: Provenance.weights_sha256 and GetModel's; "" where the graph holds its weights.
+    weights_sha256: str = ""
     # (device, inode, size, mtime_ns) of each file above as stat'ed before its sha256 was read, by
     # path: the load refuses a file that was replaced before ONNX Runtime opened it (loader._open).
     verified_stats: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)

@@ -474,6 +474,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     state=_STATE[mv.state],
                     reason=self.repo.redact(mv.reason or self._warnings(mv)),
                     model_sha256=mv.sha256,
+                    weights_sha256=mv.weights_sha256,
                     precision=mv.precision,
                     execution_provider=mv.provider,
                     card_json=mv.card.raw_json if cards and mv.card else "",

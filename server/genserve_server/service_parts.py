@@ -80,6 +80,7 @@ def provenance(
         model=mv.name,
         version=mv.version,
         model_sha256=mv.sha256,
+        weights_sha256=mv.weights_sha256,
         onnxruntime_version=ort.__version__,
         execution_provider=mv.provider,
         precision=mv.precision,
@@ -87,7 +88,12 @@ def provenance(
         rng_algorithm=latents.RNG_ALGORITHM,
         server_version=SERVER_VERSION,
         used_models=[
-            tpb.UsedModel(model=used.name, version=used.version, model_sha256=used.sha256)
+            tpb.UsedModel(
+                model=used.name,
+                version=used.version,
+                model_sha256=used.sha256,
+                weights_sha256=used.weights_sha256,
+            )
             for used in uses or ()
         ],
     )

@@ -911,6 +911,45 @@ def test_external_weights_are_held_to_card_sha256_as_the_graph_is(tmp_path: Path
         with_repo(root, check)
 
 
+def test_provenance_and_get_model_identify_external_weights_beside_the_graph(tmp_path: Path) -> None:
+    """A graph whose weights lie in model.onnx.data keeps its bytes, and so its sha256, when its weights
+    are retrained: model_sha256 alone named two models alike. Each version's weights_sha256 is the
+    digest of its external files' card sha256s (weights_digest), in its Provenance and GetModel;
+    empty for a graph that holds its weights."""
+    from genserve_contract.repository import weights_digest
+    from genserve_server.service_parts import provenance
+
+    root = tmp_path / "models"
+    externalize_weights(write_tiny_generator(root, "external"))
+    retrained = write_tiny_generator(root, "retrained")
+    graph = generator_graph(TINY_LATENT, 1, 8, 8, seed=5)
+    (retrained / "model.onnx").write_bytes(graph.SerializeToString())
+    card = json.loads((retrained / "card.json").read_text())
+    card["sha256"]["model.onnx"] = hashlib.sha256((retrained / "model.onnx").read_bytes()).hexdigest()
+    (retrained / "card.json").write_text(json.dumps(card))
+    externalize_weights(retrained)
+    write_tiny_generator(root, "inline")
+    cards = {n: json.loads((root / n / "1" / "card.json").read_text()) for n in ("external", "retrained")}
+    assert cards["external"]["sha256"]["model.onnx"] == cards["retrained"]["sha256"]["model.onnx"]
+
+    def check(repo: Repository) -> None:
+        seen = {}
+        for name in ("external", "retrained"):
+            mv = repo.get(name).versions["1"]
+            assert mv.state == ModelState.READY, mv.reason
+            expected = weights_digest({"model.onnx.data": cards[name]["sha256"]["model.onnx.data"]})
+            assert mv.weights_sha256 == expected and len(expected) == 64
+            assert provenance(mv, [1]).weights_sha256 == expected
+            seen[name] = (provenance(mv, [1]).model_sha256, expected)
+        assert seen["external"][0] == seen["retrained"][0] and seen["external"][1] != seen["retrained"][1]
+        inline = repo.get("inline").versions["1"]
+        assert inline.state == ModelState.READY and inline.weights_sha256 == ""
+        assert provenance(inline, [1]).weights_sha256 == ""
+
+    with fails_within(60):
+        with_repo(root, check)
+
+
 def test_an_fp16_twin_falling_back_to_fp32_hashes_model_onnx_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -999,6 +999,7 @@ class ModelVersionInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     CARD_JSON_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     state: Global___ModelState.ValueType
     reason: _builtins.str
@@ -1012,6 +1013,10 @@ class ModelVersionInfo(_message.Message):
     """The whole card.json, as JSON text (GetModel; ListModels leaves it empty, so that its answer
     does not grow with every card of the repository: ~27 KB each as export/ writes them).
     """
+    weights_sha256: _builtins.str
+    """As Provenance.weights_sha256: the digest of the external data files the version loaded its
+    weights from; empty where its graph file holds them (model_sha256 covers them).
+    """
     def __init__(
         self,
         *,
@@ -1022,10 +1027,11 @@ class ModelVersionInfo(_message.Message):
         precision: _builtins.str = ...,
         execution_provider: _builtins.str = ...,
         card_json: _builtins.str = ...,
+        weights_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_json", b"card_json", "execution_provider", b"execution_provider", "model_sha256", b"model_sha256", "precision", b"precision", "reason", b"reason", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_json", b"card_json", "execution_provider", b"execution_provider", "model_sha256", b"model_sha256", "precision", b"precision", "reason", b"reason", "state", b"state", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -233,6 +233,7 @@ class Provenance(_message.Message):
     RNG_ALGORITHM_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     USED_MODELS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     model_sha256: _builtins.str
@@ -246,6 +247,12 @@ class Provenance(_message.Message):
     """The latent generator, e.g. "philox4x32-10/box-muller/v1" (see SampleRequest.seeds)."""
     server_version: _builtins.str
     """genserve server version."""
+    weights_sha256: _builtins.str
+    """A model whose weights are in external data files (card.json lists each, e.g. model.onnx.data):
+    genserve_contract.repository.weights_digest of their sha256s, so that weights retrained under
+    a byte-identical graph (same model_sha256) are told apart. Empty where the model keeps its
+    weights in the graph file (model_sha256 covers them) or the server is older than this field.
+    """
     @_builtins.property
     def executed_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Batch sizes of the model calls that computed this response's images (one entry per call)."""
@@ -270,10 +277,11 @@ class Provenance(_message.Message):
         rng_algorithm: _builtins.str = ...,
         server_version: _builtins.str = ...,
         used_models: _abc.Iterable[Global___UsedModel] | None = ...,
+        weights_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "used_models", b"used_models", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "used_models", b"used_models", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -288,20 +296,24 @@ class UsedModel(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     model_sha256: _builtins.str
     """sha256 of its model file that ran."""
+    weights_sha256: _builtins.str
+    """As Provenance.weights_sha256: its external data files' digest, empty where it has none."""
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         version: _builtins.str = ...,
         model_sha256: _builtins.str = ...,
+        weights_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_sha256", b"model_sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_sha256", b"model_sha256", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
