@@ -106,11 +106,13 @@ class BulkIncomplete(BulkError):
 @dataclass(frozen=True, slots=True)
 class ServedModel:
     """A model version as the server serves it, and the most images one stream of it may send
-    (ModelInfo.max_stream_images; 0: the server does not say)."""
+    (ModelInfo.max_stream_images; 0: the server does not say). `weights_sha256`: its external data
+    files' digest (ModelVersionInfo.weights_sha256), "" where it has none or the server does not say."""
 
     version: str
     sha256: str
     max_stream_images: int = 0
+    weights_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,7 +616,7 @@ def served_model(client: GenserveClient, model: str, version: str) -> ServedMode
         )
     if v.state != genserve_pb2.MODEL_STATE_READY:
         raise BulkError(f"model {model!r} version {v.version} is not READY (served: {served})")
-    return ServedModel(v.version, v.model_sha256, info.max_stream_images)
+    return ServedModel(v.version, v.model_sha256, info.max_stream_images, v.weights_sha256)
 
 
 def state_label(state: genserve_pb2.ModelState.ValueType) -> str:
@@ -717,6 +719,10 @@ class BulkJob:
         self.progress_stream = progress_stream
         self.pinned_version = params.version
         self.model_sha256 = ""
+        # The digest of the external data files the model loads its weights from (a graph retrained
+        # keeps its bytes, and its sha256, where its weights are in model.onnx.data): "" where it
+        # has none, or not learned yet (a job.json from before the field).
+        self.weights_sha256 = ""
         # {model: sha256} of the models the images also went through (a style generator's mapping),
         # learned from the first chunk; None: not learned yet (a new job, or a job.json from before).
         self.used_models: dict[str, str] | None = None
@@ -774,6 +780,7 @@ class BulkJob:
             "params": self.params.to_json(),
             "pinned_version": self.pinned_version,
             "model_sha256": self.model_sha256,
+            "weights_sha256": self.weights_sha256,
             "used_models": self.used_models,
             "name_width": self.name_width,
             "shard": [self.shard.index, self.shard.count] if self.shard else None,
@@ -788,6 +795,7 @@ class BulkJob:
             served = self.window.call(lambda: resolve(self.params.model, self.params.version))
             self._fit_streams(served.max_stream_images)
             self.pinned_version, self.model_sha256 = served.version, served.sha256
+            self.weights_sha256 = served.weights_sha256
             # job.json is written once the server has accepted the job (its first chunk), so a job
             # it rejects leaves nothing that would refuse the corrected command.
             self._pending_job = self._job_json()
@@ -813,6 +821,7 @@ class BulkJob:
             )
         self.pinned_version = job["pinned_version"]
         self.model_sha256 = job.get("model_sha256", "")
+        self.weights_sha256 = job.get("weights_sha256", "")
         self.used_models = job.get("used_models")
         self.name_width = job.get("name_width", name_width(theirs.n))
         try:
@@ -822,12 +831,18 @@ class BulkJob:
                 raise
             raise self._model_gone(exc) from exc
         self._fit_streams(served.max_stream_images)
-        self._check_model(served.version, served.sha256, "the server now serves")
-        if self.params.n != theirs.n or job.get("format_version") != FORMAT_VERSION or not self.model_sha256:
+        self._check_model(served.version, served.sha256, served.weights_sha256, "the server now serves")
+        if (
+            self.params.n != theirs.n
+            or job.get("format_version") != FORMAT_VERSION
+            or not self.model_sha256
+            or (served.weights_sha256 and not self.weights_sha256)
+        ):
             # A grown job (or an older job.json) is rewritten before any image of the new range, once
             # the server has accepted a chunk (or at once when no image is missing): a resume it
             # refuses leaves the job as it was, and the old command still resumes it.
             self.model_sha256 = self.model_sha256 or served.sha256
+            self.weights_sha256 = self.weights_sha256 or served.weights_sha256
             self._pending_job = self._job_json()
 
     def _fit_streams(self, server_limit: int) -> None:
@@ -844,8 +859,9 @@ class BulkJob:
             )
         self.stream_images = server_limit
 
-    def _check_model(self, version: str, sha256: str, source: str) -> None:
-        """Refuse images of another version or model file than the job's (empty = not reported)."""
+    def _check_model(self, version: str, sha256: str, weights_sha256: str, source: str) -> None:
+        """Refuse images of another version, model file or weights than the job's (empty = not
+        reported; a graph with external data has the same ones whatever its weights)."""
         model = self.params.model
         if version and version != self.pinned_version:
             raise BulkError(
@@ -857,6 +873,13 @@ class BulkJob:
                 f"{self.out_dir} is a job of {model!r} version {self.pinned_version} with model sha256 "
                 f"{self.model_sha256}, but {source} sha256 {sha256} for it (the model was replaced): "
                 "resuming would mix two models in one job; serve the original model again or use a new --out"
+            )
+        if weights_sha256 and self.weights_sha256 and weights_sha256 != self.weights_sha256:
+            raise BulkError(
+                f"{self.out_dir} is a job of {model!r} version {self.pinned_version} with weights sha256 "
+                f"{self.weights_sha256}, but {source} weights sha256 {weights_sha256} for it (its external "
+                "data files were replaced, the same graph retrained): resuming would mix two models in one "
+                "job; serve the original model again or use a new --out"
             )
 
     def _commit_job(self) -> None:
@@ -1222,6 +1245,9 @@ class BulkJob:
             if prov.model_sha256 and not self.model_sha256:
                 self.model_sha256 = prov.model_sha256
                 self._pending_job = self._job_json()
+            if prov.weights_sha256 and not self.weights_sha256:
+                self.weights_sha256 = prov.weights_sha256
+                self._pending_job = self._job_json()
             # Empty is not reported, as an empty sha256 is: a server older than
             # Provenance.used_models sends none (a model version that goes through another always
             # does on a server that reports them), so a job it started learns them after an upgrade
@@ -1230,7 +1256,7 @@ class BulkJob:
                 self.used_models = used
                 self._pending_job = self._job_json()
             expected = self.used_models
-        self._check_model(prov.version, prov.model_sha256, "the server sent images of")
+        self._check_model(prov.version, prov.model_sha256, prov.weights_sha256, "the server sent images of")
         if used and used != expected:
             changed = sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m))
             raise BulkError(

@@ -397,11 +397,16 @@ class OneModel:
         # replicas): the calls that name them must agree, and the images' provenance names them.
         if provenance.used_models and not first.used_models:
             first = self.first = dataclasses.replace(first, used_models=provenance.used_models)
-        if (provenance.version, provenance.model_sha256, provenance.used_models or first.used_models) != (
-            first.version,
-            first.model_sha256,
-            first.used_models,
-        ):
+        # Nor is no weights_sha256 (an older server): a graph whose weights are in external data
+        # files keeps its bytes, and its sha256, when retrained; this digest tells the two apart.
+        if provenance.weights_sha256 and not first.weights_sha256:
+            first = self.first = dataclasses.replace(first, weights_sha256=provenance.weights_sha256)
+        if (
+            provenance.version,
+            provenance.model_sha256,
+            provenance.weights_sha256 or first.weights_sha256,
+            provenance.used_models or first.used_models,
+        ) != (first.version, first.model_sha256, first.weights_sha256, first.used_models):
             raise GenserveClientError(
                 grpc.StatusCode.ABORTED,
                 f"the model changed between this command's calls: {describe_model(first)}, then "
@@ -412,7 +417,8 @@ class OneModel:
 
 def describe_model(p: Provenance) -> str:
     used = "".join(f", through {m} version {v} sha256 {h}" for m, v, h in p.used_models)
-    return f"{p.model} version {p.version} sha256 {p.model_sha256 or '?'}{used}"
+    weights = f" weights sha256 {p.weights_sha256}" if p.weights_sha256 else ""
+    return f"{p.model} version {p.version} sha256 {p.model_sha256 or '?'}{weights}{used}"
 
 
 def sample_in_batches(

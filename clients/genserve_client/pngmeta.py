@@ -28,6 +28,7 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
             ("model", provenance.model),
             ("version", provenance.version),
             ("model_sha256", provenance.model_sha256),
+            ("weights_sha256", provenance.weights_sha256),
         ):
             if value:
                 text[key] = value

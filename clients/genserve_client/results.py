@@ -30,6 +30,9 @@ class Provenance:
     # (model, version, sha256) of the other models the images went through (a style generator's
     # mapping, a code prior's top prior and decoder).
     used_models: tuple[tuple[str, str, str], ...] = ()
+    # The digest of the external data files the model loaded its weights from (types.proto); "" where
+    # its graph file holds them (model_sha256 covers them) or the server does not say.
+    weights_sha256: str = ""
 
     @classmethod
     def from_proto(cls, p: types_pb2.Provenance) -> Provenance:
@@ -44,6 +47,7 @@ class Provenance:
             p.rng_algorithm,
             p.server_version,
             tuple((m.model, m.version, m.model_sha256) for m in p.used_models),
+            p.weights_sha256,
         )
 
 

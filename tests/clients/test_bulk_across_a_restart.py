@@ -15,7 +15,14 @@ from typing import Any
 import grpc
 import pytest
 from client_fakes import cli_main
-from server_support import TINY_LATENT, ServerProcess, generator_graph, start_server, write_model
+from server_support import (
+    TINY_LATENT,
+    ServerProcess,
+    externalize_weights,
+    generator_graph,
+    start_server,
+    write_model,
+)
 
 from genserve_client import bulk as bulk_module
 from genserve_client.bulk import BulkJob, read_manifest
@@ -192,3 +199,41 @@ def test_a_bulk_job_whose_stream_images_a_restart_made_too_many_stops_as_its_res
     code, _, err = cli_main(capsys, *args, "--resume", str(out), "--stream-images", str(STREAM // 2))
     assert code == 0, err
     assert sorted(e["index"] for e in read_manifest(out / "manifest.jsonl")[0]) == list(range(N))
+
+
+@pytest.mark.usefixtures("fast_bulk")
+def test_a_bulk_job_refuses_retrained_weights_under_the_same_graph_after_a_restart(
+    servers: Restarts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A model whose weights are in model.onnx.data (torch.onnx.export's default), retrained and
+    # served again under the same version: its graph file is byte for byte the same, so its
+    # model_sha256 is too. The job took the new server's images as the old one's (one job, two
+    # models); it now compares the weights' digest too and stops as its resume does.
+    old_repo, new_repo = tmp_path / "external-models", tmp_path / "retrained-models"
+    for repo, seed in ((old_repo, 0), (new_repo, 1)):
+        write_model(
+            repo,
+            MODEL,
+            "generator",
+            generator_graph(TINY_LATENT, 1, 8, 8, seed=seed),
+            {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
+            config={"batching": {"max_batch_size": 8, "max_queue_size": 64}},
+        )
+        externalize_weights(repo / MODEL / "1")
+    graphs = [(repo / MODEL / "1" / "model.onnx").read_bytes() for repo in (old_repo, new_repo)]
+    weights = [(repo / MODEL / "1" / "model.onnx.data").read_bytes() for repo in (old_repo, new_repo)]
+    assert graphs[0] == graphs[1] and weights[0] != weights[1]
+    servers.restart(old_repo, CONFIG)
+    with monkeypatch.context() as patch:
+        restarted = _restart_before_the_second_stream(patch, servers, new_repo, CONFIG)
+        out = tmp_path / "job"
+        args = ("--target", servers.target, "bulk", "--retry-window", "20")
+        code, _, err = cli_main(capsys, *args, "--model", MODEL, "--n", str(N), "--out", str(out))
+    assert restarted
+    assert code == 2, err
+    assert "mix two models" in err and "weights" in err, err
+    assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM
+    code, _, resumed = cli_main(capsys, *args, "--resume", str(out))
+    assert code == 2, resumed
+    assert "mix two models" in resumed and "weights" in resumed, resumed
+    assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM

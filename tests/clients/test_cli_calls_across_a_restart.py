@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 from client_fakes import cli_main
 from PIL import Image
-from server_support import TINY_LATENT, ServerProcess, generator_graph, start_server, write_model
+from server_support import (
+    TINY_LATENT,
+    ServerProcess,
+    externalize_weights,
+    generator_graph,
+    start_server,
+    write_model,
+)
 
 from genserve_client import GenserveClient
 from genserve_client.binding import ClientBase
@@ -35,7 +42,7 @@ def _free_port() -> int:
     return port
 
 
-def _write_version(repo: Path, version: str, seed: int) -> None:
+def _write_version(repo: Path, version: str, seed: int, *, external: bool = False) -> None:
     write_model(
         repo,
         MODEL,
@@ -45,6 +52,8 @@ def _write_version(repo: Path, version: str, seed: int) -> None:
         config={"batching": {"max_batch_size": PER_CALL, "max_queue_size": PER_CALL}},
         version=version,
     )
+    if external:  # its weights in model.onnx.data, as torch.onnx.export writes them
+        externalize_weights(repo / MODEL / version)
 
 
 def _pixels(data: bytes) -> np.ndarray:
@@ -119,3 +128,48 @@ def test_a_sample_split_over_calls_never_mixes_two_models_across_a_restart(
     else:
         assert not files
         assert "version 1" in err or "'1'" in err, err
+
+
+def test_a_sample_split_over_calls_refuses_weights_retrained_under_the_same_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Version 1 keeps its weights in model.onnx.data; retrained, its graph file is byte for byte the
+    # same, and so is its model_sha256: the command took the new server's images as the first's and
+    # wrote one set of PNGs from two models. Provenance.weights_sha256 now tells them apart.
+    repo = tmp_path / "models"
+    _write_version(repo, "1", seed=0, external=True)
+    graph = (repo / MODEL / "1" / "model.onnx").read_bytes()
+    port = _free_port()
+    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
+    sample = ClientBase.sample
+
+    def retrain_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
+        result = sample.__get__(self)(*args, **kwargs)
+        if len(servers) == 1:
+            old = servers[0]
+            old.proc.send_signal(signal.SIGTERM)
+            old.proc.wait(30)
+            shutil.rmtree(repo / MODEL / "1")
+            _write_version(repo, "1", seed=1, external=True)
+            assert (repo / MODEL / "1" / "model.onnx").read_bytes() == graph
+            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
+            servers.append(new)
+            grpc.channel_ready_future(self._channel).result(timeout=30)
+        return result
+
+    out = tmp_path / "out"
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(GenserveClient, "sample", retrain_after_the_first_call)
+            code, _, err = cli_main(
+                capsys,
+                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
+                "--seed", str(SEED), "--out", str(out),
+            )  # fmt: skip
+        assert len(servers) == 2  # the restart happened mid-command
+    finally:
+        for server in servers:
+            server.stop()
+    assert code != 0, err
+    assert "the model changed" in err and "weights sha256" in err, err
+    assert not (sorted(out.glob("*.png")) if out.exists() else [])
