@@ -68,6 +68,19 @@ def _identity(job: dict[str, Any]) -> dict[str, Any]:
     return {k: job.get(k) for k in ("params", "pinned_version", "model_sha256")}
 
 
+def _check_weights(report: VerifyReport, jobs: dict[Path, dict[str, Any]]) -> None:
+    """One digest of the model's external data files (job.json weights_sha256) in every folder that
+    recorded one: a model with external data retrained under the same graph keeps its model_sha256.
+    Absent or empty: not recorded (a job.json from before it, an older server) or no external data."""
+    weights = [(f, job["weights_sha256"]) for f, job in jobs.items() if job.get("weights_sha256")]
+    for folder, digest in weights[1:]:
+        if digest != weights[0][1]:
+            report.problems.append(
+                f"{folder} belongs to another job than {weights[0][0]} "
+                f"(weights_sha256: {weights[0][1]!r} vs {digest!r})"
+            )
+
+
 def _check_shards(report: VerifyReport, shards: dict[Path, Shard | None]) -> None:
     """All folders one whole job, or shards 0..N-1 of one N, each once."""
     counts = {s.count if s else None for s in shards.values()}
@@ -279,6 +292,7 @@ def verify_job(roots: Path | Sequence[Path], *, hashes: bool = False) -> tuple[V
                 f"{folder} belongs to another job than {recorded[0][0]} "
                 f"(used_models: {recorded[0][1]!r} vs {used!r})"
             )
+    _check_weights(report, jobs)
     _check_shards(report, shards)
     found = _Entries(report.n)
     for folder, shard in shards.items():

@@ -63,6 +63,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     model_sha256: str = FAKE_SHA256
     # Provenance.used_models: (model, version, sha256) of a mapping or decoder beside the model.
     used_models: list[tuple[str, str, str]] = field(default_factory=list)
+    # Provenance/ModelVersionInfo.weights_sha256: a model with external data files ("": none).
+    weights_sha256: str = ""
     # Sample: each call takes this long (a server whose latency the test controls), and the most
     # Sample calls in progress at once so far.
     sample_delay_s: float = 0.0
@@ -187,7 +189,11 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     def _provenance(self, model: str) -> types_pb2.Provenance:
         used = [types_pb2.UsedModel(model=m, version=v, model_sha256=h) for m, v, h in self.used_models]
         return types_pb2.Provenance(
-            model=model, version=self.version, model_sha256=self.model_sha256, used_models=used
+            model=model,
+            version=self.version,
+            model_sha256=self.model_sha256,
+            used_models=used,
+            weights_sha256=self.weights_sha256,
         )
 
     def _info(self, name: str) -> genserve_pb2.ModelInfo:
@@ -201,7 +207,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             output_shape=[1, 4, 4],
             versions=[
                 genserve_pb2.ModelVersionInfo(
-                    version=self.version, state=genserve_pb2.MODEL_STATE_READY, model_sha256=self.model_sha256
+                    version=self.version,
+                    state=genserve_pb2.MODEL_STATE_READY,
+                    model_sha256=self.model_sha256,
+                    weights_sha256=self.weights_sha256,
                 )
             ],
         )

@@ -133,6 +133,33 @@ def test_shards_whose_images_went_through_another_mapping_are_another_job(
     assert code == 0, err
 
 
+def test_shards_served_weights_retrained_under_the_same_graph_are_another_job(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model whose weights lie in model.onnx.data keeps its graph, and model_sha256, when retrained:
+    a shard that started after the retrained weights were served holds images of another model (job.json
+    weights_sha256, as a resume refuses); verify must not call the folders together the job. A shard
+    that recorded none (a server older than the field, a job.json from before it) differs from no shard."""
+    t = ("--target", fake_server.target)
+    root = tmp_path / "job"
+    try:
+        for shard, weights in (("0/3", "1"), ("1/3", "1"), ("2/3", "2")):
+            fake_server.service.weights_sha256 = hashlib.sha256(f"weights {weights}".encode()).hexdigest()
+            code, _, err = cli_main(capsys, *t, *JOB, "--out", str(root), "--shard", shard)
+            assert code == 0, err
+    finally:
+        fake_server.service.weights_sha256 = ""
+    code, _, err = cli_main(capsys, "verify", str(root))
+    assert code == 1, err
+    assert "belongs to another job" in err and "weights_sha256" in err, err
+    job_file = shard_folder(root, 2) / "job.json"
+    job = json.loads(job_file.read_text())
+    del job["weights_sha256"]
+    job_file.write_text(json.dumps(job))
+    code, _, err = cli_main(capsys, "verify", str(root))
+    assert code == 0, err
+
+
 def test_shards_of_servers_older_and_newer_than_used_models_are_one_job(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
