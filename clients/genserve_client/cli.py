@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -77,6 +77,9 @@ from genserve_client.pngmeta import png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
 
@@ -1428,6 +1431,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """--help's text goes to stdout as every other line does (_out): a reader gone or a closed
+    stdout is found, where argparse's own write dropped the error (unbuffered) or left it to the
+    interpreter's final flush (main)."""
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        if file is not None:
+            super().print_help(file)
+        else:
+            _out(self.format_help().removesuffix("\n"))
+
+
 class _TokenSource(argparse.Action):
     """--token and --token-file are one setting, the bearer token: the one given last wins (after
     the command too, where the subcommand's namespace is copied over the main one's), the other is
@@ -1499,7 +1514,7 @@ def _add_format(p: argparse.ArgumentParser, choices: Sequence[str] = ("png", "jp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="genserve-client",
         description=__doc__.splitlines()[0],
         epilog="exit codes: 0 ok; 1 a failed call, I/O error, an unfinished bulk job or an incomplete "
@@ -1794,7 +1809,12 @@ def _say_tls_hint(args: argparse.Namespace, exc: GenserveClientError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    status = _main(argv)
+    try:
+        status = _main(argv)
+    except SystemExit as exc:  # argparse ends in parse_args: --help's text is on stdout, as below
+        if exc.code != 0:  # a usage error, on stderr
+            raise
+        status = 0
     if sys.stdout is None:
         if _stdout_closed and status == 0:
             _err("genserve-client: write error: stdout is closed: its output was not printed")

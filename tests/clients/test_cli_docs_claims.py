@@ -130,6 +130,29 @@ def test_a_reader_that_goes_away_leaves_the_images_written_and_no_error(
     assert len(list(out.glob("*.png"))) == 2
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+@pytest.mark.parametrize("command", [["--help"], ["sample", "--help"]], ids=["--help", "sample --help"])
+def test_help_to_a_reader_that_goes_away_exits_141_quietly(command: list[str], unbuffered: str) -> None:
+    """`genserve-client --help | true`: argparse prints the help and exits inside parse_args, before
+    main flushes stdout, so where stdout is buffered the interpreter's final flush printed "Exception
+    ignored ... BrokenPipeError" and exited 120; unbuffered, argparse dropped the failed write and
+    exited 0. As every other command: nothing on stderr, exit 141."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genserve_client", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the help
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == "", err
+
+
 def test_a_closed_stdout_writes_the_images_and_says_what_it_could_not_print(
     fake_server: FakeServer, tmp_path: Path
 ) -> None:
