@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genserve_contract.repository import NAME_PATTERN, RESERVED_NAMES, VERSION_PATTERN, latest_version_dir
 from genserve_export.build import DEFAULT_SEED, train_and_export, version_dirs
@@ -26,6 +26,9 @@ from genserve_export.errors import ExportError
 from genserve_export.export import refuse_published
 from genserve_export.recipe import DEFAULT_VERSION
 from genserve_export.recipes import RECIPES
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 logger = logging.getLogger("genserve_export")
 
@@ -158,8 +161,20 @@ _REPLACE_HELP = (
 _NEW_VERSION = "write a new version (--version N), or pass --replace to rebuild it in place"
 
 
+class _Parser(argparse.ArgumentParser):
+    """--help's text goes to stdout as the report does (_say): a reader gone or a closed stdout is
+    found, where argparse's own write dropped the error (unbuffered) or left it to the interpreter's
+    final flush (main)."""
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        if file is not None:
+            super().print_help(file)
+        else:
+            _say(self.format_help().removesuffix("\n"))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genserve-export", description=__doc__)
+    parser = _Parser(prog="genserve-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one default recipe and export it")
@@ -637,7 +652,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``genserve-export`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse ends in parse_args: --help's text is on stdout (_say)
+        if exc.code != 0:  # a usage error, on stderr
+            raise
+        return _stdout_status("--help", 0)
     # SIGTERM (a job runner's stop, `kill`, and build-defaults --jobs stopping a recipe it started
     # with SIGINT ignored) stops a command as Ctrl-C does, through its cleanup: without it the
     # process died at once, leaving its temporary export folder and a half-staged version

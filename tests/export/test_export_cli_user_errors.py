@@ -294,3 +294,27 @@ def test_verify_whose_stdout_cannot_take_the_report_says_so_without_a_traceback(
     else:
         assert proc.wait(timeout=120) == 141, err
         assert problems == []
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+@pytest.mark.parametrize("command", [["--help"], ["verify", "--help"]], ids=["--help", "verify --help"])
+def test_help_to_a_reader_that_goes_away_exits_141_quietly(command: list[str], unbuffered: str) -> None:
+    """`genserve-export --help | true`: argparse prints the help and exits inside parse_args, before
+    main flushes stdout, so where stdout is buffered the interpreter's final flush printed "Exception
+    ignored ... BrokenPipeError" and exited 120; unbuffered, argparse dropped the failed write and
+    exited 0. As a command's report: nothing on stderr, exit 141."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    entry = "import sys; from genserve_export.cli import main; sys.exit(main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", entry, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the help
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == "", err
