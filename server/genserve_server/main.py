@@ -951,9 +951,7 @@ def _add_security_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="genserve-server", description="Serve ONNX image generators over gRPC."
-    )
+    parser = probe.HelpParser(prog="genserve-server", description="Serve ONNX image generators over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository")
     s.add_argument("--models", type=Path, required=True, help="model repository directory")

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from genserve_server.certificates import decode_certificate, outside_validity
 from genserve_server.flag_types import port_number, seconds
 from genserve_server.tokens import load_tokens
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 EXIT_SERVING = 0
 # Every other outcome, the server unreachable or refusing the probe included: Docker's HEALTHCHECK
@@ -180,6 +184,24 @@ def _say(line: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+class HelpParser(argparse.ArgumentParser):
+    """genserve-server's parsers (probe's and main's): --help's text to a stdout whose reader went
+    away (`genserve-server --help | true`) exits 141 without a word, as genserve-client and
+    genserve-export do. argparse's own write left the error to the interpreter's final flush
+    ("Exception ignored ... BrokenPipeError", exit 120) or, unbuffered, dropped it (exit 0)."""
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        if file is not None or sys.stdout is None:  # a closed stdout: nothing printed, as argparse
+            super().print_help(file)
+            return
+        try:
+            sys.stdout.write(self.format_help())
+            sys.stdout.flush()
+        except BrokenPipeError:  # devnull under it: the interpreter's final flush cannot fail either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.exit(141)  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe
+
+
 def _certificate_note(cert: Path | None, status: str) -> str:
     """Where the connection failed (UNAVAILABLE: a mutual-TLS server closes the handshake on a
     client certificate it refuses, 'Socket closed') and --tls-cert is outside its validity window:
@@ -193,7 +215,7 @@ def _certificate_note(cert: Path | None, status: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: `python -m genserve_server.probe --port 50051`."""
-    parser = argparse.ArgumentParser(
+    parser = HelpParser(
         prog="genserve-server health", description=__doc__.splitlines()[0], epilog=EXIT_STATUS_HELP
     )
     add_arguments(parser)

@@ -241,6 +241,34 @@ def test_the_health_probe_answers_serving_whatever_became_of_its_stdout(
     assert err == ""
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["genserve_server", "--help"],
+        ["genserve_server", "serve", "--help"],
+        ["genserve_server.probe", "--help"],
+    ],
+    ids=["--help", "serve --help", "probe --help"],
+)
+def test_help_to_a_reader_that_goes_away_exits_141_quietly(command: list[str], unbuffered: str) -> None:
+    """`genserve-server --help | true`: argparse prints the help and exits inside parse_args, so where
+    stdout is buffered the interpreter's final flush printed "Exception ignored ... BrokenPipeError"
+    and exited 120; unbuffered, argparse dropped the failed write and exited 0. As genserve-client
+    and genserve-export do: nothing on stderr, exit 141."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the help
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == "", err
+
+
 def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2() -> None:
     """`python -m genserve_server.probe` (the Docker HEALTHCHECK): grpc and its health stubs only."""
     with socket.socket() as sock:
