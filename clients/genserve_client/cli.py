@@ -489,7 +489,7 @@ def sample_codes_in_batches(
         }
         for item in client.sample_codes_progress(args.model, seeds=seeds, labels=labels, **_codes_opts(args)):
             if isinstance(item, CodesProgress):
-                _out(f"{item.level} {item.filled}/{item.positions}")
+                _err(f"{item.level} {item.filled}/{item.positions}")  # progress, as bulk's: stderr
                 if item.previews:
                     strip.append(item.pil()[0])
             else:
@@ -497,7 +497,11 @@ def sample_codes_in_batches(
                 strip.extend(item.pil()[:1])
             if strip:
                 text = png_text(result.provenance if result is not None else None, **first)
-                save_picture(make_grid([GridRow(strip)]), Path(args.progress), text)
+                picture, path = make_grid([GridRow(strip)]), Path(args.progress)
+                if result is None:  # a preview: the strip rewritten, its progress line said
+                    save_image_bytes(path, encoded(picture, path, text))
+                else:  # the answer: stdout says what the command made, the strip once
+                    save_picture(picture, path, text)
         assert result is not None  # the stream's last chunk is the answer
         return result
     return sample_in_batches(

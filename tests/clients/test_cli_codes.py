@@ -55,7 +55,7 @@ def test_cli_sample_on_a_code_prior_with_progress(
     args = ("--target", server.target, "sample", "--model", names["prior"], "--labels", "0,2", "--n", "2")
     proc = run_cli(*args, "--seed", "4", "--grid", str(grid), "--top-k", "5", "--progress", str(strip))
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("codes ")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("codes ")]
     assert lines and all(line.endswith(f"/{GRID[0] * GRID[1]}") for line in lines)
     with Image.open(strip) as picture, Image.open(grid) as whole:
         assert picture.width > picture.height  # previews side by side, then the final image
@@ -67,6 +67,28 @@ def test_cli_sample_on_a_code_prior_with_progress(
     refused = run_cli("--target", server.target, "sample", "--model", names["decoder"], "--n", "1", "--grid",
                       str(tmp_path / "x.png"), "--progress", str(tmp_path / "y.png"))  # fmt: skip
     assert refused.returncode == 2 and "code priors" in refused.stderr
+
+
+def test_sample_progress_is_on_stderr_and_stdout_is_what_sample_says_without_it(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    """`sample --progress` printed its `codes 24/36` lines, and a `wrote STRIP` line for every
+    rewrite of the strip, on stdout, among the seed and `wrote` lines that are the command's result:
+    `sample ... | head -1` got a progress line with --progress and the seed line without it. The
+    progress lines go to stderr, as bulk's progress does; stdout says what the command made, the
+    strip once."""
+    server, names = code_server
+    grid, strip = tmp_path / "grid.png", tmp_path / "progress.png"
+    args = ("--target", server.target, "sample", "--model", names["prior"], "--n", "2", "--seed", "4")
+    plain = run_cli(*args, "--grid", str(grid))
+    streamed = run_cli(*args, "--grid", str(grid), "--progress", str(strip))
+    assert plain.returncode == 0 and streamed.returncode == 0, (plain.stderr, streamed.stderr)
+    progress = [line for line in streamed.stderr.splitlines() if line.startswith("codes ")]
+    assert len(progress) > 1, streamed.stderr
+    strip_lines = [line for line in streamed.stdout.splitlines() if str(strip) in line]
+    assert len(strip_lines) == 1 and strip_lines[0].startswith(f"wrote {strip} ("), streamed.stdout
+    others = [line for line in streamed.stdout.splitlines() if str(strip) not in line]
+    assert others == plain.stdout.splitlines(), streamed.stdout
 
 
 def test_the_asyncio_client_streams_the_same_progress(
