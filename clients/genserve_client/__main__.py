@@ -22,7 +22,10 @@ from genserve_client.interrupt import INTERRUPTED, TERMINATED, raise_terminated,
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
     line = TERMINATED if signum == signal.SIGTERM else INTERRUPTED
-    os.write(2, f"{line}\n".encode())
+    try:
+        os.write(2, f"{line}\n".encode())
+    except OSError:  # stderr closed (`2>&-`): the exit status says it
+        pass
     os._exit(128 + signum)  # nothing written yet, nothing to clean up: the imports are not done
 
 
@@ -44,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return cli_main(argv)
     except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
-        sys.stderr.write(stop_line(exc) + "\n")
+        if sys.stderr is not None:  # None where stderr is closed (`2>&-`): the exit status says it
+            sys.stderr.write(stop_line(exc) + "\n")
         return stop_status(exc)
     finally:
         if held_term:

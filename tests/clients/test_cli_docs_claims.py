@@ -250,6 +250,55 @@ def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback(entry: list[
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_ctrl_c_while_the_cli_imports_with_stderr_closed_exits_130() -> None:
+    """`genserve-client ... 2>&-` (a cron line discarding diagnostics): the start-up handler's line
+    to fd 2 raised OSError (EBADF) out of the handler, before its os._exit, and the CLI exited 1
+    where docs/client.md promises 130 on an interrupt."""
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+
+        def closed_stderr() -> None:
+            _default_sigint()
+            os.close(2)
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "genserve_client", "--target", target, "--timeout", "60", "models"],
+            stdout=subprocess.PIPE,
+            preexec_fn=closed_stderr,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _grpc_imported(proc.pid):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 130 and not out, (proc.returncode, out)
+
+
+def test_ctrl_c_while_the_cli_parses_its_arguments_with_stderr_closed_exits_130(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C that cli.main() does not catch (during its argument parsing) is answered by the
+    entry point, whose line to a stderr closed (`2>&-`: Python has no sys.stderr) raised
+    AttributeError: exit 1, not 130."""
+    from genserve_client import __main__ as entry
+
+    def interrupted(argv: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert entry.main(["models"]) == 130
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 @pytest.mark.parametrize("module", ["genserve_client", "genserve_client.cli"])
 def test_sigterm_while_the_cli_imports_exits_143_without_a_traceback(module: str) -> None:
     """SIGTERM stops the CLI as Ctrl-C does (docs/client.md: 143), from its first statement on: it
