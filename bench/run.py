@@ -173,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     repo = assemble_repository(args.models_dir, args.models, not args.no_bench_models)
     ort.set_default_logger_severity(4)  # again: importing genserve-export (bench models) sets 3
     models = find_models(repo)
+    # A name not found would be measured on no server and left out of the tables without a word.
+    if args.models is not None and (missing := [n for n in args.models if n not in {m.name for m in models}]):
+        parser.error(f"--models: no model {', '.join(missing)} in {args.models_dir}")
     if not models:
         raise SystemExit(f"no models found in {args.models_dir}")
 

@@ -125,3 +125,23 @@ def test_a_warm_up_that_fails_is_a_failed_level_not_a_lost_run(
     assert code != 0
     results = json.loads(fake_run.out.read_text())
     assert {e["server"] for e in results["serving"]} == {"genserve", "naive", "naive-sync"}
+
+
+def test_a_run_refuses_a_model_name_it_cannot_find_before_measuring(
+    fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--models dcgan-digits cgan-digitz` (a typo): the scratch repository links only what exists, so
+    # the run measured dcgan-digits alone, exited 0 and rewrote bench/README.md's table without the
+    # model asked for, saying nothing about it.
+    measured: list[str] = []
+
+    def raw(model: Any, duration_s: float) -> dict[str, Any]:
+        measured.append(model.name)
+        return {}
+
+    monkeypatch.setattr(run.raw_limit, "measure_model", raw)
+    argv = ["--quick", "--no-priority", "--out", str(fake_run.out), "--models", "dcgan-digits", "cgan-digitz"]
+    with pytest.raises(SystemExit) as exited:
+        run.main(argv)
+    assert exited.value.code != 0 and "--models: no model cgan-digitz" in capsys.readouterr().err
+    assert measured == [] and not fake_run.out.exists() and not fake_run.readme.exists()
