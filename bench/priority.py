@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import onnxruntime as ort
 
+from bench import models as bench_models
 from bench.common import DEFAULT_MODELS, BenchModel, find_models, write_line
 from bench.raw_limit import measure, server_session
 from bench.servers import ServerProcess, check_no_failures, client_bench, cpu_seconds
@@ -187,10 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = [int(v) for v in args.labels.split(",") if v]
         bulk_worker(args.target, args.model, labels, args.duration_s, args.out)
         return 0
-    models = find_models(args.models_dir, [args.model])
-    if not models:
-        raise SystemExit(f"model {args.model} not found in {args.models_dir}")
-    result = run_priority(args.models_dir, models[0], duration_s=args.duration_s)
+    with tempfile.TemporaryDirectory(prefix="bench-priority-") as tmp:
+        models_dir = args.models_dir
+        if args.model in bench_models.BENCH_ONLY and not (models_dir / args.model).is_dir():
+            # A bench-only generator (exported once, as bench.run and bench.cache do), beside the
+            # repository's models.
+            names = {p.name for p in models_dir.iterdir() if (p / "config.json").is_file()}
+            models_dir = bench_models.link_repository(models_dir, sorted(names | {args.model}), Path(tmp))
+        models = find_models(models_dir, [args.model])
+        if not models:
+            raise SystemExit(f"model {args.model} not found in {args.models_dir}")
+        result = run_priority(models_dir, models[0], duration_s=args.duration_s)
     write_line(describe(result))
     write_line(json.dumps(result, indent=2))
     return 0

@@ -129,3 +129,32 @@ def test_a_full_run_leaves_out_the_models_built_on_request(
     built.clear()
     bench_run.assemble_repository(tmp_path / "models", [bench_models.BENCH_CGAN_RESNET_32], True)
     assert built == [bench_models.BENCH_DCGAN_64, bench_models.BENCH_CGAN_RESNET_32]
+
+
+def test_the_priority_bench_runs_on_a_bench_only_model_as_its_usage_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `python -m bench.priority --model bench-dcgan-64` (its docstring's usage; bench.run's first
+    # choice) stopped at once with "model bench-dcgan-64 not found in models": unlike bench.run and
+    # bench.cache it looked only in --models-dir, where no bench-only generator is.
+    import shutil
+
+    from bench import priority
+    from bench.common import DEFAULT_MODELS
+
+    def fake_build(repo: Path) -> Path:
+        shutil.copytree(DEFAULT_MODELS / "dcgan-digits", repo / "bench-x", dirs_exist_ok=True)
+        return repo / "bench-x"
+
+    monkeypatch.setattr(bench_models, "BENCH_ONLY", {"bench-x": fake_build})
+    monkeypatch.setattr(bench_models, "SCRATCH", tmp_path / "scratch")
+    ran: list[tuple[str, bool]] = []
+
+    def run_priority(models_dir: Path, model: object, duration_s: float) -> dict[str, object]:
+        ran.append((getattr(model, "name", ""), (models_dir / "bench-x" / "config.json").is_file()))
+        return {}
+
+    monkeypatch.setattr(priority, "run_priority", run_priority)
+    monkeypatch.setattr(priority, "describe", lambda result: "")
+    assert priority.main(["--model", "bench-x", "--duration-s", "1"]) == 0
+    assert ran == [("bench-x", True)]  # the server it starts serves the model
