@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_MODELS, write_line
-from bench.models import BENCH_DCGAN_256, link_repository
+from bench.models import BENCH_DCGAN_256, BENCH_ONLY, link_repository
 from bench.servers import ServerProcess
 from genserve.v1 import genserve_pb2
 from genserve_client.bench import LoadGenerator, varint
@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pool < 1:
         parser.error(f"--pool must be >= 1, got {args.pool}")
+    if args.model not in BENCH_ONLY and not (args.models_dir / args.model / "config.json").is_file():
+        parser.error(f"--model: no model {args.model} in {args.models_dir}")
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         config = Path(tmp) / "server.json"
         config.write_text(json.dumps({"image_cache_bytes": args.cache_mib << 20}))

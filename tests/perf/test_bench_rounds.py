@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from bench.report import merge_rounds, paired_ratio
 
 
@@ -69,6 +71,21 @@ def test_the_cache_bench_draws_every_seed_from_its_pool_and_repeats_them() -> No
     assert all(len(s) == 1 and 0 <= s[0] < 5 for s in seeds)
     assert len(set(seeds)) == 5  # every seed of the pool comes up, and so repeats
     assert {r.model for r in requests} == {"m"}
+
+
+def test_the_cache_bench_refuses_a_model_it_cannot_find_before_starting_a_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--model dcgan-digitz` (a typo): every round started a server, sent calls that all failed and
+    # printed "0.0 img/s p50 None ms", then the summary died with a ZeroDivisionError traceback.
+    from bench import cache
+
+    rounds: list[object] = []
+    monkeypatch.setattr(cache, "one_round", lambda *a: rounds.append(a) or {})
+    with pytest.raises(SystemExit) as exited:
+        cache.main(["--model", "dcgan-digitz", "--rounds", "1", "--duration-s", "0.1"])
+    assert exited.value.code != 0 and "--model: no model dcgan-digitz" in capsys.readouterr().err
+    assert rounds == []
 
 
 def test_genserve_is_judged_against_the_better_naive_server_per_level() -> None:
