@@ -132,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s levels, c=1 and 64, raw output only")
     parser.add_argument("--models", nargs="*", default=None, help="model names (default: all served kinds)")
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="model repository (default models/; --report-only: the run's own, from its JSON)",
+    )
     parser.add_argument("--duration-s", type=float, default=None, help="seconds per level (default 5)")
     parser.add_argument(
         "--rounds", type=int, default=None, help="turns per server at c=1 and the top level (default 3)"
@@ -161,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_only(
             args.report_only, args.out, args.models_dir, not args.no_bench_models, args.no_readme
         )
+    models_dir: Path = args.models_dir or DEFAULT_MODELS
 
     duration_s = args.duration_s or (2.0 if args.quick else 5.0)
     concurrency = (1, 64) if args.quick else CONCURRENCY
@@ -170,14 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     write_line(f"machine: {info['cpu_model']}, {info['cores']} cores, load {info['load_avg_1m_at_start']}")
 
-    repo = assemble_repository(args.models_dir, args.models, not args.no_bench_models)
+    repo = assemble_repository(models_dir, args.models, not args.no_bench_models)
     ort.set_default_logger_severity(4)  # again: importing genserve-export (bench models) sets 3
     models = find_models(repo)
     # A name not found would be measured on no server and left out of the tables without a word.
     if args.models is not None and (missing := [n for n in args.models if n not in {m.name for m in models}]):
-        parser.error(f"--models: no model {', '.join(missing)} in {args.models_dir}")
+        parser.error(f"--models: no model {', '.join(missing)} in {models_dir}")
     if not models:
-        raise SystemExit(f"no models found in {args.models_dir}")
+        raise SystemExit(f"no models found in {models_dir}")
 
     write_line("== raw ONNX Runtime (in-process) ==")
     raw: dict[str, dict[str, Any]] = {}
@@ -235,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": list(concurrency),
             "formats": list(formats),
             "quick": args.quick,
-            "models_dir": str(args.models_dir),
+            "models_dir": str(models_dir),
             "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
             "wall_s": round(time.monotonic() - started, 1),
         },
@@ -282,9 +288,20 @@ def publish(results: dict[str, Any], out: Path, no_readme: bool) -> int:
     return 0
 
 
-def report_only(source: Path, out: Path, models_dir: Path, with_bench_models: bool, no_readme: bool) -> int:
+def report_only(
+    source: Path, out: Path, models_dir: Path | None, with_bench_models: bool, no_readme: bool
+) -> int:
+    """The run's models are looked up where it found them (its settings' models_dir, unless
+    `models_dir` is given), by name, so a bench-only model built on request is found too."""
     results: dict[str, Any] = json.loads(source.read_text())
-    models = find_models(assemble_repository(models_dir, None, with_bench_models))
+    if models_dir is None:
+        models_dir = Path(results.get("settings", {}).get("models_dir") or DEFAULT_MODELS)
+        if not models_dir.is_dir():  # measured in another checkout or on another machine
+            models_dir = DEFAULT_MODELS
+    names = sorted({r["model"] for r in results["raw"]} | {e["model"] for e in results["serving"]})
+    models = find_models(assemble_repository(models_dir, names, with_bench_models))
+    if missing := sorted(set(names) - {m.name for m in models}):
+        raise SystemExit(f"--report-only: no model {', '.join(missing)} of {source} in {models_dir}")
     results["summary"] = summarise(results, models)
     return publish(results, out, no_readme)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import run
-from bench.common import DEFAULT_MODELS, find_models
+from bench.common import DEFAULT_MODELS, REPO_ROOT, find_models
 
 
 class _Server:
@@ -145,3 +145,23 @@ def test_a_run_refuses_a_model_name_it_cannot_find_before_measuring(
         run.main(argv)
     assert exited.value.code != 0 and "--models: no model cgan-digitz" in capsys.readouterr().err
     assert measured == [] and not fake_run.out.exists() and not fake_run.readme.exists()
+
+
+def test_report_only_recomputes_a_run_on_another_models_dir_from_its_own_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench/README.md's sr-free-x4 run (`--models-dir /tmp/srfree`, bench/results/sr-free-cpu-*.json):
+    # `--report-only` looked its models up in models/ alone and died with KeyError: 'sr-free-x4'.
+    from bench import free_sr
+
+    source = json.loads((REPO_ROOT / "bench" / "results" / "sr-free-cpu-after.json").read_text())
+    free_sr.write(tmp_path / "srfree")
+    source["settings"]["models_dir"] = str(tmp_path / "srfree")
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(source))
+    monkeypatch.setattr(run, "SCRATCH", tmp_path / "scratch")
+    out = tmp_path / "out.json"
+    argv = ["--report-only", str(earlier), "--out", str(out), "--no-readme", "--no-bench-models"]
+    assert run.main(argv) == 0
+    rows = json.loads(out.read_text())["summary"]["rows"]
+    assert [(r["model"], r["class"]) for r in rows] == [("sr-free-x4", "compute-bound")]
