@@ -77,6 +77,7 @@ class ServerProcess:
     pid: int = 0
     metrics_port: int = 0  # 0: the server has no /metrics (the naive one)
     env: dict[str, str] | None = None  # e.g. PYTHONPATH for another source tree (bench.ab)
+    workdir: Path | None = None  # its ready file and server.log, removed once it stopped
 
     @classmethod
     def genserve(cls, models: Path, extra: Sequence[str] = ()) -> ServerProcess:
@@ -93,7 +94,7 @@ class ServerProcess:
         return cls("naive-sync", command)
 
     def __enter__(self) -> ServerProcess:
-        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+        self.workdir = workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
         try:
             run = ServerSubprocess.start(
                 self.command,
@@ -104,6 +105,7 @@ class ServerProcess:
                 env=self.env,
             )
         except ServerStartError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
             raise BenchError(f"{self.name} {exc.reason}: {exc.log[-2000:]}") from None
         self.running, self.port, self.pid, self.metrics_port = run, run.port, run.pid, run.metrics_port
         return self
@@ -123,6 +125,8 @@ class ServerProcess:
     def stop(self) -> None:
         if self.running is not None:
             self.running.stop()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def check_alive(self) -> None:
         if self.running is None or not self.running.alive():

@@ -325,3 +325,24 @@ def test_an_image_load_level_without_one_success_fails_the_run(capsys: pytest.Ca
         assert image_load.main([*run, "--warmup", "0", "--method", "Translate", "--image-size", "4x4"]) == 0
     finally:
         server.stop(grace=None)
+
+
+def test_a_bench_server_leaves_no_scratch_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each ServerProcess ran its server in a mkdtemp folder (ready file, server.log) that nothing
+    # removed: every bench run left a /tmp/bench-genserve-*, bench-naive-*, bench-naive-sync-* per
+    # server, stopped or failed to start.
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ready = "import json, os, sys, time; json.dump({'port': 1, 'pid': os.getpid()}, open(sys.argv[-1], 'w'))"
+    with servers.ServerProcess("fake", [sys.executable, "-c", f"{ready}; time.sleep(60)"]) as server:
+        assert server.running is not None and server.running.log_path.parent.parent == tmp_path
+    assert list(tmp_path.iterdir()) == []
+    with (
+        pytest.raises(BenchError, match="no such model"),
+        servers.ServerProcess("fake", [sys.executable, "-c", "import sys; sys.exit('no such model')"]),
+    ):
+        pass
+    assert list(tmp_path.iterdir()) == []
