@@ -243,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             trees["A"] = (base, _subset(base / "models", names, Path(tmp) / "A"))
         try:
+            for side, (tree, repo) in sorted(trees.items()):  # a name not found fails only mid-round
+                found = {m.name for m in find_models(repo, names)}
+                if missing := [name for name in names if name not in found]:
+                    where = args.models_dir if side == "B" else tree / "models"
+                    parser.error(f"no model {', '.join(missing)} in {where} (side {side})")
             order = sorted(trees)
             for i in range(args.rounds):
                 for side in order if i % 2 == 0 else order[::-1]:

@@ -300,6 +300,20 @@ def test_the_fairness_bench_refuses_a_level_whose_requests_failed(
         fairness._level(fake_load.server, model, 32, 1.0)  # type: ignore[arg-type]
 
 
+def test_the_fairness_bench_refuses_a_model_it_cannot_find_before_measuring(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--other-model cgan-digitz` (a typo): the round started a server, measured every saturation
+    # level and the idle small client of the heavy model, then died with KeyError: 'cgan-digitz'.
+    rounds: list[object] = []
+    monkeypatch.setattr(fairness, "one_round", lambda *a: rounds.append(a) or {})
+    argv = ["--saturate", "cgan-digits", "--heavy-model", "dcgan-digits", "--other-model", "cgan-digitz"]
+    with pytest.raises(SystemExit) as exited:
+        fairness.main([*argv, "--rounds", "1", "--duration-s", "0.1"])
+    assert exited.value.code != 0 and "no model cgan-digitz" in capsys.readouterr().err
+    assert rounds == []
+
+
 def test_an_image_load_level_without_one_success_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
     """bench.image_load exited 0 when every call failed (here SuperResolve, which the fake server
     does not serve: UNIMPLEMENTED), so a script took a run that measured nothing for a result: it
