@@ -65,17 +65,21 @@ class ServerSubprocess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         deadline = time.monotonic() + timeout_s
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise ServerStartError(
-                    f"server exited unexpectedly ({proc.returncode})", log_path.read_text()
-                )
-            if time.monotonic() > deadline:
+        try:
+            while not ready.exists():
+                if proc.poll() is not None:
+                    raise ServerStartError(
+                        f"server exited unexpectedly ({proc.returncode})", log_path.read_text()
+                    )
+                if time.monotonic() > deadline:
+                    raise ServerStartError(f"server not ready within {timeout_s} s", log_path.read_text())
+                time.sleep(poll_s)
+            info = json.loads(ready.read_text())
+        except BaseException:  # not ready in time, Ctrl-C, a bad ready file: no server left running
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-                raise ServerStartError(f"server not ready within {timeout_s} s", log_path.read_text())
-            time.sleep(poll_s)
-        info = json.loads(ready.read_text())
+            raise
         return cls(
             proc,
             int(info["port"]),

@@ -54,3 +54,35 @@ def test_genserve_command_binds_loopback_on_os_chosen_ports(tmp_path: Path) -> N
     flags = dict(zip(command[4:-1:2], command[5::2], strict=True))
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == "0" and flags["--metrics-port"] == "0"
     assert command[-1] == "--no-metrics"
+
+
+def test_a_start_interrupted_while_it_waits_leaves_no_server_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C (or any error) while start() waited for the ready file (a benchmark's server warming up
+    # for seconds) went through it and left the server running, orphaned, on its port.
+    import subprocess
+    import time
+
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        started.append(real_popen(*args, **kwargs))  # type: ignore[call-overload]
+        return started[-1]
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(time, "sleep", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ServerSubprocess.start(python("import time; time.sleep(60)"), tmp_path, timeout_s=60)
+        monkeypatch.undo()
+        assert len(started) == 1
+        started[0].wait(timeout=5)  # raises TimeoutExpired while it still runs
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
