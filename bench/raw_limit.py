@@ -167,7 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=2.0)
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
-    results = [measure_model(m, duration_s=args.duration_s) for m in find_models(args.models, args.only)]
+    models = find_models(args.models, args.only)
+    if args.only is not None and (missing := [n for n in args.only if n not in {m.name for m in models}]):
+        parser.error(f"--only: no model {', '.join(missing)} in {args.models}")
+    results = [measure_model(m, duration_s=args.duration_s) for m in models]
     write_line(json.dumps(results, indent=2))
     return 0
 

@@ -158,3 +158,18 @@ def test_the_priority_bench_runs_on_a_bench_only_model_as_its_usage_says(
     monkeypatch.setattr(priority, "describe", lambda result: "")
     assert priority.main(["--model", "bench-x", "--duration-s", "1"]) == 0
     assert ran == [("bench-x", True)]  # the server it starts serves the model
+
+
+def test_the_raw_limit_refuses_a_model_name_it_cannot_find(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--only dcgan-digits cgan-digitz` (a typo) measured dcgan-digits alone and exited 0 with no word
+    # about the other; `--only cgan-digitz` printed [] and exited 0.
+    from bench import raw_limit
+
+    measured: list[str] = []
+    monkeypatch.setattr(raw_limit, "measure_model", lambda m, duration_s: measured.append(m.name) or {})
+    with pytest.raises(SystemExit) as exited:
+        raw_limit.main(["--only", "dcgan-digits", "cgan-digitz", "--duration-s", "0.1"])
+    assert exited.value.code != 0 and "--only: no model cgan-digitz" in capsys.readouterr().err
+    assert measured == []
