@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,10 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+class StartFailed(RuntimeError):
+    """The server exited or timed out before its ready file: the message names its kept log."""
 
 
 def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
@@ -71,7 +76,11 @@ def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
             deadline = time.monotonic() + timeout_s
             while not ready_file.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not get ready:\n{log_path.read_text()[-3000:]}")
+                    code = proc.returncode
+                    why = f"exited with {code}" if code is not None else f"was not ready in {timeout_s:g} s"
+                    kept = Path(tempfile.mkdtemp(prefix="genserve-startup-failed-")) / "server.log"
+                    shutil.copyfile(log_path, kept)  # `work` goes with the exception
+                    raise StartFailed(f"bench.startup: the server {why}; its log: {kept}")
                 time.sleep(0.05)
             all_tried_s = time.time() - spawned
         finally:
@@ -124,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = []
     for _ in range(args.rounds):
         before = load_average()
-        result = one_round(args.models, args.timeout_s)
+        try:
+            result = one_round(args.models, args.timeout_s)
+        except StartFailed as exc:
+            raise SystemExit(str(exc)) from None
         result["load_average"] = {"before": before, "after": load_average()}
         rounds.append(result)
     names = sorted(

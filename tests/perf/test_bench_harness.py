@@ -360,3 +360,21 @@ def test_a_bench_server_leaves_no_scratch_folder_behind(
     ):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_startup_bench_whose_server_does_not_start_says_so_in_one_line_naming_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that exited (here: no model repository) ended bench.startup in a RuntimeError
+    # traceback, the log's tail pasted into it and the log itself deleted with its folder.
+    import tempfile
+
+    from bench import startup
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit) as exited:
+        startup.main(["--models", str(tmp_path / "no-models"), "--timeout-s", "120"])
+    message = str(exited.value.code)
+    assert exited.value.code not in (0, None) and "\n" not in message
+    log = next(p for p in tmp_path.rglob("*.log"))
+    assert str(log) in message and "model repository directory not found" in log.read_text()
