@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -177,7 +178,13 @@ class Mix:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="soak-"))
-    models = args.models or tiny_repository(work / "models")
+    try:
+        return _soak(args, args.models or tiny_repository(work / "models"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _soak(args: argparse.Namespace, models: Path) -> dict[str, Any]:
     codes: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
     stop = threading.Event()

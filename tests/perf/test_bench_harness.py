@@ -7,6 +7,7 @@ that each figure can be checked against numbers known in advance.
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import sys
 from collections.abc import Iterator
@@ -378,3 +379,24 @@ def test_a_startup_bench_whose_server_does_not_start_says_so_in_one_line_naming_
     assert exited.value.code not in (0, None) and "\n" not in message
     log = next(p for p in tmp_path.rglob("*.log"))
     assert str(log) in message and "model repository directory not found" in log.read_text()
+
+
+def test_a_soak_leaves_no_scratch_folder_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench.soak wrote its tiny repository into a mkdtemp("soak-") folder that nothing removed:
+    # every soak, finished or failed, left a /tmp/soak-* behind.
+    import tempfile
+
+    from bench import soak
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = tmp_path / "soak.json"
+    short = ["--duration-s", "0.2", "--warmup-s", "0", "--sample-s", "0.1", "--threads", "0"]
+    short += ["--out", str(out)]
+    assert soak.main(short) in (0, 1)  # its growth after 0.2 s is no verdict
+    assert json.loads(out.read_text())["samples"]
+    assert list(scratch.iterdir()) == []
+    with pytest.raises(BenchError):
+        soak.main([*short, "--models", str(tmp_path / "no-models")])
+    assert list(scratch.iterdir()) == []
