@@ -3,8 +3,10 @@
     py-spy record --pid PID --duration 10 --rate 200 --format raw -o prof.txt
     python -m bench.profile_summary prof.txt [--top 25]
 
-Prints the share of samples per thread, then the top functions by inclusive share (a function is
-counted once per sample however deep it recurs) and by self share (the leaf frame).
+Prints the share of samples per thread (recorded with py-spy's `--threads`, which adds a root frame
+"thread (TID)" to each stack; without it the threads section is empty), then the top functions by
+inclusive share (a function is counted once per sample however deep it recurs) and by self share
+(the leaf frame).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from bench.common import write_line
 
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
+_THREAD = re.compile(r"^thread \([^()]*\)(?::.*)?$")  # py-spy --threads: "thread (TID)[: name]"
 
 
 def _frame_name(frame: str) -> str:
@@ -40,14 +43,18 @@ def summarise(path: Path, top: int = 25) -> list[str]:
         count = int(match["count"])
         frames = match["stack"].split(";")
         total += count
-        threads[frames[0]] += count
-        names = [_frame_name(f) for f in frames[1:]] or ["<idle>"]
+        if _THREAD.match(frames[0]):
+            threads[frames[0]] += count
+            frames = frames[1:]
+        names = [_frame_name(f) for f in frames] or ["<idle>"]
         for name in set(names):
             inclusive[name] += count
         leaf[names[-1]] += count
     out = [f"{total} samples"]
     out.append("threads:")
     out += [f"  {100 * n / total:5.1f}%  {name}" for name, n in threads.most_common(12)]
+    if not threads:
+        out.append("  (none: recorded without py-spy's --threads)")
     out.append("inclusive:")
     out += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
     out.append("self:")

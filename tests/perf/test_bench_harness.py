@@ -400,3 +400,46 @@ def test_a_soak_leaves_no_scratch_folder_behind(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(BenchError):
         soak.main([*short, "--models", str(tmp_path / "no-models")])
     assert list(scratch.iterdir()) == []
+
+
+def _profile_sections(lines: list[str]) -> dict[str, dict[str, float]]:
+    sections: dict[str, dict[str, float]] = {}
+    for line in lines[1:]:
+        if not line.startswith(" "):
+            current = sections.setdefault(line.rstrip(":"), {})
+        elif "%" in line:
+            share, name = line.strip().split("%", 1)
+            current[name.strip()] = float(share)
+    return sections
+
+
+def test_a_profile_recorded_without_threads_counts_its_outermost_frame_as_a_function(tmp_path: Path) -> None:
+    # bench/profile.md records with `py-spy record --format raw` and no --threads, so a line's first
+    # frame is the outermost function (the main thread's <module>), not a thread: profile_summary
+    # listed it under "threads:" and left it out of the inclusive and self shares (a sample of
+    # <module> alone was "<idle>").
+    from bench import profile_summary
+
+    recorded = tmp_path / "prof.txt"
+    recorded.write_text(
+        "<module> (genserve_server/__main__.py:5);run (asyncio/runners.py:118) 6\n"
+        "<module> (genserve_server/__main__.py:5) 1\n"
+        "_bootstrap (threading.py:1002);run (threading.py:982);_worker (concurrent/futures/thread.py:83) 3\n"
+    )
+    got = _profile_sections(profile_summary.summarise(recorded))
+    assert got["inclusive"]["<module> (__main__.py)"] == 70.0
+    assert got["inclusive"]["_bootstrap (threading.py)"] == 30.0
+    assert got["self"] == {
+        "run (runners.py)": 60.0,
+        "_worker (thread.py)": 30.0,
+        "<module> (__main__.py)": 10.0,
+    }
+    assert got["threads"] == {}
+    # With --threads, the root frame py-spy adds is the thread.
+    recorded.write_text(
+        "thread (4242): MainThread;<module> (genserve_server/__main__.py:5);run (asyncio/runners.py:118) 6\n"
+        "thread (4243);_bootstrap (threading.py:1002);_worker (concurrent/futures/thread.py:83) 4\n"
+    )
+    got = _profile_sections(profile_summary.summarise(recorded))
+    assert got["threads"] == {"thread (4242): MainThread": 60.0, "thread (4243)": 40.0}
+    assert got["self"] == {"run (runners.py)": 60.0, "_worker (thread.py)": 40.0}
