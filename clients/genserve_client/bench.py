@@ -169,8 +169,13 @@ class LoadGenerator:
         end = started + duration_s
 
         async def worker() -> None:
+            task = asyncio.current_task()
             while time.perf_counter() < end:
                 await self._one(rec, time.perf_counter())
+                # grpc.aio's call task swallows a cancel that crosses its answer and returns the
+                # answer: the worker's cancel (Ctrl-C) is then only in its count, not raised.
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return rec.result(BenchResult("closed", concurrency, None, duration_s), started, end)

@@ -1,0 +1,71 @@
+"""The load generator stops when its run is cancelled (Ctrl-C is asyncio.run cancelling the main
+task), even where a call swallows the cancel: grpc.aio's call task catches the CancelledError of a
+call whose answer arrived as the cancel came and returns that answer, so the worker awaiting it sees
+a normal result and, unchecked, went on calling until --duration ended (the clean-clone CI's
+`test_bench_stopped_by_a_signal_mid_run_exits_with_one_line_and_no_traceback` sat out its 60 s
+twice on a loaded machine). In process, no server: the calls are stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from genserve_client.bench import LoadGenerator
+from genserve_client.channel import ChannelConfig
+
+
+def _unused_target() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+class _SwallowingCall:
+    """A unary call that answers after a moment and, cancelled meanwhile, answers anyway (grpc.aio's
+    call task when the answer and the cancel cross)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: bytes, **_: Any) -> bytes:
+        self.calls += 1
+        inner = asyncio.ensure_future(asyncio.sleep(0.01))
+        try:
+            await inner
+        except asyncio.CancelledError:
+            pass  # the answer was in: returned, as grpc.aio's _invoke does
+        return b""
+
+
+@pytest.mark.parametrize("loop_kind", ["closed", "open"])
+def test_a_cancelled_run_stops_although_a_call_swallowed_the_cancel(loop_kind: str) -> None:
+    async def scenario() -> tuple[bool, int, int]:
+        gen = LoadGenerator(ChannelConfig(target=_unused_target()), lambda: b"")
+        fake = _SwallowingCall()
+        gen._calls = [fake]  # type: ignore[list-item]
+        try:
+            if loop_kind == "closed":
+                run = asyncio.ensure_future(gen.closed_loop(concurrency=4, duration_s=30.0))
+            else:
+                run = asyncio.ensure_future(gen.open_loop(400.0, 30.0, max_outstanding=8))
+            await asyncio.sleep(0.3)
+            assert fake.calls > 0
+            run.cancel()
+            # The run's duration is 30 s: ended well before it, or not at all.
+            done, _ = await asyncio.wait({run}, timeout=10.0)
+            stopped = bool(done) and run.cancelled()
+            calls_at_stop = fake.calls
+            await asyncio.sleep(0.2)  # no call of the cancelled run goes out after it stopped
+            if not done:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            return stopped, calls_at_stop, fake.calls
+        finally:
+            await gen.close()
+
+    stopped, calls_at_stop, calls_later = asyncio.run(scenario())
+    assert stopped, "the cancelled run went on calling"
+    assert calls_later == calls_at_stop
