@@ -726,6 +726,10 @@ class BulkJob:
         # {model: sha256} of the models the images also went through (a style generator's mapping),
         # learned from the first chunk; None: not learned yet (a new job, or a job.json from before).
         self.used_models: dict[str, str] | None = None
+        # {model: weights_sha256} of those of them that keep their weights in external data files
+        # (UsedModel.weights_sha256: a mapping retrained under the same graph keeps its sha256), as
+        # used_models: None not learned yet, empty not reported (an older server, no external data).
+        self.used_weights_sha256: dict[str, str] | None = None
         suffix = FILE_SUFFIX.get(image_format(params.format))
         if suffix is None:
             raise BulkError(
@@ -782,6 +786,7 @@ class BulkJob:
             "model_sha256": self.model_sha256,
             "weights_sha256": self.weights_sha256,
             "used_models": self.used_models,
+            "used_weights_sha256": self.used_weights_sha256,
             "name_width": self.name_width,
             "shard": [self.shard.index, self.shard.count] if self.shard else None,
         }
@@ -823,6 +828,7 @@ class BulkJob:
         self.model_sha256 = job.get("model_sha256", "")
         self.weights_sha256 = job.get("weights_sha256", "")
         self.used_models = job.get("used_models")
+        self.used_weights_sha256 = job.get("used_weights_sha256")
         self.name_width = job.get("name_width", name_width(theirs.n))
         try:
             served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
@@ -1241,6 +1247,7 @@ class BulkJob:
         first chunk when GetModel did not report one."""
         prov = chunk.provenance
         used = {model: sha256 for model, _, sha256 in prov.used_models}
+        used_weights = dict(prov.used_weights_sha256)
         with self._lock:
             if prov.model_sha256 and not self.model_sha256:
                 self.model_sha256 = prov.model_sha256
@@ -1255,7 +1262,11 @@ class BulkJob:
             if self.used_models is None or (used and not self.used_models):
                 self.used_models = used
                 self._pending_job = self._job_json()
+            if self.used_weights_sha256 is None or (used_weights and not self.used_weights_sha256):
+                self.used_weights_sha256 = used_weights
+                self._pending_job = self._job_json()
             expected = self.used_models
+            expected_weights = self.used_weights_sha256
         self._check_model(prov.version, prov.model_sha256, prov.weights_sha256, "the server sent images of")
         if used and used != expected:
             changed = sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m))
@@ -1264,6 +1275,19 @@ class BulkJob:
                 f"but the server sent images through {used or 'no other model'} ({', '.join(changed)} "
                 "changed: a model reloaded under the job): resuming would mix two models in one job; "
                 "serve the original models again or use a new --out"
+            )
+        if used_weights and used_weights != expected_weights:
+            changed = sorted(
+                m
+                for m in used_weights.keys() | expected_weights.keys()
+                if used_weights.get(m) != expected_weights.get(m)
+            )
+            raise BulkError(
+                f"{self.out_dir} is a job whose images also went through models with weights sha256 "
+                f"{expected_weights or 'none'}, but the server sent images through weights sha256 "
+                f"{used_weights} ({', '.join(changed)} changed: external data files replaced, the same "
+                "graph retrained): resuming would mix two models in one job; serve the original models again "
+                "or use a new --out"
             )
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:

@@ -404,12 +404,24 @@ class OneModel:
         # files keeps its bytes, and its sha256, when retrained; this digest tells the two apart.
         if provenance.weights_sha256 and not first.weights_sha256:
             first = self.first = dataclasses.replace(first, weights_sha256=provenance.weights_sha256)
+        # The same for the models the images went through (a mapping, a decoder).
+        if provenance.used_weights_sha256 and not first.used_weights_sha256:
+            first = self.first = dataclasses.replace(
+                first, used_weights_sha256=provenance.used_weights_sha256
+            )
         if (
             provenance.version,
             provenance.model_sha256,
             provenance.weights_sha256 or first.weights_sha256,
             provenance.used_models or first.used_models,
-        ) != (first.version, first.model_sha256, first.weights_sha256, first.used_models):
+            provenance.used_weights_sha256 or first.used_weights_sha256,
+        ) != (
+            first.version,
+            first.model_sha256,
+            first.weights_sha256,
+            first.used_models,
+            first.used_weights_sha256,
+        ):
             raise GenserveClientError(
                 grpc.StatusCode.ABORTED,
                 f"the model changed between this command's calls: {describe_model(first)}, then "
@@ -419,7 +431,12 @@ class OneModel:
 
 
 def describe_model(p: Provenance) -> str:
-    used = "".join(f", through {m} version {v} sha256 {h}" for m, v, h in p.used_models)
+    used_weights = dict(p.used_weights_sha256)
+    used = "".join(
+        f", through {m} version {v} sha256 {h}"
+        + (f" weights sha256 {used_weights[m]}" if m in used_weights else "")
+        for m, v, h in p.used_models
+    )
     weights = f" weights sha256 {p.weights_sha256}" if p.weights_sha256 else ""
     return f"{p.model} version {p.version} sha256 {p.model_sha256 or '?'}{weights}{used}"
 

@@ -33,6 +33,9 @@ class Provenance:
     # The digest of the external data files the model loaded its weights from (types.proto); "" where
     # its graph file holds them (model_sha256 covers them) or the server does not say.
     weights_sha256: str = ""
+    # (model, weights_sha256) of those of used_models that keep their weights in external data files
+    # (UsedModel.weights_sha256): a mapping retrained under the same graph keeps its sha256.
+    used_weights_sha256: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_proto(cls, p: types_pb2.Provenance) -> Provenance:
@@ -48,6 +51,7 @@ class Provenance:
             p.server_version,
             tuple((m.model, m.version, m.model_sha256) for m in p.used_models),
             p.weights_sha256,
+            tuple((m.model, m.weights_sha256) for m in p.used_models if m.weights_sha256),
         )
 
 

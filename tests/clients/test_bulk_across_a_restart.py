@@ -5,6 +5,7 @@ jobs")."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -23,7 +24,18 @@ from server_support import (
     start_server,
     write_model,
 )
+from style_models import (
+    MIX_CROSSOVER,
+    NUM_LAYERS,
+    SIDE,
+    STYLE_LATENT,
+    W_AVG,
+    W_DIM,
+    mapping_graph,
+    synthesis_graph,
+)
 
+from genserve_client import GenserveClient
 from genserve_client import bulk as bulk_module
 from genserve_client.bulk import BulkJob, read_manifest
 
@@ -236,4 +248,64 @@ def test_a_bulk_job_refuses_retrained_weights_under_the_same_graph_after_a_resta
     code, _, resumed = cli_main(capsys, *args, "--resume", str(out))
     assert code == 2, resumed
     assert "mix two models" in resumed and "weights" in resumed, resumed
+    assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM
+
+
+def _write_styled(repo: Path, mapping_seed: int) -> None:
+    """A style generator 'gen' whose mapping keeps its weights in model.onnx.data: retrained (another
+    `mapping_seed`), the mapping's graph file is byte for byte the same."""
+    batching = {"batching": {"max_batch_size": 8, "max_queue_size": 64}}
+    write_model(
+        repo,
+        "mapping",
+        "style_mapping",
+        mapping_graph(seed=mapping_seed),
+        {"latent_dim": STYLE_LATENT, "w_dim": W_DIM, "output_range": None},
+        config=batching,
+    )
+    externalize_weights(repo / "mapping" / "1")
+    card = {
+        "latent_dim": STYLE_LATENT,
+        "w_dim": W_DIM,
+        "num_layers": NUM_LAYERS,
+        "w_avg": W_AVG,
+        "mix_crossover": MIX_CROSSOVER,
+        "channels": 1,
+        "image_size": [SIDE, SIDE],
+    }
+    write_model(
+        repo, MODEL, "style_generator", synthesis_graph(), card, config={"mapping": "mapping", **batching}
+    )
+
+
+@pytest.mark.usefixtures("fast_bulk")
+def test_a_bulk_job_refuses_a_mapping_retrained_under_the_same_graph_after_a_restart(
+    servers: Restarts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A style generator's job: the generator is the same file after the restart, its mapping (weights
+    # in model.onnx.data) retrained under the same graph bytes, so the same sha256 in used_models.
+    # The job compared used_models' sha256s alone and went on with the new mapping's images (one job,
+    # two models); it compares UsedModel.weights_sha256 too, mid-job and on resume, naming both.
+    old_repo, new_repo = tmp_path / "styled-models", tmp_path / "retrained-models"
+    _write_styled(old_repo, mapping_seed=0)
+    _write_styled(new_repo, mapping_seed=1)
+    graphs = [(repo / "mapping" / "1" / "model.onnx").read_bytes() for repo in (old_repo, new_repo)]
+    assert graphs[0] == graphs[1]
+    servers.restart(old_repo, CONFIG)
+    with monkeypatch.context() as patch:
+        restarted = _restart_before_the_second_stream(patch, servers, new_repo, CONFIG)
+        out = tmp_path / "job"
+        args = ("--target", servers.target, "bulk", "--retry-window", "20")
+        code, _, err = cli_main(capsys, *args, "--model", MODEL, "--n", str(N), "--out", str(out))
+    assert restarted
+    assert code == 2, err
+    assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM
+    digests = json.loads((out / "job.json").read_text())["used_weights_sha256"]
+    with GenserveClient(servers.target) as client:
+        retrained = dict(client.sample(MODEL, seeds=[0], format="png").provenance.used_weights_sha256)
+    assert digests["mapping"] and retrained["mapping"] and digests["mapping"] != retrained["mapping"]
+    assert "mix two models" in err and digests["mapping"] in err and retrained["mapping"] in err, err
+    code, _, resumed = cli_main(capsys, *args, "--resume", str(out))
+    assert code == 2, resumed
+    assert "mix two models" in resumed and retrained["mapping"] in resumed, resumed
     assert len(read_manifest(out / "manifest.jsonl")[0]) == STREAM

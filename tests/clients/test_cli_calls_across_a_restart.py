@@ -24,6 +24,16 @@ from server_support import (
     start_server,
     write_model,
 )
+from style_models import (
+    MIX_CROSSOVER,
+    NUM_LAYERS,
+    SIDE,
+    STYLE_LATENT,
+    W_AVG,
+    W_DIM,
+    mapping_graph,
+    synthesis_graph,
+)
 
 from genserve_client import GenserveClient
 from genserve_client.binding import ClientBase
@@ -172,4 +182,84 @@ def test_a_sample_split_over_calls_refuses_weights_retrained_under_the_same_grap
             server.stop()
     assert code != 0, err
     assert "the model changed" in err and "weights sha256" in err, err
+    assert not (sorted(out.glob("*.png")) if out.exists() else [])
+
+
+def _write_styled(repo: Path, mapping_seed: int) -> None:
+    """A style generator whose mapping keeps its weights in model.onnx.data: retrained (another
+    `mapping_seed`), the mapping's graph file is byte for byte the same."""
+    batching = {"batching": {"max_batch_size": PER_CALL, "max_queue_size": PER_CALL}}
+    write_model(
+        repo,
+        "mapping",
+        "style_mapping",
+        mapping_graph(seed=mapping_seed),
+        {"latent_dim": STYLE_LATENT, "w_dim": W_DIM, "output_range": None},
+        config=batching,
+    )
+    externalize_weights(repo / "mapping" / "1")
+    card = {
+        "latent_dim": STYLE_LATENT,
+        "w_dim": W_DIM,
+        "num_layers": NUM_LAYERS,
+        "w_avg": W_AVG,
+        "mix_crossover": MIX_CROSSOVER,
+        "channels": 1,
+        "image_size": [SIDE, SIDE],
+    }
+    write_model(
+        repo, MODEL, "style_generator", synthesis_graph(), card, config={"mapping": "mapping", **batching}
+    )
+
+
+def test_a_sample_split_over_calls_refuses_a_mapping_retrained_under_the_same_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The style generator is the same file; its mapping, whose weights are in model.onnx.data, is
+    # retrained between two calls: same graph bytes, same model_sha256 in used_models, other images.
+    # The command compared the mapping's (model, version, sha256) alone and wrote one set of PNGs
+    # from two mappings; UsedModel.weights_sha256 tells them apart, and the refusal names both.
+    repo = tmp_path / "models"
+    _write_styled(repo, mapping_seed=0)
+    graph = (repo / "mapping" / "1" / "model.onnx").read_bytes()
+    port = _free_port()
+    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
+    used: list[Any] = []
+    sample = ClientBase.sample
+
+    def retrain_the_mapping_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
+        result = sample.__get__(self)(*args, **kwargs)
+        used.append(result.provenance)
+        if len(servers) == 1:
+            old = servers[0]
+            old.proc.send_signal(signal.SIGTERM)
+            old.proc.wait(30)
+            shutil.rmtree(repo / "mapping" / "1")
+            _write_styled(repo, mapping_seed=1)
+            assert (repo / "mapping" / "1" / "model.onnx").read_bytes() == graph
+            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
+            servers.append(new)
+            grpc.channel_ready_future(self._channel).result(timeout=30)
+        return result
+
+    out = tmp_path / "out"
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(GenserveClient, "sample", retrain_the_mapping_after_the_first_call)
+            code, _, err = cli_main(
+                capsys,
+                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
+                "--seed", str(SEED), "--out", str(out),
+            )  # fmt: skip
+        assert len(servers) == 2  # the restart happened mid-command
+        with GenserveClient(servers[1].target) as client:
+            retrained = client.sample(MODEL, seeds=[SEED], format="png").provenance
+    finally:
+        for server in servers:
+            server.stop()
+    assert code != 0, err
+    before = dict(used[0].used_weights_sha256)["mapping"]
+    after = dict(retrained.used_weights_sha256)["mapping"]
+    assert before and after and before != after
+    assert "the model changed" in err and before in err and after in err, err
     assert not (sorted(out.glob("*.png")) if out.exists() else [])
