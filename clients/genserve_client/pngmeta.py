@@ -34,7 +34,11 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
                 text[key] = value
         # The other models the images went through (a style generator's mapping, a code prior's
         # decoder and top prior): a reload of one changes the images, not `model` (types.proto).
-        used = "; ".join(f"{m} version {v} sha256 {h}" for m, v, h in provenance.used_models)
+        weights = dict(provenance.used_weights_sha256)
+        used = "; ".join(
+            f"{m} version {v} sha256 {h}" + (f" weights_sha256 {weights[m]}" if m in weights else "")
+            for m, v, h in provenance.used_models
+        )
         if used:
             text["used_models"] = used
     return text

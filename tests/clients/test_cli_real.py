@@ -19,6 +19,7 @@ import pytest
 from client_fakes import run_cli
 from PIL import Image
 from server_support import (
+    externalize_weights,
     running_server,
     slow_generator_graph,
     vae_decoder_graph,
@@ -579,6 +580,33 @@ def test_edit_pngs_name_the_encoder_the_image_went_through(tiny_server: Any, tmp
         with Image.open(tmp_path / name) as picture:
             text = picture.text  # type: ignore[attr-defined]
         assert text["model"] == "tiny-vae-dec" and named in text.get("used_models", ""), (name, text)
+
+
+def test_edit_pngs_name_the_weights_of_the_encoder_the_image_went_through(tmp_path: Path) -> None:
+    # An encoder whose weights are in model.onnx.data, retrained, keeps its graph file and so its
+    # sha256: an edit's PNG named the encoder by (model, version, sha256) alone, the same before and
+    # after, though the image differs. It names the encoder's weights_sha256 as the server reports it.
+    repo = tmp_path / "models"
+    write_vae_encoder(repo, "ext-encoder")
+    externalize_weights(repo / "ext-encoder" / "1")
+    card = {"latent_dim": 8, "channels": 1, "image_size": [8, 8], "output_range": [0.0, 1.0]}
+    write_model(repo, "ext-decoder", "vae_decoder", vae_decoder_graph(8, 8, 8), card)
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(digit)
+    from genserve_client import GenserveClient
+
+    with running_server(repo, tmp_path / "server") as server:
+        with GenserveClient(server.target) as client:
+            encoder = client.encode("ext-encoder", [np.asarray(Image.open(digit))]).provenance
+        edit = ("edit", str(digit), "--model", "ext")
+        cli(server, *edit, "--dim", "1", "--out", str(tmp_path / "e.png"))
+        cli(server, *edit, "--sweep", "--out", str(tmp_path / "s.png"))
+    assert encoder.weights_sha256
+    named = f"ext-encoder version 1 sha256 {encoder.model_sha256} weights_sha256 {encoder.weights_sha256}"
+    for name in ("e.png", "s.png"):
+        with Image.open(tmp_path / name) as picture:
+            text = picture.text  # type: ignore[attr-defined]
+        assert named in text.get("used_models", ""), (name, text)
 
 
 @pytest.fixture(scope="module")
