@@ -69,16 +69,18 @@ def _identity(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_weights(report: VerifyReport, jobs: dict[Path, dict[str, Any]]) -> None:
-    """One digest of the model's external data files (job.json weights_sha256) in every folder that
-    recorded one: a model with external data retrained under the same graph keeps its model_sha256.
-    Absent or empty: not recorded (a job.json from before it, an older server) or no external data."""
-    weights = [(f, job["weights_sha256"]) for f, job in jobs.items() if job.get("weights_sha256")]
-    for folder, digest in weights[1:]:
-        if digest != weights[0][1]:
-            report.problems.append(
-                f"{folder} belongs to another job than {weights[0][0]} "
-                f"(weights_sha256: {weights[0][1]!r} vs {digest!r})"
-            )
+    """One digest of the model's external data files (job.json weights_sha256), and one of the used
+    models' (used_weights_sha256: a mapping's), in every folder that recorded one: a model with
+    external data retrained under the same graph keeps its model_sha256. Absent or empty: not
+    recorded (a job.json from before it, an older server) or no external data."""
+    for key in ("weights_sha256", "used_weights_sha256"):
+        weights = [(f, job[key]) for f, job in jobs.items() if job.get(key)]
+        for folder, digest in weights[1:]:
+            if digest != weights[0][1]:
+                report.problems.append(
+                    f"{folder} belongs to another job than {weights[0][0]} "
+                    f"({key}: {weights[0][1]!r} vs {digest!r})"
+                )
 
 
 def _check_shards(report: VerifyReport, shards: dict[Path, Shard | None]) -> None:

@@ -63,6 +63,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     model_sha256: str = FAKE_SHA256
     # Provenance.used_models: (model, version, sha256) of a mapping or decoder beside the model.
     used_models: list[tuple[str, str, str]] = field(default_factory=list)
+    # UsedModel.weights_sha256 of those of them with external data files, by model.
+    used_weights_sha256: dict[str, str] = field(default_factory=dict)
     # Provenance/ModelVersionInfo.weights_sha256: a model with external data files ("": none).
     weights_sha256: str = ""
     # Sample: each call takes this long (a server whose latency the test controls), and the most
@@ -187,7 +189,12 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         return genserve_pb2.ListModelsResponse(models=[self._info("fake-gen"), self._info("fake-cond")])
 
     def _provenance(self, model: str) -> types_pb2.Provenance:
-        used = [types_pb2.UsedModel(model=m, version=v, model_sha256=h) for m, v, h in self.used_models]
+        used = [
+            types_pb2.UsedModel(
+                model=m, version=v, model_sha256=h, weights_sha256=self.used_weights_sha256.get(m, "")
+            )
+            for m, v, h in self.used_models
+        ]
         return types_pb2.Provenance(
             model=model,
             version=self.version,

@@ -160,6 +160,36 @@ def test_shards_served_weights_retrained_under_the_same_graph_are_another_job(
     assert code == 0, err
 
 
+def test_shards_whose_mapping_was_retrained_under_the_same_graph_are_another_job(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mapping whose weights lie in model.onnx.data keeps its graph, and its sha256 in used_models,
+    when retrained: a shard started after the retrained mapping was served holds images of another
+    model (job.json used_weights_sha256, as its resume refuses); verify must not call the folders
+    together the job. A shard that recorded none (a job.json from before it) differs from no shard."""
+    t = ("--target", fake_server.target)
+    root = tmp_path / "job"
+    try:
+        fake_server.service.used_models = [("fake-mapping", "1", hashlib.sha256(b"graph").hexdigest())]
+        for shard, weights in (("0/3", "1"), ("1/3", "1"), ("2/3", "2")):
+            digest = hashlib.sha256(f"weights {weights}".encode()).hexdigest()
+            fake_server.service.used_weights_sha256 = {"fake-mapping": digest}
+            code, _, err = cli_main(capsys, *t, *JOB, "--out", str(root), "--shard", shard)
+            assert code == 0, err
+    finally:
+        fake_server.service.used_models = []
+        fake_server.service.used_weights_sha256 = {}
+    code, _, err = cli_main(capsys, "verify", str(root))
+    assert code == 1, err
+    assert "belongs to another job" in err and "used_weights_sha256" in err, err
+    job_file = shard_folder(root, 2) / "job.json"
+    job = json.loads(job_file.read_text())
+    del job["used_weights_sha256"]
+    job_file.write_text(json.dumps(job))
+    code, _, err = cli_main(capsys, "verify", str(root))
+    assert code == 0, err
+
+
 def test_shards_of_servers_older_and_newer_than_used_models_are_one_job(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
