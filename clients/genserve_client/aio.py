@@ -35,6 +35,16 @@ def _closed_under(request_id: str | None) -> GenserveClientError | None:
     return closed_client_error(request_id)
 
 
+def _raise_if_cancelling() -> None:
+    """Raise the caller's cancel where grpc.aio swallowed it: a unary call's task catches the
+    CancelledError of a call whose status arrived as the cancel came, and its caller gets that
+    status (an AioRpcError) with the cancel left only in Task.cancelling(); retried, a cancelled
+    call went on calling and waiting until its attempts ran out."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class AsyncGenserveClient(ClientBase):
     """Non-blocking genserve client on one grpc.aio channel. Create and use it inside one event loop
     (a call from another loop is a RuntimeError saying so); close it with `await client.close()` or
@@ -127,6 +137,7 @@ class AsyncGenserveClient(ClientBase):
                 response = await pending
                 trailing = await pending.trailing_metadata()
             except grpc.aio.AioRpcError as exc:
+                _raise_if_cancelling()
                 await self._backoff(attempts.wait_s(exc))
                 await self._reconnect(attempts)
                 continue

@@ -318,3 +318,57 @@ def test_a_grid_only_answer_from_a_server_older_than_its_seeds_field_has_a_seed_
         progress = calls.sample_codes_progress("top", 0 if "seeds" in kwargs else 2, labels=[1], **kwargs)
         last = calls.progress_item(genserve_pb2.SampleCodesChunk(result=old), "rid", progress.request)
         assert isinstance(last, CodesResult) and last.seeds == seeds, kwargs
+
+
+class _CancelCrossingStatusCall:
+    """A stand-in for a unary RPC of a server that fails every attempt (UNAVAILABLE) after a while,
+    and whose status arrives as its caller is cancelled: grpc.aio's call task catches the caller's
+    CancelledError (the cancel of the task awaiting it is handed on to it) and the caller gets the
+    status received, an AioRpcError, its own cancel left only in Task.cancelling(). Only the first
+    call's status crosses the cancel; a later call is cancelled as any."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, request: object, **_: object) -> object:
+        self.calls += 1
+        crossing = self.calls == 1
+
+        async def invoke() -> None:
+            try:
+                await asyncio.sleep(30.0)
+            except asyncio.CancelledError:
+                if not crossing:
+                    raise
+                # the status was in: grpc.aio's _invoke returns EOF and the status is raised
+
+        async def answer() -> None:
+            await asyncio.ensure_future(invoke())
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection reset"
+            )
+
+        return answer()
+
+
+def test_a_cancelled_async_call_is_not_retried_although_grpc_swallowed_the_cancel() -> None:
+    async def scenario() -> tuple[bool, int, int]:
+        retry = RetryPolicy(max_attempts=100, initial_backoff_s=0.001, max_backoff_s=0.001)
+        async with AsyncGenserveClient("127.0.0.1:1", retry=retry) as client:
+            fake = _CancelCrossingStatusCall()
+            client._stub = type("Stub", (), {"Sample": fake})()
+            call = asyncio.ensure_future(client.sample("fake-gen", 1, base_seed=1))
+            await asyncio.sleep(0.2)
+            assert fake.calls == 1
+            call.cancel()
+            done, _ = await asyncio.wait({call}, timeout=5.0)
+            stopped = bool(done) and call.cancelled()
+            calls_at_stop = fake.calls
+            if not done:
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+            return stopped, calls_at_stop, fake.calls
+
+    stopped, calls_at_stop, calls = asyncio.run(scenario())
+    assert stopped, "the cancelled call was retried"
+    assert calls_at_stop == 1
