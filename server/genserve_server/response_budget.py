@@ -66,7 +66,10 @@ class ByteBudget:
         entry = (n, future)
         self._waiters.append(entry)
         try:
-            await asyncio.wait_for(asyncio.shield(future), max(timeout_s, 0.0))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the grant and drops a
+            # cancel that crosses it (the handler of a client gone went on, holding the bytes).
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await asyncio.shield(future)
         except TimeoutError:
             if future.done() and not future.cancelled():  # granted just as the wait ran out: keep it
                 return n

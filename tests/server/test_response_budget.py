@@ -305,3 +305,31 @@ def test_a_budget_refusal_is_counted_under_the_status_its_client_gets(
     )
     assert counted("genserve_requests_dropped_total", DROP_REASONS) == ({dropped: 1.0} if dropped else {})
     assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if rejected else [])
+
+
+def test_a_wait_cancelled_as_its_bytes_are_granted_raises_the_cancel_and_gives_them_back() -> None:
+    """The caller (an RPC's handler task) cancelled just as release() granted its bytes: the cancel
+    is raised and the bytes go back, whichever turn of the loop the cancel comes in (Python 3.11's
+    asyncio.wait_for returned the grant and dropped a cancel that crossed it: the handler of a
+    client gone went on to compute, holding the bytes)."""
+
+    async def scenario(turns: int) -> tuple[bool, int]:
+        budget = ByteBudget("test budget", 100, max_wait_s=30.0)
+        held = await budget.acquire(100, None, "Sample")
+        waiting = asyncio.ensure_future(budget.acquire(60, None, "Sample"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        budget.release(held)  # grants the waiter's 60 bytes
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if waiting.done():  # it got them before the cancel: as any holder, it gives them back itself
+            budget.release(waiting.result())
+            return True, budget.held
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        return waiting.cancelled(), budget.held
+
+    for turns in range(6):
+        cancelled, held = asyncio.run(scenario(turns))
+        assert cancelled, f"cancelled {turns} turn(s) after the grant: the cancel was dropped"
+        assert held == 0, turns
