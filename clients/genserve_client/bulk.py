@@ -86,6 +86,11 @@ LABEL_LIMIT = 2**31
 UINT32_LIMIT = 2**32
 
 
+def _named(digests: Mapping[str, str]) -> str:
+    """{model: digest} as a refusal names it: 'mapping=D, decoder=E' (sorted by model)."""
+    return ", ".join(f"{model}={digest}" for model, digest in sorted(digests.items()))
+
+
 class BulkError(Exception):
     """A job that cannot start or go on (changed parameters, a corrupt manifest)."""
 
@@ -1271,8 +1276,9 @@ class BulkJob:
         if used and used != expected:
             changed = sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m))
             raise BulkError(
-                f"{self.out_dir} is a job whose images also went through {expected or 'no other model'}, "
-                f"but the server sent images through {used or 'no other model'} ({', '.join(changed)} "
+                f"{self.out_dir} is a job whose images also went through "
+                f"{_named(expected) or 'no other model'}, but the server sent images through "
+                f"{_named(used) or 'no other model'} ({', '.join(changed)} "
                 "changed: a model reloaded under the job): resuming would mix two models in one job; "
                 "serve the original models again or use a new --out"
             )
@@ -1284,10 +1290,10 @@ class BulkJob:
             )
             raise BulkError(
                 f"{self.out_dir} is a job whose images also went through models with weights sha256 "
-                f"{expected_weights or 'none'}, but the server sent images through weights sha256 "
-                f"{used_weights} ({', '.join(changed)} changed: external data files replaced, the same "
-                "graph retrained): resuming would mix two models in one job; serve the original models again "
-                "or use a new --out"
+                f"{_named(expected_weights) or 'none'}, but the server sent images through weights sha256 "
+                f"{_named(used_weights)} ({', '.join(changed)} changed: external data files replaced, the "
+                "same graph retrained): resuming would mix two models in one job; serve the original models "
+                "again or use a new --out"
             )
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:

@@ -266,6 +266,34 @@ def test_a_resume_refuses_images_through_a_reloaded_mapping(
         fake_server.service.used_models = []
 
 
+def test_a_resume_refused_for_a_changed_mapping_names_its_digests_readably(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refusal names the job's and the server's used models as name=digest, as the other
+    refusals name their values, not as Python dicts."""
+    t = ("--target", fake_server.target)
+    service = fake_server.service
+    weights, retrained = hashlib.sha256(b"weights").hexdigest(), hashlib.sha256(b"retrained").hexdigest()
+    try:
+        service.used_models = [("fake-mapping", "1", FAKE_SHA256)]
+        service.used_weights_sha256 = {"fake-mapping": weights}
+        code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
+        assert code == 0, err
+        service.used_weights_sha256 = {"fake-mapping": retrained}
+        code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+        assert code == 2, err
+        assert f"fake-mapping={weights}" in err and f"fake-mapping={retrained}" in err, err
+        assert "{" not in err and "'" not in err, err
+        service.used_models = [("fake-mapping", "2", OTHER_SHA256)]
+        code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "8")
+        assert code == 2, err
+        assert f"fake-mapping={FAKE_SHA256}" in err and f"fake-mapping={OTHER_SHA256}" in err, err
+        assert "{" not in err and "'" not in err, err
+    finally:
+        service.used_models = []
+        service.used_weights_sha256 = {}
+
+
 # --- 4. --resume DIR -----------------------------------------------------------------------------
 
 
