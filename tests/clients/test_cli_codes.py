@@ -17,6 +17,7 @@ from genserve_client import GenserveClient
 from genserve_client.results import CodesProgress, CodesResult
 
 GRID = (6, 6)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,29 @@ def test_cli_progress_strip_carries_provenance_like_every_png(
     assert (text.get("seed"), text.get("label"), text.get("top_k")) == ("7", "2", "5"), text
     for key in ("model", "version", "model_sha256"):
         assert text.get(key) == grid_text[key], (key, text)
+
+
+def test_client_md_names_every_text_chunk_of_the_progress_strip(
+    code_server: tuple[ServerProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    """docs/client.md's sentence on the --progress strip said it records `model`, `version` and
+    `model_sha256`; the strip's PNG carries what every PNG of its sample does, the `used_models` a
+    code prior's images went through (its decoder) and the command's settings included. Every chunk
+    the strip holds (but Software) is named there."""
+    server, names = code_server
+    strip, grid = tmp_path / "strip.png", tmp_path / "grid.png"
+    proc = run_cli("--target", server.target, "sample", "--model", names["prior"], "--labels", "2",
+                   "--n", "1", "--seed", "7", "--top-k", "5", "--temperature", "0.9", "--grid", str(grid),
+                   "--progress", str(strip))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(strip) as picture, Image.open(grid) as whole:
+        text, grid_text = dict(picture.text), dict(whole.text)  # type: ignore[attr-defined]
+    assert text.get("used_models") and text["used_models"] == grid_text.get("used_models"), text
+    doc = " ".join((REPO_ROOT / "docs" / "client.md").read_text().split())
+    sentence = doc[doc.index("A `--progress` strip (below) records") :]
+    sentence = sentence[: sentence.index("). ") + 2]
+    missing = [key for key in text if key != "Software" and f"`{key}`" not in sentence]
+    assert not missing, (missing, sentence)
 
 
 def test_a_prior_without_a_decoder_returns_the_seeds_it_picked(
