@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,30 @@ def test_a_style_generators_demodulation_keeps_its_eps_so_a_zero_style_stays_fin
         np.testing.assert_allclose(got, 1e4, rtol=1e-4, err_msg=f"{name}: demodulation {d} of a zero style")
 
 
+USED_MODEL = re.compile(r"(\S+) version (\S+) sha256 ([0-9a-f]{64})(?: weights_sha256 [0-9a-f]{64})?")
+
+
+def _used_models(value: str) -> list[tuple[str, str, str]]:
+    """(model, version, sha256) of each entry of a PNG's `used_models` text, as docs/client.md
+    writes them: `NAME version V sha256 H`, with ` weights_sha256 W` where that model has one."""
+    used = []
+    for part in value.split("; ") if value else []:
+        entry = USED_MODEL.fullmatch(part)
+        assert entry, f"used_models entry not as docs/client.md writes it: {part!r}"
+        used.append((entry[1], entry[2], entry[3]))
+    return used
+
+
+def test_used_models_text_is_read_as_docs_client_md_writes_it() -> None:
+    """docs/client.md: a PNG's `used_models` is `; `-separated `NAME version V sha256 H`, with
+    ` weights_sha256 W` where that model keeps its weights in external data files; an entry with
+    it is read as the same (model, version, sha256), not one field too many."""
+    h, g, w = "a" * 64, "b" * 64, "c" * 64
+    text = f"mapping version 1 sha256 {h} weights_sha256 {w}; decoder version 2 sha256 {g}"
+    assert _used_models(text) == [("mapping", "1", h), ("decoder", "2", g)]
+    assert _used_models("") == []
+
+
 def test_the_docs_pictures_name_the_committed_models_they_were_made_with() -> None:
     """A picture under docs/images made by genserve-client names in its PNG text the model, version
     and sha256 it came from (and the other models it went through): each must be the committed
@@ -106,7 +131,7 @@ def test_the_docs_pictures_name_the_committed_models_they_were_made_with() -> No
             text = dict(picture.text)  # type: ignore[attr-defined]
         if "model_sha256" not in text:
             continue
-        used = [tuple(part.split(" ")[::2]) for part in text.get("used_models", "").split("; ") if part]
+        used = _used_models(text.get("used_models", ""))
         for model, version, sha256 in [(text["model"], text["version"], text["model_sha256"]), *used]:
             card = json.loads((MODELS / model / version / "card.json").read_text())
             assert sha256 == card["sha256"]["model.onnx"], (picture_path.name, model, version)
