@@ -2,7 +2,8 @@
 
 A `pip install` of one package brings only its declared dependencies (and theirs): an import of a
 distribution the package does not name works only while some other package happens to bring it.
-Every absolute import in api/, server/, clients/ and export/ (module level or inside a function)
+Every absolute import in api/, server/, clients/ and export/ (module level or inside a function;
+not under `if TYPE_CHECKING:`, which never runs)
 that is not the standard library or the package itself must name a distribution in its
 pyproject.toml's dependencies or extras; the module -> distribution map is the dev venv's.
 """
@@ -23,11 +24,31 @@ PACKAGES = {"api": ("genserve", "genserve_contract"), "server": ("genserve_serve
             "clients": ("genserve_client",), "export": ("genserve_export",)}  # fmt: skip
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """An `if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`) block: its imports are the type checker's."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def _imported_modules(sources: list[Path]) -> dict[str, str]:
     """Top-level module -> one place that imports it."""
     found: dict[str, str] = {}
     for path in sources:
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {  # the block's body, not its `else:`, which runs
+            id(n)
+            for block in ast.walk(tree)
+            if _is_type_checking(block)
+            for stmt in block.body
+            for n in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # never imported at run time (typeshed's _typeshed, say)
+                continue
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
