@@ -344,6 +344,11 @@ sys.exit(status)
 """
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT's default action, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("signum", "status", "line"),
     [
@@ -377,6 +382,9 @@ def test_bench_stopped_by_a_signal_mid_run_exits_with_one_line_and_no_traceback(
         capture_output=True,
         text=True,
         timeout=60,
+        # As a terminal starts it: a run started from a script's background job (a CI runner's
+        # `cmd &`) inherits SIGINT ignored, and a Ctrl-C that is ignored stops nothing.
+        preexec_fn=_default_sigint,  # noqa: PLW1509
     )
     assert proc.returncode == status, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == [line], proc.stderr
