@@ -38,8 +38,9 @@ versions keep serving as they are, and the model says why: `Model.reason` (GetMo
 is how a model is taken out of service.
 
 A loaded version's model file is checked too (`_check_files`, after every rescan, and every
-`file_check_interval_s` when no watch is set): size and mtime against the last check, the sha256
-against the loaded one when they moved. A file changed or deleted under a READY version is reported
+`file_check_interval_s` when no watch is set): size, mtime and inode against the last check (a file
+renamed over with its size and mtime kept: `cp -p`, a Kubernetes `..data` swap), the sha256 against
+the loaded one when they moved. A file changed or deleted under a READY version is reported
 (the version's reason, genserve_model_file_changed 1, an ERROR log line) while the version keeps
 serving the copy its sessions hold in memory; it is never reloaded in place (a write in progress
 cannot be told from a finished one). A restart loads the file on disk, and refuses it when it no
@@ -81,7 +82,7 @@ logger = logging.getLogger(__name__)
 HealthSetter = Callable[[str, bool], None]
 
 # Loaded model files are checked this often when no watch is set (a stat per version; a sha256 only
-# when the size or mtime moved). With a watch, every change in a version directory triggers a rescan,
+# when the size, mtime or inode moved). With a watch, every change in a version directory triggers a rescan,
 # which checks them.
 FILE_CHECK_INTERVAL_S = 60.0
 
@@ -263,10 +264,10 @@ class Reloader:
         self.file_check_interval_s = file_check_interval_s
         self._on_removed = on_removed
         self._on_unloaded = on_unloaded  # a version left the registry for good (its cached images go)
-        # load_id -> file name -> ((size, mtime_ns) of the file at the last check (None: it was gone),
+        # load_id -> file name -> (FileStat of the file at the last check (None: it was gone),
         # config.json's precision then: a restart's file choice, which the reason names; the status
         # found then). The files: the one served, and model.onnx beside an fp16 twin served.
-        self._file_stats: dict[str, dict[str, tuple[tuple[int, int] | None, str, str]]] = {}
+        self._file_stats: dict[str, dict[str, tuple[FileStat | None, str, str]]] = {}
         self._lock = asyncio.Lock()
         self._requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -631,7 +632,7 @@ class Reloader:
         served, and where it is the fp16 twin, model.onnx, the parity check's reference, which a
         restart checks against card.json too; beside each, the external data files it loaded its
         weights from (card.json's sha256 covers them too). On a worker thread; a file is hashed only
-        when its size, mtime or the precision moved (or at the first check of a version: it may have
+        when its size, mtime, inode or the precision moved (or at the first check of a version: it may have
         changed since it loaded)."""
         served = _served_file(mv)
         if served is None:
@@ -654,7 +655,7 @@ class Reloader:
         for path, key, graph, loaded in files:
             try:
                 st = path.stat()
-                stat: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+                stat: FileStat | None = _file_stat(st)
             except (FileNotFoundError, NotADirectoryError):
                 stat = None
             except OSError as exc:  # EACCES: a directory on its path lost its permissions; not gone
@@ -693,7 +694,7 @@ class Reloader:
         mv: ModelVersion,
         path: Path,
         loaded: str,
-        stat: tuple[int, int] | None,
+        stat: FileStat | None,
         precision: str,
         served: Path,
         key: str,
@@ -829,13 +830,22 @@ class Reloader:
 CARD_CHECK = "/card.json"
 
 
-def _stat_or_none(path: Path) -> tuple[int, int] | None:
-    """`path`'s (size, mtime_ns), None where it cannot be stat'ed."""
+# (device, inode, size, mtime_ns): a file renamed over keeps none of the first two, whatever its
+# size and mtime (loader._stat_identity).
+FileStat = tuple[int, int, int, int]
+
+
+def _file_stat(st: os.stat_result) -> FileStat:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stat_or_none(path: Path) -> FileStat | None:
+    """`path`'s FileStat, None where it cannot be stat'ed."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns)
+    return _file_stat(st)
 
 
 def _card_status(mv: ModelVersion, matching: list[tuple[str, str]]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -252,6 +253,41 @@ def test_a_file_replaced_with_its_card_updated_says_a_restart_loads_it(tmp_path:
             mv = repo.models["gen"].versions["1"]
             assert "model.onnx changed on disk" in mv.file_changed
             assert "a restart loads the new file" in mv.file_changed
+            assert mv.state == ModelState.READY
+            labels = {"model": "gen", "version": "1"}
+            assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_model_file_renamed_over_with_the_same_size_and_mtime_is_reported(tmp_path: Path) -> None:
+    """In process: a loaded model.onnx replaced by a rename (a new inode) by a file of the same size
+    whose mtime was kept (`cp -p`, `rsync -t`, a Kubernetes volume's `..data` link swapped) is
+    reported, though its size and mtime read as before."""
+    root = tmp_path / "models"
+    served = write_gen(root, "gen", version="1", seed=0) / "model.onnx"
+    other = write_gen(tmp_path / "other", "gen", version="1", seed=5) / "model.onnx"
+    assert other.stat().st_size == served.stat().st_size  # the same graph, other weights
+
+    async def scenario() -> None:
+        repo, metrics = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            mv = repo.models["gen"].versions["1"]
+            await reloader.rescan()
+            assert mv.file_changed == ""
+            before = served.stat()
+            staged = served.with_name(".model.onnx.tmp")
+            shutil.copyfile(other, staged)
+            os.utime(staged, ns=(before.st_atime_ns, before.st_mtime_ns))
+            os.replace(staged, served)
+            after = served.stat()
+            assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+            await reloader.rescan()
+            assert "model.onnx changed on disk" in mv.file_changed, mv.file_changed
             assert mv.state == ModelState.READY
             labels = {"model": "gen", "version": "1"}
             assert metrics.registry.get_sample_value("genserve_model_file_changed", labels) == 1
