@@ -610,10 +610,8 @@ class Reloader:
             for mv in list(model.versions.values()):
                 if mv.state != ModelState.READY:
                     continue
-                if skip_removed and not await asyncio.to_thread(mv.path.is_dir):
-                    continue
                 precision = (model.config or mv.config).precision  # config.json's now, as a restart reads
-                status = await asyncio.to_thread(self._file_status, mv, precision)
+                status = await asyncio.to_thread(self._file_status, mv, precision, skip_removed)
                 if status is not None and status != mv.file_changed:
                     cleared, mv.file_changed = mv.file_changed, status
                     mv.metrics.file_changed.set(1 if status else 0)
@@ -626,14 +624,17 @@ class Reloader:
                             cleared,
                         )
 
-    def _file_status(self, mv: ModelVersion, precision: str) -> str | None:
-        """None: unchanged since the last check; "": the files match the loaded sha256s; else what
+    def _file_status(self, mv: ModelVersion, precision: str, skip_removed: bool = False) -> str | None:
+        """None: unchanged since the last check, or (`skip_removed`) the version's directory is gone
+        (`_check_files`); "": the files match the loaded sha256s; else what
         changed and what a restart would do under config.json's `precision` now. The files: the one
         served, and where it is the fp16 twin, model.onnx, the parity check's reference, which a
         restart checks against card.json too; beside each, the external data files it loaded its
         weights from (card.json's sha256 covers them too). On a worker thread; a file is hashed only
         when its size, mtime, inode or the precision moved (or at the first check of a version: it may have
         changed since it loaded)."""
+        if skip_removed and not mv.path.is_dir():
+            return None
         served = _served_file(mv)
         if served is None:
             return None
