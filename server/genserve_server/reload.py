@@ -58,6 +58,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,9 +170,9 @@ def _children(model_dir: Path, name: str, entries: list[tuple[str, int, int, int
                 continue
             entries.append((listed, st.st_size, st.st_mtime_ns, st.st_mode))
             if S_ISDIR(st.st_mode) and VERSION_PATTERN.match(child.name):
-                names = list(VERSION_FILES)
+                names = deque(VERSION_FILES)
                 while names:
-                    file = names.pop(0)
+                    file = names.popleft()
                     path = child / file
                     try:
                         st = path.stat()
