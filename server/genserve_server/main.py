@@ -461,8 +461,7 @@ class App:
             await self.health.set(key, False)
         for model in self.repository:
             await self.health.set(model.name, False)
-            self._model_keys[model.name] = False
-            self._keys_off.add(model.name)
+            self._keep_key(model.name, False)
         self.repository.add_listener(self._on_model_state)
         # Before the serving port: a probe never finds the server up and its health listener not.
         if self.health_server is not None:
@@ -557,12 +556,20 @@ class App:
             self._dependents.setdefault(link, set()).add(name)
 
     def _set_model_key(self, name: str, serving: bool) -> None:
-        self._model_keys[name] = serving
-        if serving:
-            self._keys_off.discard(name)
-        else:
-            self._keys_off.add(name)
+        self._keep_key(name, serving)
         self.health.set_soon(name, serving)
+
+    def _keep_key(self, name: str, serving: bool | None) -> None:
+        """`_model_keys[name] = serving` (None: forgotten), `_keys_off` with it: the one place both
+        change, so that the set of keys off never drifts from the keys."""
+        if serving is None:
+            self._model_keys.pop(name, None)
+        else:
+            self._model_keys[name] = serving
+        if serving is False:
+            self._keys_off.add(name)
+        else:
+            self._keys_off.discard(name)
 
     def _drop_old_removed_keys(self, removed: str) -> None:
         """`removed` is the model removed last; the keys of those removed before the last
@@ -572,8 +579,7 @@ class App:
         while len(self._removed) > REMOVED_MODEL_KEYS:
             oldest = next(iter(self._removed))
             del self._removed[oldest]
-            self._model_keys.pop(oldest, None)
-            self._keys_off.discard(oldest)
+            self._keep_key(oldest, None)
             self.health.clear_soon(oldest)
 
     def _serves(self, model: Model) -> bool:
