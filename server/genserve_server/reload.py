@@ -38,14 +38,15 @@ versions keep serving as they are, and the model says why: `Model.reason` (GetMo
 is how a model is taken out of service.
 
 A loaded version's model file is checked too (`_check_files`, after every rescan, and every
-`file_check_interval_s` when no watch is set): size, mtime and inode against the last check (a file
-renamed over with its size and mtime kept: `cp -p`, a Kubernetes `..data` swap), the sha256 against
-the loaded one when they moved. A file changed or deleted under a READY version is reported
-(the version's reason, genserve_model_file_changed 1, an ERROR log line) while the version keeps
-serving the copy its sessions hold in memory; it is never reloaded in place (a write in progress
-cannot be told from a finished one). A restart loads the file on disk, and refuses it when it no
-longer matches card.json's sha256, which the reason says beforehand. Beside an fp16 twin served,
-model.onnx is checked too: a restart checks it against card.json as the parity check's reference.
+`file_check_interval_s` when no watch is set): size, mtime, inode and ctime against the last check (a
+file renamed over or rewritten with its size and mtime kept: `rsync -t`, `cp -p`, a Kubernetes `..data`
+swap), the sha256 against the loaded one when they moved. A file changed or deleted under a READY
+version is reported (the version's reason, genserve_model_file_changed 1, an ERROR log line) while
+the version keeps serving the copy its sessions hold in memory; it is never reloaded in place (a
+write in progress cannot be told from a finished one). A restart loads the file on disk, and
+refuses it when it no longer matches card.json's sha256, which the reason says beforehand. Beside an
+fp16 twin served, model.onnx is checked too: a restart checks it against card.json as the parity
+check's reference.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ logger = logging.getLogger(__name__)
 HealthSetter = Callable[[str, bool], None]
 
 # Loaded model files are checked this often when no watch is set (a stat per version; a sha256 only
-# when the size, mtime or inode moved). With a watch, every change in a version directory triggers a rescan,
-# which checks them.
+# when its size, mtime, inode or ctime moved). With a watch, every change in a version directory
+# triggers a rescan, which checks them.
 FILE_CHECK_INTERVAL_S = 60.0
 
 
@@ -632,8 +633,8 @@ class Reloader:
         served, and where it is the fp16 twin, model.onnx, the parity check's reference, which a
         restart checks against card.json too; beside each, the external data files it loaded its
         weights from (card.json's sha256 covers them too). On a worker thread; a file is hashed only
-        when its size, mtime, inode or the precision moved (or at the first check of a version: it may have
-        changed since it loaded)."""
+        when its size, mtime, inode, ctime or the precision moved (or at the first check of a version:
+        it may have changed since it loaded)."""
         if skip_removed and not mv.path.is_dir():
             return None
         served = _served_file(mv)
@@ -832,13 +833,14 @@ class Reloader:
 CARD_CHECK = "/card.json"
 
 
-# (device, inode, size, mtime_ns): a file renamed over keeps none of the first two, whatever its
-# size and mtime (loader._stat_identity).
-FileStat = tuple[int, int, int, int]
+# (device, inode, size, mtime_ns, ctime_ns): a file renamed over keeps neither of the first two, and
+# one rewritten in place not its ctime, whatever its size and mtime (`cp -p` and `rsync -t` set the
+# mtime back; nothing can set a ctime back).
+FileStat = tuple[int, int, int, int, int]
 
 
 def _file_stat(st: os.stat_result) -> FileStat:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _stat_or_none(path: Path) -> FileStat | None:
