@@ -137,13 +137,18 @@ UNLISTABLE = -1
 VERSION_FILES = ("model.onnx", "model.fp16.onnx", "card.json")
 
 
-def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int, int], ...]:
-    """Names, sizes, mtimes and modes (permissions: a chmod that makes a file readable again changes
-    nothing else) of each model directory, its entries and its version directories' VERSION_FILES
+# One entry of repository_fingerprint: (name, size, mtime_ns, mode, ctime_ns).
+Listed = tuple[str, int, int, int, int]
+
+
+def repository_fingerprint(root: Path) -> tuple[Listed, ...]:
+    """Names, sizes, mtimes, modes (permissions: a chmod that makes a file readable again changes
+    nothing else) and ctimes (`cp -p` onto a file writes it in place and sets its mtime back; nothing
+    sets a ctime back) of each model directory, its entries and its version directories' VERSION_FILES
     and the external data files their card.json lists (the watch). A version directory that cannot
-    be looked inside is one more entry, (its name, UNLISTABLE, errno, 0), and hides none of the
+    be looked inside is one more entry, (its name, UNLISTABLE, errno, 0, 0), and hides none of the
     versions beside it."""
-    entries: list[tuple[str, int, int, int]] = []
+    entries: list[Listed] = []
     with contextlib.suppress(OSError):
         for model_dir in root.iterdir():
             if model_dir.name.startswith("."):
@@ -152,13 +157,13 @@ def repository_fingerprint(root: Path) -> tuple[tuple[str, int, int, int], ...]:
             # of models, every stat of every poll counts.
             with contextlib.suppress(OSError):
                 st = model_dir.stat()
-                entries.append((model_dir.name, st.st_size, st.st_mtime_ns, st.st_mode))
+                entries.append((model_dir.name, st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns))
                 if S_ISDIR(st.st_mode):
                     _children(model_dir, model_dir.name, entries)
     return tuple(sorted(entries))
 
 
-def _children(model_dir: Path, name: str, entries: list[tuple[str, int, int, int]]) -> None:
+def _children(model_dir: Path, name: str, entries: list[Listed]) -> None:
     """`model_dir`'s entries (under `name`, the model's), and its version directories' VERSION_FILES
     that are there, to `entries`, as a version directory that cannot be looked inside is, as
     UNLISTABLE (repository_fingerprint)."""
@@ -169,7 +174,7 @@ def _children(model_dir: Path, name: str, entries: list[tuple[str, int, int, int
                 st = child.stat()
             except OSError:
                 continue
-            entries.append((listed, st.st_size, st.st_mtime_ns, st.st_mode))
+            entries.append((listed, st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns))
             if S_ISDIR(st.st_mode) and VERSION_PATTERN.match(child.name):
                 names = deque(VERSION_FILES)
                 while names:
@@ -180,11 +185,11 @@ def _children(model_dir: Path, name: str, entries: list[tuple[str, int, int, int
                     except (FileNotFoundError, NotADirectoryError):
                         continue
                     except OSError as exc:  # EACCES: no search permission on the directory
-                        entries.append((listed, UNLISTABLE, exc.errno or 0, 0))
+                        entries.append((listed, UNLISTABLE, exc.errno or 0, 0, 0))
                         break
                     # A location card.json lists ("./model.onnx.data") as the path names it.
                     shown = f"{listed}/{file}" if file in VERSION_FILES else str(Path(listed, file))
-                    entries.append((shown, st.st_size, st.st_mtime_ns, st.st_mode))
+                    entries.append((shown, st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns))
                     if file == "card.json":  # the external data files it lists (model.onnx.data)
                         names += _card_data_files(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
@@ -218,15 +223,13 @@ def _card_data_files(card: str, size: int, mtime_ns: int, ino: int) -> tuple[str
 MTIME_TICK_NS = 2_000_000_000
 
 
-def _recent_digests(
-    root: Path, listing: tuple[tuple[str, int, int, int], ...], taken_ns: int
-) -> dict[str, str]:
+def _recent_digests(root: Path, listing: tuple[Listed, ...], taken_ns: int) -> dict[str, str]:
     """The sha256 of each file of `listing` (taken at `taken_ns`) whose mtime is within MTIME_TICK_NS
     of its taking, up to MAX_JSON_BYTES (config.json, card.json): on a file system with coarse mtimes,
     one rewritten with the same size within that tick lists the same, so the watch compares its bytes
     (a file further ahead, a file server's clock ahead of ours, is not)."""
     digests: dict[str, str] = {}
-    for name, size, mtime, mode in listing:
+    for name, size, mtime, mode, _ in listing:
         if 0 <= size <= MAX_JSON_BYTES and S_ISREG(mode) and abs(mtime - taken_ns) <= MTIME_TICK_NS:
             with contextlib.suppress(OSError):
                 with open_regular(root / name) as handle:
@@ -234,10 +237,10 @@ def _recent_digests(
     return digests
 
 
-def _unlistable(listing: tuple[tuple[str, int, int, int], ...], known: set[str], root: Path) -> set[str]:
+def _unlistable(listing: tuple[Listed, ...], known: set[str], root: Path) -> set[str]:
     """The version directories `listing` could not list; a warning names each not in `known`."""
-    names = {name for name, size, _, _ in listing if size == UNLISTABLE}
-    for name, size, code, _ in listing:
+    names = {name for name, size, *_ in listing if size == UNLISTABLE}
+    for name, size, code, *_ in listing:
         if size == UNLISTABLE and name not in known:
             logger.warning(
                 "%s: cannot look inside this version directory (%s); the watch sees no change inside it",

@@ -274,7 +274,7 @@ def test_watch_interval_picks_up_a_new_version_without_a_signal(
     # A gate on the watch's first listing (its baseline): the new version must come after it.
     listed = threading.Event()
 
-    def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    def fingerprint(path: Path) -> tuple[tuple[str, int, int, int, int], ...]:
         try:
             return repository_fingerprint(path)
         finally:
@@ -315,7 +315,7 @@ def test_the_watch_rescans_when_a_files_permissions_change(
     write_gen(root, "gen", version="1", seed=0)
     listed = threading.Event()
 
-    def fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    def fingerprint(path: Path) -> tuple[tuple[str, int, int, int, int], ...]:
         try:
             return repository_fingerprint(path)
         finally:
@@ -416,6 +416,28 @@ def test_the_watch_looks_only_at_the_files_a_version_is_loaded_from(tmp_path: Pa
     assert "gen/2/model.fp16.onnx" in [name for name, *_ in with_fp16]
     (target / "card.json").write_text((target / "card.json").read_text() + " ")
     assert before != with_fp16 != repository_fingerprint(root)
+
+
+def test_the_watch_sees_a_model_file_rewritten_in_place_with_its_size_and_mtime_kept(tmp_path: Path) -> None:
+    """`cp -p` onto a loaded model.onnx writes it in place and sets its mtime back: its name, size,
+    mtime and mode list as before, so the watch never rescanned, and with a watch set no other file
+    check runs: the changed file was never reported. The watch sees its ctime, which nothing sets back."""
+    root = tmp_path / "models"
+    served = write_gen(root, "gen", version="1", seed=0) / "model.onnx"
+    other = write_gen(tmp_path / "other", "gen", version="1", seed=5) / "model.onnx"
+    before = served.stat()
+    listed = repository_fingerprint(root)
+    time.sleep(0.05)  # a tick of the kernel's file time stamps apart from the first write
+    shutil.copyfile(other, served)
+    os.utime(served, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = served.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert after.st_ctime_ns != before.st_ctime_ns
+    assert repository_fingerprint(root) != listed
 
 
 def test_the_watch_stats_each_listed_file_of_a_model_once_a_poll(
