@@ -34,6 +34,7 @@ from genserve_server.gpu_metrics import NvmlCollector, register_gpu_collector
 from genserve_server.infer_stats import InferStats
 from genserve_server.metrics_http import HealthProbe
 from genserve_server.metrics_http import serve as serve_http
+from genserve_server.version import package_version
 
 # 0.5 ms .. 30 s in 1-2.5-5 steps.
 LATENCY_BUCKETS_S = (
@@ -500,9 +501,7 @@ class Metrics:
             registry=reg,
         )
         if enabled:
-            self.build_info.labels(_package_version("genserve-server"), _package_version("onnxruntime")).set(
-                1
-            )
+            self.build_info.labels(package_version(), _package_version("onnxruntime")).set(1)
         self.in_flight_children = {x: (self.in_flight.labels(x) if enabled else _NULL) for x in METHODS}
         self._lock = threading.Lock()
         self._http_server: Any = None

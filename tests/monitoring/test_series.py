@@ -371,3 +371,24 @@ def test_unloading_a_version_among_many_removes_its_series_without_walking_the_o
     assert not [x for x in lines if 'model="m007"' in x]
     for family in ("genserve_requests_total", "genserve_model_runtime_info", "genserve_model_ready"):
         assert [x for x in lines if x.startswith(family + "{") and 'model="m008"' in x], family
+
+
+def test_build_info_names_the_server_version_when_the_package_is_not_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server run from a checkout on PYTHONPATH (tests, bench) has no genserve-server distribution:
+    build_info still says its version (genserve_server.version), not "unknown"."""
+    import importlib.metadata
+
+    from genserve_server.version import SERVER_VERSION
+
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name.startswith("genserve-server"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    lines = [x for x in exposition(Metrics()) if x.startswith("genserve_build_info{")]
+    assert len(lines) == 1 and f'version="{SERVER_VERSION}"' in lines[0], lines
