@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# The version clients/pyproject.toml builds: `genserve-client --version` where the package is not
+# installed (a checkout on PYTHONPATH).
+__version__ = "0.1.0"
+
 if TYPE_CHECKING:
     from genserve_client.aio import AsyncGenserveClient
     from genserve_client.channel import ChannelConfig, TlsOptions

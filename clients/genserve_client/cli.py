@@ -23,6 +23,7 @@ if __name__ == "__main__":  # `python -m genserve_client.cli`: the console scrip
 import argparse
 import dataclasses
 import errno
+import importlib.metadata
 import io
 import json
 import math
@@ -1469,6 +1470,23 @@ class _Parser(argparse.ArgumentParser):
         else:
             _out(self.format_help().removesuffix("\n"))
 
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # --version's line goes to stdout through _out too; usage errors to stderr, as argparse's.
+        if file is sys.stdout:  # None too: a closed stdout, which _out reports as --help's
+            _out(message.removesuffix("\n"))
+        else:
+            super()._print_message(message, file)
+
+
+def _package_version() -> str:
+    """The installed genserve-client's version, else the package's own (a checkout on PYTHONPATH)."""
+    try:
+        return importlib.metadata.version("genserve-client")
+    except importlib.metadata.PackageNotFoundError:
+        import genserve_client
+
+        return genserve_client.__version__
+
 
 class _TokenSource(argparse.Action):
     """--token and --token-file are one setting, the bearer token: the one given last wins (after
@@ -1548,6 +1566,12 @@ def build_parser() -> argparse.ArgumentParser:
         "verify; 2 a rejected request, an unknown model or version, or bad arguments; 3 the bulk job "
         "folder is in use; 130 interrupted; 143 stopped by SIGTERM (docs/client.md)",
         formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"genserve-client {_package_version()}",
+        help="print the version (a command's own --version is the model version)",
     )
     _add_connection(parser, after_command=False)
     sub = parser.add_subparsers(dest="command", required=True)

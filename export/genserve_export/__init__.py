@@ -13,6 +13,10 @@ import os
 # before any module of the package imports onnxruntime.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+# The version export/pyproject.toml builds: `genserve-export --version` where the package is not
+# installed (a checkout on PYTHONPATH).
+__version__ = "0.1.0"
+
 from genserve_export.errors import (
     CardFieldError,
     ConfigFieldError,

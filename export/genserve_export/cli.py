@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
 import math
 import os
@@ -172,9 +173,32 @@ class _Parser(argparse.ArgumentParser):
         else:
             _say(self.format_help().removesuffix("\n"))
 
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # --version's line goes to stdout through _say too; usage errors to stderr, as argparse's.
+        if file is sys.stdout:  # None too: a closed stdout, which main reports as --help's
+            _say(message.removesuffix("\n"))
+        else:
+            super()._print_message(message, file)
+
+
+def _package_version() -> str:
+    """The installed genserve-export's version, else the package's own (a checkout on PYTHONPATH)."""
+    try:
+        return importlib.metadata.version("genserve-export")
+    except importlib.metadata.PackageNotFoundError:
+        import genserve_export
+
+        return genserve_export.__version__
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="genserve-export", description=__doc__)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"genserve-export {_package_version()}",
+        help="print the version",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one default recipe and export it")
@@ -654,10 +678,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse ends in parse_args: --help's text is on stdout (_say)
+    except SystemExit as exc:  # argparse ends in parse_args: --help's or --version's text is on stdout (_say)
         if exc.code != 0:  # a usage error, on stderr
             raise
-        return _stdout_status("--help", 0)
+        return _stdout_status("--version" if argv[:1] == ["--version"] else "--help", 0)
     # SIGTERM (a job runner's stop, `kill`, and build-defaults --jobs stopping a recipe it started
     # with SIGINT ignored) stops a command as Ctrl-C does, through its cleanup: without it the
     # process died at once, leaving its temporary export folder and a half-staged version

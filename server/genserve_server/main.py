@@ -958,6 +958,7 @@ def _add_security_arguments(s: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = probe.HelpParser(prog="genserve-server", description="Serve ONNX image generators over gRPC.")
+    probe.add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository")
     s.add_argument("--models", type=Path, required=True, help="model repository directory")

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from genserve_server.certificates import decode_certificate, outside_validity
 from genserve_server.flag_types import port_number, seconds
 from genserve_server.tokens import load_tokens
+from genserve_server.version import package_version
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -201,6 +202,30 @@ class HelpParser(argparse.ArgumentParser):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             self.exit(141)  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe
 
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # --version's line: to stdout as --help's text (argparse's own write left a reader gone to
+        # the interpreter's final flush); usage errors go to stderr as argparse writes them.
+        if file is not sys.stdout or sys.stdout is None:
+            super()._print_message(message, file)
+            return
+        stdout = cast(TextIO, sys.stdout)  # the type checker took it for `file`'s SupportsWrite
+        try:
+            stdout.write(message)
+            stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+            self.exit(141)
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """`--version`: `genserve-server VERSION` (the installed package's, else SERVER_VERSION), exit 0."""
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"genserve-server {package_version()}",
+        help="print the version",
+    )
+
 
 def _certificate_note(cert: Path | None, status: str) -> str:
     """Where the connection failed (UNAVAILABLE: a mutual-TLS server closes the handshake on a
@@ -219,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="genserve-server health", description=__doc__.splitlines()[0], epilog=EXIT_STATUS_HELP
     )
     add_arguments(parser)
+    add_version(parser)
     return run(parser.parse_args(argv))
 
 

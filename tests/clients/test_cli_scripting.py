@@ -221,3 +221,12 @@ def test_target_from_the_environment_and_flags_after_the_command(
         capsys, "--target", fake_server.target, "models", "--target", "127.0.0.1:1", "--timeout", "1"
     )
     assert code == 1 and "UNAVAILABLE" in err  # the later one wins
+
+
+def test_version_prints_the_package_and_its_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`genserve-client --version`: the distribution and its version, exit 0, no server needed; a
+    command's own --version (a model version) stays the command's."""
+    import genserve_client
+
+    code, out, err = cli_main(capsys, "--version")
+    assert (code, out, err) == (0, f"genserve-client {genserve_client.__version__}\n", "")

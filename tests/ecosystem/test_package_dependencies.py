@@ -91,3 +91,16 @@ def test_the_server_reports_the_version_its_package_is_built_as() -> None:
 
     built = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]["version"]
     assert SERVER_VERSION == built, "server/genserve_server/version.py and server/pyproject.toml differ"
+
+
+@pytest.mark.parametrize(
+    ("folder", "module"), [("clients", "genserve_client"), ("export", "genserve_export")]
+)
+def test_a_tool_reports_the_version_its_package_is_built_as(folder: str, module: str) -> None:
+    """`genserve-client --version` and `genserve-export --version` fall back to the package's
+    __version__ where it is not installed (a checkout on PYTHONPATH): the number its pyproject.toml
+    builds, which a release must change together."""
+    import importlib
+
+    built = tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]["version"]
+    assert importlib.import_module(module).__version__ == built

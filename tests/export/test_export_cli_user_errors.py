@@ -318,3 +318,12 @@ def test_help_to_a_reader_that_goes_away_exits_141_quietly(command: list[str], u
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == "", err
+
+
+def test_version_prints_the_package_and_its_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`genserve-export --version`: the distribution and its version, exit 0, nothing trained."""
+    import genserve_export
+
+    assert cli.main(["--version"]) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == (f"genserve-export {genserve_export.__version__}\n", "")

@@ -852,3 +852,16 @@ def test_the_load_progress_does_not_count_loads_a_stop_cancelled_as_loaded(tmp_p
     assert "model z-slow version 1: loading cancelled" in log_text, log_text
     assert "loaded 2/2" not in log_text, log_text
     assert "loading stopped: 1 of 2 model versions not loaded" in log_text, log_text
+
+
+@pytest.mark.parametrize("module", ["genserve_server", "genserve_server.probe"])
+def test_version_prints_the_package_and_its_version(module: str) -> None:
+    """`genserve-server --version` and the probe's (`python -m genserve_server.probe --version`), as
+    every serving tool has one: the distribution and its version on stdout, exit 0, nothing started."""
+    from genserve_server.version import SERVER_VERSION
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"genserve-server {SERVER_VERSION}\n" and proc.stderr == ""
