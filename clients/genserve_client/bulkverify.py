@@ -26,6 +26,7 @@ from genserve_client.bulk import (
     MANIFEST_FILE,
     BulkError,
     Shard,
+    _named,
     iter_manifest,
     read_job,
     write_file_whole,
@@ -79,8 +80,16 @@ def _check_weights(report: VerifyReport, jobs: dict[Path, dict[str, Any]]) -> No
             if digest != weights[0][1]:
                 report.problems.append(
                     f"{folder} belongs to another job than {weights[0][0]} "
-                    f"({key}: {weights[0][1]!r} vs {digest!r})"
+                    f"({key}: {_shown(weights[0][1])} vs {_shown(digest)})"
                 )
+
+
+def _shown(value: Any) -> str:
+    """A job.json value in a problem line: {model: digest} as bulk's refusals name it ('mapping=D'),
+    anything else as its repr."""
+    if isinstance(value, dict):
+        return _named(value) or "none"
+    return repr(value)
 
 
 def _check_shards(report: VerifyReport, shards: dict[Path, Shard | None]) -> None:
@@ -292,7 +301,7 @@ def verify_job(roots: Path | Sequence[Path], *, hashes: bool = False) -> tuple[V
         if used != recorded[0][1]:
             report.problems.append(
                 f"{folder} belongs to another job than {recorded[0][0]} "
-                f"(used_models: {recorded[0][1]!r} vs {used!r})"
+                f"(used_models: {_shown(recorded[0][1])} vs {_shown(used)})"
             )
     _check_weights(report, jobs)
     _check_shards(report, shards)

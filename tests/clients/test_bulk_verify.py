@@ -345,3 +345,22 @@ def test_verify_holds_a_few_bytes_per_image_not_the_manifest(
     for job in ({}, {"images": False, "seed": 0}):
         grown = peak_bytes(large, **job)[0] - peak_bytes(small, **job)[0]
         assert grown < 100 * (large - small), f"{job}: {grown / (large - small):.0f} bytes per image"
+
+
+def test_verify_names_the_used_models_digests_of_another_job_readably(
+    spread: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard whose images went through another mapping (used_models) or another mapping's weights
+    (used_weights_sha256) is named with both values as 'model=digest', as bulk's own refusal names
+    them, not as Python dicts ({'fake-mapping': '...'})."""
+    a, b = spread
+    for index, (root, digest) in enumerate(((a, "a" * 64), (b, "b" * 64), (b, "b" * 64))):
+        job_file = shard_folder(root, index) / "job.json"
+        job = json.loads(job_file.read_text())
+        job.update(used_models={"fake-mapping": digest}, used_weights_sha256={"fake-mapping": digest})
+        job_file.write_text(json.dumps(job))
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1, err
+    for key in ("used_models", "used_weights_sha256"):
+        assert f"({key}: fake-mapping={'a' * 64} vs fake-mapping={'b' * 64})" in err, err
+    assert "{" not in err and "'" not in err, err
