@@ -39,6 +39,7 @@ from bench.servers import BenchError, ServerProcess, client_bench, measured_leve
 
 CONCURRENCY = (1, 8, 32, 64)
 FORMATS = ("raw", "png")
+DEFAULT_OUT = Path("bench/results/latest.json")  # a run's --out
 # The kinds driven through the servers: those the load generator has a method for (METHOD_BY_KIND;
 # a style generator, a code prior or decoder is measured in the raw limit only), less the encoder
 # (raw limit only too) and a two-way translator (not at all: the naive server feeds no direction).
@@ -142,7 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="turns per server at c=1 and the top level (default 3)"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results JSON (default {DEFAULT_OUT}; --report-only: none, the tables are printed)",
+    )
     parser.add_argument(
         "--no-bench-models",
         "--no-dcgan64",
@@ -158,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         metavar="JSON",
         help="measure nothing: recompute the ratios and tables of an earlier run's JSON (after a "
-        "change to bench/report.py), rewrite it to --out and the README's table",
+        "change to bench/report.py), print them, write them to --out if given and the README's table",
     )
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
@@ -250,8 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "priority": priority_result,
     }
     results["summary"] = summarise(results, models)
-    code = publish(results, args.out, args.no_readme)
-    write_line(f"results: {args.out}")
+    out: Path = args.out or DEFAULT_OUT
+    code = publish(results, out, args.no_readme)
+    write_line(f"results: {out}")
     return code
 
 
@@ -270,11 +277,13 @@ def failed_levels(results: dict[str, Any]) -> list[str]:
     return failed
 
 
-def publish(results: dict[str, Any], out: Path, no_readme: bool) -> int:
-    """Write the JSON and print the tables; the README's table only from a run whose every level was
-    measured. Returns the exit code: 1 when a level failed in every turn, or the priority bench
-    failed (their figures and the targets resting on them are missing, so the run is no result)."""
-    write_json(out, results)
+def publish(results: dict[str, Any], out: Path | None, no_readme: bool) -> int:
+    """Write the JSON (to `out`, if any) and print the tables; the README's table only from a run
+    whose every level was measured. Returns the exit code: 1 when a level failed in every turn, or
+    the priority bench failed (their figures and the targets resting on them are missing, so the run
+    is no result)."""
+    if out is not None:  # --report-only without --out: the last run's results stay as they are
+        write_json(out, results)
     table = render_markdown(results)
     write_line(table)
     failed = failed_levels(results)
@@ -289,7 +298,7 @@ def publish(results: dict[str, Any], out: Path, no_readme: bool) -> int:
 
 
 def report_only(
-    source: Path, out: Path, models_dir: Path | None, with_bench_models: bool, no_readme: bool
+    source: Path, out: Path | None, models_dir: Path | None, with_bench_models: bool, no_readme: bool
 ) -> int:
     """The run's models are looked up where it found them (its settings' models_dir, unless
     `models_dir` is given), by name, so a bench-only model built on request is found too."""

@@ -198,3 +198,28 @@ def test_the_documented_report_only_command_recomputes_its_run(
     rows = json.loads(out.read_text())["summary"]["rows"]
     assert {r["model"] for r in rows} == {e["model"] for e in earlier["serving"]}
     assert source.read_bytes() == before
+
+
+def test_report_only_without_out_leaves_the_last_runs_results_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--report-only JSON` measures nothing and prints the recomputed tables; without --out it wrote
+    them over bench/results/latest.json (its run's default), the last run's results, with another
+    run's. It writes a JSON only where --out names one, and leaves the source as it was."""
+    from bench import free_sr
+
+    source = json.loads((REPO_ROOT / "bench" / "results" / "sr-free-cpu-after.json").read_text())
+    free_sr.write(tmp_path / "srfree")
+    source["settings"]["models_dir"] = str(tmp_path / "srfree")
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(source))
+    latest = tmp_path / "bench" / "results" / "latest.json"
+    latest.parent.mkdir(parents=True)
+    latest.write_text('{"the last run": true}\n')
+    monkeypatch.setattr(run, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.chdir(tmp_path)
+    before = earlier.read_bytes()
+    assert run.main(["--report-only", str(earlier), "--no-readme", "--no-bench-models"]) == 0
+    assert "sr-free-x4" in capsys.readouterr().out
+    assert latest.read_text() == '{"the last run": true}\n' and earlier.read_bytes() == before
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.json"]
