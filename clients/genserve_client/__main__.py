@@ -47,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return cli_main(argv)
     except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
-        if sys.stderr is not None:  # None where stderr is closed (`2>&-`): the exit status says it
-            sys.stderr.write(stop_line(exc) + "\n")
+        from genserve_contract.stdio import err_line  # loaded by the CLI's imports, done by now
+
+        err_line(stop_line(exc))  # nothing where stderr is closed (`2>&-`): the exit status says it
         return stop_status(exc)
     finally:
         if held_term:

@@ -30,12 +30,11 @@ import math
 import os
 import random
 import shlex
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
@@ -78,9 +77,7 @@ from genserve_client.pngmeta import png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
-
-if TYPE_CHECKING:
-    from _typeshed import SupportsWrite
+from genserve_contract.stdio import READER_GONE_STATUS, HelpParser, Stdout, err_line
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
 
@@ -126,39 +123,21 @@ def _printable(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
-# Set once a write to stdout found its reader gone (`| head -1`, `| true`): the rest of the output
-# goes nowhere, the command finishes its work (the images it writes) and exits 141 (main).
-_reader_gone = False
-# Set once a line was not printed because the CLI started with stdout closed (`>&-`: Python has no
-# sys.stdout): the command finishes its work, then says so and exits 1 (main), as coreutils do.
-_stdout_closed = False
+# What became of stdout: its reader went away (`| head -1`, `| true`: the rest of the output goes
+# nowhere, exit 141) or it was closed from the start (`>&-`: no sys.stdout, exit 1 with one line, as
+# coreutils do); the command finishes its work either way (the images it writes), then main answers.
+_STDOUT = Stdout()
 
 
 def _out(text: str) -> None:
-    global _stdout_closed
-    if sys.stdout is None:
-        _stdout_closed = True
-        return
-    try:
-        sys.stdout.write(text + "\n")
-    except BrokenPipeError:
-        _lose_stdout()
-
-
-def _lose_stdout() -> None:
-    """The reader went away: as other filters do, say nothing. stdout is pointed at devnull so that
-    what is still buffered, and the interpreter's final flush, cannot fail."""
-    global _reader_gone
-    _reader_gone = True
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _STDOUT.say(text)
 
 
 def _err(text: str) -> None:
     """One line to stderr: a message often quotes the server's text (a refusal, a version's reason
     quoting the model repository's files), its control characters escaped (_printable). Nothing
     where the CLI started with stderr closed (`2>&-`)."""
-    if sys.stderr is not None:
-        sys.stderr.write(_printable(text) + "\n")
+    err_line(_printable(text))
 
 
 class UsageError(Exception):
@@ -1459,23 +1438,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(HelpParser):
     """--help's text goes to stdout as every other line does (_out): a reader gone or a closed
-    stdout is found, where argparse's own write dropped the error (unbuffered) or left it to the
-    interpreter's final flush (main)."""
+    stdout is found (main)."""
 
-    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
-        if file is not None:
-            super().print_help(file)
-        else:
-            _out(self.format_help().removesuffix("\n"))
-
-    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
-        # --version's line goes to stdout through _out too; usage errors to stderr, as argparse's.
-        if file is sys.stdout:  # None too: a closed stdout, which _out reports as --help's
-            _out(message.removesuffix("\n"))
-        else:
-            super()._print_message(message, file)
+    stdout = _STDOUT
 
 
 def _package_version() -> str:
@@ -1866,17 +1833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code != 0:  # a usage error, on stderr
             raise
         status = 0
-    if sys.stdout is None:
-        if _stdout_closed and status == 0:
-            _err("genserve-client: write error: stdout is closed: its output was not printed")
-            return 1
-        return status
-    try:
-        sys.stdout.flush()  # a pipe's buffered lines: a reader gone is found here, not at exit
-    except BrokenPipeError:
-        _lose_stdout()
-    # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe, once the work is done
-    return 141 if _reader_gone and status == 0 else status
+    closed = "genserve-client: write error: stdout is closed: its output was not printed"
+    return _STDOUT.exit_status(status, closed)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -1899,8 +1857,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _err(f"genserve-client: {exc}")
         return 1
     except BrokenPipeError:  # a write to stdout outside _out
-        _lose_stdout()
-        return 141
+        _STDOUT.lose()
+        return READER_GONE_STATUS
     except (UsageError, BulkError, ValueError) as exc:
         _err(f"genserve-client: {exc}")
         return 2

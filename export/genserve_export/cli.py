@@ -17,9 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from genserve_contract.repository import NAME_PATTERN, RESERVED_NAMES, VERSION_PATTERN, latest_version_dir
+from genserve_contract.stdio import HelpParser, Stdout
 from genserve_export.build import DEFAULT_SEED, train_and_export, version_dirs
 from genserve_export.data.digits import MissingDataError
 from genserve_export.data.fashion import MissingDataError as FashionDataError
@@ -28,53 +29,24 @@ from genserve_export.export import refuse_published
 from genserve_export.recipe import DEFAULT_VERSION
 from genserve_export.recipes import RECIPES
 
-if TYPE_CHECKING:
-    from _typeshed import SupportsWrite
-
 logger = logging.getLogger("genserve_export")
 
 
 # What became of stdout: its reader went away (`| true`: the rest of the report goes nowhere, exit
 # 141) or it was closed from the start (`>&-`: no sys.stdout, exit 1 with one line); the command
 # finishes its work either way (main).
-_stdout_lost: str | None = None
+_STDOUT = Stdout()
 
 
 def _say(text: str, flush: bool = False) -> None:
     """The CLI's report to the user on stdout (logging goes to stderr)."""
-    global _stdout_lost
-    if sys.stdout is None:
-        _stdout_lost = "closed"
-        return
-    try:
-        sys.stdout.write(text + "\n")
-        if flush:
-            sys.stdout.flush()
-    except BrokenPipeError:
-        _lose_stdout()
-
-
-def _lose_stdout() -> None:
-    """The reader went away: say nothing more; devnull under stdout, so that what is still buffered
-    and the interpreter's final flush cannot fail."""
-    global _stdout_lost
-    _stdout_lost = "reader gone"
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _STDOUT.say(text, flush=flush)
 
 
 def _stdout_status(command: str, status: int) -> int:
     """The exit status once the command is done, given what became of stdout."""
-    if sys.stdout is not None:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            _lose_stdout()
-    if _stdout_lost == "closed" and status == 0:
-        sys.stderr.write(
-            f"genserve-export {command}: write error: stdout is closed: its output was not printed\n"
-        )
-        return 1
-    return 141 if _stdout_lost == "reader gone" and status == 0 else status
+    closed = f"genserve-export {command}: write error: stdout is closed: its output was not printed"
+    return _STDOUT.exit_status(status, closed)
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -162,23 +134,11 @@ _REPLACE_HELP = (
 _NEW_VERSION = "write a new version (--version N), or pass --replace to rebuild it in place"
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(HelpParser):
     """--help's text goes to stdout as the report does (_say): a reader gone or a closed stdout is
-    found, where argparse's own write dropped the error (unbuffered) or left it to the interpreter's
-    final flush (main)."""
+    found (main)."""
 
-    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
-        if file is not None:
-            super().print_help(file)
-        else:
-            _say(self.format_help().removesuffix("\n"))
-
-    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
-        # --version's line goes to stdout through _say too; usage errors to stderr, as argparse's.
-        if file is sys.stdout:  # None too: a closed stdout, which main reports as --help's
-            _say(message.removesuffix("\n"))
-        else:
-            super()._print_message(message, file)
+    stdout = _STDOUT
 
 
 def _package_version() -> str:

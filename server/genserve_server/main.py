@@ -52,6 +52,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
+from genserve_contract.stdio import HelpParser
 from genserve_server import accept, event_loop, kserve, probe, security, start_signals, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary, UnknownMethods, describe_calls, echo_request_id
@@ -957,7 +958,7 @@ def _add_security_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = probe.HelpParser(prog="genserve-server", description="Serve ONNX image generators over gRPC.")
+    parser = HelpParser(prog="genserve-server", description="Serve ONNX image generators over gRPC.")
     probe.add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository")

@@ -16,23 +16,19 @@ it sends), so a server with TLS on or `--closed-health` can still be probed from
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from genserve_contract.stdio import HelpParser, Stdout
 from genserve_server.certificates import decode_certificate, outside_validity
 from genserve_server.flag_types import port_number, seconds
 from genserve_server.tokens import load_tokens
 from genserve_server.version import package_version
-
-if TYPE_CHECKING:
-    from _typeshed import SupportsWrite
 
 EXIT_SERVING = 0
 # Every other outcome, the server unreachable or refusing the probe included: Docker's HEALTHCHECK
@@ -176,45 +172,7 @@ def run(args: argparse.Namespace) -> int:
 def _say(line: str) -> None:
     """The probe's one line. Its exit status is the answer: a stdout closed (`>&-`: no sys.stdout)
     or whose reader went away (`| true`) does not change it."""
-    if sys.stdout is None:
-        return
-    try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:  # devnull under it: the interpreter's final flush cannot fail either
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-class HelpParser(argparse.ArgumentParser):
-    """genserve-server's parsers (probe's and main's): --help's text to a stdout whose reader went
-    away (`genserve-server --help | true`) exits 141 without a word, as genserve-client and
-    genserve-export do. argparse's own write left the error to the interpreter's final flush
-    ("Exception ignored ... BrokenPipeError", exit 120) or, unbuffered, dropped it (exit 0)."""
-
-    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
-        if file is not None or sys.stdout is None:  # a closed stdout: nothing printed, as argparse
-            super().print_help(file)
-            return
-        try:
-            sys.stdout.write(self.format_help())
-            sys.stdout.flush()
-        except BrokenPipeError:  # devnull under it: the interpreter's final flush cannot fail either
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            self.exit(141)  # 128 + SIGPIPE, what a shell reports for a filter killed by the pipe
-
-    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
-        # --version's line: to stdout as --help's text (argparse's own write left a reader gone to
-        # the interpreter's final flush); usage errors go to stderr as argparse writes them.
-        if file is not sys.stdout or sys.stdout is None:
-            super()._print_message(message, file)
-            return
-        stdout = cast(TextIO, sys.stdout)  # the type checker took it for `file`'s SupportsWrite
-        try:
-            stdout.write(message)
-            stdout.flush()
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
-            self.exit(141)
+    Stdout().say(line, flush=True)
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:
