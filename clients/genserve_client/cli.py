@@ -73,7 +73,7 @@ from genserve_client.convert import FILE_SUFFIX, _pil_to_uint8, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
 from genserve_client.interrupt import run_async, stop_line, stop_status
-from genserve_client.pngmeta import png_text, pnginfo, with_png_text
+from genserve_client.pngmeta import PNG_SIGNATURE, png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
@@ -1033,7 +1033,7 @@ IMAGE_SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp":
 def server_reads(head: bytes) -> bool:
     """Whether a file starting with `head` is a PNG, JPEG or WEBP, the encoded images the server
     reads (its codecs.sniff_format)."""
-    return head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (
+    return head.startswith((PNG_SIGNATURE, b"\xff\xd8\xff")) or (
         head[:4] == b"RIFF" and head[8:12] == b"WEBP"
     )
 
