@@ -3,6 +3,7 @@ and the health probe (probe.py, which imports no more than it needs) read them a
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 import tempfile
@@ -53,13 +54,39 @@ def decode_certificates(path: Path) -> list[dict[str, Any]]:
         first = decode_certificate(path)
         return [first] if first is not None else []
     decoded: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="genserve-cert-") as tmp:
-        one = Path(tmp) / "certificate.pem"
-        for block in blocks:  # the decoder reads a file's first certificate only
-            one.write_bytes(block + b"\n")
-            if (cert := decode_certificate(one)) is not None:
-                decoded.append(cert)
+    for block in blocks:  # the decoder reads a file's first certificate only
+        if (cert := _decode_block(block + b"\n")) is not None:
+            decoded.append(cert)
     return decoded
+
+
+def _decode_block(pem: bytes) -> dict[str, Any] | None:
+    """decode_certificate of one PEM certificate held in memory. Through an in-memory file where the
+    system has one (Linux, /proc): a server may have no writable temp folder (a full /tmp, a
+    read-only root file system); else through a file in the temp folder, None where it cannot be
+    written."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        try:
+            fd = memfd_create("genserve-cert")
+        except OSError:
+            pass
+        else:
+            try:
+                os.write(fd, pem)
+                if (cert := decode_certificate(Path(f"/proc/self/fd/{fd}"))) is not None:
+                    return cert
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    try:
+        with tempfile.TemporaryDirectory(prefix="genserve-cert-") as tmp:
+            one = Path(tmp) / "certificate.pem"
+            one.write_bytes(pem)
+            return decode_certificate(one)
+    except OSError:
+        return None
 
 
 def not_after(cert: dict[str, Any]) -> float | None:

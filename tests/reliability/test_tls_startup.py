@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import calendar
+import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from reliability_support import chain_with_intermediate, dated_certificate, write_gen
-from server_support import metric_in, start_server
+from server_support import ServerProcess, metric_in, start_server
+
+from genserve_server.launcher import genserve_command
 
 
 def test_a_passphrase_protected_key_stops_startup_naming_it(pki: Path, tmp_path: Path) -> None:
@@ -126,6 +131,51 @@ def test_an_intermediate_of_the_server_chain_that_expires_first_is_warned_of_and
     assert "WARNING" in lines[0] and "intermediate" in lines[0] and shown in lines[0], lines[0]
     name = "genserve_tls_certificate_expiry_timestamp_seconds"
     assert metric_in(text, name, file_role="server_cert") == calendar.timegm((2020, 2, 1, 0, 0, 0)), text
+
+
+@pytest.fixture
+def full_temp_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a tmpfs whose inodes are all but spent, as a /tmp filled by others is: a file can be
+    made and removed (tempfile's check of a temp folder passes), a folder and a file in it cannot."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    folder = tmp_path / "full-tmp"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=2", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_server_certificate_chain_is_read_without_a_writable_temp_folder(
+    pki: Path, tmp_path: Path, full_temp_folder: Path
+) -> None:
+    """The start-up validity warning and the expiry gauge read a --tls-cert chain's intermediates one
+    by one through a file in the temp folder: with TMPDIR full (or /tmp read-only, a
+    readOnlyRootFilesystem without its emptyDir) a TLS server with an intermediate exited at start
+    with an OSError traceback for a warning. It starts, warns of the expired intermediate and writes
+    nothing there."""
+    models = tmp_path / "models"
+    write_gen(models)
+    chain = chain_with_intermediate(pki, "20200101000000Z", "20200201000000Z")
+    args = ("--tls-cert", str(chain), "--tls-key", str(pki / "server.key"))
+    command = genserve_command(models, *args)
+    server = ServerProcess.start(command, tmp_path / "work", env={"TMPDIR": str(full_temp_folder)})
+    try:
+        log, text = server.log(), server.metrics_text()
+    finally:
+        server.stop()
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if str(chain) in line and "valid" in line]
+    assert len(lines) == 1 and "intermediate" in lines[0], log
+    name = "genserve_tls_certificate_expiry_timestamp_seconds"
+    assert metric_in(text, name, file_role="server_cert") == calendar.timegm((2020, 2, 1, 0, 0, 0)), text
+    assert list(full_temp_folder.iterdir()) == []
 
 
 def test_a_plaintext_server_exposes_no_certificate_expiry(tmp_path: Path) -> None:
