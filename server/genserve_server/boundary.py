@@ -26,7 +26,15 @@ from genserve_server.accept import at_call_end
 from genserve_server.batch_parts import count_once
 from genserve_server.batcher import cancelled_by_deadline
 from genserve_server.core import Call
-from genserve_server.errors import Code, GenserveError, Internal, InvalidArgument, Unimplemented, clip_message
+from genserve_server.errors import (
+    Code,
+    GenserveError,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unimplemented,
+    clip_message,
+)
 from genserve_server.idle_spin import IdleSpin, run_off_loop
 from genserve_server.metrics import UNKNOWN_METHOD_LABEL, Metrics
 from genserve_server.wire import OFF_LOOP_BYTES, serialize
@@ -272,6 +280,9 @@ class Boundary:
             raise exc
         if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not the call's failure
             raise exc
+        if isinstance(exc, MemoryError):  # a container's memory limit: not a bug, and it passes
+            said = f": {exc}" if str(exc) else ""
+            exc = ResourceExhausted(f"the server is out of memory for this call{said}")
         call.code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
         if isinstance(exc, grpc.aio.AbortError):
             raise exc

@@ -72,6 +72,27 @@ def test_unknown_exception_becomes_internal_with_request_id_and_no_details(
     assert service.metrics.requests.labels("", "", "Sample", "INTERNAL")._value.get() == 1
 
 
+def test_a_call_that_runs_out_of_memory_is_answered_resource_exhausted_naming_it(
+    service: Boundary,
+) -> None:
+    """Under a container's memory limit (RLIMIT_AS, RLIMIT_DATA) a large SuperResolve's blend failed
+    np.zeros with numpy's MemoryError: the client got INTERNAL "internal error", which it does not
+    retry though the server serves on and the memory comes back as other calls end, and the log an
+    ERROR with a traceback as for a bug. It is RESOURCE_EXHAUSTED saying the server is out of memory."""
+
+    async def handler(request: object, call: Call) -> None:
+        raise MemoryError("Unable to allocate 192. MiB for an array with shape (3, 4096, 4096)")
+
+    context = FakeContext((("x-request-id", "req-9"),))
+    with pytest.raises(Aborted):
+        call_unary(service, handler, context)
+    assert context.aborted is not None
+    code, message = context.aborted
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, context.aborted
+    assert "out of memory" in message and "Unable to allocate 192. MiB" in message, message
+    assert service.metrics.requests.labels("", "", "Sample", "RESOURCE_EXHAUSTED")._value.get() == 1
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [
