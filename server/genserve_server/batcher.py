@@ -1143,7 +1143,11 @@ class Batcher:
             request_ids(parts),
             exc,
         )
-        failure = Internal(f"{self.name}: the model's outputs did not fit the request (see the server log)")
+        failure: GenserveError = Internal(
+            f"{self.name}: the model's outputs did not fit the request (see the server log)"
+        )
+        if isinstance(exc, MemoryError):  # no room for the request's arrays (a container's limit)
+            failure = ResourceExhausted(f"{self.name}: the server is out of memory for this call: {exc}")
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
 

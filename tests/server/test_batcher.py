@@ -1405,6 +1405,28 @@ def test_wrong_output_count_is_a_typed_error() -> None:
     run(body())
 
 
+def test_outputs_the_process_has_no_memory_to_hand_out_are_resource_exhausted_not_a_misfit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a container's memory limit, a large SuperResolve's tiles were computed but the arrays to
+    hand them to the request could not be allocated (numpy's MemoryError): the request failed
+    INTERNAL "the model's outputs did not fit the request", as for a model whose output shape
+    changed. It fails RESOURCE_EXHAUSTED saying the server is out of memory (clients retry it)."""
+
+    def no_memory(parts: object, outputs: object) -> None:
+        raise MemoryError("Unable to allocate 97.0 MiB for an array with shape (121, 3, 512, 512)")
+
+    monkeypatch.setattr("genserve_server.batcher.fan_out", no_memory)
+
+    async def body() -> None:
+        batcher, _ = make(FakeModel())
+        with pytest.raises(ResourceExhausted, match=r"model m version 1: .*out of memory.*Unable to"):
+            await batcher.submit("k", rows(1, 2), 2)
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_queue_full_is_refused_at_once_naming_model_and_limit() -> None:
     async def body() -> None:
         model = FakeModel()
