@@ -448,6 +448,7 @@ class App:
         self.metrics_port = 0
         self.health_port = 0
         self._stop = asyncio.Event()
+        self.told_already_stopping = False  # a second SIGTERM/SIGINT said (_on_stop_signal)
 
     async def start(self) -> None:
         self.repository.scan()
@@ -851,7 +852,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, app.request_stop)
+        loop.add_signal_handler(sig, _on_stop_signal, app, sig)
     # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
     loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
     # Signals before these handlers were held (genserve_server/__main__.py, start_signals.py).
@@ -884,6 +885,21 @@ async def serve(args: argparse.Namespace) -> int:
     await app.stop()
     # A sticky GPU failure stopped the server (repository.device_lost): exit non-zero for a restart.
     return 3 if app.repository.fatal_reason else 0
+
+
+def _on_stop_signal(app: App, sig: signal.Signals) -> None:
+    """SIGTERM/SIGINT: the stop; one more while stopping is said once (the drain goes on: it loses no
+    accepted call), not acted on again nor passed over without a word."""
+    if not app.stop_requested:
+        app.request_stop()
+    elif not app.told_already_stopping:
+        app.told_already_stopping = True
+        logger.warning(
+            "%s received while already stopping: the drain goes on (up to %g s for the calls in flight); "
+            "SIGKILL stops at once, further SIGTERM/SIGINT are ignored",
+            sig.name,
+            app.config.drain_grace_s,
+        )
 
 
 def _replace(config: ServerConfig, **changes: Any) -> ServerConfig:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -576,5 +577,40 @@ def test_a_version_loading_in_its_fp16_parity_check_does_not_hold_the_exit_past_
         assert server.proc.returncode == 0, (exited_after_s, server.log())
         assert exited_after_s < 4 * grace_s, (exited_after_s, server.log())
         assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+def test_a_second_stop_signal_while_draining_is_said_once_and_the_drain_goes_on(tmp_path: Path) -> None:
+    """A supervisor or an operator repeating SIGTERM/SIGINT while the server drains got no word at
+    all (during start-up, 'stop requested during start-up: cancelling model loading' again): one
+    line says the signal was seen and that the drain goes on, however many come; no traceback."""
+    grace_s = 3.0
+    repo = tmp_path / "models"
+    _slow_only_when_asked(repo, 1_100_000)  # ~20 s a row on an idle core
+    server = start_server(repo, tmp_path / "work", config={"drain_grace_s": grace_s, "warmup": False})
+    try:
+        with grpc.insecure_channel(server.target) as ch:
+            call = pb_grpc.GenerationServiceStub(ch).Sample.future(
+                pb.SampleRequest(model="slow", count=1, base_seed=0), timeout=120
+            )
+            wait_until(
+                lambda: server.metric("genserve_requests_in_flight", method="Sample") >= 1, 30, "the Sample"
+            )
+            server.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: "shutting down: draining" in server.log(), 30, "the drain")
+            server.proc.send_signal(signal.SIGINT)
+            server.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below
+                server.proc.wait(60)
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=10)
+        log = server.log()
+        assert server.proc.returncode == 0, log
+        assert log.count("shutting down: draining") == 1, log
+        assert log.count("while already stopping") == 1, log
+        # Which of the two the loop reads first is the kernel's order: either is named.
+        assert re.search(r"SIG(INT|TERM) received while already stopping: the drain goes on", log), log
+        assert "Traceback" not in log, log
     finally:
         server.stop()
