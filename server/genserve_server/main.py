@@ -850,16 +850,7 @@ async def serve(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         required_models=parse_model_list(args.require_models) if args.require_models is not None else None,
     )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_stop_signal, app, sig)
-    # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
-    loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
-    # Signals before these handlers were held (genserve_server/__main__.py, start_signals.py).
-    if start_signals.stop_requested():
-        app.request_stop()
-    if start_signals.dropped_hups():
-        logger.info("SIGHUP during start-up ignored: the start-up scan reads the repository after it")
+    _take_signals(app)
     await app.start()
     # The process's own start-up heap (not App's: tests run many Apps in one process): full
     # collections skip it from now on (heap.py).
@@ -887,6 +878,24 @@ async def serve(args: argparse.Namespace) -> int:
     return 3 if app.repository.fatal_reason else 0
 
 
+def _take_signals(app: App) -> None:
+    """The event loop's signal handlers from now on; the signals held until now acted on."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_stop_signal, app, sig)
+    # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
+    loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
+    for sig in start_signals.IGNORED:
+        loop.add_signal_handler(sig, _on_ignored_signal, sig)
+    # Signals before these handlers were held (genserve_server/__main__.py, start_signals.py).
+    if start_signals.stop_requested():
+        app.request_stop()
+    if start_signals.dropped_hups():
+        logger.info("SIGHUP during start-up ignored: the start-up scan reads the repository after it")
+    for name in start_signals.dropped_ignored():
+        logger.warning("%s during start-up ignored: the server acts on SIGTERM, SIGINT and SIGHUP only", name)
+
+
 def _on_stop_signal(app: App, sig: signal.Signals) -> None:
     """SIGTERM/SIGINT: the stop; one more while stopping is said once (the drain goes on: it loses no
     accepted call), not acted on again nor passed over without a word."""
@@ -900,6 +909,11 @@ def _on_stop_signal(app: App, sig: signal.Signals) -> None:
             sig.name,
             app.config.drain_grace_s,
         )
+
+
+def _on_ignored_signal(sig: signal.Signals) -> None:
+    """SIGUSR1/SIGUSR2: Python's default would end the process without a word or a drain."""
+    logger.warning("%s received: ignored (the server acts on SIGTERM, SIGINT and SIGHUP only)", sig.name)
 
 
 def _replace(config: ServerConfig, **changes: Any) -> ServerConfig:

@@ -14,17 +14,23 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# SIGUSR1/SIGUSR2 mean nothing to the server: by default they end the process without a word, so
+# they are dropped here and logged by serve(), then logged and ignored by the event loop's handlers.
+IGNORED = (signal.SIGUSR1, signal.SIGUSR2)
+HELD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *IGNORED)
 
 _held = False
 _stop_signal: int | None = None
 _dropped_hups = 0
+_dropped_ignored: dict[int, None] = {}
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
     global _stop_signal, _dropped_hups
     if signum == signal.SIGHUP:
         _dropped_hups += 1
+    elif signum in IGNORED:
+        _dropped_ignored[signum] = None
     elif _stop_signal is None:
         _stop_signal = signum
 
@@ -45,6 +51,11 @@ def stop_requested() -> bool:
 def dropped_hups() -> int:
     """SIGHUPs that arrived while held (the start-up scan had not begun)."""
     return _dropped_hups
+
+
+def dropped_ignored() -> list[str]:
+    """The names of the SIGUSR1/SIGUSR2 that arrived while held, in their order."""
+    return [signal.Signals(sig).name for sig in _dropped_ignored]
 
 
 def release() -> None:

@@ -569,6 +569,48 @@ def test_a_signal_early_in_start_up_stops_cleanly_or_waits_for_the_scan(
     assert not ready.exists(), log_text
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_sigusr1_and_sigusr2_are_logged_and_ignored_from_the_first_import_on(tmp_path: Path) -> None:
+    """SIGUSR1/SIGUSR2 (a `kill -USR1` meant for another process, a log-rotation habit) ended the
+    server by Python's default, exit -10 / -12 with no log line and no drain. Now each is one line
+    saying it is ignored, during the imports as once serving, and the server goes on serving."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    ready = tmp_path / "ready.json"
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*genserve_command(models, "--log-level", "INFO"), "--ready-file", str(ready)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not _grpc_imported(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGUSR1)
+        while not ready.exists():
+            assert proc.poll() is None, f"exit {proc.returncode} on SIGUSR1:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR2)
+        while "SIGUSR2 received: ignored" not in log_path.read_text():
+            assert proc.poll() is None, f"exit {proc.returncode} on SIGUSR2:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert returncode == 0, log_text
+    assert "SIGUSR1 during start-up ignored" in log_text, log_text
+    assert "Traceback" not in log_text, log_text
+
+
 def test_overall_health_follows_a_hot_reload(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
     """A model added with a broken config.json (sorting last: no other model announces after it) turns
     "" NOT_SERVING; removing it restores SERVING."""
