@@ -93,24 +93,29 @@ def _credentials(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.C
         return None
     if (cert is None) != (key is None):
         raise ProbeError("--tls-cert and --tls-key go together (mutual TLS)")
-    return grpc.ssl_channel_credentials(
-        _pem(ca, "--tls-ca", b"CERTIFICATE-----", "CA certificates"),
-        _pem(key, "--tls-key", b"PRIVATE KEY-----", "a private key"),
-        _pem(cert, "--tls-cert", b"CERTIFICATE-----", "a certificate"),
-    )
+    # Every file that fails is named in the one error, not only the first.
+    errors: list[str] = []
+    root = _pem(ca, "--tls-ca", b"CERTIFICATE-----", "CA certificates", errors)
+    chain = _pem(cert, "--tls-cert", b"CERTIFICATE-----", "a certificate", errors)
+    private_key = _pem(key, "--tls-key", b"PRIVATE KEY-----", "a private key", errors)
+    if errors:
+        raise ProbeError("; ".join(errors))
+    return grpc.ssl_channel_credentials(root, private_key, chain)
 
 
-def _pem(path: Path | None, flag: str, marker: bytes, what: str) -> bytes | None:
-    """`path`'s bytes, or a ProbeError naming `flag` and the file: gRPC takes any bytes and fails only
-    the connection (UNAVAILABLE, as for a server down, with its own C-core lines)."""
+def _pem(path: Path | None, flag: str, marker: bytes, what: str, errors: list[str]) -> bytes | None:
+    """`path`'s bytes, or None with the error naming `flag` and the file added to `errors`: gRPC takes
+    any bytes and fails only the connection (UNAVAILABLE, as for a server down, with its own C-core lines)."""
     if path is None:
         return None
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ProbeError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+        errors.append(f"{flag} {path}: cannot read it ({exc.strerror or exc})")
+        return None
     if b"-----BEGIN " not in data or marker not in data:
-        raise ProbeError(f"{flag} {path}: not a PEM file holding {what}")
+        errors.append(f"{flag} {path}: not a PEM file holding {what}")
+        return None
     return data
 
 

@@ -187,6 +187,22 @@ def auth_interceptor(
     return TokenAuthInterceptor(tokens, open_health=config.open_health, on_reject=on_reject)
 
 
+def _check_readable(tls: TlsConfig) -> None:
+    """ConfigError naming every TLS file that cannot be read, not only the first: an operator who
+    mounted none of them would otherwise restart once per file."""
+    unreadable = []
+    for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            unreadable.append(f"{path}: {exc.strerror or exc}")
+    if unreadable:
+        raise ConfigError(f"tls: cannot read {'; '.join(unreadable)}")
+
+
 def _check_pem(tls: TlsConfig) -> None:
     """ConfigError naming the files unless they hold a PEM certificate chain with its private key
     (and PEM CA certificates): grpc only fails to listen, which read as a port problem."""
@@ -303,6 +319,7 @@ def bind(server: grpc.aio.Server, address: str, config: SecurityConfig) -> int:
     if config.tls_cert_file is None or config.tls_key_file is None:
         return server.add_insecure_port(address)
     tls = TlsConfig(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    _check_readable(tls)
     try:
         credentials = server_credentials(tls)
     except OSError as exc:

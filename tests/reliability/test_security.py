@@ -473,3 +473,36 @@ def test_a_token_file_that_cannot_be_read_stops_startup_naming_it_and_the_cause(
         ("--token-file", str(missing)),
         re.escape(f"auth: cannot read {missing}: No such file or directory"),
     )
+
+
+def test_every_missing_tls_file_is_named_in_one_start_up_error(small_repo: Path, tmp_path: Path) -> None:
+    """With --tls-cert, --tls-key and --tls-client-ca all missing (a Secret not mounted) the start
+    named only the first file it read: an operator fixing one at a time restarted once per file.
+    The one error names each file that cannot be read, and why."""
+    cert, key, ca = tmp_path / "no-cert.pem", tmp_path / "no-key.pem", tmp_path / "no-ca.pem"
+    args = ("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca))
+    try:
+        server = start_server(small_repo, tmp_path / "work", extra_args=args, timeout_s=30)
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        server.stop()
+        pytest.fail("the server started without its TLS files")
+    for path in (cert, key, ca):
+        assert f"{path}: No such file or directory" in message, message
+    assert "Traceback" not in message, message
+
+
+def test_the_health_probe_names_every_tls_file_it_cannot_read_in_one_error(tmp_path: Path) -> None:
+    """The probe's --tls-ca, --tls-cert and --tls-key were read one after the other and the first
+    that failed ended it, naming that one only: every file that cannot be read is named at once."""
+    files = {flag: tmp_path / f"no{flag}.pem" for flag in ("--tls-ca", "--tls-cert", "--tls-key")}
+    command = [sys.executable, "-m", "genserve_server.probe", "--port", "1", "--timeout-s", "2"]
+    for flag, path in files.items():
+        command += [flag, str(path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stdout.startswith("genserve-server health: "), proc.stdout
+    for flag, path in files.items():
+        assert f"{flag} {path}: cannot read it (No such file or directory)" in proc.stdout, proc.stdout
+    assert proc.stdout.count("\n") == 1 and not proc.stderr.strip(), (proc.stdout, proc.stderr)
