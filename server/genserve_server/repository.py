@@ -522,7 +522,12 @@ class Repository:
         except GenserveError as exc:
             self._fail(mv, str(exc))
         except Exception as exc:  # ORT raises its own types for corrupt graphs
-            logger.exception("%s failed to load", mv.label)
+            if type(exc).__module__.startswith("onnxruntime"):
+                # A corrupt or unsupported graph: _fail's line says it all (ORT's reason, its file);
+                # a traceback through the loader, at every start and rescan, would add only noise.
+                logger.debug("%s failed to load", mv.label, exc_info=True)
+            else:
+                logger.exception("%s failed to load", mv.label)
             self._fail(mv, f"{type(exc).__name__}: {exc}")
             sticky = sticky_cuda_error(exc)
             if sticky:  # the CUDA context is unusable for every model, not only this one

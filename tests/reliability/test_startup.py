@@ -708,6 +708,37 @@ def test_names_and_values_from_repository_files_cannot_forge_log_lines(tmp_path:
         assert "e\\n2026-01-01" in line, line
 
 
+def test_a_corrupt_model_file_is_one_error_line_naming_it_at_start_and_at_rescan(
+    tmp_path: Path, server_of
+) -> None:  # type: ignore[no-untyped-def]
+    """A model.onnx of random bytes (a truncated copy whose card.json was regenerated from it) made
+    ONNX Runtime's parse error an unexpected one: each load, at start and at every rescan that retried
+    it, logged a 30-line Python traceback before the ERROR line that says it all. It is that one line,
+    naming the version, the file and ONNX Runtime's reason; the traceback only with --log-level DEBUG."""
+    models = tmp_path / "models"
+    write_gen(models, "good")
+    version = write_gen(models, "bad")
+    data = os.urandom(3000)
+    (version / "model.onnx").write_bytes(data)
+    card = json.loads((version / "card.json").read_text())
+    (version / "card.json").write_text(
+        json.dumps({**card, "sha256": {"model.onnx": hashlib.sha256(data).hexdigest()}})
+    )
+    server = server_of(models)
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "rescan in" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    log = server.log()
+    assert "Traceback" not in log, log
+    failures = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(failures) == 2, log  # the start's load, the rescan's retry: one line each
+    for line in failures:
+        assert "model bad version 1 unavailable: InvalidProtobuf" in line, line
+        assert str(version / "model.onnx") in line, line
+
+
 def test_a_graph_whose_node_names_forge_lines_cannot_forge_them_in_the_load_failures_traceback(
     tmp_path: Path, server_of
 ) -> None:  # type: ignore[no-untyped-def]
@@ -726,7 +757,7 @@ def test_a_graph_whose_node_names_forge_lines_cannot_forge_them_in_the_load_fail
     (version / "card.json").write_text(
         json.dumps({**card, "sha256": {"model.onnx": hashlib.sha256(data).hexdigest()}})
     )
-    server = server_of(models)
+    server = server_of(models, "--log-level", "DEBUG")  # the traceback is logged at DEBUG only
     log = server.log()
     assert "Traceback" in log and "NoSuchOp" in log, log  # the failure is logged, with its traceback
     assert not any(line.startswith(forged[:20]) for line in log.splitlines()), log
