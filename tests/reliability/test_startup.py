@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,9 +25,16 @@ from pathlib import Path
 import grpc
 import onnx
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability_support import health_status, wait_on_loop, write_gen
-from server_support import TINY_LATENT, ServerProcess, slow_generator_graph, start_server, write_model
+from server_support import (
+    REPO_ROOT,
+    TINY_LATENT,
+    ServerProcess,
+    slow_generator_graph,
+    start_server,
+    write_model,
+)
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
@@ -77,6 +85,54 @@ def broken_model(root: Path, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ readiness
+
+
+def test_healthz_answers_from_the_last_state_while_the_event_loop_is_blocked_as_metrics_md_says(
+    tmp_path: Path,
+) -> None:
+    """/healthz is answered by the metrics port's thread from the state the event loop last set, so
+    with the loop blocked it still answers 200 `ok` while grpc.health.v1 (served on the loop) answers
+    nothing. docs/metrics.md called it 'the same answer as grpc.health.v1' and said nothing of this:
+    an operator could take it for a liveness probe that catches a wedged server. It now says so."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    seen: dict[str, object] = {}
+    blocked = threading.Event()
+
+    def probe(app: App) -> None:
+        blocked.wait(30)
+        url = f"http://127.0.0.1:{app.metrics_port}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            seen["healthz"] = (response.status, response.read().decode().strip())
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            try:
+                seen["grpc"] = health_status_within(channel, 1.0)
+            except grpc.RpcError as exc:
+                seen["grpc"] = exc.code()
+
+    async def scenario() -> None:
+        app = App(models, ServerConfig(), port=0, metrics_port=0)
+        await app.start()
+        try:
+            await wait_on_loop(lambda: app.health.serving, "the server SERVING", 30)
+            prober = threading.Thread(target=probe, args=(app,), daemon=True)
+            prober.start()
+            blocked.set()
+            prober.join(30)  # on the loop: it is blocked until the probes have their answers
+        finally:
+            app.request_stop()
+            await app.stop()
+
+    asyncio.run(scenario())
+    assert seen == {"healthz": (200, "ok"), "grpc": grpc.StatusCode.DEADLINE_EXCEEDED}, seen
+    text = " ".join((REPO_ROOT / "docs" / "metrics.md").read_text().split())
+    assert "keeps answering while the event loop is blocked" in text
+    assert "not a liveness probe" in text
+
+
+def health_status_within(channel: grpc.Channel, timeout_s: float) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return int(stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s).status)
 
 
 def test_a_failed_model_keeps_the_server_not_serving_unless_not_required(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
