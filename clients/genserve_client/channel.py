@@ -241,6 +241,8 @@ class TlsOptions:
         if (cert is None) != (key is None):
             raise ValueError("mTLS needs both a client certificate and its key")
 
+        errors: list[str] = []  # every file that fails, named in one error (not only the first)
+
         def read(path: str | Path | None, flag: str, marker: bytes, what: str) -> bytes | None:
             # grpc takes any bytes and only fails the connection later (UNAVAILABLE, with its own log
             # lines): a file that holds no PEM block is named here.
@@ -249,21 +251,21 @@ class TlsOptions:
             try:
                 data = Path(path).read_bytes()
             except OSError as exc:  # not there, a folder, not readable: a bad argument, named as such
-                raise ValueError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+                errors.append(f"{flag} {path}: cannot read it ({exc.strerror or exc})")
+                return None
             if b"-----BEGIN " not in data or marker not in data:
-                raise ValueError(f"{flag} {path}: not a PEM file holding {what}")
+                errors.append(f"{flag} {path}: not a PEM file holding {what}")
+                return None
             return data
 
         root_certs = read(ca, "--tls-ca", b"CERTIFICATE-----", "CA certificates")
         client_cert = read(cert, "--tls-cert", b"CERTIFICATE-----", "a certificate")
+        client_key = read(key, "--tls-key", b"PRIVATE KEY-----", "a private key")
+        if errors:
+            raise ValueError("; ".join(errors))
         if cert is not None:
             _warn_outside_validity(cert, "--tls-cert")
-        return cls(
-            root_certs,
-            client_cert,
-            read(key, "--tls-key", b"PRIVATE KEY-----", "a private key"),
-            server_name_override,
-        )
+        return cls(root_certs, client_cert, client_key, server_name_override)
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certs, self.client_key, self.client_cert)

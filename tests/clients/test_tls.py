@@ -189,6 +189,17 @@ def test_a_tls_file_that_holds_no_pem_is_named_before_any_connection(pki: Path, 
     assert TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.key").client_key
 
 
+def test_every_tls_file_that_cannot_be_read_is_named_in_one_error(tmp_path: Path) -> None:
+    """--tls-ca, --tls-cert and --tls-key were read one after the other and the first that failed
+    ended the command naming that one only: a user fixing one at a time ran it once per file."""
+    ca, cert, key = tmp_path / "no-ca.pem", tmp_path / "no-cert.pem", tmp_path / "no-key.pem"
+    with pytest.raises(ValueError) as raised:
+        TlsOptions.from_files(ca, cert, key)
+    message = str(raised.value)
+    for flag, path in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
+        assert f"{flag} {path}: cannot read it (No such file or directory)" in message, message
+
+
 class CountedBackoffs(random.Random):
     """Counts the backoffs drawn: one per retry the policy grants."""
 
