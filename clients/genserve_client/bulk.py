@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ import random
 import re
 import socket
 import stat
+import sys
 import threading
 import time
 import traceback
@@ -276,10 +276,36 @@ def describe_entries(entries: Sequence[str], shown: int = 5) -> str:
     return ", ".join(entries[:shown]) + more
 
 
+# Where Windows' lock of job.lock lies: one byte past anything the file holds, so that the holder's
+# line at its start stays readable by a second run (a locked range cannot be read on Windows).
+WINDOWS_LOCK_OFFSET = 1 << 20
+
+
+def lock_exclusively(fd: int) -> None:
+    """Lock `fd`'s file for this open file; BlockingIOError where another run holds it. flock on
+    Unix; msvcrt.locking on Windows, which has no fcntl (released, too, when the file is closed)."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EDEADLOCK):
+                raise BlockingIOError(exc.errno, exc.strerror) from exc
+            raise
+        finally:
+            os.lseek(fd, 0, os.SEEK_SET)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 class JobLock:
-    """An exclusive flock on `job.lock` in the job folder, held for the job's life. The file names
-    the holder (pid, host, start time) so a second run can say who it is; the kernel releases the
-    lock when the holder dies, whatever the file says."""
+    """An exclusive lock (flock; msvcrt.locking on Windows) on `job.lock` in the job folder, held
+    for the job's life. The file names the holder (pid, host, start time) so a second run can say
+    who it is; the OS releases the lock when the holder dies, whatever the file says."""
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / LOCK_FILE
@@ -288,7 +314,7 @@ class JobLock:
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusively(fd)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace")
             os.close(fd)
@@ -303,7 +329,8 @@ class JobLock:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+            os.lseek(fd, 0, os.SEEK_SET)  # no os.pwrite on Windows
+            os.write(fd, json.dumps(info).encode() + b"\n")
         except OSError as exc:  # a full disk: say where, as every other write of the job does
             os.close(fd)
             name_file(exc, self.path)

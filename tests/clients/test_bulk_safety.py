@@ -803,10 +803,14 @@ def test_a_full_disk_when_the_job_takes_its_lock_names_the_lock_file(
     job = ("bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
     assert cli_main(capsys, *t, *job)[0] == 0
 
-    def disk_full(fd: int, data: bytes, offset: int) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    write = os.write
 
-    monkeypatch.setattr(os, "pwrite", disk_full)
+    def disk_full(fd: int, data: bytes) -> int:
+        if data.startswith(b'{"pid"'):  # the holder's line
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", disk_full)
     for args in (job, ("bulk", "--resume", str(out))):
         code, _, err = cli_main(capsys, *t, *args)
         assert code == 1, err
@@ -888,3 +892,50 @@ def test_a_manifest_whose_append_failed_on_a_full_disk_closes_without_raising_ag
         manifest.append([{"index": 0, "file": "000000.png"}])
     assert excinfo.value.errno == errno.ENOSPC and "/dev/full" in str(excinfo.value)
     manifest.close()  # the job's error is the append's; nothing raised here
+
+
+# A stand-in for Windows' msvcrt.locking (per-process: enough for two JobLocks in one process).
+_WINDOWS_WITHOUT_FCNTL = """
+import errno, os, sys, types
+from pathlib import Path
+sys.modules["fcntl"] = None  # Windows has no fcntl
+del os.pwrite  # nor os.pwrite
+import genserve_client.cli  # the CLI imports bulk
+# After the imports: the standard library's own take a msvcrt module or win32 for Windows.
+sys.platform = "win32"
+held = set()
+def locking(fd, mode, nbytes):
+    key = (os.fstat(fd).st_ino, os.lseek(fd, 0, os.SEEK_CUR), nbytes)
+    if mode == msvcrt.LK_UNLCK:
+        held.discard(key)
+    elif key in held:
+        raise OSError(errno.EACCES, "Permission denied")
+    else:
+        held.add(key)
+msvcrt = types.ModuleType("msvcrt")
+msvcrt.LK_NBLCK, msvcrt.LK_UNLCK, msvcrt.locking = 2, 0, locking
+sys.modules["msvcrt"] = msvcrt
+from genserve_client.bulk import BulkBusy, JobLock
+out = Path(sys.argv[1])
+JobLock(out).acquire()
+try:
+    JobLock(out).acquire()
+except BulkBusy as exc:
+    print(exc)
+"""
+
+
+def test_the_cli_imports_and_a_bulk_job_takes_its_lock_where_there_is_no_fcntl(tmp_path: Path) -> None:
+    """On Windows (no fcntl, no os.pwrite) `import genserve_client.cli` failed with
+    ModuleNotFoundError: every genserve-client command did, as bulk.py imported fcntl at its top.
+    The CLI imports there, and a bulk job's lock is taken with msvcrt.locking: a second run on the
+    folder is refused naming the holder, as under flock."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WINDOWS_WITHOUT_FCNTL, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "is in use by another bulk run" in proc.stdout, proc.stdout
+    assert f"on host {socket.gethostname()}" in proc.stdout, proc.stdout
