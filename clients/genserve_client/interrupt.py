@@ -42,7 +42,8 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
     cancelled (its `finally` blocks close what it opened) and Terminated raised once it ends.
     raise_terminated, a handler of the process, would raise Terminated wherever the loop is: inside
     a task (a traceback of it printed beside the line) or a grpc callback (swallowed: the command
-    went on). Where SIGTERM is not raise_terminated's (ignored, say), it is left as it is."""
+    went on). Where SIGTERM is not raise_terminated's (ignored, say), it is left as it is; so it is
+    where the loop takes no signal handlers (Windows)."""
     import asyncio  # here: __main__ imports this module before the CLI's imports
 
     if signal.getsignal(signal.SIGTERM) is not raise_terminated:
@@ -59,7 +60,10 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
             terminated = True
             task.cancel()
 
-        loop.add_signal_handler(signal.SIGTERM, stop)
+        try:
+            loop.add_signal_handler(signal.SIGTERM, stop)
+        except NotImplementedError:  # Windows' loops: SIGTERM ends the process there, as it does
+            return await main
         try:
             return await main
         finally:

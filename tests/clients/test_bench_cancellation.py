@@ -69,3 +69,30 @@ def test_a_cancelled_run_stops_although_a_call_swallowed_the_cancel(loop_kind: s
     stopped, calls_at_stop, calls_later = asyncio.run(scenario())
     assert stopped, "the cancelled run went on calling"
     assert calls_later == calls_at_stop
+
+
+def test_bench_runs_where_the_event_loop_takes_no_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Windows asyncio's loops have no add_signal_handler (NotImplementedError), and run_async,
+    which `genserve-client bench` runs in, set one for SIGTERM: every bench failed with a
+    traceback before its first call. There it runs as asyncio.run (Ctrl-C still stops it; SIGTERM
+    ends the process, Windows' own way)."""
+    import signal
+    from asyncio import unix_events
+
+    from genserve_client.interrupt import raise_terminated, run_async
+
+    def unsupported(self: Any, sig: int, callback: Any, *args: Any) -> None:
+        raise NotImplementedError  # asyncio's BaseEventLoop, what Windows' loops inherit
+
+    monkeypatch.setattr(unix_events._UnixSelectorEventLoop, "add_signal_handler", unsupported)
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    before = signal.signal(signal.SIGTERM, raise_terminated)  # as genserve_client/__main__.py sets it
+    try:
+        assert run_async(answer()) == 7
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, before)
