@@ -1855,6 +1855,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2 if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1
     except BulkRetryExhausted as exc:  # transient errors outlasted --retry-window
         _err(f"genserve-client: {exc}")
+        if isinstance(exc.__cause__, GenserveClientError):  # the last error, as for other commands
+            _say_tls_hint(args, exc.__cause__)
         return 1
     except BrokenPipeError:  # a write to stdout outside _out
         _STDOUT.lose()

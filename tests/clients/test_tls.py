@@ -278,3 +278,16 @@ def test_a_plaintext_call_to_a_tls_server_says_to_pass_tls(pki: Path, mtls_targe
         plain.stop(grace=None)
     assert tls_hint(f"127.0.0.1:{port}") is None
     assert tls_hint(mtls_target) is not None
+
+
+def test_a_plaintext_bulk_job_against_a_tls_server_says_to_pass_tls(mtls_target: str, tmp_path: Path) -> None:
+    """A plaintext bulk job against a TLS server retries its 'Socket closed' for --retry-window
+    (an outage, as for any command) and then stopped with 'gave up after retrying ...; last error:
+    UNAVAILABLE ... Socket closed', without the line the other commands print after that failure:
+    the same one-handshake check runs after a bulk job's retries are spent."""
+    out = tmp_path / "job"
+    job = ("bulk", "--model", "fake-gen", "--n", "2", "--out", str(out), "--retry-window", "1")
+    proc = run_cli("--target", mtls_target, *job)
+    assert proc.returncode == 1, proc.stderr
+    assert "Socket closed" in proc.stderr, proc.stderr
+    assert f"{mtls_target} speaks TLS" in proc.stderr and "--tls" in proc.stderr, proc.stderr
