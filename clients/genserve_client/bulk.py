@@ -416,9 +416,9 @@ def write_file_whole(path: Path, data: bytes | Iterable[bytes]) -> None:
     try:
         try:
             with open(tmp, "wb") as f:
-                if existing is not None and stat.S_ISREG(existing.st_mode):
-                    os.fchmod(f.fileno(), stat.S_IMODE(existing.st_mode))
                 f.writelines([data] if isinstance(data, bytes) else data)
+            if existing is not None and stat.S_ISREG(existing.st_mode):
+                os.chmod(tmp, stat.S_IMODE(existing.st_mode))  # no os.fchmod on Windows before 3.13
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -143,6 +143,27 @@ def test_a_picture_that_replaces_an_existing_file_keeps_that_files_permissions(
     assert oct(grid.stat().st_mode & 0o777) == oct(0o600), "a private file became readable by all"
 
 
+def test_a_picture_replaces_an_existing_file_where_os_has_no_fchmod(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python before 3.13 has no os.fchmod on Windows, and every picture written over an existing
+    file (a second run of the same command) failed with AttributeError, a traceback, its temp file
+    removed and nothing written. It is written, keeping the old file's permissions."""
+    monkeypatch.delattr(os, "fchmod")
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"an older grid")
+    grid.chmod(0o600)
+    sample = ("sample", "--model", "fake-gen", "--n", "2", "--grid", str(grid))
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *sample)
+    assert code == 0, err
+    assert grid.read_bytes().startswith(b"\x89PNG")
+    assert oct(grid.stat().st_mode & 0o777) == oct(0o600)
+    assert leftovers(tmp_path) == ["grid.png"]
+
+
 def test_a_manifest_out_that_is_a_directory_names_it_and_leaves_no_temp_file(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
