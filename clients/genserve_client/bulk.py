@@ -359,6 +359,8 @@ def name_file(exc: OSError, path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    if sys.platform == "win32":  # no directory opens with os.open there; NTFS journals a rename
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -915,6 +915,14 @@ def locking(fd, mode, nbytes):
 msvcrt = types.ModuleType("msvcrt")
 msvcrt.LK_NBLCK, msvcrt.LK_UNLCK, msvcrt.locking = 2, 0, locking
 sys.modules["msvcrt"] = msvcrt
+real_open = os.open
+def windows_open(path, flags, *args, **kwargs):
+    if os.path.isdir(path):  # Windows opens no directory with os.open
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    return real_open(path, flags, *args, **kwargs)
+os.open = windows_open
+"""
+_TAKE_THE_LOCK_TWICE = """
 from genserve_client.bulk import BulkBusy, JobLock
 out = Path(sys.argv[1])
 JobLock(out).acquire()
@@ -931,7 +939,7 @@ def test_the_cli_imports_and_a_bulk_job_takes_its_lock_where_there_is_no_fcntl(t
     The CLI imports there, and a bulk job's lock is taken with msvcrt.locking: a second run on the
     folder is refused naming the holder, as under flock."""
     proc = subprocess.run(
-        [sys.executable, "-c", _WINDOWS_WITHOUT_FCNTL, str(tmp_path)],
+        [sys.executable, "-c", _WINDOWS_WITHOUT_FCNTL + _TAKE_THE_LOCK_TWICE, str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -939,3 +947,24 @@ def test_the_cli_imports_and_a_bulk_job_takes_its_lock_where_there_is_no_fcntl(t
     assert proc.returncode == 0, proc.stderr
     assert "is in use by another bulk run" in proc.stdout, proc.stdout
     assert f"on host {socket.gethostname()}" in proc.stdout, proc.stdout
+
+
+def test_a_bulk_job_runs_and_resumes_where_directories_cannot_be_opened(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    """A job fsyncs images/ after its renames and the job folder after job.json, opening the folder
+    with os.open, which Windows refuses for a directory (PermissionError): every bulk job there
+    stopped at its first chunk. Where directories cannot be opened (Windows, whose NTFS journals a
+    rename itself), there is no folder fsync; the job runs, and a rerun finds it complete."""
+    out = tmp_path / "job"
+    job = f"""
+from genserve_client.cli import main
+sys.exit(main(["--target", {fake_server.target!r}, "bulk", "--model", "fake-gen", "--n", "5",
+               "--out", {str(out)!r}]))
+"""
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", _WINDOWS_WITHOUT_FCNTL + job], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert indices(out) == list(range(5))
