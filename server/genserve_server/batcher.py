@@ -355,7 +355,10 @@ class Batcher:
         if self._released.is_set():
             return True
         try:
-            await asyncio.wait_for(self._released.wait(), max(0.0, timeout_s))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns True and drops a cancel
+            # that crosses the release (the drain's, as its version is revived or the server stops).
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await self._released.wait()
         except TimeoutError:
             return False
         return True

@@ -53,3 +53,29 @@ def test_a_dependent_hold_keeps_the_drain_waiting_without_counting_as_a_caller()
     callers, streams, dependents, timed_out, woke = asyncio.run(body())
     assert (callers, streams, dependents) == (0, 0, 1)
     assert timed_out and woke
+
+
+def test_a_drain_wait_cancelled_as_the_last_holder_leaves_raises_the_cancel() -> None:
+    """The drain awaiting wait_released is cancelled (its version revived, the shutdown's close
+    ending the drains) in the turn the last holder leaves: the cancel is raised, whichever turn of
+    the loop it comes in (Python 3.11's asyncio.wait_for returned True and dropped a cancel that
+    crossed the event being set)."""
+
+    async def scenario(turns: int) -> bool:
+        batcher = Batcher(_echo, name="m", max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8)
+        batcher.hold()
+        waiter = asyncio.ensure_future(batcher.wait_released(30))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        batcher.release()  # the last holder leaves: the wait is released
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if waiter.done():  # it saw the release before the cancel came: nothing to drop
+            return True
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        return waiter.cancelled()
+
+    for turns in range(6):
+        cancelled = asyncio.run(scenario(turns))
+        assert cancelled, f"cancelled {turns} turn(s) after the release: the cancel was dropped"
