@@ -260,9 +260,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                     model.resolve(request.version)  # NOT_FOUND / UNAVAILABLE like the other RPCs
                     versions = [model.versions[request.version]]
                 else:
-                    versions = list(model.versions.values())
+                    # As Triton (and ModelMetadata): the versions a request can reach, not one that
+                    # failed to load, is loading or draining (a client reads model_stats[0]).
+                    versions = model.ready_versions()
             else:
-                versions = [mv for m in self.repo for mv in m.versions.values()]
+                versions = [mv for m in self.repo for mv in m.ready_versions()]
             return kpb.ModelStatisticsResponse(
                 model_stats=[kserve_metadata.statistics(mv) for mv in versions]
             )

@@ -730,8 +730,9 @@ def test_a_failed_new_version_under_latest_n_leaves_every_loaded_version_serving
 
 
 def test_a_refusal_of_a_version_that_is_not_ready_counts_against_that_version(tmp_path: Path) -> None:
-    """KServe ModelStatistics (and the per-version metrics): a call naming version 1, which failed to
-    load, is a failure of version 1, not of version 2, which never saw it."""
+    """The per-version metrics (KServe ModelStatistics lists ready versions only, as Triton): a call
+    naming version 1, which failed to load, is a failure of version 1, not of version 2, which
+    never saw it."""
     root = tmp_path / "models"
     write_gen(root, "gen", version="1", version_policy={"latest": 2})
     write_gen(root, "gen", version="2", version_policy={"latest": 2})

@@ -255,3 +255,36 @@ def test_a_version_link_pointing_nowhere_is_named_in_the_log_and_the_reason(
     )
     assert f"ignoring 3: a symbolic link to {release}, which does not exist" in caplog.text, caplog.text
     assert "3 is a symbolic link to" in lone.reason and str(release) in lone.reason, lone.reason
+
+
+def test_statistics_without_a_version_list_the_ready_versions_as_triton_does(tmp_path: Path) -> None:
+    """KServe ModelStatistics naming no version answers for the versions a request can reach, as
+    Triton does (its ready versions) and as ModelMetadata lists them: a version that failed to load
+    is not among them, so a Triton client reading model_stats[0] (tritonclient's
+    get_inference_statistics(model)) reads the serving version's counts, not the failed one's
+    zeros. Naming the failed version is UNAVAILABLE, as before."""
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["1", "2"], {"latest": 2})
+    (root / "gen" / "1" / "model.onnx").write_bytes(b"not a model")  # sha256 mismatch: UNAVAILABLE
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            info = stub.GetModel(pb.GetModelRequest(name="gen"), timeout=10)
+            assert [(v.version, v.state) for v in info.versions] == [
+                ("1", pb.MODEL_STATE_UNAVAILABLE),
+                ("2", pb.MODEL_STATE_READY),
+            ]
+            stub.Sample(pb.SampleRequest(model="gen", count=1), timeout=30)
+            meta = kstub.ModelMetadata(kpb.ModelMetadataRequest(name="gen"), timeout=10)
+            for request in (kpb.ModelStatisticsRequest(name="gen"), kpb.ModelStatisticsRequest()):
+                stats = kstub.ModelStatistics(request, timeout=10).model_stats
+                listed = [(s.name, s.version) for s in stats]
+                assert listed == [("gen", v) for v in meta.versions] == [("gen", "2")]
+                assert stats[0].inference_stats.success.count == 1
+            with pytest.raises(grpc.RpcError) as excinfo:
+                kstub.ModelStatistics(kpb.ModelStatisticsRequest(name="gen", version="1"), timeout=10)
+            assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
