@@ -480,6 +480,14 @@ def _external_sha256(model: Path) -> dict[str, str] | None:
         return None
 
 
+def ort_path(path: Path) -> str:
+    """`path` as ONNX Runtime's binding takes it: a str it encodes to UTF-8 for the file system. Under
+    a locale that is not UTF-8 (LANG=C without Python's UTF-8 mode) Python holds a non-ASCII name's
+    bytes as lone surrogates, which the binding refuses (TypeError); the bytes decode as UTF-8 here.
+    Bytes that are not UTF-8 keep their surrogates."""
+    return os.fsencode(path).decode("utf-8", "surrogateescape")
+
+
 def create_session(
     model: Path | bytes,
     requested: Sequence[str],
@@ -507,7 +515,7 @@ def create_session(
     external data files, {location: sha256}) key the TensorRT engine cache; a digest not given is
     read from the file.
     """
-    source = str(model) if isinstance(model, Path) else model
+    source = ort_path(model) if isinstance(model, Path) else model
     path = model if isinstance(model, Path) else (model_path or Path("<bytes>"))
     fallbacks: list[str] = []
     wanted = _without_unusable_tensorrt(requested, profile, path, fallbacks)

@@ -994,3 +994,26 @@ def test_version_prints_the_package_and_its_version(module: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"genserve-server {SERVER_VERSION}\n" and proc.stderr == ""
+
+
+# A machine whose locale is not UTF-8 (LANG=C with Python's UTF-8 mode and locale coercion off, as an
+# operator's service file may set): Python holds a non-ASCII file name's bytes as lone surrogates.
+C_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+
+
+def test_a_repository_in_a_non_ascii_folder_serves_under_a_c_locale(tmp_path: Path) -> None:
+    """A repository under /srv/modèles (or a home folder such as /home/józef) on a C-locale machine:
+    Python holds its path with lone surrogates, which ONNX Runtime's binding cannot take as a str, so
+    every version failed to load with a TypeError from its constructor (UNAVAILABLE). Each is served."""
+    models = tmp_path / "modèles dir"
+    write_gen(models, "gen")
+    server = ServerProcess.start(genserve_command(models), tmp_path / "work", env=C_LOCALE)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+            info = stub.GetModel(genserve_pb2.GetModelRequest(name="gen"), timeout=10)
+            assert [v.state for v in info.versions] == [genserve_pb2.MODEL_STATE_READY], info
+            reply = stub.Sample(genserve_pb2.SampleRequest(model="gen", count=1), timeout=10)
+            assert len(reply.images) == 1
+    finally:
+        server.stop()
