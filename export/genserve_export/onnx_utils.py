@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,13 @@ def session(path_or_bytes: Path | bytes, threads: int = 1) -> ort.InferenceSessi
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    source = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
+    # A path as ONNX Runtime's binding takes it: under a locale that is not UTF-8 (LANG=C without
+    # Python's UTF-8 mode) a non-ASCII name's bytes are lone surrogates, which it refuses (TypeError).
+    source = (
+        os.fsencode(path_or_bytes).decode("utf-8", "surrogateescape")
+        if isinstance(path_or_bytes, Path)
+        else path_or_bytes
+    )
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 

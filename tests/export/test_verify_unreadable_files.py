@@ -9,6 +9,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,3 +155,23 @@ def test_a_card_whose_recipe_is_not_a_string_is_an_error_naming_the_field(
     assert code == 1, out
     assert "broken/1/card.json: field 'recipe' must be a string or null" in out, out
     assert "[OK] healthy/1" in out, out
+
+
+def test_a_repository_in_a_non_ascii_folder_verifies_under_a_c_locale(exported: Path, tmp_path: Path) -> None:
+    """On a machine whose locale is not UTF-8 (LANG=C, Python's UTF-8 mode and locale coercion off),
+    Python holds a non-ASCII path's bytes as lone surrogates, which ONNX Runtime's binding refused:
+    every model of a repository under /srv/modèles failed verify with 'model.onnx does not load in
+    ONNX Runtime: __init__(): incompatible constructor arguments'. They load and pass."""
+    repo = tmp_path / "modèles dir"
+    shutil.copytree(exported, repo)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "genserve_export.cli", "verify", str(repo), "--no-quality", "--no-thresholds"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    out = done.stdout.decode("utf-8", "replace") + done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0, out
+    assert "[OK] broken/1" in out and "[OK] healthy/1" in out, out
