@@ -69,6 +69,12 @@ _ABSOLUTE_PATH = re.compile(
     r"""(?<=")/[^"]*(?=")|(?<=')/[^']*(?=')|(?<![^\s(\[=])/[A-Za-z_.~-][^\s"',;)\]]*"""
 )
 OUTSIDE_PATH = "<path outside the repository>"
+# Lone surrogates, which no answer can encode as UTF-8 (Repository.redact): Python holds a file
+# name's bytes that are not UTF-8 (under a locale that is not UTF-8: every non-ASCII byte) as
+# U+DC80..U+DCFF, each written as the \xNN of its byte; any other (a JSON "\ud800") as a repr does.
+_SURROGATE_ESCAPES = {
+    c: f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c < 0xDD00 else repr(chr(c))[1:-1] for c in range(0xD800, 0xE000)
+}
 
 
 @dataclass(eq=False)
@@ -296,7 +302,8 @@ class Repository:
         The log keeps the full text."""
         for prefix in self._root_prefixes:
             text = text.replace(prefix, "<models>/")
-        return escape_controls(_ABSOLUTE_PATH.sub(OUTSIDE_PATH, text))
+        text = escape_controls(_ABSOLUTE_PATH.sub(OUTSIDE_PATH, text))
+        return text if text.isprintable() else text.translate(_SURROGATE_ESCAPES)
 
     def get(self, name: str) -> Model:
         model = self.models.get(name)

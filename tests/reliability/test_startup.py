@@ -867,6 +867,27 @@ def test_reasons_from_repository_files_reach_clients_with_their_control_characte
             assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text), (name, text)
 
 
+def test_a_reason_quoting_a_file_name_that_is_not_utf8_reaches_clients_with_its_bytes_escaped(
+    tmp_path: Path, server_of
+) -> None:  # type: ignore[no-untyped-def]
+    """A version folder whose name is not UTF-8 (Latin-1 'vérsion' from an old archive; under a C
+    locale any non-ASCII name) is held by Python with lone surrogates, and a reason quoting it could
+    not be encoded into the answer: ListModels failed INTERNAL for the whole repository, GetModel of
+    that model too. The name's undecodable bytes arrive escaped as \\xNN, as a repr writes a byte."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    version = write_gen(models, "lost")
+    os.rename(version, os.path.join(os.fsencode(version.parent), b"v\xe9rsion"))
+    server = server_of(models)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+        listed = {m.name: m for m in stub.ListModels(genserve_pb2.ListModelsRequest(), timeout=10).models}
+        got = stub.GetModel(genserve_pb2.GetModelRequest(name="lost"), timeout=10)
+    assert listed["gen"].versions[0].state == genserve_pb2.MODEL_STATE_READY, listed
+    for reason in (listed["lost"].reason, got.reason):
+        assert "v\\xe9rsion" in reason, reason
+
+
 def test_a_model_name_the_client_sent_as_a_path_comes_back_as_it_sent_it(tmp_path: Path, server_of) -> None:  # type: ignore[no-untyped-def]
     """A client that names a model by its path (`/srv/models/gen`, as a user who confuses the two
     does) is told that no model has that name, quoting what it sent: its own text is not a path of
