@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TextIO
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -22,6 +22,22 @@ def err_line(text: str) -> None:
     """One line to stderr; nothing where the process started with stderr closed (`2>&-`)."""
     if sys.stderr is not None:
         sys.stderr.write(text + "\n")
+
+
+def _encodable(text: str, stream: TextIO) -> str:
+    """`text` as a stdout whose encoding cannot hold all of it (ASCII under a locale that is not
+    UTF-8) writes it: each character it cannot encode as a repr writes it (\\xf6, \\u2014), as
+    Python's stderr does; a file name's undecodable bytes (surrogates) are kept as they came."""
+    encoding, errors = stream.encoding or "utf-8", stream.errors or "strict"
+
+    def fits(c: str) -> bool:
+        try:
+            c.encode(encoding, errors)
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    return "".join(c if fits(c) else c.encode("ascii", "backslashreplace").decode("ascii") for c in text)
 
 
 class Stdout:
@@ -38,7 +54,10 @@ class Stdout:
             self.closed = True
             return
         try:
-            sys.stdout.write(text + "\n")
+            try:
+                sys.stdout.write(text + "\n")
+            except UnicodeEncodeError:  # nothing was written: the text is encoded before it is buffered
+                sys.stdout.write(_encodable(text, sys.stdout) + "\n")
             if flush:
                 sys.stdout.flush()
         except BrokenPipeError:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -267,6 +270,36 @@ def test_models_prints_the_servers_reasons_on_one_line_without_terminal_escapes(
     lines = out.splitlines()
     assert len(lines) == 1 + 2 + 2, lines  # the header, a row and a reason line per model
     assert sum("bad key\\n fake-gen" in line for line in lines) == 4, lines
+
+
+def test_models_prints_a_non_ascii_reason_to_a_c_locale_terminal(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a locale that is not UTF-8 (LANG=C, Python's UTF-8 mode and locale coercion off) stdout
+    is ASCII: a reason quoting a repository's non-ASCII text (a config.json key 'größe') made
+    `models` stop mid-table with "'ascii' codec can't encode character" and exit 2, a usage error.
+    The table is printed, what the terminal cannot show written as \\xNN / \\uNNNN, exit 0."""
+    plain = fake_server.service._info
+
+    def info(name: str) -> genserve_pb2.ModelInfo:
+        answer = plain(name)
+        answer.reason = "config.json: unknown key 'größe' — see the docs"
+        return answer
+
+    monkeypatch.setattr(fake_server.service, "_info", info)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "genserve_client", "--target", fake_server.target, "models"],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    out, err = done.stdout.decode("ascii"), done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0, (out, err)
+    assert out.splitlines()[0].startswith("name"), out
+    assert out.count("unknown key 'gr\\xf6\\xdfe' \\u2014 see the docs") == 2, out
 
 
 def test_a_servers_error_is_printed_on_one_line_without_terminal_escapes(
