@@ -20,8 +20,29 @@ READER_GONE_STATUS = 141
 
 def err_line(text: str) -> None:
     """One line to stderr; nothing where the process started with stderr closed (`2>&-`)."""
-    if sys.stderr is not None:
-        sys.stderr.write(text + "\n")
+    if sys.stderr is None:
+        return
+    line = text + "\n"
+    buffer = getattr(sys.stderr, "buffer", None)
+    if buffer is not None and any("\udc80" <= c <= "\udcff" for c in line):
+        # A path's bytes the locale did not decode (lone surrogates: any non-ASCII byte under LANG=C)
+        # went out through stderr's backslashreplace as \udcc3, naming a folder that does not exist
+        # (a resume hint pasted as is): they are written as they came.
+        encoding = sys.stderr.encoding or "utf-8"
+        sys.stderr.flush()
+        buffer.write(b"".join(_raw(c, encoding) for c in line))
+        buffer.flush()
+        return
+    sys.stderr.write(line)
+
+
+def _raw(c: str, encoding: str) -> bytes:
+    """One character in `encoding`: an undecodable byte (a lone surrogate) as it came, a character
+    the encoding cannot hold as a repr writes it (\\xf6, \\u2014)."""
+    try:
+        return c.encode(encoding, "surrogateescape")
+    except UnicodeEncodeError:
+        return c.encode("ascii", "backslashreplace")
 
 
 def _encodable(text: str, stream: TextIO) -> str:

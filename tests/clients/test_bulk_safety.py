@@ -425,6 +425,34 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
 
 
 @pytest.mark.usefixtures("quick_backoff")
+def test_the_resume_hint_of_a_job_in_a_non_ascii_folder_names_it_under_a_c_locale(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under a locale that is not UTF-8 (LANG=C, Python's UTF-8 mode and locale coercion off) Python
+    holds a non-ASCII path's bytes as lone surrogates, and stderr wrote them as \\udcc3: the hint
+    said `--resume 'r\\udcc3\\udca9sultats'`, a folder that does not exist. Its bytes are written
+    as they came, so the hint, pasted as is, resumes the job."""
+    out = tmp_path / "résultats ö"
+    t = ("--target", fake_server.target)
+    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "2", "--out", str(out))[0] == 0
+    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    resume = ("bulk", "--resume", str(out), "--n", "4", "--retry-window", "0.3")
+    done = subprocess.run(
+        [sys.executable, "-m", "genserve_client", *t, *resume], capture_output=True, env=env, timeout=120
+    )
+    err = done.stderr.decode("utf-8", "backslashreplace")
+    assert done.returncode == 1, err
+    hint = err.split("the job is resumable: ")[1].strip()
+    assert hint == shlex.join(["genserve-client", *t, *resume]), err
+    fake_server.service.fail["SampleStream"].clear()
+    code, _, err = cli_main(capsys, *shlex.split(hint)[1:])
+    assert code == 0, err
+    assert indices(out) == list(range(4))
+
+
+@pytest.mark.usefixtures("quick_backoff")
 def test_the_resume_hint_of_a_job_given_a_literal_token_says_to_set_the_variable_it_names(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
