@@ -24,6 +24,8 @@ class GenserveClientError(Exception):
 
     def __str__(self) -> str:
         rid = f" (request id {self.request_id})" if self.request_id else ""
+        if rid and self.details.endswith(rid[1:]):  # the server's own INTERNAL message quotes it
+            rid = ""
         return f"{self.code.name}: {self.details}{rid}"
 
     def __reduce__(self) -> tuple[type[GenserveClientError], tuple[grpc.StatusCode, str, str | None]]:

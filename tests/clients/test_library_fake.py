@@ -372,3 +372,13 @@ def test_a_cancelled_async_call_is_not_retried_although_grpc_swallowed_the_cance
     stopped, calls_at_stop, calls = asyncio.run(scenario())
     assert stopped, "the cancelled call was retried"
     assert calls_at_stop == 1
+
+
+def test_an_error_whose_message_quotes_its_request_id_names_it_once() -> None:
+    """The server's INTERNAL message is 'internal error (request id R)' (its boundary), and the
+    client appended ' (request id R)' again: every internal error printed 'genserve-client:
+    INTERNAL: internal error (request id R) (request id R)'. A message that ends with it is left so."""
+    error = GenserveClientError(grpc.StatusCode.INTERNAL, "internal error (request id abc123)", "abc123")
+    assert str(error) == "INTERNAL: internal error (request id abc123)"
+    other = GenserveClientError(grpc.StatusCode.UNAVAILABLE, "connection refused", "abc123")
+    assert str(other) == "UNAVAILABLE: connection refused (request id abc123)"
