@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 # A model directory name (what clients send) and a version directory name.
-NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")  # \Z: `$` also matches before a final newline
 # Names NAME_PATTERN matches that are no model's: a model's grpc.health key is its name, and these are
 # the server's own keys (`liveness`: Kubernetes' startup and liveness probes).
 RESERVED_NAMES: Final = frozenset({"liveness"})
-VERSION_PATTERN: Final = re.compile(r"^[1-9][0-9]*$")
+VERSION_PATTERN: Final = re.compile(r"^[1-9][0-9]*\Z")
 CARD_FORMAT_VERSION: Final = 1
 # Largest |ONNX - PyTorch| export accepts for model.onnx.
 FP32_ATOL: Final = 1e-4

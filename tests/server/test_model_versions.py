@@ -131,6 +131,26 @@ def test_a_folder_that_is_no_version_is_logged_beside_versions_that_serve(
     assert any("02" in r.getMessage() and "leading zeros" in r.getMessage() for r in caplog.records)
 
 
+def test_folder_names_ending_in_a_newline_are_no_model_and_no_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/model-repository.md: a model folder is named [a-z0-9][a-z0-9-]*, a version folder a
+    positive integer. The patterns ended in `$`, which also matches before a final newline: a
+    folder 'gen\\n' (a name read from a file, `mkdir "$(cat name)"`) was served as model 'gen\\n',
+    and a version folder '1\\n' as version '1\\n' beside '1'. Both are skipped, named in the log."""
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["1", "2"], {"latest": 2})
+    (root / "gen" / "2").rename(root / "gen" / "2\n")
+    shutil.copytree(root / "gen", root / "gen\n")
+    repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+    with caplog.at_level(logging.WARNING):
+        repo.scan()
+    assert sorted(m.name for m in repo) == ["gen"]
+    assert list(repo.get("gen").versions) == ["1"]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "must match" in logged and "leading zeros" in logged, logged
+
+
 def test_messages_name_the_model_and_version_as_served_not_as_the_card_says(tmp_path: Path) -> None:
     """A version directory copied to another version (docs/operations.md's publish recipe: a canary
     copied from 1 to 2) or another model keeps its card's `name` and `version`. The load's log and
