@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Self
 
 from genserve_contract.kinds import KIND_NAMES, Kind
-from genserve_contract.repository import NAME_PATTERN, VERSION_PATTERN
+from genserve_contract.repository import NAME_PATTERN, NAME_RULE, VERSION_PATTERN
 from genserve_contract.runtime import RuntimeConfig, RuntimeConfigError, parse_runtime_config
 
 KNOWN_PROVIDERS: Final = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -540,12 +540,12 @@ def parse_model_config(
     top_prior = r.string("top_prior", "")
     for key, value in (("decoder", decoder), ("top_prior", top_prior)):
         if value and not NAME_PATTERN.match(value):
-            raise r.error(key, f"must be a model name ({NAME_PATTERN.pattern}), got {value!r}")
+            raise r.error(key, f"must be a model name ({NAME_RULE}), got {value!r}")
         if value and not d.kind.autoregressive:
             raise r.error(key, f"applies to kind code_prior only, not {d.kind}")
     mapping = r.string("mapping", "")
     if mapping and not NAME_PATTERN.match(mapping):
-        raise r.error("mapping", f"must be a model name ({NAME_PATTERN.pattern}), got {mapping!r}")
+        raise r.error("mapping", f"must be a model name ({NAME_RULE}), got {mapping!r}")
     if mapping and not d.kind.styled:
         raise r.error("mapping", f"applies to kind style_generator only, not {d.kind}")
     config = ModelConfig(

@@ -15,6 +15,8 @@ from typing import Any, BinaryIO, Final
 
 # A model directory name (what clients send) and a version directory name.
 NAME_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")  # \Z: `$` also matches before a final newline
+# The rule as messages name it (the regex's anchors say nothing to a reader).
+NAME_RULE: Final = "[a-z0-9][a-z0-9-]*"
 # Names NAME_PATTERN matches that are no model's: a model's grpc.health key is its name, and these are
 # the server's own keys (`liveness`: Kubernetes' startup and liveness probes).
 RESERVED_NAMES: Final = frozenset({"liveness"})

@@ -18,6 +18,7 @@ from genserve_contract.repository import (
     ACTIVATION_BYTES_FIELD,
     CARD_FORMAT_VERSION,
     NAME_PATTERN,
+    NAME_RULE,
     RESERVED_NAMES,
     VERSION_PATTERN,
     activation_bytes_problem,
@@ -291,7 +292,7 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
     if card["format_version"] != CARD_FORMAT_VERSION:
         problems.append(f"{where}: format_version must be {CARD_FORMAT_VERSION}")
     if not isinstance(card["name"], str) or not NAME_PATTERN.match(card["name"]):
-        problems.append(f"{where}: name {card['name']!r} must match {NAME_PATTERN.pattern}")
+        problems.append(f"{where}: name {card['name']!r} must match {NAME_RULE}")
     elif card["name"] in RESERVED_NAMES:
         problems.append(f"{where}: name {card['name']!r} is the server's own grpc.health key, not a model's")
     if not isinstance(card["version"], str) or not VERSION_PATTERN.match(card["version"]):

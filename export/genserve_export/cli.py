@@ -19,7 +19,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from genserve_contract.repository import NAME_PATTERN, RESERVED_NAMES, VERSION_PATTERN, latest_version_dir
+from genserve_contract.repository import (
+    NAME_PATTERN,
+    NAME_RULE,
+    RESERVED_NAMES,
+    VERSION_PATTERN,
+    latest_version_dir,
+)
 from genserve_contract.stdio import HelpParser, Stdout
 from genserve_export.build import DEFAULT_SEED, train_and_export, version_dirs
 from genserve_export.data.digits import MissingDataError
@@ -76,7 +82,7 @@ def _model_name(text: str) -> str:
     """An argparse type: a repository entry name a model may have (export_model refuses any other,
     but only once the import's work is done)."""
     if not NAME_PATTERN.match(text):
-        raise argparse.ArgumentTypeError(f"must match {NAME_PATTERN.pattern}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must match {NAME_RULE}, got {text!r}")
     if text in RESERVED_NAMES:
         raise argparse.ArgumentTypeError(f"{text!r} is the server's own grpc.health key, not a model's")
     return text

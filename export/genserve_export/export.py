@@ -32,6 +32,7 @@ from genserve_contract.repository import (
     FP16_ATOL,
     FP32_ATOL,
     NAME_PATTERN,
+    NAME_RULE,
     RESERVED_NAMES,
     VERSION_PATTERN,
     sha256_file,
@@ -248,7 +249,7 @@ def check_entry_name(name: str, version: str) -> None:
     """Refuse a model name or version no repository entry may have: an importer calls it before
     its work, which export_model would otherwise refuse only at its end."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise InvalidArgumentError(f"name {name!r} must match {NAME_PATTERN.pattern}")
+        raise InvalidArgumentError(f"name {name!r} must match {NAME_RULE}")
     if name in RESERVED_NAMES:  # the card's check refuses it too, but only after the export's work
         raise InvalidArgumentError(f"name {name!r} is the server's own grpc.health key, not a model's")
     if not isinstance(version, str) or not VERSION_PATTERN.match(version):

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genserve_contract.repository import NAME_PATTERN, RESERVED_NAMES
+from genserve_contract.repository import NAME_PATTERN, NAME_RULE, RESERVED_NAMES
 from genserve_contract.repository import VERSION_PATTERN as VERSION_PATTERN  # reload.py reads it here
 from genserve_server import loader
 from genserve_server.batcher import Batcher
@@ -355,7 +355,7 @@ class Repository:
                 )
                 continue
             if not _model_name(model_dir.name):
-                logger.warning("skipping %s: model names must match %s", model_dir, NAME_PATTERN.pattern)
+                logger.warning("skipping %s: model names must match %s", model_dir, NAME_RULE)
                 continue
             dirs.append(model_dir)
         return dirs
