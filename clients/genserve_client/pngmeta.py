@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 from PIL.PngImagePlugin import PngInfo
 
 from genserve_client.results import Provenance
@@ -32,16 +33,30 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
         ):
             if value:
                 text[key] = value
+        # A code prior's sampling as it ran, its config.json defaults filled in: the command's own
+        # flags are None where left unset, and a replay needs these to get the same images.
+        if provenance.temperature is not None:
+            text["temperature"] = float32_text(provenance.temperature)
+            text["top_k"] = str(provenance.top_k)
         # The other models the images went through (a style generator's mapping, a code prior's
         # decoder and top prior): a reload of one changes the images, not `model` (types.proto).
         weights = dict(provenance.used_weights_sha256)
+        sampling = {m: f" temperature {float32_text(t)} top_k {k}" for m, t, k in provenance.used_sampling}
         used = "; ".join(
-            f"{m} version {v} sha256 {h}" + (f" weights_sha256 {weights[m]}" if m in weights else "")
+            f"{m} version {v} sha256 {h}"
+            + (f" weights_sha256 {weights[m]}" if m in weights else "")
+            + sampling.get(m, "")
             for m, v, h in provenance.used_models
         )
         if used:
             text["used_models"] = used
     return text
+
+
+def float32_text(value: float) -> str:
+    """A float32 field's value as the shortest text that gives it back (0.3, not 0.30000001192...):
+    passed to --temperature, it is the same float32."""
+    return np.format_float_positional(np.float32(value), trim="0")
 
 
 def _text_value(value: str) -> str:

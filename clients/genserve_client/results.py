@@ -36,6 +36,12 @@ class Provenance:
     # (model, weights_sha256) of those of used_models that keep their weights in external data files
     # (UsedModel.weights_sha256): a mapping retrained under the same graph keeps its sha256.
     used_weights_sha256: tuple[tuple[str, str], ...] = ()
+    # A code prior's (SampleCodes): the temperature and top_k it sampled with, config.json's defaults
+    # filled in (types.proto); None and 0 for other models or a server that does not say.
+    temperature: float | None = None
+    top_k: int = 0
+    # (model, temperature, top_k) of a code prior's top prior that sampled the top grids.
+    used_sampling: tuple[tuple[str, float, int], ...] = ()
 
     @classmethod
     def from_proto(cls, p: types_pb2.Provenance) -> Provenance:
@@ -52,6 +58,9 @@ class Provenance:
             tuple((m.model, m.version, m.model_sha256) for m in p.used_models),
             p.weights_sha256,
             tuple((m.model, m.weights_sha256) for m in p.used_models if m.weights_sha256),
+            p.temperature if p.HasField("temperature") else None,
+            p.top_k,
+            tuple((m.model, m.temperature, m.top_k) for m in p.used_models if m.HasField("temperature")),
         )
 
 

@@ -130,11 +130,30 @@ def _images(
             g.label = labels[i]
 
 
+def _sampled_with(prior: ModelVersion, options: SamplingOptions) -> tuple[float, int]:
+    """(temperature, top_k) prior version `prior` samples with for `options` (its step scheduler's
+    defaults are its config's `sampling`); top_k 0, every code, as its codebook_size."""
+    card = prior.card
+    assert card is not None and card.codebook_size is not None
+    temperature, top_k = options.resolved(prior.config.sampling)
+    return temperature, top_k or card.codebook_size
+
+
 def _response(
     p: _Parsed, sampled: CodeSamples, request: pb.SampleCodesRequest, provenance: Provenance, call: Call
 ) -> pb.SampleCodesResponse:
     response = pb.SampleCodesResponse(provenance=provenance(p.mv, sampled.executed_batch_sizes, call.uses))
     response.provenance.rng_algorithm = CODE_RNG_ALGORITHM
+    # What the priors sampled with, config.json's defaults filled in: the request alone does not say
+    # (types.proto Provenance.temperature).
+    response.provenance.temperature, response.provenance.top_k = _sampled_with(p.mv, p.options)
+    if p.tops is None and p.mv.config.top_prior:  # its top prior sampled the top grids
+        for used, entry in zip(call.uses or (), response.provenance.used_models, strict=True):
+            if used.name == p.mv.config.top_prior:
+                card = used.card
+                assert card is not None and card.codebook_size is not None
+                top_options = SamplingOptions(p.options.temperature, min(p.options.top_k, card.codebook_size))
+                entry.temperature, entry.top_k = _sampled_with(used, top_options)
     response.seeds.extend(p.seeds)  # also where no image carries them (a prior without a decoder)
     _images(response.images, sampled.images, p.seeds, p.labels)
     if request.return_codes or not sampled.images:

@@ -3,6 +3,7 @@ subprocess against a real server holding tiny synthetic code models (tests/serve
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,3 +255,51 @@ def test_cli_sample_refuses_a_label_the_prior_has_no_class_for_before_any_call(
     proc = run_cli(*args, "--labels", "0,1,2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert len(list(out.glob("*.png"))) == 12
+
+
+def _prior_pixels_and_text(
+    target: str, model: str, out: Path, *extra: str
+) -> tuple[np.ndarray, dict[str, str]]:
+    proc = run_cli("--target", target, "sample", "--model", model, "--labels", "1", "--n", "1",
+                   "--seed", "11", "--out", str(out), *extra)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (path,) = sorted(out.iterdir())
+    with Image.open(path) as picture:
+        return np.asarray(picture).copy(), dict(picture.text)  # type: ignore[attr-defined]
+
+
+def test_a_code_priors_config_defaults_are_in_the_provenance_and_pngs_and_replay_the_images(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """types.proto: Provenance is "enough to reproduce it bit for bit", and a request that leaves
+    temperature and top_k unset samples at the prior's config.json `sampling`. Two servers whose
+    priors differ only there gave other images for the same seed under identical provenance, and the
+    `sample` PNGs recorded neither: a replay could not tell what to send."""
+    servers = []
+    for i, sampling in enumerate(({"temperature": 0.3, "top_k": 3}, {"temperature": 2.5})):
+        root = tmp_path_factory.mktemp(f"priors{i}")
+        names = write_code_models(root, grid=GRID, k=16, max_rows=8)
+        config_path = root / names["prior"] / "config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "sampling": sampling}))
+        servers.append(running_server(root, tmp_path_factory.mktemp(f"server{i}")))
+    prior = names["prior"]
+    with servers[0] as a, servers[1] as b:
+        with GenserveClient(a.target) as client:
+            first = client.sample_codes(prior, seeds=[11], labels=[1], format="raw").provenance
+            chained = client.sample_codes(names["chain"], seeds=[11], format="raw").provenance
+        with GenserveClient(b.target) as client:
+            second = client.sample_codes(prior, seeds=[11], labels=[1], format="raw").provenance
+        assert (first.temperature, first.top_k) == (pytest.approx(0.3), 3), first
+        assert (second.temperature, second.top_k) == (pytest.approx(2.5), 16), second  # 0: every code
+        assert chained.used_sampling == ((names["top"], 1.0, 16),), chained  # its top prior's own
+        out = tmp_path_factory.mktemp("pngs")
+        pixels_a, text_a = _prior_pixels_and_text(a.target, prior, out / "a")
+        pixels_b, text_b = _prior_pixels_and_text(b.target, prior, out / "b")
+        assert not np.array_equal(pixels_a, pixels_b)
+        assert (text_a.get("temperature"), text_a.get("top_k")) == ("0.3", "3"), text_a
+        assert (text_b.get("temperature"), text_b.get("top_k")) == ("2.5", "16"), text_b
+        replay = ("--temperature", text_a["temperature"], "--top-k", text_a["top_k"])
+        pixels_replayed, text_replayed = _prior_pixels_and_text(b.target, prior, out / "replay", *replay)
+    assert np.array_equal(pixels_replayed, pixels_a)
+    assert (text_replayed["temperature"], text_replayed["top_k"]) == ("0.3", "3")

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17genserve/v1/types.proto\x12\x0bgenserve.v1\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.genserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"N\n\x05Image\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.genserve.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x94\x01\n\rOutputOptions\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.genserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\x02 \x01(\r\x12\x1c\n\x0fpng_compression\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0ereturn_latents\x18\x04 \x01(\x08\x42\x12\n\x10_png_compression\"\xa0\x02\n\nProvenance\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x04 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x1c\n\x14\x65xecuted_batch_sizes\x18\x07 \x03(\r\x12\x15\n\rrng_algorithm\x18\x08 \x01(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12+\n\x0bused_models\x18\n \x03(\x0b\x32\x16.genserve.v1.UsedModel\x12\x16\n\x0eweights_sha256\x18\x0b \x01(\t\"Y\n\tUsedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\"\xb5\x01\n\x0eGeneratedImage\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.genserve.v1.Image\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05label\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12#\n\x06latent\x18\x04 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\r\n\x05index\x18\x05 \x01(\x04\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\x42\x07\n\x05_seedB\x08\n\x06_label*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03*\xa8\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x12\x1a\n\x16IMAGE_FORMAT_RAW_UINT8\x10\x04\x12\x1b\n\x17IMAGE_FORMAT_TENSOR_F32\x10\x05*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17genserve/v1/types.proto\x12\x0bgenserve.v1\"H\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.genserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"N\n\x05Image\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.genserve.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x94\x01\n\rOutputOptions\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.genserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\x02 \x01(\r\x12\x1c\n\x0fpng_compression\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0ereturn_latents\x18\x04 \x01(\x08\x42\x12\n\x10_png_compression\"\xd9\x02\n\nProvenance\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x04 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x1c\n\x14\x65xecuted_batch_sizes\x18\x07 \x03(\r\x12\x15\n\rrng_algorithm\x18\x08 \x01(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12+\n\x0bused_models\x18\n \x03(\x0b\x32\x16.genserve.v1.UsedModel\x12\x16\n\x0eweights_sha256\x18\x0b \x01(\t\x12\x18\n\x0btemperature\x18\x0c \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\r \x01(\rB\x0e\n\x0c_temperature\"\x92\x01\n\tUsedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\rB\x0e\n\x0c_temperature\"\xb5\x01\n\x0eGeneratedImage\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.genserve.v1.Image\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05label\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12#\n\x06latent\x18\x04 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\r\n\x05index\x18\x05 \x01(\x04\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\x42\x07\n\x05_seedB\x08\n\x06_label*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03*\xa8\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x12\x1a\n\x16IMAGE_FORMAT_RAW_UINT8\x10\x04\x12\x1b\n\x17IMAGE_FORMAT_TENSOR_F32\x10\x05*Q\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x11\n\rPRIORITY_BULK\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'genserve.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=911
-  _globals['_DTYPE']._serialized_end=994
-  _globals['_IMAGEFORMAT']._serialized_start=997
-  _globals['_IMAGEFORMAT']._serialized_end=1165
-  _globals['_PRIORITY']._serialized_start=1167
-  _globals['_PRIORITY']._serialized_end=1248
+  _globals['_DTYPE']._serialized_start=1026
+  _globals['_DTYPE']._serialized_end=1109
+  _globals['_IMAGEFORMAT']._serialized_start=1112
+  _globals['_IMAGEFORMAT']._serialized_end=1280
+  _globals['_PRIORITY']._serialized_start=1282
+  _globals['_PRIORITY']._serialized_end=1363
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=112
   _globals['_IMAGE']._serialized_start=114
@@ -44,9 +44,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OUTPUTOPTIONS']._serialized_start=195
   _globals['_OUTPUTOPTIONS']._serialized_end=343
   _globals['_PROVENANCE']._serialized_start=346
-  _globals['_PROVENANCE']._serialized_end=634
-  _globals['_USEDMODEL']._serialized_start=636
-  _globals['_USEDMODEL']._serialized_end=725
-  _globals['_GENERATEDIMAGE']._serialized_start=728
-  _globals['_GENERATEDIMAGE']._serialized_end=909
+  _globals['_PROVENANCE']._serialized_end=691
+  _globals['_USEDMODEL']._serialized_start=694
+  _globals['_USEDMODEL']._serialized_end=840
+  _globals['_GENERATEDIMAGE']._serialized_start=843
+  _globals['_GENERATEDIMAGE']._serialized_end=1024
 # @@protoc_insertion_point(module_scope)

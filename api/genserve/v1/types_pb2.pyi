@@ -234,6 +234,8 @@ class Provenance(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     USED_MODELS_FIELD_NUMBER: _builtins.int
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     model_sha256: _builtins.str
@@ -252,6 +254,18 @@ class Provenance(_message.Message):
     genserve_contract.repository.weights_digest of their sha256s, so that weights retrained under
     a byte-identical graph (same model_sha256) are told apart. Empty where the model keeps its
     weights in the graph file (model_sha256 covers them) or the server is older than this field.
+    """
+    temperature: _builtins.float
+    """SampleCodes and SampleCodesStream: the softmax temperature the prior (`model`) sampled with,
+    the request's or, where it gave none, the prior's config.json sampling.temperature (as float32).
+    Unset on every other RPC and from a server older than this field. Sent back as
+    SampleCodesRequest.temperature (with top_k), it gives the same grids on a server whose config.json
+    defaults differ.
+    """
+    top_k: _builtins.int
+    """SampleCodes and SampleCodesStream: how many of the most likely codes the prior sampled among,
+    the request's top_k or, where it gave 0, config.json sampling.top_k, or where that is 0 too the
+    card's codebook_size (every code: the same grids as top_k 0). 0 on every other RPC.
     """
     @_builtins.property
     def executed_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -278,12 +292,16 @@ class Provenance(_message.Message):
         server_version: _builtins.str = ...,
         used_models: _abc.Iterable[Global___UsedModel] | None = ...,
         weights_sha256: _builtins.str = ...,
+        temperature: _builtins.float | None = ...,
+        top_k: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "used_models", b"used_models", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "temperature", b"temperature", "top_k", b"top_k", "used_models", b"used_models", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
@@ -297,12 +315,20 @@ class UsedModel(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     model_sha256: _builtins.str
     """sha256 of its model file that ran."""
     weights_sha256: _builtins.str
     """As Provenance.weights_sha256: its external data files' digest, empty where it has none."""
+    temperature: _builtins.float
+    """A code prior's top prior that sampled the top grids: the temperature and top_k it sampled with,
+    as Provenance.temperature and top_k (its own config.json defaults where the request gave none).
+    Unset and 0 for any other model.
+    """
+    top_k: _builtins.int
     def __init__(
         self,
         *,
@@ -310,12 +336,16 @@ class UsedModel(_message.Message):
         version: _builtins.str = ...,
         model_sha256: _builtins.str = ...,
         weights_sha256: _builtins.str = ...,
+        temperature: _builtins.float | None = ...,
+        top_k: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_sha256", b"model_sha256", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "model", b"model", "model_sha256", b"model_sha256", "temperature", b"temperature", "top_k", b"top_k", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___UsedModel: _TypeAlias = UsedModel  # noqa: Y015
 
