@@ -61,7 +61,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
 
@@ -102,6 +102,8 @@ class RescanReport:
     config_errors: list[str] = field(default_factory=list)  # models whose files on disk cannot apply
     # models whose `specific` policy lists versions not on disk: applied, the others it lists serve
     listed_missing: list[str] = field(default_factory=list)
+    # models whose config.json edit applies only when their loaded versions load again (no change now)
+    config_waiting: list[str] = field(default_factory=list)
 
     def changed(self) -> bool:
         return bool(
@@ -430,7 +432,15 @@ class Reloader:
                     unserved or "none",
                     report.listed_missing or "none",
                 )
-            elif not self._stopping:  # else a SIGHUP's only line was 'rescan requested': it ended
+            elif self._stopping:  # a SIGHUP's only line was 'rescan requested': it ended
+                pass
+            elif report.config_waiting:  # each model's line said what waits for a load
+                logger.info(
+                    "rescan in %.2f s: no change to apply now (config.json edits of %s wait for a load)",
+                    time.monotonic() - started,
+                    report.config_waiting,
+                )
+            else:
                 logger.info("rescan in %.2f s: no change to apply", time.monotonic() - started)
             return report
 
@@ -489,6 +499,7 @@ class Reloader:
                 problem += f"; still serving {kept}"
         if not problem:
             problem = _kind_left_behind(current, config)
+        _note_config_waiting(current, config, report)
         missing = policy_misses(current.path, config.version_policy, available) if selected else ""
         if missing and missing not in reported:  # once per change, not at every rescan
             logger.warning("model %s: %s", current.name, missing)
@@ -904,6 +915,37 @@ def _kind_left_behind(model: Model, config: ModelConfig) -> str:
         f"would refuse it (its card and graph are not a {kind}'s): publish a version of kind {kind}, "
         "or set the kind back"
     )
+
+
+# What a rescan applies to loaded versions (the versions it picks), or reports on its own (a kind
+# edit: _kind_left_behind); every other key of config.json applies when a version loads.
+_APPLIED_AT_RESCAN = frozenset({"version_policy", "kind"})
+
+
+def _note_config_waiting(model: Model, config: ModelConfig, report: RescanReport) -> None:
+    """A valid config.json edit applies to versions loaded from then on: where a serving version was
+    loaded with another config (batching, sampling, runtime, ...), one line says what changed and
+    when it applies (an operator who edited it and sent SIGHUP was told 'no change to apply')."""
+    keys: list[str] = []
+    behind = []
+    for mv in model.ready_versions():
+        changed = [
+            f.name
+            for f in fields(config)
+            if f.name not in _APPLIED_AT_RESCAN and getattr(mv.config, f.name) != getattr(config, f.name)
+        ]
+        if changed:
+            behind.append(f"version {mv.version}")
+            keys += [k for k in changed if k not in keys]
+    if behind:
+        logger.warning(
+            "model %s: config.json changed (%s): it applies at a version's next load (a restart, or a new "
+            "version directory); %s keeps serving as loaded",
+            model.name,
+            ", ".join(keys),
+            ", ".join(behind),
+        )
+        report.config_waiting.append(model.name)
 
 
 def _served_file(mv: ModelVersion) -> Path | None:

@@ -1031,3 +1031,43 @@ def test_a_rescan_that_finds_nothing_to_change_says_it_ended(
     asyncio.run(scenario())
     [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rescan in")]
     assert summary.endswith("no change to apply"), summary
+
+
+def test_a_rescan_says_a_loaded_versions_config_edit_applies_at_its_next_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md: a valid config.json edit applies to versions loaded from then on. An
+    operator who edited a loaded model's batching (a code prior's sampling) and sent SIGHUP was told
+    'no change to apply' alone: nothing said that the edit waits for the version's next load. One
+    line names the model, what changed and when it applies; an unchanged repository says nothing more."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    config_path = root / "gen" / "config.json"
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=1.0, file_check_interval_s=None)
+        try:
+            loaded = repo.get("gen").versions["1"].config
+            edited = json.loads(config_path.read_text())
+            edited["batching"]["max_queue_delay_ms"] = 7.0
+            config_path.write_text(json.dumps(edited))
+            with caplog.at_level(logging.INFO, logger="genserve_server.reload"):
+                first = await reloader.rescan()
+                assert repo.get("gen").versions["1"].config == loaded  # serves as loaded
+                messages = [r.getMessage() for r in caplog.records]
+                caplog.clear()
+                edited["batching"]["max_queue_delay_ms"] = 2.0  # set back: nothing waits
+                config_path.write_text(json.dumps(edited))
+                await reloader.rescan()
+            assert not first.changed()
+            return messages, [r.getMessage() for r in caplog.records]
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    messages, after_set_back = asyncio.run(scenario())
+    [line] = [m for m in messages if m.startswith("model gen: config.json")]
+    assert "batching" in line and "version 1" in line and "next load" in line and "restart" in line, line
+    assert not [m for m in after_set_back if "config.json" in m], after_set_back
+    assert [m for m in after_set_back if m.startswith("rescan in")][0].endswith("no change to apply")
