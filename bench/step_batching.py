@@ -348,7 +348,13 @@ class ChainBatches:
             # At the next loop iteration, as a level's scheduler admits at its next step: requests
             # arriving together (the capacity batch) enter together.
             loop.call_soon(self._admit)
-            await entry
+            try:
+                await entry
+            except asyncio.CancelledError:
+                if entry.done() and not entry.cancelled():  # admitted, cancelled before it ran
+                    self._inside -= 1
+                    self._admit()
+                raise
             try:
                 await submit(i)
             finally:
@@ -361,7 +367,10 @@ class ChainBatches:
         if self._inside:
             return
         while self._waiting and self._inside < self.batch:
-            self._waiting.popleft().set_result(None)
+            entry = self._waiting.popleft()
+            if entry.done():  # its request was cancelled while it waited
+                continue
+            entry.set_result(None)
             self._inside += 1
 
 

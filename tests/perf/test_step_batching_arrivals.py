@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from bench.step_batching import Setup, failed_levels, measure_rate, one_rate, poisson_arrivals
+from bench.step_batching import ChainBatches, Setup, failed_levels, measure_rate, one_rate, poisson_arrivals
 
 
 @pytest.mark.parametrize(("rate", "duration_s"), [(1.0, 1.0), (0.5, 3.0), (20.0, 2.0)])
@@ -54,3 +54,45 @@ def test_a_request_that_fails_is_counted_and_a_policy_without_a_success_fails_th
     (line,) = failed_levels([got])
     assert line.startswith("step at 40/s: no request completed (errors: {'ValueError': ")
     assert line.endswith("; ValueError: no rows)")
+
+
+@pytest.mark.parametrize("cancelled", ["waiting", "admitted"])
+def test_a_chain_batch_waiter_cancelled_fails_no_other_request_and_frees_its_place(cancelled: str) -> None:
+    """--request-scope chain: a waiting request cancelled (the run stopped by Ctrl-C) still sat in
+    the queue, and the batch that left next set a result on its cancelled future: InvalidStateError
+    raised in that batch's request, counted as a failed one; one cancelled once admitted, before it
+    ran, kept its place, and every later request waited for it forever."""
+
+    async def scenario() -> list[str]:
+        release = asyncio.Event()
+        done: list[str] = []
+
+        async def submit(i: int) -> None:
+            if i == 0:
+                await release.wait()
+            done.append(f"ran {i}")
+
+        chained = ChainBatches(1).around(submit)
+        first = asyncio.create_task(chained(0))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # first admitted, inside submit
+        second = asyncio.create_task(chained(1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # second waits for its entry
+        if cancelled == "waiting":
+            second.cancel()
+            release.set()
+        else:
+            release.set()
+            await asyncio.sleep(0)  # first leaves and admits second: second's wake-up is pending
+            second.cancel()
+        try:
+            await first
+        except Exception as exc:  # noqa: BLE001 - the failure under test
+            done.append(f"first failed: {exc!r}")
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        await asyncio.wait_for(chained(2), timeout=5)
+        return done
+
+    assert asyncio.run(scenario()) == ["ran 0", "ran 2"]
