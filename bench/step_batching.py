@@ -704,6 +704,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; Ctrl-C stops it as it stops every command of the project: one line, exit 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("bench.step_batching: interrupted\n")
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,3 +227,44 @@ def test_report_only_without_out_leaves_the_last_runs_results_as_they_were(
     assert "sr-free-x4" in capsys.readouterr().out
     assert latest.read_text() == '{"the last run": true}\n' and earlier.read_bytes() == before
     assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.json"]
+
+
+RUN_INTERRUPTED = """
+import os, signal, sys, time
+from bench import run
+from bench.common import DEFAULT_MODELS
+
+
+def measure_model(model, duration_s):  # Ctrl-C while the raw limit is measured
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+
+
+run.assemble_repository = lambda *a: DEFAULT_MODELS
+run.raw_limit.measure_model = measure_model
+argv = ["--quick", "--no-priority", "--no-readme", "--models", "dcgan-digits", "--out", sys.argv[1]]
+sys.exit(run.main(argv))
+"""
+
+
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT's default action, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_run_stopped_by_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    # Ctrl-C ended `python -m bench.run` with a KeyboardInterrupt traceback, where every other
+    # command of the project says one line and exits 130.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_INTERRUPTED, str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env=env,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
+    )
+    assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stderr.splitlines() == ["bench.run: interrupted"], proc.stderr
+    assert not (tmp_path / "out.json").exists()
