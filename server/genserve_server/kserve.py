@@ -261,8 +261,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                     versions = [model.versions[request.version]]
                 else:
                     # As Triton (and ModelMetadata): the versions a request can reach, not one that
-                    # failed to load, is loading or draining (a client reads model_stats[0]).
-                    versions = model.ready_versions()
+                    # failed to load, is loading or draining (a client reads model_stats[0]); none
+                    # is an error, as Triton's 'requested model X is not available'.
+                    versions = model.ready_versions() or [model.resolve("")]
             else:
                 versions = [mv for m in self.repo for mv in m.ready_versions()]
             return kpb.ModelStatisticsResponse(

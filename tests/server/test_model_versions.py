@@ -308,3 +308,30 @@ def test_statistics_without_a_version_list_the_ready_versions_as_triton_does(tmp
             assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
+
+
+def test_statistics_of_a_model_with_no_ready_version_are_unavailable_as_in_triton(tmp_path: Path) -> None:
+    """KServe ModelStatistics naming a model whose every version failed to load answered an empty
+    model_stats, as for a model that serves and was never called: tritonclient's
+    get_inference_statistics(model) read model_stats[0] and raised IndexError, a dashboard showed
+    the model as idle. Triton answers an error ('requested model X is not available'); so does this
+    server, UNAVAILABLE with the reason, as ModelMetadata does. Without a model, the ready models."""
+    root = tmp_path / "models"
+    write_versions(root, "gen", ["1"], {"latest": 1})
+    (root / "gen" / "1" / "model.onnx").write_bytes(b"not a model")  # sha256 mismatch: UNAVAILABLE
+    write_versions(root, "ok", ["1"], {"latest": 1})
+    server = start_server(root, tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as metadata:
+                kstub.ModelMetadata(kpb.ModelMetadataRequest(name="gen"), timeout=10)
+            with pytest.raises(grpc.RpcError) as excinfo:
+                kstub.ModelStatistics(kpb.ModelStatisticsRequest(name="gen"), timeout=10)
+            assert excinfo.value.code() == metadata.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert excinfo.value.details() == metadata.value.details()
+            assert "model gen has no ready version" in excinfo.value.details()
+            stats = kstub.ModelStatistics(kpb.ModelStatisticsRequest(), timeout=10).model_stats
+            assert [(s.name, s.version) for s in stats] == [("ok", "1")]
+    finally:
+        server.stop()
