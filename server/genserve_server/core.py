@@ -579,7 +579,9 @@ class GenerationCore:
             )
             for i, seed in enumerate(seeds)
         ]
+        looking = time.monotonic()
         found = [cache.get(key) for key in keys]
+        call.timing.cache_done(time.monotonic() - looking)
         missing = [i for i, entry in enumerate(found) if entry is None]
         mv.metrics.cache_hits.inc(len(seeds) - len(missing))
         mv.metrics.cache_misses.inc(len(missing))
@@ -604,11 +606,13 @@ class GenerationCore:
             batch_sizes = computed.executed_batch_sizes
             # A version unloaded while this call computed (forget_version dropped its entries): none kept.
             keep = not any(v in self._forgotten for v in used)
+            inserting = time.monotonic()
             for j, i in enumerate(missing):
                 images[i] = computed.images[j]
                 z[i] = computed.latents[j]
                 if keep:
                     cache.put(keys[i], computed.images[j], computed.latents[j])
+            call.timing.cache_done(time.monotonic() - inserting)
             self.metrics.image_cache_bytes.set(cache.nbytes)
         if len(missing) < len(seeds):  # what generate checks for computed images, for the whole response
             self.check_encoded_send_size(images, out.format, latent_bytes)

@@ -15,8 +15,10 @@ disjoint parts of the call's own wall time (CallTiming.phases), never sums over 
 compute_input is the time spent decoding the request's inputs (images, tensors) and
 compute_output encoding its outputs, each bounded by its window; the rest of the call (parsing,
 validation, resolving the model, gaps) is what perf_analyzer shows as server overhead, as in
-Triton, where the frontend's request handling is overhead too. Everything runs on the event loop:
-no locks.
+Triton, where the frontend's request handling is overhead too. A request served wholly from the
+image cache counts as Triton counts a response-cache hit: success, queue and cache_hit, no compute
+(the compute counts are the computed requests'); one that looked the cache up and computed counts in
+cache_miss too. Everything runs on the event loop: no locks.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class CallTiming:
     infer_s: float = 0.0
     input_s: float = 0.0  # decoding the request's inputs (encoding.Codec.decode, KServe tensors)
     output_s: float = 0.0  # encoding its outputs (encoding.Codec.encode, KServe tensors)
+    cache_s: float | None = None  # looking its images up in the image cache and storing them
+
+    def cache_done(self, seconds: float) -> None:
+        """Time spent looking up or storing images in the image cache (core.sample)."""
+        self.cache_s = (self.cache_s or 0.0) + seconds
 
     def submitted(self, entered: float, dispatched: float, done: float) -> None:
         """One submission: entered the batcher, its last batch dispatched, its result back."""
@@ -85,6 +92,8 @@ class InferStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)  # successes wholly from the image cache
+    cache_miss: Duration = field(default_factory=Duration)  # successes that looked it up and computed
     inference_count: int = 0
     execution_count: int = 0
     batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> executions, compute
@@ -96,12 +105,21 @@ class InferStats:
             self.fail.add(duration_s)
             return
         self.success.add(duration_s)
+        self.last_inference_ms = int(time.time() * 1000)
+        if timing.cache_s is not None:
+            cache_s = min(timing.cache_s, duration_s)
+            if timing.first_submit is None:
+                # Every image from the image cache: as Triton counts a response-cache hit, queue
+                # (none here) and cache_hit, no compute (its counts are the computed requests').
+                self.queue.add(0.0)
+                self.cache_hit.add(cache_s)
+                return
+            self.cache_miss.add(cache_s)
         compute_input, queue, infer, compute_output = timing.phases(started, ended)
         self.queue.add(queue)
         self.compute_input.add(compute_input)
         self.compute_infer.add(infer)
         self.compute_output.add(compute_output)
-        self.last_inference_ms = int(time.time() * 1000)
 
     def batch_done(self, rows: int, compute_s: float) -> None:
         """One successful model execution of `rows` rows."""

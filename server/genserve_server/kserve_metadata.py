@@ -93,8 +93,8 @@ def statistics(mv: ModelVersion) -> kpb.ModelStatistics:
             compute_input=_duration(stats.compute_input),
             compute_infer=_duration(stats.compute_infer),
             compute_output=_duration(stats.compute_output),
-            cache_hit=kpb.StatisticDuration(),
-            cache_miss=kpb.StatisticDuration(),
+            cache_hit=_duration(stats.cache_hit),
+            cache_miss=_duration(stats.cache_miss),
         ),
         batch_stats=[
             # genserve measures a batch's model call as one span: all of it is compute_infer.

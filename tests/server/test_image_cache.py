@@ -171,6 +171,35 @@ def test_repeated_seeds_come_from_the_cache_and_only_new_seeds_are_computed(
     assert fresh.images[0].from_cache and fresh.images[0].image == first.images[1].image
 
 
+def test_statistics_count_a_request_served_from_the_cache_as_a_cache_hit_not_a_computation(
+    stub: pb_grpc.GenerationServiceStub, cached_server: ServerProcess
+) -> None:
+    """KServe ModelStatistics counted a Sample served wholly from the image cache as a computed
+    request with zero compute time: compute_infer's average (ns / count, what tritonclient and
+    perf_analyzer report) fell with every hit, halved where half the requests hit. As Triton counts
+    a response-cache hit: success and queue, and cache_hit (its lookup time), no compute count; the
+    request that looked the cache up and computed counts in cache_miss too."""
+    from genserve.kserve import grpc_service_pb2 as kpb
+    from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+
+    def stats() -> kpb.InferStatistics:
+        with grpc.insecure_channel(cached_server.target) as channel:
+            kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            request = kpb.ModelStatisticsRequest(name="tiny-gen")
+            return kstub.ModelStatistics(request, timeout=10).model_stats[0].inference_stats
+
+    expected = {"success": 2, "queue": 2, "cache_hit": 1, "cache_miss": 1}
+    expected |= {"compute_input": 1, "compute_infer": 1, "compute_output": 1}
+    before = stats()
+    computed = stub.Sample(pb.SampleRequest(model="tiny-gen", seeds=[31, 32]))
+    cached = stub.Sample(pb.SampleRequest(model="tiny-gen", seeds=[31, 32]))
+    assert [g.from_cache for g in computed.images] == [False, False]
+    assert [g.from_cache for g in cached.images] == [True, True]
+    after = stats()
+    assert {p: getattr(after, p).count - getattr(before, p).count for p in expected} == expected
+    assert after.compute_input.count == after.compute_infer.count == after.compute_output.count
+
+
 def test_other_formats_labels_and_truncation_are_other_images(
     stub: pb_grpc.GenerationServiceStub, cached_server: ServerProcess
 ) -> None:
