@@ -257,8 +257,8 @@ def _parser() -> argparse.ArgumentParser:
         "float32; the reference check and the figures are the rounded network's)",
     )
 
-    verify = sub.add_parser("verify", help="check every model of a repository")
-    verify.add_argument("path", type=Path)
+    verify = sub.add_parser("verify", help="check every model of a repository, or one model")
+    verify.add_argument("path", type=Path, help="the repository, or one model's folder (holding config.json)")
     verify.add_argument("--grids", type=Path, default=None, help="write a PNG sample grid per model here")
     verify.add_argument(
         "--no-thresholds",

@@ -128,7 +128,9 @@ def verify_repository(
     check_thresholds: bool = True,
     recompute_quality: bool = True,
 ) -> VerifyReport:
-    """Check every ``<name>/<version>`` under ``path``; see the module docstring.
+    """Check every ``<name>/<version>`` under ``path``; see the module docstring. A ``path`` holding
+    config.json is one model's folder: its versions are checked, in its parent repository (where
+    the models it names, a decoder or a mapping, are found).
 
     ``check_thresholds=False`` still recomputes and reports quality but does not fail on the
     card's thresholds (for deliberately undertrained models, e.g. in tests).
@@ -138,10 +140,14 @@ def verify_repository(
     if not root.is_dir():
         report.errors.append(f"{root} is not a directory")
         return report
-    entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not entries:
-        report.errors.append(f"{root} holds no model directories")
-    sessions = _SessionCache(root)
+    if (root / "config.json").is_file():  # one model's folder, not a repository
+        entries = [root]
+        sessions = _SessionCache(root.resolve().parent)
+    else:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not entries:
+            report.errors.append(f"{root} holds no model directories")
+        sessions = _SessionCache(root)
     for entry in entries:
         config = _check_config(entry, report)
         try:

@@ -327,3 +327,17 @@ def test_version_prints_the_package_and_its_version(capsys: pytest.CaptureFixtur
     assert cli.main(["--version"]) == 0
     out, err = capsys.readouterr()
     assert (out, err) == (f"genserve-export {genserve_export.__version__}\n", "")
+
+
+def test_verify_of_one_model_directory_verifies_that_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`genserve-export verify models/sr-photos-x4` took the model's folder for a repository and
+    reported each version folder as a model without config.json or versions, exit 1. A folder
+    holding config.json is one model: its versions are verified, as in its repository."""
+    shutil.copytree(REPO_ROOT / "models" / "sr-photos-x4", tmp_path / "models" / "sr-photos-x4")
+    code = cli.main(["verify", str(tmp_path / "models" / "sr-photos-x4"), "--no-quality"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "config.json is missing" not in out and "no version directory" not in out, out
+    assert "1 model version(s) checked" in out and "all OK" in out, out
