@@ -151,13 +151,38 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+# A class as a flag gives it: an index (an integer), or one of the model's class names, which
+# class_index resolves against GetModel's class_names.
+Label = int | str
+
+# The class names an unknown name's refusal lists, at most.
+LISTED_CLASS_NAMES = 20
+
+
+def label_item(text: str) -> Label:
+    """One class of a label flag: an integer is an index in [0, 2^31), anything else a class name."""
+    name = text.strip()
+    try:
+        index = int(name)
+    except ValueError:
+        if not name:
+            raise argparse.ArgumentTypeError("expected a class index or name, got an empty one") from None
+        return name
+    if not 0 <= index < LABEL_LIMIT:
+        raise argparse.ArgumentTypeError(f"labels are class indices in [0, 2^31), got {index}")
+    return index
+
+
+def label_items(text: str) -> list[Label]:
+    """Comma-separated classes, each an index or a class name (empty parts skipped)."""
+    return [label_item(part) for part in text.split(",") if part.strip()]
+
+
 def parse_labels(text: str) -> str:
-    """argparse type of --labels: `all` or comma-separated class indices, checked before any call
-    (the value stays a string for resolve_labels)."""
+    """argparse type of --labels: `all` or comma-separated classes (indices or class names), checked
+    before any call (the value stays a string for resolve_labels)."""
     if text != "all":
-        bad = [label for label in parse_ints(text) if not 0 <= label < LABEL_LIMIT]
-        if bad:
-            raise argparse.ArgumentTypeError(f"labels are class indices in [0, 2^31), got {bad[0]}")
+        label_items(text)
     return text
 
 
@@ -181,16 +206,14 @@ SEED_RANGE = "[0, 2^63)"
 parse_seed = int_in(0, SEED_LIMIT - 1, SEED_RANGE)
 parse_uint32 = int_in(0, UINT32_LIMIT - 1, f"0..{UINT32_LIMIT - 1}")
 parse_positive = int_in(1, UINT32_LIMIT - 1, f"1..{UINT32_LIMIT - 1}")
-parse_label = int_in(0, LABEL_LIMIT - 1, "[0, 2^31)")
+# --label: one class, an index or a class name (the whole text: a name may hold a comma).
+parse_label = label_item
 
 
-def parse_label_list(text: str) -> list[int]:
-    """argparse type of interpolate --label: class indices in [0, 2^31)."""
-    labels = parse_ints(text)
-    bad = [label for label in labels if not 0 <= label < LABEL_LIMIT]
-    if bad:
-        raise argparse.ArgumentTypeError(f"labels are class indices in [0, 2^31), got {bad[0]}")
-    return labels
+def parse_label_list(text: str) -> list[Label]:
+    """argparse type of interpolate --label and bench --labels: classes, indices in [0, 2^31) or
+    class names."""
+    return label_items(text)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -286,20 +309,49 @@ def class_label(info: genserve_pb2.ModelInfo, label: int) -> str:
     return info.class_names[label] if 0 <= label < len(info.class_names) else str(label)
 
 
-def resolve_labels(info: genserve_pb2.ModelInfo, labels: str | None) -> list[int]:
+def class_index(info: genserve_pb2.ModelInfo, label: Label, where: str) -> int:
+    """A class's index: an index as it is (check_classes checks its range), a class name matched
+    against the model's class_names (an exact match, else the one equal ignoring case); an unknown
+    name is refused listing the model's classes. `where`: `command: --flag`, for the message."""
+    if isinstance(label, int):
+        return label
+    names = list(info.class_names)
+    if label in names:
+        return names.index(label)
+    folded = [i for i, name in enumerate(names) if name.casefold() == label.casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    if not names:
+        raise UsageError(f"{where}: {info.name} is a {info.kind} without classes: it takes no labels")
+    listed = ", ".join(f"{i}: {name}" for i, name in enumerate(names[:LISTED_CLASS_NAMES]))
+    more = f", ... ({len(names)} in all)" if len(names) > LISTED_CLASS_NAMES else ""
+    raise UsageError(
+        f"{where}: {info.name} has no class named {label!r}; give a class index or one of its "
+        f"class names: {listed}{more}"
+    )
+
+
+def class_indices(info: genserve_pb2.ModelInfo, labels: Sequence[Label], where: str) -> list[int]:
+    return [class_index(info, label, where) for label in labels]
+
+
+def resolve_labels(info: genserve_pb2.ModelInfo, labels: str | None, command: str = "") -> list[int]:
     """`all` -> every class of a model with class names (a conditional generator or code prior);
-    `0,3` -> [0, 3]; None -> all classes for a conditional model (a conditional generator, or a
-    code prior with class names: both refuse a request without labels), none otherwise."""
+    `0,Dress` -> [0, 3] (an index, or a class name of the model); None -> all classes for a
+    conditional model (a conditional generator, or a code prior with class names: both refuse a
+    request without labels), none otherwise."""
     if labels == "all":
         return list(range(len(info.class_names)))
     if labels is None:
         conditional = info.kind == CONDITIONAL or (info.kind == CODE_PRIOR and bool(info.class_names))
         return list(range(len(info.class_names))) if conditional else []
+    where = f"{command}: --labels" if command else "--labels"
     try:
-        return parse_ints(labels)
+        items = label_items(labels)
     except argparse.ArgumentTypeError as exc:
         # Called after parsing: an argparse error here would escape main() as a traceback.
-        raise UsageError(f"--labels: {exc} (or `all`)") from None
+        raise UsageError(f"{where}: {exc} (or `all`)") from None
+    return class_indices(info, items, where)
 
 
 def save_image_bytes(path: Path, data: bytes) -> None:
@@ -597,7 +649,11 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         check_grid_size("sample", args.n, f"--n {args.n}")  # before any call
     check_sample_size(args.n)
     info = client.get_model(args.model, args.version)  # the version its calls go to
-    labels = [args.label] if args.label is not None else resolve_labels(info, args.labels)
+    labels = (
+        [class_index(info, args.label, "sample: --label")]
+        if args.label is not None
+        else resolve_labels(info, args.labels, "sample")
+    )
     check_classes("sample", "--label" if args.label is not None else "--labels", info, labels)
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
@@ -671,6 +727,10 @@ def cmd_interpolate(client: GenserveClient, args: argparse.Namespace) -> int:
         )
     opts = _sample_opts(args)
     if args.label:
+        if not all(isinstance(label, int) for label in args.label):  # a class name: the model's
+            args.label = class_indices(
+                client.get_model(args.model, args.version), args.label, "interpolate: --label"
+            )
         opts["labels"] = args.label
     result = client.interpolate(args.model, args.from_seed, args.to_seed, args.steps, mode=args.mode, **opts)
     # Every file records the path it lies on: an image between the ends has no seed of its own.
@@ -773,7 +833,7 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
         "with fewer seeds per set",
     )
     info = client.get_model(args.model, args.version)
-    labels = [args.label] if args.label is not None else []
+    labels = [class_index(info, args.label, "arithmetic: --label")] if args.label is not None else []
     if info.kind == CONDITIONAL and not labels:
         raise UsageError(f"{args.model} is conditional: give --label")
     opts = _sample_opts(args)
@@ -1173,7 +1233,7 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         raise UsageError(
             f"bulk: --version {args.version!r}: model {args.model!r} has no such version (served: {served})"
         )
-    labels = resolve_labels(info, args.labels) if info.kind == CONDITIONAL or args.labels else []
+    labels = resolve_labels(info, args.labels, "bulk") if info.kind == CONDITIONAL or args.labels else []
     params = BulkParams(
         model=args.model,
         n=args.n,
@@ -1398,10 +1458,14 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
         raise UsageError(
             f"bench: --labels: {args.model} is a {info.kind} without classes: it takes no labels"
         )
-    elif bad := [label for label in args.labels if label >= len(info.class_names)]:
-        # Every call would be refused INVALID_ARGUMENT: the run would measure nothing.
-        n = len(info.class_names)
-        raise UsageError(f"bench: --labels: {args.model} has {n} classes (labels in [0, {n})), got {bad[0]}")
+    else:
+        args.labels = class_indices(info, args.labels, "bench: --labels")
+        if bad := [label for label in args.labels if label >= len(info.class_names)]:
+            # Every call would be refused INVALID_ARGUMENT: the run would measure nothing.
+            n = len(info.class_names)
+            raise UsageError(
+                f"bench: --labels: {args.model} has {n} classes (labels in [0, {n})), got {bad[0]}"
+            )
     results = run_async(_bench(config, args))  # SIGTERM cancels it as Ctrl-C does
     if args.json:
         _out(json.dumps(results, indent=2))
@@ -1553,11 +1617,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("sample", "draw images; --grid shows one labelled row per class")
     _add_model(p)
-    p.add_argument("--label", type=parse_label, help="one class for all images")
+    p.add_argument(
+        "--label",
+        type=parse_label,
+        help="one class for all images: its index, or its class name",
+    )
     p.add_argument(
         "--labels",
         type=parse_labels,
-        help="classes, e.g. 0,1,2 or `all` (default for conditional models: all)",
+        help="classes, indices or class names, e.g. 0,1,2 or Dress,Coat, or `all` (default for "
+        "conditional models: all)",
     )
     p.add_argument(
         "--n",
@@ -1603,7 +1672,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("slerp", "lerp"),
         help="path through latent space (default: slerp in z; a style generator's: a line in w space)",
     )
-    p.add_argument("--label", type=parse_label_list, help="class of the path, or two classes (start,end)")
+    p.add_argument(
+        "--label",
+        type=parse_label_list,
+        help="class of the path, or two classes (start,end), by index or name",
+    )
     p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     _add_format(p)
     p.add_argument("--out", help="directory for the images")
@@ -1636,7 +1709,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     for name in ("a", "b", "c"):
         p.add_argument(f"--{name}", type=parse_seeds, required=True, help=f"seeds of set {name.upper()}")
-    p.add_argument("--label", type=parse_label, help="class for conditional models")
+    p.add_argument("--label", type=parse_label, help="class for conditional models (index or name)")
     p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     _add_format(p)
     p.add_argument("--grid", required=True, help=f"PNG file (at most {MAX_GRID_IMAGES} images)")
@@ -1705,7 +1778,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels",
         type=parse_labels,
-        help="`all` or 0,1,...: image i gets labels[i %% len] (default: all classes of a conditional model)",
+        help="`all` or classes (indices or names) 0,1,...: image i gets labels[i %% len] (default: all "
+        "classes of a conditional model)",
     )
     p.add_argument(
         "--concurrency",
@@ -1772,7 +1846,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--closed-too", action="store_true", help="with --rate: also run the closed loops")
     p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="open-loop arrivals")
     p.add_argument("--max-outstanding", type=int, default=256, help="open loop: bound on calls in flight")
-    p.add_argument("--labels", type=parse_label_list, help="classes to cycle through (conditional models)")
+    p.add_argument(
+        "--labels",
+        type=parse_label_list,
+        help="classes to cycle through, indices or names (conditional models)",
+    )
     p.add_argument(
         "--channels",
         type=int,

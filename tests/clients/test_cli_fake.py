@@ -28,7 +28,8 @@ def test_bad_labels_are_a_usage_error(
         code, _, err = cli_main(capsys, *t, *args)
         assert code == 2, err
         assert "--labels" in err and "Traceback" not in err
-    assert not fake_server.service.calls  # refused before any call
+    # Refused before any call but GetModel's (a class name is checked against the model's classes).
+    assert set(fake_server.service.calls) <= {"GetModel"}
     # resolve_labels is called after parsing: it raises the CLI's usage error, not argparse's.
     info = genserve_pb2.ModelInfo(name="m", kind="generator")
     with pytest.raises(UsageError, match="--labels"):
@@ -199,6 +200,86 @@ def test_interpolate_needs_an_output(fake_server: FakeServer, capsys: pytest.Cap
     assert code == 2, err
     assert "--out" in err and "--grid" in err
     assert not fake_server.service.calls
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker"]
+
+
+@pytest.mark.parametrize(
+    ("command", "labels"),
+    [
+        (("sample", "--label", "Dress", "--n", "1"), [3]),
+        (("sample", "--label", "t-shirt/top", "--n", "1"), [0]),  # case-insensitive
+        (("sample", "--labels", "trouser,2,DRESS", "--n", "1"), [1, 2, 3]),
+        (("bulk", "--labels", "Dress,Coat", "--n", "2"), [3, 4]),
+    ],
+)
+def test_labels_may_name_the_models_classes(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+    labels: list[int],
+) -> None:
+    """GetModel gives a conditional model's class names (cgan-fashion's 'Dress'), yet --label and
+    --labels took indices only: `sample --label Dress` was refused 'expected an integer'. A class
+    name (its case aside) is that class's index."""
+    import client_fakes
+
+    monkeypatch.setattr(client_fakes, "FAKE_CLASSES", FASHION_CLASSES)
+    out = tmp_path / "out"
+    code, _, err = cli_main(
+        capsys,
+        "--target",
+        fake_server.target,
+        command[0],
+        "--model",
+        "fake-cond",
+        *command[1:],
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    if command[0] == "bulk":
+        written = [json.loads(line)["label"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    else:
+        written = sorted(int(p.stem.rsplit("_label", 1)[1]) for p in out.iterdir())
+    assert written == labels
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("sample", "--label", "Dres", "--out", "x"),
+        ("sample", "--labels", "Dress,Dres", "--out", "x"),
+        ("bulk", "--labels", "Dres", "--n", "2", "--out", "x"),
+        ("arithmetic", "--a", "1", "--b", "2", "--c", "3", "--label", "Dres", "--grid", "x.png"),
+        ("interpolate", "--from-seed", "1", "--to-seed", "2", "--label", "Dress,Dres", "--grid", "x.png"),
+        ("bench", "--labels", "Dres", "--duration", "0.2", "--warmup", "0", "--concurrency", "1"),
+    ],
+)
+def test_an_unknown_class_name_is_refused_listing_the_models_classes(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+) -> None:
+    import client_fakes
+
+    classes = FASHION_CLASSES + [f"extra-{i}" for i in range(20)]
+    monkeypatch.setattr(client_fakes, "FAKE_CLASSES", classes)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_main(
+        capsys, "--target", fake_server.target, command[0], "--model", "fake-cond", *command[1:]
+    )
+    assert code == 2, err
+    assert "has no class named 'Dres'" in err and "Traceback" not in err, err
+    assert "0: T-shirt/top, 1: Trouser" in err and "19: extra-11, ... (28 in all)" in err, err
+    assert "extra-12" not in err, err
+    generating = ("Sample", "SampleStream", "Interpolate")
+    assert not any(fake_server.service.calls[m] for m in generating)
 
 
 def test_labels_all_expands_for_a_class_conditional_code_prior() -> None:
