@@ -94,7 +94,8 @@ def sample_codes_progress(
     model: str, n: int = 0, *, timeout_s: float | None = None, **opts: Unpack[rq.CodesProgressOptions]
 ) -> ProgressCall:
     """`sample_codes` with progress (SampleCodesStream): a CodesProgress every `preview_every` prior
-    steps, with previews of the grids so far, then the CodesResult. Retried as `sample_codes` until
+    steps short of a level's last (a level of at most `preview_every` positions gives none), with
+    previews of the grids so far, then the CodesResult. Retried as `sample_codes` until
     the first message (a full row budget at admission, a server not reachable yet); a failure after
     it raises GenserveClientError (a new attempt would start over); leaving the loop early cancels
     the call."""

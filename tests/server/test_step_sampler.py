@@ -966,6 +966,45 @@ def test_a_slow_consumer_still_sees_each_level_of_a_two_level_call(
     run_with_core(root, body)
 
 
+@pytest.mark.parametrize("every", [4, 9, 12])
+def test_progress_chunks_come_at_multiples_of_preview_every_short_of_each_levels_last_step(
+    code_repo: tuple[Path, dict[str, str]], every: int
+) -> None:
+    """docs/server.md: a level reports after each multiple of preview_every short of its last step
+    (a level's finished grids are not a chunk: the bottom's are the answer, the top's the bottom's
+    start), so a two-level call with preview_every at or past the top's 9 positions sends no `top`
+    chunk at all, only `codes` ones, then the answer."""
+    root, names = code_repo
+    top_positions = (GRID[0] // 2) * (GRID[1] // 2)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["chain"], "", ("code_prior",), "SampleCodesStream")
+        stream = code_sampling.sample_codes_stream(
+            core, mv, call, [3], None, None, SamplingOptions(), PNG, every=every
+        )
+        try:
+            items = [item async for item in stream]
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            call.release_uses()
+        *progress, last = items
+        assert isinstance(last, CodeSamples)
+        chunks = [
+            (p.level, p.filled, p.positions) for p in progress if isinstance(p, code_sampling.CodeProgress)
+        ]
+        assert len(chunks) == len(progress)
+        levels = {"top": top_positions, "codes": POSITIONS}
+        assert [level for level, _, _ in chunks] == sorted((c[0] for c in chunks), key=lambda lv: lv != "top")
+        for level, filled, positions in chunks:
+            assert positions == levels[level] and filled % every == 0 and 0 < filled < positions, chunks
+        assert ("top" in {c[0] for c in chunks}) == (every < top_positions), chunks
+        assert any(level == "codes" for level, _, _ in chunks), chunks
+
+    run_with_core(root, body)
+
+
 def test_a_stream_left_after_its_sampling_failed_does_not_log_a_lost_exception(
     code_repo: tuple[Path, dict[str, str]],
 ) -> None:

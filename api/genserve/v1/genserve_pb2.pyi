@@ -776,7 +776,8 @@ class SampleCodesRequest(_message.Message):
     """Also return each sample's grid in `codes` (always returned when the prior has no decoder)."""
     preview_every: _builtins.int
     """SampleCodesStream only (SampleCodes refuses it, naming it): steps between progress chunks,
-    0..positions; 0: about 8 per level.
+    0..positions; 0: about 8 per level. A chunk comes after each multiple short of a level's last
+    step, so a level of at most preview_every positions sends none.
     """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
