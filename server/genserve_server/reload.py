@@ -193,15 +193,18 @@ def _children(model_dir: Path, name: str, entries: list[Listed]) -> None:
                     shown = f"{listed}/{file}" if file in VERSION_FILES else str(Path(listed, file))
                     entries.append((shown, st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns))
                     if file == "card.json":  # the external data files it lists (model.onnx.data)
-                        names += _card_data_files(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+                        names += _card_data_files(
+                            str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+                        )
 
 
 @functools.lru_cache(maxsize=4096)
-def _card_data_files(card: str, size: int, mtime_ns: int, ino: int) -> tuple[str, ...]:
+def _card_data_files(card: str, size: int, mtime_ns: int, ino: int, ctime_ns: int) -> tuple[str, ...]:
     """The files card.json's sha256 lists beside VERSION_FILES: a graph's external data files, which
-    a version loads its weights from (loader._verified_sha256). Read once per (size, mtime, inode) of
-    the card; a location outside the version directory is not looked at."""
-    del size, mtime_ns, ino  # the cache's key: a card changed is read again
+    a version loads its weights from (loader._verified_sha256). Read once per (size, mtime, inode,
+    ctime) of the card (`cp -p` onto it keeps the first three); a location outside the version
+    directory is not looked at."""
+    del size, mtime_ns, ino, ctime_ns  # the cache's key: a card changed is read again
     try:
         digests = json.loads(read_regular_text(Path(card), MAX_JSON_BYTES)).get("sha256")
     except (OSError, ValueError, RecursionError, AttributeError):

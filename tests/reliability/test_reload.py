@@ -440,6 +440,33 @@ def test_the_watch_sees_a_model_file_rewritten_in_place_with_its_size_and_mtime_
     assert repository_fingerprint(root) != listed
 
 
+def test_the_watch_follows_a_card_rewritten_in_place_to_list_other_data_files(tmp_path: Path) -> None:
+    """The external data files card.json lists were read once per (size, mtime, inode) of the card:
+    a card written in place with its mtime set back (`cp -p` onto it) to list another data file of
+    a name as long kept the old list, so the watch never looked at the new file and missed its
+    changes. The card's ctime, which nothing sets back, is part of that key too."""
+    root = tmp_path / "models"
+    version_dir = write_gen(root, "gen", version="1", seed=0)
+    card = version_dir / "card.json"
+    card.write_text(json.dumps({"sha256": {"model.onnx": "0" * 64, "weights-a.data": "1" * 64}}))
+    (version_dir / "weights-a.data").write_bytes(b"a")
+    (version_dir / "weights-b.data").write_bytes(b"b")
+    before = card.stat()
+    assert "gen/1/weights-a.data" in [name for name, *_ in repository_fingerprint(root)]
+    time.sleep(0.05)  # a tick of the kernel's file time stamps apart from the first write
+    card.write_text(json.dumps({"sha256": {"model.onnx": "0" * 64, "weights-b.data": "1" * 64}}))
+    os.utime(card, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = card.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    listed = [name for name, *_ in repository_fingerprint(root)]
+    assert "gen/1/weights-b.data" in listed
+    assert "gen/1/weights-a.data" not in listed
+
+
 def test_the_watch_stats_each_listed_file_of_a_model_once_a_poll(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
