@@ -488,6 +488,15 @@ def ort_path(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", "surrogateescape")
 
 
+# Provider options naming a path, handed to ONNX Runtime as ort_path does.
+_PATH_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")
+
+
+def _ort_options(options: Mapping[str, str]) -> dict[str, str]:
+    """`options` with each path (TensorRT's caches) as ONNX Runtime's binding takes it (ort_path)."""
+    return {k: ort_path(Path(v)) if k in _PATH_OPTIONS else v for k, v in options.items()}
+
+
 def create_session(
     model: Path | bytes,
     requested: Sequence[str],
@@ -557,7 +566,7 @@ def create_session(
                     source,
                     options,
                     providers=[p for p, _ in chain],
-                    provider_options=[o for _, o in chain],
+                    provider_options=[_ort_options(o) for _, o in chain],
                     enable_fallback=0,
                 )
         except Exception as exc:  # ORT raises its own untyped errors (Fail, RuntimeException, ...)

@@ -48,6 +48,8 @@ from genserve_server.session_runner import (
     SessionRunner,
 )
 
+# ONNX Runtime's own InferenceSession, before a test puts _FakeOrt in its place.
+_REAL_INFERENCE_SESSION = ort_session.ort.InferenceSession
 PROFILE = ProfileShapes({"z": [1, 16]}, {"z": [8, 16]}, {"z": [64, 16]})
 SHA_V1 = "1" * 64
 SHA_V2 = "2" * 64
@@ -227,6 +229,29 @@ def test_two_versions_get_different_engine_cache_paths(tmp_path: Path) -> None:
     assert v1["trt_timing_cache_path"] == str(tmp_path / "trt")  # per GPU, shared by models
     # Without the model's hash there is no safe key: no cache rather than a shared one.
     assert "trt_engine_cache_enable" not in dict(provider_chain([TENSORRT], config))[TENSORRT]
+
+
+def test_an_engine_cache_in_a_non_ascii_folder_reaches_onnx_runtime_under_a_c_locale(
+    tiny_version: Path, fake_ort: _FakeOrt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a locale that is not UTF-8 (LANG=C without Python's UTF-8 mode) a non-ASCII path's bytes
+    are lone surrogates ('mod\\udcc3\\udca8les'), which ONNX Runtime's binding refuses: TensorRT's
+    engine and timing cache paths under such a trt_engine_cache_dir made every TensorRT session fail
+    with a TypeError, and the model fell back to CUDA. They reach ONNX Runtime as their bytes decoded
+    as UTF-8, and the cache directory is made where the setting names it."""
+    monkeypatch.setattr(ort_session, "gpu_identity", lambda device_id: "NVIDIA-H200-sm90")
+    base = tiny_version.parent.parent
+    config = replace(RuntimeConfig(), trt_engine_cache_dir=str(base / "mod\udcc3\udca8les" / "trt"))
+    create_session(tiny_version / "model.onnx", [TENSORRT, CUDA, CPU], config, cores=1, profile=PROFILE)
+    trt = next(c for c in fake_ort.calls if c["providers"][0] == TENSORRT)["provider_options"][0]
+    # ONNX Runtime's own binding takes these options (on the CPU provider, which does not read them).
+    session = _REAL_INFERENCE_SESSION(
+        str(tiny_version / "model.onnx"), providers=[CPU], provider_options=[trt]
+    )
+    assert session.get_providers() == [CPU]
+    assert trt["trt_timing_cache_path"] == str(base / "mod\u00e8les" / "trt")
+    assert trt["trt_engine_cache_path"].startswith(str(base / "mod\u00e8les" / "trt") + "/")
+    assert (base / "mod\u00e8les" / "trt").is_dir()  # the same bytes, as this test's locale writes them
 
 
 def test_external_weights_republished_beside_the_same_graph_miss_the_engine_cache(
