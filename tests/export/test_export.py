@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,6 +191,25 @@ def test_user_module_exports_and_serves(tmp_path: Path) -> None:
         expected = module(torch.from_numpy(z)).numpy()
     np.testing.assert_allclose(image, expected, atol=1e-4)
     assert verify_repository(tmp_path).ok
+
+
+def test_a_module_exports_with_a_non_ascii_tmpdir_under_a_c_locale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a locale that is not UTF-8 (LANG=C without Python's UTF-8 mode) a non-ASCII path's bytes
+    are lone surrogates (TMPDIR=/tmp/t\u00e9l\u00e9chargements held as 't\\udcc3\\udca9...'), which
+    ONNX Runtime's binding refuses: the graph optimisation's optimized_model_filepath, a file of the
+    temporary directory, failed every export with 'graph optimisation failed: (): incompatible
+    function arguments'. It reaches ONNX Runtime as its bytes decoded as UTF-8, and the export passes."""
+    held = tmp_path / "t\udcc3\udca9l\udcc3\udca9chargements"  # what LANG=C makes of its bytes
+    held.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(held))
+    out = tmp_path / "mod\udcc3\udca8les"
+    path = export_model(
+        TinyGenerator().eval(), kind="generator", name="my-gan", out_dir=out, example_inputs=_z(), card=CARD
+    )
+    assert (tmp_path / "mod\u00e8les" / "my-gan" / "1" / "model.onnx").is_file()
+    assert verify_repository(path.parent.parent).ok
 
 
 class PixelNormGenerator(TinyGenerator):
