@@ -42,6 +42,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator
@@ -1253,11 +1254,31 @@ class Batcher:
             failure = Unavailable(
                 f"{self.name} shut down while the batch was retried; retry on another replica"
             )
+        elif _out_of_memory(error):  # a container's memory limit, a GPU arena's cap: not a model fault
+            failure = ResourceExhausted(
+                f"{self.name}: the server is out of memory for this call (see the server log)"
+            )
         else:
             message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
             failure = Internal(message)
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
+
+
+# ONNX Runtime's words for a tensor it could not allocate: its arena's (CPU or CUDA), the plain
+# allocator's std::bad_alloc (MSVC: "bad allocation"), CUDA's cudaErrorMemoryAllocation (2).
+_ORT_OUT_OF_MEMORY = re.compile(
+    r"Failed to allocate memory|std::bad_alloc|bad allocation|cudaErrorMemoryAllocation"
+    r"|CUDA (?:failure|error) 2\b"
+)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether `error` is the process's memory running out in a model call: numpy's MemoryError, or
+    ONNX Runtime's own error (Fail, RuntimeException) for a tensor it could not allocate."""
+    return isinstance(error, MemoryError) or (
+        not isinstance(error, GenserveError) and _ORT_OUT_OF_MEMORY.search(str(error)) is not None
+    )
 
 
 def _computed(parts: list[Part]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from genserve_server.arrivals import (
     CALLERS_PEAK_MEMORY_S,
@@ -1024,6 +1025,57 @@ def test_a_model_failing_every_batch_is_retried_once_per_halving_not_row_by_row(
         assert all(isinstance(r, Internal) for r in results)
         # The batch, then its two halves: both fail, so the model is failing, not some rows.
         assert recorder.batches[-3:] == [(8, 4, False), (4, 2, False), (4, 2, False)]
+        await batcher.close(1)
+
+    run(body())
+
+
+# What ONNX Runtime raises where it cannot allocate a tensor: its arena's Fail, the plain CPU
+# allocator's std::bad_alloc (seen under RLIMIT_AS with the bundled sr-photos-x4 and a large input).
+ORT_ALLOCATION_FAILURES = [
+    ort_state.Fail(
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. "
+        "Name:'conv2d_10_nchwc' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 "
+        "void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to "
+        "allocate memory for requested buffer of size 536870912"
+    ),
+    ort_state.RuntimeException(
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. "
+        "Name:'conv2d_10_nchwc' Status Message: std::bad_alloc"
+    ),
+    MemoryError("Unable to allocate 192. MiB for an array with shape (4, 3, 2048, 2048)"),
+]
+
+
+@pytest.mark.parametrize("failure", ORT_ALLOCATION_FAILURES, ids=["arena", "bad_alloc", "numpy"])
+def test_a_batch_that_does_not_fit_in_memory_even_in_halves_is_resource_exhausted(failure: Exception) -> None:
+    """A model call ONNX Runtime could not allocate for (a large SuperResolve under a container's
+    memory limit, a GPU arena's cap) was retried in halves, and where those failed too every request
+    got INTERNAL "model call failed", which clients do not retry, though the server serves on and the
+    memory comes back as other calls end. It is RESOURCE_EXHAUSTED "the server is out of memory for
+    this call", as the boundary answers numpy's MemoryError; ONNX Runtime's text stays in the log."""
+
+    class OutOfMemory(FakeModel):
+        async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            await super().__call__(key, inputs)
+            raise failure
+
+    async def body() -> None:
+        model = OutOfMemory()
+        batcher, recorder = make(model, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        reqs = [asyncio.ensure_future(batcher.submit("k", rows(v, v), 2)) for v in range(1, 5)]
+        await until(lambda: batcher.queued_rows == 8, "the four requests queued")
+        gate.set()
+        results = [
+            *await asyncio.gather(*reqs, return_exceptions=True),
+            *await asyncio.gather(blocker, return_exceptions=True),
+        ]
+        assert recorder.batches[-3:] == [(8, 4, False), (4, 2, False), (4, 2, False)]  # halved once
+        for result in results:  # the four, and the blocker's single row, which is not halved
+            assert isinstance(result, ResourceExhausted), repr(result)
+            assert str(result).startswith("model m version 1: the server is out of memory for this call")
+            assert "bfc_arena" not in str(result) and "Conv" not in str(result)
         await batcher.close(1)
 
     run(body())
