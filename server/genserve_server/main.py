@@ -37,6 +37,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -164,6 +165,21 @@ class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[mi
             yield response
 
 
+# Bytes a locale did not decode, as Python holds them (surrogateescape): U+DC80..U+DCFF.
+_UNDECODED = re.compile("[\udc80-\udcff]+")
+
+
+def readable_bytes(text: str) -> str:
+    """`text` with the bytes the locale did not decode (a non-ASCII path under LANG=C without Python's
+    UTF-8 mode: lone surrogates, which stderr wrote as \\udcc3) as the UTF-8 they are, and those
+    that are not UTF-8 (a Latin-1 name) as \\xNN."""
+    if text.isascii():
+        return text
+    return _UNDECODED.sub(
+        lambda m: m.group().encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), text
+    )
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (`--log-json`)."""
 
@@ -176,7 +192,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps({k: readable_bytes(v) if isinstance(v, str) else v for k, v in entry.items()})
 
 
 class TextFormatter(logging.Formatter):
@@ -189,6 +205,14 @@ class TextFormatter(logging.Formatter):
     converter = staticmethod(time.gmtime)
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        readable = readable_bytes(text)
+        if readable == text:
+            return text
+        # Bytes decoded may be a C1 control (\xc2\x9b: CSI): escaped as the message's own were.
+        return "\n".join(escape_controls(line) for line in readable.split("\n"))
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)

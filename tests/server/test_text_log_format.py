@@ -3,8 +3,10 @@ message's control characters escaped, at little cost to a line that has none."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 import time
 import warnings
 from typing import Any
@@ -172,3 +174,32 @@ def test_text_log_timestamps_are_utc_and_say_so_whatever_the_hosts_time_zone(
         "2026-11-01T05:30:00.000Z INFO genserve_server.main: line",
         "2026-11-01T06:00:00.250Z INFO genserve_server.main: line",
     ], written
+
+
+def test_a_path_the_locale_did_not_decode_is_logged_readably_under_a_c_locale() -> None:
+    """Under a locale that is not UTF-8 (LANG=C without Python's UTF-8 mode) a non-ASCII path's bytes
+    are lone surrogates: the log wrote /srv/modèles as 'mod\\udcc3\\udca8les' (stderr's
+    backslashreplace of each surrogate), in a message and in an exception's, and --log-json as
+    "mod\\udcc3\\udca8les", which a JSON reader reads as two lone surrogates. Such bytes are written
+    as the UTF-8 they are ('mod\\xe8les' on an ASCII stderr, "mod\\u00e8les" in JSON, modèles once
+    read); bytes that are not UTF-8 (a Latin-1 name) as \\xNN."""
+    path = "/srv/mod\udcc3\udca8les/gen/v\udce9rsion"  # modèles (UTF-8), vérsion (Latin-1)
+    record = _record("loading %s", path)
+    try:
+        raise FileNotFoundError(f"cannot read {path}")
+    except OSError:
+        record.exc_info = sys.exc_info()
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="backslashreplace")  # LANG=C's
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(main.TextFormatter(FORMAT))
+    handler.emit(record)
+    stream.flush()
+    written = stream.buffer.getvalue().decode("ascii")  # type: ignore[attr-defined]
+    assert "\\udc" not in written, written
+    assert written.startswith("DEBUG genserve_server.boundary: loading /srv/mod\\xe8les/gen/v\\xe9rsion\n")
+    assert "FileNotFoundError: cannot read /srv/mod\\xe8les/gen/v\\xe9rsion\n" in written, written
+    csi = main.TextFormatter(FORMAT).format(_record("loading %s", "/srv/\udcc2\udc9b31m"))
+    assert csi.endswith("loading /srv/\\x9b31m"), csi  # C1's CSI: a terminal escape, escaped
+    entry = json.loads(main.JsonFormatter().format(record))
+    assert entry["msg"] == "loading /srv/modèles/gen/v\\xe9rsion"
+    assert "/srv/modèles/gen/v\\xe9rsion" in entry["exc"]
