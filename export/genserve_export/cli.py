@@ -26,7 +26,7 @@ from genserve_contract.repository import (
     VERSION_PATTERN,
     latest_version_dir,
 )
-from genserve_contract.stdio import HelpParser, Stdout
+from genserve_contract.stdio import HelpParser, Stdout, err_line
 from genserve_export.build import DEFAULT_SEED, train_and_export, version_dirs
 from genserve_export.data.digits import MissingDataError
 from genserve_export.data.fashion import MissingDataError as FashionDataError
@@ -124,7 +124,7 @@ def _out_error(command: str, out: Path) -> str | None:
         if path.exists():
             if path.is_dir():
                 return None
-            return f"genserve-export {command}: error: --out {out}: {path} is a file, not a directory\n"
+            return f"genserve-export {command}: error: --out {out}: {path} is a file, not a directory"
     return None
 
 
@@ -282,7 +282,7 @@ def _command_line(argv: Sequence[str]) -> str:
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if error := _out_error("train", args.out):
-        sys.stderr.write(error)
+        err_line(error)
         return 2
     if not args.replace:
         refuse_published(version_dirs(args.name, args.out, args.version), _NEW_VERSION)
@@ -310,13 +310,13 @@ def _import_rrdn(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from genserve_export.import_sr import import_tfjs_sr
 
     if not args.package.exists():
-        sys.stderr.write(
+        err_line(
             f"genserve-export import-rrdn: error: package {args.package} not found (its .tgz or unpacked "
-            "directory; `make pretrained` fetches it)\n"
+            "directory; `make pretrained` fetches it)"
         )
         return 2
     if error := _out_error("import-rrdn", args.out):
-        sys.stderr.write(error)
+        err_line(error)
         return 2
     if not args.replace:
         refuse_published([args.out / args.name / args.version], _NEW_VERSION)
@@ -531,13 +531,13 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
     names = list(dict.fromkeys(args.only)) if args.only else list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
-        sys.stderr.write(f"unknown recipe(s): {', '.join(unknown)}; known: {', '.join(RECIPES)}\n")
+        err_line(f"unknown recipe(s): {', '.join(unknown)}; known: {', '.join(RECIPES)}")
         return 2
     if args.jobs < 1:
-        sys.stderr.write(f"--jobs must be >= 1, got {args.jobs}\n")
+        err_line(f"--jobs must be >= 1, got {args.jobs}")
         return 2
     if error := _out_error("build-defaults", args.out):
-        sys.stderr.write(error)
+        err_line(error)
         return 2
     if not args.replace:  # up front: not after hours of training the recipes before one
         how = "pass --replace to rebuild in place, or build into another --out"
@@ -547,14 +547,12 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
         try:
             done = _build_in_processes(args, names)
         except RuntimeError as exc:
-            sys.stderr.write(f"{exc}\n")
+            err_line(str(exc))
             return 1
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): children stopped
             signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
             name = signal.Signals(signum).name
-            sys.stderr.write(
-                f"build-defaults: interrupted ({name}); the recipes still training were stopped\n"
-            )
+            err_line(f"build-defaults: interrupted ({name}); the recipes still training were stopped")
             return 128 + signum
         _say("\nbuild-defaults wall time per model")
         for name, last, wall in done:
@@ -605,7 +603,7 @@ def _count_activations(path: Path) -> int:
     from genserve_export.activations import annotate_version
 
     if not path.is_dir():
-        sys.stderr.write(f"genserve-export count-activations: error: {path} is not a directory\n")
+        err_line(f"genserve-export count-activations: error: {path} is not a directory")
         return 2
     failed = 0
     for model in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -622,7 +620,7 @@ def _count_activations(path: Path) -> int:
             try:
                 value, old = annotate_version(version)
             except (ExportError, OSError, ValueError) as exc:
-                sys.stderr.write(f"genserve-export count-activations: {model.name}/{version.name}: {exc}\n")
+                err_line(f"genserve-export count-activations: {model.name}/{version.name}: {exc}")
                 failed += 1
                 continue
             was = "" if old is None else f" (was {old})"
@@ -658,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
-        sys.stderr.write(f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})\n")
+        err_line(f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})")
         return 128 + signum
     finally:
         if previous is not None:
@@ -678,13 +676,13 @@ def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (ExportError, MissingDataError, FashionDataError) as exc:
         # What the user can fix (a package without that model, data not fetched, a module the
         # kind refuses): its message, not a traceback.
-        sys.stderr.write(f"genserve-export {args.command}: error: {exc}\n")
+        err_line(f"genserve-export {args.command}: error: {exc}")
         return 1
     except OSError as exc:
         # The repository or a file it reads cannot be written or read (a full disk, a read-only
         # mount, no permission): the file and the cause, not a traceback.
         where = f"{exc.filename}: " if exc.filename else ""
-        sys.stderr.write(f"genserve-export {args.command}: error: {where}{exc.strerror or exc}\n")
+        err_line(f"genserve-export {args.command}: error: {where}{exc.strerror or exc}")
         return 1
     return _verify_and__say(
         args.path, grids=args.grids, thresholds=not args.no_thresholds, quality=not args.no_quality

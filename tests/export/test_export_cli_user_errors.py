@@ -258,6 +258,44 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, comman
     assert proc.stderr.strip().splitlines()[-1] == f"genserve-export {command}: stopped (SIGINT)", proc.stderr
 
 
+def test_ctrl_c_with_stderr_closed_exits_130() -> None:
+    """`genserve-export verify models 2>&-` (a cron line discarding diagnostics): Python has no
+    sys.stderr then, and the Ctrl-C line's write raised AttributeError, so the process exited 1
+    where an interrupt is 130."""
+    script = (
+        "import os, signal, sys, time\n"
+        "import genserve_export.verify\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "genserve_export.verify.verify_repository = interrupted\n"
+        "from genserve_export.cli import main\n"
+        "sys.exit(main(['verify', '.']))\n"
+    )
+
+    def closed_stderr() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal starts it
+        os.close(2)
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, timeout=120, preexec_fn=closed_stderr
+    )
+    assert proc.returncode == 130, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, status",
+    [(["count-activations", "no-such-folder"], 2), (["build-defaults", "--only", "no-such-recipe"], 2)],
+)
+def test_an_error_with_stderr_closed_keeps_its_exit_status(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], status: int
+) -> None:
+    """With stderr closed (`2>&-`: no sys.stderr) every error line's write raised AttributeError:
+    a traceback to nowhere and exit 1, whatever the error's own status."""
+    monkeypatch.setattr(sys, "stderr", None)
+    assert cli.main(argv) == status
+
+
 @pytest.mark.parametrize("stdout", ["reader gone", "closed"])
 def test_verify_whose_stdout_cannot_take_the_report_says_so_without_a_traceback(
     tmp_path: Path, stdout: str
