@@ -53,7 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
-from genserve_contract.stdio import HelpParser
+from genserve_contract.stdio import HelpParser, Stdout
 from genserve_server import accept, event_loop, kserve, probe, security, start_signals, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
 from genserve_server.boundary import Boundary, UnknownMethods, describe_calls, echo_request_id
@@ -883,10 +883,12 @@ async def serve(args: argparse.Namespace) -> int:
     if not app.stop_requested:
         metrics_at = _address(args.metrics_host, app.metrics_port) if not args.no_metrics else "off"
         health_at = f" health on {_address(args.host, app.health_port)}" if app.health_server else ""
-        sys.stdout.write(
-            f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}{health_at}\n"
+        # A stdout closed (`>&-`) or whose reader is gone (`| head -0`) takes the line nowhere: the
+        # server serves on (its later writes, the final flush included, go to devnull).
+        Stdout().say(
+            f"genserve listening on {_address(args.host, app.port)} metrics on {metrics_at}{health_at}",
+            flush=True,
         )
-        sys.stdout.flush()
         if args.ready_file:
             try:
                 write_ready_file(args.ready_file, app.port, app.metrics_port, app.health_port)
@@ -1088,11 +1090,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         _write_fatal(str(exc), args.log_json)
         return 2
+    _fill_closed_standard_fds()
     try:
         return event_loop.run(serve(args), loop)
     except GenserveError as exc:
         _write_fatal(str(exc), args.log_json)
         return 2
+
+
+def _fill_closed_standard_fds() -> None:
+    """A server started with stdin, stdout or stderr closed (`<&-`, `>&-`, `2>&-`): the next
+    descriptor opened takes that number (a socket, a model file), and libuv aborts the process when
+    it closes a descriptor under 3 (uv__close's assertion: SIGABRT at the stop, after the drain). Each
+    closed one is pointed at devnull first; sys.stdout stays None, so nothing is written there."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
 
 
 def _write_fatal(message: str, log_json: bool) -> None:

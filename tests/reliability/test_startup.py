@@ -625,6 +625,47 @@ def test_a_signal_early_in_start_up_stops_cleanly_or_waits_for_the_scan(
     assert not ready.exists(), log_text
 
 
+@pytest.mark.parametrize("stdout", ["closed", "reader gone"])
+def test_the_server_serves_whatever_became_of_its_stdout(tmp_path: Path, stdout: str) -> None:
+    """`genserve-server serve ... >&-` (no sys.stdout) or `| head -0` (its reader gone before the
+    listening line): the line's write raised AttributeError or BrokenPipeError once the server had
+    started, and it stopped without writing its ready file, where a server must keep serving
+    whatever became of its stdout. It comes up, answers health and Sample, and stops with 0."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    args = _serve_args(models, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's buffered stdout
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log:
+        if stdout == "closed":
+            proc = subprocess.Popen(args, stderr=log, env=env, preexec_fn=lambda: os.close(1))
+        else:
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=env)
+            assert proc.stdout is not None
+            proc.stdout.close()
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready.json").exists():
+            assert proc.poll() is None, f"exit {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        port = json.loads((tmp_path / "ready.json").read_text())["port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert health_status(channel) == SERVING
+            stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+            reply = stub.Sample(genserve_pb2.SampleRequest(model="gen", count=1), timeout=10)
+            assert len(reply.images) == 1
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    log_text = log_path.read_text()
+    assert returncode == 0, f"exit {returncode}:\n{log_text}"
+    assert "Traceback" not in log_text and "Exception ignored" not in log_text, log_text
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 def test_sigusr1_and_sigusr2_are_logged_and_ignored_from_the_first_import_on(tmp_path: Path) -> None:
     """SIGUSR1/SIGUSR2 (a `kill -USR1` meant for another process, a log-rotation habit) ended the
