@@ -346,6 +346,7 @@ class App:
         self.requested_health_port = health_port
         self.metrics = Metrics(enabled=metrics_port is not None)
         self.repository = Repository(models_dir, config, self.metrics)
+        self.repository.on_fatal = self._stop_for_restart
         self.health = HealthState()
         # None: every model in the repository is required for the whole server to be SERVING.
         self.required_models = list(required_models) if required_models is not None else None
@@ -689,6 +690,14 @@ class App:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    def _stop_for_restart(self, reason: str) -> None:
+        """A sticky GPU failure (Repository.on_fatal): the stop a SIGTERM makes, requested here. A
+        SIGTERM to this process, once it was stopping (an operator's SIGTERM, another version failing
+        on the same CUDA context), was told as an operator's second signal."""
+        logger.critical("stopping the server for a restart: %s", reason)
+        if not self.stop_requested:
+            self.request_stop()
 
     async def wait_for_stop(self) -> None:
         await self._stop.wait()

@@ -277,7 +277,8 @@ class Repository:
         self._loading_runners: weakref.WeakSet[loader.Abortable] = weakref.WeakSet()
         self._loading_lock = threading.Lock()
         # What a sticky GPU failure does after marking its version (device_lost): SIGTERM to this
-        # process, whose handler drains and exits (health NOT_SERVING first); tests replace it.
+        # process, whose handler drains and exits (health NOT_SERVING first); the server's App
+        # requests its stop itself instead (App._stop_for_restart), tests replace it too.
         self.on_fatal: Callable[[str], None] = _terminate_process
         self.fatal_reason = ""
         # Every load (start-up and reloads) passes this gate; its threads mostly wait in it, so the

@@ -3,10 +3,12 @@ the client resumes from, the port is free for the next server, and the old proce
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
 import json
+import logging
 import re
 import shutil
 import signal
@@ -32,6 +34,9 @@ from genserve.v1 import types_pb2 as tpb
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
 from genserve_client.bulk import BulkJob, BulkParams, read_manifest
+from genserve_server import main as server_main
+from genserve_server import start_signals
+from genserve_server.config import ServerConfig
 from genserve_server.core import STREAM_CHUNKS_AHEAD
 
 GRACE_S = 120.0  # far longer than the drain may take: streams must not run until it ends
@@ -614,3 +619,39 @@ def test_a_second_stop_signal_while_draining_is_said_once_and_the_drain_goes_on(
         assert "Traceback" not in log, log
     finally:
         server.stop()
+
+
+def test_a_gpu_failure_while_stopping_is_not_told_as_a_second_signal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sticky GPU failure stopped the server by sending it SIGTERM, so a failure once the server was
+    stopping (an operator's SIGTERM draining it, or a second version failing on the same broken CUDA
+    context) logged 'SIGTERM received while already stopping: ... SIGKILL stops at once', a second
+    signal nobody sent. The server's own stop requests the stop itself; only the operator's second
+    signal is told so."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    write_gen(models, "gen2")
+    reason = "CUDA error 700: an illegal memory access was encountered"
+
+    async def scenario() -> None:
+        app = server_main.App(models, ServerConfig(), port=0, metrics_port=None)
+        loop = asyncio.get_running_loop()
+        server_main._take_signals(app)
+        try:
+            await app.start()
+            app.request_stop()  # the operator's SIGTERM: the drain is under way
+            app.repository.device_lost(app.repository.get("gen").resolve(""), reason)
+            app.repository.device_lost(app.repository.get("gen2").resolve(""), reason)
+            for _ in range(20):  # a signal reaches its handler through the loop
+                await asyncio.sleep(0.01)
+            assert app.stop_requested
+            await app.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *start_signals.IGNORED):
+                loop.remove_signal_handler(sig)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    assert "stopping the server for a restart" in caplog.text, caplog.text
+    assert "already stopping" not in caplog.text, caplog.text
