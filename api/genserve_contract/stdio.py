@@ -88,7 +88,11 @@ class Stdout:
         """The reader went away: say nothing more. stdout is pointed at devnull so that what is still
         buffered, and the interpreter's final flush, cannot fail."""
         self.reader_gone = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)  # stdout holds its own copy
 
     def exit_status(self, status: int, closed_line: str) -> int:
         """The exit status once the command is done, its own being `status`: where it succeeded, 141

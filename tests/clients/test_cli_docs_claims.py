@@ -130,6 +130,24 @@ def test_a_reader_that_goes_away_leaves_the_images_written_and_no_error(
     assert len(list(out.glob("*.png"))) == 2
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts /proc/self/fd")
+def test_a_stdout_whose_reader_went_away_leaves_no_descriptor_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """genserve_contract.stdio's Stdout.lose pointed stdout at a devnull it opened and never closed:
+    one descriptor left open for every stdout whose reader went away."""
+    from genserve_contract.stdio import Stdout
+
+    for _ in range(3):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone
+        with open(write_end, "w") as stream:
+            monkeypatch.setattr(sys, "stdout", stream)
+            before = len(os.listdir("/proc/self/fd"))
+            stdout = Stdout()
+            stdout.say("a line", flush=True)
+            assert stdout.reader_gone
+            assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 @pytest.mark.parametrize("command", [["--help"], ["sample", "--help"]], ids=["--help", "sample --help"])
 def test_help_to_a_reader_that_goes_away_exits_141_quietly(command: list[str], unbuffered: str) -> None:
