@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, BenchModel, find_models, write_line
+from bench.common import REPO_ROOT, BenchModel, ctrl_c_exits_130, find_models, write_line
 from bench.models import link_repository
 from bench.servers import BenchError, ServerProcess, measured_level, rpc_floor_ms
 from genserve_server.launcher import genserve_command
@@ -80,6 +80,7 @@ def _measure(server: ServerProcess, model: BenchModel, duration_s: float) -> dic
     }
 
 
+@ctrl_c_exits_130("bench.ab")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="", help="git revision of side A (side B: this tree)")
@@ -173,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

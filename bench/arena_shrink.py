@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_MODELS, write_line
+from bench.common import DEFAULT_MODELS, ctrl_c_exits_130, write_line
 from genserve_server import runner as runner_module
 from genserve_server.runner import Runner
 
@@ -47,6 +47,7 @@ def grown_mb(model: Path, size: int) -> float:
     return grown
 
 
+@ctrl_c_exits_130("bench.arena_shrink")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_MODELS, write_line
+from bench.common import DEFAULT_MODELS, ctrl_c_exits_130, write_line
 from bench.models import BENCH_DCGAN_256, BENCH_ONLY, link_repository
 from bench.servers import ServerProcess
 from genserve.v1 import genserve_pb2
@@ -83,6 +83,7 @@ def one_round(models: Path, config: Path | None, args: argparse.Namespace) -> di
         return measured
 
 
+@ctrl_c_exits_130("bench.cache")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import platform
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,6 +45,29 @@ def write_line(text: str = "") -> None:
     """The benchmark's one way to print (it is a report, not a library)."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+P = ParamSpec("P")
+
+
+def ctrl_c_exits_130(name: str) -> Callable[[Callable[P, int | None]], Callable[P, int]]:
+    """A bench command's main (`name`: how it is run, `python -m bench.soak`'s bench.soak): Ctrl-C
+    stops it as it stops every command of the project, `NAME: interrupted` on stderr and exit 130, no
+    traceback; otherwise its exit status (0 where it returns None)."""
+
+    def command(main: Callable[P, int | None]) -> Callable[P, int]:
+        @functools.wraps(main)
+        def run(*args: P.args, **kwargs: P.kwargs) -> int:
+            try:
+                code = main(*args, **kwargs)
+            except KeyboardInterrupt:
+                sys.stderr.write(f"{name}: interrupted\n")
+                return 130
+            return 0 if code is None else code
+
+        return run
+
+    return command
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from bench.ab import _serve, _subset
-from bench.common import REPO_ROOT, BenchModel, find_models, write_line
+from bench.common import REPO_ROOT, BenchModel, ctrl_c_exits_130, find_models, write_line
 from bench.models import BENCH_DCGAN_256
 from bench.servers import ServerProcess, check_no_failures, client_bench
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
@@ -209,6 +209,7 @@ def report(sides: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> 
     return out
 
 
+@ctrl_c_exits_130("bench.fairness")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="git revision of side A (side B: this tree); none: B alone")

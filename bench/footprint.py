@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import DEFAULT_MODELS, write_line
+from bench.common import DEFAULT_MODELS, ctrl_c_exits_130, write_line
 from bench.models import BENCH_DCGAN_256, model_dir
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -168,6 +168,7 @@ def measure(
         server.stop()
 
 
+@ctrl_c_exits_130("bench.footprint")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)

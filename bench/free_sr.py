@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.common import write_line
+from bench.common import ctrl_c_exits_130, write_line
 
 SOURCE = Path(__file__).resolve().parents[1] / "models" / "sr-photos-x4"
 NAME = "sr-free-x4"
@@ -53,6 +53,7 @@ def write(out: Path) -> Path:
     return out / NAME
 
 
+@ctrl_c_exits_130("bench.free_sr")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -60,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import write_line
+from bench.common import ctrl_c_exits_130, write_line
 from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client.bench import LoadGenerator, format_table
 from genserve_client.channel import ChannelConfig
@@ -68,6 +68,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [r.to_json() for r in results]
 
 
+@ctrl_c_exits_130("bench.image_load")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="127.0.0.1:50051")

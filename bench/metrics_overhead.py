@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import ctrl_c_exits_130
+
 REPO = Path(__file__).resolve().parents[1]
 # Server launch, tiny model repository and traffic helpers are shared with tests/monitoring.
 sys.path[:0] = [str(REPO / "tests" / "monitoring"), str(REPO / "tests" / "server")]  # test support modules
@@ -133,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@ctrl_c_exits_130("bench.metrics_overhead")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = sys.stdout

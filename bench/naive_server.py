@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from bench.common import BenchModel, find_models
+from bench.common import BenchModel, ctrl_c_exits_130, find_models
 from bench.raw_limit import server_session
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 from genserve_contract.kinds import Kind
@@ -357,6 +357,7 @@ def serve_sync(models_dir: Path, host: str, port: int, ready_file: Path | None, 
     server.wait_for_termination()
 
 
+@ctrl_c_exits_130("bench.naive_server")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, required=True)

@@ -26,7 +26,7 @@ import grpc
 import onnxruntime as ort
 
 from bench import models as bench_models
-from bench.common import DEFAULT_MODELS, BenchModel, find_models, write_line
+from bench.common import DEFAULT_MODELS, BenchModel, ctrl_c_exits_130, find_models, write_line
 from bench.raw_limit import measure, server_session
 from bench.servers import ServerProcess, check_no_failures, client_bench, cpu_seconds
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
@@ -173,6 +173,7 @@ def describe(result: dict[str, Any]) -> str:
     )
 
 
+@ctrl_c_exits_130("bench.priority")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)

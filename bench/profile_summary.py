@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import write_line
+from bench.common import ctrl_c_exits_130, write_line
 
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _THREAD = re.compile(r"^thread \([^()]*\)(?::.*)?$")  # py-spy --threads: "thread (TID)[: name]"
@@ -62,6 +62,7 @@ def summarise(path: Path, top: int = 25) -> list[str]:
     return out
 
 
+@ctrl_c_exits_130("bench.profile_summary")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", type=Path)

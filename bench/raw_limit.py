@@ -28,7 +28,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from bench.common import DEFAULT_MODELS, BenchModel, find_models, make_feeds, write_line
+from bench.common import DEFAULT_MODELS, BenchModel, ctrl_c_exits_130, find_models, make_feeds, write_line
 from genserve_server.config import cpu_count
 
 BATCH_SIZES = (1, 4, 16, 64)
@@ -160,6 +160,7 @@ def best_within(result: dict[str, Any], max_batch: int) -> dict[str, Any]:
     return max(eligible, key=lambda p: p["images_per_s"])
 
 
+@ctrl_c_exits_130("bench.raw_limit")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)

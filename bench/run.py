@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from bench.common import (
     METHOD_BY_KIND,
     SCRATCH,
     BenchModel,
+    ctrl_c_exits_130,
     find_models,
     machine,
     write_json,
@@ -130,16 +130,8 @@ def _describe(level: dict[str, Any]) -> str:
     )
 
 
+@ctrl_c_exits_130("bench.run")
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command; Ctrl-C stops it as it stops every command of the project: one line, exit 130."""
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write("bench.run: interrupted\n")
-        return 130
-
-
-def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s levels, c=1 and 64, raw output only")
     parser.add_argument("--models", nargs="*", default=None, help="model names (default: all served kinds)")

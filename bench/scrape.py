@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from prometheus_client.exposition import choose_encoder
 
+from bench.common import ctrl_c_exits_130
 from genserve_server.batcher import Lane
 from genserve_server.exposition import choose
 from genserve_server.metrics import KIND_METHODS, Metrics
@@ -59,6 +60,7 @@ def best(call: Callable[[], object], repeat: int) -> tuple[float, float]:
     return min(runs)
 
 
+@ctrl_c_exits_130("bench.scrape")
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

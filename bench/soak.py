@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import REPO_ROOT, SCRATCH, write_line
+from bench.common import REPO_ROOT, SCRATCH, ctrl_c_exits_130, write_line
 from bench.servers import ServerProcess
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
@@ -257,6 +257,7 @@ def _soak(args: argparse.Namespace, models: Path) -> dict[str, Any]:
     return result
 
 
+@ctrl_c_exits_130("bench.soak")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration-s", type=float, default=600.0, help="how long (default 600)")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_MODELS, write_line
+from bench.common import DEFAULT_MODELS, ctrl_c_exits_130, write_line
 
 READY = re.compile(r"^model (?P<model>\S+) version (?P<version>\S+) ready in (?P<load_s>[0-9.]+) s")
 WARMED = re.compile(
@@ -121,6 +121,7 @@ def one_round(models: Path, timeout_s: float) -> dict[str, Any]:
         }
 
 
+@ctrl_c_exits_130("bench.startup")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

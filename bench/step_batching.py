@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import ctrl_c_exits_130
 from bench.common import write_line as say
 from genserve_server.batch_keys import StepRows
 from genserve_server.runner import Runner, select_providers
@@ -703,16 +704,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@ctrl_c_exits_130("bench.step_batching")
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command; Ctrl-C stops it as it stops every command of the project: one line, exit 130."""
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write("bench.step_batching: interrupted\n")
-        return 130
-
-
-def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +84,70 @@ def test_a_side_whose_tree_holds_no_server_is_refused_not_run_as_another_tree(tm
     installed one, B against itself, reported as an A/B."""
     with pytest.raises(BenchError, match="no server/genserve_server"):
         ab._serve(tmp_path / "elsewhere", tmp_path / "models")
+
+
+AB_INTERRUPTED = """
+import os, signal, sys, time
+from bench import ab
+
+enter, pids = ab.ServerProcess.__enter__, sys.argv[1]
+
+
+def started(server):  # each server's pid, once it serves
+    enter(server)
+    with open(pids, "a") as f:
+        f.write(f"{server.pid}\\n")
+    return server
+
+
+def measure(server, model, duration_s):  # Ctrl-C once both servers serve, as the first turn begins
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+
+
+ab.ServerProcess.__enter__ = started
+ab._measure = measure
+sys.argv = ["bench.ab", "--base", "HEAD", "--models", "dcgan-digits", "--rounds", "1"]
+raise SystemExit(ab.main())
+"""
+
+
+def _worktrees() -> set[str]:
+    listed = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "list", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {line.split(" ", 1)[1] for line in listed.splitlines() if line.startswith("worktree ")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_an_ab_run_stopped_by_ctrl_c_stops_both_servers_and_removes_its_worktree(tmp_path: Path) -> None:
+    # `python -m bench.ab --base REV` checks REV out into a temporary worktree and serves both
+    # sides: Ctrl-C mid-run must leave neither server running nor the worktree registered.
+    before = _worktrees()
+    started = tmp_path / "started.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", AB_INTERRUPTED, str(started)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - as a terminal starts it
+    )
+    assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stderr.splitlines() == ["bench.ab: interrupted"], proc.stderr
+    assert started.exists(), "the run was interrupted before its first turn"
+    pids = [int(line) for line in started.read_text().splitlines()]
+    assert len(pids) == 2 and not [pid for pid in pids if _alive(pid)]
+    assert _worktrees() == before

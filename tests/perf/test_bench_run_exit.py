@@ -268,3 +268,73 @@ def test_a_run_stopped_by_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_pa
     assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == ["bench.run: interrupted"], proc.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+CTRL_C_AS_IT_BEGINS = """
+import argparse, os, runpy, signal, sys, time
+
+parse_args = argparse.ArgumentParser.parse_args
+
+
+def parsed_then_ctrl_c(self, *a, **k):  # Ctrl-C once its arguments are read, as its work begins
+    args = parse_args(self, *a, **k)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+    return args
+
+
+argparse.ArgumentParser.parse_args = parsed_then_ctrl_c
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+# Every runnable bench module, with the arguments it needs to begin.
+BENCH_COMMANDS = {
+    "bench.ab": ["--base-tree", "."],
+    "bench.arena_shrink": [],
+    "bench.cache": [],
+    "bench.fairness": [],
+    "bench.footprint": [],
+    "bench.free_sr": ["--out", "{tmp}/srfree"],
+    "bench.image_load": ["--model", "sr-digits-x2", "--method", "SuperResolve"],
+    "bench.metrics_overhead": [],
+    "bench.naive_server": ["--models", "models"],
+    "bench.priority": [],
+    "bench.profile_summary": ["{tmp}/profile.json"],
+    "bench.raw_limit": [],
+    "bench.run": ["--quick"],
+    "bench.scrape": [],
+    "bench.soak": [],
+    "bench.startup": [],
+    "bench.step_batching": [],
+}
+
+
+def test_every_bench_module_has_its_arguments_here() -> None:
+    runnable = {
+        f"bench.{path.stem}"
+        for path in (REPO_ROOT / "bench").glob("*.py")
+        if 'if __name__ == "__main__"' in path.read_text(encoding="utf-8")
+    }
+    assert runnable == set(BENCH_COMMANDS)
+
+
+@pytest.mark.parametrize("module", sorted(BENCH_COMMANDS))
+def test_every_bench_command_stopped_by_ctrl_c_exits_130_with_one_line_and_no_traceback(
+    module: str, tmp_path: Path
+) -> None:
+    # Ctrl-C ended python -m bench.soak (ab, cache, fairness, ...) with a KeyboardInterrupt traceback
+    # and the naive server with exit 0, where bench.run and every other command say one line, exit 130.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = [arg.format(tmp=tmp_path) for arg in BENCH_COMMANDS[module]]
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AS_IT_BEGINS, module, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        env=env,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
+    )
+    assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stderr.splitlines() == [f"{module}: interrupted"], proc.stderr
