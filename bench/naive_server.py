@@ -329,7 +329,8 @@ def _write_ready(ready_file: Path | None, port: int) -> None:
         os.replace(tmp, ready_file)
 
 
-async def serve(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> None:
+async def serve(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> int:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM, which stop the server; returns that signal's number."""
     models = _load_models(models_dir)
     executor = ThreadPoolExecutor(max_workers=workers or cpu_count(), thread_name_prefix="naive-ort")
     server = grpc.aio.server(options=_OPTIONS)
@@ -338,10 +339,23 @@ async def serve(models_dir: Path, host: str, port: int, ready_file: Path | None,
     await server.start()
     _write_ready(ready_file, bound)
     logger.info("naive server on %s:%d serving %s", host, bound, sorted(models))
+    # Handled here, not as KeyboardInterrupt through asyncio.run: that leaves the server to a closed
+    # loop (grpc's 'Event loop is closed' traceback), and SIGTERM's default would kill the process.
+    signals: list[int] = []
+    stop = asyncio.Event()
+
+    def stopped_by(sig: int) -> None:
+        signals.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stopped_by, sig)
     try:
-        await server.wait_for_termination()
+        await stop.wait()
+        await server.stop(0)
     finally:
         executor.shutdown(wait=False)
+    return signals[0]
 
 
 def serve_sync(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> None:
@@ -371,13 +385,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ort.set_default_logger_severity(4)  # 3 still prints the CUDA/TensorRT load errors
-    try:
-        if args.sync:
-            serve_sync(args.models, args.host, args.port, args.ready_file, args.workers)
-        else:
-            asyncio.run(serve(args.models, args.host, args.port, args.ready_file, args.workers))
-    except KeyboardInterrupt:
-        pass
+    # Stopped by SIGTERM (how bench stops it): exit 0; by Ctrl-C: ctrl_c_exits_130's line, exit 130.
+    if args.sync:
+        serve_sync(args.models, args.host, args.port, args.ready_file, args.workers)
+    elif (
+        asyncio.run(serve(args.models, args.host, args.port, args.ready_file, args.workers)) == signal.SIGINT
+    ):
+        raise KeyboardInterrupt
     return 0
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,3 +340,44 @@ def test_every_bench_command_stopped_by_ctrl_c_exits_130_with_one_line_and_no_tr
     )
     assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == [f"{module}: interrupted"], proc.stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["--sync"]], ids=["asyncio", "sync"])
+@pytest.mark.parametrize(
+    ("sig", "code", "stderr"),
+    [(signal.SIGINT, 130, ["bench.naive_server: interrupted"]), (signal.SIGTERM, 0, [])],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_serving_naive_server_stopped_by_ctrl_c_exits_130_and_by_sigterm_0(
+    mode: list[str], sig: signal.Signals, code: int, stderr: list[str], tmp_path: Path
+) -> None:
+    # The naive server swallowed Ctrl-C and exited 0, as if it had ended of itself; SIGTERM (how
+    # bench stops it) killed the asyncio one, exit -15, where the sync one and genserve exit 0.
+    from bench.models import link_repository
+
+    models = link_repository(DEFAULT_MODELS, ["dcgan-digits"], tmp_path / "models")
+    ready = tmp_path / "ready.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "bench.naive_server", "--models", str(models), *mode]
+    proc = subprocess.Popen(
+        [*command, "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
+    )
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, f"exit {proc.returncode}:\n{err}"
+    # Its log lines go to stderr too: besides them, the one line or nothing (no traceback).
+    assert [line for line in err.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)] == stderr, err
