@@ -242,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check=True,
                 capture_output=True,
             )
-            trees["A"] = (base, _subset(base / "models", names, Path(tmp) / "A"))
         try:
+            if args.base:  # in the try: Ctrl-C or a failed export here still removes the worktree
+                trees["A"] = (base, _subset(base / "models", names, Path(tmp) / "A"))
             for side, (tree, repo) in sorted(trees.items()):  # a name not found fails only mid-round
                 found = {m.name for m in find_models(repo, names)}
                 if missing := [name for name in names if name not in found]:

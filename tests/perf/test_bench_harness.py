@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -313,6 +314,35 @@ def test_the_fairness_bench_refuses_a_model_it_cannot_find_before_measuring(
         fairness.main([*argv, "--rounds", "1", "--duration-s", "0.1"])
     assert exited.value.code != 0 and "no model cgan-digitz" in capsys.readouterr().err
     assert rounds == []
+
+
+def test_a_fairness_run_stopped_while_linking_the_base_sides_models_removes_its_worktree(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--base REV` checks REV out into a temporary worktree, then links (a bench-only model missing
+    # from --models-dir: exports, minutes) side A's models outside the try that removes it: Ctrl-C
+    # or a failed export there left the worktree registered, its folder deleted with the temp dir.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "base"], check=True)
+
+    def worktrees() -> list[str]:
+        listed = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True, check=True)
+        return listed.stdout.splitlines()
+
+    def subset(models_dir: Path, names: list[str], into: Path) -> Path:
+        if into.name == "A":
+            raise KeyboardInterrupt  # Ctrl-C while side A's models are exported
+        return into
+
+    before = worktrees()
+    monkeypatch.setattr(fairness, "REPO_ROOT", repo)
+    monkeypatch.setattr(fairness, "_subset", subset)
+    assert fairness.main(["--base", "HEAD", "--rounds", "1"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["bench.fairness: interrupted"]
+    assert worktrees() == before
 
 
 def test_an_image_load_level_without_one_success_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
