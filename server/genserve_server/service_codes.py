@@ -98,9 +98,12 @@ def _parse(
         request.temperature if request.HasField("temperature") else None, request.top_k, card.codebook_size
     )
     positions = card.grid[0] * card.grid[1]
-    if request.preview_every > positions:
+    if request.preview_every >= positions:  # a level's last step is no chunk: it would send none
         raise invalid(
-            "preview_every", f"must be in 0..{positions} (the grid's positions), got {request.preview_every}"
+            "preview_every",
+            f"must be in 0..{positions - 1} (a chunk comes at each multiple short of the grid's {positions} "
+            f"positions: {positions} or more sends none; SampleCodes answers without progress), "
+            f"got {request.preview_every}",
         )
     tops: np.ndarray | None = None
     if card.top_grid is not None:

@@ -116,3 +116,27 @@ def test_a_unary_sample_codes_refuses_preview_every_which_only_its_stream_uses(
     assert "preview_every" in err.details() and "SampleCodesStream" in err.details(), err.details()
     request.preview_every = 0
     assert len(stub.SampleCodes(request, timeout=60).images) == 1
+
+
+def test_a_stream_refuses_a_preview_every_that_would_send_no_progress_chunk(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """preview_every took 0..positions, but a level sends a chunk at each multiple short of its last
+    step: at the prior's 196 positions the stream sent no chunk at either level, the result alone,
+    which a client asking for progress cannot tell from a stuck call. INVALID_ARGUMENT naming the
+    field and the largest value that still gives one (and SampleCodes for no progress)."""
+    grid = json.loads((MODELS / PRIOR / "1" / "card.json").read_text())["grid"]
+    positions = grid[0] * grid[1]
+    request = pb.SampleCodesRequest(model=PRIOR, seeds=[1], labels=[3], output=F32, preview_every=positions)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(stub.SampleCodesStream(request, timeout=60))
+    err = excinfo.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    details = err.details() or ""
+    assert details.startswith("preview_every: ") and f"0..{positions - 1}" in details, details
+    assert "SampleCodes" in details, details
+    request.preview_every = positions - 1  # the largest useful value: one `codes` chunk, then the result
+    chunks = list(stub.SampleCodesStream(request, timeout=60))
+    assert [(c.level, c.filled) for c in chunks[:-1]] == [("codes", positions - 1)]
+    assert chunks[-1].HasField("result") and len(chunks[-1].result.images) == 1

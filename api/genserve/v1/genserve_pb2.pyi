@@ -776,8 +776,10 @@ class SampleCodesRequest(_message.Message):
     """Also return each sample's grid in `codes` (always returned when the prior has no decoder)."""
     preview_every: _builtins.int
     """SampleCodesStream only (SampleCodes refuses it, naming it): steps between progress chunks,
-    0..positions; 0: about 8 per level. A chunk comes after each multiple short of a level's last
-    step, so a level of at most preview_every positions sends none.
+    0..positions - 1 (H * W of the grid); 0: about 8 per level. A chunk comes after each multiple
+    short of a level's last step, so a level of at most preview_every positions sends none (a
+    two-level call's top level, when preview_every is at least its Ht * Wt); positions or more would
+    send none at all and is refused (INVALID_ARGUMENT): for no progress, call SampleCodes.
     """
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
