@@ -244,7 +244,11 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             assert mv.card is not None
             # A kind ModelInfer refuses (genserve.v1 serves it) takes no ModelInfer rows.
             max_rows = self._max_rows(mv)[0] if mv.card.kind in INFER_KINDS else 0
-            return kpb.ModelConfigResponse(config=kserve_metadata.model_config(mv, max_rows, policy))
+            # The image cache serves Sample (core.sample) of the kinds that answer it.
+            cached = self.core.image_cache is not None and mv.card.kind.answers_sample
+            return kpb.ModelConfigResponse(
+                config=kserve_metadata.model_config(mv, max_rows, policy, response_cache=cached)
+            )
 
         return await self.boundary.plain(context, handle, "ModelConfig")
 

@@ -14,13 +14,17 @@ BACKEND = "onnxruntime"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
-def model_config(mv: ModelVersion, max_rows: int, policy: VersionPolicy | None = None) -> mc.ModelConfig:
+def model_config(
+    mv: ModelVersion, max_rows: int, policy: VersionPolicy | None = None, *, response_cache: bool = False
+) -> mc.ModelConfig:
     """Triton's ModelConfig of a version, from its config.json and card.json; `max_rows`: the most
     rows a ModelInfer may carry (max_batch_size, or the server's per-request limit when lower; 0
     for a kind ModelInfer does not take: no dynamic batching then, and dims are whole shapes, batch
     axis included, as Triton reads a max_batch_size of 0); `policy`: the version policy the model's
     versions are picked by now (the last config.json a rescan applied; a version's own config is the
-    one it loaded with, and an edit of it applies at the rescan), else the version's."""
+    one it loaded with, and an edit of it applies at the rescan), else the version's;
+    `response_cache`: its Sample goes through the image cache (declared as Triton's response_cache,
+    whose hits and misses ModelStatistics counts, so perf_analyzer reports them)."""
     card = mv.card
     assert card is not None
     cfg = mv.config
@@ -49,6 +53,8 @@ def model_config(mv: ModelVersion, max_rows: int, policy: VersionPolicy | None =
         ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False),
     )
+    if response_cache:
+        config.response_cache.enable = True
     if max_rows == 0:
         config.ClearField("dynamic_batching")
     first_dim = 0 if max_rows == 0 else 1  # Triton: dims leave out the batch axis when max_batch_size > 0

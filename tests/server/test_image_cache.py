@@ -200,6 +200,32 @@ def test_statistics_count_a_request_served_from_the_cache_as_a_cache_hit_not_a_c
     assert after.compute_input.count == after.compute_infer.count == after.compute_output.count
 
 
+def test_model_config_declares_the_response_cache_of_the_models_sample_serves_from_the_cache(
+    cached_server: ServerProcess, tiny_server: ServerProcess
+) -> None:
+    """ModelStatistics reports cache_hit / cache_miss for Sample's image cache, but ModelConfig never
+    declared Triton's response_cache: perf_analyzer (which reads config["response_cache"]["enable"])
+    then warns 'Response Cache is disabled for model [tiny-gen] but cache hit/miss latency is
+    non-zero' and leaves the cache out of its latency breakdown. Declared where the cache is on and
+    the model's Sample goes through it; a kind Sample does not serve, and a server without the
+    cache, declare none."""
+    from google.protobuf.json_format import MessageToDict
+
+    from genserve.kserve import grpc_service_pb2 as kpb
+    from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+
+    def declared(server: ServerProcess, name: str) -> bool:
+        with grpc.insecure_channel(server.target) as channel:
+            kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            config = kstub.ModelConfig(kpb.ModelConfigRequest(name=name), timeout=10).config
+        as_json = MessageToDict(config, preserving_proto_field_name=True)  # as perf_analyzer reads it
+        return bool(as_json.get("response_cache", {}).get("enable", False))
+
+    assert declared(cached_server, "tiny-gen") and declared(cached_server, "tiny-cond")
+    assert not declared(cached_server, "tiny-sr")  # SuperResolve: no image cache
+    assert not declared(tiny_server, "tiny-gen")  # image_cache_bytes 0: off
+
+
 def test_other_formats_labels_and_truncation_are_other_images(
     stub: pb_grpc.GenerationServiceStub, cached_server: ServerProcess
 ) -> None:

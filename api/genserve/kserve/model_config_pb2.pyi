@@ -419,6 +419,29 @@ class ModelTransactionPolicy(_message.Message):
 Global___ModelTransactionPolicy: _TypeAlias = ModelTransactionPolicy  # noqa: Y015
 
 @_typing.final
+class ModelResponseCache(_message.Message):
+    """Response cache: genserve's image cache (server config image_cache_bytes), which serves
+    genserve.v1 Sample's images by seed; ModelStatistics counts its hits and misses.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLE_FIELD_NUMBER: _builtins.int
+    enable: _builtins.bool
+    def __init__(
+        self,
+        *,
+        enable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable", b"enable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelResponseCache: _TypeAlias = ModelResponseCache  # noqa: Y015
+
+@_typing.final
 class ModelConfig(_message.Message):
     """A model's configuration."""
 
@@ -435,6 +458,7 @@ class ModelConfig(_message.Message):
     DYNAMIC_BATCHING_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     MODEL_TRANSACTION_POLICY_FIELD_NUMBER: _builtins.int
+    RESPONSE_CACHE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Model name."""
     platform: _builtins.str
@@ -470,6 +494,12 @@ class ModelConfig(_message.Message):
     def model_transaction_policy(self) -> Global___ModelTransactionPolicy:
         """Transaction policy."""
 
+    @_builtins.property
+    def response_cache(self) -> Global___ModelResponseCache:
+        """Set (enable: true) where the server's image cache is on and the model answers Sample; absent
+        otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -484,10 +514,11 @@ class ModelConfig(_message.Message):
         dynamic_batching: Global___ModelDynamicBatching | None = ...,
         backend: _builtins.str = ...,
         model_transaction_policy: Global___ModelTransactionPolicy | None = ...,
+        response_cache: Global___ModelResponseCache | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dynamic_batching", b"dynamic_batching", "model_transaction_policy", b"model_transaction_policy", "scheduling_choice", b"scheduling_choice", "version_policy", b"version_policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dynamic_batching", b"dynamic_batching", "model_transaction_policy", b"model_transaction_policy", "response_cache", b"response_cache", "scheduling_choice", b"scheduling_choice", "version_policy", b"version_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_model_filename", b"default_model_filename", "dynamic_batching", b"dynamic_batching", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "model_transaction_policy", b"model_transaction_policy", "name", b"name", "output", b"output", "platform", b"platform", "scheduling_choice", b"scheduling_choice", "version_policy", b"version_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_model_filename", b"default_model_filename", "dynamic_batching", b"dynamic_batching", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "model_transaction_policy", b"model_transaction_policy", "name", b"name", "output", b"output", "platform", b"platform", "response_cache", b"response_cache", "scheduling_choice", b"scheduling_choice", "version_policy", b"version_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_scheduling_choice: _TypeAlias = _typing.Literal["dynamic_batching"]  # noqa: Y015
     _WhichOneofArgType_scheduling_choice: _TypeAlias = _typing.Literal["scheduling_choice", b"scheduling_choice"]  # noqa: Y015
