@@ -226,6 +226,23 @@ def test_model_config_declares_the_response_cache_of_the_models_sample_serves_fr
     assert not declared(tiny_server, "tiny-gen")  # image_cache_bytes 0: off
 
 
+def test_the_rpcs_docs_kserve_counts_as_cache_hits_are_the_ones_served_from_the_cache(
+    stub: pb_grpc.GenerationServiceStub, cached_server: ServerProcess
+) -> None:
+    """docs/kserve.md said a request of genserve.v1 `Sample` and `SampleStream` served from the image
+    cache counts as a cache hit; SampleStream never goes through the cache (docs/server.md), so an
+    operator reading cache_hit 0 under a stream load was told the wrong story."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "kserve.md").read_text()
+    said = re.search(r"With the image cache on \((.*?)\)", doc, re.S)
+    assert said is not None
+    hits0, misses0 = lookups(cached_server, "tiny-gen")
+    for _ in range(2):
+        request = pb.SampleStreamRequest(sample=pb.SampleRequest(model="tiny-gen", count=2, base_seed=41))
+        assert sum(len(chunk.images) for chunk in stub.SampleStream(request, timeout=30)) == 2
+    assert lookups(cached_server, "tiny-gen") == (hits0, misses0)  # never looked up
+    assert "`SampleStream`" not in said.group(1) and "`Sample`" in said.group(1), said.group(1)
+
+
 def test_other_formats_labels_and_truncation_are_other_images(
     stub: pb_grpc.GenerationServiceStub, cached_server: ServerProcess
 ) -> None:
