@@ -23,17 +23,27 @@ def err_line(text: str) -> None:
     if sys.stderr is None:
         return
     line = text + "\n"
-    buffer = getattr(sys.stderr, "buffer", None)
-    if buffer is not None and any("\udc80" <= c <= "\udcff" for c in line):
+    if getattr(sys.stderr, "buffer", None) is not None and any("\udc80" <= c <= "\udcff" for c in line):
         # A path's bytes the locale did not decode (lone surrogates: any non-ASCII byte under LANG=C)
         # went out through stderr's backslashreplace as \udcc3, naming a folder that does not exist
         # (a resume hint pasted as is): they are written as they came.
-        encoding = sys.stderr.encoding or "utf-8"
-        sys.stderr.flush()
-        buffer.write(b"".join(_raw(c, encoding) for c in line))
-        buffer.flush()
+        _write_raw(sys.stderr, line)
         return
     sys.stderr.write(line)
+
+
+def _write_raw(stream: TextIO, text: str) -> None:
+    """`text` to `stream` as its bytes: a file name's undecodable bytes (lone surrogates) as they
+    came, each character the stream's encoding cannot hold (ASCII under a locale that is not UTF-8)
+    as a repr writes it (\\xf6, \\u2014), as Python's stderr does."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        stream.write(text.encode("ascii", "backslashreplace").decode("ascii"))
+        return
+    encoding = stream.encoding or "utf-8"
+    stream.flush()
+    buffer.write(b"".join(_raw(c, encoding) for c in text))
+    buffer.flush()
 
 
 def _raw(c: str, encoding: str) -> bytes:
@@ -43,22 +53,6 @@ def _raw(c: str, encoding: str) -> bytes:
         return c.encode(encoding, "surrogateescape")
     except UnicodeEncodeError:
         return c.encode("ascii", "backslashreplace")
-
-
-def _encodable(text: str, stream: TextIO) -> str:
-    """`text` as a stdout whose encoding cannot hold all of it (ASCII under a locale that is not
-    UTF-8) writes it: each character it cannot encode as a repr writes it (\\xf6, \\u2014), as
-    Python's stderr does; a file name's undecodable bytes (surrogates) are kept as they came."""
-    encoding, errors = stream.encoding or "utf-8", stream.errors or "strict"
-
-    def fits(c: str) -> bool:
-        try:
-            c.encode(encoding, errors)
-        except UnicodeEncodeError:
-            return False
-        return True
-
-    return "".join(c if fits(c) else c.encode("ascii", "backslashreplace").decode("ascii") for c in text)
 
 
 class Stdout:
@@ -78,7 +72,7 @@ class Stdout:
             try:
                 sys.stdout.write(text + "\n")
             except UnicodeEncodeError:  # nothing was written: the text is encoded before it is buffered
-                sys.stdout.write(_encodable(text, sys.stdout) + "\n")
+                _write_raw(sys.stdout, text + "\n")
             if flush:
                 sys.stdout.flush()
         except BrokenPipeError:

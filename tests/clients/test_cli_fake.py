@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from client_fakes import FakeServer, cli_main, run_cli
 from PIL import Image
 
 from genserve.v1 import genserve_pb2, types_pb2
+from genserve_client import cli
 from genserve_client.cli import UsageError, resolve_labels
 
 
@@ -381,6 +383,23 @@ def test_models_prints_a_non_ascii_reason_to_a_c_locale_terminal(
     assert done.returncode == 0, (out, err)
     assert out.splitlines()[0].startswith("name"), out
     assert out.count("unknown key 'gr\\xf6\\xdfe' \\u2014 see the docs") == 2, out
+
+
+def test_a_path_the_locale_does_not_decode_is_printed_on_stdout_as_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A folder name whose bytes a UTF-8 locale does not decode (a Latin-1 'r\xe9sultats' from an
+    old archive) is held as lone surrogates, and a stdout with strict errors (Python's under
+    en_US.UTF-8, UTF-8 mode off) made its 'wrote' line name 'r\\udce9sultats', a folder that does
+    not exist: its bytes are written as they came, as stderr's lines write them; what the encoding
+    cannot hold is still written as a repr writes it."""
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    out = os.fsdecode(b"/srv/r\xe9sultats")
+    cli._out(f"wrote 2 images to {out}")
+    stdout.flush()
+    assert raw.getvalue() == b"wrote 2 images to /srv/r\xe9sultats\n"
 
 
 def test_a_servers_error_is_printed_on_one_line_without_terminal_escapes(
