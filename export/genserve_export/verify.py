@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +142,11 @@ def verify_repository(
         report.errors.append(f"{root} is not a directory")
         return report
     if (root / "config.json").is_file():  # one model's folder, not a repository
-        entries = [root]
-        sessions = _SessionCache(root.resolve().parent)
+        # Absolute, so that `.` (verify run inside it) is named by its own name, not ''; symlinks
+        # kept, so that its parent is the repository it is in.
+        entry = Path(os.path.abspath(root))
+        entries = [entry]
+        sessions = _SessionCache(entry.parent)
     else:
         entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not entries:

@@ -379,3 +379,19 @@ def test_verify_of_one_model_directory_verifies_that_model(
     assert code == 0, out
     assert "config.json is missing" not in out and "no version directory" not in out, out
     assert "1 model version(s) checked" in out and "all OK" in out, out
+
+
+def test_verify_of_the_current_model_directory_names_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`genserve-export verify .` inside a model's folder took '.' whose name is '' for the model:
+    it reported '[FAIL] /1' with 'card.json: name/version stylegan-digits-mapping/1 differ from the
+    directory', exit 1. The folder is named by its own name, as `verify models/<name>` is."""
+    shutil.copytree(
+        REPO_ROOT / "models" / "stylegan-digits-mapping", tmp_path / "models" / "stylegan-digits-mapping"
+    )
+    monkeypatch.chdir(tmp_path / "models" / "stylegan-digits-mapping")
+    code = cli.main(["verify", ".", "--no-quality"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[OK] stylegan-digits-mapping/1" in out, out
