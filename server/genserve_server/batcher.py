@@ -42,7 +42,6 @@ import contextlib
 import functools
 import logging
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator
@@ -99,6 +98,7 @@ from genserve_server.errors import (
     ModelCallAborted,
     ResourceExhausted,
     Unavailable,
+    out_of_memory,
 )
 from genserve_server.idle_spin import run_off_loop
 
@@ -1181,24 +1181,38 @@ class Batcher:
             )
         except Exception as exc:
             error = exc
-            # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote
-            # ~25 lines a failed call (each half retried logs too); every failure keeps its line.
-            now = time.monotonic()
-            stack = not isinstance(exc, GenserveError) and now >= self._next_traceback_at
-            if stack:
-                self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
-            logger.error(
-                "%s: batch of %d rows from %d requests failed (request_ids=%s): %r%s",
-                self.name,
-                rows,
-                len(parts),
-                request_ids(parts),
-                exc,
-                ""
-                if stack or isinstance(exc, GenserveError)
-                else " (its stack: logged with an earlier failure, once a minute)",
-                exc_info=stack,
-            )
+            short = out_of_memory(exc)
+            if short:  # an operator's matter (the requests' sizes, the container's memory), not a bug
+                logger.warning(
+                    "%s: batch of %d rows from %d requests ran out of memory (request_ids=%s): %s; send "
+                    "smaller requests, lower max_sr_input_pixels or max_batch_size, or give the server more "
+                    'memory (docs/operations.md, "Memory budgets")',
+                    self.name,
+                    rows,
+                    len(parts),
+                    request_ids(parts),
+                    short,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
+            else:
+                # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote
+                # ~25 lines a failed call (each half retried logs too); every failure keeps its line.
+                now = time.monotonic()
+                stack = not isinstance(exc, GenserveError) and now >= self._next_traceback_at
+                if stack:
+                    self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
+                logger.error(
+                    "%s: batch of %d rows from %d requests failed (request_ids=%s): %r%s",
+                    self.name,
+                    rows,
+                    len(parts),
+                    request_ids(parts),
+                    exc,
+                    ""
+                    if stack or isinstance(exc, GenserveError)
+                    else " (its stack: logged with an earlier failure, once a minute)",
+                    exc_info=stack,
+                )
         compute_s = self._clock() - started
         if error is None:
             per_row = compute_s / rows
@@ -1254,7 +1268,7 @@ class Batcher:
             failure = Unavailable(
                 f"{self.name} shut down while the batch was retried; retry on another replica"
             )
-        elif _out_of_memory(error):  # a container's memory limit, a GPU arena's cap: not a model fault
+        elif out_of_memory(error):  # a container's memory limit, a GPU arena's cap: not a model fault
             failure = ResourceExhausted(
                 f"{self.name}: the server is out of memory for this call (see the server log)"
             )
@@ -1263,22 +1277,6 @@ class Batcher:
             failure = Internal(message)
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
-
-
-# ONNX Runtime's words for a tensor it could not allocate: its arena's (CPU or CUDA), the plain
-# allocator's std::bad_alloc (MSVC: "bad allocation"), CUDA's cudaErrorMemoryAllocation (2).
-_ORT_OUT_OF_MEMORY = re.compile(
-    r"Failed to allocate memory|std::bad_alloc|bad allocation|cudaErrorMemoryAllocation"
-    r"|CUDA (?:failure|error) 2\b"
-)
-
-
-def _out_of_memory(error: Exception) -> bool:
-    """Whether `error` is the process's memory running out in a model call: numpy's MemoryError, or
-    ONNX Runtime's own error (Fail, RuntimeException) for a tensor it could not allocate."""
-    return isinstance(error, MemoryError) or (
-        not isinstance(error, GenserveError) and _ORT_OUT_OF_MEMORY.search(str(error)) is not None
-    )
 
 
 def _computed(parts: list[Part]) -> None:

@@ -8,6 +8,7 @@ both servicers; everything below it raises these.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 
 
@@ -58,6 +59,30 @@ def escape_controls(text: str) -> str:
     if text.isprintable():
         return text
     return text.translate(CONTROL_ESCAPES)
+
+
+# ONNX Runtime's words for a tensor it could not allocate: its arena's (CPU or CUDA), the plain
+# allocator's std::bad_alloc (MSVC: "bad allocation"), CUDA's cudaErrorMemoryAllocation (2).
+_ORT_OUT_OF_MEMORY = re.compile(
+    r"Failed to allocate memory|std::bad_alloc|bad allocation|cudaErrorMemoryAllocation"
+    r"|CUDA (?:failure|error) 2\b"
+)
+
+
+def out_of_memory(error: BaseException) -> str:
+    """Where `error` is the process's memory running out (numpy's MemoryError, or ONNX Runtime's own
+    error, Fail or RuntimeException, for a tensor it could not allocate): what ran out, short (ONNX
+    Runtime's words from "Failed to allocate memory" on, without the C++ source path and function
+    before them or CUDA's "; GPU=0 ; hostname=..." after); "" for any other error."""
+    if isinstance(error, MemoryError):
+        return str(error) or "MemoryError"
+    if isinstance(error, GenserveError):
+        return ""
+    text = str(error)
+    found = _ORT_OUT_OF_MEMORY.search(text)
+    if found is None:
+        return ""
+    return text[found.start() :].splitlines()[0].split(" ; ")[0].strip()[:200]
 
 
 class GenserveError(Exception):

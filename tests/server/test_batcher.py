@@ -1081,6 +1081,43 @@ def test_a_batch_that_does_not_fit_in_memory_even_in_halves_is_resource_exhauste
     run(body())
 
 
+def test_a_batch_out_of_memory_is_one_warning_line_saying_what_to_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model call that ran out of memory was logged as a bug: an ERROR with ONNX Runtime's whole
+    traceback (its C++ source paths), every call's line saying nothing of what to do. Each failed
+    call is one WARNING line naming the model, the batch's rows, ONNX Runtime's short reason and what
+    to do (docs/operations.md, "Memory budgets"); the stack only at --log-level debug."""
+
+    class OutOfMemory(FakeModel):
+        async def __call__(self, key: Hashable, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            await super().__call__(key, inputs)
+            raise ORT_ALLOCATION_FAILURES[0]
+
+    async def body() -> None:
+        batcher, _ = make(OutOfMemory(), max_batch_size=1)
+        with pytest.raises(ResourceExhausted):
+            await batcher.submit("k", rows(1.0), 1)
+        await batcher.close(1)
+
+    with caplog.at_level(logging.INFO, logger="genserve_server.batcher"):
+        run(body())
+    failed = [r for r in caplog.records if "out of memory" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.WARNING], [r.getMessage() for r in caplog.records]
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+    line = failed[0].getMessage()
+    assert not failed[0].exc_info
+    assert line.startswith("model m version 1: batch of 1 rows from 1 requests ran out of memory"), line
+    assert "Failed to allocate memory for requested buffer of size 536870912" in line
+    assert "bfc_arena.cc" not in line and "AllocateRawInternal" not in line
+    assert "max_sr_input_pixels" in line and "docs/operations.md" in line
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="genserve_server.batcher"):
+        run(body())
+    assert [bool(r.exc_info) for r in caplog.records if "ran out of memory" in r.getMessage()] == [True]
+
+
 def test_one_bad_row_among_eight_requests_costs_two_calls_per_halving() -> None:
     async def body() -> None:
         model = FakeModel()
