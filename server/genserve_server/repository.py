@@ -38,7 +38,7 @@ from genserve_server.config import (
     cpu_count,
     load_model_config,
 )
-from genserve_server.errors import GenserveError, NotFound, Unavailable, escape_controls
+from genserve_server.errors import GenserveError, NotFound, Unavailable, escape_controls, out_of_memory
 from genserve_server.gpu_errors import sticky_cuda_error
 from genserve_server.idle_spin import run_off_loop
 from genserve_server.load_gate import HeldSteps, LoadGate
@@ -530,13 +530,20 @@ class Repository:
         except GenserveError as exc:
             self._fail(mv, str(exc))
         except Exception as exc:  # ORT raises its own types for corrupt graphs
-            if type(exc).__module__.startswith("onnxruntime"):
-                # A corrupt or unsupported graph: _fail's line says it all (ORT's reason, its file);
-                # a traceback through the loader, at every start and rescan, would add only noise.
+            from_ort = type(exc).__module__.startswith("onnxruntime")
+            short = out_of_memory(exc)
+            if from_ort or short:
+                # A corrupt or unsupported graph, or no memory for it: _fail's line says it all (ORT's
+                # reason, its file); a traceback through the loader, at every start and rescan, would
+                # add only noise.
                 logger.debug("%s failed to load", mv.label, exc_info=True)
             else:
                 logger.exception("%s failed to load", mv.label)
-            self._fail(mv, f"{type(exc).__name__}: {exc}")
+            if short:  # ORT's raw text names its C++ source files and functions: its words only
+                said = f"{'ORT' if from_ort else type(exc).__name__}: {short}"
+                self._fail(mv, f"out of memory while loading/warming up ({said})")
+            else:
+                self._fail(mv, f"{type(exc).__name__}: {exc}")
             sticky = sticky_cuda_error(exc)
             if sticky:  # the CUDA context is unusable for every model, not only this one
                 self.fatal_reason = f"{mv.label}: {sticky} at load"

@@ -1198,6 +1198,67 @@ def test_client_visible_reasons_name_the_model_file_but_not_the_servers_paths(tm
     assert repo.redact("models: a, b") == "models: a, b"  # only the location, not the word
 
 
+ORT_ARENA_FAILURE = (
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. "
+    "Name:'conv2d_10_nchwc' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 "
+    "void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to "
+    "allocate memory for requested buffer of size 536870912"
+)
+
+
+@pytest.mark.parametrize("where", ["session", "model_call"])
+def test_a_version_out_of_memory_at_load_says_so_in_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """ONNX Runtime running out of memory while a version loads (its session, or a model call of
+    the graph check or warm-up) left as the version's reason ORT's raw text, its C++ source path and
+    function ('Fail: [ONNXRuntimeError] : 1 : FAIL : ... bfc_arena.cc:360 void* onnxruntime::...'),
+    in GetModel and the log alike. The reason says what happened, with ORT's own short words."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    from genserve_server import runner as runner_module
+    from genserve_server.service import GenerationService
+
+    root = tmp_path / "models"
+    write_tiny_generator(root, "gen")
+    if where == "session":
+
+        def no_session(*args: Any, **kwargs: Any) -> Any:
+            raise ort_state.RuntimeException(
+                "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: std::bad_alloc"
+            )
+
+        monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
+        short = "std::bad_alloc"
+    else:
+
+        def no_memory(*args: Any, **kwargs: Any) -> Any:
+            raise ort_state.Fail(ORT_ARENA_FAILURE)
+
+        monkeypatch.setattr(runner_module.Runner, "_model_call", no_memory)
+        short = "Failed to allocate memory for requested buffer of size 536870912"
+    expected = f"out of memory while loading/warming up (ORT: {short})"
+
+    def check(repo: Repository) -> None:
+        mv = repo.get("gen").versions["1"]
+        assert mv.state == ModelState.UNAVAILABLE
+        assert mv.reason == expected, mv.reason
+        with ThreadPoolExecutor(1) as pool:
+            service = GenerationService(repo, ServerConfig(), Metrics(enabled=False), pool)
+            assert [v.reason for v in service._model_info(repo.get("gen")).versions] == [expected]
+
+    with caplog.at_level(logging.INFO, logger="genserve_server"):
+        with_repo(root, check)
+    said = [r for r in caplog.records if "gen" in r.getMessage() and "memory" in r.getMessage()]
+    assert said and all(expected in r.getMessage() and not r.exc_info for r in said), [
+        r.getMessage() for r in caplog.records
+    ]
+    assert not any("bfc_arena" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
 def test_a_refused_external_data_path_outside_the_repository_is_not_shown_to_clients(tmp_path: Path) -> None:
     """A model whose external data lies outside its directory is refused by ONNX Runtime, whose
     message gives the resolved absolute path: outside the repository, it is not the client's to see
