@@ -311,8 +311,9 @@ def class_label(info: genserve_pb2.ModelInfo, label: int) -> str:
 
 def class_index(info: genserve_pb2.ModelInfo, label: Label, where: str) -> int:
     """A class's index: an index as it is (check_classes checks its range), a class name matched
-    against the model's class_names (an exact match, else the one equal ignoring case); an unknown
-    name is refused listing the model's classes. `where`: `command: --flag`, for the message."""
+    against the model's class_names (an exact match, else the one equal ignoring case); a name equal
+    to several ignoring case is refused as ambiguous, an unknown one listing the model's classes.
+    `where`: `command: --flag`, for the message."""
     if isinstance(label, int):
         return label
     names = list(info.class_names)
@@ -321,6 +322,12 @@ def class_index(info: genserve_pb2.ModelInfo, label: Label, where: str) -> int:
     folded = [i for i, name in enumerate(names) if name.casefold() == label.casefold()]
     if len(folded) == 1:
         return folded[0]
+    if folded:
+        matches = " and ".join(f"{i}: {names[i]}" for i in folded)
+        raise UsageError(
+            f"{where}: {label!r} is ambiguous for {info.name}: ignoring case it matches {matches}; "
+            "give the exact name or the index"
+        )
     if not names:
         raise UsageError(f"{where}: {info.name} is a {info.kind} without classes: it takes no labels")
     listed = ", ".join(f"{i}: {name}" for i, name in enumerate(names[:LISTED_CLASS_NAMES]))

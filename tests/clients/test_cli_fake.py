@@ -284,6 +284,38 @@ def test_an_unknown_class_name_is_refused_listing_the_models_classes(
     assert not any(fake_server.service.calls[m] for m in generating)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("sample", "--label", "dress", "--out", "x"),
+        ("bulk", "--labels", "0,dress", "--n", "2", "--out", "x"),
+    ],
+)
+def test_a_class_name_matching_two_classes_ignoring_case_is_refused_as_ambiguous(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+) -> None:
+    """A model whose class names differ only in case ('Dress', 'DRESS' aside 'dress'): a name equal
+    to two of them ignoring case was refused 'has no class named', though it names both -> it is
+    refused as ambiguous, naming the classes it matches."""
+    import client_fakes
+
+    monkeypatch.setattr(client_fakes, "FAKE_CLASSES", ["T-shirt/top", "Dress", "DRESS"])
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_main(
+        capsys, "--target", fake_server.target, command[0], "--model", "fake-cond", *command[1:]
+    )
+    assert code == 2, err
+    assert "has no class named" not in err and "Traceback" not in err, err
+    assert "ambiguous" in err and "1: Dress" in err and "2: DRESS" in err, err
+    assert "give the exact name or the index" in err, err
+    generating = ("Sample", "SampleStream", "Interpolate")
+    assert not any(fake_server.service.calls[m] for m in generating)
+
+
 def test_labels_all_expands_for_a_class_conditional_code_prior() -> None:
     prior = genserve_pb2.ModelInfo(name="p", kind="code_prior", class_names=[str(d) for d in range(10)])
     assert resolve_labels(prior, "all") == list(range(10))
