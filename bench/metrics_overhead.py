@@ -145,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             models = args.models
         else:
             models = write_tiny_repository(work / "models", queue_delay_ms=args.queue_delay_ms)
-        servers = {
-            "on": start_server(models, work / "on", metrics=True),
-            "off": start_server(models, work / "off", metrics=False),
-        }
-        try:
+        servers: dict[str, MonitoredServer] = {}
+        try:  # each server started inside: the second failing to start stops the first
+            servers["on"] = start_server(models, work / "on", metrics=True)
+            servers["off"] = start_server(models, work / "off", metrics=False)
             for mode, server in servers.items():  # warm-up: sessions, thread pools, first batches
                 run_round(server, mode, argparse.Namespace(**{**vars(args), "requests": args.requests // 4}))
             rounds: list[Round] = []

@@ -432,6 +432,33 @@ def test_a_soak_leaves_no_scratch_folder_behind(tmp_path: Path, monkeypatch: pyt
     assert list(scratch.iterdir()) == []
 
 
+def test_a_metrics_overhead_run_whose_second_server_fails_to_start_stops_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench.metrics_overhead started both servers outside the try that stops them: the second
+    # failing to start (its port, its log's 'did not start') left the first one running.
+    from bench import metrics_overhead
+
+    stopped: list[str] = []
+
+    class Started:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def stop(self) -> None:
+            stopped.append(self.name)
+
+    def start_server(models: Path, workdir: Path, *, metrics: bool) -> Started:
+        if not metrics:
+            raise RuntimeError("the metrics-off server did not start")
+        return Started("on")
+
+    monkeypatch.setattr(metrics_overhead, "start_server", start_server)
+    with pytest.raises(RuntimeError, match="did not start"):
+        metrics_overhead.main(["--models", str(tmp_path / "models")])
+    assert stopped == ["on"]
+
+
 def _profile_sections(lines: list[str]) -> dict[str, dict[str, float]]:
     sections: dict[str, dict[str, float]] = {}
     for line in lines[1:]:
