@@ -6,13 +6,23 @@ Pure data and validation; server/genserve_server/ort_session.py turns it into se
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Final
 
 from genserve_contract.repository import FP16_ATOL
 
 GRAPH_OPTIMIZATION_LEVELS: Final = ("disable", "basic", "extended", "all")
+
+
+def ort_path(path: Path) -> str:
+    """`path` as ONNX Runtime's binding takes it: a str it encodes to UTF-8 for the file system. Under
+    a locale that is not UTF-8 (LANG=C without Python's UTF-8 mode) Python holds a non-ASCII name's
+    bytes as lone surrogates, which the binding refuses (TypeError); the bytes decode as UTF-8 here.
+    Bytes that are not UTF-8 keep their surrogates. Shared by the server's sessions and export's."""
+    return os.fsencode(path).decode("utf-8", "surrogateescape")
 
 
 class RuntimeConfigError(ValueError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 from torch.export import Dim
+
+from genserve_contract.runtime import ort_path
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +179,6 @@ def torch_export(
     return program.model_proto
 
 
-def _ort_path(path: Path) -> str:
-    """`path` as ONNX Runtime's binding takes it: under a locale that is not UTF-8 (LANG=C without
-    Python's UTF-8 mode) a non-ASCII name's bytes are lone surrogates, which it refuses (TypeError);
-    they decode as UTF-8 here."""
-    return os.fsencode(path).decode("utf-8", "surrogateescape")
-
-
 def optimize_offline(model: onnx.ModelProto, out_path: Path) -> onnx.ModelProto:
     """Run ONNX Runtime's basic graph optimisations once and save the optimised graph.
 
@@ -194,7 +188,7 @@ def optimize_offline(model: onnx.ModelProto, out_path: Path) -> onnx.ModelProto:
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = _ort_path(out_path)
+    options.optimized_model_filepath = ort_path(out_path)
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(out_path))
     onnx.checker.check_model(optimized)
@@ -206,7 +200,7 @@ def session(path_or_bytes: Path | bytes, threads: int = 1) -> ort.InferenceSessi
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    source = _ort_path(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
+    source = ort_path(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 

@@ -57,7 +57,7 @@ from numpy.typing import NDArray
 # with export/); re-exported here for the modules that build sessions from it.
 from genserve_contract.repository import FP16_ATOL as FP16_ATOL
 from genserve_contract.repository import external_data_locations, sha256_file
-from genserve_contract.runtime import GRAPH_OPTIMIZATION_LEVELS
+from genserve_contract.runtime import GRAPH_OPTIMIZATION_LEVELS, ort_path
 from genserve_contract.runtime import RuntimeConfig as RuntimeConfig
 from genserve_contract.runtime import RuntimeConfigError as RuntimeConfigError
 from genserve_contract.runtime import parse_runtime_config as parse_runtime_config
@@ -478,14 +478,6 @@ def _external_sha256(model: Path) -> dict[str, str] | None:
         return {loc: sha256_file(model.parent / loc) for loc in external_data_locations(model)}
     except (OSError, ValueError):
         return None
-
-
-def ort_path(path: Path) -> str:
-    """`path` as ONNX Runtime's binding takes it: a str it encodes to UTF-8 for the file system. Under
-    a locale that is not UTF-8 (LANG=C without Python's UTF-8 mode) Python holds a non-ASCII name's
-    bytes as lone surrogates, which the binding refuses (TypeError); the bytes decode as UTF-8 here.
-    Bytes that are not UTF-8 keep their surrogates."""
-    return os.fsencode(path).decode("utf-8", "surrogateescape")
 
 
 # Provider options naming a path, handed to ONNX Runtime as ort_path does.

@@ -234,3 +234,16 @@ def test_a_w_avg_value_float32_cannot_hold_is_refused_by_export_and_the_server_n
         with pytest.raises(server_config.ConfigError, match="w_avg") as excinfo:
             server_config.load_card(path)
         assert excinfo.value.field == "w_avg"
+
+
+def test_export_and_the_server_hand_onnx_runtime_a_c_locale_path_by_one_rule() -> None:
+    """Under a locale that is not UTF-8 a non-ASCII name's bytes are lone surrogates, which ONNX
+    Runtime's binding refuses: both sides hand it the bytes decoded as UTF-8, by the contract's one
+    helper; bytes that are not UTF-8 keep their surrogates."""
+    from genserve_contract.runtime import ort_path
+    from genserve_export import onnx_utils
+
+    assert ort_session.ort_path is ort_path
+    assert onnx_utils.ort_path is ort_path
+    assert ort_path(Path("/srv/mod\udcc3\udca8les/model.onnx")) == "/srv/modèles/model.onnx"
+    assert ort_path(Path("/srv/r\udce9sultats")) == "/srv/r\udce9sultats"
