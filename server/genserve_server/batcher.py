@@ -562,6 +562,9 @@ class Batcher:
             if exc.args != (WITHDRAWN,):
                 self._dropped(caller, drop_reason(deadline, self._clock()))
             raise
+        except DeadlineExceeded:  # its response bytes, taken back, waited until its deadline
+            self._dropped(caller, "deadline")
+            raise
         except ResourceExhausted:
             # Its response bytes, taken back first in line, waited for the budget until it ran
             # out: at the deadline the client gets DEADLINE_EXCEEDED (a drop), before it this

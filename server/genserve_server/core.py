@@ -52,6 +52,7 @@ from genserve_server.batcher import WITHDRAWN, Batcher, BatchResult, Lane, drop_
 from genserve_server.config import Card, ServerConfig, cpu_count
 from genserve_server.encoding import Codec, EncodedImage, ImageInput
 from genserve_server.errors import (
+    DeadlineExceeded,
     GenserveError,
     Internal,
     InvalidArgument,
@@ -429,6 +430,10 @@ class GenerationCore:
         except asyncio.CancelledError as exc:  # gRPC ended the call (its deadline) or the client left
             if exc.args != (WITHDRAWN,) and count_once(call):
                 call.metrics.dropped[drop_reason(call.deadline, time.monotonic())].inc()
+            raise
+        except DeadlineExceeded:  # the wait ran out at the deadline
+            if count_once(call):
+                call.metrics.dropped["deadline"].inc()
             raise
         except ResourceExhausted:  # the wait ran out: budget_max_wait_s, or the deadline
             if call.deadline is not None and time.monotonic() >= call.deadline:

@@ -19,11 +19,11 @@ take_back): a backlog of bulk calls on one model does not hold the budget that i
 every model need.
 
 A request waits (first come, first served) while its budget is spent, at most until its deadline
-or `budget_max_wait_s`, then is answered RESOURCE_EXHAUSTED naming the budget (counted by the
-boundary, for core.wait_for_budget's calls and the batcher's alike:
-genserve_requests_rejected_total{reason="budget"} if answered before the deadline, a `deadline` drop
-at it). A single request larger than the whole budget is clamped to it: it runs alone rather than
-never.
+or `budget_max_wait_s`: at `budget_max_wait_s` it is answered RESOURCE_EXHAUSTED naming the budget
+(counted by the boundary, for core.wait_for_budget's calls and the batcher's alike:
+genserve_requests_rejected_total{reason="budget"} if answered before the deadline), at its deadline
+DEADLINE_EXCEEDED (DeadlineExceeded, a `deadline` drop). A single request larger than the whole
+budget is clamped to it: it runs alone rather than never.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from genserve_server.errors import ResourceExhausted
+from genserve_server.errors import DeadlineExceeded, ResourceExhausted
 
 
 class ByteBudget:
@@ -60,6 +60,7 @@ class ByteBudget:
             self._add(n)
             return n
         timeout_s = self.max_wait_s
+        by_deadline = deadline is not None and deadline - time.monotonic() < timeout_s
         if deadline is not None:
             timeout_s = min(timeout_s, deadline - time.monotonic())
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -74,10 +75,16 @@ class ByteBudget:
             if future.done() and not future.cancelled():  # granted just as the wait ran out: keep it
                 return n
             self._drop(entry)
-            raise ResourceExhausted(
+            refusal = (
                 f"{what} needs {n} bytes of the {self.name} ({self.limit} bytes), of which {self.held} "
-                f"are held by other requests; waited {max(timeout_s, 0.0):.1f} s; retry with backoff"
-            ) from None
+                f"are held by other requests; waited {max(timeout_s, 0.0):.1f} s"
+            )
+            if by_deadline:
+                # The deadline ended the wait: a deadline drop, DEADLINE_EXCEEDED. The clock read
+                # after the timer could not tell it: uvloop's timers are whole milliseconds and may
+                # fire a moment before the deadline, and that call was answered RESOURCE_EXHAUSTED.
+                raise DeadlineExceeded(f"{refusal}, until its deadline") from None
+            raise ResourceExhausted(f"{refusal}; retry with backoff") from None
         except BaseException:  # cancelled while waiting: give back what may have been granted
             if future.done() and not future.cancelled():
                 self.release(n)

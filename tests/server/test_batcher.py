@@ -1401,7 +1401,7 @@ def test_a_bulk_request_whose_deadline_passes_while_it_takes_its_bytes_back_is_c
         await interactive.reserve(60, None, "Sample")  # the budget is full: 40 + 60
         gate.set()  # room: the waiting request waits for its bytes until its deadline
         np.testing.assert_array_equal((await queued).outputs["y"], [10, 20])
-        with pytest.raises(ResourceExhausted, match="response_budget_bytes"):
+        with pytest.raises(DeadlineExceeded, match="response_budget_bytes"):
             await waiting
         assert time.monotonic() >= deadline - 0.05
         assert recorder.dropped == ["deadline"] and recorder.rejected == []
