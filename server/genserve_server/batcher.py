@@ -99,6 +99,7 @@ from genserve_server.errors import (
     ResourceExhausted,
     Unavailable,
     out_of_memory,
+    out_of_memory_refusal,
 )
 from genserve_server.idle_spin import run_off_loop
 
@@ -1154,7 +1155,7 @@ class Batcher:
             f"{self.name}: the model's outputs did not fit the request (see the server log)"
         )
         if isinstance(exc, MemoryError):  # no room for the request's arrays (a container's limit)
-            failure = ResourceExhausted(f"{self.name}: the server is out of memory for this call: {exc}")
+            failure = out_of_memory_refusal(self.name, f": {exc}")
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
 
@@ -1272,9 +1273,7 @@ class Batcher:
                 f"{self.name} shut down while the batch was retried; retry on another replica"
             )
         elif out_of_memory(error):  # a container's memory limit, a GPU arena's cap: not a model fault
-            failure = ResourceExhausted(
-                f"{self.name}: the server is out of memory for this call (see the server log)"
-            )
+            failure = out_of_memory_refusal(self.name, " (see the server log)")
         else:
             message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
             failure = Internal(message)

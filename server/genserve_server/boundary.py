@@ -31,9 +31,9 @@ from genserve_server.errors import (
     GenserveError,
     Internal,
     InvalidArgument,
-    ResourceExhausted,
     Unimplemented,
     clip_message,
+    out_of_memory_refusal,
 )
 from genserve_server.idle_spin import IdleSpin, run_off_loop
 from genserve_server.metrics import UNKNOWN_METHOD_LABEL, Metrics
@@ -281,8 +281,7 @@ class Boundary:
         if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not the call's failure
             raise exc
         if isinstance(exc, MemoryError):  # a container's memory limit: not a bug, and it passes
-            said = f": {exc}" if str(exc) else ""
-            exc = ResourceExhausted(f"the server is out of memory for this call{said}")
+            exc = out_of_memory_refusal("", f": {exc}" if str(exc) else "")
         call.code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
         if isinstance(exc, grpc.aio.AbortError):
             raise exc

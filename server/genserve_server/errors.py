@@ -161,3 +161,10 @@ def invalid(field: str, problem: str, *, verbatim: str = "") -> InvalidArgument:
     """Build an InvalidArgument whose message names the field: `labels[3]: must be in [0, 10), got 12`;
     `verbatim`: the client's text it quotes (GenserveError)."""
     return InvalidArgument(f"{field}: {problem}", field=field, verbatim=verbatim)
+
+
+def out_of_memory_refusal(where: str, detail: str) -> ResourceExhausted:
+    """What a call that ran out of memory gets: RESOURCE_EXHAUSTED, which clients retry (a container's
+    limit, a GPU arena's cap: an operator's matter, not a bug). `where`: the batcher's name or ""."""
+    prefix = f"{where}: " if where else ""
+    return ResourceExhausted(f"{prefix}the server is out of memory for this call{detail}")
