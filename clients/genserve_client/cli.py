@@ -509,6 +509,10 @@ def _codes_opts(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"format": args.format, "version": args.version, "top_k": args.top_k or 0}
     if args.temperature is not None:
         opts["temperature"] = args.temperature
+    if args.top_temperature is not None:
+        opts["top_temperature"] = args.top_temperature
+    if args.top_top_k:
+        opts["top_top_k"] = args.top_top_k
     return opts
 
 
@@ -542,6 +546,8 @@ def sample_codes_in_batches(
             "label": labels[0] if labels else None,
             "temperature": args.temperature,
             "top_k": args.top_k or None,
+            "top_temperature": args.top_temperature,
+            "top_top_k": args.top_top_k or None,
         }
         for item in client.sample_codes_progress(args.model, seeds=seeds, labels=labels, **_codes_opts(args)):
             if isinstance(item, CodesProgress):
@@ -665,9 +671,13 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
     check_sample_size(args.n, len(labels))
-    if info.kind != "code_prior" and (args.progress or args.temperature is not None or args.top_k):
+    top_level = args.top_temperature is not None or args.top_top_k
+    if info.kind != "code_prior" and (
+        args.progress or args.temperature is not None or args.top_k or top_level
+    ):
         raise UsageError(
-            f"sample: --progress, --temperature and --top-k are for code priors; {args.model} is {info.kind}"
+            f"sample: --progress, --temperature, --top-k, --top-temperature and --top-top-k are for code "
+            f"priors; {args.model} is {info.kind}"
         )
     if info.kind == "code_prior" and args.psi is not None:
         # SampleCodes has no truncation: the flag would change nothing, yet be written into the PNGs.
@@ -690,7 +700,12 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
                 "such as a top prior): sample the prior that decodes, or get the grids from the "
                 "library's sample_codes(..., return_codes=True)"
             )
-        settings = {"temperature": args.temperature, "top_k": args.top_k or None}
+        settings = {
+            "temperature": args.temperature,
+            "top_k": args.top_k or None,
+            "top_temperature": args.top_temperature,
+            "top_top_k": args.top_top_k or None,
+        }
     else:
         result = sample_in_batches(
             client, args.model, seeds, flat_labels, per_call=images_per_call(info), **_sample_opts(args)
@@ -1656,6 +1671,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_uint32,
         default=0,
         help="code priors: sample among the k likeliest codes (0: the model's default, normally all)",
+    )
+    p.add_argument(
+        "--top-temperature",
+        type=parse_float32,
+        help="two-level code priors: the top level's own temperature (default: --temperature, else "
+        "the top prior's config.json sampling); a PNG's top_temperature replays it",
+    )
+    p.add_argument(
+        "--top-top-k",
+        type=parse_uint32,
+        default=0,
+        help="two-level code priors: the top level's own top-k (0: --top-k, else the top prior's default)",
     )
     p.add_argument(
         "--progress",

@@ -38,6 +38,11 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
         if provenance.temperature is not None:
             text["temperature"] = float32_text(provenance.temperature)
             text["top_k"] = str(provenance.top_k)
+            # A two-level prior's top level, sampled at its top prior's own settings: with these as
+            # --top-temperature and --top-top-k, a replay samples both levels as they ran.
+            for _, temperature, top_k in provenance.used_sampling[:1]:
+                text["top_temperature"] = float32_text(temperature)
+                text["top_top_k"] = str(top_k)
         # The other models the images went through (a style generator's mapping, a code prior's
         # decoder and top prior): a reload of one changes the images, not `model` (types.proto).
         weights = dict(provenance.used_weights_sha256)

@@ -77,6 +77,9 @@ class CodesOptions(OutputOptions, total=False):
     labels: Ints
     temperature: float
     top_k: int
+    # A bottom prior whose top prior samples the top grids: that level's own (absent: as above)
+    top_temperature: float
+    top_top_k: int
     top_codes: npt.ArrayLike  # int64 [N, Ht, Wt] or [Ht, Wt]: a bottom prior's given top grids
     return_codes: bool
     version: str
@@ -281,6 +284,7 @@ def sample_codes_request(
         seeds=opts.get("seeds", ()),
         labels=opts.get("labels", ()),
         top_k=opts.get("top_k", 0),
+        top_top_k=opts.get("top_top_k", 0),
         return_codes=opts.get("return_codes", False),
         preview_every=opts.get("preview_every", 0),
         output=output_options(opts),
@@ -289,6 +293,8 @@ def sample_codes_request(
         _assign(req, "base_seed", opts["base_seed"])
     if "temperature" in opts:
         _assign(req, "temperature", opts["temperature"])
+    if "top_temperature" in opts:
+        _assign(req, "top_temperature", opts["top_temperature"])
     if "top_codes" in opts:
         req.top_codes.CopyFrom(codes_to_tensor(opts["top_codes"]))
     return req

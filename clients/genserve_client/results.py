@@ -63,6 +63,19 @@ class Provenance:
             tuple((m.model, m.temperature, m.top_k) for m in p.used_models if m.HasField("temperature")),
         )
 
+    def replay_options(self) -> dict[str, float | int]:
+        """A code prior's sampling as it ran, as `sample_codes` options: with the same model,
+        version, seeds and labels, the same grids and images bit for bit. `temperature` and `top_k`,
+        and where a top prior sampled the top grids at its own settings `top_temperature` and
+        `top_top_k` (a provenance without them: both levels at `temperature` and `top_k`, as it
+        always replayed); empty for other models."""
+        if self.temperature is None:
+            return {}
+        options: dict[str, float | int] = {"temperature": self.temperature, "top_k": self.top_k}
+        for _, temperature, top_k in self.used_sampling[:1]:  # a two-level prior has one top prior
+            options.update(top_temperature=temperature, top_top_k=top_k)
+        return options
+
 
 @dataclass(frozen=True, slots=True)
 class GeneratedItem:

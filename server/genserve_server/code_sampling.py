@@ -234,9 +234,9 @@ async def _levels(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The grids, and the top grids (given, or sampled first by the prior's top prior)."""
     top = top_prior(core, call, mv) if tops is None else None
-    if top is not None:  # both levels in one call: the top grids first, same seeds and options
+    if top is not None:  # both levels in one call: the top grids first, same seeds
         assert top.card is not None and top.card.codebook_size is not None and top.card.grid is not None
-        top_options = SamplingOptions(options.temperature, min(options.top_k, top.card.codebook_size))
+        top_options = options.top_level(top.card.codebook_size)
         top_labels = labels if top.card.class_names else None
         top_positions = top.card.grid[0] * top.card.grid[1]
         top_report = None

@@ -6,6 +6,7 @@ A sibling of service.py's handlers, kept apart so that service.py stays a list o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -118,7 +119,33 @@ def _parse(
             tops = check_grids(given, n, card.top_grid, card.top_codebook_size, "top_codes")
     elif request.HasField("top_codes"):
         raise invalid("top_codes", f"{mv.name} is not a bottom prior (no top_grid); send no top_codes")
+    options = _with_top_level(request, mv, options, samples_top=card.top_grid is not None and tops is None)
     return _Parsed(mv, list(seeds), labels, tops, options)
+
+
+def _with_top_level(
+    request: pb.SampleCodesRequest, mv: ModelVersion, options: SamplingOptions, *, samples_top: bool
+) -> SamplingOptions:
+    """`options` with the request's top_temperature and top_top_k, refused (INVALID_ARGUMENT) where
+    no top prior samples top grids in this call."""
+    if not request.HasField("top_temperature") and not request.top_top_k:
+        return options
+    field = "top_temperature" if request.HasField("top_temperature") else "top_top_k"
+    if not samples_top:
+        why = "its top_codes are given" if request.HasField("top_codes") else "it samples one level"
+        raise invalid(
+            field,
+            f"only for a bottom prior whose top prior samples the top grids; {mv.name} samples none "
+            f"here ({why})",
+        )
+    assert mv.card is not None and mv.card.top_codebook_size is not None
+    top = SamplingOptions.checked(
+        request.top_temperature if request.HasField("top_temperature") else None,
+        request.top_top_k,
+        mv.card.top_codebook_size,
+        fields=("top_temperature", "top_top_k"),
+    )
+    return dataclasses.replace(options, top_temperature=top.temperature, top_top_k=top.top_k)
 
 
 def _images(
@@ -155,8 +182,7 @@ def _response(
             if used.name == p.mv.config.top_prior:
                 card = used.card
                 assert card is not None and card.codebook_size is not None
-                top_options = SamplingOptions(p.options.temperature, min(p.options.top_k, card.codebook_size))
-                entry.temperature, entry.top_k = _sampled_with(used, top_options)
+                entry.temperature, entry.top_k = _sampled_with(used, p.options.top_level(card.codebook_size))
     response.seeds.extend(p.seeds)  # also where no image carries them (a prior without a decoder)
     _images(response.images, sampled.images, p.seeds, p.labels)
     if request.return_codes or not sampled.images:

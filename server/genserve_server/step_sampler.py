@@ -72,17 +72,27 @@ class SamplingOptions:
 
     temperature: float | None = None  # None: the prior's sampling.temperature
     top_k: int = 0  # 0: the prior's sampling.top_k (0 there: every code)
+    # A two-level call's top level, where the request gave its own (SampleCodesRequest.top_*):
+    # None / 0 take temperature / top_k above (`top_level`).
+    top_temperature: float | None = None
+    top_top_k: int = 0
 
     @staticmethod
-    def checked(temperature: float | None, top_k: int, codebook_size: int) -> SamplingOptions:
-        """Options within range, else InvalidArgument naming the field and its limit."""
+    def checked(
+        temperature: float | None,
+        top_k: int,
+        codebook_size: int,
+        fields: tuple[str, str] = ("temperature", "top_k"),
+    ) -> SamplingOptions:
+        """Options within range, else InvalidArgument naming the field (`fields`: the request's
+        names for these two) and its limit."""
         if temperature is not None and not (
             math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE
         ):
-            raise invalid("temperature", f"must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+            raise invalid(fields[0], f"must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
         if not 0 <= top_k <= codebook_size:
             raise invalid(
-                "top_k",
+                fields[1],
                 f"must be in 0..{codebook_size} (0: the model's default; {codebook_size}: every code), "
                 f"got {top_k}",
             )
@@ -95,6 +105,13 @@ class SamplingOptions:
             float(np.float32(defaults.temperature)) if self.temperature is None else self.temperature
         )
         return temperature, self.top_k or defaults.top_k
+
+    def top_level(self, codebook_size: int) -> SamplingOptions:
+        """The options a top prior of `codebook_size` codes samples a two-level call's top grids
+        with: the request's top_temperature and top_top_k, else its temperature and top_k (capped
+        at that codebook), unset ones the top prior's own defaults."""
+        temperature = self.temperature if self.top_temperature is None else self.top_temperature
+        return SamplingOptions(temperature, self.top_top_k or min(self.top_k, codebook_size))
 
 
 def uniforms(seeds: Sequence[int], positions: Sequence[int], stream: int) -> np.ndarray:

@@ -3,6 +3,7 @@ subprocess against a real server holding tiny synthetic code models (tests/serve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,3 +304,86 @@ def test_a_code_priors_config_defaults_are_in_the_provenance_and_pngs_and_replay
         pixels_replayed, text_replayed = _prior_pixels_and_text(b.target, prior, out / "replay", *replay)
     assert np.array_equal(pixels_replayed, pixels_a)
     assert (text_replayed["temperature"], text_replayed["top_k"]) == ("0.3", "3")
+
+
+def test_a_two_level_sample_replayed_from_its_provenance_gives_the_same_bytes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A two-level prior samples its top grid at its top prior's config.json `sampling` and the
+    bottom grid at its own, and the provenance records both (the top prior's in used_models), but a
+    request had one temperature and top_k for both levels: sent back as a replay, the top grid was
+    sampled at the bottom's settings, other grids and other images."""
+    root = tmp_path_factory.mktemp("two-level")
+    names = write_code_models(root, grid=GRID, k=16, max_rows=8)
+    for name, sampling in (
+        (names["chain"], {"temperature": 0.5, "top_k": 3}),
+        (names["top"], {"temperature": 2.0}),
+    ):
+        config_path = root / name / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sampling": sampling}))
+    chain, seeds = names["chain"], [11, 12, 13]
+    with (
+        running_server(root, tmp_path_factory.mktemp("server")) as server,
+        GenserveClient(server.target) as client,
+    ):
+        first = client.sample_codes(chain, seeds=seeds, format="png", return_codes=True)
+        replay = first.provenance.replay_options()
+        assert replay == {"temperature": 0.5, "top_k": 3, "top_temperature": 2.0, "top_top_k": 16}, replay
+        again = client.sample_codes(chain, seeds=seeds, format="png", return_codes=True, **replay)
+        # A provenance without the top prior's sampling (a server older than UsedModel.temperature)
+        # replays as before: one temperature and top_k, for both levels.
+        old = dataclasses.replace(first.provenance, used_sampling=())
+        assert old.replay_options() == {"temperature": 0.5, "top_k": 3}
+        both = client.sample_codes(
+            chain, seeds=seeds, format="png", return_codes=True, **old.replay_options()
+        )
+        given = client.sample_codes(
+            chain, seeds=seeds, format="png", return_codes=True, temperature=0.5, top_k=3
+        )
+    assert [item.raw for item in again.items] == [item.raw for item in first.items]
+    assert all(np.array_equal(a, b) for a, b in zip(again.top_codes, first.top_codes, strict=True))
+    assert again.provenance == first.provenance
+    assert [item.raw for item in both.items] == [item.raw for item in given.items]
+
+
+def test_a_two_level_sample_replayed_by_the_cli_from_its_png_gives_the_same_pixels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`sample` PNGs recorded the prior's temperature and top_k, and docs/client.md said that
+    `--temperature T --top-k K` with them gives the same images; a two-level prior whose top prior
+    samples at other defaults got its top grids at the bottom's settings, other pixels. The PNG
+    records the top level's too, and --top-temperature / --top-top-k replay it."""
+    root = tmp_path_factory.mktemp("two-level-cli")
+    names = write_code_models(root, grid=GRID, k=16, max_rows=8)
+    for name, sampling in (
+        (names["chain"], {"temperature": 0.5, "top_k": 3}),
+        (names["top"], {"temperature": 2.0}),
+    ):
+        config_path = root / name / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sampling": sampling}))
+    out = tmp_path_factory.mktemp("pngs")
+
+    def pixels_and_text(folder: str, *extra: str) -> tuple[np.ndarray, dict[str, str]]:
+        proc = run_cli("--target", server.target, "sample", "--model", names["chain"], "--n", "3",
+                       "--seed", "11", "--grid", str(out / f"{folder}.png"), *extra)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        with Image.open(out / f"{folder}.png") as picture:
+            return np.asarray(picture).copy(), dict(picture.text)  # type: ignore[attr-defined]
+
+    with running_server(root, tmp_path_factory.mktemp("server")) as server:
+        pixels, text = pixels_and_text("defaults")
+        assert {k: text.get(k) for k in ("temperature", "top_k", "top_temperature", "top_top_k")} == {
+            "temperature": "0.5",
+            "top_k": "3",
+            "top_temperature": "2.0",
+            "top_top_k": "16",
+        }, text
+        replay = ("--temperature", text["temperature"], "--top-k", text["top_k"],
+                  "--top-temperature", text["top_temperature"], "--top-top-k", text["top_top_k"])  # fmt: skip
+        replayed, replayed_text = pixels_and_text("replay", *replay)
+        refused = run_cli("--target", server.target, "sample", "--model", names["prior"], "--label", "0",
+                          "--n", "1", "--grid", str(out / "x.png"), "--top-temperature", "2")  # fmt: skip
+    assert np.array_equal(replayed, pixels)
+    assert replayed_text["top_temperature"] == "2.0" and replayed_text["top_top_k"] == "16"
+    assert refused.returncode != 0 and "top_temperature" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr

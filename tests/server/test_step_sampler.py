@@ -841,6 +841,25 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
         pb.SampleCodesRequest(model=names["chain"], seeds=[3], output=raw, return_codes=True)
     )
     assert chain.top_codes[0] == top.codes[0] and chain.images[0].image.data == bottom.images[0].image.data
+    # The top level at its own settings (top_temperature, top_top_k), the bottom at the defaults:
+    # the top prior's grid at those, the bottom prior's image given it; the provenance says so.
+    hot = await stub.SampleCodes(
+        pb.SampleCodesRequest(model=names["top"], seeds=[3], temperature=3.0, top_k=5)
+    )
+    hot_bottom = await stub.SampleCodes(
+        pb.SampleCodesRequest(model=names["bottom"], seeds=[3], top_codes=hot.codes[0], output=raw)
+    )
+    split = await stub.SampleCodes(
+        pb.SampleCodesRequest(
+            model=names["chain"], seeds=[3], output=raw, return_codes=True, top_temperature=3.0, top_top_k=5
+        )
+    )
+    assert split.top_codes[0] == hot.codes[0] != top.codes[0]
+    assert split.images[0].image.data == hot_bottom.images[0].image.data
+    assert [
+        (m.model, m.temperature, m.top_k) for m in split.provenance.used_models if m.HasField("temperature")
+    ] == [(names["top"], 3.0, 5)]
+    assert (split.provenance.temperature, split.provenance.top_k) == (chain.provenance.temperature, 16)
     await check_progress_stream(stub, names, reply, chain)
     for request, field in (
         (pb.SampleCodesRequest(model=names["prior"], count=1), "labels"),
@@ -849,6 +868,16 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
         (pb.SampleCodesRequest(model=names["bottom"], count=1), "top_codes"),
         (pb.SampleCodesRequest(model=names["decoder"], count=1), "model"),
         (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], temperature=11), "temperature"),
+        (pb.SampleCodesRequest(model=names["chain"], count=1, top_temperature=0), "top_temperature: must be"),
+        (pb.SampleCodesRequest(model=names["chain"], count=1, top_top_k=17), "top_top_k: must be in 0..16"),
+        (
+            pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], top_top_k=2),
+            "top_top_k: only for a bottom prior whose top prior samples",
+        ),
+        (
+            pb.SampleCodesRequest(model=names["chain"], count=1, top_codes=top.codes[0], top_temperature=2),
+            "top_temperature: only for a bottom prior whose top prior samples",
+        ),
         (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[3]), "labels[0]"),
         (
             pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], preview_every=POSITIONS + 1),

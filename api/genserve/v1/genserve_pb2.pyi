@@ -751,6 +751,8 @@ class SampleCodesRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     RETURN_CODES_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
+    TOP_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_TOP_K_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """A code_prior model. Required."""
     version: _builtins.str
@@ -781,6 +783,16 @@ class SampleCodesRequest(_message.Message):
     two-level call's top level, when preview_every is at least its Ht * Wt); positions or more would
     send none at all and is refused (INVALID_ARGUMENT): for no progress, call SampleCodes.
     """
+    top_temperature: _builtins.float
+    """A bottom prior whose top prior samples the top grids (no top_codes) only, refused otherwise:
+    the top level's own temperature (0 < t <= 10) and top_k (0..the top prior's codebook size),
+    where they differ from the bottom's. Absent / 0: `temperature` / `top_k` as above (capped at
+    the top codebook), else the top prior's config.json `sampling`. A replay sends the provenance's
+    temperature and top_k with its top prior's UsedModel.temperature and top_k here: the same
+    grids and images bit for bit, whatever either level's defaults (a server older than these
+    fields ignores them and samples both levels at `temperature` and `top_k`).
+    """
+    top_top_k: _builtins.int
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Explicit seeds, each 0 <= seed < 2^63; one grid per seed. Else base_seed + i."""
@@ -797,7 +809,8 @@ class SampleCodesRequest(_message.Message):
         or [Ht, Wt] (for every sample), codes in [0, top_codebook_size); only the bottom is sampled.
         Absent: the prior's top prior (config.json top_prior) samples them first, with the same seeds,
         labels (where it takes them), temperature and top_k (capped at its codebook size; unset ones
-        take the top prior's own defaults); a bottom prior without a top prior requires them.
+        take the top prior's own defaults) or top_temperature and top_top_k below; a bottom prior
+        without a top prior requires them.
         """
 
     @_builtins.property
@@ -819,19 +832,25 @@ class SampleCodesRequest(_message.Message):
         output: _types_pb2.OutputOptions | None = ...,
         return_codes: _builtins.bool = ...,
         preview_every: _builtins.int = ...,
+        top_temperature: _builtins.float | None = ...,
+        top_top_k: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "base_seed", b"base_seed", "output", b"output", "temperature", b"temperature", "top_codes", b"top_codes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "_top_temperature", b"_top_temperature", "base_seed", b"base_seed", "output", b"output", "temperature", b"temperature", "top_codes", b"top_codes", "top_temperature", b"top_temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "base_seed", b"base_seed", "count", b"count", "labels", b"labels", "model", b"model", "output", b"output", "preview_every", b"preview_every", "return_codes", b"return_codes", "seeds", b"seeds", "temperature", b"temperature", "top_codes", b"top_codes", "top_k", b"top_k", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed", "_temperature", b"_temperature", "_top_temperature", b"_top_temperature", "base_seed", b"base_seed", "count", b"count", "labels", b"labels", "model", b"model", "output", b"output", "preview_every", b"preview_every", "return_codes", b"return_codes", "seeds", b"seeds", "temperature", b"temperature", "top_codes", b"top_codes", "top_k", b"top_k", "top_temperature", b"top_temperature", "top_top_k", b"top_top_k", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__base_seed: _TypeAlias = _typing.Literal["base_seed"]  # noqa: Y015
     _WhichOneofArgType__base_seed: _TypeAlias = _typing.Literal["_base_seed", b"_base_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_temperature: _TypeAlias = _typing.Literal["top_temperature"]  # noqa: Y015
+    _WhichOneofArgType__top_temperature: _TypeAlias = _typing.Literal["_top_temperature", b"_top_temperature"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__base_seed) -> _WhichOneofReturnType__base_seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_temperature) -> _WhichOneofReturnType__top_temperature | None: ...
 
 Global___SampleCodesRequest: _TypeAlias = SampleCodesRequest  # noqa: Y015
 

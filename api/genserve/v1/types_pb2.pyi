@@ -259,8 +259,9 @@ class Provenance(_message.Message):
     """SampleCodes and SampleCodesStream: the softmax temperature the prior (`model`) sampled with,
     the request's or, where it gave none, the prior's config.json sampling.temperature (as float32).
     Unset on every other RPC and from a server older than this field. Sent back as
-    SampleCodesRequest.temperature (with top_k), it gives the same grids on a server whose config.json
-    defaults differ.
+    SampleCodesRequest.temperature (with top_k, and a top prior's UsedModel.temperature and top_k as
+    top_temperature and top_top_k), it gives the same grids on a server whose config.json defaults
+    differ.
     """
     top_k: _builtins.int
     """SampleCodes and SampleCodesStream: how many of the most likely codes the prior sampled among,
@@ -325,7 +326,9 @@ class UsedModel(_message.Message):
     """As Provenance.weights_sha256: its external data files' digest, empty where it has none."""
     temperature: _builtins.float
     """A code prior's top prior that sampled the top grids: the temperature and top_k it sampled with,
-    as Provenance.temperature and top_k (its own config.json defaults where the request gave none).
+    as Provenance.temperature and top_k (the request's top_temperature and top_top_k, else its
+    temperature and top_k, else its own config.json defaults); sent back as top_temperature and
+    top_top_k to replay the top level.
     Unset and 0 for any other model.
     """
     top_k: _builtins.int
