@@ -214,6 +214,8 @@ class Batcher:
         run_batch: RunBatch,
         *,
         name: str,
+        model: str | None = None,
+        version: str = "",
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
@@ -235,6 +237,10 @@ class Batcher:
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
         self.name = name  # "model version N", for messages
+        # The debug batch line's model= and version= fields (docs/metrics.md: key=value pairs, as the
+        # request line's, so that a grep for model=M finds both).
+        self._log_model = name if model is None else model
+        self._log_version = version
         # Every time the batcher reads: arrivals and the signals kept from them (the overlap memory,
         # the callers' peak, the rates), windows, deadlines (gRPC's are on time.monotonic) and compute
         # times. A test moves its own clock past a memory instead of sleeping past it, which a loaded
@@ -1225,10 +1231,14 @@ class Batcher:
         self._observer.on_batch(rows, len(parts), compute_s, error is None)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "batch model=%s rows=%d requests=%d compute_ms=%.3f ok=%s",
-                self.name,
+                "batch model=%s version=%s rows=%d requests=%d request_ids=%s queue_ms=%.3f "
+                "compute_ms=%.3f ok=%s",
+                self._log_model,
+                self._log_version or "-",
                 rows,
                 len(parts),
+                request_ids(parts),
+                max(started - p.request.enqueued_at for p in parts) * 1e3,  # its longest wait
                 compute_s * 1e3,
                 error is None,
             )

@@ -650,6 +650,8 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         mv.runner.run,
         run_bulk_batch=mv.runner.run_bulk,  # like run where bulk cannot be background work
         name=mv.label,
+        model=mv.name,
+        version=mv.version,
         max_batch_size=mv.config.batching.max_batch_size,
         max_queue_delay_s=mv.config.batching.max_queue_delay_s,
         # Only where the runner pads a batch up to a captured size (CUDA graphs): there a batch of 9

@@ -1157,6 +1157,28 @@ def test_no_metrics_and_json_logs(tiny_repo: Path, tmp_path: Path) -> None:
         assert server.stop() == 0
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     messages = [entry["msg"] for entry in lines]
-    assert any(m.startswith("batch model=model tiny-gen version 1 rows=2") for m in messages)
+    assert any(m.startswith("batch model=tiny-gen version=1 rows=2") for m in messages)
     assert any("request_id=json-1 method=Sample model=tiny-gen" in m and "code=OK" in m for m in messages)
     assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in lines)
+
+
+def test_the_debug_batch_line_names_its_model_version_queue_time_and_request_ids_as_fields(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    """docs/metrics.md: one debug line per executed batch (model/version, rows, requests in the batch,
+    queue and compute time, ok), its fields `key=value` pairs as the request line's, and the request
+    id on every log line about a request. The batch line wrote `model=model tiny-gen version 1` (a
+    `model=model` field, no version=), no queue time, and no request id to find a slow call's batch by."""
+    with running_server(tiny_repo, tmp_path, extra_args=("--log-level", "DEBUG")) as server:
+        with grpc.insecure_channel(server.target) as ch:
+            pb_grpc.GenerationServiceStub(ch).Sample(
+                pb.SampleRequest(model="tiny-gen", count=2), metadata=(("x-request-id", "batch-line-1"),)
+            )
+        assert server.stop() == 0
+    batch_lines = [line for line in server.log().splitlines() if "genserve_server.batcher: batch " in line]
+    assert batch_lines, server.log()[-2000:]
+    fields = dict(pair.split("=", 1) for pair in batch_lines[0].split(": batch ", 1)[1].split())
+    assert fields["model"] == "tiny-gen" and fields["version"] == "1", batch_lines[0]
+    assert fields["rows"] == "2" and fields["requests"] == "1" and fields["ok"] == "True", batch_lines[0]
+    assert fields["request_ids"] == "batch-line-1", batch_lines[0]
+    assert float(fields["queue_ms"]) >= 0 and float(fields["compute_ms"]) >= 0, batch_lines[0]
