@@ -138,6 +138,17 @@ def request_id(context: Context) -> str:
     return rid
 
 
+def naming_request_id(error: GenserveError, rid: str) -> GenserveError:
+    """`error` as its client gets it: an INTERNAL one (a failed model call, outputs that did not fit)
+    ends "(request id X)", as an unexpected error's "internal error (request id X)" does, so that a
+    client that shows no trailing metadata (grpcurl, tritonclient) has the id the operator greps the
+    log for (docs/operations.md); any other as it is."""
+    suffix = f"(request id {rid})"
+    if error.code != Code.INTERNAL or error.message.endswith(suffix):
+        return error
+    return Internal(f"{error.message} {suffix}", field=error.field, verbatim=error.verbatim)
+
+
 def echo_request_id(context: Context) -> None:
     """The call's request id in its trailing metadata (docs/metrics.md: every RPC's), for an RPC
     that answers without the Boundary's per-call path (KServe's metadata and probe RPCs)."""
@@ -223,7 +234,7 @@ class Boundary:
             if past_deadline:
                 call.code = Code.DEADLINE_EXCEEDED.name  # what the client gets, from gRPC
                 raise asyncio.CancelledError  # no status to send: see _past_deadline
-            await abort(context, exc, trailing, self.redact)
+            await abort(context, naming_request_id(exc, call.request_id), trailing, self.redact)
         logger.error(
             "request_id=%s method=%s failed with an unexpected error",
             call.request_id,

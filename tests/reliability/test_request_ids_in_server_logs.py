@@ -51,6 +51,26 @@ def test_every_call_a_failed_model_call_fails_names_its_request_id_in_the_log(
     assert not missing, f"request ids of failed calls not in the server log: {missing}"
 
 
+def test_a_failed_model_call_names_the_request_id_in_its_status_message(
+    channel: grpc.Channel, faulty_server: ServerProcess
+) -> None:
+    """docs/operations.md: a row the model cannot take fails its request with INTERNAL ("model call
+    failed", with the request id), and the runbook has the operator grep the log for the id the
+    client quotes. The message said only 'model flaky version 1: model call failed': a client that
+    shows no trailing metadata (grpcurl, tritonclient's exceptions) had no id to quote, where an
+    unexpected error's INTERNAL says 'internal error (request id X)'."""
+    stub = pb_grpc.GenerationServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Sample(_poisoned(), metadata=(("x-request-id", "rid-in-the-message"),), timeout=30)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    details = failed.value.details() or ""
+    assert "model call failed" in details and details.endswith("(request id rid-in-the-message)"), details
+    with pytest.raises(grpc.RpcError) as unnamed:  # no id of the client's: the server's own, echoed
+        stub.Sample(_poisoned(), timeout=30)
+    made = _trailing_id(unnamed.value)
+    assert made and (unnamed.value.details() or "").endswith(f"(request id {made})"), unnamed.value.details()
+
+
 @pytest.fixture(scope="module")
 def debug_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """--log-level DEBUG: every refused call's line, not only the first of its kind per 10 s."""
