@@ -223,14 +223,21 @@ class Boundary:
                     counts.on_dropped("deadline")
                 else:
                     counts.on_rejected(reason)
-            self._refusals.log(
-                (call.method, exc.code),
-                "request_id=%s method=%s code=%s: %s",
-                call.request_id,
-                call.method,
-                exc.code.name,
-                exc,
-            )
+            if exc.code == Code.INTERNAL:
+                # The server's fault (a failed model call, a NaN image), not a client's refusal: each
+                # one's line, so that the id its client quotes is in the log (docs/metrics.md).
+                logger.warning(
+                    "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
+                )
+            else:
+                self._refusals.log(
+                    (call.method, exc.code),
+                    "request_id=%s method=%s code=%s: %s",
+                    call.request_id,
+                    call.method,
+                    exc.code.name,
+                    exc,
+                )
             if past_deadline:
                 call.code = Code.DEADLINE_EXCEEDED.name  # what the client gets, from gRPC
                 raise asyncio.CancelledError  # no status to send: see _past_deadline

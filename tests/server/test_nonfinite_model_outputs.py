@@ -146,3 +146,21 @@ def test_a_nan_image_of_a_request_over_two_batches_fails_it_naming_the_image(
         labels[labels.index(1)] = 0
         fine = pb.SampleRequest(model=MODEL, seeds=list(range(200, 212)), labels=labels)
         assert len(stub.Sample(fine, timeout=30).images) == 12
+
+
+def test_every_call_failed_by_a_nan_image_names_its_request_id_in_the_log(server: ServerProcess) -> None:
+    """docs/metrics.md's runbook: for INTERNAL without batch failures, a model whose images are NaN,
+    'find the request id of a failed call in the client and grep the server's JSON logs for it'. Its
+    only line was the boundary's refusal line, throttled like a client's bad calls (the first per 10 s
+    at INFO, the others at DEBUG): at the default level the ids of all but one such call were nowhere
+    in the log."""
+    ids = [f"nan-image-{i}" for i in range(3)]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        for rid in ids:
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Sample(_sample(1, [5]), metadata=(("x-request-id", rid),), timeout=30)
+            assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value
+    log = server.log()
+    missing = [rid for rid in ids if rid not in log]
+    assert not missing, f"request ids of calls failed INTERNAL not in the server log: {missing}"
