@@ -1257,7 +1257,12 @@ class Batcher:
             self._fail(parts, error)
             return
         halves = split(parts, rows // 2)
-        logger.warning("%s: retrying the %d rows of a failed batch in halves", self.name, rows)
+        logger.warning(
+            "%s: retrying the %d rows of a failed batch in halves (request_ids=%s)",
+            self.name,
+            rows,
+            request_ids(parts),
+        )
         errors: list[Exception | None] = []
         for half in halves:
             half[:] = live(half)  # a caller may have gone during the other half's call

@@ -71,6 +71,34 @@ def test_a_failed_model_call_names_the_request_id_in_its_status_message(
     assert made and (unnamed.value.details() or "").endswith(f"(request id {made})"), unnamed.value.details()
 
 
+def test_a_call_slowed_by_its_batch_being_retried_in_halves_finds_its_id_on_that_line(
+    channel: grpc.Channel, faulty_server: ServerProcess
+) -> None:
+    """A call that shared a batch with a row the model cannot take gets its image after the batch is
+    run again in halves (docs/operations.md): late, OK, and its id on no line at the default level.
+    The only trace of why it was slow, 'retrying the N rows of a failed batch in halves', named no
+    request: an operator following the slow call by its id could not find it."""
+    stub = pb_grpc.GenerationServiceStub(channel)
+    rng = np.random.default_rng(5)
+    for attempt in range(20):  # until the good call shares the bad row's batch (usually at once)
+        rid = f"retried-in-halves-{attempt}"
+        z = rng.normal(size=(1, TINY_LATENT)).astype("<f4")
+        good_request = pb.SampleRequest(
+            model="flaky",
+            latents=tpb.Tensor(shape=[1, TINY_LATENT], dtype=tpb.DTYPE_FLOAT32, data=z.tobytes()),
+        )
+        before = faulty_server.log().count("retrying the")
+        good = stub.Sample.future(good_request, metadata=(("x-request-id", rid),), timeout=30)
+        bad = stub.Sample.future(_poisoned(), timeout=30)
+        assert bad.exception() is not None and len(good.result().images) == 1
+        log = faulty_server.log()
+        if log.count("retrying the") > before:
+            retries = [line for line in log.splitlines() if "retrying the" in line]
+            assert any(rid in line for line in retries[before:]), retries[before:]
+            return
+    raise AssertionError("the good call never shared a batch with the bad row in 20 attempts")
+
+
 @pytest.fixture(scope="module")
 def debug_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """--log-level DEBUG: every refused call's line, not only the first of its kind per 10 s."""
