@@ -188,7 +188,7 @@ def _open(
         model_path,
         *(model_path.parent / loc for loc in mv.external_sha256.get(model_path.name, {})),
     ]
-    replaced = [path for path in opened_files if _stat_identity(path) != mv.verified_stats.get(str(path))]
+    replaced = [path for path in opened_files if stat_or_none(path) != mv.verified_stats.get(str(path))]
     if replaced:
         runner.close()
         raise ConfigError(
@@ -198,13 +198,23 @@ def _open(
     return card, runner
 
 
-def _stat_identity(path: Path) -> tuple[int, int, int, int] | None:
-    """(device, inode, size, mtime_ns) of the file `path` leads to (None: cannot be stat'ed)."""
+# (device, inode, size, mtime_ns, ctime_ns): a file renamed over keeps neither of the first two, and
+# one rewritten in place not its ctime, whatever its size and mtime (`cp -p` and `rsync -t` set the
+# mtime back; nothing can set a ctime back). The load's check (`_open`) and reload.py's file check.
+FileStat = tuple[int, int, int, int, int]
+
+
+def file_stat(st: os.stat_result) -> FileStat:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stat_or_none(path: Path) -> FileStat | None:
+    """The FileStat of the file `path` leads to, None where it cannot be stat'ed."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return file_stat(st)
 
 
 # Side of the probe image of fully convolutional kinds: their cost scales with pixels, so a small
@@ -706,7 +716,7 @@ def _checked_digest(mv: ModelVersion, card: Card, path: Path, key: str, of: str)
     expected = card.sha256.get(key)
     if not expected:
         raise ConfigError(f"{mv.path / 'card.json'}: sha256 has no entry for {key}{of}")
-    identity = _stat_identity(path)
+    identity = stat_or_none(path)
     try:
         actual = sha256_file(path)
     except OSError as exc:  # a FIFO or a device (refused unread), a directory, no permission: named

@@ -68,6 +68,7 @@ from stat import S_ISDIR, S_ISREG
 from genserve_contract.repository import open_regular, read_regular_text
 from genserve_server import heap
 from genserve_server.config import MAX_JSON_BYTES, ConfigError, ModelConfig, load_card, load_model_config
+from genserve_server.loader import FileStat, file_stat, stat_or_none
 from genserve_server.ort_session import choose_model_file
 from genserve_server.repository import (
     VERSION_PATTERN,
@@ -666,7 +667,7 @@ class Reloader:
             for location, sha in mv.external_sha256.get(graph.name, {}).items():
                 files.append((graph.parent / location, location, graph, sha))
         checked = self._file_stats.setdefault(mv.load_id, {})
-        card_stat = _stat_or_none(mv.path / "card.json")
+        card_stat = stat_or_none(mv.path / "card.json")
         last_card = checked.get(CARD_CHECK)
         moved = last_card is None or last_card[:2] != (card_stat, precision)
         checked[CARD_CHECK] = (card_stat, precision, "")
@@ -675,7 +676,7 @@ class Reloader:
         for path, key, graph, loaded in files:
             try:
                 st = path.stat()
-                stat: FileStat | None = _file_stat(st)
+                stat: FileStat | None = file_stat(st)
             except (FileNotFoundError, NotADirectoryError):
                 stat = None
             except OSError as exc:  # EACCES: a directory on its path lost its permissions; not gone
@@ -848,25 +849,6 @@ class Reloader:
 
 # `Reloader._file_stats`'s entry of a version's card.json (no file key: a key is a file's name).
 CARD_CHECK = "/card.json"
-
-
-# (device, inode, size, mtime_ns, ctime_ns): a file renamed over keeps neither of the first two, and
-# one rewritten in place not its ctime, whatever its size and mtime (`cp -p` and `rsync -t` set the
-# mtime back; nothing can set a ctime back).
-FileStat = tuple[int, int, int, int, int]
-
-
-def _file_stat(st: os.stat_result) -> FileStat:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _stat_or_none(path: Path) -> FileStat | None:
-    """`path`'s FileStat, None where it cannot be stat'ed."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return _file_stat(st)
 
 
 def _card_status(mv: ModelVersion, matching: list[tuple[str, str]]) -> str:

@@ -99,9 +99,9 @@ class ModelVersion:
     # The served graph's external data files' digest (genserve_contract weights_digest), set once at
     # load: Provenance.weights_sha256 and GetModel's; "" where the graph holds its weights.
     weights_sha256: str = ""
-    # (device, inode, size, mtime_ns) of each file above as stat'ed before its sha256 was read, by
-    # path: the load refuses a file that was replaced before ONNX Runtime opened it (loader._open).
-    verified_stats: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    # loader.FileStat of each file above as stat'ed before its sha256 was read, by path: the load
+    # refuses a file that was replaced or rewritten before ONNX Runtime opened it (loader._open).
+    verified_stats: dict[str, loader.FileStat] = field(default_factory=dict)
     precision: str = "fp32"
     provider: str = ""
     # True when the config asked for TensorRT or CUDA (whether or not the session got one).

@@ -655,6 +655,59 @@ def test_a_version_whose_files_are_swapped_while_it_loads_never_serves_a_graph_i
     asyncio.run(scenario())
 
 
+def test_a_version_whose_file_is_rewritten_in_place_while_it_loads_keeping_its_mtime_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: model.onnx rewritten in place (same inode, same size: another seed of the same
+    graph) after the load had checked it against card.json, its mtime set back (`cp -p`, `rsync -t`),
+    before ONNX Runtime opened it. The load compared (device, inode, size, mtime) alone, so it served
+    the new graph under the old one's sha256; it compares the ctime too, as the reload's file check
+    does, and refuses a file that changed while it loaded."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = write_gen(tmp_path / "staging", "gen", version="2", seed=1)
+    other = write_gen(tmp_path / "other", "gen", version="2", seed=2)
+    shutil.copytree(staged, root / "gen" / "2")
+    model = root / "gen" / "2" / "model.onnx"
+    new_bytes = (other / "model.onnx").read_bytes()
+    assert len(new_bytes) == model.stat().st_size and new_bytes != model.read_bytes()
+    sha256_file = loader.sha256_file
+    rewritten = []
+
+    def rewritten_after_hashing(path: Path) -> str:
+        digest = sha256_file(path)
+        if path == model and not rewritten:
+            before = path.stat()
+            time.sleep(0.01)  # a ctime that moves on a coarse clock too
+            with path.open("r+b") as handle:
+                handle.write(new_bytes)
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            after = path.stat()
+            assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+                before.st_ino,
+                before.st_size,
+                before.st_mtime_ns,
+            )
+            rewritten.append(path)
+        return digest
+
+    monkeypatch.setattr(loader, "sha256_file", rewritten_after_hashing)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            assert rewritten
+            mv = repo.models["gen"].versions["2"]
+            assert mv.state == ModelState.UNAVAILABLE, (mv.state, mv.sha256)
+            assert "model.onnx: changed on disk while this version loaded" in mv.reason
+        finally:
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
 def test_the_watch_sees_a_version_published_while_start_up_loads(tmp_path: Path) -> None:
     """In process: a version renamed into place after start-up's scan, while its models load, is
     picked up by the watch's first listing once serving (its baseline is the repository as scanned,
