@@ -26,7 +26,7 @@ from genserve_server import calibration, tiling, validate
 from genserve_server.batch_keys import TileRows, input_shape
 from genserve_server.batcher import Batcher
 from genserve_server.config import Card, ConfigError, ServerConfig, cpu_count, load_card
-from genserve_server.errors import InvalidArgument
+from genserve_server.errors import InvalidArgument, out_of_memory
 from genserve_server.load_gate import Steps
 from genserve_server.metrics import BatchMetrics
 from genserve_server.ort_session import (
@@ -451,7 +451,7 @@ def check_last_class(label: str, card: Card, runner: Runner) -> None:
     class_names than the graph's embedding has rows loaded READY (or failed the load by chance, at
     check_rows' random labels, with ONNX Runtime's text), and every request of a class past the
     graph's failed with INTERNAL. Not in CUDA-graph mode, where a call before warm-up would capture
-    a graph."""
+    a graph. Memory running out in that call is raised as it came (Repository's reason says so)."""
     if not card.class_names or "label" not in card.graph_inputs or runner.mode == "cuda_graph":
         return
     last = len(card.class_names) - 1
@@ -460,6 +460,8 @@ def check_last_class(label: str, card: Card, runner: Runner) -> None:
     try:
         runner.run_sync(inputs)
     except Exception as exc:  # ONNX Runtime raises its own types (an index out of an embedding's rows)
+        if out_of_memory(exc):  # no fault of the card: the load's reason says memory ran out
+            raise
         raise ConfigError(
             f"{label}: a row of label {last} (card.json's last class_names entry, "
             f"{card.class_names[last]!r}) fails the graph: {exc}; does the graph take fewer than the "

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from server_support import TINY_LATENT, generator_graph, running_server, write_model
 
@@ -507,3 +509,70 @@ def test_a_conditional_card_listing_more_classes_than_the_graph_takes_is_refused
     state, reason = states["twelve"]
     assert state == ModelState.UNAVAILABLE, state
     assert "model twelve version 1" in reason and "class_names" in reason and "label 11" in reason, reason
+
+
+def test_a_version_out_of_memory_in_its_last_class_check_says_so_not_class_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime running out of memory in the load's run of the card's last class (its arena's
+    'Failed to allocate memory') refused the version blaming card.json's class_names ('does the
+    graph take fewer than the card's 10 classes?'), with ORT's raw text and its C++ source path. The
+    reason says memory ran out, as for any other model call of the load."""
+    import asyncio
+
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+    from server_support import conditional_graph
+
+    from genserve_server import loader
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+    from genserve_server.runner import Runner
+
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    graph = conditional_graph(TINY_LATENT, 10, 3, 8, 8)
+    write_model(
+        root, "cond", "conditional_generator", graph, {**card, "class_names": [str(i) for i in range(10)]}
+    )
+    arena_failure = (
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Gemm node. "
+        "Name:'fc' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 "
+        "void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to "
+        "allocate memory for requested buffer of size 536870912"
+    )
+    checking = []
+    check_last_class = loader.check_last_class
+    model_call = Runner._model_call
+
+    def checked(*args: Any) -> None:
+        checking.append(True)
+        try:
+            check_last_class(*args)
+        finally:
+            checking.clear()
+
+    def no_memory_while_checking(self: Runner, *args: Any) -> Any:
+        if checking:
+            raise ort_state.Fail(arena_failure)
+        return model_call(self, *args)
+
+    monkeypatch.setattr(loader, "check_last_class", checked)
+    monkeypatch.setattr(Runner, "_model_call", no_memory_while_checking)
+
+    async def scenario() -> tuple[ModelState, str]:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            mv = repo.models["cond"].versions["1"]
+            return mv.state, mv.reason
+        finally:
+            await repo.close(2.0)
+
+    state, reason = asyncio.run(scenario())
+    assert state == ModelState.UNAVAILABLE, state
+    assert reason == (
+        "out of memory while loading/warming up (ORT: Failed to allocate memory for requested buffer of "
+        "size 536870912)"
+    ), reason
