@@ -123,6 +123,16 @@ def _printable(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
+def _error_text(exc: BaseException) -> str:
+    """`exc` as its line says it: an OSError naming files as str() does ("[Errno 2] No such file or
+    directory: 'x.png'") but with each name as it is, not its repr, whose escapes (\\udcc3 for a
+    byte LANG=C did not decode, \\xe9) name a file nobody typed; _err writes such bytes as they came."""
+    if not isinstance(exc, OSError) or exc.filename is None or exc.strerror is None:
+        return str(exc)
+    names = " -> ".join(f"'{os.fsdecode(n)}'" for n in (exc.filename, exc.filename2) if n is not None)
+    return f"[Errno {exc.errno}] {exc.strerror}: {names}"
+
+
 # What became of stdout: its reader went away (`| head -1`, `| true`: the rest of the output goes
 # nowhere, exit 141) or it was closed from the start (`>&-`: no sys.stdout, exit 1 with one line, as
 # coreutils do); the command finishes its work either way (the images it writes), then main answers.
@@ -1357,7 +1367,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         return 3
     except (GenserveClientError, BulkRetryExhausted, BulkIncomplete, OSError, KeyboardInterrupt) as exc:
         # Final, but what is on disk is consistent: say how to go on.
-        _err(stop_line(exc) if isinstance(exc, KeyboardInterrupt) else f"genserve-client: {exc}")
+        _err(stop_line(exc) if isinstance(exc, KeyboardInterrupt) else f"genserve-client: {_error_text(exc)}")
         rejected = isinstance(exc, GenserveClientError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
         on_disk = _job_on_disk(out)
         if on_disk is not None and _not_writable(exc, out):
@@ -1977,7 +1987,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _err(f"genserve-client: {exc}")
         return 2
     except OSError as exc:
-        _err(f"genserve-client: {exc}")
+        _err(f"genserve-client: {_error_text(exc)}")
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) from genserve_client/__main__.py
         _err(stop_line(exc))

@@ -434,6 +434,30 @@ def test_a_path_the_locale_does_not_decode_is_printed_on_stdout_as_it_came(
     assert raw.getvalue() == b"wrote 2 images to /srv/r\xe9sultats\n"
 
 
+def test_an_os_error_naming_a_path_the_locale_does_not_decode_prints_the_path_as_it_came(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    """Under LANG=C (Python's UTF-8 mode and locale coercion off) a non-ASCII file name is held as
+    lone surrogates, and an OSError's text quotes it by repr: `upscale` of a missing 'résumé.png'
+    said "No such file or directory: 'r\\udcc3\\udca9sum\\udcc3\\udca9.png'", a name nobody typed.
+    The line names the file by its bytes as they came, as the CLI's other lines do; exit 1."""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    missing = os.fsencode(tmp_path) + "/résumé.png".encode()
+    done = subprocess.run(
+        [sys.executable, "-m", "genserve_client", "--target", fake_server.target, "upscale"]
+        + [missing, os.fsencode(tmp_path / "out.png"), b"--model", b"fake-sr"],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert b"\\udc" not in done.stderr, done.stderr
+    assert done.stderr.count(b"\n") == 1, done.stderr
+    assert b"No such file or directory: '" + missing + b"'" in done.stderr, done.stderr
+
+
 def test_a_servers_error_is_printed_on_one_line_without_terminal_escapes(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
