@@ -16,15 +16,15 @@ only the server's code differs (its PYTHONPATH points at the other tree's `serve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO_ROOT, BenchModel, ctrl_c_exits_130, find_models, write_line
+from bench.common import REPO_ROOT, BenchModel, ctrl_c_exits_130, find_models, temporary_worktree, write_line
 from bench.models import link_repository
 from bench.servers import BenchError, ServerProcess, measured_level, rpc_floor_ms
 from genserve_server.launcher import genserve_command
@@ -116,13 +116,9 @@ def main() -> None:
     label = (args.base or str(args.base_tree)) + (f" with {args.base_config}" if args.base_config else "")
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         base = args.base_tree or Path(tmp) / "base"
-        if args.base_tree is None:
-            subprocess.run(
-                ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(base), args.base],
-                check=True,
-                capture_output=True,
-            )
-        try:
+        with contextlib.ExitStack() as stack:
+            if args.base_tree is None:
+                stack.enter_context(temporary_worktree(REPO_ROOT, args.base, base))
             # Each side serves its own tree's files (config.json fields change between versions),
             # and only the models measured: a server starts in seconds, whatever else is there.
             # A --base-tree holds no models: both sides serve --models-dir then.
@@ -153,11 +149,6 @@ def main() -> None:
                     for i, m in enumerate(measured):
                         for side in ("A", "B") if (r + i) % 2 == 0 else ("B", "A"):
                             sides[side][-1][m.name] = _measure(servers[side], m, args.duration_s)
-        finally:
-            if args.base_tree is None:
-                subprocess.run(
-                    ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
-                )
     b_label = "this tree" + (f" with {args.config}" if args.config else "")
     report: dict[str, Any] = {"base": label, "side_b": b_label, "rounds": args.rounds, "models": {}}
     write_line(f"A = {label}, B = {b_label}; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -9,7 +10,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec
@@ -45,6 +46,32 @@ def write_line(text: str = "") -> None:
     """The benchmark's one way to print (it is a report, not a library)."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def temporary_worktree(repo: Path, rev: str, path: Path) -> Iterator[Path]:
+    """`rev` checked out at `path`, a git worktree of `repo` (bench.ab's and bench.fairness's side A),
+    removed on the way out however the block ends, Ctrl-C during `git worktree add` included. git is
+    let finish then (or clean up after itself, where Ctrl-C reached it too): subprocess.run killed it
+    mid-checkout, its half-made worktree left registered and locked, its checkout's child still
+    writing into `path`."""
+    git = ["git", "-C", str(repo)]
+    try:
+        adding = subprocess.Popen(
+            [*git, "worktree", "add", "--detach", str(path), rev],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            _, err = adding.communicate()
+        except KeyboardInterrupt:
+            adding.wait()
+            raise
+        if adding.returncode != 0:
+            raise subprocess.CalledProcessError(adding.returncode, adding.args, stderr=err)
+        yield path
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False, capture_output=True)
 
 
 P = ParamSpec("P")

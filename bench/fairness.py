@@ -19,6 +19,7 @@ of one run (same machine, same moment, only the server's code differs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ from typing import Any
 import grpc
 
 from bench.ab import _serve, _subset
-from bench.common import REPO_ROOT, BenchModel, ctrl_c_exits_130, find_models, write_line
+from bench.common import REPO_ROOT, BenchModel, ctrl_c_exits_130, find_models, temporary_worktree, write_line
 from bench.models import BENCH_DCGAN_256
 from bench.servers import ServerProcess, check_no_failures, client_bench
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
@@ -236,14 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
         trees = {"B": (REPO_ROOT, _subset(args.models_dir, names, Path(tmp) / "B"))}
         base = Path(tmp) / "base"
-        if args.base:
-            subprocess.run(
-                ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(base), args.base],
-                check=True,
-                capture_output=True,
-            )
-        try:
-            if args.base:  # in the try: Ctrl-C or a failed export here still removes the worktree
+        with contextlib.ExitStack() as stack:
+            if args.base:  # in the with: Ctrl-C or a failed export here still removes the worktree
+                stack.enter_context(temporary_worktree(REPO_ROOT, args.base, base))
                 trees["A"] = (base, _subset(base / "models", names, Path(tmp) / "A"))
             for side, (tree, repo) in sorted(trees.items()):  # a name not found fails only mid-round
                 found = {m.name for m in find_models(repo, names)}
@@ -256,11 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tree, repo = trees[side]
                     sides[side].append(one_round(tree, repo, args))
                     write_line(f"round {i + 1} side {side}: {json.dumps(sides[side][-1])}")
-        finally:
-            if args.base:
-                subprocess.run(
-                    ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(base)], check=False
-                )
     summary = report(sides, args)
     if args.json is not None:
         args.json.write_text(json.dumps({"base": args.base, "rounds": sides, "summary": summary}, indent=2))

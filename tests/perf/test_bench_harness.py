@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -343,6 +347,52 @@ def test_a_fairness_run_stopped_while_linking_the_base_sides_models_removes_its_
     assert fairness.main(["--base", "HEAD", "--rounds", "1"]) == 130
     assert capsys.readouterr().err.splitlines() == ["bench.fairness: interrupted"]
     assert worktrees() == before
+
+
+@pytest.mark.parametrize("command", ["bench.ab", "bench.fairness"])
+def test_a_base_run_stopped_while_git_adds_its_worktree_leaves_no_worktree_registered(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Ctrl-C (a SIGINT to the bench alone: `kill -INT`, an IDE's stop) while `git worktree add` ran
+    # came outside the try that removes the worktree, and subprocess.run killed git: its worktree
+    # stayed registered ('locked' where git was killed mid-checkout, 'prunable' once the temp dir
+    # went), and the checkout's orphaned child wrote on into the temp dir being removed.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "base"], check=True)
+    adding = tmp_path / "adding"
+    hook = repo / ".git" / "hooks" / "post-checkout"  # git worktree add runs it, the worktree made
+    hook.write_text(f"#!/bin/sh\ntouch '{adding}'\nsleep 1\n")
+    hook.chmod(0o755)
+
+    def worktrees() -> list[str]:
+        listed = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True, check=True)
+        return listed.stdout.splitlines()
+
+    def ctrl_c_while_adding() -> None:
+        for _ in range(600):
+            if adding.exists():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    before = worktrees()
+    monkeypatch.setattr(ab, "REPO_ROOT", repo)
+    monkeypatch.setattr(fairness, "REPO_ROOT", repo)
+    sender = threading.Thread(target=ctrl_c_while_adding, daemon=True)
+    sender.start()
+    if command == "bench.ab":
+        monkeypatch.setattr(sys, "argv", ["bench.ab", "--base", "HEAD", "--models", "m"])
+        assert ab.main() == 130
+    else:
+        assert fairness.main(["--base", "HEAD", "--rounds", "1"]) == 130
+    sender.join()
+    err = capsys.readouterr().err  # grpc's fork warnings in this process may come first
+    assert err.splitlines()[-1] == f"{command}: interrupted" and "Traceback" not in err, err
+    assert worktrees() == before
+    assert not list((repo / ".git").glob("worktrees/*"))
 
 
 def test_an_image_load_level_without_one_success_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
