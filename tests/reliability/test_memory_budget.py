@@ -9,6 +9,7 @@ responses of 786 KiB fit, a third does not), a 1 s wait for budget.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from reliability_support import png_bytes
 from server_support import (
+    REPO_ROOT,
     TINY_LATENT,
     ServerProcess,
     generator_graph,
+    running_server,
     slow_generator_graph,
     start_server,
     super_resolution_graph,
@@ -115,6 +118,74 @@ def test_unread_unary_responses_are_held_to_the_response_budget(budget_server: S
     wait_until(
         lambda: server.metric("genserve_response_bytes_pending") == 0, 30, "the unsent bytes to be released"
     )
+
+
+WATCH = "/grpc.health.v1.Health/Watch"
+
+
+def _unread_behind_a_watch(server: ServerProcess) -> UnreadClient:
+    """A client that opens a health Watch (its connection never idle) and two Samples whose
+    responses it never reads, sending no deadline: both responses are computed and held."""
+    unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
+    unread.call(server.target, WATCH, b"")
+    for seed in range(2):
+        unread.call(server.target, "/genserve.v1.GenerationService/Sample", _sample(seed))
+    wait_until(
+        lambda: server.metric("genserve_response_bytes_pending") >= 2 * COUNT * SIDE * SIDE * 3,
+        30,
+        "both unread responses to be computed and held",
+    )
+    return unread
+
+
+def test_unread_responses_on_a_busy_connection_are_held_until_its_max_age(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """gRPC gives the server no way to end a unary call whose response it has handed over, so a
+    client that neither reads it nor sent a deadline holds its bytes of response_budget_bytes, and
+    the next large Sample of any client is refused, for as long as another call keeps its
+    connection out of connection_idle_timeout_s: a health Watch, forever. docs/operations.md said
+    what the budgets wait for is released within one request's time; max_connection_age_s ends
+    such a connection, and the docs now say so."""
+    root = tmp_path_factory.mktemp("busy-unread-models")
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [SIDE, SIDE]}
+    write_model(root, "big", "generator", generator_graph(TINY_LATENT, 3, SIDE, SIDE), card)
+    limits = {
+        "max_send_message_bytes": MIB,
+        "response_budget_bytes": BUDGET,
+        "budget_max_wait_s": 0.5,
+        "connection_idle_timeout_s": 0.5,
+        "stream_write_timeout_s": 0.5,
+    }
+    work = tmp_path_factory.mktemp("busy-unread-server")
+    with running_server(root, work, config={"warmup": False, "limits": limits}) as server:
+        unread = _unread_behind_a_watch(server)
+        try:
+            time.sleep(2.0)  # four idle timeouts and write timeouts: neither ends these calls
+            assert server.metric("genserve_response_bytes_pending") >= 2 * COUNT * SIDE * SIDE * 3
+            with grpc.insecure_channel(server.target) as channel:
+                with pytest.raises(grpc.RpcError) as excinfo:
+                    pb_grpc.GenerationServiceStub(channel).Sample(
+                        pb.SampleRequest(model="big", count=COUNT, output=RAW), timeout=10
+                    )
+            assert "response_budget_bytes" in (excinfo.value.details() or "")
+        finally:
+            unread.close()
+    aged = {**limits, "max_connection_age_s": 1.0, "connection_age_grace_s": 0.5}
+    with running_server(root, work, config={"warmup": False, "limits": aged}) as server:
+        unread = _unread_behind_a_watch(server)
+        try:
+            wait_until(
+                lambda: server.metric("genserve_response_bytes_pending") == 0,
+                30,
+                "max_connection_age_s to end the connection and release the unread responses",
+            )
+        finally:
+            unread.close()
+    text = " ".join((REPO_ROOT / "docs" / "operations.md").read_text().split())
+    responses = text[text.index("- **Responses.**") : text.index("- **SuperResolve working set.**")]
+    assert "max_connection_age_s" in responses and "Watch" in responses
+    assert "released within one request's time:" not in text
 
 
 def test_oversized_super_resolve_is_refused_before_compute(budget_server: ServerProcess) -> None:
