@@ -1336,6 +1336,8 @@ def batcher_of_a_fake_version(tmp_path: Path, **runner_fields: Any) -> tuple[Any
         runner=runner,
         config=config,
         label="m",
+        name="m",
+        version=1,
         metrics=Metrics(enabled=False).unresolved(),
         card=None,
         efficient_batch_size=None,
