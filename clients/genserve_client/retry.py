@@ -95,7 +95,10 @@ class RetryPolicy:
 
     def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
         """Jittered wait after failed attempt number `attempt` (1-based)."""
-        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        try:
+            cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        except OverflowError:  # the growth past a float (~1024 doublings) passed any cap long before
+            cap = self.max_backoff_s if self.initial_backoff_s > 0 else 0.0
         return (rng or random).uniform(0.0, cap)
 
     def delay_s(

@@ -73,6 +73,25 @@ def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:
     assert policy.delay_s(grpc.StatusCode.UNAVAILABLE, 5, remaining_s=0.0) is None  # deadline first
 
 
+@pytest.mark.parametrize("multiplier", [2.0, 10.0])
+def test_a_retry_policy_of_many_attempts_keeps_its_capped_backoff_however_many_failed(
+    multiplier: float,
+) -> None:
+    """A policy allowing many attempts (a stream meant to outlive a long outage) computed its cap as
+    initial * multiplier ** (attempt - 1), a float that overflows past about 1024 doublings: the
+    1025th failed attempt raised OverflowError out of the call instead of waiting max_backoff_s."""
+    policy = RetryPolicy(
+        max_attempts=100_000, initial_backoff_s=0.1, max_backoff_s=5.0, multiplier=multiplier
+    )
+    rng = random.Random(0)
+    for attempt in (309, 1025, 1100, 99_999):
+        delay = policy.delay_s(grpc.StatusCode.UNAVAILABLE, attempt, None, rng)
+        assert delay is not None and 0 <= delay <= 5.0
+    assert policy.delay_s(grpc.StatusCode.UNAVAILABLE, 100_000, None, rng) is None  # attempts spent
+    no_wait = RetryPolicy(max_attempts=100_000, initial_backoff_s=0.0, max_backoff_s=0.0)
+    assert no_wait.delay_s(grpc.StatusCode.UNAVAILABLE, 2000, None, rng) == 0.0
+
+
 def test_token_and_request_id_travel_as_metadata(fake_server: FakeServer) -> None:
     with GenserveClient(ChannelConfig(fake_server.target, token="s3cret")) as client:
         client.list_models()
