@@ -20,7 +20,8 @@ DEFAULT_PERIOD_S = 60.0
 
 
 class FreshChannels:
-    """Hands out a client whose channel is at most `period_s` old (0: always the caller's own)."""
+    """Hands out a client whose channel is at most `period_s` old (0: always the caller's own), or
+    the current one where a new channel's target does not resolve at that moment."""
 
     def __init__(
         self,
@@ -43,7 +44,14 @@ class FreshChannels:
             if self._period_s > 0 and self._clock() - self._born >= self._period_s:
                 old = self._current
                 own = self._own
-                self._current = GenserveClient(own.config, timeout_s=own.timeout_s, retry=own.retry)
+                try:
+                    fresh = GenserveClient(own.config, timeout_s=own.timeout_s, retry=own.retry)
+                except ValueError:
+                    # An address list's host name that does not resolve now (a DNS hiccup): the
+                    # stream goes on the current channel, and the next one tries again.
+                    self._users[self._current] += 1
+                    return self._current
+                self._current = fresh
                 self._users[self._current] = 0
                 self._born = self._clock()
                 self.opened += 1

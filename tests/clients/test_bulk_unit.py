@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import tracemalloc
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import genserve_client.bulk as bulk_module
+import genserve_client.channel as channel_module
 from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
 from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, plan_streams, read_manifest
 from genserve_client.channelpool import FreshChannels
@@ -347,6 +349,33 @@ def test_streams_open_on_channels_no_older_than_the_period(fake_server: FakeServ
         channels.release(own)
         channels.release(own)
         assert own.list_models()  # never closed here
+
+
+def test_a_job_on_an_address_list_whose_names_stop_resolving_keeps_its_channel(
+    fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An address list's host names are resolved when a channel opens, and a job opens a fresh
+    channel every period: a name that failed to resolve at that moment (a DNS hiccup mid-job)
+    raised ValueError out of the stream's opening, which stopped the whole job as 'stopped on an
+    unexpected error (at channel.py:...): ValueError: --target: cannot resolve ...', exit 1."""
+    port = fake_server.target.rpartition(":")[2]
+    real_getaddrinfo = channel_module.socket.getaddrinfo
+    resolved = [0]
+
+    def flaky_getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host == "localhost":
+            resolved[0] += 1
+            if resolved[0] > 2:  # the job's own channel resolved; every later one fails
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(channel_module.socket, "getaddrinfo", flaky_getaddrinfo)
+    params = BulkParams("fake-cond", n=20, base_seed=3, labels=(1, 2))
+    with GenserveClient(f"localhost:{port},localhost:{port}", retry=FAST_RETRY) as client:
+        job = BulkJob(client, params, tmp_path / "job", concurrency=2, stream_images=5, channel_period_s=1e-9)
+        job.run()
+    assert resolved[0] > 2, "no fresh channel was tried"
+    assert sorted(manifest_by_index(tmp_path / "job")) == list(range(20))
 
 
 def test_a_job_whose_every_stream_opens_a_new_channel_is_the_same_job(
