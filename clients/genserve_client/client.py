@@ -122,13 +122,16 @@ class GenserveClient(ClientBase):
 
     def _progress(self, plan: Callable[[], calls.ProgressCall]) -> Iterator[CodesProgress | CodesResult]:
         self._check_process()
-        return self._progress_chunks(plan())  # checked now, as _stream's: not at the first iteration
+        # Checked and begun now, as _stream's: not at the first iteration (a client closed before
+        # it was closed under the call).
+        return self._progress_chunks(plan(), began_open=not self._closed)
 
-    def _progress_chunks(self, call: calls.ProgressCall) -> Iterator[CodesProgress | CodesResult]:
+    def _progress_chunks(
+        self, call: calls.ProgressCall, *, began_open: bool
+    ) -> Iterator[CodesProgress | CodesResult]:
         """Retried as a unary call until its first message (a refusal at admission began nothing);
         a failure after it raises: a new attempt would sample over what was delivered."""
         attempts = self._attempts(call.timeout_s)
-        began_open = not self._closed
         while True:
             try:
                 stream = self._stub.SampleCodesStream(

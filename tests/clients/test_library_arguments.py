@@ -107,6 +107,22 @@ def test_closing_the_client_during_a_call_raises_the_one_error_type_in_both_clie
     assert error.code == grpc.StatusCode.CANCELLED and error.request_id
 
 
+@pytest.mark.parametrize("rpc", ["sample_stream", "sample_codes_progress"])
+def test_a_sync_streaming_call_whose_client_closes_before_its_first_iteration_raises_cancelled(
+    slow_target: str, rpc: str
+) -> None:
+    """The sync client's streaming calls begin at the call (their arguments are checked there), so
+    a client closed before the first iteration closed it under the call: sample_stream raised
+    GenserveClientError CANCELLED, but sample_codes_progress grpc's `ValueError: Cannot invoke RPC:
+    Channel closed!`, which `except GenserveClientError` misses."""
+    client = GenserveClient(slow_target)
+    chunks = getattr(client, rpc)("m", 4)
+    client.close()
+    with pytest.raises(GenserveClientError) as info:
+        list(chunks)
+    assert info.value.code == grpc.StatusCode.CANCELLED and info.value.request_id
+
+
 def test_cancelling_an_asyncio_call_still_cancels_the_task(slow_target: str) -> None:
     async def scenario() -> None:
         async with AsyncGenserveClient(slow_target) as client:
