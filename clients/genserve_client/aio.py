@@ -122,6 +122,7 @@ class AsyncGenserveClient(ClientBase):
         await self.close()
 
     async def _unary(self, call: calls.UnaryCall[Out]) -> Out:
+        self._check_process()
         self._check_loop()
         rpc: grpc.aio.UnaryUnaryMultiCallable[Any, Any] = getattr(self._stub, call.rpc)
         attempts = self._attempts(call.timeout_s)
@@ -150,6 +151,7 @@ class AsyncGenserveClient(ClientBase):
     async def _progress(
         self, plan: Callable[[], calls.ProgressCall]
     ) -> AsyncIterator[CodesProgress | CodesResult]:
+        self._check_process()
         self._check_loop()
         call = plan()
         attempts = self._attempts(call.timeout_s)
@@ -183,6 +185,7 @@ class AsyncGenserveClient(ClientBase):
             await self._reconnect(attempts)
 
     async def _stream(self, plan: Callable[[], calls.StreamCall]) -> AsyncIterator[SampleResult]:
+        self._check_process()
         self._check_loop()
         resume = StreamResume(plan(), self._stream_attempts())
         began_open = not self._closed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import random
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
@@ -137,7 +138,21 @@ class ClientBase:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._rng = rng or random.Random()
+        self._pid = os.getpid()  # the process the channel belongs to
         self._connect()
+
+    def _check_process(self) -> None:
+        """A RuntimeError naming the fix when a call runs in a child forked after the client was
+        made (a multiprocessing pool's worker): gRPC channels do not survive fork(), and a call on
+        the parent's one worked, hung past its deadline or crashed the child, as the parent's
+        threads happened to be in calls at the fork."""
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"{type(self).__name__}: this call runs in process {os.getpid()}, forked after the "
+                f"client was created in process {self._pid}; a gRPC channel does not survive fork(): "
+                "use multiprocessing's 'spawn' or 'forkserver' start method and create the client in "
+                "the process that uses it (a pool's initializer)"
+            )
 
     # --- the transport: each client its own -------------------------------------------------
 

@@ -6,7 +6,6 @@ how to read the answer and when to retry are shared with the asyncio client (cal
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,20 +41,6 @@ class GenserveClient(ClientBase):
         self._closing = threading.Event()
         self._channel = self.config.sync_channel()
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
-        self._pid = os.getpid()  # the process the channel belongs to
-
-    def _check_process(self) -> None:
-        """A RuntimeError naming the fix when a call runs in a child forked after the client was
-        made (a multiprocessing pool's worker): gRPC channels do not survive fork(), and a call on
-        the parent's one worked, hung past its deadline or crashed the child, as the parent's
-        threads happened to be in calls at the fork."""
-        if os.getpid() != self._pid:
-            raise RuntimeError(
-                f"GenserveClient: this call runs in process {os.getpid()}, forked after the client was "
-                f"created in process {self._pid}; a gRPC channel does not survive fork(): use "
-                "multiprocessing's 'spawn' or 'forkserver' start method and create the client in the "
-                "process that uses it (a pool's initializer)"
-            )
 
     def close(self) -> None:
         self._closed = True

@@ -199,6 +199,34 @@ def test_a_client_used_in_a_forked_child_is_refused_saying_how_to_use_processes(
         assert client.list_models()  # the parent's client is untouched
 
 
+def test_an_async_client_used_in_a_forked_child_is_refused_saying_how_to_use_processes(
+    tiny_server: Any,
+) -> None:
+    # As GenserveClient's: a child forked from a process whose loop (not running at the fork) holds
+    # a connected AsyncGenserveClient ran that same loop, passed the loop check, and its call on the
+    # parent's grpc.aio channel hung past its deadline, until the caller's own timeout or forever.
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def make() -> AsyncGenserveClient:
+            client = AsyncGenserveClient(tiny_server.target)
+            await client.list_models()  # connected, as a client an application made at start is
+            return client
+
+        client = loop.run_until_complete(make())
+
+        def call() -> int:
+            return len(loop.run_until_complete(asyncio.wait_for(client.list_models(timeout_s=2), 6)))
+
+        said = _in_a_forked_child(call, limit_s=10.0)
+        assert said.startswith("RuntimeError: AsyncGenserveClient: ") and "created in process" in said, said
+        assert "spawn" in said and "create the client in the process that uses it" in said, said
+        assert loop.run_until_complete(client.list_models())  # the parent's client is untouched
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+
+
 def test_async_client_calls_every_rpc(tiny_server: Any) -> None:
     async def scenario() -> None:
         async with AsyncGenserveClient(tiny_server.target) as client:
