@@ -89,7 +89,11 @@ class SamplingOptions:
         if temperature is not None and not (
             math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE
         ):
-            raise invalid(fields[0], f"must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+            # A proto float: its float32's shortest form is what the client wrote (10.000001, not
+            # the double 10.000000953674316).
+            raise invalid(
+                fields[0], f"must be in (0, {MAX_TEMPERATURE:g}], got {str(np.float32(temperature))}"
+            )
         if not 0 <= top_k <= codebook_size:
             raise invalid(
                 fields[1],

@@ -187,6 +187,17 @@ def test_options_and_grids_are_checked_naming_the_field() -> None:
         check_grids(np.full((3, 3), 16, np.int64), 1, (3, 3), 16, "top_codes")
 
 
+@pytest.mark.parametrize(("sent", "shown"), [(10.000001, "10.000001"), (1e38, "1e+38"), (-0.1, "-0.1")])
+def test_a_temperature_refusal_names_the_float32_the_client_sent_as_it_wrote_it(
+    sent: float, shown: str
+) -> None:
+    """SampleCodes' temperature is a proto float: 10.000001 arrives as 10.000000953674316, which
+    the refusal quoted, a number the client never wrote (as truncation_psi's once did)."""
+    with pytest.raises(InvalidArgument) as refused:
+        SamplingOptions.checked(float(np.float32(sent)), 0, 16)
+    assert str(refused.value).endswith(f"got {shown}"), refused.value
+
+
 # ---------------------------------------------------------------------- the scheduler, through the core
 
 
