@@ -250,6 +250,8 @@ def parse_timeout(text: str) -> float:
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The server's bound on the latents it is given (genserve.proto DecodeRequest.latents: |z| <= 1e4).
+MAX_ABS_LATENT = 1e4
 
 
 def parse_float32(text: str) -> float:
@@ -1071,6 +1073,12 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     check_picture_path("edit", "--out", args.out)
     if args.sweep:
         check_sweep_size(args.sweep_steps + 1, f"--sweep-steps {args.sweep_steps}")
+        for flag, value in (("--sweep-from", args.sweep_from), ("--sweep-to", args.sweep_to)):
+            if abs(value) > MAX_ABS_LATENT:
+                raise UsageError(
+                    f"edit: {flag} must be in [-{MAX_ABS_LATENT:g}, {MAX_ABS_LATENT:g}] (the server's "
+                    f"bound on latents, |z| <= {MAX_ABS_LATENT:g}), got {value:g}"
+                )
     encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
     encoder_info, _, version = edit_halves(client, encoder, decoder, args.version)
     picture = load_for_encoder(Path(args.image), encoder_info, version)
@@ -1081,6 +1089,11 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.sweep:
         z = mu.copy()
         z[args.dim] += args.delta
+        if abs(float(z[args.dim])) > MAX_ABS_LATENT:  # before the decode the server would refuse
+            raise UsageError(
+                f"edit: --delta {args.delta:g} takes z[{args.dim}] from {mu[args.dim]:.3f} to "
+                f"{z[args.dim]:g}, past the server's bound on latents, |z| <= {MAX_ABS_LATENT:g}"
+            )
         decoded = client.decode(decoder, np.stack([mu, z]), version=version)
         text = png_text(
             through(decoded.provenance, encoded.provenance), source=args.image, dim=args.dim, delta=args.delta

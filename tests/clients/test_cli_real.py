@@ -535,6 +535,27 @@ def test_edit_refuses_a_value_that_is_no_finite_number_naming_its_flag(
         assert not (tmp_path / "e.png").exists()
 
 
+def test_edit_refuses_a_value_past_the_latent_bound_naming_its_flag(tiny_server: Any, tmp_path: Path) -> None:
+    # A finite `edit --delta 20000` (or a sweep to 1e5) made latents past the server's |z| <= 1e4
+    # and was refused by its check of them (exit 2, "INVALID_ARGUMENT: latents: values must satisfy
+    # |z| <= 10000, got 19998.3"), naming no flag the user gave and a number the user never wrote.
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(digit)
+    edit = ("--target", tiny_server.target, "edit", str(digit), "--model", "tiny-vae-enc")
+    cases = (
+        (("--delta", "20000"), "--delta"),
+        (("--delta=-3e38",), "--delta"),
+        (("--sweep", "--sweep-from=-20000"), "--sweep-from"),
+        (("--sweep", "--sweep-to", "1e5"), "--sweep-to"),
+    )
+    for flags, named in cases:
+        proc = run_cli(*edit, *flags, "--out", str(tmp_path / "e.png"))
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert f"edit: {named} " in proc.stderr and "10000" in proc.stderr, (flags, proc.stderr)
+        assert "INVALID_ARGUMENT" not in proc.stderr, (flags, proc.stderr)  # refused before the decode
+        assert not (tmp_path / "e.png").exists()
+
+
 def test_psi_and_temperature_refuse_a_value_that_is_no_finite_number_naming_their_flag(
     tiny_server: Any, tmp_path: Path
 ) -> None:
