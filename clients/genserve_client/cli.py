@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import threading
 import time
@@ -1552,6 +1553,13 @@ class _Parser(HelpParser):
     stdout is found (main)."""
 
     stdout = _STDOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A value that starts with '-' and a digit (or '-.' and a digit) is a negative number, as
+        # Python 3.13's argparse reads it: before 3.13 only -3 and -0.5 were, and `--delta -1e-3`
+        # was refused 'expected one argument'. No flag of this CLI looks like a number.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
 
 def _package_version() -> str:

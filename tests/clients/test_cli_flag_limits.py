@@ -192,3 +192,14 @@ def test_a_sample_count_or_bench_concurrency_past_its_limit_is_refused_before_an
     assert code == 2, err
     assert flag in err and limit in err and "Traceback" not in err, err
     assert not fake_server.service.calls.get("Sample") and not (tmp_path / "out").exists()
+
+
+def test_a_negative_number_in_exponent_form_is_taken_as_its_flags_value() -> None:
+    # Python < 3.13's argparse took only -3 and -0.5 for negative numbers: `edit --delta -1e-3` and
+    # `--sweep-from -1e5` were refused 'argument --delta: expected one argument', the number read
+    # as an unknown option.
+    args = cli.build_parser().parse_args(
+        ["edit", "in.png", "--model", "vae", "--delta", "-1e-3", "--sweep-from", "-1e3", "--sweep-to",
+         "-.5", "--out", "o.png"]
+    )  # fmt: skip
+    assert (args.delta, args.sweep_from, args.sweep_to) == (-1e-3, -1e3, -0.5)
