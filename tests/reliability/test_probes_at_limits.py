@@ -117,7 +117,20 @@ def test_a_method_the_health_port_does_not_serve_is_unimplemented_with_its_reque
         "rid-health-genserve": "/genserve.v1.GenerationService/ListModels",
         "rid-health-made-up": "/foo/bar",
     }
+    labels = {"model": "", "version": "", "method": "", "code": "UNIMPLEMENTED"}
+    # The server counts such a call once gRPC has sent its status (Boundary.unknown_method counts
+    # after its abort), so its client can have the status first: the module's server may still
+    # count the test above's ListModels on this port. Take "before" once the count holds still.
     before = server.metrics_text()
+    settle_deadline = time.monotonic() + 10
+    while time.monotonic() < settle_deadline:
+        time.sleep(0.3)
+        again = server.metrics_text()
+        if metric_in(again, "genserve_requests_total", **labels) == metric_in(
+            before, "genserve_requests_total", **labels
+        ):
+            break
+        before = again
     with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as health:
         for rid, path in paths.items():
             with pytest.raises(grpc.RpcError) as refused:
@@ -126,12 +139,18 @@ def test_a_method_the_health_port_does_not_serve_is_unimplemented_with_its_reque
             assert path in (refused.value.details() or ""), refused.value.details()  # type: ignore[attr-defined]
             trailing = dict(refused.value.trailing_metadata() or ())  # type: ignore[attr-defined]
             assert trailing.get("x-request-id") == rid, trailing
-    after = server.metrics_text()
-    labels = {"model": "", "version": "", "method": "", "code": "UNIMPLEMENTED"}
-    added = metric_in(after, "genserve_requests_total", **labels) - metric_in(
-        before, "genserve_requests_total", **labels
-    )
-    assert added == len(paths)
+
+    def added() -> float:
+        after = server.metrics_text()
+        return metric_in(after, "genserve_requests_total", **labels) - metric_in(
+            before, "genserve_requests_total", **labels
+        )
+
+    # Likewise the last call's count can miss a scrape taken at once: wait for it (10 s at most).
+    settle_deadline = time.monotonic() + 10
+    while added() < len(paths) and time.monotonic() < settle_deadline:
+        time.sleep(0.05)
+    assert added() == len(paths)
 
 
 def _healthz(port: int) -> str:
