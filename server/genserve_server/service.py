@@ -30,7 +30,7 @@ from genserve_server.metrics import Metrics
 from genserve_server.repository import Model, ModelState, ModelVersion, Repository
 from genserve_server.service_parts import (
     add_generated,
-    image_protos,
+    add_images,
     lane,
     latent_point,
     latent_proto,
@@ -364,11 +364,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         out = _image_output(request.output, "SuperResolve")
         overlap = request.tile_overlap if request.HasField("tile_overlap") else None
         upscaled = await self.core.upscale(mv, call, request.images, request.tile_size, overlap, out)
-        return pb.ImageResponse(
-            images=image_protos(upscaled.images),
-            provenance=provenance(mv, upscaled.executed_batch_sizes),
-            tiles=upscaled.tiles,
+        response = pb.ImageResponse(
+            provenance=provenance(mv, upscaled.executed_batch_sizes), tiles=upscaled.tiles
         )
+        add_images(response.images, upscaled.images)
+        return response
 
     async def _do_translate(self, request: pb.ImageRequest, call: Call) -> pb.ImageResponse:
         mv = self.core.resolve(call, request.model, request.version, TRANSLATE_KINDS, "Translate")
@@ -391,10 +391,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             names = " or ".join(validate.DIRECTION_NAMES)
             raise invalid("direction", f"must be {names}, got {request.direction}")
         translated = await self.core.translate(mv, call, request.images, out, direction)
-        return pb.ImageResponse(
-            images=image_protos(translated.images),
-            provenance=provenance(mv, translated.executed_batch_sizes),
-        )
+        response = pb.ImageResponse(provenance=provenance(mv, translated.executed_batch_sizes))
+        add_images(response.images, translated.images)
+        return response
 
     # ================================================================== ListModels / GetModel
 

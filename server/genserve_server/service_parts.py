@@ -66,10 +66,12 @@ def latent_proto(z: np.ndarray) -> tpb.Tensor:
     return tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.astype("<f4", copy=False).tobytes())
 
 
-def image_protos(images: Sequence[EncodedImage]) -> list[tpb.Image]:
-    return [
-        tpb.Image(format=tpb.ImageFormat.ValueType(im.format), data=im.data, shape=im.shape) for im in images
-    ]
+def add_images(into: RepeatedCompositeFieldContainer[tpb.Image], images: Sequence[EncodedImage]) -> None:
+    """Each image added to `into` (a response's repeated `images`), built in place as add_generated
+    builds them: an Image built apart and given to the response's constructor is copied again on the
+    event loop (~150 ms of a 50 MB SuperResolve)."""
+    for im in images:
+        into.add(format=tpb.ImageFormat.ValueType(im.format), data=im.data, shape=im.shape)
 
 
 def provenance(
