@@ -155,6 +155,18 @@ class Limits:
             return self.max_sr_input_pixels, "max_sr_input_pixels"
         return self.max_input_pixels, "max_input_pixels"
 
+    def fixed_input_too_large(self, card: Card) -> str:
+        """Why a model whose card fixes its input image size above input_pixels takes no request
+        (every image it could be sent is refused naming the limit), or "" where it fits: GetModel
+        advertises 0 images and KServe's ModelConfig max_batch_size 0 for it, and its load warns."""
+        if not card.kind.takes_image or card.image_size is None:
+            return ""
+        height, width = card.image_size
+        limit, name = self.input_pixels(card.kind)
+        if height * width <= limit:
+            return ""
+        return f"its input size {height}x{width} = {height * width} pixels is above {name} {limit}"
+
 
 @dataclass(frozen=True, slots=True)
 class SecurityConfig:

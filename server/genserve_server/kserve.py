@@ -242,8 +242,10 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             applied = self.repo.get(request.name).config  # the policy a reload picks versions by
             policy = applied.version_policy if applied is not None else None
             assert mv.card is not None
-            # A kind ModelInfer refuses (genserve.v1 serves it) takes no ModelInfer rows.
-            max_rows = self._max_rows(mv)[0] if mv.card.kind in INFER_KINDS else 0
+            # A kind ModelInfer refuses (genserve.v1 serves it), or a fixed input size above the
+            # pixel limit (every image refused), takes no ModelInfer rows.
+            takes_rows = mv.card.kind in INFER_KINDS and not self.limits.fixed_input_too_large(mv.card)
+            max_rows = self._max_rows(mv)[0] if takes_rows else 0
             # The image cache serves Sample (core.sample) of the kinds that answer it.
             cached = self.core.image_cache is not None and mv.card.kind.answers_sample
             return kpb.ModelConfigResponse(

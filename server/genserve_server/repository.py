@@ -564,6 +564,10 @@ class Repository:
             rows = mv.batcher.max_batch_size if mv.batcher is not None else mv.config.batching.max_batch_size
             mv.metrics.set_runtime(mv.provider, mv.precision, mv.gpu_requested, rows)
             logger.info("%s ready in %.2f s (%s, sha256 %s)", mv.label, mv.load_s, mv.runtime, mv.sha256[:12])
+            assert mv.card is not None
+            too_large = self.server_config.limits.fixed_input_too_large(mv.card)
+            if too_large:  # READY (a raised limit serves it), but no call it is sent can succeed
+                logger.warning("%s takes no request: %s", mv.label, too_large)
         return False
 
     def device_lost(self, mv: ModelVersion, reason: str) -> None:

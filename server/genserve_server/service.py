@@ -408,11 +408,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         config = _version_config(model, version)
         assert config is not None
         card = model.card(version)
-        if card is not None and card.kind == Kind.VAE_ENCODER and card.image_size is not None:
-            # Its fixed input size above max_input_pixels: every Encode is refused naming the limit.
-            height, width = card.image_size
-            if height * width > self.limits.input_pixels(card.kind)[0]:
-                return 0
+        if card is not None and self.limits.fixed_input_too_large(card):
+            return 0  # every Encode is refused naming the limit
         limit = self.limits.max_images_per_request
         if model.kind_of(version) == Kind.CODE_PRIOR:
             limit = min(limit, config.batching.max_batch_size)

@@ -357,3 +357,19 @@ def test_get_model_advertises_no_images_for_an_encoder_whose_input_is_above_max_
     assert info.kind == "vae_encoder"
     assert info.max_images_per_request == 0
     assert [m.max_images_per_request for m in listed.models if m.name == "enc"] == [0]
+
+
+def test_kserve_model_config_and_the_load_log_say_an_encoder_above_max_input_pixels_takes_no_rows(
+    small_pixels_server: ServerProcess,
+) -> None:
+    """GetModel advertises 0 images for an encoder whose fixed input (8x8) is above max_input_pixels
+    (63), as every Encode and ModelInfer is refused; KServe's ModelConfig advertised max_batch_size 16
+    (a Triton client batches up to it), and the load, READY, said nothing of why it takes no call."""
+    with grpc.insecure_channel(small_pixels_server.target) as channel:
+        config = kpb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+            kpb.ModelConfigRequest(name="enc"), timeout=30
+        )
+    assert config.config.max_batch_size == 0
+    log = small_pixels_server.log_path.read_text()
+    warning = [line for line in log.splitlines() if "WARNING" in line and "max_input_pixels" in line]
+    assert warning and "enc" in warning[0] and "63" in warning[0], log
