@@ -5,10 +5,15 @@ not as a caller that went away (`cancelled`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from code_models import write_code_models
 from server_support import (
@@ -19,11 +24,16 @@ from server_support import (
     start_server,
     wait_until,
     write_model,
+    write_tiny_generator,
 )
 
+from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server.config import ServerConfig
+from genserve_server.main import App
 
 SLOW_QUEUE = 16  # BULK rows may fill half of it
 
@@ -125,3 +135,70 @@ def test_a_bulk_request_whose_deadline_passes_while_it_waits_for_room_counts_onc
             assert _dropped(server, "slow") == (before[0] + calls, before[1])
         finally:
             filled.cancel()
+
+
+@pytest.mark.parametrize("api", ["genserve.v1", "kserve"])
+def test_a_call_whose_deadline_passes_while_queued_behind_a_held_batch_is_dropped_unrun(
+    tmp_path: Path, api: str
+) -> None:
+    """docs/operations.md and metrics.md: a call whose deadline passes while its row waits in the
+    model's queue ends DEADLINE_EXCEEDED, counts one genserve_requests_dropped_total{reason="deadline"}
+    and its row is never run. The batch ahead of it is held on an event (no timing race): the queued
+    call's deadline passes while nothing can run, then the batch is let go and a later call runs."""
+    models = tmp_path / "models"
+    write_tiny_generator(models, "gen", config={"batching": {"max_batch_size": 1, "max_queue_delay_ms": 0.0}})
+
+    async def main() -> None:
+        app = App(models, ServerConfig(warmup=False), port=0, metrics_port=0)
+        await app.start()
+        batcher = app.repository.get("gen").resolve("").batcher
+        assert batcher is not None
+        started, free = asyncio.Event(), asyncio.Event()
+        run = batcher._run_batch
+        rows_run: list[int] = []
+
+        async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            rows_run.append(len(next(iter(inputs.values()))))
+            started.set()
+            await free.wait()
+            return await run(key, inputs)
+
+        batcher._run_batch = held_run
+
+        def dropped() -> float:
+            url = f"http://127.0.0.1:{app.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            return metric_in(text, "genserve_requests_dropped_total", model="gen", reason="deadline")
+
+        async def one(stub_call: Any, seed: int, timeout: float) -> Any:
+            if api == "kserve":
+                request = kpb.ModelInferRequest(model_name="gen")
+                request.parameters["seed"].int64_param = seed
+                request.parameters["count"].int64_param = 1
+            else:
+                request = pb.SampleRequest(model="gen", seeds=[seed])
+            return await stub_call(request, timeout=timeout)
+
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                if api == "kserve":
+                    call = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+                else:
+                    call = pb_grpc.GenerationServiceStub(channel).Sample
+                before = await asyncio.to_thread(dropped)
+                first = asyncio.ensure_future(one(call, 1, 60))
+                await asyncio.wait_for(started.wait(), 30)  # its batch holds the model
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await one(call, 2, 0.3)  # queued behind it until its deadline passes
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+                free.set()
+                await first
+                await one(call, 3, 60)  # runs after whatever was queued before it
+                assert rows_run == [1, 1], rows_run  # the first call's and the last's: not the expired one
+                assert await asyncio.to_thread(dropped) - before == 1
+        finally:
+            free.set()
+            await app.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
