@@ -65,7 +65,7 @@ from genserve_server.image_cache import ImageCache, image_key, loaded_versions
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import Metrics, ModelMetrics
 from genserve_server.providers import CPU as CPU_PROVIDER
-from genserve_server.repository import ModelVersion, Repository
+from genserve_server.repository import Model, ModelVersion, Repository
 from genserve_server.response_budget import ByteBudget, Reservation
 from genserve_server.step_sampler import StepScheduler
 from genserve_server.validate import OutputSpec
@@ -205,6 +205,15 @@ def image_batch_key(card: Card, shape: tuple[int, ...], direction: int | None = 
     return ImageRows(shape, direction)
 
 
+def _count_against(call: Call, model: Model, version: str) -> None:
+    """A call refused before it resolved a version of `model`, which exists (its kind, a version not
+    ready) counts against the model, not the unresolved series (model=""): the version asked for
+    where it exists, else the one a request without a version gets, else the newest."""
+    if model.versions:
+        asked = model.versions.get(version) if version else model.newest_ready()
+        call.metrics = (asked or model.versions[max(model.versions, key=int)]).metrics
+
+
 def _shutting_down_before(sent: int) -> Unavailable:
     """How a SampleStream the shutdown ends says where its client resumes."""
     return Unavailable(
@@ -298,16 +307,14 @@ class GenerationCore:
         model = self.repo.get(name)
         kind = model.kind_of(version)  # the version's that would serve it, not an edited config.json's
         if kind and kind not in kinds:
+            _count_against(call, model, version)
             where = elsewhere(kind) if elsewhere is not None else ""
             hint = f" ({where})" if where else ""
             raise invalid(field, f"{name} is a {kind} model; {method} needs {' or '.join(kinds)}{hint}")
         try:
             mv = model.resolve(version)
         except GenserveError:
-            if model.versions:  # count the refusal against the model, not the unresolved series:
-                # the version asked for where it exists (not ready), else the newest
-                asked = model.versions.get(version) if version else None
-                call.metrics = (asked or model.versions[max(model.versions, key=int)]).metrics
+            _count_against(call, model, version)
             raise
         call.metrics = mv.metrics
         # A stream keeps its own chunks queued ahead; it is not a caller about to send a row, but

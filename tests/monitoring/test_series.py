@@ -91,7 +91,7 @@ def test_kind_methods_cover_every_kind_and_follow_the_service() -> None:
     assert set(KIND_METHODS) == set(KINDS)
     for kind, methods in KIND_METHODS.items():
         assert set(methods) <= set(METHODS), kind
-        # The kind lists the servicers resolve with (a wrong kind is refused under model="").
+        # The kind lists the servicers resolve with (a wrong kind is refused, counted under the model).
         assert ("Sample" in methods) == (kind in SAMPLE_KINDS), kind
         assert ("MixStyles" in methods) == (kind == "style_generator"), kind
         assert ("Decode" in methods) == (kind in service.DECODE_KINDS), kind

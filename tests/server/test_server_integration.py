@@ -1182,3 +1182,24 @@ def test_the_debug_batch_line_names_its_model_version_queue_time_and_request_ids
     assert fields["rows"] == "2" and fields["requests"] == "1" and fields["ok"] == "True", batch_lines[0]
     assert fields["request_ids"] == "batch-line-1", batch_lines[0]
     assert float(fields["queue_ms"]) >= 0 and float(fields["compute_ms"]) >= 0, batch_lines[0]
+
+
+def test_a_call_refused_for_its_models_kind_counts_under_that_model(
+    stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
+) -> None:
+    """docs/metrics.md: the model label is the repository name, model="" the calls that named no
+    model there (an unknown name). SuperResolve on tiny-gen (a generator) names a model that exists
+    and is refused for its kind, yet it counted under model="", read by the runbook as unknown names."""
+
+    def refused(model: str) -> float:
+        labels = {"method": "SuperResolve", "code": "INVALID_ARGUMENT"}
+        return tiny_server.metric("genserve_requests_total", model=model, **labels)
+
+    named, unnamed = refused("tiny-gen"), refused("")
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(8 * 8 * 3), shape=[8, 8, 3])
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.SuperResolve(pb.ImageRequest(model="tiny-gen", images=[image]), timeout=30)
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tiny-gen is a generator model" in details_of(excinfo), details_of(excinfo)
+    wait_until(lambda: refused("tiny-gen") + refused("") > named + unnamed, 10, "the refusal counted")
+    assert (refused("tiny-gen") - named, refused("") - unnamed) == (1, 0)
