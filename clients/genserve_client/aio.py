@@ -54,7 +54,19 @@ class AsyncGenserveClient(ClientBase):
         self._closed = False
         # Set by close(): a call waiting out a retry backoff wakes at once, not when the wait ends.
         self._closing = asyncio.Event()
-        self._channel = self.config.aio_channel()
+        try:
+            self._channel = self.config.aio_channel()
+        except RuntimeError as e:
+            if "no current event loop" not in str(e):
+                raise
+            # grpc.aio binds the channel to the thread's current loop, and this thread has none (a
+            # worker thread, the main thread after an asyncio.run).
+            raise RuntimeError(
+                "AsyncGenserveClient: created where no event loop is running or current "
+                f"({e}); a grpc.aio channel serves the loop it was created in: create the client "
+                "inside the loop that uses it (in an async function, or `async with "
+                "AsyncGenserveClient(...)` per asyncio.run), or use GenserveClient outside asyncio"
+            ) from None
         self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
         # The loop the channel is bound to: the running one, else the thread's current one.
         self._loop: asyncio.AbstractEventLoop | None = getattr(self._channel, "_loop", None)

@@ -746,3 +746,24 @@ def test_a_timeout_longer_than_grpc_can_hold_is_no_deadline_not_an_instant_deadl
 
     code, out, err = cli_main(capsys, "--target", fake_server.target, "--timeout", "1e10", "models")
     assert code == 0 and "fake-gen" in out, (code, err)
+
+
+def test_an_asyncio_client_created_outside_a_running_loop_names_itself_and_the_fix() -> None:
+    """grpc.aio binds a channel to the thread's current event loop: an AsyncGenserveClient created
+    in a thread with none (a worker thread, the main thread after an asyncio.run) failed with
+    asyncio's bare 'There is no current event loop in thread ...'."""
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            AsyncGenserveClient("127.0.0.1:1")
+        except BaseException as e:  # noqa: BLE001 - the test reads what it was
+            errors.append(e)
+
+    worker = threading.Thread(target=make)
+    worker.start()
+    worker.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    message = str(errors[0])
+    assert "AsyncGenserveClient" in message and "event loop" in message, message
+    assert "async" in message and "create" in message, message
