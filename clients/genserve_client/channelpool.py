@@ -45,7 +45,7 @@ class FreshChannels:
                 old = self._current
                 own = self._own
                 try:
-                    fresh = GenserveClient(own.config, timeout_s=own.timeout_s, retry=own.retry)
+                    fresh = GenserveClient(own.config, timeout_s=own.timeout_s, retry=own.retry, rng=own._rng)
                 except ValueError:
                     # An address list's host name that does not resolve now (a DNS hiccup): the
                     # stream goes on the current channel, and the next one tries again.

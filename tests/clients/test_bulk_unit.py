@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import socket
 import tracemalloc
 from collections.abc import Iterable, Iterator
@@ -465,3 +466,17 @@ def test_a_verifying_resume_redoes_an_image_whose_manifest_line_has_no_sha256(
     assert sorted(entries) == [0, 1, 2]
     data = (tmp_path / str(entries[entry["index"]]["file"])).read_bytes()
     assert entries[entry["index"]]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_fresh_channel_draws_its_retry_jitter_from_the_callers_rng(fake_server: FakeServer) -> None:
+    """A job's fresh channels retry with the jitter of the caller's rng (a seeded one reproduces)."""
+    now = [0.0]
+    rng = random.Random(7)
+    with GenserveClient(fake_server.target, retry=FAST_RETRY, rng=rng) as own:
+        channels = FreshChannels(own, period_s=60.0, clock=lambda: now[0])
+        now[0] = 61.0
+        fresh = channels.acquire()
+        assert fresh is not own
+        assert fresh._rng is rng
+        channels.release(fresh)
+        channels.close()
