@@ -31,6 +31,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -76,6 +77,14 @@ DEFAULT_STREAM_IMAGES = 1024
 # stream refused while the job's other streams progress (more workers than the server's
 # max_concurrent_sample_streams) waits for a slot instead of stopping the job.
 DEFAULT_RETRY_WINDOW_S = 300.0
+# A stream has no deadline (a job may run for hours), so one whose server stopped sending while the
+# connection stays alive (a hung handler) would hold its job forever: a stream that sends nothing for
+# the idle bound, max(IDLE_FLOOR_S, IDLE_FACTOR x the slowest chunk seen so far in the job), is
+# cancelled and resumed as a broken one (--retry-window).
+IDLE_FLOOR_S = 120.0
+IDLE_FACTOR = 5.0
+
+logger = logging.getLogger(__name__)
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 15.0
 # What a job's requests can carry (genserve.proto): image i uses seed base_seed + i and seeds are in
@@ -730,6 +739,7 @@ class BulkJob:
         shard: Shard | None = None,
         stream_images: int | None = None,
         channel_period_s: float = DEFAULT_PERIOD_S,
+        idle_limit_s: float | None = None,
     ) -> None:
         if stream_images is not None and stream_images < 1:
             raise ValueError(f"--stream-images must be >= 1, got {stream_images}")
@@ -787,6 +797,14 @@ class BulkJob:
         self._lock = threading.Lock()  # guards _streams, failure, _pending_job and the progress bar
         # When any stream of this run last wrote a chunk (monotonic; a float, assigned atomically).
         self._job_progress_at = time.monotonic()
+        # The idle bound of a stream (see IDLE_FLOOR_S): given, or derived from the slowest chunk.
+        self.idle_limit_given = idle_limit_s
+        self._slowest_chunk_s = 0.0
+        # When each open stream last received a chunk (or opened); the streams cancelled as stalled,
+        # with the bound they exceeded; how many stalled in this run.
+        self._chunk_at: dict[SampleStream, float] = {}
+        self._stalled: dict[SampleStream, float] = {}
+        self.stalls = 0
         self._pending_job: dict[str, Any] | None = None  # job.json still to write (see _commit_job)
         # Whether out_dir held this job's job.json at some point of the run (found there, or written
         # at the first chunk): a job.json gone after that means the folder went away, not that no
@@ -1096,6 +1114,9 @@ class BulkJob:
         threads = [
             threading.Thread(target=self._run_worker, args=(queue, sink), daemon=True) for _ in range(workers)
         ]
+        workers_done = threading.Event()
+        watchdog = threading.Thread(target=self._watch_stalls, args=(workers_done,), daemon=True)
+        watchdog.start()
         try:
             for t in threads:
                 t.start()
@@ -1107,6 +1128,7 @@ class BulkJob:
                 t.join()
             raise
         finally:
+            workers_done.set()
             sink.io_pool.shutdown()
             sink.manifest.close()
             self._channels.close()
@@ -1120,6 +1142,33 @@ class BulkJob:
             missing = sum(b - a for a, b in left)
             ranges = describe_entries([f"[{a}, {b})" for a, b in left])
             raise BulkIncomplete(f"the job ended with {missing} images missing, index ranges {ranges}")
+
+    def idle_limit_s(self) -> float:
+        """How long a stream may send nothing before it is cancelled and resumed."""
+        if self.idle_limit_given is not None:
+            return self.idle_limit_given
+        return max(IDLE_FLOOR_S, IDLE_FACTOR * self._slowest_chunk_s)
+
+    def _watch_stalls(self, workers_done: threading.Event) -> None:
+        """Cancel each stream that sent nothing for the idle bound; its worker resumes it."""
+        while not workers_done.wait(min(1.0, self.idle_limit_s() / 4)):
+            limit = self.idle_limit_s()
+            now = time.monotonic()
+            with self._lock:
+                idle = [s for s, at in self._chunk_at.items() if now - at > limit]
+                for stream in idle:
+                    del self._chunk_at[stream]  # watched no more: its worker resumes it
+                    self._stalled[stream] = limit
+                    self.stalls += 1
+            for stream in idle:
+                logger.warning(
+                    "bulk: a stream of model %r (request id %s) sent nothing for %g s (the idle bound): "
+                    "cancelled, it resumes where it stopped",
+                    self.params.model,
+                    stream.request_id,
+                    limit,
+                )
+                stream.cancel()
 
     def _stop_all(self) -> None:
         self._stop.set()
@@ -1174,10 +1223,12 @@ class BulkJob:
                 self._channels.release(client)
                 raise
             self._streams[stream] = client
+            self._chunk_at[stream] = time.monotonic()
         return stream
 
     def _close_stream(self, stream: SampleStream) -> None:
         with self._lock:
+            self._chunk_at.pop(stream, None)
             client = self._streams.pop(stream, None)
         if client is not None:
             self._channels.release(client)
@@ -1210,6 +1261,23 @@ class BulkJob:
                     self._job_progress_at = since
                     with self._lock:
                         sink.progress.update(len(chunk.items))
+                        # From after the last chunk was written: the server's time, not the disk's.
+                        now = time.monotonic()
+                        if (last := self._chunk_at.get(stream)) is not None:
+                            self._slowest_chunk_s = max(self._slowest_chunk_s, now - last)
+                            self._chunk_at[stream] = now
+                with self._lock:
+                    limit = self._stalled.pop(stream, None)
+                if limit is not None and not self._stop.is_set():
+                    failures += 1
+                    stall = GenserveClientError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"a stream of model {self.params.model!r} sent nothing for {limit:g} s (the idle "
+                        f"bound), stalled at index {expected}",
+                        stream.request_id,
+                    )
+                    self.window.pause(stall, max(since, self._job_progress_at), failures)
+                    continue
             except GenserveClientError as exc:
                 if self._stop.is_set():
                     return

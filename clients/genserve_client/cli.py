@@ -1607,7 +1607,8 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
         "--timeout",
         type=parse_timeout,
         default=default(DEFAULT_TIMEOUT_S),
-        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
+        help=f"deadline of each unary call in seconds (default: {DEFAULT_TIMEOUT_S:g}); bulk's streams have "
+        "none: one that sends nothing for max(120 s, 5x the job's slowest chunk) is cancelled and resumed",
     )
     g.add_argument(
         "--token",

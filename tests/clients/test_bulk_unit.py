@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import socket
+import time
 import tracemalloc
 from collections.abc import Iterable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from client_fakes import FAKE_SHA256, FakeServer, cli_main, fake_pixels, run_cli
+from client_fakes import FAKE_SHA256, FakeServer, FakeService, cli_main, fake_pixels, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 import genserve_client.bulk as bulk_module
 import genserve_client.channel as channel_module
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
 from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, plan_streams, read_manifest
 from genserve_client.channelpool import FreshChannels
@@ -480,3 +484,65 @@ def test_a_fresh_channel_draws_its_retry_jitter_from_the_callers_rng(fake_server
         assert fresh._rng is rng
         channels.release(fresh)
         channels.close()
+
+
+class StallingService(FakeService):
+    """The fake, but each of the next len(stalls) streams sends stalls.pop(0) chunks and then
+    neither sends nor ends while its client keeps the connection (a hung handler)."""
+
+    def __init__(self, stalls: list[int]) -> None:
+        super().__init__()
+        self.stalls = stalls
+
+    def SampleStream(
+        self, request: genserve_pb2.SampleStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[genserve_pb2.SampleStreamChunk]:
+        stall_after = self.stalls.pop(0) if self.stalls else None
+        for n_chunk, chunk in enumerate(super().SampleStream(request, context)):
+            if n_chunk == stall_after:
+                while context.is_active():
+                    time.sleep(0.01)
+                return
+            yield chunk
+
+
+@contextlib.contextmanager
+def stalling_server(stalls: list[int]) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(StallingService(stalls), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_bulk_stream_that_stalls_is_cancelled_and_resumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream whose server stopped sending (its handler hung, the connection alive) held its
+    job forever: a stream has no deadline and --timeout reached only GetModel. One that sends
+    nothing for the job's idle bound is cancelled and resumed where it stopped, logged once."""
+    params = BulkParams("fake-gen", n=12, base_seed=3)
+    with stalling_server([1]) as target, GenserveClient(target, retry=FAST_RETRY) as client:
+        job = BulkJob(client, params, tmp_path / "job", chunk_size=4, idle_limit_s=0.5)
+        job.run()
+    assert sorted(manifest_by_index(tmp_path / "job")) == list(range(12))
+    assert job.stalls == 1
+    stalled = [r.getMessage() for r in caplog.records if "sent nothing" in r.getMessage()]
+    assert len(stalled) == 1 and "'fake-gen'" in stalled[0] and "0.5 s" in stalled[0], stalled
+
+
+def test_a_bulk_job_whose_streams_keep_stalling_stops_when_its_retry_window_is_spent(
+    tmp_path: Path,
+) -> None:
+    params = BulkParams("fake-gen", n=12, base_seed=3)
+    with stalling_server([0] * 100) as target, GenserveClient(target, retry=FAST_RETRY) as client:
+        job = BulkJob(client, params, tmp_path / "job", chunk_size=4, idle_limit_s=0.3, retry_window_s=1.0)
+        with pytest.raises(bulk_module.BulkRetryExhausted) as info:
+            job.run()
+    message = str(info.value)
+    assert "--retry-window" in message and "sent nothing for 0.3 s" in message and "'fake-gen'" in message, (
+        message
+    )
