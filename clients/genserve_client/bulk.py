@@ -54,7 +54,7 @@ from genserve.v1 import genserve_pb2
 from genserve_client.channelpool import DEFAULT_PERIOD_S, FreshChannels
 from genserve_client.client import GenserveClient, SampleStream
 from genserve_client.convert import FILE_SUFFIX, image_format
-from genserve_client.errors import GenserveClientError
+from genserve_client.errors import GenserveClientError, closed_client_error
 from genserve_client.pngmeta import png_text, with_png_text
 from genserve_client.progress import ProgressBar
 from genserve_client.requests import StreamOptions
@@ -794,6 +794,8 @@ class BulkJob:
         # Open streams and the client each was opened on (see channelpool.py).
         self._streams: dict[SampleStream, GenserveClient] = {}
         self._channels = FreshChannels(client, channel_period_s)
+        # The clients of the workers' GetModel lookups under way: _stop_all closes them (see _model_info).
+        self._lookups: set[GenserveClient] = set()
         self._lock = threading.Lock()  # guards _streams, failure, _pending_job and the progress bar
         # When any stream of this run last wrote a chunk (monotonic; a float, assigned atomically).
         self._job_progress_at = time.monotonic()
@@ -1175,6 +1177,29 @@ class BulkJob:
         with self._lock:
             for stream in self._streams:
                 stream.cancel()
+            for lookup in self._lookups:
+                lookup.close()  # its call raises CANCELLED now, not at its deadline
+
+    def _model_info(self) -> genserve_pb2.ModelInfo:
+        """GetModel for a worker, on a channel of its own that _stop_all closes: a job stopped (Ctrl-C)
+        while a lookup waits for a server that does not answer stops at once, not at --timeout."""
+        own = self.client
+        with self._lock:
+            if self._stop.is_set():
+                raise closed_client_error(None)
+            try:
+                lookup = GenserveClient(own.config, timeout_s=own.timeout_s, retry=own.retry, rng=own._rng)
+            except ValueError:  # an address list's name that does not resolve now: the job's client
+                lookup = own
+            else:
+                self._lookups.add(lookup)
+        try:
+            return lookup.get_model(self.params.model)
+        finally:
+            if lookup is not own:
+                with self._lock:
+                    self._lookups.discard(lookup)
+                lookup.close()
 
     def _run_worker(self, queue: StreamQueue, sink: _Sink) -> None:
         stream: tuple[int, int] | None = None
@@ -1304,7 +1329,7 @@ class BulkJob:
         stops the job, exit 2) and return True: the caller reopens the stream, smaller. Otherwise
         (another refusal) return False: the refusal is final."""
         try:
-            limit = self.client.get_model(self.params.model).max_stream_images
+            limit = self._model_info().max_stream_images
         except GenserveClientError:
             return False
         if not limit or sent <= limit:
@@ -1320,7 +1345,7 @@ class BulkJob:
         "resumable" error whose resume fails the same way. Otherwise (GetModel fails another way, or
         still lists the version: another replica's answer) `exc` is raised as it is."""
         try:
-            info = self.client.get_model(self.params.model)
+            info = self._model_info()
         except GenserveClientError as lookup:
             if lookup.code == grpc.StatusCode.NOT_FOUND:
                 raise self._model_gone(lookup) from exc

@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterable, Iterator
@@ -546,3 +547,55 @@ def test_a_bulk_job_whose_streams_keep_stalling_stops_when_its_retry_window_is_s
     assert "--retry-window" in message and "sent nothing for 0.3 s" in message and "'fake-gen'" in message, (
         message
     )
+
+
+class HangingLookupService(FakeService):
+    """Refuses every stream NOT_FOUND (the job's version gone?) and never answers the GetModel the
+    job then asks (but the one at its start), while the connection stays alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looking_up = threading.Event()
+
+    def SampleStream(
+        self, request: genserve_pb2.SampleStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[genserve_pb2.SampleStreamChunk]:
+        context.abort(grpc.StatusCode.NOT_FOUND, "version '1' of model 'fake-gen' is not served")
+        yield genserve_pb2.SampleStreamChunk()
+
+    def GetModel(
+        self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> genserve_pb2.ModelInfo:
+        if not self.calls["GetModel"]:  # the job's start, which pins the version
+            return super().GetModel(request, context)
+        self.looking_up.set()
+        while context.is_active():
+            time.sleep(0.01)
+        return genserve_pb2.ModelInfo()
+
+
+def test_a_bulk_job_stopped_during_a_model_lookup_stops_without_waiting_for_it(tmp_path: Path) -> None:
+    """After a refused stream a worker asks GetModel (is the job's version still served?) with the
+    client's deadline; a job stopped then (Ctrl-C: _stop_all) waited for that call, up to --timeout
+    (60 s by default), where every other path stops within about a second."""
+    service = HangingLookupService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    genserve_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with GenserveClient(f"127.0.0.1:{port}", timeout_s=600, retry=FAST_RETRY) as client:
+            job = BulkJob(client, BulkParams("fake-gen", n=8), tmp_path / "job")
+
+            def run() -> None:
+                with contextlib.suppress(Exception):  # how it ends is not the point here
+                    job.run()
+
+            runner = threading.Thread(target=run, daemon=True)
+            runner.start()
+            assert service.looking_up.wait(30)
+            job._stop_all()  # what Ctrl-C does before it joins the workers
+            runner.join(20)
+            assert not runner.is_alive(), "the job waited out its GetModel after it was stopped"
+    finally:
+        server.stop(grace=None)
