@@ -240,6 +240,7 @@ class Boundary:
                 )
             if past_deadline:
                 call.code = Code.DEADLINE_EXCEEDED.name  # what the client gets, from gRPC
+                self._count_left(call)
                 raise asyncio.CancelledError  # no status to send: see _past_deadline
             await abort(context, naming_request_id(exc, call.request_id), trailing, self.redact)
         logger.error(
@@ -284,10 +285,20 @@ class Boundary:
                 duration_s * 1e3,
             )
 
+    def _count_left(self, call: Call) -> None:
+        """A call of a model that ended `CANCELLED` (its client went away) or `DEADLINE_EXCEEDED`
+        before it was answered: one genserve_requests_dropped_total (`cancelled`, `deadline`) for
+        its RPC, wherever it was (decoding its images, waiting for a budget, queued, computing, its
+        answer not yet sent), unless the stage it left counted it already (count_once)."""
+        reason = _LEFT_REASONS.get(call.code)
+        if reason is not None and call.metrics is not self._unresolved and count_once(call):
+            call.metrics.dropped[reason].inc()
+
     async def raised(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
         """Record the status of a handler that raised and answer the call with it (always raises)."""
         if isinstance(exc, asyncio.CancelledError):
             call.code = _cancelled_code(call, self.grace_ends_at)
+            self._count_left(call)
             raise exc
         if isinstance(exc, GeneratorExit):  # a stream closed before its end: not an OK stream
             call.code = _closed_code(call, context, self.grace_ends_at)
@@ -295,6 +306,7 @@ class Boundary:
                 # Its client stopped reading: RESOURCE_EXHAUSTED is what that client gets, and this
                 # drop tells the alerts it was the client's doing, not a server fault (docs/metrics.md).
                 call.metrics.dropped["unread"].inc()
+            self._count_left(call)
             raise exc
         if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not the call's failure
             raise exc
@@ -448,6 +460,10 @@ def describe_calls(calls: collections.Counter[str]) -> str:
         return "no call in flight"
     methods = ", ".join(f"{method} {n}" for method, n in counts.most_common())
     return f"{total} call{'s' if total != 1 else ''} in flight ({methods})"
+
+
+# The codes of a call that left before it was answered, and their drop reasons (Boundary._count_left).
+_LEFT_REASONS = {Code.CANCELLED.name: "cancelled", Code.DEADLINE_EXCEEDED.name: "deadline"}
 
 
 def _cancelled_code(call: Call, grace_ends_at: float | None) -> str:

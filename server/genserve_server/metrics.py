@@ -401,8 +401,8 @@ class Metrics:
         )
         self.requests_dropped = Counter(
             "genserve_requests_dropped_total",
-            "Admitted requests that left before compute (deadline, cancelled, or unread: a stream "
-            "ended because its client stopped reading).",
+            "Admitted requests that left before they were answered (deadline, cancelled, or unread: "
+            "a stream ended because its client stopped reading).",
             (*mv, "reason"),
             registry=reg,
         )

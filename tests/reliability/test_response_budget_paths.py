@@ -144,8 +144,8 @@ def test_an_encode_that_leaves_while_it_waits_for_the_response_budget_is_counted
             assert dropped() == (before[0] + calls, before[1])
             # A client that goes away while its call waits: a drop, `cancelled`.
             # Its images decoded (off the loop: a busy machine may take longer than any fixed sleep),
-            # the call goes on to wait for the budget in the same turn of the loop; a cancel before
-            # then is no drop.
+            # the call goes on to wait for the budget in the same turn of the loop: the cancel
+            # comes in that wait (one during the decode is a drop too: test_deadline_stages.py).
             decoded = server.metric("genserve_decode_duration_seconds_count", model="wide-enc")
             gone = stub.Encode.future(encode, timeout=30)
             wait_until(

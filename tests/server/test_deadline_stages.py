@@ -6,12 +6,15 @@ not as a caller that went away (`cancelled`)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
 import grpc
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from server_support import (
     wait_until,
     write_model,
     write_tiny_generator,
+    write_vae_encoder,
 )
 
 from genserve.kserve import grpc_service_pb2 as kpb
@@ -32,8 +36,12 @@ from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server import encoding
 from genserve_server.config import ServerConfig
 from genserve_server.main import App
+from genserve_server.metrics import Metrics
+from genserve_server.repository import Repository
+from genserve_server.service import GenerationService
 
 SLOW_QUEUE = 16  # BULK rows may fill half of it
 
@@ -202,3 +210,82 @@ def test_a_call_whose_deadline_passes_while_queued_behind_a_held_batch_is_droppe
             await app.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "deadline"])
+def test_an_encode_that_ends_while_its_images_decode_counts_once_as_a_drop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """An image-input call decodes its PNGs on the codec pool before it waits for the response
+    budget or reaches a queue. A client that went away (or whose deadline passed) during the decode
+    was counted in genserve_requests_total only, in no genserve_requests_dropped_total reason, while
+    the same call leaving a moment later (the budget wait, the queue) was a drop: now one drop,
+    `cancelled` or `deadline`, as its client gets it."""
+    write_vae_encoder(tmp_path, "enc")
+    decoding, go = threading.Event(), threading.Event()
+    decode = encoding.decode_sync
+
+    def held_decode(*args: Any) -> Any:
+        decoding.set()
+        go.wait(30)
+        return decode(*args)
+
+    monkeypatch.setattr(encoding, "decode_sync", held_decode)
+    ok, png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+    assert ok
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=png.tobytes())
+    request = pb.EncodeRequest(model="enc", images=[image])
+    code = {"cancelled": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}[ending]  # what its client gets
+
+    async def main() -> tuple[dict[str, float], float]:
+        config = ServerConfig()
+        metrics = Metrics(enabled=True)
+        repo = Repository(tmp_path, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(2)
+        service = GenerationService(repo, config, metrics, pool)
+        server = grpc.aio.server()
+        pb_grpc.add_GenerationServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        loop = asyncio.get_running_loop()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                call = stub.Encode(request, timeout=60 if ending == "cancelled" else 0.5)
+                assert await loop.run_in_executor(None, decoding.wait, 30)
+                if ending == "cancelled":
+                    call.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await call
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call
+                    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                for _ in range(1000):  # the handler's end, which counts the call
+                    if not service.boundary.in_flight["Encode"]:
+                        break
+                    await asyncio.sleep(0.01)
+                assert not service.boundary.in_flight["Encode"]
+        finally:
+            go.set()
+            await server.stop(None)
+            await repo.close(1)
+            pool.shutdown()
+        labels = {"model": "enc", "version": "1"}
+        drops = {
+            reason: metrics.registry.get_sample_value(
+                "genserve_requests_dropped_total", {**labels, "reason": reason}
+            )
+            or 0.0
+            for reason in ("cancelled", "deadline")
+        }
+        ended = metrics.registry.get_sample_value(
+            "genserve_requests_total", {**labels, "method": "Encode", "code": code}
+        )
+        return drops, ended or 0.0
+
+    drops, ended = asyncio.run(main())
+    assert ended == 1
+    assert drops == {"cancelled": float(ending == "cancelled"), "deadline": float(ending == "deadline")}

@@ -350,18 +350,23 @@ def test_a_request_past_its_deadline_that_finds_the_row_budget_full_is_a_deadlin
 
 
 @pytest.mark.parametrize(
-    ("ending", "rejected", "deadline_drops"),
-    [("answered", 1.0, 0.0), ("deadline", 0.0, 1.0), ("client cancelled", 0.0, 0.0)],
+    ("ending", "rejected", "deadline_drops", "cancelled_drops"),
+    [("answered", 1.0, 0.0, 0.0), ("deadline", 0.0, 1.0, 0.0), ("client cancelled", 0.0, 0.0, 1.0)],
 )
 def test_a_full_row_budget_refusal_is_counted_under_the_status_its_client_gets(
-    monkeypatch: pytest.MonkeyPatch, ending: str, rejected: float, deadline_drops: float
+    monkeypatch: pytest.MonkeyPatch,
+    ending: str,
+    rejected: float,
+    deadline_drops: float,
+    cancelled_drops: float,
 ) -> None:
     """A SampleCodesStream's sampling runs in a task of its own: its row budget refusal reaches the
     boundary a loop turn or more later, by when the client may have cancelled (CANCELLED) or the
     deadline passed (DEADLINE_EXCEEDED, the boundary sends nothing). check_room counted `queue_full`
     at once whatever the client got (the reviewer's 471 against 470 refused calls); now the boundary
     counts it as it answers: `queue_full` if RESOURCE_EXHAUSTED is sent, a `deadline` drop past the
-    deadline, nothing more for a call its client cancelled (counted CANCELLED)."""
+    deadline, a `cancelled` drop for a call its client cancelled (counted CANCELLED)."""
+    from genserve_server import batcher as batcher_module
     from genserve_server import boundary as boundary_module
     from genserve_server import step_sampler as step_sampler_module
     from genserve_server.boundary import Boundary
@@ -369,6 +374,7 @@ def test_a_full_row_budget_refusal_is_counted_under_the_status_its_client_gets(
     clock = [1000.0]
     fake_time = type("FakeTime", (), {"monotonic": staticmethod(lambda: clock[0])})
     monkeypatch.setattr(boundary_module, "time", fake_time)
+    monkeypatch.setattr(batcher_module, "time", fake_time)  # cancelled_by_deadline's clock
     monkeypatch.setattr(step_sampler_module, "time", fake_time)
     aborted: list[grpc.StatusCode] = []
 
@@ -416,9 +422,10 @@ def test_a_full_row_budget_refusal_is_counted_under_the_status_its_client_gets(
         for name, reason in (
             ("genserve_requests_rejected_total", "queue_full"),
             ("genserve_requests_dropped_total", "deadline"),
+            ("genserve_requests_dropped_total", "cancelled"),
         )
     ]
-    assert counted == [rejected, deadline_drops]
+    assert counted == [rejected, deadline_drops, cancelled_drops]
     assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if rejected else [])
 
 
