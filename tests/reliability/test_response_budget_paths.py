@@ -66,6 +66,8 @@ def test_unread_encode_responses_are_held_to_the_response_budget(budget_server: 
     path = "/genserve.v1.GenerationService/Encode"
     calls = 40
     refused_before = server.metric("genserve_requests_total", method="Encode", code="RESOURCE_EXHAUSTED")
+    # Every Encode the server answered before this test (of the tests before it), whatever its code.
+    ended_before = server.metric("genserve_requests_total", method="Encode")
     baseline = rss_bytes(server.pid)
     unread = UnreadClient(int(server.target.rsplit(":", 1)[1]))
     try:
@@ -73,13 +75,8 @@ def test_unread_encode_responses_are_held_to_the_response_budget(budget_server: 
             unread.call(server.target, path, request)
 
         def settled() -> bool:
-            text = server.metrics_text()
-            done = sum(
-                float(line.rpartition(" ")[2])
-                for line in text.splitlines()
-                if line.startswith("genserve_requests_total{") and 'method="Encode"' in line
-            )
-            return done >= calls  # every call answered (OK, unsent) or refused
+            done = server.metric("genserve_requests_total", method="Encode") - ended_before
+            return done >= calls  # every call of this test answered (OK, unsent) or refused
 
         wait_until(settled, 60, "every Encode call to end its handler")
         grown = rss_bytes(server.pid) - baseline
