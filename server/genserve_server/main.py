@@ -826,7 +826,9 @@ def remove_stale_ready_file(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
-        raise GenserveError(f"--ready-file {path}: an earlier run's file cannot be removed: {exc}") from None
+        raise GenserveError(
+            f"--ready-file {path}: an earlier run's file cannot be removed: {exc.strerror or exc}"
+        ) from None
 
 
 def remove_own_ready_file(path: Path | None) -> None:
@@ -905,7 +907,9 @@ async def serve(args: argparse.Namespace) -> int:
                 # Said once, by the error that ends the start (after the shutdown's lines).
                 app.request_stop()
                 await app.stop()
-                raise GenserveError(f"--ready-file {args.ready_file}: cannot be written: {exc}") from None
+                raise GenserveError(
+                    f"--ready-file {args.ready_file}: cannot be written: {exc.strerror or exc}"
+                ) from None
     await app.wait_for_stop()
     remove_own_ready_file(args.ready_file)  # no longer ready: from the first moment of shutdown
     await app.stop()

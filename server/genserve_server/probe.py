@@ -77,7 +77,7 @@ def first_token(token_file: Path | None, token_env: str | None) -> str | None:
         try:
             return load_tokens(token_file)[0].decode()
         except OSError as exc:
-            raise ProbeError(f"--token-file {token_file}: {exc}") from None
+            raise ProbeError(f"--token-file {token_file}: {exc.strerror or exc}") from None
         except ValueError as exc:
             raise ProbeError(f"--token-file {exc}") from None
     if token_env is not None:

@@ -1006,7 +1006,24 @@ def test_a_ready_file_that_cannot_be_written_once_loaded_is_said_once(tmp_path: 
     log_text = log_path.read_text()
     assert "slow version 1 ready" in log_text, log_text  # the folder went while the model loaded
     assert log_text.count("cannot be written") == 1, log_text
-    assert log_text.rstrip().splitlines()[-1].startswith("genserve-server: --ready-file "), log_text
+    last = log_text.rstrip().splitlines()[-1]
+    assert last.startswith("genserve-server: --ready-file "), log_text
+    assert last.count("ready.json") == 1 and "Errno" not in last, last  # the path once, as given
+
+
+def test_an_earlier_ready_file_that_cannot_be_removed_names_its_path_once(tmp_path: Path) -> None:
+    """The line said the path and then the OSError's str(), which repeats it as a repr ('[Errno 21]
+    Is a directory: '/run/r\\udcc3\\udca9.json'' under LANG=C): the path once, then why."""
+    from genserve_server.errors import GenserveError
+    from genserve_server.main import remove_stale_ready_file
+
+    ready = tmp_path / "résumé.json"
+    ready.mkdir()
+    with pytest.raises(GenserveError) as info:
+        remove_stale_ready_file(ready)
+    message = str(info.value)
+    assert message.count("résumé") == 1 and "Errno" not in message, message
+    assert message.startswith(f"--ready-file {ready}: an earlier run's file cannot be removed: "), message
 
 
 def test_the_load_progress_does_not_count_loads_a_stop_cancelled_as_loaded(tmp_path: Path) -> None:

@@ -72,6 +72,17 @@ def test_the_health_probe_reads_the_token_file_by_the_servers_rules(tmp_path: Pa
     assert "first" not in str(info.value) and "half" not in str(info.value)
 
 
+def test_the_probe_names_a_token_file_it_cannot_read_once(tmp_path: Path) -> None:
+    """--token-file's line said the path and then the OSError's str(), which repeats it as a repr
+    (escapes like \\udcc3 under LANG=C): the path once, then why."""
+    from genserve_server.probe import ProbeError, first_token
+
+    token_file = tmp_path / "résumé-tokens"
+    with pytest.raises(ProbeError) as info:
+        first_token(token_file, None)
+    assert str(info.value) == f"--token-file {token_file}: No such file or directory"
+
+
 def test_a_token_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
     """A UTF-16 file (Windows PowerShell 5's `>` redirection) failed with "auth: 'utf-8' codec can't
     decode byte 0xff in position 0", naming neither the file nor the source."""
