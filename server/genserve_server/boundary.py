@@ -207,8 +207,11 @@ class Boundary:
             self.idle_spin.begin()
         return call
 
-    async def fail(self, call: Call, exc: BaseException, context: Context) -> NoReturn:
-        """Log and translate an exception into the call's status (context.abort raises)."""
+    async def fail(
+        self, call: Call, exc: BaseException, context: Context, out_of_memory: bool = False
+    ) -> NoReturn:
+        """Log and translate an exception into the call's status (context.abort raises).
+        `out_of_memory`: the call's own MemoryError, logged as each batch out of memory is."""
         trailing = ((REQUEST_ID_KEY, call.request_id),)
         if isinstance(exc, GenserveError):
             past_deadline = _past_deadline(call)  # its client gets DEADLINE_EXCEEDED, not this refusal
@@ -223,9 +226,10 @@ class Boundary:
                     counts.on_dropped("deadline")
                 else:
                     counts.on_rejected(reason)
-            if exc.code == Code.INTERNAL:
-                # The server's fault (a failed model call, a NaN image), not a client's refusal: each
-                # one's line, so that the id its client quotes is in the log (docs/metrics.md).
+            if exc.code == Code.INTERNAL or out_of_memory:
+                # The server's fault (a failed model call, a NaN image) or its memory, not a client's
+                # refusal: each one's line, so that the id its client quotes is in the log
+                # (docs/metrics.md).
                 logger.warning(
                     "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
                 )
@@ -310,12 +314,13 @@ class Boundary:
             raise exc
         if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: not the call's failure
             raise exc
-        if isinstance(exc, MemoryError):  # a container's memory limit: not a bug, and it passes
+        out_of_memory = isinstance(exc, MemoryError)
+        if out_of_memory:  # a container's memory limit: not a bug, and it passes
             exc = out_of_memory_refusal("", f": {exc}" if str(exc) else "")
         call.code = exc.code.name if isinstance(exc, GenserveError) else "INTERNAL"
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
-        await self.fail(call, exc, context)
+        await self.fail(call, exc, context, out_of_memory)
 
     async def unary(
         self, method: str, request: Req, context: Context, handler: Callable[[Req, Call], Awaitable[Resp]]
@@ -391,10 +396,13 @@ class Boundary:
             return response
         except GenserveError as exc:
             rid = request_id(context)
-            self._refusals.log(
-                (method, exc.code), "request_id=%s method=%s code=%s: %s", rid, method, exc.code.name, exc
-            )
-            await abort(context, exc, ((REQUEST_ID_KEY, rid),), self.redact)
+            if exc.code == Code.INTERNAL:  # the server's fault: each one's line, as in `fail`
+                logger.warning("request_id=%s method=%s code=%s: %s", rid, method, exc.code.name, exc)
+            else:
+                self._refusals.log(
+                    (method, exc.code), "request_id=%s method=%s code=%s: %s", rid, method, exc.code.name, exc
+                )
+            await abort(context, naming_request_id(exc, rid), ((REQUEST_ID_KEY, rid),), self.redact)
         except grpc.aio.AbortError:
             raise
         except Exception:

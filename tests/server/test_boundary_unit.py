@@ -4,6 +4,7 @@ pure validators, with a hand-written context."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any
 
@@ -13,7 +14,14 @@ import pytest
 
 from genserve_server.boundary import Boundary, status_code
 from genserve_server.core import Call
-from genserve_server.errors import MAX_MESSAGE_BYTES, Code, InvalidArgument, ResourceExhausted, invalid
+from genserve_server.errors import (
+    MAX_MESSAGE_BYTES,
+    Code,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    invalid,
+)
 from genserve_server.metrics import Metrics
 from genserve_server.tiling import plan_tiles
 from genserve_server.validate import input_range as check_input_range
@@ -91,6 +99,49 @@ def test_a_call_that_runs_out_of_memory_is_answered_resource_exhausted_naming_it
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, context.aborted
     assert "out of memory" in message and "Unable to allocate 192. MiB" in message, message
     assert service.metrics.requests.labels("", "", "Sample", "RESOURCE_EXHAUSTED")._value.get() == 1
+
+
+def test_every_call_that_runs_out_of_memory_names_its_request_id_on_a_warning_line(
+    service: Boundary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's MemoryError went only to the refusal line, throttled to one per 10 s at INFO, so
+    the ids of the calls after the first were nowhere in the log, while a batch out of memory says
+    each call's on a WARNING: each such call is one WARNING line naming its request id."""
+
+    async def handler(request: object, call: Call) -> None:
+        raise MemoryError("Unable to allocate 192. MiB for an array with shape (3, 4096, 4096)")
+
+    caplog.set_level(logging.INFO, logger="genserve_server.boundary")
+    for rid in ("oom-1", "oom-2"):
+        with pytest.raises(Aborted):
+            call_unary(service, handler, FakeContext((("x-request-id", rid),)))
+    lines = [r for r in caplog.records if "RESOURCE_EXHAUSTED" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.WARNING] * 2, caplog.text
+    assert "request_id=oom-1 " in lines[0].getMessage() and "request_id=oom-2 " in lines[1].getMessage()
+
+
+def test_every_metadata_rpc_failed_internal_names_its_request_id(
+    service: Boundary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An INTERNAL GenserveError in a KServe metadata RPC (`plain`) went to the throttled refusal
+    line and its message named no request id, unlike every other INTERNAL refusal: each is one
+    WARNING line with its id, and its message ends '(request id X)'."""
+
+    async def handler() -> None:
+        raise Internal("model m version 1: statistics failed")
+
+    caplog.set_level(logging.INFO, logger="genserve_server.boundary")
+    for rid in ("meta-1", "meta-2"):
+        context = FakeContext((("x-request-id", rid),))
+        with pytest.raises(Aborted):
+            asyncio.run(service.plain(context, handler))  # type: ignore[arg-type]
+        assert context.aborted == (
+            grpc.StatusCode.INTERNAL,
+            f"model m version 1: statistics failed (request id {rid})",
+        )
+    lines = [r for r in caplog.records if "code=INTERNAL" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.WARNING] * 2, caplog.text
+    assert "request_id=meta-1 " in lines[0].getMessage() and "request_id=meta-2 " in lines[1].getMessage()
 
 
 @pytest.mark.parametrize(
