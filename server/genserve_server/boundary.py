@@ -158,14 +158,21 @@ def echo_request_id(context: Context) -> None:
 def client_request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The client's `x-request-id` when it is a safe token of at most 128 characters, else None."""
     for key, value in metadata or ():
-        if (
-            key == REQUEST_ID_KEY
-            and isinstance(value, str)
-            and len(value) <= MAX_REQUEST_ID_CHARS
-            and REQUEST_ID_PATTERN.fullmatch(value)
-        ):
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _safe_request_id(value):
             return value
     return None
+
+
+def _safe_request_id(value: str) -> bool:
+    return len(value) <= MAX_REQUEST_ID_CHARS and REQUEST_ID_PATTERN.fullmatch(value) is not None
+
+
+def adopt_request_id(context: Context, rid: str) -> None:
+    """`rid`, an id the call's request message carries (KServe's ModelInferRequest.id, by which
+    Triton's clients match responses), is the call's request id where the call sent no usable
+    `x-request-id` and `rid` passes the same rules; call before the boundary begins the call."""
+    if rid and _safe_request_id(rid) and client_request_id(context.invocation_metadata()) is None:
+        _CALL_REQUEST_ID.set((context, rid))
 
 
 class Boundary:

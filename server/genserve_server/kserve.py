@@ -39,7 +39,7 @@ from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve_server import codecs, kserve_metadata, kserve_tensors, latents, links, validate
 from genserve_server.batcher import BatchResult, Lane
-from genserve_server.boundary import Boundary, Context, echo_request_id
+from genserve_server.boundary import Boundary, Context, adopt_request_id, echo_request_id
 from genserve_server.config import KINDS, Card, Kind, TensorSpec
 from genserve_server.core import Call, GenerationCore, image_batch_key
 from genserve_server.errors import GenserveError, NotFound, invalid
@@ -281,6 +281,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     # ================================================================== ModelInfer
 
     async def ModelInfer(self, request: kpb.ModelInferRequest, context: Context) -> kpb.ModelInferResponse:
+        adopt_request_id(context, request.id)  # on the call's log lines where it sent no x-request-id
         return await self.boundary.unary("ModelInfer", request, context, self._do_infer)
 
     async def _do_infer(self, request: kpb.ModelInferRequest, call: Call) -> kpb.ModelInferResponse:

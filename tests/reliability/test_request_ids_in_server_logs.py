@@ -346,3 +346,32 @@ def test_server_reflection_returns_its_request_id(debug_server: ServerProcess) -
         responses = list(call)
         assert responses and responses[0].HasField("list_services_response")
         assert dict(call.trailing_metadata() or ()).get("x-request-id") == "rid-reflection"
+
+
+def test_a_kserve_infer_requests_id_is_its_request_id_where_no_x_request_id_is_sent(
+    debug_server: ServerProcess,
+) -> None:
+    """Triton's clients name a ModelInfer by the request's `id` (it comes back in the response), not
+    by x-request-id metadata: that id was nowhere in the server's log. Where the call sends no
+    x-request-id, a safe `id` (the x-request-id rules) is the call's request id, on its log lines
+    and in its trailing metadata; one that could forge a log field is not; x-request-id wins."""
+    from genserve.kserve import grpc_service_pb2 as kpb
+    from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+
+    def infer(request_id: str, metadata: tuple[tuple[str, str], ...] = ()) -> str | None:
+        request = kpb.ModelInferRequest(model_name="no-such-model", id=request_id)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, metadata=metadata, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        return _trailing_id(refused.value)
+
+    with grpc.insecure_channel(debug_server.target) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        assert infer("triton-infer-7") == "triton-infer-7"
+        forged = infer("x code=OK")
+        assert forged not in (None, "x code=OK")
+        assert infer("triton-infer-8", (("x-request-id", "rid-metadata-8"),)) == "rid-metadata-8"
+    log = debug_server.log()
+    assert "request_id=triton-infer-7 " in log, log
+    assert f"request_id={forged} " in log and "x code=OK" not in log, log
+    assert "request_id=rid-metadata-8 " in log and "triton-infer-8" not in log, log
