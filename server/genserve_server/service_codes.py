@@ -144,6 +144,7 @@ def _with_top_level(
         request.top_top_k,
         mv.card.top_codebook_size,
         fields=("top_temperature", "top_top_k"),
+        unset_top_k="the request's top_k",
     )
     return dataclasses.replace(options, top_temperature=top.temperature, top_top_k=top.top_k)
 

@@ -83,9 +83,10 @@ class SamplingOptions:
         top_k: int,
         codebook_size: int,
         fields: tuple[str, str] = ("temperature", "top_k"),
+        unset_top_k: str = "the model's default",
     ) -> SamplingOptions:
         """Options within range, else InvalidArgument naming the field (`fields`: the request's
-        names for these two) and its limit."""
+        names for these two) and its limit (`unset_top_k`: what a top_k of 0 takes)."""
         if temperature is not None and not (
             math.isfinite(temperature) and 0.0 < temperature <= MAX_TEMPERATURE
         ):
@@ -97,8 +98,7 @@ class SamplingOptions:
         if not 0 <= top_k <= codebook_size:
             raise invalid(
                 fields[1],
-                f"must be in 0..{codebook_size} (0: the model's default; {codebook_size}: every code), "
-                f"got {top_k}",
+                f"must be in 0..{codebook_size} (0: {unset_top_k}; {codebook_size}: every code), got {top_k}",
             )
         return SamplingOptions(None if temperature is None else float(temperature), int(top_k))
 

@@ -887,7 +887,11 @@ async def check_rpc(stub: Any, names: dict[str, str]) -> None:
         (pb.SampleCodesRequest(model=names["decoder"], count=1), "model"),
         (pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], temperature=11), "temperature"),
         (pb.SampleCodesRequest(model=names["chain"], count=1, top_temperature=0), "top_temperature: must be"),
-        (pb.SampleCodesRequest(model=names["chain"], count=1, top_top_k=17), "top_top_k: must be in 0..16"),
+        (
+            # 0 there is not the top prior's default but the request's top_k (SamplingOptions.top_level)
+            pb.SampleCodesRequest(model=names["chain"], count=1, top_top_k=17),
+            "top_top_k: must be in 0..16 (0: the request's top_k; 16: every code), got 17",
+        ),
         (
             pb.SampleCodesRequest(model=names["prior"], count=1, labels=[0], top_top_k=2),
             "top_top_k: only for a bottom prior whose top prior samples",
