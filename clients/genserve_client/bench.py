@@ -28,6 +28,19 @@ SAMPLE_METHOD = "/genserve.v1.GenerationService/Sample"
 CLIENT_BACKLOG = "CLIENT_BACKLOG"  # open loop: an arrival found max_outstanding calls in flight
 
 
+class StreamsRefused(Exception):
+    """The server refused a call's HTTP/2 stream: more calls at once on one connection than its
+    max_concurrent_streams. gRPC answers each such call UNAVAILABLE at once, so a loop calling again
+    measured a storm of refusals as requests; the run stops instead."""
+
+
+def _refused_stream(exc: grpc.aio.AioRpcError) -> bool:
+    """gRPC C-core's answer to a stream over the server's limit: RST_STREAM REFUSED_STREAM (7)."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "RST_STREAM with error code 7" in (
+        exc.details() or ""
+    )
+
+
 def varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -103,6 +116,7 @@ class _Recorder:
         # The last success's answer: a failed call's (one the server never answered ends at
         # --timeout) does not stretch the window its successes are counted over.
         self.last_ok = 0.0
+        self.streams_refused = False  # a call's stream was refused: the run stops (StreamsRefused)
 
     def result(self, base: BenchResult, started: float, end: float) -> BenchResult:
         # The window: the scheduled `end` at least, on to the last success if later.
@@ -147,6 +161,16 @@ class LoadGenerator:
         for ch in self._channels:
             await ch.close()
 
+    def _check_streams(self, rec: _Recorder, at_once: int) -> None:
+        if rec.streams_refused:
+            per_channel = math.ceil(at_once / len(self._calls))
+            raise StreamsRefused(
+                f"the server refused calls beyond its HTTP/2 streams per connection "
+                f"(max_concurrent_streams): up to {at_once} calls at once over {len(self._calls)} "
+                f"channel(s), {per_channel} per connection, is more than it takes; spread them over "
+                f"more channels (--channels) or send fewer at once"
+            )
+
     async def _one(self, rec: _Recorder, started_at: float) -> None:
         call = self._calls[self._next % len(self._calls)]
         metadata = self.config.metadata(f"{self._run_id}-{self._next}")
@@ -154,6 +178,9 @@ class LoadGenerator:
         try:
             await call(self.payloads(), timeout=grpc_timeout(self.timeout_s), metadata=metadata)
         except grpc.aio.AioRpcError as exc:
+            if _refused_stream(exc):
+                rec.streams_refused = True  # not a request the server took: the run stops
+                return
             code = exc.code().name
             rec.errors[code] += 1
             rec.error_messages.setdefault(code, exc.details() or "")
@@ -170,7 +197,7 @@ class LoadGenerator:
 
         async def worker() -> None:
             task = asyncio.current_task()
-            while time.perf_counter() < end:
+            while time.perf_counter() < end and not rec.streams_refused:
                 await self._one(rec, time.perf_counter())
                 # grpc.aio's call task swallows a cancel that crosses its answer and returns the
                 # answer: the worker's cancel (Ctrl-C) is then only in its count, not raised.
@@ -178,6 +205,7 @@ class LoadGenerator:
                     raise asyncio.CancelledError
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        self._check_streams(rec, concurrency)
         return rec.result(BenchResult("closed", concurrency, None, duration_s), started, end)
 
     async def open_loop(
@@ -200,7 +228,7 @@ class LoadGenerator:
         arrival = started
         while True:
             arrival += rng.expovariate(rate) if poisson else 1.0 / rate
-            if arrival >= end:
+            if arrival >= end or rec.streams_refused:
                 break
             delay = arrival - time.perf_counter()
             if delay > 0:
@@ -213,6 +241,7 @@ class LoadGenerator:
             task.add_done_callback(in_flight.discard)
         if in_flight:
             await asyncio.gather(*in_flight)
+        self._check_streams(rec, max_outstanding)
         # The window is the scheduled one at least: a sparse loop's last arrival (or answer) comes
         # before `end`, and measuring up to it alone would overstate the throughput.
         return rec.result(BenchResult("open", max_outstanding, rate, duration_s), started, end)

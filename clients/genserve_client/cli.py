@@ -43,7 +43,7 @@ import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from genserve.v1 import genserve_pb2
-from genserve_client.bench import LoadGenerator, PayloadFactory, format_table
+from genserve_client.bench import LoadGenerator, PayloadFactory, StreamsRefused, format_table
 from genserve_client.binding import DEFAULT_TIMEOUT_S
 from genserve_client.bulk import (
     DEFAULT_RETRY_WINDOW_S,
@@ -97,7 +97,8 @@ MAX_GRID_IMAGES = 1024
 # runs a task per worker: past these a typo (--n 5000000000) is refused, not killed for memory.
 MAX_SAMPLE_IMAGES = 100_000
 # Four servers' max_concurrent_rpcs default (1024): past what a server admits, calls are refused
-# RESOURCE_EXHAUSTED and measure that, not the model.
+# RESOURCE_EXHAUSTED and measure that, not the model (more than a connection's max_concurrent_streams
+# on one --channels connection stops the run first: bench.StreamsRefused).
 MAX_BENCH_CONCURRENCY = 4096
 # bench's --channels (a channel, ~7 KB, and a connection each) and bulk's --concurrency (a stream
 # planned per worker, up to --n of them, each one of the server's concurrent RPCs): the same bound.
@@ -1512,7 +1513,10 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
             raise UsageError(
                 f"bench: --labels: {args.model} has {n} classes (labels in [0, {n})), got {bad[0]}"
             )
-    results = run_async(_bench(config, args))  # SIGTERM cancels it as Ctrl-C does
+    try:
+        results = run_async(_bench(config, args))  # SIGTERM cancels it as Ctrl-C does
+    except StreamsRefused as exc:  # --concurrency over too few --channels for this server
+        raise UsageError(f"bench: {exc}") from None
     if args.json:
         _out(json.dumps(results, indent=2))
     # A run where nothing succeeded measured nothing: fail so scripts and CI notice.

@@ -11,6 +11,7 @@ import asyncio
 import socket
 from typing import Any
 
+import grpc
 import pytest
 
 from genserve_client.bench import LoadGenerator
@@ -96,3 +97,47 @@ def test_bench_runs_where_the_event_loop_takes_no_signal_handlers(monkeypatch: p
         assert signal.getsignal(signal.SIGTERM) is raise_terminated
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("loop_kind", ["closed", "open"])
+def test_more_calls_at_once_than_a_connection_takes_stop_the_run_naming_channels(loop_kind: str) -> None:
+    """A server's max_concurrent_streams below the calls at once on one channel: gRPC refuses the
+    extra streams UNAVAILABLE (RST_STREAM, REFUSED_STREAM) at once, and the bench called again at
+    once, thousands of 'errors' a second counted as requests it had sent. The run stops at the first
+    such refusal with a message naming the channels to spread the calls over."""
+    from genserve_client.bench import StreamsRefused
+
+    async def scenario() -> tuple[BaseException | None, int]:
+        handled = 0
+
+        async def sample(request: bytes, context: object) -> bytes:
+            nonlocal handled
+            handled += 1
+            await asyncio.sleep(0.05)
+            return b""
+
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 4)])
+        handler = grpc.method_handlers_generic_handler(
+            "genserve.v1.GenerationService", {"Sample": grpc.unary_unary_rpc_method_handler(sample)}
+        )
+        server.add_generic_rpc_handlers([handler])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        gen = LoadGenerator(ChannelConfig(target=f"127.0.0.1:{port}"), lambda: b"", channels=1)
+        try:
+            if loop_kind == "closed":
+                run = gen.closed_loop(concurrency=16, duration_s=2.0)
+            else:
+                run = gen.open_loop(2000.0, 2.0, max_outstanding=16, poisson=False)
+            try:
+                await asyncio.wait_for(run, 30)
+            except StreamsRefused as exc:
+                return exc, handled
+            return None, handled
+        finally:
+            await gen.close()
+            await server.stop(0)
+
+    refused, _ = asyncio.run(scenario())
+    assert refused is not None, "the run counted the refused streams as requests"
+    assert "channels" in str(refused) and "max_concurrent_streams" in str(refused), refused
