@@ -281,7 +281,9 @@ class ChannelConfig:
     token: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Keepalive pings find a dead connection (e.g. a NAT that dropped it) during a long stream.
-    # 60 s stays above gRPC servers' default minimum ping interval so they do not GOAWAY us.
+    # 60 s stays above genserve's keepalive_min_ping_interval_s (30 s by default) so it does not
+    # GOAWAY us; gRPC C-core's own default (5 min between pings without data) is longer: a server
+    # left at it may, on a connection that carries no data meanwhile (a long model call).
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     # A channel that lost its server tries to connect again after a backoff (gRPC's: 1 s, x1.6 per
