@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from PIL import Image as PILImage
 
 from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client.convert import array_to_pil, image_to_array, tensor_to_array
+from genserve_client.errors import GenserveClientError
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,9 @@ class CodesResult(SampleResult):
         def grids(tensors: Sequence[types_pb2.Tensor]) -> list[npt.NDArray[np.int64]]:
             return [tensor_to_array(t).astype(np.int64, copy=False) for t in tensors]
 
+        provenance = Provenance.from_proto(resp.provenance)
+        if request is not None:
+            _check_top_level_applied(request, provenance, request_id)
         seeds = list(resp.seeds)
         if not seeds and not resp.images and request is not None:
             # A server older than SampleCodesResponse.seeds, grids only: the seeds the request gave.
@@ -213,7 +218,7 @@ class CodesResult(SampleResult):
                 seeds = [request.base_seed + i for i in range(len(resp.codes))]
         return cls(
             [GeneratedItem.from_proto(g) for g in resp.images],
-            Provenance.from_proto(resp.provenance),
+            provenance,
             request_id,
             grids(resp.codes),
             grids(resp.top_codes),
@@ -281,3 +286,26 @@ class EncodeResult:
             Provenance.from_proto(resp.provenance),
             request_id,
         )
+
+
+def _check_top_level_applied(
+    request: genserve_pb2.SampleCodesRequest, provenance: Provenance, request_id: str | None
+) -> None:
+    """A server older than SampleCodesRequest.top_temperature / top_top_k ignores them (unknown
+    fields) and samples the top grids at its defaults: grids other than those asked for. Where the
+    provenance does not show the top level sampled as asked, FAILED_PRECONDITION naming the field."""
+    asked: list[tuple[str, float | int, int]] = []  # (field, value, its index in used_sampling's rows)
+    if request.HasField("top_temperature"):
+        asked.append(("top_temperature", float(np.float32(request.top_temperature)), 1))
+    if request.top_top_k:
+        asked.append(("top_top_k", request.top_top_k, 2))
+    top = provenance.used_sampling[:1]  # a two-level prior has one top prior
+    for name, value, at in asked:
+        if not top or top[0][at] != value:
+            shown = f"{top[0][at]:g}" if top else "no top level sampling"
+            raise GenserveClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the server did not apply {name}={value:g} (its provenance shows {shown}): a server "
+                f"older than {name} ignores it; upgrade the server or send no {name}",
+                request_id,
+            )

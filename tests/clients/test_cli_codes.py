@@ -387,3 +387,41 @@ def test_a_two_level_sample_replayed_by_the_cli_from_its_png_gives_the_same_pixe
     assert replayed_text["top_temperature"] == "2.0" and replayed_text["top_top_k"] == "16"
     assert refused.returncode != 0 and "top_temperature" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("used", "asked", "refused"),
+    [
+        ((1.0, 16), {"top_temperature": 2.0}, "top_temperature"),  # an older server ignored it
+        ((2.0, 16), {"top_temperature": 2.0, "top_top_k": 5}, "top_top_k"),
+        (None, {"top_top_k": 5}, "top_top_k"),  # a provenance without the top level's sampling
+        ((2.0, 5), {"top_temperature": 2.0, "top_top_k": 5}, ""),  # applied: the result as it came
+        (None, {}, ""),  # not asked for
+    ],
+)
+def test_top_level_sampling_a_server_did_not_apply_is_refused_not_returned(
+    used: tuple[float, int] | None, asked: dict[str, float | int], refused: str
+) -> None:
+    """A server older than SampleCodesRequest.top_temperature / top_top_k ignores them (unknown
+    fields) and samples the top grids at its defaults: the library returned those grids as if
+    sampled as asked. Where the provenance does not show the top level sampled as asked, the call
+    fails FAILED_PRECONDITION naming the field."""
+    import grpc
+
+    from genserve.v1 import genserve_pb2, types_pb2
+    from genserve_client.errors import GenserveClientError
+
+    request = genserve_pb2.SampleCodesRequest(model="chain", seeds=[1], **asked)  # type: ignore[arg-type]
+    provenance = types_pb2.Provenance(model="chain", version="1", temperature=0.5, top_k=3)
+    if used is not None:
+        provenance.used_models.add(model="top", version="1", temperature=used[0], top_k=used[1])
+    response = genserve_pb2.SampleCodesResponse(provenance=provenance)
+    if not refused:
+        result = CodesResult.from_codes_proto(response, "rid-1", request)
+        assert result.provenance.temperature == 0.5
+        return
+    with pytest.raises(GenserveClientError) as info:
+        CodesResult.from_codes_proto(response, "rid-1", request)
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused in info.value.details and "older" in info.value.details, info.value.details
+    assert info.value.request_id == "rid-1"
