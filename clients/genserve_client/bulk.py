@@ -9,7 +9,8 @@ so a manifest line always names a complete file. `job.json` (parameters, pinned 
 model file's sha256) is written before the first chunk's files, once the server has sent that
 chunk: a job the server rejects leaves no job.json behind. On start the job takes an exclusive lock
 (`job.lock`, flock) for its whole life, drops a torn last manifest line, deletes its own temp files
-and its own image files the manifest does not name (killed between 1 and 2), and streams only the
+(images/.tmp-*, .tmp-job.json, .tmp-manifest.jsonl) and its own image files the manifest does not
+name (killed between 1 and 2), and streams only the
 missing index ranges, cut into streams of at most `stream_images` images (by default 1,024, or the
 server's max_stream_images where smaller, also when a restarted server lowers it mid-job) that
 `concurrency` workers open one after another. Each stream is one RPC, which the channel's
@@ -967,6 +968,12 @@ class BulkJob:
                 "away and resume (the images its manifest lists that are not there are made again)"
             )
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        for name in (JOB_FILE, MANIFEST_FILE):
+            # A run killed between a durable write's temp file and its rename (write_file_durably) left
+            # it: written only under the lock this run holds, so no other run's.
+            tmp = self.out_dir / (TMP_PREFIX + name)
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
         manifest_path = self.out_dir / MANIFEST_FILE
         done = self._listed(manifest_path)
         lost = 0

@@ -370,6 +370,49 @@ def test_resume_takes_every_setting_from_the_manifest_and_a_larger_n_grows_the_j
     assert code == 2 and "bulk needs --n" in err
 
 
+# A bulk run that SIGKILLs itself once the temp file of its next durable write (job.json, the
+# manifest) is written and fsynced, just before renaming it into place: what kill -9 leaves there.
+KILLED_BEFORE_RENAME = """
+import os, signal, sys
+from genserve_client import bulk
+from genserve_client.__main__ import main
+
+victim = sys.argv.pop(1)
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+bulk.os.replace = replace
+sys.exit(main())
+"""
+
+
+def test_a_run_killed_while_renaming_job_json_leaves_no_temp_file_once_resumed(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A grown job killed between job.json's temp file and its rename left OUT/.tmp-job.json; the
+    # resume that finished the job at its recorded size kept it there for good, beside a finished job.
+    t = ("--target", fake_server.target)
+    out = tmp_path / "job"
+    settings = ("--model", "fake-cond", "--labels", "3,7", "--seed", "100", "--chunk-size", "2")
+    assert cli_main(capsys, *t, "bulk", *settings, "--n", "5", "--out", str(out))[0] == 0
+    grow = ("bulk", "--resume", str(out), "--n", "9")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_RENAME, "job.json", *t, *grow],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert (out / ".tmp-job.json").is_file()  # what the kill left
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["images", "job.json", "job.lock", "manifest.jsonl"]
+    assert indices(out) == list(range(5)) and len(list((out / "images").iterdir())) == 5
+
+
 # --- 5. outages: a retry window, then the command that resumes ----------------------------------
 
 
