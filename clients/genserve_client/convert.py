@@ -79,9 +79,22 @@ def codes_to_tensor(array: npt.ArrayLike, field: str = "top_codes") -> types_pb2
     return types_pb2.Tensor(shape=arr.shape, dtype=types_pb2.DTYPE_INT64, data=arr.tobytes())
 
 
-def array_to_tensor(array: npt.ArrayLike) -> types_pb2.Tensor:
-    """float32 little-endian C-order tensor (the only dtype latents accept)."""
-    arr = np.ascontiguousarray(array, dtype=_LE_F32)
+def array_to_tensor(array: npt.ArrayLike, field: str = "latents") -> types_pb2.Tensor:
+    """float32 little-endian C-order tensor (the only dtype latents accept). A finite value past
+    float32's range is a ValueError naming `field` and its index, never the Inf the cast makes of
+    it (which the server could only refuse as 'values must be finite')."""
+    given = np.asarray(array)
+    with np.errstate(over="ignore"):
+        arr = np.ascontiguousarray(given, dtype=_LE_F32)
+    if given.dtype.kind == "f" and given.dtype.itemsize > 4:
+        overflowed = np.isinf(arr) & np.isfinite(given)
+        if overflowed.any():
+            where = np.unravel_index(int(np.argmax(overflowed)), given.shape)
+            raise ValueError(
+                f"{field}[{', '.join(str(int(i)) for i in where)}]: {given[where].item():g} is past "
+                f"float32's range (|value| <= {float(np.finfo(np.float32).max):g}), which latents "
+                "are sent as"
+            )
     return types_pb2.Tensor(shape=arr.shape, dtype=types_pb2.DTYPE_FLOAT32, data=arr.tobytes())
 
 

@@ -340,7 +340,7 @@ def latent_point(point: Latent, where: str = "") -> genserve_pb2.LatentPoint:
         raise TypeError(
             f"{where}: a seed is an int and a latent a 1-D array of latent_dim floats, got {point!r}"
         )
-    return genserve_pb2.LatentPoint(latent=array_to_tensor(point))
+    return genserve_pb2.LatentPoint(latent=array_to_tensor(point, where))
 
 
 def interpolate_request(

@@ -767,3 +767,29 @@ def test_an_asyncio_client_created_outside_a_running_loop_names_itself_and_the_f
     message = str(errors[0])
     assert "AsyncGenserveClient" in message and "event loop" in message, message
     assert "async" in message and "create" in message, message
+
+
+def test_latents_past_float32s_range_are_refused_naming_the_argument_and_index(
+    fake_server: FakeServer,
+) -> None:
+    """Latents travel as float32: a float64 value past float32's range (1e39) became Inf in the
+    cast, and the server's refusal 'latents: values must be finite' named no value the caller sent."""
+    past = np.zeros((2, 8))
+    past[1, 3] = -1e39
+    limit = r"\|value\| <= 3\.40282e\+38"
+    with pytest.raises(ValueError, match=rf"^latents\[1, 3\]: -1e\+39 is past float32's range \({limit}\)"):
+        calls.decode("vae", past)
+    with pytest.raises(ValueError, match=rf"^latents\[1, 3\]: -1e\+39 is past float32's range \({limit}\)"):
+        calls.sample("gan", latents=past)
+    with pytest.raises(ValueError, match=rf"^end\[5\]: 1e\+300 is past float32's range \({limit}\)"):
+        calls.interpolate("gan", 1, [0.0] * 5 + [1e300, 0.0, 0.0], 4)
+    with GenserveClient(fake_server.target) as client, pytest.raises(ValueError, match=r"^latents\[1, 3\]: "):
+        client.decode("vae", past)
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+    # Values float32 holds (its max itself, a float64 rounding to it) and NaN/Inf the caller wrote
+    # go as ever (the server names the latter).
+    edge = np.array([[3.4028235e38, -3.4028235e38, np.inf, np.nan]])
+    sent = calls.decode("vae", edge).request.latents
+    got = np.frombuffer(sent.data, "<f4")
+    assert got[0] == np.finfo(np.float32).max and got[1] == -np.finfo(np.float32).max
+    assert np.isinf(got[2]) and np.isnan(got[3])
