@@ -985,12 +985,23 @@ def measure_tile_radius(card: Card, runner: Runner, max_rows: int | None = None)
             )
         return out
 
-    radius = tiling.receptive_field_radius(
-        run,
-        card.input_channels or 3,
-        probe,
-        input_range=card.input_range or (0.0, 1.0),
-    )
+    try:
+        radius = tiling.receptive_field_radius(
+            run,
+            card.input_channels or 3,
+            probe,
+            input_range=card.input_range or (0.0, 1.0),
+        )
+    except tiling.NotFiniteOutput as exc:
+        logger.warning(
+            "%s/%s: the receptive-field radius cannot be measured: %s; requests that set no "
+            "tile_overlap use card.json's (%d) with blended seams, which may show",
+            card.name,
+            card.version,
+            exc,
+            card.tile_overlap or 0,
+        )
+        return None
     if radius is None:
         logger.warning(
             "%s/%s: the graph is not local at %dx%d (global pooling or image-wide normalisation?): "

@@ -328,6 +328,11 @@ def blend(
     return result
 
 
+class NotFiniteOutput(ValueError):
+    """The model's output on the receptive-field probe held NaN or Inf: how far a change moved it
+    cannot be told there (Inf - Inf is NaN), so no radius is measured."""
+
+
 def receptive_field_radius(
     run: Callable[[NDArray[np.float32]], NDArray[np.floating]],
     channels: int,
@@ -353,6 +358,7 @@ def receptive_field_radius(
     Returns None when the change reaches the far border of the probe: the model is not local at
     this size (global pooling, image-wide normalisation, attention) and tiling it cannot be exact.
     Call it once at load time; tiling is exact when ``radius <= margin`` (see ``plan_tiles``).
+    Raises NotFiniteOutput where any output is NaN or Inf (no change can be measured there).
     """
     if probe_size < 4:
         raise ValueError(f"probe_size must be >= 4, got {probe_size}")
@@ -370,6 +376,12 @@ def receptive_field_radius(
     n = 5 * trials
     if out.ndim != 4 or out.shape[0] != n or out.shape[2] % size or out.shape[3] % size:
         raise ValueError(f"run returned shape {list(out.shape)} for {n} probes of {size}x{size}")
+    finite = np.isfinite(out)
+    if not finite.all():
+        raise NotFiniteOutput(
+            f"{out.size - int(np.count_nonzero(finite))} of the {out.size} output values of the "
+            f"receptive-field probe ({n} random images in {lo:g}..{hi:g}) are NaN/Inf"
+        )
     scale = out.shape[2] // size
     reference = out[:trials]
     reaches = []

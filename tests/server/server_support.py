@@ -166,6 +166,28 @@ def super_resolution_graph(scale: int) -> onnx.ModelProto:
     return _model(graph)
 
 
+def overflowing_super_resolution_graph(scale: int) -> onnx.ModelProto:
+    """Conv 3x3 of ones (pad 1, receptive field 1 px) -> Resize nearest x scale -> Mul by +Inf: every
+    output of an input in (0, 1] is +Inf, a model that overflows."""
+    nodes = [
+        helper.make_node("Conv", ["image", "K"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["conv", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Mul", ["up", "inf"], ["output_image"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sr_inf",
+        [_image("image", 3, "h", "w")],
+        [_image("output_image", 3, "H", "W")],
+        [
+            _init("K", np.ones((3, 3, 3, 3), np.float32)),
+            _init("scales", np.array([1, 1, scale, scale], np.float32)),
+            _init("inf", np.array(np.inf, np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
 def wide_super_resolution_graph(scale: int) -> onnx.ModelProto:
     """Two 5x5 convs (radius 4) -> Resize: needs wider tile margins than a small card overlap gives."""
     rng = np.random.default_rng(7)

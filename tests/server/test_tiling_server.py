@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from server_support import super_resolution_graph, write_model
+from server_support import overflowing_super_resolution_graph, super_resolution_graph, write_model
 
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import loader, tiling, validate
@@ -252,3 +253,40 @@ def test_a_super_resolve_whose_tiles_of_two_shapes_expire_in_the_queue_counts_on
         assert metrics.registry.get_sample_value("genserve_requests_dropped_total", labels) == 1
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_graph_whose_output_is_not_finite_on_the_radius_probe_loads_with_a_warning_and_no_radius(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The load measures the receptive-field radius by how far a change of content moves the output.
+    Where a graph's output was Inf, Inf - Inf = NaN compared as 'not moved' (with numpy's 'invalid
+    value encountered in subtract' RuntimeWarning logged): this radius-1 graph measured radius 0 and
+    served tiles with no margin. The measurement fails instead: a WARNING naming the version and the
+    NaN/Inf outputs, and no radius (card.json's overlap, blended), as for a graph that is not local."""
+    write_model(
+        tmp_path,
+        "sr",
+        "super_resolution",
+        overflowing_super_resolution_graph(2),
+        {**SR_X2_CARD, "tile_overlap": 4},
+    )
+
+    async def main() -> tuple[str, int | None]:
+        repo = Repository(tmp_path, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        mv = repo.get("sr").versions["1"]
+        try:
+            return mv.state.name, mv.tile_radius
+        finally:
+            await repo.close(1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        with caplog.at_level("INFO", logger="genserve_server"):
+            state, radius = asyncio.run(asyncio.wait_for(main(), 60))
+    assert (state, radius) == ("READY", None)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "sr/1" in r.getMessage()]
+    assert any("NaN/Inf" in line and "receptive-field radius" in line for line in warned), warned
+    assert not [r for r in caplog.records if "tile receptive-field radius" in r.getMessage()]
