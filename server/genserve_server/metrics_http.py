@@ -167,9 +167,14 @@ class _Handler(WSGIRequestHandler):
         return None
 
 
+# RFC 9110, 12.4.2: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
 def gzip_accepted(accept_encoding: str) -> bool:
     """Whether an Accept-Encoding header lists gzip with a weight above 0 (prometheus_client's
-    gzip_accepted ignores the weight: `gzip;q=0`, gzip refused (RFC 9110, 12.5.3), got gzip)."""
+    gzip_accepted ignores the weight: `gzip;q=0`, gzip refused (RFC 9110, 12.5.3), got gzip). A
+    weight that is not a qvalue (q=abc, q=nan, q=-1, q=2) is taken as none: the name alone."""
     for item in accept_encoding.split(","):
         name, *params = item.split(";")
         if name.strip().lower() != "gzip":
@@ -177,10 +182,8 @@ def gzip_accepted(accept_encoding: str) -> bool:
         for param in params:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
-                try:
-                    return float(value) > 0
-                except ValueError:
-                    return True  # a weight that is no number: as before, the name alone
+                weight = value.strip()
+                return float(weight) > 0 if _QVALUE.fullmatch(weight) else True
         return True
     return False
 

@@ -259,3 +259,23 @@ def test_a_scraper_that_refuses_gzip_with_q_0_gets_the_body_uncompressed(accept_
     assert body == library_body(registry, None)[1]
     headers, zipped = Exposition(registry).answer(None, "identity;q=0.5, gzip;q=0.001", [])
     assert dict(headers)["Content-Encoding"] == "gzip" and gzip.decompress(zipped) == body
+
+
+@pytest.mark.parametrize("q", ["nan", "NaN", "abc", "", "-1", "-0.5", "2", "inf", "1e-3", "0.0001", "0x1"])
+def test_an_invalid_gzip_weight_is_taken_as_no_weight_whatever_it_looks_like(q: str) -> None:
+    """A weight is 0..1 with at most 3 decimals (RFC 9110, 12.4.2). An invalid one was read by
+    float(): q=abc was taken as the name alone (gzip) but q=nan or q=-1 as a refusal of gzip. Every
+    invalid weight is the name alone: gzip."""
+    registry = odd_registry()
+    headers, zipped = Exposition(registry).answer(None, f"gzip;q={q}", [])
+    assert dict(headers).get("Content-Encoding") == "gzip"
+    assert gzip.decompress(zipped) == library_body(registry, None)[1]
+
+
+@pytest.mark.parametrize("accept_encoding", ["gzip;q=0.", "gzip;q=0.000", "gzip; Q = 0"])
+def test_a_valid_gzip_weight_of_0_in_any_of_its_spellings_refuses_gzip(accept_encoding: str) -> None:
+    registry = odd_registry()
+    headers, body = Exposition(registry).answer(None, accept_encoding, [])
+    assert "Content-Encoding" not in dict(headers) and body == library_body(registry, None)[1]
+    headers, _ = Exposition(registry).answer(None, "gzip;q=1.000", [])
+    assert dict(headers)["Content-Encoding"] == "gzip"
