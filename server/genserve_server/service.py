@@ -439,8 +439,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     def _warnings(self, mv: ModelVersion) -> str:
         """A loaded version's warnings, "; "-joined: its file changed on disk, its mapping does not
-        fit, its rows depend on their batch (loader.check_rows)."""
-        found = (mv.file_changed, every_request_fails(self.repo, mv), mv.batch_dependence)
+        fit, its rows depend on their batch (loader.check_rows), its card's fixed input size is
+        above the pixel limit (every image it is sent is refused, whatever its kind)."""
+        too_large = self.limits.fixed_input_too_large(mv.card) if mv.card is not None else ""
+        no_request = f"takes no request: {too_large}" if too_large else ""
+        found = (mv.file_changed, every_request_fails(self.repo, mv), mv.batch_dependence, no_request)
         return "; ".join(w for w in found if w)
 
     def _model_info(self, model: Model, version: str = "", *, cards: bool = True) -> pb.ModelInfo:

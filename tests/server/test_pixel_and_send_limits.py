@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,6 +16,8 @@ from server_support import (
     _init,
     _model,
     generator_graph,
+    image_to_image_graph,
+    running_server,
     start_server,
     write_model,
     write_vae_encoder,
@@ -373,3 +376,48 @@ def test_kserve_model_config_and_the_load_log_say_an_encoder_above_max_input_pix
     log = small_pixels_server.log_path.read_text()
     warning = [line for line in log.splitlines() if "WARNING" in line and "max_input_pixels" in line]
     assert warning and "enc" in warning[0] and "63" in warning[0], log
+
+
+def test_get_model_says_a_translator_whose_fixed_input_is_above_max_input_pixels_takes_no_request(
+    tmp_path: Path,
+) -> None:
+    """A translator whose card fixes its input at 8x8 (64 pixels) under max_input_pixels 63 refuses
+    every Translate naming the limit, and KServe's ModelConfig advertises max_batch_size 0 for it,
+    but GetModel advertised max_batch_size 16 beside a READY version with no reason: a client had
+    nothing to tell it that no request fits. The READY version's reason says so, as its load log."""
+    graph = image_to_image_graph(4)
+    for tensor in (graph.graph.input[0], graph.graph.output[0]):  # a graph of fixed 8x8 images
+        for dim in tensor.type.tensor_type.shape.dim[2:]:
+            dim.dim_value = 8
+    models = tmp_path / "models"
+    write_model(
+        models,
+        "i2i",
+        "image_to_image",
+        graph,
+        {
+            "channels": 3,
+            "input_channels": 3,
+            "input_range": [-1.0, 1.0],
+            "image_size": [8, 8],
+            "size_multiple": 4,
+            "min_size": 4,
+        },
+    )
+    with running_server(models, tmp_path / "work", config={"limits": {"max_input_pixels": 63}}) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(8 * 8 * 3), shape=[8, 8, 3])
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.Translate(pb.ImageRequest(model="i2i", images=[image]), timeout=30)
+            refused = excinfo.value
+            assert isinstance(refused, grpc.Call)
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+            assert "max_input_pixels" in (refused.details() or ""), refused.details()
+            info = stub.GetModel(pb.GetModelRequest(name="i2i"), timeout=30)
+            listed = [
+                m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.name == "i2i"
+            ]
+    assert [v.state for v in info.versions] == [pb.MODEL_STATE_READY]
+    for version in (info.versions[0], listed[0].versions[0]):
+        assert "takes no request" in version.reason and "max_input_pixels 63" in version.reason, version
