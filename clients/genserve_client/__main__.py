@@ -5,8 +5,10 @@ exit 130 only once they are done; a KeyboardInterrupt raised inside them is not 
 (numpy reports it as an ImportError). Entered here (the package's __init__ imports nothing heavy),
 a SIGINT or SIGTERM during those imports ends the process at once: one line on stderr, exit 130 or
 143, as later. After them SIGTERM raises Terminated (a KeyboardInterrupt) where Ctrl-C raises
-KeyboardInterrupt, so that the command stops as on a Ctrl-C (genserve_client/interrupt.py).
-Standard library only: it runs before the imports.
+KeyboardInterrupt, so that the command stops as on a Ctrl-C (genserve_client/interrupt.py); a
+second signal while it stops, or a signal once the command is done, ends the process at once with
+the first's line (once) and status, or the command's status. Standard library only: it runs before
+the imports.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from genserve_client.interrupt import INTERRUPTED, TERMINATED, raise_terminated, stop_line, stop_status
+from genserve_client.interrupt import (
+    INTERRUPTED,
+    TERMINATED,
+    finished,
+    raise_interrupted,
+    raise_terminated,
+    say_stop,
+    stop_status,
+)
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
@@ -41,19 +51,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from genserve_client.cli import main as cli_main
     finally:
         if held_int:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, raise_interrupted)
         if held_term:
             signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return cli_main(argv)
+        status = cli_main(argv)
     except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
         from genserve_contract.stdio import err_line  # loaded by the CLI's imports, done by now
 
-        err_line(stop_line(exc))  # nothing where stderr is closed (`2>&-`): the exit status says it
-        return stop_status(exc)
-    finally:
-        if held_term:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        say_stop(exc, err_line)  # nothing where stderr is closed (`2>&-`): the exit status says it
+        status = stop_status(exc)
+    # The handlers stay: a signal from now on (grpc's cleanup at the interpreter's exit, which one
+    # interrupted part-way could hang) ends the process at once with this status.
+    finished(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, _pil_to_uint8, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
-from genserve_client.interrupt import run_async, stop_line, stop_status
+from genserve_client.interrupt import run_async, say_stop, stop_status
 from genserve_client.pngmeta import PNG_SIGNATURE, png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
@@ -1382,7 +1382,10 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         return 3
     except (GenserveClientError, BulkRetryExhausted, BulkIncomplete, OSError, KeyboardInterrupt) as exc:
         # Final, but what is on disk is consistent: say how to go on.
-        _err(stop_line(exc) if isinstance(exc, KeyboardInterrupt) else f"genserve-client: {_error_text(exc)}")
+        if isinstance(exc, KeyboardInterrupt):
+            say_stop(exc, _err)  # a second Ctrl-C from now on ends the process at once
+        else:
+            _err(f"genserve-client: {_error_text(exc)}")
         rejected = isinstance(exc, GenserveClientError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT
         on_disk = _job_on_disk(out)
         if on_disk is not None and _not_writable(exc, out):
@@ -2016,5 +2019,5 @@ def _main(argv: Sequence[str] | None) -> int:
         _err(f"genserve-client: {_error_text(exc)}")
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) from genserve_client/__main__.py
-        _err(stop_line(exc))
+        say_stop(exc, _err)
         return stop_status(exc)

@@ -1,13 +1,18 @@
 """How the CLI stops when told to: Ctrl-C (SIGINT) and SIGTERM (`kill`, `timeout`, systemd, a
 Kubernetes pod's stop) end it the same way: what it must finish or flush is, one line on stderr,
-exit 128 + the signal (130, 143). Standard library only: genserve_client/__main__.py uses it before
-the CLI's imports.
+exit 128 + the signal (130, 143). A second one while it stops (a call's channel closing, a bulk job
+its manifest), or one once the command is done (the interpreter's exit), ends the process at once:
+interrupted part-way, grpc's channel close hung the CLI for good. Standard library only:
+genserve_client/__main__.py uses it before the CLI's imports.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
-from collections.abc import Coroutine
+import sys
+from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -23,8 +28,90 @@ class Terminated(KeyboardInterrupt):
     the same way on SIGTERM."""
 
 
+class _Stop:
+    """The process's stop, as genserve_client/__main__.py's handlers and the CLI's lines saw it."""
+
+    first: KeyboardInterrupt | None = None  # the signal that stopped the command
+    said = False  # its line is on stderr
+    status: int | None = None  # the command's exit status, once it is done
+
+
+def raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    """SIGINT's handler once the CLI's imports are done: KeyboardInterrupt the first time."""
+    _stop_signal(KeyboardInterrupt())
+
+
 def raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
+    """SIGTERM's: Terminated the first time."""
+    _stop_signal(Terminated())
+
+
+def _stop_signal(exc: KeyboardInterrupt) -> None:
+    if _Stop.first is None and _Stop.status is None:
+        _Stop.first = exc
+        raise exc
+    end_now(exc)
+
+
+def stopping(exc: KeyboardInterrupt) -> None:
+    """`exc` stops the command (where it was raised other than by these handlers: asyncio.run's own
+    Ctrl-C): a signal from now on ends the process at once."""
+    if _Stop.first is None:
+        _Stop.first = exc
+
+
+def end_now(exc: KeyboardInterrupt) -> None:
+    """A signal while the command stops or once it is done: what is buffered flushed, the first
+    stop's line where it was not said yet, and os._exit with its status (the command's own where no
+    signal stopped it). Nothing is waited for: what the CLI writes survives a kill -9 as well."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # noqa: BLE001,S110 - a reader gone, a reentrant flush: exit all the same
+            pass
+    first = _Stop.first
+    if first is not None and not _Stop.said and sys.stderr is not None:
+        try:
+            os.write(sys.stderr.fileno(), f"{stop_line(first)}\n".encode())
+        except (OSError, ValueError):  # stderr closed: the exit status says it
+            pass
+    if first is not None:
+        status = stop_status(first)
+    else:
+        status = _Stop.status if _Stop.status is not None else stop_status(exc)
+    os._exit(status)
+
+
+def say_stop(exc: KeyboardInterrupt, say: Callable[[str], None]) -> None:
+    """Says the stop's one line with `say`; a signal meanwhile ends the process once it is said, not
+    with it said twice or not at all."""
+    stopping(exc)
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
+    if mask is not None:
+        mask(signal.SIG_BLOCK, blocked)
+    try:
+        say(stop_line(exc))
+        _Stop.said = True
+    finally:
+        if mask is not None:
+            mask(signal.SIG_UNBLOCK, blocked)
+
+
+def finished(status: int) -> None:
+    """The command is done with `status`: a signal from now on ends the process at once with it;
+    after the interpreter's atexit calls it is ignored, as the interpreter then puts back the
+    default action of a signal that has a Python handler (a SIGINT while it freed grpc's objects
+    killed the process: -2, not the status)."""
+    _Stop.status = status
+    atexit.register(_ignore_at_exit)
+
+
+def _ignore_at_exit() -> None:
+    for signum, handler in ((signal.SIGINT, raise_interrupted), (signal.SIGTERM, raise_terminated)):
+        if signal.getsignal(signum) is handler:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def stop_line(exc: KeyboardInterrupt) -> str:
@@ -43,7 +130,23 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
     raise_terminated, a handler of the process, would raise Terminated wherever the loop is: inside
     a task (a traceback of it printed beside the line) or a grpc callback (swallowed: the command
     went on). Where SIGTERM is not raise_terminated's (ignored, say), it is left as it is; so it is
-    where the loop takes no signal handlers (Windows)."""
+    where the loop takes no signal handlers (Windows). Ctrl-C is asyncio.run's own meanwhile (where
+    SIGINT is raise_interrupted, Python's default handler while it runs); a stop it raised makes a
+    later signal end the process at once, as raise_interrupted's first does."""
+    ours = signal.getsignal(signal.SIGINT) is raise_interrupted
+    if ours:  # asyncio.run takes Ctrl-C (it cancels the main task) only from Python's own handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _run_async(main)
+    except KeyboardInterrupt as exc:
+        stopping(exc)
+        raise
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, raise_interrupted)
+
+
+def _run_async(main: Coroutine[Any, Any, T]) -> T:
     import asyncio  # here: __main__ imports this module before the CLI's imports
 
     if signal.getsignal(signal.SIGTERM) is not raise_terminated:

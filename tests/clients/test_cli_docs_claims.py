@@ -348,6 +348,58 @@ def test_sigterm_while_the_cli_imports_exits_143_without_a_traceback(module: str
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+@pytest.mark.parametrize(("signals", "status", "line"), [
+    ((signal.SIGINT, signal.SIGINT), 130, "genserve-client: interrupted"),
+    ((signal.SIGTERM, signal.SIGINT), 143, "genserve-client: terminated (SIGTERM)"),
+])  # fmt: skip
+def test_a_second_signal_while_the_cli_stops_ends_it_at_once_with_one_line(
+    tmp_path: Path, signals: tuple[int, int], status: int, line: str
+) -> None:
+    """Ctrl-C twice while a call waits for a server that is not there: the second interrupted the
+    client's close part-way (grpc's channel close), and the CLI hung for good at its exit, died of
+    SIGINT (-2), or printed a traceback ('release unlocked lock'). Every time: the first signal's
+    line once and its status, whenever the second comes."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+    commands = [
+        ["models"],
+        ["bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path / "job")],
+    ]
+    outcomes = []
+    for attempt in range(10):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "genserve_client", "--target", target, *commands[attempt % 2]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=_default_sigint,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _grpc_imported(proc.pid):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.002)
+            time.sleep(1.0)  # the imports done: the call waits, retrying
+            proc.send_signal(signals[0])
+            # The second at several moments of the stop; not at once, where Python runs the handlers
+            # of two signals pending together in the signals' order (SIGINT's first), not theirs.
+            time.sleep(0.01 + 0.05 * (attempt // 2))
+            if proc.poll() is None:
+                proc.send_signal(signals[1])
+            try:
+                out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                outcomes.append((attempt, "hung"))
+                continue
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        outcomes.append((attempt, proc.returncode, err.decode().splitlines(), out))
+    assert outcomes == [(attempt, status, [line], b"") for attempt in range(10)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 def test_a_sigint_its_parent_ignores_stays_ignored_while_the_cli_imports() -> None:
     """A background job of a script (or nohup) starts with SIGINT ignored: the entry point's
     start-up handler must not turn it back on."""
