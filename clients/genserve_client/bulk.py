@@ -781,7 +781,8 @@ class BulkJob:
                 f"bulk writes image files: --format must be png, jpeg or webp, got {params.format!r}"
             )
         self.suffix = suffix
-        # The job's own file names (see recover): images/NNNNNN.png and their temp names.
+        # Names shaped as the job's own (see recover, which touches only file_name(i) of its indices
+        # and their temp names): images/NNNNNN.png.
         self._own_name = re.compile(rf"({re.escape(TMP_PREFIX)})?\d+{re.escape(suffix)}")
         self.name_width = name_width(params.n)
         # The first final error of any worker (run() raises it); an unexpected one is wrapped in
@@ -956,8 +957,9 @@ class BulkJob:
 
     def recover(self) -> DoneIndices:
         """Bring the directory to a state where every manifest line names a complete file and every
-        file of the job's own naming is named by the manifest; return the indices it lists.
-        Anything else in images/ (a user's file, a sub-folder) is left alone.
+        file of the job's own naming (file_name(i) of an index i of its range, or that name's temp
+        name) is named by the manifest; return the indices it lists. Anything else in images/ (a
+        user's file, all digits or not, a sub-folder) is left alone.
 
         The manifest is read a line at a time (a job may list millions of images): what is held is
         a byte per index, and the names of files listed under another name than their index's."""
@@ -999,10 +1001,11 @@ class BulkJob:
                 name = item.name
                 if not self._own_name.fullmatch(name) or f"{IMAGES_DIR}/{name}" in other_names:
                     continue
-                if not name.startswith(TMP_PREFIX):
-                    index = int(name.removesuffix(self.suffix))
-                    if index in done and index not in other_indices and name == self.file_name(index):
-                        continue
+                index = int(name.removeprefix(TMP_PREFIX).removesuffix(self.suffix))
+                if not self.lo <= index < self.hi or name.removeprefix(TMP_PREFIX) != self.file_name(index):
+                    continue  # all digits, but no name of the job's (a user's 7.png, 20240101.png)
+                if not name.startswith(TMP_PREFIX) and index in done and index not in other_indices:
+                    continue
                 if item.is_file(follow_symlinks=False):
                     os.unlink(item.path)  # temp files and files written after the last manifest append
         fsync_dir(self.images_dir)

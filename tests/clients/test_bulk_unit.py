@@ -83,7 +83,22 @@ def test_recovery_keeps_a_listed_file_of_another_name_and_removes_its_indexs_unl
         (images / name).write_bytes(b"x")
     write_lines(tmp_path / "manifest.jsonl", [entry(0), {**entry(7), "file": "images/7.png"}])
     assert sorted(job.recover()) == [0, 7]
-    assert sorted(p.name for p in images.iterdir()) == ["000000.png", "7.png"]
+    # 0000003.png, 7 digits, is no name of a job of 6-digit names: a user's, left alone.
+    assert sorted(p.name for p in images.iterdir()) == ["000000.png", "0000003.png", "7.png"]
+
+
+def test_recovery_leaves_a_users_all_digit_file_that_is_no_name_of_the_job(tmp_path: Path) -> None:
+    # A job of 10 images names them 000000.png .. 000009.png (6 digits): a user's 7.png,
+    # 20240101.png or 000010.png beside them is no image of the job's, and recovery deleted it.
+    job = BulkJob(GenserveClient("127.0.0.1:1"), BulkParams("m", n=10), tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    users = ["7.png", "20240101.png", "000010.png", "123456789.png", ".tmp-7.png", ".tmp-000010.png"]
+    for name in ["000000.png", "000003.png", ".tmp-000004.png", *users]:
+        (images / name).write_bytes(b"x")
+    write_lines(tmp_path / "manifest.jsonl", [entry(0)])
+    assert sorted(job.recover()) == [0]
+    assert sorted(p.name for p in images.iterdir()) == sorted(["000000.png", *users])
 
 
 def test_a_recovery_killed_while_it_rewrites_the_manifest_leaves_the_manifest_as_it_was(
