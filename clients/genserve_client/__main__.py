@@ -25,6 +25,7 @@ from genserve_client.interrupt import (
     finished,
     raise_interrupted,
     raise_terminated,
+    reset,
     say_stop,
     stop_status,
 )
@@ -40,6 +41,13 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Called without arguments it is the process's entry (the console script, `python -m`): its
+    # handlers stay once the command is done (see below). Called with them from Python (a test, a
+    # program running the CLI in its own process) it puts the process's handlers back as it found
+    # them: a Ctrl-C there later is the program's, not an os._exit of ours.
+    entry = argv is None
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    reset()
     # Not where a signal is ignored (SIGINT in a background job of a script, nohup): it stays so.
     held_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     held_term = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -61,9 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         say_stop(exc, err_line)  # nothing where stderr is closed (`2>&-`): the exit status says it
         status = stop_status(exc)
-    # The handlers stay: a signal from now on (grpc's cleanup at the interpreter's exit, which one
-    # interrupted part-way could hang) ends the process at once with this status.
-    finished(status)
+    if entry:
+        # The handlers stay: a signal from now on (grpc's cleanup at the interpreter's exit, which
+        # one interrupted part-way could hang) ends the process at once with this status.
+        finished(status)
+    else:
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers, strict=True):
+            if handler is not None:  # None: not set from Python, left as it is
+                signal.signal(signum, handler)
+        reset()
     return status
 
 

@@ -108,6 +108,12 @@ def finished(status: int) -> None:
     atexit.register(_ignore_at_exit)
 
 
+def reset() -> None:
+    """No stop seen and no command done: a process that runs the CLI's main() more than once (a
+    test, a program embedding the CLI) starts each run as the first."""
+    _Stop.first, _Stop.said, _Stop.status = None, False, None
+
+
 def _ignore_at_exit() -> None:
     for signum, handler in ((signal.SIGINT, raise_interrupted), (signal.SIGTERM, raise_terminated)):
         if signal.getsignal(signum) is handler:

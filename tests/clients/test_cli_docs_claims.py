@@ -492,3 +492,24 @@ def test_client_md_documents_every_field_of_a_bench_level_with_its_meaning() -> 
         assert claim in section, claim
     json_help = next(a for a in _subcommand("bench")._actions if "--json" in a.option_strings)
     assert CLIENT_BACKLOG in " ".join((json_help.help or "").split())
+
+
+def test_the_entry_run_from_python_puts_the_processs_signal_handlers_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """genserve_client.__main__.main(argv) run in a program's own process (a test, a tool embedding
+    the CLI) left its SIGINT handler there, whose signal once the command was done os._exit-ed the
+    whole program with the CLI's status: pytest itself ended 130 at a later test's Ctrl-C. Called
+    with arguments it puts back the handlers it found; a later Ctrl-C is the program's again."""
+    from genserve_client import __main__ as entry
+
+    def interrupted(argv: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(sys, "stderr", None)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert entry.main(["models"]) == 130
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with pytest.raises(KeyboardInterrupt):  # Python's own handler: not an os._exit of the CLI's
+        signal.raise_signal(signal.SIGINT)
