@@ -104,13 +104,14 @@ def test_a_few_training_steps_export_and_verify(tmp_path: Path, monkeypatch: pyt
     config = json.loads(config_path.read_text())
     config["sampling"] = {"temperature": 0.5, "top_k": 8}
     config_path.write_text(json.dumps(config))
-    moved = verify_repository(tmp_path, check_thresholds=False)
+    # only the decoder's figures are read: verify its folder (the priors' configs are its siblings')
+    moved = verify_repository(tmp_path / vqvae.DECODER, check_thresholds=False)
     figures = {m.name: m for m in moved.models}[vqvae.DECODER].quality_recomputed
     assert (figures["sampling_temperature"], figures["sampling_top_k"]) == (float(np.float32(0.5)), 8.0)
     assert figures["top_sampling_temperature"] == at
     # a tampered auxiliary encoder is caught
     (tmp_path / vqvae.DECODER / "1" / vqvae.ENCODER_FILE).write_bytes(b"not a graph")
-    tampered = verify_repository(tmp_path, check_thresholds=False)
+    tampered = verify_repository(tmp_path / vqvae.DECODER, check_thresholds=False)  # the card listing it
     assert any("auxiliary graph encoder.onnx" in e for m in tampered.models for e in m.errors)
 
 
