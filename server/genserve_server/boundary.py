@@ -344,6 +344,7 @@ class Boundary:
                 reservation is not None
                 and self.serialize_pool is not None
                 and reservation.held >= OFF_LOOP_BYTES  # its predicted size
+                and not isinstance(response, bytes)  # a handler's own bytes (KServe's ModelInfer)
             ):
                 response = cast(Resp, await run_off_loop(self.serialize_pool, serialize, response))
                 if _past_deadline(call):

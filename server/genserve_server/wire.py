@@ -11,7 +11,9 @@ A unary call whose response was predicted (its response-budget reservation) at O
 more has its bytes built by `serialize` on the codec pool (Boundary.unary), and the handler returns
 those bytes: every method's response serializer passes bytes through as they are
 (`passing_bytes`, applied at registration in main.py). Smaller responses stay on the fast path:
-the message itself, serialized by grpc, no hop to the pool.
+the message itself, serialized by grpc, no hop to the pool. KServe's ModelInfer returns the bytes of
+a large response itself, built on the codec pool (`with_bytes_field`): its outputs are arrays, which
+a message would hold only after two whole copies on the loop (tobytes, then into the field).
 
 `serialize` writes what `SerializeToString()` writes, byte for byte (a map of several entries may
 come out in another order, which parses the same), in many short calls: a bytes or string field's
@@ -26,7 +28,7 @@ the join releases it (CPython copies joins of 1 MiB or more without the GIL).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -132,3 +134,22 @@ def passing_bytes_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcM
     return grpc.unary_unary_rpc_method_handler(
         handler.unary_unary, handler.request_deserializer, passing_bytes(handler.response_serializer)
     )
+
+
+# A buffer's bytes are copied into `with_bytes_field`'s pieces this many at a time (each copy holds
+# the GIL ~0.1-1 ms; the loop's thread may take it back between them).
+COPY_CHUNK_BYTES = 1 << 20
+
+
+def with_bytes_field(head: bytes, field_number: int, values: Sequence[memoryview]) -> bytes:
+    """`head` (a message's serialization) followed by the repeated bytes field `field_number`
+    holding `values` (1-D views of bytes): what SerializeToString() writes for that message with
+    the values appended, when the field's number is above all of the head's. Each value is copied
+    in COPY_CHUNK_BYTES pieces, then joined without the GIL, as `serialize` does: off the event
+    loop, its thread waits for the GIL at most one piece's copy, never a whole 50 MB one."""
+    tag = _varint(field_number << 3 | _LENGTH_DELIMITED)
+    parts: list[bytes] = [head]
+    for value in values:
+        pieces = [value[i : i + COPY_CHUNK_BYTES].tobytes() for i in range(0, len(value), COPY_CHUNK_BYTES)]
+        _framed(tag, pieces, len(value), parts)
+    return b"".join(parts)

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 from google.protobuf.message import Message
 from server_support import (
@@ -24,12 +25,13 @@ from server_support import (
 )
 
 from genserve.kserve import grpc_service_pb2 as kpb
+from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import boundary, wire
+from genserve_server import boundary, kserve_tensors, wire
 from genserve_server.boundary import Boundary
-from genserve_server.config import ServerConfig
+from genserve_server.config import ServerConfig, TensorSpec
 from genserve_server.core import Call
 from genserve_server.main import App
 from genserve_server.metrics import Metrics
@@ -267,3 +269,82 @@ def test_super_resolve_and_translate_put_each_image_in_the_response_once(
     assert all(im.format == tpb.IMAGE_FORMAT_RAW_UINT8 and im.data for im in upscaled.images)
     assert upscaled.provenance.model == "sr" and translated.provenance.model == "i2i"
     assert built_apart == []  # no image message built apart to be copied into its response
+
+
+def test_a_large_model_infer_response_is_built_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ModelInfer whose outputs pass wire.OFF_LOOP_BYTES has its response built on the codec pool,
+    its raw_output_contents written into the response's bytes once: built on the event loop (a copy
+    by tobytes, another into the message) it held the loop ~70-700 ms for a 50 MB SR output, in
+    which no other call on the server made progress. The bytes are what the message would be."""
+    models = tmp_path / "models"
+    write_tiny_generator(models, "tiny-gen")
+    write_model(
+        models,
+        "sr",
+        "super_resolution",
+        super_resolution_graph(2),
+        {"channels": 3, "input_channels": 3, "input_range": [0.0, 1.0], "scale_factor": 2, "min_size": 4},
+    )
+    building, finish = threading.Event(), threading.Event()
+    released: list[bool] = []
+    real_datatype = kserve_tensors.protocol_datatype
+
+    def held_datatype(spec: TensorSpec) -> str:
+        if spec.name == "output_image":  # the response's tensor metadata, as its bytes are built
+            building.set()
+            released.append(finish.wait(10))  # a bound: True when the tiny call was answered meanwhile
+        return real_datatype(spec)
+
+    monkeypatch.setattr(kserve_tensors, "protocol_datatype", held_datatype)
+    image = np.random.default_rng(3).random((1, 3, 160, 160), dtype=np.float32)  # out: 1.2 MB
+    request = kpb.ModelInferRequest(model_name="sr", id="big-1", raw_input_contents=[image.tobytes()])
+    request.inputs.add(name="image", datatype="FP32", shape=image.shape)
+
+    async def main() -> kpb.ModelInferResponse:
+        app = App(models, ServerConfig(), port=0, metrics_port=None)
+        await app.start()
+        try:
+            options = [("grpc.max_receive_message_length", 64 << 20)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+                big = asyncio.ensure_future(
+                    kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+                )
+                assert await asyncio.to_thread(building.wait, 30), "the response was never built"
+                try:
+                    stub = pb_grpc.GenerationServiceStub(channel)
+                    tiny = await stub.Sample(pb.SampleRequest(model="tiny-gen", count=1), timeout=20)
+                    assert len(tiny.images) == 1
+                finally:
+                    finish.set()
+                answer: kpb.ModelInferResponse = await big
+                return answer
+        finally:
+            finish.set()
+            await app.stop()
+
+    answer = asyncio.run(asyncio.wait_for(main(), 120))
+    assert released == [True]  # the tiny call was answered while the large response was built
+    session = ort.InferenceSession(super_resolution_graph(2).SerializeToString())
+    expected = session.run(None, {"image": image})[0].astype("<f4")
+    assert (answer.model_name, answer.model_version, answer.id) == ("sr", "1", "big-1")
+    assert [(o.name, o.datatype, list(o.shape)) for o in answer.outputs] == [
+        ("output_image", "FP32", [1, 3, 320, 320])
+    ]
+    assert len(answer.raw_output_contents) == 1
+    got = np.frombuffer(answer.raw_output_contents[0], "<f4").reshape(expected.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_a_bytes_field_appended_to_a_serialized_head_is_what_protobuf_writes() -> None:
+    rng = np.random.default_rng(1)
+    values = [rng.bytes(wire.COPY_CHUNK_BYTES * 2 + 17), b"", rng.bytes(300)]
+    head = kpb.ModelInferResponse(model_name="m", model_version="1", id="réq")
+    head.parameters["seed"].int64_param = 5
+    head.outputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])
+    whole = kpb.ModelInferResponse()
+    whole.CopyFrom(head)
+    whole.raw_output_contents.extend(values)
+    views = [memoryview(np.frombuffer(v, np.uint8)) for v in values]
+    assert wire.with_bytes_field(head.SerializeToString(), 6, views) == whole.SerializeToString()
