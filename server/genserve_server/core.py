@@ -776,7 +776,6 @@ class GenerationCore:
         card = mv.card
         assert card is not None and card.image_size is not None and card.latent_dim is not None
         n = len(images)
-        h, w = card.image_size
         # The response's size is exact before compute: mu and logvar (and z) of each image, float32.
         latent_bytes = n * card.latent_dim * 4 * (2 if sample_seed is None else 3)
         limit = self.limits.max_send_message_bytes
@@ -790,12 +789,8 @@ class GenerationCore:
         for i, image in enumerate(images):
             # From the header or shape, before decoding: a large image is refused without its cost.
             declared = codecs.declared_size(image.data, image.format, image.shape)
-            if declared is not None and declared != (h, w):
-                raise invalid(
-                    f"images[{i}]",
-                    f"must be {h}x{w} (the encoder's input size; never resized), "
-                    f"got {declared[0]}x{declared[1]}",
-                )
+            if declared is not None:
+                validate.input_size(card, *declared, f"images[{i}]")
         # Every input image is bounded by max_input_pixels (as KServe's ModelInfer bounds the same
         # encoder's): one of the encoder's size above it is refused, naming the limit.
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
@@ -803,12 +798,7 @@ class GenerationCore:
             mv.metrics, images, card, max_pixels, timing=call.timing, limit_name=limit_name
         )
         for i, chw in enumerate(arrays):
-            if chw.shape[1:] != (h, w):
-                raise invalid(
-                    f"images[{i}]",
-                    f"must be {h}x{w} (the encoder's input size; never resized), "
-                    f"got {chw.shape[1]}x{chw.shape[2]}",
-                )
+            validate.input_size(card, chw.shape[1], chw.shape[2], f"images[{i}]")
         await self.reserve_response(call, latent_bytes)
         result = await self.submit(mv, call, ImageRows(), {"image": np.stack(arrays)}, n, Lane.INTERACTIVE)
         mu = result.outputs["mu"].astype(np.float32, copy=False).reshape(n, -1)
@@ -845,6 +835,7 @@ class GenerationCore:
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
         # Sized from what the images declare: they are decoded once the call holds its working set.
         sizes = await self.codec.declared_sizes(images, card, max_pixels, limit_name=limit_name)
+        validate.input_sizes(sizes, card)
         validate.min_size(sizes, card)
         scale = card.scale_factor
         out_sizes = [(h * scale, w * scale) for h, w in sizes]
@@ -1060,6 +1051,7 @@ class GenerationCore:
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
         # As SuperResolve's: sized from what the images declare, decoded once the call holds it.
         sizes = await self.codec.declared_sizes(images, card, max_pixels, limit_name=limit_name)
+        validate.input_sizes(sizes, card)
         validate.min_size(sizes, card)
         validate.encodable(out, sizes)
         expected = validate.predicted_images_send_size(

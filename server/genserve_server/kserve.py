@@ -550,11 +550,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             raise invalid("inputs[image].shape[0]", f"must be in 1..{limit} ({limit_name}), got {n}")
         if card.input_channels is not None and c != card.input_channels:
             raise invalid("inputs[image].shape[1]", f"must be {card.input_channels} channels, got {c}")
-        if card.image_size is not None and (h, w) != tuple(card.image_size):
-            raise invalid(
-                "inputs[image].shape",
-                f"must be [N, {c}, {card.image_size[0]}, {card.image_size[1]}], got {list(image.shape)}",
-            )
+        validate.input_size(card, h, w, "inputs[image].shape")
         pixels, pixels_name = self.limits.input_pixels(card.kind)
         if h * w > pixels:
             raise invalid("inputs[image].shape", f"H*W must be <= {pixels} ({pixels_name}), got {h}x{w}")

@@ -390,6 +390,27 @@ def direction(value: int, card: Card, field: str = "direction") -> int:
     return value
 
 
+def input_size(card: Card, height: int, width: int, field: str) -> None:
+    """An input image of a model whose card fixes its input size (image_size: a vae_encoder's, or a
+    translator's or super-resolution model's exported at one size) must be of that size, never
+    resized: both protocols refuse it so (`field`: images[i], or KServe's inputs[image].shape)."""
+    if card.image_size is None or not card.kind.takes_image:
+        return
+    fixed_h, fixed_w = card.image_size
+    if (height, width) != (fixed_h, fixed_w):
+        raise invalid(
+            field,
+            f"must be {fixed_h}x{fixed_w} ({card.name}'s input size, its card's image_size; never "
+            f"resized), got {height}x{width}",
+        )
+
+
+def input_sizes(sizes: Sequence[tuple[int, int]], card: Card) -> None:
+    """input_size of each image of `sizes` (h, w), named images[i]."""
+    for i, (h, w) in enumerate(sizes):
+        input_size(card, h, w, f"images[{i}]")
+
+
 def min_size(sizes: Sequence[tuple[int, int]], card: Card) -> None:
     """Each image of `sizes` (h, w) at least card.min_size on each side."""
     for i, (h, w) in enumerate(sizes):

@@ -19,6 +19,7 @@ from server_support import (
     image_to_image_graph,
     running_server,
     start_server,
+    super_resolution_graph,
     write_model,
     write_vae_encoder,
 )
@@ -421,3 +422,77 @@ def test_get_model_says_a_translator_whose_fixed_input_is_above_max_input_pixels
     assert [v.state for v in info.versions] == [pb.MODEL_STATE_READY]
     for version in (info.versions[0], listed[0].versions[0]):
         assert "takes no request" in version.reason and "max_input_pixels 63" in version.reason, version
+
+
+def _fixed_size_models(root: Path) -> None:
+    """Image kinds whose cards fix their input at 8x8: a translator of a fixed 8x8 graph, one of a
+    graph of dynamic dimensions, and a super-resolution model of a dynamic graph."""
+    i2i_card = {
+        "channels": 3,
+        "input_channels": 3,
+        "input_range": [-1.0, 1.0],
+        "image_size": [8, 8],
+        "size_multiple": 4,
+        "min_size": 4,
+    }
+    fixed = image_to_image_graph(4)
+    for tensor in (fixed.graph.input[0], fixed.graph.output[0]):
+        for dim in tensor.type.tensor_type.shape.dim[2:]:
+            dim.dim_value = 8
+    write_model(root, "i2i-fixed", "image_to_image", fixed, i2i_card)
+    write_model(root, "i2i-dynamic", "image_to_image", image_to_image_graph(4), i2i_card)
+    sr_card = {
+        "channels": 3,
+        "input_channels": 3,
+        "input_range": [0.0, 1.0],
+        "scale_factor": 1,  # the load checks a fixed-size SR graph's output is image_size too
+        "size_multiple": 1,
+        "tile_size": 96,
+        "tile_overlap": 8,
+        "min_size": 4,
+        "image_size": [8, 8],
+    }
+    write_model(root, "sr-fixed", "super_resolution", super_resolution_graph(1), sr_card)
+
+
+def test_an_image_not_of_the_size_the_card_fixes_is_refused_naming_both_sizes(tmp_path: Path) -> None:
+    """A Translate or SuperResolve of a model whose card fixes its input size (image_size) did not
+    check the image's size: a 4x4 image sent to a fixed 8x8 graph failed INTERNAL 'model call failed',
+    and one sent to a graph of dynamic dimensions was served despite the card. Each is refused
+    INVALID_ARGUMENT naming the image, the size the card fixes and the size given, as KServe's
+    ModelInfer refuses it; an 8x8 image is served."""
+    models = tmp_path / "models"
+    _fixed_size_models(models)
+    with running_server(models, tmp_path / "work") as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+            calls = [
+                (stub.Translate, "i2i-fixed"),
+                (stub.Translate, "i2i-dynamic"),
+                (stub.SuperResolve, "sr-fixed"),
+            ]
+            for call, model in calls:
+                served = call(pb.ImageRequest(model=model, images=[_rgb(8)]), timeout=30)
+                assert len(served.images) == 1
+                with pytest.raises(grpc.RpcError) as excinfo:
+                    call(pb.ImageRequest(model=model, images=[_rgb(8), _rgb(4)]), timeout=30)
+                refused = excinfo.value
+                assert isinstance(refused, grpc.Call)
+                details = refused.details() or ""
+                assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, (model, details)
+                assert details.startswith("images[1]: must be 8x8 ") and details.endswith("got 4x4"), details
+                assert "image_size" in details, details
+            request = kpb.ModelInferRequest(
+                model_name="i2i-dynamic", raw_input_contents=[np.zeros((1, 3, 4, 4), np.float32).tobytes()]
+            )
+            request.inputs.add(name="image", datatype="FP32", shape=[1, 3, 4, 4])
+            with pytest.raises(grpc.RpcError) as excinfo:
+                kserve.ModelInfer(request, timeout=30)
+            refused = excinfo.value
+            assert isinstance(refused, grpc.Call)
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+            assert (refused.details() or "").startswith("inputs[image].shape: must be 8x8 "), (
+                refused.details()
+            )
+            assert (refused.details() or "").endswith("got 4x4"), refused.details()

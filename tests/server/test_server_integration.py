@@ -543,9 +543,9 @@ def test_encode_refuses_a_large_png_from_its_header_without_decoding_it(
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[big] * 32))
     assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
-    assert "images[0]: must be 8x8 (the encoder's input size; never resized), got 4000x4000" in details_of(
-        excinfo
-    )
+    details = details_of(excinfo)
+    assert details.startswith("images[0]: must be 8x8 (tiny-vae-enc's input size, its card's image_size; ")
+    assert details.endswith("never resized), got 4000x4000"), details
     # Refused from the header: no decode ran (decoding the 32 of them took seconds and ~0.5 GB).
     assert tiny_server.metric("genserve_decode_duration_seconds_count", model="tiny-vae-enc") == decodes
 
