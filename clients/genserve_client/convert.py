@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,22 +80,44 @@ def codes_to_tensor(array: npt.ArrayLike, field: str = "top_codes") -> types_pb2
     return types_pb2.Tensor(shape=arr.shape, dtype=types_pb2.DTYPE_INT64, data=arr.tobytes())
 
 
+def _past_float32(field: str, where: tuple[int, ...], value: str) -> ValueError:
+    return ValueError(
+        f"{field}[{', '.join(str(int(i)) for i in where)}]: {value} is past float32's range "
+        f"(|value| <= {float(np.finfo(np.float32).max):g}), which latents are sent as"
+    )
+
+
+def _object_to_float64(given: npt.NDArray[np.generic], field: str) -> npt.NDArray[np.float64]:
+    """An object array (numpy's of Python ints past int64) as float64; an int past even float64's
+    range (10**400, numpy's bare 'int too large to convert to float') is refused as past float32's."""
+    try:
+        return given.astype(np.float64)
+    except OverflowError:
+        for where in np.ndindex(given.shape):
+            value = given[where]
+            if isinstance(value, int) and abs(value) > float(np.finfo(np.float64).max):
+                exponent = int(math.log10(abs(value)))
+                mantissa = 10 ** (math.log10(abs(value)) - exponent)
+                raise _past_float32(
+                    field, where, f"{'-' if value < 0 else ''}{mantissa:g}e+{exponent}"
+                ) from None
+        raise
+
+
 def array_to_tensor(array: npt.ArrayLike, field: str = "latents") -> types_pb2.Tensor:
     """float32 little-endian C-order tensor (the only dtype latents accept). A finite value past
     float32's range is a ValueError naming `field` and its index, never the Inf the cast makes of
     it (which the server could only refuse as 'values must be finite')."""
     given = np.asarray(array)
+    if given.dtype == object:  # Python ints past int64 (10**40): checked as float64 values
+        given = _object_to_float64(given, field)
     with np.errstate(over="ignore"):
         arr = np.ascontiguousarray(given, dtype=_LE_F32)
     if given.dtype.kind == "f" and given.dtype.itemsize > 4:
         overflowed = np.isinf(arr) & np.isfinite(given)
         if overflowed.any():
             where = np.unravel_index(int(np.argmax(overflowed)), given.shape)
-            raise ValueError(
-                f"{field}[{', '.join(str(int(i)) for i in where)}]: {given[where].item():g} is past "
-                f"float32's range (|value| <= {float(np.finfo(np.float32).max):g}), which latents "
-                "are sent as"
-            )
+            raise _past_float32(field, tuple(int(i) for i in where), f"{given[where].item():g}")
     return types_pb2.Tensor(shape=arr.shape, dtype=types_pb2.DTYPE_FLOAT32, data=arr.tobytes())
 
 

@@ -793,3 +793,25 @@ def test_latents_past_float32s_range_are_refused_naming_the_argument_and_index(
     got = np.frombuffer(sent.data, "<f4")
     assert got[0] == np.finfo(np.float32).max and got[1] == -np.finfo(np.float32).max
     assert np.isinf(got[2]) and np.isnan(got[3])
+
+
+def test_latents_of_python_ints_past_float32s_range_are_refused_naming_the_argument_and_index(
+    fake_server: FakeServer,
+) -> None:
+    """Python ints too big for int64 make numpy an object array, which the float32 range check did not
+    look at: 10**40 became Inf in the cast (the server then refused 'values must be finite', naming no
+    value the caller sent) and 10**400 raised a bare OverflowError 'int too large to convert to
+    float'. Each is refused before the call naming the argument and the index."""
+    limit = r"\|value\| <= 3\.40282e\+38"
+    past: list[list[int | float]] = [[0.0] * 8, [0, 0, 0, 10**40, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match=rf"^latents\[1, 3\]: 1e\+40 is past float32's range \({limit}\)"):
+        calls.decode("vae", past)
+    past[1][3] = -(10**400)
+    with pytest.raises(ValueError, match=rf"^latents\[1, 3\]: -1e\+400 is past float32's range \({limit}\)"):
+        calls.sample("gan", latents=past)
+    with pytest.raises(ValueError, match=rf"^end\[5\]: -1e\+40 is past float32's range \({limit}\)"):
+        calls.interpolate("gan", 1, [0.0] * 5 + [-(10**40), 0.0, 0.0], 4)
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+    # Python ints past int64 that float32 holds go as their float32 values.
+    sent = calls.decode("vae", [[10**20, 2**64, 1, 0.5]]).request.latents
+    assert np.frombuffer(sent.data, "<f4").tolist() == np.array([1e20, 2.0**64, 1, 0.5], np.float32).tolist()
