@@ -85,10 +85,15 @@ def load_files(
             runner.close()
             raise
 
+    # A super-resolution model of one input size (card.json's image_size) takes each image whole,
+    # one tile of that size: no seams to measure a radius for (its probe is 64x64 or more), no
+    # default tiling to check.
+    tiled = card.kind.tiled and card.image_size is None
+
     def after_timing() -> None:
         """The model calls after the batch-size timing: in its exclusive step (calibration.run_warmup's
         `then`), neither beside another version's timings and RSS readings nor queued behind them."""
-        if card.kind.tiled:
+        if tiled:
             mv.tile_radius = measure_tile_radius(card, runner, mv.config.batching.max_batch_size)
         if sc.shrink_arena_after_warmup:
             # What warm-up's largest batches (and the tile radius's) grew the CPU arenas by goes
@@ -98,13 +103,13 @@ def load_files(
     try:
         if sc.warmup:
             warm_up(mv, card, runner, sc, gate, check_stopping, probe_s, row_bytes, then=after_timing)
-        elif card.kind.tiled:
+        elif tiled:
             # 10 probe rows of 64x64 (tiling.receptive_field_radius), from the cost of one tile-sized row.
             height, width = warmup_inputs(card, 1)["image"].shape[2:]
             radius_s = probe_s * 10 * 64 * 64 / max(1, height * width)
             with gate.step(radius_s, check_stopping=check_stopping):
                 mv.tile_radius = measure_tile_radius(card, runner, mv.config.batching.max_batch_size)
-        if card.kind.tiled:
+        if tiled:
             check_default_tiling(card, mv.tile_radius)
     except BaseException:
         runner.close()
@@ -629,16 +634,26 @@ def check_image_output(label: str, card: Card, shape: Sequence[int | str | None]
     """ConfigError unless the image output's shape (declared in the graph, or of a call: unknown
     dims are not compared) is the card's NCHW: [N, channels, H, W], H x W its image_size where the
     kind has one. A graph giving NHWC (or another channel count or size) would otherwise load READY
-    and scramble every raw image, fail every encoded one, and describe itself wrongly."""
+    and scramble every raw image, fail every encoded one, and describe itself wrongly. A
+    super-resolution card's image_size is its input size: its output is scale_factor x it."""
     name = card.kind.image_output_name
-    if image_shape_fits(shape, card.channels, card.image_size):
+    out_size = card.image_size
+    if out_size is not None and card.kind.tiled:
+        out_size = (out_size[0] * card.scale_factor, out_size[1] * card.scale_factor)
+    if image_shape_fits(shape, card.channels, out_size):
         return
     shown = ", ".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape[1:])
     size = "x".join(str(s) for s in card.image_size) if card.image_size else "any"
+    if out_size is not None and out_size != card.image_size:
+        size += (
+            f" (the input size: the output is {out_size[0]}x{out_size[1]}, scale_factor "
+            f"{card.scale_factor} x it)"
+        )
+    fields = "channels / image_size / scale_factor" if card.kind.tiled else "channels / image_size"
     raise ConfigError(
         f"{label}: graph output {name!r} has shape [N, {shown}], card.json says [N, C, H, W] with "
         f"channels {card.channels} and image_size {size}: export the image output in NCHW layout "
-        "(e.g. permute(0, 3, 1, 2) an NHWC output), or fix card.json's channels / image_size"
+        f"(e.g. permute(0, 3, 1, 2) an NHWC output), or fix card.json's {fields}"
     )
 
 

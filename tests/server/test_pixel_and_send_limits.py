@@ -445,14 +445,14 @@ def _fixed_size_models(root: Path) -> None:
         "channels": 3,
         "input_channels": 3,
         "input_range": [0.0, 1.0],
-        "scale_factor": 1,  # the load checks a fixed-size SR graph's output is image_size too
+        "scale_factor": 2,
         "size_multiple": 1,
         "tile_size": 96,
         "tile_overlap": 8,
         "min_size": 4,
         "image_size": [8, 8],
     }
-    write_model(root, "sr-fixed", "super_resolution", super_resolution_graph(1), sr_card)
+    write_model(root, "sr-fixed", "super_resolution", super_resolution_graph(2), sr_card)
 
 
 def test_an_image_not_of_the_size_the_card_fixes_is_refused_naming_both_sizes(tmp_path: Path) -> None:

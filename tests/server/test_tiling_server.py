@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from server_support import overflowing_super_resolution_graph, super_resolution_graph, write_model
 
@@ -290,3 +291,46 @@ def test_a_graph_whose_output_is_not_finite_on_the_radius_probe_loads_with_a_war
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "sr/1" in r.getMessage()]
     assert any("NaN/Inf" in line and "receptive-field radius" in line for line in warned), warned
     assert not [r for r in caplog.records if "tile receptive-field radius" in r.getMessage()]
+
+
+def fixed_size_sr_graph(scale: int, side: int, out_side: int) -> onnx.ModelProto:
+    """super_resolution_graph(scale) exported at one size: input [N, 3, side, side], output declared
+    [N, 3, out_side, out_side] (side x scale for a consistent graph)."""
+    graph = super_resolution_graph(scale)
+    for tensor, size in ((graph.graph.input[0], side), (graph.graph.output[0], out_side)):
+        for dim in tensor.type.tensor_type.shape.dim[2:]:
+            dim.dim_value = size
+    return graph
+
+
+def load_states(root: Path) -> dict[str, tuple[str, str]]:
+    """{name: (state, reason)} of version 1 of each model under `root`, loaded in-process."""
+
+    async def main() -> dict[str, tuple[str, str]]:
+        repo = Repository(root, ServerConfig(), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            return {m.name: (m.versions["1"].state.name, m.versions["1"].reason) for m in repo}
+        finally:
+            await repo.close(1)
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_fixed_size_super_resolution_card_takes_image_size_as_its_input_size(tmp_path: Path) -> None:
+    """A super-resolution card's image_size is its graph's one input size, the output being
+    scale_factor x it (docs/model-repository.md). The load checked the image output against
+    image_size itself, so a fixed-size x2 model never loaded (its 8x8 input gives 16x16). It loads,
+    and a graph whose output is not image_size x scale_factor fails naming both sizes."""
+    card = {**SR_X2_CARD, "image_size": [8, 8], "tile_size": 8, "tile_overlap": 0}
+    write_model(tmp_path, "sr-fixed", "super_resolution", fixed_size_sr_graph(2, 8, 16), card)
+    write_model(tmp_path, "sr-dynamic", "super_resolution", super_resolution_graph(2), card)
+    # A x2 card on a x1 graph exported at 8x8: its output is 8x8, not 16x16.
+    write_model(tmp_path, "sr-x1", "super_resolution", fixed_size_sr_graph(1, 8, 8), card)
+    states = load_states(tmp_path)
+    assert states["sr-fixed"][0] == "READY", states["sr-fixed"]
+    assert states["sr-dynamic"][0] == "READY", states["sr-dynamic"]
+    state, reason = states["sr-x1"]
+    assert state == "UNAVAILABLE", reason
+    assert "image_size 8x8" in reason and "16x16" in reason and "scale_factor 2" in reason, reason
