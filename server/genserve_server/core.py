@@ -826,12 +826,21 @@ class GenerationCore:
         card = mv.card
         assert card is not None
         radius = mv.tile_radius
-        _, default_overlap = validate.default_tiling(card, radius)
-        overlap = default_overlap if tile_overlap is None else tile_overlap
-        tile = tile_size or validate.tile_for(card, overlap)
-        validate.tiling(
-            tile, overlap, card.size_multiple, overlap_given=tile_overlap is not None, min_size=card.min_size
-        )
+        fixed_tile = validate.fixed_tile(card, tile_size)
+        if fixed_tile is not None:
+            # A graph of one input size takes each image (of that size) whole: one tile, no seam.
+            tile, overlap = fixed_tile, 0
+        else:
+            _, default_overlap = validate.default_tiling(card, radius)
+            overlap = default_overlap if tile_overlap is None else tile_overlap
+            tile = tile_size or validate.tile_for(card, overlap)
+            validate.tiling(
+                tile,
+                overlap,
+                card.size_multiple,
+                overlap_given=tile_overlap is not None,
+                min_size=card.min_size,
+            )
         max_pixels, limit_name = self.limits.input_pixels(card.kind)
         # Sized from what the images declare: they are decoded once the call holds its working set.
         sizes = await self.codec.declared_sizes(images, card, max_pixels, limit_name=limit_name)

@@ -455,6 +455,25 @@ def tile_for(card: Card, overlap: int) -> int:
     return min(MAX_TILE, max(card.tile_size or 128, 4 * overlap))
 
 
+def fixed_tile(card: Card, tile_size: int) -> int | None:
+    """The tile_size of a super-resolution model of one input size (card.json's image_size), whose
+    images, each of that size, are each one tile: the size's longer side; None for a size-free
+    model. A request's tile_size (0: none) below it would cut tiles the graph cannot take, and one
+    past MAX_TILE is refused as for any model: InvalidArgument naming tile_size and the size."""
+    if card.image_size is None:
+        return None
+    h, w = card.image_size
+    side = max(h, w)
+    largest = max(side, MAX_TILE)
+    if tile_size and not side <= tile_size <= largest:
+        raise invalid(
+            "tile_size",
+            f"must be 0 or in {side}..{largest} ({card.name}'s input size is {h}x{w}, its card's "
+            f"image_size: each image is one tile of it), got {tile_size}",
+        )
+    return side
+
+
 def default_tiling(card: Card, radius: int | None) -> tuple[int, int]:
     """(tile_size, tile_overlap) of a request that sets neither: card.json's overlap, raised to twice
     the receptive-field radius measured at load (which makes tiling exact), and tile_for's size."""

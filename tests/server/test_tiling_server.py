@@ -334,3 +334,44 @@ def test_a_fixed_size_super_resolution_card_takes_image_size_as_its_input_size(t
     state, reason = states["sr-x1"]
     assert state == "UNAVAILABLE", reason
     assert "image_size 8x8" in reason and "16x16" in reason and "scale_factor 2" in reason, reason
+
+
+def test_a_fixed_size_super_resolution_model_takes_each_image_as_one_tile_of_its_size(tmp_path: Path) -> None:
+    """An SR model exported at one input size (card.json's image_size) takes each image whole: a
+    request's tile_size, or the card's default tile_size, below that size cut tiles the graph cannot
+    take (16x16 images in 8x8 tiles: ONNX Runtime's 'Got invalid dimensions', INTERNAL). A request
+    that sets no tile_size is one tile of the fixed size; a tile_size below it is refused naming
+    tile_size and the fixed size; a larger one (the image fits it) is served as before."""
+    card = {**SR_X2_CARD, "image_size": [16, 16], "tile_size": 8, "tile_overlap": 0}
+    write_model(tmp_path, "sr", "super_resolution", fixed_size_sr_graph(2, 16, 32), card)
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(16 * 16 * 3), shape=[16, 16, 3])
+
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(tmp_path, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        core = GenerationCore(repo, config, metrics, pool)
+        out = validate.output_spec(tpb.IMAGE_FORMAT_RAW_UINT8, 0, None, False)
+        call = Call("SuperResolve", "test", time.monotonic(), metrics.unresolved())
+        try:
+            mv = core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
+            for tile_size, tile_overlap in ((0, None), (0, 2), (16, None), (64, 4)):
+                upscaled = await core.upscale(mv, call, [image, image], tile_size, tile_overlap, out)
+                assert upscaled.tiles == [1, 1], (tile_size, tile_overlap)
+                assert [list(i.shape) for i in upscaled.images] == [[32, 32, 3]] * 2
+            for tile_size in (8, 12):
+                with pytest.raises(InvalidArgument) as excinfo:
+                    await core.upscale(mv, call, [image], tile_size, None, out)
+                message = str(excinfo.value)
+                assert message.startswith("tile_size: ") and message.endswith(f"got {tile_size}"), message
+                assert "16x16" in message and "image_size" in message, message
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
