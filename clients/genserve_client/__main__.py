@@ -63,21 +63,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if held_term:
             signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        status = cli_main(argv)
-    except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
-        from genserve_contract.stdio import err_line  # loaded by the CLI's imports, done by now
+        try:
+            status = cli_main(argv)
+        except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
+            from genserve_contract.stdio import err_line  # loaded by the CLI's imports, done by now
 
-        say_stop(exc, err_line)  # nothing where stderr is closed (`2>&-`): the exit status says it
-        status = stop_status(exc)
+            say_stop(exc, err_line)  # nothing where stderr is closed (`2>&-`): the exit status says it
+            status = stop_status(exc)
+    finally:
+        if not entry:  # also where argparse's SystemExit (a usage error) leaves the command
+            for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers, strict=True):
+                if handler is not None:  # None: not set from Python, left as it is
+                    signal.signal(signum, handler)
+            reset()
     if entry:
         # The handlers stay: a signal from now on (grpc's cleanup at the interpreter's exit, which
         # one interrupted part-way could hang) ends the process at once with this status.
         finished(status)
-    else:
-        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers, strict=True):
-            if handler is not None:  # None: not set from Python, left as it is
-                signal.signal(signum, handler)
-        reset()
     return status
 
 

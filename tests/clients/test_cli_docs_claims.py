@@ -513,3 +513,20 @@ def test_the_entry_run_from_python_puts_the_processs_signal_handlers_back(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     with pytest.raises(KeyboardInterrupt):  # Python's own handler: not an os._exit of the CLI's
         signal.raise_signal(signal.SIGINT)
+
+
+def test_the_entry_run_from_python_puts_the_handlers_back_after_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A usage error (an unknown flag, a missing argument) leaves the CLI by argparse's SystemExit,
+    past __main__.main's putting back of the handlers it found: the program that ran it kept the
+    CLI's SIGINT/SIGTERM handlers, a SIGTERM there raising Terminated instead of ending it and a
+    second Ctrl-C os._exit-ing it 130."""
+    from genserve_client import __main__ as entry
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        entry.main(["models", "--no-such-flag"])
+    assert info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
