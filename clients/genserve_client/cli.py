@@ -1978,6 +1978,9 @@ def _say_tls_hint(args: argparse.Namespace, exc: GenserveClientError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Each run answers for its own stdout: a process may run main() more than once (a test, a
+    # program embedding the CLI), and one run's reader gone or closed stdout is not the next's.
+    _STDOUT.reader_gone = _STDOUT.closed = False
     try:
         status = _main(argv)
     except SystemExit as exc:  # argparse ends in parse_args: --help's text is on stdout, as below

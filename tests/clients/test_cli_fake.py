@@ -588,3 +588,31 @@ def test_a_call_the_server_never_answers_does_not_stretch_the_levels_throughput_
     assert level["errors"] == {"DEADLINE_EXCEEDED": 1} and level["images"] > 0
     assert 0.5 <= level["duration_s"] < 3
     assert level["images_per_s"] == pytest.approx(level["images"] / level["duration_s"], rel=0.01)
+
+
+@pytest.mark.parametrize("first_stdout", ["reader gone", "closed"])
+def test_a_run_in_process_answers_for_its_own_stdout_not_an_earlier_runs(
+    fake_server: FakeServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    first_stdout: str,
+) -> None:
+    """What became of stdout (its reader gone, closed from the start) was kept in a module global
+    for the process: once one cli.main() run had met it, every later run in that process (a test, a
+    program running the CLI more than once) answered 141 without a word, or 1 'write error: stdout
+    is closed', for a command that printed its output and succeeded."""
+    t = ("--target", fake_server.target)
+    with monkeypatch.context() as patched:
+        if first_stdout == "closed":
+            patched.setattr(sys, "stdout", None)
+            assert cli.main([*t, "models"]) == 1
+        else:
+            read_end, write_end = os.pipe()
+            os.close(read_end)  # the reader is gone
+            with open(write_end, "w") as stream:
+                patched.setattr(sys, "stdout", stream)
+                assert cli.main([*t, "models"]) == 141
+    capsys.readouterr()
+    code, out, err = cli_main(capsys, *t, "models")
+    assert (code, err) == (0, ""), err
+    assert out.splitlines()[0].startswith("name"), out
