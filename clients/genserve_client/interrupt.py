@@ -131,60 +131,56 @@ def stop_status(exc: KeyboardInterrupt) -> int:
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run(main), which a SIGTERM stops as asyncio.run stops it on Ctrl-C: the main task is
-    cancelled (its `finally` blocks close what it opened) and Terminated raised once it ends.
-    raise_terminated, a handler of the process, would raise Terminated wherever the loop is: inside
-    a task (a traceback of it printed beside the line) or a grpc callback (swallowed: the command
-    went on). Where SIGTERM is not raise_terminated's (ignored, say), it is left as it is; so it is
-    where the loop takes no signal handlers (Windows). Ctrl-C is asyncio.run's own meanwhile (where
-    SIGINT is raise_interrupted, Python's default handler while it runs); a stop it raised makes a
-    later signal end the process at once, as raise_interrupted's first does."""
-    ours = signal.getsignal(signal.SIGINT) is raise_interrupted
-    if ours:  # asyncio.run takes Ctrl-C (it cancels the main task) only from Python's own handler
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return _run_async(main)
-    except KeyboardInterrupt as exc:
-        stopping(exc)
-        raise
-    finally:
-        if ours:
-            signal.signal(signal.SIGINT, raise_interrupted)
-
-
-def _run_async(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main), which Ctrl-C and SIGTERM stop as the CLI's other commands stop: the first
+    cancels the main task (its `finally` blocks close what it opened) and its KeyboardInterrupt or
+    Terminated is raised once the task ends; a second one while it stops ends the process at once
+    with the first's line and status (end_now). raise_interrupted and raise_terminated, handlers of
+    the process, would raise wherever the loop is: inside a task (a traceback of it printed beside
+    the line) or a grpc callback (swallowed: the command went on); and asyncio.run's own Ctrl-C
+    raises its second KeyboardInterrupt there too. So while the main task runs, a signal whose
+    handler is theirs goes to one that cancels the task and wakes the loop. A signal whose handler
+    is not theirs (ignored, say, or a program's own) is left as it is: Ctrl-C is then asyncio.run's
+    where SIGINT is Python's default handler; a stop it raised makes a later signal end the process
+    at once, as raise_interrupted's first does."""
     import asyncio  # here: __main__ imports this module before the CLI's imports
 
-    if signal.getsignal(signal.SIGTERM) is not raise_terminated:
-        return asyncio.run(main)
-    terminated = False
+    ours = [
+        signum
+        for signum, handler in ((signal.SIGINT, raise_interrupted), (signal.SIGTERM, raise_terminated))
+        if signal.getsignal(signum) is handler
+    ]
+    stop: list[KeyboardInterrupt] = []  # the signal that cancelled the main task
 
     async def stoppable() -> T:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
 
-        def stop() -> None:
-            nonlocal terminated
-            terminated = True
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            if stop or _Stop.first is not None or _Stop.status is not None:
+                end_now(exc)
+            stop.append(exc)
+            stopping(exc)
             task.cancel()
+            loop.call_soon_threadsafe(lambda: None)  # wakes a loop asleep in select()
 
-        try:
-            loop.add_signal_handler(signal.SIGTERM, stop)
-        except NotImplementedError:  # Windows' loops: SIGTERM ends the process there, as it does
-            return await main
+        previous = {signum: signal.signal(signum, on_signal) for signum in ours}
         try:
             return await main
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)  # which sets SIG_DFL: the CLI's again
-            signal.signal(signal.SIGTERM, raise_terminated)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     try:
         result = asyncio.run(stoppable())
     except asyncio.CancelledError:
-        if terminated:
-            raise Terminated from None
+        if stop:
+            raise stop[0] from None
         raise
-    if terminated:  # the main task caught its cancel and returned
-        raise Terminated
+    except KeyboardInterrupt as exc:  # asyncio.run's own Ctrl-C, or one before the task ran
+        stopping(exc)
+        raise
+    if stop:  # the main task caught its cancel and returned
+        raise stop[0]
     return result

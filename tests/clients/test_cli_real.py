@@ -316,15 +316,16 @@ def test_bench_json(tiny_server: Any) -> None:
     assert 25 <= runs[2]["requests"] <= 100  # about 50 arrivals in one second
 
 
-# `genserve-client ARGS` that sends itself `signum` while building its `at`-th bench request: inside
-# a task of the running loop, where a signal lands at any moment of a run. Then it prints the threads
+# `genserve-client ARGS` that sends itself `signum` (or each of `signum,signum`, one after the other)
+# while building its `at`-th bench request: inside a task of the running loop, where a signal lands at
+# any moment of a run. Then it prints the threads
 # left that the interpreter's exit would wait for (grpc's poller is a daemon, gone a moment later).
 SIGNAL_MID_BENCH = """
 import os, sys, threading
 from genserve_client import bench
 from genserve_client.__main__ import main
 
-signum, at, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+signums, at, args = [int(s) for s in sys.argv[1].split(",")], int(sys.argv[2]), sys.argv[3:]
 build = bench.PayloadFactory.__call__
 built = 0
 
@@ -333,7 +334,8 @@ def building(self):
     global built
     built += 1
     if built == at:
-        os.kill(os.getpid(), signum)
+        for signum in signums:
+            os.kill(os.getpid(), signum)
     return build(self)
 
 
@@ -389,6 +391,48 @@ def test_bench_stopped_by_a_signal_mid_run_exits_with_one_line_and_no_traceback(
     assert proc.returncode == status, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == [line], proc.stderr
     assert proc.stdout.splitlines() == ["['MainThread']"], proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("signums", "status", "line"),
+    [
+        ((signal.SIGINT, signal.SIGTERM), 130, "genserve-client: interrupted"),
+        ((signal.SIGINT, signal.SIGINT), 130, "genserve-client: interrupted"),
+        ((signal.SIGTERM, signal.SIGTERM), 143, "genserve-client: terminated (SIGTERM)"),
+    ],
+    ids=["INT,TERM", "INT,INT", "TERM,TERM"],
+)
+def test_a_second_signal_while_bench_stops_ends_it_with_the_first_signals_line_and_status(
+    tiny_server: Any, signums: tuple[int, int], status: int, line: str
+) -> None:
+    """docs/client.md: a second Ctrl-C or SIGTERM while the CLI stops ends it at once with the first
+    signal's line and status. bench ran under asyncio.run's own Ctrl-C, beside a SIGTERM handler of
+    its loop: a SIGTERM after a Ctrl-C only cancelled the run again, and it ended 143 'terminated
+    (SIGTERM)' where the Ctrl-C had stopped it; a second Ctrl-C was a KeyboardInterrupt raised
+    inside the loop, wherever it was."""
+    args = ["--target", tiny_server.target, "bench", "--model", "tiny-cond", "--labels", "0,1,2"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SIGNAL_MID_BENCH,
+            ",".join(str(int(s)) for s in signums),
+            "50",
+            *args,
+            "--concurrency",
+            "4",
+            "--duration",
+            "60",
+            "--warmup",
+            "0",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_default_sigint,  # noqa: PLW1509
+    )
+    assert proc.returncode == status, f"exit {proc.returncode}:\n{proc.stderr}"
+    assert proc.stderr.splitlines() == [line], proc.stderr
 
 
 # --- bulk: SIGKILL at any moment, resume, compare with a clean run ------------------------------
