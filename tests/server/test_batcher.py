@@ -1567,12 +1567,15 @@ def refusal_counted_through_the_boundary(
     which the handler awaits, then `ending`: answered at once, past the call's deadline (gRPC's
     DEADLINE_EXCEEDED, the boundary sends nothing), or its client cancelled (CANCELLED). What is
     counted under d (rejected and dropped, by reason), under p, and the statuses the boundary sent."""
+    from genserve_server import batcher as batcher_module
     from genserve_server import boundary as boundary_module
     from genserve_server.boundary import Boundary
     from genserve_server.metrics import DROP_REASONS, REJECT_REASONS, BatchMetrics, Metrics
 
     clock = FakeClock()
-    monkeypatch.setattr(boundary_module, "time", type("FakeTime", (), {"monotonic": staticmethod(clock)}))
+    fake_time = type("FakeTime", (), {"monotonic": staticmethod(clock)})
+    monkeypatch.setattr(boundary_module, "time", fake_time)
+    monkeypatch.setattr(batcher_module, "time", fake_time)  # cancelled_by_deadline's clock
     registry = Metrics(enabled=True)
     context = BoundaryContext(0.5)
 
@@ -1614,7 +1617,11 @@ def refusal_counted_through_the_boundary(
 
     rejected = "genserve_requests_rejected_total"
     dropped = "genserve_requests_dropped_total"
-    assert counted("p", rejected, REJECT_REASONS) == counted("p", dropped, DROP_REASONS) == {}
+    # Under p (the call's own model) only what the boundary counts as the call ends: a client that
+    # went away before it was answered is one `cancelled` drop (docs/metrics.md); the refusal and a
+    # deadline drop are d's, counted once (count_once).
+    assert counted("p", rejected, REJECT_REASONS) == {}
+    assert counted("p", dropped, DROP_REASONS) == ({"cancelled": 1.0} if ending == "client cancelled" else {})
     return counted("d", rejected, REJECT_REASONS), counted("d", dropped, DROP_REASONS), context.aborted
 
 
@@ -1635,8 +1642,8 @@ def test_a_queue_full_refusal_is_counted_under_the_status_its_client_gets(
     the client may have cancelled (CANCELLED) or the deadline passed (DEADLINE_EXCEEDED, nothing
     sent): the batcher counted `queue_full` as it raised, whatever its client got. Now the call is
     marked and the boundary counts it as it answers, under the batcher's model (d, not the call's
-    p): `queue_full` if RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, nothing
-    more for a call its client cancelled (counted CANCELLED)."""
+    p): `queue_full` if RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, and for a
+    call its client cancelled (counted CANCELLED) the boundary's `cancelled` drop under p."""
 
     async def refuse(batcher: Batcher, call: Call, clock: FakeClock) -> None:
         with batcher.reserved(4):  # other calls' rows take the whole queue
@@ -1662,7 +1669,8 @@ def test_a_bulk_budget_refusal_is_counted_under_the_status_its_client_gets(
     reaching it after the deadline (a stream's chunk computed ahead, a busy loop) was counted `budget`
     and DEADLINE_EXCEEDED, one whose client had cancelled `budget` and CANCELLED. Now the call is
     marked and the boundary counts it as it answers, under the batcher's model: `budget` if
-    RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, nothing more if cancelled."""
+    RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, the boundary's `cancelled`
+    drop under p if cancelled."""
 
     async def refuse(batcher: Batcher, call: Call, clock: FakeClock) -> None:
         held = RefusingHeld(clock, clock.now)  # refused at once, before the deadline
