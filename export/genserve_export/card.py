@@ -192,9 +192,18 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         )
     if kind.takes_codes:
         problems += _code_field_problems(card, kind, where)
-    if kind.fully_convolutional or not has_image:
+    if not has_image:
         need("image_size", card["image_size"] is None, "null")
     if kind.fully_convolutional:
+        # null (any size), or the one input size of a graph exported at a fixed size, as the
+        # server takes it (docs/model-repository.md)
+        size = card["image_size"]
+        need(
+            "image_size",
+            size is None
+            or (isinstance(size, list) and len(size) == 2 and all(is_int(s) and s > 0 for s in size)),
+            "null or [H, W] (the one input size of a graph exported at a fixed size)",
+        )
         need("size_multiple", is_int(card["size_multiple"]) and card["size_multiple"] >= 1, "a positive int")
         need("min_size", is_int(card["min_size"]) and card["min_size"] >= 1, "a positive int")
     elif has_image:

@@ -455,6 +455,8 @@ def _check_external_data(
 def _image_sizes(card: Mapping[str, Any]) -> list[tuple[int, int] | None]:
     if not Kind(card["kind"]).fully_convolutional:
         return [None]
+    if card.get("image_size") is not None:  # a graph of one input size: run at it
+        return [None]
     multiple = int(card["size_multiple"])
     base = max(int(card["min_size"]), 16)
     base += (-base) % multiple
@@ -503,14 +505,25 @@ def _image_field_errors(card: Mapping[str, Any], file: str, case: str, shape: tu
     """The image output's real shape against the card's `channels` and `image_size`, which the
     server serves by (NCHW: [N, channels, H, W]): an NHWC graph, or a card's wrong channel count or
     size, would load and then scramble or mislabel every image."""
-    name = Kind(card["kind"]).image_output_name
+    kind = Kind(card["kind"])
+    name = kind.image_output_name
     channels, size = card.get("channels"), card.get("image_size")
-    if image_shape_fits(shape, channels, size):
+    out_size = size
+    if size is not None and kind.tiled:  # a super-resolution card's image_size is its input size
+        scale = int(card.get("scale_factor") or 1)
+        out_size = [size[0] * scale, size[1] * scale]
+    if image_shape_fits(shape, channels, out_size):
         return []
-    want = [shape[0], channels, *(size or shape[2:4])]
+    want = [shape[0], channels, *(out_size or shape[2:4])]
+    fields = f"'image_size' ({size!r})"
+    if out_size is not None and out_size != size:
+        fields = (
+            f"'image_size' ({size!r}, the input size: the output is {out_size[0]}x{out_size[1]}, "
+            f"scale_factor {card['scale_factor']} x it)"
+        )
     return [
         f"{file} {name} at {case}: shape {list(shape)}, but card fields 'channels' ({channels!r}) and "
-        f"'image_size' ({size!r}) say [N, C, H, W] = {want}: the server serves NCHW images by them "
+        f"{fields} say [N, C, H, W] = {want}: the server serves NCHW images by them "
         "(an NHWC output must be permuted to NCHW before export)"
     ]
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -103,3 +104,71 @@ def test_nhwc_graph_under_a_hand_written_card_fails_verify(exported: Path, tmp_p
     report = verify_repository(root, recompute_quality=False)
     assert not report.ok, report.format()
     assert any("channels" in e and "[1, 8, 8, 1]" in e for e in report.models[0].errors), report.format()
+
+
+class TinySuperResolution(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.shuffle(self.conv(image)))
+
+
+def _fix_sr_size(version_dir: Path, side: int, out_side: int) -> None:
+    """Rewrite an exported x2 super-resolution version as one exported at one input size, as a
+    hand-written card for an ONNX file made elsewhere would describe it: the graph's input
+    [N, 3, side, side] and output [N, 3, out_side, out_side], card.json's image_size [side, side]."""
+    model = onnx.load(version_dir / "model.onnx")
+    for tensor, size in ((model.graph.input[0], side), (model.graph.output[0], out_side)):
+        for dim in tensor.type.tensor_type.shape.dim[2:]:
+            dim.dim_value = size
+    data = model.SerializeToString()
+    (version_dir / "model.onnx").write_bytes(data)
+    card_path = version_dir / "card.json"
+    card = json.loads(card_path.read_text())
+    card["image_size"] = [side, side]
+    card["inputs"][0]["shape"] = [-1, 3, side, side]
+    card["outputs"][0]["shape"] = [-1, 3, out_side, out_side]
+    card["sha256"] = {"model.onnx": hashlib.sha256(data).hexdigest()}
+    card_path.write_text(json.dumps(card, indent=2))
+
+
+def test_a_fixed_size_super_resolution_card_verifies_with_its_output_at_scale_factor_x_image_size(
+    tmp_path: Path,
+) -> None:
+    """A super-resolution card's image_size is its graph's one input size, the output being
+    scale_factor x it (docs/model-repository.md; the server's load checks so). verify refused such a
+    card ('image_size' must be null) and checked the output against image_size itself, so a fixed
+    8x8 -> 16x16 model the server serves failed verify; a graph whose output is not image_size x
+    scale_factor still fails, naming both sizes as the server's load does."""
+    torch.manual_seed(0)
+    export_model(
+        TinySuperResolution().eval(),
+        kind="super_resolution",
+        name="sr",
+        out_dir=tmp_path / "exported",
+        example_inputs={"image": torch.rand(2, 3, 8, 8)},
+        card={"description": "tiny x2", "output_range": [0, 1], "input_range": [0, 1], "scale_factor": 2},
+        fp16=False,
+    )
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    shutil.copytree(tmp_path / "exported", good)
+    _fix_sr_size(good / "sr" / "1", 8, 16)
+    report = verify_repository(good, recompute_quality=False)
+    assert report.ok, report.format()
+
+    # A x4 card on the same graph: its 8x8 input gives 16x16, not 32x32.
+    shutil.copytree(tmp_path / "exported", bad)
+    _fix_sr_size(bad / "sr" / "1", 8, 16)
+    card_path = bad / "sr" / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["scale_factor"] = 4
+    card_path.write_text(json.dumps(card, indent=2))
+    report = verify_repository(bad, recompute_quality=False)
+    assert not report.ok, report.format()
+    errors = report.models[0].errors
+    assert any("'image_size' ([8, 8]" in e and "32x32" in e and "scale_factor 4" in e for e in errors), (
+        report.format()
+    )
