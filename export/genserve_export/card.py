@@ -206,6 +206,14 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
         )
         need("size_multiple", is_int(card["size_multiple"]) and card["size_multiple"] >= 1, "a positive int")
         need("min_size", is_int(card["min_size"]) and card["min_size"] >= 1, "a positive int")
+        multiple = card["size_multiple"]
+        if isinstance(size, list) and all(is_int(s) for s in size) and is_int(multiple) and multiple >= 1:
+            need(
+                "image_size",
+                all(s % multiple == 0 for s in size),
+                f"a multiple of size_multiple {multiple} in H and W (the server pads images to it, a "
+                "size a graph of one input size cannot take; its load refuses the card)",
+            )
     elif has_image:
         size = card["image_size"]
         need(

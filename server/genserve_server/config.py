@@ -605,6 +605,23 @@ def _tensors(r: _Reader, key: str) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def _check_fixed_size(r: _Reader, card: Card) -> None:
+    """ConfigError where a fully convolutional card's image_size (its graph's one input size) is not
+    a multiple of size_multiple: images are padded to size_multiple before the model (and a
+    super-resolution model's cut in tiles of it), a size such a graph cannot take."""
+    if not card.kind.fully_convolutional or card.image_size is None:
+        return
+    h, w = card.image_size
+    m = card.size_multiple
+    if h % m or w % m:
+        raise r.error(
+            "image_size",
+            f"{h}x{w} (the graph's one input size) must be a multiple of size_multiple {m} in H and "
+            "W: images are padded to size_multiple, a size the graph cannot take; fix image_size / "
+            "size_multiple",
+        )
+
+
 def load_card(path: Path) -> Card:
     data = _read_json(path)
     # Cards carry training/quality/parity records the server does not interpret: not strict.
@@ -671,6 +688,7 @@ def load_card(path: Path) -> Card:
     needs_size = kind.image_output_name is not None or kind.takes_image
     if not kind.fully_convolutional and needs_size and card.image_size is None:
         raise r.error("image_size", f"is required for kind {kind}")
+    _check_fixed_size(r, card)
     if kind.takes_codes:
         for key, value in (("grid", card.grid), ("codebook_size", card.codebook_size)):
             if value is None:

@@ -172,3 +172,29 @@ def test_a_fixed_size_super_resolution_card_verifies_with_its_output_at_scale_fa
     assert any("'image_size' ([8, 8]" in e and "32x32" in e and "scale_factor 4" in e for e in errors), (
         report.format()
     )
+
+
+def test_a_fixed_size_card_whose_size_is_no_multiple_of_size_multiple_fails_verify(tmp_path: Path) -> None:
+    """The server refuses to load a fully convolutional card whose image_size (the graph's one input
+    size) is not a multiple of size_multiple, as it pads images to that multiple: verify says so too."""
+    torch.manual_seed(0)
+    export_model(
+        TinySuperResolution().eval(),
+        kind="super_resolution",
+        name="sr",
+        out_dir=tmp_path,
+        example_inputs={"image": torch.rand(2, 3, 8, 8)},
+        card={"description": "tiny x2", "output_range": [0, 1], "input_range": [0, 1], "scale_factor": 2},
+        fp16=False,
+    )
+    _fix_sr_size(tmp_path / "sr" / "1", 10, 20)
+    card_path = tmp_path / "sr" / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["size_multiple"] = 4
+    card_path.write_text(json.dumps(card, indent=2))
+    report = verify_repository(tmp_path, recompute_quality=False)
+    assert not report.ok, report.format()
+    errors = report.models[0].errors
+    assert any("image_size" in e and "[10, 10]" in e and "size_multiple" in e for e in errors), (
+        report.format()
+    )

@@ -375,3 +375,26 @@ def test_a_fixed_size_super_resolution_model_takes_each_image_as_one_tile_of_its
             pool.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_fixed_size_super_resolution_card_whose_size_is_no_multiple_of_size_multiple_fails_to_load(
+    tmp_path: Path,
+) -> None:
+    """H and W must be multiples of size_multiple (docs/model-repository.md), and SuperResolve pads
+    each image to it: a 10x10 image of a graph exported at 10x10 under size_multiple 4 became 12x12,
+    cut in 8x8 tiles, neither of which the graph takes (INTERNAL 'model call failed' on every
+    request of a model loaded READY). The load refuses the card naming both values."""
+    card = {**SR_X2_CARD, "image_size": [10, 10], "size_multiple": 4, "tile_size": 8, "tile_overlap": 0}
+    write_model(tmp_path, "sr", "super_resolution", fixed_size_sr_graph(2, 10, 20), card)
+    write_model(
+        tmp_path,
+        "sr-ok",
+        "super_resolution",
+        fixed_size_sr_graph(2, 12, 24),
+        {**card, "image_size": [12, 12]},
+    )
+    states = load_states(tmp_path)
+    assert states["sr-ok"][0] == "READY", states["sr-ok"]
+    state, reason = states["sr"]
+    assert state == "UNAVAILABLE", reason
+    assert "image_size" in reason and "10x10" in reason and "size_multiple 4" in reason, reason
