@@ -1820,12 +1820,15 @@ def build_parser() -> argparse.ArgumentParser:
                 type=parse_uint32,
                 default=0,
                 help="input tile size (0: the server picks the card's tile_size, 128 without one, "
-                "enlarged to at least 4 x the tile overlap, at most 1024)",
+                "enlarged to at least 4 x the tile overlap, at most 1024; a model of one input size, "
+                "its card's image_size, takes each image whole as one tile of that size, and refuses "
+                "a smaller tile size)",
             )
             p.add_argument(
                 "--tile-overlap",
                 type=parse_uint32,
-                help="tile overlap in input pixels (default: the server's)",
+                help="tile overlap in input pixels (default: the server's; unused by a model of one "
+                "input size)",
             )
         else:
             p.add_argument(

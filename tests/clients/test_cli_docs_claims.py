@@ -65,6 +65,23 @@ def test_upscale_tile_size_help_says_the_server_enlarges_the_cards_tile_to_four_
     assert "128" in text and "4 x" in text and "overlap" in text, text
 
 
+def test_tile_size_0_says_a_fixed_size_super_resolution_model_takes_each_image_as_one_tile() -> None:
+    """A super-resolution model of one input size (card.json's image_size) takes each image whole,
+    one tile of that size (validate.fixed_tile): tile_size 0 is not the card's tile_size there, a
+    smaller tile_size is refused, and tile_overlap is unused. genserve.proto's tile_size comment and
+    `upscale --tile-size`'s help said only 'the card's tile_size'."""
+    parser = _subcommand("upscale")
+    tile = next(a for a in parser._actions if "--tile-size" in a.option_strings)
+    text = " ".join((tile.help or "").split())
+    assert "image_size" in text and "one tile" in text, text
+    proto = (REPO_ROOT / "protos" / "genserve" / "v1" / "genserve.proto").read_text()
+    comment = proto.split("  uint32 tile_size = 5;", 1)[0].rsplit(";\n", 1)[1]
+    comment = " ".join(line.strip().lstrip("/").strip() for line in comment.splitlines())
+    assert "image_size" in comment and "one tile" in comment, comment
+    overlap = proto.split("  optional uint32 tile_overlap = 6;", 1)[0].rsplit("uint32 tile_size = 5;", 1)[1]
+    assert "image_size" in overlap and "unused" in overlap.lower(), overlap
+
+
 def _progress_examples(text: str) -> list[list[str]]:
     commands = []
     for match in re.finditer(r"`(genserve-client sample [^`]*--progress[^`]*)`", text.replace("\n", " ")):

@@ -640,14 +640,17 @@ class ImageRequest(_message.Message):
     tile_size: _builtins.int
     """SuperResolve only: input tile size (>= 2 * tile_overlap + 8, >= the card's min_size: each
     tile is a model input, <= 1024); 0 = the card's
-    tile_size (128 if none), enlarged to at least 4 * tile_overlap. The request's tiles, all images
-    together, must fit the model's queue (batching.max_queue_size): more is INVALID_ARGUMENT naming
-    tile_size (use larger tiles, or fewer or smaller images).
+    tile_size (128 if none), enlarged to at least 4 * tile_overlap. A model of one input size (its
+    card's image_size) takes each image whole, as one tile of that size: 0 = that size, and a
+    tile_size below its longer side is INVALID_ARGUMENT naming tile_size and the size. The
+    request's tiles, all images together, must fit the model's queue (batching.max_queue_size):
+    more is INVALID_ARGUMENT naming tile_size (use larger tiles, or fewer or smaller images).
     """
     tile_overlap: _builtins.int
     """SuperResolve only: overlap between tiles in input pixels, 0..tile_size/4 (at most 256); absent
     = the larger of the card's tile_overlap and 2 * the receptive-field radius measured at load
-    (which makes tiling exact).
+    (which makes tiling exact). Unused by a model of one input size (its card's image_size): each
+    image is one tile, with no seam.
     """
     direction: Global___Direction.ValueType
     """Translate only: which way a two_way_translator translates (unset: A -> B)."""
