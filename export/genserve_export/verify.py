@@ -185,11 +185,20 @@ class _SessionCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._sessions: dict[Path, ort.InferenceSession] = {}
+        self._runs: dict[Path, OnnxRun] = {}
 
     def get(self, path: Path) -> ort.InferenceSession:
         if path not in self._sessions:
             self._sessions[path] = session(path)
         return self._sessions[path]
+
+    def run(self, path: Path) -> OnnxRun:
+        """The graph at ``path`` as one OnnxRun object for the whole verify, an entry's own and a
+        sibling's alike, so that a recipe computes what several entries read once (_common.once)."""
+        if path not in self._runs:
+            sess = self.get(path)
+            self._runs[path] = lambda feeds: run_session(sess, feeds)
+        return self._runs[path]
 
     def latest_config(self, entry_name: str) -> ModelConfig | None:
         """``entry_name``'s config.json by the contract's rules, or None if missing or invalid."""
@@ -219,10 +228,8 @@ class _SessionCache:
                 return None
             if not _external_data_intact(latest, aux):
                 return None
-            sess = self.get(path)
-        else:
-            sess = self.get(latest / "model.onnx")
-        return lambda feeds: run_session(sess, feeds)
+            return self.run(path)
+        return self.run(latest / "model.onnx")
 
 
 def _external_data_intact(version_dir: Path, graph: str) -> bool:
@@ -335,7 +342,7 @@ def _verify_version(
     _check_runs(card, graphs, model)
     model.errors += _activation_problems(card, version_dir / "model.onnx")
     if recompute and not model.errors:
-        _check_quality(card, sessions.get(version_dir / "model.onnx"), sessions, model, thresholds)
+        _check_quality(card, sessions.run(version_dir / "model.onnx"), sessions, model, thresholds)
     return model
 
 
@@ -592,7 +599,7 @@ def _check_runs(
 
 def _check_quality(
     card: Mapping[str, Any],
-    sess: ort.InferenceSession,
+    run: OnnxRun,
     sessions: _SessionCache,
     model: ModelReport,
     thresholds: bool,
@@ -605,9 +612,6 @@ def _check_quality(
         else recipe_for_entry(card["name"])
     )
     threshold_spec = card["quality"].get("thresholds", {})
-
-    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_session(sess, feeds)
 
     source = card.get("source")
     if found is None and isinstance(source, Mapping) and source.get("importer") == "tfjs-layers-sr":

@@ -39,3 +39,37 @@ def committed_models_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
         if entry.is_dir() and entry.name not in NEEDS_FASHION:
             (root / entry.name).symlink_to(entry)
     return verify_repository(root)
+
+
+@pytest.fixture
+def quality_runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The batch sizes of each graph's runs in verify's quality figures (not its checks' runs), by
+    the graph's name: ``<entry>`` for a model.onnx, ``<entry>/<file>`` for an auxiliary graph."""
+    from genserve_export import verify
+
+    names: dict[int, str] = {}  # the sessions verify loads, by id
+    runs: dict[str, list[int]] = {}
+    checking = []
+    plain_session, plain_run, plain_checks = verify.session, verify.run_session, verify._check_runs
+
+    def named_session(path: Path, threads: int = 1) -> Any:
+        sess = plain_session(path, threads)
+        names[id(sess)] = path.parent.parent.name + ("" if path.name == "model.onnx" else f"/{path.name}")
+        return sess
+
+    def counted_run(sess: Any, feeds: Any) -> Any:
+        if not checking:
+            runs.setdefault(names[id(sess)], []).append(len(next(iter(feeds.values()))))
+        return plain_run(sess, feeds)
+
+    def checks(*args: Any) -> Any:
+        checking.append(True)
+        try:
+            return plain_checks(*args)
+        finally:
+            checking.pop()
+
+    monkeypatch.setattr(verify, "session", named_session)
+    monkeypatch.setattr(verify, "run_session", counted_run)
+    monkeypatch.setattr(verify, "_check_runs", checks)
+    return runs

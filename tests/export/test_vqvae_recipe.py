@@ -135,3 +135,28 @@ def test_verify_recomputes_the_priors_bits_per_pixel_of_both_levels(
     both = prior.quality_recomputed.get("holdout_bits_per_pixel_both_levels")
     assert both == pytest.approx(card["holdout_bits_per_pixel_both_levels"], rel=1e-3), prior.format()
     assert "holdout_bits_per_pixel_both_levels: -" not in prior.format()
+
+
+@pytest.mark.skipif(not (MODELS / vqvae.PRIOR).is_dir(), reason="models/ has not been built")
+@pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
+def test_verify_encodes_the_holdout_once_and_scores_the_top_prior_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quality_runs: dict[str, list[int]]
+) -> None:
+    """verify of the three vqvae entries encoded the holdout digits 4 times (the decoder's
+    reconstruction, each prior's likelihood, the top prior's again for the bottom prior's
+    both-levels sum) and ran the top prior over them twice -> each once, the same figures."""
+    monkeypatch.setattr(vqvae, "sample_figures", lambda *args: {})  # the priors' sampling: not this test's
+    root = tmp_path / "models"
+    root.mkdir()
+    for name in vqvae.VqvaeDigitsRecipe.names:
+        (root / name).symlink_to(MODELS / name)
+    report = verify_repository(root, check_thresholds=False)  # no sample figures to hold
+    assert report.ok, report.format()
+    held = len(digits.load().holdout_images)
+    assert sum(quality_runs[f"{vqvae.DECODER}/{vqvae.ENCODER_FILE}"]) == held
+    assert sum(quality_runs[vqvae.TOP_PRIOR]) == held
+    assert sum(quality_runs[vqvae.PRIOR]) == held
+    by_name = {m.name: m.quality_recomputed for m in report.models}
+    top = by_name[vqvae.TOP_PRIOR]["holdout_bits_per_image_pixel"]
+    both = by_name[vqvae.PRIOR]["holdout_bits_per_image_pixel"] + top
+    assert by_name[vqvae.PRIOR]["holdout_bits_per_pixel_both_levels"] == both

@@ -6,7 +6,9 @@ import copy
 import logging
 import random
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +20,27 @@ from genserve_export.recipe import OnnxRun
 logger = logging.getLogger(__name__)
 
 EVAL_SEED = 2024  # latents and labels used for quality figures, identical at train and verify time
+
+_T = TypeVar("_T")
+# What once() computed, by the first of its runs (kept while that run object lives).
+_ONCE: weakref.WeakKeyDictionary[Any, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+
+
+def once(runs: tuple[OnnxRun, ...], key: Hashable, compute: Callable[[], _T]) -> _T:
+    """``compute()``, computed once per ``key`` and run objects (the same graphs on the same fixed
+    inputs give the same result): verify hands every entry of a repository the same OnnxRun per
+    graph, so the figures one entry needs of a sibling (the VQ-VAE encoder's codes of the holdout
+    set, a top prior's bits) are not computed again. Kept while ``runs[0]`` lives; the others are
+    held weakly too. Callers must not change what it returns."""
+    first, *others = runs
+    try:
+        kept = _ONCE.setdefault(first, {})
+        full_key = (key, *(weakref.ref(r) for r in others))
+    except TypeError:  # a run that cannot be weakly referenced: computed every time
+        return compute()
+    if full_key not in kept:
+        kept[full_key] = compute()
+    return kept[full_key]  # type: ignore[no-any-return]
 
 
 def seed_everything(seed: int) -> torch.Generator:

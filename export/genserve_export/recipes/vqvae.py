@@ -45,6 +45,7 @@ from genserve_export.recipe import ExportSpec, OnnxRun
 from genserve_export.recipes._common import (
     EVAL_SEED,
     batches,
+    once,
     pick_device,
     progress_bar,
     seed_everything,
@@ -240,11 +241,17 @@ def _usage(codes: np.ndarray, k: int) -> dict[str, float]:
     return {"perplexity": float(np.exp(entropy)), "dead_codes": float((counts == 0).sum())}
 
 
+def _holdout_codes(encode: OnnxRun) -> dict[str, np.ndarray]:
+    """``encode``'s codes of the holdout digits, computed once per encoder run (the reconstruction
+    and both priors' likelihoods read them)."""
+    return once((encode,), "holdout codes", lambda: encode({"image": digits.load().holdout_images}))
+
+
 def pair_figures(encode: OnnxRun, decode: OnnxRun) -> dict[str, float]:
     """Held-out reconstruction through the codes, and codebook usage on held-out digits."""
     data = digits.load()
     held = data.holdout_images
-    coded = encode({"image": held})
+    coded = _holdout_codes(encode)
     recon = decode({"codes": coded["codes"], "top_codes": coded["top_codes"]})["image"].astype(np.float64)
     mse = float(((recon - held) ** 2).mean())
     baseline = float(((data.train_images.mean(axis=0, keepdims=True) - held) ** 2).mean())
@@ -275,10 +282,14 @@ def _bits(run: OnnxRun, feeds: Mapping[str, np.ndarray], target: np.ndarray) -> 
 
 
 def prior_figures(name: str, run: OnnxRun, encode: OnnxRun) -> dict[str, float]:
-    """Held-out NLL of the prior ``name`` in bits per code position (= bits/dim of its grid)."""
-    data = digits.load()
-    coded = encode({"image": data.holdout_images})
-    labels = data.holdout_labels
+    """Held-out NLL of the prior ``name`` in bits per code position (= bits/dim of its grid),
+    computed once per prior and encoder run (the bottom prior's both-levels sum reads the top's)."""
+    return dict(once((run, encode), ("prior figures", name), lambda: _prior_figures(name, run, encode)))
+
+
+def _prior_figures(name: str, run: OnnxRun, encode: OnnxRun) -> dict[str, float]:
+    coded = _holdout_codes(encode)
+    labels = digits.load().holdout_labels
     if name == TOP_PRIOR:
         bits = _bits(run, {"codes": coded["top_codes"], "label": labels}, coded["top_codes"])
         positions = TOP_GRID[0] * TOP_GRID[1]
