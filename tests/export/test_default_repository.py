@@ -138,3 +138,20 @@ def test_the_docs_pictures_name_the_committed_models_they_were_made_with() -> No
             assert sha256 == card["sha256"]["model.onnx"], (picture_path.name, model, version)
             checked += 1
     assert checked, "no picture under docs/images names its model"
+
+
+@pytest.mark.skipif(not MODELS.is_dir(), reason="models/ has not been built")
+@pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
+def test_verify_computes_the_vae_pairs_figures_once_for_both_entries(
+    tmp_path: Path, quality_runs: dict[str, list[int]]
+) -> None:
+    """vae-digits-decoder and vae-digits-encoder each report the pair's reconstruction figures, and
+    verify computed them twice (the encoder over the holdout digits 3 times, the decoder's 3 passes
+    over them twice) -> once, both entries the same figures."""
+    entries = {"vae-digits-decoder", "vae-digits-encoder"}
+    report = verify_repository(_repository_of(tmp_path / "models", entries, include=True))
+    assert report.ok, report.format()
+    held = len(digits.load().holdout_images)
+    assert sum(quality_runs["vae-digits-encoder"]) == held
+    pair = [m.quality_recomputed["recon_mse"] for m in report.models]
+    assert len(pair) == 2 and pair[0] == pair[1]
