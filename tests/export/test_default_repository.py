@@ -155,3 +155,18 @@ def test_verify_computes_the_vae_pairs_figures_once_for_both_entries(
     assert sum(quality_runs["vae-digits-encoder"]) == held
     pair = [m.quality_recomputed["recon_mse"] for m in report.models]
     assert len(pair) == 2 and pair[0] == pair[1]
+
+
+@pytest.mark.skipif(not MODELS.is_dir(), reason="models/ has not been built")
+def test_verify_runs_the_psnr_model_over_the_holdout_photos_once_for_the_srgans_detail_margin(
+    tmp_path: Path, quality_runs: dict[str, list[int]]
+) -> None:
+    """srgan-photos-x4's detail margin compares it with sr-photos-x4's figures, which verify had
+    just computed for sr-photos-x4's own entry, and ran sr-photos-x4 over the holdout photos again
+    -> once, the same figures."""
+    from genserve_export.data import photos
+
+    entries = {"sr-photos-x4", "srgan-photos-x4"}
+    report = verify_repository(_repository_of(tmp_path / "models", entries, include=True))
+    assert report.ok, report.format()
+    assert len(quality_runs["sr-photos-x4"]) == len(photos.holdout_photos())

@@ -254,7 +254,7 @@ class PhotoSrganRecipe:
         psnr_run = sibling(PSNR_MODEL)
         if psnr_run is None:
             raise MissingInitError(f"the repository has no {PSNR_MODEL} to compare the detail with")
-        figures.update(detail_margin(figures, photos_sr.quality_figures(psnr_run, photos_sr.SCALE)))
+        figures.update(detail_margin(figures, photos_sr.held_out_figures(psnr_run, photos_sr.SCALE)))
         return figures
 
     def grid_pairs(self, name: str, card: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
