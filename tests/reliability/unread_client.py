@@ -42,22 +42,24 @@ class UnreadClient:
         with self._lock:
             self._sock.sendall(data)
 
-    def call(self, host_port: str, method: str, message: bytes) -> int:
-        """Send one unary request (`method`: "/package.Service/Method"); returns its stream id."""
+    def call(self, host_port: str, method: str, message: bytes, timeout_ms: int | None = None) -> int:
+        """Send one unary request (`method`: "/package.Service/Method"); returns its stream id.
+        `timeout_ms`: the call's deadline (grpc-timeout), which only the server ends the call at: this
+        client sends no RST_STREAM at it, as a gRPC client does at its own deadline."""
         with self._lock:
             stream_id = self._next_stream
             self._next_stream += 2
-        headers = b"".join(
-            _literal(k, v)
-            for k, v in (
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", method),
-                (":authority", host_port),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            )
-        )
+        fields = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", method),
+            (":authority", host_port),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+        if timeout_ms is not None:
+            fields.append(("grpc-timeout", f"{timeout_ms}m"))
+        headers = b"".join(_literal(k, v) for k, v in fields)
         body = b"\x00" + struct.pack(">I", len(message)) + message
         self._send(
             _frame(HEADERS, END_HEADERS, stream_id, headers) + _frame(DATA, END_STREAM, stream_id, body)
