@@ -110,8 +110,10 @@ RunBatch = Callable[[Hashable, Tensors], Awaitable[Tensors]]
 
 
 _DEFAULTS = BatchingConfig()  # config.json's defaults: declared once, in the contract
-# gRPC cancels a handler at its deadline ~1-2 ms before the deadline the server computes from
-# time_remaining() at arrival: a cancellation this close to the deadline counts as the deadline.
+# A handler cancelled at the call's deadline may be cancelled a little before the deadline the
+# server computes from time_remaining() at arrival (the client's own cancel at its deadline, its
+# request having reached the server later than it was sent): a cancellation this close to the
+# deadline counts as the deadline. One more than this early reads as the client going away.
 DEADLINE_SLACK_S = 0.01
 # A failed batch's stack goes to the log at most this often per model version (each failure still
 # logs its line): a model that fails every batch would otherwise log the same stack per call.
