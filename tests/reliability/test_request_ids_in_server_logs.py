@@ -3,19 +3,25 @@ request id"): an operator greps the server's logs for the id a client quotes."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from reliability_support import POISON_LATENT, write_gen, write_slow
+from reliability_support import POISON_LATENT, write_flaky, write_gen, write_slow
 from server_support import TINY_LATENT, ServerProcess, metric_in, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server.config import ServerConfig
+from genserve_server.main import App
 
 
 def _poisoned() -> pb.SampleRequest:
@@ -72,31 +78,68 @@ def test_a_failed_model_call_names_the_request_id_in_its_status_message(
 
 
 def test_a_call_slowed_by_its_batch_being_retried_in_halves_finds_its_id_on_that_line(
-    channel: grpc.Channel, faulty_server: ServerProcess
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A call that shared a batch with a row the model cannot take gets its image after the batch is
     run again in halves (docs/operations.md): late, OK, and its id on no line at the default level.
     The only trace of why it was slow, 'retrying the N rows of a failed batch in halves', named no
-    request: an operator following the slow call by its id could not find it."""
-    stub = pb_grpc.GenerationServiceStub(channel)
-    rng = np.random.default_rng(5)
-    for attempt in range(20):  # until the good call shares the bad row's batch (usually at once)
-        rid = f"retried-in-halves-{attempt}"
-        z = rng.normal(size=(1, TINY_LATENT)).astype("<f4")
+    request: an operator following the slow call by its id could not find it. The two calls are
+    queued behind a batch held on an event, so they share the next batch (no timing race: sent
+    side by side to an idle server, they often went in batches of their own)."""
+    write_flaky(tmp_path)
+
+    async def main() -> None:
+        app = App(tmp_path, ServerConfig(warmup=False), port=0, metrics_port=0)
+        await app.start()
+        batcher = app.repository.get("flaky").resolve("").batcher
+        assert batcher is not None
+        started, free = asyncio.Event(), asyncio.Event()
+        run = batcher._run_batch
+        held: list[bool] = []
+
+        async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            if not held:  # the first batch only: it holds the model while the two calls queue
+                held.append(True)
+                started.set()
+                await free.wait()
+            return await run(key, inputs)
+
+        batcher._run_batch = held_run
+        z = np.random.default_rng(5).normal(size=(1, TINY_LATENT)).astype("<f4")
         good_request = pb.SampleRequest(
             model="flaky",
             latents=tpb.Tensor(shape=[1, TINY_LATENT], dtype=tpb.DTYPE_FLOAT32, data=z.tobytes()),
         )
-        before = faulty_server.log().count("retrying the")
-        good = stub.Sample.future(good_request, metadata=(("x-request-id", rid),), timeout=30)
-        bad = stub.Sample.future(_poisoned(), timeout=30)
-        assert bad.exception() is not None and len(good.result().images) == 1
-        log = faulty_server.log()
-        if log.count("retrying the") > before:
-            retries = [line for line in log.splitlines() if "retrying the" in line]
-            assert any(rid in line for line in retries[before:]), retries[before:]
-            return
-    raise AssertionError("the good call never shared a batch with the bad row in 20 attempts")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                first = asyncio.ensure_future(
+                    stub.Sample(pb.SampleRequest(model="flaky", seeds=[1]), timeout=60)
+                )
+                await asyncio.wait_for(started.wait(), 30)
+                good = asyncio.ensure_future(
+                    stub.Sample(good_request, metadata=(("x-request-id", "retried-in-halves"),), timeout=60)
+                )
+                bad = asyncio.ensure_future(stub.Sample(_poisoned(), timeout=60))
+                for _ in range(600):  # both rows queued behind the held batch
+                    if batcher.queued_rows >= 2:
+                        break
+                    await asyncio.sleep(0.05)
+                assert batcher.queued_rows == 2
+                free.set()
+                await first
+                assert len((await good).images) == 1
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await bad
+                assert failed.value.code() == grpc.StatusCode.INTERNAL
+        finally:
+            free.set()
+            await app.stop()
+
+    with caplog.at_level(logging.WARNING, logger="genserve_server"):
+        asyncio.run(asyncio.wait_for(main(), 120))
+    retries = [r.getMessage() for r in caplog.records if "retrying the" in r.getMessage()]
+    assert retries and any("retried-in-halves" in line for line in retries), retries
 
 
 @pytest.fixture(scope="module")
