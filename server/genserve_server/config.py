@@ -622,6 +622,18 @@ def _check_fixed_size(r: _Reader, card: Card) -> None:
         )
 
 
+def _check_channels(r: _Reader, card: Card) -> None:
+    """ConfigError where a card's image output has other than 1 or 3 channels: its images come back
+    as PNG, JPEG, WebP or raw uint8 pixels, gray or RGB (an alpha channel has no format to go in)."""
+    name = card.kind.image_output_name
+    if name is not None and card.channels not in (1, 3):
+        raise r.error(
+            "channels",
+            f"must be 1 (gray) or 3 (RGB): the {name!r} output's channels, served as gray or RGB "
+            f"images (no alpha), got {card.channels}",
+        )
+
+
 def load_card(path: Path) -> Card:
     data = _read_json(path)
     # Cards carry training/quality/parity records the server does not interpret: not strict.
@@ -685,6 +697,7 @@ def load_card(path: Path) -> Card:
         raise r.error("latent_dim", f"is required for kind {kind}")
     if kind.conditional and not card.class_names:
         raise r.error("class_names", f"is required for kind {kind}")
+    _check_channels(r, card)
     needs_size = kind.image_output_name is not None or kind.takes_image
     if not kind.fully_convolutional and needs_size and card.image_size is None:
         raise r.error("image_size", f"is required for kind {kind}")

@@ -20,6 +20,7 @@ from server_support import TINY_LATENT, generator_graph, running_server, write_m
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve.v1 import types_pb2 as tpb
 
 OPSET = 17
 
@@ -576,3 +577,32 @@ def test_a_version_out_of_memory_in_its_last_class_check_says_so_not_class_names
         "out of memory while loading/warming up (ORT: Failed to allocate memory for requested buffer of "
         "size 536870912)"
     ), reason
+
+
+def test_an_image_output_of_other_than_1_or_3_channels_is_refused_at_load_naming_channels(
+    tmp_path: Path,
+) -> None:
+    """A user's generator with an alpha channel (RGBA, card.json's channels 4, as its graph says) or
+    a gray+alpha one (2) loaded READY, though docs/model-repository.md's channels is 1 (gray) or 3
+    (RGB): every PNG, JPEG, WebP or raw uint8 request then failed INTERNAL with a traceback in the
+    log (encode_image takes 1 or 3 channels). It is refused at load, naming card.json and channels."""
+    root = tmp_path / "models"
+    for channels in (2, 4):
+        card = {"latent_dim": TINY_LATENT, "channels": channels, "image_size": [8, 8]}
+        write_model(root, f"ch{channels}", "generator", generator_graph(TINY_LATENT, channels, 8, 8), card)
+    card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+    write_model(root, "gray", "generator", generator_graph(TINY_LATENT, 1, 8, 8), card)
+
+    with running_server(root, tmp_path / "work") as server, grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        states = {
+            m.name: (pb.ModelState.Name(m.versions[0].state), m.versions[0].reason)
+            for m in stub.ListModels(pb.ListModelsRequest()).models
+        }
+        for channels in (2, 4):
+            state, reason = states[f"ch{channels}"]
+            assert state == "MODEL_STATE_UNAVAILABLE", (channels, state)
+            assert "card.json" in reason and "channels" in reason and f"got {channels}" in reason, reason
+        assert states["gray"][0] == "MODEL_STATE_READY", states["gray"]
+        png = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG)
+        assert len(stub.Sample(pb.SampleRequest(model="gray", count=2, output=png), timeout=30).images) == 2
