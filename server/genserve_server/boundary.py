@@ -33,6 +33,7 @@ from genserve_server.errors import (
     InvalidArgument,
     Unimplemented,
     clip_message,
+    escape_controls,
     out_of_memory_refusal,
 )
 from genserve_server.idle_spin import IdleSpin, run_off_loop
@@ -430,7 +431,9 @@ class Boundary:
             rid,
             shown_method(method),
         )
-        error = Unimplemented(f"method {method} not found: no service of this server has it")
+        # The path is the client's: its control characters escaped, as any message quoting a
+        # client's string has them (GenserveError.redacted); not redacted (it looks like a path).
+        error = Unimplemented(f"method {escape_controls(method)} not found: no service of this server has it")
         code = error.code.name
         try:
             await abort(context, error, ((REQUEST_ID_KEY, rid),))

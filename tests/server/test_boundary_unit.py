@@ -460,6 +460,34 @@ def test_a_method_no_service_has_is_counted_under_one_method_label_with_the_code
     assert methods == {""}
 
 
+def test_a_method_no_service_has_is_named_in_its_status_with_its_control_characters_escaped(
+    service: Boundary,
+) -> None:
+    """The UNIMPLEMENTED status quoted the client's :path as it came, its newline, ESC, BEL and C1
+    CSI in the message a client prints (grpcurl, a CLI's error line, a proxy's log): line breaks and
+    terminal escapes of the caller's choosing. Every other message that quotes a client's string (a
+    model, version or tensor name) has them escaped as a repr writes them (GenserveError.redacted);
+    the method is named so too, a plain one as it is."""
+    path = "/x\n2026-01-01 INFO forged\x1b[2J\x1b]0;title\x07\r\x9b2J/y"
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        asyncio.run(service.unknown_method(path, context))  # type: ignore[arg-type]
+    assert context.aborted is not None
+    code, details = context.aborted
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert details == (
+        "method /x\\n2026-01-01 INFO forged\\x1b[2J\\x1b]0;title\\x07\\r\\x9b2J/y not found: "
+        "no service of this server has it"
+    ), details
+    plain = FakeContext()
+    with pytest.raises(Aborted):
+        asyncio.run(service.unknown_method("/foo.Bar/Baz", plain))  # type: ignore[arg-type]
+    assert plain.aborted == (
+        grpc.StatusCode.UNIMPLEMENTED,
+        "method /foo.Bar/Baz not found: no service of this server has it",
+    )
+
+
 @pytest.mark.parametrize(("sent", "shown"), [(10.0001, "10.0001"), (-0.1, "-0.1"), (1e30, "1e+30")])
 def test_a_psi_refusal_names_the_float32_the_client_sent_as_it_wrote_it(sent: float, shown: str) -> None:
     """genserve.v1's truncation_psi is a proto float: 10.0001 arrives as 10.000100135803223, which
