@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, BinaryIO, TextIO, TypeVar
 
 import grpc
 
@@ -422,24 +422,42 @@ def write_file_whole(path: Path, data: bytes | Iterable[bytes]) -> None:
             raise
         return
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
-    # The temp name stays within NAME_MAX however long the output's own name is.
-    stem = target.name.encode()[:200].decode(errors="ignore")
-    tmp = target.with_name(f".{stem}.{os.getpid()}.tmp")
+    tmp: Path | None = None
     try:
         try:
-            with open(tmp, "wb") as f:
+            handle, tmp = _new_file_beside(target)
+            with handle as f:
                 f.writelines([data] if isinstance(data, bytes) else data)
             if existing is not None and stat.S_ISREG(existing.st_mode):
                 os.chmod(tmp, stat.S_IMODE(existing.st_mode))  # no os.fchmod on Windows before 3.13
             os.replace(tmp, target)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             raise
     except OSError as exc:
         if exc.filename in (None, str(tmp)) and exc.errno is not None:
             # A new error: setting filename2 to None would print "-> None" after the name.
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def _new_file_beside(target: Path) -> tuple[BinaryIO, Path]:
+    """A file created beside `target` under a temp name of its own (`.NAME.PID.RANDOM.tmp`), opened
+    to write: created exclusively, so a name already there (a link planted in a shared folder,
+    another run's temp file) is never opened, written through or renamed into place. An error names
+    no file (write_file_whole names `target`)."""
+    # The temp name stays within NAME_MAX however long the output's own name is.
+    stem = target.name.encode()[:200].decode(errors="ignore")
+    for _ in range(100):
+        tmp = target.with_name(f".{stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        try:
+            return open(tmp, "xb"), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror) from exc
+    raise OSError(errno.EEXIST, "no free temp name beside it")
 
 
 def read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:

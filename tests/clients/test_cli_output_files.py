@@ -164,6 +164,28 @@ def test_a_picture_replaces_an_existing_file_where_os_has_no_fchmod(
     assert leftovers(tmp_path) == ["grid.png"]
 
 
+def test_a_link_planted_at_the_temp_name_beside_a_grid_is_neither_written_through_nor_renamed_into_place(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The temp name beside the output was `.NAME.PID.tmp`, opened with a plain "wb": a symlink
+    placed there by anyone who can write the folder (a shared output folder) had the picture
+    written into the file it points to, and was then renamed over the output itself."""
+    t = ("--target", fake_server.target)
+    victim = tmp_path / "elsewhere" / "notes.txt"
+    victim.parent.mkdir()
+    victim.write_bytes(b"the user's notes")
+    out = tmp_path / "shared"
+    out.mkdir()
+    grid = out / "grid.png"
+    (out / f".grid.png.{os.getpid()}.tmp").symlink_to(victim)
+    code, stdout, err = cli_main(
+        capsys, *t, "sample", "--model", "fake-gen", "--n", "2", "--seed", "5", "--grid", str(grid)
+    )
+    assert code == 0, err
+    assert victim.read_bytes() == b"the user's notes", "the picture was written through the planted link"
+    assert not grid.is_symlink() and grid.read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_manifest_out_that_is_a_directory_names_it_and_leaves_no_temp_file(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
