@@ -425,11 +425,13 @@ def write_file_whole(path: Path, data: bytes | Iterable[bytes]) -> None:
     tmp: Path | None = None
     try:
         try:
-            handle, tmp = _new_file_beside(target)
+            replaced = existing is not None and stat.S_ISREG(existing.st_mode)
+            mode = stat.S_IMODE(existing.st_mode) if existing is not None and replaced else 0o666
+            handle, tmp = _new_file_beside(target, mode)
             with handle as f:
                 f.writelines([data] if isinstance(data, bytes) else data)
-            if existing is not None and stat.S_ISREG(existing.st_mode):
-                os.chmod(tmp, stat.S_IMODE(existing.st_mode))  # no os.fchmod on Windows before 3.13
+            if replaced:  # exactly its permissions (the umask may have narrowed them)
+                os.chmod(tmp, mode)  # no os.fchmod on Windows before 3.13
             os.replace(tmp, target)
         except BaseException:
             if tmp is not None:
@@ -442,17 +444,18 @@ def write_file_whole(path: Path, data: bytes | Iterable[bytes]) -> None:
         raise
 
 
-def _new_file_beside(target: Path) -> tuple[BinaryIO, Path]:
+def _new_file_beside(target: Path, mode: int) -> tuple[BinaryIO, Path]:
     """A file created beside `target` under a temp name of its own (`.NAME.PID.RANDOM.tmp`), opened
     to write: created exclusively, so a name already there (a link planted in a shared folder,
-    another run's temp file) is never opened, written through or renamed into place. An error names
-    no file (write_file_whole names `target`)."""
+    another run's temp file) is never opened, written through or renamed into place; with `mode`
+    (less the umask) from the start, so a private file's new contents are never readable by others
+    while written. An error names no file (write_file_whole names `target`)."""
     # The temp name stays within NAME_MAX however long the output's own name is.
     stem = target.name.encode()[:200].decode(errors="ignore")
     for _ in range(100):
         tmp = target.with_name(f".{stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
-            return open(tmp, "xb"), tmp
+            return open(tmp, "xb", opener=lambda name, flags: os.open(name, flags, mode)), tmp
         except FileExistsError:
             continue
         except OSError as exc:

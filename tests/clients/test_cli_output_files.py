@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from client_fakes import FakeServer, cli_main
 
+from genserve_client.bulk import write_file_whole
+
 # Writes past this many bytes fail (EFBIG) as a full disk's do (ENOSPC): after a short write, with
 # an error that names no file. Every image and manifest the tests write is larger.
 LIMIT_BYTES = 16
@@ -141,6 +143,26 @@ def test_a_picture_that_replaces_an_existing_file_keeps_that_files_permissions(
     assert code == 0, err
     assert grid.read_bytes().startswith(b"\x89PNG")
     assert oct(grid.stat().st_mode & 0o777) == oct(0o600), "a private file became readable by all"
+
+
+def test_the_new_contents_of_a_private_file_are_never_readable_by_others_while_written(
+    tmp_path: Path,
+) -> None:
+    """The temp file took the umask's permissions (0644) and only got the replaced file's 0600 once
+    written whole: for the whole write, the new contents of a private file were readable by all."""
+    private = tmp_path / "grid.png"
+    private.write_bytes(b"an older grid")
+    private.chmod(0o600)
+    modes: list[int] = []
+
+    def pieces() -> Iterator[bytes]:
+        yield b"secret "
+        modes.extend(p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p != private)
+        yield b"pixels"
+
+    write_file_whole(private, pieces())
+    assert private.read_bytes() == b"secret pixels"
+    assert modes and all(mode & 0o077 == 0 for mode in modes), [oct(m) for m in modes]
 
 
 def test_a_picture_replaces_an_existing_file_where_os_has_no_fchmod(
