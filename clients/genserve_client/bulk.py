@@ -387,7 +387,11 @@ def write_file_durably(path: Path, data: bytes | Iterable[bytes]) -> None:
     writing, which is removed (a full disk's partial file would hold on to the space to free)."""
     tmp = path.with_name(TMP_PREFIX + path.name)
     try:
-        with open(tmp, "wb") as f:
+        # The temp name is the job's own: whatever holds it (a symlink, which recovery leaves) is
+        # removed, never written through, and the file is created anew.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        with open(tmp, "xb") as f:
             f.writelines([data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())

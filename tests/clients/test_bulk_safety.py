@@ -795,6 +795,27 @@ def test_an_image_write_that_fails_on_a_full_disk_leaves_no_temp_file_behind(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_link_at_an_images_temp_name_is_not_written_through_on_resume(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Recovery leaves a symlink at a `.tmp-` name (it removes only files), and the image's write
+    opened that name with a plain "wb": the image went into the file the link points to, outside
+    the job's folder, and the link was renamed into images/ as the image."""
+    t = ("--target", fake_server.target)
+    out = tmp_path / "job"
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
+    assert code == 0, err
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"the user's notes")
+    (out / "images" / "000003.png").unlink()  # lost behind the job's back: redone on resume
+    (out / "images" / ".tmp-000003.png").symlink_to(victim)
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(out))
+    assert code == 0, err
+    assert victim.read_bytes() == b"the user's notes", "the image was written through the link"
+    image = out / "images" / "000003.png"
+    assert not image.is_symlink() and image.read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_job_whose_manifest_is_removed_while_it_runs_stops_instead_of_reporting_success(
     fake_server: FakeServer,
     tmp_path: Path,
