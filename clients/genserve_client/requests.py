@@ -368,8 +368,8 @@ def interpolate_request(
 def _check_crossover(field: str, crossover: object) -> None:
     """An explicit crossover of 0 is out of range (0 < crossover < num_layers), but on the wire it is
     proto3's unset: a mix's would take the request's crossover (an image mixed elsewhere), the
-    request's would come back as 'mixes[0].crossover: required'."""
-    if isinstance(crossover, int) and not isinstance(crossover, bool) and crossover == 0:
+    request's would come back as 'mixes[0].crossover: required'. A numpy integer 0 likewise."""
+    if isinstance(crossover, int | np.integer) and not isinstance(crossover, bool) and crossover == 0:
         raise ValueError(
             f"{field}: must be in 1..num_layers - 1 (0 < crossover < num_layers: layers [0, crossover) "
             f"come from the coarse seed, the rest from the fine one), got 0"

@@ -16,7 +16,7 @@ from server_support import ServerProcess, running_server
 from style_models import MIX_CROSSOVER, NUM_LAYERS, write_style_models
 
 from genserve.v1 import genserve_pb2 as pb
-from genserve_client import GenserveClient, cli
+from genserve_client import GenserveClient, calls, cli
 from genserve_client.cli import default_crossover
 from genserve_client.grid import make_grid
 
@@ -59,6 +59,21 @@ def test_the_library_refuses_a_crossover_of_0_rather_than_mixing_at_another(
             with pytest.raises(ValueError, match=rf"^{re.escape(field)}: must be in 1\.\.num_layers - 1"):
                 client.mix_styles(names["generator"], mixes, format="raw", **options)
         assert len(client.mix_styles(names["generator"], [(3, 4, 1)], crossover=2, format="raw").raw) == 1
+
+
+@pytest.mark.parametrize("zero", [np.int64(0), np.uint32(0), np.int32(0)])
+def test_a_numpy_crossover_of_0_is_refused_as_an_int_0_is(zero: Any) -> None:
+    """The refusal of an explicit crossover 0 looked for a Python int only: a numpy integer 0 (a
+    crossover taken from np.arange or an array of mixes) went on the wire as proto3's unset, the mix
+    then mixed at the request's crossover and the request's came back 'mixes[0].crossover:
+    required'. It is refused naming the field, as 0 is."""
+    for mixes, options, field in (
+        ([(1, 2), (3, 4, zero)], {"crossover": 2}, "mixes[1].crossover"),
+        ([(1, 2)], {"crossover": zero}, "crossover"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{re.escape(field)}: must be in 1\.\.num_layers - 1"):
+            calls.mix_styles("g", mixes, **options)
+    assert calls.mix_styles("g", [(3, 4, np.int64(1))], crossover=np.int64(2)).request.mixes[0].crossover == 1
 
 
 def test_cli_mix_draws_the_grid_and_interpolates_in_w_space(
