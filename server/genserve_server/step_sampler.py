@@ -557,11 +557,14 @@ def check_labels(values: Sequence[int], class_names: Sequence[str], n: int, name
         if len(values):
             raise invalid("labels", f"{name} is not class-conditional (no class_names); send no labels")
         return None
+    classes = f"in [0, {len(class_names)})"
+    if not len(values):  # "got 0" read as a label 0 sent and refused
+        raise invalid(
+            "labels", f"required for {name}: one label {classes} for every sample or one per sample, got none"
+        )
     if len(values) not in (1, n):
         expected = "1 value (one image)" if n == 1 else f"1 or {n} values"
-        raise invalid(
-            "labels", f"required for {name}: {expected} in [0, {len(class_names)}), got {len(values)}"
-        )
+        raise invalid("labels", f"must have {expected} {classes}, got {len(values)} values")
     labels = [int(v) for v in values] * (n if len(values) == 1 else 1)
     for i, label in enumerate(labels):
         if not 0 <= label < len(class_names):
