@@ -164,6 +164,21 @@ class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[mi
         async for response in super().ServerReflectionInfo(request_iterator, context):
             yield response
 
+    def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
+        """grpc's answer, and for a method (`<package>.<service>.<method>`, which grpc.reflection's
+        file_containing_symbol takes and `grpcurl describe` asks for) its service's file: protobuf's
+        pool finds messages, fields, enums and services by name, not methods (NOT_FOUND)."""
+        response = super()._file_containing_symbol(request, fully_qualified_name)
+        if response.HasField("error_response"):
+            service_name, _, method = fully_qualified_name.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                return response
+            if method in service.methods_by_name:
+                return super()._file_containing_symbol(request, service_name)
+        return response
+
 
 # Bytes a locale did not decode, as Python holds them (surrogateescape): U+DC80..U+DCFF.
 _UNDECODED = re.compile("[\udc80-\udcff]+")

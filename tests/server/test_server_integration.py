@@ -861,6 +861,27 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
     assert "grpc.health.v1.Health" in services
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        "genserve.v1.GenerationService.Sample",
+        "inference.GRPCInferenceService.ModelInfer",
+        "grpc.health.v1.Health.Watch",
+    ],
+)
+def test_reflection_finds_the_file_declaring_a_method(channel: grpc.Channel, method: str) -> None:
+    """`grpcurl describe <service>.<method>` asks for the file containing the method's full name
+    (grpc.reflection's `<package>.<service>[.<method>]`): it is the service's file."""
+    database = ProtoReflectionDescriptorDatabase(channel)
+    service, _, name = method.rpartition(".")
+    found = database.FindFileContainingSymbol(method)
+    assert found.name == database.FindFileContainingSymbol(service).name
+    methods = [m.name for s in found.service if f"{found.package}.{s.name}" == service for m in s.method]
+    assert name in methods
+    with pytest.raises(KeyError):  # asked of the server: a fresh database has nothing cached
+        ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol(f"{service}.NoSuchMethod")
+
+
 def test_metrics_endpoint_exports_the_contract_names(tiny_server: ServerProcess) -> None:
     text = tiny_server.metrics_text()
     for name in (
