@@ -322,7 +322,16 @@ class JobLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never through a link (a copied or shared job folder): its target would be truncated and
+        # overwritten with the holder's line. Windows has no O_NOFOLLOW.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or self.path.is_symlink():
+                raise BulkError(
+                    f"{self.path} is a symbolic link, not a job's lock file: remove it and run again"
+                ) from None
+            raise
         try:
             lock_exclusively(fd)
         except BlockingIOError:

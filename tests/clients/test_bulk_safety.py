@@ -816,6 +816,33 @@ def test_a_link_at_an_images_temp_name_is_not_written_through_on_resume(
     assert not image.is_symlink() and image.read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_link_at_job_lock_is_refused_and_its_target_left_as_it_was(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """job.lock was opened with a plain create-if-missing open: a symlink at OUT/job.lock (a copied
+    or shared job folder) had the file it points to truncated and overwritten with the holder's line."""
+    t = ("--target", fake_server.target)
+    out = tmp_path / "job"
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
+    assert code == 0, err
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"the user's notes")
+    (out / "job.lock").unlink()
+    (out / "job.lock").symlink_to(victim)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "job.lock").symlink_to(victim)
+    for args in (("--resume", str(out)), ("--model", "fake-gen", "--n", "4", "--out", str(fresh))):
+        code, _, err = cli_main(capsys, *t, "bulk", *args)
+        assert code == 2, err
+        lock = Path(args[1] if args[0] == "--resume" else args[-1]) / "job.lock"
+        assert f"{lock} is a symbolic link" in err, err
+        assert "Traceback" not in err
+        assert victim.read_bytes() == b"the user's notes", "the lock's line was written through the link"
+        assert lock.is_symlink()
+    assert not (fresh / "images").exists() and sorted(p.name for p in fresh.iterdir()) == ["job.lock"]
+
+
 def test_a_job_whose_manifest_is_removed_while_it_runs_stops_instead_of_reporting_success(
     fake_server: FakeServer,
     tmp_path: Path,
