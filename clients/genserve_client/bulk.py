@@ -502,6 +502,14 @@ def manifest_entry(path: Path, lineno: int, line: bytes) -> dict[str, Any]:
         raise BulkError(f"{path}:{lineno}: manifest line without an integer index")
     if not isinstance(entry.get("file"), str):
         raise BulkError(f"{path}:{lineno}: manifest line without a file name")
+    folder, _, name = entry["file"].partition("/")
+    if folder != IMAGES_DIR or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        # Joined to the job folder as it is read: `..` or an absolute path (a manifest from someone
+        # else, a copied folder) would have resume and verify read and hash files outside the job.
+        raise BulkError(
+            f"{path}:{lineno}: field 'file' must name a file in {IMAGES_DIR}/ (as the job writes "
+            f"{IMAGES_DIR}/NAME), got {entry['file']!r}"
+        )
     return entry
 
 

@@ -430,6 +430,33 @@ def test_a_resume_over_a_manifest_line_without_a_file_name_names_the_line(
         bulk(fake_server.target, tmp_path, BulkParams("fake-gen", n=3))
 
 
+@pytest.mark.parametrize("outside", ["../notes.png", "images/../../notes.png", "ABSOLUTE"])
+def test_a_resume_over_a_manifest_line_naming_a_file_outside_its_images_folder_is_refused_naming_the_line(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], outside: str
+) -> None:
+    """A manifest line's "file" was joined to the job folder unchecked: a manifest from someone else
+    (a copied job folder) naming `..` or an absolute path had `bulk --resume --verify` read and hash
+    a file outside the job, and count it as the job's image when its sha256 matched."""
+    out = tmp_path / "job"
+    command = ("--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(out))
+    assert cli_main(capsys, *command)[0] == 0
+    victim = tmp_path / "notes.png"
+    victim.write_bytes(b"the user's notes")
+    file = str(victim) if outside == "ABSOLUTE" else outside
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    entry = json.loads(lines[1])
+    (out / entry["file"]).unlink()
+    lines[1] = json.dumps({**entry, "file": file, "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()})
+    manifest.write_text("\n".join(lines) + "\n")
+    before = manifest.read_bytes()
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "bulk", "--resume", str(out), "--verify")
+    assert code == 2, err
+    assert f"{manifest}:2: field 'file' must name a file in images/" in err and repr(file) in err, err
+    assert "Traceback" not in err
+    assert manifest.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -254,6 +254,27 @@ def test_a_damaged_manifest_is_a_problem_verify_lists_not_a_usage_error_or_a_tra
     assert f"{manifest}:1: manifest line without a file name" in err
 
 
+def test_a_manifest_line_naming_a_file_outside_its_images_folder_is_a_problem_verify_lists(
+    spread: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A manifest line's "file" was joined to the folder unchecked: a copied folder whose manifest
+    # names `..` or an absolute path had verify --hashes read and hash files outside the job (a whole
+    # file in memory), and call the job complete where the sha256 matched.
+    a, b = spread
+    victim = tmp_path / "notes.png"
+    victim.write_bytes(b"the user's notes")
+    manifest = shard_folder(b, 1) / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    for file in ("../../../notes.png", str(victim)):
+        entry = json.loads(lines[0])
+        entry.update(file=file, sha256=hashlib.sha256(victim.read_bytes()).hexdigest())
+        manifest.write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
+        code, _, err = cli_main(capsys, "verify", str(a), str(b), "--hashes")
+        assert code == 1 and "Traceback" not in err, err
+        assert f"{manifest}:1: field 'file' must name a file in images/" in err and repr(file) in err, err
+        assert "NOT the complete job" in err
+
+
 def test_a_damaged_job_file_of_one_shard_is_listed_with_the_other_shards_problems(
     spread: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
