@@ -85,6 +85,31 @@ def out_of_memory(error: BaseException) -> str:
     return text[found.start() :].splitlines()[0].split(" ; ")[0].strip()[:200]
 
 
+# ONNX Runtime's words for a graph newer than it: an IR version (model.cc), an opset (ValidateOpsetForDomain).
+_ORT_IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+)(?:, max supported IR version: (\d+))?")
+_ORT_OPSET_TOO_NEW = re.compile(r"Opset (\d+) is under development")
+_ORT_OPSET_MAX = re.compile(r"support for domain (\S+) is till opset (\d+)")
+
+
+def too_new_for_runtime(error: BaseException, version: str = "") -> str:
+    """Where `error` is ONNX Runtime refusing a graph of an IR version or opset newer than it supports:
+    that, short ("IR version 99, newer than ONNX Runtime 1.20.1 supports (at most 10)": `version` is
+    ONNX Runtime's), without its C++ source path and function; "" for any other error."""
+    if isinstance(error, GenserveError):
+        return ""
+    text = str(error)
+    found = _ORT_IR_TOO_NEW.search(text)
+    what, most = (f"IR version {found[1]}", found[2]) if found else ("", None)
+    if not found and (found := _ORT_OPSET_TOO_NEW.search(text)) is not None:
+        domain = _ORT_OPSET_MAX.search(text)
+        what = f"opset {found[1]}" + (f" (domain {domain[1].rstrip('.')})" if domain else "")
+        most = domain[2] if domain else None
+    if not what:
+        return ""
+    runtime = f"ONNX Runtime {version}" if version else "this ONNX Runtime"
+    return f"{what}, newer than {runtime} supports" + (f" (at most {most})" if most else "")
+
+
 class GenserveError(Exception):
     """Base error: `code` is the status the boundary sends, `field` the offending request field,
     `verbatim` a part of the message that is the client's own text (a name it sent, as the message

@@ -61,6 +61,7 @@ from genserve_contract.runtime import GRAPH_OPTIMIZATION_LEVELS, ort_path
 from genserve_contract.runtime import RuntimeConfig as RuntimeConfig
 from genserve_contract.runtime import RuntimeConfigError as RuntimeConfigError
 from genserve_contract.runtime import parse_runtime_config as parse_runtime_config
+from genserve_server.errors import Unavailable, too_new_for_runtime
 from genserve_server.gpu_gate import CAPTURE_GATE
 
 logger = logging.getLogger(__name__)
@@ -489,6 +490,16 @@ def _ort_options(options: Mapping[str, str]) -> dict[str, str]:
     return {k: ort_path(Path(v)) if k in _PATH_OPTIONS else v for k, v in options.items()}
 
 
+def _refuse_if_too_new(exc: Exception, path: Path) -> None:
+    """Unavailable, short and naming `path`, where `exc` is ONNX Runtime refusing a graph of an IR
+    version or opset newer than it supports: its own text (its C++ source path and function
+    signature) goes to the log at DEBUG."""
+    too_new = too_new_for_runtime(exc, ort.__version__)
+    if too_new:
+        logger.debug("%s: onnxruntime said: %s", path, str(exc).strip())
+        raise Unavailable(f"{path}: {too_new}") from exc
+
+
 def create_session(
     model: Path | bytes,
     requested: Sequence[str],
@@ -563,6 +574,7 @@ def create_session(
                 )
         except Exception as exc:  # ORT raises its own untyped errors (Fail, RuntimeException, ...)
             if len(chain) == 1:
+                _refuse_if_too_new(exc, path)
                 raise
             if run_config.cuda_graph and chain[0][0] == CUDA:
                 # CUDA graphs need every node on CUDA: retry CUDA without them before giving CUDA up.

@@ -776,6 +776,43 @@ def test_corrupt_models_are_unavailable_with_reasons_while_others_load(tmp_path:
     with_repo(root, check)
 
 
+def test_a_graph_newer_than_onnx_runtime_is_refused_naming_its_file_and_version_briefly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model.onnx of an IR version or opset newer than ONNX Runtime supports is refused at load.
+    Its reason (ListModels, GetModel, KServe metadata, the log's line) was ONNX Runtime's raw text:
+    its C++ source path and function signature, a trailing newline. It names the file, the version
+    found and the most ONNX Runtime takes; ONNX Runtime's own text stays in the log at DEBUG."""
+    from onnx import helper
+
+    root = tmp_path / "models"
+    ir = generator_graph(TINY_LATENT, 1, 8, 8)
+    ir.ir_version = 99
+    opset = generator_graph(TINY_LATENT, 1, 8, 8)
+    del opset.opset_import[:]
+    opset.opset_import.append(helper.make_opsetid("", 40))
+    files = {}
+    for name, model in (("new-ir", ir), ("new-opset", opset)):
+        card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+        files[name] = write_model(root, name, "generator", model, card) / "model.onnx"
+
+    def check(repo: Repository) -> None:
+        for name, found in (("new-ir", "IR version 99"), ("new-opset", "opset 40")):
+            mv = repo.get(name).versions["1"]
+            assert mv.state == ModelState.UNAVAILABLE, (name, mv.state)
+            reason = mv.reason
+            assert str(files[name]) in reason and found in reason, reason
+            assert "newer than ONNX Runtime" in reason and "supports (at most " in reason, reason
+            assert "onnxruntime_src" not in reason and "::" not in reason and "\n" not in reason, reason
+
+    with caplog.at_level(logging.DEBUG, logger="genserve_server"):
+        with fails_within(60):
+            with_repo(root, check)
+    lines = [r for r in caplog.records if "new-" in r.getMessage() and r.levelno >= logging.INFO]
+    assert lines and all("onnxruntime_src" not in r.getMessage() for r in lines), lines
+    assert any(r.levelno == logging.DEBUG and "model.cc" in r.getMessage() for r in caplog.records)
+
+
 def test_a_model_file_that_is_not_a_regular_file_is_named_as_such_not_as_missing(tmp_path: Path) -> None:
     """docs/model-repository.md: a FIFO or a device in place of model.onnx is refused as unreadable,
     naming it. It is there: "file not found" sends the operator looking for a file that exists."""
