@@ -148,6 +148,18 @@ def _check_style_fields(card: Mapping[str, Any], kind: Kind, need: Callable[[str
         )
 
 
+def _check_channels(card: Mapping[str, Any], kind: Kind, need: Callable[[str, bool, str], None]) -> None:
+    """channels: null where there is no image; 1 or 3 for an image output (served as gray or RGB
+    images: the server's load refuses others, config.load_card)."""
+    channels: Any = card["channels"]
+    if kind.maps_latent:  # w, no image: the image fields are null (image_size: below)
+        need("channels", channels is None, "null")
+    elif kind.image_output_name is not None:
+        need("channels", is_int(channels) and channels in (1, 3), "1 (gray) or 3 (RGB)")
+    elif kind.takes_image:
+        need("channels", is_int(channels) and channels > 0, "a positive int")
+
+
 def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
     problems: list[str] = []
     kind = Kind(card["kind"])
@@ -158,10 +170,7 @@ def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:
             problems.append(f"{where}: field {field!r} must be {what} for kind {kind}, got {got!r}")
 
     has_image = kind.image_output_name is not None or kind.takes_image
-    if kind.maps_latent:  # w, no image: the image fields are null (image_size: below)
-        need("channels", card["channels"] is None, "null")
-    elif has_image:
-        need("channels", is_int(card["channels"]) and card["channels"] > 0, "a positive int")
+    _check_channels(card, kind, need)
     if kind.image_output_name is not None:
         need("output_range", _is_range(card["output_range"]), "[lo, hi] with lo < hi")
     else:  # the range of the image output: none to give (style_mapping, vae_encoder, code_prior);

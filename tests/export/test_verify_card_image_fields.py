@@ -106,6 +106,52 @@ def test_nhwc_graph_under_a_hand_written_card_fails_verify(exported: Path, tmp_p
     assert any("channels" in e and "[1, 8, 8, 1]" in e for e in report.models[0].errors), report.format()
 
 
+@pytest.mark.parametrize("channels", [2, 4])
+def test_a_card_of_other_than_1_or_3_channels_fails_verify_as_the_server_refuses_it(
+    exported: Path, tmp_path: Path, channels: int
+) -> None:
+    """A hand-written card for an RGBA (or gray + alpha) generator, its channels as its graph says:
+    the server's load refuses it (config.load_card: channels must be 1 (gray) or 3 (RGB)), and verify
+    passed it, its card check taking any positive channels. verify refuses it, naming channels."""
+    from genserve_server.config import ConfigError, load_card
+
+    root = tmp_path / "repo"
+    shutil.copytree(exported, root)
+    weights = np.random.default_rng(0).normal(0, 0.5, (8, channels * 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["z", "W"], ["hidden"]),
+            helper.make_node("Tanh", ["hidden"], ["act"]),
+            helper.make_node("Reshape", ["act", "shape"], ["image"]),
+        ],
+        "rgba",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, 8, 8])],
+        [
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(np.array([-1, channels, 8, 8]), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    (root / "gray" / "1" / "model.onnx").write_bytes(data)
+    _edit_card(
+        root,
+        channels=channels,
+        outputs=[{"name": "image", "dtype": "float32", "shape": [-1, channels, 8, 8]}],
+        sha256={"model.onnx": hashlib.sha256(data).hexdigest()},
+    )
+    with pytest.raises(ConfigError, match="channels"):
+        load_card(root / "gray" / "1" / "card.json")  # what the server does with it
+    report = verify_repository(root, recompute_quality=False)
+    assert not report.ok, report.format()
+    assert any(
+        "'channels'" in e and "1 (gray) or 3 (RGB)" in e and f"got {channels}" in e
+        for e in report.models[0].errors
+    ), report.format()
+
+
 class TinySuperResolution(nn.Module):
     def __init__(self) -> None:
         super().__init__()
