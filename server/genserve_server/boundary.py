@@ -123,9 +123,10 @@ async def abort(
 
 
 def shown_method(method: str) -> str:
-    """A method name as a log line may write it: as it is when plain, else (the client's :path,
-    which could hold a newline, `key=value` or terminal escapes) its repr, clipped."""
-    return method if _PLAIN_METHOD.fullmatch(method) else repr(clip_message(method))
+    """A method name as a log line may write it, clipped as other client strings are: as it is when
+    plain, else (the client's :path, which could hold a newline, `key=value` or terminal escapes) its
+    repr."""
+    return clip_message(method) if _PLAIN_METHOD.fullmatch(method) else repr(clip_message(method))
 
 
 def request_id(context: Context) -> str:

@@ -488,6 +488,23 @@ def test_a_method_no_service_has_is_named_in_its_status_with_its_control_charact
     )
 
 
+def test_a_long_plain_method_is_cut_in_its_refusal_line_as_other_client_strings_are(
+    service: Boundary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A method no service has, its :path plain characters (up to gRPC's 16 KiB of headers), was
+    written whole on the refusal line, where every other client string a log line quotes (a
+    control-character path included) is cut to MAX_MESSAGE_BYTES."""
+    path = "/a." + "b" * 15000 + "/C"
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(Aborted):
+            asyncio.run(service.unknown_method(path, FakeContext()))  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records if "code=UNIMPLEMENTED" in r.getMessage()]
+    assert lines, caplog.text
+    assert all(len(line) < 2 * MAX_MESSAGE_BYTES and "characters left out" in line for line in lines), [
+        len(line) for line in lines
+    ]
+
+
 @pytest.mark.parametrize(("sent", "shown"), [(10.0001, "10.0001"), (-0.1, "-0.1"), (1e30, "1e+30")])
 def test_a_psi_refusal_names_the_float32_the_client_sent_as_it_wrote_it(sent: float, shown: str) -> None:
     """genserve.v1's truncation_psi is a proto float: 10.0001 arrives as 10.000100135803223, which
