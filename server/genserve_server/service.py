@@ -344,6 +344,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def _do_encode(self, request: pb.EncodeRequest, call: Call) -> pb.EncodeResponse:
         mv = self.core.resolve(call, request.model, request.version, (Kind.VAE_ENCODER,), "Encode")
         n = validate.count(len(request.images), "images", *row_limit(self.limits.max_images_per_request, mv))
+        if request.seed and not request.sample:
+            # proto3's seed 0 is unset: a seed given is for the z that only sample draws.
+            raise invalid(
+                "seed", f"is used only with sample (the z it draws): set sample, got seed {request.seed}"
+            )
         seed = validate.base_seed(request.seed, n, "seed", "len(images)") if request.sample else None
         encoded = await self.core.encode_vae(mv, call, request.images, seed)
         dists = []

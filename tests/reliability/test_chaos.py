@@ -332,6 +332,8 @@ class Storm:
                 sample=rng.random() < 0.5,
                 seed=rng.randrange(100),
             )
+            if not request.sample:
+                request.seed = 0  # a seed is for sample's z only (refused without it)
             await self._unary(op, "Encode", gen.Encode(request, timeout=budget), budget, cancel)
         elif op == "infer":
             rows = rng.randrange(1, 6)

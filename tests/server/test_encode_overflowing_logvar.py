@@ -70,7 +70,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 def _image_request(model: str, sample: bool) -> pb.EncodeRequest:
     gray = (np.arange(SIDE * SIDE, dtype=np.uint8).reshape(SIDE, SIDE, 1) * 3).astype(np.uint8)
     image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=gray.tobytes(), shape=[SIDE, SIDE, 1])
-    return pb.EncodeRequest(model=model, images=[image, image], sample=sample, seed=3)
+    return pb.EncodeRequest(model=model, images=[image, image], sample=sample, seed=3 if sample else 0)
 
 
 def test_a_z_that_overflows_is_an_internal_error_naming_the_model_not_an_infinite_latent(

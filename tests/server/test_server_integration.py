@@ -533,6 +533,18 @@ def test_encode_rejects_wrong_size_naming_the_image(stub: pb_grpc.GenerationServ
     assert "images[0]: must be 8x8" in details_of(excinfo)
 
 
+def test_encode_refuses_a_seed_without_sample_naming_both(stub: pb_grpc.GenerationServiceStub) -> None:
+    image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(8 * 8), shape=[8, 8, 1])
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[image], seed=5))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    details = details_of(excinfo)
+    assert details.startswith("seed:") and "sample" in details, details
+    # No seed (proto3's 0) without sample is the plain distribution, as before.
+    plain = stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=[image]))
+    assert len(plain.latents) == 1 and not plain.latents[0].HasField("z")
+
+
 def test_encode_refuses_a_large_png_from_its_header_without_decoding_it(
     stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
 ) -> None:

@@ -499,6 +499,7 @@ class EncodeRequest(_message.Message):
     sample: _builtins.bool
     """Also draw z = mu + exp(logvar / 2) * eps, eps from seed + i's stream."""
     seed: _builtins.int
+    """With sample only: a nonzero seed without sample is INVALID_ARGUMENT naming `seed`."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]:
         """1..ModelInfo.max_images_per_request images (the server's max_images_per_request, 256 by
