@@ -530,8 +530,12 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             values, where = [int(v) for v in tensor], "inputs[label]"
         elif param is not None:
             values, where = [param], "parameters[label]"
-        else:
-            values, where = [], "inputs[label]"
+        else:  # either way of sending a label is named
+            raise invalid(
+                "inputs[label]",
+                f"required for conditional model {card.name} (classes 0..{len(card.class_names) - 1}): "
+                "the label input (one class per image) or parameters[label] (one class for every image)",
+            )
         labels = validate.labels(values, card, n, where)
         assert labels is not None
         return np.ascontiguousarray(labels, dtype=np.int64)

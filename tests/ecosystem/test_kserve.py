@@ -410,6 +410,17 @@ def test_refusals_name_the_kserve_field_the_client_set(stub: kpb_grpc.GRPCInfere
     assert _invalid(stub, no_labels).startswith("inputs[label].shape[0]: must be in 1..")
 
 
+def test_a_conditional_model_sent_no_label_names_both_ways_to_send_one(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """A label goes as the `label` input or the `label` parameter: the refusal of none names both."""
+    request = kpb.ModelInferRequest(model_name=COND)
+    request.parameters["seed"].int64_param = 3
+    details = _invalid(stub, request)
+    assert "inputs[label]" in details and "parameters[label]" in details, details
+    assert "required" in details, details
+
+
 def test_a_truncation_psi_parameter_is_the_float32_genserve_v1_uses(
     stub: kpb_grpc.GRPCInferenceServiceStub, tiny_repo: Path
 ) -> None:
