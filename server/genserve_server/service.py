@@ -173,7 +173,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         else:
             base = request.base_seed if request.HasField("base_seed") else None
             seeds = validate.request_seeds(
-                request.seeds, request.count, base, limit, self.core.random_base_seed, limit_name
+                request.seeds,
+                request.count,
+                base,
+                limit,
+                self.core.random_base_seed,
+                limit_name,
+                "seeds or latents",
             )
             n = len(seeds)
             labels = validate.labels(request.labels, card, n)

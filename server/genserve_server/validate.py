@@ -154,9 +154,11 @@ def request_seeds(
     limit: int,
     random_base: Callable[[int], int],
     limit_name: str = "max_images_per_request",
+    counted_by: str = "seeds",
 ) -> list[int]:
     """The seeds of a request that gives `seeds`, or `count` images from `base_seed` (base_given;
-    None: a random base from `random_base(n)`), each field checked where the client set it."""
+    None: a random base from `random_base(n)`), each field checked where the client set it.
+    `counted_by`: the fields that give the count where count is 0, named in its refusal."""
     if seeds_given:
         n = count(len(seeds_given), "seeds", limit, limit_name)
         if count_given not in (0, n):
@@ -164,6 +166,10 @@ def request_seeds(
         if base_given is not None:
             raise invalid("base_seed", "cannot be combined with seeds")
         return seeds(seeds_given)
+    if count_given == 0:
+        raise invalid(
+            "count", f"must be in 1..{limit} ({limit_name}), got 0; 0 only where {counted_by} give the count"
+        )
     n = count(count_given, "count", limit, limit_name)
     base = random_base(n) if base_given is None else base_seed(base_given, n)
     return list(range(base, base + n))

@@ -188,6 +188,21 @@ def test_sample_codes_above_its_decoders_queue_names_count_and_the_decoders_queu
     assert len(stub.SampleCodes(request, timeout=30).images) == 4
 
 
+def test_a_count_of_0_without_seeds_says_what_else_gives_the_count(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # count may be 0 where seeds (or Sample's latents) give it: the refusal of count 0 alone said
+    # only 'count: must be in 1..4', as if 0 were never allowed.
+    err = _refusal(stub.Sample, pb.SampleRequest(model="g4"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("count: must be in 1..4"), err.details()
+    assert "seeds or latents" in err.details(), err.details()
+    err = _refusal(stub.SampleCodes, pb.SampleCodesRequest(model="q-prior", labels=[0]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("count: must be in 1..4"), err.details()
+    assert "seeds" in err.details() and "latents" not in err.details(), err.details()
+
+
 def test_a_sample_codes_stream_with_previews_is_not_refused_for_its_own_decodes(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:
