@@ -685,9 +685,10 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
     check_sample_size(args.n, len(labels))
-    top_level = args.top_temperature is not None or args.top_top_k
+    # Given at all (0 included: the prior's default) they are refused for another kind, as --psi is.
+    top_level = args.top_temperature is not None or args.top_top_k is not None
     if info.kind != "code_prior" and (
-        args.progress or args.temperature is not None or args.top_k or top_level
+        args.progress or args.temperature is not None or args.top_k is not None or top_level
     ):
         raise UsageError(
             f"sample: --progress, --temperature, --top-k, --top-temperature and --top-top-k are for code "
@@ -1708,7 +1709,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top-k",
         type=parse_uint32,
-        default=0,
         help="code priors: sample among the k likeliest codes (0: the model's default, normally all)",
     )
     p.add_argument(
@@ -1720,7 +1720,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top-top-k",
         type=parse_uint32,
-        default=0,
         help="two-level code priors: the top level's own top-k (0: --top-k, else the top prior's default)",
     )
     p.add_argument(

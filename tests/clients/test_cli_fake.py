@@ -152,6 +152,26 @@ def test_bench_fails_when_no_request_succeeds(
     assert code == 0, err
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [("--top-k", "0"), ("--top-top-k", "0"), ("--top-k", "3"), ("--temperature", "0.5")],
+)
+def test_a_code_prior_option_on_a_generator_is_refused_whatever_its_value(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, str]
+) -> None:
+    # --top-k 0 and --top-top-k 0 (the prior's default) on a generator were taken without a word,
+    # while any other code-prior option given to it (--top-k 3, --temperature) is refused.
+    grid = tmp_path / "g.png"
+    code, _, err = cli_main(
+        capsys, "--target", fake_server.target, "sample", "--model", "fake-gen", "--n", "1", *flags,
+        "--grid", str(grid),
+    )  # fmt: skip
+    assert code == 2, err
+    assert flags[0] in err and "code priors" in err, err
+    assert not grid.exists()
+    assert set(fake_server.service.calls) <= {"GetModel"}
+
+
 def test_image_commands_refuse_unknown_output_suffixes(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
