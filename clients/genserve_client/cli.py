@@ -1074,6 +1074,9 @@ def through(provenance: Provenance, first: Provenance) -> Provenance:
 
 def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     check_picture_path("edit", "--out", args.out)
+    if args.all_dims and not args.sweep:
+        # a row per dimension of the sweep grid: without one it would edit z[--dim] alone
+        raise UsageError("edit: --all-dims needs --sweep (a row of the sweep grid per latent dimension)")
     if args.sweep:
         check_sweep_size(args.sweep_steps + 1, f"--sweep-steps {args.sweep_steps}")
         for flag, value in (("--sweep-from", args.sweep_from), ("--sweep-to", args.sweep_to)):

@@ -76,6 +76,20 @@ def test_a_flag_out_of_range_is_refused_naming_the_flag_and_its_limit(
     assert not fake_server.service.calls and not grid.exists()
 
 
+def test_edit_all_dims_without_sweep_is_refused_rather_than_editing_dim_0(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--all-dims draws a row per dimension of the --sweep grid: without --sweep it was ignored, and
+    the command wrote one picture of z[0] moved by --delta (exit 0), not what was asked for."""
+    image, out = tmp_path / "in.png", tmp_path / "e.png"
+    Image.new("L", (8, 8), 128).save(image)
+    args = ["edit", str(image), "--model", "vae", "--out", str(out), "--all-dims"]
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *args)
+    assert code == 2, err
+    assert "--all-dims" in err and "--sweep" in err, err
+    assert not fake_server.service.calls and not out.exists()
+
+
 @pytest.mark.parametrize("name", ["grid.txt", "grid", "."])
 @pytest.mark.parametrize("flag", ["--grid", "--progress"])
 def test_a_picture_name_without_an_image_suffix_is_refused_before_any_call(
