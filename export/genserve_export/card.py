@@ -78,7 +78,8 @@ USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
     + (("domains",) if kind.two_way else ())
     for kind in Kind
 }
-# The most input image channels the server loads a card with (genserve_server.config.load_card).
+# The most image channels the server loads a card with: input_channels, and channels where the kind
+# only takes an image (genserve_server.config.load_card).
 MAX_INPUT_CHANNELS = 4
 # Fields of the style kinds only (written for them, absent from other kinds' cards).
 STYLE_CARD_FIELDS: tuple[str, ...] = ("w_dim", "num_layers", "w_avg")
@@ -150,14 +151,19 @@ def _check_style_fields(card: Mapping[str, Any], kind: Kind, need: Callable[[str
 
 def _check_channels(card: Mapping[str, Any], kind: Kind, need: Callable[[str, bool, str], None]) -> None:
     """channels: null where there is no image; 1 or 3 for an image output (served as gray or RGB
-    images: the server's load refuses others, config.load_card)."""
+    images: the server's load refuses others, config.load_card); up to MAX_INPUT_CHANNELS for a kind
+    that only takes an image (the server reads channels no higher)."""
     channels: Any = card["channels"]
     if kind.maps_latent:  # w, no image: the image fields are null (image_size: below)
         need("channels", channels is None, "null")
     elif kind.image_output_name is not None:
         need("channels", is_int(channels) and channels in (1, 3), "1 (gray) or 3 (RGB)")
     elif kind.takes_image:
-        need("channels", is_int(channels) and channels > 0, "a positive int")
+        need(
+            "channels",
+            is_int(channels) and 1 <= channels <= MAX_INPUT_CHANNELS,
+            f"an int in 1..{MAX_INPUT_CHANNELS} (the server refuses more)",
+        )
 
 
 def _validate_kind_fields(card: Mapping[str, Any], where: str) -> list[str]:

@@ -244,3 +244,33 @@ def test_a_fixed_size_card_whose_size_is_no_multiple_of_size_multiple_fails_veri
     assert any("image_size" in e and "[10, 10]" in e and "size_multiple" in e for e in errors), (
         report.format()
     )
+
+
+@pytest.mark.parametrize(("channels", "served"), [(4, True), (5, False)])
+def test_an_encoders_channels_pass_verify_exactly_when_the_server_loads_them(
+    tmp_path: Path, channels: int, served: bool
+) -> None:
+    """A kind that takes an image and outputs none (vae_encoder): the server's load reads its card's
+    channels up to 4 (config.load_card) and verify took any positive int, so a card of 5 verified OK
+    and never loaded. verify refuses what the load refuses, naming channels."""
+    from genserve_server.config import ConfigError, load_card
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "vae-digits-encoder"
+    root = tmp_path / "repo"
+    shutil.copytree(shipped, root / "vae-digits-encoder")
+    card_path = root / "vae-digits-encoder" / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["channels"] = channels
+    card_path.write_text(json.dumps(card, indent=2))
+    try:
+        load_card(card_path)  # what the server does with it
+    except ConfigError as e:
+        assert not served, e
+        assert "channels" in str(e)
+    else:
+        assert served
+    report = verify_repository(root, recompute_quality=False)
+    errors = report.models[0].errors
+    assert any("'channels'" in e for e in errors) is not served, report.format()
+    if not served:
+        assert any("'channels'" in e and "1..4" in e and "got 5" in e for e in errors), report.format()
