@@ -573,8 +573,9 @@ def create_session(
                     enable_fallback=0,
                 )
         except Exception as exc:  # ORT raises its own untyped errors (Fail, RuntimeException, ...)
+            # A graph too new for ONNX Runtime is the file's fault, whatever the provider: refused now.
+            _refuse_if_too_new(exc, path)
             if len(chain) == 1:
-                _refuse_if_too_new(exc, path)
                 raise
             if run_config.cuda_graph and chain[0][0] == CUDA:
                 # CUDA graphs need every node on CUDA: retry CUDA without them before giving CUDA up.

@@ -154,6 +154,29 @@ def test_gpu_providers_fall_back_cleanly_to_cpu(tiny_version: Path, cuda_really_
     np.testing.assert_array_equal(runner.run(_z(5))[0], expected[0])
 
 
+def test_a_graph_too_new_for_onnx_runtime_is_not_blamed_on_a_gpu_provider(
+    tiny_version: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model.onnx of an IR version newer than ONNX Runtime supports, GPU providers requested: the
+    first attempt's refusal was logged as a WARNING 'CUDAExecutionProvider unavailable: <ONNX
+    Runtime's raw text>' before the CPU attempt refused the same file, blaming the provider for the
+    model. It is refused at once, short and naming the file; no provider is said to be unavailable."""
+    import onnx
+
+    from genserve_server.errors import Unavailable
+
+    model = onnx.load(tiny_version / "model.onnx")
+    model.ir_version = 99
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    with caplog.at_level(logging.DEBUG, logger="genserve_server"):
+        with pytest.raises(Unavailable) as refused:
+            create_session(path, [CUDA, CPU], RuntimeConfig(), cores=1)
+    assert str(path) in str(refused.value) and "IR version 99" in str(refused.value), refused.value
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("unavailable" in m or "onnxruntime_src" in m for m in loud), loud
+
+
 def test_provider_chain_options() -> None:
     config = replace(RuntimeConfig(), cuda_graph=True, trt_engine_cache_dir="/var/cache/genserve/trt")
     profile = ProfileShapes({"z": [1, 16]}, {"z": [8, 16]}, {"z": [64, 16]})
