@@ -1116,7 +1116,8 @@ class BulkJob:
 
     def _entry_intact(self, entry: dict[str, Any]) -> bool:
         path = self.out_dir / entry["file"]
-        if not path.is_file():
+        # The job writes no links: one there (a copied job folder) is no image, never followed.
+        if path.is_symlink() or not path.is_file():
             return False
         # A line without its sha256 (hand-edited) cannot vouch for its file: redone, as verify reports it.
         return not self.verify or hashlib.sha256(path.read_bytes()).hexdigest() == entry.get("sha256")

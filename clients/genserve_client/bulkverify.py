@@ -187,6 +187,7 @@ class _Entries:
         self.outside = _Found(smallest=True)
         self.absent = _Found()
         self.damaged = _Found()
+        self.links = _Found()
         self.foreign = _Found(smallest=True)  # another seed, label or version than the job's
         self.corrupt = _Found()  # manifests that cannot be read, and why
 
@@ -220,7 +221,10 @@ class _Entries:
                     self.duplicates.add(index)
                     continue
                 path = folder / entry["file"]
-                if not path.is_file():
+                if path.is_symlink():  # the job writes none: never followed (a copied folder's)
+                    self.links.add(str(path))
+                    seen = _SEEN
+                elif not path.is_file():
                     self.absent.add(str(path))
                     seen = _SEEN
                 elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
@@ -319,6 +323,7 @@ def verify_job(roots: Path | Sequence[Path], *, hashes: bool = False) -> tuple[V
         ("indices whose seed, label or version is not the job's", found.foreign),
         ("files missing", found.absent),
         ("files whose sha256 differs from the manifest", found.damaged),
+        ("files that are symbolic links, which the job never writes", found.links),
         ("manifests that cannot be read", found.corrupt),
     ):
         line = items.listed(kind)

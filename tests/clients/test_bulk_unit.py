@@ -515,6 +515,32 @@ def test_a_verifying_resume_redoes_an_image_whose_manifest_line_has_no_sha256(
     assert entries[entry["index"]]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_resume_redoes_an_image_that_is_a_link_leaving_what_it_points_to_alone(
+    fake_server: FakeServer, tmp_path: Path, verify: bool
+) -> None:
+    """The job never writes a link at images/NNNNNN.png, but a copied job folder may hold one (to a
+    huge or private file): the resume followed it, took the file it points to as the image (with
+    --verify read whole and hashed, kept where its sha256 matched). The link is no image: redone as
+    a file of the job's own, the file it pointed to left as it was."""
+    out = tmp_path / "job"
+    bulk(fake_server.target, out, BulkParams("fake-gen", n=3))
+    entry = manifest_by_index(out)[1]
+    image = out / str(entry["file"])
+    private = tmp_path / "private.png"
+    private.write_bytes(image.read_bytes())  # the same bytes: its sha256 matches the manifest's
+    private.chmod(0o600)
+    image.unlink()
+    image.symlink_to(private)
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        BulkJob(client, BulkParams("fake-gen", n=3), out, verify=verify).run()
+    entries = manifest_by_index(out)
+    assert sorted(entries) == [0, 1, 2]
+    assert not image.is_symlink() and image.is_file()
+    assert entries[1]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert private.read_bytes() == image.read_bytes() and private.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_fresh_channel_draws_its_retry_jitter_from_the_callers_rng(fake_server: FakeServer) -> None:
     """A job's fresh channels retry with the jitter of the caller's rng (a seeded one reproduces)."""
     now = [0.0]

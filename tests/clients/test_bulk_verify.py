@@ -316,6 +316,25 @@ def test_an_incomplete_jobs_image_count_leaves_out_files_missing_or_damaged(
     assert code == 1 and "sha256 differs" in err and "NOT the complete job (9 of 11 images)" in err, err
 
 
+def test_an_image_that_is_a_link_is_a_problem_verify_lists_naming_it(
+    spread: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The job never writes a link at images/NNNNNN.png; a copied folder may hold one (to a huge or
+    # private file): verify followed it, counted it as the image and, with --hashes, read the file it
+    # points to whole and hashed it (the job complete where the sha256 matched).
+    a, b = spread
+    image = sorted((shard_folder(b, 1) / "images").iterdir())[0]
+    private = tmp_path / "private.png"
+    private.write_bytes(image.read_bytes())  # the same bytes: its sha256 matches the manifest's
+    image.unlink()
+    image.symlink_to(private)
+    for hashes in ((), ("--hashes",)):
+        code, _, err = cli_main(capsys, "verify", str(a), str(b), *hashes)
+        assert code == 1 and "Traceback" not in err, err
+        assert "symbolic link" in err and str(image) in err, err
+        assert "NOT the complete job (10 of 11 images)" in err, err
+
+
 def synthetic_job(out: Path, n: int, *, images: bool = True, seed: int = 40) -> None:
     """A whole job folder of n manifest lines (empty image files, or none), as bulk writes it."""
     (out / "images").mkdir(parents=True)
