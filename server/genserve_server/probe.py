@@ -34,6 +34,8 @@ EXIT_SERVING = 0
 # Every other outcome, the server unreachable or refusing the probe included: Docker's HEALTHCHECK
 # defines 1 as unhealthy and reserves 2 (argparse's usage error, which never reaches a check).
 EXIT_UNHEALTHY = 1
+# The most characters of gRPC's details the probe's line quotes (a refused connection, an HTTP/1 port).
+MAX_DETAILS = 300
 EXIT_STATUS_HELP = (
     "exit status: 0 SERVING; 1 anything else (not serving, unknown service, unreachable, refused, "
     "an unusable TLS or token file); 2 a usage error (bad arguments), before any check"
@@ -128,9 +130,9 @@ def check(
     credentials: grpc.ChannelCredentials | None = None,
     server_name: str | None = None,
     token: str | None = None,
-) -> tuple[int, str]:
+) -> tuple[int, str, str]:
     """One Health.Check (over TLS with `credentials`, with `token` as a bearer token); returns (exit
-    status, the status name or the gRPC error)."""
+    status, the status name or the gRPC error, the error's details or "")."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     if credentials is None:
@@ -145,11 +147,23 @@ def check(
             response = stub.Check(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, grpc.Call) else None
-            # NOT_FOUND (an unknown service), UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED: named.
-            return EXIT_UNHEALTHY, code.name if code is not None else "UNKNOWN"
+            details = (err.details() if isinstance(err, grpc.Call) else None) or ""
+            # NOT_FOUND (an unknown service), UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED: named,
+            # with gRPC's details (why: a refused connection, a port that speaks HTTP/1, a handshake).
+            return EXIT_UNHEALTHY, code.name if code is not None else "UNKNOWN", details
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     serving = response.status == health_pb2.HealthCheckResponse.SERVING
-    return (EXIT_SERVING if serving else EXIT_UNHEALTHY), name
+    return (EXIT_SERVING if serving else EXIT_UNHEALTHY), name, ""
+
+
+def _shown_details(details: str) -> str:
+    """`: details` on one line (its whitespace runs one space, other control characters escaped),
+    cut to MAX_DETAILS; "" for none."""
+    text = " ".join(details.split())
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    if not text:
+        return ""
+    return ": " + (text if len(text) <= MAX_DETAILS else text[: MAX_DETAILS - 3] + "...")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         _say(f"genserve-server health: {exc}")
         return EXIT_UNHEALTHY
-    status, name = check(
+    status, name, details = check(
         args.host,
         args.port,
         args.service,
@@ -170,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         token=token,
     )
     shown = args.service or '""'
-    _say(f"{shown} {name}{_certificate_note(args.tls_cert, name)}")
+    _say(f"{shown} {name}{_shown_details(details)}{_certificate_note(args.tls_cert, name)}")
     return status
 
 

@@ -275,6 +275,33 @@ def test_a_port_in_use_is_one_line_naming_the_port_and_the_flag(tmp_path: Path, 
 # ------------------------------------------------------------------------------------------ probe
 
 
+def test_the_health_probe_says_why_it_could_not_reach_the_server(capsys: pytest.CaptureFixture[str]) -> None:
+    """Pointed at a port that speaks HTTP/1 (the metrics port) or at one where nothing listens, the
+    probe printed only `"" UNAVAILABLE`, gRPC's details (the parse failure, the refused connection)
+    dropped: the operator could not tell a wrong port from a server down. Its one line says why, cut
+    short; the exit status stays 1 (unhealthy)."""
+    import http.server
+
+    from genserve_server import probe
+
+    http1 = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    serving = threading.Thread(target=http1.serve_forever, daemon=True)
+    serving.start()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        idle_port = sock.getsockname()[1]  # nothing listens
+    try:
+        for port, why in ((http1.server_address[1], "HTTP/2"), (idle_port, "Connection refused")):
+            assert probe.main(["--port", str(port), "--timeout-s", "5"]) == 1
+            out = capsys.readouterr().out
+            assert out.startswith('"" UNAVAILABLE') and why in out, out
+            assert out.count("\n") == 1 and len(out) < 400, out
+    finally:
+        http1.shutdown()
+        http1.server_close()
+        serving.join(10)
+
+
 @pytest.mark.parametrize("stdout", ["closed", "reader gone"])
 def test_the_health_probe_answers_serving_whatever_became_of_its_stdout(
     tiny_server: ServerProcess, stdout: str
