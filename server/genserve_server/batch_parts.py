@@ -35,10 +35,15 @@ class Caller(Protocol):
     ahead. `counted_out` is set when the first of them is counted as refused (queue_full) or dropped
     (deadline, cancelled): the others that leave with it are not counted again, since those counters
     count requests (docs/metrics.md). `refused`: a refusal the boundary counts as it answers (where
-    and the reason), under the status its client gets (core.Call.refused)."""
+    and the reason), under the status its client gets (core.Call.refused). `metrics`: the model the
+    RPC called, under which its drop is counted, whichever model's queue its rows left (a style
+    generator's mapping: docs/metrics.md)."""
 
     counted_out: bool
     refused: tuple[Refusals, str] | None
+
+    @property
+    def metrics(self) -> Refusals: ...
 
 
 class Held(Protocol):

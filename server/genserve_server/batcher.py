@@ -603,9 +603,10 @@ class Batcher:
         self._observer.on_queue_depth(self._queued_rows)
 
     def _dropped(self, caller: Caller | None, reason: str) -> None:
-        """Count a request that leaves before compute, once for its RPC `caller` (Caller)."""
+        """Count a request that leaves before compute, once for its RPC `caller` (Caller), under the
+        model that RPC called (a style generator's, for its rows in its mapping's queue)."""
         if count_once(caller):
-            self._observer.on_dropped(reason)
+            (self._observer if caller is None else caller.metrics).on_dropped(reason)
 
     def _deadline_passed(self, caller: Caller | None) -> DeadlineExceeded:
         """A request whose deadline passed before it was queued (or its rows reserved), full queue or

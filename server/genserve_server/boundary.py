@@ -232,7 +232,7 @@ class Boundary:
                 # Decided with the clock reading that decides what its client gets (Call.refused).
                 counts, reason = call.refused
                 if past_deadline:
-                    counts.on_dropped("deadline")
+                    call.metrics.on_dropped("deadline")  # the model it called (Caller.metrics)
                 else:
                     counts.on_rejected(reason)
             if exc.code == Code.INTERNAL or out_of_memory:

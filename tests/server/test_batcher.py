@@ -828,9 +828,10 @@ def test_rows_withdrawn_because_a_sibling_part_failed_are_not_counted_as_a_cance
 class Rpc:
     """The RPC a request's parts belong to, as core.Call is to the batcher (batch_parts.Caller)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Any) -> None:
         self.counted_out = False
         self.refused: tuple[Any, str] | None = None
+        self.metrics = metrics  # the model it called: its drops count there
 
 
 @pytest.mark.parametrize("how", ["expire_queued", "cancelled", "expired_at_admission", "queue_full"])
@@ -845,7 +846,7 @@ def test_a_request_whose_parts_all_leave_together_is_counted_once(how: str) -> N
         model = FakeModel()
         batcher, recorder = make(model, max_queue_size=6)
         gate, blocker = await hold_runner(batcher, model)
-        rpc = Rpc()
+        rpc = Rpc(recorder)
         deadline = None
         if how == "expire_queued":
             deadline = time.monotonic() + 0.05
@@ -1617,11 +1618,13 @@ def refusal_counted_through_the_boundary(
 
     rejected = "genserve_requests_rejected_total"
     dropped = "genserve_requests_dropped_total"
-    # Under p (the call's own model) only what the boundary counts as the call ends: a client that
-    # went away before it was answered is one `cancelled` drop (docs/metrics.md); the refusal and a
-    # deadline drop are d's, counted once (count_once).
+    # Under p (the call's own model) the call's drop, counted once (count_once) as it ends: a client
+    # that went away before it was answered is one `cancelled` drop, one past its deadline a
+    # `deadline` drop (docs/metrics.md: a call's drop counts under the model it called); the
+    # refusal is d's, whose queue or lane refused it.
     assert counted("p", rejected, REJECT_REASONS) == {}
-    assert counted("p", dropped, DROP_REASONS) == ({"cancelled": 1.0} if ending == "client cancelled" else {})
+    drops = {"client cancelled": {"cancelled": 1.0}, "deadline": {"deadline": 1.0}}.get(ending, {})
+    assert counted("p", dropped, DROP_REASONS) == drops
     return counted("d", rejected, REJECT_REASONS), counted("d", dropped, DROP_REASONS), context.aborted
 
 
@@ -1641,9 +1644,9 @@ def test_a_queue_full_refusal_is_counted_under_the_status_its_client_gets(
     code prior stream's decode reservation) reaches the boundary a loop turn or more later, by when
     the client may have cancelled (CANCELLED) or the deadline passed (DEADLINE_EXCEEDED, nothing
     sent): the batcher counted `queue_full` as it raised, whatever its client got. Now the call is
-    marked and the boundary counts it as it answers, under the batcher's model (d, not the call's
-    p): `queue_full` if RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, and for a
-    call its client cancelled (counted CANCELLED) the boundary's `cancelled` drop under p."""
+    marked and the boundary counts it as it answers: `queue_full` under the batcher's model (d, not
+    the call's p) if RESOURCE_EXHAUSTED is sent; past the deadline a `deadline` drop, and for a call
+    its client cancelled (counted CANCELLED) a `cancelled` drop, both under p, the model called."""
 
     async def refuse(batcher: Batcher, call: Call, clock: FakeClock) -> None:
         with batcher.reserved(4):  # other calls' rows take the whole queue
@@ -1655,7 +1658,7 @@ def test_a_queue_full_refusal_is_counted_under_the_status_its_client_gets(
 
     rejected, dropped, aborted = refusal_counted_through_the_boundary(monkeypatch, refuse, ending)
     assert rejected == ({"queue_full": 1.0} if sent else {})
-    assert dropped == ({"deadline": 1.0} if ending == "deadline" else {})
+    assert dropped == {}  # the call's drop is p's (refusal_counted_through_the_boundary)
     assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if sent else [])
 
 
@@ -1668,9 +1671,9 @@ def test_a_bulk_budget_refusal_is_counted_under_the_status_its_client_gets(
     reading as it raised, while the boundary reads the clock again to decide what to send: a refusal
     reaching it after the deadline (a stream's chunk computed ahead, a busy loop) was counted `budget`
     and DEADLINE_EXCEEDED, one whose client had cancelled `budget` and CANCELLED. Now the call is
-    marked and the boundary counts it as it answers, under the batcher's model: `budget` if
-    RESOURCE_EXHAUSTED is sent, a `deadline` drop past the deadline, the boundary's `cancelled`
-    drop under p if cancelled."""
+    marked and the boundary counts it as it answers: `budget` under the batcher's model if
+    RESOURCE_EXHAUSTED is sent; a `deadline` drop past the deadline, a `cancelled` drop if
+    cancelled, both under p, the model called."""
 
     async def refuse(batcher: Batcher, call: Call, clock: FakeClock) -> None:
         held = RefusingHeld(clock, clock.now)  # refused at once, before the deadline
@@ -1686,7 +1689,7 @@ def test_a_bulk_budget_refusal_is_counted_under_the_status_its_client_gets(
 
     rejected, dropped, aborted = refusal_counted_through_the_boundary(monkeypatch, refuse, ending)
     assert rejected == ({"budget": 1.0} if sent else {})
-    assert dropped == ({"deadline": 1.0} if ending == "deadline" else {})
+    assert dropped == {}  # the call's drop is p's (refusal_counted_through_the_boundary)
     assert aborted == ([grpc.StatusCode.RESOURCE_EXHAUSTED] if sent else [])
 
 
@@ -2275,9 +2278,9 @@ def test_reserved_rows_count_as_queued_and_a_request_into_them_is_never_refused(
         model = FakeModel()
         batcher, recorder = make(model, max_queue_size=6)
         gate, blocker = await hold_runner(batcher, model)
-        rpc = Rpc()
+        rpc = Rpc(recorder)
         with batcher.reserved(3, rpc) as room:
-            refused = Rpc()
+            refused = Rpc(recorder)
             with pytest.raises(ResourceExhausted, match="queue full"):
                 with batcher.reserved(4, refused):
                     pass

@@ -16,10 +16,11 @@ from server_support import fill_queue, hold_runs, run_with_core
 from style_models import NUM_LAYERS, W_DIM, write_style_models
 
 from genserve_server import style_sampling, validate
-from genserve_server.batch_keys import StyleRows
+from genserve_server.batch_keys import LatentRows, StyleRows
 from genserve_server.batcher import Lane
 from genserve_server.core import Call, GenerationCore
-from genserve_server.errors import ResourceExhausted
+from genserve_server.errors import DeadlineExceeded, ResourceExhausted
+from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 
 PNG = validate.output_spec(1, 0, None, False)
@@ -32,11 +33,13 @@ async def until(predicate: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
-def style_call(core: GenerationCore, name: str, method: str, how: str) -> Awaitable[Any]:
+def style_call(
+    core: GenerationCore, name: str, method: str, how: str, deadline: float | None = None
+) -> Awaitable[Any]:
     """One call of `method` to the style generator `name` through the core, released at its end."""
 
     async def run() -> Any:
-        call = Call(method, "test", time.monotonic(), core.metrics.unresolved())
+        call = Call(method, "test", time.monotonic(), core.metrics.unresolved(), deadline=deadline)
         mv = core.resolve(call, name, "", ("style_generator",), method)
         try:
             if how == "sample":
@@ -150,3 +153,42 @@ def test_a_style_calls_rows_computing_in_the_synthesis_no_longer_take_its_queue(
         assert not any(isinstance(d, BaseException) for d in done), done
 
     run_with_core(tmp_path, body)
+
+
+def test_a_style_call_whose_deadline_passes_in_its_mappings_queue_is_a_drop_of_the_generator_called(
+    tmp_path: Path,
+) -> None:
+    """docs/metrics.md: genserve_requests_dropped_total counts every call of a model that ends
+    DEADLINE_EXCEEDED, under the model its client called, as genserve_requests_total does. A style
+    call whose deadline passed while its rows waited in its mapping's queue was counted under the
+    mapping (drops without requests there, requests without drops under the generator)."""
+    names = write_style_models(tmp_path)
+    metrics = Metrics(enabled=True)
+
+    def dropped(model: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "genserve_requests_dropped_total", {"model": model, "version": "1", "reason": "deadline"}
+        )
+        return value or 0.0
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        mapping = repo.get(names["mapping"]).resolve("").batcher
+        assert mapping is not None
+        free = hold_runs(mapping)
+        blocker = asyncio.ensure_future(
+            mapping.submit(LatentRows(), {"z": np.zeros((1, 8), np.float32)}, 1, caller=None)
+        )
+        await until(lambda: mapping._batches_in_flight > 0)
+        deadline = time.monotonic() + 0.3  # its rows reach the mapping's queue before it passes
+        call = asyncio.ensure_future(style_call(core, names["generator"], "Sample", "sample", deadline))
+        await until(lambda: mapping.queued_rows > 0 or call.done())
+        assert not call.done(), call.exception()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        free.set()
+        with pytest.raises(DeadlineExceeded):
+            await call
+        await blocker
+        assert (dropped(names["generator"]), dropped(names["mapping"])) == (1, 0)
+
+    run_with_core(tmp_path, body, metrics)
