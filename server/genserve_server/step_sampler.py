@@ -283,8 +283,7 @@ class StepScheduler:
         DEADLINE_EXCEEDED); counted once for the RPC `caller`."""
         if deadline is not None and time.monotonic() >= deadline:
             self.stats.expired += n
-            if count_once(caller) and self.metrics is not None:
-                self.metrics.dropped["deadline"].inc()
+            self._count_drop(caller, "deadline")
             raise DeadlineExceeded(f"{self.name}: deadline passed before the request joined; not computed")
 
     def check_room(self, n: int, caller: Caller | None = None) -> None:
@@ -431,8 +430,15 @@ class StepScheduler:
             self.stats.cancelled += 1
         if row.request not in dropped and not withdrawn(row.future):
             dropped[row.request] = reason
-            if count_once(row.caller) and self.metrics is not None:
-                self.metrics.dropped[reason].inc()
+            self._count_drop(row.caller, reason)
+
+    def _count_drop(self, caller: Caller | None, reason: str) -> None:
+        """genserve_requests_dropped_total, once for the RPC `caller`, under the model it called (a
+        two-level call's top prior's rows: the prior called, as its requests_total: Caller.metrics)."""
+        if count_once(caller):
+            counts = self.metrics if caller is None else caller.metrics
+            if counts is not None:
+                counts.on_dropped(reason)
 
     def call_rows(self, n: int) -> int:
         """Rows of this step's call for `n` running rows: `n`, or with `stable_shapes` the bucket,

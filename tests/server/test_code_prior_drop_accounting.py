@@ -230,3 +230,29 @@ def test_a_call_cancelled_while_its_step_fails_is_counted_as_a_cancelled_drop(tm
 
     run_with_core(tmp_path, body, metrics)
     assert ledger(metrics, names["prior"])["cancelled"] == 1
+
+
+def test_a_two_level_call_whose_deadline_passes_in_its_top_priors_steps_is_a_drop_of_the_prior_called(
+    tmp_path: Path,
+) -> None:
+    """docs/metrics.md: a call's drop counts under the model its client called, as its
+    genserve_requests_total does. A two-level call (SampleCodes on a chained prior) whose deadline
+    passed while its top prior's steps ran was counted under the top prior."""
+    names = write_code_models(tmp_path, grid=GRID, k=16, max_rows=MAX_ROWS)
+    metrics = Metrics(enabled=True)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        top = core.stepper(repo.get(names["top"]).resolve(""))
+        reached, go = gate(top, at_step=2)
+        deadline = time.monotonic() + 0.1
+        call = asyncio.ensure_future(sample(core, names["chain"], [1, 2], deadline=deadline))
+        await reached.wait()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        go.set()
+        with pytest.raises(DeadlineExceeded):
+            await call
+
+    run_with_core(tmp_path, body, metrics)
+    drops = {m: ledger(metrics, names[m])["deadline"] for m in ("chain", "top", "decoder2")}
+    assert drops == {"chain": 1, "top": 0, "decoder2": 0}

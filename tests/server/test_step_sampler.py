@@ -1392,9 +1392,10 @@ def test_an_rpc_whose_requests_all_leave_counts_one_drop_across_them(
     metrics = Metrics(enabled=True)
 
     async def body(repo: Repository, core: GenerationCore) -> None:
-        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        prior = repo.get(names["prior"]).resolve("")
+        scheduler = core.stepper(prior)
         count_calls(scheduler, delay_s=0.002)
-        rpc = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+        rpc = Call("SampleCodesStream", "test", time.monotonic(), prior.metrics)  # a call of the prior
         chunks = [
             asyncio.ensure_future(scheduler.sample([seed], [0], None, SamplingOptions(), None, caller=rpc))
             for seed in (1, 2)
