@@ -320,7 +320,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         labels: np.ndarray | None = None
         if card.kind.conditional:
             if len(request.labels) == 2:
-                # The class embedding is not interpolated: the first half uses the first label.
+                # The class embedding is not interpolated: the first ceil(steps / 2) images (an odd
+                # path's middle one too) use the first label (genserve.proto InterpolateRequest).
                 validate.labels(request.labels, card, 2)
                 labels = np.where(
                     np.arange(steps) < (steps + 1) // 2, request.labels[0], request.labels[1]

@@ -464,6 +464,25 @@ def test_interpolate_between_latents_and_two_labels(stub: pb_grpc.GenerationServ
     assert details_of(excinfo).startswith("truncation_psi: truncates the latents drawn from seeds")
 
 
+def test_an_odd_path_between_two_labels_gives_its_middle_image_the_first_label(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """genserve.proto InterpolateRequest.labels and docs/client.md: the first ceil(steps / 2) images
+    take the first label, so an odd path's middle image is the first label's."""
+    for steps, expected in ((5, [1, 1, 1, 7, 7]), (3, [1, 1, 7]), (2, [1, 7])):
+        path = stub.Interpolate(
+            pb.InterpolateRequest(
+                model="tiny-cond",
+                start=pb.LatentPoint(seed=1),
+                end=pb.LatentPoint(seed=2),
+                steps=steps,
+                labels=[1, 7],
+                output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG),
+            )
+        )
+        assert [g.label for g in path.images] == expected, steps
+
+
 def test_sample_refuses_truncation_psi_with_explicit_latents_on_a_latent_model(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:

@@ -456,7 +456,9 @@ class InterpolateRequest(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Conditional models: the class of every image on the path (one value) or of start and end
-        (two values, the class embedding is not interpolated: the first half uses the first label).
+        (two values; the class embedding is not interpolated: the first ceil(steps / 2) images take
+        the first label, the others the second, so an even steps splits in halves and an odd steps
+        gives its middle image the first label, e.g. steps 5 with labels [A, B]: A A A B B).
         """
 
     @_builtins.property
