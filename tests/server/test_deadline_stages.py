@@ -98,7 +98,10 @@ def test_a_code_prior_call_whose_deadline_passes_between_steps_is_dropped_as_dea
             lambda: sum(_dropped(server, "prior")) - sum(before) == calls, 10, "the calls counted as dropped"
         )
         deadline, cancelled = _dropped(server, "prior")
-        assert (deadline - before[0], cancelled - before[1]) == (calls, 0)
+        # Most as deadline (the defect: all `cancelled`, none `deadline`). Not all: on a loaded
+        # machine the client's own cancel at its deadline can land before the server's deadline,
+        # and that call is rightly `cancelled` (docs/metrics.md).
+        assert deadline - before[0] > cancelled - before[1]
         # The rows left: no step runs for the calls after their deadlines.
         steps = server.metric("genserve_batch_size_count", model="prior")
         time.sleep(0.3)
