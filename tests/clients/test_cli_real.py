@@ -285,6 +285,22 @@ def test_a_new_bulk_job_of_an_unknown_model_or_version_exits_2_naming_the_flag(
         assert "resumable" not in proc.stderr and not out.exists()
 
 
+def test_a_new_bulk_job_of_a_model_kind_bulk_cannot_serve_is_refused_before_its_folder_is_made(
+    tiny_server: Any, tmp_path: Path
+) -> None:
+    # Bulk streams SampleStream, which only the kinds that answer Sample serve: a job of another kind
+    # (an encoder, an image-to-image model, a code prior) could never run, yet the server's refusal
+    # came only once the job had made images/, job.lock and manifest.jsonl in --out.
+    for model, kind in (("tiny-vae-enc", "vae_encoder"), ("tiny-i2i", "image_to_image")):
+        out = tmp_path / model
+        args = ("bulk", "--model", model, "--n", "4", "--out", str(out))
+        proc = run_cli("--target", tiny_server.target, *args)
+        assert proc.returncode == 2, proc.stderr
+        assert model in proc.stderr and kind in proc.stderr, proc.stderr
+        assert "generator" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "resumable" not in proc.stderr and not out.exists(), proc.stderr
+
+
 def test_bench_json(tiny_server: Any) -> None:
     proc = cli(
         tiny_server,
