@@ -1073,14 +1073,39 @@ def through(provenance: Provenance, first: Provenance) -> Provenance:
     )
 
 
+# edit's defaults: --delta without --sweep; the sweep's range and values with it.
+EDIT_DELTA = 2.0
+EDIT_SWEEP_FROM = -3.0
+EDIT_SWEEP_TO = 3.0
+EDIT_SWEEP_STEPS = 9
+
+
 def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     check_picture_path("edit", "--out", args.out)
     if args.all_dims and not args.sweep:
         # a row per dimension of the sweep grid: without one it would edit z[--dim] alone
         raise UsageError("edit: --all-dims needs --sweep (a row of the sweep grid per latent dimension)")
+    # Unset (None) unless given, so that one given where it does nothing is refused, not ignored.
+    sweep_flags = (
+        ("--sweep-from", args.sweep_from),
+        ("--sweep-to", args.sweep_to),
+        ("--sweep-steps", args.sweep_steps),
+    )
+    given = [flag for flag, value in sweep_flags if value is not None]
+    if given and not args.sweep:
+        raise UsageError(f"edit: {', '.join(given)} shape the --sweep grid: give --sweep, or leave them out")
+    if args.sweep and args.delta is not None:
+        raise UsageError(
+            "edit: --delta is added to z[dim] without --sweep; --sweep sets z[dim] to each value of the "
+            "sweep (--sweep-from, --sweep-to, --sweep-steps): leave --delta out"
+        )
+    delta = EDIT_DELTA if args.delta is None else args.delta
+    sweep_from = EDIT_SWEEP_FROM if args.sweep_from is None else args.sweep_from
+    sweep_to = EDIT_SWEEP_TO if args.sweep_to is None else args.sweep_to
+    sweep_steps = EDIT_SWEEP_STEPS if args.sweep_steps is None else args.sweep_steps
     if args.sweep:
-        check_sweep_size(args.sweep_steps + 1, f"--sweep-steps {args.sweep_steps}")
-        for flag, value in (("--sweep-from", args.sweep_from), ("--sweep-to", args.sweep_to)):
+        check_sweep_size(sweep_steps + 1, f"--sweep-steps {sweep_steps}")
+        for flag, value in (("--sweep-from", sweep_from), ("--sweep-to", sweep_to)):
             if abs(value) > MAX_ABS_LATENT:
                 raise UsageError(
                     f"edit: {flag} must be in [-{MAX_ABS_LATENT:g}, {MAX_ABS_LATENT:g}] (the server's "
@@ -1095,22 +1120,22 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
         raise UsageError(f"--dim must be in [0, {mu.shape[0]}), got {args.dim}")
     if not args.sweep:
         z = mu.copy()
-        z[args.dim] += args.delta
+        z[args.dim] += delta
         if abs(float(z[args.dim])) > MAX_ABS_LATENT:  # before the decode the server would refuse
             raise UsageError(
-                f"edit: --delta {args.delta:g} takes z[{args.dim}] from {mu[args.dim]:.3f} to "
+                f"edit: --delta {delta:g} takes z[{args.dim}] from {mu[args.dim]:.3f} to "
                 f"{z[args.dim]:g}, past the server's bound on latents, |z| <= {MAX_ABS_LATENT:g}"
             )
         decoded = client.decode(decoder, np.stack([mu, z]), version=version)
         text = png_text(
-            through(decoded.provenance, encoded.provenance), source=args.image, dim=args.dim, delta=args.delta
+            through(decoded.provenance, encoded.provenance), source=args.image, dim=args.dim, delta=delta
         )
         save_picture(decoded.pil()[1], Path(args.out), text)
         _out(f"z[{args.dim}]: {mu[args.dim]:.3f} -> {z[args.dim]:.3f}")
         return 0
     # Latent traversal: each row moves one dimension over the prior's range, the others stay at
     # the image's posterior mean; column 0 repeats the input for reference.
-    values = np.linspace(args.sweep_from, args.sweep_to, args.sweep_steps)
+    values = np.linspace(sweep_from, sweep_to, sweep_steps)
     dims = range(mu.shape[0]) if args.all_dims else [args.dim]
     if args.all_dims:
         cells = len(dims) * (len(values) + 1)
@@ -1132,8 +1157,8 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
         for r, d in enumerate(dims)
     ]
     dims_text = "all" if args.all_dims else str(args.dim)
-    sweep = f"{args.sweep_from:g}..{args.sweep_to:g}"
-    text = png_text(provenance, source=args.image, dims=dims_text, sweep=sweep, steps=args.sweep_steps)
+    sweep = f"{sweep_from:g}..{sweep_to:g}"
+    text = png_text(provenance, source=args.image, dims=dims_text, sweep=sweep, steps=sweep_steps)
     save_picture(make_grid(rows, captions=["input", *(f"={v:.2f}" for v in values)]), Path(args.out), text)
     return 0
 
@@ -1806,16 +1831,32 @@ def build_parser() -> argparse.ArgumentParser:
         "version (default: the highest version ready in both)",
     )
     p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
-    p.add_argument("--delta", type=parse_float32, default=2.0, help="added to z[dim]")
+    p.add_argument(
+        "--delta", type=parse_float32, help=f"added to z[dim]; not with --sweep (default: {EDIT_DELTA})"
+    )
     p.add_argument(
         "--sweep",
         action="store_true",
         help="grid of z[dim] set to each value of the sweep, captioned =VALUE (--delta is what adds)",
     )
     p.add_argument("--all-dims", action="store_true", help="with --sweep: one row per latent dimension")
-    p.add_argument("--sweep-from", type=parse_float32, default=-3.0, help="first value of the sweep")
-    p.add_argument("--sweep-to", type=parse_float32, default=3.0, help="last value of the sweep")
-    p.add_argument("--sweep-steps", type=parse_positive, default=9, help="values in the sweep")
+    # --delta and the sweep's flags default to unset (cmd_edit fills in these): one given where it does
+    # nothing is refused.
+    p.add_argument(
+        "--sweep-from",
+        type=parse_float32,
+        help=f"with --sweep: first value of the sweep (default: {EDIT_SWEEP_FROM})",
+    )
+    p.add_argument(
+        "--sweep-to",
+        type=parse_float32,
+        help=f"with --sweep: last value of the sweep (default: {EDIT_SWEEP_TO})",
+    )
+    p.add_argument(
+        "--sweep-steps",
+        type=parse_positive,
+        help=f"with --sweep: values in the sweep (default: {EDIT_SWEEP_STEPS})",
+    )
     p.add_argument("--out", required=True, help="PNG file (the edited image, or the sweep grid)")
 
     for name, help_text in (("upscale", "super-resolution"), ("translate", "image-to-image translation")):

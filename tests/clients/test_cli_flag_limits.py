@@ -90,6 +90,37 @@ def test_edit_all_dims_without_sweep_is_refused_rather_than_editing_dim_0(
     assert not fake_server.service.calls and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (("--sweep-from", "-1"), "--sweep-from"),
+        (("--sweep-to", "1"), "--sweep-to"),
+        (("--sweep-steps", "9"), "--sweep-steps"),  # its default given is given all the same
+        (("--sweep-from", "-1", "--sweep-to", "1"), "--sweep-from, --sweep-to"),
+        (("--sweep", "--delta", "1"), "--delta"),
+        (("--sweep", "--delta", "2"), "--delta"),
+    ],
+)
+def test_an_edit_flag_given_where_it_has_no_effect_is_refused_naming_it(
+    review_server: tuple[ServerProcess, dict[str, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: tuple[str, ...],
+    named: str,
+) -> None:
+    """--sweep-from/--sweep-to/--sweep-steps shape the --sweep grid and --delta the single edit:
+    given to the other they were ignored without a word (argparse defaults), as --all-dims was, and
+    the command wrote what the flag did not ask for (exit 0)."""
+    server, _ = review_server
+    image, out = tmp_path / "in.png", tmp_path / "e.png"
+    Image.new("L", (8, 8), 128).save(image)
+    args = ["edit", str(image), "--model", "vae", "--out", str(out), *flags]
+    code, _, err = cli_main(capsys, "--target", server.target, *args)
+    assert code == 2, err
+    assert f"edit: {named} " in err and "--sweep" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", ["grid.txt", "grid", "."])
 @pytest.mark.parametrize("flag", ["--grid", "--progress"])
 def test_a_picture_name_without_an_image_suffix_is_refused_before_any_call(
