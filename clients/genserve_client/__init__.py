@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         GeneratedItem,
         ImageResult,
         Provenance,
+        ReplayOptions,
         SampleResult,
     )
     from genserve_client.retry import RetryPolicy
@@ -40,6 +41,7 @@ __all__ = [
     "GenserveClientError",
     "ImageResult",
     "Provenance",
+    "ReplayOptions",
     "RetryPolicy",
     "SampleResult",
     "SampleStream",
@@ -60,6 +62,7 @@ _MODULES = {
     "GeneratedItem": "results",
     "ImageResult": "results",
     "Provenance": "results",
+    "ReplayOptions": "results",
     "SampleResult": "results",
     "RetryPolicy": "retry",
 }

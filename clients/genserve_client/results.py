@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypedDict
 
 import grpc
 import numpy as np
@@ -14,6 +15,16 @@ from PIL import Image as PILImage
 from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client.convert import array_to_pil, image_to_array, tensor_to_array
 from genserve_client.errors import GenserveClientError
+
+
+class ReplayOptions(TypedDict, total=False):
+    """A code prior's sampling as `sample_codes` options (requests.CodesOptions' keys and types), so
+    that `**provenance.replay_options()` type-checks where the options do."""
+
+    temperature: float
+    top_k: int
+    top_temperature: float
+    top_top_k: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +76,7 @@ class Provenance:
             tuple((m.model, m.temperature, m.top_k) for m in p.used_models if m.HasField("temperature")),
         )
 
-    def replay_options(self) -> dict[str, float | int]:
+    def replay_options(self) -> ReplayOptions:
         """A code prior's sampling as it ran, as `sample_codes` options: with the same model,
         version, seeds and labels, the same grids and images bit for bit. `temperature` and `top_k`,
         and where a top prior sampled the top grids at its own settings `top_temperature` and
@@ -73,9 +84,9 @@ class Provenance:
         always replayed); empty for other models."""
         if self.temperature is None:
             return {}
-        options: dict[str, float | int] = {"temperature": self.temperature, "top_k": self.top_k}
+        options: ReplayOptions = {"temperature": self.temperature, "top_k": self.top_k}
         for _, temperature, top_k in self.used_sampling[:1]:  # a two-level prior has one top prior
-            options.update(top_temperature=temperature, top_top_k=top_k)
+            options["top_temperature"], options["top_top_k"] = temperature, top_k
         return options
 
 

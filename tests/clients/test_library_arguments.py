@@ -694,6 +694,28 @@ async def aio(client: AsyncGenserveClient) -> None:
     assert (list(request.seeds), list(request.labels)) == ([0, 1, 2], [7, 8, 9])
 
 
+def test_a_provenances_replay_options_type_check_as_sample_codes_options(tmp_path: Path) -> None:
+    """docs/client.md: `client.sample_codes(model, seeds=..., **result.provenance.replay_options())`
+    gives the same bytes; replay_options() was hinted dict[str, float | int], which mypy --strict
+    refused unpacked into sample_codes' typed options (a float is no `version: str`, ...)."""
+    report = mypy_strict(
+        tmp_path,
+        """
+from genserve_client import AsyncGenserveClient, CodesResult, GenserveClient
+
+
+def sync(client: GenserveClient, result: CodesResult) -> None:
+    client.sample_codes("prior", seeds=[1, 2], return_codes=True, **result.provenance.replay_options())
+    temperature: float = result.provenance.replay_options()["temperature"]
+
+
+async def aio(client: AsyncGenserveClient, result: CodesResult) -> None:
+    await client.sample_codes("prior", seeds=[1, 2], **result.provenance.replay_options())
+""",
+    )
+    assert "Success: no issues found" in report, report
+
+
 @pytest.mark.parametrize(
     "top_codes",
     [
