@@ -205,7 +205,7 @@ def get_model(
 
 
 def sample_stream(
-    model: str, count: int, *, timeout_s: float | None = None, **opts: Unpack[rq.StreamOptions]
+    model: str, count: rq.Int, *, timeout_s: float | None = None, **opts: Unpack[rq.StreamOptions]
 ) -> StreamCall:
     """Images [start_index, count) of a bulk job, chunk by chunk, resumed after transient errors
     at the index after the last image yielded (each index is yielded exactly once) and on the

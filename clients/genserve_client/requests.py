@@ -29,6 +29,8 @@ Format: TypeAlias = "str | types_pb2.ImageFormat.ValueType"
 Latent: TypeAlias = "int | npt.ArrayLike"  # a seed, or an explicit float32 [Z] latent
 # Seeds and labels: a list of ints or a numpy integer array (`np.arange(n)`), as protobuf takes them.
 Ints: TypeAlias = "Sequence[int] | npt.NDArray[np.integer[Any]]"
+# One integer the builders check as an int or a numpy integer (a crossover from np.arange).
+Int: TypeAlias = "int | np.integer[Any]"
 
 # Translate's direction: a two_way_translator's A -> B (the default) or B -> A (its card's `domains`).
 DIRECTIONS = {
@@ -65,7 +67,7 @@ class StreamOptions(OutputOptions, total=False):
     labels: Ints
     psi: float
     version: str
-    start_index: int
+    start_index: Int
     chunk_size: int
 
 
@@ -104,14 +106,14 @@ class InterpolateOptions(OutputOptions, total=False):
 class MixOptions(OutputOptions, total=False):
     """MixStyles (genserve.proto MixStylesRequest)."""
 
-    crossover: int  # the first fine layer of every mix that gives none: 0 < crossover < num_layers
+    crossover: Int  # the first fine layer of every mix that gives none: 0 < crossover < num_layers
     psi: float  # truncation in w space of every mix that gives none
     version: str
     priority: types_pb2.Priority.ValueType
 
 
 # One image of a style mix: (coarse_seed, fine_seed) or (coarse_seed, fine_seed, crossover).
-Mix: TypeAlias = "tuple[int, int] | tuple[int, int, int]"
+Mix: TypeAlias = "tuple[Int, Int] | tuple[Int, Int, Int]"
 
 
 class EncodeOptions(TypedDict, total=False):
@@ -301,7 +303,7 @@ def sample_codes_request(
 
 
 def sample_stream_request(
-    model: str, count: int, **opts: Unpack[StreamOptions]
+    model: str, count: Int, **opts: Unpack[StreamOptions]
 ) -> genserve_pb2.SampleStreamRequest:
     # A job of no images would silently yield nothing: refused. start_index == count is a stream
     # resumed after its last image (as genserve.proto allows): nothing is left, so it yields nothing

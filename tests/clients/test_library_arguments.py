@@ -694,6 +694,36 @@ async def aio(client: AsyncGenserveClient) -> None:
     assert (list(request.seeds), list(request.labels)) == ([0, 1, 2], [7, 8, 9])
 
 
+def test_numpy_integer_mixes_crossovers_and_stream_counts_type_check_in_both_clients(tmp_path: Path) -> None:
+    """mix_styles takes numpy integer seeds and crossovers (a crossover from np.arange, a 0 refused
+    as an int 0 is) and sample_stream a numpy integer count and start_index, as they check at run
+    time, but they were hinted int, so mypy --strict refused those calls in user code."""
+    report = mypy_strict(
+        tmp_path,
+        """
+import numpy as np
+from genserve_client import AsyncGenserveClient, GenserveClient
+
+crossovers = np.arange(1, 4)
+done = np.int64(3)
+
+
+def sync(client: GenserveClient) -> None:
+    client.mix_styles("style", [(1, 2, k) for k in crossovers], crossover=crossovers[0])
+    client.mix_styles("style", [(np.int64(1), np.uint32(2))])
+    for _ in client.sample_stream("gen", np.int64(10), start_index=done):
+        pass
+
+
+async def aio(client: AsyncGenserveClient) -> None:
+    await client.mix_styles("style", [(1, 2, crossovers[1])], crossover=np.int32(2))
+    async for _ in client.sample_stream("gen", done * 2, start_index=done):
+        pass
+""",
+    )
+    assert "Success: no issues found" in report, report
+
+
 def test_a_provenances_replay_options_type_check_as_sample_codes_options(tmp_path: Path) -> None:
     """docs/client.md: `client.sample_codes(model, seeds=..., **result.provenance.replay_options())`
     gives the same bytes; replay_options() was hinted dict[str, float | int], which mypy --strict
