@@ -157,6 +157,11 @@ def test_sample_without_seed_picks_and_returns_seeds(stub: pb_grpc.GenerationSer
         (pb.SampleRequest(model="tiny-gen", count=257), "count: must be in 1..256"),
         (pb.SampleRequest(model="tiny-cond", count=1, labels=[12]), "labels[0]: must be in [0, 10), got 12"),
         (pb.SampleRequest(model="tiny-cond", count=1, labels=[-1]), "labels[0]"),
+        (pb.SampleRequest(model="tiny-cond", count=1, labels=[10]), "labels[0]: must be in [0, 10), got 10"),
+        (
+            pb.SampleRequest(model="tiny-cond", count=2, labels=[1, 10]),
+            "labels[1]: must be in [0, 10), got 10",
+        ),
         (pb.SampleRequest(model="tiny-cond", count=1), "labels: required"),
         (pb.SampleRequest(model="tiny-cond", count=3, labels=[1, 2]), "labels: must have 1 or 3"),
         (
@@ -167,6 +172,7 @@ def test_sample_without_seed_picks_and_returns_seeds(stub: pb_grpc.GenerationSer
         (pb.SampleRequest(model="tiny-gen", count=1, truncation_psi=0), "truncation_psi"),
         (pb.SampleRequest(model="tiny-gen", count=1, truncation_psi=11), "truncation_psi"),
         (pb.SampleRequest(model="tiny-gen", seeds=[-1]), "seeds"),
+        (pb.SampleRequest(model="tiny-gen", seeds=[1, -1]), "seeds[1]: must be in [0, 2^63), got -1"),
         (pb.SampleRequest(model="tiny-gen", seeds=[1, 2], count=3), "count: must be 0 or 2"),
         (pb.SampleRequest(model="tiny-gen", count=2, base_seed=2**63 - 1), "base_seed"),
         (
@@ -192,6 +198,10 @@ def test_sample_without_seed_picks_and_returns_seeds(stub: pb_grpc.GenerationSer
             "seeds: cannot be combined",
         ),
         (
+            pb.SampleRequest(model="tiny-gen", seeds=[1], base_seed=5),
+            "base_seed: cannot be combined with seeds",
+        ),
+        (
             pb.SampleRequest(model="tiny-gen", count=1, output=tpb.OutputOptions(quality=101)),
             "output.quality",
         ),
@@ -210,6 +220,44 @@ def test_sample_invalid_arguments_name_the_field(
         stub.Sample(request_)
     assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
     assert field in details_of(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("request_", "seeds"),
+    [
+        # base_seed .. base_seed + count - 1 all below 2^63 (genserve.proto): the last base that fits.
+        (pb.SampleRequest(model="tiny-gen", count=2, base_seed=2**63 - 2), [2**63 - 2, 2**63 - 1]),
+        (pb.SampleRequest(model="tiny-gen", seeds=[2**63 - 1]), [2**63 - 1]),
+        (pb.SampleRequest(model="tiny-gen", seeds=[1], truncation_psi=10), [1]),
+        (pb.SampleRequest(model="tiny-cond", seeds=[1], labels=[9]), [1]),
+        (pb.SampleRequest(model="tiny-cond", seeds=[1, 2], labels=[0, 9]), [1, 2]),
+        (pb.SampleRequest(model="tiny-gen", seeds=[1], output=tpb.OutputOptions(png_compression=9)), [1]),
+        (
+            pb.SampleRequest(
+                model="tiny-gen",
+                seeds=[1],
+                output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG, quality=100),
+            ),
+            [1],
+        ),
+        (
+            pb.SampleRequest(
+                model="tiny-gen",
+                latents=latent_tensor(np.array([[1e4, -1e4] * (TINY_LATENT // 2)], np.float32)),
+            ),
+            [],
+        ),
+    ],
+)
+def test_a_value_at_its_documented_limit_is_accepted(
+    stub: pb_grpc.GenerationServiceStub, request_: pb.SampleRequest, seeds: list[int]
+) -> None:
+    """Each limit is inclusive where the protos say so: seeds below 2^63 (the last base of a count),
+    truncation_psi in (0, 10], labels in [0, classes), output.png_compression 0..9, quality 1..100,
+    latents |z| <= 1e4. A value at the limit is served; one past it is refused (above)."""
+    response = stub.Sample(request_)
+    assert [image.seed for image in response.images if image.HasField("seed")] == seeds
+    assert len(response.images) == max(1, len(seeds))
 
 
 @pytest.mark.parametrize(
