@@ -695,6 +695,20 @@ def test_super_resolve_with_more_tiles_than_the_queue_holds_is_invalid_naming_ti
     assert "max_queue_size=256" in details_of(excinfo)
 
 
+def test_super_resolve_takes_a_tile_size_of_1024_and_refuses_one_past_it(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """tile_size is at most 1024 (genserve.proto): 1024 itself is served, 1025 refused naming it."""
+    request = pb.ImageRequest(model="tiny-sr", images=[raw(photo(20, 30))], output=F32, tile_size=1024)
+    assert list(stub.SuperResolve(request).tiles) == [1]
+    request.tile_size = 1025
+    with pytest.raises(grpc.RpcError) as excinfo:
+        stub.SuperResolve(request)
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo).startswith("tile_size: must be in ") and "..1024 " in details_of(excinfo)
+    assert details_of(excinfo).endswith("got 1025"), details_of(excinfo)
+
+
 def test_an_output_wider_than_the_format_holds_is_invalid_before_compute(
     stub: pb_grpc.GenerationServiceStub, tiny_server: ServerProcess
 ) -> None:

@@ -13,6 +13,8 @@ import pytest
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
+from genserve_server import validate
+from genserve_server.errors import InvalidArgument
 from genserve_server.tiling import Tile, blend, extract, plan_tiles, receptive_field_radius
 
 F32 = NDArray[np.float32]
@@ -298,3 +300,22 @@ def test_real_sr_model_tiled_equals_untiled(card_path: Path) -> None:
     assert 2 * radius <= card["tile_overlap"], (
         f"{card_path}: tile_overlap {card['tile_overlap']} < 2 x measured receptive-field radius {radius}"
     )
+
+
+@pytest.mark.parametrize("size_multiple", [1, 4, 8])
+@pytest.mark.parametrize("min_size", [1, 16, 20])
+@pytest.mark.parametrize("overlap", [0, 3, 8, 32])
+def test_the_smallest_tile_a_refusal_names_is_taken_and_one_less_is_refused(
+    size_multiple: int, min_size: int, overlap: int
+) -> None:
+    """A tile_size refusal names the smallest tile_size that passes every rule (validate.tiling):
+    that size, and MAX_TILE, are taken; one less is refused naming tile_size and that size."""
+    smallest = validate.smallest_tile(overlap, size_multiple, min_size)
+    validate.tiling(smallest, overlap, size_multiple, min_size=min_size)
+    validate.tiling(validate.MAX_TILE, overlap, size_multiple, min_size=min_size)
+    with pytest.raises(InvalidArgument) as excinfo:
+        validate.tiling(smallest - 1, overlap, size_multiple, min_size=min_size)
+    message = str(excinfo.value)
+    assert message.startswith(("tile_size: ", "tile_overlap: ")), message
+    if message.startswith("tile_size: "):
+        assert f"{smallest}" in message and message.endswith(f"got {smallest - 1}"), message

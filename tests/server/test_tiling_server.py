@@ -358,11 +358,11 @@ def test_a_fixed_size_super_resolution_model_takes_each_image_as_one_tile_of_its
         call = Call("SuperResolve", "test", time.monotonic(), metrics.unresolved())
         try:
             mv = core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
-            for tile_size, tile_overlap in ((0, None), (0, 2), (16, None), (64, 4)):
+            for tile_size, tile_overlap in ((0, None), (0, 2), (16, None), (64, 4), (1024, None)):
                 upscaled = await core.upscale(mv, call, [image, image], tile_size, tile_overlap, out)
                 assert upscaled.tiles == [1, 1], (tile_size, tile_overlap)
                 assert [list(i.shape) for i in upscaled.images] == [[32, 32, 3]] * 2
-            for tile_size in (8, 12):
+            for tile_size in (8, 12, 1025):
                 with pytest.raises(InvalidArgument) as excinfo:
                     await core.upscale(mv, call, [image], tile_size, None, out)
                 message = str(excinfo.value)
