@@ -152,6 +152,33 @@ def test_predicted_send_size_refuses_before_compute_and_returns_what_to_hold() -
     assert validate.predicted_send_size(jpeg_100, 4, 1, 28, 28, limit) == 4 * (2 * 28 * 28 + header)
 
 
+def test_a_response_of_exactly_the_send_limit_is_admitted_and_a_byte_more_is_refused() -> None:
+    """max_send_message_bytes less 64 KiB and 128 bytes an image (docs/server.md) is the most a
+    response may hold: a raw image of exactly that many bytes is served, one byte wider is refused
+    naming output; images_that_fit names the count that predicted_send_size admits."""
+    limit = 1024 * 1024
+    raw = validate.output_spec(ImageFormat.RAW_UINT8, 0, None, False)
+    width = limit - validate.SEND_OVERHEAD_BYTES - validate.ITEM_FRAMING_BYTES
+    assert validate.predicted_send_size(raw, 1, 1, 1, width, limit) == width
+    with pytest.raises(InvalidArgument, match=f"^output: the response would be {width + 129} bytes"):
+        validate.predicted_send_size(raw, 1, 1, 1, width + 1, limit)
+    side = 64
+    fit = validate.images_that_fit(raw, 3, side, side, 0, limit)
+    assert fit is not None and validate.predicted_send_size(raw, fit, 3, side, side, limit) > 0
+    with pytest.raises(InvalidArgument, match="^output: "):
+        validate.predicted_send_size(raw, fit + 1, 3, side, side, limit)
+
+
+@pytest.mark.parametrize("fmt", [ImageFormat.JPEG, ImageFormat.WEBP])
+def test_an_output_side_at_the_formats_limit_is_admitted_and_one_more_is_refused(fmt: ImageFormat) -> None:
+    out = validate.output_spec(fmt, 0, None, False)
+    side = codecs.MAX_SIDE[fmt]
+    validate.encodable(out, [(8, 8), (1, side), (side, 1)])
+    refusal = f"^output.format: .* at most {side} pixels a side; output image 1 "
+    with pytest.raises(InvalidArgument, match=refusal):
+        validate.encodable(out, [(8, 8), (1, side + 1)])
+
+
 def test_working_set_counts_every_tile_the_batch_intermediates_and_the_blend_canvas() -> None:
     one = tiling.plan_tiles(64, 64, 96, 8)
     many = tiling.plan_tiles(400, 400, 96, 8)
