@@ -975,6 +975,35 @@ def test_reflection_finds_the_file_declaring_a_method(channel: grpc.Channel, met
         ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol(f"{service}.NoSuchMethod")
 
 
+@pytest.mark.parametrize(
+    ("method", "shape"),
+    [
+        ("/genserve.v1.GenerationService/Sample", "unary_unary"),
+        ("/genserve.v1.GenerationService/SampleStream", "unary_stream"),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+    ],
+)
+def test_request_bytes_that_do_not_parse_are_invalid_argument_naming_the_method(
+    channel: grpc.Channel, method: str, shape: str
+) -> None:
+    """Bytes that are not a request of the method's type are the client's fault, whatever the
+    method's shape: INVALID_ARGUMENT naming the method (limits.guard_malformed), never grpc's
+    INTERNAL 'Exception deserializing request!' nor a handler's UNKNOWN."""
+    garbage = b"\xff\xff\xff\xff"
+    call = getattr(channel, shape)(method)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        if shape == "unary_unary":
+            call(garbage, timeout=10)
+        elif shape == "unary_stream":
+            list(call(garbage, timeout=10))
+        else:
+            list(call(iter([garbage]), timeout=10))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT, details_of(excinfo)
+    assert details_of(excinfo).startswith(f"the request is not a valid protobuf message for {method}: "), (
+        details_of(excinfo)
+    )
+
+
 def test_metrics_endpoint_exports_the_contract_names(tiny_server: ServerProcess) -> None:
     text = tiny_server.metrics_text()
     for name in (
