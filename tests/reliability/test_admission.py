@@ -314,3 +314,26 @@ def test_a_refused_request_is_freed_when_its_call_ends(server: ServerProcess) ->
     # Kept until the garbage collector ran, each added its whole cost until then (measured on main:
     # 129 MB after one, 503 after four, 630 after six).
     assert one > 0 and seven < 1.6 * one, (one, seven)
+
+
+@pytest.mark.parametrize(
+    ("method", "shape"),
+    [
+        ("/genserve.v1.GenerationService/Sample", "stream_unary"),
+        ("/genserve.v1.GenerationService/SampleStream", "stream_stream"),
+    ],
+)
+def test_a_call_that_ends_its_requests_without_one_is_invalid_argument_naming_the_method(
+    server: ServerProcess, method: str, shape: str
+) -> None:
+    """A unary-request call whose client half-closes before sending its request message is the
+    client's fault: INVALID_ARGUMENT '<method> needs one request message; the call sent none', not
+    the handler run on no request (an INTERNAL or UNKNOWN with a traceback in the log)."""
+    with grpc.insecure_channel(server.target) as channel:
+        call = getattr(channel, shape)(method)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            result = call(iter(()), timeout=10)
+            if shape == "stream_stream":
+                list(result)
+    assert excinfo.value.code() == grpc.StatusCode.INVALID_ARGUMENT, excinfo.value.details()
+    assert excinfo.value.details() == f"{method} needs one request message; the call sent none"
