@@ -61,6 +61,7 @@ from genserve_client.progress import ProgressBar
 from genserve_client.requests import StreamOptions
 from genserve_client.results import SampleResult
 from genserve_client.retry import is_permanent
+from genserve_contract.kinds import SAMPLE_KINDS
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -679,13 +680,28 @@ def version_order(v: genserve_pb2.ModelVersionInfo) -> tuple[int, str]:
     return len(v.version), v.version
 
 
-def served_model(client: GenserveClient, model: str, version: str) -> ServedModel:
-    """The version the server serves for `version` ("" = the highest READY one) and its sha256.
+def kind_refusal(model: str, kind: str) -> str | None:
+    """Why a bulk job of `model`, a model of `kind`, can never run (its streams would be refused for
+    the kind); None where it can, or where the server does not say its kind (an older server)."""
+    if not kind or kind in SAMPLE_KINDS:
+        return None
+    return (
+        f"bulk: --model {model!r} is a {kind}; bulk streams images from seeds "
+        f"(SampleStream), which only {', '.join(SAMPLE_KINDS)} models serve"
+    )
+
+
+def served_model(
+    client: GenserveClient, model: str, version: str, info: genserve_pb2.ModelInfo | None = None
+) -> ServedModel:
+    """The version the server serves for `version` ("" = the highest READY one) and its sha256,
+    from `info` where given (a GetModel answer just received), else from GetModel.
 
     A version still LOADING (a server that is starting) is a transient UNAVAILABLE, so the job's
     retry window waits for it; a version the server does not have is final.
     """
-    info = client.get_model(model)
+    if info is None:
+        info = client.get_model(model)
     served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
     if version:
         candidates = [v for v in info.versions if v.version == version]
@@ -1131,7 +1147,6 @@ class BulkJob:
 
         `resolve(model, version)` says what the server serves (default: served_model via GetModel).
         """
-        resolver = resolve or (lambda model, version: served_model(self.client, model, version))
         try:
             self.check_folder()  # before creating anything in a folder that is not ours
         except BulkError:
@@ -1140,6 +1155,20 @@ class BulkJob:
             # A job's lock file: a run holding it may have written its job.json and first images
             # between the look for job.json and the listing (two runs started at once). Decide
             # under the lock: in use (BulkBusy), else the folder is checked again below.
+        looked_up: list[genserve_pb2.ModelInfo] = []
+        if resolve is None and not (self.out_dir / JOB_FILE).exists():
+            # A new job: look the model up before making its folder, so that a model of a kind whose
+            # streams the server refuses leaves no job folder behind. The answer pins the version.
+            info = self.window.call(lambda: self.client.get_model(self.params.model))
+            refusal = kind_refusal(self.params.model, info.kind)
+            if refusal:
+                raise BulkError(refusal)
+            looked_up.append(info)
+
+        def served(model: str, version: str) -> ServedModel:
+            return served_model(self.client, model, version, looked_up.pop() if looked_up else None)
+
+        resolver = resolve or served
         self.out_dir.mkdir(parents=True, exist_ok=True)
         lock = JobLock(self.out_dir)
         lock.acquire()

@@ -61,6 +61,7 @@ from genserve_client.bulk import (
     BulkRetryExhausted,
     RetryWindow,
     Shard,
+    kind_refusal,
     load_params,
     read_job,
     state_label,
@@ -78,7 +79,6 @@ from genserve_client.pngmeta import PNG_SIGNATURE, png_text, pnginfo, with_png_t
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
-from genserve_contract.kinds import SAMPLE_KINDS
 from genserve_contract.stdio import READER_GONE_STATUS, HelpParser, Stdout, err_line
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
@@ -1310,12 +1310,10 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         raise UsageError(
             f"bulk: --version {args.version!r}: model {args.model!r} has no such version (served: {served})"
         )
-    if info.kind and info.kind not in SAMPLE_KINDS:
+    refusal = kind_refusal(args.model, info.kind)
+    if refusal:
         # Its streams would be refused for the kind, once the job's folder was made: say so before.
-        raise UsageError(
-            f"bulk: --model {args.model!r} is a {info.kind}; bulk streams images from seeds "
-            f"(SampleStream), which only {', '.join(SAMPLE_KINDS)} models serve"
-        )
+        raise UsageError(refusal)
     labels = resolve_labels(info, args.labels, "bulk") if info.kind == CONDITIONAL or args.labels else []
     params = BulkParams(
         model=args.model,

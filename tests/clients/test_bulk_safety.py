@@ -104,6 +104,22 @@ def test_recovery_leaves_foreign_files_and_sub_folders_in_images_alone(
     assert not (images / ".tmp-000001.png").exists()
 
 
+def test_a_library_job_of_a_model_kind_bulk_cannot_serve_is_refused_before_its_folder_is_made(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    # Bulk streams SampleStream, which only the kinds that answer Sample serve: BulkJob.run made the
+    # folder and its job.lock before its GetModel lookup, and the server refused the streams after.
+    out = tmp_path / "job"
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(BulkError) as refused:
+            BulkJob(client, BulkParams("fake-i2i", n=3), out).run()
+    message = str(refused.value)
+    assert "'fake-i2i' is a image_to_image" in message and "SampleStream" in message, message
+    assert "generator, conditional_generator" in message, message
+    assert not out.exists()
+    assert fake_server.service.calls["SampleStream"] == 0
+
+
 # --- 2. one run per folder -----------------------------------------------------------------------
 
 
