@@ -1073,7 +1073,8 @@ def through(provenance: Provenance, first: Provenance) -> Provenance:
     )
 
 
-# edit's defaults: --delta without --sweep; the sweep's range and values with it.
+# edit's defaults: --dim without --all-dims; --delta without --sweep; the sweep's range and values with it.
+EDIT_DIM = 0
 EDIT_DELTA = 2.0
 EDIT_SWEEP_FROM = -3.0
 EDIT_SWEEP_TO = 3.0
@@ -1099,7 +1100,13 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
             "edit: --delta is added to z[dim] without --sweep; --sweep sets z[dim] to each value of the "
             "sweep (--sweep-from, --sweep-to, --sweep-steps): leave --delta out"
         )
+    if args.all_dims and args.dim is not None:
+        raise UsageError(
+            "edit: --dim picks the one dimension to move; --sweep --all-dims draws a row for every "
+            "dimension: leave --dim out"
+        )
     delta = EDIT_DELTA if args.delta is None else args.delta
+    dim = EDIT_DIM if args.dim is None else args.dim
     sweep_from = EDIT_SWEEP_FROM if args.sweep_from is None else args.sweep_from
     sweep_to = EDIT_SWEEP_TO if args.sweep_to is None else args.sweep_to
     sweep_steps = EDIT_SWEEP_STEPS if args.sweep_steps is None else args.sweep_steps
@@ -1116,27 +1123,27 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     picture = load_for_encoder(Path(args.image), encoder_info, version)
     encoded = client.encode(encoder, [picture], version=version)
     mu = encoded.mu[0]
-    if not 0 <= args.dim < mu.shape[0] and not (args.sweep and args.all_dims):
-        raise UsageError(f"--dim must be in [0, {mu.shape[0]}), got {args.dim}")
+    if not 0 <= dim < mu.shape[0] and not (args.sweep and args.all_dims):
+        raise UsageError(f"--dim must be in [0, {mu.shape[0]}), got {dim}")
     if not args.sweep:
         z = mu.copy()
-        z[args.dim] += delta
-        if abs(float(z[args.dim])) > MAX_ABS_LATENT:  # before the decode the server would refuse
+        z[dim] += delta
+        if abs(float(z[dim])) > MAX_ABS_LATENT:  # before the decode the server would refuse
             raise UsageError(
-                f"edit: --delta {delta:g} takes z[{args.dim}] from {mu[args.dim]:.3f} to "
-                f"{z[args.dim]:g}, past the server's bound on latents, |z| <= {MAX_ABS_LATENT:g}"
+                f"edit: --delta {delta:g} takes z[{dim}] from {mu[dim]:.3f} to "
+                f"{z[dim]:g}, past the server's bound on latents, |z| <= {MAX_ABS_LATENT:g}"
             )
         decoded = client.decode(decoder, np.stack([mu, z]), version=version)
         text = png_text(
-            through(decoded.provenance, encoded.provenance), source=args.image, dim=args.dim, delta=delta
+            through(decoded.provenance, encoded.provenance), source=args.image, dim=dim, delta=delta
         )
         save_picture(decoded.pil()[1], Path(args.out), text)
-        _out(f"z[{args.dim}]: {mu[args.dim]:.3f} -> {z[args.dim]:.3f}")
+        _out(f"z[{dim}]: {mu[dim]:.3f} -> {z[dim]:.3f}")
         return 0
     # Latent traversal: each row moves one dimension over the prior's range, the others stay at
     # the image's posterior mean; column 0 repeats the input for reference.
     values = np.linspace(sweep_from, sweep_to, sweep_steps)
-    dims = range(mu.shape[0]) if args.all_dims else [args.dim]
+    dims = range(mu.shape[0]) if args.all_dims else [dim]
     if args.all_dims:
         cells = len(dims) * (len(values) + 1)
         check_sweep_size(cells, f"--all-dims ({len(dims)} dimensions) x --sweep-steps {len(values)}")
@@ -1156,7 +1163,7 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
         GridRow([source, *pics[r * len(values) : (r + 1) * len(values)]], f"z[{d}]")
         for r, d in enumerate(dims)
     ]
-    dims_text = "all" if args.all_dims else str(args.dim)
+    dims_text = "all" if args.all_dims else str(dim)
     sweep = f"{sweep_from:g}..{sweep_to:g}"
     text = png_text(provenance, source=args.image, dims=dims_text, sweep=sweep, steps=sweep_steps)
     save_picture(make_grid(rows, captions=["input", *(f"={v:.2f}" for v in values)]), Path(args.out), text)
@@ -1828,7 +1835,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="version of both the encoder and the decoder, the halves of one VAE being exported as one "
         "version (default: the highest version ready in both)",
     )
-    p.add_argument("--dim", type=int, default=0, help="latent dimension to move")
+    p.add_argument(
+        "--dim", type=int, help=f"latent dimension to move; not with --all-dims (default: {EDIT_DIM})"
+    )
     p.add_argument(
         "--delta", type=parse_float32, help=f"added to z[dim]; not with --sweep (default: {EDIT_DELTA})"
     )

@@ -99,6 +99,8 @@ def test_edit_all_dims_without_sweep_is_refused_rather_than_editing_dim_0(
         (("--sweep-from", "-1", "--sweep-to", "1"), "--sweep-from, --sweep-to"),
         (("--sweep", "--delta", "1"), "--delta"),
         (("--sweep", "--delta", "2"), "--delta"),
+        (("--sweep", "--all-dims", "--dim", "3"), "--dim"),
+        (("--sweep", "--all-dims", "--dim", "0"), "--dim"),  # its default given is given all the same
     ],
 )
 def test_an_edit_flag_given_where_it_has_no_effect_is_refused_naming_it(
@@ -110,7 +112,8 @@ def test_an_edit_flag_given_where_it_has_no_effect_is_refused_naming_it(
 ) -> None:
     """--sweep-from/--sweep-to/--sweep-steps shape the --sweep grid and --delta the single edit:
     given to the other they were ignored without a word (argparse defaults), as --all-dims was, and
-    the command wrote what the flag did not ask for (exit 0)."""
+    the command wrote what the flag did not ask for (exit 0); --dim likewise beside --all-dims, which
+    sweeps every dimension."""
     server, _ = review_server
     image, out = tmp_path / "in.png", tmp_path / "e.png"
     Image.new("L", (8, 8), 128).save(image)
