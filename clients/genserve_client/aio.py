@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -162,7 +162,7 @@ class AsyncGenserveClient(ClientBase):
 
     async def _progress(
         self, plan: Callable[[], calls.ProgressCall]
-    ) -> AsyncIterator[CodesProgress | CodesResult]:
+    ) -> AsyncGenerator[CodesProgress | CodesResult, None]:
         self._check_process()
         self._check_loop()
         call = plan()
@@ -196,7 +196,7 @@ class AsyncGenserveClient(ClientBase):
             await self._backoff(delay_s)
             await self._reconnect(attempts)
 
-    async def _stream(self, plan: Callable[[], calls.StreamCall]) -> AsyncIterator[SampleResult]:
+    async def _stream(self, plan: Callable[[], calls.StreamCall]) -> AsyncGenerator[SampleResult, None]:
         self._check_process()
         self._check_loop()
         resume = StreamResume(plan(), self._stream_attempts())

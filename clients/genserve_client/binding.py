@@ -12,7 +12,7 @@ import functools
 import inspect
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
 
 from genserve_client import calls
@@ -90,7 +90,7 @@ class stream(_Bound[P]):
     @overload
     def __get__(
         self, client: AsyncGenserveClient, owner: type | None = None
-    ) -> Callable[P, AsyncIterator[SampleResult]]: ...
+    ) -> Callable[P, AsyncGenerator[SampleResult, None]]: ...
     def __get__(self, client: ClientBase | None, owner: type | None = None) -> Any:
         if client is None:
             return self
@@ -114,7 +114,7 @@ class progress(_Bound[P]):
     @overload
     def __get__(
         self, client: AsyncGenserveClient, owner: type | None = None
-    ) -> Callable[P, AsyncIterator[CodesProgress | CodesResult]]: ...
+    ) -> Callable[P, AsyncGenerator[CodesProgress | CodesResult, None]]: ...
     def __get__(self, client: ClientBase | None, owner: type | None = None) -> Any:
         if client is None:
             return self

@@ -4,6 +4,7 @@ options a method does not take, values a field cannot hold, one image where a li
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import subprocess
@@ -741,6 +742,45 @@ def sync(client: GenserveClient, result: CodesResult) -> None:
 
 async def aio(client: AsyncGenserveClient, result: CodesResult) -> None:
     await client.sample_codes("prior", seeds=[1, 2], **result.provenance.replay_options())
+""",
+    )
+    assert "Success: no issues found" in report, report
+
+
+def test_the_async_streams_are_async_generators_that_aclosing_takes(
+    fake_server: FakeServer, tmp_path: Path
+) -> None:
+    """The async sample_stream and sample_codes_progress are async generators, but were hinted
+    AsyncIterator, so `contextlib.aclosing(client.sample_stream(...))` (which ends the server's work
+    at once on leaving the loop early while a reference is held) was refused by mypy --strict."""
+
+    async def made() -> list[bool]:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            streams = [client.sample_stream("fake-gen", 4), client.sample_codes_progress("prior", 2)]
+            kinds = [inspect.isasyncgen(stream) for stream in streams]
+            for stream in streams:
+                await stream.aclose()
+            return kinds
+
+    assert asyncio.run(made()) == [True, True]
+    report = mypy_strict(
+        tmp_path,
+        """
+from contextlib import aclosing
+
+from genserve_client import AsyncGenserveClient, CodesResult
+
+
+async def aio(client: AsyncGenserveClient) -> None:
+    async with aclosing(client.sample_stream("gen", 100)) as images:
+        async for image in images:
+            if 3 in image.indices:
+                break
+    async with aclosing(client.sample_codes_progress("prior", 2)) as progress:
+        async for item in progress:
+            if isinstance(item, CodesResult):
+                break
+    await client.sample_stream("gen", 1).aclose()
 """,
     )
     assert "Success: no issues found" in report, report
