@@ -1158,12 +1158,17 @@ class BulkJob:
         looked_up: list[genserve_pb2.ModelInfo] = []
         if resolve is None and not (self.out_dir / JOB_FILE).exists():
             # A new job: look the model up before making its folder, so that a model of a kind whose
-            # streams the server refuses leaves no job folder behind. The answer pins the version.
-            info = self.window.call(lambda: self.client.get_model(self.params.model))
-            refusal = kind_refusal(self.params.model, info.kind)
-            if refusal:
-                raise BulkError(refusal)
-            looked_up.append(info)
+            # streams the server refuses, or a version it does not serve READY, leaves no job folder
+            # behind (a version still LOADING is waited for). The answer pins the version.
+            def look_up() -> genserve_pb2.ModelInfo:
+                info = self.client.get_model(self.params.model)
+                refusal = kind_refusal(self.params.model, info.kind)
+                if refusal:
+                    raise BulkError(refusal)
+                served_model(self.client, self.params.model, self.params.version, info)
+                return info
+
+            looked_up.append(self.window.call(look_up))
 
         def served(model: str, version: str) -> ServedModel:
             return served_model(self.client, model, version, looked_up.pop() if looked_up else None)

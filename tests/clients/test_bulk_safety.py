@@ -24,7 +24,7 @@ import pytest
 from client_fakes import FAKE_SHA256, FakeServer, FakeService, cli_main, fake_pixels
 from PIL import Image
 
-from genserve.v1 import genserve_pb2_grpc
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
 from genserve_client.bulk import (
@@ -117,6 +117,34 @@ def test_a_library_job_of_a_model_kind_bulk_cannot_serve_is_refused_before_its_f
     assert "'fake-i2i' is a image_to_image" in message and "SampleStream" in message, message
     assert "generator, conditional_generator" in message, message
     assert not out.exists()
+    assert fake_server.service.calls["SampleStream"] == 0
+
+
+def test_a_library_job_of_a_version_not_served_or_not_ready_is_refused_before_its_folder_is_made(
+    fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BulkJob.run made the folder and its job.lock, then found the version missing (the CLI checks
+    # --version before any file): the job folder of a job that can never run was left behind.
+    out = tmp_path / "job"
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(BulkError) as refused:
+            BulkJob(client, BulkParams("fake-gen", n=3, version="7"), out).run()
+        assert str(refused.value) == "model 'fake-gen' has no version '7' on the server (served: 1 (READY))"
+        assert not out.exists()
+
+        info = fake_server.service._info
+
+        def failed(name: str) -> genserve_pb2.ModelInfo:
+            answer = info(name)
+            answer.versions[0].state = genserve_pb2.MODEL_STATE_UNAVAILABLE
+            return answer
+
+        monkeypatch.setattr(fake_server.service, "_info", failed)
+        for version in ("1", ""):
+            with pytest.raises(BulkError) as refused:
+                BulkJob(client, BulkParams("fake-gen", n=3, version=version), out).run()
+            assert str(refused.value) == "model 'fake-gen' version 1 is not READY (served: 1 (UNAVAILABLE))"
+            assert not out.exists()
     assert fake_server.service.calls["SampleStream"] == 0
 
 
