@@ -79,7 +79,7 @@ USER_CARD_FIELDS: dict[Kind, tuple[str, ...]] = {
     for kind in Kind
 }
 # The most image channels the server loads a card with: input_channels, and channels where the kind
-# only takes an image (genserve_server.config.load_card).
+# has no image output (genserve_server.config.load_card).
 MAX_INPUT_CHANNELS = 4
 # Fields of the style kinds only (written for them, absent from other kinds' cards).
 STYLE_CARD_FIELDS: tuple[str, ...] = ("w_dim", "num_layers", "w_avg")
@@ -152,7 +152,8 @@ def _check_style_fields(card: Mapping[str, Any], kind: Kind, need: Callable[[str
 def _check_channels(card: Mapping[str, Any], kind: Kind, need: Callable[[str, bool, str], None]) -> None:
     """channels: null where there is no image; 1 or 3 for an image output (served as gray or RGB
     images: the server's load refuses others, config.load_card); up to MAX_INPUT_CHANNELS for a kind
-    that only takes an image (the server reads channels no higher)."""
+    that only takes an image (the server reads channels no higher); null for a code_prior, which has
+    no image, where the server's load also takes an int in 1..MAX_INPUT_CHANNELS (and refuses others)."""
     channels: Any = card["channels"]
     if kind.maps_latent:  # w, no image: the image fields are null (image_size: below)
         need("channels", channels is None, "null")
@@ -163,6 +164,13 @@ def _check_channels(card: Mapping[str, Any], kind: Kind, need: Callable[[str, bo
             "channels",
             is_int(channels) and 1 <= channels <= MAX_INPUT_CHANNELS,
             f"an int in 1..{MAX_INPUT_CHANNELS} (the server refuses more)",
+        )
+    else:  # a code prior: no image in or out
+        need(
+            "channels",
+            channels is None or (is_int(channels) and 1 <= channels <= MAX_INPUT_CHANNELS),
+            f"null (the kind has no image; the server loads an int in 1..{MAX_INPUT_CHANNELS} there "
+            "too and refuses anything else)",
         )
 
 

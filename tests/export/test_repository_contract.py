@@ -247,3 +247,44 @@ def test_export_and_the_server_hand_onnx_runtime_a_c_locale_path_by_one_rule() -
     assert onnx_utils.ort_path is ort_path
     assert ort_path(Path("/srv/mod\udcc3\udca8les/model.onnx")) == "/srv/modèles/model.onnx"
     assert ort_path(Path("/srv/r\udce9sultats")) == "/srv/r\udce9sultats"
+
+
+# One shipped card of each kind (every kind has one in models/).
+CARD_OF_KIND = {
+    kind: next(
+        path
+        for path in sorted((Path(__file__).parents[2] / "models").glob("*/1/card.json"))
+        if json.loads(path.read_text())["kind"] == kind.value
+    )
+    for kind in Kind
+}
+CHANNELS_VALUES: list[Any] = [None, -1, 0, 1, 2, 3, 4, 5, 16, True, 2.5, "3"]
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.value)
+def test_verify_and_the_servers_load_agree_on_a_cards_channels_for_every_kind(
+    tmp_path: Path, kind: Kind
+) -> None:
+    """card.json's channels: the server's load reads an int in 1..4 for every kind (config.load_card;
+    1 or 3 where the kind has an image output), and export's card check (genserve-export verify)
+    looked at it only for kinds with an image, so a code_prior card of channels 5 (or 0, or "3")
+    verified OK and never loaded. Over a sweep of values, what the load refuses, verify refuses,
+    naming channels; what the load takes, verify takes, but where verify asks more than the load by
+    design: a count for a kind with an image (the load reads null as 3, which verify could not check
+    against the graph) and null for a style_mapping (docs/model-repository.md)."""
+    card = json.loads(CARD_OF_KIND[kind].read_text())
+    path = tmp_path / "card.json"
+    has_image = kind.image_output_name is not None or kind.takes_image
+    for value in CHANNELS_VALUES:
+        card["channels"] = value
+        path.write_text(json.dumps(card))
+        problems = export_card.validate_card(card)
+        assert all("'channels'" in p for p in problems), (value, problems)
+        try:
+            server_config.load_card(path)
+        except server_config.ConfigError as exc:
+            assert exc.field == "channels", (value, exc)
+            assert problems, f"{kind}: channels {value!r} verifies, but the server's load refuses it: {exc}"
+        else:
+            stricter = (value is None) if has_image else (kind.maps_latent and value is not None)
+            assert bool(problems) is stricter, f"{kind}: channels {value!r} loads, verify says {problems}"
