@@ -428,7 +428,11 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
                 signal.signal(signal.SIGTERM, previous)
 
 
+_received: list[int] = []  # the signals _raise_interrupted stopped main()'s command with
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    _received.append(signum)
     raise BuildInterrupted(signum)
 
 
@@ -638,6 +642,7 @@ def _verify_and__say(path: Path, *, grids: Path | None, thresholds: bool, qualit
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``genserve-export`` console script."""
+    entry = argv is None  # the process's own entry, not a call from a program (a test suite) in it
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -652,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (<name>/.tmp-<version>-<rand>) behind.
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    _received.clear()
     try:
         return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
@@ -661,6 +667,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            # Called from a program (not its own process's entry), the SIGTERM that stopped the
+            # command was sent to that program: once the command has stopped it goes on to the
+            # handler found (by default the process's end), not lost in a returned 143.
+            if not entry and signal.SIGTERM in _received:
+                signal.raise_signal(signal.SIGTERM)
 
 
 def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:

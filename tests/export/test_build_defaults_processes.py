@@ -24,9 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PARENT = """
 import sys
 from genserve_export import cli
-sys.executable = sys.argv[1]
-sys.exit(cli.main(["build-defaults", "--out", sys.argv[2], "--jobs", "2", "--no-verify",
-                   "--only", "vae-digits", "dcgan-digits"]))
+sys.executable, out = sys.argv[1:3]
+sys.argv = ["genserve-export", "build-defaults", "--out", out, "--jobs", "2", "--no-verify",
+            "--only", "vae-digits", "dcgan-digits"]
+sys.exit(cli.main())
 """
 
 
@@ -165,16 +166,18 @@ class Recipe:
         z = np.zeros((2, 4), np.float32)
         return [ExportSpec("tiny-gen", "generator", Tiny(), {"z": z}, card, fp16=False)]
 
+out, staged = sys.argv[1:3]
 write_json = export._write_json
 
 def stalled(path, value):
     write_json(path, value)
-    Path(sys.argv[2]).write_text(str(path))
+    Path(staged).write_text(str(path))
     time.sleep(120)
 
 export._write_json = stalled
 recipes.RECIPES["tiny-gen"] = Recipe()
-sys.exit(cli.main(["train", "tiny-gen", "--out", sys.argv[1], "--no-fp16"]))
+sys.argv = ["genserve-export", "train", "tiny-gen", "--out", out, "--no-fp16"]
+sys.exit(cli.main())  # as the console script runs it
 """
 
 

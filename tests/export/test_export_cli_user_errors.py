@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -256,6 +257,35 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, comman
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"genserve-export {command}: stopped (SIGINT)", proc.stderr
+
+
+def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_programs_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """main(argv) called from Python (a test suite, a program running the CLI in its own process)
+    turned a SIGTERM to that process into its own stop and returned 143: the program never saw it,
+    so `timeout` stopping pytest during an export test failed that test and the suite ran on. The
+    command still stops through its cleanup; then the signal goes to the handler it found."""
+    received: list[int] = []
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    def program(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    monkeypatch.setattr(cli, "train_and_export", interrupted)
+    previous = signal.signal(signal.SIGTERM, program)
+    try:
+        code = cli.main(["train", "dcgan-digits", "--out", str(tmp_path / "m")])
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "genserve-export train: stopped (SIGTERM)"
+    assert received == [signal.SIGTERM]
+    assert handler is program
 
 
 def test_ctrl_c_with_stderr_closed_exits_130() -> None:
