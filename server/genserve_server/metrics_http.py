@@ -48,6 +48,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer,
 from prometheus_client import CollectorRegistry
 
 from genserve_server import exposition as fast_exposition
+from genserve_server.errors import escape_controls
 
 logger = logging.getLogger(__name__)
 
@@ -607,7 +608,8 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
             status, headers, body = "200 OK", [("Allow", "OPTIONS,GET,HEAD")], b""
         elif method not in ("GET", "HEAD"):
             status, headers = "405 Method Not Allowed", [("Allow", "OPTIONS,GET,HEAD")]
-            body = f"# HTTP {status}: {method}; use OPTIONS, GET or HEAD\n".encode()[:200]
+            # The method is the client's: its control characters escaped, as any answer quoting it.
+            body = f"# HTTP {status}: {escape_controls(method)}; use OPTIONS, GET or HEAD\n".encode()[:200]
         elif path == "/favicon.ico":
             status, headers, body = "200 OK", [], b""
         else:

@@ -499,3 +499,23 @@ def test_a_not_serving_reason_naming_a_folder_that_is_not_utf_8_is_answered_esca
     status, _, body = healthz_answer("GET", lambda: (False, "model caf\udce9: no READY version"))
     assert status.startswith("503")
     assert body == b"not serving: model caf\\udce9: no READY version\n"
+
+
+def test_a_method_with_control_characters_is_answered_405_with_them_escaped() -> None:
+    """The 405 body quotes the client's method: its control characters (a terminal escape, a
+    backspace) went back raw, so `curl -X` output or a log of the answer could hold a client's
+    terminal escapes; they are escaped as every message quoting a client's string is."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1)
+    try:
+        answer = _raw(httpd.server_port, b"P\x1b[2J\x08UT /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 405 ")
+        assert body == b"# HTTP 405 Method Not Allowed: P\\x1b[2J\\x08UT; use OPTIONS, GET or HEAD\n"
+        assert f"Content-Length: {len(body)}".encode() in head
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
