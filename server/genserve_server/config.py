@@ -22,7 +22,12 @@ from genserve_contract.config import ModelConfig as ModelConfig
 from genserve_contract.config import VersionPolicy as VersionPolicy
 from genserve_contract.kinds import KIND_NAMES
 from genserve_contract.kinds import Kind as Kind
-from genserve_contract.repository import ACTIVATION_BYTES_FIELD, activation_bytes_problem, read_regular_text
+from genserve_contract.repository import (
+    ACTIVATION_BYTES_FIELD,
+    CARD_FORMAT_VERSION,
+    activation_bytes_problem,
+    read_regular_text,
+)
 from genserve_contract.runtime import MAX_THREADS
 from genserve_server.errors import GenserveError
 from genserve_server.idle_spin import DEFAULT_WINDOW_S as IDLE_SPIN_DEFAULT_S
@@ -634,10 +639,22 @@ def _check_channels(r: _Reader, card: Card) -> None:
         )
 
 
+def _check_format_version(r: _Reader) -> None:
+    """Absent: a card from before the field; another number: rules this server does not know."""
+    version = r.raw("format_version")
+    if version is not None and (not contract.is_int(version) or version != CARD_FORMAT_VERSION):
+        raise r.error(
+            "format_version",
+            f"must be {CARD_FORMAT_VERSION} (the card format this server reads; a newer "
+            f"genserve-export wrote this card: upgrade the server), got {version!r}",
+        )
+
+
 def load_card(path: Path) -> Card:
     data = _read_json(path)
     # Cards carry training/quality/parity records the server does not interpret: not strict.
     r = _Reader(str(path), data, strict=False)
+    _check_format_version(r)
     kind_name = r.string("kind", "", choices=KINDS)
     if not kind_name:
         raise r.error("kind", "is required")

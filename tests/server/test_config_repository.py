@@ -1545,3 +1545,20 @@ def test_no_ready_version_names_a_loading_version_without_a_stray_space() -> Non
     with pytest.raises(Unavailable) as refused:
         model.resolve("")
     assert str(refused.value).endswith("has no ready version (v1: LOADING)")
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True])
+def test_a_card_of_a_format_version_this_server_does_not_read_is_refused_naming_it(
+    tmp_path: Path, version: object
+) -> None:
+    """A card written by a newer genserve-export (format_version 2: fields whose meaning changed)
+    loaded as if it were format 1, where `genserve-export verify` refuses it: served by other rules
+    than its writer meant, without a word. An old card without the field still loads."""
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({**GEN_CARD, "format_version": version}))
+    with pytest.raises(ConfigError, match=r"card.json: format_version must be 1 \(the card format"):
+        load_card(path)
+    path.write_text(json.dumps({k: v for k, v in GEN_CARD.items() if k != "format_version"}))
+    load_card(path)
+    path.write_text(json.dumps({**GEN_CARD, "format_version": 1}))
+    load_card(path)
