@@ -93,6 +93,8 @@ def load_files(
     def after_timing() -> None:
         """The model calls after the batch-size timing: in its exclusive step (calibration.run_warmup's
         `then`), neither beside another version's timings and RSS readings nor queued behind them."""
+        if runner.mode == "cuda_graph":
+            check_first_outputs(mv.label, card, runner)
         if tiled:
             mv.tile_radius = measure_tile_radius(card, runner, mv.config.batching.max_batch_size)
         if sc.shrink_arena_after_warmup:
@@ -109,6 +111,9 @@ def load_files(
             radius_s = probe_s * 10 * 64 * 64 / max(1, height * width)
             with gate.step(radius_s, check_stopping=check_stopping):
                 mv.tile_radius = measure_tile_radius(card, runner, mv.config.batching.max_batch_size)
+        elif runner.mode == "cuda_graph":
+            with gate.step(0.0, check_stopping=check_stopping):
+                check_first_outputs(mv.label, card, runner)
         if tiled:
             check_default_tiling(card, mv.tile_radius)
     except BaseException:
@@ -230,7 +235,8 @@ PROBE_SIDE = 32
 def _probe(card: Card, runner: Runner, label: str = "") -> tuple[float, float]:
     """One row's predicted call seconds and bytes of inputs + outputs (calibration.probe), at the
     warm-up's shape; (0, 0) in CUDA-graph mode, where a call before warm-up would capture a graph.
-    The first call's image output must be the card's shape (check_image_output)."""
+    The first call's image output must be the card's shape (check_image_output; in CUDA-graph mode
+    checked after warm-up: check_first_outputs)."""
     if runner.mode == "cuda_graph":
         return 0.0, 0.0
     inputs = warmup_inputs(card, 1)
@@ -250,6 +256,21 @@ def _probe(card: Card, runner: Runner, label: str = "") -> tuple[float, float]:
             check_image_output(label or runner.label, card, np.shape(outputs[name]))
 
     return calibration.probe(runner, inputs, scale, check)
+
+
+def check_first_outputs(label: str, card: Card, runner: Runner) -> None:
+    """ConfigError unless a call's image output is the card's shape (check_image_output): in
+    CUDA-graph mode, which _probe makes no call in, one row at the warm-up's shape once warm-up has
+    captured its graphs (a captured graph replays; without warm-up this call captures the graph the
+    first request would). A graph whose output dims are symbolic shows its shape only in a call:
+    unchecked, an NHWC or 1-channel output under a 3-channel card loaded READY and served wrong
+    pixels or failed at its first request."""
+    name = card.kind.image_output_name
+    if name is None:
+        return
+    outputs = runner.run_sync(warmup_inputs(card, 1))
+    if name in outputs:
+        check_image_output(label, card, np.shape(outputs[name]))
 
 
 # Rows of the load-time check (check_rows): one computed alone and inside this many.

@@ -25,15 +25,24 @@ from genserve.v1 import types_pb2 as tpb
 OPSET = 17
 
 
-def _generator(out_dims: list[int | str], reshape: list[int]) -> onnx.ModelProto:
-    """z [N, Z] -> MatMul -> Tanh -> Reshape(`reshape`), output declared with `out_dims`."""
+def _generator(out_dims: list[int | str], reshape: list[int], opaque: bool = False) -> onnx.ModelProto:
+    """z [N, Z] -> MatMul -> Tanh -> Reshape(`reshape`), output declared with `out_dims`. ONNX
+    Runtime infers a constant `reshape` into the output's shape; `opaque`: the shape plus a 0 computed
+    from z's values, which no inference sees through (the session declares `out_dims`)."""
     rng = np.random.default_rng(0)
     weights = rng.normal(0, 0.5, (TINY_LATENT, int(np.prod(reshape[1:])))).astype(np.float32)
+    shape_nodes = [
+        helper.make_node("ReduceMin", ["z"], ["z_min"], keepdims=0),
+        helper.make_node("Mul", ["z_min", "zero"], ["z_zero"]),
+        helper.make_node("Cast", ["z_zero"], ["z_zero_int"], to=TensorProto.INT64),
+        helper.make_node("Add", ["shape", "z_zero_int"], ["opaque_shape"]),
+    ]
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["z", "W"], ["hidden"]),
             helper.make_node("Tanh", ["hidden"], ["act"]),
-            helper.make_node("Reshape", ["act", "shape"], ["image"]),
+            *(shape_nodes if opaque else []),
+            helper.make_node("Reshape", ["act", "opaque_shape" if opaque else "shape"], ["image"]),
         ],
         "user_generator",
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", TINY_LATENT])],
@@ -41,6 +50,7 @@ def _generator(out_dims: list[int | str], reshape: list[int]) -> onnx.ModelProto
         [
             numpy_helper.from_array(weights, "W"),
             numpy_helper.from_array(np.array(reshape, np.int64), "shape"),
+            *([numpy_helper.from_array(np.array(0.0, np.float32), "zero")] if opaque else []),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -606,3 +616,57 @@ def test_an_image_output_of_other_than_1_or_3_channels_is_refused_at_load_naming
         assert states["gray"][0] == "MODEL_STATE_READY", states["gray"]
         png = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG)
         assert len(stub.Sample(pb.SampleRequest(model="gray", count=2, output=png), timeout=30).images) == 2
+
+
+@pytest.mark.parametrize("mode, warmup", [("run", True), ("cuda_graph", True), ("cuda_graph", False)])
+def test_a_version_whose_first_outputs_are_not_the_cards_is_refused_at_load_in_every_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, warmup: bool
+) -> None:
+    """In CUDA-graph mode the load makes no call before warm-up (a call would capture a graph), so
+    only the graph's declared output shape was checked: one whose output dims are symbolic (NHWC, or
+    1 channel under a card whose channels is null, loaded as 3) loaded READY on a GPU with CUDA
+    graphs and served wrong pixels or failed at its first request, where on CPU the probe's call
+    refuses its load. A call's outputs after warm-up (or, without warm-up, at load) are checked
+    against the card as the probe's are. (No GPU here: a CPU runner that says it is in CUDA-graph
+    mode.)"""
+    import asyncio
+
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+    from genserve_server.runner import Runner
+
+    original_init = Runner.__init__
+
+    def init_in_mode(self: Runner, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.mode = mode
+
+    monkeypatch.setattr(Runner, "__init__", init_in_mode)
+    root = tmp_path / "models"
+    card = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
+    symbolic = ["batch", "a", "b", "c"]
+    write_model(root, "nhwc-symbolic", "generator", _generator(symbolic, [-1, 8, 8, 3], opaque=True), card)
+    gray = _generator(symbolic, [-1, 1, 8, 8], opaque=True)
+    write_model(root, "gray-card-null", "generator", gray, {**card, "channels": None})
+    write_model(root, "good", "generator", _generator(symbolic, [-1, 3, 8, 8], opaque=True), card)
+
+    async def scenario() -> None:
+        repo = Repository(root, ServerConfig(warmup=warmup), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            versions = {name: repo.models[name].versions["1"] for name in repo.models}
+            good = versions["good"]
+            assert good.state == ModelState.READY, good.reason
+            assert good.runner is not None and good.runner.mode == mode
+            for name, shape in (("nhwc-symbolic", "[N, 8, 8, 3]"), ("gray-card-null", "[N, 1, 8, 8]")):
+                mv = versions[name]
+                assert mv.state == ModelState.UNAVAILABLE, (name, mv.state)
+                reason = mv.reason or ""
+                assert f"graph output 'image' has shape {shape}" in reason, reason
+                assert "channels 3" in reason and "fix card.json's channels / image_size" in reason, reason
+        finally:
+            await repo.close(2.0)
+
+    asyncio.run(scenario())
