@@ -79,6 +79,8 @@ GZIP_LEVEL = 6
 HEALTHZ_METHODS = ("GET", "HEAD", "OPTIONS")
 # /healthz's 503 body is at most this many bytes: a longer reason is cut, ending in _CUT.
 HEALTHZ_MAX_BODY = 512
+# The 405 body, which quotes the client's method, is at most this many bytes (cut as /healthz's is).
+METHOD_NOT_ALLOWED_MAX_BODY = 200
 _CUT = "…\n".encode()
 
 
@@ -199,15 +201,22 @@ def healthz_answer(method: str, health: HealthProbe | None) -> tuple[str, list[t
     # A model folder whose name is not UTF-8 reaches the reason as a lone surrogate (os.fsdecode):
     # escaped, not an UnicodeEncodeError that closed the probe's connection unanswered.
     body = b"ok\n" if serving else f"not serving: {reason}\n".encode("utf-8", "backslashreplace")
-    if len(body) > HEALTHZ_MAX_BODY:  # cut on a character, the cut marked, the newline kept
-        kept = body[: HEALTHZ_MAX_BODY - len(_CUT)].decode("utf-8", "ignore")  # a split last one goes
-        body = kept.encode() + _CUT
+    body = _cut(body, HEALTHZ_MAX_BODY)
     status = "200 OK" if serving else "503 Service Unavailable"
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Allow", ",".join(HEALTHZ_METHODS))]
     if method == "OPTIONS":
         body = b""
     headers.append(("Content-Length", str(len(body))))
     return status, headers, b"" if method == "HEAD" else body
+
+
+def _cut(body: bytes, limit: int) -> bytes:
+    """A UTF-8 text `body` of at most `limit` bytes: a longer one cut on a character, the cut marked,
+    the newline kept."""
+    if len(body) <= limit:
+        return body
+    kept = body[: limit - len(_CUT)].decode("utf-8", "ignore")  # a split last one goes
+    return kept.encode() + _CUT
 
 
 def _healthz_method(head: bytes) -> str | None:
@@ -609,7 +618,8 @@ def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
         elif method not in ("GET", "HEAD"):
             status, headers = "405 Method Not Allowed", [("Allow", "OPTIONS,GET,HEAD")]
             # The method is the client's: its control characters escaped, as any answer quoting it.
-            body = f"# HTTP {status}: {escape_controls(method)}; use OPTIONS, GET or HEAD\n".encode()[:200]
+            body = f"# HTTP {status}: {escape_controls(method)}; use OPTIONS, GET or HEAD\n".encode()
+            body = _cut(body, METHOD_NOT_ALLOWED_MAX_BODY)
         elif path == "/favicon.ico":
             status, headers, body = "200 OK", [], b""
         else:

@@ -501,6 +501,24 @@ def test_a_not_serving_reason_naming_a_folder_that_is_not_utf_8_is_answered_esca
     assert body == b"not serving: model caf\\udce9: no READY version\n"
 
 
+def test_a_long_method_is_answered_405_cut_on_a_whole_character_ending_in_a_newline() -> None:
+    """The 405 body quoting a long method was cut at byte 200: a method of characters \\xa0-\\xff
+    (two bytes each in UTF-8) could end in half a character, and any long one lost its newline. It
+    is cut as /healthz's body is: on a whole character, the cut marked, the newline kept."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import Exposition, metrics_app
+
+    app = metrics_app(Exposition(CollectorRegistry()), None)
+    for method in ("P" + "\xe9" * 150, "PU" + "\xe9" * 150, "P" * 300):
+        status, headers, body = _call(app, method, "/metrics")
+        assert status.startswith("405"), status
+        text = body.decode("utf-8")  # no half character
+        assert text.startswith(f"# HTTP 405 Method Not Allowed: {method[:20]}"), text
+        assert text.endswith("\u2026\n") and len(body) <= 200, text
+        assert headers["Content-Length"] == str(len(body))
+
+
 def test_a_method_with_control_characters_is_answered_405_with_them_escaped() -> None:
     """The 405 body quotes the client's method: its control characters (a terminal escape, a
     backspace) went back raw, so `curl -X` output or a log of the answer could hold a client's
