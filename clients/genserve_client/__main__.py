@@ -22,7 +22,9 @@ from types import FrameType
 from genserve_client.interrupt import (
     INTERRUPTED,
     TERMINATED,
+    Terminated,
     finished,
+    first_stop,
     raise_interrupted,
     raise_terminated,
     reset,
@@ -72,10 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = stop_status(exc)
     finally:
         if not entry:  # also where argparse's SystemExit (a usage error) leaves the command
+            stop = first_stop()
             for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers, strict=True):
                 if handler is not None:  # None: not set from Python, left as it is
                     signal.signal(signum, handler)
             reset()
+            # The SIGTERM that stopped the command was sent to the program that called main(argv):
+            # once the command has stopped it goes on to the handler found (SIGTERM's default
+            # action: the process's end), not lost in a returned 143.
+            if held_term and isinstance(stop, Terminated):
+                signal.raise_signal(signal.SIGTERM)
     if entry:
         # The handlers stay: a signal from now on (grpc's cleanup at the interpreter's exit, which
         # one interrupted part-way could hang) ends the process at once with this status.

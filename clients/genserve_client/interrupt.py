@@ -53,6 +53,11 @@ def _stop_signal(exc: KeyboardInterrupt) -> None:
     end_now(exc)
 
 
+def first_stop() -> KeyboardInterrupt | None:
+    """The signal that stopped the command (KeyboardInterrupt, or Terminated for SIGTERM), if one did."""
+    return _Stop.first
+
+
 def stopping(exc: KeyboardInterrupt) -> None:
     """`exc` stops the command (where it was raised other than by these handlers: asyncio.run's own
     Ctrl-C): a signal from now on ends the process at once."""

@@ -574,6 +574,40 @@ def test_the_entry_run_from_python_puts_the_processs_signal_handlers_back(
         signal.raise_signal(signal.SIGINT)
 
 
+# A program that runs a command through the CLI's entry in its own process (a test suite, a tool
+# embedding the CLI), its SIGTERM at the default action: the command sends the process SIGTERM while
+# it waits; the program prints what main() returned, if it returns.
+SIGTERM_IN_PROCESS = """
+import os, signal, sys, time
+from genserve_client import cli
+from genserve_client.__main__ import main
+
+def waiting(client, args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+    return 0
+
+cli.COMMANDS["models"] = waiting
+status = main(["--target", "127.0.0.1:1", "models"])
+print(f"main returned {status}", flush=True)
+sys.exit(status)
+"""
+
+
+def test_a_sigterm_to_a_program_running_the_entry_in_process_reaches_that_programs_handler() -> None:
+    """genserve_client.__main__.main(argv) called from a program turned a SIGTERM to that process
+    into its command's stop and returned 143: the program never saw it (`timeout` stopping pytest
+    during an in-process CLI test failed that test and the suite ran on). The command still stops
+    through its cleanup, one line; then the signal goes to the handler main() found, here the
+    default action: the program ends of it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_IN_PROCESS], capture_output=True, text=True, timeout=60
+    )
+    assert "main returned" not in proc.stdout, (proc.stdout, proc.stderr)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
+
+
 def test_the_entry_run_from_python_puts_the_handlers_back_after_a_usage_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -356,7 +356,8 @@ def building(self):
 
 
 bench.PayloadFactory.__call__ = building
-status = main(args)
+sys.argv = ["genserve-client", *args]
+status = main()  # as the console script runs it
 print(sorted(t.name for t in threading.enumerate() if not t.daemon))
 sys.exit(status)
 """
