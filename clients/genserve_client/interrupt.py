@@ -94,14 +94,13 @@ def say_stop(exc: KeyboardInterrupt, say: Callable[[str], None]) -> None:
     stopping(exc)
     blocked = {signal.SIGINT, signal.SIGTERM}
     mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
-    if mask is not None:
-        mask(signal.SIG_BLOCK, blocked)
+    found = mask(signal.SIG_BLOCK, blocked) if mask is not None else None
     try:
         say(stop_line(exc))
         _Stop.said = True
     finally:
-        if mask is not None:
-            mask(signal.SIG_UNBLOCK, blocked)
+        if mask is not None and found is not None:  # the mask found: a signal blocked before stays so
+            mask(signal.SIG_SETMASK, found)
 
 
 def finished(status: int) -> None:

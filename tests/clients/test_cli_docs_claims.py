@@ -574,6 +574,26 @@ def test_the_entry_run_from_python_puts_the_processs_signal_handlers_back(
         signal.raise_signal(signal.SIGINT)
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_saying_the_stop_line_leaves_the_signal_mask_as_it_found_it() -> None:
+    """The stop's line is said with SIGINT and SIGTERM blocked (a signal meanwhile ends the process
+    once it is said); it then unblocked both, whatever the mask had been: a program running the CLI
+    with SIGTERM blocked (held for a moment it chose) had it delivered at once after a stopped
+    command. The mask found is put back."""
+    from genserve_client import interrupt
+
+    said: list[str] = []
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        interrupt.say_stop(interrupt.Terminated(), said.append)
+        after = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        interrupt.reset()
+    assert said == ["genserve-client: terminated (SIGTERM)"]
+    assert signal.SIGTERM in after and signal.SIGINT not in after, after
+
+
 # A program that runs a command through the CLI's entry in its own process (a test suite, a tool
 # embedding the CLI), its SIGTERM at the default action: the command sends the process SIGTERM while
 # it waits; the program prints what main() returned, if it returns.
