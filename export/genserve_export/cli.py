@@ -428,7 +428,7 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
                 signal.signal(signal.SIGTERM, previous)
 
 
-_received: list[int] = []  # the signals _raise_interrupted stopped main()'s command with
+_received: list[int] = []  # the signals that stopped main()'s command (SIGTERM: _raise_interrupted)
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -557,6 +557,8 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
             signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
             name = signal.Signals(signum).name
             err_line(f"build-defaults: interrupted ({name}); the recipes still training were stopped")
+            if signum == signal.SIGINT:
+                _received.append(signum)  # its KeyboardInterrupt goes on to main()'s caller (main)
             return 128 + signum
         _say("\nbuild-defaults wall time per model")
         for name, last, wall in done:
@@ -663,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
         err_line(f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})")
+        if signum == signal.SIGINT:
+            _received.append(signum)
         return 128 + signum
     finally:
         if previous is not None:
@@ -672,6 +676,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # handler found (by default the process's end), not lost in a returned 143.
             if not entry and signal.SIGTERM in _received:
                 signal.raise_signal(signal.SIGTERM)
+        # So does a Ctrl-C: the KeyboardInterrupt its handler raised (Python's) goes on to the
+        # program, not lost in a returned 130.
+        if not entry and signal.SIGINT in _received:
+            raise KeyboardInterrupt
 
 
 def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:

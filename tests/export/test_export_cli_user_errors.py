@@ -245,7 +245,8 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, comman
         "    time.sleep(30)\n"
         f"setattr(importlib.import_module({module!r}), {name!r}, interrupted)\n"
         "from genserve_export.cli import main\n"
-        f"sys.exit(main({argv!r}))\n"
+        f"sys.argv = ['genserve-export', *{argv!r}]\n"
+        "sys.exit(main())  # as the console script runs it\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script],
@@ -288,6 +289,41 @@ def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_progra
     assert handler is program
 
 
+@pytest.mark.parametrize("command", ["train", "build-defaults"])
+def test_a_ctrl_c_to_a_program_running_a_command_in_process_reaches_that_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """main(argv) called from Python (a test suite, a program running the CLI in its own process)
+    caught the KeyboardInterrupt of a Ctrl-C to that process and returned 130: the program never saw
+    it, so Ctrl-C on pytest during an export test failed that test and the suite ran on. The command
+    still stops through its cleanup, with its line; then the KeyboardInterrupt goes on to the caller,
+    as a SIGTERM goes on to its handler."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+
+    if command == "train":
+        monkeypatch.setattr(cli, "train_and_export", interrupted)
+        argv = ["train", "dcgan-digits", "--out", str(tmp_path / "m")]
+        line = "genserve-export train: stopped (SIGINT)"
+    else:  # --jobs 2: the build's own stop, its recipes' processes stopped
+        monkeypatch.setattr(cli, "_build_in_processes", interrupted)
+        argv = ["build-defaults", "--out", str(tmp_path / "m"), "--jobs", "2", "--no-verify"]
+        argv += ["--only", "dcgan-digits"]
+        line = "build-defaults: interrupted (SIGINT); the recipes still training were stopped"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as a program has it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(argv)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+    assert after == handlers[1]
+
+
 def test_ctrl_c_with_stderr_closed_exits_130() -> None:
     """`genserve-export verify models 2>&-` (a cron line discarding diagnostics): Python has no
     sys.stderr then, and the Ctrl-C line's write raised AttributeError, so the process exited 1
@@ -300,7 +336,8 @@ def test_ctrl_c_with_stderr_closed_exits_130() -> None:
         "    time.sleep(30)\n"
         "genserve_export.verify.verify_repository = interrupted\n"
         "from genserve_export.cli import main\n"
-        "sys.exit(main(['verify', '.']))\n"
+        "sys.argv = ['genserve-export', 'verify', '.']\n"
+        "sys.exit(main())  # as the console script runs it\n"
     )
 
     def closed_stderr() -> None:
