@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Called without arguments it is the process's entry (the console script, `python -m`): its
     # handlers stay once the command is done (see below). Called with them from Python (a test, a
     # program running the CLI in its own process) it puts the process's handlers back as it found
-    # them: a Ctrl-C there later is the program's, not an os._exit of ours.
+    # them: a Ctrl-C there later is the program's, not an os._exit of ours; and the signal that
+    # stopped the command goes on to the program (a Ctrl-C's KeyboardInterrupt, a SIGTERM).
     entry = argv is None
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     reset()
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             say_stop(exc, err_line)  # nothing where stderr is closed (`2>&-`): the exit status says it
             status = stop_status(exc)
+            if not entry and not isinstance(exc, Terminated):
+                raise  # a Ctrl-C, cli.main(argv)'s too: on to the program, its handlers put back
     finally:
         if not entry:  # also where argparse's SystemExit (a usage error) leaves the command
             stop = first_stop()

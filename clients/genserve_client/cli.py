@@ -74,7 +74,7 @@ from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, _pil_to_uint8, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
-from genserve_client.interrupt import run_async, say_stop, stop_status
+from genserve_client.interrupt import Terminated, first_stop, reset, run_async, say_stop, stop_status
 from genserve_client.pngmeta import PNG_SIGNATURE, png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
@@ -2041,6 +2041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Each run answers for its own stdout: a process may run main() more than once (a test, a
     # program embedding the CLI), and one run's reader gone or closed stdout is not the next's.
     _STDOUT.reader_gone = _STDOUT.closed = False
+    reset()  # nor is one run's stop the next's
     try:
         status = _main(argv)
     except SystemExit as exc:  # argparse ends in parse_args: --help's text is on stdout, as below
@@ -2048,7 +2049,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         status = 0
     closed = "genserve-client: write error: stdout is closed: its output was not printed"
-    return _STDOUT.exit_status(status, closed)
+    status = _STDOUT.exit_status(status, closed)
+    stop = first_stop()
+    if argv is not None and stop is not None and not isinstance(stop, Terminated):
+        # Called with arguments from a program (a test suite, a program running a command in its
+        # own process): the Ctrl-C was the program's. The command stopped through its cleanup with
+        # its line; its KeyboardInterrupt goes on to the program, not lost in a returned 130.
+        raise KeyboardInterrupt
+    return status
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -89,9 +89,12 @@ def end_now(exc: KeyboardInterrupt) -> None:
 
 
 def say_stop(exc: KeyboardInterrupt, say: Callable[[str], None]) -> None:
-    """Says the stop's one line with `say`; a signal meanwhile ends the process once it is said, not
-    with it said twice or not at all."""
+    """Says the stop's one line with `say`, unless this run said it already (cli.main(argv) said it
+    before its KeyboardInterrupt reached __main__.main(argv)); a signal meanwhile ends the process
+    once it is said, not with it said twice or not at all."""
     stopping(exc)
+    if _Stop.said:
+        return
     blocked = {signal.SIGINT, signal.SIGTERM}
     mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
     found = mask(signal.SIG_BLOCK, blocked) if mask is not None else None

@@ -344,20 +344,27 @@ def test_ctrl_c_while_the_cli_imports_with_stderr_closed_exits_130() -> None:
     assert proc.returncode == 130 and not out, (proc.returncode, out)
 
 
-def test_ctrl_c_while_the_cli_parses_its_arguments_with_stderr_closed_exits_130(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_ctrl_c_while_the_cli_parses_its_arguments_with_stderr_closed_exits_130() -> None:
     """A Ctrl-C that cli.main() does not catch (during its argument parsing) is answered by the
     entry point, whose line to a stderr closed (`2>&-`: Python has no sys.stderr) raised
     AttributeError: exit 1, not 130."""
-    from genserve_client import __main__ as entry
-
-    def interrupted(argv: object) -> int:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "main", interrupted)
-    monkeypatch.setattr(sys, "stderr", None)
-    assert entry.main(["models"]) == 130
+    script = (
+        "import sys\n"
+        "from genserve_client import cli\n"
+        "def interrupted(argv):\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.main = interrupted\n"
+        "from genserve_client.__main__ import main\n"
+        "sys.argv = ['genserve-client', 'models']\n"
+        "sys.exit(main())  # as the console script runs it\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),
+        timeout=60,
+    )
+    assert proc.returncode == 130 and not proc.stdout, (proc.returncode, proc.stdout)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
@@ -568,7 +575,8 @@ def test_the_entry_run_from_python_puts_the_processs_signal_handlers_back(
     monkeypatch.setattr(cli, "main", interrupted)
     monkeypatch.setattr(sys, "stderr", None)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    assert entry.main(["models"]) == 130
+    with pytest.raises(KeyboardInterrupt):  # the program's Ctrl-C goes on to it
+        entry.main(["models"])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     with pytest.raises(KeyboardInterrupt):  # Python's own handler: not an os._exit of the CLI's
         signal.raise_signal(signal.SIGINT)
@@ -626,6 +634,60 @@ def test_a_sigterm_to_a_program_running_the_entry_in_process_reaches_that_progra
     assert "main returned" not in proc.stdout, (proc.stdout, proc.stderr)
     assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
     assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
+
+
+@pytest.mark.parametrize("command", ["models", "bulk", "bench"])
+@pytest.mark.parametrize("entry", ["genserve_client.__main__", "genserve_client.cli"])
+def test_a_ctrl_c_to_a_program_running_the_cli_in_process_reaches_that_program(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    entry: str,
+    command: str,
+) -> None:
+    """main(argv) called from Python (a test suite, a program running the CLI in its own process)
+    caught the KeyboardInterrupt of a Ctrl-C to that process and returned 130: the program never
+    saw it, so Ctrl-C on pytest during an in-process CLI test failed that test and the suite ran on.
+    The command still stops through its cleanup, with its one line (bulk's hint after it); then the
+    KeyboardInterrupt goes on to the caller, as genserve-export's does and a SIGTERM goes on to its
+    handler. The console script's main() exits 130 (the tests that start it in a child)."""
+    import importlib
+
+    main = importlib.import_module(entry).main
+
+    def interrupted(*args: object) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        return 0
+
+    async def interrupted_run(*args: object) -> list[dict[str, Any]]:
+        import asyncio
+
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(30)
+        return []
+
+    argv = ["--target", fake_server.target, command]
+    if command == "models":
+        monkeypatch.setitem(cli.COMMANDS, "models", interrupted)
+    elif command == "bench":  # its run under asyncio.run (run_async)
+        monkeypatch.setattr(cli, "_bench", interrupted_run)
+        argv += ["--model", "fake-gen", "--duration", "1", "--warmup", "0"]
+    else:  # the job's own stop: the command catches it to say how to go on
+        monkeypatch.setattr(cli.BulkJob, "run", interrupted)
+        argv += ["--model", "fake-gen", "--n", "4", "--out", str(tmp_path / "job")]
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as a program has it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+    err = capsys.readouterr().err.splitlines()
+    assert err.count("genserve-client: interrupted") == 1, err
+    assert after == (signal.default_int_handler, handlers[1])
 
 
 def test_the_entry_run_from_python_puts_the_handlers_back_after_a_usage_error(
