@@ -1276,6 +1276,34 @@ def test_bulk_fills_half_the_queue_then_waits_for_room_while_interactive_is_stil
     run(body())
 
 
+def test_bulk_rows_fill_exactly_half_the_queue_and_one_larger_request_fits_an_empty_bulk_share() -> None:
+    """docs/operations.md: bulk rows fill at most half the model's queue. Exactly half is let in at
+    once, not held back a row short of it; and one bulk request larger than that half (a stream's
+    chunk against a small queue) is queued into an empty bulk share rather than waiting for room
+    that can never come."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, _ = make(model, max_queue_size=8, max_batch_size=8)
+        gate, blocker = await hold_runner(batcher, model)
+        three = asyncio.ensure_future(batcher.submit("b", rows(1, 2, 3), 3, lane=Lane.BULK))
+        one = asyncio.ensure_future(batcher.submit("b", rows(4), 1, lane=Lane.BULK))
+        await until(lambda: batcher.queued_rows == 4, "bulk rows up to exactly half the queue queued")
+        gate.set()
+        assert (await three).outputs["y"].tolist() == [10, 20, 30]
+        assert (await one).outputs["y"].tolist() == [40]
+        await blocker
+        gate, blocker = await hold_runner(batcher, model)
+        large = asyncio.ensure_future(batcher.submit("b", rows(*range(5, 11)), 6, lane=Lane.BULK))
+        await until(lambda: batcher.queued_rows == 6, "a bulk request over half the queue queued")
+        gate.set()
+        assert (await large).outputs["y"].tolist() == [50, 60, 70, 80, 90, 100]
+        await blocker
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_bulk_request_cancelled_while_it_waits_for_room_is_counted_once_as_deadline_or_cancelled() -> None:
     """gRPC cancels a handler at its deadline a little before the deadline the server keeps
     (DEADLINE_SLACK_S): a BULK request waiting for room in its lane then left through the cancellation,
