@@ -630,6 +630,27 @@ def test_a_queued_deadline_inside_the_window_closes_it_in_time() -> None:
     run(body())
 
 
+def test_a_deadline_within_the_slack_of_now_closes_the_window_at_once_and_is_computed() -> None:
+    """A window is cut DEADLINE_SLACK_S before a queued deadline (less the batch's compute), the
+    slack gRPC's own deadline keeps: a request queued with less than that left goes at once and is
+    computed, not held to a cut after its deadline and then dropped unrun."""
+
+    async def body() -> None:
+        model = FakeModel()
+        clock = FakeClock()
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=5.0, clock=clock)
+        batcher.callers = 2  # another caller on its way: the window would pay off
+        deadline = clock.now + DEADLINE_SLACK_S / 2
+        hurried = asyncio.ensure_future(batcher.submit("k", rows(1), 1, deadline=deadline))
+        await let_the_dispatcher_run()
+        clock.now = deadline + 1.0  # its deadline passes once its batch has gone
+        np.testing.assert_array_equal((await hurried).outputs["y"], [10])
+        assert (recorder.closed, recorder.dropped) == (["deadline"], [])
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_window_of_one_key_does_not_outlast_a_queued_deadline_of_another_key() -> None:
     """A long window open for one compatibility key (another output size, precision or psi) must not
     hold a request of another key past its deadline while a runner instance is free: it was
@@ -2222,6 +2243,33 @@ def test_a_withdrawn_part_taken_out_by_the_dispatcher_first_is_not_counted_as_dr
         np.testing.assert_array_equal((await other).outputs["y"], [20])
         assert batcher.queued_rows == 0
         assert recorder.dropped == []
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_a_cancelled_caller_taken_out_by_the_dispatcher_first_is_counted_cancelled_not_deadline() -> None:
+    """A caller that goes away (no deadline) while its rows are queued: its future is cancelled at
+    once, its rows leave in submit()'s handler a loop turn later, and a dispatcher woken in that
+    turn takes it out first (_take). It is genserve_requests_dropped_total{reason="cancelled"} there
+    too, as where its handler runs first."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_batch_size=2, max_queue_delay_s=5.0)
+        batcher.callers = 2  # its own call, and one more on its way: the window stays open
+        gone = asyncio.ensure_future(batcher.submit("b", rows(1), 1))
+        await until(lambda: batcher.queued_rows == 1, "the request queued")
+        await let_the_dispatcher_run()
+        assert not model.batches  # its window is open
+        other = asyncio.ensure_future(batcher.submit("b", rows(2), 1))
+        await asyncio.sleep(0)  # `other` is queued; the dispatcher's wake-up is scheduled
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        np.testing.assert_array_equal((await other).outputs["y"], [20])
+        assert [list(x) for _, x in model.batches] == [[2]]
+        assert recorder.dropped == ["cancelled"]
         await batcher.close(1)
 
     run(body())
