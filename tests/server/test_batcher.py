@@ -1842,6 +1842,28 @@ def test_with_two_instances_bulk_leaves_one_free_while_interactive_requests_arri
     run(body())
 
 
+def test_the_efficient_batch_size_the_warm_up_measured_caps_every_batch() -> None:
+    """loader.efficient_batch_size (docs/server.md: the batch cap chosen among the sizes measured):
+    where larger batches compute no row faster, batches take at most that many rows, below
+    max_batch_size, and batch_rows says so."""
+
+    async def body() -> None:
+        model = FakeModel()
+        batcher, recorder = make(model, max_batch_size=8, efficient_batch_size=2)
+        assert batcher.batch_rows("k") == 2
+        gate, blocker = await hold_runner(batcher, model)
+        five = asyncio.ensure_future(batcher.submit("k", rows(1, 2, 3, 4, 5), 5))
+        await until(lambda: batcher.queued_rows == 5, "the request queued")
+        gate.set()
+        assert (await five).outputs["y"].tolist() == [10, 20, 30, 40, 50]
+        await blocker
+        assert [list(x) for _, x in model.batches] == [[-1], [1, 2], [3, 4], [5]]
+        assert (await five).executed_batch_sizes == [2, 2, 1]
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_rows_limit_caps_a_keys_batches_and_leaves_other_keys_alone() -> None:
     async def body() -> None:
         model = FakeModel()

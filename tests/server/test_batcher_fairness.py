@@ -97,6 +97,7 @@ def completion_order(futures: list[asyncio.Future[Any]]) -> list[int]:
     [
         ([256] * 8 + [1], 64, [8, 8, 8, 8, 8, 8, 8, 7, 1]),  # the small one goes whole, at once
         ([2, 3, 1], 4, [2, 1, 1]),  # the spare row goes to the earliest
+        ([5, 5, 3], 8, [3, 3, 2]),  # spare rows go to the earliest, not to the fewest rows left
         ([1] * 6, 4, [1, 1, 1, 1, 0, 0]),  # more requests than rows: admission order
         ([5, 1, 100], 64, [5, 1, 58]),
         ([3, 4], 64, [3, 4]),  # everything fits
