@@ -338,6 +338,25 @@ def test_a_closed_loop_pair_of_a_slow_model_still_waits_for_its_partner() -> Non
     run(body())
 
 
+def test_the_callers_peak_is_forgotten_after_its_memory_so_a_smaller_cohort_all_queued_goes_at_once() -> None:
+    """Arrivals keeps the most callers seen lately (CALLERS_PEAK_MEMORY_S): once as many requests are
+    queued as that peak, nobody else can send and the batch goes (all_queued). An old burst's peak
+    is forgotten: two closed-loop callers all queued long after a burst of four are everyone."""
+    window_s = 0.004
+
+    def two_callers_queued(after_the_burst_s: float) -> bool:
+        arrivals = Arrivals(window_s)
+        t = 10.0
+        arrivals.arrived(t, 1, 4, 0)  # a burst of four callers
+        t += after_the_burst_s
+        arrivals.arrived(t, 1, 2, 0)
+        arrivals.arrived(t + 0.001, 1, 2, 1)
+        return arrivals.more_expected(t + 0.05, 2, 2)
+
+    assert two_callers_queued(0.5)  # the burst's peak holds: two more callers may come back
+    assert not two_callers_queued(CALLERS_PEAK_MEMORY_S + 0.5)
+
+
 def test_sparse_needs_fewer_than_one_request_a_window_mostly_alone_and_nobody_on_the_way() -> None:
     window_s = 0.005
     horizon_s = max(SPARSE_HORIZON_MIN_S, SPARSE_HORIZON_WINDOWS * window_s)
@@ -597,6 +616,37 @@ def test_window_collects_rows_that_arrive_within_it() -> None:
         assert [list(x) for _, x in model.batches] == [[1, 2, 3]]
         # It went when the window that opened with the first rows ended, not much later.
         assert time.monotonic() - opened < window_s * 5 / 3
+        await batcher.close(1)
+
+    run(body())
+
+
+def test_the_window_is_counted_from_the_oldest_rows_arrival_so_later_rows_do_not_extend_it() -> None:
+    """max_queue_delay_s bounds every row's extra wait: the window starts at the oldest queued row's
+    arrival, so a row that arrived later does not restart it for the rows queued before it."""
+
+    async def body() -> None:
+        model = FakeModel()
+        clock = FakeClock()
+        window_s = 100.0  # on the test's clock; the rows below are queued far apart on it
+        batcher, recorder = make(model, max_batch_size=8, max_queue_delay_s=window_s, clock=clock)
+        gate, blocker = await hold_runner(batcher, model)
+        batcher.callers = 5  # callers on their way: the window pays off throughout
+        oldest = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
+        await until(lambda: batcher.queued_rows == 1, "the oldest row queued")
+        clock.now += 0.9 * window_s
+        later = asyncio.ensure_future(batcher.submit("k", rows(2), 1))
+        await until(lambda: batcher.queued_rows == 2, "the later row queued")
+        gate.set()  # the window opens for both, ending window_s after the oldest row's arrival
+        await blocker
+        await let_the_dispatcher_run()
+        assert len(model.batches) == 1  # its window is open
+        clock.now += 0.6 * window_s  # past the oldest row's window, within the later row's
+        last = asyncio.ensure_future(batcher.submit("k", rows(3), 1))  # wakes the dispatcher
+        await let_the_dispatcher_run()
+        assert [list(x) for _, x in model.batches] == [[-1], [1, 2, 3]]
+        assert recorder.closed[-1] == "window"
+        await asyncio.gather(oldest, later, last)
         await batcher.close(1)
 
     run(body())
