@@ -230,6 +230,29 @@ def test_single_request_on_idle_runner_does_not_wait_for_the_window() -> None:
     run(body())
 
 
+def test_a_results_dispatch_time_is_when_its_batch_started_not_its_admission() -> None:
+    """BatchResult.dispatched_at (and queue_s from admission to it) is what KServe's statistics split
+    a call's queue from its compute by (core: call.timing.submitted): a request that waited behind a
+    running batch reports the moment its own batch started."""
+
+    async def body() -> None:
+        model = FakeModel()
+        clock = FakeClock()
+        batcher, _ = make(model, clock=clock)
+        gate, blocker = await hold_runner(batcher, model)
+        admitted_at = clock.now
+        waiting = asyncio.ensure_future(batcher.submit("k", rows(1), 1))
+        await until(lambda: batcher.queued_rows == 1, "the request queued")
+        clock.now += 2.0  # it waits behind the running batch
+        gate.set()
+        result = await waiting
+        assert (result.dispatched_at, result.queue_s) == (admitted_at + 2.0, 2.0)
+        await blocker
+        await batcher.close(1)
+
+    run(body())
+
+
 def test_a_finished_batch_is_not_kept_alive_by_the_idle_dispatcher() -> None:
     """The dispatcher's loop kept its last batch's parts in a local while it waited for the next
     request: the request's inputs and assembled outputs (a tiled SuperResolve's tiles, 27 MiB at
