@@ -139,11 +139,16 @@ def test_a_bulk_request_whose_deadline_passes_while_it_waits_for_room_counts_onc
                 assert time.monotonic() - started < 1.0
             assert server.metric("genserve_queue_depth", model="slow") > 8  # they all waited for room
             wait_until(
-                lambda: _dropped(server, "slow")[0] - before[0] >= calls,
+                lambda: sum(_dropped(server, "slow")) - sum(before) >= calls,
                 5,
-                "each call counted as a deadline drop",
+                "each call counted as a drop",
             )
-            assert _dropped(server, "slow") == (before[0] + calls, before[1])
+            deadline, cancelled = _dropped(server, "slow")
+            # Each counted once (the defect: a third uncounted), most as deadline: on a loaded
+            # machine the client's own cancel at its deadline can land before the server's
+            # deadline, and that call is rightly `cancelled` (docs/metrics.md).
+            assert deadline - before[0] + cancelled - before[1] == calls
+            assert deadline - before[0] > cancelled - before[1]
         finally:
             filled.cancel()
 
