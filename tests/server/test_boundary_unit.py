@@ -308,11 +308,15 @@ def test_a_request_id_that_could_forge_log_fields_is_replaced(service: Boundary,
     assert request_id != sent and len(request_id) == 32
 
 
-def test_a_safe_request_id_is_kept(service: Boundary) -> None:
+@pytest.mark.parametrize(
+    "sent", ["trace-1.2:abc/DEF+x_9", "x" * 128], ids=["every-allowed-character", "128-chars"]
+)
+def test_a_safe_request_id_is_kept(service: Boundary, sent: str) -> None:
+    """docs/metrics.md: a safe token of at most 128 characters is the call's id (129 are replaced)."""
+
     async def handler(request: object, call: Call) -> str:
         return "response"
 
-    sent = "trace-1.2:abc/DEF+x_9"
     context = FakeContext((("x-request-id", sent),))
     call_unary(service, handler, context)
     assert dict(context.trailing)["x-request-id"] == sent
