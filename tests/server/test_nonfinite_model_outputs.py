@@ -21,6 +21,8 @@ from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server.codecs import ImageFormat
+from genserve_server.encoding import check_finite
+from genserve_server.errors import Internal
 
 MODEL = "nan-cond"
 
@@ -164,3 +166,17 @@ def test_every_call_failed_by_a_nan_image_names_its_request_id_in_the_log(server
     log = server.log()
     missing = [rid for rid in ids if rid not in log]
     assert not missing, f"request ids of calls failed INTERNAL not in the server log: {missing}"
+
+
+def test_the_refusal_counts_the_nan_and_the_infinite_values_apart() -> None:
+    """docs/operations.md: the INTERNAL names how many values are NaN and how many infinite; here 2
+    NaN and 3 infinite ones (+inf and -inf) in images 1 and 3 of the request."""
+    images = np.zeros((4, 1, 2, 2), np.float32)
+    images[1, 0, 0, :] = np.nan
+    images[3, 0, 1, :] = np.inf
+    images[3, 0, 0, 0] = -np.inf
+    with pytest.raises(Internal) as failed:
+        check_finite(images, MODEL, rows=[0, 1, 2, 3])
+    message = str(failed.value)
+    assert "image(s) 1, 3 of the request" in message, message
+    assert "(2 NaN and 3 infinite values)" in message, message

@@ -38,6 +38,7 @@ from server_support import (
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
+from genserve_server import codecs
 from genserve_server.latents import RNG_ALGORITHM, interpolate, latents_for_seeds, min_truncation_psi
 
 
@@ -258,6 +259,34 @@ def test_a_value_at_its_documented_limit_is_accepted(
     response = stub.Sample(request_)
     assert [image.seed for image in response.images if image.HasField("seed")] == seeds
     assert len(response.images) == max(1, len(seeds))
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG, quality=10),
+        tpb.OutputOptions(format=tpb.IMAGE_FORMAT_JPEG, quality=95),
+        tpb.OutputOptions(format=tpb.IMAGE_FORMAT_WEBP, quality=10),
+        tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG, png_compression=0),
+        tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG, png_compression=9),
+    ],
+    ids=["jpeg-q10", "jpeg-q95", "webp-q10", "png-0", "png-9"],
+)
+def test_the_quality_and_png_compression_asked_for_are_the_ones_encoded(
+    stub: pb_grpc.GenerationServiceStub, output: tpb.OutputOptions
+) -> None:
+    """OutputOptions.quality and png_compression (types.proto) reach the encoder: the image is the
+    model's pixels (its RAW_UINT8) encoded at the level asked for, byte for byte."""
+    raw_output = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
+    raw = stub.Sample(pb.SampleRequest(model="tiny-gen", seeds=[5], output=raw_output)).images[0]
+    expected, _ = codecs.encode_image(
+        pixels_of(raw.image),
+        output.format,
+        quality=output.quality or codecs.DEFAULT_QUALITY,
+        png_compression=output.png_compression,
+    )
+    got = stub.Sample(pb.SampleRequest(model="tiny-gen", seeds=[5], output=output)).images[0]
+    assert got.image.data == expected
 
 
 @pytest.mark.parametrize(
