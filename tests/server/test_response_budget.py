@@ -121,6 +121,30 @@ def test_a_reservation_settles_to_the_real_size_and_releases_once() -> None:
     asyncio.run(run())
 
 
+def test_a_reservation_given_back_while_waiting_for_its_lane_holds_its_bytes_again_when_taken_back() -> None:
+    """A BULK request waiting for room in its lane gives its response's bytes back (give_back) and
+    holds them again, waiting while the budget is spent, before it is queued (take_back)."""
+
+    async def run() -> None:
+        gauge = Gauge()
+        budget = ByteBudget("response budget (response_budget_bytes)", 1000, max_wait_s=5.0, gauge=gauge)
+        reservation = Reservation(budget)
+        await reservation.reserve(600, None, "Sample")
+        reservation.give_back()
+        assert budget.held == 0 and gauge.value == 0
+        other = await budget.acquire(700, None, "interactive")  # the room it left, taken meanwhile
+        taking = asyncio.create_task(reservation.take_back(None))
+        await asyncio.sleep(0.05)
+        assert not taking.done() and budget.held == 700  # waits for its 600 bytes
+        budget.release(other)
+        await taking
+        assert budget.held == 600 and gauge.value == 600
+        reservation.release()
+        assert budget.held == 0
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("level", [0, 1, 9])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_the_png_bound_holds_for_noise_at_every_level(level: int, channels: int) -> None:
