@@ -394,6 +394,39 @@ def test_an_error_found_after_the_deadline_counts_as_the_deadline_only(
     assert metrics.requests_rejected.labels("", "", reason)._value.get() == 0
 
 
+@pytest.mark.parametrize(
+    ("error", "code", "reason", "other"),
+    [
+        (
+            invalid("count", "must be in 1..8, got 9"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid",
+            "not_ready",
+        ),
+        ("unavailable", grpc.StatusCode.UNAVAILABLE, "not_ready", "invalid"),
+    ],
+)
+def test_a_refusal_before_the_deadline_counts_under_its_own_reason(
+    service: Boundary, error: Any, code: grpc.StatusCode, reason: str, other: str
+) -> None:
+    """docs/metrics.md: genserve_requests_rejected_total counts every INVALID_ARGUMENT as `invalid`
+    and every UNAVAILABLE as `not_ready`, once, and not under the other reason."""
+    from genserve_server.errors import Unavailable
+
+    exc = Unavailable("model m version 1 shut down") if error == "unavailable" else error
+
+    async def handler(request: object, call: Call) -> None:
+        raise exc
+
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        call_unary(service, handler, context)
+    assert context.aborted is not None and context.aborted[0] == code
+    metrics = service.metrics
+    assert metrics.requests_rejected.labels("", "", reason)._value.get() == 1
+    assert metrics.requests_rejected.labels("", "", other)._value.get() == 0
+
+
 def test_a_response_ready_after_its_deadline_is_not_sent(service: Boundary) -> None:
     async def handler(request: object, call: Call) -> str:
         await asyncio.sleep(0.02)
