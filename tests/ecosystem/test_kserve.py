@@ -667,6 +667,28 @@ def test_statistics_are_per_request_and_add_up_as_in_triton(
     assert after.last_inference >= before.last_inference > 0
 
 
+def test_the_time_a_sample_spends_encoding_its_images_is_its_compute_output(
+    tiny_server: Any, stub: kpb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """docs/kserve.md: compute_output is the time spent encoding a request's outputs; a genserve.v1
+    Sample's PNG encode is charged there (it was not: its ns stayed as they were)."""
+
+    def output_stats() -> Any:
+        [found] = stub.ModelStatistics(kpb.ModelStatisticsRequest(name=GEN), timeout=10).model_stats
+        return found.inference_stats.compute_output
+
+    before = output_stats()
+    with grpc.insecure_channel(tiny_server.target) as ch:
+        png = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_PNG)
+        response = pb_grpc.GenerationServiceStub(ch).Sample(
+            pb.SampleRequest(model=GEN, count=8, output=png), timeout=30
+        )
+    assert len(response.images) == 8
+    after = output_stats()
+    assert after.count == before.count + 1
+    assert after.ns > before.ns
+
+
 def test_max_batch_size_in_model_config_is_what_model_infer_accepts(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:
