@@ -35,7 +35,7 @@ from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import kserve, latents
+from genserve_server import codecs, kserve, latents
 from genserve_server.boundary import Boundary
 from genserve_server.config import ServerConfig
 from genserve_server.core import GenerationCore
@@ -685,6 +685,29 @@ def test_the_time_a_sample_spends_encoding_its_images_is_its_compute_output(
         )
     assert len(response.images) == 8
     after = output_stats()
+    assert after.count == before.count + 1
+    assert after.ns > before.ns
+
+
+def test_the_time_a_super_resolve_spends_decoding_its_images_is_its_compute_input(
+    tiny_server: Any, stub: kpb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """docs/kserve.md: compute_input is the time spent decoding a request's inputs; a genserve.v1
+    SuperResolve's PNG decode is charged there."""
+
+    def input_stats() -> Any:
+        [found] = stub.ModelStatistics(kpb.ModelStatisticsRequest(name="tiny-sr"), timeout=10).model_stats
+        return found.inference_stats.compute_input
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    png = tpb.Image(format=tpb.IMAGE_FORMAT_PNG, data=codecs.encode_image(pixels, codecs.ImageFormat.PNG)[0])
+    before = input_stats()
+    with grpc.insecure_channel(tiny_server.target) as ch:
+        response = pb_grpc.GenerationServiceStub(ch).SuperResolve(
+            pb.ImageRequest(model="tiny-sr", images=[png, png]), timeout=30
+        )
+    assert len(response.images) == 2
+    after = input_stats()
     assert after.count == before.count + 1
     assert after.ns > before.ns
 
