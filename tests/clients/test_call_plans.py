@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import time
 
 import grpc
 import pytest
@@ -112,6 +113,66 @@ def test_stream_resumes_after_the_last_index_and_progress_renews_the_retry_budge
     assert same is not None and same.start_index == 3
     resume.chunk(chunk(3, 4, 5))
     assert resume.next_request() is None
+
+
+def test_a_reconnect_wait_that_runs_out_past_the_deadline_fails_with_the_connections_unavailable() -> None:
+    """docs/client.md: a server that stays down fails the call with UNAVAILABLE by its deadline where
+    that is shorter than the retries and reconnect wait: the wait for the channel that ran out with
+    the deadline passed raises the connection's UNAVAILABLE, not a last attempt with no time left
+    (DEADLINE_EXCEEDED, naming no server)."""
+    attempts = Attempts(ChannelConfig(), RETRY, random.Random(0), timeout_s=0.05)
+    attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"))
+    attempts.reconnect_waited(0.01, ran_out=False)  # a connection came back: the attempt goes on
+    time.sleep(0.06)
+    with pytest.raises(GenserveClientError) as info:
+        attempts.reconnect_waited(0.01, ran_out=True)
+    assert (info.value.code, info.value.details) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses",
+    )
+    with_time = Attempts(ChannelConfig(), RETRY, random.Random(0), timeout_s=None)
+    with_time.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+    with_time.reconnect_waited(3.0, ran_out=True)  # no deadline: the next attempt is made
+
+
+def test_a_reopened_stream_asks_for_the_version_its_first_images_came_from() -> None:
+    """docs/client.md: a sample_stream started without `version` and reopened after a transient
+    error asks for the version its first images came from, not the server's default at the time it
+    reopens (after a reload, another version whose images the same iteration would mix in)."""
+    attempts = Attempts(ChannelConfig(), RETRY, random.Random(0), timeout_s=None)
+    resume = StreamResume(calls.sample_stream("gen", 6), attempts)
+    first = resume.next_request()
+    assert first is not None and first.sample.version == ""  # the server's default
+    served = chunk(0, 1)
+    served.provenance.version = "2"
+    resume.chunk(served)
+    again = resume.next_request()
+    assert again is not None and (again.start_index, again.sample.version) == (2, "2")
+    later = chunk(2)
+    later.provenance.version = "3"  # not what the stream asked for: the pin stays
+    resume.chunk(later)
+    last = resume.next_request()
+    assert last is not None and (last.start_index, last.sample.version) == (3, "2")
+
+
+def test_progress_gives_a_stream_back_its_whole_reconnect_wait() -> None:
+    """docs/client.md: a retry after UNAVAILABLE waits for its channel to connect again at most
+    RetryPolicy.reconnect_wait_s in all per call, and a stream's progress gives it back: a long
+    stream whose server restarts twice waits the whole 3 s again the second time, not what the
+    first restart left of it."""
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.002, reconnect_wait_s=3.0)
+    attempts = Attempts(ChannelConfig(), policy, random.Random(0), timeout_s=None)
+    resume = StreamResume(calls.sample_stream("gen", 6), attempts)
+    assert attempts.reconnect_wait_s() == 0.0  # no failure yet
+    attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+    assert attempts.reconnect_wait_s() == 3.0
+    attempts.reconnect_waited(2.5, ran_out=False)
+    assert attempts.reconnect_wait_s() == pytest.approx(0.5)  # what is left for the call
+    resume.chunk(chunk(0, 1))  # progress
+    attempts.wait_s(rpc_error(grpc.StatusCode.UNAVAILABLE))
+    assert attempts.reconnect_wait_s() == 3.0
+    attempts.wait_s(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"))
+    assert attempts.reconnect_wait_s() == 0.0  # a refusal from a connected server waits for none
 
 
 def test_every_result_type_the_methods_return_is_importable_from_the_package() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 
 import grpc
 import numpy as np
@@ -71,6 +72,33 @@ def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:
     assert policy.delay_s(grpc.StatusCode.INVALID_ARGUMENT, 1, None) is None
     assert policy.delay_s(grpc.StatusCode.UNAVAILABLE, 10, None) is None  # attempts spent
     assert policy.delay_s(grpc.StatusCode.UNAVAILABLE, 5, remaining_s=0.0) is None  # deadline first
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"max_attempts": 0}, "max_attempts must be >= 1, got 0"),
+        ({"initial_backoff_s": -0.1}, "0 <= initial_backoff_s <= max_backoff_s, got -0.1 and 5.0"),
+        (
+            {"initial_backoff_s": 2.0, "max_backoff_s": 1.0},
+            "initial_backoff_s <= max_backoff_s, got 2.0 and 1.0",
+        ),
+        ({"reconnect_wait_s": -1.0}, "reconnect_wait_s must be >= 0, got -1.0"),
+        ({"reconnect_wait_s": float("nan")}, "reconnect_wait_s must be >= 0, got nan"),
+        ({"multiplier": 0.5}, "multiplier must be >= 1, got 0.5"),
+    ],
+)
+def test_a_retry_policy_setting_out_of_range_is_refused_naming_it(
+    settings: dict[str, float], named: str
+) -> None:
+    """RetryPolicy(max_attempts=0) would make no attempt at all, a multiplier below 1 shrink the
+    backoff as failures grow: refused when made, naming the setting; each edge value is taken."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        RetryPolicy(**settings)  # type: ignore[arg-type]
+    edge = RetryPolicy(
+        max_attempts=1, initial_backoff_s=0.0, max_backoff_s=0.0, multiplier=1.0, reconnect_wait_s=0.0
+    )
+    assert edge.delay_s(grpc.StatusCode.UNAVAILABLE, 1, None) is None  # its one attempt made
 
 
 @pytest.mark.parametrize("multiplier", [2.0, 10.0])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from client_fakes import FakeService, run_cli
+from client_fakes import FakeServer, FakeService, run_cli
 
 from genserve.v1 import genserve_pb2_grpc
 from genserve_client import ChannelConfig, GenserveClient, GenserveClientError, RetryPolicy, TlsOptions
@@ -234,6 +234,22 @@ def test_a_server_certificate_the_client_rejects_is_final_not_retried(pki: Path,
         assert backoffs.draws == 0, f"retried {backoffs.draws} times: {info.value.details}"
     closed = "connections to all backends failing; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
     assert not is_permanent(grpc.StatusCode.UNAVAILABLE, closed)
+
+
+def test_a_tls_call_to_a_plaintext_server_is_final_not_retried(pki: Path, fake_server: FakeServer) -> None:
+    """docs/client.md: a TLS handshake the client's own settings fail, a plaintext server among them
+    (grpc's 'WRONG_VERSION_NUMBER'), is UNAVAILABLE but final at once: every attempt would fail
+    alike, so no backoff is drawn and the server is never reached."""
+    backoffs = CountedBackoffs()
+    policy = RetryPolicy(max_attempts=5, reconnect_wait_s=0)
+    config = ChannelConfig(fake_server.target, tls=TlsOptions.from_files(pki / "ca.pem"))
+    with GenserveClient(config, retry=policy, rng=backoffs, timeout_s=20) as c:
+        with pytest.raises(GenserveClientError) as info:
+            c.list_models()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "wrong_version_number" in info.value.details.lower(), info.value.details
+    assert backoffs.draws == 0, f"retried {backoffs.draws} times: {info.value.details}"
+    assert sum(fake_server.service.calls.values()) == 0
 
 
 def test_a_client_certificate_outside_its_validity_is_named_in_a_warning(
