@@ -225,6 +225,37 @@ def test_every_documented_option_is_still_accepted() -> None:
     calls.encode("g", [], sample=True, seed=3, version="1")
 
 
+def test_each_option_reaches_the_request_field_it_names() -> None:
+    """An option accepted but put in another field, or dropped, changes what the server computes
+    without a word: interpolate's mode="lerp" drawn as a slerp, translate's direction="b_to_a" run
+    A -> B, sample_stream's psi (a bulk job's --psi) never sent."""
+    modes = {
+        None: genserve_pb2.INTERPOLATION_MODE_UNSPECIFIED,
+        "lerp": genserve_pb2.INTERPOLATION_MODE_LERP,
+        "slerp": genserve_pb2.INTERPOLATION_MODE_SLERP,
+    }
+    for mode, wire in modes.items():
+        opts = {} if mode is None else {"mode": mode}
+        assert calls.interpolate("g", 1, 2, 5, **opts).request.mode == wire, mode  # type: ignore[arg-type]
+    directions = {
+        None: genserve_pb2.DIRECTION_UNSPECIFIED,
+        "a_to_b": genserve_pb2.DIRECTION_A_TO_B,
+        "b_to_a": genserve_pb2.DIRECTION_B_TO_A,
+    }
+    for direction, wire in directions.items():
+        opts = {} if direction is None else {"direction": direction}
+        assert calls.translate("g", [], **opts).request.direction == wire, direction  # type: ignore[arg-type]
+    stream = calls.sample_stream(
+        "g", 8, base_seed=7, labels=[3], psi=0.5, version="2", start_index=2, chunk_size=4, format="jpeg"
+    ).request
+    assert (stream.start_index, stream.chunk_size) == (2, 4)
+    sample = stream.sample
+    assert (sample.model, sample.version, sample.count, sample.base_seed) == ("g", "2", 8, 7)
+    assert list(sample.labels) == [3] and sample.truncation_psi == pytest.approx(0.5)
+    assert sample.output.format == types_pb2.IMAGE_FORMAT_JPEG
+    assert not calls.sample_stream("g", 8).request.sample.HasField("truncation_psi")
+
+
 @pytest.mark.parametrize(
     ("build", "field"),
     [
