@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -254,6 +255,8 @@ def test_each_option_reaches_the_request_field_it_names() -> None:
     assert list(sample.labels) == [3] and sample.truncation_psi == pytest.approx(0.5)
     assert sample.output.format == types_pb2.IMAGE_FORMAT_JPEG
     assert not calls.sample_stream("g", 8).request.sample.HasField("truncation_psi")
+    codes = calls.sample_codes("g", 2, temperature=0.5, top_k=3, top_temperature=2.0, top_top_k=16).request
+    assert (codes.temperature, codes.top_k, codes.top_temperature, codes.top_top_k) == (0.5, 3, 2.0, 16)
 
 
 @pytest.mark.parametrize(
@@ -423,6 +426,19 @@ def test_one_image_where_a_list_belongs_is_refused_saying_so(tmp_path: Path, kin
     with pytest.raises(TypeError, match=r"^images: must be a list of images, .*pass \[image\]"):
         getattr(calls, method)("m", one)
     assert len(getattr(calls, method)("m", [one]).request.images) == 1
+
+
+@pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
+def test_an_array_image_of_the_wrong_dtype_or_layout_is_refused_naming_its_index(method: str) -> None:
+    """A float or CHW array among several images is refused before any call naming the one it is
+    (images[1]), so a batch of many says which image to fix."""
+    good = np.zeros((8, 8, 3), np.uint8)
+    for bad, why in (
+        (np.zeros((8, 8, 3), np.float32), "must be uint8 HWC or HW, got dtype float32"),
+        (np.zeros((3, 8, 8), np.uint8), "must be HW or HWC with C in 1..4, got shape (3, 8, 8)"),
+    ):
+        with pytest.raises(ValueError, match=r"^images\[1\]: image arrays " + re.escape(why)):
+            getattr(calls, method)("m", [good, bad])
 
 
 @pytest.mark.parametrize("method", ["encode", "super_resolve", "translate"])
