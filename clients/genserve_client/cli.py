@@ -794,9 +794,10 @@ TWO_WAY_TRANSLATOR = "two_way_translator"
 
 def default_crossover(info: genserve_pb2.ModelInfo, version: str = "") -> int:
     """The crossover the card of the version used advertises (`mix_crossover`: where its mixing
-    figures were measured), or num_layers // 2 for a card without one (or with one out of range)."""
+    figures were measured), or num_layers // 2 for a card without one (or with one out of range, or
+    not an int: JSON true is Python's True, an int 1 that the library refuses as a crossover)."""
     advertised = card(info, version).get("mix_crossover")
-    if isinstance(advertised, int) and 0 < advertised < info.num_layers:
+    if isinstance(advertised, int) and not isinstance(advertised, bool) and 0 < advertised < info.num_layers:
         return advertised
     return max(1, info.num_layers // 2)
 

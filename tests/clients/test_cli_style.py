@@ -114,9 +114,18 @@ def test_cli_mix_draws_the_grid_and_interpolates_in_w_space(
 
 @pytest.mark.parametrize(
     ("card_json", "expected"),
-    [('{"mix_crossover": 6}', 6), ("{}", 4), ('{"mix_crossover": 8}', 4), ('{"mix_crossover": 0}', 4)],
+    [
+        ('{"mix_crossover": 6}', 6),
+        ("{}", 4),
+        ('{"mix_crossover": 8}', 4),
+        ('{"mix_crossover": 0}', 4),
+        ('{"mix_crossover": true}', 4),
+        ('{"mix_crossover": false}', 4),
+    ],
 )
 def test_mix_defaults_to_the_cards_crossover(card_json: str, expected: int) -> None:
+    """A card's crossover out of range, or not an int (JSON true, which Python's bool makes an int
+    1), is no crossover: num_layers // 2, as the library refuses a bool crossover."""
     info = pb.ModelInfo(name="m", kind="style_generator", num_layers=8)
     info.versions.add(version="1", card_json=card_json)
     assert default_crossover(info) == expected
