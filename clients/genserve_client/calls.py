@@ -147,7 +147,12 @@ def encode(
     TypeError, never H images of one row each).
     """
     rq.check_options("encode", opts, rq.EncodeOptions)
-    return UnaryCall("Encode", rq.encode_request(model, images, **opts), EncodeResult.from_proto, timeout_s)
+    request = rq.encode_request(model, images, **opts)
+
+    def parse(response: genserve_pb2.EncodeResponse, request_id: str | None) -> EncodeResult:
+        return EncodeResult.from_proto(response, request_id, request)
+
+    return UnaryCall("Encode", request, parse, timeout_s)
 
 
 def decode(

@@ -285,7 +285,24 @@ class EncodeResult:
     request_id: str | None = None
 
     @classmethod
-    def from_proto(cls, resp: genserve_pb2.EncodeResponse, request_id: str | None) -> EncodeResult:
+    def from_proto(
+        cls,
+        resp: genserve_pb2.EncodeResponse,
+        request_id: str | None,
+        request: genserve_pb2.EncodeRequest | None = None,
+    ) -> EncodeResult:
+        """INTERNAL naming what is missing where the answer holds no latents, or (`request` given)
+        not one per image sent: a server always does, a proxy or an older server may not."""
+        sent, n = (len(request.images) if request is not None else None), len(resp.latents)
+        if not n or (sent is not None and n != sent):
+            got = f"{n} latent{'' if n == 1 else 's'}" if n else "no latents"
+            images = f" for the {sent} image{'s' if sent != 1 else ''} sent" if sent is not None else ""
+            raise GenserveClientError(
+                grpc.StatusCode.INTERNAL,
+                f"the server's Encode answer holds {got}{images} (one latent per image expected)",
+                request_id,
+            )
+
         def stack(name: str) -> npt.NDArray[np.float32]:
             return np.stack([tensor_to_array(getattr(d, name)) for d in resp.latents]).astype(np.float32)
 

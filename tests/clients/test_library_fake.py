@@ -367,6 +367,26 @@ def test_a_grid_only_answer_from_a_server_older_than_its_seeds_field_has_a_seed_
         assert isinstance(last, CodesResult) and last.seeds == seeds, kwargs
 
 
+def test_an_encode_answer_without_latents_is_the_one_error_type_naming_what_is_missing() -> None:
+    """A server always answers an Encode with one latent per image, but a proxy or an older server
+    may answer an empty EncodeResponse: np.stack raised its bare 'need at least one array to
+    stack', no GenserveClientError and nothing about the answer."""
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    call = calls.encode("vae", [pixels, pixels])
+    empty = genserve_pb2.EncodeResponse(provenance=types_pb2.Provenance(model="vae"))
+    with pytest.raises(GenserveClientError) as info:
+        call.parse(empty, "rid")
+    assert info.value.code == grpc.StatusCode.INTERNAL and info.value.request_id == "rid"
+    assert "no latents" in info.value.details and "2 images" in info.value.details, info.value.details
+    z = np.ones(FAKE_LATENT, np.float32)
+    tensor = types_pb2.Tensor(shape=z.shape, dtype=types_pb2.DTYPE_FLOAT32, data=z.tobytes())
+    one = genserve_pb2.EncodeResponse(latents=[genserve_pb2.LatentDistribution(mu=tensor, logvar=tensor)])
+    with pytest.raises(GenserveClientError, match="1 latent for the 2 images sent"):
+        call.parse(one, "rid")
+    result = call.parse(genserve_pb2.EncodeResponse(latents=[one.latents[0]] * 2), "rid")
+    assert result.mu.shape == (2, FAKE_LATENT) and result.z is None
+
+
 class _CancelCrossingStatusCall:
     """A stand-in for a unary RPC of a server that fails every attempt (UNAVAILABLE) after a while,
     and whose status arrives as its caller is cancelled: grpc.aio's call task catches the caller's
