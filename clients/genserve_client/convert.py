@@ -87,6 +87,12 @@ def _past_float32(field: str, where: tuple[int, ...], value: str) -> ValueError:
     )
 
 
+def _not_floats(field: str, array: object, exc: Exception) -> ValueError:
+    shown = repr(array)
+    shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
+    return ValueError(f"{field}: must be a float32 array of numbers, got {shown} ({exc})")
+
+
 def _object_to_float64(given: npt.NDArray[np.generic], field: str) -> npt.NDArray[np.float64]:
     """An object array (numpy's of Python ints past int64) as float64; an int past even float64's
     range (10**400, numpy's bare 'int too large to convert to float') is refused as past float32's."""
@@ -102,17 +108,26 @@ def _object_to_float64(given: npt.NDArray[np.generic], field: str) -> npt.NDArra
                     field, where, f"{'-' if value < 0 else ''}{mantissa:g}e+{exponent}"
                 ) from None
         raise
+    except (TypeError, ValueError) as exc:  # a str beside a big int: 'could not convert string to float'
+        raise _not_floats(field, given.tolist(), exc) from None
 
 
 def array_to_tensor(array: npt.ArrayLike, field: str = "latents") -> types_pb2.Tensor:
     """float32 little-endian C-order tensor (the only dtype latents accept). A finite value past
     float32's range is a ValueError naming `field` and its index, never the Inf the cast makes of
-    it (which the server could only refuse as 'values must be finite')."""
-    given = np.asarray(array)
+    it (which the server could only refuse as 'values must be finite'); what is no array of numbers
+    (a str, a ragged list) is a ValueError naming `field`, not numpy's bare text."""
+    try:
+        given = np.asarray(array)
+    except ValueError as exc:  # a ragged list: 'inhomogeneous shape'
+        raise _not_floats(field, array, exc) from None
     if given.dtype == object:  # Python ints past int64 (10**40): checked as float64 values
         given = _object_to_float64(given, field)
-    with np.errstate(over="ignore"):
-        arr = np.ascontiguousarray(given, dtype=_LE_F32)
+    try:
+        with np.errstate(over="ignore"):
+            arr = np.ascontiguousarray(given, dtype=_LE_F32)
+    except (TypeError, ValueError) as exc:  # a str: 'could not convert string to float'
+        raise _not_floats(field, array, exc) from None
     if given.dtype.kind == "f" and given.dtype.itemsize > 4:
         overflowed = np.isinf(arr) & np.isfinite(given)
         if overflowed.any():

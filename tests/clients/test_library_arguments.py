@@ -934,6 +934,31 @@ def test_latents_past_float32s_range_are_refused_naming_the_argument_and_index(
     assert np.isinf(got[2]) and np.isnan(got[3])
 
 
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: calls.decode("vae", "abc"), "latents"),
+        (lambda: calls.sample("gan", latents=[["0.5", "x"]]), "latents"),
+        (lambda: calls.decode("vae", [[0.5], [0.5, 0.5]]), "latents"),
+        (lambda: calls.decode("vae", [[10**40, "x"]]), "latents"),
+        (lambda: calls.interpolate("gan", 1, ["a", "b"], 4), "end"),
+    ],
+)
+def test_latents_that_are_not_numbers_are_refused_naming_the_argument(
+    fake_server: FakeServer, build: object, field: str
+) -> None:
+    """A str (or a ragged list) where a latent belongs raised numpy's own text ('could not convert
+    string to float', 'inhomogeneous shape'), naming no argument."""
+    with pytest.raises(ValueError, match=rf"^{field}: must be a float32 array"):
+        build()  # type: ignore[operator]
+    with GenserveClient(fake_server.target) as client, pytest.raises(ValueError, match=r"^latents: "):
+        client.decode("vae", "abc")
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+    # Numbers written as strings still convert, as numpy converts them.
+    sent = calls.decode("vae", [["0.5", "1"]]).request.latents
+    assert np.frombuffer(sent.data, "<f4").tolist() == [0.5, 1.0]
+
+
 def test_latents_of_python_ints_past_float32s_range_are_refused_naming_the_argument_and_index(
     fake_server: FakeServer,
 ) -> None:
