@@ -337,7 +337,9 @@ def sample_stream_request(
 
 def latent_point(point: Latent, where: str = "") -> genserve_pb2.LatentPoint:
     if isinstance(point, int | np.integer):
-        return _build(genserve_pb2.LatentPoint, f"{where}.", seed=int(point))
+        # A bool (an int to Python) is left to protobuf, which refuses it as it does every seed's.
+        seed = point if isinstance(point, bool) else int(point)
+        return _build(genserve_pb2.LatentPoint, f"{where}.", seed=seed)
     if np.ndim(point) == 0:  # a float seed (1.0) went as a latent of one value, refused as its shape
         raise TypeError(
             f"{where}: a seed is an int and a latent a 1-D array of latent_dim floats, got {point!r}"

@@ -378,6 +378,18 @@ def test_an_interpolation_end_given_as_a_float_is_refused_saying_a_seed_is_an_in
     assert request.start.seed == 1 and list(request.end.latent.shape) == [8]
 
 
+@pytest.mark.parametrize(("start", "end", "field"), [(True, 2, "start"), (1, False, "end")])
+def test_an_interpolation_end_given_as_a_bool_is_refused_as_every_seed_is(
+    start: object, end: object, field: str
+) -> None:
+    """Every other seed refuses a bool (`seeds=[True]`, `base_seed=True`: protobuf's 'Expected an
+    int, got a boolean'), but an interpolation's end took True as seed 1 (bool is an int)."""
+    with pytest.raises(TypeError, match=rf"^{field}\.seed: .*got a boolean"):
+        calls.interpolate("g", start, end, 4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^base_seed: .*got a boolean"):
+        calls.sample("g", 2, base_seed=True)
+
+
 @pytest.mark.parametrize(
     ("method", "opts", "error"),
     [
