@@ -372,6 +372,18 @@ def test_typed_contents_with_raw_contents_is_invalid(stub: kpb_grpc.GRPCInferenc
     assert "inputs[0].contents" in _invalid(stub, request)
 
 
+@pytest.mark.parametrize("n_bytes", [4 * TINY_LATENT - 4, 4 * TINY_LATENT + 4], ids=["short", "long"])
+def test_raw_contents_whose_length_disagrees_with_the_shape_are_invalid_naming_the_entry(
+    stub: kpb_grpc.GRPCInferenceServiceStub, n_bytes: int
+) -> None:
+    """The protocol: a raw input is its shape's values times the datatype's size in bytes; fewer or
+    more is INVALID_ARGUMENT naming the raw_input_contents entry and both sizes, never INTERNAL."""
+    details = _invalid(stub, _z_request(GEN, [1, TINY_LATENT], bytes(n_bytes)))
+    assert details == (
+        f"raw_input_contents[0]: z of shape [1, {TINY_LATENT}] needs {4 * TINY_LATENT} bytes, got {n_bytes}"
+    ), details
+
+
 def test_duplicate_requested_output_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
     request.outputs.add(name="image")
