@@ -384,6 +384,19 @@ def test_raw_contents_whose_length_disagrees_with_the_shape_are_invalid_naming_t
     ), details
 
 
+def test_raw_contents_with_an_entry_missing_or_extra_are_invalid(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """raw_input_contents has one entry per input, in the inputs' order: one fewer (the label's
+    missing) or one more is INVALID_ARGUMENT naming raw_input_contents, never INTERNAL."""
+    missing = _z_request(COND, [2, TINY_LATENT], bytes(8 * TINY_LATENT))
+    missing.inputs.add(name="label", datatype="INT64", shape=[2, 1])
+    assert _invalid(stub, missing) == "raw_input_contents: must have one entry per input (2), got 1"
+    extra = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+    extra.raw_input_contents.append(bytes(4 * TINY_LATENT))
+    assert _invalid(stub, extra) == "raw_input_contents: must have one entry per input (1), got 2"
+
+
 def test_duplicate_requested_output_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
     request.outputs.add(name="image")
