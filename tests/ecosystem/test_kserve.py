@@ -397,6 +397,14 @@ def test_raw_contents_with_an_entry_missing_or_extra_are_invalid(
     assert _invalid(stub, extra) == "raw_input_contents: must have one entry per input (1), got 2"
 
 
+def test_an_input_given_twice_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+    """Inputs may each be named once: a second `z` was not to replace the first silently."""
+    request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+    request.inputs.add(name="z", datatype="FP32", shape=[1, TINY_LATENT])
+    request.raw_input_contents.append(np.full(TINY_LATENT, 0.5, np.float32).tobytes())
+    assert _invalid(stub, request) == "inputs[1].name: input 'z' given twice"
+
+
 def test_duplicate_requested_output_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
     request.outputs.add(name="image")
