@@ -405,6 +405,24 @@ def test_an_input_given_twice_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub
     assert _invalid(stub, request) == "inputs[1].name: input 'z' given twice"
 
 
+def test_typed_contents_of_z_and_label_give_the_images_raw_contents_give(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """Typed contents go in the datatype's own field: FP32 `z` in fp32_contents, INT64 `label` in
+    int64_contents, the same values as raw bytes and the same images."""
+    z = np.linspace(-1, 1, 2 * TINY_LATENT, dtype=np.float32).reshape(2, TINY_LATENT)
+    raw = _z_request(COND, [2, TINY_LATENT], z.tobytes())
+    raw.inputs.add(name="label", datatype="INT64", shape=[2, 1])
+    raw.raw_input_contents.append(np.array([3, 7], np.int64).tobytes())
+    typed = kpb.ModelInferRequest(model_name=COND)
+    typed.inputs.add(name="z", datatype="FP32", shape=[2, TINY_LATENT]).contents.fp32_contents.extend(
+        z.ravel().tolist()
+    )
+    typed.inputs.add(name="label", datatype="INT64", shape=[2, 1]).contents.int64_contents.extend([3, 7])
+    got = stub.ModelInfer(typed, timeout=30).raw_output_contents
+    assert got == stub.ModelInfer(raw, timeout=30).raw_output_contents
+
+
 def test_duplicate_requested_output_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
     request.outputs.add(name="image")
