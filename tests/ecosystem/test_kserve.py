@@ -423,6 +423,44 @@ def test_typed_contents_of_z_and_label_give_the_images_raw_contents_give(
     assert got == stub.ModelInfer(raw, timeout=30).raw_output_contents
 
 
+def test_request_parameters_are_taken_in_the_types_the_protocol_allows_and_refused_in_others(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """`seed` and `count` are integers, int64_param or uint64_param; `truncation_psi` a double,
+    double_param or an integer one: each gives the same images. Any other type (a string, a bool)
+    is INVALID_ARGUMENT naming the parameter and the type sent, never INTERNAL nor read as a number."""
+
+    def request(**params: tuple[str, object]) -> kpb.ModelInferRequest:
+        sent = {
+            "seed": ("int64_param", 5),
+            "count": ("int64_param", 2),
+            "truncation_psi": ("double_param", 1.0),
+        }
+        sent.update(params)
+        built = kpb.ModelInferRequest(model_name=GEN)
+        for name, (choice, value) in sent.items():
+            setattr(built.parameters[name], choice, value)
+        return built
+
+    expected = stub.ModelInfer(request(), timeout=30).raw_output_contents
+    assert len(expected) == 1 and len(expected[0]) == 2 * 3 * 8 * 8 * 4  # 2 RGB 8x8 float32 images
+    for variant in (
+        {"seed": ("uint64_param", 5)},
+        {"count": ("uint64_param", 2)},
+        {"truncation_psi": ("int64_param", 1)},
+        {"truncation_psi": ("uint64_param", 1)},
+    ):
+        assert stub.ModelInfer(request(**variant), timeout=30).raw_output_contents == expected, variant
+    for name, (choice, value), what in (
+        ("seed", ("string_param", "5"), "an int64"),
+        ("count", ("bool_param", True), "an int64"),
+        ("truncation_psi", ("string_param", "1.0"), "a double"),
+        ("truncation_psi", ("bool_param", True), "a double"),
+    ):
+        details = _invalid(stub, request(**{name: (choice, value)}))
+        assert details == f"parameters[{name}]: must be {what} parameter, got {choice}", details
+
+
 def test_duplicate_requested_output_is_invalid(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
     request = _z_request(GEN, [1, TINY_LATENT], bytes(4 * TINY_LATENT))
     request.outputs.add(name="image")
