@@ -28,10 +28,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from ecosystem_helpers import CACHE_DIR, ROOT, run
-from server_support import TINY_LATENT, generator_graph, start_server, write_model
+from server_support import TINY_LATENT, generator_graph, start_server, write_model, write_tiny_generator
 
 from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.kserve import grpc_service_pb2_grpc as kpb_grpc
+from genserve.kserve import model_config_pb2 as mc
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
@@ -680,6 +681,32 @@ def test_model_config_preferred_sizes_never_exceed_max_batch_size(tiny_repo: Pat
                 assert config.max_batch_size == 2 and preferred == [1, 2][: len(preferred)], (name, preferred)
     finally:
         server.stop()
+
+
+def test_model_config_reports_the_batching_queue_and_instances_of_config_json(tmp_path: Path) -> None:
+    """docs/kserve.md: dynamic_batching (preferred sizes, delay, queue size) and instance_group come
+    from the version's config.json: max_queue_delay_s 0.0025 is 2500 microseconds, the queue 33 rows,
+    2 CPU instances."""
+    root = tmp_path / "models"
+    batching = {
+        "max_batch_size": 8,
+        "preferred_batch_sizes": [4, 8],
+        "max_queue_delay_s": 0.0025,
+        "max_queue_size": 33,
+    }
+    write_tiny_generator(root, "g", config={"batching": batching, "instances": 2})
+    server = start_server(root, tmp_path / "server")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            config = stub.ModelConfig(kpb.ModelConfigRequest(name="g"), timeout=10).config
+    finally:
+        server.stop()
+    assert config.max_batch_size == 8
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2500
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 33
+    assert [(g.count, g.kind) for g in config.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
 
 
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
