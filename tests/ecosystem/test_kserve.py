@@ -709,6 +709,19 @@ def test_model_config_reports_the_batching_queue_and_instances_of_config_json(tm
     assert [(g.count, g.kind) for g in config.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
 
 
+def test_model_config_marks_latent_inputs_optional_and_image_inputs_nchw(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """A latent model's `z` and `label` may be left out (seed, count and label then come as request
+    parameters), so Triton's config marks them optional; an image input is laid out NCHW."""
+    config = stub.ModelConfig(kpb.ModelConfigRequest(name=COND), timeout=10).config
+    assert {i.name: i.optional for i in config.input} == {"z": True, "label": True}
+    config = stub.ModelConfig(kpb.ModelConfigRequest(name=SR), timeout=10).config
+    assert [(i.name, i.optional, i.format) for i in config.input] == [
+        ("image", False, mc.ModelInput.FORMAT_NCHW)
+    ]
+
+
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:
