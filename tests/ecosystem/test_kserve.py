@@ -856,6 +856,19 @@ def test_max_batch_size_in_model_config_is_what_model_infer_accepts(
     seeded.parameters["count"].int64_param = limit + 1
     details = _invalid(stub, seeded)
     assert "parameters[count]" in details and f"1..{limit} (max_batch_size" in details
+    # An image model's rows are its images: exactly max_batch_size of them is a request's most.
+    limit = stub.ModelConfig(kpb.ModelConfigRequest(name=SR), timeout=10).config.max_batch_size
+    assert limit > 1
+    for n in (limit, limit + 1):
+        images = kpb.ModelInferRequest(
+            model_name=SR, raw_input_contents=[np.full((n, 3, 16, 16), 0.5, np.float32).tobytes()]
+        )
+        images.inputs.add(name="image", datatype="FP32", shape=[n, 3, 16, 16])
+        if n == limit:
+            assert stub.ModelInfer(images, timeout=30).outputs[0].shape[0] == limit
+        else:
+            details = _invalid(stub, images)
+            assert details.startswith(f"inputs[image].shape[0]: must be in 1..{limit} ("), details
 
 
 def test_server_ready_waits_for_startup_loading_like_grpc_health(tmp_path: Path) -> None:
