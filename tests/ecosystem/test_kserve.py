@@ -722,6 +722,39 @@ def test_model_config_marks_latent_inputs_optional_and_image_inputs_nchw(
     ]
 
 
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kpb_grpc.GRPCInferenceServiceStub]:
+    """A server whose generator `g` serves versions 1 and 2 (version_policy latest 2)."""
+    root = tmp_path_factory.mktemp("two-version-models")
+    card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
+    for version in ("1", "2"):
+        write_model(
+            root,
+            "g",
+            "generator",
+            generator_graph(TINY_LATENT, 1, 8, 8),
+            card,
+            config={"version_policy": {"latest": 2}},
+            version=version,
+        )
+    server = start_server(root, tmp_path_factory.mktemp("two-version-server"))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            yield kpb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        server.stop()
+
+
+def test_model_metadata_lists_every_ready_version_whichever_version_is_asked(
+    two_versions: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """KServe v2: a model's metadata lists the versions a request may name; asked for version 1 of
+    a model serving 1 and 2, it lists both, not only the one asked."""
+    for asked in ("", "1", "2"):
+        meta = two_versions.ModelMetadata(kpb.ModelMetadataRequest(name="g", version=asked), timeout=10)
+        assert (meta.name, sorted(meta.versions)) == ("g", ["1", "2"]), asked
+
+
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:
