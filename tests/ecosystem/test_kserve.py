@@ -755,6 +755,15 @@ def test_model_metadata_lists_every_ready_version_whichever_version_is_asked(
         assert (meta.name, sorted(meta.versions)) == ("g", ["1", "2"]), asked
 
 
+def test_model_config_reports_the_version_policy_the_versions_are_picked_by(
+    two_versions: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """docs/kserve.md: version_policy from config.json: `latest: 2` is Triton's latest num_versions 2."""
+    config = two_versions.ModelConfig(kpb.ModelConfigRequest(name="g"), timeout=10).config
+    assert config.version_policy.WhichOneof("policy_choice") == "latest"
+    assert config.version_policy.latest.num_versions == 2
+
+
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:
