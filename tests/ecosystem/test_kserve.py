@@ -764,6 +764,17 @@ def test_model_config_reports_the_version_policy_the_versions_are_picked_by(
     assert config.version_policy.latest.num_versions == 2
 
 
+def test_a_model_infer_response_names_the_version_that_computed_it(
+    two_versions: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The response's model_version is the version that computed it: the one named, else the newest."""
+    for asked, answered in (("1", "1"), ("2", "2"), ("", "2")):
+        request = _z_request("g", [1, TINY_LATENT], bytes(4 * TINY_LATENT))
+        request.model_version = asked
+        response = two_versions.ModelInfer(request, timeout=30)
+        assert (response.model_name, response.model_version) == ("g", answered), asked
+
+
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:
