@@ -42,6 +42,7 @@ from genserve_server.config import ServerConfig
 from genserve_server.core import GenerationCore
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
+from genserve_server.version import SERVER_VERSION
 
 SCRIPTS = Path(__file__).resolve().parent / "kserve_scripts"
 TRITONCLIENT = "2.73.0"  # newest on PyPI; pins protobuf<7, hence its own venv
@@ -773,6 +774,15 @@ def test_a_model_infer_response_names_the_version_that_computed_it(
         request.model_version = asked
         response = two_versions.ModelInfer(request, timeout=30)
         assert (response.model_name, response.model_version) == ("g", answered), asked
+
+
+def test_server_metadata_names_genserve_its_version_and_its_extensions(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """docs/kserve.md: ServerMetadata is `genserve`, its version and the extensions served."""
+    meta = stub.ServerMetadata(kpb.ServerMetadataRequest(), timeout=10)
+    assert (meta.name, meta.version) == ("genserve", SERVER_VERSION)
+    assert list(meta.extensions) == ["model_configuration", "statistics"]
 
 
 def test_model_ready_of_unknown_model_or_version_is_false_not_an_error(
