@@ -152,3 +152,14 @@ def test_every_open_watch_is_sent_not_serving_at_shutdown_an_unknown_services_to
     assert contexts["not-a-model"].written == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN, NOT_SERVING]
     for context in contexts.values():
         assert context.code == grpc.StatusCode.UNAVAILABLE and "NOT_SERVING sent" in context.details
+
+
+def test_the_whole_server_is_not_serving_without_models_or_with_a_required_one_missing() -> None:
+    """overall_status: an empty repository serves nothing, and a required model that is not (or no
+    longer) in the repository is named, not looked up (a KeyError in the health update)."""
+    assert genserve_health.overall_status({}, None) == (False, "no models in the repository")
+    assert genserve_health.overall_status({"a": True}, ["a", "gone"]) == (
+        False,
+        "required models not in the repository: gone",
+    )
+    assert genserve_health.overall_status({"a": True, "b": False}, ["a"]) == (True, "")
