@@ -163,3 +163,19 @@ def test_the_whole_server_is_not_serving_without_models_or_with_a_required_one_m
         "required models not in the repository: gone",
     )
     assert genserve_health.overall_status({"a": True, "b": False}, ["a"]) == (True, "")
+
+
+def test_a_serving_update_after_shutdown_leaves_healthz_not_serving() -> None:
+    """/healthz reads HealthState.serving: a load that ends during the drain and marks the server
+    SERVING (set_overall_soon) must not turn it back to 200 once shutdown began."""
+
+    async def scenario() -> tuple[bool, str]:
+        state = genserve_health.HealthState()
+        state.set_overall_soon(True)
+        await state.flush()
+        await state.shutdown()
+        state.set_overall_soon(True)
+        await state.flush()
+        return state.serving, state.reason
+
+    assert asyncio.run(scenario()) == (False, "shutting down")
