@@ -222,6 +222,9 @@ def test_an_unloaded_version_leaves_no_series_behind() -> None:
     # A call of the unloaded version that ends after it (the drain grace ran out) adds no series back.
     old.request_done("Sample", "UNAVAILABLE", 0.01)
     assert of("gen", "1") == []
+    # Nor one of a method it had no latency histogram for (bound on first use, Metrics.child).
+    old.request_done("Encode", "UNAVAILABLE", 0.01)
+    assert of("gen", "1") == []
     labelled = {
         f.describe()[0].name
         for f in vars(metrics).values()
