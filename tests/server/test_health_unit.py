@@ -179,3 +179,30 @@ def test_a_serving_update_after_shutdown_leaves_healthz_not_serving() -> None:
         return state.serving, state.reason
 
     assert asyncio.run(scenario()) == (False, "shutting down")
+
+
+class _AbortContext(_WatchContext):
+    async def abort(self, code: Any, details: str = "") -> None:
+        self.code, self.details = code, details
+        raise RuntimeError(details)
+
+
+def test_list_answers_exactly_max_listed_services_and_refuses_one_more() -> None:
+    """grpc.health.v1 List may refuse a listing too large: past MAX_LISTED_SERVICES, not at it."""
+    import grpc
+
+    servicer = genserve_health.ListingHealthServicer()  # "" already
+
+    async def add(names: list[str]) -> None:
+        for name in names:
+            await servicer.set(name, SERVING)
+
+    limit = genserve_health.MAX_LISTED_SERVICES
+    asyncio.run(add([f"model-{i}" for i in range(limit - 1)]))
+    assert len(_listed(servicer)) == limit
+    asyncio.run(add(["one-more"]))
+    context = _AbortContext()
+    with pytest.raises(RuntimeError):
+        asyncio.run(servicer.List(health_pb2.HealthListRequest(), context))
+    assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"{limit + 1} health services, more than List answers ({limit})" in context.details
