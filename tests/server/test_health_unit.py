@@ -62,7 +62,7 @@ def test_health_list_answers_what_check_does_after_sets_and_graceful_shutdown(he
     """List is a snapshot of every service Check knows, from state genserve keeps: it answered from
     grpcio-health-checking's private `_server_status`, which a release may rename (the "renamed" case
     failed with AttributeError). After enter_graceful_shutdown every service is NOT_SERVING, and a
-    later set() changes nothing, in List as in Check."""
+    later set() or clear() changes nothing, in List as in Check."""
     state = health_module.HealthState()
     servicer = state.servicer
 
@@ -88,6 +88,8 @@ def test_health_list_answers_what_check_does_after_sets_and_graceful_shutdown(he
         await state.shutdown()
         await state.set("model-b", True)
         await state.set("model-c", True)
+        state.clear_soon("model-a")  # a model removed during the drain: its key stays NOT_SERVING
+        await state.flush()
 
     asyncio.run(shut_down_then_set())
     expected = dict.fromkeys(expected, NOT_SERVING)
