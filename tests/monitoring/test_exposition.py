@@ -279,3 +279,14 @@ def test_a_valid_gzip_weight_of_0_in_any_of_its_spellings_refuses_gzip(accept_en
     assert "Content-Encoding" not in dict(headers) and body == library_body(registry, None)[1]
     headers, _ = Exposition(registry).answer(None, "gzip;q=1.000", [])
     assert dict(headers)["Content-Encoding"] == "gzip"
+
+
+def test_a_scrape_with_name_queries_gets_only_the_named_series() -> None:
+    """`/metrics?name[]=...` (prometheus_client's restricted registry) answers the named series
+    alone, as prometheus_client's own server does, not the whole registry."""
+    metrics = populated_metrics(3)
+    names = ["genserve_images_total", "genserve_model_ready"]
+    _, body = Exposition(metrics.registry).answer(None, None, names)
+    assert body == prometheus_client.generate_latest(metrics.registry.restricted_registry(names))
+    families = {family.name for family in parse_text(body.decode())}
+    assert families == {"genserve_images", "genserve_model_ready"}
