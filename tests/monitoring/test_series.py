@@ -106,6 +106,10 @@ def test_runtime_info_says_what_a_version_runs_on_and_goes_with_it() -> None:
     line += 'provider="CPUExecutionProvider",version="1"} 1.0'
     assert line in exposition(metrics)
     assert 'genserve_batch_max_rows{model="gen",version="1"} 2.0' in exposition(metrics)
+    # Loaded again on a config without a GPU provider: the one series says so.
+    mm.set_runtime("CPUExecutionProvider", "fp32", gpu_requested=False, batch_max_rows=2)
+    runtime = [x for x in exposition(metrics) if x.startswith("genserve_model_runtime_info")]
+    assert runtime == [line.replace('gpu_requested="true"', 'gpu_requested="false"')]
     mm.clear_runtime()
     assert not [x for x in exposition(metrics) if x.startswith("genserve_model_runtime_info")]
     assert not [x for x in exposition(metrics) if x.startswith("genserve_batch_max_rows{")]
