@@ -61,3 +61,23 @@ def test_an_unknown_dispatch_time_never_makes_a_phase_longer_than_the_call() -> 
     timing.submitted(entered=1.0, dispatched=0.0, done=2.0)  # a BatchResult without dispatched_at
     phases = timing.phases(started=0.5, ended=2.5)
     assert all(p >= 0 for p in phases) and sum(phases) <= 2.0
+
+
+def test_a_failed_batch_counts_as_a_batch_failure_not_an_execution() -> None:
+    """docs/kserve.md: inference_count is the rows computed and execution_count the model executions:
+    a model call that raised computed nothing (genserve_batch_failures_total counts it)."""
+    from genserve_server.metrics import BatchMetrics, Metrics
+
+    metrics = Metrics()
+    mm = metrics.for_model("gen", "1", 8, "generator")
+    observer = BatchMetrics(mm)
+    observer.on_batch(4, 2, 0.5, ok=False)
+    stats = mm.infer_stats
+    assert (stats.execution_count, stats.inference_count, stats.batches) == (0, 0, {})
+    observer.on_batch(3, 1, 0.25, ok=True)
+    assert (stats.execution_count, stats.inference_count) == (1, 3)
+    assert {size: (d.count, d.ns) for size, d in stats.batches.items()} == {3: (1, 250_000_000)}
+    failures = metrics.registry.get_sample_value(
+        "genserve_batch_failures_total", {"model": "gen", "version": "1"}
+    )
+    assert failures == 1.0
