@@ -208,3 +208,19 @@ def test_list_answers_exactly_max_listed_services_and_refuses_one_more() -> None
         asyncio.run(servicer.List(health_pb2.HealthListRequest(), context))
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"{limit + 1} health services, more than List answers ({limit})" in context.details
+
+
+def test_a_stop_requested_turns_healthz_not_serving_at_once() -> None:
+    """shutdown_soon (a signal handler, a stop during start-up): /healthz reads HealthState.serving
+    from another thread, so it is NOT_SERVING from the call on, before the shutdown task has run."""
+
+    async def scenario() -> tuple[tuple[bool, str], tuple[bool, str]]:
+        state = genserve_health.HealthState()
+        state.set_overall_soon(True)
+        await state.flush()
+        state.shutdown_soon()
+        at_once = (state.serving, state.reason)
+        await asyncio.sleep(0.05)
+        return at_once, (state.serving, state.reason)
+
+    assert asyncio.run(scenario()) == ((False, "shutting down"), (False, "shutting down"))
