@@ -7,21 +7,18 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from reliability_support import POISON_LATENT, write_flaky, write_gen, write_slow
-from server_support import TINY_LATENT, ServerProcess, metric_in, start_server
+from server_support import TINY_LATENT, ServerProcess, held_batch_app, metric_in, start_server
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
-from genserve_server.config import ServerConfig
-from genserve_server.main import App
 
 
 def _poisoned() -> pb.SampleRequest:
@@ -89,52 +86,33 @@ def test_a_call_slowed_by_its_batch_being_retried_in_halves_finds_its_id_on_that
     write_flaky(tmp_path)
 
     async def main() -> None:
-        app = App(tmp_path, ServerConfig(warmup=False), port=0, metrics_port=0)
-        await app.start()
-        batcher = app.repository.get("flaky").resolve("").batcher
-        assert batcher is not None
-        started, free = asyncio.Event(), asyncio.Event()
-        run = batcher._run_batch
-        held: list[bool] = []
-
-        async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-            if not held:  # the first batch only: it holds the model while the two calls queue
-                held.append(True)
-                started.set()
-                await free.wait()
-            return await run(key, inputs)
-
-        batcher._run_batch = held_run
         z = np.random.default_rng(5).normal(size=(1, TINY_LATENT)).astype("<f4")
         good_request = pb.SampleRequest(
             model="flaky",
             latents=tpb.Tensor(shape=[1, TINY_LATENT], dtype=tpb.DTYPE_FLOAT32, data=z.tobytes()),
         )
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        async with held_batch_app(tmp_path, "flaky") as held:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{held.app.port}") as channel:
                 stub = pb_grpc.GenerationServiceStub(channel)
                 first = asyncio.ensure_future(
                     stub.Sample(pb.SampleRequest(model="flaky", seeds=[1]), timeout=60)
                 )
-                await asyncio.wait_for(started.wait(), 30)
+                await asyncio.wait_for(held.started.wait(), 30)  # it holds the model while two calls queue
                 good = asyncio.ensure_future(
                     stub.Sample(good_request, metadata=(("x-request-id", "retried-in-halves"),), timeout=60)
                 )
                 bad = asyncio.ensure_future(stub.Sample(_poisoned(), timeout=60))
                 for _ in range(600):  # both rows queued behind the held batch
-                    if batcher.queued_rows >= 2:
+                    if held.batcher.queued_rows >= 2:
                         break
                     await asyncio.sleep(0.05)
-                assert batcher.queued_rows == 2
-                free.set()
+                assert held.batcher.queued_rows == 2
+                held.free.set()
                 await first
                 assert len((await good).images) == 1
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
                     await bad
                 assert failed.value.code() == grpc.StatusCode.INTERNAL
-        finally:
-            free.set()
-            await app.stop()
 
     with caplog.at_level(logging.WARNING, logger="genserve_server"):
         asyncio.run(asyncio.wait_for(main(), 120))

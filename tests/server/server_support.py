@@ -14,8 +14,9 @@ import signal
 import time
 import tracemalloc
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from genserve_server.config import ServerConfig
 from genserve_server.core import GenerationCore
 from genserve_server.errors import ResourceExhausted
 from genserve_server.launcher import ServerSubprocess, genserve_command
+from genserve_server.main import App
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 from genserve_server.step_sampler import StepScheduler
@@ -767,6 +769,45 @@ def hold_runs(batcher: Any) -> asyncio.Event:
 
     batcher._run_batch = held_run
     return free
+
+
+@dataclass
+class HeldBatch:
+    """An in-process server whose model's batches are held (see held_batch_app)."""
+
+    app: App
+    batcher: Any
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # the first batch holds the model
+    free: asyncio.Event = field(default_factory=asyncio.Event)  # set: every batch runs
+    rows_run: list[int] = field(default_factory=list)  # the rows of each batch run, in order
+
+
+@contextlib.asynccontextmanager
+async def held_batch_app(models: Path, model: str) -> AsyncIterator[HeldBatch]:
+    """An App (no warm-up) on 127.0.0.1 over `models`, every batch of `model` held until `free` is set,
+    so that calls sent meanwhile queue behind the first one (no timing race). `free` is set and the
+    App stopped on the way out."""
+    app = App(models, ServerConfig(warmup=False), port=0, metrics_port=0)
+    await app.start()
+    try:
+        batcher = app.repository.get(model).resolve("").batcher
+        assert batcher is not None
+        held = HeldBatch(app, batcher)
+        run = batcher._run_batch
+
+        async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            held.rows_run.append(len(next(iter(inputs.values()))))
+            held.started.set()
+            await held.free.wait()
+            return await run(key, inputs)
+
+        batcher._run_batch = held_run
+        try:
+            yield held
+        finally:
+            held.free.set()
+    finally:
+        await app.stop()
 
 
 async def fill_queue(batcher: Any, key: Any, one: dict[str, np.ndarray]) -> list[asyncio.Future[Any]]:

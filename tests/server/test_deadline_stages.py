@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from code_models import write_code_models
 from server_support import (
     TINY_LATENT,
     ServerProcess,
+    held_batch_app,
     metric_in,
     slow_generator_graph,
     start_server,
@@ -38,7 +39,6 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import encoding
 from genserve_server.config import ServerConfig
-from genserve_server.main import App
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
 from genserve_server.service import GenerationService
@@ -165,57 +165,40 @@ def test_a_call_whose_deadline_passes_while_queued_behind_a_held_batch_is_droppe
     write_tiny_generator(models, "gen", config={"batching": {"max_batch_size": 1, "max_queue_delay_ms": 0.0}})
 
     async def main() -> None:
-        app = App(models, ServerConfig(warmup=False), port=0, metrics_port=0)
-        await app.start()
-        batcher = app.repository.get("gen").resolve("").batcher
-        assert batcher is not None
-        started, free = asyncio.Event(), asyncio.Event()
-        run = batcher._run_batch
-        rows_run: list[int] = []
+        async with held_batch_app(models, "gen") as held:
 
-        async def held_run(key: Any, inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-            rows_run.append(len(next(iter(inputs.values()))))
-            started.set()
-            await free.wait()
-            return await run(key, inputs)
+            def dropped() -> float:
+                url = f"http://127.0.0.1:{held.app.metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    text = response.read().decode()
+                return metric_in(text, "genserve_requests_dropped_total", model="gen", reason="deadline")
 
-        batcher._run_batch = held_run
+            async def one(stub_call: Any, seed: int, timeout: float) -> Any:
+                if api == "kserve":
+                    request = kpb.ModelInferRequest(model_name="gen")
+                    request.parameters["seed"].int64_param = seed
+                    request.parameters["count"].int64_param = 1
+                else:
+                    request = pb.SampleRequest(model="gen", seeds=[seed])
+                return await stub_call(request, timeout=timeout)
 
-        def dropped() -> float:
-            url = f"http://127.0.0.1:{app.metrics_port}/metrics"
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-            return metric_in(text, "genserve_requests_dropped_total", model="gen", reason="deadline")
-
-        async def one(stub_call: Any, seed: int, timeout: float) -> Any:
-            if api == "kserve":
-                request = kpb.ModelInferRequest(model_name="gen")
-                request.parameters["seed"].int64_param = seed
-                request.parameters["count"].int64_param = 1
-            else:
-                request = pb.SampleRequest(model="gen", seeds=[seed])
-            return await stub_call(request, timeout=timeout)
-
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{held.app.port}") as channel:
                 if api == "kserve":
                     call = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
                 else:
                     call = pb_grpc.GenerationServiceStub(channel).Sample
                 before = await asyncio.to_thread(dropped)
                 first = asyncio.ensure_future(one(call, 1, 60))
-                await asyncio.wait_for(started.wait(), 30)  # its batch holds the model
+                await asyncio.wait_for(held.started.wait(), 30)  # its batch holds the model
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await one(call, 2, 0.3)  # queued behind it until its deadline passes
                 assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
-                free.set()
+                held.free.set()
                 await first
                 await one(call, 3, 60)  # runs after whatever was queued before it
-                assert rows_run == [1, 1], rows_run  # the first call's and the last's: not the expired one
+                # the first call's and the last's: not the expired one
+                assert held.rows_run == [1, 1], held.rows_run
                 assert await asyncio.to_thread(dropped) - before == 1
-        finally:
-            free.set()
-            await app.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
