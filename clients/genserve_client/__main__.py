@@ -22,9 +22,9 @@ from types import FrameType
 from genserve_client.interrupt import (
     INTERRUPTED,
     TERMINATED,
-    Terminated,
     finished,
     first_stop,
+    pass_on,
     raise_interrupted,
     raise_terminated,
     reset,
@@ -73,8 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             say_stop(exc, err_line)  # nothing where stderr is closed (`2>&-`): the exit status says it
             status = stop_status(exc)
-            if not entry and not isinstance(exc, Terminated):
-                raise  # a Ctrl-C, cli.main(argv)'s too: on to the program, its handlers put back
     finally:
         if not entry:  # also where argparse's SystemExit (a usage error) leaves the command
             stop = first_stop()
@@ -82,11 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if handler is not None:  # None: not set from Python, left as it is
                     signal.signal(signum, handler)
             reset()
-            # The SIGTERM that stopped the command was sent to the program that called main(argv):
-            # once the command has stopped it goes on to the handler found (SIGTERM's default
-            # action: the process's end), not lost in a returned 143.
-            if held_term and isinstance(stop, Terminated):
-                signal.raise_signal(signal.SIGTERM)
+            # The signal that stopped the command was sent to the program that called main(argv):
+            # a Ctrl-C (cli.main(argv)'s too) goes on to it as its KeyboardInterrupt, a SIGTERM to
+            # the handler found, with the program's handlers put back.
+            pass_on(stop, sigterm=held_term)
     if entry:
         # The handlers stay: a signal from now on (grpc's cleanup at the interpreter's exit, which
         # one interrupted part-way could hang) ends the process at once with this status.

@@ -74,7 +74,7 @@ from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, _pil_to_uint8, array_to_pil
 from genserve_client.errors import GenserveClientError
 from genserve_client.grid import GridRow, make_grid
-from genserve_client.interrupt import Terminated, first_stop, reset, run_async, say_stop, stop_status
+from genserve_client.interrupt import first_stop, pass_on, reset, run_async, say_stop, stop_status
 from genserve_client.pngmeta import PNG_SIGNATURE, png_text, pnginfo, with_png_text
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
@@ -2051,12 +2051,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 0
     closed = "genserve-client: write error: stdout is closed: its output was not printed"
     status = _STDOUT.exit_status(status, closed)
-    stop = first_stop()
-    if argv is not None and stop is not None and not isinstance(stop, Terminated):
+    if argv is not None:
         # Called with arguments from a program (a test suite, a program running a command in its
         # own process): the Ctrl-C was the program's. The command stopped through its cleanup with
-        # its line; its KeyboardInterrupt goes on to the program, not lost in a returned 130.
-        raise KeyboardInterrupt
+        # its line; its KeyboardInterrupt goes on to the program, not lost in a returned 130 (a
+        # SIGTERM is __main__.main(argv)'s to pass on: it took SIGTERM over).
+        pass_on(first_stop(), sigterm=False)
     return status
 
 

@@ -121,6 +121,19 @@ def reset() -> None:
     _Stop.first, _Stop.said, _Stop.status = None, False, None
 
 
+def pass_on(stop: KeyboardInterrupt | None, *, sigterm: bool) -> None:
+    """main(argv) called from a program (a test suite, a program running a command in its own
+    process), once its command has stopped through its cleanup: the signal that stopped it (`stop`,
+    first_stop()) goes on to that program, not lost in a returned 130 or 143. A Ctrl-C as the
+    KeyboardInterrupt its handler raises; a SIGTERM, where `sigterm` (main() took it over from its
+    default action and has put back the handler it found), to that handler: the process's end."""
+    if isinstance(stop, Terminated):
+        if sigterm:
+            signal.raise_signal(signal.SIGTERM)
+    elif stop is not None:
+        raise KeyboardInterrupt
+
+
 def _ignore_at_exit() -> None:
     for signum, handler in ((signal.SIGINT, raise_interrupted), (signal.SIGTERM, raise_terminated)):
         if signal.getsignal(signum) is handler:

@@ -671,15 +671,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-            # Called from a program (not its own process's entry), the SIGTERM that stopped the
-            # command was sent to that program: once the command has stopped it goes on to the
-            # handler found (by default the process's end), not lost in a returned 143.
-            if not entry and signal.SIGTERM in _received:
-                signal.raise_signal(signal.SIGTERM)
-        # So does a Ctrl-C: the KeyboardInterrupt its handler raised (Python's) goes on to the
-        # program, not lost in a returned 130.
-        if not entry and signal.SIGINT in _received:
-            raise KeyboardInterrupt
+        if not entry:  # called from a program: the signal that stopped the command was sent to it
+            _pass_on(_received, sigterm=previous is not None)
+
+
+def _pass_on(received: list[int], *, sigterm: bool) -> None:
+    """main(argv) called from a program (a test suite, a program running a command in its own
+    process), once its command has stopped through its cleanup: the signals that stopped it
+    (`received`) go on to that program, not lost in a returned 130 or 143. A SIGTERM, where `sigterm`
+    (main() took it over and has put back the handler it found), to that handler: by default the
+    process's end; a Ctrl-C as the KeyboardInterrupt its handler (Python's) raises. The same shape as
+    genserve_client.interrupt.pass_on: genserve-export does not depend on the client package."""
+    if sigterm and signal.SIGTERM in received:
+        signal.raise_signal(signal.SIGTERM)
+    if signal.SIGINT in received:
+        raise KeyboardInterrupt
 
 
 def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
