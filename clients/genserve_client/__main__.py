@@ -30,6 +30,7 @@ from genserve_client.interrupt import (
     reset,
     say_stop,
     stop_status,
+    watch_arrivals,
 )
 
 
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, raise_interrupted)
         if held_term:
             signal.signal(signal.SIGTERM, raise_terminated)
+    # The signal that came first stops the command, not the one Python handles first.
+    unwatch = watch_arrivals() if held_int and held_term else None
     try:
         try:
             status = cli_main(argv)
@@ -76,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not entry:  # also where argparse's SystemExit (a usage error) leaves the command
             stop = first_stop()
+            if unwatch is not None:
+                unwatch()
             for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers, strict=True):
                 if handler is not None:  # None: not set from Python, left as it is
                     signal.signal(signum, handler)

@@ -34,6 +34,7 @@ class _Stop:
     first: KeyboardInterrupt | None = None  # the signal that stopped the command
     said = False  # its line is on stderr
     status: int | None = None  # the command's exit status, once it is done
+    arrivals: int | None = None  # read end of the wakeup fd's pipe: signal numbers as they arrived
 
 
 def raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -48,9 +49,61 @@ def raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 def _stop_signal(exc: KeyboardInterrupt) -> None:
     if _Stop.first is None and _Stop.status is None:
+        exc = _arrived_first(exc)
         _Stop.first = exc
         raise exc
     end_now(exc)
+
+
+def watch_arrivals() -> Callable[[], None]:
+    """Python runs the handlers of the signals that arrived since the main thread last looked in
+    the order of their numbers, SIGINT (2) before SIGTERM (15): a SIGTERM followed, before it looked
+    (a grpc call's wait looks every 0.1 s), by a Ctrl-C stopped the command as the Ctrl-C (130).
+    The C handler writes each signal's number to the wakeup fd as it arrives: the first stop is
+    the one that came first (_arrived_first). Only where SIGINT's and SIGTERM's handlers are the
+    CLI's, in the main thread, and no wakeup fd is set (an event loop's stays). Returns what puts
+    the process back as it was."""
+    try:
+        read, write = os.pipe()
+    except OSError:
+        return lambda: None
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    try:
+        found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        found = None
+    if found != -1:
+        if found is not None:
+            signal.set_wakeup_fd(found)
+        os.close(read)
+        os.close(write)
+        return lambda: None
+    _Stop.arrivals = read
+
+    def undo() -> None:
+        signal.set_wakeup_fd(-1)
+        _Stop.arrivals = None
+        os.close(read)
+        os.close(write)
+
+    return undo
+
+
+def _arrived_first(exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """The stop of the signal that arrived first of those not handled yet, `exc` where unknown."""
+    if _Stop.arrivals is None:
+        return exc
+    try:
+        arrived = os.read(_Stop.arrivals, 4096)
+    except OSError:  # nothing written (BlockingIOError)
+        return exc
+    for signum in arrived:
+        if signum == signal.SIGTERM:
+            return Terminated()
+        if signum == signal.SIGINT:
+            return KeyboardInterrupt()
+    return exc
 
 
 def first_stop() -> KeyboardInterrupt | None:
@@ -180,6 +233,7 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
             exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
             if stop or _Stop.first is not None or _Stop.status is not None:
                 end_now(exc)
+            exc = _arrived_first(exc)
             stop.append(exc)
             stopping(exc)
             task.cancel()

@@ -636,6 +636,52 @@ def test_a_sigterm_to_a_program_running_the_entry_in_process_reaches_that_progra
     assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
 
 
+# `genserve-client models` whose command waits as a blocking call waits (a grpc call's wait looks at
+# the signals that arrived every 0.1 s): a SIGTERM, then a Ctrl-C, arrive while the main thread is
+# not looking (it blocks both; another thread of the process takes them), and it looks once both are in.
+SIGTERM_THEN_SIGINT = """
+import os, signal, sys, threading, time
+from genserve_client import cli
+from genserve_client.__main__ import main
+
+def waiting(client, args):
+    go = threading.Event()
+    def send():
+        go.wait()  # till the main thread waits in C, not looking at the signals
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+    sender = threading.Thread(target=send)
+    sender.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    go.set()
+    sender.join()
+    time.sleep(30)
+    return 0
+
+cli.COMMANDS["models"] = waiting
+sys.argv = ["genserve-client", "--target", "127.0.0.1:1", "models"]
+sys.exit(main())  # as the console script runs it
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_a_ctrl_c_soon_after_a_sigterm_ends_the_cli_with_the_sigterms_line_and_status() -> None:
+    """docs/client.md: a second Ctrl-C or SIGTERM while the CLI stops ends it with the first
+    signal's line and status. Python runs the handlers of the signals that arrived since it last
+    looked in the order of their numbers, SIGINT (2) before SIGTERM (15): a SIGTERM (a pod's stop)
+    followed within a grpc wait's 0.1 s by a Ctrl-C ended the CLI 130 'interrupted', as though the
+    Ctrl-C had come first. The SIGTERM, which came first, decides: 143, its line once."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_THEN_SIGINT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
+
+
 @pytest.mark.parametrize("command", ["models", "bulk", "bench"])
 @pytest.mark.parametrize("entry", ["genserve_client.__main__", "genserve_client.cli"])
 def test_a_ctrl_c_to_a_program_running_the_cli_in_process_reaches_that_program(
