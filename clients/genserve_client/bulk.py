@@ -680,13 +680,15 @@ def version_order(v: genserve_pb2.ModelVersionInfo) -> tuple[int, str]:
     return len(v.version), v.version
 
 
-def kind_refusal(model: str, kind: str) -> str | None:
+def kind_refusal(model: str, kind: str, *, cli: bool = False) -> str | None:
     """Why a bulk job of `model`, a model of `kind`, can never run (its streams would be refused for
-    the kind); None where it can, or where the server does not say its kind (an older server)."""
+    the kind); None where it can, or where the server does not say its kind (an older server). The
+    model is named as its caller gave it: --model on the command line (`cli`), else BulkParams' model=."""
     if not kind or kind in SAMPLE_KINDS:
         return None
+    given = f"--model {model!r}" if cli else f"model={model!r}"
     return (
-        f"bulk: --model {model!r} is a {kind}; bulk streams images from seeds "
+        f"bulk: {given} is a {kind}; bulk streams images from seeds "
         f"(SampleStream), which only {', '.join(SAMPLE_KINDS)} models serve"
     )
 

@@ -1318,7 +1318,7 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         raise UsageError(
             f"bulk: --version {args.version!r}: model {args.model!r} has no such version (served: {served})"
         )
-    refusal = kind_refusal(args.model, info.kind)
+    refusal = kind_refusal(args.model, info.kind, cli=True)
     if refusal:
         # Its streams would be refused for the kind, once the job's folder was made: say so before.
         raise UsageError(refusal)

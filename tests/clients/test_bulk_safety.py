@@ -120,6 +120,23 @@ def test_a_library_job_of_a_model_kind_bulk_cannot_serve_is_refused_before_its_f
     assert fake_server.service.calls["SampleStream"] == 0
 
 
+def test_a_refused_model_kind_is_named_by_the_argument_its_caller_gave(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A library caller gave BulkParams(model=...), and has no --model flag to correct; the CLI's user
+    # gave --model.
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(BulkError) as refused:
+            BulkJob(client, BulkParams("fake-i2i", n=3), tmp_path / "lib").run()
+    assert "model='fake-i2i' is a image_to_image" in str(refused.value), refused.value
+    assert "--model" not in str(refused.value), refused.value
+    out = tmp_path / "cli"
+    args = ("--target", fake_server.target, "bulk", "--model", "fake-i2i", "--n", "3", "--out", str(out))
+    code, _, err = cli_main(capsys, *args)
+    assert code == 2 and "--model 'fake-i2i' is a image_to_image" in err, err
+    assert not out.exists() and fake_server.service.calls["SampleStream"] == 0
+
+
 def test_a_library_job_of_a_version_not_served_or_not_ready_is_refused_before_its_folder_is_made(
     fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
