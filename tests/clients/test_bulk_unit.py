@@ -26,8 +26,17 @@ import genserve_client.bulk as bulk_module
 import genserve_client.channel as channel_module
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_client import GenserveClient, GenserveClientError, RetryPolicy
-from genserve_client.bulk import BulkError, BulkJob, BulkParams, missing_ranges, plan_streams, read_manifest
+from genserve_client.bulk import (
+    BulkError,
+    BulkJob,
+    BulkParams,
+    missing_ranges,
+    plan_streams,
+    read_manifest,
+    served_model,
+)
 from genserve_client.channelpool import FreshChannels
+from genserve_client.cli import card
 
 FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.001, max_backoff_s=0.01)
 
@@ -205,6 +214,22 @@ def test_missing_ranges_cut_into_bounded_streams_that_keep_every_worker_busy(
     assert len(streams) >= min(parts, len(covered))
     if len(missing) == 1 and not max_images:
         assert len(streams) <= parts
+
+
+def test_the_highest_version_is_the_highest_number_not_the_last_in_text_order() -> None:
+    # Version names are numbers: "10" is above "9", though "9" sorts after "10" as text. A job of the
+    # highest READY version, and the card a call without --version uses, are version 10's.
+    info = genserve_pb2.ModelInfo(name="m")
+    for version in ("9", "10", "2"):
+        info.versions.add(
+            version=version,
+            state=genserve_pb2.MODEL_STATE_READY,
+            model_sha256=f"sha-{version}",
+            card_json=json.dumps({"version": version}),
+        )
+    served = served_model(GenserveClient("127.0.0.1:1"), "m", "", info)
+    assert (served.version, served.sha256) == ("10", "sha-10")
+    assert card(info) == {"version": "10"}
 
 
 def bulk(target: str, out: Path, params: BulkParams, **kwargs: int) -> None:
