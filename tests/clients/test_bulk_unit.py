@@ -82,6 +82,20 @@ def test_recover_truncates_torn_tail_and_removes_orphans(tmp_path: Path) -> None
     assert [e["index"] for e in read_manifest(tmp_path / "manifest.jsonl")[0]] == [0, 2]
 
 
+def test_a_manifest_line_one_past_the_jobs_last_index_is_refused_naming_the_line(tmp_path: Path) -> None:
+    # A job of n=3 has indices 0, 1 and 2: index 2 (its last) is the job's, index 3 another job's
+    # (a manifest from a larger job copied over it), refused naming its line, not a traceback.
+    job = BulkJob(GenserveClient("127.0.0.1:1"), BulkParams("m", n=3), tmp_path)
+    (tmp_path / "images").mkdir()
+    for i in (0, 2):
+        (tmp_path / "images" / f"{i:06d}.png").write_bytes(b"x")
+    write_lines(tmp_path / "manifest.jsonl", [entry(0), entry(2)])
+    assert sorted(job.recover()) == [0, 2]
+    write_lines(tmp_path / "manifest.jsonl", [entry(0), entry(2), entry(3)])
+    with pytest.raises(BulkError, match=r"manifest.jsonl:3: index 3 is outside the job's range \[0, 3\)"):
+        job.recover()
+
+
 def test_recovery_keeps_a_listed_file_of_another_name_and_removes_its_indexs_unlisted_one(
     tmp_path: Path,
 ) -> None:
