@@ -1157,23 +1157,27 @@ class BulkJob:
             # A job's lock file: a run holding it may have written its job.json and first images
             # between the look for job.json and the listing (two runs started at once). Decide
             # under the lock: in use (BulkBusy), else the folder is checked again below.
-        looked_up: list[genserve_pb2.ModelInfo] = []
+        looked_up: list[ServedModel] = []
         if resolve is None and not (self.out_dir / JOB_FILE).exists():
             # A new job: look the model up before making its folder, so that a model of a kind whose
             # streams the server refuses, or a version it does not serve READY, leaves no job folder
             # behind (a version still LOADING is waited for). The answer pins the version.
-            def look_up() -> genserve_pb2.ModelInfo:
+            def look_up() -> ServedModel:
                 info = self.client.get_model(self.params.model)
                 refusal = kind_refusal(self.params.model, info.kind)
                 if refusal:
                     raise BulkError(refusal)
-                served_model(self.client, self.params.model, self.params.version, info)
-                return info
+                return served_model(self.client, self.params.model, self.params.version, info)
 
             looked_up.append(self.window.call(look_up))
 
         def served(model: str, version: str) -> ServedModel:
-            return served_model(self.client, model, version, looked_up.pop() if looked_up else None)
+            # The lookup's answer, once, where it is for the version asked (another run may have
+            # written job.json before the lock, pinning another): else the server is asked.
+            if looked_up and version == self.params.version:
+                return looked_up.pop()
+            looked_up.clear()
+            return served_model(self.client, model, version)
 
         resolver = resolve or served
         self.out_dir.mkdir(parents=True, exist_ok=True)
