@@ -274,3 +274,24 @@ def test_an_encoders_channels_pass_verify_exactly_when_the_server_loads_them(
     assert any("'channels'" in e for e in errors) is not served, report.format()
     if not served:
         assert any("'channels'" in e and "1..4" in e and "got 5" in e for e in errors), report.format()
+
+
+def _copy(exported: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    shutil.copytree(exported, root)
+    return root
+
+
+def _errors(root: Path) -> list[str]:
+    report = verify_repository(root, recompute_quality=False)
+    assert not report.ok, report.format()
+    return [*report.errors, *(e for m in report.models for e in m.errors)]
+
+
+def test_a_card_whose_name_or_version_is_not_its_directorys_fails_verify(
+    exported: Path, tmp_path: Path
+) -> None:
+    """The server serves a version by its directory: a card naming another entry or version is refused."""
+    root = _copy(exported, tmp_path)
+    _edit_card(root, name="grey")
+    assert any("name/version grey/1 differ from the directory" in e for e in _errors(root))
