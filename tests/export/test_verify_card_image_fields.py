@@ -295,3 +295,13 @@ def test_a_card_whose_name_or_version_is_not_its_directorys_fails_verify(
     root = _copy(exported, tmp_path)
     _edit_card(root, name="grey")
     assert any("name/version grey/1 differ from the directory" in e for e in _errors(root))
+
+
+def test_a_config_json_of_another_kind_than_the_card_fails_verify(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path)
+    config_path = root / "gray" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["kind"] = "conditional_generator"
+    config_path.write_text(json.dumps(config, indent=2))
+    want = "config.json kind 'conditional_generator' differs from the card's 'generator'"
+    assert any(want in e for e in _errors(root))
