@@ -305,3 +305,10 @@ def test_a_config_json_of_another_kind_than_the_card_fails_verify(exported: Path
     config_path.write_text(json.dumps(config, indent=2))
     want = "config.json kind 'conditional_generator' differs from the card's 'generator'"
     assert any(want in e for e in _errors(root))
+
+
+def test_a_graph_the_card_does_not_list_fails_verify(exported: Path, tmp_path: Path) -> None:
+    """An .onnx file no digest covers (a stray model.fp16.onnx) is named, not silently served past."""
+    root = _copy(exported, tmp_path)
+    shutil.copy(root / "gray" / "1" / "model.onnx", root / "gray" / "1" / "model.fp16.onnx")
+    assert any("files not listed in the card's sha256: ['model.fp16.onnx']" in e for e in _errors(root))
