@@ -312,3 +312,9 @@ def test_a_graph_the_card_does_not_list_fails_verify(exported: Path, tmp_path: P
     root = _copy(exported, tmp_path)
     shutil.copy(root / "gray" / "1" / "model.onnx", root / "gray" / "1" / "model.fp16.onnx")
     assert any("files not listed in the card's sha256: ['model.fp16.onnx']" in e for e in _errors(root))
+
+
+def test_a_version_directory_with_a_leading_zero_fails_verify(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path)
+    shutil.copytree(root / "gray" / "1", root / "gray" / "01")
+    assert any("version directories must be positive integers" in e and "'01'" in e for e in _errors(root))
