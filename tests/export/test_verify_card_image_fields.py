@@ -318,3 +318,9 @@ def test_a_version_directory_with_a_leading_zero_fails_verify(exported: Path, tm
     root = _copy(exported, tmp_path)
     shutil.copytree(root / "gray" / "1", root / "gray" / "01")
     assert any("version directories must be positive integers" in e and "'01'" in e for e in _errors(root))
+
+
+def test_a_card_whose_opset_is_below_17_fails_verify(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path)
+    _edit_card(root, opset=16)
+    assert any("field 'opset' must be an int >= 17" in e and "got 16" in e for e in _errors(root))
