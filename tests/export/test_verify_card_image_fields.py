@@ -324,3 +324,11 @@ def test_a_card_whose_opset_is_below_17_fails_verify(exported: Path, tmp_path: P
     root = _copy(exported, tmp_path)
     _edit_card(root, opset=16)
     assert any("field 'opset' must be an int >= 17" in e and "got 16" in e for e in _errors(root))
+
+
+def test_a_card_whose_output_dtype_is_not_the_graphs_fails_verify(exported: Path, tmp_path: Path) -> None:
+    """Same name and shape, another dtype: the server would decode the bytes as the card says."""
+    root = _copy(exported, tmp_path)
+    _edit_card(root, outputs=[{"name": "image", "dtype": "float16", "shape": [-1, 1, 8, 8]}])
+    want = "output 'image' is float32 [-1, 1, 8, 8], the card says float16 [-1, 1, 8, 8]"
+    assert any(want in e for e in _errors(root))
