@@ -332,3 +332,31 @@ def test_a_card_whose_output_dtype_is_not_the_graphs_fails_verify(exported: Path
     _edit_card(root, outputs=[{"name": "image", "dtype": "float16", "shape": [-1, 1, 8, 8]}])
     want = "output 'image' is float32 [-1, 1, 8, 8], the card says float16 [-1, 1, 8, 8]"
     assert any(want in e for e in _errors(root))
+
+
+def _add_fp16_graph(root: Path, shift: float, fp16_max_abs_diff: float | None) -> None:
+    """A model.fp16.onnx listed in the card: model.onnx with ``shift`` added to its first weight."""
+    version = root / "gray" / "1"
+    model = onnx.load(str(version / "model.onnx"))
+    init = model.graph.initializer[0]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(shift), init.name))
+    onnx.save(model, str(version / "model.fp16.onnx"))
+    card = json.loads((version / "card.json").read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256((version / "model.fp16.onnx").read_bytes()).hexdigest()
+    card["parity"]["fp16_max_abs_diff"] = fp16_max_abs_diff
+    card["parity"]["fp16_atol"] = 0.01
+    (version / "card.json").write_text(json.dumps(card, indent=2))
+
+
+def test_an_fp16_graph_further_from_model_onnx_than_fp16_atol_fails_verify(
+    exported: Path, tmp_path: Path
+) -> None:
+    root = _copy(exported, tmp_path)
+    _add_fp16_graph(root, 0.5, 0.0)
+    errors = _errors(root)
+    assert any("model.fp16.onnx differs from model.onnx by" in e and "> fp16_atol 0.01" in e for e in errors)
+    within = tmp_path / "within"
+    shutil.copytree(exported, within)
+    _add_fp16_graph(within, 0.0, 0.0)
+    report = verify_repository(within, recompute_quality=False)
+    assert report.ok, report.format()
