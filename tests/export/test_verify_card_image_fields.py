@@ -360,3 +360,9 @@ def test_an_fp16_graph_further_from_model_onnx_than_fp16_atol_fails_verify(
     _add_fp16_graph(within, 0.0, 0.0)
     report = verify_repository(within, recompute_quality=False)
     assert report.ok, report.format()
+
+
+def test_an_fp16_graph_with_no_recorded_parity_fails_verify(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path)
+    _add_fp16_graph(root, 0.0, None)
+    assert any("model.fp16.onnx is present but parity.fp16_max_abs_diff is null" in e for e in _errors(root))
