@@ -481,6 +481,31 @@ def test_wrong_example_input_names_raise(tmp_path: Path) -> None:
     assert not any(tmp_path.rglob("*"))
 
 
+def test_a_graph_further_from_the_module_than_fp32_atol_is_refused_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """export holds its ONNX graph to the module within FP32_ATOL on every parity case; here below
+    any difference the graph can have, so that the rule (not the exporter's accuracy) is what is tried."""
+    from genserve_export import ExportParityError
+    from genserve_export import export as export_module
+
+    monkeypatch.setattr(export_module, "FP32_ATOL", -1.0)
+    out = tmp_path / "models"
+    with pytest.raises(
+        ExportParityError, match=r"fp32 ONNX graph differs from PyTorch: image at .* > atol -1.0"
+    ):
+        export_model(
+            TinyGenerator(),
+            kind="generator",
+            name="far",
+            out_dir=out,
+            example_inputs=_z(),
+            card=CARD,
+            fp16=False,
+        )
+    assert not out.exists() or not any(out.rglob("*"))
+
+
 def test_the_exporters_config_check_accepts_every_field_the_server_reads(tmp_path: Path) -> None:
     # docs/model-repository.md's example plus `runtime`: all read by the server's config.py.
     from genserve_export.card import validate_config
