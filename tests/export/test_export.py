@@ -506,6 +506,25 @@ def test_a_graph_further_from_the_module_than_fp32_atol_is_refused_and_nothing_i
     assert not out.exists() or not any(out.rglob("*"))
 
 
+def test_an_fp16_twin_further_from_the_module_than_fp16_atol_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.fp16.onnx is only written within FP16_ATOL of the module (the server may serve it in
+    model.onnx's place); one further is left out, its difference and why recorded in the card."""
+    from genserve_export import export as export_module
+
+    monkeypatch.setattr(export_module, "FP16_ATOL", -1.0)
+    path = export_model(
+        TinyGenerator(), kind="generator", name="far", out_dir=tmp_path, example_inputs=_z(), card=CARD
+    )
+    card = json.loads((path / "card.json").read_text())
+    assert not (path / "model.fp16.onnx").exists()
+    assert list(card["sha256"]) == ["model.onnx"]
+    assert card["parity"]["fp16_written"] is False
+    assert card["parity"]["fp16_max_abs_diff"] is not None
+    assert card["parity"]["fp16_note"].endswith("> -1.0: not written")
+
+
 def test_the_exporters_config_check_accepts_every_field_the_server_reads(tmp_path: Path) -> None:
     # docs/model-repository.md's example plus `runtime`: all read by the server's config.py.
     from genserve_export.card import validate_config
