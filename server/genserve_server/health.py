@@ -198,7 +198,11 @@ class HealthState:
         task.add_done_callback(self._tasks.discard)
 
     def clear_soon(self, service: str) -> None:
-        """`service` forgotten (ListingHealthServicer.clear), after the sets already scheduled."""
+        """`service` forgotten (ListingHealthServicer.clear), after the sets already scheduled.
+        Ignored once a stop was requested, as `set` is: shutdown's flush would run it before the
+        servicer's own shutdown flag is up, and the key would vanish instead of staying NOT_SERVING."""
+        if self._closed:
+            return
         task = asyncio.get_running_loop().create_task(self.servicer.clear(service))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -224,3 +224,30 @@ def test_a_stop_requested_turns_healthz_not_serving_at_once() -> None:
         return at_once, (state.serving, state.reason)
 
     assert asyncio.run(scenario()) == ((False, "shutting down"), (False, "shutting down"))
+
+
+def test_a_key_cleared_right_after_a_stop_request_stays_not_serving() -> None:
+    """docs/server.md: every name turns NOT_SERVING at the first moment of shutdown, and later
+    changes are ignored. A removed model's key cleared (main.py's _drop_old_removed_keys) after the
+    stop was requested (shutdown_soon) but before its shutdown task ran must not vanish (Check
+    NOT_FOUND, left out of List): it stays NOT_SERVING, as a set() then does."""
+
+    async def scenario() -> tuple[dict[str, int], Any]:
+        state = genserve_health.HealthState()
+        await state.set("", True)
+        await state.set("model-a", True)
+        state.shutdown_soon()
+        state.clear_soon("model-a")
+        state.set_soon("model-b", True)
+        await asyncio.sleep(0.05)
+        await state.flush()
+        listed = await state.servicer.List(health_pb2.HealthListRequest(), _WatchContext())
+        context = _AbortContext()
+        try:
+            answer = await state.servicer.Check(health_pb2.HealthCheckRequest(service="model-a"), context)
+        except RuntimeError:  # aborted
+            return {k: v.status for k, v in listed.statuses.items()}, context.code
+        return {k: v.status for k, v in listed.statuses.items()}, answer.status
+
+    listed, checked = asyncio.run(scenario())
+    assert (listed, checked) == ({"": NOT_SERVING, "model-a": NOT_SERVING}, NOT_SERVING)
