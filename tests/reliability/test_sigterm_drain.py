@@ -25,7 +25,7 @@ import onnx.numpy_helper
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from reliability_support import write_gen, write_slow
+from reliability_support import cpu_seconds, write_gen, write_slow
 from server_support import ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
@@ -510,6 +510,19 @@ def test_a_batch_of_a_removed_model_computing_past_the_drain_grace_does_not_hold
         server.stop()
 
 
+# CPU seconds a load spends before its first model call (a small model's card, sha256 and sessions:
+# a few ms) are far fewer; the slow model's call then burns a core until it ends.
+LOAD_CALL_CPU_S = 0.5
+
+
+def _wait_until_the_load_computes(server: ServerProcess, model: str = "slow") -> None:
+    """`model`'s version is loading and has reached a long model call: the server has used
+    LOAD_CALL_CPU_S of CPU since the load began, however busy the machine is."""
+    wait_until(lambda: server.metric("genserve_model_loading", model=model) == 1, 30, f"{model}'s load")
+    began = cpu_seconds(server.pid)
+    wait_until(lambda: cpu_seconds(server.pid) - began >= LOAD_CALL_CPU_S, 60, f"{model}'s load's model call")
+
+
 def test_a_version_loading_with_a_long_model_call_does_not_hold_the_exit_past_the_drain_grace(
     tmp_path: Path,
 ) -> None:
@@ -530,7 +543,7 @@ def test_a_version_loading_with_a_long_model_call_does_not_hold_the_exit_past_th
         config_path.write_text(json.dumps(config))
         server.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "repository rescan requested" in server.log(), 30, "the rescan")
-        time.sleep(1.5)  # the load is in its probe call
+        _wait_until_the_load_computes(server)  # in its probe call
         assert "slow version 1 ready" not in server.log(), server.log()
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -572,7 +585,7 @@ def test_a_version_loading_in_its_fp16_parity_check_does_not_hold_the_exit_past_
         config_path.write_text(json.dumps(config))
         server.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "repository rescan requested" in server.log(), 30, "the rescan")
-        time.sleep(1.5)  # the load is in its fp16 parity check
+        _wait_until_the_load_computes(server)  # in its fp16 parity check
         assert "slow version 1 ready" not in server.log(), server.log()
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
