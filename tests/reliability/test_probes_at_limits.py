@@ -22,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability_support import health_status, write_gen
-from server_support import ServerProcess, metric_in, start_server
+from server_support import ServerProcess, metric_in, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -169,8 +169,9 @@ def test_healthz_answers_during_a_scrape_flood(server: ServerProcess) -> None:
     the workers and their queue hold, /healthz connections were closed without an answer, and an
     HTTP checker took the pod out of rotation."""
     stop = threading.Event()
+    scraped = [0] * SCRAPERS  # scrapes each scraper has ended, answered or not
 
-    def scrape() -> None:
+    def scrape(i: int) -> None:
         while not stop.is_set():
             try:
                 with urllib.request.urlopen(
@@ -179,12 +180,13 @@ def test_healthz_answers_during_a_scrape_flood(server: ServerProcess) -> None:
                     r.read()
             except OSError:
                 time.sleep(0.01)
+            scraped[i] += 1
 
-    scrapers = [threading.Thread(target=scrape, daemon=True) for _ in range(SCRAPERS)]
+    scrapers = [threading.Thread(target=scrape, args=(i,), daemon=True) for i in range(SCRAPERS)]
     for thread in scrapers:
         thread.start()
     try:
-        time.sleep(1.0)  # the flood under way
+        wait_until(lambda: min(scraped) >= 1, 30, "every scraper in its loop")  # the flood under way
         answers = []
         for _ in range(10):
             answers.append(_healthz(server.metrics_port))
