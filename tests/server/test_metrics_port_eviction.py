@@ -128,10 +128,11 @@ def test_a_probe_accepted_while_the_reader_is_behind_waits_for_it_not_closed(
 
 FLOOD_S = 3.0
 # One client opening half-sent requests as fast as it can, holding each (the server evicts them).
+# It says "under way" once it has opened argv[3] connections, and floods argv[2] seconds from then.
 FLOOD = """
 import collections, socket, sys, time
-port, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
-held, opened = collections.deque(), 0
+port, flood_s, under_way = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+held, opened, end = collections.deque(), 0, float("inf")
 while time.monotonic() < end:
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=1)
@@ -142,6 +143,9 @@ while time.monotonic() < end:
     held.append(sock)
     if len(held) > 2000:
         held.popleft().close()
+    if opened == under_way:
+        print("under way", flush=True)
+        end = time.monotonic() + flood_s
 print(opened)
 """
 
@@ -155,15 +159,21 @@ def test_a_flood_of_half_sent_connections_does_not_starve_a_scraper(monkeypatch:
     registry = CollectorRegistry()
     Counter("flood_test_total", "A sample for the scrapes.", registry=registry).inc()
     httpd, _ = serve("127.0.0.1", 0, registry, lambda: (True, ""), threads=2, read_timeout_s=5.0)
+    evicting = metrics_http.MAX_READING + 1  # from this connection on, each evicts another
     flood = subprocess.Popen(
-        [sys.executable, "-c", FLOOD, str(httpd.server_port), str(FLOOD_S)],
+        [sys.executable, "-c", FLOOD, str(httpd.server_port), str(FLOOD_S), str(evicting)],
         stdout=subprocess.PIPE,
         text=True,
     )
     answered = {"/metrics": 0, "/healthz": 0}
     refused = {"/metrics": 0, "/healthz": 0}
     try:
-        time.sleep(0.5)  # the flood under way
+        # The flood under way: it has opened `evicting` connections.
+        assert flood.stdout is not None
+        with selectors.DefaultSelector() as said:
+            said.register(flood.stdout, selectors.EVENT_READ)
+            said_it = said.select(30) and flood.stdout.readline() == "under way\n"
+        assert said_it, "the flood was not under way after 30 s"
         end = time.monotonic() + FLOOD_S - 1.0
         while time.monotonic() < end:
             for path in answered:
