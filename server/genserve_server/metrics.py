@@ -604,9 +604,10 @@ class Metrics:
         """Children for RPCs that never resolved a model (unknown name, ListModels)."""
         return ModelMetrics(self, "", "", model_level=False)
 
-    def serve(self, host: str, port: int, health: HealthProbe | None = None, **options: Any) -> int:
-        """Start the /metrics (and /healthz) HTTP server on a daemon thread; returns the bound port.
-        `options`: metrics_http.serve's threads, read_timeout_s, render_share."""
+    def serve(self, host: str, port: int, health: HealthProbe, **options: Any) -> int:
+        """Start the /metrics and /healthz HTTP server on a daemon thread; returns the bound port.
+        `health` answers /healthz (required: without it /healthz would say ready whatever the server's
+        state). `options`: metrics_http.serve's threads, read_timeout_s, render_share."""
         server, thread = serve_http(host, port, self.registry, health, **options)
         self._http_server, self._http_thread = server, thread
         return int(server.server_port)

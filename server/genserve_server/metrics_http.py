@@ -191,13 +191,13 @@ def gzip_accepted(accept_encoding: str) -> bool:
     return False
 
 
-def healthz_answer(method: str, health: HealthProbe | None) -> tuple[str, list[tuple[str, str]], bytes]:
+def healthz_answer(method: str, health: HealthProbe) -> tuple[str, list[tuple[str, str]], bytes]:
     """/healthz's status, headers (Content-Length included) and body for `method` (HEALTHZ_METHODS).
 
     Every method HTTP checkers send gets the health: HAProxy's `option httpchk /healthz` sends
     OPTIONS, `curl -I` and uptime probes HEAD (GET's headers, its Content-Length included, without
     the body)."""
-    serving, reason = health() if health is not None else (True, "")
+    serving, reason = health()
     # A model folder whose name is not UTF-8 reaches the reason as a lone surrogate (os.fsdecode):
     # escaped, not an UnicodeEncodeError that closed the probe's connection unanswered.
     body = b"ok\n" if serving else f"not serving: {reason}\n".encode("utf-8", "backslashreplace")
@@ -598,7 +598,7 @@ class Exposition:
 _ABSOLUTE_FORM = re.compile(r"https?://[^/]*", re.IGNORECASE)
 
 
-def metrics_app(exposition: Exposition, health: HealthProbe | None) -> WsgiApp:
+def metrics_app(exposition: Exposition, health: HealthProbe) -> WsgiApp:
     """`/healthz` from `health`; every other path the metrics (as prometheus_client answers), to GET
     and, without the body, to HEAD."""
 
@@ -641,7 +641,7 @@ def serve(
     host: str,
     port: int,
     registry: CollectorRegistry,
-    health: HealthProbe | None,
+    health: HealthProbe,
     *,
     threads: int = 4,
     read_timeout_s: float = 5.0,
@@ -654,7 +654,7 @@ def serve(
         address_family = family
 
         def probe_health(self) -> tuple[bool, str]:
-            return health() if health is not None else (True, "")
+            return health()
 
     Server.threads = threads
     Server.read_timeout_s = read_timeout_s

@@ -213,7 +213,7 @@ def test_metrics_listen_on_the_pods_ipv4_and_ipv6_addresses(objects: dict[tuple[
     except OSError:
         pytest.skip("this host has no IPv6 loopback")
     args = build_parser().parse_args(_container(objects)["args"])
-    httpd, thread = serve(args.metrics_host, 0, CollectorRegistry(), None)
+    httpd, thread = serve(args.metrics_host, 0, CollectorRegistry(), lambda: (True, ""))
     try:
         port = httpd.server_address[1]
         for host in ("127.0.0.1", "[::1]"):

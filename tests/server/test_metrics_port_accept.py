@@ -117,7 +117,7 @@ def test_metrics_on_the_unspecified_ipv6_address_take_ipv4_too_whatever_bindv6on
                 self.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
     monkeypatch.setattr(socket, "socket", V6OnlyByDefault)
-    httpd, thread = serve("::", 0, CollectorRegistry(), None)
+    httpd, thread = serve("::", 0, CollectorRegistry(), lambda: (True, ""))
     monkeypatch.undo()
     try:
         assert httpd.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0

@@ -13,6 +13,11 @@ from genserve_server.config import ConfigError, SecurityConfig, load_server_conf
 from genserve_server.security import auth_interceptor, load_tokens
 
 
+def _serving() -> tuple[bool, str]:
+    """A /healthz probe of a server that serves."""
+    return True, ""
+
+
 def test_a_utf8_bom_is_not_part_of_the_first_token(tmp_path: Path) -> None:
     """PowerShell's `Set-Content -Encoding UTF8` (and other Windows editors) start the file with a
     BOM: it stayed glued to the first token, so the server started and refused every client
@@ -157,7 +162,7 @@ def _call(app, method: str, path: str) -> tuple[str, dict[str, str], bytes]:  # 
 
 def test_healthz_gives_the_health_to_every_method_http_checkers_use() -> None:
     """/healthz is for HTTP-only checkers (docs/metrics.md). OPTIONS answered 200 whatever the
-    health: HAProxy's `option httpchk /healthz` sends OPTIONS, so a NOT_SERVING server stayed in
+    health: HAProxy's `option httpchk /healthz` sends OPTIONS, so a NOT_serving server stayed in
     the pool. HEAD (`curl -I`, uptime probes) answered 405, so a SERVING server looked down."""
     from prometheus_client import CollectorRegistry
 
@@ -222,7 +227,7 @@ def test_a_malformed_request_line_is_answered_400_at_once_not_after_the_read_tim
 
     from genserve_server.metrics_http import serve
 
-    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=60)
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), _serving, threads=1, read_timeout_s=60)
     try:
         with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=5) as s:
             s.sendall(b"garbage\r\n")  # no blank line follows: the client waits for an answer
@@ -249,7 +254,7 @@ def test_a_request_line_with_other_whitespace_waits_in_the_reader_not_in_a_worke
 
     from genserve_server.metrics_http import serve
 
-    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=30)
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), _serving, threads=1, read_timeout_s=30)
     port = httpd.server_port
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as held:
@@ -291,7 +296,7 @@ def test_a_client_reading_the_metrics_too_slowly_is_dropped_without_a_traceback(
 
     registry = CollectorRegistry()
     registry.register(Big())
-    httpd, _ = serve("127.0.0.1", 0, registry, None, threads=1, read_timeout_s=0.5)
+    httpd, _ = serve("127.0.0.1", 0, registry, _serving, threads=1, read_timeout_s=0.5)
     port = httpd.server_port
     try:
         with socket.socket() as slow:
@@ -323,7 +328,7 @@ def test_a_half_sent_http09_request_waits_in_the_reader_not_in_a_worker() -> Non
 
     from genserve_server.metrics_http import serve
 
-    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=30)
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), _serving, threads=1, read_timeout_s=30)
     port = httpd.server_port
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as held:
@@ -354,7 +359,7 @@ def test_a_request_head_past_the_readers_limit_is_answered_431_not_waited_for_in
 
     from genserve_server.metrics_http import MAX_HEAD_BYTES, serve
 
-    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1, read_timeout_s=30)
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), _serving, threads=1, read_timeout_s=30)
     port = httpd.server_port
     head = b"GET /metrics HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1200) for i in range(60))
     assert len(head) > MAX_HEAD_BYTES
@@ -475,7 +480,7 @@ def test_a_render_that_raises_is_answered_500_and_logged_as_one_error_record(
 
     registry = CollectorRegistry()
     registry.register(Broken())
-    httpd, _ = serve("127.0.0.1", 0, registry, None, threads=1)
+    httpd, _ = serve("127.0.0.1", 0, registry, _serving, threads=1)
     try:
         with caplog.at_level(logging.ERROR):
             answer = _raw(httpd.server_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -509,7 +514,7 @@ def test_a_long_method_is_answered_405_cut_on_a_whole_character_ending_in_a_newl
 
     from genserve_server.metrics_http import Exposition, metrics_app
 
-    app = metrics_app(Exposition(CollectorRegistry()), None)
+    app = metrics_app(Exposition(CollectorRegistry()), _serving)
     for method in ("P" + "\xe9" * 150, "PU" + "\xe9" * 150, "P" * 300):
         status, headers, body = _call(app, method, "/metrics")
         assert status.startswith("405"), status
@@ -527,7 +532,7 @@ def test_a_method_with_control_characters_is_answered_405_with_them_escaped() ->
 
     from genserve_server.metrics_http import serve
 
-    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), None, threads=1)
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), _serving, threads=1)
     try:
         answer = _raw(httpd.server_port, b"P\x1b[2J\x08UT /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -537,3 +542,17 @@ def test_a_method_with_control_characters_is_answered_405_with_them_escaped() ->
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_metrics_port_is_not_served_without_a_health_probe() -> None:
+    """Metrics.serve(host, port) without a probe served a /healthz that answered 200 "ok" whatever
+    the server's state: an always-ready readiness endpoint for any caller that forgot the probe.
+    The probe is a required argument."""
+    from genserve_server.metrics import Metrics
+
+    metrics = Metrics(enabled=True)
+    try:
+        with pytest.raises(TypeError, match="health"):
+            metrics.serve("127.0.0.1", 0)  # type: ignore[call-arg]
+    finally:
+        metrics.close()
