@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from genserve_contract.kinds import KIND_NAMES
 from genserve_server.config import load_server_config
 
@@ -297,3 +299,32 @@ def test_operations_md_working_set_figures_are_what_the_bundled_models_hold() ->
     # The limits table: two of each at a time within the default 2 GiB budgets.
     two_gib = 2 * 1024**3 / 1e9
     assert 2 * gb["sr 1024 tile 128"] <= two_gib and 2 * gb["translate 16 x 1024"] <= two_gib
+
+
+def _documented_serve_flag_values() -> list[tuple[str, str]]:
+    """Every inline `--flag VALUE` of a `genserve-server serve` flag in README.md and docs/*.md whose
+    value is a real one (not a placeholder such as PORT, S or FILE), with the file it is in."""
+    from genserve_server.main import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    flags = {option for action in subparsers.choices["serve"]._actions for option in action.option_strings}
+    found = []
+    for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        for match in re.finditer(r"`(--[a-z][a-z-]*)[ =]([^`\s]+)`", path.read_text()):
+            flag, value = match.groups()
+            if flag in flags and not re.fullmatch(r"[A-Z][A-Z_,]*|\.\.\.", value):
+                found.append((path.name, f"{flag} {value}"))
+    return found
+
+
+@pytest.mark.parametrize(("doc", "span"), _documented_serve_flag_values())
+def test_every_documented_serve_flag_value_is_one_the_parser_takes(doc: str, span: str) -> None:
+    """docs/operations.md told operators to look at a failed call's stack "at `--log-level debug`":
+    the parser takes DEBUG|INFO|WARNING|ERROR only, so the documented flag exited 2 ("invalid
+    choice: 'debug'") before the server started."""
+    from genserve_server.main import build_parser
+
+    try:
+        build_parser().parse_args(["serve", "--models", "models", *span.split()])
+    except SystemExit as exc:
+        raise AssertionError(f"{doc}: `{span}` is refused by genserve-server serve") from exc
