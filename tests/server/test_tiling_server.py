@@ -398,3 +398,59 @@ def test_a_fixed_size_super_resolution_card_whose_size_is_no_multiple_of_size_mu
     state, reason = states["sr"]
     assert state == "UNAVAILABLE", reason
     assert "image_size" in reason and "10x10" in reason and "size_multiple 4" in reason, reason
+
+
+def test_an_image_off_the_size_multiple_is_upscaled_as_the_untiled_padded_run_cropped_back(
+    tmp_path: Path,
+) -> None:
+    """SuperResolve pads an image to the card's size_multiple (bottom/right, reflect), runs it (in
+    tiles or as one), and crops the output back to H x W x scale: a 50x70 image cut into tiles and a
+    10x14 one within one tile (a request of its own: one-tile requests skip the blend), under
+    size_multiple 4, give 100x140 and 20x28, equal to the untiled graph on the padded image with the
+    padding's output cut off."""
+    ort = pytest.importorskip("onnxruntime")
+    card = {**SR_X2_CARD, "size_multiple": 4, "tile_size": 32, "tile_overlap": 8}
+    write_model(tmp_path, "sr", "super_resolution", super_resolution_graph(2), card)
+    rng = np.random.default_rng(7)
+    pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((50, 70), (10, 14))]
+    images = [
+        tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=p.tobytes(), shape=list(p.shape)) for p in pixels
+    ]
+
+    async def main() -> tuple[list[int], list[np.ndarray]]:
+        tiles: list[int] = []
+        got: list[np.ndarray] = []
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(tmp_path, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        core = GenerationCore(repo, config, metrics, pool)
+        out = validate.output_spec(tpb.IMAGE_FORMAT_TENSOR_F32, 0, None, False)
+        call = Call("SuperResolve", "test", time.monotonic(), metrics.unresolved())
+        try:
+            mv = core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
+            for image in images:
+                upscaled = await core.upscale(mv, call, [image], 0, None, out)
+                tiles += upscaled.tiles
+                got += [np.frombuffer(i.data, dtype="<f4").reshape(i.shape) for i in upscaled.images]
+            return tiles, got
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            await repo.close(1)
+            pool.shutdown()
+
+    tiles, got = asyncio.run(asyncio.wait_for(main(), 60))
+    assert tiles[0] >= 4 and tiles[1] == 1, tiles
+    session = ort.InferenceSession(
+        str(tmp_path / "sr" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    for p, image in zip(pixels, got, strict=True):
+        h, w = p.shape[:2]
+        x = p.transpose(2, 0, 1).astype(np.float32) / 255
+        x = np.pad(x, ((0, 0), (0, -h % 4), (0, -w % 4)), mode="reflect")[np.newaxis]
+        (untiled,) = session.run(None, {"image": x})
+        assert image.shape == (3, 2 * h, 2 * w)
+        np.testing.assert_allclose(image, untiled[0, :, : 2 * h, : 2 * w], rtol=0, atol=1e-5)
