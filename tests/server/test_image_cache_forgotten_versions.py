@@ -73,3 +73,27 @@ def test_a_style_sample_whose_mappings_version_is_live_is_cached(tmp_path: Path)
         assert core.image_cache is not None and len(core.image_cache) == 3
 
     run_with_core(tmp_path, body, config=CACHING)
+
+
+def test_a_mapping_unloading_drops_the_style_images_made_through_it(tmp_path: Path) -> None:
+    """A style generator's images are keyed by its load_id and its mapping's (loaded_versions): when
+    the mapping's version is forgotten, the entries made through it go too (no request can reach them
+    again), their bytes given back, though the generator itself is still loaded."""
+    names = write_style_models(tmp_path)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        cache = core.image_cache
+        assert cache is not None
+        call = Call("Sample", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["generator"], "", ("style_generator",), "Sample")
+        try:
+            await core.sample(mv, call, [1, 2, 3], None, None, PNG, Lane.INTERACTIVE)
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            call.release_uses()
+        assert len(cache) == 3 and cache.nbytes > 0
+        core.forget_version(repo.get(names["mapping"]).resolve(""))
+        assert len(cache) == 0 and cache.nbytes == 0
+
+    run_with_core(tmp_path, body, config=CACHING)
