@@ -712,6 +712,25 @@ def test_super_resolve_tiled_equals_untiled(stub: pb_grpc.GenerationServiceStub,
     np.testing.assert_allclose(got, untiled[0], atol=1e-5)
 
 
+def test_super_resolve_of_several_tiled_images_gives_each_its_own_untiled_result(
+    stub: pb_grpc.GenerationServiceStub, tiny_repo: Path
+) -> None:
+    """The tiles of every image of a request share batches; each image is blended from its own: two
+    different 200x300 images and a 150x250 one, all cut into tiles, each equal the untiled run."""
+    images = [photo(200, 300, 6), photo(200, 300, 7), photo(150, 250, 8)]
+    response = stub.SuperResolve(
+        pb.ImageRequest(
+            model="tiny-sr", images=[raw(i) for i in images], output=F32, tile_size=96, tile_overlap=8
+        )
+    )
+    assert all(t >= 4 for t in response.tiles), list(response.tiles)
+    session = local_session(tiny_repo, "tiny-sr")
+    for img, got in zip(images, response.images, strict=True):
+        x = (img.transpose(2, 0, 1).astype(np.float32) / 255)[np.newaxis]
+        (untiled,) = session.run(None, {"image": x})
+        np.testing.assert_allclose(tensor_of(got), untiled[0], rtol=0, atol=1e-5)
+
+
 def test_super_resolve_with_more_tiles_than_the_queue_holds_is_invalid_naming_tile_size(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:
