@@ -1294,6 +1294,107 @@ def test_sampling_matches_the_algorithm_written_in_the_proto() -> None:
     assert codes.tolist() == expected
 
 
+WIDE = (3, 5)  # a grid that is not square: rows and columns cannot be confused
+WIDE_TOP = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def wide_code_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A class-conditional prior, and a top prior chained to a bottom prior, of grids that are not square;
+    grids only (no decoder). Returns the root and each name's graph."""
+    root = tmp_path_factory.mktemp("wide-code-models")
+    k = 16
+    graphs = {
+        "wide-prior": prior_graph(*WIDE, k, n_classes=3, seed=4),
+        "wide-top": prior_graph(*WIDE_TOP, k, seed=5),
+        "wide-chain": prior_graph(*WIDE, k, top=WIDE_TOP, seed=6),
+    }
+    card: dict[str, Any] = {"grid": list(WIDE), "codebook_size": k, "output_range": None}
+    write_model(
+        root, "wide-prior", "code_prior", graphs["wide-prior"], {**card, "class_names": ["a", "b", "c"]}
+    )
+    write_model(root, "wide-top", "code_prior", graphs["wide-top"], {**card, "grid": list(WIDE_TOP)})
+    write_model(
+        root,
+        "wide-chain",
+        "code_prior",
+        graphs["wide-chain"],
+        {**card, "top_grid": list(WIDE_TOP), "top_codebook_size": k},
+        config={"top_prior": "wide-top"},
+    )
+    return root, graphs
+
+
+def proto_grid(
+    graph: Any,
+    seed: int,
+    stream: int,
+    *,
+    label: int | None = None,
+    top: np.ndarray | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+) -> np.ndarray:
+    """A grid sampled as the comment above SampleCodesRequest writes it, one prior call per position
+    of the raster order (p = r * W + c) on the graph itself (ONNX Runtime), in plain Python."""
+    import math
+
+    import onnxruntime as ort
+
+    from genserve_server.latents import philox4x32_10
+
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    k, h, w = (int(d.dim_value) for d in graph.graph.output[0].type.tensor_type.shape.dim[1:])
+    codes = np.zeros((1, h, w), np.int64)
+    for p in range(h * w):
+        feeds = {"codes": codes}
+        if label is not None:
+            feeds["label"] = np.array([label], np.int64)
+        if top is not None:
+            feeds["top_codes"] = top[np.newaxis].astype(np.int64)
+        logits = session.run(["logits"], feeds)[0]
+        r, c = divmod(p, w)
+        words = philox4x32_10(
+            np.array([p, stream, 0, 0], np.uint32), np.array([seed % 2**32, seed // 2**32], np.uint32)
+        )
+        u = (float(words[0]) + 0.5) / 2**32
+        scaled = [float(v) / temperature for v in logits[0, :, r, c]]
+        kept = set(sorted(range(k), key=lambda j: (-scaled[j], j))[: top_k or k])
+        high = max(scaled[j] for j in kept)
+        weights = [math.exp(scaled[j] - high) if j in kept else 0.0 for j in range(k)]
+        running, code = 0.0, k - 1
+        for j, weight in enumerate(weights):
+            running += weight
+            if running > u * sum(weights):
+                code = j
+                break
+        codes[0, r, c] = code
+    return codes[0]
+
+
+def test_a_grid_is_the_protos_algorithm_run_in_raster_order_on_the_prior(
+    wide_code_repo: tuple[Path, dict[str, Any]],
+) -> None:
+    """Position p = r * W + c of a grid takes its code from the prior's logits at (r, c), with the
+    draw of p: on a 3x5 grid, rows sampled together (three seeds, three labels) are each the grid
+    of one prior call per position in that order."""
+    root, graphs = wide_code_repo
+    seeds, labels = [3, 8, 21], [0, 2, 1]
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        plain = await sample(core, "wide-prior", seeds, labels)
+        tempered = await sample(
+            core, "wide-prior", seeds, labels, options=SamplingOptions(temperature=0.6, top_k=4)
+        )
+        for i, seed in enumerate(seeds):
+            assert np.array_equal(plain.codes[i], proto_grid(graphs["wide-prior"], seed, 0, label=labels[i]))
+            want = proto_grid(graphs["wide-prior"], seed, 0, label=labels[i], temperature=0.6, top_k=4)
+            assert np.array_equal(tempered.codes[i], want)
+        assert len({g.tobytes() for g in plain.codes}) == len(seeds)  # not one code everywhere
+
+    run_with_core(root, body)
+
+
 def test_a_top_prior_with_other_classes_is_refused_before_any_step(tmp_path: Path) -> None:
     """A chained bottom prior of 4 classes whose top prior has 2: a label valid for the bottom (3) went
     into the top prior's shared step and failed every request's rows in it (ONNX Runtime's Gather out
