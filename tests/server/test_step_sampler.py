@@ -1395,6 +1395,30 @@ def test_a_grid_is_the_protos_algorithm_run_in_raster_order_on_the_prior(
     run_with_core(root, body)
 
 
+def test_a_two_level_call_draws_the_bottom_grid_from_stream_1_given_its_top_grid(
+    wide_code_repo: tuple[Path, dict[str, Any]],
+) -> None:
+    """The proto's stream: 0 for the top prior, 1 for a bottom prior (whose grid then does not reuse
+    the draws of the top grid's positions), the bottom prior conditioned on the call's own top grid."""
+    root, graphs = wide_code_repo
+    seeds = [3, 8, 21]
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        chain = await sample(core, "wide-chain", seeds)
+        assert chain.tops is not None
+        for i, seed in enumerate(seeds):
+            assert np.array_equal(chain.tops[i], proto_grid(graphs["wide-top"], seed, 0))
+            want = proto_grid(graphs["wide-chain"], seed, 1, top=chain.tops[i])
+            assert np.array_equal(chain.codes[i], want)
+        # Stream 0 would have given other bottom grids: the stream is what the test looks at.
+        assert any(
+            not np.array_equal(chain.codes[i], proto_grid(graphs["wide-chain"], seed, 0, top=chain.tops[i]))
+            for i, seed in enumerate(seeds)
+        )
+
+    run_with_core(root, body)
+
+
 def test_a_top_prior_with_other_classes_is_refused_before_any_step(tmp_path: Path) -> None:
     """A chained bottom prior of 4 classes whose top prior has 2: a label valid for the bottom (3) went
     into the top prior's shared step and failed every request's rows in it (ONNX Runtime's Gather out
