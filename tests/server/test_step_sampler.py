@@ -1395,6 +1395,32 @@ def test_a_grid_is_the_protos_algorithm_run_in_raster_order_on_the_prior(
     run_with_core(root, body)
 
 
+def test_requests_of_other_options_sharing_steps_each_sample_with_their_own(
+    wide_code_repo: tuple[Path, dict[str, Any]],
+) -> None:
+    """A request at temperature 0.5 and top_k 3 and one joining it mid-flight at temperature 2 with
+    every code share the prior's calls; each row's codes are drawn with its own request's options."""
+    root, graphs = wide_code_repo
+    cold = SamplingOptions(temperature=0.5, top_k=3)
+    hot = SamplingOptions(temperature=2.0, top_k=16)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get("wide-prior").resolve(""))
+        calls = count_calls(scheduler)
+        first = asyncio.ensure_future(sample(core, "wide-prior", [3, 8], [0, 2], options=cold))
+        await until(lambda: scheduler.stats.steps >= 3)
+        second = await sample(core, "wide-prior", [21, 5], [1, 1], options=hot)
+        assert any(len(c) == 4 for c in calls)  # the two requests' rows in one call
+        for grid, seed, label in zip((await first).codes, [3, 8], [0, 2], strict=True):
+            assert np.array_equal(
+                grid, proto_grid(graphs["wide-prior"], seed, 0, label=label, temperature=0.5, top_k=3)
+            )
+        for grid, seed in zip(second.codes, [21, 5], strict=True):
+            assert np.array_equal(grid, proto_grid(graphs["wide-prior"], seed, 0, label=1, temperature=2.0))
+
+    run_with_core(root, body)
+
+
 def test_a_two_level_call_draws_the_bottom_grid_from_stream_1_given_its_top_grid(
     wide_code_repo: tuple[Path, dict[str, Any]],
 ) -> None:
