@@ -1017,6 +1017,49 @@ def test_a_slow_consumer_still_sees_each_level_of_a_two_level_call(
     run_with_core(root, body)
 
 
+def test_a_two_level_streams_previews_decode_each_rows_grid_so_far_with_its_own_top_grid(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """A bottom-level preview of a two-level SampleCodesStream is the decoder's image of that row's
+    codes so far and of the top grid sampled for that row (decoder2: (codes / K + mean(top) / K) / 2)."""
+    root, names = code_repo
+    seeds = [3, 4]
+    f32 = validate.output_spec(tpb.IMAGE_FORMAT_TENSOR_F32, 0, None, False)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("SampleCodesStream", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["chain"], "", ("code_prior",), "SampleCodesStream")
+        stream = code_sampling.sample_codes_stream(
+            core, mv, call, seeds, None, None, SamplingOptions(), f32, every=9
+        )
+        try:
+            items = [item async for item in stream]
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            call.release_uses()
+        result = items[-1]
+        assert isinstance(result, CodeSamples) and result.tops is not None
+        top_means = result.tops.reshape(len(seeds), -1).mean(axis=1) / 16
+        assert top_means[0] != top_means[1]  # the rows' top grids tell them apart
+        previews = [
+            item
+            for item in items[:-1]
+            if isinstance(item, code_sampling.CodeProgress) and item.level == "codes"
+        ]
+        assert previews, "no bottom-level preview"
+        for progress in previews:
+            assert len(progress.previews) == len(seeds)
+            for i, image in enumerate(progress.previews):
+                so_far = result.codes[i].reshape(-1).copy()
+                so_far[progress.filled :] = 0  # raster order: the first `filled` positions are final
+                want = (so_far.reshape(GRID) / 16 + top_means[i]) / 2
+                got = np.frombuffer(image.data, "<f4").reshape(GRID)
+                np.testing.assert_allclose(got, want, atol=1e-6)
+
+    run_with_core(root, body)
+
+
 @pytest.mark.parametrize("every", [4, 9, 12])
 def test_progress_chunks_come_at_multiples_of_preview_every_short_of_each_levels_last_step(
     code_repo: tuple[Path, dict[str, str]], every: int
