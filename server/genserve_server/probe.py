@@ -9,8 +9,9 @@ It imports no onnxruntime and no numpy, so a probe costs a Python start and one 
 
 Kubernetes does not need it: its probes speak grpc.health.v1 natively (deploy/k8s/), in plaintext
 and without a token. This probe also speaks TLS (`--tls-ca`, mutual TLS with `--tls-cert`/`--tls-key`)
-and sends a bearer token (`--token-file`, `--token-env`: the server's own sources, whose first token
-it sends), so a server with TLS on or `--closed-health` can still be probed from inside its container.
+and sends a bearer token (`--token-file`, `--token-env`, or both: the server's own sources, whose
+first token it sends), so a server with TLS on or `--closed-health` can still be probed from inside
+its container.
 """
 
 from __future__ import annotations
@@ -74,20 +75,22 @@ def first_token(token_file: Path | None, token_env: str | None) -> str | None:
     """The first token of the server's own sources, read by the server's rules (tokens.load_tokens:
     lines end at \n alone, a token no client can send is refused naming its line), or None when
     neither is named. str.splitlines broke a line at a form feed or NEL, so a comment holding one
-    gave a 'token' the server does not have."""
+    gave a 'token' the server does not have. Both named are both read, as the server reads them
+    (its first token is then the file's): a variable the server would refuse is refused here too."""
+    tokens: list[bytes] = []
     if token_file is not None:
         try:
-            return load_tokens(token_file)[0].decode()
+            tokens.extend(load_tokens(token_file))
         except OSError as exc:
             raise ProbeError(f"--token-file {token_file}: {exc.strerror or exc}") from None
         except ValueError as exc:
             raise ProbeError(f"--token-file {exc}") from None
     if token_env is not None:
         try:
-            return load_tokens(env_var=token_env)[0].decode()
+            tokens.extend(load_tokens(env_var=token_env))
         except ValueError as exc:
             raise ProbeError(str(exc)) from None  # the variable named, or --token-env
-    return None
+    return tokens[0].decode() if tokens else None
 
 
 def _credentials(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.ChannelCredentials | None:

@@ -144,6 +144,27 @@ def test_an_unset_token_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> No
         first_token(None, "GENSERVE_TEST_UNSET_TOKENS")
 
 
+def test_the_probe_given_both_token_sources_reads_both_as_the_server_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server takes --token-file and --token-env together (both sources, the file's tokens
+    first); the probe given the same two flags read the file and ignored the variable, so a variable
+    the server refuses to start with (unset, a typo) passed the probe in silence. It reads both by
+    the server's rules and sends the server's first token, the file's."""
+    from genserve_server.probe import ProbeError, first_token
+
+    token_file = tmp_path / "tokens"
+    token_file.write_text("file-token\n")
+    monkeypatch.delenv("GENSERVE_TEST_UNSET_TOKENS", raising=False)
+    with pytest.raises(ConfigError, match="GENSERVE_TEST_UNSET_TOKENS holds no token"):
+        auth_interceptor(SecurityConfig(token_file=token_file, token_env="GENSERVE_TEST_UNSET_TOKENS"))
+    with pytest.raises(ProbeError, match="environment variable GENSERVE_TEST_UNSET_TOKENS holds no token"):
+        first_token(token_file, "GENSERVE_TEST_UNSET_TOKENS")
+    monkeypatch.setenv("GENSERVE_TEST_TOKENS", "env-token")
+    assert load_tokens(token_file, "GENSERVE_TEST_TOKENS")[0] == b"file-token"
+    assert first_token(token_file, "GENSERVE_TEST_TOKENS") == "file-token"
+
+
 def test_a_variable_holding_tokens_is_read_whatever_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
     """Kubernetes lets an env name hold '-' and '.': such a variable holding tokens still works."""
     monkeypatch.setenv("genserve.test-tokens", "alpha,beta")
