@@ -21,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from ecosystem_helpers import K8S_DIR, ROOT, SCHEMA_DIR
+from monitoring_support import PROMETHEUS_DIR, relabel
 
 Manifest = dict[str, Any]
 NOT_OBJECTS = {"kustomization.yaml", "prometheus-adapter-rules.yaml"}  # config files, not API objects
@@ -179,6 +180,29 @@ def test_ports_and_probes_exist(objects: dict[tuple[str, str], Manifest]) -> Non
     endpoint = objects[("PodMonitor", "genserve")]["spec"]["podMetricsEndpoints"][0]
     assert endpoint["port"] in ports and ports[endpoint["port"]] == METRICS_PORT
     assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+def test_the_kubernetes_scrape_config_keeps_the_shipped_pods_metrics_port(
+    objects: dict[tuple[str, str], Manifest],
+) -> None:
+    """deploy/prometheus/kubernetes-scrape.yml keeps only pods annotated prometheus.io/scrape "true"
+    and the Deployment's pod template had no annotation: applied together they scraped nothing. Each
+    target kubernetes_sd makes of the pod (one per declared container port) becomes the pod's
+    metrics port at the PodMonitor's path, which the server serves (--metrics-port)."""
+    (job,) = yaml.safe_load((PROMETHEUS_DIR / "kubernetes-scrape.yml").read_text())["scrape_configs"]
+    template = _deployment(objects)["spec"]["template"]["metadata"]
+    pod = {
+        f"__meta_kubernetes_pod_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}": v
+        for k, v in template["labels"].items()
+    }
+    for key, value in template.get("annotations", {}).items():
+        pod[f"__meta_kubernetes_pod_annotation_{re.sub(r'[^a-zA-Z0-9_]', '_', key)}"] = value
+    endpoint = objects[("PodMonitor", "genserve")]["spec"]["podMetricsEndpoints"][0]
+    for port in _container(objects)["ports"]:
+        target = relabel({**pod, "__address__": f"10.0.0.7:{port['containerPort']}"}, job["relabel_configs"])
+        assert target is not None, f"kubernetes-scrape.yml drops the pod's {port['name']} target"
+        assert target["__address__"] == f"10.0.0.7:{METRICS_PORT}", port["name"]
+        assert target.get("__metrics_path__", "/metrics") == endpoint.get("path", "/metrics")
 
 
 def test_args_parse_with_the_server_cli(objects: dict[tuple[str, str], Manifest]) -> None:

@@ -377,3 +377,24 @@ def drive_sample_traffic(
             for future in [pool.submit(worker, stub) for _ in range(concurrency)]:
                 future.result()
     return stats
+
+
+def relabel(labels: dict[str, str], configs: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' keep/replace relabelling: the source labels joined by ';', the regex matched as
+    RE2 does there (anchored: the whole string), $N of the replacement its groups; None = dropped."""
+    labels = dict(labels)
+    for config in configs:
+        value = ";".join(labels.get(name, "") for name in config["source_labels"])
+        match = re.fullmatch(str(config.get("regex", "(.*)")), value)
+        action = config.get("action", "replace")
+        if action == "keep":
+            if match is None:
+                return None
+        elif action == "replace":
+            if match is not None:
+                replacement = str(config.get("replacement", "$1"))
+                template = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", replacement)
+                labels[str(config["target_label"])] = match.expand(template)
+        else:
+            raise AssertionError(f"unexpected relabel action {action}")
+    return labels

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 import yaml
 from monitoring_support import (
@@ -25,6 +24,7 @@ from monitoring_support import (
     grafana_to_promql,
     load_dashboard,
     metric_names,
+    relabel,
     rule_exprs,
 )
 
@@ -178,27 +178,6 @@ def test_scrape_config_points_at_genserve_and_loads_the_rules() -> None:
     assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
 
 
-def _relabel(labels: dict[str, str], configs: list[dict[str, Any]]) -> dict[str, str] | None:
-    """Prometheus' keep/replace relabelling: the source labels joined by ';', the regex matched as
-    RE2 does there (anchored: the whole string), $N of the replacement its groups; None = dropped."""
-    labels = dict(labels)
-    for config in configs:
-        value = ";".join(labels.get(name, "") for name in config["source_labels"])
-        match = re.fullmatch(str(config.get("regex", "(.*)")), value)
-        action = config.get("action", "replace")
-        if action == "keep":
-            if match is None:
-                return None
-        elif action == "replace":
-            if match is not None:
-                replacement = str(config.get("replacement", "$1"))
-                template = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", replacement)
-                labels[str(config["target_label"])] = match.expand(template)
-        else:
-            raise AssertionError(f"unexpected relabel action {action}")
-    return labels
-
-
 def test_the_kubernetes_scrape_config_scrapes_the_annotated_port_of_ipv4_and_ipv6_pods() -> None:
     """kubernetes_sd gives a declared container port's target `__address__` "<pod IP>:<port>", an
     IPv6 pod IP in brackets: the annotated port replaces the port, both families."""
@@ -216,11 +195,11 @@ def test_the_kubernetes_scrape_config_scrapes_the_annotated_port_of_ipv4_and_ipv
         ("[fd00:10:244::7]:50053", "[fd00:10:244::7]:50052"),
         ("[::ffff:10.0.0.7]:50051", "[::ffff:10.0.0.7]:50052"),
     ):
-        target = _relabel({**pod, "__address__": address}, job["relabel_configs"])
+        target = relabel({**pod, "__address__": address}, job["relabel_configs"])
         assert target is not None and target["__address__"] == expected, (address, target)
         assert target["__metrics_path__"] == "/metrics"
     opted_out = {**pod, "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "false"}
-    assert _relabel(opted_out, job["relabel_configs"]) is None
+    assert relabel(opted_out, job["relabel_configs"]) is None
 
 
 def test_metrics_doc_documents_every_contract_metric() -> None:
