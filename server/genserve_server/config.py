@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,9 +257,21 @@ MAX_METRICS_THREADS = 1024
 UINT32_MAX = contract.MAX_QUEUE_SIZE_LIMIT
 
 
+def _paths_base(path: Path) -> Path:
+    """The directory the config file's relative paths are relative to: a regular file's own; for a
+    pipe (`--config <(envsubst < server.json)` names /dev/fd/63, `--config /dev/stdin`), which has
+    no directory of its own, the working directory, not /dev/fd."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = True
+    return path.parent if regular else Path()
+
+
 def load_server_config(path: Path | None) -> ServerConfig:
     if path is None:
         return ServerConfig()
+    base = _paths_base(path)
     r = _Reader(str(path), _read_json(path, regular_only=False))
     lr = r.sub("limits")
     d = Limits()
@@ -337,7 +350,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         metrics_render_share=_render_share(lr, d.metrics_render_share),
     )
     lr.finish()
-    security = _security_config(r, path.parent)
+    security = _security_config(r, base)
     watch = r.raw("watch_interval_s")
     if watch is not None and (not contract.is_number(watch) or watch <= 0):
         raise r.error("watch_interval_s", f"must be a number of seconds > 0 (or absent), got {watch!r}")
@@ -362,7 +375,7 @@ def load_server_config(path: Path | None) -> ServerConfig:
         security=security,
         watch_interval_s=None if watch is None else float(watch),
         image_cache_bytes=r.integer("image_cache_bytes", s.image_cache_bytes, min_value=0),
-        trt_engine_cache_dir=_optional_dir(r, "trt_engine_cache_dir", path.parent),
+        trt_engine_cache_dir=_optional_dir(r, "trt_engine_cache_dir", base),
     )
     r.finish()
     return config
@@ -376,8 +389,8 @@ def _render_share(r: _Reader, default: float) -> float:
 
 
 def _optional_dir(r: _Reader, key: str, base: Path) -> str | None:
-    """A directory path or None; a relative one is relative to the config file's directory `base`,
-    as the file's other paths are (docs/operations.md)."""
+    """A directory path or None; a relative one is relative to `base` (_paths_base: the config
+    file's directory), as the file's other paths are (docs/operations.md)."""
     value = r.raw(key)
     if value is None:
         return None
@@ -393,7 +406,7 @@ def _inline_compute_max_s(r: _Reader, default_s: float) -> float:
 
 def _security_config(r: _Reader, base: Path) -> SecurityConfig:
     """`tls: {cert_file, key_file, client_ca_file}` and `auth: {token_file, token_env, open_health}`;
-    relative paths are relative to the config file's directory."""
+    relative paths are relative to `base` (_paths_base: the config file's directory)."""
 
     def path_or_none(reader: _Reader, key: str) -> Path | None:
         value = reader.raw(key)

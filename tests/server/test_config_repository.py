@@ -254,6 +254,45 @@ def test_the_server_config_may_come_from_a_pipe(tmp_path: Path) -> None:
         writer.join(5)
 
 
+@pytest.mark.parametrize("fd_dir", ["/proc/self/fd", "/dev/fd"])
+def test_relative_paths_of_a_piped_server_config_are_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fd_dir: str
+) -> None:
+    """`--config <(envsubst < server.json)` names /dev/fd/63, `--config /dev/stdin` /proc/self/fd/0:
+    a pipe with no directory of its own. Its relative tls, auth and trt_engine_cache_dir paths went
+    under /dev/fd (/dev/fd/tokens.txt: a start that failed naming no file the operator wrote);
+    they are relative to the working directory, a regular file's to its directory as before."""
+    if not Path(fd_dir).is_dir():
+        pytest.skip(f"no {fd_dir} here")
+    monkeypatch.chdir(tmp_path)
+    text = json.dumps(
+        {
+            "tls": {"cert_file": "tls/server.crt", "key_file": "tls/server.key"},
+            "auth": {"token_file": "tokens.txt"},
+            "trt_engine_cache_dir": "trt",
+        }
+    )
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, text.encode())
+        os.close(write_end)
+        config = load_server_config(Path(fd_dir) / str(read_end))
+    finally:
+        os.close(read_end)
+    sec = config.security
+    resolved = [sec.tls_cert_file, sec.tls_key_file, sec.token_file, config.trt_engine_cache_dir]
+    assert [Path(os.path.abspath(str(p))) for p in resolved] == [
+        tmp_path / "tls" / "server.crt",
+        tmp_path / "tls" / "server.key",
+        tmp_path / "tokens.txt",
+        tmp_path / "trt",
+    ]
+    regular = tmp_path / "etc" / "server.json"
+    regular.parent.mkdir()
+    regular.write_text(text)
+    assert load_server_config(regular).security.token_file == tmp_path / "etc" / "tokens.txt"
+
+
 SR_CARD = {
     "kind": "super_resolution",
     "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, 3, -1, -1]}],
