@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 from urllib.parse import parse_qs
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry
 
@@ -282,9 +282,20 @@ class BoundedWSGIServer(WSGIServer):
     # SYN, and the client (a /healthz probe) connects on its retransmission, 1 s later.
     request_queue_size = MAX_READING
 
+    def __init__(
+        self,
+        server_address: tuple[str, int],
+        RequestHandlerClass: type[WSGIRequestHandler],
+        health: HealthProbe,
+        bind_and_activate: bool = True,
+    ) -> None:
+        # Required, no default: a /healthz always answering "ok" is a readiness check that lies.
+        self._health = health
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
+
     def probe_health(self) -> tuple[bool, str]:
-        """(serving, reason) for /healthz; serve() overrides it with the server's health."""
-        return True, ""
+        """(serving, reason) for /healthz: the health probe the server was built with."""
+        return self._health()
 
     def server_bind(self) -> None:
         # `::` is every IPv4 address too only on a dual-stack socket, which a new one is only where
@@ -653,9 +664,6 @@ def serve(
     class Server(BoundedWSGIServer):
         address_family = family
 
-        def probe_health(self) -> tuple[bool, str]:
-            return health()
-
     Server.threads = threads
     Server.read_timeout_s = read_timeout_s
 
@@ -664,7 +672,8 @@ def serve(
 
     Handler.read_timeout_s = read_timeout_s
     app = metrics_app(Exposition(registry, render_share), health)
-    httpd = make_server(host, port, app, Server, handler_class=Handler)
+    httpd = Server((host, port), Handler, health)
+    httpd.set_app(app)
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return httpd, thread

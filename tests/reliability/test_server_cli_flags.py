@@ -113,7 +113,7 @@ def test_a_metrics_server_whose_bind_fails_raises_the_bind_error() -> None:
         busy.listen(1)
         port = busy.getsockname()[1]
         with pytest.raises(OSError) as info:  # a listener holds it: SO_REUSEADDR does not help
-            BoundedWSGIServer(("127.0.0.1", port), object)  # type: ignore[arg-type]
+            BoundedWSGIServer(("127.0.0.1", port), object, lambda: (True, ""))  # type: ignore[arg-type]
     assert info.value.errno == errno.EADDRINUSE
 
 

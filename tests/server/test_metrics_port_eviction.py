@@ -41,7 +41,7 @@ def test_a_probe_whose_head_has_arrived_is_answered_not_evicted_for_newer_connec
     /healthz probe (or a scrape) whose whole head was already in its socket buffer, older than the
     newcomers of a connection flood, was closed unanswered (reset) when their wake-up came first."""
     monkeypatch.setattr(metrics_http, "MAX_READING", 4)
-    server = _ReaderDrivenByTheTest(("127.0.0.1", 0), _Handler)
+    server = _ReaderDrivenByTheTest(("127.0.0.1", 0), _Handler, lambda: (True, ""))
     clients: list[socket.socket] = []
     selector = selectors.DefaultSelector()
     reading: dict[socket.socket, _Reading] = {}
@@ -85,7 +85,7 @@ def test_a_probe_accepted_while_the_reader_is_behind_waits_for_it_not_closed(
     newcomer only after READER_BEHIND_WAIT_S (a reader that is stuck)."""
     monkeypatch.setattr(metrics_http, "MAX_READING", 2)
     monkeypatch.setattr(metrics_http, "READER_BEHIND_WAIT_S", 5.0)
-    server = _ReaderDrivenByTheTest(("127.0.0.1", 0), _Handler)
+    server = _ReaderDrivenByTheTest(("127.0.0.1", 0), _Handler, lambda: (True, ""))
     clients: list[socket.socket] = []
     selector = selectors.DefaultSelector()
     reading: dict[socket.socket, _Reading] = {}

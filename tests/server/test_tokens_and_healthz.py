@@ -577,3 +577,25 @@ def test_the_metrics_port_is_not_served_without_a_health_probe() -> None:
             metrics.serve("127.0.0.1", 0)  # type: ignore[call-arg]
     finally:
         metrics.close()
+
+
+def test_a_metrics_server_built_directly_answers_healthz_with_the_probe_it_is_given() -> None:
+    """BoundedWSGIServer answered /healthz 200 "ok" unless a subclass overrode probe_health (serve()'s
+    did): a direct use had an always-ready readiness endpoint. The probe is a required argument of
+    its constructor, and /healthz answers what it says."""
+    import threading
+
+    from genserve_server.metrics_http import BoundedWSGIServer, _Handler
+
+    with pytest.raises(TypeError, match="health"):
+        BoundedWSGIServer(("127.0.0.1", 0), _Handler)  # type: ignore[call-arg]
+    httpd = BoundedWSGIServer(("127.0.0.1", 0), _Handler, health=lambda: (False, "loading"))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        answer = _raw(httpd.server_address[1], b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 503 ") and answer.endswith(b"\r\n\r\nnot serving: loading\n")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
