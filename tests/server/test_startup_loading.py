@@ -274,6 +274,39 @@ def test_a_waiting_step_is_cancelled_by_check_stopping() -> None:
         pass
 
 
+def test_a_gate_runs_exactly_width_shared_steps_at_once_and_the_next_waits() -> None:
+    """load_concurrency bounds the load steps that run side by side: with width 2, two shared steps
+    hold the gate together, and a third waits until one of them ends."""
+    gate = LoadGate(2)
+    release = threading.Event()
+    entered: list[str] = []
+    lock = threading.Lock()
+
+    def step(name: str) -> None:
+        with gate.step(0.0):
+            with lock:
+                entered.append(name)
+            release.wait(10)
+
+    threads = [threading.Thread(target=step, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    while len(entered) < 2:
+        time.sleep(0.001)
+    third = threading.Thread(target=step, args=("c",))
+    third.start()
+    while gate.waiting < 1 and len(entered) < 3:  # queued behind the two (or let in)
+        time.sleep(0.001)
+    time.sleep(0.05)  # it would have started by now if the gate let it
+    with lock:
+        assert entered == ["a", "b"], entered
+    assert gate.waiting == 1
+    release.set()
+    for thread in [*threads, third]:
+        thread.join(10)
+    assert sorted(entered) == ["a", "b", "c"] and gate.waiting == 0
+
+
 def test_a_tiny_model_is_ready_before_a_slow_model_that_comes_first_in_the_repository(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_model(
