@@ -24,7 +24,7 @@ from server_support import (
 
 from genserve_server import calibration
 from genserve_server.batch_keys import TileRows
-from genserve_server.config import ConfigError, ServerConfig, load_server_config
+from genserve_server.config import ConfigError, ServerConfig, cpu_count, load_server_config
 from genserve_server.load_gate import LoadGate
 from genserve_server.metrics import Metrics
 from genserve_server.repository import ModelState, ModelVersion, Repository
@@ -348,6 +348,13 @@ def test_the_start_up_settings_read_from_the_server_config_and_errors_name_them(
         path.write_text(f'{{"{field}": {value}}}')
         with pytest.raises(ConfigError, match=rf"server.json: {field} must be"):
             load_server_config(path)
+
+
+def test_load_concurrency_is_the_width_of_the_repositorys_load_gate(tmp_path: Path) -> None:
+    """server.json's load_concurrency is how many versions' load steps run at once; 0 means one per core."""
+    metrics = Metrics(enabled=False)
+    assert Repository(tmp_path, ServerConfig(load_concurrency=5), metrics).gate.width == 5
+    assert Repository(tmp_path, ServerConfig(load_concurrency=0), metrics).gate.width == cpu_count()
 
 
 def test_each_finished_start_up_load_counts_the_ready_versions_without_visiting_them_all(
