@@ -49,6 +49,7 @@ from genserve_server import main as main_module
 from genserve_server import reload as reload_module
 from genserve_server.batch_keys import LatentRows
 from genserve_server.config import ServerConfig
+from genserve_server.errors import NotFound, Unavailable
 from genserve_server.health import SERVICE_ALIAS as ALIAS
 from genserve_server.main import App
 from genserve_server.metrics import Metrics
@@ -881,6 +882,40 @@ def test_a_rollback_while_the_old_version_drains_serves_it_again_at_once(tmp_pat
             assert reloader.draining == 0
             assert await _computes(v1)
             assert repo.get("gen").resolve("") is v1
+        finally:
+            await reloader.close(1.0)
+            await repo.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_naming_a_draining_version_is_unavailable_then_not_found_once_it_is_unloaded(
+    tmp_path: Path,
+) -> None:
+    """In process (docs/operations.md, "Old versions drain"): while version 1 drains behind a
+    SampleStream, a new request naming it gets UNAVAILABLE 'model gen version 1 is DRAINING: not
+    ready', never the retired version; once it is unloaded, NOT_FOUND naming the versions loaded."""
+    root = tmp_path / "models"
+    write_gen(root, "gen", version="1", seed=0)
+    staged = _staged_version(tmp_path, "2", seed=1)
+
+    async def scenario() -> None:
+        repo, _ = await loaded_repository(root)
+        reloader = Reloader(repo, drain_grace_s=30.0, file_check_interval_s=None)
+        try:
+            v1 = repo.models["gen"].versions["1"]
+            assert v1.batcher is not None
+            v1.batcher.hold(stream=True)  # a SampleStream on version 1
+            copy_version_atomically(root / "gen", "2", "2", staged)
+            await reloader.rescan()
+            assert version_states(repo) == {"1": "DRAINING", "2": "READY"}
+            with pytest.raises(Unavailable, match=r"^model gen version 1 is DRAINING: not ready$"):
+                repo.get("gen").resolve("1")
+            assert repo.get("gen").resolve("") is repo.models["gen"].versions["2"]
+            v1.batcher.release(stream=True)
+            await wait_on_loop(lambda: version_states(repo) == {"2": "READY"}, "version 1 to unload")
+            with pytest.raises(NotFound, match=r"^model gen has no version '1'; versions: 2$"):
+                repo.get("gen").resolve("1")
         finally:
             await reloader.close(1.0)
             await repo.close(1.0)
