@@ -5,7 +5,9 @@ batcher got, in which order steps ran; never a duration or a memory figure of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -329,6 +331,44 @@ def test_a_tiny_model_is_ready_before_a_slow_model_that_comes_first_in_the_repos
 
     asyncio.run(body())
     assert order == ["b-tiny", "a-slow"]
+
+
+def test_a_models_first_ready_version_turns_it_serving_before_its_other_versions_have_loaded(
+    tmp_path: Path,
+) -> None:
+    """load_all: a READY version serves at once, and its model's health key turns SERVING with it,
+    not once every version of the model has been tried (version 2's load is held here)."""
+    root = tmp_path / "models"
+    version_1 = write_tiny_generator(root, "gen", config={"version_policy": {"latest": 2}})
+    shutil.copytree(version_1, root / "gen" / "2")
+    events: list[tuple[str, bool]] = []
+    said_before: list[bool] = []  # whether version 1's readiness was said before version 2 loaded
+
+    async def body() -> None:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        assert list(repo.models["gen"].versions) == ["1", "2"]
+        load = repo.load_version
+        release = asyncio.Event()
+
+        async def held_load(mv: ModelVersion) -> bool:
+            if mv.version == "2":  # waits for the model's readiness to be said (a bounded wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(release.wait(), 10)
+                said_before.append(release.is_set())
+            return await load(mv)
+
+        def listener(name: str, serving: bool) -> None:
+            events.append((name, serving))
+            release.set()  # version 2 loads once the model's readiness was said
+
+        repo.load_version = held_load  # type: ignore[method-assign]
+        repo.add_listener(listener)
+        await repo.load_all()
+        await repo.close(1)
+
+    asyncio.run(body())
+    assert said_before == [True] and events[0] == ("gen", True), (said_before, events)
 
 
 def test_the_start_up_settings_read_from_the_server_config_and_errors_name_them(tmp_path: Path) -> None:
