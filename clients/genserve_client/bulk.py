@@ -1142,12 +1142,20 @@ class BulkJob:
 
     # --- run ---------------------------------------------------------------------------------
 
-    def run(self, resolve: Callable[[str, str], ServedModel] | None = None) -> None:
+    def run(
+        self,
+        resolve: Callable[[str, str], ServedModel] | None = None,
+        *,
+        info: genserve_pb2.ModelInfo | None = None,
+    ) -> None:
         """Generate every missing image; raises the first final error of any stream (after stopping
         the others), so what is on disk stays consistent and a rerun resumes. Returns only when
         every image of the job (or shard) is in the manifest, else raises BulkIncomplete.
 
         `resolve(model, version)` says what the server serves (default: served_model via GetModel).
+        `info`: a GetModel answer for the job's model the caller just received (the CLI's, which its
+        labels were resolved from): a new job pins its version from it, not from another GetModel
+        that a model reloaded in between would answer differently.
         """
         try:
             self.check_folder()  # before creating anything in a folder that is not ours
@@ -1162,12 +1170,15 @@ class BulkJob:
             # A new job: look the model up before making its folder, so that a model of a kind whose
             # streams the server refuses, or a version it does not serve READY, leaves no job folder
             # behind (a version still LOADING is waited for). The answer pins the version.
+            given = [info] if info is not None else []
+
             def look_up() -> ServedModel:
-                info = self.client.get_model(self.params.model)
-                refusal = kind_refusal(self.params.model, info.kind)
+                # The caller's answer, once: a retry (its version was LOADING) asks the server.
+                answer = given.pop() if given else self.client.get_model(self.params.model)
+                refusal = kind_refusal(self.params.model, answer.kind)
                 if refusal:
                     raise BulkError(refusal)
-                return served_model(self.client, self.params.model, self.params.version, info)
+                return served_model(self.client, self.params.model, self.params.version, answer)
 
             looked_up.append(self.window.call(look_up))
 

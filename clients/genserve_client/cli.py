@@ -1276,8 +1276,12 @@ def check_bulk_seeds(n: int, base_seed: int, *, resumed: bool) -> None:
     )
 
 
-def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkParams, Path, Shard | None]:
-    """The job's parameters, folder and shard: from the flags, or from the manifest with --resume."""
+def bulk_params(
+    client: GenserveClient, args: argparse.Namespace
+) -> tuple[BulkParams, Path, Shard | None, genserve_pb2.ModelInfo | None]:
+    """The job's parameters, folder and shard: from the flags, or from the manifest with --resume;
+    and the GetModel answer the labels were resolved from (None with --resume), which the job pins
+    its version from."""
     if not (math.isfinite(args.retry_window) and args.retry_window >= 0):
         raise UsageError(f"bulk: --retry-window must be finite and >= 0 seconds, got {args.retry_window:g}")
     if args.resume:
@@ -1295,7 +1299,7 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         if args.n is not None:
             check_bulk_seeds(args.n, params.base_seed, resumed=True)
             params = dataclasses.replace(params, n=args.n)
-        return params, out, shard
+        return params, out, shard, None
     missing = [f"--{flag}" for flag in ("model", "n", "out") if getattr(args, flag) is None]
     if missing:
         raise UsageError(f"bulk needs {', '.join(missing)} (or --resume DIR for an existing job)")
@@ -1333,7 +1337,7 @@ def bulk_params(client: GenserveClient, args: argparse.Namespace) -> tuple[BulkP
         version=args.version or "",
     )
     out = Path(args.out)
-    return params, shard.folder(out) if shard else out, shard
+    return params, shard.folder(out) if shard else out, shard, info
 
 
 # The variable the resume hint puts where a literal --token went (its value is never printed).
@@ -1405,7 +1409,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
             f"bulk: --chunk-size must be 0 (the server's default) or 1..{UINT32_LIMIT - 1} images "
             f"(the server takes at most its max_images_per_request), got {args.chunk_size}"
         )
-    params, out, shard = bulk_params(client, args)
+    params, out, shard, info = bulk_params(client, args)
     job = BulkJob(
         client,
         params,
@@ -1418,7 +1422,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         stream_images=args.stream_images,
     )
     try:
-        job.run()
+        job.run(info=info)
     except BulkBusy as exc:
         _err(f"genserve-client: {exc}")
         return 3

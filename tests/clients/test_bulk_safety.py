@@ -165,6 +165,36 @@ def test_a_library_job_of_a_version_not_served_or_not_ready_is_refused_before_it
     assert fake_server.service.calls["SampleStream"] == 0
 
 
+def test_a_cli_job_pins_the_version_whose_labels_it_resolved_from_one_lookup(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The CLI resolved the labels from its own GetModel answer and BulkJob.run pinned the version from
+    # a second one: a model reloaded between the two (here a version 2, an unconditional generator)
+    # gave a job the labels of version 1 pinned to version 2.
+    info = fake_server.service._info
+
+    def reloaded_after_the_first_lookup(name: str) -> genserve_pb2.ModelInfo:
+        answer = info(name)
+        if fake_server.service.calls["GetModel"] > 1:
+            answer.kind, answer.versions[0].version = "generator", "2"
+            del answer.class_names[:]
+        return answer
+
+    monkeypatch.setattr(fake_server.service, "_info", reloaded_after_the_first_lookup)
+    out = tmp_path / "job"
+    args = ("--target", fake_server.target, "bulk", "--model", "fake-cond", "--n", "4", "--out", str(out))
+    code, _, err = cli_main(capsys, *args)
+    assert code == 0, err
+    job = json.loads((out / "job.json").read_text())
+    assert job["pinned_version"] == "1", job
+    assert job["params"]["labels"] == list(range(10)), job
+    assert fake_server.service.calls["GetModel"] == 1
+    assert indices(out) == [0, 1, 2, 3]
+
+
 # --- 2. one run per folder -----------------------------------------------------------------------
 
 
