@@ -801,6 +801,7 @@ class BulkJob:
         stream_images: int | None = None,
         channel_period_s: float = DEFAULT_PERIOD_S,
         idle_limit_s: float | None = None,
+        cli: bool = False,
     ) -> None:
         if stream_images is not None and stream_images < 1:
             raise ValueError(f"--stream-images must be >= 1, got {stream_images}")
@@ -810,6 +811,9 @@ class BulkJob:
                 f"got {chunk_size}"
             )
         self.client = client
+        # Whether refusals name the settings by the CLI's flags (--out, --n, --stream-images), else by
+        # the arguments a library caller gave (out_dir=, BulkParams' n=, stream_images=).
+        self.cli = cli
         # None: DEFAULT_STREAM_IMAGES, or the server's max_stream_images where smaller (fit_streams).
         self.stream_images_given = stream_images
         self.stream_images = stream_images or DEFAULT_STREAM_IMAGES
@@ -877,6 +881,13 @@ class BulkJob:
 
     # --- start / resume ------------------------------------------------------------------------
 
+    def _given(self, flag: str, arg: str, value: object = None) -> str:
+        """A setting named as its caller gave it: `--flag value` from the CLI, else `arg=value`
+        (the flag or argument alone without a value)."""
+        if value is None:
+            return f"--{flag}" if self.cli else arg
+        return f"--{flag} {value}" if self.cli else f"{arg}={value!r}"
+
     def file_name(self, index: int) -> str:
         return f"{index:0{self.name_width}d}{self.suffix}"
 
@@ -885,13 +896,13 @@ class BulkJob:
         if (self.out_dir / JOB_FILE).exists():
             return
         if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise BulkError(f"--out {self.out_dir} is a file, not a folder")
+            raise BulkError(f"{self._given('out', 'out_dir', str(self.out_dir))} is a file, not a folder")
         foreign = foreign_entries(self.out_dir)
         if foreign:
             raise BulkError(
                 f"{self.out_dir} is not empty and holds no bulk job ({JOB_FILE}): it contains "
                 f"{describe_entries(foreign)}; a bulk job never deletes or overwrites files it did "
-                "not write: use a new or empty --out"
+                f"not write: use a new or empty {self._given('out', 'out_dir')}"
             )
 
     def _job_json(self) -> dict[str, Any]:
@@ -928,17 +939,19 @@ class BulkJob:
             diff = ", ".join(
                 f"{k}: {old[k]!r} -> {ours[k]!r}" for k in ours if k != "n" and old[k] != ours[k]
             )
-            raise BulkError(f"{job_path} was started with other parameters ({diff}); use a new --out")
+            out = self._given("out", "out_dir")
+            raise BulkError(f"{job_path} was started with other parameters ({diff}); use a new {out}")
         if their_shard != self.shard:
             raise BulkError(f"{job_path} is {describe_shard(their_shard)}, not {describe_shard(self.shard)}")
         if self.shard and self.params.n != theirs.n:
             raise BulkError(
                 f"{job_path} is {describe_shard(self.shard)} of a job of {theirs.n} images: a sharded job "
-                f"cannot grow (its seed ranges would move), got --n {self.params.n}"
+                f"cannot grow (its seed ranges would move), got {self._given('n', 'n', self.params.n)}"
             )
         if self.params.n < theirs.n:
             raise BulkError(
-                f"{job_path} is a job of {theirs.n} images: --n can only grow it, got {self.params.n}"
+                f"{job_path} is a job of {theirs.n} images: {self._given('n', 'n')} can only grow it, got "
+                f"{self.params.n if self.cli else self._given('n', 'n', self.params.n)}"
             )
         self.pinned_version = job["pinned_version"]
         self.model_sha256 = job.get("model_sha256", "")
@@ -974,8 +987,9 @@ class BulkJob:
         if not server_limit or self.stream_images <= server_limit:
             return
         if self.stream_images_given is not None:
+            given = self._given("stream-images", "stream_images", self.stream_images_given)
             raise BulkError(
-                f"--stream-images {self.stream_images_given} is more than the server's "
+                f"{given} is more than the server's "
                 f"max_stream_images {server_limit} (the most images one stream may send): give at "
                 f"most {server_limit}, or leave it out to use {min(DEFAULT_STREAM_IMAGES, server_limit)}"
             )

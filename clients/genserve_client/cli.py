@@ -1420,6 +1420,7 @@ def cmd_bulk(client: GenserveClient, args: argparse.Namespace) -> int:
         retry_window_s=args.retry_window,
         shard=shard,
         stream_images=args.stream_images,
+        cli=True,
     )
     try:
         job.run(info=info)

@@ -137,6 +137,68 @@ def test_a_refused_model_kind_is_named_by_the_argument_its_caller_gave(
     assert not out.exists() and fake_server.service.calls["SampleStream"] == 0
 
 
+def test_a_library_jobs_refusals_name_the_arguments_its_caller_gave_and_the_clis_its_flags(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A library caller gave BulkJob(out_dir=..., stream_images=...) and BulkParams(n=...), and has no
+    # --out, --n or --stream-images flag to correct.
+    (tmp_path / "a-file").write_text("mine")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    out = tmp_path / "job"
+    run_job(fake_server.target, out, BulkParams("fake-gen", n=4))
+    sharded = tmp_path / "sharded"
+    run_job(fake_server.target, sharded, BulkParams("fake-gen", n=4), shard=Shard(0, 2))
+    refused: list[tuple[Path, BulkParams, dict[str, Any], str]] = [
+        (
+            tmp_path / "a-file",
+            BulkParams("fake-gen", n=3),
+            {},
+            f"out_dir={str(tmp_path / 'a-file')!r} is a file",
+        ),
+        (foreign, BulkParams("fake-gen", n=3), {}, "use a new or empty out_dir"),
+        (out, BulkParams("fake-gen", n=4, base_seed=9), {}, "use a new out_dir"),
+        (out, BulkParams("fake-gen", n=2), {}, "is a job of 4 images: n can only grow it, got n=2"),
+        (
+            sharded,
+            BulkParams("fake-gen", n=6),
+            {"shard": Shard(0, 2)},
+            "cannot grow (its seed ranges would move), got n=6",
+        ),
+        (tmp_path / "new", BulkParams("fake-gen", n=3), {"stream_images": 4}, "stream_images=4 is more than"),
+    ]
+    info = fake_server.service._info
+
+    def limited(name: str) -> genserve_pb2.ModelInfo:
+        answer = info(name)
+        answer.max_stream_images = 2
+        return answer
+
+    monkeypatch.setattr(fake_server.service, "_info", limited)
+    for folder, params, kwargs, expected in refused:
+        with pytest.raises(BulkError) as error:
+            run_job(fake_server.target, folder, params, **kwargs)
+        message = str(error.value)
+        assert expected in message and "--" not in message, message
+    # The CLI's user gave the flags.
+    t = ("--target", fake_server.target, "bulk")
+    code, _, err = cli_main(capsys, *t, "--model", "fake-gen", "--n", "3", "--out", str(tmp_path / "a-file"))
+    assert code == 2 and f"--out {tmp_path / 'a-file'} is a file" in err, err
+    code, _, err = cli_main(capsys, *t, "--model", "fake-gen", "--n", "3", "--out", str(foreign))
+    assert code == 2 and "use a new or empty --out" in err, err
+    code, _, err = cli_main(capsys, *t, "--resume", str(out), "--n", "2")
+    assert code == 2 and "is a job of 4 images: --n can only grow it, got 2" in err, err
+    code, _, err = cli_main(capsys, *t, "--resume", str(sharded), "--n", "6")
+    assert code == 2 and "cannot grow (its seed ranges would move), got --n 6" in err, err
+    new = ("--model", "fake-gen", "--n", "3", "--out", str(tmp_path / "new"), "--stream-images", "4")
+    code, _, err = cli_main(capsys, *t, *new)
+    assert code == 2 and "--stream-images 4 is more than" in err, err
+
+
 def test_a_library_job_of_a_version_not_served_or_not_ready_is_refused_before_its_folder_is_made(
     fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
