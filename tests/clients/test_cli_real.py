@@ -784,10 +784,13 @@ def test_edit_of_a_version_still_loading_is_retried_as_transient_not_a_usage_err
     write_model(root, "vae-decoder", "vae_decoder", vae_decoder_graph(8, 8, 8), card, config=two)
     digit = tmp_path / "digit.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(digit)
-    # Warm-up times every power of two up to 256 through a slow graph: far longer than the test.
+    # Warm-up times every power of two up to 256 (a tolerance: "auto" times 1, 2 and 256 alone)
+    # through a slow graph: about a minute on an idle machine, longer loaded (it took 4 s with "auto"
+    # and 4000 iterations, which a loaded machine's CLI start outlasted), each run a few seconds.
     with running_server(root, tmp_path / "work", config={"calibration_budget_s": 600.0}) as server:
-        slow = {**two, "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "max_queue_size": 256}}
-        write_model(root, "vae-decoder", "vae_decoder", slow_generator_graph(8, 4000), card,
+        batching = {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "max_queue_size": 256}
+        slow = {**two, "batching": {**batching, "efficient_batch_tolerance": 0.1}}
+        write_model(root, "vae-decoder", "vae_decoder", slow_generator_graph(8, 40000), card,
                     config=slow, version="2")  # fmt: skip
         names, LOADING = ("vae-encoder", "vae-decoder"), genserve_pb2.MODEL_STATE_LOADING
 
