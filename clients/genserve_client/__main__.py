@@ -59,17 +59,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _interrupted)
     if held_term:
         signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        from genserve_client.cli import main as cli_main
-    finally:
-        if held_int:
-            signal.signal(signal.SIGINT, raise_interrupted)
-        if held_term:
-            signal.signal(signal.SIGTERM, raise_terminated)
-    # The signal that came first stops the command, not the one Python handles first.
-    unwatch = watch_arrivals() if held_int and held_term else None
+    unwatch = None
     try:
         try:
+            # A signal from the moment raise_interrupted/raise_terminated are set is the command's
+            # stop, its KeyboardInterrupt caught below (not a traceback), the CLI's imports done.
+            try:
+                from genserve_client.cli import main as cli_main
+            finally:
+                if held_int:
+                    signal.signal(signal.SIGINT, raise_interrupted)
+                if held_term:
+                    signal.signal(signal.SIGTERM, raise_terminated)
+            # The signal that came first stops the command, not the one Python handles first.
+            unwatch = watch_arrivals() if held_int and held_term else None
             status = cli_main(argv)
         except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
             from genserve_contract.stdio import err_line  # loaded by the CLI's imports, done by now

@@ -682,6 +682,48 @@ def test_a_ctrl_c_soon_after_a_sigterm_ends_the_cli_with_the_sigterms_line_and_s
     assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
 
 
+# The console script, where a SIGTERM arrives the moment __main__.main has set raise_terminated as
+# its handler (the CLI's imports done), before the command starts: sent from signal.signal itself.
+SIGTERM_AS_THE_HANDLER_IS_SET = """
+import os, signal, sys
+from genserve_client import cli, interrupt
+from genserve_client.__main__ import main
+
+set_handler = signal.signal
+
+def setting(signum, handler):
+    found = set_handler(signum, handler)
+    if handler is interrupt.raise_terminated:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return found
+
+def never(client, args):
+    print("the command ran", flush=True)
+    return 0
+
+signal.signal = setting
+cli.COMMANDS["models"] = never
+sys.argv = ["genserve-client", "--target", "127.0.0.1:1", "models"]
+sys.exit(main())  # as the console script runs it
+"""
+
+
+def test_a_sigterm_as_the_cli_sets_its_stop_handlers_exits_143_with_one_line() -> None:
+    """A SIGTERM between __main__.main setting raise_terminated (the CLI's imports done) and the
+    command's try: its Terminated escaped main() as a traceback, exit 1. It stops the CLI as
+    anywhere else: the command never runs, 143, its one line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AS_THE_HANDLER_IS_SET],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
+    assert "the command ran" not in proc.stdout
+
+
 @pytest.mark.parametrize("command", ["models", "bulk", "bench"])
 @pytest.mark.parametrize("entry", ["genserve_client.__main__", "genserve_client.cli"])
 def test_a_ctrl_c_to_a_program_running_the_cli_in_process_reaches_that_program(
