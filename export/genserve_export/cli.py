@@ -658,9 +658,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # process died at once, leaving its temporary export folder and a half-staged version
     # (<name>/.tmp-<version>-<rand>) behind.
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     _received.clear()
     try:
+        # In the try: a SIGTERM from the moment its handler is set is the command's stop (its line
+        # and 143), not a BuildInterrupted traceback.
+        if main_thread:
+            signal.signal(signal.SIGTERM, _raise_interrupted)
         return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT

@@ -260,6 +260,34 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, comman
     assert proc.stderr.strip().splitlines()[-1] == f"genserve-export {command}: stopped (SIGINT)", proc.stderr
 
 
+def test_a_sigterm_as_main_sets_its_handler_is_one_line_and_exit_143(tmp_path: Path) -> None:
+    """A SIGTERM the moment main() had set _raise_interrupted as its handler, before its try: the
+    BuildInterrupted escaped as a traceback, where a SIGTERM stops a command with one line and 143.
+    Sent from signal.signal as it sets the handler; the command never runs."""
+    script = (
+        "import os, signal, sys\n"
+        "import genserve_export.verify\n"
+        "from genserve_export import cli\n"
+        "set_handler = signal.signal\n"
+        "def setting(signum, handler):\n"
+        "    found = set_handler(signum, handler)\n"
+        "    if handler is cli._raise_interrupted:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return found\n"
+        "def never(*args, **kwargs):\n"
+        "    print('the command ran', flush=True)\n"
+        "signal.signal = setting\n"
+        "genserve_export.verify.verify_repository = never\n"
+        f"sys.argv = ['genserve-export', 'verify', {str(tmp_path)!r}]\n"
+        "sys.exit(cli.main())  # as the console script runs it\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "genserve-export verify: stopped (SIGTERM)", proc.stderr
+    assert "the command ran" not in proc.stdout
+
+
 def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_programs_handler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
