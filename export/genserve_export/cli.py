@@ -431,9 +431,50 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
 _received: list[int] = []  # the signals that stopped main()'s command (SIGTERM: _raise_interrupted)
 
 
+_arrivals: list[int] = []  # read end of main()'s wakeup fd: signal numbers as they arrived
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    """Python runs the handlers of signals that arrived while the main thread was in C (a torch op,
+    an ONNX export) in the order of their numbers, SIGINT's first: a SIGTERM's handler then raised
+    its BuildInterrupted in the Ctrl-C's cleanup. Where main() set a wakeup fd, the C handler wrote
+    each signal there as it arrived: the first read decides the stop, and a signal whose arrival an
+    earlier handler read is part of that stop, not another one."""
+    if _arrivals:
+        try:
+            arrived = [s for s in os.read(_arrivals[0], 4096) if s in (signal.SIGINT, signal.SIGTERM)]
+        except OSError:  # nothing written (BlockingIOError): read with an earlier signal's
+            return
+        signum = arrived[0] if arrived else signum
     _received.append(signum)
     raise BuildInterrupted(signum)
+
+
+def _watch_arrivals() -> Callable[[], None]:
+    """A wakeup fd for _raise_interrupted (where none is set: an event loop's stays); returns what
+    puts the process back. The same as genserve_client.interrupt.watch_arrivals: genserve-export
+    does not depend on the client package."""
+    try:
+        read, write = os.pipe()
+    except OSError:  # no file descriptor left: Python's order, as without it
+        return lambda: None
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if found != -1:
+        signal.set_wakeup_fd(found)
+        os.close(read)
+        os.close(write)
+        return lambda: None
+    _arrivals.append(read)
+
+    def undo() -> None:
+        signal.set_wakeup_fd(-1)
+        _arrivals.clear()
+        os.close(read)
+        os.close(write)
+
+    return undo
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -659,12 +700,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (<name>/.tmp-<version>-<rand>) behind.
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    # Ctrl-C too where it is Python's (not ignored, not a program's own): the signal that arrived
+    # first stops the command (_raise_interrupted), not the one Python handles first.
+    previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
+    take_int = previous_int is signal.default_int_handler
     _received.clear()
+    unwatch = None
     try:
         # In the try: a SIGTERM from the moment its handler is set is the command's stop (its line
         # and 143), not a BuildInterrupted traceback.
         if main_thread:
             signal.signal(signal.SIGTERM, _raise_interrupted)
+        if take_int:
+            signal.signal(signal.SIGINT, _raise_interrupted)
+            unwatch = _watch_arrivals()
         return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
@@ -673,6 +722,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _received.append(signum)
         return 128 + signum
     finally:
+        if unwatch is not None:
+            unwatch()
+        if take_int:
+            signal.signal(signal.SIGINT, previous_int)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if not entry:  # called from a program: the signal that stopped the command was sent to it

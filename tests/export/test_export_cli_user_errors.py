@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -286,6 +287,64 @@ def test_a_sigterm_as_main_sets_its_handler_is_one_line_and_exit_143(tmp_path: P
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "genserve-export verify: stopped (SIGTERM)", proc.stderr
     assert "the command ran" not in proc.stdout
+
+
+_READ_SYSCALL = {"x86_64": 0, "aarch64": 63}.get(platform.machine())
+
+
+@pytest.mark.skipif(
+    _READ_SYSCALL is None or not Path("/proc/self/task").is_dir(), reason="reads /proc/self/task/TID/syscall"
+)
+def test_a_ctrl_c_soon_after_a_sigterm_stops_a_command_with_the_sigterms_line_and_status(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM (a job runner's stop), then a Ctrl-C, both arriving while the main thread was in C
+    code not looking (a torch op, an ONNX export): Python runs their handlers in the order of their
+    numbers, SIGINT's first, and the SIGTERM's BuildInterrupted was raised next wherever the main
+    thread then was: here in the cleanup's finally, cut short (a temporary export folder left), or
+    main()'s except after its SIGINT line (a traceback). Both are one stop, the SIGTERM's, which
+    came first: the cleanup runs whole, its one line, 143."""
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "import genserve_export.verify\n"
+        "from genserve_export import cli\n"
+        f"READ = {_READ_SYSCALL!r}  # the read syscall's number\n"
+        "def waiting(*args, **kwargs):\n"
+        "    stops = {signal.SIGINT, signal.SIGTERM}\n"
+        "    read, write = os.pipe()\n"
+        "    main = threading.get_native_id()\n"
+        "    def send():  # this thread takes the signals, once the main thread waits in C (its read)\n"
+        "        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)\n"
+        "        with open(f'/proc/self/task/{main}/syscall') as f:\n"
+        "            while f.read().split()[0] != str(READ):\n"
+        "                time.sleep(0.001)\n"
+        "                f.seek(0)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        os.write(write, b'sent')\n"
+        "    try:\n"
+        "        signal.pthread_sigmask(signal.SIG_BLOCK, stops)\n"
+        "        threading.Thread(target=send, daemon=True).start()\n"
+        "        os.read(read, 4)\n"
+        "        time.sleep(30)\n"
+        "    finally:\n"
+        "        print('cleaned up', flush=True)\n"
+        "genserve_export.verify.verify_repository = waiting\n"
+        f"sys.argv = ['genserve-export', 'verify', {str(tmp_path)!r}]\n"
+        "sys.exit(cli.main())  # as the console script runs it\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    stops = [line for line in proc.stderr.splitlines() if ": stopped (" in line]
+    assert stops == ["genserve-export verify: stopped (SIGTERM)"], proc.stderr
+    assert proc.stdout == "cleaned up\n"
 
 
 def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_programs_handler(
