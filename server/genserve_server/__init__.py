@@ -10,3 +10,10 @@ import os
 # environment sets ORT_DISABLE_TELEMETRY itself (0 turns it on). Here, before any module imports
 # onnxruntime.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+# gRPC's C core (grpcio 1.85) with GRPC_VERBOSITY unset logs at INFO: a line on stderr, not in
+# --log-json's format, for every connection that fails its TLS handshake (a plaintext client, a
+# scanner), so anyone reaching the port wrote the log at will. ERROR keeps the core's errors (a
+# compressed request's refusal: docs/operations.md); an operator's own GRPC_VERBOSITY wins. Here,
+# before any module imports grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -91,6 +93,34 @@ def test_tls_refuses_plaintext_and_serves_tls_with_a_token(tls_server: ServerPro
     with secure_channel(tls_server.target, pki) as channel:
         assert len(sample_ok(channel, metadata=GOOD).images) == 1
         assert len(sample_ok(channel, metadata=(("authorization", "Bearer second-token"),)).images) == 1
+
+
+def test_plaintext_connections_to_a_tls_server_do_not_write_a_line_each(
+    small_repo: Path, pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With GRPC_VERBOSITY unset, grpcio 1.85's C core wrote an INFO line (`Handshake failed with
+    error SSL_ERROR_SSL ...`, not in --log-json's format) for every connection that did not complete
+    a TLS handshake: anyone who could reach the port wrote the log at will, before any token."""
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)  # the server's default, not this process's
+    server = start_server(
+        small_repo,
+        tmp_path,
+        extra_args=("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")),
+    )
+    try:
+        host, port = server.target.rsplit(":", 1)
+        since = len(server.log().splitlines())
+        for _ in range(40):
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: genserve\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    sock.recv(64)  # the server's alert, or its close
+        with secure_channel(server.target, pki) as channel:  # and TLS still serves
+            assert health_status(channel) == SERVING
+        new = server.log().splitlines()[since:]
+        assert len(new) <= 2, f"{len(new)} lines for 40 plaintext connections: {new[:3]}"
+    finally:
+        server.stop()
 
 
 def test_every_rpc_needs_a_valid_token_and_rejections_are_counted(
