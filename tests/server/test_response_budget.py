@@ -103,6 +103,29 @@ def test_a_request_larger_than_the_budget_is_clamped_and_runs_alone() -> None:
     asyncio.run(run())
 
 
+def test_a_waiter_is_let_in_once_its_bytes_exactly_fill_the_budget_even_one_clamped_to_all_of_it() -> None:
+    """A release that leaves room for exactly a waiter's bytes lets it in; a request larger than the
+    whole budget, clamped to it, waits for the budget to empty and then runs alone, never refused."""
+
+    async def run() -> None:
+        budget = ByteBudget("b", 100, max_wait_s=2.0)
+        assert await budget.acquire(70, None, "first") == 70
+        fits_exactly = asyncio.create_task(budget.acquire(40, None, "forty"))
+        await asyncio.sleep(0.01)
+        assert not fits_exactly.done()
+        budget.release(10)  # 60 held: the 40 waiting fill the budget to its limit
+        assert await asyncio.wait_for(fits_exactly, 1.0) == 40
+        assert budget.held == 100
+        huge = asyncio.create_task(budget.acquire(10_000, None, "huge"))
+        await asyncio.sleep(0.01)
+        assert not huge.done()
+        budget.release(100)
+        assert await asyncio.wait_for(huge, 1.0) == 100
+        assert budget.held == 100 and not budget._waiters
+
+    asyncio.run(run())
+
+
 def test_a_reservation_settles_to_the_real_size_and_releases_once() -> None:
     async def run() -> None:
         budget = ByteBudget("b", 1000, max_wait_s=1.0)
