@@ -168,6 +168,22 @@ def test_a_reservation_given_back_while_waiting_for_its_lane_holds_its_bytes_aga
     asyncio.run(run())
 
 
+def test_a_call_ending_while_its_bytes_are_given_back_releases_nothing_of_other_calls() -> None:
+    """A BULK call that ends (its client gone, its deadline) while it waits for its lane, its bytes
+    given back, releases nothing more: the bytes other calls hold stay held."""
+
+    async def run() -> None:
+        budget = ByteBudget("response budget (response_budget_bytes)", 1000, max_wait_s=5.0)
+        reservation = Reservation(budget)
+        await reservation.reserve(600, None, "Sample")
+        reservation.give_back()
+        other = await budget.acquire(700, None, "interactive")
+        reservation.release()
+        assert budget.held == other == 700
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("level", [0, 1, 9])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_the_png_bound_holds_for_noise_at_every_level(level: int, channels: int) -> None:
