@@ -425,3 +425,19 @@ def test_a_wait_cancelled_as_its_bytes_are_granted_raises_the_cancel_and_gives_t
         cancelled, held = asyncio.run(scenario(turns))
         assert cancelled, f"cancelled {turns} turn(s) after the grant: the cancel was dropped"
         assert held == 0, turns
+
+
+def test_bytes_granted_as_the_wait_runs_out_are_kept_by_the_waiter_not_lost_to_the_budget() -> None:
+    """A release that grants a waiter's bytes in the loop turn its wait runs out: the waiter keeps
+    them (and gives them back as any holder); refused, they stayed held by no one."""
+
+    async def run() -> None:
+        budget = ByteBudget("test budget", 100, max_wait_s=30.0)
+        held = await budget.acquire(100, None, "first")
+        asyncio.get_running_loop().call_soon(budget.release, held)  # before the wait's own timer
+        got = await budget.acquire(60, time.monotonic() - 1.0, "Sample")  # a deadline already past
+        assert got == 60 and budget.held == 60
+        budget.release(got)
+        assert budget.held == 0
+
+    asyncio.run(run())
