@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from reliability_support import (
     SERVER_NAME,
     code_of,
@@ -158,6 +159,26 @@ def test_every_rpc_needs_a_valid_token_and_rejections_are_counted(
         assert health_status(channel, "gen") == SERVING
     expected = before + len(bad_metadata) + len(calls)
     assert tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated") == expected
+
+
+def test_reflection_needs_a_token_while_health_stays_open(tls_server: ServerProcess, pki: Path) -> None:
+    """Reflection is a service like the others (docs/operations.md: every RPC of every service needs
+    the token, genserve.v1, KServe and reflection); only grpc.health.v1 is left open."""
+    before = tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated")
+    with secure_channel(tls_server.target, pki) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        def services(metadata: tuple[tuple[str, str], ...]) -> set[str]:
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            answers = stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10)
+            return {s.name for a in answers for s in a.list_services_response.service}
+
+        assert code_of(lambda: services(())) == UNAUTHENTICATED
+        assert code_of(lambda: services((("authorization", "Bearer wrong"),))) == UNAUTHENTICATED
+        assert "genserve.v1.GenerationService" in services(GOOD)
+        assert health_status(channel) == SERVING
+    after = tls_server.metric("genserve_requests_rejected_total", reason="unauthenticated")
+    assert after == before + 2
 
 
 def test_a_call_with_more_than_one_authorization_header_is_refused_naming_it(
