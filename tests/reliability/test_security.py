@@ -429,6 +429,31 @@ def test_an_unauthenticated_calls_method_path_cannot_forge_log_lines_or_fields(
     assert shown == sorted(repr(path) for path in paths), lines
 
 
+def test_a_rejected_calls_log_line_names_neither_the_token_presented_nor_a_configured_one(
+    small_repo: Path, tmp_path: Path
+) -> None:
+    """A wrong token is most often a right one mistyped, or another deployment's: the refusal's log
+    line names the method and the request id, never what the call presented, nor the server's."""
+    (tmp_path / "tokens").write_text(f"{TOKEN}\n")
+    presented = ["s3cret-tokem-typo", f"{TOKEN}-other"]
+    server = start_server(
+        small_repo,
+        tmp_path / "work",
+        extra_args=("--token-file", str(tmp_path / "tokens"), "--log-level", "DEBUG"),
+    )
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            for token in presented:
+                md = (("authorization", f"Bearer {token}"),)
+                assert code_of(lambda md=md: sample_ok(channel, metadata=md)) == UNAUTHENTICATED
+        log = server.log()
+    finally:
+        server.stop()
+    assert "rejected unauthenticated call to /genserve.v1.GenerationService/Sample" in log, log
+    for secret in (*presented, TOKEN):
+        assert secret not in log, secret
+
+
 def test_the_health_probe_names_an_expired_client_certificates_validity(
     mtls_server: ServerProcess, pki: Path, tmp_path: Path
 ) -> None:
