@@ -454,6 +454,28 @@ def test_a_rejected_calls_log_line_names_neither_the_token_presented_nor_a_confi
         assert secret not in log, secret
 
 
+def test_the_health_port_has_the_serving_ports_tls_and_closed_health_token(
+    small_repo: Path, pki: Path, tmp_path: Path
+) -> None:
+    """docs/operations.md: on --health-port, TLS and tokens (--closed-health) apply as on the serving
+    port: it refuses plaintext, and Check needs the token there too."""
+    (tmp_path / "tokens").write_text(f"{TOKEN}\n")
+    args = ("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))
+    args += ("--token-file", str(tmp_path / "tokens"), "--closed-health", "--health-port", "0")
+    server = start_server(small_repo, tmp_path / "work", extra_args=args)
+    try:
+        target = f"127.0.0.1:{server.health_port}"
+        with grpc.insecure_channel(target) as plain:
+            assert code_of(lambda: health_status(plain, metadata=GOOD)) == grpc.StatusCode.UNAVAILABLE
+        with secure_channel(target, pki) as channel:
+            assert code_of(lambda: health_status(channel)) == UNAUTHENTICATED
+            wrong = (("authorization", "Bearer x"),)
+            assert code_of(lambda: health_status(channel, metadata=wrong)) == UNAUTHENTICATED
+            assert health_status(channel, metadata=GOOD) == SERVING
+    finally:
+        server.stop()
+
+
 def test_the_health_probe_names_an_expired_client_certificates_validity(
     mtls_server: ServerProcess, pki: Path, tmp_path: Path
 ) -> None:
