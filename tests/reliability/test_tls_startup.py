@@ -13,7 +13,9 @@ import pytest
 from reliability_support import chain_with_intermediate, dated_certificate, write_gen
 from server_support import ServerProcess, metric_in, start_server
 
+from genserve_server.config import SecurityConfig
 from genserve_server.launcher import genserve_command
+from genserve_server.security import certificate_expiries
 
 
 def test_a_passphrase_protected_key_stops_startup_naming_it(pki: Path, tmp_path: Path) -> None:
@@ -131,6 +133,21 @@ def test_an_intermediate_of_the_server_chain_that_expires_first_is_warned_of_and
     assert "WARNING" in lines[0] and "intermediate" in lines[0] and shown in lines[0], lines[0]
     name = "genserve_tls_certificate_expiry_timestamp_seconds"
     assert metric_in(text, name, file_role="server_cert") == calendar.timegm((2020, 2, 1, 0, 0, 0)), text
+
+
+def test_the_client_ca_gauge_is_the_earliest_notafter_of_the_files_ca_certificates(
+    pki: Path, tmp_path: Path
+) -> None:
+    """A client CA file may hold several CAs (one being rotated in): clients that one signed fail once
+    it expires, so the client_ca gauge is the earliest notAfter of them, not the first one's."""
+    later = dated_certificate(pki, "ca", "20200101000000Z", "20990101000000Z")
+    earlier = dated_certificate(pki, "ca", "20200101000000Z", "20970301000000Z")
+    cas = tmp_path / "client-cas.pem"
+    cas.write_bytes(later.read_bytes() + earlier.read_bytes())
+    config = SecurityConfig(
+        tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key", tls_client_ca_file=cas
+    )
+    assert certificate_expiries(config)["client_ca"] == calendar.timegm((2097, 3, 1, 0, 0, 0))
 
 
 @pytest.fixture
