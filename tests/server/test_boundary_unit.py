@@ -23,6 +23,7 @@ from genserve_server.errors import (
     invalid,
 )
 from genserve_server.metrics import Metrics
+from genserve_server.response_budget import ByteBudget, Reservation
 from genserve_server.tiling import plan_tiles
 from genserve_server.validate import input_range as check_input_range
 from genserve_server.validate import psi as check_psi
@@ -342,6 +343,28 @@ class ExpiringContext(FakeContext):
 
     def time_remaining(self) -> float | None:
         return self.remaining_s
+
+
+@pytest.mark.parametrize("ending", ["invalid", "internal", "cancelled"])
+def test_a_call_that_fails_or_is_cancelled_after_reserving_its_response_bytes_gives_them_back(
+    service: Boundary, ending: str
+) -> None:
+    """A call holds its response's predicted bytes from before compute; one that then fails (a
+    refusal, a bug) or is cancelled sends nothing: its bytes go back to the response budget, or each
+    such call shrank the budget for good until every call waited and was refused."""
+    budget = ByteBudget("response budget (response_budget_bytes)", 1000, max_wait_s=1.0)
+
+    async def handler(request: object, call: Call) -> None:
+        call.response = Reservation(budget)
+        await call.response.reserve(600, None, "Sample")
+        assert budget.held == 600
+        if ending == "cancelled":
+            raise asyncio.CancelledError
+        raise invalid("count", "must be in 1..8, got 9") if ending == "invalid" else RuntimeError("bug")
+
+    with pytest.raises((Aborted, asyncio.CancelledError)):
+        call_unary(service, handler, FakeContext())
+    assert budget.held == 0
 
 
 def test_a_handler_that_fails_after_its_deadline_sends_no_status(service: Boundary) -> None:
