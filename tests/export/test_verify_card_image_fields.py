@@ -366,3 +366,46 @@ def test_an_fp16_graph_with_no_recorded_parity_fails_verify(exported: Path, tmp_
     root = _copy(exported, tmp_path)
     _add_fp16_graph(root, 0.0, None)
     assert any("model.fp16.onnx is present but parity.fp16_max_abs_diff is null" in e for e in _errors(root))
+
+
+def _reshape_fp16_graph_at_run_time(root: Path, shape: list[int]) -> None:
+    """model.fp16.onnx as a copy of model.onnx whose image is reshaped to ``shape`` by a target
+    computed at run time (so the graph still declares [N, 1, 8, 8]), listed in the card."""
+    version = root / "gray" / "1"
+    model = onnx.load(str(version / "model.onnx"))
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(shape, np.int64), "alt_shape"),
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        ]
+    )
+    nodes = [
+        helper.make_node("Shape", ["z"], ["z_width"], start=1),
+        helper.make_node("Mul", ["z_width", "zero"], ["no_width"]),
+        helper.make_node("Add", ["alt_shape", "no_width"], ["run_time_shape"]),
+    ]
+    for i, node in enumerate(nodes):
+        model.graph.node.insert(i, node)
+    for node in model.graph.node:
+        if node.op_type == "Reshape":
+            node.input[1] = "run_time_shape"
+    onnx.save(model, str(version / "model.fp16.onnx"))
+    card = json.loads((version / "card.json").read_text())
+    card["sha256"]["model.fp16.onnx"] = hashlib.sha256((version / "model.fp16.onnx").read_bytes()).hexdigest()
+    card["parity"]["fp16_max_abs_diff"] = 0.0
+    (version / "card.json").write_text(json.dumps(card, indent=2))
+
+
+def test_an_fp16_output_shaped_unlike_model_onnxs_is_named_as_not_compared_not_reported_as_0_apart(
+    exported: Path, tmp_path: Path
+) -> None:
+    """Outputs of two shapes cannot be compared: the fp16 note names them, never a max abs diff of
+    0 as if every output had been compared."""
+    root = _copy(exported, tmp_path)
+    _reshape_fp16_graph_at_run_time(root, [-1, 1, 4, 16])
+    report = verify_repository(root, recompute_quality=False)
+    assert not report.ok
+    (model,) = report.models
+    assert any("model.fp16.onnx image at z[1, 8]: shape [1, 1, 4, 16], expected" in e for e in model.errors)
+    (note,) = [n for n in model.notes if n.startswith("fp16 vs fp32")]
+    assert "not compared" in note and "image at z[1, 8]" in note and "image at z[7, 8]" in note, note
