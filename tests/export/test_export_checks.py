@@ -24,6 +24,7 @@ from genserve_export import (
     import_sr,
     verify_repository,
 )
+from genserve_export.card import check_thresholds
 
 
 class SkewedTwoWay(nn.Module):
@@ -948,3 +949,23 @@ def test_export_of_a_module_whose_weights_are_not_float32_names_the_weight_and_t
             example_inputs={"z": z}, card={"description": "tiny", "output_range": [-1.0, 1.0]}, fp16=False,
         )  # fmt: skip
     assert not (tmp_path / "models").exists()
+
+
+def test_a_quality_figure_meets_its_threshold_at_the_bound_and_fails_just_past_it() -> None:
+    """A threshold is a bound the figure must meet: equal to its min or max passes, past it fails,
+    each naming the metric; a figure not computed fails too."""
+    thresholds = {"psnr": {"min": 20.0}, "fid": {"max": 5.0}, "both": {"min": 0.0, "max": 1.0}}
+    assert check_thresholds({"psnr": 20.0, "fid": 5.0, "both": 1.0}, thresholds) == []
+    assert check_thresholds({"psnr": 21.0, "fid": 4.0, "both": 0.0}, thresholds) == []
+    failures = check_thresholds({"psnr": 19.99, "fid": 5.01, "both": -0.01}, thresholds)
+    assert failures == [
+        "quality psnr = 19.99 is below the minimum 20.0",
+        "quality fid = 5.01 is above the maximum 5.0",
+        "quality both = -0.01 is below the minimum 0.0",
+    ]
+    assert check_thresholds({"psnr": 20.0, "fid": 5.0, "both": 1.01}, thresholds) == [
+        "quality both = 1.01 is above the maximum 1.0"
+    ]
+    assert check_thresholds({"psnr": 20.0, "fid": 5.0}, thresholds) == [
+        "quality figure 'both' was not computed (threshold {'min': 0.0, 'max': 1.0})"
+    ]
