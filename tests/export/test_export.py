@@ -573,3 +573,34 @@ def test_build_defaults_trains_recipes_side_by_side_in_processes(
     assert "2 at a time" in capsys.readouterr().out
     assert cli_main([*argv, "--jobs", "0"]) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_weights_stored_fp16_are_the_large_ones_and_a_small_tensor_keeps_its_float32_values() -> None:
+    """store_weights_fp16 halves initializers of min_elements values or more; a smaller one (a
+    scale, an epsilon) stays float32 exactly, where float16 would flush 1e-8 to 0."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from genserve_export.onnx_utils import store_weights_fp16
+
+    small = np.full(15, 1e-8, np.float32)
+    large = np.full(16, 0.5, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "small"], ["s"]), helper.make_node("Add", ["x", "large"], ["l"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [15]),
+            helper.make_tensor_value_info("l", TensorProto.FLOAT, [16]),
+        ],
+        [numpy_helper.from_array(small, "small"), numpy_helper.from_array(large, "large")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    halved, count = store_weights_fp16(model)
+    assert count == 1
+    stored = {init.name: init for init in halved.graph.initializer}
+    assert stored["small"].data_type == onnx.TensorProto.FLOAT
+    assert numpy_helper.to_array(stored["small"]).tolist() == small.tolist()
+    assert stored["large__fp16"].data_type == onnx.TensorProto.FLOAT16 and "large" not in stored
+    out = ort.InferenceSession(halved.SerializeToString()).run(None, {"x": np.zeros(1, np.float32)})
+    assert out[0].tolist() == small.tolist() and out[1].tolist() == large.tolist()
