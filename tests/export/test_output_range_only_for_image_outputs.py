@@ -48,6 +48,25 @@ def test_an_encoders_card_claims_no_output_range_for_its_unbounded_mu_and_logvar
     assert card["output_range"] is None
 
 
+def test_an_encoders_card_gives_mu_widths_latent_dim_and_its_images_channels(tmp_path: Path) -> None:
+    """A vae_encoder's derived fields come from what it encodes and gives: latent_dim is mu's width
+    (3, not the image's), channels and image_size the image's it takes (1, [4, 4]), no class_names."""
+    images = np.random.default_rng(0).random((2, 1, 4, 4)).astype(np.float32)
+    path = export_model(
+        TinyEncoder().eval(),
+        kind="vae_encoder",
+        name="my-encoder",
+        out_dir=tmp_path,
+        example_inputs={"image": images},
+        card={"description": "a tiny encoder", "input_range": [0.0, 1.0]},
+        fp16=False,
+    )
+    card = json.loads((path / "card.json").read_text())
+    assert card["latent_dim"] == 3
+    assert (card["channels"], card["input_channels"], card["image_size"]) == (1, 1, [4, 4])
+    assert card["class_names"] is None
+
+
 def test_the_shipped_vae_encoder_card_claims_no_output_range() -> None:
     card = json.loads((REPOSITORY / "vae-digits-encoder" / "1" / "card.json").read_text())
     assert card["kind"] == "vae_encoder"
