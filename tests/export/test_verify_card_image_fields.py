@@ -409,3 +409,19 @@ def test_an_fp16_output_shaped_unlike_model_onnxs_is_named_as_not_compared_not_r
     assert any("model.fp16.onnx image at z[1, 8]: shape [1, 1, 4, 16], expected" in e for e in model.errors)
     (note,) = [n for n in model.notes if n.startswith("fp16 vs fp32")]
     assert "not compared" in note and "image at z[1, 8]" in note and "image at z[7, 8]" in note, note
+
+
+def test_a_graph_whose_output_is_nan_fails_verify_naming_it(exported: Path, tmp_path: Path) -> None:
+    """NaN compares false against any output_range bound: it is named as non-finite, not passed."""
+    root = _copy(exported, tmp_path)
+    version = root / "gray" / "1"
+    model = onnx.load(str(version / "model.onnx"))
+    (bias,) = [init for init in model.graph.initializer if init.name.endswith("bias")]
+    bias.CopyFrom(numpy_helper.from_array(np.full(64, np.nan, np.float32), bias.name))
+    onnx.save(model, str(version / "model.onnx"))
+    card = json.loads((version / "card.json").read_text())
+    card["sha256"]["model.onnx"] = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
+    (version / "card.json").write_text(json.dumps(card, indent=2))
+    errors = _errors(root)
+    assert "model.onnx image at z[1, 8]: non-finite values" in errors
+    assert "model.onnx image at z[7, 8]: non-finite values" in errors
