@@ -345,6 +345,36 @@ def test_a_batch_alone_skips_the_all_cores_session_while_more_work_waits(tmp_pat
     runner.close()
 
 
+def test_a_failed_batch_leaves_the_all_cores_session_to_the_next_batch_alone(tmp_path: Path) -> None:
+    """A pooled call that fails still counts itself out of the running batches: the next batch
+    alone takes the solo session as before, not the one-thread one for the rest of the process."""
+    runner = make_runner(tmp_path, inline_max_s=0.0, instances=2, solo_threads=2)
+    calls: list[tuple[int, bool]] = []
+    original = runner.run_sync
+
+    def spy(inputs, solo=False):  # type: ignore[no-untyped-def]
+        rows = len(next(iter(inputs.values())))
+        calls.append((rows, solo))
+        if rows == 3:
+            raise RuntimeError("the model call failed")
+        return original(inputs, solo=solo)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+
+    def batch(n: int) -> dict[str, np.ndarray]:
+        return {"z": np.ones((n, TINY_LATENT), np.float32), "label": np.arange(n, dtype=np.int64)}
+
+    async def body() -> None:
+        with pytest.raises(RuntimeError, match="the model call failed"):
+            await runner.run(LatentRows(), batch(3))
+        await runner.run(LatentRows(), batch(2))
+        await runner.run(LatentRows(), batch(2))
+
+    asyncio.run(body())
+    assert calls == [(3, True), (2, True), (2, True)]
+    runner.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="needs per-thread priorities (Linux)")
 def test_bulk_model_calls_run_on_background_threads_and_leave_the_solo_session_to_interactive_ones(
     tmp_path: Path,
