@@ -10,8 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from server_support import TINY_LATENT, conditional_graph, image_to_image_graph, slow_generator_graph
+from server_support import (
+    TINY_LATENT,
+    conditional_graph,
+    image_to_image_graph,
+    slow_generator_graph,
+    vae_encoder_graph,
+)
 
 from genserve_server import runner as runner_module
 from genserve_server.batch_keys import SEED_INPUT, LatentRows, SeedRows
@@ -530,6 +537,34 @@ def test_compare_rows_checks_a_row_alone_against_its_batch_and_the_solo_session(
         assert calls == [(1, False), (1, True)]
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["run", "io_binding"])
+def test_each_output_of_a_graph_with_several_comes_back_under_its_own_name(
+    tmp_path: Path, io_binding: bool
+) -> None:
+    """An encoder's mu and logvar (two outputs of one graph) are each the graph's own output of that
+    name, on every call (IO binding's second call writes into preallocated outputs)."""
+    path = tmp_path / "encoder.onnx"
+    onnx.save(vae_encoder_graph(TINY_LATENT, 8, 8), str(path))
+    runner = Runner(
+        path,
+        label="enc",
+        providers=["CPUExecutionProvider"],
+        instances=1,
+        intra_op_threads=1,
+        runtime=RuntimeConfig(io_binding=io_binding),
+    )
+    assert runner.outputs == ("mu", "logvar")
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    expected = {name: reference.run([name], {"image": image})[0] for name in runner.outputs}
+    assert not np.allclose(expected["mu"], expected["logvar"])
+    for _ in range(2):
+        outputs = runner.run_sync({"image": image})
+        for name, value in expected.items():
+            np.testing.assert_allclose(outputs[name], value, rtol=1e-5, atol=1e-6)
+    runner.close()
 
 
 def test_max_diff_of_two_outputs() -> None:
