@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -564,6 +565,28 @@ def test_each_output_of_a_graph_with_several_comes_back_under_its_own_name(
         outputs = runner.run_sync({"image": image})
         for name, value in expected.items():
             np.testing.assert_allclose(outputs[name], value, rtol=1e-5, atol=1e-6)
+    runner.close()
+
+
+def test_warm_up_records_the_fastest_of_its_calls_as_the_batchs_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy moment during load does not stick: of warm-up's calls (30, 10 and 20 ms by a fake
+    clock), the batch's measured cost is the fastest, not the last."""
+    runner = make_runner(tmp_path, inline_max_s=0.0)
+    clock = {"now": 0.0}
+    durations = iter([0.030, 0.010, 0.020])
+    original = runner.run_sync
+
+    def spy(inputs, solo=False):  # type: ignore[no-untyped-def]
+        clock["now"] += next(durations)
+        return original(inputs, solo=solo)
+
+    runner.run_sync = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    z = {"z": np.ones((2, TINY_LATENT), np.float32), "label": np.arange(2, dtype=np.int64)}
+    runner.warm(z, times=3)
+    assert runner.measured_cost_s(z) == pytest.approx(0.010)
     runner.close()
 
 
