@@ -184,6 +184,14 @@ def test_sizes_whose_step_would_pass_the_time_budget_are_not_timed() -> None:
     assert set(result.costs_s) == {1, 2} and result.memory_rows is None
 
 
+def test_a_sizes_step_is_predicted_from_the_last_sizes_cost_per_row_times_its_rows() -> None:
+    # 1 ms a row, 3 calls a step: 1 -> 3 ms, 2 -> 6 ms (9 ms spent); 4 rows at the last size's 1 ms a
+    # row predict 12 ms, ending at 21 ms > 18 ms (the last size's 2-ms call, unscaled, would not).
+    runner = FakeRunner()
+    result = fake_warmup(runner, time_budget_s=0.018, memory_budget_bytes=1 << 40)
+    assert runner.warmed == [1, 2] and result.stopped == "time budget"
+
+
 def test_a_zero_calibration_budget_times_only_the_smallest_batch(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_tiny_sr(root)
