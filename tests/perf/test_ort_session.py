@@ -154,6 +154,33 @@ def test_gpu_providers_fall_back_cleanly_to_cpu(tiny_version: Path, cuda_really_
     np.testing.assert_array_equal(runner.run(_z(5))[0], expected[0])
 
 
+def test_a_provider_that_fails_at_creation_falls_back_to_the_next_one_in_the_chain(
+    tiny_version: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorRT refused at creation: the session is built again on CUDA with its own options (CPU
+    last), not straight on the CPU provider."""
+    from genserve_server import ort_session
+
+    attempts: list[list[str]] = []
+    real_session = ort.InferenceSession
+
+    def session(source, options, providers, provider_options, enable_fallback):  # type: ignore[no-untyped-def]
+        attempts.append(list(providers))
+        if providers[0] == TENSORRT:
+            raise RuntimeError("TensorRT cannot build this graph")
+        return real_session(source, options, providers=[CPU])
+
+    monkeypatch.setattr(ort_session, "tensorrt_loadable", lambda: "")
+    monkeypatch.setattr(ort_session.ort, "InferenceSession", session)
+    profile = ProfileShapes({"z": [1, 16]}, {"z": [8, 16]}, {"z": [64, 16]})
+    config = replace(RuntimeConfig(), cuda_graph=False)
+    info = create_session(
+        tiny_version / "model.onnx", [TENSORRT, CUDA, CPU], config, cores=2, profile=profile
+    )
+    assert attempts == [[TENSORRT, CUDA, CPU], [CUDA, CPU]]
+    assert info.fallbacks[0] == f"{TENSORRT} unavailable: TensorRT cannot build this graph"
+
+
 def test_a_graph_too_new_for_onnx_runtime_is_not_blamed_on_a_gpu_provider(
     tiny_version: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
