@@ -181,6 +181,20 @@ def test_a_provider_that_fails_at_creation_falls_back_to_the_next_one_in_the_cha
     assert info.fallbacks[0] == f"{TENSORRT} unavailable: TensorRT cannot build this graph"
 
 
+def test_gpu_providers_the_probe_found_unusable_are_not_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the one-time probe found only CUDA working, TensorRT is left out of every later
+    request (its library-load errors would otherwise be printed by each model's session)."""
+    from genserve_server import providers
+
+    monkeypatch.setattr(providers, "_probed", {})
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
+    monkeypatch.setattr(providers, "preload_cuda_libraries", lambda: False)
+    monkeypatch.setattr(providers, "_probe", lambda candidates: [CUDA])
+    assert providers.usable_providers([TENSORRT, CUDA, CPU]) == [CUDA, CPU]
+    assert providers.usable_providers([TENSORRT, CPU]) == [CPU]
+    assert providers.gpu_probe_result() == {TENSORRT: False, CUDA: True}
+
+
 def test_a_graph_too_new_for_onnx_runtime_is_not_blamed_on_a_gpu_provider(
     tiny_version: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
