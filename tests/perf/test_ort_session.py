@@ -195,6 +195,16 @@ def test_gpu_providers_the_probe_found_unusable_are_not_asked_for(monkeypatch: p
     assert providers.gpu_probe_result() == {TENSORRT: False, CUDA: True}
 
 
+def test_sessions_get_the_inter_op_threads_and_memory_pattern_configured(tiny_version: Path) -> None:
+    config = replace(RuntimeConfig(), inter_op_threads=3, mem_pattern=False)
+    assert session_options(RuntimeConfig(), cores=2).enable_mem_pattern is True
+    options = create_session(
+        tiny_version / "model.onnx", CPU_ONLY, config, cores=2
+    ).session.get_session_options()
+    assert options.inter_op_num_threads == 3
+    assert options.enable_mem_pattern is False
+
+
 def test_a_graph_too_new_for_onnx_runtime_is_not_blamed_on_a_gpu_provider(
     tiny_version: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
