@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,6 +204,47 @@ def test_sessions_get_the_inter_op_threads_and_memory_pattern_configured(tiny_ve
     ).session.get_session_options()
     assert options.inter_op_num_threads == 3
     assert options.enable_mem_pattern is False
+
+
+def test_a_capture_waits_for_running_gpu_calls_and_new_calls_wait_behind_it() -> None:
+    """The capture gate (gpu_gate.py), a readers-writer lock: a CUDA graph capture starts only once
+    every GPU call in flight has ended, and a call that comes while it waits goes after it."""
+    from genserve_server.gpu_gate import _CaptureGate
+
+    gate = _CaptureGate()
+    order: list[str] = []
+    call_in = threading.Event()
+    release_call = threading.Event()
+
+    def running_call() -> None:
+        with gate.gpu_call():
+            call_in.set()
+            release_call.wait(10)
+            order.append("call ended")
+
+    def capture() -> None:
+        with gate.capture():
+            order.append("capture")
+
+    def later_call() -> None:
+        with gate.gpu_call():
+            order.append("later call")
+
+    first = threading.Thread(target=running_call)
+    first.start()
+    assert call_in.wait(10)
+    capturing = threading.Thread(target=capture)
+    capturing.start()
+    deadline = time.monotonic() + 10
+    while gate._waiting == 0 and not order:  # queued behind the call (or, wrongly, through)
+        assert time.monotonic() < deadline, "the capture never queued"
+        time.sleep(0.001)
+    later = threading.Thread(target=later_call)
+    later.start()
+    release_call.set()
+    for thread in (first, capturing, later):
+        thread.join(10)
+    assert order == ["call ended", "capture", "later call"]
 
 
 def test_a_graph_too_new_for_onnx_runtime_is_not_blamed_on_a_gpu_provider(
