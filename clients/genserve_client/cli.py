@@ -1276,6 +1276,38 @@ def check_bulk_seeds(n: int, base_seed: int, *, resumed: bool) -> None:
     )
 
 
+def bulk_model_info(
+    client: GenserveClient, args: argparse.Namespace, window: RetryWindow
+) -> genserve_pb2.ModelInfo:
+    """GetModel's answer for the job's --model and --version (that version's kind and class names,
+    not those of the version served by default); a model or version it does not serve is refused."""
+    info: genserve_pb2.ModelInfo | None = None
+    try:
+        info = window.call(lambda: client.get_model(args.model, args.version or ""))
+    except GenserveClientError as exc:
+        if exc.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        refused = exc
+        if args.version:
+            # The model, or only the version? The model's versions say which (named below).
+            try:
+                info = window.call(lambda: client.get_model(args.model))
+            except GenserveClientError as again:
+                if again.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                refused = again
+        if info is None:
+            # A model the server does not serve is a bad argument, as a version it does not serve.
+            rid = f" (request id {refused.request_id})" if refused.request_id else ""  # as refusals print
+            raise UsageError(f"bulk: --model {args.model!r}: {refused.details}{rid}") from None
+    if args.version and all(v.version != args.version for v in info.versions):
+        served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+        raise UsageError(
+            f"bulk: --version {args.version!r}: model {args.model!r} has no such version (served: {served})"
+        )
+    return info
+
+
 def bulk_params(
     client: GenserveClient, args: argparse.Namespace
 ) -> tuple[BulkParams, Path, Shard | None, genserve_pb2.ModelInfo | None]:
@@ -1309,19 +1341,7 @@ def bulk_params(
     shard = Shard.parse(args.shard) if args.shard else None  # before any call
     # A server that is restarting when the job starts is waited for like one that restarts later.
     window = RetryWindow(args.retry_window, client.retry.retryable_codes, threading.Event())
-    try:
-        info = window.call(lambda: client.get_model(args.model))
-    except GenserveClientError as exc:
-        if exc.code != grpc.StatusCode.NOT_FOUND:
-            raise
-        # A model the server does not serve is a bad argument, as a version it does not serve.
-        rid = f" (request id {exc.request_id})" if exc.request_id else ""  # as every refusal printed
-        raise UsageError(f"bulk: --model {args.model!r}: {exc.details}{rid}") from None
-    if args.version and all(v.version != args.version for v in info.versions):
-        served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
-        raise UsageError(
-            f"bulk: --version {args.version!r}: model {args.model!r} has no such version (served: {served})"
-        )
+    info = bulk_model_info(client, args, window)
     refusal = kind_refusal(args.model, info.kind, cli=True)
     if refusal:
         # Its streams would be refused for the kind, once the job's folder was made: say so before.

@@ -76,6 +76,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     sample_peak: int = 0
     # Sample: each call's SampleRequest.version, in order ("" for the highest ready).
     sample_versions: list[str] = field(default_factory=list)
+    # GetModel: each call's GetModelRequest.version, in order ("" for all versions).
+    model_versions: list[str] = field(default_factory=list)
     _sample_now: int = 0
     _sample_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -180,6 +182,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.ModelInfo:
         self._enter("GetModel", context)
+        self.model_versions.append(request.version)
         return self._info(request.name)
 
     def ListModels(

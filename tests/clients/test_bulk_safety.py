@@ -257,6 +257,55 @@ def test_a_cli_job_pins_the_version_whose_labels_it_resolved_from_one_lookup(
     assert indices(out) == [0, 1, 2, 3]
 
 
+def test_a_cli_job_of_a_named_version_resolves_its_labels_from_that_versions_class_names(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Version 1 has the fake's ten classes, version 2 (what a request naming no version gets) two
+    # others: --version 1's labels are version 1's, as a GetModel naming it describes it.
+    info = fake_server.service._info
+    v2_classes = ["cat", "dog"]
+
+    def two_versions(name: str) -> genserve_pb2.ModelInfo:
+        answer = info(name)
+        asked = fake_server.service.model_versions[-1]
+        v1, v2 = answer.versions[0], genserve_pb2.ModelVersionInfo()
+        v2.CopyFrom(v1)
+        v2.version = "2"
+        if asked != "1":
+            del answer.class_names[:]
+            answer.class_names.extend(v2_classes)
+        del answer.versions[:]
+        answer.versions.extend([v for v in (v1, v2) if asked in ("", v.version)])
+        return answer
+
+    monkeypatch.setattr(fake_server.service, "_info", two_versions)
+    t = ("--target", fake_server.target, "bulk", "--model", "fake-cond", "--n", "4", "--version", "1")
+    out = tmp_path / "all"
+    code, _, err = cli_main(capsys, *t, "--labels", "all", "--out", str(out))
+    assert code == 0, err
+    job = json.loads((out / "job.json").read_text())
+    assert (job["pinned_version"], job["params"]["labels"]) == ("1", list(range(10))), job
+    # A class name version 1 has (and version 2 has not) is taken; one only version 2 has is not.
+    out = tmp_path / "named"
+    code, _, err = cli_main(capsys, *t, "--labels", "7", "--out", str(out))
+    assert code == 0, err
+    assert json.loads((out / "job.json").read_text())["params"]["labels"] == [7]
+    code, _, err = cli_main(capsys, *t, "--labels", "dog", "--out", str(tmp_path / "dog"))
+    assert code == 2 and "dog" in err, err
+    assert not (tmp_path / "dog").exists()
+    # A version the server does not have (NOT_FOUND, as the server answers a GetModel naming it) is
+    # still named with the versions it serves.
+    missing = (grpc.StatusCode.NOT_FOUND, "model fake-cond has no version '3'; versions: 1, 2")
+    fake_server.service.fail["GetModel"].append(missing)
+    code, _, err = cli_main(capsys, *t[:-1], "3", "--out", str(tmp_path / "three"))
+    served = "(served: 1 (READY), 2 (READY))"
+    assert code == 2 and f"--version '3': model 'fake-cond' has no such version {served}" in err, err
+    assert not (tmp_path / "three").exists()
+
+
 # --- 2. one run per folder -----------------------------------------------------------------------
 
 
