@@ -723,6 +723,19 @@ def served_model(
     return ServedModel(v.version, v.model_sha256, info.max_stream_images, v.weights_sha256)
 
 
+def model_answer(client: GenserveClient, model: str, version: str = "") -> genserve_pb2.ModelInfo:
+    """GetModel's answer for `model` (`version`'s where one is named) to resolve a job's labels
+    from and pin its version from (BulkJob.run(info=...)): a version it would pin still LOADING is
+    a transient UNAVAILABLE, for a RetryWindow to ask again, so the labels are never of an answer
+    other than the one the version is pinned from."""
+    info = client.get_model(model, version)
+    try:
+        served_model(client, model, version, info)
+    except BulkError:
+        pass  # refused where the answer is used, as a usage error where it is one
+    return info
+
+
 def state_label(state: genserve_pb2.ModelState.ValueType) -> str:
     name: str = genserve_pb2.ModelState.Name(state)
     return name.removeprefix("MODEL_STATE_")
@@ -1168,8 +1181,9 @@ class BulkJob:
 
         `resolve(model, version)` says what the server serves (default: served_model via GetModel).
         `info`: a GetModel answer for the job's model the caller just received (the CLI's, which its
-        labels were resolved from): a new job pins its version from it, not from another GetModel
-        that a model reloaded in between would answer differently.
+        labels were resolved from; model_answer gives one): a new job pins its version from it, not
+        from another GetModel that a model reloaded in between would answer differently. A version
+        it pins still LOADING is refused, as it cannot be waited for without another answer.
         """
         try:
             self.check_folder()  # before creating anything in a folder that is not ours
@@ -1184,17 +1198,23 @@ class BulkJob:
             # A new job: look the model up before making its folder, so that a model of a kind whose
             # streams the server refuses, or a version it does not serve READY, leaves no job folder
             # behind (a version still LOADING is waited for). The answer pins the version.
-            given = [info] if info is not None else []
-
-            def look_up() -> ServedModel:
-                # The caller's answer, once: a retry (its version was LOADING) asks the server.
-                answer = given.pop() if given else self.client.get_model(self.params.model)
+            def look_up(answer: genserve_pb2.ModelInfo) -> ServedModel:
                 refusal = kind_refusal(self.params.model, answer.kind)
                 if refusal:
                     raise BulkError(refusal)
                 return served_model(self.client, self.params.model, self.params.version, answer)
 
-            looked_up.append(self.window.call(look_up))
+            if info is None:
+                looked_up.append(self.window.call(lambda: look_up(self.client.get_model(self.params.model))))
+            else:
+                # The caller's answer alone: asking again while its version is LOADING would pin a
+                # version from another answer than the one its labels came from.
+                try:
+                    looked_up.append(look_up(info))
+                except GenserveClientError as exc:
+                    raise BulkError(
+                        f"{exc.details} in the GetModel answer given (model_answer waits for it to load)"
+                    ) from None
 
         def served(model: str, version: str) -> ServedModel:
             # The lookup's answer, once, where it is for the version asked (another run may have

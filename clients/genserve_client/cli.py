@@ -63,6 +63,7 @@ from genserve_client.bulk import (
     Shard,
     kind_refusal,
     load_params,
+    model_answer,
     read_job,
     state_label,
     version_order,
@@ -1283,7 +1284,8 @@ def bulk_model_info(
     not those of the version served by default); a model or version it does not serve is refused."""
     info: genserve_pb2.ModelInfo | None = None
     try:
-        info = window.call(lambda: client.get_model(args.model, args.version or ""))
+        # A version the job would pin still LOADING is waited for: labels and version of one answer.
+        info = window.call(lambda: model_answer(client, args.model, args.version or ""))
     except GenserveClientError as exc:
         if exc.code != grpc.StatusCode.NOT_FOUND:
             raise

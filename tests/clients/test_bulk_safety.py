@@ -257,6 +257,49 @@ def test_a_cli_job_pins_the_version_whose_labels_it_resolved_from_one_lookup(
     assert indices(out) == [0, 1, 2, 3]
 
 
+def test_a_cli_job_waiting_for_a_loading_version_takes_its_labels_from_the_answer_it_pins(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first answer: version 1 (ten classes) DRAINING describes the model, version 2 (two
+    # classes) LOADING is what a job pins. The job waited for version 2 by asking again, pinning
+    # version 2 from that answer with the labels resolved from the first: version 1's ten classes.
+    info = fake_server.service._info
+    fake_server.service.version = "2"
+
+    def reloading(name: str) -> genserve_pb2.ModelInfo:
+        answer = info(name)
+        v2 = answer.versions[0]
+        if fake_server.service.calls["GetModel"] == 1:
+            v2.state = genserve_pb2.MODEL_STATE_LOADING
+            v1 = genserve_pb2.ModelVersionInfo(version="1", state=genserve_pb2.MODEL_STATE_DRAINING)
+            answer.versions.insert(0, v1)
+        else:
+            del answer.class_names[:]
+            answer.class_names.extend(["cat", "dog"])
+        return answer
+
+    monkeypatch.setattr(fake_server.service, "_info", reloading)
+    out = tmp_path / "job"
+    args = ("--target", fake_server.target, "bulk", "--model", "fake-cond", "--n", "4", "--out", str(out))
+    code, _, err = cli_main(capsys, *args)
+    assert code == 0, err
+    job = json.loads((out / "job.json").read_text())
+    assert (job["pinned_version"], job["params"]["labels"]) == ("2", [0, 1]), job
+    assert indices(out) == [0, 1, 2, 3]
+    # A library caller's answer pinning a LOADING version is refused, not traded for another answer.
+    loading = genserve_pb2.ModelVersionInfo(version="2", state=genserve_pb2.MODEL_STATE_LOADING)
+    given = genserve_pb2.ModelInfo(name="fake-cond", kind="conditional_generator", versions=[loading])
+    asked = fake_server.service.calls["GetModel"]
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(BulkError) as refused:
+            BulkJob(client, BulkParams("fake-cond", n=3, labels=(0, 1)), tmp_path / "lib").run(info=given)
+    assert "model 'fake-cond' version 2 is LOADING in the GetModel answer given" in str(refused.value)
+    assert fake_server.service.calls["GetModel"] == asked and not (tmp_path / "lib").exists()
+
+
 def test_a_cli_job_of_a_named_version_resolves_its_labels_from_that_versions_class_names(
     fake_server: FakeServer,
     tmp_path: Path,
