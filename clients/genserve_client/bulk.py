@@ -816,17 +816,19 @@ class BulkJob:
         idle_limit_s: float | None = None,
         cli: bool = False,
     ) -> None:
-        if stream_images is not None and stream_images < 1:
-            raise ValueError(f"--stream-images must be >= 1, got {stream_images}")
-        if not 0 <= chunk_size < UINT32_LIMIT:
-            raise ValueError(
-                f"--chunk-size must be 0 (the server's default) or 1..{UINT32_LIMIT - 1} images, "
-                f"got {chunk_size}"
-            )
-        self.client = client
         # Whether refusals name the settings by the CLI's flags (--out, --n, --stream-images), else by
         # the arguments a library caller gave (out_dir=, BulkParams' n=, stream_images=).
         self.cli = cli
+        if stream_images is not None and stream_images < 1:
+            raise ValueError(
+                f"{self._given('stream-images', 'stream_images')} must be >= 1, got {stream_images}"
+            )
+        if not 0 <= chunk_size < UINT32_LIMIT:
+            raise ValueError(
+                f"{self._given('chunk-size', 'chunk_size')} must be 0 (the server's default) or "
+                f"1..{UINT32_LIMIT - 1} images, got {chunk_size}"
+            )
+        self.client = client
         # None: DEFAULT_STREAM_IMAGES, or the server's max_stream_images where smaller (fit_streams).
         self.stream_images_given = stream_images
         self.stream_images = stream_images or DEFAULT_STREAM_IMAGES
@@ -1011,24 +1013,24 @@ class BulkJob:
     def _check_model(self, version: str, sha256: str, weights_sha256: str, source: str) -> None:
         """Refuse images of another version, model file or weights than the job's (empty = not
         reported; a graph with external data has the same ones whatever its weights)."""
-        model = self.params.model
+        model, out = self.params.model, self._given("out", "out_dir")
         if version and version != self.pinned_version:
             raise BulkError(
                 f"{self.out_dir} is a job of {model!r} version {self.pinned_version}, but {source} "
-                f"version {version}: resuming would mix two models in one job; use a new --out"
+                f"version {version}: resuming would mix two models in one job; use a new {out}"
             )
         if sha256 and self.model_sha256 and sha256 != self.model_sha256:
             raise BulkError(
                 f"{self.out_dir} is a job of {model!r} version {self.pinned_version} with model sha256 "
                 f"{self.model_sha256}, but {source} sha256 {sha256} for it (the model was replaced): "
-                "resuming would mix two models in one job; serve the original model again or use a new --out"
+                f"resuming would mix two models in one job; serve the original model again or use a new {out}"
             )
         if weights_sha256 and self.weights_sha256 and weights_sha256 != self.weights_sha256:
             raise BulkError(
                 f"{self.out_dir} is a job of {model!r} version {self.pinned_version} with weights sha256 "
                 f"{self.weights_sha256}, but {source} weights sha256 {weights_sha256} for it (its external "
                 "data files were replaced, the same graph retrained): resuming would mix two models in one "
-                "job; serve the original model again or use a new --out"
+                f"job; serve the original model again or use a new {out}"
             )
 
     def _commit_job(self) -> None:
@@ -1491,10 +1493,11 @@ class BulkJob:
         if any(v.version == self.pinned_version for v in info.versions):
             raise exc
         served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+        out = self._given("out", "out_dir")
         raise BulkError(
             f"{self.out_dir} is a job of {self.params.model!r} version {self.pinned_version}, but the server "
             f"no longer serves that version (served: {served}): going on would mix two models in one job; "
-            f"serve version {self.pinned_version} again and resume, or use a new --out"
+            f"serve version {self.pinned_version} again and resume, or use a new {out}"
         ) from exc
 
     def _model_gone(self, exc: GenserveClientError) -> BulkError:
@@ -1504,7 +1507,7 @@ class BulkJob:
         return BulkError(
             f"{self.out_dir} is a job of {self.params.model!r} version {self.pinned_version}, but the server "
             f"no longer serves model {self.params.model!r} ({exc.details}): serve version "
-            f"{self.pinned_version} of it again and resume, or use a new --out"
+            f"{self.pinned_version} of it again and resume, or use a new {self._given('out', 'out_dir')}"
         )
 
     def _accept_provenance(self, chunk: SampleResult) -> None:
@@ -1540,7 +1543,7 @@ class BulkJob:
                 f"{_named(expected) or 'no other model'}, but the server sent images through "
                 f"{_named(used) or 'no other model'} ({', '.join(changed)} "
                 "changed: a model reloaded under the job): resuming would mix two models in one job; "
-                "serve the original models again or use a new --out"
+                f"serve the original models again or use a new {self._given('out', 'out_dir')}"
             )
         if used_weights and used_weights != expected_weights:
             changed = sorted(
@@ -1553,7 +1556,7 @@ class BulkJob:
                 f"{_named(expected_weights) or 'none'}, but the server sent images through weights sha256 "
                 f"{_named(used_weights)} ({', '.join(changed)} changed: external data files replaced, the "
                 "same graph retrained): resuming would mix two models in one job; serve the original models "
-                "again or use a new --out"
+                f"again or use a new {self._given('out', 'out_dir')}"
             )
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:

@@ -24,7 +24,7 @@ import pytest
 from client_fakes import FAKE_SHA256, FakeServer, FakeService, cli_main, fake_pixels
 from PIL import Image
 
-from genserve.v1 import genserve_pb2, genserve_pb2_grpc
+from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 from genserve_client import GenserveClient, RetryPolicy
 from genserve_client import bulk as bulk_module
 from genserve_client.bulk import (
@@ -197,6 +197,92 @@ def test_a_library_jobs_refusals_name_the_arguments_its_caller_gave_and_the_clis
     new = ("--model", "fake-gen", "--n", "3", "--out", str(tmp_path / "new"), "--stream-images", "4")
     code, _, err = cli_main(capsys, *t, *new)
     assert code == 2 and "--stream-images 4 is more than" in err, err
+
+
+@pytest.mark.parametrize("cli", [False, True])
+def test_a_jobs_settings_and_mixed_model_refusals_name_the_argument_or_the_flag_its_caller_gave(
+    fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: bool
+) -> None:
+    # A library caller (cli=False) gave stream_images=, chunk_size= and out_dir=, and has no
+    # --stream-images, --chunk-size or --out to correct; the CLI (cli=True) gave those flags.
+    out_named = "--out" if cli else "out_dir"
+    service = fake_server.service
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        params = BulkParams("fake-gen", n=2)
+        with pytest.raises(ValueError) as bad:
+            BulkJob(client, params, tmp_path / "new", stream_images=0, cli=cli)
+        assert str(bad.value).startswith("--stream-images must be" if cli else "stream_images must be")
+        with pytest.raises(ValueError) as bad:
+            BulkJob(client, params, tmp_path / "new", chunk_size=-1, cli=cli)
+        assert str(bad.value).startswith("--chunk-size must be" if cli else "chunk_size must be")
+
+        # Images of another version than GetModel lists (another replica's).
+        out = tmp_path / "version"
+        BulkJob(client, params, out, cli=cli).run()
+        provenance = service._provenance
+
+        def of_version_2(model: str) -> types_pb2.Provenance:
+            answer = provenance(model)
+            answer.version = "2"
+            return answer
+
+        monkeypatch.setattr(service, "_provenance", of_version_2)
+        with pytest.raises(BulkError) as refused:
+            BulkJob(client, BulkParams("fake-gen", n=4), out, cli=cli).run()
+        assert str(refused.value).endswith(
+            f"version 2: resuming would mix two models in one job; use a new {out_named}"
+        )
+        monkeypatch.setattr(service, "_provenance", provenance)
+        w1, w2 = hashlib.sha256(b"w1").hexdigest(), hashlib.sha256(b"w2").hexdigest()
+        # (the fake server's setting, as the job starts, then as it resumes)
+        changes: list[tuple[str, object, object]] = [
+            ("model_sha256", FAKE_SHA256, OTHER_SHA256),
+            ("weights_sha256", w1, w2),
+            ("used_models", [("map", "1", FAKE_SHA256)], [("map", "1", OTHER_SHA256)]),
+            ("used_weights_sha256", {"map": w1}, {"map": w2}),
+        ]
+        for setting, before, after in changes:
+            out = tmp_path / setting
+            setattr(service, setting, before)
+            used = setting == "used_weights_sha256"
+            if used:
+                service.used_models = [("map", "1", FAKE_SHA256)]
+            BulkJob(client, params, out, cli=cli).run()
+            setattr(service, setting, after)
+            with pytest.raises(BulkError) as refused:
+                BulkJob(client, BulkParams("fake-gen", n=4), out, cli=cli).run()
+            assert str(refused.value).endswith(f"use a new {out_named}"), (setting, str(refused.value))
+            setattr(service, setting, before)
+            if used:
+                service.used_models = []
+        # The pinned version, or the whole model, no longer served: a stream answered NOT_FOUND, and
+        # GetModel (READY version 1 as the job resumed) then lists version 2 alone, or NOT_FOUND.
+        out = tmp_path / "gone"
+        BulkJob(client, params, out, cli=cli).run()
+        enter, info = service._enter, service._info
+        for gone, said in (("version", "no longer serves that version"), ("model", "no longer serves model")):
+            looked_up = service.calls["GetModel"] + 1
+
+            def after_the_resumes_lookup(
+                method: str, context: grpc.ServicerContext, gone: str = gone, looked_up: int = looked_up
+            ) -> None:
+                enter(method, context)
+                if gone == "model" and method == "GetModel" and service.calls["GetModel"] > looked_up:
+                    context.abort(grpc.StatusCode.NOT_FOUND, "model 'fake-gen' is not served")
+
+            def versions(name: str, looked_up: int = looked_up) -> genserve_pb2.ModelInfo:
+                answer = info(name)
+                if service.calls["GetModel"] > looked_up:
+                    answer.versions[0].version = "2"
+                return answer
+
+            monkeypatch.setattr(service, "_enter", after_the_resumes_lookup)
+            monkeypatch.setattr(service, "_info", versions)
+            service.fail["SampleStream"].append(grpc.StatusCode.NOT_FOUND)
+            with pytest.raises(BulkError) as refused:
+                BulkJob(client, BulkParams("fake-gen", n=4), out, cli=cli).run()
+            assert said in str(refused.value), str(refused.value)
+            assert str(refused.value).endswith(f"use a new {out_named}"), str(refused.value)
 
 
 def test_a_library_job_of_a_version_not_served_or_not_ready_is_refused_before_its_folder_is_made(

@@ -363,7 +363,7 @@ def test_bulk_refuses_values_its_requests_cannot_carry(
     assert BulkParams("fake-gen", n=10, base_seed=2**63 - 10).base_seed == 2**63 - 10  # last seed 2^63 - 1
     with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
         for size in (-1, 2**32):
-            with pytest.raises(ValueError, match="--chunk-size must be 0"):
+            with pytest.raises(ValueError, match="^chunk_size must be 0"):
                 BulkJob(client, BulkParams("fake-gen", n=4), tmp_path, chunk_size=size)
     # The CLI says which flag.
     code, _, err = cli_main(
