@@ -411,6 +411,43 @@ def test_streams_open_on_channels_no_older_than_the_period(fake_server: FakeServ
         assert own.list_models()  # never closed here
 
 
+def test_a_channel_handed_out_while_its_replacement_did_not_resolve_stays_open_for_that_stream(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream given the current channel because a fresh one's host name did not resolve at that
+    moment counts as one of its users: when a later fresh channel replaces it, it stays open until
+    that stream is released too, not only the streams that acquired it before."""
+    port = fake_server.target.rpartition(":")[2]
+    real_getaddrinfo = channel_module.socket.getaddrinfo
+    failing = [False]
+
+    def flaky_getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host == "localhost" and failing[0]:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(channel_module.socket, "getaddrinfo", flaky_getaddrinfo)
+    now = [0.0]
+    with GenserveClient(f"localhost:{port},localhost:{port}", retry=FAST_RETRY) as own:
+        channels = FreshChannels(own, period_s=60.0, clock=lambda: now[0])
+        now[0] = 61.0
+        second = channels.acquire()  # stream A
+        assert second is not own
+        now[0] = 122.0
+        failing[0] = True
+        assert channels.acquire() is second  # stream B: no fresh channel resolved, the current one
+        failing[0] = False
+        third = channels.acquire()  # stream C, on a fresh channel that replaces `second`
+        assert third is not second and channels.opened == 2
+        channels.release(second)  # stream A ends; stream B still runs on `second`
+        assert second.list_models()
+        channels.release(second)  # stream B ends: now it closes
+        with pytest.raises(ValueError, match="closed channel"):
+            second.list_models()
+        channels.release(third)
+        channels.close()
+
+
 def test_a_job_on_an_address_list_whose_names_stop_resolving_keeps_its_channel(
     fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
