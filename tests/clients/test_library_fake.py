@@ -74,6 +74,19 @@ def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:
     assert policy.delay_s(grpc.StatusCode.UNAVAILABLE, 5, remaining_s=0.0) is None  # deadline first
 
 
+def test_retry_backoffs_are_jittered_over_the_whole_interval_not_the_cap() -> None:
+    """Full jitter: clients that failed together (a server restart) retry at spread times; waiting
+    the cap itself would send every client's retry at the same moment."""
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
+    rng = random.Random(0)
+    for attempt, cap in [(1, 0.1), (3, 0.4), (6, 1.0)]:
+        waits = [policy.backoff_s(attempt, rng) for _ in range(200)]
+        assert min(waits) < 0.1 * cap and max(waits) > 0.9 * cap
+        assert len(set(waits)) == len(waits)
+        delays = [policy.delay_s(grpc.StatusCode.UNAVAILABLE, attempt, None, rng) for _ in range(200)]
+        assert len({d for d in delays if d is not None}) == 200
+
+
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
