@@ -340,6 +340,27 @@ def test_breaking_out_of_a_sync_stream_cancels_the_call(fake_server: FakeServer)
         assert fake_server.service.stream_ended.wait(5), "the server is still generating"
 
 
+def test_closing_an_async_stream_the_consumer_broke_out_of_cancels_the_call(fake_server: FakeServer) -> None:
+    """An async consumer that stops early (break, then aclose() or `async with aclosing(...)`)
+    ends the server's stream; the client and its channel stay open, and the stream's RPC object
+    is still alive in the test's hands, so only the client's cancel can end the server's call."""
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            stream = client.sample_stream("fake-gen", 10**9, chunk_size=1)
+            async for _ in stream:
+                break
+            frame = stream.ag_frame
+            call = frame.f_locals["stream"] if frame is not None else None
+            await stream.aclose()
+            ended = await asyncio.to_thread(fake_server.service.stream_ended.wait, 5)
+            assert ended, "the server is still generating"
+            assert call is not None and call.cancelled()
+            assert await client.list_models()
+
+    asyncio.run(scenario())
+
+
 def test_empty_stream_ranges_are_refused_client_side_and_a_finished_one_is_empty(
     fake_server: FakeServer,
 ) -> None:
