@@ -361,6 +361,23 @@ def test_closing_an_async_stream_the_consumer_broke_out_of_cancels_the_call(fake
     asyncio.run(scenario())
 
 
+def test_an_async_streams_timeout_bounds_each_attempt(fake_server: FakeServer) -> None:
+    """sample_stream(timeout_s=...) bounds each attempt of the stream in the asyncio client as in
+    GenserveClient: a stream that outlasts it ends DEADLINE_EXCEEDED (final, not retried) rather
+    than running on unbounded."""
+
+    async def scenario() -> GenserveClientError:
+        async with AsyncGenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+            with pytest.raises(GenserveClientError) as info:
+                async for _ in client.sample_stream("fake-gen", 10**9, chunk_size=1, timeout_s=0.5):
+                    pass
+            return info.value
+
+    error = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert fake_server.service.calls["SampleStream"] == 1
+
+
 def test_empty_stream_ranges_are_refused_client_side_and_a_finished_one_is_empty(
     fake_server: FakeServer,
 ) -> None:
