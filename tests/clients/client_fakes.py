@@ -56,6 +56,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     stream_breaks_after_chunks: list[int] = field(default_factory=list)
     # SampleCodesStream: fail with UNAVAILABLE after its progress chunk, as often as listed.
     codes_stream_breaks: list[bool] = field(default_factory=list)
+    # SampleCodesStream: after its progress chunk, send nothing more until its client cancels
+    # (a long sampling); codes_stream_ended is set when a SampleCodesStream call ends on the server.
+    codes_stream_hangs: bool = False
+    codes_stream_ended: threading.Event = field(default_factory=threading.Event)
     # Set when a SampleStream call ends on the server (finished, failed or cancelled).
     stream_ended: threading.Event = field(default_factory=threading.Event)
     # What every model serves (GetModel, provenance); tests change them to "replace" the model.
@@ -159,9 +163,12 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.SampleCodesRequest, context: grpc.ServicerContext
     ) -> Iterator[genserve_pb2.SampleCodesChunk]:
         """One progress chunk, then the answer: a 4x4 image per seed (the fake's "grid")."""
+        context.add_callback(self.codes_stream_ended.set)
         self._enter("SampleCodesStream", context)
         seeds = list(request.seeds) or [request.base_seed + i for i in range(request.count)]
         yield genserve_pb2.SampleCodesChunk(level="codes", filled=8, positions=16)
+        while self.codes_stream_hangs and context.is_active():
+            time.sleep(0.01)
         if self.codes_stream_breaks and self.codes_stream_breaks.pop(0):
             context.abort(grpc.StatusCode.UNAVAILABLE, "injected stream break")
         items = [self._item(i, s, None, request.output) for i, s in enumerate(seeds)]

@@ -361,6 +361,29 @@ def test_closing_an_async_stream_the_consumer_broke_out_of_cancels_the_call(fake
     asyncio.run(scenario())
 
 
+def test_closing_an_async_progress_stream_the_consumer_broke_out_of_cancels_the_call(
+    fake_server: FakeServer,
+) -> None:
+    """As for sample_stream: an async consumer of sample_codes_progress that stops after a progress
+    chunk and aclose()s it ends the server's sampling, the RPC object still alive in its hands."""
+    fake_server.service.codes_stream_hangs = True
+
+    async def scenario() -> None:
+        async with AsyncGenserveClient(fake_server.target) as client:
+            progress = client.sample_codes_progress("fake-prior", seeds=[3])
+            async for _ in progress:
+                break
+            frame = progress.ag_frame
+            call = frame.f_locals["stream"] if frame is not None else None
+            await progress.aclose()
+            ended = await asyncio.to_thread(fake_server.service.codes_stream_ended.wait, 5)
+            assert ended, "the server is still sampling"
+            assert call is not None and call.cancelled()
+            assert await client.list_models()
+
+    asyncio.run(scenario())
+
+
 def test_an_async_streams_timeout_bounds_each_attempt(fake_server: FakeServer) -> None:
     """sample_stream(timeout_s=...) bounds each attempt of the stream in the asyncio client as in
     GenserveClient: a stream that outlasts it ends DEADLINE_EXCEEDED (final, not retried) rather
