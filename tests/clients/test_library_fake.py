@@ -148,6 +148,22 @@ def test_deadline_exceeded_surfaces_as_the_one_error_type(fake_server: FakeServe
     assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def test_a_calls_own_timeout_wins_over_the_clients_default(fake_server: FakeServer) -> None:
+    """`timeout_s` given to a call is that call's deadline, whatever the client's default (here
+    none): a call to a server that never answers ends DEADLINE_EXCEEDED by it."""
+    fake_server.service.sample_hangs = 1
+
+    async def scenario() -> GenserveClientError:
+        async with AsyncGenserveClient(fake_server.target, retry=FAST_RETRY, timeout_s=None) as client:
+            with pytest.raises(GenserveClientError) as info:
+                await client.sample("fake-gen", 1, timeout_s=0.3)
+            return info.value
+
+    error = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert fake_server.service.calls["Sample"] == 1
+
+
 def test_results_are_typed_and_zero_copy(fake_server: FakeServer) -> None:
     with GenserveClient(fake_server.target) as client:
         raw = client.sample("fake-cond", seeds=[3, 4], labels=[5], format="raw", return_latents=True)
