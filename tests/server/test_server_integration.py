@@ -472,6 +472,23 @@ def test_interpolate_between_seeds_ends_match_sample(
     assert path.images[-1].image.data == ends.images[1].image.data
 
 
+def test_interpolate_gives_each_seed_end_its_own_seed_and_no_seed_to_the_rest(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """GeneratedImage.seed is the seed whose stream gave the latent: a seed end's image carries
+    that end's seed, the path between and a latent end's image none."""
+    a = latent_tensor(latents_for_seeds([5], TINY_LATENT)[0])
+    cases = [
+        (pb.LatentPoint(seed=11), pb.LatentPoint(seed=22), (11, 22)),
+        (pb.LatentPoint(latent=a), pb.LatentPoint(seed=22), (None, 22)),
+        (pb.LatentPoint(seed=11), pb.LatentPoint(latent=a), (11, None)),
+    ]
+    for start, end, (first, last) in cases:
+        path = stub.Interpolate(pb.InterpolateRequest(model="tiny-gen", start=start, end=end, steps=4))
+        seeds = [g.seed if g.HasField("seed") else None for g in path.images]
+        assert seeds == [first, None, None, last]
+
+
 def test_interpolate_between_nearly_opposite_latents_stays_decodable(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:
