@@ -829,6 +829,50 @@ def test_sample_codes_rpc(code_repo: tuple[Path, dict[str, str]]) -> None:
     asyncio.run(main())
 
 
+def test_each_image_of_a_sample_codes_call_carries_its_own_rows_label(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """A label per seed: each image (SampleCodes), each preview and each result image
+    (SampleCodesStream) carries its own row's label and seed, not the first row's."""
+    root, names = code_repo
+
+    async def main() -> None:
+        config = ServerConfig()
+        metrics = Metrics(enabled=False)
+        repo = Repository(root, config, metrics)
+        repo.scan()
+        await repo.load_all()
+        pool = ThreadPoolExecutor(1)
+        server = grpc.aio.server()
+        pb_grpc.add_GenerationServiceServicer_to_server(
+            GenerationService(repo, config, metrics, pool), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                request = pb.SampleCodesRequest(
+                    model=names["prior"],
+                    seeds=[8, 9, 10],
+                    labels=[0, 2, 1],
+                    output=tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8),
+                )
+                reply = await stub.SampleCodes(request)
+                assert [(g.seed, g.label) for g in reply.images] == [(8, 0), (9, 2), (10, 1)]
+                request.preview_every = 9
+                *progress, last = [chunk async for chunk in stub.SampleCodesStream(request)]
+                assert progress
+                for chunk in [*(c.previews for c in progress), last.result.images]:
+                    assert [(g.seed, g.label) for g in chunk] == [(8, 0), (9, 2), (10, 1)]
+        finally:
+            await server.stop(None)
+            await repo.close(1)
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
 async def check_rpc(stub: Any, names: dict[str, str]) -> None:
     raw = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
     reply = await stub.SampleCodes(
