@@ -196,6 +196,27 @@ def test_mixing_equals_synthesising_ws_built_by_hand(stub: pb_grpc.GenerationSer
         assert not np.allclose(tensor_of(own.image), tensor_of(response.images[0].image), atol=1e-3)
 
 
+def test_every_style_call_names_the_mapping_its_images_went_through(
+    stub: pb_grpc.GenerationServiceStub, gen: str
+) -> None:
+    """A style generator's images go through its mapping: Sample's provenance names it in
+    used_models, and so do each SampleStream chunk's and Interpolate's (a reload of the mapping
+    changes their images too)."""
+    (mapping,) = stub.Sample(pb.SampleRequest(model=gen, seeds=[1], output=PNG)).provenance.used_models
+    assert (mapping.model, mapping.version) == ("style-mapping", "1")
+    sample = pb.SampleRequest(model=gen, count=5, base_seed=3, output=PNG)
+    chunks = list(stub.SampleStream(pb.SampleStreamRequest(sample=sample, chunk_size=2)))
+    assert len(chunks) == 3
+    for chunk in chunks:
+        assert list(chunk.provenance.used_models) == [mapping]
+    path = stub.Interpolate(
+        pb.InterpolateRequest(
+            model=gen, start=pb.LatentPoint(seed=1), end=pb.LatentPoint(seed=2), steps=3, output=PNG
+        )
+    )
+    assert list(path.provenance.used_models) == [mapping]
+
+
 @pytest.mark.parametrize("output", [F32, PNG], ids=["tensor_f32", "png"])
 def test_a_mixed_image_is_byte_identical_alone_and_inside_any_batch(
     stub: pb_grpc.GenerationServiceStub, gen: str, output: tpb.OutputOptions
