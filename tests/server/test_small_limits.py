@@ -168,6 +168,18 @@ def test_an_image_count_above_max_images_per_image_request_names_the_limit(
     assert err.details() == "images: must have 1..16 images (max_images_per_image_request), got 17"
 
 
+def test_a_decode_of_more_latents_than_the_decoders_queue_names_the_latents_and_the_queue(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # The rows are in the decoder's queue at once: 5 never fit a queue of 4, refused up front by
+    # name, not found full (RESOURCE_EXHAUSTED 'retry with backoff') on every retry.
+    z = np.zeros((5, 8), "<f4")
+    latents = tpb.Tensor(shape=z.shape, dtype=tpb.DTYPE_FLOAT32, data=z.tobytes())
+    err = _refusal(stub.Decode, pb.DecodeRequest(model="v-dec", latents=latents))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "latents.shape[0]: must be in 1..4 (v-dec's batching.max_queue_size), got 5"
+
+
 # ---------------------------------------------------------------------------- SampleCodes
 
 
