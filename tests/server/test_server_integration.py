@@ -417,6 +417,20 @@ def test_sample_stream_equals_sample(stub: pb_grpc.GenerationServiceStub, tiny_s
     assert waits("interactive") > before["interactive"]
 
 
+def test_a_sample_stream_with_a_label_out_of_range_is_refused_before_any_chunk(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """The label cycle is checked whole up front, as Sample checks its labels: a stream whose
+    second label is out of range sends no chunk (its first chunk's label is valid)."""
+    sample = pb.SampleRequest(model="tiny-cond", count=4, base_seed=1, labels=[1, 10])
+    received: list[pb.SampleStreamChunk] = []
+    with pytest.raises(grpc.RpcError) as excinfo:
+        received.extend(stub.SampleStream(pb.SampleStreamRequest(sample=sample, chunk_size=1)))
+    assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(excinfo) == "sample.labels[1]: must be in [0, 10), got 10"
+    assert received == []
+
+
 def test_sample_stream_rejects_seeds_and_bad_start(stub: pb_grpc.GenerationServiceStub) -> None:
     bad = [
         (pb.SampleStreamRequest(sample=pb.SampleRequest(model="tiny-gen", seeds=[1])), "sample.seeds"),
