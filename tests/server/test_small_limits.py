@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from client_fakes import cli_main
-from code_models import prior_graph, write_code_models
+from code_models import decoder_graph, prior_graph, write_code_models
 from PIL import Image
 from server_support import (
     TINY_LATENT,
@@ -81,6 +81,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # request calls it (it samples no top grids), so its row budget bounds none.
     config = {"decoder": "codes-decoder", "top_prior": q["top"]}
     write_model(root, "stray-top-prior", "code_prior", prior_graph(6, 6, 16), prior_card, config=config)
+    # A decoder whose queue (5) is above its batch (2) and below the rest: a prior's limit is the queue.
+    decoder_card = {
+        "grid": [6, 6],
+        "codebook_size": 16,
+        "image_size": [6, 6],
+        "channels": 1,
+        "output_range": [0.0, 1.0],
+    }
+    wide_queue = {"max_batch_size": 2, "max_queue_delay_ms": 1.0, "max_queue_size": 5}
+    write_model(
+        root,
+        "wq-decoder",
+        "code_decoder",
+        decoder_graph(6, 6, 16),
+        decoder_card,
+        config={"batching": wide_queue},
+    )
+    config = {"decoder": "wq-decoder"}
+    write_model(root, "wq-prior", "code_prior", prior_graph(6, 6, 16), prior_card, config=config)
     write_model(
         root,
         "v-dec",
@@ -235,6 +254,19 @@ def test_model_info_says_how_many_samples_a_sample_codes_may_ask_for(
     assert stub.GetModel(pb.GetModelRequest(name="prior")).max_images_per_request == SERVER_LIMIT
     assert stub.GetModel(pb.GetModelRequest(name="q-prior")).max_images_per_request == 4
     assert stub.GetModel(pb.GetModelRequest(name="top-prior")).max_images_per_request == SERVER_LIMIT
+
+
+def test_model_info_of_a_prior_bounds_its_samples_by_its_decoders_queue_not_its_batch(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # A request's grids go to the decoder in one request, split into batches there: 5 fit its queue
+    # of 5 though its batch is 2, and 6 do not.
+    assert stub.GetModel(pb.GetModelRequest(name="wq-prior")).max_images_per_request == 5
+    reply = stub.SampleCodes(pb.SampleCodesRequest(model="wq-prior", count=5, base_seed=1), timeout=30)
+    assert len(reply.images) == 5
+    err = _refusal(stub.SampleCodes, pb.SampleCodesRequest(model="wq-prior", count=6, base_seed=1))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "wq-decoder's batching.max_queue_size" in (err.details() or "")
 
 
 @pytest.mark.parametrize("prior", ["small-queue-prior", "big-budget-prior"])
