@@ -774,6 +774,19 @@ def test_super_resolve_with_more_tiles_than_the_queue_holds_is_invalid_naming_ti
     assert "max_queue_size=256" in details_of(excinfo)
 
 
+def test_super_resolve_refuses_a_direction_rather_than_ignoring_it(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    # ImageRequest.direction is Translate's: a SuperResolve that sets it is refused, not served as if
+    # it were unset.
+    for direction in (pb.DIRECTION_A_TO_B, pb.DIRECTION_B_TO_A):
+        request = pb.ImageRequest(model="tiny-sr", images=[raw(photo(8, 8))], direction=direction)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.SuperResolve(request)
+        assert code_of(excinfo) == grpc.StatusCode.INVALID_ARGUMENT
+        assert details_of(excinfo) == "direction: only Translate takes a direction"
+
+
 def test_super_resolve_takes_a_tile_size_of_1024_and_refuses_one_past_it(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:
