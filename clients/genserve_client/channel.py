@@ -18,7 +18,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
@@ -220,6 +220,17 @@ def _warn_outside_validity(path: str | Path, flag: str) -> None:
     )
 
 
+def _redacted_repr(obj: object, secrets: frozenset[str]) -> str:
+    """A dataclass's repr with each secret field shown as <set> (or None), never its value: a config
+    logged or embedded in an error must not carry a token or a private key."""
+    parts = []
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        shown = ("<set>" if value is not None else "None") if f.name in secrets else repr(value)
+        parts.append(f"{f.name}={shown}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
 @dataclass(frozen=True, slots=True)
 class TlsOptions:
     """TLS (and mTLS) settings. PEM bytes; `None` root certs means the system trust store."""
@@ -267,6 +278,9 @@ class TlsOptions:
             _warn_outside_validity(cert, "--tls-cert")
         return cls(root_certs, client_cert, client_key, server_name_override)
 
+    def __repr__(self) -> str:
+        return _redacted_repr(self, frozenset({"client_key"}))
+
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certs, self.client_key, self.client_cert)
 
@@ -302,6 +316,9 @@ class ChannelConfig:
         problem = token_problem(self.token) if self.token else None
         if problem is not None:
             raise ValueError(f"ChannelConfig.token: {problem}")
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self, frozenset({"token"}))
 
     def grpc_target(self) -> str:
         """The target as gRPC takes it (an address list becomes an ipv4:/ipv6: target)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from client_fakes import FakeServer, cli_main
 
-from genserve_client import ChannelConfig
+from genserve_client import ChannelConfig, TlsOptions
 
 TOKEN = "tok-A_1"
 OTHER = "tok-B_2"
@@ -129,3 +129,21 @@ def test_a_connection_file_that_cannot_be_read_is_a_bad_argument_naming_its_flag
     assert code == 2, err
     assert f"{given[0]} {given[1]}: cannot read it" in err, err
     assert not fake_server.service.calls
+
+
+def test_a_channel_configs_repr_shows_that_a_token_and_a_client_key_are_set_not_their_values() -> None:
+    """ChannelConfig and TlsOptions are dataclasses: their default repr held the token and the
+    client's private key, so `log.info("config %s", cfg)` or an error that embeds the config wrote
+    both into a log."""
+    key = b"-----BEGIN PRIVATE KEY-----\nSECRETKEYBYTES\n-----END PRIVATE KEY-----\n"
+    tls = TlsOptions(root_certs=b"ca", client_cert=b"cert", client_key=key)
+    config = ChannelConfig(target="127.0.0.1:1", tls=tls, token=TOKEN)
+    for text in (repr(config), str(config), repr(tls), f"{config!s}"):
+        assert TOKEN not in text
+        assert "SECRETKEYBYTES" not in text
+        assert "PRIVATE KEY" not in text
+    assert "target='127.0.0.1:1'" in repr(config)
+    assert "token=<set>" in repr(config)
+    assert "client_key=<set>" in repr(tls)
+    assert "token=None" in repr(ChannelConfig(target="127.0.0.1:1"))
+    assert "client_key=None" in repr(TlsOptions())
