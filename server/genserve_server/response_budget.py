@@ -148,7 +148,11 @@ class Reservation:
         if self.released:
             return
         self.what = what
-        self.held += await self.budget.acquire(n_bytes, deadline, what)
+        granted = await self.budget.acquire(n_bytes, deadline, what)
+        if self.released:  # the call ended while it waited (release ran): nothing may stay held
+            self.budget.release(granted)
+            return
+        self.held += granted
 
     def give_back(self) -> None:
         """The call's BULK request waits for room in its lane (batch_parts.Held): its bytes go back to

@@ -184,6 +184,27 @@ def test_a_call_ending_while_its_bytes_are_given_back_releases_nothing_of_other_
     asyncio.run(run())
 
 
+def test_a_call_ending_while_its_reserve_waits_gives_back_the_bytes_granted_after_its_end() -> None:
+    """A call released (gRPC's done callback: its client gone) while its reserve waits for room: the
+    bytes granted afterwards were added to a reservation already released, held by no one for good."""
+
+    async def run() -> None:
+        budget = ByteBudget("response budget (response_budget_bytes)", 1000, max_wait_s=5.0)
+        other = await budget.acquire(1000, None, "interactive")
+        reservation = Reservation(budget)
+        waiting = asyncio.create_task(reservation.reserve(600, None, "Sample"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        reservation.release()  # the call ends while it waits
+        budget.release(other)  # room: its 600 bytes are granted
+        await waiting
+        assert budget.held == 0 and reservation.held == 0
+        # and the budget is whole again: a call of all of it gets in without waiting
+        assert await budget.acquire(1000, time.monotonic(), "next") == 1000
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("level", [0, 1, 9])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_the_png_bound_holds_for_noise_at_every_level(level: int, channels: int) -> None:
