@@ -180,11 +180,19 @@ def test_while_callers_overlap_a_cpu_batch_up_to_the_overlap_bound_stays_on_the_
     """Between INLINE_BUSY_MAX_S and OVERLAP_INLINE_MAX_S an interactive batch runs on the loop only
     while callers overlap, on a CPU with no more cores than instances (on a pool thread beside the
     busy loop it would finish after batches formed later); a bulk batch keeps its background thread,
-    and above the overlap bound every batch goes to the pool."""
+    and above the overlap bound every batch goes to the pool. The batch's cost is set by a fake
+    clock: a real 3-ms wait measured past the 5-ms overlap bound on a busy machine."""
     from genserve_server import runner as runner_module
     from genserve_server.runner import INLINE_BUSY_MAX_S, OVERLAP_INLINE_MAX_S
 
     assert OVERLAP_INLINE_MAX_S > 2 * INLINE_BUSY_MAX_S
+    clock = {"now": 0.0}  # 1 us a read: the model call takes 1 us by it, with its outputs' wait_s more
+
+    def perf_counter() -> float:
+        clock["now"] += 1e-6
+        return clock["now"]
+
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=perf_counter))
     inputs = {"z": np.zeros((2, TINY_LATENT), np.float32), "label": np.zeros(2, np.int64)}
     cases = (
         # (finish step's wait, callers overlap, cores, bulk, expected)
@@ -200,7 +208,7 @@ def test_while_callers_overlap_a_cpu_batch_up_to_the_overlap_bound_stays_on_the_
         finish = runner._finish
 
         def slow(outputs, added, finish=finish, wait_s=wait_s):  # type: ignore[no-untyped-def]
-            threading.Event().wait(wait_s)
+            clock["now"] += wait_s
             return finish(outputs, added)
 
         runner._finish = slow  # type: ignore[method-assign]
