@@ -1120,7 +1120,12 @@ class Batcher:
         try:
             outputs, error = await self._call(parts)
             if error is not None:
-                await self._isolate(parts, error)
+                failed: list[Part] = []
+                retried = False
+                try:
+                    retried = await self._isolate(parts, error, failed)
+                finally:  # also where the retry is cancelled: the failure keeps its line
+                    self._log_failure(parts, error, retried, failed)
         finally:
             self._batches_in_flight -= 1
             if parts[0].request.lane == Lane.BULK:
@@ -1194,38 +1199,15 @@ class Batcher:
             )
         except Exception as exc:
             error = exc
-            short = out_of_memory(exc)
-            if short:  # an operator's matter (the requests' sizes, the container's memory), not a bug
-                logger.warning(
-                    "%s: batch of %d rows from %d requests ran out of memory (request_ids=%s): %s; send "
-                    "smaller requests, lower max_sr_input_pixels or max_batch_size, or give the server more "
-                    'memory (docs/operations.md, "Memory budgets")',
-                    self.name,
-                    rows,
-                    len(parts),
-                    request_ids(parts),
-                    short,
-                    exc_info=logger.isEnabledFor(logging.DEBUG),
-                )
-            else:
-                # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote
-                # ~25 lines a failed call (each half retried logs too); every failure keeps its line.
-                now = time.monotonic()
-                stack = not isinstance(exc, GenserveError) and now >= self._next_traceback_at
-                if stack:
-                    self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
-                logger.error(
-                    "%s: batch of %d rows from %d requests failed (request_ids=%s): %r%s",
-                    self.name,
-                    rows,
-                    len(parts),
-                    request_ids(parts),
-                    exc,
-                    ""
-                    if stack or isinstance(exc, GenserveError)
-                    else " (its stack: logged with an earlier failure, once a minute)",
-                    exc_info=stack,
-                )
+            # Each attempt's error at DEBUG: the batch's line (_log_failure) says what its retry ended in.
+            logger.debug(
+                "%s: batch of %d rows from %d requests failed (request_ids=%s): %r",
+                self.name,
+                rows,
+                len(parts),
+                request_ids(parts),
+                exc,
+            )
         compute_s = self._clock() - started
         if error is None:
             per_row = compute_s / rows
@@ -1247,20 +1229,75 @@ class Batcher:
             )
         return (outputs, None) if error is None else (None, error)
 
-    async def _isolate(self, parts: list[Part], error: Exception) -> None:
+    def _log_failure(self, parts: list[Part], error: Exception, retried: bool, failed: list[Part]) -> None:
+        """The one line of a failed batch (docs/operations.md, "Faults"), written once its retry in
+        halves has ended: the model and version, every request id of the batch, what the retry
+        ended in (which of them failed) and the error; the retry's own calls log at DEBUG only, and
+        the boundary's line for a call failed here too (GenserveError.logged). A model failing every
+        batch wrote ~2 lines per request, each id on 3 or more of them."""
+        if isinstance(error, ModelCallAborted):  # _call's INFO line says it: not a model failure
+            return
+        rows = sum(p.rows for p in parts)
+        outcome = ""
+        if retried:
+            if not failed:
+                outcome = "; retrying the batch in halves: every request computed"
+            elif request_ids(failed) == request_ids(parts):
+                outcome = "; retrying the batch in halves: they failed too"
+            else:
+                failed_ids = request_ids(failed)
+                outcome = f"; retrying the batch in halves: request_ids={failed_ids} failed, others computed"
+        short = out_of_memory(error)
+        if short:  # an operator's matter (the requests' sizes, the container's memory), not a bug
+            logger.warning(
+                "%s: batch of %d rows from %d requests ran out of memory (request_ids=%s)%s: %s; send "
+                "smaller requests, lower max_sr_input_pixels or max_batch_size, or give the server more "
+                'memory (docs/operations.md, "Memory budgets")',
+                self.name,
+                rows,
+                len(parts),
+                request_ids(parts),
+                outcome,
+                short,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            return
+        # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote
+        # ~25 lines a failed call (each half retried logs too); every failed batch keeps its line.
+        now = time.monotonic()
+        stack = not isinstance(error, GenserveError) and now >= self._next_traceback_at
+        if stack:
+            self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
+        logger.error(
+            "%s: batch of %d rows from %d requests failed (request_ids=%s)%s: %r%s",
+            self.name,
+            rows,
+            len(parts),
+            request_ids(parts),
+            outcome,
+            error,
+            ""
+            if stack or isinstance(error, GenserveError)
+            else " (its stack: logged with an earlier failure, once a minute)",
+            exc_info=error if stack else None,
+        )
+
+    async def _isolate(self, parts: list[Part], error: Exception, failed: list[Part]) -> bool:
         """After a failed call, run its rows again in halves, so that rows which compute (a batch too
         large for the device's memory, neighbours of a row the model cannot take) are not lost with
         the rest. When both halves fail too, the model is taken to be failing, not some rows:
         everything left fails, which bounds the retries of a broken session at 2 calls per halving,
         log2(rows) halvings. The price of that bound: two bad rows that land in different halves,
-        or a batch more than twice too large, fail the whole batch."""
+        or a batch more than twice too large, fail the whole batch. The parts failed are added to
+        `failed`; whether it retried is returned."""
         parts = live(parts)  # cancelled, or failed already
         rows = sum(p.rows for p in parts)
         if rows <= 1 or self._closing:
             self._fail(parts, error)
-            return
+            failed.extend(parts)
+            return False
         halves = split(parts, rows // 2)
-        logger.warning(
+        logger.debug(
             "%s: retrying the %d rows of a failed batch in halves (request_ids=%s)",
             self.name,
             rows,
@@ -1278,10 +1315,12 @@ class Batcher:
             errors.append(half_error)
         if errors[0] is not None and errors[1] is not None:
             self._fail(parts, error)
-            return
+            failed.extend(parts)
+            return True
         for half, half_error in zip(halves, errors, strict=True):
             if half_error is not None:
-                await self._isolate(half, half_error)
+                await self._isolate(half, half_error, failed)
+        return True
 
     def _fail(self, parts: list[Part], error: Exception) -> None:
         failure: GenserveError
@@ -1295,6 +1334,7 @@ class Batcher:
         else:
             message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
             failure = Internal(message)
+        failure.logged = True  # _log_failure's line names every request id of the batch
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
 

@@ -238,9 +238,14 @@ class Boundary:
             if exc.code == Code.INTERNAL or out_of_memory:
                 # The server's fault (a failed model call, a NaN image) or its memory, not a client's
                 # refusal: each one's line, so that the id its client quotes is in the log
-                # (docs/metrics.md).
-                logger.warning(
-                    "request_id=%s method=%s code=%s: %s", call.request_id, call.method, exc.code.name, exc
+                # (docs/metrics.md); at DEBUG where a failed batch's line names it already.
+                logger.log(
+                    logging.DEBUG if exc.logged else logging.WARNING,
+                    "request_id=%s method=%s code=%s: %s",
+                    call.request_id,
+                    call.method,
+                    exc.code.name,
+                    exc,
                 )
             else:
                 self._refusals.log(

@@ -117,6 +117,9 @@ class GenserveError(Exception):
     as it is, so that a model named by a path (`/srv/models/gen`) is quoted back, not hidden."""
 
     code: Code = Code.INTERNAL
+    # True where a line naming the request ids of the calls it fails is in the log already (a failed
+    # batch's, batcher._log_failure): the boundary's line for each such call goes to DEBUG.
+    logged: bool = False
 
     def __init__(self, message: str, *, field: str | None = None, verbatim: str = "") -> None:
         message = clip_message(message)

@@ -396,3 +396,33 @@ def test_a_kserve_infer_requests_id_is_its_request_id_where_no_x_request_id_is_s
     assert "request_id=triton-infer-7 " in log, log
     assert f"request_id={forged} " in log and "x code=OK" not in log, log
     assert "request_id=rid-metadata-8 " in log and "triton-infer-8" not in log, log
+
+
+def test_a_flood_of_failed_model_calls_logs_each_request_id_once_and_at_most_a_line_per_call(
+    channel: grpc.Channel, faulty_server: ServerProcess
+) -> None:
+    """docs/operations.md: one ERROR line per failed call, naming the request ids of the calls whose
+    rows it held. A model whose every call fails wrote ~2.2 WARNING/ERROR lines per request: the
+    batch's ERROR named every id, a per-call WARNING named each again, and the retry in halves added
+    a WARNING and an ERROR per half, the same ids on each. Now each failed call's id is on one line."""
+    stub = pb_grpc.GenerationServiceStub(channel)
+    ids = [f"flood-{client}-{i}" for client in range(5) for i in range(8)]
+    since = len(faulty_server.log().splitlines())
+
+    def client(rids: list[str]) -> None:
+        for rid in rids:
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Sample(_poisoned(), metadata=(("x-request-id", rid),), timeout=30)
+            assert failed.value.code() == grpc.StatusCode.INTERNAL
+
+    threads = [threading.Thread(target=client, args=(ids[c * 8 : (c + 1) * 8],)) for c in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    new = faulty_server.log().splitlines()[since:]
+    loud = [line for line in new if " WARNING " in line or " ERROR " in line]
+    assert len(loud) <= len(ids), f"{len(loud)} WARNING/ERROR lines for {len(ids)} failed calls: {loud[:12]}"
+    for rid in ids:  # every failed call's id findable, on one line
+        naming = [line for line in new if f"{rid}," in line or f"{rid})" in line or f"{rid} " in line]
+        assert len(naming) == 1, (rid, naming)
