@@ -76,7 +76,9 @@ Resp = TypeVar("Resp")
 class ThrottledLog:
     """Logs the first event of each kind (`key`, from a bounded set: a method, a status code) at
     `level`, then at most one line per `interval_s` for that kind, saying how many more came; the
-    others go to DEBUG, each with its own message (so `--log-level DEBUG` shows every one)."""
+    others go to DEBUG, each with its own message (so `--log-level DEBUG` shows every one). Where
+    events were held back and none comes after the interval (the flood stopped), a timer on the
+    running event loop logs the last of them with the count then."""
 
     def __init__(
         self, log: logging.Logger, level: int = logging.INFO, interval_s: float = REFUSAL_LOG_INTERVAL_S
@@ -85,18 +87,41 @@ class ThrottledLog:
         self._level = level
         self.interval_s = interval_s
         self._kinds: dict[Hashable, tuple[float, int]] = {}  # key: (next line at, events held back since)
+        self._last_held: dict[Hashable, tuple[str, tuple[object, ...]]] = {}  # key: its last held event
 
     def log(self, key: Hashable, message: str, *args: object) -> None:
         now = time.monotonic()
         next_at, held_back = self._kinds.get(key, (0.0, 0))
         if now < next_at:
             self._kinds[key] = (next_at, held_back + 1)
+            self._last_held[key] = (message, args)
             self._logger.debug(message, *args)
+            if not held_back:  # the first held back since the last line: its count is logged at next_at
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop (a synchronous caller): the next event's line says it
+                    return
+                loop.call_later(next_at - now, self._flush, key, next_at)
             return
+        self._line(key, now, message, args, held_back)
+
+    def _line(
+        self, key: Hashable, now: float, message: str, args: tuple[object, ...], held_back: int
+    ) -> None:
+        self._last_held.pop(key, None)
         if held_back:
             message, args = f"{message} (%d more since the last line)", (*args, held_back)
         self._logger.log(self._level, message, *args)
         self._kinds[key] = (now + self.interval_s, 0)
+
+    def _flush(self, key: Hashable, next_at: float) -> None:
+        """The interval that began before `next_at` ended with events held back and no line since:
+        the last of them, with how many more came."""
+        at, held_back = self._kinds.get(key, (0.0, 0))
+        last = self._last_held.get(key)
+        if at != next_at or not held_back or last is None:  # a line was written since
+            return
+        self._line(key, time.monotonic(), last[0], last[1], held_back - 1)
 
 
 def status_code(code: Code) -> grpc.StatusCode:

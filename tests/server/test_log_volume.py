@@ -6,6 +6,7 @@ log says that they happen, not each one."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -137,3 +138,34 @@ def test_a_throttled_kind_logs_a_line_per_interval_with_the_count_and_each_one_a
     ]
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert len(debug) == 299 and debug[-1] == "request_id=299 code=NOT_FOUND"  # DEBUG shows each one
+
+
+def test_a_throttled_kinds_held_back_count_reaches_the_log_after_the_flood_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The '(N more since the last line)' count was written only with the next event of its kind
+    at INFO: a flood that stopped (a scanner gone, a client fixed) left its count at DEBUG for good,
+    the log showing one refused call where there were hundreds. Now the count is logged once the
+    interval ends, whether or not another event comes."""
+    log = boundary.ThrottledLog(logging.getLogger("genserve_server.test"), interval_s=0.05)
+
+    def info() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+
+    async def flood() -> None:
+        for i in range(50):
+            log.log("UNAUTHENTICATED", "request_id=%d rejected", i)
+        log.log("NOT_FOUND", "request_id=x code=NOT_FOUND")  # another kind, nothing held back
+        for _ in range(200):  # the interval is 0.05 s: well within 10 s
+            if len(info()) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # nothing more comes: no line without events held back
+
+    with caplog.at_level(logging.DEBUG, logger="genserve_server.test"):
+        asyncio.run(flood())
+    assert info() == [
+        "request_id=0 rejected",
+        "request_id=x code=NOT_FOUND",
+        "request_id=49 rejected (48 more since the last line)",
+    ]
