@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
-from genserve_server.boundary import ThrottledLog, abort, request_id, shown_method
+from genserve_server.boundary import UNKNOWN_METHOD, ThrottledLog, abort, request_id, shown_method
 from genserve_server.certificates import decode_certificates as _decode_certificates
 from genserve_server.certificates import not_after as _not_after
 from genserve_server.certificates import outside_validity as _outside_validity
@@ -116,6 +117,18 @@ def _deny(
     return grpc.stream_stream_rpc_method_handler(abort_stream, deserialize, serialize)
 
 
+def _throttle_key(method: str) -> str:
+    """The kind of a refused call's line, one per method as the boundary's refusals (docs/metrics.md:
+    the first of its kind, method and status): the method where a service the server's protos define
+    has it, else one key for all (the client's :path, an unbounded set)."""
+    service, _, name = method[1:].partition("/")
+    try:
+        descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
+    except KeyError:
+        return UNKNOWN_METHOD
+    return method
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid bearer token; health stays open for probes when configured."""
 
@@ -156,9 +169,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             (MORE_THAN_ONE, " (more than one authorization header)") if ambiguous else (MISSING_TOKEN, "")
         )
 
+        key = _throttle_key(method)
+
         def log(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             self._log.log(
-                None, "request_id=%s rejected unauthenticated call to %s%s", request_id(context), shown, why
+                key, "request_id=%s rejected unauthenticated call to %s%s", request_id(context), shown, why
             )
 
         # A method no service has is UnknownMethods' (boundary.py, on every port): refused here too.

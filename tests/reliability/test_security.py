@@ -454,6 +454,44 @@ def test_a_rejected_calls_log_line_names_neither_the_token_presented_nor_a_confi
         assert secret not in log, secret
 
 
+def test_unauthenticated_calls_get_a_first_line_per_method_not_one_for_all_methods(
+    small_repo: Path, tmp_path: Path
+) -> None:
+    """docs/metrics.md: a refused call is logged at info as the first of its kind (method and
+    status), unauthenticated calls the same way. The token interceptor throttled every method under
+    one key: after a stale-token client's burst on Sample, a refusal of GetModel (another client's
+    missing token) was only at DEBUG for 10 s. Methods no service has still share one line."""
+    (tmp_path / "tokens").write_text(f"{TOKEN}\n")
+    server = start_server(
+        small_repo, tmp_path / "work", extra_args=("--token-file", str(tmp_path / "tokens"))
+    )
+    paths = [
+        *["/genserve.v1.GenerationService/Sample"] * 20,
+        "/genserve.v1.GenerationService/GetModel",
+        "/no.Such/MethodOne",
+        "/no.Such/MethodTwo",
+        "/genserve.v1.GenerationService/NoSuchMethod",
+    ]
+    try:
+        md = (("authorization", "Bearer stale-token"),)
+        with grpc.insecure_channel(server.target) as channel:
+            for path in paths:
+                assert (
+                    code_of(lambda p=path: channel.unary_unary(p)(b"", metadata=md, timeout=10))
+                    == UNAUTHENTICATED
+                )
+        log = server.log()
+    finally:
+        server.stop()
+    lines = [line for line in log.splitlines() if "rejected unauthenticated call" in line]
+    shown = [line.partition("rejected unauthenticated call to ")[2] for line in lines]
+    assert shown == [
+        "/genserve.v1.GenerationService/Sample",
+        "/genserve.v1.GenerationService/GetModel",
+        "/no.Such/MethodOne",  # the others no service has: at DEBUG, counted on its next line
+    ], lines
+
+
 def test_the_health_port_has_the_serving_ports_tls_and_closed_health_token(
     small_repo: Path, pki: Path, tmp_path: Path
 ) -> None:
