@@ -1206,8 +1206,21 @@ class BulkJob:
                     raise BulkError(refusal)
                 return served_model(self.client, self.params.model, self.params.version, answer)
 
+            def ask() -> ServedModel:
+                # The version named (its kind, not that of the version served by default); a version
+                # the server does not have (NOT_FOUND) is named with those it serves.
+                model, version = self.params.model, self.params.version
+                try:
+                    answer = self.client.get_model(model, version)
+                except GenserveClientError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND or not version:
+                        raise
+                    served_model(self.client, model, version)  # the model's versions, without it
+                    raise
+                return look_up(answer)
+
             if info is None:
-                looked_up.append(self.window.call(lambda: look_up(self.client.get_model(self.params.model))))
+                looked_up.append(self.window.call(ask))
             else:
                 # The caller's answer alone: asking again while its version is LOADING would pin a
                 # version from another answer than the one its labels came from.

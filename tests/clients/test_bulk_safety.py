@@ -313,6 +313,51 @@ def test_a_library_job_of_a_version_not_served_or_not_ready_is_refused_before_it
     assert fake_server.service.calls["SampleStream"] == 0
 
 
+def test_a_library_job_of_a_named_version_is_checked_against_that_versions_kind(
+    fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BulkJob.run looked the model up with a GetModel naming no version: a job of version 1 was
+    # judged by the kind of version 2, the one served by default (as the CLI's --version was).
+    info = fake_server.service._info
+    kinds = {"1": "generator", "2": "image_to_image"}
+
+    def two_versions(name: str) -> genserve_pb2.ModelInfo:
+        answer = info(name)
+        asked = fake_server.service.model_versions[-1]
+        v1, v2 = answer.versions[0], genserve_pb2.ModelVersionInfo()
+        v2.CopyFrom(v1)
+        v2.version = "2"
+        answer.kind = kinds[asked or "2"]
+        del answer.versions[:]
+        answer.versions.extend([v for v in (v1, v2) if asked in ("", v.version)])
+        return answer
+
+    monkeypatch.setattr(fake_server.service, "_info", two_versions)
+    out = tmp_path / "generator"
+    run_job(fake_server.target, out, BulkParams("fake-gen", n=3, version="1"))
+    assert json.loads((out / "job.json").read_text())["pinned_version"] == "1"
+    assert indices(out) == [0, 1, 2]
+    assert fake_server.service.model_versions == ["1"]
+    # Version 1 of a kind whose streams the server refuses is refused before its folder is made.
+    kinds.update({"1": "image_to_image", "2": "generator"})
+    out = tmp_path / "i2i"
+    with pytest.raises(BulkError) as refused:
+        run_job(fake_server.target, out, BulkParams("fake-gen", n=3, version="1"))
+    assert "model='fake-gen' is a image_to_image" in str(refused.value), str(refused.value)
+    assert not out.exists()
+    # A version the server does not have (NOT_FOUND, as the server answers a GetModel naming it) is
+    # named with the versions it serves.
+    missing = (grpc.StatusCode.NOT_FOUND, "model fake-gen has no version '7'; versions: 1, 2")
+    fake_server.service.fail["GetModel"].append(missing)
+    out = tmp_path / "seven"
+    with pytest.raises(BulkError) as refused:
+        run_job(fake_server.target, out, BulkParams("fake-gen", n=3, version="7"))
+    served = "(served: 1 (READY), 2 (READY))"
+    assert str(refused.value) == f"model 'fake-gen' has no version '7' on the server {served}"
+    assert not out.exists()
+    assert fake_server.service.calls["SampleStream"] == 1
+
+
 def test_a_cli_job_pins_the_version_whose_labels_it_resolved_from_one_lookup(
     fake_server: FakeServer,
     tmp_path: Path,
