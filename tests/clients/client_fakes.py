@@ -80,7 +80,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     sample_peak: int = 0
     # Sample: each call's SampleRequest.version, in order ("" for the highest ready).
     sample_versions: list[str] = field(default_factory=list)
-    # GetModel: each call's GetModelRequest.version, in order ("" for all versions).
+    # GetModel: each call's GetModelRequest.version, in order ("" for all versions; a version _info
+    # does not list is answered NOT_FOUND, as the server answers).
     model_versions: list[str] = field(default_factory=list)
     _sample_now: int = 0
     _sample_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -188,9 +189,22 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     def GetModel(
         self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.ModelInfo:
+        """As the server answers: the version asked for alone (of the versions _info lists), and
+        NOT_FOUND naming the versions served for one it does not have."""
         self._enter("GetModel", context)
         self.model_versions.append(request.version)
-        return self._info(request.name)
+        info = self._info(request.name)
+        if request.version:
+            asked = [v for v in info.versions if v.version == request.version]
+            if not asked:
+                served = ", ".join(v.version for v in info.versions) or "none"
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"model {request.name} has no version {request.version!r}; versions: {served}",
+                )
+            del info.versions[:]
+            info.versions.extend(asked)
+        return info
 
     def ListModels(
         self, request: genserve_pb2.ListModelsRequest, context: grpc.ServicerContext

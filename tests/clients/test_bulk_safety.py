@@ -322,14 +322,12 @@ def test_a_library_job_of_a_named_version_is_checked_against_that_versions_kind(
     kinds = {"1": "generator", "2": "image_to_image"}
 
     def two_versions(name: str) -> genserve_pb2.ModelInfo:
+        # (the fake answers a GetModel naming a version with that version alone, or NOT_FOUND)
         answer = info(name)
-        asked = fake_server.service.model_versions[-1]
-        v1, v2 = answer.versions[0], genserve_pb2.ModelVersionInfo()
-        v2.CopyFrom(v1)
+        v2 = answer.versions.add()
+        v2.CopyFrom(answer.versions[0])
         v2.version = "2"
-        answer.kind = kinds[asked or "2"]
-        del answer.versions[:]
-        answer.versions.extend([v for v in (v1, v2) if asked in ("", v.version)])
+        answer.kind = kinds.get(fake_server.service.model_versions[-1] or "2", "")
         return answer
 
     monkeypatch.setattr(fake_server.service, "_info", two_versions)
@@ -347,8 +345,6 @@ def test_a_library_job_of_a_named_version_is_checked_against_that_versions_kind(
     assert not out.exists()
     # A version the server does not have (NOT_FOUND, as the server answers a GetModel naming it) is
     # named with the versions it serves.
-    missing = (grpc.StatusCode.NOT_FOUND, "model fake-gen has no version '7'; versions: 1, 2")
-    fake_server.service.fail["GetModel"].append(missing)
     out = tmp_path / "seven"
     with pytest.raises(BulkError) as refused:
         run_job(fake_server.target, out, BulkParams("fake-gen", n=3, version="7"))
@@ -443,16 +439,14 @@ def test_a_cli_job_of_a_named_version_resolves_its_labels_from_that_versions_cla
     v2_classes = ["cat", "dog"]
 
     def two_versions(name: str) -> genserve_pb2.ModelInfo:
+        # (the fake answers a GetModel naming a version with that version alone, or NOT_FOUND)
         answer = info(name)
-        asked = fake_server.service.model_versions[-1]
-        v1, v2 = answer.versions[0], genserve_pb2.ModelVersionInfo()
-        v2.CopyFrom(v1)
+        v2 = answer.versions.add()
+        v2.CopyFrom(answer.versions[0])
         v2.version = "2"
-        if asked != "1":
+        if fake_server.service.model_versions[-1] != "1":
             del answer.class_names[:]
             answer.class_names.extend(v2_classes)
-        del answer.versions[:]
-        answer.versions.extend([v for v in (v1, v2) if asked in ("", v.version)])
         return answer
 
     monkeypatch.setattr(fake_server.service, "_info", two_versions)
@@ -472,8 +466,6 @@ def test_a_cli_job_of_a_named_version_resolves_its_labels_from_that_versions_cla
     assert not (tmp_path / "dog").exists()
     # A version the server does not have (NOT_FOUND, as the server answers a GetModel naming it) is
     # still named with the versions it serves.
-    missing = (grpc.StatusCode.NOT_FOUND, "model fake-cond has no version '3'; versions: 1, 2")
-    fake_server.service.fail["GetModel"].append(missing)
     code, _, err = cli_main(capsys, *t[:-1], "3", "--out", str(tmp_path / "three"))
     served = "(served: 1 (READY), 2 (READY))"
     assert code == 2 and f"--version '3': model 'fake-cond' has no such version {served}" in err, err

@@ -546,6 +546,7 @@ def test_bench_measures_the_version_its_version_flag_names(
 ) -> None:
     """--version (help: 'default: the highest ready') was accepted and never sent: every call went
     to the highest ready version, so the figures were of another version than the one asked for."""
+    fake_server.service.version = "7"  # (a GetModel naming a version the fake lacks is NOT_FOUND)
     run = ("bench", "--model", "fake-gen", "--version", "7", "--concurrency", "1", "--duration", "0.2")
     code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--warmup", "0.1", "--json")
     assert code == 0, err

@@ -60,6 +60,19 @@ def test_retries_stop_after_max_attempts(fake_server: FakeServer) -> None:
     assert fake_server.service.calls["GetModel"] == FAST_RETRY.max_attempts
 
 
+def test_the_fake_answers_a_get_model_naming_a_version_as_the_server_does(fake_server: FakeServer) -> None:
+    # The fake answered every GetModel with all its versions, and a version it does not have
+    # without NOT_FOUND: tests of a client naming a version injected what the server would say.
+    fake_server.service.version = "2"
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        assert [v.version for v in client.get_model("fake-gen", "2").versions] == ["2"]
+        with pytest.raises(GenserveClientError) as info:
+            client.get_model("fake-gen", "1")
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+    assert info.value.details == "model fake-gen has no version '1'; versions: 2"
+    assert fake_server.service.model_versions == ["2", "1"]
+
+
 def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:
     with pytest.raises(ValueError, match="INVALID_ARGUMENT"):
         RetryPolicy(retryable_codes=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))
