@@ -744,12 +744,12 @@ def test_a_ctrl_c_to_a_program_running_the_cli_in_process_reaches_that_program(
 
     main = importlib.import_module(entry).main
 
-    def interrupted(*args: object) -> int:
+    def interrupted(*args: object, **kwargs: object) -> int:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(30)
         return 0
 
-    async def interrupted_run(*args: object) -> list[dict[str, Any]]:
+    async def interrupted_run(*args: object, **kwargs: object) -> list[dict[str, Any]]:
         import asyncio
 
         os.kill(os.getpid(), signal.SIGINT)
