@@ -15,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import Executor
 from contextvars import ContextVar
@@ -78,7 +79,8 @@ class ThrottledLog:
     `level`, then at most one line per `interval_s` for that kind, saying how many more came; the
     others go to DEBUG, each with its own message (so `--log-level DEBUG` shows every one). Where
     events were held back and none comes after the interval (the flood stopped), a timer on the
-    running event loop logs the last of them with the count then."""
+    running event loop logs the last of them with the count then; at shutdown, before the loop
+    ends with the timer, flush_held_back() does."""
 
     def __init__(
         self, log: logging.Logger, level: int = logging.INFO, interval_s: float = REFUSAL_LOG_INTERVAL_S
@@ -95,6 +97,7 @@ class ThrottledLog:
         if now < next_at:
             self._kinds[key] = (next_at, held_back + 1)
             self._last_held[key] = (message, args)
+            _HOLDING.add(self)
             self._logger.debug(message, *args)
             if not held_back:  # the first held back since the last line: its count is logged at next_at
                 try:
@@ -109,6 +112,8 @@ class ThrottledLog:
         self, key: Hashable, now: float, message: str, args: tuple[object, ...], held_back: int
     ) -> None:
         self._last_held.pop(key, None)
+        if not self._last_held:
+            _HOLDING.discard(self)
         if held_back:
             message, args = f"{message} (%d more since the last line)", (*args, held_back)
         self._logger.log(self._level, message, *args)
@@ -122,6 +127,23 @@ class ThrottledLog:
         if at != next_at or not held_back or last is None:  # a line was written since
             return
         self._line(key, time.monotonic(), last[0], last[1], held_back - 1)
+
+    def flush(self) -> None:
+        """Each kind's events held back since its last line: the last of them, with the count, now."""
+        for key, (message, args) in list(self._last_held.items()):
+            _, held_back = self._kinds[key]
+            self._line(key, time.monotonic(), message, args, held_back - 1)
+
+
+# The ThrottledLogs with events held back that no line has counted yet (flush_held_back).
+_HOLDING: weakref.WeakSet[ThrottledLog] = weakref.WeakSet()
+
+
+def flush_held_back() -> None:
+    """At shutdown (App.stop): every count still held back, logged now, as its timer would at its
+    interval's end (the event loop ends first, its timers with it)."""
+    for log in list(_HOLDING):
+        log.flush()
 
 
 def status_code(code: Code) -> grpc.StatusCode:

@@ -56,7 +56,13 @@ from genserve.v1 import genserve_pb2, genserve_pb2_grpc
 from genserve_contract.stdio import HelpParser, Stdout
 from genserve_server import accept, event_loop, kserve, probe, security, start_signals, wire
 from genserve_server.admission import GENERATION_CONTROL, Admission, AdmissionLimits
-from genserve_server.boundary import Boundary, UnknownMethods, describe_calls, echo_request_id
+from genserve_server.boundary import (
+    Boundary,
+    UnknownMethods,
+    describe_calls,
+    echo_request_id,
+    flush_held_back,
+)
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError, escape_controls
@@ -752,6 +758,7 @@ class App:
         # Last: until here probes get NOT_SERVING (shutting down), not a refused connection.
         if self.health_server is not None:
             await self.health_server.stop(0)
+        flush_held_back()  # the refusal counts whose timers would run after the loop's end
         logger.info("stopped in %.2f s", time.monotonic() - started)
 
     async def _in_flight_after(self, deadline: float) -> collections.Counter[str]:

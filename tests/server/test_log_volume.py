@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_support import ServerProcess, build_tiny_repo, start_server
+from server_support import ServerProcess, build_tiny_repo, start_server, write_tiny_generator
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -169,3 +170,22 @@ def test_a_throttled_kinds_held_back_count_reaches_the_log_after_the_flood_stops
         "request_id=x code=NOT_FOUND",
         "request_id=49 rejected (48 more since the last line)",
     ]
+
+
+def test_a_count_held_back_when_the_server_stops_is_in_its_log(tmp_path: Path) -> None:
+    """The held-back count's timer runs at the interval's end (10 s): a server stopped before it
+    (a flood, then a deploy's SIGTERM) dropped the timer with the loop, its log showing one refused
+    call of the flood. A graceful stop writes every count still held back."""
+    write_tiny_generator(tmp_path / "models", "tiny-gen")
+    server = start_server(tmp_path / "models", tmp_path / "work")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            unknown = _refused(lambda: stub.Sample(pb.SampleRequest(model="nope", count=1)), 30)
+            assert unknown == grpc.StatusCode.NOT_FOUND
+    finally:
+        assert server.stop() == 0
+    lines = [line for line in server.log().splitlines() if "code=NOT_FOUND" in line]
+    assert len(lines) == 2, lines
+    assert "more since the last line" not in lines[0]
+    assert lines[1].endswith("(28 more since the last line)")
