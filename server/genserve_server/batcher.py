@@ -1170,6 +1170,7 @@ class Batcher:
         )
         if isinstance(exc, MemoryError):  # no room for the request's arrays (a container's limit)
             failure = out_of_memory_refusal(self.name, f": {exc}")
+        failure.logged = True  # the line above names every request id of the batch
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)
 
