@@ -74,11 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The signal that came first stops the command, not the one Python handles first.
             unwatch = watch_arrivals() if held_int and held_term else None
             status = cli_main(argv)
+            if entry:  # in the try: a signal before finished() has it done is the command's stop
+                finished(status)
         except KeyboardInterrupt as exc:  # where cli.main() does not catch it (its argument parsing)
             from genserve_contract.stdio import err_line  # loaded by the CLI's imports, done by now
 
             say_stop(exc, err_line)  # nothing where stderr is closed (`2>&-`): the exit status says it
             status = stop_status(exc)
+            if entry:  # a signal from now on ends the process at once, with this status
+                finished(status)
     finally:
         if not entry:  # also where argparse's SystemExit (a usage error) leaves the command
             stop = first_stop()
@@ -92,10 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # a Ctrl-C (cli.main(argv)'s too) goes on to it as its KeyboardInterrupt, a SIGTERM to
             # the handler found, with the program's handlers put back.
             pass_on(stop, sigterm=held_term)
-    if entry:
-        # The handlers stay: a signal from now on (grpc's cleanup at the interpreter's exit, which
-        # one interrupted part-way could hang) ends the process at once with this status.
-        finished(status)
+    # Called as the entry, the handlers stay (finished above): a signal from now on (grpc's cleanup
+    # at the interpreter's exit, which one interrupted part-way could hang) ends the process at once
+    # with this status.
     return status
 
 

@@ -724,6 +724,47 @@ def test_a_sigterm_as_the_cli_sets_its_stop_handlers_exits_143_with_one_line() -
     assert "the command ran" not in proc.stdout
 
 
+# The console script, where a SIGTERM is handled as the command returns, before __main__.main has
+# recorded it done (finished): sent from finished itself, before it runs.
+SIGTERM_AS_THE_COMMAND_RETURNS = """
+import signal, sys
+import genserve_client.__main__ as entry
+from genserve_client import cli
+
+finished = entry.finished
+
+def finishing(status):
+    entry.finished = finished  # once
+    signal.raise_signal(signal.SIGTERM)
+    finished(status)
+
+def done(client, args):
+    print("the command ran", flush=True)
+    return 0
+
+entry.finished = finishing
+cli.COMMANDS["models"] = done
+sys.argv = ["genserve-client", "--target", "127.0.0.1:1", "models"]
+sys.exit(entry.main())  # as the console script runs it
+"""
+
+
+def test_a_sigterm_as_the_command_returns_exits_143_with_one_line() -> None:
+    """A SIGTERM handled between the command's return and __main__.main recording it done: its
+    Terminated was raised outside the try that says a stop, a traceback and exit 1. Not yet done,
+    the command is stopped by it as anywhere else: its one line, 143."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AS_THE_COMMAND_RETURNS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr)
+    assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
+    assert "the command ran" in proc.stdout
+
+
 @pytest.mark.parametrize("command", ["models", "bulk", "bench"])
 @pytest.mark.parametrize("entry", ["genserve_client.__main__", "genserve_client.cli"])
 def test_a_ctrl_c_to_a_program_running_the_cli_in_process_reaches_that_program(
