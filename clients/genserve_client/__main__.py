@@ -30,6 +30,7 @@ from genserve_client.interrupt import (
     reset,
     say_stop,
     stop_status,
+    unwatch_arrivals,
     watch_arrivals,
 )
 
@@ -59,7 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _interrupted)
     if held_term:
         signal.signal(signal.SIGTERM, _interrupted)
-    unwatch = None
     try:
         try:
             # A signal from the moment raise_interrupted/raise_terminated are set is the command's
@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if held_term:
                     signal.signal(signal.SIGTERM, raise_terminated)
             # The signal that came first stops the command, not the one Python handles first.
-            unwatch = watch_arrivals() if held_int and held_term else None
+            if held_int and held_term:
+                watch_arrivals()
             status = cli_main(argv)
             if entry:  # in the try: a signal before finished() has it done is the command's stop
                 finished(status)
@@ -86,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not entry:  # also where argparse's SystemExit (a usage error) leaves the command
             stop = first_stop()
-            if unwatch is not None:
-                unwatch()
+            unwatch_arrivals()
             for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers, strict=True):
                 if handler is not None:  # None: not set from Python, left as it is
                     signal.signal(signum, handler)

@@ -35,6 +35,7 @@ class _Stop:
     said = False  # its line is on stderr
     status: int | None = None  # the command's exit status, once it is done
     arrivals: int | None = None  # read end of the wakeup fd's pipe: signal numbers as they arrived
+    pipe: tuple[int, int] | None = None  # watch_arrivals' pipe, read and write ends, till unwatched
 
 
 def raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -55,39 +56,48 @@ def _stop_signal(exc: KeyboardInterrupt) -> None:
     end_now(exc)
 
 
-def watch_arrivals() -> Callable[[], None]:
+def watch_arrivals() -> None:
     """Python runs the handlers of the signals that arrived since the main thread last looked in
     the order of their numbers, SIGINT (2) before SIGTERM (15): a SIGTERM followed, before it looked
     (a grpc call's wait looks every 0.1 s), by a Ctrl-C stopped the command as the Ctrl-C (130).
     The C handler writes each signal's number to the wakeup fd as it arrives: the first stop is
     the one that came first (_arrived_first). Only where SIGINT's and SIGTERM's handlers are the
-    CLI's, in the main thread, and no wakeup fd is set (an event loop's stays). Returns what puts
-    the process back as it was."""
+    CLI's, in the main thread, and no wakeup fd is set (an event loop's stays). unwatch_arrivals()
+    puts the process back as it was, also after a signal stopped this call part-way."""
     try:
         read, write = os.pipe()
     except OSError:
-        return lambda: None
+        return
+    _Stop.pipe = read, write  # before the wakeup fd is set: a signal from now on, unwatch_arrivals undoes it
+    _Stop.arrivals = read
     os.set_blocking(read, False)
     os.set_blocking(write, False)
     try:
         found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     except ValueError:  # not the main thread
-        found = None
+        found = -1
+        _Stop.pipe = None
     if found != -1:
-        if found is not None:
-            signal.set_wakeup_fd(found)
-        os.close(read)
-        os.close(write)
-        return lambda: None
-    _Stop.arrivals = read
-
-    def undo() -> None:
-        signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(found)
+        _Stop.pipe = None
+    if _Stop.pipe is None:
         _Stop.arrivals = None
         os.close(read)
         os.close(write)
 
-    return undo
+
+def unwatch_arrivals() -> None:
+    """Puts back what watch_arrivals changed: no wakeup fd where it set its own, its pipe closed."""
+    pipe, _Stop.pipe = _Stop.pipe, None
+    if pipe is None:
+        return
+    read, write = pipe
+    found = signal.set_wakeup_fd(-1)
+    if found != write:  # not ours (a signal stopped watch_arrivals before it set it): left as it was
+        signal.set_wakeup_fd(found)
+    _Stop.arrivals = None
+    os.close(read)
+    os.close(write)
 
 
 def _arrived_first(exc: KeyboardInterrupt) -> KeyboardInterrupt:

@@ -819,6 +819,40 @@ def test_a_ctrl_c_to_a_program_running_the_cli_in_process_reaches_that_program(
     assert after == (signal.default_int_handler, handlers[1])
 
 
+def test_a_ctrl_c_as_the_entry_sets_its_wakeup_fd_leaves_none_set_after_an_in_process_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C handled inside watch_arrivals once it had set its wakeup fd, before __main__.main
+    had what undoes it: main(argv) called from a program left the CLI's pipe as the process's wakeup
+    fd (every signal written there for good, an event loop's or a later run's own refused) and its
+    two descriptors open. The command stops as anywhere else, and the process is put back."""
+    from genserve_client import __main__ as entry
+
+    set_wakeup_fd = signal.set_wakeup_fd
+    ours: list[int] = []
+
+    def setting(fd: int, **kwargs: Any) -> int:
+        found = set_wakeup_fd(fd, **kwargs)
+        if fd != -1 and not ours:
+            ours.append(fd)
+            signal.raise_signal(signal.SIGINT)
+        return found
+
+    monkeypatch.setattr(signal, "set_wakeup_fd", setting)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as a program has it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            entry.main(["--target", "127.0.0.1:1", "models"])
+    finally:
+        left = set_wakeup_fd(-1)
+        signal.signal(signal.SIGINT, handlers[0])
+    assert ours and left == -1, (ours, left)
+    with pytest.raises(OSError):
+        os.fstat(ours[0])
+    assert capsys.readouterr().err.splitlines() == ["genserve-client: interrupted"]
+
+
 def test_the_entry_run_from_python_puts_the_handlers_back_after_a_usage_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
