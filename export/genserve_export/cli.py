@@ -434,12 +434,23 @@ _received: list[int] = []  # the signals that stopped main()'s command (SIGTERM:
 _arrivals: list[int] = []  # read end of main()'s wakeup fd: signal numbers as they arrived
 
 
+class _Stopped:
+    """main()'s command once stopped: its except has the stop (a signal from then on ends the
+    process at once, _end_now)."""
+
+    status: int | None = None  # the stop's exit status (130, 143)
+    line = ""  # its line, till said
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     """Python runs the handlers of signals that arrived while the main thread was in C (a torch op,
     an ONNX export) in the order of their numbers, SIGINT's first: a SIGTERM's handler then raised
     its BuildInterrupted in the Ctrl-C's cleanup. Where main() set a wakeup fd, the C handler wrote
     each signal there as it arrived: the first read decides the stop, and a signal whose arrival an
-    earlier handler read is part of that stop, not another one."""
+    earlier handler read is part of that stop, not another one. Once main() has the stop (saying its
+    line, putting the handlers back), a signal ends the process at once (_end_now)."""
+    if _Stopped.status is not None:
+        _end_now(_Stopped.status)
     if _arrivals:
         try:
             arrived = [s for s in os.read(_arrivals[0], 4096) if s in (signal.SIGINT, signal.SIGTERM)]
@@ -475,6 +486,37 @@ def _watch_arrivals() -> Callable[[], None]:
         os.close(write)
 
     return undo
+
+
+def _end_now(status: int) -> None:
+    """A signal once main()'s command has stopped: what is buffered flushed, the stop's line where it
+    is not said yet, os._exit with its status; another BuildInterrupted there was a traceback. As
+    genserve-client's second stop (genserve_client.interrupt.end_now)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # noqa: BLE001,S110 - a reader gone, a reentrant flush: exit all the same
+            pass
+    if _Stopped.line:
+        try:
+            os.write(2, f"{_Stopped.line}\n".encode())
+        except OSError:  # stderr closed: the exit status says it
+            pass
+    os._exit(status)
+
+
+def _say_stop(line: str) -> None:
+    """main()'s stop line, with SIGINT and SIGTERM held till it is said: a signal meanwhile ends the
+    process once it is (_end_now), not with it said twice. The mask found is put back."""
+    mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
+    found = mask(signal.SIG_BLOCK, STOP_SIGNALS) if mask is not None else None
+    try:
+        err_line(line)
+        _Stopped.line = ""
+    finally:
+        if mask is not None and found is not None:
+            mask(signal.SIG_SETMASK, found)
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -717,7 +759,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
-        err_line(f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})")
+        _Stopped.status = 128 + signum  # a signal from now on ends the process at once (_end_now)
+        _Stopped.line = f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})"
+        _say_stop(_Stopped.line)
         if signum == signal.SIGINT:
             _received.append(signum)
         return 128 + signum
@@ -728,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous_int)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        _Stopped.status, _Stopped.line = None, ""  # _raise_interrupted called later (build-defaults) raises
         if not entry:  # called from a program: the signal that stopped the command was sent to it
             _pass_on(_received, sigterm=previous is not None)
 

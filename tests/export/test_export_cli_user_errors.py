@@ -347,6 +347,51 @@ def test_a_ctrl_c_soon_after_a_sigterm_stops_a_command_with_the_sigterms_line_an
     assert proc.stdout == "cleaned up\n"
 
 
+@pytest.mark.parametrize("where", ["its line said", "SIGINT's handler put back"])
+def test_a_second_sigterm_once_a_command_has_stopped_ends_it_at_once_with_the_first_stops_status(
+    tmp_path: Path, where: str
+) -> None:
+    """A SIGTERM stops verify; a second one while main() says its line or puts the handlers back
+    (SIGTERM's still _raise_interrupted) raised another BuildInterrupted there: a traceback after the
+    line, exit 1. As genserve-client's second stop: the process ends at once, its line once, 143."""
+    script = (
+        "import os, signal, sys, time\n"
+        "import genserve_export.verify\n"
+        "from genserve_export import cli\n"
+        f"WHERE = {where!r}\n"
+        "def waiting(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "say = cli.err_line\n"
+        "def saying(line):\n"
+        "    say(line)\n"
+        "    if WHERE == 'its line said':\n"
+        "        signal.raise_signal(signal.SIGTERM)\n"
+        "set_handler = signal.signal\n"
+        "def setting(signum, handler):\n"
+        "    found = set_handler(signum, handler)\n"
+        "    if WHERE != 'its line said' and signum == signal.SIGINT and found is cli._raise_interrupted:\n"
+        "        signal.raise_signal(signal.SIGTERM)\n"
+        "    return found\n"
+        "genserve_export.verify.verify_repository = waiting\n"
+        "cli.err_line = saying\n"
+        "signal.signal = setting\n"
+        f"sys.argv = ['genserve-export', 'verify', {str(tmp_path)!r}]\n"
+        "sys.exit(cli.main())  # as the console script runs it\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    stops = [line for line in proc.stderr.splitlines() if ": stopped (" in line]
+    assert stops == ["genserve-export verify: stopped (SIGTERM)"], proc.stderr
+
+
 def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_programs_handler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
