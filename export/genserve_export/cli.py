@@ -461,31 +461,43 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise BuildInterrupted(signum)
 
 
-def _watch_arrivals() -> Callable[[], None]:
-    """A wakeup fd for _raise_interrupted (where none is set: an event loop's stays); returns what
-    puts the process back. The same as genserve_client.interrupt.watch_arrivals: genserve-export
-    does not depend on the client package."""
+_pipe: list[int] = []  # _watch_arrivals' pipe, read and write ends, till _unwatch_arrivals
+
+
+def _watch_arrivals() -> None:
+    """A wakeup fd for _raise_interrupted (where none is set: an event loop's stays);
+    _unwatch_arrivals puts the process back, also after a signal stopped this call part-way. The
+    same as genserve_client.interrupt.watch_arrivals: genserve-export does not depend on the client
+    package."""
     try:
         read, write = os.pipe()
     except OSError:  # no file descriptor left: Python's order, as without it
-        return lambda: None
+        return
+    _pipe[:] = [read, write]  # before the wakeup fd is set: a signal from now on, _unwatch_arrivals undoes it
     os.set_blocking(read, False)
     os.set_blocking(write, False)
     found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     if found != -1:
         signal.set_wakeup_fd(found)
+        _pipe.clear()
         os.close(read)
         os.close(write)
-        return lambda: None
+        return
     _arrivals.append(read)
 
-    def undo() -> None:
-        signal.set_wakeup_fd(-1)
-        _arrivals.clear()
-        os.close(read)
-        os.close(write)
 
-    return undo
+def _unwatch_arrivals() -> None:
+    """Puts back what _watch_arrivals changed: no wakeup fd where it set its own, its pipe closed."""
+    if not _pipe:
+        return
+    read, write = _pipe
+    _pipe.clear()
+    found = signal.set_wakeup_fd(-1)
+    if found != write:  # not ours (a signal stopped _watch_arrivals before it set it): left as it was
+        signal.set_wakeup_fd(found)
+    _arrivals.clear()
+    os.close(read)
+    os.close(write)
 
 
 def _end_now(status: int) -> None:
@@ -747,7 +759,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
     take_int = previous_int is signal.default_int_handler
     _received.clear()
-    unwatch = None
     try:
         # In the try: a SIGTERM from the moment its handler is set is the command's stop (its line
         # and 143), not a BuildInterrupted traceback.
@@ -755,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, _raise_interrupted)
         if take_int:
             signal.signal(signal.SIGINT, _raise_interrupted)
-            unwatch = _watch_arrivals()
+            _watch_arrivals()
         return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
@@ -766,8 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _received.append(signum)
         return 128 + signum
     finally:
-        if unwatch is not None:
-            unwatch()
+        _unwatch_arrivals()
         if take_int:
             signal.signal(signal.SIGINT, previous_int)
         if previous is not None:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -419,6 +420,37 @@ def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_progra
     assert capsys.readouterr().err.strip().splitlines()[-1] == "genserve-export train: stopped (SIGTERM)"
     assert received == [signal.SIGTERM]
     assert handler is program
+
+
+def test_a_ctrl_c_as_main_sets_its_wakeup_fd_leaves_none_set_after_an_in_process_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C handled inside _watch_arrivals once it had set its wakeup fd, before main() had
+    what undoes it: main(argv) called from a program left the command's pipe as the process's
+    wakeup fd (an event loop's or a later run's own refused) and its two descriptors open. The
+    command stops as anywhere else, and the process is put back."""
+    set_wakeup_fd = signal.set_wakeup_fd
+    ours: list[int] = []
+
+    def setting(fd: int, **kwargs: Any) -> int:
+        found = set_wakeup_fd(fd, **kwargs)
+        if fd != -1 and not ours:
+            ours.append(fd)
+            signal.raise_signal(signal.SIGINT)
+        return found
+
+    monkeypatch.setattr(signal, "set_wakeup_fd", setting)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as a program has it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["verify", str(tmp_path)])
+    finally:
+        left = set_wakeup_fd(-1)
+        signal.signal(signal.SIGINT, handlers[0])
+    assert ours and left == -1, (ours, left)
+    with pytest.raises(OSError):
+        os.fstat(ours[0])
 
 
 @pytest.mark.parametrize("command", ["train", "build-defaults"])
