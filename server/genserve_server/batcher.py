@@ -44,7 +44,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -187,10 +187,74 @@ def request_ids(parts: list[Part]) -> str:
     """The request ids of the RPCs whose rows `parts` hold, for a log line about them (each id once,
     in batch order; `-` for a request of no RPC): a failed model call fails every one of them, and
     an operator greps the log for the id a client quotes (docs/metrics.md)."""
+    return caller_ids(part.request.caller for part in parts)
+
+
+def caller_ids(callers: Iterable[Caller | None]) -> str:
+    """request_ids of the RPCs `callers` (a code prior's step rows': step_sampler)."""
     ids: dict[str, None] = {}
-    for part in parts:
-        ids[getattr(part.request.caller, "request_id", None) or "-"] = None
+    for caller in callers:
+        ids[getattr(caller, "request_id", None) or "-"] = None
     return ",".join(ids)
+
+
+class FailureLog:
+    """The line of a failed model call of one model version (docs/operations.md, "Faults"): a
+    batcher's failed batch, a code prior's failed step. `name`: "model M version N"."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._next_traceback_at = 0.0  # time.monotonic(): a failed call's next stack to log
+
+    def write(self, call: str, ids: str, outcome: str, error: Exception) -> None:
+        """One line naming the model and version, the call (`call`: "batch of 4 rows from 2
+        requests"), the request ids of the RPCs it held, what came of it (`outcome`, "" or "; ...")
+        and the error; its stack at most once per FAILURE_TRACEBACK_INTERVAL_S."""
+        short = out_of_memory(error)
+        if short:  # an operator's matter (the requests' sizes, the container's memory), not a bug
+            logger.warning(
+                "%s: %s ran out of memory (request_ids=%s)%s: %s; send smaller requests, lower "
+                "max_sr_input_pixels or max_batch_size, or give the server more memory "
+                '(docs/operations.md, "Memory budgets")',
+                self.name,
+                call,
+                ids,
+                outcome,
+                short,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            return
+        # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote
+        # ~25 lines a failed call (each half retried logs too); every failed call keeps its line.
+        now = time.monotonic()
+        stack = not isinstance(error, GenserveError) and now >= self._next_traceback_at
+        if stack:
+            self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
+        logger.error(
+            "%s: %s failed (request_ids=%s)%s: %r%s",
+            self.name,
+            call,
+            ids,
+            outcome,
+            error,
+            ""
+            if stack or isinstance(error, GenserveError)
+            else " (its stack: logged with an earlier failure, once a minute)",
+            exc_info=error if stack else None,
+        )
+
+
+def model_call_failure(name: str, error: Exception) -> GenserveError:
+    """What the requests of a failed model call of `name` get, marked logged (FailureLog's line names
+    their ids): RESOURCE_EXHAUSTED where memory ran out, else INTERNAL "model call failed" (the
+    runtime's message in the log only), or the GenserveError's message."""
+    failure: GenserveError
+    if out_of_memory(error):  # a container's memory limit, a GPU arena's cap: not a model fault
+        failure = out_of_memory_refusal(name, " (see the server log)")
+    else:
+        failure = Internal(str(error) if isinstance(error, GenserveError) else f"{name}: model call failed")
+    failure.logged = True
+    return failure
 
 
 def cancelled_by_deadline(deadline: float | None, now: float | None = None) -> bool:
@@ -326,7 +390,7 @@ class Batcher:
         # were in the server (SampleStreams are not tracked callers): see callers_overlap.
         self._callers_overlapped_at = -math.inf
         self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
-        self._next_traceback_at = 0.0  # time.monotonic(): a failed batch's next stack to log
+        self._failures = FailureLog(name)
         # The sub-queue whose rows a split left for the next batches (_split_over_free): they go at
         # once, without a window of their own (None: no split pending).
         self._split_rest: tuple[Lane, Hashable] | None = None
@@ -1248,39 +1312,8 @@ class Batcher:
             else:
                 failed_ids = request_ids(failed)
                 outcome = f"; retrying the batch in halves: request_ids={failed_ids} failed, others computed"
-        short = out_of_memory(error)
-        if short:  # an operator's matter (the requests' sizes, the container's memory), not a bug
-            logger.warning(
-                "%s: batch of %d rows from %d requests ran out of memory (request_ids=%s)%s: %s; send "
-                "smaller requests, lower max_sr_input_pixels or max_batch_size, or give the server more "
-                'memory (docs/operations.md, "Memory budgets")',
-                self.name,
-                rows,
-                len(parts),
-                request_ids(parts),
-                outcome,
-                short,
-                exc_info=logger.isEnabledFor(logging.DEBUG),
-            )
-            return
-        # The stack once per FAILURE_TRACEBACK_INTERVAL_S: a model whose every batch fails wrote
-        # ~25 lines a failed call (each half retried logs too); every failed batch keeps its line.
-        now = time.monotonic()
-        stack = not isinstance(error, GenserveError) and now >= self._next_traceback_at
-        if stack:
-            self._next_traceback_at = now + FAILURE_TRACEBACK_INTERVAL_S
-        logger.error(
-            "%s: batch of %d rows from %d requests failed (request_ids=%s)%s: %r%s",
-            self.name,
-            rows,
-            len(parts),
-            request_ids(parts),
-            outcome,
-            error,
-            ""
-            if stack or isinstance(error, GenserveError)
-            else " (its stack: logged with an earlier failure, once a minute)",
-            exc_info=error if stack else None,
+        self._failures.write(
+            f"batch of {rows} rows from {len(parts)} requests", request_ids(parts), outcome, error
         )
 
     async def _isolate(self, parts: list[Part], error: Exception, failed: list[Part]) -> bool:
@@ -1330,11 +1363,8 @@ class Batcher:
             failure = Unavailable(
                 f"{self.name} shut down while the batch was retried; retry on another replica"
             )
-        elif out_of_memory(error):  # a container's memory limit, a GPU arena's cap: not a model fault
-            failure = out_of_memory_refusal(self.name, " (see the server log)")
         else:
-            message = str(error) if isinstance(error, GenserveError) else f"{self.name}: model call failed"
-            failure = Internal(message)
+            failure = model_call_failure(self.name, error)
         failure.logged = True  # _log_failure's line names every request id of the batch
         for part in parts:
             set_exception_if_not_done(part.request.future, failure)

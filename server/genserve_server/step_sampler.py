@@ -51,8 +51,16 @@ import numpy as np
 from genserve_contract.config import MAX_TEMPERATURE, SamplingConfig
 from genserve_server import latents
 from genserve_server.batch_parts import Caller, count_once
-from genserve_server.batcher import WITHDRAWN, Lane, drop_reason, withdrawn
-from genserve_server.errors import DeadlineExceeded, Internal, ResourceExhausted, invalid
+from genserve_server.batcher import (
+    WITHDRAWN,
+    FailureLog,
+    Lane,
+    caller_ids,
+    drop_reason,
+    model_call_failure,
+    withdrawn,
+)
+from genserve_server.errors import DeadlineExceeded, GenserveError, Internal, ResourceExhausted, invalid
 from genserve_server.metrics import ModelMetrics
 
 CODE_RNG_ALGORITHM: Final = "philox4x32-10/code-sampling/v1"
@@ -242,6 +250,7 @@ class StepScheduler:
         self.metrics = metrics
         self._requests = itertools.count(1)
         self.name = name
+        self._failures = FailureLog(name)  # a failed step's line, as a failed batch's
         self.grid = grid
         self.positions = grid[0] * grid[1]
         self.codebook_size = codebook_size
@@ -484,12 +493,7 @@ class StepScheduler:
                     if self.metrics is not None:  # a model call all the same, as a batcher's failed batch
                         self._observe_call(rows, time.perf_counter() - started)
                         self.metrics.batch_failures.inc()
-                    gone: dict[int, str] = {}
-                    for row in rows:
-                        if row.future.done():  # cancelled during the call: a drop, as after a step
-                            self._dropped(row, drop_reason(row.deadline, time.monotonic()), gone)
-                        else:
-                            row.future.set_exception(exc)
+                    self._fail_step(rows, exc)
                     self._running = [r for r in self._running if r not in rows]
                     continue
                 self.stats.steps += 1
@@ -530,6 +534,25 @@ class StepScheduler:
             self._task = None
             if self.metrics is not None:
                 self.metrics.step_running_rows.set(len(self._running))
+
+    def _fail_step(self, rows: Sequence[Row], exc: Exception) -> None:
+        """A failed step's rows fail as a failed batch's requests do (docs/operations.md, "Faults"):
+        one line naming the prior, its version and every request id, the stack at most once a
+        minute, and INTERNAL "model call failed" (RESOURCE_EXHAUSTED where memory ran out) marked
+        logged; a GenserveError (the version unloaded, the shutdown's abort) as it is. Each call
+        got the runtime's exception: the boundary's "unexpected error" with a traceback, per call."""
+        failure: Exception = exc
+        if not isinstance(exc, GenserveError):
+            calls = len({row.request for row in rows})
+            ids = caller_ids(row.caller for row in rows)
+            self._failures.write(f"step of {len(rows)} rows from {calls} requests", ids, "", exc)
+            failure = model_call_failure(self.name, exc)
+        gone: dict[int, str] = {}
+        for row in rows:
+            if row.future.done():  # cancelled during the call: a drop, as after a step
+                self._dropped(row, drop_reason(row.deadline, time.monotonic()), gone)
+            else:
+                row.future.set_exception(failure)
 
     def _observe_call(self, rows: Sequence[Row], compute_s: float) -> None:
         """One step's model call in the batch histograms (failed or not): a step is one batch."""

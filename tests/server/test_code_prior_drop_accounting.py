@@ -187,7 +187,7 @@ def test_a_failed_prior_step_is_a_model_call_in_the_batch_histograms(tmp_path: P
             raise RuntimeError("prior failed")
 
         scheduler._run = broken
-        with pytest.raises(RuntimeError, match="prior failed"):
+        with pytest.raises(Internal, match="model call failed"):
             await sample(core, names["prior"], [1, 2, 3], [0, 0, 0])
 
     run_with_core(tmp_path, body, metrics)

@@ -8,6 +8,9 @@ prior and the position, while the rows of other requests in the same steps finis
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,6 +21,8 @@ from server_support import running_server, wait_until, write_model
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+from genserve_server.config import ServerConfig
+from genserve_server.main import App
 from genserve_server.step_sampler import NO_CODE, sample_codes
 
 GRID = (3, 3)
@@ -57,18 +62,7 @@ def _prior_with_a_nan_class() -> object:
     return model
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("nan-prior") / "models"
-    batching = {"max_batch_size": 8, "max_queue_size": 64}
-    write_model(
-        root,
-        "nan-prior",
-        "code_prior",
-        _prior_with_a_nan_class(),  # type: ignore[arg-type]
-        {"grid": list(GRID), "codebook_size": K, "class_names": ["fine", "broken"], "output_range": None},
-        config={"decoder": "nan-decoder", "batching": batching},
-    )
+def _write_decoder(root: Path, batching: dict[str, int]) -> None:
     decoder_card = {
         "grid": list(GRID),
         "codebook_size": K,
@@ -84,6 +78,21 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
         decoder_card,
         config={"batching": batching},
     )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("nan-prior") / "models"
+    batching = {"max_batch_size": 8, "max_queue_size": 64}
+    write_model(
+        root,
+        "nan-prior",
+        "code_prior",
+        _prior_with_a_nan_class(),  # type: ignore[arg-type]
+        {"grid": list(GRID), "codebook_size": K, "class_names": ["fine", "broken"], "output_range": None},
+        config={"decoder": "nan-decoder", "batching": batching},
+    )
+    _write_decoder(root, batching)
     with running_server(root, tmp_path_factory.mktemp("nan-prior-work")) as process:
         yield process
 
@@ -139,3 +148,73 @@ def test_a_nan_row_fails_its_request_without_counting_its_other_rows_as_dropped(
     wait_until(lambda: running() == 0, 30, "the other row to leave")
     text = server.metrics_text()
     assert dropped() == before, [line for line in text.splitlines() if "dropped_total" in line]
+
+
+def test_a_failed_prior_step_is_one_line_naming_its_request_ids_and_its_calls_get_model_call_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/operations.md, "Faults": a failed model call is one ERROR line naming the model, its
+    version and the request id of every call it fails, its stack at most once a minute, and each
+    call gets INTERNAL "model call failed" with its request id. A code prior's failed step handed
+    each row the runtime's exception: every call got the boundary's "failed with an unexpected
+    error" with a full traceback and "internal error (request id X)", and no line named the prior.
+    Three calls fail in two steps: the first alone, the other two sharing a step."""
+    batching = {"max_batch_size": 8, "max_queue_size": 64}
+    card = {"grid": list(GRID), "codebook_size": K, "class_names": ["a", "b"], "output_range": None}
+    prior_config = {"decoder": "nan-decoder", "batching": batching}
+    write_model(
+        tmp_path, "prior", "code_prior", prior_graph(*GRID, K, n_classes=2), card, config=prior_config
+    )
+    _write_decoder(tmp_path, batching)
+    ids = ["failed-step-1", "failed-step-2", "failed-step-3"]
+
+    def failures(app: App) -> float | None:
+        labels = {"model": "prior", "version": "1"}
+        return app.metrics.registry.get_sample_value("genserve_batch_failures_total", labels)
+
+    async def main() -> list[grpc.aio.AioRpcError]:
+        app = App(tmp_path, ServerConfig(warmup=False), port=0, metrics_port=0)
+        await app.start()
+        try:
+            scheduler = app.core.stepper(app.repository.get("prior").resolve(""))
+            run = scheduler._run
+            calls = 0
+
+            async def scripted(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+                nonlocal calls
+                calls += 1
+                if calls == 2:  # the second call's first step: held until the third call's rows wait
+                    while scheduler.rows < 4:
+                        await asyncio.sleep(0.01)
+                if calls in (1, 3):
+                    raise RuntimeError("the prior's step failed")
+                return await run(inputs)
+
+            scheduler._run = scripted
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+
+                async def call(rid: str) -> grpc.aio.AioRpcError:
+                    request = pb.SampleCodesRequest(model="prior", seeds=[1, 2], labels=[0])
+                    with pytest.raises(grpc.aio.AioRpcError) as failed:
+                        await stub.SampleCodes(request, metadata=(("x-request-id", rid),), timeout=60)
+                    return failed.value
+
+                errors = [await call(ids[0])]
+                errors += await asyncio.gather(call(ids[1]), call(ids[2]))
+            assert failures(app) == 2  # genserve_batch_failures_total: every failed model call
+            return errors
+        finally:
+            await app.stop()
+
+    with caplog.at_level(logging.INFO, logger="genserve_server"):
+        errors = asyncio.run(asyncio.wait_for(main(), 120))
+    for rid, error in zip(ids, errors, strict=True):
+        assert error.code() == grpc.StatusCode.INTERNAL, error
+        assert error.details() == f"model prior version 1: model call failed (request id {rid})", error
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    lines = [r.getMessage() for r in loud]
+    assert len(loud) == 2, lines  # one per failed step
+    assert all("model prior version 1" in line and "the prior's step failed" in line for line in lines), lines
+    assert "request_ids=failed-step-1)" in lines[0] and "request_ids=failed-step-2,failed-step-3)" in lines[1]
+    assert [r.exc_info is not None for r in loud] == [True, False], lines  # the stack once a minute

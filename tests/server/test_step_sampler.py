@@ -30,7 +30,7 @@ from genserve_server.batch_keys import CodeRows
 from genserve_server.code_sampling import CodeSamples
 from genserve_server.config import ServerConfig
 from genserve_server.core import Call, GenerationCore
-from genserve_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from genserve_server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from genserve_server.kserve import InferenceService
 from genserve_server.metrics import Metrics
 from genserve_server.reload import Reloader
@@ -572,7 +572,7 @@ def test_the_running_rows_gauge_lets_go_of_the_rows_of_a_failed_step(
         joiner = asyncio.ensure_future(sample(core, names["prior"], [4], [0]))
         await until(lambda: scheduler.rows == 4)  # its row waits to join
         fail.set()
-        with pytest.raises(Exception, match="prior failed"):
+        with pytest.raises(Internal, match="model call failed"):
             await first
         await next_step.wait()
         during_next_step.append(metrics.registry.get_sample_value("genserve_step_running_rows", gauge))
