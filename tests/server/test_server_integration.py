@@ -1182,7 +1182,7 @@ def test_one_channel_may_carry_more_than_256_calls_at_once(tiny_server: ServerPr
 
 @dataclass
 class Held:
-    """A server whose one model ("held", one instance, batches of 4, a queue of 8) takes a while a batch."""
+    """A server whose one model ("held", one instance, batches of 4, a queue of 64) takes a while a batch."""
 
     server: ServerProcess
     stub: pb_grpc.GenerationServiceStub
@@ -1197,6 +1197,9 @@ class Held:
         return time.monotonic() - started
 
 
+HELD_QUEUE = 64  # rows: room for 15 batches of 4 queued behind a running one, and one row more
+
+
 @pytest.fixture(scope="module")
 def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Held]:
     # Slower than the shared tiny-slow: rows stay queued behind a running batch for longer than a
@@ -1208,7 +1211,7 @@ def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Held]:
         "generator",
         slow_generator_graph(TINY_LATENT, 40000),
         {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]},
-        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": 8}},
+        config={"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0, "max_queue_size": HELD_QUEUE}},
     )
     work = tmp_path_factory.mktemp("held-server")
     with running_server(repo, work, config={"warmup": False}) as server:
@@ -1218,14 +1221,14 @@ def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Held]:
             yield Held(server, stub)
 
 
-def occupy(held: Held) -> list[grpc.Future]:
-    """Two 4-row requests: one batch runs, the next waits, both surely in the server on return."""
+def occupy(held: Held, n: int = 2) -> list[grpc.Future]:
+    """`n` 4-row requests: one batch runs, the others wait, all surely in the server on return."""
     calls_before = sample_calls(held.server, held.model)
     busy = [
-        held.stub.Sample.future(pb.SampleRequest(model=held.model, count=4, base_seed=i)) for i in range(2)
+        held.stub.Sample.future(pb.SampleRequest(model=held.model, count=4, base_seed=i)) for i in range(n)
     ]
     wait_until(
-        lambda: sample_calls(held.server, held.model) - calls_before >= 2, 10, "the busy requests", 0.01
+        lambda: sample_calls(held.server, held.model) - calls_before >= n, 10, "the busy requests", 0.01
     )
     return busy
 
@@ -1240,11 +1243,24 @@ def test_expired_deadline_is_never_computed(held: Held) -> None:
         return server.metric("genserve_requests_total", model=model, method="Sample", code=code)
 
     expired_before, cancelled_before = finished("DEADLINE_EXCEEDED"), finished("CANCELLED")
-    # Occupy the runner, then queue a request whose deadline is half a batch: the rows ahead of it
-    # (the rest of the running batch and a whole queued one) take longer than that.
-    busy = occupy(held)
+    # A deadline long enough for the server to admit the request on a loaded machine (a second, or two
+    # batches), behind whole batches that take 3 times as long (batch_s, measured at a busier moment,
+    # can be twice a batch's time by then): its deadline passes while its row is queued. Its rows are
+    # latents, not seeds: another batch key, served after every request of the busy key admitted
+    # before it (batcher.py's scheduling; a one-row request of their key would go in the next batch).
+    # Where batches are too fast for the queue to hold that much, the deadline is a third of the rows.
+    deadline_s = max(1.0, 2 * batch_s)
+    waiting = min((HELD_QUEUE - 1) // 4, math.ceil(3 * deadline_s / batch_s))
+    deadline_s = min(deadline_s, waiting * batch_s / 3)
+    calls_before = sample_calls(server, model)
+    busy = occupy(held, 1 + waiting)
+    z = latents_for_seeds([99], TINY_LATENT, None)
+    doomed = stub.Sample.future(pb.SampleRequest(model=model, latents=latent_tensor(z)), timeout=deadline_s)
+    wait_until(  # it reached the queue: not a call that timed out before the server held it
+        lambda: sample_calls(server, model) - calls_before >= len(busy) + 1, 10, "the doomed request", 0.01
+    )
     with pytest.raises(grpc.RpcError) as excinfo:
-        stub.Sample(pb.SampleRequest(model=model, count=1), timeout=batch_s / 2)
+        doomed.result()
     assert code_of(excinfo) == grpc.StatusCode.DEADLINE_EXCEEDED
     for f in busy:
         f.result()
@@ -1260,7 +1276,7 @@ def test_expired_deadline_is_never_computed(held: Held) -> None:
     assert (
         server.metric("genserve_requests_dropped_total", model=model, reason="deadline") == dropped_before + 1
     )
-    assert server.metric("genserve_images_total", model=model) == images_before + 8 + 1
+    assert server.metric("genserve_images_total", model=model) == images_before + 4 * len(busy) + 1
     # gRPC cancels the handler at the deadline: counted as the deadline, not as a client's cancel.
     assert finished("DEADLINE_EXCEEDED") == expired_before + 1
     assert finished("CANCELLED") == cancelled_before
