@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from client_fakes import FakeServer
+from exec_support import exec_wrapped
 
 from genserve_client import cli
 
@@ -199,10 +200,9 @@ def test_a_closed_stdout_writes_the_images_and_says_what_it_could_not_print(
     out = tmp_path / "images"
     command = ["--target", fake_server.target, "sample", "--model", "fake-gen", "--n", "2", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "genserve_client", *command],
+        exec_wrapped([sys.executable, "-m", "genserve_client", *command], close_fds=(1,)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: os.close(1),
         timeout=60,
     )
     err = proc.stderr.decode()
@@ -220,9 +220,8 @@ def test_a_bulk_job_with_stderr_closed_writes_its_images(fake_server: FakeServer
     out = tmp_path / "job"
     command = ["--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "genserve_client", *command],
+        exec_wrapped([sys.executable, "-m", "genserve_client", *command], close_fds=(2,)),
         stdout=subprocess.PIPE,
-        preexec_fn=lambda: os.close(2),
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout
@@ -271,11 +270,6 @@ def _pending(pid: int, signum: int) -> bool:
     return False
 
 
-def _default_sigint() -> None:
-    """In the child, before exec: SIGINT's default action, whatever this process inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 @pytest.mark.parametrize("entry", _entry_points(), ids=["python -m genserve_client", "console script"])
 def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback(entry: list[str]) -> None:
@@ -287,13 +281,12 @@ def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback(entry: list[
         silent.listen()
         target = f"127.0.0.1:{silent.getsockname()[1]}"
         proc = subprocess.Popen(
-            [*entry, "--target", target, "--timeout", "60", "models"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
             # A terminal's Ctrl-C reaches a CLI whose SIGINT is default. Where the tests run as a
             # background job of a script (`pytest ... &`, nohup: SIGINT ignored, inherited), the CLI
             # rightly keeps it ignored (the test below) and this one timed out to exit 1.
-            preexec_fn=_default_sigint,
+            exec_wrapped([*entry, "--target", target, "--timeout", "60", "models"], sigint="default"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         try:
             deadline = time.monotonic() + 60
@@ -320,15 +313,9 @@ def test_ctrl_c_while_the_cli_imports_with_stderr_closed_exits_130() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         target = f"127.0.0.1:{silent.getsockname()[1]}"
-
-        def closed_stderr() -> None:
-            _default_sigint()
-            os.close(2)
-
+        command = [sys.executable, "-m", "genserve_client", "--target", target, "--timeout", "60", "models"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "genserve_client", "--target", target, "--timeout", "60", "models"],
-            stdout=subprocess.PIPE,
-            preexec_fn=closed_stderr,
+            exec_wrapped(command, close_fds=(2,), sigint="default"), stdout=subprocess.PIPE
         )
         try:
             deadline = time.monotonic() + 60
@@ -359,10 +346,7 @@ def test_ctrl_c_while_the_cli_parses_its_arguments_with_stderr_closed_exits_130(
         "sys.exit(main())  # as the console script runs it\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        preexec_fn=lambda: os.close(2),
-        timeout=60,
+        exec_wrapped([sys.executable, "-c", script], close_fds=(2,)), stdout=subprocess.PIPE, timeout=60
     )
     assert proc.returncode == 130 and not proc.stdout, (proc.returncode, proc.stdout)
 
@@ -427,10 +411,12 @@ def test_a_second_signal_while_the_cli_stops_ends_it_at_once_with_one_line(
         listener.listen()
         target = f"127.0.0.1:{listener.getsockname()[1]}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "genserve_client", "--target", target, *commands[attempt % 2]],
+            exec_wrapped(
+                [sys.executable, "-m", "genserve_client", "--target", target, *commands[attempt % 2]],
+                sigint="default",
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            preexec_fn=_default_sigint,
         )
         try:
             # Its first connection (reset) is the call's: the imports are done, the handlers set. The
@@ -672,11 +658,10 @@ def test_a_ctrl_c_soon_after_a_sigterm_ends_the_cli_with_the_sigterms_line_and_s
     followed within a grpc wait's 0.1 s by a Ctrl-C ended the CLI 130 'interrupted', as though the
     Ctrl-C had come first. The SIGTERM, which came first, decides: 143, its line once."""
     proc = subprocess.run(
-        [sys.executable, "-c", SIGTERM_THEN_SIGINT],
+        exec_wrapped([sys.executable, "-c", SIGTERM_THEN_SIGINT], sigint="default"),
         capture_output=True,
         text=True,
         timeout=60,
-        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
     )
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr)
     assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
@@ -713,11 +698,10 @@ def test_a_sigterm_as_the_cli_sets_its_stop_handlers_exits_143_with_one_line() -
     command's try: its Terminated escaped main() as a traceback, exit 1. It stops the CLI as
     anywhere else: the command never runs, 143, its one line."""
     proc = subprocess.run(
-        [sys.executable, "-c", SIGTERM_AS_THE_HANDLER_IS_SET],
+        exec_wrapped([sys.executable, "-c", SIGTERM_AS_THE_HANDLER_IS_SET], sigint="default"),
         capture_output=True,
         text=True,
         timeout=60,
-        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
     )
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr)
     assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
@@ -754,11 +738,10 @@ def test_a_sigterm_as_the_command_returns_exits_143_with_one_line() -> None:
     Terminated was raised outside the try that says a stop, a traceback and exit 1. Not yet done,
     the command is stopped by it as anywhere else: its one line, 143."""
     proc = subprocess.run(
-        [sys.executable, "-c", SIGTERM_AS_THE_COMMAND_RETURNS],
+        exec_wrapped([sys.executable, "-c", SIGTERM_AS_THE_COMMAND_RETURNS], sigint="default"),
         capture_output=True,
         text=True,
         timeout=60,
-        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
     )
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr)
     assert proc.stderr.splitlines() == ["genserve-client: terminated (SIGTERM)"], proc.stderr
