@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from client_fakes import run_cli
+from exec_support import exec_wrapped
 from PIL import Image
 from server_support import (
     externalize_weights,
@@ -363,11 +364,6 @@ sys.exit(status)
 """
 
 
-def _default_sigint() -> None:
-    """In the child, before exec: SIGINT's default action, whatever this process inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize(
     ("signum", "status", "line"),
     [
@@ -384,26 +380,28 @@ def test_bench_stopped_by_a_signal_mid_run_exits_with_one_line_and_no_traceback(
     on stderr (besides the line), or where grpc's callback swallowed it, a bench that went on. Both
     stop a run alike: one line, exit 128 + the signal, no thread left."""
     args = ["--target", tiny_server.target, "bench", "--model", "tiny-cond", "--labels", "0,1,2"]
+    # As a terminal starts it: a run started from a script's background job (a CI runner's `cmd &`)
+    # inherits SIGINT ignored, and a Ctrl-C that is ignored stops nothing.
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SIGNAL_MID_BENCH,
-            str(int(signum)),
-            "50",
-            *args,
-            *mode,
-            "--duration",
-            "60",
-            "--warmup",
-            "0",
-        ],  # fmt: skip
+        exec_wrapped(
+            [
+                sys.executable,
+                "-c",
+                SIGNAL_MID_BENCH,
+                str(int(signum)),
+                "50",
+                *args,
+                *mode,
+                "--duration",
+                "60",
+                "--warmup",
+                "0",
+            ],
+            sigint="default",
+        ),
         capture_output=True,
         text=True,
         timeout=60,
-        # As a terminal starts it: a run started from a script's background job (a CI runner's
-        # `cmd &`) inherits SIGINT ignored, and a Ctrl-C that is ignored stops nothing.
-        preexec_fn=_default_sigint,  # noqa: PLW1509
     )
     assert proc.returncode == status, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == [line], proc.stderr
@@ -429,24 +427,26 @@ def test_a_second_signal_while_bench_stops_ends_it_with_the_first_signals_line_a
     inside the loop, wherever it was."""
     args = ["--target", tiny_server.target, "bench", "--model", "tiny-cond", "--labels", "0,1,2"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SIGNAL_MID_BENCH,
-            ",".join(str(int(s)) for s in signums),
-            "50",
-            *args,
-            "--concurrency",
-            "4",
-            "--duration",
-            "60",
-            "--warmup",
-            "0",
-        ],  # fmt: skip
+        exec_wrapped(
+            [
+                sys.executable,
+                "-c",
+                SIGNAL_MID_BENCH,
+                ",".join(str(int(s)) for s in signums),
+                "50",
+                *args,
+                "--concurrency",
+                "4",
+                "--duration",
+                "60",
+                "--warmup",
+                "0",
+            ],
+            sigint="default",
+        ),
         capture_output=True,
         text=True,
         timeout=60,
-        preexec_fn=_default_sigint,  # noqa: PLW1509
     )
     assert proc.returncode == status, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == [line], proc.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from exec_support import exec_wrapped
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,17 +39,6 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def _ignore_sigint() -> None:
-    """As `sh -c 'genserve-export build-defaults ... &'` starts the build."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _default_sigint() -> None:
-    """As a terminal starts the build, whatever the tests inherited: where pytest itself runs as a
-    background job of a script (or under nohup), SIGINT is ignored here, and so in the build."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -75,13 +65,18 @@ def started_build(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / p) for p in ("export", "api"))}
     log = tmp_path / "build.log"
     with log.open("wb") as out:  # a file, not a pipe: the children hold the descriptor too
+        # SIGINT ignored as `sh -c 'genserve-export build-defaults ... &'` starts the build; else
+        # default as a terminal starts it, whatever the tests inherited: where pytest itself runs as
+        # a background job of a script (or under nohup), SIGINT is ignored here, and so in the build.
         parent = subprocess.Popen(
-            [sys.executable, "-c", PARENT, str(stand_in), str(tmp_path / "out")],
+            exec_wrapped(
+                [sys.executable, "-c", PARENT, str(stand_in), str(tmp_path / "out")],
+                sigint="ignore" if sigint_ignored else "default",
+            ),
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a signal to the parent only, as `kill PID` sends it
-            preexec_fn=_ignore_sigint if sigint_ignored else _default_sigint,  # noqa: PLW1509
         )
     children: list[int] = []
     try:
@@ -194,10 +189,10 @@ def test_a_recipe_child_stopped_with_sigterm_removes_its_partial_outputs(tmp_pat
     }
     with log.open("wb") as err:  # a file, not a pipe that could fill
         child = subprocess.Popen(
-            [sys.executable, "-c", TRAIN_CHILD, str(out), str(staged)],
+            # SIGINT ignored, as build-defaults started in a script's background starts it
+            exec_wrapped([sys.executable, "-c", TRAIN_CHILD, str(out), str(staged)], sigint="ignore"),
             env=env,
             stderr=err,
-            preexec_fn=_ignore_sigint,  # noqa: PLW1509  (as build-defaults started in a script's background)
         )
     try:
         deadline = time.monotonic() + 120

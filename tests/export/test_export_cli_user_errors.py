@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from exec_support import exec_wrapped
 
 from genserve_export import cli, recipes
 from tests.export.test_export_checks import _FakeRecipe
@@ -251,11 +252,10 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, comman
         "sys.exit(main())  # as the console script runs it\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script],
+        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
     )
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -335,11 +335,10 @@ def test_a_ctrl_c_soon_after_a_sigterm_stops_a_command_with_the_sigterms_line_an
         "sys.exit(cli.main())  # as the console script runs it\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script],
+        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
     )
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -381,11 +380,10 @@ def test_a_second_sigterm_once_a_command_has_stopped_ends_it_at_once_with_the_fi
         "sys.exit(cli.main())  # as the console script runs it\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script],
+        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
     )
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -503,13 +501,11 @@ def test_ctrl_c_with_stderr_closed_exits_130() -> None:
         "sys.argv = ['genserve-export', 'verify', '.']\n"
         "sys.exit(main())  # as the console script runs it\n"
     )
-
-    def closed_stderr() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal starts it
-        os.close(2)
-
     proc = subprocess.run(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, timeout=120, preexec_fn=closed_stderr
+        # SIGINT default as a terminal starts it, stderr closed
+        exec_wrapped([sys.executable, "-c", script], close_fds=(2,), sigint="default"),
+        stdout=subprocess.PIPE,
+        timeout=120,
     )
     assert proc.returncode == 130, proc.stdout
 
@@ -547,7 +543,7 @@ def test_verify_whose_stdout_cannot_take_the_report_says_so_without_a_traceback(
         "--no-quality",
     ]
     if stdout == "closed":
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.close(1))
+        proc = subprocess.Popen(exec_wrapped(command, close_fds=(1,)), stderr=subprocess.PIPE, env=env)
     else:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         assert proc.stdout is not None

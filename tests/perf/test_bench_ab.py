@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from exec_support import exec_wrapped
 
 from bench import ab
 from bench.common import REPO_ROOT
@@ -137,13 +137,12 @@ def test_an_ab_run_stopped_by_ctrl_c_stops_both_servers_and_removes_its_worktree
     started = tmp_path / "started.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-c", AB_INTERRUPTED, str(started)],
+        exec_wrapped([sys.executable, "-c", AB_INTERRUPTED, str(started)], sigint="default"),  # as a terminal
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO_ROOT,
         env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - as a terminal starts it
     )
     assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == ["bench.ab: interrupted"], proc.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from exec_support import exec_wrapped
 
 from bench import run
 from bench.common import DEFAULT_MODELS, REPO_ROOT, find_models
@@ -249,23 +250,17 @@ sys.exit(run.main(argv))
 """
 
 
-def _default_sigint() -> None:
-    """In the child, before exec: SIGINT's default action, whatever this process inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_a_run_stopped_by_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path: Path) -> None:
     # Ctrl-C ended `python -m bench.run` with a KeyboardInterrupt traceback, where every other
     # command of the project says one line and exits 130.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-c", RUN_INTERRUPTED, str(tmp_path / "out.json")],
+        exec_wrapped([sys.executable, "-c", RUN_INTERRUPTED, str(tmp_path / "out.json")], sigint="default"),
         capture_output=True,
         text=True,
         timeout=120,
         cwd=REPO_ROOT,
         env=env,
-        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
     )
     assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == ["bench.run: interrupted"], proc.stderr
@@ -330,13 +325,12 @@ def test_every_bench_command_stopped_by_ctrl_c_exits_130_with_one_line_and_no_tr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = [arg.format(tmp=tmp_path) for arg in BENCH_COMMANDS[module]]
     proc = subprocess.run(
-        [sys.executable, "-c", CTRL_C_AS_IT_BEGINS, module, *argv],
+        exec_wrapped([sys.executable, "-c", CTRL_C_AS_IT_BEGINS, module, *argv], sigint="default"),
         capture_output=True,
         text=True,
         timeout=120,
         cwd=REPO_ROOT,
         env=env,
-        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
     )
     assert proc.returncode == 130, f"exit {proc.returncode}:\n{proc.stderr}"
     assert proc.stderr.splitlines() == [f"{module}: interrupted"], proc.stderr
@@ -360,13 +354,12 @@ def test_a_serving_naive_server_stopped_by_ctrl_c_exits_130_and_by_sigterm_0(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "bench.naive_server", "--models", str(models), *mode]
     proc = subprocess.Popen(
-        [*command, "--ready-file", str(ready)],
+        exec_wrapped([*command, "--ready-file", str(ready)], sigint="default"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
         env=env,
-        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
     )
     try:
         while not ready.exists():

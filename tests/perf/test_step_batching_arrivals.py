@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from exec_support import exec_wrapped
 
 from bench.common import REPO_ROOT
 from bench.step_batching import ChainBatches, Setup, failed_levels, measure_rate, one_rate, poisson_arrivals
@@ -103,24 +104,21 @@ def test_a_chain_batch_waiter_cancelled_fails_no_other_request_and_frees_its_pla
     assert asyncio.run(scenario()) == ["ran 0", "ran 2"]
 
 
-def _default_sigint() -> None:
-    """In the child, before exec: SIGINT's default action, whatever this process inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_a_run_stopped_by_ctrl_c_mid_rate_exits_130_with_one_line_and_no_traceback() -> None:
     # Ctrl-C ended python -m bench.step_batching with asyncio.run's KeyboardInterrupt traceback (and
     # the request's CancelledError one before it), where every other command says one line, exit 130.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = ["--synthetic-chain", "--request-scope", "chain", "--rows", "4", "--lone", "1"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.step_batching", *argv, "--rates", "1.0", "--duration", "60"],
+        exec_wrapped(
+            [sys.executable, "-m", "bench.step_batching", *argv, "--rates", "1.0", "--duration", "60"],
+            sigint="default",  # as a terminal starts it
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
         env=env,
-        preexec_fn=_default_sigint,  # noqa: PLW1509 - as a terminal starts it
     )
     try:
         assert proc.stdout is not None

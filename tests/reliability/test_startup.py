@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import onnx
 import pytest
+from exec_support import exec_wrapped
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability_support import health_status, wait_on_loop, write_gen
 from server_support import (
@@ -313,7 +314,7 @@ def test_the_health_probe_answers_serving_whatever_became_of_its_stdout(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     command = [sys.executable, "-m", "genserve_server", "health", "--port", str(tiny_server.port)]
     if stdout == "closed":
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, preexec_fn=lambda: os.close(1))
+        proc = subprocess.Popen(exec_wrapped(command, close_fds=(1,)), stderr=subprocess.PIPE, env=env)
     else:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         assert proc.stdout is not None
@@ -665,7 +666,7 @@ def test_the_server_serves_whatever_became_of_its_stdout(tmp_path: Path, stdout:
     log_path = tmp_path / "stderr.log"
     with log_path.open("wb") as log:
         if stdout == "closed":
-            proc = subprocess.Popen(args, stderr=log, env=env, preexec_fn=lambda: os.close(1))
+            proc = subprocess.Popen(exec_wrapped(args, close_fds=(1,)), stderr=log, env=env)
         else:
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=env)
             assert proc.stdout is not None
