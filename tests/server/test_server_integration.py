@@ -1284,12 +1284,23 @@ def test_expired_deadline_is_never_computed(held: Held) -> None:
 
 def test_cancelled_call_is_dropped_before_compute(held: Held) -> None:
     server, stub, model = held.server, held.stub, held.model
+    batch_s = held.batch_s()
     dropped_before = server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
+    images_before = server.metric("genserve_images_total", model=model)
+    # Its row is latents, not seeds: another batch key, served after every request of the busy key
+    # admitted before it (batcher.py's scheduling; a one-row request of their key would go in the
+    # next batch). Behind at least 2 seconds of queued batches (batch_s, measured at a busier moment,
+    # can be twice a batch's time by then), or as many as the queue holds: its cancel, sent once the
+    # server holds it, arrives long before its batch could start.
+    waiting = min((HELD_QUEUE - 1) // 4, max(2, math.ceil(4 / batch_s)))
     calls_before = sample_calls(server, model)
-    busy = occupy(held)
-    doomed = stub.Sample.future(pb.SampleRequest(model=model, count=1, base_seed=99))
+    busy = occupy(held, 1 + waiting)
+    z = latents_for_seeds([99], TINY_LATENT, None)
+    doomed = stub.Sample.future(pb.SampleRequest(model=model, latents=latent_tensor(z)))
     # Cancelled once the server holds it (queued behind the busy rows), not before it was sent.
-    wait_until(lambda: sample_calls(server, model) - calls_before >= 3, 10, "the doomed request", 0.01)
+    wait_until(
+        lambda: sample_calls(server, model) - calls_before >= len(busy) + 1, 10, "the doomed request", 0.01
+    )
     assert doomed.cancel()
     for f in busy:
         f.result()
@@ -1300,6 +1311,8 @@ def test_cancelled_call_is_dropped_before_compute(held: Held) -> None:
         server.metric("genserve_requests_dropped_total", model=model, reason="cancelled")
         == dropped_before + 1
     )
+    # The busy rows and the sweeping one were computed; the cancelled row never was.
+    assert server.metric("genserve_images_total", model=model) == images_before + 4 * len(busy) + 1
 
 
 def test_flood_beyond_the_queue_bound_is_refused_while_accepted_requests_succeed(
