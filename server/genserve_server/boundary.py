@@ -89,14 +89,16 @@ class ThrottledLog:
         self._level = level
         self.interval_s = interval_s
         self._kinds: dict[Hashable, tuple[float, int]] = {}  # key: (next line at, events held back since)
-        self._last_held: dict[Hashable, tuple[str, tuple[object, ...]]] = {}  # key: its last held event
+        # key: its last held event, as text: its arguments (an error whose traceback holds the request,
+        # megabytes of a refused one) would live as long as the timer, not as long as the call.
+        self._last_held: dict[Hashable, str] = {}
 
     def log(self, key: Hashable, message: str, *args: object) -> None:
         now = time.monotonic()
         next_at, held_back = self._kinds.get(key, (0.0, 0))
         if now < next_at:
             self._kinds[key] = (next_at, held_back + 1)
-            self._last_held[key] = (message, args)
+            self._last_held[key] = message % args if args else message
             _HOLDING.add(self)
             self._logger.debug(message, *args)
             if not held_back:  # the first held back since the last line: its count is logged at next_at
@@ -126,13 +128,13 @@ class ThrottledLog:
         last = self._last_held.get(key)
         if at != next_at or not held_back or last is None:  # a line was written since
             return
-        self._line(key, time.monotonic(), last[0], last[1], held_back - 1)
+        self._line(key, time.monotonic(), "%s", (last,), held_back - 1)
 
     def flush(self) -> None:
         """Each kind's events held back since its last line: the last of them, with the count, now."""
-        for key, (message, args) in list(self._last_held.items()):
+        for key, text in list(self._last_held.items()):
             _, held_back = self._kinds[key]
-            self._line(key, time.monotonic(), message, args, held_back - 1)
+            self._line(key, time.monotonic(), "%s", (text,), held_back - 1)
 
 
 # The ThrottledLogs with events held back that no line has counted yet (flush_held_back).
