@@ -634,8 +634,11 @@ def waiting(client, args):
     go = threading.Event()
     def send():
         go.wait()  # till the main thread waits in C, not looking at the signals
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)
+        # To this thread itself, which takes each before pthread_kill returns: os.kill's process-wide
+        # signal may go to another thread that has it unblocked (grpc's), which can run its C
+        # handler after this thread has taken the SIGINT, and the arrivals then read SIGINT first.
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
     sender = threading.Thread(target=send)
     sender.start()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
