@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from server_support import ServerProcess, build_tiny_repo, healthy_models, start
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = REPO_ROOT / "models"
+TEMP = Path(tempfile.gettempdir())
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,16 @@ def tiny_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     )
     yield server
     server.stop()
+
+
+def _free_disk(path: Path) -> str:
+    return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Free disk where tests write: a disk that fills mid-run fails every later tmp_path as an error."""
+    return f"free disk: {_free_disk(TEMP)} in the temp folder, {_free_disk(REPO_ROOT)} in the checkout"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(f"free disk at the end: {_free_disk(TEMP)} in the temp folder")

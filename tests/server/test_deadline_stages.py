@@ -6,6 +6,7 @@ not as a caller that went away (`cancelled`)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 import urllib.request
@@ -64,6 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = start_server(root, tmp_path_factory.mktemp("deadline-server"), config={"warmup": False})
     yield process
     process.stop()
+    shutil.rmtree(root)  # ~160 MB (the prior's weights): not kept till the session's end
 
 
 def _dropped(server: ServerProcess, model: str) -> tuple[float, float]:
