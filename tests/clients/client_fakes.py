@@ -47,6 +47,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     """Deterministic images from (seed, label); failures injected per method, in order (a code, or
     a code and the status details to send with it). Model "bad" is rejected as INVALID_ARGUMENT."""
 
+    # The models GetModel answers for (ListModels lists the first two): another name is answered
+    # NOT_FOUND, as the server answers for a model its repository does not have.
+    models: list[str] = field(default_factory=lambda: ["fake-gen", "fake-cond", "fake-i2i", "bad"])
+
     fail: dict[str, list[grpc.StatusCode | tuple[grpc.StatusCode, str]]] = field(
         default_factory=lambda: defaultdict(list)
     )
@@ -190,9 +194,13 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.ModelInfo:
         """As the server answers: the version asked for alone (of the versions _info lists), and
-        NOT_FOUND naming the versions served for one it does not have."""
+        NOT_FOUND naming the versions served for one it does not have, or the models served for a
+        model it does not serve."""
         self._enter("GetModel", context)
         self.model_versions.append(request.version)
+        if request.name not in self.models:
+            served = ", ".join(sorted(self.models)) or "none"
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} not found; models: {served}")
         info = self._info(request.name)
         if request.version:
             asked = [v for v in info.versions if v.version == request.version]

@@ -73,6 +73,18 @@ def test_the_fake_answers_a_get_model_naming_a_version_as_the_server_does(fake_s
     assert fake_server.service.model_versions == ["2", "1"]
 
 
+def test_the_fake_answers_get_model_not_found_for_a_model_it_does_not_serve(fake_server: FakeServer) -> None:
+    # The fake answered GetModel for any name: a client test could pass against a model the server
+    # refuses (NOT_FOUND, naming the models it serves).
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(GenserveClientError) as info:
+            client.get_model("no-such-model")
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        served = "bad, fake-cond, fake-gen, fake-i2i"
+        assert info.value.details == f"model 'no-such-model' not found; models: {served}"
+        assert client.get_model("fake-i2i").kind == "image_to_image"
+
+
 def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:
     with pytest.raises(ValueError, match="INVALID_ARGUMENT"):
         RetryPolicy(retryable_codes=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))
