@@ -114,6 +114,15 @@ class BulkRetryExhausted(BulkError):
     """Transient errors lasted longer than the retry window; the job is resumable as it is."""
 
 
+class VersionNotServed(BulkError):
+    """The server does not have the version of a model a job names (GetModel NOT_FOUND naming it).
+    `served`: the versions it has, as GetModel for all of them lists them ("1 (READY), 2 (LOADING)")."""
+
+    def __init__(self, model: str, version: str, served: str) -> None:
+        super().__init__(f"model {model!r} has no version {version!r} on the server (served: {served})")
+        self.model, self.version, self.served = model, version, served
+
+
 class BulkIncomplete(BulkError):
     """The job ended with images missing: a stream's worker stopped on an unexpected error (a bug),
     or a stream ended without its images. What is on disk is consistent; the job is resumable."""
@@ -693,26 +702,51 @@ def kind_refusal(model: str, kind: str, *, cli: bool = False) -> str | None:
     )
 
 
+def served_versions(info: genserve_pb2.ModelInfo) -> str:
+    """The versions a GetModel answer lists, as refusals name them: "1 (READY), 2 (LOADING)"."""
+    return ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+
+
+def version_answer(client: GenserveClient, model: str, version: str = "") -> genserve_pb2.ModelInfo:
+    """GetModel's answer for `model`'s `version`: that version's kind, class names and
+    max_stream_images, not those of the version served by default ("" asks for that one). A version
+    the server does not have (NOT_FOUND) is a VersionNotServed naming the versions it serves (from a
+    GetModel of all of them, whose NOT_FOUND, the model's own, is raised as it is)."""
+    try:
+        info = client.get_model(model, version)
+    except GenserveClientError as exc:
+        if exc.code != grpc.StatusCode.NOT_FOUND or not version:
+            raise
+        info = client.get_model(model)  # the model's versions, without it
+        if any(v.version == version for v in info.versions):
+            raise  # served by the second answer (a reload in between): this answer's refusal stands
+    if version and all(v.version != version for v in info.versions):
+        raise VersionNotServed(model, version, served_versions(info))
+    return info
+
+
 def served_model(
     client: GenserveClient, model: str, version: str, info: genserve_pb2.ModelInfo | None = None
 ) -> ServedModel:
     """The version the server serves for `version` ("" = the highest READY one) and its sha256,
-    from `info` where given (a GetModel answer just received), else from GetModel.
+    from `info` where given (a GetModel answer just received), else from GetModel for that version
+    (version_answer: its max_stream_images, not the default version's).
 
     A version still LOADING (a server that is starting) is a transient UNAVAILABLE, so the job's
     retry window waits for it; a version the server does not have is final.
     """
     if info is None:
-        info = client.get_model(model)
-    served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+        info = version_answer(client, model, version)
+    served = served_versions(info)
     if version:
         candidates = [v for v in info.versions if v.version == version]
+        if not candidates:
+            raise VersionNotServed(model, version, served)
     else:
         ready = [v for v in info.versions if v.state == genserve_pb2.MODEL_STATE_READY]
         candidates = ready or list(info.versions)
     if not candidates:
-        wanted = f"version {version!r}" if version else "version"
-        raise BulkError(f"model {model!r} has no {wanted} on the server (served: {served})")
+        raise BulkError(f"model {model!r} has no version on the server (served: {served})")
     v = max(candidates, key=version_order)
     if v.state == genserve_pb2.MODEL_STATE_LOADING:
         raise GenserveClientError(
@@ -1209,15 +1243,7 @@ class BulkJob:
             def ask() -> ServedModel:
                 # The version named (its kind, not that of the version served by default); a version
                 # the server does not have (NOT_FOUND) is named with those it serves.
-                model, version = self.params.model, self.params.version
-                try:
-                    answer = self.client.get_model(model, version)
-                except GenserveClientError as exc:
-                    if exc.code != grpc.StatusCode.NOT_FOUND or not version:
-                        raise
-                    served_model(self.client, model, version)  # the model's versions, without it
-                    raise
-                return look_up(answer)
+                return look_up(version_answer(self.client, self.params.model, self.params.version))
 
             if info is None:
                 looked_up.append(self.window.call(ask))
@@ -1333,9 +1359,10 @@ class BulkJob:
             for lookup in self._lookups:
                 lookup.close()  # its call raises CANCELLED now, not at its deadline
 
-    def _model_info(self) -> genserve_pb2.ModelInfo:
-        """GetModel for a worker, on a channel of its own that _stop_all closes: a job stopped (Ctrl-C)
-        while a lookup waits for a server that does not answer stops at once, not at --timeout."""
+    def _model_info(self, version: str = "") -> genserve_pb2.ModelInfo:
+        """GetModel for a worker (of `version`; "": of all the model's versions), on a channel of its
+        own that _stop_all closes: a job stopped (Ctrl-C) while a lookup waits for a server that does
+        not answer stops at once, not at --timeout."""
         own = self.client
         with self._lock:
             if self._stop.is_set():
@@ -1347,7 +1374,7 @@ class BulkJob:
             else:
                 self._lookups.add(lookup)
         try:
-            return lookup.get_model(self.params.model)
+            return lookup.get_model(self.params.model, version)
         finally:
             if lookup is not own:
                 with self._lock:
@@ -1477,12 +1504,13 @@ class BulkJob:
 
     def _refit_streams(self, sent: int) -> bool:
         """A stream that was to send `sent` images was refused INVALID_ARGUMENT. When GetModel's
-        max_stream_images is now below that (the job met a server restarted with a smaller limit), fit
-        the job's streams to it as a resume would (_fit_streams: a --stream-images given above it
-        stops the job, exit 2) and return True: the caller reopens the stream, smaller. Otherwise
-        (another refusal) return False: the refusal is final."""
+        max_stream_images for the pinned version is now below that (the job met a server restarted
+        with a smaller limit), fit the job's streams to it as a resume would (_fit_streams: a
+        --stream-images given above it stops the job, exit 2) and return True: the caller reopens the
+        stream, smaller. Otherwise (another refusal) return False: the refusal is final."""
         try:
-            limit = self._model_info().max_stream_images
+            # The pinned version's limit, not the one of the version served by default.
+            limit = self._model_info(self.pinned_version).max_stream_images
         except GenserveClientError:
             return False
         if not limit or sent <= limit:
@@ -1505,7 +1533,7 @@ class BulkJob:
             raise exc from None
         if any(v.version == self.pinned_version for v in info.versions):
             raise exc
-        served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
+        served = served_versions(info)
         out = self._given("out", "out_dir")
         raise BulkError(
             f"{self.out_dir} is a job of {self.params.model!r} version {self.pinned_version}, but the server "

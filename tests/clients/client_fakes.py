@@ -84,6 +84,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     sample_peak: int = 0
     # Sample: each call's SampleRequest.version, in order ("" for the highest ready).
     sample_versions: list[str] = field(default_factory=list)
+    # SampleStream: each call's (sample.version, start_index, sample.count), in order.
+    stream_requests: list[tuple[str, int, int]] = field(default_factory=list)
     # GetModel: each call's GetModelRequest.version, in order ("" for all versions; a version _info
     # does not list is answered NOT_FOUND, as the server answers).
     model_versions: list[str] = field(default_factory=list)
@@ -150,6 +152,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         context.add_callback(self.stream_ended.set)
         self._enter("SampleStream", context)
         s = request.sample
+        self.stream_requests.append((s.version, request.start_index, s.count))
         if s.model == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: 'bad' is rejected by the fake")
         size = request.chunk_size or 64

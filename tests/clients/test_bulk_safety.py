@@ -472,6 +472,78 @@ def test_a_cli_job_of_a_named_version_resolves_its_labels_from_that_versions_cla
     assert not (tmp_path / "three").exists()
 
 
+def two_versions_with_stream_limits(
+    service: FakeService, monkeypatch: pytest.MonkeyPatch, limits: dict[str, int]
+) -> None:
+    """The fake serves versions 1 and 2 (2 by default), each with its max_stream_images in `limits`:
+    a GetModel naming a version describes that one, one naming none version 2."""
+    info = service._info
+
+    def two_versions(name: str) -> genserve_pb2.ModelInfo:
+        answer = info(name)
+        v2 = answer.versions.add()
+        v2.CopyFrom(answer.versions[0])
+        v2.version = "2"
+        answer.max_stream_images = limits[service.model_versions[-1] or "2"]
+        return answer
+
+    monkeypatch.setattr(service, "_info", two_versions)
+
+
+def stream_sizes(service: FakeService, since: int = 0) -> list[tuple[str, int]]:
+    """(version, images) of each SampleStream call from the `since`-th on."""
+    return [(version, count - start) for version, start, count in service.stream_requests[since:]]
+
+
+def test_a_resumed_job_fits_its_streams_to_the_max_stream_images_of_its_pinned_version(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A resume asked GetModel for no version: a job pinned to version 1 (streams of at most 2 images)
+    # took the max_stream_images of version 2, the one served by default, and opened streams of 4
+    # (the server would refuse each INVALID_ARGUMENT).
+    service = fake_server.service
+    two_versions_with_stream_limits(service, monkeypatch, {"1": 2, "2": 1000})
+    out = tmp_path / "job"
+    run_job(fake_server.target, out, BulkParams("fake-gen", n=4, version="1"))
+    assert stream_sizes(service) == [("1", 2), ("1", 2)]
+    run_job(fake_server.target, out, BulkParams("fake-gen", n=8, version="1"))
+    assert stream_sizes(service, 2) == [("1", 2), ("1", 2)]
+    asked = len(service.stream_requests)
+    code, _, err = cli_main(capsys, "--target", fake_server.target, "bulk", "--resume", str(out), "--n", "12")
+    assert code == 0, err
+    assert stream_sizes(service, asked) == [("1", 2), ("1", 2)]
+    assert indices(out) == list(range(12))
+    assert "" not in service.model_versions, service.model_versions
+
+
+def test_a_job_refits_its_streams_to_the_max_stream_images_of_its_pinned_version_when_one_is_refused(
+    fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stream refused INVALID_ARGUMENT: the worker asked GetModel for no version whether the limit
+    # had come down (a restarted server), and read version 2's: version 1's, lowered from 4 to 2, was
+    # not seen, and the job stopped on the refusal instead of refitting its streams.
+    service = fake_server.service
+    limits = {"1": 4, "2": 1000}
+    two_versions_with_stream_limits(service, monkeypatch, limits)
+    enter = service._enter
+
+    def restarted_with_a_lower_limit(method: str, context: grpc.ServicerContext) -> None:
+        if method == "SampleStream" and not service.calls["SampleStream"]:
+            limits["1"] = 2
+            service.fail["SampleStream"].append(grpc.StatusCode.INVALID_ARGUMENT)
+        enter(method, context)
+
+    monkeypatch.setattr(service, "_enter", restarted_with_a_lower_limit)
+    out = tmp_path / "job"
+    run_job(fake_server.target, out, BulkParams("fake-gen", n=8, version="1"))
+    assert indices(out) == list(range(8))
+    assert stream_sizes(service) == [("1", 2)] * 4
+    assert "" not in service.model_versions, service.model_versions
+
+
 # --- 2. one run per folder -----------------------------------------------------------------------
 
 
