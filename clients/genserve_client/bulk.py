@@ -711,7 +711,8 @@ def version_answer(client: GenserveClient, model: str, version: str = "") -> gen
     """GetModel's answer for `model`'s `version`: that version's kind, class names and
     max_stream_images, not those of the version served by default ("" asks for that one). A version
     the server does not have (NOT_FOUND) is a VersionNotServed naming the versions it serves (from a
-    GetModel of all of them, whose NOT_FOUND, the model's own, is raised as it is)."""
+    GetModel of all of them, whose NOT_FOUND, the model's own, is raised as it is). The one place
+    that tells the two NOT_FOUNDs apart, for the CLI and the library's jobs alike."""
     try:
         info = client.get_model(model, version)
     except GenserveClientError as exc:
@@ -719,7 +720,8 @@ def version_answer(client: GenserveClient, model: str, version: str = "") -> gen
             raise
         info = client.get_model(model)  # the model's versions, without it
         if any(v.version == version for v in info.versions):
-            raise  # served by the second answer (a reload in between): this answer's refusal stands
+            # Loaded in between: that version's own answer (this one describes the default version).
+            info = client.get_model(model, version)
     if version and all(v.version != version for v in info.versions):
         raise VersionNotServed(model, version, served_versions(info))
     return info
@@ -762,7 +764,7 @@ def model_answer(client: GenserveClient, model: str, version: str = "") -> gense
     from and pin its version from (BulkJob.run(info=...)): a version it would pin still LOADING is
     a transient UNAVAILABLE, for a RetryWindow to ask again, so the labels are never of an answer
     other than the one the version is pinned from."""
-    info = client.get_model(model, version)
+    info = version_answer(client, model, version)
     try:
         served_model(client, model, version, info)
     except BulkError:

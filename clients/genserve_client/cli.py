@@ -61,6 +61,7 @@ from genserve_client.bulk import (
     BulkRetryExhausted,
     RetryWindow,
     Shard,
+    VersionNotServed,
     kind_refusal,
     load_params,
     model_answer,
@@ -1282,32 +1283,20 @@ def bulk_model_info(
 ) -> genserve_pb2.ModelInfo:
     """GetModel's answer for the job's --model and --version (that version's kind and class names,
     not those of the version served by default); a model or version it does not serve is refused."""
-    info: genserve_pb2.ModelInfo | None = None
     try:
         # A version the job would pin still LOADING is waited for: labels and version of one answer.
-        info = window.call(lambda: model_answer(client, args.model, args.version or ""))
+        return window.call(lambda: model_answer(client, args.model, args.version or ""))
+    except VersionNotServed as exc:
+        served = f"(served: {exc.served})"
+        raise UsageError(
+            f"bulk: --version {args.version!r}: model {args.model!r} has no such version {served}"
+        ) from None
     except GenserveClientError as exc:
         if exc.code != grpc.StatusCode.NOT_FOUND:
             raise
-        refused = exc
-        if args.version:
-            # The model, or only the version? The model's versions say which (named below).
-            try:
-                info = window.call(lambda: client.get_model(args.model))
-            except GenserveClientError as again:
-                if again.code != grpc.StatusCode.NOT_FOUND:
-                    raise
-                refused = again
-        if info is None:
-            # A model the server does not serve is a bad argument, as a version it does not serve.
-            rid = f" (request id {refused.request_id})" if refused.request_id else ""  # as refusals print
-            raise UsageError(f"bulk: --model {args.model!r}: {refused.details}{rid}") from None
-    if args.version and all(v.version != args.version for v in info.versions):
-        served = ", ".join(f"{v.version} ({state_label(v.state)})" for v in info.versions) or "none"
-        raise UsageError(
-            f"bulk: --version {args.version!r}: model {args.model!r} has no such version (served: {served})"
-        )
-    return info
+        # A model the server does not serve is a bad argument, as a version it does not serve.
+        rid = f" (request id {exc.request_id})" if exc.request_id else ""  # as refusals print
+        raise UsageError(f"bulk: --model {args.model!r}: {exc.details}{rid}") from None
 
 
 def bulk_params(

@@ -470,6 +470,33 @@ def test_a_cli_job_of_a_named_version_resolves_its_labels_from_that_versions_cla
     served = "(served: 1 (READY), 2 (READY))"
     assert code == 2 and f"--version '3': model 'fake-cond' has no such version {served}" in err, err
     assert not (tmp_path / "three").exists()
+    # Version 1 loaded between a GetModel naming it (NOT_FOUND) and the one listing the versions: the
+    # listing describes version 2 (its class names), so the job's labels are of version 1's answer,
+    # asked again, not of the listing (the CLI took the listing's two labels for version 1).
+    for cli in (True, False):
+        fake_server.service.fail["GetModel"].append(
+            (grpc.StatusCode.NOT_FOUND, "model fake-cond has no version '1'; versions: 2")
+        )
+        out = tmp_path / f"loaded-between-{cli}"
+        if cli:
+            code, _, err = cli_main(capsys, *t, "--labels", "all", "--out", str(out))
+            assert code == 0, err
+        else:
+            with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+                answer = bulk_module.model_answer(client, "fake-cond", "1")
+            assert list(answer.class_names) == [str(i) for i in range(10)], answer
+            params = BulkParams("fake-cond", n=4, version="1", labels=tuple(range(10)))
+            with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+                BulkJob(client, params, out).run(info=answer)
+        job = json.loads((out / "job.json").read_text())
+        assert (job["pinned_version"], job["params"]["labels"]) == ("1", list(range(10))), job
+    assert fake_server.service.model_versions[-3:] == ["1", "", "1"]
+    # A model the server does not serve, with a version named or not, is refused naming --model.
+    for version in (("--version", "1"), ()):
+        nothing = ("--target", fake_server.target, "bulk", "--model", "nope", "--n", "4", *version)
+        code, _, err = cli_main(capsys, *nothing, "--out", str(tmp_path / "nope"))
+        assert code == 2 and "bulk: --model 'nope': model 'nope' not found; models: " in err, err
+        assert not (tmp_path / "nope").exists()
 
 
 def two_versions_with_stream_limits(
