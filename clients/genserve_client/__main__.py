@@ -30,9 +30,8 @@ from genserve_client.interrupt import (
     reset,
     say_stop,
     stop_status,
-    unwatch_arrivals,
-    watch_arrivals,
 )
+from genserve_contract.stop_signals import unwatch_arrivals, watch_arrivals
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:

@@ -2,19 +2,20 @@
 Kubernetes pod's stop) end it the same way: what it must finish or flush is, one line on stderr,
 exit 128 + the signal (130, 143). A second one while it stops (a call's channel closing, a bulk job
 its manifest), or one once the command is done (the interpreter's exit), ends the process at once:
-interrupted part-way, grpc's channel close hung the CLI for good. Standard library only:
-genserve_client/__main__.py uses it before the CLI's imports.
+interrupted part-way, grpc's channel close hung the CLI for good. Standard library only (and
+genserve_contract.stop_signals, the mechanism genserve-export shares): genserve_client/__main__.py
+uses it before the CLI's imports.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
 import signal
-import sys
 from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
+
+from genserve_contract import stop_signals
 
 T = TypeVar("T")
 
@@ -34,8 +35,6 @@ class _Stop:
     first: KeyboardInterrupt | None = None  # the signal that stopped the command
     said = False  # its line is on stderr
     status: int | None = None  # the command's exit status, once it is done
-    arrivals: int | None = None  # read end of the wakeup fd's pipe: signal numbers as they arrived
-    pipe: tuple[int, int] | None = None  # watch_arrivals' pipe, read and write ends, till unwatched
 
 
 def raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -56,64 +55,18 @@ def _stop_signal(exc: KeyboardInterrupt) -> None:
     end_now(exc)
 
 
-def watch_arrivals() -> None:
-    """Python runs the handlers of the signals that arrived since the main thread last looked in
-    the order of their numbers, SIGINT (2) before SIGTERM (15): a SIGTERM followed, before it looked
-    (a grpc call's wait looks every 0.1 s), by a Ctrl-C stopped the command as the Ctrl-C (130).
-    The C handler writes each signal's number to the wakeup fd as it arrives: the first stop is
-    the one that came first (_arrived_first). Only where SIGINT's and SIGTERM's handlers are the
-    CLI's, in the main thread, and no wakeup fd is set (an event loop's stays). unwatch_arrivals()
-    puts the process back as it was, also after a signal stopped this call part-way."""
-    try:
-        read, write = os.pipe()
-    except OSError:
-        return
-    _Stop.pipe = read, write  # before the wakeup fd is set: a signal from now on, unwatch_arrivals undoes it
-    _Stop.arrivals = read
-    os.set_blocking(read, False)
-    os.set_blocking(write, False)
-    try:
-        found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    except ValueError:  # not the main thread
-        found = -1
-        _Stop.pipe = None
-    if found != -1:
-        signal.set_wakeup_fd(found)
-        _Stop.pipe = None
-    if _Stop.pipe is None:
-        _Stop.arrivals = None
-        os.close(read)
-        os.close(write)
-
-
-def unwatch_arrivals() -> None:
-    """Puts back what watch_arrivals changed: no wakeup fd where it set its own, its pipe closed."""
-    pipe, _Stop.pipe = _Stop.pipe, None
-    if pipe is None:
-        return
-    read, write = pipe
-    found = signal.set_wakeup_fd(-1)
-    if found != write:  # not ours (a signal stopped watch_arrivals before it set it): left as it was
-        signal.set_wakeup_fd(found)
-    _Stop.arrivals = None
-    os.close(read)
-    os.close(write)
-
-
 def _arrived_first(exc: KeyboardInterrupt) -> KeyboardInterrupt:
-    """The stop of the signal that arrived first of those not handled yet, `exc` where unknown."""
-    if _Stop.arrivals is None:
+    """The stop of the signal that arrived first of those not handled yet (watch_arrivals), `exc`
+    where unknown."""
+    signum = _signum(exc)
+    first = stop_signals.arrived_first(signum)
+    if first is None or first == signum:
         return exc
-    try:
-        arrived = os.read(_Stop.arrivals, 4096)
-    except OSError:  # nothing written (BlockingIOError)
-        return exc
-    for signum in arrived:
-        if signum == signal.SIGTERM:
-            return Terminated()
-        if signum == signal.SIGINT:
-            return KeyboardInterrupt()
-    return exc
+    return Terminated() if first == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _signum(exc: KeyboardInterrupt) -> int:
+    return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
 
 
 def first_stop() -> KeyboardInterrupt | None:
@@ -132,23 +85,13 @@ def end_now(exc: KeyboardInterrupt) -> None:
     """A signal while the command stops or once it is done: what is buffered flushed, the first
     stop's line where it was not said yet, and os._exit with its status (the command's own where no
     signal stopped it). Nothing is waited for: what the CLI writes survives a kill -9 as well."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:  # noqa: BLE001,S110 - a reader gone, a reentrant flush: exit all the same
-            pass
     first = _Stop.first
-    if first is not None and not _Stop.said and sys.stderr is not None:
-        try:
-            os.write(sys.stderr.fileno(), f"{stop_line(first)}\n".encode())
-        except (OSError, ValueError):  # stderr closed: the exit status says it
-            pass
+    line = stop_line(first) if first is not None and not _Stop.said else None
     if first is not None:
         status = stop_status(first)
     else:
         status = _Stop.status if _Stop.status is not None else stop_status(exc)
-    os._exit(status)
+    stop_signals.end_now(status, line)
 
 
 def say_stop(exc: KeyboardInterrupt, say: Callable[[str], None]) -> None:
@@ -158,15 +101,9 @@ def say_stop(exc: KeyboardInterrupt, say: Callable[[str], None]) -> None:
     stopping(exc)
     if _Stop.said:
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
-    found = mask(signal.SIG_BLOCK, blocked) if mask is not None else None
-    try:
+    with stop_signals.stops_held():
         say(stop_line(exc))
         _Stop.said = True
-    finally:
-        if mask is not None and found is not None:  # the mask found: a signal blocked before stays so
-            mask(signal.SIG_SETMASK, found)
 
 
 def finished(status: int) -> None:
@@ -190,11 +127,7 @@ def pass_on(stop: KeyboardInterrupt | None, *, sigterm: bool) -> None:
     first_stop()) goes on to that program, not lost in a returned 130 or 143. A Ctrl-C as the
     KeyboardInterrupt its handler raises; a SIGTERM, where `sigterm` (main() took it over from its
     default action and has put back the handler it found), to that handler: the process's end."""
-    if isinstance(stop, Terminated):
-        if sigterm:
-            signal.raise_signal(signal.SIGTERM)
-    elif stop is not None:
-        raise KeyboardInterrupt
+    stop_signals.pass_on([] if stop is None else [_signum(stop)], sigterm=sigterm)
 
 
 def _ignore_at_exit() -> None:

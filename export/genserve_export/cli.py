@@ -27,6 +27,15 @@ from genserve_contract.repository import (
     latest_version_dir,
 )
 from genserve_contract.stdio import HelpParser, Stdout, err_line
+from genserve_contract.stop_signals import (
+    STOP_SIGNALS,
+    arrived_first,
+    end_now,
+    pass_on,
+    stops_held,
+    unwatch_arrivals,
+    watch_arrivals,
+)
 from genserve_export.build import DEFAULT_SEED, train_and_export, version_dirs
 from genserve_export.data.digits import MissingDataError
 from genserve_export.data.fashion import MissingDataError as FashionDataError
@@ -431,12 +440,9 @@ def _build_in_processes(args: argparse.Namespace, names: list[str]) -> list[tupl
 _received: list[int] = []  # the signals that stopped main()'s command (SIGTERM: _raise_interrupted)
 
 
-_arrivals: list[int] = []  # read end of main()'s wakeup fd: signal numbers as they arrived
-
-
 class _Stopped:
     """main()'s command once stopped: its except has the stop (a signal from then on ends the
-    process at once, _end_now)."""
+    process at once, end_now)."""
 
     status: int | None = None  # the stop's exit status (130, 143)
     line = ""  # its line, till said
@@ -448,87 +454,22 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     its BuildInterrupted in the Ctrl-C's cleanup. Where main() set a wakeup fd, the C handler wrote
     each signal there as it arrived: the first read decides the stop, and a signal whose arrival an
     earlier handler read is part of that stop, not another one. Once main() has the stop (saying its
-    line, putting the handlers back), a signal ends the process at once (_end_now)."""
+    line, putting the handlers back), a signal ends the process at once (end_now)."""
     if _Stopped.status is not None:
-        _end_now(_Stopped.status)
-    if _arrivals:
-        try:
-            arrived = [s for s in os.read(_arrivals[0], 4096) if s in (signal.SIGINT, signal.SIGTERM)]
-        except OSError:  # nothing written (BlockingIOError): read with an earlier signal's
-            return
-        signum = arrived[0] if arrived else signum
-    _received.append(signum)
-    raise BuildInterrupted(signum)
-
-
-_pipe: list[int] = []  # _watch_arrivals' pipe, read and write ends, till _unwatch_arrivals
-
-
-def _watch_arrivals() -> None:
-    """A wakeup fd for _raise_interrupted (where none is set: an event loop's stays);
-    _unwatch_arrivals puts the process back, also after a signal stopped this call part-way. The
-    same as genserve_client.interrupt.watch_arrivals: genserve-export does not depend on the client
-    package."""
-    try:
-        read, write = os.pipe()
-    except OSError:  # no file descriptor left: Python's order, as without it
+        end_now(_Stopped.status, _Stopped.line)
+    first = arrived_first(signum)
+    if first is None:  # its arrival was read with an earlier signal's: part of that stop
         return
-    _pipe[:] = [read, write]  # before the wakeup fd is set: a signal from now on, _unwatch_arrivals undoes it
-    os.set_blocking(read, False)
-    os.set_blocking(write, False)
-    found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    if found != -1:
-        signal.set_wakeup_fd(found)
-        _pipe.clear()
-        os.close(read)
-        os.close(write)
-        return
-    _arrivals.append(read)
-
-
-def _unwatch_arrivals() -> None:
-    """Puts back what _watch_arrivals changed: no wakeup fd where it set its own, its pipe closed."""
-    if not _pipe:
-        return
-    read, write = _pipe
-    _pipe.clear()
-    found = signal.set_wakeup_fd(-1)
-    if found != write:  # not ours (a signal stopped _watch_arrivals before it set it): left as it was
-        signal.set_wakeup_fd(found)
-    _arrivals.clear()
-    os.close(read)
-    os.close(write)
-
-
-def _end_now(status: int) -> None:
-    """A signal once main()'s command has stopped: what is buffered flushed, the stop's line where it
-    is not said yet, os._exit with its status; another BuildInterrupted there was a traceback. As
-    genserve-client's second stop (genserve_client.interrupt.end_now)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:  # noqa: BLE001,S110 - a reader gone, a reentrant flush: exit all the same
-            pass
-    if _Stopped.line:
-        try:
-            os.write(2, f"{_Stopped.line}\n".encode())
-        except OSError:  # stderr closed: the exit status says it
-            pass
-    os._exit(status)
+    _received.append(first)
+    raise BuildInterrupted(first)
 
 
 def _say_stop(line: str) -> None:
     """main()'s stop line, with SIGINT and SIGTERM held till it is said: a signal meanwhile ends the
-    process once it is (_end_now), not with it said twice. The mask found is put back."""
-    mask = getattr(signal, "pthread_sigmask", None)  # not on Windows
-    found = mask(signal.SIG_BLOCK, STOP_SIGNALS) if mask is not None else None
-    try:
+    process once it is (end_now), not with it said twice. The mask found is put back."""
+    with stops_held():
         err_line(line)
         _Stopped.line = ""
-    finally:
-        if mask is not None and found is not None:
-            mask(signal.SIG_SETMASK, found)
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -537,9 +478,6 @@ class BuildInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _stop_children(
@@ -766,38 +704,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, _raise_interrupted)
         if take_int:
             signal.signal(signal.SIGINT, _raise_interrupted)
-            _watch_arrivals()
+            watch_arrivals()
         return _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
-        _Stopped.status = 128 + signum  # a signal from now on ends the process at once (_end_now)
+        _Stopped.status = 128 + signum  # a signal from now on ends the process at once (end_now)
         _Stopped.line = f"genserve-export {args.command}: stopped ({signal.Signals(signum).name})"
         _say_stop(_Stopped.line)
         if signum == signal.SIGINT:
             _received.append(signum)
         return 128 + signum
     finally:
-        _unwatch_arrivals()
+        unwatch_arrivals()
         if take_int:
             signal.signal(signal.SIGINT, previous_int)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _Stopped.status, _Stopped.line = None, ""  # _raise_interrupted called later (build-defaults) raises
         if not entry:  # called from a program: the signal that stopped the command was sent to it
-            _pass_on(_received, sigterm=previous is not None)
-
-
-def _pass_on(received: list[int], *, sigterm: bool) -> None:
-    """main(argv) called from a program (a test suite, a program running a command in its own
-    process), once its command has stopped through its cleanup: the signals that stopped it
-    (`received`) go on to that program, not lost in a returned 130 or 143. A SIGTERM, where `sigterm`
-    (main() took it over and has put back the handler it found), to that handler: by default the
-    process's end; a Ctrl-C as the KeyboardInterrupt its handler (Python's) raises. The same shape as
-    genserve_client.interrupt.pass_on: genserve-export does not depend on the client package."""
-    if sigterm and signal.SIGTERM in received:
-        signal.raise_signal(signal.SIGTERM)
-    if signal.SIGINT in received:
-        raise KeyboardInterrupt
+            pass_on(_received, sigterm=previous is not None)
 
 
 def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -351,6 +351,18 @@ def test_ctrl_c_while_the_cli_parses_its_arguments_with_stderr_closed_exits_130(
     assert proc.returncode == 130 and not proc.stdout, (proc.returncode, proc.stdout)
 
 
+def test_the_entry_loads_no_more_of_the_contract_than_its_stop_signals_before_its_handlers() -> None:
+    """genserve_client/__main__.py takes Ctrl-C and SIGTERM once its own imports are done; till
+    then a Ctrl-C is Python's (a KeyboardInterrupt traceback, exit -2). Of the genserve_contract
+    package it needs stop_signals (standard library only): the package's other modules (config,
+    kinds, repository, runtime: dataclasses, re, hashlib, pathlib) loaded with it made that window
+    several times longer."""
+    code = "import sys, genserve_client.__main__; print(*sorted(m for m in sys.modules if 'contract' in m))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["genserve_contract", "genserve_contract.stop_signals"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
 @pytest.mark.parametrize("module", ["genserve_client", "genserve_client.cli"])
 def test_sigterm_while_the_cli_imports_exits_143_without_a_traceback(module: str) -> None:
