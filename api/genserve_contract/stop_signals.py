@@ -38,17 +38,22 @@ def watch_arrivals() -> None:
     _Watch.pipe = read, write  # before the wakeup fd is set: a signal from now on, unwatch_arrivals undoes it
     os.set_blocking(read, False)
     os.set_blocking(write, False)
+    held: list[int] = []
     try:
-        found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    except ValueError:  # not the main thread
-        found = -1
-        _Watch.pipe = None
-    if found != -1:
-        signal.set_wakeup_fd(found)
-        _Watch.pipe = None
-    if _Watch.pipe is None:
-        os.close(read)
-        os.close(write)
+        with _handlers_held(held):
+            try:
+                found = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            except ValueError:  # not the main thread
+                found = -1
+                _Watch.pipe = None
+            if found != -1:
+                signal.set_wakeup_fd(found)
+                _Watch.pipe = None
+    finally:
+        if _Watch.pipe is None:
+            os.close(read)
+            os.close(write)
+    _raise_held(held)
 
 
 def unwatch_arrivals() -> None:
@@ -57,11 +62,42 @@ def unwatch_arrivals() -> None:
     if pipe is None:
         return
     read, write = pipe
-    found = signal.set_wakeup_fd(-1)
-    if found != write:  # not ours (a signal stopped watch_arrivals before it set it): left as it was
-        signal.set_wakeup_fd(found)
-    os.close(read)
-    os.close(write)
+    held: list[int] = []
+    try:
+        with _handlers_held(held):
+            found = signal.set_wakeup_fd(-1)
+            if found != write:  # not ours (a signal stopped watch_arrivals before it set it): left as it was
+                signal.set_wakeup_fd(found)
+    finally:
+        os.close(read)
+        os.close(write)
+    _raise_held(held)
+
+
+@contextmanager
+def _handlers_held(held: list[int]) -> Iterator[None]:
+    """A wakeup fd is set by swapping: the one found is only in set_wakeup_fd's return, and a stop
+    signal's Python handler run as it returned raised with it there, the fd found lost (an event
+    loop's, never woken again). Inside, SIGINT's and SIGTERM's Python handlers are one that appends
+    the signal to `held` (_raise_held raises them again once the wakeup fd is as it should be)."""
+    found = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    ours = [signum for signum, handler in found.items() if callable(handler)]
+    try:
+        try:
+            for signum in ours:
+                signal.signal(signum, lambda signum, frame: held.append(signum))
+        except ValueError:  # not the main thread (the first refused), where no Python handler runs
+            ours = []
+        yield
+    finally:  # also where a handler found ran before its own was set
+        for signum in ours:
+            signal.signal(signum, found[signum])
+
+
+def _raise_held(held: list[int]) -> None:
+    """The signals _handlers_held held, again: to their handlers, and the wakeup fd (arrived_first)."""
+    for signum in held:
+        signal.raise_signal(signum)
 
 
 def arrived_first(signum: int) -> int | None:
