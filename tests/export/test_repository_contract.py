@@ -288,3 +288,19 @@ def test_verify_and_the_servers_load_agree_on_a_cards_channels_for_every_kind(
         else:
             stricter = (value is None) if has_image else (kind.maps_latent and value is not None)
             assert bool(problems) is stricter, f"{kind}: channels {value!r} loads, verify says {problems}"
+
+
+def test_every_name_the_contract_package_exports_loads_from_the_module_it_is_mapped_to() -> None:
+    """genserve_contract's names load on first use (PEP 562) from a map kept beside __all__ and the
+    type checker's imports: a name in one list and not the other would be an AttributeError (or a
+    name mypy sees that the package cannot give) only where it is first used."""
+    import importlib
+
+    import genserve_contract
+
+    mapping = genserve_contract._MODULES
+    assert set(mapping) == set(genserve_contract.__all__)
+    for name, module in mapping.items():
+        assert getattr(genserve_contract, name) is getattr(
+            importlib.import_module(f"genserve_contract.{module}"), name
+        ), name
