@@ -101,7 +101,7 @@ def export_model(
     training: Mapping[str, Any] | None = None,
     fp16: bool = True,
     overwrite: bool = False,
-    extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    extra_files: Mapping[str, str | os.PathLike[str] | bytes] | None = None,
     weights_fp16: bool = False,
 ) -> Path:
     """Export ``module`` as ``out_dir/name/version`` and return that directory.
@@ -113,8 +113,10 @@ def export_model(
     ``input_range``, ``class_names``; optionally ``scale_factor``, ``size_multiple``, ``min_size``,
     ``tile_size``, ``tile_overlap``, ``recipe`` and any extra field). Everything is checked before
     anything is written; a failure raises an :class:`ExportError` subclass naming the problem.
-    ``extra_files`` (file name in the version directory -> source path) travel with the graph,
-    written in the same atomic step: e.g. an imported model's licence and reference images.
+    ``extra_files`` (file name in the version directory -> source path, or the file's content as
+    ``bytes``) travel with the graph, written in the same atomic step: e.g. an imported model's
+    licence and reference images, or a recipe's auxiliary graph (content: no temporary file of the
+    recipe has to outlive it).
     A published version directory (one that exists and is not empty) is immutable: it is refused
     unless ``overwrite=True``, and then replaced whole by a rename, never file by file.
     ``weights_fp16`` stores model.onnx's large weights as float16 (computed in float32 after a Cast):
@@ -211,7 +213,10 @@ def export_model(
                     raise InvalidArgumentError(
                         f"extra file name {file_name!r} is reserved or not a plain name"
                     )
-                shutil.copyfile(source, workdir / file_name)
+                if isinstance(source, bytes):
+                    (workdir / file_name).write_bytes(source)
+                else:
+                    shutil.copyfile(source, workdir / file_name)
                 files.append(file_name)
             return _write_atomically(
                 out_root, name, version, workdir, files, full_card, full_config, overwrite

@@ -39,8 +39,9 @@ class ExportSpec:
     training: dict[str, Any] = field(default_factory=dict)
     version: str = DEFAULT_VERSION
     fp16: bool = True  # also write model.fp16.onnx (where it stays within 1e-2 of fp32)
-    # files that travel with the graph (file name in the version directory -> source path), e.g. an
-    # auxiliary graph listed in the card's ``aux_graphs``
+    # files that travel with the graph (file name in the version directory -> source path, or the
+    # file's content as bytes), e.g. an auxiliary graph listed in the card's ``aux_graphs``: a recipe
+    # gives content, not a path into a temporary folder, which nothing would remove after the export
     extra_files: dict[str, Any] = field(default_factory=dict)
 
 

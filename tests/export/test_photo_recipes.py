@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from genserve_export import export_model, verify_repository
 from genserve_export.build import train_and_export
 from genserve_export.data import photos
+from genserve_export.errors import ExportFailedError
 from genserve_export.recipes import photos_colorize, photos_sr, photos_srgan
 from genserve_export.recipes.photos_pix2pix import PhotoDenoiseRecipe
 from genserve_export.recipes.photos_sr import PhotoSuperResolutionRecipe
@@ -284,3 +286,39 @@ def test_colorize_recipe_keeps_the_luma_and_verify_compares_it_with_its_l1_only_
         assert np.isfinite(figures[key]), key
     # the classical baselines do not depend on the model: colour photos are not grey
     assert 0 < figures["mean_chroma_l1"] and 0 < figures["grey_l1"] < 0.3
+
+
+@pytest.mark.parametrize("export_fails", [False, True], ids=["exported", "export-failed"])
+def test_colorize_recipe_leaves_no_temporary_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export_fails: bool
+) -> None:
+    """The recipe wrote l1_only.onnx into a tempfile.mkdtemp("genserve-colorize-") folder that
+    nothing removed: every build of pix2pix-colorize left 3.4 MB in /tmp for good, exported or not.
+    The export (or its failure) now leaves the temporary folder as it found it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def untrained(**kwargs: Any) -> tuple[torch.nn.Module, dict[str, float]]:
+        torch.manual_seed(0)  # a one-layer stand-in for the U-Net: the folder's path, not training
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Tanh()).eval(), {"cpu_s": 0.0}
+
+    monkeypatch.setattr(photos_colorize, "train_unet", untrained)
+    monkeypatch.setattr(photos_colorize, "quality_figures", lambda run, l1_only: {})
+    if export_fails:
+
+        def full_disk(*args: Any, **kwargs: Any) -> Path:
+            raise ExportFailedError("no space left on device")
+
+        monkeypatch.setattr("genserve_export.export._write_atomically", full_disk)
+        with pytest.raises(ExportFailedError, match="no space"):
+            train_and_export("pix2pix-colorize", tmp_path / "repo", progress=False, fp16=False, device="cpu")
+    else:
+        (version_dir,) = train_and_export(
+            "pix2pix-colorize", tmp_path / "repo", progress=False, fp16=False, device="cpu"
+        ).paths
+        card = json.loads((version_dir / "card.json").read_text())
+        aux = version_dir / photos_colorize.L1_ONLY_FILE
+        assert hashlib.sha256(aux.read_bytes()).hexdigest() == card["aux_graphs"][aux.name]["sha256"]
+    # torch's own compile cache (torchinductor_<user>, made once per process) is not the recipe's
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []

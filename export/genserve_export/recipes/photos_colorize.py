@@ -323,8 +323,16 @@ def train_unet(
     return gen.cpu().eval(), took
 
 
-def _export_l1_only(module: nn.Module, folder: Path, example: np.ndarray) -> tuple[Path, dict[str, Any]]:
-    """The L1-only U-Net as an ONNX graph beside the model (not served; verify's comparison)."""
+def _export_l1_only(module: nn.Module, example: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+    """The L1-only U-Net as an ONNX graph beside the model (not served; verify's comparison): the
+    graph file's content and its card record."""
+    with tempfile.TemporaryDirectory(prefix="genserve-colorize-") as tmp:
+        path = Path(tmp) / L1_ONLY_FILE
+        record = _export_l1_only_to(module, path, example)
+        return path.read_bytes(), record
+
+
+def _export_l1_only_to(module: nn.Module, path: Path, example: np.ndarray) -> dict[str, Any]:
     from genserve_contract.repository import sha256_file
     from genserve_export.onnx_utils import (
         adapt,
@@ -336,7 +344,6 @@ def _export_l1_only(module: nn.Module, folder: Path, example: np.ndarray) -> tup
         torch_export,
     )
 
-    path = folder / L1_ONLY_FILE
     feeds = {"image": torch.from_numpy(example)}
     adapted = adapt(module, ["image"], ["output_image"])
     dynamic = dynamic_shapes_for(["image"], True, SIZE_MULTIPLE)
@@ -359,7 +366,7 @@ def _export_l1_only(module: nn.Module, folder: Path, example: np.ndarray) -> tup
         "role": "the same U-Net trained with L1 alone (no adversarial term), same steps, crops and seed; "
         "verify compares its colourfulness with the model's; not served",
     }
-    return path, record
+    return record
 
 
 class PhotoColorizeRecipe:
@@ -382,8 +389,7 @@ class PhotoColorizeRecipe:
         example = (
             photos.random_crops(train_set, 32, 2, np.random.default_rng(seed), flip=False) * 2.0 - 1.0
         ).astype(np.float32)
-        folder = Path(tempfile.mkdtemp(prefix="genserve-colorize-"))
-        l1_path, l1_record = _export_l1_only(copy.deepcopy(l1_gen), folder, example)
+        l1_graph, l1_record = _export_l1_only(copy.deepcopy(l1_gen), example)
         params = sum(p.numel() for p in gen.parameters())
         return [
             ExportSpec(
@@ -428,7 +434,7 @@ class PhotoColorizeRecipe:
                     f"{L1_ONLY_FILE}: the same U-Net, steps and crops with L1 alone",
                     "adversarial_weight": self.adv_weight,
                 },
-                extra_files={L1_ONLY_FILE: l1_path},
+                extra_files={L1_ONLY_FILE: l1_graph},
                 fp16=False,
             )
         ]
