@@ -375,8 +375,16 @@ def sample_figures(
     return figures
 
 
-def _export_encoder(vqvae: VqVae2, folder: Path) -> tuple[Path, dict[str, Any]]:
-    """encoder.onnx (image -> codes, top_codes) and its card record; codes must match PyTorch exactly."""
+def _export_encoder(vqvae: VqVae2) -> tuple[bytes, dict[str, Any]]:
+    """encoder.onnx's content (image -> codes, top_codes) and its card record; codes must match
+    PyTorch exactly."""
+    with tempfile.TemporaryDirectory(prefix="genserve-vqvae-") as tmp:
+        path = Path(tmp) / ENCODER_FILE
+        record = _export_encoder_to(vqvae, path)
+        return path.read_bytes(), record
+
+
+def _export_encoder_to(vqvae: VqVae2, path: Path) -> dict[str, Any]:
     from genserve_contract.repository import sha256_file
     from genserve_export.onnx_utils import (
         adapt,
@@ -391,7 +399,6 @@ def _export_encoder(vqvae: VqVae2, folder: Path) -> tuple[Path, dict[str, Any]]:
     module = adapt(CodeEncoder(vqvae).eval(), ["image"], ["codes", "top_codes"])
     held = digits.load().holdout_images
     example = {"image": torch.from_numpy(held[:4])}
-    path = folder / ENCODER_FILE
     raw = torch_export(module, example, dynamic_shapes_for(["image"], False, 1), ["codes", "top_codes"])
     optimize_offline(raw, path)
     sess = session(path)
@@ -413,7 +420,7 @@ def _export_encoder(vqvae: VqVae2, folder: Path) -> tuple[Path, dict[str, Any]]:
         "role": "VQ-VAE encoder (image -> bottom codes, top codes); verify recomputes reconstruction, "
         "codebook usage and the priors' held-out likelihood with it; not served",
     }
-    return path, record
+    return record
 
 
 def _labels_example() -> np.ndarray:
@@ -435,8 +442,7 @@ def specs_from(trained: Trained) -> list[ExportSpec]:
     nll["holdout_bits_per_pixel_both_levels"] = (
         top_nll["holdout_bits_per_image_pixel"] + nll["holdout_bits_per_image_pixel"]
     )
-    folder = Path(tempfile.mkdtemp(prefix="genserve-vqvae-"))
-    encoder_path, encoder_record = _export_encoder(vqvae, folder)
+    encoder_graph, encoder_record = _export_encoder(vqvae)
     vq_steps, top_steps, bottom_steps = trained.steps
     vq_s, top_s, bottom_s = trained.durations_s
     training = {
@@ -489,7 +495,7 @@ def specs_from(trained: Trained) -> list[ExportSpec]:
             },
             holdout=holdout,
             training=dict(training),
-            extra_files={ENCODER_FILE: encoder_path},
+            extra_files={ENCODER_FILE: encoder_graph},
             fp16=False,
         ),
         ExportSpec(
