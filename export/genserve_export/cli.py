@@ -589,7 +589,11 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): children stopped
             signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
             name = signal.Signals(signum).name
-            err_line(f"build-defaults: interrupted ({name}); the recipes still training were stopped")
+            # The build's stop, as main()'s own: a signal from now on ends the process at once with
+            # this status and the line once (_end_now), not a second stop and a second line in main().
+            _Stopped.status = 128 + signum
+            _Stopped.line = f"build-defaults: interrupted ({name}); the recipes still training were stopped"
+            _say_stop(_Stopped.line)
             if signum == signal.SIGINT:
                 _received.append(signum)  # its KeyboardInterrupt goes on to main()'s caller (main)
             return 128 + signum

@@ -392,6 +392,54 @@ def test_a_second_sigterm_once_a_command_has_stopped_ends_it_at_once_with_the_fi
     assert stops == ["genserve-export verify: stopped (SIGTERM)"], proc.stderr
 
 
+@pytest.mark.parametrize("where", ["its line said", "as it returns"])
+def test_a_second_sigterm_once_a_parallel_build_has_stopped_ends_it_at_once_with_its_line_once(
+    tmp_path: Path, where: str
+) -> None:
+    """build-defaults --jobs N says its own stop line ('interrupted (SIGTERM)', its recipes' processes
+    stopped) and returns 143 through main(), SIGTERM's handler still _raise_interrupted: a second
+    SIGTERM there raised another BuildInterrupted, which main() took as a second stop and said a
+    second line ('stopped (SIGTERM)'). As main()'s own stop: the process ends at once, one line, 143."""
+    script = (
+        "import signal, sys, threading, time\n"
+        "from genserve_export import cli\n"
+        f"WHERE = {where!r}\n"
+        "def sigterm():  # to this thread itself, taken before pthread_kill returns\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+        "def building(*args, **kwargs):\n"
+        "    sigterm()\n"
+        "    time.sleep(30)\n"
+        "say = cli.err_line\n"
+        "def saying(line):\n"
+        "    say(line)\n"
+        "    if WHERE == 'its line said':\n"
+        "        sigterm()\n"
+        "status = cli._stdout_status\n"
+        "def returning(command, code):\n"
+        "    if WHERE == 'as it returns':\n"
+        "        sigterm()\n"
+        "    return status(command, code)\n"
+        "cli._build_in_processes = building\n"
+        "cli.err_line = saying\n"
+        "cli._stdout_status = returning\n"
+        f"sys.argv = ['genserve-export', 'build-defaults', '--out', {str(tmp_path / 'm')!r}, '--jobs', '2',\n"
+        "            '--no-verify', '--only', 'dcgan-digits']\n"
+        "sys.exit(cli.main())  # as the console script runs it\n"
+    )
+    proc = subprocess.run(
+        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    stops = [line for line in proc.stderr.splitlines() if "stopped (" in line or "interrupted (" in line]
+    assert stops == ["build-defaults: interrupted (SIGTERM); the recipes still training were stopped"], (
+        proc.stderr
+    )
+
+
 def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_programs_handler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
