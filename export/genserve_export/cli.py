@@ -446,6 +446,9 @@ class _Stopped:
 
     status: int | None = None  # the stop's exit status (130, 143)
     line = ""  # its line, till said
+    # main()'s command over, its finally putting the process back: the signals that arrived meanwhile,
+    # for main() to pass on once the handlers it found are back (None outside that window).
+    after: list[int] | None = None
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -454,9 +457,13 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     its BuildInterrupted in the Ctrl-C's cleanup. Where main() set a wakeup fd, the C handler wrote
     each signal there as it arrived: the first read decides the stop, and a signal whose arrival an
     earlier handler read is part of that stop, not another one. Once main() has the stop (saying its
-    line, putting the handlers back), a signal ends the process at once (end_now)."""
+    line, putting the handlers back), a signal ends the process at once (end_now); once a command
+    that was not stopped is over, main() passes it on when its handlers are back (_Stopped.after)."""
     if _Stopped.status is not None:
         end_now(_Stopped.status, _Stopped.line)
+    if _Stopped.after is not None:
+        _Stopped.after.append(signum)
+        return
     first = arrived_first(signum)
     if first is None:  # its arrival was read with an earlier signal's: part of that stop
         return
@@ -590,7 +597,7 @@ def _build_defaults(args: argparse.Namespace, argv: Sequence[str]) -> int:
             signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
             name = signal.Signals(signum).name
             # The build's stop, as main()'s own: a signal from now on ends the process at once with
-            # this status and the line once (_end_now), not a second stop and a second line in main().
+            # this status and the line once (end_now), not a second stop and a second line in main().
             _Stopped.status = 128 + signum
             _Stopped.line = f"build-defaults: interrupted ({name}); the recipes still training were stopped"
             _say_stop(_Stopped.line)
@@ -701,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
     take_int = previous_int is signal.default_int_handler
     _received.clear()
+    status = 1
     try:
         # In the try: a SIGTERM from the moment its handler is set is the command's stop (its line
         # and 143), not a BuildInterrupted traceback.
@@ -709,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if take_int:
             signal.signal(signal.SIGINT, _raise_interrupted)
             watch_arrivals()
-        return _stdout_status(args.command, _run_command(args, argv))
+        status = _stdout_status(args.command, _run_command(args, argv))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (BuildInterrupted): cleanups have run
         signum = exc.signum if isinstance(exc, BuildInterrupted) else signal.SIGINT
         _Stopped.status = 128 + signum  # a signal from now on ends the process at once (end_now)
@@ -717,16 +725,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say_stop(_Stopped.line)
         if signum == signal.SIGINT:
             _received.append(signum)
-        return 128 + signum
+        status = 128 + signum
     finally:
+        # First, with no call before it (where Python runs a signal's handler): a signal handled
+        # before this was the command's stop (the except), one handled from here on is recorded and
+        # passed on once the handlers are back, not a BuildInterrupted traceback out of main().
+        after = _Stopped.after = []
         unwatch_arrivals()
         if take_int:
             signal.signal(signal.SIGINT, previous_int)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        _Stopped.status, _Stopped.line = None, ""  # _raise_interrupted called later (build-defaults) raises
+        # _raise_interrupted called later (build-defaults) raises
+        _Stopped.status, _Stopped.line, _Stopped.after = None, "", None
         if not entry:  # called from a program: the signal that stopped the command was sent to it
-            pass_on(_received, sigterm=previous is not None)
+            pass_on(_received + after, sigterm=previous is not None)
+    # A signal once the command was over (its output all written) still ends the process with its
+    # status, quietly: 143 for a SIGTERM, 130 for a Ctrl-C.
+    return 128 + after[0] if after else status
 
 
 def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -440,6 +441,89 @@ def test_a_second_sigterm_once_a_parallel_build_has_stopped_ends_it_at_once_with
     )
 
 
+@pytest.mark.parametrize(
+    "where", ["its wakeup fd unwatched", "SIGINT's handler put back", "SIGTERM's handler put back"]
+)
+def test_a_sigterm_as_main_puts_its_handlers_back_after_a_command_ends_with_143_quietly(
+    tmp_path: Path, where: str
+) -> None:
+    """A command done (its status in hand), main()'s finally puts the process back: a SIGTERM there,
+    SIGTERM's handler still _raise_interrupted, raised a BuildInterrupted out of main(): a
+    traceback, the command's status lost. The process ends as a SIGTERM ends it: 143, the command's
+    output all there, no traceback."""
+    script = (
+        "import signal, sys, threading\n"
+        "from genserve_export import cli\n"
+        f"WHERE = {where!r}\n"
+        "def sigterm():  # to this thread itself, taken before pthread_kill returns\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+        "def counting(path):\n"
+        "    cli._say('counted')\n"
+        "    return 0\n"
+        "unwatch = cli.unwatch_arrivals\n"
+        "def unwatching():\n"
+        "    if WHERE == 'its wakeup fd unwatched':\n"
+        "        sigterm()\n"
+        "    unwatch()\n"
+        "set_handler = signal.signal\n"
+        "def setting(signum, handler):\n"
+        "    name = signal.Signals(signum).name\n"
+        "    # main()'s own put-back, not stop_signals' brief swaps while it (un)watches the wakeup fd\n"
+        "    ours = getattr(handler, '__module__', None) == 'genserve_contract.stop_signals'\n"
+        "    put_back = signal.getsignal(signum) is cli._raise_interrupted is not handler and not ours\n"
+        '    if put_back and WHERE == name + "\'s handler put back":\n'
+        "        sigterm()\n"
+        "    return set_handler(signum, handler)\n"
+        "cli._count_activations = counting\n"
+        "cli.unwatch_arrivals = unwatching\n"
+        "signal.signal = setting\n"
+        f"sys.argv = ['genserve-export', 'count-activations', {str(tmp_path)!r}]\n"
+        "sys.exit(cli.main())  # as the console script runs it\n"
+    )
+    proc = subprocess.run(
+        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == "counted\n"
+
+
+def test_a_sigterm_as_main_puts_its_handlers_back_after_an_in_process_command_reaches_the_programs_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main(argv) called from a program: a SIGTERM once the command is done, as main() puts SIGTERM's
+    handler back, raised a BuildInterrupted into the program. It goes to the program's handler, put
+    back, as a SIGTERM that stopped the command does."""
+    received: list[int] = []
+
+    def program(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    set_handler = signal.signal
+
+    def setting(signum: int, handler: Any) -> Any:
+        if signum == signal.SIGTERM and handler is program:
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # taken before it returns
+        return set_handler(signum, handler)
+
+    monkeypatch.setattr(cli, "_count_activations", lambda path: 0)
+    previous = signal.signal(signal.SIGTERM, program)
+    try:
+        monkeypatch.setattr(signal, "signal", setting)
+        code = cli.main(["count-activations", str(tmp_path)])
+        monkeypatch.undo()
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert received == [signal.SIGTERM]
+    assert handler is program
+
+
 def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_programs_handler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -472,7 +556,7 @@ def test_a_sigterm_to_a_program_running_a_command_in_process_reaches_that_progra
 def test_a_ctrl_c_as_main_sets_its_wakeup_fd_leaves_none_set_after_an_in_process_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A Ctrl-C handled inside _watch_arrivals once it had set its wakeup fd, before main() had
+    """A Ctrl-C handled inside watch_arrivals once it had set its wakeup fd, before main() had
     what undoes it: main(argv) called from a program left the command's pipe as the process's
     wakeup fd (an event loop's or a later run's own refused) and its two descriptors open. The
     command stops as anywhere else, and the process is put back."""
