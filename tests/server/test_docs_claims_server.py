@@ -328,3 +328,15 @@ def test_every_documented_serve_flag_value_is_one_the_parser_takes(doc: str, spa
         build_parser().parse_args(["serve", "--models", "models", *span.split()])
     except SystemExit as exc:
         raise AssertionError(f"{doc}: `{span}` is refused by genserve-server serve") from exc
+
+
+def test_server_md_says_where_a_piped_configs_relative_paths_resolve() -> None:
+    """docs/operations.md says a config read from a pipe (`--config <(envsubst < server.json)`,
+    /dev/stdin), which has no directory, resolves its relative paths against the working directory
+    (config._paths_base; test_relative_paths_of_a_piped_server_config_are_relative_to_the_working_directory);
+    docs/server.md's own section on the file did not, where an operator reads its fields."""
+    text = (REPO_ROOT / "docs" / "server.md").read_text()
+    section = text[text.index("## Server config file") :]
+    section = " ".join(section[: section.index("\n## ", 1)].split())
+    assert "relative to the file's directory" in section
+    assert re.search(r"pipe \(`--config <\(envsubst < server\.json\)`.*to the working directory", section)
