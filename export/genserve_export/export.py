@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -116,7 +117,9 @@ def export_model(
     ``extra_files`` (file name in the version directory -> source path, or the file's content as
     ``bytes``) travel with the graph, written in the same atomic step: e.g. an imported model's
     licence and reference images, or a recipe's auxiliary graph (content: no temporary file of the
-    recipe has to outlive it).
+    recipe has to outlive it). The card records each one's sha256, which ``verify`` holds it to: an
+    auxiliary graph's in ``aux_graphs``, any other file's in ``source.files_sha256``; one listed in
+    neither, or under another digest, is refused before the export's work.
     A published version directory (one that exists and is not empty) is immutable: it is refused
     unless ``overwrite=True``, and then replaced whole by a rename, never file by file.
     ``weights_fp16`` stores model.onnx's large weights as float16 (computed in float32 after a Cast):
@@ -125,6 +128,7 @@ def export_model(
     """
     out_root = Path(out_dir)
     spec = _check_arguments(kind, name, version, card)
+    _check_extra_files(card, extra_files or {})
     target = out_root / name / version
     if not overwrite:
         refuse_published([target])
@@ -269,6 +273,34 @@ def _check_arguments(kind: str, name: str, version: str, card: Mapping[str, Any]
     if missing:
         raise CardFieldError(f"card for {name} (kind {kind}) is missing field(s): {', '.join(missing)}")
     return Kind(kind)
+
+
+def _check_extra_files(
+    card: Mapping[str, Any], extra_files: Mapping[str, str | os.PathLike[str] | bytes]
+) -> None:
+    """Every extra file's digest recorded in ``card`` as verify reads it (its aux_graphs, its
+    source.files_sha256), and the file's own: else it would be published with no digest anywhere,
+    or fail verify once published."""
+    aux = card.get("aux_graphs")
+    source = card.get("source")
+    recorded = source.get("files_sha256") if isinstance(source, Mapping) else None
+    for file_name, path in extra_files.items():
+        record = aux.get(file_name) if isinstance(aux, Mapping) else None
+        if isinstance(record, Mapping):
+            listed, where = record.get("sha256"), "aux_graphs"
+        elif isinstance(recorded, Mapping) and file_name in recorded:
+            listed, where = recorded[file_name], "source.files_sha256"
+        else:
+            raise InvalidArgumentError(
+                f"extra file {file_name!r} is listed in neither the card's aux_graphs nor its "
+                "source.files_sha256: its sha256 would be recorded nowhere (verify checks those)"
+            )
+        actual = hashlib.sha256(path).hexdigest() if isinstance(path, bytes) else sha256_file(Path(path))
+        if listed != actual:
+            raise InvalidArgumentError(
+                f"extra file {file_name!r}: sha256 {actual[:12]}… differs from the card's {where} "
+                f"({listed!r})"
+            )
 
 
 def _example_tensors(

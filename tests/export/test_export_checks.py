@@ -969,3 +969,56 @@ def test_a_quality_figure_meets_its_threshold_at_the_bound_and_fails_just_past_i
     assert check_thresholds({"psnr": 20.0, "fid": 5.0}, thresholds) == [
         "quality figure 'both' was not computed (threshold {'min': 0.0, 'max': 1.0})"
     ]
+
+
+@pytest.mark.parametrize("given_as", ["path", "bytes"])  # a recipe's auxiliary graph comes as its bytes
+def test_an_extra_file_whose_digest_the_card_does_not_record_is_refused_naming_it_before_the_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given_as: str
+) -> None:
+    """export_model's extra_files travel with the graph, and every caller of this package records
+    their digests in the card (a recipe's auxiliary graph in aux_graphs, an import's licence and
+    reference pair in source.files_sha256), which verify holds them to. A library caller's extra file
+    listed in neither was published with no digest anywhere (verify never checked it, an .onnx one
+    failed verify as unlisted), and one listed under another digest failed verify only once
+    published. Both are refused naming the file, before the export's work; one listed with its
+    digest is published beside the graph and verify checks it."""
+    import hashlib
+
+    from genserve_export import InvalidArgumentError
+    from genserve_export import export as export_module
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("how this model was made\n")
+    digest = hashlib.sha256(notes.read_bytes()).hexdigest()
+    z = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    card = {"description": "tiny", "output_range": [-1.0, 1.0]}
+    out = tmp_path / "models"
+    extra = notes.read_bytes() if given_as == "bytes" else notes
+
+    def export(card: dict[str, object]) -> Path:
+        return export_model(
+            _TinyImage(0), kind="generator", name="tiny-gen", out_dir=out, example_inputs={"z": z},
+            card=card, fp16=False, extra_files={"notes.txt": extra},
+        )  # fmt: skip
+
+    def exported(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the graph was exported with an extra file that is refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "_export_and_optimize", exported)
+        with pytest.raises(InvalidArgumentError, match=r"'notes\.txt'.*neither.*aux_graphs.*files_sha256"):
+            export(card)
+        for listed in (
+            {"source": {"files_sha256": {"notes.txt": "0" * 64}}},
+            {"aux_graphs": {"notes.txt": {"sha256": "0" * 64}}},
+        ):
+            with pytest.raises(InvalidArgumentError, match=r"'notes\.txt'.*sha256.*differs"):
+                export({**card, **listed})
+    assert not out.exists() or not any(out.rglob("*"))
+
+    target = export({**card, "source": {"files_sha256": {"notes.txt": digest}}})
+    assert (target / "notes.txt").read_bytes() == notes.read_bytes()
+    assert verify_repository(out, recompute_quality=False).ok
+    (target / "notes.txt").write_text("changed\n")
+    report = verify_repository(out, recompute_quality=False)
+    assert not report.ok and "notes.txt" in " ".join(report.models[0].errors), report.format()
