@@ -9,8 +9,10 @@ Runtime, so quality is recomputed from the exported graph, never merely self-rep
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +24,16 @@ DEFAULT_VERSION = "1"
 
 # Runs one exported graph: feeds by input name, returns outputs by output name.
 OnnxRun = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def aux_graph(file_name: str, export_to: Callable[[Path], dict[str, Any]]) -> tuple[bytes, dict[str, Any]]:
+    """An auxiliary graph for ExportSpec.extra_files: ``export_to(path)`` writes it and returns its
+    card record (aux_graphs), in a temporary folder gone on return; its content comes back as bytes,
+    so no file of the recipe outlives it (export_model writes the bytes beside the model)."""
+    with tempfile.TemporaryDirectory(prefix="genserve-aux-") as tmp:
+        path = Path(tmp) / file_name
+        record = export_to(path)
+        return path.read_bytes(), record
 
 
 @dataclass(slots=True)

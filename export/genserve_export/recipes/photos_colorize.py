@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve_export.data import photos
-from genserve_export.recipe import ExportSpec, OnnxRun
+from genserve_export.recipe import ExportSpec, OnnxRun, aux_graph
 from genserve_export.recipes._common import pick_device, progress_bar, seed_everything, torch_run
 
 NAME = "pix2pix-colorize"
@@ -323,16 +322,9 @@ def train_unet(
     return gen.cpu().eval(), took
 
 
-def _export_l1_only(module: nn.Module, example: np.ndarray) -> tuple[bytes, dict[str, Any]]:
-    """The L1-only U-Net as an ONNX graph beside the model (not served; verify's comparison): the
-    graph file's content and its card record."""
-    with tempfile.TemporaryDirectory(prefix="genserve-colorize-") as tmp:
-        path = Path(tmp) / L1_ONLY_FILE
-        record = _export_l1_only_to(module, path, example)
-        return path.read_bytes(), record
-
-
 def _export_l1_only_to(module: nn.Module, path: Path, example: np.ndarray) -> dict[str, Any]:
+    """The L1-only U-Net as an ONNX graph written to `path` (not served; verify's comparison), and
+    its card record."""
     from genserve_contract.repository import sha256_file
     from genserve_export.onnx_utils import (
         adapt,
@@ -389,7 +381,8 @@ class PhotoColorizeRecipe:
         example = (
             photos.random_crops(train_set, 32, 2, np.random.default_rng(seed), flip=False) * 2.0 - 1.0
         ).astype(np.float32)
-        l1_graph, l1_record = _export_l1_only(copy.deepcopy(l1_gen), example)
+        l1_only = copy.deepcopy(l1_gen)
+        l1_graph, l1_record = aux_graph(L1_ONLY_FILE, lambda path: _export_l1_only_to(l1_only, path, example))
         params = sum(p.numel() for p in gen.parameters())
         return [
             ExportSpec(

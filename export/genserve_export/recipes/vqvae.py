@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from genserve_contract.config import ModelConfig
 from genserve_export.data import digits
 from genserve_export.quality.digits_classifier import CLASSIFIER_DESCRIPTION, classifier
 from genserve_export.quality.digits_metrics import classifier_figures
-from genserve_export.recipe import ExportSpec, OnnxRun
+from genserve_export.recipe import ExportSpec, OnnxRun, aux_graph
 from genserve_export.recipes._common import (
     EVAL_SEED,
     batches,
@@ -375,16 +374,9 @@ def sample_figures(
     return figures
 
 
-def _export_encoder(vqvae: VqVae2) -> tuple[bytes, dict[str, Any]]:
-    """encoder.onnx's content (image -> codes, top_codes) and its card record; codes must match
-    PyTorch exactly."""
-    with tempfile.TemporaryDirectory(prefix="genserve-vqvae-") as tmp:
-        path = Path(tmp) / ENCODER_FILE
-        record = _export_encoder_to(vqvae, path)
-        return path.read_bytes(), record
-
-
 def _export_encoder_to(vqvae: VqVae2, path: Path) -> dict[str, Any]:
+    """encoder.onnx (image -> codes, top_codes) written to `path`, and its card record; codes must
+    match PyTorch exactly."""
     from genserve_contract.repository import sha256_file
     from genserve_export.onnx_utils import (
         adapt,
@@ -442,7 +434,7 @@ def specs_from(trained: Trained) -> list[ExportSpec]:
     nll["holdout_bits_per_pixel_both_levels"] = (
         top_nll["holdout_bits_per_image_pixel"] + nll["holdout_bits_per_image_pixel"]
     )
-    encoder_graph, encoder_record = _export_encoder(vqvae)
+    encoder_graph, encoder_record = aux_graph(ENCODER_FILE, lambda path: _export_encoder_to(vqvae, path))
     vq_steps, top_steps, bottom_steps = trained.steps
     vq_s, top_s, bottom_s = trained.durations_s
     training = {
