@@ -21,26 +21,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-COMMITTED_MODELS = Path(__file__).resolve().parents[2] / "models"
-NEEDS_FASHION = {"cgan-fashion"}  # verify needs Fashion-MNIST too (make fashion-data)
-
-
-@pytest.fixture(scope="session")
-def committed_models_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """verify (thresholds on) of every committed model in models/ but those needing Fashion-MNIST,
-    run once for the tests that read its figures: it takes the longest of the suite (the VQ-VAE
-    decoder's 300 class-conditional samples, 245 prior calls), and each test verifying the same
-    committed graphs again doubled that. The callers skip where models/ or MNIST is missing."""
-    from genserve_export import verify_repository
-
-    root = tmp_path_factory.mktemp("committed") / "models"
-    root.mkdir()
-    for entry in COMMITTED_MODELS.iterdir():
-        if entry.is_dir() and entry.name not in NEEDS_FASHION:
-            (root / entry.name).symlink_to(entry)
-    return verify_repository(root)
-
-
 @pytest.fixture
 def quality_runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     """The batch sizes of each graph's runs in verify's quality figures (not its checks' runs), by

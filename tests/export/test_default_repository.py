@@ -14,6 +14,7 @@ from PIL import Image
 
 from genserve_export import verify_repository
 from genserve_export.data import digits, fashion
+from genserve_export.recipes import vqvae
 from genserve_export.verify import VerifyReport
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -38,12 +39,41 @@ def _repository_of(root: Path, entries: set[str], include: bool) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def committed_models_report(tmp_path_factory: pytest.TempPathFactory) -> VerifyReport:
+    """verify (thresholds on) of every committed model in models/ but FASHION_ENTRIES, run once for
+    the tests here that read its figures: it is the longest set-up of the suite (the VQ-VAE decoder's
+    300 class-conditional samples, 245 prior calls). Its readers stay in this module, so that the
+    README's test command (pytest -n 2 --dist loadfile) computes it on one worker, not on each."""
+    root = tmp_path_factory.mktemp("committed") / "models"
+    return verify_repository(_repository_of(root, FASHION_ENTRIES, include=False))
+
+
 @pytest.mark.skipif(not MODELS.is_dir(), reason="models/ has not been built")
 @pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
 def test_committed_models_verify(committed_models_report: VerifyReport) -> None:
     report = committed_models_report  # every entry of models/ but FASHION_ENTRIES
     assert report.ok, report.format()
     assert DIGITS_ENTRIES <= {m.name for m in report.models}
+
+
+@pytest.mark.skipif(not (MODELS / vqvae.PRIOR).is_dir(), reason="models/ has not been built")
+@pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
+def test_verify_recomputes_the_priors_bits_per_pixel_of_both_levels(
+    committed_models_report: VerifyReport,
+) -> None:
+    """The bottom prior's card records holdout_bits_per_pixel_both_levels (its bits per image pixel
+    plus the top prior's), but verify recomputed only the prior's own level and printed the figure
+    as '-' beside the card's -> it adds the top prior's level from the sibling graph, as the recipe
+    did at export."""
+    report = committed_models_report  # the committed repository's verify (the vqvae entries in it)
+    assert set(vqvae.VqvaeDigitsRecipe.names) <= {m.name for m in report.models}
+    assert report.ok, report.format()
+    prior = {m.name: m for m in report.models}[vqvae.PRIOR]
+    card = json.loads((MODELS / vqvae.PRIOR / "1" / "card.json").read_text())["quality"]
+    both = prior.quality_recomputed.get("holdout_bits_per_pixel_both_levels")
+    assert both == pytest.approx(card["holdout_bits_per_pixel_both_levels"], rel=1e-3), prior.format()
+    assert "holdout_bits_per_pixel_both_levels: -" not in prior.format()
 
 
 @pytest.mark.skipif(not MODELS.is_dir(), reason="models/ has not been built")
