@@ -487,17 +487,21 @@ class BuildInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# How long a stopped build waits for its recipes' cleanup before it SIGKILLs them, all together.
+CHILD_STOP_GRACE_S = 10.0
+
+
 def _stop_children(
     running: dict[str, tuple[subprocess.Popen[bytes], float, Any]], stop_signal: int = signal.SIGINT
 ) -> None:
-    """Stop the recipes still training (`stop_signal`, then SIGKILL once 10 s have passed since) and
-    reap them. SIGINT, as Ctrl-C in a terminal sends it to the whole group: a child's
+    """Stop the recipes still training (`stop_signal`, then SIGKILL once CHILD_STOP_GRACE_S have
+    passed) and reap them. SIGINT, as Ctrl-C in a terminal sends it to the whole group: a child's
     KeyboardInterrupt runs its cleanup (temporary folders, a half-published version), as its SIGTERM
     does (main); SIGTERM for children started with SIGINT ignored, which never see a SIGINT."""
     for process, _, _ in running.values():
         if process.poll() is None:
             process.send_signal(stop_signal)
-    deadline = time.monotonic() + 10  # one grace for all of them, not 10 s more per child
+    deadline = time.monotonic() + CHILD_STOP_GRACE_S  # one grace for all, not one more per child
     for name, (process, _, report) in running.items():
         try:
             process.wait(max(0.0, deadline - time.monotonic()))
