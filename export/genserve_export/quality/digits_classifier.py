@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve_export.data import digits
+from genserve_export.data.cache_file import publish_cache_file
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,8 @@ def _classifier(source: str) -> DigitsClassifier:
     except (OSError, RuntimeError):
         logger.info("training the digits classifier (%d training images)", len(data.train_idx))
         net = _train(data)
-        try:
-            torch.save(net.state_dict(), path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        except OSError:
-            pass  # a read-only cache: retrain next time
+        state = net.state_dict()
+        publish_cache_file(path, lambda stream: torch.save(state, stream))  # read-only: retrain next time
     fitted = DigitsClassifier(net, 0.0)
     predicted = fitted.probabilities(data.holdout_images).argmax(axis=1)
     return DigitsClassifier(net, float((predicted == data.holdout_labels).mean()))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from genserve_export.data import fashion
+from genserve_export.data.cache_file import publish_cache_file
 from genserve_export.quality.digits_classifier import DigitsClassifier, cnn, fit_cnn
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,8 @@ def _classifier(source: str) -> DigitsClassifier:
     except (OSError, RuntimeError):
         logger.info("training the Fashion-MNIST classifier (%d held-out images)", len(data.holdout_labels))
         net = fit_cnn(data.holdout_images, data.holdout_labels, epochs=EPOCHS)
-        try:
-            torch.save(net.state_dict(), path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        except OSError:
-            pass  # a read-only cache: retrain next time
+        state = net.state_dict()
+        publish_cache_file(path, lambda stream: torch.save(state, stream))  # read-only: retrain next time
     fitted = DigitsClassifier(net, 0.0)
     scored = slice(0, ACCURACY_IMAGES)
     predicted = fitted.probabilities(data.train_images[scored]).argmax(axis=1)

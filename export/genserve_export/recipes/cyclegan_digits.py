@@ -44,6 +44,7 @@ from torch import nn
 
 from genserve_export.data import digits as mnist
 from genserve_export.data import sk_digits
+from genserve_export.data.cache_file import publish_cache_file
 from genserve_export.quality import digits_classifier
 from genserve_export.recipe import ExportSpec, OnnxRun
 from genserve_export.recipes._common import batches, pick_device, progress_bar, run_batched, seed_everything
@@ -156,12 +157,8 @@ def domain_a_classifier() -> tuple[nn.Module, float]:
         images = affine_copies(train_x, CLASSIFIER_COPIES, seed=0)
         labels = np.tile(train_y, CLASSIFIER_COPIES + 1)
         net = digits_classifier.fit_cnn(images, labels, epochs=CLASSIFIER_EPOCHS)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(net.state_dict(), path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        except OSError:
-            pass  # a read-only cache: refit next time
+        state = net.state_dict()
+        publish_cache_file(path, lambda stream: torch.save(state, stream))  # read-only: refit next time
     accuracy = float((_predict(net, hold_x) == hold_y).mean())
     return net, accuracy
 
