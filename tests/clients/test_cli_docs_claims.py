@@ -572,12 +572,16 @@ def test_the_entry_run_from_python_puts_the_processs_signal_handlers_back(
 
     monkeypatch.setattr(cli, "main", interrupted)
     monkeypatch.setattr(sys, "stderr", None)
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):  # the program's Ctrl-C goes on to it
-        entry.main(["models"])
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-    with pytest.raises(KeyboardInterrupt):  # Python's own handler: not an os._exit of the CLI's
-        signal.raise_signal(signal.SIGINT)
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as a program has it
+    try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):  # the program's Ctrl-C goes on to it
+            entry.main(["models"])
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        with pytest.raises(KeyboardInterrupt):  # Python's own handler: not an os._exit of the CLI's
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, found)
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
