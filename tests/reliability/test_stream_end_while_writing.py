@@ -26,6 +26,9 @@ RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
 # Far more than a flow-control window holds: the server's writes stall while the client reads nothing.
 JOB = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6, base_seed=0, output=RAW))
 CALLS = 4
+# Without it grpc's BDP probing grows an unread stream's window to megabytes: on a loaded machine the
+# server had not filled it 0.5 s in, and the cancel came before any write waited (what is tested).
+NO_BDP_PROBE = [("grpc.http2.bdp_probe", 0)]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def _log_problems(server: ServerProcess, since: int) -> list[str]:
 
 def test_a_cancel_while_the_server_waits_to_write_logs_no_traceback(server: ServerProcess) -> None:
     before, lines = _stream_calls(server, "CANCELLED"), len(server.log().splitlines())
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.target, options=NO_BDP_PROBE) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         for _ in range(CALLS):
             call = stub.SampleStream(JOB, timeout=30)  # never read
@@ -74,7 +77,7 @@ def test_a_cancel_while_the_server_waits_to_write_logs_no_traceback(server: Serv
 
 def test_a_deadline_while_the_server_waits_to_write_logs_no_traceback(server: ServerProcess) -> None:
     before, lines = _stream_calls(server, "DEADLINE_EXCEEDED"), len(server.log().splitlines())
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.target, options=NO_BDP_PROBE) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         for _ in range(CALLS):
             call = stub.SampleStream(JOB, timeout=0.5)  # never read
