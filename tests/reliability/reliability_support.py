@@ -57,6 +57,11 @@ SHARED_LIMITS = {
 }
 
 
+# Channel options for a client that never reads its streams: without BDP probing grpc's flow-control
+# window stays at HTTP/2's initial 64 KiB, which an unread stream fills at once. With it grpc grew each
+# unread stream's window to ~4 MB, which a loaded server (pytest -n 2) took seconds to fill.
+NO_BDP_PROBE = [("grpc.http2.bdp_probe", 0)]
+
 SERVER_NAME = "genserve.test"
 GEN_CARD = {"latent_dim": TINY_LATENT, "channels": 3, "image_size": [8, 8]}
 FAIL_AT_BATCH = 3

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from reliability_support import write_gen
+from reliability_support import NO_BDP_PROBE, write_gen
 from server_support import ServerProcess, start_server, wait_until
 
 from genserve.v1 import genserve_pb2 as pb
@@ -26,9 +26,6 @@ RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
 # Far more than a flow-control window holds: the server's writes stall while the client reads nothing.
 JOB = pb.SampleStreamRequest(sample=pb.SampleRequest(model="gen", count=10**6, base_seed=0, output=RAW))
 CALLS = 4
-# Without it grpc's BDP probing grows an unread stream's window to megabytes: on a loaded machine the
-# server had not filled it 0.5 s in, and the cancel came before any write waited (what is tested).
-NO_BDP_PROBE = [("grpc.http2.bdp_probe", 0)]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from reliability_support import write_gen
+from reliability_support import NO_BDP_PROBE, write_gen
 from server_support import ServerProcess, start_server, wait_until
 from unread_client import UnreadClient
 
@@ -27,8 +27,6 @@ SLOTS = 2
 STREAM = "/genserve.v1.GenerationService/SampleStream"
 SAMPLE = "/genserve.v1.GenerationService/Sample"
 RAW = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_RAW_UINT8)
-# A grpc client's flow-control window stays at HTTP/2's initial 64 KiB: an unread stream's fills at once.
-NO_BDP_PROBE = [("grpc.http2.bdp_probe", 0)]
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +117,6 @@ def test_a_client_that_goes_after_the_server_ended_its_unread_stream_leaves_no_t
     for _ in range(3):
         ended = ended_since(_ended_streams(server))
         if goes_by == "cancel":
-            # No BDP probing: with it grpc's client grew each stream's window to ~4 MB, which a
-            # loaded server took longer than the wait below to fill; 64 KiB fill at once.
             with grpc.insecure_channel(server.target, options=NO_BDP_PROBE) as channel:
                 stub = pb_grpc.GenerationServiceStub(channel)
                 calls = [stub.SampleStream(job, timeout=30) for _ in range(streams)]  # never read
