@@ -134,6 +134,7 @@ def main() -> None:
                         f"--models: no model {', '.join(missing)} in side {side}'s models ({repos[side]})"
                     )
             sides: dict[str, list[dict[str, dict[str, float]]]] = {"A": [], "B": []}
+            turns: list[list[str]] = []  # [model, side] in the order measured, every round
             # Both servers run for the whole comparison and take turns model by model (its floor, c=1
             # and c=64 on one side, then on the other), the first side alternating from model to
             # model and, for each model, from round to round (a count of turns alone would start an
@@ -149,6 +150,7 @@ def main() -> None:
                     for i, m in enumerate(measured):
                         for side in ("A", "B") if (r + i) % 2 == 0 else ("B", "A"):
                             sides[side][-1][m.name] = _measure(servers[side], m, args.duration_s)
+                            turns.append([m.name, side])
     b_label = "this tree" + (f" with {args.config}" if args.config else "")
     report: dict[str, Any] = {"base": label, "side_b": b_label, "rounds": args.rounds, "models": {}}
     write_line(f"A = {label}, B = {b_label}; medians of {args.rounds} rounds, RAW_UINT8, 1 image a request")
@@ -160,6 +162,10 @@ def main() -> None:
             b = statistics.median(r[name][figure] for r in sides["B"])
             report["models"][name][figure] = {"A": a, "B": b, "B/A": b / a if a else None}
             write_line(f"{name:<22}{figure:<18}{a:>10.3f}{b:>10.3f}{b / a if a else float('nan'):>8.3f}")
+    # Every round's figures and the order of the turns: a bias of a position (the first model, the
+    # first side of a turn) shows only there, not in the medians.
+    report["per_round"] = sides
+    report["turns"] = turns
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
 

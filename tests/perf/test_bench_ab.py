@@ -150,3 +150,36 @@ def test_an_ab_run_stopped_by_ctrl_c_stops_both_servers_and_removes_its_worktree
     pids = [int(line) for line in started.read_text().splitlines()]
     assert len(pids) == 2 and not [pid for pid in pids if _alive(pid)]
     assert _worktrees() == before
+
+
+def test_an_ab_runs_json_keeps_every_rounds_figures_and_the_order_of_its_turns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The JSON held the medians only: whether a side read low in one position of a round (the first
+    # model, the side measured first after the other's turn) could not be checked after a run
+    # (bench/profile.md, thirty-first round: the first-listed model's B/A read 0.82-0.89).
+    figure = iter(range(1, 1000))
+
+    @contextlib.contextmanager
+    def serve(tree: Path, models: Path, config: Path | None = None) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(side="A" if tree == tmp_path else "B")
+
+    def measure(server: SimpleNamespace, model: SimpleNamespace, duration_s: float) -> dict[str, float]:
+        return dict.fromkeys(ab.FIGURES, float(next(figure)))
+
+    monkeypatch.setattr(ab, "_serve", serve)
+    monkeypatch.setattr(ab, "_measure", measure)
+    monkeypatch.setattr(ab, "_subset", lambda models_dir, names, into: into)
+    models = [SimpleNamespace(name="m1"), SimpleNamespace(name="m2")]
+    monkeypatch.setattr(ab, "find_models", lambda root, names: models)
+    out = tmp_path / "ab.json"
+    argv = ["bench.ab", "--base-tree", str(tmp_path), "--models", "m1", "m2", "--rounds", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    ab.main()
+    report = json.loads(out.read_text())
+    turns = [["m1", "A"], ["m1", "B"], ["m2", "B"], ["m2", "A"]]
+    turns += [["m1", "B"], ["m1", "A"], ["m2", "A"], ["m2", "B"]]
+    assert report["turns"] == turns
+    # The figures of the n-th turn are n: each round's figure is found under its side and model.
+    for n, (name, side) in enumerate(turns, start=1):
+        assert report["per_round"][side][(n - 1) // 4][name] == dict.fromkeys(ab.FIGURES, float(n))
