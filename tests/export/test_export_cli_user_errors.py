@@ -33,6 +33,32 @@ def fake_recipe(monkeypatch: pytest.MonkeyPatch) -> _FakeRecipe:
     return recipe
 
 
+def _run_as_console_script(
+    script: str, argv: list[str], *, status: int, close_stderr: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """genserve-export run as its console script runs it (`sys.exit(main())`, sys.argv its name and
+    `argv`) once `script` (the test's imports and patches) has run, in a process started as a
+    terminal starts it (SIGINT's default), with stderr closed (`2>&-`) where `close_stderr`. Checks
+    that it ended with `status` and no traceback; the finished process, for the test's own checks."""
+    entry = (
+        "import sys\n"
+        f"{script}"
+        "import genserve_export.cli\n"
+        f"sys.argv = ['genserve-export', *{argv!r}]\n"
+        "sys.exit(genserve_export.cli.main())  # as the console script runs it\n"
+    )
+    close_fds = (2,) if close_stderr else ()
+    proc = subprocess.run(
+        exec_wrapped([sys.executable, "-c", entry], close_fds=close_fds, sigint="default"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == status, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
 @pytest.mark.parametrize("under", ["", "sub"])
 def test_train_into_an_out_that_is_a_file_is_refused_before_training(
     tmp_path: Path, fake_recipe: _FakeRecipe, capsys: pytest.CaptureFixture[str], under: str
@@ -248,18 +274,8 @@ def test_ctrl_c_during_a_command_is_one_line_and_exit_130(tmp_path: Path, comman
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(30)\n"
         f"setattr(importlib.import_module({module!r}), {name!r}, interrupted)\n"
-        "from genserve_export.cli import main\n"
-        f"sys.argv = ['genserve-export', *{argv!r}]\n"
-        "sys.exit(main())  # as the console script runs it\n"
     )
-    proc = subprocess.run(
-        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 130, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    proc = _run_as_console_script(script, argv, status=130)
     assert proc.stderr.strip().splitlines()[-1] == f"genserve-export {command}: stopped (SIGINT)", proc.stderr
 
 
@@ -281,12 +297,8 @@ def test_a_sigterm_as_main_sets_its_handler_is_one_line_and_exit_143(tmp_path: P
         "    print('the command ran', flush=True)\n"
         "signal.signal = setting\n"
         "genserve_export.verify.verify_repository = never\n"
-        f"sys.argv = ['genserve-export', 'verify', {str(tmp_path)!r}]\n"
-        "sys.exit(cli.main())  # as the console script runs it\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    proc = _run_as_console_script(script, ["verify", str(tmp_path)], status=128 + signal.SIGTERM)
     assert proc.stderr.strip().splitlines()[-1] == "genserve-export verify: stopped (SIGTERM)", proc.stderr
     assert "the command ran" not in proc.stdout
 
@@ -333,17 +345,8 @@ def test_a_ctrl_c_soon_after_a_sigterm_stops_a_command_with_the_sigterms_line_an
         "    finally:\n"
         "        print('cleaned up', flush=True)\n"
         "genserve_export.verify.verify_repository = waiting\n"
-        f"sys.argv = ['genserve-export', 'verify', {str(tmp_path)!r}]\n"
-        "sys.exit(cli.main())  # as the console script runs it\n"
     )
-    proc = subprocess.run(
-        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    proc = _run_as_console_script(script, ["verify", str(tmp_path)], status=128 + signal.SIGTERM)
     stops = [line for line in proc.stderr.splitlines() if ": stopped (" in line]
     assert stops == ["genserve-export verify: stopped (SIGTERM)"], proc.stderr
     assert proc.stdout == "cleaned up\n"
@@ -378,17 +381,8 @@ def test_a_second_sigterm_once_a_command_has_stopped_ends_it_at_once_with_the_fi
         "genserve_export.verify.verify_repository = waiting\n"
         "cli.err_line = saying\n"
         "signal.signal = setting\n"
-        f"sys.argv = ['genserve-export', 'verify', {str(tmp_path)!r}]\n"
-        "sys.exit(cli.main())  # as the console script runs it\n"
     )
-    proc = subprocess.run(
-        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    proc = _run_as_console_script(script, ["verify", str(tmp_path)], status=128 + signal.SIGTERM)
     stops = [line for line in proc.stderr.splitlines() if ": stopped (" in line]
     assert stops == ["genserve-export verify: stopped (SIGTERM)"], proc.stderr
 
@@ -423,18 +417,10 @@ def test_a_second_sigterm_once_a_parallel_build_has_stopped_ends_it_at_once_with
         "cli._build_in_processes = building\n"
         "cli.err_line = saying\n"
         "cli._stdout_status = returning\n"
-        f"sys.argv = ['genserve-export', 'build-defaults', '--out', {str(tmp_path / 'm')!r}, '--jobs', '2',\n"
-        "            '--no-verify', '--only', 'dcgan-digits']\n"
-        "sys.exit(cli.main())  # as the console script runs it\n"
     )
-    proc = subprocess.run(
-        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    argv = ["build-defaults", "--out", str(tmp_path / "m"), "--jobs", "2"]
+    argv += ["--no-verify", "--only", "dcgan-digits"]
+    proc = _run_as_console_script(script, argv, status=128 + signal.SIGTERM)
     stops = [line for line in proc.stderr.splitlines() if "stopped (" in line or "interrupted (" in line]
     assert stops == ["build-defaults: interrupted (SIGTERM); the recipes still training were stopped"], (
         proc.stderr
@@ -477,17 +463,8 @@ def test_a_sigterm_as_main_puts_its_handlers_back_after_a_command_ends_with_143_
         "cli._count_activations = counting\n"
         "cli.unwatch_arrivals = unwatching\n"
         "signal.signal = setting\n"
-        f"sys.argv = ['genserve-export', 'count-activations', {str(tmp_path)!r}]\n"
-        "sys.exit(cli.main())  # as the console script runs it\n"
     )
-    proc = subprocess.run(
-        exec_wrapped([sys.executable, "-c", script], sigint="default"),  # as a terminal starts it
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    proc = _run_as_console_script(script, ["count-activations", str(tmp_path)], status=128 + signal.SIGTERM)
     assert proc.stdout == "counted\n"
 
 
@@ -630,17 +607,8 @@ def test_ctrl_c_with_stderr_closed_exits_130() -> None:
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(30)\n"
         "genserve_export.verify.verify_repository = interrupted\n"
-        "from genserve_export.cli import main\n"
-        "sys.argv = ['genserve-export', 'verify', '.']\n"
-        "sys.exit(main())  # as the console script runs it\n"
     )
-    proc = subprocess.run(
-        # SIGINT default as a terminal starts it, stderr closed
-        exec_wrapped([sys.executable, "-c", script], close_fds=(2,), sigint="default"),
-        stdout=subprocess.PIPE,
-        timeout=120,
-    )
-    assert proc.returncode == 130, proc.stdout
+    _run_as_console_script(script, ["verify", "."], status=130, close_stderr=True)
 
 
 @pytest.mark.parametrize(
