@@ -56,6 +56,34 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def finished_job(
+    capsys: pytest.CaptureFixture[str], fake_server: FakeServer, out: Path, n: int
+) -> tuple[str, str]:
+    """A job of `n` fake-gen images run to its end into `out` by the CLI; the `--target` arguments of
+    the fake server, for the test's later commands."""
+    t = ("--target", fake_server.target)
+    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", str(n), "--out", str(out))
+    assert code == 0, err
+    return t
+
+
+def refuse_every_stream(fake_server: FakeServer) -> None:
+    """From now on the fake server cuts every SampleStream before its first chunk (UNAVAILABLE, as a
+    server shutting down), until serve_streams_again."""
+    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+
+
+def serve_streams_again(fake_server: FakeServer) -> None:
+    fake_server.service.fail["SampleStream"].clear()
+
+
+def run_the_resume_hint(capsys: pytest.CaptureFixture[str], hint: str, out: Path, n: int) -> None:
+    """The printed `genserve-client ...` command, run as is, finishes the job: `n` images in `out`."""
+    code, _, err = cli_main(capsys, *shlex.split(hint)[1:])
+    assert code == 0, err
+    assert indices(out) == list(range(n))
+
+
 # --- 1. a folder that is not one of the job's own ----------------------------------------------
 
 
@@ -675,9 +703,7 @@ def test_the_lock_is_held_while_the_job_runs(fake_server: FakeServer, tmp_path: 
 def test_resume_refuses_a_replaced_model_naming_both(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    t = ("--target", fake_server.target)
-    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
-    assert code == 0, err
+    t = finished_job(capsys, fake_server, tmp_path, 4)
     job = json.loads((tmp_path / "job.json").read_text())
     assert (job["params"]["model"], job["pinned_version"], job["model_sha256"]) == (
         "fake-gen",
@@ -902,9 +928,8 @@ def test_the_job_outlasts_the_clients_own_retries(fake_server: FakeServer, tmp_p
 def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    t = ("--target", fake_server.target)
-    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(tmp_path))[0] == 0
-    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    t = finished_job(capsys, fake_server, tmp_path, 3)
+    refuse_every_stream(fake_server)
     code, _, err = cli_main(
         capsys,
         "bulk",
@@ -928,10 +953,8 @@ def test_after_the_window_the_job_stops_and_prints_the_command_that_resumes(
     # job.json still holds the finished job of 3 until the server accepts a chunk of the new range.
     assert json.loads((tmp_path / "job.json").read_text())["params"]["n"] == 3
     # The printed command, run as is, finishes the job.
-    fake_server.service.fail["SampleStream"].clear()
-    code, _, err = cli_main(capsys, *shlex.split(hint)[1:])
-    assert code == 0, err
-    assert indices(tmp_path) == list(range(7))
+    serve_streams_again(fake_server)
+    run_the_resume_hint(capsys, hint, tmp_path, 7)
 
 
 @pytest.mark.usefixtures("quick_backoff")
@@ -943,9 +966,8 @@ def test_the_resume_hint_of_a_job_in_a_non_ascii_folder_names_it_under_a_c_local
     said `--resume 'r\\udcc3\\udca9sultats'`, a folder that does not exist. Its bytes are written
     as they came, so the hint, pasted as is, resumes the job."""
     out = tmp_path / "résultats ö"
-    t = ("--target", fake_server.target)
-    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "2", "--out", str(out))[0] == 0
-    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    t = finished_job(capsys, fake_server, out, 2)
+    refuse_every_stream(fake_server)
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
     env.pop("PYTHONIOENCODING", None)
     resume = ("bulk", "--resume", str(out), "--n", "4", "--retry-window", "0.3")
@@ -956,10 +978,8 @@ def test_the_resume_hint_of_a_job_in_a_non_ascii_folder_names_it_under_a_c_local
     assert done.returncode == 1, err
     hint = err.split("the job is resumable: ")[1].strip()
     assert hint == shlex.join(["genserve-client", *t, *resume]), err
-    fake_server.service.fail["SampleStream"].clear()
-    code, _, err = cli_main(capsys, *shlex.split(hint)[1:])
-    assert code == 0, err
-    assert indices(out) == list(range(4))
+    serve_streams_again(fake_server)
+    run_the_resume_hint(capsys, hint, out, 4)
 
 
 @pytest.mark.usefixtures("quick_backoff")
@@ -971,9 +991,8 @@ def test_the_resume_hint_of_a_job_given_a_literal_token_says_to_set_the_variable
     it says to set GENSERVE_TOKEN to the token given with --token, still without the token; a
     --token-file is repeated as given, with no such line."""
     secret = "s3cret-T_1"
-    t = ("--target", fake_server.target)
-    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "2", "--out", str(tmp_path))[0] == 0
-    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    t = finished_job(capsys, fake_server, tmp_path, 2)
+    refuse_every_stream(fake_server)
     resume = ("bulk", "--resume", str(tmp_path), "--n", "4", "--retry-window", "0.3")
     code, _, err = cli_main(capsys, *t, "--token", secret, *resume)
     assert code == 1, err
@@ -997,7 +1016,7 @@ def test_a_new_job_cut_before_its_first_chunk_says_to_repeat_the_command_and_the
     # manifest and job.lock but no job.json (written at the first chunk), so no --resume hint can be
     # given; it gave up saying nothing of what to do.
     out = tmp_path / "job"
-    fake_server.service.fail["SampleStream"] = [grpc.StatusCode.UNAVAILABLE] * 10_000
+    refuse_every_stream(fake_server)
     command = ("--target", fake_server.target, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(out))
     code, _, err = cli_main(capsys, *command, "--retry-window", "0.3")
     assert code == 1, err
@@ -1005,7 +1024,7 @@ def test_a_new_job_cut_before_its_first_chunk_says_to_repeat_the_command_and_the
     assert not (out / "job.json").exists()
     assert "no image of the job was written: run the same command again to start it" in err, err
     # The same command starts it: its leftovers (the lock, an empty manifest) do not block it.
-    fake_server.service.fail["SampleStream"].clear()
+    serve_streams_again(fake_server)
     code, _, err = cli_main(capsys, *command)
     assert code == 0, err
     assert indices(out) == list(range(3))
@@ -1028,8 +1047,7 @@ def test_a_job_in_a_folder_it_cannot_write_says_so_and_not_to_run_the_same_resum
     # job.lock with "Permission denied", then printed "the job is resumable: <the same command>",
     # which fails the same way: a loop for the user.
     out = tmp_path / "job"
-    t = ("--target", fake_server.target)
-    assert cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "3", "--out", str(out))[0] == 0
+    t = finished_job(capsys, fake_server, out, 3)
     (out / "job.lock").unlink()  # as a copy or an archive of the folder holds none
     for path in (out / "images", out):
         path.chmod(0o555)
@@ -1268,10 +1286,8 @@ def test_a_link_at_an_images_temp_name_is_not_written_through_on_resume(
     """Recovery leaves a symlink at a `.tmp-` name (it removes only files), and the image's write
     opened that name with a plain "wb": the image went into the file the link points to, outside
     the job's folder, and the link was renamed into images/ as the image."""
-    t = ("--target", fake_server.target)
     out = tmp_path / "job"
-    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
-    assert code == 0, err
+    t = finished_job(capsys, fake_server, out, 4)
     victim = tmp_path / "notes.txt"
     victim.write_bytes(b"the user's notes")
     (out / "images" / "000003.png").unlink()  # lost behind the job's back: redone on resume
@@ -1288,10 +1304,8 @@ def test_a_link_at_job_lock_is_refused_and_its_target_left_as_it_was(
 ) -> None:
     """job.lock was opened with a plain create-if-missing open: a symlink at OUT/job.lock (a copied
     or shared job folder) had the file it points to truncated and overwritten with the holder's line."""
-    t = ("--target", fake_server.target)
     out = tmp_path / "job"
-    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
-    assert code == 0, err
+    t = finished_job(capsys, fake_server, out, 4)
     victim = tmp_path / "notes.txt"
     victim.write_bytes(b"the user's notes")
     (out / "job.lock").unlink()
@@ -1432,9 +1446,7 @@ def test_an_images_path_that_is_a_file_is_named_and_no_resume_hint_is_printed(
 ) -> None:
     """OUT/images replaced by a regular file failed the run with a bare '[Errno 17] File exists',
     naming nothing, then printed a 'resumable' hint that failed the same way."""
-    t = ("--target", fake_server.target)
-    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(tmp_path))
-    assert code == 0, err
+    t = finished_job(capsys, fake_server, tmp_path, 4)
     shutil.rmtree(tmp_path / "images")
     (tmp_path / "images").write_text("not a folder")
     code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path))
@@ -1450,9 +1462,7 @@ def test_a_manifest_whose_lines_were_pasted_twice_resumes_and_a_conflicting_dupl
     """A manifest holding its own lines twice (pasted, concatenated) was refused with 'index N is out of
     range or listed twice', no line and no way on: identical lines list the same image, so the resume
     keeps one of each; a line listing an index again differently names both lines and what to do."""
-    t = ("--target", fake_server.target)
-    code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "6", "--out", str(tmp_path))
-    assert code == 0, err
+    t = finished_job(capsys, fake_server, tmp_path, 6)
     manifest = tmp_path / "manifest.jsonl"
     lines = manifest.read_text().splitlines(keepends=True)
     manifest.write_text("".join(lines + lines))
