@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
+from genserve_contract.kinds import SAMPLE_KINDS, TRANSLATE_KINDS, Kind
 
 FAKE_LATENT = 4
 FAKE_CLASSES = [str(i) for i in range(10)]
@@ -47,9 +48,12 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     """Deterministic images from (seed, label); failures injected per method, in order (a code, or
     a code and the status details to send with it). Model "bad" is rejected as INVALID_ARGUMENT."""
 
-    # The models GetModel answers for (ListModels lists the first two): another name is answered
-    # NOT_FOUND, as the server answers for a model its repository does not have.
-    models: list[str] = field(default_factory=lambda: ["fake-gen", "fake-cond", "fake-i2i", "bad"])
+    # The models it serves (a name's ending gives its kind, _kind): ListModels lists them, and every
+    # RPC naming a model answers as the server does for one its repository does not have (NOT_FOUND)
+    # or one of a kind the RPC does not take (INVALID_ARGUMENT).
+    models: list[str] = field(
+        default_factory=lambda: ["fake-gen", "fake-cond", "fake-i2i", "fake-prior", "bad"]
+    )
 
     fail: dict[str, list[grpc.StatusCode | tuple[grpc.StatusCode, str]]] = field(
         default_factory=lambda: defaultdict(list)
@@ -102,6 +106,29 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             code, details = failure if isinstance(failure, tuple) else (failure, "")
             context.abort(code, details or f"injected {code.name} for {method}")
 
+    def _serve(
+        self,
+        context: grpc.ServicerContext,
+        name: str,
+        kinds: tuple[str, ...],
+        method: str,
+        field: str = "model",
+    ) -> None:
+        """As the server's resolve answers a call of `method` naming model `name` in request field
+        `field`: INVALID_ARGUMENT for none, NOT_FOUND naming the models served for one it does not
+        serve, INVALID_ARGUMENT for one of a kind not in `kinds`."""
+        if not name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: required (see ListModels)")
+        if name not in self.models:
+            served = ", ".join(sorted(self.models)) or "none"
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} not found; models: {served}")
+        kind = _kind(name)
+        if kind not in kinds:
+            needs = " or ".join(kinds)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {name} is a {kind} model; {method} needs {needs}"
+            )
+
     def _item(
         self, index: int, seed: int, label: int | None, out: types_pb2.OutputOptions
     ) -> types_pb2.GeneratedImage:
@@ -121,6 +148,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.SampleRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.SampleResponse:
         self._enter("Sample", context)
+        self._serve(context, request.model, SAMPLE_KINDS, "Sample")
         with self._sample_lock:
             self.sample_versions.append(request.version)
             self._sample_now += 1
@@ -153,6 +181,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self._enter("SampleStream", context)
         s = request.sample
         self.stream_requests.append((s.version, request.start_index, s.count))
+        self._serve(context, s.model, SAMPLE_KINDS, "SampleStream", "sample.model")
         if s.model == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: 'bad' is rejected by the fake")
         size = request.chunk_size or 64
@@ -173,6 +202,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         """One progress chunk, then the answer: a 4x4 image per seed (the fake's "grid")."""
         context.add_callback(self.codes_stream_ended.set)
         self._enter("SampleCodesStream", context)
+        self._serve(context, request.model, (Kind.CODE_PRIOR,), "SampleCodesStream")
         seeds = list(request.seeds) or [request.base_seed + i for i in range(request.count)]
         yield genserve_pb2.SampleCodesChunk(level="codes", filled=8, positions=16)
         while self.codes_stream_hangs and context.is_active():
@@ -191,6 +221,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         """The images back as they came: the fake's models ("...i2i": image_to_image) translate
         A -> B only, and it reads no `direction`, as a server older than that field."""
         self._enter("Translate", context)
+        self._serve(context, request.model, TRANSLATE_KINDS, "Translate")
         return genserve_pb2.ImageResponse(images=request.images, provenance=self._provenance(request.model))
 
     def GetModel(
@@ -221,7 +252,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.ListModelsResponse:
         self._enter("ListModels", context)
-        return genserve_pb2.ListModelsResponse(models=[self._info("fake-gen"), self._info("fake-cond")])
+        return genserve_pb2.ListModelsResponse(models=[self._info(name) for name in self.models])
 
     def _provenance(self, model: str) -> types_pb2.Provenance:
         used = [
@@ -239,8 +270,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         )
 
     def _info(self, name: str) -> genserve_pb2.ModelInfo:
-        cond = name.endswith("cond")
-        kind = "image_to_image" if name.endswith("i2i") else "conditional_generator" if cond else "generator"
+        kind = _kind(name)
+        cond = kind == Kind.CONDITIONAL_GENERATOR
         return genserve_pb2.ModelInfo(
             name=name,
             kind=kind,
@@ -256,6 +287,13 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
                 )
             ],
         )
+
+
+def _kind(name: str) -> Kind:
+    """A fake model's kind, by its name's ending: "...cond" a conditional generator, "...i2i" an
+    image-to-image model, "...prior" a code prior, any other a generator."""
+    endings = {"cond": Kind.CONDITIONAL_GENERATOR, "i2i": Kind.IMAGE_TO_IMAGE, "prior": Kind.CODE_PRIOR}
+    return next((kind for end, kind in endings.items() if name.endswith(end)), Kind.GENERATOR)
 
 
 @dataclass

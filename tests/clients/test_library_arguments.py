@@ -881,7 +881,7 @@ def test_a_timeout_longer_than_grpc_can_hold_is_no_deadline_not_an_instant_deadl
         assert len(client.sample("fake-gen", 2).items) == 2
         assert len(client.sample("fake-gen", 1, timeout_s=timeout_s).items) == 1
         assert sum(len(r.items) for r in client.sample_stream("fake-gen", 3, timeout_s=timeout_s)) == 3
-        assert list(client.sample_codes_progress("fake-gen", 2, timeout_s=timeout_s))
+        assert list(client.sample_codes_progress("fake-prior", 2, timeout_s=timeout_s))
 
     async def both() -> None:
         async with AsyncGenserveClient(fake_server.target, timeout_s=timeout_s) as client:
@@ -890,7 +890,7 @@ def test_a_timeout_longer_than_grpc_can_hold_is_no_deadline_not_an_instant_deadl
                 sum([len(r.items) async for r in client.sample_stream("fake-gen", 3, timeout_s=timeout_s)])
                 == 3
             )
-            assert [p async for p in client.sample_codes_progress("fake-gen", 2, timeout_s=timeout_s)]
+            assert [p async for p in client.sample_codes_progress("fake-prior", 2, timeout_s=timeout_s)]
 
     asyncio.run(both())
     from client_fakes import cli_main

@@ -80,9 +80,39 @@ def test_the_fake_answers_get_model_not_found_for_a_model_it_does_not_serve(fake
         with pytest.raises(GenserveClientError) as info:
             client.get_model("no-such-model")
         assert info.value.code == grpc.StatusCode.NOT_FOUND
-        served = "bad, fake-cond, fake-gen, fake-i2i"
+        served = "bad, fake-cond, fake-gen, fake-i2i, fake-prior"
         assert info.value.details == f"model 'no-such-model' not found; models: {served}"
         assert client.get_model("fake-i2i").kind == "image_to_image"
+        assert [m.name for m in client.list_models()] == fake_server.service.models
+
+
+@pytest.mark.parametrize("rpc", ["sample", "sample_stream", "sample_codes_progress", "translate"])
+def test_the_fake_refuses_a_call_naming_a_model_the_server_would_refuse(
+    fake_server: FakeServer, rpc: str
+) -> None:
+    """GetModel was strict but Sample, SampleStream, SampleCodesStream and Translate served any model
+    name, of any kind: a client test could pass calling a model the server refuses. Each answers as
+    the server's resolve does: NOT_FOUND naming the models served, INVALID_ARGUMENT for a model of a
+    kind the RPC does not take."""
+    image = np.zeros((4, 4, 1), dtype=np.uint8)
+    call = {
+        "sample": lambda c, m: c.sample(m, 1),
+        "sample_stream": lambda c, m: list(c.sample_stream(m, 1)),
+        "sample_codes_progress": lambda c, m: list(c.sample_codes_progress(m, 1)),
+        "translate": lambda c, m: c.translate(m, [image]),
+    }[rpc]
+    served = ", ".join(sorted(fake_server.service.models))
+    other_kind = "fake-gen" if rpc in ("sample_codes_progress", "translate") else "fake-i2i"
+    field = "sample.model" if rpc == "sample_stream" else "model"
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(GenserveClientError) as info:
+            call(client, "no-such-model")
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert info.value.details == f"model 'no-such-model' not found; models: {served}"
+        with pytest.raises(GenserveClientError) as info:
+            call(client, other_kind)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details.startswith(f"{field}: {other_kind} is a "), info.value.details
 
 
 def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:

@@ -101,7 +101,7 @@ def mtls_target(pki: Path) -> Iterator[str]:
 def test_mtls_with_server_name_override(pki: Path, mtls_target: str) -> None:
     tls = TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.key", SERVER_NAME)
     with GenserveClient(ChannelConfig(mtls_target, tls=tls, token="t")) as client:
-        assert [m.name for m in client.list_models()] == ["fake-gen", "fake-cond"]
+        assert [m.name for m in client.list_models()] == FakeService().models
     proc = run_cli(
         "--target",
         mtls_target,

@@ -413,7 +413,8 @@ def test_an_image_load_level_without_one_success_fails_the_run(capsys: pytest.Ca
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        run = ["--target", f"127.0.0.1:{port}", "--model", "m", "--concurrency", "1", "--duration", "0.2"]
+        run = ["--target", f"127.0.0.1:{port}", "--model", "fake-i2i"]  # a model the fake serves
+        run += ["--concurrency", "1", "--duration", "0.2"]
         assert image_load.main([*run, "--warmup", "0", "--method", "SuperResolve"]) == 1
         err = capsys.readouterr().err
         assert "UNIMPLEMENTED" in err and "no successful request at concurrency 1" in err, err
