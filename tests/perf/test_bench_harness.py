@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -362,19 +361,27 @@ def test_a_base_run_stopped_while_git_adds_its_worktree_leaves_no_worktree_regis
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "base"], check=True)
-    adding = tmp_path / "adding"
+    adding, signalled = tmp_path / "adding", tmp_path / "signalled"
     hook = repo / ".git" / "hooks" / "post-checkout"  # git worktree add runs it, the worktree made
-    hook.write_text(f"#!/bin/sh\ntouch '{adding}'\nsleep 1\n")
+    # git stays in the hook until the SIGINT was sent (at most 30 s), whatever the machine's load.
+    wait = f"i=0; while [ ! -e '{signalled}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+    hook.write_text(f"#!/bin/sh\ntouch '{adding}'\n{wait}\n")
     hook.chmod(0o755)
 
     def worktrees() -> list[str]:
         listed = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True, check=True)
         return listed.stdout.splitlines()
 
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
     def ctrl_c_while_adding() -> None:
         for _ in range(600):
             if adding.exists():
-                os.kill(os.getpid(), signal.SIGINT)
+                # To the main thread: os.kill may land on another thread, and the main thread,
+                # waiting for git, would not see it until git ended.
+                signal.pthread_kill(main_thread, signal.SIGINT)
+                signalled.touch()
                 return
             time.sleep(0.05)
 
