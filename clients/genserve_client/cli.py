@@ -1979,7 +1979,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--manifest-out",
         metavar="FILE",
-        help="when complete, write the merged manifest here (files relative to the DIRs' common parent)",
+        help="when complete, write the merged manifest here (files relative to the DIR, or to the DIRs'"
+        " common folder)",
     )
 
     p = command("bench", "load generator: closed loop per concurrency, open loop per rate")

@@ -870,3 +870,28 @@ def test_the_entry_run_from_python_puts_the_handlers_back_after_a_usage_error(
     assert info.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_client_md_says_where_a_merged_manifests_files_are_relative_to(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/client.md's shard example, `verify /data/job --hashes --manifest-out /data/job/all.jsonl`:
+    with one DIR the merged manifest's files are relative to that DIR (`shard-.../images/...`), with
+    several to their common folder (`a/job/shard-...` for a/job and b/job). The doc said "the DIRs'
+    common parent", which for the one DIR of its own example reads as /data (`job/shard-...`)."""
+    from client_fakes import cli_main
+
+    job = tmp_path / "data" / "job"
+    for shard in ("0/2", "1/2"):
+        argv = ("bulk", "--model", "fake-cond", "--labels", "1,2", "--n", "4", "--out", str(job))
+        code, _, err = cli_main(capsys, "--target", fake_server.target, *argv, "--shard", shard)
+        assert code == 0, err
+    merged = job / "all.jsonl"
+    code, _, err = cli_main(capsys, "verify", str(job), "--hashes", "--manifest-out", str(merged))
+    assert code == 0, err
+    files = [json.loads(line)["file"] for line in merged.read_text().splitlines()]
+    assert files[0] == "shard-00000-of-00002/images/000000.png", files
+    assert all((job / f).is_file() for f in files)
+    text = " ".join((REPO_ROOT / "docs" / "client.md").read_text().split())
+    assert "`--manifest-out` writes the merged manifest (files relative to the DIR where one is given" in text
+    assert "common parent" not in cli.build_parser().format_help() + _subcommand("verify").format_help()
