@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import port_support
 import pytest
 from server_support import ServerProcess, build_tiny_repo, healthy_models, start_server
 
@@ -30,6 +31,24 @@ def tiny_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     )
     yield server
     server.stop()
+
+
+@pytest.fixture
+def idle_port() -> Iterator[int]:
+    """A 127.0.0.1 port where nothing listens, nor can for the whole test: connections are refused
+    (gRPC: UNAVAILABLE). Not a port found free and let go, which the other worker's servers could
+    take meanwhile (port_support)."""
+    with port_support.refused_port() as port:
+        yield port
+
+
+@pytest.fixture
+def server_port() -> Iterator[int]:
+    """A 127.0.0.1 port kept for the servers the test starts on it (one after another: a restart on
+    the same port) and for no one else, from before the first starts to the test's end: refused
+    while none of them listens (port_support)."""
+    with port_support.reserved_port() as port:
+        yield port
 
 
 def _free_disk(path: Path) -> str:
