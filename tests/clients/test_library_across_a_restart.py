@@ -206,12 +206,12 @@ def test_calls_right_after_the_server_restarted_succeed_on_the_channels_they_had
 
 @pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
 def test_a_call_to_a_server_that_stays_down_fails_within_its_retry_and_reconnect_window(
-    client_kind: str,
+    client_kind: str, idle_port: int
 ) -> None:
     """Waiting for the channel to reconnect is bounded: a call to a server that is down fails
     UNAVAILABLE after its retries and at most RetryPolicy.reconnect_wait_s more, and a call whose
     deadline is shorter fails UNAVAILABLE (the connection's error) by its deadline."""
-    target = f"127.0.0.1:{_free_port()}"  # nothing listens
+    target = f"127.0.0.1:{idle_port}"  # nothing listens
     policy = RetryPolicy()
     window = policy.reconnect_wait_s + sum(
         min(policy.max_backoff_s, policy.initial_backoff_s * policy.multiplier**k)
@@ -247,11 +247,11 @@ def test_a_call_to_a_server_that_stays_down_fails_within_its_retry_and_reconnect
 
 @pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
 def test_closing_the_client_while_a_call_waits_for_its_channel_to_reconnect_ends_it_at_once(
-    client_kind: str,
+    client_kind: str, idle_port: int
 ) -> None:
     """close() under a call that waits for its channel (the server is down) ends it with CANCELLED
     at once, as it does during a retry's backoff, not when the reconnect wait runs out."""
-    target = f"127.0.0.1:{_free_port()}"  # nothing listens
+    target = f"127.0.0.1:{idle_port}"  # nothing listens
     policy = RetryPolicy(reconnect_wait_s=30.0)
     began = time.monotonic()
     if client_kind == "sync":

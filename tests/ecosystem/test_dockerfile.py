@@ -187,20 +187,16 @@ def test_exposes_ports_and_checks_health_over_grpc(runtime: Stage) -> None:
     assert args.timeout_s < _seconds(health.flags["timeout"])
 
 
-def test_healthcheck_command_imports_only_grpc(runtime: Stage) -> None:
+def test_healthcheck_command_imports_only_grpc(runtime: Stage, idle_port: int) -> None:
     """The HEALTHCHECK's own command, run here against a port nothing listens on: it answers
     "unreachable", unhealthy (exit 1: Docker reserves 2), without importing onnxruntime, numpy, cv2
     or Pillow."""
     import os
-    import socket
 
     health = runtime.last("HEALTHCHECK")
     assert health is not None and health.args[1] == "python"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     argv = [sys.executable, "-X", "importtime", *health.args[2:]]
-    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--port") + 1] = str(idle_port)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ})
     assert proc.returncode == probe.EXIT_UNHEALTHY == 1, proc.stdout + proc.stderr
     imported = {

@@ -355,19 +355,14 @@ def test_the_health_probe_speaks_mutual_tls_and_sends_the_servers_first_token(
 
 
 def test_the_health_probe_exits_1_for_every_unhealthy_outcome_never_dockers_reserved_2(
-    mtls_server: ServerProcess, pki: Path, tmp_path: Path
+    mtls_server: ServerProcess, pki: Path, tmp_path: Path, idle_port: int
 ) -> None:
     """Docker's HEALTHCHECK defines exit 0 (healthy) and 1 (unhealthy) and reserves 2; the probe
     exited 2 when it could not reach the server, was refused, or could not read its own TLS or token
     file. Every outcome but SERVING is now 1; 2 is left to argparse's usage errors alone."""
-    import socket
-
     port = mtls_server.target.rsplit(":", 1)[1]
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN}\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        idle_port = str(sock.getsockname()[1])  # nothing listens
 
     def probe(*args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "genserve_server.probe", "--timeout-s", "5", *args]
@@ -377,7 +372,7 @@ def test_the_health_probe_exits_1_for_every_unhealthy_outcome_never_dockers_rese
     client = ("--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key"))
     token = ("--token-file", str(tokens))
     unhealthy = {
-        "unreachable": ("--port", idle_port, "--timeout-s", "1"),
+        "unreachable": ("--port", str(idle_port), "--timeout-s", "1"),  # nothing listens
         "unauthenticated": ("--port", port, *tls, *client),
         "no client certificate": ("--port", port, *tls, *token),
         "unknown service": ("--port", port, *tls, *client, *token, "--service", "nothing"),
@@ -546,17 +541,12 @@ def test_the_health_probe_names_an_expired_client_certificates_validity(
 
 
 def test_the_health_probe_names_a_tls_file_that_holds_no_pem_rather_than_blaming_the_server(
-    pki: Path, tmp_path: Path
+    pki: Path, tmp_path: Path, idle_port: int
 ) -> None:
     """A --tls-ca, --tls-cert or --tls-key that is not PEM (an empty mounted secret, the key given as
     the CA) was handed to gRPC as it was: the probe printed `"" UNAVAILABLE`, as for a server down,
     under gRPC's own C-core lines ('Could not load any root certificate'), naming no flag or file.
     It is `genserve-server health: FLAG FILE: not a PEM file holding ...` (exit 1), before any call."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        idle_port = str(sock.getsockname()[1])  # nothing listens: no answer could come from a server
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     client = ("--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key"))
@@ -585,7 +575,7 @@ def test_the_health_probe_names_a_tls_file_that_holds_no_pem_rather_than_blaming
             "-m",
             "genserve_server.probe",
             "--port",
-            idle_port,
+            str(idle_port),  # nothing listens: no answer could come from a server
             "--timeout-s",
             "2",
             *args,

@@ -276,7 +276,9 @@ def test_a_port_in_use_is_one_line_naming_the_port_and_the_flag(tmp_path: Path, 
 # ------------------------------------------------------------------------------------------ probe
 
 
-def test_the_health_probe_says_why_it_could_not_reach_the_server(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_health_probe_says_why_it_could_not_reach_the_server(
+    capsys: pytest.CaptureFixture[str], idle_port: int
+) -> None:
     """Pointed at a port that speaks HTTP/1 (the metrics port) or at one where nothing listens, the
     probe printed only `"" UNAVAILABLE`, gRPC's details (the parse failure, the refused connection)
     dropped: the operator could not tell a wrong port from a server down. Its one line says why, cut
@@ -288,10 +290,7 @@ def test_the_health_probe_says_why_it_could_not_reach_the_server(capsys: pytest.
     http1 = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     serving = threading.Thread(target=http1.serve_forever, daemon=True)
     serving.start()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        idle_port = sock.getsockname()[1]  # nothing listens
-    try:
+    try:  # nothing listens on idle_port
         for port, why in ((http1.server_address[1], "HTTP/2"), (idle_port, "Connection refused")):
             assert probe.main(["--port", str(port), "--timeout-s", "5"]) == 1
             out = capsys.readouterr().out
@@ -353,11 +352,8 @@ def test_help_to_a_reader_that_goes_away_exits_141_quietly(command: list[str], u
     assert err == "", err
 
 
-def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2() -> None:
+def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2(idle_port: int) -> None:
     """`python -m genserve_server.probe` (the Docker HEALTHCHECK): grpc and its health stubs only."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens: the probe answers "unreachable"
     proc = subprocess.run(
         [
             sys.executable,
@@ -366,7 +362,7 @@ def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2() -> Non
             "-m",
             "genserve_server.probe",
             "--port",
-            str(port),
+            str(idle_port),  # nothing listens: the probe answers "unreachable"
             "--timeout-s",
             "0.5",
         ],
