@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,13 +44,6 @@ N = 3 * STREAM  # three streams, one after another (--concurrency 1)
 CONFIG: dict[str, Any] = {"warmup": False, "drain_grace_s": 10.0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def _write(repo: Path, name: str = MODEL, version: str = "1") -> None:
     write_model(
         repo,
@@ -65,11 +57,12 @@ def _write(repo: Path, name: str = MODEL, version: str = "1") -> None:
 
 
 class Restarts:
-    """Servers on one port; `restart` stops the one serving and starts another on `repo`."""
+    """Servers on one port (held by the test: conftest's server_port); `restart` stops the one
+    serving and starts another on `repo`."""
 
-    def __init__(self, tmp_path: Path, repo: Path) -> None:
+    def __init__(self, tmp_path: Path, repo: Path, port: int) -> None:
         self.tmp_path = tmp_path
-        self.port = _free_port()
+        self.port = port
         self.target = f"127.0.0.1:{self.port}"
         self.servers: list[ServerProcess] = []
         self._start(repo, CONFIG)
@@ -115,10 +108,10 @@ def _restart_before_the_second_stream(
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Restarts]:
+def servers(tmp_path: Path, server_port: int) -> Iterator[Restarts]:
     repo = tmp_path / "models"
     _write(repo)
-    restarts = Restarts(tmp_path, repo)
+    restarts = Restarts(tmp_path, repo, server_port)
     try:
         yield restarts
     finally:

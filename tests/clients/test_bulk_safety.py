@@ -1164,13 +1164,12 @@ def test_a_shard_without_images_is_a_finished_shard(
 
 @pytest.mark.usefixtures("quick_backoff")
 def test_a_job_waits_for_a_server_that_is_not_up_yet(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], server_port: int
 ) -> None:
     # Connection refused (UNAVAILABLE) at the start, as during a server restart; the server comes
-    # up on the same port 1.5 s later and the job finishes.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # up on the same port 1.5 s later and the job finishes. The port is held (server_port) till
+    # then: no one else's server answers there meanwhile, nor takes it from this one.
+    port = server_port
     service = FakeService()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     genserve_pb2_grpc.add_GenerationServiceServicer_to_server(service, server)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import shutil
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,6 @@ SEED = 500
 CONFIG = {"warmup": False, "drain_grace_s": 10.0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def _write_version(repo: Path, version: str, seed: int, *, external: bool = False) -> None:
     write_model(
         repo,
@@ -85,11 +77,15 @@ def _reference(server: ServerProcess) -> tuple[str, dict[int, np.ndarray]]:
 
 @pytest.mark.parametrize("new_version", ["2", "1"], ids=["a new version", "version 1 replaced"])
 def test_a_sample_split_over_calls_never_mixes_two_models_across_a_restart(
-    new_version: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    new_version: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    server_port: int,
 ) -> None:
     repo = tmp_path / "models"
     _write_version(repo, "1", seed=0)
-    port = _free_port()
+    port = server_port  # no one else's between the two servers
     servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
     references = dict([_reference(servers[0])])
     sample = ClientBase.sample
@@ -141,7 +137,10 @@ def test_a_sample_split_over_calls_never_mixes_two_models_across_a_restart(
 
 
 def test_a_sample_split_over_calls_refuses_weights_retrained_under_the_same_graph(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    server_port: int,
 ) -> None:
     # Version 1 keeps its weights in model.onnx.data; retrained, its graph file is byte for byte the
     # same, and so is its model_sha256: the command took the new server's images as the first's and
@@ -149,7 +148,7 @@ def test_a_sample_split_over_calls_refuses_weights_retrained_under_the_same_grap
     repo = tmp_path / "models"
     _write_version(repo, "1", seed=0, external=True)
     graph = (repo / MODEL / "1" / "model.onnx").read_bytes()
-    port = _free_port()
+    port = server_port  # no one else's between the two servers
     servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
     sample = ClientBase.sample
 
@@ -213,7 +212,10 @@ def _write_styled(repo: Path, mapping_seed: int) -> None:
 
 
 def test_a_sample_split_over_calls_refuses_a_mapping_retrained_under_the_same_graph(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    server_port: int,
 ) -> None:
     # The style generator is the same file; its mapping, whose weights are in model.onnx.data, is
     # retrained between two calls: same graph bytes, same model_sha256 in used_models, other images.
@@ -222,7 +224,7 @@ def test_a_sample_split_over_calls_refuses_a_mapping_retrained_under_the_same_gr
     repo = tmp_path / "models"
     _write_styled(repo, mapping_seed=0)
     graph = (repo / "mapping" / "1" / "model.onnx").read_bytes()
-    port = _free_port()
+    port = server_port  # no one else's between the two servers
     servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
     used: list[Any] = []
     sample = ClientBase.sample

@@ -37,13 +37,6 @@ ATTEMPTS_BEFORE_RESTART = 3
 QUICK_RETRIES = RetryPolicy(initial_backoff_s=0.005, max_backoff_s=0.01)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while data := src.recv(65536):
@@ -125,7 +118,7 @@ def _start_behind(tmp_path: Path, repo: Path, port: StartingServer) -> ServerPro
 
 @pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
 def test_calls_right_after_the_server_restarted_succeed_on_the_channels_they_had(
-    client_kind: str, tmp_path: Path
+    client_kind: str, tmp_path: Path, server_port: int
 ) -> None:
     """A channel that lost its server kept failing UNAVAILABLE after the server was back: gRPC's
     reconnect backoff (capped at 10 s) had its next attempt seconds away, and the call's retries
@@ -138,7 +131,7 @@ def test_calls_right_after_the_server_restarted_succeed_on_the_channels_they_had
     repo = tmp_path / "models"
     card = {"latent_dim": TINY_LATENT, "channels": 1, "image_size": [8, 8]}
     write_model(repo, MODEL, "generator", generator_graph(TINY_LATENT, 1, 8, 8), card)
-    port = _free_port()
+    port = server_port  # no one else's between the old server and StartingServer
     target = f"127.0.0.1:{port}"
     servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
     down: list[StartingServer] = []

@@ -12,7 +12,6 @@ import logging
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -42,13 +41,6 @@ from genserve_server.core import STREAM_CHUNKS_AHEAD
 GRACE_S = 120.0  # far longer than the drain may take: streams must not run until it ends
 CHUNK = 4
 JOB_N = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -82,13 +74,13 @@ def _start(repo: Path, work: Path, port: int) -> ServerProcess:
 
 
 def test_sigterm_finishes_unary_calls_ends_streams_at_a_chunk_boundary_and_frees_the_port(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server_port: int
 ) -> None:
     monkeypatch.setattr(bulk_module, "BACKOFF_INITIAL_S", 0.05)
     monkeypatch.setattr(bulk_module, "BACKOFF_MAX_S", 0.5)
     repo = tmp_path / "models"
     write_slow(repo, "slow", iterations=10000, queue=64, batch=CHUNK)  # a chunk takes ~0.1-0.3 s
-    port = _free_port()
+    port = server_port  # no one else's between the two servers
     old = _start(repo, tmp_path / "old", port)
     target = old.target
     job_dir = tmp_path / "job"

@@ -384,13 +384,9 @@ def test_the_health_probe_imports_neither_onnxruntime_nor_numpy_nor_cv2(idle_por
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_path: Path) -> None:
+def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(
+    tmp_path: Path, server_port: int
+) -> None:
     """gen loads first and serves (its health key SERVING) while z-slow, which takes long to warm
     up, is still LOADING; SIGTERM then ends the start at the next warm-up step, not after it."""
     models = tmp_path / "models"
@@ -406,7 +402,9 @@ def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_pat
             "batching": {"max_batch_size": 256, "max_queue_delay_ms": 1.0, "efficient_batch_tolerance": 0.1}
         },
     )
-    port = _free_port()
+    # Its port before it is ready (the ready file, which names it, comes after z-slow's warm-up):
+    # held for it (server_port), so that the health calls below reach this server and no other.
+    port = server_port
     args = _serve_args(models, tmp_path)
     args[args.index("--port") + 1] = str(port)
     log_path = tmp_path / "stderr.log"
@@ -443,7 +441,7 @@ def test_a_model_serves_while_the_next_loads_and_sigterm_cancels_loading(tmp_pat
     assert not (tmp_path / "ready.json").exists()
 
 
-def test_the_ready_file_exists_only_while_the_server_is_ready(tmp_path: Path) -> None:
+def test_the_ready_file_exists_only_while_the_server_is_ready(tmp_path: Path, server_port: int) -> None:
     """A --ready-file left by an earlier run (same path, its ports and pid) stayed while this server
     loaded, so whoever waits for the file took it as ready and used the old ports; and the file the
     server wrote stayed after it stopped. The stale file goes before loading, the server's own once
@@ -466,7 +464,7 @@ def test_the_ready_file_exists_only_while_the_server_is_ready(tmp_path: Path) ->
     write_gen(fast_models, "gen")
     for repository in (models, fast_models):
         ready.write_text(json.dumps(stale))
-        port = _free_port()
+        port = server_port  # known before the ready file; no one else's (conftest)
         args = _serve_args(repository, tmp_path)
         args[args.index("--port") + 1] = str(port)
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
