@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -280,12 +279,6 @@ def scrape(url: str, timeout_s: float = 5.0) -> Scrape:
 
 
 # --- Prometheus ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prometheus_tools() -> tuple[str, str] | None:

@@ -30,11 +30,11 @@ from monitoring_support import (
     TrafficStats,
     dashboard_exprs,
     drive_sample_traffic,
-    free_port,
     grafana_to_promql,
     rule_exprs,
     skip_or_fail_without_prometheus,
 )
+from port_support import HeldPort
 
 pytestmark = pytest.mark.prometheus
 
@@ -43,7 +43,11 @@ P99_QUERY = "histogram_quantile(0.99, sum by (le) (rate(genserve_request_duratio
 
 class Prometheus:
     def __init__(self, binary: str, workdir: Path, metrics_port: int) -> None:
-        self.port = free_port()
+        # Its web port, held (not listening) from here to stop(): Prometheus binds it with
+        # SO_REUSEADDR, no one else can meanwhile (a port found free and let go could be the other
+        # pytest worker's server's by then: "bind: address already in use").
+        self._port = HeldPort(reuse_addr=True)
+        self.port = self._port.port
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
@@ -117,6 +121,7 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self._port.close()
 
 
 @pytest.fixture(scope="module")
