@@ -26,6 +26,7 @@ from genserve_export.build import train_and_export
 from genserve_export.cli import main as cli_main
 from genserve_export.data import digits, fashion
 from genserve_export.recipes import RECIPES, vqvae
+from genserve_export.verify import VerifyReport
 
 QUICK_STEPS = 3
 
@@ -102,8 +103,15 @@ def quick_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_every_recipe_exports_and_verifies(quick_repository: Path, tmp_path: Path) -> None:
-    report = verify_repository(quick_repository, grids_dir=tmp_path / "grids", check_thresholds=False)
+@pytest.fixture(scope="module")
+def quick_report(quick_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> VerifyReport:
+    """verify (thresholds off, grids on) of the quick repository, run once for its readers here."""
+    grids = tmp_path_factory.mktemp("grids")
+    return verify_repository(quick_repository, grids_dir=grids, check_thresholds=False)
+
+
+def test_every_recipe_exports_and_verifies(quick_report: VerifyReport) -> None:
+    report = quick_report
     assert report.ok, report.format()
     names = {m.name for m in report.models}
     assert names == {entry for recipe in RECIPES.values() for entry in recipe.names}
@@ -124,6 +132,54 @@ def test_every_recipe_exports_and_verifies(quick_repository: Path, tmp_path: Pat
             assert model.grid is not None and model.grid.exists()
     # undertrained models miss their thresholds: reported as notes here, errors with thresholds on
     assert any("(thresholds off)" in note for m in report.models for note in m.notes)
+
+
+def test_the_vqvae_family_exports_and_verifies(
+    quick_repository: Path, quick_report: VerifyReport, tmp_path: Path
+) -> None:
+    """vqvae-digits' three entries (decoder + encoder graph, top prior, bottom prior) from the quick
+    repository: verify recomputes the card's PyTorch figures from the ONNX graphs, at the priors'
+    default sampling (config.json), which it reads from the repository; a tampered encoder is caught."""
+    by_name = {m.name: m for m in quick_report.models}
+    assert set(vqvae.VqvaeDigitsRecipe.names) <= set(by_name)
+    decoder = by_name[vqvae.DECODER].quality_recomputed
+    assert {"recon_mse", "top_perplexity", "bottom_dead_codes", "class_accuracy"} <= set(decoder)
+    for name in (vqvae.DECODER, vqvae.TOP_PRIOR, vqvae.PRIOR):
+        card = json.loads((quick_repository / name / "1" / "card.json").read_text())
+        recomputed = by_name[name].quality_recomputed
+        for metric in ("recon_mse", "top_perplexity", "holdout_bits_per_dim"):
+            if metric in card["quality"]:  # ONNX figures = the PyTorch figures the card recorded
+                assert recomputed[metric] == pytest.approx(card["quality"][metric], rel=1e-3)
+    prior_card = json.loads((quick_repository / vqvae.PRIOR / "1" / "card.json").read_text())
+    assert prior_card["grid"] == [14, 14] and prior_card["top_grid"] == [7, 7]
+    assert [t["name"] for t in prior_card["inputs"]] == ["codes", "label", "top_codes"]
+    assert prior_card["output_range"] is None and prior_card["image_size"] is None
+    assert prior_card["training"]["cpu_s"] > 0
+    # The card's sample figures are at the priors' default sampling (config.json, which the server
+    # applies to a request without options); verify reads it from the repository.
+    for name in (vqvae.TOP_PRIOR, vqvae.PRIOR):
+        config = json.loads((quick_repository / name / "config.json").read_text())
+        assert config["sampling"] == {"temperature": vqvae.SAMPLING_TEMPERATURE}
+    at = float(np.float32(vqvae.SAMPLING_TEMPERATURE))
+    assert decoder["sampling_temperature"] == decoder["top_sampling_temperature"] == at
+    decoder_card = json.loads((quick_repository / vqvae.DECODER / "1" / "card.json").read_text())
+    assert decoder_card["quality"]["sampling_temperature"] == at
+    repo = tmp_path / "repo"  # a copy to change: the quick repository is the module's
+    for name in vqvae.VqvaeDigitsRecipe.names:
+        shutil.copytree(quick_repository / name, repo / name)
+    config_path = repo / vqvae.PRIOR / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sampling"] = {"temperature": 0.5, "top_k": 8}
+    config_path.write_text(json.dumps(config))
+    # only the decoder's figures are read: verify its folder (the priors' configs are its siblings')
+    moved = verify_repository(repo / vqvae.DECODER, check_thresholds=False)
+    figures = {m.name: m for m in moved.models}[vqvae.DECODER].quality_recomputed
+    assert (figures["sampling_temperature"], figures["sampling_top_k"]) == (float(np.float32(0.5)), 8.0)
+    assert figures["top_sampling_temperature"] == at
+    # a tampered auxiliary encoder is caught
+    (repo / vqvae.DECODER / "1" / vqvae.ENCODER_FILE).write_bytes(b"not a graph")
+    tampered = verify_repository(repo / vqvae.DECODER, check_thresholds=False)  # the card listing it
+    assert any("auxiliary graph encoder.onnx" in e for m in tampered.models for e in m.errors)
 
 
 def test_verify_cli_exit_codes(

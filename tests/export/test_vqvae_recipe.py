@@ -1,19 +1,18 @@
 """Recipe vqvae-digits: the priors' causal structure (what lets one call serve rows at different
-positions), and a smoke train of a few steps through export and verify."""
+positions) and verify's runs of the committed entries. Its smoke train of a few steps through export
+and verify is test_export.py's test_the_vqvae_family_exports_and_verifies, on the quick repository
+that file trains and exports every recipe into (one training of the family, not two)."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from genserve_export import verify_repository
 from genserve_export.data import digits
-from genserve_export.export import export_model
 from genserve_export.recipes import vqvae
 from genserve_export.recipes.vqvae_nets import GatedPixelCNN, TopOnlyDecoder, VqVae2
 
@@ -54,75 +53,13 @@ def test_the_top_only_decoder_trains_the_top_encoder_to_hold_the_image() -> None
 
 
 @pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
-def test_a_few_training_steps_export_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vqvae, "SAMPLES_PER_CLASS", 1)
-    torch.set_num_threads(1)
-    trained = vqvae.train_models(seed=0, steps=12, device="cpu", progress=False)
-    specs = vqvae.specs_from(trained)
-    assert [s.name for s in specs] == list(vqvae.VqvaeDigitsRecipe.names)
-    for s in specs:
-        export_model(
-            s.module,
-            kind=s.kind,
-            name=s.name,
-            out_dir=tmp_path,
-            example_inputs=s.example_inputs,
-            card=s.card,
-            config=s.config,
-            quality=s.quality,
-            holdout=s.holdout,
-            training={**s.training, "command": "test", "source_commit": "test"},
-            fp16=s.fp16,
-            extra_files=s.extra_files,
-        )
-    report = verify_repository(tmp_path, check_thresholds=False)
-    assert report.ok, report.format()
-    by_name = {m.name: m for m in report.models}
-    decoder = by_name[vqvae.DECODER].quality_recomputed
-    assert {"recon_mse", "top_perplexity", "bottom_dead_codes", "class_accuracy"} <= set(decoder)
-    for name in (vqvae.DECODER, vqvae.TOP_PRIOR, vqvae.PRIOR):
-        card = json.loads((tmp_path / name / "1" / "card.json").read_text())
-        recomputed = by_name[name].quality_recomputed
-        for metric in ("recon_mse", "top_perplexity", "holdout_bits_per_dim"):
-            if metric in card["quality"]:  # ONNX figures = the PyTorch figures the card recorded
-                assert recomputed[metric] == pytest.approx(card["quality"][metric], rel=1e-3)
-    prior_card = json.loads((tmp_path / vqvae.PRIOR / "1" / "card.json").read_text())
-    assert prior_card["grid"] == [14, 14] and prior_card["top_grid"] == [7, 7]
-    assert [t["name"] for t in prior_card["inputs"]] == ["codes", "label", "top_codes"]
-    assert prior_card["output_range"] is None and prior_card["image_size"] is None
-    assert prior_card["training"]["cpu_s"] > 0
-    # The card's sample figures are at the priors' default sampling (config.json, which the server
-    # applies to a request without options); verify reads it from the repository.
-    for name in (vqvae.TOP_PRIOR, vqvae.PRIOR):
-        config = json.loads((tmp_path / name / "config.json").read_text())
-        assert config["sampling"] == {"temperature": vqvae.SAMPLING_TEMPERATURE}
-    at = float(np.float32(vqvae.SAMPLING_TEMPERATURE))
-    assert decoder["sampling_temperature"] == decoder["top_sampling_temperature"] == at
-    decoder_card = json.loads((tmp_path / vqvae.DECODER / "1" / "card.json").read_text())
-    assert decoder_card["quality"]["sampling_temperature"] == at
-    config_path = tmp_path / vqvae.PRIOR / "config.json"
-    config = json.loads(config_path.read_text())
-    config["sampling"] = {"temperature": 0.5, "top_k": 8}
-    config_path.write_text(json.dumps(config))
-    # only the decoder's figures are read: verify its folder (the priors' configs are its siblings')
-    moved = verify_repository(tmp_path / vqvae.DECODER, check_thresholds=False)
-    figures = {m.name: m for m in moved.models}[vqvae.DECODER].quality_recomputed
-    assert (figures["sampling_temperature"], figures["sampling_top_k"]) == (float(np.float32(0.5)), 8.0)
-    assert figures["top_sampling_temperature"] == at
-    # a tampered auxiliary encoder is caught
-    (tmp_path / vqvae.DECODER / "1" / vqvae.ENCODER_FILE).write_bytes(b"not a graph")
-    tampered = verify_repository(tmp_path / vqvae.DECODER, check_thresholds=False)  # the card listing it
-    assert any("auxiliary graph encoder.onnx" in e for m in tampered.models for e in m.errors)
-
-
-@pytest.mark.skipif(not digits.available(), reason="MNIST not fetched: run make mnist-data")
 def test_the_decoders_specs_leave_no_temporary_folder_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """specs_from wrote encoder.onnx into a tempfile.mkdtemp("genserve-vqvae-") folder that nothing
     removed: every build of vqvae-digits left it in /tmp for good, exported or not. The encoder's
-    graph now travels as bytes (its export and digest: test_a_few_training_steps_export_and_verify),
-    and the temporary folder is as specs_from found it."""
+    graph now travels as bytes (its export and digest: test_export.py's
+    test_the_vqvae_family_exports_and_verifies), and the temporary folder is as specs_from found it."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
