@@ -7,7 +7,12 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
+
+if TYPE_CHECKING:  # torch only where weights are cached: the MNIST array copy needs numpy alone
+    from torch import nn
+
+    Net = TypeVar("Net", bound=nn.Module)
 
 
 def _create_beside(path: Path) -> tuple[int, Path]:
@@ -46,3 +51,23 @@ def publish_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> bool:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return True
+
+
+def cached_weights(path: Path, net: Net, fit: Callable[[], Net]) -> Net:
+    """``net`` with the weights kept at ``path``, else ``fit()``'s net, whose weights are then kept there.
+
+    Any cache that cannot be used is fitted again: none there or unreadable (OSError), a torn file
+    (RuntimeError from torch's zip reader), or weights that no longer fit ``net`` (a changed net:
+    RuntimeError from ``load_state_dict``; ``net`` may then hold part of them, so ``fit`` must
+    return a net of its own). The new weights are published whole (``publish_cache_file``); a
+    folder that takes no new file keeps none, and the next run fits again."""
+    import torch
+
+    try:
+        net.load_state_dict(torch.load(path, weights_only=True))
+    except (OSError, RuntimeError):
+        fitted = fit()
+        state = fitted.state_dict()
+        publish_cache_file(path, lambda stream: torch.save(state, stream))
+        return fitted
+    return net

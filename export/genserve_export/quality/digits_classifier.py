@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve_export.data import digits
-from genserve_export.data.cache_file import publish_cache_file
+from genserve_export.data.cache_file import cached_weights
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,12 @@ def _cache_path(data: digits.Digits) -> Path:
 def _classifier(source: str) -> DigitsClassifier:
     data = digits.load()
     path = _cache_path(data)
-    net = cnn().eval()
-    try:
-        net.load_state_dict(torch.load(path, weights_only=True))
-    except (OSError, RuntimeError):
+
+    def train() -> nn.Module:
         logger.info("training the digits classifier (%d training images)", len(data.train_idx))
-        net = _train(data)
-        state = net.state_dict()
-        publish_cache_file(path, lambda stream: torch.save(state, stream))  # read-only: retrain next time
+        return _train(data)
+
+    net = cached_weights(path, cnn().eval(), train)  # a read-only folder: retrain next time
     fitted = DigitsClassifier(net, 0.0)
     predicted = fitted.probabilities(data.holdout_images).argmax(axis=1)
     return DigitsClassifier(net, float((predicted == data.holdout_labels).mean()))

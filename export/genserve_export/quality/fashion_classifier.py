@@ -15,10 +15,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
+from torch import nn
 
 from genserve_export.data import fashion
-from genserve_export.data.cache_file import publish_cache_file
+from genserve_export.data.cache_file import cached_weights
 from genserve_export.quality.digits_classifier import DigitsClassifier, cnn, fit_cnn
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,12 @@ def _cache_path(data: fashion.Fashion) -> Path:
 def _classifier(source: str) -> DigitsClassifier:
     data = fashion.load()
     path = _cache_path(data)
-    net = cnn().eval()
-    try:
-        net.load_state_dict(torch.load(path, weights_only=True))
-    except (OSError, RuntimeError):
+
+    def train() -> nn.Module:
         logger.info("training the Fashion-MNIST classifier (%d held-out images)", len(data.holdout_labels))
-        net = fit_cnn(data.holdout_images, data.holdout_labels, epochs=EPOCHS)
-        state = net.state_dict()
-        publish_cache_file(path, lambda stream: torch.save(state, stream))  # read-only: retrain next time
+        return fit_cnn(data.holdout_images, data.holdout_labels, epochs=EPOCHS)
+
+    net = cached_weights(path, cnn().eval(), train)  # a read-only folder: retrain next time
     fitted = DigitsClassifier(net, 0.0)
     scored = slice(0, ACCURACY_IMAGES)
     predicted = fitted.probabilities(data.train_images[scored]).argmax(axis=1)

@@ -44,7 +44,7 @@ from torch import nn
 
 from genserve_export.data import digits as mnist
 from genserve_export.data import sk_digits
-from genserve_export.data.cache_file import publish_cache_file
+from genserve_export.data.cache_file import cached_weights
 from genserve_export.quality import digits_classifier
 from genserve_export.recipe import ExportSpec, OnnxRun
 from genserve_export.recipes._common import batches, pick_device, progress_bar, run_batched, seed_everything
@@ -150,15 +150,13 @@ def domain_a_classifier() -> tuple[nn.Module, float]:
     key.update(np.ascontiguousarray(train_x).tobytes())
     key.update(np.ascontiguousarray(train_y).tobytes())
     path = mnist.data_dir().parent / f"cyclegan-domain-a-classifier-{key.hexdigest()[:16]}.pt"
-    net = digits_classifier.cnn().eval()
-    try:
-        net.load_state_dict(torch.load(path, weights_only=True))
-    except (OSError, RuntimeError):
+
+    def fit() -> nn.Module:
         images = affine_copies(train_x, CLASSIFIER_COPIES, seed=0)
         labels = np.tile(train_y, CLASSIFIER_COPIES + 1)
-        net = digits_classifier.fit_cnn(images, labels, epochs=CLASSIFIER_EPOCHS)
-        state = net.state_dict()
-        publish_cache_file(path, lambda stream: torch.save(state, stream))  # read-only: refit next time
+        return digits_classifier.fit_cnn(images, labels, epochs=CLASSIFIER_EPOCHS)
+
+    net = cached_weights(path, digits_classifier.cnn().eval(), fit)  # a read-only folder: refit next time
     accuracy = float((_predict(net, hold_x) == hold_y).mean())
     return net, accuracy
 
