@@ -4,6 +4,7 @@ domain A), read back when they fit the net, fitted again whenever the cache cann
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,3 +88,21 @@ def test_a_folder_that_takes_no_new_file_fits_every_time_and_keeps_nothing(
         cached_weights(folder / "w.pt", nn.Linear(2, 3), fit)
     assert len(calls) == 2
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a torch file", b"\0" * 64, pickle.dumps([1, 2])],
+    ids=["empty", "text", "zeros", "other-pickle"],
+)
+def test_a_cache_file_that_is_no_torch_file_is_fitted_again(tmp_path: Path, content: bytes) -> None:
+    """torch.load raised EOFError (an empty file: a full disk, a copy cut at 0), KeyError or
+    UnpicklingError (anything else written there), which the three caches let through: the
+    classifier, and verify or the build with it, failed until the file was removed by hand."""
+    path = tmp_path / "w.pt"
+    path.write_bytes(content)
+    calls, fit = _fitter(seed=5)
+    fitted = cached_weights(path, nn.Linear(2, 3), fit)
+    assert len(calls) == 1 and fitted is calls[0]
+    assert _same_weights(cached_weights(path, nn.Linear(2, 3), fit), fitted)
+    assert len(calls) == 1

@@ -57,15 +57,16 @@ def cached_weights(path: Path, net: Net, fit: Callable[[], Net]) -> Net:
     """``net`` with the weights kept at ``path``, else ``fit()``'s net, whose weights are then kept there.
 
     Any cache that cannot be used is fitted again: none there or unreadable (OSError), a torn file
-    (RuntimeError from torch's zip reader), or weights that no longer fit ``net`` (a changed net:
-    RuntimeError from ``load_state_dict``; ``net`` may then hold part of them, so ``fit`` must
-    return a net of its own). The new weights are published whole (``publish_cache_file``); a
-    folder that takes no new file keeps none, and the next run fits again."""
+    (RuntimeError from torch's zip reader), a file that is no torch file at all (an empty one:
+    EOFError; other bytes: KeyError, UnpicklingError, ...), or weights that no longer fit ``net``
+    (a changed net: RuntimeError or TypeError from ``load_state_dict``; ``net`` may then hold part
+    of them, so ``fit`` must return a net of its own). The new weights are published whole
+    (``publish_cache_file``); a folder that takes no new file keeps none, and the next run fits again."""
     import torch
 
     try:
         net.load_state_dict(torch.load(path, weights_only=True))
-    except (OSError, RuntimeError):
+    except Exception:  # whatever the file holds, it is only a cache: what fails to load is fitted again
         fitted = fit()
         state = fitted.state_dict()
         publish_cache_file(path, lambda stream: torch.save(state, stream))
