@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
 from genserve_contract.repository import ACTIVATION_BYTES_FIELD, activation_bytes_problem
+from genserve_export.data.cache_file import create_beside
 from genserve_export.errors import ExportError
 
 # The probe's spatial size before it is raised to the card's min_size and size_multiple.
@@ -224,9 +225,17 @@ def annotate_version(version_dir: Path) -> tuple[float, float | None]:
     if problem:  # pragma: no cover - activation_bytes returns a positive finite number
         raise ActivationCountError(f"{card_path}: {ACTIVATION_BYTES_FIELD} {problem}")
     card[ACTIVATION_BYTES_FIELD] = value
-    staging = card_path.with_name(".card.json.activations")
-    staging.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
-    with open(staging, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(staging, card_path)
+    text = json.dumps(card, indent=2, allow_nan=False) + "\n"
+    # A staging file of this call (two runs at once each rename a whole card: a fixed name let the
+    # second truncate and take the file the first was about to rename), removed if it is not renamed.
+    handle, staging = create_beside(card_path)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(staging, card_path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     return value, old

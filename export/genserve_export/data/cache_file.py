@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # torch only where weights are cached: the MNIST array copy n
     Net = TypeVar("Net", bound=nn.Module)
 
 
-def _create_beside(path: Path) -> tuple[int, Path]:
+def create_beside(path: Path) -> tuple[int, Path]:
     """A new file of this call beside ``path`` (`.NAME.PID.RANDOM.part`), created exclusively and
     with 0666 less the umask, as any other new file (mkstemp's 0600 made the published cache file
     unreadable to the other users of a shared data folder)."""
@@ -38,7 +38,7 @@ def publish_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> bool:
     where the folder cannot take it (a read-only cache: the caller computes it again next time)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = _create_beside(path)
+        handle, tmp = create_beside(path)
     except OSError:
         return False
     try:
