@@ -213,8 +213,30 @@ def machine() -> dict[str, Any]:
     }
 
 
+def write_text_whole(path: Path, text: str) -> None:
+    """`path` holds `text`, written under a temporary name of this call beside it
+    (`.NAME.PID.RANDOM.tmp`, created exclusively) and renamed into place: a reader never sees part
+    of it, and two writers at once (two runs with one --out) each rename a whole file of their own
+    (a fixed `<out>.tmp` let the second truncate and take the file the first was about to rename)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        try:
+            handle = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {path}")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_whole(path, json.dumps(value, indent=2) + "\n")
