@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from bench.common import BenchModel, ctrl_c_exits_130, find_models
+from bench.common import BenchModel, ctrl_c_exits_130, find_models, write_text_whole
 from bench.raw_limit import server_session
 from genserve.v1 import genserve_pb2, genserve_pb2_grpc, types_pb2
 from genserve_contract.kinds import Kind
@@ -323,10 +323,8 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_messa
 
 
 def _write_ready(ready_file: Path | None, port: int) -> None:
-    if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": port, "metrics_port": 0, "pid": os.getpid()}))
-        os.replace(tmp, ready_file)
+    if ready_file is not None:  # through a temporary of its own: `x.json` and `x.ready` shared `x.tmp`
+        write_text_whole(ready_file, json.dumps({"port": port, "metrics_port": 0, "pid": os.getpid()}))
 
 
 async def serve(models_dir: Path, host: str, port: int, ready_file: Path | None, workers: int) -> int:
