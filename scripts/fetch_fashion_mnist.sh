@@ -29,7 +29,8 @@ for tool in apt-get dpkg-deb; do
     fi
 done
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+part=""
+trap 'rm -rf "$work"; [[ -z "$part" ]] || rm -f "$part"' EXIT
 download() { (cd "$work" && apt-get download -q "$PACKAGE" >/dev/null 2>"$work/apt.log"); }
 if ! download; then
     # a fresh machine may have no package lists yet: refresh them once (as root) and retry
@@ -46,11 +47,20 @@ for file in "${!SHA256[@]}"; do
     echo "${SHA256[$file]}  $src/$file" | sha256sum --check --quiet
 done
 mkdir -p "$DEST"
-cp "$work/usr/share/doc/$PACKAGE/copyright" "$DEST/COPYRIGHT.$PACKAGE"
+# $1 into $DEST/$2 through a file of this run beside it, renamed once whole: two runs at once each
+# rename a whole file of their own (a fixed `$2.part` let the second overwrite and take the file
+# the first was about to rename), with the permissions of any new file (mktemp's are 0600).
+publish() {
+    part=$(mktemp "$DEST/.$2.XXXXXX")
+    cp "$1" "$part"
+    chmod "$(printf '%o' $((0666 & ~0$(umask))))" "$part"
+    mv "$part" "$DEST/$2"
+    part=""
+}
+publish "$work/usr/share/doc/$PACKAGE/copyright" "COPYRIGHT.$PACKAGE"
 # labels of the test set last: their presence marks a complete cache (see the check above)
 for file in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz \
     t10k-labels-idx1-ubyte.gz; do
-    cp "$src/$file" "$DEST/$file.part"
-    mv "$DEST/$file.part" "$DEST/$file"
+    publish "$src/$file" "$file"
 done
 echo "Fashion-MNIST (60,000 + 10,000 images) in $DEST"

