@@ -258,7 +258,8 @@ async def interpolate(
     psi: float | None,
     out: OutputSpec,
 ) -> tuple[list[EncodedImage], np.ndarray, list[int]]:
-    """Interpolate in w space: both ends' z mapped to w (one submission), truncated, then the straight
+    """Interpolate in w space: both ends' z mapped to w (one submission, or one each where the
+    mapping's queue holds one row), truncated, then the straight
     line between them (StyleGAN's path; w space is not Gaussian, so no slerp). Returns the images,
     the w of each image [steps, w_dim] and the synthesis batch sizes."""
     card = mv.card
@@ -266,7 +267,14 @@ async def interpolate(
     latent_bytes = await _reserve(core, mv, call, out, steps)
     with synthesis_room(mv, call, steps, Lane.INTERACTIVE) as room:
         ends = np.stack([start, end]).astype(np.float32)
-        w, _ = await map_latents(core, mv, call, Lane.INTERACTIVE, z=ends)
+        mapping = style_mapping(core, call, mv)
+        if mapping.batcher is not None and mapping.batcher.max_queue_size < len(ends):
+            # A queue of one row (max_batch_size 1) refused the pair as too large for it, naming no
+            # field: each end on its own there (a row's w is the same in any batch).
+            parts = [await map_latents(core, mv, call, Lane.INTERACTIVE, z=ends[i : i + 1]) for i in (0, 1)]
+            w = np.concatenate([part[0] for part in parts])
+        else:
+            w, _ = await map_latents(core, mv, call, Lane.INTERACTIVE, z=ends)
         w = truncate(w, w_avg_of(mv), psi_rows(psi, 2))
         path = latents.interpolate(w[0], w[1], steps, latents.InterpolationMode.LERP)
         ws = styles(path, path, np.full(steps, card.num_layers), card.num_layers)

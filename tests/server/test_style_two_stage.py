@@ -192,3 +192,33 @@ def test_a_style_call_whose_deadline_passes_in_its_mappings_queue_is_a_drop_of_t
         assert (dropped(names["generator"]), dropped(names["mapping"])) == (1, 0)
 
     run_with_core(tmp_path, body, metrics)
+
+
+def test_interpolate_maps_its_two_ends_where_the_mappings_queue_holds_one_row(tmp_path: Path) -> None:
+    """genserve.proto InterpolateRequest: steps is bounded by the synthesis network's queue, the
+    mapping maps only the two ends. A mapping whose batching.max_queue_size is 1 (max_batch_size 1)
+    refused every Interpolate INVALID_ARGUMENT "the request needs 2 items, more than the whole queue
+    holds; split it into smaller requests", naming no field, which no client could split: each end
+    is mapped on its own there, the path the same as that of two ends mapped together."""
+    names = write_style_models(tmp_path, max_batch_size=1, mapping_queue=1)
+    out = validate.output_spec(5, 0, None, True)  # TENSOR_F32, return_latents (each image's w)
+    start = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
+    end = np.linspace(2.0, -0.5, 8, dtype=np.float32)
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("Interpolate", "test", time.monotonic(), core.metrics.unresolved())
+        mv = core.resolve(call, names["generator"], "", ("style_generator",), "Interpolate")
+        try:
+            images, path, _ = await style_sampling.interpolate(core, mv, call, start, end, 3, 0.5, out)
+            ends = []
+            for z in (start, end):  # each end alone, as a Sample of its latent with the same psi
+                one = await core.generate(mv, call, None, out, Lane.INTERACTIVE, z=z[np.newaxis], psi=0.5)
+                ends.append(one.images[0].data)
+        finally:
+            if call.batcher is not None:
+                call.batcher.release()
+            call.release_uses()
+        assert path.shape == (3, W_DIM)
+        assert [images[0].data, images[-1].data] == ends
+
+    run_with_core(tmp_path, body)
