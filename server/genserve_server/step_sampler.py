@@ -268,8 +268,17 @@ class StepScheduler:
 
     @property
     def rows(self) -> int:
-        """Rows running, about to join or reserved (what the budget counts)."""
-        return len(self._running) + len(self._joining) + self._reserved
+        """Rows running, about to join or reserved (what the budget counts). A row whose caller left
+        or whose deadline passed takes no room: it leaves at the next step, before rows that join
+        now come in (it held the budget until the step in flight ended, and a request sent
+        meanwhile was refused though its rows fit that next step)."""
+        now = time.monotonic()
+        live = sum(
+            1
+            for row in itertools.chain(self._running, self._joining)
+            if not row.future.done() and (row.deadline is None or now < row.deadline)
+        )
+        return live + self._reserved
 
     @contextlib.contextmanager
     def reserved(self, n: int, deadline: float | None = None, caller: Caller | None = None) -> Iterator[None]:

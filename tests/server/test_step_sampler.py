@@ -451,6 +451,41 @@ def test_a_cancelled_row_leaves_at_the_next_step(code_repo: tuple[Path, dict[str
     run_with_core(root, body)
 
 
+def test_a_cancelled_calls_rows_hold_no_room_while_the_step_in_flight_ends(
+    code_repo: tuple[Path, dict[str, str]],
+) -> None:
+    """Rows whose caller left (or whose deadline passed) leave before the next step's joiners come
+    in, so they take no room from a request sent while the step in flight ends: it was refused
+    RESOURCE_EXHAUSTED 'row budget full (8 of 8 rows taken: 8 running ...)' though its rows fit
+    that next step (the batcher lets go of a cancelled request's queue rows at once, too)."""
+    root, names = code_repo
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        scheduler = core.stepper(repo.get(names["prior"]).resolve(""))
+        reached, go = gate(scheduler, 2)
+        half = MAX_ROWS // 2
+        deadline = time.monotonic() + 0.2
+        gone = asyncio.ensure_future(sample(core, names["prior"], list(range(half)), [0]))
+        expires = asyncio.ensure_future(
+            sample(core, names["prior"], list(range(half, MAX_ROWS)), [0], deadline=deadline)
+        )
+        await reached.wait()  # their second step runs
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await until(lambda: time.monotonic() >= deadline)
+        assert scheduler.rows == 0
+        whole = asyncio.ensure_future(sample(core, names["prior"], list(range(MAX_ROWS)), [0]))
+        await asyncio.sleep(0)
+        go.set()
+        assert len((await whole).images) == MAX_ROWS
+        with pytest.raises(DeadlineExceeded):
+            await expires
+        assert (scheduler.stats.cancelled, scheduler.stats.expired) == (half, half)
+
+    run_with_core(root, body)
+
+
 def test_a_row_past_its_deadline_leaves_with_deadline_exceeded(
     code_repo: tuple[Path, dict[str, str]],
 ) -> None:
