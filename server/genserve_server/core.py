@@ -112,7 +112,9 @@ class Call:
     # deadline, else a `deadline` drop (batch_parts.Caller).
     refused: tuple[Refusals, str] | None = None
     # Its requests cancelled while batches holding their rows still computed: each resolved once
-    # those have ended (Batcher.submit's `computing`; holding_working_set waits for them).
+    # those have ended (Batcher.submit's `computing`); and its jobs on the codec pool (decode, blend,
+    # encode of a call holding a working set), each resolved once the job has ended (Codec's
+    # `computing`). holding_working_set waits for them.
     computing: list[asyncio.Future[None]] = field(default_factory=list)
 
     def release_uses(self) -> None:
@@ -892,8 +894,10 @@ class GenerationCore:
         the kinds Translate answers. Waits as wait_for_budget does (RESOURCE_EXHAUSTED naming the
         budget after budget_max_wait_s, counted `budget`); more than the whole budget is clamped to
         it (the call runs alone). `what`: the RPC, for the refusal. A call that leaves (cancelled,
-        failed) while batches holding its rows still compute gives its bytes back once they have
-        ended: their inputs, the model's intermediates and outputs are alive until then."""
+        failed) while batches holding its rows still compute, or while its decode, blend or encode
+        runs on the codec pool, gives its bytes back once they have ended: their inputs, the
+        model's intermediates and outputs, the decoded images, canvases and encoded copies are alive
+        until then."""
         budget = self.sr_working_set if card.kind.tiled else self.translate_working_set
         held = await self.wait_for_budget(call, budget.acquire(n_bytes, call.deadline, what))
         try:
@@ -953,6 +957,7 @@ class GenerationCore:
             timing=call.timing,
             limit_name=limit_name,
             values_checked=True,
+            computing=call.computing,
         )
         for i, (chw, (h, w)) in enumerate(zip(arrays, sizes, strict=True)):
             if chw.shape[1:] != (h, w):
@@ -1017,7 +1022,7 @@ class GenerationCore:
                 for outs, a in zip(tile_out, arrays, strict=True)
             ]
         else:
-            upscaled = await self.codec.off_loop(blend_all)
+            upscaled = await self.codec.off_loop(blend_all, call.computing)
         encoded = await self._encode_each(mv, call, upscaled, out)
         return Upscaled(encoded, batch_sizes, [len(p) for p in plans])
 
@@ -1036,6 +1041,7 @@ class GenerationCore:
                     mv.card.output_range,
                     timing=call.timing,
                     rows=(i,),
+                    computing=call.computing,
                 )
             )
         self.check_encoded_send_size(images, out.format)

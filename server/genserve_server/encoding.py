@@ -9,6 +9,7 @@ genserve.v1 `Image` message already is.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -73,42 +74,56 @@ class EncodeQueue:
     def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
         self._pool = pool
         self._threads = max(1, threads)
-        self._jobs: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._jobs: list[_Job] = []
 
-    def submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
+    def submit(self, job: Callable[[], T], computing: Computing | None = None) -> asyncio.Future[T]:
+        """`computing` (a Call's): gets a future resolved once the job has run (or will never run),
+        also where its caller has left meanwhile."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        ended: asyncio.Future[None] | None = None
+        if computing is not None:
+            ended = loop.create_future()
+            computing.append(ended)
         if not self._jobs:
             loop.call_soon(self._flush, loop)
-        self._jobs.append((job, future))
+        self._jobs.append((job, future, ended))
         return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         jobs, self._jobs = self._jobs, []
-        jobs = [(job, future) for job, future in jobs if not future.done()]  # callers gone
+        for _, future, ended in jobs:
+            if future.done() and ended is not None:  # its caller left before it ran: it never will
+                _set_future(ended, None, None)
+        jobs = [job for job in jobs if not job[1].done()]  # callers gone
         n_tasks = min(self._threads, len(jobs))
         for i in range(n_tasks):
             chunk = jobs[i::n_tasks]
             try:
                 self._pool.submit(self._run_chunk, loop, chunk)
             except RuntimeError as exc:  # the pool is shut down (server stopping)
-                for _, future in chunk:
-                    _set_future(future, None, exc)
+                _resolve_all([(future, None, exc, ended) for _, future, ended in chunk])
 
     @staticmethod
-    def _run_chunk(
-        loop: asyncio.AbstractEventLoop, chunk: list[tuple[Callable[[], Any], asyncio.Future[Any]]]
-    ) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        for job, future in chunk:
+    def _run_chunk(loop: asyncio.AbstractEventLoop, chunk: list[_Job]) -> None:
+        results: list[_Result] = []
+        for job, future, ended in chunk:
             try:
-                results.append((future, job(), None))
+                results.append((future, job(), None, ended))
             except BaseException as exc:  # delivered to the request that asked for it
-                results.append((future, None, exc))
+                results.append((future, None, exc, ended))
         try:
             loop.call_soon_threadsafe(_resolve_all, results)
         except RuntimeError:  # the loop closed meanwhile: nobody is waiting
             pass
+
+
+# A Call's `computing`: futures resolved once work that holds its buffers has ended, which
+# holding_working_set waits for before it gives a call's working set back.
+Computing = list[asyncio.Future[None]]
+# An EncodeQueue job: the encode, its caller's future, and the future `computing` waits for (or None).
+_Job = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.Future[None] | None]
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None, asyncio.Future[None] | None]
 
 
 def _set_future(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -120,9 +135,35 @@ def _set_future(future: asyncio.Future[Any], value: Any, exc: BaseException | No
         future.set_result(value)
 
 
-def _resolve_all(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, value, exc in results:
+def _resolve_all(results: list[_Result]) -> None:
+    for future, value, exc, ended in results:
         _set_future(future, value, exc)
+        if ended is not None:
+            _set_future(ended, None, None)
+
+
+async def _run_tracked(
+    pool: ThreadPoolExecutor, computing: Computing | None, fn: Callable[..., T], *args: Any
+) -> T:
+    """`fn(*args)` on `pool`, awaited as run_off_loop awaits it; `computing` (a Call's): gets a future
+    resolved once the job has ended on its thread, also where the caller is cancelled while it runs
+    (a job not started yet is cancelled with its caller, as run_off_loop's)."""
+    if computing is None:
+        return await run_off_loop(pool, fn, *args)
+    loop = asyncio.get_running_loop()
+    with off_loop_work():
+        job = pool.submit(fn, *args)
+        ended: asyncio.Future[None] = loop.create_future()
+        computing.append(ended)
+
+        def job_ended(_: concurrent.futures.Future[T]) -> None:
+            try:
+                loop.call_soon_threadsafe(_set_future, ended, None, None)
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+                pass
+
+        job.add_done_callback(job_ended)
+        return await asyncio.wrap_future(job)
 
 
 def check_finite(images: np.ndarray, label: str, rows: Sequence[int] | None = None) -> None:
@@ -316,11 +357,13 @@ class Codec:
         timing: CallTiming | None = None,
         rows: Sequence[int] | None = None,
         finite: np.ndarray | None = None,
+        computing: Computing | None = None,
     ) -> list[EncodedImage]:
         """Encoded images, refused (InvalidArgument) when they would not fit the send limit;
         `timing`: the call's, which counts this as its compute_output (KServe statistics); `rows`:
         each image's index in the request, for check_finite's message (0..N-1 if None); `finite`:
-        the runner's check of each image (FINITE_ROWS_OUTPUT, beside its `pixels`)."""
+        the runner's check of each image (FINITE_ROWS_OUTPUT, beside its `pixels`); `computing`: the
+        call's, told when an encode on the pool has ended (a call holding a working set)."""
         started = time.monotonic()
         if images.dtype != np.float32 and (pixels is None or out.format == ImageFormat.TENSOR_F32):
             images = images.astype(np.float32)  # fp16 graphs
@@ -330,7 +373,8 @@ class Codec:
         else:
             with off_loop_work():
                 result = await self._queue.submit(
-                    functools.partial(encode_sync, images, out, output_range, pixels, label, rows, finite)
+                    functools.partial(encode_sync, images, out, output_range, pixels, label, rows, finite),
+                    computing,
                 )
         elapsed_s = time.monotonic() - started
         metrics.encode_duration[out.format_name].observe(elapsed_s)
@@ -355,15 +399,26 @@ class Codec:
         timing: CallTiming | None = None,
         limit_name: str = "max_input_pixels",
         values_checked: bool = False,
+        computing: Computing | None = None,
     ) -> list[np.ndarray]:
         """`timing`: the call's, which counts this as its compute_input (KServe statistics);
-        `limit_name`: what `max_pixels` is called in a refusal; `values_checked`: as decode_sync's."""
+        `limit_name`: what `max_pixels` is called in a refusal; `values_checked`: as decode_sync's;
+        `computing`: the call's, told when a decode on the pool has ended (a call holding a working
+        set)."""
         started = time.monotonic()
         if decodes_inline(images):
             arrays = decode_sync(images, card, max_pixels, field_prefix, limit_name, values_checked)
         else:
-            arrays = await run_off_loop(
-                self.pool, decode_sync, images, card, max_pixels, field_prefix, limit_name, values_checked
+            arrays = await _run_tracked(
+                self.pool,
+                computing,
+                decode_sync,
+                images,
+                card,
+                max_pixels,
+                field_prefix,
+                limit_name,
+                values_checked,
             )
         elapsed_s = time.monotonic() - started
         metrics.decode_duration.observe(elapsed_s)
@@ -380,6 +435,7 @@ class Codec:
             return declared_sizes(images, card, max_pixels, limit_name=limit_name)
         return await run_off_loop(self.pool, declared_sizes, images, card, max_pixels, "images", limit_name)
 
-    async def off_loop(self, job: Callable[[], T]) -> T:
-        """CPU-heavy numpy work (blending tiles, drawing strongly truncated latents) on the pool."""
-        return await run_off_loop(self.pool, job)
+    async def off_loop(self, job: Callable[[], T], computing: Computing | None = None) -> T:
+        """CPU-heavy numpy work (blending tiles, drawing strongly truncated latents) on the pool;
+        `computing`: the call's, told when the job has ended (a call holding a working set)."""
+        return await _run_tracked(self.pool, computing, job)
