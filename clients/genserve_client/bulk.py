@@ -53,6 +53,7 @@ import grpc
 
 from genserve.v1 import genserve_pb2
 from genserve_client.channelpool import DEFAULT_PERIOD_S, FreshChannels
+from genserve_client.classes import class_refusal
 from genserve_client.client import GenserveClient, SampleStream
 from genserve_client.convert import FILE_SUFFIX, image_format
 from genserve_client.errors import GenserveClientError, closed_client_error
@@ -1234,12 +1235,17 @@ class BulkJob:
         looked_up: list[ServedModel] = []
         if resolve is None and not (self.out_dir / JOB_FILE).exists():
             # A new job: look the model up before making its folder, so that a model of a kind whose
-            # streams the server refuses, or a version it does not serve READY, leaves no job folder
-            # behind (a version still LOADING is waited for). The answer pins the version.
+            # streams the server refuses, a label it lacks, or a version it does not serve READY,
+            # leaves no job folder behind (a version still LOADING is waited for). The answer pins
+            # the version.
             def look_up(answer: genserve_pb2.ModelInfo) -> ServedModel:
                 refusal = kind_refusal(self.params.model, answer.kind)
                 if refusal:
                     raise BulkError(refusal)
+                # Labels the model lacks, as `sample` refuses them: its streams would be refused.
+                refusal = class_refusal(self.params.model, answer.class_names, self.params.labels)
+                if refusal:
+                    raise BulkError(f"bulk: {self._given('labels', 'labels')}: {refusal}")
                 return served_model(self.client, self.params.model, self.params.version, answer)
 
             def ask() -> ServedModel:

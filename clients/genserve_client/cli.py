@@ -72,6 +72,7 @@ from genserve_client.bulk import (
 )
 from genserve_client.bulkverify import verify_job, write_merged_manifest
 from genserve_client.channel import ChannelConfig, TlsOptions, read_token_file, tls_hint, token_problem
+from genserve_client.classes import class_refusal, printable
 from genserve_client.client import GenserveClient
 from genserve_client.convert import FILE_SUFFIX, _pil_to_uint8, array_to_pil
 from genserve_client.errors import GenserveClientError
@@ -118,14 +119,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 BULK_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.2, max_backoff_s=2.0)
 
 
-# C0 controls, DEL and C1 controls, each as Python writes it in a repr.
-_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
-
-
-def _printable(text: str) -> str:
-    """The server's text (a reason quotes the model repository's files) on one line, with no
-    terminal escapes: its control characters written as a repr writes them."""
-    return text.translate(_CONTROL_ESCAPES)
+# The server's text on one line, without terminal escapes (classes.printable).
+_printable = printable
 
 
 def _error_text(exc: BaseException) -> str:
@@ -634,17 +629,11 @@ def check_grid_size(
 
 
 def check_classes(command: str, flag: str, info: genserve_pb2.ModelInfo, labels: list[int]) -> None:
-    """Each label a class of the model (where it has classes), before any call: the server refused
-    one only in the call that carried it, after the calls of the labels before it (their work
-    thrown away), naming an index of that call's labels, not of the flag."""
-    classes = len(info.class_names)
-    for label in labels if classes else ():
-        if not 0 <= label < classes:
-            names = ", ".join(info.class_names[:10]) + (", ..." if classes > 10 else "")
-            raise UsageError(
-                f"{command}: {flag}: {info.name} has no class {label}: its classes are [0, {classes}) "
-                f"({_printable(names)})"
-            )
+    """Each label a class of the model (where it has classes), before any call (classes.class_refusal,
+    which a bulk job checks too)."""
+    refusal = class_refusal(info.name, info.class_names, labels)
+    if refusal:
+        raise UsageError(f"{command}: {flag}: {refusal}")
 
 
 def check_sample_size(n: int, classes: int = 1) -> None:

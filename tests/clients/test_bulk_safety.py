@@ -165,6 +165,33 @@ def test_a_refused_model_kind_is_named_by_the_argument_its_caller_gave(
     assert not out.exists() and fake_server.service.calls["SampleStream"] == 0
 
 
+def test_a_job_of_a_label_the_model_lacks_is_refused_before_its_folder_is_made_as_sample_refuses_it(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `bulk --labels 11` on a 10-class model made the job's folder and reached the server, which
+    # refused its stream (exit 2) after an empty progress line; `sample --labels 11` refuses it
+    # before any call. Both refuse it with one message, the library's job too.
+    t = ("--target", fake_server.target)
+    out = tmp_path / "cli"
+    code, _, err = cli_main(
+        capsys, *t, "bulk", "--model", "fake-cond", "--labels", "3,11", "--n", "4", "--out", str(out)
+    )
+    assert code == 2, err
+    assert "bulk: --labels: fake-cond has no class 11: its classes are [0, 10) (0, 1, 2" in err, err
+    assert "Traceback" not in err and "resumable" not in err, err
+    code, _, sample_err = cli_main(
+        capsys, *t, "sample", "--model", "fake-cond", "--labels", "3,11", "--out", "x"
+    )
+    assert code == 2 and sample_err.replace("sample:", "bulk:") == err, (sample_err, err)
+    lib = tmp_path / "lib"
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(BulkError) as refused:
+            BulkJob(client, BulkParams("fake-cond", n=4, labels=(3, 11)), lib).run()
+    assert "bulk: labels: fake-cond has no class 11: its classes are [0, 10)" in str(refused.value)
+    assert not out.exists() and not lib.exists()
+    assert fake_server.service.calls["SampleStream"] == 0 and fake_server.service.calls["Sample"] == 0
+
+
 def test_a_library_jobs_refusals_name_the_arguments_its_caller_gave_and_the_clis_its_flags(
     fake_server: FakeServer,
     tmp_path: Path,
