@@ -133,12 +133,15 @@ class BulkIncomplete(BulkError):
 class ServedModel:
     """A model version as the server serves it, and the most images one stream of it may send
     (ModelInfo.max_stream_images; 0: the server does not say). `weights_sha256`: its external data
-    files' digest (ModelVersionInfo.weights_sha256), "" where it has none or the server does not say."""
+    files' digest (ModelVersionInfo.weights_sha256), "" where it has none or the server does not say.
+    `class_names`: that version's classes (ModelInfo.class_names), which the job's labels must be
+    among; None where the resolver does not say (nothing is checked)."""
 
     version: str
     sha256: str
     max_stream_images: int = 0
     weights_sha256: str = ""
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,7 +760,9 @@ def served_model(
         )
     if v.state != genserve_pb2.MODEL_STATE_READY:
         raise BulkError(f"model {model!r} version {v.version} is not READY (served: {served})")
-    return ServedModel(v.version, v.model_sha256, info.max_stream_images, v.weights_sha256)
+    return ServedModel(
+        v.version, v.model_sha256, info.max_stream_images, v.weights_sha256, tuple(info.class_names)
+    )
 
 
 def model_answer(client: GenserveClient, model: str, version: str = "") -> genserve_pb2.ModelInfo:
@@ -1019,6 +1024,7 @@ class BulkJob:
             raise self._model_gone(exc) from exc
         self._fit_streams(served.max_stream_images)
         self._check_model(served.version, served.sha256, served.weights_sha256, "the server now serves")
+        self._check_classes(served)
         if (
             self.params.n != theirs.n
             or job.get("format_version") != FORMAT_VERSION
@@ -1031,6 +1037,25 @@ class BulkJob:
             self.model_sha256 = self.model_sha256 or served.sha256
             self.weights_sha256 = self.weights_sha256 or served.weights_sha256
             self._pending_job = self._job_json()
+
+    def _check_classes(self, served: ServedModel) -> None:
+        """A resumed job's labels must still be classes of the version it pins: a reload that keeps
+        its version and model file may name fewer classes (its card's class_names), and every stream
+        carrying a label past them would be refused, once the run had begun. Refused before any
+        stream, as a replaced model is (exit 2, no resume hint)."""
+        refusal = class_refusal(self.params.model, served.class_names or (), self.params.labels)
+        if refusal:
+            labels = self.params.labels
+            shown = (
+                ", ".join(map(str, labels))
+                if len(labels) <= 4
+                else f"{labels[0]}, {labels[1]}, {labels[2]}, ..., {labels[-1]}"
+            )
+            raise BulkError(
+                f"{self.out_dir} is a job of {self.params.model!r} version {self.pinned_version} with labels "
+                f"{shown}, but the server now serves it with other classes: {refusal}; serve it with "
+                f"the job's classes again and resume, or use a new {self._given('out', 'out_dir')}"
+            )
 
     def _fit_streams(self, server_limit: int) -> None:
         """Streams of at most the server's max_stream_images (0: it does not say): the default

@@ -751,6 +751,39 @@ def test_resume_refuses_a_replaced_model_naming_both(
     assert fake_server.service.calls["SampleStream"] == 1
 
 
+def test_a_resume_refuses_labels_the_served_model_no_longer_has_before_any_stream(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A reload that leaves the job's version and model file but names fewer classes (its card's
+    # class_names cut to 5): the resume's streams carried the job's labels 0..9 to a server that
+    # refuses labels 5..9, once the run had begun. Refused before any stream, naming the job, the
+    # label and the classes now served (exit 2, no resume hint), the job left as it was.
+    import client_fakes
+
+    t = ("--target", fake_server.target)
+    code, _, err = cli_main(
+        capsys, *t, "bulk", "--model", "fake-cond", "--labels", "all", "--n", "4", "--out", str(tmp_path)
+    )
+    assert code == 0, err
+    # job.lock names each run (its pid and start time): the job's files are what must stay.
+    before = {name: data for name, data in snapshot(tmp_path).items() if name != "job.lock"}
+    monkeypatch.setattr(client_fakes, "FAKE_CLASSES", ["a", "b", "c", "d", "e"])
+    code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(tmp_path), "--n", "12")
+    assert code == 2, err
+    assert f"{tmp_path} is a job of 'fake-cond' version 1 with labels 0, 1, 2, ..., 9" in err, err
+    assert "fake-cond has no class 5: its classes are [0, 5) (a, b, c, d, e)" in err, err
+    assert "Traceback" not in err and "resumable" not in err, err
+    assert fake_server.service.calls["SampleStream"] == 1  # the first run's
+    assert {name: data for name, data in snapshot(tmp_path).items() if name != "job.lock"} == before
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(BulkError, match=r"has no class 5: its classes are \[0, 5\)"):
+            BulkJob(client, BulkParams("fake-cond", n=12, labels=tuple(range(10))), tmp_path).run()
+    assert fake_server.service.calls["SampleStream"] == 1
+
+
 def test_every_chunk_must_come_from_the_jobs_model_file(fake_server: FakeServer, tmp_path: Path) -> None:
     # GetModel still reports the old file, the stream already sends the new one's images.
     fake_server.service.model_sha256 = OTHER_SHA256
