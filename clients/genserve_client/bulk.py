@@ -1043,7 +1043,9 @@ class BulkJob:
         its version and model file may name fewer classes (its card's class_names), and every stream
         carrying a label past them would be refused, once the run had begun. Refused before any
         stream, as a replaced model is (exit 2, no resume hint)."""
-        refusal = class_refusal(self.params.model, served.class_names or (), self.params.labels)
+        if served.class_names is None:
+            return
+        refusal = class_refusal(self.params.model, "", served.class_names, self.params.labels)
         if refusal:
             labels = self.params.labels
             shown = (
@@ -1268,7 +1270,9 @@ class BulkJob:
                 if refusal:
                     raise BulkError(refusal)
                 # Labels the model lacks, as `sample` refuses them: its streams would be refused.
-                refusal = class_refusal(self.params.model, answer.class_names, self.params.labels)
+                refusal = class_refusal(
+                    self.params.model, answer.kind, answer.class_names, self.params.labels
+                )
                 if refusal:
                     raise BulkError(f"bulk: {self._given('labels', 'labels')}: {refusal}")
                 return served_model(self.client, self.params.model, self.params.version, answer)

@@ -3,7 +3,9 @@ against them that `sample` and `bulk` (the CLI's and the library's BulkJob) make
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+
+from genserve_contract.kinds import Kind
 
 # C0 controls, DEL and C1 controls, each as Python writes it in a repr.
 _CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7F, 0xA0))}
@@ -18,13 +20,17 @@ def printable(text: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
-def class_refusal(model: str, class_names: Sequence[str], labels: Iterable[int]) -> str | None:
-    """Why `labels` are not all classes of `model`, whose classes are `class_names` (the first label
-    outside [0, len(class_names)), with the model's classes); None where they are, or where the model
-    names no classes. The server refuses such a label only in the call that carries it, after the
-    calls before it (their work thrown away), naming an index of that call's labels; a bulk job's
-    stream is refused once its folder is made. The caller prefixes `command: --flag: `."""
+def class_refusal(model: str, kind: str, class_names: Sequence[str], labels: Sequence[int]) -> str | None:
+    """Why `labels` are not all classes of `model`, a model of `kind` whose classes are `class_names`
+    (the first label outside [0, len(class_names)), with the model's classes; any label for a model
+    of a kind without classes, which the server refuses as 'only conditional models take labels');
+    None where they are, or where the answer names no classes of a conditional generator or no kind
+    (`kind` "": the server decides). The server refuses such a label only in the call that carries
+    it, after the calls before it (their work thrown away), naming an index of that call's labels; a
+    bulk job's stream is refused once its folder is made. The caller prefixes `command: --flag: `."""
     classes = len(class_names)
+    if labels and not classes and kind and kind != Kind.CONDITIONAL_GENERATOR:
+        return f"{model} is a {kind} without classes: it takes no labels"
     for label in labels if classes else ():
         if not 0 <= label < classes:
             names = ", ".join(class_names[:LISTED_CLASSES]) + (", ..." if classes > LISTED_CLASSES else "")

@@ -629,9 +629,9 @@ def check_grid_size(
 
 
 def check_classes(command: str, flag: str, info: genserve_pb2.ModelInfo, labels: list[int]) -> None:
-    """Each label a class of the model (where it has classes), before any call (classes.class_refusal,
-    which a bulk job checks too)."""
-    refusal = class_refusal(info.name, info.class_names, labels)
+    """Each label a class of the model (none for a model without classes), before any call
+    (classes.class_refusal, which a bulk job checks too)."""
+    refusal = class_refusal(info.name, info.kind, info.class_names, labels)
     if refusal:
         raise UsageError(f"{command}: {flag}: {refusal}")
 

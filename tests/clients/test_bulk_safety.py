@@ -192,6 +192,28 @@ def test_a_job_of_a_label_the_model_lacks_is_refused_before_its_folder_is_made_a
     assert fake_server.service.calls["SampleStream"] == 0 and fake_server.service.calls["Sample"] == 0
 
 
+def test_a_job_with_labels_for_a_model_without_classes_is_refused_before_its_folder_is_made(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `bulk --model <an unconditional generator> --labels 3` made the job's folder and sent the
+    # labels, which the server refuses on every stream ('only conditional models take labels');
+    # sample sent them too. Both refuse them before any call, as a class name there is refused.
+    t = ("--target", fake_server.target)
+    out = tmp_path / "cli"
+    code, _, err = cli_main(
+        capsys, *t, "bulk", "--model", "fake-gen", "--labels", "3", "--n", "4", "--out", str(out)
+    )
+    assert code == 2, err
+    assert "bulk: --labels: fake-gen is a generator without classes: it takes no labels" in err, err
+    code, _, err = cli_main(capsys, *t, "sample", "--model", "fake-gen", "--labels", "3", "--out", str(out))
+    assert code == 2 and "sample: --labels: fake-gen is a generator without classes" in err, err
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(BulkError, match="bulk: labels: fake-gen is a generator without classes"):
+            BulkJob(client, BulkParams("fake-gen", n=4, labels=(3,)), out).run()
+    assert not out.exists()
+    assert fake_server.service.calls["SampleStream"] == 0 and fake_server.service.calls["Sample"] == 0
+
+
 def test_a_library_jobs_refusals_name_the_arguments_its_caller_gave_and_the_clis_its_flags(
     fake_server: FakeServer,
     tmp_path: Path,
