@@ -1550,19 +1550,10 @@ def cmd_bench(config: ChannelConfig, args: argparse.Namespace) -> int:
         info = client.get_model(args.model, args.version)
     if not args.labels:
         args.labels = resolve_labels(info, None)  # all classes if conditional
-    elif not info.class_names:
-        # Every call would be refused INVALID_ARGUMENT (only conditional models take labels).
-        raise UsageError(
-            f"bench: --labels: {args.model} is a {info.kind} without classes: it takes no labels"
-        )
     else:
         args.labels = class_indices(info, args.labels, "bench: --labels")
-        if bad := [label for label in args.labels if label >= len(info.class_names)]:
-            # Every call would be refused INVALID_ARGUMENT: the run would measure nothing.
-            n = len(info.class_names)
-            raise UsageError(
-                f"bench: --labels: {args.model} has {n} classes (labels in [0, {n})), got {bad[0]}"
-            )
+        # Every call would be refused INVALID_ARGUMENT: the run would measure nothing.
+        check_classes("bench", "--labels", info, args.labels)
     try:
         results = run_async(_bench(config, args))  # SIGTERM cancels it as Ctrl-C does
     except StreamsRefused as exc:  # --concurrency over too few --channels for this server

@@ -357,31 +357,6 @@ def test_bench_that_no_request_passes_prints_the_servers_reason(
     assert "model: 'bad' is rejected by the fake" in err
 
 
-def test_bench_refuses_labels_outside_the_models_classes_before_any_call(
-    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """As a negative --labels value (argparse): a class the model does not have is refused by the
-    server on every call, so the run would measure nothing but INVALID_ARGUMENT for its duration."""
-    run = ("bench", "--concurrency", "1", "--duration", "0.2", "--warmup", "0", "--model", "fake-cond")
-    code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--labels", "3,10")
-    assert code == 2, (out, err)
-    assert "--labels" in err and "10 classes" in err and "got 10" in err, err
-    assert fake_server.service.calls["Sample"] == 0
-
-
-def test_bench_refuses_labels_for_a_model_without_classes_before_any_call(
-    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A model without classes (an unconditional generator) has none of the classes --labels names:
-    the server refuses labels on every Sample ('only conditional models take labels'), so the run
-    measured nothing but INVALID_ARGUMENT, as the out-of-range label above."""
-    run = ("bench", "--concurrency", "1", "--duration", "0.2", "--warmup", "0", "--model", "fake-gen")
-    code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--labels", "0")
-    assert code == 2, (out, err)
-    assert "--labels" in err and "fake-gen" in err and "Traceback" not in err, err
-    assert fake_server.service.calls["Sample"] == 0
-
-
 def test_models_prints_the_servers_reasons_on_one_line_without_terminal_escapes(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -639,3 +614,42 @@ def test_a_run_in_process_answers_for_its_own_stdout_not_an_earlier_runs(
     code, out, err = cli_main(capsys, *t, "models")
     assert (code, err) == (0, ""), err
     assert out.splitlines()[0].startswith("name"), out
+
+
+@pytest.mark.parametrize(
+    ("model", "labels", "refusal"),
+    [
+        ("fake-cond", "3,10", "fake-cond has no class 10: its classes are [0, 10)"),
+        ("fake-gen", "0", "fake-gen is a generator without classes: it takes no labels"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("sample", "--out", "x"),
+        ("bulk", "--n", "2", "--out", "x"),
+        ("bench", "--duration", "0.2", "--warmup", "0", "--concurrency", "1"),
+    ],
+)
+def test_labels_the_model_cannot_take_are_refused_before_any_call_in_one_words(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+    model: str,
+    labels: str,
+    refusal: str,
+) -> None:
+    """sample, bulk and bench check --labels against the model's classes with one check
+    (classes.class_refusal; bench had its own copy, worded differently), before any call: the
+    server refuses such a label on every call (only conditional models take labels), so a bench
+    run would measure nothing but INVALID_ARGUMENT, a sample or bulk run fail after its folder."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_main(
+        capsys, "--target", fake_server.target, command[0], "--model", model, "--labels", labels, *command[1:]
+    )
+    assert code == 2, err
+    assert f"{command[0]}: --labels: {refusal}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
+    assert fake_server.service.calls["Sample"] == fake_server.service.calls["SampleStream"] == 0
