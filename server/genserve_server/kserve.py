@@ -19,7 +19,9 @@ batches. What this module adds is only the tensor mapping:
   input range (card.json `input_range`): raw tensors, no tiling, padding or resizing, so H and W
   must already be multiples of the card's `size_multiple` (and the fixed size for an encoder). A
   super-resolution or image-to-image call holds the working set genserve.v1's SuperResolve or
-  Translate holds for the same images (core.holding_working_set: each image one whole tile);
+  Translate holds for the same images (core.holding_working_set: each image one whole tile), until
+  its response is built: one that leaves while its batches compute or its response is built on the
+  codec pool gives it back once they have ended;
 - outputs are the card's output tensors (`image`, `output_image`, `mu`/`logvar`) as FP32 in
   `raw_output_contents`, values in the card's `output_range`.
 """
@@ -379,8 +381,10 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             call.timing.output_s += time.monotonic() - encoding
             return data
 
-        # The boundary hands bytes to grpc as they are (wire.passing_bytes).
-        return cast(kpb.ModelInferResponse, await self.core.codec.off_loop(serialized))
+        # The boundary hands bytes to grpc as they are (wire.passing_bytes). The job holds the model's
+        # outputs, which a super-resolution or image-to-image call's working set counts: a call that
+        # leaves meanwhile gives it back once the job has ended (call.computing).
+        return cast(kpb.ModelInferResponse, await self.core.codec.off_loop(serialized, call.computing))
 
     def _response_parts(
         self,

@@ -1,7 +1,9 @@
-"""A SuperResolve or Translate that leaves (cancelled, its deadline) while one of its jobs runs on the
-codec pool (decoding its images, blending its tiles, encoding its outputs) holds its working set
-until that job has ended: the job's buffers (decoded images, blend canvases, the encode's copies)
-are alive until then, and the working set counts them."""
+"""A SuperResolve, Translate or KServe ModelInfer (on a super-resolution or image-to-image model) that
+leaves (cancelled, its deadline) while one of its jobs runs on the codec pool (decoding its images,
+blending its tiles, encoding its outputs, building a large ModelInfer response) holds its working set
+until that job has ended: the job's buffers (decoded images, blend canvases, the encode's copies, the
+model's outputs a response is built from) are alive until then, and the working set counts them. A
+job that raises ends too: the working set is given back then."""
 
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from server_support import image_to_image_graph, run_with_core, super_resolution_graph, write_model
 from test_translate_working_set import gradient_png
 
+from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.v1 import types_pb2 as tpb
-from genserve_server import encoding, tiling, validate
+from genserve_server import encoding, kserve, tiling, validate, wire
+from genserve_server.boundary import Boundary
 from genserve_server.core import Call, GenerationCore
 from genserve_server.repository import Repository
 
@@ -44,19 +49,28 @@ STAGES = {
     "blend": (tiling, "blend"),
     "encode": (encoding, "encode_sync"),
 }
+# A ModelInfer's response of wire.OFF_LOOP_BYTES or more is built on the codec pool (kserve._response).
+INFER_STAGES = {"response": (wire, "with_bytes_field")}
+
+
+class JobFailed(Exception):
+    """What a held pool job raises where the test asks it to."""
 
 
 @contextlib.contextmanager
 def held_on_the_pool(
-    monkeypatch: pytest.MonkeyPatch, module: Any, name: str
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, raises: bool = False
 ) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """(entered, go): `module.name` waits, on the pool thread that runs it, until `go` is set."""
+    """(entered, go): `module.name` waits, on the pool thread that runs it, until `go` is set; then
+    runs, or raises JobFailed where `raises`."""
     entered, go = threading.Event(), threading.Event()
     real: Callable[..., Any] = getattr(module, name)
 
     def held(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         go.wait(10)
+        if raises:
+            raise JobFailed(name)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, held)
@@ -64,23 +78,37 @@ def held_on_the_pool(
         yield entered, go
     finally:
         go.set()
+        monkeypatch.setattr(module, name, real)
 
 
 def cancelled_while_held(
-    root: Path, monkeypatch: pytest.MonkeyPatch, stage: str, rpc: str, model: str, kind: str
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stage: str,
+    rpc: str,
+    model: str,
+    kind: str,
+    raises: bool = False,
 ) -> None:
     image = tpb.Image(format=PNG, data=gradient_png(64))
     out = validate.output_spec(PNG, 0, None, False)
+    module, name = {**STAGES, **INFER_STAGES}[stage]
 
     async def body(repo: Repository, core: GenerationCore) -> None:
-        budget = core.sr_working_set if rpc == "SuperResolve" else core.translate_working_set
-        call = Call(rpc, "test", time.monotonic(), core.metrics.unresolved(), unary=True)
-        mv = core.resolve(call, model, "", (kind,), rpc)
-        with held_on_the_pool(monkeypatch, *STAGES[stage]) as (entered, go):
+        budget = core.sr_working_set if kind == "super_resolution" else core.translate_working_set
+        infer = kserve.InferenceService(repo, core, Boundary(core.metrics))
+
+        def start(call: Call) -> Any:
+            if rpc == "ModelInfer":
+                return infer._do_infer(infer_request(model, kind), call)
+            mv = core.resolve(call, model, "", (kind,), rpc)
             if rpc == "SuperResolve":
-                task = asyncio.create_task(core.upscale(mv, call, [image], 0, None, out))
-            else:
-                task = asyncio.create_task(core.translate(mv, call, [image], out))
+                return core.upscale(mv, call, [image], 0, None, out)
+            return core.translate(mv, call, [image], out)
+
+        call = Call(rpc, "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+        with held_on_the_pool(monkeypatch, module, name, raises) as (entered, go):
+            task = asyncio.create_task(start(call))
             try:
                 while not entered.is_set():
                     assert not task.done(), task.result()
@@ -104,13 +132,13 @@ def cancelled_while_held(
                     call.response.release()
         # The next call is served, and gives its bytes back.
         served = Call(rpc, "next", time.monotonic(), core.metrics.unresolved(), unary=True)
-        core.resolve(served, model, "", (kind,), rpc)
         try:
-            if rpc == "SuperResolve":
-                done = await core.upscale(mv, served, [image], 0, None, out)
+            done = await start(served)
+            if rpc == "ModelInfer":
+                assert isinstance(done, bytes) and len(done) >= wire.OFF_LOOP_BYTES
             else:
-                done = await core.translate(mv, served, [image], out)
-            assert len(done.images) == 1 and budget.held == 0
+                assert len(done.images) == 1
+            assert budget.held == 0
         finally:
             if served.batcher is not None:
                 served.batcher.release()
@@ -118,6 +146,17 @@ def cancelled_while_held(
                 served.response.release()
 
     run_with_core(root, body)
+
+
+def infer_request(model: str, kind: str) -> kpb.ModelInferRequest:
+    """One image whose output (raw FP32) is wire.OFF_LOOP_BYTES or more: built on the codec pool."""
+    side = 160 if kind == "super_resolution" else 304  # 3x320x320 or 3x304x304 float32 out: > 1 MiB
+    low = 0.0 if kind == "super_resolution" else -1.0
+    image = np.linspace(low, 1.0, 3 * side * side, dtype=np.float32).reshape(1, 3, side, side)
+    request = kpb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="image", datatype="FP32", shape=image.shape)
+    request.raw_input_contents.append(image.tobytes())
+    return request
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -137,3 +176,40 @@ def test_a_cancelled_translate_holds_its_working_set_until_its_pool_job_has_ende
     """As SuperResolve's (a Translate blends nothing)."""
     write_model(tmp_path, "i2i", "image_to_image", image_to_image_graph(4), I2I_CARD, config=BATCHING)
     cancelled_while_held(tmp_path, monkeypatch, stage, "Translate", "i2i", "image_to_image")
+
+
+@pytest.mark.parametrize("kind", ["super_resolution", "image_to_image"])
+def test_a_cancelled_model_infer_holds_its_working_set_until_its_response_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A ModelInfer on a super-resolution or image-to-image model, cancelled while its large response
+    was built on the codec pool, gave its working set back at once: the job still held the model's
+    outputs the working set counts."""
+    if kind == "super_resolution":
+        write_model(tmp_path, "sr", kind, super_resolution_graph(2), SR_CARD, config=BATCHING)
+        cancelled_while_held(tmp_path, monkeypatch, "response", "ModelInfer", "sr", kind)
+    else:
+        write_model(tmp_path, "i2i", kind, image_to_image_graph(4), I2I_CARD, config=BATCHING)
+        cancelled_while_held(tmp_path, monkeypatch, "response", "ModelInfer", "i2i", kind)
+
+
+@pytest.mark.parametrize(
+    ("rpc", "stage"),
+    [
+        ("SuperResolve", "decode"),
+        ("SuperResolve", "blend"),
+        ("Translate", "encode"),
+        ("ModelInfer", "response"),
+    ],
+)
+def test_a_cancelled_call_whose_pool_job_raises_gives_its_working_set_back_once_it_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rpc: str, stage: str
+) -> None:
+    """A pool job that raises resolves the call's `computing` as one that returns: the working set is
+    not held for ever (nor is a later call left waiting for it)."""
+    if rpc == "SuperResolve":
+        write_model(tmp_path, "sr", "super_resolution", super_resolution_graph(2), SR_CARD, config=BATCHING)
+        cancelled_while_held(tmp_path, monkeypatch, stage, rpc, "sr", "super_resolution", raises=True)
+    else:
+        write_model(tmp_path, "i2i", "image_to_image", image_to_image_graph(4), I2I_CARD, config=BATCHING)
+        cancelled_while_held(tmp_path, monkeypatch, stage, rpc, "i2i", "image_to_image", raises=True)
