@@ -736,8 +736,19 @@ def convert_channels(chw: NDArray[np.floating], channels: int) -> F32Array:
     if have == 1 and channels == 3:
         return np.repeat(x, 3, axis=0)
     if have == 3 and channels == 1:
-        luma: F32Array = np.tensordot(_LUMA_601, x, axes=(0, 0))[np.newaxis].astype(np.float32)
-        return luma
+        # G + 0.299 (R - G) + 0.114 (B - G), the weights' sum being 1: an RGB image of equal channels
+        # (a gray picture as lossless WebP, which has no gray mode, or saved as RGB) gives exactly its
+        # gray plane, as Pillow's convert("L") does; the float32 weighted sum of three equal values
+        # missed it by an ulp for 35 of the 256 levels.
+        red, green, blue = x[0], x[1], x[2]
+        luma = np.subtract(red, green)
+        luma *= _LUMA_601[0]
+        other = np.subtract(blue, green)
+        other *= _LUMA_601[2]
+        luma += other
+        luma += green
+        gray: F32Array = luma[np.newaxis]
+        return gray
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
 

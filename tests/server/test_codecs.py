@@ -522,6 +522,20 @@ def test_from_uint8_channel_conversion() -> None:
     np.testing.assert_allclose(luma[0], expected, atol=1e-3)
 
 
+def test_an_rgb_image_of_equal_channels_converts_to_exactly_its_gray_plane() -> None:
+    """A gray picture stored as RGB (lossless WebP has no gray mode; a digit saved as RGB PNG)
+    reaches a gray model as exactly the values the gray picture gives: the BT.601 weights sum to 1,
+    as Pillow's convert("L") keeps gray, and a float32 weighted sum of three equal values did not
+    (35 of the 256 levels moved by an ulp, so an Encode's mu differed with the format)."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    for value_range in ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)):
+        gray = from_uint8(levels, value_range, 1)
+        as_rgb = from_uint8(np.repeat(levels, 3, axis=2), value_range, 1)
+        np.testing.assert_array_equal(as_rgb, gray)
+    plane = np.random.default_rng(4).uniform(-1, 1, (1, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(convert_channels(np.repeat(plane, 3, axis=0), 1), plane)
+
+
 def test_uint8_float_round_trip() -> None:
     img = noise()
     chw = from_uint8(img, (-1.0, 1.0), 3)

@@ -652,6 +652,35 @@ def test_encode_images_to_latent_distributions(
         np.testing.assert_allclose(z, exp_mu[0] + np.exp(exp_logvar[0] / 2) * eps, atol=1e-5)
 
 
+def test_a_gray_image_encodes_to_the_same_latents_in_every_lossless_format(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """A gray picture as PNG, as lossless WebP (which stores gray as RGB) and as an RGB PNG of equal
+    channels is one image to a gray encoder: the same mu and logvar bytes (the RGB ones differed by
+    an ulp where the luma of three equal values was not the value)."""
+    gray = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4 + 1).astype(np.uint8)
+
+    def saved(picture: Image.Image, name: str) -> tpb.Image:
+        buf = io.BytesIO()
+        picture.save(buf, format=name, **({"lossless": True} if name == "WEBP" else {}))
+        return tpb.Image(data=buf.getvalue())
+
+    images = [
+        saved(Image.fromarray(gray), "PNG"),
+        saved(Image.fromarray(gray), "WEBP"),
+        saved(Image.fromarray(gray).convert("RGB"), "PNG"),
+        tpb.Image(
+            format=tpb.IMAGE_FORMAT_RAW_UINT8,
+            data=np.repeat(gray[..., None], 3, 2).tobytes(),
+            shape=[8, 8, 3],
+        ),
+    ]
+    response = stub.Encode(pb.EncodeRequest(model="tiny-vae-enc", images=images))
+    first = response.latents[0]
+    for i, got in enumerate(response.latents):
+        assert (got.mu.data, got.logvar.data) == (first.mu.data, first.logvar.data), f"images[{i}]"
+
+
 def test_encode_rejects_wrong_size_naming_the_image(stub: pb_grpc.GenerationServiceStub) -> None:
     image = tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(9 * 8), shape=[9, 8, 1])
     with pytest.raises(grpc.RpcError) as excinfo:
