@@ -211,7 +211,8 @@ def _finite_latents(values: np.ndarray, field: str) -> np.ndarray:
         raise invalid(field, "values must be finite")
     peak = float(np.abs(values).max()) if values.size else 0.0
     if peak > MAX_ABS_LATENT:
-        raise invalid(field, f"values must satisfy |z| <= {MAX_ABS_LATENT:g}, got {peak:g}")
+        # The float32's shortest repr: `:g` printed the one after 1e4 as 10000, seemingly within the bound.
+        raise invalid(field, f"values must satisfy |z| <= {MAX_ABS_LATENT:g}, got {np.float32(peak)}")
     return values
 
 
