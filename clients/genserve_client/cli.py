@@ -1105,10 +1105,10 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
     if args.sweep:
         check_sweep_size(sweep_steps + 1, f"--sweep-steps {sweep_steps}")
         for flag, value in (("--sweep-from", sweep_from), ("--sweep-to", sweep_to)):
-            if abs(value) > MAX_ABS_LATENT:
+            if abs(value) > MAX_ABS_LATENT:  # the value as given: `:g` wrote 10000.001 as 10000
                 raise UsageError(
                     f"edit: {flag} must be in [-{MAX_ABS_LATENT:g}, {MAX_ABS_LATENT:g}] (the server's "
-                    f"bound on latents, |z| <= {MAX_ABS_LATENT:g}), got {value:g}"
+                    f"bound on latents, |z| <= {MAX_ABS_LATENT:g}), got {value!r}"
                 )
     encoder, decoder = vae_names(args.model, [m.name for m in client.list_models()])
     encoder_info, _, version = edit_halves(client, encoder, decoder, args.version)
@@ -1122,8 +1122,8 @@ def cmd_edit(client: GenserveClient, args: argparse.Namespace) -> int:
         z[dim] += delta
         if abs(float(z[dim])) > MAX_ABS_LATENT:  # before the decode the server would refuse
             raise UsageError(
-                f"edit: --delta {delta:g} takes z[{dim}] from {mu[dim]:.3f} to "
-                f"{z[dim]:g}, past the server's bound on latents, |z| <= {MAX_ABS_LATENT:g}"
+                f"edit: --delta {delta!r} takes z[{dim}] from {mu[dim]:.3f} to "
+                f"{z[dim]}, past the server's bound on latents, |z| <= {MAX_ABS_LATENT:g}"
             )
         decoded = client.decode(decoder, np.stack([mu, z]), version=version)
         text = png_text(

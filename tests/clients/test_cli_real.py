@@ -608,11 +608,14 @@ def test_edit_refuses_a_value_past_the_latent_bound_naming_its_flag(tiny_server:
         (("--delta=-3e38",), "--delta"),
         (("--sweep", "--sweep-from=-20000"), "--sweep-from"),
         (("--sweep", "--sweep-to", "1e5"), "--sweep-to"),
+        (("--sweep", "--sweep-to", "10000.001"), "--sweep-to"),
     )
     for flags, named in cases:
         proc = run_cli(*edit, *flags, "--out", str(tmp_path / "e.png"))
         assert proc.returncode == 2, (flags, proc.stderr)
         assert f"edit: {named} " in proc.stderr and "10000" in proc.stderr, (flags, proc.stderr)
+        if "10000.001" in flags:  # the value given, not one that looks within the bound (`:g`: 10000)
+            assert "got 10000.001" in proc.stderr, proc.stderr
         assert "INVALID_ARGUMENT" not in proc.stderr, (flags, proc.stderr)  # refused before the decode
         assert not (tmp_path / "e.png").exists()
 
