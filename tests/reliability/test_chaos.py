@@ -84,6 +84,7 @@ IDLE_GAUGES = (
     "genserve_step_running_rows",
     "genserve_response_bytes_pending",
     "genserve_sr_working_set_bytes",
+    "genserve_translate_working_set_bytes",
 )
 
 
