@@ -37,7 +37,7 @@ from genserve_server.errors import (
     escape_controls,
     out_of_memory_refusal,
 )
-from genserve_server.idle_spin import IdleSpin, run_off_loop
+from genserve_server.idle_spin import IdleSpin, run_off_loop_tracked
 from genserve_server.metrics import UNKNOWN_METHOD_LABEL, Metrics
 from genserve_server.wire import OFF_LOOP_BYTES, serialize
 
@@ -402,7 +402,10 @@ class Boundary:
                 and reservation.held >= OFF_LOOP_BYTES  # its predicted size
                 and not isinstance(response, bytes)  # a handler's own bytes (KServe's ModelInfer)
             ):
-                response = cast(Resp, await run_off_loop(self.serialize_pool, serialize, response))
+                # Cancelled meanwhile, the call's bytes stay held until the serialize has ended.
+                response = cast(
+                    Resp, await run_off_loop_tracked(self.serialize_pool, call.computing, serialize, response)
+                )
                 if _past_deadline(call):
                     raise asyncio.CancelledError
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
@@ -431,7 +434,7 @@ class Boundary:
             await self.raised(call, exc, context)
         finally:
             if call.response is not None:  # refused, failed or cancelled: nothing will be sent
-                call.response.release()
+                release_once_ended(call.response.release, call.computing)
             self.end(call)
 
     async def stream(
@@ -515,6 +518,18 @@ class UnknownMethods(grpc.GenericRpcHandler):
 
         # Stream-stream whatever the client's kind: the server reads no message of any call.
         return grpc.stream_stream_rpc_method_handler(unimplemented)
+
+
+def release_once_ended(release: Callable[[], None], computing: list[asyncio.Future[None]]) -> None:
+    """`release()` now, or once the futures of `computing` still pending (a Call's) have resolved:
+    a call that left while its batches computed or a job of its ran on a pool (building its
+    response's bytes: the boundary's serialize, ModelInfer's response) gives back what those hold
+    once they have ended."""
+    pending = [f for f in computing if not f.done()]
+    if pending:
+        asyncio.gather(*pending).add_done_callback(lambda _: release())
+    else:
+        release()
 
 
 def _past_deadline(call: Call) -> bool:

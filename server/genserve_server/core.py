@@ -113,8 +113,10 @@ class Call:
     refused: tuple[Refusals, str] | None = None
     # Its requests cancelled while batches holding their rows still computed: each resolved once
     # those have ended (Batcher.submit's `computing`); and its jobs on the codec pool (decode, blend,
-    # encode of a call holding a working set), each resolved once the job has ended (Codec's
-    # `computing`). holding_working_set waits for them.
+    # encode of a call holding a working set; a large response built off the loop: ModelInfer's, the
+    # boundary's serialize), each resolved once the job has ended (idle_spin.run_off_loop_tracked,
+    # Codec's `computing`). holding_working_set waits for them before it gives the working set back,
+    # the boundary before it gives the response's bytes back (boundary.release_once_ended).
     computing: list[asyncio.Future[None]] = field(default_factory=list)
 
     def release_uses(self) -> None:
@@ -903,8 +905,9 @@ class GenerationCore:
         try:
             yield
         finally:
+            # Kept in call.computing: the boundary gives the call's response bytes back once they
+            # have ended too (a ModelInfer's response built on the codec pool).
             computing = [f for f in call.computing if not f.done()]
-            call.computing.clear()
             if computing:
                 asyncio.gather(*computing).add_done_callback(lambda _: budget.release(held))
             else:

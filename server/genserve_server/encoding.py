@@ -9,7 +9,6 @@ genserve.v1 `Image` message already is.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from genserve_server import codecs, validate
 from genserve_server.codecs import ImageFormat
 from genserve_server.config import Card
 from genserve_server.errors import Internal, invalid
-from genserve_server.idle_spin import off_loop_work, run_off_loop
+from genserve_server.idle_spin import off_loop_work, run_off_loop, run_off_loop_tracked
 from genserve_server.infer_stats import CallTiming
 from genserve_server.metrics import ModelMetrics
 from genserve_server.validate import OutputSpec
@@ -119,7 +118,8 @@ class EncodeQueue:
 
 
 # A Call's `computing`: futures resolved once work that holds its buffers has ended, which
-# holding_working_set waits for before it gives a call's working set back.
+# holding_working_set waits for before it gives a call's working set back, and the boundary before it
+# gives its response's bytes back.
 Computing = list[asyncio.Future[None]]
 # An EncodeQueue job: the encode, its caller's future, and the future `computing` waits for (or None).
 _Job = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.Future[None] | None]
@@ -140,30 +140,6 @@ def _resolve_all(results: list[_Result]) -> None:
         _set_future(future, value, exc)
         if ended is not None:
             _set_future(ended, None, None)
-
-
-async def _run_tracked(
-    pool: ThreadPoolExecutor, computing: Computing | None, fn: Callable[..., T], *args: Any
-) -> T:
-    """`fn(*args)` on `pool`, awaited as run_off_loop awaits it; `computing` (a Call's): gets a future
-    resolved once the job has ended on its thread, also where the caller is cancelled while it runs
-    (a job not started yet is cancelled with its caller, as run_off_loop's)."""
-    if computing is None:
-        return await run_off_loop(pool, fn, *args)
-    loop = asyncio.get_running_loop()
-    with off_loop_work():
-        job = pool.submit(fn, *args)
-        ended: asyncio.Future[None] = loop.create_future()
-        computing.append(ended)
-
-        def job_ended(_: concurrent.futures.Future[T]) -> None:
-            try:
-                loop.call_soon_threadsafe(_set_future, ended, None, None)
-            except RuntimeError:  # the loop closed meanwhile: nobody is waiting
-                pass
-
-        job.add_done_callback(job_ended)
-        return await asyncio.wrap_future(job)
 
 
 def check_finite(images: np.ndarray, label: str, rows: Sequence[int] | None = None) -> None:
@@ -403,13 +379,13 @@ class Codec:
     ) -> list[np.ndarray]:
         """`timing`: the call's, which counts this as its compute_input (KServe statistics);
         `limit_name`: what `max_pixels` is called in a refusal; `values_checked`: as decode_sync's;
-        `computing`: the call's, told when a decode on the pool has ended (a call holding a working
-        set)."""
+        `computing`: the call's, told when a decode on the pool it left running has ended (a call
+        holding a working set)."""
         started = time.monotonic()
         if decodes_inline(images):
             arrays = decode_sync(images, card, max_pixels, field_prefix, limit_name, values_checked)
         else:
-            arrays = await _run_tracked(
+            arrays = await run_off_loop_tracked(
                 self.pool,
                 computing,
                 decode_sync,
@@ -437,5 +413,6 @@ class Codec:
 
     async def off_loop(self, job: Callable[[], T], computing: Computing | None = None) -> T:
         """CPU-heavy numpy work (blending tiles, drawing strongly truncated latents) on the pool;
-        `computing`: the call's, told when the job has ended (a call holding a working set)."""
-        return await _run_tracked(self.pool, computing, job)
+        `computing`: the call's, told when the job it left running has ended (a call holding a working
+        set, or response bytes the job builds)."""
+        return await run_off_loop_tracked(self.pool, computing, job)

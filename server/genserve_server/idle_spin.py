@@ -83,6 +83,42 @@ async def run_off_loop(executor: Executor | None, fn: Callable[..., T], *args: A
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
+async def run_off_loop_tracked(
+    executor: Executor, computing: list[asyncio.Future[None]] | None, fn: Callable[..., T], *args: Any
+) -> T:
+    """`fn(*args)` on `executor`, awaited as run_off_loop awaits it. `computing` (a core.Call's): where
+    the caller is cancelled while the job runs on its thread, gets a future resolved once the job has
+    ended (returned or raised), which what the call holds for the job's buffers (its working set, its
+    response's bytes) waits for; a job not started yet is cancelled with its caller, as
+    run_off_loop's. A caller that waits the job out adds nothing: no future per call on that path."""
+    if computing is None:
+        return await run_off_loop(executor, fn, *args)
+    loop = asyncio.get_running_loop()
+    with off_loop_work():
+        job = executor.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(job, loop=loop)
+        except asyncio.CancelledError:
+            if not job.done():  # still running on its thread (one not started was cancelled with it)
+                ended: asyncio.Future[None] = loop.create_future()
+                computing.append(ended)
+                job.add_done_callback(lambda _: _resolve_threadsafe(loop, ended))
+            raise
+
+
+def _resolve_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """From any thread: `future` resolved (None) on its loop, unless done or the loop has closed."""
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+        pass
+
+
 def off_loop_jobs() -> int:
     """Jobs handed to other threads and not back yet (tests, diagnostics)."""
     return _OFF_LOOP.running

@@ -382,8 +382,9 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
             return data
 
         # The boundary hands bytes to grpc as they are (wire.passing_bytes). The job holds the model's
-        # outputs, which a super-resolution or image-to-image call's working set counts: a call that
-        # leaves meanwhile gives it back once the job has ended (call.computing).
+        # outputs, which a super-resolution or image-to-image call's working set counts, and builds
+        # the response's bytes, which its response reservation counts: a call that leaves meanwhile
+        # gives both back once the job has ended (call.computing).
         return cast(kpb.ModelInferResponse, await self.core.codec.off_loop(serialized, call.computing))
 
     def _response_parts(
