@@ -50,7 +50,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
 
     # The models it serves (a name's ending gives its kind, _kind): ListModels lists them, and every
     # RPC naming a model answers as the server does for one its repository does not have (NOT_FOUND)
-    # or one of a kind the RPC does not take (INVALID_ARGUMENT).
+    # or one of a kind the RPC does not take (INVALID_ARGUMENT), and, of the versions _info lists,
+    # for a version it does not have (NOT_FOUND) or one not READY (UNAVAILABLE).
     models: list[str] = field(
         default_factory=lambda: ["fake-gen", "fake-cond", "fake-i2i", "fake-prior", "bad"]
     )
@@ -70,7 +71,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     codes_stream_ended: threading.Event = field(default_factory=threading.Event)
     # Set when a SampleStream call ends on the server (finished, failed or cancelled).
     stream_ended: threading.Event = field(default_factory=threading.Event)
-    # What every model serves (GetModel, provenance); tests change them to "replace" the model.
+    # What every model serves (GetModel, provenance); tests change them to "replace" the model, or
+    # _info to serve other versions (the one served is the one asked for, else the highest READY).
     version: str = "1"
     model_sha256: str = FAKE_SHA256
     # Provenance.used_models: (model, version, sha256) of a mapping or decoder beside the model.
@@ -113,10 +115,13 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         kinds: tuple[str, ...],
         method: str,
         field: str = "model",
-    ) -> None:
+        version: str = "",
+    ) -> str:
         """As the server's resolve answers a call of `method` naming model `name` in request field
         `field`: INVALID_ARGUMENT for none, NOT_FOUND naming the models served for one it does not
-        serve, INVALID_ARGUMENT for one of a kind not in `kinds`."""
+        serve, INVALID_ARGUMENT for one of a kind not in `kinds`; then the version it serves (of
+        those _info lists): `version`, else the highest READY one. NOT_FOUND naming the versions
+        served for a `version` it does not have, UNAVAILABLE for one not READY, or where none is."""
         if not name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: required (see ListModels)")
         if name not in self.models:
@@ -128,6 +133,33 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {name} is a {kind} model; {method} needs {needs}"
             )
+        versions = self._info(name).versions
+        ready = genserve_pb2.MODEL_STATE_READY
+        if version:
+            found = [v for v in versions if v.version == version]
+            if not found:
+                served = ", ".join(v.version for v in versions) or "none"
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"model {name} has no version {version!r}; versions: {served}"
+                )
+            if found[0].state != ready:
+                state = genserve_pb2.ModelState.Name(found[0].state).removeprefix("MODEL_STATE_")
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"model {name} version {version} is {state}: {found[0].reason or 'not ready'}",
+                )
+            return version
+        served_ready = [v.version for v in versions if v.state == ready]
+        if not served_ready:
+            reasons = "; ".join(
+                f"v{v.version}: {genserve_pb2.ModelState.Name(v.state).removeprefix('MODEL_STATE_')} "
+                f"{v.reason}".rstrip()
+                for v in versions
+            )
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"model {name} has no ready version ({reasons or 'no versions'})"
+            )
+        return max(served_ready, key=int)
 
     def _item(
         self, index: int, seed: int, label: int | None, out: types_pb2.OutputOptions
@@ -148,7 +180,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self, request: genserve_pb2.SampleRequest, context: grpc.ServicerContext
     ) -> genserve_pb2.SampleResponse:
         self._enter("Sample", context)
-        self._serve(context, request.model, SAMPLE_KINDS, "Sample")
+        served = self._serve(context, request.model, SAMPLE_KINDS, "Sample", version=request.version)
         with self._sample_lock:
             self.sample_versions.append(request.version)
             self._sample_now += 1
@@ -172,7 +204,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             self._item(i, s, labels[i % len(labels)] if labels else None, request.output)
             for i, s in enumerate(seeds)
         ]
-        return genserve_pb2.SampleResponse(images=items, provenance=self._provenance(request.model))
+        return genserve_pb2.SampleResponse(images=items, provenance=self._provenance(request.model, served))
 
     def SampleStream(
         self, request: genserve_pb2.SampleStreamRequest, context: grpc.ServicerContext
@@ -181,7 +213,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self._enter("SampleStream", context)
         s = request.sample
         self.stream_requests.append((s.version, request.start_index, s.count))
-        self._serve(context, s.model, SAMPLE_KINDS, "SampleStream", "sample.model")
+        served = self._serve(context, s.model, SAMPLE_KINDS, "SampleStream", "sample.model", s.version)
         if s.model == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: 'bad' is rejected by the fake")
         size = request.chunk_size or 64
@@ -194,7 +226,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
                 self._item(i, s.base_seed + i, labels[i % len(labels)] if labels else None, s.output)
                 for i in range(start, min(start + size, s.count))
             ]
-            yield genserve_pb2.SampleStreamChunk(images=items, provenance=self._provenance(s.model))
+            yield genserve_pb2.SampleStreamChunk(images=items, provenance=self._provenance(s.model, served))
 
     def SampleCodesStream(
         self, request: genserve_pb2.SampleCodesRequest, context: grpc.ServicerContext
@@ -202,7 +234,9 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         """One progress chunk, then the answer: a 4x4 image per seed (the fake's "grid")."""
         context.add_callback(self.codes_stream_ended.set)
         self._enter("SampleCodesStream", context)
-        self._serve(context, request.model, (Kind.CODE_PRIOR,), "SampleCodesStream")
+        served = self._serve(
+            context, request.model, (Kind.CODE_PRIOR,), "SampleCodesStream", version=request.version
+        )
         seeds = list(request.seeds) or [request.base_seed + i for i in range(request.count)]
         yield genserve_pb2.SampleCodesChunk(level="codes", filled=8, positions=16)
         while self.codes_stream_hangs and context.is_active():
@@ -211,7 +245,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "injected stream break")
         items = [self._item(i, s, None, request.output) for i, s in enumerate(seeds)]
         result = genserve_pb2.SampleCodesResponse(
-            images=items, seeds=seeds, provenance=self._provenance(request.model)
+            images=items, seeds=seeds, provenance=self._provenance(request.model, served)
         )
         yield genserve_pb2.SampleCodesChunk(level="codes", filled=16, positions=16, result=result)
 
@@ -221,8 +255,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         """The images back as they came: the fake's models ("...i2i": image_to_image) translate
         A -> B only, and it reads no `direction`, as a server older than that field."""
         self._enter("Translate", context)
-        self._serve(context, request.model, TRANSLATE_KINDS, "Translate")
-        return genserve_pb2.ImageResponse(images=request.images, provenance=self._provenance(request.model))
+        served = self._serve(context, request.model, TRANSLATE_KINDS, "Translate", version=request.version)
+        return genserve_pb2.ImageResponse(
+            images=request.images, provenance=self._provenance(request.model, served)
+        )
 
     def GetModel(
         self, request: genserve_pb2.GetModelRequest, context: grpc.ServicerContext
@@ -254,7 +290,8 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         self._enter("ListModels", context)
         return genserve_pb2.ListModelsResponse(models=[self._info(name) for name in self.models])
 
-    def _provenance(self, model: str) -> types_pb2.Provenance:
+    def _provenance(self, model: str, version: str) -> types_pb2.Provenance:
+        """The provenance of a call of `model` that `version` served."""
         used = [
             types_pb2.UsedModel(
                 model=m, version=v, model_sha256=h, weights_sha256=self.used_weights_sha256.get(m, "")
@@ -263,7 +300,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         ]
         return types_pb2.Provenance(
             model=model,
-            version=self.version,
+            version=version,
             model_sha256=self.model_sha256,
             used_models=used,
             weights_sha256=self.weights_sha256,

@@ -298,8 +298,8 @@ def test_a_jobs_settings_and_mixed_model_refusals_name_the_argument_or_the_flag_
         BulkJob(client, params, out, cli=cli).run()
         provenance = service._provenance
 
-        def of_version_2(model: str) -> types_pb2.Provenance:
-            answer = provenance(model)
+        def of_version_2(model: str, version: str) -> types_pb2.Provenance:
+            answer = provenance(model, version)
             answer.version = "2"
             return answer
 

@@ -484,9 +484,9 @@ def test_a_sample_split_over_replicas_older_and_newer_than_used_models_is_one_mo
     provenance = type(service)._provenance
     mapping = ("fake-mapping", "1", "ab" * 32)
 
-    def old_then_new(model: str) -> types_pb2.Provenance:
+    def old_then_new(model: str, version: str) -> types_pb2.Provenance:
         service.used_models = [mapping] if service.calls["Sample"] % 2 == 0 else []
-        return provenance(service, model)
+        return provenance(service, model, version)
 
     monkeypatch.setattr(service, "_provenance", old_then_new)
     try:

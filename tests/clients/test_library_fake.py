@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -113,6 +115,58 @@ def test_the_fake_refuses_a_call_naming_a_model_the_server_would_refuse(
             call(client, other_kind)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details.startswith(f"{field}: {other_kind} is a "), info.value.details
+
+
+@pytest.mark.parametrize("rpc", ["sample", "sample_stream", "sample_codes_progress", "translate"])
+def test_the_fake_answers_a_call_naming_a_version_as_the_server_does(
+    fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch, rpc: str
+) -> None:
+    """Sample, SampleStream, SampleCodesStream and Translate served any version asked for, and their
+    provenance named the fake's `version` whatever they were asked: a client test pinning a version
+    could pass against a server that no longer serves it. Each answers as the server's resolve does
+    (of the versions GetModel lists): NOT_FOUND naming the versions served for one it does not have,
+    UNAVAILABLE for one not READY or, naming none, for a model with no READY version; and names the
+    version it served (the one asked for, else the highest READY one) in its provenance."""
+    image = np.zeros((4, 4, 1), dtype=np.uint8)
+    model = {"sample_codes_progress": "fake-prior", "translate": "fake-i2i"}.get(rpc, "fake-gen")
+    call: Callable[[GenserveClient, str], Any] = {
+        "sample": lambda c, v: c.sample(model, 1, version=v),
+        "sample_stream": lambda c, v: list(c.sample_stream(model, 1, version=v))[-1],
+        "sample_codes_progress": lambda c, v: list(c.sample_codes_progress(model, 1, version=v))[-1],
+        "translate": lambda c, v: c.translate(model, [image], version=v),
+    }[rpc]
+    service = fake_server.service
+    service.version = "2"
+    info, states = service._info, {"2": genserve_pb2.MODEL_STATE_READY}
+
+    def versions(name: str) -> genserve_pb2.ModelInfo:
+        answer = info(name)
+        del answer.versions[:]
+        for version, state in states.items():
+            answer.versions.add(version=version, state=state, model_sha256=service.model_sha256)
+        return answer
+
+    monkeypatch.setattr(service, "_info", versions)
+    with GenserveClient(fake_server.target, retry=FAST_RETRY) as client:
+        with pytest.raises(GenserveClientError) as refused:
+            call(client, "1")
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        assert refused.value.details == f"model {model} has no version '1'; versions: 2"
+        assert [call(client, v).provenance.version for v in ("2", "")] == ["2", "2"]
+        states.update({"1": genserve_pb2.MODEL_STATE_READY, "10": genserve_pb2.MODEL_STATE_READY})
+        assert [call(client, v).provenance.version for v in ("1", "2", "")] == ["1", "2", "10"]
+        states.update({"10": genserve_pb2.MODEL_STATE_LOADING, "2": genserve_pb2.MODEL_STATE_DRAINING})
+        assert call(client, "").provenance.version == "1"
+        with pytest.raises(GenserveClientError) as refused:
+            call(client, "10")
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details == f"model {model} version 10 is LOADING: not ready"
+        states.pop("1")
+        with pytest.raises(GenserveClientError) as refused:
+            call(client, "")
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        reasons = "v2: DRAINING; v10: LOADING"
+        assert refused.value.details == f"model {model} has no ready version ({reasons})"
 
 
 def test_retry_policy_refuses_invalid_argument_and_bounds_backoff() -> None:
