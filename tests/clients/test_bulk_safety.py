@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,30 @@ def refuse_every_stream(fake_server: FakeServer) -> None:
 
 def serve_streams_again(fake_server: FakeServer) -> None:
     fake_server.service.fail["SampleStream"].clear()
+
+
+def describe_models(
+    service: FakeService, monkeypatch: pytest.MonkeyPatch, edit: Callable[[genserve_pb2.ModelInfo], None]
+) -> None:
+    """From now on the fake describes each model by its own answer as `edit` changes it (in place):
+    GetModel and ListModels answer so, and its calls serve the versions so listed (a reload, another
+    version, state or limit). A later call replaces the edit, it does not add to it."""
+    fakes_own = type(service)._info
+
+    def edited(name: str) -> genserve_pb2.ModelInfo:
+        answer = fakes_own(service, name)
+        edit(answer)
+        return answer
+
+    monkeypatch.setattr(service, "_info", edited)
+
+
+def add_version_2(answer: genserve_pb2.ModelInfo) -> None:
+    """A version 2 beside the fake's version 1, described as it is. (The fake answers a GetModel
+    naming a version with that version alone, or NOT_FOUND.)"""
+    v2 = answer.versions.add()
+    v2.CopyFrom(answer.versions[0])
+    v2.version = "2"
 
 
 def run_the_resume_hint(capsys: pytest.CaptureFixture[str], hint: str, out: Path, n: int) -> None:
@@ -248,14 +273,11 @@ def test_a_library_jobs_refusals_name_the_arguments_its_caller_gave_and_the_clis
         ),
         (tmp_path / "new", BulkParams("fake-gen", n=3), {"stream_images": 4}, "stream_images=4 is more than"),
     ]
-    info = fake_server.service._info
 
-    def limited(name: str) -> genserve_pb2.ModelInfo:
-        answer = info(name)
+    def limited(answer: genserve_pb2.ModelInfo) -> None:
         answer.max_stream_images = 2
-        return answer
 
-    monkeypatch.setattr(fake_server.service, "_info", limited)
+    describe_models(fake_server.service, monkeypatch, limited)
     for folder, params, kwargs, expected in refused:
         with pytest.raises(BulkError) as error:
             run_job(fake_server.target, folder, params, **kwargs)
@@ -336,7 +358,7 @@ def test_a_jobs_settings_and_mixed_model_refusals_name_the_argument_or_the_flag_
         # GetModel (READY version 1 as the job resumed) then lists version 2 alone, or NOT_FOUND.
         out = tmp_path / "gone"
         BulkJob(client, params, out, cli=cli).run()
-        enter, info = service._enter, service._info
+        enter = service._enter
         for gone, said in (("version", "no longer serves that version"), ("model", "no longer serves model")):
             looked_up = service.calls["GetModel"] + 1
 
@@ -347,14 +369,12 @@ def test_a_jobs_settings_and_mixed_model_refusals_name_the_argument_or_the_flag_
                 if gone == "model" and method == "GetModel" and service.calls["GetModel"] > looked_up:
                     context.abort(grpc.StatusCode.NOT_FOUND, "model 'fake-gen' is not served")
 
-            def versions(name: str, looked_up: int = looked_up) -> genserve_pb2.ModelInfo:
-                answer = info(name)
+            def versions(answer: genserve_pb2.ModelInfo, looked_up: int = looked_up) -> None:
                 if service.calls["GetModel"] > looked_up:
                     answer.versions[0].version = "2"
-                return answer
 
             monkeypatch.setattr(service, "_enter", after_the_resumes_lookup)
-            monkeypatch.setattr(service, "_info", versions)
+            describe_models(service, monkeypatch, versions)
             service.fail["SampleStream"].append(grpc.StatusCode.NOT_FOUND)
             with pytest.raises(BulkError) as refused:
                 BulkJob(client, BulkParams("fake-gen", n=4), out, cli=cli).run()
@@ -374,14 +394,10 @@ def test_a_library_job_of_a_version_not_served_or_not_ready_is_refused_before_it
         assert str(refused.value) == "model 'fake-gen' has no version '7' on the server (served: 1 (READY))"
         assert not out.exists()
 
-        info = fake_server.service._info
-
-        def failed(name: str) -> genserve_pb2.ModelInfo:
-            answer = info(name)
+        def failed(answer: genserve_pb2.ModelInfo) -> None:
             answer.versions[0].state = genserve_pb2.MODEL_STATE_UNAVAILABLE
-            return answer
 
-        monkeypatch.setattr(fake_server.service, "_info", failed)
+        describe_models(fake_server.service, monkeypatch, failed)
         for version in ("1", ""):
             with pytest.raises(BulkError) as refused:
                 BulkJob(client, BulkParams("fake-gen", n=3, version=version), out).run()
@@ -395,19 +411,13 @@ def test_a_library_job_of_a_named_version_is_checked_against_that_versions_kind(
 ) -> None:
     # BulkJob.run looked the model up with a GetModel naming no version: a job of version 1 was
     # judged by the kind of version 2, the one served by default (as the CLI's --version was).
-    info = fake_server.service._info
     kinds = {"1": "generator", "2": "image_to_image"}
 
-    def two_versions(name: str) -> genserve_pb2.ModelInfo:
-        # (the fake answers a GetModel naming a version with that version alone, or NOT_FOUND)
-        answer = info(name)
-        v2 = answer.versions.add()
-        v2.CopyFrom(answer.versions[0])
-        v2.version = "2"
+    def two_versions(answer: genserve_pb2.ModelInfo) -> None:
+        add_version_2(answer)
         answer.kind = kinds.get(fake_server.service.model_versions[-1] or "2", "")
-        return answer
 
-    monkeypatch.setattr(fake_server.service, "_info", two_versions)
+    describe_models(fake_server.service, monkeypatch, two_versions)
     out = tmp_path / "generator"
     run_job(fake_server.target, out, BulkParams("fake-gen", n=3, version="1"))
     assert json.loads((out / "job.json").read_text())["pinned_version"] == "1"
@@ -440,16 +450,13 @@ def test_a_cli_job_pins_the_version_whose_labels_it_resolved_from_one_lookup(
     # The CLI resolved the labels from its own GetModel answer and BulkJob.run pinned the version from
     # a second one: a model reloaded between the two (here a version 2, an unconditional generator)
     # gave a job the labels of version 1 pinned to version 2.
-    info = fake_server.service._info
 
-    def reloaded_after_the_first_lookup(name: str) -> genserve_pb2.ModelInfo:
-        answer = info(name)
+    def reloaded_after_the_first_lookup(answer: genserve_pb2.ModelInfo) -> None:
         if fake_server.service.calls["GetModel"] > 1:
             answer.kind, answer.versions[0].version = "generator", "2"
             del answer.class_names[:]
-        return answer
 
-    monkeypatch.setattr(fake_server.service, "_info", reloaded_after_the_first_lookup)
+    describe_models(fake_server.service, monkeypatch, reloaded_after_the_first_lookup)
     out = tmp_path / "job"
     args = ("--target", fake_server.target, "bulk", "--model", "fake-cond", "--n", "4", "--out", str(out))
     code, _, err = cli_main(capsys, *args)
@@ -470,11 +477,9 @@ def test_a_cli_job_waiting_for_a_loading_version_takes_its_labels_from_the_answe
     # The first answer: version 1 (ten classes) DRAINING describes the model, version 2 (two
     # classes) LOADING is what a job pins. The job waited for version 2 by asking again, pinning
     # version 2 from that answer with the labels resolved from the first: version 1's ten classes.
-    info = fake_server.service._info
     fake_server.service.version = "2"
 
-    def reloading(name: str) -> genserve_pb2.ModelInfo:
-        answer = info(name)
+    def reloading(answer: genserve_pb2.ModelInfo) -> None:
         v2 = answer.versions[0]
         if fake_server.service.calls["GetModel"] == 1:
             v2.state = genserve_pb2.MODEL_STATE_LOADING
@@ -483,9 +488,8 @@ def test_a_cli_job_waiting_for_a_loading_version_takes_its_labels_from_the_answe
         else:
             del answer.class_names[:]
             answer.class_names.extend(["cat", "dog"])
-        return answer
 
-    monkeypatch.setattr(fake_server.service, "_info", reloading)
+    describe_models(fake_server.service, monkeypatch, reloading)
     out = tmp_path / "job"
     args = ("--target", fake_server.target, "bulk", "--model", "fake-cond", "--n", "4", "--out", str(out))
     code, _, err = cli_main(capsys, *args)
@@ -512,21 +516,15 @@ def test_a_cli_job_of_a_named_version_resolves_its_labels_from_that_versions_cla
 ) -> None:
     # Version 1 has the fake's ten classes, version 2 (what a request naming no version gets) two
     # others: --version 1's labels are version 1's, as a GetModel naming it describes it.
-    info = fake_server.service._info
     v2_classes = ["cat", "dog"]
 
-    def two_versions(name: str) -> genserve_pb2.ModelInfo:
-        # (the fake answers a GetModel naming a version with that version alone, or NOT_FOUND)
-        answer = info(name)
-        v2 = answer.versions.add()
-        v2.CopyFrom(answer.versions[0])
-        v2.version = "2"
+    def two_versions(answer: genserve_pb2.ModelInfo) -> None:
+        add_version_2(answer)
         if fake_server.service.model_versions[-1] != "1":
             del answer.class_names[:]
             answer.class_names.extend(v2_classes)
-        return answer
 
-    monkeypatch.setattr(fake_server.service, "_info", two_versions)
+    describe_models(fake_server.service, monkeypatch, two_versions)
     t = ("--target", fake_server.target, "bulk", "--model", "fake-cond", "--n", "4", "--version", "1")
     out = tmp_path / "all"
     code, _, err = cli_main(capsys, *t, "--labels", "all", "--out", str(out))
@@ -581,17 +579,12 @@ def two_versions_with_stream_limits(
 ) -> None:
     """The fake serves versions 1 and 2 (2 by default), each with its max_stream_images in `limits`:
     a GetModel naming a version describes that one, one naming none version 2."""
-    info = service._info
 
-    def two_versions(name: str) -> genserve_pb2.ModelInfo:
-        answer = info(name)
-        v2 = answer.versions.add()
-        v2.CopyFrom(answer.versions[0])
-        v2.version = "2"
+    def two_versions(answer: genserve_pb2.ModelInfo) -> None:
+        add_version_2(answer)
         answer.max_stream_images = limits[service.model_versions[-1] or "2"]
-        return answer
 
-    monkeypatch.setattr(service, "_info", two_versions)
+    describe_models(service, monkeypatch, two_versions)
 
 
 def stream_sizes(service: FakeService, since: int = 0) -> list[tuple[str, int]]:
