@@ -102,10 +102,14 @@ class LatentPlan:
     psi: float | None = None
 
 
-# Triton's own ModelInferRequest parameters (tritonclient sets them from infer()'s arguments, and
-# perf_analyzer sends `triton_enable_empty_final_response`, as Triton's other `triton_*` ones):
-# accepted and ignored, as docs/kserve.md says.
-TRITON_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
+# Triton's own ModelInferRequest parameters, those tritonclient reserves (TRITON_RESERVED_REQUEST_PARAMS:
+# it sets some from infer()'s arguments; other gRPC clients send `binary_data_output`, e.g.
+# go-triton-client on every call naming no outputs; perf_analyzer sends
+# `triton_enable_empty_final_response`, as Triton's other `triton_*` ones): accepted and ignored,
+# as docs/kserve.md says.
+TRITON_PARAMETERS = frozenset(
+    {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers", "binary_data_output"}
+)
 TRITON_PREFIX = "triton_"
 
 

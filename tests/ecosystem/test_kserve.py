@@ -559,6 +559,24 @@ def test_a_request_parameter_the_model_does_not_take_is_refused_naming_it(
     assert stub.ModelInfer(triton, timeout=30).raw_output_contents
 
 
+def test_the_request_parameters_triton_reserves_are_accepted_and_ignored(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """tritonclient reserves `headers` and `binary_data_output` beside priority, timeout and
+    sequence_* as Triton's own request parameters, and gRPC clients send them (Trendyol's
+    go-triton-client sets `binary_data_output: true` on every ModelInfer that names no outputs):
+    genserve refused them as 'takes no such parameter', so such a client got INVALID_ARGUMENT for
+    every call. Accepted and ignored, the answer the one without them."""
+    plain = kpb.ModelInferRequest(model_name=GEN)
+    plain.parameters["seed"].int64_param = 5
+    expected = stub.ModelInfer(plain, timeout=30).raw_output_contents[0]
+    for name in ("binary_data_output", "headers"):
+        request = kpb.ModelInferRequest()
+        request.CopyFrom(plain)
+        request.parameters[name].bool_param = True
+        assert stub.ModelInfer(request, timeout=30).raw_output_contents[0] == expected, name
+
+
 def test_an_unknown_parameter_refusal_lists_label_only_for_a_conditional_model(
     stub: kpb_grpc.GRPCInferenceServiceStub,
 ) -> None:
