@@ -220,6 +220,32 @@ def _warn_outside_validity(path: str | Path, flag: str) -> None:
     )
 
 
+def _check_key_pair(cert: str | Path, key: str | Path) -> None:
+    """ValueError naming the flags and files unless `key` is the unencrypted private key of `cert`'s
+    certificate: gRPC takes any such pair and fails every connection ('Failed to create security
+    handshaker', UNAVAILABLE, retried as an outage), naming neither."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    asked: list[bool] = []
+
+    def passphrase() -> bytes:
+        """Called only for an encrypted key (else OpenSSL prompts on the terminal)."""
+        asked.append(True)
+        return b""
+
+    try:
+        context.load_cert_chain(cert, key, password=passphrase)
+    except (ssl.SSLError, OSError) as exc:
+        if asked:
+            raise ValueError(
+                f"--tls-key {key}: encrypted (passphrase-protected); gRPC needs an unencrypted PEM key: "
+                "decrypt it (openssl pkey -in KEY -out PLAIN_KEY) onto a protected path"
+            ) from None
+        raise ValueError(
+            f"--tls-cert {cert} and --tls-key {key}: not a certificate and its private key "
+            f"({getattr(exc, 'reason', None) or exc})"
+        ) from None
+
+
 def _redacted_repr(obj: object, secrets: frozenset[str]) -> str:
     """A dataclass's repr with each secret field shown as <set> (or None), never its value: a config
     logged or embedded in an error must not carry a token or a private key."""
@@ -274,7 +300,8 @@ class TlsOptions:
         client_key = read(key, "--tls-key", b"PRIVATE KEY-----", "a private key")
         if errors:
             raise ValueError("; ".join(errors))
-        if cert is not None:
+        if cert is not None and key is not None:
+            _check_key_pair(cert, key)
             _warn_outside_validity(cert, "--tls-cert")
         return cls(root_certs, client_cert, client_key, server_name_override)
 

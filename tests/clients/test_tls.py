@@ -189,6 +189,33 @@ def test_a_tls_file_that_holds_no_pem_is_named_before_any_connection(pki: Path, 
     assert TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", pki / "client.key").client_key
 
 
+@pytest.mark.parametrize("broken", ["another certificate's key", "passphrase-protected"])
+def test_a_client_key_grpc_cannot_use_with_its_certificate_is_named_before_any_connection(
+    pki: Path, mtls_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str
+) -> None:
+    """A --tls-key that is not the key of --tls-cert (or one under a passphrase) passed from_files'
+    PEM check; gRPC then failed every connection 'UNAVAILABLE: ... Failed to create security
+    handshaker' with C-core error lines, retried as an outage (a bulk job for its whole retry
+    window), naming neither flag. The server refuses the same files at start-up, naming them."""
+    from client_fakes import cli_main
+
+    if broken == "passphrase-protected":
+        key = tmp_path / "encrypted.key"
+        openssl("pkey", "-in", str(pki / "client.key"), "-aes256", "-passout", "pass:pw", "-out", str(key),
+                cwd=tmp_path)  # fmt: skip
+        expected = f"--tls-key {key}: encrypted (passphrase-protected)"
+    else:
+        key = pki / "server.key"
+        expected = f"--tls-cert {pki / 'client.pem'} and --tls-key {key}: not a certificate and its private"
+    with pytest.raises(ValueError) as refused:
+        TlsOptions.from_files(pki / "ca.pem", pki / "client.pem", key)
+    assert expected in str(refused.value), refused.value
+    tls = ("--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"), "--tls-key", str(key))
+    code, _, err = cli_main(capsys, "--target", mtls_target, *tls, "--tls-server-name", SERVER_NAME, "models")
+    assert code == 2, err
+    assert expected in err, err
+
+
 def test_every_tls_file_that_cannot_be_read_is_named_in_one_error(tmp_path: Path) -> None:
     """--tls-ca, --tls-cert and --tls-key were read one after the other and the first that failed
     ended the command naming that one only: a user fixing one at a time ran it once per file."""
