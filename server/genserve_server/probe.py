@@ -17,6 +17,7 @@ its container.
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -105,7 +106,34 @@ def _credentials(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.C
     private_key = _pem(key, "--tls-key", b"PRIVATE KEY-----", "a private key", errors)
     if errors:
         raise ProbeError("; ".join(errors))
+    if cert is not None and key is not None:
+        _check_key_pair(cert, key)
     return grpc.ssl_channel_credentials(root, private_key, chain)
+
+
+def _check_key_pair(cert: Path, key: Path) -> None:
+    """ProbeError naming the flags and files unless `key` is the unencrypted private key of `cert`'s
+    certificate, as the server checks its own pair: gRPC takes any such pair and fails the connection
+    ('Failed to create security handshaker', UNAVAILABLE, as for a server down), naming neither."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    asked: list[bool] = []
+
+    def passphrase() -> bytes:
+        """Called only for an encrypted key (else OpenSSL prompts on the terminal)."""
+        asked.append(True)
+        return b""
+
+    try:
+        context.load_cert_chain(cert, key, password=passphrase)
+    except (ssl.SSLError, OSError) as exc:
+        if asked:
+            raise ProbeError(
+                f"--tls-key {key}: encrypted (passphrase-protected); gRPC needs an unencrypted PEM key"
+            ) from None
+        raise ProbeError(
+            f"--tls-cert {cert} and --tls-key {key}: not a certificate and its private key "
+            f"({getattr(exc, 'reason', None) or exc})"
+        ) from None
 
 
 def _pem(path: Path | None, flag: str, marker: bytes, what: str, errors: list[str]) -> bytes | None:

@@ -586,6 +586,51 @@ def test_the_health_probe_names_a_tls_file_that_holds_no_pem_rather_than_blaming
         assert "UNAVAILABLE" not in proc.stdout and not proc.stderr.strip(), (proc.stdout, proc.stderr)
 
 
+@pytest.mark.parametrize("broken", ["another certificate's key", "passphrase-protected"])
+def test_the_health_probe_names_a_client_key_grpc_cannot_use_rather_than_blaming_the_server(
+    pki: Path, tmp_path: Path, idle_port: int, broken: str
+) -> None:
+    """A --tls-key that is not the key of --tls-cert (or one under a passphrase) passed the PEM
+    check: the probe printed `"" UNAVAILABLE: ... Failed to create security handshaker`, as for a
+    server down, under gRPC's C-core error lines, naming no flag or file. The server refuses the same
+    pair at start-up, naming it; the probe names it too (exit 1), before any call."""
+    key = pki / "server.key"
+    expected = f"--tls-cert {pki / 'client.pem'} and --tls-key {key}: not a certificate and its private key"
+    if broken == "passphrase-protected":
+        key = tmp_path / "encrypted.key"
+        subprocess.run(
+            [
+                "openssl",
+                "pkey",
+                "-in",
+                str(pki / "client.key"),
+                "-aes256",
+                "-passout",
+                "pass:pw",
+                "-out",
+                str(key),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        expected = f"--tls-key {key}: encrypted (passphrase-protected)"
+    tls = ("--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"), "--tls-key", str(key))
+    command = [
+        sys.executable,
+        "-m",
+        "genserve_server.probe",
+        "--port",
+        str(idle_port),
+        "--timeout-s",
+        "2",
+        *tls,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stdout.startswith(f"genserve-server health: {expected}"), proc.stdout
+    assert "UNAVAILABLE" not in proc.stdout and not proc.stderr.strip(), (proc.stdout, proc.stderr)
+
+
 def test_a_token_file_that_cannot_be_read_stops_startup_naming_it_and_the_cause(
     small_repo: Path, tmp_path: Path
 ) -> None:
