@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -43,6 +43,37 @@ def _raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def _without_call(exc: BaseException) -> BaseException:
+    """`exc` with no way back to the grpc.aio call that failed: without its traceback (the frames
+    of the attempt hold the call and its channel's multicallable) and its context (the AioRpcError
+    it was made from, whose traceback does too). A grpc.aio channel keeps its connection open after
+    close() (to a server that is down: reconnecting every backoff) while any of them lives, so an
+    error kept by its caller, or freed only by the cycle collector, held the closed client's
+    connection."""
+    exc.__context__ = None
+    return exc.with_traceback(None)
+
+
+class _ClosedChannel:
+    """What a closed client keeps in place of its grpc.aio channel (which, referenced, keeps its
+    connection open after close()): its RPCs refuse as grpc.aio does on a closed channel."""
+
+    @staticmethod
+    def _refuse(*args: object, **kwargs: object) -> Any:
+        raise grpc.aio.UsageError("Channel is closed.")
+
+    def unary_unary(self, *args: object, **kwargs: object) -> Callable[..., Any]:
+        return self._refuse
+
+    unary_stream = unary_unary
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.SHUTDOWN
+
+    async def close(self, grace: float | None = None) -> None:
+        return None
 
 
 class AsyncGenserveClient(ClientBase):
@@ -86,7 +117,12 @@ class AsyncGenserveClient(ClientBase):
     async def close(self) -> None:
         self._closed = True
         self._closing.set()
-        await self._channel.close()
+        channel: Any = self._channel
+        # Closed, the grpc.aio channel is let go: a reference to it (this client's, kept by its
+        # caller after `async with`) kept its connection open; later calls meet grpc's UsageError.
+        self._channel = cast(grpc.aio.Channel, _ClosedChannel())
+        self._stub = genserve_pb2_grpc.GenerationServiceStub(self._channel)
+        await channel.close()
 
     async def _backoff(self, delay_s: float) -> None:
         """Wait before the next attempt (which then meets the closed channel if close() ended the
@@ -116,10 +152,11 @@ class AsyncGenserveClient(ClientBase):
         attempts.reconnect_waited(time.monotonic() - began, not (done or self._closed))
 
     async def _settled(self) -> None:
-        state = self._channel.get_state()
+        channel = self._channel
+        state = channel.get_state()
         while state in RECONNECTING:
-            await self._channel.wait_for_state_change(state)
-            state = self._channel.get_state()
+            await channel.wait_for_state_change(state)
+            state = channel.get_state()
 
     def _closed_channel(self, request_id: str | None, began_open: bool) -> GenserveClientError | None:
         """The error for an attempt refused by a closed channel (grpc.aio.UsageError) of a call
@@ -134,6 +171,12 @@ class AsyncGenserveClient(ClientBase):
         await self.close()
 
     async def _unary(self, call: calls.UnaryCall[Out]) -> Out:
+        try:
+            return await self._unary_attempts(call)
+        except (GenserveClientError, asyncio.CancelledError) as exc:
+            raise _without_call(exc) from None
+
+    async def _unary_attempts(self, call: calls.UnaryCall[Out]) -> Out:
         self._check_process()
         self._check_loop()
         rpc: grpc.aio.UnaryUnaryMultiCallable[Any, Any] = getattr(self._stub, call.rpc)
@@ -184,15 +227,18 @@ class AsyncGenserveClient(ClientBase):
                     yield calls.progress_item(chunk, attempts.request_id, call.request)
                 return
             except grpc.aio.AioRpcError as exc:
+                _without_call(exc)  # the context of what is raised here
                 if delivered:
                     raise from_rpc_error(exc, attempts.request_id) from None
                 delay_s = attempts.wait_s(exc)  # raises when the failure is final
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                _without_call(exc)
                 if (closed := _closed_under(attempts.request_id)) is None:
                     raise
                 raise closed from None
             finally:
                 stream.cancel()
+                del stream  # this frame is in the traceback of what it raises (_without_call)
             await self._backoff(delay_s)
             await self._reconnect(attempts)
 
@@ -215,11 +261,14 @@ class AsyncGenserveClient(ClientBase):
                     yield resume.chunk(chunk)
                 return
             except grpc.aio.AioRpcError as exc:
+                _without_call(exc)  # the context of what is raised here
                 await self._backoff(resume.attempts.wait_s(exc))
                 await self._reconnect(resume.attempts)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                _without_call(exc)
                 if (closed := _closed_under(resume.attempts.request_id)) is None:
                     raise
                 raise closed from None
             finally:
                 stream.cancel()  # no-op when finished; stops the server when the consumer breaks out
+                del stream  # this frame is in the traceback of what it raises (_without_call)

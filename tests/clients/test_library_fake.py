@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import random
 import re
 from collections.abc import Callable
@@ -12,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from client_fakes import FAKE_LATENT, FakeServer, fake_latent, fake_pixels
+from server_support import wait_until
 
 from genserve.v1 import genserve_pb2, types_pb2
 from genserve_client import (
@@ -648,3 +651,56 @@ def test_an_error_whose_message_quotes_its_request_id_names_it_once() -> None:
     assert str(error) == "INTERNAL: internal error (request id abc123)"
     other = GenserveClientError(grpc.StatusCode.UNAVAILABLE, "connection refused", "abc123")
     assert str(other) == "UNAVAILABLE: connection refused (request id abc123)"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("rpc", ["get_model", "sample_stream", "sample_codes_progress"])
+@pytest.mark.parametrize("keep", ["clients and errors kept", "no cycle collection"])
+def test_closing_an_asyncio_client_whose_call_failed_closes_its_connection(
+    fake_server: FakeServer, rpc: str, keep: str
+) -> None:
+    """A grpc.aio channel keeps its connection open after close() while the channel, one of its
+    calls or multicallables lives (a server that is down: it goes on reconnecting every backoff).
+    The closed client kept its channel, and a failed call's GenserveClientError reached the call
+    (its context's traceback) and the attempt's frames (its own), as did a reference cycle (the
+    except block's error, its traceback, the frame) that only the cycle collector frees: after
+    `async with`, the connection stayed open as long as the caller kept the client (the name an
+    `async with ... as client` leaves bound) or an error. A closed client leaves none behind."""
+    kept: list[GenserveClientError] = []
+    clients: list[AsyncGenserveClient] = []
+
+    async def cycle(model: str) -> None:
+        async with AsyncGenserveClient(fake_server.target, retry=RetryPolicy(max_attempts=1)) as client:
+            clients.append(client)
+            try:
+                if rpc == "get_model":
+                    await client.get_model(model)
+                else:
+                    async for _ in getattr(client, rpc)(model, 2):
+                        pass
+            except GenserveClientError as exc:
+                kept.append(exc)
+
+    asyncio.run(cycle("fake-gen" if rpc == "sample_stream" else "fake-prior"))  # grpc.aio's own fds
+    clients.clear()
+    gc.collect()
+    before = _open_fds()
+    if keep == "no cycle collection":
+        gc.disable()  # only close() may close the connection, not a collection that happens to run
+    try:
+        for _ in range(3):
+            asyncio.run(cycle("nope"))  # NOT_FOUND
+        assert len(kept) == 3 and all(e.code == grpc.StatusCode.NOT_FOUND for e in kept)
+        if keep == "no cycle collection":
+            kept.clear()
+            clients.clear()
+        else:
+            gc.collect()
+        wait_until(
+            lambda: _open_fds() <= before, 3.0, f"the closed clients' connection closed ({before} fds)"
+        )
+    finally:
+        gc.enable()
