@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 
 def port_number(lowest: int = 0) -> Callable[[str], int]:
@@ -38,3 +39,17 @@ def seconds(*, allow_zero: bool) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def nonempty_path_text(text: str) -> str:
+    """argparse type of a path flag kept as text (--trt-engine-cache-dir): not empty. An empty value
+    (`--models "$MODELS"` with the variable unset) is Path(".") as a Path: the working directory
+    served as the model repository, or a cache turned off without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty value")
+    return text
+
+
+def nonempty_path(text: str) -> Path:
+    """argparse type of a path flag: a Path, not empty (nonempty_path_text)."""
+    return Path(nonempty_path_text(text))

@@ -66,7 +66,7 @@ from genserve_server.boundary import (
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError, escape_controls
-from genserve_server.flag_types import port_number, seconds
+from genserve_server.flag_types import nonempty_path, nonempty_path_text, port_number, seconds
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.heap import freeze_startup_heap
 from genserve_server.idle_spin import IdleSpin
@@ -1026,12 +1026,19 @@ def _apply_security_flags(config: ServerConfig, args: argparse.Namespace) -> Ser
 
 
 def _add_security_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM); turns TLS on")
-    s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
     s.add_argument(
-        "--tls-client-ca", type=Path, default=None, help="CA (PEM) for client certificates: mutual TLS"
+        "--tls-cert", type=nonempty_path, default=None, help="server certificate (PEM); turns TLS on"
     )
-    s.add_argument("--token-file", type=Path, default=None, help="bearer tokens, one per line: token auth")
+    s.add_argument("--tls-key", type=nonempty_path, default=None, help="server private key (PEM)")
+    s.add_argument(
+        "--tls-client-ca",
+        type=nonempty_path,
+        default=None,
+        help="CA (PEM) for client certificates: mutual TLS",
+    )
+    s.add_argument(
+        "--token-file", type=nonempty_path, default=None, help="bearer tokens, one per line: token auth"
+    )
     s.add_argument(
         "--token-env", default=None, help="environment variable with comma-separated bearer tokens"
     )
@@ -1053,7 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository")
-    s.add_argument("--models", type=Path, required=True, help="model repository directory")
+    s.add_argument("--models", type=nonempty_path, required=True, help="model repository directory")
     s.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
     s.add_argument(
         "--port", type=port_number(), default=50051, help="gRPC port; 0 picks a free one (default 50051)"
@@ -1081,10 +1088,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='health "" is SERVING only when these models are ready, a style generator\'s mapping and a '
         "code prior's decoder serving too (default: every model in the repository)",
     )
-    s.add_argument("--config", type=Path, default=None, help="server config JSON (limits, threads, logging)")
+    s.add_argument(
+        "--config", type=nonempty_path, default=None, help="server config JSON (limits, threads, logging)"
+    )
     s.add_argument(
         "--ready-file",
-        type=Path,
+        type=nonempty_path,
         default=None,
         help="write {port, metrics_port, health_port, pid} JSON when ready",
     )
@@ -1106,6 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--trt-engine-cache-dir",
+        type=nonempty_path_text,
         default=None,
         help="TensorRT engine cache for models that set none (a volume that outlives the container)",
     )

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve_contract.stdio import HelpParser, Stdout
 from genserve_server.certificates import decode_certificate, outside_validity
-from genserve_server.flag_types import port_number, seconds
+from genserve_server.flag_types import nonempty_path, port_number, seconds
 from genserve_server.tokens import load_tokens
 from genserve_server.version import package_version
 
@@ -60,11 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout-s", type=seconds(allow_zero=False), default=3.0, help="deadline of the check (default 3 s)"
     )
     tls = parser.add_argument_group("TLS and token (a server with --tls-cert, or --closed-health)")
-    tls.add_argument("--tls-ca", type=Path, default=None, help="CA certificates (PEM); turns TLS on")
-    tls.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM), for mutual TLS")
-    tls.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM), for mutual TLS")
+    tls.add_argument("--tls-ca", type=nonempty_path, default=None, help="CA certificates (PEM); turns TLS on")
+    tls.add_argument(
+        "--tls-cert", type=nonempty_path, default=None, help="client certificate (PEM), for mutual TLS"
+    )
+    tls.add_argument(
+        "--tls-key", type=nonempty_path, default=None, help="client private key (PEM), for mutual TLS"
+    )
     tls.add_argument("--tls-server-name", default=None, help="the name the server's certificate holds")
-    tls.add_argument("--token-file", type=Path, default=None, help="the server's token file: sends its first")
+    tls.add_argument(
+        "--token-file", type=nonempty_path, default=None, help="the server's token file: sends its first"
+    )
     tls.add_argument("--token-env", default=None, help="the server's token variable: sends its first token")
 
 

@@ -1,0 +1,58 @@
+"""Values of `genserve-server serve` (and `health`) flags refused at parse time, naming the flag:
+argparse's usage error, exit 2, before anything is loaded, bound or logged."""
+
+from __future__ import annotations
+
+import pytest
+
+from genserve_server.main import build_parser
+
+SERVE_PATH_FLAGS = (
+    "--models",
+    "--config",
+    "--ready-file",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-client-ca",
+    "--token-file",
+    "--trt-engine-cache-dir",
+)
+HEALTH_PATH_FLAGS = ("--tls-ca", "--tls-cert", "--tls-key", "--token-file")
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", SERVE_PATH_FLAGS)
+def test_an_empty_path_flag_of_serve_is_a_usage_error_naming_it(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--models "$MODELS"` with the variable unset served the working directory as the model
+    repository (Path("") is "."); an empty --trt-engine-cache-dir turned the engine cache off without
+    a word, where the config file's "trt_engine_cache_dir": "" is refused; an empty --config,
+    --token-file or TLS file was refused as ". is a directory", naming no flag."""
+    argv = ["serve", "--models", "models", flag, ""]
+    err = _usage_error(argv, capsys)
+    assert f"argument {flag}: expected a path, got an empty value" in err, err
+
+
+@pytest.mark.parametrize("flag", HEALTH_PATH_FLAGS)
+def test_an_empty_path_flag_of_the_health_probe_is_a_usage_error_naming_it(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probe read an empty --tls-ca or --token-file as ".", and answered unhealthy (exit 1, as for
+    a server that is down) instead of a usage error."""
+    err = _usage_error(["health", flag, ""], capsys)
+    assert f"argument {flag}: expected a path, got an empty value" in err, err
+
+
+def test_a_path_flag_keeps_its_value() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--models", "models", "--config", "etc/server.json", "--trt-engine-cache-dir", "trt"]
+    )
+    assert str(args.models) == "models" and str(args.config) == "etc/server.json"
+    assert args.trt_engine_cache_dir == "trt"  # a str, as the config file's trt_engine_cache_dir
