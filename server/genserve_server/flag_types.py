@@ -8,6 +8,12 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+# The longest deadline of a gRPC call a flag may give (the health probe's --timeout-s): grpc takes
+# the time now plus the timeout in nanoseconds, which past ~7e9 s (2**63 ns from the epoch)
+# overflows into a deadline already past: every call DEADLINE_EXCEEDED at once, a healthy server
+# reported unhealthy. A day is more than any probe waits.
+MAX_TIMEOUT_S = 86400.0
+
 
 def port_number(lowest: int = 0) -> Callable[[str], int]:
     """argparse type of a TCP port flag: lowest..65535 (0 for a server: the OS picks a free one)."""
@@ -24,17 +30,19 @@ def port_number(lowest: int = 0) -> Callable[[str], int]:
     return parse
 
 
-def seconds(*, allow_zero: bool) -> Callable[[str], float]:
+def seconds(*, allow_zero: bool, max_s: float = math.inf) -> Callable[[str], float]:
     """argparse type of a duration flag: a finite number of seconds, >= 0 or > 0 (NaN and inf
-    would otherwise be accepted and fail later, at SIGTERM, as a traceback)."""
+    would otherwise be accepted and fail later, at SIGTERM, as a traceback), and <= `max_s`."""
     bound = ">= 0" if allow_zero else "> 0"
+    if max_s < math.inf:
+        bound += f" and <= {max_s:g}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0) and value <= max_s):
             raise argparse.ArgumentTypeError(f"must be a finite number of seconds {bound}, got {text}")
         return value
 

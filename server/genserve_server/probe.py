@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve_contract.stdio import HelpParser, Stdout
 from genserve_server.certificates import decode_certificate, outside_validity
-from genserve_server.flag_types import nonempty_path, port_number, seconds
+from genserve_server.flag_types import MAX_TIMEOUT_S, nonempty_path, port_number, seconds
 from genserve_server.tokens import load_tokens
 from genserve_server.version import package_version
 
@@ -57,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--service", default="", help='health service name: "" for the whole server (default), or a model'
     )
     parser.add_argument(
-        "--timeout-s", type=seconds(allow_zero=False), default=3.0, help="deadline of the check (default 3 s)"
+        "--timeout-s",
+        type=seconds(allow_zero=False, max_s=MAX_TIMEOUT_S),
+        default=3.0,
+        help="deadline of the check, at most 86400 s (default 3 s)",
     )
     tls = parser.add_argument_group("TLS and token (a server with --tls-cert, or --closed-health)")
     tls.add_argument("--tls-ca", type=nonempty_path, default=None, help="CA certificates (PEM); turns TLS on")

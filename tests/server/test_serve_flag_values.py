@@ -56,3 +56,37 @@ def test_a_path_flag_keeps_its_value() -> None:
     )
     assert str(args.models) == "models" and str(args.config) == "etc/server.json"
     assert args.trt_engine_cache_dir == "trt"  # a str, as the config file's trt_engine_cache_dir
+
+
+@pytest.mark.parametrize("value", ["1e10", "1e300"])
+def test_a_probe_timeout_past_what_grpc_takes_is_a_usage_error_naming_the_limit(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`health --timeout-s 1e10` was taken, and grpc's deadline (the time now plus the timeout, in
+    nanoseconds) overflowed: a healthy server was reported `"" DEADLINE_EXCEEDED`, exit 1."""
+    from genserve_server.flag_types import MAX_TIMEOUT_S
+
+    err = _usage_error(["health", "--timeout-s", value], capsys)
+    assert "argument --timeout-s:" in err and f"<= {MAX_TIMEOUT_S:g}" in err, err
+
+
+def test_the_largest_probe_timeout_checks_a_serving_server() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from genserve_server import probe
+    from genserve_server.flag_types import MAX_TIMEOUT_S
+
+    args = build_parser().parse_args(["health", "--timeout-s", repr(MAX_TIMEOUT_S)])
+    assert args.timeout_s == MAX_TIMEOUT_S
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        server = grpc.server(pool)
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            assert probe.check("127.0.0.1", port, timeout_s=args.timeout_s)[:2] == (0, "SERVING")
+        finally:
+            server.stop(None)
