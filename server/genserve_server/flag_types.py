@@ -61,3 +61,14 @@ def nonempty_path_text(text: str) -> str:
 def nonempty_path(text: str) -> Path:
     """argparse type of a path flag: a Path, not empty (nonempty_path_text)."""
     return Path(nonempty_path_text(text))
+
+
+def bind_address(text: str) -> str:
+    """argparse type of a bind address flag (--host, --metrics-host): not empty. An empty value
+    (`--metrics-host "$HOST"` with the variable unset) bound every interface, where the default is
+    127.0.0.1 and every interface is asked for by name (0.0.0.0, ::)."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "expected an address (0.0.0.0 for every interface), got an empty value"
+        )
+    return text

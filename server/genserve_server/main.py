@@ -66,7 +66,7 @@ from genserve_server.boundary import (
 from genserve_server.config import Limits, ServerConfig, cpu_count, load_server_config
 from genserve_server.core import GenerationCore
 from genserve_server.errors import GenserveError, escape_controls
-from genserve_server.flag_types import nonempty_path, nonempty_path_text, port_number, seconds
+from genserve_server.flag_types import bind_address, nonempty_path, nonempty_path_text, port_number, seconds
 from genserve_server.health import LIVE_KEY, OVERALL_KEYS, HealthState, overall_status
 from genserve_server.heap import freeze_startup_heap
 from genserve_server.idle_spin import IdleSpin
@@ -1061,11 +1061,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository")
     s.add_argument("--models", type=nonempty_path, required=True, help="model repository directory")
-    s.add_argument("--host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)")
+    s.add_argument(
+        "--host", type=bind_address, default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)"
+    )
     s.add_argument(
         "--port", type=port_number(), default=50051, help="gRPC port; 0 picks a free one (default 50051)"
     )
-    s.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address (default 127.0.0.1)")
+    s.add_argument(
+        "--metrics-host",
+        type=bind_address,
+        default="127.0.0.1",
+        help="/metrics bind address (default 127.0.0.1)",
+    )
     s.add_argument(
         "--metrics-port",
         type=port_number(),

@@ -50,6 +50,20 @@ def test_an_empty_path_flag_of_the_health_probe_is_a_usage_error_naming_it(
     assert f"argument {flag}: expected a path, got an empty value" in err, err
 
 
+@pytest.mark.parametrize("flag", ["--host", "--metrics-host"])
+def test_an_empty_bind_address_is_a_usage_error_naming_it(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--metrics-host "$HOST"` with the variable unset bound /metrics on every interface (the default
+    is 127.0.0.1): an empty address is refused; every interface is asked for by name."""
+    err = _usage_error(["serve", "--models", "models", flag, ""], capsys)
+    assert f"argument {flag}: expected an address (0.0.0.0 for every interface), got an empty value" in err, (
+        err
+    )
+    args = build_parser().parse_args(["serve", "--models", "models", flag, "0.0.0.0"])
+    assert getattr(args, flag[2:].replace("-", "_")) == "0.0.0.0"
+
+
 def test_a_path_flag_keeps_its_value() -> None:
     args = build_parser().parse_args(
         ["serve", "--models", "models", "--config", "etc/server.json", "--trt-engine-cache-dir", "trt"]
