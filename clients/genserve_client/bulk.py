@@ -512,6 +512,10 @@ def manifest_entry(path: Path, lineno: int, line: bytes) -> dict[str, Any]:
         entry = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BulkError(f"{path}:{lineno}: corrupt manifest line ({exc.msg})") from None
+    except UnicodeDecodeError as exc:  # a damaged byte: json.loads decodes the line before parsing it
+        raise BulkError(
+            f"{path}:{lineno}: corrupt manifest line (not UTF-8: {exc.reason} at byte {exc.start})"
+        ) from None
     if not isinstance(entry, dict) or not isinstance(entry.get("index"), int):
         raise BulkError(f"{path}:{lineno}: manifest line without an integer index")
     if not isinstance(entry.get("file"), str):

@@ -411,3 +411,28 @@ def test_verify_names_the_used_models_digests_of_another_job_readably(
     for key in ("used_models", "used_weights_sha256"):
         assert f"({key}: fake-mapping={'a' * 64} vs fake-mapping={'b' * 64})" in err, err
     assert "{" not in err and "'" not in err, err
+
+
+def test_a_manifest_line_that_is_not_utf8_is_named_by_verify_and_resume(
+    spread: tuple[Path, Path], fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A byte of a manifest line damaged into one that is no UTF-8 (a bad sector, a bit flipped on a
+    # copy) escaped as a bare UnicodeDecodeError: verify exited 2, as for a bad argument, saying
+    # "'utf-8' codec can't decode byte 0xff in position 30" without naming the manifest, its line or
+    # the other folders' problems; a resume said the same.
+    a, b = spread
+    manifest = shard_folder(b, 1) / "manifest.jsonl"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"index"', b'"ind\xffex"')
+    manifest.write_bytes(b"".join(lines))
+    lost = sorted((shard_folder(b, 2) / "images").iterdir())[0]
+    lost.unlink()
+    code, _, err = cli_main(capsys, "verify", str(a), str(b))
+    assert code == 1 and "Traceback" not in err, err
+    assert f"manifests that cannot be read (1): {manifest}:2: corrupt manifest line (not UTF-8" in err, err
+    assert f"files missing (1): {lost}" in err and "NOT the complete job" in err, err
+    code, _, err = cli_main(
+        capsys, "--target", fake_server.target, "bulk", "--resume", str(shard_folder(b, 1))
+    )
+    assert code == 2 and f"{manifest}:2: corrupt manifest line (not UTF-8" in err, err
+    assert manifest.read_bytes() == b"".join(lines)
