@@ -284,7 +284,9 @@ def verify_job(roots: Path | Sequence[Path], *, hashes: bool = False) -> tuple[V
         known = {f.resolve() for f in folders}
         folders += [f for f in found_here if f.resolve() not in known]
     report.folders = folders
-    base = Path(os.path.commonpath([r.resolve() for r in given]))
+    # Paths as given, links not resolved: a shard folder linked in from another volume (`ln -s`) lies
+    # under its DIR only through the link, and the merged manifest names it that way.
+    base = Path(os.path.commonpath([r.absolute() for r in given]))
     jobs, shards, unreadable = _read_jobs(folders)
     if unreadable:
         report.problems.append(_listed("job files that cannot be read", unreadable))
@@ -312,7 +314,7 @@ def verify_job(roots: Path | Sequence[Path], *, hashes: bool = False) -> tuple[V
     found = _Entries(report.n)
     for folder, shard in shards.items():
         lo, hi = shard.range(report.n) if shard else (0, report.n)
-        found.add(base, folder.resolve(), lo, hi, jobs[folder], hashes=hashes)
+        found.add(base, folder.absolute(), lo, hi, jobs[folder], hashes=hashes)
     missing = _Found()
     for index in (i for i, state in enumerate(found.state) if state == _UNSEEN):
         missing.add(index)

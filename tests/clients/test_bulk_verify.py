@@ -436,3 +436,33 @@ def test_a_manifest_line_that_is_not_utf8_is_named_by_verify_and_resume(
     )
     assert code == 2 and f"{manifest}:2: corrupt manifest line (not UTF-8" in err, err
     assert manifest.read_bytes() == b"".join(lines)
+
+
+def test_a_shard_folder_linked_in_from_another_volume_is_checked_through_its_link(
+    spread: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Shards gathered into one folder with `ln -s /mnt/b/job/shard-... /data/job/`: verify resolved
+    # each shard folder and took it relative to the DIR's own real path, so a link to a folder
+    # outside it ended verify with pathlib's "'/.../shard-00001-of-00003' is not in the subpath of
+    # '/.../job' OR one path is relative and the other is absolute" (exit 2), nothing checked.
+    a, b = spread
+    for index in (1, 2):
+        shard_folder(b, index).rename(shard_folder(a, index).with_name(f"elsewhere-{index}"))
+    gathered = tmp_path / "gathered"
+    gathered.mkdir()
+    shard_folder(a, 0).rename(shard_folder(gathered, 0))
+    for index in (1, 2):
+        shard_folder(gathered, index).symlink_to(shard_folder(a, index).with_name(f"elsewhere-{index}"))
+    merged = tmp_path / "merged.jsonl"
+    code, out, err = cli_main(capsys, "verify", str(gathered), "--hashes", "--manifest-out", str(merged))
+    assert code == 0, err
+    assert "complete, 11 images in 3 folder(s)" in out
+    # Files relative to the DIR, as docs/client.md says, through the link.
+    entries = [json.loads(line) for line in merged.read_text().splitlines()]
+    assert [e["index"] for e in entries] == list(range(11))
+    assert entries[4]["file"] == "shard-00001-of-00003/images/000004.png"
+    assert all((gathered / e["file"]).is_file() for e in entries)
+    # Damage behind a link is named.
+    (shard_folder(gathered, 2) / "images" / "000008.png").unlink()
+    code, _, err = cli_main(capsys, "verify", str(gathered))
+    assert code == 1 and "files missing (1): " in err and "000008.png" in err, err
