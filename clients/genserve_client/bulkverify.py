@@ -28,6 +28,7 @@ from genserve_client.bulk import (
     Shard,
     _named,
     iter_manifest,
+    job_settings,
     read_job,
     write_file_whole,
 )
@@ -253,8 +254,8 @@ def _read_jobs(
     for folder in folders:
         try:
             job = read_job(folder) or {}
-            int(job["params"]["n"])
-            shards[folder] = Shard(*job["shard"]) if job.get("shard") else None
+            # Its fields as bulk --resume checks them: an n below 1 or from 2^32 is no job's size.
+            shards[folder] = job_settings(folder / JOB_FILE, job)[1]
         except BulkError as exc:
             unreadable.append(str(exc))
             continue

@@ -466,3 +466,24 @@ def test_a_shard_folder_linked_in_from_another_volume_is_checked_through_its_lin
     (shard_folder(gathered, 2) / "images" / "000008.png").unlink()
     code, _, err = cli_main(capsys, "verify", str(gathered))
     assert code == 1 and "files missing (1): " in err and "000008.png" in err, err
+
+
+def test_a_job_file_whose_size_no_job_has_is_listed_naming_it(
+    spread: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # verify took job.json's n as it found it: a hand-edited n below 1 ended verify with "negative
+    # count" (exit 2, naming neither the file nor the field), and one from 2^32 (no job holds that
+    # many) had it allocate bytes per index for it. Both are a job file that cannot be read, as bulk
+    # --resume refuses it, listed with the other folders' problems.
+    a, b = spread
+    job_file = shard_folder(a, 0) / "job.json"  # the first folder's: the job's size is taken from it
+    job = json.loads(job_file.read_text())
+    for n, says in (
+        (-5, "needs n >= 1 images, got -5"),
+        (2**40, f"fewer than 2^32 images (a uint32 count), got n={2**40}"),
+    ):
+        job_file.write_text(json.dumps({**job, "params": {**job["params"], "n": n}}))
+        code, _, err = cli_main(capsys, "verify", str(a), str(b))
+        assert code == 1 and "Traceback" not in err, err
+        assert f"job files that cannot be read (1): {job_file}: unreadable params" in err and says in err, err
+        assert "shards missing of 3 (1): 0" in err and "NOT the complete job" in err, err
