@@ -189,6 +189,7 @@ class _Entries:
         self.absent = _Found()
         self.damaged = _Found()
         self.links = _Found()
+        self.unreadable = _Found()  # files that cannot be read, and why
         self.foreign = _Found(smallest=True)  # another seed, label or version than the job's
         self.corrupt = _Found()  # manifests that cannot be read, and why
 
@@ -198,6 +199,9 @@ class _Entries:
             for _ in iter_manifest(manifest):
                 pass
         except BulkError as exc:  # damage verify is there to find: a problem it lists, not a usage error
+            self.corrupt.add(str(exc))
+            return
+        except OSError as exc:  # no read permission, a failing disk: listed too, the other folders checked
             self.corrupt.add(str(exc))
             return
         self.merged.manifests.append((manifest, folder.relative_to(base)))
@@ -221,25 +225,29 @@ class _Entries:
                 if (self.state[index] != _UNSEEN) if inside else (index in self.seen_outside):
                     self.duplicates.add(index)
                     continue
-                path = folder / entry["file"]
-                if path.is_symlink():  # the job writes none: never followed (a copied folder's)
-                    self.links.add(str(path))
-                    seen = _SEEN
-                elif not path.is_file():
-                    self.absent.add(str(path))
-                    seen = _SEEN
-                elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
-                    self.damaged.add(str(path))
-                    seen = _SEEN
-                else:
-                    seen = _INTACT
+                seen = self._check_file(folder / entry["file"], entry, hashes=hashes)
                 if inside:
                     self.state[index] = seen
                     self.merged.where[index], self.merged.offsets[index] = number, offset
                 else:
                     self.seen_outside.add(index)
-        except BulkError as exc:  # changed since it was read through (a job still writing it)
+        except (BulkError, OSError) as exc:  # changed since it was read through (a job still writing it)
             self.corrupt.add(str(exc))
+
+    def _check_file(self, path: Path, entry: dict[str, Any], *, hashes: bool) -> int:
+        """_INTACT, or _SEEN with what is wrong with the file listed."""
+        try:
+            if path.is_symlink():  # the job writes none: never followed (a copied folder's)
+                self.links.add(str(path))
+            elif not path.is_file():
+                self.absent.add(str(path))
+            elif hashes and hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
+                self.damaged.add(str(path))
+            else:
+                return _INTACT
+        except OSError as exc:  # no read permission, a failing disk: this file, not the manifest
+            self.unreadable.add(str(exc))
+        return _SEEN
 
 
 def _read_jobs(
@@ -257,6 +265,9 @@ def _read_jobs(
             # Its fields as bulk --resume checks them: an n below 1 or from 2^32 is no job's size.
             shards[folder] = job_settings(folder / JOB_FILE, job)[1]
         except BulkError as exc:
+            unreadable.append(str(exc))
+            continue
+        except OSError as exc:  # no read permission, a failing disk, a folder at its name
             unreadable.append(str(exc))
             continue
         except (KeyError, TypeError, ValueError) as exc:
@@ -327,6 +338,7 @@ def verify_job(roots: Path | Sequence[Path], *, hashes: bool = False) -> tuple[V
         ("files missing", found.absent),
         ("files whose sha256 differs from the manifest", found.damaged),
         ("files that are symbolic links, which the job never writes", found.links),
+        ("files that cannot be read", found.unreadable),
         ("manifests that cannot be read", found.corrupt),
     ):
         line = items.listed(kind)

@@ -3,6 +3,7 @@ machines) is exactly the job: every shard once, every index and seed once, one m
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -487,3 +488,49 @@ def test_a_job_file_whose_size_no_job_has_is_listed_naming_it(
         assert code == 1 and "Traceback" not in err, err
         assert f"job files that cannot be read (1): {job_file}: unreadable params" in err and says in err, err
         assert "shards missing of 3 (1): 0" in err and "NOT the complete job" in err, err
+
+
+def test_a_manifest_or_job_file_that_cannot_be_read_is_listed_with_the_other_folders_problems(
+    spread: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A file verify could not open (no read permission, an I/O error of a failing disk; here a folder
+    # at its name, as these tests run as any user) ended verify at its first one with that error alone:
+    # the other folders' problems unlisted, as docs/client.md says verify lists them all.
+    a, b = spread
+    manifest = shard_folder(b, 1) / "manifest.jsonl"
+    manifest.unlink()
+    manifest.mkdir()
+    job_file = shard_folder(b, 2) / "job.json"
+    job_file.unlink()
+    job_file.mkdir()
+    lost = sorted((shard_folder(a, 0) / "images").iterdir())[0]
+    lost.unlink()
+    code, _, err = cli_main(capsys, "verify", str(a), str(b), "--hashes")
+    assert code == 1 and "Traceback" not in err, err
+    assert f"manifests that cannot be read (1): [Errno 21] Is a directory: '{manifest}'" in err, err
+    assert f"job files that cannot be read (1): [Errno 21] Is a directory: '{job_file}'" in err, err
+    assert f"files missing (1): {lost}" in err and "NOT the complete job" in err, err
+
+
+def test_an_image_that_cannot_be_read_is_named_and_the_rest_still_checked(
+    spread: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An image verify --hashes could not read (a failing disk's EIO, no read permission) ended verify
+    # with that error alone, the rest of the job unchecked.
+    a, b = spread
+    bad = sorted((shard_folder(b, 1) / "images").iterdir())[1]
+    lost = sorted((shard_folder(b, 2) / "images").iterdir())[0]
+    lost.unlink()
+    read_bytes = Path.read_bytes
+
+    def failing_disk(self: Path) -> bytes:
+        if self == bad:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", failing_disk)
+    code, _, err = cli_main(capsys, "verify", str(a), str(b), "--hashes")
+    assert code == 1 and "Traceback" not in err, err
+    assert f"files that cannot be read (1): [Errno 5] Input/output error: '{bad}'" in err, err
+    assert f"files missing (1): {lost}" in err and "manifests that cannot be read" not in err, err
+    assert "NOT the complete job (9 of 11 images)" in err, err
