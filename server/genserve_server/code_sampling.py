@@ -302,7 +302,12 @@ async def _decode(
         reservation=room,
     )
     images = await core.codec.encode(
-        decoder.metrics, result.outputs["image"], out, decoder.card.output_range, timing=call.timing
+        decoder.metrics,
+        result.outputs["image"],
+        out,
+        decoder.card.output_range,
+        timing=call.timing,
+        computing=call.computing,  # left meanwhile: its response bytes are held until it has ended
     )
     return images, result.executed_batch_sizes
 

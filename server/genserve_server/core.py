@@ -112,11 +112,13 @@ class Call:
     # deadline, else a `deadline` drop (batch_parts.Caller).
     refused: tuple[Refusals, str] | None = None
     # Its requests cancelled while batches holding their rows still computed: each resolved once
-    # those have ended (Batcher.submit's `computing`); and its jobs on the codec pool (decode, blend,
-    # encode of a call holding a working set; a large response built off the loop: ModelInfer's, the
-    # boundary's serialize), each resolved once the job has ended (idle_spin.run_off_loop_tracked,
-    # Codec's `computing`). holding_working_set waits for them before it gives the working set back,
-    # the boundary before it gives the response's bytes back (boundary.release_once_ended).
+    # those have ended (Batcher.submit's `computing`); and its jobs left running off the loop (the
+    # decode, blend of a call holding a working set; every kind's encodes on the codec pool, which
+    # build its response's bytes; a large response built off the loop: ModelInfer's, the boundary's
+    # serialize), each resolved once the job has ended (idle_spin.run_off_loop_tracked, Codec's
+    # `computing`, EncodeQueue.left): added only as the call leaves, none for a call that waits.
+    # holding_working_set waits for them before it gives the working set back, the boundary before
+    # it gives the response's bytes back (boundary.release_once_ended).
     computing: list[asyncio.Future[None]] = field(default_factory=list)
 
     def release_uses(self) -> None:
@@ -550,6 +552,7 @@ class GenerationCore:
             timing=call.timing,
             finite=result.outputs.get(FINITE_ROWS_OUTPUT),
             rows=rows,
+            computing=call.computing,  # left meanwhile: its response bytes are held until it has ended
         )
         if latent_bytes:  # JPEG and WebP are known only now (the others were checked exactly above)
             self.check_encoded_send_size(images, out.format, latent_bytes)

@@ -66,64 +66,86 @@ class EncodeQueue:
     When a batch of 64 completes, its 64 requests resume in the same turn of the loop and each asks
     for an encode; one pool task per request would cost 64 hops there and back (~90 us each on 2
     cores). Instead the first request of a turn schedules a flush at the end of the turn, which
-    splits everything queued into at most `threads` pool tasks; each task resolves its futures with
-    one call back into the loop.
+    splits everything queued into at most `threads` pool tasks (chunks); each task resolves its
+    futures with one call back into the loop.
+
+    A caller that leaves before the flush is dropped there (its encode never runs); one that leaves
+    once its chunk is on the pool can ask to be told when that chunk has ended (`left`): the encode
+    builds its response's bytes until then. Nothing is added for a caller that waits its encode out.
     """
 
     def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
         self._pool = pool
         self._threads = max(1, threads)
         self._jobs: list[_Job] = []
+        # Chunks handed to the pool whose results have not come back to the loop yet, by id(chunk);
+        # and, by the same key, the futures of their callers that left meanwhile (`left`). Callers
+        # that wait their encodes out cost one dict entry a chunk: no future, no object per job.
+        self._running: dict[int, list[_Job]] = {}
+        self._left: dict[int, list[asyncio.Future[None]]] = {}
 
-    def submit(self, job: Callable[[], T], computing: Computing | None = None) -> asyncio.Future[T]:
-        """`computing` (a Call's): gets a future resolved once the job has run (or will never run),
-        also where its caller has left meanwhile."""
+    def submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        ended: asyncio.Future[None] | None = None
-        if computing is not None:
-            ended = loop.create_future()
-            computing.append(ended)
         if not self._jobs:
             loop.call_soon(self._flush, loop)
-        self._jobs.append((job, future, ended))
+        self._jobs.append((job, future))
         return future
+
+    def left(self, future: asyncio.Future[Any], computing: Computing) -> None:
+        """The caller of `future` (submit's) left (cancelled). Where its encode is in a chunk handed to
+        the pool, `computing` (the call's) gets a future resolved once that chunk has ended (returned
+        or raised); where it is still queued, nothing: the flush drops it and it never runs. On the
+        loop's thread, as everything here: a chunk's end is delivered there too."""
+        for key, chunk in self._running.items():
+            if any(queued is future for _, queued in chunk):
+                ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                computing.append(ended)
+                self._left.setdefault(key, []).append(ended)
+                return
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         jobs, self._jobs = self._jobs, []
-        for _, future, ended in jobs:
-            if future.done() and ended is not None:  # its caller left before it ran: it never will
-                _set_future(ended, None, None)
-        jobs = [job for job in jobs if not job[1].done()]  # callers gone
+        jobs = [job for job in jobs if not job[1].done()]  # callers gone: their encodes never run
         n_tasks = min(self._threads, len(jobs))
         for i in range(n_tasks):
             chunk = jobs[i::n_tasks]
+            self._running[id(chunk)] = chunk  # the entry keeps the chunk alive: its id stays its own
             try:
                 self._pool.submit(self._run_chunk, loop, chunk)
             except RuntimeError as exc:  # the pool is shut down (server stopping)
-                _resolve_all([(future, None, exc, ended) for _, future, ended in chunk])
+                self._ended(chunk, [(future, None, exc) for _, future in chunk])
 
-    @staticmethod
-    def _run_chunk(loop: asyncio.AbstractEventLoop, chunk: list[_Job]) -> None:
+    def _run_chunk(self, loop: asyncio.AbstractEventLoop, chunk: list[_Job]) -> None:
         results: list[_Result] = []
-        for job, future, ended in chunk:
+        for job, future in chunk:
             try:
-                results.append((future, job(), None, ended))
+                results.append((future, job(), None))
             except BaseException as exc:  # delivered to the request that asked for it
-                results.append((future, None, exc, ended))
+                results.append((future, None, exc))
         try:
-            loop.call_soon_threadsafe(_resolve_all, results)
+            loop.call_soon_threadsafe(self._ended, chunk, results)
         except RuntimeError:  # the loop closed meanwhile: nobody is waiting
             pass
+
+    def _ended(self, chunk: list[_Job], results: list[_Result]) -> None:
+        """On the loop: the chunk's callers get their results; those that left, their `computing`'s."""
+        key = id(chunk)
+        del self._running[key]
+        for future, value, exc in results:
+            _set_future(future, value, exc)
+        if self._left:
+            for ended in self._left.pop(key, ()):
+                _set_future(ended, None, None)
 
 
 # A Call's `computing`: futures resolved once work that holds its buffers has ended, which
 # holding_working_set waits for before it gives a call's working set back, and the boundary before it
 # gives its response's bytes back.
 Computing = list[asyncio.Future[None]]
-# An EncodeQueue job: the encode, its caller's future, and the future `computing` waits for (or None).
-_Job = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.Future[None] | None]
-_Result = tuple[asyncio.Future[Any], Any, BaseException | None, asyncio.Future[None] | None]
+# An EncodeQueue job: the encode and its caller's future; a chunk's result for that future.
+_Job = tuple[Callable[[], Any], asyncio.Future[Any]]
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 def _set_future(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -133,13 +155,6 @@ def _set_future(future: asyncio.Future[Any], value: Any, exc: BaseException | No
         future.set_exception(exc)
     else:
         future.set_result(value)
-
-
-def _resolve_all(results: list[_Result]) -> None:
-    for future, value, exc, ended in results:
-        _set_future(future, value, exc)
-        if ended is not None:
-            _set_future(ended, None, None)
 
 
 def check_finite(images: np.ndarray, label: str, rows: Sequence[int] | None = None) -> None:
@@ -339,7 +354,8 @@ class Codec:
         `timing`: the call's, which counts this as its compute_output (KServe statistics); `rows`:
         each image's index in the request, for check_finite's message (0..N-1 if None); `finite`:
         the runner's check of each image (FINITE_ROWS_OUTPUT, beside its `pixels`); `computing`: the
-        call's, told when an encode on the pool has ended (a call holding a working set)."""
+        call's, told when an encode on the pool it left running has ended (the encode holds copies a
+        working set counts and builds the response's bytes: EncodeQueue.left)."""
         started = time.monotonic()
         if images.dtype != np.float32 and (pixels is None or out.format == ImageFormat.TENSOR_F32):
             images = images.astype(np.float32)  # fp16 graphs
@@ -348,10 +364,15 @@ class Codec:
             result = encode_sync(images, out, output_range, pixels, label, rows, finite)
         else:
             with off_loop_work():
-                result = await self._queue.submit(
-                    functools.partial(encode_sync, images, out, output_range, pixels, label, rows, finite),
-                    computing,
+                queued = self._queue.submit(
+                    functools.partial(encode_sync, images, out, output_range, pixels, label, rows, finite)
                 )
+                try:
+                    result = await queued
+                except asyncio.CancelledError:
+                    if computing is not None:  # left while its encode may run: told once it has ended
+                        self._queue.left(queued, computing)
+                    raise
         elapsed_s = time.monotonic() - started
         metrics.encode_duration[out.format_name].observe(elapsed_s)
         if timing is not None:

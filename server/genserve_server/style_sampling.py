@@ -202,6 +202,7 @@ async def _encode(
         result.outputs.get(PIXELS_OUTPUT),
         timing=call.timing,
         finite=result.outputs.get(FINITE_ROWS_OUTPUT),
+        computing=call.computing,  # left meanwhile: its response bytes are held until it has ended
     )
 
 
