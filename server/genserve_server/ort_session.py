@@ -77,12 +77,21 @@ _OPT_LEVELS: Final = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# Every ONNX Runtime tensor type numpy holds: a CUDA graph's outputs are allocated in these, and one
+# allocated float32 for a float64 output failed every replay ("Unexpected output data type").
 _NP_DTYPES: Final[dict[str, type[np.generic]]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16,
     "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 
 Array = NDArray[Any]

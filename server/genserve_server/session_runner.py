@@ -34,6 +34,9 @@ NO_GRAPH: Final = "-1"
 # dropped is learned again at its next batch (measured, its outputs' shapes read).
 MAX_SHAPES_KEPT = 256
 
+# An output's shape and element type, as a run returned it (SessionRunner._output_shapes).
+_OutputSpec = tuple[tuple[int, ...], np.dtype[Any]]
+
 _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
 
@@ -98,16 +101,17 @@ class SessionRunner:
         self.session = info.session
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.output_dtypes = [_NP_DTYPES.get(o.type, np.float32) for o in self.session.get_outputs()]
         # From what the session really has (effective provider options), not from the config.
         self.use_cuda_graph = info.cuda_graph
         self.use_io_binding = config.uses_io_binding or self.use_cuda_graph
         self.graph_sizes = sorted(config.cuda_graph_batch_sizes)
         self.device = "cuda" if info.on_gpu else "cpu"
         self.device_id = info.device_id
-        # Output shapes seen for each input shape signature, so outputs can be preallocated (of the
-        # MAX_SHAPES_KEPT input shapes used last).
-        self._output_shapes: RecentlyUsed[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = RecentlyUsed()
+        # Output shapes and element types seen for each input shape signature, so outputs can be
+        # preallocated (of the MAX_SHAPES_KEPT input shapes used last). The types are those ONNX
+        # Runtime returned, not a table's: a float64 or int8 output bound as float32 failed every
+        # call after the first ("Unexpected output data type").
+        self._output_shapes: RecentlyUsed[tuple[tuple[int, ...], ...], list[_OutputSpec]] = RecentlyUsed()
         self._graphs: dict[tuple[tuple[int, ...], ...], _CapturedGraph] = {}
         self.sealed = False  # capture_all ran: no more captures
         # The calls' run options (plain and IO binding; without a graph where graphs are on): what
@@ -187,7 +191,7 @@ class SessionRunner:
         shapes = self._output_shapes.get(key)
         if self.device == "cpu" and shapes is not None:
             # Bind preallocated numpy outputs: ORT writes into them, nothing is copied afterwards.
-            outputs = [np.empty(s, dtype=d) for s, d in zip(shapes, self.output_dtypes, strict=True)]
+            outputs = [np.empty(shape, dtype=dtype) for shape, dtype in shapes]
             for name, array in zip(self.output_names, outputs, strict=True):
                 binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             self.session.run_with_iobinding(binding, run_options or self.run_options)
@@ -196,7 +200,7 @@ class SessionRunner:
             binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding, run_options or self.run_options)
         result: list[Array] = binding.copy_outputs_to_cpu()
-        self._output_shapes[key] = [tuple(r.shape) for r in result]
+        self._output_shapes[key] = [(tuple(r.shape), r.dtype) for r in result]
         return result
 
     def _run_cuda_graph(self, feeds: Mapping[str, Array]) -> list[Array]:
