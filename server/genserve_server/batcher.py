@@ -296,6 +296,7 @@ class Batcher:
         preferred_batch_sizes: tuple[int, ...] = (),
         share_side_by_side: bool = False,
         runs_on_loop: Callable[[Hashable, Tensors], bool] | None = None,
+        row_cost_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -389,7 +390,10 @@ class Batcher:
         # Last time an interactive request arrived while more tracked callers than runner instances
         # were in the server (SampleStreams are not tracked callers): see callers_overlap.
         self._callers_overlapped_at = -math.inf
-        self._row_cost_s = 0.0  # moving average of compute seconds per row (0 = not measured yet)
+        # Moving average of compute seconds per row (0 = not measured yet); `row_cost_s`: where it
+        # starts (the warm-up's, Calibration.row_cost_s), so that a fresh version's first bulk batch
+        # keeps to the budgets too. One that is not a cost (0, NaN, negative) is not measured.
+        self._row_cost_s = row_cost_s if math.isfinite(row_cost_s) and row_cost_s > 0 else 0.0
         self._failures = FailureLog(name)
         # The sub-queue whose rows a split left for the next batches (_split_over_free): they go at
         # once, without a window of their own (None: no split pending).

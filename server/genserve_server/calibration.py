@@ -52,6 +52,16 @@ class Calibration:
     # Bytes one row was measured (or known) to take.
     row_bytes: float = 0.0
 
+    def row_cost_s(self) -> float:
+        """Compute seconds per row of the smallest size timed, where the batcher's cost per row starts
+        (its bulk budgets and deadline cuts, before it has timed a batch of its own); 0.0 where no
+        size has a cost > 0 (a clock that did not move, or nothing timed)."""
+        for size in sorted(self.costs_s):
+            cost_s = self.costs_s[size]
+            if size > 0 and math.isfinite(cost_s) and cost_s > 0:
+                return cost_s / size
+        return 0.0
+
 
 def rss_bytes() -> int | None:
     """This process's resident memory (Linux; None elsewhere)."""

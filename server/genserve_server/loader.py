@@ -717,6 +717,8 @@ def make_batcher(mv: ModelVersion) -> Batcher:
         # A batch's compute grows with its rows on the CPU only (Batcher._side_by_side_share).
         share_side_by_side=batch_grows_with_rows(mv.runner),
         runs_on_loop=mv.runner.would_run_inline,
+        # The warm-up's cost per row: the bulk budgets hold from the first bulk batch on.
+        row_cost_s=mv.calibration.row_cost_s() if mv.calibration is not None else 0.0,
     )
     # Background bulk batches yield their cores to a solo call; other bulk rows would not.
     if mv.runner.background_bulk:

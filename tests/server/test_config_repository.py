@@ -1388,9 +1388,12 @@ def test_a_refused_external_data_path_outside_the_repository_is_not_shown_to_cli
     with_repo(root, check)
 
 
-def batcher_of_a_fake_version(tmp_path: Path, **runner_fields: Any) -> tuple[Any, Any]:
+def batcher_of_a_fake_version(
+    tmp_path: Path, calibrated: calibration.Calibration | None = None, **runner_fields: Any
+) -> tuple[Any, Any]:
     """(make_batcher's batcher, the fake runner) for the tiny generator's config.json and a runner
-    that has only what make_batcher reads; runner_fields override mode, provider, background_bulk."""
+    that has only what make_batcher reads; runner_fields override mode, provider, background_bulk.
+    `calibrated`: the version's warm-up (None: not warmed)."""
     from types import SimpleNamespace
 
     from genserve_server.loader import make_batcher
@@ -1417,6 +1420,7 @@ def batcher_of_a_fake_version(tmp_path: Path, **runner_fields: Any) -> tuple[Any
         metrics=Metrics(enabled=False).unresolved(),
         card=None,
         efficient_batch_size=None,
+        calibration=calibrated,
     )
     return make_batcher(mv), runner  # type: ignore[arg-type]
 
@@ -1438,6 +1442,31 @@ def test_batches_side_by_side_share_rows_only_on_cpu_sessions_without_padding(tm
     ):
         batcher, _ = batcher_of_a_fake_version(tmp_path, mode=mode, provider=provider)
         assert batcher.share_side_by_side == expected, (provider, mode)
+
+
+def test_bulk_batches_are_sized_by_the_warm_up_cost_before_the_batcher_has_timed_any(tmp_path: Path) -> None:
+    """The bulk budgets cut a bulk batch to the rows that compute within them, from the cost per row.
+    The batcher learnt that cost only from its own batches, so a fresh version (start-up, reload)
+    ran its first bulk batch full, whatever the budgets: an interactive request met a whole 64-row
+    batch (bench/profile.md item 7: the very wait bulk_idle_budget_s bounds). The warm-up has timed
+    the smallest batch already (calibration.py: the bulk budgets need its cost): that cost per row
+    is where the batcher starts. A warm-up cost of 0, NaN or negative (a clock that did not move)
+    says nothing: full batches until a batch is timed, as without a warm-up."""
+    from genserve_server.batcher import Lane
+
+    warmed = calibration.Calibration(warmed=[1, 8], costs_s={1: 0.004, 8: 0.016})
+    batcher, _ = batcher_of_a_fake_version(tmp_path, warmed)
+    largest = batcher.max_batch_size
+    assert largest > 12  # the tiny generator's config: room for the cut to show
+    assert batcher.bulk_idle_budget_s == 0.05 and batcher.bulk_budget_s == 0.002  # the defaults
+    # No interactive traffic: the idle budget, at batch 1's 4 ms a row.
+    assert batcher.batch_rows("key", Lane.BULK) == 12
+    assert batcher.batch_rows("key", Lane.INTERACTIVE) == largest  # interactive rows are not cut
+    for costs in ({}, {1: 0.0}, {1: math.nan}, {1: -0.001}, {1: math.inf}):
+        untimed, _ = batcher_of_a_fake_version(tmp_path, calibration.Calibration(costs_s=costs))
+        assert untimed.batch_rows("key", Lane.BULK) == largest, costs
+    not_warmed, _ = batcher_of_a_fake_version(tmp_path)
+    assert not_warmed.batch_rows("key", Lane.BULK) == largest
 
 
 def test_the_runner_reads_queued_rows_and_concurrent_callers_off_its_batcher(tmp_path: Path) -> None:
