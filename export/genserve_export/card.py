@@ -329,8 +329,12 @@ def validate_card(card: Mapping[str, Any], *, where: str = "card.json") -> list[
     if card["kind"] not in KIND_NAMES:
         return [f"{where}: field 'kind' is {card['kind']!r}, expected one of {sorted(KIND_NAMES)}"]
     kind = Kind(card["kind"])
-    if card["format_version"] != CARD_FORMAT_VERSION:
-        problems.append(f"{where}: format_version must be {CARD_FORMAT_VERSION}")
+    version: Any = card["format_version"]
+    if not is_int(version) or version != CARD_FORMAT_VERSION:  # `true` and `1.0` equal 1 in Python
+        problems.append(
+            f"{where}: format_version must be {CARD_FORMAT_VERSION} (an integer: the server refuses "
+            f"any other), got {version!r}"
+        )
     if not isinstance(card["name"], str) or not NAME_PATTERN.match(card["name"]):
         problems.append(f"{where}: name {card['name']!r} must match {NAME_RULE}")
     elif card["name"] in RESERVED_NAMES:

@@ -1,0 +1,78 @@
+"""`genserve-export verify` passes a version exactly when the server would load it: a card or
+config.json the server refuses at load (docs/model-repository.md) fails verify too, naming the model,
+the file and the field, on a copy of a committed model damaged as an operator or a bad export could."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from genserve_export import verify_repository
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def _copy(tmp_path: Path, *names: str) -> Path:
+    root = tmp_path / "models"
+    for name in names:
+        shutil.copytree(MODELS / name, root / name)
+    return root
+
+
+def _edit(path: Path, **fields: Any) -> None:
+    """Set (or, given ..., remove) top-level fields of a JSON file."""
+    data = json.loads(path.read_text())
+    for key, value in fields.items():
+        if value is ...:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _verify_errors(root: Path) -> list[str]:
+    report = verify_repository(root, recompute_quality=False)
+    assert not report.ok, report.format()
+    return [*report.errors, *(f"{m.name}/{m.version}: {e}" for m in report.models for e in m.errors)]
+
+
+def _server_reason(root: Path, name: str) -> str:
+    """Why the server's load refuses `name`'s version 1 (or the model), '' where it is READY."""
+    pytest.importorskip("genserve_server")
+    from genserve_server.config import ServerConfig
+    from genserve_server.metrics import Metrics
+    from genserve_server.repository import ModelState, Repository
+
+    async def load() -> str:
+        repo = Repository(root, ServerConfig(warmup=False), Metrics(enabled=False))
+        repo.scan()
+        await repo.load_all()
+        try:
+            model = repo.models[name]
+            mv = model.versions.get("1")
+            if mv is None:
+                return str(model.reason)
+            return "" if mv.state == ModelState.READY else mv.reason
+        finally:
+            await repo.close(2.0)
+
+    return asyncio.run(load())
+
+
+@pytest.mark.parametrize("value", [True, 1.0], ids=["true", "float"])
+def test_a_card_format_version_the_server_refuses_fails_verify_naming_the_field(
+    tmp_path: Path, value: object
+) -> None:
+    """`format_version: true` or `1.0` equals 1 in Python, but is no integer 1: the server refuses it."""
+    name = "stylegan-digits-mapping"
+    root = _copy(tmp_path, name)
+    _edit(root / name / "1" / "card.json", format_version=value)
+    assert "format_version must be 1" in _server_reason(root, name)
+    errors = _verify_errors(root)
+    named = [e for e in errors if f"{name}/1/card.json" in e and "format_version" in e]
+    assert any(repr(value) in e for e in named), errors
