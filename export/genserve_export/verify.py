@@ -321,6 +321,8 @@ def _verify_version(
         model.errors.append(
             f"{name}/config.json kind {config.get('kind')!r} differs from the card's {card['kind']!r}"
         )
+    if config is not None:
+        model.errors += _config_card_problems(name, version, config, card)
     external = _check_files(version_dir, card, model)
     if model.errors:
         return model  # never run a graph whose bytes are not the ones the card describes
@@ -344,6 +346,22 @@ def _verify_version(
     if recompute and not model.errors:
         _check_quality(card, sessions.run(version_dir / "model.onnx"), sessions, model, thresholds)
     return model
+
+
+def _config_card_problems(
+    name: str, version: str, config: Mapping[str, Any], card: Mapping[str, Any]
+) -> list[str]:
+    """What the server's load refuses of a model's config.json against one version's card
+    (loader._open): a ``sampling.top_k`` above the card's ``codebook_size``."""
+    sampling = config.get("sampling")
+    top_k = sampling.get("top_k", 0) if isinstance(sampling, Mapping) else 0
+    codebook = card.get("codebook_size")
+    if isinstance(codebook, int) and isinstance(top_k, int) and top_k > codebook:
+        return [
+            f"{name}/config.json: sampling.top_k must be <= the codebook_size ({codebook}) of "
+            f"{name}/{version}/card.json, got {top_k}: the server refuses the version"
+        ]
+    return []
 
 
 def _activation_problems(card: Mapping[str, Any], model_path: Path) -> list[str]:

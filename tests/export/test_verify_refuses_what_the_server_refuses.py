@@ -76,3 +76,15 @@ def test_a_card_format_version_the_server_refuses_fails_verify_naming_the_field(
     errors = _verify_errors(root)
     named = [e for e in errors if f"{name}/1/card.json" in e and "format_version" in e]
     assert any(repr(value) in e for e in named), errors
+
+
+def test_a_sampling_top_k_above_the_cards_codebook_size_fails_verify_naming_both(tmp_path: Path) -> None:
+    """config.json's sampling.top_k may not exceed the card's codebook_size: the server's load
+    refuses the version; verify, which read each file's fields on their own, passed it."""
+    name = "vqvae-digits-top-prior"  # codebook_size 32
+    root = _copy(tmp_path, name)
+    _edit(root / name / "config.json", sampling={"temperature": 0.4, "top_k": 33})
+    assert "sampling.top_k must be <= the card's codebook_size (32), got 33" in _server_reason(root, name)
+    errors = _verify_errors(root)
+    named = [e for e in errors if f"{name}/config.json" in e and "sampling.top_k" in e]
+    assert any("codebook_size" in e and "32" in e and "33" in e for e in named), errors
