@@ -281,6 +281,13 @@ def _check_config(entry: Path, report: VerifyReport) -> dict[str, Any] | None:
         report.errors.append(problem)
         return None
     problems = validate_config(config, where=f"{entry.name}/config.json")
+    if not problems and Kind(config["kind"]).styled and not config.get("mapping"):
+        # The contract's parser leaves this to the server's load (loader._open), which refuses
+        # every version of the model without it.
+        problems = [
+            f"{entry.name}/config.json: field 'mapping' is required for kind {config['kind']} (the "
+            "style_mapping model that maps z to w): the server refuses every version without it"
+        ]
     report.errors.extend(problems)
     return None if problems else config
 

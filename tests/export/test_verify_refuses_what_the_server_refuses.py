@@ -88,3 +88,16 @@ def test_a_sampling_top_k_above_the_cards_codebook_size_fails_verify_naming_both
     errors = _verify_errors(root)
     named = [e for e in errors if f"{name}/config.json" in e and "sampling.top_k" in e]
     assert any("codebook_size" in e and "32" in e and "33" in e for e in named), errors
+
+
+def test_a_style_generator_whose_config_names_no_mapping_fails_verify_naming_the_field(
+    tmp_path: Path,
+) -> None:
+    """A style_generator's config.json must name its mapping: the server's load refuses the version
+    without one; the contract's parser, which verify read config.json with, leaves it to the load."""
+    name = "stylegan-digits"
+    root = _copy(tmp_path, name)
+    _edit(root / name / "config.json", mapping=...)
+    assert "mapping is required for kind style_generator" in _server_reason(root, name)
+    errors = _verify_errors(root)
+    assert any(f"{name}/config.json" in e and "'mapping'" in e and "required" in e for e in errors), errors
