@@ -344,8 +344,8 @@ def _verify_version(
             model.errors.append(f"{file} does not load in ONNX Runtime: {exc}")
     if model.errors:
         return model
-    for file, sess in graphs.items():
-        model.errors += _signature_problems(file, sess, card)
+    model.errors += [p for file, sess in graphs.items() for p in _signature_problems(file, sess, card)]
+    model.errors += [] if model.errors else _last_class_problems(card, graphs)
     if model.errors:
         return model
     _check_runs(card, graphs, model)
@@ -571,6 +571,29 @@ def _run_cases(card: Mapping[str, Any], rng: np.random.Generator) -> list[dict[s
             if "direction" in feeds:
                 cases.append({**feeds, "direction": np.ones(batch, np.int64)})
     return cases
+
+
+def _last_class_problems(card: Mapping[str, Any], graphs: Mapping[str, ort.InferenceSession]) -> list[str]:
+    """A row of the card's last class through each graph, as the server's load runs it
+    (loader.check_last_class): a card listing more class_names than the graph's embedding has rows
+    is refused there, while the random labels of _check_runs may never draw the last class."""
+    names = card.get("class_names")
+    if not names or "label" not in {t["name"] for t in card["inputs"]}:
+        return []
+    last = len(names) - 1
+    feeds = _feeds(card, 1, _image_sizes(card)[0], np.random.default_rng(7))
+    feeds["label"] = np.full(1, last, np.int64)
+    problems = []
+    for file, sess in graphs.items():
+        try:
+            run_session(sess, feeds)
+        except Exception as exc:  # ORT's own exception types (an index out of an embedding's rows)
+            problems.append(
+                f"{file} fails a row of label {last}, the last entry of card field 'class_names' "
+                f"({names[last]!r}): {exc}; does the graph take fewer than the card's {len(names)} "
+                "classes? The server refuses the version: list only the classes the graph was trained on"
+            )
+    return problems
 
 
 def _check_runs(

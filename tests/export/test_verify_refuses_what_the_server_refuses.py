@@ -101,3 +101,17 @@ def test_a_style_generator_whose_config_names_no_mapping_fails_verify_naming_the
     assert "mapping is required for kind style_generator" in _server_reason(root, name)
     errors = _verify_errors(root)
     assert any(f"{name}/config.json" in e and "'mapping'" in e and "required" in e for e in errors), errors
+
+
+def test_a_card_listing_more_classes_than_the_graph_takes_fails_verify_naming_class_names(
+    tmp_path: Path,
+) -> None:
+    """One class_names entry more than the graph's embedding has rows: the server's load runs a row
+    of the last class and refuses the version; verify ran random labels, which may miss the last."""
+    name = "cgan-digits"  # 10 classes
+    root = _copy(tmp_path, name)
+    _edit(root / name / "1" / "card.json", class_names=[str(i) for i in range(11)])
+    assert "class_names" in _server_reason(root, name)
+    errors = _verify_errors(root)
+    named = [e for e in errors if e.startswith(f"{name}/1: ") and "'class_names'" in e]
+    assert any("model.onnx" in e and "label 10" in e and "11" in e for e in named), errors
