@@ -171,12 +171,34 @@ def verify_repository(
         versions = [p for p in versions if VERSION_PATTERN.match(p.name)]
         if not versions:
             report.errors.append(f"{entry.name}: no version directory")
+        elif config is not None:
+            report.errors += _policy_problems(entry.name, config, [p.name for p in versions])
         for version_dir in versions:
             model = _verify_version(version_dir, config, sessions, check_thresholds, recompute_quality)
             if grids_dir is not None and model.ok and model.kind is not None:
                 _grid(model, version_dir, Path(grids_dir), sessions)
             report.models.append(model)
     return report
+
+
+def _policy_problems(name: str, config: Mapping[str, Any], on_disk: Sequence[str]) -> list[str]:
+    """config.json's `specific` version_policy against the version directories: the server serves
+    nothing of a model whose policy picks none of them, and reports a config error (GetModel's
+    reason) where it lists versions with no directory (repository.policy_misses)."""
+    specific = parse_model_config(config).version_policy.specific
+    missing = sorted({v for v in specific or () if v not in on_disk}, key=int)
+    if not missing:
+        return []
+    picked = [v for v in on_disk if v in (specific or ())]
+    outcome = (
+        "the server serves those it lists and reports the others as a config error"
+        if picked
+        else "the server serves none of this model"
+    )
+    return [
+        f"{name}/config.json: version_policy's specific lists versions with no version directory "
+        f"{missing} (on disk: {sorted(on_disk, key=int)}): {outcome}"
+    ]
 
 
 class _SessionCache:

@@ -42,7 +42,8 @@ def _verify_errors(root: Path) -> list[str]:
 
 
 def _server_reason(root: Path, name: str) -> str:
-    """Why the server's load refuses `name`'s version 1 (or the model), '' where it is READY."""
+    """Why the server's load refuses `name`'s version 1, else what it reports of the model (a
+    config error: GetModel's reason); '' where neither."""
     pytest.importorskip("genserve_server")
     from genserve_server.config import ServerConfig
     from genserve_server.metrics import Metrics
@@ -57,7 +58,7 @@ def _server_reason(root: Path, name: str) -> str:
             mv = model.versions.get("1")
             if mv is None:
                 return str(model.reason)
-            return "" if mv.state == ModelState.READY else mv.reason
+            return str(model.reason) if mv.state == ModelState.READY else mv.reason
         finally:
             await repo.close(2.0)
 
@@ -115,3 +116,25 @@ def test_a_card_listing_more_classes_than_the_graph_takes_fails_verify_naming_cl
     errors = _verify_errors(root)
     named = [e for e in errors if e.startswith(f"{name}/1: ") and "'class_names'" in e]
     assert any("model.onnx" in e and "label 10" in e and "11" in e for e in named), errors
+
+
+@pytest.mark.parametrize(
+    ("specific", "server_says"),
+    [
+        (["3"], "version_policy picks none of the version directories on disk (1)"),
+        (["1", "3"], "version_policy's specific lists versions with no version directory on disk (3)"),
+    ],
+    ids=["picks-none", "names-a-missing-one"],
+)
+def test_a_version_policy_naming_a_version_not_on_disk_fails_verify_naming_it(
+    tmp_path: Path, specific: list[str], server_says: str
+) -> None:
+    """The server serves nothing of a model whose `specific` picks no version directory, and reports
+    a config error (GetModel's reason, genserve_model_config_error) where it names one not on disk."""
+    name = "stylegan-digits-mapping"
+    root = _copy(tmp_path, name)
+    _edit(root / name / "config.json", version_policy={"specific": specific})
+    assert server_says in _server_reason(root, name)
+    errors = _verify_errors(root)
+    named = [e for e in errors if f"{name}/config.json" in e and "version_policy" in e]
+    assert any("'3'" in e and "no version directory" in e for e in named), errors
