@@ -156,8 +156,9 @@ class EncodedLatents:
 
 async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
     """asyncio.gather that cancels the siblings when one fails (their rows leave the queue, counted
-    as that failure, not as a caller that went away: batcher.WITHDRAWN). The parts of one call that
-    expire or are cancelled together count one drop: the batcher counts once per Call (Caller)."""
+    as that failure, not as a caller that went away: batcher.WITHDRAWN), and raises once they have
+    left. The parts of one call that expire or are cancelled together count one drop: the batcher
+    counts once per Call (Caller)."""
     if len(aws) == 1:
         return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
@@ -170,6 +171,11 @@ async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
     except BaseException:
         for task in tasks:
             task.cancel(WITHDRAWN)
+        # The error goes on once they have left: a sibling whose batch still computes adds that batch
+        # to call.computing as it leaves (Batcher.submit), which the call's working set and response
+        # bytes wait for (holding_working_set, boundary.release_once_ended); raised at once, they
+        # were given back while it still held them. Cancelled parts leave at their next loop turn.
+        await asyncio.wait(tasks)
         raise
 
 

@@ -213,3 +213,64 @@ def test_a_cancelled_call_whose_pool_job_raises_gives_its_working_set_back_once_
     else:
         write_model(tmp_path, "i2i", "image_to_image", image_to_image_graph(4), I2I_CARD, config=BATCHING)
         cancelled_while_held(tmp_path, monkeypatch, stage, rpc, "i2i", "image_to_image", raises=True)
+
+
+class PartFailed(Exception):
+    """What the batch of one part (one tile shape) of a SuperResolve raises in the test below."""
+
+
+def test_a_super_resolve_whose_part_fails_holds_its_working_set_until_its_other_parts_batch_has_ended(
+    tmp_path: Path,
+) -> None:
+    """Images of two sizes are two parts (tiles of two shapes, batched apart: core.gather_or_cancel).
+    Where one part's batch failed while the other's still computed, the call gave its working set back
+    as the error went out: gather_or_cancel cancelled the sibling and raised at once, before the
+    sibling had left (and added its batch to call.computing), so holding_working_set found nothing to
+    wait for while that batch still held the call's tiles and outputs."""
+    config = {"instances": 2, "batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0}}
+    write_model(tmp_path, "sr", "super_resolution", super_resolution_graph(2), SR_CARD, config=config)
+    out = validate.output_spec(tpb.IMAGE_FORMAT_RAW_UINT8, 0, None, False)
+
+    def raw(side: int) -> tpb.Image:
+        size = side * side * 3
+        return tpb.Image(format=tpb.IMAGE_FORMAT_RAW_UINT8, data=bytes(size), shape=[side, side, 3])
+
+    async def body(repo: Repository, core: GenerationCore) -> None:
+        call = Call("SuperResolve", "test", time.monotonic(), core.metrics.unresolved(), unary=True)
+        mv = core.resolve(call, "sr", "", ("super_resolution",), "SuperResolve")
+        batcher = mv.batcher
+        assert batcher is not None
+        run_batch = batcher._run_batch
+        held, go = asyncio.Event(), asyncio.Event()
+        shapes: list[Any] = []
+
+        async def one_fails_one_held(key: Any, inputs: Any) -> Any:
+            shapes.append(key)
+            if len(shapes) == 1:  # the first part's batch: held until `go`
+                held.set()
+                await go.wait()
+                return await run_batch(key, inputs)
+            await held.wait()
+            raise PartFailed("the other part's batch")
+
+        batcher._run_batch = one_fails_one_held
+        budget = core.sr_working_set
+        try:
+            task = asyncio.create_task(core.upscale(mv, call, [raw(16), raw(48)], 0, None, out))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), 10)
+            assert task.done() and task.exception() is not None, "the call did not fail"
+            assert held.is_set() and not go.is_set()
+            assert budget.held > 0, "given back while its other part's batch still computes"
+            go.set()
+            deadline = time.monotonic() + 10
+            while budget.held and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+            assert budget.held == 0, "not given back once its other part's batch had ended"
+        finally:
+            go.set()
+            batcher._run_batch = run_batch
+            if call.batcher is not None:
+                call.batcher.release()
+
+    run_with_core(tmp_path, body)
