@@ -904,7 +904,7 @@ def cmd_arithmetic(client: GenserveClient, args: argparse.Namespace) -> int:
         seeds_a=",".join(map(str, args.a)),
         seeds_b=",".join(map(str, args.b)),
         seeds_c=",".join(map(str, args.c)),
-        label=args.label,
+        label=labels[0] if labels else None,  # the index, as every PNG records it (a name resolved)
         psi=args.psi,
     )
     save_picture(make_grid(grid_rows, captions=captions), Path(args.grid), text)

@@ -195,10 +195,12 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
                 self._sample_now -= 1
         if request.model == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: 'bad' is rejected by the fake")
-        n = len(request.seeds) or request.count
+        # Explicit latents (arithmetic's means) are one image each, drawn as seed 0's.
+        rows = request.latents.shape[0] if request.HasField("latents") and request.latents.shape else 0
+        n = len(request.seeds) or rows or request.count
         if not 1 <= n <= 256:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count: must be in 1..256, got {n}")
-        seeds = list(request.seeds) or [request.base_seed + i for i in range(n)]
+        seeds = list(request.seeds) or ([0] * rows if rows else [request.base_seed + i for i in range(n)])
         labels = list(request.labels)
         items = [
             self._item(i, s, labels[i % len(labels)] if labels else None, request.output)

@@ -653,3 +653,33 @@ def test_labels_the_model_cannot_take_are_refused_before_any_call_in_one_words(
     assert f"{command[0]}: --labels: {refusal}" in err and "Traceback" not in err, err
     assert not (tmp_path / "x").exists()
     assert fake_server.service.calls["Sample"] == fake_server.service.calls["SampleStream"] == 0
+
+
+def test_an_arithmetic_grids_png_records_the_class_a_name_picked_by_its_index(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`arithmetic --label dress` wrote `label` = `dress` into its grid's PNG, as typed, where every
+    other PNG (sample's, interpolate's, a bulk job's) records the class's index -> the index."""
+    import client_fakes
+
+    monkeypatch.setattr(client_fakes, "FAKE_CLASSES", FASHION_CLASSES)
+    grid = tmp_path / "g.png"
+    code, _, err = cli_main(
+        capsys,
+        "--target",
+        fake_server.target,
+        "arithmetic",
+        "--model",
+        "fake-cond",
+        *("--a", "1", "--b", "2", "--c", "3"),
+        "--label",
+        "dress",
+        "--grid",
+        str(grid),
+    )
+    assert code == 0, err
+    with Image.open(grid) as picture:
+        assert picture.text["label"] == "3"  # type: ignore[attr-defined]
