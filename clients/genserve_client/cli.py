@@ -271,7 +271,8 @@ def parse_float32(text: str) -> float:
 
 def check_picture_path(command: str, flag: str, path: str | None) -> None:
     """Refuse, before any call, a picture file whose suffix names no format PIL can write (a
-    directory, `grid.txt`): PIL's own `unknown file extension` comes after all the work."""
+    directory, `grid.txt`): PIL's own `unknown file extension` comes after all the work. One in
+    a folder that is a file (check_folder) is refused too."""
     if path is None:
         return
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
@@ -279,18 +280,24 @@ def check_picture_path(command: str, flag: str, path: str | None) -> None:
         raise UsageError(
             f"{command}: {flag} {path!r} must be an image file name ending in .png (or .jpg, .webp, ...)"
         )
+    check_folder(command, flag, path, Path(path).parent)
+
+
+def check_folder(command: str, flag: str, path: str, folder: Path) -> None:
+    """Refuse, before any call, a `folder` (of `flag`'s `path`) that is a file or lies under one: the
+    folder is made once the pictures are, and mkdir's bare `[Errno 17] File exists` came after all
+    the work, its images thrown away."""
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UsageError(f"{command}: {flag} {path}: {ancestor} is a file, not a folder")
+            return
 
 
 def check_out_folder(command: str, path: str | None) -> None:
-    """Refuse, before any call, an --out folder that is a file or lies under one: mkdir's bare
-    `[Errno 17] File exists` came after all the work, its images thrown away."""
-    if path is None:
-        return
-    for folder in (Path(path), *Path(path).parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise UsageError(f"{command}: --out {path}: {folder} is a file, not a folder")
-            return
+    """An --out folder that is a file or lies under one (check_folder)."""
+    if path is not None:
+        check_folder(command, "--out", path, Path(path))
 
 
 def parse_floats(text: str) -> list[float]:
@@ -1204,12 +1211,8 @@ def _image_command(
     """One image through `method`; `settings` are the flags the user gave, written into a PNG's
     text chunks beside the source and provenance (None skipped)."""
     out = Path(args.output)
-    fmt = IMAGE_SUFFIX_FORMATS.get(out.suffix.lower())
-    if fmt is None:
-        # Anything else would get PNG bytes under a misleading name (big.tiff).
-        raise UsageError(
-            f"{args.command}: output {str(out)!r} must end in one of {' '.join(IMAGE_SUFFIX_FORMATS)}"
-        )
+    check_output(args)
+    fmt = IMAGE_SUFFIX_FORMATS[out.suffix.lower()]
     source = picture_for_server(args.command, Path(args.input))
     result = method(args.model, [source], format=fmt, version=args.version, **opts)
     text = png_text(result.provenance, source=args.input, **settings)
@@ -1220,6 +1223,18 @@ def _image_command(
     tiles = f", {count} tile{'' if count == 1 else 's'}" if result.tiles else ""
     _out(f"wrote {out} ({size}{tiles})")
     return 0
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """upscale's and translate's OUTPUT, before any call: a suffix naming a format the server
+    encodes (anything else would get PNG bytes under a misleading name, big.tiff), in a folder
+    that is no file (check_folder)."""
+    out = Path(args.output)
+    if out.suffix.lower() not in IMAGE_SUFFIX_FORMATS:
+        raise UsageError(
+            f"{args.command}: output {str(out)!r} must end in one of {' '.join(IMAGE_SUFFIX_FORMATS)}"
+        )
+    check_folder(args.command, "output", args.output, out.parent)
 
 
 def cmd_upscale(client: GenserveClient, args: argparse.Namespace) -> int:
@@ -1233,6 +1248,7 @@ def cmd_upscale(client: GenserveClient, args: argparse.Namespace) -> int:
 def cmd_translate(client: GenserveClient, args: argparse.Namespace) -> int:
     # Unset means a_to_b (the request's default); the PNG records the direction only when given.
     direction = args.direction or "a_to_b"
+    check_output(args)  # before the GetModel below, as before the translation
     if direction == "b_to_a":
         # Only a two_way_translator has B -> A. A server older than ImageRequest.direction (and than
         # that kind) ignores the field and translates A -> B: ask the kind instead of trusting it.

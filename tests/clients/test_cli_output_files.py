@@ -255,3 +255,42 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_call(
         assert err.count("\n") == 1 and "--out" in err and str(taken) in err and "not a folder" in err
     assert not fake_server.service.calls.get(command.capitalize())
     assert taken.read_bytes() == b"not a folder"
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["sample", "--model", "fake-gen", "--n", "3", "--seed", "1", "--grid"], "--grid"),
+        (["sample", "--model", "fake-prior", "--n", "1", "--out", "d", "--progress"], "--progress"),
+        (["interpolate", "--model", "fake-gen", "--from-seed", "1", "--to-seed", "2", "--grid"], "--grid"),
+        (["arithmetic", "--model", "fake-gen", "--a", "1", "--b", "2", "--c", "3", "--grid"], "--grid"),
+        (["mix", "--model", "fake-gen", "--rows", "1", "--cols", "2", "--grid"], "--grid"),
+        (["edit", "IN", "--model", "fake-vae", "--out"], "--out"),
+        (["upscale", "IN", "--model", "fake-i2i"], "output"),
+        (["translate", "IN", "--model", "fake-i2i"], "output"),
+    ],
+)
+def test_a_picture_whose_folder_is_a_file_is_refused_before_any_call(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    flag: str,
+) -> None:
+    """A --grid (--progress, edit's --out, upscale's or translate's output) under a file: its folder
+    was made only once the picture was, after every call, and failed with a bare '[Errno 17] File
+    exists' naming that file (exit 1), the images thrown away -> refused before any call with exit
+    2, naming the flag and the file in the way, as an --out folder that is a file is."""
+    monkeypatch.chdir(tmp_path)
+    picture = tmp_path / "in.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"not a folder")
+    argv = [str(picture) if arg == "IN" else arg for arg in command]
+    for path in (taken / "g.png", taken / "sub" / "g.png"):
+        code, stdout, err = cli_main(capsys, "--target", fake_server.target, *argv, str(path))
+        assert code == 2 and not stdout, (code, stdout, err)
+        assert err.count("\n") == 1 and flag in err and str(taken) in err and "not a folder" in err, err
+    assert not any(fake_server.service.calls.values()), fake_server.service.calls
+    assert taken.read_bytes() == b"not a folder"
