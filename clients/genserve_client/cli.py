@@ -654,6 +654,21 @@ def check_sample_size(n: int, classes: int = 1) -> None:
         )
 
 
+def check_cols(args: argparse.Namespace, labels: list[int]) -> None:
+    """`sample --cols` only where it lays out a grid: one of a model without classes (a conditional
+    model's has a row per class). Dropped without a word, it left `--label 3 --n 64 --cols 8` a
+    strip of 64 images."""
+    if args.cols is None:
+        return
+    if not args.grid:
+        raise UsageError("sample: --cols lays out the --grid: give --grid, or leave --cols out")
+    if labels:
+        raise UsageError(
+            f"sample: --cols lays out the grid of a model without classes; {args.model}'s grid has a "
+            "row per class (--labels, --label): leave --cols out"
+        )
+
+
 def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
     if not args.out and not args.grid:
         raise UsageError("sample needs --out DIR and/or --grid FILE.png")
@@ -681,6 +696,7 @@ def cmd_sample(client: GenserveClient, args: argparse.Namespace) -> int:
         else resolve_labels(info, args.labels, "sample")
     )
     check_classes("sample", "--label" if args.label is not None else "--labels", info, labels)
+    check_cols(args, labels)
     if args.grid and len(labels) > 1:
         check_grid_size("sample", args.n * len(labels), f"--n {args.n} x {len(labels)} classes")
     check_sample_size(args.n, len(labels))
@@ -1781,7 +1797,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="code priors: stream previews into this strip as the prior fills the grids (one call)",
     )
     p.add_argument(
-        "--cols", type=parse_positive, help="grid columns for unconditional models (default: square)"
+        "--cols",
+        type=parse_positive,
+        help="--grid columns of a model without classes (default: square; a conditional model's grid "
+        "has a row per class, and refuses it)",
     )
     _add_format(p)
     p.add_argument("--out", help="directory for the images")

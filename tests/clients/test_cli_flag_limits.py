@@ -251,3 +251,31 @@ def test_a_negative_number_in_exponent_form_is_taken_as_its_flags_value() -> Non
          "-.5", "--out", "o.png"]
     )  # fmt: skip
     assert (args.delta, args.sweep_from, args.sweep_to) == (-1e-3, -1e3, -0.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--model", "fake-cond", "--grid", "g.png"], "a row per class"),
+        (["--model", "fake-cond", "--label", "1", "--grid", "g.png"], "a row per class"),
+        (["--model", "fake-gen", "--out", "d"], "--grid"),
+    ],
+)
+def test_sample_cols_where_it_lays_out_nothing_is_refused_naming_it(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    said: str,
+) -> None:
+    """--cols lays out an unconditional model's grid; a conditional model's grid has a row per
+    class, so `sample --label 3 --n 64 --cols 8` wrote a strip of 64 images, the flag dropped without
+    a word (as it was without --grid) -> refused, exit 2, naming --cols, before any Sample."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--target", fake_server.target, "sample", "--n", "4", "--seed", "1", "--cols", "2", *args]
+    code, out, err = cli_main(capsys, *argv)
+    assert code == 2 and not out, (code, out, err)
+    assert "--cols" in err and said in err and "Traceback" not in err, err
+    assert not fake_server.service.calls.get("Sample")
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "d").exists()
