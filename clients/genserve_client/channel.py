@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from genserve_client.errors import REQUEST_ID_KEY
+from genserve_contract.tls_files import DECRYPT_HINT, key_pair_problem
 
 logger = logging.getLogger(__name__)
 
@@ -224,26 +225,17 @@ def _check_key_pair(cert: str | Path, key: str | Path) -> None:
     """ValueError naming the flags and files unless `key` is the unencrypted private key of `cert`'s
     certificate: gRPC takes any such pair and fails every connection ('Failed to create security
     handshaker', UNAVAILABLE, retried as an outage), naming neither."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    asked: list[bool] = []
-
-    def passphrase() -> bytes:
-        """Called only for an encrypted key (else OpenSSL prompts on the terminal)."""
-        asked.append(True)
-        return b""
-
-    try:
-        context.load_cert_chain(cert, key, password=passphrase)
-    except (ssl.SSLError, OSError) as exc:
-        if asked:
-            raise ValueError(
-                f"--tls-key {key}: encrypted (passphrase-protected); gRPC needs an unencrypted PEM key: "
-                "decrypt it (openssl pkey -in KEY -out PLAIN_KEY) onto a protected path"
-            ) from None
+    problem, _ = key_pair_problem(cert, key)
+    if problem is None:
+        return
+    if problem.encrypted:
         raise ValueError(
-            f"--tls-cert {cert} and --tls-key {key}: not a certificate and its private key "
-            f"({getattr(exc, 'reason', None) or exc})"
-        ) from None
+            f"--tls-key {key}: encrypted (passphrase-protected); gRPC needs an unencrypted PEM key: "
+            + DECRYPT_HINT
+        )
+    raise ValueError(
+        f"--tls-cert {cert} and --tls-key {key}: not a certificate and its private key ({problem.reason})"
+    )
 
 
 def _redacted_repr(obj: object, secrets: frozenset[str]) -> str:

@@ -17,7 +17,6 @@ its container.
 from __future__ import annotations
 
 import argparse
-import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve_contract.stdio import HelpParser, Stdout
+from genserve_contract.tls_files import key_pair_problem
 from genserve_server.certificates import decode_certificate, outside_validity
 from genserve_server.flag_types import MAX_TIMEOUT_S, nonempty_path, port_number, seconds
 from genserve_server.tokens import load_tokens
@@ -124,25 +124,16 @@ def _check_key_pair(cert: Path, key: Path) -> None:
     """ProbeError naming the flags and files unless `key` is the unencrypted private key of `cert`'s
     certificate, as the server checks its own pair: gRPC takes any such pair and fails the connection
     ('Failed to create security handshaker', UNAVAILABLE, as for a server down), naming neither."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    asked: list[bool] = []
-
-    def passphrase() -> bytes:
-        """Called only for an encrypted key (else OpenSSL prompts on the terminal)."""
-        asked.append(True)
-        return b""
-
-    try:
-        context.load_cert_chain(cert, key, password=passphrase)
-    except (ssl.SSLError, OSError) as exc:
-        if asked:
-            raise ProbeError(
-                f"--tls-key {key}: encrypted (passphrase-protected); gRPC needs an unencrypted PEM key"
-            ) from None
+    problem, _ = key_pair_problem(cert, key)
+    if problem is None:
+        return
+    if problem.encrypted:
         raise ProbeError(
-            f"--tls-cert {cert} and --tls-key {key}: not a certificate and its private key "
-            f"({getattr(exc, 'reason', None) or exc})"
-        ) from None
+            f"--tls-key {key}: encrypted (passphrase-protected); gRPC needs an unencrypted PEM key"
+        )
+    raise ProbeError(
+        f"--tls-cert {cert} and --tls-key {key}: not a certificate and its private key ({problem.reason})"
+    )
 
 
 def _pem(path: Path | None, flag: str, marker: bytes, what: str, errors: list[str]) -> bytes | None:

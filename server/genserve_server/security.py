@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pool
 
+from genserve_contract.tls_files import DECRYPT_HINT, key_pair_problem
 from genserve_server.boundary import UNKNOWN_METHOD, ThrottledLog, abort, request_id, shown_method
 from genserve_server.certificates import decode_certificates as _decode_certificates
 from genserve_server.certificates import not_after as _not_after
@@ -221,27 +222,17 @@ def _check_readable(tls: TlsConfig) -> None:
 def _check_pem(tls: TlsConfig) -> None:
     """ConfigError naming the files unless they hold a PEM certificate chain with its private key
     (and PEM CA certificates): grpc only fails to listen, which read as a port problem."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    asked: list[bool] = []
-
-    def passphrase() -> bytes:
-        """Called only for an encrypted key: without it OpenSSL prompted on the terminal (and died
-        with OSError where there is none); grpc cannot use such a key anyway."""
-        asked.append(True)
-        return b""
-
-    try:
-        context.load_cert_chain(tls.cert_file, tls.key_file, password=passphrase)
-    except (ssl.SSLError, OSError) as exc:
-        if asked:
-            raise ConfigError(
-                f"tls: {tls.key_file} is encrypted (passphrase-protected); grpc needs an unencrypted "
-                "PEM key: decrypt it (openssl pkey -in KEY -out PLAIN_KEY) onto a protected path"
-            ) from None
+    problem, context = key_pair_problem(tls.cert_file, tls.key_file, ssl.PROTOCOL_TLS_SERVER)
+    if problem is not None and problem.encrypted:
+        raise ConfigError(
+            f"tls: {tls.key_file} is encrypted (passphrase-protected); grpc needs an unencrypted PEM key: "
+            f"{DECRYPT_HINT}"
+        )
+    if problem is not None:
         raise ConfigError(
             f"tls: {tls.cert_file} and {tls.key_file} are not a PEM certificate and its private key "
-            f"({getattr(exc, 'reason', None) or exc})"
-        ) from None
+            f"({problem.reason})"
+        )
     if tls.client_ca_file is not None:
         try:
             context.load_verify_locations(cafile=tls.client_ca_file)
