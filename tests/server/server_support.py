@@ -27,12 +27,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from genserve.v1 import types_pb2 as tpb
 from genserve_server.config import ServerConfig
-from genserve_server.core import GenerationCore
+from genserve_server.core import Call, GenerationCore
 from genserve_server.errors import ResourceExhausted
 from genserve_server.launcher import ServerSubprocess, genserve_command
 from genserve_server.main import App
 from genserve_server.metrics import Metrics
 from genserve_server.repository import Repository
+from genserve_server.response_budget import ByteBudget, Reservation
 from genserve_server.step_sampler import StepScheduler
 
 OPSET = 17
@@ -738,6 +739,39 @@ def run_with_core(
             pool.shutdown()
 
     asyncio.run(main())
+
+
+class UnaryContext:
+    """The parts of grpc.aio.ServicerContext the boundary uses for a unary call."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
+    def done(self) -> bool:
+        return False
+
+
+def reserving_handler(
+    budget: ByteBudget, predicted: int, response: Any
+) -> Callable[[object, Call], Awaitable[Any]]:
+    """A Boundary.unary handler that reserves `predicted` response bytes of `budget` for its call (as
+    core does) and answers `response`."""
+
+    async def handler(request: object, call: Call) -> Any:
+        call.response = Reservation(budget)
+        await call.response.reserve(predicted, None, "Sample")
+        return response
+
+    return handler
 
 
 def gate(scheduler: StepScheduler, at_step: int) -> tuple[asyncio.Event, asyncio.Event]:

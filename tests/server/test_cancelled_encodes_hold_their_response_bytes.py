@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cancel_support import cancel_while_held, held_on_the_pool
 from code_models import write_code_models
-from server_support import run_with_core, write_tiny_generator
+from server_support import UnaryContext, run_with_core, write_tiny_generator
 from style_models import write_style_models
-from test_cancelled_calls_hold_their_response_bytes import _Context, cancel_while_held
-from test_cancelled_image_calls_hold_their_working_set import held_on_the_pool
 
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import types_pb2 as tpb
@@ -65,13 +65,35 @@ def test_a_cancelled_call_holds_its_response_bytes_until_its_encode_has_ended(
         service = GenerationService(repo, core.config, core.metrics, core.codec.pool, core=core)
         handler = getattr(service, rpc)
         with held_on_the_pool(monkeypatch, encoding, "encode_sync", raises) as (entered, go):
-            task = asyncio.create_task(handler(request_of(rpc, names), _Context()))
-            await cancel_while_held(task, entered, core.responses, go)
+            task = asyncio.create_task(handler(request_of(rpc, names), UnaryContext()))
+            await cancel_while_held(task, entered, core.responses, go, "its encode")
         # The next call is answered: its encode is not held up by the one left behind.
-        answer = await handler(request_of(rpc, names), _Context())
+        answer = await handler(request_of(rpc, names), UnaryContext())
         assert answer.images and all(g.image.format == tpb.IMAGE_FORMAT_JPEG for g in answer.images)
 
     run_with_core(tmp_path, body)
+
+
+Encode = Callable[[list[asyncio.Future[None]]], Coroutine[Any, Any, list[Any]]]
+
+
+def run_with_codec(body: Callable[[Encode], Awaitable[None]]) -> None:
+    """`body(encode)`, 30 s at most: encode(computing) encodes two 8x8 RGB images as JPEG with a Codec
+    on a pool of one thread, passing it `computing`."""
+    metrics = ModelMetrics(Metrics(enabled=False), "m", "1")
+    out = validate.output_spec(tpb.IMAGE_FORMAT_JPEG, 0, None, False)
+    images = np.zeros((2, 3, 8, 8), np.float32)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            codec = Codec(pool, 1, 64 << 20)
+
+            def encode(computing: list[asyncio.Future[None]]) -> Coroutine[Any, Any, list[Any]]:
+                return codec.encode(metrics, images, out, (-1.0, 1.0), computing=computing)
+
+            await body(encode)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_an_encode_waited_out_or_left_before_it_reached_the_pool_adds_nothing_to_computing(
@@ -80,37 +102,32 @@ def test_an_encode_waited_out_or_left_before_it_reached_the_pool_adds_nothing_to
     """The hot path pays no future per encode: a caller that waits its encode out leaves `computing`
     as it was; one that leaves while its encode is still queued (not yet handed to the pool) adds
     nothing either, and its encode never runs."""
-    metrics = ModelMetrics(Metrics(enabled=False), "m", "1")
-    out = validate.output_spec(tpb.IMAGE_FORMAT_JPEG, 0, None, False)
-    images = np.zeros((2, 3, 8, 8), np.float32)
 
-    async def main() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            codec = Codec(pool, 1, 64 << 20)
-            computing: list[asyncio.Future[None]] = []
-            done = await codec.encode(metrics, images, out, (-1.0, 1.0), computing=computing)
-            assert len(done) == 2
-            assert computing == []
-            ran = []
-            real = encoding.encode_sync
+    async def body(encode: Encode) -> None:
+        computing: list[asyncio.Future[None]] = []
+        done = await encode(computing)
+        assert len(done) == 2
+        assert computing == []
+        ran = []
+        real = encoding.encode_sync
 
-            def counted(*args: Any) -> Any:
-                ran.append(1)
-                return real(*args)
+        def counted(*args: Any) -> Any:
+            ran.append(1)
+            return real(*args)
 
-            monkeypatch.setattr(encoding, "encode_sync", counted)
-            task = asyncio.create_task(codec.encode(metrics, images, out, (-1.0, 1.0), computing=computing))
-            await asyncio.sleep(0)  # queued: the flush comes at the end of this turn of the loop
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert computing == []
-            # A later encode runs alone: the one left behind never did.
-            await codec.encode(metrics, images, out, (-1.0, 1.0), computing=computing)
-            assert ran == [1]
-            assert computing == []
+        monkeypatch.setattr(encoding, "encode_sync", counted)
+        task = asyncio.create_task(encode(computing))
+        await asyncio.sleep(0)  # queued: the flush comes at the end of this turn of the loop
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert computing == []
+        # A later encode runs alone: the one left behind never did.
+        await encode(computing)
+        assert ran == [1]
+        assert computing == []
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    run_with_codec(body)
 
 
 def test_a_caller_cancelled_while_its_chunk_runs_is_told_once_the_chunk_has_ended(
@@ -118,31 +135,24 @@ def test_a_caller_cancelled_while_its_chunk_runs_is_told_once_the_chunk_has_ende
 ) -> None:
     """Two callers' encodes share a pool chunk; one leaves while the chunk runs: its `computing` gets
     one future, resolved once the chunk has ended (the other caller is answered)."""
-    metrics = ModelMetrics(Metrics(enabled=False), "m", "1")
-    out = validate.output_spec(tpb.IMAGE_FORMAT_JPEG, 0, None, False)
-    images = np.zeros((2, 3, 8, 8), np.float32)
 
-    async def main() -> None:
-        with ThreadPoolExecutor(1) as pool:
-            codec = Codec(pool, 1, 64 << 20)
-            left: list[asyncio.Future[None]] = []
-            stays: list[asyncio.Future[None]] = []
-            with held_on_the_pool(monkeypatch, encoding, "encode_sync") as (entered, go):
-                leaving = asyncio.create_task(codec.encode(metrics, images, out, (-1.0, 1.0), computing=left))
-                staying = asyncio.create_task(
-                    codec.encode(metrics, images, out, (-1.0, 1.0), computing=stays)
-                )
-                deadline = time.monotonic() + 10
-                while not entered.is_set() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.002)
-                assert entered.is_set()
-                leaving.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await leaving
-                assert len(left) == 1 and not left[0].done()
-                go.set()
-                assert len(await staying) == 2
-                await asyncio.wait_for(left[0], 10)
-            assert stays == []
+    async def body(encode: Encode) -> None:
+        left: list[asyncio.Future[None]] = []
+        stays: list[asyncio.Future[None]] = []
+        with held_on_the_pool(monkeypatch, encoding, "encode_sync") as (entered, go):
+            leaving = asyncio.create_task(encode(left))
+            staying = asyncio.create_task(encode(stays))
+            deadline = time.monotonic() + 10
+            while not entered.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+            assert entered.is_set()
+            leaving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+            assert len(left) == 1 and not left[0].done()
+            go.set()
+            assert len(await staying) == 2
+            await asyncio.wait_for(left[0], 10)
+        assert stays == []
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    run_with_codec(body)

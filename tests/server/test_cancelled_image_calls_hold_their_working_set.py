@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from server_support import image_to_image_graph, run_with_core, super_resolution_graph, write_model
+from cancel_support import (
+    SR_CARD,
+    cancel_while_held,
+    held_on_the_pool,
+    infer_request,
+    release_call,
+    released_within,
+    write_image_model,
+)
+from server_support import run_with_core, super_resolution_graph, write_model
 from test_translate_working_set import gradient_png
 
-from genserve.kserve import grpc_service_pb2 as kpb
 from genserve.v1 import types_pb2 as tpb
 from genserve_server import encoding, kserve, tiling, validate, wire
 from genserve_server.boundary import Boundary
@@ -28,19 +33,6 @@ from genserve_server.core import Call, GenerationCore
 from genserve_server.repository import Repository
 
 PNG = tpb.IMAGE_FORMAT_PNG
-
-SR_CARD = {
-    "channels": 3,
-    "input_channels": 3,
-    "input_range": [0.0, 1.0],
-    "scale_factor": 2,
-    "size_multiple": 1,
-    "tile_size": 32,
-    "tile_overlap": 8,
-    "min_size": 4,
-}
-I2I_CARD = {"channels": 3, "input_channels": 3, "input_range": [-1.0, 1.0], "size_multiple": 4, "min_size": 8}
-BATCHING = {"batching": {"max_batch_size": 4, "max_queue_delay_ms": 1.0}}
 
 # (the module holding the pool job's function, its name): each runs on the codec pool for a 64x64 PNG
 # in, PNG out (decode_sync: a PNG; tiling.blend: several tiles; encode_sync: 128x128 RGB as PNG).
@@ -51,34 +43,6 @@ STAGES = {
 }
 # A ModelInfer's response of wire.OFF_LOOP_BYTES or more is built on the codec pool (kserve._response).
 INFER_STAGES = {"response": (wire, "with_bytes_field")}
-
-
-class JobFailed(Exception):
-    """What a held pool job raises where the test asks it to."""
-
-
-@contextlib.contextmanager
-def held_on_the_pool(
-    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, raises: bool = False
-) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """(entered, go): `module.name` waits, on the pool thread that runs it, until `go` is set; then
-    runs, or raises JobFailed where `raises`."""
-    entered, go = threading.Event(), threading.Event()
-    real: Callable[..., Any] = getattr(module, name)
-
-    def held(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        go.wait(10)
-        if raises:
-            raise JobFailed(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, held)
-    try:
-        yield entered, go
-    finally:
-        go.set()
-        monkeypatch.setattr(module, name, real)
 
 
 def cancelled_while_held(
@@ -110,26 +74,10 @@ def cancelled_while_held(
         with held_on_the_pool(monkeypatch, module, name, raises) as (entered, go):
             task = asyncio.create_task(start(call))
             try:
-                while not entered.is_set():
-                    assert not task.done(), task.result()
-                    await asyncio.sleep(0.002)
-                held = budget.held
-                assert held > 0
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                assert budget.held == held, f"given back while its {stage} still runs on the pool"
-                go.set()
-                deadline = time.monotonic() + 10
-                while budget.held and time.monotonic() < deadline:
-                    await asyncio.sleep(0.002)
-                assert budget.held == 0, f"not given back once its {stage} had ended"
+                await cancel_while_held(task, entered, budget, go, f"its {stage}")
             finally:
                 go.set()
-                if call.batcher is not None:
-                    call.batcher.release()
-                if call.response is not None:
-                    call.response.release()
+                release_call(call)
         # The next call is served, and gives its bytes back.
         served = Call(rpc, "next", time.monotonic(), core.metrics.unresolved(), unary=True)
         try:
@@ -140,23 +88,9 @@ def cancelled_while_held(
                 assert len(done.images) == 1
             assert budget.held == 0
         finally:
-            if served.batcher is not None:
-                served.batcher.release()
-            if served.response is not None:
-                served.response.release()
+            release_call(served)
 
     run_with_core(root, body)
-
-
-def infer_request(model: str, kind: str) -> kpb.ModelInferRequest:
-    """One image whose output (raw FP32) is wire.OFF_LOOP_BYTES or more: built on the codec pool."""
-    side = 160 if kind == "super_resolution" else 304  # 3x320x320 or 3x304x304 float32 out: > 1 MiB
-    low = 0.0 if kind == "super_resolution" else -1.0
-    image = np.linspace(low, 1.0, 3 * side * side, dtype=np.float32).reshape(1, 3, side, side)
-    request = kpb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="image", datatype="FP32", shape=image.shape)
-    request.raw_input_contents.append(image.tobytes())
-    return request
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -165,8 +99,8 @@ def test_a_cancelled_super_resolve_holds_its_working_set_until_its_pool_job_has_
 ) -> None:
     """It gave its working set back as it was cancelled, while its decode, blend or encode went on
     on the codec pool: the budget admitted other calls beside buffers it counted as held."""
-    write_model(tmp_path, "sr", "super_resolution", super_resolution_graph(2), SR_CARD, config=BATCHING)
-    cancelled_while_held(tmp_path, monkeypatch, stage, "SuperResolve", "sr", "super_resolution")
+    model = write_image_model(tmp_path, "super_resolution")
+    cancelled_while_held(tmp_path, monkeypatch, stage, "SuperResolve", model, "super_resolution")
 
 
 @pytest.mark.parametrize("stage", ["decode", "encode"])
@@ -174,8 +108,8 @@ def test_a_cancelled_translate_holds_its_working_set_until_its_pool_job_has_ende
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:
     """As SuperResolve's (a Translate blends nothing)."""
-    write_model(tmp_path, "i2i", "image_to_image", image_to_image_graph(4), I2I_CARD, config=BATCHING)
-    cancelled_while_held(tmp_path, monkeypatch, stage, "Translate", "i2i", "image_to_image")
+    model = write_image_model(tmp_path, "image_to_image")
+    cancelled_while_held(tmp_path, monkeypatch, stage, "Translate", model, "image_to_image")
 
 
 @pytest.mark.parametrize("kind", ["super_resolution", "image_to_image"])
@@ -185,12 +119,8 @@ def test_a_cancelled_model_infer_holds_its_working_set_until_its_response_is_bui
     """A ModelInfer on a super-resolution or image-to-image model, cancelled while its large response
     was built on the codec pool, gave its working set back at once: the job still held the model's
     outputs the working set counts."""
-    if kind == "super_resolution":
-        write_model(tmp_path, "sr", kind, super_resolution_graph(2), SR_CARD, config=BATCHING)
-        cancelled_while_held(tmp_path, monkeypatch, "response", "ModelInfer", "sr", kind)
-    else:
-        write_model(tmp_path, "i2i", kind, image_to_image_graph(4), I2I_CARD, config=BATCHING)
-        cancelled_while_held(tmp_path, monkeypatch, "response", "ModelInfer", "i2i", kind)
+    model = write_image_model(tmp_path, kind)
+    cancelled_while_held(tmp_path, monkeypatch, "response", "ModelInfer", model, kind)
 
 
 @pytest.mark.parametrize(
@@ -207,12 +137,9 @@ def test_a_cancelled_call_whose_pool_job_raises_gives_its_working_set_back_once_
 ) -> None:
     """A pool job that raises resolves the call's `computing` as one that returns: the working set is
     not held for ever (nor is a later call left waiting for it)."""
-    if rpc == "SuperResolve":
-        write_model(tmp_path, "sr", "super_resolution", super_resolution_graph(2), SR_CARD, config=BATCHING)
-        cancelled_while_held(tmp_path, monkeypatch, stage, rpc, "sr", "super_resolution", raises=True)
-    else:
-        write_model(tmp_path, "i2i", "image_to_image", image_to_image_graph(4), I2I_CARD, config=BATCHING)
-        cancelled_while_held(tmp_path, monkeypatch, stage, rpc, "i2i", "image_to_image", raises=True)
+    kind = "super_resolution" if rpc == "SuperResolve" else "image_to_image"
+    model = write_image_model(tmp_path, kind)
+    cancelled_while_held(tmp_path, monkeypatch, stage, rpc, model, kind, raises=True)
 
 
 class PartFailed(Exception):
@@ -263,14 +190,11 @@ def test_a_super_resolve_whose_part_fails_holds_its_working_set_until_its_other_
             assert held.is_set() and not go.is_set()
             assert budget.held > 0, "given back while its other part's batch still computes"
             go.set()
-            deadline = time.monotonic() + 10
-            while budget.held and time.monotonic() < deadline:
-                await asyncio.sleep(0.002)
+            await released_within(budget)
             assert budget.held == 0, "not given back once its other part's batch had ended"
         finally:
             go.set()
             batcher._run_batch = run_batch
-            if call.batcher is not None:
-                call.batcher.release()
+            release_call(call)
 
     run_with_core(tmp_path, body)

@@ -17,8 +17,10 @@ import pytest
 from google.protobuf.message import Message
 from server_support import (
     TINY_LATENT,
+    UnaryContext,
     generator_graph,
     image_to_image_graph,
+    reserving_handler,
     super_resolution_graph,
     write_model,
     write_tiny_generator,
@@ -32,10 +34,9 @@ from genserve.v1 import types_pb2 as tpb
 from genserve_server import boundary, kserve_tensors, wire
 from genserve_server.boundary import Boundary
 from genserve_server.config import ServerConfig, TensorSpec
-from genserve_server.core import Call
 from genserve_server.main import App
 from genserve_server.metrics import Metrics
-from genserve_server.response_budget import ByteBudget, Reservation
+from genserve_server.response_budget import ByteBudget
 
 F32 = tpb.OutputOptions(format=tpb.IMAGE_FORMAT_TENSOR_F32, return_latents=True)
 
@@ -102,35 +103,13 @@ def test_serializers_pass_serialized_responses_through_and_serialize_messages() 
     assert wire.passing_bytes(None) is None
 
 
-class _Context:
-    """The parts of grpc.aio.ServicerContext the boundary uses for a successful unary call."""
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ()
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        pass
-
-    def add_done_callback(self, callback: Any) -> None:
-        pass
-
-    def done(self) -> bool:
-        return False
-
-
 def _answer(predicted: int, response: pb.SampleResponse, budget: ByteBudget) -> Any:
-    async def handler(request: object, call: Call) -> pb.SampleResponse:
-        call.response = Reservation(budget)
-        await call.response.reserve(predicted, None, "Sample")
-        return response
+    handler = reserving_handler(budget, predicted, response)
 
     async def main() -> Any:
         with ThreadPoolExecutor(1) as pool:
             ends = Boundary(Metrics(), serialize_pool=pool)
-            return await ends.unary("Sample", object(), _Context(), handler)  # type: ignore[arg-type]
+            return await ends.unary("Sample", object(), UnaryContext(), handler)  # type: ignore[arg-type]
 
     return asyncio.run(main())
 
