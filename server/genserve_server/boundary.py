@@ -434,7 +434,7 @@ class Boundary:
             await self.raised(call, exc, context)
         finally:
             if call.response is not None:  # refused, failed or cancelled: nothing will be sent
-                release_once_ended(call.response.release, call.computing)
+                call.release_once_computed(call.response.release)
             self.end(call)
 
     async def stream(
@@ -518,18 +518,6 @@ class UnknownMethods(grpc.GenericRpcHandler):
 
         # Stream-stream whatever the client's kind: the server reads no message of any call.
         return grpc.stream_stream_rpc_method_handler(unimplemented)
-
-
-def release_once_ended(release: Callable[[], None], computing: list[asyncio.Future[None]]) -> None:
-    """`release()` now, or once the futures of `computing` still pending (a Call's) have resolved:
-    a call that left while its batches computed or a job of its ran on a pool (building its
-    response's bytes: the boundary's serialize, ModelInfer's response) gives back what those hold
-    once they have ended."""
-    pending = [f for f in computing if not f.done()]
-    if pending:
-        asyncio.gather(*pending).add_done_callback(lambda _: release())
-    else:
-        release()
 
 
 def _past_deadline(call: Call) -> bool:

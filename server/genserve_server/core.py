@@ -118,8 +118,18 @@ class Call:
     # serialize), each resolved once the job has ended (idle_spin.run_off_loop_tracked, Codec's
     # `computing`, EncodeQueue.left): added only as the call leaves, none for a call that waits.
     # holding_working_set waits for them before it gives the working set back, the boundary before
-    # it gives the response's bytes back (boundary.release_once_ended).
+    # it gives the response's bytes back (Call.release_once_computed).
     computing: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def release_once_computed(self, release: Callable[[], None]) -> None:
+        """`release()` now, or once the futures of `computing` still pending have resolved: a call
+        that left while its batches computed or a job of its ran off the loop gives back what those
+        hold (its working set, its response's bytes) once they have ended."""
+        pending = [f for f in self.computing if not f.done()]
+        if pending:
+            asyncio.gather(*pending).add_done_callback(lambda _: release())
+        else:
+            release()
 
     def release_uses(self) -> None:
         """Release the versions of `uses` (at the call's end; a second call releases nothing)."""
@@ -173,7 +183,7 @@ async def gather_or_cancel(aws: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
             task.cancel(WITHDRAWN)
         # The error goes on once they have left: a sibling whose batch still computes adds that batch
         # to call.computing as it leaves (Batcher.submit), which the call's working set and response
-        # bytes wait for (holding_working_set, boundary.release_once_ended); raised at once, they
+        # bytes wait for (holding_working_set, Call.release_once_computed); raised at once, they
         # were given back while it still held them. Cancelled parts leave at their next loop turn.
         await asyncio.wait(tasks)
         raise
@@ -914,13 +924,9 @@ class GenerationCore:
         try:
             yield
         finally:
-            # Kept in call.computing: the boundary gives the call's response bytes back once they
+            # call.computing is kept: the boundary gives the call's response bytes back once they
             # have ended too (a ModelInfer's response built on the codec pool).
-            computing = [f for f in call.computing if not f.done()]
-            if computing:
-                asyncio.gather(*computing).add_done_callback(lambda _: budget.release(held))
-            else:
-                budget.release(held)
+            call.release_once_computed(lambda: budget.release(held))
 
     def whole_images_working_set(
         self,

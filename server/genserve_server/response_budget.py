@@ -8,7 +8,7 @@
   timed out: accept.at_call_end, or the context's done callback where grpc accepted the call); a
   call that leaves while its batches compute or its response's bytes are built off the event
   loop (its images' encodes on the codec pool, the boundary's serialize, ModelInfer's response)
-  releases it once those have ended (Call.computing, boundary.release_once_ended).
+  releases it once those have ended (Call.computing, Call.release_once_computed).
 - SuperResolve working set: inputs and tiles in flight x tile memory, then blend canvases and the
   encode's copies (tiling.working_set_bytes), so that a few large requests run one after another
   instead of all at once.
