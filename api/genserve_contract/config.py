@@ -310,6 +310,11 @@ class VersionPolicy:
             return [v for v in ordered if v in self.specific]
         return ordered[-(self.latest or 1) :]
 
+    def missing(self, available: Sequence[str]) -> list[str]:
+        """The versions `specific` lists with no directory among `available`, in version order
+        (none for a `latest` policy)."""
+        return sorted({v for v in self.specific or () if v not in available}, key=int)
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingConfig:

@@ -185,11 +185,11 @@ def _policy_problems(name: str, config: Mapping[str, Any], on_disk: Sequence[str
     """config.json's `specific` version_policy against the version directories: the server serves
     nothing of a model whose policy picks none of them, and reports a config error (GetModel's
     reason) where it lists versions with no directory (repository.policy_misses)."""
-    specific = parse_model_config(config).version_policy.specific
-    missing = sorted({v for v in specific or () if v not in on_disk}, key=int)
+    policy = parse_model_config(config).version_policy
+    missing = policy.missing(on_disk)
     if not missing:
         return []
-    picked = [v for v in on_disk if v in (specific or ())]
+    picked = policy.select(on_disk)
     outcome = (
         "the server serves those it lists and reports the others as a config error"
         if picked

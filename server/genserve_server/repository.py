@@ -238,7 +238,7 @@ def policy_picks_none(model_path: Path, available: Sequence[str]) -> str:
 def policy_misses(model_path: Path, policy: VersionPolicy, available: Sequence[str]) -> str:
     """The reason of a model whose `specific` version_policy lists versions with no directory on
     disk beside ones it picks ("" where it lists none such; where it picks none: policy_picks_none)."""
-    missing = sorted({v for v in policy.specific or () if v not in available}, key=int)
+    missing = policy.missing(available)
     if not missing:
         return ""
     return (
