@@ -69,9 +69,10 @@ class EncodeQueue:
     splits everything queued into at most `threads` pool tasks (chunks); each task resolves its
     futures with one call back into the loop.
 
-    A caller that leaves before the flush is dropped there (its encode never runs); one that leaves
-    once its chunk is on the pool can ask to be told when that chunk has ended (`left`): the encode
-    builds its response's bytes until then. Nothing is added for a caller that waits its encode out.
+    A caller that leaves before the flush is dropped there (its encode never runs), one that leaves
+    while its chunk's earlier encodes run is skipped when its turn comes; one that leaves once its
+    chunk is on the pool can ask to be told when that chunk has ended (`left`): its encode may be
+    building its response's bytes until then. Nothing is added for a caller that waits its encode out.
     """
 
     def __init__(self, pool: ThreadPoolExecutor, threads: int) -> None:
@@ -119,6 +120,11 @@ class EncodeQueue:
     def _run_chunk(self, loop: asyncio.AbstractEventLoop, chunk: list[_Job]) -> None:
         results: list[_Result] = []
         for job, future in chunk:
+            # A caller that left (cancelled on the loop) while the chunk's earlier encodes ran: its
+            # encode is skipped. Read from this thread, done() is a hint that can only come late
+            # (results are set on the loop once the chunk has ended): at worst the encode runs.
+            if future.done():
+                continue
             try:
                 results.append((future, job(), None))
             except BaseException as exc:  # delivered to the request that asked for it

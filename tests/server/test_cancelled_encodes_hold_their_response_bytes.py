@@ -156,3 +156,43 @@ def test_a_caller_cancelled_while_its_chunk_runs_is_told_once_the_chunk_has_ende
         assert stays == []
 
     run_with_codec(body)
+
+
+def test_an_encode_whose_caller_left_before_its_turn_in_a_running_chunk_never_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three callers' encodes share one pool chunk; the second leaves while the first's encode runs.
+    Its encode was run all the same once the first's ended (CPU spent on bytes nobody reads, under
+    the load at which callers give up): now the chunk skips it. The third caller is answered, and the
+    one that left is told once the chunk has ended."""
+
+    async def body(encode: Encode) -> None:
+        ran: list[int] = []
+        first: list[asyncio.Future[None]] = []
+        left: list[asyncio.Future[None]] = []
+        third: list[asyncio.Future[None]] = []
+        with held_on_the_pool(monkeypatch, encoding, "encode_sync") as (entered, go):
+            held = encoding.encode_sync
+
+            def counted(*args: Any) -> Any:
+                ran.append(1)
+                return held(*args)
+
+            monkeypatch.setattr(encoding, "encode_sync", counted)
+            tasks = [asyncio.create_task(encode(c)) for c in (first, left, third)]
+            deadline = time.monotonic() + 10
+            while not entered.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+            assert entered.is_set() and len(ran) == 1
+            tasks[1].cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await tasks[1]
+            assert len(left) == 1 and not left[0].done()
+            go.set()
+            assert len(await tasks[0]) == 2
+            assert len(await tasks[2]) == 2
+            await asyncio.wait_for(left[0], 10)
+        assert len(ran) == 2  # the first's and the third's
+        assert first == [] and third == []
+
+    run_with_codec(body)
