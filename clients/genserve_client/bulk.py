@@ -63,6 +63,7 @@ from genserve_client.requests import StreamOptions
 from genserve_client.results import SampleResult
 from genserve_client.retry import is_permanent
 from genserve_contract.kinds import SAMPLE_KINDS
+from genserve_contract.staging import create_beside
 
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -472,22 +473,16 @@ def write_file_whole(path: Path, data: bytes | Iterable[bytes]) -> None:
 
 
 def _new_file_beside(target: Path, mode: int) -> tuple[BinaryIO, Path]:
-    """A file created beside `target` under a temp name of its own (`.NAME.PID.RANDOM.tmp`), opened
-    to write: created exclusively, so a name already there (a link planted in a shared folder,
-    another run's temp file) is never opened, written through or renamed into place; with `mode`
-    (less the umask) from the start, so a private file's new contents are never readable by others
-    while written. An error names no file (write_file_whole names `target`)."""
-    # The temp name stays within NAME_MAX however long the output's own name is.
-    stem = target.name.encode()[:200].decode(errors="ignore")
-    for _ in range(100):
-        tmp = target.with_name(f".{stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        try:
-            return open(tmp, "xb", opener=lambda name, flags: os.open(name, flags, mode)), tmp
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror) from exc
-    raise OSError(errno.EEXIST, "no free temp name beside it")
+    """A file created beside `target` under a temp name of its own (`.NAME.PID.RANDOM.tmp`,
+    genserve_contract.staging), opened to write: created exclusively, with `mode` (less the umask)
+    from the start. An error names no file (write_file_whole names `target`)."""
+    try:
+        fd, tmp = create_beside(target, mode)
+    except FileExistsError:
+        raise OSError(errno.EEXIST, "no free temp name beside it") from None
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror) from exc
+    return os.fdopen(fd, "wb"), tmp
 
 
 def read_manifest(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
 from genserve_contract.repository import ACTIVATION_BYTES_FIELD, activation_bytes_problem
-from genserve_export.data.cache_file import create_beside
+from genserve_contract.staging import create_beside
 from genserve_export.errors import ExportError
 
 # The probe's spatial size before it is raised to the card's min_size and size_multiple.
@@ -228,7 +228,7 @@ def annotate_version(version_dir: Path) -> tuple[float, float | None]:
     text = json.dumps(card, indent=2, allow_nan=False) + "\n"
     # A staging file of this call (two runs at once each rename a whole card: a fixed name let the
     # second truncate and take the file the first was about to rename), removed if it is not renamed.
-    handle, staging = create_beside(card_path)
+    handle, staging = create_beside(card_path, suffix=".part")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)

@@ -9,24 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
+from genserve_contract.staging import create_beside
+
 if TYPE_CHECKING:  # torch only where weights are cached: the MNIST array copy needs numpy alone
     from torch import nn
 
     Net = TypeVar("Net", bound=nn.Module)
-
-
-def create_beside(path: Path) -> tuple[int, Path]:
-    """A new file of this call beside ``path`` (`.NAME.PID.RANDOM.part`), created exclusively and
-    with 0666 less the umask, as any other new file (mkstemp's 0600 made the published cache file
-    unreadable to the other users of a shared data folder)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def publish_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> bool:
@@ -38,7 +26,7 @@ def publish_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> bool:
     where the folder cannot take it (a read-only cache: the caller computes it again next time)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = create_beside(path)
+        handle, tmp = create_beside(path, suffix=".part")
     except OSError:
         return False
     try:
