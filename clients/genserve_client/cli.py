@@ -82,6 +82,7 @@ from genserve_client.pngmeta import PNG_SIGNATURE, png_text, pnginfo, with_png_t
 from genserve_client.requests import DIRECTIONS
 from genserve_client.results import CodesProgress, Provenance, SampleResult
 from genserve_client.retry import RetryPolicy
+from genserve_contract.flags import nonempty_path_text
 from genserve_contract.stdio import READER_GONE_STATUS, HelpParser, Stdout, err_line
 
 MAX_IMAGES_PER_CALL = 256  # the server's max_images_per_request default
@@ -1696,6 +1697,7 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
     g.add_argument(
         "--token-file",
         action=_TokenSource,
+        type=nonempty_path_text,
         default=default(None),
         help="file holding the bearer token (one; blank and `#` comment lines skipped)",
     )
@@ -1705,9 +1707,18 @@ def _add_connection(p: argparse.ArgumentParser, *, after_command: bool) -> None:
         default=default(False),
         help="use TLS with the system's root certificates",
     )
-    g.add_argument("--tls-ca", default=default(None), help="PEM root certificates (implies --tls)")
-    g.add_argument("--tls-cert", default=default(None), help="PEM client certificate for mTLS")
-    g.add_argument("--tls-key", default=default(None), help="PEM client key for mTLS")
+    g.add_argument(
+        "--tls-ca",
+        type=nonempty_path_text,
+        default=default(None),
+        help="PEM root certificates (implies --tls)",
+    )
+    g.add_argument(
+        "--tls-cert", type=nonempty_path_text, default=default(None), help="PEM client certificate for mTLS"
+    )
+    g.add_argument(
+        "--tls-key", type=nonempty_path_text, default=default(None), help="PEM client key for mTLS"
+    )
     g.add_argument("--tls-server-name", default=default(None), help="expected server name in its certificate")
 
 
@@ -1793,6 +1804,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--progress",
+        type=nonempty_path_text,
         metavar="FILE.png",
         help="code priors: stream previews into this strip as the prior fills the grids (one call)",
     )
@@ -1803,8 +1815,12 @@ def build_parser() -> argparse.ArgumentParser:
         "has a row per class, and refuses it)",
     )
     _add_format(p)
-    p.add_argument("--out", help="directory for the images")
-    p.add_argument("--grid", help=f"PNG file for an image grid (at most {MAX_GRID_IMAGES} images)")
+    p.add_argument("--out", type=nonempty_path_text, help="directory for the images")
+    p.add_argument(
+        "--grid",
+        type=nonempty_path_text,
+        help=f"PNG file for an image grid (at most {MAX_GRID_IMAGES} images)",
+    )
 
     p = command("interpolate", "a latent path between two seeds, as a strip")
     _add_model(p)
@@ -1823,8 +1839,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     _add_format(p)
-    p.add_argument("--out", help="directory for the images")
-    p.add_argument("--grid", help="PNG file for the strip")
+    p.add_argument("--out", type=nonempty_path_text, help="directory for the images")
+    p.add_argument("--grid", type=nonempty_path_text, help="PNG file for the strip")
 
     p = command(
         "mix",
@@ -1847,7 +1863,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="truncation in w space, 0..10: 0 = the mean w, 1 = none, above 1 away from it (default: none)",
     )
     _add_format(p)
-    p.add_argument("--grid", required=True, help="PNG file for the grid")
+    p.add_argument("--grid", type=nonempty_path_text, required=True, help="PNG file for the grid")
 
     p = command("arithmetic", "mean(A) - mean(B) + mean(C) in latent space")
     _add_model(p)
@@ -1856,10 +1872,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=parse_label, help="class for conditional models (index or name)")
     p.add_argument("--psi", type=parse_float32, help=PSI_HELP)
     _add_format(p)
-    p.add_argument("--grid", required=True, help=f"PNG file (at most {MAX_GRID_IMAGES} images)")
+    p.add_argument(
+        "--grid", type=nonempty_path_text, required=True, help=f"PNG file (at most {MAX_GRID_IMAGES} images)"
+    )
 
     p = command("edit", "VAE: encode an image, move one latent dimension, decode")
-    p.add_argument("image")
+    p.add_argument("image", type=nonempty_path_text)
     p.add_argument("--model", required=True, help="VAE base name (X for X-encoder/X-decoder) or either part")
     p.add_argument(
         "--version",
@@ -1896,12 +1914,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_positive,
         help=f"with --sweep: values in the sweep (default: {EDIT_SWEEP_STEPS})",
     )
-    p.add_argument("--out", required=True, help="PNG file (the edited image, or the sweep grid)")
+    p.add_argument(
+        "--out", type=nonempty_path_text, required=True, help="PNG file (the edited image, or the sweep grid)"
+    )
 
     for name, help_text in (("upscale", "super-resolution"), ("translate", "image-to-image translation")):
         p = command(name, help_text)
-        p.add_argument("input")
-        p.add_argument("output", help="PNG/JPEG/WEBP by suffix: .png, .jpg, .jpeg or .webp")
+        p.add_argument("input", type=nonempty_path_text)
+        p.add_argument(
+            "output", type=nonempty_path_text, help="PNG/JPEG/WEBP by suffix: .png, .jpg, .jpeg or .webp"
+        )
         _add_model(p)
         if name == "upscale":
             p.add_argument(
@@ -1930,6 +1952,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bulk", "resumable production batch over SampleStream")
     p.add_argument(
         "--resume",
+        type=nonempty_path_text,
         metavar="DIR",
         help="resume (or, with a larger --n, grow) the job in DIR with the settings in its job.json",
     )
@@ -1938,6 +1961,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="images in the job (required without --resume; larger grows a job)")
     p.add_argument(
         "--out",
+        type=nonempty_path_text,
         help="job directory (job.json, manifest.jsonl, images/): new, empty or one of its own jobs",
     )
     p.add_argument(
@@ -1987,12 +2011,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "dirs",
         nargs="+",
+        type=nonempty_path_text,
         metavar="DIR",
         help="job folder, the --out of a sharded job, or shard folders (several: their union is checked)",
     )
     p.add_argument("--hashes", action="store_true", help="also re-hash every file against its manifest line")
     p.add_argument(
         "--manifest-out",
+        type=nonempty_path_text,
         metavar="FILE",
         help="when complete, write the merged manifest here (files relative to the DIR, or to the DIRs'"
         " common folder)",

@@ -6,7 +6,17 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from pathlib import Path
+
+from genserve_contract.flags import nonempty_path, nonempty_path_text
+
+__all__ = [
+    "MAX_TIMEOUT_S",
+    "bind_address",
+    "nonempty_path",
+    "nonempty_path_text",
+    "port_number",
+    "seconds",
+]
 
 # The longest deadline of a gRPC call a flag may give (the health probe's --timeout-s): grpc takes
 # the time now plus the timeout in nanoseconds, which past ~7e9 s (2**63 ns from the epoch)
@@ -47,20 +57,6 @@ def seconds(*, allow_zero: bool, max_s: float = math.inf) -> Callable[[str], flo
         return value
 
     return parse
-
-
-def nonempty_path_text(text: str) -> str:
-    """argparse type of a path flag kept as text (--trt-engine-cache-dir): not empty. An empty value
-    (`--models "$MODELS"` with the variable unset) is Path(".") as a Path: the working directory
-    served as the model repository, or a cache turned off without a word."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a path, got an empty value")
-    return text
-
-
-def nonempty_path(text: str) -> Path:
-    """argparse type of a path flag: a Path, not empty (nonempty_path_text)."""
-    return Path(nonempty_path_text(text))
 
 
 def bind_address(text: str) -> str:

@@ -279,3 +279,42 @@ def test_sample_cols_where_it_lays_out_nothing_is_refused_naming_it(
     assert "--cols" in err and said in err and "Traceback" not in err, err
     assert not fake_server.service.calls.get("Sample")
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--tls-ca", "", "models"], "--tls-ca"),
+        (["models", "--tls-cert", "", "--tls-key", "k.pem"], "--tls-cert"),
+        (["models", "--tls-cert", "c.pem", "--tls-key", ""], "--tls-key"),
+        (["--token-file", "", "models"], "--token-file"),
+        (["sample", "--model", "fake-gen", "--n", "1", "--out", ""], "--out"),
+        (["sample", "--model", "fake-gen", "--n", "1", "--grid", ""], "--grid"),
+        ([*INTERP, "--to-seed", "2", "--out", ""], "--out"),
+        ([*MIX, "--rows", "1", "--cols", "2", "--grid", ""], "--grid"),
+        ([*EDIT[:-3], "--out", ""], "--out"),
+        (["upscale", "", "out.png", "--model", "fake-gen"], "input"),
+        (["upscale", "in.png", "", "--model", "fake-gen"], "output"),
+        (["bulk", "--model", "fake-gen", "--n", "3", "--out", ""], "--out"),
+        (["bulk", "--resume", ""], "--resume"),
+        (["verify", ""], "DIR"),
+    ],
+)
+def test_an_empty_path_flag_is_refused_naming_the_flag_not_taken_as_the_working_folder_or_as_not_given(
+    fake_server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    flag: str,
+) -> None:
+    """An empty path (`--tls-ca "$CA"` with the variable unset) was taken as no flag at all (a
+    plaintext connection where TLS was asked for, no token sent) or as the working folder (a bulk
+    job, a verify of `.`): a usage error naming the flag, before any call."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_main(capsys, "--target", fake_server.target, *args)
+    assert code == 2, err
+    assert flag in err and "empty" in err, err
+    assert "Traceback" not in err
+    assert not fake_server.service.calls
+    assert list(tmp_path.iterdir()) == []
