@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from genserve_contract.flags import nonempty_path
 from genserve_contract.repository import (
     NAME_PATTERN,
     NAME_RULE,
@@ -51,6 +52,8 @@ logger = logging.getLogger("genserve_export")
 # 141) or it was closed from the start (`>&-`: no sys.stdout, exit 1 with one line); the command
 # finishes its work either way (main).
 _STDOUT = Stdout()
+# The largest training seed: recipes seed numpy's global generator, which takes 0..2^32-1.
+MAX_SEED = 2**32 - 1
 
 
 def _say(text: str, flush: bool = False) -> None:
@@ -137,6 +140,18 @@ def _out_error(command: str, out: Path) -> str | None:
     return None
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a training seed, 0..2^32-1 (what numpy's seeding takes: -1 trained until it
+    raised `Seed must be between 0 and 2**32 - 1`, a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {value}")
+    return value
+
+
 _POSITIVE = _at_least(1)
 _NON_NEGATIVE = _at_least(0)
 
@@ -181,8 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--steps", type=_POSITIVE, default=None, help="optimiser steps (default: the recipe's)"
     )
-    train.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    train.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
+    train.add_argument("--seed", type=_seed, default=DEFAULT_SEED)
+    train.add_argument("--out", type=nonempty_path, default=Path("models"), help="repository directory")
     train.add_argument(
         "--device", type=_device, default=None, help="torch device (default: cuda when present)"
     )
@@ -199,11 +214,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--replace", action="store_true", help=_REPLACE_HELP % "<out>/<entry>/<version>")
 
     build = sub.add_parser("build-defaults", help="train and export every default recipe")
-    build.add_argument("--out", type=Path, default=Path("models"))
+    build.add_argument("--out", type=nonempty_path, default=Path("models"))
     build.add_argument(
         "--steps-scale", type=_positive_float, default=1.0, help="multiply every recipe's default steps"
     )
-    build.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    build.add_argument("--seed", type=_seed, default=DEFAULT_SEED)
     build.add_argument("--only", nargs="+", default=None, help="restrict to these recipes")
     build.add_argument("--threads", type=_POSITIVE, default=1)
     build.add_argument(
@@ -226,8 +241,10 @@ def _parser() -> argparse.ArgumentParser:
         help="import a pretrained upscalerjs ESRGAN/RRDN super-resolution model (an npm package fetched "
         "by `make pretrained`) and export it",
     )
-    imp.add_argument("package", type=Path, help="the npm package: its .tgz or the unpacked directory")
-    imp.add_argument("--out", type=Path, default=Path("models"), help="repository directory")
+    imp.add_argument(
+        "package", type=nonempty_path, help="the npm package: its .tgz or the unpacked directory"
+    )
+    imp.add_argument("--out", type=nonempty_path, default=Path("models"), help="repository directory")
     imp.add_argument("--name", type=_model_name, default="esrgan-x4", help="repository entry name")
     imp.add_argument("--version", type=_version, default="1", help="version directory")
     imp.add_argument("--replace", action="store_true", help=_REPLACE_HELP % "<out>/<name>/<version>")
@@ -267,8 +284,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     verify = sub.add_parser("verify", help="check every model of a repository, or one model")
-    verify.add_argument("path", type=Path, help="the repository, or one model's folder (holding config.json)")
-    verify.add_argument("--grids", type=Path, default=None, help="write a PNG sample grid per model here")
+    verify.add_argument(
+        "path", type=nonempty_path, help="the repository, or one model's folder (holding config.json)"
+    )
+    verify.add_argument(
+        "--grids", type=nonempty_path, default=None, help="write a PNG sample grid per model here"
+    )
     verify.add_argument(
         "--no-thresholds",
         action="store_true",
@@ -281,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
         help="write activation_bytes_per_output_value (counted from model.onnx) into the card.json of "
         "every super_resolution, image_to_image and two_way_translator version of a repository",
     )
-    count.add_argument("path", type=Path, help="the repository")
+    count.add_argument("path", type=nonempty_path, help="the repository")
     return parser
 
 

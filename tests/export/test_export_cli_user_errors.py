@@ -723,3 +723,41 @@ def test_verify_of_the_current_model_directory_names_the_model(
     out = capsys.readouterr().out
     assert code == 0, out
     assert "[OK] stylegan-digits-mapping/1" in out, out
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "says"),
+    [
+        (["train", "tiny-gen", "--out", ""], "--out", "empty"),
+        (["build-defaults", "--out", "", "--only", "tiny-gen"], "--out", "empty"),
+        (["import-rrdn", "", "--out", "m"], "package", "empty"),
+        (["import-rrdn", "pkg.tgz", "--out", ""], "--out", "empty"),
+        (["verify", ""], "path", "empty"),
+        (["verify", "m", "--grids", ""], "--grids", "empty"),
+        (["count-activations", ""], "path", "empty"),
+        (["train", "tiny-gen", "--out", "m", "--seed", "-1"], "--seed", "0..4294967295"),
+        (["train", "tiny-gen", "--out", "m", "--seed", str(2**32)], "--seed", "0..4294967295"),
+        (["build-defaults", "--out", "m", "--seed", "-1", "--only", "tiny-gen"], "--seed", "0..4294967295"),
+    ],
+)
+def test_an_empty_path_or_a_seed_numpy_cannot_take_is_a_usage_error_naming_the_flag(
+    tmp_path: Path,
+    fake_recipe: _FakeRecipe,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    flag: str,
+    says: str,
+) -> None:
+    """An empty path (`--out "$REPO"` with the variable unset) was the working folder: train and
+    build-defaults trained into it, verify and count-activations checked it. `--seed -1` (or 2^32)
+    trained until numpy's seeding raised `ValueError: Seed must be between 0 and 2**32 - 1`, a
+    traceback. Each is a usage error naming the flag, exit 2, before any training."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert flag in err and says in err, err
+    assert fake_recipe.trained == 0
+    assert list(tmp_path.iterdir()) == []
