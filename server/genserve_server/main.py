@@ -871,6 +871,9 @@ def write_ready_file(path: Path, port: int, metrics_port: int, health_port: int 
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # First: once the loop runs, a held signal also reaches its wakeup fd (uvloop sets one at its
+    # start), and a handler installed later, with the App, took it a second time (_LoopSignals).
+    signals = _LoopSignals()
     config = load_server_config(args.config)
     if args.log_level:
         config = _replace(config, log_level=args.log_level)
@@ -907,7 +910,7 @@ async def serve(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         required_models=parse_model_list(args.require_models) if args.require_models is not None else None,
     )
-    _take_signals(app)
+    signals.attach(app)
     await app.start()
     # The process's own start-up heap (not App's: tests run many Apps in one process): full
     # collections skip it from now on (heap.py).
@@ -939,22 +942,51 @@ async def serve(args: argparse.Namespace) -> int:
     return 3 if app.repository.fatal_reason else 0
 
 
+class _LoopSignals:
+    """The event loop's handlers for the signals start_signals holds, from serve()'s first line on.
+
+    Once the loop runs, a signal reaches both the Python handler (start_signals' until these replace
+    it) and the loop's wakeup fd, which the loop reads at its next turn and hands to the handler
+    installed by then. Installed only with the App (after its construction), these took a signal
+    held meanwhile twice: one SIGTERM was also told as a second one ('... received while already
+    stopping'), one SIGUSR1 warned twice. Installed first, they alone take it: serve() does not turn
+    the loop before attach(), so the App's handlers get every signal since, once."""
+
+    def __init__(self) -> None:
+        self.app: App | None = None
+        loop = asyncio.get_running_loop()
+        for sig in start_signals.HELD:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def attach(self, app: App) -> None:
+        """`app` takes the signals from now on; those held until now are acted on."""
+        self.app = app
+        # Signals before the loop's handlers were held (genserve_server/__main__.py, start_signals.py).
+        if start_signals.stop_requested():
+            app.request_stop()
+        if start_signals.dropped_hups():
+            logger.info("SIGHUP during start-up ignored: the start-up scan reads the repository after it")
+        for name in start_signals.dropped_ignored():
+            logger.warning(
+                "%s during start-up ignored: the server acts on SIGTERM, SIGINT and SIGHUP only", name
+            )
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        app = self.app
+        if app is None:  # no App to act on yet: held as before the loop's handlers
+            start_signals.record(sig)
+        elif sig in (signal.SIGTERM, signal.SIGINT):
+            _on_stop_signal(app, sig)
+        elif sig == signal.SIGHUP:
+            # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
+            app.reloader.request()
+        else:
+            _on_ignored_signal(sig)
+
+
 def _take_signals(app: App) -> None:
-    """The event loop's signal handlers from now on; the signals held until now acted on."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_stop_signal, app, sig)
-    # Before start: a SIGHUP during the initial load queues a rescan instead of killing the process.
-    loop.add_signal_handler(signal.SIGHUP, app.reloader.request)
-    for sig in start_signals.IGNORED:
-        loop.add_signal_handler(sig, _on_ignored_signal, sig)
-    # Signals before these handlers were held (genserve_server/__main__.py, start_signals.py).
-    if start_signals.stop_requested():
-        app.request_stop()
-    if start_signals.dropped_hups():
-        logger.info("SIGHUP during start-up ignored: the start-up scan reads the repository after it")
-    for name in start_signals.dropped_ignored():
-        logger.warning("%s during start-up ignored: the server acts on SIGTERM, SIGINT and SIGHUP only", name)
+    """The event loop's signal handlers from now on, taken by `app`; the signals held until now acted on."""
+    _LoopSignals().attach(app)
 
 
 def _on_stop_signal(app: App, sig: signal.Signals) -> None:

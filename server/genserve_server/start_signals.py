@@ -26,6 +26,11 @@ _dropped_ignored: dict[int, None] = {}
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
+    record(signum)
+
+
+def record(signum: int) -> None:
+    """A held signal: the first SIGTERM/SIGINT is the stop; a SIGHUP or SIGUSR1/2 is dropped."""
     global _stop_signal, _dropped_hups
     if signum == signal.SIGHUP:
         _dropped_hups += 1

@@ -647,6 +647,48 @@ def test_a_signal_early_in_start_up_stops_cleanly_or_waits_for_the_scan(
     assert not ready.exists(), log_text
 
 
+# Signals raised while serve() builds the App, the last step before it takes the event loop's handlers.
+_SIGNALS_WHILE_BUILDING = """
+import signal, sys
+from genserve_server import start_signals
+start_signals.hold()  # as genserve_server/__main__.py does
+from genserve_server import main
+signals = sys.argv.pop(1).split(",")
+build = main.App.__init__
+def init(self, *args, **kwargs):
+    for name in signals:
+        signal.raise_signal(getattr(signal, name))
+    build(self, *args, **kwargs)
+main.App.__init__ = init
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signals", ["SIGTERM", "SIGINT", "SIGUSR1,SIGTERM"])
+def test_a_signal_while_the_app_is_built_is_taken_once(tmp_path: Path, signals: str) -> None:
+    """A signal while serve() built the App (after the event loop had started, before its handlers
+    were installed) was taken twice: held by start_signals and also written to uvloop's wakeup fd,
+    which the loop's handler read once installed. One SIGTERM was logged as a second one ('SIGTERM
+    received while already stopping: ...'), one SIGUSR1 warned twice. Now each is taken once."""
+    models = tmp_path / "models"
+    write_gen(models, "gen")
+    command = genserve_command(models, "--log-level", "INFO")
+    assert command[1:3] == ["-m", "genserve_server"]
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_WHILE_BUILDING, signals, *command[3:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    log = result.stderr
+    assert result.returncode == 0, log
+    assert "stop requested during start-up: cancelling model loading" in log, log
+    assert "already stopping" not in log, log
+    assert log.count("SIGUSR1") == signals.count("SIGUSR1"), log
+    assert "Traceback" not in log, log
+    assert "genserve listening" not in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("stdout", ["closed", "reader gone"])
 def test_the_server_serves_whatever_became_of_its_stdout(tmp_path: Path, stdout: str) -> None:
     """`genserve-server serve ... >&-` (no sys.stdout) or `| head -0` (its reader gone before the
