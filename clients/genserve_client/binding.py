@@ -134,6 +134,7 @@ class ClientBase:
         retry: RetryPolicy | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        calls.check_timeout(timeout_s)
         self.config = target if isinstance(target, ChannelConfig) else ChannelConfig(target)
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()

@@ -8,6 +8,7 @@ differ only in how they perform the call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, Unpack
@@ -22,6 +23,14 @@ from genserve_client.results import CodesProgress, CodesResult, EncodeResult, Im
 Out = TypeVar("Out")
 
 
+def check_timeout(timeout_s: float | None) -> None:
+    """A ValueError naming `timeout_s` where it is NaN: max(0.0, nan) is 0.0 and gRPC takes a NaN
+    timeout as one that has passed, so the call failed DEADLINE_EXCEEDED at once, unsent, as if the
+    server had been slow. 0 or less stays a deadline that has passed (a budget spent), +inf none."""
+    if timeout_s is not None and math.isnan(timeout_s):
+        raise ValueError(f"timeout_s: must be a number of seconds (None: the default), got {timeout_s}")
+
+
 @dataclass(frozen=True, slots=True)
 class UnaryCall(Generic[Out]):
     """One unary RPC: the stub attribute (`rpc`), the request, and how the response (with the
@@ -33,6 +42,9 @@ class UnaryCall(Generic[Out]):
     parse: Callable[[Any, str | None], Out]
     timeout_s: float | None = None
 
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout_s)
+
 
 @dataclass(frozen=True, slots=True)
 class StreamCall:
@@ -40,6 +52,9 @@ class StreamCall:
 
     request: genserve_pb2.SampleStreamRequest
     timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,9 @@ class ProgressCall:
 
     request: genserve_pb2.SampleCodesRequest
     timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout_s)
 
 
 def progress_item(

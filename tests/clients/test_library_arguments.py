@@ -991,3 +991,38 @@ def test_latents_of_python_ints_past_float32s_range_are_refused_naming_the_argum
     # Python ints past int64 that float32 holds go as their float32 values.
     sent = calls.decode("vae", [[10**20, 2**64, 1, 0.5]]).request.latents
     assert np.frombuffer(sent.data, "<f4").tolist() == np.array([1e20, 2.0**64, 1, 0.5], np.float32).tolist()
+
+
+def test_a_nan_timeout_is_a_value_error_naming_timeout_s_not_an_instant_deadline_exceeded(
+    fake_server: FakeServer,
+) -> None:
+    """docs/client.md: `timeout_s` is the call's deadline. A NaN one (a computed budget gone wrong)
+    became a deadline that had passed (max(0.0, nan) is 0.0; gRPC took min(nan, 1e9) as one too):
+    every call, unary or stream, sync or asyncio, failed DEADLINE_EXCEEDED at once, unsent, as if the
+    server had been too slow. It is the caller's error, named as the CLI's --timeout names it."""
+    nan = float("nan")
+    with pytest.raises(ValueError, match=r"^timeout_s: .*got nan"):
+        GenserveClient(fake_server.target, timeout_s=nan)
+    with GenserveClient(fake_server.target) as client:
+        with pytest.raises(ValueError, match=r"^timeout_s: .*got nan"):
+            client.sample("fake-gen", 1, timeout_s=nan)
+        with pytest.raises(ValueError, match=r"^timeout_s: .*got nan"):
+            client.sample_stream("fake-gen", 3, timeout_s=nan)
+        with pytest.raises(ValueError, match=r"^timeout_s: .*got nan"):
+            list(client.sample_codes_progress("fake-prior", 2, timeout_s=nan))
+
+    async def both() -> None:
+        with pytest.raises(ValueError, match=r"^timeout_s: .*got nan"):
+            AsyncGenserveClient(fake_server.target, timeout_s=nan)
+        async with AsyncGenserveClient(fake_server.target) as client:
+            with pytest.raises(ValueError, match=r"^timeout_s: .*got nan"):
+                await client.sample("fake-gen", 1, timeout_s=nan)
+            with pytest.raises(ValueError, match=r"^timeout_s: .*got nan"):
+                [r async for r in client.sample_stream("fake-gen", 3, timeout_s=nan)]
+
+    asyncio.run(both())
+    assert sum(fake_server.service.calls.values()) == 0  # refused before any call
+    # A deadline that has passed (0, or a negative budget left) stays gRPC's DEADLINE_EXCEEDED.
+    with GenserveClient(fake_server.target) as client, pytest.raises(GenserveClientError) as info:
+        client.sample("fake-gen", 1, timeout_s=-1.0)
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
