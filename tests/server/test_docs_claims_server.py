@@ -340,3 +340,36 @@ def test_server_md_says_where_a_piped_configs_relative_paths_resolve() -> None:
     section = " ".join(section[: section.index("\n## ", 1)].split())
     assert "relative to the file's directory" in section
     assert re.search(r"pipe \(`--config <\(envsubst < server\.json\)`.*to the working directory", section)
+
+
+def test_client_md_says_an_animated_png_or_webp_is_read_as_its_first_frame() -> None:
+    """An animated PNG or WebP sent as a file is served as its first frame (Pillow's default frame:
+    the rest are never decoded), a GIF is refused naming the image and the formats taken; the docs
+    said what the server does with a file's EXIF orientation and ICC profile, and nothing of its
+    frames, so a client sending an animation could not tell which picture it got back."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from genserve_server.codecs import decode_image
+    from genserve_server.errors import InvalidArgument
+
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(2))
+    for fmt, options in (("PNG", {}), ("WEBP", {"lossless": True, "exact": True}), ("GIF", {})):
+        buffer = io.BytesIO()
+        Image.fromarray(first).save(
+            buffer, fmt, save_all=True, append_images=[Image.fromarray(second)], **options
+        )
+        if fmt == "GIF":
+            with pytest.raises(InvalidArgument, match=r"images\[0\].*not a PNG, JPEG or WEBP image"):
+                decode_image(buffer.getvalue(), 0, [], max_pixels=30, field="images[0]")
+            continue
+        decoded = decode_image(buffer.getvalue(), 0, [], max_pixels=30, field="images[0]")
+        np.testing.assert_array_equal(decoded, first, err_msg=fmt)
+    text = " ".join((REPO_ROOT / "docs" / "client.md").read_text().split())
+    bullet = text[text.index("**Pixels are used as stored**") :]
+    bullet = bullet[: bullet.index(" - **")]
+    assert "animated PNG or WebP is read as its first frame" in bullet
+    assert "GIF" in bullet and "not a PNG, JPEG or WEBP image" in bullet
