@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,11 +225,9 @@ def measured_level(
         client_bench(server.target, model, concurrency, warmup_s, fmt, **kwargs)
     cpu_before = cpu_seconds(server.pid)
     children_before = _children_cpu_s()
-    wall_before = time.monotonic()
     result = client_bench(server.target, model, concurrency, duration_s, fmt, **kwargs)
     cpu_used = cpu_seconds(server.pid) - cpu_before
     client_cpu = _children_cpu_s() - children_before
-    wall = time.monotonic() - wall_before
     check_no_failures(result, f"{server.name} {model} c={concurrency}")
     requests = result.get("requests") or result.get("ok") or result.get("images")
     if not requests:
@@ -239,7 +236,10 @@ def measured_level(
     result["server_cpu_s"] = round(cpu_used, 3)
     # The client's start-up is in the window too; the server is idle then (a few ms of CPU).
     result["server_cpu_ms_per_request"] = 1e3 * cpu_used / max(1.0, float(requests))
-    result["server_cpu_utilisation"] = cpu_used / wall if wall > 0 else 0.0
+    # Over the level's measured window: the client's start-up (0.5-1 s, the server idle) is in the
+    # wall around it, and diluted a 1-s level's utilisation by a third or more.
+    window_s = float(result.get("duration_s") or duration_s)
+    result["server_cpu_utilisation"] = cpu_used / window_s if window_s > 0 else 0.0
     # The load generator shares the cores: its CPU per request (start-up included) bounds what any
     # server can reach here.
     result["client_cpu_ms_per_request"] = 1e3 * client_cpu / max(1.0, float(requests))

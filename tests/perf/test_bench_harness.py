@@ -103,6 +103,28 @@ def test_the_cpu_per_request_of_a_level_is_its_own_requests_cpu_not_its_warm_ups
     assert level["server_cpu_ms_per_request"] == pytest.approx(1.0)
 
 
+def test_a_levels_cpu_utilisation_is_over_its_measured_window_not_the_clients_start_up(
+    fake_load: FakeLoad, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server's CPU clock is read around the whole client process: its start-up (imports,
+    # GetModel, 0.5-1 s on these cores, the server idle) and then the level. The server's CPU over
+    # that wall read 0.47 cores for a 1-s level that kept it 0.8 cores busy (bench.run --quick).
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # whatever clock the level reads
+    level_only = fake_load.client_bench
+
+    def client_bench(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = level_only(*args, **kwargs)
+        clock[0] += 0.8 + float(result["duration_s"])  # start-up, then the level itself
+        return result
+
+    monkeypatch.setattr(servers, "client_bench", client_bench)
+    # 1000 requests a second, 1 ms of server CPU each: one core busy throughout the level.
+    level = servers.measured_level(fake_load.server, "m", 1, 2.0, "raw")  # type: ignore[arg-type]
+    assert level["server_cpu_utilisation"] == pytest.approx(1.0)
+    assert level["server_cpu_ms_per_request"] == pytest.approx(1.0)
+
+
 def test_a_level_whose_requests_failed_is_not_published_as_a_measurement(
     fake_load: FakeLoad,
 ) -> None:
