@@ -8,8 +8,10 @@ import functools
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,19 +79,42 @@ def temporary_worktree(repo: Path, rev: str, path: Path) -> Iterator[Path]:
 P = ParamSpec("P")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a CI job's cancel), raised where Ctrl-C raises KeyboardInterrupt,
+    so a bench command stops its servers, clients and worktrees on it as on a Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    # Once: a second SIGTERM while the command stops its servers would cut their stop short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
 def ctrl_c_exits_130(name: str) -> Callable[[Callable[P, int | None]], Callable[P, int]]:
     """A bench command's main (`name`: how it is run, `python -m bench.soak`'s bench.soak): Ctrl-C
     stops it as it stops every command of the project, `NAME: interrupted` on stderr and exit 130, no
-    traceback; otherwise its exit status (0 where it returns None)."""
+    traceback; SIGTERM the same way, `NAME: terminated (SIGTERM)` and exit 143 (as genserve-client's
+    commands: Python's default ended the process at once, its servers left running as orphans);
+    otherwise its exit status (0 where it returns None)."""
 
     def command(main: Callable[P, int | None]) -> Callable[P, int]:
         @functools.wraps(main)
         def run(*args: P.args, **kwargs: P.kwargs) -> int:
+            # Only the main thread may set a handler (a command called from another thread keeps
+            # the process's SIGTERM as it is).
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
             try:
                 code = main(*args, **kwargs)
+            except Terminated:
+                sys.stderr.write(f"{name}: terminated (SIGTERM)\n")
+                return 143
             except KeyboardInterrupt:
                 sys.stderr.write(f"{name}: interrupted\n")
                 return 130
+            finally:
+                if in_main:
+                    signal.signal(signal.SIGTERM, previous)
             return 0 if code is None else code
 
         return run

@@ -374,3 +374,90 @@ def test_a_serving_naive_server_stopped_by_ctrl_c_exits_130_and_by_sigterm_0(
     assert proc.returncode == code, f"exit {proc.returncode}:\n{err}"
     # Its log lines go to stderr too: besides them, the one line or nothing (no traceback).
     assert [line for line in err.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)] == stderr, err
+
+
+RUN_TERMINATED = """
+import sys, time
+from pathlib import Path
+from bench import run
+from bench.common import DEFAULT_MODELS, find_models
+from bench.servers import ServerProcess
+
+empty, pids = Path(sys.argv[1]), Path(sys.argv[2])
+model = next(m for m in find_models(DEFAULT_MODELS) if m.name == "dcgan-digits")
+raw = {"points": [{"batch": 1, "images_per_s": 1.0, "latency_p50_ms": 1.0}], "concurrent_points": []}
+
+
+def serve_pair(servers, *args, **kwargs):  # SIGTERM while the levels are measured
+    pids.write_text(" ".join(str(s.pid) for s in servers if isinstance(s, ServerProcess)))
+    time.sleep(60)
+
+
+run.assemble_repository = lambda *a: empty
+run.find_models = lambda repo: [model]
+run.raw_limit.measure_model = lambda m, duration_s: raw
+
+class Fake:
+    name, pid, port = "naive", 1, 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+# One real server (a naive one on an empty repository: it starts in a second), two stand-ins.
+naive = ServerProcess.naive
+run.ServerProcess.genserve = classmethod(lambda cls, repo: naive(empty))
+run.ServerProcess.naive = run.ServerProcess.naive_sync = classmethod(lambda cls, repo: Fake())
+run.serve_pair = serve_pair
+argv = ["--quick", "--no-priority", "--no-readme", "--no-bench-models", "--out", str(empty / "out.json")]
+sys.exit(run.main(argv))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_run_stopped_by_sigterm_stops_its_servers_and_exits_143(tmp_path: Path) -> None:
+    # `timeout 600 python -m bench.run`, a CI job's cancel or `kill` sends SIGTERM: Python's default
+    # ended the run at once, no `with` left, and its three servers ran on as orphans (with their
+    # /tmp/bench-* folders) until someone found them.
+    empty, pids = tmp_path / "models", tmp_path / "pids"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["TMPDIR"] = str(tmp_path)  # a server's scratch folder, left behind or not, stays in tmp_path
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_TERMINATED, str(empty), str(pids)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not pids.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pids.exists(), f"the run's servers never started (exit {proc.poll()})"
+        servers = [int(p) for p in pids.read_text().split()]
+        assert len(servers) == 1 and all(_alive(p) for p in servers)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, f"exit {proc.returncode}:\n{err}"
+        assert err.splitlines() == ["bench.run: terminated (SIGTERM)"], err
+        assert [p for p in servers if _alive(p)] == []
+    finally:
+        for pid in servers:  # a server the run left behind: stopped here, by its pid
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
