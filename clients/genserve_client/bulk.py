@@ -204,8 +204,24 @@ def read_job(out_dir: Path) -> dict[str, Any] | None:
     return job
 
 
+def file_above(path: Path) -> Path | None:
+    """The file (anything but a folder) that `path`, a path not there, lies under: no folder can be
+    made there (mkdir's, and a read's, bare "Not a directory"); None where it lies under folders."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def load_params(out_dir: Path) -> tuple[BulkParams, Shard | None]:
     """The parameters and shard of the job in `out_dir` (for `bulk --resume DIR`)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BulkError(
+            f"{out_dir} is a file, not a bulk job's folder: "
+            "resume the folder the job was started in (its --out)"
+        )
+    if not out_dir.exists() and (above := file_above(out_dir)) is not None:
+        raise BulkError(f"{out_dir} lies under {above}, a file, not a folder: no bulk job is there")
     job = read_job(out_dir)
     if job is None:
         raise BulkError(f"{out_dir} holds no bulk job (no {JOB_FILE}); start one with --model, --n and --out")
@@ -953,6 +969,12 @@ class BulkJob:
             return
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise BulkError(f"{self._given('out', 'out_dir', str(self.out_dir))} is a file, not a folder")
+        if not self.out_dir.exists() and (above := file_above(self.out_dir)) is not None:
+            # Refused as a file at out_dir is, not a bare "Not a directory" from mkdir, which the same
+            # command would meet again.
+            raise BulkError(
+                f"{self._given('out', 'out_dir', str(self.out_dir))} lies under {above}, a file, not a folder"
+            )
         foreign = foreign_entries(self.out_dir)
         if foreign:
             raise BulkError(

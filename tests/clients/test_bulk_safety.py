@@ -142,6 +142,31 @@ def test_a_new_job_refuses_a_folder_with_files_it_did_not_write(
     assert indices(empty) == [0, 1, 2]
 
 
+def test_a_job_folder_that_is_a_file_or_lies_under_one_is_refused_naming_the_flag_not_errno(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bulk --resume OUT/job.json` (the job's file given for its folder) failed exit 1 with a bare
+    '[Errno 20] Not a directory: OUT/job.json/job.json', and a new job's `--out` under a file failed
+    exit 1 with '[Errno 20]' and the hint to run the same command again, which fails the same way.
+    Both are bad arguments (exit 2), named as `--out FILE` is, with nothing written."""
+    out = tmp_path / "job"
+    t = finished_job(capsys, fake_server, out, 3)
+    job_file = out / "job.json"
+    before = snapshot(out)
+    for args, said in (
+        (("--resume", str(job_file)), f"{job_file} is a file, not a bulk job's folder"),
+        (("--resume", str(job_file / "sub")), f"{job_file / 'sub'} lies under {job_file}, a file"),
+        (
+            ("--model", "fake-gen", "--n", "3", "--out", str(job_file / "sub")),
+            f"--out {job_file / 'sub'} lies under {job_file}, a file",
+        ),
+    ):
+        code, _, err = cli_main(capsys, *t, "bulk", *args)
+        assert code == 2, err
+        assert said in err and "Errno" not in err and "run the same command" not in err, err
+    assert snapshot(out) == before
+
+
 def test_recovery_leaves_foreign_files_and_sub_folders_in_images_alone(
     fake_server: FakeServer, tmp_path: Path
 ) -> None:
