@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -409,3 +410,77 @@ def render_adapter_query(metric: str, namespace: str, pods: list[str]) -> str:
         .replace("<<.LabelMatchers>>", matchers)
         .replace("<<.GroupBy>>", "pod")
     )
+
+
+def _secret_volume(mount: Path, files: dict[str, str], mode: int) -> None:
+    """A Secret volume as the kubelet lays it out: each key a link through `..data` to a
+    timestamped folder, the files with the volume's defaultMode."""
+    data = mount / "..2030_01_01_00_00_00.000000000"
+    data.mkdir(parents=True)
+    for name, text in files.items():
+        (data / name).write_text(text)
+        (data / name).chmod(mode)
+        (mount / name).symlink_to(Path("..data") / name)
+    (mount / "..data").symlink_to(data.name)
+
+
+def test_the_deployments_args_run_as_written_and_answer_its_probes(
+    objects: dict[tuple[str, str], Manifest], tmp_path: Path
+) -> None:
+    """The container args run, not only parse: with the pod's paths under tmp_path (the token file
+    from a Secret-style mount) and ports 0, the server starts; its health port answers each probe's
+    service SERVING without a token; its metrics port serves /metrics and /healthz; its gRPC port
+    refuses a call without a token and serves one with the Secret's."""
+    import urllib.request
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from server_support import write_tiny_generator
+
+    from genserve.v1 import genserve_pb2, genserve_pb2_grpc
+    from genserve_server.launcher import ServerSubprocess
+
+    container = _container(objects)
+    root = tmp_path / "pod"
+    ports = {"--port", "--metrics-port", "--health-port"}
+    args: list[str] = []
+    for flag, value in zip(["", *container["args"]], container["args"], strict=False):
+        args.append("0" if flag in ports else (str(root) + value if value.startswith("/") else value))
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in _deployment(objects)["spec"]["template"]["spec"]["volumes"]}
+    for path, name in mounts.items():
+        secret = volumes[name].get("secret")
+        if secret is not None:
+            files = {item["path"]: "genserve-test-token\n" for item in secret["items"]}
+            _secret_volume(root / path.lstrip("/"), files, secret["defaultMode"])
+        else:
+            (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    write_tiny_generator(Path(args[args.index("--models") + 1]), "tiny-gen")
+
+    server = ServerSubprocess.start(
+        [sys.executable, "-m", "genserve_server", *args], tmp_path / "work", timeout_s=60
+    )
+    try:
+        assert server.health_port, "the Deployment's probes need --health-port"
+        with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                service = container[probe]["grpc"].get("service", "")
+                answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING, (probe, answer)
+        for path in ("/metrics", "/healthz"):
+            url = f"http://127.0.0.1:{server.metrics_port}{path}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200, path
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = genserve_pb2_grpc.GenerationServiceStub(channel)
+            request = genserve_pb2.SampleRequest(model="tiny-gen", count=1, base_seed=1)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Sample(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = stub.Sample(
+                request, metadata=(("authorization", "Bearer genserve-test-token"),), timeout=10
+            )
+            assert len(reply.images) == 1
+    finally:
+        server.stop()
