@@ -8,6 +8,7 @@ and the value, e.g. `models/dcgan/config.json: batching.max_batch_size must be >
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import stat
@@ -66,14 +67,23 @@ def _read_json(path: Path, *, regular_only: bool = True) -> Any:
     waited on), so that it marks one model, never the server. `regular_only` False (the server's
     --config, the operator's own file read once at start-up): a pipe is read as it comes
     (`--config <(envsubst < server.json)`, `--config /dev/stdin`)."""
+    return _parse_json(path, _read_json_text(path, regular_only=regular_only))
+
+
+def _read_json_text(path: Path, *, regular_only: bool = True) -> str:
+    """The text of the JSON file `path` (see _read_json), a ConfigError where it cannot be read."""
     try:
-        text = read_regular_text(path, MAX_JSON_BYTES) if regular_only else path.read_text(encoding="utf-8")
+        return read_regular_text(path, MAX_JSON_BYTES) if regular_only else path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    """`text`, the file `path`'s, parsed; a ConfigError naming the file where it is not JSON."""
     try:
         return json.loads(text)
     except RecursionError as exc:
@@ -508,6 +518,9 @@ class Card:
     min_size: int
     sha256: Mapping[str, str]
     raw_json: str
+    # sha256 of the card.json bytes this card was read from (Provenance.card_sha256): the card is
+    # part of what makes the images (w_avg, output_range, tile defaults); "" where not read from a file.
+    file_sha256: str = ""
     # Code kinds (code_prior, code_decoder): the code grid [H, W] and its codebook size K; with
     # top_grid (and top_codebook_size) the graph also takes `top_codes` [N, Ht, Wt].
     grid: tuple[int, int] | None = None
@@ -664,7 +677,8 @@ def _check_format_version(r: _Reader) -> None:
 
 
 def load_card(path: Path) -> Card:
-    data = _read_json(path)
+    text = _read_json_text(path)
+    data = _parse_json(path, text)
     # Cards carry training/quality/parity records the server does not interpret: not strict.
     r = _Reader(str(path), data, strict=False)
     _check_format_version(r)
@@ -710,6 +724,8 @@ def load_card(path: Path) -> Card:
         min_size=r.integer("min_size", 1, min_value=1),
         sha256={str(k): str(v) for k, v in sha.items()},
         raw_json=json.dumps(data, indent=2, sort_keys=False),
+        # read_regular_text decodes strict UTF-8, so encoding gives back the file's bytes.
+        file_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         grid=_grid(r, "grid"),
         codebook_size=r.integer("codebook_size", 0, min_value=1) or None,
         top_grid=_grid(r, "top_grid"),

@@ -486,6 +486,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     reason=self.repo.redact(mv.reason or self._warnings(mv)),
                     model_sha256=mv.sha256,
                     weights_sha256=mv.weights_sha256,
+                    card_sha256=mv.card.file_sha256 if mv.card else "",
                     precision=mv.precision,
                     execution_provider=mv.provider,
                     card_json=mv.card.raw_json if cards and mv.card else "",

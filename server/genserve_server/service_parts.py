@@ -74,6 +74,11 @@ def add_images(into: RepeatedCompositeFieldContainer[tpb.Image], images: Sequenc
         into.add(format=tpb.ImageFormat.ValueType(im.format), data=im.data, shape=im.shape)
 
 
+def _card_sha256(mv: ModelVersion) -> str:
+    """Provenance.card_sha256: the sha256 of the card.json `mv` loaded ("" before its card is read)."""
+    return mv.card.file_sha256 if mv.card is not None else ""
+
+
 def provenance(
     mv: ModelVersion, batch_sizes: Sequence[int], uses: Sequence[ModelVersion] | None = None
 ) -> tpb.Provenance:
@@ -83,6 +88,7 @@ def provenance(
         version=mv.version,
         model_sha256=mv.sha256,
         weights_sha256=mv.weights_sha256,
+        card_sha256=_card_sha256(mv),
         onnxruntime_version=ort.__version__,
         execution_provider=mv.provider,
         precision=mv.precision,
@@ -95,6 +101,7 @@ def provenance(
                 version=used.version,
                 model_sha256=used.sha256,
                 weights_sha256=used.weights_sha256,
+                card_sha256=_card_sha256(used),
             )
             for used in uses or ()
         ],

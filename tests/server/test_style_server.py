@@ -19,7 +19,15 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from server_support import F32, ServerProcess, healthy_models, start_server, tensor_of
+from server_support import (
+    F32,
+    ServerProcess,
+    fails_within,
+    healthy_models,
+    running_server,
+    start_server,
+    tensor_of,
+)
 from style_models import (
     NUM_LAYERS,
     STYLE_LATENT,
@@ -496,3 +504,52 @@ def test_a_bulk_call_keeps_the_mapping_it_resolved_through_a_reload(tmp_path: Pa
             pool.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_provenance_names_the_card_a_style_generators_images_were_made_with(tmp_path: Path) -> None:
+    """A style generator's card.json is part of what makes its images (w_avg, which truncation pulls
+    toward; output_range; a tiler's defaults): two versions whose graphs are the same bytes and whose
+    cards differ in w_avg alone give a seed different images, so their provenance must tell them
+    apart. Provenance, its UsedModel (the mapping) and GetModel carry card_sha256, the sha256 of the
+    card.json bytes each version loaded."""
+    import hashlib
+
+    root = tmp_path / "models"
+    names = write_style_models(root)
+    half = "style-gen-half"
+    shutil.copytree(root / names["generator"], root / half)
+    card_path = root / half / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["w_avg"] = [v / 2 for v in card["w_avg"]]
+    card_path.write_text(json.dumps(card, indent=2))
+
+    def card_sha256(model: str) -> str:
+        return hashlib.sha256((root / model / "1" / "card.json").read_bytes()).hexdigest()
+
+    with (
+        fails_within(60),
+        running_server(
+            root, tmp_path / "work", extra_args=healthy_models(root, (names["unmapped"],))
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.GenerationServiceStub(channel)
+        answers = {
+            model: stub.Sample(pb.SampleRequest(model=model, seeds=[7], truncation_psi=0.5, output=F32))
+            for model in (names["generator"], half)
+        }
+        full, halved = (answers[m] for m in (names["generator"], half))
+        assert full.images[0].image.data != halved.images[0].image.data  # the card changed the image
+        assert full.provenance.model_sha256 == halved.provenance.model_sha256  # not the graph
+        for model, answer in answers.items():
+            assert answer.provenance.card_sha256 == card_sha256(model)
+            (mapping,) = answer.provenance.used_models
+            assert mapping.card_sha256 == card_sha256(names["mapping"])
+            (version,) = stub.GetModel(pb.GetModelRequest(name=model)).versions
+            assert version.card_sha256 == card_sha256(model)
+        assert full.provenance.card_sha256 != halved.provenance.card_sha256
+        stream = pb.SampleStreamRequest(
+            sample=pb.SampleRequest(model=half, count=1, base_seed=7, truncation_psi=0.5, output=F32)
+        )
+        (chunk,) = stub.SampleStream(stream)
+        assert chunk.provenance.card_sha256 == card_sha256(half)

@@ -1028,6 +1028,7 @@ class ModelVersionInfo(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     CARD_JSON_FIELD_NUMBER: _builtins.int
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
+    CARD_SHA256_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     state: Global___ModelState.ValueType
     reason: _builtins.str
@@ -1045,6 +1046,10 @@ class ModelVersionInfo(_message.Message):
     """As Provenance.weights_sha256: the digest of the external data files the version loaded its
     weights from; empty where its graph file holds them (model_sha256 covers them).
     """
+    card_sha256: _builtins.str
+    """As Provenance.card_sha256: the sha256 of the card.json file the version loaded (its bytes, not
+    card_json's text); empty where no card was loaded.
+    """
     def __init__(
         self,
         *,
@@ -1056,10 +1061,11 @@ class ModelVersionInfo(_message.Message):
         execution_provider: _builtins.str = ...,
         card_json: _builtins.str = ...,
         weights_sha256: _builtins.str = ...,
+        card_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_json", b"card_json", "execution_provider", b"execution_provider", "model_sha256", b"model_sha256", "precision", b"precision", "reason", b"reason", "state", b"state", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_json", b"card_json", "card_sha256", b"card_sha256", "execution_provider", b"execution_provider", "model_sha256", b"model_sha256", "precision", b"precision", "reason", b"reason", "state", b"state", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -236,6 +236,7 @@ class Provenance(_message.Message):
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    CARD_SHA256_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     model_sha256: _builtins.str
@@ -268,6 +269,12 @@ class Provenance(_message.Message):
     the request's top_k or, where it gave 0, config.json sampling.top_k, or where that is 0 too the
     card's codebook_size (every code: the same grids as top_k 0). 0 on every other RPC.
     """
+    card_sha256: _builtins.str
+    """sha256 of the card.json file the version loaded, as its bytes were: the card is part of what
+    makes the images (a style generator's w_avg, output_range and input_range, a tiler's tile_size
+    and tile_overlap defaults), and a card edited beside the same graph (same model_sha256) gives a
+    seed other images. Empty from a server older than this field.
+    """
     @_builtins.property
     def executed_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Batch sizes of the model calls that computed this response's images (one entry per call)."""
@@ -295,10 +302,11 @@ class Provenance(_message.Message):
         weights_sha256: _builtins.str = ...,
         temperature: _builtins.float | None = ...,
         top_k: _builtins.int = ...,
+        card_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "temperature", b"temperature", "top_k", b"top_k", "used_models", b"used_models", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "card_sha256", b"card_sha256", "executed_batch_sizes", b"executed_batch_sizes", "execution_provider", b"execution_provider", "model", b"model", "model_sha256", b"model_sha256", "onnxruntime_version", b"onnxruntime_version", "precision", b"precision", "rng_algorithm", b"rng_algorithm", "server_version", b"server_version", "temperature", b"temperature", "top_k", b"top_k", "used_models", b"used_models", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
@@ -318,6 +326,7 @@ class UsedModel(_message.Message):
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    CARD_SHA256_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     model_sha256: _builtins.str
@@ -332,6 +341,8 @@ class UsedModel(_message.Message):
     Unset and 0 for any other model.
     """
     top_k: _builtins.int
+    card_sha256: _builtins.str
+    """As Provenance.card_sha256: the sha256 of the card.json this version loaded."""
     def __init__(
         self,
         *,
@@ -341,10 +352,11 @@ class UsedModel(_message.Message):
         weights_sha256: _builtins.str = ...,
         temperature: _builtins.float | None = ...,
         top_k: _builtins.int = ...,
+        card_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "model", b"model", "model_sha256", b"model_sha256", "temperature", b"temperature", "top_k", b"top_k", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "card_sha256", b"card_sha256", "model", b"model", "model_sha256", b"model_sha256", "temperature", b"temperature", "top_k", b"top_k", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
