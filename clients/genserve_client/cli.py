@@ -1079,13 +1079,15 @@ def vae_version(encoder: genserve_pb2.ModelInfo, decoder: genserve_pb2.ModelInfo
 def through(provenance: Provenance, first: Provenance) -> Provenance:
     """`provenance` of images that went through the model of `first` before (edit: the encoder):
     that model among its used_models, as the server names a style generator's mapping, with its
-    weights_sha256 where it has one."""
+    weights_sha256 where it has one, and its card_sha256."""
     earlier = ((first.model, first.version, first.model_sha256), *first.used_models)
     weights = ((first.model, first.weights_sha256),) if first.weights_sha256 else ()
+    card = ((first.model, first.card_sha256),) if first.card_sha256 else ()
     return dataclasses.replace(
         provenance,
         used_models=(*provenance.used_models, *earlier),
         used_weights_sha256=(*provenance.used_weights_sha256, *weights, *first.used_weights_sha256),
+        used_card_sha256=(*provenance.used_card_sha256, *card, *first.used_card_sha256),
     )
 
 

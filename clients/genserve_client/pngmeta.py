@@ -1,5 +1,6 @@
 """Provenance in PNG files the CLI writes: tEXt chunks (iTXt for text beyond Latin-1) with seed(s),
-model, version and sha256, and the other models the images went through (`used_models`).
+model, version and sha256 (and the card's, card_sha256), and the other models the images went
+through (`used_models`).
 
 Read them back with Pillow (`Image.open(path).text`) or `exiftool`. Images the server encoded are
 not re-encoded: the chunks are spliced in after IHDR, so the pixel data stays byte for byte.
@@ -30,6 +31,7 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
             ("version", provenance.version),
             ("model_sha256", provenance.model_sha256),
             ("weights_sha256", provenance.weights_sha256),
+            ("card_sha256", provenance.card_sha256),
         ):
             if value:
                 text[key] = value
@@ -46,10 +48,12 @@ def png_text(provenance: Provenance | None, **fields: object) -> dict[str, str]:
         # The other models the images went through (a style generator's mapping, a code prior's
         # decoder and top prior): a reload of one changes the images, not `model` (types.proto).
         weights = dict(provenance.used_weights_sha256)
+        cards = dict(provenance.used_card_sha256)
         sampling = {m: f" temperature {float32_text(t)} top_k {k}" for m, t, k in provenance.used_sampling}
         used = "; ".join(
             f"{m} version {v} sha256 {h}"
             + (f" weights_sha256 {weights[m]}" if m in weights else "")
+            + (f" card_sha256 {cards[m]}" if m in cards else "")
             + sampling.get(m, "")
             for m, v, h in provenance.used_models
         )

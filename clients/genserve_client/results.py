@@ -55,6 +55,11 @@ class Provenance:
     top_k: int = 0
     # (model, temperature, top_k) of a code prior's top prior that sampled the top grids.
     used_sampling: tuple[tuple[str, float, int], ...] = ()
+    # The sha256 of the card.json the model loaded (types.proto): its w_avg, output_range or tile
+    # defaults change the images under the same graph; "" where the server does not say.
+    card_sha256: str = ""
+    # (model, card_sha256) of those of used_models whose server reports it (UsedModel.card_sha256).
+    used_card_sha256: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_proto(cls, p: types_pb2.Provenance) -> Provenance:
@@ -74,6 +79,8 @@ class Provenance:
             p.temperature if p.HasField("temperature") else None,
             p.top_k,
             tuple((m.model, m.temperature, m.top_k) for m in p.used_models if m.HasField("temperature")),
+            p.card_sha256,
+            tuple((m.model, m.card_sha256) for m in p.used_models if m.card_sha256),
         )
 
     def replay_options(self) -> ReplayOptions:

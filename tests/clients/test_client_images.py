@@ -113,3 +113,40 @@ def test_a_tensor_made_a_picture_here_is_the_servers_png_pixel_for_pixel(
     server = codecs.to_uint8(chw[np.newaxis], value_range)[0]
     client = np.asarray(array_to_pil(chw, value_range))
     np.testing.assert_array_equal(client, server)
+
+
+def test_png_text_names_the_card_of_the_model_and_of_each_model_used() -> None:
+    """A card edited beside the same graph (a style generator's w_avg, a decoder's output_range)
+    changes a seed's images under the same model_sha256: the server reports each card's sha256
+    (Provenance.card_sha256, UsedModel.card_sha256), and a PNG's text must carry them as it carries
+    the model's and weights' digests, else a file cannot say which card made it."""
+    from genserve.v1 import types_pb2
+    from genserve_client.cli import through
+    from genserve_client.pngmeta import png_text
+    from genserve_client.results import Provenance
+
+    proto = types_pb2.Provenance(
+        model="style-gen",
+        version="1",
+        model_sha256="a" * 64,
+        card_sha256="c" * 64,
+        used_models=[
+            types_pb2.UsedModel(model="mapping", version="2", model_sha256="b" * 64, card_sha256="d" * 64),
+            types_pb2.UsedModel(model="old", version="1", model_sha256="e" * 64),  # an older server
+        ],
+    )
+    provenance = Provenance.from_proto(proto)
+    assert provenance.card_sha256 == "c" * 64
+    assert provenance.used_card_sha256 == (("mapping", "d" * 64),)
+    text = png_text(provenance, seed=7)
+    assert text["card_sha256"] == "c" * 64
+    assert text["used_models"] == (
+        f"mapping version 2 sha256 {'b' * 64} card_sha256 {'d' * 64}; old version 1 sha256 {'e' * 64}"
+    )
+    assert "card_sha256" not in png_text(Provenance.from_proto(types_pb2.Provenance(model="m", version="1")))
+    # edit: the decoder's images went through the encoder first, which is named with its card too.
+    encoder = Provenance.from_proto(
+        types_pb2.Provenance(model="enc", version="3", model_sha256="f" * 64, card_sha256="9" * 64)
+    )
+    edited = png_text(through(Provenance.from_proto(types_pb2.Provenance(model="dec", version="1")), encoder))
+    assert edited["used_models"] == f"enc version 3 sha256 {'f' * 64} card_sha256 {'9' * 64}"
