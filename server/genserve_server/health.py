@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from genserve_server.boundary import echo_request_id
+from genserve_server.errors import clip_message
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,22 @@ def overall_status(
     if not_ready:
         return False, f"required models not ready: {', '.join(not_ready)}"
     return True, ""
+
+
+def unknown_service(service: str) -> str:
+    """Check's NOT_FOUND details: the name asked for (a repr: no control character; a long one
+    clipped, not copied whole: a request may hold megabytes) and the names there are.
+
+    >>> unknown_service("tiny_gen").partition(":")[0]
+    "health service 'tiny_gen' not found"
+    >>> unknown_service("c" * 300).partition(":")[0][-40:]
+    "cccccccccc'...(300 characters) not found"
+    """
+    shown = repr(service[:256]) + (f"...({len(service)} characters)" if len(service) > 256 else "")
+    return clip_message(
+        f"health service {shown} not found: the names are '', {SERVICE_ALIAS}, {LIVE_KEY} and each "
+        "model's name (health List lists them)"
+    )
 
 
 # List answers RESOURCE_EXHAUSTED beyond this many services (grpc.health.v1 allows it; grpc-go's own
@@ -121,11 +138,11 @@ class ListingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     ) -> health_pb2.HealthCheckResponse:
         """The base class's Check, from the statuses recorded here, its request id in the trailing
         metadata (docs/metrics.md: every RPC's), also on its NOT_FOUND (grpc's abort without
-        trailing metadata keeps what was set)."""
+        trailing metadata keeps what was set), whose details name the service (`unknown_service`)."""
         echo_request_id(context)
         status = self.__statuses.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND)
+            await context.abort(grpc.StatusCode.NOT_FOUND, unknown_service(request.service))
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(  # noqa: N802 - the grpc.health.v1 method's name

@@ -251,3 +251,30 @@ def test_a_key_cleared_right_after_a_stop_request_stays_not_serving() -> None:
 
     listed, checked = asyncio.run(scenario())
     assert (listed, checked) == ({"": NOT_SERVING, "model-a": NOT_SERVING}, NOT_SERVING)
+
+
+def test_check_of_an_unknown_service_names_it_and_the_names_there_are() -> None:
+    """Every refusal names its field: Check of a name the server does not know (a probe's typo,
+    `--service tiny_gen` for `tiny-gen`, or a model dropped from the last removed) answered NOT_FOUND
+    with empty details, so grpcurl or a kubelet said `NotFound` and nothing more, where GetModel of
+    the same name says `model 'tiny_gen' not found; models: ...`. A name of any length is shown
+    within one status message (a grpc-message header)."""
+    import grpc
+
+    from genserve_server.errors import MAX_MESSAGE_BYTES
+
+    servicer = genserve_health.ListingHealthServicer()
+    asyncio.run(servicer.set("tiny-gen", SERVING))
+    details = {}
+    for name in ("tiny_gen", "a\nb", "n" * 100_000):
+        context = _AbortContext()
+        with pytest.raises(RuntimeError):
+            asyncio.run(servicer.Check(health_pb2.HealthCheckRequest(service=name), context))
+        assert context.code == grpc.StatusCode.NOT_FOUND
+        details[name] = context.details
+    assert details["tiny_gen"].startswith("health service 'tiny_gen' not found")
+    for text in details.values():
+        assert "liveness" in text and "List" in text, text  # the names there are, and where to see them
+    assert "'a\\nb'" in details["a\nb"] and "\n" not in details["a\nb"]
+    long = details["n" * 100_000]
+    assert long.startswith("health service 'nnn") and len(long.encode()) <= MAX_MESSAGE_BYTES
