@@ -443,7 +443,9 @@ class BoundedWSGIServer(WSGIServer):
             self._close_reading(selector, reading, conn)
             return
         conn.received += data
-        head_end = max(conn.received.find(b"\r\n\r\n"), conn.received.find(b"\n\n"))
+        # http.server's end of a head: a blank line, b"\r\n" or b"\n", after a line ended by either
+        # (`Host: x\n\r\n` too, not only b"\r\n\r\n" and b"\n\n").
+        head_end = max(conn.received.find(b"\n\r\n"), conn.received.find(b"\n\n"))
         if head_end < 0 and len(conn.received) < MAX_HEAD_BYTES and not _malformed_line(conn.received):
             return
         self._done_reading(selector, reading, conn)

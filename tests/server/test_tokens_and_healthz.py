@@ -599,3 +599,30 @@ def test_a_metrics_server_built_directly_answers_healthz_with_the_probe_it_is_gi
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("path", [b"/healthz", b"/metrics"])
+@pytest.mark.parametrize("head_end", [b"\n\r\n", b"\r\n\n"])
+def test_a_head_whose_blank_line_follows_a_bare_lf_is_answered_not_left_to_the_read_timeout(
+    path: bytes, head_end: bytes
+) -> None:
+    """http.server ends a request head at the first line that is blank (b'\\r\\n' or b'\\n'), so
+    `Host: x\\n\\r\\n` (header lines ending in a bare LF, the blank line in CRLF: printf, a
+    hand-written check) is a whole request it serves. The reader must see that end too, not wait
+    for `\\r\\n\\r\\n` or `\\n\\n` until metrics_read_timeout_s and close the connection unanswered."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), _serving, threads=1, read_timeout_s=30)
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=3) as s:
+            s.sendall(b"GET " + path + b" HTTP/1.1\nHost: x" + head_end)
+            try:
+                answer = s.recv(64)
+            except TimeoutError:
+                answer = b"(no answer in 3 s: the reader still waits for the head's end)"
+        assert answer.startswith(b"HTTP/1.0 200 "), answer
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
