@@ -166,6 +166,14 @@ class _Handler(WSGIRequestHandler):
         handler.request_handler = self
         handler.run(cast(Any, self.server).get_app())
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # http.server sends an error found before the request's version (an HTTP/2 preface, a TLS
+        # ClientHello, garbage) as HTTP/0.9: the page alone, no status line, which no client reads
+        # as a status. Every refusal here carries its status line and headers.
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        super().send_error(code, message, explain)
+
     def log_message(self, format: str, *args: Any) -> None:
         return None
 

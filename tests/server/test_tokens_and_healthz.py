@@ -255,8 +255,7 @@ def test_a_malformed_request_line_is_answered_400_at_once_not_after_the_read_tim
             answer = b""
             while chunk := s.recv(4096):
                 answer += chunk
-        # http.server answers a line it cannot parse as HTTP/0.9 would: the error page, no status line.
-        assert b"400 - Bad request syntax" in answer
+        assert answer.startswith(b"HTTP/1.0 400 ") and b"400 - Bad request syntax" in answer
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -623,6 +622,45 @@ def test_a_head_whose_blank_line_follows_a_bare_lf_is_answered_not_left_to_the_r
             except TimeoutError:
                 answer = b"(no answer in 3 s: the reader still waits for the head's end)"
         assert answer.startswith(b"HTTP/1.0 200 "), answer
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# The start of a TLS 1.2 ClientHello record (what an `https` scrape job or `curl https://` sends to
+# a plaintext port): a handshake record, then bytes that are no HTTP.
+_TLS_CLIENT_HELLO = bytes.fromhex("16030100a5010000a10303") + bytes(32) + bytes.fromhex("000020c02bc02f00ff")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"505"),  # HTTP/2's preface (a gRPC client)
+        (b"GET /metrics HTTP/2.0\r\n\r\n", b"505"),
+        (b"GET /metrics http/1.1\r\n\r\n", b"400"),
+        (b"garbage\r\n\r\n", b"400"),
+        (_TLS_CLIENT_HELLO + b"\r\n\r\n", b"400"),
+    ],
+)
+def test_a_request_refused_before_its_version_is_known_is_answered_with_a_status_line(
+    request_bytes: bytes, status: bytes
+) -> None:
+    """http.server refuses a request line it cannot parse (HTTP/2, a TLS ClientHello, garbage) as
+    it would answer HTTP/0.9: the error page alone, no status line, no headers. A client gets no
+    status from that: gRPC said only 'Failed parsing HTTP/2 (... frame type 79)' where an HTTP/1
+    status line makes it add 'Trying to connect an http1.x server', Go's net/http (a Prometheus
+    `scheme: https` job) says 'first record does not look like a TLS handshake' rather than
+    'server gave HTTP response to HTTPS client', curl 'Received HTTP/0.9 when not allowed'."""
+    from prometheus_client import CollectorRegistry
+
+    from genserve_server.metrics_http import serve
+
+    httpd, _ = serve("127.0.0.1", 0, CollectorRegistry(), _serving, threads=1, read_timeout_s=30)
+    try:
+        answer = _raw(httpd.server_port, request_bytes)
+        assert answer.startswith(b"HTTP/1.0 " + status + b" "), answer[:80]
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"\r\nContent-Length: " in head and b"Error code: " + status in body
     finally:
         httpd.shutdown()
         httpd.server_close()
