@@ -135,6 +135,8 @@ class ServedModel:
     """A model version as the server serves it, and the most images one stream of it may send
     (ModelInfo.max_stream_images; 0: the server does not say). `weights_sha256`: its external data
     files' digest (ModelVersionInfo.weights_sha256), "" where it has none or the server does not say.
+    `card_sha256`: the digest of the card.json it loaded (ModelVersionInfo.card_sha256), "" where the
+    server does not say.
     `class_names`: that version's classes (ModelInfo.class_names), which the job's labels must be
     among; None where the resolver does not say (nothing is checked)."""
 
@@ -143,6 +145,7 @@ class ServedModel:
     max_stream_images: int = 0
     weights_sha256: str = ""
     class_names: tuple[str, ...] | None = None
+    card_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,7 +779,12 @@ def served_model(
     if v.state != genserve_pb2.MODEL_STATE_READY:
         raise BulkError(f"model {model!r} version {v.version} is not READY (served: {served})")
     return ServedModel(
-        v.version, v.model_sha256, info.max_stream_images, v.weights_sha256, tuple(info.class_names)
+        v.version,
+        v.model_sha256,
+        info.max_stream_images,
+        v.weights_sha256,
+        tuple(info.class_names),
+        v.card_sha256,
     )
 
 
@@ -911,6 +919,12 @@ class BulkJob:
         # (UsedModel.weights_sha256: a mapping retrained under the same graph keeps its sha256), as
         # used_models: None not learned yet, empty not reported (an older server, no external data).
         self.used_weights_sha256: dict[str, str] | None = None
+        # The digest of the card.json the model loaded (its w_avg, output_range or tile defaults
+        # shape the images under the same graph and weights), and {model: card_sha256} of the used
+        # models' (UsedModel.card_sha256), as weights_sha256 and used_weights_sha256: "" or None not
+        # learned yet (a job.json from before the field), empty not reported (an older server).
+        self.card_sha256 = ""
+        self.used_card_sha256: dict[str, str] | None = None
         suffix = FILE_SUFFIX.get(image_format(params.format))
         if suffix is None:
             raise BulkError(
@@ -992,6 +1006,8 @@ class BulkJob:
             "weights_sha256": self.weights_sha256,
             "used_models": self.used_models,
             "used_weights_sha256": self.used_weights_sha256,
+            "card_sha256": self.card_sha256,
+            "used_card_sha256": self.used_card_sha256,
             "name_width": self.name_width,
             "shard": [self.shard.index, self.shard.count] if self.shard else None,
         }
@@ -1006,6 +1022,7 @@ class BulkJob:
             self._fit_streams(served.max_stream_images)
             self.pinned_version, self.model_sha256 = served.version, served.sha256
             self.weights_sha256 = served.weights_sha256
+            self.card_sha256 = served.card_sha256
             # job.json is written once the server has accepted the job (its first chunk), so a job
             # it rejects leaves nothing that would refuse the corrected command.
             self._pending_job = self._job_json()
@@ -1036,6 +1053,8 @@ class BulkJob:
         self.weights_sha256 = job.get("weights_sha256", "")
         self.used_models = job.get("used_models")
         self.used_weights_sha256 = job.get("used_weights_sha256")
+        self.card_sha256 = job.get("card_sha256", "")
+        self.used_card_sha256 = job.get("used_card_sha256")
         self.name_width = job.get("name_width", name_width(theirs.n))
         try:
             served = self.window.call(lambda: resolve(self.params.model, self.pinned_version))
@@ -1044,19 +1063,23 @@ class BulkJob:
                 raise
             raise self._model_gone(exc) from exc
         self._fit_streams(served.max_stream_images)
-        self._check_model(served.version, served.sha256, served.weights_sha256, "the server now serves")
+        self._check_model(
+            served.version, served.sha256, served.weights_sha256, served.card_sha256, "the server now serves"
+        )
         self._check_classes(served)
         if (
             self.params.n != theirs.n
             or job.get("format_version") != FORMAT_VERSION
             or not self.model_sha256
             or (served.weights_sha256 and not self.weights_sha256)
+            or (served.card_sha256 and not self.card_sha256)
         ):
             # A grown job (or an older job.json) is rewritten before any image of the new range, once
             # the server has accepted a chunk (or at once when no image is missing): a resume it
             # refuses leaves the job as it was, and the old command still resumes it.
             self.model_sha256 = self.model_sha256 or served.sha256
             self.weights_sha256 = self.weights_sha256 or served.weights_sha256
+            self.card_sha256 = self.card_sha256 or served.card_sha256
             self._pending_job = self._job_json()
 
     def _check_classes(self, served: ServedModel) -> None:
@@ -1095,9 +1118,12 @@ class BulkJob:
             )
         self.stream_images = server_limit
 
-    def _check_model(self, version: str, sha256: str, weights_sha256: str, source: str) -> None:
-        """Refuse images of another version, model file or weights than the job's (empty = not
-        reported; a graph with external data has the same ones whatever its weights)."""
+    def _check_model(
+        self, version: str, sha256: str, weights_sha256: str, card_sha256: str, source: str
+    ) -> None:
+        """Refuse images of another version, model file, weights or card than the job's (empty = not
+        reported; a graph with external data has the same ones whatever its weights, and any graph
+        whatever its card.json)."""
         model, out = self.params.model, self._given("out", "out_dir")
         if version and version != self.pinned_version:
             raise BulkError(
@@ -1115,6 +1141,13 @@ class BulkJob:
                 f"{self.out_dir} is a job of {model!r} version {self.pinned_version} with weights sha256 "
                 f"{self.weights_sha256}, but {source} weights sha256 {weights_sha256} for it (its external "
                 "data files were replaced, the same graph retrained): resuming would mix two models in one "
+                f"job; serve the original model again or use a new {out}"
+            )
+        if card_sha256 and self.card_sha256 and card_sha256 != self.card_sha256:
+            raise BulkError(
+                f"{self.out_dir} is a job of {model!r} version {self.pinned_version} with card sha256 "
+                f"{self.card_sha256}, but {source} card sha256 {card_sha256} for it (its card.json was "
+                "replaced beside the same graph: w_avg, output_range): resuming would mix two models in one "
                 f"job; serve the original model again or use a new {out}"
             )
 
@@ -1615,12 +1648,16 @@ class BulkJob:
         prov = chunk.provenance
         used = {model: sha256 for model, _, sha256 in prov.used_models}
         used_weights = dict(prov.used_weights_sha256)
+        used_cards = dict(prov.used_card_sha256)
         with self._lock:
             if prov.model_sha256 and not self.model_sha256:
                 self.model_sha256 = prov.model_sha256
                 self._pending_job = self._job_json()
             if prov.weights_sha256 and not self.weights_sha256:
                 self.weights_sha256 = prov.weights_sha256
+                self._pending_job = self._job_json()
+            if prov.card_sha256 and not self.card_sha256:
+                self.card_sha256 = prov.card_sha256
                 self._pending_job = self._job_json()
             # Empty is not reported, as an empty sha256 is: a server older than
             # Provenance.used_models sends none (a model version that goes through another always
@@ -1632,9 +1669,19 @@ class BulkJob:
             if self.used_weights_sha256 is None or (used_weights and not self.used_weights_sha256):
                 self.used_weights_sha256 = used_weights
                 self._pending_job = self._job_json()
+            if self.used_card_sha256 is None or (used_cards and not self.used_card_sha256):
+                self.used_card_sha256 = used_cards
+                self._pending_job = self._job_json()
             expected = self.used_models
             expected_weights = self.used_weights_sha256
-        self._check_model(prov.version, prov.model_sha256, prov.weights_sha256, "the server sent images of")
+            expected_cards = self.used_card_sha256
+        self._check_model(
+            prov.version,
+            prov.model_sha256,
+            prov.weights_sha256,
+            prov.card_sha256,
+            "the server sent images of",
+        )
         if used and used != expected:
             changed = sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m))
             raise BulkError(
@@ -1656,6 +1703,19 @@ class BulkJob:
                 f"{_named(used_weights)} ({', '.join(changed)} changed: external data files replaced, the "
                 "same graph retrained): resuming would mix two models in one job; serve the original models "
                 f"again or use a new {self._given('out', 'out_dir')}"
+            )
+        if used_cards and used_cards != expected_cards:
+            changed = sorted(
+                m
+                for m in used_cards.keys() | expected_cards.keys()
+                if used_cards.get(m) != expected_cards.get(m)
+            )
+            raise BulkError(
+                f"{self.out_dir} is a job whose images also went through models with card sha256 "
+                f"{_named(expected_cards) or 'none'}, but the server sent images through card sha256 "
+                f"{_named(used_cards)} ({', '.join(changed)} changed: a card.json replaced beside the same "
+                "graph): resuming would mix two models in one job; serve the original models again or use a "
+                f"new {self._given('out', 'out_dir')}"
             )
 
     def _write_chunk(self, chunk: SampleResult, sink: _Sink) -> None:

@@ -81,6 +81,10 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
     used_weights_sha256: dict[str, str] = field(default_factory=dict)
     # Provenance/ModelVersionInfo.weights_sha256: a model with external data files ("": none).
     weights_sha256: str = ""
+    # Provenance/ModelVersionInfo.card_sha256: the card.json the version loaded ("": not reported).
+    card_sha256: str = ""
+    # UsedModel.card_sha256 of the used models, by model.
+    used_card_sha256: dict[str, str] = field(default_factory=dict)
     # Sample: each call takes this long (a server whose latency the test controls), and the most
     # Sample calls in progress at once so far.
     sample_delay_s: float = 0.0
@@ -296,7 +300,11 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
         """The provenance of a call of `model` that `version` served."""
         used = [
             types_pb2.UsedModel(
-                model=m, version=v, model_sha256=h, weights_sha256=self.used_weights_sha256.get(m, "")
+                model=m,
+                version=v,
+                model_sha256=h,
+                weights_sha256=self.used_weights_sha256.get(m, ""),
+                card_sha256=self.used_card_sha256.get(m, ""),
             )
             for m, v, h in self.used_models
         ]
@@ -306,6 +314,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
             model_sha256=self.model_sha256,
             used_models=used,
             weights_sha256=self.weights_sha256,
+            card_sha256=self.card_sha256,
         )
 
     def _info(self, name: str) -> genserve_pb2.ModelInfo:
@@ -323,6 +332,7 @@ class FakeService(genserve_pb2_grpc.GenerationServiceServicer):
                     state=genserve_pb2.MODEL_STATE_READY,
                     model_sha256=self.model_sha256,
                     weights_sha256=self.weights_sha256,
+                    card_sha256=self.card_sha256,
                 )
             ],
         )

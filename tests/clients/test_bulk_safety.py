@@ -364,11 +364,13 @@ def test_a_jobs_settings_and_mixed_model_refusals_name_the_argument_or_the_flag_
             ("weights_sha256", w1, w2),
             ("used_models", [("map", "1", FAKE_SHA256)], [("map", "1", OTHER_SHA256)]),
             ("used_weights_sha256", {"map": w1}, {"map": w2}),
+            ("card_sha256", w1, w2),
+            ("used_card_sha256", {"map": w1}, {"map": w2}),
         ]
         for setting, before, after in changes:
             out = tmp_path / setting
             setattr(service, setting, before)
-            used = setting == "used_weights_sha256"
+            used = setting in ("used_weights_sha256", "used_card_sha256")
             if used:
                 service.used_models = [("map", "1", FAKE_SHA256)]
             BulkJob(client, params, out, cli=cli).run()
@@ -885,6 +887,64 @@ def test_a_resume_refused_for_a_changed_mapping_names_its_digests_readably(
     finally:
         service.used_models = []
         service.used_weights_sha256 = {}
+
+
+def test_a_bulk_job_pins_the_card_its_images_were_made_with(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A style generator's card.json (w_avg, output_range) shapes its images under the same graph
+    and weights; the server reports its sha256 (Provenance/ModelVersionInfo card_sha256, and
+    UsedModel's for a mapping). job.json pins them, and a resume whose server loaded another card
+    stops naming both digests, nothing written; a job.json from before the field resumes (absent:
+    not pinned) and records them from the first chunk that names them."""
+    t = ("--target", fake_server.target)
+    service = fake_server.service
+    card, edited = hashlib.sha256(b"card").hexdigest(), hashlib.sha256(b"edited card").hexdigest()
+    out = tmp_path / "job"
+    job_file, manifest_file = out / "job.json", out / "manifest.jsonl"
+
+    def resume(n: int) -> tuple[int, str]:
+        code, _, err = cli_main(capsys, *t, "bulk", "--resume", str(out), "--n", str(n))
+        return code, err
+
+    try:
+        service.card_sha256 = card
+        service.used_models = [("fake-mapping", "1", FAKE_SHA256)]
+        service.used_card_sha256 = {"fake-mapping": card}
+        code, _, err = cli_main(capsys, *t, "bulk", "--model", "fake-gen", "--n", "4", "--out", str(out))
+        assert code == 0, err
+        job = json.loads(job_file.read_text())
+        assert job["card_sha256"] == card and job["used_card_sha256"] == {"fake-mapping": card}, job
+        manifest = manifest_file.read_bytes()
+        # The model's card edited beside the same graph.
+        service.card_sha256 = edited
+        code, err = resume(8)
+        assert code == 2, err
+        assert f"card sha256 {card}" in err and f"card sha256 {edited}" in err, err
+        assert "mix two models" in err and "resumable" not in err, err
+        assert manifest_file.read_bytes() == manifest
+        # The mapping's card edited.
+        service.card_sha256 = card
+        service.used_card_sha256 = {"fake-mapping": edited}
+        code, err = resume(8)
+        assert code == 2, err
+        assert f"fake-mapping={card}" in err and f"fake-mapping={edited}" in err and "card" in err, err
+        assert manifest_file.read_bytes() == manifest
+        # A job.json written before card_sha256: not pinned, recorded from the first chunk.
+        service.used_card_sha256 = {"fake-mapping": card}
+        old = {k: v for k, v in job.items() if k not in ("card_sha256", "used_card_sha256")}
+        job_file.write_text(json.dumps(old))
+        code, err = resume(8)
+        assert code == 0, err
+        job = json.loads(job_file.read_text())
+        assert job["card_sha256"] == card and job["used_card_sha256"] == {"fake-mapping": card}, job
+        service.card_sha256 = edited
+        code, err = resume(12)
+        assert code == 2 and f"card sha256 {edited}" in err, err
+    finally:
+        service.card_sha256 = ""
+        service.used_models = []
+        service.used_card_sha256 = {}
 
 
 # --- 4. --resume DIR -----------------------------------------------------------------------------
