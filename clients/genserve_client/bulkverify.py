@@ -73,9 +73,11 @@ def _identity(job: dict[str, Any]) -> dict[str, Any]:
 def _check_weights(report: VerifyReport, jobs: dict[Path, dict[str, Any]]) -> None:
     """One digest of the model's external data files (job.json weights_sha256), and one of the used
     models' (used_weights_sha256: a mapping's), in every folder that recorded one: a model with
-    external data retrained under the same graph keeps its model_sha256. Absent or empty: not
-    recorded (a job.json from before it, an older server) or no external data."""
-    for key in ("weights_sha256", "used_weights_sha256"):
+    external data retrained under the same graph keeps its model_sha256. The same for the card.json
+    digests (card_sha256, used_card_sha256): a card edited beside the same graph (w_avg,
+    output_range) changes the images. Absent or empty: not recorded (a job.json from before it, an
+    older server) or no external data."""
+    for key in ("weights_sha256", "used_weights_sha256", "card_sha256", "used_card_sha256"):
         weights = [(f, job[key]) for f, job in jobs.items() if job.get(key)]
         for folder, digest in weights[1:]:
             if digest != weights[0][1]:

@@ -192,6 +192,43 @@ def test_shards_whose_mapping_was_retrained_under_the_same_graph_are_another_job
     assert code == 0, err
 
 
+def test_shards_served_another_card_are_another_job(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card.json edited beside the same graph and weights (w_avg, output_range) changes the images,
+    the model's or its mapping's: a shard started after the edited card was served holds images of
+    another model (job.json card_sha256, used_card_sha256, as its resume refuses); verify must not call
+    the folders together the job. A shard that recorded none (a job.json from before it) differs from
+    no shard."""
+    t = ("--target", fake_server.target)
+    service = fake_server.service
+    service.used_models = [("fake-mapping", "1", hashlib.sha256(b"graph").hexdigest())]
+    try:
+        for key in ("card_sha256", "used_card_sha256"):
+            root = tmp_path / key
+            for shard, card in (("0/3", "1"), ("1/3", "1"), ("2/3", "2")):
+                digest = hashlib.sha256(f"card {card}".encode()).hexdigest()
+                if key == "card_sha256":
+                    service.card_sha256 = digest
+                else:
+                    service.used_card_sha256 = {"fake-mapping": digest}
+                code, _, err = cli_main(capsys, *t, *JOB, "--out", str(root), "--shard", shard)
+                assert code == 0, err
+            service.card_sha256, service.used_card_sha256 = "", {}
+            code, _, err = cli_main(capsys, "verify", str(root))
+            assert code == 1, err
+            assert "belongs to another job" in err and f"({key}: " in err, err
+            job_file = shard_folder(root, 2) / "job.json"
+            job = json.loads(job_file.read_text())
+            del job[key]
+            job_file.write_text(json.dumps(job))
+            code, _, err = cli_main(capsys, "verify", str(root))
+            assert code == 0, err
+    finally:
+        service.used_models = []
+        service.card_sha256, service.used_card_sha256 = "", {}
+
+
 def test_shards_of_servers_older_and_newer_than_used_models_are_one_job(
     fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
