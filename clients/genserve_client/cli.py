@@ -468,18 +468,27 @@ class OneModel:
             first = self.first = dataclasses.replace(
                 first, used_weights_sha256=provenance.used_weights_sha256
             )
+        # And the card.json digests (card_sha256: the card shapes the images, w_avg, output_range).
+        if provenance.card_sha256 and not first.card_sha256:
+            first = self.first = dataclasses.replace(first, card_sha256=provenance.card_sha256)
+        if provenance.used_card_sha256 and not first.used_card_sha256:
+            first = self.first = dataclasses.replace(first, used_card_sha256=provenance.used_card_sha256)
         if (
             provenance.version,
             provenance.model_sha256,
             provenance.weights_sha256 or first.weights_sha256,
             provenance.used_models or first.used_models,
             provenance.used_weights_sha256 or first.used_weights_sha256,
+            provenance.card_sha256 or first.card_sha256,
+            provenance.used_card_sha256 or first.used_card_sha256,
         ) != (
             first.version,
             first.model_sha256,
             first.weights_sha256,
             first.used_models,
             first.used_weights_sha256,
+            first.card_sha256,
+            first.used_card_sha256,
         ):
             raise GenserveClientError(
                 grpc.StatusCode.ABORTED,
@@ -491,13 +500,16 @@ class OneModel:
 
 def describe_model(p: Provenance) -> str:
     used_weights = dict(p.used_weights_sha256)
+    used_cards = dict(p.used_card_sha256)
     used = "".join(
         f", through {m} version {v} sha256 {h}"
         + (f" weights sha256 {used_weights[m]}" if m in used_weights else "")
+        + (f" card sha256 {used_cards[m]}" if m in used_cards else "")
         for m, v, h in p.used_models
     )
     weights = f" weights sha256 {p.weights_sha256}" if p.weights_sha256 else ""
-    return f"{p.model} version {p.version} sha256 {p.model_sha256 or '?'}{weights}{used}"
+    card = f" card sha256 {p.card_sha256}" if p.card_sha256 else ""
+    return f"{p.model} version {p.version} sha256 {p.model_sha256 or '?'}{weights}{card}{used}"
 
 
 def sample_in_batches(

@@ -5,6 +5,7 @@ one command's images come from one model, and every PNG's provenance names the m
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -264,4 +265,52 @@ def test_a_sample_split_over_calls_refuses_a_mapping_retrained_under_the_same_gr
     after = dict(retrained.used_weights_sha256)["mapping"]
     assert before and after and before != after
     assert "the model changed" in err and before in err and after in err, err
+    assert not (sorted(out.glob("*.png")) if out.exists() else [])
+
+
+def test_a_sample_split_over_calls_refuses_a_card_edited_beside_the_same_graph(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    server_port: int,
+) -> None:
+    # The same graph and weights under an edited card.json (output_range: other pixels for the same
+    # seed): model_sha256 and weights_sha256 agree, so the command took the new server's images as
+    # the first's. Provenance.card_sha256 tells them apart.
+    repo = tmp_path / "models"
+    _write_version(repo, "1", seed=0)
+    card_path = repo / MODEL / "1" / "card.json"
+    port = server_port
+    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
+    sample = ClientBase.sample
+
+    def edit_the_card_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
+        result = sample.__get__(self)(*args, **kwargs)
+        if len(servers) == 1:
+            old = servers[0]
+            old.proc.send_signal(signal.SIGTERM)
+            old.proc.wait(30)
+            card = json.loads(card_path.read_text())
+            card["output_range"] = [-2.0, 2.0]
+            card_path.write_text(json.dumps(card))
+            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
+            servers.append(new)
+            grpc.channel_ready_future(self._channel).result(timeout=30)
+        return result
+
+    out = tmp_path / "out"
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(GenserveClient, "sample", edit_the_card_after_the_first_call)
+            code, _, err = cli_main(
+                capsys,
+                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
+                "--seed", str(SEED), "--out", str(out),
+            )  # fmt: skip
+        assert len(servers) == 2  # the restart happened mid-command
+    finally:
+        for server in servers:
+            server.stop()
+    assert code != 0, err
+    assert "the model changed" in err and "card sha256" in err, err
     assert not (sorted(out.glob("*.png")) if out.exists() else [])
