@@ -225,9 +225,19 @@ class LoadGenerator:
         started = time.perf_counter()
         end = started + duration_s
         in_flight: set[asyncio.Task[None]] = set()
+        # Fixed arrivals at k / rate for k = 0, 1, ...: rate x duration of them in [started, end),
+        # each time computed, not summed (a sum of 1/rate drifts across `end`). Poisson: the first
+        # after an exponential gap too, as every other (memoryless), rate x duration on average.
         arrival = started
+        k = 0
         while True:
-            arrival += rng.expovariate(rate) if poisson else 1.0 / rate
+            if poisson:
+                arrival += rng.expovariate(rate)
+            elif k >= rate * duration_s:  # k / rate >= duration_s, without its rounding
+                break
+            else:
+                arrival = started + k / rate
+                k += 1
             if arrival >= end or rec.streams_refused:
                 break
             delay = arrival - time.perf_counter()

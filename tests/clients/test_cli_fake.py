@@ -535,22 +535,23 @@ def test_an_open_loop_level_is_measured_over_its_whole_duration(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A sparse open loop ended its window at its last arrival, not at --duration: 2/s fixed over
-    1.4 s sends at 0.5 s and 1 s, and reported 2 img/s over a 1 s window instead of 2 over 1.4 s."""
+    1.4 s sends at 0, 0.5 and 1 s, and reported 3 img/s over a 1 s window instead of 3 over 1.4 s."""
     run = ("bench", "--model", "fake-gen", "--rate", "2", "--arrivals", "fixed", "--warmup", "0")
     code, out, err = cli_main(capsys, "--target", fake_server.target, *run, "--duration", "1.4", "--json")
     assert code == 0, err
     (level,) = json.loads(out)
-    assert level["images"] == 2
+    assert level["images"] == 3
     assert level["duration_s"] >= 1.4
-    assert level["images_per_s"] == pytest.approx(2 / level["duration_s"], abs=0.01)
+    assert level["images_per_s"] == pytest.approx(3 / level["duration_s"], abs=0.01)
 
 
 def test_an_open_loop_level_that_sent_nothing_says_so(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A rate too low for --duration draws no arrival: the level failed as 'no successful request
-    ... (errors: {})', which did not say that no request was sent, nor what to change."""
-    run = ("bench", "--model", "fake-gen", "--rate", "0.5", "--arrivals", "fixed", "--warmup", "0")
+    ... (errors: {})', which did not say that no request was sent, nor what to change. Poisson
+    arrivals (fixed ones start with the level): the open loop's seed puts 0.5/s's first at 3.7 s."""
+    run = ("bench", "--model", "fake-gen", "--rate", "0.5", "--arrivals", "poisson", "--warmup", "0")
     code, _, err = cli_main(capsys, "--target", fake_server.target, *run, "--duration", "0.3")
     assert code == 1, err
     assert fake_server.service.calls["Sample"] == 0
