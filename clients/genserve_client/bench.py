@@ -26,6 +26,11 @@ from genserve_client.requests import output_options
 
 SAMPLE_METHOD = "/genserve.v1.GenerationService/Sample"
 CLIENT_BACKLOG = "CLIENT_BACKLOG"  # open loop: an arrival found max_outstanding calls in flight
+# Open loop: arrivals 10 us apart at most. One asyncio loop sends a few thousand calls a second; its
+# arrival loop awaits only when ahead of its schedule, so at a rate its bare iterations cannot keep
+# up with (1e7/s) the calls it started went out only once the level's arrivals ran out, and a rate
+# whose gaps vanish beside the clock (1e300/s) never ended.
+MAX_RATE = 100_000
 
 
 class StreamsRefused(Exception):
@@ -217,9 +222,9 @@ class LoadGenerator:
         poisson: bool = True,
         seed: int = 0,
     ) -> BenchResult:
-        if not (math.isfinite(rate) and rate > 0):
+        if not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
             # 0 divides by zero; a negative or NaN rate never reaches `end` and spins forever.
-            raise ValueError(f"open loop rate must be finite and > 0, got {rate}")
+            raise ValueError(f"open loop rate must be > 0 and at most {MAX_RATE} per second, got {rate}")
         rec = _Recorder()
         rng = random.Random(seed)
         started = time.perf_counter()

@@ -43,6 +43,7 @@ import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from genserve.v1 import genserve_pb2
+from genserve_client.bench import MAX_RATE as MAX_BENCH_RATE
 from genserve_client.bench import LoadGenerator, PayloadFactory, StreamsRefused, format_table
 from genserve_client.binding import DEFAULT_TIMEOUT_S
 from genserve_client.bulk import (
@@ -1570,6 +1571,11 @@ def check_bench_args(args: argparse.Namespace) -> None:
     for rate in args.rate or ():
         if not (math.isfinite(rate) and rate > 0):
             raise UsageError(f"bench: --rate values must be finite and > 0, got {rate:g}")
+        if rate > MAX_BENCH_RATE:
+            raise UsageError(
+                f"bench: --rate values must be at most {MAX_BENCH_RATE} per second (more than one "
+                f"client loop can send), got {rate:g}"
+            )
     if not args.concurrency or min(args.concurrency) < 1:
         raise UsageError(f"bench: --concurrency values must be >= 1, got {args.concurrency}")
     if max(args.concurrency) > MAX_BENCH_CONCURRENCY:
@@ -2048,7 +2054,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before the first run")
-    p.add_argument("--rate", type=parse_floats, help="open loop at these rates (requests/s)")
+    p.add_argument(
+        "--rate", type=parse_floats, help=f"open loop at these rates (requests/s, at most {MAX_BENCH_RATE})"
+    )
     p.add_argument("--closed-too", action="store_true", help="with --rate: also run the closed loops")
     p.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="open-loop arrivals")
     p.add_argument("--max-outstanding", type=int, default=256, help="open loop: bound on calls in flight")

@@ -218,6 +218,7 @@ def test_an_edit_sweep_grid_is_bounded_like_every_other_grid(
         (["sample", "--model", "fake-cond", "--labels", "all", "--n", "10001"], "--n", "100000"),
         (["bench", "--model", "fake-gen", "--concurrency", "1,4097"], "--concurrency", "4096"),
         (["bench", "--model", "fake-gen", "--channels", "4097", "--duration", "0.1"], "--channels", "4096"),
+        (["bench", "--model", "fake-gen", "--rate", "100001", "--duration", "0.1"], "--rate", "100000"),
         (["bulk", "--model", "fake-gen", "--n", "2", "--concurrency", "4097"], "--concurrency", "4096"),
     ],
 )
