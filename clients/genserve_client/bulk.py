@@ -99,6 +99,11 @@ LABEL_LIMIT = 2**31
 UINT32_LIMIT = 2**32
 
 
+def _changed(used: Mapping[str, str], expected: Mapping[str, str]) -> str:
+    """The models whose digest differs between the two (or that only one names), sorted, comma-separated."""
+    return ", ".join(sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m)))
+
+
 def _named(digests: Mapping[str, str]) -> str:
     """{model: digest} as a refusal names it: 'mapping=D, decoder=E' (sorted by model)."""
     return ", ".join(f"{model}={digest}" for model, digest in sorted(digests.items()))
@@ -1683,37 +1688,29 @@ class BulkJob:
             "the server sent images of",
         )
         if used and used != expected:
-            changed = sorted(m for m in used.keys() | expected.keys() if used.get(m) != expected.get(m))
+            changed = _changed(used, expected)
             raise BulkError(
                 f"{self.out_dir} is a job whose images also went through "
                 f"{_named(expected) or 'no other model'}, but the server sent images through "
-                f"{_named(used) or 'no other model'} ({', '.join(changed)} "
+                f"{_named(used) or 'no other model'} ({changed} "
                 "changed: a model reloaded under the job): resuming would mix two models in one job; "
                 f"serve the original models again or use a new {self._given('out', 'out_dir')}"
             )
         if used_weights and used_weights != expected_weights:
-            changed = sorted(
-                m
-                for m in used_weights.keys() | expected_weights.keys()
-                if used_weights.get(m) != expected_weights.get(m)
-            )
+            changed = _changed(used_weights, expected_weights)
             raise BulkError(
                 f"{self.out_dir} is a job whose images also went through models with weights sha256 "
                 f"{_named(expected_weights) or 'none'}, but the server sent images through weights sha256 "
-                f"{_named(used_weights)} ({', '.join(changed)} changed: external data files replaced, the "
+                f"{_named(used_weights)} ({changed} changed: external data files replaced, the "
                 "same graph retrained): resuming would mix two models in one job; serve the original models "
                 f"again or use a new {self._given('out', 'out_dir')}"
             )
         if used_cards and used_cards != expected_cards:
-            changed = sorted(
-                m
-                for m in used_cards.keys() | expected_cards.keys()
-                if used_cards.get(m) != expected_cards.get(m)
-            )
+            changed = _changed(used_cards, expected_cards)
             raise BulkError(
                 f"{self.out_dir} is a job whose images also went through models with card sha256 "
                 f"{_named(expected_cards) or 'none'}, but the server sent images through card sha256 "
-                f"{_named(used_cards)} ({', '.join(changed)} changed: a card.json replaced beside the same "
+                f"{_named(used_cards)} ({changed} changed: a card.json replaced beside the same "
                 "graph): resuming would mix two models in one job; serve the original models again or use a "
                 f"new {self._given('out', 'out_dir')}"
             )
