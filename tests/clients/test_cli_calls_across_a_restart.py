@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,60 @@ def _reference(server: ServerProcess) -> tuple[str, dict[int, np.ndarray]]:
     return sha256, pixels
 
 
+def _sample_across_a_restart(
+    repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    port: int,
+    change: Callable[[], None],
+    *,
+    on_old: Callable[[ServerProcess], None] | None = None,
+    on_new: Callable[[ServerProcess], None] | None = None,
+    seen: list[Any] | None = None,
+) -> tuple[int, str, Path]:
+    """`sample --n N` from a server on `repo` that is stopped after the command's first call (SIGTERM),
+    `change()`d on disk, and started again on the same `port` (a rolling upgrade between two calls):
+    (exit status, stderr, the --out folder). `on_old`/`on_new` see each server while it runs; `seen`
+    gets each call's provenance."""
+    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
+    sample = ClientBase.sample
+
+    def restart_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
+        result = sample.__get__(self)(*args, **kwargs)
+        if seen is not None:
+            seen.append(result.provenance)
+        if len(servers) == 1:  # the operator's rolling upgrade lands between two calls
+            old = servers[0]
+            old.proc.send_signal(signal.SIGTERM)
+            old.proc.wait(30)
+            change()
+            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
+            servers.append(new)
+            # The next call finds the new server up (not the channel's reconnect backoff).
+            grpc.channel_ready_future(self._channel).result(timeout=30)
+        return result
+
+    out = tmp_path / "out"
+    try:
+        if on_old is not None:
+            on_old(servers[0])
+        with monkeypatch.context() as patch:
+            patch.setattr(GenserveClient, "sample", restart_after_the_first_call)
+            code, _, err = cli_main(
+                capsys,
+                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
+                "--seed", str(SEED), "--out", str(out),
+            )  # fmt: skip
+        assert len(servers) == 2  # the restart happened mid-command
+        if on_new is not None:
+            on_new(servers[1])
+    finally:
+        for server in servers:
+            server.stop()
+    return code, err, out
+
+
 @pytest.mark.parametrize("new_version", ["2", "1"], ids=["a new version", "version 1 replaced"])
 def test_a_sample_split_over_calls_never_mixes_two_models_across_a_restart(
     new_version: str,
@@ -86,39 +141,18 @@ def test_a_sample_split_over_calls_never_mixes_two_models_across_a_restart(
 ) -> None:
     repo = tmp_path / "models"
     _write_version(repo, "1", seed=0)
-    port = server_port  # no one else's between the two servers
-    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
-    references = dict([_reference(servers[0])])
-    sample = ClientBase.sample
+    references: dict[str, dict[int, np.ndarray]] = {}
 
-    def restart_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
-        result = sample.__get__(self)(*args, **kwargs)
-        if len(servers) == 1:  # the operator's rolling upgrade lands between two calls
-            old = servers[0]
-            old.proc.send_signal(signal.SIGTERM)
-            old.proc.wait(30)
-            shutil.rmtree(repo / MODEL / "1")
-            _write_version(repo, new_version, seed=1)
-            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
-            servers.append(new)
-            # The next call finds the new server up (not the channel's reconnect backoff).
-            grpc.channel_ready_future(self._channel).result(timeout=30)
-        return result
+    def new_version_only() -> None:
+        shutil.rmtree(repo / MODEL / "1")
+        _write_version(repo, new_version, seed=1)
 
-    out = tmp_path / "out"
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(GenserveClient, "sample", restart_after_the_first_call)
-            code, _, err = cli_main(
-                capsys,
-                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
-                "--seed", str(SEED), "--out", str(out),
-            )  # fmt: skip
-        assert len(servers) == 2  # the restart happened mid-command
-        references.update([_reference(servers[1])])
-    finally:
-        for server in servers:
-            server.stop()
+    def reference(server: ServerProcess) -> None:
+        references.update([_reference(server)])
+
+    code, err, out = _sample_across_a_restart(
+        repo, tmp_path, monkeypatch, capsys, server_port, new_version_only, on_old=reference, on_new=reference
+    )
     assert len(references) == 2  # two model files
     files = sorted(out.glob("*.png")) if out.exists() else []
     # Each file's PNG text names the model file that made its pixels, and all of them one file:
@@ -149,37 +183,13 @@ def test_a_sample_split_over_calls_refuses_weights_retrained_under_the_same_grap
     repo = tmp_path / "models"
     _write_version(repo, "1", seed=0, external=True)
     graph = (repo / MODEL / "1" / "model.onnx").read_bytes()
-    port = server_port  # no one else's between the two servers
-    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
-    sample = ClientBase.sample
 
-    def retrain_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
-        result = sample.__get__(self)(*args, **kwargs)
-        if len(servers) == 1:
-            old = servers[0]
-            old.proc.send_signal(signal.SIGTERM)
-            old.proc.wait(30)
-            shutil.rmtree(repo / MODEL / "1")
-            _write_version(repo, "1", seed=1, external=True)
-            assert (repo / MODEL / "1" / "model.onnx").read_bytes() == graph
-            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
-            servers.append(new)
-            grpc.channel_ready_future(self._channel).result(timeout=30)
-        return result
+    def retrain() -> None:
+        shutil.rmtree(repo / MODEL / "1")
+        _write_version(repo, "1", seed=1, external=True)
+        assert (repo / MODEL / "1" / "model.onnx").read_bytes() == graph
 
-    out = tmp_path / "out"
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(GenserveClient, "sample", retrain_after_the_first_call)
-            code, _, err = cli_main(
-                capsys,
-                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
-                "--seed", str(SEED), "--out", str(out),
-            )  # fmt: skip
-        assert len(servers) == 2  # the restart happened mid-command
-    finally:
-        for server in servers:
-            server.stop()
+    code, err, out = _sample_across_a_restart(repo, tmp_path, monkeypatch, capsys, server_port, retrain)
     assert code != 0, err
     assert "the model changed" in err and "weights sha256" in err, err
     assert not (sorted(out.glob("*.png")) if out.exists() else [])
@@ -225,44 +235,24 @@ def test_a_sample_split_over_calls_refuses_a_mapping_retrained_under_the_same_gr
     repo = tmp_path / "models"
     _write_styled(repo, mapping_seed=0)
     graph = (repo / "mapping" / "1" / "model.onnx").read_bytes()
-    port = server_port  # no one else's between the two servers
-    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
     used: list[Any] = []
-    sample = ClientBase.sample
+    retrained: list[Any] = []
 
-    def retrain_the_mapping_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
-        result = sample.__get__(self)(*args, **kwargs)
-        used.append(result.provenance)
-        if len(servers) == 1:
-            old = servers[0]
-            old.proc.send_signal(signal.SIGTERM)
-            old.proc.wait(30)
-            shutil.rmtree(repo / "mapping" / "1")
-            _write_styled(repo, mapping_seed=1)
-            assert (repo / "mapping" / "1" / "model.onnx").read_bytes() == graph
-            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
-            servers.append(new)
-            grpc.channel_ready_future(self._channel).result(timeout=30)
-        return result
+    def retrain_the_mapping() -> None:
+        shutil.rmtree(repo / "mapping" / "1")
+        _write_styled(repo, mapping_seed=1)
+        assert (repo / "mapping" / "1" / "model.onnx").read_bytes() == graph
 
-    out = tmp_path / "out"
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(GenserveClient, "sample", retrain_the_mapping_after_the_first_call)
-            code, _, err = cli_main(
-                capsys,
-                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
-                "--seed", str(SEED), "--out", str(out),
-            )  # fmt: skip
-        assert len(servers) == 2  # the restart happened mid-command
-        with GenserveClient(servers[1].target) as client:
-            retrained = client.sample(MODEL, seeds=[SEED], format="png").provenance
-    finally:
-        for server in servers:
-            server.stop()
+    def sample_one(server: ServerProcess) -> None:
+        with GenserveClient(server.target) as client:
+            retrained.append(client.sample(MODEL, seeds=[SEED], format="png").provenance)
+
+    code, err, out = _sample_across_a_restart(
+        repo, tmp_path, monkeypatch, capsys, server_port, retrain_the_mapping, on_new=sample_one, seen=used
+    )
     assert code != 0, err
     before = dict(used[0].used_weights_sha256)["mapping"]
-    after = dict(retrained.used_weights_sha256)["mapping"]
+    after = dict(retrained[0].used_weights_sha256)["mapping"]
     assert before and after and before != after
     assert "the model changed" in err and before in err and after in err, err
     assert not (sorted(out.glob("*.png")) if out.exists() else [])
@@ -280,37 +270,13 @@ def test_a_sample_split_over_calls_refuses_a_card_edited_beside_the_same_graph(
     repo = tmp_path / "models"
     _write_version(repo, "1", seed=0)
     card_path = repo / MODEL / "1" / "card.json"
-    port = server_port
-    servers = [start_server(repo, tmp_path / "old", config=CONFIG, extra_args=("--port", str(port)))]
-    sample = ClientBase.sample
 
-    def edit_the_card_after_the_first_call(self: GenserveClient, *args: Any, **kwargs: Any) -> Any:
-        result = sample.__get__(self)(*args, **kwargs)
-        if len(servers) == 1:
-            old = servers[0]
-            old.proc.send_signal(signal.SIGTERM)
-            old.proc.wait(30)
-            card = json.loads(card_path.read_text())
-            card["output_range"] = [-2.0, 2.0]
-            card_path.write_text(json.dumps(card))
-            new = start_server(repo, tmp_path / "new", config=CONFIG, extra_args=("--port", str(port)))
-            servers.append(new)
-            grpc.channel_ready_future(self._channel).result(timeout=30)
-        return result
+    def edit_the_card() -> None:
+        card = json.loads(card_path.read_text())
+        card["output_range"] = [-2.0, 2.0]
+        card_path.write_text(json.dumps(card))
 
-    out = tmp_path / "out"
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(GenserveClient, "sample", edit_the_card_after_the_first_call)
-            code, _, err = cli_main(
-                capsys,
-                "--target", f"127.0.0.1:{port}", "sample", "--model", MODEL, "--n", str(N),
-                "--seed", str(SEED), "--out", str(out),
-            )  # fmt: skip
-        assert len(servers) == 2  # the restart happened mid-command
-    finally:
-        for server in servers:
-            server.stop()
+    code, err, out = _sample_across_a_restart(repo, tmp_path, monkeypatch, capsys, server_port, edit_the_card)
     assert code != 0, err
     assert "the model changed" in err and "card sha256" in err, err
     assert not (sorted(out.glob("*.png")) if out.exists() else [])
