@@ -91,6 +91,19 @@ def test_a_sampling_top_k_above_the_cards_codebook_size_fails_verify_naming_both
     assert any("codebook_size" in e and "32" in e and "33" in e for e in named), errors
 
 
+def test_a_sampling_top_k_equal_to_the_cards_codebook_size_passes_verify_as_the_server_loads_it(
+    tmp_path: Path,
+) -> None:
+    """top_k may be the codebook_size itself (every code kept): the server's load takes it, so verify
+    passes it too (a check of `>=` refused a version the server serves)."""
+    name = "vqvae-digits-top-prior"  # codebook_size 32
+    root = _copy(tmp_path, name)
+    _edit(root / name / "config.json", sampling={"temperature": 0.4, "top_k": 32})
+    assert _server_reason(root, name) == ""
+    report = verify_repository(root, recompute_quality=False)
+    assert report.ok, report.format()
+
+
 def test_a_style_generator_whose_config_names_no_mapping_fails_verify_naming_the_field(
     tmp_path: Path,
 ) -> None:
