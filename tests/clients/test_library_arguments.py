@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import os
 import random
 import re
@@ -870,13 +871,14 @@ def test_top_codes_that_are_not_int64_integers_are_refused_naming_the_field_not_
         assert np.frombuffer(sent.data, "<i8").tolist() == [3] * 49 and list(sent.shape) == [7, 7]
 
 
-@pytest.mark.parametrize("timeout_s", [1e10, 1e300])
+@pytest.mark.parametrize("timeout_s", [1e10, 1e300, math.inf])
 def test_a_timeout_longer_than_grpc_can_hold_is_no_deadline_not_an_instant_deadline_exceeded(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str], timeout_s: float
 ) -> None:
     """gRPC Python turns a timeout into time.time() + timeout in int64 nanoseconds: past ~7e9 s it
     wrapped, and every call (unary or stream, sync or asyncio, the CLI's --timeout 1e10) failed
-    DEADLINE_EXCEEDED at once, before it was sent, where a longer timeout can only mean a later one."""
+    DEADLINE_EXCEEDED at once, before it was sent, where a longer timeout can only mean a later one.
+    An infinite one is no deadline too: only a NaN is refused (calls.check_timeout)."""
     with GenserveClient(fake_server.target, timeout_s=timeout_s) as client:
         assert len(client.sample("fake-gen", 2).items) == 2
         assert len(client.sample("fake-gen", 1, timeout_s=timeout_s).items) == 1
