@@ -63,6 +63,7 @@ from genserve_client.bulk import (
     RetryWindow,
     Shard,
     VersionNotServed,
+    file_above,
     kind_refusal,
     load_params,
     model_answer,
@@ -289,11 +290,9 @@ def check_folder(command: str, flag: str, path: str, folder: Path) -> None:
     """Refuse, before any call, a `folder` (of `flag`'s `path`) that is a file or lies under one: the
     folder is made once the pictures are, and mkdir's bare `[Errno 17] File exists` came after all
     the work, its images thrown away."""
-    for ancestor in (folder, *folder.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise UsageError(f"{command}: {flag} {path}: {ancestor} is a file, not a folder")
-            return
+    above = (None if folder.is_dir() else folder) if folder.exists() else file_above(folder)
+    if above is not None:
+        raise UsageError(f"{command}: {flag} {path}: {above} is a file, not a folder")
 
 
 def check_out_folder(command: str, path: str | None) -> None:
