@@ -1024,7 +1024,9 @@ def test_a_nan_timeout_is_a_value_error_naming_timeout_s_not_an_instant_deadline
 
     asyncio.run(both())
     assert sum(fake_server.service.calls.values()) == 0  # refused before any call
-    # A deadline that has passed (0, or a negative budget left) stays gRPC's DEADLINE_EXCEEDED.
+    # A deadline that has passed (0, or a negative budget left) stays gRPC's DEADLINE_EXCEEDED. The
+    # fake answers slowly: at deadline "now" an in-process answer could otherwise beat the core's check.
+    fake_server.service.sample_delay_s = 5.0
     with GenserveClient(fake_server.target) as client, pytest.raises(GenserveClientError) as info:
         client.sample("fake-gen", 1, timeout_s=-1.0)
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
